@@ -1,0 +1,1 @@
+"""The Ringfence in-VM agent: verifies bundles and programs the host firewall."""

@@ -1,0 +1,189 @@
+"""IP addresses and CIDR covers as integers.
+
+A set's elements are the *canonical cover* of its member addresses: the unique list of maximal
+aligned prefixes (what ``ipaddress.collapse_addresses`` returns). Adding or removing one address
+changes that cover only inside one aligned block, so :class:`AddressSet` computes element deltas in
+O(prefix length × log n) instead of re-aggregating the whole set.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ipaddress
+from dataclasses import dataclass, field
+
+V4, V6 = 4, 6
+_BITS = {V4: 32, V6: 128}
+
+Address = tuple[int, int]
+"""(family, integer address)."""
+
+Prefix = tuple[int, int, int]
+"""(family, network integer, prefix length)."""
+
+
+def parse_address(text: str) -> Address:
+    ip = ipaddress.ip_address(text.strip())
+    return (ip.version, int(ip))
+
+
+def parse_prefix(text: str) -> Prefix:
+    net = ipaddress.ip_network(text.strip(), strict=False)
+    return (net.version, int(net.network_address), net.prefixlen)
+
+
+def format_prefix(prefix: Prefix) -> str:
+    family, value, length = prefix
+    if family == V4:
+        return f"{ipaddress.IPv4Address(value)}/{length}"
+    return f"{ipaddress.IPv6Address(value)}/{length}"
+
+
+def format_address(addr: Address) -> str:
+    family, value = addr
+    return str(ipaddress.IPv4Address(value) if family == V4 else ipaddress.IPv6Address(value))
+
+
+def prefix_contains(prefix: Prefix, addr: Address) -> bool:
+    family, net, length = prefix
+    if family != addr[0]:
+        return False
+    shift = _BITS[family] - length
+    return (addr[1] >> shift) == (net >> shift)
+
+
+def collapse(prefixes: list[Prefix]) -> list[Prefix]:
+    """Canonical cover of a list of prefixes (sorted, v4 before v6)."""
+    out: list[Prefix] = []
+    for family in (V4, V6):
+        nets = [ipaddress.ip_network((n, length)) for f, n, length in prefixes if f == family]
+        out.extend(
+            (family, int(c.network_address), c.prefixlen)
+            for c in ipaddress.collapse_addresses(nets)  # type: ignore[type-var]
+        )
+    return out
+
+
+def exclude(prefixes: list[Prefix], excluded: list[Prefix]) -> list[Prefix]:
+    """``prefixes`` minus ``excluded`` (IP lists with exclusions), as a canonical cover."""
+    result = collapse(prefixes)
+    for ex in collapse(excluded):
+        ex_net = ipaddress.ip_network((ex[1], ex[2]))
+        nxt: list[Prefix] = []
+        for p in result:
+            if p[0] != ex[0]:
+                nxt.append(p)
+                continue
+            net = ipaddress.ip_network((p[1], p[2]))
+            if not net.overlaps(ex_net):
+                nxt.append(p)
+            elif ex_net.subnet_of(net):  # type: ignore[arg-type]
+                nxt.extend(
+                    (p[0], int(s.network_address), s.prefixlen)
+                    for s in net.address_exclude(ex_net)  # type: ignore[arg-type]
+                )
+            # else: p lies inside the exclusion and disappears
+        result = collapse(nxt)
+    return result
+
+
+def cover_of_addresses(addrs: list[Address]) -> list[Prefix]:
+    """Canonical cover of host addresses; linear after sorting (no ipaddress objects)."""
+    out: list[Prefix] = []
+    for family in (V4, V6):
+        bits = _BITS[family]
+        values = sorted({v for f, v in addrs if f == family})
+        i = 0
+        while i < len(values):
+            start = values[i]
+            j = i
+            while j + 1 < len(values) and values[j + 1] == values[j] + 1:
+                j += 1
+            end = values[j]
+            # split the run [start, end] into maximal aligned blocks
+            cur = start
+            while cur <= end:
+                size = (cur & -cur) if cur else 1 << bits
+                while size > end - cur + 1:
+                    size >>= 1
+                out.append((family, cur, bits - size.bit_length() + 1))
+                cur += size
+            i = j + 1
+    return out
+
+
+@dataclass(slots=True)
+class AddressSet:
+    """Member addresses with reference counts and their canonical cover, kept incrementally.
+
+    Two workloads may share an address (overlapping VPCs); the address stays while either does.
+    """
+
+    counts: dict[Address, int] = field(default_factory=dict)
+    _sorted: dict[int, list[int]] = field(default_factory=lambda: {V4: [], V6: []})
+
+    def elements(self) -> list[Prefix]:
+        out: list[Prefix] = []
+        for family in (V4, V6):
+            out.extend(cover_of_addresses([(family, v) for v in self._sorted[family]]))
+        return out
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def _full(self, family: int, lo: int, hi: int) -> bool:
+        arr = self._sorted[family]
+        return bisect.bisect_right(arr, hi) - bisect.bisect_left(arr, lo) == hi - lo + 1
+
+    def _block_len(self, family: int, value: int) -> int:
+        """Shortest prefix length whose aligned block around ``value`` is fully present."""
+        bits = _BITS[family]
+        length = bits
+        while length > 0:
+            shift = bits - (length - 1)
+            lo = (value >> shift) << shift
+            if not self._full(family, lo, lo + (1 << shift) - 1):
+                break
+            length -= 1
+        return length
+
+    def _pieces(self, family: int, value: int, length: int) -> list[Prefix]:
+        """Sibling blocks that, with ``value``/bits, tile the block of ``length`` around ``value``."""
+        bits = _BITS[family]
+        out: list[Prefix] = []
+        for lvl in range(length + 1, bits + 1):
+            shift = bits - lvl
+            out.append((family, ((value >> shift) ^ 1) << shift, lvl))
+        return out
+
+    def add(self, addr: Address) -> tuple[list[Prefix], list[Prefix]]:
+        """Add one reference; returns (elements added, elements removed) of the cover."""
+        n = self.counts.get(addr, 0)
+        self.counts[addr] = n + 1
+        if n:
+            return [], []
+        family, value = addr
+        bisect.insort(self._sorted[family], value)
+        length = self._block_len(family, value)
+        bits = _BITS[family]
+        shift = bits - length
+        block = (family, (value >> shift) << shift, length)
+        return [block], self._pieces(family, value, length)
+
+    def remove(self, addr: Address) -> tuple[list[Prefix], list[Prefix]]:
+        """Drop one reference; returns (elements added, elements removed) of the cover."""
+        n = self.counts.get(addr, 0)
+        if n == 0:
+            return [], []
+        if n > 1:
+            self.counts[addr] = n - 1
+            return [], []
+        del self.counts[addr]
+        family, value = addr
+        length = self._block_len(family, value)
+        bits = _BITS[family]
+        shift = bits - length
+        block = (family, (value >> shift) << shift, length)
+        arr = self._sorted[family]
+        arr.pop(bisect.bisect_left(arr, value))
+        return self._pieces(family, value, length), [block]

@@ -1,0 +1,268 @@
+"""The agent bundle contract: format, canonical bytes, Ed25519 signatures, set deltas.
+
+Documented in ``docs/bundle.md``; golden files under ``tests/golden/`` are shared by the engine's
+and the agent's tests. The agent imports this module, so it stays free of engine imports.
+
+Versions: every change the engine makes gets a new *revision* (a monotonic integer). A bundle's
+``version`` is the revision it was rendered at; each set carries the revision it last changed
+at. A :class:`SetDelta` moves one set from ``from_version`` to ``to_version``. An agent keeps
+the highest revision it has applied and refuses anything older.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypeVar
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from pydantic import BaseModel, ConfigDict, Field
+
+from ringfence.model import Mode
+
+BUNDLE_FORMAT = "ringfence.bundle/v1"
+DELTA_FORMAT = "ringfence.delta/v1"
+
+
+class BundleError(ValueError):
+    """A bundle or delta the agent must refuse: says what is wrong."""
+
+
+class _Doc(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Signature(_Doc):
+    alg: Literal["ed25519"] = "ed25519"
+    key_id: str
+    value: str  # base64
+
+
+class ServiceMatch(_Doc):
+    proto: Literal["tcp", "udp", "icmp", "icmpv6", "any"]
+    ports: tuple[int, int] | None = Field(None, description="inclusive tcp/udp port range; absent = all")
+    icmp_type: int | None = Field(None, description="absent = every ICMP type")
+
+
+class BundleRule(_Doc):
+    id: str = Field(description="policy rule id, reported with drops and flows")
+    action: Literal["allow", "deny", "override-deny"]
+    set: str | None = Field(description="address set of the peer; null = any address")
+    services: list[ServiceMatch]
+
+
+class AddressSetDoc(_Doc):
+    version: int = Field(description="revision at which this set's content last changed")
+    v4: list[str] = Field(default_factory=list, description="canonical CIDR cover, sorted")
+    v6: list[str] = Field(default_factory=list)
+
+
+class FailsafeDoc(_Doc):
+    admin_cidrs: list[str] = Field(default_factory=list)
+    admin_ports: list[ServiceMatch] = Field(default_factory=list)
+    dns_resolvers: list[str] = Field(default_factory=list)
+    control_plane: list[str] = Field(default_factory=list)
+
+
+class Bundle(_Doc):
+    """Everything one agent needs. Rules are ordered: override-deny, allow, deny; then the default."""
+
+    format: Literal["ringfence.bundle/v1"] = "ringfence.bundle/v1"
+    workload_id: str
+    version: int
+    policy_version: int
+    mode: Mode
+    quarantined: bool = False
+    sets: dict[str, AddressSetDoc] = Field(default_factory=dict)
+    inbound: list[BundleRule] = Field(default_factory=list)
+    outbound: list[BundleRule] = Field(default_factory=list)
+    failsafes: FailsafeDoc = Field(default_factory=FailsafeDoc)
+    signature: Signature | None = None
+
+    def content(self) -> dict[str, Any]:
+        """What decides enforcement (no versions, no signature): equal content ⇒ equal firewall."""
+        doc = self.model_dump(mode="json", exclude={"signature", "version"})
+        for s in doc["sets"].values():
+            s.pop("version")
+        return doc
+
+
+class SetDelta(_Doc):
+    format: Literal["ringfence.delta/v1"] = "ringfence.delta/v1"
+    set: str
+    from_version: int
+    to_version: int
+    add: list[str] = Field(default_factory=list, description="CIDR elements to add")
+    remove: list[str] = Field(default_factory=list, description="CIDR elements to delete")
+    signature: Signature | None = None
+
+
+Document = Bundle | SetDelta
+D = TypeVar("D", Bundle, SetDelta)
+
+
+def canonical_bytes(doc: Document) -> bytes:
+    """The signed bytes: sorted-key compact JSON without the signature, prefixed by the format."""
+    body = doc.model_dump(mode="json", exclude={"signature"})
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return doc.format.encode() + b"\n" + text.encode("utf-8")
+
+
+# --- keys --------------------------------------------------------------------------------------
+
+
+class Signer(Protocol):
+    """Anything that signs: a local key file now, KMS in the cloud."""
+
+    @property
+    def key_id(self) -> str: ...
+
+    def sign(self, message: bytes) -> bytes: ...
+
+
+def key_id_of(public: Ed25519PublicKey) -> str:
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+class SigningKey:
+    def __init__(self, private: Ed25519PrivateKey) -> None:
+        self._private = private
+        self._key_id = key_id_of(private.public_key())
+
+    @classmethod
+    def generate(cls) -> SigningKey:
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_pem(cls, data: bytes) -> SigningKey:
+        key = serialization.load_pem_private_key(data, password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise BundleError("signing key must be an Ed25519 private key (PKCS#8 PEM)")
+        return cls(key)
+
+    @classmethod
+    def from_file(cls, path: Path) -> SigningKey:
+        return cls.from_pem(path.read_bytes())
+
+    @property
+    def key_id(self) -> str:
+        return self._key_id
+
+    def sign(self, message: bytes) -> bytes:
+        return self._private.sign(message)
+
+    def private_pem(self) -> bytes:
+        return self._private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+    def public_pem(self) -> bytes:
+        return self._private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    def write(self, private_path: Path, public_path: Path) -> None:
+        private_path.touch(mode=0o600, exist_ok=True)
+        private_path.chmod(0o600)
+        private_path.write_bytes(self.private_pem())
+        public_path.write_bytes(self.public_pem())
+
+
+class Verifier:
+    """The pinned public key an agent trusts."""
+
+    def __init__(self, public: Ed25519PublicKey) -> None:
+        self._public = public
+        self.key_id = key_id_of(public)
+
+    @classmethod
+    def from_pem(cls, data: bytes) -> Verifier:
+        key = serialization.load_pem_public_key(data)
+        if not isinstance(key, Ed25519PublicKey):
+            raise BundleError("pinned key must be an Ed25519 public key (PEM)")
+        return cls(key)
+
+    @classmethod
+    def from_file(cls, path: Path) -> Verifier:
+        return cls.from_pem(path.read_bytes())
+
+    def verify(self, doc: Document) -> None:
+        """Raise :class:`BundleError` unless ``doc`` carries a valid signature by the pinned key."""
+        what = f"bundle for {doc.workload_id!r}" if isinstance(doc, Bundle) else f"delta for set {doc.set!r}"
+        if doc.signature is None:
+            raise BundleError(f"{what} is not signed")
+        if doc.signature.key_id != self.key_id:
+            raise BundleError(f"{what} is signed by key {doc.signature.key_id}, not the pinned key {self.key_id}")
+        try:
+            raw = base64.b64decode(doc.signature.value, validate=True)
+            self._public.verify(raw, canonical_bytes(doc))
+        except (InvalidSignature, ValueError):
+            raise BundleError(f"{what}: signature does not verify (tampered or forged)") from None
+
+
+def sign(doc: D, signer: Signer) -> D:
+    raw = signer.sign(canonical_bytes(doc))
+    sig = Signature(key_id=signer.key_id, value=base64.b64encode(raw).decode())
+    return doc.model_copy(update={"signature": sig})
+
+
+def dumps(doc: Document) -> str:
+    """Stable, human-diffable JSON (the on-disk and on-wire form)."""
+    return json.dumps(doc.model_dump(mode="json", exclude_none=False), indent=1, sort_keys=True) + "\n"
+
+
+def load_bundle(text: str | bytes) -> Bundle:
+    try:
+        return Bundle.model_validate_json(text)
+    except ValueError as exc:
+        raise BundleError(f"not a valid {BUNDLE_FORMAT} document: {_first_error(exc)}") from None
+
+
+def load_delta(text: str | bytes) -> SetDelta:
+    try:
+        return SetDelta.model_validate_json(text)
+    except ValueError as exc:
+        raise BundleError(f"not a valid {DELTA_FORMAT} document: {_first_error(exc)}") from None
+
+
+def _first_error(exc: ValueError) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+    return str(exc)
+
+
+def bundle_schema() -> dict[str, Any]:
+    schema = Bundle.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "Ringfence agent bundle"
+    return schema
+
+
+def delta_schema() -> dict[str, Any]:
+    schema = SetDelta.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "Ringfence set delta"
+    return schema
+
+
+def check_acceptable(new: Bundle, workload_id: str, applied_revision: int | None) -> None:
+    """The agent's acceptance rules beyond the signature (shared so every agent applies the same)."""
+    if new.workload_id != workload_id:
+        raise BundleError(f"bundle is for workload {new.workload_id!r}, this agent is {workload_id!r}")
+    if applied_revision is not None and new.version < applied_revision:
+        raise BundleError(
+            f"bundle version {new.version} is older than the applied revision {applied_revision} (rollback refused)"
+        )
+    for name, s in new.sets.items():
+        if s.version > new.version:
+            raise BundleError(f"set {name} claims version {s.version} newer than the bundle {new.version}")
+    for rule in (*new.inbound, *new.outbound):
+        if rule.set is not None and rule.set not in new.sets:
+            raise BundleError(f"rule {rule.id} references undefined set {rule.set}")

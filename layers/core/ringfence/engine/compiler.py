@@ -1,0 +1,461 @@
+"""Policy + inventory → per-workload rules over shared, content-addressed address sets.
+
+The pipeline mirrors Calico's calculation graph in miniature:
+
+* :class:`~ringfence.engine.index.LabelIndex` keeps label → members bitsets;
+* a rule's selectors are evaluated per workload to find the rules that *apply to it*
+  (inbound where it is a provider, outbound where it is a consumer);
+* each such rule points at an address set whose content is defined by the peer selector plus
+  the app-group values the rule's ``same:`` pins (the set *key*); the set's name is a hash of
+  that key, so identical selectors share one set across every bundle;
+* sets exist while some workload references them and are filled from bitsets.
+
+One inventory change re-evaluates the changed workload only: against each distinct selector
+(for set membership → element deltas) and against each rule (for its own bundle). Nothing is
+ever expanded into workload pairs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from ringfence import addresses, selectors
+from ringfence.addresses import Address, AddressSet, Prefix
+from ringfence.engine.index import LabelIndex, iter_bits
+from ringfence.labels import Problem
+from ringfence.model import Mode, Workload
+from ringfence.policy import ACTION_RANK, CompiledRule, Peer, Policy
+from ringfence.services import PortRange, parse_port_spec
+
+INBOUND, OUTBOUND = "inbound", "outbound"
+
+SameValues = tuple[tuple[str, str | None], ...]
+SetKey = tuple[str, SameValues]
+"""(peer canonical text, pinned app-group values)."""
+
+
+def set_name(key: SetKey) -> str:
+    text = key[0] + "|" + ";".join(f"{d}={v if v is not None else ''}" for d, v in key[1])
+    return "rf_" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(slots=True)
+class WorkloadState:
+    id: str
+    slot: int
+    labels: dict[str, str]
+    addrs: tuple[Address, ...]
+    mode: Mode
+    quarantined: bool
+    problems: list[Problem]
+    name: str | None = None
+    # (rule position, direction, set key | None for "any address")
+    entries: tuple[tuple[int, str, SetKey | None], ...] = ()
+    rules_revision: int = 0
+
+    @property
+    def unlabeled(self) -> bool:
+        return any(p.kind in ("missing", "unknown") for p in self.problems)
+
+    @property
+    def selectable(self) -> bool:
+        return not self.quarantined
+
+
+@dataclass(slots=True)
+class AddressSetState:
+    key: SetKey
+    name: str
+    elements: AddressSet | StaticSet
+    version: int
+    refs: set[str] = field(default_factory=set)
+    static: bool = False  # IP-list sets never change with the inventory
+
+
+@dataclass(slots=True)
+class _SelectorEntry:
+    """A distinct workload selector used as a rule peer, with the sets built on it."""
+
+    node: selectors.Node
+    match: selectors.Matcher
+    # same-dims tuple → pinned values → set
+    variants: dict[tuple[str, ...], dict[SameValues, AddressSetState]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Update:
+    """What one change did: the contract between the engine and whoever publishes to agents."""
+
+    revision: int
+    set_deltas: dict[str, tuple[int, list[Prefix], list[Prefix]]] = field(default_factory=dict)
+    """set name → (from_version, elements added, elements removed); to_version is ``revision``."""
+    notify: set[str] = field(default_factory=set)
+    """agents to nudge: their bundle references a changed set, or their own rules changed."""
+    rebuilt: set[str] = field(default_factory=set)
+    """workloads whose own rules (or mode) changed: fetch a whole new bundle."""
+    removed: set[str] = field(default_factory=set)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.set_deltas or self.rebuilt or self.removed)
+
+
+class Engine:
+    """Holds the compiled state for one policy version over one inventory."""
+
+    def __init__(self, policy: Policy, policy_version: int = 0, revision: int = 0) -> None:
+        self.policy = policy
+        self.policy_version = policy_version
+        self.revision = revision
+        self.index = LabelIndex()
+        self.workloads: dict[str, WorkloadState] = {}
+        self.sets: dict[SetKey, AddressSetState] = {}
+        self.sets_by_name: dict[str, AddressSetState] = {}
+        self._free_slots: list[int] = []
+        self._next_slot = 0
+        self._slots: dict[int, str] = {}
+        # enforced rules only (staged rulesets are explained, never compiled into bundles), in
+        # precedence order: override-deny, allow, deny; policy order within each action
+        self.rules: list[CompiledRule] = sorted(
+            (r for r in policy.rules if not r.staged), key=lambda r: ACTION_RANK[r.action]
+        )
+        self._provider_match = [
+            selectors.matcher(r.provider.selector) if r.provider.selector is not None else None for r in self.rules
+        ]
+        self._consumer_match = [
+            selectors.matcher(r.consumer.selector) if r.consumer.selector is not None else None for r in self.rules
+        ]
+        self._selector_entries: dict[str, _SelectorEntry] = {}
+        self._ip_peers: dict[str, tuple[Prefix, ...]] = {}
+        for r in self.rules:
+            for peer in (r.provider, r.consumer):
+                if peer.selector is None:
+                    self._ip_peers[peer.canonical()] = peer.prefixes
+                else:
+                    canon = peer.canonical()
+                    if canon not in self._selector_entries:
+                        self._selector_entries[canon] = _SelectorEntry(peer.selector, selectors.matcher(peer.selector))
+        fs = policy.defaults.failsafes
+        self._failsafes = {
+            "admin_cidrs": list(fs.admin_cidrs),
+            "admin_ports": [_service_json(parse_port_spec(p)) for p in fs.admin_ports],
+            "dns_resolvers": list(fs.dns_resolvers),
+            "control_plane": list(fs.control_plane),
+        }
+
+    # --- workload resolution -------------------------------------------------------------------
+
+    def resolve(self, w: Workload, slot: int) -> WorkloadState:
+        res = self.policy.labels.resolve(w)
+        addrs = tuple(sorted({addresses.parse_address(ip) for ip in w.ips}))
+        mode = w.mode if w.mode is not None else self.policy.mode_for(res.labels, res.unlabeled)
+        return WorkloadState(
+            id=w.id,
+            slot=slot,
+            labels=res.labels,
+            addrs=addrs,
+            mode=mode,
+            quarantined=w.quarantined,
+            problems=res.problems,
+            name=w.name,
+        )
+
+    def _alloc_slot(self) -> int:
+        if self._free_slots:
+            return self._free_slots.pop()
+        self._next_slot += 1
+        return self._next_slot - 1
+
+    # --- full compile --------------------------------------------------------------------------
+
+    def load(self, inventory: Iterable[Workload]) -> None:
+        """Compile from scratch (the reference the incremental path must equal)."""
+        self.revision += 1
+        for w in inventory:
+            if w.id in self.workloads:
+                raise ValueError(f"duplicate workload id {w.id!r} in inventory")
+            slot = self._alloc_slot()
+            ws = self.resolve(w, slot)
+            self.workloads[w.id] = ws
+            self._slots[slot] = w.id
+            if ws.selectable:
+                self.index.add(slot, ws.labels)
+        # rule → workloads, via bitsets (no per-pair work)
+        entries: dict[str, list[tuple[int, str, SetKey | None]]] = {wid: [] for wid in self.workloads}
+        for pos, rule in enumerate(self.rules):
+            for direction, own, other in (
+                (INBOUND, rule.provider, rule.consumer),
+                (OUTBOUND, rule.consumer, rule.provider),
+            ):
+                if own.selector is None:
+                    continue
+                bits = selectors.evaluate(own.selector, self.index)
+                for slot in iter_bits(bits):
+                    ws = self.workloads[self._slots[slot]]
+                    if ws.mode is Mode.IDLE:
+                        continue
+                    entries[ws.id].append((pos, direction, self._key_for(other, rule.same, ws.labels)))
+        for wid, ws in self.workloads.items():
+            ws.entries = tuple(sorted(entries[wid], key=_entry_order))
+            ws.rules_revision = self.revision
+            for _, _, key in ws.entries:
+                if key is not None:
+                    self._ref(key, wid)
+
+    # --- sets ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _key_for(peer: Peer, same: tuple[str, ...], labels: dict[str, str]) -> SetKey | None:
+        if peer.selector is None and peer.ip_list == "any":
+            return None
+        pinned = tuple((d, labels.get(d)) for d in same) if peer.selector is not None else ()
+        return (peer.canonical(), pinned)
+
+    def _ref(self, key: SetKey, wid: str) -> None:
+        s = self.sets.get(key)
+        if s is None:
+            s = self._create_set(key)
+        s.refs.add(wid)
+
+    def _unref(self, key: SetKey, wid: str) -> None:
+        s = self.sets[key]
+        s.refs.discard(wid)
+        if not s.refs:
+            del self.sets[key]
+            del self.sets_by_name[s.name]
+            if not s.static:
+                entry = self._selector_entries[key[0]]
+                dims = tuple(d for d, _ in key[1])
+                variant = entry.variants[dims]
+                del variant[key[1]]
+                if not variant:
+                    del entry.variants[dims]
+
+    def _create_set(self, key: SetKey) -> AddressSetState:
+        canon, pinned = key
+        elements = AddressSet()
+        entry = self._selector_entries.get(canon)
+        if entry is None:  # an IP list: fixed prefixes, never touched by inventory changes
+            s = AddressSetState(key, set_name(key), StaticSet(self._ip_peers[canon]), self.revision, static=True)
+        else:
+            bits = selectors.evaluate(entry.node, self.index)
+            for d, v in pinned:
+                bits &= self.index.members(d, v) if v is not None else self.index.lacking(d)
+            for slot in iter_bits(bits):
+                for addr in self.workloads[self._slots[slot]].addrs:
+                    elements.add(addr)
+            s = AddressSetState(key, set_name(key), elements, self.revision)
+            entry.variants.setdefault(tuple(d for d, _ in pinned), {})[pinned] = s
+        self.sets[key] = s
+        self.sets_by_name[s.name] = s
+        return s
+
+    # --- incremental ---------------------------------------------------------------------------
+
+    def upsert(self, w: Workload) -> Update:
+        """Apply one added or changed workload; returns what changed (empty if nothing did)."""
+        old = self.workloads.get(w.id)
+        slot = old.slot if old is not None else self._alloc_slot()
+        new = self.resolve(w, slot)
+        if old is not None and (old.labels, old.addrs, old.mode, old.quarantined) == (
+            new.labels,
+            new.addrs,
+            new.mode,
+            new.quarantined,
+        ):
+            old.problems, old.name = new.problems, new.name
+            return Update(self.revision)
+        return self._change(old, new)
+
+    def remove(self, workload_id: str) -> Update:
+        old = self.workloads.get(workload_id)
+        if old is None:
+            return Update(self.revision)
+        return self._change(old, None)
+
+    def _change(self, old: WorkloadState | None, new: WorkloadState | None) -> Update:
+        self.revision += 1
+        upd = Update(self.revision)
+        pending: dict[str, tuple[AddressSetState, dict[Prefix, int]]] = {}
+
+        def note(s: AddressSetState, added: list[Prefix], removed: list[Prefix]) -> None:
+            acc = pending.setdefault(s.name, (s, {}))[1]
+            for p in added:
+                acc[p] = acc.get(p, 0) + 1
+            for p in removed:
+                acc[p] = acc.get(p, 0) - 1
+
+        # 1. membership of existing sets: test the changed workload against each distinct selector
+        old_in = self._memberships(old)
+        new_in = self._memberships(new)
+        for name in old_in | new_in:
+            s = self.sets_by_name[name]
+            assert isinstance(s.elements, AddressSet)  # only selector sets have members
+            o = old.addrs if old is not None and name in old_in else ()
+            n = new.addrs if new is not None and name in new_in else ()
+            for addr in set(o) - set(n):
+                note(s, *s.elements.remove(addr))
+            for addr in set(n) - set(o):
+                note(s, *s.elements.add(addr))
+
+        # 2. the label index
+        if old is not None and old.selectable:
+            self.index.remove(old.slot, old.labels)
+        if new is not None and new.selectable:
+            self.index.add(new.slot, new.labels)
+
+        # 3. the changed workload's own rules; sets appear and disappear with their references
+        wid = (new or old).id  # type: ignore[union-attr]
+        if new is not None:
+            new.entries = self._entries_for(new)
+            self.workloads[wid] = new
+            self._slots[new.slot] = wid
+            for _, _, key in new.entries:
+                if key is not None:
+                    self._ref(key, wid)
+        if old is not None:
+            for _, _, key in old.entries:
+                if key is not None:
+                    self._unref(key, wid)
+        if new is None:
+            del self.workloads[wid]
+            del self._slots[old.slot]  # type: ignore[union-attr]
+            self._free_slots.append(old.slot)  # type: ignore[union-attr]
+            upd.removed.add(wid)
+        elif old is None or (old.entries, old.mode, old.quarantined) != (
+            new.entries,
+            new.mode,
+            new.quarantined,
+        ):
+            new.rules_revision = self.revision
+            upd.rebuilt.add(wid)
+            upd.notify.add(wid)
+        else:
+            new.rules_revision = old.rules_revision
+
+        # 4. net element deltas per set; bump versions; nudge every agent referencing a changed set
+        for name, (s, acc) in pending.items():
+            added = sorted(p for p, c in acc.items() if c > 0)
+            removed = sorted(p for p, c in acc.items() if c < 0)
+            if not added and not removed:
+                continue
+            if self.sets_by_name.get(name) is not s:
+                continue  # the set died with its last reference in this same change
+            upd.set_deltas[name] = (s.version, added, removed)
+            s.version = self.revision
+            upd.notify |= s.refs
+        upd.notify -= upd.removed
+        return upd
+
+    def _memberships(self, ws: WorkloadState | None) -> set[str]:
+        """Names of existing sets whose members include ``ws``."""
+        out: set[str] = set()
+        if ws is None or not ws.selectable or not ws.addrs:
+            return out
+        labels = ws.labels
+        for entry in self._selector_entries.values():
+            if not entry.variants or not entry.match(labels):
+                continue
+            for dims, by_values in entry.variants.items():
+                s = by_values.get(tuple((d, labels.get(d)) for d in dims))
+                if s is not None:
+                    out.add(s.name)
+        return out
+
+    def _entries_for(self, ws: WorkloadState) -> tuple[tuple[int, str, SetKey | None], ...]:
+        if not ws.selectable or ws.mode is Mode.IDLE:
+            return ()
+        out: list[tuple[int, str, SetKey | None]] = []
+        labels = ws.labels
+        for pos, rule in enumerate(self.rules):
+            pm = self._provider_match[pos]
+            if pm is not None and pm(labels):
+                out.append((pos, INBOUND, self._key_for(rule.consumer, rule.same, labels)))
+            cm = self._consumer_match[pos]
+            if cm is not None and cm(labels):
+                out.append((pos, OUTBOUND, self._key_for(rule.provider, rule.same, labels)))
+        return tuple(sorted(out, key=_entry_order))
+
+    # --- rendering -----------------------------------------------------------------------------
+
+    def bundle_version(self, wid: str) -> int:
+        ws = self.workloads[wid]
+        versions = [ws.rules_revision]
+        versions.extend(self.sets[key].version for _, _, key in ws.entries if key is not None)
+        return max(versions)
+
+    def render(self, wid: str) -> dict[str, object]:
+        """The unsigned bundle of one workload as a plain dict (see :mod:`ringfence.bundle`)."""
+        ws = self.workloads[wid]
+        rules: dict[str, list[dict[str, object]]] = {INBOUND: [], OUTBOUND: []}
+        used: dict[str, AddressSetState] = {}
+        for pos, direction, key in ws.entries:
+            rule = self.rules[pos]
+            name = None
+            if key is not None:
+                s = self.sets[key]
+                used[s.name] = s
+                name = s.name
+            rules[direction].append(
+                {
+                    "id": rule.id,
+                    "action": rule.action.value,
+                    "set": name,
+                    "services": [_service_json(p) for p in rule.services],
+                }
+            )
+        return {
+            "format": "ringfence.bundle/v1",
+            "workload_id": wid,
+            "version": self.bundle_version(wid),
+            "policy_version": self.policy_version,
+            "mode": "enforce" if ws.quarantined else ws.mode.value,
+            "quarantined": ws.quarantined,
+            "sets": {name: _set_json(s) for name, s in sorted(used.items())},
+            "inbound": rules[INBOUND],
+            "outbound": rules[OUTBOUND],
+            "failsafes": self._failsafes,
+            "signature": None,
+        }
+
+    def set_elements(self, name: str) -> list[Prefix]:
+        return self.sets_by_name[name].elements.elements()
+
+
+class StaticSet:
+    """IP-list content: fixed prefixes rather than member addresses."""
+
+    __slots__ = ("_prefixes",)
+
+    def __init__(self, prefixes: Iterable[Prefix]) -> None:
+        self._prefixes = addresses.collapse(list(prefixes))
+
+    def elements(self) -> list[Prefix]:
+        return list(self._prefixes)
+
+    def __len__(self) -> int:
+        return len(self._prefixes)
+
+
+def _entry_order(e: tuple[int, str, SetKey | None]) -> tuple[int, str]:
+    return (e[0], e[1])
+
+
+def _service_json(p: PortRange) -> dict[str, object]:
+    out: dict[str, object] = {"proto": p.proto, "ports": None, "icmp_type": None}
+    j = p.to_json()
+    if "ports" in j:
+        out["ports"] = j["ports"]
+    if "icmp_type" in j:
+        out["icmp_type"] = j["icmp_type"]
+    return out
+
+
+def _set_json(s: AddressSetState) -> dict[str, object]:
+    v4: list[str] = []
+    v6: list[str] = []
+    for p in s.elements.elements():
+        (v4 if p[0] == addresses.V4 else v6).append(addresses.format_prefix(p))
+    return {"version": s.version, "v4": v4, "v6": v6}

@@ -1,0 +1,220 @@
+"""Explain one flow: the decision and every rule that contributed, with file:line.
+
+This evaluator works rule by rule on labels and addresses, independently of the compiled
+sets, so it doubles as the oracle the compiled bundles are tested against.
+
+A flow between two managed workloads passes two firewalls: the source's outbound and the
+destination's inbound. Each side decides by precedence (override-deny > allow > deny >
+default deny) and then by its mode: ``enforce`` blocks, ``observe`` reports a would-drop,
+``idle`` filters nothing. Quarantined workloads match no rule and no peer selector.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ringfence import addresses
+from ringfence.addresses import Address
+from ringfence.model import Action, Mode
+from ringfence.policy import ACTION_RANK, CompiledRule, Peer, Policy
+from ringfence.selectors import matcher
+from ringfence.services import parse_port_spec
+
+Verdict = Literal["allow", "deny", "would-deny"]
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A workload, a hypothetical labelled workload, or an outside address."""
+
+    name: str
+    labels: Mapping[str, str] | None  # None: not a workload (an IP address)
+    addrs: tuple[Address, ...] = ()
+    mode: Mode | None = None  # None: nothing enforced on this endpoint
+    quarantined: bool = False
+
+    @property
+    def managed(self) -> bool:
+        return self.labels is not None and self.mode is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Contribution:
+    rule: CompiledRule
+    side: Literal["outbound", "inbound"]
+
+    def describe(self) -> str:
+        staged = " [staged]" if self.rule.staged else ""
+        return f"{self.side:8} {self.rule.action.value:13} {self.rule.id}{staged} ({self.rule.location})"
+
+
+@dataclass(slots=True)
+class Side:
+    direction: Literal["outbound", "inbound"]
+    endpoint: Endpoint
+    decision: Literal["allow", "deny"]
+    deciding: CompiledRule | None  # None: the default action (or a fail-safe)
+    matched: list[CompiledRule]
+    failsafe: str | None = None
+
+    @property
+    def effective(self) -> Verdict:
+        mode = Mode.ENFORCE if self.endpoint.quarantined else self.endpoint.mode
+        if self.decision == "allow" or mode is Mode.IDLE:
+            return "allow"
+        return "would-deny" if mode is Mode.OBSERVE else "deny"
+
+
+@dataclass(slots=True)
+class Decision:
+    source: Endpoint
+    destination: Endpoint
+    proto: str
+    port: int | None
+    verdict: Verdict
+    sides: list[Side] = field(default_factory=list)
+    staged_verdict: Verdict | None = None  # what staged rulesets would make of it, when different
+
+    @property
+    def policy_verdict(self) -> Literal["allow", "deny"]:
+        """The verdict as if every side were enforced (what policy tests assert)."""
+        return "allow" if all(s.decision == "allow" for s in self.sides) else "deny"
+
+    def contributions(self) -> list[Contribution]:
+        return [Contribution(r, s.direction) for s in self.sides for r in s.matched]
+
+
+def _peer_matches(peer: Peer, ep: Endpoint) -> bool:
+    if peer.selector is not None:
+        return ep.labels is not None and not ep.quarantined and matcher(peer.selector)(ep.labels)
+    return any(any(addresses.prefix_contains(p, a) for p in peer.prefixes) for a in ep.addrs)
+
+
+def _same_ok(rule: CompiledRule, consumer: Endpoint, provider: Endpoint) -> bool:
+    if not rule.same:
+        return True
+    assert consumer.labels is not None and provider.labels is not None
+    return all(consumer.labels.get(d) == provider.labels.get(d) for d in rule.same)
+
+
+def rules_between(
+    policy: Policy,
+    src: Endpoint,
+    dst: Endpoint,
+    proto: str,
+    port: int | None,
+    direction: Literal["outbound", "inbound"],
+    staged: bool,
+) -> list[CompiledRule]:
+    """Rules on ``direction``'s side that match this flow, in precedence order."""
+    own = src if direction == "outbound" else dst
+    if not own.managed or own.quarantined:
+        return []
+    out = []
+    for rule in policy.rules:
+        if rule.staged and not staged:
+            continue
+        own_peer, other_peer = (
+            (rule.consumer, rule.provider) if direction == "outbound" else (rule.provider, rule.consumer)
+        )
+        if own_peer.selector is None or not _peer_matches(own_peer, own):
+            continue
+        if not _peer_matches(other_peer, dst if direction == "outbound" else src):
+            continue
+        if other_peer.selector is not None and not _same_ok(rule, src, dst):
+            continue
+        if not rule.matches_service(proto, port):
+            continue
+        out.append(rule)
+    return sorted(out, key=lambda r: ACTION_RANK[r.action])
+
+
+def _failsafe(policy: Policy, src: Endpoint, dst: Endpoint, proto: str, port: int | None, direction: str) -> str | None:
+    fs = policy.defaults.failsafes
+    if direction == "inbound":
+        admin = [addresses.parse_prefix(c) for c in fs.admin_cidrs]
+        if any(parse_port_spec(p).matches(proto, port) for p in fs.admin_ports) and any(
+            addresses.prefix_contains(p, a) for p in admin for a in src.addrs
+        ):
+            return "management from an admin range"
+    else:
+        dns = [addresses.parse_address(r) for r in fs.dns_resolvers]
+        if proto in ("udp", "tcp") and port == 53 and any(a in dns for a in dst.addrs):
+            return "DNS to a configured resolver"
+        cp = [addresses.parse_prefix(c) for c in fs.control_plane]
+        if any(addresses.prefix_contains(p, a) for p in cp for a in dst.addrs):
+            return "the control-plane endpoint"
+    return None
+
+
+def _side(
+    policy: Policy,
+    src: Endpoint,
+    dst: Endpoint,
+    proto: str,
+    port: int | None,
+    direction: Literal["outbound", "inbound"],
+    staged: bool,
+) -> Side | None:
+    own = src if direction == "outbound" else dst
+    if not own.managed:
+        return None
+    fs = _failsafe(policy, src, dst, proto, port, direction)
+    matched = rules_between(policy, src, dst, proto, port, direction, staged)
+    if fs is not None:
+        return Side(direction, own, "allow", None, matched, failsafe=fs)
+    deciding = matched[0] if matched else None
+    decision: Literal["allow", "deny"] = "allow" if deciding is not None and deciding.action is Action.ALLOW else "deny"
+    return Side(direction, own, decision, deciding, matched)
+
+
+def _combine(sides: list[Side]) -> Verdict:
+    verdicts = {s.effective for s in sides}
+    if "deny" in verdicts:
+        return "deny"
+    return "would-deny" if "would-deny" in verdicts else "allow"
+
+
+def decide(policy: Policy, src: Endpoint, dst: Endpoint, proto: str, port: int | None) -> Decision:
+    sides = [
+        s for s in (_side(policy, src, dst, proto, port, d, False) for d in ("outbound", "inbound")) if s is not None
+    ]
+    decision = Decision(src, dst, proto, port, _combine(sides), sides)
+    if any(r.staged for r in policy.rules):
+        staged_sides = [
+            s for s in (_side(policy, src, dst, proto, port, d, True) for d in ("outbound", "inbound")) if s is not None
+        ]
+        staged = _combine(staged_sides)
+        if staged != decision.verdict:
+            decision.staged_verdict = staged
+    return decision
+
+
+def format_decision(d: Decision) -> str:
+    lines = [
+        f"{d.source.name} → {d.destination.name} {d.proto}/{d.port if d.port is not None else '*'}: {d.verdict.upper()}"
+    ]
+    if not d.sides:
+        lines.append("  neither end is a managed workload: Ringfence filters nothing here")
+    for s in d.sides:
+        mode = "quarantined" if s.endpoint.quarantined else (s.endpoint.mode.value if s.endpoint.mode else "-")
+        head = f"  {s.direction} on {s.endpoint.name} ({mode}): {s.effective}"
+        if s.failsafe:
+            head += f" — fail-safe: {s.failsafe}"
+        elif s.deciding is not None:
+            head += f" — decided by {s.deciding.id} ({s.deciding.location})"
+        else:
+            head += " — no rule matches: default deny"
+        lines.append(head)
+        for r in s.matched:
+            tag = " [staged]" if r.staged else ""
+            lines.append(
+                f"      {r.action.value:13} {r.id}{tag} at {r.location}: "
+                f"from {r.consumer.describe()} to {r.provider.describe()} "
+                f"on {', '.join(r.service_names)}"
+            )
+    if d.staged_verdict is not None:
+        lines.append(f"  staged rulesets would make this: {d.staged_verdict.upper()}")
+    return "\n".join(lines)

@@ -1,0 +1,135 @@
+"""Tags → labels: mapping, normalisation, derivation and hygiene.
+
+A bad tag value never becomes a new label. The dimension is left unset, the workload is
+flagged, and the engine gives it the policy's ``unlabeled_mode``: bad metadata is visible
+(``ringfence labels check``) and has a consequence.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from ringfence.model import Dimension, LabelsConfig, Workload
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    kind: str  # missing | unknown | conflict
+    dimension: str
+    message: str
+    value: str | None = None
+    suggestion: str | None = None
+
+
+@dataclass(slots=True)
+class Resolution:
+    labels: dict[str, str]
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def unlabeled(self) -> bool:
+        """Hygiene failed: a required dimension is missing or a value is not allowed."""
+        return any(p.kind in ("missing", "unknown") for p in self.problems)
+
+
+_SLUG = re.compile(r"[^a-z0-9_-]+")
+
+
+def normalize(value: str, how: str) -> str:
+    value = value.strip()
+    if how == "none":
+        return value
+    value = value.lower()
+    if how == "slug":
+        value = _SLUG.sub("-", value).strip("-")
+    return value
+
+
+class LabelMapper:
+    """Applies one :class:`LabelsConfig` to workloads from any cloud."""
+
+    def __init__(self, config: LabelsConfig | None = None) -> None:
+        self.config = config or LabelsConfig()
+        self.dimensions: dict[str, Dimension] = self.config.all_dimensions()
+        self._allowed = {
+            name: {normalize(v, d.normalize) for v in d.allowed} if d.allowed is not None else None
+            for name, d in self.dimensions.items()
+        }
+        self._aliases = {
+            name: {normalize(k, d.normalize): normalize(v, d.normalize) for k, v in d.aliases.items()}
+            for name, d in self.dimensions.items()
+        }
+
+    def allowed_values(self, dim: str) -> set[str] | None:
+        return self._allowed.get(dim)
+
+    def canonical_value(self, dim: str, raw: str) -> str:
+        d = self.dimensions[dim]
+        value = normalize(raw, d.normalize)
+        return self._aliases[dim].get(value, value)
+
+    def _lookup(self, tags: Mapping[str, str], key: str) -> str | None:
+        if key in tags:
+            return tags[key]
+        if self.config.case_insensitive_keys:
+            lowered = key.lower()
+            for k, v in tags.items():
+                if k.lower() == lowered:
+                    return v
+        return None
+
+    def resolve(self, workload: Workload) -> Resolution:
+        """Labels for ``workload`` from its direct labels, then tags, then derivation."""
+        labels: dict[str, str] = {}
+        problems: list[Problem] = []
+        for dim, spec in self.dimensions.items():
+            candidates: list[tuple[str, str]] = []  # (source, raw value)
+            if dim in workload.labels:
+                candidates.append((f"label {dim}", workload.labels[dim]))
+            for key in spec.keys or [dim]:
+                raw = self._lookup(workload.tags, key)
+                if raw is not None and raw.strip():
+                    candidates.append((f"tag {key}", raw))
+            if not candidates and spec.derive is not None:
+                src = getattr(workload, spec.derive.source)
+                if src:
+                    mapped = spec.derive.map.get(src)
+                    if mapped is not None or not spec.derive.only_mapped:
+                        candidates.append((f"derived from {spec.derive.source}", mapped or src))
+            if not candidates:
+                if spec.required:
+                    problems.append(Problem("missing", dim, f"required label {dim!r} is missing"))
+                continue
+            values = [(src, self.canonical_value(dim, raw)) for src, raw in candidates]
+            source, value = values[0]
+            others = {v for _, v in values[1:] if v != value}
+            if others:
+                problems.append(
+                    Problem(
+                        "conflict",
+                        dim,
+                        f"{dim}: {source} says {value!r} but "
+                        + ", ".join(f"{s} says {v!r}" for s, v in values[1:] if v != value)
+                        + f"; using {value!r}",
+                        value=value,
+                    )
+                )
+            allowed = self._allowed[dim]
+            if allowed is not None and value not in allowed:
+                close = difflib.get_close_matches(value, sorted(allowed), n=1, cutoff=0.5)
+                problems.append(
+                    Problem(
+                        "unknown",
+                        dim,
+                        f"{dim}={value!r} ({source}) is not an allowed value"
+                        + (f"; did you mean {close[0]!r}?" if close else ""),
+                        value=value,
+                        suggestion=close[0] if close else None,
+                    )
+                )
+                continue
+            labels[dim] = value
+        return Resolution(labels, problems)

@@ -1,0 +1,237 @@
+"""Boundary types (pydantic): policy files, label configuration, inventory records.
+
+These validate what comes in from files, events and APIs, and publish the JSON Schema that
+editors use. Hot loops use the plain dataclasses of :mod:`ringfence.engine` instead.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+BUILTIN_DIMENSIONS = ("role", "app", "env", "loc")
+MAX_DIMENSIONS = 20
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+
+
+class Mode(enum.StrEnum):
+    """Enforcement mode of a workload."""
+
+    IDLE = "idle"  # firewall untouched
+    OBSERVE = "observe"  # nothing blocked; would-be drops reported
+    ENFORCE = "enforce"  # default deny in and out
+
+
+class Action(enum.StrEnum):
+    ALLOW = "allow"
+    DENY = "deny"
+    OVERRIDE_DENY = "override-deny"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+# --- labels ------------------------------------------------------------------------------------
+
+
+class Derive(_Strict):
+    """Derive a label from workload metadata when no tag provides it (e.g. ``loc`` from region)."""
+
+    source: Literal["region", "zone", "site", "account", "vpc", "cloud"]
+    map: dict[str, str] = Field(default_factory=dict, description="source value → label value")
+    only_mapped: bool = Field(False, description="leave the label unset when the value is not in map")
+
+
+class Dimension(_Strict):
+    keys: list[str] = Field(
+        default_factory=list,
+        description="tag keys feeding this dimension, first present wins (default: the dimension name)",
+    )
+    normalize: Literal["lower", "none", "slug"] = Field(
+        "lower", description="lower: trim + lowercase; none: trim; slug: lowercase, non [a-z0-9_-] → '-'"
+    )
+    allowed: list[str] | None = Field(None, description="allowed values; others are a hygiene failure")
+    aliases: dict[str, str] = Field(default_factory=dict, description="spelling → canonical value")
+    required: bool = False
+    derive: Derive | None = None
+
+
+class LabelsConfig(_Strict):
+    """Which tag keys feed which label dimension, and what values are valid."""
+
+    dimensions: dict[str, Dimension] = Field(default_factory=dict)
+    case_insensitive_keys: bool = Field(
+        True, description="match tag keys ignoring case (GCP labels are lowercase only)"
+    )
+
+    @field_validator("dimensions")
+    @classmethod
+    def _limit(cls, dims: dict[str, Dimension]) -> dict[str, Dimension]:
+        names = set(dims) | set(BUILTIN_DIMENSIONS)
+        if len(names) > MAX_DIMENSIONS:
+            raise ValueError(f"at most {MAX_DIMENSIONS} label dimensions (got {len(names)})")
+        for name in dims:
+            if not _is_dimension_name(name):
+                raise ValueError(f"dimension name {name!r} must match [a-z][a-z0-9_]*")
+        return dims
+
+    def all_dimensions(self) -> dict[str, Dimension]:
+        out = {name: Dimension() for name in BUILTIN_DIMENSIONS}
+        out.update(self.dimensions)
+        return out
+
+
+def _is_dimension_name(name: str) -> bool:
+    return bool(name) and name[0].isalpha() and name.islower() and name.replace("_", "").isalnum()
+
+
+# --- policy ------------------------------------------------------------------------------------
+
+
+class LabelGroup(_Strict):
+    name: Name
+    dimension: str
+    values: list[str] = Field(description="label values, or @other-group of the same dimension")
+    description: str = ""
+
+
+class Service(_Strict):
+    name: Name
+    ports: list[str] = Field(description="proto/port specs: tcp/443, udp/53, tcp/8000-8080, icmp, icmp/8, icmpv6, any")
+    process: str | None = Field(None, description="process name (reported; enforced where supported)")
+    description: str = ""
+
+
+class IpList(_Strict):
+    name: Name
+    cidrs: list[str]
+    exclude: list[str] = Field(default_factory=list)
+    description: str = ""
+
+
+class IpListPeer(_Strict):
+    ip_list: str
+
+
+PeerSpec = str | IpListPeer
+"""A label selector string, or ``{ip_list: NAME}``."""
+
+
+class Rule(_Strict):
+    name: Name | None = None
+    from_: PeerSpec | list[PeerSpec] = Field(alias="from", description="consumers (sources)")
+    to: PeerSpec | list[PeerSpec] = Field(description="providers (destinations)")
+    services: list[str] = Field(description="service names or inline proto/port specs")
+    action: Action = Action.ALLOW
+    same: list[str] | None = Field(
+        None, description="dimensions consumer and provider must share (default: the ruleset's)"
+    )
+    extra_scope: bool = Field(False, description="consumers are not restricted to the scope")
+    description: str = ""
+
+
+class Ruleset(_Strict):
+    name: Name
+    scope: str = Field("all()", description="selector over the providers this ruleset governs")
+    same: list[str] = Field(
+        default_factory=lambda: ["app", "env", "loc"],
+        description="default for rules: dimensions consumer and provider must share (the app group)",
+    )
+    staged: bool = Field(False, description="evaluated and reported, not enforced")
+    rules: list[Rule]
+    description: str = ""
+
+
+class ModeRule(_Strict):
+    selector: str
+    mode: Mode
+
+
+class Failsafes(_Strict):
+    """Traffic no policy can block (the agent adds its own local configuration to these)."""
+
+    admin_cidrs: list[str] = Field(default_factory=list)
+    admin_ports: list[str] = Field(default_factory=lambda: ["tcp/22", "tcp/3389"])
+    dns_resolvers: list[str] = Field(default_factory=list)
+    control_plane: list[str] = Field(default_factory=list)
+
+
+class Defaults(_Strict):
+    mode: Mode = Mode.ENFORCE
+    unlabeled_mode: Mode = Field(
+        Mode.ENFORCE, description="mode of workloads that fail label hygiene (their bad labels are dropped)"
+    )
+    failsafes: Failsafes = Field(default_factory=Failsafes)
+
+
+class TestEndpoint(_Strict):
+    workload: str | None = None
+    labels: dict[str, str] | None = None
+    ip: str | None = None
+
+
+class PolicyTest(_Strict):
+    name: str | None = None
+    from_: TestEndpoint = Field(alias="from")
+    to: TestEndpoint
+    port: str = Field(description="proto/port, e.g. tcp/5432")
+    expect: Literal["allow", "deny"]
+
+
+class PolicyFile(_Strict):
+    """One YAML policy file. A policy is every such file of a directory, merged."""
+
+    schema_: str | None = Field(None, alias="$schema")
+    labels: LabelsConfig | None = None
+    label_groups: list[LabelGroup] = Field(default_factory=list)
+    services: list[Service] = Field(default_factory=list)
+    ip_lists: list[IpList] = Field(default_factory=list)
+    rulesets: list[Ruleset] = Field(default_factory=list)
+    modes: list[ModeRule] = Field(default_factory=list, description="first matching selector wins")
+    defaults: Defaults | None = None
+    tests: list[PolicyTest] = Field(default_factory=list)
+
+
+# --- inventory ---------------------------------------------------------------------------------
+
+
+class Workload(_Strict):
+    """One inventory record: what the cloud (or a CMDB) says about a workload."""
+
+    id: str = Field(min_length=1)
+    name: str | None = None
+    ips: list[str] = Field(default_factory=list)
+    tags: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict, description="labels given directly (CMDB)")
+    cloud: Literal["aws", "azure", "gcp", "onprem"] = "onprem"
+    account: str | None = None
+    region: str | None = None
+    zone: str | None = None
+    vpc: str | None = None
+    subnet: str | None = None
+    site: str | None = None
+    mode: Mode | None = Field(None, description="operator override of the policy's mode")
+    quarantined: bool = False
+    observed_at: float = Field(0.0, description="source timestamp; older observations never win")
+
+    @field_validator("ips")
+    @classmethod
+    def _ips(cls, ips: list[str]) -> list[str]:
+        import ipaddress
+
+        out = []
+        for ip in ips:
+            try:
+                out.append(str(ipaddress.ip_address(ip.strip())))
+            except ValueError:
+                raise ValueError(f"not an IP address: {ip!r}") from None
+        return out
+
+
+class Inventory(_Strict):
+    workloads: list[Workload] = Field(default_factory=list)

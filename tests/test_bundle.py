@@ -1,0 +1,68 @@
+"""The bundle contract: golden files, canonical bytes, signatures, acceptance rules."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ringfence import bundle
+from tests.conftest import GOLDEN
+from tests.golden import regen
+
+
+def test_engine_still_emits_the_golden_files() -> None:
+    for name, text in regen.build().items():
+        assert (GOLDEN / name).read_text() == text, f"{name} changed: run tests/golden/regen.py and review"
+
+
+def test_golden_bundles_verify_with_the_test_key() -> None:
+    verifier = bundle.Verifier.from_file(GOLDEN / "test-key.pub.pem")
+    for path in GOLDEN.glob("bundle-*.json"):
+        verifier.verify(bundle.load_bundle(path.read_text()))
+    for path in GOLDEN.glob("delta-*.json"):
+        verifier.verify(bundle.load_delta(path.read_text()))
+
+
+def test_tampered_bundle_is_refused() -> None:
+    verifier = bundle.Verifier.from_file(GOLDEN / "test-key.pub.pem")
+    doc = json.loads((GOLDEN / "bundle-ord-prod-db-1.json").read_text())
+    doc["inbound"][0]["action"] = "allow"
+    with pytest.raises(bundle.BundleError, match="does not verify"):
+        verifier.verify(bundle.load_bundle(json.dumps(doc)))
+
+
+def test_bundle_signed_by_another_key_is_refused() -> None:
+    verifier = bundle.Verifier.from_file(GOLDEN / "test-key.pub.pem")
+    doc = bundle.load_bundle((GOLDEN / "bundle-ord-prod-db-1.json").read_text())
+    forged = bundle.sign(doc, bundle.SigningKey.generate())
+    with pytest.raises(bundle.BundleError, match="not the pinned key"):
+        verifier.verify(forged)
+
+
+def test_delta_cannot_pass_as_bundle_signature() -> None:
+    # domain separation: the format prefix is part of the signed message
+    key = bundle.SigningKey.generate()
+    d = bundle.sign(bundle.SetDelta(set="rf_x", from_version=1, to_version=2), key)
+    assert bundle.canonical_bytes(d).startswith(b"ringfence.delta/v1\n")
+
+
+def test_unsigned_bundle_is_refused() -> None:
+    verifier = bundle.Verifier.from_file(GOLDEN / "test-key.pub.pem")
+    doc = bundle.load_bundle((GOLDEN / "bundle-ord-prod-db-1.json").read_text())
+    with pytest.raises(bundle.BundleError, match="not signed"):
+        verifier.verify(doc.model_copy(update={"signature": None}))
+
+
+def test_acceptance_rules() -> None:
+    doc = bundle.load_bundle((GOLDEN / "bundle-ord-prod-db-1.json").read_text())
+    bundle.check_acceptable(doc, "ord-prod-db-1", None)
+    with pytest.raises(bundle.BundleError, match="this agent is 'other'"):
+        bundle.check_acceptable(doc, "other", None)
+    with pytest.raises(bundle.BundleError, match="rollback refused"):
+        bundle.check_acceptable(doc, "ord-prod-db-1", doc.version + 1)
+
+
+def test_malformed_bundle_names_the_field() -> None:
+    with pytest.raises(bundle.BundleError, match="workload_id"):
+        bundle.load_bundle('{"format": "ringfence.bundle/v1", "version": 1}')
