@@ -51,8 +51,11 @@ def build() -> dict[str, str]:
     for set_name, (from_v, added, removed) in sorted(upd.set_deltas.items()):
         if set_name in engine.render("ord-prod-proc-1")["sets"]:  # type: ignore[operator]
             d = bundle.SetDelta(
-                set=set_name, from_version=from_v, to_version=upd.revision,
-                add=[_fmt(p) for p in added], remove=[_fmt(p) for p in removed],
+                set=set_name,
+                from_version=from_v,
+                to_version=upd.revision,
+                add=[_fmt(p) for p in added],
+                remove=[_fmt(p) for p in removed],
             )
             deltas.append(bundle.sign(d, signer))
     assert len(deltas) == 1, deltas

@@ -1,0 +1,101 @@
+"""The agent ↔ control-plane API contract: request and response bodies (see ``docs/agent-api.md``).
+
+Shared by the agent (client) and every control plane (API Gateway functions, ``ringfence serve``),
+so both validate the same shapes with the same limits.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ringfence.model import Mode
+
+API_PREFIX = "/v1"
+MAX_REPORT_BYTES = 256 * 1024
+MAX_REPORT_RECORDS = 2000
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NonceResponse(_Body):
+    nonce: str
+    expires_in: int = Field(description="seconds the nonce stays valid; each nonce is single-use")
+
+
+class EnrollRequest(_Body):
+    method: Literal["aws-iid", "aws-sts", "azure-attested", "gcp-jwt", "pairing"]
+    nonce: str = Field(description="from GET /v1/nonce; single use")
+    workload_id: str | None = Field(None, description="required for pairing; derived from the proof otherwise")
+    # aws-iid: the instance identity document and its PKCS7/RSA-SHA256 signature from IMDS
+    document: str | None = None
+    document_signature: str | None = None
+    # aws-sts: a presigned sts:GetCallerIdentity request the server replays
+    sts_url: str | None = None
+    sts_headers: dict[str, str] | None = None
+    # pairing (on-premise): a key with a use limit and an expiry, issued by an operator
+    pairing_key: str | None = None
+
+
+class EnrollResponse(_Body):
+    workload_id: str
+    token: str = Field(description="bearer token; authorises this workload's endpoints only")
+    expires_in: int
+    public_key_pem: str = Field(description="the bundle signing key, for agents that did not pin one at install")
+
+
+class Heartbeat(_Body):
+    applied_version: int | None
+    mode: Mode | None
+    healthy: bool = True
+    message: str = Field("", max_length=1024)
+    counters: dict[str, int] = Field(default_factory=dict)
+
+
+class HeartbeatResponse(_Body):
+    latest_version: int | None = Field(description="the newest bundle version for this workload")
+
+
+class FlowRecord(_Body):
+    start: float
+    end: float
+    src: str
+    dst: str
+    proto: Literal["tcp", "udp", "icmp", "icmpv6", "other"]
+    sport: int | None = None
+    dport: int | None = None
+    packets: int = 0
+    bytes: int = 0
+    direction: Literal["inbound", "outbound"]
+
+
+class DropEvent(_Body):
+    time: float
+    direction: Literal["inbound", "outbound"]
+    src: str
+    dst: str
+    proto: Literal["tcp", "udp", "icmp", "icmpv6", "other"]
+    sport: int | None = None
+    dport: int | None = None
+    rule_id: str | None = Field(None, description="the deny rule that matched; null for the default action")
+    action: Literal["drop", "would-drop"]
+    count: int = Field(1, ge=1, description="identical events folded together")
+
+
+class ReportBatch(_Body):
+    flows: list[FlowRecord] = Field(default_factory=list, max_length=MAX_REPORT_RECORDS)
+    drops: list[DropEvent] = Field(default_factory=list, max_length=MAX_REPORT_RECORDS)
+    dropped_records: int = Field(0, ge=0, description="records the agent discarded because its buffer was full")
+
+
+class DeltasResponse(_Body):
+    bundle_version: int = Field(description="the newest bundle version; fetch it if deltas cannot bridge")
+    deltas: list[dict[str, object]] = Field(description="signed ringfence.delta/v1 documents, oldest first")
+
+
+class ErrorBody(_Body):
+    error: str
+    detail: str = ""
