@@ -312,13 +312,12 @@ class Engine:
             new.entries = self._entries_for(new)
             self.workloads[wid] = new
             self._slots[new.slot] = wid
-            for _, _, key in new.entries:
-                if key is not None:
-                    self._ref(key, wid)
-        if old is not None:
-            for _, _, key in old.entries:
-                if key is not None:
-                    self._unref(key, wid)
+        old_keys = _keys(old.entries) if old is not None else set()
+        new_keys = _keys(new.entries) if new is not None else set()
+        for key in new_keys - old_keys:
+            self._ref(key, wid)
+        for key in old_keys - new_keys:
+            self._unref(key, wid)
         if new is None:
             del self.workloads[wid]
             del self._slots[old.slot]  # type: ignore[union-attr]
@@ -459,3 +458,7 @@ def _set_json(s: AddressSetState) -> dict[str, object]:
     for p in s.elements.elements():
         (v4 if p[0] == addresses.V4 else v6).append(addresses.format_prefix(p))
     return {"version": s.version, "v4": v4, "v6": v6}
+
+
+def _keys(entries: tuple[tuple[int, str, SetKey | None], ...]) -> set[SetKey]:
+    return {key for _, _, key in entries if key is not None}
