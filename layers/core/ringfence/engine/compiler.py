@@ -72,6 +72,9 @@ class AddressSetState:
     version: int
     refs: set[str] = field(default_factory=set)
     static: bool = False  # IP-list sets never change with the inventory
+    # (version, v4, v6) formatted once per version: shared sets are rendered into many bundles,
+    # and a set's content is fixed for a given version (the cover is canonical)
+    rendered: tuple[int, tuple[str, ...], tuple[str, ...]] | None = None
 
 
 @dataclass(slots=True)
@@ -453,11 +456,14 @@ def _service_json(p: PortRange) -> dict[str, object]:
 
 
 def _set_json(s: AddressSetState) -> dict[str, object]:
-    v4: list[str] = []
-    v6: list[str] = []
-    for p in s.elements.elements():
-        (v4 if p[0] == addresses.V4 else v6).append(addresses.format_prefix(p))
-    return {"version": s.version, "v4": v4, "v6": v6}
+    cached = s.rendered
+    if cached is None or cached[0] != s.version:
+        v4: list[str] = []
+        v6: list[str] = []
+        for p in s.elements.elements():
+            (v4 if p[0] == addresses.V4 else v6).append(addresses.format_prefix(p))
+        cached = s.rendered = (s.version, tuple(v4), tuple(v6))
+    return {"version": s.version, "v4": list(cached[1]), "v6": list(cached[2])}
 
 
 def _keys(entries: tuple[tuple[int, str, SetKey | None], ...]) -> set[SetKey]:
