@@ -223,3 +223,13 @@ def test_demo_runs(tmp_path: Path) -> None:
     assert "13 passed, 0 failed" in out
     assert "ord-prod-web-1 → ord-prod-proc-1 tcp/8443 is now DENY" in out
     assert len(list((tmp_path / "demo" / "bundles").glob("*.json"))) == 20
+
+
+def test_example_files_validate_against_the_published_schema() -> None:
+    import jsonschema
+    import yaml
+
+    schema = json.loads((ROOT / "docs" / "policy.schema.json").read_text())
+    for path in sorted((EXAMPLE / "policy").glob("*.yaml")):
+        jsonschema.validate(yaml.safe_load(path.read_text()), schema)
+        assert path.read_text().startswith("# yaml-language-server: $schema=../../../docs/policy.schema.json")
