@@ -20,6 +20,7 @@ from ringfence.model import Workload
 from ringfence.policy import PolicyError, load_policy, load_policy_texts, schema_text
 from ringfence.policydiff import diff
 from ringfence.policytests import run_tests
+from ringfence.publish import signed_bundle
 from ringfence.services import PortSpecError, parse_flow_port
 from ringfence.versions import AuditRecord, FileVersionStore, default_actor, next_version, now, relative_files
 
@@ -174,9 +175,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     (out / "bundles").mkdir(parents=True, exist_ok=True)
     signer = bundle_mod.SigningKey.from_file(Path(args.key)) if args.key else None
     for wid in sorted(engine.workloads):
-        doc = bundle_mod.Bundle.model_validate(engine.render(wid))
-        if signer is not None:
-            doc = bundle_mod.sign(doc, signer)
+        doc = signed_bundle(engine, wid, signer)
         (out / "bundles" / f"{wid}.json").write_text(bundle_mod.dumps(doc))
     print(
         f"wrote {len(engine.workloads)} bundles to {out / 'bundles'} ({len(engine.sets)} distinct sets)"

@@ -19,6 +19,7 @@ from ringfence.engine.explain import decide, parse_endpoint
 from ringfence.inventory import load_inventory
 from ringfence.policy import load_policy
 from ringfence.policytests import run_tests
+from ringfence.publish import signed_bundle
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     (out / "bundles").mkdir(parents=True, exist_ok=True)
     total = 0
     for wid in sorted(engine.workloads):
-        doc = bundle.sign(bundle.Bundle.model_validate(engine.render(wid)), signer)
+        doc = signed_bundle(engine, wid, signer)
         verifier.verify(doc)
         text = bundle.dumps(doc)
         total += len(text)
