@@ -72,6 +72,16 @@ class AddressSetState:
     version: int
     refs: set[str] = field(default_factory=set)
     static: bool = False  # IP-list sets never change with the inventory
+    rendered: tuple[list[str], list[str]] | None = None  # (v4, v6) text, until the content changes
+
+    def cover_text(self) -> tuple[list[str], list[str]]:
+        if self.rendered is None:
+            v4: list[str] = []
+            v6: list[str] = []
+            for p in self.elements.elements():
+                (v4 if p[0] == addresses.V4 else v6).append(addresses.format_prefix(p))
+            self.rendered = (v4, v6)
+        return self.rendered
 
 
 @dataclass(slots=True)
@@ -127,6 +137,7 @@ class Engine:
         self._consumer_match = [
             selectors.matcher(r.consumer.selector) if r.consumer.selector is not None else None for r in self.rules
         ]
+        self._services_json = [[_service_json(p) for p in r.services] for r in self.rules]
         self._selector_entries: dict[str, _SelectorEntry] = {}
         self._ip_peers: dict[str, tuple[Prefix, ...]] = {}
         for r in self.rules:
@@ -344,6 +355,7 @@ class Engine:
                 continue  # the set died with its last reference in this same change
             upd.set_deltas[name] = (s.version, added, removed)
             s.version = self.revision
+            s.rendered = None
             upd.notify |= s.refs
         upd.notify -= upd.removed
         return upd
@@ -402,7 +414,7 @@ class Engine:
                     "id": rule.id,
                     "action": rule.action.value,
                     "set": name,
-                    "services": [_service_json(p) for p in rule.services],
+                    "services": [dict(m) for m in self._services_json[pos]],
                 }
             )
         return {
@@ -453,11 +465,8 @@ def _service_json(p: PortRange) -> dict[str, object]:
 
 
 def _set_json(s: AddressSetState) -> dict[str, object]:
-    v4: list[str] = []
-    v6: list[str] = []
-    for p in s.elements.elements():
-        (v4 if p[0] == addresses.V4 else v6).append(addresses.format_prefix(p))
-    return {"version": s.version, "v4": v4, "v6": v6}
+    v4, v6 = s.cover_text()
+    return {"version": s.version, "v4": list(v4), "v6": list(v6)}
 
 
 def _keys(entries: tuple[tuple[int, str, SetKey | None], ...]) -> set[SetKey]:
