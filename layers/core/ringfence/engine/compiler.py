@@ -106,6 +106,8 @@ class Update:
     rebuilt: set[str] = field(default_factory=set)
     """workloads whose own rules (or mode) changed: fetch a whole new bundle."""
     removed: set[str] = field(default_factory=set)
+    bundles: dict[str, dict[str, object]] = field(default_factory=dict)
+    """the new (unsigned) bundles of the ``rebuilt`` workloads."""
 
     @property
     def changed(self) -> bool:
@@ -358,6 +360,7 @@ class Engine:
             s.rendered = None
             upd.notify |= s.refs
         upd.notify -= upd.removed
+        upd.bundles = {w: self.render(w) for w in upd.rebuilt}
         return upd
 
     def _memberships(self, ws: WorkloadState | None) -> set[str]:
