@@ -163,10 +163,11 @@ def _side(
     if not own.managed:
         return None
     fs = _failsafe(policy, src, dst, proto, port, direction)
-    matched = rules_between(policy, src, dst, proto, port, direction, staged)
+    # staged rules are always listed (tagged), but decide only when ``staged`` asks for them
+    matched = rules_between(policy, src, dst, proto, port, direction, True)
     if fs is not None:
         return Side(direction, own, "allow", None, matched, failsafe=fs)
-    deciding = matched[0] if matched else None
+    deciding = next((r for r in matched if staged or not r.staged), None)
     decision: Literal["allow", "deny"] = "allow" if deciding is not None and deciding.action is Action.ALLOW else "deny"
     return Side(direction, own, decision, deciding, matched)
 
