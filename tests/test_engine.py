@@ -184,3 +184,19 @@ rulesets:
     assert verdict(policy, e, "a", "b", "tcp/23") == "deny"
     doc: Any = e.render("b")
     assert [r["action"] for r in doc["inbound"]] == ["override-deny", "allow", "deny"]
+
+
+def test_three_tier_written_once_never_crosses_environments(example_inventory: list[Workload]) -> None:
+    from tests.conftest import EXAMPLE
+
+    # without the dev ↛ prod boundary: the app-group pinning alone keeps dev out of prod
+    sources = {
+        str(p): p.read_text()
+        for p in (EXAMPLE / "policy").glob("*.yaml")
+        if p.name not in ("boundaries.yaml", "tests.yaml")
+    }
+    policy = load_policy_texts(sources)
+    e = engine_for(policy, example_inventory)
+    assert verdict(policy, e, "ord-dev-web-1", "ord-prod-proc-1", "tcp/8443") == "deny"
+    assert verdict(policy, e, "ord-prod-web-1", "ord-prod-proc-1", "tcp/8443") == "allow"
+    assert verdict(policy, e, "ord-dev-web-1", "ord-dev-proc-1", "tcp/8443") == "allow"
