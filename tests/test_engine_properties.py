@@ -123,6 +123,8 @@ def test_incremental_equals_full_recompile(scenario: tuple[list[Workload], list[
                 del applied_sets[wid]
                 continue
             fresh = inc.render(wid)
+            if wid in upd.rebuilt:
+                assert upd.bundles[wid] == fresh, "the update carries the rebuilt bundle"
             if wid in upd.rebuilt or wid not in last_versions:
                 applied_sets[wid] = fresh["sets"]  # type: ignore[assignment]
             else:

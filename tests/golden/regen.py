@@ -16,6 +16,7 @@ from ringfence import bundle
 from ringfence.engine import Engine
 from ringfence.inventory import load_inventory
 from ringfence.policy import load_policy
+from ringfence.publish import delta_documents, signed_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).resolve().parent
@@ -36,8 +37,7 @@ def build() -> dict[str, str]:
     out: dict[str, str] = {}
 
     def emit_bundle(name: str, wid: str) -> None:
-        doc = bundle.Bundle.model_validate(engine.render(wid))
-        out[name] = bundle.dumps(bundle.sign(doc, signer))
+        out[name] = bundle.dumps(signed_bundle(engine, wid, signer))
 
     emit_bundle("bundle-ord-prod-db-1.json", "ord-prod-db-1")
     emit_bundle("bundle-ord-prod-proc-1.json", "ord-prod-proc-1")
@@ -47,17 +47,8 @@ def build() -> dict[str, str]:
     by_id = {w.id: w for w in workloads}
     web3 = by_id["ord-prod-web-2"].model_copy(update={"id": "ord-prod-web-3", "ips": ["10.1.1.12"]})
     upd = engine.upsert(web3)
-    deltas = []
-    for set_name, (from_v, added, removed) in sorted(upd.set_deltas.items()):
-        if set_name in engine.render("ord-prod-proc-1")["sets"]:  # type: ignore[operator]
-            d = bundle.SetDelta(
-                set=set_name,
-                from_version=from_v,
-                to_version=upd.revision,
-                add=[_fmt(p) for p in added],
-                remove=[_fmt(p) for p in removed],
-            )
-            deltas.append(bundle.sign(d, signer))
+    held = signed_bundle(engine, "ord-prod-proc-1", None).sets
+    deltas = [d for d in delta_documents(upd, signer) if d.set in held]
     assert len(deltas) == 1, deltas
     out["delta-ord-prod-proc-1-scale-out.json"] = bundle.dumps(deltas[0])
     emit_bundle("bundle-ord-prod-proc-1-after-scale-out.json", "ord-prod-proc-1")
@@ -68,12 +59,6 @@ def build() -> dict[str, str]:
     out["bundle.schema.json"] = json.dumps(bundle.bundle_schema(), indent=1, sort_keys=True) + "\n"
     out["delta.schema.json"] = json.dumps(bundle.delta_schema(), indent=1, sort_keys=True) + "\n"
     return out
-
-
-def _fmt(p: tuple[int, int, int]) -> str:
-    from ringfence.addresses import format_prefix
-
-    return format_prefix(p)
 
 
 if __name__ == "__main__":

@@ -72,15 +72,22 @@ class Peer:
     selector: selectors.Node | None = None
     ip_list: str | None = None
     prefixes: tuple[Prefix, ...] = ()
+    # the content-defining text (names address sets); computed once, it is on the hot path
+    text: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.selector is not None:
+            text = self.selector.canonical()
+        else:
+            text = "ips:" + ",".join(addresses.format_prefix(p) for p in self.prefixes)
+        object.__setattr__(self, "text", text)
 
     @property
     def is_workloads(self) -> bool:
         return self.selector is not None
 
     def canonical(self) -> str:
-        if self.selector is not None:
-            return self.selector.canonical()
-        return "ips:" + ",".join(addresses.format_prefix(p) for p in self.prefixes)
+        return self.text
 
     def describe(self) -> str:
         return self.selector.canonical() if self.selector is not None else f"ip_list {self.ip_list}"

@@ -200,7 +200,7 @@ def evaluate(node: Node, index: BitsetIndex) -> int:
 
 _TOKEN = re.compile(
     r"""\s*(?:
-      (?P<op>==|!=|&&|\|\||[!(){},])
+      (?P<op>==|!=|&&|\|\||[!(){},=])
     | (?P<str>'[^']*'|"[^"]*")
     | (?P<group>@[A-Za-z0-9_.:/-]+)
     | (?P<word>[A-Za-z0-9_.:/*-]+)

@@ -72,9 +72,16 @@ class AddressSetState:
     version: int
     refs: set[str] = field(default_factory=set)
     static: bool = False  # IP-list sets never change with the inventory
-    # (version, v4, v6) formatted once per version: shared sets are rendered into many bundles,
-    # and a set's content is fixed for a given version (the cover is canonical)
-    rendered: tuple[int, tuple[str, ...], tuple[str, ...]] | None = None
+    rendered: tuple[list[str], list[str]] | None = None  # (v4, v6) text, until the content changes
+
+    def cover_text(self) -> tuple[list[str], list[str]]:
+        if self.rendered is None:
+            v4: list[str] = []
+            v6: list[str] = []
+            for p in self.elements.elements():
+                (v4 if p[0] == addresses.V4 else v6).append(addresses.format_prefix(p))
+            self.rendered = (v4, v6)
+        return self.rendered
 
 
 @dataclass(slots=True)
@@ -99,6 +106,8 @@ class Update:
     rebuilt: set[str] = field(default_factory=set)
     """workloads whose own rules (or mode) changed: fetch a whole new bundle."""
     removed: set[str] = field(default_factory=set)
+    bundles: dict[str, dict[str, object]] = field(default_factory=dict)
+    """the new (unsigned) bundles of the ``rebuilt`` workloads."""
 
     @property
     def changed(self) -> bool:
@@ -130,6 +139,7 @@ class Engine:
         self._consumer_match = [
             selectors.matcher(r.consumer.selector) if r.consumer.selector is not None else None for r in self.rules
         ]
+        self._services_json = [[_service_json(p) for p in r.services] for r in self.rules]
         self._selector_entries: dict[str, _SelectorEntry] = {}
         self._ip_peers: dict[str, tuple[Prefix, ...]] = {}
         for r in self.rules:
@@ -347,8 +357,10 @@ class Engine:
                 continue  # the set died with its last reference in this same change
             upd.set_deltas[name] = (s.version, added, removed)
             s.version = self.revision
+            s.rendered = None
             upd.notify |= s.refs
         upd.notify -= upd.removed
+        upd.bundles = {w: self.render(w) for w in upd.rebuilt}
         return upd
 
     def _memberships(self, ws: WorkloadState | None) -> set[str]:
@@ -405,7 +417,7 @@ class Engine:
                     "id": rule.id,
                     "action": rule.action.value,
                     "set": name,
-                    "services": [_service_json(p) for p in rule.services],
+                    "services": [dict(m) for m in self._services_json[pos]],
                 }
             )
         return {
@@ -456,14 +468,8 @@ def _service_json(p: PortRange) -> dict[str, object]:
 
 
 def _set_json(s: AddressSetState) -> dict[str, object]:
-    cached = s.rendered
-    if cached is None or cached[0] != s.version:
-        v4: list[str] = []
-        v6: list[str] = []
-        for p in s.elements.elements():
-            (v4 if p[0] == addresses.V4 else v6).append(addresses.format_prefix(p))
-        cached = s.rendered = (s.version, tuple(v4), tuple(v6))
-    return {"version": s.version, "v4": list(cached[1]), "v6": list(cached[2])}
+    v4, v6 = s.cover_text()
+    return {"version": s.version, "v4": list(v4), "v6": list(v6)}
 
 
 def _keys(entries: tuple[tuple[int, str, SetKey | None], ...]) -> set[SetKey]:

@@ -59,7 +59,7 @@ class Matrix:
         return n
 
 
-def _subtract(allowed: list[PortRange], denied: list[PortRange]) -> list[PortRange]:
+def subtract(allowed: list[PortRange], denied: list[PortRange]) -> list[PortRange]:
     """Port ranges of ``allowed`` not covered by ``denied`` (``any`` expands to each protocol)."""
 
     def expand(ranges: list[PortRange]) -> list[PortRange]:
@@ -88,7 +88,7 @@ def _subtract(allowed: list[PortRange], denied: list[PortRange]) -> list[PortRan
     return result
 
 
-def _normalise(ranges: list[PortRange]) -> list[PortRange]:
+def normalise(ranges: list[PortRange]) -> list[PortRange]:
     """Sorted, merged ranges (``any`` kept as is when present)."""
     if any(r.proto == "any" for r in ranges):
         return [PortRange("any")]
@@ -160,7 +160,7 @@ def compute(policy: Policy, workloads: Iterable[WorkloadState], include_staged: 
             deny[pair].extend(rule.services)
     edges: dict[tuple[LabelKey, LabelKey], Edge] = {}
     for pair, (services, rule_ids) in allow.items():
-        remaining = _normalise(_subtract(services, deny[pair]) if pair in deny else services)
+        remaining = normalise(subtract(services, deny[pair]) if pair in deny else services)
         if remaining:
             edges[pair] = Edge(pair[0], pair[1], remaining, rule_ids)
     return Matrix(dict(groups), edges)

@@ -17,6 +17,7 @@ from typing import Literal
 
 from ringfence import addresses
 from ringfence.addresses import Address
+from ringfence.engine.compiler import WorkloadState
 from ringfence.model import Action, Mode
 from ringfence.policy import ACTION_RANK, CompiledRule, Peer, Policy
 from ringfence.selectors import matcher
@@ -162,10 +163,11 @@ def _side(
     if not own.managed:
         return None
     fs = _failsafe(policy, src, dst, proto, port, direction)
-    matched = rules_between(policy, src, dst, proto, port, direction, staged)
+    # staged rules are always listed (tagged), but decide only when ``staged`` asks for them
+    matched = rules_between(policy, src, dst, proto, port, direction, True)
     if fs is not None:
         return Side(direction, own, "allow", None, matched, failsafe=fs)
-    deciding = matched[0] if matched else None
+    deciding = next((r for r in matched if staged or not r.staged), None)
     decision: Literal["allow", "deny"] = "allow" if deciding is not None and deciding.action is Action.ALLOW else "deny"
     return Side(direction, own, decision, deciding, matched)
 
@@ -218,3 +220,53 @@ def format_decision(d: Decision) -> str:
     if d.staged_verdict is not None:
         lines.append(f"  staged rulesets would make this: {d.staged_verdict.upper()}")
     return "\n".join(lines)
+
+
+# --- naming endpoints (CLI arguments, policy tests) ---------------------------------------------
+
+
+class EndpointError(ValueError):
+    pass
+
+
+def workload_endpoint(ws: WorkloadState) -> Endpoint:
+    return Endpoint(ws.id, ws.labels, ws.addrs, ws.mode, ws.quarantined)
+
+
+def labels_endpoint(policy: Policy, labels: Mapping[str, str]) -> Endpoint:
+    canon = {}
+    for dim, value in labels.items():
+        if dim not in policy.labels.dimensions:
+            raise EndpointError(f"unknown label dimension {dim!r}")
+        canon[dim] = policy.labels.canonical_value(dim, value)
+    name = "{" + ",".join(f"{k}={v}" for k, v in sorted(canon.items())) + "}"
+    return Endpoint(name, canon, (), policy.mode_for(canon, False), False)
+
+
+def ip_endpoint(text: str, workloads: Mapping[str, WorkloadState]) -> Endpoint:
+    addr = addresses.parse_address(text)
+    for ws in workloads.values():
+        if addr in ws.addrs:
+            return workload_endpoint(ws)
+    return Endpoint(text, None, (addr,))
+
+
+def parse_endpoint(text: str, policy: Policy, workloads: Mapping[str, WorkloadState]) -> Endpoint:
+    """``i-0abc`` (workload id), ``role=web,app=ordering`` (a label set) or ``10.1.2.3`` (an address)."""
+    text = text.strip()
+    if text in workloads:
+        return workload_endpoint(workloads[text])
+    if "=" in text:
+        pairs = {}
+        for part in text.split(","):
+            key, sep, value = part.partition("=")
+            if not sep or not key.strip() or not value.strip():
+                raise EndpointError(f"label set must look like role=web,app=ordering (got {text!r})")
+            pairs[key.strip()] = value.strip()
+        return labels_endpoint(policy, pairs)
+    try:
+        return ip_endpoint(text, workloads)
+    except ValueError:
+        raise EndpointError(
+            f"{text!r} is not a workload id in the inventory, a label set (role=web,app=x) or an IP address"
+        ) from None

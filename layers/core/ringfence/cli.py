@@ -1,0 +1,401 @@
+"""``ringfence``: the operator command line. Each command is a few lines over the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ringfence import bundle as bundle_mod
+from ringfence.addresses import format_address
+from ringfence.engine import Engine
+from ringfence.engine.connectivity import compute, group_name
+from ringfence.engine.explain import EndpointError, decide, format_decision, parse_endpoint
+from ringfence.inventory import InventoryError, load_inventory
+from ringfence.model import Workload
+from ringfence.policy import PolicyError, load_policy, load_policy_texts, schema_text
+from ringfence.policydiff import diff
+from ringfence.policytests import run_tests
+from ringfence.publish import signed_bundle
+from ringfence.services import PortSpecError, parse_flow_port
+from ringfence.versions import AuditRecord, FileVersionStore, default_actor, next_version, now, relative_files
+
+
+class CliError(Exception):
+    """A user-facing failure: printed without a traceback, exit status 1."""
+
+
+def _store(args: argparse.Namespace) -> FileVersionStore:
+    return FileVersionStore(Path(args.store or os.environ.get("RINGFENCE_STORE", ".ringfence")))
+
+
+def _inventory(args: argparse.Namespace) -> list[Workload]:
+    return load_inventory(Path(args.inventory)) if getattr(args, "inventory", None) else []
+
+
+def _engine(args: argparse.Namespace) -> tuple[Any, Engine]:
+    policy = load_policy(Path(args.policy))
+    engine = Engine(policy, policy_version=getattr(args, "policy_version", 0) or 0)
+    engine.load(_inventory(args))
+    return policy, engine
+
+
+def _print_json(obj: object) -> None:
+    print(json.dumps(obj, indent=1, sort_keys=True, default=str))
+
+
+# --- policy ------------------------------------------------------------------------------------
+
+
+def cmd_policy_validate(args: argparse.Namespace) -> int:
+    policy = load_policy(Path(args.path))
+    print(
+        f"ok: {len(policy.sources)} files, {len(policy.rules)} rules, {len(policy.services) - 1} services, "
+        f"{len(policy.ip_lists) - 1} ip lists, {len(policy.label_groups)} label groups, {len(policy.tests)} tests"
+    )
+    return 0
+
+
+def cmd_policy_test(args: argparse.Namespace) -> int:
+    policy = load_policy(Path(args.path))
+    engine = Engine(policy)
+    engine.load(_inventory(args))
+    results = run_tests(policy, engine.workloads)
+    for r in results:
+        print(r.report())
+    failed = sum(not r.passed for r in results)
+    print(f"{len(results) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def cmd_policy_schema(args: argparse.Namespace) -> int:
+    text = schema_text()
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_policy_diff(args: argparse.Namespace) -> int:
+    store = _store(args)
+    draft = load_policy(Path(args.path))
+    latest = store.latest()
+    active = load_policy_texts(latest.files) if latest else None
+    result = diff(active, draft, _inventory(args))
+    print(f"draft vs active version {latest.number}" if latest else "draft vs nothing provisioned yet")
+    print(result.format())
+    return 0
+
+
+def cmd_policy_provision(args: argparse.Namespace) -> int:
+    if not args.message.strip():
+        raise CliError("--message must say why (it is kept with the version)")
+    path = Path(args.path)
+    draft = load_policy(path)
+    engine = Engine(draft)
+    engine.load(_inventory(args))
+    failures = [r for r in run_tests(draft, engine.workloads) if not r.passed]
+    if failures:
+        for r in failures:
+            print(r.report(), file=sys.stderr)
+        raise CliError(f"{len(failures)} policy test(s) fail: nothing provisioned")
+    store = _store(args)
+    latest = store.latest()
+    if latest is not None and latest.digest == draft.digest:
+        print(f"draft is identical to active version {latest.number}: nothing to provision")
+        return 0
+    base = path if path.is_dir() else path.parent
+    version = next_version(
+        store, relative_files(draft.sources, base), draft.digest, args.author or default_actor(), args.message
+    )
+    store.put(version)
+    store.audit(
+        AuditRecord(
+            time=now(),
+            actor=version.author,
+            action="policy.provision",
+            target=f"policy/{version.number}",
+            reason=version.message,
+            details={"digest": version.digest, "rules": len(draft.rules)},
+        )
+    )
+    print(f"provisioned policy version {version.number} by {version.author}: {version.message}")
+    return 0
+
+
+def cmd_policy_versions(args: argparse.Namespace) -> int:
+    for v in _store(args).versions():
+        print(f"{v.number:>4}  {v.created_at}  {v.author:<16} {v.message}")
+    return 0
+
+
+# --- labels, compile, explain, connectivity ----------------------------------------------------
+
+
+def cmd_labels_check(args: argparse.Namespace) -> int:
+    _, engine = _engine(args)
+    flagged = [ws for ws in engine.workloads.values() if ws.problems]
+    if args.json:
+        _print_json(
+            [
+                {
+                    "workload": ws.id,
+                    "unlabeled": ws.unlabeled,
+                    "labels": ws.labels,
+                    "problems": [
+                        {"kind": p.kind, "dimension": p.dimension, "message": p.message, "suggestion": p.suggestion}
+                        for p in ws.problems
+                    ],
+                }
+                for ws in flagged
+            ]
+        )
+    else:
+        for ws in flagged:
+            status = f"UNLABELED (gets mode {ws.mode.value})" if ws.unlabeled else "warning"
+            print(f"{ws.id}: {status}")
+            for p in ws.problems:
+                print(f"  {p.kind:8} {p.message}")
+        print(
+            f"{len(engine.workloads)} workloads, {sum(ws.unlabeled for ws in flagged)} unlabeled, "
+            f"{sum(not ws.unlabeled for ws in flagged)} with warnings"
+        )
+    return 1 if any(ws.unlabeled for ws in flagged) and args.strict else 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    _, engine = _engine(args)
+    out = Path(args.out)
+    (out / "bundles").mkdir(parents=True, exist_ok=True)
+    signer = bundle_mod.SigningKey.from_file(Path(args.key)) if args.key else None
+    for wid in sorted(engine.workloads):
+        doc = signed_bundle(engine, wid, signer)
+        (out / "bundles" / f"{wid}.json").write_text(bundle_mod.dumps(doc))
+    print(
+        f"wrote {len(engine.workloads)} bundles to {out / 'bundles'} ({len(engine.sets)} distinct sets)"
+        + ("" if signer else "; UNSIGNED: pass --key to sign")
+    )
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    policy, engine = _engine(args)
+    try:
+        proto, port = parse_flow_port(args.port)
+        src = parse_endpoint(args.src, policy, engine.workloads)
+        dst = parse_endpoint(args.dst, policy, engine.workloads)
+    except (EndpointError, PortSpecError) as exc:
+        raise CliError(str(exc)) from None
+    d = decide(policy, src, dst, proto, port)
+    if args.json:
+        _print_json(
+            {
+                "from": src.name,
+                "to": dst.name,
+                "proto": proto,
+                "port": port,
+                "verdict": d.verdict,
+                "policy_verdict": d.policy_verdict,
+                "staged_verdict": d.staged_verdict,
+                "sides": [
+                    {
+                        "direction": s.direction,
+                        "workload": s.endpoint.name,
+                        "mode": s.endpoint.mode.value if s.endpoint.mode else None,
+                        "quarantined": s.endpoint.quarantined,
+                        "decision": s.effective,
+                        "deciding_rule": s.deciding.id if s.deciding else None,
+                        "failsafe": s.failsafe,
+                        "rules": [
+                            {"id": r.id, "action": r.action.value, "staged": r.staged, "location": str(r.location)}
+                            for r in s.matched
+                        ],
+                    }
+                    for s in d.sides
+                ],
+            }
+        )
+    else:
+        print(format_decision(d))
+    return 0
+
+
+def cmd_connectivity(args: argparse.Namespace) -> int:
+    policy, engine = _engine(args)
+    m = compute(policy, engine.workloads.values(), include_staged=args.staged)
+    rows: list[dict[str, Any]]
+    if args.workloads:
+        rows = [
+            {"from": a, "to": b, "services": [str(s) for s in e.services], "rules": e.rules}
+            for a, b, e in sorted(m.workload_pairs(), key=lambda t: (t[0], t[1]))
+        ]
+    else:
+        rows = [
+            {
+                "from": group_name(s),
+                "to": group_name(d),
+                "services": [str(x) for x in e.services],
+                "rules": e.rules,
+                "workloads": [len(m.groups[s]), len(m.groups[d])],
+            }
+            for (s, d), e in sorted(m.edges.items())
+        ]
+    if args.json:
+        _print_json(rows)
+        return 0
+    for row in rows:
+        print(f"{row['from']}  →  {row['to']}: {', '.join(row['services'])}   [{', '.join(row['rules'])}]")
+    print(
+        f"{len(rows)} allowed {'workload pairs' if args.workloads else 'group pairs'}, "
+        f"{m.allowed_pair_count()} workload pairs in all"
+    )
+    return 0
+
+
+def cmd_inventory_show(args: argparse.Namespace) -> int:
+    _, engine = _engine(args)
+    for ws in sorted(engine.workloads.values(), key=lambda w: w.id):
+        labels = ",".join(f"{k}={v}" for k, v in sorted(ws.labels.items()))
+        ips = " ".join(format_address(a) for a in ws.addrs)
+        state = "quarantined" if ws.quarantined else ws.mode.value
+        print(f"{ws.id:<20} {state:<11} {ips:<28} {labels}")
+    return 0
+
+
+# --- keys and bundles --------------------------------------------------------------------------
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    private, public = out / "bundle-signing.pem", out / "bundle-signing.pub.pem"
+    if private.exists() and not args.force:
+        raise CliError(f"{private} exists; pass --force to replace it (agents pin the old public key)")
+    key = bundle_mod.SigningKey.generate()
+    key.write(private, public)
+    print(f"wrote {private} (keep secret, mode 0600) and {public} (pin on agents); key id {key.key_id}")
+    return 0
+
+
+def cmd_bundle_schema(args: argparse.Namespace) -> int:
+    _print_json(bundle_mod.bundle_schema() if args.kind == "bundle" else bundle_mod.delta_schema())
+    return 0
+
+
+def cmd_bundle_verify(args: argparse.Namespace) -> int:
+    verifier = bundle_mod.Verifier.from_file(Path(args.public_key))
+    doc = bundle_mod.load_bundle(Path(args.file).read_bytes())
+    verifier.verify(doc)
+    print(f"ok: bundle for {doc.workload_id} version {doc.version}, signed by {verifier.key_id}")
+    return 0
+
+
+# --- wiring ------------------------------------------------------------------------------------
+
+
+def _policy_args(p: argparse.ArgumentParser, inventory_required: bool = False) -> None:
+    p.add_argument("--policy", required=True, help="policy file or directory of YAML files")
+    p.add_argument("--inventory", required=inventory_required, help="workloads: JSON, YAML or CSV")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ringfence", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(
+        name: str, func: Callable[[argparse.Namespace], int], parent: Any = sub, **kw: Any
+    ) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(name, **kw)
+        p.set_defaults(func=func)
+        return p
+
+    pol = sub.add_parser("policy", help="validate, test, diff and provision policy").add_subparsers(
+        dest="sub", required=True
+    )
+    p = add("validate", cmd_policy_validate, pol, help="check policy files; every problem with file:line:column")
+    p.add_argument("path")
+    p = add("test", cmd_policy_test, pol, help="run the tests: blocks of the policy")
+    p.add_argument("path")
+    p.add_argument("--inventory")
+    p = add("schema", cmd_policy_schema, pol, help="write the JSON Schema of policy files")
+    p.add_argument("--out")
+    for name, func, helptext in (
+        ("diff", cmd_policy_diff, "draft vs active: rules and workload access gained or lost"),
+        ("provision", cmd_policy_provision, "make the draft the next numbered, immutable active version"),
+    ):
+        p = add(name, func, pol, help=helptext)
+        p.add_argument("path")
+        p.add_argument("--inventory")
+        p.add_argument("--store", help="version store directory (default .ringfence or $RINGFENCE_STORE)")
+        if name == "provision":
+            p.add_argument("--message", "-m", required=True, help="why (kept with the version and in the audit log)")
+            p.add_argument("--author", help="default: $RINGFENCE_ACTOR or $USER")
+    p = add("versions", cmd_policy_versions, pol, help="list provisioned versions")
+    p.add_argument("--store")
+
+    lab = sub.add_parser("labels", help="label hygiene").add_subparsers(dest="sub", required=True)
+    p = add("check", cmd_labels_check, lab, help="report missing, unknown and conflicting labels")
+    _policy_args(p, inventory_required=True)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--strict", action="store_true", help="exit 1 when any workload is unlabeled")
+
+    p = add("inventory", cmd_inventory_show, help="show workloads with their resolved labels and modes")
+    _policy_args(p, inventory_required=True)
+
+    p = add("compile", cmd_compile, help="write one (signed) bundle per workload")
+    _policy_args(p, inventory_required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--key", help="Ed25519 private key (PEM) to sign with")
+    p.add_argument("--policy-version", type=int, default=0)
+
+    p = add("explain", cmd_explain, help="the decision for one flow and every rule that contributed")
+    _policy_args(p)
+    p.add_argument("--from", dest="src", required=True, help="workload id, label set (role=web,app=x) or IP")
+    p.add_argument("--to", dest="dst", required=True)
+    p.add_argument("--port", required=True, help="e.g. tcp/5432, udp/53, icmp/8")
+    p.add_argument("--json", action="store_true")
+
+    p = add("connectivity", cmd_connectivity, help="the allowed matrix at label-group (or workload) level")
+    _policy_args(p, inventory_required=True)
+    p.add_argument("--workloads", action="store_true", help="list workload pairs instead of groups")
+    p.add_argument("--staged", action="store_true", help="include staged rulesets")
+    p.add_argument("--json", action="store_true")
+
+    p = add("keygen", cmd_keygen, help="create a bundle-signing key pair")
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true")
+
+    bun = sub.add_parser("bundle", help="bundle format tools").add_subparsers(dest="sub", required=True)
+    p = add("schema", cmd_bundle_schema, bun, help="print the JSON Schema of bundles or deltas")
+    p.add_argument("kind", choices=["bundle", "delta"], nargs="?", default="bundle")
+    p = add("verify", cmd_bundle_verify, bun, help="verify a bundle's signature against a public key")
+    p.add_argument("file")
+    p.add_argument("--public-key", required=True)
+
+    from ringfence import demo
+
+    p = add("demo", demo.run, help="the whole loop on this machine, no cloud account")
+    demo.add_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (PolicyError, InventoryError) as exc:
+        print(f"error:\n{exc}", file=sys.stderr)
+        return 1
+    except (CliError, bundle_mod.BundleError, FileNotFoundError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

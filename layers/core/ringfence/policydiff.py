@@ -1,0 +1,99 @@
+"""Draft vs active policy: rules added, removed and changed, and who gains or loses access.
+
+Access is compared on the connectivity matrix of the same inventory under both policies, so
+the answer is in workload pairs and ports, not just rule text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from ringfence.engine.compiler import Engine
+from ringfence.engine.connectivity import Matrix, compute, normalise, subtract
+from ringfence.model import Workload
+from ringfence.policy import CompiledRule, Policy
+from ringfence.services import PortRange
+
+
+def _rule_text(r: CompiledRule) -> str:
+    same = f" same [{', '.join(r.same)}]" if r.same else ""
+    staged = " (staged)" if r.staged else ""
+    services = ", ".join(str(s) for s in r.services)
+    return f"{r.action.value} from {r.consumer.describe()} to {r.provider.describe()} on {services}{same}{staged}"
+
+
+@dataclass(slots=True)
+class AccessChange:
+    source: str
+    destination: str
+    services: list[PortRange]
+
+
+@dataclass(slots=True)
+class PolicyDiff:
+    added: list[CompiledRule] = field(default_factory=list)
+    removed: list[CompiledRule] = field(default_factory=list)
+    changed: list[tuple[CompiledRule, CompiledRule]] = field(default_factory=list)
+    gained: list[AccessChange] = field(default_factory=list)
+    lost: list[AccessChange] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.added or self.removed or self.changed or self.gained or self.lost)
+
+    def format(self, limit: int = 50) -> str:
+        lines: list[str] = []
+        for title, rules, sign in (("rules added", self.added, "+"), ("rules removed", self.removed, "-")):
+            if rules:
+                lines.append(f"{title}:")
+                lines.extend(f"  {sign} {r.id} ({r.location}): {_rule_text(r)}" for r in rules)
+        if self.changed:
+            lines.append("rules changed:")
+            for old, new in self.changed:
+                lines.append(f"  ~ {new.id} ({new.location})")
+                lines.append(f"      was: {_rule_text(old)}")
+                lines.append(f"      now: {_rule_text(new)}")
+        for title, changes, sign in (("access gained", self.gained, "+"), ("access lost", self.lost, "-")):
+            if changes:
+                lines.append(f"{title} ({len(changes)} workload pairs):")
+                for c in changes[:limit]:
+                    lines.append(f"  {sign} {c.source} → {c.destination} {', '.join(str(s) for s in c.services)}")
+                if len(changes) > limit:
+                    lines.append(f"  … and {len(changes) - limit} more")
+        return "\n".join(lines) if lines else "no differences"
+
+
+def _matrix(policy: Policy, inventory: Iterable[Workload]) -> Matrix:
+    engine = Engine(policy)
+    engine.load(inventory)
+    return compute(policy, engine.workloads.values())
+
+
+def _pair_services(m: Matrix) -> dict[tuple[str, str], list[PortRange]]:
+    return {(a, b): edge.services for a, b, edge in m.workload_pairs()}
+
+
+def diff(active: Policy | None, draft: Policy, inventory: list[Workload]) -> PolicyDiff:
+    out = PolicyDiff()
+    old_rules = {r.id: r for r in active.rules} if active else {}
+    new_rules = {r.id: r for r in draft.rules}
+    out.added = [r for rid, r in new_rules.items() if rid not in old_rules]
+    out.removed = [r for rid, r in old_rules.items() if rid not in new_rules]
+    out.changed = [
+        (old_rules[rid], r)
+        for rid, r in new_rules.items()
+        if rid in old_rules and _rule_text(old_rules[rid]) != _rule_text(r)
+    ]
+    if inventory:
+        before = _pair_services(_matrix(active, inventory)) if active else {}
+        after = _pair_services(_matrix(draft, inventory))
+        for pair in sorted(before.keys() | after.keys()):
+            old_s, new_s = before.get(pair, []), after.get(pair, [])
+            gained = normalise(subtract(new_s, old_s)) if new_s else []
+            lost = normalise(subtract(old_s, new_s)) if old_s else []
+            if gained:
+                out.gained.append(AccessChange(pair[0], pair[1], gained))
+            if lost:
+                out.lost.append(AccessChange(pair[0], pair[1], lost))
+    return out

@@ -1,0 +1,138 @@
+"""Policy versions: draft files in git, numbered immutable active versions in a store.
+
+``provision`` turns the draft into version N+1 with author, message and time; versions are
+never rewritten (a revert provisions an old version's files as a new version). Every change is
+appended to an audit log. :class:`VersionStore` is the seam for other stores (DynamoDB,
+SQLite); :class:`FileVersionStore` keeps one JSON file per version in a directory.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+from typing import Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class PolicyVersion(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    number: int = Field(ge=1)
+    author: str
+    message: str
+    created_at: str
+    digest: str = Field(description="sha256 over the policy files")
+    files: dict[str, str] = Field(description="relative file name → YAML text")
+
+
+class AuditRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    time: str
+    actor: str
+    action: str  # policy.provision | policy.revert | workload.mode | workload.quarantine | workload.release
+    target: str
+    reason: str = ""
+    details: dict[str, object] = Field(default_factory=dict)
+
+
+class VersionConflict(RuntimeError):
+    """Someone else provisioned that number first; nothing was written."""
+
+
+class VersionStore(Protocol):
+    def latest(self) -> PolicyVersion | None: ...
+
+    def get(self, number: int) -> PolicyVersion: ...
+
+    def versions(self) -> list[PolicyVersion]: ...
+
+    def put(self, version: PolicyVersion) -> None:
+        """Store a new version; raise :class:`VersionConflict` if the number exists."""
+        ...
+
+    def audit(self, record: AuditRecord) -> None: ...
+
+    def audit_log(self) -> list[AuditRecord]: ...
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def default_actor() -> str:
+    return os.environ.get("RINGFENCE_ACTOR") or os.environ.get("USER") or "unknown"
+
+
+class FileVersionStore:
+    """``<dir>/versions/000001.json`` (created exclusively, read-only) and ``<dir>/audit.jsonl``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.dir = root / "versions"
+
+    def _path(self, number: int) -> Path:
+        return self.dir / f"{number:06d}.json"
+
+    def versions(self) -> list[PolicyVersion]:
+        if not self.dir.exists():
+            return []
+        return [PolicyVersion.model_validate_json(p.read_text()) for p in sorted(self.dir.glob("*.json"))]
+
+    def latest(self) -> PolicyVersion | None:
+        if not self.dir.exists():
+            return None
+        paths = sorted(self.dir.glob("*.json"))
+        return PolicyVersion.model_validate_json(paths[-1].read_text()) if paths else None
+
+    def get(self, number: int) -> PolicyVersion:
+        path = self._path(number)
+        if not path.exists():
+            raise KeyError(f"no policy version {number} in {self.dir}")
+        return PolicyVersion.model_validate_json(path.read_text())
+
+    def put(self, version: PolicyVersion) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self._path(version.number)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+        except FileExistsError:
+            raise VersionConflict(f"policy version {version.number} already exists") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(version.model_dump_json(indent=1))
+
+    def audit(self, record: AuditRecord) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / "audit.jsonl").open("a") as f:
+            f.write(record.model_dump_json() + "\n")
+
+    def audit_log(self) -> list[AuditRecord]:
+        path = self.root / "audit.jsonl"
+        if not path.exists():
+            return []
+        return [AuditRecord.model_validate_json(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def relative_files(sources: dict[str, str], base: Path) -> dict[str, str]:
+    out = {}
+    for name, text in sources.items():
+        p = Path(name)
+        try:
+            out[str(p.resolve().relative_to(base.resolve()))] = text
+        except ValueError:
+            out[p.name] = text
+    return out
+
+
+def next_version(store: VersionStore, files: dict[str, str], digest: str, author: str, message: str) -> PolicyVersion:
+    latest = store.latest()
+    return PolicyVersion(
+        number=(latest.number + 1) if latest else 1,
+        author=author,
+        message=message,
+        created_at=now(),
+        digest=digest,
+        files=files,
+    )

@@ -1,0 +1,235 @@
+"""The real ``ringfence`` console script, end to end on the shipped example."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import EXAMPLE, ROOT
+
+BIN = Path(sys.executable).parent / "ringfence"
+POLICY = str(EXAMPLE / "policy")
+INVENTORY = str(EXAMPLE / "inventory.yaml")
+
+
+def rf(*args: str, cwd: Path | None = None, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([str(BIN), *args], capture_output=True, text=True, cwd=cwd or ROOT, timeout=120)
+    if ok:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def test_validate() -> None:
+    assert "13 rules" in rf("policy", "validate", POLICY).stdout
+
+
+def test_validate_reports_every_problem_and_exits_1(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "rulesets:\n  - name: x\n    scope: tier == a\n    rules:\n      - {from: all(), to: all(), services: [nope]}\n"
+    )
+    proc = rf("policy", "validate", str(bad), ok=False)
+    assert proc.returncode == 1
+    assert f"{bad}:3:12: unknown label dimension 'tier'" in proc.stderr
+    assert f"{bad}:5:" in proc.stderr and "undefined service 'nope'" in proc.stderr
+
+
+def test_policy_tests_pass_on_example() -> None:
+    out = rf("policy", "test", POLICY, "--inventory", INVENTORY).stdout
+    assert "13 passed, 0 failed" in out
+
+
+def test_failing_policy_test_exits_nonzero_with_readable_diff(tmp_path: Path) -> None:
+    pol = tmp_path / "policy"
+    shutil.copytree(EXAMPLE / "policy", pol)
+    tests = (
+        (pol / "tests.yaml")
+        .read_text()
+        .replace(
+            "    port: tcp/5432\n    expect: deny\n  - name: dev never",
+            "    port: tcp/5432\n    expect: allow\n  - name: dev never",
+            1,
+        )
+    )
+    (pol / "tests.yaml").write_text(tests)
+    proc = rf("policy", "test", str(pol), "--inventory", INVENTORY, ok=False)
+    assert proc.returncode == 1
+    assert "FAIL  web cannot skip a tier to the database" in proc.stdout
+    assert "expected allow, policy says deny" in proc.stdout
+    assert "no rule matches: default deny" in proc.stdout
+    assert "12 passed, 1 failed" in proc.stdout
+
+
+def test_explain_text_and_json() -> None:
+    out = rf(
+        "explain",
+        "--policy",
+        POLICY,
+        "--inventory",
+        INVENTORY,
+        "--from",
+        "ord-dev-proc-1",
+        "--to",
+        "ord-prod-db-1",
+        "--port",
+        "tcp/5432",
+    ).stdout
+    assert "DENY" in out and "boundaries/dev-never-reaches-prod" in out and "boundaries.yaml:8:9" in out
+    js = json.loads(
+        rf(
+            "explain",
+            "--policy",
+            POLICY,
+            "--inventory",
+            INVENTORY,
+            "--from",
+            "role=processing,app=ordering,env=prod,loc=ca",
+            "--to",
+            "10.1.3.10",
+            "--port",
+            "tcp/5432",
+            "--json",
+        ).stdout
+    )
+    assert js["verdict"] == "allow"
+    assert {s["deciding_rule"] for s in js["sides"]} == {"ordering/processing-to-database"}
+
+
+def test_explain_bad_endpoint_is_a_clear_error() -> None:
+    proc = rf(
+        "explain",
+        "--policy",
+        POLICY,
+        "--inventory",
+        INVENTORY,
+        "--from",
+        "nobody",
+        "--to",
+        "ord-prod-db-1",
+        "--port",
+        "tcp/5432",
+        ok=False,
+    )
+    assert proc.returncode == 1 and "'nobody' is not a workload id in the inventory" in proc.stderr
+
+
+def test_connectivity_json() -> None:
+    rows = json.loads(rf("connectivity", "--policy", POLICY, "--inventory", INVENTORY, "--workloads", "--json").stdout)
+    pairs = {(r["from"], r["to"]): r["services"] for r in rows}
+    assert pairs[("ord-prod-proc-1", "ord-prod-db-1")] == ["tcp/5432"]
+    assert ("ord-prod-web-1", "ord-prod-db-1") not in pairs
+    assert ("ord-dev-proc-1", "ord-prod-db-1") not in pairs
+
+
+def test_labels_check_reports_and_strict_fails() -> None:
+    proc = rf("labels", "check", "--policy", POLICY, "--inventory", INVENTORY, "--strict", ok=False)
+    assert proc.returncode == 1
+    assert "ord-prod-web-9: UNLABELED" in proc.stdout and "did you mean 'prod'?" in proc.stdout
+
+
+def test_provision_versions_diff(tmp_path: Path) -> None:
+    store = str(tmp_path / "store")
+    pol = tmp_path / "policy"
+    shutil.copytree(EXAMPLE / "policy", pol)
+    assert (
+        "provisioned policy version 1"
+        in rf(
+            "policy",
+            "provision",
+            str(pol),
+            "--inventory",
+            INVENTORY,
+            "--store",
+            store,
+            "-m",
+            "initial",
+            "--author",
+            "alice",
+        ).stdout
+    )
+    assert (
+        "identical to active version 1"
+        in rf("policy", "provision", str(pol), "--inventory", INVENTORY, "--store", store, "-m", "again").stdout
+    )
+    # the draft drops the jumpbox rule and opens web → database directly
+    (pol / "boundaries.yaml").write_text((pol / "boundaries.yaml").read_text().split("  - name: admin")[0])
+    (pol / "tests.yaml").write_text(
+        (pol / "tests.yaml").read_text().split("  - name: jumpbox reaches")[0]
+        + "  - name: keep\n    from: {workload: ord-prod-proc-1}\n    to: {workload: ord-prod-db-1}\n"
+        "    port: tcp/5432\n    expect: allow\n"
+    )
+    out = rf("policy", "diff", str(pol), "--inventory", INVENTORY, "--store", store).stdout
+    assert "draft vs active version 1" in out
+    assert "- admin/jumpbox-ssh" in out
+    assert "access lost" in out and "admin-jump-1 → ord-prod-db-1 tcp/22" in out
+    assert "access gained" not in out
+    rf("policy", "provision", str(pol), "--inventory", INVENTORY, "--store", store, "-m", "retire the jumpbox")
+    versions = rf("policy", "versions", "--store", store).stdout.splitlines()
+    assert len(versions) == 2 and "alice" in versions[0] and "retire the jumpbox" in versions[1]
+    audit = [json.loads(line) for line in (tmp_path / "store" / "audit.jsonl").read_text().splitlines()]
+    assert [a["target"] for a in audit] == ["policy/1", "policy/2"]
+    stored = tmp_path / "store" / "versions" / "000001.json"
+    assert not stored.stat().st_mode & 0o222, "provisioned versions are read-only"
+
+
+def test_provision_refuses_when_tests_fail(tmp_path: Path) -> None:
+    pol = tmp_path / "policy"
+    shutil.copytree(EXAMPLE / "policy", pol)
+    (pol / "ordering.yaml").write_text(
+        (pol / "ordering.yaml").read_text().replace("services: [postgres]", "services: [ssh]")
+    )
+    proc = rf(
+        "policy", "provision", str(pol), "--inventory", INVENTORY, "--store", str(tmp_path / "s"), "-m", "x", ok=False
+    )
+    assert proc.returncode == 1 and "policy test(s) fail: nothing provisioned" in proc.stderr
+    assert not (tmp_path / "s" / "versions").exists()
+
+
+def test_compile_signs_and_bundle_verify(tmp_path: Path) -> None:
+    rf("keygen", "--out", str(tmp_path / "keys"))
+    rf(
+        "compile",
+        "--policy",
+        POLICY,
+        "--inventory",
+        INVENTORY,
+        "--out",
+        str(tmp_path / "out"),
+        "--key",
+        str(tmp_path / "keys" / "bundle-signing.pem"),
+    )
+    b = tmp_path / "out" / "bundles" / "ord-prod-db-1.json"
+    assert (
+        "ok: bundle for ord-prod-db-1"
+        in rf("bundle", "verify", str(b), "--public-key", str(tmp_path / "keys" / "bundle-signing.pub.pem")).stdout
+    )
+    b.write_text(b.read_text().replace('"enforce"', '"idle"'))
+    proc = rf("bundle", "verify", str(b), "--public-key", str(tmp_path / "keys" / "bundle-signing.pub.pem"), ok=False)
+    assert "signature does not verify" in proc.stderr
+
+
+def test_policy_schema_matches_committed_copy() -> None:
+    assert rf("policy", "schema").stdout == (ROOT / "docs" / "policy.schema.json").read_text()
+
+
+@pytest.mark.slow
+def test_demo_runs(tmp_path: Path) -> None:
+    out = rf("demo", "--out", str(tmp_path / "demo")).stdout
+    assert "13 passed, 0 failed" in out
+    assert "ord-prod-web-1 → ord-prod-proc-1 tcp/8443 is now DENY" in out
+    assert len(list((tmp_path / "demo" / "bundles").glob("*.json"))) == 20
+
+
+def test_example_files_validate_against_the_published_schema() -> None:
+    import jsonschema
+    import yaml
+
+    schema = json.loads((ROOT / "docs" / "policy.schema.json").read_text())
+    for path in sorted((EXAMPLE / "policy").glob("*.yaml")):
+        jsonschema.validate(yaml.safe_load(path.read_text()), schema)
+        assert path.read_text().startswith("# yaml-language-server: $schema=../../../docs/policy.schema.json")

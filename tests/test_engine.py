@@ -1,0 +1,202 @@
+"""Engine and explain behaviour on the shipped example, scenario by scenario."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ringfence import addresses
+from ringfence.engine import Engine
+from ringfence.engine.explain import decide, parse_endpoint
+from ringfence.model import Mode, Workload
+from ringfence.policy import Policy, load_policy_texts
+
+
+def engine_for(policy: Policy, inventory: list[Workload]) -> Engine:
+    e = Engine(policy, policy_version=1)
+    e.load(inventory)
+    return e
+
+
+def by_id(inventory: list[Workload], wid: str) -> Workload:
+    return next(w for w in inventory if w.id == wid)
+
+
+def verdict(policy: Policy, e: Engine, src: str, dst: str, port: str) -> str:
+    proto, _, num = port.partition("/")
+    return decide(
+        policy, parse_endpoint(src, policy, e.workloads), parse_endpoint(dst, policy, e.workloads), proto, int(num)
+    ).verdict
+
+
+def sources_of(e: Engine, wid: str, rule_id: str) -> list[str]:
+    doc: Any = e.render(wid)
+    rule = next(r for r in doc["inbound"] if r["id"] == rule_id)
+    return doc["sets"][rule["set"]]["v4"]
+
+
+def test_sets_are_shared_by_content(example_policy: Policy, example_inventory: list[Workload]) -> None:
+    e = engine_for(example_policy, example_inventory)
+    a: Any = e.render("ord-prod-proc-1")
+    b: Any = e.render("ord-prod-proc-2")
+    rule_a = next(r for r in a["inbound"] if r["id"] == "ordering/web-to-processing")
+    rule_b = next(r for r in b["inbound"] if r["id"] == "ordering/web-to-processing")
+    assert rule_a["set"] == rule_b["set"], "same app group, same peers → one set"
+    dev: Any = e.render("ord-dev-proc-1")
+    rule_dev = next(r for r in dev["inbound"] if r["id"] == "ordering/web-to-processing")
+    assert rule_dev["set"] != rule_a["set"], "dev instantiates its own set"
+    assert dev["sets"][rule_dev["set"]]["v4"] == ["10.2.1.10/32"]
+
+
+def test_quarantine_empties_own_bundle_and_leaves_every_peer_set(
+    example_policy: Policy, example_inventory: list[Workload]
+) -> None:
+    e = engine_for(example_policy, example_inventory)
+    assert sources_of(e, "ord-prod-proc-1", "ordering/web-to-processing") == ["10.1.1.10/31"]
+    upd = e.upsert(by_id(example_inventory, "ord-prod-web-1").model_copy(update={"quarantined": True}))
+    assert upd.rebuilt == {"ord-prod-web-1"}
+    own: Any = upd.bundles["ord-prod-web-1"]
+    assert own["quarantined"] and own["mode"] == "enforce" and own["inbound"] == own["outbound"] == []
+    assert sources_of(e, "ord-prod-proc-1", "ordering/web-to-processing") == ["10.1.1.11/32"]
+    assert {"ord-prod-proc-1", "ord-prod-proc-2", "ord-prod-lb-1"} <= upd.notify
+    # every set holding web-1 loses the /31 it shared with web-2 and keeps web-2 alone
+    pair, web2 = addresses.parse_prefix("10.1.1.10/31"), addresses.parse_prefix("10.1.1.11/32")
+    assert upd.set_deltas
+    assert all(removed == [pair] and added == [web2] for _, added, removed in upd.set_deltas.values())
+    assert verdict(example_policy, e, "ord-prod-web-1", "ord-prod-proc-1", "tcp/8443") == "deny"
+    # release: back in every set
+    e.upsert(by_id(example_inventory, "ord-prod-web-1"))
+    assert sources_of(e, "ord-prod-proc-1", "ordering/web-to-processing") == ["10.1.1.10/31"]
+
+
+def test_ip_change_is_a_delta_for_peers_and_no_rebuild(
+    example_policy: Policy, example_inventory: list[Workload]
+) -> None:
+    e = engine_for(example_policy, example_inventory)
+    upd = e.upsert(by_id(example_inventory, "ord-prod-web-2").model_copy(update={"ips": ["10.1.1.50"]}))
+    assert upd.rebuilt == set(), "its own rules did not change"
+    assert sources_of(e, "ord-prod-proc-1", "ordering/web-to-processing") == ["10.1.1.10/32", "10.1.1.50/32"]
+    assert "ord-prod-proc-1" in upd.notify and "pay-prod-db-1" not in upd.notify
+
+
+def test_duplicate_event_is_a_no_op(example_policy: Policy, example_inventory: list[Workload]) -> None:
+    e = engine_for(example_policy, example_inventory)
+    before = e.revision
+    upd = e.upsert(by_id(example_inventory, "ord-prod-web-2"))
+    assert not upd.changed and e.revision == before
+
+
+def test_mode_change_rebuilds_only_that_workload(example_policy: Policy, example_inventory: list[Workload]) -> None:
+    e = engine_for(example_policy, example_inventory)
+    upd = e.upsert(by_id(example_inventory, "ord-prod-db-1").model_copy(update={"mode": Mode.IDLE}))
+    assert upd.rebuilt == {"ord-prod-db-1"} and not upd.set_deltas
+    doc: Any = upd.bundles["ord-prod-db-1"]
+    assert doc["mode"] == "idle" and doc["inbound"] == [] and doc["sets"] == {}
+    # an idle workload still appears in its peers' sets: processing may still send to it
+    proc: Any = e.render("ord-prod-proc-1")
+    out = next(r for r in proc["outbound"] if r["id"] == "ordering/processing-to-database")
+    assert proc["sets"][out["set"]]["v4"] == ["10.1.3.10/32"]
+
+
+def test_unlabeled_workload_gets_default_policy_and_no_app_access(
+    example_policy: Policy, example_inventory: list[Workload]
+) -> None:
+    e = engine_for(example_policy, example_inventory)
+    ws = e.workloads["ord-prod-web-9"]
+    assert ws.unlabeled and "env" not in ws.labels and ws.mode is Mode.ENFORCE
+    assert verdict(example_policy, e, "ord-prod-web-9", "ord-prod-proc-1", "tcp/8443") == "deny"
+    assert verdict(example_policy, e, "ord-prod-web-9", "core-dns-1", "udp/53") == "allow", "core services still work"
+
+
+def test_observe_mode_reports_would_deny(example_policy: Policy, example_inventory: list[Workload]) -> None:
+    e = engine_for(example_policy, example_inventory)
+    assert e.workloads["pay-dev-web-1"].mode is Mode.OBSERVE
+    # payroll dev → payroll prod db: dev's own (observe) side would deny, prod db's (enforce) side denies
+    assert verdict(example_policy, e, "pay-dev-web-1", "pay-prod-db-1", "tcp/1433") == "deny"
+    # an outside address to the observe-mode host: nothing blocks, but it is reported
+    assert verdict(example_policy, e, "198.51.100.7", "pay-dev-web-1", "tcp/8080") == "would-deny"
+
+
+def test_failsafe_admin_ssh_even_to_quarantined_host(example_policy: Policy, example_inventory: list[Workload]) -> None:
+    e = engine_for(example_policy, example_inventory)
+    e.upsert(by_id(example_inventory, "ord-prod-db-1").model_copy(update={"quarantined": True}))
+    d = decide(
+        example_policy,
+        parse_endpoint("10.99.0.77", example_policy, e.workloads),
+        parse_endpoint("ord-prod-db-1", example_policy, e.workloads),
+        "tcp",
+        22,
+    )
+    assert d.verdict == "allow" and d.sides[0].failsafe == "management from an admin range"
+
+
+def test_staged_ruleset_is_explained_not_enforced() -> None:
+    policy = load_policy_texts(
+        {
+            "p.yaml": """
+rulesets:
+  - name: live
+    scope: app == a
+    rules: [{name: web-db, from: role == web, to: role == db, services: [tcp/5432]}]
+  - name: trial
+    scope: app == a
+    staged: true
+    rules: [{name: web-cache, from: role == web, to: role == cache, services: [tcp/6379]}]
+"""
+        }
+    )
+    e = engine_for(
+        policy,
+        [
+            Workload(id="w", ips=["10.0.0.1"], tags={"app": "a", "role": "web"}),
+            Workload(id="c", ips=["10.0.0.2"], tags={"app": "a", "role": "cache"}),
+        ],
+    )
+    doc: Any = e.render("c")
+    assert doc["inbound"] == [], "staged rules never reach a bundle"
+    d = decide(policy, parse_endpoint("w", policy, e.workloads), parse_endpoint("c", policy, e.workloads), "tcp", 6379)
+    assert d.verdict == "deny" and d.staged_verdict == "allow"
+    assert any(r.staged for s in d.sides for r in s.matched)
+
+
+def test_override_deny_beats_allow_and_allow_beats_deny() -> None:
+    policy = load_policy_texts(
+        {
+            "p.yaml": """
+rulesets:
+  - name: r
+    scope: all()
+    same: []
+    rules:
+      - {name: allow-all, from: all(), to: all(), services: [tcp/1-1000]}
+      - {name: deny-22, from: all(), to: all(), services: [tcp/22], action: deny}
+      - {name: never-23, from: all(), to: all(), services: [tcp/23], action: override-deny}
+"""
+        }
+    )
+    e = engine_for(
+        policy,
+        [
+            Workload(id="a", ips=["10.0.0.1"], tags={"role": "x"}),
+            Workload(id="b", ips=["10.0.0.2"], tags={"role": "y"}),
+        ],
+    )
+    assert verdict(policy, e, "a", "b", "tcp/22") == "allow"
+    assert verdict(policy, e, "a", "b", "tcp/23") == "deny"
+    doc: Any = e.render("b")
+    assert [r["action"] for r in doc["inbound"]] == ["override-deny", "allow", "deny"]
+
+
+def test_three_tier_written_once_never_crosses_environments(example_inventory: list[Workload]) -> None:
+    from tests.conftest import EXAMPLE
+
+    # without the dev ↛ prod boundary: the app-group pinning alone keeps dev out of prod
+    sources = {
+        str(p): p.read_text()
+        for p in (EXAMPLE / "policy").glob("*.yaml")
+        if p.name not in ("boundaries.yaml", "tests.yaml")
+    }
+    policy = load_policy_texts(sources)
+    e = engine_for(policy, example_inventory)
+    assert verdict(policy, e, "ord-dev-web-1", "ord-prod-proc-1", "tcp/8443") == "deny"
+    assert verdict(policy, e, "ord-prod-web-1", "ord-prod-proc-1", "tcp/8443") == "allow"
+    assert verdict(policy, e, "ord-dev-web-1", "ord-dev-proc-1", "tcp/8443") == "allow"
