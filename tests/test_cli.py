@@ -152,10 +152,11 @@ def test_provision_versions_diff(tmp_path: Path) -> None:
             "alice",
         ).stdout
     )
-    assert (
-        "identical to active version 1"
-        in rf("policy", "provision", str(pol), "--inventory", INVENTORY, "--store", store, "-m", "again").stdout
-    )
+    # the same content from another checkout is the same version
+    other = tmp_path / "elsewhere" / "policy"
+    shutil.copytree(pol, other)
+    out = rf("policy", "provision", str(other), "--inventory", INVENTORY, "--store", store, "-m", "again").stdout
+    assert "identical to active version 1" in out
     # the draft drops the jumpbox rule and opens web → database directly
     (pol / "boundaries.yaml").write_text((pol / "boundaries.yaml").read_text().split("  - name: admin")[0])
     (pol / "tests.yaml").write_text(
