@@ -152,10 +152,11 @@ def test_provision_versions_diff(tmp_path: Path) -> None:
             "alice",
         ).stdout
     )
-    assert (
-        "identical to active version 1"
-        in rf("policy", "provision", str(pol), "--inventory", INVENTORY, "--store", store, "-m", "again").stdout
-    )
+    # the same content from another checkout is the same version
+    other = tmp_path / "elsewhere" / "policy"
+    shutil.copytree(pol, other)
+    out = rf("policy", "provision", str(other), "--inventory", INVENTORY, "--store", store, "-m", "again").stdout
+    assert "identical to active version 1" in out
     # the draft drops the jumpbox rule and opens web → database directly
     (pol / "boundaries.yaml").write_text((pol / "boundaries.yaml").read_text().split("  - name: admin")[0])
     (pol / "tests.yaml").write_text(
@@ -171,8 +172,15 @@ def test_provision_versions_diff(tmp_path: Path) -> None:
     rf("policy", "provision", str(pol), "--inventory", INVENTORY, "--store", store, "-m", "retire the jumpbox")
     versions = rf("policy", "versions", "--store", store).stdout.splitlines()
     assert len(versions) == 2 and "alice" in versions[0] and "retire the jumpbox" in versions[1]
+    assert "content of version 1" in rf("policy", "revert", "1", "--store", store, "-m", "jumpbox still needed").stdout
     audit = [json.loads(line) for line in (tmp_path / "store" / "audit.jsonl").read_text().splitlines()]
-    assert [a["target"] for a in audit] == ["policy/1", "policy/2"]
+    assert [(a["action"], a["target"]) for a in audit] == [
+        ("policy.provision", "policy/1"),
+        ("policy.provision", "policy/2"),
+        ("policy.revert", "policy/3"),
+    ]
+    assert audit[2]["details"]["reverted_to"] == 1
+    assert "no differences" in rf("policy", "diff", str(EXAMPLE / "policy"), "--store", store).stdout
     stored = tmp_path / "store" / "versions" / "000001.json"
     assert not stored.stat().st_mode & 0o222, "provisioned versions are read-only"
 

@@ -22,7 +22,15 @@ from ringfence.policydiff import diff
 from ringfence.policytests import run_tests
 from ringfence.publish import signed_bundle
 from ringfence.services import PortSpecError, parse_flow_port
-from ringfence.versions import AuditRecord, FileVersionStore, default_actor, next_version, now, relative_files
+from ringfence.versions import (
+    AuditRecord,
+    FileVersionStore,
+    default_actor,
+    digest_of,
+    next_version,
+    now,
+    relative_files,
+)
 
 
 class CliError(Exception):
@@ -106,14 +114,13 @@ def cmd_policy_provision(args: argparse.Namespace) -> int:
             print(r.report(), file=sys.stderr)
         raise CliError(f"{len(failures)} policy test(s) fail: nothing provisioned")
     store = _store(args)
+    base = path if path.is_dir() else path.parent
+    files = relative_files(draft.sources, base)
     latest = store.latest()
-    if latest is not None and latest.digest == draft.digest:
+    if latest is not None and latest.digest == digest_of(files):
         print(f"draft is identical to active version {latest.number}: nothing to provision")
         return 0
-    base = path if path.is_dir() else path.parent
-    version = next_version(
-        store, relative_files(draft.sources, base), draft.digest, args.author or default_actor(), args.message
-    )
+    version = next_version(store, files, args.author or default_actor(), args.message)
     store.put(version)
     store.audit(
         AuditRecord(
@@ -126,6 +133,33 @@ def cmd_policy_provision(args: argparse.Namespace) -> int:
         )
     )
     print(f"provisioned policy version {version.number} by {version.author}: {version.message}")
+    return 0
+
+
+def cmd_policy_revert(args: argparse.Namespace) -> int:
+    """Versions are immutable: reverting provisions an old version's files as a new version."""
+    if not args.message.strip():
+        raise CliError("--message must say why")
+    store = _store(args)
+    old = store.get(args.number)
+    policy = load_policy_texts(old.files)
+    latest = store.latest()
+    if latest is not None and latest.digest == old.digest:
+        print(f"active version {latest.number} already has the content of version {old.number}")
+        return 0
+    version = next_version(store, old.files, args.author or default_actor(), args.message)
+    store.put(version)
+    store.audit(
+        AuditRecord(
+            time=now(),
+            actor=version.author,
+            action="policy.revert",
+            target=f"policy/{version.number}",
+            reason=version.message,
+            details={"reverted_to": old.number, "digest": old.digest, "rules": len(policy.rules)},
+        )
+    )
+    print(f"provisioned policy version {version.number} with the content of version {old.number}: {version.message}")
     return 0
 
 
@@ -336,6 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "provision":
             p.add_argument("--message", "-m", required=True, help="why (kept with the version and in the audit log)")
             p.add_argument("--author", help="default: $RINGFENCE_ACTOR or $USER")
+    p = add("revert", cmd_policy_revert, pol, help="provision an earlier version's content as a new version")
+    p.add_argument("number", type=int)
+    p.add_argument("--message", "-m", required=True)
+    p.add_argument("--author")
+    p.add_argument("--store")
     p = add("versions", cmd_policy_versions, pol, help="list provisioned versions")
     p.add_argument("--store")
 

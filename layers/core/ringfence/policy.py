@@ -7,7 +7,6 @@ half-valid policy.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -142,13 +141,6 @@ class Policy:
     defaults: Defaults
     tests: list[CompiledTest]
     sources: dict[str, str] = field(default_factory=dict)  # file name → text
-
-    @property
-    def digest(self) -> str:
-        h = hashlib.sha256()
-        for name in sorted(self.sources):
-            h.update(name.encode() + b"\0" + self.sources[name].encode() + b"\0")
-        return h.hexdigest()
 
     def rule(self, rule_id: str) -> CompiledRule:
         for r in self.rules:

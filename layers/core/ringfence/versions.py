@@ -9,6 +9,7 @@ SQLite); :class:`FileVersionStore` keeps one JSON file per version in a director
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
 from pathlib import Path
 from typing import Protocol
@@ -126,13 +127,21 @@ def relative_files(sources: dict[str, str], base: Path) -> dict[str, str]:
     return out
 
 
-def next_version(store: VersionStore, files: dict[str, str], digest: str, author: str, message: str) -> PolicyVersion:
+def digest_of(files: dict[str, str]) -> str:
+    """Content digest over relative file names and texts: the same policy anywhere, the same digest."""
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(name.encode() + b"\0" + files[name].encode() + b"\0")
+    return h.hexdigest()
+
+
+def next_version(store: VersionStore, files: dict[str, str], author: str, message: str) -> PolicyVersion:
     latest = store.latest()
     return PolicyVersion(
         number=(latest.number + 1) if latest else 1,
         author=author,
         message=message,
         created_at=now(),
-        digest=digest,
+        digest=digest_of(files),
         files=files,
     )

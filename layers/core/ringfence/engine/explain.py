@@ -107,16 +107,13 @@ def rules_between(
     proto: str,
     port: int | None,
     direction: Literal["outbound", "inbound"],
-    staged: bool,
 ) -> list[CompiledRule]:
-    """Rules on ``direction``'s side that match this flow, in precedence order."""
+    """Rules on ``direction``'s side that match this flow (staged ones too), in precedence order."""
     own = src if direction == "outbound" else dst
     if not own.managed or own.quarantined:
         return []
     out = []
     for rule in policy.rules:
-        if rule.staged and not staged:
-            continue
         own_peer, other_peer = (
             (rule.consumer, rule.provider) if direction == "outbound" else (rule.provider, rule.consumer)
         )
@@ -164,7 +161,7 @@ def _side(
         return None
     fs = _failsafe(policy, src, dst, proto, port, direction)
     # staged rules are always listed (tagged), but decide only when ``staged`` asks for them
-    matched = rules_between(policy, src, dst, proto, port, direction, True)
+    matched = rules_between(policy, src, dst, proto, port, direction)
     if fs is not None:
         return Side(direction, own, "allow", None, matched, failsafe=fs)
     deciding = next((r for r in matched if staged or not r.staged), None)
