@@ -5,8 +5,8 @@ One run on a :mod:`ringfence.synth` estate measures:
 * ``policy_load_s`` — YAML → compiled :class:`~ringfence.policy.Policy` (reported, not in compile);
 * ``full_compile_s`` — :meth:`Engine.load` plus rendering every bundle as a dict;
 * ``incremental_p50_s`` / ``incremental_p99_s`` — single-workload changes (relabel, re-IP, add,
-  remove, mode change, quarantine): :meth:`Engine.upsert` / :meth:`Engine.remove` plus rendering
-  the bundles the change rebuilt (peers receive set deltas, which the update already carries);
+  remove, mode change, quarantine): :meth:`Engine.upsert` / :meth:`Engine.remove`, which also
+  render the bundles the change rebuilt (``Update.bundles``; peers receive set deltas);
 * size figures: ``naive_pair_rules`` (allowed (source, destination, port range) triples a
   per-pair firewall would need, counted from the connectivity matrix, never materialised)
   against ``compiled_rules`` (inbound + outbound rules over all bundles) and
@@ -138,8 +138,9 @@ def run_bench(workloads: int, seed: int = 1, changes: int = 200, apps: int | Non
         kind, arg = random_change(rng, state, counter)
         t0 = time.perf_counter()
         upd = engine.remove(arg) if isinstance(arg, str) else engine.upsert(arg)
-        for wid in upd.rebuilt:
-            engine.render(wid)
+        for wid in upd.rebuilt:  # the Update carries the rebuilt bundles; render any it lacks
+            if wid not in upd.bundles:
+                engine.render(wid)
         dt = time.perf_counter() - t0
         timings.append(dt)
         by_kind[kind].append(dt)
