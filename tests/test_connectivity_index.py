@@ -7,7 +7,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 
 from ringfence.engine import Engine
-from ringfence.engine.connectivity import _normalise, _subtract, compute, label_key
+from ringfence.engine.connectivity import compute, label_key, normalise, subtract
 from ringfence.model import Action
 from ringfence.selectors import matcher
 from ringfence.services import PortRange
@@ -32,7 +32,7 @@ def _brute_force(engine: Engine) -> dict[tuple[Any, Any], list[PortRange]]:
                     target.setdefault((ck, pk), []).extend(rule.services)
     out = {}
     for pair, services in allow.items():
-        remaining = _normalise(_subtract(services, deny[pair]) if pair in deny else services)
+        remaining = normalise(subtract(services, deny[pair]) if pair in deny else services)
         if remaining:
             out[pair] = remaining
     return out
