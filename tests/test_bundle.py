@@ -66,3 +66,18 @@ def test_acceptance_rules() -> None:
 def test_malformed_bundle_names_the_field() -> None:
     with pytest.raises(bundle.BundleError, match="workload_id"):
         bundle.load_bundle('{"format": "ringfence.bundle/v1", "version": 1}')
+
+
+def test_equal_version_with_other_content_is_a_replay() -> None:
+    applied = bundle.load_bundle((GOLDEN / "bundle-ord-prod-proc-1.json").read_text())
+    bundle.check_acceptable(applied, "ord-prod-proc-1", applied.version, applied)  # idempotent re-delivery
+    wider = applied.model_copy(update={"inbound": [*applied.inbound, applied.inbound[0]]})
+    with pytest.raises(bundle.BundleError, match="replay refused"):
+        bundle.check_acceptable(wider, "ord-prod-proc-1", applied.version, applied)
+
+
+def test_loose_encodings_are_refused() -> None:
+    doc = json.loads((GOLDEN / "bundle-ord-prod-db-1.json").read_text())
+    doc["version"] = str(doc["version"])
+    with pytest.raises(bundle.BundleError, match="version"):
+        bundle.load_bundle(json.dumps(doc))

@@ -241,3 +241,30 @@ def test_example_files_validate_against_the_published_schema() -> None:
     for path in sorted((EXAMPLE / "policy").glob("*.yaml")):
         jsonschema.validate(yaml.safe_load(path.read_text()), schema)
         assert path.read_text().startswith("# yaml-language-server: $schema=../../../docs/policy.schema.json")
+
+
+def test_compile_keeps_workload_ids_out_of_path_syntax(tmp_path: Path) -> None:
+    inv = tmp_path / "inv.yaml"
+    inv.write_text(
+        "workloads:\n  - {id: ../../escape, ips: [10.0.0.1], tags: {role: web, app: ordering, env: prod}}\n"
+        "  - {id: /subscriptions/s/vm/x, ips: [10.0.0.2], tags: {role: db, app: ordering, env: prod}}\n"
+    )
+    rf("compile", "--policy", POLICY, "--inventory", str(inv), "--out", str(tmp_path / "out"))
+    names = sorted(p.name for p in (tmp_path / "out" / "bundles").iterdir())
+    assert names == ["%2Fsubscriptions%2Fs%2Fvm%2Fx.json", "..%2F..%2Fescape.json"]
+    assert not (tmp_path / "escape.json").exists()
+
+
+def test_later_compiles_have_higher_versions(tmp_path: Path) -> None:
+    versions = []
+    for run in ("a", "b"):
+        rf("compile", "--policy", POLICY, "--inventory", INVENTORY, "--out", str(tmp_path / run))
+        versions.append(json.loads((tmp_path / run / "bundles" / "ord-prod-db-1.json").read_text())["version"])
+    assert versions[1] > versions[0]
+
+
+def test_non_utf8_policy_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "p.yaml"
+    bad.write_bytes(b"services: []\n# \xff\n")
+    proc = rf("policy", "validate", str(bad), ok=False)
+    assert proc.returncode == 1 and "not UTF-8 text" in proc.stderr and "Traceback" not in proc.stderr

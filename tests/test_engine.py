@@ -200,3 +200,62 @@ def test_three_tier_written_once_never_crosses_environments(example_inventory: l
     assert verdict(policy, e, "ord-dev-web-1", "ord-prod-proc-1", "tcp/8443") == "deny"
     assert verdict(policy, e, "ord-prod-web-1", "ord-prod-proc-1", "tcp/8443") == "allow"
     assert verdict(policy, e, "ord-dev-web-1", "ord-dev-proc-1", "tcp/8443") == "allow"
+
+
+def test_set_names_cannot_collide_through_crafted_label_values() -> None:
+    from ringfence.engine.compiler import set_name
+
+    assert set_name(("x", (("app", "a;env=b"), ("env", "c")))) != set_name(("x", (("app", "a"), ("env", "b;env=c"))))
+    assert set_name(("x", (("env", None),))) != set_name(("x", (("env", ""),)))
+    policy = load_policy_texts(
+        {
+            "p.yaml": """
+rulesets:
+  - name: r
+    scope: all()
+    same: [app, env]
+    rules: [{name: web-db, from: role == web, to: role == db, services: [tcp/5432]}]
+"""
+        }
+    )
+    inv = [
+        Workload(id="web-a", ips=["10.0.1.1"], tags={"role": "web", "app": "a;env=b", "env": "c"}),
+        Workload(id="db-a", ips=["10.0.2.1"], tags={"role": "db", "app": "a;env=b", "env": "c"}),
+        Workload(id="web-b", ips=["10.0.1.2"], tags={"role": "web", "app": "a", "env": "b;env=c"}),
+        Workload(id="db-b", ips=["10.0.2.2"], tags={"role": "db", "app": "a", "env": "b;env=c"}),
+    ]
+    e = engine_for(policy, inv)
+    assert sources_of(e, "db-a", "r/web-db") == ["10.0.1.1/32"]
+    assert sources_of(e, "db-b", "r/web-db") == ["10.0.1.2/32"]
+    e.remove("db-b")
+    e.upsert(inv[2].model_copy(update={"ips": ["10.0.1.3"]}))  # used to raise KeyError after the collision
+
+
+def test_a_blank_label_value_is_absent() -> None:
+    policy = load_policy_texts({"p.yaml": "rulesets: []\n"})
+    e = engine_for(policy, [Workload(id="w", labels={"env": "  "}, tags={"role": "---"})])
+    assert e.workloads["w"].labels == {"role": "---"}  # default normalisation keeps dashes; blanks go
+    assert "env" not in e.workloads["w"].labels
+
+
+def test_any_address_is_decided_by_content_not_name() -> None:
+    policy = load_policy_texts(
+        {
+            "p.yaml": """
+ip_lists:
+  - {name: everything, cidrs: [0.0.0.0/0, "::/0"]}
+  - {name: corp, cidrs: [10.0.0.0/8]}
+rulesets:
+  - name: r
+    scope: all()
+    rules:
+      - {name: all-in, from: {ip_list: everything}, to: role == lb, services: [tcp/443]}
+      - {name: corp-in, from: {ip_list: corp}, to: role == lb, services: [tcp/22]}
+"""
+        }
+    )
+    e = engine_for(policy, [Workload(id="lb", ips=["10.0.0.1"], tags={"role": "lb"})])
+    doc: Any = e.render("lb")
+    by_id = {r["id"]: r for r in doc["inbound"]}
+    assert by_id["r/all-in"]["set"] is None
+    assert doc["sets"][by_id["r/corp-in"]["set"]]["v4"] == ["10.0.0.0/8"]

@@ -44,3 +44,17 @@ def test_yaml_errors_name_the_line() -> None:
 def test_json_list_form() -> None:
     [w] = parse_document('[{"id": "i-1", "ips": ["10.0.0.1"], "tags": {"role": "web"}}]', "inv.json")
     assert w.id == "i-1"
+
+
+def test_csv_with_bom_and_strict_booleans(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from ringfence.inventory import load_inventory
+
+    f = tmp_path / "cmdb.csv"
+    f.write_bytes("\ufeffid,ips,quarantined\nsrv-1,10.0.0.1,no\n".encode())
+    assert load_inventory(f)[0].id == "srv-1"
+    f.write_text("id,ips,quarantined\nsrv-1,10.0.0.1,ja\n")
+    with pytest.raises(InventoryError, match=r"cmdb.csv:2:3 \(quarantined\): expected true/false"):
+        load_inventory(f)
+    f.write_bytes(b"id,ips\nsrv-\xff,10.0.0.1\n")
+    with pytest.raises(InventoryError, match="not UTF-8 text"):
+        load_inventory(f)

@@ -136,3 +136,59 @@ def test_test_block_problems() -> None:
     assert any("needs exactly one of workload, labels, ip" in m for m in msgs)
     assert any("unknown label dimension 'colour'" in m for m in msgs)
     assert any("a flow needs one port, not a range" in m for m in msgs)
+
+
+def test_yaml_alias_cycle_and_bomb_are_clear_errors() -> None:
+    [msg] = problems("rulesets: &a [*a]\n")
+    assert "cycle" in msg
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcde", "bcdef", strict=True)
+    )
+    [msg] = problems(bomb)
+    assert "expands to more than" in msg
+
+
+def test_boolean_keys_are_refused() -> None:
+    [msg] = problems("labels:\n  dimensions:\n    on: {}\n")
+    assert msg.startswith("p.yaml:3:5:") and "not a string" in msg
+
+
+def test_builtin_names_cannot_be_redefined() -> None:
+    [msg] = problems(GOOD.replace("{name: vpn, cidrs: [10.8.0.0/16]}", "{name: any, cidrs: [10.0.0.0/8]}"))
+    assert "duplicate ip list 'any'" in msg and "<built-in>" in msg
+    msgs = problems(GOOD.replace("{name: web, ports: [tcp/443]}", "{name: all, ports: [tcp/443]}"))
+    assert any("duplicate service 'all'" in m for m in msgs)
+
+
+def test_failsafes_are_validated() -> None:
+    defaults = (
+        "defaults:\n  failsafes:\n    admin_cidrs: [10.99.0.0/33]\n    admin_ports: [ssh]\n    dns_resolvers: [dns1]\n"
+    )
+    msgs = problems(GOOD, {"d.yaml": defaults})
+    assert any(m.startswith("d.yaml:3:") and "10.99.0.0/33" in m for m in msgs)
+    assert any(m.startswith("d.yaml:4:") and "unknown protocol 'ssh'" in m for m in msgs)
+    assert any(m.startswith("d.yaml:5:") and "not an IP address: 'dns1'" in m for m in msgs)
+
+
+def test_selector_values_are_normalised_before_the_allowed_check() -> None:
+    labels = "labels:\n  dimensions:\n    env: {allowed: [dev, prod], aliases: {production: prod}}\n"
+    policy = load_policy_texts(
+        {"p.yaml": GOOD.replace("scope: app == shop", "scope: env in {Prod, production}"), "l.yaml": labels}
+    )
+    assert policy.rules[0].provider.canonical() == "env == 'prod' && role == 'web'"
+
+
+def test_alias_to_a_value_outside_allowed() -> None:
+    labels = "labels:\n  dimensions:\n    env: {allowed: [dev, prod], aliases: {production: prd}}\n"
+    [msg] = problems(GOOD, {"l.yaml": labels})
+    assert "alias 'production' → 'prd'" in msg and msg.startswith("l.yaml:3:")
+
+
+def test_empty_ip_list_is_refused() -> None:
+    [msg] = problems(GOOD.replace("cidrs: [10.8.0.0/16]", "cidrs: []"))
+    assert "cidrs" in msg and "at least 1" in msg
+
+
+def test_unknown_same_dimension_reported_once() -> None:
+    text = GOOD.replace("    scope: app == shop", "    scope: app == shop\n    same: [team]")
+    assert len(problems(text)) == 1

@@ -217,15 +217,16 @@ def dumps(doc: Document) -> str:
 
 
 def load_bundle(text: str | bytes) -> Bundle:
+    # strict: "version": "1" is refused rather than coerced, so one document has one encoding
     try:
-        return Bundle.model_validate_json(text)
+        return Bundle.model_validate_json(text, strict=True)
     except ValueError as exc:
         raise BundleError(f"not a valid {BUNDLE_FORMAT} document: {_first_error(exc)}") from None
 
 
 def load_delta(text: str | bytes) -> SetDelta:
     try:
-        return SetDelta.model_validate_json(text)
+        return SetDelta.model_validate_json(text, strict=True)
     except ValueError as exc:
         raise BundleError(f"not a valid {DELTA_FORMAT} document: {_first_error(exc)}") from None
 
@@ -252,13 +253,29 @@ def delta_schema() -> dict[str, Any]:
     return schema
 
 
-def check_acceptable(new: Bundle, workload_id: str, applied_revision: int | None) -> None:
-    """The agent's acceptance rules beyond the signature (shared so every agent applies the same)."""
+def check_acceptable(
+    new: Bundle, workload_id: str, applied_revision: int | None, applied: Bundle | None = None
+) -> None:
+    """The agent's acceptance rules beyond the signature (shared so every agent applies the same).
+
+    ``applied`` is what the agent enforces now (its bundle with deltas folded in). A bundle with
+    the applied revision is only accepted when it enforces exactly the same thing: a different
+    bundle reusing a version is a replay of an older policy or a control-plane fault.
+    """
     if new.workload_id != workload_id:
         raise BundleError(f"bundle is for workload {new.workload_id!r}, this agent is {workload_id!r}")
     if applied_revision is not None and new.version < applied_revision:
         raise BundleError(
             f"bundle version {new.version} is older than the applied revision {applied_revision} (rollback refused)"
+        )
+    if (
+        applied_revision is not None
+        and applied is not None
+        and new.version == applied_revision
+        and new.content() != applied.content()
+    ):
+        raise BundleError(
+            f"bundle version {new.version} equals the applied revision but its content differs (replay refused)"
         )
     for name, s in new.sets.items():
         if s.version > new.version:

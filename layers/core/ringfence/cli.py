@@ -6,6 +6,8 @@ import argparse
 import json
 import os
 import sys
+import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,11 +47,19 @@ def _inventory(args: argparse.Namespace) -> list[Workload]:
     return load_inventory(Path(args.inventory)) if getattr(args, "inventory", None) else []
 
 
-def _engine(args: argparse.Namespace) -> tuple[Any, Engine]:
+def _engine(args: argparse.Namespace, revision: int = 0) -> tuple[Any, Engine]:
     policy = load_policy(Path(args.policy))
-    engine = Engine(policy, policy_version=getattr(args, "policy_version", 0) or 0)
+    engine = Engine(policy, policy_version=getattr(args, "policy_version", 0) or 0, revision=revision)
     engine.load(_inventory(args))
     return policy, engine
+
+
+def bundle_file(directory: Path, workload_id: str) -> Path:
+    """Where a workload's bundle goes: ids are data (Azure ids hold '/'), never path syntax."""
+    path = directory / (urllib.parse.quote(workload_id, safe="-_.:@") + ".json")
+    if path.parent != directory:
+        raise CliError(f"workload id {workload_id!r} cannot be used as a file name")
+    return path
 
 
 def _print_json(obj: object) -> None:
@@ -204,13 +214,15 @@ def cmd_labels_check(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    _, engine = _engine(args)
+    # Offline compiles have no durable revision counter: start from the clock (ms), so bundle
+    # versions from a later run are always higher and an agent never takes an older one.
+    _, engine = _engine(args, revision=args.revision if args.revision is not None else time.time_ns() // 1_000_000)
     out = Path(args.out)
     (out / "bundles").mkdir(parents=True, exist_ok=True)
     signer = bundle_mod.SigningKey.from_file(Path(args.key)) if args.key else None
     for wid in sorted(engine.workloads):
         doc = signed_bundle(engine, wid, signer)
-        (out / "bundles" / f"{wid}.json").write_text(bundle_mod.dumps(doc))
+        bundle_file(out / "bundles", wid).write_text(bundle_mod.dumps(doc))
     print(
         f"wrote {len(engine.workloads)} bundles to {out / 'bundles'} ({len(engine.sets)} distinct sets)"
         + ("" if signer else "; UNSIGNED: pass --key to sign")
@@ -392,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--key", help="Ed25519 private key (PEM) to sign with")
     p.add_argument("--policy-version", type=int, default=0)
+    p.add_argument("--revision", type=int, help="revision to start from (default: the clock in ms)")
 
     p = add("explain", cmd_explain, help="the decision for one flow and every rule that contributed")
     _policy_args(p)
@@ -430,6 +443,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except (PolicyError, InventoryError) as exc:
         print(f"error:\n{exc}", file=sys.stderr)
+        return 1
+    except UnicodeDecodeError as exc:
+        print(f"error: a file is not UTF-8 text ({exc.reason} at byte {exc.start})", file=sys.stderr)
         return 1
     except (CliError, bundle_mod.BundleError, FileNotFoundError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)

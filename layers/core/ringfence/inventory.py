@@ -38,11 +38,25 @@ class InventoryError(ValueError):
         super().__init__("\n".join(str(p) for p in problems))
 
 
+_BOOLEANS = {
+    "": False,
+    "0": False,
+    "false": False,
+    "no": False,
+    "n": False,
+    "1": True,
+    "true": True,
+    "yes": True,
+    "y": True,
+}
 _SCALARS = ("id", "name", "cloud", "account", "region", "zone", "vpc", "subnet", "site", "mode")
 
 
 def load_inventory(path: Path) -> list[Workload]:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # spreadsheet exports often start with a BOM
+    except UnicodeDecodeError as exc:
+        raise InventoryError([InventoryProblem(str(path), 1, 1, f"not UTF-8 text ({exc.reason})")]) from None
     if path.suffix.lower() == ".csv":
         return parse_csv(text, str(path))
     return parse_document(text, str(path))
@@ -90,7 +104,7 @@ def _pairs(cell: str) -> dict[str, str]:
 def parse_csv(text: str, file: str) -> list[Workload]:
     reader = csv.reader(io.StringIO(text))
     try:
-        header = [h.strip() for h in next(reader)]
+        header = [h.strip().lstrip("\ufeff") for h in next(reader)]
     except StopIteration:
         raise InventoryError([InventoryProblem(file, 1, 1, "empty CSV file")]) from None
     if "id" not in header:
@@ -117,7 +131,9 @@ def parse_csv(text: str, file: str) -> list[Workload]:
                 elif name == "ips":
                     record["ips"] = [p for p in cell.replace(",", " ").replace(";", " ").split() if p]
                 elif name == "quarantined":
-                    record["quarantined"] = cell.lower() in ("1", "true", "yes", "y")
+                    if cell.lower() not in _BOOLEANS:
+                        raise ValueError(f"expected true/false, yes/no or 1/0, got {cell!r}")
+                    record["quarantined"] = _BOOLEANS[cell.lower()]
                 elif name in ("tags", "labels"):
                     record[name].update(_pairs(cell))
                 elif name.startswith(("tag:", "label:")):

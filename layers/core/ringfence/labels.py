@@ -99,11 +99,12 @@ class LabelMapper:
                     mapped = spec.derive.map.get(src)
                     if mapped is not None or not spec.derive.only_mapped:
                         candidates.append((f"derived from {spec.derive.source}", mapped or src))
-            if not candidates:
+            # a value that normalises to nothing (" ", "---" under slug) is no value at all
+            values = [(src, v) for src, raw in candidates if (v := self.canonical_value(dim, raw))]
+            if not values:
                 if spec.required:
                     problems.append(Problem("missing", dim, f"required label {dim!r} is missing"))
                 continue
-            values = [(src, self.canonical_value(dim, raw)) for src, raw in candidates]
             source, value = values[0]
             others = {v for _, v in values[1:] if v != value}
             if others:

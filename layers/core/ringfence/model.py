@@ -109,7 +109,7 @@ class Service(_Strict):
 
 class IpList(_Strict):
     name: Name
-    cidrs: list[str]
+    cidrs: list[str] = Field(min_length=1)
     exclude: list[str] = Field(default_factory=list)
     description: str = ""
 

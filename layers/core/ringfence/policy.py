@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ringfence import addresses, selectors, yamlpos
-from ringfence.addresses import Prefix
+from ringfence.addresses import Address, Prefix
 from ringfence.labels import LabelMapper
 from ringfence.model import (
     Action,
@@ -130,6 +130,14 @@ class CompiledTest:
     location: Location
 
 
+@dataclass(frozen=True, slots=True)
+class ParsedFailsafes:
+    admin_cidrs: tuple[Prefix, ...] = ()
+    admin_ports: tuple[PortRange, ...] = (PortRange("tcp", 22, 22), PortRange("tcp", 3389, 3389))
+    dns_resolvers: tuple[Address, ...] = ()
+    control_plane: tuple[Prefix, ...] = ()
+
+
 @dataclass(slots=True)
 class Policy:
     labels: LabelMapper
@@ -140,13 +148,8 @@ class Policy:
     modes: list[ModeSelector]
     defaults: Defaults
     tests: list[CompiledTest]
+    failsafes: ParsedFailsafes = field(default_factory=ParsedFailsafes)
     sources: dict[str, str] = field(default_factory=dict)  # file name → text
-
-    def rule(self, rule_id: str) -> CompiledRule:
-        for r in self.rules:
-            if r.id == rule_id:
-                return r
-        raise KeyError(rule_id)
 
     def mode_for(self, labels: Mapping[str, str], unlabeled: bool) -> Mode:
         if unlabeled:
@@ -173,7 +176,10 @@ def load_policy(paths: Iterable[Path] | Path) -> Policy:
     sources: dict[str, str] = {}
     for p in paths:
         for f in policy_files(p):
-            sources[str(f)] = f.read_text(encoding="utf-8")
+            try:
+                sources[str(f)] = f.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise PolicyError([PolicyProblem(Location(str(f), 1), f"not UTF-8 text ({exc.reason})")]) from None
     if not sources:
         raise PolicyError([PolicyProblem(Location(str(next(iter([*paths]), "")), 1), "no policy files found")])
     return load_policy_texts(sources)
@@ -277,6 +283,10 @@ class _Builder:
             seen[(kind, name)] = where
             return True
 
+        builtin = Location("<built-in>", 0, 0)
+        seen[("service", "all")] = builtin
+        seen[("ip list", ANY_IP_LIST)] = builtin
+
         for file, located, doc in self.docs:
             if doc.labels is not None:
                 if labels_cfg is not None:
@@ -288,6 +298,20 @@ class _Builder:
                 defaults = doc.defaults
         mapper = LabelMapper(labels_cfg)
         dims = mapper.dimensions
+        for file, located, doc in self.docs:
+            if doc.labels is None:
+                continue
+            for dim, dim_spec in doc.labels.dimensions.items():
+                allowed = mapper.allowed_values(dim)
+                for alias, target in dim_spec.aliases.items():
+                    if allowed is not None and mapper.canonical_value(dim, target) not in allowed:
+                        self.problem(
+                            file,
+                            located,
+                            ("labels", "dimensions", dim, "aliases", alias),
+                            f"alias {alias!r} → {target!r}: {target!r} is not an allowed value of {dim!r}",
+                            f"allowed: {', '.join(sorted(allowed))}",
+                        )
 
         # label groups (nestable, one dimension each)
         raw_groups: dict[str, tuple[str, list[str], str, yamlpos.Located, tuple[Any, ...]]] = {}
@@ -394,7 +418,7 @@ class _Builder:
                         continue
                     rule_names.add(base)
                     same = rule.same if rule.same is not None else ([] if rule.extra_scope else rs.same)
-                    for d in same:
+                    for d in rule.same or ():
                         self._check_dim(d, dims, file, located, (*path, "same"))
                     port_ranges: list[PortRange] = []
                     for j, sname in enumerate(rule.services):
@@ -511,6 +535,8 @@ class _Builder:
                     name = t.name or f"{_ep_text(t.from_)} → {_ep_text(t.to)} {t.port}"
                     tests.append(CompiledTest(name, t, proto, port, self.loc(file, located, path)))
 
+        failsafes = self._failsafes(defaults or Defaults())
+
         if self.problems:
             raise PolicyError(self.problems)
         return Policy(
@@ -522,8 +548,33 @@ class _Builder:
             modes=modes,
             defaults=defaults or Defaults(),
             tests=tests,
+            failsafes=failsafes,
             sources=self.sources,
         )
+
+    def _failsafes(self, defaults: Defaults) -> ParsedFailsafes:
+        """Parse the fail-safes now: a bad one must fail validation, never reach a bundle."""
+        where = next(((f, located) for f, located, doc in self.docs if doc.defaults is not None), None)
+        file, located = where if where is not None else ("<defaults>", None)
+        fs = defaults.failsafes
+        path = ("defaults", "failsafes")
+        if located is None:
+            return ParsedFailsafes()
+        admin = tuple(self._prefixes(fs.admin_cidrs, file, located, (*path, "admin_cidrs")))
+        control = tuple(self._prefixes(fs.control_plane, file, located, (*path, "control_plane")))
+        ports: list[PortRange] = []
+        for j, spec in enumerate(fs.admin_ports):
+            try:
+                ports.append(parse_port_spec(spec))
+            except PortSpecError as exc:
+                self.problem(file, located, (*path, "admin_ports", j), str(exc), "e.g. tcp/22")
+        resolvers: list[Address] = []
+        for j, r in enumerate(fs.dns_resolvers):
+            try:
+                resolvers.append(addresses.parse_address(r))
+            except ValueError:
+                self.problem(file, located, (*path, "dns_resolvers", j), f"not an IP address: {r!r}")
+        return ParsedFailsafes(admin, tuple(ports), tuple(resolvers), control)
 
     def _prefixes(self, cidrs: list[str], file: str, located: yamlpos.Located, path: tuple[Any, ...]) -> list[Prefix]:
         out = []
@@ -600,7 +651,8 @@ class _Builder:
                 continue
             if isinstance(leaf, selectors.In):
                 for v in leaf.values:
-                    ok &= self._check_value(leaf.dim, v, mapper, file, located, path, max(text.find(v), 0))
+                    canon = mapper.canonical_value(leaf.dim, v)
+                    ok &= self._check_value(leaf.dim, canon, mapper, file, located, path, max(text.find(v), 0))
         if not ok:
             return None
         return _canonical_values(node, mapper)

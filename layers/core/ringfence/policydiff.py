@@ -64,6 +64,29 @@ class PolicyDiff:
         return "\n".join(lines) if lines else "no differences"
 
 
+def _match_rules(
+    old: list[CompiledRule], new: list[CompiledRule]
+) -> tuple[list[CompiledRule], list[CompiledRule], list[tuple[CompiledRule, CompiledRule]]]:
+    """Pair rules by content within their ruleset first, then by id.
+
+    Unnamed rules are numbered by position, so inserting one renumbers the rest: matching on
+    content first keeps those from showing up as "changed".
+    """
+    left = list(old)
+    unmatched_new: list[CompiledRule] = []
+    for r in new:
+        twin = next((o for o in left if o.ruleset == r.ruleset and _rule_text(o) == _rule_text(r)), None)
+        if twin is not None:
+            left.remove(twin)
+        else:
+            unmatched_new.append(r)
+    by_id = {o.id: o for o in left}
+    changed = [(by_id.pop(r.id), r) for r in unmatched_new if r.id in by_id]
+    changed_ids = {r.id for _, r in changed}
+    added = [r for r in unmatched_new if r.id not in changed_ids]
+    return added, list(by_id.values()), changed
+
+
 def _matrix(policy: Policy, inventory: Iterable[Workload]) -> Matrix:
     engine = Engine(policy)
     engine.load(inventory)
@@ -76,15 +99,7 @@ def _pair_services(m: Matrix) -> dict[tuple[str, str], list[PortRange]]:
 
 def diff(active: Policy | None, draft: Policy, inventory: list[Workload]) -> PolicyDiff:
     out = PolicyDiff()
-    old_rules = {r.id: r for r in active.rules} if active else {}
-    new_rules = {r.id: r for r in draft.rules}
-    out.added = [r for rid, r in new_rules.items() if rid not in old_rules]
-    out.removed = [r for rid, r in old_rules.items() if rid not in new_rules]
-    out.changed = [
-        (old_rules[rid], r)
-        for rid, r in new_rules.items()
-        if rid in old_rules and _rule_text(old_rules[rid]) != _rule_text(r)
-    ]
+    out.added, out.removed, out.changed = _match_rules(active.rules if active else [], draft.rules)
     if inventory:
         before = _pair_services(_matrix(active, inventory)) if active else {}
         after = _pair_services(_matrix(draft, inventory))

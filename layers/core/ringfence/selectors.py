@@ -114,20 +114,6 @@ def conjunction(*nodes: Node) -> Node:
     return And(tuple(dict.fromkeys(parts)))
 
 
-def dimensions(node: Node) -> set[str]:
-    """Every label dimension the selector reads."""
-    if isinstance(node, Has | In):
-        return {node.dim}
-    if isinstance(node, Not):
-        return dimensions(node.inner)
-    if isinstance(node, And | Or):
-        out: set[str] = set()
-        for p in node.parts:
-            out |= dimensions(p)
-        return out
-    return set()
-
-
 # --- evaluation --------------------------------------------------------------------------------
 
 Matcher = Callable[[Labels], bool]
@@ -203,7 +189,7 @@ _TOKEN = re.compile(
       (?P<op>==|!=|&&|\|\||[!(){},=])
     | (?P<str>'[^']*'|"[^"]*")
     | (?P<group>@[A-Za-z0-9_.:/-]+)
-    | (?P<word>[A-Za-z0-9_.:/*-]+)
+    | (?P<word>[A-Za-z0-9_.:/-]+)
     | (?P<bad>\S)
     )""",
     re.VERBOSE,

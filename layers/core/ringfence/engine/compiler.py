@@ -18,6 +18,7 @@ ever expanded into workload pairs.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -27,7 +28,7 @@ from ringfence.engine.index import LabelIndex, RestrictionIndex, iter_bits
 from ringfence.labels import Problem
 from ringfence.model import Mode, Workload
 from ringfence.policy import ACTION_RANK, CompiledRule, Peer, Policy
-from ringfence.services import PortRange, parse_port_spec
+from ringfence.services import PortRange
 
 INBOUND, OUTBOUND = "inbound", "outbound"
 
@@ -37,8 +38,13 @@ SetKey = tuple[str, SameValues]
 
 
 def set_name(key: SetKey) -> str:
-    text = key[0] + "|" + ";".join(f"{d}={v if v is not None else ''}" for d, v in key[1])
+    # JSON keeps the encoding unambiguous: an absent value (null) differs from "", and values
+    # holding separators cannot make two different keys hash alike
+    text = json.dumps([key[0], [[d, v] for d, v in key[1]]], separators=(",", ":"), ensure_ascii=False)
     return "rf_" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+ANY_ADDRESS: frozenset[Prefix] = frozenset({(addresses.V4, 0, 0), (addresses.V6, 0, 0)})
 
 
 @dataclass(slots=True)
@@ -166,12 +172,12 @@ class Engine:
         self._entry_candidates: RestrictionIndex[_SelectorEntry] = RestrictionIndex(
             (entry, entry.node) for entry in self._selector_entries.values()
         )
-        fs = policy.defaults.failsafes
+        fs = policy.failsafes
         self._failsafes = {
-            "admin_cidrs": list(fs.admin_cidrs),
-            "admin_ports": [_service_json(parse_port_spec(p)) for p in fs.admin_ports],
-            "dns_resolvers": list(fs.dns_resolvers),
-            "control_plane": list(fs.control_plane),
+            "admin_cidrs": [addresses.format_prefix(p) for p in fs.admin_cidrs],
+            "admin_ports": [_service_json(p) for p in fs.admin_ports],
+            "dns_resolvers": [addresses.format_address(a) for a in fs.dns_resolvers],
+            "control_plane": [addresses.format_prefix(p) for p in fs.control_plane],
         }
 
     # --- workload resolution -------------------------------------------------------------------
@@ -237,8 +243,8 @@ class Engine:
 
     @staticmethod
     def _key_for(peer: Peer, same: tuple[str, ...], labels: dict[str, str]) -> SetKey | None:
-        if peer.selector is None and peer.ip_list == "any":
-            return None
+        if peer.selector is None and frozenset(peer.prefixes) == ANY_ADDRESS:
+            return None  # decided by content, never by the list's name
         pinned = tuple((d, labels.get(d)) for d in same) if peer.selector is not None else ()
         return (peer.canonical(), pinned)
 
@@ -269,9 +275,12 @@ class Engine:
         if entry is None:  # an IP list: fixed prefixes, never touched by inventory changes
             s = AddressSetState(key, set_name(key), StaticSet(self._ip_peers[canon]), self.revision, static=True)
         else:
-            bits = selectors.evaluate(entry.node, self.index)
+            # the pinned app group is usually small: narrow to it before the selector
+            bits = self.index.universe()
             for d, v in pinned:
                 bits &= self.index.members(d, v) if v is not None else self.index.lacking(d)
+            if bits:
+                bits &= selectors.evaluate(entry.node, self.index)
             for slot in iter_bits(bits):
                 for addr in self.workloads[self._slots[slot]].addrs:
                     elements.add(addr)
@@ -452,9 +461,6 @@ class Engine:
             "failsafes": self._failsafes,
             "signature": None,
         }
-
-    def set_elements(self, name: str) -> list[Prefix]:
-        return self.sets_by_name[name].elements.elements()
 
 
 class StaticSet:

@@ -11,6 +11,7 @@ default deny) and then by its mode: ``enforce`` blocks, ``observe`` reports a wo
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -18,10 +19,9 @@ from typing import Literal
 from ringfence import addresses
 from ringfence.addresses import Address
 from ringfence.engine.compiler import WorkloadState
-from ringfence.model import Action, Mode
+from ringfence.model import Action, Mode, Workload
 from ringfence.policy import ACTION_RANK, CompiledRule, Peer, Policy
 from ringfence.selectors import matcher
-from ringfence.services import parse_port_spec
 
 Verdict = Literal["allow", "deny", "would-deny"]
 
@@ -87,9 +87,12 @@ class Decision:
         return [Contribution(r, s.direction) for s in self.sides for r in s.matched]
 
 
+_matcher = functools.lru_cache(maxsize=4096)(matcher)
+
+
 def _peer_matches(peer: Peer, ep: Endpoint) -> bool:
     if peer.selector is not None:
-        return ep.labels is not None and not ep.quarantined and matcher(peer.selector)(ep.labels)
+        return ep.labels is not None and not ep.quarantined and _matcher(peer.selector)(ep.labels)
     return any(any(addresses.prefix_contains(p, a) for p in peer.prefixes) for a in ep.addrs)
 
 
@@ -130,19 +133,16 @@ def rules_between(
 
 
 def _failsafe(policy: Policy, src: Endpoint, dst: Endpoint, proto: str, port: int | None, direction: str) -> str | None:
-    fs = policy.defaults.failsafes
+    fs = policy.failsafes
     if direction == "inbound":
-        admin = [addresses.parse_prefix(c) for c in fs.admin_cidrs]
-        if any(parse_port_spec(p).matches(proto, port) for p in fs.admin_ports) and any(
-            addresses.prefix_contains(p, a) for p in admin for a in src.addrs
+        if any(p.matches(proto, port) for p in fs.admin_ports) and any(
+            addresses.prefix_contains(p, a) for p in fs.admin_cidrs for a in src.addrs
         ):
             return "management from an admin range"
     else:
-        dns = [addresses.parse_address(r) for r in fs.dns_resolvers]
-        if proto in ("udp", "tcp") and port == 53 and any(a in dns for a in dst.addrs):
+        if proto in ("udp", "tcp") and port == 53 and any(a in fs.dns_resolvers for a in dst.addrs):
             return "DNS to a configured resolver"
-        cp = [addresses.parse_prefix(c) for c in fs.control_plane]
-        if any(addresses.prefix_contains(p, a) for p in cp for a in dst.addrs):
+        if any(addresses.prefix_contains(p, a) for p in fs.control_plane for a in dst.addrs):
             return "the control-plane endpoint"
     return None
 
@@ -231,13 +231,13 @@ def workload_endpoint(ws: WorkloadState) -> Endpoint:
 
 
 def labels_endpoint(policy: Policy, labels: Mapping[str, str]) -> Endpoint:
-    canon = {}
-    for dim, value in labels.items():
+    """A hypothetical workload with these labels, judged by the same hygiene as a real one."""
+    for dim in labels:
         if dim not in policy.labels.dimensions:
             raise EndpointError(f"unknown label dimension {dim!r}")
-        canon[dim] = policy.labels.canonical_value(dim, value)
-    name = "{" + ",".join(f"{k}={v}" for k, v in sorted(canon.items())) + "}"
-    return Endpoint(name, canon, (), policy.mode_for(canon, False), False)
+    res = policy.labels.resolve(Workload(id="(labels)", labels=dict(labels)))
+    name = "{" + ",".join(f"{k}={v}" for k, v in sorted(res.labels.items())) + "}"
+    return Endpoint(name, res.labels, (), policy.mode_for(res.labels, res.unlabeled), False)
 
 
 def ip_endpoint(text: str, workloads: Mapping[str, WorkloadState]) -> Endpoint:

@@ -58,8 +58,14 @@ class LabelIndex(BitsetIndex):
 
 
 def iter_bits(bits: int) -> Iterator[int]:
-    """Slots set in ``bits``, ascending. Walks bytes so dense sets stay linear."""
+    """Slots set in ``bits``, ascending: by lowest bit for sparse sets, by bytes for dense ones."""
     if not bits:
+        return
+    if bits.bit_count() < 32:
+        while bits:
+            low = bits & -bits
+            yield low.bit_length() - 1
+            bits ^= low
         return
     data = bits.to_bytes((bits.bit_length() + 7) // 8, "little")
     for i, byte in enumerate(data):
