@@ -54,6 +54,7 @@ from typing import Any
 import yaml
 
 from ringfence import addresses, selectors
+from ringfence.engine.index import LabelIndex, iter_bits
 from ringfence.model import Action, Mode, Workload
 from ringfence.policy import CompiledRule, Peer, Policy
 from ringfence.services import PortRange, parse_port_spec
@@ -222,28 +223,45 @@ def _gnp(
     }
 
 
-def _pinned_combos(rule: CompiledRule, eps: list[Endpoint]) -> list[tuple[str | None, ...]]:
+@dataclass(slots=True)
+class _LabelSets:
+    """Distinct label sets of the selectable endpoints, in a bitset index (one pass per rule, not per endpoint)."""
+
+    sets: list[dict[str, str]]
+    index: LabelIndex
+    quarantined: bool
+
+    @classmethod
+    def of(cls, eps: list[Endpoint]) -> _LabelSets:
+        distinct: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
+        for ep in eps:
+            if not ep.quarantined:
+                distinct.setdefault(tuple(sorted(ep.labels.items())), ep.labels)
+        index = LabelIndex()
+        sets = list(distinct.values())
+        for slot, labels in enumerate(sets):
+            index.add(slot, labels)
+        return cls(sets, index, any(ep.quarantined for ep in eps))
+
+
+def _pinned_combos(rule: CompiledRule, groups: _LabelSets) -> list[tuple[str | None, ...]]:
     """Pinned-value combinations present among both the rule's consumers and its providers."""
     assert rule.consumer.selector is not None and rule.provider.selector is not None
-    cm, pm = selectors.matcher(rule.consumer.selector), selectors.matcher(rule.provider.selector)
-    cons: set[tuple[str | None, ...]] = set()
-    prov: set[tuple[str | None, ...]] = set()
-    for ep in eps:
-        if ep.quarantined:
-            continue
-        combo = tuple(ep.labels.get(d) for d in rule.same)
-        if cm(ep.labels):
-            cons.add(combo)
-        if pm(ep.labels):
-            prov.add(combo)
-    return sorted(cons & prov, key=lambda c: tuple((v is None, v or "") for v in c))
+    combos: list[set[tuple[str | None, ...]]] = []
+    for node in (rule.consumer.selector, rule.provider.selector):
+        bits = selectors.evaluate(node, groups.index)
+        combos.append({tuple(groups.sets[slot].get(d) for d in rule.same) for slot in iter_bits(bits)})
+    return sorted(combos[0] & combos[1], key=lambda c: tuple((v is None, v or "") for v in c))
 
 
 def rule_policies(
-    rule: CompiledRule, eps: list[Endpoint], lists: Mapping[str, tuple[list[str], list[str]]]
+    rule: CompiledRule,
+    eps: list[Endpoint] | _LabelSets,
+    lists: Mapping[str, tuple[list[str], list[str]]],
 ) -> list[dict[str, Any]]:
     """The Calico policies implementing one compiled rule (both directions, expanded per app group)."""
-    guard = any(ep.quarantined for ep in eps)
+    groups = eps if isinstance(eps, _LabelSets) else _LabelSets.of(eps)
+    guard = groups.quarantined
     action = _CALICO_ACTION[rule.action]
     order = ORDER[rule.action]
     base = resource_name(f"rf-{rule.id}")
@@ -251,7 +269,7 @@ def rule_policies(
     out: list[dict[str, Any]] = []
     if rule.same and rule.consumer.selector is not None and rule.provider.selector is not None:
         variants: list[tuple[str, selectors.Node, selectors.Node]] = []
-        for combo in _pinned_combos(rule, eps):
+        for combo in _pinned_combos(rule, groups):
             pins = [_pin(d, v) for d, v in zip(rule.same, combo, strict=True)]
             suffix = resource_name(".".join(v if v is not None else "none" for v in combo))
             variants.append(
@@ -366,11 +384,12 @@ def export_documents(
         docs.append(_gnp("rf-unenforced-in", ORDER["unenforced"], sel, "ingress", [{"action": "Allow"}], False))
         docs.append(_gnp("rf-unenforced-out", ORDER["unenforced"], sel, "egress", [{"action": "Allow"}], False))
     lists = ip_list_sources(policy)
+    groups = _LabelSets.of(eps)
     seen: set[str] = set()
     for rule in sorted(policy.rules, key=lambda r: ORDER[r.action]):
         if rule.staged and not staged:
             continue
-        for doc in rule_policies(rule, eps, lists):
+        for doc in rule_policies(rule, groups, lists):
             name = doc["metadata"]["name"]
             k = 1
             while doc["metadata"]["name"] in seen:  # two rule ids that sanitise alike
@@ -394,4 +413,5 @@ def export_calico(
 ) -> str:
     """Multi-document Calico YAML (HostEndpoints, then GlobalNetworkPolicies) for ``policy`` over ``workloads``."""
     docs = export_documents(policy, workloads, modes=modes, failsafes=failsafes, staged=staged)
-    return str(yaml.safe_dump_all(docs, sort_keys=False, default_flow_style=False, width=200))
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml when available: ~10x faster
+    return str(yaml.dump_all(docs, Dumper=dumper, sort_keys=False, default_flow_style=False, width=200))
