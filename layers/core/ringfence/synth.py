@@ -9,9 +9,11 @@ Shape (see also ``docs/benchmarks.md``)::
                   web  : lb → web → app → db (+ cache)        internet or corp VPN → lb
                   api  : lb → api → app → db, app → queue      partners or corp VPN → lb
                   batch: batch → queue, batch → db, worker → queue
-    core        per location: 2 dns, 2 ntp, 2 ldap, 1 syslog, 1 monitoring (app=core, env=shared);
-                2 admin jumpboxes (app=admin) inside the fail-safe admin range
-    cross-app   each app's ``app``/``batch`` tier consumes 0–3 other apps' internal lb
+    core        app=core, env=shared, per location (see :func:`core_counts`): everyone → dns 3,
+                ntp 2, ldap 3, syslog 2+, mirror 2, config 2+; monitoring 2+, backup 1+ and
+                scanner 1 → everyone (pools marked + grow with N); 2 admin jumpboxes (app=admin)
+                inside the fail-safe admin range, ssh to everything but admin
+    cross-app   each web/api app's lb is consumed by the app/batch tier of 0–3 other apps
                 (``extra_scope: true``, ``same: [env]``: prod calls prod, dev calls dev)
     egress      some apps call the internet (tcp/443) or partners' SFTP through IP lists
     boundaries  override-deny ``env in {@non-prod}`` → ``env == prod`` (every service);
@@ -20,7 +22,7 @@ Shape (see also ``docs/benchmarks.md``)::
     IPs         each app group gets whole /24s (10.16.0.0 upwards), members laid out contiguously
                 role by role; location ``euw1`` is dual-stack (``fd00:<subnet>::<host>``)
 
-Rule count scales with apps (~8 compiled rules per app plus ~12 shared): ~1,000 at N = 10,000.
+Rule count scales with apps (~6 compiled rules per app plus 14 shared): ~1,000 at N = 10,000.
 Everything is drawn from one :class:`random.Random` seeded by ``seed``: the same arguments give
 the same policy text and the same inventory, byte for byte.
 """
