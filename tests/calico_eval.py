@@ -93,6 +93,10 @@ class CalicoModel:
         return not any(ip in ipaddress.ip_network(n) for n in match.get("notNets", []))
 
     def _rule_matches(self, rule: dict[str, Any], src: Hep, dst: Hep, proto: str, port: int) -> bool:
+        version = rule.get("ipVersion")
+        flow_ip = src.ips[0] if src.ips else None
+        if version is not None and (flow_ip is None or flow_ip.version != version):
+            return False
         want = rule.get("protocol")
         if want is not None and want.lower() != proto:
             return False

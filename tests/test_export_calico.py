@@ -14,6 +14,7 @@ from ringfence.export.calico import (
     export_calico,
     selector_text,
     service_rules,
+    split_families,
 )
 from ringfence.model import Workload
 from ringfence.policy import Policy, load_policy_texts
@@ -149,13 +150,39 @@ def test_structure(example_policy: Policy, example_inventory: list[Workload]) ->
     ]
     # IP lists as nets / notNets
     lb = next(d for d in pols if d["metadata"]["name"].startswith("rf-ordering-internet-to-lb"))["spec"]
-    assert lb["ingress"][0]["source"] == {
-        "nets": ["0.0.0.0/0", "::/0"],
-        "notNets": ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"],
-    }
+    assert [(r["ipVersion"], r["source"]) for r in lb["ingress"]] == [
+        (4, {"nets": ["0.0.0.0/0"], "notNets": ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]}),
+        (6, {"nets": ["::/0"]}),
+    ]
+    # Calico refuses rules mixing IPv4 and IPv6 CIDRs
+    for d in pols:
+        for r in d["spec"].get("ingress", []) + d["spec"].get("egress", []):
+            cidrs = [
+                c for side in ("source", "destination") for k in ("nets", "notNets") for c in r.get(side, {}).get(k, [])
+            ]
+            assert len({":" in c for c in cidrs}) <= 1, (d["metadata"]["name"], r)
     # selectors matching label-less endpoints keep quarantined ones out
     dns = next(d for d in pols if d["metadata"]["name"] == "rf-core-services-dns-in")["spec"]
     assert dns["ingress"][0]["source"] == {"selector": f"!has({QUARANTINE_LABEL})"}
+
+
+def test_split_families() -> None:
+    rule = {
+        "action": "Allow",
+        "protocol": "ICMP",
+        "icmp": {"type": 8},
+        "source": {"nets": ["10.0.0.0/8", "fd00::/8"], "notNets": ["10.1.0.0/16"]},
+    }
+    assert split_families(rule) == [
+        {**rule, "source": {"nets": ["10.0.0.0/8"], "notNets": ["10.1.0.0/16"]}, "ipVersion": 4}
+    ]
+    only_v4_nets = {"action": "Deny", "destination": {"nets": ["192.0.2.0/24"], "notNets": ["fd00::/8"]}}
+    assert split_families(only_v4_nets) == [
+        {"action": "Deny", "destination": {"nets": ["192.0.2.0/24"]}, "ipVersion": 4}
+    ]
+    assert split_families({"action": "Allow", "source": {"selector": "all()"}}) == [
+        {"action": "Allow", "source": {"selector": "all()"}}
+    ]
 
 
 def test_selector_and_service_translation() -> None:

@@ -30,7 +30,8 @@ analysers such as network-config-analyzer can read. Translation:
   ``!=``, ``not in``, ``!has``) gets ``&& !has(ringfence.io/quarantined)`` so it cannot pick a
   quarantined endpoint.
 * **IP lists** become ``nets`` (the list's CIDRs) and ``notNets`` (its exclusions); ``any`` is
-  no constraint. **Services** become one Calico rule per protocol with ``destination.ports``
+  no constraint. Calico refuses a rule mixing IPv4 and IPv6 CIDRs, so such a rule is split into
+  one rule per family with ``ipVersion`` (:func:`split_families`). **Services** become one Calico rule per protocol with ``destination.ports``
   (``lo:hi`` ranges) or ``icmp.type``; ``any`` is a rule without ``protocol``.
 * **Modes**: ``idle`` and ``observe`` endpoints get an allow-all policy (order 30). Calico has no
   "report would-drops but allow" outside its staged policies, so observe mode's reporting is
@@ -215,12 +216,58 @@ def _gnp(
 ) -> dict[str, Any]:
     kind = "StagedGlobalNetworkPolicy" if staged else "GlobalNetworkPolicy"
     types = ["Ingress"] if direction == "ingress" else ["Egress"]
+    rules = [part for r in rules for part in split_families(r)]
     return {
         "apiVersion": API_VERSION,
         "kind": kind,
         "metadata": {"name": name},
         "spec": {"order": order, "selector": selector, "types": types, direction: rules},
     }
+
+
+def _is_v6(cidr: str) -> bool:
+    return ":" in cidr
+
+
+def split_families(rule: dict[str, Any]) -> list[dict[str, Any]]:
+    """Calico rejects a rule whose nets/notNets mix IPv4 and IPv6: split it into one rule per family.
+
+    Each part gets ``ipVersion`` and keeps only its family's CIDRs; a side whose ``nets`` have
+    none of that family drops the part (it could only match the other family). ICMP parts are
+    IPv4 only, ICMPv6 parts IPv6 only. The union of the parts matches what the rule meant.
+    """
+    families = {
+        _is_v6(c)
+        for side in ("source", "destination")
+        for key in ("nets", "notNets")
+        for c in (rule.get(side) or {}).get(key, [])
+    }
+    if len(families) < 2:
+        return [rule]
+    out: list[dict[str, Any]] = []
+    for v6 in (False, True):
+        if rule.get("protocol") == ("ICMP" if v6 else "ICMPv6"):
+            continue
+        part = dict(rule)
+        keep = True
+        for side in ("source", "destination"):
+            match = rule.get(side)
+            if not match:
+                continue
+            narrowed = dict(match)
+            for key in ("nets", "notNets"):
+                if key in match:
+                    cidrs = [c for c in match[key] if _is_v6(c) == v6]
+                    if cidrs:
+                        narrowed[key] = cidrs
+                    else:
+                        del narrowed[key]
+                        keep = keep and key != "nets"
+            part[side] = narrowed
+        if keep:
+            part["ipVersion"] = 6 if v6 else 4
+            out.append(part)
+    return out
 
 
 @dataclass(slots=True)
