@@ -41,6 +41,7 @@ def test_incremental_cover_deltas_track_the_canonical_cover(ops: list[tuple[bool
         cover = (cover - set(removed)) | set(added)
         expected = reference(set(counts))
         assert sorted(cover) == sorted(expected) == sorted(s.elements())
+        assert s.elements() == expected, "elements() is the canonical cover in canonical order"
 
 
 def test_cover_of_a_run() -> None:
@@ -61,3 +62,8 @@ def test_exclusions() -> None:
     )
     assert any(ipaddress.ip_address("10.2.0.1") in n for n in nets)
     assert sum(n.num_addresses for n in nets) == 2**24 - 2**16
+
+
+@given(st.integers(min_value=0, max_value=2**32 - 1), st.integers(min_value=0, max_value=32))
+def test_format_v4_prefix_matches_ipaddress(value: int, length: int) -> None:
+    assert addresses.format_prefix((4, value, length)) == f"{ipaddress.IPv4Address(value)}/{length}"

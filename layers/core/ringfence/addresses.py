@@ -34,8 +34,8 @@ def parse_prefix(text: str) -> Prefix:
 
 def format_prefix(prefix: Prefix) -> str:
     family, value, length = prefix
-    if family == V4:
-        return f"{ipaddress.IPv4Address(value)}/{length}"
+    if family == V4:  # the hot path of rendering sets: plain integer formatting, no ipaddress objects
+        return f"{value >> 24}.{(value >> 16) & 255}.{(value >> 8) & 255}.{value & 255}/{length}"
     return f"{ipaddress.IPv6Address(value)}/{length}"
 
 
@@ -121,12 +121,12 @@ class AddressSet:
 
     counts: dict[Address, int] = field(default_factory=dict)
     _sorted: dict[int, list[int]] = field(default_factory=lambda: {V4: [], V6: []})
+    _cover: set[Prefix] = field(default_factory=set)
+    """the canonical cover, kept by applying each add/remove delta (no re-aggregation)"""
 
     def elements(self) -> list[Prefix]:
-        out: list[Prefix] = []
-        for family in (V4, V6):
-            out.extend(cover_of_addresses([(family, v) for v in self._sorted[family]]))
-        return out
+        """The canonical cover: v4 before v6, ascending (disjoint prefixes sort by network)."""
+        return sorted(self._cover)
 
     def __len__(self) -> int:
         return len(self.counts)
@@ -168,7 +168,10 @@ class AddressSet:
         bits = _BITS[family]
         shift = bits - length
         block = (family, (value >> shift) << shift, length)
-        return [block], self._pieces(family, value, length)
+        pieces = self._pieces(family, value, length)
+        self._cover.difference_update(pieces)
+        self._cover.add(block)
+        return [block], pieces
 
     def remove(self, addr: Address) -> tuple[list[Prefix], list[Prefix]]:
         """Drop one reference; returns (elements added, elements removed) of the cover."""
@@ -186,4 +189,7 @@ class AddressSet:
         block = (family, (value >> shift) << shift, length)
         arr = self._sorted[family]
         arr.pop(bisect.bisect_left(arr, value))
-        return self._pieces(family, value, length), [block]
+        pieces = self._pieces(family, value, length)
+        self._cover.discard(block)
+        self._cover.update(pieces)
+        return pieces, [block]

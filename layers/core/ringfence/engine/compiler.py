@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from ringfence import addresses, selectors
 from ringfence.addresses import Address, AddressSet, Prefix
-from ringfence.engine.index import LabelIndex, iter_bits
+from ringfence.engine.index import LabelIndex, RestrictionIndex, iter_bits
 from ringfence.labels import Problem
 from ringfence.model import Mode, Workload
 from ringfence.policy import ACTION_RANK, CompiledRule, Peer, Policy
@@ -156,6 +156,22 @@ class Engine:
                     canon = peer.canonical()
                     if canon not in self._selector_entries:
                         self._selector_entries[canon] = _SelectorEntry(peer.selector, selectors.matcher(peer.selector))
+        # a changed workload is tested only against rules and selectors its labels can match
+        self._rule_candidates: RestrictionIndex[tuple[int, str]] = RestrictionIndex(
+            [
+                ((pos, INBOUND), r.provider.selector)
+                for pos, r in enumerate(self.rules)
+                if r.provider.selector is not None
+            ]
+            + [
+                ((pos, OUTBOUND), r.consumer.selector)
+                for pos, r in enumerate(self.rules)
+                if r.consumer.selector is not None
+            ]
+        )
+        self._entry_candidates: RestrictionIndex[_SelectorEntry] = RestrictionIndex(
+            (entry, entry.node) for entry in self._selector_entries.values()
+        )
         fs = policy.failsafes
         self._failsafes = {
             "admin_cidrs": [addresses.format_prefix(p) for p in fs.admin_cidrs],
@@ -378,7 +394,7 @@ class Engine:
         if ws is None or not ws.selectable or not ws.addrs:
             return out
         labels = ws.labels
-        for entry in self._selector_entries.values():
+        for entry in self._entry_candidates.candidates(labels):
             if not entry.variants or not entry.match(labels):
                 continue
             for dims, by_values in entry.variants.items():
@@ -392,13 +408,16 @@ class Engine:
             return ()
         out: list[tuple[int, str, SetKey | None]] = []
         labels = ws.labels
-        for pos, rule in enumerate(self.rules):
-            pm = self._provider_match[pos]
-            if pm is not None and pm(labels):
-                out.append((pos, INBOUND, self._key_for(rule.consumer, rule.same, labels)))
-            cm = self._consumer_match[pos]
-            if cm is not None and cm(labels):
-                out.append((pos, OUTBOUND, self._key_for(rule.provider, rule.same, labels)))
+        for pos, direction in self._rule_candidates.candidates(labels):
+            rule = self.rules[pos]
+            if direction == INBOUND:
+                pm = self._provider_match[pos]
+                if pm is not None and pm(labels):
+                    out.append((pos, INBOUND, self._key_for(rule.consumer, rule.same, labels)))
+            else:
+                cm = self._consumer_match[pos]
+                if cm is not None and cm(labels):
+                    out.append((pos, OUTBOUND, self._key_for(rule.provider, rule.same, labels)))
         return tuple(sorted(out, key=_entry_order))
 
     # --- rendering -----------------------------------------------------------------------------

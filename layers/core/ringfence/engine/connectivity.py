@@ -15,9 +15,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ringfence.engine.compiler import WorkloadState
+from ringfence.engine.index import LabelIndex, iter_bits
 from ringfence.model import Action
 from ringfence.policy import CompiledRule, Policy
-from ringfence.selectors import matcher
+from ringfence.selectors import evaluate
 from ringfence.services import PortRange
 
 LabelKey = tuple[tuple[str, str], ...]
@@ -117,20 +118,46 @@ def compute(policy: Policy, workloads: Iterable[WorkloadState], include_staged: 
         key = label_key(ws.labels)
         groups[key].append(ws.id)
         labels_of[key] = ws.labels
+    # groups get slots in a label index, so a rule's selectors are evaluated once over bitsets
+    # and only the groups they match are visited
+    keys = list(labels_of)
+    index = LabelIndex()
+    for slot, key in enumerate(keys):
+        index.add(slot, labels_of[key])
     allow: dict[tuple[LabelKey, LabelKey], tuple[list[PortRange], list[str]]] = {}
     deny: dict[tuple[LabelKey, LabelKey], list[PortRange]] = defaultdict(list)
+    overrides: list[CompiledRule] = []
     for rule in policy.rules:
         if rule.staged and not include_staged:
             continue
         if rule.action is Action.DENY or rule.consumer.selector is None or rule.provider.selector is None:
             continue
-        for pair in _pairs(rule, labels_of):
-            if rule.action is Action.OVERRIDE_DENY:
-                deny[pair].extend(rule.services)
-            else:
-                services, rule_ids = allow.setdefault(pair, ([], []))
-                services.extend(rule.services)
-                rule_ids.append(rule.id)
+        if rule.action is Action.OVERRIDE_DENY:
+            overrides.append(rule)
+            continue
+        for pair in _pairs(rule, keys, labels_of, index):
+            services, rule_ids = allow.setdefault(pair, ([], []))
+            services.extend(rule.services)
+            rule_ids.append(rule.id)
+    # override-deny only matters where something is allowed: a boundary such as non-prod ↛ prod
+    # spans far more group pairs than there are allowed edges, so test the edges against it
+    slot_of = {key: slot for slot, key in enumerate(keys)}
+    for rule in overrides:
+        assert rule.consumer.selector is not None and rule.provider.selector is not None
+        consumers = set(iter_bits(evaluate(rule.consumer.selector, index)))
+        providers = set(iter_bits(evaluate(rule.provider.selector, index)))
+        if len(consumers) * len(providers) <= len(allow):
+            pairs: Iterable[tuple[LabelKey, LabelKey]] = (p for p in _pairs(rule, keys, labels_of, index) if p in allow)
+        else:
+            pairs = [
+                (c, p)
+                for c, p in allow
+                if slot_of[c] in consumers
+                and slot_of[p] in providers
+                and all(labels_of[c].get(d) == labels_of[p].get(d) for d in rule.same)
+            ]
+        for pair in pairs:
+            deny[pair].extend(rule.services)
     edges: dict[tuple[LabelKey, LabelKey], Edge] = {}
     for pair, (services, rule_ids) in allow.items():
         remaining = normalise(subtract(services, deny[pair]) if pair in deny else services)
@@ -139,19 +166,24 @@ def compute(policy: Policy, workloads: Iterable[WorkloadState], include_staged: 
     return Matrix(dict(groups), edges)
 
 
-def _pairs(rule: CompiledRule, labels_of: Mapping[LabelKey, dict[str, str]]) -> Iterable[tuple[LabelKey, LabelKey]]:
+def _pairs(
+    rule: CompiledRule, keys: list[LabelKey], labels_of: Mapping[LabelKey, dict[str, str]], index: LabelIndex
+) -> Iterable[tuple[LabelKey, LabelKey]]:
     assert rule.consumer.selector is not None and rule.provider.selector is not None
-    cm, pm = matcher(rule.consumer.selector), matcher(rule.provider.selector)
+    provider_bits = evaluate(rule.provider.selector, index)
+    if not provider_bits:
+        return
+    consumer_bits = evaluate(rule.consumer.selector, index)
+    same = rule.same
     providers: dict[tuple[str | None, ...], list[LabelKey]] = defaultdict(list)
-    consumers: list[tuple[LabelKey, tuple[str | None, ...]]] = []
-    for key, labels in labels_of.items():
-        pinned = tuple(labels.get(d) for d in rule.same)
-        if pm(labels):
-            providers[pinned].append(key)
-        if cm(labels):
-            consumers.append((key, pinned))
-    for ckey, pinned in consumers:
-        for pkey in providers.get(pinned, ()):
+    for slot in iter_bits(provider_bits):
+        key = keys[slot]
+        labels = labels_of[key]
+        providers[tuple(labels.get(d) for d in same)].append(key)
+    for slot in iter_bits(consumer_bits):
+        ckey = keys[slot]
+        labels = labels_of[ckey]
+        for pkey in providers.get(tuple(labels.get(d) for d in same), ()):
             yield ckey, pkey
 
 

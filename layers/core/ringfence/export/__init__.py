@@ -1,0 +1,1 @@
+"""Exports of a policy and inventory to other systems' formats (Calico)."""
