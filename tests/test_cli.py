@@ -268,3 +268,31 @@ def test_non_utf8_policy_is_a_clear_error(tmp_path: Path) -> None:
     bad.write_bytes(b"services: []\n# \xff\n")
     proc = rf("policy", "validate", str(bad), ok=False)
     assert proc.returncode == 1 and "not UTF-8 text" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_json_has_the_documented_keys() -> None:
+    result = json.loads(rf("bench", "--workloads", "200", "--changes", "20", "--json").stdout)
+    for key in (
+        "workloads",
+        "rules",
+        "full_compile_s",
+        "incremental_p50_s",
+        "incremental_p99_s",
+        "naive_pair_rules",
+        "compiled_rules",
+        "compiled_set_elements",
+        "bundle_bytes_total",
+        "peak_rss_mb",
+    ):
+        assert key in result, key
+    assert result["workloads"] == 200 and result["naive_pair_rules"] > 0
+
+
+def test_export_calico(tmp_path: Path) -> None:
+    import yaml
+
+    rf("export", "calico", "--policy", POLICY, "--inventory", INVENTORY, "--out", str(tmp_path / "calico.yaml"))
+    docs = list(yaml.safe_load_all((tmp_path / "calico.yaml").read_text()))
+    kinds = {d["kind"] for d in docs}
+    assert {"HostEndpoint", "GlobalNetworkPolicy"} <= kinds
+    assert sum(d["kind"] == "HostEndpoint" for d in docs) == 20

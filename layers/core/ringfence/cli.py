@@ -314,6 +314,33 @@ def cmd_inventory_show(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- bench and export ---------------------------------------------------------------------------
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ringfence.bench import format_text, run_bench
+
+    result = run_bench(args.workloads, seed=args.seed, changes=args.changes)
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        print(format_text(result))
+    return 0
+
+
+def cmd_export_calico(args: argparse.Namespace) -> int:
+    from ringfence.export.calico import export_calico
+
+    policy = load_policy(Path(args.policy))
+    text = export_calico(policy, _inventory(args), modes=not args.no_modes, failsafes=not args.no_failsafes)
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 # --- keys and bundles --------------------------------------------------------------------------
 
 
@@ -418,6 +445,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workloads", action="store_true", help="list workload pairs instead of groups")
     p.add_argument("--staged", action="store_true", help="include staged rulesets")
     p.add_argument("--json", action="store_true")
+
+    p = add("bench", cmd_bench, help="compile a synthetic estate: full vs incremental, compiled vs naive rules")
+    p.add_argument("--workloads", type=int, default=10_000)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--changes", type=int, default=200, help="random single-workload changes to time")
+    p.add_argument("--json", action="store_true")
+
+    exp = sub.add_parser("export", help="the same policy for other enforcement points").add_subparsers(
+        dest="sub", required=True
+    )
+    p = add("calico", cmd_export_calico, exp, help="Calico HostEndpoint + GlobalNetworkPolicy YAML")
+    _policy_args(p, inventory_required=True)
+    p.add_argument("--out")
+    p.add_argument("--no-modes", action="store_true", help="treat every workload as enforced")
+    p.add_argument("--no-failsafes", action="store_true", help="leave out the fail-safe policies")
 
     p = add("keygen", cmd_keygen, help="create a bundle-signing key pair")
     p.add_argument("--out", required=True)
