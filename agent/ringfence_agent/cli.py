@@ -95,6 +95,31 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drops(args: argparse.Namespace) -> int:
+    """Drop / would-drop events the kernel recorded for the applied bundle (counters + tuple tables)."""
+    from ringfence_agent.plan import compile_plan
+    from ringfence_agent.reports import DropCollector
+
+    state = StateDir(Path(args.state_dir))
+    bundle = state.load_bundle()
+    if bundle is None:
+        return _err(f"no bundle applied in {args.state_dir}")
+    from ringfence_agent.core import effective_bundle
+
+    plan = compile_plan(effective_bundle(bundle, state.load_deltas()), LocalFailsafes())
+    obs = make_backend(args.backend).observe(plan, {})
+    events = DropCollector().events(plan, obs)
+    if args.json:
+        print(json.dumps({"counters": obs.counters, "events": [e.model_dump(mode="json") for e in events]}, indent=1))
+        return 0
+    for name, packets in sorted(obs.counters.items()):
+        print(f"counter {name}: {packets} packets")
+    for e in events:
+        port = f":{e.dport}" if e.dport is not None else ""
+        print(f"{e.action} {e.direction} {e.proto} {e.src} -> {e.dst}{port} x{e.count} rule={e.rule_id or 'default'}")
+    return 0
+
+
 def cmd_flush(args: argparse.Namespace) -> int:
     try:
         removed = make_backend(args.backend).flush()
@@ -151,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", default=str(DEFAULT_STATE))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("drops", help="drop / would-drop events recorded by the kernel for the applied bundle")
+    p.add_argument("--backend", choices=BACKENDS, default="nftables")
+    p.add_argument("--state-dir", default=str(DEFAULT_STATE))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_drops)
     p = sub.add_parser("flush", help="remove Ringfence's table only")
     p.add_argument("--backend", choices=BACKENDS, default="nftables")
     p.set_defaults(func=cmd_flush)
