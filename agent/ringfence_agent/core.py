@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from ringfence.bundle import Bundle, BundleError, SetDelta, Verifier, check_acceptable
 from ringfence_agent.backends import ApplyError, Backend, ElementChange
-from ringfence_agent.plan import LocalFailsafes, Plan, PlanError, compile_plan, split_cidrs
+from ringfence_agent.plan import LocalFailsafes, Plan, PlanError, PlanSet, compile_plan, split_cidrs
 from ringfence_agent.state import StateDir
 
 
@@ -27,20 +27,33 @@ class Result:
     lines: list[str] = field(default_factory=list)
 
 
+def fold_delta(bundle: Bundle, d: SetDelta) -> Bundle:
+    """One delta folded into a bundle's set (O(set size), no validation: callers checked it).
+    Element order is not canonical afterwards; compare with :func:`same_firewall`."""
+    s = bundle.sets[d.set]
+    remove = set(d.remove)
+    v4 = [x for x in s.v4 if x not in remove] if remove else list(s.v4)
+    v6 = [x for x in s.v6 if x not in remove] if remove else list(s.v6)
+    for x in d.add:
+        (v6 if ":" in x else v4).append(x)
+    new_set = s.model_copy(update={"version": d.to_version, "v4": v4, "v6": v6})
+    return bundle.model_copy(update={"sets": {**bundle.sets, d.set: new_set}})
+
+
 def effective_bundle(bundle: Bundle, deltas: list[SetDelta]) -> Bundle:
     """The bundle with its applied deltas folded into the set contents."""
-    if not deltas:
-        return bundle
-    sets = dict(bundle.sets)
     for d in deltas:
-        s = sets[d.set]
-        remove = set(d.remove)
-        v4 = [x for x in s.v4 if x not in remove]
-        v6 = [x for x in s.v6 if x not in remove]
-        for x in d.add:
-            (v6 if ":" in x else v4).append(x)
-        sets[d.set] = s.model_copy(update={"version": d.to_version, "v4": sorted(v4), "v6": sorted(v6)})
-    return bundle.model_copy(update={"sets": sets})
+        bundle = fold_delta(bundle, d)
+    return bundle
+
+
+def same_firewall(a: Bundle, b: Bundle) -> bool:
+    """Equal enforcement content, whatever the element order."""
+    ca, cb = a.content(), b.content()
+    for c in (ca, cb):
+        for s in c["sets"].values():
+            s["v4"], s["v6"] = sorted(s["v4"]), sorted(s["v6"])
+    return ca == cb
 
 
 def applied_revision(bundle: Bundle | None, deltas: list[SetDelta]) -> int | None:
@@ -98,13 +111,32 @@ class Agent:
         self.bundle = state.load_bundle()
         self.deltas = state.load_deltas()
         self.plan: Plan | None = None
+        self._eff: Bundle | None = None  # cache of effective(): deltas fold in O(delta)
+        self._members: dict[str, set[str]] = {}
 
     @property
     def revision(self) -> int | None:
         return applied_revision(self.bundle, self.deltas)
 
     def effective(self) -> Bundle | None:
-        return effective_bundle(self.bundle, self.deltas) if self.bundle is not None else None
+        if self.bundle is None:
+            return None
+        if self._eff is None:
+            self._eff = effective_bundle(self.bundle, self.deltas)
+        return self._eff
+
+    def _set_members(self, name: str) -> set[str]:
+        members = self._members.get(name)
+        if members is None:
+            eff = self.effective()
+            assert eff is not None
+            s = eff.sets[name]
+            members = self._members[name] = {*s.v4, *s.v6}
+        return members
+
+    def _reset_cache(self) -> None:
+        self._eff = None
+        self._members = {}
 
     def _reject(self, what: str, reason: str) -> Rejected:
         self.state.update_status(
@@ -125,9 +157,10 @@ class Agent:
         except (BundleError, PlanError) as exc:
             raise self._reject(what, str(exc)) from None
         current = self.effective()
-        if current is not None and new.version == self.revision and new.content() == current.content():
+        if current is not None and new.version == self.revision and same_firewall(new, current):
             self.state.save_applied(new, [])  # the same firewall, now as one bundle
             self.bundle, self.deltas = new, []
+            self._reset_cache()
             return Result(False, [f"bundle version {new.version} is already applied: no change"])
         old = self.effective()
         try:
@@ -139,6 +172,7 @@ class Agent:
         if self.state.identity() is None:
             self.state.set_identity(self.workload_id)
         self.bundle, self.deltas, self.plan = new, [], plan
+        self._reset_cache()
         self.state.update_status(
             applied_version=new.version,
             mode=new.mode.value,
@@ -175,7 +209,7 @@ class Agent:
             raise self._reject(
                 what, f"to_version {delta.to_version} is older than the applied revision {rev} (rollback refused)"
             )
-        members = set(s.v4) | set(s.v6)
+        members = self._set_members(delta.set)
         try:
             add4, add6 = split_cidrs(delta.add, f"delta {delta.set}.add")
             rem4, rem6 = split_cidrs(delta.remove, f"delta {delta.set}.remove")
@@ -195,10 +229,16 @@ class Agent:
             raise
         self.deltas = [*self.deltas, delta]
         self.state.save_deltas(self.deltas)
-        eff = self.effective()
-        assert eff is not None
-        self.plan = compile_plan(eff, self.local)
-        if getattr(self.backend, "rerender_on_delta", False):
+        # caches move by the delta only: no re-validation of the whole set
+        self._eff = fold_delta(current, delta)
+        members.difference_update(delta.remove)
+        members.update(delta.add)
+        new_set = self._eff.sets[delta.set]
+        if self.plan is not None:  # otherwise compiled lazily from the effective bundle
+            self.plan.sets[delta.set] = PlanSet(tuple(new_set.v4), tuple(new_set.v6))
+        elif getattr(self.backend, "rerender_on_delta", False):
+            self.ensure_plan()
+        if getattr(self.backend, "rerender_on_delta", False) and self.plan is not None:
             self.backend.apply(self.plan)  # addresses live inline in the rules (windows-plan)
         self.state.update_status(applied_version=self.revision, applied_at=time.time(), incr={"deltas_applied": 1})
         return Result(
@@ -223,6 +263,7 @@ class Agent:
                     f"state holds a bundle for {self.bundle.workload_id!r}, this agent is {self.workload_id!r}"
                 )
             eff = self._fold_valid_deltas()
+            self._reset_cache()
             plan = compile_plan(eff, self.local)
         except (BundleError, PlanError) as exc:
             self.state.update_status(last_error=f"last known good unusable: {exc}")
@@ -240,15 +281,16 @@ class Agent:
         """Keep the chain of deltas that still fits (a crash may leave stale ones behind)."""
         assert self.bundle is not None
         kept: list[SetDelta] = []
+        cur = self.bundle
         for d in self.deltas:
-            cur = effective_bundle(self.bundle, kept)
             s = cur.sets.get(d.set)
             if s is not None and s.version == d.from_version:
                 kept.append(d)
+                cur = fold_delta(cur, d)
         if len(kept) != len(self.deltas):
             self.deltas = kept
             self.state.save_deltas(kept)
-        return effective_bundle(self.bundle, kept)
+        return cur
 
     def ensure_plan(self) -> Plan | None:
         if self.plan is None and self.bundle is not None:

@@ -31,6 +31,7 @@ from ringfence_agent.reports import (
     local_addresses,
     make_batches,
     parse_conntrack,
+    summarize_flows,
 )
 from ringfence_agent.sources import ApiSource, Source, SourceError, StaticSource, Unreachable
 from ringfence_agent.state import StateDir
@@ -226,7 +227,7 @@ class Daemon:
     def send_reports(self) -> None:
         batches = self.spool.pop_all()
         drops = self.drops.take(self.cfg.max_buffered_records)
-        flows = self.flows.take(self.cfg.max_buffered_records)
+        flows = summarize_flows(self.flows.take(self.cfg.max_buffered_records))
         discarded = self.drops.discarded + self.flows.discarded + self.spool.discarded
         self.drops.discarded = self.flows.discarded = self.spool.discarded = 0
         batches += make_batches(drops, flows, discarded)
@@ -240,7 +241,7 @@ class Daemon:
 
     def _spool_buffers(self) -> None:
         drops = self.drops.take(self.cfg.max_buffered_records)
-        flows = self.flows.take(self.cfg.max_buffered_records)
+        flows = summarize_flows(self.flows.take(self.cfg.max_buffered_records))
         if self.source.kind == "api":
             for b in make_batches(drops, flows, 0):
                 self.spool.append(b)
@@ -270,6 +271,5 @@ class Daemon:
             self.counters[k] = self.counters.get(k, 0) + v
         now = time.time()
         for f in parse_conntrack(self.flow_source.lines(), local, now):
-            f = f.model_copy(update={"sport": None})  # summaries: ephemeral ports folded
             self.flows.add(flow_key(f), f)
         self.state.update_status(flows_source=self.flow_source.kind)

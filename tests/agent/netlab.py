@@ -153,7 +153,7 @@ class Lab:
     def reset(self, host: str) -> None:
         """Remove whatever Ringfence programmed in one host (both backends)."""
         self.exec(host, "nft", "delete", "table", "inet", "ringfence")
-        if shutil.which("iptables-restore"):
+        if shutil.which("iptables-restore") and "RF-IN" in self.exec(host, "iptables-save", "-t", "filter").stdout:
             self.agent(host, "flush", "--backend", "iptables")
 
     def close(self) -> None:

@@ -112,15 +112,18 @@ def hold(host: str, port: int) -> None:
 
 
 def rate(host: str, port: int, seconds: float) -> None:
-    n = 0
+    n = failed = 0
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         with socket.socket(_family(host), socket.SOCK_STREAM) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-            s.settimeout(1)
-            s.connect((host, port))
-        n += 1
-    print(f"{n / seconds:.1f}")
+            s.settimeout(0.2)
+            try:
+                s.connect((host, port))
+                n += 1
+            except OSError:
+                failed += 1
+    print(f"{n / seconds:.1f} {failed}")
 
 
 def main() -> int:

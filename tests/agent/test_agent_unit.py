@@ -18,7 +18,15 @@ from ringfence_agent.config import ConfigError, load_config
 from ringfence_agent.core import Agent, Rejected, effective_bundle
 from ringfence_agent.daemon import backoff_delay
 from ringfence_agent.plan import LocalFailsafes, PlanError, compile_plan
-from ringfence_agent.reports import BoundedBuffer, DropCollector, Spool, drop_key, make_batches, parse_conntrack
+from ringfence_agent.reports import (
+    BoundedBuffer,
+    DropCollector,
+    Spool,
+    drop_key,
+    make_batches,
+    parse_conntrack,
+    summarize_flows,
+)
 from ringfence_agent.state import StateDir
 from tests.agent.bundles import GOLDEN, PUBLIC_KEY, forge, key, resign
 
@@ -98,7 +106,11 @@ def test_nft_text_failsafes_first_rules_in_order_default_last() -> None:
     order = [int(line.split("counter name r_in_")[1].split()[0]) for line in lines if "counter name r_in_" in line]
     assert order == sorted(order)
     assert lines[-1] == 'counter name d_in drop comment "default enforce"'
+    assert "ip saddr @s_rf_ddfcd0006f043dbb_4h counter name r_in_0 update @t_r_in_0_4" in text
     assert "ip saddr @s_rf_ddfcd0006f043dbb_4 counter name r_in_0 update @t_r_in_0_4" in text
+    # single addresses in hash sets (fast deltas), prefixes in interval sets
+    assert "set s_rf_5fbfd843f3a466db_4 { type ipv4_addr; flags interval; elements = { 10.1.1.10/31 } }" in text
+    assert "set s_rf_4c992da7231b1f7e_6h { type ipv6_addr; elements = { fd00:1::3:10 } }" in text
     assert "ip6 saddr @s_rf_4c992da7231b1f7e_6" not in text  # outbound uses daddr
     assert "ip6 daddr @s_rf_4c992da7231b1f7e_6 tcp dport 5432 counter name r_out_4 accept" in text
     assert "ip saddr @fs_admin_4 tcp dport 22 accept" in text
@@ -126,9 +138,9 @@ def test_nft_delta_deletes_before_adds() -> None:
     change = ElementChange("rf_x", add_v4=("10.0.0.4/31",), remove_v4=("10.0.0.4/32",), add_v6=("fd00::1/128",))
     text = NftRenderer.render_delta(change)
     assert text.splitlines() == [
-        "delete element inet ringfence s_rf_x_4 { 10.0.0.4/32 }",
+        "delete element inet ringfence s_rf_x_4h { 10.0.0.4 }",
         "add element inet ringfence s_rf_x_4 { 10.0.0.4/31 }",
-        "add element inet ringfence s_rf_x_6 { fd00::1/128 }",
+        "add element inet ringfence s_rf_x_6h { fd00::1 }",
     ]
 
 
@@ -438,6 +450,9 @@ def test_parse_conntrack_proc_format() -> None:
         ("outbound", "fd77::2", "fd77::3", "udp", 5353, 0, 0),
     ]
     assert isinstance(flows[0], FlowRecord)
+    again = flows[0].model_copy(update={"sport": 40001, "packets": 1, "bytes": 60, "start": 0.5, "end": 3.0})
+    (summary, _) = summarize_flows([flows[0], again, flows[1]])
+    assert (summary.sport, summary.packets, summary.bytes, summary.start, summary.end) == (None, 10, 610, 0.5, 3.0)
 
 
 def test_backoff_has_jitter_and_cap() -> None:
@@ -455,3 +470,36 @@ def test_state_writes_are_atomic_files(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["bundle.json", "deltas.json"]
     assert oct((tmp_path / "s" / "bundle.json").stat().st_mode & 0o777) == "0o600"
     assert isinstance(st.load_deltas()[0], SetDelta)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "10.0.0.0/8",
+        "10.0.0.1",
+        "010.0.0.1/32",
+        "10.0.0.1/8",
+        "fd00::1/128",
+        "FD00::1/128",
+        "fd00:0::1/128",
+        "::ffff:1.2.3.4/128",
+        "10.0.0.0/33",
+        "1.2.3.4/0032",
+        "1.2.3.4/",
+        "fd00::/200",
+        "x",
+    ],
+)
+def test_fast_cidr_path_agrees_with_ipaddress(text: str) -> None:
+    import ipaddress
+
+    from ringfence_agent.plan import split_cidrs
+
+    try:
+        net = ipaddress.ip_network(text, strict=True)
+    except ValueError:
+        with pytest.raises(PlanError):
+            split_cidrs([text], "x")
+        return
+    v4, v6 = split_cidrs([text], "x")
+    assert (v4 or v6) == (str(net),)

@@ -32,18 +32,38 @@ _ND_IN = "nd-neighbor-solicit, nd-neighbor-advert, nd-router-advert, nd-redirect
 _ND_OUT = "nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit"
 
 
-def set_name(bundle_set: str, family: int) -> str:
-    return f"s_{bundle_set}_{family}"
+def set_name(bundle_set: str, family: int, hosts: bool = False) -> str:
+    """``s_<set>_4`` holds prefixes (interval set); ``s_<set>_4h`` single addresses (hash set).
+
+    Host addresses live in a plain hash set because nft (1.0.x) reads a whole interval set back
+    before changing it: one element added to a 100,000-element interval set costs ~1 s, to a
+    hash set ~3 ms. Most set members are single workload addresses."""
+    return f"s_{bundle_set}_{family}{'h' if hosts else ''}"
 
 
 def _elements(items: Iterable[str]) -> str:
     return ", ".join(items)
 
 
-def _set_decl(name: str, family: int, items: tuple[str, ...]) -> str:
+def split_hosts(items: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(prefixes, host addresses without their /32 or /128)."""
+    prefixes: list[str] = []
+    hosts: list[str] = []
+    for x in items:
+        addr, _, length = x.partition("/")
+        if not length or length == ("128" if ":" in addr else "32"):
+            hosts.append(addr)
+        else:
+            prefixes.append(x)
+    return prefixes, hosts
+
+
+def _set_decl(name: str, family: int, items: Iterable[str], interval: bool = True) -> str:
     kind = "ipv4_addr" if family == 4 else "ipv6_addr"
-    elems = f" elements = {{ {_elements(items)} }}" if items else ""
-    return f"\tset {name} {{ type {kind}; flags interval;{elems} }}\n"
+    text = _elements(items)
+    elems = f" elements = {{ {text} }}" if text else ""
+    flags = " flags interval;" if interval else ""
+    return f"\tset {name} {{ type {kind};{flags}{elems} }}\n"
 
 
 def _svc(m: Match) -> str:
@@ -94,8 +114,10 @@ class NftRenderer:
             out.append(_set_decl(f"{name}_4", 4, items4))
             out.append(_set_decl(f"{name}_6", 6, items6))
         for sname, s in sorted(plan.sets.items()):
-            out.append(_set_decl(set_name(sname, 4), 4, s.v4))
-            out.append(_set_decl(set_name(sname, 6), 6, s.v6))
+            for fam, items in ((4, s.v4), (6, s.v6)):
+                prefixes, hosts = split_hosts(items)
+                out.append(_set_decl(set_name(sname, fam), fam, prefixes))
+                out.append(_set_decl(set_name(sname, fam, hosts=True), fam, hosts, interval=False))
         for r in plan.rules:
             out.append(f'\tcounter {r.counter} {{ comment "{safe_comment(r.action + " " + r.rule_id)}" }}\n')
         out.append('\tcounter d_in { comment "default inbound" }\n\tcounter d_out { comment "default outbound" }\n')
@@ -157,11 +179,15 @@ class NftRenderer:
         for m in r.services:
             for fam in _families(m):
                 if r.set is not None:
-                    match = f"{_addr(r.direction, fam)} @{set_name(r.set, fam)}"
+                    matches = [
+                        f"{_addr(r.direction, fam)} @{set_name(r.set, fam, hosts=True)}",
+                        f"{_addr(r.direction, fam)} @{set_name(r.set, fam)}",
+                    ]
                 else:
-                    match = f"meta nfproto {'ipv4' if fam == 4 else 'ipv6'}"
+                    matches = [f"meta nfproto {'ipv4' if fam == 4 else 'ipv6'}"]
                 track = f"update @t_{r.counter}_{fam} {{ {_TUPLE_KEY[fam]} }}" if r.drops else ""
-                lines.append(_join(match, _svc(m), f"counter name {r.counter}", track, verdict, comment))
+                for match in matches:
+                    lines.append(_join(match, _svc(m), f"counter name {r.counter}", track, verdict, comment))
         return lines
 
     @staticmethod
@@ -178,12 +204,18 @@ class NftRenderer:
     def render_delta(change: ElementChange) -> str:
         lines: list[str] = []
         # deletes first: one transaction, so a /32 → /31 merge never overlaps mid-way
-        for fam, items in ((4, change.remove_v4), (6, change.remove_v6)):
-            if items:
-                lines.append(f"delete element {FAMILY} {TABLE} {set_name(change.set, fam)} {{ {_elements(items)} }}")
-        for fam, items in ((4, change.add_v4), (6, change.add_v6)):
-            if items:
-                lines.append(f"add element {FAMILY} {TABLE} {set_name(change.set, fam)} {{ {_elements(items)} }}")
+        for verb, groups in (
+            ("delete", ((4, change.remove_v4), (6, change.remove_v6))),
+            ("add", ((4, change.add_v4), (6, change.add_v6))),
+        ):
+            for fam, items in groups:
+                prefixes, hosts = split_hosts(items)
+                for name, elems in (
+                    (set_name(change.set, fam, hosts=True), hosts),
+                    (set_name(change.set, fam), prefixes),
+                ):
+                    if elems:
+                        lines.append(f"{verb} element {FAMILY} {TABLE} {name} {{ {_elements(elems)} }}")
         return "\n".join(lines) + "\n"
 
 
