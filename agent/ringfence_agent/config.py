@@ -62,7 +62,7 @@ class AgentConfig(BaseModel):
     wait_timeout: float = Field(25.0, ge=1, le=300, description="long-poll duration (seconds)")
     heartbeat_interval: float = Field(60.0, ge=1)
     report_interval: float = Field(30.0, ge=1)
-    observe_interval: float = Field(5.0, ge=0.2, description="how often counters/conntrack are polled")
+    observe_interval: float = Field(10.0, ge=0.2, description="how often counters/conntrack are polled")
     backoff_max: float = Field(300.0, ge=1)
     request_timeout: float = Field(10.0, ge=0.5)
     max_buffered_records: int = Field(10_000, ge=10, le=1_000_000)

@@ -7,6 +7,9 @@ jitter, capped) and keeps enforcing what it has; it never flushes on errors or o
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import os
 import random
 import signal
@@ -39,6 +42,13 @@ from ringfence_agent.state import StateDir
 
 def log(msg: str) -> None:
     print(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} ringfence-agent: {msg}", file=sys.stderr, flush=True)
+
+
+def release_memory() -> None:
+    """Hand freed heap back to the OS after a large apply (glibc only; best effort)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def backoff_delay(failures: int, cap: float, rng: random.Random) -> float:
@@ -89,7 +99,12 @@ class Daemon:
     def run(self, once: bool = False) -> int:
         if threading.current_thread() is threading.main_thread():
             self._signals()
-        self.state.update_status(daemon={"pid": os.getpid(), "started": time.time(), "source": self.source.kind})
+        self.state.update_status(
+            daemon={"pid": os.getpid(), "started": time.time(), "source": self.source.kind},
+            flows_source=self.flow_source.kind,
+        )
+        if self.flow_source.kind == "unavailable":
+            log("no /proc/net/nf_conntrack and no conntrack tool: flow reports are disabled (drops still reported)")
         self.start_enforcing()
         observer = threading.Thread(target=self._observe_loop, name="observer", daemon=True)
         observer.start()
@@ -142,6 +157,7 @@ class Daemon:
         except (Rejected, ApplyError) as exc:
             self.last_message = str(exc)
             log(f"{exc}")
+        release_memory()
 
     # --- sync --------------------------------------------------------------------------------
 
@@ -182,6 +198,7 @@ class Daemon:
             self.collector.reset()
             for line in result.lines:
                 log(line)
+            release_memory()
         eff = self.agent.effective()
         if eff is not None and self.agent.revision is not None:
             more = self.source.deltas(self.agent.revision, {n: s.version for n, s in eff.sets.items()})
@@ -272,4 +289,3 @@ class Daemon:
         now = time.time()
         for f in parse_conntrack(self.flow_source.lines(), local, now):
             self.flows.add(flow_key(f), f)
-        self.state.update_status(flows_source=self.flow_source.kind)

@@ -9,7 +9,11 @@ with its own packet counter. The agent polls counters and tuple sets; nothing is
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
+import os
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -219,16 +223,76 @@ class NftRenderer:
         return "\n".join(lines) + "\n"
 
 
+class LibNftables:
+    """libnftables in-process (what the ``nft`` binary wraps): no fork/exec per transaction or poll.
+
+    A fresh context per call, so no cache outlives a transaction; one lock, so the observer
+    thread and the apply path never share a context."""
+
+    JSON = 1 << 4  # NFT_CTX_OUTPUT_JSON
+
+    def __init__(self) -> None:
+        lib = ctypes.CDLL(ctypes.util.find_library("nftables") or "libnftables.so.1")
+        lib.nft_ctx_new.restype = ctypes.c_void_p
+        lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+        lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_buffer_output.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_get_output_buffer.restype = ctypes.c_char_p
+        lib.nft_ctx_get_output_buffer.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
+        lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_output_set_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
+        lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
+        self.lib = lib
+        self.lock = threading.Lock()
+
+    def run(self, script: str, json_output: bool = False) -> tuple[int, str, str]:
+        with self.lock:
+            ctx = self.lib.nft_ctx_new(0)
+            if not ctx:
+                return 1, "", "nft_ctx_new failed"
+            try:
+                if json_output:
+                    self.lib.nft_ctx_output_set_flags(ctx, self.JSON)
+                self.lib.nft_ctx_buffer_output(ctx)
+                self.lib.nft_ctx_buffer_error(ctx)
+                rc = self.lib.nft_run_cmd_from_buffer(ctx, script.encode())
+                out = (self.lib.nft_ctx_get_output_buffer(ctx) or b"").decode(errors="replace")
+                err = (self.lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace")
+                return rc, out, err
+            finally:
+                self.lib.nft_ctx_free(ctx)
+
+
+def _load_lib() -> LibNftables | None:
+    if os.environ.get("RINGFENCE_NFT_CLI") == "1":
+        return None
+    try:
+        return LibNftables()
+    except (OSError, AttributeError):
+        return None
+
+
 class NftBackend(NftRenderer):
     name = "nftables"
 
     def __init__(self, nft: str = "nft") -> None:
         self.nft = nft
+        self.lib = _load_lib()
+
+    def _run(self, script: str, json_output: bool = False) -> tuple[int, str, str]:
+        if self.lib is not None:
+            return self.lib.run(script, json_output)
+        cmd = [self.nft, "-j", "-f", "-"] if json_output else [self.nft, "-f", "-"]
+        proc = run(cmd, stdin=script, timeout=120)
+        return proc.returncode, proc.stdout, proc.stderr
 
     def _exec(self, script: str, what: str) -> None:
-        proc = run([self.nft, "-f", "-"], stdin=script)
-        if proc.returncode != 0:
-            detail = proc.stderr.strip().splitlines()
+        rc, _, err = self._run(script)
+        if rc != 0:
+            detail = err.strip().splitlines()
             raise ApplyError(f"nft refused the {what} (previous rules still in force): {' | '.join(detail[:6])}")
 
     def apply(self, plan: Plan) -> None:
@@ -239,19 +303,19 @@ class NftBackend(NftRenderer):
             self._exec(self.render_delta(change), f"delta for set {change.set}")
 
     def flush(self) -> bool:
-        present = run([self.nft, "list", "table", FAMILY, TABLE]).returncode == 0
+        present = self.table_present()
         if present:
             self._exec(f"delete table {FAMILY} {TABLE}\n", "flush")
         return present
 
     def table_present(self) -> bool:
-        return run([self.nft, "list", "table", FAMILY, TABLE]).returncode == 0
+        return self._run(f"list tables {FAMILY}\n", json_output=True)[1].find(f'"name": "{TABLE}"') >= 0
 
     def _json(self, *args: str) -> list[dict[str, Any]]:
-        proc = run([self.nft, "-j", "list", *args], timeout=20)
-        if proc.returncode != 0:
+        rc, out, _ = self._run("list " + " ".join(args) + "\n", json_output=True)
+        if rc != 0:
             return []
-        items: list[dict[str, Any]] = json.loads(proc.stdout or "{}").get("nftables", [])
+        items: list[dict[str, Any]] = json.loads(out or "{}").get("nftables", [])
         return items
 
     def list_set(self, name: str) -> list[str]:
