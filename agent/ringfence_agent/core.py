@@ -158,9 +158,10 @@ class Agent:
             raise self._reject(what, str(exc)) from None
         current = self.effective()
         if current is not None and new.version == self.revision and same_firewall(new, current):
-            self.state.save_applied(new, [])  # the same firewall, now as one bundle
-            self.bundle, self.deltas = new, []
-            self._reset_cache()
+            if self.deltas:  # the same firewall, now as one bundle: the delta chain can go
+                self.state.save_applied(new, [])
+                self.bundle, self.deltas = new, []
+                self._reset_cache()
             return Result(False, [f"bundle version {new.version} is already applied: no change"])
         old = self.effective()
         try:

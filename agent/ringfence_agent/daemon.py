@@ -183,6 +183,13 @@ class Daemon:
         seen = (doc.workload_id, doc.version, doc.signature.value if doc.signature else None)
         if seen == self._last_refused:
             return  # refused already: reported once, not on every poll
+        rev = self.agent.revision
+        if self.source.kind == "static" and rev is not None and doc.version < rev and self.agent.deltas:
+            # a static layout's bundle may lag behind the deltas already applied: not a rollback
+            # attempt worth reporting, and never applied (apply_bundle would refuse it anyway)
+            self._last_refused = seen
+            log(f"static bundle version {doc.version} is behind the applied revision {rev} (deltas ahead): kept {rev}")
+            return
         try:
             result = self.agent.apply_bundle(doc)
         except Rejected as exc:

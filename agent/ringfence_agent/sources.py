@@ -89,7 +89,6 @@ class StaticSource:
         self.poll_interval = poll_interval
         self.timeout = timeout
         self._etag: str | None = None
-        self._cached: Bundle | None = None
         self._first = True
 
     def wait(self, version: int | None, timeout: float, stop: threading.Event) -> int | None:
@@ -113,14 +112,14 @@ class StaticSource:
         headers = {"If-None-Match": self._etag} if self._etag else {}
         status, hdrs, body = _http(f"{self.base}/{quote(name)}", self.timeout, headers=headers)
         if status == 304:
-            return self._cached
+            return None  # unchanged since the last fetch: nothing to apply
         if status == 404:
             return None
         if status != 200:
             raise SourceError(f"GET {name}: HTTP {status}")
-        self._cached = load_bundle(body)
+        doc = load_bundle(body)
         self._etag = hdrs.get("ETag") or hdrs.get("Etag")
-        return self._cached
+        return doc
 
     def deltas(self, since: int, sets: dict[str, int]) -> list[SetDelta] | None:
         if self.is_http:
@@ -171,7 +170,6 @@ class ApiSource:
         tok = state.read_json("token.json")
         self.token: str | None = tok.get("token") if tok.get("workload_id") == workload_id else None
         self._etag: str | None = None
-        self._cached: Bundle | None = None
 
     def _agent_url(self, suffix: str) -> str:
         return f"{self.base}/agents/{quote(self.workload_id, safe='')}/{suffix}"
@@ -224,14 +222,14 @@ class ApiSource:
         headers = {"If-None-Match": self._etag} if self._etag else {}
         status, hdrs, body = self._call("bundle", headers=headers)
         if status == 304:
-            return self._cached
+            return None  # unchanged since the last fetch: nothing to apply
         if status == 404:
             return None
         if status != 200:
             raise SourceError(f"bundle: HTTP {status}")
-        self._cached = load_bundle(body)
+        doc = load_bundle(body)
         self._etag = hdrs.get("ETag") or hdrs.get("Etag")
-        return self._cached
+        return doc
 
     def deltas(self, since: int, sets: dict[str, int]) -> list[SetDelta] | None:
         status, _, body = self._call(f"deltas?since={since}")

@@ -533,3 +533,30 @@ def test_installer_writes_a_config_the_agent_accepts(tmp_path: Path) -> None:
     cfg = load_config(tmp_path / "agent.yaml")
     assert cfg.workload_id == "i-0abc" and cfg.admin_cidrs == ["10.99.0.0/24", "192.0.2.0/24"]
     assert cfg.enroll is not None and str(cfg.enroll.pairing_key_file) == "/etc/ringfence/pairing-key"
+
+
+def test_daemon_once_with_static_dir_and_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ringfence_agent.config import AgentConfig
+    from ringfence_agent.daemon import Daemon
+
+    src = tmp_path / "src"
+    (src / "bundles").mkdir(parents=True)
+    (src / "bundles" / "ord-prod-proc-1.json").write_bytes(PROC.read_bytes())
+    (src / "deltas" / "rf_5fbfd843f3a466db").mkdir(parents=True)
+    (src / "deltas" / "rf_5fbfd843f3a466db" / "1-2.json").write_bytes(DELTA.read_bytes())
+    cfg = AgentConfig(
+        workload_id="ord-prod-proc-1",
+        public_key=PUBLIC_KEY,
+        state_dir=tmp_path / "state",
+        backend="dry-run",
+        source=str(src),
+    )
+    assert Daemon(cfg).run(once=True) == 0
+    status = StateDir(tmp_path / "state")
+    assert status.load_bundle() == golden(PROC) and [d.to_version for d in status.load_deltas()] == [2]
+    out = capsys.readouterr()
+    assert "add element inet ringfence s_rf_5fbfd843f3a466db_4h { 10.1.1.12 }" in out.out
+    # a second start re-applies the last known good first, then finds nothing new
+    assert Daemon(cfg).run(once=True) == 0
+    err = capsys.readouterr().err
+    assert "re-applied last known good: ord-prod-proc-1 revision 2" in err and "rejected" not in err
