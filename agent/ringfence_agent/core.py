@@ -138,6 +138,10 @@ class Agent:
         self._eff = None
         self._members = {}
 
+    def _local_key(self) -> str:
+        """Fingerprint of the local fail-safes: a config change re-applies an unchanged bundle."""
+        return repr(self.local)
+
     def _reject(self, what: str, reason: str) -> Rejected:
         self.state.update_status(
             last_rejected={"what": what, "reason": reason, "time": time.time()}, incr={"rejected": 1}
@@ -157,7 +161,8 @@ class Agent:
         except (BundleError, PlanError) as exc:
             raise self._reject(what, str(exc)) from None
         current = self.effective()
-        if current is not None and new.version == self.revision and same_firewall(new, current):
+        same_local = self.state.read_json("status.json").get("local_failsafes") == self._local_key()
+        if current is not None and new.version == self.revision and same_local and same_firewall(new, current):
             if self.deltas:  # the same firewall, now as one bundle: the delta chain can go
                 self.state.save_applied(new, [])
                 self.bundle, self.deltas = new, []
@@ -179,6 +184,7 @@ class Agent:
             mode=new.mode.value,
             applied_at=time.time(),
             last_error=None,
+            local_failsafes=self._local_key(),
             incr={"applied": 1},
         )
         return Result(True, describe_change(old, new))
@@ -272,7 +278,11 @@ class Agent:
         self.backend.apply(plan)
         self.plan = plan
         self.state.update_status(
-            applied_version=self.revision, mode=eff.mode.value, applied_at=time.time(), incr={"lkg_reapplied": 1}
+            applied_version=self.revision,
+            mode=eff.mode.value,
+            applied_at=time.time(),
+            local_failsafes=self._local_key(),
+            incr={"lkg_reapplied": 1},
         )
         return Result(
             True, [f"re-applied last known good: {eff.workload_id} revision {self.revision}, mode {eff.mode.value}"]

@@ -130,11 +130,12 @@ class Lab:
         assert line.strip() == "ready", line
         return p
 
-    def tcp(self, src: str, dst: str, port: int, v6: bool = False, timeout: float = 0.5) -> bool:
+    # 0.8 s: far above a lab round trip even on a loaded 2-core CI box; a drop costs exactly this
+    def tcp(self, src: str, dst: str, port: int, v6: bool = False, timeout: float = 0.8) -> bool:
         addr = self.v6(dst) if v6 else self.v4(dst)
         return self.exec(src, PY, str(PROBE), "tcp", addr, str(port), "--timeout", str(timeout)).returncode == 0
 
-    def udp(self, src: str, dst: str, port: int, v6: bool = False, timeout: float = 0.5) -> bool:
+    def udp(self, src: str, dst: str, port: int, v6: bool = False, timeout: float = 0.8) -> bool:
         addr = self.v6(dst) if v6 else self.v4(dst)
         return self.exec(src, PY, str(PROBE), "udp", addr, str(port), "--timeout", str(timeout)).returncode == 0
 

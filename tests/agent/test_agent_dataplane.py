@@ -50,7 +50,7 @@ def net() -> Iterator[NetLab]:
     lab = NetLab(HOSTS)
     try:
         lab.serve("h2", tcp=[22, 8080, 5432], udp=[5353])
-        lab.serve("h3", tcp=[5432])
+        lab.serve("h3", tcp=[5432], udp=[53])
         lab.serve("h4", tcp=[8080])
         yield lab
     finally:
@@ -217,6 +217,31 @@ def test_admin_range_is_never_locked_out(net: NetLab, backend: str, tmp_path: Pa
         )
     )
     assert net.tcp("adm", "h2", 22) and not net.tcp("h1", "h2", 22)
+
+
+def test_dns_to_configured_resolver_survives_a_deny_everything_bundle(
+    net: NetLab, backend: str, tmp_path: Path
+) -> None:
+    lab = lab_engine(net, DENY_ALL_POLICY, extra={"adm": "admin"})
+    path = write(lab.bundle("h2"), tmp_path / "deny.json")
+    args = ["--public-key", str(PUBLIC_KEY), "--backend", backend, "--state-dir", str(tmp_path / "state")]
+    ok(net.agent("h2", "apply", "--bundle", str(path), *args))
+    assert not net.udp("h2", "h3", 53)
+    ok(net.agent("h2", "apply", "--bundle", str(path), *args, "--dns", net.v4("h3")))  # same bundle, local resolver
+    assert net.udp("h2", "h3", 53)  # DNS to the configured resolver
+    assert not net.tcp("h2", "h3", 5432)  # nothing else
+
+
+def test_idle_mode_leaves_the_firewall_alone(net: NetLab, backend: str, tmp_path: Path) -> None:
+    lab = lab_engine(net)
+    state = tmp_path / "state"
+    ok(apply(net, backend, lab.bundle("h2"), state))
+    assert not net.tcp("h4", "h2", 8080)
+    idle = resign(lab.bundle("h2"), version=2, mode=Mode.IDLE)
+    assert "mode idle" in ok(apply(net, backend, idle, state))
+    assert net.tcp("h4", "h2", 8080)
+    assert net.exec("h2", "nft", "list", "table", "inet", "ringfence").returncode != 0
+    assert "RF-IN" not in net.exec("h2", "iptables-save").stdout
 
 
 def test_forged_rolled_back_and_foreign_bundles_are_rejected(net: NetLab, backend: str, tmp_path: Path) -> None:

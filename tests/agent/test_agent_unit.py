@@ -560,3 +560,39 @@ def test_daemon_once_with_static_dir_and_dry_run(tmp_path: Path, capsys: pytest.
     assert Daemon(cfg).run(once=True) == 0
     err = capsys.readouterr().err
     assert "re-applied last known good: ord-prod-proc-1 revision 2" in err and "rejected" not in err
+
+
+def test_daemon_follows_a_plain_http_static_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import functools
+    import http.server
+    import threading
+
+    from ringfence_agent.config import AgentConfig
+    from ringfence_agent.daemon import Daemon
+
+    (tmp_path / "www" / "bundles").mkdir(parents=True)
+    (tmp_path / "www" / "bundles" / "ord-prod-proc-1.json").write_bytes(PROC2.read_bytes())
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "www"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        cfg = AgentConfig(
+            workload_id="ord-prod-proc-1",
+            public_key=PUBLIC_KEY,
+            state_dir=tmp_path / "st",
+            backend="dry-run",
+            source=base,
+        )
+        assert "127.0.0.1" in cfg.local_failsafes().control_plane
+        assert Daemon(cfg).run(once=True) == 0
+        assert StateDir(tmp_path / "st").load_bundle() == golden(PROC2)
+        assert "ip daddr @fs_cp_4 accept" in capsys.readouterr().out
+        # the source goes away: the next start still enforces the last known good
+        server.shutdown()
+        server.server_close()
+        assert Daemon(cfg).run(once=True) == 0
+        err = capsys.readouterr().err
+        assert "re-applied last known good" in err and "still enforcing revision 2" in err
+    finally:
+        server.server_close()
