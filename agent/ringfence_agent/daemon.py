@@ -258,10 +258,15 @@ class Daemon:
         for i, batch in enumerate(batches):
             try:
                 self.source.report(batch)
-            except (Unreachable, SourceError):
+            except Unreachable:
                 for b in batches[i:]:
-                    self.spool.append(b)
+                    self.spool.append(b)  # try again later, within the spool's byte cap
                 raise
+            except SourceError as exc:
+                # refused (4xx): resending the same batch cannot help; count it as discarded
+                self.drops.discarded += len(batch.drops)
+                self.flows.discarded += len(batch.flows)
+                log(f"report batch refused, discarded: {exc}")
 
     def _spool_buffers(self) -> None:
         drops = self.drops.take(self.cfg.max_buffered_records)

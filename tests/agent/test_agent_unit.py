@@ -596,3 +596,39 @@ def test_daemon_follows_a_plain_http_static_source(tmp_path: Path, capsys: pytes
         assert "re-applied last known good" in err and "still enforcing revision 2" in err
     finally:
         server.server_close()
+
+
+def test_reports_spool_when_unreachable_and_discard_when_refused(tmp_path: Path) -> None:
+    from ringfence_agent.config import AgentConfig
+    from ringfence_agent.daemon import Daemon
+    from ringfence_agent.sources import SourceError, Unreachable
+
+    cfg = AgentConfig(
+        workload_id="w", public_key=PUBLIC_KEY, state_dir=tmp_path / "st", backend="dry-run", source=str(tmp_path)
+    )
+    daemon = Daemon(cfg)
+
+    class Down:
+        kind = "api"
+
+        def __init__(self) -> None:
+            self.error: Exception | None = Unreachable("down")
+            self.sent: list[ReportBatch] = []
+
+        def report(self, batch: ReportBatch) -> None:
+            if self.error is not None:
+                raise self.error
+            self.sent.append(batch)
+
+    src = Down()
+    daemon.source = src  # type: ignore[assignment]
+    daemon.drops.add(drop_key(_drop(1)), _drop(1))
+    with pytest.raises(Unreachable):
+        daemon.send_reports()
+    assert (tmp_path / "st" / "spool.jsonl").exists()
+    src.error = SourceError("HTTP 413")
+    daemon.send_reports()  # the spooled batch is refused: discarded and counted, not retried forever
+    assert not (tmp_path / "st" / "spool.jsonl").exists() and daemon.drops.discarded == 1
+    src.error = None
+    daemon.send_reports()
+    assert src.sent[-1].dropped_records == 1
