@@ -269,23 +269,38 @@ def test_forged_rolled_back_and_foreign_bundles_are_rejected(net: NetLab, backen
 
 
 def test_failed_apply_leaves_previous_rules_intact(net: NetLab, backend: str, tmp_path: Path) -> None:
-    if backend != "nftables":
-        pytest.skip(
-            "needs a bundle the kernel refuses: overlapping intervals fail in nft; ipset hash:net accepts overlaps"
-        )
     lab = lab_engine(net)
     state = tmp_path / "state"
     ok(apply(net, backend, lab.bundle("h2"), state))
     good = lab.bundle("h2")
-    sets = dict(good.sets)
     name = good.inbound[0].set
     assert name is not None
-    sets[name] = sets[name].model_copy(update={"v4": ["10.77.0.0/24", "10.77.0.0/25"]})  # overlap: nft refuses
-    bad = resign(good, version=good.version + 1, sets=sets)
-    proc = apply(net, backend, bad, state)
-    assert proc.returncode != 0 and "nft refused the bundle" in proc.stderr
-    enforced_baseline(net)
-    assert Bundle.model_validate_json((state / "bundle.json").read_text()).version == good.version
+    if backend == "nftables":
+        # overlapping intervals: the kernel transaction is refused as a whole
+        sets = dict(good.sets)
+        sets[name] = sets[name].model_copy(update={"v4": ["10.77.0.0/24", "10.77.0.0/25"]})
+        bad = resign(good, version=good.version + 1, sets=sets)
+        expected = "nft refused the bundle"
+    else:
+        # ipset accepts overlaps; instead another program holds the name the next generation
+        # needs, with another type and in use, so `ipset restore` fails half-way
+        squatter = f"{name}-4b"
+        net.exec("h2", "ipset", "create", squatter, "hash:ip", check=True)
+        net.exec(
+            "h2", "iptables", "-A", "FORWARD", "-m", "set", "--match-set", squatter, "src", "-j", "ACCEPT", check=True
+        )
+        bad = resign(good, version=good.version + 1)
+        expected = "ipset restore failed"
+    try:
+        proc = apply(net, backend, bad, state)
+        assert proc.returncode != 0 and expected in proc.stderr, proc.stderr
+        enforced_baseline(net)
+        assert net.udp("h1", "h2", 5353) and not net.tcp("h2", "h4", 8080)
+        assert Bundle.model_validate_json((state / "bundle.json").read_text()).version == good.version
+    finally:
+        if backend == "iptables":
+            net.exec("h2", "iptables", "-F", "FORWARD")
+            net.exec("h2", "ipset", "destroy", f"{name}-4b")
 
 
 # --- the daemon ------------------------------------------------------------------------------------
