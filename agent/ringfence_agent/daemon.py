@@ -75,6 +75,7 @@ class Daemon:
         self.counters: dict[str, int] = {}
         self.flow_source = FlowSource()
         self.last_message = ""
+        self.contact_error = ""
         self.source: Source = self._source()
 
     def _source(self) -> Source:
@@ -109,6 +110,8 @@ class Daemon:
         observer = threading.Thread(target=self._observe_loop, name="observer", daemon=True)
         observer.start()
         failures = 0
+        behind = 0  # rounds in a row the source announced a version we could not reach
+        chased: int | None = None
         last_heartbeat = 0.0
         last_report = time.monotonic()
         latest: int | None = None
@@ -117,23 +120,32 @@ class Daemon:
                 self.sync(latest)
                 self.state.update_status(last_contact=time.time())
                 failures = 0
+                if self.contact_error:
+                    self.contact_error = ""
+                    self.last_message = ""
                 now = time.monotonic()
                 if now - last_heartbeat >= self.cfg.heartbeat_interval or once:
                     hb_latest = self.heartbeat()
                     last_heartbeat = now
-                    if hb_latest is not None and hb_latest > (self.agent.revision or -1):
-                        latest = hb_latest
+                    if hb_latest is not None and hb_latest > (self.agent.revision or -1) and hb_latest != chased:
+                        latest = chased = hb_latest
                         continue
                 if now - last_report >= self.cfg.report_interval or once:
                     self.send_reports()
                     last_report = now
                 if once:
                     break
+                if latest is not None and (self.agent.revision or -1) < latest:
+                    # announced but not reachable (refused or missing): do not spin on the nudge
+                    behind += 1
+                    self.stop.wait(backoff_delay(behind, min(self.cfg.backoff_max, self.cfg.poll_interval), self.rng))
+                else:
+                    behind = 0
                 latest = self.source.wait(self.agent.revision, self._wait_timeout(), self.stop)
             except (Unreachable, SourceError) as exc:
                 failures += 1
                 delay = backoff_delay(failures, self.cfg.backoff_max, self.rng)
-                self.last_message = str(exc)
+                self.last_message = self.contact_error = str(exc)
                 self.state.update_status(last_error=str(exc), incr={"contact_failures": 1})
                 log(f"{exc}; still enforcing revision {self.agent.revision}; retry in {delay:.1f}s")
                 if once:

@@ -632,3 +632,56 @@ def test_reports_spool_when_unreachable_and_discard_when_refused(tmp_path: Path)
     src.error = None
     daemon.send_reports()
     assert src.sent[-1].dropped_records == 1
+
+
+def test_daemon_does_not_spin_when_the_announced_version_is_refused(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    from ringfence_agent.config import AgentConfig
+    from ringfence_agent.daemon import Daemon
+
+    cfg = AgentConfig(
+        workload_id="ord-prod-proc-1",
+        public_key=PUBLIC_KEY,
+        state_dir=tmp_path / "st",
+        backend="dry-run",
+        source=str(tmp_path),
+        poll_interval=1,
+        heartbeat_interval=1,
+    )
+    daemon = Daemon(cfg)
+    forged = forge(golden(PROC2), version=7)
+
+    class Announcer:
+        kind = "api"
+
+        def __init__(self) -> None:
+            self.waits = 0
+
+        def wait(self, version: int | None, timeout: float, stop: threading.Event) -> int | None:
+            self.waits += 1
+            return 7  # "version 7 is out", at once, every time
+
+        def bundle(self) -> Bundle | None:
+            return forged
+
+        def deltas(self, since: int, sets: dict[str, int]) -> list[SetDelta] | None:
+            return None
+
+        def heartbeat(self, hb: object) -> int | None:
+            return 7
+
+        def report(self, batch: ReportBatch) -> None:
+            return None
+
+    src = Announcer()
+    daemon.source = src  # type: ignore[assignment]
+    t = threading.Thread(target=daemon.run)
+    t.start()
+    time.sleep(1.5)
+    daemon.stop.set()
+    t.join(timeout=10)
+    assert not t.is_alive()
+    assert src.waits <= 4, src.waits  # backed off instead of hammering the control plane
+    assert daemon.state.read_json("status.json")["counters"]["rejected"] == 1  # refused once, reported once
