@@ -425,3 +425,20 @@ def test_flush_removes_only_ringfence(net: NetLab, backend: str, tmp_path: Path)
         assert net.exec("h2", "nft", "list", "table", "inet", "other").returncode == 0
     finally:
         net.exec("h2", "nft", "delete", "table", "inet", "other")
+
+
+def test_nft_binary_fallback_applies_bundles_and_deltas(net: NetLab, tmp_path: Path) -> None:
+    """Without libnftables (forced with RINGFENCE_NFT_CLI=1) the agent drives the `nft` binary."""
+    lab = lab_engine(net)
+    state = tmp_path / "state"
+    path = write(lab.bundle("h2"), tmp_path / "b.json")
+    common = ["--public-key", str(PUBLIC_KEY), "--state-dir", str(state)]
+    env = ["env", "RINGFENCE_NFT_CLI=1", str(net_agent())]
+    ok(net.exec("h2", *env, "apply", "--bundle", str(path), *common))
+    enforced_baseline(net)
+    deltas = lab.upsert(Workload(id="h4", ips=[net.v4("h4")], tags={"role": "client", "app": "lab", "env": "test"}))
+    dpaths = [str(write(d, tmp_path / f"d{i}.json")) for i, d in enumerate(deltas)]
+    ok(net.exec("h2", *env, "apply-delta", *[x for p in dpaths for x in ("--delta", p)], *common))
+    assert net.tcp("h4", "h2", 8080)
+    drops = json.loads(ok(net.exec("h2", *env, "drops", "--state-dir", str(state), "--json")))
+    assert "d_in" in drops["counters"]

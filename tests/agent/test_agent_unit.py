@@ -685,3 +685,17 @@ def test_daemon_does_not_spin_when_the_announced_version_is_refused(tmp_path: Pa
     assert not t.is_alive()
     assert src.waits <= 4, src.waits  # backed off instead of hammering the control plane
     assert daemon.state.read_json("status.json")["counters"]["rejected"] == 1  # refused once, reported once
+
+
+def test_flow_source_degrades_clearly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from ringfence_agent.reports import FlowSource
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    src = FlowSource(tmp_path / "no-such-file")
+    assert src.kind == "unavailable" and src.lines() == []
+    (tmp_path / "ct").write_text(
+        "ipv4 2 udp 17 29 src=10.0.0.1 dst=10.0.0.2 sport=1 dport=53 src=10.0.0.2 dst=10.0.0.1 sport=53 dport=1 use=1\n"
+    )
+    assert FlowSource(tmp_path / "ct").kind == "proc"

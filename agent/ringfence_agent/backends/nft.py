@@ -285,8 +285,10 @@ class NftBackend(NftRenderer):
     def _run(self, script: str, json_output: bool = False) -> tuple[int, str, str]:
         if self.lib is not None:
             return self.lib.run(script, json_output)
-        cmd = [self.nft, "-j", "-f", "-"] if json_output else [self.nft, "-f", "-"]
-        proc = run(cmd, stdin=script, timeout=120)
+        if json_output:  # `nft -j -f -` prints nothing for list commands: pass them as arguments
+            proc = run([self.nft, "-j", *script.split()], timeout=60)
+        else:
+            proc = run([self.nft, "-f", "-"], stdin=script, timeout=120)
         return proc.returncode, proc.stdout, proc.stderr
 
     def _exec(self, script: str, what: str) -> None:
