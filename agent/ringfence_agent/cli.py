@@ -13,7 +13,7 @@ from ringfence.bundle import BundleError, Verifier, load_bundle, load_delta
 from ringfence_agent.backends import BACKENDS, ApplyError, make_backend
 from ringfence_agent.core import Agent, Rejected
 from ringfence_agent.plan import LocalFailsafes, PlanError
-from ringfence_agent.state import StateDir
+from ringfence_agent.state import StateDir, StateLocked
 
 DEFAULT_STATE = Path("/var/lib/ringfence-agent")
 
@@ -45,7 +45,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         agent = _agent(args)
         doc = load_bundle(Path(args.bundle).read_bytes())
         result = agent.apply_bundle(doc)
-    except (Rejected, BundleError, PlanError, ApplyError, OSError) as exc:
+    except (Rejected, BundleError, PlanError, ApplyError, StateLocked, OSError) as exc:
         return _err(str(exc))
     print("\n".join(result.lines))
     return 0
@@ -61,7 +61,7 @@ def cmd_apply_delta(args: argparse.Namespace) -> int:
         for path in args.delta:
             result = agent.apply_delta(load_delta(Path(path).read_bytes()))
             print("\n".join(result.lines))
-    except (Rejected, BundleError, PlanError, ApplyError, OSError) as exc:
+    except (Rejected, BundleError, PlanError, ApplyError, StateLocked, OSError) as exc:
         return _err(str(exc))
     return 0
 
@@ -139,7 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _err(str(exc))
     try:
         return Daemon(cfg).run(once=args.once)
-    except (BundleError, OSError) as exc:
+    except (BundleError, StateLocked, OSError) as exc:
         return _err(str(exc))
 
 

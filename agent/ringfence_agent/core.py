@@ -102,6 +102,7 @@ class Agent:
         local: LocalFailsafes,
         log: Callable[[str], None] = print,
     ) -> None:
+        state.lock()
         self.workload_id = workload_id or state.identity()
         self.verifier = verifier
         self.backend = backend

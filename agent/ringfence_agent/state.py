@@ -13,6 +13,7 @@ Layout::
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import tempfile
@@ -49,12 +50,38 @@ def atomic_write(path: Path, data: str | bytes, mode: int = 0o600, durable: bool
         os.close(dfd)
 
 
+_HELD: dict[str, int] = {}  # state directories this process holds the lock of
+
+
+class StateLocked(RuntimeError):
+    """Another ringfence-agent process owns this state directory."""
+
+
 class StateDir:
     def __init__(self, path: Path) -> None:
         self.path = path
 
     def ensure(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def lock(self) -> None:
+        """Exclusive, non-blocking, for the life of the process (released by the kernel on exit,
+        even on SIGKILL): one daemon per state directory, and no CLI apply behind its back."""
+        self.ensure()
+        key = str(self.path.resolve())
+        if key in _HELD:  # this process already owns it
+            return
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = self.read_json("status.json").get("daemon", {}) or {}
+            raise StateLocked(
+                f"{self.path} is in use by another ringfence-agent (pid {holder.get('pid', '?')}); "
+                "stop it or use another --state-dir"
+            ) from None
+        _HELD[key] = fd
 
     # --- last known good ---------------------------------------------------------------------
 

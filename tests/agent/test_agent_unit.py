@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -699,3 +700,13 @@ def test_flow_source_degrades_clearly(tmp_path: Path, monkeypatch: pytest.Monkey
         "ipv4 2 udp 17 29 src=10.0.0.1 dst=10.0.0.2 sport=1 dport=53 src=10.0.0.2 dst=10.0.0.1 sport=53 dport=1 use=1\n"
     )
     assert FlowSource(tmp_path / "ct").kind == "proc"
+
+
+def test_state_dir_is_locked_against_other_processes(tmp_path: Path) -> None:
+    make_agent(tmp_path)  # this process takes the lock
+    code = (
+        "import sys; from pathlib import Path; from ringfence_agent.state import StateDir, StateLocked\n"
+        f"try:\n    StateDir(Path({str(tmp_path / 'state')!r})).lock()\nexcept StateLocked as e:\n    print(e); sys.exit(3)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 3 and "in use by another ringfence-agent" in proc.stdout
