@@ -64,6 +64,20 @@ rulesets:
 
 OBSERVE_POLICY = LAB_POLICY.replace("mode: enforce", "mode: observe")
 
+# precedence: an override-deny beats a later allow; a plain deny only catches what no allow took
+PRECEDENCE_POLICY = (
+    LAB_POLICY
+    + """
+  - name: guard
+    scope: app == lab
+    same: []
+    rules:
+      - {name: admins-never-web, from: role == admin, to: role == web, services: [web], action: override-deny}
+      - {name: admins-allowed, from: role == admin, to: role == web, services: [web]}
+      - {name: strangers-out, from: all(), to: role == web, services: [web], action: deny}
+"""
+)
+
 
 def workloads(hosts: dict[str, tuple[str, str, str]]) -> list[Workload]:
     """name → (ipv4, ipv6, role)."""

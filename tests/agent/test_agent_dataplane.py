@@ -22,6 +22,7 @@ from tests.agent.bundles import (
     DENY_ALL_POLICY,
     LAB_POLICY,
     OBSERVE_POLICY,
+    PRECEDENCE_POLICY,
     PUBLIC_KEY,
     Lab,
     forge,
@@ -138,6 +139,24 @@ def test_enforce_allows_and_blocks_tcp_udp_v4_v6(net: NetLab, backend: str, tmp_
     assert (net.v4("h4"), 8080, "inbound", "drop") in srcs
     assert (net.v4("h2"), 8080, "outbound", "drop") in srcs
     assert drops["counters"]["d_in"] >= 1
+
+
+def test_rule_precedence_and_drop_attribution(net: NetLab, backend: str, tmp_path: Path) -> None:
+    lab = lab_engine(net, PRECEDENCE_POLICY, extra={"adm": "admin"})
+    doc = lab.bundle("h2")
+    assert [r.action for r in doc.inbound] == ["override-deny", "allow", "allow", "deny"]
+    state = tmp_path / "state"
+    ok(apply(net, backend, doc, state))
+    assert not net.tcp("adm", "h2", 8080)  # override-deny beats the later allow for admins
+    assert net.tcp("h1", "h2", 8080)  # an allow beats the later deny
+    assert not net.tcp("h4", "h2", 8080)  # the deny rule, not the default, catches strangers
+    assert not net.tcp("h4", "h2", 5432)  # no rule at all: the default
+    drops = json.loads(ok(net.agent("h2", "drops", "--backend", backend, "--state-dir", str(state), "--json")))
+    by = {(e["src"], e["dport"]): e["rule_id"] for e in drops["events"] if e["direction"] == "inbound"}
+    assert by[(net.v4("adm"), 8080)] == "guard/admins-never-web"
+    assert by[(net.v4("h4"), 8080)] == "guard/strangers-out"
+    assert by[(net.v4("h4"), 5432)] is None
+    assert (net.v4("h1"), 8080) not in by
 
 
 def test_observe_passes_traffic_and_reports_would_drop(net: NetLab, backend: str, tmp_path: Path) -> None:
