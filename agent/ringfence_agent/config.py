@@ -20,13 +20,17 @@ class ConfigError(ValueError):
 
 class Enrollment(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    method: Literal["pairing"] = "pairing"
+    method: Literal["pairing", "aws-iid"] = "pairing"
     pairing_key: str | None = Field(None, description="operator-issued key (or pairing_key_file)")
     pairing_key_file: Path | None = None
+    imds_url: str = Field("http://169.254.169.254", description="aws-iid: the instance metadata endpoint")
+    iid_signature: Literal["rsa2048", "pkcs7", "signature"] = Field(
+        "rsa2048", description="aws-iid: which IMDS signature of the identity document to send"
+    )
 
     @model_validator(mode="after")
     def _key(self) -> Enrollment:
-        if self.pairing_key is None and self.pairing_key_file is None:
+        if self.method == "pairing" and self.pairing_key is None and self.pairing_key_file is None:
             raise ValueError("pairing enrollment needs pairing_key or pairing_key_file")
         return self
 
@@ -96,7 +100,7 @@ class AgentConfig(BaseModel):
         if (self.api_url is None) == (self.source is None):
             raise ValueError("set exactly one of api_url (control plane) or source (static directory/URL)")
         if self.api_url is not None and self.enroll is None:
-            raise ValueError("api_url needs an enroll section (method: pairing, pairing_key: ...)")
+            raise ValueError("api_url needs an enroll section (method: pairing with pairing_key, or method: aws-iid)")
         return self
 
     def local_failsafes(self) -> LocalFailsafes:

@@ -20,6 +20,7 @@ from types import FrameType
 
 from ringfence.agentapi import Heartbeat
 from ringfence.bundle import BundleError, SetDelta, Verifier
+from ringfence_agent import enroll
 from ringfence_agent.backends import ApplyError, make_backend
 from ringfence_agent.config import AgentConfig
 from ringfence_agent.core import Agent, Rejected
@@ -81,10 +82,14 @@ class Daemon:
     def _source(self) -> Source:
         cfg = self.cfg
         if cfg.api_url is not None:
-            assert cfg.enroll is not None
-            return ApiSource(
-                cfg.api_url, cfg.workload_id, cfg.enroll.key(), self.state, cfg.request_timeout, cfg.wait_timeout
+            e = cfg.enroll
+            assert e is not None
+            prove = (
+                enroll.aws_iid(e.imds_url, e.iid_signature, cfg.request_timeout)
+                if e.method == "aws-iid"
+                else enroll.pairing(cfg.workload_id, e.key())
             )
+            return ApiSource(cfg.api_url, cfg.workload_id, prove, self.state, cfg.request_timeout, cfg.wait_timeout)
         assert cfg.source is not None
         return StaticSource(cfg.source, cfg.workload_id, cfg.poll_interval, cfg.request_timeout)
 

@@ -14,7 +14,6 @@ from urllib.parse import quote
 from ringfence.agentapi import (
     API_PREFIX,
     DeltasResponse,
-    EnrollRequest,
     EnrollResponse,
     Heartbeat,
     HeartbeatResponse,
@@ -22,6 +21,7 @@ from ringfence.agentapi import (
     ReportBatch,
 )
 from ringfence.bundle import Bundle, SetDelta, load_bundle, load_delta
+from ringfence_agent.enroll import ProofError, Prover
 from ringfence_agent.state import StateDir
 
 
@@ -154,16 +154,16 @@ def _to(name: str) -> int:
 
 
 class ApiSource:
-    """The agent API of docs/agent-api.md with pairing enrollment."""
+    """The agent API of docs/agent-api.md; ``prove`` builds the enrollment proof for a nonce."""
 
     kind = "api"
 
     def __init__(
-        self, base: str, workload_id: str, pairing_key: str, state: StateDir, timeout: float, wait_timeout: float
+        self, base: str, workload_id: str, prove: Prover, state: StateDir, timeout: float, wait_timeout: float
     ) -> None:
         self.base = base.rstrip("/") + API_PREFIX
         self.workload_id = workload_id
-        self.pairing_key = pairing_key
+        self.prove = prove
         self.state = state
         self.timeout = timeout
         self.wait_timeout = wait_timeout
@@ -179,7 +179,10 @@ class ApiSource:
         if status != 200:
             raise SourceError(f"nonce: HTTP {status} {body[:200]!r}")
         nonce = NonceResponse.model_validate_json(body).nonce
-        req = EnrollRequest(method="pairing", nonce=nonce, workload_id=self.workload_id, pairing_key=self.pairing_key)
+        try:
+            req = self.prove(nonce)
+        except ProofError as exc:
+            raise Unreachable(str(exc)) from None
         status, _, body = _http(f"{self.base}/enroll", self.timeout, "POST", req.model_dump(exclude_none=True))
         if status != 200:
             raise SourceError(f"enroll refused: HTTP {status} {body[:300]!r}")

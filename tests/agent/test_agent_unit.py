@@ -710,3 +710,68 @@ def test_state_dir_is_locked_against_other_processes(tmp_path: Path) -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 3 and "in use by another ringfence-agent" in proc.stdout
+
+
+def test_aws_iid_enrollment_reads_imdsv2_and_sends_document_and_signature(tmp_path: Path) -> None:
+    import http.server
+    import threading
+
+    from ringfence_agent import enroll
+    from ringfence_agent.sources import ApiSource, Unreachable
+
+    seen: dict[str, object] = {}
+
+    class Imds(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a: object) -> None:
+            pass
+
+        def do_PUT(self) -> None:
+            assert self.path == "/latest/api/token" and self.headers["X-aws-ec2-metadata-token-ttl-seconds"] == "60"
+            self._reply(b"tok-1")
+
+        def do_GET(self) -> None:
+            assert self.headers["X-aws-ec2-metadata-token"] == "tok-1"  # IMDSv2 only
+            body = {
+                "/latest/dynamic/instance-identity/document": b'{"instanceId": "i-0abc", "region": "ca-central-1"}',
+                "/latest/dynamic/instance-identity/rsa2048": b"MIAGCSqGSIb3...\n",
+            }[self.path]
+            self._reply(body)
+
+        def _reply(self, body: bytes) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    class Cp(Imds):
+        def do_GET(self) -> None:
+            self._reply(b'{"nonce": "n-1", "expires_in": 60}')
+
+        def do_POST(self) -> None:
+            seen["enroll"] = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            self._reply(b'{"workload_id": "i-0abc", "token": "t", "expires_in": 60, "public_key_pem": ""}')
+
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), h) for h in (Imds, Cp)]
+    for s in servers:
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    try:
+        imds, cp = (f"http://127.0.0.1:{s.server_address[1]}" for s in servers)
+        src = ApiSource(cp, "i-0abc", enroll.aws_iid(imds), StateDir(tmp_path / "st"), 2, 2)
+        src.enroll()
+        assert seen["enroll"] == {
+            "method": "aws-iid",
+            "nonce": "n-1",
+            "document": '{"instanceId": "i-0abc", "region": "ca-central-1"}',
+            "document_signature": "MIAGCSqGSIb3...",
+        }
+        assert src.token == "t" and StateDir(tmp_path / "st").read_json("token.json")["token"] == "t"
+        # no metadata service (not on EC2, or blocked): a clear, retryable error
+        src2 = ApiSource(
+            cp, "i-0abc", enroll.aws_iid("http://127.0.0.1:9", timeout=0.5), StateDir(tmp_path / "s2"), 2, 2
+        )
+        with pytest.raises(Unreachable, match="IMDSv2"):
+            src2.enroll()
+    finally:
+        for s in servers:
+            s.shutdown()
+            s.server_close()
