@@ -7,7 +7,8 @@
 # Options (or the same names as environment variables RF_API_URL, RF_PAIRING_KEY, ...):
 #   --api-url URL           control-plane agent API (enrolls with --pairing-key)
 #   --source DIR|URL        static source instead of an API
-#   --pairing-key KEY       on-premise pairing key (use limit + expiry set by the operator)
+#   --pairing-key KEY       on-premise pairing key (use limit + expiry set by the operator);
+#                           without one, an --api-url agent enrolls with the EC2 identity document
 #   --public-key-file PATH  the pinned bundle signing key (PEM) ...
 #   --public-key-url URL    ... or where to fetch it (pin it in your image instead when you can)
 #   --workload-id ID        default: the EC2 instance id from IMDSv2, else the hostname
@@ -61,7 +62,11 @@ umask 077
   echo "backend: nftables"
   if [ -n "$API_URL" ]; then
     echo "api_url: \"$API_URL\""
-    echo "enroll: {method: pairing, pairing_key_file: /etc/ringfence/pairing-key}"
+    if [ -n "$PAIRING_KEY" ]; then
+      echo "enroll: {method: pairing, pairing_key_file: /etc/ringfence/pairing-key}"
+    else
+      echo "enroll: {method: aws-iid}"  # EC2: the instance identity document proves who we are
+    fi
   else
     echo "source: \"$SOURCE\""
   fi

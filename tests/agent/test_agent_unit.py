@@ -530,10 +530,13 @@ def test_installer_writes_a_config_the_agent_accepts(tmp_path: Path) -> None:
         + block
         + f" > {tmp_path}/agent.yaml\n"
     )
-    subprocess.run(["sh", "-c", script], check=True)
+    subprocess.run(["sh", "-c", "PAIRING_KEY=k\n" + script], check=True)
     cfg = load_config(tmp_path / "agent.yaml")
     assert cfg.workload_id == "i-0abc" and cfg.admin_cidrs == ["10.99.0.0/24", "192.0.2.0/24"]
     assert cfg.enroll is not None and str(cfg.enroll.pairing_key_file) == "/etc/ringfence/pairing-key"
+    subprocess.run(["sh", "-c", 'PAIRING_KEY=""\n' + script], check=True)
+    cfg = load_config(tmp_path / "agent.yaml")
+    assert cfg.enroll is not None and cfg.enroll.method == "aws-iid"
 
 
 def test_daemon_once_with_static_dir_and_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
