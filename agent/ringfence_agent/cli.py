@@ -1,8 +1,197 @@
-"""ringfence-agent command line (placeholder until the agent lands)."""
+"""ringfence-agent command line: apply, apply-delta, run, status, flush."""
 
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
 import sys
+import time
+from pathlib import Path
+
+from ringfence.bundle import BundleError, Verifier, load_bundle, load_delta
+from ringfence_agent.backends import BACKENDS, ApplyError, make_backend
+from ringfence_agent.core import Agent, Rejected
+from ringfence_agent.plan import LocalFailsafes, PlanError
+from ringfence_agent.state import StateDir, StateLocked
+
+DEFAULT_STATE = Path("/var/lib/ringfence-agent")
+
+
+def _err(msg: str) -> int:
+    print(f"ringfence-agent: {msg}", file=sys.stderr)
+    return 1
+
+
+def _local(args: argparse.Namespace) -> LocalFailsafes:
+    local = LocalFailsafes(
+        admin_cidrs=tuple(args.admin_cidr or ()),
+        dns_resolvers=tuple(args.dns or ()),
+        control_plane=tuple(args.control_plane or ()),
+    )
+    if args.admin_port:
+        local = dataclasses.replace(local, admin_ports=tuple(args.admin_port))
+    return local
+
+
+def _agent(args: argparse.Namespace) -> Agent:
+    verifier = Verifier.from_file(Path(args.public_key))
+    state = StateDir(Path(args.state_dir))
+    return Agent(args.workload_id, verifier, make_backend(args.backend), state, _local(args))
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    try:
+        agent = _agent(args)
+        doc = load_bundle(Path(args.bundle).read_bytes())
+        result = agent.apply_bundle(doc)
+    except (Rejected, BundleError, PlanError, ApplyError, StateLocked, OSError) as exc:
+        return _err(str(exc))
+    print("\n".join(result.lines))
+    return 0
+
+
+def cmd_apply_delta(args: argparse.Namespace) -> int:
+    try:
+        agent = _agent(args)
+        if agent.bundle is None:
+            return _err(f"no bundle applied in {args.state_dir}: apply a bundle first")
+        if agent.plan is None and args.backend in ("nftables", "iptables"):
+            pass  # deltas go straight to the live sets
+        for path in args.delta:
+            result = agent.apply_delta(load_delta(Path(path).read_bytes()))
+            print("\n".join(result.lines))
+    except (Rejected, BundleError, PlanError, ApplyError, StateLocked, OSError) as exc:
+        return _err(str(exc))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    state = StateDir(Path(args.state_dir))
+    status = state.read_json("status.json")
+    bundle = state.load_bundle()
+    deltas = state.load_deltas()
+    out = {
+        "workload_id": state.identity(),
+        "bundle_version": bundle.version if bundle else None,
+        "applied_revision": max([bundle.version, *(d.to_version for d in deltas)]) if bundle else None,
+        "policy_version": bundle.policy_version if bundle else None,
+        "mode": bundle.mode.value if bundle else None,
+        "quarantined": bundle.quarantined if bundle else None,
+        "deltas_applied": len(deltas),
+        "last_contact": status.get("last_contact"),
+        "last_error": status.get("last_error"),
+        "last_rejected": status.get("last_rejected"),
+        "counters": status.get("counters", {}),
+        "daemon": status.get("daemon"),
+    }
+    if args.json:
+        print(json.dumps(out, indent=1, sort_keys=True))
+        return 0
+    for key, value in out.items():
+        if key in ("last_contact",) and isinstance(value, (int, float)):
+            value = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(value))} ({time.time() - value:.0f}s ago)"
+        print(f"{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+    return 0
+
+
+def cmd_drops(args: argparse.Namespace) -> int:
+    """Drop / would-drop events the kernel recorded for the applied bundle (counters + tuple tables)."""
+    from ringfence_agent.plan import compile_plan
+    from ringfence_agent.reports import DropCollector
+
+    state = StateDir(Path(args.state_dir))
+    bundle = state.load_bundle()
+    if bundle is None:
+        return _err(f"no bundle applied in {args.state_dir}")
+    from ringfence_agent.core import effective_bundle
+
+    plan = compile_plan(effective_bundle(bundle, state.load_deltas()), LocalFailsafes())
+    obs = make_backend(args.backend).observe(plan, {})
+    events = DropCollector().events(plan, obs)
+    if args.json:
+        print(json.dumps({"counters": obs.counters, "events": [e.model_dump(mode="json") for e in events]}, indent=1))
+        return 0
+    for name, packets in sorted(obs.counters.items()):
+        print(f"counter {name}: {packets} packets")
+    for e in events:
+        port = f":{e.dport}" if e.dport is not None else ""
+        print(f"{e.action} {e.direction} {e.proto} {e.src} -> {e.dst}{port} x{e.count} rule={e.rule_id or 'default'}")
+    return 0
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    try:
+        removed = make_backend(args.backend).flush()
+    except ApplyError as exc:
+        return _err(str(exc))
+    print("removed Ringfence's firewall state" if removed else "nothing to remove")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ringfence_agent.config import ConfigError, load_config
+    from ringfence_agent.daemon import Daemon
+
+    try:
+        cfg = load_config(Path(args.config))
+    except ConfigError as exc:
+        return _err(str(exc))
+    try:
+        return Daemon(cfg).run(once=args.once)
+    except (BundleError, StateLocked, OSError) as exc:
+        return _err(str(exc))
+
+
+def _common(p: argparse.ArgumentParser, key: bool = True) -> None:
+    p.add_argument("--backend", choices=BACKENDS, default="nftables")
+    p.add_argument("--state-dir", default=str(DEFAULT_STATE))
+    if key:
+        p.add_argument("--public-key", required=True, help="pinned Ed25519 public key (PEM)")
+        p.add_argument(
+            "--workload-id", help="this agent's workload id (default: pinned in the state dir by the first apply)"
+        )
+        p.add_argument("--admin-cidr", action="append", help="local fail-safe: admin range (repeatable)")
+        p.add_argument("--admin-port", action="append", help="local fail-safe: admin port, e.g. tcp/22 (repeatable)")
+        p.add_argument("--dns", action="append", help="local fail-safe: DNS resolver (repeatable)")
+        p.add_argument("--control-plane", action="append", help="local fail-safe: control-plane address (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ringfence-agent", description="Ringfence in-VM agent")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("apply", help="verify and apply one signed bundle")
+    p.add_argument("--bundle", required=True)
+    _common(p)
+    p.set_defaults(func=cmd_apply)
+    p = sub.add_parser("apply-delta", help="apply signed set deltas to the applied bundle")
+    p.add_argument("--delta", required=True, action="append")
+    _common(p)
+    p.set_defaults(func=cmd_apply_delta)
+    p = sub.add_parser("run", help="daemon: last known good, then follow the control plane or a static source")
+    p.add_argument("--config", required=True)
+    p.add_argument("--once", action="store_true", help="one sync round, then exit (for tests and cron)")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("status", help="applied versions, mode, last contact, counters")
+    p.add_argument("--state-dir", default=str(DEFAULT_STATE))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("drops", help="drop / would-drop events recorded by the kernel for the applied bundle")
+    p.add_argument("--backend", choices=BACKENDS, default="nftables")
+    p.add_argument("--state-dir", default=str(DEFAULT_STATE))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_drops)
+    p = sub.add_parser("flush", help="remove Ringfence's table only")
+    p.add_argument("--backend", choices=BACKENDS, default="nftables")
+    p.set_defaults(func=cmd_flush)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("ringfence-agent: not built yet", file=sys.stderr)
-    return 2
+    args = build_parser().parse_args(argv)
+    rc: int = args.func(args)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+#!/bin/sh
+# Install and start the Ringfence agent. Idempotent; POSIX sh; needs root.
+#
+#   curl -fsSL https://<your-control-plane>/agent/install.sh | sh -s -- \
+#     --api-url https://rf.example.com --pairing-key KEY --public-key-url https://rf.example.com/agent/signing-key.pem
+#
+# Options (or the same names as environment variables RF_API_URL, RF_PAIRING_KEY, ...):
+#   --api-url URL           control-plane agent API (enrolls with --pairing-key)
+#   --source DIR|URL        static source instead of an API
+#   --pairing-key KEY       on-premise pairing key (use limit + expiry set by the operator);
+#                           without one, an --api-url agent enrolls with the EC2 identity document
+#   --public-key-file PATH  the pinned bundle signing key (PEM) ...
+#   --public-key-url URL    ... or where to fetch it (pin it in your image instead when you can)
+#   --workload-id ID        default: the EC2 instance id from IMDSv2, else the hostname
+#   --admin-cidr CIDR       local fail-safe admin range (repeatable)
+#   --package SPEC          pip requirement for the agent (default: ringfence)
+set -eu
+API_URL="${RF_API_URL:-}"; SOURCE="${RF_SOURCE:-}"; PAIRING_KEY="${RF_PAIRING_KEY:-}"
+PUBKEY_FILE="${RF_PUBLIC_KEY_FILE:-}"; PUBKEY_URL="${RF_PUBLIC_KEY_URL:-}"
+WORKLOAD_ID="${RF_WORKLOAD_ID:-}"; PACKAGE="${RF_PACKAGE:-ringfence}"; ADMIN_CIDRS=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --api-url) API_URL="$2"; shift 2 ;;
+    --source) SOURCE="$2"; shift 2 ;;
+    --pairing-key) PAIRING_KEY="$2"; shift 2 ;;
+    --public-key-file) PUBKEY_FILE="$2"; shift 2 ;;
+    --public-key-url) PUBKEY_URL="$2"; shift 2 ;;
+    --workload-id) WORKLOAD_ID="$2"; shift 2 ;;
+    --admin-cidr) ADMIN_CIDRS="$ADMIN_CIDRS $2"; shift 2 ;;
+    --package) PACKAGE="$2"; shift 2 ;;
+    *) echo "install.sh: unknown option $1" >&2; exit 2 ;;
+  esac
+done
+[ "$(id -u)" = 0 ] || { echo "install.sh: run as root" >&2; exit 1; }
+[ -n "$API_URL$SOURCE" ] || { echo "install.sh: give --api-url or --source" >&2; exit 2; }
+
+if ! command -v nft >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables python3-venv conntrack
+  elif command -v dnf >/dev/null; then dnf install -y -q nftables python3 conntrack-tools
+  elif command -v yum >/dev/null; then yum install -y -q nftables python3 conntrack-tools
+  fi
+fi
+python3 -m venv /opt/ringfence-agent
+/opt/ringfence-agent/bin/pip install -q --upgrade "$PACKAGE"
+
+install -d -m 0755 /etc/ringfence
+if [ -z "$WORKLOAD_ID" ]; then
+  TOKEN=$(curl -fsS -m 2 -X PUT http://169.254.169.254/latest/api/token -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' 2>/dev/null || true)
+  [ -n "$TOKEN" ] && WORKLOAD_ID=$(curl -fsS -m 2 -H "X-aws-ec2-metadata-token: $TOKEN" http://169.254.169.254/latest/meta-data/instance-id 2>/dev/null || true)
+  [ -n "$WORKLOAD_ID" ] || WORKLOAD_ID=$(hostname)
+fi
+if [ -n "$PUBKEY_FILE" ]; then install -m 0644 "$PUBKEY_FILE" /etc/ringfence/signing-key.pem
+elif [ -n "$PUBKEY_URL" ]; then curl -fsS -m 10 -o /etc/ringfence/signing-key.pem "$PUBKEY_URL"
+elif [ ! -f /etc/ringfence/signing-key.pem ]; then echo "install.sh: no pinned key (--public-key-file or --public-key-url)" >&2; exit 2
+fi
+
+umask 077
+{
+  echo "workload_id: \"$WORKLOAD_ID\""
+  echo "public_key: /etc/ringfence/signing-key.pem"
+  echo "state_dir: /var/lib/ringfence-agent"
+  echo "backend: nftables"
+  if [ -n "$API_URL" ]; then
+    echo "api_url: \"$API_URL\""
+    if [ -n "$PAIRING_KEY" ]; then
+      echo "enroll: {method: pairing, pairing_key_file: /etc/ringfence/pairing-key}"
+    else
+      echo "enroll: {method: aws-iid}"  # EC2: the instance identity document proves who we are
+    fi
+  else
+    echo "source: \"$SOURCE\""
+  fi
+  printf 'admin_cidrs: ['; first=1
+  for c in $ADMIN_CIDRS; do [ $first = 1 ] || printf ', '; printf '"%s"' "$c"; first=0; done; echo ']'
+} > /etc/ringfence/agent.yaml
+[ -n "$PAIRING_KEY" ] && printf '%s\n' "$PAIRING_KEY" > /etc/ringfence/pairing-key
+
+# the unit below is a copy of agent/packaging/ringfence-agent.service (a test keeps them equal)
+cat > /etc/systemd/system/ringfence-agent.service <<'UNIT'
+# Ringfence agent: programs the host firewall (nftables) from signed bundles.
+# Starts before the network is configured so the last known good policy is enforced before any
+# traffic flows; it never flushes the firewall when it stops (that is `ringfence-agent flush`).
+[Unit]
+Description=Ringfence micro-segmentation agent
+Documentation=https://github.com/ringfence/ringfence/blob/main/docs/agent.md
+DefaultDependencies=no
+Wants=network-pre.target
+Before=network-pre.target shutdown.target
+After=local-fs.target
+Conflicts=shutdown.target
+
+[Service]
+Type=simple
+ExecStart=/opt/ringfence-agent/bin/ringfence-agent run --config /etc/ringfence/agent.yaml
+Restart=always
+RestartSec=2
+# the agent re-applies its last known good on every start, before it contacts anyone
+StateDirectory=ringfence-agent
+StateDirectoryMode=0700
+ConfigurationDirectory=ringfence
+# it needs CAP_NET_ADMIN for nftables and nothing else
+CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW
+AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW
+NoNewPrivileges=yes
+ProtectSystem=strict
+ReadWritePaths=/var/lib/ringfence-agent /run
+ProtectHome=yes
+PrivateTmp=yes
+ProtectKernelModules=yes
+ProtectControlGroups=yes
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
+MemoryMax=128M
+CPUQuota=20%
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+systemctl daemon-reload
+systemctl enable --now ringfence-agent.service
+echo "ringfence-agent installed for workload $WORKLOAD_ID; status: ringfence-agent status --state-dir /var/lib/ringfence-agent"

@@ -1,0 +1,87 @@
+"""Firewall backends: every one renders the same :class:`~ringfence_agent.plan.Plan`."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ringfence_agent.plan import Plan
+
+BACKENDS = ("nftables", "iptables", "windows-plan", "dry-run")
+
+
+class ApplyError(RuntimeError):
+    """The backend refused the change; the previous state is still in force."""
+
+
+@dataclass(frozen=True, slots=True)
+class DropTuple:
+    """One entry of a drop point's address tuple table (a real kernel-side record)."""
+
+    point: str  # counter name: r_in_3, d_out, ...
+    src: str
+    dst: str
+    proto: str
+    dport: int | None
+    packets: int
+
+
+@dataclass(slots=True)
+class Observation:
+    counters: dict[str, int] = field(default_factory=dict)  # counter name → packets
+    tuples: list[DropTuple] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class ElementChange:
+    set: str
+    add_v4: tuple[str, ...] = ()
+    add_v6: tuple[str, ...] = ()
+    remove_v4: tuple[str, ...] = ()
+    remove_v6: tuple[str, ...] = ()
+
+
+class Backend(Protocol):
+    name: str
+
+    def render(self, plan: Plan) -> str: ...
+
+    def apply(self, plan: Plan) -> None: ...
+
+    def render_delta(self, change: ElementChange) -> str: ...
+
+    def apply_delta(self, change: ElementChange) -> None: ...
+
+    def flush(self) -> bool: ...
+
+    def observe(self, plan: Plan, previous: dict[str, int]) -> Observation: ...
+
+
+def run(cmd: list[str], stdin: str | None = None, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout, check=False)
+    except FileNotFoundError:
+        raise ApplyError(f"{cmd[0]} is not installed") from None
+    except subprocess.TimeoutExpired:
+        raise ApplyError(f"{cmd[0]} timed out after {timeout:.0f}s") from None
+
+
+def make_backend(name: str) -> Backend:
+    if name == "nftables":
+        from ringfence_agent.backends.nft import NftBackend
+
+        return NftBackend()
+    if name == "iptables":
+        from ringfence_agent.backends.iptables import IptablesBackend
+
+        return IptablesBackend()
+    if name == "windows-plan":
+        from ringfence_agent.backends.windows import WindowsPlanBackend
+
+        return WindowsPlanBackend()
+    if name == "dry-run":
+        from ringfence_agent.backends.dryrun import DryRunBackend
+
+        return DryRunBackend()
+    raise ValueError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")

@@ -1,0 +1,367 @@
+"""nftables: one table ``inet ringfence``, replaced in one atomic ``nft -f`` transaction.
+
+Layout (see docs/agent.md): interval sets ``s_<set>_4`` / ``s_<set>_6`` per bundle set, fail-safe
+sets ``fs_*``, a named counter per rule (``r_in_<i>``, ``r_out_<i>``) and per default (``d_in``,
+``d_out``), and for every drop point a bounded dynamic set ``t_<counter>_4|6`` that the kernel fills
+with (src . dst . l4proto . dport) of what it dropped (or would drop, in observe mode), each element
+with its own packet counter. The agent polls counters and tuple sets; nothing is parsed from logs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import os
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from ringfence_agent.backends import ApplyError, DropTuple, ElementChange, Observation, run
+from ringfence_agent.plan import Direction, Match, Plan, PlanRule, safe_comment
+
+TABLE = "ringfence"
+FAMILY = "inet"
+TUPLE_SIZE = 1024  # kernel-side bound per drop point and family
+TUPLE_TIMEOUT = "5m"
+_TUPLE_KEY = {
+    4: "ip saddr . ip daddr . meta l4proto . th dport",
+    6: "ip6 saddr . ip6 daddr . meta l4proto . th dport",
+}
+_TUPLE_TYPE = {
+    4: "ipv4_addr . ipv4_addr . inet_proto . inet_service",
+    6: "ipv6_addr . ipv6_addr . inet_proto . inet_service",
+}
+_ND_IN = "nd-neighbor-solicit, nd-neighbor-advert, nd-router-advert, nd-redirect"
+_ND_OUT = "nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit"
+
+
+def set_name(bundle_set: str, family: int, hosts: bool = False) -> str:
+    """``s_<set>_4`` holds prefixes (interval set); ``s_<set>_4h`` single addresses (hash set).
+
+    Host addresses live in a plain hash set because nft (1.0.x) reads a whole interval set back
+    before changing it: one element added to a 100,000-element interval set costs ~1 s, to a
+    hash set ~3 ms. Most set members are single workload addresses."""
+    return f"s_{bundle_set}_{family}{'h' if hosts else ''}"
+
+
+def _elements(items: Iterable[str]) -> str:
+    return ", ".join(items)
+
+
+def split_hosts(items: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(prefixes, host addresses without their /32 or /128)."""
+    prefixes: list[str] = []
+    hosts: list[str] = []
+    for x in items:
+        addr, _, length = x.partition("/")
+        if not length or length == ("128" if ":" in addr else "32"):
+            hosts.append(addr)
+        else:
+            prefixes.append(x)
+    return prefixes, hosts
+
+
+def _set_decl(name: str, family: int, items: Iterable[str], interval: bool = True) -> str:
+    kind = "ipv4_addr" if family == 4 else "ipv6_addr"
+    text = _elements(items)
+    elems = f" elements = {{ {text} }}" if text else ""
+    flags = " flags interval;" if interval else ""
+    return f"\tset {name} {{ type {kind};{flags}{elems} }}\n"
+
+
+def _svc(m: Match) -> str:
+    if m.proto is None:
+        return ""
+    if m.proto in ("tcp", "udp"):
+        if m.ports is None:
+            return f"meta l4proto {m.proto}"
+        lo, hi = m.ports
+        return f"{m.proto} dport {lo}" if lo == hi else f"{m.proto} dport {lo}-{hi}"
+    if m.proto == "icmp":
+        return f"icmp type {m.icmp_type}" if m.icmp_type is not None else "meta l4proto icmp"
+    return f"icmpv6 type {m.icmp_type}" if m.icmp_type is not None else "meta l4proto ipv6-icmp"
+
+
+def _families(m: Match) -> tuple[int, ...]:
+    if m.proto == "icmp":
+        return (4,)
+    if m.proto == "icmpv6":
+        return (6,)
+    return (4, 6)
+
+
+def _addr(direction: Direction, family: int) -> str:
+    side = "saddr" if direction == "inbound" else "daddr"
+    return f"{'ip' if family == 4 else 'ip6'} {side}"
+
+
+def _join(*parts: str) -> str:
+    return " ".join(p for p in parts if p)
+
+
+class NftRenderer:
+    """Pure text generation (unit-tested without a kernel)."""
+
+    def render(self, plan: Plan) -> str:
+        head = f"table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n"
+        if plan.mode == "idle":
+            return head
+        out = [head, f"table {FAMILY} {TABLE} {{\n"]
+        fs = plan.failsafes
+        for name, items4, items6 in (
+            ("fs_admin", fs.admin_v4, fs.admin_v6),
+            ("fs_dns", fs.dns_v4, fs.dns_v6),
+            ("fs_cp", fs.control_v4, fs.control_v6),
+            ("fs_meta", fs.metadata_v4, fs.metadata_v6),
+        ):
+            out.append(_set_decl(f"{name}_4", 4, items4))
+            out.append(_set_decl(f"{name}_6", 6, items6))
+        for sname, s in sorted(plan.sets.items()):
+            for fam, items in ((4, s.v4), (6, s.v6)):
+                prefixes, hosts = split_hosts(items)
+                out.append(_set_decl(set_name(sname, fam), fam, prefixes))
+                out.append(_set_decl(set_name(sname, fam, hosts=True), fam, hosts, interval=False))
+        for r in plan.rules:
+            out.append(f'\tcounter {r.counter} {{ comment "{safe_comment(r.action + " " + r.rule_id)}" }}\n')
+        out.append('\tcounter d_in { comment "default inbound" }\n\tcounter d_out { comment "default outbound" }\n')
+        for point in [r.counter for r in plan.rules if r.drops] + ["d_in", "d_out"]:
+            for fam in (4, 6):
+                out.append(
+                    f"\tset t_{point}_{fam} {{ type {_TUPLE_TYPE[fam]}; flags dynamic,timeout; "
+                    f"timeout {TUPLE_TIMEOUT}; size {TUPLE_SIZE}; counter; }}\n"
+                )
+        for direction, chain, hook in (("inbound", "input", "input"), ("outbound", "output", "output")):
+            out.append(f"\tchain {chain} {{\n\t\ttype filter hook {hook} priority filter; policy accept;\n")
+            out.extend(f"\t\t{line}\n" for line in self._failsafe_lines(plan, direction))  # type: ignore[arg-type]
+            for r in plan.by_direction(direction):  # type: ignore[arg-type]
+                out.extend(f"\t\t{line}\n" for line in self._rule_lines(plan, r))
+            out.extend(f"\t\t{line}\n" for line in self._default_lines(plan, direction))  # type: ignore[arg-type]
+            out.append("\t}\n")
+        out.append("}\n")
+        return "".join(out)
+
+    @staticmethod
+    def _failsafe_lines(plan: Plan, direction: Direction) -> list[str]:
+        fs = plan.failsafes
+        lines: list[str] = []
+        if direction == "inbound":
+            lines += ['iif "lo" accept comment "failsafe loopback"']
+            lines += ['ct state established,related accept comment "failsafe established"']
+            lines += [f'icmpv6 type {{ {_ND_IN} }} accept comment "failsafe ipv6-nd"']
+            if fs.dhcp:
+                lines += ['udp sport 67 udp dport 68 accept comment "failsafe dhcp"']
+                lines += ['udp sport 547 udp dport 546 accept comment "failsafe dhcpv6"']
+            for m in fs.admin_ports:
+                for fam in _families(m):
+                    lines.append(f'{_addr("inbound", fam)} @fs_admin_{fam} {_svc(m)} accept comment "failsafe admin"')
+        else:
+            lines += ['oif "lo" accept comment "failsafe loopback"']
+            lines += ['ct state established,related accept comment "failsafe established"']
+            lines += [f'icmpv6 type {{ {_ND_OUT} }} accept comment "failsafe ipv6-nd"']
+            if fs.dhcp:
+                lines += ['udp sport 68 udp dport 67 accept comment "failsafe dhcp"']
+                lines += ['udp sport 546 udp dport 547 accept comment "failsafe dhcpv6"']
+            for fam in (4, 6):
+                a = _addr("outbound", fam)
+                lines.append(f'{a} @fs_dns_{fam} udp dport 53 accept comment "failsafe dns"')
+                lines.append(f'{a} @fs_dns_{fam} tcp dport 53 accept comment "failsafe dns"')
+                lines.append(f'{a} @fs_meta_{fam} accept comment "failsafe metadata"')
+                lines.append(f'{a} @fs_cp_{fam} accept comment "failsafe control-plane"')
+        return lines
+
+    @staticmethod
+    def _verdict(plan: Plan, r: PlanRule) -> str:
+        if r.action == "allow":
+            return "accept"
+        return "drop" if plan.mode == "enforce" else "accept"
+
+    def _rule_lines(self, plan: Plan, r: PlanRule) -> list[str]:
+        verdict = self._verdict(plan, r)
+        comment = f'comment "{safe_comment(r.rule_id)}"'
+        lines: list[str] = []
+        for m in r.services:
+            for fam in _families(m):
+                if r.set is not None:
+                    matches = [
+                        f"{_addr(r.direction, fam)} @{set_name(r.set, fam, hosts=True)}",
+                        f"{_addr(r.direction, fam)} @{set_name(r.set, fam)}",
+                    ]
+                else:
+                    matches = [f"meta nfproto {'ipv4' if fam == 4 else 'ipv6'}"]
+                track = f"update @t_{r.counter}_{fam} {{ {_TUPLE_KEY[fam]} }}" if r.drops else ""
+                for match in matches:
+                    lines.append(_join(match, _svc(m), f"counter name {r.counter}", track, verdict, comment))
+        return lines
+
+    @staticmethod
+    def _default_lines(plan: Plan, direction: Direction) -> list[str]:
+        point = "d_in" if direction == "inbound" else "d_out"
+        verdict = "drop" if plan.mode == "enforce" else "accept"
+        return [
+            f"meta nfproto ipv4 update @t_{point}_4 {{ {_TUPLE_KEY[4]} }}",
+            f"meta nfproto ipv6 update @t_{point}_6 {{ {_TUPLE_KEY[6]} }}",
+            f'counter name {point} {verdict} comment "default {plan.mode}"',
+        ]
+
+    @staticmethod
+    def render_delta(change: ElementChange) -> str:
+        lines: list[str] = []
+        # deletes first: one transaction, so a /32 → /31 merge never overlaps mid-way
+        for verb, groups in (
+            ("delete", ((4, change.remove_v4), (6, change.remove_v6))),
+            ("add", ((4, change.add_v4), (6, change.add_v6))),
+        ):
+            for fam, items in groups:
+                prefixes, hosts = split_hosts(items)
+                for name, elems in (
+                    (set_name(change.set, fam, hosts=True), hosts),
+                    (set_name(change.set, fam), prefixes),
+                ):
+                    if elems:
+                        lines.append(f"{verb} element {FAMILY} {TABLE} {name} {{ {_elements(elems)} }}")
+        return "\n".join(lines) + "\n"
+
+
+class LibNftables:
+    """libnftables in-process (what the ``nft`` binary wraps): no fork/exec per transaction or poll.
+
+    A fresh context per call, so no cache outlives a transaction; one lock, so the observer
+    thread and the apply path never share a context."""
+
+    JSON = 1 << 4  # NFT_CTX_OUTPUT_JSON
+
+    def __init__(self) -> None:
+        lib = ctypes.CDLL(ctypes.util.find_library("nftables") or "libnftables.so.1")
+        lib.nft_ctx_new.restype = ctypes.c_void_p
+        lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+        lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_buffer_output.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_get_output_buffer.restype = ctypes.c_char_p
+        lib.nft_ctx_get_output_buffer.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
+        lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_output_set_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
+        lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
+        self.lib = lib
+        self.lock = threading.Lock()
+
+    def run(self, script: str, json_output: bool = False) -> tuple[int, str, str]:
+        with self.lock:
+            ctx = self.lib.nft_ctx_new(0)
+            if not ctx:
+                return 1, "", "nft_ctx_new failed"
+            try:
+                if json_output:
+                    self.lib.nft_ctx_output_set_flags(ctx, self.JSON)
+                self.lib.nft_ctx_buffer_output(ctx)
+                self.lib.nft_ctx_buffer_error(ctx)
+                rc = self.lib.nft_run_cmd_from_buffer(ctx, script.encode())
+                out = (self.lib.nft_ctx_get_output_buffer(ctx) or b"").decode(errors="replace")
+                err = (self.lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace")
+                return rc, out, err
+            finally:
+                self.lib.nft_ctx_free(ctx)
+
+
+def _load_lib() -> LibNftables | None:
+    if os.environ.get("RINGFENCE_NFT_CLI") == "1":
+        return None
+    try:
+        return LibNftables()
+    except (OSError, AttributeError):
+        return None
+
+
+class NftBackend(NftRenderer):
+    name = "nftables"
+
+    def __init__(self, nft: str = "nft") -> None:
+        self.nft = nft
+        self.lib = _load_lib()
+
+    def _run(self, script: str, json_output: bool = False) -> tuple[int, str, str]:
+        if self.lib is not None:
+            return self.lib.run(script, json_output)
+        if json_output:  # `nft -j -f -` prints nothing for list commands: pass them as arguments
+            proc = run([self.nft, "-j", *script.split()], timeout=60)
+        else:
+            proc = run([self.nft, "-f", "-"], stdin=script, timeout=120)
+        return proc.returncode, proc.stdout, proc.stderr
+
+    def _exec(self, script: str, what: str) -> None:
+        rc, _, err = self._run(script)
+        if rc != 0:
+            detail = err.strip().splitlines()
+            raise ApplyError(f"nft refused the {what} (previous rules still in force): {' | '.join(detail[:6])}")
+
+    def apply(self, plan: Plan) -> None:
+        self._exec(self.render(plan), "bundle")
+
+    def apply_delta(self, change: ElementChange) -> None:
+        if change.add_v4 or change.add_v6 or change.remove_v4 or change.remove_v6:
+            self._exec(self.render_delta(change), f"delta for set {change.set}")
+
+    def flush(self) -> bool:
+        present = self.table_present()
+        if present:
+            self._exec(f"delete table {FAMILY} {TABLE}\n", "flush")
+        return present
+
+    def table_present(self) -> bool:
+        return self._run(f"list tables {FAMILY}\n", json_output=True)[1].find(f'"name": "{TABLE}"') >= 0
+
+    def _json(self, *args: str) -> list[dict[str, Any]]:
+        rc, out, _ = self._run("list " + " ".join(args) + "\n", json_output=True)
+        if rc != 0:
+            return []
+        items: list[dict[str, Any]] = json.loads(out or "{}").get("nftables", [])
+        return items
+
+    def list_set(self, name: str) -> list[str]:
+        out: list[str] = []
+        for item in self._json("set", FAMILY, TABLE, name):
+            for e in item.get("set", {}).get("elem", []):
+                if isinstance(e, dict) and "prefix" in e:
+                    out.append(f"{e['prefix']['addr']}/{e['prefix']['len']}")
+                elif isinstance(e, dict) and "range" in e:
+                    out.append(f"{e['range'][0]}-{e['range'][1]}")
+                else:
+                    out.append(str(e))
+        return out
+
+    def observe(self, plan: Plan, previous: dict[str, int]) -> Observation:
+        obs = Observation()
+        for item in self._json("counters", "table", FAMILY, TABLE):
+            c = item.get("counter")
+            if c and c.get("table") == TABLE:
+                obs.counters[c["name"]] = int(c.get("packets", 0))
+        drop_points = [r.counter for r in plan.rules if r.drops] + ["d_in", "d_out"]
+        for point in drop_points:
+            if obs.counters.get(point, 0) == previous.get(point, 0):
+                continue  # nothing new dropped here: skip the set listing
+            for fam in (4, 6):
+                for item in self._json("set", FAMILY, TABLE, f"t_{point}_{fam}"):
+                    for e in item.get("set", {}).get("elem", []):
+                        tup = _tuple(point, e)
+                        if tup is not None:
+                            obs.tuples.append(tup)
+        return obs
+
+
+def _tuple(point: str, e: Any) -> DropTuple | None:
+    if not isinstance(e, dict) or "elem" not in e:
+        return None
+    el = e["elem"]
+    val = el.get("val", {}).get("concat")
+    if not isinstance(val, list) or len(val) != 4:
+        return None
+    src, dst, proto, dport = val
+    proto = str(proto)
+    if proto == "ipv6-icmp":
+        proto = "icmpv6"
+    packets = int(el.get("counter", {}).get("packets", 1))
+    port = int(dport) if proto in ("tcp", "udp") and isinstance(dport, int) else None
+    return DropTuple(point, str(src), str(dst), proto, port, packets)

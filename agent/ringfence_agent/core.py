@@ -1,0 +1,318 @@
+"""Verify, accept and apply bundles and set deltas; keep the last known good.
+
+All acceptance rules come from :mod:`ringfence.bundle` (``Verifier``, ``check_acceptable``); this
+module adds the agent's own: a delta applies only onto the set version it was cut from, and a
+refused or failed document leaves both the firewall and the state directory exactly as they were.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ringfence.bundle import Bundle, BundleError, SetDelta, Verifier, check_acceptable
+from ringfence_agent.backends import ApplyError, Backend, ElementChange
+from ringfence_agent.plan import LocalFailsafes, Plan, PlanError, PlanSet, compile_plan, split_cidrs
+from ringfence_agent.state import StateDir
+
+
+class Rejected(Exception):
+    """A document the agent refused; the applied state is untouched."""
+
+
+@dataclass(slots=True)
+class Result:
+    changed: bool
+    lines: list[str] = field(default_factory=list)
+
+
+def fold_delta(bundle: Bundle, d: SetDelta) -> Bundle:
+    """One delta folded into a bundle's set (O(set size), no validation: callers checked it).
+    Element order is not canonical afterwards; compare with :func:`same_firewall`."""
+    s = bundle.sets[d.set]
+    remove = set(d.remove)
+    v4 = [x for x in s.v4 if x not in remove] if remove else list(s.v4)
+    v6 = [x for x in s.v6 if x not in remove] if remove else list(s.v6)
+    for x in d.add:
+        (v6 if ":" in x else v4).append(x)
+    new_set = s.model_copy(update={"version": d.to_version, "v4": v4, "v6": v6})
+    return bundle.model_copy(update={"sets": {**bundle.sets, d.set: new_set}})
+
+
+def effective_bundle(bundle: Bundle, deltas: list[SetDelta]) -> Bundle:
+    """The bundle with its applied deltas folded into the set contents."""
+    for d in deltas:
+        bundle = fold_delta(bundle, d)
+    return bundle
+
+
+def same_firewall(a: Bundle, b: Bundle) -> bool:
+    """Equal enforcement content, whatever the element order."""
+    ca, cb = a.content(), b.content()
+    for c in (ca, cb):
+        for s in c["sets"].values():
+            s["v4"], s["v6"] = sorted(s["v4"]), sorted(s["v6"])
+    return ca == cb
+
+
+def applied_revision(bundle: Bundle | None, deltas: list[SetDelta]) -> int | None:
+    if bundle is None:
+        return None
+    return max([bundle.version, *(d.to_version for d in deltas)])
+
+
+def describe_change(old: Bundle | None, new: Bundle) -> list[str]:
+    lines = [f"bundle {new.workload_id} version {new.version} (policy {new.policy_version}), mode {new.mode.value}"]
+    if old is None:
+        lines.append(
+            f"  first apply: {len(new.sets)} sets, {len(new.inbound)} inbound and {len(new.outbound)} outbound rules"
+        )
+        return lines
+    if old.mode != new.mode:
+        lines.append(f"  mode {old.mode.value} → {new.mode.value}")
+    if old.quarantined != new.quarantined:
+        lines.append(f"  quarantined {old.quarantined} → {new.quarantined}")
+    for name in sorted(set(new.sets) - set(old.sets)):
+        lines.append(f"  + set {name} ({len(new.sets[name].v4) + len(new.sets[name].v6)} elements)")
+    for name in sorted(set(old.sets) - set(new.sets)):
+        lines.append(f"  - set {name}")
+    for name in sorted(set(old.sets) & set(new.sets)):
+        a = set(old.sets[name].v4) | set(old.sets[name].v6)
+        b = set(new.sets[name].v4) | set(new.sets[name].v6)
+        if a != b:
+            lines.append(f"  ~ set {name}: +{len(b - a)} -{len(a - b)} elements")
+    for direction in ("inbound", "outbound"):
+        before = [r.model_dump_json() for r in getattr(old, direction)]
+        after = [r.model_dump_json() for r in getattr(new, direction)]
+        if before != after:
+            lines.append(f"  ~ {direction} rules: {len(before)} → {len(after)}")
+    if len(lines) == 1:
+        lines.append("  no firewall change (same content)")
+    return lines
+
+
+class Agent:
+    def __init__(
+        self,
+        workload_id: str | None,
+        verifier: Verifier,
+        backend: Backend,
+        state: StateDir,
+        local: LocalFailsafes,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        state.lock()
+        self.workload_id = workload_id or state.identity()
+        self.verifier = verifier
+        self.backend = backend
+        self.state = state
+        self.local = local
+        self.log = log
+        self.bundle = state.load_bundle()
+        self.deltas = state.load_deltas()
+        self.plan: Plan | None = None
+        self._eff: Bundle | None = None  # cache of effective(): deltas fold in O(delta)
+        self._members: dict[str, set[str]] = {}
+
+    @property
+    def revision(self) -> int | None:
+        return applied_revision(self.bundle, self.deltas)
+
+    def effective(self) -> Bundle | None:
+        if self.bundle is None:
+            return None
+        if self._eff is None:
+            self._eff = effective_bundle(self.bundle, self.deltas)
+        return self._eff
+
+    def _set_members(self, name: str) -> set[str]:
+        members = self._members.get(name)
+        if members is None:
+            eff = self.effective()
+            assert eff is not None
+            s = eff.sets[name]
+            members = self._members[name] = {*s.v4, *s.v6}
+        return members
+
+    def _reset_cache(self) -> None:
+        self._eff = None
+        self._members = {}
+
+    def _local_key(self) -> str:
+        """Fingerprint of the local fail-safes: a config change re-applies an unchanged bundle."""
+        return repr(self.local)
+
+    def _reject(self, what: str, reason: str) -> Rejected:
+        self.state.update_status(
+            last_rejected={"what": what, "reason": reason, "time": time.time()}, incr={"rejected": 1}
+        )
+        return Rejected(f"rejected {what}: {reason}")
+
+    # --- whole bundles -----------------------------------------------------------------------
+
+    def apply_bundle(self, new: Bundle) -> Result:
+        what = f"bundle for {new.workload_id!r} version {new.version}"
+        try:
+            self.verifier.verify(new)
+            if self.workload_id is None:
+                self.workload_id = new.workload_id  # first bundle pins the identity (documented)
+            check_acceptable(new, self.workload_id, self.revision)
+            plan = compile_plan(new, self.local)
+        except (BundleError, PlanError) as exc:
+            raise self._reject(what, str(exc)) from None
+        current = self.effective()
+        same_local = self.state.read_json("status.json").get("local_failsafes") == self._local_key()
+        if current is not None and new.version == self.revision and same_local and same_firewall(new, current):
+            if self.deltas:  # the same firewall, now as one bundle: the delta chain can go
+                self.state.save_applied(new, [])
+                self.bundle, self.deltas = new, []
+                self._reset_cache()
+            return Result(False, [f"bundle version {new.version} is already applied: no change"])
+        old = self.effective()
+        try:
+            self.backend.apply(plan)
+        except ApplyError as exc:
+            self.state.update_status(last_error=str(exc), incr={"apply_failures": 1})
+            raise
+        self.state.save_applied(new, [])
+        if self.state.identity() is None:
+            self.state.set_identity(self.workload_id)
+        self.bundle, self.deltas, self.plan = new, [], plan
+        self._reset_cache()
+        self.state.update_status(
+            applied_version=new.version,
+            mode=new.mode.value,
+            applied_at=time.time(),
+            last_error=None,
+            local_failsafes=self._local_key(),
+            incr={"applied": 1},
+        )
+        return Result(True, describe_change(old, new))
+
+    # --- set deltas --------------------------------------------------------------------------
+
+    def apply_delta(self, delta: SetDelta) -> Result:
+        what = f"delta for set {delta.set} {delta.from_version}→{delta.to_version}"
+        try:
+            self.verifier.verify(delta)
+        except BundleError as exc:
+            raise self._reject(what, str(exc)) from None
+        current = self.effective()
+        if current is None:
+            raise self._reject(what, "no bundle applied yet: fetch the whole bundle")
+        s = current.sets.get(delta.set)
+        if s is None:
+            raise self._reject(what, "set is not in the applied bundle: fetch the whole bundle")
+        if s.version >= delta.to_version:
+            return Result(False, [f"{what} already applied: no change"])
+        if delta.to_version <= delta.from_version:
+            raise self._reject(what, "to_version must be newer than from_version")
+        if s.version != delta.from_version:
+            raise self._reject(
+                what, f"applied set version is {s.version}, not {delta.from_version}: fetch the whole bundle"
+            )
+        rev = self.revision or 0
+        if delta.to_version < rev:
+            raise self._reject(
+                what, f"to_version {delta.to_version} is older than the applied revision {rev} (rollback refused)"
+            )
+        members = self._set_members(delta.set)
+        try:
+            add4, add6 = split_cidrs(delta.add, f"delta {delta.set}.add")
+            rem4, rem6 = split_cidrs(delta.remove, f"delta {delta.set}.remove")
+        except PlanError as exc:
+            raise self._reject(what, str(exc)) from None
+        missing = [x for x in (*rem4, *rem6) if x not in members]
+        present = [x for x in (*add4, *add6) if x in members and x not in delta.remove]
+        if missing or present:
+            raise self._reject(
+                what, f"elements do not match the applied set (absent: {missing[:3]}, already present: {present[:3]})"
+            )
+        change = ElementChange(delta.set, add4, add6, rem4, rem6)
+        try:
+            self.backend.apply_delta(change)
+        except ApplyError as exc:
+            self.state.update_status(last_error=str(exc), incr={"apply_failures": 1})
+            raise
+        self.deltas = [*self.deltas, delta]
+        self.state.save_deltas(self.deltas)
+        # caches move by the delta only: no re-validation of the whole set
+        self._eff = fold_delta(current, delta)
+        members.difference_update(delta.remove)
+        members.update(delta.add)
+        new_set = self._eff.sets[delta.set]
+        if self.plan is not None:  # otherwise compiled lazily from the effective bundle
+            self.plan.sets[delta.set] = PlanSet(tuple(new_set.v4), tuple(new_set.v6))
+        elif getattr(self.backend, "rerender_on_delta", False):
+            self.ensure_plan()
+        if getattr(self.backend, "rerender_on_delta", False) and self.plan is not None:
+            self.backend.apply(self.plan)  # addresses live inline in the rules (windows-plan)
+        self.state.update_status(applied_version=self.revision, applied_at=time.time(), incr={"deltas_applied": 1})
+        return Result(
+            True,
+            [
+                f"set {delta.set}: version {delta.from_version} → {delta.to_version}, +{len(delta.add)} -{len(delta.remove)} elements"
+            ],
+        )
+
+    # --- last known good ---------------------------------------------------------------------
+
+    def reapply_last_known_good(self) -> Result:
+        """Re-verify and re-apply what the state directory holds, before any network contact."""
+        if self.bundle is None:
+            return Result(False, ["no last known good bundle in the state directory"])
+        try:
+            self.verifier.verify(self.bundle)
+            for d in self.deltas:
+                self.verifier.verify(d)
+            if self.workload_id is not None and self.bundle.workload_id != self.workload_id:
+                raise BundleError(
+                    f"state holds a bundle for {self.bundle.workload_id!r}, this agent is {self.workload_id!r}"
+                )
+            eff = self._fold_valid_deltas()
+            self._reset_cache()
+            plan = compile_plan(eff, self.local)
+        except (BundleError, PlanError) as exc:
+            self.state.update_status(last_error=f"last known good unusable: {exc}")
+            raise Rejected(f"last known good in {self.state.path} is unusable: {exc}") from None
+        self.backend.apply(plan)
+        self.plan = plan
+        self.state.update_status(
+            applied_version=self.revision,
+            mode=eff.mode.value,
+            applied_at=time.time(),
+            local_failsafes=self._local_key(),
+            incr={"lkg_reapplied": 1},
+        )
+        return Result(
+            True, [f"re-applied last known good: {eff.workload_id} revision {self.revision}, mode {eff.mode.value}"]
+        )
+
+    def _fold_valid_deltas(self) -> Bundle:
+        """Keep the chain of deltas that still fits (a crash may leave stale ones behind)."""
+        assert self.bundle is not None
+        kept: list[SetDelta] = []
+        cur = self.bundle
+        for d in self.deltas:
+            s = cur.sets.get(d.set)
+            if s is not None and s.version == d.from_version:
+                kept.append(d)
+                cur = fold_delta(cur, d)
+        if len(kept) != len(self.deltas):
+            self.deltas = kept
+            self.state.save_deltas(kept)
+        return cur
+
+    def ensure_plan(self) -> Plan | None:
+        if self.plan is None and self.bundle is not None:
+            eff = self.effective()
+            assert eff is not None
+            try:
+                self.plan = compile_plan(eff, self.local)
+            except PlanError:
+                return None
+        return self.plan
+
+    def flush(self) -> bool:
+        return self.backend.flush()

@@ -1,0 +1,320 @@
+"""``ringfence-agent run``: last known good first, then follow the source, forever.
+
+Order on start: load config → re-apply the last known good bundle from the state directory →
+only then contact anyone. When the source is unreachable the agent backs off (exponential, with
+jitter, capped) and keeps enforcing what it has; it never flushes on errors or on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from types import FrameType
+
+from ringfence.agentapi import Heartbeat
+from ringfence.bundle import BundleError, SetDelta, Verifier
+from ringfence_agent import enroll
+from ringfence_agent.backends import ApplyError, make_backend
+from ringfence_agent.config import AgentConfig
+from ringfence_agent.core import Agent, Rejected
+from ringfence_agent.reports import (
+    BoundedBuffer,
+    DropCollector,
+    FlowSource,
+    Spool,
+    counter_deltas,
+    drop_key,
+    flow_key,
+    local_addresses,
+    make_batches,
+    parse_conntrack,
+    summarize_flows,
+)
+from ringfence_agent.sources import ApiSource, Source, SourceError, StaticSource, Unreachable
+from ringfence_agent.state import StateDir
+
+
+def log(msg: str) -> None:
+    print(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} ringfence-agent: {msg}", file=sys.stderr, flush=True)
+
+
+def release_memory() -> None:
+    """Hand freed heap back to the OS after a large apply (glibc only; best effort)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def backoff_delay(failures: int, cap: float, rng: random.Random) -> float:
+    """Full-jitter exponential backoff: uniform(0.5, 1) × min(cap, 2^failures) seconds."""
+    base = min(cap, float(2 ** min(failures, 30)))
+    return base * rng.uniform(0.5, 1.0)
+
+
+class Daemon:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.state = StateDir(cfg.state_dir)
+        self.state.ensure()
+        self.verifier = Verifier.from_file(cfg.public_key)
+        self.backend = make_backend(cfg.backend)
+        self.agent = Agent(cfg.workload_id, self.verifier, self.backend, self.state, cfg.local_failsafes(), log=log)
+        self.stop = threading.Event()
+        self.rng = random.Random()  # noqa: S311 - jitter, not cryptography
+        self._last_refused: tuple[str, int, str | None] | None = None
+        self.drops: BoundedBuffer = BoundedBuffer(cfg.max_buffered_records)  # type: ignore[type-arg]
+        self.flows: BoundedBuffer = BoundedBuffer(cfg.max_buffered_records)  # type: ignore[type-arg]
+        self.spool = Spool(cfg.state_dir / "spool.jsonl", cfg.max_spool_bytes)
+        self.collector = DropCollector()
+        self.counters: dict[str, int] = {}
+        self.flow_source = FlowSource()
+        self.last_message = ""
+        self.contact_error = ""
+        self.source: Source = self._source()
+
+    def _source(self) -> Source:
+        cfg = self.cfg
+        if cfg.api_url is not None:
+            e = cfg.enroll
+            assert e is not None
+            prove = (
+                enroll.aws_iid(e.imds_url, e.iid_signature, cfg.request_timeout)
+                if e.method == "aws-iid"
+                else enroll.pairing(cfg.workload_id, e.key())
+            )
+            return ApiSource(cfg.api_url, cfg.workload_id, prove, self.state, cfg.request_timeout, cfg.wait_timeout)
+        assert cfg.source is not None
+        return StaticSource(cfg.source, cfg.workload_id, cfg.poll_interval, cfg.request_timeout)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def _signals(self) -> None:
+        def handler(signum: int, frame: FrameType | None) -> None:
+            self.stop.set()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def run(self, once: bool = False) -> int:
+        if threading.current_thread() is threading.main_thread():
+            self._signals()
+        self.state.update_status(
+            daemon={"pid": os.getpid(), "started": time.time(), "source": self.source.kind},
+            flows_source=self.flow_source.kind,
+        )
+        if self.flow_source.kind == "unavailable":
+            log("no /proc/net/nf_conntrack and no conntrack tool: flow reports are disabled (drops still reported)")
+        self.start_enforcing()
+        observer = threading.Thread(target=self._observe_loop, name="observer", daemon=True)
+        observer.start()
+        failures = 0
+        behind = 0  # rounds in a row the source announced a version we could not reach
+        chased: int | None = None
+        last_heartbeat = 0.0
+        last_report = time.monotonic()
+        latest: int | None = None
+        while not self.stop.is_set():
+            try:
+                self.sync(latest)
+                self.state.update_status(last_contact=time.time())
+                failures = 0
+                if self.contact_error:
+                    self.contact_error = ""
+                    self.last_message = ""
+                now = time.monotonic()
+                if now - last_heartbeat >= self.cfg.heartbeat_interval or once:
+                    hb_latest = self.heartbeat()
+                    last_heartbeat = now
+                    if hb_latest is not None and hb_latest > (self.agent.revision or -1) and hb_latest != chased:
+                        latest = chased = hb_latest
+                        continue
+                if now - last_report >= self.cfg.report_interval or once:
+                    self.send_reports()
+                    last_report = now
+                if once:
+                    break
+                if latest is not None and (self.agent.revision or -1) < latest:
+                    # announced but not reachable (refused or missing): do not spin on the nudge
+                    behind += 1
+                    self.stop.wait(backoff_delay(behind, min(self.cfg.backoff_max, self.cfg.poll_interval), self.rng))
+                else:
+                    behind = 0
+                latest = self.source.wait(self.agent.revision, self._wait_timeout(), self.stop)
+            except (Unreachable, SourceError) as exc:
+                failures += 1
+                delay = backoff_delay(failures, self.cfg.backoff_max, self.rng)
+                self.last_message = self.contact_error = str(exc)
+                self.state.update_status(last_error=str(exc), incr={"contact_failures": 1})
+                log(f"{exc}; still enforcing revision {self.agent.revision}; retry in {delay:.1f}s")
+                if once:
+                    break
+                self.stop.wait(delay)
+        self.stop.set()
+        observer.join(timeout=5)
+        self._spool_buffers()
+        self.state.update_status(daemon={"pid": None, "stopped": time.time(), "source": self.source.kind})
+        log(f"stopped; the firewall keeps enforcing revision {self.agent.revision}")
+        return 0
+
+    def _wait_timeout(self) -> float:
+        return self.cfg.wait_timeout if self.source.kind == "api" else self.cfg.poll_interval
+
+    def start_enforcing(self) -> None:
+        """Re-apply the last known good before any contact."""
+        try:
+            for line in self.agent.reapply_last_known_good().lines:
+                log(line)
+        except (Rejected, ApplyError) as exc:
+            self.last_message = str(exc)
+            log(f"{exc}")
+        release_memory()
+
+    # --- sync --------------------------------------------------------------------------------
+
+    def sync(self, latest: int | None) -> None:
+        rev = self.agent.revision
+        if rev is not None and latest is not None and latest <= rev and self.source.kind == "api":
+            return
+        if rev is not None and self.agent.bundle is not None:
+            eff = self.agent.effective()
+            assert eff is not None
+            deltas = self.source.deltas(rev, {n: s.version for n, s in eff.sets.items()})
+            if deltas:
+                self._apply_deltas(deltas)
+            if self.source.kind == "api" and latest is not None and (self.agent.revision or 0) >= latest:
+                return
+        try:
+            doc = self.source.bundle()
+        except BundleError as exc:
+            self._rejected(f"malformed bundle from source: {exc}")
+            return
+        if doc is None:
+            return
+        seen = (doc.workload_id, doc.version, doc.signature.value if doc.signature else None)
+        if seen == self._last_refused:
+            return  # refused already: reported once, not on every poll
+        rev = self.agent.revision
+        if self.source.kind == "static" and rev is not None and doc.version < rev and self.agent.deltas:
+            # a static layout's bundle may lag behind the deltas already applied: not a rollback
+            # attempt worth reporting, and never applied (apply_bundle would refuse it anyway)
+            self._last_refused = seen
+            log(f"static bundle version {doc.version} is behind the applied revision {rev} (deltas ahead): kept {rev}")
+            return
+        try:
+            result = self.agent.apply_bundle(doc)
+        except Rejected as exc:
+            self._last_refused = seen
+            self._rejected(str(exc))
+            return
+        except ApplyError as exc:
+            self.last_message = str(exc)
+            log(str(exc))
+            return
+        self.last_message = ""
+        if result.changed:
+            self.collector.reset()
+            for line in result.lines:
+                log(line)
+            release_memory()
+        eff = self.agent.effective()
+        if eff is not None and self.agent.revision is not None:
+            more = self.source.deltas(self.agent.revision, {n: s.version for n, s in eff.sets.items()})
+            if more:
+                self._apply_deltas(more)
+
+    def _apply_deltas(self, deltas: list[SetDelta]) -> None:
+        for d in deltas:
+            try:
+                result = self.agent.apply_delta(d)
+            except Rejected as exc:
+                self._rejected(str(exc))
+                return  # the whole bundle will bridge
+            except ApplyError as exc:
+                log(str(exc))
+                return
+            if result.changed:
+                for line in result.lines:
+                    log(line)
+
+    def _rejected(self, msg: str) -> None:
+        self.last_message = msg
+        log(msg)
+
+    # --- heartbeat and reports -----------------------------------------------------------------
+
+    def heartbeat(self) -> int | None:
+        status = self.state.read_json("status.json")
+        counters = {k: int(v) for k, v in status.get("counters", {}).items()}
+        counters.update({f"packets:{k}": v for k, v in self.counters.items()})
+        counters["buffered_drops"] = len(self.drops)
+        counters["buffered_flows"] = len(self.flows)
+        eff = self.agent.effective()
+        hb = Heartbeat(
+            applied_version=self.agent.revision,
+            mode=eff.mode if eff is not None else None,
+            healthy=not self.last_message,
+            message=self.last_message[:1000],
+            counters=counters,
+        )
+        return self.source.heartbeat(hb)
+
+    def send_reports(self) -> None:
+        batches = self.spool.pop_all()
+        drops = self.drops.take(self.cfg.max_buffered_records)
+        flows = summarize_flows(self.flows.take(self.cfg.max_buffered_records))
+        discarded = self.drops.discarded + self.flows.discarded + self.spool.discarded
+        self.drops.discarded = self.flows.discarded = self.spool.discarded = 0
+        batches += make_batches(drops, flows, discarded)
+        for i, batch in enumerate(batches):
+            try:
+                self.source.report(batch)
+            except Unreachable:
+                for b in batches[i:]:
+                    self.spool.append(b)  # try again later, within the spool's byte cap
+                raise
+            except SourceError as exc:
+                # refused (4xx): resending the same batch cannot help; count it as discarded
+                self.drops.discarded += len(batch.drops)
+                self.flows.discarded += len(batch.flows)
+                log(f"report batch refused, discarded: {exc}")
+
+    def _spool_buffers(self) -> None:
+        drops = self.drops.take(self.cfg.max_buffered_records)
+        flows = summarize_flows(self.flows.take(self.cfg.max_buffered_records))
+        if self.source.kind == "api":
+            for b in make_batches(drops, flows, 0):
+                self.spool.append(b)
+
+    # --- observation thread --------------------------------------------------------------------
+
+    def _observe_loop(self) -> None:
+        local = local_addresses()
+        last_local = time.monotonic()
+        while not self.stop.wait(self.cfg.observe_interval):
+            try:
+                self.observe_once(local)
+                if time.monotonic() - last_local > 60:
+                    local, last_local = local_addresses(), time.monotonic()
+            except Exception as exc:
+                log(f"observation failed: {exc}")
+
+    def observe_once(self, local: set[str]) -> None:
+        plan = self.agent.ensure_plan()
+        if plan is None or plan.mode == "idle":
+            return
+        obs = self.backend.observe(plan, self.collector.counters)
+        before = dict(self.collector.counters)
+        for e in self.collector.events(plan, obs):
+            self.drops.add(drop_key(e), e)
+        for k, v in counter_deltas(before, obs.counters).items():
+            self.counters[k] = self.counters.get(k, 0) + v
+        now = time.time()
+        for f in parse_conntrack(self.flow_source.lines(), local, now):
+            self.flows.add(flow_key(f), f)

@@ -1,0 +1,56 @@
+"""Identity proofs for enrollment (docs/agent-api.md): no secret is baked into an image.
+
+* ``pairing`` — an operator-issued key with a use limit and an expiry (on premise).
+* ``aws-iid`` — the EC2 instance identity document and its signature, read from IMDSv2, plus the
+  server's single-use nonce. Which signature the server checks is configurable
+  (``iid_signature``): ``rsa2048`` (PKCS7, RSA-SHA256; default), ``pkcs7`` or ``signature``
+  (base64 RSA-SHA256).
+"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+
+from ringfence.agentapi import EnrollRequest
+
+Prover = Callable[[str], EnrollRequest]
+
+
+class ProofError(Exception):
+    """The identity proof could not be gathered (e.g. IMDS unreachable)."""
+
+
+def pairing(workload_id: str, key: str) -> Prover:
+    def prove(nonce: str) -> EnrollRequest:
+        return EnrollRequest(method="pairing", nonce=nonce, workload_id=workload_id, pairing_key=key)
+
+    return prove
+
+
+def aws_iid(imds_url: str = "http://169.254.169.254", signature: str = "rsa2048", timeout: float = 2.0) -> Prover:
+    base = imds_url.rstrip("/")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an HTTP proxy
+
+    def fetch(path: str, token: str) -> str:
+        req = urllib.request.Request(f"{base}{path}", headers={"X-aws-ec2-metadata-token": token})  # noqa: S310
+        with opener.open(req, timeout=timeout) as resp:
+            return str(resp.read().decode())
+
+    def prove(nonce: str) -> EnrollRequest:
+        try:
+            req = urllib.request.Request(  # noqa: S310
+                f"{base}/latest/api/token", method="PUT", headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"}
+            )
+            with opener.open(req, timeout=timeout) as resp:
+                token = resp.read().decode()
+            document = fetch("/latest/dynamic/instance-identity/document", token)
+            sig = fetch(f"/latest/dynamic/instance-identity/{signature}", token)
+        except (urllib.error.URLError, OSError, TimeoutError) as exc:
+            raise ProofError(
+                f"instance metadata (IMDSv2) unavailable at {base}: {getattr(exc, 'reason', exc)}"
+            ) from None
+        return EnrollRequest(method="aws-iid", nonce=nonce, document=document, document_signature=sig.strip())
+
+    return prove

@@ -1,0 +1,270 @@
+"""Backend-neutral enforcement plan: a verified bundle plus the local fail-safes.
+
+Every backend renders the same :class:`Plan`, so nftables, iptables, the Windows plan and the
+dry-run agree on order and meaning:
+
+1. fail-safes (never removable by a bundle): loopback, established/related, ICMPv6 neighbour
+   discovery, DHCP, DNS to the resolvers, the cloud metadata endpoint, the control plane,
+   management ports from the admin ranges (bundle fail-safes ∪ local configuration);
+2. the bundle's rules in bundle order (override-deny, allow, deny), first match wins;
+3. the mode's default: drop in ``enforce``, accept (counted as would-drop) in ``observe``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ringfence.bundle import Bundle, FailsafeDoc, ServiceMatch
+from ringfence.model import Mode
+
+Direction = Literal["inbound", "outbound"]
+Proto = Literal["tcp", "udp", "icmp", "icmpv6"]
+
+METADATA_V4 = ("169.254.169.254/32",)
+METADATA_V6 = ("fd00:ec2::254/128",)
+_SET_NAME = re.compile(r"^[A-Za-z0-9_]{1,24}$")
+_PORT_SPEC = re.compile(r"^(tcp|udp)/(\d{1,5})(?:-(\d{1,5}))?$")
+
+
+class PlanError(ValueError):
+    """The bundle cannot be turned into firewall rules (names the offending field)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """One service: ``proto`` None means any protocol."""
+
+    proto: Proto | None
+    ports: tuple[int, int] | None = None
+    icmp_type: int | None = None
+
+    def describe(self) -> str:
+        if self.proto is None:
+            return "any"
+        if self.ports is not None:
+            lo, hi = self.ports
+            return f"{self.proto}/{lo}" if lo == hi else f"{self.proto}/{lo}-{hi}"
+        if self.icmp_type is not None:
+            return f"{self.proto}/{self.icmp_type}"
+        return self.proto
+
+
+@dataclass(frozen=True, slots=True)
+class PlanRule:
+    direction: Direction
+    index: int  # position within its direction, bundle order
+    rule_id: str
+    action: Literal["allow", "deny", "override-deny"]
+    set: str | None  # peer set (source inbound, destination outbound); None = any address
+    services: tuple[Match, ...]
+
+    @property
+    def counter(self) -> str:
+        return f"r_{'in' if self.direction == 'inbound' else 'out'}_{self.index}"
+
+    @property
+    def drops(self) -> bool:
+        return self.action != "allow"
+
+
+@dataclass(frozen=True, slots=True)
+class Failsafes:
+    admin_v4: tuple[str, ...] = ()
+    admin_v6: tuple[str, ...] = ()
+    admin_ports: tuple[Match, ...] = ()
+    dns_v4: tuple[str, ...] = ()
+    dns_v6: tuple[str, ...] = ()
+    control_v4: tuple[str, ...] = ()
+    control_v6: tuple[str, ...] = ()
+    metadata_v4: tuple[str, ...] = METADATA_V4
+    metadata_v6: tuple[str, ...] = METADATA_V6
+    dhcp: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class LocalFailsafes:
+    """The agent's own configuration: merged with (never replaced by) the bundle's fail-safes."""
+
+    admin_cidrs: tuple[str, ...] = ()
+    admin_ports: tuple[str, ...] = ("tcp/22", "tcp/3389")
+    dns_resolvers: tuple[str, ...] = ()
+    control_plane: tuple[str, ...] = ()
+    metadata: bool = True
+    dhcp: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class PlanSet:
+    v4: tuple[str, ...]
+    v6: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class Plan:
+    workload_id: str
+    version: int
+    mode: Literal["idle", "observe", "enforce"]
+    quarantined: bool
+    sets: dict[str, PlanSet] = field(default_factory=dict)
+    rules: list[PlanRule] = field(default_factory=list)
+    failsafes: Failsafes = field(default_factory=Failsafes)
+
+    def by_direction(self, direction: Direction) -> list[PlanRule]:
+        return [r for r in self.rules if r.direction == direction]
+
+    def counter_map(self) -> dict[str, tuple[Direction, str | None, str]]:
+        """counter name → (direction, rule id or None for the default, action)."""
+        out: dict[str, tuple[Direction, str | None, str]] = {}
+        for r in self.rules:
+            out[r.counter] = (r.direction, r.rule_id, r.action)
+        out["d_in"] = ("inbound", None, "default")
+        out["d_out"] = ("outbound", None, "default")
+        return out
+
+
+def _fast_cidr(text: str) -> tuple[int, str] | None:
+    """(family, text) for a CIDR already in canonical form, via the C parser; None → slow path."""
+    addr, sep, plen = text.partition("/")
+    fam, bits = (socket.AF_INET6, 128) if ":" in addr else (socket.AF_INET, 32)
+    if bits == 128 and "." in addr:
+        return None  # embedded IPv4 notation: ipaddress and inet_ntop disagree on the canonical text
+    try:
+        packed = socket.inet_pton(fam, addr)
+    except OSError:
+        return None
+    if sep:
+        if not plen.isdigit() or len(plen) > 3:
+            return None
+        n = int(plen)
+        if n > bits or (n < bits and int.from_bytes(packed, "big") & ((1 << (bits - n)) - 1)):
+            return None
+    if socket.inet_ntop(fam, packed) != addr:
+        return None
+    return (6 if bits == 128 else 4), (text if sep else f"{addr}/{bits}")
+
+
+def split_cidrs(items: list[str] | tuple[str, ...], what: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Normalise CIDRs/addresses into (v4, v6) lists; raise :class:`PlanError` naming ``what``.
+
+    Canonical input (what the engine emits) takes a C fast path: 100,000 elements in ~0.1 s."""
+    v4: list[str] = []
+    v6: list[str] = []
+    for text in items:
+        fast = _fast_cidr(text)
+        if fast is not None:
+            (v4 if fast[0] == 4 else v6).append(fast[1])
+            continue
+        try:
+            net = ipaddress.ip_network(text.strip(), strict=True)
+        except ValueError as exc:
+            raise PlanError(f"{what}: {text!r} is not a CIDR ({exc})") from None
+        (v4 if net.version == 4 else v6).append(str(net))
+    return tuple(v4), tuple(v6)
+
+
+def parse_port_spec(spec: str) -> Match:
+    m = _PORT_SPEC.match(spec.strip())
+    if m is None:
+        raise PlanError(f"admin port {spec!r} must look like tcp/22 or tcp/8000-8080")
+    lo = int(m.group(2))
+    hi = int(m.group(3) or lo)
+    if not (0 < lo <= hi <= 65535):
+        raise PlanError(f"admin port {spec!r} is out of range")
+    return Match(m.group(1), (lo, hi))  # type: ignore[arg-type]
+
+
+def _match(s: ServiceMatch, where: str) -> Match:
+    if s.ports is not None:
+        lo, hi = s.ports
+        if s.proto not in ("tcp", "udp"):
+            raise PlanError(f"{where}: ports given for protocol {s.proto}")
+        if not (0 <= lo <= hi <= 65535):
+            raise PlanError(f"{where}: port range {lo}-{hi} is invalid")
+    if s.icmp_type is not None and (s.proto not in ("icmp", "icmpv6") or not 0 <= s.icmp_type <= 255):
+        raise PlanError(f"{where}: icmp_type {s.icmp_type} invalid for {s.proto}")
+    return Match(None if s.proto == "any" else s.proto, s.ports, s.icmp_type)
+
+
+def merge_failsafes(doc: FailsafeDoc, local: LocalFailsafes) -> Failsafes:
+    admin4, admin6 = split_cidrs([*doc.admin_cidrs, *local.admin_cidrs], "failsafes.admin_cidrs")
+    dns4, dns6 = split_cidrs([_host(x) for x in (*doc.dns_resolvers, *local.dns_resolvers)], "failsafes.dns_resolvers")
+    cp4, cp6 = split_cidrs([_host(x) for x in (*doc.control_plane, *local.control_plane)], "failsafes.control_plane")
+    ports: list[Match] = [_match(p, "failsafes.admin_ports") for p in doc.admin_ports]
+    ports.extend(parse_port_spec(p) for p in local.admin_ports)
+    return Failsafes(
+        admin_v4=_uniq(admin4),
+        admin_v6=_uniq(admin6),
+        admin_ports=tuple(dict.fromkeys(ports)),
+        dns_v4=_uniq(dns4),
+        dns_v6=_uniq(dns6),
+        control_v4=_uniq(cp4),
+        control_v6=_uniq(cp6),
+        metadata_v4=METADATA_V4 if local.metadata else (),
+        metadata_v6=METADATA_V6 if local.metadata else (),
+        dhcp=local.dhcp,
+    )
+
+
+def _host(text: str) -> str:
+    """An address or CIDR; a bare address becomes a host prefix."""
+    text = text.strip()
+    if "/" in text:
+        return text
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return text  # let split_cidrs name it
+    return f"{ip}/{ip.max_prefixlen}"
+
+
+def _uniq(items: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(items))
+
+
+def compile_plan(bundle: Bundle, local: LocalFailsafes) -> Plan:
+    """Turn a verified bundle into a plan; every name and address is validated here, so backends
+    can render text without escaping surprises."""
+    sets: dict[str, PlanSet] = {}
+    for name, s in bundle.sets.items():
+        if not _SET_NAME.match(name):
+            raise PlanError(f"set name {name!r} is not [A-Za-z0-9_]{{1,24}}")
+        v4, v6 = split_cidrs(s.v4, f"sets.{name}.v4")
+        w4, w6 = split_cidrs(s.v6, f"sets.{name}.v6")
+        if v6 or w4:
+            raise PlanError(f"set {name}: address family mixed up between v4 and v6 lists")
+        sets[name] = PlanSet(v4, w6)
+    rules: list[PlanRule] = []
+    for direction, items in (("inbound", bundle.inbound), ("outbound", bundle.outbound)):
+        for i, r in enumerate(items):
+            where = f"{direction}[{i}] ({r.id})"
+            if r.set is not None and r.set not in sets:
+                raise PlanError(f"{where}: undefined set {r.set}")
+            rules.append(
+                PlanRule(
+                    direction=direction,  # type: ignore[arg-type]
+                    index=i,
+                    rule_id=r.id,
+                    action=r.action,
+                    set=r.set,
+                    services=tuple(_match(s, where) for s in r.services),
+                )
+            )
+    return Plan(
+        workload_id=bundle.workload_id,
+        version=bundle.version,
+        mode=Mode(bundle.mode).value,
+        quarantined=bundle.quarantined,
+        sets=sets,
+        rules=rules,
+        failsafes=merge_failsafes(bundle.failsafes, local),
+    )
+
+
+def safe_comment(text: str, limit: int = 120) -> str:
+    """Rule ids in comments: printable, no quotes or backslashes, bounded length."""
+    cleaned = "".join(c if c.isalnum() or c in "/_#.:-=+@ ()," else "_" for c in text)
+    return cleaned[:limit]

@@ -1,0 +1,255 @@
+"""Where bundles come from: the agent API (enroll + bearer token) or a static directory / URL."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import quote
+
+from ringfence.agentapi import (
+    API_PREFIX,
+    DeltasResponse,
+    EnrollResponse,
+    Heartbeat,
+    HeartbeatResponse,
+    NonceResponse,
+    ReportBatch,
+)
+from ringfence.bundle import Bundle, SetDelta, load_bundle, load_delta
+from ringfence_agent.enroll import ProofError, Prover
+from ringfence_agent.state import StateDir
+
+
+class Unreachable(Exception):
+    """The source cannot be reached now (network, 5xx, 429): back off and keep enforcing."""
+
+
+class SourceError(Exception):
+    """The source answered, but not usefully (4xx other than 401/409): logged, backed off."""
+
+
+class Source(Protocol):
+    kind: str
+
+    def wait(self, version: int | None, timeout: float, stop: threading.Event) -> int | None:
+        """Block until something newer than ``version`` may exist or ``timeout``; return the latest
+        version when the source knows it."""
+        ...
+
+    def bundle(self) -> Bundle | None: ...
+
+    def deltas(self, since: int, sets: dict[str, int]) -> list[SetDelta] | None:
+        """Signed deltas after revision ``since`` for the applied ``sets`` (name → version);
+        None when deltas cannot bridge (fetch the whole bundle)."""
+        ...
+
+    def heartbeat(self, hb: Heartbeat) -> int | None: ...
+
+    def report(self, batch: ReportBatch) -> None: ...
+
+
+def _http(
+    url: str,
+    timeout: float,
+    method: str = "GET",
+    body: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))  # noqa: S310
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - http(s) only, validated in config
+            return resp.status, dict(resp.headers.items()), resp.read()
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+        payload = exc.read() if exc.fp is not None else b""
+        if status >= 500 or status == 429:
+            raise Unreachable(f"{method} {url}: HTTP {status}") from None
+        return status, dict(exc.headers.items()) if exc.headers else {}, payload
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        raise Unreachable(f"{method} {url}: {getattr(exc, 'reason', exc)}") from None
+
+
+class StaticSource:
+    """A directory or plain HTTP base URL: ``<base>/bundles/<id>.json``, ``<base>/deltas/<set>/<from>-<to>.json``."""
+
+    kind = "static"
+
+    def __init__(self, base: str, workload_id: str, poll_interval: float, timeout: float) -> None:
+        self.base = base.rstrip("/")
+        self.is_http = self.base.startswith(("http://", "https://"))
+        self.workload_id = workload_id
+        self.poll_interval = poll_interval
+        self.timeout = timeout
+        self._etag: str | None = None
+        self._first = True
+
+    def wait(self, version: int | None, timeout: float, stop: threading.Event) -> int | None:
+        if self._first:
+            self._first = False
+            return None
+        stop.wait(min(timeout, self.poll_interval))
+        return None
+
+    def bundle(self) -> Bundle | None:
+        name = f"bundles/{self.workload_id}.json"
+        if not self.is_http:
+            path = Path(self.base) / name
+            try:
+                raw = path.read_bytes()
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                raise Unreachable(f"{path}: {exc.strerror}") from None
+            return load_bundle(raw)
+        headers = {"If-None-Match": self._etag} if self._etag else {}
+        status, hdrs, body = _http(f"{self.base}/{quote(name)}", self.timeout, headers=headers)
+        if status == 304:
+            return None  # unchanged since the last fetch: nothing to apply
+        if status == 404:
+            return None
+        if status != 200:
+            raise SourceError(f"GET {name}: HTTP {status}")
+        doc = load_bundle(body)
+        self._etag = hdrs.get("ETag") or hdrs.get("Etag")
+        return doc
+
+    def deltas(self, since: int, sets: dict[str, int]) -> list[SetDelta] | None:
+        if self.is_http:
+            return None  # plain HTTP cannot list: the whole bundle is the truth
+        out: list[SetDelta] = []
+        for name, version in sets.items():
+            d = Path(self.base) / "deltas" / name
+            if not d.is_dir():
+                continue
+            v = version
+            while True:
+                nxt = sorted(d.glob(f"{v}-*.json"), key=lambda p: _to(p.name))
+                if not nxt:
+                    break
+                delta = load_delta(nxt[-1].read_bytes())
+                out.append(delta)
+                if delta.to_version <= v:
+                    break
+                v = delta.to_version
+        return out
+
+    def heartbeat(self, hb: Heartbeat) -> int | None:
+        return None
+
+    def report(self, batch: ReportBatch) -> None:
+        return None
+
+
+def _to(name: str) -> int:
+    m = re.match(r"^\d+-(\d+)\.json$", name)
+    return int(m.group(1)) if m else -1
+
+
+class ApiSource:
+    """The agent API of docs/agent-api.md; ``prove`` builds the enrollment proof for a nonce."""
+
+    kind = "api"
+
+    def __init__(
+        self, base: str, workload_id: str, prove: Prover, state: StateDir, timeout: float, wait_timeout: float
+    ) -> None:
+        self.base = base.rstrip("/") + API_PREFIX
+        self.workload_id = workload_id
+        self.prove = prove
+        self.state = state
+        self.timeout = timeout
+        self.wait_timeout = wait_timeout
+        tok = state.read_json("token.json")
+        self.token: str | None = tok.get("token") if tok.get("workload_id") == workload_id else None
+        self._etag: str | None = None
+
+    def _agent_url(self, suffix: str) -> str:
+        return f"{self.base}/agents/{quote(self.workload_id, safe='')}/{suffix}"
+
+    def enroll(self) -> None:
+        status, _, body = _http(f"{self.base}/nonce", self.timeout)
+        if status != 200:
+            raise SourceError(f"nonce: HTTP {status} {body[:200]!r}")
+        nonce = NonceResponse.model_validate_json(body).nonce
+        try:
+            req = self.prove(nonce)
+        except ProofError as exc:
+            raise Unreachable(str(exc)) from None
+        status, _, body = _http(f"{self.base}/enroll", self.timeout, "POST", req.model_dump(exclude_none=True))
+        if status != 200:
+            raise SourceError(f"enroll refused: HTTP {status} {body[:300]!r}")
+        resp = EnrollResponse.model_validate_json(body)
+        if resp.workload_id != self.workload_id:
+            raise SourceError(f"enrolled as {resp.workload_id!r}, configured as {self.workload_id!r}")
+        self.token = resp.token
+        self.state.write_json("token.json", {"workload_id": self.workload_id, "token": resp.token})
+
+    def _call(
+        self,
+        suffix: str,
+        method: str = "GET",
+        body: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        for attempt in range(2):
+            if self.token is None:
+                self.enroll()
+            h = {"Authorization": f"Bearer {self.token}", **(headers or {})}
+            status, hdrs, payload = _http(self._agent_url(suffix), timeout or self.timeout, method, body, h)
+            if status == 401 and attempt == 0:
+                self.token = None  # expired or revoked: enroll again
+                continue
+            if status in (401, 403):
+                raise SourceError(f"{method} {suffix}: HTTP {status} {payload[:200]!r}")
+            return status, hdrs, payload
+        raise SourceError("unreachable")  # pragma: no cover
+
+    def wait(self, version: int | None, timeout: float, stop: threading.Event) -> int | None:
+        v = -1 if version is None else version
+        status, _, body = self._call(f"wait?version={v}&timeout={int(timeout)}", timeout=timeout + self.timeout)
+        if status != 200:
+            raise SourceError(f"wait: HTTP {status}")
+        latest = json.loads(body).get("latest_version")
+        return int(latest) if isinstance(latest, int) else None
+
+    def bundle(self) -> Bundle | None:
+        headers = {"If-None-Match": self._etag} if self._etag else {}
+        status, hdrs, body = self._call("bundle", headers=headers)
+        if status == 304:
+            return None  # unchanged since the last fetch: nothing to apply
+        if status == 404:
+            return None
+        if status != 200:
+            raise SourceError(f"bundle: HTTP {status}")
+        doc = load_bundle(body)
+        self._etag = hdrs.get("ETag") or hdrs.get("Etag")
+        return doc
+
+    def deltas(self, since: int, sets: dict[str, int]) -> list[SetDelta] | None:
+        status, _, body = self._call(f"deltas?since={since}")
+        if status in (404, 409):
+            return None
+        if status != 200:
+            raise SourceError(f"deltas: HTTP {status}")
+        resp = DeltasResponse.model_validate_json(body)
+        return [SetDelta.model_validate(d) for d in resp.deltas]
+
+    def heartbeat(self, hb: Heartbeat) -> int | None:
+        status, _, body = self._call("heartbeat", "POST", hb.model_dump(mode="json"))
+        if status != 200:
+            raise SourceError(f"heartbeat: HTTP {status}")
+        return HeartbeatResponse.model_validate_json(body).latest_version
+
+    def report(self, batch: ReportBatch) -> None:
+        status, _, body = self._call("reports", "POST", batch.model_dump(mode="json"))
+        if status not in (200, 202):
+            raise SourceError(f"reports: HTTP {status} {body[:200]!r}")

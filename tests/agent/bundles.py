@@ -1,0 +1,134 @@
+"""Build signed lab bundles and deltas with the real policy engine (test-only key)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ringfence import bundle
+from ringfence.addresses import format_prefix
+from ringfence.engine import Engine
+from ringfence.model import Workload
+from ringfence.policy import load_policy_texts
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+PUBLIC_KEY = GOLDEN / "test-key.pub.pem"
+
+
+def key() -> bundle.SigningKey:
+    return bundle.SigningKey.from_file(GOLDEN / "test-key.pem")
+
+
+LAB_POLICY = """
+labels:
+  dimensions:
+    role: {keys: [role]}
+    app: {keys: [app]}
+    env: {keys: [env]}
+defaults:
+  mode: enforce
+  failsafes:
+    admin_cidrs: [10.77.0.250/32]
+    admin_ports: [tcp/22]
+services:
+  - {name: web, ports: [tcp/8080, udp/5353]}
+  - {name: db, ports: [tcp/5432]}
+  - {name: ssh, ports: [tcp/22]}
+rulesets:
+  - name: lab
+    scope: app == lab
+    same: []
+    rules:
+      - {name: client-to-web, from: role == client, to: role == web, services: [web]}
+      - {name: web-to-db, from: role == web, to: role == db, services: [db]}
+"""
+
+DENY_ALL_POLICY = """
+labels:
+  dimensions:
+    role: {keys: [role]}
+    app: {keys: [app]}
+defaults:
+  mode: enforce
+  failsafes:
+    admin_cidrs: [10.77.0.250/32]
+    admin_ports: [tcp/22]
+services:
+  - {name: all-traffic, ports: [any]}
+rulesets:
+  - name: lockdown
+    scope: all()
+    same: []
+    rules:
+      - {name: everyone-denied, from: all(), to: all(), services: [all-traffic], action: override-deny}
+"""
+
+OBSERVE_POLICY = LAB_POLICY.replace("mode: enforce", "mode: observe")
+
+# precedence: an override-deny beats a later allow; a plain deny only catches what no allow took
+PRECEDENCE_POLICY = (
+    LAB_POLICY
+    + """
+  - name: guard
+    scope: app == lab
+    same: []
+    rules:
+      - {name: admins-never-web, from: role == admin, to: role == web, services: [web], action: override-deny}
+      - {name: admins-allowed, from: role == admin, to: role == web, services: [web]}
+      - {name: strangers-out, from: all(), to: role == web, services: [web], action: deny}
+"""
+)
+
+
+def workloads(hosts: dict[str, tuple[str, str, str]]) -> list[Workload]:
+    """name → (ipv4, ipv6, role)."""
+    return [
+        Workload(id=name, ips=[v4, v6], tags={"role": role, "app": "lab", "env": "test"})
+        for name, (v4, v6, role) in hosts.items()
+    ]
+
+
+class Lab:
+    """An engine over the lab policy; renders signed bundles and deltas on demand."""
+
+    def __init__(self, policy_text: str, ws: list[Workload], policy_version: int = 1) -> None:
+        self.engine = Engine(load_policy_texts({"lab.yaml": policy_text}), policy_version=policy_version)
+        self.engine.load(ws)
+        self.signer = key()
+
+    def bundle(self, wid: str) -> bundle.Bundle:
+        doc = bundle.Bundle.model_validate(self.engine.render(wid))
+        return bundle.sign(doc, self.signer)
+
+    def upsert(self, w: Workload) -> list[bundle.SetDelta]:
+        return self._deltas(self.engine.upsert(w))
+
+    def remove(self, wid: str) -> list[bundle.SetDelta]:
+        return self._deltas(self.engine.remove(wid))
+
+    def _deltas(self, upd: object) -> list[bundle.SetDelta]:
+        out = []
+        for name, (from_v, added, removed) in sorted(upd.set_deltas.items()):  # type: ignore[attr-defined]
+            d = bundle.SetDelta(
+                set=name,
+                from_version=from_v,
+                to_version=upd.revision,  # type: ignore[attr-defined]
+                add=[format_prefix(p) for p in added],
+                remove=[format_prefix(p) for p in removed],
+            )
+            out.append(bundle.sign(d, self.signer))
+        return out
+
+
+def write(doc: bundle.Bundle | bundle.SetDelta, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(bundle.dumps(doc))
+    return path
+
+
+def resign(doc: bundle.Bundle, **changes: object) -> bundle.Bundle:
+    return bundle.sign(doc.model_copy(update=changes), key())
+
+
+def forge(doc: bundle.Bundle, **changes: object) -> bundle.Bundle:
+    """Change content but keep the old signature (tampering)."""
+    return doc.model_copy(update=changes)

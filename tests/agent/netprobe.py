@@ -1,0 +1,157 @@
+"""Tiny traffic tool run inside lab namespaces (lab and loopback addresses only, bounded timeouts).
+
+netprobe.py serve --tcp 22,8080 --udp 5353        echo servers on 0.0.0.0 and ::
+netprobe.py tcp HOST PORT [--timeout S]           exit 0 if a TCP echo round trip works
+netprobe.py udp HOST PORT [--timeout S]           exit 0 if a UDP echo round trip works
+netprobe.py hold HOST PORT                        keep one TCP connection; each stdin line → one echo,
+                                                  prints "ok" or "fail"
+netprobe.py rate HOST PORT SECONDS                new TCP connections per second (prints a number)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import selectors
+import socket
+import sys
+import time
+
+
+def serve(tcp: list[int], udp: list[int]) -> None:
+    sel = selectors.DefaultSelector()
+    for fam, addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        for port in tcp:
+            s = socket.socket(fam, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if fam == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind((addr, port))
+            s.listen(512)
+            s.setblocking(False)
+            sel.register(s, selectors.EVENT_READ, "accept")
+        for port in udp:
+            s = socket.socket(fam, socket.SOCK_DGRAM)
+            if fam == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind((addr, port))
+            s.setblocking(False)
+            sel.register(s, selectors.EVENT_READ, "udp")
+    print("ready", flush=True)
+    while True:
+        for key, _ in sel.select():
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            if key.data == "accept":
+                try:
+                    conn, _ = sock.accept()
+                except OSError:
+                    continue
+                conn.setblocking(False)
+                sel.register(conn, selectors.EVENT_READ, "conn")
+            elif key.data == "udp":
+                try:
+                    data, peer = sock.recvfrom(2048)
+                    sock.sendto(data, peer)
+                except OSError:
+                    pass
+            else:
+                try:
+                    data = sock.recv(2048)
+                except OSError:
+                    data = b""
+                if data:
+                    with contextlib.suppress(OSError):
+                        sock.sendall(data)
+                else:
+                    sel.unregister(sock)
+                    sock.close()
+
+
+def _family(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def tcp_probe(host: str, port: int, timeout: float) -> bool:
+    try:
+        with socket.socket(_family(host), socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect((host, port))
+            s.sendall(b"ping")
+            return s.recv(16) == b"ping"
+    except OSError:
+        return False
+
+
+def udp_probe(host: str, port: int, timeout: float) -> bool:
+    with socket.socket(_family(host), socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.sendto(b"ping", (host, port))
+            data, _ = s.recvfrom(16)
+            return data == b"ping"
+        except OSError:
+            return False
+
+
+def hold(host: str, port: int) -> None:
+    s = socket.socket(_family(host), socket.SOCK_STREAM)
+    s.settimeout(2)
+    try:
+        s.connect((host, port))
+        print("connected", flush=True)
+    except OSError:
+        print("fail", flush=True)
+        return
+    for _line in sys.stdin:
+        try:
+            s.sendall(b"ping")
+            print("ok" if s.recv(16) == b"ping" else "fail", flush=True)
+        except OSError:
+            print("fail", flush=True)
+
+
+def rate(host: str, port: int, seconds: float) -> None:
+    n = failed = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        with socket.socket(_family(host), socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            s.settimeout(0.2)
+            try:
+                s.connect((host, port))
+                n += 1
+            except OSError:
+                failed += 1
+    print(f"{n / seconds:.1f} {failed}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve")
+    s.add_argument("--tcp", default="")
+    s.add_argument("--udp", default="")
+    for name in ("tcp", "udp", "hold", "rate"):
+        q = sub.add_parser(name)
+        q.add_argument("host")
+        q.add_argument("port", type=int)
+        if name == "rate":
+            q.add_argument("seconds", type=float)
+        q.add_argument("--timeout", type=float, default=0.5)
+    a = p.parse_args()
+    if a.cmd == "serve":
+        serve([int(x) for x in a.tcp.split(",") if x], [int(x) for x in a.udp.split(",") if x])
+    elif a.cmd == "tcp":
+        return 0 if tcp_probe(a.host, a.port, a.timeout) else 1
+    elif a.cmd == "udp":
+        return 0 if udp_probe(a.host, a.port, a.timeout) else 1
+    elif a.cmd == "hold":
+        hold(a.host, a.port)
+    else:
+        rate(a.host, a.port, a.seconds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,464 @@
+"""The agent against a real kernel: nftables and iptables+ipset in network namespaces.
+
+One lab per module (6 namespaces on a bridge); each test resets what the agent programmed.
+h2 is the protected workload ("web"); h1 is a client, h3 the database, h4 a stranger, adm the
+operators' admin host (10.77.0.250, the bundle's admin range), cp a control plane.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ringfence.bundle import Bundle, SetDelta
+from ringfence.model import Mode, Workload
+from tests.agent.bundles import (
+    DENY_ALL_POLICY,
+    LAB_POLICY,
+    OBSERVE_POLICY,
+    PRECEDENCE_POLICY,
+    PUBLIC_KEY,
+    Lab,
+    forge,
+    resign,
+    workloads,
+    write,
+)
+from tests.agent.netlab import PY, prerequisites, wait_until
+from tests.agent.netlab import Lab as NetLab
+
+pytestmark = pytest.mark.dataplane
+
+_why = prerequisites()
+if _why is not None:
+    if os.environ.get("CI") == "true":
+        raise RuntimeError(f"dataplane tests must run in CI but cannot: {_why}")
+    pytest.skip(f"dataplane tests skipped: {_why}", allow_module_level=True)
+
+HOSTS = {"h1": 1, "h2": 2, "h3": 3, "h4": 4, "adm": 250, "cp": 100}
+ROLES = {"h1": "client", "h2": "web", "h3": "db", "h4": "other"}
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def net() -> Iterator[NetLab]:
+    lab = NetLab(HOSTS)
+    try:
+        lab.serve("h2", tcp=[22, 8080, 5432], udp=[5353])
+        lab.serve("h3", tcp=[5432], udp=[53])
+        lab.serve("h4", tcp=[8080])
+        yield lab
+    finally:
+        lab.close()
+
+
+@pytest.fixture(scope="module", params=["nftables", "iptables"])
+def backend(request: pytest.FixtureRequest) -> str:
+    if (
+        request.param == "iptables"
+        and subprocess.run(["which", "iptables-restore", "ipset"], capture_output=True).returncode
+    ):
+        if os.environ.get("CI") == "true":
+            pytest.fail("iptables/ipset missing in CI (make sysdeps)")
+        pytest.skip("iptables-restore / ipset not installed")
+    return str(request.param)
+
+
+@pytest.fixture(autouse=True)
+def clean(net: NetLab) -> Iterator[None]:
+    net.reset("h2")  # the only host the tests program
+    yield
+
+
+def lab_engine(net: NetLab, policy: str = LAB_POLICY, extra: dict[str, str] | None = None) -> Lab:
+    hosts = {h: (net.v4(h), net.v6(h), role) for h, role in {**ROLES, **(extra or {})}.items()}
+    return Lab(policy, workloads(hosts))
+
+
+def apply(net: NetLab, backend: str, doc: Bundle, state: Path, host: str = "h2") -> subprocess.CompletedProcess[str]:
+    path = write(doc, state.parent / f"bundle-{doc.workload_id}-{doc.version}-{time.monotonic_ns()}.json")
+    return net.agent(
+        host,
+        "apply",
+        "--bundle",
+        str(path),
+        "--public-key",
+        str(PUBLIC_KEY),
+        "--backend",
+        backend,
+        "--state-dir",
+        str(state),
+    )
+
+
+def apply_delta(net: NetLab, backend: str, deltas: list[SetDelta], state: Path) -> subprocess.CompletedProcess[str]:
+    args: list[str] = []
+    for i, d in enumerate(deltas):
+        args += ["--delta", str(write(d, state.parent / f"delta-{i}-{time.monotonic_ns()}.json"))]
+    return net.agent(
+        "h2", "apply-delta", *args, "--public-key", str(PUBLIC_KEY), "--backend", backend, "--state-dir", str(state)
+    )
+
+
+def ok(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def enforced_baseline(net: NetLab) -> None:
+    """The lab policy on h2: h1 → h2 web allowed; h4 → h2 blocked."""
+    assert net.tcp("h1", "h2", 8080)
+    assert not net.tcp("h4", "h2", 8080)
+
+
+# --- the matrix ----------------------------------------------------------------------------------
+
+
+def test_enforce_allows_and_blocks_tcp_udp_v4_v6(net: NetLab, backend: str, tmp_path: Path) -> None:
+    lab = lab_engine(net)
+    out = ok(apply(net, backend, lab.bundle("h2"), tmp_path / "state"))
+    assert "version 1" in out and "mode enforce" in out
+    assert net.tcp("h1", "h2", 8080) and net.tcp("h1", "h2", 8080, v6=True)
+    assert net.udp("h1", "h2", 5353) and net.udp("h1", "h2", 5353, v6=True)
+    assert not net.tcp("h4", "h2", 8080) and not net.tcp("h4", "h2", 8080, v6=True)
+    assert not net.udp("h4", "h2", 5353)
+    assert not net.tcp("h1", "h2", 5432)  # allowed peer, port not allowed
+    assert net.tcp("h2", "h3", 5432) and net.tcp("h2", "h3", 5432, v6=True)  # outbound allow
+    assert not net.tcp("h2", "h4", 8080)  # outbound default drop
+    assert net.tcp("h3", "h4", 8080)  # other hosts untouched
+    drops = json.loads(
+        ok(net.agent("h2", "drops", "--backend", backend, "--state-dir", str(tmp_path / "state"), "--json"))
+    )
+    srcs = {(e["src"], e["dport"], e["direction"], e["action"]) for e in drops["events"]}
+    assert (net.v4("h4"), 8080, "inbound", "drop") in srcs
+    assert (net.v4("h2"), 8080, "outbound", "drop") in srcs
+    assert drops["counters"]["d_in"] >= 1
+
+
+def test_rule_precedence_and_drop_attribution(net: NetLab, backend: str, tmp_path: Path) -> None:
+    lab = lab_engine(net, PRECEDENCE_POLICY, extra={"adm": "admin"})
+    doc = lab.bundle("h2")
+    assert [r.action for r in doc.inbound] == ["override-deny", "allow", "allow", "deny"]
+    state = tmp_path / "state"
+    ok(apply(net, backend, doc, state))
+    assert not net.tcp("adm", "h2", 8080)  # override-deny beats the later allow for admins
+    assert net.tcp("h1", "h2", 8080)  # an allow beats the later deny
+    assert not net.tcp("h4", "h2", 8080)  # the deny rule, not the default, catches strangers
+    assert not net.tcp("h4", "h2", 5432)  # no rule at all: the default
+    drops = json.loads(ok(net.agent("h2", "drops", "--backend", backend, "--state-dir", str(state), "--json")))
+    by = {(e["src"], e["dport"]): e["rule_id"] for e in drops["events"] if e["direction"] == "inbound"}
+    assert by[(net.v4("adm"), 8080)] == "guard/admins-never-web"
+    assert by[(net.v4("h4"), 8080)] == "guard/strangers-out"
+    assert by[(net.v4("h4"), 5432)] is None
+    assert (net.v4("h1"), 8080) not in by
+
+
+def test_observe_passes_traffic_and_reports_would_drop(net: NetLab, backend: str, tmp_path: Path) -> None:
+    lab = lab_engine(net, OBSERVE_POLICY)
+    assert "mode observe" in ok(apply(net, backend, lab.bundle("h2"), tmp_path / "state"))
+    assert net.tcp("h4", "h2", 8080) and net.tcp("h1", "h2", 8080)
+    drops = json.loads(
+        ok(net.agent("h2", "drops", "--backend", backend, "--state-dir", str(tmp_path / "state"), "--json"))
+    )
+    would = [e for e in drops["events"] if e["src"] == net.v4("h4")]
+    assert would and all(e["action"] == "would-drop" and e["rule_id"] is None for e in would)
+    assert not [e for e in drops["events"] if e["src"] == net.v4("h1") and e["dport"] == 8080]
+
+
+def test_delta_adding_a_peer_opens_access(net: NetLab, backend: str, tmp_path: Path) -> None:
+    lab = lab_engine(net)
+    ok(apply(net, backend, lab.bundle("h2"), tmp_path / "state"))
+    assert not net.tcp("h4", "h2", 8080)
+    deltas = lab.upsert(
+        Workload(id="h4", ips=[net.v4("h4"), net.v6("h4")], tags={"role": "client", "app": "lab", "env": "test"})
+    )
+    assert deltas and all(d.add for d in deltas)
+    out = ok(apply_delta(net, backend, deltas, tmp_path / "state"))
+    assert "+2 -0 elements" in out or "+1" in out
+    assert net.tcp("h4", "h2", 8080) and net.tcp("h4", "h2", 8080, v6=True)
+    assert net.tcp("h1", "h2", 8080)
+
+
+def test_removing_a_peer_closes_new_connections_only(net: NetLab, backend: str, tmp_path: Path) -> None:
+    lab = lab_engine(net)
+    ok(apply(net, backend, lab.bundle("h2"), tmp_path / "state"))
+    held = net.hold("h1", "h2", 8080)
+    assert held.connected and held.ping()
+    deltas = lab.remove("h1")
+    assert deltas and all(d.remove for d in deltas)
+    ok(apply_delta(net, backend, deltas, tmp_path / "state"))
+    assert not net.tcp("h1", "h2", 8080)
+    assert held.ping()  # established flows are not cut by a set change
+
+
+def test_established_connections_survive_a_whole_bundle_replace(net: NetLab, backend: str, tmp_path: Path) -> None:
+    lab = lab_engine(net)
+    ok(apply(net, backend, lab.bundle("h2"), tmp_path / "state"))
+    held = net.hold("h1", "h2", 8080)
+    assert held.connected and held.ping()
+    lab.upsert(Workload(id="h9", ips=["10.77.0.9"], tags={"role": "client", "app": "lab", "env": "test"}))
+    out = ok(apply(net, backend, lab.bundle("h2"), tmp_path / "state"))
+    assert "version 2" in out
+    assert held.ping() and held.ping()
+    enforced_baseline(net)
+
+
+def test_admin_range_is_never_locked_out(net: NetLab, backend: str, tmp_path: Path) -> None:
+    lab = lab_engine(net, DENY_ALL_POLICY, extra={"adm": "admin"})
+    doc = lab.bundle("h2")
+    assert doc.inbound[0].action == "override-deny" and net.v4("adm") + "/32" in str(doc.sets)
+    ok(apply(net, backend, doc, tmp_path / "state"))
+    assert net.tcp("adm", "h2", 22) and net.tcp("adm", "h2", 22, v6=False)
+    assert not net.tcp("h1", "h2", 22) and not net.tcp("h1", "h2", 8080) and not net.tcp("adm", "h2", 8080)
+    # a bundle cannot drop the local fail-safe either: an empty bundle admin list + local --admin-cidr
+    bare = resign(doc, version=doc.version + 1, failsafes=doc.failsafes.model_copy(update={"admin_cidrs": []}))
+    path = write(bare, tmp_path / "bare.json")
+    ok(
+        net.agent(
+            "h2",
+            "apply",
+            "--bundle",
+            str(path),
+            "--public-key",
+            str(PUBLIC_KEY),
+            "--backend",
+            backend,
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--admin-cidr",
+            f"{net.v4('adm')}/32",
+        )
+    )
+    assert net.tcp("adm", "h2", 22) and not net.tcp("h1", "h2", 22)
+
+
+def test_dns_to_configured_resolver_survives_a_deny_everything_bundle(
+    net: NetLab, backend: str, tmp_path: Path
+) -> None:
+    lab = lab_engine(net, DENY_ALL_POLICY, extra={"adm": "admin"})
+    path = write(lab.bundle("h2"), tmp_path / "deny.json")
+    args = ["--public-key", str(PUBLIC_KEY), "--backend", backend, "--state-dir", str(tmp_path / "state")]
+    ok(net.agent("h2", "apply", "--bundle", str(path), *args))
+    assert not net.udp("h2", "h3", 53)
+    ok(net.agent("h2", "apply", "--bundle", str(path), *args, "--dns", net.v4("h3")))  # same bundle, local resolver
+    assert net.udp("h2", "h3", 53)  # DNS to the configured resolver
+    assert not net.tcp("h2", "h3", 5432)  # nothing else
+
+
+def test_idle_mode_leaves_the_firewall_alone(net: NetLab, backend: str, tmp_path: Path) -> None:
+    lab = lab_engine(net)
+    state = tmp_path / "state"
+    ok(apply(net, backend, lab.bundle("h2"), state))
+    assert not net.tcp("h4", "h2", 8080)
+    idle = resign(lab.bundle("h2"), version=2, mode=Mode.IDLE)
+    assert "mode idle" in ok(apply(net, backend, idle, state))
+    assert net.tcp("h4", "h2", 8080)
+    assert net.exec("h2", "nft", "list", "table", "inet", "ringfence").returncode != 0
+    assert "RF-IN" not in net.exec("h2", "iptables-save").stdout
+
+
+def test_forged_rolled_back_and_foreign_bundles_are_rejected(net: NetLab, backend: str, tmp_path: Path) -> None:
+    lab = lab_engine(net)
+    first = lab.bundle("h2")
+    lab.upsert(Workload(id="h9", ips=["10.77.0.9"], tags={"role": "client", "app": "lab", "env": "test"}))
+    second = lab.bundle("h2")
+    state = tmp_path / "state"
+    ok(apply(net, backend, second, state))
+    before = (state / "bundle.json").read_bytes()
+    open_all = resign(second, mode=Mode.OBSERVE)  # would open everything if it were accepted
+    cases = {
+        "forged": (forge(open_all, version=5), "signature does not verify"),
+        "rollback": (first, "rollback refused"),
+        "foreign": (lab.bundle("h3"), "this agent is 'h2'"),
+    }
+    for name, (doc, message) in cases.items():
+        proc = apply(net, backend, doc, state)
+        assert proc.returncode != 0, name
+        assert message in proc.stderr, (name, proc.stderr)
+        assert (state / "bundle.json").read_bytes() == before
+        enforced_baseline(net)
+    status = json.loads(ok(net.agent("h2", "status", "--state-dir", str(state), "--json")))
+    assert status["counters"]["rejected"] == 3 and status["bundle_version"] == second.version
+
+
+def test_failed_apply_leaves_previous_rules_intact(net: NetLab, backend: str, tmp_path: Path) -> None:
+    lab = lab_engine(net)
+    state = tmp_path / "state"
+    ok(apply(net, backend, lab.bundle("h2"), state))
+    good = lab.bundle("h2")
+    name = good.inbound[0].set
+    assert name is not None
+    if backend == "nftables":
+        # overlapping intervals: the kernel transaction is refused as a whole
+        sets = dict(good.sets)
+        sets[name] = sets[name].model_copy(update={"v4": ["10.77.0.0/24", "10.77.0.0/25"]})
+        bad = resign(good, version=good.version + 1, sets=sets)
+        expected = "nft refused the bundle"
+    else:
+        # ipset accepts overlaps; instead another program holds the name the next generation
+        # needs, with another type and in use, so `ipset restore` fails half-way
+        squatter = f"{name}-4b"
+        net.exec("h2", "ipset", "create", squatter, "hash:ip", check=True)
+        net.exec(
+            "h2", "iptables", "-A", "FORWARD", "-m", "set", "--match-set", squatter, "src", "-j", "ACCEPT", check=True
+        )
+        bad = resign(good, version=good.version + 1)
+        expected = "ipset restore failed"
+    try:
+        proc = apply(net, backend, bad, state)
+        assert proc.returncode != 0 and expected in proc.stderr, proc.stderr
+        enforced_baseline(net)
+        assert net.udp("h1", "h2", 5353) and not net.tcp("h2", "h4", 8080)
+        assert Bundle.model_validate_json((state / "bundle.json").read_text()).version == good.version
+    finally:
+        if backend == "iptables":
+            net.exec("h2", "iptables", "-F", "FORWARD")
+            net.exec("h2", "ipset", "destroy", f"{name}-4b")
+
+
+# --- the daemon ------------------------------------------------------------------------------------
+
+
+def config(tmp_path: Path, backend: str, **extra: object) -> Path:
+    cfg = {
+        "workload_id": "h2",
+        "public_key": str(PUBLIC_KEY),
+        "state_dir": str(tmp_path / "state"),
+        "backend": backend,
+        "poll_interval": 1,
+        "observe_interval": 0.3,
+        "heartbeat_interval": 1,
+        "report_interval": 1,
+        "wait_timeout": 2,
+        "backoff_max": 2,
+        "request_timeout": 1,
+        **extra,
+    }
+    p = tmp_path / "agent.json"
+    p.write_text(json.dumps(cfg))
+    return p
+
+
+def test_restart_reapplies_last_known_good_before_contact_and_survives_control_plane_loss(
+    net: NetLab, backend: str, tmp_path: Path
+) -> None:
+    lab = lab_engine(net)
+    src = tmp_path / "src"
+    write(lab.bundle("h2"), src / "bundles" / "h2.json")
+    log1 = (tmp_path / "run1.log").open("w")
+    daemon = net.spawn(
+        "h2", str(net_agent()), "run", "--config", str(config(tmp_path, backend, source=str(src))), stderr=log1
+    )
+    assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 15)
+    assert net.tcp("h1", "h2", 8080)
+    net.kill(daemon)  # SIGKILL: no chance to clean up
+    net.reset("h2")  # as after a reboot: the kernel state is gone
+    assert net.tcp("h4", "h2", 8080)
+    # restart against a control plane that does not answer (nothing listens on cp:9)
+    cfg = config(tmp_path, backend, api_url=f"http://{net.v4('cp')}:9", enroll={"pairing_key": "k"})
+    log2 = (tmp_path / "run2.log").open("w")
+    daemon = net.spawn("h2", str(net_agent()), "run", "--config", str(cfg), stderr=log2)
+    try:
+        assert wait_until(lambda: "retry in" in (tmp_path / "run2.log").read_text(), 15)
+        text = (tmp_path / "run2.log").read_text()
+        assert text.index("re-applied last known good") < text.index("retry in"), text
+        enforced_baseline(net)
+        time.sleep(2)  # several failed contacts later: still enforcing
+        enforced_baseline(net)
+        status = json.loads(ok(net.agent("h2", "status", "--state-dir", str(tmp_path / "state"), "--json")))
+        assert status["counters"]["lkg_reapplied"] >= 1 and status["counters"]["contact_failures"] >= 1
+    finally:
+        net.kill(daemon, 15)
+    enforced_baseline(net)  # stopping the agent leaves enforcement in place
+
+
+def test_daemon_enrolls_follows_nudges_and_reports(net: NetLab, backend: str, tmp_path: Path) -> None:
+    root = tmp_path / "cp"
+    (root / "deltas").mkdir(parents=True)
+    (root / "pairing-key").write_text("pair-123")
+    lab = lab_engine(net, OBSERVE_POLICY)
+    write(lab.bundle("h2"), root / "bundles" / "h2.json")
+    server = net.spawn("cp", PY, str(HERE / "fakecp.py"), str(root), net.v4("cp"), "8080", stdout=subprocess.PIPE)
+    assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+    cfg = config(tmp_path, backend, api_url=f"http://{net.v4('cp')}:8080", enroll={"pairing_key": "pair-123"})
+    log = (tmp_path / "run.log").open("w")
+    daemon = net.spawn("h2", str(net_agent()), "run", "--config", str(cfg), stderr=log)
+    try:
+        assert wait_until(lambda: (tmp_path / "state" / "bundle.json").exists(), 15), (tmp_path / "run.log").read_text()
+        assert net.tcp("h4", "h2", 8080)  # observe: passes ...
+
+        # ... and is reported as a would-drop
+        def reported() -> bool:
+            p = root / "reports.jsonl"
+            rows = [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
+            return any(d["src"] == net.v4("h4") and d["action"] == "would-drop" for r in rows for d in r["drops"])
+
+        assert wait_until(reported, 15), (tmp_path / "run.log").read_text()
+        rows = [json.loads(x) for x in (root / "reports.jsonl").read_text().splitlines()]
+        flows = [f for r in rows for f in r["flows"]]
+        if net.exec("h2", "test", "-e", "/proc/net/nf_conntrack").returncode == 0:  # else: flows degrade, drops stay
+            assert any(f["src"] == net.v4("h4") and f["dport"] == 8080 and f["direction"] == "inbound" for f in flows)
+        hb = [json.loads(x) for x in (root / "heartbeats.jsonl").read_text().splitlines()]
+        assert hb[-1]["applied_version"] == 1 and hb[-1]["mode"] == "observe"
+        # the control plane moves h2 to enforce: a new whole bundle, picked up by the long poll
+        lab2 = lab_engine(net)
+        lab2.engine.revision = 1
+        lab2.upsert(Workload(id="h9", ips=["10.77.0.9"], tags={"role": "client", "app": "lab", "env": "test"}))
+        write(lab2.bundle("h2"), root / "bundles" / "h2.json")
+        assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 15), (tmp_path / "run.log").read_text()
+        assert net.tcp("h1", "h2", 8080)
+        # a set delta (h4 joins the clients) arrives as a nudge and is applied as element adds
+        for d in lab2.upsert(
+            Workload(id="h4", ips=[net.v4("h4"), net.v6("h4")], tags={"role": "client", "app": "lab", "env": "test"})
+        ):
+            write(d, root / "deltas" / f"{d.to_version:06d}-{d.set}.json")
+        assert wait_until(lambda: net.tcp("h4", "h2", 8080, timeout=0.3), 15), (tmp_path / "run.log").read_text()
+        assert wait_until(lambda: "version 2 → 3, +2 -0 elements" in (tmp_path / "run.log").read_text(), 5)
+        # control plane gone: still enforced
+        net.kill(server)
+        time.sleep(1.5)
+        assert net.tcp("h4", "h2", 8080) and not net.tcp("h3", "h2", 8080)
+        requests = (root / "requests.log").read_text()
+        assert "/v1/enroll" in requests and "/wait?" in requests and "/deltas?since=" in requests
+    finally:
+        net.kill(daemon, 15)
+
+
+def net_agent() -> Path:
+    from tests.agent.netlab import AGENT
+
+    return AGENT
+
+
+def test_flush_removes_only_ringfence(net: NetLab, backend: str, tmp_path: Path) -> None:
+    net.exec("h2", "nft", "add", "table", "inet", "other", check=True)
+    try:
+        ok(apply(net, backend, lab_engine(net).bundle("h2"), tmp_path / "state"))
+        assert "removed" in ok(net.agent("h2", "flush", "--backend", backend))
+        assert net.tcp("h4", "h2", 8080)
+        assert net.exec("h2", "nft", "list", "table", "inet", "other").returncode == 0
+    finally:
+        net.exec("h2", "nft", "delete", "table", "inet", "other")
+
+
+def test_nft_binary_fallback_applies_bundles_and_deltas(net: NetLab, tmp_path: Path) -> None:
+    """Without libnftables (forced with RINGFENCE_NFT_CLI=1) the agent drives the `nft` binary."""
+    lab = lab_engine(net)
+    state = tmp_path / "state"
+    path = write(lab.bundle("h2"), tmp_path / "b.json")
+    common = ["--public-key", str(PUBLIC_KEY), "--state-dir", str(state)]
+    env = ["env", "RINGFENCE_NFT_CLI=1", str(net_agent())]
+    ok(net.exec("h2", *env, "apply", "--bundle", str(path), *common))
+    enforced_baseline(net)
+    deltas = lab.upsert(Workload(id="h4", ips=[net.v4("h4")], tags={"role": "client", "app": "lab", "env": "test"}))
+    dpaths = [str(write(d, tmp_path / f"d{i}.json")) for i, d in enumerate(deltas)]
+    ok(net.exec("h2", *env, "apply-delta", *[x for p in dpaths for x in ("--delta", p)], *common))
+    assert net.tcp("h4", "h2", 8080)
+    drops = json.loads(ok(net.exec("h2", *env, "drops", "--state-dir", str(state), "--json")))
+    assert "d_in" in drops["counters"]

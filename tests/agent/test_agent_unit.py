@@ -1,0 +1,780 @@
+"""Unit tests: plan and rule generation, backends' text, acceptance rules, config, buffers."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ringfence.agentapi import DropEvent, FlowRecord, ReportBatch
+from ringfence.bundle import Bundle, SetDelta, Verifier, load_bundle, load_delta, sign
+from ringfence_agent.backends import ApplyError, DropTuple, ElementChange, Observation
+from ringfence_agent.backends.iptables import IptablesRenderer
+from ringfence_agent.backends.nft import NftRenderer
+from ringfence_agent.backends.windows import WindowsPlanBackend
+from ringfence_agent.config import ConfigError, load_config
+from ringfence_agent.core import Agent, Rejected, effective_bundle
+from ringfence_agent.daemon import backoff_delay
+from ringfence_agent.plan import LocalFailsafes, PlanError, compile_plan
+from ringfence_agent.reports import (
+    BoundedBuffer,
+    DropCollector,
+    Spool,
+    drop_key,
+    make_batches,
+    parse_conntrack,
+    summarize_flows,
+)
+from ringfence_agent.state import StateDir
+from tests.agent.bundles import GOLDEN, PUBLIC_KEY, forge, key, resign
+
+PROC = GOLDEN / "bundle-ord-prod-proc-1.json"
+PROC2 = GOLDEN / "bundle-ord-prod-proc-1-after-scale-out.json"
+DELTA = GOLDEN / "delta-ord-prod-proc-1-scale-out.json"
+OBSERVE = GOLDEN / "bundle-pay-dev-web-1-observe.json"
+QUARANTINED = GOLDEN / "bundle-ord-prod-web-1-quarantined.json"
+LOCAL = LocalFailsafes(admin_cidrs=("192.0.2.0/24",), dns_resolvers=("10.0.0.53",), control_plane=("198.51.100.7",))
+
+
+def golden(path: Path) -> Bundle:
+    return load_bundle(path.read_bytes())
+
+
+class FakeBackend:
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.applied: list[object] = []
+        self.deltas: list[ElementChange] = []
+        self.fail = False
+
+    def render(self, plan: object) -> str:
+        return ""
+
+    def apply(self, plan: object) -> None:
+        if self.fail:
+            raise ApplyError("boom")
+        self.applied.append(plan)
+
+    def render_delta(self, change: ElementChange) -> str:
+        return ""
+
+    def apply_delta(self, change: ElementChange) -> None:
+        if self.fail:
+            raise ApplyError("boom")
+        self.deltas.append(change)
+
+    def flush(self) -> bool:
+        return True
+
+    def observe(self, plan: object, previous: dict[str, int]) -> Observation:
+        return Observation()
+
+
+def make_agent(tmp_path: Path, wid: str | None = "ord-prod-proc-1") -> tuple[Agent, FakeBackend]:
+    backend = FakeBackend()
+    agent = Agent(wid, Verifier.from_file(PUBLIC_KEY), backend, StateDir(tmp_path / "state"), LOCAL, log=lambda m: None)
+    return agent, backend
+
+
+# --- plan and rendering --------------------------------------------------------------------------
+
+
+def test_plan_merges_failsafes_and_keeps_bundle_order() -> None:
+    plan = compile_plan(golden(PROC), LOCAL)
+    fs = plan.failsafes
+    assert fs.admin_v4 == ("10.99.0.0/24", "192.0.2.0/24")
+    assert fs.dns_v4 == ("10.0.0.2/32", "10.0.0.53/32")
+    assert fs.control_v4 == ("198.51.100.7/32",)
+    assert fs.metadata_v4 == ("169.254.169.254/32",) and fs.metadata_v6 == ("fd00:ec2::254/128",)
+    assert [r.rule_id for r in plan.by_direction("inbound")] == [r.id for r in golden(PROC).inbound]
+    assert plan.rules[0].action == "override-deny" and plan.rules[0].counter == "r_in_0"
+
+
+def test_nft_text_failsafes_first_rules_in_order_default_last() -> None:
+    text = NftRenderer().render(compile_plan(golden(PROC), LOCAL))
+    assert text.startswith("table inet ringfence\ndelete table inet ringfence\ntable inet ringfence {")
+    chain = text.split("chain input {", 1)[1].split("}\n\tchain output", 1)[0]
+    lines = [line.strip() for line in chain.strip().splitlines()]
+    assert lines[1].startswith('iif "lo" accept')
+    assert lines[2].startswith("ct state established,related accept")
+    first_rule = next(i for i, line in enumerate(lines) if "counter name r_in_" in line)
+    last_failsafe = max(i for i, line in enumerate(lines) if "failsafe" in line)
+    assert last_failsafe < first_rule
+    order = [int(line.split("counter name r_in_")[1].split()[0]) for line in lines if "counter name r_in_" in line]
+    assert order == sorted(order)
+    assert lines[-1] == 'counter name d_in drop comment "default enforce"'
+    assert "ip saddr @s_rf_ddfcd0006f043dbb_4h counter name r_in_0 update @t_r_in_0_4" in text
+    assert "ip saddr @s_rf_ddfcd0006f043dbb_4 counter name r_in_0 update @t_r_in_0_4" in text
+    # single addresses in hash sets (fast deltas), prefixes in interval sets
+    assert "set s_rf_5fbfd843f3a466db_4 { type ipv4_addr; flags interval; elements = { 10.1.1.10/31 } }" in text
+    assert "set s_rf_4c992da7231b1f7e_6h { type ipv6_addr; elements = { fd00:1::3:10 } }" in text
+    assert "ip6 saddr @s_rf_4c992da7231b1f7e_6" not in text  # outbound uses daddr
+    assert "ip6 daddr @s_rf_4c992da7231b1f7e_6 tcp dport 5432 counter name r_out_4 accept" in text
+    assert "ip saddr @fs_admin_4 tcp dport 22 accept" in text
+    assert "ip daddr @fs_meta_4 accept" in text and "ip daddr @fs_cp_4 accept" in text
+    assert "elements = { 10.99.0.0/24, 192.0.2.0/24 }" in text
+
+
+def test_nft_observe_accepts_but_counts_and_idle_removes_table() -> None:
+    plan = compile_plan(golden(OBSERVE), LOCAL)
+    text = NftRenderer().render(plan)
+    assert " drop" not in text.replace("would-drop", "")
+    assert 'counter name d_in accept comment "default observe"' in text
+    idle = compile_plan(golden(OBSERVE).model_copy(update={"mode": "idle"}), LOCAL)
+    assert NftRenderer().render(idle) == "table inet ringfence\ndelete table inet ringfence\n"
+
+
+def test_nft_quarantine_keeps_only_failsafes() -> None:
+    plan = compile_plan(golden(QUARANTINED), LOCAL)
+    assert plan.rules == [] and plan.mode == "enforce"
+    text = NftRenderer().render(plan)
+    assert "counter name r_" not in text and "counter name d_in drop" in text and "@fs_admin_4" in text
+
+
+def test_nft_delta_deletes_before_adds() -> None:
+    change = ElementChange("rf_x", add_v4=("10.0.0.4/31",), remove_v4=("10.0.0.4/32",), add_v6=("fd00::1/128",))
+    text = NftRenderer.render_delta(change)
+    assert text.splitlines() == [
+        "delete element inet ringfence s_rf_x_4h { 10.0.0.4 }",
+        "add element inet ringfence s_rf_x_4 { 10.0.0.4/31 }",
+        "add element inet ringfence s_rf_x_6h { fd00::1 }",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("sets", {'rf_x"; flush ruleset; "': {"version": 1, "v4": [], "v6": []}}, "set name"),
+        ("sets", {"rf_x": {"version": 1, "v4": ["10.0.0.1/33"], "v6": []}}, "not a CIDR"),
+        ("sets", {"rf_x": {"version": 1, "v4": ["fd00::/64"], "v6": []}}, "mixed up"),
+    ],
+)
+def test_plan_refuses_unsafe_names_and_addresses(field: str, value: object, message: str) -> None:
+    doc = Bundle.model_validate({**golden(PROC).model_dump(mode="json"), "inbound": [], "outbound": [], field: value})
+    with pytest.raises(PlanError, match=message):
+        compile_plan(doc, LOCAL)
+
+
+def test_rule_ids_are_sanitised_in_comments() -> None:
+    doc = golden(PROC)
+    rule = doc.inbound[1].model_copy(update={"id": 'evil" ; flush ruleset ; "'})
+    doc = doc.model_copy(update={"inbound": [rule]})
+    text = NftRenderer().render(compile_plan(doc, LOCAL))
+    assert "flush ruleset" in text and '"evil_ _ flush ruleset _ _"' in text
+
+
+def test_iptables_text_mirrors_the_plan() -> None:
+    r = IptablesRenderer()
+    plan = compile_plan(golden(PROC), LOCAL)
+    sets = r.sets_script(plan, "a")
+    assert "create rf_5fbfd843f3a466db-4a hash:net family inet" in sets
+    assert "add rf_5fbfd843f3a466db-4a 10.1.1.10/31" in sets
+    v4 = r.rules_script(plan, 4, "a", ["INPUT"])
+    assert "-I INPUT 1 -j RF-IN" in v4 and "-I OUTPUT" not in v4
+    lines = v4.splitlines()
+    admin = lines.index("-A RF-IN -m set --match-set rf-fs-admin-4a src -p tcp --dport 22 -j ACCEPT")
+    deny = next(i for i, line in enumerate(lines) if "r_in_0 boundaries/dev-never-reaches-prod" in line)
+    assert admin < deny and lines[deny].endswith("-j DROP")
+    assert lines[-2] == '-A RF-OUT -m comment --comment "d_out default enforce" -j DROP'
+    v6 = r.rules_script(plan, 6, "a", [])
+    assert "icmp-type" not in v6 and "neighbour-solicitation" in v6
+
+
+def test_iptables_splits_zero_prefix_for_ipset() -> None:
+    doc = golden(PROC)
+    sets = dict(doc.sets)
+    sets["rf_5fbfd843f3a466db"] = sets["rf_5fbfd843f3a466db"].model_copy(update={"v4": ["0.0.0.0/0"]})
+    script = IptablesRenderer().sets_script(compile_plan(doc.model_copy(update={"sets": sets}), LOCAL), "b")
+    assert "add rf_5fbfd843f3a466db-4b 0.0.0.0/1" in script and "add rf_5fbfd843f3a466db-4b 128.0.0.0/1" in script
+
+
+def test_windows_plan_content() -> None:
+    out = io.StringIO()
+    WindowsPlanBackend(out).apply(compile_plan(golden(PROC), LOCAL))
+    text = out.getvalue()
+    assert "Get-NetFirewallRule -Group 'Ringfence' -ErrorAction SilentlyContinue | Remove-NetFirewallRule" in text
+    assert (
+        "-DisplayName 'failsafe admin' -Direction Inbound -Action Allow -Profile Any -RemoteAddress 10.99.0.0/24,192.0.2.0/24 -Protocol TCP -LocalPort 22"
+        in text
+    )
+    assert "-Direction Inbound -Action Block -Profile Any -RemoteAddress 10.2.0.10/32" in text
+    assert "-DisplayName 'ordering/web-to-processing (tcp/8443)' -Direction Inbound -Action Allow" in text
+    assert (
+        "-Direction Outbound -Action Allow -Profile Any -RemoteAddress 10.1.3.10/32,fd00:1::3:10/128 -Protocol TCP -RemotePort 5432"
+        in text
+    )
+    assert text.rstrip().endswith("-DefaultInboundAction Block -DefaultOutboundAction Block -LogBlocked True")
+    observe = io.StringIO()
+    WindowsPlanBackend(observe).apply(compile_plan(golden(OBSERVE), LOCAL))
+    assert "-DefaultInboundAction Allow" in observe.getvalue() and "Action Block" not in observe.getvalue()
+
+
+def test_windows_plan_refuses_block_over_admin_range() -> None:
+    local = LocalFailsafes(admin_cidrs=("10.2.0.0/16",))
+    with pytest.raises(PlanError, match="lock the operator out"):
+        WindowsPlanBackend(io.StringIO()).render(compile_plan(golden(PROC), local))
+
+
+# --- acceptance ----------------------------------------------------------------------------------
+
+
+def test_apply_then_delta_then_equivalent_bundle(tmp_path: Path) -> None:
+    agent, backend = make_agent(tmp_path)
+    assert agent.apply_bundle(golden(PROC)).changed
+    res = agent.apply_delta(load_delta(DELTA.read_bytes()))
+    assert res.changed and backend.deltas == [ElementChange("rf_5fbfd843f3a466db", add_v4=("10.1.1.12/32",))]
+    assert agent.revision == 2
+    # the engine's whole bundle at revision 2 equals bundle 1 + delta
+    assert effective_bundle(golden(PROC), [load_delta(DELTA.read_bytes())]).content() == golden(PROC2).content()
+    assert not agent.apply_bundle(golden(PROC2)).changed
+    assert len(backend.applied) == 1
+    assert agent.state.load_deltas() == [] and agent.state.load_bundle() == golden(PROC2)
+
+
+@pytest.mark.parametrize(
+    ("doc", "reason"),
+    [
+        (lambda: forge(golden(PROC2), version=9), "signature does not verify"),
+        (lambda: resign(golden(PROC2), workload_id="ord-prod-db-1"), "this agent is 'ord-prod-proc-1'"),
+        (lambda: resign(golden(PROC2), version=1), "rollback refused"),
+        (lambda: golden(PROC2).model_copy(update={"signature": None}), "not signed"),
+    ],
+)
+def test_refused_bundles_leave_state_untouched(tmp_path: Path, doc: object, reason: str) -> None:
+    agent, backend = make_agent(tmp_path)
+    agent.apply_bundle(resign(golden(PROC), version=2))
+    before = (agent.state.bundle_path.read_bytes(), len(backend.applied))
+    with pytest.raises(Rejected, match=reason):
+        agent.apply_bundle(doc())  # type: ignore[operator]
+    assert (agent.state.bundle_path.read_bytes(), len(backend.applied)) == before
+    assert agent.state.read_json("status.json")["counters"]["rejected"] == 1
+
+
+def test_bundle_from_another_key_is_refused(tmp_path: Path) -> None:
+    from ringfence.bundle import SigningKey
+
+    agent, _ = make_agent(tmp_path)
+    with pytest.raises(Rejected, match="not the pinned key"):
+        agent.apply_bundle(sign(golden(PROC), SigningKey.generate()))
+
+
+def test_delta_acceptance(tmp_path: Path) -> None:
+    agent, backend = make_agent(tmp_path)
+    delta = load_delta(DELTA.read_bytes())
+    with pytest.raises(Rejected, match="no bundle applied"):
+        agent.apply_delta(delta)
+    agent.apply_bundle(golden(PROC))
+    with pytest.raises(Rejected, match="signature"):
+        agent.apply_delta(delta.model_copy(update={"add": ["10.6.6.6/32"]}))
+    with pytest.raises(Rejected, match="not in the applied bundle"):
+        agent.apply_delta(sign(delta.model_copy(update={"set": "rf_0000000000000000"}), key()))
+    with pytest.raises(Rejected, match="fetch the whole bundle"):
+        agent.apply_delta(sign(delta.model_copy(update={"from_version": 5, "to_version": 6}), key()))
+    with pytest.raises(Rejected, match="absent"):
+        agent.apply_delta(sign(delta.model_copy(update={"remove": ["10.9.9.9/32"]}), key()))
+    assert backend.deltas == []
+    agent.apply_delta(delta)
+    assert not agent.apply_delta(delta).changed  # replay: already applied
+
+
+def test_failed_backend_apply_keeps_previous_state(tmp_path: Path) -> None:
+    agent, backend = make_agent(tmp_path)
+    agent.apply_bundle(golden(PROC))
+    backend.fail = True
+    with pytest.raises(ApplyError):
+        agent.apply_bundle(golden(PROC2))
+    assert agent.state.load_bundle() == golden(PROC) and agent.revision == 1
+    assert agent.state.read_json("status.json")["counters"]["apply_failures"] == 1
+
+
+def test_last_known_good_is_reverified_and_reapplied(tmp_path: Path) -> None:
+    agent, _ = make_agent(tmp_path)
+    agent.apply_bundle(golden(PROC))
+    agent.apply_delta(load_delta(DELTA.read_bytes()))
+    again, backend = make_agent(tmp_path)
+    res = again.reapply_last_known_good()
+    assert res.changed and again.revision == 2
+    assert backend.applied[0].sets["rf_5fbfd843f3a466db"].v4 == ("10.1.1.10/31", "10.1.1.12/32")  # type: ignore[attr-defined]
+    # a tampered state file is refused, not applied
+    state = json.loads(again.state.bundle_path.read_text())
+    state["mode"] = "idle"
+    again.state.bundle_path.write_text(json.dumps(state))
+    third, backend3 = make_agent(tmp_path)
+    with pytest.raises(Rejected, match="unusable"):
+        third.reapply_last_known_good()
+    assert backend3.applied == []
+
+
+def test_first_bundle_pins_identity(tmp_path: Path) -> None:
+    agent, _ = make_agent(tmp_path, wid=None)
+    agent.apply_bundle(golden(PROC))
+    assert agent.state.identity() == "ord-prod-proc-1"
+    again, _ = make_agent(tmp_path, wid=None)
+    with pytest.raises(Rejected, match="this agent is 'ord-prod-proc-1'"):
+        again.apply_bundle(golden(GOLDEN / "bundle-ord-prod-db-1.json"))
+
+
+# --- config --------------------------------------------------------------------------------------
+
+
+def test_config_valid_yaml(tmp_path: Path) -> None:
+    p = tmp_path / "agent.yaml"
+    p.write_text(
+        "workload_id: w1\npublic_key: key.pem\nstate_dir: st\nsource: /srv/rf\n"
+        "admin_cidrs: [10.0.0.0/8]\ndns_resolvers: [10.0.0.2]\napi_url: null\n"
+    )
+    cfg = load_config(p)
+    assert cfg.public_key == tmp_path / "key.pem" and cfg.state_dir == tmp_path / "st"
+    assert cfg.local_failsafes().admin_cidrs == ("10.0.0.0/8",)
+
+
+def test_config_api_url_ip_is_a_failsafe(tmp_path: Path) -> None:
+    p = tmp_path / "agent.json"
+    p.write_text(
+        json.dumps(
+            {
+                "workload_id": "w1",
+                "public_key": "/k",
+                "api_url": "http://10.9.8.7:8080/",
+                "enroll": {"pairing_key": "k"},
+            }
+        )
+    )
+    cfg = load_config(p)
+    assert cfg.api_url == "http://10.9.8.7:8080" and "10.9.8.7" in cfg.local_failsafes().control_plane
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("workload_id: w1\npublic_key: k\n", "exactly one of api_url"),
+        ("workload_id: w1\npublic_key: k\nsource: /x\nadmin_cidrs: [10.0.0.1/8]\n", "admin_cidrs: .*host bits set"),
+        ("workload_id: w1\npublic_key: k\nsource: /x\nadmin_ports: [ssh]\n", "tcp/22"),
+        ("workload_id: w1\npublic_key: k\nsource: /x\nbackend: pf\n", "backend"),
+        ("workload_id: w1\npublic_key: k\nsource: /x\nmystery: 1\n", "mystery"),
+        ("workload_id: w1\npublic_key: k\napi_url: ftp://x\n", "http"),
+        ("workload_id: w1\npublic_key: k\napi_url: http://x\n", "enroll section"),
+        ("- a\n- b\n", "mapping"),
+        ("workload_id: [\n", "not valid YAML"),
+    ],
+)
+def test_config_errors_are_clear(tmp_path: Path, text: str, message: str) -> None:
+    p = tmp_path / "agent.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(p)
+
+
+# --- reports -------------------------------------------------------------------------------------
+
+
+def _drop(i: int, count: int = 1) -> DropEvent:
+    return DropEvent(
+        time=1.0,
+        direction="inbound",
+        src=f"10.0.0.{i}",
+        dst="10.0.1.1",
+        proto="tcp",
+        dport=22,
+        action="drop",
+        count=count,
+    )
+
+
+def test_bounded_buffer_folds_and_discards_oldest() -> None:
+    buf: BoundedBuffer[DropEvent] = BoundedBuffer(3)
+    for i in range(5):
+        buf.add(drop_key(_drop(i)), _drop(i))
+    buf.add(drop_key(_drop(4)), _drop(4, 2))
+    assert len(buf) == 3 and buf.discarded == 2
+    taken = buf.take(10)
+    assert [e.src for e in taken] == ["10.0.0.2", "10.0.0.3", "10.0.0.4"] and taken[-1].count == 3
+
+
+def test_spool_is_capped_on_disk(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool.jsonl", 4096)
+    for i in range(100):
+        spool.append(ReportBatch(drops=[_drop(i % 250)]))
+    assert (tmp_path / "spool.jsonl").stat().st_size <= 4096
+    assert spool.discarded > 0
+    kept = spool.pop_all()
+    assert 0 < len(kept) < 100 and kept[-1].drops[0].src == "10.0.0.99"
+
+
+def test_batches_respect_api_limits() -> None:
+    drops = [_drop(i % 250) for i in range(1200)]
+    batches = make_batches(drops, [], 7)
+    assert [len(b.drops) for b in batches] == [500, 500, 200] and batches[0].dropped_records == 7
+    assert all(len(b.model_dump_json()) < 256 * 1024 for b in batches)
+
+
+def test_drop_collector_reports_only_new_packets() -> None:
+    plan = compile_plan(golden(PROC), LOCAL)
+    col = DropCollector()
+    obs = Observation({"r_in_0": 3}, [DropTuple("r_in_0", "10.2.1.10", "10.1.2.10", "tcp", 8443, 3)])
+    (e,) = col.events(plan, obs, now=5.0)
+    assert (e.rule_id, e.direction, e.count, e.action, e.dport) == (
+        "boundaries/dev-never-reaches-prod",
+        "inbound",
+        3,
+        "drop",
+        8443,
+    )
+    obs2 = Observation(
+        {"r_in_0": 5, "d_out": 1},
+        [
+            DropTuple("r_in_0", "10.2.1.10", "10.1.2.10", "tcp", 8443, 5),
+            DropTuple("d_out", "10.1.2.10", "8.8.8.8", "udp", 53, 1),
+        ],
+    )
+    events = col.events(plan, obs2, now=6.0)
+    assert [(x.rule_id, x.count) for x in events] == [("boundaries/dev-never-reaches-prod", 2), (None, 1)]
+    observe = compile_plan(golden(OBSERVE), LOCAL)
+    (w,) = DropCollector().events(observe, Observation({}, [DropTuple("d_in", "1.2.3.4", "10.2.10.10", "udp", 9, 1)]))
+    assert w.action == "would-drop" and w.rule_id is None
+
+
+def test_parse_conntrack_proc_format() -> None:
+    lines = [
+        "ipv4     2 tcp      6 431999 ESTABLISHED src=10.77.0.1 dst=10.77.0.2 sport=40000 dport=8080 packets=5 bytes=300 "
+        "src=10.77.0.2 dst=10.77.0.1 sport=8080 dport=40000 packets=4 bytes=250 [ASSURED] mark=0 zone=0 use=2",
+        "ipv6     10 udp      17 29 src=fd77::2 dst=fd77::3 sport=5000 dport=5353 src=fd77::3 dst=fd77::2 sport=5353 dport=5000 mark=0 use=2",
+        "ipv4     2 tcp      6 10 CLOSE src=127.0.0.1 dst=127.0.0.1 sport=1 dport=2 src=127.0.0.1 dst=127.0.0.1 sport=2 dport=1 use=1",
+    ]
+    flows = parse_conntrack(lines, {"10.77.0.2", "fd77::2"}, now=1.0)
+    assert [(f.direction, f.src, f.dst, f.proto, f.dport, f.packets, f.bytes) for f in flows] == [
+        ("inbound", "10.77.0.1", "10.77.0.2", "tcp", 8080, 9, 550),
+        ("outbound", "fd77::2", "fd77::3", "udp", 5353, 0, 0),
+    ]
+    assert isinstance(flows[0], FlowRecord)
+    again = flows[0].model_copy(update={"sport": 40001, "packets": 1, "bytes": 60, "start": 0.5, "end": 3.0})
+    (summary, _) = summarize_flows([flows[0], again, flows[1]])
+    assert (summary.sport, summary.packets, summary.bytes, summary.start, summary.end) == (None, 10, 610, 0.5, 3.0)
+
+
+def test_backoff_has_jitter_and_cap() -> None:
+    import random
+
+    rng = random.Random(1)
+    delays = [backoff_delay(n, 60, rng) for n in range(1, 12)]
+    assert all(d <= 60 for d in delays) and delays[-1] >= 30 and len(set(delays)) == len(delays)
+
+
+def test_state_writes_are_atomic_files(tmp_path: Path) -> None:
+    st = StateDir(tmp_path / "s")
+    st.save_applied(golden(PROC), [load_delta(DELTA.read_bytes())])
+    assert st.load_bundle() == golden(PROC) and len(st.load_deltas()) == 1
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["bundle.json", "deltas.json"]
+    assert oct((tmp_path / "s" / "bundle.json").stat().st_mode & 0o777) == "0o600"
+    assert isinstance(st.load_deltas()[0], SetDelta)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "10.0.0.0/8",
+        "10.0.0.1",
+        "010.0.0.1/32",
+        "10.0.0.1/8",
+        "fd00::1/128",
+        "FD00::1/128",
+        "fd00:0::1/128",
+        "::ffff:1.2.3.4/128",
+        "10.0.0.0/33",
+        "1.2.3.4/0032",
+        "1.2.3.4/",
+        "fd00::/200",
+        "x",
+    ],
+)
+def test_fast_cidr_path_agrees_with_ipaddress(text: str) -> None:
+    import ipaddress
+
+    from ringfence_agent.plan import split_cidrs
+
+    try:
+        net = ipaddress.ip_network(text, strict=True)
+    except ValueError:
+        with pytest.raises(PlanError):
+            split_cidrs([text], "x")
+        return
+    v4, v6 = split_cidrs([text], "x")
+    assert (v4 or v6) == (str(net),)
+
+
+def test_packaging_unit_and_installer_agree() -> None:
+    pkg = Path(__file__).resolve().parents[2] / "agent" / "packaging"
+    unit = (pkg / "ringfence-agent.service").read_text()
+    installer = (pkg / "install.sh").read_text()
+    embedded = installer.split("cat > /etc/systemd/system/ringfence-agent.service <<'UNIT'\n", 1)[1].split("UNIT\n", 1)[
+        0
+    ]
+    assert embedded == unit
+    assert "Before=network-pre.target" in unit and "ringfence-agent run --config /etc/ringfence/agent.yaml" in unit
+    assert "install.sh | sh -s --" in (pkg / "cloud-init.yaml").read_text()
+    proc = subprocess.run(["sh", "-n", str(pkg / "install.sh")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_installer_writes_a_config_the_agent_accepts(tmp_path: Path) -> None:
+    """Run the config-writing part of install.sh against a temp dir and validate it."""
+    installer = (Path(__file__).resolve().parents[2] / "agent" / "packaging" / "install.sh").read_text()
+    block = installer.split("umask 077\n", 1)[1].split("} > /etc/ringfence/agent.yaml", 1)[0] + "}"
+    script = (
+        'WORKLOAD_ID=i-0abc; API_URL=http://10.0.0.9:8080; SOURCE=""; ADMIN_CIDRS=" 10.99.0.0/24 192.0.2.0/24"\n'
+        + block
+        + f" > {tmp_path}/agent.yaml\n"
+    )
+    subprocess.run(["sh", "-c", "PAIRING_KEY=k\n" + script], check=True)
+    cfg = load_config(tmp_path / "agent.yaml")
+    assert cfg.workload_id == "i-0abc" and cfg.admin_cidrs == ["10.99.0.0/24", "192.0.2.0/24"]
+    assert cfg.enroll is not None and str(cfg.enroll.pairing_key_file) == "/etc/ringfence/pairing-key"
+    subprocess.run(["sh", "-c", 'PAIRING_KEY=""\n' + script], check=True)
+    cfg = load_config(tmp_path / "agent.yaml")
+    assert cfg.enroll is not None and cfg.enroll.method == "aws-iid"
+
+
+def test_daemon_once_with_static_dir_and_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ringfence_agent.config import AgentConfig
+    from ringfence_agent.daemon import Daemon
+
+    src = tmp_path / "src"
+    (src / "bundles").mkdir(parents=True)
+    (src / "bundles" / "ord-prod-proc-1.json").write_bytes(PROC.read_bytes())
+    (src / "deltas" / "rf_5fbfd843f3a466db").mkdir(parents=True)
+    (src / "deltas" / "rf_5fbfd843f3a466db" / "1-2.json").write_bytes(DELTA.read_bytes())
+    cfg = AgentConfig(
+        workload_id="ord-prod-proc-1",
+        public_key=PUBLIC_KEY,
+        state_dir=tmp_path / "state",
+        backend="dry-run",
+        source=str(src),
+    )
+    assert Daemon(cfg).run(once=True) == 0
+    status = StateDir(tmp_path / "state")
+    assert status.load_bundle() == golden(PROC) and [d.to_version for d in status.load_deltas()] == [2]
+    out = capsys.readouterr()
+    assert "add element inet ringfence s_rf_5fbfd843f3a466db_4h { 10.1.1.12 }" in out.out
+    # a second start re-applies the last known good first, then finds nothing new
+    assert Daemon(cfg).run(once=True) == 0
+    err = capsys.readouterr().err
+    assert "re-applied last known good: ord-prod-proc-1 revision 2" in err and "rejected" not in err
+
+
+def test_daemon_follows_a_plain_http_static_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import functools
+    import http.server
+    import threading
+
+    from ringfence_agent.config import AgentConfig
+    from ringfence_agent.daemon import Daemon
+
+    (tmp_path / "www" / "bundles").mkdir(parents=True)
+    (tmp_path / "www" / "bundles" / "ord-prod-proc-1.json").write_bytes(PROC2.read_bytes())
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "www"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        cfg = AgentConfig(
+            workload_id="ord-prod-proc-1",
+            public_key=PUBLIC_KEY,
+            state_dir=tmp_path / "st",
+            backend="dry-run",
+            source=base,
+        )
+        assert "127.0.0.1" in cfg.local_failsafes().control_plane
+        assert Daemon(cfg).run(once=True) == 0
+        assert StateDir(tmp_path / "st").load_bundle() == golden(PROC2)
+        assert "ip daddr @fs_cp_4 accept" in capsys.readouterr().out
+        # the source goes away: the next start still enforces the last known good
+        server.shutdown()
+        server.server_close()
+        assert Daemon(cfg).run(once=True) == 0
+        err = capsys.readouterr().err
+        assert "re-applied last known good" in err and "still enforcing revision 2" in err
+    finally:
+        server.server_close()
+
+
+def test_reports_spool_when_unreachable_and_discard_when_refused(tmp_path: Path) -> None:
+    from ringfence_agent.config import AgentConfig
+    from ringfence_agent.daemon import Daemon
+    from ringfence_agent.sources import SourceError, Unreachable
+
+    cfg = AgentConfig(
+        workload_id="w", public_key=PUBLIC_KEY, state_dir=tmp_path / "st", backend="dry-run", source=str(tmp_path)
+    )
+    daemon = Daemon(cfg)
+
+    class Down:
+        kind = "api"
+
+        def __init__(self) -> None:
+            self.error: Exception | None = Unreachable("down")
+            self.sent: list[ReportBatch] = []
+
+        def report(self, batch: ReportBatch) -> None:
+            if self.error is not None:
+                raise self.error
+            self.sent.append(batch)
+
+    src = Down()
+    daemon.source = src  # type: ignore[assignment]
+    daemon.drops.add(drop_key(_drop(1)), _drop(1))
+    with pytest.raises(Unreachable):
+        daemon.send_reports()
+    assert (tmp_path / "st" / "spool.jsonl").exists()
+    src.error = SourceError("HTTP 413")
+    daemon.send_reports()  # the spooled batch is refused: discarded and counted, not retried forever
+    assert not (tmp_path / "st" / "spool.jsonl").exists() and daemon.drops.discarded == 1
+    src.error = None
+    daemon.send_reports()
+    assert src.sent[-1].dropped_records == 1
+
+
+def test_daemon_does_not_spin_when_the_announced_version_is_refused(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    from ringfence_agent.config import AgentConfig
+    from ringfence_agent.daemon import Daemon
+
+    cfg = AgentConfig(
+        workload_id="ord-prod-proc-1",
+        public_key=PUBLIC_KEY,
+        state_dir=tmp_path / "st",
+        backend="dry-run",
+        source=str(tmp_path),
+        poll_interval=1,
+        heartbeat_interval=1,
+    )
+    daemon = Daemon(cfg)
+    forged = forge(golden(PROC2), version=7)
+
+    class Announcer:
+        kind = "api"
+
+        def __init__(self) -> None:
+            self.waits = 0
+
+        def wait(self, version: int | None, timeout: float, stop: threading.Event) -> int | None:
+            self.waits += 1
+            return 7  # "version 7 is out", at once, every time
+
+        def bundle(self) -> Bundle | None:
+            return forged
+
+        def deltas(self, since: int, sets: dict[str, int]) -> list[SetDelta] | None:
+            return None
+
+        def heartbeat(self, hb: object) -> int | None:
+            return 7
+
+        def report(self, batch: ReportBatch) -> None:
+            return None
+
+    src = Announcer()
+    daemon.source = src  # type: ignore[assignment]
+    t = threading.Thread(target=daemon.run)
+    t.start()
+    time.sleep(1.5)
+    daemon.stop.set()
+    t.join(timeout=10)
+    assert not t.is_alive()
+    assert src.waits <= 4, src.waits  # backed off instead of hammering the control plane
+    assert daemon.state.read_json("status.json")["counters"]["rejected"] == 1  # refused once, reported once
+
+
+def test_flow_source_degrades_clearly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from ringfence_agent.reports import FlowSource
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    src = FlowSource(tmp_path / "no-such-file")
+    assert src.kind == "unavailable" and src.lines() == []
+    (tmp_path / "ct").write_text(
+        "ipv4 2 udp 17 29 src=10.0.0.1 dst=10.0.0.2 sport=1 dport=53 src=10.0.0.2 dst=10.0.0.1 sport=53 dport=1 use=1\n"
+    )
+    assert FlowSource(tmp_path / "ct").kind == "proc"
+
+
+def test_state_dir_is_locked_against_other_processes(tmp_path: Path) -> None:
+    make_agent(tmp_path)  # this process takes the lock
+    code = (
+        "import sys; from pathlib import Path; from ringfence_agent.state import StateDir, StateLocked\n"
+        f"try:\n    StateDir(Path({str(tmp_path / 'state')!r})).lock()\nexcept StateLocked as e:\n    print(e); sys.exit(3)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 3 and "in use by another ringfence-agent" in proc.stdout
+
+
+def test_aws_iid_enrollment_reads_imdsv2_and_sends_document_and_signature(tmp_path: Path) -> None:
+    import http.server
+    import threading
+
+    from ringfence_agent import enroll
+    from ringfence_agent.sources import ApiSource, Unreachable
+
+    seen: dict[str, object] = {}
+
+    class Imds(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a: object) -> None:
+            pass
+
+        def do_PUT(self) -> None:
+            assert self.path == "/latest/api/token" and self.headers["X-aws-ec2-metadata-token-ttl-seconds"] == "60"
+            self._reply(b"tok-1")
+
+        def do_GET(self) -> None:
+            assert self.headers["X-aws-ec2-metadata-token"] == "tok-1"  # IMDSv2 only
+            body = {
+                "/latest/dynamic/instance-identity/document": b'{"instanceId": "i-0abc", "region": "ca-central-1"}',
+                "/latest/dynamic/instance-identity/rsa2048": b"MIAGCSqGSIb3...\n",
+            }[self.path]
+            self._reply(body)
+
+        def _reply(self, body: bytes) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    class Cp(Imds):
+        def do_GET(self) -> None:
+            self._reply(b'{"nonce": "n-1", "expires_in": 60}')
+
+        def do_POST(self) -> None:
+            seen["enroll"] = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            self._reply(b'{"workload_id": "i-0abc", "token": "t", "expires_in": 60, "public_key_pem": ""}')
+
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), h) for h in (Imds, Cp)]
+    for s in servers:
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    try:
+        imds, cp = (f"http://127.0.0.1:{s.server_address[1]}" for s in servers)
+        src = ApiSource(cp, "i-0abc", enroll.aws_iid(imds), StateDir(tmp_path / "st"), 2, 2)
+        src.enroll()
+        assert seen["enroll"] == {
+            "method": "aws-iid",
+            "nonce": "n-1",
+            "document": '{"instanceId": "i-0abc", "region": "ca-central-1"}',
+            "document_signature": "MIAGCSqGSIb3...",
+        }
+        assert src.token == "t" and StateDir(tmp_path / "st").read_json("token.json")["token"] == "t"
+        # no metadata service (not on EC2, or blocked): a clear, retryable error
+        src2 = ApiSource(
+            cp, "i-0abc", enroll.aws_iid("http://127.0.0.1:9", timeout=0.5), StateDir(tmp_path / "s2"), 2, 2
+        )
+        with pytest.raises(Unreachable, match="IMDSv2"):
+            src2.enroll()
+    finally:
+        for s in servers:
+            s.shutdown()
+            s.server_close()
