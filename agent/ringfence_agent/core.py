@@ -157,7 +157,7 @@ class Agent:
             self.verifier.verify(new)
             if self.workload_id is None:
                 self.workload_id = new.workload_id  # first bundle pins the identity (documented)
-            check_acceptable(new, self.workload_id, self.revision)
+            check_acceptable(new, self.workload_id, self.revision, self.effective())
             plan = compile_plan(new, self.local)
         except (BundleError, PlanError) as exc:
             raise self._reject(what, str(exc)) from None

@@ -40,6 +40,18 @@ QUARANTINED = GOLDEN / "bundle-ord-prod-web-1-quarantined.json"
 LOCAL = LocalFailsafes(admin_cidrs=("192.0.2.0/24",), dns_resolvers=("10.0.0.53",), control_plane=("198.51.100.7",))
 
 
+def set_of(path: Path, rule_id: str, direction: str = "inbound") -> str:
+    """The name of the set a golden bundle's rule uses (names are content hashes: look them up)."""
+    doc = json.loads(path.read_text())
+    return next(r["set"] for r in doc[direction] if r["id"] == rule_id)
+
+
+# the golden bundle's sets, by the rule that uses them
+BOUNDARY = set_of(PROC, "boundaries/dev-never-reaches-prod")
+WEB = set_of(PROC, "ordering/web-to-processing")
+DB = set_of(PROC, "ordering/processing-to-database", "outbound")
+
+
 def golden(path: Path) -> Bundle:
     return load_bundle(path.read_bytes())
 
@@ -108,13 +120,13 @@ def test_nft_text_failsafes_first_rules_in_order_default_last() -> None:
     order = [int(line.split("counter name r_in_")[1].split()[0]) for line in lines if "counter name r_in_" in line]
     assert order == sorted(order)
     assert lines[-1] == 'counter name d_in drop comment "default enforce"'
-    assert "ip saddr @s_rf_ddfcd0006f043dbb_4h counter name r_in_0 update @t_r_in_0_4" in text
-    assert "ip saddr @s_rf_ddfcd0006f043dbb_4 counter name r_in_0 update @t_r_in_0_4" in text
+    assert f"ip saddr @s_{BOUNDARY}_4h counter name r_in_0 update @t_r_in_0_4" in text
+    assert f"ip saddr @s_{BOUNDARY}_4 counter name r_in_0 update @t_r_in_0_4" in text
     # single addresses in hash sets (fast deltas), prefixes in interval sets
-    assert "set s_rf_5fbfd843f3a466db_4 { type ipv4_addr; flags interval; elements = { 10.1.1.10/31 } }" in text
-    assert "set s_rf_4c992da7231b1f7e_6h { type ipv6_addr; elements = { fd00:1::3:10 } }" in text
-    assert "ip6 saddr @s_rf_4c992da7231b1f7e_6" not in text  # outbound uses daddr
-    assert "ip6 daddr @s_rf_4c992da7231b1f7e_6 tcp dport 5432 counter name r_out_4 accept" in text
+    assert f"set s_{WEB}_4 {{ type ipv4_addr; flags interval; elements = {{ 10.1.1.10/31 }} }}" in text
+    assert f"set s_{DB}_6h {{ type ipv6_addr; elements = {{ fd00:1::3:10 }} }}" in text
+    assert f"ip6 saddr @s_{DB}_6" not in text  # outbound uses daddr
+    assert f"ip6 daddr @s_{DB}_6 tcp dport 5432 counter name r_out_4 accept" in text
     assert "ip saddr @fs_admin_4 tcp dport 22 accept" in text
     assert "ip daddr @fs_meta_4 accept" in text and "ip daddr @fs_cp_4 accept" in text
     assert "elements = { 10.99.0.0/24, 192.0.2.0/24 }" in text
@@ -172,8 +184,8 @@ def test_iptables_text_mirrors_the_plan() -> None:
     r = IptablesRenderer()
     plan = compile_plan(golden(PROC), LOCAL)
     sets = r.sets_script(plan, "a")
-    assert "create rf_5fbfd843f3a466db-4a hash:net family inet" in sets
-    assert "add rf_5fbfd843f3a466db-4a 10.1.1.10/31" in sets
+    assert f"create {WEB}-4a hash:net family inet" in sets
+    assert f"add {WEB}-4a 10.1.1.10/31" in sets
     v4 = r.rules_script(plan, 4, "a", ["INPUT"])
     assert "-I INPUT 1 -j RF-IN" in v4 and "-I OUTPUT" not in v4
     lines = v4.splitlines()
@@ -188,9 +200,9 @@ def test_iptables_text_mirrors_the_plan() -> None:
 def test_iptables_splits_zero_prefix_for_ipset() -> None:
     doc = golden(PROC)
     sets = dict(doc.sets)
-    sets["rf_5fbfd843f3a466db"] = sets["rf_5fbfd843f3a466db"].model_copy(update={"v4": ["0.0.0.0/0"]})
+    sets[WEB] = sets[WEB].model_copy(update={"v4": ["0.0.0.0/0"]})
     script = IptablesRenderer().sets_script(compile_plan(doc.model_copy(update={"sets": sets}), LOCAL), "b")
-    assert "add rf_5fbfd843f3a466db-4b 0.0.0.0/1" in script and "add rf_5fbfd843f3a466db-4b 128.0.0.0/1" in script
+    assert f"add {WEB}-4b 0.0.0.0/1" in script and f"add {WEB}-4b 128.0.0.0/1" in script
 
 
 def test_windows_plan_content() -> None:
@@ -227,7 +239,7 @@ def test_apply_then_delta_then_equivalent_bundle(tmp_path: Path) -> None:
     agent, backend = make_agent(tmp_path)
     assert agent.apply_bundle(golden(PROC)).changed
     res = agent.apply_delta(load_delta(DELTA.read_bytes()))
-    assert res.changed and backend.deltas == [ElementChange("rf_5fbfd843f3a466db", add_v4=("10.1.1.12/32",))]
+    assert res.changed and backend.deltas == [ElementChange(WEB, add_v4=("10.1.1.12/32",))]
     assert agent.revision == 2
     # the engine's whole bundle at revision 2 equals bundle 1 + delta
     assert effective_bundle(golden(PROC), [load_delta(DELTA.read_bytes())]).content() == golden(PROC2).content()
@@ -242,6 +254,7 @@ def test_apply_then_delta_then_equivalent_bundle(tmp_path: Path) -> None:
         (lambda: forge(golden(PROC2), version=9), "signature does not verify"),
         (lambda: resign(golden(PROC2), workload_id="ord-prod-db-1"), "this agent is 'ord-prod-proc-1'"),
         (lambda: resign(golden(PROC2), version=1), "rollback refused"),
+        (lambda: resign(golden(PROC2), version=2), "replay refused"),  # same version, other content
         (lambda: golden(PROC2).model_copy(update={"signature": None}), "not signed"),
     ],
 )
@@ -299,7 +312,7 @@ def test_last_known_good_is_reverified_and_reapplied(tmp_path: Path) -> None:
     again, backend = make_agent(tmp_path)
     res = again.reapply_last_known_good()
     assert res.changed and again.revision == 2
-    assert backend.applied[0].sets["rf_5fbfd843f3a466db"].v4 == ("10.1.1.10/31", "10.1.1.12/32")  # type: ignore[attr-defined]
+    assert backend.applied[0].sets[WEB].v4 == ("10.1.1.10/31", "10.1.1.12/32")  # type: ignore[attr-defined]
     # a tampered state file is refused, not applied
     state = json.loads(again.state.bundle_path.read_text())
     state["mode"] = "idle"
@@ -546,8 +559,8 @@ def test_daemon_once_with_static_dir_and_dry_run(tmp_path: Path, capsys: pytest.
     src = tmp_path / "src"
     (src / "bundles").mkdir(parents=True)
     (src / "bundles" / "ord-prod-proc-1.json").write_bytes(PROC.read_bytes())
-    (src / "deltas" / "rf_5fbfd843f3a466db").mkdir(parents=True)
-    (src / "deltas" / "rf_5fbfd843f3a466db" / "1-2.json").write_bytes(DELTA.read_bytes())
+    (src / "deltas" / WEB).mkdir(parents=True)
+    (src / "deltas" / WEB / "1-2.json").write_bytes(DELTA.read_bytes())
     cfg = AgentConfig(
         workload_id="ord-prod-proc-1",
         public_key=PUBLIC_KEY,
@@ -559,7 +572,7 @@ def test_daemon_once_with_static_dir_and_dry_run(tmp_path: Path, capsys: pytest.
     status = StateDir(tmp_path / "state")
     assert status.load_bundle() == golden(PROC) and [d.to_version for d in status.load_deltas()] == [2]
     out = capsys.readouterr()
-    assert "add element inet ringfence s_rf_5fbfd843f3a466db_4h { 10.1.1.12 }" in out.out
+    assert f"add element inet ringfence s_{WEB}_4h {{ 10.1.1.12 }}" in out.out
     # a second start re-applies the last known good first, then finds nothing new
     assert Daemon(cfg).run(once=True) == 0
     err = capsys.readouterr().err
