@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ringfence.bundle import Bundle, FailsafeDoc, ServiceMatch
-from ringfence.model import Mode
+from ringfence.enums import Mode
 
 Direction = Literal["inbound", "outbound"]
 Proto = Literal["tcp", "udp", "icmp", "icmpv6"]

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ringfence.model import Mode
+from ringfence.enums import Mode
 
 API_PREFIX = "/v1"
 MAX_REPORT_BYTES = 256 * 1024

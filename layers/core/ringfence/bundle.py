@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field
 
-from ringfence.model import Mode
+from ringfence.enums import Mode
 
 BUNDLE_FORMAT = "ringfence.bundle/v1"
 DELTA_FORMAT = "ringfence.delta/v1"

@@ -6,28 +6,17 @@ editors use. Hot loops use the plain dataclasses of :mod:`ringfence.engine` inst
 
 from __future__ import annotations
 
-import enum
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ringfence.enums import Action, Mode
+
+__all__ = ["Action", "Mode"]  # re-exported: they belong to the policy model too
+
 BUILTIN_DIMENSIONS = ("role", "app", "env", "loc")
 MAX_DIMENSIONS = 20
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
-
-
-class Mode(enum.StrEnum):
-    """Enforcement mode of a workload."""
-
-    IDLE = "idle"  # firewall untouched
-    OBSERVE = "observe"  # nothing blocked; would-be drops reported
-    ENFORCE = "enforce"  # default deny in and out
-
-
-class Action(enum.StrEnum):
-    ALLOW = "allow"
-    DENY = "deny"
-    OVERRIDE_DENY = "override-deny"
 
 
 class _Strict(BaseModel):
