@@ -1,0 +1,226 @@
+"""Agent API (docs/agent-api.md) and admin API against the moto-backed control plane."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from ringfence import agentapi
+from tests.aws.conftest import ACCOUNT, REGION, Env, ip_of
+from tests.aws.test_pipeline import _ctx, _scheduled, boot, enroll_pairing, in_set
+
+
+def iid_document(env: Env, iid: str, pending: str = "2026-11-21T10:00:00Z") -> str:
+    return json.dumps(
+        {
+            "accountId": ACCOUNT,
+            "architecture": "x86_64",
+            "availabilityZone": f"{REGION}a",
+            "imageId": "ami-1",
+            "instanceId": iid,
+            "instanceType": "t3.micro",
+            "pendingTime": pending,
+            "privateIp": ip_of(env, iid),
+            "region": REGION,
+            "version": "2017-09-30",
+        }
+    )
+
+
+def enroll_iid(env: Env, iid: str, document: str | None = None, signature: str | None = None) -> tuple[int, Any]:
+    _, _, n = env.rest("agentapi", "GET", "/v1/nonce")
+    doc = document or iid_document(env, iid)
+    req = {
+        "method": "aws-iid",
+        "nonce": n["nonce"],
+        "document": doc,
+        "document_signature": signature or env.iid.sign(doc),
+    }
+    status, _, body = env.rest("agentapi", "POST", "/v1/enroll", json.dumps(req))
+    return status, body
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_iid_enrollment_then_own_bundle_only(env: Env) -> None:
+    est = boot(env)
+    web, db = est["ids"]["web"][0], est["ids"]["db"][0]
+    status, body = enroll_iid(env, web)
+    assert status == 200, body
+    resp = agentapi.EnrollResponse.model_validate(body)
+    assert resp.workload_id == web and "BEGIN PUBLIC KEY" in resp.public_key_pem
+    status, hdrs, doc = env.rest("agentapi", "GET", f"/v1/agents/{web}/bundle", headers=auth(resp.token))
+    assert status == 200 and doc["workload_id"] == web
+    etag = hdrs["etag"]
+    assert etag == f'"{doc["version"]}"'
+    status, _, _ = env.rest(
+        "agentapi", "GET", f"/v1/agents/{web}/bundle", headers={**auth(resp.token), "If-None-Match": etag}
+    )
+    assert status == 304
+    # another workload's bundle: 403
+    status, _, err = env.rest("agentapi", "GET", f"/v1/agents/{db}/bundle", headers=auth(resp.token))
+    assert status == 403 and err["error"] == "forbidden"
+    status, _, _ = env.rest("agentapi", "GET", f"/v1/agents/{web}/bundle", headers=auth("not-a-token"))
+    assert status == 401
+
+
+def test_replayed_identity_document_is_rejected(env: Env) -> None:
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    doc = iid_document(env, web)
+    assert enroll_iid(env, web, doc)[0] == 200
+    status, body = enroll_iid(env, web, doc)  # fresh nonce, same document
+    assert status == 401 and "replay" in body["detail"]
+
+
+def test_forged_document_and_reused_nonce_are_rejected(env: Env) -> None:
+    est = boot(env)
+    web, db = est["ids"]["web"][0], est["ids"]["db"][0]
+    doc = iid_document(env, web)
+    forged = doc.replace(web, db)
+    status, body = enroll_iid(env, db, forged, env.iid.sign(doc))
+    assert status == 401 and "does not verify" in body["detail"]
+    _, _, n = env.rest("agentapi", "GET", "/v1/nonce")
+    req = {"method": "aws-iid", "nonce": n["nonce"], "document": doc, "document_signature": env.iid.sign(doc)}
+    assert env.rest("agentapi", "POST", "/v1/enroll", json.dumps(req))[0] == 200
+    doc2 = iid_document(env, db)
+    req2 = {"method": "aws-iid", "nonce": n["nonce"], "document": doc2, "document_signature": env.iid.sign(doc2)}
+    status, _, body = env.rest("agentapi", "POST", "/v1/enroll", json.dumps(req2))
+    assert status == 401 and "nonce" in body["detail"]
+
+
+def test_pairing_key_has_a_use_limit(env: Env) -> None:
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    _, _, key = env.rest("admin", "POST", "/admin/pairing-keys", {"workload_id": web, "uses": 1, "ttl": 600})
+    for expected in (200, 401):
+        _, _, n = env.rest("agentapi", "GET", "/v1/nonce")
+        req = {"method": "pairing", "nonce": n["nonce"], "workload_id": web, "pairing_key": key["pairing_key"]}
+        assert env.rest("agentapi", "POST", "/v1/enroll", json.dumps(req))[0] == expected
+
+
+def test_deltas_since_and_409_when_rules_changed(env: Env) -> None:
+    est = boot(env)
+    proc = est["ids"]["proc"][0]
+    tok = enroll_pairing(env, proc)
+    v0 = env.bundle(proc).version
+    new = est["run"]("web", est["subnets"]["web"], 1)[0]
+    env.put(env.state_event(new, "running"))
+    env.pump()
+    status, _, body = env.rest(
+        "agentapi", "GET", f"/v1/agents/{proc}/deltas", headers=auth(tok), query={"since": str(v0)}
+    )
+    assert status == 200
+    resp = agentapi.DeltasResponse.model_validate(body)
+    assert resp.bundle_version > v0 and resp.deltas
+    assert any(f"{ip_of(env, new)}/32" in d["add"] for d in resp.deltas) or resp.deltas[0]["add"]
+    # the processing tier's own rules change when it is re-tagged dev → deltas cannot bridge
+    env.ec2.create_tags(Resources=[proc], Tags=[{"Key": "env", "Value": "dev"}])
+    env.put(env.state_event(proc, "running"))
+    env.pump()
+    status, _, _ = env.rest("agentapi", "GET", f"/v1/agents/{proc}/deltas", headers=auth(tok), query={"since": str(v0)})
+    assert status == 409
+
+
+def test_heartbeat_offline_after_timeout_leaves_peer_sets(env: Env) -> None:
+    est = boot(env)
+    proc, db = est["ids"]["proc"][0], est["ids"]["db"][0]
+    tok = enroll_pairing(env, proc)
+    hb = {"applied_version": 1, "mode": "enforce"}
+    status, _, body = env.rest("agentapi", "POST", f"/v1/agents/{proc}/heartbeat", hb, headers=auth(tok))
+    assert status == 200 and body["latest_version"] >= 1
+    # silence shorter than the timeout: nothing changes
+    rec = env.fn["reconcile"]
+    out = rec.handler(_scheduled(), _ctx())
+    assert proc not in out["offline"]
+    # silence longer than the timeout: offline, removed from the database's set
+    env.store.set_liveness(proc, heartbeat=time.time() - 3600)
+    out = rec.handler(_scheduled(), _ctx())
+    assert proc in out["offline"]
+    env.pump()
+    assert not in_set(env.bundle(db), ip_of(env, proc))
+    # it comes back: rejoins
+    env.rest("agentapi", "POST", f"/v1/agents/{proc}/heartbeat", hb, headers=auth(tok))
+    env.pump()
+    assert in_set(env.bundle(db), ip_of(env, proc))
+
+
+def test_reports_validated_and_size_limited(env: Env) -> None:
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    tok = enroll_pairing(env, web)
+    good = {
+        "flows": [
+            {
+                "start": 1,
+                "end": 2,
+                "src": "10.1.1.1",
+                "dst": "10.1.2.1",
+                "proto": "tcp",
+                "dport": 443,
+                "direction": "outbound",
+            }
+        ]
+    }
+    assert env.rest("agentapi", "POST", f"/v1/agents/{web}/reports", good, headers=auth(tok))[0] == 202
+    bad = {"flows": [{"start": 1}]}
+    status, _, body = env.rest("agentapi", "POST", f"/v1/agents/{web}/reports", bad, headers=auth(tok))
+    assert status == 400 and "flows" in body["detail"]
+    huge = json.dumps({"flows": [], "drops": [], "pad": "x" * (agentapi.MAX_REPORT_BYTES + 1)})
+    assert env.rest("agentapi", "POST", f"/v1/agents/{web}/reports", huge, headers=auth(tok))[0] == 413
+    keys = env.s3.list_objects_v2(Bucket=env.bucket, Prefix=f"reports/{web}/")["KeyCount"]
+    assert keys == 1
+
+
+def test_admin_quarantine_mode_and_audit(env: Env) -> None:
+    est = boot(env)
+    web, proc = est["ids"]["web"][0], est["ids"]["proc"][0]
+    bob = "arn:aws:iam::123456789012:role/secops/bob"
+    status, _, body = env.rest(
+        "admin", "POST", f"/admin/workloads/{web}/quarantine", {"reason": "ir-42"}, principal=bob
+    )
+    assert status == 200
+    env.pump()
+    q = env.bundle(web)
+    assert q.quarantined and not q.inbound and not q.outbound
+    assert not in_set(env.bundle(proc), ip_of(env, web)), "peers drop a quarantined workload"
+    status, _, _ = env.rest("admin", "PUT", f"/admin/workloads/{proc}/mode", {"mode": "observe"}, principal=bob)
+    assert status == 200
+    env.pump()
+    assert env.bundle(proc).mode == "observe"
+    assert env.rest("admin", "PUT", f"/admin/workloads/{proc}/mode", {"mode": "bogus"})[0] == 400
+    env.rest("admin", "DELETE", f"/admin/workloads/{web}/quarantine", {"reason": "cleared"}, principal=bob)
+    env.pump()
+    assert not env.bundle(web).quarantined
+    log = env.store.audit_log()
+    actions = [(r.action, r.principal, r.target) for r in log]
+    assert ("policy.provision", "arn:aws:iam::123456789012:user/alice", "policy/v1") in actions
+    assert ("workload.quarantine", bob, web) in actions and ("workload.release", bob, web) in actions
+    assert ("workload.mode", bob, proc) in actions
+
+
+def test_bad_policy_is_rejected_and_not_provisioned(env: Env) -> None:
+    status, _, body = env.rest(
+        "admin",
+        "POST",
+        "/admin/policies",
+        {"files": {"x.yaml": "rulesets: [{name: a, rules: [{from: 'role ==', to: x, services: [web]}]}]"}},
+    )
+    assert status == 400 and body["error"] == "policy rejected"
+    assert env.store.active_policy() is None and env.store.audit_log() == []
+
+
+def test_cold_start_keeps_versions_monotonic(env: Env) -> None:
+    est = boot(env)
+    db = est["ids"]["db"][0]
+    v1 = env.bundle(db).version
+    env.load_functions()  # a new container: the engine is rebuilt from the inventory
+    env.ec2.create_tags(Resources=[est["ids"]["proc"][1]], Tags=[{"Key": "env", "Value": "dev"}])
+    env.put(env.state_event(est["ids"]["proc"][1], "running"))
+    env.pump()
+    v2 = env.bundle(db).version
+    assert v2 > v1
+    assert env.store.head().clean
