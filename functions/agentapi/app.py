@@ -33,7 +33,7 @@ def _http(r: Response) -> HttpResponse[str]:
 
 
 def _auth(wid: str) -> Response | None:
-    return api().authorize(app.current_event.get_header_value("Authorization", case_sensitive=False), wid)
+    return api().authorize(app.current_event.headers.get("Authorization"), wid)
 
 
 @app.get("/v1/nonce")
@@ -49,7 +49,7 @@ def enroll() -> HttpResponse[str]:
 @app.get("/v1/agents/<wid>/bundle")
 def get_bundle(wid: str) -> HttpResponse[str]:
     denied = _auth(wid)
-    inm = app.current_event.get_header_value("If-None-Match", case_sensitive=False)
+    inm = app.current_event.headers.get("If-None-Match")
     return _http(denied or api().bundle(wid, inm))
 
 
