@@ -95,6 +95,10 @@ class IidKey:
 
 @pytest.fixture(scope="session")
 def iid_key() -> IidKey:
+    return make_iid_key()
+
+
+def make_iid_key() -> IidKey:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test-only IID signer")])
     now = dt.datetime.now(dt.UTC)
@@ -227,7 +231,12 @@ class Env:
         vpc = self.ec2.create_vpc(CidrBlock="10.1.0.0/16")["Vpc"]["VpcId"]
         subnets = {
             tier: self.ec2.create_subnet(VpcId=vpc, CidrBlock=cidr, AvailabilityZone=f"{REGION}a")["Subnet"]["SubnetId"]
-            for tier, cidr in {"web": "10.1.1.0/24", "app": "10.1.2.0/24", "db": "10.1.3.0/24"}.items()
+            for tier, cidr in {
+                "web": "10.1.1.0/24",
+                "app": "10.1.2.0/24",
+                "db": "10.1.3.0/24",
+                "asg": "10.1.16.0/20",
+            }.items()
         }
         ami = self.ec2.describe_images()["Images"][0]["ImageId"]
         self.ami = ami
@@ -266,7 +275,7 @@ class Env:
             MinSize=0,
             MaxSize=1000,
             DesiredCapacity=0,
-            VPCZoneIdentifier=subnets["web"],
+            VPCZoneIdentifier=subnets["asg"],
             Tags=[
                 {
                     "Key": k,

@@ -224,3 +224,33 @@ def test_cold_start_keeps_versions_monotonic(env: Env) -> None:
     v2 = env.bundle(db).version
     assert v2 > v1
     assert env.store.head().clean
+
+
+def test_websocket_nudge_reaches_a_connected_agent(env: Env) -> None:
+    import os
+
+    from moto.apigatewaymanagementapi.models import apigatewaymanagementapi_backends
+
+    os.environ["RINGFENCE_WEBSOCKET_ENDPOINT"] = env.url
+    env.load_functions()
+    est = boot(env)
+    proc = est["ids"]["proc"][0]
+    tok = enroll_pairing(env, proc)
+
+    def connect(token: str | None) -> dict[str, Any]:
+        event = {
+            "requestContext": {"routeKey": "$connect", "connectionId": "conn-1", "eventType": "CONNECT", "stage": "v1"},
+            "queryStringParameters": {"token": token} if token else None,
+            "headers": {},
+            "isBase64Encoded": False,
+        }
+        return env.fn["wsconnect"].handler(event, _ctx())  # type: ignore[no-any-return]
+
+    assert connect("bogus")["statusCode"] == 401
+    assert connect(tok)["statusCode"] == 200
+    new = est["run"]("web", est["subnets"]["web"], 1)[0]
+    env.put(env.state_event(new, "running"))
+    env.pump()
+    data = apigatewaymanagementapi_backends[ACCOUNT][REGION].connections["conn-1"].data
+    last = json.loads("{" + data.decode().split("{")[-1])
+    assert last["latest_version"] == env.bundle(proc).version

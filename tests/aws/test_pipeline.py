@@ -93,6 +93,11 @@ def test_scale_out_lifecycle_publishes_then_continues(env: Env) -> None:
     env.pump()
     assert completed[-1]["instance"] == new
     assert not in_set(env.bundle(proc), ip_of(env, new))
+    # still running in Terminating:Wait: a reconcile must not bring it back
+    env.fn["reconcile"].handler(_scheduled(), _ctx())
+    env.pump()
+    assert env.store.get(new).state == "terminating"
+    assert not in_set(env.bundle(proc), ip_of(env, new))
 
 
 def test_lifecycle_without_policy_is_left_to_time_out(env: Env, caplog: Any) -> None:

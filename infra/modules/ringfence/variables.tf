@@ -10,7 +10,7 @@ variable "signing_key_secret_arn" {
 }
 
 variable "core_layer_zip" {
-  description = "Path to the built core layer zip (python/ringfence + dependencies); `make aws-layer` or `sam build` produces it."
+  description = "Path to the built core layer zip (python/ringfence + dependencies); infra/build-layer.sh produces it."
   type        = string
 }
 

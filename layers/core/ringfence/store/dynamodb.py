@@ -22,6 +22,7 @@ from botocore.exceptions import ClientError
 
 from ringfence.model import Mode, Workload
 from ringfence.store.base import (
+    ACTIVE_STATES,
     AuditRecord,
     BundlePointer,
     ConflictError,
@@ -79,6 +80,10 @@ class DynamoStore:
         old = self.get(rec.id)
         if old is not None and old.observed_at > rec.observed_at:
             return False
+        if old is not None and old.state == "terminating" and rec.state in ACTIVE_STATES:
+            # a terminate lifecycle action was seen: the instance stays out of peers' sets while
+            # it still runs in Terminating:Wait (termination is final, whatever the hook's result)
+            rec = rec.model_copy(update={"state": "terminating"})
         tag_version = rec.tag_version
         if old is not None and old.tag_version is not None:
             tag_version = max(old.tag_version, tag_version or 0)

@@ -274,14 +274,12 @@ class Compute:
         self.w = w
         self.metric = metric
         self.engine: Engine | None = None
-        self.notifier = WebSocketNotifier(
-            clients.client("apigatewaymanagementapi", region=None) if w.cfg.websocket_endpoint else None,
-            w.store,
-        )
+        ws = None
         if w.cfg.websocket_endpoint:
-            self.notifier.client = clients.session().client(
+            ws = clients.session().client(
                 "apigatewaymanagementapi", endpoint_url=w.cfg.websocket_endpoint, config=clients.RETRIES
             )
+        self.notifier = WebSocketNotifier(ws, w.store)
 
     def run(self, messages: list[dict[str, Any]]) -> ComputeStats:
         stats = ComputeStats()
