@@ -247,3 +247,57 @@ def enroll_pairing(env: Env, wid: str) -> str:
     )
     assert status == 200, body
     return str(body["token"])
+
+
+def test_published_state_equals_a_full_recompile_and_deltas_bridge(env: Env) -> None:
+    """Many incremental changes later, every published bundle has the content a fresh full compile
+    gives, and an agent holding an old bundle reaches the newest sets by applying the deltas."""
+    from ringfence.bundle import Bundle, Verifier, load_delta
+    from ringfence.engine import Engine
+
+    est = boot(env)
+    proc = est["ids"]["proc"][0]
+    tok = enroll_pairing(env, proc)
+    old = env.bundle(proc)
+    added = est["run"]("web", est["subnets"]["web"], 4) + est["run"]("processing", est["subnets"]["app"], 2)
+    for iid in added:
+        env.put(env.state_event(iid, "running"))
+    env.pump()
+    env.ec2.terminate_instances(InstanceIds=[added[0]])
+    env.put(env.state_event(added[0], "terminated"))
+    env.ec2.create_tags(Resources=[added[1]], Tags=[{"Key": "env", "Value": "dev"}])
+    env.put(env.state_event(added[1], "running"))
+    env.pump()
+
+    # 1. published == full recompile (content: everything but versions and signatures)
+    pv = env.store.active_policy()
+    from ringfence.policy import load_policy_texts
+
+    texts = {n: env.s3.get_object(Bucket=env.bucket, Key=k)["Body"].read().decode() for n, k in pv.keys.items()}
+    fresh = Engine(load_policy_texts(texts), policy_version=pv.version)
+    fresh.load(r.effective() for r in env.store.all_records() if r.active)
+    assert len(fresh.workloads) == 5 + 6 - 1
+    for wid in fresh.workloads:
+        assert env.bundle(wid).content() == Bundle.model_validate(fresh.render(wid)).content(), wid
+
+    # 2. an agent at the old version applies the signed deltas and reaches the newest sets
+    status, _, body = env.rest(
+        "agentapi",
+        "GET",
+        f"/v1/agents/{proc}/deltas",
+        headers={"Authorization": f"Bearer {tok}"},
+        query={"since": str(old.version)},
+    )
+    assert status == 200, body
+    assert len(body["deltas"]) >= 2
+    verifier = Verifier.from_pem(env.signing_key.public_pem())
+    sets = {n: (s.version, set(s.v4) | set(s.v6)) for n, s in old.sets.items()}
+    for raw in body["deltas"]:
+        d = load_delta(json.dumps(raw))
+        verifier.verify(d)
+        version, elems = sets[d.set]
+        assert version == d.from_version
+        sets[d.set] = (d.to_version, (elems - set(d.remove)) | set(d.add))
+    new = env.bundle(proc)
+    assert body["bundle_version"] == new.version
+    assert {n: e for n, (_, e) in sets.items()} == {n: set(s.v4) | set(s.v6) for n, s in new.sets.items()}
