@@ -465,11 +465,12 @@ class Env:
         return DynamoStore("rf-inventory", "rf-state", "rf-audit", resource=self.ddb)
 
     def bundle(self, wid: str) -> Any:
-        from ringfence.bundle import Verifier, load_bundle
+        """The workload's current signed bundle, as the agent API serves it."""
+        from ringfence.bundle import Bundle, Verifier
 
-        ptr = self.store.bundle_pointer(wid)
-        assert ptr is not None, f"no bundle for {wid}"
-        doc = load_bundle(self.s3.get_object(Bucket=self.bucket, Key=ptr.key)["Body"].read())
+        cur = self.fn["agentapi"].api().current(wid)
+        assert isinstance(cur, tuple), f"no bundle for {wid}: {cur}"
+        doc = Bundle.model_validate(cur[1])
         Verifier.from_pem(self.signing_key.public_pem()).verify(doc)
         return doc
 

@@ -49,6 +49,7 @@ class DynamoStore:
         resource: Any = None,
     ) -> None:
         ddb = resource or boto3.resource("dynamodb")
+        self.ddb = ddb
         self.inventory = ddb.Table(inventory_table)
         self.state = ddb.Table(state_table)
         self.audit_table = ddb.Table(audit_table)
@@ -248,8 +249,49 @@ class DynamoStore:
         item = self._get(f"bundle#{workload_id}", "latest")
         return BundlePointer.model_validate_json(item["doc"]) if item else None
 
-    def put_bundle_pointer(self, ptr: BundlePointer) -> None:
-        self._put(f"bundle#{ptr.workload_id}", "latest", doc=ptr.model_dump_json())
+    def put_bundle_pointer(self, ptr: BundlePointer) -> bool:
+        try:
+            self.state.put_item(
+                Item={
+                    "pk": f"bundle#{ptr.workload_id}",
+                    "sk": "latest",
+                    "version": ptr.version,
+                    "doc": ptr.model_dump_json(),
+                },
+                ConditionExpression="attribute_not_exists(pk) OR version <= :v",
+                ExpressionAttributeValues={":v": ptr.version},
+            )
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return False
+            raise
+        return True
+
+    def put_set_head(self, set_name: str, version: int) -> None:
+        try:
+            self.state.update_item(
+                Key={"pk": f"sethead#{set_name}", "sk": "head"},
+                UpdateExpression="SET version = :v",
+                ConditionExpression="attribute_not_exists(version) OR version < :v",
+                ExpressionAttributeValues={":v": version},
+            )
+        except ClientError as exc:
+            if not _conditional_failed(exc):
+                raise
+
+    def set_heads(self, set_names: list[str]) -> dict[str, int]:
+        """Latest delta version per set (sets that never had a delta are absent)."""
+        out: dict[str, int] = {}
+        names = sorted(set(set_names))
+        for i in range(0, len(names), 100):
+            keys = [{"pk": f"sethead#{n}", "sk": "head"} for n in names[i : i + 100]]
+            request: dict[str, Any] = {self.state.name: {"Keys": keys, "ConsistentRead": True}}
+            while request:
+                resp = self.ddb.batch_get_item(RequestItems=request)
+                for item in resp.get("Responses", {}).get(self.state.name, []):
+                    out[str(item["pk"]).removeprefix("sethead#")] = int(item["version"])
+                request = resp.get("UnprocessedKeys") or {}
+        return out
 
     def put_delta(self, ptr: DeltaPointer) -> None:
         self._put(f"delta#{ptr.set}", f"{ptr.to_version:012d}", ttl=14 * 86400, doc=ptr.model_dump_json())

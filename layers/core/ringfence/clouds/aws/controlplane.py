@@ -31,7 +31,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ringfence import agentapi, bundle
-from ringfence.addresses import format_prefix
+from ringfence.addresses import V4, format_prefix, parse_prefix
 from ringfence.engine import Engine
 from ringfence.engine.compiler import Update
 from ringfence.events import DomainEvent, Kind, MalformedEvent, normalize
@@ -153,13 +153,18 @@ class Wiring:
         return active[1].labels if active else None
 
     def enqueue_compute(
-        self, ids: Iterable[str] = (), *, rebuild: bool = False, lifecycle: dict[str, str] | None = None
+        self,
+        ids: Iterable[str] = (),
+        *,
+        rebuild: bool = False,
+        lifecycle: dict[str, str] | None = None,
+        publish: list[str] | None = None,
     ) -> None:
         ids = list(dict.fromkeys(ids))
-        if not ids and not rebuild and lifecycle is None:
+        if not ids and not rebuild and lifecycle is None and not publish:
             return
         for i in range(0, max(len(ids), 1), 500):
-            body = {"ids": ids[i : i + 500], "rebuild": rebuild, "lifecycle": lifecycle}
+            body = {"ids": ids[i : i + 500], "rebuild": rebuild, "lifecycle": lifecycle, "publish": publish or []}
             self.sqs.send_message(
                 QueueUrl=self.cfg.compute_queue_url,
                 MessageBody=json.dumps(body),
@@ -262,6 +267,7 @@ class ComputeStats:
     sets_touched: int = 0
     deltas_published: int = 0
     bundles_published: int = 0
+    nudged: int = 0
     bytes_published: int = 0
     lifecycle_completed: list[str] = field(default_factory=list)
     lifecycle_abandoned_to_timeout: list[str] = field(default_factory=list)
@@ -301,6 +307,10 @@ class Compute:
                 self._reserve(start)
                 self._publish(updates, stats)
                 self._commit()
+            # explicit re-render requests (the agent API found a gap it cannot bridge)
+            for wid in dict.fromkeys(i for m in messages for i in m.get("publish", [])):
+                if wid in self.engine.workloads:
+                    self._publish_bundle(wid, stats)
             stats.revision = self.engine.revision
         except Exception:
             self.engine = None  # never trust a half-applied engine: the next run rebuilds
@@ -366,7 +376,8 @@ class Compute:
         assert self.engine is not None
         signer = self.w.signer
         touched: set[str] = set()
-        affected: set[str] = set()
+        rebuilt: set[str] = set()
+        notify: set[str] = set()
         for upd in updates:
             for name, (from_v, added, removed) in sorted(upd.set_deltas.items()):
                 doc = bundle.sign(
@@ -383,11 +394,23 @@ class Compute:
                 self.w.store.put_delta(DeltaPointer(set=name, from_version=from_v, to_version=upd.revision, key=key))
                 stats.deltas_published += 1
                 touched.add(name)
-            affected |= upd.notify | upd.rebuilt
+            rebuilt |= upd.rebuilt
+            notify |= upd.notify
+        for name in sorted(touched):
+            s = self.engine.sets_by_name.get(name)
+            if s is not None:
+                self.w.store.put_set_head(name, s.version)
         stats.sets_touched += len(touched)
-        for wid in sorted(affected):
+        # Whole bundles only where a workload's own rules changed. Agents whose bundles merely
+        # reference a changed set get the signed deltas; the agent API materializes their current
+        # bundle on demand from the last full one plus those deltas (see AgentApi.current).
+        for wid in sorted(rebuilt):
             if wid in self.engine.workloads:
                 self._publish_bundle(wid, stats)
+        for wid in sorted(notify - rebuilt):
+            if wid in self.engine.workloads:
+                self.notifier.nudge(wid, self.engine.bundle_version(wid))
+                stats.nudged += 1
 
     def _publish_bundle(self, wid: str, stats: ComputeStats) -> None:
         assert self.engine is not None
@@ -630,36 +653,101 @@ class AgentApi:
             return _err(403, "forbidden", "an agent reads only its own bundle")
         return None
 
+    def _latest(self, ptr: BundlePointer) -> tuple[int, dict[str, int]]:
+        """The workload's newest version and set versions: the stored bundle's, moved on by set heads."""
+        heads = self.w.store.set_heads(list(ptr.sets))
+        sets = {n: max(v, heads.get(n, v)) for n, v in ptr.sets.items()}
+        return max([ptr.version, ptr.rules_revision, *sets.values()]), sets
+
+    def _chain(self, set_name: str, from_version: int, to_version: int) -> list[DeltaPointer] | None:
+        chain = [d for d in self.w.store.deltas_after(set_name, from_version) if d.to_version <= to_version]
+        if not chain or chain[-1].to_version != to_version or chain[0].from_version > from_version:
+            return None
+        if any(a.to_version != b.from_version for a, b in itertools.pairwise(chain)):
+            return None
+        return chain
+
+    def current(self, workload_id: str) -> tuple[BundlePointer, dict[str, Any]] | Response:
+        """The workload's current signed bundle: the last full one, with the set deltas published
+        since then applied (exact: deltas are element edits of canonical covers), re-signed and
+        written back content-addressed so the next fetch is a plain read."""
+        ptr = self.w.store.bundle_pointer(workload_id)
+        if ptr is None:
+            return _err(404, "no bundle published for this workload yet")
+        version, sets = self._latest(ptr)
+        stored = bundle.load_bundle(self.w.publisher.get(ptr.key))
+        if version == ptr.version:
+            return ptr, stored.model_dump(mode="json")
+        new_sets = {}
+        for name, sdoc in stored.sets.items():
+            target = sets[name]
+            if target == sdoc.version:
+                new_sets[name] = sdoc
+                continue
+            chain = self._chain(name, sdoc.version, target)
+            if chain is None:
+                log.warning(
+                    "bundle of %s: deltas of %s do not bridge %s→%s; re-rendering",
+                    workload_id,
+                    name,
+                    sdoc.version,
+                    target,
+                )
+                self.w.enqueue_compute(publish=[workload_id])
+                return Response(
+                    503, {"error": "bundle is being re-rendered", "detail": "retry shortly"}, {"Retry-After": "5"}
+                )
+            elems = set(sdoc.v4) | set(sdoc.v6)
+            for d in chain:
+                delta = bundle.load_delta(self.w.publisher.get(d.key))
+                elems = (elems - set(delta.remove)) | set(delta.add)
+            ordered = sorted(parse_prefix(e) for e in elems)
+            new_sets[name] = bundle.AddressSetDoc(
+                version=target,
+                v4=[format_prefix(p) for p in ordered if p[0] == V4],
+                v6=[format_prefix(p) for p in ordered if p[0] != V4],
+            )
+        doc = bundle.sign(
+            stored.model_copy(update={"sets": new_sets, "version": version, "signature": None}), self.w.signer
+        )
+        key, _ = self.w.publisher.put_bundle(doc)
+        new_ptr = ptr.model_copy(update={"version": version, "key": key, "etag": f'"{version}"', "sets": sets})
+        self.w.store.put_bundle_pointer(new_ptr)
+        return new_ptr, doc.model_dump(mode="json")
+
     def bundle(self, workload_id: str, if_none_match: str | None) -> Response:
         ptr = self.w.store.bundle_pointer(workload_id)
         if ptr is None:
             return _err(404, "no bundle published for this workload yet")
-        if if_none_match and if_none_match.strip() == ptr.etag:
-            return Response(304, None, {"ETag": ptr.etag})
-        body = self.w.publisher.get(ptr.key).decode()
-        return Response(200, json.loads(body), {"ETag": ptr.etag})
+        etag = f'"{self._latest(ptr)[0]}"'
+        if if_none_match and if_none_match.strip() == etag:
+            return Response(304, None, {"ETag": etag})
+        cur = self.current(workload_id)
+        if isinstance(cur, Response):
+            return cur
+        ptr, doc = cur
+        return Response(200, doc, {"ETag": ptr.etag})
 
     def deltas(self, workload_id: str, since: int) -> Response:
         ptr = self.w.store.bundle_pointer(workload_id)
         if ptr is None:
             return _err(404, "no bundle published for this workload yet")
-        if since >= ptr.version:
-            return Response(200, agentapi.DeltasResponse(bundle_version=ptr.version, deltas=[]).model_dump())
+        version, sets = self._latest(ptr)
+        if since >= version:
+            return Response(200, agentapi.DeltasResponse(bundle_version=version, deltas=[]).model_dump())
         if ptr.rules_revision > since:
             return _err(409, "deltas cannot bridge", "rules changed since that revision: fetch the bundle")
         chosen: list[DeltaPointer] = []
-        for name, version in ptr.sets.items():
-            if version <= since:
+        for name, v in sets.items():
+            if v <= since:
                 continue
-            chain = [d for d in self.w.store.deltas_after(name, since) if d.to_version <= version]
-            ok = bool(chain) and chain[0].from_version <= since and chain[-1].to_version == version
-            ok = ok and all(a.to_version == b.from_version for a, b in itertools.pairwise(chain))
-            if not ok:
+            chain = self._chain(name, since, v)
+            if chain is None:
                 return _err(409, "deltas cannot bridge", f"set {name}: fetch the bundle")
             chosen.extend(chain)
         chosen.sort(key=lambda d: (d.to_version, d.set))
         docs = [json.loads(self.w.publisher.get(d.key)) for d in chosen]
-        return Response(200, agentapi.DeltasResponse(bundle_version=ptr.version, deltas=docs).model_dump())
+        return Response(200, agentapi.DeltasResponse(bundle_version=version, deltas=docs).model_dump())
 
     def heartbeat(self, workload_id: str, body: str | None) -> Response:
         try:
