@@ -254,3 +254,27 @@ def test_websocket_nudge_reaches_a_connected_agent(env: Env) -> None:
     data = apigatewaymanagementapi_backends[ACCOUNT][REGION].connections["conn-1"].data
     last = json.loads("{" + data.decode().split("{")[-1])
     assert last["latest_version"] == env.bundle(proc).version
+
+
+def test_expired_deltas_make_the_api_ask_compute_for_a_whole_bundle(env: Env) -> None:
+    est = boot(env)
+    proc = est["ids"]["proc"][0]
+    tok = enroll_pairing(env, proc)
+    new = est["run"]("web", est["subnets"]["web"], 1)[0]
+    env.put(env.state_event(new, "running"))
+    env.pump()
+    # the delta index expired (TTL) before this agent's bundle was materialized
+    table = env.ddb.Table("rf-state")
+    for item in table.scan()["Items"]:
+        if item["pk"].startswith("delta#"):
+            table.delete_item(Key={"pk": item["pk"], "sk": item["sk"]})
+    status, hdrs, _ = env.rest("agentapi", "GET", f"/v1/agents/{proc}/bundle", headers=auth(tok))
+    assert status == 503 and hdrs.get("retry-after") == "5"
+    env.pump()  # compute re-renders the whole bundle
+    status, _, doc = env.rest("agentapi", "GET", f"/v1/agents/{proc}/bundle", headers=auth(tok))
+    assert status == 200
+    from ringfence.bundle import Bundle
+
+    got = Bundle.model_validate(doc)
+    assert got.version == env.fn["compute"].service().engine.bundle_version(proc)
+    assert in_set(got, ip_of(env, new))
