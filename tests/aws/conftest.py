@@ -206,7 +206,7 @@ class Env:
     def load_functions(self) -> None:
         from ringfence.clouds.aws import clients
 
-        clients.session.cache_clear()
+        clients.reset()
         for name in FUNCTIONS:
             path = ROOT / "functions" / name / "app.py"
             if not path.exists():
@@ -224,6 +224,9 @@ class Env:
         from ringfence.clouds.aws import clients
 
         clients.session().events.register(event_name, handler)
+        # clients copy the session's event emitter when created: drop the cached ones
+        clients._clients.clear()
+        clients._assumed.clear()
 
     # --- estate -------------------------------------------------------------------------------
 

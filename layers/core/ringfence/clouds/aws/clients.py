@@ -7,6 +7,7 @@ variables, so the same code talks to AWS or to a moto server.
 from __future__ import annotations
 
 import os
+import time
 from functools import cache
 from typing import Any
 
@@ -21,7 +22,12 @@ def session() -> boto3.Session:
     return boto3.Session()
 
 
+_clients: dict[tuple[str, str | None], Any] = {}
+_assumed: dict[tuple[str, str, str], tuple[float, Any]] = {}
+
+
 def client(service: str, *, region: str | None = None, credentials: dict[str, str] | None = None) -> Any:
+    """A client of this session (cached: creating clients is slow), or one with given credentials."""
     kwargs: dict[str, Any] = {"config": RETRIES}
     if region:
         kwargs["region_name"] = region
@@ -31,7 +37,11 @@ def client(service: str, *, region: str | None = None, credentials: dict[str, st
             aws_secret_access_key=credentials["SecretAccessKey"],
             aws_session_token=credentials["SessionToken"],
         )
-    return session().client(service, **kwargs)
+        return session().client(service, **kwargs)
+    key = (service, region)
+    if key not in _clients:
+        _clients[key] = session().client(service, **kwargs)
+    return _clients[key]
 
 
 def resource(service: str, *, region: str | None = None) -> Any:
@@ -39,8 +49,23 @@ def resource(service: str, *, region: str | None = None) -> Any:
 
 
 def assumed_client(service: str, region: str, role_arn: str | None, session_name: str = "ringfence") -> Any:
-    """A client in another account through an assumable role (``None``: this account)."""
+    """A client in another account through an assumable role (``None``: this account); the
+    role's credentials are reused until five minutes before they expire."""
     if not role_arn:
         return client(service, region=region)
+    key = (service, region, role_arn)
+    cached = _assumed.get(key)
+    if cached is not None and cached[0] > time.time() + 300:
+        return cached[1]
     creds = client("sts", region=region).assume_role(RoleArn=role_arn, RoleSessionName=session_name)["Credentials"]
-    return client(service, region=region, credentials=creds)
+    c = client(service, region=region, credentials=creds)
+    expires = creds["Expiration"].timestamp() if hasattr(creds["Expiration"], "timestamp") else time.time() + 900
+    _assumed[key] = (expires, c)
+    return c
+
+
+def reset() -> None:
+    """Forget cached clients (tests; a new endpoint or new credentials)."""
+    _clients.clear()
+    _assumed.clear()
+    session.cache_clear()
