@@ -576,6 +576,9 @@ class AgentApi:
     def __init__(self, w: Wiring) -> None:
         self.w = w
         self._iid_key: Any = None
+        # immutable, content-addressed documents: safe to keep while the container is warm
+        self._deltas: dict[str, bundle.SetDelta] = {}
+        self._sets: dict[tuple[str, int], bundle.AddressSetDoc] = {}
 
     def nonce(self) -> Response:
         n = secrets.token_urlsafe(24)
@@ -667,6 +670,32 @@ class AgentApi:
             return None
         return chain
 
+    def _advance(self, name: str, sdoc: bundle.AddressSetDoc, chain: list[DeltaPointer]) -> bundle.AddressSetDoc:
+        """A set moved along its delta chain. A set's content at a version is the same in every
+        bundle (the engine's set at that revision), so results are cached per (set, version)."""
+        target = chain[-1].to_version
+        hit = self._sets.get((name, target))
+        if hit is not None:
+            return hit
+        elems = set(sdoc.v4) | set(sdoc.v6)
+        for d in chain:
+            delta = self._deltas.get(d.key)
+            if delta is None:
+                delta = self._deltas[d.key] = bundle.load_delta(self.w.publisher.get(d.key))
+            elems = (elems - set(delta.remove)) | set(delta.add)
+        ordered = sorted(parse_prefix(e) for e in elems)
+        out = bundle.AddressSetDoc(
+            version=target,
+            v4=[format_prefix(p) for p in ordered if p[0] == V4],
+            v6=[format_prefix(p) for p in ordered if p[0] != V4],
+        )
+        if len(self._sets) > 4096:
+            self._sets.clear()
+        if len(self._deltas) > 16384:
+            self._deltas.clear()
+        self._sets[(name, target)] = out
+        return out
+
     def current(self, workload_id: str) -> tuple[BundlePointer, dict[str, Any]] | Response:
         """The workload's current signed bundle: the last full one, with the set deltas published
         since then applied (exact: deltas are element edits of canonical covers), re-signed and
@@ -697,16 +726,7 @@ class AgentApi:
                 return Response(
                     503, {"error": "bundle is being re-rendered", "detail": "retry shortly"}, {"Retry-After": "5"}
                 )
-            elems = set(sdoc.v4) | set(sdoc.v6)
-            for d in chain:
-                delta = bundle.load_delta(self.w.publisher.get(d.key))
-                elems = (elems - set(delta.remove)) | set(delta.add)
-            ordered = sorted(parse_prefix(e) for e in elems)
-            new_sets[name] = bundle.AddressSetDoc(
-                version=target,
-                v4=[format_prefix(p) for p in ordered if p[0] == V4],
-                v6=[format_prefix(p) for p in ordered if p[0] != V4],
-            )
+            new_sets[name] = self._advance(name, sdoc, chain)
         doc = bundle.sign(
             stored.model_copy(update={"sets": new_sets, "version": version, "signature": None}), self.w.signer
         )
