@@ -129,8 +129,9 @@ class Store(Protocol):
 
     # published artifacts
     def bundle_pointer(self, workload_id: str) -> BundlePointer | None: ...
-    def put_bundle_pointer(self, ptr: BundlePointer) -> bool:
-        """Store the pointer unless a newer version is stored; True if written."""
+    def put_bundle_pointer(self, ptr: BundlePointer, expected_version: int | None = None) -> bool:
+        """Store the pointer unless a newer version is stored (or, with ``expected_version``, only
+        over exactly that version); True if written."""
         ...
 
     def put_delta(self, ptr: DeltaPointer) -> None: ...

@@ -249,7 +249,11 @@ class DynamoStore:
         item = self._get(f"bundle#{workload_id}", "latest")
         return BundlePointer.model_validate_json(item["doc"]) if item else None
 
-    def put_bundle_pointer(self, ptr: BundlePointer) -> bool:
+    def put_bundle_pointer(self, ptr: BundlePointer, expected_version: int | None = None) -> bool:
+        if expected_version is None:
+            cond, values = "attribute_not_exists(pk) OR version <= :v", {":v": ptr.version}
+        else:  # compare-and-swap: only over the pointer the new one was derived from
+            cond, values = "version = :e", {":e": expected_version}
         try:
             self.state.put_item(
                 Item={
@@ -258,8 +262,8 @@ class DynamoStore:
                     "version": ptr.version,
                     "doc": ptr.model_dump_json(),
                 },
-                ConditionExpression="attribute_not_exists(pk) OR version <= :v",
-                ExpressionAttributeValues={":v": ptr.version},
+                ConditionExpression=cond,
+                ExpressionAttributeValues=values,
             )
         except ClientError as exc:
             if _conditional_failed(exc):

@@ -732,7 +732,9 @@ class AgentApi:
         )
         key, _ = self.w.publisher.put_bundle(doc)
         new_ptr = ptr.model_copy(update={"version": version, "key": key, "etag": f'"{version}"', "sets": sets})
-        self.w.store.put_bundle_pointer(new_ptr)
+        if not self.w.store.put_bundle_pointer(new_ptr, expected_version=ptr.version):
+            # compute published a newer whole bundle meanwhile (its rules may differ): serve that
+            return self.current(workload_id)
         return new_ptr, doc.model_dump(mode="json")
 
     def bundle(self, workload_id: str, if_none_match: str | None) -> Response:
