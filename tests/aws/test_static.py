@@ -109,3 +109,13 @@ def test_template_has_the_required_pieces() -> None:
     for fn in sqs_fns:
         for e in res[fn]["Properties"]["Events"].values():
             assert e["Properties"]["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+
+
+def test_storm_benchmark_script_runs_small() -> None:
+    """The storm benchmark (make bench-aws) on 10 instances, so the script cannot rot."""
+    from tests.aws.bench_storm import run
+
+    out = run(10, baseline=0)
+    assert out["estate_after"] == 16  # 5 + 10 + the one more afterwards
+    assert out["incremental"]["bundles_published"] == 10 and out["incremental"]["deltas_published"] >= 10
+    assert out["one_more_instance_afterwards"]["bundles_published"] == 1
