@@ -395,6 +395,10 @@ class Env:
             for m in msgs:
                 if m["MessageId"] not in failed:
                     self.sqs.delete_message(QueueUrl=self.queues[queue], ReceiptHandle=m["ReceiptHandle"])
+                else:  # as after the visibility timeout: the next drain gets it again
+                    self.sqs.change_message_visibility(
+                        QueueUrl=self.queues[queue], ReceiptHandle=m["ReceiptHandle"], VisibilityTimeout=0
+                    )
             if failed:
                 return results
 

@@ -301,3 +301,43 @@ def test_published_state_equals_a_full_recompile_and_deltas_bridge(env: Env) -> 
     new = env.bundle(proc)
     assert body["bundle_version"] == new.version
     assert {n: e for n, (_, e) in sets.items()} == {n: set(s.v4) | set(s.v6) for n, s in new.sets.items()}
+
+
+def test_publish_failure_leaves_hook_pending_then_retry_rebuilds_and_completes(env: Env, caplog: Any) -> None:
+    """S3 refuses a write mid-publication: the launch is not completed, the head stays dirty;
+    the redelivered batch rebuilds at a fresh revision, republishes, then completes CONTINUE."""
+    est = boot(env)
+    db = est["ids"]["db"][0]
+    v_before = env.bundle(db).version
+    completed: list[str] = []
+    failures: list[int] = []
+
+    def complete(request: Any, **_: Any) -> AWSResponse:
+        completed.append("x")
+        return _xml(
+            200,
+            "<CompleteLifecycleActionResponse><CompleteLifecycleActionResult/><ResponseMetadata><RequestId>x</RequestId></ResponseMetadata></CompleteLifecycleActionResponse>",
+        )
+
+    def refuse_once(request: Any, **_: Any) -> AWSResponse | None:
+        if "/bundles/" in request.url and not failures:
+            failures.append(1)
+            return _xml(403, "<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>")
+        return None
+
+    env.load_functions()  # fresh containers, so their clients carry the hooks below
+    env.hook("before-send.auto-scaling.CompleteLifecycleAction", complete)
+    env.hook("before-send.s3.PutObject", refuse_once)
+    new = est["run"]("processing", est["subnets"]["app"], 1)[0]
+    env.put(env.lifecycle_event(new, launching=True))
+    env.drain("lifecycle", "lifecycle")
+    out = env.drain("compute", "compute")
+    assert out[0]["batchItemFailures"], "the batch failed and stays on the queue"
+    assert completed == [] and "will time out into its configured default result" in caplog.text
+    assert env.store.head().clean is False
+    env.drain("compute", "compute")  # redelivered after the visibility timeout
+    assert completed == ["x"]
+    head = env.store.head()
+    assert head.clean is True
+    db_after = env.bundle(db)
+    assert db_after.version > v_before and in_set(db_after, ip_of(env, new))
