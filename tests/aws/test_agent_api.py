@@ -278,3 +278,54 @@ def test_expired_deltas_make_the_api_ask_compute_for_a_whole_bundle(env: Env) ->
     got = Bundle.model_validate(doc)
     assert got.version == env.fn["compute"].service().engine.bundle_version(proc)
     assert in_set(got, ip_of(env, new))
+
+
+def _sts_request(env: Env, iid: str, nonce: str, sign_nonce: bool = True) -> dict[str, Any]:
+    """What an agent sends for aws-sts: a GetCallerIdentity signed with its instance-profile
+    credentials (here: an assumed-role session named after the instance, as EC2 does)."""
+    import boto3
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    creds = boto3.client("sts").assume_role(
+        RoleArn=f"arn:aws:iam::{ACCOUNT}:role/web-instance-profile", RoleSessionName=iid
+    )["Credentials"]
+    url = f"{env.url}/?Action=GetCallerIdentity&Version=2011-06-15"
+    req = AWSRequest(method="GET", url=url, headers={"X-Ringfence-Nonce": nonce} if sign_nonce else {})
+    SigV4Auth(
+        Credentials(creds["AccessKeyId"], creds["SecretAccessKey"], creds["SessionToken"]), "sts", REGION
+    ).add_auth(req)
+    headers = dict(req.headers.items())
+    headers["X-Ringfence-Nonce"] = nonce
+    return {"method": "aws-sts", "nonce": nonce, "sts_url": url, "sts_headers": headers}
+
+
+def test_sts_enrollment_binds_the_nonce_and_refuses_replays(env: Env) -> None:
+    import os
+
+    os.environ["RINGFENCE_STS_ENDPOINTS"] = env.url + "/"
+    try:
+        env.load_functions()
+        est = boot(env)
+        web = est["ids"]["web"][0]
+        _, _, n = env.rest("agentapi", "GET", "/v1/nonce")
+        req = _sts_request(env, web, n["nonce"])
+        status, _, body = env.rest("agentapi", "POST", "/v1/enroll", json.dumps(req))
+        assert status == 200 and body["workload_id"] == web, body
+        status, _, body = env.rest("agentapi", "POST", "/v1/enroll", json.dumps(req))
+        assert status == 401 and "nonce" in body["detail"], "a replayed signed request is refused"
+        _, _, n2 = env.rest("agentapi", "GET", "/v1/nonce")
+        unsigned = _sts_request(env, web, n2["nonce"], sign_nonce=False)
+        status, _, body = env.rest("agentapi", "POST", "/v1/enroll", json.dumps(unsigned))
+        assert status == 401 and "signed" in body["detail"]
+        elsewhere = dict(req, nonce=n2["nonce"], sts_url="https://evil.example.com/?Action=GetCallerIdentity")
+        elsewhere["sts_headers"] = dict(req["sts_headers"], **{"X-Ringfence-Nonce": n2["nonce"]})
+        status, _, body = env.rest("agentapi", "POST", "/v1/enroll", json.dumps(elsewhere))
+        assert status == 401 and "STS endpoint" in body["detail"]
+        _, _, n3 = env.rest("agentapi", "GET", "/v1/nonce")
+        human = _sts_request(env, "alice", n3["nonce"])
+        status, _, body = env.rest("agentapi", "POST", "/v1/enroll", json.dumps(human))
+        assert status == 401 and "instance-profile session" in body["detail"]
+    finally:
+        del os.environ["RINGFENCE_STS_ENDPOINTS"]

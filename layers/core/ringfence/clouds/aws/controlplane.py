@@ -48,7 +48,7 @@ from ringfence.store.base import (
 )
 
 from . import clients, ec2
-from .enroll import ProofError, load_public_key, verify_iid
+from .enroll import ProofError, check_sts_request, load_public_key, replay_sts, verify_iid
 from .publish import S3Publisher, WebSocketNotifier
 
 log = logging.getLogger("ringfence.aws")
@@ -86,6 +86,7 @@ class Config:
     token_ttl: int = 7 * 86400
     nonce_ttl: int = 300
     allowed_accounts: list[str] = field(default_factory=list)
+    sts_endpoints: list[str] = field(default_factory=list)
     account_roles: dict[str, str] = field(default_factory=dict)
     targets: list[Target] = field(default_factory=list)
 
@@ -107,6 +108,7 @@ class Config:
             token_ttl=int(e.get("RINGFENCE_TOKEN_TTL", str(7 * 86400))),
             nonce_ttl=int(e.get("RINGFENCE_NONCE_TTL", "300")),
             allowed_accounts=[a for a in e.get("RINGFENCE_ALLOWED_ACCOUNTS", "").split(",") if a],
+            sts_endpoints=[u for u in e.get("RINGFENCE_STS_ENDPOINTS", "").split(",") if u],
             account_roles=json.loads(e.get("RINGFENCE_ACCOUNT_ROLES", "{}") or "{}"),
             targets=[Target(**t) for t in json.loads(e.get("RINGFENCE_RECONCILE_TARGETS", "[]") or "[]")],
         )
@@ -595,6 +597,8 @@ class AgentApi:
                 wid = self._enroll_iid(req)
             elif req.method == "pairing":
                 wid = self._enroll_pairing(req)
+            elif req.method == "aws-sts":
+                wid = self._enroll_sts(req)
             else:
                 return _err(400, "unsupported enrollment method", f"{req.method} is not enabled on this control plane")
         except ProofError as exc:
@@ -634,6 +638,20 @@ class AgentApi:
         if self.w.store.get(ident.instance_id) is None:
             observe_instances(self.w, ident.account, ident.region, [ident.instance_id])
             self.w.enqueue_compute([ident.instance_id])
+        return ident.instance_id
+
+    def _enroll_sts(self, req: agentapi.EnrollRequest) -> str:
+        if not req.sts_url or not req.sts_headers:
+            raise ProofError("aws-sts needs sts_url and sts_headers")
+        check_sts_request(req.sts_url, req.sts_headers, req.nonce, self.w.cfg.sts_endpoints)
+        if not self.w.store.burn_nonce(req.nonce):
+            raise ProofError("nonce is unknown, expired or already used")
+        ident = replay_sts(req.sts_url, req.sts_headers)
+        if self.w.cfg.allowed_accounts and ident.account not in self.w.cfg.allowed_accounts:
+            raise ProofError(f"account {ident.account} is not enrolled with this control plane")
+        rec = self.w.store.get(ident.instance_id)
+        if rec is None or rec.workload.account != ident.account or not rec.active:
+            raise ProofError(f"{ident.instance_id} is not a running instance of account {ident.account} in inventory")
         return ident.instance_id
 
     def _enroll_pairing(self, req: agentapi.EnrollRequest) -> str:
