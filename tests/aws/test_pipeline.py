@@ -341,3 +341,16 @@ def test_publish_failure_leaves_hook_pending_then_retry_rebuilds_and_completes(e
     assert head.clean is True
     db_after = env.bundle(db)
     assert db_after.version > v_before and in_set(db_after, ip_of(env, new))
+
+
+def test_new_policy_version_rebuilds_every_bundle(env: Env) -> None:
+    est = boot(env)
+    db = est["ids"]["db"][0]
+    before = env.bundle(db)
+    assert before.policy_version == 1
+    assert env.provision_example_policy() == 2
+    env.pump()
+    after = env.bundle(db)
+    assert after.policy_version == 2 and after.version > before.version
+    assert after.content() | {"policy_version": 1} == before.content()
+    assert [r.action for r in env.store.audit_log()] == ["policy.provision", "policy.provision"]

@@ -58,3 +58,11 @@ def test_nonce_and_pairing_are_single_use_and_audit_is_append_only(env: Env) -> 
     with pytest.raises(ClientError):
         st.audit(r)  # the same record can never be rewritten
     assert [a.id for a in st.audit_log()] == [r.id]
+
+
+def test_expired_nonce_and_pairing_key_are_refused(env: Env) -> None:
+    st = env.store
+    st.put_nonce("old", -1)
+    assert not st.burn_nonce("old")
+    st.put_pairing("h2", None, uses=5, ttl=-1)
+    assert not st.use_pairing("h2")
