@@ -77,6 +77,21 @@ class DynamoStore:
         item = self.inventory.get_item(Key={"id": workload_id}, ConsistentRead=True).get("Item")
         return self._to_record(item) if item else None
 
+    def get_many(self, workload_ids: list[str]) -> dict[str, InventoryRecord]:
+        out: dict[str, InventoryRecord] = {}
+        ids = sorted(set(workload_ids))
+        for i in range(0, len(ids), 100):
+            request: dict[str, Any] = {
+                self.inventory.name: {"Keys": [{"id": x} for x in ids[i : i + 100]], "ConsistentRead": True}
+            }
+            while request:
+                resp = self.ddb.batch_get_item(RequestItems=request)
+                for item in resp.get("Responses", {}).get(self.inventory.name, []):
+                    rec = self._to_record(item)
+                    out[rec.id] = rec
+                request = resp.get("UnprocessedKeys") or {}
+        return out
+
     def observe(self, rec: InventoryRecord) -> bool:
         old = self.get(rec.id)
         if old is not None and old.observed_at > rec.observed_at:

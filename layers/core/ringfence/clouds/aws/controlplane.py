@@ -128,6 +128,7 @@ class Wiring:
         self.sqs = clients.client("sqs")
         self._policies: dict[int, Policy] = {}
         self._signer: Any = None
+        self._mapper: tuple[float, LabelMapper | None] | None = None
 
     @property
     def signer(self) -> Any:
@@ -151,8 +152,13 @@ class Wiring:
         return (pv, self.policy(pv)) if pv is not None else None
 
     def mapper(self) -> LabelMapper | None:
-        active = self.active_policy()
-        return active[1].labels if active else None
+        """The active policy's tag→label mapping, looked up at most every 30 s (for ingest's
+        hygiene view only: compute always resolves labels with the exact policy it compiles)."""
+        now = time.monotonic()
+        if self._mapper is None or now - self._mapper[0] > 30:
+            active = self.active_policy()
+            self._mapper = (now, active[1].labels if active else None)
+        return self._mapper[1]
 
     def enqueue_compute(
         self,
@@ -365,8 +371,9 @@ class Compute:
     def _apply(self, ids: list[str]) -> list[Update]:
         assert self.engine is not None
         out = []
+        recs = self.w.store.get_many(ids)
         for wid in ids:
-            rec = self.w.store.get(wid)
+            rec = recs.get(wid)
             upd = self.engine.upsert(rec.effective()) if rec is not None and rec.active else self.engine.remove(wid)
             if upd.changed:
                 out.append(upd)
