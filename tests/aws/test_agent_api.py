@@ -329,3 +329,24 @@ def test_sts_enrollment_binds_the_nonce_and_refuses_replays(env: Env) -> None:
         assert status == 401 and "instance-profile session" in body["detail"]
     finally:
         del os.environ["RINGFENCE_STS_ENDPOINTS"]
+
+
+def test_two_compute_containers_never_reuse_a_revision(env: Env) -> None:
+    est = boot(env)
+    db = est["ids"]["db"][0]
+    a = env.fn["compute"]  # warm container A
+    env.load_functions()
+    b = env.fn["compute"]  # container B (cold)
+    p1, p2 = est["run"]("processing", est["subnets"]["app"], 2)
+    env.put(env.state_event(p1, "running"))
+    env.drain("ingest", "ingest")
+    env.drain("compute", "compute")  # B: rebuilds, then applies p1
+    v1 = env.bundle(db).version
+    env.fn["compute"] = a
+    env.put(env.state_event(p2, "running"))
+    env.drain("ingest", "ingest")
+    env.drain("compute", "compute")  # A: its engine is behind the head → rebuilds first
+    final = env.bundle(db)
+    assert final.version > v1 and env.store.head().clean
+    assert in_set(final, ip_of(env, p1)) and in_set(final, ip_of(env, p2))
+    assert b.service().engine.revision < a.service().engine.revision

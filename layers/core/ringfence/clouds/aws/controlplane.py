@@ -308,11 +308,11 @@ class Compute:
             self._ensure(active, stats, force=force)
             assert self.engine is not None
             ids = list(dict.fromkeys(i for m in messages for i in m.get("ids", [])))
+            base = self.engine.revision  # == the stored head (checked by _ensure)
             updates = self._apply(ids)
             stats.updates = len(updates)
             if updates:
-                start = self.w.store.head().revision
-                self._reserve(start)
+                self._reserve(base)  # fails if another container moved the head meanwhile
                 self._publish(updates, stats)
                 self._commit()
             # explicit re-render requests (the agent API found a gap it cannot bridge)
