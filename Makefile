@@ -55,6 +55,8 @@ static-aws: $(STAMP) $(CHECKOV_STAMP)
 	$(BIN)/cfn-lint --non-zero-exit-code error template.yaml
 	$(CHECKOV_VENV)/bin/checkov --quiet --compact --skip-download --framework cloudformation -f template.yaml
 	$(CHECKOV_VENV)/bin/checkov --quiet --compact --skip-download --framework terraform -d infra
+	@if command -v terraform >/dev/null; then terraform fmt -check -recursive infra; \
+	  else echo "terraform not installed: skipping terraform fmt -check"; fi
 
 test: lint typecheck static-aws unit
 

@@ -6,13 +6,13 @@ resource "aws_sns_topic" "alarms" {
 
 locals {
   alarms = {
-    ingest-dlq    = { ns = "AWS/SQS", metric = "ApproximateNumberOfMessagesVisible", stat = "Maximum", dims = { QueueName = aws_sqs_queue.ingest_dlq.name }, what = "events ingest could not process are in the DLQ" }
-    lifecycle-dlq = { ns = "AWS/SQS", metric = "ApproximateNumberOfMessagesVisible", stat = "Maximum", dims = { QueueName = aws_sqs_queue.lifecycle_dlq.name }, what = "lifecycle actions failed repeatedly" }
-    compute-dlq   = { ns = "AWS/SQS", metric = "ApproximateNumberOfMessagesVisible", stat = "Maximum", dims = { QueueName = aws_sqs_queue.compute_dlq.name }, what = "compute batches failed repeatedly" }
-    async-dlq     = { ns = "AWS/SQS", metric = "ApproximateNumberOfMessagesVisible", stat = "Maximum", dims = { QueueName = aws_sqs_queue.async_dlq.name }, what = "scheduled runs failed" }
-    ingest-errors   = { ns = "AWS/Lambda", metric = "Errors", stat = "Sum", dims = { FunctionName = aws_lambda_function.fn["ingest"].function_name }, what = "ingest errors" }
-    compute-errors  = { ns = "AWS/Lambda", metric = "Errors", stat = "Sum", dims = { FunctionName = aws_lambda_function.fn["compute"].function_name }, what = "compute errors" }
-    ingest-throttles = { ns = "AWS/Lambda", metric = "Throttles", stat = "Sum", dims = { FunctionName = aws_lambda_function.fn["ingest"].function_name }, what = "ingest throttled" }
+    ingest-dlq         = { ns = "AWS/SQS", metric = "ApproximateNumberOfMessagesVisible", stat = "Maximum", dims = { QueueName = aws_sqs_queue.ingest_dlq.name }, what = "events ingest could not process are in the DLQ" }
+    lifecycle-dlq      = { ns = "AWS/SQS", metric = "ApproximateNumberOfMessagesVisible", stat = "Maximum", dims = { QueueName = aws_sqs_queue.lifecycle_dlq.name }, what = "lifecycle actions failed repeatedly" }
+    compute-dlq        = { ns = "AWS/SQS", metric = "ApproximateNumberOfMessagesVisible", stat = "Maximum", dims = { QueueName = aws_sqs_queue.compute_dlq.name }, what = "compute batches failed repeatedly" }
+    async-dlq          = { ns = "AWS/SQS", metric = "ApproximateNumberOfMessagesVisible", stat = "Maximum", dims = { QueueName = aws_sqs_queue.async_dlq.name }, what = "scheduled runs failed" }
+    ingest-errors      = { ns = "AWS/Lambda", metric = "Errors", stat = "Sum", dims = { FunctionName = aws_lambda_function.fn["ingest"].function_name }, what = "ingest errors" }
+    compute-errors     = { ns = "AWS/Lambda", metric = "Errors", stat = "Sum", dims = { FunctionName = aws_lambda_function.fn["compute"].function_name }, what = "compute errors" }
+    ingest-throttles   = { ns = "AWS/Lambda", metric = "Throttles", stat = "Sum", dims = { FunctionName = aws_lambda_function.fn["ingest"].function_name }, what = "ingest throttled" }
     agentapi-throttles = { ns = "AWS/Lambda", metric = "Throttles", stat = "Sum", dims = { FunctionName = aws_lambda_function.fn["agentapi"].function_name }, what = "agent API throttled" }
     lifecycle-timeouts = { ns = "Ringfence", metric = "LifecycleLeftToTimeout", stat = "Sum", dims = { service = "ringfence" }, what = "lifecycle hooks left to time out" }
   }

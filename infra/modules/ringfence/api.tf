@@ -2,12 +2,12 @@
 
 locals {
   agent_routes = {
-    "/v1/nonce"                  = ["get"]
-    "/v1/enroll"                 = ["post"]
-    "/v1/agents/{id}/bundle"     = ["get"]
-    "/v1/agents/{id}/deltas"     = ["get"]
-    "/v1/agents/{id}/heartbeat"  = ["post"]
-    "/v1/agents/{id}/reports"    = ["post"]
+    "/v1/nonce"                 = ["get"]
+    "/v1/enroll"                = ["post"]
+    "/v1/agents/{id}/bundle"    = ["get"]
+    "/v1/agents/{id}/deltas"    = ["get"]
+    "/v1/agents/{id}/heartbeat" = ["post"]
+    "/v1/agents/{id}/reports"   = ["post"]
   }
   admin_routes = {
     "/admin/policies"                  = ["post"]

@@ -39,13 +39,13 @@ locals {
     wsconnect = { memory = 256, timeout = 10, concurrency = 20, env = {} }
   }
 
-  member_roles = "arn:${local.partition}:iam::*:role/${var.member_role_name}"
-  sg_arn       = "arn:${local.partition}:ec2:${local.region}:${local.account}:security-group/*"
-  kms_use      = { actions = ["kms:Decrypt", "kms:GenerateDataKey"], resources = [aws_kms_key.this.arn] }
-  describe     = { actions = ["ec2:DescribeInstances"], resources = ["*"] }
-  assume       = { actions = ["sts:AssumeRole"], resources = [local.member_roles] }
+  member_roles  = "arn:${local.partition}:iam::*:role/${var.member_role_name}"
+  sg_arn        = "arn:${local.partition}:ec2:${local.region}:${local.account}:security-group/*"
+  kms_use       = { actions = ["kms:Decrypt", "kms:GenerateDataKey"], resources = [aws_kms_key.this.arn] }
+  describe      = { actions = ["ec2:DescribeInstances"], resources = ["*"] }
+  assume        = { actions = ["sts:AssumeRole"], resources = [local.member_roles] }
   policies_read = { actions = ["s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/policies/*"] }
-  async_dlq    = { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.async_dlq.arn] }
+  async_dlq     = { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.async_dlq.arn] }
 
   # least privilege, per function
   statements = {

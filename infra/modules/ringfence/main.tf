@@ -3,9 +3,9 @@ data "aws_region" "this" {}
 data "aws_partition" "this" {}
 
 locals {
-  account   = data.aws_caller_identity.this.account_id
-  region    = data.aws_region.this.name
-  partition = data.aws_partition.this.partition
+  account       = data.aws_caller_identity.this.account_id
+  region        = data.aws_region.this.name
+  partition     = data.aws_partition.this.partition
   functions_dir = "${path.module}/../../../functions"
 }
 
