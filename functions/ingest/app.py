@@ -85,4 +85,17 @@ def record_handler(record: SQSRecord) -> dict[str, Any] | None:
 @metrics.log_metrics
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     _idem.register_lambda_context(context)
-    return process_partial_response(event=event, record_handler=record_handler, processor=processor, context=context)
+    ingest = _setup()["ingest"]
+    bodies = []
+    for r in event.get("Records", []):
+        try:
+            bodies.append(json.loads(r["body"]))
+        except (KeyError, TypeError, ValueError):
+            continue  # the record handler sends it to the DLQ
+    ingest.prefetch(bodies)  # one DescribeInstances per account/region for the whole batch
+    try:
+        return process_partial_response(
+            event=event, record_handler=record_handler, processor=processor, context=context
+        )
+    finally:
+        ingest.done()

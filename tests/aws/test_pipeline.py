@@ -354,3 +354,18 @@ def test_new_policy_version_rebuilds_every_bundle(env: Env) -> None:
     assert after.policy_version == 2 and after.version > before.version
     assert after.content() | {"policy_version": 1} == before.content()
     assert [r.action for r in env.store.audit_log()] == ["policy.provision", "policy.provision"]
+
+
+def test_a_batch_of_events_costs_one_describe_call(env: Env) -> None:
+    est = boot(env)
+    calls: list[str] = []
+    env.hook("before-call.ec2.DescribeInstances", lambda **kw: calls.append("d"))
+    new = est["run"]("web", est["subnets"]["web"], 8)
+    for iid in new:
+        env.put(env.state_event(iid, "running"))
+    msgs = env.receive("ingest")
+    assert len(msgs) == 8
+    out = env.fn["ingest"].handler(env.sqs_event(msgs), _ctx())
+    assert out == {"batchItemFailures": []}
+    assert calls == ["d"]
+    assert all(env.store.get(i) is not None for i in new)

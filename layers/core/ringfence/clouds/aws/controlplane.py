@@ -129,6 +129,8 @@ class Wiring:
         self._policies: dict[int, Policy] = {}
         self._signer: Any = None
         self._mapper: tuple[float, LabelMapper | None] | None = None
+        # (account, region, instance) → (describe time, instance or None): valid for one batch
+        self.prefetched: dict[tuple[str, str, str], tuple[float, dict[str, Any] | None]] = {}
 
     @property
     def signer(self) -> Any:
@@ -197,6 +199,35 @@ class Ingest:
         self.w = w
         self.metric = metric
 
+    def prefetch(self, raws: list[dict[str, Any]]) -> int:
+        """Describe every instance a batch of events names with one call per account/region
+        (DescribeInstances is rate-limited: a storm must not cost one call per event).
+        Best effort: whatever fails here is described again per event. Returns ids described."""
+        self.w.prefetched.clear()
+        groups: dict[tuple[str, str], set[str]] = {}
+        for raw in raws:
+            try:
+                ev = normalize(raw)
+            except MalformedEvent:
+                continue
+            if ev is not None:
+                groups.setdefault((ev.account, ev.region), set()).update(ev.instance_ids)
+        n = 0
+        for (account, region), ids in sorted(groups.items()):
+            try:
+                live = ec2.describe(self.w.ec2_for(account, region), sorted(ids))
+            except Exception as exc:
+                log.warning("prefetch describe for %s/%s failed (%s): describing per event", account, region, exc)
+                continue
+            t = ec2.now()
+            for i in ids:
+                self.w.prefetched[(account, region, i)] = (t, live.get(i))
+            n += len(ids)
+        return n
+
+    def done(self) -> None:
+        self.w.prefetched.clear()
+
     def handle(self, raw: dict[str, Any]) -> IngestResult:
         ev = normalize(raw)  # MalformedEvent propagates: the handler sends it to the DLQ
         if ev is None:
@@ -235,13 +266,18 @@ class Ingest:
 def observe_instances(
     w: Wiring, account: str, region: str, ids: list[str], *, tag_version: int | None = None
 ) -> set[str]:
-    """Describe the live instances and store what they are now; returns the ids that changed."""
-    live = ec2.describe(w.ec2_for(account, region), ids)
-    t = ec2.now()
+    """Describe the live instances and store what they are now; returns the ids that changed.
+    Instances the batch prefetched (:meth:`Ingest.prefetch`) are not described again."""
+    seen = {i: w.prefetched[(account, region, i)] for i in ids if (account, region, i) in w.prefetched}
+    missing = [i for i in ids if i not in seen]
+    if missing:
+        live = ec2.describe(w.ec2_for(account, region), missing)
+        t0 = ec2.now()
+        seen.update({i: (t0, live.get(i)) for i in missing})
     mapper = w.mapper()
     changed: set[str] = set()
     for iid in ids:
-        inst = live.get(iid)
+        t, inst = seen[iid]
         rec = ec2.to_record(inst, account, region, t, mapper) if inst else ec2.tombstone(iid, account, region, t)
         if tag_version is not None:
             rec.tag_version = tag_version
