@@ -88,6 +88,8 @@ def run(instances: int, baseline: int = 0) -> dict[str, Any]:
             return s
 
         compute.run = counting_run  # type: ignore[method-assign]
+        describes: list[int] = []
+        env.hook("before-call.ec2.DescribeInstances", lambda **kw: describes.append(1))
         b0, o0 = pub.bytes_published, pub.objects_published
         t0 = time.perf_counter()
         for i in range(0, len(new), 10):
@@ -124,6 +126,7 @@ def run(instances: int, baseline: int = 0) -> dict[str, Any]:
             "bundles": len(compute.engine.workloads),
         }
         incr = {
+            "describe_instances_calls": len(describes),
             "compute_invocations": len(stats),
             "agents_nudged": sum(s.nudged for s in stats),
             "sets_touched": sum(s.sets_touched for s in stats),
