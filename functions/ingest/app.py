@@ -1,0 +1,101 @@
+"""Ingest: SQS batch of EventBridge events → normalized, described, inventory upserted.
+
+Idempotent on the EventBridge event id (Powertools idempotency on DynamoDB); partial batch
+failures are reported; a malformed event goes straight to the DLQ with a log line and a metric.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from typing import Any
+
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
+from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+from aws_lambda_powertools.utilities.idempotency import (
+    DynamoDBPersistenceLayer,
+    IdempotencyConfig,
+    idempotent_function,
+)
+from aws_lambda_powertools.utilities.parser import parse
+from aws_lambda_powertools.utilities.parser.models import EventBridgeModel
+
+from ringfence.clouds.aws import clients
+from ringfence.clouds.aws.controlplane import Config, Ingest, Wiring
+from ringfence.events import MalformedEvent
+
+logger = Logger()
+tracer = Tracer()
+metrics = Metrics()
+processor = BatchProcessor(event_type=EventType.SQS)
+_svc: dict[str, Any] = {}
+_idem = IdempotencyConfig(event_key_jmespath="id", expires_after_seconds=24 * 3600)
+
+
+def _setup() -> dict[str, Any]:
+    if not _svc:
+        w = Wiring(Config.from_env())
+        _svc["wiring"] = w
+        _svc["ingest"] = Ingest(w, lambda n, v: metrics.add_metric(name=n, unit=MetricUnit.Count, value=v))
+        store = DynamoDBPersistenceLayer(
+            table_name=os.environ["RINGFENCE_IDEMPOTENCY_TABLE"], boto3_client=clients.client("dynamodb")
+        )
+        _svc["process"] = idempotent_function(data_keyword_argument="event", config=_idem, persistence_store=store)(
+            _process
+        )
+    return _svc
+
+
+def _process(event: dict[str, Any]) -> dict[str, Any]:
+    return asdict(_svc["ingest"].handle(event))
+
+
+def _dead_letter(record: SQSRecord, reason: str) -> None:
+    logger.error("malformed event sent to DLQ", extra={"message_id": record.message_id, "reason": reason})
+    metrics.add_metric(name="MalformedEvents", unit=MetricUnit.Count, value=1)
+    _svc["wiring"].sqs.send_message(
+        QueueUrl=_svc["wiring"].cfg.dlq_url,
+        MessageBody=record.body,
+        MessageAttributes={"reason": {"DataType": "String", "StringValue": reason[:1000]}},
+    )
+
+
+def record_handler(record: SQSRecord) -> dict[str, Any] | None:
+    svc = _setup()
+    try:
+        event = json.loads(record.body)
+        parse(event=event, model=EventBridgeModel)
+    except Exception as exc:
+        _dead_letter(record, f"not an EventBridge event: {exc}")
+        return None
+    try:
+        result: dict[str, Any] = svc["process"](event=event)
+    except MalformedEvent as exc:
+        _dead_letter(record, str(exc))
+        return None
+    logger.info("ingested", extra=result)
+    return result
+
+
+@logger.inject_lambda_context
+@tracer.capture_lambda_handler
+@metrics.log_metrics
+def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    _idem.register_lambda_context(context)
+    ingest = _setup()["ingest"]
+    bodies = []
+    for r in event.get("Records", []):
+        try:
+            bodies.append(json.loads(r["body"]))
+        except (KeyError, TypeError, ValueError):
+            continue  # the record handler sends it to the DLQ
+    ingest.prefetch(bodies)  # one DescribeInstances per account/region for the whole batch
+    try:
+        return process_partial_response(
+            event=event, record_handler=record_handler, processor=processor, context=context
+        )
+    finally:
+        ingest.done()

@@ -1,0 +1,36 @@
+resource "aws_sns_topic" "alarms" {
+  name              = "${var.name}-alarms"
+  kms_master_key_id = aws_kms_key.this.arn
+  tags              = var.tags
+}
+
+locals {
+  alarms = {
+    ingest-dlq         = { ns = "AWS/SQS", metric = "ApproximateNumberOfMessagesVisible", stat = "Maximum", dims = { QueueName = aws_sqs_queue.ingest_dlq.name }, what = "events ingest could not process are in the DLQ" }
+    lifecycle-dlq      = { ns = "AWS/SQS", metric = "ApproximateNumberOfMessagesVisible", stat = "Maximum", dims = { QueueName = aws_sqs_queue.lifecycle_dlq.name }, what = "lifecycle actions failed repeatedly" }
+    compute-dlq        = { ns = "AWS/SQS", metric = "ApproximateNumberOfMessagesVisible", stat = "Maximum", dims = { QueueName = aws_sqs_queue.compute_dlq.name }, what = "compute batches failed repeatedly" }
+    async-dlq          = { ns = "AWS/SQS", metric = "ApproximateNumberOfMessagesVisible", stat = "Maximum", dims = { QueueName = aws_sqs_queue.async_dlq.name }, what = "scheduled runs failed" }
+    ingest-errors      = { ns = "AWS/Lambda", metric = "Errors", stat = "Sum", dims = { FunctionName = aws_lambda_function.fn["ingest"].function_name }, what = "ingest errors" }
+    compute-errors     = { ns = "AWS/Lambda", metric = "Errors", stat = "Sum", dims = { FunctionName = aws_lambda_function.fn["compute"].function_name }, what = "compute errors" }
+    ingest-throttles   = { ns = "AWS/Lambda", metric = "Throttles", stat = "Sum", dims = { FunctionName = aws_lambda_function.fn["ingest"].function_name }, what = "ingest throttled" }
+    agentapi-throttles = { ns = "AWS/Lambda", metric = "Throttles", stat = "Sum", dims = { FunctionName = aws_lambda_function.fn["agentapi"].function_name }, what = "agent API throttled" }
+    lifecycle-timeouts = { ns = "Ringfence", metric = "LifecycleLeftToTimeout", stat = "Sum", dims = { service = "ringfence" }, what = "lifecycle hooks left to time out" }
+  }
+}
+
+resource "aws_cloudwatch_metric_alarm" "this" {
+  for_each            = local.alarms
+  alarm_name          = "${var.name}-${each.key}"
+  alarm_description   = each.value.what
+  namespace           = each.value.ns
+  metric_name         = each.value.metric
+  statistic           = each.value.stat
+  dimensions          = each.value.dims
+  period              = 60
+  evaluation_periods  = 1
+  threshold           = 0
+  comparison_operator = "GreaterThanThreshold"
+  treat_missing_data  = "notBreaching"
+  alarm_actions       = [aws_sns_topic.alarms.arn]
+  tags                = var.tags
+}

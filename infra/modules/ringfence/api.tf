@@ -1,0 +1,157 @@
+# --- agent REST API (docs/agent-api.md) and IAM-authenticated admin API -------------------------
+
+locals {
+  agent_routes = {
+    "/v1/nonce"                 = ["get"]
+    "/v1/enroll"                = ["post"]
+    "/v1/agents/{id}/bundle"    = ["get"]
+    "/v1/agents/{id}/deltas"    = ["get"]
+    "/v1/agents/{id}/heartbeat" = ["post"]
+    "/v1/agents/{id}/reports"   = ["post"]
+  }
+  admin_routes = {
+    "/admin/policies"                  = ["post"]
+    "/admin/workloads/{id}/mode"       = ["put"]
+    "/admin/workloads/{id}/quarantine" = ["post", "delete"]
+    "/admin/pairing-keys"              = ["post"]
+  }
+  apis = {
+    agent = { routes = local.agent_routes, fn = "agentapi", auth = false, rate = 500, burst = 1000 }
+    admin = { routes = local.admin_routes, fn = "admin", auth = true, rate = 10, burst = 20 }
+  }
+}
+
+resource "aws_api_gateway_rest_api" "this" {
+  for_each = local.apis
+  name     = "${var.name}-${each.key}"
+  endpoint_configuration {
+    types = ["REGIONAL"]
+  }
+  body = jsonencode({
+    openapi = "3.0.1"
+    info    = { title = "${var.name}-${each.key}", version = "1" }
+    components = each.value.auth ? {
+      securitySchemes = {
+        sigv4 = { type = "apiKey", name = "Authorization", in = "header", "x-amazon-apigateway-authtype" = "awsSigv4" }
+      }
+    } : {}
+    paths = { for path, methods in each.value.routes : path => { for m in methods : m => merge(
+      {
+        "x-amazon-apigateway-integration" = {
+          type       = "aws_proxy"
+          httpMethod = "POST"
+          uri        = aws_lambda_function.fn[each.value.fn].invoke_arn
+        }
+      },
+      each.value.auth ? { security = [{ sigv4 = [] }] } : {}
+    ) } }
+  })
+  lifecycle {
+    create_before_destroy = true
+  }
+  tags = var.tags
+}
+
+resource "aws_api_gateway_deployment" "this" {
+  for_each    = local.apis
+  rest_api_id = aws_api_gateway_rest_api.this[each.key].id
+  triggers = {
+    redeploy = sha1(aws_api_gateway_rest_api.this[each.key].body)
+  }
+  lifecycle {
+    create_before_destroy = true
+  }
+}
+
+resource "aws_cloudwatch_log_group" "api" {
+  name              = "/aws/apigateway/${var.name}"
+  retention_in_days = var.log_retention_days
+  kms_key_id        = aws_kms_key.this.arn
+  tags              = var.tags
+}
+
+resource "aws_api_gateway_stage" "this" {
+  #checkov:skip=CKV_AWS_120:bundles change on every event and admin calls are writes; caching would serve stale policy
+  #checkov:skip=CKV2_AWS_29:WAF is deployment-specific (attach your web ACL); agent calls are authenticated by bearer token
+  #checkov:skip=CKV2_AWS_51:mutual TLS to the backend does not apply to Lambda proxy integrations
+  for_each             = local.apis
+  rest_api_id          = aws_api_gateway_rest_api.this[each.key].id
+  deployment_id        = aws_api_gateway_deployment.this[each.key].id
+  stage_name           = "v1"
+  xray_tracing_enabled = true
+  access_log_settings {
+    destination_arn = aws_cloudwatch_log_group.api.arn
+    format = jsonencode({
+      requestId = "$context.requestId", caller = "$context.identity.userArn", ip = "$context.identity.sourceIp",
+      method    = "$context.httpMethod", path = "$context.path", status = "$context.status"
+    })
+  }
+  tags = var.tags
+}
+
+resource "aws_api_gateway_method_settings" "this" {
+  #checkov:skip=CKV_AWS_225:caching is disabled on purpose (see the stage)
+  for_each    = local.apis
+  rest_api_id = aws_api_gateway_rest_api.this[each.key].id
+  stage_name  = aws_api_gateway_stage.this[each.key].stage_name
+  method_path = "*/*"
+  settings {
+    logging_level          = each.key == "admin" ? "INFO" : "ERROR"
+    metrics_enabled        = true
+    throttling_rate_limit  = each.value.rate
+    throttling_burst_limit = each.value.burst
+  }
+}
+
+resource "aws_lambda_permission" "api" {
+  for_each      = local.apis
+  statement_id  = "api-${each.key}"
+  action        = "lambda:InvokeFunction"
+  function_name = aws_lambda_function.fn[each.value.fn].function_name
+  principal     = "apigateway.amazonaws.com"
+  source_arn    = "${aws_api_gateway_rest_api.this[each.key].execution_arn}/*/*"
+}
+
+# --- WebSocket nudge channel ------------------------------------------------------------------------
+
+resource "aws_apigatewayv2_api" "nudge" {
+  name                       = "${var.name}-nudge"
+  protocol_type              = "WEBSOCKET"
+  route_selection_expression = "$request.body.action"
+  tags                       = var.tags
+}
+
+resource "aws_apigatewayv2_integration" "nudge" {
+  api_id           = aws_apigatewayv2_api.nudge.id
+  integration_type = "AWS_PROXY"
+  integration_uri  = aws_lambda_function.fn["wsconnect"].invoke_arn
+}
+
+resource "aws_apigatewayv2_route" "nudge" {
+  #checkov:skip=CKV_AWS_309:the agent's bearer token is checked by the connect function
+  for_each           = toset(["$connect", "$disconnect"])
+  api_id             = aws_apigatewayv2_api.nudge.id
+  route_key          = each.key
+  authorization_type = "NONE"
+  target             = "integrations/${aws_apigatewayv2_integration.nudge.id}"
+}
+
+resource "aws_apigatewayv2_stage" "nudge" {
+  #checkov:skip=CKV2_AWS_51:client certificates do not apply to a WebSocket API in front of Lambda
+  api_id      = aws_apigatewayv2_api.nudge.id
+  name        = "v1"
+  auto_deploy = true
+  access_log_settings {
+    destination_arn = aws_cloudwatch_log_group.api.arn
+    format          = jsonencode({ requestId = "$context.requestId", route = "$context.routeKey", status = "$context.status" })
+  }
+  tags = var.tags
+}
+
+resource "aws_lambda_permission" "nudge" {
+  statement_id  = "nudge"
+  action        = "lambda:InvokeFunction"
+  function_name = aws_lambda_function.fn["wsconnect"].function_name
+  principal     = "apigateway.amazonaws.com"
+  source_arn    = "${aws_apigatewayv2_api.nudge.execution_arn}/*"
+}

@@ -1,0 +1,246 @@
+# --- functions ------------------------------------------------------------------------------------
+
+locals {
+  common_env = {
+    POWERTOOLS_SERVICE_NAME      = "ringfence"
+    POWERTOOLS_METRICS_NAMESPACE = "Ringfence"
+    POWERTOOLS_LOG_LEVEL         = "INFO"
+    RINGFENCE_INVENTORY_TABLE    = aws_dynamodb_table.inventory.name
+    RINGFENCE_STATE_TABLE        = aws_dynamodb_table.state.name
+    RINGFENCE_AUDIT_TABLE        = aws_dynamodb_table.audit.name
+    RINGFENCE_IDEMPOTENCY_TABLE  = aws_dynamodb_table.idempotency.name
+    RINGFENCE_BUCKET             = aws_s3_bucket.bundles.id
+    RINGFENCE_KMS_KEY_ID         = aws_kms_key.this.arn
+    RINGFENCE_COMPUTE_QUEUE_URL  = aws_sqs_queue.compute.id
+    RINGFENCE_DLQ_URL            = aws_sqs_queue.ingest_dlq.id
+    RINGFENCE_SIGNING_KEY        = "secretsmanager:${var.signing_key_secret_arn}"
+    RINGFENCE_IID_CERT           = var.iid_certificate
+    RINGFENCE_ALLOWED_ACCOUNTS   = join(",", var.allowed_accounts)
+    RINGFENCE_ACCOUNT_ROLES      = jsonencode(var.account_roles)
+    RINGFENCE_RECONCILE_TARGETS  = jsonencode(var.reconcile_targets)
+    RINGFENCE_OFFLINE_AFTER      = tostring(var.offline_after_seconds)
+    RINGFENCE_WEBSOCKET_ENDPOINT = "https://${aws_apigatewayv2_api.nudge.id}.execute-api.${local.region}.amazonaws.com/v1"
+  }
+
+  functions = {
+    ingest    = { memory = 512, timeout = 60, concurrency = 20, env = {} }
+    compute   = { memory = 2048, timeout = 900, concurrency = 1, env = {} }
+    lifecycle = { memory = 512, timeout = 60, concurrency = 10, env = {} }
+    reconcile = { memory = 1024, timeout = 900, concurrency = 1, env = {} }
+    perimeter = {
+      memory = 512, timeout = 900, concurrency = 1,
+      env = {
+        RINGFENCE_PERIMETER_CONFIG  = jsonencode(var.perimeter_config)
+        RINGFENCE_PERIMETER_DRY_RUN = var.perimeter_dry_run ? "true" : "false"
+      }
+    }
+    agentapi  = { memory = 512, timeout = 29, concurrency = 100, env = {} }
+    admin     = { memory = 512, timeout = 29, concurrency = 5, env = {} }
+    wsconnect = { memory = 256, timeout = 10, concurrency = 20, env = {} }
+  }
+
+  member_roles  = "arn:${local.partition}:iam::*:role/${var.member_role_name}"
+  sg_arn        = "arn:${local.partition}:ec2:${local.region}:${local.account}:security-group/*"
+  kms_use       = { actions = ["kms:Decrypt", "kms:GenerateDataKey"], resources = [aws_kms_key.this.arn] }
+  describe      = { actions = ["ec2:DescribeInstances"], resources = ["*"] }
+  assume        = { actions = ["sts:AssumeRole"], resources = [local.member_roles] }
+  policies_read = { actions = ["s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/policies/*"] }
+  async_dlq     = { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.async_dlq.arn] }
+
+  # least privilege, per function
+  statements = {
+    ingest = [
+      { actions = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.inventory.arn, aws_dynamodb_table.idempotency.arn] },
+      { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.state.arn] },
+      { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.ingest.arn] },
+      { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.ingest_dlq.arn, aws_sqs_queue.async_dlq.arn] },
+      local.policies_read, local.describe, local.assume, local.kms_use,
+    ]
+    compute = [
+      { actions = ["dynamodb:GetItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
+      { actions = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:Query", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn] },
+      { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.compute.arn] },
+      { actions = ["s3:PutObject", "s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/bundles/*", "${aws_s3_bucket.bundles.arn}/deltas/*", "${aws_s3_bucket.bundles.arn}/policies/*"] },
+      { actions = ["secretsmanager:GetSecretValue"], resources = [var.signing_key_secret_arn] },
+      { actions = ["autoscaling:CompleteLifecycleAction"], resources = ["arn:${local.partition}:autoscaling:${local.region}:${local.account}:autoScalingGroup:*"] },
+      { actions = ["execute-api:ManageConnections"], resources = ["${aws_apigatewayv2_api.nudge.execution_arn}/v1/POST/@connections/*"] },
+      local.async_dlq, local.kms_use,
+    ]
+    lifecycle = [
+      { actions = ["dynamodb:GetItem", "dynamodb:UpdateItem"], resources = [aws_dynamodb_table.inventory.arn] },
+      { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.state.arn] },
+      { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.lifecycle.arn] },
+      { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
+      local.policies_read, local.describe, local.assume, local.kms_use,
+    ]
+    reconcile = [
+      { actions = ["dynamodb:GetItem", "dynamodb:UpdateItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
+      { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.state.arn] },
+      { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
+      local.policies_read, local.describe, local.assume, local.kms_use,
+    ]
+    perimeter = [
+      { actions = ["dynamodb:Scan", "dynamodb:GetItem"], resources = [aws_dynamodb_table.inventory.arn] },
+      { actions = ["ec2:DescribeInstances", "ec2:DescribeSecurityGroups"], resources = ["*"] },
+      { actions = ["ec2:CreateSecurityGroup"], resources = [local.sg_arn, "arn:${local.partition}:ec2:${local.region}:${local.account}:vpc/*"] },
+      { actions = ["ec2:CreateTags"], resources = [local.sg_arn] },
+      { actions = ["ec2:AuthorizeSecurityGroupIngress", "ec2:AuthorizeSecurityGroupEgress", "ec2:RevokeSecurityGroupIngress", "ec2:RevokeSecurityGroupEgress"], resources = [local.sg_arn] },
+      { actions = ["ec2:ModifyNetworkInterfaceAttribute"], resources = ["arn:${local.partition}:ec2:${local.region}:${local.account}:network-interface/*", local.sg_arn] },
+      local.assume, local.async_dlq, local.kms_use,
+    ]
+    agentapi = [
+      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn, aws_dynamodb_table.inventory.arn] },
+      { actions = ["s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/bundles/*", "${aws_s3_bucket.bundles.arn}/deltas/*", "${aws_s3_bucket.bundles.arn}/policies/*"] },
+      { actions = ["s3:PutObject"], resources = ["${aws_s3_bucket.bundles.arn}/reports/*", "${aws_s3_bucket.bundles.arn}/bundles/*"] },
+      { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
+      { actions = ["secretsmanager:GetSecretValue"], resources = [var.signing_key_secret_arn] },
+      local.describe, local.assume, local.kms_use,
+    ]
+    admin = [
+      { actions = ["dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
+      { actions = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"], resources = [aws_dynamodb_table.state.arn, aws_dynamodb_table.inventory.arn] },
+      { actions = ["s3:PutObject", "s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/policies/*"] },
+      { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
+      local.kms_use,
+    ]
+    wsconnect = [
+      { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.state.arn] },
+      local.async_dlq, local.kms_use,
+    ]
+  }
+}
+
+resource "aws_lambda_layer_version" "core" {
+  layer_name               = "${var.name}-core"
+  description              = "the ringfence library and its dependencies"
+  filename                 = var.core_layer_zip
+  source_code_hash         = filebase64sha256(var.core_layer_zip)
+  compatible_runtimes      = ["python3.11"]
+  compatible_architectures = ["arm64"]
+}
+
+data "archive_file" "fn" {
+  for_each    = local.functions
+  type        = "zip"
+  source_dir  = "${local.functions_dir}/${each.key}"
+  output_path = "${path.module}/.build/${each.key}.zip"
+}
+
+data "aws_iam_policy_document" "assume_lambda" {
+  statement {
+    actions = ["sts:AssumeRole"]
+    principals {
+      type        = "Service"
+      identifiers = ["lambda.amazonaws.com"]
+    }
+  }
+}
+
+resource "aws_iam_role" "fn" {
+  for_each           = local.functions
+  name               = "${var.name}-${each.key}"
+  assume_role_policy = data.aws_iam_policy_document.assume_lambda.json
+  tags               = var.tags
+}
+
+data "aws_iam_policy_document" "fn" {
+  for_each = local.functions
+  statement {
+    sid       = "Logs"
+    actions   = ["logs:CreateLogStream", "logs:PutLogEvents"]
+    resources = ["${aws_cloudwatch_log_group.fn[each.key].arn}:*"]
+  }
+  statement {
+    sid       = "Tracing"
+    actions   = ["xray:PutTraceSegments", "xray:PutTelemetryRecords"]
+    resources = ["*"]
+  }
+  dynamic "statement" {
+    for_each = local.statements[each.key]
+    content {
+      actions   = statement.value.actions
+      resources = statement.value.resources
+    }
+  }
+}
+
+resource "aws_iam_role_policy" "fn" {
+  #checkov:skip=CKV_AWS_355:ec2:Describe* and xray:Put* support no resource-level permissions
+  #checkov:skip=CKV_AWS_290:ec2:Describe* and xray:Put* support no resource-level permissions
+  for_each = local.functions
+  name     = "${var.name}-${each.key}"
+  role     = aws_iam_role.fn[each.key].id
+  policy   = data.aws_iam_policy_document.fn[each.key].json
+}
+
+resource "aws_cloudwatch_log_group" "fn" {
+  for_each          = local.functions
+  name              = "/aws/lambda/${var.name}-${each.key}"
+  retention_in_days = var.log_retention_days
+  kms_key_id        = aws_kms_key.this.arn
+  tags              = var.tags
+}
+
+resource "aws_lambda_function" "fn" {
+  #checkov:skip=CKV_AWS_117:the functions call only AWS APIs; there is nothing in a VPC to reach
+  #checkov:skip=CKV_AWS_272:code signing needs a Signer profile per deployment; see docs/deploy-aws.md
+  for_each                       = local.functions
+  function_name                  = "${var.name}-${each.key}"
+  role                           = aws_iam_role.fn[each.key].arn
+  runtime                        = "python3.11"
+  architectures                  = ["arm64"]
+  handler                        = "app.handler"
+  filename                       = data.archive_file.fn[each.key].output_path
+  source_code_hash               = data.archive_file.fn[each.key].output_base64sha256
+  memory_size                    = each.value.memory
+  timeout                        = each.value.timeout
+  reserved_concurrent_executions = each.value.concurrency
+  layers                         = [aws_lambda_layer_version.core.arn]
+  kms_key_arn                    = aws_kms_key.this.arn
+  tracing_config {
+    mode = "Active"
+  }
+  dead_letter_config {
+    target_arn = aws_sqs_queue.async_dlq.arn
+  }
+  environment {
+    variables = merge(local.common_env, each.value.env)
+  }
+  depends_on = [aws_iam_role_policy.fn, aws_cloudwatch_log_group.fn]
+  tags       = var.tags
+}
+
+resource "aws_lambda_event_source_mapping" "sqs" {
+  for_each = {
+    ingest    = { queue = aws_sqs_queue.ingest.arn, window = 2 }
+    lifecycle = { queue = aws_sqs_queue.lifecycle.arn, window = 0 }
+    compute   = { queue = aws_sqs_queue.compute.arn, window = 0 }
+  }
+  event_source_arn                   = each.value.queue
+  function_name                      = aws_lambda_function.fn[each.key].arn
+  batch_size                         = 10
+  maximum_batching_window_in_seconds = each.key == "compute" ? null : each.value.window
+  function_response_types            = ["ReportBatchItemFailures"]
+}
+
+resource "aws_cloudwatch_event_rule" "schedule" {
+  for_each            = { reconcile = var.reconcile_schedule, perimeter = "rate(30 minutes)" }
+  name                = "${var.name}-${each.key}-schedule"
+  schedule_expression = each.value
+  tags                = var.tags
+}
+
+resource "aws_cloudwatch_event_target" "schedule" {
+  for_each = aws_cloudwatch_event_rule.schedule
+  rule     = each.value.name
+  arn      = aws_lambda_function.fn[each.key].arn
+}
+
+resource "aws_lambda_permission" "schedule" {
+  for_each      = aws_cloudwatch_event_rule.schedule
+  statement_id  = "schedule"
+  action        = "lambda:InvokeFunction"
+  function_name = aws_lambda_function.fn[each.key].function_name
+  principal     = "events.amazonaws.com"
+  source_arn    = each.value.arn
+}

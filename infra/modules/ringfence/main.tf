@@ -1,0 +1,427 @@
+data "aws_caller_identity" "this" {}
+data "aws_region" "this" {}
+data "aws_partition" "this" {}
+
+locals {
+  account       = data.aws_caller_identity.this.account_id
+  region        = data.aws_region.this.name
+  partition     = data.aws_partition.this.partition
+  functions_dir = "${path.module}/../../../functions"
+}
+
+# --- encryption -----------------------------------------------------------------------------------
+
+data "aws_iam_policy_document" "key" {
+  #checkov:skip=CKV_AWS_111:in a key policy "*" means this key only
+  #checkov:skip=CKV_AWS_356:in a key policy "*" means this key only
+  #checkov:skip=CKV_AWS_109:in a key policy "*" means this key only; the account root administers it
+  statement {
+    sid       = "AccountAdmin"
+    actions   = ["kms:*"]
+    resources = ["*"]
+    principals {
+      type        = "AWS"
+      identifiers = ["arn:${local.partition}:iam::${local.account}:root"]
+    }
+  }
+  statement {
+    sid       = "ServicesThatDeliverToUs"
+    actions   = ["kms:Decrypt", "kms:GenerateDataKey*", "kms:Encrypt", "kms:DescribeKey"]
+    resources = ["*"]
+    principals {
+      type        = "Service"
+      identifiers = ["events.amazonaws.com", "cloudwatch.amazonaws.com", "logs.${local.region}.amazonaws.com"]
+    }
+  }
+}
+
+resource "aws_kms_key" "this" {
+  description         = "${var.name} data key (S3, DynamoDB, SQS, SNS, Lambda environment, logs)"
+  enable_key_rotation = true
+  policy              = data.aws_iam_policy_document.key.json
+  tags                = var.tags
+}
+
+# --- state ----------------------------------------------------------------------------------------
+
+resource "aws_dynamodb_table" "inventory" {
+  name         = "${var.name}-inventory"
+  billing_mode = "PAY_PER_REQUEST"
+  hash_key     = "id"
+  attribute {
+    name = "id"
+    type = "S"
+  }
+  point_in_time_recovery {
+    enabled = true
+  }
+  server_side_encryption {
+    enabled     = true
+    kms_key_arn = aws_kms_key.this.arn
+  }
+  tags = var.tags
+}
+
+resource "aws_dynamodb_table" "state" {
+  name         = "${var.name}-state"
+  billing_mode = "PAY_PER_REQUEST"
+  hash_key     = "pk"
+  range_key    = "sk"
+  attribute {
+    name = "pk"
+    type = "S"
+  }
+  attribute {
+    name = "sk"
+    type = "S"
+  }
+  ttl {
+    attribute_name = "ttl"
+    enabled        = true
+  }
+  point_in_time_recovery {
+    enabled = true
+  }
+  server_side_encryption {
+    enabled     = true
+    kms_key_arn = aws_kms_key.this.arn
+  }
+  tags = var.tags
+}
+
+resource "aws_dynamodb_table" "audit" {
+  name                        = "${var.name}-audit"
+  billing_mode                = "PAY_PER_REQUEST"
+  hash_key                    = "pk"
+  range_key                   = "sk"
+  deletion_protection_enabled = true
+  attribute {
+    name = "pk"
+    type = "S"
+  }
+  attribute {
+    name = "sk"
+    type = "S"
+  }
+  point_in_time_recovery {
+    enabled = true
+  }
+  server_side_encryption {
+    enabled     = true
+    kms_key_arn = aws_kms_key.this.arn
+  }
+  tags = var.tags
+}
+
+resource "aws_dynamodb_table" "idempotency" {
+  name         = "${var.name}-idempotency"
+  billing_mode = "PAY_PER_REQUEST"
+  hash_key     = "id"
+  attribute {
+    name = "id"
+    type = "S"
+  }
+  ttl {
+    attribute_name = "expiration"
+    enabled        = true
+  }
+  point_in_time_recovery {
+    enabled = true
+  }
+  server_side_encryption {
+    enabled     = true
+    kms_key_arn = aws_kms_key.this.arn
+  }
+  tags = var.tags
+}
+
+# --- buckets --------------------------------------------------------------------------------------
+
+resource "aws_s3_bucket" "bundles" {
+  #checkov:skip=CKV_AWS_144:cross-region replication is a deployment choice; bundles are re-rendered from the inventory
+  #checkov:skip=CKV2_AWS_62:nothing consumes bucket event notifications; compute nudges agents directly
+  bucket_prefix = "${var.name}-bundles-"
+  tags          = var.tags
+}
+
+resource "aws_s3_bucket_versioning" "bundles" {
+  bucket = aws_s3_bucket.bundles.id
+  versioning_configuration {
+    status = "Enabled"
+  }
+}
+
+resource "aws_s3_bucket_server_side_encryption_configuration" "bundles" {
+  bucket = aws_s3_bucket.bundles.id
+  rule {
+    apply_server_side_encryption_by_default {
+      sse_algorithm     = "aws:kms"
+      kms_master_key_id = aws_kms_key.this.arn
+    }
+    bucket_key_enabled = true
+  }
+}
+
+resource "aws_s3_bucket_public_access_block" "bundles" {
+  bucket                  = aws_s3_bucket.bundles.id
+  block_public_acls       = true
+  block_public_policy     = true
+  ignore_public_acls      = true
+  restrict_public_buckets = true
+}
+
+resource "aws_s3_bucket_ownership_controls" "bundles" {
+  bucket = aws_s3_bucket.bundles.id
+  rule {
+    object_ownership = "BucketOwnerEnforced"
+  }
+}
+
+resource "aws_s3_bucket_logging" "bundles" {
+  bucket        = aws_s3_bucket.bundles.id
+  target_bucket = aws_s3_bucket.logs.id
+  target_prefix = "bundles/"
+}
+
+resource "aws_s3_bucket_lifecycle_configuration" "bundles" {
+  bucket = aws_s3_bucket.bundles.id
+  rule {
+    id     = "old-versions"
+    status = "Enabled"
+    filter {}
+    noncurrent_version_expiration {
+      noncurrent_days = 30
+    }
+    abort_incomplete_multipart_upload {
+      days_after_initiation = 1
+    }
+  }
+  rule {
+    id     = "reports"
+    status = "Enabled"
+    filter {
+      prefix = "reports/"
+    }
+    expiration {
+      days = 90
+    }
+  }
+}
+
+data "aws_iam_policy_document" "bundles_tls" {
+  statement {
+    sid       = "TlsOnly"
+    effect    = "Deny"
+    actions   = ["s3:*"]
+    resources = [aws_s3_bucket.bundles.arn, "${aws_s3_bucket.bundles.arn}/*"]
+    principals {
+      type        = "*"
+      identifiers = ["*"]
+    }
+    condition {
+      test     = "Bool"
+      variable = "aws:SecureTransport"
+      values   = ["false"]
+    }
+  }
+}
+
+resource "aws_s3_bucket_policy" "bundles" {
+  bucket = aws_s3_bucket.bundles.id
+  policy = data.aws_iam_policy_document.bundles_tls.json
+}
+
+resource "aws_s3_bucket" "logs" {
+  #checkov:skip=CKV_AWS_18:this is the access-log bucket itself
+  #checkov:skip=CKV_AWS_144:cross-region replication of access logs is a deployment choice
+  #checkov:skip=CKV2_AWS_62:no consumer for event notifications on access logs
+  #checkov:skip=CKV_AWS_145:S3 server access logging delivers only to SSE-S3 buckets
+  bucket_prefix = "${var.name}-access-logs-"
+  tags          = var.tags
+}
+
+resource "aws_s3_bucket_versioning" "logs" {
+  bucket = aws_s3_bucket.logs.id
+  versioning_configuration {
+    status = "Enabled"
+  }
+}
+
+resource "aws_s3_bucket_server_side_encryption_configuration" "logs" {
+  bucket = aws_s3_bucket.logs.id
+  rule {
+    apply_server_side_encryption_by_default {
+      sse_algorithm = "AES256"
+    }
+  }
+}
+
+resource "aws_s3_bucket_public_access_block" "logs" {
+  bucket                  = aws_s3_bucket.logs.id
+  block_public_acls       = true
+  block_public_policy     = true
+  ignore_public_acls      = true
+  restrict_public_buckets = true
+}
+
+resource "aws_s3_bucket_lifecycle_configuration" "logs" {
+  bucket = aws_s3_bucket.logs.id
+  rule {
+    id     = "expire"
+    status = "Enabled"
+    filter {}
+    expiration {
+      days = 365
+    }
+    noncurrent_version_expiration {
+      noncurrent_days = 30
+    }
+    abort_incomplete_multipart_upload {
+      days_after_initiation = 1
+    }
+  }
+}
+
+# --- queues ---------------------------------------------------------------------------------------
+
+resource "aws_sqs_queue" "ingest_dlq" {
+  name                      = "${var.name}-ingest-dlq"
+  message_retention_seconds = 1209600
+  kms_master_key_id         = aws_kms_key.this.arn
+  tags                      = var.tags
+}
+
+resource "aws_sqs_queue" "ingest" {
+  name                       = "${var.name}-ingest"
+  visibility_timeout_seconds = 360
+  kms_master_key_id          = aws_kms_key.this.arn
+  redrive_policy             = jsonencode({ deadLetterTargetArn = aws_sqs_queue.ingest_dlq.arn, maxReceiveCount = 5 })
+  tags                       = var.tags
+}
+
+resource "aws_sqs_queue" "lifecycle_dlq" {
+  name                      = "${var.name}-lifecycle-dlq"
+  message_retention_seconds = 1209600
+  kms_master_key_id         = aws_kms_key.this.arn
+  tags                      = var.tags
+}
+
+resource "aws_sqs_queue" "lifecycle" {
+  name                       = "${var.name}-lifecycle"
+  visibility_timeout_seconds = 360
+  kms_master_key_id          = aws_kms_key.this.arn
+  redrive_policy             = jsonencode({ deadLetterTargetArn = aws_sqs_queue.lifecycle_dlq.arn, maxReceiveCount = 3 })
+  tags                       = var.tags
+}
+
+resource "aws_sqs_queue" "compute_dlq" {
+  name                      = "${var.name}-compute-dlq.fifo"
+  fifo_queue                = true
+  message_retention_seconds = 1209600
+  kms_master_key_id         = aws_kms_key.this.arn
+  tags                      = var.tags
+}
+
+resource "aws_sqs_queue" "compute" {
+  name                       = "${var.name}-compute.fifo"
+  fifo_queue                 = true
+  visibility_timeout_seconds = 960
+  kms_master_key_id          = aws_kms_key.this.arn
+  redrive_policy             = jsonencode({ deadLetterTargetArn = aws_sqs_queue.compute_dlq.arn, maxReceiveCount = 5 })
+  tags                       = var.tags
+}
+
+resource "aws_sqs_queue" "async_dlq" {
+  name                      = "${var.name}-async-dlq"
+  message_retention_seconds = 1209600
+  kms_master_key_id         = aws_kms_key.this.arn
+  tags                      = var.tags
+}
+
+# --- event rules (patterns mirror ringfence.clouds.aws.patterns; a test checks) --------------------
+
+locals {
+  ingest_rules = {
+    ec2-state-change = {
+      source      = ["aws.ec2"]
+      detail-type = ["EC2 Instance State-change Notification"]
+    }
+    tag-change = {
+      source      = ["aws.tag"]
+      detail-type = ["Tag Change on Resource"]
+      detail      = { service = ["ec2"], resource-type = ["instance"] }
+    }
+    asg-instance = {
+      source      = ["aws.autoscaling"]
+      detail-type = ["EC2 Instance Launch Successful", "EC2 Instance Terminate Successful"]
+    }
+    cloudtrail-ec2 = {
+      source      = ["aws.ec2"]
+      detail-type = ["AWS API Call via CloudTrail"]
+      detail      = { eventSource = ["ec2.amazonaws.com"], eventName = ["CreateTags", "DeleteTags", "RunInstances"] }
+    }
+  }
+  lifecycle_rules = {
+    asg-lifecycle = {
+      source      = ["aws.autoscaling"]
+      detail-type = ["EC2 Instance-launch Lifecycle Action", "EC2 Instance-terminate Lifecycle Action"]
+    }
+  }
+}
+
+resource "aws_cloudwatch_event_rule" "ingest" {
+  for_each      = local.ingest_rules
+  name          = "${var.name}-${each.key}"
+  event_pattern = jsonencode(each.value)
+  tags          = var.tags
+}
+
+resource "aws_cloudwatch_event_target" "ingest" {
+  for_each = local.ingest_rules
+  rule     = aws_cloudwatch_event_rule.ingest[each.key].name
+  arn      = aws_sqs_queue.ingest.arn
+}
+
+resource "aws_cloudwatch_event_rule" "lifecycle" {
+  for_each      = local.lifecycle_rules
+  name          = "${var.name}-${each.key}"
+  event_pattern = jsonencode(each.value)
+  tags          = var.tags
+}
+
+resource "aws_cloudwatch_event_target" "lifecycle" {
+  for_each = local.lifecycle_rules
+  rule     = aws_cloudwatch_event_rule.lifecycle[each.key].name
+  arn      = aws_sqs_queue.lifecycle.arn
+}
+
+data "aws_iam_policy_document" "event_queues" {
+  for_each = {
+    ingest    = { queue = aws_sqs_queue.ingest.arn, rules = [for r in aws_cloudwatch_event_rule.ingest : r.arn] }
+    lifecycle = { queue = aws_sqs_queue.lifecycle.arn, rules = [for r in aws_cloudwatch_event_rule.lifecycle : r.arn] }
+  }
+  statement {
+    sid       = "FromOurRules"
+    actions   = ["sqs:SendMessage"]
+    resources = [each.value.queue]
+    principals {
+      type        = "Service"
+      identifiers = ["events.amazonaws.com"]
+    }
+    condition {
+      test     = "ArnEquals"
+      variable = "aws:SourceArn"
+      values   = each.value.rules
+    }
+  }
+}
+
+resource "aws_sqs_queue_policy" "ingest" {
+  queue_url = aws_sqs_queue.ingest.id
+  policy    = data.aws_iam_policy_document.event_queues["ingest"].json
+}
+
+resource "aws_sqs_queue_policy" "lifecycle" {
+  queue_url = aws_sqs_queue.lifecycle.id
+  policy    = data.aws_iam_policy_document.event_queues["lifecycle"].json
+}

@@ -1,0 +1,81 @@
+variable "name" {
+  description = "Name prefix for every resource."
+  type        = string
+  default     = "ringfence"
+}
+
+variable "signing_key_secret_arn" {
+  description = "Secrets Manager secret holding the Ed25519 bundle signing key (PKCS#8 PEM). KMS has no Ed25519 keys."
+  type        = string
+}
+
+variable "core_layer_zip" {
+  description = "Path to the built core layer zip (python/ringfence + dependencies); infra/build-layer.sh produces it."
+  type        = string
+}
+
+variable "iid_certificate" {
+  description = "PEM of the AWS Region certificate that signs instance identity documents (RSA-SHA256 form)."
+  type        = string
+  default     = ""
+}
+
+variable "allowed_accounts" {
+  description = "Accounts whose instances may enroll (empty: any)."
+  type        = list(string)
+  default     = []
+}
+
+variable "reconcile_targets" {
+  description = "Accounts/regions to reconcile; role_arn null for this account."
+  type = list(object({
+    account  = string
+    region   = string
+    role_arn = optional(string)
+  }))
+  default = []
+}
+
+variable "account_roles" {
+  description = "account id -> role ARN used by ingest to describe instances of member accounts."
+  type        = map(string)
+  default     = {}
+}
+
+variable "member_role_name" {
+  description = "Name of the read-only role in member accounts."
+  type        = string
+  default     = "ringfence-member-readonly"
+}
+
+variable "offline_after_seconds" {
+  description = "Agent silence after which a workload leaves its peers' sets."
+  type        = number
+  default     = 900
+}
+
+variable "reconcile_schedule" {
+  type    = string
+  default = "rate(15 minutes)"
+}
+
+variable "perimeter_config" {
+  description = "ringfence.perimeter.PerimeterConfig as an object (JSON-encoded into the function)."
+  type        = any
+  default     = {}
+}
+
+variable "perimeter_dry_run" {
+  type    = bool
+  default = true
+}
+
+variable "log_retention_days" {
+  type    = number
+  default = 365
+}
+
+variable "tags" {
+  type    = map(string)
+  default = {}
+}

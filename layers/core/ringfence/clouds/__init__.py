@@ -1,0 +1,1 @@
+"""Cloud adapters. Only modules under here (and ``ringfence.store`` adapters) import cloud SDKs."""

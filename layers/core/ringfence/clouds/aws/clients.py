@@ -1,0 +1,71 @@
+"""boto3 clients with retries, one shared session (tests hook botocore events on it).
+
+Endpoints come from the standard ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_<SERVICE>``
+variables, so the same code talks to AWS or to a moto server.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from functools import cache
+from typing import Any
+
+import boto3
+from botocore.config import Config
+
+RETRIES = Config(retries={"mode": "standard", "max_attempts": int(os.environ.get("RINGFENCE_AWS_MAX_ATTEMPTS", "6"))})
+
+
+@cache
+def session() -> boto3.Session:
+    return boto3.Session()
+
+
+_clients: dict[tuple[str, str | None], Any] = {}
+_assumed: dict[tuple[str, str, str], tuple[float, Any]] = {}
+
+
+def client(service: str, *, region: str | None = None, credentials: dict[str, str] | None = None) -> Any:
+    """A client of this session (cached: creating clients is slow), or one with given credentials."""
+    kwargs: dict[str, Any] = {"config": RETRIES}
+    if region:
+        kwargs["region_name"] = region
+    if credentials:
+        kwargs.update(
+            aws_access_key_id=credentials["AccessKeyId"],
+            aws_secret_access_key=credentials["SecretAccessKey"],
+            aws_session_token=credentials["SessionToken"],
+        )
+        return session().client(service, **kwargs)
+    key = (service, region)
+    if key not in _clients:
+        _clients[key] = session().client(service, **kwargs)
+    return _clients[key]
+
+
+def resource(service: str, *, region: str | None = None) -> Any:
+    return session().resource(service, config=RETRIES, region_name=region)
+
+
+def assumed_client(service: str, region: str, role_arn: str | None, session_name: str = "ringfence") -> Any:
+    """A client in another account through an assumable role (``None``: this account); the
+    role's credentials are reused until five minutes before they expire."""
+    if not role_arn:
+        return client(service, region=region)
+    key = (service, region, role_arn)
+    cached = _assumed.get(key)
+    if cached is not None and cached[0] > time.time() + 300:
+        return cached[1]
+    creds = client("sts", region=region).assume_role(RoleArn=role_arn, RoleSessionName=session_name)["Credentials"]
+    c = client(service, region=region, credentials=creds)
+    expires = creds["Expiration"].timestamp() if hasattr(creds["Expiration"], "timestamp") else time.time() + 900
+    _assumed[key] = (expires, c)
+    return c
+
+
+def reset() -> None:
+    """Forget cached clients (tests; a new endpoint or new credentials)."""
+    _clients.clear()
+    _assumed.clear()
+    session.cache_clear()

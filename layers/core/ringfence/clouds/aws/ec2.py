@@ -1,0 +1,113 @@
+"""EC2 instances → inventory records; the Auto Scaling lifecycle call."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from ringfence.labels import LabelMapper
+from ringfence.model import Workload
+from ringfence.store.base import InventoryRecord
+
+log = logging.getLogger(__name__)
+
+
+def instance_tags(inst: dict[str, Any]) -> dict[str, str]:
+    return {t["Key"]: t.get("Value", "") for t in inst.get("Tags", []) if not t["Key"].startswith("aws:")}
+
+
+def instance_ips(inst: dict[str, Any]) -> list[str]:
+    """Private IPv4 and IPv6 of every interface (primary first); public IPs are not identity."""
+    ips: list[str] = []
+    for eni in sorted(inst.get("NetworkInterfaces", []), key=lambda e: e.get("Attachment", {}).get("DeviceIndex", 0)):
+        for a in eni.get("PrivateIpAddresses", []):
+            if a.get("PrivateIpAddress"):
+                ips.append(a["PrivateIpAddress"])
+        for a in eni.get("Ipv6Addresses", []):
+            if a.get("Ipv6Address"):
+                ips.append(a["Ipv6Address"])
+    if not ips and inst.get("PrivateIpAddress"):
+        ips.append(inst["PrivateIpAddress"])
+    return list(dict.fromkeys(ips))
+
+
+def to_record(
+    inst: dict[str, Any], account: str, region: str, observed_at: float, mapper: LabelMapper | None = None
+) -> InventoryRecord:
+    state = inst.get("State", {}).get("Name", "running")
+    tags = instance_tags(inst)
+    w = Workload(
+        id=inst["InstanceId"],
+        name=tags.get("Name"),
+        ips=instance_ips(inst) if state not in ("terminated",) else [],
+        tags=tags,
+        cloud="aws",
+        account=account,
+        region=region,
+        zone=inst.get("Placement", {}).get("AvailabilityZone"),
+        vpc=inst.get("VpcId"),
+        subnet=inst.get("SubnetId"),
+        observed_at=observed_at,
+    )
+    labels: dict[str, str] = {}
+    problems: list[str] = []
+    if mapper is not None:
+        res = mapper.resolve(w)
+        labels = res.labels
+        problems = [p.message for p in res.problems]
+    return InventoryRecord(id=w.id, workload=w, state=state, observed_at=observed_at, labels=labels, problems=problems)
+
+
+def tombstone(instance_id: str, account: str, region: str, observed_at: float) -> InventoryRecord:
+    w = Workload(id=instance_id, cloud="aws", account=account, region=region, observed_at=observed_at)
+    return InventoryRecord(id=instance_id, workload=w, state="terminated", observed_at=observed_at)
+
+
+def describe(ec2: Any, instance_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Live instances by id (missing ids are gone). Throttling is retried by the client config."""
+    out: dict[str, dict[str, Any]] = {}
+    for i in range(0, len(instance_ids), 200):
+        chunk = instance_ids[i : i + 200]
+        try:
+            pages = ec2.get_paginator("describe_instances").paginate(InstanceIds=chunk)
+            for page in pages:
+                for res in page.get("Reservations", []):
+                    for inst in res.get("Instances", []):
+                        out[inst["InstanceId"]] = inst
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "InvalidInstanceID.NotFound":
+                raise
+            for iid in chunk:  # one unknown id fails the whole call: fall back to one by one
+                try:
+                    for page in ec2.get_paginator("describe_instances").paginate(InstanceIds=[iid]):
+                        for res in page.get("Reservations", []):
+                            for inst in res.get("Instances", []):
+                                out[inst["InstanceId"]] = inst
+                except ClientError as exc2:
+                    if exc2.response.get("Error", {}).get("Code") != "InvalidInstanceID.NotFound":
+                        raise
+    return out
+
+
+def all_instances(ec2: Any) -> Iterator[dict[str, Any]]:
+    for page in ec2.get_paginator("describe_instances").paginate():
+        for res in page.get("Reservations", []):
+            yield from res.get("Instances", [])
+
+
+def now() -> float:
+    return time.time()
+
+
+def complete_lifecycle(asg: Any, hook: str, group: str, token: str, instance_id: str, result: str = "CONTINUE") -> None:
+    asg.complete_lifecycle_action(
+        LifecycleHookName=hook,
+        AutoScalingGroupName=group,
+        LifecycleActionToken=token,
+        LifecycleActionResult=result,
+        InstanceId=instance_id,
+    )

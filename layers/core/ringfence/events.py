@@ -1,0 +1,222 @@
+"""Cloud events → domain events.
+
+Cloud events are *triggers*: they say which resource may have changed, never the whole truth.
+The ingest step re-describes the live resource, so a stale or reordered event cannot install
+old state. What an event does carry that is worth keeping is its time and, for ``aws.tag``
+events, the tag-set ``version`` (kept as a staleness hint: a lower version than one already
+seen is dropped before any describe call).
+
+This module is provider-neutral pydantic; it imports no cloud SDK. Handlers validate the
+envelope with Powertools first and pass the plain dict here.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+INSTANCE_ID = re.compile(r"^i-[0-9a-f]{8,17}$")
+
+
+class MalformedEvent(ValueError):
+    """An event that can never be processed (goes to the DLQ, with this message)."""
+
+
+class Kind(enum.StrEnum):
+    STATE = "state"  # EC2 state change
+    TAGS = "tags"  # tag change (aws.tag or CloudTrail Create/DeleteTags)
+    LAUNCH = "launch"  # ASG launch successful / CloudTrail RunInstances
+    TERMINATE = "terminate"  # ASG terminate successful
+    LIFECYCLE_LAUNCH = "lifecycle-launch"
+    LIFECYCLE_TERMINATE = "lifecycle-terminate"
+
+
+class LifecycleAction(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    hook_name: str
+    group_name: str
+    token: str
+    instance_id: str
+    transition: str
+
+
+class DomainEvent(BaseModel):
+    """One cloud event, normalized: which instances to re-describe, and what it claimed."""
+
+    model_config = ConfigDict(frozen=True)
+
+    event_id: str
+    kind: Kind
+    cloud: str = "aws"
+    account: str
+    region: str
+    time: datetime
+    instance_ids: tuple[str, ...]
+    state: str | None = None
+    tag_version: int | None = Field(None, description="aws.tag detail.version: per-resource tag-set version")
+    tags: dict[str, str] | None = Field(None, description="full tag set after the change, when the event has it")
+    lifecycle: LifecycleAction | None = None
+
+    @property
+    def observed_at(self) -> float:
+        return self.time.timestamp()
+
+
+# --- detail models (only the fields we use; everything else is ignored) -------------------------
+
+
+class _Detail(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class StateDetail(_Detail):
+    instance_id: str = Field(alias="instance-id")
+    state: str
+
+
+class TagDetail(_Detail):
+    service: str
+    resource_type: str = Field(alias="resource-type")
+    version: int | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+    changed_tag_keys: list[str] = Field(default_factory=list, alias="changed-tag-keys")
+
+
+class AsgDetail(_Detail):
+    instance_id: str = Field(alias="EC2InstanceId")
+    group_name: str = Field(alias="AutoScalingGroupName")
+
+
+class LifecycleDetail(_Detail):
+    instance_id: str = Field(alias="EC2InstanceId")
+    group_name: str = Field(alias="AutoScalingGroupName")
+    hook_name: str = Field(alias="LifecycleHookName")
+    token: str = Field(alias="LifecycleActionToken")
+    transition: str = Field(alias="LifecycleTransition")
+
+
+class _Items(_Detail):
+    items: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class TrailRequest(_Detail):
+    resources_set: _Items = Field(default_factory=_Items, alias="resourcesSet")
+    tag_set: _Items = Field(default_factory=_Items, alias="tagSet")
+
+
+class TrailResponse(_Detail):
+    instances_set: _Items = Field(default_factory=_Items, alias="instancesSet")
+
+
+class TrailDetail(_Detail):
+    event_source: str = Field(alias="eventSource")
+    event_name: str = Field(alias="eventName")
+    error_code: str | None = Field(None, alias="errorCode")
+    request_parameters: TrailRequest | None = Field(None, alias="requestParameters")
+    response_elements: TrailResponse | None = Field(None, alias="responseElements")
+
+
+class Envelope(_Detail):
+    id: str
+    detail_type: str = Field(alias="detail-type")
+    source: str
+    account: str
+    time: datetime
+    region: str
+    resources: list[str] = Field(default_factory=list)
+    detail: dict[str, Any]
+
+
+DETAIL_TYPES = {
+    "EC2 Instance State-change Notification",
+    "Tag Change on Resource",
+    "EC2 Instance Launch Successful",
+    "EC2 Instance Terminate Successful",
+    "EC2 Instance-launch Lifecycle Action",
+    "EC2 Instance-terminate Lifecycle Action",
+    "AWS API Call via CloudTrail",
+}
+TRAIL_EVENTS = {"CreateTags", "DeleteTags", "RunInstances"}
+
+
+def instance_ids(ids: list[str]) -> tuple[str, ...]:
+    """Keep only EC2 instance ids (CloudTrail tag calls mix sg-, vol-, i- …), in order, once."""
+    seen: dict[str, None] = {}
+    for i in ids:
+        if INSTANCE_ID.match(i):
+            seen.setdefault(i, None)
+    return tuple(seen)
+
+
+def normalize(raw: dict[str, Any]) -> DomainEvent | None:
+    """An EventBridge event → a :class:`DomainEvent`; ``None`` when it is valid but not ours
+    (a failed API call, a tag change on a security group, …). Raises :class:`MalformedEvent`."""
+    try:
+        env = Envelope.model_validate(raw)
+    except ValidationError as exc:
+        raise MalformedEvent(f"not an EventBridge event: {_first(exc)}") from None
+    if env.detail_type not in DETAIL_TYPES:
+        raise MalformedEvent(f"unsupported detail-type {env.detail_type!r} (source {env.source!r})")
+    base: dict[str, Any] = {"event_id": env.id, "account": env.account, "region": env.region, "time": env.time}
+    try:
+        return _normalize(env, base)
+    except ValidationError as exc:
+        raise MalformedEvent(f"{env.detail_type} event {env.id}: {_first(exc)}") from None
+
+
+def _normalize(env: Envelope, base: dict[str, Any]) -> DomainEvent | None:
+    dt, d = env.detail_type, env.detail
+    if dt == "EC2 Instance State-change Notification":
+        sd = StateDetail.model_validate(d)
+        ids = instance_ids([sd.instance_id])
+        if not ids:
+            raise MalformedEvent(f"state-change event {env.id}: {sd.instance_id!r} is not an instance id")
+        return DomainEvent(kind=Kind.STATE, instance_ids=ids, state=sd.state, **base)
+    if dt == "Tag Change on Resource":
+        td = TagDetail.model_validate(d)
+        if td.service != "ec2" or td.resource_type != "instance":
+            return None
+        ids = instance_ids([r.rsplit("/", 1)[-1] for r in env.resources])
+        if not ids:
+            raise MalformedEvent(f"tag event {env.id}: no instance ARN in resources")
+        return DomainEvent(kind=Kind.TAGS, instance_ids=ids, tag_version=td.version, tags=td.tags, **base)
+    if dt in ("EC2 Instance Launch Successful", "EC2 Instance Terminate Successful"):
+        ad = AsgDetail.model_validate(d)
+        kind = Kind.LAUNCH if "Launch" in dt else Kind.TERMINATE
+        return DomainEvent(kind=kind, instance_ids=instance_ids([ad.instance_id]), **base)
+    if dt in ("EC2 Instance-launch Lifecycle Action", "EC2 Instance-terminate Lifecycle Action"):
+        ld = LifecycleDetail.model_validate(d)
+        kind = Kind.LIFECYCLE_LAUNCH if "launch" in dt else Kind.LIFECYCLE_TERMINATE
+        action = LifecycleAction(
+            hook_name=ld.hook_name,
+            group_name=ld.group_name,
+            token=ld.token,
+            instance_id=ld.instance_id,
+            transition=ld.transition,
+        )
+        return DomainEvent(kind=kind, instance_ids=instance_ids([ld.instance_id]), lifecycle=action, **base)
+    # AWS API Call via CloudTrail
+    cd = TrailDetail.model_validate(d)
+    if cd.event_source != "ec2.amazonaws.com" or cd.event_name not in TRAIL_EVENTS or cd.error_code:
+        return None
+    if cd.event_name == "RunInstances":
+        items = cd.response_elements.instances_set.items if cd.response_elements else []
+        ids = instance_ids([str(i.get("instanceId", "")) for i in items])
+        kind = Kind.LAUNCH
+    else:
+        items = cd.request_parameters.resources_set.items if cd.request_parameters else []
+        ids = instance_ids([str(i.get("resourceId", "")) for i in items])
+        kind = Kind.TAGS
+    if not ids:
+        return None  # e.g. tags on security groups or volumes only
+    return DomainEvent(kind=kind, instance_ids=ids, **base)
+
+
+def _first(exc: ValidationError) -> str:
+    e = exc.errors()[0]
+    return f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}"

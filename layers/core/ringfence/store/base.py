@@ -1,0 +1,157 @@
+"""The control plane's state, provider-neutral: records and the :class:`Store` interface."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ringfence.model import Mode, Workload
+
+ACTIVE_STATES = frozenset({"pending", "running"})
+
+
+class ConflictError(RuntimeError):
+    """An optimistic-concurrency condition failed (another writer won): retry."""
+
+
+class InventoryRecord(BaseModel):
+    """What the cloud says about one workload, plus operator overrides and agent liveness.
+
+    Cloud fields (``workload`` without mode/quarantine, ``state``, ``observed_at``,
+    ``tag_version``) are written by ingest/reconcile and never by an older observation.
+    Operator fields (``op_mode``, ``op_quarantined``) are written only by the admin API.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    workload: Workload
+    state: str = "running"
+    observed_at: float = 0.0
+    tag_version: int | None = None
+    labels: dict[str, str] = Field(default_factory=dict, description="labels resolved from tags (for hygiene views)")
+    problems: list[str] = Field(default_factory=list)
+    op_mode: Mode | None = None
+    op_quarantined: bool = False
+    enrolled: bool = False
+    last_heartbeat: float | None = None
+    offline: bool = False
+
+    @property
+    def active(self) -> bool:
+        """In peers' sets: the instance runs and its agent (if it has one) is not offline."""
+        return self.state in ACTIVE_STATES and not self.offline
+
+    def effective(self) -> Workload:
+        return self.workload.model_copy(update={"mode": self.op_mode, "quarantined": self.op_quarantined})
+
+    def cloud_view(self) -> tuple[Any, ...]:
+        """What decides whether an observation changed anything."""
+        w = self.workload
+        return (tuple(w.ips), tuple(sorted(w.tags.items())), w.vpc, w.subnet, w.zone, self.state)
+
+
+class EngineHead(BaseModel):
+    """The engine's durable revision counter (monotonic across cold starts).
+
+    ``clean`` is False between reserving revisions and finishing their publication: a
+    container that finds it False rebuilds and republishes everything at a fresh revision.
+    """
+
+    revision: int = 0
+    policy_version: int = 0
+    clean: bool = True
+
+
+class BundlePointer(BaseModel):
+    workload_id: str
+    version: int
+    key: str
+    etag: str
+    rules_revision: int
+    sets: dict[str, int] = Field(default_factory=dict, description="set name → set version in this bundle")
+
+
+class DeltaPointer(BaseModel):
+    set: str
+    from_version: int
+    to_version: int
+    key: str
+
+
+class PolicyVersion(BaseModel):
+    version: int
+    keys: dict[str, str] = Field(description="policy file name → object key")
+    digest: str
+    created_by: str = ""
+    comment: str = ""
+
+
+class AuditRecord(BaseModel):
+    """Append-only: who did what to which target, when and why."""
+
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    time: float = Field(default_factory=time.time)
+    principal: str
+    action: str
+    target: str
+    detail: dict[str, Any] = Field(default_factory=dict)
+    reason: str = ""
+
+
+class Store(Protocol):
+    # inventory
+    def get(self, workload_id: str) -> InventoryRecord | None: ...
+    def get_many(self, workload_ids: list[str]) -> dict[str, InventoryRecord]: ...
+    def observe(self, rec: InventoryRecord) -> bool:
+        """Write cloud fields unless a newer observation is stored; True if the cloud view changed."""
+        ...
+
+    def all_records(self) -> list[InventoryRecord]: ...
+    def set_operator(self, workload_id: str, *, mode: Mode | None = ..., quarantined: bool | None = None) -> None: ...
+    def set_liveness(
+        self,
+        workload_id: str,
+        *,
+        enrolled: bool | None = None,
+        heartbeat: float | None = None,
+        offline: bool | None = None,
+    ) -> None: ...
+
+    # engine head and policy
+    def head(self) -> EngineHead: ...
+    def put_head(self, new: EngineHead, expected_revision: int) -> None: ...
+    def active_policy(self) -> PolicyVersion | None: ...
+    def next_policy_version(self) -> int: ...
+    def activate_policy(self, pv: PolicyVersion) -> None: ...
+
+    # published artifacts
+    def bundle_pointer(self, workload_id: str) -> BundlePointer | None: ...
+    def put_bundle_pointer(self, ptr: BundlePointer, expected_version: int | None = None) -> bool:
+        """Store the pointer unless a newer version is stored (or, with ``expected_version``, only
+        over exactly that version); True if written."""
+        ...
+
+    def put_delta(self, ptr: DeltaPointer) -> None: ...
+    def put_set_head(self, set_name: str, version: int) -> None: ...
+    def set_heads(self, set_names: list[str]) -> dict[str, int]: ...
+    def deltas_after(self, set_name: str, revision: int) -> list[DeltaPointer]: ...
+
+    # agent auth
+    def put_nonce(self, nonce: str, ttl: int) -> None: ...
+    def burn_nonce(self, nonce: str) -> bool: ...
+    def claim_once(self, key: str, ttl: int) -> bool: ...
+    def put_token(self, token_hash: str, workload_id: str, ttl: int) -> None: ...
+    def token_workload(self, token_hash: str) -> str | None: ...
+    def put_pairing(self, key_hash: str, workload_id: str | None, uses: int, ttl: int) -> None: ...
+    def use_pairing(self, key_hash: str) -> bool: ...
+    def put_connection(self, workload_id: str, connection_id: str) -> None: ...
+    def connection(self, workload_id: str) -> str | None: ...
+    def drop_connection(self, workload_id: str) -> None: ...
+
+    # audit
+    def audit(self, rec: AuditRecord) -> None: ...
+    def audit_log(self) -> list[AuditRecord]: ...

@@ -1,0 +1,417 @@
+"""DynamoDB implementation of :class:`ringfence.store.base.Store`.
+
+Tables (see template.yaml / infra/):
+
+* inventory ``id`` — one item per workload; cloud fields are written with a condition on
+  ``observed_at`` so an older observation never overwrites a newer one;
+* state ``pk``/``sk`` with TTL on ``ttl`` — engine head, active policy, bundle and delta
+  index, nonces, one-time claims, tokens, pairing keys, WebSocket connections;
+* audit ``pk``/``sk`` — append-only (conditional put, never updated or deleted by code).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from decimal import Decimal
+from typing import Any
+
+import boto3
+from boto3.dynamodb.conditions import Key
+from botocore.exceptions import ClientError
+
+from ringfence.model import Mode, Workload
+from ringfence.store.base import (
+    ACTIVE_STATES,
+    AuditRecord,
+    BundlePointer,
+    ConflictError,
+    DeltaPointer,
+    EngineHead,
+    InventoryRecord,
+    PolicyVersion,
+)
+
+_UNSET: Any = object()
+
+
+def _conditional_failed(exc: ClientError) -> bool:
+    return bool(exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException")
+
+
+class DynamoStore:
+    def __init__(
+        self,
+        inventory_table: str,
+        state_table: str,
+        audit_table: str,
+        *,
+        resource: Any = None,
+    ) -> None:
+        ddb = resource or boto3.resource("dynamodb")
+        self.ddb = ddb
+        self.inventory = ddb.Table(inventory_table)
+        self.state = ddb.Table(state_table)
+        self.audit_table = ddb.Table(audit_table)
+
+    # --- inventory ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _to_record(item: dict[str, Any]) -> InventoryRecord:
+        return InventoryRecord(
+            id=item["id"],
+            workload=Workload.model_validate_json(item["workload"]),
+            state=item.get("state", "running"),
+            observed_at=float(item.get("observed_at", 0)),
+            tag_version=int(item["tag_version"]) if item.get("tag_version") is not None else None,
+            labels=json.loads(item.get("labels", "{}")),
+            problems=json.loads(item.get("problems", "[]")),
+            op_mode=Mode(item["op_mode"]) if item.get("op_mode") else None,
+            op_quarantined=bool(item.get("op_quarantined", False)),
+            enrolled=bool(item.get("enrolled", False)),
+            last_heartbeat=float(item["last_heartbeat"]) if item.get("last_heartbeat") is not None else None,
+            offline=bool(item.get("offline", False)),
+        )
+
+    def get(self, workload_id: str) -> InventoryRecord | None:
+        item = self.inventory.get_item(Key={"id": workload_id}, ConsistentRead=True).get("Item")
+        return self._to_record(item) if item else None
+
+    def get_many(self, workload_ids: list[str]) -> dict[str, InventoryRecord]:
+        out: dict[str, InventoryRecord] = {}
+        ids = sorted(set(workload_ids))
+        for i in range(0, len(ids), 100):
+            request: dict[str, Any] = {
+                self.inventory.name: {"Keys": [{"id": x} for x in ids[i : i + 100]], "ConsistentRead": True}
+            }
+            while request:
+                resp = self.ddb.batch_get_item(RequestItems=request)
+                for item in resp.get("Responses", {}).get(self.inventory.name, []):
+                    rec = self._to_record(item)
+                    out[rec.id] = rec
+                request = resp.get("UnprocessedKeys") or {}
+        return out
+
+    def observe(self, rec: InventoryRecord) -> bool:
+        old = self.get(rec.id)
+        if old is not None and old.observed_at > rec.observed_at:
+            return False
+        if old is not None and old.state == "terminating" and rec.state in ACTIVE_STATES:
+            # a terminate lifecycle action was seen: the instance stays out of peers' sets while
+            # it still runs in Terminating:Wait (termination is final, whatever the hook's result)
+            rec = rec.model_copy(update={"state": "terminating"})
+        tag_version = rec.tag_version
+        if old is not None and old.tag_version is not None:
+            tag_version = max(old.tag_version, tag_version or 0)
+        values: dict[str, Any] = {
+            ":w": rec.workload.model_dump_json(exclude={"mode", "quarantined"}),
+            ":s": rec.state,
+            ":t": Decimal(str(rec.observed_at)),
+            ":l": json.dumps(rec.labels, sort_keys=True),
+            ":p": json.dumps(rec.problems),
+        }
+        expr = "SET workload = :w, #st = :s, observed_at = :t, labels = :l, problems = :p"
+        if tag_version is not None:
+            expr += ", tag_version = :v"
+            values[":v"] = tag_version
+        try:
+            self.inventory.update_item(
+                Key={"id": rec.id},
+                UpdateExpression=expr,
+                ConditionExpression="attribute_not_exists(observed_at) OR observed_at <= :t",
+                ExpressionAttributeNames={"#st": "state"},
+                ExpressionAttributeValues=values,
+            )
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return False  # a newer observation landed between our read and write
+            raise
+        return old is None or old.cloud_view() != rec.cloud_view()
+
+    def all_records(self) -> list[InventoryRecord]:
+        out: list[InventoryRecord] = []
+        kwargs: dict[str, Any] = {"ConsistentRead": True}
+        while True:
+            page = self.inventory.scan(**kwargs)
+            out.extend(self._to_record(i) for i in page.get("Items", []))
+            if "LastEvaluatedKey" not in page:
+                return out
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def set_operator(self, workload_id: str, *, mode: Mode | None = _UNSET, quarantined: bool | None = None) -> None:
+        sets: list[str] = []
+        removes: list[str] = []
+        values: dict[str, Any] = {}
+        if mode is not _UNSET:
+            if mode is None:
+                removes.append("op_mode")
+            else:
+                sets.append("op_mode = :m")
+                values[":m"] = mode.value
+        if quarantined is not None:
+            sets.append("op_quarantined = :q")
+            values[":q"] = quarantined
+        self._update(workload_id, sets, removes, values)
+
+    def set_liveness(
+        self,
+        workload_id: str,
+        *,
+        enrolled: bool | None = None,
+        heartbeat: float | None = None,
+        offline: bool | None = None,
+    ) -> None:
+        sets: list[str] = []
+        values: dict[str, Any] = {}
+        if enrolled is not None:
+            sets.append("enrolled = :e")
+            values[":e"] = enrolled
+        if heartbeat is not None:
+            sets.append("last_heartbeat = :h")
+            values[":h"] = Decimal(str(heartbeat))
+        if offline is not None:
+            sets.append("#offline = :o")
+            values[":o"] = offline
+        self._update(workload_id, sets, [], values)
+
+    def _update(self, workload_id: str, sets: list[str], removes: list[str], values: dict[str, Any]) -> None:
+        if not sets and not removes:
+            return
+        expr = ""
+        if sets:
+            expr += "SET " + ", ".join(sets)
+        if removes:
+            expr += " REMOVE " + ", ".join(removes)
+        kwargs: dict[str, Any] = {
+            "Key": {"id": workload_id},
+            "UpdateExpression": expr.strip(),
+            "ConditionExpression": "attribute_exists(id)",
+        }
+        if values:
+            kwargs["ExpressionAttributeValues"] = values
+        if "#offline" in expr:
+            kwargs["ExpressionAttributeNames"] = {"#offline": "offline"}
+        try:
+            self.inventory.update_item(**kwargs)
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                raise KeyError(workload_id) from None
+            raise
+
+    # --- state table helpers --------------------------------------------------------------------
+
+    def _get(self, pk: str, sk: str) -> dict[str, Any] | None:
+        item: dict[str, Any] | None = self.state.get_item(Key={"pk": pk, "sk": sk}, ConsistentRead=True).get("Item")
+        if item is not None and "ttl" in item and int(item["ttl"]) < time.time():
+            return None  # TTL deletion is lazy: an expired item is gone for us
+        return item
+
+    def _put(self, pk: str, sk: str, ttl: int | None = None, **attrs: Any) -> None:
+        item = {"pk": pk, "sk": sk, **attrs}
+        if ttl is not None:
+            item["ttl"] = int(time.time()) + ttl
+        self.state.put_item(Item=item)
+
+    # --- engine head and policy -----------------------------------------------------------------
+
+    def head(self) -> EngineHead:
+        item = self._get("engine", "head")
+        if item is None:
+            return EngineHead()
+        return EngineHead(
+            revision=int(item["revision"]), policy_version=int(item["policy_version"]), clean=bool(item["clean"])
+        )
+
+    def put_head(self, new: EngineHead, expected_revision: int) -> None:
+        try:
+            self.state.put_item(
+                Item={
+                    "pk": "engine",
+                    "sk": "head",
+                    "revision": new.revision,
+                    "policy_version": new.policy_version,
+                    "clean": new.clean,
+                },
+                ConditionExpression="attribute_not_exists(pk) OR revision = :r",
+                ExpressionAttributeValues={":r": expected_revision},
+            )
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                raise ConflictError(f"engine head moved past revision {expected_revision}") from None
+            raise
+
+    def active_policy(self) -> PolicyVersion | None:
+        item = self._get("policy", "active")
+        return PolicyVersion.model_validate_json(item["doc"]) if item else None
+
+    def next_policy_version(self) -> int:
+        out = self.state.update_item(
+            Key={"pk": "policy", "sk": "counter"},
+            UpdateExpression="ADD #v :one",
+            ExpressionAttributeNames={"#v": "value"},
+            ExpressionAttributeValues={":one": 1},
+            ReturnValues="UPDATED_NEW",
+        )
+        return int(out["Attributes"]["value"])
+
+    def activate_policy(self, pv: PolicyVersion) -> None:
+        self._put("policy", f"v{pv.version:08d}", doc=pv.model_dump_json())
+        self._put("policy", "active", doc=pv.model_dump_json())
+
+    # --- published artifacts --------------------------------------------------------------------
+
+    def bundle_pointer(self, workload_id: str) -> BundlePointer | None:
+        item = self._get(f"bundle#{workload_id}", "latest")
+        return BundlePointer.model_validate_json(item["doc"]) if item else None
+
+    def put_bundle_pointer(self, ptr: BundlePointer, expected_version: int | None = None) -> bool:
+        if expected_version is None:
+            cond, values = "attribute_not_exists(pk) OR version <= :v", {":v": ptr.version}
+        else:  # compare-and-swap: only over the pointer the new one was derived from
+            cond, values = "version = :e", {":e": expected_version}
+        try:
+            self.state.put_item(
+                Item={
+                    "pk": f"bundle#{ptr.workload_id}",
+                    "sk": "latest",
+                    "version": ptr.version,
+                    "doc": ptr.model_dump_json(),
+                },
+                ConditionExpression=cond,
+                ExpressionAttributeValues=values,
+            )
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return False
+            raise
+        return True
+
+    def put_set_head(self, set_name: str, version: int) -> None:
+        try:
+            self.state.update_item(
+                Key={"pk": f"sethead#{set_name}", "sk": "head"},
+                UpdateExpression="SET version = :v",
+                ConditionExpression="attribute_not_exists(version) OR version < :v",
+                ExpressionAttributeValues={":v": version},
+            )
+        except ClientError as exc:
+            if not _conditional_failed(exc):
+                raise
+
+    def set_heads(self, set_names: list[str]) -> dict[str, int]:
+        """Latest delta version per set (sets that never had a delta are absent)."""
+        out: dict[str, int] = {}
+        names = sorted(set(set_names))
+        for i in range(0, len(names), 100):
+            keys = [{"pk": f"sethead#{n}", "sk": "head"} for n in names[i : i + 100]]
+            request: dict[str, Any] = {self.state.name: {"Keys": keys, "ConsistentRead": True}}
+            while request:
+                resp = self.ddb.batch_get_item(RequestItems=request)
+                for item in resp.get("Responses", {}).get(self.state.name, []):
+                    out[str(item["pk"]).removeprefix("sethead#")] = int(item["version"])
+                request = resp.get("UnprocessedKeys") or {}
+        return out
+
+    def put_delta(self, ptr: DeltaPointer) -> None:
+        self._put(f"delta#{ptr.set}", f"{ptr.to_version:012d}", ttl=14 * 86400, doc=ptr.model_dump_json())
+
+    def deltas_after(self, set_name: str, revision: int) -> list[DeltaPointer]:
+        out: list[DeltaPointer] = []
+        kwargs: dict[str, Any] = {
+            "KeyConditionExpression": Key("pk").eq(f"delta#{set_name}") & Key("sk").gt(f"{revision:012d}"),
+            "ConsistentRead": True,
+        }
+        while True:
+            page = self.state.query(**kwargs)
+            out.extend(DeltaPointer.model_validate_json(i["doc"]) for i in page.get("Items", []))
+            if "LastEvaluatedKey" not in page:
+                return out
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    # --- agent auth -----------------------------------------------------------------------------
+
+    def put_nonce(self, nonce: str, ttl: int) -> None:
+        self._put(f"nonce#{nonce}", "nonce", ttl=ttl)
+
+    def burn_nonce(self, nonce: str) -> bool:
+        """Delete the nonce if it exists and is unexpired; True exactly once per nonce."""
+        try:
+            self.state.delete_item(
+                Key={"pk": f"nonce#{nonce}", "sk": "nonce"},
+                ConditionExpression="attribute_exists(pk) AND #t >= :now",
+                ExpressionAttributeNames={"#t": "ttl"},
+                ExpressionAttributeValues={":now": int(time.time())},
+            )
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return False
+            raise
+        return True
+
+    def claim_once(self, key: str, ttl: int) -> bool:
+        try:
+            self.state.put_item(
+                Item={"pk": f"once#{key}", "sk": "once", "ttl": int(time.time()) + ttl},
+                ConditionExpression="attribute_not_exists(pk)",
+            )
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return False
+            raise
+        return True
+
+    def put_token(self, token_hash: str, workload_id: str, ttl: int) -> None:
+        self._put(f"token#{token_hash}", "token", ttl=ttl, workload_id=workload_id)
+
+    def token_workload(self, token_hash: str) -> str | None:
+        item = self._get(f"token#{token_hash}", "token")
+        return str(item["workload_id"]) if item else None
+
+    def put_pairing(self, key_hash: str, workload_id: str | None, uses: int, ttl: int) -> None:
+        self._put(f"pairing#{key_hash}", "pairing", ttl=ttl, uses=uses, workload_id=workload_id or "")
+
+    def use_pairing(self, key_hash: str) -> bool:
+        try:
+            self.state.update_item(
+                Key={"pk": f"pairing#{key_hash}", "sk": "pairing"},
+                UpdateExpression="SET uses = uses - :one",
+                ConditionExpression="attribute_exists(pk) AND uses > :zero AND #t >= :now",
+                ExpressionAttributeNames={"#t": "ttl"},
+                ExpressionAttributeValues={":one": 1, ":zero": 0, ":now": int(time.time())},
+            )
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return False
+            raise
+        return True
+
+    def put_connection(self, workload_id: str, connection_id: str) -> None:
+        self._put(f"conn#{workload_id}", "conn", ttl=2 * 3600, connection_id=connection_id)
+
+    def connection(self, workload_id: str) -> str | None:
+        item = self._get(f"conn#{workload_id}", "conn")
+        return str(item["connection_id"]) if item else None
+
+    def drop_connection(self, workload_id: str) -> None:
+        self.state.delete_item(Key={"pk": f"conn#{workload_id}", "sk": "conn"})
+
+    # --- audit ----------------------------------------------------------------------------------
+
+    def audit(self, rec: AuditRecord) -> None:
+        day = time.strftime("%Y-%m-%d", time.gmtime(rec.time))
+        self.audit_table.put_item(
+            Item={"pk": day, "sk": f"{rec.time:017.6f}#{rec.id}", "doc": rec.model_dump_json()},
+            ConditionExpression="attribute_not_exists(pk)",
+        )
+
+    def audit_log(self) -> list[AuditRecord]:
+        items: list[dict[str, Any]] = []
+        kwargs: dict[str, Any] = {}
+        while True:
+            page = self.audit_table.scan(**kwargs)
+            items.extend(page.get("Items", []))
+            if "LastEvaluatedKey" not in page:
+                break
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+        recs = [AuditRecord.model_validate_json(i["doc"]) for i in items]
+        return sorted(recs, key=lambda r: r.time)

@@ -1,0 +1,222 @@
+"""Scale-out storm benchmark: N instances launched into an ASG in moto, their events through the
+whole pipeline, until every affected bundle and delta is published; then a full recompile of the
+same estate for comparison.
+
+    .venv/bin/python -m tests.aws.bench_storm --instances 500      (or: make bench-aws)
+
+Prints one JSON document with the figures (docs/benchmarks.md, "AWS control plane").
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import requests
+
+
+def run(instances: int, baseline: int = 0) -> dict[str, Any]:
+    from moto.server import ThreadedMotoServer
+
+    from tests.aws import conftest as c
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    saved = dict(os.environ)
+    os.environ.update(
+        {
+            "AWS_ENDPOINT_URL": url,
+            "AWS_DEFAULT_REGION": c.REGION,
+            "AWS_REGION": c.REGION,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_SESSION_TOKEN": "testing",
+            "POWERTOOLS_TRACE_DISABLED": "true",
+            "POWERTOOLS_SERVICE_NAME": "ringfence",
+            "POWERTOOLS_METRICS_NAMESPACE": "Ringfence",
+            "POWERTOOLS_LOG_LEVEL": "WARNING",
+            "POWERTOOLS_METRICS_DISABLED": "true",
+        }
+    )
+    try:
+        requests.post(f"{url}/moto-api/reset", timeout=10)
+        env = c.Env(url, c.iid_key.__wrapped__())  # type: ignore[attr-defined]
+        env.build()
+        env.provision_example_policy()
+        est = env.estate()
+        # a bystander estate the storm should not disturb: other apps and environments
+        kinds = [
+            ("web", "payroll", "prod"),
+            ("database", "payroll", "prod"),
+            ("web", "ordering", "dev"),
+            ("processing", "ordering", "dev"),
+            ("database", "ordering", "dev"),
+            ("web", "payroll", "dev"),
+        ]
+        for i in range(baseline):
+            role, app, env_ = kinds[i % len(kinds)]
+            est["ids"].setdefault("other", []).extend(est["run"](role, est["subnets"]["app"], 1, env=env_, app=app))
+        for ids in est["ids"].values():
+            for iid in ids:
+                env.put(env.state_event(iid, "running"))
+        env.pump()
+        compute = env.fn["compute"].service()
+        pub = compute.w.publisher
+        baseline_bundles = len(compute.engine.workloads)
+
+        # --- the storm ---------------------------------------------------------------------------
+        env.asg.set_desired_capacity(AutoScalingGroupName="rf-web-asg", DesiredCapacity=instances)
+        new = env.asg_instances()
+        assert len(new) == instances, len(new)
+        sample = c.fixture("asg-launch-successful.json")
+        stats: list[Any] = []
+        orig_run = compute.run
+
+        def counting_run(messages: list[dict[str, Any]]) -> Any:
+            s = orig_run(messages)
+            stats.append(s)
+            return s
+
+        compute.run = counting_run  # type: ignore[method-assign]
+        describes: list[int] = []
+        env.hook("before-call.ec2.DescribeInstances", lambda **kw: describes.append(1))
+        b0, o0 = pub.bytes_published, pub.objects_published
+        t0 = time.perf_counter()
+        for i in range(0, len(new), 10):
+            entries = []
+            for iid in new[i : i + 10]:
+                ev = copy.deepcopy(sample)
+                ev["detail"].update({"EC2InstanceId": iid, "AutoScalingGroupName": "rf-web-asg"})
+                entries.append(
+                    {
+                        "Source": ev["source"],
+                        "DetailType": ev["detail-type"],
+                        "Detail": json.dumps(ev["detail"]),
+                        "Resources": [f"arn:aws:ec2:{c.REGION}:{c.ACCOUNT}:instance/{iid}"],
+                    }
+                )
+            env.events.put_events(Entries=entries)
+        t_events = time.perf_counter()
+        env.drain("ingest", "ingest")
+        t_ingest = time.perf_counter()
+        env.drain("compute", "compute")
+        t_done = time.perf_counter()
+        incr_bytes, incr_objects = pub.bytes_published - b0, pub.objects_published - o0
+        # agents that need a whole bundle (new, or missed deltas) make the agent API materialize it
+        # from the last full bundle + deltas; measured separately
+        api = env.fn["agentapi"].api()
+        m_b0 = api.w.publisher.bytes_published
+        t_m = time.perf_counter()
+        for wid in sorted(compute.engine.workloads):
+            cur = api.current(wid)
+            assert isinstance(cur, tuple), cur
+        materialize = {
+            "seconds": round(time.perf_counter() - t_m, 2),
+            "bytes_written": api.w.publisher.bytes_published - m_b0,
+            "bundles": len(compute.engine.workloads),
+        }
+        incr = {
+            "describe_instances_calls": len(describes),
+            "compute_invocations": len(stats),
+            "agents_nudged": sum(s.nudged for s in stats),
+            "sets_touched": sum(s.sets_touched for s in stats),
+            "deltas_published": sum(s.deltas_published for s in stats),
+            "bundles_published": sum(s.bundles_published for s in stats),
+            "objects_published": incr_objects,
+            "bytes_published": incr_bytes,
+        }
+        for iid in new:  # every new instance has its signed bundle
+            assert env.store.bundle_pointer(iid) is not None, iid
+
+        # --- a full recompile of the same estate ---------------------------------------------------
+        b1, o1 = pub.bytes_published, pub.objects_published
+        t1 = time.perf_counter()
+        full_stats = orig_run([{"ids": [], "rebuild": True}])
+        t_full = time.perf_counter() - t1
+        engine = compute.engine
+        full = {
+            "sets": len(engine.sets),
+            "bundles_published": full_stats.bundles_published,
+            "objects_published": pub.objects_published - o1,
+            "bytes_published": pub.bytes_published - b1,
+            "seconds": round(t_full, 2),
+        }
+        # --- one ordinary event in the grown estate: a new web instance ------------------------
+        one = est["run"]("web", est["subnets"]["web"], 1)[0]
+        invocations = len(stats)
+        stats.clear()
+        b2 = pub.bytes_published
+        t2 = time.perf_counter()
+        env.put(env.state_event(one, "running"))
+        env.drain("ingest", "ingest")
+        env.drain("compute", "compute")
+        single = {
+            "seconds": round(time.perf_counter() - t2, 2),
+            "sets_changed": sum(s.sets_touched for s in stats),
+            "deltas_published": sum(s.deltas_published for s in stats),
+            "bundles_published": sum(s.bundles_published for s in stats),
+            "agents_nudged": sum(s.nudged for s in stats),
+            "bytes_published": pub.bytes_published - b2,
+            "bytes_ratio_vs_full_recompile": round((pub.bytes_published - b2) / max(full["bytes_published"], 1), 4),
+        }
+        return {
+            "one_more_instance_afterwards": single,
+            "instances_launched": instances,
+            "estate_before": baseline_bundles,
+            "estate_after": len(engine.workloads),
+            "seconds": {
+                "put_events": round(t_events - t0, 2),
+                "ingest": round(t_ingest - t_events, 2),
+                "compute_publish": round(t_done - t_ingest, 2),
+                "total_until_all_published": round(t_done - t0, 2),
+            },
+            "incremental": incr,
+            "materialize_every_bundle_afterwards": materialize,
+            "full_recompile": full,
+            "ratios_incremental_over_full": {
+                "sets_touched_vs_sets": round(incr["sets_touched"] / max(full["sets"], 1), 3),
+                "sets_touched_per_invocation_vs_sets": round(
+                    incr["sets_touched"] / max(incr["compute_invocations"], 1) / max(full["sets"], 1), 3
+                ),
+                "bytes": round(incr["bytes_published"] / max(full["bytes_published"], 1), 3),
+                "bundles": round(incr["bundles_published"] / max(full["bundles_published"], 1), 3),
+                "compute_publish_seconds": round((t_done - t_ingest) / max(t_full, 1e-9), 3),
+            },
+            "naive_full_recompile_per_compute_invocation": {
+                "bytes": full["bytes_published"] * invocations,
+                "bundles": full["bundles_published"] * invocations,
+                "ratio_bytes_incremental_over_naive": round(
+                    incr["bytes_published"] / max(full["bytes_published"] * invocations, 1), 4
+                ),
+            },
+        }
+    finally:
+        server.stop()
+        os.environ.clear()
+        os.environ.update(saved)
+        from ringfence.clouds.aws import clients
+
+        clients.reset()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--instances", type=int, default=500)
+    ap.add_argument("--baseline", type=int, default=120, help="bystander workloads of other apps/envs")
+    args = ap.parse_args(argv)
+    print(json.dumps(run(args.instances, args.baseline), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,352 @@
+"""Agent API (docs/agent-api.md) and admin API against the moto-backed control plane."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from ringfence import agentapi
+from tests.aws.conftest import ACCOUNT, REGION, Env, ip_of
+from tests.aws.test_pipeline import _ctx, _scheduled, boot, enroll_pairing, in_set
+
+
+def iid_document(env: Env, iid: str, pending: str = "2026-11-21T10:00:00Z") -> str:
+    return json.dumps(
+        {
+            "accountId": ACCOUNT,
+            "architecture": "x86_64",
+            "availabilityZone": f"{REGION}a",
+            "imageId": "ami-1",
+            "instanceId": iid,
+            "instanceType": "t3.micro",
+            "pendingTime": pending,
+            "privateIp": ip_of(env, iid),
+            "region": REGION,
+            "version": "2017-09-30",
+        }
+    )
+
+
+def enroll_iid(env: Env, iid: str, document: str | None = None, signature: str | None = None) -> tuple[int, Any]:
+    _, _, n = env.rest("agentapi", "GET", "/v1/nonce")
+    doc = document or iid_document(env, iid)
+    req = {
+        "method": "aws-iid",
+        "nonce": n["nonce"],
+        "document": doc,
+        "document_signature": signature or env.iid.sign(doc),
+    }
+    status, _, body = env.rest("agentapi", "POST", "/v1/enroll", json.dumps(req))
+    return status, body
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_iid_enrollment_then_own_bundle_only(env: Env) -> None:
+    est = boot(env)
+    web, db = est["ids"]["web"][0], est["ids"]["db"][0]
+    status, body = enroll_iid(env, web)
+    assert status == 200, body
+    resp = agentapi.EnrollResponse.model_validate(body)
+    assert resp.workload_id == web and "BEGIN PUBLIC KEY" in resp.public_key_pem
+    status, hdrs, doc = env.rest("agentapi", "GET", f"/v1/agents/{web}/bundle", headers=auth(resp.token))
+    assert status == 200 and doc["workload_id"] == web
+    etag = hdrs["etag"]
+    assert etag == f'"{doc["version"]}"'
+    status, _, _ = env.rest(
+        "agentapi", "GET", f"/v1/agents/{web}/bundle", headers={**auth(resp.token), "If-None-Match": etag}
+    )
+    assert status == 304
+    # another workload's bundle: 403
+    status, _, err = env.rest("agentapi", "GET", f"/v1/agents/{db}/bundle", headers=auth(resp.token))
+    assert status == 403 and err["error"] == "forbidden"
+    status, _, _ = env.rest("agentapi", "GET", f"/v1/agents/{web}/bundle", headers=auth("not-a-token"))
+    assert status == 401
+
+
+def test_replayed_identity_document_is_rejected(env: Env) -> None:
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    doc = iid_document(env, web)
+    assert enroll_iid(env, web, doc)[0] == 200
+    status, body = enroll_iid(env, web, doc)  # fresh nonce, same document
+    assert status == 401 and "replay" in body["detail"]
+
+
+def test_forged_document_and_reused_nonce_are_rejected(env: Env) -> None:
+    est = boot(env)
+    web, db = est["ids"]["web"][0], est["ids"]["db"][0]
+    doc = iid_document(env, web)
+    forged = doc.replace(web, db)
+    status, body = enroll_iid(env, db, forged, env.iid.sign(doc))
+    assert status == 401 and "does not verify" in body["detail"]
+    _, _, n = env.rest("agentapi", "GET", "/v1/nonce")
+    req = {"method": "aws-iid", "nonce": n["nonce"], "document": doc, "document_signature": env.iid.sign(doc)}
+    assert env.rest("agentapi", "POST", "/v1/enroll", json.dumps(req))[0] == 200
+    doc2 = iid_document(env, db)
+    req2 = {"method": "aws-iid", "nonce": n["nonce"], "document": doc2, "document_signature": env.iid.sign(doc2)}
+    status, _, body = env.rest("agentapi", "POST", "/v1/enroll", json.dumps(req2))
+    assert status == 401 and "nonce" in body["detail"]
+
+
+def test_pairing_key_has_a_use_limit(env: Env) -> None:
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    _, _, key = env.rest("admin", "POST", "/admin/pairing-keys", {"workload_id": web, "uses": 1, "ttl": 600})
+    for expected in (200, 401):
+        _, _, n = env.rest("agentapi", "GET", "/v1/nonce")
+        req = {"method": "pairing", "nonce": n["nonce"], "workload_id": web, "pairing_key": key["pairing_key"]}
+        assert env.rest("agentapi", "POST", "/v1/enroll", json.dumps(req))[0] == expected
+
+
+def test_deltas_since_and_409_when_rules_changed(env: Env) -> None:
+    est = boot(env)
+    proc = est["ids"]["proc"][0]
+    tok = enroll_pairing(env, proc)
+    v0 = env.bundle(proc).version
+    new = est["run"]("web", est["subnets"]["web"], 1)[0]
+    env.put(env.state_event(new, "running"))
+    env.pump()
+    status, _, body = env.rest(
+        "agentapi", "GET", f"/v1/agents/{proc}/deltas", headers=auth(tok), query={"since": str(v0)}
+    )
+    assert status == 200
+    resp = agentapi.DeltasResponse.model_validate(body)
+    assert resp.bundle_version > v0 and resp.deltas
+    assert any(f"{ip_of(env, new)}/32" in d["add"] for d in resp.deltas) or resp.deltas[0]["add"]
+    # the processing tier's own rules change when it is re-tagged dev → deltas cannot bridge
+    env.ec2.create_tags(Resources=[proc], Tags=[{"Key": "env", "Value": "dev"}])
+    env.put(env.state_event(proc, "running"))
+    env.pump()
+    status, _, _ = env.rest("agentapi", "GET", f"/v1/agents/{proc}/deltas", headers=auth(tok), query={"since": str(v0)})
+    assert status == 409
+
+
+def test_heartbeat_offline_after_timeout_leaves_peer_sets(env: Env) -> None:
+    est = boot(env)
+    proc, db = est["ids"]["proc"][0], est["ids"]["db"][0]
+    tok = enroll_pairing(env, proc)
+    hb = {"applied_version": 1, "mode": "enforce"}
+    status, _, body = env.rest("agentapi", "POST", f"/v1/agents/{proc}/heartbeat", hb, headers=auth(tok))
+    assert status == 200 and body["latest_version"] >= 1
+    # silence shorter than the timeout: nothing changes
+    rec = env.fn["reconcile"]
+    out = rec.handler(_scheduled(), _ctx())
+    assert proc not in out["offline"]
+    # silence longer than the timeout: offline, removed from the database's set
+    env.store.set_liveness(proc, heartbeat=time.time() - 3600)
+    out = rec.handler(_scheduled(), _ctx())
+    assert proc in out["offline"]
+    env.pump()
+    assert not in_set(env.bundle(db), ip_of(env, proc))
+    # it comes back: rejoins
+    env.rest("agentapi", "POST", f"/v1/agents/{proc}/heartbeat", hb, headers=auth(tok))
+    env.pump()
+    assert in_set(env.bundle(db), ip_of(env, proc))
+
+
+def test_reports_validated_and_size_limited(env: Env) -> None:
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    tok = enroll_pairing(env, web)
+    good = {
+        "flows": [
+            {
+                "start": 1,
+                "end": 2,
+                "src": "10.1.1.1",
+                "dst": "10.1.2.1",
+                "proto": "tcp",
+                "dport": 443,
+                "direction": "outbound",
+            }
+        ]
+    }
+    assert env.rest("agentapi", "POST", f"/v1/agents/{web}/reports", good, headers=auth(tok))[0] == 202
+    bad = {"flows": [{"start": 1}]}
+    status, _, body = env.rest("agentapi", "POST", f"/v1/agents/{web}/reports", bad, headers=auth(tok))
+    assert status == 400 and "flows" in body["detail"]
+    huge = json.dumps({"flows": [], "drops": [], "pad": "x" * (agentapi.MAX_REPORT_BYTES + 1)})
+    assert env.rest("agentapi", "POST", f"/v1/agents/{web}/reports", huge, headers=auth(tok))[0] == 413
+    keys = env.s3.list_objects_v2(Bucket=env.bucket, Prefix=f"reports/{web}/")["KeyCount"]
+    assert keys == 1
+
+
+def test_admin_quarantine_mode_and_audit(env: Env) -> None:
+    est = boot(env)
+    web, proc = est["ids"]["web"][0], est["ids"]["proc"][0]
+    bob = "arn:aws:iam::123456789012:role/secops/bob"
+    status, _, _body = env.rest(
+        "admin", "POST", f"/admin/workloads/{web}/quarantine", {"reason": "ir-42"}, principal=bob
+    )
+    assert status == 200
+    env.pump()
+    q = env.bundle(web)
+    assert q.quarantined and not q.inbound and not q.outbound
+    assert not in_set(env.bundle(proc), ip_of(env, web)), "peers drop a quarantined workload"
+    status, _, _ = env.rest("admin", "PUT", f"/admin/workloads/{proc}/mode", {"mode": "observe"}, principal=bob)
+    assert status == 200
+    env.pump()
+    assert env.bundle(proc).mode == "observe"
+    assert env.rest("admin", "PUT", f"/admin/workloads/{proc}/mode", {"mode": "bogus"})[0] == 400
+    env.rest("admin", "DELETE", f"/admin/workloads/{web}/quarantine", {"reason": "cleared"}, principal=bob)
+    env.pump()
+    assert not env.bundle(web).quarantined
+    log = env.store.audit_log()
+    actions = [(r.action, r.principal, r.target) for r in log]
+    assert ("policy.provision", "arn:aws:iam::123456789012:user/alice", "policy/v1") in actions
+    assert ("workload.quarantine", bob, web) in actions and ("workload.release", bob, web) in actions
+    assert ("workload.mode", bob, proc) in actions
+
+
+def test_bad_policy_is_rejected_and_not_provisioned(env: Env) -> None:
+    status, _, body = env.rest(
+        "admin",
+        "POST",
+        "/admin/policies",
+        {"files": {"x.yaml": "rulesets: [{name: a, rules: [{from: 'role ==', to: x, services: [web]}]}]"}},
+    )
+    assert status == 400 and body["error"] == "policy rejected"
+    assert env.store.active_policy() is None and env.store.audit_log() == []
+
+
+def test_cold_start_keeps_versions_monotonic(env: Env) -> None:
+    est = boot(env)
+    db = est["ids"]["db"][0]
+    v1 = env.bundle(db).version
+    env.load_functions()  # a new container: the engine is rebuilt from the inventory
+    env.ec2.create_tags(Resources=[est["ids"]["proc"][1]], Tags=[{"Key": "env", "Value": "dev"}])
+    env.put(env.state_event(est["ids"]["proc"][1], "running"))
+    env.pump()
+    v2 = env.bundle(db).version
+    assert v2 > v1
+    assert env.store.head().clean
+
+
+def test_websocket_nudge_reaches_a_connected_agent(env: Env) -> None:
+    import os
+
+    from moto.apigatewaymanagementapi.models import apigatewaymanagementapi_backends
+
+    os.environ["RINGFENCE_WEBSOCKET_ENDPOINT"] = env.url
+    env.load_functions()
+    est = boot(env)
+    proc = est["ids"]["proc"][0]
+    tok = enroll_pairing(env, proc)
+
+    def connect(token: str | None) -> dict[str, Any]:
+        event = {
+            "requestContext": {"routeKey": "$connect", "connectionId": "conn-1", "eventType": "CONNECT", "stage": "v1"},
+            "queryStringParameters": {"token": token} if token else None,
+            "headers": {},
+            "isBase64Encoded": False,
+        }
+        return env.fn["wsconnect"].handler(event, _ctx())  # type: ignore[no-any-return]
+
+    assert connect("bogus")["statusCode"] == 401
+    assert connect(tok)["statusCode"] == 200
+    new = est["run"]("web", est["subnets"]["web"], 1)[0]
+    env.put(env.state_event(new, "running"))
+    env.pump()
+    data = apigatewaymanagementapi_backends[ACCOUNT][REGION].connections["conn-1"].data
+    last = json.loads("{" + data.decode().split("{")[-1])
+    assert last["latest_version"] == env.bundle(proc).version
+
+
+def test_expired_deltas_make_the_api_ask_compute_for_a_whole_bundle(env: Env) -> None:
+    est = boot(env)
+    proc = est["ids"]["proc"][0]
+    tok = enroll_pairing(env, proc)
+    new = est["run"]("web", est["subnets"]["web"], 1)[0]
+    env.put(env.state_event(new, "running"))
+    env.pump()
+    # the delta index expired (TTL) before this agent's bundle was materialized
+    table = env.ddb.Table("rf-state")
+    for item in table.scan()["Items"]:
+        if item["pk"].startswith("delta#"):
+            table.delete_item(Key={"pk": item["pk"], "sk": item["sk"]})
+    status, hdrs, _ = env.rest("agentapi", "GET", f"/v1/agents/{proc}/bundle", headers=auth(tok))
+    assert status == 503 and hdrs.get("retry-after") == "5"
+    env.pump()  # compute re-renders the whole bundle
+    status, _, doc = env.rest("agentapi", "GET", f"/v1/agents/{proc}/bundle", headers=auth(tok))
+    assert status == 200
+    from ringfence.bundle import Bundle
+
+    got = Bundle.model_validate(doc)
+    assert got.version == env.fn["compute"].service().engine.bundle_version(proc)
+    assert in_set(got, ip_of(env, new))
+
+
+def _sts_request(env: Env, iid: str, nonce: str, sign_nonce: bool = True) -> dict[str, Any]:
+    """What an agent sends for aws-sts: a GetCallerIdentity signed with its instance-profile
+    credentials (here: an assumed-role session named after the instance, as EC2 does)."""
+    import boto3
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    creds = boto3.client("sts").assume_role(
+        RoleArn=f"arn:aws:iam::{ACCOUNT}:role/web-instance-profile", RoleSessionName=iid
+    )["Credentials"]
+    url = f"{env.url}/?Action=GetCallerIdentity&Version=2011-06-15"
+    req = AWSRequest(method="GET", url=url, headers={"X-Ringfence-Nonce": nonce} if sign_nonce else {})
+    SigV4Auth(
+        Credentials(creds["AccessKeyId"], creds["SecretAccessKey"], creds["SessionToken"]), "sts", REGION
+    ).add_auth(req)
+    headers = dict(req.headers.items())
+    headers["X-Ringfence-Nonce"] = nonce
+    return {"method": "aws-sts", "nonce": nonce, "sts_url": url, "sts_headers": headers}
+
+
+def test_sts_enrollment_binds_the_nonce_and_refuses_replays(env: Env) -> None:
+    import os
+
+    os.environ["RINGFENCE_STS_ENDPOINTS"] = env.url + "/"
+    try:
+        env.load_functions()
+        est = boot(env)
+        web = est["ids"]["web"][0]
+        _, _, n = env.rest("agentapi", "GET", "/v1/nonce")
+        req = _sts_request(env, web, n["nonce"])
+        status, _, body = env.rest("agentapi", "POST", "/v1/enroll", json.dumps(req))
+        assert status == 200 and body["workload_id"] == web, body
+        status, _, body = env.rest("agentapi", "POST", "/v1/enroll", json.dumps(req))
+        assert status == 401 and "nonce" in body["detail"], "a replayed signed request is refused"
+        _, _, n2 = env.rest("agentapi", "GET", "/v1/nonce")
+        unsigned = _sts_request(env, web, n2["nonce"], sign_nonce=False)
+        status, _, body = env.rest("agentapi", "POST", "/v1/enroll", json.dumps(unsigned))
+        assert status == 401 and "signed" in body["detail"]
+        elsewhere = dict(req, nonce=n2["nonce"], sts_url="https://evil.example.com/?Action=GetCallerIdentity")
+        elsewhere["sts_headers"] = dict(req["sts_headers"], **{"X-Ringfence-Nonce": n2["nonce"]})
+        status, _, body = env.rest("agentapi", "POST", "/v1/enroll", json.dumps(elsewhere))
+        assert status == 401 and "STS endpoint" in body["detail"]
+        _, _, n3 = env.rest("agentapi", "GET", "/v1/nonce")
+        human = _sts_request(env, "alice", n3["nonce"])
+        status, _, body = env.rest("agentapi", "POST", "/v1/enroll", json.dumps(human))
+        assert status == 401 and "instance-profile session" in body["detail"]
+    finally:
+        del os.environ["RINGFENCE_STS_ENDPOINTS"]
+
+
+def test_two_compute_containers_never_reuse_a_revision(env: Env) -> None:
+    est = boot(env)
+    db = est["ids"]["db"][0]
+    a = env.fn["compute"]  # warm container A
+    env.load_functions()
+    b = env.fn["compute"]  # container B (cold)
+    p1, p2 = est["run"]("processing", est["subnets"]["app"], 2)
+    env.put(env.state_event(p1, "running"))
+    env.drain("ingest", "ingest")
+    env.drain("compute", "compute")  # B: rebuilds, then applies p1
+    v1 = env.bundle(db).version
+    env.fn["compute"] = a
+    env.put(env.state_event(p2, "running"))
+    env.drain("ingest", "ingest")
+    env.drain("compute", "compute")  # A: its engine is behind the head → rebuilds first
+    final = env.bundle(db)
+    assert final.version > v1 and env.store.head().clean
+    assert in_set(final, ip_of(env, p1)) and in_set(final, ip_of(env, p2))
+    assert b.service().engine.revision < a.service().engine.revision

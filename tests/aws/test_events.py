@@ -1,0 +1,77 @@
+"""Event normalization on the documented sample events (copied into tests/aws/fixtures)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from ringfence.events import Kind, MalformedEvent, normalize
+from tests.aws.conftest import fixture
+
+
+def test_state_change() -> None:
+    ev = normalize(fixture("ec2-state-change.json"))
+    assert ev is not None and ev.kind is Kind.STATE and ev.instance_ids == ("i-1234567890abcdef0",)
+    assert ev.state == "pending" and ev.account == "123456789012" and ev.region == "us-east-1"
+
+
+def test_state_change_without_version_field() -> None:
+    raw = fixture("ec2-state-change.json")
+    raw.pop("version")
+    assert normalize(raw) is not None
+
+
+def test_tag_change_keeps_version_and_full_tags() -> None:
+    ev = normalize(fixture("tag-change.json"))
+    assert ev is not None and ev.kind is Kind.TAGS and ev.tag_version == 3
+    assert ev.instance_ids == ("i-0000000aaaaaaaaaa",) and "a-deleted-key" not in (ev.tags or {})
+
+
+def test_asg_and_lifecycle() -> None:
+    launch = normalize(fixture("asg-launch-successful.json"))
+    term = normalize(fixture("asg-terminate-successful.json"))
+    assert launch is not None and launch.kind is Kind.LAUNCH
+    assert term is not None and term.kind is Kind.TERMINATE
+    lc = normalize(fixture("asg-launch-lifecycle.json"))
+    assert lc is not None and lc.kind is Kind.LIFECYCLE_LAUNCH and lc.lifecycle is not None
+    assert (
+        lc.lifecycle.token == "87654321-4321-4321-4321-210987654321" and lc.lifecycle.hook_name == "my-lifecycle-hook"
+    )
+    lt = normalize(fixture("asg-terminate-lifecycle.json"))
+    assert lt is not None and lt.kind is Kind.LIFECYCLE_TERMINATE
+
+
+def test_cloudtrail_filters_by_id_prefix_and_skips_errors() -> None:
+    assert normalize(fixture("cloudtrail-create-tags.json")) is None  # only a security group
+    raw = fixture("cloudtrail-create-tags.json")
+    raw["detail"]["requestParameters"]["resourcesSet"]["items"] += [{"resourceId": "i-0abc12345678def01"}]
+    ev = normalize(raw)
+    assert ev is not None and ev.kind is Kind.TAGS and ev.instance_ids == ("i-0abc12345678def01",)
+    raw["detail"]["errorCode"] = "Client.UnauthorizedOperation"
+    assert normalize(raw) is None
+    run = normalize(fixture("cloudtrail-run-instances.json"))
+    assert run is not None and run.kind is Kind.LAUNCH and run.instance_ids == ("i-1234567890abcdef0",)
+
+
+def test_tag_change_on_other_resource_types_is_ignored() -> None:
+    raw = copy.deepcopy(fixture("tag-change.json"))
+    raw["detail"]["resource-type"] = "security-group"
+    assert normalize(raw) is None
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda r: r.pop("detail"), "detail"),
+        (lambda r: r.update({"detail-type": "Something Else"}), "unsupported detail-type"),
+        (lambda r: r["detail"].pop("instance-id"), "instance-id"),
+        (lambda r: r["detail"].update({"instance-id": "vol-123"}), "not an instance id"),
+        (lambda r: r.update({"time": "yesterday"}), "time"),
+    ],
+)
+def test_malformed(mutate, message) -> None:  # type: ignore[no-untyped-def]
+    raw = fixture("ec2-state-change.json")
+    mutate(raw)
+    with pytest.raises(MalformedEvent, match=message):
+        normalize(raw)

@@ -1,0 +1,371 @@
+"""End to end through moto: EventBridge rules → SQS → ingest → compute → S3, plus the faults."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from botocore.awsrequest import AWSResponse
+
+from tests.aws.conftest import Env, fixture, ip_of
+
+
+def boot(env: Env) -> dict[str, Any]:
+    """Policy provisioned, the estate running, a state-change event for every instance."""
+    env.provision_example_policy()
+    est = env.estate()
+    for ids in est["ids"].values():
+        for iid in ids:
+            env.put(env.state_event(iid, "running"))
+    env.pump()
+    return est
+
+
+def in_set(doc: Any, ip: str) -> bool:
+    return any(f"{ip}/32" in s.v4 or any(_covers(c, ip) for c in s.v4) for s in doc.sets.values())
+
+
+def _covers(cidr: str, ip: str) -> bool:
+    import ipaddress
+
+    return ipaddress.ip_address(ip) in ipaddress.ip_network(cidr)
+
+
+def test_estate_events_build_inventory_and_signed_bundles(env: Env) -> None:
+    est = boot(env)
+    recs = {r.id: r for r in env.store.all_records()}
+    web1 = est["ids"]["web"][0]
+    assert recs[web1].labels == {"role": "web", "app": "ordering", "env": "prod", "loc": "ca"}
+    assert recs[web1].workload.vpc == est["vpc"] and recs[web1].workload.ips == [ip_of(env, web1)]
+    db = env.bundle(est["ids"]["db"][0])
+    proc_ip = ip_of(env, est["ids"]["proc"][0])
+    assert in_set(db, proc_ip), "the database accepts the processing tier"
+    assert not in_set(db, ip_of(env, web1)), "web never reaches the database directly"
+    # compute published content-addressed, encrypted objects
+    keys = [o["Key"] for o in env.s3.list_objects_v2(Bucket=env.bucket, Prefix="bundles/")["Contents"]]
+    assert len(keys) >= 5 and all(k.endswith(".json") for k in keys)
+    head = env.s3.head_object(Bucket=env.bucket, Key=keys[0])
+    assert head["ServerSideEncryption"] == "AES256"
+
+
+def test_scale_out_lifecycle_publishes_then_continues(env: Env) -> None:
+    est = boot(env)
+    completed: list[dict[str, Any]] = []
+
+    def complete(request: Any, **_: Any) -> AWSResponse:
+        # moto does not implement CompleteLifecycleAction: stand in for it at the HTTP layer and
+        # record what was published at the moment the action was completed
+        raw = request.body.decode() if isinstance(request.body, bytes) else request.body
+        params = dict(p.split("=", 1) for p in raw.split("&"))
+        iid = params["InstanceId"]
+        completed.append(
+            {"instance": iid, "result": params["LifecycleActionResult"], "ptr": env.store.bundle_pointer(iid)}
+        )
+        return _xml(
+            200,
+            "<CompleteLifecycleActionResponse><CompleteLifecycleActionResult/><ResponseMetadata><RequestId>x</RequestId></ResponseMetadata></CompleteLifecycleActionResponse>",
+        )
+
+    env.hook("before-send.auto-scaling.CompleteLifecycleAction", complete)
+    env.asg.set_desired_capacity(AutoScalingGroupName="rf-web-asg", DesiredCapacity=1)
+    new = env.asg_instances()[0]
+    proc = est["ids"]["proc"][0]
+    before = env.bundle(proc)
+    env.put(env.lifecycle_event(new, launching=True))
+    env.pump()
+    assert completed and completed[0]["instance"] == new and completed[0]["result"] == "CONTINUE"
+    assert completed[0]["ptr"] is not None, "the new instance's bundle was published before CONTINUE"
+    after = env.bundle(proc)
+    assert in_set(after, ip_of(env, new)) and after.version > before.version
+    # the peer can bridge by delta
+    tok = enroll_pairing(env, proc)
+    status, _, body = env.rest(
+        "agentapi",
+        "GET",
+        f"/v1/agents/{proc}/deltas",
+        headers={"Authorization": f"Bearer {tok}"},
+        query={"since": str(before.version)},
+    )
+    assert status == 200, body
+    assert any(f"{ip_of(env, new)}/32" in d["add"] or d["add"] for d in body["deltas"])
+    # terminate: leaves peers' sets before CONTINUE
+    env.put(env.lifecycle_event(new, launching=False))
+    env.pump()
+    assert completed[-1]["instance"] == new
+    assert not in_set(env.bundle(proc), ip_of(env, new))
+    # still running in Terminating:Wait: a reconcile must not bring it back
+    env.fn["reconcile"].handler(_scheduled(), _ctx())
+    env.pump()
+    assert env.store.get(new).state == "terminating"
+    assert not in_set(env.bundle(proc), ip_of(env, new))
+
+
+def test_lifecycle_without_policy_is_left_to_time_out(env: Env, caplog: Any) -> None:
+    est = env.estate()
+    calls: list[str] = []
+    env.hook("before-send.auto-scaling.CompleteLifecycleAction", lambda **kw: calls.append("x"))
+    env.put(env.lifecycle_event(est["ids"]["web"][0], launching=True))
+    env.pump()
+    assert calls == []
+    assert "will time out into its configured default result" in caplog.text
+
+
+def test_duplicate_event_is_processed_once(env: Env) -> None:
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    describes: list[str] = []
+    env.hook("before-call.ec2.DescribeInstances", lambda **kw: describes.append("d"))
+    ev = env.state_event(web, "running")
+    env.put(ev)
+    msgs = env.receive("ingest")
+    assert len(msgs) == 1
+    dup = dict(msgs[0], MessageId="dup-" + msgs[0]["MessageId"])
+    out = env.fn["ingest"].handler(env.sqs_event([msgs[0], dup]), _ctx())
+    assert out == {"batchItemFailures": []}
+    assert len(describes) == 1, "the second copy (same event id) was answered from the idempotency table"
+
+
+def test_out_of_order_tag_events_keep_newest(env: Env) -> None:
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    env.ec2.create_tags(Resources=[web], Tags=[{"Key": "env", "Value": "dev"}])
+    newest = env.tag_event(web, {"role": "web", "app": "ordering", "env": "dev"}, version=5)
+    older = env.tag_event(web, {"role": "web", "app": "ordering", "env": "prod"}, version=4)
+    env.put(newest)
+    env.pump()
+    env.put(older)
+    env.pump()
+    rec = env.store.get(web)
+    assert rec.workload.tags["env"] == "dev" and rec.tag_version == 5
+    assert rec.labels["env"] == "dev"
+
+
+def test_lost_event_is_fixed_by_reconcile(env: Env) -> None:
+    est = boot(env)
+    extra = est["run"]("processing", est["subnets"]["app"], 1)[0]  # no event for this one
+    env.ec2.terminate_instances(InstanceIds=[est["ids"]["web"][1]])  # nor for this
+    assert env.store.get(extra) is None
+    out = env.fn["reconcile"].handler(_scheduled(), _ctx())
+    assert extra in out["changed"] and est["ids"]["web"][1] in out["changed"]
+    env.pump()
+    db = env.bundle(est["ids"]["db"][0])
+    assert in_set(db, ip_of(env, extra))
+    assert env.store.get(est["ids"]["web"][1]).state == "terminated"
+
+
+def test_malformed_event_goes_to_dlq_and_nothing_else_is_affected(env: Env) -> None:
+    est = boot(env)
+    env.ec2.create_tags(Resources=[est["ids"]["web"][0]], Tags=[{"Key": "env", "Value": "dev"}])
+    bad = env.state_event(est["ids"]["web"][0], "running")
+    bad["detail"] = {"state": "running"}  # no instance-id
+    env.put(bad)
+    env.put(env.state_event(est["ids"]["web"][0], "running"))
+    msgs = env.receive("ingest")
+    assert len(msgs) == 2
+    out = env.fn["ingest"].handler(env.sqs_event(msgs), _ctx())
+    assert out == {"batchItemFailures": []}
+    dlq = env.receive("dlq")
+    assert len(dlq) == 1 and "instance-id" in dlq[0]["MessageAttributes"]["reason"]["StringValue"]
+    assert env.store.get(est["ids"]["web"][0]).workload.tags["env"] == "dev"
+
+
+def test_describe_throttling_is_retried(env: Env) -> None:
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    throttled: list[int] = []
+
+    def throttle(**_: Any) -> AWSResponse | None:
+        if len(throttled) < 2:
+            throttled.append(1)
+            return _xml(
+                503,
+                "<Response><Errors><Error><Code>RequestLimitExceeded</Code><Message>Request limit exceeded."
+                "</Message></Error></Errors><RequestID>x</RequestID></Response>",
+            )
+        return None
+
+    env.hook("before-send.ec2.DescribeInstances", throttle)
+    env.ec2.create_tags(Resources=[web], Tags=[{"Key": "env", "Value": "dev"}])
+    env.put(env.state_event(web, "running"))
+    env.pump()
+    assert len(throttled) == 2
+    assert env.store.get(web).workload.tags["env"] == "dev"
+
+
+def test_cloudtrail_mixed_resources_filtered_by_prefix(env: Env) -> None:
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    ev = fixture("cloudtrail-create-tags.json")
+    ev["detail"]["requestParameters"]["resourcesSet"]["items"].append({"resourceId": web})
+    ev["detail"]["requestParameters"]["resourcesSet"]["items"].append({"resourceId": "vol-0abc"})
+    env.ec2.create_tags(Resources=[web], Tags=[{"Key": "Name", "Value": "NonCompliantName"}])
+    env.put(ev)
+    env.pump()
+    assert env.store.get(web).workload.name == "NonCompliantName"
+    assert env.store.get("sg-11bbcc22") is None
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _xml(status: int, body: str) -> AWSResponse:
+    class Raw:
+        def stream(self, **_: Any) -> Any:
+            yield body.encode()
+
+    return AWSResponse("http://stand-in", status, {"Content-Type": "text/xml"}, Raw())
+
+
+def _ctx() -> Any:
+    from tests.aws.conftest import LambdaContext
+
+    return LambdaContext()
+
+
+def _scheduled() -> dict[str, Any]:
+    return {
+        "version": "0",
+        "id": "sched-1",
+        "detail-type": "Scheduled Event",
+        "source": "aws.events",
+        "account": "123456789012",
+        "time": "2026-01-01T00:00:00Z",
+        "region": "ca-central-1",
+        "resources": [],
+        "detail": {},
+    }
+
+
+def enroll_pairing(env: Env, wid: str) -> str:
+    _, _, key = env.rest("admin", "POST", "/admin/pairing-keys", {"workload_id": wid, "uses": 1, "ttl": 600})
+    _, _, n = env.rest("agentapi", "GET", "/v1/nonce")
+    status, _, body = env.rest(
+        "agentapi",
+        "POST",
+        "/v1/enroll",
+        json.dumps({"method": "pairing", "nonce": n["nonce"], "workload_id": wid, "pairing_key": key["pairing_key"]}),
+    )
+    assert status == 200, body
+    return str(body["token"])
+
+
+def test_published_state_equals_a_full_recompile_and_deltas_bridge(env: Env) -> None:
+    """Many incremental changes later, every published bundle has the content a fresh full compile
+    gives, and an agent holding an old bundle reaches the newest sets by applying the deltas."""
+    from ringfence.bundle import Bundle, Verifier, load_delta
+    from ringfence.engine import Engine
+
+    est = boot(env)
+    proc = est["ids"]["proc"][0]
+    tok = enroll_pairing(env, proc)
+    old = env.bundle(proc)
+    added = est["run"]("web", est["subnets"]["web"], 4) + est["run"]("processing", est["subnets"]["app"], 2)
+    for iid in added:
+        env.put(env.state_event(iid, "running"))
+    env.pump()
+    env.ec2.terminate_instances(InstanceIds=[added[0]])
+    env.put(env.state_event(added[0], "terminated"))
+    env.ec2.create_tags(Resources=[added[1]], Tags=[{"Key": "env", "Value": "dev"}])
+    env.put(env.state_event(added[1], "running"))
+    env.pump()
+
+    # 1. published == full recompile (content: everything but versions and signatures)
+    pv = env.store.active_policy()
+    from ringfence.policy import load_policy_texts
+
+    texts = {n: env.s3.get_object(Bucket=env.bucket, Key=k)["Body"].read().decode() for n, k in pv.keys.items()}
+    fresh = Engine(load_policy_texts(texts), policy_version=pv.version)
+    fresh.load(r.effective() for r in env.store.all_records() if r.active)
+    assert len(fresh.workloads) == 5 + 6 - 1
+    for wid in fresh.workloads:
+        assert env.bundle(wid).content() == Bundle.model_validate(fresh.render(wid)).content(), wid
+
+    # 2. an agent at the old version applies the signed deltas and reaches the newest sets
+    status, _, body = env.rest(
+        "agentapi",
+        "GET",
+        f"/v1/agents/{proc}/deltas",
+        headers={"Authorization": f"Bearer {tok}"},
+        query={"since": str(old.version)},
+    )
+    assert status == 200, body
+    assert len(body["deltas"]) >= 2
+    verifier = Verifier.from_pem(env.signing_key.public_pem())
+    sets = {n: (s.version, set(s.v4) | set(s.v6)) for n, s in old.sets.items()}
+    for raw in body["deltas"]:
+        d = load_delta(json.dumps(raw))
+        verifier.verify(d)
+        version, elems = sets[d.set]
+        assert version == d.from_version
+        sets[d.set] = (d.to_version, (elems - set(d.remove)) | set(d.add))
+    new = env.bundle(proc)
+    assert body["bundle_version"] == new.version
+    assert {n: e for n, (_, e) in sets.items()} == {n: set(s.v4) | set(s.v6) for n, s in new.sets.items()}
+
+
+def test_publish_failure_leaves_hook_pending_then_retry_rebuilds_and_completes(env: Env, caplog: Any) -> None:
+    """S3 refuses a write mid-publication: the launch is not completed, the head stays dirty;
+    the redelivered batch rebuilds at a fresh revision, republishes, then completes CONTINUE."""
+    est = boot(env)
+    db = est["ids"]["db"][0]
+    v_before = env.bundle(db).version
+    completed: list[str] = []
+    failures: list[int] = []
+
+    def complete(request: Any, **_: Any) -> AWSResponse:
+        completed.append("x")
+        return _xml(
+            200,
+            "<CompleteLifecycleActionResponse><CompleteLifecycleActionResult/><ResponseMetadata><RequestId>x</RequestId></ResponseMetadata></CompleteLifecycleActionResponse>",
+        )
+
+    def refuse_once(request: Any, **_: Any) -> AWSResponse | None:
+        if "/bundles/" in request.url and not failures:
+            failures.append(1)
+            return _xml(403, "<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>")
+        return None
+
+    env.load_functions()  # fresh containers, so their clients carry the hooks below
+    env.hook("before-send.auto-scaling.CompleteLifecycleAction", complete)
+    env.hook("before-send.s3.PutObject", refuse_once)
+    new = est["run"]("processing", est["subnets"]["app"], 1)[0]
+    env.put(env.lifecycle_event(new, launching=True))
+    env.drain("lifecycle", "lifecycle")
+    out = env.drain("compute", "compute")
+    assert out[0]["batchItemFailures"], "the batch failed and stays on the queue"
+    assert completed == [] and "will time out into its configured default result" in caplog.text
+    assert env.store.head().clean is False
+    env.drain("compute", "compute")  # redelivered after the visibility timeout
+    assert completed == ["x"]
+    head = env.store.head()
+    assert head.clean is True
+    db_after = env.bundle(db)
+    assert db_after.version > v_before and in_set(db_after, ip_of(env, new))
+
+
+def test_new_policy_version_rebuilds_every_bundle(env: Env) -> None:
+    est = boot(env)
+    db = est["ids"]["db"][0]
+    before = env.bundle(db)
+    assert before.policy_version == 1
+    assert env.provision_example_policy() == 2
+    env.pump()
+    after = env.bundle(db)
+    assert after.policy_version == 2 and after.version > before.version
+    assert after.content() | {"policy_version": 1} == before.content()
+    assert [r.action for r in env.store.audit_log()] == ["policy.provision", "policy.provision"]
+
+
+def test_a_batch_of_events_costs_one_describe_call(env: Env) -> None:
+    est = boot(env)
+    calls: list[str] = []
+    env.hook("before-call.ec2.DescribeInstances", lambda **kw: calls.append("d"))
+    new = est["run"]("web", est["subnets"]["web"], 8)
+    for iid in new:
+        env.put(env.state_event(iid, "running"))
+    msgs = env.receive("ingest")
+    assert len(msgs) == 8
+    out = env.fn["ingest"].handler(env.sqs_event(msgs), _ctx())
+    assert out == {"batchItemFailures": []}
+    assert calls == ["d"]
+    assert all(env.store.get(i) is not None for i in new)

@@ -1,0 +1,121 @@
+"""Deployment artifacts: Terraform parses (python-hcl2), and the event rules in template.yaml and
+infra/ match the library's patterns. (cfn-lint and checkov run in `make static-aws`.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import hcl2
+import yaml
+
+from ringfence.clouds.aws.patterns import INGEST_RULES, LIFECYCLE_RULES
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class _CfnLoader(yaml.SafeLoader):
+    pass
+
+
+def _tag(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> Any:
+    if isinstance(node, yaml.ScalarNode):
+        return {suffix: loader.construct_scalar(node)}
+    if isinstance(node, yaml.SequenceNode):
+        return {suffix: loader.construct_sequence(node)}
+    return {suffix: loader.construct_mapping(node)}  # type: ignore[arg-type]
+
+
+_CfnLoader.add_multi_constructor("!", _tag)
+
+
+def unquote(v: Any) -> Any:
+    """python-hcl2 ≥ 7 keeps the quotes of string literals and quoted keys."""
+    if isinstance(v, str):
+        return v[1:-1] if len(v) >= 2 and v[0] == v[-1] == '"' else v
+    if isinstance(v, list):
+        return [unquote(x) for x in v]
+    if isinstance(v, dict):
+        return {unquote(k): unquote(x) for k, x in v.items()}
+    return v
+
+
+def template() -> dict[str, Any]:
+    return yaml.load((ROOT / "template.yaml").read_text(), Loader=_CfnLoader)
+
+
+def test_terraform_parses() -> None:
+    files = sorted((ROOT / "infra").rglob("*.tf"))
+    assert len(files) >= 6
+    resources: set[str] = set()
+    for f in files:
+        doc = unquote(hcl2.loads(f.read_text()))
+        for block in doc.get("resource", []):
+            resources.update(block)
+    for kind in (
+        "aws_lambda_function",
+        "aws_dynamodb_table",
+        "aws_s3_bucket",
+        "aws_sqs_queue",
+        "aws_cloudwatch_event_rule",
+        "aws_api_gateway_rest_api",
+        "aws_apigatewayv2_api",
+        "aws_cloudwatch_metric_alarm",
+    ):
+        assert kind in resources, kind
+
+
+def test_template_rules_match_library_patterns() -> None:
+    res = template()["Resources"]
+    for name, pattern in {**INGEST_RULES, **LIFECYCLE_RULES}.items():
+        assert res[f"{name}Rule"]["Properties"]["EventPattern"] == pattern, name
+
+
+def test_terraform_rules_match_library_patterns() -> None:
+    main = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/main.tf").read_text()))
+    loc: dict[str, Any] = {}
+    for block in main.get("locals", []):
+        loc.update(block)
+    tf = {**loc["ingest_rules"], **loc["lifecycle_rules"]}
+    lib = list(INGEST_RULES.values()) + list(LIFECYCLE_RULES.values())
+    assert sorted(map(repr, tf.values())) == sorted(map(repr, lib))
+
+
+def test_template_has_the_required_pieces() -> None:
+    res = template()["Resources"]
+    types = {r["Type"] for r in res.values()}
+    for t in (
+        "AWS::Serverless::Function",
+        "AWS::Serverless::LayerVersion",
+        "AWS::Serverless::Api",
+        "AWS::ApiGatewayV2::Api",
+        "AWS::DynamoDB::Table",
+        "AWS::S3::Bucket",
+        "AWS::SQS::Queue",
+        "AWS::Events::Rule",
+        "AWS::CloudWatch::Alarm",
+    ):
+        assert t in types, t
+    for name in ("InventoryTable", "StateTable", "AuditTable", "IdempotencyTable"):
+        assert res[name]["Properties"]["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"] is True
+    bucket = res["BundleBucket"]["Properties"]
+    assert bucket["VersioningConfiguration"]["Status"] == "Enabled"
+    assert all(bucket["PublicAccessBlockConfiguration"].values())
+    fns = [n for n, r in res.items() if r["Type"] == "AWS::Serverless::Function"]
+    for fn in fns:
+        assert (ROOT / res[fn]["Properties"]["CodeUri"] / "app.py").exists(), fn
+    assert res["ComputeFunction"]["Properties"]["ReservedConcurrentExecutions"] == 1
+    sqs_fns = [fn for fn in fns if any(e["Type"] == "SQS" for e in res[fn]["Properties"].get("Events", {}).values())]
+    for fn in sqs_fns:
+        for e in res[fn]["Properties"]["Events"].values():
+            assert e["Properties"]["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+
+
+def test_storm_benchmark_script_runs_small() -> None:
+    """The storm benchmark (make bench-aws) on 10 instances, so the script cannot rot."""
+    from tests.aws.bench_storm import run
+
+    out = run(10, baseline=0)
+    assert out["estate_after"] == 16  # 5 + 10 + the one more afterwards
+    assert out["incremental"]["bundles_published"] == 10 and out["incremental"]["deltas_published"] >= 10
+    assert out["one_more_instance_afterwards"]["bundles_published"] == 1
