@@ -350,3 +350,15 @@ def test_two_compute_containers_never_reuse_a_revision(env: Env) -> None:
     assert final.version > v1 and env.store.head().clean
     assert in_set(final, ip_of(env, p1)) and in_set(final, ip_of(env, p2))
     assert b.service().engine.revision < a.service().engine.revision
+
+
+def test_policy_whose_tests_fail_is_not_provisioned(env: Env) -> None:
+    policy = (
+        "rulesets: [{name: a, scope: all(), rules: [{from: role == web, to: role == db, services: [tcp/5432]}]}]\n"
+        "tests:\n"
+        "  - {from: {labels: {role: web}}, to: {labels: {role: db}}, port: tcp/22, expect: allow}\n"
+    )
+    status, _, body = env.rest("admin", "POST", "/admin/policies", {"files": {"p.yaml": policy}})
+    assert status == 422 and body["error"] == "policy tests fail"
+    assert "expected allow, policy says deny" in body["detail"]
+    assert env.store.active_policy() is None and env.store.audit_log() == []

@@ -38,6 +38,7 @@ from ringfence.events import DomainEvent, Kind, MalformedEvent, normalize
 from ringfence.labels import LabelMapper
 from ringfence.model import Mode
 from ringfence.policy import Policy, PolicyError, load_policy_texts
+from ringfence.policytests import run_tests
 from ringfence.store.base import (
     AuditRecord,
     BundlePointer,
@@ -46,6 +47,7 @@ from ringfence.store.base import (
     PolicyVersion,
     Store,
 )
+from ringfence.versions import digest_of
 
 from . import clients, ec2
 from .enroll import ProofError, check_sts_request, load_public_key, replay_sts, verify_iid
@@ -890,6 +892,13 @@ class Admin:
             policy = load_policy_texts(files)
         except PolicyError as exc:
             return _err(400, "policy rejected", str(exc))
+        # the policy's own tests must pass against the live inventory before it becomes active
+        engine = Engine(policy)
+        engine.load(r.effective() for r in self.w.store.all_records() if r.active)
+        failures = [t.report() for t in run_tests(policy, engine.workloads) if not t.passed]
+        if failures:
+            return _err(422, "policy tests fail", "\n".join(failures))
+        digest = digest_of(files)
         version = self.w.store.next_policy_version()
         keys = {}
         for name, text in sorted(files.items()):
@@ -898,11 +907,11 @@ class Admin:
                 Bucket=self.w.cfg.bucket, Key=key, Body=text.encode(), ServerSideEncryption="AES256"
             )
             keys[name] = key
-        pv = PolicyVersion(version=version, keys=keys, digest=policy.digest, created_by=principal, comment=reason)
+        pv = PolicyVersion(version=version, keys=keys, digest=digest, created_by=principal, comment=reason)
         self.w.store.activate_policy(pv)
-        audit_id = self._audit(principal, "policy.provision", f"policy/v{version}", {"digest": policy.digest}, reason)
+        audit_id = self._audit(principal, "policy.provision", f"policy/v{version}", {"digest": digest}, reason)
         self.w.enqueue_compute(rebuild=True)
-        return Response(201, {"version": version, "digest": policy.digest, "audit_id": audit_id})
+        return Response(201, {"version": version, "digest": digest, "audit_id": audit_id})
 
     def set_mode(self, principal: str, workload_id: str, mode: str | None, reason: str = "") -> Response:
         try:
