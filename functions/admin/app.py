@@ -10,7 +10,9 @@ from aws_lambda_powertools import Logger, Tracer
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver
 from aws_lambda_powertools.event_handler import Response as HttpResponse
 
-from ringfence.clouds.aws.controlplane import Admin, Config, Response, Wiring
+from ringfence.clouds.aws.admin import Admin
+from ringfence.clouds.aws.api import Response
+from ringfence.clouds.aws.wiring import Config, Wiring
 
 logger = Logger()
 tracer = Tracer()

@@ -9,7 +9,9 @@ from aws_lambda_powertools import Logger, Tracer
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver
 from aws_lambda_powertools.event_handler import Response as HttpResponse
 
-from ringfence.clouds.aws.controlplane import AgentApi, Config, Response, Wiring
+from ringfence.clouds.aws.agents import AgentApi
+from ringfence.clouds.aws.api import Response
+from ringfence.clouds.aws.wiring import Config, Wiring
 
 logger = Logger()
 tracer = Tracer()

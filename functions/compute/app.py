@@ -15,7 +15,8 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.parser import parse
 from aws_lambda_powertools.utilities.parser.models import SqsModel
 
-from ringfence.clouds.aws.controlplane import Compute, Config, Wiring
+from ringfence.clouds.aws.compute import Compute
+from ringfence.clouds.aws.wiring import Config, Wiring
 
 logger = Logger()
 tracer = Tracer()

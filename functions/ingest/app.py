@@ -24,7 +24,8 @@ from aws_lambda_powertools.utilities.parser import parse
 from aws_lambda_powertools.utilities.parser.models import EventBridgeModel
 
 from ringfence.clouds.aws import clients
-from ringfence.clouds.aws.controlplane import Config, Ingest, Wiring
+from ringfence.clouds.aws.ingest import Ingest
+from ringfence.clouds.aws.wiring import Config, Wiring
 from ringfence.events import MalformedEvent
 
 logger = Logger()

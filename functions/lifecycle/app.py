@@ -13,7 +13,8 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.parser import parse
 from aws_lambda_powertools.utilities.parser.models import EventBridgeModel
 
-from ringfence.clouds.aws.controlplane import Config, Lifecycle, Wiring
+from ringfence.clouds.aws.lifecycle import Lifecycle
+from ringfence.clouds.aws.wiring import Config, Wiring
 
 logger = Logger()
 tracer = Tracer()

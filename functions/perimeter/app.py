@@ -11,7 +11,8 @@ from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.data_classes import EventBridgeEvent, event_source
 
-from ringfence.clouds.aws.controlplane import Config, Perimeter, Wiring
+from ringfence.clouds.aws.perimeter import Perimeter
+from ringfence.clouds.aws.wiring import Config, Wiring
 from ringfence.perimeter import PerimeterConfig
 
 logger = Logger()

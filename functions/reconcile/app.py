@@ -9,7 +9,8 @@ from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.data_classes import EventBridgeEvent, event_source
 
-from ringfence.clouds.aws.controlplane import Config, Reconcile, Wiring
+from ringfence.clouds.aws.reconcile import Reconcile
+from ringfence.clouds.aws.wiring import Config, Wiring
 
 logger = Logger()
 tracer = Tracer()

@@ -8,7 +8,8 @@ from typing import Any
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.data_classes import APIGatewayProxyEvent, event_source
 
-from ringfence.clouds.aws.controlplane import AgentApi, Config, Wiring
+from ringfence.clouds.aws.agents import AgentApi
+from ringfence.clouds.aws.wiring import Config, Wiring
 
 logger = Logger()
 _svc: dict[str, AgentApi] = {}

@@ -1,1 +1,25 @@
-"""AWS adapters: EC2 describe, S3 publishing, signing keys, enrollment, security groups, services."""
+"""The AWS control plane: adapters (EC2, S3, signing keys, enrollment, security groups) and services.
+
+One module per service, each called by one thin Lambda handler (``functions/<name>/app.py``):
+
+=================  ==========================================================================
+``ingest``         cloud events → normalized domain events → inventory (idempotent, newest wins)
+``compute``        inventory changes → engine → signed bundles and deltas in S3 → agents nudged
+``lifecycle``      Auto Scaling hooks: segment before serving, leave peers' sets before going
+``reconcile``      scheduled full sync of every account/region (converges lost events)
+``agents``         the agent API (docs/agent-api.md); ``api`` holds the HTTP plumbing
+``admin``          provision policy, modes, quarantine, pairing keys — each audited
+``perimeter``      the coarse security groups per VPC and environment, quota-checked
+``wiring``         :class:`~ringfence.clouds.aws.wiring.Config` (environment) → clients, store, signer
+=================  ==========================================================================
+
+Every AWS call goes through :mod:`ringfence.clouds.aws.clients`, so tests run the same code
+against a moto server.
+
+Compute keeps the engine warm in a module global. The engine's revision counter lives in
+DynamoDB (:class:`~ringfence.store.base.EngineHead`): revisions are reserved there *before*
+anything is published (write-ahead), so versions stay monotonic and unique across cold starts,
+retries and containers. A container whose engine is not exactly at the stored head (a cold
+start, a failed publish, another container having moved on) rebuilds from the inventory at a
+fresh revision and republishes every bundle.
+"""

@@ -1,0 +1,98 @@
+"""The admin API service: provision policy, modes, quarantine, pairing keys — each audited."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from ringfence.engine import Engine
+from ringfence.model import Mode
+from ringfence.policy import PolicyError, load_policy_texts
+from ringfence.policytests import run_tests
+from ringfence.store.base import (
+    AuditRecord,
+    PolicyVersion,
+)
+from ringfence.versions import digest_of
+
+from .api import Response, error, secret_hash
+from .wiring import Wiring
+
+# --- admin API --------------------------------------------------------------------------------------
+
+
+class Admin:
+    """Operator actions; each is recorded in the append-only audit table with the IAM principal."""
+
+    def __init__(self, w: Wiring) -> None:
+        self.w = w
+
+    def _audit(self, principal: str, action: str, target: str, detail: dict[str, Any], reason: str) -> str:
+        rec = AuditRecord(principal=principal, action=action, target=target, detail=detail, reason=reason)
+        self.w.store.audit(rec)
+        return rec.id
+
+    def provision(self, principal: str, files: dict[str, str], reason: str = "") -> Response:
+        if not files:
+            return error(400, "no policy files")
+        try:
+            policy = load_policy_texts(files)
+        except PolicyError as exc:
+            return error(400, "policy rejected", str(exc))
+        # the policy's own tests must pass against the live inventory before it becomes active
+        engine = Engine(policy)
+        engine.load(r.effective() for r in self.w.store.all_records() if r.active)
+        failures = [t.report() for t in run_tests(policy, engine.workloads) if not t.passed]
+        if failures:
+            return error(422, "policy tests fail", "\n".join(failures))
+        digest = digest_of(files)
+        version = self.w.store.next_policy_version()
+        keys = {}
+        for name, text in sorted(files.items()):
+            key = f"policies/v{version:06d}/{name}"
+            self.w.publisher.s3.put_object(
+                Bucket=self.w.cfg.bucket, Key=key, Body=text.encode(), ServerSideEncryption="AES256"
+            )
+            keys[name] = key
+        pv = PolicyVersion(version=version, keys=keys, digest=digest, created_by=principal, comment=reason)
+        self.w.store.activate_policy(pv)
+        audit_id = self._audit(principal, "policy.provision", f"policy/v{version}", {"digest": digest}, reason)
+        self.w.enqueue_compute(rebuild=True)
+        return Response(201, {"version": version, "digest": digest, "audit_id": audit_id})
+
+    def set_mode(self, principal: str, workload_id: str, mode: str | None, reason: str = "") -> Response:
+        try:
+            m = Mode(mode) if mode else None
+        except ValueError:
+            return error(400, "bad mode", f"{mode!r} is not one of idle, observe, enforce")
+        try:
+            self.w.store.set_operator(workload_id, mode=m)
+        except KeyError:
+            return error(404, "unknown workload", workload_id)
+        audit_id = self._audit(principal, "workload.mode", workload_id, {"mode": mode}, reason)
+        self.w.enqueue_compute([workload_id])
+        return Response(200, {"workload_id": workload_id, "mode": mode, "audit_id": audit_id})
+
+    def quarantine(self, principal: str, workload_id: str, on: bool, reason: str = "") -> Response:
+        try:
+            self.w.store.set_operator(workload_id, quarantined=on)
+        except KeyError:
+            return error(404, "unknown workload", workload_id)
+        action = "workload.quarantine" if on else "workload.release"
+        audit_id = self._audit(principal, action, workload_id, {"quarantined": on}, reason)
+        self.w.enqueue_compute([workload_id])
+        return Response(200, {"workload_id": workload_id, "quarantined": on, "audit_id": audit_id})
+
+    def pairing_key(self, principal: str, workload_id: str | None, uses: int, ttl: int, reason: str = "") -> Response:
+        if uses < 1 or ttl < 60:
+            return error(400, "bad pairing key request", "uses ≥ 1 and ttl ≥ 60 seconds")
+        key = secrets.token_urlsafe(24)
+        self.w.store.put_pairing(secret_hash(key), workload_id, uses, ttl)
+        audit_id = self._audit(
+            principal,
+            "pairing.create",
+            workload_id or "*",
+            {"uses": uses, "ttl": ttl, "key_sha256": secret_hash(key)},
+            reason,
+        )
+        return Response(201, {"pairing_key": key, "uses": uses, "expires_in": ttl, "audit_id": audit_id})

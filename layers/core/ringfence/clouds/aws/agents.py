@@ -1,0 +1,278 @@
+"""The agent API service (docs/agent-api.md): nonce, enroll, own bundle, deltas, heartbeat, reports."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import secrets
+import time
+import uuid
+from typing import Any
+
+from pydantic import ValidationError
+
+from ringfence import agentapi, bundle
+from ringfence.addresses import V4, format_prefix, parse_prefix
+from ringfence.store.base import (
+    BundlePointer,
+    DeltaPointer,
+)
+
+from . import ec2
+from .api import Response, error, first_error, secret_hash
+from .enroll import ProofError, check_sts_request, load_public_key, replay_sts, verify_iid
+from .ingest import observe_instances
+from .wiring import Wiring, log
+
+
+class AgentApi:
+    def __init__(self, w: Wiring) -> None:
+        self.w = w
+        self._iid_key: Any = None
+        # immutable, content-addressed documents: safe to keep while the container is warm
+        self._deltas: dict[str, bundle.SetDelta] = {}
+        self._sets: dict[tuple[str, int], bundle.AddressSetDoc] = {}
+
+    def nonce(self) -> Response:
+        n = secrets.token_urlsafe(24)
+        self.w.store.put_nonce(n, self.w.cfg.nonce_ttl)
+        return Response(200, agentapi.NonceResponse(nonce=n, expires_in=self.w.cfg.nonce_ttl).model_dump())
+
+    def enroll(self, body: str | None) -> Response:
+        try:
+            req = agentapi.EnrollRequest.model_validate_json(body or "")
+        except ValidationError as exc:
+            return error(400, "malformed enroll request", first_error(exc))
+        try:
+            if req.method == "aws-iid":
+                wid = self._enroll_iid(req)
+            elif req.method == "pairing":
+                wid = self._enroll_pairing(req)
+            elif req.method == "aws-sts":
+                wid = self._enroll_sts(req)
+            else:
+                return error(400, "unsupported enrollment method", f"{req.method} is not enabled on this control plane")
+        except ProofError as exc:
+            log.warning("enrollment refused: %s", exc)
+            return error(401, "enrollment refused", str(exc))
+        token = secrets.token_urlsafe(32)
+        self.w.store.put_token(secret_hash(token), wid, self.w.cfg.token_ttl)
+        with contextlib.suppress(KeyError):
+            self.w.store.set_liveness(wid, enrolled=True, heartbeat=ec2.now(), offline=False)
+        return Response(
+            200,
+            agentapi.EnrollResponse(
+                workload_id=wid,
+                token=token,
+                expires_in=self.w.cfg.token_ttl,
+                public_key_pem=self.w.signer.public_pem().decode(),
+            ).model_dump(),
+        )
+
+    def _enroll_iid(self, req: agentapi.EnrollRequest) -> str:
+        if not req.document or not req.document_signature:
+            raise ProofError("aws-iid needs document and document_signature")
+        if self._iid_key is None:
+            self._iid_key = load_public_key(self.w.cfg.iid_cert_pem.encode())
+        ident = verify_iid(req.document, req.document_signature, self._iid_key)
+        if self.w.cfg.allowed_accounts and ident.account not in self.w.cfg.allowed_accounts:
+            raise ProofError(f"account {ident.account} is not enrolled with this control plane")
+        if not self.w.store.burn_nonce(req.nonce):
+            raise ProofError("nonce is unknown, expired or already used")
+        if not self.w.store.claim_once(f"iid#{ident.instance_id}#{ident.pending_time}", self.w.cfg.token_ttl * 4):
+            raise ProofError(f"identity document of {ident.instance_id} was already used (replay refused)")
+        live = ec2.describe(self.w.ec2_for(ident.account, ident.region), [ident.instance_id]).get(ident.instance_id)
+        if live is None or live.get("State", {}).get("Name") not in ("pending", "running"):
+            raise ProofError(f"instance {ident.instance_id} is not running")
+        if ident.private_ip and ident.private_ip not in ec2.instance_ips(live):
+            raise ProofError(f"instance {ident.instance_id} does not have the document's address")
+        if self.w.store.get(ident.instance_id) is None:
+            observe_instances(self.w, ident.account, ident.region, [ident.instance_id])
+            self.w.enqueue_compute([ident.instance_id])
+        return ident.instance_id
+
+    def _enroll_sts(self, req: agentapi.EnrollRequest) -> str:
+        if not req.sts_url or not req.sts_headers:
+            raise ProofError("aws-sts needs sts_url and sts_headers")
+        check_sts_request(req.sts_url, req.sts_headers, req.nonce, self.w.cfg.sts_endpoints)
+        if not self.w.store.burn_nonce(req.nonce):
+            raise ProofError("nonce is unknown, expired or already used")
+        ident = replay_sts(req.sts_url, req.sts_headers)
+        if self.w.cfg.allowed_accounts and ident.account not in self.w.cfg.allowed_accounts:
+            raise ProofError(f"account {ident.account} is not enrolled with this control plane")
+        rec = self.w.store.get(ident.instance_id)
+        if rec is None or rec.workload.account != ident.account or not rec.active:
+            raise ProofError(f"{ident.instance_id} is not a running instance of account {ident.account} in inventory")
+        return ident.instance_id
+
+    def _enroll_pairing(self, req: agentapi.EnrollRequest) -> str:
+        if not req.pairing_key or not req.workload_id:
+            raise ProofError("pairing needs pairing_key and workload_id")
+        if not self.w.store.burn_nonce(req.nonce):
+            raise ProofError("nonce is unknown, expired or already used")
+        if not self.w.store.use_pairing(secret_hash(req.pairing_key)):
+            raise ProofError("pairing key is unknown, expired or used up")
+        return req.workload_id
+
+    def authorize(self, authorization: str | None, workload_id: str) -> Response | None:
+        if not authorization or not authorization.startswith("Bearer "):
+            return error(401, "missing bearer token")
+        owner = self.w.store.token_workload(secret_hash(authorization.removeprefix("Bearer ").strip()))
+        if owner is None:
+            return error(401, "unknown or expired token")
+        if owner != workload_id:
+            log.warning("agent %s asked for workload %s: refused", owner, workload_id)
+            return error(403, "forbidden", "an agent reads only its own bundle")
+        return None
+
+    def _latest(self, ptr: BundlePointer) -> tuple[int, dict[str, int]]:
+        """The workload's newest version and set versions: the stored bundle's, moved on by set heads."""
+        heads = self.w.store.set_heads(list(ptr.sets))
+        sets = {n: max(v, heads.get(n, v)) for n, v in ptr.sets.items()}
+        return max([ptr.version, ptr.rules_revision, *sets.values()]), sets
+
+    def _chain(self, set_name: str, from_version: int, to_version: int) -> list[DeltaPointer] | None:
+        chain = [d for d in self.w.store.deltas_after(set_name, from_version) if d.to_version <= to_version]
+        if not chain or chain[-1].to_version != to_version or chain[0].from_version > from_version:
+            return None
+        if any(a.to_version != b.from_version for a, b in itertools.pairwise(chain)):
+            return None
+        return chain
+
+    def _advance(self, name: str, sdoc: bundle.AddressSetDoc, chain: list[DeltaPointer]) -> bundle.AddressSetDoc:
+        """A set moved along its delta chain. A set's content at a version is the same in every
+        bundle (the engine's set at that revision), so results are cached per (set, version)."""
+        target = chain[-1].to_version
+        hit = self._sets.get((name, target))
+        if hit is not None:
+            return hit
+        elems = set(sdoc.v4) | set(sdoc.v6)
+        for d in chain:
+            delta = self._deltas.get(d.key)
+            if delta is None:
+                delta = self._deltas[d.key] = bundle.load_delta(self.w.publisher.get(d.key))
+            elems = (elems - set(delta.remove)) | set(delta.add)
+        ordered = sorted(parse_prefix(e) for e in elems)
+        out = bundle.AddressSetDoc(
+            version=target,
+            v4=[format_prefix(p) for p in ordered if p[0] == V4],
+            v6=[format_prefix(p) for p in ordered if p[0] != V4],
+        )
+        if len(self._sets) > 4096:
+            self._sets.clear()
+        if len(self._deltas) > 16384:
+            self._deltas.clear()
+        self._sets[(name, target)] = out
+        return out
+
+    def current(self, workload_id: str) -> tuple[BundlePointer, dict[str, Any]] | Response:
+        """The workload's current signed bundle: the last full one, with the set deltas published
+        since then applied (exact: deltas are element edits of canonical covers), re-signed and
+        written back content-addressed so the next fetch is a plain read."""
+        ptr = self.w.store.bundle_pointer(workload_id)
+        if ptr is None:
+            return error(404, "no bundle published for this workload yet")
+        version, sets = self._latest(ptr)
+        stored = bundle.load_bundle(self.w.publisher.get(ptr.key))
+        if version == ptr.version:
+            return ptr, stored.model_dump(mode="json")
+        new_sets = {}
+        for name, sdoc in stored.sets.items():
+            target = sets[name]
+            if target == sdoc.version:
+                new_sets[name] = sdoc
+                continue
+            chain = self._chain(name, sdoc.version, target)
+            if chain is None:
+                log.warning(
+                    "bundle of %s: deltas of %s do not bridge %s→%s; re-rendering",
+                    workload_id,
+                    name,
+                    sdoc.version,
+                    target,
+                )
+                self.w.enqueue_compute(publish=[workload_id])
+                return Response(
+                    503, {"error": "bundle is being re-rendered", "detail": "retry shortly"}, {"Retry-After": "5"}
+                )
+            new_sets[name] = self._advance(name, sdoc, chain)
+        doc = bundle.sign(
+            stored.model_copy(update={"sets": new_sets, "version": version, "signature": None}), self.w.signer
+        )
+        key, _ = self.w.publisher.put_bundle(doc)
+        new_ptr = ptr.model_copy(update={"version": version, "key": key, "etag": f'"{version}"', "sets": sets})
+        if not self.w.store.put_bundle_pointer(new_ptr, expected_version=ptr.version):
+            # compute published a newer whole bundle meanwhile (its rules may differ): serve that
+            return self.current(workload_id)
+        return new_ptr, doc.model_dump(mode="json")
+
+    def bundle(self, workload_id: str, if_none_match: str | None) -> Response:
+        ptr = self.w.store.bundle_pointer(workload_id)
+        if ptr is None:
+            return error(404, "no bundle published for this workload yet")
+        etag = f'"{self._latest(ptr)[0]}"'
+        if if_none_match and if_none_match.strip() == etag:
+            return Response(304, None, {"ETag": etag})
+        cur = self.current(workload_id)
+        if isinstance(cur, Response):
+            return cur
+        ptr, doc = cur
+        return Response(200, doc, {"ETag": ptr.etag})
+
+    def deltas(self, workload_id: str, since: int) -> Response:
+        ptr = self.w.store.bundle_pointer(workload_id)
+        if ptr is None:
+            return error(404, "no bundle published for this workload yet")
+        version, sets = self._latest(ptr)
+        if since >= version:
+            return Response(200, agentapi.DeltasResponse(bundle_version=version, deltas=[]).model_dump())
+        if ptr.rules_revision > since:
+            return error(409, "deltas cannot bridge", "rules changed since that revision: fetch the bundle")
+        chosen: list[DeltaPointer] = []
+        for name, v in sets.items():
+            if v <= since:
+                continue
+            chain = self._chain(name, since, v)
+            if chain is None:
+                return error(409, "deltas cannot bridge", f"set {name}: fetch the bundle")
+            chosen.extend(chain)
+        chosen.sort(key=lambda d: (d.to_version, d.set))
+        docs = [json.loads(self.w.publisher.get(d.key)) for d in chosen]
+        return Response(200, agentapi.DeltasResponse(bundle_version=version, deltas=docs).model_dump())
+
+    def heartbeat(self, workload_id: str, body: str | None) -> Response:
+        try:
+            agentapi.Heartbeat.model_validate_json(body or "")
+        except ValidationError as exc:
+            return error(400, "malformed heartbeat", first_error(exc))
+        rec = self.w.store.get(workload_id)
+        if rec is None:
+            return error(404, "unknown workload")
+        self.w.store.set_liveness(workload_id, heartbeat=ec2.now(), offline=False if rec.offline else None)
+        if rec.offline:
+            log.info("agent %s is back online: rejoining peers' sets", workload_id)
+            self.w.enqueue_compute([workload_id])
+        ptr = self.w.store.bundle_pointer(workload_id)
+        return Response(200, agentapi.HeartbeatResponse(latest_version=ptr.version if ptr else None).model_dump())
+
+    def reports(self, workload_id: str, body: str | None) -> Response:
+        raw = (body or "").encode()
+        if len(raw) > agentapi.MAX_REPORT_BYTES:
+            return error(413, "report too large", f"{len(raw)} bytes > {agentapi.MAX_REPORT_BYTES}")
+        try:
+            batch = agentapi.ReportBatch.model_validate_json(raw)
+        except ValidationError as exc:
+            return error(400, "malformed report", first_error(exc))
+        key = f"reports/{workload_id}/{time.strftime('%Y/%m/%d', time.gmtime())}/{uuid.uuid4().hex}.json"
+        self.w.publisher.put_json(key, batch.model_dump(mode="json"))
+        return Response(202, {"accepted": len(batch.flows) + len(batch.drops)})
+
+    # WebSocket nudge channel
+
+    def connect(self, token: str | None, connection_id: str) -> Response:
+        owner = self.w.store.token_workload(secret_hash(token)) if token else None
+        if owner is None:
+            return error(401, "unknown or expired token")
+        self.w.store.put_connection(owner, connection_id)
+        return Response(200, {"workload_id": owner})

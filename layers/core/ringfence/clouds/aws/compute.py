@@ -1,0 +1,241 @@
+"""Compute: inventory changes → engine updates → signed bundles and deltas published, agents nudged."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ringfence import bundle
+from ringfence.addresses import format_prefix
+from ringfence.engine import Engine
+from ringfence.engine.compiler import Update
+from ringfence.policy import Policy
+from ringfence.store.base import (
+    BundlePointer,
+    DeltaPointer,
+    EngineHead,
+    PolicyVersion,
+)
+
+from . import clients, ec2
+from .publish import WebSocketNotifier
+from .wiring import Metric, Wiring, log, no_metric
+
+# --- compute --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ComputeStats:
+    revision: int = 0
+    rebuilt_engine: bool = False
+    updates: int = 0
+    sets_touched: int = 0
+    deltas_published: int = 0
+    bundles_published: int = 0
+    nudged: int = 0
+    bytes_published: int = 0
+    lifecycle_completed: list[str] = field(default_factory=list)
+    lifecycle_abandoned_to_timeout: list[str] = field(default_factory=list)
+
+
+class Compute:
+    """Inventory changes → engine → signed deltas and bundles in S3 → nudges → lifecycle."""
+
+    def __init__(self, w: Wiring, metric: Metric = no_metric) -> None:
+        self.w = w
+        self.metric = metric
+        self.engine: Engine | None = None
+        ws = None
+        if w.cfg.websocket_endpoint:
+            ws = clients.session().client(
+                "apigatewaymanagementapi", endpoint_url=w.cfg.websocket_endpoint, config=clients.RETRIES
+            )
+        self.notifier = WebSocketNotifier(ws, w.store)
+
+    def run(self, messages: list[dict[str, Any]]) -> ComputeStats:
+        stats = ComputeStats()
+        bytes0 = self.w.publisher.bytes_published
+        try:
+            active = self.w.active_policy()
+            if active is None:
+                log.warning("no active policy: nothing to compute (provision one with the admin API)")
+                self._lifecycles(messages, stats, ok=False)
+                return stats
+            force = any(m.get("rebuild") for m in messages)
+            self._ensure(active, stats, force=force)
+            assert self.engine is not None
+            ids = list(dict.fromkeys(i for m in messages for i in m.get("ids", [])))
+            base = self.engine.revision  # == the stored head (checked by _ensure)
+            updates = self._apply(ids)
+            stats.updates = len(updates)
+            if updates:
+                self._reserve(base)  # fails if another container moved the head meanwhile
+                self._publish(updates, stats)
+                self._commit()
+            # explicit re-render requests (the agent API found a gap it cannot bridge)
+            for wid in dict.fromkeys(i for m in messages for i in m.get("publish", [])):
+                if wid in self.engine.workloads:
+                    self._publish_bundle(wid, stats)
+            stats.revision = self.engine.revision
+        except Exception:
+            self.engine = None  # never trust a half-applied engine: the next run rebuilds
+            self._lifecycles(messages, stats, ok=False)
+            raise
+        stats.bytes_published = self.w.publisher.bytes_published - bytes0
+        self._lifecycles(messages, stats, ok=True)
+        self.metric("SetsTouched", stats.sets_touched)
+        self.metric("BundlesPublished", stats.bundles_published)
+        self.metric("BytesPublished", stats.bytes_published)
+        return stats
+
+    # engine lifecycle
+
+    def _ensure(self, active: tuple[PolicyVersion, Policy], stats: ComputeStats, force: bool = False) -> None:
+        pv, policy = active
+        head = self.w.store.head()
+        e = self.engine
+        if (
+            not force
+            and e is not None
+            and head.clean
+            and e.revision == head.revision
+            and e.policy_version == pv.version == head.policy_version
+        ):
+            return
+        log.info("rebuilding engine at head %s (policy v%s)", head.revision, pv.version)
+        engine = Engine(policy, policy_version=pv.version, revision=head.revision)
+        engine.load(r.effective() for r in self.w.store.all_records() if r.active)
+        self.engine = engine
+        self._reserve(head.revision)
+        for wid in sorted(engine.workloads):
+            self._publish_bundle(wid, stats)
+        self._commit()
+        stats.rebuilt_engine = True
+
+    def _reserve(self, expected: int) -> None:
+        assert self.engine is not None
+        self.w.store.put_head(
+            EngineHead(revision=self.engine.revision, policy_version=self.engine.policy_version, clean=False), expected
+        )
+
+    def _commit(self) -> None:
+        assert self.engine is not None
+        self.w.store.put_head(
+            EngineHead(revision=self.engine.revision, policy_version=self.engine.policy_version, clean=True),
+            self.engine.revision,
+        )
+
+    def _apply(self, ids: list[str]) -> list[Update]:
+        assert self.engine is not None
+        out = []
+        recs = self.w.store.get_many(ids)
+        for wid in ids:
+            rec = recs.get(wid)
+            upd = self.engine.upsert(rec.effective()) if rec is not None and rec.active else self.engine.remove(wid)
+            if upd.changed:
+                out.append(upd)
+        return out
+
+    # publication
+
+    def _publish(self, updates: list[Update], stats: ComputeStats) -> None:
+        assert self.engine is not None
+        signer = self.w.signer
+        touched: set[str] = set()
+        rebuilt: set[str] = set()
+        notify: set[str] = set()
+        for upd in updates:
+            for name, (from_v, added, removed) in sorted(upd.set_deltas.items()):
+                doc = bundle.sign(
+                    bundle.SetDelta(
+                        set=name,
+                        from_version=from_v,
+                        to_version=upd.revision,
+                        add=[format_prefix(p) for p in added],
+                        remove=[format_prefix(p) for p in removed],
+                    ),
+                    signer,
+                )
+                key = self.w.publisher.put_delta(doc)
+                self.w.store.put_delta(DeltaPointer(set=name, from_version=from_v, to_version=upd.revision, key=key))
+                stats.deltas_published += 1
+                touched.add(name)
+            rebuilt |= upd.rebuilt
+            notify |= upd.notify
+        for name in sorted(touched):
+            s = self.engine.sets_by_name.get(name)
+            if s is not None:
+                self.w.store.put_set_head(name, s.version)
+        stats.sets_touched += len(touched)
+        # Whole bundles only where a workload's own rules changed. Agents whose bundles merely
+        # reference a changed set get the signed deltas; the agent API materializes their current
+        # bundle on demand from the last full one plus those deltas (see AgentApi.current).
+        for wid in sorted(rebuilt):
+            if wid in self.engine.workloads:
+                self._publish_bundle(wid, stats)
+        for wid in sorted(notify - rebuilt):
+            if wid in self.engine.workloads:
+                self.notifier.nudge(wid, self.engine.bundle_version(wid))
+                stats.nudged += 1
+
+    def _publish_bundle(self, wid: str, stats: ComputeStats) -> None:
+        assert self.engine is not None
+        doc = bundle.sign(bundle.Bundle.model_validate(self.engine.render(wid)), self.w.signer)
+        key, _ = self.w.publisher.put_bundle(doc)
+        ptr = BundlePointer(
+            workload_id=wid,
+            version=doc.version,
+            key=key,
+            etag=f'"{doc.version}"',
+            rules_revision=self.engine.workloads[wid].rules_revision,
+            sets={n: s.version for n, s in doc.sets.items()},
+        )
+        self.w.store.put_bundle_pointer(ptr)
+        stats.bundles_published += 1
+        self.notifier.nudge(wid, doc.version)
+
+    # lifecycle hooks
+
+    def _lifecycles(self, messages: list[dict[str, Any]], stats: ComputeStats, ok: bool) -> None:
+        for m in messages:
+            lc = m.get("lifecycle")
+            if not lc:
+                continue
+            iid = lc["instance_id"]
+            launching = lc["transition"].endswith("LAUNCHING")
+            ready = ok and self.engine is not None
+            if ready and launching:
+                ptr = self.w.store.bundle_pointer(iid)
+                ready = iid in self.engine.workloads and ptr is not None  # type: ignore[union-attr]
+            if ready and not launching:
+                ready = iid not in self.engine.workloads  # type: ignore[union-attr]
+            if not ready:
+                log.error(
+                    "lifecycle %s for %s: policy not published; NOT completing — the hook %s of %s will time out "
+                    "into its configured default result",
+                    lc["transition"],
+                    iid,
+                    lc["hook_name"],
+                    lc["group_name"],
+                )
+                stats.lifecycle_abandoned_to_timeout.append(iid)
+                self.metric("LifecycleLeftToTimeout", 1)
+                continue
+            try:
+                region = lc.get("region")
+                ec2.complete_lifecycle(
+                    clients.client("autoscaling", region=region),
+                    lc["hook_name"],
+                    lc["group_name"],
+                    lc["token"],
+                    iid,
+                    "CONTINUE",
+                )
+                stats.lifecycle_completed.append(iid)
+            except Exception as exc:
+                log.error(
+                    "CompleteLifecycleAction for %s failed (%s): the hook will time out into its default result",
+                    iid,
+                    exc,
+                )
+                stats.lifecycle_abandoned_to_timeout.append(iid)

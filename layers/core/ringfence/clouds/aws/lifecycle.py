@@ -1,0 +1,33 @@
+"""Lifecycle hooks: an instance is segmented before it serves and leaves peers' sets before it goes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ringfence.events import Kind, MalformedEvent, normalize
+
+from .ingest import mark_leaving, observe_instances
+from .wiring import Wiring
+
+# --- lifecycle --------------------------------------------------------------------------------------
+
+
+class Lifecycle:
+    """ASG lifecycle actions: update the inventory now, let compute publish, then complete."""
+
+    def __init__(self, w: Wiring) -> None:
+        self.w = w
+
+    def handle(self, raw: dict[str, Any]) -> dict[str, Any]:
+        ev = normalize(raw)
+        if ev is None or ev.lifecycle is None:
+            raise MalformedEvent(f"not a lifecycle action event: {raw.get('detail-type')!r}")
+        ids = list(ev.instance_ids)
+        changed = observe_instances(self.w, ev.account, ev.region, ids)
+        if ev.kind is Kind.LIFECYCLE_TERMINATE:
+            changed |= mark_leaving(self.w, ev.account, ev.region, ids)
+        lc = ev.lifecycle.model_dump()
+        lc["hook_name"], lc["group_name"] = ev.lifecycle.hook_name, ev.lifecycle.group_name
+        lc["region"] = ev.region
+        self.w.enqueue_compute(sorted(changed) or ids, lifecycle=lc)
+        return {"instance": ev.lifecycle.instance_id, "transition": ev.lifecycle.transition}

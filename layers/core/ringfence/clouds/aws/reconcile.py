@@ -1,0 +1,62 @@
+"""Reconcile: scheduled full sync of every account/region; converges whatever events were lost."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import clients, ec2
+from .wiring import Metric, Wiring, no_metric
+
+# --- reconcile --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReconcileResult:
+    seen: int = 0
+    changed: list[str] = field(default_factory=list)
+    gone: list[str] = field(default_factory=list)
+    offline: list[str] = field(default_factory=list)
+
+
+class Reconcile:
+    def __init__(self, w: Wiring, metric: Metric = no_metric) -> None:
+        self.w = w
+        self.metric = metric
+
+    def run(self, now: float | None = None) -> ReconcileResult:
+        res = ReconcileResult()
+        mapper = self.w.mapper()
+        records = {r.id: r for r in self.w.store.all_records()}
+        changed: set[str] = set()
+        for t in self.w.cfg.targets:
+            client = clients.assumed_client("ec2", t.region, t.role_arn, "ringfence-reconcile")
+            t0 = ec2.now()
+            live_ids = set()
+            for inst in ec2.all_instances(client):
+                res.seen += 1
+                live_ids.add(inst["InstanceId"])
+                if self.w.store.observe(ec2.to_record(inst, t.account, t.region, t0, mapper)):
+                    changed.add(inst["InstanceId"])
+            for rec in records.values():
+                w = rec.workload
+                mine = w.cloud == "aws" and w.account == t.account and w.region == t.region
+                if (
+                    mine
+                    and rec.id not in live_ids
+                    and rec.state != "terminated"
+                    and self.w.store.observe(ec2.tombstone(rec.id, t.account, t.region, t0))
+                ):
+                    changed.add(rec.id)
+                    res.gone.append(rec.id)
+        # agents silent for longer than offline_after leave their peers' sets (only then)
+        now = ec2.now() if now is None else now
+        for rec in records.values():
+            silent = rec.last_heartbeat is not None and now - rec.last_heartbeat > self.w.cfg.offline_after
+            if rec.enrolled and silent and not rec.offline:
+                self.w.store.set_liveness(rec.id, offline=True)
+                res.offline.append(rec.id)
+                changed.add(rec.id)
+        res.changed = sorted(changed)
+        self.w.enqueue_compute(res.changed)
+        self.metric("ReconcileDrift", len(res.changed))
+        return res

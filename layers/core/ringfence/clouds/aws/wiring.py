@@ -1,0 +1,153 @@
+"""Configuration and wiring of the AWS control-plane services (environment → clients, store, signer)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ringfence.labels import LabelMapper
+from ringfence.policy import Policy, load_policy_texts
+from ringfence.store.base import (
+    PolicyVersion,
+    Store,
+)
+
+from . import clients
+from .publish import S3Publisher
+
+log = logging.getLogger("ringfence.aws")
+
+Metric = Callable[[str, float], None]
+
+
+def no_metric(name: str, value: float) -> None:
+    return None
+
+
+# --- configuration ------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    account: str
+    region: str
+    role_arn: str | None = None
+
+
+@dataclass
+class Config:
+    inventory_table: str = ""
+    state_table: str = ""
+    audit_table: str = ""
+    bucket: str = ""
+    compute_queue_url: str = ""
+    dlq_url: str = ""
+    signing_key_ref: str = ""
+    kms_key_id: str | None = None
+    iid_cert_pem: str = ""
+    websocket_endpoint: str | None = None
+    offline_after: int = 900
+    token_ttl: int = 7 * 86400
+    nonce_ttl: int = 300
+    allowed_accounts: list[str] = field(default_factory=list)
+    sts_endpoints: list[str] = field(default_factory=list)
+    account_roles: dict[str, str] = field(default_factory=dict)
+    targets: list[Target] = field(default_factory=list)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Config:
+        e = dict(os.environ) if env is None else env
+        return cls(
+            inventory_table=e.get("RINGFENCE_INVENTORY_TABLE", ""),
+            state_table=e.get("RINGFENCE_STATE_TABLE", ""),
+            audit_table=e.get("RINGFENCE_AUDIT_TABLE", ""),
+            bucket=e.get("RINGFENCE_BUCKET", ""),
+            compute_queue_url=e.get("RINGFENCE_COMPUTE_QUEUE_URL", ""),
+            dlq_url=e.get("RINGFENCE_DLQ_URL", ""),
+            signing_key_ref=e.get("RINGFENCE_SIGNING_KEY", ""),
+            kms_key_id=e.get("RINGFENCE_KMS_KEY_ID") or None,
+            iid_cert_pem=e.get("RINGFENCE_IID_CERT", ""),
+            websocket_endpoint=e.get("RINGFENCE_WEBSOCKET_ENDPOINT") or None,
+            offline_after=int(e.get("RINGFENCE_OFFLINE_AFTER", "900")),
+            token_ttl=int(e.get("RINGFENCE_TOKEN_TTL", str(7 * 86400))),
+            nonce_ttl=int(e.get("RINGFENCE_NONCE_TTL", "300")),
+            allowed_accounts=[a for a in e.get("RINGFENCE_ALLOWED_ACCOUNTS", "").split(",") if a],
+            sts_endpoints=[u for u in e.get("RINGFENCE_STS_ENDPOINTS", "").split(",") if u],
+            account_roles=json.loads(e.get("RINGFENCE_ACCOUNT_ROLES", "{}") or "{}"),
+            targets=[Target(**t) for t in json.loads(e.get("RINGFENCE_RECONCILE_TARGETS", "[]") or "[]")],
+        )
+
+
+class Wiring:
+    """Shared clients and adapters, built once per container."""
+
+    def __init__(self, cfg: Config) -> None:
+        from ringfence.store.dynamodb import DynamoStore
+
+        self.cfg = cfg
+        self.store: Store = DynamoStore(
+            cfg.inventory_table, cfg.state_table, cfg.audit_table, resource=clients.resource("dynamodb")
+        )
+        self.publisher = S3Publisher(clients.client("s3"), cfg.bucket, cfg.kms_key_id)
+        self.sqs = clients.client("sqs")
+        self._policies: dict[int, Policy] = {}
+        self._signer: Any = None
+        self._mapper: tuple[float, LabelMapper | None] | None = None
+        # (account, region, instance) → (describe time, instance or None): valid for one batch
+        self.prefetched: dict[tuple[str, str, str], tuple[float, dict[str, Any] | None]] = {}
+
+    @property
+    def signer(self) -> Any:
+        if self._signer is None:
+            from .signer import from_reference
+
+            self._signer = from_reference(self.cfg.signing_key_ref, lambda n: clients.client(n))
+        return self._signer
+
+    def ec2_for(self, account: str, region: str) -> Any:
+        return clients.assumed_client("ec2", region, self.cfg.account_roles.get(account))
+
+    def policy(self, pv: PolicyVersion) -> Policy:
+        if pv.version not in self._policies:
+            texts = {name: self.publisher.get(key).decode() for name, key in pv.keys.items()}
+            self._policies[pv.version] = load_policy_texts(texts)
+        return self._policies[pv.version]
+
+    def active_policy(self) -> tuple[PolicyVersion, Policy] | None:
+        pv = self.store.active_policy()
+        return (pv, self.policy(pv)) if pv is not None else None
+
+    def mapper(self) -> LabelMapper | None:
+        """The active policy's tag→label mapping, looked up at most every 30 s (for ingest's
+        hygiene view only: compute always resolves labels with the exact policy it compiles)."""
+        now = time.monotonic()
+        if self._mapper is None or now - self._mapper[0] > 30:
+            active = self.active_policy()
+            self._mapper = (now, active[1].labels if active else None)
+        return self._mapper[1]
+
+    def enqueue_compute(
+        self,
+        ids: Iterable[str] = (),
+        *,
+        rebuild: bool = False,
+        lifecycle: dict[str, str] | None = None,
+        publish: list[str] | None = None,
+    ) -> None:
+        ids = list(dict.fromkeys(ids))
+        if not ids and not rebuild and lifecycle is None and not publish:
+            return
+        for i in range(0, max(len(ids), 1), 500):
+            body = {"ids": ids[i : i + 500], "rebuild": rebuild, "lifecycle": lifecycle, "publish": publish or []}
+            self.sqs.send_message(
+                QueueUrl=self.cfg.compute_queue_url,
+                MessageBody=json.dumps(body),
+                MessageGroupId="compute",  # one group: compute is serialized
+                MessageDeduplicationId=uuid.uuid4().hex,
+            )
