@@ -62,6 +62,15 @@ def bundle_file(directory: Path, workload_id: str) -> Path:
     return path
 
 
+def _emit(text: str, out: str | None) -> None:
+    """Write ``text`` to the ``--out`` file, or to stdout."""
+    if out:
+        Path(out).write_text(text)
+        print(f"wrote {out}")
+    else:
+        sys.stdout.write(text)
+
+
 def _print_json(obj: object) -> None:
     print(json.dumps(obj, indent=1, sort_keys=True, default=str))
 
@@ -92,11 +101,7 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
 
 def cmd_policy_schema(args: argparse.Namespace) -> int:
     text = schema_text()
-    if args.out:
-        Path(args.out).write_text(text)
-        print(f"wrote {args.out}")
-    else:
-        sys.stdout.write(text)
+    _emit(text, args.out)
     return 0
 
 
@@ -333,11 +338,7 @@ def cmd_export_calico(args: argparse.Namespace) -> int:
 
     policy = load_policy(Path(args.policy))
     text = export_calico(policy, _inventory(args), modes=not args.no_modes, failsafes=not args.no_failsafes)
-    if args.out:
-        Path(args.out).write_text(text)
-        print(f"wrote {args.out}")
-    else:
-        sys.stdout.write(text)
+    _emit(text, args.out)
     return 0
 
 
