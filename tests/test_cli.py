@@ -179,7 +179,7 @@ def test_provision_versions_diff(tmp_path: Path) -> None:
         ("policy.provision", "policy/2"),
         ("policy.revert", "policy/3"),
     ]
-    assert audit[2]["details"]["reverted_to"] == 1
+    assert audit[2]["detail"]["reverted_to"] == 1 and audit[2]["principal"]
     assert "no differences" in rf("policy", "diff", str(EXAMPLE / "policy"), "--store", store).stdout
     stored = tmp_path / "store" / "versions" / "000001.json"
     assert not stored.stat().st_mode & 0o222, "provisioned versions are read-only"

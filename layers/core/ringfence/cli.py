@@ -14,6 +14,7 @@ from typing import Any
 
 from ringfence import bundle as bundle_mod
 from ringfence.addresses import format_address
+from ringfence.audit import AuditRecord
 from ringfence.engine import Engine
 from ringfence.engine.connectivity import compute, group_name
 from ringfence.engine.explain import EndpointError, decide, format_decision, parse_endpoint
@@ -25,12 +26,10 @@ from ringfence.policytests import run_tests
 from ringfence.publish import signed_bundle
 from ringfence.services import PortSpecError, parse_flow_port
 from ringfence.versions import (
-    AuditRecord,
     FileVersionStore,
     default_actor,
     digest_of,
     next_version,
-    now,
     relative_files,
 )
 
@@ -139,12 +138,11 @@ def cmd_policy_provision(args: argparse.Namespace) -> int:
     store.put(version)
     store.audit(
         AuditRecord(
-            time=now(),
-            actor=version.author,
+            principal=version.author,
             action="policy.provision",
             target=f"policy/{version.number}",
             reason=version.message,
-            details={"digest": version.digest, "rules": len(draft.rules)},
+            detail={"digest": version.digest, "rules": len(draft.rules)},
         )
     )
     print(f"provisioned policy version {version.number} by {version.author}: {version.message}")
@@ -166,12 +164,11 @@ def cmd_policy_revert(args: argparse.Namespace) -> int:
     store.put(version)
     store.audit(
         AuditRecord(
-            time=now(),
-            actor=version.author,
+            principal=version.author,
             action="policy.revert",
             target=f"policy/{version.number}",
             reason=version.message,
-            details={"reverted_to": old.number, "digest": old.digest, "rules": len(policy.rules)},
+            detail={"reverted_to": old.number, "digest": old.digest, "rules": len(policy.rules)},
         )
     )
     print(f"provisioned policy version {version.number} with the content of version {old.number}: {version.message}")

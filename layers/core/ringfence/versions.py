@@ -16,6 +16,8 @@ from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ringfence.audit import AuditRecord
+
 
 class PolicyVersion(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -26,17 +28,6 @@ class PolicyVersion(BaseModel):
     created_at: str
     digest: str = Field(description="sha256 over the policy files")
     files: dict[str, str] = Field(description="relative file name → YAML text")
-
-
-class AuditRecord(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    time: str
-    actor: str
-    action: str  # policy.provision | policy.revert | workload.mode | workload.quarantine | workload.release
-    target: str
-    reason: str = ""
-    details: dict[str, object] = Field(default_factory=dict)
 
 
 class VersionConflict(RuntimeError):

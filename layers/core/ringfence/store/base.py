@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import time
-import uuid
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ringfence.audit import AuditRecord
 from ringfence.model import Mode, Workload
+
+__all__ = ["AuditRecord"]  # re-exported: the store persists the shared audit record
 
 ACTIVE_STATES = frozenset({"pending", "running"})
 
@@ -88,18 +89,6 @@ class PolicyVersion(BaseModel):
     digest: str
     created_by: str = ""
     comment: str = ""
-
-
-class AuditRecord(BaseModel):
-    """Append-only: who did what to which target, when and why."""
-
-    id: str = Field(default_factory=lambda: uuid.uuid4().hex)
-    time: float = Field(default_factory=time.time)
-    principal: str
-    action: str
-    target: str
-    detail: dict[str, Any] = Field(default_factory=dict)
-    reason: str = ""
 
 
 class Store(Protocol):
