@@ -53,6 +53,15 @@ class Source(Protocol):
     def report(self, batch: ReportBatch) -> None: ...
 
 
+def fetched_bundle(status: int, body: bytes, what: str) -> Bundle | None:
+    """The answer to a (conditional) bundle GET: None when unchanged (304) or not published yet (404)."""
+    if status in (304, 404):
+        return None
+    if status != 200:
+        raise SourceError(f"{what}: HTTP {status}")
+    return load_bundle(body)
+
+
 def _http(
     url: str,
     timeout: float,
@@ -111,14 +120,9 @@ class StaticSource:
             return load_bundle(raw)
         headers = {"If-None-Match": self._etag} if self._etag else {}
         status, hdrs, body = _http(f"{self.base}/{quote(name)}", self.timeout, headers=headers)
-        if status == 304:
-            return None  # unchanged since the last fetch: nothing to apply
-        if status == 404:
-            return None
-        if status != 200:
-            raise SourceError(f"GET {name}: HTTP {status}")
-        doc = load_bundle(body)
-        self._etag = hdrs.get("ETag") or hdrs.get("Etag")
+        doc = fetched_bundle(status, body, f"GET {name}")
+        if doc is not None:
+            self._etag = hdrs.get("ETag") or hdrs.get("Etag")
         return doc
 
     def deltas(self, since: int, sets: dict[str, int]) -> list[SetDelta] | None:
@@ -224,14 +228,9 @@ class ApiSource:
     def bundle(self) -> Bundle | None:
         headers = {"If-None-Match": self._etag} if self._etag else {}
         status, hdrs, body = self._call("bundle", headers=headers)
-        if status == 304:
-            return None  # unchanged since the last fetch: nothing to apply
-        if status == 404:
-            return None
-        if status != 200:
-            raise SourceError(f"bundle: HTTP {status}")
-        doc = load_bundle(body)
-        self._etag = hdrs.get("ETag") or hdrs.get("Etag")
+        doc = fetched_bundle(status, body, "bundle")
+        if doc is not None:
+            self._etag = hdrs.get("ETag") or hdrs.get("Etag")
         return doc
 
     def deltas(self, since: int, sets: dict[str, int]) -> list[SetDelta] | None:
