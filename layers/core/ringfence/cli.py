@@ -14,7 +14,6 @@ from typing import Any
 
 from ringfence import bundle as bundle_mod
 from ringfence.addresses import format_address
-from ringfence.audit import AuditRecord
 from ringfence.engine import Engine
 from ringfence.engine.connectivity import compute, group_name
 from ringfence.engine.explain import EndpointError, decide, format_decision, parse_endpoint
@@ -29,7 +28,7 @@ from ringfence.versions import (
     FileVersionStore,
     default_actor,
     digest_of,
-    next_version,
+    record_version,
     relative_files,
 )
 
@@ -134,16 +133,8 @@ def cmd_policy_provision(args: argparse.Namespace) -> int:
     if latest is not None and latest.digest == digest_of(files):
         print(f"draft is identical to active version {latest.number}: nothing to provision")
         return 0
-    version = next_version(store, files, args.author or default_actor(), args.message)
-    store.put(version)
-    store.audit(
-        AuditRecord(
-            principal=version.author,
-            action="policy.provision",
-            target=f"policy/{version.number}",
-            reason=version.message,
-            detail={"digest": version.digest, "rules": len(draft.rules)},
-        )
+    version = record_version(
+        store, files, args.author or default_actor(), args.message, "policy.provision", {"rules": len(draft.rules)}
     )
     print(f"provisioned policy version {version.number} by {version.author}: {version.message}")
     return 0
@@ -160,16 +151,13 @@ def cmd_policy_revert(args: argparse.Namespace) -> int:
     if latest is not None and latest.digest == old.digest:
         print(f"active version {latest.number} already has the content of version {old.number}")
         return 0
-    version = next_version(store, old.files, args.author or default_actor(), args.message)
-    store.put(version)
-    store.audit(
-        AuditRecord(
-            principal=version.author,
-            action="policy.revert",
-            target=f"policy/{version.number}",
-            reason=version.message,
-            detail={"reverted_to": old.number, "digest": old.digest, "rules": len(policy.rules)},
-        )
+    version = record_version(
+        store,
+        old.files,
+        args.author or default_actor(),
+        args.message,
+        "policy.revert",
+        {"reverted_to": old.number, "rules": len(policy.rules)},
     )
     print(f"provisioned policy version {version.number} with the content of version {old.number}: {version.message}")
     return 0

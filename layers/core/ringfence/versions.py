@@ -136,3 +136,21 @@ def next_version(store: VersionStore, files: dict[str, str], author: str, messag
         digest=digest_of(files),
         files=files,
     )
+
+
+def record_version(
+    store: VersionStore, files: dict[str, str], author: str, message: str, action: str, detail: dict[str, object]
+) -> PolicyVersion:
+    """Store ``files`` as the next numbered version and append the audit record that says so."""
+    version = next_version(store, files, author, message)
+    store.put(version)
+    store.audit(
+        AuditRecord(
+            principal=author,
+            action=action,
+            target=f"policy/{version.number}",
+            reason=message,
+            detail={"digest": version.digest, **detail},
+        )
+    )
+    return version
