@@ -126,6 +126,28 @@ def test_connectivity_json() -> None:
     assert ("ord-dev-proc-1", "ord-prod-db-1") not in pairs
 
 
+def test_connectivity_equals_the_matrix_over_compiled_states() -> None:
+    """The command builds no engine; its pairs and groups are those of the engine's states."""
+    from ringfence.engine import Engine
+    from ringfence.engine.connectivity import compute, group_name
+    from ringfence.inventory import load_inventory
+    from ringfence.policy import load_policy
+
+    policy = load_policy(Path(POLICY))
+    engine = Engine(policy)
+    engine.load(load_inventory(Path(INVENTORY)))
+    m = compute(policy, engine.workloads.values(), include_staged=True)
+    base = ("connectivity", "--policy", POLICY, "--inventory", INVENTORY, "--staged", "--json")
+    pairs = json.loads(rf(*base, "--workloads").stdout)
+    assert {(r["from"], r["to"]): (r["services"], r["rules"]) for r in pairs} == {
+        (a, b): ([str(x) for x in e.services], e.rules) for a, b, e in m.workload_pairs()
+    }
+    groups = json.loads(rf(*base).stdout)
+    assert {(r["from"], r["to"]): r["workloads"] for r in groups} == {
+        (group_name(s), group_name(d)): [len(m.groups[s]), len(m.groups[d])] for s, d in m.edges
+    }
+
+
 def test_labels_check_reports_and_strict_fails() -> None:
     proc = rf("labels", "check", "--policy", POLICY, "--inventory", INVENTORY, "--strict", ok=False)
     assert proc.returncode == 1

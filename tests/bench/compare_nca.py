@@ -9,11 +9,28 @@ It generates a synthetic estate (:mod:`ringfence.synth`), exports it with
 :func:`ringfence.export.calico.export_calico` as host endpoints + GlobalNetworkPolicies (every
 endpoint enforced, no fail-safe policy, no staged rulesets: the pure policy that
 :func:`ringfence.engine.connectivity.compute` evaluates), runs ``nca --connectivity`` on it
-with ``-o txt_no_fw_rules``, and in the same run times Ringfence (``Engine.load`` +
-``connectivity.compute`` + expanding the matrix to workload pairs). Then it parses NCA's
+with ``-o txt_no_fw_rules``, and in the same run times Ringfence. Then it parses NCA's
 explicit pairs and compares them, endpoint pair by endpoint pair, protocol by protocol and port
 by port, with ours. Pairs with an IP range on one side (IP-list rules) are counted but not
 compared: the matrix covers workload pairs only.
+
+What is timed on each side:
+
+* NCA: the wall time of ``nca --connectivity`` (interpreter start, imports, YAML parsing, the
+  analysis, writing its output), and the "Total run time" it reports itself (everything but
+  interpreter start and imports).
+* Ringfence, **matrix**: :func:`~ringfence.engine.connectivity.compute_inventory` — inventory
+  records (already parsed) → labels → the complete group-level matrix (every group's members,
+  every allowed group pair with its services and rules). Timed cold (the first call in the
+  process) and then ``--repeat`` times more.
+* separately: expanding the matrix to every (source, destination) workload pair as a dict
+  (``pairs``); loading the policy YAML (``policy load``, :func:`load_policy_texts`); loading the
+  inventory YAML (``inventory load``, :func:`load_inventory` on a file of the same records); and
+  the previous path, ``Engine.load`` + :func:`compute` + pairs (``engine path``), for reference.
+
+Before each of our timed calls the garbage the harness left behind is collected (outside the
+timer; the garbage collector stays on, so collections our own allocations trigger are timed).
+Ratios are NCA's time over ours, each named by what the two sides include.
 
 ``tests/bench/test_compare_nca.py`` runs this at a small size when ``/tmp/nca`` exists and skips
 otherwise; nothing here installs NCA.
@@ -22,13 +39,16 @@ otherwise; nothing here installs NCA.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +56,9 @@ import yaml
 
 from ringfence import synth
 from ringfence.engine import Engine
-from ringfence.engine.connectivity import compute
+from ringfence.engine.connectivity import Matrix, compute, compute_inventory
 from ringfence.export.calico import export_documents
+from ringfence.inventory import load_inventory
 from ringfence.policy import load_policy_texts
 
 NCA = Path("/tmp/nca/bin/nca")
@@ -126,8 +147,33 @@ def ours_to_portsets(services: list[Any]) -> PortSets:
     return {p: _merge(r) for p, r in out.items()}
 
 
+def _seconds(fn: Callable[[], object], times: int) -> list[float]:
+    out = []
+    for _ in range(times):
+        gc.collect()  # the garbage of whatever ran before is not ours to pay for; our own is
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _pairs(matrix: Matrix) -> dict[tuple[str, str], Any]:
+    return {(a, b): edge.services for a, b, edge in matrix.workload_pairs()}
+
+
+def _engine_path(policy: Any, workloads: list[Any]) -> dict[tuple[str, str], Any]:
+    engine = Engine(policy)
+    engine.load(workloads)
+    return _pairs(compute(policy, engine.workloads.values()))
+
+
 def run(
-    workloads: int = 385, apps: int | None = 3, seed: int = 1, nca: Path = NCA, keep: Path | None = None
+    workloads: int = 385,
+    apps: int | None = 3,
+    seed: int = 1,
+    nca: Path = NCA,
+    keep: Path | None = None,
+    repeat: int = 20,
 ) -> dict[str, Any]:
     estate = synth.generate(workloads, seed=seed, apps=apps)
     policy = load_policy_texts(estate.policy_texts)
@@ -141,22 +187,25 @@ def run(
     (workdir / "endpoints.yaml").write_text(
         yaml.safe_dump({"apiVersion": "v1", "kind": "HostEndpointList", "items": heps}, sort_keys=False)
     )
-    # Ringfence: compile + matrix + expansion to workload pairs, the same question NCA answers
+    inventory_file = workdir / "inventory.yaml"
+    inventory_file.write_text(
+        yaml.safe_dump({"workloads": [w.model_dump(mode="json", exclude_defaults=True) for w in estate.workloads]})
+    )
+    # Ringfence: the group matrix, cold (first call in this process) and then `repeat` times more
+    gc.collect()
     t0 = time.perf_counter()
-    engine = Engine(policy)
-    engine.load(estate.workloads)
-    matrix = compute(policy, engine.workloads.values())
-    matrix_s = time.perf_counter() - t0
-    ours_raw = {(a, b): edge.services for a, b, edge in matrix.workload_pairs()}
-    ours_s = time.perf_counter() - t0
-    warm = []
-    for _ in range(3):  # the same work again, with the interpreter's caches warm
-        t1 = time.perf_counter()
-        e2 = Engine(policy)
-        e2.load(estate.workloads)
-        m2 = compute(policy, e2.workloads.values())
-        _ = {(a, b): edge.services for a, b, edge in m2.workload_pairs()}
-        warm.append(time.perf_counter() - t1)
+    matrix = compute_inventory(policy, estate.workloads)
+    matrix_cold = time.perf_counter() - t0
+    matrix_s = _seconds(lambda: compute_inventory(policy, estate.workloads), repeat)
+    gc.collect()
+    t0 = time.perf_counter()
+    ours_raw = _pairs(matrix)
+    pairs_cold = time.perf_counter() - t0
+    pairs_s = _seconds(lambda: _pairs(matrix), repeat)
+    policy_s = _seconds(lambda: load_policy_texts(estate.policy_texts), 5)
+    inventory_s = _seconds(lambda: load_inventory(inventory_file), 5)
+    engine_s = _seconds(lambda: _engine_path(policy, estate.workloads), 5)
+    assert load_inventory(inventory_file) == estate.workloads
     # NCA
     out_file = workdir / "nca-out.txt"
     cmd = [str(nca), "--connectivity", str(workdir / "policies.yaml"), "-p", str(workdir / "endpoints.yaml")]
@@ -167,6 +216,7 @@ def run(
     if proc.returncode != 0 and not out_file.exists():
         raise RuntimeError(f"nca failed ({proc.returncode}): {proc.stderr[-2000:]}")
     reported = re.search(r"Total run time:\s*([\d.]+)", proc.stdout + proc.stderr)
+    nca_reported = float(reported.group(1)) if reported else None
     theirs, external = parse_nca_output(out_file.read_text(), set(name_of.values()))
     # NCA keeps at most two endpoints per set of identical labels ("isomorphic peers",
     # TopologyObjectsFinder._add_peer), in file order: compare on the endpoints it kept
@@ -179,16 +229,41 @@ def run(
     only_ours = sorted(set(ours) - set(theirs))
     only_theirs = sorted(set(theirs) - set(ours))
     port_diffs = sorted(k for k in set(ours) & set(theirs) if ours[k] != theirs[k])
+    med = statistics.median
+    matrix_med, pairs_med, policy_med = med(matrix_s), med(pairs_s), med(policy_s)
+
+    def ratio(theirs_s: float | None, ours_s: float) -> float | None:
+        return round(theirs_s / ours_s, 1) if theirs_s and ours_s else None
+
     return {
         "endpoints": len(heps),
         "policies": len(gnps),
         "rules": len(policy.rules),
-        "ours_s": round(ours_s, 4),
-        "ours_warm_min_s": round(min(warm), 4),
-        "ours_group_matrix_s": round(matrix_s, 4),
+        "label_groups": len(matrix.groups),
+        "group_edges": len(matrix.edges),
+        "repeat": repeat,
+        "ours_matrix_cold_s": round(matrix_cold, 5),
+        "ours_matrix_median_s": round(matrix_med, 5),
+        "ours_matrix_min_s": round(min(matrix_s), 5),
+        "ours_matrix_max_s": round(max(matrix_s), 5),
+        "ours_pairs_cold_s": round(pairs_cold, 5),
+        "ours_pairs_median_s": round(pairs_med, 5),
+        "policy_load_median_s": round(policy_med, 5),
+        "inventory_load_median_s": round(med(inventory_s), 5),
+        "engine_path_median_s": round(med(engine_s), 5),
         "nca_s": round(nca_s, 2),
-        "nca_reported_s": float(reported.group(1)) if reported else None,
-        "speedup": round(nca_s / ours_s, 1) if ours_s else None,
+        "nca_reported_s": nca_reported,
+        "ratios": {
+            "nca_wall/matrix_cold": ratio(nca_s, matrix_cold),
+            "nca_wall/matrix_median": ratio(nca_s, matrix_med),
+            "nca_reported/matrix_median": ratio(nca_reported, matrix_med),
+            "nca_wall/(matrix+pairs)_median": ratio(nca_s, matrix_med + pairs_med),
+            "nca_wall/(policy_load+matrix)_median": ratio(nca_s, policy_med + matrix_med),
+            "nca_reported/(policy_load+inventory_load+matrix+pairs)_median": ratio(
+                nca_reported, policy_med + med(inventory_s) + matrix_med + pairs_med
+            ),
+            "nca_wall/engine_path_median": ratio(nca_s, med(engine_s)),
+        },
         "nca_kept_endpoints": len(kept),
         "our_pairs_all_endpoints": len(ours_raw),
         "our_pairs": len(ours),
@@ -210,22 +285,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--nca", type=Path, default=NCA)
     ap.add_argument("--keep", type=Path, help="directory for the exported YAML and NCA's output")
+    ap.add_argument("--repeat", type=int, default=20, help="timed runs of our side after the cold one")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if not args.nca.exists():
         print(f"{args.nca} not found; install NCA in its own venv (see this script's docstring)", file=sys.stderr)
         return 2
-    r = run(args.workloads, args.apps, args.seed, args.nca, args.keep)
+    r = run(args.workloads, args.apps, args.seed, args.nca, args.keep, args.repeat)
     if args.json:
         print(json.dumps(r, indent=1))
     else:
+        ms = 1e3
         print(
-            f"estate: {r['endpoints']} host endpoints, {r['policies']} GlobalNetworkPolicies ({r['rules']} Ringfence rules)\n"
+            f"estate: {r['endpoints']} host endpoints, {r['policies']} GlobalNetworkPolicies "
+            f"({r['rules']} Ringfence rules; {r['label_groups']} label groups, {r['group_edges']} allowed group pairs)\n"
             f"NCA --connectivity: {r['nca_s']:.2f} s wall (reports {r['nca_reported_s']} s)\n"
-            f"Ringfence load + matrix + workload pairs: {r['ours_s'] * 1e3:.1f} ms "
-            f"(warm, best of 3: {r['ours_warm_min_s'] * 1e3:.1f} ms; "
-            f"before expanding groups to pairs: {r['ours_group_matrix_s'] * 1e3:.1f} ms)\n"
-            f"ratio: {r['speedup']}x\n"
+            f"Ringfence matrix (inventory -> labels -> group matrix): cold {r['ours_matrix_cold_s'] * ms:.2f} ms; "
+            f"{r['repeat']} more: median {r['ours_matrix_median_s'] * ms:.2f}, "
+            f"min {r['ours_matrix_min_s'] * ms:.2f}, max {r['ours_matrix_max_s'] * ms:.2f} ms\n"
+            f"  + expansion to {r['our_pairs_all_endpoints']} workload pairs: median {r['ours_pairs_median_s'] * ms:.2f} ms "
+            f"(cold {r['ours_pairs_cold_s'] * ms:.2f})\n"
+            f"  policy load {r['policy_load_median_s'] * ms:.1f} ms, inventory load "
+            f"{r['inventory_load_median_s'] * ms:.1f} ms (medians; not in the matrix figure)\n"
+            f"  previous path (Engine.load + compute + pairs): median {r['engine_path_median_s'] * ms:.1f} ms"
+        )
+        for name, value in r["ratios"].items():
+            print(f"ratio {name}: {value}x")
+        print(
             f"NCA models {r['nca_kept_endpoints']} of {r['endpoints']} endpoints (at most 2 per identical label set)\n"
             f"endpoint pairs among those: ours {r['our_pairs']}, NCA {r['nca_pairs']} "
             f"(+{r['nca_external_lines']} IP-range lines; ours over all endpoints: {r['our_pairs_all_endpoints']})\n"

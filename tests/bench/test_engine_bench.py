@@ -10,7 +10,7 @@ import pytest
 from ringfence import synth
 from ringfence.bench import CHANGE_KINDS, format_text, run_bench
 from ringfence.engine import Engine
-from ringfence.engine.connectivity import compute
+from ringfence.engine.connectivity import compute, compute_inventory
 from ringfence.policy import Policy, load_policy_texts
 
 N = 300
@@ -55,6 +55,12 @@ def test_bench_connectivity(benchmark: Any, estate: tuple[Policy, list[Any]]) ->
     engine = Engine(policy)
     engine.load(workloads)
     matrix = benchmark(compute, policy, engine.workloads.values())
+    assert matrix.allowed_pair_count() > 0
+
+
+def test_bench_connectivity_from_inventory(benchmark: Any, estate: tuple[Policy, list[Any]]) -> None:
+    policy, workloads = estate
+    matrix = benchmark(compute_inventory, policy, workloads)
     assert matrix.allowed_pair_count() > 0
 
 

@@ -7,6 +7,8 @@ One run on a :mod:`ringfence.synth` estate measures:
 * ``incremental_p50_s`` / ``incremental_p99_s`` — single-workload changes (relabel, re-IP, add,
   remove, mode change, quarantine): :meth:`Engine.upsert` / :meth:`Engine.remove`, which also
   render the bundles the change rebuilt (``Update.bundles``; peers receive set deltas);
+* ``connectivity_s`` — inventory → labels → the group-level connectivity matrix
+  (:func:`~ringfence.engine.connectivity.compute_inventory`; no engine, not expanded to pairs);
 * size figures: ``naive_pair_rules`` (allowed (source, destination, port range) triples a
   per-pair firewall would need, counted from the connectivity matrix, never materialised)
   against ``compiled_rules`` (inbound + outbound rules over all bundles) and
@@ -27,7 +29,7 @@ from typing import Any
 
 from ringfence import synth
 from ringfence.engine import Engine
-from ringfence.engine.connectivity import Matrix, compute
+from ringfence.engine.connectivity import Matrix, compute_inventory
 from ringfence.model import Mode, Workload
 from ringfence.policy import load_policy_texts
 
@@ -121,7 +123,7 @@ def run_bench(workloads: int, seed: int = 1, changes: int = 200, apps: int | Non
     set_elements = sum(len(s.elements) if s.static else len(s.elements.elements()) for s in engine.sets.values())
 
     t0 = time.perf_counter()
-    matrix = compute(policy, engine.workloads.values())
+    matrix = compute_inventory(policy, estate.workloads)  # inventory → labels → group matrix
     connectivity_s = time.perf_counter() - t0
     naive = naive_pair_rules(matrix)
     allowed_pairs = matrix.allowed_pair_count()

@@ -15,7 +15,7 @@ from typing import Any
 from ringfence import bundle as bundle_mod
 from ringfence.addresses import format_address
 from ringfence.engine import Engine
-from ringfence.engine.connectivity import compute, group_name
+from ringfence.engine.connectivity import compute_inventory, group_name
 from ringfence.engine.explain import EndpointError, decide, format_decision, parse_endpoint
 from ringfence.inventory import InventoryError, load_inventory
 from ringfence.model import Workload
@@ -263,8 +263,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_connectivity(args: argparse.Namespace) -> int:
-    policy, engine = _engine(args)
-    m = compute(policy, engine.workloads.values(), include_staged=args.staged)
+    # the matrix needs labels only: no engine, so no bundle rules or address sets are built
+    m = compute_inventory(load_policy(Path(args.policy)), _inventory(args), include_staged=args.staged)
     rows: list[dict[str, Any]]
     if args.workloads:
         rows = [

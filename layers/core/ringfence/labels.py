@@ -62,6 +62,18 @@ class LabelMapper:
             name: {normalize(k, d.normalize): normalize(v, d.normalize) for k, v in d.aliases.items()}
             for name, d in self.dimensions.items()
         }
+        self._derive_sources = tuple(sorted({d.derive.source for d in self.dimensions.values() if d.derive}))
+
+    def inputs(self, workload: Workload) -> tuple[object, ...]:
+        """Everything :meth:`resolve` reads from ``workload``: equal inputs resolve to equal labels.
+
+        Tag order is kept (a case-insensitive key lookup takes the first match), so the key is exact.
+        """
+        return (
+            tuple(workload.labels.items()),
+            tuple(workload.tags.items()),
+            tuple(getattr(workload, source) for source in self._derive_sources),
+        )
 
     def allowed_values(self, dim: str) -> set[str] | None:
         return self._allowed.get(dim)

@@ -9,8 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from ringfence.engine.compiler import Engine
-from ringfence.engine.connectivity import Matrix, compute, normalise, subtract
+from ringfence.engine.connectivity import Matrix, compute_inventory, normalise, subtract
 from ringfence.model import Workload
 from ringfence.policy import CompiledRule, Policy
 from ringfence.services import PortRange
@@ -88,9 +87,7 @@ def _match_rules(
 
 
 def _matrix(policy: Policy, inventory: Iterable[Workload]) -> Matrix:
-    engine = Engine(policy)
-    engine.load(inventory)
-    return compute(policy, engine.workloads.values())
+    return compute_inventory(policy, inventory)
 
 
 def _pair_services(m: Matrix) -> dict[tuple[str, str], list[PortRange]]:

@@ -6,6 +6,11 @@ bucketed by the values its ``same:`` pins, so only pairs that can match are visi
 that override-deny rules cover are then subtracted. Plain deny rules never remove an allow
 (allow beats deny). Rules with an IP-list side do not connect workloads and are not in the
 matrix; ``ringfence explain`` covers them.
+
+Two entry points build the same matrix: :func:`compute_inventory` from inventory records
+(labels resolved here; no bundles, rule entries or address sets are built, which is what makes
+it fast), and :func:`compute` from an engine's compiled workload states (after incremental
+changes). The matrix stays at group level; :meth:`Matrix.workload_pairs` expands it lazily.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from dataclasses import dataclass, field
 
 from ringfence.engine.compiler import WorkloadState
 from ringfence.engine.index import LabelIndex, iter_bits
-from ringfence.model import Action
+from ringfence.model import Action, Workload
 from ringfence.policy import CompiledRule, Policy
 from ringfence.selectors import evaluate
 from ringfence.services import PortRange
@@ -32,6 +37,8 @@ def label_key(labels: Mapping[str, str]) -> LabelKey:
 
 @dataclass(slots=True)
 class Edge:
+    """One allowed group pair. Edges allowed by the same rules share their lists: read them, do not mutate."""
+
     source: LabelKey
     destination: LabelKey
     services: list[PortRange]
@@ -110,6 +117,7 @@ def normalise(ranges: list[PortRange]) -> list[PortRange]:
 
 
 def compute(policy: Policy, workloads: Iterable[WorkloadState], include_staged: bool = False) -> Matrix:
+    """The matrix over compiled workload states (an :class:`~ringfence.engine.Engine`'s, after changes)."""
     groups: dict[LabelKey, list[str]] = defaultdict(list)
     labels_of: dict[LabelKey, dict[str, str]] = {}
     for ws in workloads:
@@ -118,73 +126,153 @@ def compute(policy: Policy, workloads: Iterable[WorkloadState], include_staged: 
         key = label_key(ws.labels)
         groups[key].append(ws.id)
         labels_of[key] = ws.labels
+    return _group_matrix(policy, dict(groups), labels_of, include_staged)
+
+
+def compute_inventory(policy: Policy, inventory: Iterable[Workload], include_staged: bool = False) -> Matrix:
+    """The matrix straight from inventory records, without compiling bundles (no ``Engine.load``).
+
+    Labels are resolved once per distinct set of label inputs (tags, direct labels, derivation
+    sources): workloads of one app tier share them, so most records cost a dictionary lookup.
+    """
+    mapper = policy.labels
+    key_of: dict[tuple[object, ...], LabelKey] = {}
+    groups: dict[LabelKey, list[str]] = {}
+    labels_of: dict[LabelKey, dict[str, str]] = {}
+    seen: set[str] = set()
+    for w in inventory:
+        if w.id in seen:
+            raise ValueError(f"duplicate workload id {w.id!r} in inventory")
+        seen.add(w.id)
+        if w.quarantined:
+            continue
+        inputs = mapper.inputs(w)
+        key = key_of.get(inputs)
+        if key is None:
+            labels = mapper.resolve(w).labels
+            key = key_of[inputs] = label_key(labels)
+            if key not in groups:
+                groups[key] = []
+                labels_of[key] = labels
+        groups[key].append(w.id)
+    return _group_matrix(policy, groups, labels_of, include_staged)
+
+
+def _group_matrix(
+    policy: Policy, groups: dict[LabelKey, list[str]], labels_of: dict[LabelKey, dict[str, str]], include_staged: bool
+) -> Matrix:
     # groups get slots in a label index, so a rule's selectors are evaluated once over bitsets
-    # and only the groups they match are visited
+    # and only the groups they match are visited; a group pair is the int c * n + p and what
+    # allows (or override-denies) it a bitmask of rule positions, so the per-pair work is one
+    # dict update per matching rule and each distinct rule combination is resolved once
     keys = list(labels_of)
+    n = len(keys)
     index = LabelIndex()
     for slot, key in enumerate(keys):
         index.add(slot, labels_of[key])
-    allow: dict[tuple[LabelKey, LabelKey], tuple[list[PortRange], list[str]]] = {}
-    deny: dict[tuple[LabelKey, LabelKey], list[PortRange]] = defaultdict(list)
-    overrides: list[CompiledRule] = []
-    for rule in policy.rules:
+    pins = _Pins(keys, labels_of)
+    rules = policy.rules
+    allow: dict[int, int] = {}
+    overrides: list[int] = []
+    for pos, rule in enumerate(rules):
         if rule.staged and not include_staged:
             continue
         if rule.action is Action.DENY or rule.consumer.selector is None or rule.provider.selector is None:
             continue
         if rule.action is Action.OVERRIDE_DENY:
-            overrides.append(rule)
+            overrides.append(pos)
             continue
-        for pair in _pairs(rule, keys, labels_of, index):
-            services, rule_ids = allow.setdefault(pair, ([], []))
-            services.extend(rule.services)
-            rule_ids.append(rule.id)
+        bit = 1 << pos
+        get = allow.get
+        for code in _pair_codes(rule, n, index, pins):
+            allow[code] = get(code, 0) | bit
     # override-deny only matters where something is allowed: a boundary such as non-prod ↛ prod
     # spans far more group pairs than there are allowed edges, so test the edges against it
-    slot_of = {key: slot for slot, key in enumerate(keys)}
-    for rule in overrides:
+    deny: dict[int, int] = {}
+    for pos in overrides:
+        rule = rules[pos]
         assert rule.consumer.selector is not None and rule.provider.selector is not None
-        consumers = set(iter_bits(evaluate(rule.consumer.selector, index)))
-        providers = set(iter_bits(evaluate(rule.provider.selector, index)))
-        if len(consumers) * len(providers) <= len(allow):
-            pairs: Iterable[tuple[LabelKey, LabelKey]] = (p for p in _pairs(rule, keys, labels_of, index) if p in allow)
+        bit = 1 << pos
+        consumers = evaluate(rule.consumer.selector, index)
+        providers = evaluate(rule.provider.selector, index)
+        if not consumers or not providers:
+            continue
+        if consumers.bit_count() * providers.bit_count() <= len(allow):
+            hits: Iterable[int] = [code for code in _pair_codes(rule, n, index, pins) if code in allow]
         else:
-            pairs = [
-                (c, p)
-                for c, p in allow
-                if slot_of[c] in consumers
-                and slot_of[p] in providers
-                and all(labels_of[c].get(d) == labels_of[p].get(d) for d in rule.same)
+            values = pins.values(rule.same)
+            hits = [
+                code
+                for code in allow
+                if consumers >> (code // n) & 1
+                and providers >> (code % n) & 1
+                and values[code // n] == values[code % n]
             ]
-        for pair in pairs:
-            deny[pair].extend(rule.services)
+        for code in hits:
+            deny[code] = deny.get(code, 0) | bit
+    resolved: dict[tuple[int, int], tuple[list[PortRange], list[str]]] = {}
     edges: dict[tuple[LabelKey, LabelKey], Edge] = {}
-    for pair, (services, rule_ids) in allow.items():
-        remaining = normalise(subtract(services, deny[pair]) if pair in deny else services)
-        if remaining:
-            edges[pair] = Edge(pair[0], pair[1], remaining, rule_ids)
-    return Matrix(dict(groups), edges)
+    for code, allowed in allow.items():
+        denied = deny.get(code, 0)
+        hit = resolved.get((allowed, denied))
+        if hit is None:
+            hit = resolved[(allowed, denied)] = _edge_content(rules, allowed, denied)
+        services, rule_ids = hit
+        if services:
+            src, dst = keys[code // n], keys[code % n]
+            edges[(src, dst)] = Edge(src, dst, services, rule_ids)  # shared: fewer objects for the GC
+    return Matrix(groups, edges)
 
 
-def _pairs(
-    rule: CompiledRule, keys: list[LabelKey], labels_of: Mapping[LabelKey, dict[str, str]], index: LabelIndex
-) -> Iterable[tuple[LabelKey, LabelKey]]:
+def _edge_content(rules: list[CompiledRule], allowed: int, denied: int) -> tuple[list[PortRange], list[str]]:
+    """(remaining services, allowing rule ids in policy order) of a pair allowed and denied by these rules."""
+    services = [s for pos in iter_bits(allowed) for s in rules[pos].services]
+    rule_ids = [rules[pos].id for pos in iter_bits(allowed)]
+    if denied:
+        services = subtract(services, [s for pos in iter_bits(denied) for s in rules[pos].services])
+    return normalise(services), rule_ids
+
+
+class _Pins:
+    """Per ``same:`` dimensions, each group slot's values of them (computed once per distinct ``same``)."""
+
+    __slots__ = ("_by_same", "_keys", "_labels_of")
+
+    def __init__(self, keys: list[LabelKey], labels_of: Mapping[LabelKey, dict[str, str]]) -> None:
+        self._keys = keys
+        self._labels_of = labels_of
+        self._by_same: dict[tuple[str, ...], list[tuple[str | None, ...]]] = {}
+
+    def values(self, same: tuple[str, ...]) -> list[tuple[str | None, ...]]:
+        out = self._by_same.get(same)
+        if out is None:
+            out = self._by_same[same] = [tuple(self._labels_of[k].get(d) for d in same) for k in self._keys]
+        return out
+
+
+def _pair_codes(rule: CompiledRule, n: int, index: LabelIndex, pins: _Pins) -> list[int]:
+    """Group pairs (``consumer * n + provider``) the rule's selectors and ``same:`` pins match."""
     assert rule.consumer.selector is not None and rule.provider.selector is not None
     provider_bits = evaluate(rule.provider.selector, index)
     if not provider_bits:
-        return
+        return []
     consumer_bits = evaluate(rule.consumer.selector, index)
-    same = rule.same
-    providers: dict[tuple[str | None, ...], list[LabelKey]] = defaultdict(list)
-    for slot in iter_bits(provider_bits):
-        key = keys[slot]
-        labels = labels_of[key]
-        providers[tuple(labels.get(d) for d in same)].append(key)
-    for slot in iter_bits(consumer_bits):
-        ckey = keys[slot]
-        labels = labels_of[ckey]
-        for pkey in providers.get(tuple(labels.get(d) for d in same), ()):
-            yield ckey, pkey
+    if not consumer_bits:
+        return []
+    if not rule.same:
+        providers = list(iter_bits(provider_bits))
+        return [c * n + p for c in iter_bits(consumer_bits) for p in providers]
+    values = pins.values(rule.same)
+    by_pin: dict[tuple[str | None, ...], list[int]] = defaultdict(list)
+    for p in iter_bits(provider_bits):
+        by_pin[values[p]].append(p)
+    out: list[int] = []
+    for c in iter_bits(consumer_bits):
+        matched = by_pin.get(values[c])
+        if matched:
+            base = c * n
+            out.extend([base + p for p in matched])
+    return out
 
 
 def group_name(key: LabelKey) -> str:
