@@ -380,3 +380,76 @@ def test_lean_sign_matches_pydantic_sign() -> None:
     assert wire.sign(dataclasses.replace(lean, version=9), KEY) == bundle.to_wire(
         bundle.sign(model.model_copy(update={"version": 9}), KEY)
     )
+
+
+# --- Ed25519 through the process's libcrypto ---------------------------------------------------------
+
+ED25519_L = 2**252 + 27742317777372353535851937790883648493
+SMALL_ORDER_KEYS = [
+    bytes.fromhex(h)
+    for h in (
+        "0100000000000000000000000000000000000000000000000000000000000000",
+        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "0000000000000000000000000000000000000000000000000000000000000000",
+        "0000000000000000000000000000000000000000000000000000000000000080",
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+    )
+]
+
+
+def test_libcrypto_and_cryptography_give_the_same_ed25519_verdicts() -> None:
+    import ctypes
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    lib = wire.loaded_libcrypto()
+    if lib is None:
+        pytest.skip("no libcrypto mapped in this interpreter (the agent falls back to cryptography)")
+    rng = random.Random(25519)
+    cases: list[tuple[bytes, bytes, bytes]] = []
+    for _ in range(200):
+        private = Ed25519PrivateKey.from_private_bytes(rng.randbytes(32))
+        raw = private.public_key().public_bytes_raw()
+        msg = rng.randbytes(rng.randrange(0, 300))
+        sig = private.sign(msg)
+        i = rng.randrange(64)
+        s_plus_l = int.from_bytes(sig[32:], "little") + ED25519_L  # the same S, not reduced: must fail
+        cases += [
+            (raw, sig, msg),
+            (raw, sig[:i] + bytes([sig[i] ^ (1 << rng.randrange(8))]) + sig[i + 1 :], msg),
+            (raw, sig, msg + b"\0"),
+            (raw, sig[:63], msg),
+            (raw, sig + b"\0", msg),
+            (raw, b"", msg),
+            (rng.randbytes(32), sig, msg),  # often not a curve point at all
+        ]
+        if s_plus_l < 2**256:
+            cases.append((raw, sig[:32] + s_plus_l.to_bytes(32, "little"), msg))
+    identity_r = bytes.fromhex("01" + "00" * 31)
+    for key in SMALL_ORDER_KEYS:
+        cases += [(key, identity_r + b"\0" * 32, b"any message"), (key, key + b"\0" * 32, b"")]
+    verdicts = Counter()
+    for raw, sig, msg in cases:
+        ours = wire.LibcryptoEd25519(lib, raw).verify(sig, msg)
+        assert ours == wire.cryptography_ed25519(raw)(sig, msg), (raw.hex(), sig.hex(), msg.hex())
+        verdicts[ours] += 1
+    assert verdicts[True] >= 200 and verdicts[False] >= 1000, verdicts
+    peek = lib.ERR_peek_error
+    peek.restype, peek.argtypes = ctypes.c_ulong, []
+    assert peek() == 0  # failures leave no queued OpenSSL errors behind
+
+
+def test_verifier_falls_back_to_cryptography(monkeypatch: pytest.MonkeyPatch) -> None:
+    doc = wire.load_bundle(BUNDLES[0].read_bytes())
+    monkeypatch.setenv("RINGFENCE_ED25519", "cryptography")
+    wire.loaded_libcrypto.cache_clear()
+    try:
+        assert wire.loaded_libcrypto() is None
+        fallback = wire.Verifier.from_file(PUBLIC)
+        fallback.verify(doc)
+        with pytest.raises(wire.BundleError, match="does not verify"):
+            fallback.verify(dataclasses.replace(doc, version=doc.version + 1))
+    finally:
+        monkeypatch.delenv("RINGFENCE_ED25519")
+        wire.loaded_libcrypto.cache_clear()

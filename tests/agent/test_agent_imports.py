@@ -1,5 +1,6 @@
 """The agent's entry points import no pydantic (nor the other heavy modules it can do without):
-its idle memory is mostly its imports (docs/benchmarks.md, "Idle daemon")."""
+its idle memory is mostly its imports (docs/benchmarks.md, "Idle daemon"). ``cryptography`` is
+only a fallback where the interpreter has no libcrypto loaded (not on Linux CPython)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import atexit, json, sys
 from ringfence_agent.cli import main
 
 HEAVY = ("pydantic", "pydantic_core", "yaml", "ringfence.bundle", "ringfence.agentapi", "ringfence.model",
-         "cryptography.hazmat.primitives.serialization", "cryptography.x509")
+         "cryptography")
 
 def report():
     with open(sys.argv[1], "w") as f:

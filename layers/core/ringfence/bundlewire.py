@@ -1,8 +1,9 @@
 """The bundle contract as the agent reads it: plain dataclasses, a strict JSON reader, canonical
 bytes, Ed25519 verification and the acceptance rules — without pydantic.
 
-The agent's resident memory is mostly what it imports; pydantic and the whole of
-``cryptography`` cost ~20 MB the agent does not need. :mod:`ringfence.bundle` (pydantic) stays
+The agent's resident memory is mostly what it imports; pydantic and ``cryptography`` cost ~20 MB
+the agent does not need (Ed25519 signatures are checked with the OpenSSL the interpreter already
+has loaded, see :class:`LibcryptoEd25519`). :mod:`ringfence.bundle` (pydantic) stays
 the engine's and publishers' model and the source of the JSON Schema; it builds its canonical
 bytes, verification and acceptance rules from this module, so the two cannot drift. The reader
 refuses exactly what ``ringfence.bundle.load_bundle`` / ``load_delta`` refuse (strict types, no
@@ -14,16 +15,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ctypes
+import functools
 import hashlib
 import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol, Self, TypeVar
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ringfence.enums import Mode
 
@@ -456,6 +457,114 @@ def ed25519_public_from_pem(data: bytes) -> bytes:
     return der[len(_ED25519_SPKI_PREFIX) :]
 
 
+_NID_ED25519 = 1087  # EVP_PKEY_ED25519 in OpenSSL's obj_mac.h (stable since 1.1.1)
+
+
+class LibcryptoEd25519:
+    """Ed25519 verification by the libcrypto this process already has mapped (Python's hashlib
+    and ssl link it). ``cryptography`` would map a second, statically linked OpenSSL — ~9 MB of
+    resident memory in an agent whose target is 40 MB. The same OpenSSL code checks the
+    signature either way; ``tests/test_bundlewire.py`` holds the two to the same verdicts."""
+
+    def __init__(self, lib: ctypes.CDLL, raw: bytes) -> None:
+        self._lib = lib
+        pkey = lib.EVP_PKEY_new_raw_public_key(_NID_ED25519, None, raw, len(raw))
+        if not pkey:
+            lib.ERR_clear_error()
+            raise ValueError("libcrypto refused the Ed25519 public key")
+        self._pkey = pkey
+
+    def __del__(self) -> None:
+        pkey = getattr(self, "_pkey", None)
+        if pkey:
+            self._lib.EVP_PKEY_free(pkey)
+
+    def verify(self, signature: bytes, message: bytes) -> bool:
+        lib = self._lib
+        ctx = lib.EVP_MD_CTX_new()
+        if not ctx:
+            raise MemoryError("EVP_MD_CTX_new failed")
+        try:
+            valid = bool(
+                lib.EVP_DigestVerifyInit(ctx, None, None, None, self._pkey) == 1
+                and lib.EVP_DigestVerify(ctx, signature, len(signature), message, len(message)) == 1
+            )
+        finally:
+            lib.EVP_MD_CTX_free(ctx)
+        if not valid:
+            lib.ERR_clear_error()  # OpenSSL queues an error per failure: do not let them pile up
+        return valid
+
+
+@functools.cache
+def loaded_libcrypto() -> ctypes.CDLL | None:
+    """The libcrypto already in this process (Linux), with the prototypes used here; None when there
+    is none, it lacks raw Ed25519 keys, or ``RINGFENCE_ED25519=cryptography`` asks for the fallback."""
+    if os.environ.get("RINGFENCE_ED25519") == "cryptography":
+        return None
+    path = next((m for m in _mapped_files() if "/libcrypto.so" in m), None)
+    if path is None:
+        return None
+    try:
+        return _prototypes(ctypes.CDLL(path))
+    except (OSError, AttributeError):  # unloadable, or older than OpenSSL 1.1.1
+        return None
+
+
+def _mapped_files() -> list[str]:
+    import hashlib as _  # noqa: F401 - makes sure _hashlib (and with it libcrypto) is loaded
+
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return []
+    return [parts[5] for line in maps.splitlines() if len(parts := line.split(maxsplit=5)) == 6]
+
+
+def _prototypes(lib: ctypes.CDLL) -> ctypes.CDLL:
+    ptr, size = ctypes.c_void_p, ctypes.c_size_t
+    for name, restype, argtypes in (
+        ("EVP_PKEY_new_raw_public_key", ptr, [ctypes.c_int, ptr, ctypes.c_char_p, size]),
+        ("EVP_PKEY_free", None, [ptr]),
+        ("EVP_MD_CTX_new", ptr, []),
+        ("EVP_MD_CTX_free", None, [ptr]),
+        ("EVP_DigestVerifyInit", ctypes.c_int, [ptr, ptr, ptr, ptr, ptr]),
+        ("EVP_DigestVerify", ctypes.c_int, [ptr, ctypes.c_char_p, size, ctypes.c_char_p, size]),
+        ("ERR_clear_error", None, []),
+    ):
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    return lib
+
+
+def ed25519_verifier(raw: bytes) -> Callable[[bytes, bytes], bool]:
+    """``verify(signature, message) -> bool`` for one raw public key: libcrypto when this process
+    has it, else ``cryptography`` (imported only then)."""
+    lib = loaded_libcrypto()
+    if lib is not None:
+        try:
+            return LibcryptoEd25519(lib, raw).verify
+        except ValueError:
+            pass  # e.g. a FIPS-only provider without Ed25519: cryptography brings its own
+    return cryptography_ed25519(raw)
+
+
+def cryptography_ed25519(raw: bytes) -> Callable[[bytes, bytes], bool]:
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    public = Ed25519PublicKey.from_public_bytes(raw)
+
+    def verify(signature: bytes, message: bytes) -> bool:
+        try:
+            public.verify(signature, message)
+        except InvalidSignature:
+            return False
+        return True
+
+    return verify
+
+
 def describe(doc: Document) -> str:
     return f"bundle for {doc.workload_id!r}" if isinstance(doc, Bundle) else f"delta for set {doc.set!r}"
 
@@ -472,7 +581,7 @@ class Verifier:
     """The pinned public key an agent trusts."""
 
     def __init__(self, raw: bytes) -> None:
-        self._public = Ed25519PublicKey.from_public_bytes(raw)
+        self._verify_raw = ed25519_verifier(raw)
         self.key_id = key_id_of_raw(raw)
 
     @classmethod
@@ -494,10 +603,11 @@ class Verifier:
         if signature.key_id != self.key_id:
             raise BundleError(f"{what} is signed by key {signature.key_id}, not the pinned key {self.key_id}")
         try:
-            raw = base64.b64decode(signature.value, validate=True)
-            self._public.verify(raw, message)
-        except (InvalidSignature, ValueError):
-            raise BundleError(f"{what}: signature does not verify (tampered or forged)") from None
+            valid = self._verify_raw(base64.b64decode(signature.value, validate=True), message)
+        except ValueError:  # not base64
+            valid = False
+        if not valid:
+            raise BundleError(f"{what}: signature does not verify (tampered or forged)")
 
 
 def sign(doc: D, signer: Signer) -> D:
