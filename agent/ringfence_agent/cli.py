@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from ringfence.bundle import BundleError, Verifier, load_bundle, load_delta
+from ringfence.bundlewire import BundleError, Verifier, load_bundle, load_delta
 from ringfence_agent.backends import BACKENDS, ApplyError, make_backend
 from ringfence_agent.core import Agent, Rejected
 from ringfence_agent.plan import LocalFailsafes, PlanError
@@ -110,7 +110,7 @@ def cmd_drops(args: argparse.Namespace) -> int:
     obs = make_backend(args.backend).observe(plan, {})
     events = DropCollector().events(plan, obs)
     if args.json:
-        print(json.dumps({"counters": obs.counters, "events": [e.model_dump(mode="json") for e in events]}, indent=1))
+        print(json.dumps({"counters": obs.counters, "events": [dataclasses.asdict(e) for e in events]}, indent=1))
         return 0
     for name, packets in sorted(obs.counters.items()):
         print(f"counter {name}: {packets} packets")

@@ -1,15 +1,16 @@
-"""The agent's configuration file (YAML or JSON), validated with pydantic."""
+"""The agent's configuration file (YAML or JSON), validated without pydantic (the daemon keeps
+its imports small; see docs/benchmarks.md, "Idle daemon")."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlparse
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ringfence_agent.plan import LocalFailsafes, parse_port_spec
 
@@ -18,21 +19,113 @@ class ConfigError(ValueError):
     pass
 
 
-class Enrollment(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    method: Literal["pairing", "aws-iid"] = "pairing"
-    pairing_key: str | None = Field(None, description="operator-issued key (or pairing_key_file)")
-    pairing_key_file: Path | None = None
-    imds_url: str = Field("http://169.254.169.254", description="aws-iid: the instance metadata endpoint")
-    iid_signature: Literal["rsa2048", "pkcs7", "signature"] = Field(
-        "rsa2048", description="aws-iid: which IMDS signature of the identity document to send"
-    )
+class _Invalid(ValueError):
+    def __init__(self, loc: str, msg: str) -> None:
+        super().__init__(f"{loc}: {msg}")
+        self.loc, self.msg = loc, msg
 
-    @model_validator(mode="after")
-    def _key(self) -> Enrollment:
+
+def _check(loc: str, value: Any, kind: str, allowed: tuple[str, ...] = ()) -> Any:
+    """One setting's type (YAML/JSON scalars); str → Path for paths; int → float for seconds."""
+    if kind == "str" and type(value) is str:
+        return value
+    if kind == "path" and isinstance(value, str | Path):
+        return Path(value)
+    if kind == "bool" and type(value) is bool:
+        return value
+    if kind == "int" and type(value) is int:
+        return value
+    if kind == "float" and type(value) in (int, float):
+        return float(value)
+    if kind == "literal" and value in allowed:
+        return value
+    if kind == "str-list" and type(value) is list and all(type(x) is str for x in value):
+        return list(value)
+    expected = {
+        "str": "a string",
+        "path": "a path",
+        "bool": "true or false",
+        "int": "an integer",
+        "float": "a number",
+        "literal": " or ".join(repr(a) for a in allowed),
+        "str-list": "a list of strings",
+    }[kind]
+    raise _Invalid(loc, f"Input should be {expected}")
+
+
+def _range(loc: str, value: float, ge: float | None = None, le: float | None = None) -> None:
+    if ge is not None and value < ge:
+        raise _Invalid(loc, f"Input should be greater than or equal to {ge:g}")
+    if le is not None and value > le:
+        raise _Invalid(loc, f"Input should be less than or equal to {le:g}")
+
+
+def _optional(kind: str, *allowed: str) -> tuple[str, tuple[str, ...], bool]:
+    return kind, allowed, True
+
+
+def _required(kind: str, *allowed: str) -> tuple[str, tuple[str, ...], bool]:
+    return kind, allowed, False
+
+
+_ENROLLMENT_TYPES: dict[str, tuple[str, tuple[str, ...], bool]] = {
+    "method": _required("literal", "pairing", "aws-iid"),
+    "pairing_key": _optional("str"),
+    "pairing_key_file": _optional("path"),
+    "imds_url": _required("str"),
+    "iid_signature": _required("literal", "rsa2048", "pkcs7", "signature"),
+}
+
+
+_CONFIG_TYPES: dict[str, tuple[str, tuple[str, ...], bool]] = {
+    "workload_id": _required("str"),
+    "public_key": _required("path"),
+    "state_dir": _required("path"),
+    "backend": _required("literal", "nftables", "iptables", "windows-plan", "dry-run"),
+    "api_url": _optional("str"),
+    "source": _optional("str"),
+    "admin_cidrs": _required("str-list"),
+    "admin_ports": _required("str-list"),
+    "dns_resolvers": _required("str-list"),
+    "control_plane": _required("str-list"),
+    "metadata_endpoint": _required("bool"),
+    "dhcp": _required("bool"),
+    "poll_interval": _required("float"),
+    "wait_timeout": _required("float"),
+    "heartbeat_interval": _required("float"),
+    "report_interval": _required("float"),
+    "observe_interval": _required("float"),
+    "backoff_max": _required("float"),
+    "request_timeout": _required("float"),
+    "max_buffered_records": _required("int"),
+    "max_spool_bytes": _required("int"),
+}
+
+_RANGES: dict[str, tuple[float, float | None]] = {
+    "poll_interval": (1, None),
+    "wait_timeout": (1, 300),
+    "heartbeat_interval": (1, None),
+    "report_interval": (1, None),
+    "observe_interval": (0.2, None),
+    "backoff_max": (1, None),
+    "request_timeout": (0.5, None),
+    "max_buffered_records": (10, 1_000_000),
+    "max_spool_bytes": (4096, None),
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Enrollment:
+    method: Literal["pairing", "aws-iid"] = "pairing"
+    pairing_key: str | None = None  # operator-issued key (or pairing_key_file)
+    pairing_key_file: Path | None = None
+    imds_url: str = "http://169.254.169.254"  # aws-iid: the instance metadata endpoint
+    iid_signature: Literal["rsa2048", "pkcs7", "signature"] = "rsa2048"  # aws-iid: which IMDS signature to send
+
+    def __post_init__(self) -> None:
+        _validate_types(self, _ENROLLMENT_TYPES, "enroll.")
         if self.method == "pairing" and self.pairing_key is None and self.pairing_key_file is None:
-            raise ValueError("pairing enrollment needs pairing_key or pairing_key_file")
-        return self
+            raise _Invalid("enroll", "pairing enrollment needs pairing_key or pairing_key_file")
 
     def key(self) -> str:
         if self.pairing_key is not None:
@@ -41,67 +134,81 @@ class Enrollment(BaseModel):
         return self.pairing_key_file.read_text().strip()
 
 
-class AgentConfig(BaseModel):
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentConfig:
     """See docs/agent.md (configuration reference)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    workload_id: str = Field(min_length=1, max_length=256)
-    public_key: Path = Field(description="pinned Ed25519 public key (PEM) bundles must verify against")
+    workload_id: str
+    public_key: Path  # pinned Ed25519 public key (PEM) bundles must verify against
     state_dir: Path = Path("/var/lib/ringfence-agent")
     backend: Literal["nftables", "iptables", "windows-plan", "dry-run"] = "nftables"
-    api_url: str | None = Field(None, description="control-plane agent API base URL (http/https)")
-    source: str | None = Field(None, description="static source: a directory or an http(s) base URL")
+    api_url: str | None = None  # control-plane agent API base URL (http/https)
+    source: str | None = None  # static source: a directory or an http(s) base URL
     enroll: Enrollment | None = None
     # local fail-safes: merged with the bundle's, never removable by a bundle
-    admin_cidrs: list[str] = Field(default_factory=list)
-    admin_ports: list[str] = Field(default_factory=lambda: ["tcp/22", "tcp/3389"])
-    dns_resolvers: list[str] = Field(default_factory=list)
-    control_plane: list[str] = Field(default_factory=list, description="addresses/CIDRs of the control plane")
-    metadata_endpoint: bool = Field(True, description="allow 169.254.169.254 and fd00:ec2::254")
+    admin_cidrs: list[str] = field(default_factory=list)
+    admin_ports: list[str] = field(default_factory=lambda: ["tcp/22", "tcp/3389"])
+    dns_resolvers: list[str] = field(default_factory=list)
+    control_plane: list[str] = field(default_factory=list)  # addresses/CIDRs of the control plane
+    metadata_endpoint: bool = True  # allow 169.254.169.254 and fd00:ec2::254
     dhcp: bool = True
-    # timing
-    poll_interval: float = Field(300.0, ge=1, description="slow poll when no nudge arrives (seconds)")
-    wait_timeout: float = Field(25.0, ge=1, le=300, description="long-poll duration (seconds)")
-    heartbeat_interval: float = Field(60.0, ge=1)
-    report_interval: float = Field(30.0, ge=1)
-    observe_interval: float = Field(10.0, ge=0.2, description="how often counters/conntrack are polled")
-    backoff_max: float = Field(300.0, ge=1)
-    request_timeout: float = Field(10.0, ge=0.5)
-    max_buffered_records: int = Field(10_000, ge=10, le=1_000_000)
-    max_spool_bytes: int = Field(4 * 1024 * 1024, ge=4096)
+    # timing (seconds)
+    poll_interval: float = 300.0  # slow poll when no nudge arrives
+    wait_timeout: float = 25.0  # long-poll duration
+    heartbeat_interval: float = 60.0
+    report_interval: float = 30.0
+    observe_interval: float = 10.0  # how often counters/conntrack are polled
+    backoff_max: float = 300.0
+    request_timeout: float = 10.0
+    max_buffered_records: int = 10_000
+    max_spool_bytes: int = 4 * 1024 * 1024
 
-    @field_validator("admin_cidrs", "dns_resolvers", "control_plane")
-    @classmethod
-    def _cidrs(cls, items: list[str]) -> list[str]:
-        for x in items:
+    def __post_init__(self) -> None:
+        _validate_types(self, _CONFIG_TYPES, "")
+        if not 1 <= len(self.workload_id) <= 256:
+            raise _Invalid("workload_id", "should have 1 to 256 characters")
+        for name, (ge, le) in _RANGES.items():
+            _range(name, getattr(self, name), ge, le)
+        if self.enroll is not None and not isinstance(self.enroll, Enrollment):
+            raise _Invalid("enroll", "Input should be a mapping")
+        for name in ("admin_cidrs", "dns_resolvers", "control_plane"):
+            for x in getattr(self, name):
+                try:
+                    ipaddress.ip_network(x.strip(), strict=True)
+                except ValueError as exc:
+                    raise _Invalid(name, f"{x!r} is not an address or CIDR: {exc}") from None
+        for x in self.admin_ports:
             try:
-                ipaddress.ip_network(x.strip(), strict=True)
+                parse_port_spec(x)
             except ValueError as exc:
-                raise ValueError(f"{x!r} is not an address or CIDR: {exc}") from None
-        return items
-
-    @field_validator("admin_ports")
-    @classmethod
-    def _ports(cls, items: list[str]) -> list[str]:
-        for x in items:
-            parse_port_spec(x)
-        return items
-
-    @field_validator("api_url")
-    @classmethod
-    def _url(cls, v: str | None) -> str | None:
-        if v is not None and urlparse(v).scheme not in ("http", "https"):
-            raise ValueError("api_url must be an http:// or https:// URL")
-        return v.rstrip("/") if v else v
-
-    @model_validator(mode="after")
-    def _one_source(self) -> AgentConfig:
+                raise _Invalid("admin_ports", str(exc)) from None
+        if self.api_url is not None:
+            if urlparse(self.api_url).scheme not in ("http", "https"):
+                raise _Invalid("api_url", "api_url must be an http:// or https:// URL")
+            object.__setattr__(self, "api_url", self.api_url.rstrip("/"))
         if (self.api_url is None) == (self.source is None):
-            raise ValueError("set exactly one of api_url (control plane) or source (static directory/URL)")
+            raise _Invalid("(top level)", "set exactly one of api_url (control plane) or source (static directory/URL)")
         if self.api_url is not None and self.enroll is None:
-            raise ValueError("api_url needs an enroll section (method: pairing with pairing_key, or method: aws-iid)")
-        return self
+            raise _Invalid(
+                "(top level)",
+                "api_url needs an enroll section (method: pairing with pairing_key, or method: aws-iid)",
+            )
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any]) -> AgentConfig:
+        """From a parsed file: unknown keys are errors, ``enroll`` is a mapping."""
+        _no_unknown_keys(cls, data, "")
+        values = dict(data)
+        raw = values.get("enroll")
+        if raw is not None:
+            if not isinstance(raw, dict):
+                raise _Invalid("enroll", "Input should be a mapping")
+            _no_unknown_keys(Enrollment, raw, "enroll.")
+            values["enroll"] = Enrollment(**raw)
+        for name in ("workload_id", "public_key"):
+            if name not in values:
+                raise _Invalid(name, "Field required")
+        return cls(**values)
 
     def local_failsafes(self) -> LocalFailsafes:
         cp = list(self.control_plane)
@@ -121,28 +228,48 @@ class AgentConfig(BaseModel):
         )
 
 
+def _validate_types(obj: object, types: dict[str, tuple[str, tuple[str, ...], bool]], prefix: str) -> None:
+    for name, (kind, allowed, nullable) in types.items():
+        value = getattr(obj, name)
+        if value is None and nullable:
+            continue
+        object.__setattr__(obj, name, _check(prefix + name, value, kind, allowed))
+
+
+def _no_unknown_keys(cls: Any, data: dict[str, Any], prefix: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise _Invalid(f"{prefix}{key}", "Extra inputs are not permitted")
+
+
 def load_config(path: Path) -> AgentConfig:
     try:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
-    import yaml  # only here: keeps the daemon's resident set smaller when the config is JSON
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+    else:
+        import yaml  # only here: a JSON config keeps the daemon's resident set ~2 MB smaller
 
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of settings at the top level")
     try:
-        cfg = AgentConfig.model_validate(data)
-    except ValidationError as exc:
-        problems = [f"  {'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors()]
-        raise ConfigError(f"{path}: invalid configuration\n" + "\n".join(problems)) from None
+        cfg = AgentConfig.from_mapping(data)
+    except _Invalid as exc:
+        raise ConfigError(f"{path}: invalid configuration\n  {exc.loc}: {exc.msg}") from None
     base = path.parent
     updates = {}
     for name in ("public_key", "state_dir"):
         p = getattr(cfg, name)
         if not p.is_absolute():
             updates[name] = (base / p).resolve()
-    return cfg.model_copy(update=updates) if updates else cfg
+    return dataclasses.replace(cfg, **updates) if updates else cfg

@@ -1,6 +1,6 @@
 """Verify, accept and apply bundles and set deltas; keep the last known good.
 
-All acceptance rules come from :mod:`ringfence.bundle` (``Verifier``, ``check_acceptable``); this
+All acceptance rules come from :mod:`ringfence.bundlewire` (``Verifier``, ``check_acceptable``); this
 module adds the agent's own: a delta applies only onto the set version it was cut from, and a
 refused or failed document leaves both the firewall and the state directory exactly as they were.
 """
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from ringfence.bundle import Bundle, BundleError, SetDelta, Verifier, check_acceptable
+from ringfence.bundlewire import Bundle, BundleError, SetDelta, Verifier, check_acceptable
 from ringfence_agent.backends import ApplyError, Backend, ElementChange
 from ringfence_agent.plan import LocalFailsafes, Plan, PlanError, PlanSet, compile_plan, split_cidrs
 from ringfence_agent.state import StateDir
@@ -36,8 +36,8 @@ def fold_delta(bundle: Bundle, d: SetDelta) -> Bundle:
     v6 = [x for x in s.v6 if x not in remove] if remove else list(s.v6)
     for x in d.add:
         (v6 if ":" in x else v4).append(x)
-    new_set = s.model_copy(update={"version": d.to_version, "v4": v4, "v6": v6})
-    return bundle.model_copy(update={"sets": {**bundle.sets, d.set: new_set}})
+    new_set = replace(s, version=d.to_version, v4=v4, v6=v6)
+    return replace(bundle, sets={**bundle.sets, d.set: new_set})
 
 
 def effective_bundle(bundle: Bundle, deltas: list[SetDelta]) -> Bundle:
@@ -83,8 +83,7 @@ def describe_change(old: Bundle | None, new: Bundle) -> list[str]:
         if a != b:
             lines.append(f"  ~ set {name}: +{len(b - a)} -{len(a - b)} elements")
     for direction in ("inbound", "outbound"):
-        before = [r.model_dump_json() for r in getattr(old, direction)]
-        after = [r.model_dump_json() for r in getattr(new, direction)]
+        before, after = getattr(old, direction), getattr(new, direction)
         if before != after:
             lines.append(f"  ~ {direction} rules: {len(before)} → {len(after)}")
     if len(lines) == 1:

@@ -18,8 +18,8 @@ import threading
 import time
 from types import FrameType
 
-from ringfence.agentapi import Heartbeat
-from ringfence.bundle import BundleError, SetDelta, Verifier
+from ringfence.agentwire import Heartbeat
+from ringfence.bundlewire import BundleError, SetDelta, Verifier
 from ringfence_agent import enroll
 from ringfence_agent.backends import ApplyError, make_backend
 from ringfence_agent.config import AgentConfig

@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 
-from ringfence.agentapi import EnrollRequest
+from ringfence.agentwire import EnrollRequest
 
 Prover = Callable[[str], EnrollRequest]
 

@@ -18,7 +18,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ringfence.bundle import Bundle, FailsafeDoc, ServiceMatch
+from ringfence.bundlewire import Bundle, FailsafeDoc, ServiceMatch
 from ringfence.enums import Mode
 
 Direction = Literal["inbound", "outbound"]

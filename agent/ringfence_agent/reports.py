@@ -16,10 +16,11 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar, cast
 
-from ringfence.agentapi import MAX_REPORT_RECORDS, DropEvent, FlowRecord, ReportBatch
+from ringfence.agentwire import MAX_REPORT_RECORDS, DropEvent, FlowRecord, ReportBatch, ReportProto, ResponseError
 from ringfence_agent.backends import Observation
 from ringfence_agent.plan import Plan
 
@@ -64,14 +65,13 @@ class BoundedBuffer(Generic[T]):
 
 def _fold(old: Any, new: Any) -> Any:
     if isinstance(old, DropEvent):
-        return old.model_copy(update={"count": old.count + new.count, "time": max(old.time, new.time)})
-    return old.model_copy(
-        update={
-            "start": min(old.start, new.start),
-            "end": max(old.end, new.end),
-            "packets": max(old.packets, new.packets),
-            "bytes": max(old.bytes, new.bytes),
-        }
+        return replace(old, count=old.count + new.count, time=max(old.time, new.time))
+    return replace(
+        old,
+        start=min(old.start, new.start),
+        end=max(old.end, new.end),
+        packets=max(old.packets, new.packets),
+        bytes=max(old.bytes, new.bytes),
     )
 
 
@@ -92,15 +92,14 @@ def summarize_flows(flows: list[FlowRecord]) -> list[FlowRecord]:
         key = (f.direction, f.src, f.dst, f.proto, f.dport)
         old = out.get(key)
         if old is None:
-            out[key] = f.model_copy(update={"sport": None})
+            out[key] = replace(f, sport=None)
         else:
-            out[key] = old.model_copy(
-                update={
-                    "start": min(old.start, f.start),
-                    "end": max(old.end, f.end),
-                    "packets": old.packets + f.packets,
-                    "bytes": old.bytes + f.bytes,
-                }
+            out[key] = replace(
+                old,
+                start=min(old.start, f.start),
+                end=max(old.end, f.end),
+                packets=old.packets + f.packets,
+                bytes=old.bytes + f.bytes,
             )
     return list(out.values())
 
@@ -143,7 +142,7 @@ class DropCollector:
                     direction=direction,
                     src=t.src,
                     dst=t.dst,
-                    proto=t.proto if t.proto in _PROTOS else "other",
+                    proto=cast(ReportProto, t.proto) if t.proto in _PROTOS else "other",
                     dport=t.dport,
                     rule_id=rule_id,
                     action=action,
@@ -224,7 +223,7 @@ def parse_conntrack(lines: Iterable[str], local: set[str], now: float) -> list[F
                 end=now,
                 src=src,
                 dst=dst,
-                proto=proto if proto in _PROTOS else "other",
+                proto=cast(ReportProto, proto) if proto in _PROTOS else "other",
                 sport=sport,
                 dport=dport,
                 packets=packets,
@@ -274,7 +273,7 @@ class Spool:
         self.discarded = 0
 
     def append(self, batch: ReportBatch) -> None:
-        line = batch.model_dump_json() + "\n"
+        line = batch.dumps() + "\n"
         if len(line) > self.max_bytes:
             self.discarded += len(batch.flows) + len(batch.drops)
             return
@@ -313,8 +312,8 @@ class Spool:
         out = []
         for line in text.splitlines():
             try:
-                out.append(ReportBatch.model_validate_json(line))
-            except ValueError:
+                out.append(ReportBatch.loads(line))
+            except ResponseError:
                 continue
         return out
 

@@ -11,16 +11,8 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
 
-from ringfence.agentapi import (
-    API_PREFIX,
-    DeltasResponse,
-    EnrollResponse,
-    Heartbeat,
-    HeartbeatResponse,
-    NonceResponse,
-    ReportBatch,
-)
-from ringfence.bundle import Bundle, SetDelta, load_bundle, load_delta
+from ringfence.agentwire import API_PREFIX, Heartbeat, ReportBatch, read_response
+from ringfence.bundlewire import Bundle, SetDelta, delta_from_json, load_bundle, load_delta
 from ringfence_agent.enroll import ProofError, Prover
 from ringfence_agent.state import StateDir
 
@@ -182,19 +174,19 @@ class ApiSource:
         status, _, body = _http(f"{self.base}/nonce", self.timeout)
         if status != 200:
             raise SourceError(f"nonce: HTTP {status} {body[:200]!r}")
-        nonce = NonceResponse.model_validate_json(body).nonce
+        nonce: str = read_response(body, "nonce", nonce=str)["nonce"]
         try:
             req = self.prove(nonce)
         except ProofError as exc:
             raise Unreachable(str(exc)) from None
-        status, _, body = _http(f"{self.base}/enroll", self.timeout, "POST", req.model_dump(exclude_none=True))
+        status, _, body = _http(f"{self.base}/enroll", self.timeout, "POST", req.to_json())
         if status != 200:
             raise SourceError(f"enroll refused: HTTP {status} {body[:300]!r}")
-        resp = EnrollResponse.model_validate_json(body)
-        if resp.workload_id != self.workload_id:
-            raise SourceError(f"enrolled as {resp.workload_id!r}, configured as {self.workload_id!r}")
-        self.token = resp.token
-        self.state.write_json("token.json", {"workload_id": self.workload_id, "token": resp.token})
+        resp = read_response(body, "enroll", workload_id=str, token=str)
+        if resp["workload_id"] != self.workload_id:
+            raise SourceError(f"enrolled as {resp['workload_id']!r}, configured as {self.workload_id!r}")
+        self.token = resp["token"]
+        self.state.write_json("token.json", {"workload_id": self.workload_id, "token": resp["token"]})
 
     def _call(
         self,
@@ -239,16 +231,17 @@ class ApiSource:
             return None
         if status != 200:
             raise SourceError(f"deltas: HTTP {status}")
-        resp = DeltasResponse.model_validate_json(body)
-        return [SetDelta.model_validate(d) for d in resp.deltas]
+        resp = read_response(body, "deltas", deltas=list)
+        return [delta_from_json(d) for d in resp["deltas"]]
 
     def heartbeat(self, hb: Heartbeat) -> int | None:
-        status, _, body = self._call("heartbeat", "POST", hb.model_dump(mode="json"))
+        status, _, body = self._call("heartbeat", "POST", hb.to_json())
         if status != 200:
             raise SourceError(f"heartbeat: HTTP {status}")
-        return HeartbeatResponse.model_validate_json(body).latest_version
+        latest: int | None = read_response(body, "heartbeat", latest_version=(int, None))["latest_version"]
+        return latest
 
     def report(self, batch: ReportBatch) -> None:
-        status, _, body = self._call("reports", "POST", batch.model_dump(mode="json"))
+        status, _, body = self._call("reports", "POST", batch.to_json())
         if status not in (200, 202):
             raise SourceError(f"reports: HTTP {status} {body[:200]!r}")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import TypeVar
 
 from ringfence import bundle
+from ringfence import bundlewire as wire
 from ringfence.addresses import format_prefix
 from ringfence.engine import Engine
 from ringfence.model import Workload
@@ -119,16 +122,24 @@ class Lab:
         return out
 
 
-def write(doc: bundle.Bundle | bundle.SetDelta, path: Path) -> Path:
+def write(doc: bundle.Document | wire.Document, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(bundle.dumps(doc))
+    path.write_text(wire.dumps(doc) if isinstance(doc, wire.Bundle | wire.SetDelta) else bundle.dumps(doc))
     return path
 
 
-def resign(doc: bundle.Bundle, **changes: object) -> bundle.Bundle:
+B = TypeVar("B", bundle.Bundle, wire.Bundle)
+
+
+def resign(doc: B, **changes: object) -> B:
+    """Changed content, signed again with the test key (the engine's pydantic or the agent's documents)."""
+    if isinstance(doc, wire.Bundle):
+        return wire.sign(dataclasses.replace(doc, **changes), key())  # type: ignore[arg-type]
     return bundle.sign(doc.model_copy(update=changes), key())
 
 
-def forge(doc: bundle.Bundle, **changes: object) -> bundle.Bundle:
+def forge(doc: B, **changes: object) -> B:
     """Change content but keep the old signature (tampering)."""
+    if isinstance(doc, wire.Bundle):
+        return dataclasses.replace(doc, **changes)  # type: ignore[arg-type]
     return doc.model_copy(update=changes)

@@ -6,12 +6,14 @@ import io
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from ringfence.agentapi import DropEvent, FlowRecord, ReportBatch
-from ringfence.bundle import Bundle, SetDelta, Verifier, load_bundle, load_delta, sign
+from ringfence.agentwire import DropEvent, FlowRecord, ReportBatch
+from ringfence.bundlewire import Bundle, SetDelta, Verifier, bundle_from_json, load_bundle, load_delta, sign, to_json
+from ringfence.enums import Mode
 from ringfence_agent.backends import ApplyError, DropTuple, ElementChange, Observation
 from ringfence_agent.backends.iptables import IptablesRenderer
 from ringfence_agent.backends.nft import NftRenderer
@@ -137,7 +139,7 @@ def test_nft_observe_accepts_but_counts_and_idle_removes_table() -> None:
     text = NftRenderer().render(plan)
     assert " drop" not in text.replace("would-drop", "")
     assert 'counter name d_in accept comment "default observe"' in text
-    idle = compile_plan(golden(OBSERVE).model_copy(update={"mode": "idle"}), LOCAL)
+    idle = compile_plan(replace(golden(OBSERVE), mode=Mode.IDLE), LOCAL)
     assert NftRenderer().render(idle) == "table inet ringfence\ndelete table inet ringfence\n"
 
 
@@ -167,15 +169,15 @@ def test_nft_delta_deletes_before_adds() -> None:
     ],
 )
 def test_plan_refuses_unsafe_names_and_addresses(field: str, value: object, message: str) -> None:
-    doc = Bundle.model_validate({**golden(PROC).model_dump(mode="json"), "inbound": [], "outbound": [], field: value})
+    doc = bundle_from_json({**to_json(golden(PROC)), "inbound": [], "outbound": [], field: value})
     with pytest.raises(PlanError, match=message):
         compile_plan(doc, LOCAL)
 
 
 def test_rule_ids_are_sanitised_in_comments() -> None:
     doc = golden(PROC)
-    rule = doc.inbound[1].model_copy(update={"id": 'evil" ; flush ruleset ; "'})
-    doc = doc.model_copy(update={"inbound": [rule]})
+    rule = replace(doc.inbound[1], id='evil" ; flush ruleset ; "')
+    doc = replace(doc, inbound=[rule])
     text = NftRenderer().render(compile_plan(doc, LOCAL))
     assert "flush ruleset" in text and '"evil_ _ flush ruleset _ _"' in text
 
@@ -200,8 +202,8 @@ def test_iptables_text_mirrors_the_plan() -> None:
 def test_iptables_splits_zero_prefix_for_ipset() -> None:
     doc = golden(PROC)
     sets = dict(doc.sets)
-    sets[WEB] = sets[WEB].model_copy(update={"v4": ["0.0.0.0/0"]})
-    script = IptablesRenderer().sets_script(compile_plan(doc.model_copy(update={"sets": sets}), LOCAL), "b")
+    sets[WEB] = replace(sets[WEB], v4=["0.0.0.0/0"])
+    script = IptablesRenderer().sets_script(compile_plan(replace(doc, sets=sets), LOCAL), "b")
     assert f"add {WEB}-4b 0.0.0.0/1" in script and f"add {WEB}-4b 128.0.0.0/1" in script
 
 
@@ -255,7 +257,7 @@ def test_apply_then_delta_then_equivalent_bundle(tmp_path: Path) -> None:
         (lambda: resign(golden(PROC2), workload_id="ord-prod-db-1"), "this agent is 'ord-prod-proc-1'"),
         (lambda: resign(golden(PROC2), version=1), "rollback refused"),
         (lambda: resign(golden(PROC2), version=2), "replay refused"),  # same version, other content
-        (lambda: golden(PROC2).model_copy(update={"signature": None}), "not signed"),
+        (lambda: replace(golden(PROC2), signature=None), "not signed"),
     ],
 )
 def test_refused_bundles_leave_state_untouched(tmp_path: Path, doc: object, reason: str) -> None:
@@ -283,13 +285,13 @@ def test_delta_acceptance(tmp_path: Path) -> None:
         agent.apply_delta(delta)
     agent.apply_bundle(golden(PROC))
     with pytest.raises(Rejected, match="signature"):
-        agent.apply_delta(delta.model_copy(update={"add": ["10.6.6.6/32"]}))
+        agent.apply_delta(replace(delta, add=["10.6.6.6/32"]))
     with pytest.raises(Rejected, match="not in the applied bundle"):
-        agent.apply_delta(sign(delta.model_copy(update={"set": "rf_0000000000000000"}), key()))
+        agent.apply_delta(sign(replace(delta, set="rf_0000000000000000"), key()))
     with pytest.raises(Rejected, match="fetch the whole bundle"):
-        agent.apply_delta(sign(delta.model_copy(update={"from_version": 5, "to_version": 6}), key()))
+        agent.apply_delta(sign(replace(delta, from_version=5, to_version=6), key()))
     with pytest.raises(Rejected, match="absent"):
-        agent.apply_delta(sign(delta.model_copy(update={"remove": ["10.9.9.9/32"]}), key()))
+        agent.apply_delta(sign(replace(delta, remove=["10.9.9.9/32"]), key()))
     assert backend.deltas == []
     agent.apply_delta(delta)
     assert not agent.apply_delta(delta).changed  # replay: already applied
@@ -374,6 +376,21 @@ def test_config_api_url_ip_is_a_failsafe(tmp_path: Path) -> None:
         ("workload_id: w1\npublic_key: k\napi_url: http://x\n", "enroll section"),
         ("- a\n- b\n", "mapping"),
         ("workload_id: [\n", "not valid YAML"),
+        ("public_key: k\nsource: /x\n", "workload_id: Field required"),
+        (
+            "workload_id: w1\npublic_key: k\nsource: /x\npoll_interval: soon\n",
+            "poll_interval: Input should be a number",
+        ),
+        (
+            "workload_id: w1\npublic_key: k\nsource: /x\nwait_timeout: 301\n",
+            "wait_timeout: .*less than or equal to 300",
+        ),
+        ("workload_id: w1\npublic_key: k\nsource: /x\nmax_buffered_records: 5\n", "greater than or equal to 10"),
+        ("workload_id: w1\npublic_key: k\nsource: /x\ndhcp: 1\n", "dhcp: Input should be true or false"),
+        ("workload_id: w1\npublic_key: k\nsource: /x\ndns_resolvers: 10.0.0.2\n", "dns_resolvers: .*list of strings"),
+        ("workload_id: w1\npublic_key: k\napi_url: http://x\nenroll: {method: pairing}\n", "needs pairing_key"),
+        ("workload_id: w1\npublic_key: k\napi_url: http://x\nenroll: {pairing_key: k, x: 1}\n", "enroll.x: Extra"),
+        ("workload_id: w1\npublic_key: k\napi_url: http://x\nenroll: {method: tpm}\n", "enroll.method"),
     ],
 )
 def test_config_errors_are_clear(tmp_path: Path, text: str, message: str) -> None:
@@ -381,6 +398,21 @@ def test_config_errors_are_clear(tmp_path: Path, text: str, message: str) -> Non
     p.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_config(p)
+
+
+def test_config_checks_every_setting_and_validates_when_built_in_code() -> None:
+    import dataclasses
+
+    from ringfence_agent import config
+
+    fields = {f.name for f in dataclasses.fields(config.AgentConfig)}
+    assert fields - {"enroll"} == set(config._CONFIG_TYPES)
+    assert set(config._RANGES) <= fields
+    assert {f.name for f in dataclasses.fields(config.Enrollment)} == set(config._ENROLLMENT_TYPES)
+    with pytest.raises(ValueError, match="observe_interval"):
+        config.AgentConfig(workload_id="w", public_key=PUBLIC_KEY, source="/x", observe_interval=0.1)
+    cfg = config.AgentConfig(workload_id="w", public_key=str(PUBLIC_KEY), source="/x", poll_interval=5)  # type: ignore[arg-type]
+    assert cfg.public_key == PUBLIC_KEY and cfg.poll_interval == 5.0 and isinstance(cfg.poll_interval, float)
 
 
 # --- reports -------------------------------------------------------------------------------------
@@ -423,7 +455,7 @@ def test_batches_respect_api_limits() -> None:
     drops = [_drop(i % 250) for i in range(1200)]
     batches = make_batches(drops, [], 7)
     assert [len(b.drops) for b in batches] == [500, 500, 200] and batches[0].dropped_records == 7
-    assert all(len(b.model_dump_json()) < 256 * 1024 for b in batches)
+    assert all(len(b.dumps()) < 256 * 1024 for b in batches)
 
 
 def test_drop_collector_reports_only_new_packets() -> None:
@@ -465,7 +497,7 @@ def test_parse_conntrack_proc_format() -> None:
         ("outbound", "fd77::2", "fd77::3", "udp", 5353, 0, 0),
     ]
     assert isinstance(flows[0], FlowRecord)
-    again = flows[0].model_copy(update={"sport": 40001, "packets": 1, "bytes": 60, "start": 0.5, "end": 3.0})
+    again = replace(flows[0], sport=40001, packets=1, bytes=60, start=0.5, end=3.0)
     (summary, _) = summarize_flows([flows[0], again, flows[1]])
     assert (summary.sport, summary.packets, summary.bytes, summary.start, summary.end) == (None, 10, 610, 0.5, 3.0)
 

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from ringfence.bundle import Verifier, load_bundle, load_delta
+from ringfence.bundlewire import Verifier, load_bundle, load_delta
 from ringfence_agent.backends import make_backend
 from ringfence_agent.core import Agent
 from ringfence_agent.plan import LocalFailsafes, compile_plan

@@ -1,7 +1,8 @@
 """The agent ↔ control-plane API contract: request and response bodies (see ``docs/agent-api.md``).
 
-Shared by the agent (client) and every control plane (API Gateway functions, ``ringfence serve``),
-so both validate the same shapes with the same limits.
+The server-side schema of every control plane (API Gateway functions, ``ringfence serve``). The
+agent builds its bodies with :mod:`ringfence.agentwire` (plain dataclasses, no pydantic); tests
+check that they validate against these models.
 """
 
 from __future__ import annotations
@@ -10,11 +11,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ringfence.agentwire import API_PREFIX as API_PREFIX
+from ringfence.agentwire import MAX_REPORT_BYTES as MAX_REPORT_BYTES
+from ringfence.agentwire import MAX_REPORT_RECORDS as MAX_REPORT_RECORDS
 from ringfence.enums import Mode
-
-API_PREFIX = "/v1"
-MAX_REPORT_BYTES = 256 * 1024
-MAX_REPORT_RECORDS = 2000
 
 
 class _Body(BaseModel):

@@ -1,7 +1,10 @@
 """The agent bundle contract: format, canonical bytes, Ed25519 signatures, set deltas.
 
 Documented in ``docs/bundle.md``; golden files under ``tests/golden/`` are shared by the engine's
-and the agent's tests. The agent imports this module, so it stays free of engine imports.
+and the agent's tests. These pydantic models are the engine's and publishers' view and the source
+of the JSON Schema; the agent reads the same documents with :mod:`ringfence.bundlewire` (no
+pydantic). Canonical bytes, signature checks, key ids and acceptance rules are defined there once
+and used here.
 
 Versions: every change the engine makes gets a new *revision* (a monotonic integer). A bundle's
 ``version`` is the revision it was rendered at; each set carries the revision it last changed
@@ -12,24 +15,20 @@ the highest revision it has applied and refuses anything older.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field
 
+from ringfence import bundlewire as wire
+from ringfence.bundlewire import BUNDLE_FORMAT as BUNDLE_FORMAT
+from ringfence.bundlewire import DELTA_FORMAT as DELTA_FORMAT
+from ringfence.bundlewire import BundleError as BundleError
+from ringfence.bundlewire import Signer as Signer
 from ringfence.enums import Mode
-
-BUNDLE_FORMAT = "ringfence.bundle/v1"
-DELTA_FORMAT = "ringfence.delta/v1"
-
-
-class BundleError(ValueError):
-    """A bundle or delta the agent must refuse: says what is wrong."""
 
 
 class _Doc(BaseModel):
@@ -107,26 +106,24 @@ D = TypeVar("D", Bundle, SetDelta)
 
 def canonical_bytes(doc: Document) -> bytes:
     """The signed bytes: sorted-key compact JSON without the signature, prefixed by the format."""
-    body = doc.model_dump(mode="json", exclude={"signature"})
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return doc.format.encode() + b"\n" + text.encode("utf-8")
+    return wire.canonical_message(doc.format, doc.model_dump(mode="json", exclude={"signature"}))
+
+
+@overload
+def to_wire(doc: Bundle) -> wire.Bundle: ...
+@overload
+def to_wire(doc: SetDelta) -> wire.SetDelta: ...
+def to_wire(doc: Document) -> wire.Document:
+    """The same document as the agent's plain dataclasses (:mod:`ringfence.bundlewire`)."""
+    data = doc.model_dump(mode="json")
+    return wire.bundle_from_json(data) if isinstance(doc, Bundle) else wire.delta_from_json(data)
 
 
 # --- keys --------------------------------------------------------------------------------------
 
 
-class Signer(Protocol):
-    """Anything that signs: a local key file now, KMS in the cloud."""
-
-    @property
-    def key_id(self) -> str: ...
-
-    def sign(self, message: bytes) -> bytes: ...
-
-
 def key_id_of(public: Ed25519PublicKey) -> str:
-    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
+    return wire.key_id_of_raw(public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
 
 
 class SigningKey:
@@ -173,36 +170,15 @@ class SigningKey:
         public_path.write_bytes(self.public_pem())
 
 
-class Verifier:
-    """The pinned public key an agent trusts."""
+class Verifier(wire.Verifier):
+    """The pinned public key (see :class:`ringfence.bundlewire.Verifier`), also for pydantic documents."""
 
-    def __init__(self, public: Ed25519PublicKey) -> None:
-        self._public = public
-        self.key_id = key_id_of(public)
-
-    @classmethod
-    def from_pem(cls, data: bytes) -> Verifier:
-        key = serialization.load_pem_public_key(data)
-        if not isinstance(key, Ed25519PublicKey):
-            raise BundleError("pinned key must be an Ed25519 public key (PEM)")
-        return cls(key)
-
-    @classmethod
-    def from_file(cls, path: Path) -> Verifier:
-        return cls.from_pem(path.read_bytes())
-
-    def verify(self, doc: Document) -> None:
-        """Raise :class:`BundleError` unless ``doc`` carries a valid signature by the pinned key."""
-        what = f"bundle for {doc.workload_id!r}" if isinstance(doc, Bundle) else f"delta for set {doc.set!r}"
-        if doc.signature is None:
-            raise BundleError(f"{what} is not signed")
-        if doc.signature.key_id != self.key_id:
-            raise BundleError(f"{what} is signed by key {doc.signature.key_id}, not the pinned key {self.key_id}")
-        try:
-            raw = base64.b64decode(doc.signature.value, validate=True)
-            self._public.verify(raw, canonical_bytes(doc))
-        except (InvalidSignature, ValueError):
-            raise BundleError(f"{what}: signature does not verify (tampered or forged)") from None
+    def verify(self, doc: Document | wire.Document) -> None:
+        if isinstance(doc, Bundle | SetDelta):
+            what = f"bundle for {doc.workload_id!r}" if isinstance(doc, Bundle) else f"delta for set {doc.set!r}"
+            self.verify_message(what, doc.signature, canonical_bytes(doc))
+        else:
+            super().verify(doc)
 
 
 def sign(doc: D, signer: Signer) -> D:
@@ -256,30 +232,5 @@ def delta_schema() -> dict[str, Any]:
 def check_acceptable(
     new: Bundle, workload_id: str, applied_revision: int | None, applied: Bundle | None = None
 ) -> None:
-    """The agent's acceptance rules beyond the signature (shared so every agent applies the same).
-
-    ``applied`` is what the agent enforces now (its bundle with deltas folded in). A bundle with
-    the applied revision is only accepted when it enforces exactly the same thing: a different
-    bundle reusing a version is a replay of an older policy or a control-plane fault.
-    """
-    if new.workload_id != workload_id:
-        raise BundleError(f"bundle is for workload {new.workload_id!r}, this agent is {workload_id!r}")
-    if applied_revision is not None and new.version < applied_revision:
-        raise BundleError(
-            f"bundle version {new.version} is older than the applied revision {applied_revision} (rollback refused)"
-        )
-    if (
-        applied_revision is not None
-        and applied is not None
-        and new.version == applied_revision
-        and new.content() != applied.content()
-    ):
-        raise BundleError(
-            f"bundle version {new.version} equals the applied revision but its content differs (replay refused)"
-        )
-    for name, s in new.sets.items():
-        if s.version > new.version:
-            raise BundleError(f"set {name} claims version {s.version} newer than the bundle {new.version}")
-    for rule in (*new.inbound, *new.outbound):
-        if rule.set is not None and rule.set not in new.sets:
-            raise BundleError(f"rule {rule.id} references undefined set {rule.set}")
+    """:func:`ringfence.bundlewire.check_acceptable` (the agent's rules) for pydantic documents."""
+    wire.check_acceptable(to_wire(new), workload_id, applied_revision, None if applied is None else to_wire(applied))

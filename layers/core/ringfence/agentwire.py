@@ -1,0 +1,145 @@
+"""The agent's side of the agent API (``docs/agent-api.md``) without pydantic.
+
+What the agent sends, as plain dataclasses whose JSON form is what :mod:`ringfence.agentapi`'s
+models (the server-side schema, pydantic) validate — ``tests/test_agentwire.py`` checks every
+body against them — and small readers for the answers the agent uses. The agent imports this
+module and not :mod:`ringfence.agentapi`, to keep pydantic out of its memory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from ringfence.enums import Mode
+
+API_PREFIX = "/v1"
+MAX_REPORT_BYTES = 256 * 1024
+MAX_REPORT_RECORDS = 2000
+
+Direction = Literal["inbound", "outbound"]
+ReportProto = Literal["tcp", "udp", "icmp", "icmpv6", "other"]
+
+
+class ResponseError(ValueError):
+    """An answer from the control plane that is not what the API promises."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EnrollRequest:
+    method: Literal["aws-iid", "aws-sts", "azure-attested", "gcp-jwt", "pairing"]
+    nonce: str
+    workload_id: str | None = None
+    document: str | None = None
+    document_signature: str | None = None
+    sts_url: str | None = None
+    sts_headers: dict[str, str] | None = None
+    pairing_key: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Heartbeat:
+    applied_version: int | None
+    mode: Mode | None
+    healthy: bool = True
+    message: str = ""  # at most 1,024 characters
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "applied_version": self.applied_version,
+            "mode": None if self.mode is None else self.mode.value,
+            "healthy": self.healthy,
+            "message": self.message,
+            "counters": self.counters,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FlowRecord:
+    start: float
+    end: float
+    src: str
+    dst: str
+    proto: ReportProto
+    sport: int | None = None
+    dport: int | None = None
+    packets: int = 0
+    bytes: int = 0
+    direction: Direction
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DropEvent:
+    time: float
+    direction: Direction
+    src: str
+    dst: str
+    proto: ReportProto
+    sport: int | None = None
+    dport: int | None = None
+    rule_id: str | None = None  # the deny rule that matched; None for the default action
+    action: Literal["drop", "would-drop"]
+    count: int = 1  # identical events folded together (≥ 1)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReportBatch:
+    flows: list[FlowRecord] = field(default_factory=list)  # at most MAX_REPORT_RECORDS
+    drops: list[DropEvent] = field(default_factory=list)  # at most MAX_REPORT_RECORDS
+    dropped_records: int = 0  # records the agent discarded because its buffer was full
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "flows": [asdict(f) for f in self.flows],
+            "drops": [asdict(d) for d in self.drops],
+            "dropped_records": self.dropped_records,
+        }
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), separators=(",", ":"))
+
+    @classmethod
+    def loads(cls, text: str) -> ReportBatch:
+        """A batch the agent spooled itself; :class:`ResponseError` when the line is not one."""
+        try:
+            data = json.loads(text)
+            return cls(
+                flows=[FlowRecord(**f) for f in data.get("flows", [])],
+                drops=[DropEvent(**d) for d in data.get("drops", [])],
+                dropped_records=int(data.get("dropped_records", 0)),
+            )
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise ResponseError(f"not a report batch: {exc}") from None
+
+
+_JSON_TYPES: dict[type, str] = {
+    str: "a string",
+    int: "an integer",
+    bool: "a boolean",
+    list: "a list",
+    dict: "an object",
+}
+
+
+def read_response(body: bytes, what: str, **fields: type | tuple[type, None]) -> dict[str, Any]:
+    """The JSON object of an answer, with ``fields`` present and of their type (``(int, None)``:
+    an integer or null). Other fields are left alone: a newer control plane may add some."""
+    try:
+        data = json.loads(body)
+    except ValueError as exc:
+        raise ResponseError(f"{what}: not JSON: {exc}") from None
+    if type(data) is not dict:
+        raise ResponseError(f"{what}: expected a JSON object")
+    for name, spec in fields.items():
+        kind, nullable = (spec[0], True) if isinstance(spec, tuple) else (spec, False)
+        if name not in data:
+            raise ResponseError(f"{what}: {name} is missing")
+        value = data[name]
+        if not (type(value) is kind or (nullable and value is None)):
+            raise ResponseError(f"{what}: {name} should be {_JSON_TYPES[kind]}{' or null' if nullable else ''}")
+    return data
