@@ -159,6 +159,43 @@ def test_rule_precedence_and_drop_attribution(net: NetLab, backend: str, tmp_pat
     assert (net.v4("h1"), 8080) not in by
 
 
+def test_drop_events_carry_the_source_port_of_the_blocked_socket(net: NetLab, backend: str, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    ok(apply(net, backend, lab_engine(net).bundle("h2"), state))
+    assert not net.tcp("h4", "h2", 8080, sport=41234)  # inbound: the default drop
+    assert not net.tcp("h4", "h2", 8080, v6=True, sport=41235)
+    assert not net.tcp("h2", "h4", 8080, sport=41236)  # outbound: the default drop
+    drops = json.loads(ok(net.agent("h2", "drops", "--backend", backend, "--state-dir", str(state), "--json")))
+    got = {(e["direction"], e["src"], e["sport"], e["dst"], e["dport"]) for e in drops["events"]}
+    assert ("inbound", net.v4("h4"), 41234, net.v4("h2"), 8080) in got, got
+    assert ("inbound", net.v6("h4"), 41235, net.v6("h2"), 8080) in got, got
+    assert ("outbound", net.v4("h2"), 41236, net.v4("h4"), 8080) in got, got
+    text = ok(net.agent("h2", "drops", "--backend", backend, "--state-dir", str(state)))
+    assert f"drop inbound tcp {net.v4('h4')}:41234 -> {net.v4('h2')}:8080" in text
+
+
+def test_a_full_drop_tuple_set_never_lets_a_denied_packet_through(net: NetLab, backend: str, tmp_path: Path) -> None:
+    """Every connection attempt is its own tuple (new source port): a burst fills the bounded set."""
+    lab = lab_engine(net, PRECEDENCE_POLICY, extra={"adm": "admin"})
+    state = tmp_path / "state"
+    ok(apply(net, backend, lab.bundle("h2"), state))
+    burst = net.exec("adm", PY, str(HERE / "netprobe.py"), "burst", net.v4("h2"), "8080", "1200", check=True)
+    assert burst.stdout.strip() == "0"
+    if backend == "nftables":
+        listed = json.loads(ok(net.exec("h2", "nft", "-j", "list", "set", "inet", "ringfence", "t_r_in_0_4")))
+        held = next(x["set"] for x in listed["nftables"] if "set" in x).get("elem", [])
+    else:
+        listed = ok(net.exec("h2", "ipset", "list", "rf-ts-r_in_0-4a"))
+        held = [x for x in listed.split("Members:", 1)[1].splitlines() if x.strip()]
+    assert len(held) == 1024  # full: the kernel-side bound holds
+    # the override-deny still drops (a later rule allows admins: a skipped drop would connect)
+    assert not net.tcp("adm", "h2", 8080)
+    assert net.tcp("h1", "h2", 8080)
+    drops = json.loads(ok(net.agent("h2", "drops", "--backend", backend, "--state-dir", str(state), "--json")))
+    assert drops["counters"]["r_in_0"] >= 1201
+    assert sum(1 for e in drops["events"] if e["rule_id"] == "guard/admins-never-web") <= 1024
+
+
 def test_observe_passes_traffic_and_reports_would_drop(net: NetLab, backend: str, tmp_path: Path) -> None:
     lab = lab_engine(net, OBSERVE_POLICY)
     assert "mode observe" in ok(apply(net, backend, lab.bundle("h2"), tmp_path / "state"))

@@ -120,8 +120,12 @@ def test_nft_text_failsafes_first_rules_in_order_default_last() -> None:
     order = [int(line.split("counter name r_in_")[1].split()[0]) for line in lines if "counter name r_in_" in line]
     assert order == sorted(order)
     assert lines[-1] == 'counter name d_in drop comment "default enforce"'
-    assert f"ip saddr @s_{BOUNDARY}_4h counter name r_in_0 update @t_r_in_0_4" in text
-    assert f"ip saddr @s_{BOUNDARY}_4 counter name r_in_0 update @t_r_in_0_4" in text
+    # a drop rule records its tuple in a rule of its own, just before the verdict
+    track = "update @t_r_in_0_4 { ip saddr . ip daddr . meta l4proto . th sport . th dport }"
+    for s in (f"s_{BOUNDARY}_4h", f"s_{BOUNDARY}_4"):
+        i = lines.index(f"ip saddr @{s} {track}")
+        assert lines[i + 1] == f'ip saddr @{s} counter name r_in_0 drop comment "boundaries/dev-never-reaches-prod"'
+    assert "counter name r_in_0 update" not in text
     # single addresses in hash sets (fast deltas), prefixes in interval sets
     assert f"set s_{WEB}_4 {{ type ipv4_addr; flags interval; elements = {{ 10.1.1.10/31 }} }}" in text
     assert f"set s_{DB}_6h {{ type ipv6_addr; elements = {{ fd00:1::3:10 }} }}" in text
@@ -195,6 +199,12 @@ def test_iptables_text_mirrors_the_plan() -> None:
     assert lines[-2] == '-A RF-OUT -m comment --comment "d_out default enforce" -j DROP'
     v6 = r.rules_script(plan, 6, "a", [])
     assert "icmp-type" not in v6 and "neighbour-solicitation" in v6
+    # every drop point feeds a (src, dport, dst) set, then a (src, sport, dst) set, then decides
+    i = lines.index("-A RF-OUT -j SET --add-set rf-t-d_out-4a src,dst,dst --exist")
+    assert lines[i + 1] == "-A RF-OUT -j SET --add-set rf-ts-d_out-4a src,src,dst --exist"
+    assert lines[deny - 2].endswith("-j SET --add-set rf-t-r_in_0-4a src,dst,dst --exist")
+    assert lines[deny - 1].endswith("-j SET --add-set rf-ts-r_in_0-4a src,src,dst --exist")
+    assert "create rf-ts-r_in_0-6a hash:ip,port,ip family inet6 timeout 60 maxelem 1024 -exist" in sets
 
 
 def test_iptables_splits_zero_prefix_for_ipset() -> None:
@@ -409,6 +419,20 @@ def test_bounded_buffer_folds_and_discards_oldest() -> None:
     assert [e.src for e in taken] == ["10.0.0.2", "10.0.0.3", "10.0.0.4"] and taken[-1].count == 3
 
 
+def test_folding_keeps_a_source_port_only_when_every_drop_had_it() -> None:
+    buf: BoundedBuffer[DropEvent] = BoundedBuffer(10)
+    one = _drop(1).model_copy(update={"sport": 40000})
+    buf.add(drop_key(one), one)
+    buf.add(drop_key(one), one)  # the same connection's retransmission
+    retry = one.model_copy(update={"sport": 40001})  # a new attempt, a new ephemeral port
+    (e,) = buf.take(10)
+    assert (e.sport, e.count) == (40000, 2)
+    buf.add(drop_key(one), one)
+    buf.add(drop_key(retry), retry)
+    (e,) = buf.take(10)
+    assert (e.sport, e.count) == (None, 2)  # still one event: reports stay bounded by destinations
+
+
 def test_spool_is_capped_on_disk(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool.jsonl", 4096)
     for i in range(100):
@@ -450,6 +474,24 @@ def test_drop_collector_reports_only_new_packets() -> None:
     observe = compile_plan(golden(OBSERVE), LOCAL)
     (w,) = DropCollector().events(observe, Observation({}, [DropTuple("d_in", "1.2.3.4", "10.2.10.10", "udp", 9, 1)]))
     assert w.action == "would-drop" and w.rule_id is None
+
+
+def test_drop_collector_carries_source_ports_and_skipped_points() -> None:
+    plan = compile_plan(golden(PROC), LOCAL)
+    col = DropCollector(linger=60)
+    first = DropTuple("r_in_0", "10.2.1.10", "10.1.2.10", "tcp", 8443, 1, sport=40000)
+    (e,) = col.events(plan, Observation({"r_in_0": 1}, [first]), now=0.0)
+    assert (e.sport, e.dport, e.count) == (40000, 8443, 1)
+    # r_in_0 did not move: the backend skips listing it, and nothing is reported
+    assert col.events(plan, Observation({"r_in_0": 1, "d_in": 1}, []), now=10.0) == []
+    # it moves again: listed with the old element still in it; only the new attempt is reported
+    second = DropTuple("r_in_0", "10.2.1.10", "10.1.2.10", "tcp", 8443, 1, sport=40001)
+    (e,) = col.events(plan, Observation({"r_in_0": 2, "d_in": 1}, [first, second]), now=20.0)
+    assert (e.sport, e.count) == (40001, 1)
+    # once the kernel has let an element expire, the same tuple coming back is new
+    col.events(plan, Observation({"r_in_0": 2, "d_in": 2}, []), now=100.0)
+    (e,) = col.events(plan, Observation({"r_in_0": 3, "d_in": 2}, [first]), now=110.0)
+    assert (e.sport, e.count) == (40000, 1)
 
 
 def test_parse_conntrack_proc_format() -> None:
