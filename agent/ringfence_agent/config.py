@@ -58,7 +58,9 @@ class AgentConfig(BaseModel):
     admin_ports: list[str] = Field(default_factory=lambda: ["tcp/22", "tcp/3389"])
     dns_resolvers: list[str] = Field(default_factory=list)
     control_plane: list[str] = Field(default_factory=list, description="addresses/CIDRs of the control plane")
-    metadata_endpoint: bool = Field(True, description="allow 169.254.169.254 and fd00:ec2::254")
+    metadata_endpoint: bool = Field(
+        True, description="allow 169.254.169.254 and fd00:ec2::254 (tcp/80, udp/tcp 53, udp/123)"
+    )
     dhcp: bool = True
     # timing
     poll_interval: float = Field(300.0, ge=1, description="slow poll when no nudge arrives (seconds)")

@@ -288,6 +288,60 @@ def test_dns_to_configured_resolver_survives_a_deny_everything_bundle(
     assert not net.tcp("h2", "h3", 5432)  # nothing else
 
 
+METADATA = ("169.254.169.254", "fd00:ec2::254")
+
+
+@pytest.fixture
+def metadata_host(net: NetLab) -> Iterator[str]:
+    """cp also answers as the cloud metadata endpoint (both families), serving tcp/80 and tcp/8080."""
+    for addr in METADATA:
+        plen = "128" if ":" in addr else "32"
+        net.exec("cp", "ip", "addr", "add", f"{addr}/{plen}", "dev", "eth0", *(["nodad"] if ":" in addr else []))
+        net.exec("h2", "ip", "route", "add", f"{addr}/{plen}", "dev", "eth0", check=True)
+    server = net.serve("cp", tcp=[80, 8080])
+    try:
+        yield "cp"
+    finally:
+        net.kill(server)
+        for addr in METADATA:
+            plen = "128" if ":" in addr else "32"
+            net.exec("h2", "ip", "route", "del", f"{addr}/{plen}", "dev", "eth0")
+            net.exec("cp", "ip", "addr", "del", f"{addr}/{plen}", "dev", "eth0")
+
+
+def test_metadata_endpoint_survives_a_deny_everything_bundle_on_its_port_only(
+    net: NetLab, backend: str, tmp_path: Path, metadata_host: str
+) -> None:
+    v4, v6 = METADATA
+    assert net.tcp("h2", metadata_host, 8080, addr=v4)  # reachable before any firewall
+    lab = lab_engine(net, DENY_ALL_POLICY, extra={"adm": "admin"})
+    ok(apply(net, backend, lab.bundle("h2"), tmp_path / "state"))
+    assert net.tcp("h2", metadata_host, 80, addr=v4) and net.tcp("h2", metadata_host, 80, addr=v6)
+    # the same host on another port, and the same port on the host's own address: dropped
+    assert not net.tcp("h2", metadata_host, 8080, addr=v4) and not net.tcp("h2", metadata_host, 8080, addr=v6)
+    assert not net.tcp("h2", metadata_host, 80)
+
+
+def test_dhcp_exchange_survives_a_deny_everything_bundle(net: NetLab, backend: str, tmp_path: Path) -> None:
+    server = net.spawn("h3", PY, str(HERE / "netprobe.py"), "dhcp-serve", "--ports", "67,6700", stdout=subprocess.PIPE)
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+
+        def dhcp(client_port: int, server_port: int) -> bool:
+            probe = (PY, str(HERE / "netprobe.py"), "dhcp", str(client_port), str(server_port))
+            return net.exec("h2", *probe).returncode == 0
+
+        assert dhcp(68, 67) and dhcp(6800, 6700)  # both work without a firewall
+        lab = lab_engine(net, DENY_ALL_POLICY, extra={"adm": "admin"})
+        ok(apply(net, backend, lab.bundle("h2"), tmp_path / "state"))
+        # broadcast 68 → 67 out, broadcast 67 → 68 back: the reply matches no connection, only the
+        # inbound fail-safe lets it in
+        assert dhcp(68, 67)
+        assert not dhcp(6800, 6700)  # the same exchange on other ports: dropped
+    finally:
+        net.kill(server)
+
+
 def test_idle_mode_leaves_the_firewall_alone(net: NetLab, backend: str, tmp_path: Path) -> None:
     lab = lab_engine(net)
     state = tmp_path / "state"

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable
 
 from ringfence_agent.backends import TUPLE_LINGER_S, ApplyError, DropTuple, ElementChange, Observation, run
-from ringfence_agent.plan import Direction, Match, Plan, PlanRule, safe_comment
+from ringfence_agent.plan import METADATA_PORTS, Direction, Match, Plan, PlanRule, safe_comment
 
 CHAINS = {"inbound": ("RF-IN", "INPUT"), "outbound": ("RF-OUT", "OUTPUT")}
 _GEN = re.compile(r'--comment "?ringfence gen=([ab])')
@@ -167,7 +167,8 @@ class IptablesRenderer:
             dns = f"rf-fs-dns-{family}{gen}"
             lines.append(f"-m set --match-set {dns} dst -p udp --dport 53 -j ACCEPT")
             lines.append(f"-m set --match-set {dns} dst -p tcp --dport 53 -j ACCEPT")
-            lines.append(f"-m set --match-set rf-fs-meta-{family}{gen} dst -j ACCEPT")
+            meta = f"-m set --match-set rf-fs-meta-{family}{gen} dst"
+            lines.extend(f"{meta} {_svc(m, family)} -j ACCEPT" for m in METADATA_PORTS)
             lines.append(f"-m set --match-set rf-fs-cp-{family}{gen} dst -j ACCEPT")
         return lines
 

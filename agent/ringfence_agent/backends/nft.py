@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ringfence_agent.backends import TUPLE_LINGER_S, ApplyError, DropTuple, ElementChange, Observation, run
-from ringfence_agent.plan import Direction, Match, Plan, PlanRule, safe_comment
+from ringfence_agent.plan import METADATA_PORTS, Direction, Match, Plan, PlanRule, safe_comment
 
 TABLE = "ringfence"
 FAMILY = "inet"
@@ -168,7 +168,7 @@ class NftRenderer:
                 a = _addr("outbound", fam)
                 lines.append(f'{a} @fs_dns_{fam} udp dport 53 accept comment "failsafe dns"')
                 lines.append(f'{a} @fs_dns_{fam} tcp dport 53 accept comment "failsafe dns"')
-                lines.append(f'{a} @fs_meta_{fam} accept comment "failsafe metadata"')
+                lines.extend(f'{a} @fs_meta_{fam} {_svc(m)} accept comment "failsafe metadata"' for m in METADATA_PORTS)
                 lines.append(f'{a} @fs_cp_{fam} accept comment "failsafe control-plane"')
         return lines
 
