@@ -469,6 +469,52 @@ def test_restart_reapplies_last_known_good_before_contact_and_survives_control_p
     enforced_baseline(net)  # stopping the agent leaves enforcement in place
 
 
+def test_daemon_follows_offline_compiles_over_plain_http_by_set_deltas(
+    net: NetLab, backend: str, tmp_path: Path
+) -> None:
+    """No control plane: `ringfence compile` into a directory, `python -m http.server` on cp."""
+    www = tmp_path / "www"
+    (tmp_path / "lab.yaml").write_text(LAB_POLICY)
+
+    def compile_lab(roles: dict[str, str], revision: int) -> None:
+        rows = [
+            {"id": h, "ips": [net.v4(h), net.v6(h)], "tags": {"role": role, "app": "lab", "env": "test"}}
+            for h, role in roles.items()
+        ]
+        (tmp_path / "inventory.json").write_text(json.dumps({"workloads": rows}))
+        cmd = [str(RINGFENCE), "compile", "--policy", str(tmp_path / "lab.yaml"), "--inventory"]
+        cmd += [str(tmp_path / "inventory.json"), "--out", str(www), "--key", str(KEY), "--revision", str(revision)]
+        subprocess.run(cmd, check=True, capture_output=True)
+
+    compile_lab(ROLES, 1000)
+    served = (tmp_path / "http.log").open("w")
+    server = net.spawn(
+        "cp", PY, "-m", "http.server", "8000", "--bind", net.v4("cp"), "--directory", str(www), stderr=served
+    )
+    assert wait_until(lambda: net.exec("h2", PY, "-c", URLOPEN, f"http://{net.v4('cp')}:8000/").returncode == 0, 10)
+    log = (tmp_path / "run.log").open("w")
+    cfg = config(tmp_path, backend, source=f"http://{net.v4('cp')}:8000")
+    daemon = net.spawn("h2", str(net_agent()), "run", "--config", str(cfg), stderr=log)
+    try:
+        assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 15), (tmp_path / "run.log").read_text()
+        assert net.tcp("h1", "h2", 8080)
+        compile_lab({**ROLES, "h4": "client"}, 2000)  # h4 joins the clients: a set change only
+        assert wait_until(lambda: net.tcp("h4", "h2", 8080, timeout=0.3), 15), (tmp_path / "run.log").read_text()
+        assert not net.tcp("h3", "h2", 8080)
+        requests = (tmp_path / "http.log").read_text()
+        assert requests.count('"GET /bundles/h2.json HTTP/1.1" 200') == 1, requests  # the first start only
+        assert '"GET /deltas/' in requests and '"GET /heads/h2.json HTTP/1.1" 200' in requests
+        assert "version 1001 → 2001, +2 -0 elements" in (tmp_path / "run.log").read_text()
+    finally:
+        net.kill(daemon, 15)
+        net.kill(server)
+
+
+URLOPEN = "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=1)"
+RINGFENCE = Path(PY).parent / "ringfence"
+KEY = PUBLIC_KEY.parent / "test-key.pem"
+
+
 def test_daemon_enrolls_follows_nudges_and_reports(net: NetLab, backend: str, tmp_path: Path) -> None:
     root = tmp_path / "cp"
     (root / "deltas").mkdir(parents=True)

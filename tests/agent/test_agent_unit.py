@@ -603,14 +603,17 @@ def test_installer_writes_a_config_the_agent_accepts(tmp_path: Path) -> None:
 
 
 def test_daemon_once_with_static_dir_and_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ringfence.staticlayout import Head
     from ringfence_agent.config import AgentConfig
     from ringfence_agent.daemon import Daemon
 
     src = tmp_path / "src"
-    (src / "bundles").mkdir(parents=True)
+    for d in ("bundles", "heads", f"deltas/{WEB}"):
+        (src / d).mkdir(parents=True)
     (src / "bundles" / "ord-prod-proc-1.json").write_bytes(PROC.read_bytes())
-    (src / "deltas" / WEB).mkdir(parents=True)
-    (src / "deltas" / WEB / "1-2.json").write_bytes(DELTA.read_bytes())
+    (src / "deltas" / WEB / "1.json").write_bytes(DELTA.read_bytes())  # the delta leaving version 1
+    sets = {name: s.version for name, s in golden(PROC).sets.items()} | {WEB: 2}
+    (src / "heads" / "ord-prod-proc-1.json").write_text(Head("ord-prod-proc-1", 2, 1, sets).dumps())
     cfg = AgentConfig(
         workload_id="ord-prod-proc-1",
         public_key=PUBLIC_KEY,
@@ -730,10 +733,13 @@ def test_daemon_does_not_spin_when_the_announced_version_is_refused(tmp_path: Pa
             self.waits += 1
             return 7  # "version 7 is out", at once, every time
 
+        def announced(self) -> int | None:
+            return None
+
         def bundle(self) -> Bundle | None:
             return forged
 
-        def deltas(self, since: int, sets: dict[str, int]) -> list[SetDelta] | None:
+        def deltas(self, since: int, sets: dict[str, int], bundle_version: int) -> list[SetDelta] | None:
             return None
 
         def heartbeat(self, hb: object) -> int | None:
