@@ -229,15 +229,19 @@ def cmd_compile(args: argparse.Namespace) -> int:
     for d in release.deltas:  # deltas, bundles, heads: a head never announces what is not there yet
         write_layout_file(out, staticlayout.delta_path(d.set, d.from_version), bundle_mod.dumps(signed(d)))
     changed = 0
+    key_id = signer.key_id if signer is not None else None
     for wid, doc in release.bundles.items():
         prev = previous.get(wid)
-        changed += prev is None or prev.version != doc.version
+        if prev is not None and prev.version == doc.version and (prev.signature and prev.signature.key_id) == key_id:
+            continue  # the same version is the same content: the file there is already this bundle
+        changed += 1
         write_layout_file(out, staticlayout.bundle_path(wid), bundle_mod.dumps(signed(doc)))
     for wid, head in release.heads.items():
-        write_layout_file(out, staticlayout.head_path(wid), head.dumps())
+        if heads.get(wid) != head:
+            write_layout_file(out, staticlayout.head_path(wid), head.dumps())
     print(
-        f"wrote {len(release.bundles)} bundles to {out / 'bundles'} ({len(engine.sets)} distinct sets; "
-        f"{changed} new or changed, {len(release.deltas)} set deltas)"
+        f"{len(release.bundles)} bundles in {out / 'bundles'} ({len(engine.sets)} distinct sets): "
+        f"wrote {changed} new or changed and {len(release.deltas)} set deltas"
         + ("" if signer else "; UNSIGNED: pass --key to sign")
     )
     return 0
