@@ -115,8 +115,11 @@ def cmd_drops(args: argparse.Namespace) -> int:
     for name, packets in sorted(obs.counters.items()):
         print(f"counter {name}: {packets} packets")
     for e in events:
+        sport = f":{e.sport}" if e.sport is not None else ""
         port = f":{e.dport}" if e.dport is not None else ""
-        print(f"{e.action} {e.direction} {e.proto} {e.src} -> {e.dst}{port} x{e.count} rule={e.rule_id or 'default'}")
+        print(
+            f"{e.action} {e.direction} {e.proto} {e.src}{sport} -> {e.dst}{port} x{e.count} rule={e.rule_id or 'default'}"
+        )
     return 0
 
 

@@ -150,7 +150,7 @@ class AgentConfig:
     admin_ports: list[str] = field(default_factory=lambda: ["tcp/22", "tcp/3389"])
     dns_resolvers: list[str] = field(default_factory=list)
     control_plane: list[str] = field(default_factory=list)  # addresses/CIDRs of the control plane
-    metadata_endpoint: bool = True  # allow 169.254.169.254 and fd00:ec2::254
+    metadata_endpoint: bool = True  # allow 169.254.169.254 and fd00:ec2::254 (tcp/80, udp/tcp 53, udp/123)
     dhcp: bool = True
     # timing (seconds)
     poll_interval: float = 300.0  # slow poll when no nudge arrives

@@ -255,6 +255,30 @@ class Agent:
             ],
         )
 
+    def rewind_deltas(self, keep: int) -> Result:
+        """Forget the applied deltas after the first ``keep`` and enforce what is left.
+
+        For a batch of deltas that failed half-way: its applied part may claim the revision of the
+        whole bundle that must now replace it. Nothing newer than the batch was accepted, so going
+        back to before it only gives up what that batch brought."""
+        if self.bundle is None or len(self.deltas) <= keep:
+            return Result(False)
+        dropped = self.deltas[keep:]
+        self.deltas = self.deltas[:keep]
+        self.state.save_deltas(self.deltas)
+        self._reset_cache()
+        self.plan = None
+        lines = [f"undid {len(dropped)} delta(s) of a batch that failed half-way: back to revision {self.revision}"]
+        plan = self.ensure_plan()
+        try:
+            if plan is not None:
+                self.backend.apply(plan)
+        except ApplyError as exc:
+            self.state.update_status(last_error=str(exc), incr={"apply_failures": 1})
+            lines.append(str(exc))
+        self.state.update_status(applied_version=self.revision, applied_at=time.time())
+        return Result(True, lines)
+
     # --- last known good ---------------------------------------------------------------------
 
     def reapply_last_known_good(self) -> Result:

@@ -179,17 +179,18 @@ class Daemon:
     # --- sync --------------------------------------------------------------------------------
 
     def sync(self, latest: int | None) -> None:
+        if latest is None:
+            latest = self.source.announced()
         rev = self.agent.revision
-        if rev is not None and latest is not None and latest <= rev and self.source.kind == "api":
+        if rev is not None and latest is not None and latest <= rev:
             return
         if rev is not None and self.agent.bundle is not None:
             eff = self.agent.effective()
             assert eff is not None
-            deltas = self.source.deltas(rev, {n: s.version for n, s in eff.sets.items()})
-            if deltas:
-                self._apply_deltas(deltas)
-            if self.source.kind == "api" and latest is not None and (self.agent.revision or 0) >= latest:
-                return
+            deltas = self.source.deltas(rev, {n: s.version for n, s in eff.sets.items()}, self.agent.bundle.version)
+            bridged = deltas is not None and self._apply_deltas(deltas)
+            if bridged and latest is not None and (self.agent.revision or 0) >= latest:
+                return  # the deltas brought it all the way: no whole bundle to fetch
         try:
             doc = self.source.bundle()
         except BundleError as exc:
@@ -224,24 +225,34 @@ class Daemon:
                 log(line)
             release_memory()
         eff = self.agent.effective()
-        if eff is not None and self.agent.revision is not None:
-            more = self.source.deltas(self.agent.revision, {n: s.version for n, s in eff.sets.items()})
+        if eff is not None and self.agent.revision is not None and self.agent.bundle is not None:
+            sets = {n: s.version for n, s in eff.sets.items()}
+            more = self.source.deltas(self.agent.revision, sets, self.agent.bundle.version)
             if more:
                 self._apply_deltas(more)
 
-    def _apply_deltas(self, deltas: list[SetDelta]) -> None:
+    def _apply_deltas(self, deltas: list[SetDelta]) -> bool:
+        """Apply in order; False when one was refused or failed (the whole bundle must bridge).
+
+        A batch that fails half-way is undone: the deltas applied before the failure may claim the
+        very revision of the bundle that replaces them, which would then be refused as a replay."""
+        applied = len(self.agent.deltas)
         for d in deltas:
             try:
                 result = self.agent.apply_delta(d)
-            except Rejected as exc:
-                self._rejected(str(exc))
-                return  # the whole bundle will bridge
-            except ApplyError as exc:
-                log(str(exc))
-                return
+            except (Rejected, ApplyError) as exc:
+                if isinstance(exc, Rejected):
+                    self._rejected(str(exc))
+                else:
+                    log(str(exc))
+                if len(self.agent.deltas) > applied:
+                    for line in self.agent.rewind_deltas(applied).lines:
+                        log(line)
+                return False
             if result.changed:
                 for line in result.lines:
                     log(line)
+        return True
 
     def _rejected(self, msg: str) -> None:
         self.last_message = msg

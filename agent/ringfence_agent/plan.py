@@ -53,6 +53,12 @@ class Match:
         return self.proto
 
 
+# What the metadata fail-safe opens to METADATA_V4/V6, and nothing else there: the instance
+# metadata service is HTTP on port 80 (AWS, Azure, GCP); GCP's metadata server is also the VPC's
+# DNS resolver and NTP server.
+METADATA_PORTS = (Match("tcp", (80, 80)), Match("udp", (53, 53)), Match("tcp", (53, 53)), Match("udp", (123, 123)))
+
+
 @dataclass(frozen=True, slots=True)
 class PlanRule:
     direction: Direction

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar, cast
 
 from ringfence.agentwire import MAX_REPORT_RECORDS, DropEvent, FlowRecord, ReportBatch, ReportProto, ResponseError
-from ringfence_agent.backends import Observation
+from ringfence_agent.backends import TUPLE_LINGER_S, Observation
 from ringfence_agent.plan import Plan
 
 T = TypeVar("T", DropEvent, FlowRecord)
@@ -65,7 +65,9 @@ class BoundedBuffer(Generic[T]):
 
 def _fold(old: Any, new: Any) -> Any:
     if isinstance(old, DropEvent):
-        return replace(old, count=old.count + new.count, time=max(old.time, new.time))
+        # one source port survives folding only if every folded drop had it (one connection)
+        sport = old.sport if old.sport == new.sport else None
+        return replace(old, count=old.count + new.count, time=max(old.time, new.time), sport=sport)
     return replace(
         old,
         start=min(old.start, new.start),
@@ -76,6 +78,8 @@ def _fold(old: Any, new: Any) -> Any:
 
 
 def drop_key(e: DropEvent) -> tuple[Any, ...]:
+    """Without the source port: each retry of a blocked connection has a new one, and reports
+    must stay as bounded as the destinations are."""
     return ("d", e.direction, e.src, e.dst, e.proto, e.dport, e.rule_id, e.action)
 
 
@@ -104,12 +108,20 @@ def summarize_flows(flows: list[FlowRecord]) -> list[FlowRecord]:
     return list(out.values())
 
 
-class DropCollector:
-    """Turns counter and tuple-table polls into DropEvents (only what is new since the last poll)."""
+_TupleKey = tuple[str, str, str, str, int | None, int | None]  # point, src, dst, proto, sport, dport
 
-    def __init__(self) -> None:
+
+class DropCollector:
+    """Turns counter and tuple-table polls into DropEvents (only what is new since the last poll).
+
+    Backends skip listing a drop point whose counter did not move; its tuples are carried over for
+    ``linger`` seconds after their last new packet (the kernel's element timeout), so a later poll
+    that lists the point again does not report them a second time."""
+
+    def __init__(self, linger: float = TUPLE_LINGER_S) -> None:
+        self.linger = linger
         self.counters: dict[str, int] = {}
-        self.tuples: dict[tuple[str, str, str, str, int | None], int] = {}
+        self.tuples: dict[_TupleKey, tuple[int, float]] = {}  # → (packets, when they last grew)
 
     def reset(self) -> None:
         self.counters.clear()
@@ -120,22 +132,22 @@ class DropCollector:
         cmap = plan.counter_map()
         action: Literal["drop", "would-drop"] = "drop" if plan.mode == "enforce" else "would-drop"
         out: list[DropEvent] = []
-        seen: dict[tuple[str, str, str, str, int | None], int] = {}
-        attributed: dict[str, int] = {}
+        seen = {
+            key: (packets, when)
+            for key, (packets, when) in self.tuples.items()
+            if obs.counters.get(key[0], 0) == self.counters.get(key[0], 0) and now - when < self.linger
+        }
         for t in obs.tuples:
-            key = (t.point, t.src, t.dst, t.proto, t.dport)
-            seen[key] = t.packets
-            new = t.packets - self.tuples.get(key, 0)
-            if new <= 0:
-                if t.packets < self.tuples.get(key, 0):
-                    new = t.packets  # the element expired and came back
-                else:
-                    continue
+            key = (t.point, t.src, t.dst, t.proto, t.sport, t.dport)
+            before, when = self.tuples.get(key, (0, now))
+            new = t.packets - before
+            if new < 0:
+                new = t.packets  # the element expired and came back
+            seen[key] = (t.packets, now if new > 0 else when)
             info = cmap.get(t.point)
-            if info is None:
+            if new <= 0 or info is None:
                 continue
             direction, rule_id, _ = info
-            attributed[t.point] = attributed.get(t.point, 0) + new
             out.append(
                 DropEvent(
                     time=now,
@@ -143,6 +155,7 @@ class DropCollector:
                     src=t.src,
                     dst=t.dst,
                     proto=cast(ReportProto, t.proto) if t.proto in _PROTOS else "other",
+                    sport=t.sport,
                     dport=t.dport,
                     rule_id=rule_id,
                     action=action,

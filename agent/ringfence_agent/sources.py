@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import threading
 import urllib.error
 import urllib.request
@@ -12,7 +11,8 @@ from typing import Any, Protocol
 from urllib.parse import quote
 
 from ringfence.agentwire import API_PREFIX, Heartbeat, ReportBatch, read_response
-from ringfence.bundlewire import Bundle, SetDelta, delta_from_json, load_bundle, load_delta
+from ringfence.bundlewire import Bundle, BundleError, SetDelta, delta_from_json, load_bundle, load_delta
+from ringfence.staticlayout import Head, HeadError, bundle_path, delta_path, head_path, load_head
 from ringfence_agent.enroll import ProofError, Prover
 from ringfence_agent.state import StateDir
 
@@ -33,11 +33,16 @@ class Source(Protocol):
         version when the source knows it."""
         ...
 
+    def announced(self) -> int | None:
+        """The newest version the source publishes, when it can tell cheaply (a static head);
+        None when it cannot (the agent API announces through ``wait`` and heartbeats)."""
+        ...
+
     def bundle(self) -> Bundle | None: ...
 
-    def deltas(self, since: int, sets: dict[str, int]) -> list[SetDelta] | None:
-        """Signed deltas after revision ``since`` for the applied ``sets`` (name → version);
-        None when deltas cannot bridge (fetch the whole bundle)."""
+    def deltas(self, since: int, sets: dict[str, int], bundle_version: int) -> list[SetDelta] | None:
+        """Signed deltas after revision ``since`` for the applied ``sets`` (name → version) of the
+        applied bundle (``bundle_version``); None when deltas cannot bridge (fetch the whole bundle)."""
         ...
 
     def heartbeat(self, hb: Heartbeat) -> int | None: ...
@@ -79,7 +84,7 @@ def _http(
 
 
 class StaticSource:
-    """A directory or plain HTTP base URL: ``<base>/bundles/<id>.json``, ``<base>/deltas/<set>/<from>-<to>.json``."""
+    """A directory or plain HTTP base URL in the layout of :mod:`ringfence.staticlayout`."""
 
     kind = "static"
 
@@ -90,6 +95,8 @@ class StaticSource:
         self.poll_interval = poll_interval
         self.timeout = timeout
         self._etag: str | None = None
+        self._head_etag: str | None = None
+        self.head: Head | None = None
         self._first = True
 
     def wait(self, version: int | None, timeout: float, stop: threading.Event) -> int | None:
@@ -99,17 +106,50 @@ class StaticSource:
         stop.wait(min(timeout, self.poll_interval))
         return None
 
-    def bundle(self) -> Bundle | None:
-        name = f"bundles/{self.workload_id}.json"
+    def _read(self, relative: str) -> bytes | None:
+        """A file of the layout; None when it is not there."""
         if not self.is_http:
-            path = Path(self.base) / name
+            path = Path(self.base) / relative
             try:
-                raw = path.read_bytes()
+                return path.read_bytes()
             except FileNotFoundError:
                 return None
             except OSError as exc:
                 raise Unreachable(f"{path}: {exc.strerror}") from None
-            return load_bundle(raw)
+        status, _, body = _http(f"{self.base}/{quote(relative)}", self.timeout)
+        if status == 404:
+            return None
+        if status != 200:
+            raise SourceError(f"GET {relative}: HTTP {status}")
+        return body
+
+    def announced(self) -> int | None:
+        """Reads the head (a conditional GET over HTTP: unchanged costs a 304). Without a usable
+        head the source announces nothing and the whole bundle decides, as in a bundles-only layout."""
+        relative = head_path(self.workload_id)
+        if self.is_http:
+            headers = {"If-None-Match": self._head_etag} if self._head_etag else {}
+            status, hdrs, body = _http(f"{self.base}/{quote(relative)}", self.timeout, headers=headers)
+            if status == 304:
+                return self.head.version if self.head is not None else None
+            raw = body if status == 200 else None
+            if status not in (200, 404):
+                raise SourceError(f"GET {relative}: HTTP {status}")
+            self._head_etag = (hdrs.get("ETag") or hdrs.get("Etag")) if raw is not None else None
+        else:
+            raw = self._read(relative)
+        try:
+            head = load_head(raw) if raw is not None else None
+        except HeadError:
+            head = None
+        self.head = head if head is not None and head.workload_id == self.workload_id else None
+        return self.head.version if self.head is not None else None
+
+    def bundle(self) -> Bundle | None:
+        name = bundle_path(self.workload_id)
+        if not self.is_http:
+            raw = self._read(name)
+            return load_bundle(raw) if raw is not None else None
         headers = {"If-None-Match": self._etag} if self._etag else {}
         status, hdrs, body = _http(f"{self.base}/{quote(name)}", self.timeout, headers=headers)
         doc = fetched_bundle(status, body, f"GET {name}")
@@ -117,36 +157,38 @@ class StaticSource:
             self._etag = hdrs.get("ETag") or hdrs.get("Etag")
         return doc
 
-    def deltas(self, since: int, sets: dict[str, int]) -> list[SetDelta] | None:
-        if self.is_http:
-            return None  # plain HTTP cannot list: the whole bundle is the truth
+    def deltas(self, since: int, sets: dict[str, int], bundle_version: int) -> list[SetDelta] | None:
+        """Walks each set's chain from the applied version to the head's, one file per step."""
+        head = self.head
+        if head is None:
+            return None  # bundles-only layout: the whole bundle is the truth
+        if head.version <= since:
+            return []
+        if head.rules_version > bundle_version or set(head.sets) != set(sets):
+            return None  # this workload's own rules changed: only the whole bundle carries them
         out: list[SetDelta] = []
-        for name, version in sets.items():
-            d = Path(self.base) / "deltas" / name
-            if not d.is_dir():
-                continue
-            v = version
-            while True:
-                nxt = sorted(d.glob(f"{v}-*.json"), key=lambda p: _to(p.name))
-                if not nxt:
-                    break
-                delta = load_delta(nxt[-1].read_bytes())
-                out.append(delta)
-                if delta.to_version <= v:
-                    break
-                v = delta.to_version
-        return out
+        for name, target in sorted(head.sets.items()):
+            v = sets[name]
+            while v < target:
+                raw = self._read(delta_path(name, v))
+                if raw is None:
+                    return None  # the chain is missing a link
+                try:
+                    d = load_delta(raw)
+                except BundleError:
+                    return None
+                if d.set != name or d.from_version != v or not v < d.to_version <= target:
+                    return None  # does not continue the chain: never guess
+                out.append(d)
+                v = d.to_version
+        # oldest first across sets, as the agent API sends them
+        return sorted(out, key=lambda d: (d.to_version, d.set))
 
     def heartbeat(self, hb: Heartbeat) -> int | None:
         return None
 
     def report(self, batch: ReportBatch) -> None:
         return None
-
-
-def _to(name: str) -> int:
-    m = re.match(r"^\d+-(\d+)\.json$", name)
-    return int(m.group(1)) if m else -1
 
 
 class ApiSource:
@@ -217,6 +259,9 @@ class ApiSource:
         latest = json.loads(body).get("latest_version")
         return int(latest) if isinstance(latest, int) else None
 
+    def announced(self) -> int | None:
+        return None  # announced by wait() and heartbeats
+
     def bundle(self) -> Bundle | None:
         headers = {"If-None-Match": self._etag} if self._etag else {}
         status, hdrs, body = self._call("bundle", headers=headers)
@@ -225,7 +270,7 @@ class ApiSource:
             self._etag = hdrs.get("ETag") or hdrs.get("Etag")
         return doc
 
-    def deltas(self, since: int, sets: dict[str, int]) -> list[SetDelta] | None:
+    def deltas(self, since: int, sets: dict[str, int], bundle_version: int) -> list[SetDelta] | None:
         status, _, body = self._call(f"deltas?since={since}")
         if status in (404, 409):
             return None

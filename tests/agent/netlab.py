@@ -131,9 +131,13 @@ class Lab:
         return p
 
     # 0.8 s: far above a lab round trip even on a loaded 2-core CI box; a drop costs exactly this
-    def tcp(self, src: str, dst: str, port: int, v6: bool = False, timeout: float = 0.8) -> bool:
-        addr = self.v6(dst) if v6 else self.v4(dst)
-        return self.exec(src, PY, str(PROBE), "tcp", addr, str(port), "--timeout", str(timeout)).returncode == 0
+    def tcp(
+        self, src: str, dst: str, port: int, v6: bool = False, timeout: float = 0.8, sport: int = 0, addr: str = ""
+    ) -> bool:
+        """``addr`` overrides ``dst``'s lab address (an extra address the host holds)."""
+        addr = addr or (self.v6(dst) if v6 else self.v4(dst))
+        cmd = [PY, str(PROBE), "tcp", addr, str(port), "--timeout", str(timeout), "--sport", str(sport)]
+        return self.exec(src, *cmd).returncode == 0
 
     def udp(self, src: str, dst: str, port: int, v6: bool = False, timeout: float = 0.8) -> bool:
         addr = self.v6(dst) if v6 else self.v4(dst)

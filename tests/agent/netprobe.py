@@ -1,11 +1,17 @@
 """Tiny traffic tool run inside lab namespaces (lab and loopback addresses only, bounded timeouts).
 
 netprobe.py serve --tcp 22,8080 --udp 5353        echo servers on 0.0.0.0 and ::
-netprobe.py tcp HOST PORT [--timeout S]           exit 0 if a TCP echo round trip works
+netprobe.py tcp HOST PORT [--timeout S] [--sport P]  exit 0 if a TCP echo round trip works (from port P)
 netprobe.py udp HOST PORT [--timeout S]           exit 0 if a UDP echo round trip works
 netprobe.py hold HOST PORT                        keep one TCP connection; each stdin line → one echo,
                                                   prints "ok" or "fail"
 netprobe.py rate HOST PORT SECONDS                new TCP connections per second (prints a number)
+netprobe.py dhcp-serve --ports 67,6700              answers DHCP-like requests arriving on each port with a
+                                                  broadcast reply from that port to the client's port
+netprobe.py dhcp CLIENT_PORT SERVER_PORT          broadcast a DHCPDISCOVER from CLIENT_PORT to SERVER_PORT on
+                                                  eth0; exit 0 when the matching reply arrives
+netprobe.py burst HOST PORT N                     N concurrent TCP connection attempts (N source ports),
+                                                  abandoned after a moment; prints how many connected
 """
 
 from __future__ import annotations
@@ -72,10 +78,13 @@ def _family(host: str) -> int:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def tcp_probe(host: str, port: int, timeout: float) -> bool:
+def tcp_probe(host: str, port: int, timeout: float, sport: int = 0) -> bool:
     try:
         with socket.socket(_family(host), socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
+            if sport:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("::" if ":" in host else "0.0.0.0", sport))
             s.connect((host, port))
             s.sendall(b"ping")
             return s.recv(16) == b"ping"
@@ -126,28 +135,118 @@ def rate(host: str, port: int, seconds: float) -> None:
     print(f"{n / seconds:.1f} {failed}")
 
 
+def burst(host: str, port: int, n: int) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n + 64, n + 64))
+    socks = []
+    for _ in range(n):
+        s = socket.socket(_family(host), socket.SOCK_STREAM)
+        s.setblocking(False)
+        s.connect_ex((host, port))  # one SYN each, from its own ephemeral port
+        socks.append(s)
+    time.sleep(0.5)
+    connected = sum(1 for s in socks if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0 and _peer(s))
+    for s in socks:
+        s.close()
+    print(connected)
+
+
+def _peer(s: socket.socket) -> bool:
+    try:
+        s.getpeername()
+        return True
+    except OSError:
+        return False
+
+
+# A minimal BOOTP/DHCP frame (RFC 2131): enough for a lab exchange through the firewall. Real clients
+# send DISCOVER from 0.0.0.0 over a packet socket; a UDP socket goes through netfilter, which is the
+# point here.
+_MAGIC = b"\x63\x82\x53\x63"
+
+
+def _bootp(op: int, xid: bytes, msg_type: int) -> bytes:
+    head = bytes([op, 1, 6, 0]) + xid + bytes(20) + bytes(16) + bytes(64 + 128)
+    return head + _MAGIC + bytes([53, 1, msg_type, 255])
+
+
+def _broadcast_socket(port: int) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"eth0")  # limited broadcast needs a device
+    s.bind(("0.0.0.0", port))
+    return s
+
+
+def dhcp_serve(ports: list[int]) -> None:
+    sel = selectors.DefaultSelector()
+    for port in ports:
+        sel.register(_broadcast_socket(port), selectors.EVENT_READ)
+    print("ready", flush=True)
+    while True:
+        for key, _ in sel.select():
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            data, (_, client_port) = sock.recvfrom(2048)
+            if len(data) >= 240 and data[0] == 1 and data[236:240] == _MAGIC:
+                sock.sendto(_bootp(2, data[4:8], 2), ("255.255.255.255", client_port))  # OFFER
+
+
+def dhcp_client(client_port: int, server_port: int, timeout: float) -> bool:
+    import secrets
+
+    xid = secrets.token_bytes(4)
+    with _broadcast_socket(client_port) as s:
+        s.settimeout(timeout)
+        try:
+            s.sendto(_bootp(1, xid, 1), ("255.255.255.255", server_port))
+            while True:
+                data, (_, sport) = s.recvfrom(2048)
+                if data[0] == 2 and data[4:8] == xid and sport == server_port:
+                    return True
+        except OSError:
+            return False
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve")
     s.add_argument("--tcp", default="")
     s.add_argument("--udp", default="")
-    for name in ("tcp", "udp", "hold", "rate"):
+    for name in ("tcp", "udp", "hold", "rate", "burst"):
         q = sub.add_parser(name)
         q.add_argument("host")
         q.add_argument("port", type=int)
         if name == "rate":
             q.add_argument("seconds", type=float)
+        if name == "burst":
+            q.add_argument("n", type=int)
         q.add_argument("--timeout", type=float, default=0.5)
+        q.add_argument("--sport", type=int, default=0)
+    d = sub.add_parser("dhcp-serve")
+    d.add_argument("--ports", default="67")
+    d = sub.add_parser("dhcp")
+    d.add_argument("client_port", type=int)
+    d.add_argument("server_port", type=int)
+    d.add_argument("--timeout", type=float, default=0.8)
     a = p.parse_args()
-    if a.cmd == "serve":
+    if a.cmd == "dhcp-serve":
+        dhcp_serve([int(x) for x in a.ports.split(",") if x])
+    elif a.cmd == "dhcp":
+        return 0 if dhcp_client(a.client_port, a.server_port, a.timeout) else 1
+    elif a.cmd == "serve":
         serve([int(x) for x in a.tcp.split(",") if x], [int(x) for x in a.udp.split(",") if x])
     elif a.cmd == "tcp":
-        return 0 if tcp_probe(a.host, a.port, a.timeout) else 1
+        return 0 if tcp_probe(a.host, a.port, a.timeout, a.sport) else 1
     elif a.cmd == "udp":
         return 0 if udp_probe(a.host, a.port, a.timeout) else 1
     elif a.cmd == "hold":
         hold(a.host, a.port)
+    elif a.cmd == "burst":
+        burst(a.host, a.port, a.n)
     else:
         rate(a.host, a.port, a.seconds)
     return 0

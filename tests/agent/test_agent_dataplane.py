@@ -159,6 +159,43 @@ def test_rule_precedence_and_drop_attribution(net: NetLab, backend: str, tmp_pat
     assert (net.v4("h1"), 8080) not in by
 
 
+def test_drop_events_carry_the_source_port_of_the_blocked_socket(net: NetLab, backend: str, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    ok(apply(net, backend, lab_engine(net).bundle("h2"), state))
+    assert not net.tcp("h4", "h2", 8080, sport=41234)  # inbound: the default drop
+    assert not net.tcp("h4", "h2", 8080, v6=True, sport=41235)
+    assert not net.tcp("h2", "h4", 8080, sport=41236)  # outbound: the default drop
+    drops = json.loads(ok(net.agent("h2", "drops", "--backend", backend, "--state-dir", str(state), "--json")))
+    got = {(e["direction"], e["src"], e["sport"], e["dst"], e["dport"]) for e in drops["events"]}
+    assert ("inbound", net.v4("h4"), 41234, net.v4("h2"), 8080) in got, got
+    assert ("inbound", net.v6("h4"), 41235, net.v6("h2"), 8080) in got, got
+    assert ("outbound", net.v4("h2"), 41236, net.v4("h4"), 8080) in got, got
+    text = ok(net.agent("h2", "drops", "--backend", backend, "--state-dir", str(state)))
+    assert f"drop inbound tcp {net.v4('h4')}:41234 -> {net.v4('h2')}:8080" in text
+
+
+def test_a_full_drop_tuple_set_never_lets_a_denied_packet_through(net: NetLab, backend: str, tmp_path: Path) -> None:
+    """Every connection attempt is its own tuple (new source port): a burst fills the bounded set."""
+    lab = lab_engine(net, PRECEDENCE_POLICY, extra={"adm": "admin"})
+    state = tmp_path / "state"
+    ok(apply(net, backend, lab.bundle("h2"), state))
+    burst = net.exec("adm", PY, str(HERE / "netprobe.py"), "burst", net.v4("h2"), "8080", "1200", check=True)
+    assert burst.stdout.strip() == "0"
+    if backend == "nftables":
+        listed = json.loads(ok(net.exec("h2", "nft", "-j", "list", "set", "inet", "ringfence", "t_r_in_0_4")))
+        held = next(x["set"] for x in listed["nftables"] if "set" in x).get("elem", [])
+    else:
+        listed = ok(net.exec("h2", "ipset", "list", "rf-ts-r_in_0-4a"))
+        held = [x for x in listed.split("Members:", 1)[1].splitlines() if x.strip()]
+    assert len(held) == 1024  # full: the kernel-side bound holds
+    # the override-deny still drops (a later rule allows admins: a skipped drop would connect)
+    assert not net.tcp("adm", "h2", 8080)
+    assert net.tcp("h1", "h2", 8080)
+    drops = json.loads(ok(net.agent("h2", "drops", "--backend", backend, "--state-dir", str(state), "--json")))
+    assert drops["counters"]["r_in_0"] >= 1201
+    assert sum(1 for e in drops["events"] if e["rule_id"] == "guard/admins-never-web") <= 1024
+
+
 def test_observe_passes_traffic_and_reports_would_drop(net: NetLab, backend: str, tmp_path: Path) -> None:
     lab = lab_engine(net, OBSERVE_POLICY)
     assert "mode observe" in ok(apply(net, backend, lab.bundle("h2"), tmp_path / "state"))
@@ -249,6 +286,60 @@ def test_dns_to_configured_resolver_survives_a_deny_everything_bundle(
     ok(net.agent("h2", "apply", "--bundle", str(path), *args, "--dns", net.v4("h3")))  # same bundle, local resolver
     assert net.udp("h2", "h3", 53)  # DNS to the configured resolver
     assert not net.tcp("h2", "h3", 5432)  # nothing else
+
+
+METADATA = ("169.254.169.254", "fd00:ec2::254")
+
+
+@pytest.fixture
+def metadata_host(net: NetLab) -> Iterator[str]:
+    """cp also answers as the cloud metadata endpoint (both families), serving tcp/80 and tcp/8080."""
+    for addr in METADATA:
+        plen = "128" if ":" in addr else "32"
+        net.exec("cp", "ip", "addr", "add", f"{addr}/{plen}", "dev", "eth0", *(["nodad"] if ":" in addr else []))
+        net.exec("h2", "ip", "route", "add", f"{addr}/{plen}", "dev", "eth0", check=True)
+    server = net.serve("cp", tcp=[80, 8080])
+    try:
+        yield "cp"
+    finally:
+        net.kill(server)
+        for addr in METADATA:
+            plen = "128" if ":" in addr else "32"
+            net.exec("h2", "ip", "route", "del", f"{addr}/{plen}", "dev", "eth0")
+            net.exec("cp", "ip", "addr", "del", f"{addr}/{plen}", "dev", "eth0")
+
+
+def test_metadata_endpoint_survives_a_deny_everything_bundle_on_its_port_only(
+    net: NetLab, backend: str, tmp_path: Path, metadata_host: str
+) -> None:
+    v4, v6 = METADATA
+    assert net.tcp("h2", metadata_host, 8080, addr=v4)  # reachable before any firewall
+    lab = lab_engine(net, DENY_ALL_POLICY, extra={"adm": "admin"})
+    ok(apply(net, backend, lab.bundle("h2"), tmp_path / "state"))
+    assert net.tcp("h2", metadata_host, 80, addr=v4) and net.tcp("h2", metadata_host, 80, addr=v6)
+    # the same host on another port, and the same port on the host's own address: dropped
+    assert not net.tcp("h2", metadata_host, 8080, addr=v4) and not net.tcp("h2", metadata_host, 8080, addr=v6)
+    assert not net.tcp("h2", metadata_host, 80)
+
+
+def test_dhcp_exchange_survives_a_deny_everything_bundle(net: NetLab, backend: str, tmp_path: Path) -> None:
+    server = net.spawn("h3", PY, str(HERE / "netprobe.py"), "dhcp-serve", "--ports", "67,6700", stdout=subprocess.PIPE)
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+
+        def dhcp(client_port: int, server_port: int) -> bool:
+            probe = (PY, str(HERE / "netprobe.py"), "dhcp", str(client_port), str(server_port))
+            return net.exec("h2", *probe).returncode == 0
+
+        assert dhcp(68, 67) and dhcp(6800, 6700)  # both work without a firewall
+        lab = lab_engine(net, DENY_ALL_POLICY, extra={"adm": "admin"})
+        ok(apply(net, backend, lab.bundle("h2"), tmp_path / "state"))
+        # broadcast 68 → 67 out, broadcast 67 → 68 back: the reply matches no connection, only the
+        # inbound fail-safe lets it in
+        assert dhcp(68, 67)
+        assert not dhcp(6800, 6700)  # the same exchange on other ports: dropped
+    finally:
+        net.kill(server)
 
 
 def test_idle_mode_leaves_the_firewall_alone(net: NetLab, backend: str, tmp_path: Path) -> None:
@@ -376,6 +467,52 @@ def test_restart_reapplies_last_known_good_before_contact_and_survives_control_p
     finally:
         net.kill(daemon, 15)
     enforced_baseline(net)  # stopping the agent leaves enforcement in place
+
+
+def test_daemon_follows_offline_compiles_over_plain_http_by_set_deltas(
+    net: NetLab, backend: str, tmp_path: Path
+) -> None:
+    """No control plane: `ringfence compile` into a directory, `python -m http.server` on cp."""
+    www = tmp_path / "www"
+    (tmp_path / "lab.yaml").write_text(LAB_POLICY)
+
+    def compile_lab(roles: dict[str, str], revision: int) -> None:
+        rows = [
+            {"id": h, "ips": [net.v4(h), net.v6(h)], "tags": {"role": role, "app": "lab", "env": "test"}}
+            for h, role in roles.items()
+        ]
+        (tmp_path / "inventory.json").write_text(json.dumps({"workloads": rows}))
+        cmd = [str(RINGFENCE), "compile", "--policy", str(tmp_path / "lab.yaml"), "--inventory"]
+        cmd += [str(tmp_path / "inventory.json"), "--out", str(www), "--key", str(KEY), "--revision", str(revision)]
+        subprocess.run(cmd, check=True, capture_output=True)
+
+    compile_lab(ROLES, 1000)
+    served = (tmp_path / "http.log").open("w")
+    server = net.spawn(
+        "cp", PY, "-m", "http.server", "8000", "--bind", net.v4("cp"), "--directory", str(www), stderr=served
+    )
+    assert wait_until(lambda: net.exec("h2", PY, "-c", URLOPEN, f"http://{net.v4('cp')}:8000/").returncode == 0, 10)
+    log = (tmp_path / "run.log").open("w")
+    cfg = config(tmp_path, backend, source=f"http://{net.v4('cp')}:8000")
+    daemon = net.spawn("h2", str(net_agent()), "run", "--config", str(cfg), stderr=log)
+    try:
+        assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 15), (tmp_path / "run.log").read_text()
+        assert net.tcp("h1", "h2", 8080)
+        compile_lab({**ROLES, "h4": "client"}, 2000)  # h4 joins the clients: a set change only
+        assert wait_until(lambda: net.tcp("h4", "h2", 8080, timeout=0.3), 15), (tmp_path / "run.log").read_text()
+        assert not net.tcp("h3", "h2", 8080)
+        requests = (tmp_path / "http.log").read_text()
+        assert requests.count('"GET /bundles/h2.json HTTP/1.1" 200') == 1, requests  # the first start only
+        assert '"GET /deltas/' in requests and '"GET /heads/h2.json HTTP/1.1" 200' in requests
+        assert "version 1001 → 2001, +2 -0 elements" in (tmp_path / "run.log").read_text()
+    finally:
+        net.kill(daemon, 15)
+        net.kill(server)
+
+
+URLOPEN = "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=1)"
+RINGFENCE = Path(PY).parent / "ringfence"
+KEY = PUBLIC_KEY.parent / "test-key.pem"
 
 
 def test_daemon_enrolls_follows_nudges_and_reports(net: NetLab, backend: str, tmp_path: Path) -> None:

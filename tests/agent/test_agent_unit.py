@@ -122,15 +122,27 @@ def test_nft_text_failsafes_first_rules_in_order_default_last() -> None:
     order = [int(line.split("counter name r_in_")[1].split()[0]) for line in lines if "counter name r_in_" in line]
     assert order == sorted(order)
     assert lines[-1] == 'counter name d_in drop comment "default enforce"'
-    assert f"ip saddr @s_{BOUNDARY}_4h counter name r_in_0 update @t_r_in_0_4" in text
-    assert f"ip saddr @s_{BOUNDARY}_4 counter name r_in_0 update @t_r_in_0_4" in text
+    # a drop rule records its tuple in a rule of its own, just before the verdict
+    track = "update @t_r_in_0_4 { ip saddr . ip daddr . meta l4proto . th sport . th dport }"
+    for s in (f"s_{BOUNDARY}_4h", f"s_{BOUNDARY}_4"):
+        i = lines.index(f"ip saddr @{s} {track}")
+        assert lines[i + 1] == f'ip saddr @{s} counter name r_in_0 drop comment "boundaries/dev-never-reaches-prod"'
+    assert "counter name r_in_0 update" not in text
     # single addresses in hash sets (fast deltas), prefixes in interval sets
     assert f"set s_{WEB}_4 {{ type ipv4_addr; flags interval; elements = {{ 10.1.1.10/31 }} }}" in text
     assert f"set s_{DB}_6h {{ type ipv6_addr; elements = {{ fd00:1::3:10 }} }}" in text
     assert f"ip6 saddr @s_{DB}_6" not in text  # outbound uses daddr
     assert f"ip6 daddr @s_{DB}_6 tcp dport 5432 counter name r_out_4 accept" in text
     assert "ip saddr @fs_admin_4 tcp dport 22 accept" in text
-    assert "ip daddr @fs_meta_4 accept" in text and "ip daddr @fs_cp_4 accept" in text
+    assert "ip daddr @fs_cp_4 accept" in text
+    # the metadata endpoint: its service ports only (the lab proves another port is dropped)
+    meta = [line for line in text.splitlines() if "@fs_meta_4" in line]
+    assert [m.split("@fs_meta_4 ")[1].split(" accept")[0] for m in meta] == [
+        "tcp dport 80",
+        "udp dport 53",
+        "tcp dport 53",
+        "udp dport 123",
+    ]
     assert "elements = { 10.99.0.0/24, 192.0.2.0/24 }" in text
 
 
@@ -197,6 +209,12 @@ def test_iptables_text_mirrors_the_plan() -> None:
     assert lines[-2] == '-A RF-OUT -m comment --comment "d_out default enforce" -j DROP'
     v6 = r.rules_script(plan, 6, "a", [])
     assert "icmp-type" not in v6 and "neighbour-solicitation" in v6
+    # every drop point feeds a (src, dport, dst) set, then a (src, sport, dst) set, then decides
+    i = lines.index("-A RF-OUT -j SET --add-set rf-t-d_out-4a src,dst,dst --exist")
+    assert lines[i + 1] == "-A RF-OUT -j SET --add-set rf-ts-d_out-4a src,src,dst --exist"
+    assert lines[deny - 2].endswith("-j SET --add-set rf-t-r_in_0-4a src,dst,dst --exist")
+    assert lines[deny - 1].endswith("-j SET --add-set rf-ts-r_in_0-4a src,src,dst --exist")
+    assert "create rf-ts-r_in_0-6a hash:ip,port,ip family inet6 timeout 60 maxelem 1024 -exist" in sets
 
 
 def test_iptables_splits_zero_prefix_for_ipset() -> None:
@@ -441,6 +459,20 @@ def test_bounded_buffer_folds_and_discards_oldest() -> None:
     assert [e.src for e in taken] == ["10.0.0.2", "10.0.0.3", "10.0.0.4"] and taken[-1].count == 3
 
 
+def test_folding_keeps_a_source_port_only_when_every_drop_had_it() -> None:
+    buf: BoundedBuffer[DropEvent] = BoundedBuffer(10)
+    one = replace(_drop(1), sport=40000)
+    buf.add(drop_key(one), one)
+    buf.add(drop_key(one), one)  # the same connection's retransmission
+    retry = replace(one, sport=40001)  # a new attempt, a new ephemeral port
+    (e,) = buf.take(10)
+    assert (e.sport, e.count) == (40000, 2)
+    buf.add(drop_key(one), one)
+    buf.add(drop_key(retry), retry)
+    (e,) = buf.take(10)
+    assert (e.sport, e.count) == (None, 2)  # still one event: reports stay bounded by destinations
+
+
 def test_spool_is_capped_on_disk(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool.jsonl", 4096)
     for i in range(100):
@@ -482,6 +514,24 @@ def test_drop_collector_reports_only_new_packets() -> None:
     observe = compile_plan(golden(OBSERVE), LOCAL)
     (w,) = DropCollector().events(observe, Observation({}, [DropTuple("d_in", "1.2.3.4", "10.2.10.10", "udp", 9, 1)]))
     assert w.action == "would-drop" and w.rule_id is None
+
+
+def test_drop_collector_carries_source_ports_and_skipped_points() -> None:
+    plan = compile_plan(golden(PROC), LOCAL)
+    col = DropCollector(linger=60)
+    first = DropTuple("r_in_0", "10.2.1.10", "10.1.2.10", "tcp", 8443, 1, sport=40000)
+    (e,) = col.events(plan, Observation({"r_in_0": 1}, [first]), now=0.0)
+    assert (e.sport, e.dport, e.count) == (40000, 8443, 1)
+    # r_in_0 did not move: the backend skips listing it, and nothing is reported
+    assert col.events(plan, Observation({"r_in_0": 1, "d_in": 1}, []), now=10.0) == []
+    # it moves again: listed with the old element still in it; only the new attempt is reported
+    second = DropTuple("r_in_0", "10.2.1.10", "10.1.2.10", "tcp", 8443, 1, sport=40001)
+    (e,) = col.events(plan, Observation({"r_in_0": 2, "d_in": 1}, [first, second]), now=20.0)
+    assert (e.sport, e.count) == (40001, 1)
+    # once the kernel has let an element expire, the same tuple coming back is new
+    col.events(plan, Observation({"r_in_0": 2, "d_in": 2}, []), now=100.0)
+    (e,) = col.events(plan, Observation({"r_in_0": 3, "d_in": 2}, [first]), now=110.0)
+    assert (e.sport, e.count) == (40000, 1)
 
 
 def test_parse_conntrack_proc_format() -> None:
@@ -585,14 +635,17 @@ def test_installer_writes_a_config_the_agent_accepts(tmp_path: Path) -> None:
 
 
 def test_daemon_once_with_static_dir_and_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ringfence.staticlayout import Head
     from ringfence_agent.config import AgentConfig
     from ringfence_agent.daemon import Daemon
 
     src = tmp_path / "src"
-    (src / "bundles").mkdir(parents=True)
+    for d in ("bundles", "heads", f"deltas/{WEB}"):
+        (src / d).mkdir(parents=True)
     (src / "bundles" / "ord-prod-proc-1.json").write_bytes(PROC.read_bytes())
-    (src / "deltas" / WEB).mkdir(parents=True)
-    (src / "deltas" / WEB / "1-2.json").write_bytes(DELTA.read_bytes())
+    (src / "deltas" / WEB / "1.json").write_bytes(DELTA.read_bytes())  # the delta leaving version 1
+    sets = {name: s.version for name, s in golden(PROC).sets.items()} | {WEB: 2}
+    (src / "heads" / "ord-prod-proc-1.json").write_text(Head("ord-prod-proc-1", 2, 1, sets).dumps())
     cfg = AgentConfig(
         workload_id="ord-prod-proc-1",
         public_key=PUBLIC_KEY,
@@ -712,10 +765,13 @@ def test_daemon_does_not_spin_when_the_announced_version_is_refused(tmp_path: Pa
             self.waits += 1
             return 7  # "version 7 is out", at once, every time
 
+        def announced(self) -> int | None:
+            return None
+
         def bundle(self) -> Bundle | None:
             return forged
 
-        def deltas(self, since: int, sets: dict[str, int]) -> list[SetDelta] | None:
+        def deltas(self, since: int, sets: dict[str, int], bundle_version: int) -> list[SetDelta] | None:
             return None
 
         def heartbeat(self, hb: object) -> int | None:

@@ -11,6 +11,10 @@ from ringfence_agent.plan import Plan
 BACKENDS = ("nftables", "iptables", "windows-plan", "dry-run")
 
 
+# Drop-tuple set elements expire this long after their last packet (nftables and ipset alike).
+TUPLE_LINGER_S = 60
+
+
 class ApplyError(RuntimeError):
     """The backend refused the change; the previous state is still in force."""
 
@@ -25,6 +29,7 @@ class DropTuple:
     proto: str
     dport: int | None
     packets: int
+    sport: int | None = None  # None: no ports (ICMP), or the backend cannot tell (see iptables)
 
 
 @dataclass(slots=True)

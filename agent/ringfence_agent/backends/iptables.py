@@ -14,8 +14,8 @@ import ipaddress
 import re
 from collections.abc import Iterable
 
-from ringfence_agent.backends import ApplyError, DropTuple, ElementChange, Observation, run
-from ringfence_agent.plan import Direction, Match, Plan, PlanRule, safe_comment
+from ringfence_agent.backends import TUPLE_LINGER_S, ApplyError, DropTuple, ElementChange, Observation, run
+from ringfence_agent.plan import METADATA_PORTS, Direction, Match, Plan, PlanRule, safe_comment
 
 CHAINS = {"inbound": ("RF-IN", "INPUT"), "outbound": ("RF-OUT", "OUTPUT")}
 _GEN = re.compile(r'--comment "?ringfence gen=([ab])')
@@ -24,6 +24,27 @@ _COUNTER = re.compile(r"^\[(\d+):(\d+)\] -A (RF-IN|RF-OUT) .*--comment \"?(r_(?:
 
 def ipset_name(bundle_set: str, family: int, gen: str) -> str:
     return f"{bundle_set}-{family}{gen}"
+
+
+# Drop tuples: ipset has no type with two ports, so each drop point feeds two sets from the same
+# packet, (src, proto:dport, dst) and (src, proto:sport, dst); observe() pairs them where exact.
+TUPLE_SIZE = 1024  # maxelem: kernel memory bound per set (a full set only stops recording)
+
+
+def dport_set(point: str, family: int, gen: str) -> str:
+    return f"rf-t-{point}-{family}{gen}"
+
+
+def sport_set(point: str, family: int, gen: str) -> str:
+    return f"rf-ts-{point}-{family}{gen}"
+
+
+def _track(point: str, family: int, gen: str) -> list[str]:
+    """SET targets (non-terminating; a full set only fails to add). The dport set is fed first."""
+    return [
+        f"-j SET --add-set {dport_set(point, family, gen)} src,dst,dst --exist",
+        f"-j SET --add-set {sport_set(point, family, gen)} src,src,dst --exist",
+    ]
 
 
 def _split_zero(items: Iterable[str]) -> list[str]:
@@ -82,10 +103,11 @@ class IptablesRenderer:
         for point in self.drop_points(plan):
             for fam in (4, 6):
                 f = "inet" if fam == 4 else "inet6"
-                lines.append(
-                    f"create rf-t-{point}-{fam}{gen} hash:ip,port,ip family {f} timeout 300 maxelem 1024 -exist"
-                )
-                lines.append(f"flush rf-t-{point}-{fam}{gen}")
+                for name in (dport_set(point, fam, gen), sport_set(point, fam, gen)):
+                    lines.append(
+                        f"create {name} hash:ip,port,ip family {f} timeout {TUPLE_LINGER_S} maxelem {TUPLE_SIZE} -exist"
+                    )
+                    lines.append(f"flush {name}")
         return "\n".join(lines) + "\n"
 
     @staticmethod
@@ -107,7 +129,7 @@ class IptablesRenderer:
                 out.extend(f"-A {chain} {line}" for line in self._rule(plan, r, family, gen))
             point = "d_in" if direction == "inbound" else "d_out"
             verdict = "DROP" if plan.mode == "enforce" else "ACCEPT"
-            out.append(f"-A {chain} -j SET --add-set rf-t-{point}-{family}{gen} src,dst,dst --exist")
+            out.extend(f"-A {chain} {track}" for track in _track(point, family, gen))
             out.append(f'-A {chain} -m comment --comment "{point} default {plan.mode}" -j {verdict}')
         out.append("COMMIT")
         return "\n".join(out) + "\n"
@@ -145,7 +167,8 @@ class IptablesRenderer:
             dns = f"rf-fs-dns-{family}{gen}"
             lines.append(f"-m set --match-set {dns} dst -p udp --dport 53 -j ACCEPT")
             lines.append(f"-m set --match-set {dns} dst -p tcp --dport 53 -j ACCEPT")
-            lines.append(f"-m set --match-set rf-fs-meta-{family}{gen} dst -j ACCEPT")
+            meta = f"-m set --match-set rf-fs-meta-{family}{gen} dst"
+            lines.extend(f"{meta} {_svc(m, family)} -j ACCEPT" for m in METADATA_PORTS)
             lines.append(f"-m set --match-set rf-fs-cp-{family}{gen} dst -j ACCEPT")
         return lines
 
@@ -160,9 +183,7 @@ class IptablesRenderer:
             match = f"-m set --match-set {ipset_name(r.set, family, gen)} {side}" if r.set is not None else ""
             comment = f'-m comment --comment "{r.counter} {safe_comment(r.rule_id, 200)}"'
             if r.drops:
-                lines.append(
-                    _j(match, _svc(m, family), f"-j SET --add-set rf-t-{r.counter}-{family}{gen} src,dst,dst --exist")
-                )
+                lines.extend(_j(match, _svc(m, family), track) for track in _track(r.counter, family, gen))
             lines.append(_j(match, _svc(m, family), comment, f"-j {verdict}"))
         return lines
 
@@ -190,6 +211,9 @@ class IptablesRenderer:
 
 class IptablesBackend(IptablesRenderer):
     name = "iptables"
+
+    def __init__(self) -> None:
+        self._sports: dict[_DropKey, int | None] = {}  # dport tuple → the sport paired with it
 
     def _save(self, family: int, counters: bool = False) -> str:
         cmd = ["iptables-save" if family == 4 else "ip6tables-save", "-t", "filter"]
@@ -273,22 +297,51 @@ class IptablesBackend(IptablesRenderer):
         gen = self.active_gen()
         if gen is None:
             return obs
+        listed: set[str] = set()
+        sports: dict[_DropKey, int | None] = {}
         for point in self.drop_points(plan):
             if obs.counters.get(point, 0) == previous.get(point, 0):
                 continue
+            listed.add(point)
             for family in (4, 6):
-                proc = run(["ipset", "list", f"rf-t-{point}-{family}{gen}"])
-                members = proc.stdout.split("Members:", 1)[-1].splitlines() if proc.returncode == 0 else []
-                for row in members:
-                    parts = row.split()
-                    if not parts:
-                        continue
-                    fields = parts[0].split(",")
-                    if len(fields) != 3:
-                        continue
-                    src, pp, dst = fields
-                    proto, _, port = pp.partition(":")
-                    proto = {"ipv6-icmp": "icmpv6"}.get(proto, proto)
-                    dport = int(port) if proto in ("tcp", "udp") and port.isdigit() else None
-                    obs.tuples.append(DropTuple(point, src, dst, proto, dport, 1))
+                # the sport set is listed before the dport set (and fed after it): every sport
+                # listed then has its packet's dport in the dport listing
+                by_sport, n_sport = _members(sport_set(point, family, gen))
+                by_dport, n_dport = _members(dport_set(point, family, gen))
+                full = max(n_sport, n_dport) >= TUPLE_SIZE  # a full set may lack a partner: no pairing
+                for (src, dst, proto), dports in by_dport.items():
+                    for dport in dports:
+                        key = (point, src, dst, proto, dport)
+                        if key in self._sports:
+                            sport = self._sports[key]  # decided when first seen: keeps the event's identity
+                        else:
+                            ports = by_sport.get((src, dst, proto), [])
+                            one_to_one = not full and len(dports) == 1 and len(ports) == 1
+                            sport = ports[0] if one_to_one and proto in ("tcp", "udp") else None
+                        sports[key] = sport
+                        obs.tuples.append(DropTuple(point, src, dst, proto, dport, 1, sport=sport))
+        # forget only what a listed point no longer holds; unlisted points keep their decisions
+        self._sports = {k: v for k, v in self._sports.items() if k[0] not in listed} | sports
         return obs
+
+
+_DropKey = tuple[str, str, str, str, int | None]
+
+
+def _members(name: str) -> tuple[dict[tuple[str, str, str], list[int | None]], int]:
+    """A ``hash:ip,port,ip`` tuple set: (src, dst, proto) → the ports it holds; and its size."""
+    proc = run(["ipset", "list", name])
+    rows = proc.stdout.split("Members:", 1)[-1].splitlines() if proc.returncode == 0 else []
+    out: dict[tuple[str, str, str], list[int | None]] = {}
+    n = 0
+    for row in rows:
+        parts = row.split()
+        fields = parts[0].split(",") if parts else []
+        if len(fields) != 3:
+            continue
+        src, pp, dst = fields
+        proto, _, port = pp.partition(":")
+        proto = {"ipv6-icmp": "icmpv6"}.get(proto, proto)
+        out.setdefault((src, dst, proto), []).append(int(port) if proto in ("tcp", "udp") and port.isdigit() else None)
+        n += 1
+    return out, n

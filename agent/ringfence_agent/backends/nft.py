@@ -3,8 +3,8 @@
 Layout (see docs/agent.md): interval sets ``s_<set>_4`` / ``s_<set>_6`` per bundle set, fail-safe
 sets ``fs_*``, a named counter per rule (``r_in_<i>``, ``r_out_<i>``) and per default (``d_in``,
 ``d_out``), and for every drop point a bounded dynamic set ``t_<counter>_4|6`` that the kernel fills
-with (src . dst . l4proto . dport) of what it dropped (or would drop, in observe mode), each element
-with its own packet counter. The agent polls counters and tuple sets; nothing is parsed from logs.
+with (src . dst . l4proto . sport . dport) of what it dropped (or would drop, in observe mode), each
+element with its own packet counter. The agent polls counters and tuple sets; nothing is parsed from logs.
 """
 
 from __future__ import annotations
@@ -17,20 +17,22 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
-from ringfence_agent.backends import ApplyError, DropTuple, ElementChange, Observation, run
-from ringfence_agent.plan import Direction, Match, Plan, PlanRule, safe_comment
+from ringfence_agent.backends import TUPLE_LINGER_S, ApplyError, DropTuple, ElementChange, Observation, run
+from ringfence_agent.plan import METADATA_PORTS, Direction, Match, Plan, PlanRule, safe_comment
 
 TABLE = "ringfence"
 FAMILY = "inet"
-TUPLE_SIZE = 1024  # kernel-side bound per drop point and family
-TUPLE_TIMEOUT = "5m"
+# Kernel-side bound per drop point and family. With the source port in the key every connection
+# attempt is its own element, so a scan fills a set quickly: the size caps kernel memory, the short
+# timeout frees it a minute after the last packet (the daemon polls every observe_interval, 10 s).
+TUPLE_SIZE = 1024
 _TUPLE_KEY = {
-    4: "ip saddr . ip daddr . meta l4proto . th dport",
-    6: "ip6 saddr . ip6 daddr . meta l4proto . th dport",
+    4: "ip saddr . ip daddr . meta l4proto . th sport . th dport",
+    6: "ip6 saddr . ip6 daddr . meta l4proto . th sport . th dport",
 }
 _TUPLE_TYPE = {
-    4: "ipv4_addr . ipv4_addr . inet_proto . inet_service",
-    6: "ipv6_addr . ipv6_addr . inet_proto . inet_service",
+    4: "ipv4_addr . ipv4_addr . inet_proto . inet_service . inet_service",
+    6: "ipv6_addr . ipv6_addr . inet_proto . inet_service . inet_service",
 }
 _ND_IN = "nd-neighbor-solicit, nd-neighbor-advert, nd-router-advert, nd-redirect"
 _ND_OUT = "nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit"
@@ -129,7 +131,7 @@ class NftRenderer:
             for fam in (4, 6):
                 out.append(
                     f"\tset t_{point}_{fam} {{ type {_TUPLE_TYPE[fam]}; flags dynamic,timeout; "
-                    f"timeout {TUPLE_TIMEOUT}; size {TUPLE_SIZE}; counter; }}\n"
+                    f"timeout {TUPLE_LINGER_S}s; size {TUPLE_SIZE}; counter; }}\n"
                 )
         for direction, chain, hook in (("inbound", "input", "input"), ("outbound", "output", "output")):
             out.append(f"\tchain {chain} {{\n\t\ttype filter hook {hook} priority filter; policy accept;\n")
@@ -166,7 +168,7 @@ class NftRenderer:
                 a = _addr("outbound", fam)
                 lines.append(f'{a} @fs_dns_{fam} udp dport 53 accept comment "failsafe dns"')
                 lines.append(f'{a} @fs_dns_{fam} tcp dport 53 accept comment "failsafe dns"')
-                lines.append(f'{a} @fs_meta_{fam} accept comment "failsafe metadata"')
+                lines.extend(f'{a} @fs_meta_{fam} {_svc(m)} accept comment "failsafe metadata"' for m in METADATA_PORTS)
                 lines.append(f'{a} @fs_cp_{fam} accept comment "failsafe control-plane"')
         return lines
 
@@ -189,9 +191,12 @@ class NftRenderer:
                     ]
                 else:
                     matches = [f"meta nfproto {'ipv4' if fam == 4 else 'ipv6'}"]
-                track = f"update @t_{r.counter}_{fam} {{ {_TUPLE_KEY[fam]} }}" if r.drops else ""
                 for match in matches:
-                    lines.append(_join(match, _svc(m), f"counter name {r.counter}", track, verdict, comment))
+                    if r.drops:
+                        # its own rule: a dynset update into a full set ends the rule it sits in
+                        # (NFT_BREAK), which would skip the drop after it (tested in the lab)
+                        lines.append(_join(match, _svc(m), f"update @t_{r.counter}_{fam} {{ {_TUPLE_KEY[fam]} }}"))
+                    lines.append(_join(match, _svc(m), f"counter name {r.counter}", verdict, comment))
         return lines
 
     @staticmethod
@@ -356,12 +361,20 @@ def _tuple(point: str, e: Any) -> DropTuple | None:
         return None
     el = e["elem"]
     val = el.get("val", {}).get("concat")
-    if not isinstance(val, list) or len(val) != 4:
+    if not isinstance(val, list) or len(val) != 5:
         return None
-    src, dst, proto, dport = val
+    src, dst, proto, sport, dport = val
     proto = str(proto)
     if proto == "ipv6-icmp":
         proto = "icmpv6"
     packets = int(el.get("counter", {}).get("packets", 1))
-    port = int(dport) if proto in ("tcp", "udp") and isinstance(dport, int) else None
-    return DropTuple(point, str(src), str(dst), proto, port, packets)
+    ports = proto in ("tcp", "udp")  # for anything else `th` reads other header bytes
+    return DropTuple(
+        point,
+        str(src),
+        str(dst),
+        proto,
+        int(dport) if ports and isinstance(dport, int) else None,
+        packets,
+        sport=int(sport) if ports and isinstance(sport, int) else None,
+    )

@@ -19,7 +19,7 @@ import sys
 from typing import TextIO
 
 from ringfence_agent.backends import ElementChange, Observation
-from ringfence_agent.plan import Match, Plan, PlanError, safe_comment
+from ringfence_agent.plan import METADATA_PORTS, Match, Plan, PlanError, safe_comment
 
 GROUP = "Ringfence"
 CHUNK = 1000  # remote addresses per rule: Windows accepts long lists, but keep rules reviewable
@@ -94,7 +94,14 @@ class WindowsPlanBackend:
                 )
         meta = [*fs.metadata_v4, *fs.metadata_v6]
         if meta:
-            rule("failsafe metadata", "outbound", "Allow", f"-RemoteAddress {','.join(meta)}")
+            for proto in ("TCP", "UDP"):
+                ports = ",".join(str(m.ports[0]) for m in METADATA_PORTS if m.proto == proto.lower() and m.ports)
+                rule(
+                    "failsafe metadata",
+                    "outbound",
+                    "Allow",
+                    f"-RemoteAddress {','.join(meta)} -Protocol {proto} -RemotePort {ports}",
+                )
         cp = [*fs.control_v4, *fs.control_v6]
         if cp:
             rule("failsafe control-plane", "outbound", "Allow", f"-RemoteAddress {','.join(cp)}")

@@ -78,7 +78,9 @@ class DropEvent(_Body):
     src: str
     dst: str
     proto: Literal["tcp", "udp", "icmp", "icmpv6", "other"]
-    sport: int | None = None
+    sport: int | None = Field(
+        None, description="source port; null without ports, or when folded drops came from several (retries)"
+    )
     dport: int | None = None
     rule_id: str | None = Field(None, description="the deny rule that matched; null for the default action")
     action: Literal["drop", "would-drop"]

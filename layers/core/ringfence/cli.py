@@ -7,12 +7,12 @@ import json
 import os
 import sys
 import time
-import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from ringfence import bundle as bundle_mod
+from ringfence import staticlayout
 from ringfence.addresses import format_address
 from ringfence.engine import Engine
 from ringfence.engine.connectivity import compute_inventory, group_name
@@ -22,7 +22,7 @@ from ringfence.model import Workload
 from ringfence.policy import PolicyError, load_policy, load_policy_texts, schema_text
 from ringfence.policydiff import diff
 from ringfence.policytests import run_tests
-from ringfence.publish import signed_bundle
+from ringfence.publish import static_release
 from ringfence.services import PortSpecError, parse_flow_port
 from ringfence.versions import (
     FileVersionStore,
@@ -52,12 +52,16 @@ def _engine(args: argparse.Namespace, revision: int = 0) -> tuple[Any, Engine]:
     return policy, engine
 
 
-def bundle_file(directory: Path, workload_id: str) -> Path:
-    """Where a workload's bundle goes: ids are data (Azure ids hold '/'), never path syntax."""
-    path = directory / (urllib.parse.quote(workload_id, safe="-_.:@") + ".json")
-    if path.parent != directory:
-        raise CliError(f"workload id {workload_id!r} cannot be used as a file name")
-    return path
+def write_layout_file(out: Path, relative: str, text: str) -> None:
+    """One file of the static layout under ``out``, replaced atomically: agents may be reading the
+    directory (or a web server serving it) while a compile writes. Ids never escape ``out``."""
+    path = out / relative
+    if any(part in (".", "..") for part in Path(relative).parts):
+        raise CliError(f"{relative!r} cannot be used as a file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _emit(text: str, out: str | None) -> None:
@@ -204,20 +208,64 @@ def cmd_labels_check(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    previous, heads = _previous_compile(out)
+    floor = max((b.version for b in previous.values()), default=0)
     # Offline compiles have no durable revision counter: start from the clock (ms), so bundle
     # versions from a later run are always higher and an agent never takes an older one.
-    _, engine = _engine(args, revision=args.revision if args.revision is not None else time.time_ns() // 1_000_000)
-    out = Path(args.out)
-    (out / "bundles").mkdir(parents=True, exist_ok=True)
+    start = args.revision if args.revision is not None else max(time.time_ns() // 1_000_000, floor)
+    if start < floor:
+        raise CliError(f"--revision {start} is below the previous compile in {out} (version {floor})")
+    _, engine = _engine(args, revision=start)
+    fresh = {wid: bundle_mod.Bundle.model_validate(engine.render(wid)) for wid in sorted(engine.workloads)}
+    # compiling again into the same directory continues from what is there: unchanged sets and
+    # bundles keep their versions, changed sets get deltas (docs/agent.md, static source)
+    release = static_release(fresh, previous, heads, engine.revision)
     signer = bundle_mod.SigningKey.from_file(Path(args.key)) if args.key else None
-    for wid in sorted(engine.workloads):
-        doc = signed_bundle(engine, wid, signer)
-        bundle_file(out / "bundles", wid).write_text(bundle_mod.dumps(doc))
+
+    def signed(doc: bundle_mod.D) -> bundle_mod.D:
+        return bundle_mod.sign(doc, signer) if signer is not None else doc
+
+    for d in release.deltas:  # deltas, bundles, heads: a head never announces what is not there yet
+        write_layout_file(out, staticlayout.delta_path(d.set, d.from_version), bundle_mod.dumps(signed(d)))
+    changed = 0
+    key_id = signer.key_id if signer is not None else None
+    for wid, doc in release.bundles.items():
+        prev = previous.get(wid)
+        if prev is not None and prev.version == doc.version and (prev.signature and prev.signature.key_id) == key_id:
+            continue  # the same version is the same content: the file there is already this bundle
+        changed += 1
+        write_layout_file(out, staticlayout.bundle_path(wid), bundle_mod.dumps(signed(doc)))
+    for wid, head in release.heads.items():
+        if heads.get(wid) != head:
+            write_layout_file(out, staticlayout.head_path(wid), head.dumps())
     print(
-        f"wrote {len(engine.workloads)} bundles to {out / 'bundles'} ({len(engine.sets)} distinct sets)"
+        f"{len(release.bundles)} bundles in {out / 'bundles'} ({len(engine.sets)} distinct sets): "
+        f"wrote {changed} new or changed and {len(release.deltas)} set deltas"
         + ("" if signer else "; UNSIGNED: pass --key to sign")
     )
     return 0
+
+
+def _previous_compile(out: Path) -> tuple[dict[str, bundle_mod.Bundle], dict[str, staticlayout.Head]]:
+    """The bundles and heads a previous compile left in ``out`` (unreadable files are skipped)."""
+    bundles: dict[str, bundle_mod.Bundle] = {}
+    heads: dict[str, staticlayout.Head] = {}
+    for path in sorted((out / "bundles").glob("*.json")):
+        try:
+            doc = bundle_mod.load_bundle(path.read_bytes())
+        except (bundle_mod.BundleError, OSError) as exc:
+            print(f"ignoring {path}: {exc}", file=sys.stderr)
+            continue
+        bundles[doc.workload_id] = doc
+    for path in sorted((out / "heads").glob("*.json")):
+        try:
+            head = staticlayout.load_head(path.read_bytes())
+        except (staticlayout.HeadError, OSError) as exc:
+            print(f"ignoring {path}: {exc}", file=sys.stderr)
+            continue
+        heads[head.workload_id] = head
+    return bundles, heads
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -412,12 +460,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("inventory", cmd_inventory_show, help="show workloads with their resolved labels and modes")
     _policy_args(p, inventory_required=True)
 
-    p = add("compile", cmd_compile, help="write one (signed) bundle per workload")
+    p = add(
+        "compile",
+        cmd_compile,
+        help="write one (signed) bundle per workload, with heads and set deltas against a previous compile in --out",
+    )
     _policy_args(p, inventory_required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--key", help="Ed25519 private key (PEM) to sign with")
     p.add_argument("--policy-version", type=int, default=0)
-    p.add_argument("--revision", type=int, help="revision to start from (default: the clock in ms)")
+    p.add_argument(
+        "--revision",
+        type=int,
+        help="revision to start from, not below the previous compile's (default: the clock in ms)",
+    )
 
     p = add("explain", cmd_explain, help="the decision for one flow and every rule that contributed")
     _policy_args(p)
