@@ -482,7 +482,7 @@ def test_state_writes_are_atomic_files(tmp_path: Path) -> None:
     st = StateDir(tmp_path / "s")
     st.save_applied(golden(PROC), [load_delta(DELTA.read_bytes())])
     assert st.load_bundle() == golden(PROC) and len(st.load_deltas()) == 1
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["bundle.json", "deltas.json"]
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["bundle.json", "deltas.jsonl"]
     assert oct((tmp_path / "s" / "bundle.json").stat().st_mode & 0o777) == "0o600"
     assert isinstance(st.load_deltas()[0], SetDelta)
 
