@@ -151,11 +151,11 @@ class IptablesRenderer:
         if direction == "inbound":
             for m in fs.admin_ports:
                 if family in _fams(m):
-                    lines.append(f"-m set --match-set rf-fs-admin-{family}{gen} src {_svc(m, family)} -j ACCEPT")
+                    lines.append(_j(_svc(m, family), f"-m set --match-set rf-fs-admin-{family}{gen} src -j ACCEPT"))
         else:
             dns = f"rf-fs-dns-{family}{gen}"
-            lines.append(f"-m set --match-set {dns} dst -p udp --dport 53 -j ACCEPT")
-            lines.append(f"-m set --match-set {dns} dst -p tcp --dport 53 -j ACCEPT")
+            lines.append(f"-p udp --dport 53 -m set --match-set {dns} dst -j ACCEPT")
+            lines.append(f"-p tcp --dport 53 -m set --match-set {dns} dst -j ACCEPT")
             lines.append(f"-m set --match-set rf-fs-meta-{family}{gen} dst -j ACCEPT")
             lines.append(f"-m set --match-set rf-fs-cp-{family}{gen} dst -j ACCEPT")
         return lines
@@ -172,9 +172,9 @@ class IptablesRenderer:
             comment = f'-m comment --comment "{r.counter} {safe_comment(r.rule_id, 200)}"'
             if r.drops:
                 lines.append(
-                    _j(match, _svc(m, family), f"-j SET --add-set rf-t-{r.counter}-{family}{gen} src,dst,dst --exist")
+                    _j(_svc(m, family), match, f"-j SET --add-set rf-t-{r.counter}-{family}{gen} src,dst,dst --exist")
                 )
-            lines.append(_j(match, _svc(m, family), comment, f"-j {verdict}"))
+            lines.append(_j(_svc(m, family), match, comment, f"-j {verdict}"))
         return lines
 
     def render(self, plan: Plan) -> str:
