@@ -70,7 +70,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     state = StateDir(Path(args.state_dir))
     status = state.read_json("status.json")
     bundle = state.load_bundle()
-    deltas = state.load_deltas()
+    deltas = state.load_deltas(bundle)
     out = {
         "workload_id": state.identity(),
         "bundle_version": bundle.version if bundle else None,
@@ -106,7 +106,7 @@ def cmd_drops(args: argparse.Namespace) -> int:
         return _err(f"no bundle applied in {args.state_dir}")
     from ringfence_agent.core import effective_bundle
 
-    plan = compile_plan(effective_bundle(bundle, state.load_deltas()), LocalFailsafes())
+    plan = compile_plan(effective_bundle(bundle, state.load_deltas(bundle)), LocalFailsafes())
     obs = make_backend(args.backend).observe(plan, {})
     events = DropCollector().events(plan, obs)
     if args.json:

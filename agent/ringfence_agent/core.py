@@ -7,6 +7,7 @@ refused or failed document leaves both the firewall and the state directory exac
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -109,7 +110,7 @@ class Agent:
         self.local = local
         self.log = log
         self.bundle = state.load_bundle()
-        self.deltas = state.load_deltas()
+        self.deltas = state.load_deltas(self.bundle)
         self.plan: Plan | None = None
         self._eff: Bundle | None = None  # cache of effective(): deltas fold in O(delta)
         self._members: dict[str, set[str]] = {}
@@ -234,8 +235,20 @@ class Agent:
         except ApplyError as exc:
             self.state.update_status(last_error=str(exc), incr={"apply_failures": 1})
             raise
+        assert self.bundle is not None  # current is not None
+        try:
+            self.state.append_delta(self.bundle, [*self.deltas, delta])
+        except OSError as exc:
+            # the state directory must describe the firewall: take the change back out
+            try:
+                self.backend.apply_delta(change.inverse())
+                undone = "the firewall change was undone"
+            except ApplyError as undo:
+                undone = f"undoing the firewall change failed too: {undo}"
+            with contextlib.suppress(OSError):
+                self.state.update_status(last_error=f"{exc}; {undone}", incr={"apply_failures": 1})
+            raise ApplyError(f"could not record the delta in {self.state.path} ({exc}); {undone}") from None
         self.deltas = [*self.deltas, delta]
-        self.state.save_deltas(self.deltas)
         # caches move by the delta only: no re-validation of the whole set
         self._eff = fold_delta(current, delta)
         members.difference_update(delta.remove)
@@ -265,7 +278,7 @@ class Agent:
             return Result(False)
         dropped = self.deltas[keep:]
         self.deltas = self.deltas[:keep]
-        self.state.save_deltas(self.deltas)
+        self.state.save_deltas(self.bundle, self.deltas)
         self._reset_cache()
         self.plan = None
         lines = [f"undid {len(dropped)} delta(s) of a batch that failed half-way: back to revision {self.revision}"]
@@ -324,7 +337,7 @@ class Agent:
                 cur = fold_delta(cur, d)
         if len(kept) != len(self.deltas):
             self.deltas = kept
-            self.state.save_deltas(kept)
+            self.state.save_deltas(self.bundle, kept)
         return cur
 
     def ensure_plan(self) -> Plan | None:

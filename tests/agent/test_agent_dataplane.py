@@ -413,6 +413,149 @@ def test_failed_apply_leaves_previous_rules_intact(net: NetLab, backend: str, tm
             net.exec("h2", "ipset", "destroy", f"{name}-4b")
 
 
+def _ringfence_v4_rules(net: NetLab) -> list[str]:
+    save = net.exec("h2", "iptables-save", "-t", "filter").stdout.splitlines()
+    return [line for line in save if "RF-" in line]
+
+
+def _squat_ipv6_input_chain(net: NetLab) -> None:
+    """Another program takes the name of Ringfence's IPv6 input chain for a hooked chain of its own
+    (accepting everything) and our chain lives on under another name, still jumped to from INPUT:
+    the previous IPv6 rules keep enforcing, and the next ``ip6tables-restore`` is refused by the
+    kernel (EEXIST) — after the IPv4 commit of the same apply has succeeded."""
+    net.exec("h2", "nft", "rename", "chain", "ip6", "filter", "RF-IN", "RF-IN-kept", check=True)
+    net.exec(
+        "h2",
+        "nft",
+        "add chain ip6 filter RF-IN { type filter hook prerouting priority -400; policy accept; }",
+        check=True,
+    )
+
+
+def _unsquat(net: NetLab) -> None:
+    net.exec("h2", "nft", "delete", "chain", "ip6", "filter", "RF-IN")
+    net.exec("h2", "nft", "rename", "chain", "ip6", "filter", "RF-IN-kept", "RF-IN")
+
+
+def test_iptables_ipv6_failure_rolls_ipv4_back(net: NetLab, tmp_path: Path) -> None:
+    if subprocess.run(["which", "iptables-restore", "ipset"], capture_output=True).returncode:
+        pytest.skip("iptables-restore / ipset not installed")
+    state = tmp_path / "state"
+    good = lab_engine(net).bundle("h2")
+    ok(apply(net, "iptables", good, state))
+    rules, sets = _ringfence_v4_rules(net), net.exec("h2", "ipset", "list", "-n").stdout.split()
+    # the next bundle would let h4 in (it becomes a client) on both families
+    nxt = lab_engine(net, extra={"h4": "client"}).bundle("h2")
+    nxt = resign(nxt, version=good.version + 1)
+    _squat_ipv6_input_chain(net)
+    try:
+        proc = apply(net, "iptables", nxt, state)
+        assert proc.returncode != 0, proc.stdout
+        assert "ip6tables-restore failed" in proc.stderr and "previous rules still in force" in proc.stderr
+        # IPv4 was committed, then rolled back: the previous rules and sets, nothing of the new generation
+        assert _ringfence_v4_rules(net) == rules
+        assert net.exec("h2", "ipset", "list", "-n").stdout.split() == sets
+        enforced_baseline(net)
+        assert net.tcp("h1", "h2", 8080, v6=True) and not net.tcp("h4", "h2", 8080, v6=True)
+        assert Bundle.model_validate_json((state / "bundle.json").read_text()).version == good.version
+        # a delta still lands in the live (previous) generation's sets
+        lab = lab_engine(net)
+        deltas = lab.upsert(
+            Workload(id="h4", ips=[net.v4("h4"), net.v6("h4")], tags={"role": "client", "app": "lab", "env": "test"})
+        )
+        ok(apply_delta(net, "iptables", deltas, state))
+        assert net.tcp("h4", "h2", 8080)
+    finally:
+        _unsquat(net)
+    ok(apply(net, "iptables", resign(nxt, version=nxt.version + 1), state))
+    assert net.tcp("h4", "h2", 8080) and net.tcp("h4", "h2", 8080, v6=True)
+
+
+def test_iptables_first_apply_failing_on_ipv6_leaves_no_ipv4_rules(net: NetLab, tmp_path: Path) -> None:
+    if subprocess.run(["which", "iptables-restore", "ipset"], capture_output=True).returncode:
+        pytest.skip("iptables-restore / ipset not installed")
+    net.exec("h2", "ip6tables", "-N", "RF-IN", check=True)
+    net.exec("h2", "ip6tables", "-A", "INPUT", "-j", "RF-IN", check=True)
+    _squat_ipv6_input_chain(net)
+    try:
+        proc = apply(net, "iptables", lab_engine(net).bundle("h2"), tmp_path / "state")
+        assert proc.returncode != 0 and "ip6tables-restore failed" in proc.stderr, proc.stderr
+        assert _ringfence_v4_rules(net) == []
+        assert not [n for n in net.exec("h2", "ipset", "list", "-n").stdout.split() if n.startswith("rf")]
+        assert net.tcp("h4", "h2", 8080)  # nothing enforced, as before the apply
+    finally:
+        _unsquat(net)
+        net.exec("h2", "ip6tables", "-D", "INPUT", "-j", "RF-IN")
+        net.exec("h2", "ip6tables", "-X", "RF-IN")
+
+
+@pytest.mark.parametrize("ipset", ["libipset", "binary"])
+def test_iptables_delta_failing_half_way_is_undone(net: NetLab, tmp_path: Path, ipset: str) -> None:
+    """A delta adds h4's IPv4 and IPv6 addresses; the IPv6 set has vanished (an operator emptied
+    Ringfence's IPv6 chains and destroyed it), so the IPv6 line fails after the IPv4 one: the
+    IPv4 element must be taken back out and the state directory left as it was."""
+    if subprocess.run(["which", "iptables-restore", "ipset"], capture_output=True).returncode:
+        pytest.skip("iptables-restore / ipset not installed")
+    lab = lab_engine(net)
+    state = tmp_path / "state"
+    doc = lab.bundle("h2")
+    ok(apply(net, "iptables", doc, state))
+    name = doc.inbound[0].set
+    assert name is not None and net.v4("h1") + "/32" in doc.sets[name].v4
+    for chain in ("RF-IN", "RF-OUT"):
+        net.exec("h2", "ip6tables", "-F", chain, check=True)
+    net.exec("h2", "ipset", "destroy", f"{name}-6a", check=True)
+    deltas = lab.upsert(
+        Workload(id="h4", ips=[net.v4("h4"), net.v6("h4")], tags={"role": "client", "app": "lab", "env": "test"})
+    )
+    assert [(d.set, len(d.add)) for d in deltas] == [(name, 2)]
+    args: list[str] = []
+    for i, d in enumerate(deltas):
+        args += ["--delta", str(write(d, tmp_path / f"d{i}.json"))]
+    env = ["env", f"RINGFENCE_IPSET_CLI={int(ipset == 'binary')}", str(net_agent())]
+    common = ["--backend", "iptables", "--public-key", str(PUBLIC_KEY), "--state-dir", str(state)]
+    proc = net.exec("h2", *env, "apply-delta", *args, *common)
+    assert proc.returncode != 0 and "ipset refused the delta" in proc.stderr, proc.stderr
+    members = net.exec("h2", "ipset", "list", f"{name}-4a").stdout
+    assert net.v4("h1") in members and net.v4("h4") not in members
+    enforced_baseline(net)
+    status = json.loads(ok(net.agent("h2", "status", "--state-dir", str(state), "--json")))
+    assert status["applied_revision"] == doc.version and status["deltas_applied"] == 0
+    # with the sets whole again, the same delta applies through the same path
+    net.reset("h2")
+    common[-1] = str(tmp_path / "state2")
+    ok(apply(net, "iptables", doc, tmp_path / "state2"))
+    ok(net.exec("h2", *env, "apply-delta", *args, *common))
+    assert net.tcp("h4", "h2", 8080) and net.tcp("h4", "h2", 8080, v6=True)
+
+
+STALE_GENERATION = """
+import sys
+from ringfence.bundle import load_bundle
+from ringfence_agent.backends import ElementChange
+from ringfence_agent.backends.iptables import IptablesBackend
+from ringfence_agent.plan import LocalFailsafes, compile_plan
+
+plan = compile_plan(load_bundle(open(sys.argv[1]).read()), LocalFailsafes())
+daemon, other = IptablesBackend(), IptablesBackend()
+daemon.apply(plan)
+other.apply(plan)  # another agent process commits the other generation meanwhile
+name = next(r.set for r in plan.rules if r.direction == "inbound" and r.set is not None)
+daemon.apply_delta(ElementChange(name, add_v4=(sys.argv[2] + "/32",)))
+print(daemon.active_gen())
+"""
+
+
+def test_iptables_delta_follows_a_generation_switched_by_another_process(net: NetLab, tmp_path: Path) -> None:
+    if subprocess.run(["which", "iptables-restore", "ipset"], capture_output=True).returncode:
+        pytest.skip("iptables-restore / ipset not installed")
+    path = write(lab_engine(net).bundle("h2"), tmp_path / "b.json")
+    proc = net.exec("h2", PY, "-c", STALE_GENERATION, str(path), net.v4("h4"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "b"
+    assert net.tcp("h4", "h2", 8080) and net.tcp("h1", "h2", 8080)
+
+
 # --- the daemon ------------------------------------------------------------------------------------
 
 

@@ -203,7 +203,7 @@ def test_iptables_text_mirrors_the_plan() -> None:
     v4 = r.rules_script(plan, 4, "a", ["INPUT"])
     assert "-I INPUT 1 -j RF-IN" in v4 and "-I OUTPUT" not in v4
     lines = v4.splitlines()
-    admin = lines.index("-A RF-IN -m set --match-set rf-fs-admin-4a src -p tcp --dport 22 -j ACCEPT")
+    admin = lines.index("-A RF-IN -p tcp --dport 22 -m set --match-set rf-fs-admin-4a src -j ACCEPT")
     deny = next(i for i, line in enumerate(lines) if "r_in_0 boundaries/dev-never-reaches-prod" in line)
     assert admin < deny and lines[deny].endswith("-j DROP")
     assert lines[-2] == '-A RF-OUT -m comment --comment "d_out default enforce" -j DROP'
@@ -564,7 +564,7 @@ def test_state_writes_are_atomic_files(tmp_path: Path) -> None:
     st = StateDir(tmp_path / "s")
     st.save_applied(golden(PROC), [load_delta(DELTA.read_bytes())])
     assert st.load_bundle() == golden(PROC) and len(st.load_deltas()) == 1
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["bundle.json", "deltas.json"]
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["bundle.json", "deltas.jsonl"]
     assert oct((tmp_path / "s" / "bundle.json").stat().st_mode & 0o777) == "0o600"
     assert isinstance(st.load_deltas()[0], SetDelta)
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import random
+import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -19,8 +22,9 @@ import pytest
 
 from ringfence.bundle import AddressSetDoc, Bundle, BundleRule, FailsafeDoc, ServiceMatch, SetDelta, sign
 from ringfence.model import Mode
+from ringfence_agent.plan import LocalFailsafes, compile_plan
 from tests.agent.bundles import key, write
-from tests.agent.netlab import AGENT, PROBE, PY, Lab, prerequisites
+from tests.agent.netlab import AGENT, PY, Lab, prerequisites
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "out" / "agent-bench.json"
@@ -32,7 +36,19 @@ if (why := prerequisites()) is not None:
     pytest.skip(why, allow_module_level=True)
 
 RESULTS: dict[str, object] = {}
-FAILURES: list[int] = []
+DELTAS = int(os.environ.get("RINGFENCE_BENCH_DELTAS", "100"))
+# new-connection variants → the lab host serving them (each its own namespace and firewall)
+VARIANTS = {"none": "s0", "stateful_minimal": "sm", "nft_sets": "sn", "ipset": "si", "iptables_linear": "sl"}
+# what any stateful firewall costs (conntrack), to tell it from the cost of Ringfence's rules and sets
+STATEFUL_MINIMAL = """table inet bench {
+  chain input {
+    type filter hook input priority 0; policy drop;
+    iif lo accept
+    ct state established,related accept
+    tcp dport 8080 accept
+  }
+}
+"""
 
 
 def peers(n: int, include: str) -> list[str]:
@@ -64,7 +80,7 @@ def bundle(wid: str, elements: list[str], version: int = 1) -> Bundle:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    net = Lab({"c": 1, "s": 2})
+    net = Lab({"c": 1, "s": 2, **{host: 10 + i for i, host in enumerate(VARIANTS.values())}})
     try:
         net.serve("s", tcp=[8080])
         net.exec("c", "sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535", check=True)
@@ -83,14 +99,11 @@ def test_apply_100k_elements_and_one_element_deltas(lab: Lab, tmp_path: Path) ->
         doc = bundle("s", elements)
         path = write(doc, tmp_path / f"big-{backend}.json")
         ddir = tmp_path / f"deltas-{backend}"
-        v = 1
-        for i in range(30):  # 30 one-element deltas, alternating add / remove of one address
-            addr = f"10.99.{i}.1/32"
-            write(SetDelta(set="rf_bench000000000000", from_version=v, to_version=v + 1, add=[addr]), ddir / "x.json")
-            (ddir / "x.json").unlink()
-            d = sign(SetDelta(set="rf_bench000000000000", from_version=v, to_version=v + 1, add=[addr]), key())
+        signer = key()
+        for v in range(1, 1 + DELTAS):  # one-element deltas: one new address each
+            addr = f"10.99.{v // 250}.{v % 250 + 1}/32"
+            d = sign(SetDelta(set="rf_bench000000000000", from_version=v, to_version=v + 1, add=[addr]), signer)
             write(d, ddir / f"{v}.json")
-            v += 1
         proc = lab.exec(
             "s",
             PY,
@@ -126,20 +139,44 @@ def test_apply_100k_elements_and_one_element_deltas(lab: Lab, tmp_path: Path) ->
         RESULTS[f"apply_100k_{backend}"] = inner
 
 
-def _rate(lab: Lab, seconds: float = 2.0) -> float:
-    proc = lab.exec("c", PY, str(PROBE), "rate", lab.v4("s"), "8080", str(seconds), timeout=60)
+def _median_ci(xs: list[float]) -> dict[str, float]:
+    """Median with a distribution-free ~95 % confidence interval (order statistics)."""
+    xs = sorted(xs)
+    n = len(xs)
+    k = max(0, int((n - 1.96 * n**0.5) / 2))
+    return {"median": statistics.median(xs), "ci_low": xs[k], "ci_high": xs[n - 1 - k], "min": xs[0], "max": xs[-1]}
+
+
+def _counter(lab: Lab, host: str, backend: str, state: Path, name: str) -> int:
+    proc = lab.agent(host, "drops", "--backend", backend, "--state-dir", str(state), "--json")
     assert proc.returncode == 0, proc.stderr
-    rate, failed = proc.stdout.split()
-    FAILURES.append(int(failed))  # connect timeouts (1 s each, so they also lower the rate)
-    return float(rate)
+    return int(json.loads(proc.stdout)["counters"].get(name, 0))
 
 
 def test_new_connection_cost_10k_peers(lab: Lab, tmp_path: Path) -> None:
-    lab.reset("s")
-    elements = peers(10_000, lab.v4("c"))
-    rates: dict[str, list[float]] = {"none": [], "nft_sets": [], "ipset": [], "iptables_linear": []}
-    big = write(bundle("s", elements), tmp_path / "10k.json")
+    """Kernel CPU per new connection: a C client connects and closes COUNT times per run; one
+    server namespace per variant, so rounds interleave the variants without reconfiguring."""
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is needed to build the C load generator")
+    load = tmp_path / "connload"
+    subprocess.run(["gcc", "-O2", "-o", str(load), str(Path(__file__).parent / "connload.c")], check=True)
+    client = lab.v4("c")
+    elements = peers(10_000, client)
+    assert f"{client}/32" in elements and len(elements) == 10_000
     pub = str(Path(__file__).parents[1] / "golden" / "test-key.pub.pem")
+    doc = bundle("s", elements)
+    big = write(doc, tmp_path / "10k.json")
+    counter = next(r.counter for r in compile_plan(doc, LocalFailsafes()).rules if r.rule_id == "bench/peers-to-web")
+    servers = {}
+    for kind, host in VARIANTS.items():
+        lab.reset(host)
+        servers[kind] = lab.spawn(host, str(load), "serve", "8080", stdout=subprocess.PIPE)
+        assert servers[kind].stdout is not None and servers[kind].stdout.readline().strip() == "ready"
+    states = {"nft_sets": tmp_path / "st-n", "ipset": tmp_path / "st-i"}
+    for kind, backend in (("nft_sets", "nftables"), ("ipset", "iptables")):
+        args = ["apply", "--bundle", str(big), "--public-key", pub, "--backend", backend]
+        r = lab.agent(VARIANTS[kind], *args, "--state-dir", str(states[kind]), timeout=600)
+        assert r.returncode == 0, r.stderr
     linear = [
         "*filter",
         ":INPUT ACCEPT [0:0]",
@@ -147,50 +184,83 @@ def test_new_connection_cost_10k_peers(lab: Lab, tmp_path: Path) -> None:
         "-A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
     ]
     # the allowed client last: the worst case a linear chain has to walk
-    linear += [f"-A INPUT -s {e} -p tcp --dport 8080 -j ACCEPT" for e in elements if e != f"{lab.v4('c')}/32"]
-    linear += [f"-A INPUT -s {lab.v4('c')}/32 -p tcp --dport 8080 -j ACCEPT", "-A INPUT -j DROP", "COMMIT"]
+    linear += [f"-A INPUT -s {e} -p tcp --dport 8080 -j ACCEPT" for e in elements if e != f"{client}/32"]
+    linear += [f"-A INPUT -s {client}/32 -p tcp --dport 8080 -j ACCEPT", "-A INPUT -j DROP", "COMMIT"]
+    r = lab.exec(VARIANTS["iptables_linear"], "iptables-restore", stdin="\n".join(linear) + "\n", timeout=600)
+    assert r.returncode == 0, r.stderr
+    r = lab.exec(VARIANTS["stateful_minimal"], "nft", "-f", "-", stdin=STATEFUL_MINIMAL)
+    assert r.returncode == 0, r.stderr
+    # nothing filters the baseline server
+    assert "RF-IN" not in lab.exec(VARIANTS["none"], "iptables-save").stdout
+    assert lab.exec(VARIANTS["none"], "nft", "list", "ruleset").stdout.strip() == ""
 
-    def setup(kind: str) -> None:
-        lab.reset("s")
-        lab.exec("s", "iptables", "-F", "INPUT")
-        if kind == "nft_sets":
-            assert (
-                lab.agent(
-                    "s", "apply", "--bundle", str(big), "--public-key", pub, "--state-dir", str(tmp_path / "st-n")
-                ).returncode
-                == 0
+    count = int(os.environ.get("RINGFENCE_BENCH_CONNECTIONS", "4000"))
+    rounds = int(os.environ.get("RINGFENCE_BENCH_ROUNDS", "30"))
+    runs: dict[str, list[dict[str, float]]] = {k: [] for k in VARIANTS}
+    rng = random.Random(1)
+    for _ in range(1 + rounds):  # round 0 warms caches and conntrack, and is not counted
+        order = list(VARIANTS)
+        rng.shuffle(order)  # interleaved, in a new order each round: drift hits every variant alike
+        for kind in order:
+            sched0 = _sched_ns(servers[kind].pid)
+            proc = lab.exec("c", str(load), "connect", lab.v4(VARIANTS[kind]), "8080", str(count), timeout=300)
+            assert proc.returncode == 0, proc.stderr
+            ok, failed, wall, cpu, p50, p90 = (int(x) for x in proc.stdout.split())
+            server_cpu = _sched_ns(servers[kind].pid) - sched0
+            runs[kind].append(
+                {
+                    "ok": ok,
+                    "failed": failed,
+                    "cpu_us_per_conn": (cpu + server_cpu) / ok / 1000,
+                    "client_cpu_us_per_conn": cpu / ok / 1000,
+                    "connect_p50_us": p50 / 1000,
+                    "connect_p90_us": p90 / 1000,
+                    "conn_per_s": ok / (wall / 1e9),
+                }
             )
-        elif kind == "ipset":
-            r = lab.agent(
-                "s",
-                "apply",
-                "--bundle",
-                str(big),
-                "--public-key",
-                pub,
-                "--backend",
-                "iptables",
-                "--state-dir",
-                str(tmp_path / "st-i"),
-            )
-            assert r.returncode == 0, r.stderr
-        elif kind == "iptables_linear":
-            r = lab.exec("s", "iptables-restore", stdin="\n".join(linear) + "\n", timeout=600)
-            assert r.returncode == 0, r.stderr
+    made = {k: sum(int(r["ok"]) for r in v) for k, v in runs.items()}
+    # the peer-set lookup is on the measured path: every connection's SYN was accepted by the
+    # set rule (one packet per SYN; retransmits only add), not by a rule before it
+    assert _counter(lab, VARIANTS["nft_sets"], "nftables", states["nft_sets"], counter) >= made["nft_sets"]
+    assert _counter(lab, VARIANTS["ipset"], "iptables", states["ipset"], counter) >= made["ipset"]
+    save = lab.exec(VARIANTS["iptables_linear"], "iptables-save", "-c", "-t", "filter").stdout
+    last = next(line for line in save.splitlines() if f"-s {client}/32" in line)
+    assert int(last.split(":")[0].lstrip("[")) >= made["iptables_linear"]
+    for kind, host in VARIANTS.items():
+        lab.kill(servers[kind])
+        lab.exec(host, "iptables", "-F", "INPUT")
+        lab.exec(host, "nft", "delete", "table", "inet", "bench")
+        lab.reset(host)
+    runs = {k: v[1:] for k, v in runs.items()}  # drop the warm-up round
 
-    for _round in range(7):  # interleaved rounds: drift on a shared machine hits every variant alike
-        for kind in rates:
-            setup(kind)
-            rates[kind].append(_rate(lab))
-    lab.exec("s", "iptables", "-F", "INPUT")
-    lab.reset("s")
-    median = {k: sorted(v)[len(v) // 2] for k, v in rates.items()}
-    RESULTS["new_connections_per_s"] = {
-        "rounds": rates,
-        "median": median,
-        "slowdown_vs_none": {k: median["none"] / v for k, v in median.items()},
-        "connect_timeouts_per_run": list(FAILURES),
+    def paired(kind: str, base: str, metric: str) -> dict[str, float]:
+        """variant ÷ base within each round (higher = slower), over the rounds."""
+        pairs = zip(runs[kind], runs[base], strict=True)
+        if metric == "conn_per_s":
+            return _median_ci([b[metric] / r[metric] for r, b in pairs])
+        return _median_ci([r[metric] / b[metric] for r, b in pairs])
+
+    metrics = ("cpu_us_per_conn", "connect_p50_us", "conn_per_s")
+    RESULTS["new_connections"] = {
+        "connections_per_run": count,
+        "rounds": rounds,
+        "runs": runs,
+        "median": {k: {m: statistics.median(r[m] for r in v) for m in metrics} for k, v in runs.items()},
+        "slowdown_vs_none": {m: {k: paired(k, "none", m) for k in VARIANTS} for m in metrics},
+        "slowdown_vs_stateful_minimal": {k: paired(k, "stateful_minimal", "cpu_us_per_conn") for k in VARIANTS},
+        "extra_cpu_us_vs_none": {
+            k: _median_ci(
+                [r["cpu_us_per_conn"] - b["cpu_us_per_conn"] for r, b in zip(runs[k], runs["none"], strict=True)]
+            )
+            for k in VARIANTS
+        },
+        "connect_timeouts": {k: sum(int(r["failed"]) for r in v) for k, v in runs.items()},
     }
+
+
+def _sched_ns(pid: int) -> int:
+    """Time the process has been on a CPU (ns), softirq work run in its context included."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
 
 
 def test_idle_daemon_cpu_and_rss(lab: Lab, tmp_path: Path) -> None:

@@ -46,6 +46,10 @@ class ElementChange:
     remove_v4: tuple[str, ...] = ()
     remove_v6: tuple[str, ...] = ()
 
+    def inverse(self) -> ElementChange:
+        """The change that takes this one back out (deletes run before adds in every backend)."""
+        return ElementChange(self.set, self.remove_v4, self.remove_v6, self.add_v4, self.add_v6)
+
 
 class Backend(Protocol):
     name: str

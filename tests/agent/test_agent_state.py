@@ -1,0 +1,216 @@
+"""The state directory's delta journal: one durable write per delta, and after a crash at any
+point the state re-applies exactly the firewall before or after the operation that was running."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ringfence import bundlewire as wire
+from ringfence.bundle import AddressSetDoc, Bundle, BundleRule, FailsafeDoc, ServiceMatch, SetDelta, sign, to_wire
+from ringfence.model import Mode
+from ringfence_agent.backends import ApplyError, ElementChange
+from ringfence_agent.core import Agent, same_firewall
+from ringfence_agent.state import StateDir
+from tests.agent.bundles import key
+from tests.agent.test_agent_unit import LOCAL, FakeBackend, Verifier
+
+SET = "rf_journal00000000000"
+PUB = Path(__file__).resolve().parents[1] / "golden" / "test-key.pub.pem"
+
+
+def bundle(version: int, elements: list[str], port: int = 8080) -> wire.Bundle:
+    doc = Bundle(
+        workload_id="w",
+        version=version,
+        policy_version=1,
+        mode=Mode.ENFORCE,
+        sets={SET: AddressSetDoc(version=version, v4=elements)},
+        inbound=[BundleRule(id="r", action="allow", set=SET, services=[ServiceMatch(proto="tcp", ports=(port, port))])],
+        failsafes=FailsafeDoc(admin_cidrs=["192.0.2.1/32"]),
+    )
+    return to_wire(sign(doc, key()))
+
+
+def delta(v: int, add: list[str] = (), remove: list[str] = ()) -> wire.SetDelta:  # type: ignore[assignment]
+    return to_wire(sign(SetDelta(set=SET, from_version=v, to_version=v + 1, add=list(add), remove=list(remove)), key()))
+
+
+def make(path: Path) -> tuple[Agent, FakeBackend]:
+    backend = FakeBackend()
+    return Agent("w", Verifier.from_file(PUB), backend, StateDir(path), LOCAL, log=lambda m: None), backend
+
+
+# the operations, in order; each is applied to a running agent
+B1 = bundle(1, ["10.0.0.1/32", "10.0.0.3/32"])
+B2 = bundle(5, ["10.0.0.1/32", "10.0.0.5/32"], port=9090)  # other rules: a whole-bundle change
+OPS: list[wire.Bundle | wire.SetDelta] = [
+    B1,
+    delta(1, add=["10.0.0.7/32"]),
+    delta(2, remove=["10.0.0.3/32"]),
+    delta(3, add=["10.0.0.9/32"], remove=["10.0.0.7/32"]),
+    B2,
+    delta(5, add=["10.0.0.11/32"]),
+    delta(6, add=["10.0.0.13/32"]),
+]
+
+
+def run_op(agent: Agent, op: wire.Bundle | wire.SetDelta) -> None:
+    if isinstance(op, wire.Bundle):
+        agent.apply_bundle(op)
+    else:
+        agent.apply_delta(op)
+
+
+class Crash(BaseException):
+    """The process stops here: raised instead of the filesystem step and of every one after it."""
+
+
+DURABLE_STEPS = ("fsync", "fdatasync", "replace", "pwrite", "ftruncate", "unlink")
+
+
+def crash_at(monkeypatch: pytest.MonkeyPatch, n: int) -> Callable[[], int]:
+    """Stop the process at the n-th filesystem step; a positioned write is torn in half."""
+    count = 0
+
+    def wrap(name: str) -> Callable[..., object]:
+        real = getattr(os, name)
+
+        def step(*args: object) -> object:
+            nonlocal count
+            count += 1
+            if count == n and name == "pwrite":  # half the line reaches the disk
+                data = args[1]
+                assert isinstance(data, bytes)
+                real(args[0], data[: len(data) // 2], args[2])
+            if count >= n:
+                raise Crash
+            return real(*args)
+
+        return step
+
+    for name in DURABLE_STEPS:
+        monkeypatch.setattr(os, name, wrap(name))
+    return lambda: count
+
+
+def same(a: wire.Bundle | None, b: wire.Bundle | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and same_firewall(a, b))
+
+
+def test_a_crash_at_any_step_reapplies_the_firewall_before_or_after(tmp_path: Path) -> None:
+    agent, _ = make(tmp_path / "expected")
+    expected = [agent.effective()]
+    for op in OPS:
+        run_op(agent, op)
+        expected.append(agent.effective())
+    n = 0
+    while True:
+        n += 1
+        state = tmp_path / f"crash-{n}"
+        agent, _ = make(state)
+        running = None
+        with pytest.MonkeyPatch.context() as mp:
+            crash_at(mp, n)
+            for i, op in enumerate(OPS):
+                try:
+                    run_op(agent, op)
+                except Crash:
+                    running = i
+                    break
+        if running is None:
+            break  # n is past the last step: every step has been a crash point
+        # a new process on the same state directory re-applies the last known good
+        again, backend = make(state)
+        again.reapply_last_known_good()
+        got = again.effective()
+        before, after = expected[running], expected[running + 1]
+        assert same(got, before) or same(got, after), (n, running, got)
+        assert backend.applied == ([] if got is None else [again.plan])
+        # and carries on from there to where a crash-free run ends
+        for op in OPS[running if same(got, before) else running + 1 :]:
+            run_op(again, op)
+        final, _ = make(state)
+        final.reapply_last_known_good()
+        assert same(final.effective(), expected[-1]) and final.revision == again.revision == 7, n
+    assert n > 3 * len(OPS)  # every operation had several crash points
+
+
+def test_a_delta_costs_one_fdatasync_of_the_journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    agent, _ = make(tmp_path / "s")
+    agent.apply_bundle(B1)
+    agent.apply_delta(OPS[1])  # type: ignore[arg-type]
+    calls: list[str] = []
+    for name in ("fsync", "fdatasync"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda fd, _n=name, _r=real: (calls.append(_n), _r(fd))[1])
+    bundle_bytes = agent.state.bundle_path.read_bytes()
+    agent.apply_delta(OPS[2])  # type: ignore[arg-type]
+    assert calls == ["fdatasync"]  # no rewrite of the journal, no directory fsync, bundle untouched
+    assert agent.state.bundle_path.read_bytes() == bundle_bytes
+
+
+def test_torn_tail_is_cut_and_overwritten(tmp_path: Path) -> None:
+    agent, _ = make(tmp_path / "s")
+    for op in OPS[:3]:
+        run_op(agent, op)
+    journal = agent.state.journal_path
+    good = journal.read_bytes()
+    journal.write_bytes(good + b'{"format":"ringfence.delta/v1","se')  # a crash while appending
+    again, _ = make(tmp_path / "s")
+    assert [d.to_version for d in again.deltas] == [2, 3]
+    again.apply_delta(OPS[3])  # type: ignore[arg-type]
+    assert journal.read_bytes().count(b"\n") == 4 and not journal.read_bytes().endswith(b"se")
+    third, _ = make(tmp_path / "s")
+    assert [d.to_version for d in third.deltas] == [2, 3, 4]
+
+
+def test_a_journal_naming_another_bundle_is_ignored(tmp_path: Path) -> None:
+    agent, _ = make(tmp_path / "s")
+    for op in OPS[:3]:
+        run_op(agent, op)
+    st = StateDir(tmp_path / "s")
+    # a crash inside save_applied: the new bundle is on disk, its journal not yet
+    st.bundle_path.write_text(json.dumps(wire.to_json(B2)))
+    assert st.load_deltas() == [] and st.load_deltas(B1) == [OPS[1], OPS[2]]
+
+
+def test_legacy_deltas_file_is_read_and_replaced(tmp_path: Path) -> None:
+    st = StateDir(tmp_path / "s")
+    st.save_applied(B1, [])
+    st.journal_path.unlink()
+    (tmp_path / "s" / "deltas.json").write_text(json.dumps([wire.to_json(OPS[1])]))
+    agent, _ = make(tmp_path / "s")
+    assert agent.revision == 2
+    agent.apply_delta(OPS[2])  # type: ignore[arg-type]
+    assert not (tmp_path / "s" / "deltas.json").exists()
+    assert [d.to_version for d in StateDir(tmp_path / "s").load_deltas()] == [2, 3]
+
+
+def test_a_delta_that_cannot_be_recorded_is_taken_back_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    agent, backend = make(tmp_path / "s")
+    for op in OPS[:2]:
+        run_op(agent, op)
+
+    def eio(fd: int) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(os, "fdatasync", eio)
+    with pytest.raises(ApplyError, match=r"could not record the delta.*undone"):
+        agent.apply_delta(OPS[2])  # type: ignore[arg-type]
+    change = ElementChange(SET, remove_v4=("10.0.0.3/32",))
+    assert backend.deltas[-2:] == [change, change.inverse()]
+    assert agent.revision == 2 and sorted(agent.effective().sets[SET].v4) == [
+        "10.0.0.1/32",
+        "10.0.0.3/32",
+        "10.0.0.7/32",
+    ]  # type: ignore[union-attr]
+    assert [d.to_version for d in StateDir(tmp_path / "s").load_deltas()] == [2]
+    monkeypatch.undo()
+    agent.apply_delta(OPS[2])  # the disk is back: the same delta applies
+    assert [d.to_version for d in StateDir(tmp_path / "s").load_deltas()] == [2, 3]
