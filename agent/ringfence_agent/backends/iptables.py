@@ -1,5 +1,8 @@
 """iptables + ipset for hosts without nftables: same plan, same order, same semantics.
 
+A grouped rule (bundle ``members``) is expanded into its members' rules, one after another under
+the group's counter: each matches its member's ipset and services, exactly as a plain rule.
+
 Atomicity: the new generation's ipsets (suffix ``a`` / ``b``, alternating) are built first, then
 one ``iptables-restore --noflush`` (and one ``ip6tables-restore``) replaces the ``RF-IN`` /
 ``RF-OUT`` chains in a single commit that references them; only then are the previous
@@ -154,16 +157,16 @@ class IptablesRenderer:
         side = "src" if r.direction == "inbound" else "dst"
         verdict = "ACCEPT" if r.action == "allow" or plan.mode != "enforce" else "DROP"
         lines: list[str] = []
-        for m in r.services:
-            if family not in _fams(m):
-                continue
-            match = f"-m set --match-set {ipset_name(r.set, family, gen)} {side}" if r.set is not None else ""
-            comment = f'-m comment --comment "{r.counter} {safe_comment(r.rule_id, 200)}"'
-            if r.drops:
-                lines.append(
-                    _j(match, _svc(m, family), f"-j SET --add-set rf-t-{r.counter}-{family}{gen} src,dst,dst --exist")
-                )
-            lines.append(_j(match, _svc(m, family), comment, f"-j {verdict}"))
+        for part in r.parts():  # a grouped rule: its members one after another, under its counter
+            for m in part.services:
+                if family not in _fams(m):
+                    continue
+                match = f"-m set --match-set {ipset_name(part.set, family, gen)} {side}" if part.set is not None else ""
+                comment = f'-m comment --comment "{r.counter} {safe_comment(part.rule_id, 200)}"'
+                if r.drops:
+                    track = f"-j SET --add-set rf-t-{r.counter}-{family}{gen} src,dst,dst --exist"
+                    lines.append(_j(match, _svc(m, family), track))
+                lines.append(_j(match, _svc(m, family), comment, f"-j {verdict}"))
         return lines
 
     def render(self, plan: Plan) -> str:

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from ringfence.enums import Mode
 
@@ -48,11 +50,71 @@ class ServiceMatch(_Doc):
     icmp_type: int | None = Field(None, description="absent = every ICMP type")
 
 
-class BundleRule(_Doc):
-    id: str = Field(description="policy rule id, reported with drops and flows")
-    action: Literal["allow", "deny", "override-deny"]
+def service_span(s: ServiceMatch) -> tuple[str, int, int]:
+    """(protocol, low, high) a service covers: all ports are 0-65535, all ICMP types 0-255."""
+    if s.proto in ("tcp", "udp"):
+        return (s.proto, *(s.ports if s.ports is not None else (0, 65535)))
+    if s.proto in ("icmp", "icmpv6"):
+        return (s.proto, s.icmp_type, s.icmp_type) if s.icmp_type is not None else (s.proto, 0, 255)
+    return ("any", 0, 0)
+
+
+def services_disjoint(services: Iterable[ServiceMatch]) -> bool:
+    """True when every two services are identical or disjoint (per protocol, by port range or ICMP
+    type), and ``any`` is not mixed with another protocol: what lets an agent keep one group's
+    (address, service) elements disjoint, which nftables' concatenated interval sets require."""
+    return spans_disjoint(map(service_span, services))
+
+
+def spans_disjoint(spans: Iterable[tuple[str, int, int]]) -> bool:
+    """:func:`services_disjoint` over :func:`service_span` values (the engine's own ranges)."""
+    spans = sorted(set(spans))
+    if any(p == "any" for p, _, _ in spans) and len(spans) > 1:
+        return False
+    return all(a[0] != b[0] or a[2] < b[1] for a, b in itertools.pairwise(spans))
+
+
+class GroupMember(_Doc):
+    id: str = Field(description="policy rule id of this member")
     set: str | None = Field(description="address set of the peer; null = any address")
     services: list[ServiceMatch]
+
+
+class BundleRule(_Doc):
+    id: str = Field(description="policy rule id, reported with drops and flows (a group: its first member's)")
+    action: Literal["allow", "deny", "override-deny"]
+    set: str | None = Field(description="address set of the peer; null = any address (a group: null)")
+    services: list[ServiceMatch] = Field(description="a group: empty, its members carry the services")
+    members: list[GroupMember] | None = Field(
+        None,
+        min_length=2,
+        description="a grouped allow rule: allows each member's peers on that member's services, and nothing "
+        "across members; absent on a plain rule",
+    )
+
+    @model_validator(mode="after")
+    def _grouped_rule(self) -> BundleRule:
+        if self.members is None:
+            return self
+        if self.action != "allow" or self.set is not None or self.services:
+            raise ValueError("a grouped rule (members) is an allow rule with set null and no services of its own")
+        if not services_disjoint(s for m in self.members for s in m.services):
+            raise ValueError("a grouped rule's member services must be identical or disjoint, 'any' alone")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_members(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # a plain rule keeps exactly its pre-group encoding (and canonical bytes)
+        out: dict[str, Any] = handler(self)
+        if out.get("members", 0) is None:
+            del out["members"]
+        return out
+
+    def parts(self) -> list[GroupMember]:
+        """The (id, set, services) this rule allows: its members, or itself."""
+        if self.members is not None:
+            return self.members
+        return [GroupMember(id=self.id, set=self.set, services=self.services)]
 
 
 class AddressSetDoc(_Doc):
@@ -281,5 +343,6 @@ def check_acceptable(
         if s.version > new.version:
             raise BundleError(f"set {name} claims version {s.version} newer than the bundle {new.version}")
     for rule in (*new.inbound, *new.outbound):
-        if rule.set is not None and rule.set not in new.sets:
-            raise BundleError(f"rule {rule.id} references undefined set {rule.set}")
+        for part in rule.parts():
+            if part.set is not None and part.set not in new.sets:
+                raise BundleError(f"rule {part.id} references undefined set {part.set}")
