@@ -152,6 +152,8 @@ class Engine:
             selectors.matcher(r.consumer.selector) if r.consumer.selector is not None else None for r in self.rules
         ]
         self._services_json = [[_service_json(p) for p in r.services] for r in self.rules]
+        self._rule_ids = [r.id for r in self.rules]
+        self._actions = [r.action.value for r in self.rules]
         # grouping at render: an allow rule joins a group of rules with the same owner side
         self._spans = [tuple(_span(p) for p in r.services) for r in self.rules]
         self._groupable = [
@@ -447,26 +449,15 @@ class Engine:
     def render(self, wid: str) -> dict[str, object]:
         """The unsigned bundle of one workload as a plain dict (see :mod:`ringfence.bundle`)."""
         ws = self.workloads[wid]
-        rules: dict[str, list[tuple[int, dict[str, object]]]] = {INBOUND: [], OUTBOUND: []}
+        rules: dict[str, list[tuple[int, str | None]]] = {INBOUND: [], OUTBOUND: []}  # (position, peer set)
         used: dict[str, AddressSetState] = {}
         for pos, direction, key in ws.entries:
-            rule = self.rules[pos]
             name = None
             if key is not None:
                 s = self.sets[key]
                 used[s.name] = s
                 name = s.name
-            rules[direction].append(
-                (
-                    pos,
-                    {
-                        "id": rule.id,
-                        "action": rule.action.value,
-                        "set": name,
-                        "services": [dict(m) for m in self._services_json[pos]],
-                    },
-                )
-            )
+            rules[direction].append((pos, name))
         return {
             "format": "ringfence.bundle/v1",
             "workload_id": wid,
@@ -475,31 +466,38 @@ class Engine:
             "mode": "enforce" if ws.quarantined else ws.mode.value,
             "quarantined": ws.quarantined,
             "sets": {name: _set_json(s) for name, s in sorted(used.items())},
-            "inbound": self._grouped(INBOUND, rules[INBOUND]),
-            "outbound": self._grouped(OUTBOUND, rules[OUTBOUND]),
+            "inbound": self._rules_json(INBOUND, rules[INBOUND]),
+            "outbound": self._rules_json(OUTBOUND, rules[OUTBOUND]),
             "failsafes": self._failsafes,
             "signature": None,
         }
 
-    def _grouped(self, direction: str, items: list[tuple[int, dict[str, object]]]) -> list[dict[str, object]]:
-        """One direction's rules with allow rules of the same owner side merged into grouped rules."""
+    def _rules_json(self, direction: str, items: list[tuple[int, str | None]]) -> list[dict[str, object]]:
+        """One direction's rules, allow rules of the same owner side merged into grouped rules."""
         key = (direction, tuple(pos for pos, _ in items))
         layout = self._group_layouts.get(key)
         if layout is None:
             layout = self._group_layouts[key] = self._group_layout(direction, key[1])
+        ids, actions, services = self._rule_ids, self._actions, self._services_json
         out: list[dict[str, object]] = []
         for slot in layout:
             if len(slot) == 1:
-                out.append(items[slot[0]][1])
+                pos, name = items[slot[0]]
+                out.append(
+                    {"id": ids[pos], "action": actions[pos], "set": name, "services": [dict(m) for m in services[pos]]}
+                )
                 continue
-            members = [items[i][1] for i in slot]
+            members = [items[i] for i in slot]
             out.append(
                 {
-                    "id": members[0]["id"],
+                    "id": ids[members[0][0]],
                     "action": "allow",
                     "set": None,
                     "services": [],
-                    "members": [{"id": d["id"], "set": d["set"], "services": d["services"]} for d in members],
+                    "members": [
+                        {"id": ids[pos], "set": name, "services": [dict(m) for m in services[pos]]}
+                        for pos, name in members
+                    ],
                 }
             )
         return out
