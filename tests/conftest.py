@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,3 +22,12 @@ def example_inventory():  # type: ignore[no-untyped-def]
     from ringfence.inventory import load_inventory
 
     return load_inventory(EXAMPLE / "inventory.yaml")
+
+
+def rule_parts(rules: list[Any]) -> list[Any]:
+    """A bundle direction's rules with grouped rules replaced by their members (which carry
+    ``id``, ``set`` and ``services`` but no ``action``: members are always allows)."""
+    out: list[Any] = []
+    for r in rules:
+        out.extend({**m, "action": "allow"} for m in r["members"]) if r.get("members") else out.append(r)
+    return out

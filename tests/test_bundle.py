@@ -81,3 +81,49 @@ def test_loose_encodings_are_refused() -> None:
     doc["version"] = str(doc["version"])
     with pytest.raises(bundle.BundleError, match="version"):
         bundle.load_bundle(json.dumps(doc))
+
+
+def _group(*members: dict[str, object], **extra: object) -> str:
+    doc = json.loads((GOLDEN / "bundle-ord-prod-db-1.json").read_text())
+    doc["inbound"] = [{"id": "g", "action": "allow", "set": None, "services": [], "members": list(members), **extra}]
+    doc["sets"] = {}
+    return json.dumps(doc)
+
+
+def _member(mid: str, *services: tuple[str, list[int] | None, int | None]) -> dict[str, object]:
+    return {"id": mid, "set": None, "services": [{"proto": p, "ports": r, "icmp_type": t} for p, r, t in services]}
+
+
+def test_grouped_rule_contract() -> None:
+    dns = _member("dns", ("udp", [53, 53], None), ("tcp", [53, 53], None))
+    mon = _member("mon", ("tcp", [9100, 9100], None), ("icmp", None, 8))
+    doc = bundle.load_bundle(_group(dns, mon))
+    assert [m.id for m in doc.inbound[0].parts()] == ["dns", "mon"]
+    # members round-trip; a plain rule's encoding has no "members" key at all
+    assert json.loads(bundle.dumps(doc))["inbound"][0]["members"][1]["id"] == "mon"
+    golden = bundle.load_bundle((GOLDEN / "bundle-ord-prod-db-1.json").read_text())
+    assert all("members" not in r for r in json.loads(bundle.dumps(golden))["outbound"] if r["set"] is not None)
+    assert b'"members":null' not in bundle.canonical_bytes(golden)
+    # identical services are fine (the agent unites the members' addresses per service)
+    bundle.load_bundle(_group(dns, _member("dns2", ("udp", [53, 53], None))))
+    refused = {
+        "a group is an allow": _group(dns, mon, action="deny"),
+        "no set of its own": _group(dns, mon, set="rf_x"),
+        "no services of its own": _group(dns, mon, services=[{"proto": "any", "ports": None, "icmp_type": None}]),
+        "at least two members": _group(dns),
+        "partial port overlap": _group(dns, _member("wide", ("tcp", [1, 1024], None))),
+        "icmp: all types vs one": _group(mon, _member("ping", ("icmp", None, None))),
+        "any mixed with a protocol": _group(dns, _member("all", ("any", None, None))),
+        "unknown member field": _group(dns, {**mon, "action": "deny"}),
+    }
+    for why, text in refused.items():
+        with pytest.raises(bundle.BundleError):
+            bundle.load_bundle(text)
+            pytest.fail(why)
+    bundle.load_bundle(_group(_member("a", ("any", None, None)), _member("b", ("any", None, None))))
+
+
+def test_grouped_member_set_must_be_defined() -> None:
+    doc = bundle.load_bundle(_group(_member("dns", ("udp", [53, 53], None)), {**_member("x"), "set": "rf_missing"}))
+    with pytest.raises(bundle.BundleError, match="rule x references undefined set rf_missing"):
+        bundle.check_acceptable(doc, doc.workload_id, None)

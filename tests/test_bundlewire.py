@@ -169,6 +169,7 @@ ODD_VALUES: list[Any] = [
     {"proto": "tcp"},
     {"proto": "udp", "ports": [53, 53], "icmp_type": None},
     {"id": "r", "action": "allow", "set": None, "services": []},
+    [{"id": "m", "set": None, "services": []}, {"id": "n", "set": None, "services": [{"proto": "tcp"}]}],
     {"key_id": "c28afdb77ae53f31", "value": "AAAA"},
     [{"proto": "any", "ports": None, "icmp_type": None}],
 ]
@@ -349,6 +350,28 @@ def test_bundle_edge_cases() -> None:
         ({**base, "sets": {"": {"version": 1}}, "inbound": [], "outbound": []}, True),
         ({**base, "sets": []}, False),
         ({**base, "failsafes": {"admin_ports": [{"proto": "tcp", "ports": [22, 22], "extra": 1}]}}, False),
+    ]
+    # grouped rules: allow-only, no own set or services, ≥ 2 members, services identical or disjoint
+    tcp = {"proto": "tcp", "ports": [80, 80]}
+    m1 = {"id": "m1", "set": None, "services": [tcp]}
+    m2 = {"id": "m2", "set": None, "services": [{"proto": "udp", "ports": [53, 53]}, tcp]}
+    group = {"id": "m1", "action": "allow", "set": None, "services": [], "members": [m1, m2]}
+    cases += [
+        ({**base, "inbound": [group]}, True),
+        ({**base, "inbound": [{**group, "members": None}]}, True),  # null = a plain rule
+        ({**base, "inbound": [{**group, "members": [m1]}]}, False),
+        ({**base, "inbound": [{**group, "action": "deny"}]}, False),
+        ({**base, "inbound": [{**group, "set": "x"}]}, False),
+        ({**base, "inbound": [{**group, "services": [tcp]}]}, False),
+        (
+            {
+                **base,
+                "inbound": [{**group, "members": [m1, {**m2, "services": [{"proto": "tcp", "ports": [80, 81]}]}]}],
+            },
+            False,
+        ),
+        ({**base, "inbound": [{**group, "members": [m1, {**m2, "services": [{"proto": "any"}]}]}]}, False),
+        ({**base, "inbound": [{**group, "members": [m1, {**m2, "action": "allow"}]}]}, False),
     ]
     for doc, accepted in cases:
         text = json.dumps(doc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from ringfence import addresses
@@ -9,6 +10,7 @@ from ringfence.engine import Engine
 from ringfence.engine.explain import decide, parse_endpoint
 from ringfence.model import Mode, Workload
 from ringfence.policy import Policy, load_policy_texts
+from tests.conftest import rule_parts
 
 
 def engine_for(policy: Policy, inventory: list[Workload]) -> Engine:
@@ -30,7 +32,7 @@ def verdict(policy: Policy, e: Engine, src: str, dst: str, port: str) -> str:
 
 def sources_of(e: Engine, wid: str, rule_id: str) -> list[str]:
     doc: Any = e.render(wid)
-    rule = next(r for r in doc["inbound"] if r["id"] == rule_id)
+    rule = next(r for r in rule_parts(doc["inbound"]) if r["id"] == rule_id)
     return doc["sets"][rule["set"]]["v4"]
 
 
@@ -38,11 +40,11 @@ def test_sets_are_shared_by_content(example_policy: Policy, example_inventory: l
     e = engine_for(example_policy, example_inventory)
     a: Any = e.render("ord-prod-proc-1")
     b: Any = e.render("ord-prod-proc-2")
-    rule_a = next(r for r in a["inbound"] if r["id"] == "ordering/web-to-processing")
-    rule_b = next(r for r in b["inbound"] if r["id"] == "ordering/web-to-processing")
+    rule_a = next(r for r in rule_parts(a["inbound"]) if r["id"] == "ordering/web-to-processing")
+    rule_b = next(r for r in rule_parts(b["inbound"]) if r["id"] == "ordering/web-to-processing")
     assert rule_a["set"] == rule_b["set"], "same app group, same peers → one set"
     dev: Any = e.render("ord-dev-proc-1")
-    rule_dev = next(r for r in dev["inbound"] if r["id"] == "ordering/web-to-processing")
+    rule_dev = next(r for r in rule_parts(dev["inbound"]) if r["id"] == "ordering/web-to-processing")
     assert rule_dev["set"] != rule_a["set"], "dev instantiates its own set"
     assert dev["sets"][rule_dev["set"]]["v4"] == ["10.2.1.10/32"]
 
@@ -93,7 +95,7 @@ def test_mode_change_rebuilds_only_that_workload(example_policy: Policy, example
     assert doc["mode"] == "idle" and doc["inbound"] == [] and doc["sets"] == {}
     # an idle workload still appears in its peers' sets: processing may still send to it
     proc: Any = e.render("ord-prod-proc-1")
-    out = next(r for r in proc["outbound"] if r["id"] == "ordering/processing-to-database")
+    out = next(r for r in rule_parts(proc["outbound"]) if r["id"] == "ordering/processing-to-database")
     assert proc["sets"][out["set"]]["v4"] == ["10.1.3.10/32"]
 
 
@@ -256,6 +258,85 @@ rulesets:
     )
     e = engine_for(policy, [Workload(id="lb", ips=["10.0.0.1"], tags={"role": "lb"})])
     doc: Any = e.render("lb")
-    by_id = {r["id"]: r for r in doc["inbound"]}
+    by_id = {r["id"]: r for r in rule_parts(doc["inbound"])}
     assert by_id["r/all-in"]["set"] is None
     assert doc["sets"][by_id["r/corp-in"]["set"]]["v4"] == ["10.0.0.0/8"]
+
+
+GROUPING_POLICY = """
+rulesets:
+  - name: core
+    scope: all()
+    same: []
+    rules:
+      - {name: dns, from: all(), to: role == dns, services: [udp/53, tcp/53]}
+      - {name: ntp, from: all(), to: role == ntp, services: [udp/123]}
+      - {name: mon, from: role == mon, to: all(), services: [tcp/9100, icmp/8]}
+      - {name: backup, from: role == backup, to: all(), services: [tcp/9100]}
+      - {name: scan, from: role == scan, to: all(), services: [tcp/1-65535]}
+      - {name: any-a, from: role == ops, to: all(), services: [any]}
+      - {name: any-b, from: role == sec, to: all(), services: [any]}
+      - {name: no-ntp-out, from: role == mon, to: role == ntp, services: [udp/123], action: deny}
+      - {name: ssh, from: role == jump, to: role != jump, services: [tcp/22]}
+  - name: app
+    scope: has(app)
+    rules:
+      - {name: web-db, from: role == web, to: role == db, services: [tcp/5432]}
+      - {name: web-cache, from: role == web, to: role == cache, services: [tcp/6379]}
+"""
+
+
+def test_allow_rules_of_one_owner_side_render_as_one_grouped_rule() -> None:
+    policy = load_policy_texts({"p.yaml": GROUPING_POLICY})
+    wls = [
+        Workload(id="web", ips=["10.0.0.1"], tags={"role": "web", "app": "a", "env": "prod"}),
+        Workload(id="dns", ips=["10.0.1.1"], tags={"role": "dns"}),
+        Workload(id="ntp", ips=["10.0.1.2"], tags={"role": "ntp"}),
+        Workload(id="mon", ips=["10.0.2.1"], tags={"role": "mon"}),
+    ]
+    e = engine_for(policy, wls)
+    doc: Any = e.render("web")
+    out = [(r["id"], [m["id"] for m in r.get("members", [])]) for r in doc["outbound"]]
+    # everyone → dns, ntp: one owner side (all()); web → db, cache: another (role == web, same app/env)
+    assert out == [("core/dns", ["core/dns", "core/ntp"]), ("app/web-db", ["app/web-db", "app/web-cache"])]
+    inbound = [(r["id"], r["action"], [m["id"] for m in r.get("members", [])]) for r in doc["inbound"]]
+    assert inbound == [
+        # mon and backup share tcp/9100 exactly: one group; scan's tcp/1-65535 overlaps it: its own rule
+        ("core/mon", "allow", ["core/mon", "core/backup"]),
+        ("core/scan", "allow", []),
+        # 'any' members only group with each other
+        ("core/any-a", "allow", ["core/any-a", "core/any-b"]),
+        # the jumpbox rule's owner side (role != jump) is not all(): not grouped with the others
+        ("core/ssh", "allow", []),
+    ]
+    group = doc["outbound"][0]
+    assert group["action"] == "allow" and group["set"] is None and group["services"] == []
+    assert [m["set"] for m in group["members"]] == [
+        next(r["set"] for r in rule_parts(doc["outbound"]) if r["id"] == rid) for rid in ("core/dns", "core/ntp")
+    ]
+    # the denies keep their own rules (per-rule attribution of drops), after the allows
+    mon: Any = e.render("mon")
+    assert [r["action"] for r in mon["outbound"]][-1] == "deny"
+    assert all("members" not in r for r in mon["outbound"] if r["action"] != "allow")
+    # every rendered bundle is a valid bundle document
+    from ringfence.bundle import Bundle
+
+    for w in e.workloads:
+        Bundle.model_validate_json(json.dumps(e.render(w)), strict=True)
+
+
+def test_grouped_rules_share_sets_and_follow_deltas() -> None:
+    policy = load_policy_texts({"p.yaml": GROUPING_POLICY})
+    wls = [
+        Workload(id="a", ips=["10.0.0.1"], tags={"role": "x"}),
+        Workload(id="b", ips=["10.0.0.2"], tags={"role": "y"}),
+        Workload(id="dns", ips=["10.0.1.1"], tags={"role": "dns"}),
+        Workload(id="ntp", ips=["10.0.1.2"], tags={"role": "ntp"}),
+    ]
+    e = engine_for(policy, wls)
+    a: Any = e.render("a")
+    b: Any = e.render("b")
+    assert a["outbound"] == b["outbound"], "one owner side: identical grouped rule in every bundle"
+    upd = e.upsert(Workload(id="dns2", ips=["10.0.1.3"], tags={"role": "dns"}))
+    dns_set = next(r["set"] for r in rule_parts(a["outbound"]) if r["id"] == "core/dns")
+    assert dns_set in upd.set_deltas and {"a", "b"} <= upd.notify and not {"a", "b"} & upd.rebuilt

@@ -44,6 +44,15 @@ rulesets:
       - {name: tiered, from: "tier in {a, b}", to: "!has(tier) && role != dns", services: [tcp/9000-9100]}
       - {name: no-dev-prod, from: env == dev, to: env == prod, services: [all], action: override-deny}
       - {name: plain-deny, from: role == lb, to: role == db, services: [db], action: deny}
+      # allow rules of one owner side (inbound to all()): grouped, with a member joining on
+      # identical services, one conflicting (tcp/9000-9100 ∩ tcp/9050) and 'any' kept apart
+      - {name: mon, from: role == dns, to: all(), services: [tcp/9050, icmp/8]}
+      - {name: mon2, from: tier == c, to: all(), services: [tcp/9050, udp/53]}
+      - {name: wide, from: tier == b, to: all(), services: [tcp/9000-9100]}
+      - {name: from-corp, from: {ip_list: corp}, to: all(), services: [tcp/80]}
+      - {name: from-anywhere, from: {ip_list: any}, to: all(), services: [tcp/5432]}
+      - {name: lb-any, from: role == lb && app == a, to: all(), services: [all]}
+      - {name: web-any, from: role == web && app == c, to: all(), services: [all]}
   - name: trial
     scope: app == a
     staged: true
@@ -162,12 +171,17 @@ def _split(cover: set[str]) -> dict[str, list[str]]:
 def _side_allows(doc: dict[str, Any], direction: str, peer_addr: str, proto: str, port: int) -> bool:
     """Simulate the agent's first-match evaluation of one side of a bundle (enforce semantics)."""
     ip = ipaddress.ip_address(peer_addr)
-    for rule in doc[direction]:
-        if rule["set"] is not None:
-            s = doc["sets"][rule["set"]]
+
+    def matches(part: dict[str, Any]) -> bool:
+        if part["set"] is not None:
+            s = doc["sets"][part["set"]]
             if not any(ip in ipaddress.ip_network(c) for c in s["v4"] + s["v6"]):
-                continue
-        if not any(_svc(m, proto, port) for m in rule["services"]):
+                return False
+        return any(_svc(m, proto, port) for m in part["services"])
+
+    for rule in doc[direction]:
+        # a grouped rule matches where one of its members matches (peer and service of that member)
+        if not any(matches(m) for m in rule.get("members") or [rule]):
             continue
         return bool(rule["action"] == "allow")
     return False

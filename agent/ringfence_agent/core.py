@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from ringfence.bundlewire import Bundle, BundleError, SetDelta, Verifier, check_acceptable
 from ringfence_agent.backends import ApplyError, Backend, ElementChange
-from ringfence_agent.plan import LocalFailsafes, Plan, PlanError, PlanSet, compile_plan, split_cidrs
+from ringfence_agent.plan import LocalFailsafes, Plan, PlanError, PlanSet, compile_plan, group_changes, split_cidrs
 from ringfence_agent.state import StateDir
 
 
@@ -230,6 +230,17 @@ class Agent:
                 what, f"elements do not match the applied set (absent: {missing[:3]}, already present: {present[:3]})"
             )
         change = ElementChange(delta.set, add4, add6, rem4, rem6)
+        folded = fold_delta(current, delta)
+        if any(m.set == delta.set for r in (*current.inbound, *current.outbound) for m in r.members or ()):
+            # a grouped rule has a member on this set: its (address, service) elements move too
+            plan = self.ensure_plan()
+            if plan is None:
+                raise self._reject(what, "the applied bundle no longer compiles: fetch the whole bundle")
+            new_set = folded.sets[delta.set]
+            v4, _ = split_cidrs(new_set.v4, f"sets.{delta.set}.v4")
+            _, v6 = split_cidrs(new_set.v6, f"sets.{delta.set}.v6")
+            groups = group_changes(plan, delta.set, PlanSet(v4, v6), (*add4, *add6), (*rem4, *rem6))
+            change = ElementChange(delta.set, add4, add6, rem4, rem6, groups)
         try:
             self.backend.apply_delta(change)
         except ApplyError as exc:
@@ -250,7 +261,7 @@ class Agent:
             raise ApplyError(f"could not record the delta in {self.state.path} ({exc}); {undone}") from None
         self.deltas = [*self.deltas, delta]
         # caches move by the delta only: no re-validation of the whole set
-        self._eff = fold_delta(current, delta)
+        self._eff = folded
         members.difference_update(delta.remove)
         members.update(delta.add)
         new_set = self._eff.sets[delta.set]

@@ -8,6 +8,10 @@ dry-run agree on order and meaning:
    management ports from the admin ranges (bundle fail-safes ∪ local configuration);
 2. the bundle's rules in bundle order (override-deny, allow, deny), first match wins;
 3. the mode's default: drop in ``enforce``, accept (counted as would-drop) in ``observe``.
+
+A grouped allow rule (bundle ``members``) is one :class:`PlanRule` with :attr:`PlanRule.members`.
+nftables realises it with concatenated (address . service) sets whose elements
+:func:`service_covers` computes; iptables and the Windows plan expand it into its members.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -59,6 +64,31 @@ class Match:
 METADATA_PORTS = (Match("tcp", (80, 80)), Match("udp", (53, 53)), Match("tcp", (53, 53)), Match("udp", (123, 123)))
 
 
+Span = tuple[str, int, int]
+"""(protocol, low, high) a service covers: ``any`` is ("any", 0, 0), all ports 0-65535, all ICMP types 0-255."""
+
+
+def match_span(m: Match) -> Span:
+    if m.proto is None:
+        return ("any", 0, 0)
+    if m.proto in ("tcp", "udp"):
+        return (m.proto, *(m.ports if m.ports is not None else (0, 65535)))
+    return (m.proto, *((m.icmp_type, m.icmp_type) if m.icmp_type is not None else (0, 255)))
+
+
+def span_families(span: Span) -> tuple[int, ...]:
+    return (4,) if span[0] == "icmp" else (6,) if span[0] == "icmpv6" else (4, 6)
+
+
+@dataclass(frozen=True, slots=True)
+class PlanMember:
+    """One policy rule inside a grouped rule: its peers on its services."""
+
+    rule_id: str
+    set: str | None
+    services: tuple[Match, ...]
+
+
 @dataclass(frozen=True, slots=True)
 class PlanRule:
     direction: Direction
@@ -67,6 +97,11 @@ class PlanRule:
     action: Literal["allow", "deny", "override-deny"]
     set: str | None  # peer set (source inbound, destination outbound); None = any address
     services: tuple[Match, ...]
+    members: tuple[PlanMember, ...] = ()  # a grouped allow rule: set None, services ()
+
+    def parts(self) -> tuple[PlanMember, ...]:
+        """What this rule allows or drops, member by member (a plain rule is its only member)."""
+        return self.members or (PlanMember(self.rule_id, self.set, self.services),)
 
     @property
     def counter(self) -> str:
@@ -247,6 +282,12 @@ def compile_plan(bundle: Bundle, local: LocalFailsafes) -> Plan:
     for direction, items in (("inbound", bundle.inbound), ("outbound", bundle.outbound)):
         for i, r in enumerate(items):
             where = f"{direction}[{i}] ({r.id})"
+            members: list[PlanMember] = []
+            for part in r.members or ():
+                member_where = f"{where} member {part.id}"
+                if part.set is not None and part.set not in sets:
+                    raise PlanError(f"{member_where}: undefined set {part.set}")
+                members.append(PlanMember(part.id, part.set, tuple(_match(s, member_where) for s in part.services)))
             if r.set is not None and r.set not in sets:
                 raise PlanError(f"{where}: undefined set {r.set}")
             rules.append(
@@ -257,6 +298,7 @@ def compile_plan(bundle: Bundle, local: LocalFailsafes) -> Plan:
                     action=r.action,
                     set=r.set,
                     services=tuple(_match(s, where) for s in r.services),
+                    members=tuple(members),
                 )
             )
     return Plan(
@@ -274,3 +316,98 @@ def safe_comment(text: str, limit: int = 120) -> str:
     """Rule ids in comments: printable, no quotes or backslashes, bounded length."""
     cleaned = "".join(c if c.isalnum() or c in "/_#.:-=+@ ()," else "_" for c in text)
     return cleaned[:limit]
+
+
+# --- grouped rules: (address, service) elements -------------------------------------------------
+
+ANY_V4, ANY_V6 = "0.0.0.0/0", "::/0"
+
+
+def _member_prefixes(member: PlanMember, family: int, sets: Mapping[str, PlanSet]) -> tuple[str, ...]:
+    if member.set is None:
+        return (ANY_V4,) if family == 4 else (ANY_V6,)
+    s = sets[member.set]
+    return s.v4 if family == 4 else s.v6
+
+
+def _union(parts: list[tuple[str, ...]], family: int) -> tuple[str, ...]:
+    """The CIDR cover of several canonical covers of one family (one is returned as it is)."""
+    nonempty = [p for p in parts if p]
+    if len(nonempty) <= 1:
+        return nonempty[0] if nonempty else ()
+    if family == 4:
+        return tuple(
+            str(n) for n in ipaddress.collapse_addresses(ipaddress.IPv4Network(x) for p in nonempty for x in p)
+        )
+    return tuple(str(n) for n in ipaddress.collapse_addresses(ipaddress.IPv6Network(x) for p in nonempty for x in p))
+
+
+def service_covers(
+    rule: PlanRule, family: int, sets: Mapping[str, PlanSet], only: Iterable[Span] | None = None
+) -> dict[Span, tuple[str, ...]]:
+    """Per distinct service of a grouped rule (one address family): the CIDR cover of the union of
+    the prefixes of the members carrying that service. Services of a group are identical or
+    disjoint (the bundle contract), and a cover's prefixes are disjoint, so the (prefix, service)
+    elements never overlap: what nftables' concatenated interval sets need."""
+    wanted = set(only) if only is not None else None
+    contributors: dict[Span, list[PlanMember]] = {}
+    for m in rule.parts():
+        for svc in m.services:
+            span = match_span(svc)
+            if family in span_families(span) and (wanted is None or span in wanted):
+                contributors.setdefault(span, []).append(m)
+    return {
+        span: _union([_member_prefixes(m, family, sets) for m in dict.fromkeys(members)], family)
+        for span, members in contributors.items()
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class GroupChange:
+    """Elements of one grouped rule's (family, service) cover to delete and add."""
+
+    counter: str
+    family: int
+    span: Span
+    add: tuple[str, ...]
+    remove: tuple[str, ...]
+
+
+def group_changes(
+    plan: Plan, set_name: str, new: PlanSet, add: tuple[str, ...] = (), remove: tuple[str, ...] = ()
+) -> tuple[GroupChange, ...]:
+    """How the grouped rules using ``set_name`` change when it goes from ``plan.sets[set_name]``
+    to ``new``; ``add`` / ``remove`` are the delta's own elements (a service only this member
+    carries takes them as they are, without recomputing a cover)."""
+    out: list[GroupChange] = []
+    after = {**plan.sets, set_name: new}
+    for rule in plan.rules:
+        users = [m for m in rule.members if m.set == set_name]
+        if not users:
+            continue
+        spans = {match_span(svc) for m in users for svc in m.services}
+        carriers: dict[Span, int] = {}
+        for m in dict.fromkeys(rule.members):
+            for span in {match_span(svc) for svc in m.services} & spans:
+                carriers[span] = carriers.get(span, 0) + 1
+        for family in (4, 6):
+            fam_spans = [x for x in spans if family in span_families(x)]
+            alone = [x for x in fam_spans if carriers[x] == 1]
+            if alone:
+                mine_add = tuple(x for x in add if (":" in x) == (family == 6))
+                mine_remove = tuple(x for x in remove if (":" in x) == (family == 6))
+                if mine_add or mine_remove:
+                    out.extend(GroupChange(rule.counter, family, x, mine_add, mine_remove) for x in sorted(alone))
+            shared = [x for x in fam_spans if carriers[x] > 1]
+            if shared:
+                old_covers = service_covers(rule, family, plan.sets, shared)
+                new_covers = service_covers(rule, family, after, shared)
+                for x in sorted(shared):
+                    before, now = set(old_covers.get(x, ())), set(new_covers.get(x, ()))
+                    if before != now:
+                        out.append(
+                            GroupChange(
+                                rule.counter, family, x, tuple(sorted(now - before)), tuple(sorted(before - now))
+                            )
+                        )
+    return tuple(out)

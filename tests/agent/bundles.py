@@ -143,3 +143,31 @@ def forge(doc: B, **changes: object) -> B:
     if isinstance(doc, wire.Bundle):
         return dataclasses.replace(doc, **changes)  # type: ignore[arg-type]
     return doc.model_copy(update=changes)
+
+
+# grouped rules: every allow into web shares one owner side (role == web), so the engine renders
+# them as one rule with members; client and gold share tcp/8080, db and stranger have their own ports
+GROUP_POLICY = """
+labels:
+  dimensions:
+    role: {keys: [role]}
+    app: {keys: [app]}
+    tier: {keys: [tier]}
+defaults:
+  mode: enforce
+  failsafes:
+    admin_cidrs: [10.77.0.250/32]
+    admin_ports: [tcp/22]
+rulesets:
+  - name: grp
+    scope: app == lab
+    same: []
+    rules:
+      - {name: client-web, from: role == client, to: role == web, services: [tcp/8080, udp/5353]}
+      - {name: gold-web, from: tier == gold, to: role == web, services: [tcp/8080]}
+      - {name: db-web, from: role == db, to: role == web, services: [tcp/5432, icmp/8]}
+      - {name: ops-any, from: role == ops, to: role == web, services: [any]}
+      - {name: audit-any, from: role == audit, to: role == web, services: [any]}
+      - {name: web-db, from: role == web, to: role == db, services: [tcp/5432]}
+      - {name: web-other, from: role == web, to: role == other, services: [tcp/8080]}
+"""

@@ -20,6 +20,7 @@ from ringfence.bundle import Bundle, SetDelta
 from ringfence.model import Mode, Workload
 from tests.agent.bundles import (
     DENY_ALL_POLICY,
+    GROUP_POLICY,
     LAB_POLICY,
     OBSERVE_POLICY,
     PRECEDENCE_POLICY,
@@ -144,7 +145,8 @@ def test_enforce_allows_and_blocks_tcp_udp_v4_v6(net: NetLab, backend: str, tmp_
 def test_rule_precedence_and_drop_attribution(net: NetLab, backend: str, tmp_path: Path) -> None:
     lab = lab_engine(net, PRECEDENCE_POLICY, extra={"adm": "admin"})
     doc = lab.bundle("h2")
-    assert [r.action for r in doc.inbound] == ["override-deny", "allow", "allow", "deny"]
+    assert [r.action for r in doc.inbound] == ["override-deny", "allow", "deny"]  # the two allows: one group
+    assert [m.id for m in doc.inbound[1].members or []] == ["lab/client-to-web", "guard/admins-allowed"]
     state = tmp_path / "state"
     ok(apply(net, backend, doc, state))
     assert not net.tcp("adm", "h2", 8080)  # override-deny beats the later allow for admins
@@ -742,3 +744,68 @@ def test_nft_binary_fallback_applies_bundles_and_deltas(net: NetLab, tmp_path: P
     assert net.tcp("h4", "h2", 8080)
     drops = json.loads(ok(net.exec("h2", *env, "drops", "--state-dir", str(state), "--json")))
     assert "d_in" in drops["counters"]
+
+
+# --- grouped rules -------------------------------------------------------------------------------
+
+
+def _lab_workload(net: NetLab, host: str, **tags: str) -> Workload:
+    return Workload(id=host, ips=[net.v4(host), net.v6(host)], tags={"app": "lab", **tags})
+
+
+def test_grouped_rule_allows_each_members_peers_on_its_own_services_only(
+    net: NetLab, backend: str, tmp_path: Path
+) -> None:
+    wls = [
+        _lab_workload(net, "h1", role="client", tier="gold"),
+        _lab_workload(net, "h2", role="web"),
+        _lab_workload(net, "h3", role="db"),
+        _lab_workload(net, "h4", role="other"),
+    ]
+    lab = Lab(GROUP_POLICY, wls)
+    doc = lab.bundle("h2")
+    assert [r.id for r in doc.inbound] == ["grp/client-web", "grp/ops-any"]
+    assert [m.id for m in doc.inbound[0].members or []] == ["grp/client-web", "grp/gold-web", "grp/db-web"]
+    assert [m.id for m in doc.outbound[0].members or []] == ["grp/web-db", "grp/web-other"]
+    state = tmp_path / "state"
+    ok(apply(net, backend, doc, state))
+    if backend == "nftables":  # one rule per family and kind of service, not one per member and port
+        rules = ok(net.exec("h2", "nft", "list", "chain", "inet", "ringfence", "input"))
+        assert rules.count('counter name "r_in_0"') == 3  # v4 ports, v4 icmp type, v6 ports
+        assert "@g_r_in_0_4p" in rules and "@g_r_in_0_4i" in rules
+    assert net.tcp("h1", "h2", 8080) and net.tcp("h1", "h2", 8080, v6=True) and net.udp("h1", "h2", 5353)
+    assert net.tcp("h3", "h2", 5432) and net.tcp("h3", "h2", 5432, v6=True)
+    # nothing across members: the client on the db member's port, the db on the client's
+    assert not net.tcp("h1", "h2", 5432) and not net.tcp("h1", "h2", 5432, v6=True)
+    assert not net.tcp("h3", "h2", 8080) and not net.tcp("h3", "h2", 8080, v6=True)
+    assert not net.udp("h3", "h2", 5353)
+    assert not net.tcp("h4", "h2", 8080) and not net.tcp("h4", "h2", 22)
+    assert net.tcp("h2", "h3", 5432) and net.tcp("h2", "h4", 8080, v6=True)  # outbound group
+    assert not net.tcp("h2", "h4", 5432) and not net.tcp("h2", "h3", 8080)
+
+    # h1 leaves tier gold but stays a client: tcp/8080 still allowed (the client member holds it)
+    ok(apply_delta(net, backend, lab.upsert(_lab_workload(net, "h1", role="client")), state))
+    assert net.tcp("h1", "h2", 8080) and net.udp("h1", "h2", 5353)
+    # h1 is no client either: closed; back in gold: tcp/8080 reopens, udp/5353 (client only) does not
+    ok(apply_delta(net, backend, lab.upsert(_lab_workload(net, "h1", role="visitor")), state))
+    assert not net.tcp("h1", "h2", 8080) and not net.tcp("h1", "h2", 8080, v6=True) and not net.udp("h1", "h2", 5353)
+    ok(apply_delta(net, backend, lab.upsert(_lab_workload(net, "h1", role="visitor", tier="gold")), state))
+    assert net.tcp("h1", "h2", 8080) and net.tcp("h1", "h2", 8080, v6=True) and not net.udp("h1", "h2", 5353)
+    # h4 becomes a db: the db member's port opens for it, the others stay shut
+    ok(apply_delta(net, backend, lab.upsert(_lab_workload(net, "h4", role="db")), state))
+    assert net.tcp("h4", "h2", 5432) and not net.tcp("h4", "h2", 8080)
+    # and an 'any' member (a group of its own): everything from h4 once it is ops
+    ok(apply_delta(net, backend, lab.upsert(_lab_workload(net, "h4", role="ops")), state))
+    assert net.tcp("h4", "h2", 8080) and net.tcp("h4", "h2", 22) and net.tcp("h4", "h2", 5432)
+    if backend == "nftables":  # the elements deltas reached are those a fresh apply of the same bundle loads
+        followed = {name: _elements(net, name) for name in ("g_r_in_0_4p", "g_r_in_0_6p", "g_r_in_1_4a")}
+        net.reset("h2")
+        ok(apply(net, backend, lab.bundle("h2"), tmp_path / "fresh"))
+        assert followed == {name: _elements(net, name) for name in followed}
+        assert net.v4("h1") in str(followed["g_r_in_0_4p"]) and followed["g_r_in_1_4a"]
+
+
+def _elements(net: NetLab, set_name: str) -> list[str]:
+    out = json.loads(ok(net.exec("h2", "nft", "-j", "list", "set", "inet", "ringfence", set_name)))
+    elems = next(x["set"] for x in out["nftables"] if "set" in x).get("elem", [])
+    return sorted(json.dumps(e, sort_keys=True) for e in elems)

@@ -21,7 +21,16 @@ from ringfence_agent.backends.windows import WindowsPlanBackend
 from ringfence_agent.config import ConfigError, load_config
 from ringfence_agent.core import Agent, Rejected, effective_bundle
 from ringfence_agent.daemon import backoff_delay
-from ringfence_agent.plan import LocalFailsafes, PlanError, compile_plan
+from ringfence_agent.plan import (
+    GroupChange,
+    LocalFailsafes,
+    Plan,
+    PlanError,
+    PlanSet,
+    compile_plan,
+    group_changes,
+    service_covers,
+)
 from ringfence_agent.reports import (
     BoundedBuffer,
     DropCollector,
@@ -33,6 +42,7 @@ from ringfence_agent.reports import (
 )
 from ringfence_agent.state import StateDir
 from tests.agent.bundles import GOLDEN, PUBLIC_KEY, forge, key, resign
+from tests.conftest import rule_parts
 
 PROC = GOLDEN / "bundle-ord-prod-proc-1.json"
 PROC2 = GOLDEN / "bundle-ord-prod-proc-1-after-scale-out.json"
@@ -45,7 +55,7 @@ LOCAL = LocalFailsafes(admin_cidrs=("192.0.2.0/24",), dns_resolvers=("10.0.0.53"
 def set_of(path: Path, rule_id: str, direction: str = "inbound") -> str:
     """The name of the set a golden bundle's rule uses (names are content hashes: look them up)."""
     doc = json.loads(path.read_text())
-    return next(r["set"] for r in doc[direction] if r["id"] == rule_id)
+    return next(r["set"] for r in rule_parts(doc[direction]) if r["id"] == rule_id)
 
 
 # the golden bundle's sets, by the rule that uses them
@@ -132,7 +142,7 @@ def test_nft_text_failsafes_first_rules_in_order_default_last() -> None:
     assert f"set s_{WEB}_4 {{ type ipv4_addr; flags interval; elements = {{ 10.1.1.10/31 }} }}" in text
     assert f"set s_{DB}_6h {{ type ipv6_addr; elements = {{ fd00:1::3:10 }} }}" in text
     assert f"ip6 saddr @s_{DB}_6" not in text  # outbound uses daddr
-    assert f"ip6 daddr @s_{DB}_6 tcp dport 5432 counter name r_out_4 accept" in text
+    assert f"ip6 daddr @s_{DB}_6 tcp dport 5432 counter name r_out_1 accept" in text
     assert "ip saddr @fs_admin_4 tcp dport 22 accept" in text
     assert "ip daddr @fs_cp_4 accept" in text
     # the metadata endpoint: its service ports only (the lab proves another port is dropped)
@@ -879,3 +889,112 @@ def test_aws_iid_enrollment_reads_imdsv2_and_sends_document_and_signature(tmp_pa
         for s in servers:
             s.shutdown()
             s.server_close()
+
+
+# --- grouped rules -------------------------------------------------------------------------------
+
+
+def _grouped_plan() -> Plan:
+    """Inbound: one grouped rule; a and b share tcp/8080 (and one address), c has tcp/5432 + icmp/8."""
+    svc = {
+        "8080": {"proto": "tcp", "ports": [8080, 8080], "icmp_type": None},
+        "5432": {"proto": "tcp", "ports": [5432, 5432], "icmp_type": None},
+        "ping": {"proto": "icmp", "ports": None, "icmp_type": 8},
+        "dns": {"proto": "udp", "ports": [53, 53], "icmp_type": None},
+    }
+    doc = json.loads(PROC.read_text())
+    doc["sets"] = {
+        "rf_a": {"version": 1, "v4": ["10.0.0.1/32", "10.0.1.0/24"], "v6": ["fd00::1/128"]},
+        "rf_b": {"version": 1, "v4": ["10.0.0.0/31"], "v6": []},
+        "rf_c": {"version": 1, "v4": ["10.0.2.1/32"], "v6": []},
+    }
+    doc["inbound"] = [
+        {
+            "id": "p/a",
+            "action": "allow",
+            "set": None,
+            "services": [],
+            "members": [
+                {"id": "p/a", "set": "rf_a", "services": [svc["8080"], svc["dns"]]},
+                {"id": "p/b", "set": "rf_b", "services": [svc["8080"]]},
+                {"id": "p/c", "set": "rf_c", "services": [svc["5432"], svc["ping"]]},
+            ],
+        }
+    ]
+    doc["outbound"] = []
+    return compile_plan(load_bundle(json.dumps(doc)), LOCAL)
+
+
+def test_grouped_rule_covers_unite_members_per_service() -> None:
+    plan = _grouped_plan()
+    rule = plan.rules[0]
+    assert [m.rule_id for m in rule.members] == ["p/a", "p/b", "p/c"] and rule.set is None
+    covers = service_covers(rule, 4, plan.sets)
+    # a's 10.0.0.1 and b's 10.0.0.0/31 overlap on tcp/8080: one cover, no overlapping elements
+    assert covers[("tcp", 8080, 8080)] == ("10.0.0.0/31", "10.0.1.0/24")
+    assert covers[("udp", 53, 53)] == ("10.0.0.1/32", "10.0.1.0/24")
+    assert covers[("tcp", 5432, 5432)] == ("10.0.2.1/32",) and covers[("icmp", 8, 8)] == ("10.0.2.1/32",)
+    assert service_covers(rule, 6, plan.sets) == {
+        ("tcp", 8080, 8080): ("fd00::1/128",),
+        ("udp", 53, 53): ("fd00::1/128",),
+        ("tcp", 5432, 5432): (),  # c has no IPv6 address: an empty cover, the set is still declared
+    }
+
+
+def test_nft_grouped_rule_is_one_rule_per_family_and_kind() -> None:
+    text = NftRenderer().render(_grouped_plan())
+    assert (
+        "set g_r_in_0_4p { type ipv4_addr . inet_proto . inet_service; flags interval; elements = { "
+        "10.0.2.1 . tcp . 5432, 10.0.0.0/31 . tcp . 8080, 10.0.1.0/24 . tcp . 8080, 10.0.0.1 . udp . 53, "
+        "10.0.1.0/24 . udp . 53 } }" in text
+    )
+    assert "set g_r_in_0_4i { type ipv4_addr . icmp_type; flags interval; elements = { 10.0.2.1 . 8 } }" in text
+    assert "set g_r_in_0_6i" not in text  # icmp/8 is IPv4 only
+    rules = [line.strip() for line in text.splitlines() if "counter name r_in_0" in line]
+    assert rules == [
+        'ip saddr . icmp type @g_r_in_0_4i counter name r_in_0 accept comment "p/a"',
+        'ip saddr . meta l4proto . th dport @g_r_in_0_4p counter name r_in_0 accept comment "p/a"',
+        'ip6 saddr . meta l4proto . th dport @g_r_in_0_6p counter name r_in_0 accept comment "p/a"',
+    ]
+
+
+def test_delta_on_a_member_set_moves_only_what_the_union_loses() -> None:
+    plan = _grouped_plan()
+    # b loses 10.0.0.0/31 → its cover on tcp/8080 shrinks to what a still holds (10.0.0.1)
+    changes = group_changes(plan, "rf_b", PlanSet((), ()), remove=("10.0.0.0/31",))
+    assert changes == (GroupChange("r_in_0", 4, ("tcp", 8080, 8080), ("10.0.0.1/32",), ("10.0.0.0/31",)),)
+    # a gains 10.0.5.5: tcp/8080 (shared with b) and udp/53 (a alone: the delta as it is)
+    new_a = PlanSet(("10.0.0.1/32", "10.0.1.0/24", "10.0.5.5/32"), ("fd00::1/128",))
+    changes = group_changes(plan, "rf_a", new_a, add=("10.0.5.5/32",))
+    assert set(changes) == {
+        GroupChange("r_in_0", 4, ("tcp", 8080, 8080), ("10.0.5.5/32",), ()),
+        GroupChange("r_in_0", 4, ("udp", 53, 53), ("10.0.5.5/32",), ()),
+    }
+    # a loses 10.0.0.1, which b's /31 still covers on tcp/8080: only udp/53 changes
+    new_a = PlanSet(("10.0.1.0/24",), ("fd00::1/128",))
+    changes = group_changes(plan, "rf_a", new_a, remove=("10.0.0.1/32",))
+    assert changes == (GroupChange("r_in_0", 4, ("udp", 53, 53), (), ("10.0.0.1/32",)),)
+    text = NftRenderer.render_delta(ElementChange("rf_a", remove_v4=("10.0.0.1/32",), groups=changes))
+    assert text.splitlines() == [
+        "delete element inet ringfence s_rf_a_4h { 10.0.0.1 }",
+        "delete element inet ringfence g_r_in_0_4p { 10.0.0.1 . udp . 53 }",
+    ]
+    assert group_changes(plan, "rf_unused", PlanSet((), ())) == ()
+
+
+def test_iptables_and_windows_expand_a_grouped_rule_into_its_members() -> None:
+    plan = _grouped_plan()
+    text = IptablesRenderer().rules_script(plan, 4, "a", [])
+    lines = [line for line in text.splitlines() if "r_in_0" in line]
+    assert lines == [
+        '-A RF-IN -p tcp --dport 8080 -m set --match-set rf_a-4a src -m comment --comment "r_in_0 p/a" -j ACCEPT',
+        '-A RF-IN -p udp --dport 53 -m set --match-set rf_a-4a src -m comment --comment "r_in_0 p/a" -j ACCEPT',
+        '-A RF-IN -p tcp --dport 8080 -m set --match-set rf_b-4a src -m comment --comment "r_in_0 p/b" -j ACCEPT',
+        '-A RF-IN -p tcp --dport 5432 -m set --match-set rf_c-4a src -m comment --comment "r_in_0 p/c" -j ACCEPT',
+        '-A RF-IN -p icmp --icmp-type 8 -m set --match-set rf_c-4a src -m comment --comment "r_in_0 p/c" -j ACCEPT',
+    ]
+    ps = WindowsPlanBackend(io.StringIO()).render(plan)
+    assert (
+        "-DisplayName 'p/b (tcp/8080)' -Direction Inbound -Action Allow -Profile Any -RemoteAddress 10.0.0.0/31" in ps
+    )
+    assert "-DisplayName 'p/c (icmp/8)'" in ps

@@ -6,7 +6,7 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ringfence_agent.plan import Plan
+from ringfence_agent.plan import GroupChange, Plan
 
 BACKENDS = ("nftables", "iptables", "windows-plan", "dry-run")
 
@@ -45,6 +45,9 @@ class ElementChange:
     add_v6: tuple[str, ...] = ()
     remove_v4: tuple[str, ...] = ()
     remove_v6: tuple[str, ...] = ()
+    # what the change does to grouped rules that have a member on this set (backends that keep
+    # (address, service) elements per group apply these; the others only need the set's own)
+    groups: tuple[GroupChange, ...] = ()
 
     def inverse(self) -> ElementChange:
         """The change that takes this one back out (deletes run before adds in every backend)."""

@@ -13,6 +13,9 @@ A set delta is one change to the live generation's sets, in-process through libi
 ``ipset`` binary when the library is missing); ipset keeps the lines before a failing one, so a
 failed delta is undone by its inverse. Only Ringfence's chains, the two jumps into them and
 ``rf*`` ipsets are ever touched.
+
+A grouped rule (bundle ``members``) is expanded into its members' rules, one after another under
+the group's counter: each matches its member's ipset and services, exactly as a plain rule.
 """
 
 from __future__ import annotations
@@ -188,14 +191,15 @@ class IptablesRenderer:
         side = "src" if r.direction == "inbound" else "dst"
         verdict = "ACCEPT" if r.action == "allow" or plan.mode != "enforce" else "DROP"
         lines: list[str] = []
-        for m in r.services:
-            if family not in _fams(m):
-                continue
-            match = f"-m set --match-set {ipset_name(r.set, family, gen)} {side}" if r.set is not None else ""
-            comment = f'-m comment --comment "{r.counter} {safe_comment(r.rule_id, 200)}"'
-            if r.drops:
-                lines.extend(_j(_svc(m, family), match, track) for track in _track(r.counter, family, gen))
-            lines.append(_j(_svc(m, family), match, comment, f"-j {verdict}"))
+        for part in r.parts():  # a grouped rule: its members one after another, under its counter
+            for m in part.services:
+                if family not in _fams(m):
+                    continue
+                match = f"-m set --match-set {ipset_name(part.set, family, gen)} {side}" if part.set is not None else ""
+                comment = f'-m comment --comment "{r.counter} {safe_comment(part.rule_id, 200)}"'
+                if r.drops:
+                    lines.extend(_j(_svc(m, family), match, track) for track in _track(r.counter, family, gen))
+                lines.append(_j(_svc(m, family), match, comment, f"-j {verdict}"))
         return lines
 
     def render(self, plan: Plan) -> str:

@@ -5,6 +5,12 @@ sets ``fs_*``, a named counter per rule (``r_in_<i>``, ``r_out_<i>``) and per de
 ``d_out``), and for every drop point a bounded dynamic set ``t_<counter>_4|6`` that the kernel fills
 with (src . dst . l4proto . sport . dport) of what it dropped (or would drop, in observe mode), each
 element with its own packet counter. The agent polls counters and tuple sets; nothing is parsed from logs.
+
+A grouped rule is one rule per family and kind of service over a concatenated interval set
+``g_<counter>_<family><kind>``: ``p`` holds address . protocol . port range (tcp/udp), ``i``
+address . ICMP type, ``a`` addresses (members with ``any``). Elements are, per service, the cover
+of the members' prefixes (:func:`~ringfence_agent.plan.service_covers`): never overlapping, which
+nft 1.0.6 requires of concatenated interval sets (it refuses an element that overlaps another).
 """
 
 from __future__ import annotations
@@ -18,7 +24,18 @@ from collections.abc import Iterable
 from typing import Any
 
 from ringfence_agent.backends import TUPLE_LINGER_S, ApplyError, DropTuple, ElementChange, Observation, run
-from ringfence_agent.plan import METADATA_PORTS, Direction, Match, Plan, PlanRule, safe_comment
+from ringfence_agent.plan import (
+    METADATA_PORTS,
+    Direction,
+    Match,
+    Plan,
+    PlanRule,
+    Span,
+    match_span,
+    safe_comment,
+    service_covers,
+    span_families,
+)
 
 TABLE = "ringfence"
 FAMILY = "inet"
@@ -33,6 +50,22 @@ _TUPLE_KEY = {
 _TUPLE_TYPE = {
     4: "ipv4_addr . ipv4_addr . inet_proto . inet_service . inet_service",
     6: "ipv6_addr . ipv6_addr . inet_proto . inet_service . inet_service",
+}
+_GROUP_TYPE = {
+    (4, "p"): "ipv4_addr . inet_proto . inet_service",
+    (6, "p"): "ipv6_addr . inet_proto . inet_service",
+    (4, "i"): "ipv4_addr . icmp_type",
+    (6, "i"): "ipv6_addr . icmpv6_type",
+    (4, "a"): "ipv4_addr",
+    (6, "a"): "ipv6_addr",
+}
+_GROUP_KEY = {
+    (4, "p"): " . meta l4proto . th dport",
+    (6, "p"): " . meta l4proto . th dport",
+    (4, "i"): " . icmp type",
+    (6, "i"): " . icmpv6 type",
+    (4, "a"): "",
+    (6, "a"): "",
 }
 _ND_IN = "nd-neighbor-solicit, nd-neighbor-advert, nd-router-advert, nd-redirect"
 _ND_OUT = "nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit"
@@ -62,6 +95,33 @@ def split_hosts(items: Iterable[str]) -> tuple[list[str], list[str]]:
         else:
             prefixes.append(x)
     return prefixes, hosts
+
+
+def group_set_name(counter: str, family: int, kind: str) -> str:
+    return f"g_{counter}_{family}{kind}"
+
+
+def span_kind(span: Span) -> str:
+    """``a`` any protocol, ``i`` ICMP type, ``p`` tcp/udp port range."""
+    return "a" if span[0] == "any" else "i" if span[0] in ("icmp", "icmpv6") else "p"
+
+
+def group_element(prefix: str, span: Span) -> str:
+    """One element of a grouped rule's set: ``10.0.0.0/24 . tcp . 80-90``, ``10.0.0.1 . 8``, ``fd00::1``."""
+    addr, _, length = prefix.partition("/")
+    if length and length != ("128" if ":" in addr else "32"):
+        addr = prefix
+    proto, lo, hi = span
+    value = str(lo) if lo == hi else f"{lo}-{hi}"
+    kind = span_kind(span)
+    if kind == "p":
+        return f"{addr} . {proto} . {value}"
+    return f"{addr} . {value}" if kind == "i" else addr
+
+
+def _group_kinds(r: PlanRule, family: int) -> list[str]:
+    spans = {match_span(m) for part in r.members for m in part.services}
+    return sorted({span_kind(x) for x in spans if family in span_families(x)})
 
 
 def _set_decl(name: str, family: int, items: Iterable[str], interval: bool = True) -> str:
@@ -125,6 +185,9 @@ class NftRenderer:
                 out.append(_set_decl(set_name(sname, fam), fam, prefixes))
                 out.append(_set_decl(set_name(sname, fam, hosts=True), fam, hosts, interval=False))
         for r in plan.rules:
+            if r.members:
+                out.extend(self._group_decls(plan, r))
+        for r in plan.rules:
             out.append(f'\tcounter {r.counter} {{ comment "{safe_comment(r.action + " " + r.rule_id)}" }}\n')
         out.append('\tcounter d_in { comment "default inbound" }\n\tcounter d_out { comment "default outbound" }\n')
         for point in [r.counter for r in plan.rules if r.drops] + ["d_in", "d_out"]:
@@ -178,10 +241,34 @@ class NftRenderer:
             return "accept"
         return "drop" if plan.mode == "enforce" else "accept"
 
+    @staticmethod
+    def _group_decls(plan: Plan, r: PlanRule) -> list[str]:
+        out: list[str] = []
+        for fam in (4, 6):
+            covers = service_covers(r, fam, plan.sets)
+            for kind in _group_kinds(r, fam):
+                elems = [
+                    group_element(p, span)
+                    for span, cover in sorted(covers.items())
+                    if span_kind(span) == kind
+                    for p in cover
+                ]
+                text = f" elements = {{ {_elements(elems)} }}" if elems else ""
+                out.append(
+                    f"\tset {group_set_name(r.counter, fam, kind)} {{ type {_GROUP_TYPE[fam, kind]}; flags interval;{text} }}\n"
+                )
+        return out
+
     def _rule_lines(self, plan: Plan, r: PlanRule) -> list[str]:
         verdict = self._verdict(plan, r)
         comment = f'comment "{safe_comment(r.rule_id)}"'
         lines: list[str] = []
+        if r.members:  # one rule per family and kind of service, over the group's own set
+            for fam in (4, 6):
+                for kind in _group_kinds(r, fam):
+                    match = f"{_addr(r.direction, fam)}{_GROUP_KEY[fam, kind]} @{group_set_name(r.counter, fam, kind)}"
+                    lines.append(_join(match, f"counter name {r.counter}", verdict, comment))
+            return lines
         for m in r.services:
             for fam in _families(m):
                 if r.set is not None:
@@ -213,11 +300,11 @@ class NftRenderer:
     def render_delta(change: ElementChange) -> str:
         lines: list[str] = []
         # deletes first: one transaction, so a /32 → /31 merge never overlaps mid-way
-        for verb, groups in (
+        for verb, families in (
             ("delete", ((4, change.remove_v4), (6, change.remove_v6))),
             ("add", ((4, change.add_v4), (6, change.add_v6))),
         ):
-            for fam, items in groups:
+            for fam, items in families:
                 prefixes, hosts = split_hosts(items)
                 for name, elems in (
                     (set_name(change.set, fam, hosts=True), hosts),
@@ -225,6 +312,12 @@ class NftRenderer:
                 ):
                     if elems:
                         lines.append(f"{verb} element {FAMILY} {TABLE} {name} {{ {_elements(elems)} }}")
+            for g in change.groups:
+                items = g.remove if verb == "delete" else g.add
+                if items:
+                    name = group_set_name(g.counter, g.family, span_kind(g.span))
+                    text = _elements(group_element(x, g.span) for x in items)
+                    lines.append(f"{verb} element {FAMILY} {TABLE} {name} {{ {text} }}")
         return "\n".join(lines) + "\n"
 
 
@@ -306,7 +399,7 @@ class NftBackend(NftRenderer):
         self._exec(self.render(plan), "bundle")
 
     def apply_delta(self, change: ElementChange) -> None:
-        if change.add_v4 or change.add_v6 or change.remove_v4 or change.remove_v6:
+        if change.add_v4 or change.add_v6 or change.remove_v4 or change.remove_v6 or change.groups:
             self._exec(self.render_delta(change), f"delta for set {change.set}")
 
     def flush(self) -> bool:

@@ -9,7 +9,8 @@ order is mapped as follows (and the script says so in comments):
 * ``deny`` after the allows equals the default action in ``enforce`` and is therefore omitted;
 * ``enforce`` → ``Set-NetFirewallProfile -DefaultInboundAction Block -DefaultOutboundAction Block``;
   ``observe`` → default Allow, ``-LogAllowed True`` (Windows cannot report would-drops per rule);
-* ``idle`` → the group is removed and the profile defaults restored to Windows' own.
+* ``idle`` → the group is removed and the profile defaults restored to Windows' own;
+* a grouped allow rule (bundle ``members``) becomes its members' rules, each with its own addresses.
 """
 
 from __future__ import annotations
@@ -118,25 +119,31 @@ class WindowsPlanBackend:
                 lines.append(f"# {safe_comment(r.rule_id)}: {r.action} not enforced in {plan.mode} mode")
                 continue
             action = "Allow" if r.action == "allow" else "Block"
-            addrs: list[str] = []
-            if r.set is not None:
-                s = plan.sets[r.set]
-                addrs = [*s.v4, *s.v6]
-                if not addrs:
-                    lines.append(f"# {safe_comment(r.rule_id)}: peer set {r.set} is empty")
-                    continue
-                if action == "Block":
-                    for a in addrs:
-                        net = ipaddress.ip_network(a)
-                        if any(net.overlaps(x) for x in admin_nets):
-                            raise PlanError(
-                                f"{r.rule_id}: block of {a} overlaps an admin range; Windows would lock the operator out"
-                            )
-            chunks = [addrs[i : i + CHUNK] for i in range(0, len(addrs), CHUNK)] or [[]]
-            for m in r.services:
-                for chunk in chunks:
-                    remote = f"-RemoteAddress {','.join(chunk)} " if chunk else ""
-                    rule(f"{r.rule_id} ({m.describe()})", r.direction, action, remote + _proto_args(m, r.direction))
+            for part in r.parts():  # a grouped rule: one set of Windows rules per member
+                addrs: list[str] = []
+                if part.set is not None:
+                    s = plan.sets[part.set]
+                    addrs = [*s.v4, *s.v6]
+                    if not addrs:
+                        lines.append(f"# {safe_comment(part.rule_id)}: peer set {part.set} is empty")
+                        continue
+                    if action == "Block":
+                        for a in addrs:
+                            net = ipaddress.ip_network(a)
+                            if any(net.overlaps(x) for x in admin_nets):
+                                raise PlanError(
+                                    f"{part.rule_id}: block of {a} overlaps an admin range; Windows would lock the operator out"
+                                )
+                chunks = [addrs[i : i + CHUNK] for i in range(0, len(addrs), CHUNK)] or [[]]
+                for m in part.services:
+                    for chunk in chunks:
+                        remote = f"-RemoteAddress {','.join(chunk)} " if chunk else ""
+                        rule(
+                            f"{part.rule_id} ({m.describe()})",
+                            r.direction,
+                            action,
+                            remote + _proto_args(m, r.direction),
+                        )
         if plan.mode == "enforce":
             lines.append(
                 "Set-NetFirewallProfile -All -Enabled True -DefaultInboundAction Block -DefaultOutboundAction Block -LogBlocked True"

@@ -11,8 +11,11 @@ One run on a :mod:`ringfence.synth` estate measures:
   (:func:`~ringfence.engine.connectivity.compute_inventory`; no engine, not expanded to pairs);
 * size figures: ``naive_pair_rules`` (allowed (source, destination, port range) triples a
   per-pair firewall would need, counted from the connectivity matrix, never materialised)
-  against ``compiled_rules`` (inbound + outbound rules over all bundles) and
-  ``compiled_set_elements`` (CIDR elements over distinct sets), ``bundle_bytes_total``;
+  against ``compiled_rules`` (inbound + outbound rules over all bundles; a grouped rule is one)
+  and ``compiled_set_elements`` (CIDR elements over distinct sets, plus
+  ``compiled_map_elements``: the (address, service) elements the dataplane holds for grouped
+  rules, over distinct grouped-rule contents, see :func:`grouped_rule_elements`),
+  ``bundle_bytes_total``;
 * ``peak_rss_mb`` — the process's peak resident set (``ru_maxrss``), so it includes whatever the
   process did before; run it in a fresh process for a clean figure.
 """
@@ -27,8 +30,11 @@ import sys
 import time
 from typing import Any
 
-from ringfence import synth
+from ringfence import addresses, synth
+from ringfence.addresses import Prefix
+from ringfence.bundle import GroupMember, service_span
 from ringfence.engine import Engine
+from ringfence.engine.compiler import ANY_ADDRESS
 from ringfence.engine.connectivity import Matrix, compute_inventory
 from ringfence.model import Mode, Workload
 from ringfence.policy import load_policy_texts
@@ -44,6 +50,33 @@ def naive_pair_rules(matrix: Matrix) -> int:
         pairs = a * b - (a if src == dst else 0)
         total += pairs * len(edge.services)
     return total
+
+
+def grouped_rule_elements(engine: Engine, members: list[dict[str, Any]]) -> int:
+    """Elements an agent's dataplane holds for one grouped rule: per address family and distinct
+    service of the group, the CIDR cover of the union of the prefixes of the members carrying
+    that service (nftables: one concatenated ``address . protocol . port`` interval set per
+    family, plus ``address . icmp type`` and plain address sets for ICMP and ``any`` members)."""
+    union: dict[tuple[int, tuple[str, int, int]], list[Prefix]] = {}
+    for m in map(GroupMember.model_validate, members):
+        if m.set is None:
+            prefixes: list[Prefix] = sorted(ANY_ADDRESS)
+        else:
+            s = engine.sets_by_name[m.set]
+            prefixes = s.elements.elements()
+        for svc in m.services:
+            span = service_span(svc)
+            families = (
+                (addresses.V4,)
+                if span[0] == "icmp"
+                else (addresses.V6,)
+                if span[0] == "icmpv6"
+                else (addresses.V4, addresses.V6)
+            )
+            for p in prefixes:
+                if p[0] in families:
+                    union.setdefault((p[0], span), []).append(p)
+    return sum(len(addresses.collapse(ps)) for ps in union.values())
 
 
 def _compact_size(doc: dict[str, object]) -> int:
@@ -112,15 +145,28 @@ def run_bench(workloads: int, seed: int = 1, changes: int = 200, apps: int | Non
     load_s = time.perf_counter() - t0
     # render every bundle (timed); sizes are measured outside the timer and bundles are not kept
     render_s = 0.0
-    compiled_rules = bundle_bytes = 0
+    compiled_rules = bundle_bytes = map_elements = 0
+    grouped_rules = grouped_members = 0
+    group_contents: set[str] = set()
     for wid in engine.workloads:
         t0 = time.perf_counter()
-        doc = engine.render(wid)
+        doc: dict[str, Any] = engine.render(wid)
         render_s += time.perf_counter() - t0
-        compiled_rules += len(doc["inbound"]) + len(doc["outbound"])  # type: ignore[arg-type]
+        compiled_rules += len(doc["inbound"]) + len(doc["outbound"])
         bundle_bytes += _compact_size(doc)
+        for rule in (*doc["inbound"], *doc["outbound"]):
+            if "members" not in rule:
+                continue
+            grouped_rules += 1
+            grouped_members += len(rule["members"])
+            # contents are shared like sets: count each distinct one once (ids do not matter)
+            content = json.dumps([[m["set"], m["services"]] for m in rule["members"]], sort_keys=True)
+            if content not in group_contents:
+                group_contents.add(content)
+                map_elements += grouped_rule_elements(engine, rule["members"])
     full_compile_s = load_s + render_s
-    set_elements = sum(len(s.elements) if s.static else len(s.elements.elements()) for s in engine.sets.values())
+    plain_set_elements = sum(len(s.elements) if s.static else len(s.elements.elements()) for s in engine.sets.values())
+    set_elements = plain_set_elements + map_elements
 
     t0 = time.perf_counter()
     matrix = compute_inventory(policy, estate.workloads)  # inventory → labels → group matrix
@@ -176,6 +222,11 @@ def run_bench(workloads: int, seed: int = 1, changes: int = 200, apps: int | Non
         "naive_pair_rules": naive,
         "compiled_rules": compiled_rules,
         "compiled_set_elements": set_elements,
+        "compiled_address_set_elements": plain_set_elements,
+        "compiled_map_elements": map_elements,
+        "grouped_rules": grouped_rules,
+        "grouped_rule_members": grouped_members,
+        "distinct_grouped_rules": len(group_contents),
         "compiled_vs_naive": round(naive / compiled_total, 1) if compiled_total else None,
         "bundle_bytes_total": bundle_bytes,
         "peak_rss_mb": _peak_rss_mb(),
@@ -195,7 +246,10 @@ def format_text(result: dict[str, Any]) -> str:
         f"per change:       {r['avg_rebuilt_per_change']} bundles rebuilt, {r['avg_notified_per_change']} agents nudged",
         f"naive pair rules: {r['naive_pair_rules']:,} ({r['allowed_workload_pairs']:,} allowed workload pairs)",
         f"compiled:         {r['compiled_rules']:,} rules + {r['compiled_set_elements']:,} set elements "
-        f"in {r['sets']:,} sets ({r['compiled_vs_naive']}x smaller than naive)",
+        f"({r['compiled_address_set_elements']:,} in {r['sets']:,} address sets + "
+        f"{r['compiled_map_elements']:,} in {r['distinct_grouped_rules']:,} distinct grouped rules) "
+        f"= {r['compiled_vs_naive']}x smaller than naive",
+        f"grouped rules:    {r['grouped_rules']:,} in bundles, standing for {r['grouped_rule_members']:,} policy rules",
         f"bundles:          {r['bundle_bytes_total'] / 1e6:.1f} MB compact JSON in total",
         f"connectivity:     {r['connectivity_s']:.3f} s ({r['label_groups']:,} label groups, {r['group_edges']:,} edges)",
         f"peak RSS:         {r['peak_rss_mb']:.0f} MB",

@@ -21,13 +21,16 @@ from typing import Any, Literal, TypeVar, overload
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from ringfence import bundlewire as wire
 from ringfence.bundlewire import BUNDLE_FORMAT as BUNDLE_FORMAT
 from ringfence.bundlewire import DELTA_FORMAT as DELTA_FORMAT
 from ringfence.bundlewire import BundleError as BundleError
 from ringfence.bundlewire import Signer as Signer
+from ringfence.bundlewire import service_span as service_span
+from ringfence.bundlewire import services_disjoint as services_disjoint
+from ringfence.bundlewire import spans_disjoint as spans_disjoint
 from ringfence.enums import Mode
 
 
@@ -47,11 +50,47 @@ class ServiceMatch(_Doc):
     icmp_type: int | None = Field(None, description="absent = every ICMP type")
 
 
-class BundleRule(_Doc):
-    id: str = Field(description="policy rule id, reported with drops and flows")
-    action: Literal["allow", "deny", "override-deny"]
+class GroupMember(_Doc):
+    id: str = Field(description="policy rule id of this member")
     set: str | None = Field(description="address set of the peer; null = any address")
     services: list[ServiceMatch]
+
+
+class BundleRule(_Doc):
+    id: str = Field(description="policy rule id, reported with drops and flows (a group: its first member's)")
+    action: Literal["allow", "deny", "override-deny"]
+    set: str | None = Field(description="address set of the peer; null = any address (a group: null)")
+    services: list[ServiceMatch] = Field(description="a group: empty, its members carry the services")
+    members: list[GroupMember] | None = Field(
+        None,
+        min_length=2,
+        description="a grouped allow rule: allows each member's peers on that member's services, and nothing "
+        "across members; absent on a plain rule",
+    )
+
+    @model_validator(mode="after")
+    def _grouped_rule(self) -> BundleRule:
+        if self.members is None:
+            return self
+        if self.action != "allow" or self.set is not None or self.services:
+            raise ValueError(wire.GROUP_ERROR)
+        if not services_disjoint(s for m in self.members for s in m.services):
+            raise ValueError(wire.GROUP_SERVICES_ERROR)
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_members(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # a plain rule keeps exactly its pre-group encoding (and canonical bytes)
+        out: dict[str, Any] = handler(self)
+        if out.get("members", 0) is None:
+            del out["members"]
+        return out
+
+    def parts(self) -> list[GroupMember]:
+        """The (id, set, services) this rule allows: its members, or itself."""
+        if self.members is not None:
+            return self.members
+        return [GroupMember(id=self.id, set=self.set, services=self.services)]
 
 
 class AddressSetDoc(_Doc):

@@ -18,10 +18,11 @@ import binascii
 import ctypes
 import functools
 import hashlib
+import itertools
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol, Self, TypeVar
@@ -59,12 +60,70 @@ class ServiceMatch:
     icmp_type: int | None = None  # None = every ICMP type
 
 
+class _Service(Protocol):
+    """A service match as either model has it (this module's dataclass or ringfence.bundle's)."""
+
+    @property
+    def proto(self) -> str: ...
+    @property
+    def ports(self) -> tuple[int, int] | None: ...
+    @property
+    def icmp_type(self) -> int | None: ...
+
+
+Span = tuple[str, int, int]
+
+
+def service_span(s: _Service) -> Span:
+    """(protocol, low, high) a service covers: all ports are 0-65535, all ICMP types 0-255."""
+    if s.proto in ("tcp", "udp"):
+        lo, hi = s.ports if s.ports is not None else (0, 65535)
+        return (s.proto, lo, hi)
+    if s.proto in ("icmp", "icmpv6"):
+        return (s.proto, s.icmp_type, s.icmp_type) if s.icmp_type is not None else (s.proto, 0, 255)
+    return ("any", 0, 0)
+
+
+def spans_disjoint(spans: Iterable[Span]) -> bool:
+    """True when every two spans are identical or disjoint (per protocol, by port range or ICMP
+    type), and ``any`` is not mixed with another protocol: what lets an agent keep one group's
+    (address, service) elements disjoint, which nftables' concatenated interval sets require."""
+    ordered = sorted(set(spans))
+    if any(p == "any" for p, _, _ in ordered) and len(ordered) > 1:
+        return False
+    return all(a[0] != b[0] or a[2] < b[1] for a, b in itertools.pairwise(ordered))
+
+
+def services_disjoint(services: Iterable[_Service]) -> bool:
+    """:func:`spans_disjoint` over the services' spans."""
+    return spans_disjoint(map(service_span, services))
+
+
+GROUP_ERROR = "a grouped rule (members) is an allow rule with set null and no services of its own"
+GROUP_SERVICES_ERROR = "a grouped rule's member services must be identical or disjoint, 'any' alone"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GroupMember:
+    id: str  # policy rule id of this member
+    set: str | None  # address set of the peer; None = any address
+    services: list[ServiceMatch]
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BundleRule:
-    id: str  # policy rule id, reported with drops and flows
+    id: str  # policy rule id, reported with drops and flows (a group: its first member's)
     action: RuleAction
-    set: str | None  # address set of the peer; None = any address (required, may be null)
-    services: list[ServiceMatch]
+    set: str | None  # address set of the peer; None = any address (required, may be null; a group: null)
+    services: list[ServiceMatch]  # a group: empty, its members carry the services
+    # a grouped allow rule: each member's peers on that member's services, nothing across members
+    members: list[GroupMember] | None = None
+
+    def parts(self) -> list[GroupMember]:
+        """The (id, set, services) this rule allows: its members, or itself."""
+        if self.members is not None:
+            return self.members
+        return [GroupMember(id=self.id, set=self.set, services=self.services)]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -167,8 +226,13 @@ def to_json(doc: Document) -> dict[str, Any]:
     }
 
 
-def _rule_json(r: BundleRule) -> dict[str, Any]:
-    return {"id": r.id, "action": r.action, "set": r.set, "services": [_service_json(s) for s in r.services]}
+def _rule_json(r: BundleRule | GroupMember) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": r.id, "set": r.set, "services": [_service_json(s) for s in r.services]}
+    if isinstance(r, BundleRule):
+        out["action"] = r.action
+        if r.members is not None:  # absent on a plain rule: its encoding (and canonical bytes) predate groups
+            out["members"] = [_rule_json(m) for m in r.members]
+    return out
 
 
 def canonical_message(format: str, body: dict[str, Any]) -> bytes:
@@ -259,7 +323,8 @@ def _list(raw: object, loc: str, item: Callable[[object, str], Any]) -> list[Any
 
 _SIGNATURE = frozenset({"alg", "key_id", "value"})
 _SERVICE = frozenset({"proto", "ports", "icmp_type"})
-_RULE = frozenset({"id", "action", "set", "services"})
+_RULE = frozenset({"id", "action", "set", "services", "members"})
+_MEMBER = frozenset({"id", "set", "services"})
 _SET = frozenset({"version", "v4", "v6"})
 _FAILSAFES = frozenset({"admin_cidrs", "admin_ports", "dns_resolvers", "control_plane"})
 _BUNDLE = frozenset(
@@ -309,15 +374,39 @@ def _service(raw: object, loc: str) -> ServiceMatch:
     )
 
 
+def _member(raw: object, loc: str) -> GroupMember:
+    d = _object(raw, loc, _MEMBER, ("id", "set", "services"))
+    peer = d["set"]
+    return GroupMember(
+        id=_str(d["id"], _at(loc, "id")),
+        set=None if peer is None else _str(peer, _at(loc, "set")),
+        services=_list(d["services"], _at(loc, "services"), _service),
+    )
+
+
 def _rule(raw: object, loc: str) -> BundleRule:
     d = _object(raw, loc, _RULE, ("id", "action", "set", "services"))
     peer = d["set"]
-    return BundleRule(
+    members: list[GroupMember] | None = None
+    if d.get("members") is not None:
+        members = _list(d["members"], _at(loc, "members"), _member)
+        if len(members) < 2:
+            raise _Invalid(
+                _at(loc, "members"), f"List should have at least 2 items after validation, not {len(members)}"
+            )
+    rule = BundleRule(
         id=_str(d["id"], _at(loc, "id")),
         action=_literal(d["action"], _at(loc, "action"), RULE_ACTIONS),
         set=None if peer is None else _str(peer, _at(loc, "set")),
         services=_list(d["services"], _at(loc, "services"), _service),
+        members=members,
     )
+    if members is not None:
+        if rule.action != "allow" or rule.set is not None or rule.services:
+            raise _Invalid(loc, f"Value error, {GROUP_ERROR}")
+        if not services_disjoint(s for m in members for s in m.services):
+            raise _Invalid(loc, f"Value error, {GROUP_SERVICES_ERROR}")
+    return rule
 
 
 def _address_set(raw: object, loc: str) -> AddressSetDoc:
@@ -646,5 +735,6 @@ def check_acceptable(
         if s.version > new.version:
             raise BundleError(f"set {name} claims version {s.version} newer than the bundle {new.version}")
     for rule in (*new.inbound, *new.outbound):
-        if rule.set is not None and rule.set not in new.sets:
-            raise BundleError(f"rule {rule.id} references undefined set {rule.set}")
+        for part in rule.parts():
+            if part.set is not None and part.set not in new.sets:
+                raise BundleError(f"rule {part.id} references undefined set {part.set}")

@@ -13,6 +13,11 @@ The pipeline mirrors Calico's calculation graph in miniature:
 One inventory change re-evaluates the changed workload only: against each distinct selector
 (for set membership → element deltas) and against each rule (for its own bundle). Nothing is
 ever expanded into workload pairs.
+
+At render, a bundle's allow rules whose *owner side* is identical (same direction, same owner
+selector text, same ``same:`` dimensions) become one grouped rule (``members``), as in Cilium's
+per-endpoint policy map: such rules apply to exactly the same workloads, so grouping them never
+splits what bundles share. Members whose services would partially overlap go to another group.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from dataclasses import dataclass, field
 
 from ringfence import addresses, selectors
 from ringfence.addresses import Address, AddressSet, Prefix
+from ringfence.bundle import spans_disjoint
 from ringfence.engine.index import LabelIndex, RestrictionIndex, iter_bits
 from ringfence.labels import Problem
 from ringfence.model import Mode, Workload
@@ -146,6 +152,18 @@ class Engine:
             selectors.matcher(r.consumer.selector) if r.consumer.selector is not None else None for r in self.rules
         ]
         self._services_json = [[_service_json(p) for p in r.services] for r in self.rules]
+        self._rule_ids = [r.id for r in self.rules]
+        self._actions = [r.action.value for r in self.rules]
+        # grouping at render: an allow rule joins a group of rules with the same owner side
+        self._spans = [tuple(_span(p) for p in r.services) for r in self.rules]
+        self._groupable = [
+            r.action.value == "allow" and spans_disjoint(sp) for r, sp in zip(self.rules, self._spans, strict=True)
+        ]
+        self._group_layouts: dict[tuple[str, tuple[int, ...]], list[tuple[int, ...]]] = {}
+        self._owner = {
+            INBOUND: [(r.provider.canonical(), r.same) for r in self.rules],
+            OUTBOUND: [(r.consumer.canonical(), r.same) for r in self.rules],
+        }
         self._selector_entries: dict[str, _SelectorEntry] = {}
         self._ip_peers: dict[str, tuple[Prefix, ...]] = {}
         for r in self.rules:
@@ -431,23 +449,15 @@ class Engine:
     def render(self, wid: str) -> dict[str, object]:
         """The unsigned bundle of one workload as a plain dict (see :mod:`ringfence.bundle`)."""
         ws = self.workloads[wid]
-        rules: dict[str, list[dict[str, object]]] = {INBOUND: [], OUTBOUND: []}
+        rules: dict[str, list[tuple[int, str | None]]] = {INBOUND: [], OUTBOUND: []}  # (position, peer set)
         used: dict[str, AddressSetState] = {}
         for pos, direction, key in ws.entries:
-            rule = self.rules[pos]
             name = None
             if key is not None:
                 s = self.sets[key]
                 used[s.name] = s
                 name = s.name
-            rules[direction].append(
-                {
-                    "id": rule.id,
-                    "action": rule.action.value,
-                    "set": name,
-                    "services": [dict(m) for m in self._services_json[pos]],
-                }
-            )
+            rules[direction].append((pos, name))
         return {
             "format": "ringfence.bundle/v1",
             "workload_id": wid,
@@ -456,11 +466,70 @@ class Engine:
             "mode": "enforce" if ws.quarantined else ws.mode.value,
             "quarantined": ws.quarantined,
             "sets": {name: _set_json(s) for name, s in sorted(used.items())},
-            "inbound": rules[INBOUND],
-            "outbound": rules[OUTBOUND],
+            "inbound": self._rules_json(INBOUND, rules[INBOUND]),
+            "outbound": self._rules_json(OUTBOUND, rules[OUTBOUND]),
             "failsafes": self._failsafes,
             "signature": None,
         }
+
+    def _rules_json(self, direction: str, items: list[tuple[int, str | None]]) -> list[dict[str, object]]:
+        """One direction's rules, allow rules of the same owner side merged into grouped rules."""
+        key = (direction, tuple(pos for pos, _ in items))
+        layout = self._group_layouts.get(key)
+        if layout is None:
+            layout = self._group_layouts[key] = self._group_layout(direction, key[1])
+        ids, actions, services = self._rule_ids, self._actions, self._services_json
+        out: list[dict[str, object]] = []
+        for slot in layout:
+            if len(slot) == 1:
+                pos, name = items[slot[0]]
+                out.append(
+                    {"id": ids[pos], "action": actions[pos], "set": name, "services": [dict(m) for m in services[pos]]}
+                )
+                continue
+            members = [items[i] for i in slot]
+            out.append(
+                {
+                    "id": ids[members[0][0]],
+                    "action": "allow",
+                    "set": None,
+                    "services": [],
+                    "members": [
+                        {"id": ids[pos], "set": name, "services": [dict(m) for m in services[pos]]}
+                        for pos, name in members
+                    ],
+                }
+            )
+        return out
+
+    def _group_layout(self, direction: str, positions: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """Which of a direction's rules (by index) form each rule of the bundle, in bundle order.
+
+        Greedy in rule order: a rule joins the first group of its owner side whose services stay
+        identical-or-disjoint with its own, else starts a group. A group stands where its first
+        member stood; allows all sit between the override-denies and the denies, so their order
+        among themselves does not change what a bundle allows. Depends on the rule positions
+        only, so workloads with the same rules share one layout (cached)."""
+        slots: list[list[int]] = []
+        spans: dict[int, set[tuple[str, int, int]]] = {}  # slot → services of its group so far
+        open_by_owner: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+        owner = self._owner[direction]
+        for i, pos in enumerate(positions):
+            if not self._groupable[pos]:
+                slots.append([i])
+                continue
+            mine = self._spans[pos]
+            candidates = open_by_owner.setdefault(owner[pos], [])
+            for g in candidates:
+                if spans_disjoint((*spans[g], *mine)):
+                    slots[g].append(i)
+                    spans[g].update(mine)
+                    break
+            else:
+                candidates.append(len(slots))
+                spans[len(slots)] = set(mine)
+                slots.append([i])
+        return [tuple(slot) for slot in slots]
 
 
 class StaticSet:
@@ -490,6 +559,11 @@ def _service_json(p: PortRange) -> dict[str, object]:
     if "icmp_type" in j:
         out["icmp_type"] = j["icmp_type"]
     return out
+
+
+def _span(p: PortRange) -> tuple[str, int, int]:
+    """What :func:`ringfence.bundle.service_span` gives for this range's bundle encoding."""
+    return ("any", 0, 0) if p.proto == "any" else (p.proto, p.lo, p.hi)
 
 
 def _set_json(s: AddressSetState) -> dict[str, object]:
