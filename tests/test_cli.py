@@ -194,7 +194,17 @@ def test_provision_versions_diff(tmp_path: Path) -> None:
     rf("policy", "provision", str(pol), "--inventory", INVENTORY, "--store", store, "-m", "retire the jumpbox")
     versions = rf("policy", "versions", "--store", store).stdout.splitlines()
     assert len(versions) == 2 and "alice" in versions[0] and "retire the jumpbox" in versions[1]
-    assert "content of version 1" in rf("policy", "revert", "1", "--store", store, "-m", "jumpbox still needed").stdout
+    # the estate moved on: the jumpbox is now tagged as a bastion, so version 1's jumpbox test fails
+    moved = tmp_path / "moved.yaml"
+    moved.write_text(Path(INVENTORY).read_text().replace("role: jumpbox", "role: bastion"))
+    refused = rf("policy", "revert", "1", "--store", store, "--inventory", str(moved), "-m", "back", ok=False)
+    assert refused.returncode != 0 and "jumpbox reaches prod database" in refused.stderr
+    assert "policy test(s) of version 1 fail now: nothing reverted" in refused.stderr
+    assert len(rf("policy", "versions", "--store", store).stdout.splitlines()) == 2
+    assert (
+        "content of version 1"
+        in rf("policy", "revert", "1", "--store", store, "--inventory", INVENTORY, "-m", "jumpbox still needed").stdout
+    )
     audit = [json.loads(line) for line in (tmp_path / "store" / "audit.jsonl").read_text().splitlines()]
     assert [(a["action"], a["target"]) for a in audit] == [
         ("policy.provision", "policy/1"),
@@ -202,6 +212,7 @@ def test_provision_versions_diff(tmp_path: Path) -> None:
         ("policy.revert", "policy/3"),
     ]
     assert audit[2]["detail"]["reverted_to"] == 1 and audit[2]["principal"]
+    assert "forced_past_failing_tests" not in audit[2]["detail"]
     assert "no differences" in rf("policy", "diff", str(EXAMPLE / "policy"), "--store", store).stdout
     stored = tmp_path / "store" / "versions" / "000001.json"
     assert not stored.stat().st_mode & 0o222, "provisioned versions are read-only"
@@ -318,3 +329,19 @@ def test_export_calico(tmp_path: Path) -> None:
     kinds = {d["kind"] for d in docs}
     assert {"HostEndpoint", "GlobalNetworkPolicy"} <= kinds
     assert sum(d["kind"] == "HostEndpoint" for d in docs) == 20
+
+
+def test_forced_revert_past_failing_tests_is_audited(tmp_path: Path) -> None:
+    store = str(tmp_path / "store")
+    rf("policy", "provision", str(EXAMPLE / "policy"), "--inventory", INVENTORY, "--store", store, "-m", "one")
+    pol = tmp_path / "policy"
+    shutil.copytree(EXAMPLE / "policy", pol)
+    (pol / "tests.yaml").write_text((pol / "tests.yaml").read_text().split("  - name: jumpbox reaches")[0])
+    (pol / "boundaries.yaml").write_text((pol / "boundaries.yaml").read_text().split("  - name: admin")[0])
+    rf("policy", "provision", str(pol), "--inventory", INVENTORY, "--store", store, "-m", "two")
+    moved = tmp_path / "moved.yaml"
+    moved.write_text(Path(INVENTORY).read_text().replace("role: jumpbox", "role: bastion"))
+    proc = rf("policy", "revert", "1", "--store", store, "--inventory", str(moved), "--force", "-m", "outage")
+    assert "content of version 1" in proc.stdout and "--force" in proc.stderr
+    audit = [json.loads(line) for line in (tmp_path / "store" / "audit.jsonl").read_text().splitlines()]
+    assert audit[-1]["action"] == "policy.revert" and audit[-1]["detail"]["forced_past_failing_tests"] >= 1

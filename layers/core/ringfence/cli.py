@@ -19,7 +19,7 @@ from ringfence.engine.connectivity import compute_inventory, group_name
 from ringfence.engine.explain import EndpointError, decide, format_decision, parse_endpoint
 from ringfence.inventory import InventoryError, load_inventory
 from ringfence.model import Workload
-from ringfence.policy import PolicyError, load_policy, load_policy_texts, schema_text
+from ringfence.policy import Policy, PolicyError, load_policy, load_policy_texts, schema_text
 from ringfence.policydiff import diff
 from ringfence.policytests import run_tests
 from ringfence.publish import static_release
@@ -123,13 +123,9 @@ def cmd_policy_provision(args: argparse.Namespace) -> int:
         raise CliError("--message must say why (it is kept with the version)")
     path = Path(args.path)
     draft = load_policy(path)
-    engine = Engine(draft)
-    engine.load(_inventory(args))
-    failures = [r for r in run_tests(draft, engine.workloads) if not r.passed]
+    failures = _failing_tests(draft, _inventory(args))
     if failures:
-        for r in failures:
-            print(r.report(), file=sys.stderr)
-        raise CliError(f"{len(failures)} policy test(s) fail: nothing provisioned")
+        raise CliError(f"{failures} policy test(s) fail: nothing provisioned")
     store = _store(args)
     base = path if path.is_dir() else path.parent
     files = relative_files(draft.sources, base)
@@ -144,8 +140,21 @@ def cmd_policy_provision(args: argparse.Namespace) -> int:
     return 0
 
 
+def _failing_tests(policy: Policy, workloads: list[Workload]) -> int:
+    """Runs the policy's tests: blocks against ``workloads``; reports each failure on stderr."""
+    engine = Engine(policy)
+    engine.load(workloads)
+    failures = [r for r in run_tests(policy, engine.workloads) if not r.passed]
+    for r in failures:
+        print(r.report(), file=sys.stderr)
+    return len(failures)
+
+
 def cmd_policy_revert(args: argparse.Namespace) -> int:
-    """Versions are immutable: reverting provisions an old version's files as a new version."""
+    """Versions are immutable: reverting provisions an old version's files as a new version.
+
+    The old version's tests passed against the estate of its day; the estate has moved since, so
+    they run again, and a failure stops the revert unless ``--force`` (an emergency) says to go on."""
     if not args.message.strip():
         raise CliError("--message must say why")
     store = _store(args)
@@ -155,14 +164,16 @@ def cmd_policy_revert(args: argparse.Namespace) -> int:
     if latest is not None and latest.digest == old.digest:
         print(f"active version {latest.number} already has the content of version {old.number}")
         return 0
-    version = record_version(
-        store,
-        old.files,
-        args.author or default_actor(),
-        args.message,
-        "policy.revert",
-        {"reverted_to": old.number, "rules": len(policy.rules)},
-    )
+    failures = _failing_tests(policy, _inventory(args))
+    if failures and not args.force:
+        raise CliError(
+            f"{failures} policy test(s) of version {old.number} fail now: nothing reverted (--force to revert anyway)"
+        )
+    detail: dict[str, Any] = {"reverted_to": old.number, "rules": len(policy.rules)}
+    if failures:
+        detail["forced_past_failing_tests"] = failures
+        print(f"warning: reverting although {failures} policy test(s) fail (--force)", file=sys.stderr)
+    version = record_version(store, old.files, args.author or default_actor(), args.message, "policy.revert", detail)
     print(f"provisioned policy version {version.number} with the content of version {old.number}: {version.message}")
     return 0
 
@@ -448,6 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--message", "-m", required=True)
     p.add_argument("--author")
     p.add_argument("--store")
+    p.add_argument("--inventory", help="the estate the version's tests run against (as for provision)")
+    p.add_argument("--force", action="store_true", help="revert even if the version's tests fail now (audited)")
     p = add("versions", cmd_policy_versions, pol, help="list provisioned versions")
     p.add_argument("--store")
 
