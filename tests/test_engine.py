@@ -6,8 +6,9 @@ import json
 from typing import Any
 
 from ringfence import addresses
+from ringfence.addresses import format_address
 from ringfence.engine import Engine
-from ringfence.engine.explain import decide, parse_endpoint
+from ringfence.engine.explain import decide, format_decision, parse_endpoint
 from ringfence.model import Mode, Workload
 from ringfence.policy import Policy, load_policy_texts
 from tests.conftest import rule_parts
@@ -340,3 +341,44 @@ def test_grouped_rules_share_sets_and_follow_deltas() -> None:
     upd = e.upsert(Workload(id="dns2", ips=["10.0.1.3"], tags={"role": "dns"}))
     dns_set = next(r["set"] for r in rule_parts(a["outbound"]) if r["id"] == "core/dns")
     assert dns_set in upd.set_deltas and {"a", "b"} <= upd.notify and not {"a", "b"} & upd.rebuilt
+
+
+def test_explain_says_when_addresses_of_one_workload_are_decided_differently() -> None:
+    policy = load_policy_texts(
+        {
+            "p.yaml": """
+ip_lists:
+  - {name: corp-v4, cidrs: [10.0.0.0/8]}
+rulesets:
+  - name: r
+    scope: all()
+    rules:
+      - {name: web-out, from: role == web, to: {ip_list: any}, services: [tcp/5432]}
+      - {name: corp-in, from: {ip_list: corp-v4}, to: role == db, services: [tcp/5432]}
+"""
+        }
+    )
+    e = engine_for(
+        policy,
+        [
+            Workload(id="db", ips=["10.0.0.1", "fd00::1"], tags={"role": "db"}),
+            Workload(id="out", ips=["192.0.2.7"], tags={"role": "web"}),
+            Workload(id="ds", ips=["10.0.0.9", "fd00::9"], tags={"role": "web"}),
+        ],
+    )
+
+    def at(src: str) -> Any:
+        return decide(
+            policy, parse_endpoint(src, policy, e.workloads), parse_endpoint("db", policy, e.workloads), "tcp", 5432
+        )
+
+    d = at("ds")  # its v4 address is in corp-v4, its v6 address is not
+    assert d.verdict == "allow"
+    assert {(format_address(sa), format_address(da), v) for sa, da, v in d.by_address} == {
+        ("10.0.0.9", "10.0.0.1", "allow"),
+        ("fd00::9", "fd00::1", "deny"),
+    }
+    assert "fd00::9 → fd00::1: DENY" in format_decision(d)
+    # naming one address decides that address only
+    assert at("fd00::9").verdict == "deny" and at("10.0.0.9").verdict == "allow"
+    assert at("fd00::9").by_address == [] and at("out").by_address == []

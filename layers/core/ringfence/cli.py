@@ -298,6 +298,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
                 "verdict": d.verdict,
                 "policy_verdict": d.policy_verdict,
                 "staged_verdict": d.staged_verdict,
+                "by_address": [
+                    {
+                        "from": format_address(sa) if sa is not None else None,
+                        "to": format_address(da) if da is not None else None,
+                        "verdict": v,
+                    }
+                    for sa, da, v in d.by_address
+                ],
                 "sides": [
                     {
                         "direction": s.direction,

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from ringfence import addresses
-from ringfence.addresses import Address
+from ringfence.addresses import Address, format_address
 from ringfence.engine.compiler import WorkloadState
 from ringfence.model import Action, Mode, Workload
 from ringfence.policy import ACTION_RANK, CompiledRule, Peer, Policy
@@ -77,6 +77,9 @@ class Decision:
     verdict: Verdict
     sides: list[Side] = field(default_factory=list)
     staged_verdict: Verdict | None = None  # what staged rulesets would make of it, when different
+    # when the endpoints' addresses are not all decided alike (an IP-list peer or fail-safe range
+    # covers some of them): (source address, destination address, verdict) for each pair
+    by_address: list[tuple[Address | None, Address | None, Verdict]] = field(default_factory=list)
 
     @property
     def policy_verdict(self) -> Literal["allow", "deny"]:
@@ -177,6 +180,26 @@ def _combine(sides: list[Side]) -> Verdict:
 
 
 def decide(policy: Policy, src: Endpoint, dst: Endpoint, proto: str, port: int | None) -> Decision:
+    """The decision for the flow; ``verdict`` holds for some pair of the endpoints' addresses, and
+    ``by_address`` says which pairs when they differ (a packet carries one address, not a workload)."""
+    decision = _decide(policy, src, dst, proto, port)
+    if len(src.addrs) > 1 or len(dst.addrs) > 1:
+        pairs = [
+            (sa, da, _decide(policy, _only(src, sa), _only(dst, da), proto, port).verdict)
+            for sa in src.addrs or (None,)
+            for da in dst.addrs or (None,)
+            if sa is None or da is None or sa[0] == da[0]  # one packet, one family
+        ]
+        if len({v for _, _, v in pairs}) > 1:
+            decision.by_address = pairs
+    return decision
+
+
+def _only(ep: Endpoint, addr: Address | None) -> Endpoint:
+    return ep if addr is None else replace(ep, addrs=(addr,))
+
+
+def _decide(policy: Policy, src: Endpoint, dst: Endpoint, proto: str, port: int | None) -> Decision:
     sides = [
         s for s in (_side(policy, src, dst, proto, port, d, False) for d in ("outbound", "inbound")) if s is not None
     ]
@@ -214,6 +237,12 @@ def format_decision(d: Decision) -> str:
                 f"from {r.consumer.describe()} to {r.provider.describe()} "
                 f"on {', '.join(r.service_names)}"
             )
+    if d.by_address:
+        lines.append("  differs by address (each packet carries one):")
+        for sa, da, v in d.by_address:
+            src = format_address(sa) if sa is not None else d.source.name
+            dst = format_address(da) if da is not None else d.destination.name
+            lines.append(f"      {src} → {dst}: {v.upper()}")
     if d.staged_verdict is not None:
         lines.append(f"  staged rulesets would make this: {d.staged_verdict.upper()}")
     return "\n".join(lines)
@@ -243,8 +272,8 @@ def labels_endpoint(policy: Policy, labels: Mapping[str, str]) -> Endpoint:
 def ip_endpoint(text: str, workloads: Mapping[str, WorkloadState]) -> Endpoint:
     addr = addresses.parse_address(text)
     for ws in workloads.values():
-        if addr in ws.addrs:
-            return workload_endpoint(ws)
+        if addr in ws.addrs:  # that workload, as a packet from this one of its addresses
+            return replace(workload_endpoint(ws), addrs=(addr,))
     return Endpoint(text, None, (addr,))
 
 
