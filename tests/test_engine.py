@@ -274,6 +274,7 @@ rulesets:
       - {name: mon, from: role == mon, to: all(), services: [tcp/9100, icmp/8]}
       - {name: backup, from: role == backup, to: all(), services: [tcp/9100]}
       - {name: scan, from: role == scan, to: all(), services: [tcp/1-65535]}
+      - {name: all-tcp, from: role == audit, to: all(), services: [tcp, icmp]}
       - {name: any-a, from: role == ops, to: all(), services: [any]}
       - {name: any-b, from: role == sec, to: all(), services: [any]}
       - {name: no-ntp-out, from: role == mon, to: role == ntp, services: [udp/123], action: deny}
@@ -301,11 +302,10 @@ def test_allow_rules_of_one_owner_side_render_as_one_grouped_rule() -> None:
     assert out == [("core/dns", ["core/dns", "core/ntp"]), ("app/web-db", ["app/web-db", "app/web-cache"])]
     inbound = [(r["id"], r["action"], [m["id"] for m in r.get("members", [])]) for r in doc["inbound"]]
     assert inbound == [
-        # mon and backup share tcp/9100 exactly: one group; scan's tcp/1-65535 overlaps it: its own rule
-        ("core/mon", "allow", ["core/mon", "core/backup"]),
+        # mon and backup share tcp/9100 exactly, 'any' and all tcp ports go to sets of their own:
+        # one group; scan's tcp/1-65535 partially overlaps tcp/9100: its own rule
+        ("core/mon", "allow", ["core/mon", "core/backup", "core/all-tcp", "core/any-a", "core/any-b"]),
         ("core/scan", "allow", []),
-        # 'any' members only group with each other
-        ("core/any-a", "allow", ["core/any-a", "core/any-b"]),
         # the jumpbox rule's owner side (role != jump) is not all(): not grouped with the others
         ("core/ssh", "allow", []),
     ]

@@ -346,9 +346,11 @@ def service_covers(
     rule: PlanRule, family: int, sets: Mapping[str, PlanSet], only: Iterable[Span] | None = None
 ) -> dict[Span, tuple[str, ...]]:
     """Per distinct service of a grouped rule (one address family): the CIDR cover of the union of
-    the prefixes of the members carrying that service. Services of a group are identical or
-    disjoint (the bundle contract), and a cover's prefixes are disjoint, so the (prefix, service)
-    elements never overlap: what nftables' concatenated interval sets need."""
+    the prefixes of the members carrying that service. A group's port ranges are identical or
+    disjoint (the bundle contract), a whole protocol and ``any`` each go to a set of their own
+    (:func:`~ringfence_agent.backends.nft.span_kind`), and a cover's prefixes are disjoint, so the
+    (prefix, service) elements within one set never overlap: what nftables' concatenated interval
+    sets need."""
     wanted = set(only) if only is not None else None
     contributors: dict[Span, list[PlanMember]] = {}
     for m in rule.parts():

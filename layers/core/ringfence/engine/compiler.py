@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from ringfence import addresses, selectors
 from ringfence.addresses import Address, AddressSet, Prefix
-from ringfence.bundle import spans_disjoint
+from ringfence.bundle import spans_groupable
 from ringfence.engine.index import LabelIndex, RestrictionIndex, iter_bits
 from ringfence.labels import Problem
 from ringfence.model import Mode, Workload
@@ -157,7 +157,7 @@ class Engine:
         # grouping at render: an allow rule joins a group of rules with the same owner side
         self._spans = [tuple(_span(p) for p in r.services) for r in self.rules]
         self._groupable = [
-            r.action.value == "allow" and spans_disjoint(sp) for r, sp in zip(self.rules, self._spans, strict=True)
+            r.action.value == "allow" and spans_groupable(sp) for r, sp in zip(self.rules, self._spans, strict=True)
         ]
         self._group_layouts: dict[tuple[str, tuple[int, ...]], list[tuple[int, ...]]] = {}
         self._owner = {
@@ -505,8 +505,9 @@ class Engine:
     def _group_layout(self, direction: str, positions: tuple[int, ...]) -> list[tuple[int, ...]]:
         """Which of a direction's rules (by index) form each rule of the bundle, in bundle order.
 
-        Greedy in rule order: a rule joins the first group of its owner side whose services stay
-        identical-or-disjoint with its own, else starts a group. A group stands where its first
+        Greedy in rule order: a rule joins the first group of its owner side it can share
+        (:func:`ringfence.bundle.spans_groupable`: port ranges identical or disjoint; all ports,
+        all ICMP types and ``any`` join anything), else starts a group. A group stands where its first
         member stood; allows all sit between the override-denies and the denies, so their order
         among themselves does not change what a bundle allows. Depends on the rule positions
         only, so workloads with the same rules share one layout (cached)."""
@@ -521,7 +522,7 @@ class Engine:
             mine = self._spans[pos]
             candidates = open_by_owner.setdefault(owner[pos], [])
             for g in candidates:
-                if spans_disjoint((*spans[g], *mine)):
+                if spans_groupable((*spans[g], *mine)):
                     slots[g].append(i)
                     spans[g].update(mine)
                     break
