@@ -773,7 +773,11 @@ def test_grouped_rule_allows_each_members_peers_on_its_own_services_only(
         "grp/ops-any",
         "grp/audit-any",
         "grp/scan-all",
+        "grp/wide",
     ]
+    # wide's tcp/5000-9000 overlaps tcp/5432 and tcp/8080: cut into pieces around them
+    wide = next(m for m in doc.inbound[0].members or [] if m.id == "grp/wide")
+    assert [s.ports for s in wide.services] == [(5000, 5431), (5432, 5432), (5433, 8079), (8080, 8080), (8081, 9000)]
     assert [m.id for m in doc.outbound[0].members or []] == ["grp/web-db", "grp/web-other"]
     state = tmp_path / "state"
     ok(apply(net, backend, doc, state))
@@ -809,6 +813,12 @@ def test_grouped_rule_allows_each_members_peers_on_its_own_services_only(
     ok(apply_delta(net, backend, lab.upsert(_lab_workload(net, "h1", role="visitor", tier="gold")), state))
     assert not net.tcp("h1", "h2", 22) and not net.tcp("h1", "h2", 5432, v6=True)
     assert net.tcp("h1", "h2", 8080) and net.tcp("h1", "h2", 8080, v6=True)
+    # h4 in the wide range: both ports inside it open (pieces shared with the client and db
+    # members), tcp/22 outside it stays shut; leaving it closes them again
+    ok(apply_delta(net, backend, lab.upsert(_lab_workload(net, "h4", role="wide")), state))
+    assert net.tcp("h4", "h2", 5432) and net.tcp("h4", "h2", 8080, v6=True) and not net.tcp("h4", "h2", 22)
+    ok(apply_delta(net, backend, lab.upsert(_lab_workload(net, "h4", role="other")), state))
+    assert not net.tcp("h4", "h2", 5432) and not net.tcp("h4", "h2", 8080) and not net.tcp("h4", "h2", 8080, v6=True)
     # h4 becomes a db: the db member's port opens for it, the others stay shut
     ok(apply_delta(net, backend, lab.upsert(_lab_workload(net, "h4", role="db")), state))
     assert net.tcp("h4", "h2", 5432) and not net.tcp("h4", "h2", 8080)
