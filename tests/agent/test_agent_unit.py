@@ -24,11 +24,13 @@ from ringfence_agent.daemon import backoff_delay
 from ringfence_agent.plan import (
     GroupChange,
     LocalFailsafes,
+    Match,
     Plan,
     PlanError,
     PlanSet,
     compile_plan,
     group_changes,
+    joined_ports,
     service_covers,
 )
 from ringfence_agent.reports import (
@@ -1092,3 +1094,42 @@ def test_iptables_and_windows_expand_a_grouped_rule_into_its_members() -> None:
         "-DisplayName 'p/b (tcp/8080)' -Direction Inbound -Action Allow -Profile Any -RemoteAddress 10.0.0.0/31" in ps
     )
     assert "-DisplayName 'p/c (icmp/8)'" in ps
+
+
+def test_backends_that_expand_members_join_cut_port_ranges_back() -> None:
+    pieces = (Match("tcp", (1, 5)), Match("udp", (53, 53)), Match("tcp", (10, 15)), Match("tcp", (6, 9)))
+    assert joined_ports((*pieces, Match("icmp", None, 8), Match("tcp", (20, 21)))) == (
+        Match("tcp", (1, 15)),
+        Match("tcp", (20, 21)),
+        Match("udp", (53, 53)),
+        Match("icmp", None, 8),
+    )
+    # a scanner's tcp/1-65535, cut around the monitoring member's tcp/9100 in the bundle
+    doc = json.loads(PROC.read_text())
+    doc["sets"] = {"rf_s": {"version": 1, "v4": ["10.0.9.1/32"]}, "rf_m": {"version": 1, "v4": ["10.0.8.1/32"]}}
+    tcp = [[1, 9099], [9100, 9100], [9101, 65535]]
+    doc["inbound"] = [
+        {
+            "id": "c/mon",
+            "action": "allow",
+            "set": None,
+            "services": [],
+            "members": [
+                {"id": "c/mon", "set": "rf_m", "services": [{"proto": "tcp", "ports": [9100, 9100]}]},
+                {"id": "c/scan", "set": "rf_s", "services": [{"proto": "tcp", "ports": r} for r in tcp]},
+            ],
+        }
+    ]
+    doc["outbound"] = []
+    plan = compile_plan(load_bundle(json.dumps(doc)), LOCAL)
+    lines = [x for x in IptablesRenderer().rules_script(plan, 4, "a", []).splitlines() if "c/scan" in x]
+    assert lines == [
+        '-A RF-IN -p tcp --dport 1:65535 -m set --match-set rf_s-4a src -m comment --comment "r_in_0 c/scan" -j ACCEPT'
+    ]
+    ps = WindowsPlanBackend(io.StringIO()).render(plan)
+    assert "-DisplayName 'c/scan (tcp/1-65535)'" in ps and "c/scan (tcp/9100)" not in ps
+    # nftables keeps the pieces: its elements must not overlap the monitoring member's
+    assert (
+        "elements = { 10.0.9.1 . tcp . 1-9099, 10.0.8.1 . tcp . 9100, 10.0.9.1 . tcp . 9100, "
+        "10.0.9.1 . tcp . 9101-65535 }" in NftRenderer().render(plan)
+    )
