@@ -351,7 +351,7 @@ def test_bundle_edge_cases() -> None:
         ({**base, "sets": []}, False),
         ({**base, "failsafes": {"admin_ports": [{"proto": "tcp", "ports": [22, 22], "extra": 1}]}}, False),
     ]
-    # grouped rules: allow-only, no own set or services, ≥ 2 members, services identical or disjoint
+    # grouped rules: allow-only, no own set or services, ≥ 2 members, port ranges identical or disjoint
     tcp = {"proto": "tcp", "ports": [80, 80]}
     m1 = {"id": "m1", "set": None, "services": [tcp]}
     m2 = {"id": "m2", "set": None, "services": [{"proto": "udp", "ports": [53, 53]}, tcp]}
@@ -370,7 +370,56 @@ def test_bundle_edge_cases() -> None:
             },
             False,
         ),
-        ({**base, "inbound": [{**group, "members": [m1, {**m2, "services": [{"proto": "any"}]}]}]}, False),
+        # port ranges identical or disjoint; all ports, all ICMP types and any mix with anything
+        ({**base, "inbound": [{**group, "members": [m1, {**m2, "services": [{"proto": "any"}]}]}]}, True),
+        ({**base, "inbound": [{**group, "members": [m1, {**m2, "services": [{"proto": "tcp"}]}]}]}, True),
+        (
+            {
+                **base,
+                "inbound": [{**group, "members": [m1, {**m2, "services": [{"proto": "tcp", "ports": [0, 65535]}]}]}],
+            },
+            True,
+        ),
+        (
+            {
+                **base,
+                "inbound": [{**group, "members": [m1, {**m2, "services": [{"proto": "tcp", "ports": [1, 65535]}]}]}],
+            },
+            False,
+        ),
+        (
+            {
+                **base,
+                "inbound": [
+                    {
+                        **group,
+                        "members": [
+                            {
+                                **m1,
+                                "services": [{"proto": "icmp", "icmp_type": 8}, {"proto": "udp", "ports": [53, 54]}],
+                            },
+                            {**m2, "services": [{"proto": "icmp"}, {"proto": "udp"}, {"proto": "any"}]},
+                        ],
+                    }
+                ],
+            },
+            True,
+        ),
+        (
+            {
+                **base,
+                "inbound": [
+                    {
+                        **group,
+                        "members": [
+                            {**m1, "services": [{"proto": "udp", "ports": [53, 54]}]},
+                            {**m2, "services": [{"proto": "udp"}, {"proto": "udp", "ports": [54, 54]}]},
+                        ],
+                    }
+                ],
+            },
+            False,
+        ),
         ({**base, "inbound": [{**group, "members": [m1, {**m2, "action": "allow"}]}]}, False),
     ]
     for doc, accepted in cases:
@@ -384,6 +433,23 @@ def test_bundle_edge_cases() -> None:
             assert ok is accepted, (load.__module__, text[:300])
         if accepted:
             assert wire.canonical_bytes(wire.load_bundle(text)) == bundle.canonical_bytes(bundle.load_bundle(text))
+
+
+@pytest.mark.parametrize(
+    ("spans", "groupable"),
+    [
+        ([("tcp", 80, 80), ("tcp", 80, 80), ("tcp", 81, 90), ("udp", 80, 80)], True),
+        ([("tcp", 80, 90), ("tcp", 90, 90)], False),  # partial overlap in one address . proto . port set
+        ([("tcp", 80, 90), ("tcp", 0, 65535), ("udp", 0, 65535)], True),  # all ports: address . proto set
+        ([("tcp", 80, 90), ("tcp", 1, 65535)], False),  # not all ports: still a port range
+        ([("icmp", 8, 8), ("icmp", 0, 255), ("icmpv6", 0, 255)], True),
+        ([("any", 0, 0), ("tcp", 22, 22), ("tcp", 0, 65535)], True),  # any: an address-only set
+        ([("any", 0, 0), ("tcp", 20, 22), ("tcp", 22, 25)], False),
+    ],
+)
+def test_spans_groupable(spans: list[tuple[str, int, int]], groupable: bool) -> None:
+    assert wire.spans_groupable(spans) is groupable
+    assert bundle.spans_groupable(reversed(spans)) is groupable  # one definition, order-free
 
 
 def test_errors_name_the_field() -> None:

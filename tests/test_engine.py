@@ -275,6 +275,7 @@ rulesets:
       - {name: mon, from: role == mon, to: all(), services: [tcp/9100, icmp/8]}
       - {name: backup, from: role == backup, to: all(), services: [tcp/9100]}
       - {name: scan, from: role == scan, to: all(), services: [tcp/1-65535]}
+      - {name: all-tcp, from: role == audit, to: all(), services: [tcp, icmp]}
       - {name: any-a, from: role == ops, to: all(), services: [any]}
       - {name: any-b, from: role == sec, to: all(), services: [any]}
       - {name: no-ntp-out, from: role == mon, to: role == ntp, services: [udp/123], action: deny}
@@ -302,13 +303,17 @@ def test_allow_rules_of_one_owner_side_render_as_one_grouped_rule() -> None:
     assert out == [("core/dns", ["core/dns", "core/ntp"]), ("app/web-db", ["app/web-db", "app/web-cache"])]
     inbound = [(r["id"], r["action"], [m["id"] for m in r.get("members", [])]) for r in doc["inbound"]]
     assert inbound == [
-        # mon and backup share tcp/9100 exactly: one group; scan's tcp/1-65535 overlaps it: its own rule
-        ("core/mon", "allow", ["core/mon", "core/backup"]),
-        ("core/scan", "allow", []),
-        # 'any' members only group with each other
-        ("core/any-a", "allow", ["core/any-a", "core/any-b"]),
+        # every allow of one owner side: one group (scan's tcp/1-65535 is cut around tcp/9100;
+        # 'any' and all tcp ports need no cut, the agent keeps them in sets of their own)
+        ("core/mon", "allow", ["core/mon", "core/backup", "core/scan", "core/all-tcp", "core/any-a", "core/any-b"]),
         # the jumpbox rule's owner side (role != jump) is not all(): not grouped with the others
         ("core/ssh", "allow", []),
+    ]
+    scan = next(m for m in doc["inbound"][0]["members"] if m["id"] == "core/scan")
+    assert [(x["proto"], x["ports"]) for x in scan["services"]] == [
+        ("tcp", [1, 9099]),
+        ("tcp", [9100, 9100]),
+        ("tcp", [9101, 65535]),
     ]
     group = doc["outbound"][0]
     assert group["action"] == "allow" and group["set"] is None and group["services"] == []
@@ -324,6 +329,55 @@ def test_allow_rules_of_one_owner_side_render_as_one_grouped_rule() -> None:
 
     for w in e.workloads:
         Bundle.model_validate_json(json.dumps(e.render(w)), strict=True)
+
+
+def _covered(services: list[dict[str, Any]], ports: range) -> set[tuple[str, int | None]]:
+    """(protocol, port) pairs the services allow over ``ports``; ("any", None) for any."""
+    out: set[tuple[str, int | None]] = set()
+    for svc in services:
+        if svc["proto"] == "any":
+            out.add(("any", None))
+        elif svc["proto"] in ("tcp", "udp"):
+            lo, hi = svc.get("ports") or (0, 65535)
+            out.update((svc["proto"], x) for x in ports if lo <= x <= hi)
+        else:
+            out.add((svc["proto"], svc.get("icmp_type")))
+    return out
+
+
+def test_cut_port_ranges_allow_exactly_the_policy_and_keep_the_contract() -> None:
+    import random
+
+    from ringfence.bundle import Bundle, spans_groupable
+
+    rng = random.Random(7)
+    for _ in range(40):
+        rules = []
+        for i in range(rng.randint(2, 5)):
+            svcs = []
+            for _ in range(rng.randint(1, 3)):
+                kind = rng.random()
+                if kind < 0.1:
+                    svcs.append(rng.choice(["any", "tcp", "udp"]))
+                else:
+                    lo = rng.randint(1, 30)
+                    hi = rng.choice([lo, rng.randint(lo, 30), 65535])
+                    svcs.append(f"{rng.choice(['tcp', 'udp'])}/{lo}" + (f"-{hi}" if hi != lo else ""))
+            rules.append(f"      - {{name: r{i}, from: role == c{i}, to: role == srv, services: [{', '.join(svcs)}]}}")
+        text = "rulesets:\n  - name: g\n    scope: all()\n    same: []\n    rules:\n" + "\n".join(rules) + "\n"
+        policy = load_policy_texts({"p.yaml": text})
+        e = engine_for(policy, [Workload(id="srv", ips=["10.0.0.1"], tags={"role": "srv"})])
+        doc: Any = e.render("srv")
+        Bundle.model_validate_json(json.dumps(doc), strict=True)  # identical-or-disjoint port ranges
+        [group] = doc["inbound"]
+        spans = [(x["proto"], *(x["ports"] or (0, 65535))) for m in group["members"] for x in m["services"]]
+        assert spans_groupable([x for x in spans if x[0] in ("tcp", "udp")]), text
+        policy_rules = {r.id: r for r in policy.rules}
+        probe = range(0, 40)
+        for m in group["members"]:
+            wanted = [{"proto": p.proto, **p.to_json()} for p in policy_rules[m["id"]].services]
+            assert _covered(m["services"], probe) == _covered(wanted, probe), (text, m)
+            assert _covered(m["services"], range(65530, 65536)) == _covered(wanted, range(65530, 65536))
 
 
 def test_grouped_rules_share_sets_and_follow_deltas() -> None:

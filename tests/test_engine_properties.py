@@ -44,8 +44,8 @@ rulesets:
       - {name: tiered, from: "tier in {a, b}", to: "!has(tier) && role != dns", services: [tcp/9000-9100]}
       - {name: no-dev-prod, from: env == dev, to: env == prod, services: [all], action: override-deny}
       - {name: plain-deny, from: role == lb, to: role == db, services: [db], action: deny}
-      # allow rules of one owner side (inbound to all()): grouped, with a member joining on
-      # identical services, one conflicting (tcp/9000-9100 ∩ tcp/9050) and 'any' kept apart
+      # allow rules of one owner side (inbound to all()): one group, with a member joining on
+      # identical services, one overlapping (tcp/9000-9100 ∩ tcp/9050: cut into pieces) and 'any'
       - {name: mon, from: role == dns, to: all(), services: [tcp/9050, icmp/8]}
       - {name: mon2, from: tier == c, to: all(), services: [tcp/9050, udp/53]}
       - {name: wide, from: tier == b, to: all(), services: [tcp/9000-9100]}

@@ -80,6 +80,36 @@ def span_families(span: Span) -> tuple[int, ...]:
     return (4,) if span[0] == "icmp" else (6,) if span[0] == "icmpv6" else (4, 6)
 
 
+def joined_ports(services: Iterable[Match]) -> tuple[Match, ...]:
+    """Services with overlapping or adjacent tcp/udp port ranges joined (each protocol's where
+    it first appears). The engine cuts a member's port range into pieces at its group's range
+    boundaries, for nftables' disjoint elements; backends that expand members into rules of
+    their own (iptables, Windows) join the pieces back rather than pay a rule per piece."""
+    ranges: dict[str, list[tuple[int, int]]] = {}
+    order: list[Match | str] = []
+    for m in services:
+        if m.proto in ("tcp", "udp") and m.ports is not None:
+            if m.proto not in ranges:
+                ranges[m.proto] = []
+                order.append(m.proto)
+            ranges[m.proto].append(m.ports)
+        else:
+            order.append(m)
+    out: list[Match] = []
+    for item in order:
+        if not isinstance(item, str):
+            out.append(item)
+            continue
+        merged: list[tuple[int, int]] = []
+        for lo, hi in sorted(ranges[item]):
+            if merged and lo <= merged[-1][1] + 1:
+                merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
+            else:
+                merged.append((lo, hi))
+        out.extend(Match(item, r) for r in merged)  # type: ignore[arg-type]
+    return tuple(out)
+
+
 @dataclass(frozen=True, slots=True)
 class PlanMember:
     """One policy rule inside a grouped rule: its peers on its services."""
@@ -346,9 +376,11 @@ def service_covers(
     rule: PlanRule, family: int, sets: Mapping[str, PlanSet], only: Iterable[Span] | None = None
 ) -> dict[Span, tuple[str, ...]]:
     """Per distinct service of a grouped rule (one address family): the CIDR cover of the union of
-    the prefixes of the members carrying that service. Services of a group are identical or
-    disjoint (the bundle contract), and a cover's prefixes are disjoint, so the (prefix, service)
-    elements never overlap: what nftables' concatenated interval sets need."""
+    the prefixes of the members carrying that service. A group's port ranges are identical or
+    disjoint (the bundle contract), a whole protocol and ``any`` each go to a set of their own
+    (:func:`~ringfence_agent.backends.nft.span_kind`), and a cover's prefixes are disjoint, so the
+    (prefix, service) elements within one set never overlap: what nftables' concatenated interval
+    sets need."""
     wanted = set(only) if only is not None else None
     contributors: dict[Span, list[PlanMember]] = {}
     for m in rule.parts():

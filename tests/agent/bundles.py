@@ -168,6 +168,8 @@ rulesets:
       - {name: db-web, from: role == db, to: role == web, services: [tcp/5432, icmp/8]}
       - {name: ops-any, from: role == ops, to: role == web, services: [any]}
       - {name: audit-any, from: role == audit, to: role == web, services: [any]}
+      - {name: scan-all, from: role == scanner, to: role == web, services: [tcp, icmpv6]}
+      - {name: wide, from: role == wide, to: role == web, services: [tcp/5000-9000]}
       - {name: web-db, from: role == web, to: role == db, services: [tcp/5432]}
       - {name: web-other, from: role == web, to: role == other, services: [tcp/8080]}
 """

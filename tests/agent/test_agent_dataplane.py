@@ -764,15 +764,28 @@ def test_grouped_rule_allows_each_members_peers_on_its_own_services_only(
     ]
     lab = Lab(GROUP_POLICY, wls)
     doc = lab.bundle("h2")
-    assert [r.id for r in doc.inbound] == ["grp/client-web", "grp/ops-any"]
-    assert [m.id for m in doc.inbound[0].members or []] == ["grp/client-web", "grp/gold-web", "grp/db-web"]
+    # one group: port ranges identical or disjoint, 'any' and all tcp ports in sets of their own
+    assert [r.id for r in doc.inbound] == ["grp/client-web"]
+    assert [m.id for m in doc.inbound[0].members or []] == [
+        "grp/client-web",
+        "grp/gold-web",
+        "grp/db-web",
+        "grp/ops-any",
+        "grp/audit-any",
+        "grp/scan-all",
+        "grp/wide",
+    ]
+    # wide's tcp/5000-9000 overlaps tcp/5432 and tcp/8080: cut into pieces around them
+    wide = next(m for m in doc.inbound[0].members or [] if m.id == "grp/wide")
+    assert [s.ports for s in wide.services] == [(5000, 5431), (5432, 5432), (5433, 8079), (8080, 8080), (8081, 9000)]
     assert [m.id for m in doc.outbound[0].members or []] == ["grp/web-db", "grp/web-other"]
     state = tmp_path / "state"
     ok(apply(net, backend, doc, state))
     if backend == "nftables":  # one rule per family and kind of service, not one per member and port
         rules = ok(net.exec("h2", "nft", "list", "chain", "inet", "ringfence", "input"))
-        assert rules.count('counter name "r_in_0"') == 3  # v4 ports, v4 icmp type, v6 ports
-        assert "@g_r_in_0_4p" in rules and "@g_r_in_0_4i" in rules
+        # v4: any, icmp type, whole protocol, ports; v6: any, whole protocol (tcp, icmpv6), ports
+        assert rules.count('counter name "r_in_0"') == 7
+        assert all(f"@g_r_in_0_{x}" in rules for x in ("4a", "4i", "4l", "4p", "6a", "6l", "6p"))
     assert net.tcp("h1", "h2", 8080) and net.tcp("h1", "h2", 8080, v6=True) and net.udp("h1", "h2", 5353)
     assert net.tcp("h3", "h2", 5432) and net.tcp("h3", "h2", 5432, v6=True)
     # nothing across members: the client on the db member's port, the db on the client's
@@ -791,18 +804,39 @@ def test_grouped_rule_allows_each_members_peers_on_its_own_services_only(
     assert not net.tcp("h1", "h2", 8080) and not net.tcp("h1", "h2", 8080, v6=True) and not net.udp("h1", "h2", 5353)
     ok(apply_delta(net, backend, lab.upsert(_lab_workload(net, "h1", role="visitor", tier="gold")), state))
     assert net.tcp("h1", "h2", 8080) and net.tcp("h1", "h2", 8080, v6=True) and not net.udp("h1", "h2", 5353)
+    # h1 also scans (gold, scanner): its address is in the ports set (tcp/8080, gold) and in the
+    # whole-protocol set (all tcp): every tcp port opens, udp stays shut
+    ok(apply_delta(net, backend, lab.upsert(_lab_workload(net, "h1", role="scanner", tier="gold")), state))
+    assert net.tcp("h1", "h2", 22) and net.tcp("h1", "h2", 5432, v6=True) and net.tcp("h1", "h2", 8080)
+    assert not net.udp("h1", "h2", 5353)
+    # no longer a scanner: the whole-protocol element goes, the gold member's tcp/8080 stays
+    ok(apply_delta(net, backend, lab.upsert(_lab_workload(net, "h1", role="visitor", tier="gold")), state))
+    assert not net.tcp("h1", "h2", 22) and not net.tcp("h1", "h2", 5432, v6=True)
+    assert net.tcp("h1", "h2", 8080) and net.tcp("h1", "h2", 8080, v6=True)
+    # h4 in the wide range: both ports inside it open (pieces shared with the client and db
+    # members), tcp/22 outside it stays shut; leaving it closes them again
+    ok(apply_delta(net, backend, lab.upsert(_lab_workload(net, "h4", role="wide")), state))
+    assert net.tcp("h4", "h2", 5432) and net.tcp("h4", "h2", 8080, v6=True) and not net.tcp("h4", "h2", 22)
+    ok(apply_delta(net, backend, lab.upsert(_lab_workload(net, "h4", role="other")), state))
+    assert not net.tcp("h4", "h2", 5432) and not net.tcp("h4", "h2", 8080) and not net.tcp("h4", "h2", 8080, v6=True)
     # h4 becomes a db: the db member's port opens for it, the others stay shut
     ok(apply_delta(net, backend, lab.upsert(_lab_workload(net, "h4", role="db")), state))
     assert net.tcp("h4", "h2", 5432) and not net.tcp("h4", "h2", 8080)
-    # and an 'any' member (a group of its own): everything from h4 once it is ops
+    # and an 'any' member: everything from h4 once it is ops, udp included
     ok(apply_delta(net, backend, lab.upsert(_lab_workload(net, "h4", role="ops")), state))
     assert net.tcp("h4", "h2", 8080) and net.tcp("h4", "h2", 22) and net.tcp("h4", "h2", 5432)
+    assert net.udp("h4", "h2", 5353) and net.tcp("h4", "h2", 22, v6=True)
+    # h3 turns scanner: all tcp ports (v4 and v6), still no udp
+    ok(apply_delta(net, backend, lab.upsert(_lab_workload(net, "h3", role="scanner")), state))
+    assert net.tcp("h3", "h2", 22) and net.tcp("h3", "h2", 8080, v6=True) and not net.udp("h3", "h2", 5353)
     if backend == "nftables":  # the elements deltas reached are those a fresh apply of the same bundle loads
-        followed = {name: _elements(net, name) for name in ("g_r_in_0_4p", "g_r_in_0_6p", "g_r_in_1_4a")}
+        names = ("g_r_in_0_4p", "g_r_in_0_6p", "g_r_in_0_4a", "g_r_in_0_6a", "g_r_in_0_4l", "g_r_in_0_6l")
+        followed = {name: _elements(net, name) for name in names}
         net.reset("h2")
         ok(apply(net, backend, lab.bundle("h2"), tmp_path / "fresh"))
         assert followed == {name: _elements(net, name) for name in followed}
-        assert net.v4("h1") in str(followed["g_r_in_0_4p"]) and followed["g_r_in_1_4a"]
+        assert net.v4("h1") in str(followed["g_r_in_0_4p"]) and net.v4("h4") in str(followed["g_r_in_0_4a"])
+        assert net.v4("h3") in str(followed["g_r_in_0_4l"]) and "ipv6-icmp" in str(followed["g_r_in_0_6l"])
 
 
 def _elements(net: NetLab, set_name: str) -> list[str]:

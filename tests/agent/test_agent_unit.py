@@ -24,11 +24,13 @@ from ringfence_agent.daemon import backoff_delay
 from ringfence_agent.plan import (
     GroupChange,
     LocalFailsafes,
+    Match,
     Plan,
     PlanError,
     PlanSet,
     compile_plan,
     group_changes,
+    joined_ports,
     service_covers,
 )
 from ringfence_agent.reports import (
@@ -982,6 +984,100 @@ def test_delta_on_a_member_set_moves_only_what_the_union_loses() -> None:
     assert group_changes(plan, "rf_unused", PlanSet((), ())) == ()
 
 
+def _mixed_group_plan() -> Plan:
+    """Inbound: one grouped rule mixing kinds: a on tcp/8080, a scanner and a jumpbox on all tcp
+    ports (the jumpbox also on all ICMPv6 types), n on any protocol; the scanner's and n's
+    addresses overlap a's."""
+    doc = json.loads(PROC.read_text())
+    doc["sets"] = {
+        "rf_a": {"version": 1, "v4": ["10.0.0.1/32"], "v6": ["fd00::1/128"]},
+        "rf_s": {"version": 1, "v4": ["10.0.0.0/31"], "v6": []},
+        "rf_j": {"version": 1, "v4": ["10.0.3.0/24"], "v6": ["fd00::3/128"]},
+        "rf_n": {"version": 1, "v4": ["10.0.0.1/32"], "v6": []},
+    }
+    all_tcp = {"proto": "tcp", "ports": None, "icmp_type": None}
+    doc["inbound"] = [
+        {
+            "id": "p/a",
+            "action": "allow",
+            "set": None,
+            "services": [],
+            "members": [
+                {"id": "p/a", "set": "rf_a", "services": [{"proto": "tcp", "ports": [8080, 8080], "icmp_type": None}]},
+                {"id": "p/s", "set": "rf_s", "services": [all_tcp]},
+                {
+                    "id": "p/j",
+                    "set": "rf_j",
+                    "services": [all_tcp, {"proto": "icmpv6", "ports": None, "icmp_type": None}],
+                },
+                {"id": "p/n", "set": "rf_n", "services": [{"proto": "any", "ports": None, "icmp_type": None}]},
+            ],
+        }
+    ]
+    doc["outbound"] = []
+    return compile_plan(load_bundle(json.dumps(doc)), LOCAL)
+
+
+def test_nft_group_keeps_whole_protocols_and_any_in_sets_of_their_own() -> None:
+    text = NftRenderer().render(_mixed_group_plan())
+    sets = {line.split()[1]: line.strip() for line in text.splitlines() if line.strip().startswith("set g_r_in_0_")}
+    # 10.0.0.1 is allowed on tcp/8080 (a), on all tcp (the scanner's /31) and on any (n): three
+    # elements in three sets, none overlapping another in its own set
+    assert sets == {
+        "g_r_in_0_4a": "set g_r_in_0_4a { type ipv4_addr; flags interval; elements = { 10.0.0.1 } }",
+        "g_r_in_0_6a": "set g_r_in_0_6a { type ipv6_addr; flags interval; }",
+        "g_r_in_0_4l": "set g_r_in_0_4l { type ipv4_addr . inet_proto; flags interval; "
+        "elements = { 10.0.0.0/31 . tcp, 10.0.3.0/24 . tcp } }",
+        "g_r_in_0_6l": "set g_r_in_0_6l { type ipv6_addr . inet_proto; flags interval; "
+        "elements = { fd00::3 . ipv6-icmp, fd00::3 . tcp } }",
+        "g_r_in_0_4p": "set g_r_in_0_4p { type ipv4_addr . inet_proto . inet_service; flags interval; "
+        "elements = { 10.0.0.1 . tcp . 8080 } }",
+        "g_r_in_0_6p": "set g_r_in_0_6p { type ipv6_addr . inet_proto . inet_service; flags interval; "
+        "elements = { fd00::1 . tcp . 8080 } }",
+    }
+    rules = [line.strip() for line in text.splitlines() if "counter name r_in_0" in line]
+    assert rules == [
+        'ip saddr @g_r_in_0_4a counter name r_in_0 accept comment "p/a"',
+        'ip saddr . meta l4proto @g_r_in_0_4l counter name r_in_0 accept comment "p/a"',
+        'ip saddr . meta l4proto . th dport @g_r_in_0_4p counter name r_in_0 accept comment "p/a"',
+        'ip6 saddr @g_r_in_0_6a counter name r_in_0 accept comment "p/a"',
+        'ip6 saddr . meta l4proto @g_r_in_0_6l counter name r_in_0 accept comment "p/a"',
+        'ip6 saddr . meta l4proto . th dport @g_r_in_0_6p counter name r_in_0 accept comment "p/a"',
+    ]
+
+
+def test_delta_on_whole_protocol_and_any_members() -> None:
+    plan = _mixed_group_plan()
+    # the scanner loses its /31: all tcp is shared with the jumpbox, whose /24 stays; a's
+    # tcp/8080 element for 10.0.0.1 lives in another set and is untouched
+    changes = group_changes(plan, "rf_s", PlanSet((), ()), remove=("10.0.0.0/31",))
+    assert changes == (GroupChange("r_in_0", 4, ("tcp", 0, 65535), (), ("10.0.0.0/31",)),)
+    text = NftRenderer.render_delta(ElementChange("rf_s", remove_v4=("10.0.0.0/31",), groups=changes))
+    assert text.splitlines() == [
+        "delete element inet ringfence s_rf_s_4 { 10.0.0.0/31 }",
+        "delete element inet ringfence g_r_in_0_4l { 10.0.0.0/31 . tcp }",
+    ]
+    # the jumpbox gains 10.0.0.0/31's neighbour 10.0.0.2: shared all-tcp cover grows by it, its
+    # ICMPv6 is IPv6 only and unchanged
+    new_j = PlanSet(("10.0.0.2/32", "10.0.3.0/24"), ("fd00::3/128",))
+    assert group_changes(plan, "rf_j", new_j, add=("10.0.0.2/32",)) == (
+        GroupChange("r_in_0", 4, ("tcp", 0, 65535), ("10.0.0.2/32",), ()),
+    )
+    # the jumpbox's IPv6 address goes: it alone carries icmpv6, all tcp on v6 is its alone too
+    changes = group_changes(plan, "rf_j", PlanSet(("10.0.3.0/24",), ()), remove=("fd00::3/128",))
+    assert set(changes) == {
+        GroupChange("r_in_0", 6, ("icmpv6", 0, 255), (), ("fd00::3/128",)),
+        GroupChange("r_in_0", 6, ("tcp", 0, 65535), (), ("fd00::3/128",)),
+    }
+    text = NftRenderer.render_delta(ElementChange("rf_j", remove_v6=("fd00::3/128",), groups=changes))
+    assert "delete element inet ringfence g_r_in_0_6l { fd00::3 . ipv6-icmp }" in text.splitlines()
+    # n (any) gains an address: the delta as it is, into the address-only set
+    changes = group_changes(plan, "rf_n", PlanSet(("10.0.0.1/32", "10.0.9.9/32"), ()), add=("10.0.9.9/32",))
+    assert changes == (GroupChange("r_in_0", 4, ("any", 0, 0), ("10.0.9.9/32",), ()),)
+    text = NftRenderer.render_delta(ElementChange("rf_n", add_v4=("10.0.9.9/32",), groups=changes))
+    assert "add element inet ringfence g_r_in_0_4a { 10.0.9.9 }" in text.splitlines()
+
+
 def test_iptables_and_windows_expand_a_grouped_rule_into_its_members() -> None:
     plan = _grouped_plan()
     text = IptablesRenderer().rules_script(plan, 4, "a", [])
@@ -998,3 +1094,42 @@ def test_iptables_and_windows_expand_a_grouped_rule_into_its_members() -> None:
         "-DisplayName 'p/b (tcp/8080)' -Direction Inbound -Action Allow -Profile Any -RemoteAddress 10.0.0.0/31" in ps
     )
     assert "-DisplayName 'p/c (icmp/8)'" in ps
+
+
+def test_backends_that_expand_members_join_cut_port_ranges_back() -> None:
+    pieces = (Match("tcp", (1, 5)), Match("udp", (53, 53)), Match("tcp", (10, 15)), Match("tcp", (6, 9)))
+    assert joined_ports((*pieces, Match("icmp", None, 8), Match("tcp", (20, 21)))) == (
+        Match("tcp", (1, 15)),
+        Match("tcp", (20, 21)),
+        Match("udp", (53, 53)),
+        Match("icmp", None, 8),
+    )
+    # a scanner's tcp/1-65535, cut around the monitoring member's tcp/9100 in the bundle
+    doc = json.loads(PROC.read_text())
+    doc["sets"] = {"rf_s": {"version": 1, "v4": ["10.0.9.1/32"]}, "rf_m": {"version": 1, "v4": ["10.0.8.1/32"]}}
+    tcp = [[1, 9099], [9100, 9100], [9101, 65535]]
+    doc["inbound"] = [
+        {
+            "id": "c/mon",
+            "action": "allow",
+            "set": None,
+            "services": [],
+            "members": [
+                {"id": "c/mon", "set": "rf_m", "services": [{"proto": "tcp", "ports": [9100, 9100]}]},
+                {"id": "c/scan", "set": "rf_s", "services": [{"proto": "tcp", "ports": r} for r in tcp]},
+            ],
+        }
+    ]
+    doc["outbound"] = []
+    plan = compile_plan(load_bundle(json.dumps(doc)), LOCAL)
+    lines = [x for x in IptablesRenderer().rules_script(plan, 4, "a", []).splitlines() if "c/scan" in x]
+    assert lines == [
+        '-A RF-IN -p tcp --dport 1:65535 -m set --match-set rf_s-4a src -m comment --comment "r_in_0 c/scan" -j ACCEPT'
+    ]
+    ps = WindowsPlanBackend(io.StringIO()).render(plan)
+    assert "-DisplayName 'c/scan (tcp/1-65535)'" in ps and "c/scan (tcp/9100)" not in ps
+    # nftables keeps the pieces: its elements must not overlap the monitoring member's
+    assert (
+        "elements = { 10.0.9.1 . tcp . 1-9099, 10.0.8.1 . tcp . 9100, 10.0.9.1 . tcp . 9100, "
+        "10.0.9.1 . tcp . 9101-65535 }" in NftRenderer().render(plan)
+    )

@@ -24,15 +24,25 @@ from ringfence_agent.backends.nft import NftRenderer
 from ringfence_agent.plan import LocalFailsafes, compile_plan
 
 
-def expanded(doc: dict[str, Any]) -> dict[str, Any]:
-    """The bundle with each grouped rule replaced by one plain allow rule per member."""
+def policy_services(engine: Engine) -> dict[str, list[dict[str, Any]]]:
+    """Rule id → its services as a plain bundle rule carries them (a member's may be cut)."""
+    return {
+        r.id: [{"proto": p.proto, "ports": None, "icmp_type": None, **p.to_json()} for p in r.services]
+        for r in engine.rules
+    }
+
+
+def expanded(doc: dict[str, Any], services: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The bundle with each grouped rule replaced by one plain allow rule per member, with the
+    policy rule's own services (not the pieces a group cut them into): the bundle before grouping."""
     out = dict(doc)
     for direction in ("inbound", "outbound"):
         rules: list[dict[str, Any]] = []
         for r in doc[direction]:
             if "members" in r:
                 rules.extend(
-                    {"id": m["id"], "action": "allow", "set": m["set"], "services": m["services"]} for m in r["members"]
+                    {"id": m["id"], "action": "allow", "set": m["set"], "services": services[m["id"]]}
+                    for m in r["members"]
                 )
             else:
                 rules.append(r)
@@ -66,9 +76,10 @@ def run(workloads: int, sample: int, seed: int = 1) -> dict[str, Any]:
     grouped: list[tuple[int, int]] = []
     plain: list[tuple[int, int]] = []
     bundle_rules: list[tuple[int, int]] = []
+    services = policy_services(engine)
     for wid in wids:
         doc = engine.render(wid)
-        flat = expanded(doc)
+        flat = expanded(doc, services)
         grouped.append(nft_counts(doc))
         plain.append(nft_counts(flat))
         bundle_rules.append((len(doc["inbound"]) + len(doc["outbound"]), len(flat["inbound"]) + len(flat["outbound"])))  # type: ignore[arg-type]

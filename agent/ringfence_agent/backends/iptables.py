@@ -29,7 +29,7 @@ import threading
 from collections.abc import Iterable
 
 from ringfence_agent.backends import TUPLE_LINGER_S, ApplyError, DropTuple, ElementChange, Observation, run
-from ringfence_agent.plan import METADATA_PORTS, Direction, Match, Plan, PlanRule, safe_comment
+from ringfence_agent.plan import METADATA_PORTS, Direction, Match, Plan, PlanRule, joined_ports, safe_comment
 
 CHAINS = {"inbound": ("RF-IN", "INPUT"), "outbound": ("RF-OUT", "OUTPUT")}
 _GEN = re.compile(r'--comment "?ringfence gen=([ab])')
@@ -192,7 +192,7 @@ class IptablesRenderer:
         verdict = "ACCEPT" if r.action == "allow" or plan.mode != "enforce" else "DROP"
         lines: list[str] = []
         for part in r.parts():  # a grouped rule: its members one after another, under its counter
-            for m in part.services:
+            for m in joined_ports(part.services) if r.members else part.services:
                 if family not in _fams(m):
                     continue
                 match = f"-m set --match-set {ipset_name(part.set, family, gen)} {side}" if part.set is not None else ""

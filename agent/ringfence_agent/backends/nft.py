@@ -7,10 +7,13 @@ with (src . dst . l4proto . sport . dport) of what it dropped (or would drop, in
 element with its own packet counter. The agent polls counters and tuple sets; nothing is parsed from logs.
 
 A grouped rule is one rule per family and kind of service over a concatenated interval set
-``g_<counter>_<family><kind>``: ``p`` holds address . protocol . port range (tcp/udp), ``i``
-address . ICMP type, ``a`` addresses (members with ``any``). Elements are, per service, the cover
-of the members' prefixes (:func:`~ringfence_agent.plan.service_covers`): never overlapping, which
-nft 1.0.6 requires of concatenated interval sets (it refuses an element that overlaps another).
+``g_<counter>_<family><kind>``: ``p`` holds address . protocol . port range (tcp/udp ranges short
+of all ports), ``i`` address . ICMP type, ``l`` address . protocol (all ports of tcp/udp, all
+ICMP types), ``a`` addresses (members with ``any``). Elements are, per service, the cover of the
+members' prefixes (:func:`~ringfence_agent.plan.service_covers`): never overlapping within a set,
+which nft 1.0.6 requires of concatenated interval sets (it refuses an element that overlaps
+another). Port ranges of a group are identical or disjoint (the bundle contract); a whole
+protocol may overlap them because it lives in its own set, and so does ``any``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
+from ringfence.bundlewire import span_whole
 from ringfence_agent.backends import TUPLE_LINGER_S, ApplyError, DropTuple, ElementChange, Observation, run
 from ringfence_agent.plan import (
     METADATA_PORTS,
@@ -56,6 +60,8 @@ _GROUP_TYPE = {
     (6, "p"): "ipv6_addr . inet_proto . inet_service",
     (4, "i"): "ipv4_addr . icmp_type",
     (6, "i"): "ipv6_addr . icmpv6_type",
+    (4, "l"): "ipv4_addr . inet_proto",
+    (6, "l"): "ipv6_addr . inet_proto",
     (4, "a"): "ipv4_addr",
     (6, "a"): "ipv6_addr",
 }
@@ -64,6 +70,8 @@ _GROUP_KEY = {
     (6, "p"): " . meta l4proto . th dport",
     (4, "i"): " . icmp type",
     (6, "i"): " . icmpv6 type",
+    (4, "l"): " . meta l4proto",
+    (6, "l"): " . meta l4proto",
     (4, "a"): "",
     (6, "a"): "",
 }
@@ -102,12 +110,20 @@ def group_set_name(counter: str, family: int, kind: str) -> str:
 
 
 def span_kind(span: Span) -> str:
-    """``a`` any protocol, ``i`` ICMP type, ``p`` tcp/udp port range."""
-    return "a" if span[0] == "any" else "i" if span[0] in ("icmp", "icmpv6") else "p"
+    """``a`` any protocol, ``l`` a whole protocol, ``i`` an ICMP type, ``p`` a tcp/udp port range."""
+    if span[0] == "any":
+        return "a"
+    if span_whole(span):
+        return "l"
+    return "i" if span[0] in ("icmp", "icmpv6") else "p"
+
+
+_L4PROTO = {"tcp": "tcp", "udp": "udp", "icmp": "icmp", "icmpv6": "ipv6-icmp"}  # nft's inet_proto names
 
 
 def group_element(prefix: str, span: Span) -> str:
-    """One element of a grouped rule's set: ``10.0.0.0/24 . tcp . 80-90``, ``10.0.0.1 . 8``, ``fd00::1``."""
+    """One element of a grouped rule's set: ``10.0.0.0/24 . tcp . 80-90``, ``10.0.0.1 . 8``,
+    ``10.0.0.1 . udp`` (all ports), ``fd00::1``."""
     addr, _, length = prefix.partition("/")
     if length and length != ("128" if ":" in addr else "32"):
         addr = prefix
@@ -116,6 +132,8 @@ def group_element(prefix: str, span: Span) -> str:
     kind = span_kind(span)
     if kind == "p":
         return f"{addr} . {proto} . {value}"
+    if kind == "l":
+        return f"{addr} . {_L4PROTO[proto]}"
     return f"{addr} . {value}" if kind == "i" else addr
 
 

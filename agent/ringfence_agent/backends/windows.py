@@ -20,7 +20,7 @@ import sys
 from typing import TextIO
 
 from ringfence_agent.backends import ElementChange, Observation
-from ringfence_agent.plan import METADATA_PORTS, Match, Plan, PlanError, safe_comment
+from ringfence_agent.plan import METADATA_PORTS, Match, Plan, PlanError, joined_ports, safe_comment
 
 GROUP = "Ringfence"
 CHUNK = 1000  # remote addresses per rule: Windows accepts long lists, but keep rules reviewable
@@ -135,7 +135,7 @@ class WindowsPlanBackend:
                                     f"{part.rule_id}: block of {a} overlaps an admin range; Windows would lock the operator out"
                                 )
                 chunks = [addrs[i : i + CHUNK] for i in range(0, len(addrs), CHUNK)] or [[]]
-                for m in part.services:
+                for m in joined_ports(part.services) if r.members else part.services:
                     for chunk in chunks:
                         remote = f"-RemoteAddress {','.join(chunk)} " if chunk else ""
                         rule(

@@ -56,7 +56,9 @@ def grouped_rule_elements(engine: Engine, members: list[dict[str, Any]]) -> int:
     """Elements an agent's dataplane holds for one grouped rule: per address family and distinct
     service of the group, the CIDR cover of the union of the prefixes of the members carrying
     that service (nftables: one concatenated ``address . protocol . port`` interval set per
-    family, plus ``address . icmp type`` and plain address sets for ICMP and ``any`` members)."""
+    family, plus ``address . icmp type``, ``address . protocol`` and plain address sets for ICMP
+    types, whole protocols and ``any``). A whole protocol counts its cover once per protocol, a
+    port range the engine cut counts it once per piece: what the agent loads."""
     union: dict[tuple[int, tuple[str, int, int]], list[Prefix]] = {}
     for m in map(GroupMember.model_validate, members):
         if m.set is None:

@@ -29,8 +29,9 @@ from ringfence.bundlewire import DELTA_FORMAT as DELTA_FORMAT
 from ringfence.bundlewire import BundleError as BundleError
 from ringfence.bundlewire import Signer as Signer
 from ringfence.bundlewire import service_span as service_span
-from ringfence.bundlewire import services_disjoint as services_disjoint
-from ringfence.bundlewire import spans_disjoint as spans_disjoint
+from ringfence.bundlewire import services_groupable as services_groupable
+from ringfence.bundlewire import span_whole as span_whole
+from ringfence.bundlewire import spans_groupable as spans_groupable
 from ringfence.enums import Mode
 
 
@@ -74,7 +75,7 @@ class BundleRule(_Doc):
             return self
         if self.action != "allow" or self.set is not None or self.services:
             raise ValueError(wire.GROUP_ERROR)
-        if not services_disjoint(s for m in self.members for s in m.services):
+        if not services_groupable(s for m in self.members for s in m.services):
             raise ValueError(wire.GROUP_SERVICES_ERROR)
         return self
 

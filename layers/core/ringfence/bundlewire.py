@@ -84,23 +84,39 @@ def service_span(s: _Service) -> Span:
     return ("any", 0, 0)
 
 
-def spans_disjoint(spans: Iterable[Span]) -> bool:
-    """True when every two spans are identical or disjoint (per protocol, by port range or ICMP
-    type), and ``any`` is not mixed with another protocol: what lets an agent keep one group's
-    (address, service) elements disjoint, which nftables' concatenated interval sets require."""
-    ordered = sorted(set(spans))
-    if any(p == "any" for p, _, _ in ordered) and len(ordered) > 1:
-        return False
+_WHOLE_PROTOCOL: dict[str, tuple[int, int]] = {
+    "tcp": (0, 65535),
+    "udp": (0, 65535),
+    "icmp": (0, 255),
+    "icmpv6": (0, 255),
+}
+
+
+def span_whole(span: Span) -> bool:
+    """True when a span covers its whole protocol: all ports, or all ICMP types."""
+    return _WHOLE_PROTOCOL.get(span[0]) == span[1:]
+
+
+def spans_groupable(spans: Iterable[Span]) -> bool:
+    """True when one grouped rule may carry all these spans: those covering *part* of a protocol
+    (a port range, an ICMP type) are identical or disjoint per protocol. Whole-protocol spans and
+    ``any`` mix with anything: an agent keeps them in sets of their own (address . protocol,
+    address), so each of its sets still holds disjoint (address, service) elements, which
+    nftables' concatenated interval sets require; all members accept, so the union is right."""
+    ordered = sorted({x for x in spans if x[0] != "any" and not span_whole(x)})
     return all(a[0] != b[0] or a[2] < b[1] for a, b in itertools.pairwise(ordered))
 
 
-def services_disjoint(services: Iterable[_Service]) -> bool:
-    """:func:`spans_disjoint` over the services' spans."""
-    return spans_disjoint(map(service_span, services))
+def services_groupable(services: Iterable[_Service]) -> bool:
+    """:func:`spans_groupable` over the services' spans."""
+    return spans_groupable(map(service_span, services))
 
 
 GROUP_ERROR = "a grouped rule (members) is an allow rule with set null and no services of its own"
-GROUP_SERVICES_ERROR = "a grouped rule's member services must be identical or disjoint, 'any' alone"
+GROUP_SERVICES_ERROR = (
+    "a grouped rule's member port ranges must be identical or disjoint per protocol "
+    "(all ports, all ICMP types and 'any' mix freely)"
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -404,7 +420,7 @@ def _rule(raw: object, loc: str) -> BundleRule:
     if members is not None:
         if rule.action != "allow" or rule.set is not None or rule.services:
             raise _Invalid(loc, f"Value error, {GROUP_ERROR}")
-        if not services_disjoint(s for m in members for s in m.services):
+        if not services_groupable(s for m in members for s in m.services):
             raise _Invalid(loc, f"Value error, {GROUP_SERVICES_ERROR}")
     return rule
 

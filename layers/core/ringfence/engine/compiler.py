@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from ringfence import addresses, selectors
 from ringfence.addresses import Address, AddressSet, Prefix
-from ringfence.bundle import spans_disjoint
+from ringfence.bundle import span_whole
 from ringfence.engine.index import LabelIndex, RestrictionIndex, iter_bits
 from ringfence.labels import Problem
 from ringfence.model import Mode, Workload
@@ -154,12 +154,11 @@ class Engine:
         self._services_json = [[_service_json(p) for p in r.services] for r in self.rules]
         self._rule_ids = [r.id for r in self.rules]
         self._actions = [r.action.value for r in self.rules]
-        # grouping at render: an allow rule joins a group of rules with the same owner side
+        # grouping at render: an allow rule joins the group of rules with the same owner side
         self._spans = [tuple(_span(p) for p in r.services) for r in self.rules]
-        self._groupable = [
-            r.action.value == "allow" and spans_disjoint(sp) for r, sp in zip(self.rules, self._spans, strict=True)
-        ]
+        self._groupable = [r.action.value == "allow" for r in self.rules]
         self._group_layouts: dict[tuple[str, tuple[int, ...]], list[tuple[int, ...]]] = {}
+        self._group_services: dict[tuple[int, ...], list[list[dict[str, object]]]] = {}
         self._owner = {
             INBOUND: [(r.provider.canonical(), r.same) for r in self.rules],
             OUTBOUND: [(r.consumer.canonical(), r.same) for r in self.rules],
@@ -488,6 +487,10 @@ class Engine:
                 )
                 continue
             members = [items[i] for i in slot]
+            positions = tuple(pos for pos, _ in members)
+            cut = self._group_services.get(positions)
+            if cut is None:
+                cut = self._group_services[positions] = self._cut_services(positions)
             out.append(
                 {
                     "id": ids[members[0][0]],
@@ -495,40 +498,63 @@ class Engine:
                     "set": None,
                     "services": [],
                     "members": [
-                        {"id": ids[pos], "set": name, "services": [dict(m) for m in services[pos]]}
-                        for pos, name in members
+                        {"id": ids[pos], "set": name, "services": [dict(m) for m in svcs]}
+                        for (pos, name), svcs in zip(members, cut, strict=True)
                     ],
                 }
             )
         return out
 
+    def _cut_services(self, positions: tuple[int, ...]) -> list[list[dict[str, object]]]:
+        """The services of a group's members (by rule position), each tcp/udp port range short of
+        all ports cut at every boundary of the group's port ranges: the pieces allow exactly what
+        the range did, and the group's port ranges become identical or disjoint (the bundle
+        contract), so a range overlapping another member's (a scanner's tcp/1-65535 beside
+        tcp/9100) costs elements for the scanner's addresses per piece, not a rule of its own.
+        Whole protocols and ``any`` stay whole: the agent keeps them in sets of their own."""
+        cuts: dict[str, set[int]] = {}
+        for pos in positions:
+            for span in self._spans[pos]:
+                if span[0] in ("tcp", "udp") and not span_whole(span):
+                    cuts.setdefault(span[0], set()).update((span[1], span[2] + 1))
+        out: list[list[dict[str, object]]] = []
+        for pos in positions:
+            services: list[dict[str, object]] = []
+            for svc, span in zip(self._services_json[pos], self._spans[pos], strict=True):
+                proto, lo, hi = span
+                inner = sorted(x for x in cuts.get(proto, ()) if lo < x <= hi) if not span_whole(span) else []
+                if not inner:
+                    services.append(svc)
+                    continue
+                for a, b in zip([lo, *inner], [x - 1 for x in inner] + [hi], strict=True):
+                    piece: dict[str, object] = {"proto": proto, "ports": [a, b], "icmp_type": None}
+                    if piece not in services:
+                        services.append(piece)
+            out.append(services)
+        return out
+
     def _group_layout(self, direction: str, positions: tuple[int, ...]) -> list[tuple[int, ...]]:
         """Which of a direction's rules (by index) form each rule of the bundle, in bundle order.
 
-        Greedy in rule order: a rule joins the first group of its owner side whose services stay
-        identical-or-disjoint with its own, else starts a group. A group stands where its first
-        member stood; allows all sit between the override-denies and the denies, so their order
-        among themselves does not change what a bundle allows. Depends on the rule positions
-        only, so workloads with the same rules share one layout (cached)."""
+        Every allow rule joins the group of its owner side; overlapping port ranges are cut when
+        the group is rendered (:meth:`_cut_services`), whole protocols and ``any`` need no cut.
+        A group stands where its first member stood; allows all sit between the override-denies
+        and the denies, so their order among themselves does not change what a bundle allows.
+        Depends on the rule positions only, so workloads with the same rules share one layout
+        (cached)."""
         slots: list[list[int]] = []
-        spans: dict[int, set[tuple[str, int, int]]] = {}  # slot → services of its group so far
-        open_by_owner: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+        slot_by_owner: dict[tuple[str, tuple[str, ...]], int] = {}
         owner = self._owner[direction]
         for i, pos in enumerate(positions):
             if not self._groupable[pos]:
                 slots.append([i])
                 continue
-            mine = self._spans[pos]
-            candidates = open_by_owner.setdefault(owner[pos], [])
-            for g in candidates:
-                if spans_disjoint((*spans[g], *mine)):
-                    slots[g].append(i)
-                    spans[g].update(mine)
-                    break
-            else:
-                candidates.append(len(slots))
-                spans[len(slots)] = set(mine)
+            g = slot_by_owner.get(owner[pos])
+            if g is None:
+                slot_by_owner[owner[pos]] = len(slots)
                 slots.append([i])
+            else:
+                slots[g].append(i)
         return [tuple(slot) for slot in slots]
 
 
