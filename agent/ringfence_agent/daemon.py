@@ -262,10 +262,10 @@ class Daemon:
         counters.update({f"packets:{k}": v for k, v in self.counters.items()})
         counters["buffered_drops"] = len(self.drops)
         counters["buffered_flows"] = len(self.flows)
-        eff = self.agent.effective()
+        applied = self.agent.bundle  # deltas change set contents only: no need to fold them for the mode
         hb = Heartbeat(
             applied_version=self.agent.revision,
-            mode=eff.mode if eff is not None else None,
+            mode=applied.mode if applied is not None else None,
             healthy=not self.last_message,
             message=self.last_message[:1000],
             counters=counters,
