@@ -8,6 +8,7 @@ refused or failed document leaves both the firewall and the state directory exac
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -42,10 +43,32 @@ def fold_delta(bundle: Bundle, d: SetDelta) -> Bundle:
 
 
 def effective_bundle(bundle: Bundle, deltas: list[SetDelta]) -> Bundle:
-    """The bundle with its applied deltas folded into the set contents."""
+    """The bundle with its applied deltas folded into the set contents, in one pass per set
+    touched (O(set size + delta sizes), not O(set size) per delta). Same result as folding them one
+    by one with :func:`fold_delta`: each delta's removals, then its additions appended."""
+    if not deltas:
+        return bundle
+    if len(deltas) == 1:
+        return fold_delta(bundle, deltas[0])
+    members: dict[str, dict[str, None]] = {}  # set → its elements, insertion-ordered
+    versions: dict[str, int] = {}
     for d in deltas:
-        bundle = fold_delta(bundle, d)
-    return bundle
+        cur = members.get(d.set)
+        if cur is None:
+            s = bundle.sets[d.set]
+            cur = members[d.set] = dict.fromkeys([*s.v4, *s.v6])
+        for x in d.remove:
+            cur.pop(x, None)
+        for x in d.add:
+            cur.pop(x, None)  # fold_delta appends: an element added again moves to the end
+            cur[x] = None
+        versions[d.set] = d.to_version
+    sets = dict(bundle.sets)
+    for name, cur in members.items():
+        v4 = [x for x in cur if ":" not in x]
+        v6 = [x for x in cur if ":" in x]
+        sets[name] = replace(bundle.sets[name], version=versions[name], v4=v4, v6=v6)
+    return replace(bundle, sets=sets)
 
 
 def same_firewall(a: Bundle, b: Bundle) -> bool:
@@ -112,32 +135,63 @@ class Agent:
         self.bundle = state.load_bundle()
         self.deltas = state.load_deltas(self.bundle)
         self.plan: Plan | None = None
-        self._eff: Bundle | None = None  # cache of effective(): deltas fold in O(delta)
+        # Caches, so that a delta costs O(delta), not O(set size): the effective bundle with the
+        # first _eff_n deltas folded in (the rest fold when someone asks for it), each set's
+        # version and members, and the plan's sets that deltas have moved since it was built.
+        # The observer thread reads them too: one lock.
+        self._lock = threading.RLock()
+        self._eff: Bundle | None = None
+        self._eff_n = 0
+        self._versions: dict[str, int] | None = None
         self._members: dict[str, set[str]] = {}
+        self._stale: set[str] = set()
 
     @property
     def revision(self) -> int | None:
         return applied_revision(self.bundle, self.deltas)
 
     def effective(self) -> Bundle | None:
-        if self.bundle is None:
-            return None
-        if self._eff is None:
-            self._eff = effective_bundle(self.bundle, self.deltas)
-        return self._eff
+        with self._lock:
+            if self.bundle is None:
+                return None
+            if self._eff is None:
+                self._eff, self._eff_n = self.bundle, 0
+            if self._eff_n < len(self.deltas):  # deltas applied since: one pass per set they touched
+                self._eff = effective_bundle(self._eff, self.deltas[self._eff_n :])
+                self._eff_n = len(self.deltas)
+            return self._eff
+
+    def set_versions(self) -> dict[str, int]:
+        """The applied version of each set, without folding any delta into the set contents."""
+        with self._lock:
+            if self._versions is None:
+                self._versions = {n: s.version for n, s in self.bundle.sets.items()} if self.bundle else {}
+                for d in self.deltas:
+                    self._versions[d.set] = d.to_version
+            return dict(self._versions)
+
+    def _set_version(self, name: str) -> int | None:
+        with self._lock:
+            if self._versions is None:
+                self.set_versions()
+            assert self._versions is not None
+            return self._versions.get(name)
 
     def _set_members(self, name: str) -> set[str]:
-        members = self._members.get(name)
-        if members is None:
-            eff = self.effective()
-            assert eff is not None
-            s = eff.sets[name]
-            members = self._members[name] = {*s.v4, *s.v6}
-        return members
+        with self._lock:
+            members = self._members.get(name)
+            if members is None:
+                eff = self.effective()
+                assert eff is not None
+                s = eff.sets[name]
+                members = self._members[name] = {*s.v4, *s.v6}
+            return members
 
     def _reset_cache(self) -> None:
-        self._eff = None
-        self._members = {}
+        with self._lock:
+            self._eff, self._eff_n, self._versions = None, 0, None
+            self._members = {}
+            self._stale = set()
 
     def _local_key(self) -> str:
         """Fingerprint of the local fail-safes: a config change re-applies an unchanged bundle."""
@@ -166,8 +220,9 @@ class Agent:
         if current is not None and new.version == self.revision and same_local and same_firewall(new, current):
             if self.deltas:  # the same firewall, now as one bundle: the delta chain can go
                 self.state.save_applied(new, [])
-                self.bundle, self.deltas = new, []
-                self._reset_cache()
+                with self._lock:
+                    self.bundle, self.deltas = new, []
+                    self._reset_cache()
             return Result(False, [f"bundle version {new.version} is already applied: no change"])
         old = self.effective()
         try:
@@ -178,8 +233,9 @@ class Agent:
         self.state.save_applied(new, [])
         if self.state.identity() is None:
             self.state.set_identity(self.workload_id)
-        self.bundle, self.deltas, self.plan = new, [], plan
-        self._reset_cache()
+        with self._lock:
+            self.bundle, self.deltas, self.plan = new, [], plan
+            self._reset_cache()
         self.state.update_status(
             applied_version=new.version,
             mode=new.mode.value,
@@ -198,19 +254,19 @@ class Agent:
             self.verifier.verify(delta)
         except BundleError as exc:
             raise self._reject(what, str(exc)) from None
-        current = self.effective()
-        if current is None:
+        base = self.bundle
+        if base is None:
             raise self._reject(what, "no bundle applied yet: fetch the whole bundle")
-        s = current.sets.get(delta.set)
-        if s is None:
+        version = self._set_version(delta.set)
+        if version is None:
             raise self._reject(what, "set is not in the applied bundle: fetch the whole bundle")
-        if s.version >= delta.to_version:
+        if version >= delta.to_version:
             return Result(False, [f"{what} already applied: no change"])
         if delta.to_version <= delta.from_version:
             raise self._reject(what, "to_version must be newer than from_version")
-        if s.version != delta.from_version:
+        if version != delta.from_version:
             raise self._reject(
-                what, f"applied set version is {s.version}, not {delta.from_version}: fetch the whole bundle"
+                what, f"applied set version is {version}, not {delta.from_version}: fetch the whole bundle"
             )
         rev = self.revision or 0
         if delta.to_version < rev:
@@ -230,13 +286,14 @@ class Agent:
                 what, f"elements do not match the applied set (absent: {missing[:3]}, already present: {present[:3]})"
             )
         change = ElementChange(delta.set, add4, add6, rem4, rem6)
-        folded = fold_delta(current, delta)
-        if any(m.set == delta.set for r in (*current.inbound, *current.outbound) for m in r.members or ()):
+        if any(m.set == delta.set for r in (*base.inbound, *base.outbound) for m in r.members or ()):
             # a grouped rule has a member on this set: its (address, service) elements move too
             plan = self.ensure_plan()
             if plan is None:
                 raise self._reject(what, "the applied bundle no longer compiles: fetch the whole bundle")
-            new_set = folded.sets[delta.set]
+            current = self.effective()
+            assert current is not None
+            new_set = fold_delta(current, delta).sets[delta.set]
             v4, _ = split_cidrs(new_set.v4, f"sets.{delta.set}.v4")
             _, v6 = split_cidrs(new_set.v6, f"sets.{delta.set}.v6")
             groups = group_changes(plan, delta.set, PlanSet(v4, v6), (*add4, *add6), (*rem4, *rem6))
@@ -246,9 +303,8 @@ class Agent:
         except ApplyError as exc:
             self.state.update_status(last_error=str(exc), incr={"apply_failures": 1})
             raise
-        assert self.bundle is not None  # current is not None
         try:
-            self.state.append_delta(self.bundle, [*self.deltas, delta])
+            self.state.append_delta(base, [*self.deltas, delta])
         except OSError as exc:
             # the state directory must describe the firewall: take the change back out
             try:
@@ -259,18 +315,20 @@ class Agent:
             with contextlib.suppress(OSError):
                 self.state.update_status(last_error=f"{exc}; {undone}", incr={"apply_failures": 1})
             raise ApplyError(f"could not record the delta in {self.state.path} ({exc}); {undone}") from None
-        self.deltas = [*self.deltas, delta]
-        # caches move by the delta only: no re-validation of the whole set
-        self._eff = folded
-        members.difference_update(delta.remove)
-        members.update(delta.add)
-        new_set = self._eff.sets[delta.set]
-        if self.plan is not None:  # otherwise compiled lazily from the effective bundle
-            self.plan.sets[delta.set] = PlanSet(tuple(new_set.v4), tuple(new_set.v6))
-        elif getattr(self.backend, "rerender_on_delta", False):
-            self.ensure_plan()
-        if getattr(self.backend, "rerender_on_delta", False) and self.plan is not None:
-            self.backend.apply(self.plan)  # addresses live inline in the rules (windows-plan)
+        with self._lock:
+            # caches move by the delta only: the effective bundle and the plan's copy of the set
+            # are brought up to date when next asked for (effective(), ensure_plan())
+            self.deltas = [*self.deltas, delta]
+            if self._versions is not None:
+                self._versions[delta.set] = delta.to_version
+            members.difference_update(delta.remove)
+            members.update(delta.add)
+            if self.plan is not None:
+                self._stale.add(delta.set)
+        if getattr(self.backend, "rerender_on_delta", False):
+            plan = self.ensure_plan()
+            if plan is not None:
+                self.backend.apply(plan)  # addresses live inline in the rules (windows-plan)
         self.state.update_status(applied_version=self.revision, applied_at=time.time(), incr={"deltas_applied": 1})
         return Result(
             True,
@@ -288,10 +346,11 @@ class Agent:
         if self.bundle is None or len(self.deltas) <= keep:
             return Result(False)
         dropped = self.deltas[keep:]
-        self.deltas = self.deltas[:keep]
-        self.state.save_deltas(self.bundle, self.deltas)
-        self._reset_cache()
-        self.plan = None
+        self.state.save_deltas(self.bundle, self.deltas[:keep])
+        with self._lock:
+            self.deltas = self.deltas[:keep]
+            self._reset_cache()
+            self.plan = None
         lines = [f"undid {len(dropped)} delta(s) of a batch that failed half-way: back to revision {self.revision}"]
         plan = self.ensure_plan()
         try:
@@ -340,26 +399,36 @@ class Agent:
         """Keep the chain of deltas that still fits (a crash may leave stale ones behind)."""
         assert self.bundle is not None
         kept: list[SetDelta] = []
-        cur = self.bundle
+        versions = {name: s.version for name, s in self.bundle.sets.items()}
         for d in self.deltas:
-            s = cur.sets.get(d.set)
-            if s is not None and s.version == d.from_version:
+            if versions.get(d.set) == d.from_version:
                 kept.append(d)
-                cur = fold_delta(cur, d)
+                versions[d.set] = d.to_version
         if len(kept) != len(self.deltas):
             self.deltas = kept
             self.state.save_deltas(self.bundle, kept)
-        return cur
+        return effective_bundle(self.bundle, kept)
 
     def ensure_plan(self) -> Plan | None:
-        if self.plan is None and self.bundle is not None:
-            eff = self.effective()
-            assert eff is not None
-            try:
-                self.plan = compile_plan(eff, self.local)
-            except PlanError:
-                return None
-        return self.plan
+        with self._lock:
+            if self.bundle is None:
+                return self.plan
+            if self.plan is None:
+                eff = self.effective()
+                assert eff is not None
+                try:
+                    self.plan = compile_plan(eff, self.local)
+                except PlanError:
+                    return None
+                self._stale = set()
+            elif self._stale:  # sets moved by deltas since the plan was built
+                eff = self.effective()
+                assert eff is not None
+                for name in self._stale:
+                    s = eff.sets[name]
+                    self.plan.sets[name] = PlanSet(tuple(s.v4), tuple(s.v6))
+                self._stale = set()
+            return self.plan
 
     def flush(self) -> bool:
         return self.backend.flush()

@@ -185,9 +185,7 @@ class Daemon:
         if rev is not None and latest is not None and latest <= rev:
             return
         if rev is not None and self.agent.bundle is not None:
-            eff = self.agent.effective()
-            assert eff is not None
-            deltas = self.source.deltas(rev, {n: s.version for n, s in eff.sets.items()}, self.agent.bundle.version)
+            deltas = self.source.deltas(rev, self.agent.set_versions(), self.agent.bundle.version)
             bridged = deltas is not None and self._apply_deltas(deltas)
             if bridged and latest is not None and (self.agent.revision or 0) >= latest:
                 return  # the deltas brought it all the way: no whole bundle to fetch
@@ -224,10 +222,8 @@ class Daemon:
             for line in result.lines:
                 log(line)
             release_memory()
-        eff = self.agent.effective()
-        if eff is not None and self.agent.revision is not None and self.agent.bundle is not None:
-            sets = {n: s.version for n, s in eff.sets.items()}
-            more = self.source.deltas(self.agent.revision, sets, self.agent.bundle.version)
+        if self.agent.revision is not None and self.agent.bundle is not None:
+            more = self.source.deltas(self.agent.revision, self.agent.set_versions(), self.agent.bundle.version)
             if more:
                 self._apply_deltas(more)
 
@@ -266,10 +262,10 @@ class Daemon:
         counters.update({f"packets:{k}": v for k, v in self.counters.items()})
         counters["buffered_drops"] = len(self.drops)
         counters["buffered_flows"] = len(self.flows)
-        eff = self.agent.effective()
+        applied = self.agent.bundle  # deltas change set contents only: no need to fold them for the mode
         hb = Heartbeat(
             applied_version=self.agent.revision,
-            mode=eff.mode if eff is not None else None,
+            mode=applied.mode if applied is not None else None,
             healthy=not self.last_message,
             message=self.last_message[:1000],
             counters=counters,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from ringfence import bundlewire as wire
 from ringfence.bundle import AddressSetDoc, Bundle, BundleRule, FailsafeDoc, ServiceMatch, SetDelta, sign, to_wire
 from ringfence.model import Mode
 from ringfence_agent.backends import ApplyError, ElementChange
-from ringfence_agent.core import Agent, same_firewall
+from ringfence_agent.core import Agent, effective_bundle, fold_delta, same_firewall
+from ringfence_agent.plan import GroupChange, compile_plan
 from ringfence_agent.state import StateDir
 from tests.agent.bundles import key
 from tests.agent.test_agent_unit import LOCAL, FakeBackend, Verifier
@@ -214,3 +216,71 @@ def test_a_delta_that_cannot_be_recorded_is_taken_back_out(tmp_path: Path, monke
     monkeypatch.undo()
     agent.apply_delta(OPS[2])  # the disk is back: the same delta applies
     assert [d.to_version for d in StateDir(tmp_path / "s").load_deltas()] == [2, 3]
+
+
+# --- caches: a delta moves them by the delta only; they must equal a fresh fold -----------------
+
+
+def test_folding_deltas_in_one_pass_equals_folding_them_one_by_one() -> None:
+    rng = random.Random(7)
+    universe = [f"10.0.{i // 8}.{i % 8}/32" for i in range(40)] + [f"fd00::{i:x}/128" for i in range(20)]
+    start = rng.sample(universe, 25)
+    base = wire.Bundle(
+        workload_id="w",
+        version=1,
+        policy_version=1,
+        mode=B1.mode,
+        sets={
+            SET: wire.AddressSetDoc(
+                version=1, v4=[x for x in start if ":" not in x], v6=[x for x in start if ":" in x]
+            ),
+            "other": wire.AddressSetDoc(version=1, v4=["10.9.0.0/16"]),
+        },
+    )
+    deltas: list[wire.SetDelta] = []
+    members = list(start)
+    for v in range(1, 60):
+        remove = rng.sample(members, min(len(members), rng.randint(0, 3)))
+        gone = [x for x in universe if x not in members]
+        add = rng.sample(gone, min(len(gone), rng.randint(0, 3)))
+        if v % 7 == 0 and remove:
+            add.append(remove[0])  # removed and added again by the same delta
+        members = [x for x in members if x not in remove] + add
+        deltas.append(wire.SetDelta(set=SET, from_version=v, to_version=v + 1, add=add, remove=remove))
+    for n in range(len(deltas) + 1):
+        one_by_one = base
+        for d in deltas[:n]:
+            one_by_one = fold_delta(one_by_one, d)
+        assert effective_bundle(base, deltas[:n]) == one_by_one, n  # same elements, same order
+
+
+def test_deltas_keep_effective_bundle_versions_and_plan_equal_to_a_fresh_compile(tmp_path: Path) -> None:
+    agent, _ = make(tmp_path / "s")
+    agent.apply_bundle(B1)  # type: ignore[arg-type]
+    assert agent.ensure_plan() is not None
+    ops = [
+        delta(1, add=["10.0.0.7/32", "fd00::7/128"]),
+        delta(2, remove=["10.0.0.3/32"]),
+        delta(3, add=["10.0.0.3/32"], remove=["10.0.0.7/32"]),
+        delta(4, remove=["fd00::7/128"]),
+    ]
+    for i, d in enumerate(ops):
+        agent.apply_delta(d)
+        expected = effective_bundle(B1, ops[: i + 1])
+        if i % 2:  # the plan is brought up to date before the effective bundle is asked for, and after
+            assert agent.ensure_plan() == compile_plan(expected, LOCAL)
+        assert same_firewall(agent.effective(), expected)  # type: ignore[arg-type]
+        assert agent.ensure_plan() == compile_plan(expected, LOCAL)
+        assert agent.set_versions() == {SET: d.to_version} and agent.revision == d.to_version
+    restarted, _ = make(tmp_path / "s")  # from the journal
+    assert restarted.set_versions() == {SET: 5} and restarted.revision == 5
+    assert same_firewall(restarted.effective(), effective_bundle(B1, ops))  # type: ignore[arg-type]
+
+
+def test_the_inverse_of_a_change_takes_grouped_rule_elements_back_too() -> None:
+    g = GroupChange("r_in_0", 4, ("tcp", 80, 80), add=("10.0.0.1/32",), remove=("10.0.0.0/31",))  # type: ignore[arg-type]
+    change = ElementChange(SET, add_v4=("10.0.0.1/32",), groups=(g,))
+    back = change.inverse()
+    assert back.remove_v4 == ("10.0.0.1/32",) and back.add_v4 == ()
+    assert back.groups == (GroupChange("r_in_0", 4, g.span, add=("10.0.0.0/31",), remove=("10.0.0.1/32",)),)
+    assert back.inverse() == change

@@ -1,7 +1,8 @@
 """Agent benchmarks (real kernel, netns lab). Slow: run with ``RINGFENCE_BENCH=1 pytest tests/bench -s``.
 
-Figures go to docs/benchmarks.md ("Agent"); every ratio there comes from one run of this module.
-Results are also written to ``out/agent-bench.json``.
+Figures go to docs/benchmarks.md ("Agent"); every ratio in one run comes from that run. Results
+are also written to ``out/agent-bench.json`` (or ``RINGFENCE_BENCH_OUT``); the new-connection
+rounds of several runs pool with ``python -m tests.bench.conn_pool FILE...``.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from ringfence.model import Mode
 from ringfence_agent.plan import LocalFailsafes, compile_plan
 from tests.agent.bundles import key, write
 from tests.agent.netlab import AGENT, PY, Lab, prerequisites
+from tests.bench.conn_pool import median_ci
 
 ROOT = Path(__file__).resolve().parents[2]
-OUT = ROOT / "out" / "agent-bench.json"
+OUT = Path(os.environ.get("RINGFENCE_BENCH_OUT", ROOT / "out" / "agent-bench.json"))
 
 pytestmark = [pytest.mark.slow, pytest.mark.dataplane]
 if os.environ.get("RINGFENCE_BENCH") != "1":
@@ -87,7 +89,7 @@ def lab() -> Iterator[Lab]:
         yield net
     finally:
         net.close()
-        OUT.parent.mkdir(exist_ok=True)
+        OUT.parent.mkdir(parents=True, exist_ok=True)
         OUT.write_text(json.dumps(RESULTS, indent=1, sort_keys=True) + "\n")
         print(json.dumps(RESULTS, indent=1, sort_keys=True))
 
@@ -137,14 +139,6 @@ def test_apply_100k_elements_and_one_element_deltas(lab: Lab, tmp_path: Path) ->
         assert cli.returncode == 0, cli.stderr
         assert lab.tcp("c", "s", 8080)
         RESULTS[f"apply_100k_{backend}"] = inner
-
-
-def _median_ci(xs: list[float]) -> dict[str, float]:
-    """Median with a distribution-free ~95 % confidence interval (order statistics)."""
-    xs = sorted(xs)
-    n = len(xs)
-    k = max(0, int((n - 1.96 * n**0.5) / 2))
-    return {"median": statistics.median(xs), "ci_low": xs[k], "ci_high": xs[n - 1 - k], "min": xs[0], "max": xs[-1]}
 
 
 def _counter(lab: Lab, host: str, backend: str, state: Path, name: str) -> int:
@@ -237,8 +231,8 @@ def test_new_connection_cost_10k_peers(lab: Lab, tmp_path: Path) -> None:
         """variant ÷ base within each round (higher = slower), over the rounds."""
         pairs = zip(runs[kind], runs[base], strict=True)
         if metric == "conn_per_s":
-            return _median_ci([b[metric] / r[metric] for r, b in pairs])
-        return _median_ci([r[metric] / b[metric] for r, b in pairs])
+            return median_ci([b[metric] / r[metric] for r, b in pairs])
+        return median_ci([r[metric] / b[metric] for r, b in pairs])
 
     metrics = ("cpu_us_per_conn", "connect_p50_us", "conn_per_s")
     RESULTS["new_connections"] = {
@@ -249,7 +243,7 @@ def test_new_connection_cost_10k_peers(lab: Lab, tmp_path: Path) -> None:
         "slowdown_vs_none": {m: {k: paired(k, "none", m) for k in VARIANTS} for m in metrics},
         "slowdown_vs_stateful_minimal": {k: paired(k, "stateful_minimal", "cpu_us_per_conn") for k in VARIANTS},
         "extra_cpu_us_vs_none": {
-            k: _median_ci(
+            k: median_ci(
                 [r["cpu_us_per_conn"] - b["cpu_us_per_conn"] for r, b in zip(runs[k], runs["none"], strict=True)]
             )
             for k in VARIANTS

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from ringfence_agent.plan import GroupChange, Plan
@@ -50,8 +50,10 @@ class ElementChange:
     groups: tuple[GroupChange, ...] = ()
 
     def inverse(self) -> ElementChange:
-        """The change that takes this one back out (deletes run before adds in every backend)."""
-        return ElementChange(self.set, self.remove_v4, self.remove_v6, self.add_v4, self.add_v6)
+        """The change that takes this one back out (deletes run before adds in every backend),
+        grouped rules' elements included."""
+        groups = tuple(replace(g, add=g.remove, remove=g.add) for g in self.groups)
+        return ElementChange(self.set, self.remove_v4, self.remove_v6, self.add_v4, self.add_v6, groups)
 
 
 class Backend(Protocol):
