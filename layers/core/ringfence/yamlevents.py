@@ -56,6 +56,7 @@ from ringfence.yamlpos import (
 )
 
 _QUOTED = ("'", '"')
+_BREAKS = "\r\n\x85\u2028\u2029"
 _NO_KEY = object()  # a mapping frame waiting for its next key
 
 # A node as recorded for replaying aliases, parents before children:
@@ -64,11 +65,12 @@ _Op = tuple[int, Any, Any, Position, Position | None]
 
 
 class _Frame:
-    __slots__ = ("anchor", "container", "is_map", "key", "key_pos", "path", "value_path")
+    __slots__ = ("anchor", "container", "flow", "is_map", "key", "key_pos", "path", "value_path")
 
-    def __init__(self, container: Any, is_map: bool, path: Path, anchor: str | None) -> None:
+    def __init__(self, container: Any, is_map: bool, flow: bool, path: Path, anchor: str | None) -> None:
         self.container = container
         self.is_map = is_map
+        self.flow = flow
         self.path = path
         self.anchor = anchor
         self.key: Any = _NO_KEY
@@ -88,7 +90,7 @@ class _Held(Exception):
 def load(text: str) -> Located:
     loader = yaml.CSafeLoader(text)
     try:
-        return _Composer(loader).run()
+        return _Composer(loader, text).run()
     except yaml.YAMLError as exc:
         raise syntax_error(exc, text) from None
     finally:
@@ -107,8 +109,9 @@ def _kind(value: Any) -> str:
 class _Composer:
     """One document's events → data and positions. One per load: nothing is kept between loads."""
 
-    def __init__(self, loader: Any) -> None:
+    def __init__(self, loader: Any, text: str) -> None:
         self.loader = loader
+        self.text = text
         self.next: Callable[[], Any] = loader.get_event
         self.positions: dict[Path, Position] = {}
         self.key_positions: dict[Path, Position] = {}
@@ -173,7 +176,7 @@ class _Composer:
         """Events → the root value. Keys and values are placed into the open collection on top."""
         positions = self.positions
         top: _Frame | None = None
-        event = self.next()
+        event = prev = self.next()
         self.root_mark = event.start_mark
         while True:
             kind = type(event)
@@ -183,14 +186,14 @@ class _Composer:
                     if top is None:
                         return self.root
                 else:
-                    self.key(top, event, kind)
-                event = self.next()
+                    self.key(top, event, kind, prev)
+                prev, event = event, self.next()
                 continue
             if kind is SequenceEndEvent:
                 top = self.close()
                 if top is None:
                     return self.root
-                event = self.next()
+                prev, event = event, self.next()
                 continue
             if top is None:
                 path: Path = ()
@@ -202,11 +205,11 @@ class _Composer:
                 if event.anchor is not None:
                     self.define(event, None)
                 self.count += 1
-                pos = _pos(event)
+                pos = _pos(event) if event.value or top is None or not top.flow else self.flow_empty(prev, event)
                 if self.count > MAX_NODES:
                     raise self.held(too_many(pos.line, pos.column))
                 positions[path] = pos
-                value = self.scalar(event, pos)
+                value = self.scalar(event)
                 if event.anchor is not None:
                     self.anchors[event.anchor] = [(0, None, value, pos, None)]
                 if self.recording:
@@ -224,7 +227,7 @@ class _Composer:
                     return value
             else:
                 top = self.open(event, kind, path, top)
-            event = self.next()
+            prev, event = event, self.next()
 
     def open(self, event: Any, kind: type, path: Path, top: _Frame | None) -> _Frame:
         if event.anchor is not None:
@@ -257,7 +260,7 @@ class _Composer:
             top.key = _NO_KEY
         else:
             top.container.append(container)
-        frame = _Frame(container, is_map, path, event.anchor)
+        frame = _Frame(container, is_map, bool(event.flow_style), path, event.anchor)
         self.stack.append(frame)
         return frame
 
@@ -272,12 +275,12 @@ class _Composer:
                 self.ops.clear()  # no open anchor refers to them any more
         return self.stack[-1] if self.stack else None
 
-    def key(self, top: _Frame, event: Any, kind: type) -> None:
+    def key(self, top: _Frame, event: Any, kind: type, prev: Any) -> None:
         if kind is ScalarEvent:
             if event.anchor is not None:
                 self.define(event, None)
-            pos = _pos(event)
-            value = self.scalar(event, pos)
+            pos = _pos(event) if event.value or not top.flow else self.flow_empty(prev, event)
+            value = self.scalar(event)
             if event.anchor is not None:
                 self.anchors[event.anchor] = [(0, None, value, pos, None)]
         elif kind is AliasEvent:
@@ -301,7 +304,7 @@ class _Composer:
         top.value_path = path = (*top.path, value)
         self.key_positions[path] = pos
 
-    def scalar(self, event: Any, pos: Position) -> Any:
+    def scalar(self, event: Any) -> Any:
         tag = event.tag
         text = event.value
         if tag is None or tag == "!":
@@ -318,6 +321,30 @@ class _Composer:
             raise self.held(exc) from None
         self.constructed[key] = value
         return value
+
+    def flow_empty(self, prev: Any, event: Any) -> Position:
+        """Where PyYAML puts an empty flow value or key: right after its ``:`` or ``?`` (libyaml: at the next token)."""
+        if event.style or event.tag is not None or event.start_mark.index != event.end_mark.index:
+            return _pos(event)  # written out: '' or !!str
+        text, end = self.text, event.start_mark.index
+        i, line, column = prev.end_mark.index, prev.end_mark.line, prev.end_mark.column
+        while i < end:
+            c = text[i]
+            if c == ":" or c == "?":
+                return Position(line + 1, column + 2)
+            if c == "#":  # a comment runs to the end of its line
+                while i < end and text[i] not in _BREAKS:
+                    i += 1
+                continue
+            if c in _BREAKS:
+                i += 2 if text.startswith("\r\n", i) else 1
+                line, column = line + 1, 0
+                continue
+            if c not in " \t,":
+                break
+            i += 1
+            column += 1
+        return _pos(event)
 
     def record(self, value: Any, pos: Position) -> None:
         top = self.stack[-1] if self.stack else None

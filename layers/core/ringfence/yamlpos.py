@@ -154,7 +154,7 @@ def scalar_value(constructor: yaml.constructor.SafeConstructor, node: yaml.Scala
         return constructor.construct_object(node, deep=True)
     except yaml.constructor.ConstructorError as exc:
         raise YamlError(f"YAML: {exc.problem}", line, col) from None
-    except (ValueError, TypeError, KeyError, AttributeError):  # e.g. `!!int abc`: the constructor's own parse
+    except Exception:  # e.g. `!!int abc`, `!!int ""`: the constructor's own parsing failed on the text
         raise YamlError(f"{node.value!r} is not a valid {_short(node.tag)}", line, col) from None
 
 
