@@ -107,6 +107,8 @@ ERROR_CASES = [
     ("a: !!seq x\n", "expected a sequence node", 1, 4),
     ("base: &b {x: 1}\nc:\n  <<: *b\n", "merge keys (<<) are not supported", 3, 3),
     ("rulesets: &a [*a]\n", "a cycle", 1, 11),
+    ("&a " + "[" * 99 + "*a" + "]" * 99, "a cycle", 1, 1),
+    ("&a " + "[" * 100 + "*a" + "]" * 100, "nests more than", 1, 1),  # the cycle would go one level too deep first
     ("a: 1\n---\nb: 2\n", "another document", 2, 1),
     ("a: &x 1\nb: &x 2\n", "duplicate anchor 'x'", 2, 4),
     ("a: *nope\n", "undefined alias 'nope'", 1, 4),
