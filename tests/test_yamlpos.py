@@ -4,6 +4,7 @@ data, positions and errors; depth, size and tag limits are clear errors with lin
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -124,6 +125,7 @@ ERROR_CASES = [
     # a syntax error after a conversion error wins, as in the pure path (which composes first)
     ("a: 1\na: 2\nb: [\n", "YAML syntax", 4, 1),
     ("a: !foo x\nb: *nope\n", "undefined alias 'nope'", 2, 4),
+    ("a: &n !!int yes\nb: *n\n", "'yes' is not a valid !!int", 1, 4),  # the anchor exists though its value failed
     ("a: !foo x\nb: &k 1\nc: &k 2\n", "duplicate anchor 'k'", 3, 4),
     ("- !foo x\n- 1\n---\n- 2\n", "another document", 3, 1),
 ]
@@ -344,7 +346,11 @@ def yaml_documents(draw: st.DrawFn) -> str:
         raise
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@settings(
+    max_examples=int(os.environ.get("YAMLPOS_EXAMPLES", "400")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 @given(yaml_documents())
 def test_generated_documents_load_identically(text: str) -> None:
     assert_same(text)

@@ -121,6 +121,8 @@ class _Composer:
         self.anchor_marks: dict[str, Any] = {}
         self.ops: list[_Op] = []  # nodes composed while an anchored collection is open
         self.recording = 0  # anchored collections open
+        self.plain_tags: dict[str, str] = {}  # text → resolved tag
+        self.other_tags: dict[str, str] = {}
         self.constructed: dict[tuple[str, str], Any] = {}  # (tag, text) → value, for non-string scalars
         self.root_mark: Any = None
         self.root: Any = None  # the root collection, once open
@@ -159,12 +161,12 @@ class _Composer:
                 if depth > MAX_DEPTH:
                     raise held.error  # no further: the scanner is quadratic in nesting
                 if event.anchor is not None:
-                    self.define(event, [])
+                    self.define(event)
             elif kind is SequenceEndEvent or kind is MappingEndEvent:
                 depth -= 1
             elif kind is ScalarEvent:
                 if event.anchor is not None:
-                    self.define(event, [])
+                    self.define(event)
             else:
                 self.target(event)
         self.finish()
@@ -203,7 +205,7 @@ class _Composer:
                 path = (*top.path, len(top.container))
             if kind is ScalarEvent:
                 if event.anchor is not None:
-                    self.define(event, None)
+                    self.define(event)
                 self.count += 1
                 pos = _pos(event) if event.value or top is None or not top.flow else self.flow_empty(prev, event)
                 if self.count > MAX_NODES:
@@ -231,7 +233,7 @@ class _Composer:
 
     def open(self, event: Any, kind: type, path: Path, top: _Frame | None) -> _Frame:
         if event.anchor is not None:
-            self.define(event, None)
+            self.define(event)
         self.count += 1
         mark = event.start_mark
         line, column = mark.line + 1, mark.column + 1
@@ -278,7 +280,7 @@ class _Composer:
     def key(self, top: _Frame, event: Any, kind: type, prev: Any) -> None:
         if kind is ScalarEvent:
             if event.anchor is not None:
-                self.define(event, None)
+                self.define(event)
             pos = _pos(event) if event.value or not top.flow else self.flow_empty(prev, event)
             value = self.scalar(event)
             if event.anchor is not None:
@@ -291,7 +293,7 @@ class _Composer:
                 raise self.held(collection_key(_kind(value), pos.line, pos.column))
         else:  # a collection as a key
             if event.anchor is not None:
-                self.define(event, None)
+                self.define(event)
             mark = event.start_mark
             kind_name = "mapping" if kind is MappingStartEvent else "sequence"
             raise self.held(collection_key(kind_name, mark.line + 1, mark.column + 1), opening=True)
@@ -308,7 +310,12 @@ class _Composer:
         tag = event.tag
         text = event.value
         if tag is None or tag == "!":
-            tag = self.loader.resolve(yaml.ScalarNode, text, event.implicit)
+            # the resolver's answer depends only on the text and whether it may be implicit (plain)
+            implicit = event.implicit
+            tags = self.plain_tags if implicit[0] else self.other_tags
+            tag = tags.get(text)
+            if tag is None:
+                tag = tags[text] = self.loader.resolve(yaml.ScalarNode, text, implicit)
         if tag == STR_TAG:
             return text  # what SafeConstructor.construct_yaml_str returns
         key = (tag, text)
@@ -355,7 +362,7 @@ class _Composer:
 
     # -- anchors and aliases --
 
-    def define(self, event: Any, ops: list[_Op] | None) -> None:
+    def define(self, event: Any) -> None:
         name = event.anchor
         if name in self.anchor_marks:  # PyYAML's composer refuses a redefinition
             raise yaml.composer.ComposerError(
@@ -365,8 +372,7 @@ class _Composer:
                 event.start_mark,
             )
         self.anchor_marks[name] = event.start_mark
-        if ops is not None:
-            self.anchors[name] = ops
+        self.anchors[name] = []  # until its node is built; an alias must find it even if building fails
 
     def target(self, event: Any) -> list[_Op] | int:
         try:
