@@ -159,7 +159,7 @@ class _Composer:
             if kind is SequenceStartEvent or kind is MappingStartEvent:
                 depth += 1
                 if depth > MAX_DEPTH:
-                    raise held.error  # no further: the scanner is quadratic in nesting
+                    raise held.error from None  # no further: the scanner is quadratic in nesting
                 if event.anchor is not None:
                     self.define(event)
             elif kind is SequenceEndEvent or kind is MappingEndEvent:
