@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from ringfence.bundlewire import Bundle, BundleError, SetDelta, Verifier, check_acceptable
+from ringfence.bundlewire import Bundle, BundleError, SetDelta, Verifier, check_acceptable, same_firewall
 from ringfence_agent.backends import ApplyError, Backend, ElementChange
 from ringfence_agent.plan import LocalFailsafes, Plan, PlanError, PlanSet, compile_plan, group_changes, split_cidrs
 from ringfence_agent.state import StateDir
@@ -69,15 +69,6 @@ def effective_bundle(bundle: Bundle, deltas: list[SetDelta]) -> Bundle:
         v6 = [x for x in cur if ":" in x]
         sets[name] = replace(bundle.sets[name], version=versions[name], v4=v4, v6=v6)
     return replace(bundle, sets=sets)
-
-
-def same_firewall(a: Bundle, b: Bundle) -> bool:
-    """Equal enforcement content, whatever the element order."""
-    ca, cb = a.content(), b.content()
-    for c in (ca, cb):
-        for s in c["sets"].values():
-            s["v4"], s["v6"] = sorted(s["v4"]), sorted(s["v6"])
-    return ca == cb
 
 
 def applied_revision(bundle: Bundle | None, deltas: list[SetDelta]) -> int | None:
@@ -187,11 +178,15 @@ class Agent:
                 members = self._members[name] = {*s.v4, *s.v6}
             return members
 
-    def _reset_cache(self) -> None:
+    def _reset_cache(self, plan: Plan | None) -> None:
+        """Forget what was derived from the old bundle and deltas. The plan goes too: a kept plan
+        with its stale-set list cleared would hold pre-delta sets for good (grouped-rule deltas
+        are computed against it)."""
         with self._lock:
             self._eff, self._eff_n, self._versions = None, 0, None
             self._members = {}
             self._stale = set()
+            self.plan = plan
 
     def _local_key(self) -> str:
         """Fingerprint of the local fail-safes: a config change re-applies an unchanged bundle."""
@@ -222,7 +217,7 @@ class Agent:
                 self.state.save_applied(new, [])
                 with self._lock:
                     self.bundle, self.deltas = new, []
-                    self._reset_cache()
+                    self._reset_cache(plan)  # compiled from ``new``: the same firewall, current sets
             return Result(False, [f"bundle version {new.version} is already applied: no change"])
         old = self.effective()
         try:
@@ -234,8 +229,8 @@ class Agent:
         if self.state.identity() is None:
             self.state.set_identity(self.workload_id)
         with self._lock:
-            self.bundle, self.deltas, self.plan = new, [], plan
-            self._reset_cache()
+            self.bundle, self.deltas = new, []
+            self._reset_cache(plan)
         self.state.update_status(
             applied_version=new.version,
             mode=new.mode.value,
@@ -279,6 +274,10 @@ class Agent:
             rem4, rem6 = split_cidrs(delta.remove, f"delta {delta.set}.remove")
         except PlanError as exc:
             raise self._reject(what, str(exc)) from None
+        if {*add4, *add6} != set(delta.add) or {*rem4, *rem6} != set(delta.remove):
+            # the state keeps the delta's own text: "10.0.0.7" removing "10.0.0.7/32" would take it
+            # out of the kernel but not out of the last known good
+            raise self._reject(what, "elements must be canonical CIDR text (10.0.0.7/32, not 10.0.0.7)")
         missing = [x for x in (*rem4, *rem6) if x not in members]
         present = [x for x in (*add4, *add6) if x in members and x not in delta.remove]
         if missing or present:
@@ -349,8 +348,7 @@ class Agent:
         self.state.save_deltas(self.bundle, self.deltas[:keep])
         with self._lock:
             self.deltas = self.deltas[:keep]
-            self._reset_cache()
-            self.plan = None
+            self._reset_cache(None)
         lines = [f"undid {len(dropped)} delta(s) of a batch that failed half-way: back to revision {self.revision}"]
         plan = self.ensure_plan()
         try:
@@ -377,7 +375,7 @@ class Agent:
                     f"state holds a bundle for {self.bundle.workload_id!r}, this agent is {self.workload_id!r}"
                 )
             eff = self._fold_valid_deltas()
-            self._reset_cache()
+            self._reset_cache(None)
             plan = compile_plan(eff, self.local)
         except (BundleError, PlanError) as exc:
             self.state.update_status(last_error=f"last known good unusable: {exc}")

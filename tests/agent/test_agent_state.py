@@ -13,10 +13,20 @@ from pathlib import Path
 import pytest
 
 from ringfence import bundlewire as wire
-from ringfence.bundle import AddressSetDoc, Bundle, BundleRule, FailsafeDoc, ServiceMatch, SetDelta, sign, to_wire
+from ringfence.bundle import (
+    AddressSetDoc,
+    Bundle,
+    BundleRule,
+    FailsafeDoc,
+    GroupMember,
+    ServiceMatch,
+    SetDelta,
+    sign,
+    to_wire,
+)
 from ringfence.model import Mode
 from ringfence_agent.backends import ApplyError, ElementChange
-from ringfence_agent.core import Agent, effective_bundle, fold_delta, same_firewall
+from ringfence_agent.core import Agent, Rejected, effective_bundle, fold_delta, same_firewall
 from ringfence_agent.plan import GroupChange, compile_plan
 from ringfence_agent.state import StateDir
 from tests.agent.bundles import key
@@ -284,3 +294,70 @@ def test_the_inverse_of_a_change_takes_grouped_rule_elements_back_too() -> None:
     assert back.remove_v4 == ("10.0.0.1/32",) and back.add_v4 == ()
     assert back.groups == (GroupChange("r_in_0", 4, g.span, add=("10.0.0.0/31",), remove=("10.0.0.1/32",)),)
     assert back.inverse() == change
+
+
+# --- found by review: caches after a consolidating bundle, element order, element text ----------
+
+TCP80 = [ServiceMatch(proto="tcp", ports=(80, 80))]
+
+
+def grouped(version: int, s_elems: list[str], s_version: int | None = None) -> wire.Bundle:
+    """A grouped rule with members on two sets, S and T, sharing tcp/80."""
+    doc = Bundle(
+        workload_id="w",
+        version=version,
+        policy_version=1,
+        mode=Mode.ENFORCE,
+        sets={
+            "S": AddressSetDoc(version=s_version or version, v4=s_elems),
+            "T": AddressSetDoc(version=1, v4=["10.9.0.1/32"]),
+        },
+        inbound=[
+            BundleRule(
+                id="g",
+                action="allow",
+                set=None,
+                services=[],
+                members=[GroupMember(id="m1", set="S", services=TCP80), GroupMember(id="m2", set="T", services=TCP80)],
+            )
+        ],
+        failsafes=FailsafeDoc(admin_cidrs=["192.0.2.1/32"]),
+    )
+    return to_wire(sign(doc, key()))
+
+
+def set_delta(name: str, v: int, add: tuple[str, ...] = (), remove: tuple[str, ...] = ()) -> wire.SetDelta:
+    return to_wire(
+        sign(SetDelta(set=name, from_version=v, to_version=v + 1, add=list(add), remove=list(remove)), key())
+    )
+
+
+def test_a_consolidating_bundle_leaves_no_stale_plan_behind(tmp_path: Path) -> None:
+    agent, backend = make(tmp_path / "s")
+    agent.apply_bundle(grouped(1, ["10.0.0.1/32"]))
+    agent.apply_delta(set_delta("S", 1, add=("10.0.0.9/32",)))
+    # the same firewall, now as one bundle at the delta's revision: the delta chain goes
+    agent.apply_bundle(grouped(2, ["10.0.0.1/32", "10.0.0.9/32"], s_version=2))
+    plan = agent.ensure_plan()
+    assert plan is not None and plan.sets["S"].v4 == ("10.0.0.1/32", "10.0.0.9/32")
+    agent.apply_delta(set_delta("S", 2, remove=("10.0.0.9/32",)))
+    (group,) = backend.deltas[-1].groups
+    assert group.remove == ("10.0.0.9/32",), "the group's tcp/80 element must go with the member's address"
+
+
+def test_a_same_content_bundle_is_not_a_replay_whatever_the_element_order(tmp_path: Path) -> None:
+    agent, _ = make(tmp_path / "s")
+    agent.apply_bundle(bundle(1, ["10.0.0.1/32", "10.0.0.9/32"]))
+    agent.apply_delta(delta(1, add=["10.0.0.5/32"]))  # appended after 10.0.0.9/32
+    result = agent.apply_bundle(bundle(2, ["10.0.0.1/32", "10.0.0.5/32", "10.0.0.9/32"]))
+    assert "already applied" in result.lines[0] and agent.deltas == []
+    with pytest.raises(Rejected, match="replay refused"):
+        agent.apply_bundle(bundle(2, ["10.0.0.1/32", "10.0.0.6/32", "10.0.0.9/32"]))
+
+
+def test_a_delta_with_non_canonical_elements_is_refused(tmp_path: Path) -> None:
+    agent, backend = make(tmp_path / "s")
+    agent.apply_bundle(bundle(1, ["10.0.0.1/32", "10.0.0.7/32"]))
+    with pytest.raises(Rejected, match="canonical"):
+        agent.apply_delta(delta(1, remove=["10.0.0.7"]))
+    assert backend.deltas == [] and agent.revision == 1

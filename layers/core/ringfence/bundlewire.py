@@ -723,6 +723,15 @@ def sign(doc: D, signer: Signer) -> D:
 # --- acceptance ---------------------------------------------------------------------------------
 
 
+def same_firewall(a: Bundle, b: Bundle) -> bool:
+    """Equal enforcement content, whatever the element order (deltas append; bundles sort)."""
+    ca, cb = a.content(), b.content()
+    for c in (ca, cb):
+        for s in c["sets"].values():
+            s["v4"], s["v6"] = sorted(s["v4"]), sorted(s["v6"])
+    return ca == cb
+
+
 def check_acceptable(
     new: Bundle, workload_id: str, applied_revision: int | None, applied: Bundle | None = None
 ) -> None:
@@ -742,7 +751,7 @@ def check_acceptable(
         applied_revision is not None
         and applied is not None
         and new.version == applied_revision
-        and new.content() != applied.content()
+        and not same_firewall(new, applied)
     ):
         raise BundleError(
             f"bundle version {new.version} equals the applied revision but its content differs (replay refused)"
