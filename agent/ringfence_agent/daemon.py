@@ -198,24 +198,29 @@ class Daemon:
             return
         seen = (doc.workload_id, doc.version, doc.signature.value if doc.signature else None)
         if seen == self._last_refused:
+            self.source.settled()
             return  # refused already: reported once, not on every poll
         rev = self.agent.revision
         if self.source.kind == "static" and rev is not None and doc.version < rev and self.agent.deltas:
             # a static layout's bundle may lag behind the deltas already applied: not a rollback
             # attempt worth reporting, and never applied (apply_bundle would refuse it anyway)
             self._last_refused = seen
+            self.source.settled()
             log(f"static bundle version {doc.version} is behind the applied revision {rev} (deltas ahead): kept {rev}")
             return
         try:
             result = self.agent.apply_bundle(doc)
         except Rejected as exc:
             self._last_refused = seen
+            self.source.settled()  # refused for good: the same bytes would be refused again
             self._rejected(str(exc))
             return
         except ApplyError as exc:
+            # not settled: the next poll fetches the bundle again (no If-None-Match) and retries
             self.last_message = str(exc)
             log(str(exc))
             return
+        self.source.settled()
         self.last_message = ""
         if result.changed:
             self.collector.reset()

@@ -38,7 +38,16 @@ class Source(Protocol):
         None when it cannot (the agent API announces through ``wait`` and heartbeats)."""
         ...
 
-    def bundle(self) -> Bundle | None: ...
+    def bundle(self) -> Bundle | None:
+        """The whole bundle; None when unchanged since the last one :meth:`settled` (an ETag's 304)
+        or not published."""
+        ...
+
+    def settled(self) -> None:
+        """The bundle last returned by :meth:`bundle` was applied, or refused for good: later
+        fetches may answer "unchanged". Not called when its apply failed, so the next poll fetches
+        it again instead of being told nothing changed."""
+        ...
 
     def deltas(self, since: int, sets: dict[str, int], bundle_version: int) -> list[SetDelta] | None:
         """Signed deltas after revision ``since`` for the applied ``sets`` (name → version) of the
@@ -94,7 +103,8 @@ class StaticSource:
         self.workload_id = workload_id
         self.poll_interval = poll_interval
         self.timeout = timeout
-        self._etag: str | None = None
+        self._etag: str | None = None  # of the bundle last settled: sent as If-None-Match
+        self._fetched_etag: str | None = None  # of the bundle last fetched, until settled
         self._head_etag: str | None = None
         self.head: Head | None = None
         self._first = True
@@ -154,8 +164,11 @@ class StaticSource:
         status, hdrs, body = _http(f"{self.base}/{quote(name)}", self.timeout, headers=headers)
         doc = fetched_bundle(status, body, f"GET {name}")
         if doc is not None:
-            self._etag = hdrs.get("ETag") or hdrs.get("Etag")
+            self._fetched_etag = hdrs.get("ETag") or hdrs.get("Etag")
         return doc
+
+    def settled(self) -> None:
+        self._etag = self._fetched_etag
 
     def deltas(self, since: int, sets: dict[str, int], bundle_version: int) -> list[SetDelta] | None:
         """Walks each set's chain from the applied version to the head's, one file per step."""
@@ -207,7 +220,8 @@ class ApiSource:
         self.wait_timeout = wait_timeout
         tok = state.read_json("token.json")
         self.token: str | None = tok.get("token") if tok.get("workload_id") == workload_id else None
-        self._etag: str | None = None
+        self._etag: str | None = None  # of the bundle last settled: sent as If-None-Match
+        self._fetched_etag: str | None = None  # of the bundle last fetched, until settled
 
     def _agent_url(self, suffix: str) -> str:
         return f"{self.base}/agents/{quote(self.workload_id, safe='')}/{suffix}"
@@ -267,8 +281,11 @@ class ApiSource:
         status, hdrs, body = self._call("bundle", headers=headers)
         doc = fetched_bundle(status, body, "bundle")
         if doc is not None:
-            self._etag = hdrs.get("ETag") or hdrs.get("Etag")
+            self._fetched_etag = hdrs.get("ETag") or hdrs.get("Etag")
         return doc
+
+    def settled(self) -> None:
+        self._etag = self._fetched_etag
 
     def deltas(self, since: int, sets: dict[str, int], bundle_version: int) -> list[SetDelta] | None:
         status, _, body = self._call(f"deltas?since={since}")
