@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 import urllib.error
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
 
-from ringfence.agentwire import API_PREFIX, Heartbeat, ReportBatch, read_response
+from ringfence.agentwire import API_PREFIX, Heartbeat, ReportBatch, ResponseError, read_response
 from ringfence.bundlewire import Bundle, BundleError, SetDelta, delta_from_json, load_bundle, load_delta
 from ringfence.staticlayout import Head, HeadError, bundle_path, delta_path, head_path, load_head
 from ringfence_agent.enroll import ProofError, Prover
@@ -75,21 +76,47 @@ def _http(
     body: dict[str, Any] | None = None,
     headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
+    """One request: (status, headers, body) for 2xx-4xx answers. Whatever keeps an answer from
+    arriving whole (network, timeout, 5xx, 429, a torn or non-HTTP answer) is :class:`Unreachable`,
+    naming the URL and the problem."""
+    where = f"{method} {url}"
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))  # noqa: S310
     if data is not None:
         req.add_header("Content-Type", "application/json")
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - http(s) only, validated in config
-            return resp.status, dict(resp.headers.items()), resp.read()
-    except urllib.error.HTTPError as exc:
-        status = exc.code
-        payload = exc.read() if exc.fp is not None else b""
-        if status >= 500 or status == 429:
-            raise Unreachable(f"{method} {url}: HTTP {status}") from None
-        return status, dict(exc.headers.items()) if exc.headers else {}, payload
-    except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        raise Unreachable(f"{method} {url}: {getattr(exc, 'reason', exc)}") from None
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - http(s) only, validated in config
+                return resp.status, dict(resp.headers.items()), resp.read()
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+            if status >= 500 or status == 429:
+                raise Unreachable(f"{where}: HTTP {status}") from None
+            payload = exc.read() if exc.fp is not None else b""
+            return status, dict(exc.headers.items()) if exc.headers else {}, payload
+    except http.client.HTTPException as exc:  # first: RemoteDisconnected is an OSError too
+        raise Unreachable(f"{where}: {_http_problem(exc)}") from None
+    except (urllib.error.URLError, OSError) as exc:  # TimeoutError is an OSError
+        raise Unreachable(f"{where}: {getattr(exc, 'reason', exc)}") from None
+
+
+def _http_problem(exc: http.client.HTTPException) -> str:
+    if isinstance(exc, http.client.IncompleteRead):
+        return f"answer cut short after {len(exc.partial)} bytes (IncompleteRead)"
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return "connection closed without an answer (RemoteDisconnected)"
+    if isinstance(exc, http.client.BadStatusLine):
+        return f"not an HTTP answer: {str(exc)[:100]!r} (BadStatusLine)"
+    return f"bad HTTP answer ({type(exc).__name__}: {str(exc)[:200]})"
+
+
+def _answer(body: bytes, what: str, **fields: type | tuple[type, None]) -> dict[str, Any]:
+    """An agent-API answer's JSON object (:func:`read_response`); one that is not is a
+    :class:`SourceError` (a captive portal's HTML page, a proxy's error text)."""
+    try:
+        return read_response(body, what, **fields)
+    except ResponseError as exc:
+        raise SourceError(f"{exc} ({len(body)} bytes: {body[:80]!r})") from None
 
 
 class StaticSource:
@@ -230,7 +257,7 @@ class ApiSource:
         status, _, body = _http(f"{self.base}/nonce", self.timeout)
         if status != 200:
             raise SourceError(f"nonce: HTTP {status} {body[:200]!r}")
-        nonce: str = read_response(body, "nonce", nonce=str)["nonce"]
+        nonce: str = _answer(body, "nonce", nonce=str)["nonce"]
         try:
             req = self.prove(nonce)
         except ProofError as exc:
@@ -238,7 +265,7 @@ class ApiSource:
         status, _, body = _http(f"{self.base}/enroll", self.timeout, "POST", req.to_json())
         if status != 200:
             raise SourceError(f"enroll refused: HTTP {status} {body[:300]!r}")
-        resp = read_response(body, "enroll", workload_id=str, token=str)
+        resp = _answer(body, "enroll", workload_id=str, token=str)
         if resp["workload_id"] != self.workload_id:
             raise SourceError(f"enrolled as {resp['workload_id']!r}, configured as {self.workload_id!r}")
         self.token = resp["token"]
@@ -270,8 +297,8 @@ class ApiSource:
         status, _, body = self._call(f"wait?version={v}&timeout={int(timeout)}", timeout=timeout + self.timeout)
         if status != 200:
             raise SourceError(f"wait: HTTP {status}")
-        latest = json.loads(body).get("latest_version")
-        return int(latest) if isinstance(latest, int) else None
+        latest = _answer(body, "wait").get("latest_version")
+        return latest if type(latest) is int else None
 
     def announced(self) -> int | None:
         return None  # announced by wait() and heartbeats
@@ -293,14 +320,14 @@ class ApiSource:
             return None
         if status != 200:
             raise SourceError(f"deltas: HTTP {status}")
-        resp = read_response(body, "deltas", deltas=list)
-        return [delta_from_json(d) for d in resp["deltas"]]
+        resp = _answer(body, "deltas", deltas=list)
+        return [delta_from_json(d) for d in resp["deltas"]]  # BundleError: the daemon refuses them
 
     def heartbeat(self, hb: Heartbeat) -> int | None:
         status, _, body = self._call("heartbeat", "POST", hb.to_json())
         if status != 200:
             raise SourceError(f"heartbeat: HTTP {status}")
-        latest: int | None = read_response(body, "heartbeat", latest_version=(int, None))["latest_version"]
+        latest: int | None = _answer(body, "heartbeat", latest_version=(int, None))["latest_version"]
         return latest
 
     def report(self, batch: ReportBatch) -> None:

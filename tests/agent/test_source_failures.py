@@ -18,8 +18,10 @@ from ringfence_agent.backends import ApplyError
 from ringfence_agent.config import AgentConfig, Enrollment
 from ringfence_agent.daemon import Daemon
 from ringfence_agent.plan import Plan
+from ringfence_agent.sources import SourceError
 from tests.agent.bundles import PUBLIC_KEY
-from tests.agent.test_agent_state import SET, bundle
+from tests.agent.netlab import wait_until
+from tests.agent.test_agent_state import SET, bundle, delta
 
 Handler = Callable[[http.server.BaseHTTPRequestHandler], None]
 
@@ -205,3 +207,147 @@ def test_a_transient_apply_failure_is_retried_with_the_agent_api(
     daemon.sync(3)  # announced but unchanged: a 304
     assert daemon.agent.revision == 2
     assert sum(p.endswith("/bundle") for p in log) == 3
+
+
+# --- M2: bad answers are failed contacts or refused documents, never the end of the daemon ----------
+
+
+def torn(h: http.server.BaseHTTPRequestHandler) -> None:
+    send(h, 200, b'{"workload_id":', length=1000)  # then the connection closes: 15 of 1000 bytes
+
+
+def not_http(h: http.server.BaseHTTPRequestHandler) -> None:
+    h.wfile.write(b"NOT-HTTP garbage\r\n\r\n")
+    h.close_connection = True
+
+
+def hang_up(h: http.server.BaseHTTPRequestHandler) -> None:
+    h.close_connection = True
+
+
+def html(h: http.server.BaseHTTPRequestHandler) -> None:
+    send(h, 200, b"<html><body>Please log in to the hotel wifi</body></html>", Content_Type="text/html")
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (torn, "answer cut short after 15 bytes (IncompleteRead)"),
+        (not_http, "not an HTTP answer: " + repr("NOT-HTTP garbage\r\n") + " (BadStatusLine)"),
+        (hang_up, "connection closed without an answer (RemoteDisconnected)"),
+    ],
+)
+def test_a_static_source_with_broken_answers_is_retried_until_it_recovers(
+    tmp_path: Path,
+    serve: Callable[[Handler], tuple[str, list[str]]],
+    capsys: pytest.CaptureFixture[str],
+    bad: Handler,
+    message: str,
+) -> None:
+    body = wire.dumps(bundle(1, ["10.0.0.1/32"])).encode()
+    broken = [True]
+
+    def route(h: http.server.BaseHTTPRequestHandler) -> None:
+        if h.path != "/bundles/w.json":
+            return send(h, 404)
+        return bad(h) if broken[0] else send(h, 200, body)
+
+    base, log = serve(route)
+    daemon = Daemon(static_config(tmp_path, base, backoff_max=1))
+    thread = threading.Thread(target=daemon.run)
+    thread.start()
+    try:
+        assert wait_until(lambda: log.count("/bundles/w.json") >= 3, 10), log  # backs off, retries
+        assert thread.is_alive() and daemon.agent.revision is None
+        assert daemon.state.read_json("status.json")["counters"]["contact_failures"] >= 2
+        broken[0] = False
+        assert wait_until(lambda: daemon.agent.revision == 1, 10)
+    finally:
+        daemon.stop.set()
+        thread.join(timeout=10)
+    err = capsys.readouterr().err
+    assert f"GET {base}/bundles/w.json: {message}; still enforcing revision None" in err, err
+    assert "Traceback" not in err
+
+
+def test_an_agent_api_answering_html_is_a_failed_contact(
+    tmp_path: Path, serve: Callable[[Handler], tuple[str, list[str]]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    base, _ = serve(lambda h: html(h))
+    daemon = api_daemon(tmp_path, base)
+    daemon.agent.apply_bundle(bundle(1, ["10.0.0.1/32"]))
+    assert daemon.run(once=True) == 0
+    err = capsys.readouterr().err
+    assert "nonce: not JSON" in err and "<html><body>Please log in" in err and "still enforcing revision 1" in err
+    # enrolled, then every answer is a portal page: each endpoint fails the same way
+    body = wire.dumps(bundle(1, ["10.0.0.1/32"])).encode()
+    for name in ("wait", "heartbeat", "deltas"):
+        base, _ = serve(api_route(lambda: body, **{name: html}))
+        daemon.source = api_daemon(tmp_path / name, base).source
+        daemon.source.announced()
+        if name == "wait":
+            with pytest.raises(SourceError, match="wait: not JSON"):
+                daemon.source.wait(1, 1, daemon.stop)
+        elif name == "heartbeat":
+            with pytest.raises(SourceError, match="heartbeat: not JSON"):
+                daemon.heartbeat()
+        else:
+            with pytest.raises(SourceError, match="deltas: not JSON"):
+                daemon.sync(2)
+
+
+def test_a_malformed_delta_from_the_agent_api_is_refused_and_the_bundle_decides(
+    tmp_path: Path, serve: Callable[[Handler], tuple[str, list[str]]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    body = wire.dumps(bundle(2, ["10.0.0.2/32"])).encode()
+    bogus = b'{"deltas": [{"format": "ringfence.delta/v1", "set": 5}]}'
+    base, _ = serve(api_route(lambda: body, deltas=lambda h: send(h, 200, bogus)))
+    daemon = api_daemon(tmp_path, base)
+    daemon.agent.apply_bundle(bundle(1, ["10.0.0.1/32"]))
+    daemon.sync(2)
+    assert daemon.agent.revision == 2
+    assert "malformed delta from source" in capsys.readouterr().err
+
+
+def test_a_signed_document_that_raises_unexpectedly_is_refused_and_the_daemon_goes_on(
+    tmp_path: Path,
+    serve: Callable[[Handler], tuple[str, list[str]]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import ringfence_agent.core
+
+    body = wire.dumps(bundle(2, ["10.0.0.2/32"])).encode()
+    base, _ = serve(api_route(lambda: body))
+    daemon = api_daemon(tmp_path, base)
+    daemon.agent.apply_bundle(bundle(1, ["10.0.0.1/32"]))
+
+    def odd(*args: object) -> None:
+        raise ValueError("an odd document")
+
+    monkeypatch.setattr(ringfence_agent.core, "compile_plan", odd)
+    daemon.sync(2)
+    err = capsys.readouterr().err
+    assert "rejected bundle for 'w' version 2: unexpected ValueError: an odd document (raised in" in err, err
+    status = daemon.state.read_json("status.json")
+    assert status["counters"]["rejected"] == 1 and "ValueError" in status["last_rejected"]["reason"]
+    assert daemon.agent.revision == 1 and "ValueError" in daemon.last_message
+    daemon.sync(2)  # the same document again: refused once, not on every poll
+    assert daemon.state.read_json("status.json")["counters"]["rejected"] == 1
+
+    # a delta: refused, its batch undone
+    monkeypatch.setattr(ringfence_agent.core, "split_cidrs", odd)
+    assert daemon._apply_deltas([delta(1, add=["10.0.0.9/32"])]) is False
+    assert "rejected delta for set" in capsys.readouterr().err and daemon.agent.revision == 1
+
+    # on start (a last known good that no longer compiles), and in the loop itself: logged with
+    # its type, retried, the daemon stays up
+    def broken(latest: int | None) -> None:
+        raise KeyError("bug")
+
+    monkeypatch.setattr(daemon, "sync", broken)
+    assert daemon.run(once=True) == 0
+    err = capsys.readouterr().err
+    assert "last known good not re-applied: unexpected ValueError: an odd document (raised in" in err
+    assert "unexpected KeyError: 'bug' (raised in test_source_failures.py" in err
+    assert daemon.state.read_json("status.json")["counters"]["unexpected_errors"] == 1
