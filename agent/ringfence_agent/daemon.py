@@ -99,9 +99,24 @@ class Daemon:
                 if e.method == "aws-iid"
                 else enroll.pairing(cfg.workload_id, e.key())
             )
-            return ApiSource(cfg.api_url, cfg.workload_id, prove, self.state, cfg.request_timeout, cfg.wait_timeout)
+            return ApiSource(
+                cfg.api_url,
+                cfg.workload_id,
+                prove,
+                self.state,
+                cfg.request_timeout,
+                cfg.wait_timeout,
+                cfg.max_bundle_bytes,
+            )
         assert cfg.source is not None
-        return StaticSource(cfg.source, cfg.workload_id, cfg.poll_interval, cfg.request_timeout)
+        return StaticSource(
+            cfg.source,
+            cfg.workload_id,
+            cfg.poll_interval,
+            cfg.request_timeout,
+            verify=self.verifier.verify,
+            max_bundle_bytes=cfg.max_bundle_bytes,
+        )
 
     # --- lifecycle ---------------------------------------------------------------------------
 

@@ -6,23 +6,27 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
+import re
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from ringfence import bundlewire as wire
 from ringfence.staticlayout import Head
 from ringfence_agent.backends import ApplyError
-from ringfence_agent.config import AgentConfig, Enrollment
+from ringfence_agent.config import AgentConfig, ConfigError, Enrollment, load_config
 from ringfence_agent.daemon import Daemon
 from ringfence_agent.plan import Plan
-from ringfence_agent.sources import SourceError
+from ringfence_agent.sources import MAX_BUNDLE_BYTES, MAX_CHAIN_LINKS, SourceError, StaticSource
 from tests.agent.bundles import PUBLIC_KEY
 from tests.agent.netlab import wait_until
 from tests.agent.test_agent_state import SET, bundle, delta
 
+T = TypeVar("T")
 Handler = Callable[[http.server.BaseHTTPRequestHandler], None]
 
 
@@ -232,7 +236,7 @@ def html(h: http.server.BaseHTTPRequestHandler) -> None:
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
-        (torn, "answer cut short after 15 bytes (IncompleteRead)"),
+        (torn, "answer cut short after 15 of 1000 bytes"),
         (not_http, "not an HTTP answer: " + repr("NOT-HTTP garbage\r\n") + " (BadStatusLine)"),
         (hang_up, "connection closed without an answer (RemoteDisconnected)"),
     ],
@@ -351,3 +355,123 @@ def test_a_signed_document_that_raises_unexpectedly_is_refused_and_the_daemon_go
     assert "last known good not re-applied: unexpected ValueError: an odd document (raised in" in err
     assert "unexpected KeyError: 'bug' (raised in test_source_failures.py" in err
     assert daemon.state.read_json("status.json")["counters"]["unexpected_errors"] == 1
+
+
+# --- M3: the unsigned head bounds nothing; bodies are read within a limit ---------------------------
+
+
+def evil_chain(signed: bool) -> Handler:
+    """A head far ahead of the bundle, and a link for every version it asks for."""
+
+    def route(h: http.server.BaseHTTPRequestHandler) -> None:
+        if h.path == "/heads/w.json":
+            return send(h, 200, Head("w", 10**15, 1, {SET: 10**15}).dumps().encode())
+        if h.path.startswith(f"/deltas/{SET}/"):
+            v = int(h.path.rsplit("/", 1)[1].removesuffix(".json"))
+            if signed:
+                return send(h, 200, wire.dumps(delta(v, add=[f"10.1.{v >> 8 & 255}.{v & 255}/32"])).encode())
+            unsigned = {"format": "ringfence.delta/v1", "set": SET, "from_version": v, "to_version": v + 1}
+            return send(h, 200, json.dumps(unsigned).encode())
+        return send(h, 404)
+
+    return route
+
+
+def within(seconds: float, fn: Callable[[], T]) -> T:
+    """``fn()``, failing the test (not hanging it) when it takes longer than ``seconds``."""
+    out: list[T] = []
+    thread = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert out, f"still running after {seconds}s"
+    return out[0]
+
+
+def test_a_head_far_ahead_walks_at_most_one_unsigned_link(
+    tmp_path: Path, serve: Callable[[Handler], tuple[str, list[str]]]
+) -> None:
+    base, log = serve(evil_chain(signed=False))
+    daemon = Daemon(static_config(tmp_path, base))
+    daemon.agent.apply_bundle(bundle(1, ["10.0.0.1/32"]))
+    assert daemon.source.announced() == 10**15
+    got = within(10, lambda: daemon.source.deltas(1, daemon.agent.set_versions(), 1))
+    assert got is not None and [d.to_version for d in got] == [2]  # handed on to be refused
+    assert sum(p.startswith("/deltas/") for p in log) == 1
+    # without a verifier (a source used on its own): the chain is cut at MAX_CHAIN_LINKS
+    plain = StaticSource(base, "w", 1, 5)
+    plain.announced()
+    assert within(10, lambda: plain.deltas(1, daemon.agent.set_versions(), 1)) is None
+    assert sum(p.startswith("/deltas/") for p in log) == 1 + MAX_CHAIN_LINKS
+
+
+def test_a_long_signed_chain_stops_at_the_link_cap_and_the_bundle_decides(
+    tmp_path: Path, serve: Callable[[Handler], tuple[str, list[str]]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    base, log = serve(evil_chain(signed=True))
+    daemon = Daemon(static_config(tmp_path, base))
+    daemon.agent.apply_bundle(bundle(1, ["10.0.0.1/32"]))
+    within(10, lambda: daemon.sync(None))  # the deltas do not bridge; no bundle published: nothing applied
+    assert sum(p.startswith("/deltas/") for p in log) == MAX_CHAIN_LINKS
+    assert "/bundles/w.json" in log and daemon.agent.revision == 1
+    assert "rejected" not in capsys.readouterr().err
+
+
+def big(length: int | None, size: int) -> Handler:
+    def route(h: http.server.BaseHTTPRequestHandler) -> None:
+        if h.path != "/bundles/w.json":
+            return send(h, 404)
+        h.send_response(200)
+        if length is not None:
+            h.send_header("Content-Length", str(length))
+        h.end_headers()
+        chunk = b" " * 65536
+        try:
+            for _ in range(size // len(chunk)):
+                h.wfile.write(chunk)
+        except OSError:
+            pass  # the agent hung up: it read what the limit allows and no more
+        h.close_connection = True
+
+    return route
+
+
+@pytest.mark.parametrize(
+    ("length", "message"),
+    [
+        (300 * 2**20, "answer of 314572800 bytes is over the limit of 1048576 bytes"),
+        (None, "answer over the limit of 1048576 bytes"),  # no Content-Length: counted while read
+    ],
+)
+def test_a_bundle_over_the_size_limit_is_a_source_error(
+    tmp_path: Path,
+    serve: Callable[[Handler], tuple[str, list[str]]],
+    capsys: pytest.CaptureFixture[str],
+    length: int | None,
+    message: str,
+) -> None:
+    base, _ = serve(big(length, 8 * 2**20))
+    daemon = Daemon(static_config(tmp_path, base, max_bundle_bytes=2**20))
+    with pytest.raises(SourceError, match=re.escape(f"GET {base}/bundles/w.json: {message}")):
+        daemon.source.bundle()
+    assert daemon.run(once=True) == 0
+    assert f"{message}; still enforcing revision None" in capsys.readouterr().err
+
+
+def test_the_default_limit_holds_a_large_bundle_and_a_directory_source_is_capped_too(tmp_path: Path) -> None:
+    large = wire.dumps(bundle(1, [f"10.{i >> 16}.{i >> 8 & 255}.{i & 255}/32" for i in range(100_000)])).encode()
+    assert 2 * 2**20 < len(large) < MAX_BUNDLE_BYTES // 16  # 100,000 addresses: ~2 MB
+    src = tmp_path / "src"
+    (src / "bundles").mkdir(parents=True)
+    (src / "bundles" / "w.json").write_bytes(large)
+    assert StaticSource(str(src), "w", 1, 5).bundle() is not None
+    with pytest.raises(SourceError, match=re.escape("bundles/w.json: over the limit of 1048576 bytes")):
+        StaticSource(str(src), "w", 1, 5, max_bundle_bytes=2**20).bundle()
+    with pytest.raises(ConfigError, match="max_bundle_bytes"):
+        load_config_text(tmp_path, '{"max_bundle_bytes": 100}')
+
+
+def load_config_text(tmp_path: Path, extra: str) -> AgentConfig:
+    base = {"workload_id": "w", "public_key": str(PUBLIC_KEY), "state_dir": str(tmp_path / "s"), "source": "x"}
+    path = tmp_path / "agent.json"
+    path.write_text(json.dumps({**base, **json.loads(extra)}))
+    return load_config(path)
