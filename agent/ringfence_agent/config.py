@@ -99,6 +99,7 @@ _CONFIG_TYPES: dict[str, tuple[str, tuple[str, ...], bool]] = {
     "request_timeout": _required("float"),
     "max_buffered_records": _required("int"),
     "max_spool_bytes": _required("int"),
+    "max_bundle_bytes": _required("int"),
 }
 
 _RANGES: dict[str, tuple[float, float | None]] = {
@@ -111,6 +112,7 @@ _RANGES: dict[str, tuple[float, float | None]] = {
     "request_timeout": (0.5, None),
     "max_buffered_records": (10, 1_000_000),
     "max_spool_bytes": (4096, None),
+    "max_bundle_bytes": (65536, None),
 }
 
 
@@ -162,6 +164,7 @@ class AgentConfig:
     request_timeout: float = 10.0
     max_buffered_records: int = 10_000
     max_spool_bytes: int = 4 * 1024 * 1024
+    max_bundle_bytes: int = 64 * 1024 * 1024  # largest bundle body accepted (a static delta: a quarter)
 
     def __post_init__(self) -> None:
         _validate_types(self, _CONFIG_TYPES, "")

@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from types import FrameType
 
 from ringfence.agentwire import Heartbeat
@@ -50,6 +51,15 @@ def release_memory() -> None:
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _where(exc: BaseException) -> str:
+    """ " (raised in FILE:LINE, FUNCTION)" for the innermost frame of the exception's traceback."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" (raised in {os.path.basename(f.filename)}:{f.lineno}, {f.name})"
 
 
 def backoff_delay(failures: int, cap: float, rng: random.Random) -> float:
@@ -89,9 +99,24 @@ class Daemon:
                 if e.method == "aws-iid"
                 else enroll.pairing(cfg.workload_id, e.key())
             )
-            return ApiSource(cfg.api_url, cfg.workload_id, prove, self.state, cfg.request_timeout, cfg.wait_timeout)
+            return ApiSource(
+                cfg.api_url,
+                cfg.workload_id,
+                prove,
+                self.state,
+                cfg.request_timeout,
+                cfg.wait_timeout,
+                cfg.max_bundle_bytes,
+            )
         assert cfg.source is not None
-        return StaticSource(cfg.source, cfg.workload_id, cfg.poll_interval, cfg.request_timeout)
+        return StaticSource(
+            cfg.source,
+            cfg.workload_id,
+            cfg.poll_interval,
+            cfg.request_timeout,
+            verify=self.verifier.verify,
+            max_bundle_bytes=cfg.max_bundle_bytes,
+        )
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -156,6 +181,18 @@ class Daemon:
                 if once:
                     break
                 self.stop.wait(delay)
+            except Exception as exc:
+                # nothing from the network may stop the daemon: whatever slipped past the checks
+                # above is logged with its type and origin, and retried like a failed contact
+                failures += 1
+                delay = backoff_delay(failures, self.cfg.backoff_max, self.rng)
+                msg = f"unexpected {type(exc).__name__}: {exc}"
+                self.last_message = self.contact_error = msg
+                self.state.update_status(last_error=msg, incr={"unexpected_errors": 1})
+                log(f"{msg}{_where(exc)}; still enforcing revision {self.agent.revision}; retry in {delay:.1f}s")
+                if once:
+                    break
+                self.stop.wait(delay)
         self.stop.set()
         observer.join(timeout=5)
         self._spool_buffers()
@@ -174,6 +211,9 @@ class Daemon:
         except (Rejected, ApplyError) as exc:
             self.last_message = str(exc)
             log(f"{exc}")
+        except Exception as exc:  # the state directory's documents came from the network too
+            self.last_message = f"last known good not re-applied: unexpected {type(exc).__name__}: {exc}"
+            log(f"{self.last_message}{_where(exc)}")
         release_memory()
 
     # --- sync --------------------------------------------------------------------------------
@@ -185,7 +225,7 @@ class Daemon:
         if rev is not None and latest is not None and latest <= rev:
             return
         if rev is not None and self.agent.bundle is not None:
-            deltas = self.source.deltas(rev, self.agent.set_versions(), self.agent.bundle.version)
+            deltas = self._fetch_deltas(rev, self.agent.bundle.version)
             bridged = deltas is not None and self._apply_deltas(deltas)
             if bridged and latest is not None and (self.agent.revision or 0) >= latest:
                 return  # the deltas brought it all the way: no whole bundle to fetch
@@ -198,24 +238,34 @@ class Daemon:
             return
         seen = (doc.workload_id, doc.version, doc.signature.value if doc.signature else None)
         if seen == self._last_refused:
+            self.source.settled()
             return  # refused already: reported once, not on every poll
         rev = self.agent.revision
         if self.source.kind == "static" and rev is not None and doc.version < rev and self.agent.deltas:
             # a static layout's bundle may lag behind the deltas already applied: not a rollback
             # attempt worth reporting, and never applied (apply_bundle would refuse it anyway)
             self._last_refused = seen
+            self.source.settled()
             log(f"static bundle version {doc.version} is behind the applied revision {rev} (deltas ahead): kept {rev}")
             return
         try:
             result = self.agent.apply_bundle(doc)
         except Rejected as exc:
             self._last_refused = seen
+            self.source.settled()  # refused for good: the same bytes would be refused again
             self._rejected(str(exc))
             return
         except ApplyError as exc:
+            # not settled: the next poll fetches the bundle again (no If-None-Match) and retries
             self.last_message = str(exc)
             log(str(exc))
             return
+        except Exception as exc:  # a signed document the agent could not handle: refused, not fatal
+            self._last_refused = seen
+            self.source.settled()
+            self._unexpected(f"bundle for {doc.workload_id!r} version {doc.version}", exc)
+            return
+        self.source.settled()
         self.last_message = ""
         if result.changed:
             self.collector.reset()
@@ -223,9 +273,17 @@ class Daemon:
                 log(line)
             release_memory()
         if self.agent.revision is not None and self.agent.bundle is not None:
-            more = self.source.deltas(self.agent.revision, self.agent.set_versions(), self.agent.bundle.version)
+            more = self._fetch_deltas(self.agent.revision, self.agent.bundle.version)
             if more:
                 self._apply_deltas(more)
+
+    def _fetch_deltas(self, since: int, bundle_version: int) -> list[SetDelta] | None:
+        """The source's deltas; a malformed one is refused and the whole bundle decides (None)."""
+        try:
+            return self.source.deltas(since, self.agent.set_versions(), bundle_version)
+        except BundleError as exc:
+            self._rejected(f"malformed delta from source: {exc}")
+            return None
 
     def _apply_deltas(self, deltas: list[SetDelta]) -> bool:
         """Apply in order; False when one was refused or failed (the whole bundle must bridge).
@@ -236,11 +294,13 @@ class Daemon:
         for d in deltas:
             try:
                 result = self.agent.apply_delta(d)
-            except (Rejected, ApplyError) as exc:
+            except Exception as exc:
                 if isinstance(exc, Rejected):
                     self._rejected(str(exc))
-                else:
+                elif isinstance(exc, ApplyError):
                     log(str(exc))
+                else:  # a signed delta the agent could not handle: refused, not fatal
+                    self._unexpected(f"delta for set {d.set} {d.from_version}→{d.to_version}", exc)
                 if len(self.agent.deltas) > applied:
                     for line in self.agent.rewind_deltas(applied).lines:
                         log(line)
@@ -253,6 +313,16 @@ class Daemon:
     def _rejected(self, msg: str) -> None:
         self.last_message = msg
         log(msg)
+
+    def _unexpected(self, what: str, exc: Exception) -> None:
+        """A document that raised what no check expected (a bug, or a case no check covers yet):
+        refused like any other — counted, reported in the heartbeat — with the error's type and
+        where it was raised in the log, so that it is not mistaken for an ordinary refusal."""
+        reason = f"unexpected {type(exc).__name__}: {exc}"
+        self.state.update_status(
+            last_rejected={"what": what, "reason": reason, "time": time.time()}, incr={"rejected": 1}
+        )
+        self._rejected(f"rejected {what}: {reason}{_where(exc)}")
 
     # --- heartbeat and reports -----------------------------------------------------------------
 

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import http.client
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -47,7 +48,7 @@ def aws_iid(imds_url: str = "http://169.254.169.254", signature: str = "rsa2048"
                 token = resp.read().decode()
             document = fetch("/latest/dynamic/instance-identity/document", token)
             sig = fetch(f"/latest/dynamic/instance-identity/{signature}", token)
-        except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        except (urllib.error.URLError, OSError, http.client.HTTPException, UnicodeDecodeError) as exc:
             raise ProofError(
                 f"instance metadata (IMDSv2) unavailable at {base}: {getattr(exc, 'reason', exc)}"
             ) from None

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
 
-from ringfence.agentwire import API_PREFIX, Heartbeat, ReportBatch, read_response
+from ringfence.agentwire import API_PREFIX, Heartbeat, ReportBatch, ResponseError, read_response
 from ringfence.bundlewire import Bundle, BundleError, SetDelta, delta_from_json, load_bundle, load_delta
 from ringfence.staticlayout import Head, HeadError, bundle_path, delta_path, head_path, load_head
 from ringfence_agent.enroll import ProofError, Prover
 from ringfence_agent.state import StateDir
+
+MAX_BUNDLE_BYTES = 64 * 1024 * 1024  # default cap of a bundle body (100,000 addresses: ~2-3 MB)
+MAX_HEAD_BYTES = 1024 * 1024  # a static head: a version per set
+MAX_ANSWER_BYTES = 256 * 1024  # the agent API's small answers (nonce, enroll, wait, heartbeat, reports)
+MAX_ERROR_BYTES = 64 * 1024  # what is kept of an error answer's body (for messages only)
+MAX_CHAIN_LINKS = 64  # deltas a static source walks per poll; further behind, the whole bundle
 
 
 class Unreachable(Exception):
@@ -38,7 +46,16 @@ class Source(Protocol):
         None when it cannot (the agent API announces through ``wait`` and heartbeats)."""
         ...
 
-    def bundle(self) -> Bundle | None: ...
+    def bundle(self) -> Bundle | None:
+        """The whole bundle; None when unchanged since the last one :meth:`settled` (an ETag's 304)
+        or not published."""
+        ...
+
+    def settled(self) -> None:
+        """The bundle last returned by :meth:`bundle` was applied, or refused for good: later
+        fetches may answer "unchanged". Not called when its apply failed, so the next poll fetches
+        it again instead of being told nothing changed."""
+        ...
 
     def deltas(self, since: int, sets: dict[str, int], bundle_version: int) -> list[SetDelta] | None:
         """Signed deltas after revision ``since`` for the applied ``sets`` (name → version) of the
@@ -65,22 +82,68 @@ def _http(
     method: str = "GET",
     body: dict[str, Any] | None = None,
     headers: dict[str, str] | None = None,
+    limit: int = MAX_ANSWER_BYTES,
 ) -> tuple[int, dict[str, str], bytes]:
+    """One request: (status, headers, body) for 2xx-4xx answers. Whatever keeps an answer from
+    arriving whole (network, timeout, 5xx, 429, a torn or non-HTTP answer) is :class:`Unreachable`,
+    naming the URL and the problem; a body over ``limit`` bytes is a :class:`SourceError` (read in
+    chunks: never more than the limit in memory). Error bodies are cut at MAX_ERROR_BYTES."""
+    where = f"{method} {url}"
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))  # noqa: S310
     if data is not None:
         req.add_header("Content-Type", "application/json")
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - http(s) only, validated in config
-            return resp.status, dict(resp.headers.items()), resp.read()
-    except urllib.error.HTTPError as exc:
-        status = exc.code
-        payload = exc.read() if exc.fp is not None else b""
-        if status >= 500 or status == 429:
-            raise Unreachable(f"{method} {url}: HTTP {status}") from None
-        return status, dict(exc.headers.items()) if exc.headers else {}, payload
-    except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        raise Unreachable(f"{method} {url}: {getattr(exc, 'reason', exc)}") from None
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - http(s) only, validated in config
+                return resp.status, dict(resp.headers.items()), _read_body(resp, limit, where)
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+            if status >= 500 or status == 429:
+                raise Unreachable(f"{where}: HTTP {status}") from None
+            payload = exc.read(MAX_ERROR_BYTES) if exc.fp is not None else b""
+            return status, dict(exc.headers.items()) if exc.headers else {}, payload
+    except http.client.HTTPException as exc:  # first: RemoteDisconnected is an OSError too
+        raise Unreachable(f"{where}: {_http_problem(exc)}") from None
+    except (urllib.error.URLError, OSError) as exc:  # TimeoutError is an OSError
+        raise Unreachable(f"{where}: {getattr(exc, 'reason', exc)}") from None
+
+
+def _read_body(resp: http.client.HTTPResponse, limit: int, where: str) -> bytes:
+    announced = resp.headers.get("Content-Length")
+    length = int(announced) if announced is not None and announced.strip().isdigit() else None
+    if length is not None and length > limit:
+        raise SourceError(f"{where}: answer of {length} bytes is over the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := resp.read(min(1 << 20, limit + 1 - size)):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise SourceError(f"{where}: answer over the limit of {limit} bytes")
+    if length is not None and size < length:
+        # http.client returns what it got when the connection closes early: not a whole answer
+        raise Unreachable(f"{where}: answer cut short after {size} of {length} bytes")
+    return b"".join(chunks)
+
+
+def _http_problem(exc: http.client.HTTPException) -> str:
+    if isinstance(exc, http.client.IncompleteRead):
+        return f"answer cut short after {len(exc.partial)} bytes (IncompleteRead)"
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return "connection closed without an answer (RemoteDisconnected)"
+    if isinstance(exc, http.client.BadStatusLine):
+        return f"not an HTTP answer: {str(exc)[:100]!r} (BadStatusLine)"
+    return f"bad HTTP answer ({type(exc).__name__}: {str(exc)[:200]})"
+
+
+def _answer(body: bytes, what: str, **fields: type | tuple[type, None]) -> dict[str, Any]:
+    """An agent-API answer's JSON object (:func:`read_response`); one that is not is a
+    :class:`SourceError` (a captive portal's HTML page, a proxy's error text)."""
+    try:
+        return read_response(body, what, **fields)
+    except ResponseError as exc:
+        raise SourceError(f"{exc} ({len(body)} bytes: {body[:80]!r})") from None
 
 
 class StaticSource:
@@ -88,13 +151,25 @@ class StaticSource:
 
     kind = "static"
 
-    def __init__(self, base: str, workload_id: str, poll_interval: float, timeout: float) -> None:
+    def __init__(
+        self,
+        base: str,
+        workload_id: str,
+        poll_interval: float,
+        timeout: float,
+        verify: Callable[[SetDelta], object] | None = None,
+        max_bundle_bytes: int = MAX_BUNDLE_BYTES,
+    ) -> None:
         self.base = base.rstrip("/")
+        self.verify = verify  # checks a delta's signature (raises BundleError) as the chain is walked
+        self.max_bundle_bytes = max_bundle_bytes
+        self.max_delta_bytes = max(MAX_HEAD_BYTES, max_bundle_bytes // 4)
         self.is_http = self.base.startswith(("http://", "https://"))
         self.workload_id = workload_id
         self.poll_interval = poll_interval
         self.timeout = timeout
-        self._etag: str | None = None
+        self._etag: str | None = None  # of the bundle last settled: sent as If-None-Match
+        self._fetched_etag: str | None = None  # of the bundle last fetched, until settled
         self._head_etag: str | None = None
         self.head: Head | None = None
         self._first = True
@@ -106,17 +181,21 @@ class StaticSource:
         stop.wait(min(timeout, self.poll_interval))
         return None
 
-    def _read(self, relative: str) -> bytes | None:
+    def _read(self, relative: str, limit: int) -> bytes | None:
         """A file of the layout; None when it is not there."""
         if not self.is_http:
             path = Path(self.base) / relative
             try:
-                return path.read_bytes()
+                with path.open("rb") as f:
+                    raw = f.read(limit + 1)
             except FileNotFoundError:
                 return None
             except OSError as exc:
                 raise Unreachable(f"{path}: {exc.strerror}") from None
-        status, _, body = _http(f"{self.base}/{quote(relative)}", self.timeout)
+            if len(raw) > limit:
+                raise SourceError(f"{path}: over the limit of {limit} bytes")
+            return raw
+        status, _, body = _http(f"{self.base}/{quote(relative)}", self.timeout, limit=limit)
         if status == 404:
             return None
         if status != 200:
@@ -129,7 +208,9 @@ class StaticSource:
         relative = head_path(self.workload_id)
         if self.is_http:
             headers = {"If-None-Match": self._head_etag} if self._head_etag else {}
-            status, hdrs, body = _http(f"{self.base}/{quote(relative)}", self.timeout, headers=headers)
+            status, hdrs, body = _http(
+                f"{self.base}/{quote(relative)}", self.timeout, headers=headers, limit=MAX_HEAD_BYTES
+            )
             if status == 304:
                 return self.head.version if self.head is not None else None
             raw = body if status == 200 else None
@@ -137,7 +218,7 @@ class StaticSource:
                 raise SourceError(f"GET {relative}: HTTP {status}")
             self._head_etag = (hdrs.get("ETag") or hdrs.get("Etag")) if raw is not None else None
         else:
-            raw = self._read(relative)
+            raw = self._read(relative, MAX_HEAD_BYTES)
         try:
             head = load_head(raw) if raw is not None else None
         except HeadError:
@@ -148,17 +229,27 @@ class StaticSource:
     def bundle(self) -> Bundle | None:
         name = bundle_path(self.workload_id)
         if not self.is_http:
-            raw = self._read(name)
+            raw = self._read(name, self.max_bundle_bytes)
             return load_bundle(raw) if raw is not None else None
         headers = {"If-None-Match": self._etag} if self._etag else {}
-        status, hdrs, body = _http(f"{self.base}/{quote(name)}", self.timeout, headers=headers)
+        status, hdrs, body = _http(
+            f"{self.base}/{quote(name)}", self.timeout, headers=headers, limit=self.max_bundle_bytes
+        )
         doc = fetched_bundle(status, body, f"GET {name}")
         if doc is not None:
-            self._etag = hdrs.get("ETag") or hdrs.get("Etag")
+            self._fetched_etag = hdrs.get("ETag") or hdrs.get("Etag")
         return doc
 
+    def settled(self) -> None:
+        self._etag = self._fetched_etag
+
     def deltas(self, since: int, sets: dict[str, int], bundle_version: int) -> list[SetDelta] | None:
-        """Walks each set's chain from the applied version to the head's, one file per step."""
+        """Walks each set's chain from the applied version to the head's, one file per step.
+
+        The head is unsigned, so it bounds nothing: at most MAX_CHAIN_LINKS links per poll (further
+        behind, the whole bundle is the truth), and each link's signature is checked as it arrives —
+        the walk ends at the first that fails, which is handed on so that the agent refuses (and
+        reports) it and the whole bundle bridges."""
         head = self.head
         if head is None:
             return None  # bundles-only layout: the whole bundle is the truth
@@ -170,7 +261,9 @@ class StaticSource:
         for name, target in sorted(head.sets.items()):
             v = sets[name]
             while v < target:
-                raw = self._read(delta_path(name, v))
+                if len(out) >= MAX_CHAIN_LINKS:
+                    return None  # too far behind for deltas: the whole bundle
+                raw = self._read(delta_path(name, v), self.max_delta_bytes)
                 if raw is None:
                     return None  # the chain is missing a link
                 try:
@@ -180,9 +273,13 @@ class StaticSource:
                 if d.set != name or d.from_version != v or not v < d.to_version <= target:
                     return None  # does not continue the chain: never guess
                 out.append(d)
+                if self.verify is not None:
+                    try:
+                        self.verify(d)
+                    except BundleError:
+                        return _oldest_first(out)  # walk no further: the agent refuses this link
                 v = d.to_version
-        # oldest first across sets, as the agent API sends them
-        return sorted(out, key=lambda d: (d.to_version, d.set))
+        return _oldest_first(out)
 
     def heartbeat(self, hb: Heartbeat) -> int | None:
         return None
@@ -191,15 +288,28 @@ class StaticSource:
         return None
 
 
+def _oldest_first(deltas: list[SetDelta]) -> list[SetDelta]:
+    """Across sets, in the order the agent API sends them."""
+    return sorted(deltas, key=lambda d: (d.to_version, d.set))
+
+
 class ApiSource:
     """The agent API of docs/agent-api.md; ``prove`` builds the enrollment proof for a nonce."""
 
     kind = "api"
 
     def __init__(
-        self, base: str, workload_id: str, prove: Prover, state: StateDir, timeout: float, wait_timeout: float
+        self,
+        base: str,
+        workload_id: str,
+        prove: Prover,
+        state: StateDir,
+        timeout: float,
+        wait_timeout: float,
+        max_bundle_bytes: int = MAX_BUNDLE_BYTES,
     ) -> None:
         self.base = base.rstrip("/") + API_PREFIX
+        self.max_bundle_bytes = max_bundle_bytes  # the bundle, and the deltas answer (as much as a bundle)
         self.workload_id = workload_id
         self.prove = prove
         self.state = state
@@ -207,7 +317,8 @@ class ApiSource:
         self.wait_timeout = wait_timeout
         tok = state.read_json("token.json")
         self.token: str | None = tok.get("token") if tok.get("workload_id") == workload_id else None
-        self._etag: str | None = None
+        self._etag: str | None = None  # of the bundle last settled: sent as If-None-Match
+        self._fetched_etag: str | None = None  # of the bundle last fetched, until settled
 
     def _agent_url(self, suffix: str) -> str:
         return f"{self.base}/agents/{quote(self.workload_id, safe='')}/{suffix}"
@@ -216,7 +327,7 @@ class ApiSource:
         status, _, body = _http(f"{self.base}/nonce", self.timeout)
         if status != 200:
             raise SourceError(f"nonce: HTTP {status} {body[:200]!r}")
-        nonce: str = read_response(body, "nonce", nonce=str)["nonce"]
+        nonce: str = _answer(body, "nonce", nonce=str)["nonce"]
         try:
             req = self.prove(nonce)
         except ProofError as exc:
@@ -224,7 +335,7 @@ class ApiSource:
         status, _, body = _http(f"{self.base}/enroll", self.timeout, "POST", req.to_json())
         if status != 200:
             raise SourceError(f"enroll refused: HTTP {status} {body[:300]!r}")
-        resp = read_response(body, "enroll", workload_id=str, token=str)
+        resp = _answer(body, "enroll", workload_id=str, token=str)
         if resp["workload_id"] != self.workload_id:
             raise SourceError(f"enrolled as {resp['workload_id']!r}, configured as {self.workload_id!r}")
         self.token = resp["token"]
@@ -237,12 +348,13 @@ class ApiSource:
         body: dict[str, Any] | None = None,
         timeout: float | None = None,
         headers: dict[str, str] | None = None,
+        limit: int = MAX_ANSWER_BYTES,
     ) -> tuple[int, dict[str, str], bytes]:
         for attempt in range(2):
             if self.token is None:
                 self.enroll()
             h = {"Authorization": f"Bearer {self.token}", **(headers or {})}
-            status, hdrs, payload = _http(self._agent_url(suffix), timeout or self.timeout, method, body, h)
+            status, hdrs, payload = _http(self._agent_url(suffix), timeout or self.timeout, method, body, h, limit)
             if status == 401 and attempt == 0:
                 self.token = None  # expired or revoked: enroll again
                 continue
@@ -256,34 +368,37 @@ class ApiSource:
         status, _, body = self._call(f"wait?version={v}&timeout={int(timeout)}", timeout=timeout + self.timeout)
         if status != 200:
             raise SourceError(f"wait: HTTP {status}")
-        latest = json.loads(body).get("latest_version")
-        return int(latest) if isinstance(latest, int) else None
+        latest = _answer(body, "wait").get("latest_version")
+        return latest if type(latest) is int else None
 
     def announced(self) -> int | None:
         return None  # announced by wait() and heartbeats
 
     def bundle(self) -> Bundle | None:
         headers = {"If-None-Match": self._etag} if self._etag else {}
-        status, hdrs, body = self._call("bundle", headers=headers)
+        status, hdrs, body = self._call("bundle", headers=headers, limit=self.max_bundle_bytes)
         doc = fetched_bundle(status, body, "bundle")
         if doc is not None:
-            self._etag = hdrs.get("ETag") or hdrs.get("Etag")
+            self._fetched_etag = hdrs.get("ETag") or hdrs.get("Etag")
         return doc
 
+    def settled(self) -> None:
+        self._etag = self._fetched_etag
+
     def deltas(self, since: int, sets: dict[str, int], bundle_version: int) -> list[SetDelta] | None:
-        status, _, body = self._call(f"deltas?since={since}")
+        status, _, body = self._call(f"deltas?since={since}", limit=self.max_bundle_bytes)
         if status in (404, 409):
             return None
         if status != 200:
             raise SourceError(f"deltas: HTTP {status}")
-        resp = read_response(body, "deltas", deltas=list)
-        return [delta_from_json(d) for d in resp["deltas"]]
+        resp = _answer(body, "deltas", deltas=list)
+        return [delta_from_json(d) for d in resp["deltas"]]  # BundleError: the daemon refuses them
 
     def heartbeat(self, hb: Heartbeat) -> int | None:
         status, _, body = self._call("heartbeat", "POST", hb.to_json())
         if status != 200:
             raise SourceError(f"heartbeat: HTTP {status}")
-        latest: int | None = read_response(body, "heartbeat", latest_version=(int, None))["latest_version"]
+        latest: int | None = _answer(body, "heartbeat", latest_version=(int, None))["latest_version"]
         return latest
 
     def report(self, batch: ReportBatch) -> None:

@@ -783,6 +783,9 @@ def test_daemon_does_not_spin_when_the_announced_version_is_refused(tmp_path: Pa
         def bundle(self) -> Bundle | None:
             return forged
 
+        def settled(self) -> None:
+            return None
+
         def deltas(self, since: int, sets: dict[str, int], bundle_version: int) -> list[SetDelta] | None:
             return None
 
