@@ -31,7 +31,7 @@ Proto = Literal["tcp", "udp", "icmp", "icmpv6"]
 
 METADATA_V4 = ("169.254.169.254/32",)
 METADATA_V6 = ("fd00:ec2::254/128",)
-_SET_NAME = re.compile(r"^[A-Za-z0-9_]{1,24}$")
+_SET_NAME = re.compile(r"[A-Za-z0-9_]{1,24}")  # fullmatch: `$` would let a trailing newline through
 _PORT_SPEC = re.compile(r"^(tcp|udp)/(\d{1,5})(?:-(\d{1,5}))?$")
 
 
@@ -199,17 +199,19 @@ class Plan:
 
 def _fast_cidr(text: str) -> tuple[int, str] | None:
     """(family, text) for a CIDR already in canonical form, via the C parser; None → slow path."""
+    if not text.isascii():
+        return None  # the slow path names it (int() and str.isdigit() take non-ASCII digits)
     addr, sep, plen = text.partition("/")
     fam, bits = (socket.AF_INET6, 128) if ":" in addr else (socket.AF_INET, 32)
     if bits == 128 and "." in addr:
         return None  # embedded IPv4 notation: ipaddress and inet_ntop disagree on the canonical text
     try:
         packed = socket.inet_pton(fam, addr)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: an embedded NUL
         return None
     if sep:
-        if not plen.isdigit() or len(plen) > 3:
-            return None
+        if not plen.isdigit() or len(plen) > 3 or plen != str(int(plen)):
+            return None  # not a canonical decimal (e.g. a leading zero): the slow path decides
         n = int(plen)
         if n > bits or (n < bits and int.from_bytes(packed, "big") & ((1 << (bits - n)) - 1)):
             return None
@@ -229,6 +231,8 @@ def split_cidrs(items: list[str] | tuple[str, ...], what: str) -> tuple[tuple[st
         if fast is not None:
             (v4 if fast[0] == 4 else v6).append(fast[1])
             continue
+        if not text.isascii():
+            raise PlanError(f"{what}: {text!r} is not a CIDR (only ASCII digits and hex digits)")
         try:
             net = ipaddress.ip_network(text.strip(), strict=True)
         except ValueError as exc:
@@ -301,7 +305,7 @@ def compile_plan(bundle: Bundle, local: LocalFailsafes) -> Plan:
     can render text without escaping surprises."""
     sets: dict[str, PlanSet] = {}
     for name, s in bundle.sets.items():
-        if not _SET_NAME.match(name):
+        if not _SET_NAME.fullmatch(name):
             raise PlanError(f"set name {name!r} is not [A-Za-z0-9_]{{1,24}}")
         v4, v6 = split_cidrs(s.v4, f"sets.{name}.v4")
         w4, w6 = split_cidrs(s.v6, f"sets.{name}.v6")
@@ -343,9 +347,10 @@ def compile_plan(bundle: Bundle, local: LocalFailsafes) -> Plan:
 
 
 def safe_comment(text: str, limit: int = 120) -> str:
-    """Rule ids in comments: printable, no quotes or backslashes, bounded length."""
+    """Rule ids in comments: printable, no quotes or backslashes, at most ``limit`` bytes in UTF-8
+    (nft's comment limit is 128 bytes, iptables' 255: a character limit lets CJK ids overflow)."""
     cleaned = "".join(c if c.isalnum() or c in "/_#.:-=+@ ()," else "_" for c in text)
-    return cleaned[:limit]
+    return cleaned.encode()[:limit].decode(errors="ignore")  # a character cut in half is dropped
 
 
 # --- grouped rules: (address, service) elements -------------------------------------------------

@@ -1,0 +1,88 @@
+"""Plan validation against hostile or odd signed documents (security review M4, M5, L2, L4):
+every address and name that reaches a backend's text is checked in the plan, and every refusal is
+a :class:`PlanError` (a rejected document), never an exception that escapes the agent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ringfence.bundlewire import bundle_from_json, to_json
+from ringfence_agent.backends.iptables import IptablesRenderer
+from ringfence_agent.backends.nft import NftRenderer
+from ringfence_agent.core import Rejected
+from ringfence_agent.plan import PlanError, compile_plan, safe_comment, split_cidrs
+from tests.agent.test_agent_state import bundle, delta, make
+from tests.agent.test_agent_unit import LOCAL, PROC, golden
+
+
+def with_sets(sets: dict[str, object], **extra: object) -> object:
+    """The golden bundle with other sets (and no rules), through the wire parser."""
+    return bundle_from_json({**to_json(golden(PROC)), "inbound": [], "outbound": [], "sets": sets, **extra})
+
+
+# --- L2: prefix lengths are ASCII decimals, every refusal a PlanError --------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "10.0.0.0/\u00b2",  # superscript two: str.isdigit() is true, int() raises
+        "10.0.0.0/\u0668",  # Arabic-Indic eight: int() reads 8
+        "10.0.0.0/\uff18",  # fullwidth eight
+        "fd00::/\u0666\u0664",
+        "1.2.3.4\x00/32",  # inet_pton raises ValueError on a NUL
+        "\uff11.2.3.4/32",
+    ],
+)
+def test_non_ascii_or_nul_cidrs_are_plan_errors(text: str) -> None:
+    with pytest.raises(PlanError, match="not a CIDR"):
+        split_cidrs([text], "x")
+
+
+def test_a_prefix_length_with_a_leading_zero_comes_out_canonical() -> None:
+    assert split_cidrs(["10.0.0.0/024", "fd00::/064"], "x") == (("10.0.0.0/24",), ("fd00::/64",))
+
+
+def test_delta_with_a_unicode_digit_prefix_is_a_rejected_delta(tmp_path: Path) -> None:
+    agent, backend = make(tmp_path / "s")
+    agent.apply_bundle(bundle(1, ["10.0.0.1/32"]))
+    for bad in ("10.0.0.0/\u00b2", "10.0.0.0/\u0668"):
+        with pytest.raises(Rejected, match="not a CIDR"):
+            agent.apply_delta(delta(1, add=[bad]))
+    assert backend.deltas == []
+
+
+# --- L4: comments bounded in bytes, set names matched whole -------------------------------------
+
+
+def test_comments_are_bounded_in_utf8_bytes() -> None:
+    cjk = "\u898f" * 120  # 360 bytes in UTF-8
+    text = safe_comment(cjk)
+    assert len(text.encode()) <= 120 and text == "\u898f" * 40
+    assert len(safe_comment("a" + cjk, 200).encode()) <= 200  # a character cut in half is dropped
+    assert safe_comment("plain-id/1") == "plain-id/1"
+
+
+def test_a_long_cjk_rule_id_fits_nft_and_iptables_comment_limits() -> None:
+    doc = golden(PROC)
+    rid = "\u898f" * 120
+    tcp80 = {"proto": "tcp", "ports": [80, 80], "icmp_type": None}
+    rule = {"id": rid, "set": None, "services": [tcp80], "action": "deny"}
+    doc = bundle_from_json({**to_json(doc), "inbound": [rule], "outbound": []})
+    plan = compile_plan(doc, LOCAL)
+    nft = NftRenderer().render(plan)
+    comments = [line.split('comment "', 1)[1].split('"')[0] for line in nft.splitlines() if 'comment "' in line]
+    assert any("\u898f" in c for c in comments)
+    assert max(len(c.encode()) for c in comments) < 128  # nft: 128 bytes with the NUL
+    ipt = IptablesRenderer().rules_script(plan, 4, "a", []) + IptablesRenderer().rules_script(plan, 6, "a", [])
+    comments = [line.split('--comment "', 1)[1].split('"')[0] for line in ipt.splitlines() if '--comment "' in line]
+    assert any("\u898f" in c for c in comments)
+    assert max(len(c.encode()) for c in comments) < 256  # xt_comment: 256 bytes with the NUL
+
+
+@pytest.mark.parametrize("name", ["abc\n", "abc\nflush ruleset", "a" * 25, "", "a-b"])
+def test_set_names_are_matched_whole(name: str) -> None:
+    with pytest.raises(PlanError, match="set name"):
+        compile_plan(with_sets({name: {"version": 1, "v4": [], "v6": []}}), LOCAL)
