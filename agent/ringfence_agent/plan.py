@@ -233,6 +233,8 @@ def split_cidrs(items: list[str] | tuple[str, ...], what: str) -> tuple[tuple[st
             continue
         if not text.isascii():
             raise PlanError(f"{what}: {text!r} is not a CIDR (only ASCII digits and hex digits)")
+        if "%" in text:  # ipaddress takes `fe80::1%<anything>`: a zone id is no firewall address
+            raise PlanError(f"{what}: {text!r} is not a CIDR (IPv6 scope ids are not allowed)")
         try:
             net = ipaddress.ip_network(text.strip(), strict=True)
         except ValueError as exc:

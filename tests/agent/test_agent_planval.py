@@ -4,6 +4,7 @@ a :class:`PlanError` (a rejected document), never an exception that escapes the 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,21 @@ import pytest
 from ringfence.bundlewire import bundle_from_json, to_json
 from ringfence_agent.backends.iptables import IptablesRenderer
 from ringfence_agent.backends.nft import NftRenderer
+from ringfence_agent.backends.windows import WindowsPlanBackend
 from ringfence_agent.core import Rejected
-from ringfence_agent.plan import PlanError, compile_plan, safe_comment, split_cidrs
+from ringfence_agent.plan import (
+    Failsafes,
+    LocalFailsafes,
+    Match,
+    Plan,
+    PlanError,
+    PlanMember,
+    PlanRule,
+    PlanSet,
+    compile_plan,
+    safe_comment,
+    split_cidrs,
+)
 from tests.agent.test_agent_state import bundle, delta, make
 from tests.agent.test_agent_unit import LOCAL, PROC, golden
 
@@ -86,3 +100,76 @@ def test_a_long_cjk_rule_id_fits_nft_and_iptables_comment_limits() -> None:
 def test_set_names_are_matched_whole(name: str) -> None:
     with pytest.raises(PlanError, match="set name"):
         compile_plan(with_sets({name: {"version": 1, "v4": [], "v6": []}}), LOCAL)
+
+
+# --- M4: IPv6 scope ids are no addresses; PowerShell output quotes every value -----------------
+
+EVIL = "fe80::1%$(Start-Process calc.exe)/128"
+EVIL_QUOTE = "fe80::1%'; Start-Process calc.exe; '/128"
+
+
+@pytest.mark.parametrize("text", [EVIL, EVIL_QUOTE, "fe80::1%eth0/128", "fe80::1%eth0", "fe80::1%1"])
+def test_scope_ids_are_refused(text: str) -> None:
+    with pytest.raises(PlanError, match="scope id"):
+        split_cidrs([text], "x")
+
+
+def test_a_bundle_set_or_failsafe_with_a_scope_id_does_not_compile() -> None:
+    with pytest.raises(PlanError, match="scope id"):
+        compile_plan(with_sets({"S": {"version": 1, "v4": [], "v6": [EVIL]}}), LOCAL)
+    for local in (
+        LocalFailsafes(admin_cidrs=(EVIL,)),
+        LocalFailsafes(dns_resolvers=("fe80::1%$(calc)",)),
+        LocalFailsafes(control_plane=("fe80::1%eth0",)),
+    ):
+        with pytest.raises(PlanError, match="scope id"):
+            compile_plan(with_sets({}), local)
+
+
+def test_a_delta_with_a_scope_id_is_rejected(tmp_path: Path) -> None:
+    agent, backend = make(tmp_path / "s")
+    agent.apply_bundle(bundle(1, ["10.0.0.1/32"]))
+    with pytest.raises(Rejected, match="scope id"):
+        agent.apply_delta(delta(1, add=[EVIL]))
+    assert backend.deltas == []
+
+
+_Q = "'(?:[^'\u2018-\u201b]|['\u2018-\u201b]{2})*'"  # a single-quoted PowerShell string
+_ARG = rf"(?:-[A-Za-z]+|[A-Za-z0-9.,\-]+|{_Q}(?:,{_Q})*)"
+_RULE_LINE = re.compile(f"New-NetFirewallRule(?: {_ARG})+")
+
+
+def test_windows_plan_quotes_every_value_even_of_an_unvalidated_plan() -> None:
+    """Defence in depth: a plan that skipped validation still renders no PowerShell code."""
+    evil_id = "it's \u2018x\u2019; $(Start-Process calc.exe) `n\n# x"
+    plan = Plan(
+        workload_id="w\n$(Start-Process calc.exe)",
+        version=1,
+        mode="enforce",
+        quarantined=False,
+        sets={
+            "S": PlanSet(("10.0.0.1/32",), (EVIL, EVIL_QUOTE, "fe80::3%\u2019; calc.exe; \u2018/128")),
+            "E": PlanSet((), ()),
+        },
+        rules=[
+            PlanRule("inbound", 0, evil_id, "allow", "S", (Match("tcp", (80, 80)),)),
+            PlanRule("outbound", 0, evil_id, "override-deny", "S", (Match("tcp", (25, 25)),)),
+            PlanRule(
+                "inbound", 1, evil_id, "allow", None, (), (PlanMember(evil_id, "E\n$(x)", (Match("tcp", (1, 2)),)),)
+            ),
+        ],
+        failsafes=Failsafes(
+            admin_v6=(EVIL_QUOTE.replace("::1", "::2"),), admin_ports=(Match("tcp", (22, 22)),), dns_v6=(EVIL,)
+        ),
+    )
+    plan.sets["E\n$(x)"] = PlanSet((), ())
+    text = WindowsPlanBackend().render(plan)
+    rules = [line for line in text.splitlines() if line.startswith("New-NetFirewallRule")]
+    assert len(rules) >= 4
+    for line in text.splitlines():
+        assert line.startswith(
+            ("#", "$ErrorActionPreference = 'Stop'", "Get-NetFirewallRule -Group 'Ringfence'", "Set-", "New-")
+        )
+        if line.startswith("New-NetFirewallRule"):
+            assert _RULE_LINE.fullmatch(line), line
+    assert "-RemoteAddress '10.0.0.1/32','fe80::1%$(Start-Process calc.exe)/128','fe80::1%''; Start-Process" in text

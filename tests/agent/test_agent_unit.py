@@ -243,13 +243,13 @@ def test_windows_plan_content() -> None:
     text = out.getvalue()
     assert "Get-NetFirewallRule -Group 'Ringfence' -ErrorAction SilentlyContinue | Remove-NetFirewallRule" in text
     assert (
-        "-DisplayName 'failsafe admin' -Direction Inbound -Action Allow -Profile Any -RemoteAddress 10.99.0.0/24,192.0.2.0/24 -Protocol TCP -LocalPort 22"
+        "-DisplayName 'failsafe admin' -Direction Inbound -Action Allow -Profile Any -RemoteAddress '10.99.0.0/24','192.0.2.0/24' -Protocol TCP -LocalPort 22"
         in text
     )
-    assert "-Direction Inbound -Action Block -Profile Any -RemoteAddress 10.2.0.10/32" in text
+    assert "-Direction Inbound -Action Block -Profile Any -RemoteAddress '10.2.0.10/32'" in text
     assert "-DisplayName 'ordering/web-to-processing (tcp/8443)' -Direction Inbound -Action Allow" in text
     assert (
-        "-Direction Outbound -Action Allow -Profile Any -RemoteAddress 10.1.3.10/32,fd00:1::3:10/128 -Protocol TCP -RemotePort 5432"
+        "-Direction Outbound -Action Allow -Profile Any -RemoteAddress '10.1.3.10/32','fd00:1::3:10/128' -Protocol TCP -RemotePort 5432"
         in text
     )
     assert text.rstrip().endswith("-DefaultInboundAction Block -DefaultOutboundAction Block -LogBlocked True")
@@ -1091,7 +1091,7 @@ def test_iptables_and_windows_expand_a_grouped_rule_into_its_members() -> None:
     ]
     ps = WindowsPlanBackend(io.StringIO()).render(plan)
     assert (
-        "-DisplayName 'p/b (tcp/8080)' -Direction Inbound -Action Allow -Profile Any -RemoteAddress 10.0.0.0/31" in ps
+        "-DisplayName 'p/b (tcp/8080)' -Direction Inbound -Action Allow -Profile Any -RemoteAddress '10.0.0.0/31'" in ps
     )
     assert "-DisplayName 'p/c (icmp/8)'" in ps
 
