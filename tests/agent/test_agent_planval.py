@@ -4,6 +4,7 @@ a :class:`PlanError` (a rejected document), never an exception that escapes the 
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from ringfence.bundlewire import bundle_from_json, to_json
 from ringfence_agent.backends.iptables import IptablesRenderer
 from ringfence_agent.backends.nft import NftRenderer
 from ringfence_agent.backends.windows import WindowsPlanBackend
+from ringfence_agent.config import ConfigError, load_config
 from ringfence_agent.core import Rejected
 from ringfence_agent.plan import (
     Failsafes,
@@ -173,3 +175,20 @@ def test_windows_plan_quotes_every_value_even_of_an_unvalidated_plan() -> None:
         if line.startswith("New-NetFirewallRule"):
             assert _RULE_LINE.fullmatch(line), line
     assert "-RemoteAddress '10.0.0.1/32','fe80::1%$(Start-Process calc.exe)/128','fe80::1%''; Start-Process" in text
+
+
+@pytest.mark.parametrize("field", ["admin_cidrs", "dns_resolvers", "control_plane"])
+def test_the_config_refuses_scope_ids_that_would_fail_every_bundle(tmp_path: Path, field: str) -> None:
+    p = tmp_path / "agent.json"
+    p.write_text(json.dumps({"workload_id": "w1", "public_key": "/k", "source": "/x", field: ["fe80::1%eth0"]}))
+    with pytest.raises(ConfigError, match=f"{field}: .*scope id"):
+        load_config(p)
+
+
+def test_an_api_url_with_a_scope_id_adds_no_failsafe_that_fails_every_bundle(tmp_path: Path) -> None:
+    p = tmp_path / "agent.json"
+    cfg = {"workload_id": "w1", "public_key": "/k", "api_url": "http://[fe80::1%25eth0]:8080/"}
+    p.write_text(json.dumps({**cfg, "enroll": {"pairing_key": "k"}}))
+    local = load_config(p).local_failsafes()
+    assert not any("%" in x for x in local.control_plane)
+    compile_plan(with_sets({}), local)
