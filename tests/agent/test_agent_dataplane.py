@@ -277,6 +277,22 @@ def test_admin_range_is_never_locked_out(net: NetLab, backend: str, tmp_path: Pa
     assert net.tcp("adm", "h2", 22) and not net.tcp("h1", "h2", 22)
 
 
+def test_an_admin_range_overlapping_the_bundles_is_merged_not_refused(
+    net: NetLab, backend: str, tmp_path: Path
+) -> None:
+    """The bundle's admin 10.77.0.250/32 inside the local 10.77.0.0/24: one fail-safe cover (nft
+    refused the overlapping interval set, so every bundle failed: no enforcement at first boot)."""
+    lab = lab_engine(net, DENY_ALL_POLICY, extra={"adm": "admin"})
+    doc = lab.bundle("h2")
+    assert f"{net.v4('adm')}/32" in doc.failsafes.admin_cidrs
+    path = write(doc, tmp_path / "b.json")
+    common = ["--public-key", str(PUBLIC_KEY), "--backend", backend, "--state-dir", str(tmp_path / "state")]
+    subnet = net.v4("adm").rsplit(".", 1)[0] + ".0/24"
+    ok(net.agent("h2", "apply", "--bundle", str(path), *common, "--admin-cidr", subnet))
+    assert net.tcp("adm", "h2", 22) and net.tcp("h1", "h2", 22)  # h1 is in the local admin range
+    assert not net.tcp("h1", "h2", 8080)  # and the bundle is enforced
+
+
 def test_dns_to_configured_resolver_survives_a_deny_everything_bundle(
     net: NetLab, backend: str, tmp_path: Path
 ) -> None:
@@ -387,11 +403,24 @@ def test_failed_apply_leaves_previous_rules_intact(net: NetLab, backend: str, tm
     good = lab.bundle("h2")
     name = good.inbound[0].set
     assert name is not None
+    env: list[str] = []
     if backend == "nftables":
-        # overlapping intervals: the kernel transaction is refused as a whole
-        sets = dict(good.sets)
-        sets[name] = sets[name].model_copy(update={"v4": ["10.77.0.0/24", "10.77.0.0/25"]})
-        bad = resign(good, version=good.version + 1, sets=sets)
+        # the plan refuses overlapping elements, so a shim in front of `nft` appends one to the
+        # agent's transaction: nft refuses it as a whole, the delete of the old table included
+        shim = tmp_path / "shim"
+        shim.mkdir()
+        real = subprocess.run(["which", "nft"], capture_output=True, text=True, check=True).stdout.strip()
+        (shim / "nft").write_text(
+            "#!/bin/sh\n"
+            'if [ "$1" = "-f" ]; then\n'
+            f"  {{ cat; echo 'add element inet ringfence fs_admin_4 {{ 10.77.0.0/24, 10.77.0.0/25 }}'; }} | {real} -f -\n"
+            "  exit $?\n"
+            "fi\n"
+            f'exec {real} "$@"\n'
+        )
+        (shim / "nft").chmod(0o755)
+        env = ["env", "RINGFENCE_NFT_CLI=1", f"PATH={shim}:{os.environ['PATH']}"]
+        bad = resign(good, version=good.version + 1)
         expected = "nft refused the bundle"
     else:
         # ipset accepts overlaps; instead another program holds the name the next generation
@@ -404,7 +433,21 @@ def test_failed_apply_leaves_previous_rules_intact(net: NetLab, backend: str, tm
         bad = resign(good, version=good.version + 1)
         expected = "ipset restore failed"
     try:
-        proc = apply(net, backend, bad, state)
+        path = write(bad, tmp_path / "bad.json")
+        proc = net.exec(
+            "h2",
+            *env,
+            str(net_agent()),
+            "apply",
+            "--bundle",
+            str(path),
+            "--public-key",
+            str(PUBLIC_KEY),
+            "--backend",
+            backend,
+            "--state-dir",
+            str(state),
+        )
         assert proc.returncode != 0 and expected in proc.stderr, proc.stderr
         enforced_baseline(net)
         assert net.udp("h1", "h2", 5353) and not net.tcp("h2", "h4", 8080)

@@ -29,7 +29,7 @@ from ringfence_agent.plan import (
     safe_comment,
     split_cidrs,
 )
-from tests.agent.test_agent_state import bundle, delta, make
+from tests.agent.test_agent_state import SET, bundle, delta, make
 from tests.agent.test_agent_unit import LOCAL, PROC, golden
 
 
@@ -192,3 +192,87 @@ def test_an_api_url_with_a_scope_id_adds_no_failsafe_that_fails_every_bundle(tmp
     local = load_config(p).local_failsafes()
     assert not any("%" in x for x in local.control_plane)
     compile_plan(with_sets({}), local)
+
+
+# --- M5: fail-safe lists are CIDR covers; overlapping set elements are refused before the kernel -
+
+
+def test_failsafe_lists_from_bundle_and_config_are_collapsed() -> None:
+    doc = with_sets({}, failsafes={"admin_cidrs": ["192.0.2.1/32", "fd00::1/128"], "dns_resolvers": ["10.0.0.53"]})
+    local = LocalFailsafes(
+        admin_cidrs=("192.0.2.0/24", "fd00::/64", "192.0.2.0/24"),
+        dns_resolvers=("10.0.0.53", "10.0.0.52"),
+        control_plane=("198.51.100.7", "198.51.100.7/32"),
+    )
+    fs = compile_plan(doc, local).failsafes
+    assert fs.admin_v4 == ("192.0.2.0/24",) and fs.admin_v6 == ("fd00::/64",)
+    assert fs.dns_v4 == ("10.0.0.52/31",) and fs.control_v4 == ("198.51.100.7/32",)
+    nft = NftRenderer().render(compile_plan(doc, local))
+    assert "set fs_admin_4 { type ipv4_addr; flags interval; elements = { 192.0.2.0/24 } }" in nft
+
+
+@pytest.mark.parametrize(
+    ("v4", "v6"),
+    [
+        (["192.0.2.1/32", "192.0.2.0/24"], []),
+        (["10.0.0.0/8", "10.1.0.0/16"], []),
+        (["10.0.0.1/32", "10.0.0.1/32"], []),
+        (["10.0.0.1/32", "10.0.0.1"], []),  # the same address, one written without its /32
+        (["10.0.0.0/24", "10.0.0.0/25"], []),
+        ([], ["fd00::/64", "fd00::5/128"]),
+        ([], ["::/0", "fd00::/8"]),
+    ],
+)
+def test_a_set_whose_elements_overlap_does_not_compile(v4: list[str], v6: list[str]) -> None:
+    with pytest.raises(PlanError, match="overlap"):
+        compile_plan(with_sets({"S": {"version": 1, "v4": v4, "v6": v6}}), LOCAL)
+
+
+def test_a_disjoint_cover_compiles_as_it_is() -> None:
+    v4 = ["10.0.0.0/25", "10.0.0.128/32", "10.0.0.130/31", "0.0.0.0/8"]
+    v6 = ["fd00::/64", "fd00:0:0:1::1/128"]
+    plan = compile_plan(with_sets({"S": {"version": 1, "v4": v4, "v6": v6}}), LOCAL)
+    assert plan.sets["S"].v4 == tuple(v4) and plan.sets["S"].v6 == tuple(v6)
+
+
+@pytest.mark.parametrize(
+    ("start", "add", "remove"),
+    [
+        (["10.0.0.1/32"], ["10.0.0.0/24"], []),  # a prefix over a member
+        (["10.0.0.0/24"], ["10.0.0.1/32"], []),  # a member inside a prefix
+        (["10.0.0.0/24"], ["10.0.0.0/16"], []),
+        (["10.0.0.0/24"], ["10.0.0.128/25"], []),
+        (["10.0.0.1/32"], ["10.0.0.5/32", "10.0.0.5/32"], []),  # twice in one delta
+        (["10.0.0.1/32"], ["10.0.1.0/24", "10.0.1.7/32"], []),  # the delta's own elements overlap
+        (["10.0.0.0/31", "10.0.0.9/32"], ["10.0.0.0/28"], ["10.0.0.0/31"]),  # the rest still overlaps
+        (["10.0.0.1/32"], ["0.0.0.0/0"], []),
+    ],
+)
+def test_a_delta_that_would_make_a_set_overlap_is_rejected_untouched(
+    tmp_path: Path, start: list[str], add: list[str], remove: list[str]
+) -> None:
+    agent, backend = make(tmp_path / "s")
+    agent.apply_bundle(bundle(1, start))
+    with pytest.raises(Rejected, match="overlaps"):
+        agent.apply_delta(delta(1, add=add, remove=remove))
+    assert backend.deltas == [] and agent.effective().sets[SET].v4 == start  # type: ignore[union-attr]
+    agent.apply_delta(delta(1, add=["10.9.9.9/32"]))  # the set version did not move
+
+
+@pytest.mark.parametrize(
+    ("start", "add", "remove"),
+    [
+        (["10.0.0.0/32", "10.0.0.1/32"], ["10.0.0.0/31"], ["10.0.0.0/32", "10.0.0.1/32"]),  # merged
+        (["10.0.0.0/31"], ["10.0.0.0/32", "10.0.0.1/32"], ["10.0.0.0/31"]),  # split
+        (["10.0.0.0/24"], ["10.0.1.0/24", "10.0.0.0/24"], ["10.0.0.0/24"]),  # removed and added back
+        (["10.0.0.0/25"], ["10.0.0.128/25", "10.0.1.1/32"], []),  # adjacent, not overlapping
+    ],
+)
+def test_deltas_that_keep_the_set_disjoint_apply(
+    tmp_path: Path, start: list[str], add: list[str], remove: list[str]
+) -> None:
+    agent, backend = make(tmp_path / "s")
+    agent.apply_bundle(bundle(1, start))
+    agent.apply_delta(delta(1, add=add, remove=remove))
+    assert len(backend.deltas) == 1
+    compile_plan(agent.effective(), LOCAL)  # type: ignore[arg-type]
