@@ -13,11 +13,13 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ringfence.bundle import Bundle, SetDelta
 from ringfence.model import Mode, Workload
+from ringfence_agent.backends.iptables import ipset_name
 from tests.agent.bundles import (
     DENY_ALL_POLICY,
     GROUP_POLICY,
@@ -425,7 +427,7 @@ def test_failed_apply_leaves_previous_rules_intact(net: NetLab, backend: str, tm
     else:
         # ipset accepts overlaps; instead another program holds the name the next generation
         # needs, with another type and in use, so `ipset restore` fails half-way
-        squatter = f"{name}-4b"
+        squatter = ipset_name(name, 4, "b")
         net.exec("h2", "ipset", "create", squatter, "hash:ip", check=True)
         net.exec(
             "h2", "iptables", "-A", "FORWARD", "-m", "set", "--match-set", squatter, "src", "-j", "ACCEPT", check=True
@@ -455,7 +457,7 @@ def test_failed_apply_leaves_previous_rules_intact(net: NetLab, backend: str, tm
     finally:
         if backend == "iptables":
             net.exec("h2", "iptables", "-F", "FORWARD")
-            net.exec("h2", "ipset", "destroy", f"{name}-4b")
+            net.exec("h2", "ipset", "destroy", ipset_name(name, 4, "b"))
 
 
 def _ringfence_v4_rules(net: NetLab) -> list[str]:
@@ -549,7 +551,7 @@ def test_iptables_delta_failing_half_way_is_undone(net: NetLab, tmp_path: Path, 
     assert name is not None and net.v4("h1") + "/32" in doc.sets[name].v4
     for chain in ("RF-IN", "RF-OUT"):
         net.exec("h2", "ip6tables", "-F", chain, check=True)
-    net.exec("h2", "ipset", "destroy", f"{name}-6a", check=True)
+    net.exec("h2", "ipset", "destroy", ipset_name(name, 6, "a"), check=True)
     deltas = lab.upsert(
         Workload(id="h4", ips=[net.v4("h4"), net.v6("h4")], tags={"role": "client", "app": "lab", "env": "test"})
     )
@@ -561,7 +563,7 @@ def test_iptables_delta_failing_half_way_is_undone(net: NetLab, tmp_path: Path, 
     common = ["--backend", "iptables", "--public-key", str(PUBLIC_KEY), "--state-dir", str(state)]
     proc = net.exec("h2", *env, "apply-delta", *args, *common)
     assert proc.returncode != 0 and "ipset refused the delta" in proc.stderr, proc.stderr
-    members = net.exec("h2", "ipset", "list", f"{name}-4a").stdout
+    members = net.exec("h2", "ipset", "list", ipset_name(name, 4, "a")).stdout
     assert net.v4("h1") in members and net.v4("h4") not in members
     enforced_baseline(net)
     status = json.loads(ok(net.agent("h2", "status", "--state-dir", str(state), "--json")))
@@ -599,6 +601,59 @@ def test_iptables_delta_follows_a_generation_switched_by_another_process(net: Ne
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "b"
     assert net.tcp("h4", "h2", 8080) and net.tcp("h1", "h2", 8080)
+
+
+def _rename_set(doc: Bundle, old: str, new: str) -> Bundle:
+    """The bundle with set ``old`` called ``new`` (in its rules too), signed again."""
+
+    def rule(r: Any) -> Any:
+        members = [m.model_copy(update={"set": new if m.set == old else m.set}) for m in r.members or ()]
+        return r.model_copy(update={"set": new if r.set == old else r.set, "members": members or r.members})
+
+    sets = {new if k == old else k: v for k, v in doc.sets.items()}
+    return resign(doc, sets=sets, inbound=[rule(r) for r in doc.inbound], outbound=[rule(r) for r in doc.outbound])
+
+
+def _ipset_members(net: NetLab, name: str) -> list[str] | None:
+    proc = net.exec("h2", "ipset", "list", name)
+    return sorted(proc.stdout.split("Members:", 1)[1].split()) if proc.returncode == 0 else None
+
+
+def test_iptables_touches_no_ipset_outside_its_namespace_and_flush_leaves_none(net: NetLab, tmp_path: Path) -> None:
+    """A bundle set named like another program's ipsets (``blocklist`` → ``blocklist-4a``, the
+    names older agents used) leaves them alone; old generations go; flush leaves no ``rf*`` ipset."""
+    if subprocess.run(["which", "iptables-restore", "ipset"], capture_output=True).returncode:
+        pytest.skip("iptables-restore / ipset not installed")
+    lab = lab_engine(net)
+    good = lab.bundle("h2")
+    name = good.inbound[0].set
+    assert name is not None
+    doc = _rename_set(good, name, "blocklist")
+    foreign = {
+        "blocklist-4a": ("inet", "203.0.113.0/24"),
+        "blocklist-4b": ("inet", "198.51.100.0/24"),
+        "blocklist-6a": ("inet6", "2001:db8::/64"),
+    }
+    for n, (fam, net_) in foreign.items():
+        net.exec("h2", "ipset", "create", n, "hash:net", "family", fam, check=True)
+        net.exec("h2", "ipset", "add", n, net_, check=True)
+    state = tmp_path / "state"
+    try:
+        ok(apply(net, "iptables", doc, state))
+        enforced_baseline(net)
+        assert net.tcp("h1", "h2", 8080, v6=True)
+        ok(apply(net, "iptables", resign(doc, version=doc.version + 1), state))  # the other generation
+        enforced_baseline(net)
+        ours = [n for n in net.exec("h2", "ipset", "list", "-n").stdout.split() if n.startswith("rf")]
+        assert ipset_name("blocklist", 4, "b") in ours and ipset_name("blocklist", 6, "b") in ours
+        assert all(n.endswith("b") for n in ours), ours  # generation a destroyed
+        assert "removed" in ok(net.agent("h2", "flush", "--backend", "iptables"))
+        assert not [n for n in net.exec("h2", "ipset", "list", "-n").stdout.split() if n.startswith("rf")]
+        for n, (_, net_) in foreign.items():
+            assert _ipset_members(net, n) == [net_], n
+    finally:
+        for n in foreign:
+            net.exec("h2", "ipset", "destroy", n)
 
 
 # --- the daemon ------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from ringfence.bundlewire import bundle_from_json, to_json
-from ringfence_agent.backends.iptables import IptablesRenderer
+from ringfence_agent.backends import ElementChange
+from ringfence_agent.backends.iptables import IptablesRenderer, ipset_name
 from ringfence_agent.backends.nft import NftRenderer
 from ringfence_agent.backends.windows import WindowsPlanBackend
 from ringfence_agent.config import ConfigError, load_config
@@ -276,3 +277,30 @@ def test_deltas_that_keep_the_set_disjoint_apply(
     agent.apply_delta(delta(1, add=add, remove=remove))
     assert len(backend.deltas) == 1
     compile_plan(agent.effective(), LOCAL)  # type: ignore[arg-type]
+
+
+# --- M6: every ipset the agent creates is in its rf- namespace and fits ipset's 31 characters ----
+
+
+def test_ipset_names_are_rf_prefixed_bounded_and_stable() -> None:
+    assert ipset_name("blocklist", 4, "a") == "rf-s-blocklist-4a"
+    assert ipset_name("a" * 23, 6, "b") == f"rf-s-{'a' * 23}-6b"  # 31 characters: still readable
+    long = ipset_name("a" * 24, 4, "a")
+    assert long.startswith("rf-h-") and long.endswith("-4a") and len(long) <= 31
+    assert long == ipset_name("a" * 24, 4, "a") != ipset_name("b" * 24, 4, "a")
+    assert ipset_name("a" * 24, 6, "b") == long[:-3] + "-6b"
+
+
+def test_every_ipset_in_the_iptables_scripts_is_rf_prefixed_and_fits() -> None:
+    sets = {n: {"version": 1, "v4": ["10.0.0.1/32"], "v6": ["fd00::1/128"]} for n in ("blocklist", "x" * 24, "y" * 24)}
+    tcp = [{"proto": "tcp", "ports": [80, 80], "icmp_type": None}]
+    rules = [{"id": f"r{i}", "set": n, "services": tcp, "action": "deny"} for i, n in enumerate(sets)]
+    plan = compile_plan(with_sets(sets, inbound=rules), LOCAL)
+    r = IptablesRenderer()
+    text = r.sets_script(plan, "b") + r.rules_script(plan, 4, "b", []) + r.rules_script(plan, 6, "b", [])
+    names = set(re.findall(r"^(?:create|flush|add) (\S+)", text, re.M))
+    names |= set(re.findall(r"--(?:match|add)-set (\S+)", text))
+    assert len(names) > 20
+    assert all(n.startswith("rf-") and len(n) <= 31 for n in names), sorted(names)
+    delta = r.delta_script(ElementChange("x" * 24, add_v4=("10.0.0.2/32",)), "b")
+    assert delta == f"add {ipset_name('x' * 24, 4, 'b')} 10.0.0.2/32\n"

@@ -210,8 +210,8 @@ def test_iptables_text_mirrors_the_plan() -> None:
     r = IptablesRenderer()
     plan = compile_plan(golden(PROC), LOCAL)
     sets = r.sets_script(plan, "a")
-    assert f"create {WEB}-4a hash:net family inet" in sets
-    assert f"add {WEB}-4a 10.1.1.10/31" in sets
+    assert f"create rf-s-{WEB}-4a hash:net family inet" in sets
+    assert f"add rf-s-{WEB}-4a 10.1.1.10/31" in sets
     v4 = r.rules_script(plan, 4, "a", ["INPUT"])
     assert "-I INPUT 1 -j RF-IN" in v4 and "-I OUTPUT" not in v4
     lines = v4.splitlines()
@@ -234,7 +234,7 @@ def test_iptables_splits_zero_prefix_for_ipset() -> None:
     sets = dict(doc.sets)
     sets[WEB] = replace(sets[WEB], v4=["0.0.0.0/0"])
     script = IptablesRenderer().sets_script(compile_plan(replace(doc, sets=sets), LOCAL), "b")
-    assert f"add {WEB}-4b 0.0.0.0/1" in script and f"add {WEB}-4b 128.0.0.0/1" in script
+    assert f"add rf-s-{WEB}-4b 0.0.0.0/1" in script and f"add rf-s-{WEB}-4b 128.0.0.0/1" in script
 
 
 def test_windows_plan_content() -> None:
@@ -1083,11 +1083,11 @@ def test_iptables_and_windows_expand_a_grouped_rule_into_its_members() -> None:
     text = IptablesRenderer().rules_script(plan, 4, "a", [])
     lines = [line for line in text.splitlines() if "r_in_0" in line]
     assert lines == [
-        '-A RF-IN -p tcp --dport 8080 -m set --match-set rf_a-4a src -m comment --comment "r_in_0 p/a" -j ACCEPT',
-        '-A RF-IN -p udp --dport 53 -m set --match-set rf_a-4a src -m comment --comment "r_in_0 p/a" -j ACCEPT',
-        '-A RF-IN -p tcp --dport 8080 -m set --match-set rf_b-4a src -m comment --comment "r_in_0 p/b" -j ACCEPT',
-        '-A RF-IN -p tcp --dport 5432 -m set --match-set rf_c-4a src -m comment --comment "r_in_0 p/c" -j ACCEPT',
-        '-A RF-IN -p icmp --icmp-type 8 -m set --match-set rf_c-4a src -m comment --comment "r_in_0 p/c" -j ACCEPT',
+        '-A RF-IN -p tcp --dport 8080 -m set --match-set rf-s-rf_a-4a src -m comment --comment "r_in_0 p/a" -j ACCEPT',
+        '-A RF-IN -p udp --dport 53 -m set --match-set rf-s-rf_a-4a src -m comment --comment "r_in_0 p/a" -j ACCEPT',
+        '-A RF-IN -p tcp --dport 8080 -m set --match-set rf-s-rf_b-4a src -m comment --comment "r_in_0 p/b" -j ACCEPT',
+        '-A RF-IN -p tcp --dport 5432 -m set --match-set rf-s-rf_c-4a src -m comment --comment "r_in_0 p/c" -j ACCEPT',
+        '-A RF-IN -p icmp --icmp-type 8 -m set --match-set rf-s-rf_c-4a src -m comment --comment "r_in_0 p/c" -j ACCEPT',
     ]
     ps = WindowsPlanBackend(io.StringIO()).render(plan)
     assert (
@@ -1124,7 +1124,7 @@ def test_backends_that_expand_members_join_cut_port_ranges_back() -> None:
     plan = compile_plan(load_bundle(json.dumps(doc)), LOCAL)
     lines = [x for x in IptablesRenderer().rules_script(plan, 4, "a", []).splitlines() if "c/scan" in x]
     assert lines == [
-        '-A RF-IN -p tcp --dport 1:65535 -m set --match-set rf_s-4a src -m comment --comment "r_in_0 c/scan" -j ACCEPT'
+        '-A RF-IN -p tcp --dport 1:65535 -m set --match-set rf-s-rf_s-4a src -m comment --comment "r_in_0 c/scan" -j ACCEPT'
     ]
     ps = WindowsPlanBackend(io.StringIO()).render(plan)
     assert "-DisplayName 'c/scan (tcp/1-65535)'" in ps and "c/scan (tcp/9100)" not in ps
