@@ -603,6 +603,17 @@ def test_iptables_delta_follows_a_generation_switched_by_another_process(net: Ne
     assert net.tcp("h4", "h2", 8080) and net.tcp("h1", "h2", 8080)
 
 
+def test_a_rule_id_of_120_cjk_characters_fits_the_kernels_comment_limits(
+    net: NetLab, backend: str, tmp_path: Path
+) -> None:
+    """nft's comment limit is 128 bytes, xt_comment's 256: 120 CJK characters are 360 bytes."""
+    good = lab_engine(net).bundle("h2")
+    long_id = "\u898f" * 120
+    doc = resign(good, inbound=[good.inbound[0].model_copy(update={"id": long_id}), *good.inbound[1:]])
+    ok(apply(net, backend, doc, tmp_path / "state"))
+    enforced_baseline(net)
+
+
 def _rename_set(doc: Bundle, old: str, new: str) -> Bundle:
     """The bundle with set ``old`` called ``new`` (in its rules too), signed again."""
 
