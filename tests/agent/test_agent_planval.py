@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ringfence.bundlewire import bundle_from_json, to_json
-from ringfence_agent.backends import ElementChange
+from ringfence_agent.backends import ApplyError, ElementChange
 from ringfence_agent.backends.iptables import IptablesRenderer, ipset_name
 from ringfence_agent.backends.nft import NftRenderer
 from ringfence_agent.backends.windows import WindowsPlanBackend
@@ -304,3 +304,13 @@ def test_every_ipset_in_the_iptables_scripts_is_rf_prefixed_and_fits() -> None:
     assert all(n.startswith("rf-") and len(n) <= 31 for n in names), sorted(names)
     delta = r.delta_script(ElementChange("x" * 24, add_v4=("10.0.0.2/32",)), "b")
     assert delta == f"add {ipset_name('x' * 24, 4, 'b')} 10.0.0.2/32\n"
+
+
+def test_two_sets_on_one_ipset_name_are_refused_not_merged(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ringfence_agent.backends.iptables as ipt
+
+    sets = {n: {"version": 1, "v4": [f"10.0.0.{i}/32"], "v6": []} for i, n in enumerate(("a" * 24, "b" * 24))}
+    plan = compile_plan(with_sets(sets), LOCAL)
+    monkeypatch.setattr(ipt, "ipset_name", lambda name, family, gen: f"rf-h-0000000000000000-{family}{gen}")
+    with pytest.raises(ApplyError, match="map to one ipset name"):
+        IptablesRenderer().sets_script(plan, "a")

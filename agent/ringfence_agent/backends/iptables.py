@@ -30,7 +30,7 @@ import threading
 from collections.abc import Iterable
 
 from ringfence_agent.backends import TUPLE_LINGER_S, ApplyError, DropTuple, ElementChange, Observation, run
-from ringfence_agent.plan import METADATA_PORTS, Direction, Match, Plan, PlanError, PlanRule, joined_ports, safe_comment
+from ringfence_agent.plan import METADATA_PORTS, Direction, Match, Plan, PlanRule, joined_ports, safe_comment
 
 CHAINS = {"inbound": ("RF-IN", "INPUT"), "outbound": ("RF-OUT", "OUTPUT")}
 _GEN = re.compile(r'--comment "?ringfence gen=([ab])')
@@ -130,7 +130,7 @@ class IptablesRenderer:
         for name, s in sorted(plan.sets.items()):
             other = owners.setdefault(ipset_name(name, 4, gen), name)
             if other != name:  # two names with one 64-bit hash: refuse rather than merge them
-                raise PlanError(f"sets {other} and {name} map to one ipset name {ipset_name(name, 4, gen)}")
+                raise ApplyError(f"sets {other} and {name} map to one ipset name {ipset_name(name, 4, gen)}")
             create(ipset_name(name, 4, gen), 4, s.v4)
             create(ipset_name(name, 6, gen), 6, s.v6)
         for point in self.drop_points(plan):
