@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from ringfence.bundle import Bundle, SetDelta
+from ringfence.bundle import Bundle, SetDelta, sign
 from ringfence.model import Mode, Workload
 from ringfence_agent.backends.iptables import ipset_name
 from tests.agent.bundles import (
@@ -29,6 +29,7 @@ from tests.agent.bundles import (
     PUBLIC_KEY,
     Lab,
     forge,
+    key,
     resign,
     workloads,
     write,
@@ -612,6 +613,30 @@ def test_a_rule_id_of_120_cjk_characters_fits_the_kernels_comment_limits(
     doc = resign(good, inbound=[good.inbound[0].model_copy(update={"id": long_id}), *good.inbound[1:]])
     ok(apply(net, backend, doc, tmp_path / "state"))
     enforced_baseline(net)
+
+
+def test_a_delta_that_would_overlap_a_set_is_rejected_before_the_kernel(
+    net: NetLab, backend: str, tmp_path: Path
+) -> None:
+    """A /24 over a /32 already in the set. Both kernels took this one (the /32 lives in nft's hash
+    set, the /24 in the interval set; ipset allows overlaps), but nft refuses a /24 over a /25 or
+    in a grouped rule's set, and the set is no CIDR cover any more: the agent rejects every
+    overlap, the firewall and the set version stay, and the next delta applies."""
+    good = lab_engine(net).bundle("h2")
+    name = good.inbound[0].set
+    assert name is not None and f"{net.v4('h1')}/32" in good.sets[name].v4
+    version = good.sets[name].version
+    state = tmp_path / "state"
+    ok(apply(net, backend, good, state))
+    subnet = net.v4("h4").rsplit(".", 1)[0] + ".0/24"
+    bad = sign(SetDelta(set=name, from_version=version, to_version=version + 1, add=[subnet]), key())
+    proc = apply_delta(net, backend, [bad], state)
+    assert proc.returncode != 0 and "overlaps" in proc.stderr and "rejected" in proc.stderr, proc.stderr
+    enforced_baseline(net)  # h4 still blocked
+    add = f"{net.v4('h4')}/32"
+    fine = sign(SetDelta(set=name, from_version=version, to_version=version + 1, add=[add]), key())
+    ok(apply_delta(net, backend, [fine], state))
+    assert net.tcp("h4", "h2", 8080)
 
 
 def _rename_set(doc: Bundle, old: str, new: str) -> Bundle:
