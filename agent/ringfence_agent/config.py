@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from ringfence_agent.plan import LocalFailsafes, parse_port_spec
+from ringfence_agent.plan import LocalFailsafes, parse_port_spec, split_cidrs
 
 
 class ConfigError(ValueError):
@@ -177,7 +177,7 @@ class AgentConfig:
         for name in ("admin_cidrs", "dns_resolvers", "control_plane"):
             for x in getattr(self, name):
                 try:
-                    ipaddress.ip_network(x.strip(), strict=True)
+                    split_cidrs([x], name)  # what compile_plan accepts (no IPv6 scope ids, ASCII only)
                 except ValueError as exc:
                     raise _Invalid(name, f"{x!r} is not an address or CIDR: {exc}") from None
         for x in self.admin_ports:
@@ -217,7 +217,7 @@ class AgentConfig:
         cp = list(self.control_plane)
         for url in (self.api_url, self.source):
             host = urlparse(url).hostname if url and "://" in url else None
-            if host:
+            if host and "%" not in host:  # an IPv6 scope id is no firewall address
                 # a name: list its addresses in control_plane (resolved addresses drift)
                 with contextlib.suppress(ValueError):
                     cp.append(str(ipaddress.ip_address(host)))

@@ -15,7 +15,16 @@ from dataclasses import dataclass, field, replace
 
 from ringfence.bundlewire import Bundle, BundleError, SetDelta, Verifier, check_acceptable, same_firewall
 from ringfence_agent.backends import ApplyError, Backend, ElementChange
-from ringfence_agent.plan import LocalFailsafes, Plan, PlanError, PlanSet, compile_plan, group_changes, split_cidrs
+from ringfence_agent.plan import (
+    LocalFailsafes,
+    Plan,
+    PlanError,
+    PlanSet,
+    compile_plan,
+    delta_overlap,
+    group_changes,
+    split_cidrs,
+)
 from ringfence_agent.state import StateDir
 
 
@@ -284,6 +293,11 @@ class Agent:
             raise self._reject(
                 what, f"elements do not match the applied set (absent: {missing[:3]}, already present: {present[:3]})"
             )
+        hit = delta_overlap(members, {*delta.remove, *rem4, *rem6}, (*add4, *add6))
+        if hit is not None:
+            # the kernel would refuse it (nft: conflicting intervals) or, worse, accept it and fail
+            # every later bundle of this set: refused here, before anything is touched
+            raise self._reject(what, f"{hit[0]} overlaps {hit[1]}: a set must stay disjoint prefixes")
         change = ElementChange(delta.set, add4, add6, rem4, rem6)
         if any(m.set == delta.set for r in (*base.inbound, *base.outbound) for m in r.members or ()):
             # a grouped rule has a member on this set: its (address, service) elements move too

@@ -17,9 +17,10 @@ nftables realises it with concatenated (address . service) sets whose elements
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import re
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -31,7 +32,7 @@ Proto = Literal["tcp", "udp", "icmp", "icmpv6"]
 
 METADATA_V4 = ("169.254.169.254/32",)
 METADATA_V6 = ("fd00:ec2::254/128",)
-_SET_NAME = re.compile(r"^[A-Za-z0-9_]{1,24}$")
+_SET_NAME = re.compile(r"[A-Za-z0-9_]{1,24}")  # fullmatch: `$` would let a trailing newline through
 _PORT_SPEC = re.compile(r"^(tcp|udp)/(\d{1,5})(?:-(\d{1,5}))?$")
 
 
@@ -199,17 +200,19 @@ class Plan:
 
 def _fast_cidr(text: str) -> tuple[int, str] | None:
     """(family, text) for a CIDR already in canonical form, via the C parser; None → slow path."""
+    if not text.isascii():
+        return None  # the slow path names it (int() and str.isdigit() take non-ASCII digits)
     addr, sep, plen = text.partition("/")
     fam, bits = (socket.AF_INET6, 128) if ":" in addr else (socket.AF_INET, 32)
     if bits == 128 and "." in addr:
         return None  # embedded IPv4 notation: ipaddress and inet_ntop disagree on the canonical text
     try:
         packed = socket.inet_pton(fam, addr)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: an embedded NUL
         return None
     if sep:
-        if not plen.isdigit() or len(plen) > 3:
-            return None
+        if not plen.isdigit() or len(plen) > 3 or plen != str(int(plen)):
+            return None  # not a canonical decimal (e.g. a leading zero): the slow path decides
         n = int(plen)
         if n > bits or (n < bits and int.from_bytes(packed, "big") & ((1 << (bits - n)) - 1)):
             return None
@@ -229,6 +232,10 @@ def split_cidrs(items: list[str] | tuple[str, ...], what: str) -> tuple[tuple[st
         if fast is not None:
             (v4 if fast[0] == 4 else v6).append(fast[1])
             continue
+        if not text.isascii():
+            raise PlanError(f"{what}: {text!r} is not a CIDR (only ASCII digits and hex digits)")
+        if "%" in text:  # ipaddress takes `fe80::1%<anything>`: a zone id is no firewall address
+            raise PlanError(f"{what}: {text!r} is not a CIDR (IPv6 scope ids are not allowed)")
         try:
             net = ipaddress.ip_network(text.strip(), strict=True)
         except ValueError as exc:
@@ -266,14 +273,16 @@ def merge_failsafes(doc: FailsafeDoc, local: LocalFailsafes) -> Failsafes:
     cp4, cp6 = split_cidrs([_host(x) for x in (*doc.control_plane, *local.control_plane)], "failsafes.control_plane")
     ports: list[Match] = [_match(p, "failsafes.admin_ports") for p in doc.admin_ports]
     ports.extend(parse_port_spec(p) for p in local.admin_ports)
+    # the bundle's and the local lists may overlap (192.0.2.1/32 and 192.0.2.0/24): nft refuses
+    # overlapping elements in an interval set, so each list is its CIDR cover
     return Failsafes(
-        admin_v4=_uniq(admin4),
-        admin_v6=_uniq(admin6),
+        admin_v4=_cover(admin4, 4),
+        admin_v6=_cover(admin6, 6),
         admin_ports=tuple(dict.fromkeys(ports)),
-        dns_v4=_uniq(dns4),
-        dns_v6=_uniq(dns6),
-        control_v4=_uniq(cp4),
-        control_v6=_uniq(cp6),
+        dns_v4=_cover(dns4, 4),
+        dns_v6=_cover(dns6, 6),
+        control_v4=_cover(cp4, 4),
+        control_v6=_cover(cp6, 6),
         metadata_v4=METADATA_V4 if local.metadata else (),
         metadata_v6=METADATA_V6 if local.metadata else (),
         dhcp=local.dhcp,
@@ -292,8 +301,84 @@ def _host(text: str) -> str:
     return f"{ip}/{ip.max_prefixlen}"
 
 
-def _uniq(items: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(items))
+def _cover(items: tuple[str, ...], family: int) -> tuple[str, ...]:
+    """The CIDR cover of canonical CIDRs of one family: disjoint, sorted, duplicates gone."""
+    if family == 4:
+        return tuple(str(n) for n in ipaddress.collapse_addresses(ipaddress.IPv4Network(x) for x in items))
+    return tuple(str(n) for n in ipaddress.collapse_addresses(ipaddress.IPv6Network(x) for x in items))
+
+
+def _interval(cidr: str) -> tuple[int, int]:
+    """(first, last) address of a canonical CIDR as integers (the C parser: ~1 µs)."""
+    addr, _, plen = cidr.partition("/")
+    six = ":" in addr
+    bits = 128 if six else 32
+    first = int.from_bytes(socket.inet_pton(socket.AF_INET6 if six else socket.AF_INET, addr), "big")
+    return first, first | ((1 << (bits - int(plen or bits))) - 1)
+
+
+def first_overlap(items: Iterable[str]) -> tuple[str, str] | None:
+    """Two elements that overlap (or repeat) among canonical CIDRs of one family, or None.
+
+    A bundle set is a CIDR cover (disjoint prefixes): nft refuses overlapping elements in an
+    interval set ("conflicting intervals") and ``ipset restore`` a repeated one, so an overlap
+    found only by the kernel would fail every later bundle or a delta the agent had accepted."""
+    items = list(items)
+    if all(x.endswith(("/32", "/128")) for x in items):  # hosts only (the usual set): repeats only
+        if len(set(items)) == len(items):
+            return None
+        seen: set[str] = set()
+        for x in items:
+            if x in seen:
+                return x, x
+            seen.add(x)
+    spans = sorted((*_interval(x), x) for x in items)
+    for (_, hi, a), (lo, _, b) in itertools.pairwise(spans):
+        if lo <= hi:  # sorted by first address: any overlap shows between neighbours of a cover
+            return a, b
+    return None
+
+
+def delta_overlap(members: Collection[str], remove: Collection[str], add: Iterable[str]) -> tuple[str, str] | None:
+    """An element of ``add`` that would overlap the set (``members`` less ``remove``) or another
+    added element: (added, the other), or None. ``add`` and the set's elements are canonical.
+
+    O(delta) for host addresses: the set holds a prefix covering one only if one of its at most
+    128 supernets is a member. A shorter prefix added is checked against every member (O(set))."""
+    adds = list(add)
+    for fam in (4, 6):
+        mine = [x for x in adds if (":" in x) == (fam == 6)]
+        hit = first_overlap(mine)
+        if hit is not None:
+            return hit
+    gone = set(remove)
+    wide: list[tuple[int, int, str]] = []
+    for x in adds:
+        addr, _, plen = x.partition("/")
+        six = ":" in addr
+        bits = 128 if six else 32
+        length = int(plen or bits)
+        first, last = _interval(x)
+        if length < bits:
+            wide.append((first, last, x))
+        fam = socket.AF_INET6 if six else socket.AF_INET
+        for n in range(length):  # the set's prefixes that would contain x
+            net = first & ~((1 << (bits - n)) - 1)
+            sup = f"{socket.inet_ntop(fam, net.to_bytes(bits // 8, 'big'))}/{n}"
+            if sup in members and sup not in gone:
+                return x, sup
+    if wide:
+        for m in members:
+            if m in gone:
+                continue
+            try:
+                lo, hi = _interval(m)
+            except (OSError, ValueError):
+                continue
+            for first, last, x in wide:
+                if (":" in x) == (":" in m) and lo <= last and first <= hi:
+                    return x, m
+    return None
 
 
 def compile_plan(bundle: Bundle, local: LocalFailsafes) -> Plan:
@@ -301,12 +386,19 @@ def compile_plan(bundle: Bundle, local: LocalFailsafes) -> Plan:
     can render text without escaping surprises."""
     sets: dict[str, PlanSet] = {}
     for name, s in bundle.sets.items():
-        if not _SET_NAME.match(name):
+        if not _SET_NAME.fullmatch(name):
             raise PlanError(f"set name {name!r} is not [A-Za-z0-9_]{{1,24}}")
         v4, v6 = split_cidrs(s.v4, f"sets.{name}.v4")
         w4, w6 = split_cidrs(s.v6, f"sets.{name}.v6")
         if v6 or w4:
             raise PlanError(f"set {name}: address family mixed up between v4 and v6 lists")
+        for elements in (v4, w6):
+            hit = first_overlap(elements)
+            if hit is not None:
+                raise PlanError(
+                    f"set {name}: elements {hit[0]} and {hit[1]} overlap (a set must be disjoint prefixes, "
+                    "as the engine's CIDR covers are)"
+                )
         sets[name] = PlanSet(v4, w6)
     rules: list[PlanRule] = []
     for direction, items in (("inbound", bundle.inbound), ("outbound", bundle.outbound)):
@@ -343,9 +435,10 @@ def compile_plan(bundle: Bundle, local: LocalFailsafes) -> Plan:
 
 
 def safe_comment(text: str, limit: int = 120) -> str:
-    """Rule ids in comments: printable, no quotes or backslashes, bounded length."""
+    """Rule ids in comments: printable, no quotes or backslashes, at most ``limit`` bytes in UTF-8
+    (nft's comment limit is 128 bytes, iptables' 255: a character limit lets CJK ids overflow)."""
     cleaned = "".join(c if c.isalnum() or c in "/_#.:-=+@ ()," else "_" for c in text)
-    return cleaned[:limit]
+    return cleaned.encode()[:limit].decode(errors="ignore")  # a character cut in half is dropped
 
 
 # --- grouped rules: (address, service) elements -------------------------------------------------

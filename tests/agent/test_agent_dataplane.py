@@ -13,11 +13,13 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from ringfence.bundle import Bundle, SetDelta
+from ringfence.bundle import Bundle, SetDelta, sign
 from ringfence.model import Mode, Workload
+from ringfence_agent.backends.iptables import ipset_name
 from tests.agent.bundles import (
     DENY_ALL_POLICY,
     GROUP_POLICY,
@@ -27,6 +29,7 @@ from tests.agent.bundles import (
     PUBLIC_KEY,
     Lab,
     forge,
+    key,
     resign,
     workloads,
     write,
@@ -277,6 +280,22 @@ def test_admin_range_is_never_locked_out(net: NetLab, backend: str, tmp_path: Pa
     assert net.tcp("adm", "h2", 22) and not net.tcp("h1", "h2", 22)
 
 
+def test_an_admin_range_overlapping_the_bundles_is_merged_not_refused(
+    net: NetLab, backend: str, tmp_path: Path
+) -> None:
+    """The bundle's admin 10.77.0.250/32 inside the local 10.77.0.0/24: one fail-safe cover (nft
+    refused the overlapping interval set, so every bundle failed: no enforcement at first boot)."""
+    lab = lab_engine(net, DENY_ALL_POLICY, extra={"adm": "admin"})
+    doc = lab.bundle("h2")
+    assert f"{net.v4('adm')}/32" in doc.failsafes.admin_cidrs
+    path = write(doc, tmp_path / "b.json")
+    common = ["--public-key", str(PUBLIC_KEY), "--backend", backend, "--state-dir", str(tmp_path / "state")]
+    subnet = net.v4("adm").rsplit(".", 1)[0] + ".0/24"
+    ok(net.agent("h2", "apply", "--bundle", str(path), *common, "--admin-cidr", subnet))
+    assert net.tcp("adm", "h2", 22) and net.tcp("h1", "h2", 22)  # h1 is in the local admin range
+    assert not net.tcp("h1", "h2", 8080)  # and the bundle is enforced
+
+
 def test_dns_to_configured_resolver_survives_a_deny_everything_bundle(
     net: NetLab, backend: str, tmp_path: Path
 ) -> None:
@@ -387,16 +406,29 @@ def test_failed_apply_leaves_previous_rules_intact(net: NetLab, backend: str, tm
     good = lab.bundle("h2")
     name = good.inbound[0].set
     assert name is not None
+    env: list[str] = []
     if backend == "nftables":
-        # overlapping intervals: the kernel transaction is refused as a whole
-        sets = dict(good.sets)
-        sets[name] = sets[name].model_copy(update={"v4": ["10.77.0.0/24", "10.77.0.0/25"]})
-        bad = resign(good, version=good.version + 1, sets=sets)
+        # the plan refuses overlapping elements, so a shim in front of `nft` appends one to the
+        # agent's transaction: nft refuses it as a whole, the delete of the old table included
+        shim = tmp_path / "shim"
+        shim.mkdir()
+        real = subprocess.run(["which", "nft"], capture_output=True, text=True, check=True).stdout.strip()
+        (shim / "nft").write_text(
+            "#!/bin/sh\n"
+            'if [ "$1" = "-f" ]; then\n'
+            f"  {{ cat; echo 'add element inet ringfence fs_admin_4 {{ 10.77.0.0/24, 10.77.0.0/25 }}'; }} | {real} -f -\n"
+            "  exit $?\n"
+            "fi\n"
+            f'exec {real} "$@"\n'
+        )
+        (shim / "nft").chmod(0o755)
+        env = ["env", "RINGFENCE_NFT_CLI=1", f"PATH={shim}:{os.environ['PATH']}"]
+        bad = resign(good, version=good.version + 1)
         expected = "nft refused the bundle"
     else:
         # ipset accepts overlaps; instead another program holds the name the next generation
         # needs, with another type and in use, so `ipset restore` fails half-way
-        squatter = f"{name}-4b"
+        squatter = ipset_name(name, 4, "b")
         net.exec("h2", "ipset", "create", squatter, "hash:ip", check=True)
         net.exec(
             "h2", "iptables", "-A", "FORWARD", "-m", "set", "--match-set", squatter, "src", "-j", "ACCEPT", check=True
@@ -404,7 +436,21 @@ def test_failed_apply_leaves_previous_rules_intact(net: NetLab, backend: str, tm
         bad = resign(good, version=good.version + 1)
         expected = "ipset restore failed"
     try:
-        proc = apply(net, backend, bad, state)
+        path = write(bad, tmp_path / "bad.json")
+        proc = net.exec(
+            "h2",
+            *env,
+            str(net_agent()),
+            "apply",
+            "--bundle",
+            str(path),
+            "--public-key",
+            str(PUBLIC_KEY),
+            "--backend",
+            backend,
+            "--state-dir",
+            str(state),
+        )
         assert proc.returncode != 0 and expected in proc.stderr, proc.stderr
         enforced_baseline(net)
         assert net.udp("h1", "h2", 5353) and not net.tcp("h2", "h4", 8080)
@@ -412,7 +458,7 @@ def test_failed_apply_leaves_previous_rules_intact(net: NetLab, backend: str, tm
     finally:
         if backend == "iptables":
             net.exec("h2", "iptables", "-F", "FORWARD")
-            net.exec("h2", "ipset", "destroy", f"{name}-4b")
+            net.exec("h2", "ipset", "destroy", ipset_name(name, 4, "b"))
 
 
 def _ringfence_v4_rules(net: NetLab) -> list[str]:
@@ -506,7 +552,7 @@ def test_iptables_delta_failing_half_way_is_undone(net: NetLab, tmp_path: Path, 
     assert name is not None and net.v4("h1") + "/32" in doc.sets[name].v4
     for chain in ("RF-IN", "RF-OUT"):
         net.exec("h2", "ip6tables", "-F", chain, check=True)
-    net.exec("h2", "ipset", "destroy", f"{name}-6a", check=True)
+    net.exec("h2", "ipset", "destroy", ipset_name(name, 6, "a"), check=True)
     deltas = lab.upsert(
         Workload(id="h4", ips=[net.v4("h4"), net.v6("h4")], tags={"role": "client", "app": "lab", "env": "test"})
     )
@@ -518,7 +564,7 @@ def test_iptables_delta_failing_half_way_is_undone(net: NetLab, tmp_path: Path, 
     common = ["--backend", "iptables", "--public-key", str(PUBLIC_KEY), "--state-dir", str(state)]
     proc = net.exec("h2", *env, "apply-delta", *args, *common)
     assert proc.returncode != 0 and "ipset refused the delta" in proc.stderr, proc.stderr
-    members = net.exec("h2", "ipset", "list", f"{name}-4a").stdout
+    members = net.exec("h2", "ipset", "list", ipset_name(name, 4, "a")).stdout
     assert net.v4("h1") in members and net.v4("h4") not in members
     enforced_baseline(net)
     status = json.loads(ok(net.agent("h2", "status", "--state-dir", str(state), "--json")))
@@ -556,6 +602,94 @@ def test_iptables_delta_follows_a_generation_switched_by_another_process(net: Ne
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "b"
     assert net.tcp("h4", "h2", 8080) and net.tcp("h1", "h2", 8080)
+
+
+def test_a_rule_id_of_120_cjk_characters_fits_the_kernels_comment_limits(
+    net: NetLab, backend: str, tmp_path: Path
+) -> None:
+    """nft's comment limit is 128 bytes, xt_comment's 256: 120 CJK characters are 360 bytes."""
+    good = lab_engine(net).bundle("h2")
+    long_id = "\u898f" * 120
+    doc = resign(good, inbound=[good.inbound[0].model_copy(update={"id": long_id}), *good.inbound[1:]])
+    ok(apply(net, backend, doc, tmp_path / "state"))
+    enforced_baseline(net)
+
+
+def test_a_delta_that_would_overlap_a_set_is_rejected_before_the_kernel(
+    net: NetLab, backend: str, tmp_path: Path
+) -> None:
+    """A /24 over a /32 already in the set. Both kernels took this one (the /32 lives in nft's hash
+    set, the /24 in the interval set; ipset allows overlaps), but nft refuses a /24 over a /25 or
+    in a grouped rule's set, and the set is no CIDR cover any more: the agent rejects every
+    overlap, the firewall and the set version stay, and the next delta applies."""
+    good = lab_engine(net).bundle("h2")
+    name = good.inbound[0].set
+    assert name is not None and f"{net.v4('h1')}/32" in good.sets[name].v4
+    version = good.sets[name].version
+    state = tmp_path / "state"
+    ok(apply(net, backend, good, state))
+    subnet = net.v4("h4").rsplit(".", 1)[0] + ".0/24"
+    bad = sign(SetDelta(set=name, from_version=version, to_version=version + 1, add=[subnet]), key())
+    proc = apply_delta(net, backend, [bad], state)
+    assert proc.returncode != 0 and "overlaps" in proc.stderr and "rejected" in proc.stderr, proc.stderr
+    enforced_baseline(net)  # h4 still blocked
+    add = f"{net.v4('h4')}/32"
+    fine = sign(SetDelta(set=name, from_version=version, to_version=version + 1, add=[add]), key())
+    ok(apply_delta(net, backend, [fine], state))
+    assert net.tcp("h4", "h2", 8080)
+
+
+def _rename_set(doc: Bundle, old: str, new: str) -> Bundle:
+    """The bundle with set ``old`` called ``new`` (in its rules too), signed again."""
+
+    def rule(r: Any) -> Any:
+        members = [m.model_copy(update={"set": new if m.set == old else m.set}) for m in r.members or ()]
+        return r.model_copy(update={"set": new if r.set == old else r.set, "members": members or r.members})
+
+    sets = {new if k == old else k: v for k, v in doc.sets.items()}
+    return resign(doc, sets=sets, inbound=[rule(r) for r in doc.inbound], outbound=[rule(r) for r in doc.outbound])
+
+
+def _ipset_members(net: NetLab, name: str) -> list[str] | None:
+    proc = net.exec("h2", "ipset", "list", name)
+    return sorted(proc.stdout.split("Members:", 1)[1].split()) if proc.returncode == 0 else None
+
+
+def test_iptables_touches_no_ipset_outside_its_namespace_and_flush_leaves_none(net: NetLab, tmp_path: Path) -> None:
+    """A bundle set named like another program's ipsets (``blocklist`` → ``blocklist-4a``, the
+    names older agents used) leaves them alone; old generations go; flush leaves no ``rf*`` ipset."""
+    if subprocess.run(["which", "iptables-restore", "ipset"], capture_output=True).returncode:
+        pytest.skip("iptables-restore / ipset not installed")
+    lab = lab_engine(net)
+    good = lab.bundle("h2")
+    name = good.inbound[0].set
+    assert name is not None
+    doc = _rename_set(good, name, "blocklist")
+    foreign = {
+        "blocklist-4a": ("inet", "203.0.113.0/24"),
+        "blocklist-4b": ("inet", "198.51.100.0/24"),
+        "blocklist-6a": ("inet6", "2001:db8::/64"),
+    }
+    for n, (fam, net_) in foreign.items():
+        net.exec("h2", "ipset", "create", n, "hash:net", "family", fam, check=True)
+        net.exec("h2", "ipset", "add", n, net_, check=True)
+    state = tmp_path / "state"
+    try:
+        ok(apply(net, "iptables", doc, state))
+        enforced_baseline(net)
+        assert net.tcp("h1", "h2", 8080, v6=True)
+        ok(apply(net, "iptables", resign(doc, version=doc.version + 1), state))  # the other generation
+        enforced_baseline(net)
+        ours = [n for n in net.exec("h2", "ipset", "list", "-n").stdout.split() if n.startswith("rf")]
+        assert ipset_name("blocklist", 4, "b") in ours and ipset_name("blocklist", 6, "b") in ours
+        assert all(n.endswith("b") for n in ours), ours  # generation a destroyed
+        assert "removed" in ok(net.agent("h2", "flush", "--backend", "iptables"))
+        assert not [n for n in net.exec("h2", "ipset", "list", "-n").stdout.split() if n.startswith("rf")]
+        for n, (_, net_) in foreign.items():
+            assert _ipset_members(net, n) == [net_], n
+    finally:
+        for n in foreign:
+            net.exec("h2", "ipset", "destroy", n)
 
 
 # --- the daemon ------------------------------------------------------------------------------------

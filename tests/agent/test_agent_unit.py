@@ -210,8 +210,8 @@ def test_iptables_text_mirrors_the_plan() -> None:
     r = IptablesRenderer()
     plan = compile_plan(golden(PROC), LOCAL)
     sets = r.sets_script(plan, "a")
-    assert f"create {WEB}-4a hash:net family inet" in sets
-    assert f"add {WEB}-4a 10.1.1.10/31" in sets
+    assert f"create rf-s-{WEB}-4a hash:net family inet" in sets
+    assert f"add rf-s-{WEB}-4a 10.1.1.10/31" in sets
     v4 = r.rules_script(plan, 4, "a", ["INPUT"])
     assert "-I INPUT 1 -j RF-IN" in v4 and "-I OUTPUT" not in v4
     lines = v4.splitlines()
@@ -234,7 +234,7 @@ def test_iptables_splits_zero_prefix_for_ipset() -> None:
     sets = dict(doc.sets)
     sets[WEB] = replace(sets[WEB], v4=["0.0.0.0/0"])
     script = IptablesRenderer().sets_script(compile_plan(replace(doc, sets=sets), LOCAL), "b")
-    assert f"add {WEB}-4b 0.0.0.0/1" in script and f"add {WEB}-4b 128.0.0.0/1" in script
+    assert f"add rf-s-{WEB}-4b 0.0.0.0/1" in script and f"add rf-s-{WEB}-4b 128.0.0.0/1" in script
 
 
 def test_windows_plan_content() -> None:
@@ -243,13 +243,13 @@ def test_windows_plan_content() -> None:
     text = out.getvalue()
     assert "Get-NetFirewallRule -Group 'Ringfence' -ErrorAction SilentlyContinue | Remove-NetFirewallRule" in text
     assert (
-        "-DisplayName 'failsafe admin' -Direction Inbound -Action Allow -Profile Any -RemoteAddress 10.99.0.0/24,192.0.2.0/24 -Protocol TCP -LocalPort 22"
+        "-DisplayName 'failsafe admin' -Direction Inbound -Action Allow -Profile Any -RemoteAddress '10.99.0.0/24','192.0.2.0/24' -Protocol TCP -LocalPort 22"
         in text
     )
-    assert "-Direction Inbound -Action Block -Profile Any -RemoteAddress 10.2.0.10/32" in text
+    assert "-Direction Inbound -Action Block -Profile Any -RemoteAddress '10.2.0.10/32'" in text
     assert "-DisplayName 'ordering/web-to-processing (tcp/8443)' -Direction Inbound -Action Allow" in text
     assert (
-        "-Direction Outbound -Action Allow -Profile Any -RemoteAddress 10.1.3.10/32,fd00:1::3:10/128 -Protocol TCP -RemotePort 5432"
+        "-Direction Outbound -Action Allow -Profile Any -RemoteAddress '10.1.3.10/32','fd00:1::3:10/128' -Protocol TCP -RemotePort 5432"
         in text
     )
     assert text.rstrip().endswith("-DefaultInboundAction Block -DefaultOutboundAction Block -LogBlocked True")
@@ -1086,15 +1086,15 @@ def test_iptables_and_windows_expand_a_grouped_rule_into_its_members() -> None:
     text = IptablesRenderer().rules_script(plan, 4, "a", [])
     lines = [line for line in text.splitlines() if "r_in_0" in line]
     assert lines == [
-        '-A RF-IN -p tcp --dport 8080 -m set --match-set rf_a-4a src -m comment --comment "r_in_0 p/a" -j ACCEPT',
-        '-A RF-IN -p udp --dport 53 -m set --match-set rf_a-4a src -m comment --comment "r_in_0 p/a" -j ACCEPT',
-        '-A RF-IN -p tcp --dport 8080 -m set --match-set rf_b-4a src -m comment --comment "r_in_0 p/b" -j ACCEPT',
-        '-A RF-IN -p tcp --dport 5432 -m set --match-set rf_c-4a src -m comment --comment "r_in_0 p/c" -j ACCEPT',
-        '-A RF-IN -p icmp --icmp-type 8 -m set --match-set rf_c-4a src -m comment --comment "r_in_0 p/c" -j ACCEPT',
+        '-A RF-IN -p tcp --dport 8080 -m set --match-set rf-s-rf_a-4a src -m comment --comment "r_in_0 p/a" -j ACCEPT',
+        '-A RF-IN -p udp --dport 53 -m set --match-set rf-s-rf_a-4a src -m comment --comment "r_in_0 p/a" -j ACCEPT',
+        '-A RF-IN -p tcp --dport 8080 -m set --match-set rf-s-rf_b-4a src -m comment --comment "r_in_0 p/b" -j ACCEPT',
+        '-A RF-IN -p tcp --dport 5432 -m set --match-set rf-s-rf_c-4a src -m comment --comment "r_in_0 p/c" -j ACCEPT',
+        '-A RF-IN -p icmp --icmp-type 8 -m set --match-set rf-s-rf_c-4a src -m comment --comment "r_in_0 p/c" -j ACCEPT',
     ]
     ps = WindowsPlanBackend(io.StringIO()).render(plan)
     assert (
-        "-DisplayName 'p/b (tcp/8080)' -Direction Inbound -Action Allow -Profile Any -RemoteAddress 10.0.0.0/31" in ps
+        "-DisplayName 'p/b (tcp/8080)' -Direction Inbound -Action Allow -Profile Any -RemoteAddress '10.0.0.0/31'" in ps
     )
     assert "-DisplayName 'p/c (icmp/8)'" in ps
 
@@ -1127,7 +1127,7 @@ def test_backends_that_expand_members_join_cut_port_ranges_back() -> None:
     plan = compile_plan(load_bundle(json.dumps(doc)), LOCAL)
     lines = [x for x in IptablesRenderer().rules_script(plan, 4, "a", []).splitlines() if "c/scan" in x]
     assert lines == [
-        '-A RF-IN -p tcp --dport 1:65535 -m set --match-set rf_s-4a src -m comment --comment "r_in_0 c/scan" -j ACCEPT'
+        '-A RF-IN -p tcp --dport 1:65535 -m set --match-set rf-s-rf_s-4a src -m comment --comment "r_in_0 c/scan" -j ACCEPT'
     ]
     ps = WindowsPlanBackend(io.StringIO()).render(plan)
     assert "-DisplayName 'c/scan (tcp/1-65535)'" in ps and "c/scan (tcp/9100)" not in ps

@@ -12,7 +12,7 @@ previous one for a few milliseconds: two tables cannot be committed in one trans
 A set delta is one change to the live generation's sets, in-process through libipset (the
 ``ipset`` binary when the library is missing); ipset keeps the lines before a failing one, so a
 failed delta is undone by its inverse. Only Ringfence's chains, the two jumps into them and
-``rf*`` ipsets are ever touched.
+``rf*`` ipsets are ever touched: a bundle set ``S`` lives in ``rf-s-S-4a`` (:func:`ipset_name`).
 
 A grouped rule (bundle ``members``) is expanded into its members' rules, one after another under
 the group's counter: each matches its member's ipset and services, exactly as a plain rule.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
 import ipaddress
 import os
 import re
@@ -36,8 +37,18 @@ _GEN = re.compile(r'--comment "?ringfence gen=([ab])')
 _COUNTER = re.compile(r"^\[(\d+):(\d+)\] -A (RF-IN|RF-OUT) .*--comment \"?(r_(?:in|out)_\d+|d_in|d_out)\b")
 
 
+IPSET_MAXNAMELEN = 31  # the kernel's IPSET_MAXNAMELEN (32) less the NUL
+
+
 def ipset_name(bundle_set: str, family: int, gen: str) -> str:
-    return f"{bundle_set}-{family}{gen}"
+    """The ipset of a bundle set: ``rf-s-<set>-4a``, inside the ``rf-`` namespace the agent owns
+    (a bundle set named like another program's ipset must never flush or refill it). A name too
+    long for ipset (a set name may have 24 characters) becomes ``rf-h-<16 hex of its SHA-256>``:
+    stable, so bundles, deltas and drops all derive the same name without a stored mapping."""
+    name = f"rf-s-{bundle_set}-{family}{gen}"
+    if len(name) <= IPSET_MAXNAMELEN:
+        return name
+    return f"rf-h-{hashlib.sha256(bundle_set.encode()).hexdigest()[:16]}-{family}{gen}"
 
 
 # Drop tuples: ipset has no type with two ports, so each drop point feeds two sets from the same
@@ -115,7 +126,11 @@ class IptablesRenderer:
         ):
             create(f"{label}-4{gen}", 4, v4)
             create(f"{label}-6{gen}", 6, v6)
+        owners: dict[str, str] = {}
         for name, s in sorted(plan.sets.items()):
+            other = owners.setdefault(ipset_name(name, 4, gen), name)
+            if other != name:  # two names with one 64-bit hash: refuse rather than merge them
+                raise ApplyError(f"sets {other} and {name} map to one ipset name {ipset_name(name, 4, gen)}")
             create(ipset_name(name, 4, gen), 4, s.v4)
             create(ipset_name(name, 6, gen), 6, s.v6)
         for point in self.drop_points(plan):
@@ -328,6 +343,8 @@ class IptablesBackend(IptablesRenderer):
         return m.group(1) if m else None
 
     def _ipsets(self) -> list[str]:
+        """The ``rf*`` ipsets (the documented namespace: ``rf-`` now; older agents named bundle
+        sets after the set, ``rf_<hex>`` from the engine, so an upgrade still cleans those up)."""
         proc = run(["ipset", "list", "-n"])
         return [n for n in proc.stdout.split() if n.startswith("rf")] if proc.returncode == 0 else []
 

@@ -27,7 +27,16 @@ CHUNK = 1000  # remote addresses per rule: Windows accepts long lists, but keep 
 
 
 def _ps(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
+    """A single-quoted PowerShell string: nothing in it is expanded. PowerShell also ends such a
+    string at the typographic quotes (U+2018, U+2019, U+201A, U+201B), so every one is doubled."""
+    for q in "'\u2018\u2019\u201a\u201b":
+        text = text.replace(q, q + q)
+    return "'" + text + "'"
+
+
+def _addrs(items: list[str]) -> str:
+    """``-RemoteAddress`` values: a PowerShell array of single-quoted strings."""
+    return ",".join(_ps(x) for x in items)
 
 
 def _proto_args(m: Match, direction: str) -> str:
@@ -53,7 +62,7 @@ class WindowsPlanBackend:
     def render(self, plan: Plan) -> str:
         lines = [
             "# Ringfence plan for Windows Defender Firewall (generated; review, then run elevated)",
-            f"# workload {plan.workload_id} bundle version {plan.version} mode {plan.mode}",
+            f"# workload {safe_comment(plan.workload_id)} bundle version {plan.version} mode {plan.mode}",
             "$ErrorActionPreference = 'Stop'",
             f"Get-NetFirewallRule -Group {_ps(GROUP)} -ErrorAction SilentlyContinue | Remove-NetFirewallRule",
         ]
@@ -82,7 +91,7 @@ class WindowsPlanBackend:
                     "failsafe admin",
                     "inbound",
                     "Allow",
-                    f"-RemoteAddress {','.join(admin)} {_proto_args(m, 'inbound')}",
+                    f"-RemoteAddress {_addrs(admin)} {_proto_args(m, 'inbound')}",
                 )
         dns = [*fs.dns_v4, *fs.dns_v6]
         if dns:
@@ -91,7 +100,7 @@ class WindowsPlanBackend:
                     "failsafe dns",
                     "outbound",
                     "Allow",
-                    f"-RemoteAddress {','.join(dns)} -Protocol {proto} -RemotePort 53",
+                    f"-RemoteAddress {_addrs(dns)} -Protocol {proto} -RemotePort 53",
                 )
         meta = [*fs.metadata_v4, *fs.metadata_v6]
         if meta:
@@ -101,11 +110,11 @@ class WindowsPlanBackend:
                     "failsafe metadata",
                     "outbound",
                     "Allow",
-                    f"-RemoteAddress {','.join(meta)} -Protocol {proto} -RemotePort {ports}",
+                    f"-RemoteAddress {_addrs(meta)} -Protocol {proto} -RemotePort {ports}",
                 )
         cp = [*fs.control_v4, *fs.control_v6]
         if cp:
-            rule("failsafe control-plane", "outbound", "Allow", f"-RemoteAddress {','.join(cp)}")
+            rule("failsafe control-plane", "outbound", "Allow", f"-RemoteAddress {_addrs(cp)}")
         if fs.dhcp:
             rule("failsafe dhcp", "outbound", "Allow", "-Protocol UDP -LocalPort 68 -RemotePort 67")
             rule("failsafe dhcpv6", "outbound", "Allow", "-Protocol UDP -LocalPort 546 -RemotePort 547")
@@ -125,7 +134,7 @@ class WindowsPlanBackend:
                     s = plan.sets[part.set]
                     addrs = [*s.v4, *s.v6]
                     if not addrs:
-                        lines.append(f"# {safe_comment(part.rule_id)}: peer set {part.set} is empty")
+                        lines.append(f"# {safe_comment(part.rule_id)}: peer set {safe_comment(part.set)} is empty")
                         continue
                     if action == "Block":
                         for a in addrs:
@@ -137,7 +146,7 @@ class WindowsPlanBackend:
                 chunks = [addrs[i : i + CHUNK] for i in range(0, len(addrs), CHUNK)] or [[]]
                 for m in joined_ports(part.services) if r.members else part.services:
                     for chunk in chunks:
-                        remote = f"-RemoteAddress {','.join(chunk)} " if chunk else ""
+                        remote = f"-RemoteAddress {_addrs(chunk)} " if chunk else ""
                         rule(
                             f"{part.rule_id} ({m.describe()})",
                             r.direction,
@@ -159,7 +168,7 @@ class WindowsPlanBackend:
 
     def render_delta(self, change: ElementChange) -> str:
         return (
-            f"# set {change.set} changed: +{len(change.add_v4) + len(change.add_v6)} "
+            f"# set {safe_comment(change.set)} changed: +{len(change.add_v4) + len(change.add_v6)} "
             f"-{len(change.remove_v4) + len(change.remove_v6)} elements; Windows rules hold addresses inline,\n"
             "# the whole plan follows.\n"
         )
