@@ -190,10 +190,19 @@ def load_policy_texts(sources: Mapping[str, str]) -> Policy:
 
 
 class _Builder:
-    def __init__(self, sources: dict[str, str]) -> None:
+    def __init__(self, sources: dict[str, str], memo: bool = True) -> None:
         self.sources = sources
         self.problems: list[PolicyProblem] = []
         self.docs: list[tuple[str, yamlpos.Located, PolicyFile]] = []
+        # Estates repeat a few selector texts thousands of times (role == 'web' in every app's
+        # rulesets). Within one build the label mapper and groups are fixed, so a valid
+        # selector text always resolves to the same node: parse it once, and build each
+        # Peer / scoped Peer once. Invalid texts are never memoised, so every occurrence still
+        # reports its own problems. ``memo=False`` is the straightforward path the tests compare.
+        self.memo = memo
+        self._selectors: dict[str, selectors.Node] = {}
+        self._peers_of: dict[int, tuple[selectors.Node, Peer]] = {}  # id(node) → Peer
+        self._scoped: dict[tuple[int, int], tuple[selectors.Node, selectors.Node, Peer]] = {}
 
     # -- helpers --
     def problem(
@@ -211,6 +220,24 @@ class _Builder:
         pos = located.position(path)
         col = pos.column + column_offset + (1 if pos.quoted and column_offset else 0)
         self.problems.append(PolicyProblem(Location(file, pos.line, col), msg, hint))
+
+    def peer(self, node: selectors.Node) -> Peer:
+        if not self.memo:
+            return Peer(selector=node)
+        hit = self._peers_of.get(id(node))
+        if hit is None:  # the node is kept in the value, so its id stays unique
+            hit = self._peers_of[id(node)] = (node, Peer(selector=node))
+        return hit[1]
+
+    def scoped(self, scope: selectors.Node, node: selectors.Node) -> Peer:
+        """``Peer(scope && node)``; scope and node are memoised selector nodes, so ids name them."""
+        if not self.memo:
+            return Peer(selector=selectors.conjunction(scope, node))
+        key = (id(scope), id(node))
+        hit = self._scoped.get(key)
+        if hit is None:
+            hit = self._scoped[key] = (scope, node, Peer(selector=selectors.conjunction(scope, node)))
+        return hit[2]
 
     def loc(self, file: str, located: yamlpos.Located, path: tuple[Any, ...]) -> Location:
         pos = located.position(path)
@@ -454,13 +481,13 @@ class _Builder:
                             continue
                         if p.is_workloads:
                             assert p.selector is not None
-                            p = Peer(selector=selectors.conjunction(scope, p.selector))
+                            p = self.scoped(scope, p.selector)
                             if c.is_workloads and not rule.extra_scope:
                                 assert c.selector is not None
-                                c = Peer(selector=selectors.conjunction(scope, c.selector))
+                                c = self.scoped(scope, c.selector)
                         else:  # outbound to addresses: the scope governs the consumers
                             assert c.selector is not None
-                            c = Peer(selector=selectors.conjunction(scope, c.selector))
+                            c = self.scoped(scope, c.selector)
                         rule_same = tuple(sorted(same)) if c.is_workloads and p.is_workloads else ()
                         rid = f"{rs.name}/{base}" + (f"#{n + 1}" if len(pairs) > 1 else "")
                         rules.append(
@@ -631,6 +658,8 @@ class _Builder:
         located: yamlpos.Located,
         path: tuple[Any, ...],
     ) -> selectors.Node | None:
+        if self.memo and text in self._selectors:
+            return self._selectors[text]
         try:
             node = selectors.parse(text, groups)
         except selectors.SelectorSyntaxError as exc:
@@ -655,7 +684,10 @@ class _Builder:
                     ok &= self._check_value(leaf.dim, canon, mapper, file, located, path, max(text.find(v), 0))
         if not ok:
             return None
-        return _canonical_values(node, mapper)
+        node = _canonical_values(node, mapper)
+        if self.memo:
+            self._selectors[text] = node
+        return node
 
     def _peers(
         self,
@@ -690,7 +722,7 @@ class _Builder:
                 if node is None:
                     ok = False
                     continue
-                out.append(Peer(selector=node))
+                out.append(self.peer(node))
         return out if ok else None
 
 
