@@ -203,6 +203,7 @@ class _Builder:
         self._selectors: dict[str, selectors.Node] = {}
         self._peers_of: dict[int, tuple[selectors.Node, Peer]] = {}  # id(node) → Peer
         self._scoped: dict[tuple[int, int], tuple[selectors.Node, selectors.Node, Peer]] = {}
+        self._ip_peers: dict[str, Peer] = {}  # ip list name → Peer (the lists are fixed once rules compile)
 
     # -- helpers --
     def problem(
@@ -716,7 +717,12 @@ class _Builder:
                     )
                     ok = False
                     continue
-                out.append(Peer(ip_list=item.ip_list, prefixes=ip_lists[item.ip_list]))
+                ip_peer = self._ip_peers.get(item.ip_list) if self.memo else None
+                if ip_peer is None:
+                    ip_peer = Peer(ip_list=item.ip_list, prefixes=ip_lists[item.ip_list])
+                    if self.memo:
+                        self._ip_peers[item.ip_list] = ip_peer
+                out.append(ip_peer)
             else:
                 node = self._selector(item, mapper, groups, file, located, ipath)
                 if node is None:
