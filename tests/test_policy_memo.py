@@ -11,8 +11,10 @@ from typing import Any
 import pytest
 
 import tests.test_policy_errors as error_tests
-from ringfence import addresses, synth
-from ringfence.policy import CompiledRule, Peer, Policy, PolicyError, _Builder
+from ringfence import addresses, selectors, synth
+from ringfence.labels import LabelMapper
+from ringfence.model import LabelsConfig
+from ringfence.policy import CompiledRule, Peer, Policy, PolicyError, _Builder, _canonical_values
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,3 +113,37 @@ def test_memo_shares_peers_for_a_repeated_selector() -> None:
     assert a.consumer is b.consumer and a.provider is b.provider
     c, d = _Builder({"p.yaml": text}, memo=False).build().rules
     assert c.consumer is not d.consumer and c.consumer == a.consumer
+
+
+def _reference_canonical_values(node: selectors.Node, mapper: LabelMapper) -> selectors.Node:
+    """The previous ``_canonical_values``: always rebuilds."""
+    if isinstance(node, selectors.In):
+        return selectors.In(node.dim, frozenset(mapper.canonical_value(node.dim, v) for v in node.values), node.negate)
+    if isinstance(node, selectors.Not):
+        return selectors.Not(_reference_canonical_values(node.inner, mapper))
+    if isinstance(node, selectors.And):
+        return selectors.And(tuple(_reference_canonical_values(p, mapper) for p in node.parts))
+    if isinstance(node, selectors.Or):
+        return selectors.Or(tuple(_reference_canonical_values(p, mapper) for p in node.parts))
+    return node
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "env == prod",
+        "env == Prod",
+        "env == ' prod '",
+        "!(env == PROD) && role in {web, App}",
+        "(env == prod || role == web) && !has(app)",
+        "env == prod || !(role == Web)",
+        "all()",
+        "env in {production, dev}",
+    ],
+)
+def test_canonical_values_equal_the_rebuilding_version(text: str) -> None:
+    mapper = LabelMapper(LabelsConfig.model_validate({"dimensions": {"env": {"aliases": {"production": "prod"}}}}))
+    node = selectors.parse(text)
+    new, old = _canonical_values(node, mapper), _reference_canonical_values(node, mapper)
+    assert new == old and new.canonical() == old.canonical()
+    assert (new is node) == (new == node), "unchanged nodes come back as themselves"

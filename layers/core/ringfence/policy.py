@@ -71,10 +71,13 @@ class Peer:
     selector: selectors.Node | None = None
     ip_list: str | None = None
     prefixes: tuple[Prefix, ...] = ()
-    # the content-defining text (names address sets); computed once, it is on the hot path
+    # the content-defining text (names address sets); computed once, it is on the hot path.
+    # The policy builder passes it in when it knows it (the selector's canonical text).
     text: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
+        if self.text:
+            return
         if self.selector is not None:
             text = self.selector.canonical()
         else:
@@ -203,6 +206,7 @@ class _Builder:
         self._selectors: dict[str, selectors.Node] = {}
         self._peers_of: dict[int, tuple[selectors.Node, Peer]] = {}  # id(node) → Peer
         self._scoped: dict[tuple[int, int], tuple[selectors.Node, selectors.Node, Peer]] = {}
+        self._wrapped: dict[int, tuple[selectors.Node, str]] = {}  # id(part) → (part, wrapped canonical text)
         self._ip_peers: dict[str, Peer] = {}  # ip list name → Peer (the lists are fixed once rules compile)
 
     # -- helpers --
@@ -237,8 +241,20 @@ class _Builder:
         key = (id(scope), id(node))
         hit = self._scoped.get(key)
         if hit is None:
-            hit = self._scoped[key] = (scope, node, Peer(selector=selectors.conjunction(scope, node)))
+            joined = selectors.conjunction(scope, node)
+            if isinstance(joined, selectors.And):  # And.canonical(), from each part's text computed once
+                text = " && ".join(sorted([self._wrap(p) for p in joined.parts]))
+            else:
+                text = joined.canonical()
+            hit = self._scoped[key] = (scope, node, Peer(selector=joined, text=text))
         return hit[2]
+
+    def _wrap(self, part: selectors.Node) -> str:
+        """``selectors._wrap(part)``, once per part of a memoised node (the value keeps it alive)."""
+        hit = self._wrapped.get(id(part))
+        if hit is None:
+            hit = self._wrapped[id(part)] = (part, selectors._wrap(part))
+        return hit[1]
 
     def loc(self, file: str, located: yamlpos.Located, path: tuple[Any, ...]) -> Location:
         pos = located.position(path)
@@ -680,9 +696,13 @@ class _Builder:
                 ok = False
                 continue
             if isinstance(leaf, selectors.In):
+                allowed = mapper.allowed_values(leaf.dim)
+                if allowed is None:  # any value goes; _check_value would pass each one
+                    continue
                 for v in leaf.values:
                     canon = mapper.canonical_value(leaf.dim, v)
-                    ok &= self._check_value(leaf.dim, canon, mapper, file, located, path, max(text.find(v), 0))
+                    if canon not in allowed:  # only a failing value needs _check_value (and the column search)
+                        ok &= self._check_value(leaf.dim, canon, mapper, file, located, path, max(text.find(v), 0))
         if not ok:
             return None
         node = _canonical_values(node, mapper)
@@ -743,15 +763,22 @@ def _leaves(node: selectors.Node) -> list[selectors.Has | selectors.In]:
 
 
 def _canonical_values(node: selectors.Node, mapper: LabelMapper) -> selectors.Node:
-    """Normalise selector values like tag values (case, aliases) so ``env == 'Prod'`` matches."""
+    """Normalise selector values like tag values (case, aliases) so ``env == 'Prod'`` matches.
+
+    A node whose values are already canonical comes back as itself (an equal node): most are,
+    and frozen dataclasses are slow to build.
+    """
     if isinstance(node, selectors.In):
-        return selectors.In(node.dim, frozenset(mapper.canonical_value(node.dim, v) for v in node.values), node.negate)
+        values = frozenset(mapper.canonical_value(node.dim, v) for v in node.values)
+        return node if values == node.values else selectors.In(node.dim, values, node.negate)
     if isinstance(node, selectors.Not):
-        return selectors.Not(_canonical_values(node.inner, mapper))
-    if isinstance(node, selectors.And):
-        return selectors.And(tuple(_canonical_values(p, mapper) for p in node.parts))
-    if isinstance(node, selectors.Or):
-        return selectors.Or(tuple(_canonical_values(p, mapper) for p in node.parts))
+        inner = _canonical_values(node.inner, mapper)
+        return node if inner is node.inner else selectors.Not(inner)
+    if isinstance(node, selectors.And | selectors.Or):
+        parts = tuple(_canonical_values(p, mapper) for p in node.parts)
+        if all(new is old for new, old in zip(parts, node.parts, strict=True)):
+            return node
+        return selectors.And(parts) if isinstance(node, selectors.And) else selectors.Or(parts)
     return node
 
 
