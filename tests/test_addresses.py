@@ -141,3 +141,43 @@ def test_collapse_rejects_host_bits_like_ipaddress() -> None:
             _reference_collapse([bad])
         with pytest.raises(ValueError):
             addresses.collapse([bad])
+
+
+def _ipaddress_prefix(text: str) -> object:
+    try:
+        net = ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        return "raises"
+    return (net.version, int(net.network_address), net.prefixlen)
+
+
+def _our_prefix(text: str) -> object:
+    try:
+        return addresses.parse_prefix(text)
+    except ValueError:
+        return "raises"
+
+
+_V4ISH = st.lists(
+    st.sampled_from(
+        ["0", "1", "9", "00", "01", "10", "25", "255", "256", "300", "1000", "٣", ".", ".", ".", "/", "/", " "]
+    ),
+    max_size=10,
+).map("".join)
+
+
+@given(
+    st.one_of(
+        _V4ISH,
+        st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 40)).map(lambda t: f"{ipaddress.IPv4Address(t[0])}/{t[1]}"),
+    )
+)
+@example("10.1.2.3/8")
+@example(" 192.0.2.7 ")
+@example("1.2.3.4/08")
+@example("1.2.3.4/033")
+@example("1.2.3.04/8")
+@example("1.2.3.256")
+@example("256.0.0.0/8")
+def test_v4_fast_path_parses_like_ipaddress(text: str) -> None:
+    assert _our_prefix(text) == _ipaddress_prefix(text)

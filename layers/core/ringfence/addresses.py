@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import ipaddress
+import re
 from dataclasses import dataclass, field
 
 V4, V6 = 4, 6
@@ -27,8 +28,24 @@ def parse_address(text: str) -> Address:
     return (ip.version, int(ip))
 
 
+# Dotted-quad IPv4 with an optional one- or two-digit length: a subset of what ipaddress
+# accepts (no leading zeros, ASCII digits), parsed without building ipaddress objects.
+_V4 = re.compile(
+    r"(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})(?:/([0-9]{1,2}))?"
+)
+
+
 def parse_prefix(text: str) -> Prefix:
-    net = ipaddress.ip_network(text.strip(), strict=False)
+    text = text.strip()
+    m = _V4.fullmatch(text)
+    if m is not None:
+        a, b, c, d, length = m.groups()
+        octets = (int(a), int(b), int(c), int(d))
+        bits = 32 if length is None else int(length)
+        if max(octets) <= 255 and bits <= 32:  # else ipaddress raises its own error below
+            value = (octets[0] << 24) | (octets[1] << 16) | (octets[2] << 8) | octets[3]
+            return (V4, value >> (32 - bits) << (32 - bits), bits)
+    net = ipaddress.ip_network(text, strict=False)
     return (net.version, int(net.network_address), net.prefixlen)
 
 
