@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
 
-from hypothesis import given
+import pytest
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from ringfence import addresses
@@ -67,3 +69,115 @@ def test_exclusions() -> None:
 @given(st.integers(min_value=0, max_value=2**32 - 1), st.integers(min_value=0, max_value=32))
 def test_format_v4_prefix_matches_ipaddress(value: int, length: int) -> None:
     assert addresses.format_prefix((4, value, length)) == f"{ipaddress.IPv4Address(value)}/{length}"
+
+
+def _reference_collapse(prefixes: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """The previous, ipaddress-based ``collapse``: the oracle for the integer version."""
+    out = []
+    for fam in (4, 6):
+        nets = [ipaddress.ip_network((n, length)) for f, n, length in prefixes if f == fam]
+        out += [(fam, int(c.network_address), c.prefixlen) for c in ipaddress.collapse_addresses(nets)]  # type: ignore[type-var]
+    return out
+
+
+def _reference_exclude(
+    prefixes: list[tuple[int, int, int]], excluded: list[tuple[int, int, int]]
+) -> list[tuple[int, int, int]]:
+    """The previous, ipaddress-based ``exclude``."""
+    result = _reference_collapse(prefixes)
+    for ex in _reference_collapse(excluded):
+        ex_net = ipaddress.ip_network((ex[1], ex[2]))
+        nxt = []
+        for p in result:
+            net = ipaddress.ip_network((p[1], p[2]))
+            if p[0] != ex[0] or not net.overlaps(ex_net):
+                nxt.append(p)
+            elif ex_net.subnet_of(net):  # type: ignore[arg-type]
+                nxt += [(p[0], int(s.network_address), s.prefixlen) for s in net.address_exclude(ex_net)]  # type: ignore[arg-type]
+        result = _reference_collapse(nxt)
+    return result
+
+
+@st.composite
+def _prefixes(draw: st.DrawFn) -> list[tuple[int, int, int]]:
+    """Prefixes packed into small windows of each family, so they overlap, nest and abut."""
+    out = []
+    for _ in range(draw(st.integers(min_value=0, max_value=8))):
+        fam = draw(st.sampled_from([4, 6]))
+        bits = 32 if fam == 4 else 128
+        length = draw(st.sampled_from([0, 1, bits - 8, bits - 6, bits - 5, bits - 4, bits - 2, bits - 1, bits]))
+        base = 0 if length < 2 else draw(st.sampled_from([0, (1 << bits) - 256, 10 << (bits - 8)]))
+        net = (base + draw(st.integers(min_value=0, max_value=255))) >> (bits - length) << (bits - length)
+        out.append((fam, net, length))
+    return out
+
+
+@given(_prefixes(), _prefixes())
+@example([(4, 0, 25), (4, 128, 25), (6, 1 << 100, 128), (6, (1 << 100) + 1, 128)], [])  # abutting halves merge
+@example([(6, 0xFFFFFF00, 24), (6, 3 << 30, 2)], [(6, 0xFFFFFF80, 25)])  # v6 read as v4 near 2**32
+@example([(4, 10 << 24, 8), (6, 1 << 127, 1)], [(4, 10 << 24, 16), (4, 11 << 24, 8), (6, 1 << 127, 2)])
+def test_integer_collapse_and_exclude_match_ipaddress(
+    inc: list[tuple[int, int, int]], exc: list[tuple[int, int, int]]
+) -> None:
+    def outcome(fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except (ValueError, TypeError):  # the oracle rejects v6 ::/n mixed with v6 ::/m>32, see _legacy
+            return "raises"
+
+    assert outcome(addresses.collapse, inc) == outcome(_reference_collapse, inc)
+    assert outcome(addresses.exclude, inc, exc) == outcome(_reference_exclude, inc, exc)
+
+
+@pytest.mark.xfail(strict=True, reason="known bug kept for equivalence: ipaddress reads ::/0 as 0.0.0.0/0")
+def test_v6_exclusion_from_the_zero_prefix() -> None:
+    result = addresses.exclude([addresses.parse_prefix("::/0")], [addresses.parse_prefix("fc00::/7")])
+    assert addresses.parse_prefix("fc00::/7") not in result and len(result) == 7
+
+
+def test_collapse_rejects_host_bits_like_ipaddress() -> None:
+    for bad in [(4, 1, 24), (6, 1, 64), (4, 2**32, 32), (6, 1 << 100, 8)]:
+        with pytest.raises(ValueError):
+            _reference_collapse([bad])
+        with pytest.raises(ValueError):
+            addresses.collapse([bad])
+
+
+def _ipaddress_prefix(text: str) -> object:
+    try:
+        net = ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        return "raises"
+    return (net.version, int(net.network_address), net.prefixlen)
+
+
+def _our_prefix(text: str) -> object:
+    try:
+        return addresses.parse_prefix(text)
+    except ValueError:
+        return "raises"
+
+
+_V4ISH = st.lists(
+    st.sampled_from(
+        ["0", "1", "9", "00", "01", "10", "25", "255", "256", "300", "1000", "٣", ".", ".", ".", "/", "/", " "]
+    ),
+    max_size=10,
+).map("".join)
+
+
+@given(
+    st.one_of(
+        _V4ISH,
+        st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 40)).map(lambda t: f"{ipaddress.IPv4Address(t[0])}/{t[1]}"),
+    )
+)
+@example("10.1.2.3/8")
+@example(" 192.0.2.7 ")
+@example("1.2.3.4/08")
+@example("1.2.3.4/033")
+@example("1.2.3.04/8")
+@example("1.2.3.256")
+@example("256.0.0.0/8")
+def test_v4_fast_path_parses_like_ipaddress(text: str) -> None:
+    assert _our_prefix(text) == _ipaddress_prefix(text)

@@ -91,3 +91,45 @@ def test_bitset_evaluation_equals_per_workload_matching(expr: str, estate: list[
     # canonical text parses back to the same meaning
     again = selectors.parse(node.canonical())
     assert all(selectors.matcher(again)(lab) == selectors.matcher(node)(lab) for lab in estate)
+
+
+_PIECES = st.sampled_from(
+    ["role", "env", "all", "has", "not", "in", "a-b.c", "web", "'w&&b'", '"x y"', "'", '"', "''", "@g", "@", "==", "!=",
+     "=", "===", "&&", "&", "&&&", "||", "!", "(", ")", "{", "}", ",", " ", "\t", "\u00a0", "é", ""]
+)  # fmt: skip
+
+
+def _outcome(fn: object, text: str) -> object:
+    groups = {"g": frozenset({"web", "db"})}
+    try:
+        return fn(text, lambda name, dim: groups.get(name))  # type: ignore[operator]
+    except selectors.SelectorSyntaxError as exc:
+        return ("error", exc.message, exc.column, exc.hint)
+
+
+_WORD = st.sampled_from(["role", "env", "all", "not", "in", "a-b.c", "web", "x/y:z"])
+_SP = st.sampled_from(["", " ", "  ", "\t"])
+_VALUE = st.one_of(_WORD, _WORD.map(lambda w: f"'{w}'"), _WORD.map(lambda w: f'"{w}"'), _PIECES)
+_CMP = st.tuples(_SP, _WORD, _SP, st.sampled_from(["==", "!=", "==", "="]), _SP, _VALUE, _SP).map("".join)
+# near-simple selectors: comparisons joined by && (sometimes another piece), so the fast path is taken often
+_NEAR = st.lists(st.one_of(_CMP, _CMP, _PIECES), min_size=1, max_size=4).flatmap(
+    lambda cs: st.lists(st.sampled_from(["&&", "&&", "||", "&&&", ""]), min_size=len(cs), max_size=len(cs)).map(
+        lambda js: "".join(c + j for c, j in zip(cs, js, strict=True))[: -len(js[-1]) or None]
+    )
+)
+
+
+@given(st.one_of(st.lists(_PIECES, max_size=12).map("".join), _NEAR))
+def test_simple_comparison_fast_path_matches_the_parser(text: str) -> None:
+    def full(t: str, g: selectors.GroupResolver) -> selectors.Node:
+        return selectors._Parser(t, g).parse()
+
+    assert _outcome(selectors.parse, text) == _outcome(full, text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["role == web", " a==b&&c!='d'&& e == \"f\" ", "a == b && a == b", "all == x", "role == 'w&&b'", "a == b &&"],
+)
+def test_simple_comparison_fast_path_examples(text: str) -> None:
+    assert _outcome(selectors.parse, text) == _outcome(lambda t, g: selectors._Parser(t, g).parse(), text)

@@ -71,10 +71,13 @@ class Peer:
     selector: selectors.Node | None = None
     ip_list: str | None = None
     prefixes: tuple[Prefix, ...] = ()
-    # the content-defining text (names address sets); computed once, it is on the hot path
+    # the content-defining text (names address sets); computed once, it is on the hot path.
+    # The policy builder passes it in when it knows it (the selector's canonical text).
     text: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
+        if self.text:
+            return
         if self.selector is not None:
             text = self.selector.canonical()
         else:
@@ -190,10 +193,21 @@ def load_policy_texts(sources: Mapping[str, str]) -> Policy:
 
 
 class _Builder:
-    def __init__(self, sources: dict[str, str]) -> None:
+    def __init__(self, sources: dict[str, str], memo: bool = True) -> None:
         self.sources = sources
         self.problems: list[PolicyProblem] = []
         self.docs: list[tuple[str, yamlpos.Located, PolicyFile]] = []
+        # Estates repeat a few selector texts thousands of times (role == 'web' in every app's
+        # rulesets). Within one build the label mapper and groups are fixed, so a valid
+        # selector text always resolves to the same node: parse it once, and build each
+        # Peer / scoped Peer once. Invalid texts are never memoised, so every occurrence still
+        # reports its own problems. ``memo=False`` is the straightforward path the tests compare.
+        self.memo = memo
+        self._selectors: dict[str, selectors.Node] = {}
+        self._peers_of: dict[int, tuple[selectors.Node, Peer]] = {}  # id(node) → Peer
+        self._scoped: dict[tuple[int, int], tuple[selectors.Node, selectors.Node, Peer]] = {}
+        self._wrapped: dict[int, tuple[selectors.Node, str]] = {}  # id(part) → (part, wrapped canonical text)
+        self._ip_peers: dict[str, Peer] = {}  # ip list name → Peer (the lists are fixed once rules compile)
 
     # -- helpers --
     def problem(
@@ -211,6 +225,36 @@ class _Builder:
         pos = located.position(path)
         col = pos.column + column_offset + (1 if pos.quoted and column_offset else 0)
         self.problems.append(PolicyProblem(Location(file, pos.line, col), msg, hint))
+
+    def peer(self, node: selectors.Node) -> Peer:
+        if not self.memo:
+            return Peer(selector=node)
+        hit = self._peers_of.get(id(node))
+        if hit is None:  # the node is kept in the value, so its id stays unique
+            hit = self._peers_of[id(node)] = (node, Peer(selector=node))
+        return hit[1]
+
+    def scoped(self, scope: selectors.Node, node: selectors.Node) -> Peer:
+        """``Peer(scope && node)``; scope and node are memoised selector nodes, so ids name them."""
+        if not self.memo:
+            return Peer(selector=selectors.conjunction(scope, node))
+        key = (id(scope), id(node))
+        hit = self._scoped.get(key)
+        if hit is None:
+            joined = selectors.conjunction(scope, node)
+            if isinstance(joined, selectors.And):  # And.canonical(), from each part's text computed once
+                text = " && ".join(sorted([self._wrap(p) for p in joined.parts]))
+            else:
+                text = joined.canonical()
+            hit = self._scoped[key] = (scope, node, Peer(selector=joined, text=text))
+        return hit[2]
+
+    def _wrap(self, part: selectors.Node) -> str:
+        """``selectors._wrap(part)``, once per part of a memoised node (the value keeps it alive)."""
+        hit = self._wrapped.get(id(part))
+        if hit is None:
+            hit = self._wrapped[id(part)] = (part, selectors._wrap(part))
+        return hit[1]
 
     def loc(self, file: str, located: yamlpos.Located, path: tuple[Any, ...]) -> Location:
         pos = located.position(path)
@@ -454,13 +498,13 @@ class _Builder:
                             continue
                         if p.is_workloads:
                             assert p.selector is not None
-                            p = Peer(selector=selectors.conjunction(scope, p.selector))
+                            p = self.scoped(scope, p.selector)
                             if c.is_workloads and not rule.extra_scope:
                                 assert c.selector is not None
-                                c = Peer(selector=selectors.conjunction(scope, c.selector))
+                                c = self.scoped(scope, c.selector)
                         else:  # outbound to addresses: the scope governs the consumers
                             assert c.selector is not None
-                            c = Peer(selector=selectors.conjunction(scope, c.selector))
+                            c = self.scoped(scope, c.selector)
                         rule_same = tuple(sorted(same)) if c.is_workloads and p.is_workloads else ()
                         rid = f"{rs.name}/{base}" + (f"#{n + 1}" if len(pairs) > 1 else "")
                         rules.append(
@@ -631,6 +675,8 @@ class _Builder:
         located: yamlpos.Located,
         path: tuple[Any, ...],
     ) -> selectors.Node | None:
+        if self.memo and text in self._selectors:
+            return self._selectors[text]
         try:
             node = selectors.parse(text, groups)
         except selectors.SelectorSyntaxError as exc:
@@ -650,12 +696,19 @@ class _Builder:
                 ok = False
                 continue
             if isinstance(leaf, selectors.In):
+                allowed = mapper.allowed_values(leaf.dim)
+                if allowed is None:  # any value goes; _check_value would pass each one
+                    continue
                 for v in leaf.values:
                     canon = mapper.canonical_value(leaf.dim, v)
-                    ok &= self._check_value(leaf.dim, canon, mapper, file, located, path, max(text.find(v), 0))
+                    if canon not in allowed:  # only a failing value needs _check_value (and the column search)
+                        ok &= self._check_value(leaf.dim, canon, mapper, file, located, path, max(text.find(v), 0))
         if not ok:
             return None
-        return _canonical_values(node, mapper)
+        node = _canonical_values(node, mapper)
+        if self.memo:
+            self._selectors[text] = node
+        return node
 
     def _peers(
         self,
@@ -684,13 +737,18 @@ class _Builder:
                     )
                     ok = False
                     continue
-                out.append(Peer(ip_list=item.ip_list, prefixes=ip_lists[item.ip_list]))
+                ip_peer = self._ip_peers.get(item.ip_list) if self.memo else None
+                if ip_peer is None:
+                    ip_peer = Peer(ip_list=item.ip_list, prefixes=ip_lists[item.ip_list])
+                    if self.memo:
+                        self._ip_peers[item.ip_list] = ip_peer
+                out.append(ip_peer)
             else:
                 node = self._selector(item, mapper, groups, file, located, ipath)
                 if node is None:
                     ok = False
                     continue
-                out.append(Peer(selector=node))
+                out.append(self.peer(node))
         return out if ok else None
 
 
@@ -705,15 +763,22 @@ def _leaves(node: selectors.Node) -> list[selectors.Has | selectors.In]:
 
 
 def _canonical_values(node: selectors.Node, mapper: LabelMapper) -> selectors.Node:
-    """Normalise selector values like tag values (case, aliases) so ``env == 'Prod'`` matches."""
+    """Normalise selector values like tag values (case, aliases) so ``env == 'Prod'`` matches.
+
+    A node whose values are already canonical comes back as itself (an equal node): most are,
+    and frozen dataclasses are slow to build.
+    """
     if isinstance(node, selectors.In):
-        return selectors.In(node.dim, frozenset(mapper.canonical_value(node.dim, v) for v in node.values), node.negate)
+        values = frozenset(mapper.canonical_value(node.dim, v) for v in node.values)
+        return node if values == node.values else selectors.In(node.dim, values, node.negate)
     if isinstance(node, selectors.Not):
-        return selectors.Not(_canonical_values(node.inner, mapper))
-    if isinstance(node, selectors.And):
-        return selectors.And(tuple(_canonical_values(p, mapper) for p in node.parts))
-    if isinstance(node, selectors.Or):
-        return selectors.Or(tuple(_canonical_values(p, mapper) for p in node.parts))
+        inner = _canonical_values(node.inner, mapper)
+        return node if inner is node.inner else selectors.Not(inner)
+    if isinstance(node, selectors.And | selectors.Or):
+        parts = tuple(_canonical_values(p, mapper) for p in node.parts)
+        if all(new is old for new, old in zip(parts, node.parts, strict=True)):
+            return node
+        return selectors.And(parts) if isinstance(node, selectors.And) else selectors.Or(parts)
     return node
 
 

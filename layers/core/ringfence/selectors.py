@@ -350,6 +350,26 @@ class _Parser:
         raise SelectorSyntaxError(f"expected a value, found {found!r}", tok.col)
 
 
+# Most selectors are ``dim == value`` comparisons joined by ``&&``. Such a text parses to
+# exactly what _Parser builds for it (In leaves, conjunction), at a fraction of the tokenizer's
+# cost; anything else (quotes holding ``&&``, groups, ``!``, ``in``, errors) takes _Parser.
+_SIMPLE = re.compile(r"""\s*([A-Za-z0-9_.:/-]+)\s*(==|!=)\s*([A-Za-z0-9_.:/-]+|'[^']*'|"[^"]*")\s*""")
+
+
+def _parse_simple(text: str) -> Node | None:
+    parts: list[Node] = []
+    for piece in text.split("&&"):
+        m = _SIMPLE.fullmatch(piece)
+        if m is None:
+            return None
+        dim, op, value = m.groups()
+        if value[0] in "'\"":
+            value = value[1:-1]
+        parts.append(In(dim, frozenset([value]), negate=op == "!="))
+    return conjunction(*parts) if len(parts) > 1 else parts[0]
+
+
 def parse(text: str, groups: GroupResolver | None = None) -> Node:
     """Parse a selector; raises :class:`SelectorSyntaxError` with a column and a hint."""
-    return _Parser(text, groups).parse()
+    node = _parse_simple(text)
+    return node if node is not None else _Parser(text, groups).parse()
