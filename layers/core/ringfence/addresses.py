@@ -106,53 +106,14 @@ def _split(family: int, lo: int, hi: int, out: list[Prefix]) -> None:
         cur += size
 
 
-def _legacy(prefixes: list[Prefix], excluded: list[Prefix], family: int) -> list[Prefix]:
-    """The previous ipaddress-based cover of one family, kept for the inputs it misreads.
-
-    ``ipaddress.ip_network((n, length))`` builds an IPv4 network whenever ``n < 2**32`` and
-    ``length <= 32``, so IPv6 prefixes such as ``::/0`` were computed as IPv4 ones (and
-    ``::/0`` minus ``fc00::/7`` stayed ``::/0``). That is a bug, but this module only got
-    faster: those inputs keep their old result until the bug is fixed on purpose.
-    """
-
-    def cover(ps: list[Prefix]) -> list[Prefix]:
-        nets = [ipaddress.ip_network((n, length)) for f, n, length in ps if f == family]
-        return [
-            (family, int(c.network_address), c.prefixlen)
-            for c in ipaddress.collapse_addresses(nets)  # type: ignore[type-var]
-        ]
-
-    result = cover(prefixes)
-    for ex in cover(excluded):
-        ex_net = ipaddress.ip_network((ex[1], ex[2]))
-        nxt: list[Prefix] = []
-        for p in result:
-            net = ipaddress.ip_network((p[1], p[2]))
-            if not net.overlaps(ex_net):
-                nxt.append(p)
-            elif ex_net.subnet_of(net):  # type: ignore[arg-type]
-                nxt.extend(
-                    (p[0], int(s.network_address), s.prefixlen)
-                    for s in net.address_exclude(ex_net)  # type: ignore[arg-type]
-                )
-            # else: p lies inside the exclusion and disappears
-        result = cover(nxt)
-    return result
-
-
-def _misread(prefixes: list[Prefix], family: int) -> bool:
-    return family == V6 and any(f == V6 and n < 1 << 32 and length <= 32 for f, n, length in prefixes)
-
-
-# Integer ranges rather than ipaddress objects: same canonical cover (it is unique), ~10x less
-# time; IP lists with exclusions were most of the non-YAML policy load of a small estate.
+# Integer ranges rather than ipaddress objects: ~10x less time (IP lists with exclusions were most
+# of the non-YAML policy load of a small estate), and right for IPv6 prefixes whose network number
+# is below 2**32: ``ipaddress.ip_network((n, length))`` reads those as IPv4, so the ipaddress-based
+# version computed ``::/0`` minus ``fc00::/7`` as ``::/0`` (private IPv6 space left in "internet").
 def collapse(prefixes: list[Prefix]) -> list[Prefix]:
     """Canonical cover of a list of prefixes (sorted, v4 before v6)."""
     out: list[Prefix] = []
     for family in (V4, V6):
-        if _misread(prefixes, family):
-            out.extend(_legacy(prefixes, [], family))
-            continue
         for lo, hi in _spans(prefixes, family):
             _split(family, lo, hi, out)
     return out
@@ -162,9 +123,6 @@ def exclude(prefixes: list[Prefix], excluded: list[Prefix]) -> list[Prefix]:
     """``prefixes`` minus ``excluded`` (IP lists with exclusions), as a canonical cover."""
     out: list[Prefix] = []
     for family in (V4, V6):
-        if _misread(prefixes, family) or _misread(excluded, family):
-            out.extend(_legacy(prefixes, excluded, family))
-            continue
         cuts = _spans(excluded, family)
         k = 0
         for lo, hi in _spans(prefixes, family):
