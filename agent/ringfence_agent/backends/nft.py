@@ -55,11 +55,14 @@ from ringfence_agent.plan import (
 TABLE = "ringfence"
 FAMILY = "inet"
 # Group elements (per family) above which a grouped rule is expanded into plain rules. Measured
-# (docs/benchmarks.md, "Large grouped rules"): deleting elements from a concatenated interval set
-# costs the commit floor (12-16 ms here, what a hash set costs too) up to ~5,000 elements even for
-# a 41-element batch, then grows with the set (41 elements: 44 ms at 10k, 61 ms at 50k, 128 ms at
-# 120k); loading the set costs ~13 ms per 1,000 elements. RINGFENCE_NFT_GROUP_BOUND overrides it.
-GROUP_BOUND = 5000
+# (docs/benchmarks.md, "Large grouped rules"): one element deleted from a concatenated interval set
+# costs the commit floor (12-16 ms here, a hash set's too) up to 50,000 elements, but a workload's
+# delta deletes one element per service piece, and a wide port range expands into many kernel
+# entries: 7 such elements cost 16-22 ms of nft at 500 elements, 27-28 ms at 1,000, 45-61 ms at
+# 2,000, 89-99 ms at 4,000, plus the covers recomputed in Python (8-14, 16-28, 35-52, 65-117 ms);
+# expanded, the same delta is a hash set element: 10-16 ms whatever the size. A full apply loads
+# ~13 ms per 1,000 group elements. RINGFENCE_NFT_GROUP_BOUND overrides it.
+GROUP_BOUND = 1000
 # Kernel-side bound per drop point and family. With the source port in the key every connection
 # attempt is its own element, so a scan fills a set quickly: the size caps kernel memory, the short
 # timeout frees it a minute after the last packet (the daemon polls every observe_interval, 10 s).
