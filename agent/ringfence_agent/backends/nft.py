@@ -55,13 +55,14 @@ from ringfence_agent.plan import (
 TABLE = "ringfence"
 FAMILY = "inet"
 # Group elements (per family) above which a grouped rule is expanded into plain rules. Measured
-# (docs/benchmarks.md, "Large grouped rules"): one element deleted from a concatenated interval set
-# costs the commit floor (12-16 ms here, a hash set's too) up to 50,000 elements, but a workload's
-# delta deletes one element per service piece, and a wide port range expands into many kernel
-# entries: 7 such elements cost 16-22 ms of nft at 500 elements, 27-28 ms at 1,000, 45-61 ms at
-# 2,000, 89-99 ms at 4,000, plus the covers recomputed in Python (8-14, 16-28, 35-52, 65-117 ms);
-# expanded, the same delta is a hash set element: 10-16 ms whatever the size. A full apply loads
-# ~13 ms per 1,000 group elements. RINGFENCE_NFT_GROUP_BOUND overrides it.
+# (docs/benchmarks.md, "Large grouped rules"; tests/bench/group_bound.py): one element deleted
+# from a concatenated interval set costs the commit floor (12-16 ms here, a hash set's too) up to
+# 50,000 elements, but a workload's delta deletes one element per service piece, and a wide port
+# range expands into many kernel entries: 7 such elements cost 16-22 ms of nft at 500 elements,
+# 27-28 ms at 1,000, 45-61 ms at 2,000, 89-99 ms at 4,000, plus the covers recomputed in Python
+# (8-14, 16-28, 35-52, 65-117 ms); expanded, the same delta is a hash set element: 10-16 ms
+# whatever the size. A full apply loads ~13 ms per 1,000 group elements.
+# RINGFENCE_NFT_GROUP_BOUND overrides it.
 GROUP_BOUND = 1000
 # Kernel-side bound per drop point and family. With the source port in the key every connection
 # attempt is its own element, so a scan fills a set quickly: the size caps kernel memory, the short
