@@ -8,6 +8,7 @@ from typing import Any
 from ringfence import addresses
 from ringfence.addresses import format_address
 from ringfence.engine import Engine
+from ringfence.engine.compiler import MAX_PIECES
 from ringfence.engine.explain import decide, format_decision, parse_endpoint
 from ringfence.model import Mode, Workload
 from ringfence.policy import Policy, load_policy_texts
@@ -369,15 +370,26 @@ def test_cut_port_ranges_allow_exactly_the_policy_and_keep_the_contract() -> Non
         e = engine_for(policy, [Workload(id="srv", ips=["10.0.0.1"], tags={"role": "srv"})])
         doc: Any = e.render("srv")
         Bundle.model_validate_json(json.dumps(doc), strict=True)  # identical-or-disjoint port ranges
-        [group] = doc["inbound"]
-        spans = [(x["proto"], *(x["ports"] or (0, 65535))) for m in group["members"] for x in m["services"]]
-        assert spans_groupable([x for x in spans if x[0] in ("tcp", "udp")]), text
         policy_rules = {r.id: r for r in policy.rules}
-        probe = range(0, 40)
-        for m in group["members"]:
-            wanted = [{"proto": p.proto, **p.to_json()} for p in policy_rules[m["id"]].services]
-            assert _covered(m["services"], probe) == _covered(wanted, probe), (text, m)
-            assert _covered(m["services"], range(65530, 65536)) == _covered(wanted, range(65530, 65536))
+        seen = []
+        for group in doc["inbound"]:  # one group, plus the members a bounded cut left out
+            parts = group.get("members") or [group]
+            spans = [(x["proto"], *(x["ports"] or (0, 65535))) for m in parts for x in m["services"]]
+            assert spans_groupable([x for x in spans if x[0] in ("tcp", "udp")]), text
+            probe = range(0, 40)
+            for m in parts:
+                seen.append(m["id"])
+                wanted = [{"proto": p.proto, **p.to_json()} for p in policy_rules[m["id"]].services]
+                assert _covered(m["services"], probe) == _covered(wanted, probe), (text, m)
+                assert _covered(m["services"], range(65530, 65536)) == _covered(wanted, range(65530, 65536))
+                assert len(m["services"]) == len({json.dumps(x, sort_keys=True) for x in m["services"]}), m
+                for p in policy_rules[m["id"]].services:  # no range cut into more than MAX_PIECES
+                    if p.proto in ("tcp", "udp") and (p.lo, p.hi) != (0, 65535):
+                        inside = [x for x in m["services"] if x["proto"] == p.proto and x["ports"]]
+                        n = sum(1 for x in inside if p.lo <= x["ports"][0] and x["ports"][1] <= p.hi)
+                        assert n <= MAX_PIECES, (text, m)
+        assert sorted(seen) == sorted(policy_rules), text
+        assert len([g for g in doc["inbound"] if g.get("members")]) <= 1, text
 
 
 def test_grouped_rules_share_sets_and_follow_deltas() -> None:
@@ -436,3 +448,42 @@ rulesets:
     # naming one address decides that address only
     assert at("fd00::9").verdict == "deny" and at("10.0.0.9").verdict == "allow"
     assert at("fd00::9").by_address == [] and at("out").by_address == []
+
+
+def test_a_member_cut_into_too_many_pieces_stays_out_of_the_group() -> None:
+    ports = [9100 + 10 * i for i in range(20)]
+    rules = [
+        f"      - {{name: exp{i}, from: role == mon, to: all(), services: [tcp/{p}]}}" for i, p in enumerate(ports)
+    ]
+    rules.append("      - {name: wide, from: env == prod, to: all(), services: [tcp/1024-65535]}")
+    rules.append("      - {name: few, from: env == dev, to: all(), services: [tcp/9000-9115]}")
+    text = "rulesets:\n  - name: core\n    scope: all()\n    same: []\n    rules:\n" + "\n".join(rules) + "\n"
+    wls = [Workload(id="w", ips=["10.0.0.1"], tags={"role": "web", "env": "prod"})]
+    doc: Any = engine_for(load_policy_texts({"p.yaml": text}), wls).render("w")
+    by_id = {r["id"]: r for r in doc["inbound"]}
+    wide = by_id["core/wide"]  # 41 pieces: a plain rule over its own set, its range whole
+    assert "members" not in wide and wide["services"] == [{"proto": "tcp", "ports": [1024, 65535], "icmp_type": None}]
+    [group] = [r for r in doc["inbound"] if r.get("members")]
+    members = {m["id"]: m for m in group["members"]}
+    assert set(members) == {f"core/exp{i}" for i in range(20)} | {"core/few"}
+    # 9000-9115 around 9100 and 9110: 5 pieces, within the bound, so it stays and is cut
+    assert [tuple(x["ports"]) for x in members["core/few"]["services"]] == [
+        (9000, 9099),
+        (9100, 9100),
+        (9101, 9109),
+        (9110, 9110),
+        (9111, 9115),
+    ]
+
+
+def test_a_whole_service_equal_to_an_earlier_piece_is_not_repeated() -> None:
+    text = (
+        "rulesets:\n  - name: g\n    scope: all()\n    same: []\n    rules:\n"
+        "      - {name: a, from: role == c, to: role == srv, services: [tcp/85-100, tcp/90]}\n"
+        "      - {name: b, from: role == d, to: role == srv, services: [tcp/90]}\n"
+    )
+    wls = [Workload(id="srv", ips=["10.0.0.1"], tags={"role": "srv"})]
+    doc: Any = engine_for(load_policy_texts({"p.yaml": text}), wls).render("srv")
+    [group] = doc["inbound"]
+    a = next(m for m in group["members"] if m["id"] == "g/a")
+    assert [tuple(x["ports"]) for x in a["services"]] == [(85, 89), (90, 90), (91, 100)]

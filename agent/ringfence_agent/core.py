@@ -299,6 +299,9 @@ class Agent:
             # every later bundle of this set: refused here, before anything is touched
             raise self._reject(what, f"{hit[0]} overlaps {hit[1]}: a set must stay disjoint prefixes")
         change = ElementChange(delta.set, add4, add6, rem4, rem6)
+        # a delta that moves a grouped rule across the backend's size bound: the whole plan,
+        # re-applied with the new set (plan before it, plan after it)
+        reapply: tuple[Plan, Plan] | None = None
         if any(m.set == delta.set for r in (*base.inbound, *base.outbound) for m in r.members or ()):
             # a grouped rule has a member on this set: its (address, service) elements move too
             plan = self.ensure_plan()
@@ -309,10 +312,20 @@ class Agent:
             new_set = fold_delta(current, delta).sets[delta.set]
             v4, _ = split_cidrs(new_set.v4, f"sets.{delta.set}.v4")
             _, v6 = split_cidrs(new_set.v6, f"sets.{delta.set}.v6")
-            groups = group_changes(plan, delta.set, PlanSet(v4, v6), (*add4, *add6), (*rem4, *rem6))
-            change = ElementChange(delta.set, add4, add6, rem4, rem6, groups)
+            # a backend may keep some grouped rules as plain rules over the bundle sets (nftables
+            # past a size bound): only the others' elements are computed and moved
+            route = getattr(self.backend, "group_delta", None)
+            counters = route(plan, delta.set, PlanSet(v4, v6)) if route is not None else None
+            if route is not None and counters is None:
+                reapply = (plan, replace(plan, sets={**plan.sets, delta.set: PlanSet(v4, v6)}))
+            else:
+                groups = group_changes(plan, delta.set, PlanSet(v4, v6), (*add4, *add6), (*rem4, *rem6), counters)
+                change = ElementChange(delta.set, add4, add6, rem4, rem6, groups)
         try:
-            self.backend.apply_delta(change)
+            if reapply is not None:
+                self.backend.apply(reapply[1])
+            else:
+                self.backend.apply_delta(change)
         except ApplyError as exc:
             self.state.update_status(last_error=str(exc), incr={"apply_failures": 1})
             raise
@@ -321,7 +334,10 @@ class Agent:
         except OSError as exc:
             # the state directory must describe the firewall: take the change back out
             try:
-                self.backend.apply_delta(change.inverse())
+                if reapply is not None:
+                    self.backend.apply(reapply[0])
+                else:
+                    self.backend.apply_delta(change.inverse())
                 undone = "the firewall change was undone"
             except ApplyError as undo:
                 undone = f"undoing the firewall change failed too: {undo}"

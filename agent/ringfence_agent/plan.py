@@ -11,7 +11,8 @@ dry-run agree on order and meaning:
 
 A grouped allow rule (bundle ``members``) is one :class:`PlanRule` with :attr:`PlanRule.members`.
 nftables realises it with concatenated (address . service) sets whose elements
-:func:`service_covers` computes; iptables and the Windows plan expand it into its members.
+:func:`service_covers` computes while the group is small (:func:`group_load`), and expands it
+into its members' rules past a bound; iptables and the Windows plan always expand it.
 """
 
 from __future__ import annotations
@@ -487,6 +488,19 @@ def service_covers(
     }
 
 
+def group_load(rule: PlanRule, family: int, sets: Mapping[str, PlanSet]) -> int:
+    """An upper bound of the number of (address . service) elements a grouped rule's
+    concatenated sets hold for one family: per member, its services of that family times its
+    prefixes. :func:`service_covers` can only merge them (a cover of a union is never longer than
+    the parts), and this costs O(members), not O(elements): cheap enough to decide on every delta."""
+    total = 0
+    for m in dict.fromkeys(rule.members):
+        spans = {match_span(svc) for svc in m.services if family in span_families(match_span(svc))}
+        if spans:
+            total += len(spans) * len(_member_prefixes(m, family, sets))
+    return total
+
+
 @dataclass(frozen=True, slots=True)
 class GroupChange:
     """Elements of one grouped rule's (family, service) cover to delete and add."""
@@ -499,14 +513,22 @@ class GroupChange:
 
 
 def group_changes(
-    plan: Plan, set_name: str, new: PlanSet, add: tuple[str, ...] = (), remove: tuple[str, ...] = ()
+    plan: Plan,
+    set_name: str,
+    new: PlanSet,
+    add: tuple[str, ...] = (),
+    remove: tuple[str, ...] = (),
+    counters: Collection[str] | None = None,
 ) -> tuple[GroupChange, ...]:
     """How the grouped rules using ``set_name`` change when it goes from ``plan.sets[set_name]``
     to ``new``; ``add`` / ``remove`` are the delta's own elements (a service only this member
-    carries takes them as they are, without recomputing a cover)."""
+    carries takes them as they are, without recomputing a cover). ``counters``: only these
+    grouped rules (those the backend keeps as (address . service) elements); None, all."""
     out: list[GroupChange] = []
     after = {**plan.sets, set_name: new}
     for rule in plan.rules:
+        if counters is not None and rule.counter not in counters:
+            continue
         users = [m for m in rule.members if m.set == set_name]
         if not users:
             continue

@@ -890,6 +890,21 @@ def _lab_workload(net: NetLab, host: str, **tags: str) -> Workload:
 def test_grouped_rule_allows_each_members_peers_on_its_own_services_only(
     net: NetLab, backend: str, tmp_path: Path
 ) -> None:
+    _grouped_scenario(net, backend, tmp_path, expanded=False)
+
+
+def test_nft_group_past_the_bound_is_expanded_and_allows_the_same(
+    net: NetLab, backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same bundle and deltas with the bound at 0: every group realised as plain rules over
+    the members' own sets; every allow and deny the concatenated realisation gives, the same."""
+    if backend != "nftables":
+        pytest.skip("nftables' choice")
+    monkeypatch.setenv("RINGFENCE_NFT_GROUP_BOUND", "0")
+    _grouped_scenario(net, backend, tmp_path, expanded=True)
+
+
+def _grouped_scenario(net: NetLab, backend: str, tmp_path: Path, expanded: bool) -> None:
     wls = [
         _lab_workload(net, "h1", role="client", tier="gold"),
         _lab_workload(net, "h2", role="web"),
@@ -915,7 +930,12 @@ def test_grouped_rule_allows_each_members_peers_on_its_own_services_only(
     assert [m.id for m in doc.outbound[0].members or []] == ["grp/web-db", "grp/web-other"]
     state = tmp_path / "state"
     ok(apply(net, backend, doc, state))
-    if backend == "nftables":  # one rule per family and kind of service, not one per member and port
+    if expanded:  # plain rules over the members' own sets, all under the group's counter
+        rules = ok(net.exec("h2", "nft", "list", "chain", "inet", "ringfence", "input"))
+        assert "@g_" not in rules and "@s_" in rules
+        # members x joined services x families x (hosts, prefixes): wide's pieces joined back
+        assert rules.count('counter name "r_in_0"') > 7 and rules.count("tcp dport 5000-9000") == 4
+    elif backend == "nftables":  # one rule per family and kind of service, not one per member and port
         rules = ok(net.exec("h2", "nft", "list", "chain", "inet", "ringfence", "input"))
         # v4: any, icmp type, whole protocol, ports; v6: any, whole protocol (tcp, icmpv6), ports
         assert rules.count('counter name "r_in_0"') == 7
@@ -963,7 +983,15 @@ def test_grouped_rule_allows_each_members_peers_on_its_own_services_only(
     # h3 turns scanner: all tcp ports (v4 and v6), still no udp
     ok(apply_delta(net, backend, lab.upsert(_lab_workload(net, "h3", role="scanner")), state))
     assert net.tcp("h3", "h2", 22) and net.tcp("h3", "h2", 8080, v6=True) and not net.udp("h3", "h2", 5353)
-    if backend == "nftables":  # the elements deltas reached are those a fresh apply of the same bundle loads
+    if expanded:  # deltas moved the bundle sets only: the kernel holds what a fresh apply loads
+        # (inbound: the outbound group has lost all its peers, and an empty group is within even a
+        # bound of 0: a fresh apply makes it concatenated, the deltas left it expanded, hysteresis)
+        followed_state = _kernel_state(net, ("input",))
+        assert "@g_" not in followed_state["chains"]
+        net.reset("h2")
+        ok(apply(net, backend, lab.bundle("h2"), tmp_path / "fresh"))
+        assert followed_state == _kernel_state(net, ("input",))
+    elif backend == "nftables":  # the elements deltas reached are those a fresh apply of the same bundle loads
         names = ("g_r_in_0_4p", "g_r_in_0_6p", "g_r_in_0_4a", "g_r_in_0_6a", "g_r_in_0_4l", "g_r_in_0_6l")
         followed = {name: _elements(net, name) for name in names}
         net.reset("h2")
@@ -977,3 +1005,76 @@ def _elements(net: NetLab, set_name: str) -> list[str]:
     out = json.loads(ok(net.exec("h2", "nft", "-j", "list", "set", "inet", "ringfence", set_name)))
     elems = next(x["set"] for x in out["nftables"] if "set" in x).get("elem", [])
     return sorted(json.dumps(e, sort_keys=True) for e in elems)
+
+
+def _kernel_state(net: NetLab, chains: tuple[str, ...] = ("input", "output")) -> dict[str, object]:
+    """The chains' rules and the bundle and group sets' elements (not counters, not drop tuples)."""
+    text = "".join(ok(net.exec("h2", "nft", "list", "chain", "inet", "ringfence", c)) for c in chains)
+    out = json.loads(ok(net.exec("h2", "nft", "-j", "list", "sets", "table", "inet", "ringfence")))
+    group = ("g_r_in_",) if chains == ("input",) else ("g_",)
+    names = sorted(
+        x["set"]["name"] for x in out["nftables"] if "set" in x and x["set"]["name"].startswith(("s_", *group))
+    )
+    return {"chains": text, **{name: _elements(net, name) for name in names}}
+
+
+def _group_size(lab: Lab) -> int:
+    """The grouped inbound rule's load on h2 (what the nft backend compares with its bound)."""
+    from ringfence import bundlewire
+    from ringfence_agent.plan import LocalFailsafes, compile_plan, group_load
+
+    plan = compile_plan(bundlewire.bundle_from_json(json.loads(json.dumps(lab.engine.render("h2")))), LocalFailsafes())
+    [rule] = [r for r in plan.rules if r.members and r.direction == "inbound"]
+    return max(group_load(rule, fam, plan.sets) for fam in (4, 6))
+
+
+def test_nft_delta_across_the_group_bound_switches_realisation(
+    net: NetLab, backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the bound a concatenated group becomes plain rules, below half of it concatenated
+    again, in between it stays as it is (hysteresis); at each switch the kernel holds what a
+    fresh apply of the same bundle loads, and traffic follows the policy throughout."""
+    if backend != "nftables":
+        pytest.skip("nftables' choice")
+    wls = [
+        _lab_workload(net, "h1", role="client", tier="gold"),
+        _lab_workload(net, "h2", role="web"),
+        _lab_workload(net, "h3", role="db"),
+        _lab_workload(net, "h4", role="other"),
+    ]
+    lab = Lab(GROUP_POLICY, wls)
+    bound = _group_size(lab)
+    monkeypatch.setenv("RINGFENCE_NFT_GROUP_BOUND", str(bound))
+    state = tmp_path / "state"
+    ok(apply(net, backend, lab.bundle("h2"), state))
+
+    def concatenated() -> bool:
+        return "@g_r_in_0_" in ok(net.exec("h2", "nft", "list", "chain", "inet", "ringfence", "input"))
+
+    def fresh_equal() -> None:
+        followed = _kernel_state(net)
+        net.reset("h2")
+        ok(apply(net, backend, lab.bundle("h2"), tmp_path / f"fresh-{time.monotonic_ns()}"))
+        assert followed == _kernel_state(net)
+
+    assert concatenated() and net.tcp("h1", "h2", 8080) and not net.tcp("h4", "h2", 8080)
+    # h4 turns ops: one 'any' element more per family, past the bound: plain rules
+    ok(apply_delta(net, backend, lab.upsert(_lab_workload(net, "h4", role="ops")), state))
+    assert _group_size(lab) > bound and not concatenated()
+    assert net.tcp("h4", "h2", 22) and net.udp("h4", "h2", 5353) and net.tcp("h4", "h2", 8080, v6=True)
+    assert net.tcp("h1", "h2", 8080) and not net.tcp("h1", "h2", 5432)
+    fresh_equal()
+    # back to 'other': within the bound but not below half of it: stays plain rules
+    ok(apply_delta(net, backend, lab.upsert(_lab_workload(net, "h4", role="other")), state))
+    assert bound // 2 <= _group_size(lab) <= bound and not concatenated()
+    assert not net.tcp("h4", "h2", 8080) and not net.tcp("h4", "h2", 22, v6=True) and net.tcp("h1", "h2", 8080)
+    # h1 and h3 leave: below half the bound, concatenated sets again
+    ok(apply_delta(net, backend, lab.upsert(_lab_workload(net, "h1", role="visitor")), state))
+    ok(apply_delta(net, backend, lab.upsert(_lab_workload(net, "h3", role="other")), state))
+    assert _group_size(lab) < bound // 2 and concatenated()
+    assert not net.tcp("h1", "h2", 8080) and not net.tcp("h3", "h2", 5432)
+    fresh_equal()
+    # and a delta within the concatenated realisation moves its elements (no switch)
+    ok(apply_delta(net, backend, lab.upsert(_lab_workload(net, "h3", role="db")), state))
+    assert concatenated() and net.tcp("h3", "h2", 5432) and not net.tcp("h3", "h2", 8080)
+    fresh_equal()

@@ -26,6 +26,7 @@ from ringfence.bundle import (
 )
 from ringfence.model import Mode
 from ringfence_agent.backends import ApplyError, ElementChange
+from ringfence_agent.backends.nft import NftBackend, NftRenderer
 from ringfence_agent.core import Agent, Rejected, effective_bundle, fold_delta, same_firewall
 from ringfence_agent.plan import GroupChange, compile_plan
 from ringfence_agent.state import StateDir
@@ -361,3 +362,67 @@ def test_a_delta_with_non_canonical_elements_is_refused(tmp_path: Path) -> None:
     with pytest.raises(Rejected, match="canonical"):
         agent.apply_delta(delta(1, remove=["10.0.0.7"]))
     assert backend.deltas == [] and agent.revision == 1
+
+
+# --- nftables realises a big group as plain rules: a delta across the bound re-applies ---------
+
+
+class RecordingNft(NftBackend):
+    """The nftables backend with the kernel replaced by a list of the scripts it would run."""
+
+    def __init__(self, bound: int) -> None:
+        super().__init__(group_bound=bound)
+        self.scripts: list[str] = []
+
+    def _exec(self, script: str, what: str) -> None:
+        self.scripts.append(script)
+
+
+def test_nft_group_switches_realisation_only_across_the_bound(tmp_path: Path) -> None:
+    backend = RecordingNft(bound=4)  # hysteresis: expanded again below 2
+    agent = Agent("w", Verifier.from_file(PUB), backend, StateDir(tmp_path / "s"), LOCAL, log=lambda m: None)
+
+    def fresh() -> str:  # what a fresh apply of the effective bundle runs
+        eff = agent.effective()
+        assert eff is not None
+        return NftRenderer(group_bound=4).render(compile_plan(eff, LOCAL))
+
+    agent.apply_bundle(grouped(1, ["10.0.0.1/32"]))  # S 1 + T 1 on tcp/80: 2 elements
+    assert "@g_r_in_0_4p" in backend.scripts[-1] and backend.realised == {"r_in_0": True}
+    agent.apply_delta(set_delta("S", 1, add=("10.0.0.9/32",)))  # 3: the group's elements move
+    assert backend.scripts[-1].splitlines() == [
+        "add element inet ringfence s_S_4h { 10.0.0.9 }",
+        "add element inet ringfence g_r_in_0_4p { 10.0.0.9 . tcp . 80 }",
+    ]
+    agent.apply_delta(set_delta("S", 2, add=("10.0.0.20/32",)))  # 4: at the bound, still elements
+    assert backend.scripts[-1].startswith("add element") and backend.realised == {"r_in_0": True}
+    agent.apply_delta(set_delta("S", 3, add=("10.0.0.30/32",)))  # 5: past it, the whole plan
+    assert backend.scripts[-1] == fresh() and "g_r_in_0" not in backend.scripts[-1]
+    assert backend.realised == {"r_in_0": False}
+    for v, x in ((4, "10.0.0.30/32"), (5, "10.0.0.20/32"), (6, "10.0.0.9/32")):  # 4, 3, 2: not below 2
+        agent.apply_delta(set_delta("S", v, remove=(x,)))
+        assert backend.scripts[-1] == f"delete element inet ringfence s_S_4h {{ {x.split('/')[0]} }}\n"
+    agent.apply_delta(set_delta("S", 7, remove=("10.0.0.1/32",)))  # 1: below half, concatenated again
+    assert backend.scripts[-1] == fresh() and "@g_r_in_0_4p" in backend.scripts[-1]
+    assert backend.realised == {"r_in_0": True}
+    # the plan the agent keeps follows the deltas whichever way they were applied
+    plan = agent.ensure_plan()
+    assert plan is not None and plan.sets["S"].v4 == ()
+
+
+def test_a_re_applying_delta_that_cannot_be_recorded_re_applies_the_plan_before_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = RecordingNft(bound=2)
+    agent = Agent("w", Verifier.from_file(PUB), backend, StateDir(tmp_path / "s"), LOCAL, log=lambda m: None)
+    agent.apply_bundle(grouped(1, ["10.0.0.1/32"]))
+    before = backend.scripts[-1]
+
+    def full(*args: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(agent.state, "append_delta", full)
+    with pytest.raises(ApplyError, match="undone"):
+        agent.apply_delta(set_delta("S", 1, add=("10.0.0.9/32",)))  # 3 > 2: re-applies
+    assert "10.0.0.9" in backend.scripts[-2] and backend.scripts[-1] == before
+    assert backend.realised == {"r_in_0": True} and agent.revision == 1

@@ -30,6 +30,7 @@ from ringfence_agent.plan import (
     PlanSet,
     compile_plan,
     group_changes,
+    group_load,
     joined_ports,
     service_covers,
 )
@@ -1136,3 +1137,85 @@ def test_backends_that_expand_members_join_cut_port_ranges_back() -> None:
         "elements = { 10.0.9.1 . tcp . 1-9099, 10.0.8.1 . tcp . 9100, 10.0.9.1 . tcp . 9100, "
         "10.0.9.1 . tcp . 9101-65535 }" in NftRenderer().render(plan)
     )
+
+
+# --- nftables: a grouped rule past the bound is expanded ----------------------------------------
+
+
+def test_nft_expands_a_group_past_its_bound_into_member_rules_over_their_sets() -> None:
+    plan = _grouped_plan()  # v4: a 2 services x 2 prefixes + b 1 x 1 + c 2 x 1 = 7; v6: 2
+    assert group_load(plan.rules[0], 4, plan.sets) == 7 and group_load(plan.rules[0], 6, plan.sets) == 2
+    assert NftRenderer(group_bound=7).concatenated(plan) == {"r_in_0"}
+    assert NftRenderer(group_bound=6).concatenated(plan) == frozenset()
+    text = NftRenderer(group_bound=6).render(plan)
+    assert "g_r_in_0" not in text
+    rules = [line.strip() for line in text.splitlines() if "counter name r_in_0" in line]
+    assert rules[:4] == [
+        'ip saddr @s_rf_a_4h tcp dport 8080 counter name r_in_0 accept comment "p/a"',
+        'ip saddr @s_rf_a_4 tcp dport 8080 counter name r_in_0 accept comment "p/a"',
+        'ip6 saddr @s_rf_a_6h tcp dport 8080 counter name r_in_0 accept comment "p/a"',
+        'ip6 saddr @s_rf_a_6 tcp dport 8080 counter name r_in_0 accept comment "p/a"',
+    ]
+    assert rules[-2:] == [  # icmp/8: IPv4 only
+        'ip saddr @s_rf_c_4h icmp type 8 counter name r_in_0 accept comment "p/c"',
+        'ip saddr @s_rf_c_4 icmp type 8 counter name r_in_0 accept comment "p/c"',
+    ]
+    assert len(rules) == 4 + 4 + 4 + 4 + 2  # a: 8080, 53; b: 8080; c: 5432, icmp
+    # the group keeps its one counter, so drop and hit reporting sees the same rule either way
+    assert plan.counter_map()["r_in_0"] == ("inbound", "p/a", "allow")
+
+
+def test_nft_expanded_group_joins_cut_pieces_back() -> None:
+    doc = json.loads(PROC.read_text())
+    doc["sets"] = {"rf_s": {"version": 1, "v4": ["10.0.9.1/32"]}, "rf_m": {"version": 1, "v4": ["10.0.8.1/32"]}}
+    tcp = [[1, 9099], [9100, 9100], [9101, 65535]]
+    doc["inbound"] = [
+        {
+            "id": "c/mon",
+            "action": "allow",
+            "set": None,
+            "services": [],
+            "members": [
+                {"id": "c/mon", "set": "rf_m", "services": [{"proto": "tcp", "ports": [9100, 9100]}]},
+                {"id": "c/scan", "set": "rf_s", "services": [{"proto": "tcp", "ports": r} for r in tcp]},
+            ],
+        }
+    ]
+    doc["outbound"] = []
+    plan = compile_plan(load_bundle(json.dumps(doc)), LOCAL)
+    text = NftRenderer(group_bound=3).render(plan)  # 4 elements: expanded
+    scan = [line.strip() for line in text.splitlines() if '"c/scan"' in line]
+    assert scan == [
+        'ip saddr @s_rf_s_4h tcp dport 1-65535 counter name r_in_0 accept comment "c/scan"',
+        'ip saddr @s_rf_s_4 tcp dport 1-65535 counter name r_in_0 accept comment "c/scan"',
+        'ip6 saddr @s_rf_s_6h tcp dport 1-65535 counter name r_in_0 accept comment "c/scan"',
+        'ip6 saddr @s_rf_s_6 tcp dport 1-65535 counter name r_in_0 accept comment "c/scan"',
+    ]
+
+
+def test_nft_group_delta_routes_by_realisation_with_hysteresis() -> None:
+    from ringfence_agent.backends.nft import NftBackend
+
+    plan = _grouped_plan()  # load 7 (v4)
+    grown = PlanSet(("10.0.0.0/31", "10.0.7.7/32"), ())  # b: one prefix more → 8
+    shrunk = PlanSet((), ())  # b: none → 6
+    empty_a = PlanSet((), ())  # a: none → 3 (b's 1, c's 2), v6 0
+
+    def route(bound: int, realised: dict[str, bool] | None, name: str, new: PlanSet) -> frozenset[str] | None:
+        backend = NftBackend(group_bound=bound)
+        backend.realised = realised
+        return backend.group_delta(plan, name, new)
+
+    # concatenated: stays while within the bound; past it, re-apply (None)
+    assert route(8, {"r_in_0": True}, "rf_b", grown) == {"r_in_0"}
+    assert route(7, {"r_in_0": True}, "rf_b", grown) is None
+    # expanded: stays while not below half the bound (no group elements to move), else re-apply
+    assert route(7, {"r_in_0": False}, "rf_b", shrunk) == frozenset()
+    assert route(7, {"r_in_0": False}, "rf_a", empty_a) == frozenset()  # 3 >= 7 // 2
+    assert route(8, {"r_in_0": False}, "rf_a", empty_a) is None  # 3 < 8 // 2
+    # a set no group uses: nothing to move, no re-apply
+    assert route(7, {"r_in_0": True}, "rf_unused", PlanSet((), ())) == frozenset()
+    # a process that applied nothing: the realisation follows from the size outside [bound/2, bound]
+    assert route(6, None, "rf_b", grown) == frozenset()  # 7 > 6: expanded, and stays
+    assert route(20, None, "rf_b", grown) == {"r_in_0"}  # 7 < 10: concatenated, and stays
+    assert route(10, None, "rf_b", grown) is None  # 5 <= 7 <= 10: unknown, re-apply

@@ -14,6 +14,7 @@ class DryRunBackend(NftRenderer):
     name = "dry-run"
 
     def __init__(self, out: TextIO | None = None) -> None:
+        super().__init__()
         self.out = out or sys.stdout
 
     def apply(self, plan: Plan) -> None:

@@ -14,6 +14,14 @@ members' prefixes (:func:`~ringfence_agent.plan.service_covers`): never overlapp
 which nft 1.0.6 requires of concatenated interval sets (it refuses an element that overlaps
 another). Port ranges of a group are identical or disjoint (the bundle contract); a whole
 protocol may overlap them because it lives in its own set, and so does ``any``.
+
+Only while it is small: concatenated interval sets (the kernel's pipapo) get slow to change as
+they grow, so a grouped rule whose element count (:func:`~ringfence_agent.plan.group_load`, per
+family) exceeds :attr:`NftRenderer.group_bound` is expanded like iptables does it: one plain rule
+per member, family and joined service over the member's own ``s_<set>_*`` sets, under the group's
+counter. A set delta then moves the bundle sets' elements only. A delta that takes a concatenated
+group past the bound, or an expanded one below half of it (hysteresis), re-applies the whole plan
+in one transaction instead (:meth:`NftBackend.group_delta`).
 """
 
 from __future__ import annotations
@@ -34,7 +42,10 @@ from ringfence_agent.plan import (
     Match,
     Plan,
     PlanRule,
+    PlanSet,
     Span,
+    group_load,
+    joined_ports,
     match_span,
     safe_comment,
     service_covers,
@@ -43,6 +54,16 @@ from ringfence_agent.plan import (
 
 TABLE = "ringfence"
 FAMILY = "inet"
+# Group elements (per family) above which a grouped rule is expanded into plain rules. Measured
+# (docs/benchmarks.md, "Large grouped rules"; tests/bench/group_bound.py): one element deleted
+# from a concatenated interval set costs the commit floor (12-16 ms here, a hash set's too) up to
+# 50,000 elements, but a workload's delta deletes one element per service piece, and a wide port
+# range expands into many kernel entries: 7 such elements cost 16-22 ms of nft at 500 elements,
+# 27-28 ms at 1,000, 45-61 ms at 2,000, 89-99 ms at 4,000, plus the covers recomputed in Python
+# (8-14, 16-28, 35-52, 65-117 ms); expanded, the same delta is a hash set element: 10-16 ms
+# whatever the size. A full apply loads ~13 ms per 1,000 group elements.
+# RINGFENCE_NFT_GROUP_BOUND overrides it.
+GROUP_BOUND = 1000
 # Kernel-side bound per drop point and family. With the source port in the key every connection
 # attempt is its own element, so a scan fills a set quickly: the size caps kernel memory, the short
 # timeout frees it a minute after the last packet (the daemon polls every observe_interval, 10 s).
@@ -180,10 +201,29 @@ def _join(*parts: str) -> str:
     return " ".join(p for p in parts if p)
 
 
+def _env_bound() -> int:
+    text = os.environ.get("RINGFENCE_NFT_GROUP_BOUND", "")
+    return int(text) if text.isdigit() else GROUP_BOUND
+
+
+def _loads(r: PlanRule, sets: dict[str, PlanSet]) -> int:
+    return max(group_load(r, fam, sets) for fam in (4, 6))
+
+
 class NftRenderer:
     """Pure text generation (unit-tested without a kernel)."""
 
+    def __init__(self, group_bound: int | None = None) -> None:
+        self.group_bound = _env_bound() if group_bound is None else group_bound
+
+    def concatenated(self, plan: Plan) -> frozenset[str]:
+        """Counters of the grouped rules realised as concatenated sets: those within the bound."""
+        return frozenset(r.counter for r in plan.rules if r.members and _loads(r, plan.sets) <= self.group_bound)
+
     def render(self, plan: Plan) -> str:
+        return self._render(plan, self.concatenated(plan))
+
+    def _render(self, plan: Plan, concat: frozenset[str]) -> str:
         head = f"table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n"
         if plan.mode == "idle":
             return head
@@ -203,7 +243,7 @@ class NftRenderer:
                 out.append(_set_decl(set_name(sname, fam), fam, prefixes))
                 out.append(_set_decl(set_name(sname, fam, hosts=True), fam, hosts, interval=False))
         for r in plan.rules:
-            if r.members:
+            if r.counter in concat:
                 out.extend(self._group_decls(plan, r))
         for r in plan.rules:
             out.append(f'\tcounter {r.counter} {{ comment "{safe_comment(r.action + " " + r.rule_id)}" }}\n')
@@ -218,7 +258,7 @@ class NftRenderer:
             out.append(f"\tchain {chain} {{\n\t\ttype filter hook {hook} priority filter; policy accept;\n")
             out.extend(f"\t\t{line}\n" for line in self._failsafe_lines(plan, direction))  # type: ignore[arg-type]
             for r in plan.by_direction(direction):  # type: ignore[arg-type]
-                out.extend(f"\t\t{line}\n" for line in self._rule_lines(plan, r))
+                out.extend(f"\t\t{line}\n" for line in self._rule_lines(plan, r, r.counter in concat))
             out.extend(f"\t\t{line}\n" for line in self._default_lines(plan, direction))  # type: ignore[arg-type]
             out.append("\t}\n")
         out.append("}\n")
@@ -277,22 +317,34 @@ class NftRenderer:
                 )
         return out
 
-    def _rule_lines(self, plan: Plan, r: PlanRule) -> list[str]:
+    def _rule_lines(self, plan: Plan, r: PlanRule, concatenated: bool = True) -> list[str]:
         verdict = self._verdict(plan, r)
-        comment = f'comment "{safe_comment(r.rule_id)}"'
         lines: list[str] = []
-        if r.members:  # one rule per family and kind of service, over the group's own set
+        if r.members and concatenated:  # one rule per family and kind of service, over the group's own set
+            comment = f'comment "{safe_comment(r.rule_id)}"'
             for fam in (4, 6):
                 for kind in _group_kinds(r, fam):
                     match = f"{_addr(r.direction, fam)}{_GROUP_KEY[fam, kind]} @{group_set_name(r.counter, fam, kind)}"
                     lines.append(_join(match, f"counter name {r.counter}", verdict, comment))
             return lines
-        for m in r.services:
+        if r.members:  # expanded: each member's rules over its own sets, under the group's counter
+            for part in r.members:
+                lines.extend(self._plain_lines(r, part.set, joined_ports(part.services), verdict, part.rule_id))
+            return lines
+        return self._plain_lines(r, r.set, r.services, verdict, r.rule_id)
+
+    @staticmethod
+    def _plain_lines(
+        r: PlanRule, peers: str | None, services: Iterable[Match], verdict: str, rule_id: str
+    ) -> list[str]:
+        comment = f'comment "{safe_comment(rule_id)}"'
+        lines: list[str] = []
+        for m in services:
             for fam in _families(m):
-                if r.set is not None:
+                if peers is not None:
                     matches = [
-                        f"{_addr(r.direction, fam)} @{set_name(r.set, fam, hosts=True)}",
-                        f"{_addr(r.direction, fam)} @{set_name(r.set, fam)}",
+                        f"{_addr(r.direction, fam)} @{set_name(peers, fam, hosts=True)}",
+                        f"{_addr(r.direction, fam)} @{set_name(peers, fam)}",
                     ]
                 else:
                     matches = [f"meta nfproto {'ipv4' if fam == 4 else 'ipv6'}"]
@@ -394,9 +446,13 @@ def _load_lib() -> LibNftables | None:
 class NftBackend(NftRenderer):
     name = "nftables"
 
-    def __init__(self, nft: str = "nft") -> None:
+    def __init__(self, nft: str = "nft", group_bound: int | None = None) -> None:
+        super().__init__(group_bound)
         self.nft = nft
         self.lib = _load_lib()
+        # grouped rule counter → realised as concatenated sets, as the last apply of this process
+        # left it (None: nothing applied by this process, see group_delta)
+        self.realised: dict[str, bool] | None = None
 
     def _run(self, script: str, json_output: bool = False) -> tuple[int, str, str]:
         if self.lib is not None:
@@ -414,7 +470,38 @@ class NftBackend(NftRenderer):
             raise ApplyError(f"nft refused the {what} (previous rules still in force): {' | '.join(detail[:6])}")
 
     def apply(self, plan: Plan) -> None:
-        self._exec(self.render(plan), "bundle")
+        concat = self.concatenated(plan)
+        self._exec(self._render(plan, concat), "bundle")
+        self.realised = {r.counter: r.counter in concat for r in plan.rules if r.members}
+
+    def group_delta(self, plan: Plan, set_name: str, new: PlanSet) -> frozenset[str] | None:
+        """For a delta taking ``set_name`` from ``plan.sets[set_name]`` to ``new``: the counters of
+        the grouped rules with a member on it that stay concatenated sets (their elements move
+        with the delta; expanded ones need nothing beyond the set's own elements), or None when
+        the delta moves a group across the bound: the caller re-applies the whole plan.
+
+        Hysteresis: a concatenated group is expanded once past the bound, an expanded one is
+        concatenated again only below half of it. A process that applied nothing yet (the CLI's
+        apply-delta) knows a group's realisation from its size alone outside that band (listing
+        the kernel's sets costs 0.3-1.4 s at 100,000 elements); inside it, it re-applies."""
+        after = {**plan.sets, set_name: new}
+        low = self.group_bound // 2
+        keep: set[str] = set()
+        for r in plan.rules:
+            if not any(m.set == set_name for m in r.members):
+                continue
+            concat = self.realised.get(r.counter) if self.realised is not None else None
+            if concat is None:
+                before = _loads(r, plan.sets)
+                if low <= before <= self.group_bound:
+                    return None
+                concat = before < low
+            size = _loads(r, after)
+            if (concat and size > self.group_bound) or (not concat and size < low):
+                return None
+            if concat:
+                keep.add(r.counter)
+        return frozenset(keep)
 
     def apply_delta(self, change: ElementChange) -> None:
         if change.add_v4 or change.add_v6 or change.remove_v4 or change.remove_v6 or change.groups:
@@ -424,6 +511,7 @@ class NftBackend(NftRenderer):
         present = self.table_present()
         if present:
             self._exec(f"delete table {FAMILY} {TABLE}\n", "flush")
+        self.realised = None
         return present
 
     def table_present(self) -> bool:

@@ -17,7 +17,10 @@ ever expanded into workload pairs.
 At render, a bundle's allow rules whose *owner side* is identical (same direction, same owner
 selector text, same ``same:`` dimensions) become one grouped rule (``members``), as in Cilium's
 per-endpoint policy map: such rules apply to exactly the same workloads, so grouping them never
-splits what bundles share. Members whose services would partially overlap go to another group.
+splits what bundles share. Port ranges that partially overlap within a group are cut at the
+group's range boundaries (the bundle contract: a group's ranges are identical or disjoint); a
+member one of whose ranges would be cut into more than :data:`MAX_PIECES` pieces stays out of the
+group, a plain rule of its own.
 """
 
 from __future__ import annotations
@@ -49,6 +52,15 @@ def set_name(key: SetKey) -> str:
     text = json.dumps([key[0], [[d, v] for d, v in key[1]]], separators=(",", ":"), ensure_ascii=False)
     return "rf_" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
+
+# At most this many pieces per port range of a grouped member. Each piece costs the agent one
+# (address . service) element per prefix of the member's set (nftables' concatenated sets): a
+# wide range beside k single ports of the same owner is cut into 2k+1 pieces, so a range with 20
+# such ports would multiply its member's elements by 41 (the review's reproducer: 120,540 group
+# elements where the ungrouped rule needs one). 8 admits a range around three single ports or
+# two sub-ranges, the common shapes, and bounds the blow-up to 8x; a member cut more is cheaper
+# as a plain rule (one rule over its own set).
+MAX_PIECES = 8
 
 ANY_ADDRESS: frozenset[Prefix] = frozenset({(addresses.V4, 0, 0), (addresses.V6, 0, 0)})
 
@@ -524,7 +536,8 @@ class Engine:
                 proto, lo, hi = span
                 inner = sorted(x for x in cuts.get(proto, ()) if lo < x <= hi) if not span_whole(span) else []
                 if not inner:
-                    services.append(svc)
+                    if svc not in services:  # a piece of an earlier range may equal it
+                        services.append(svc)
                     continue
                 for a, b in zip([lo, *inner], [x - 1 for x in inner] + [hi], strict=True):
                     piece: dict[str, object] = {"proto": proto, "ports": [a, b], "icmp_type": None}
@@ -555,7 +568,38 @@ class Engine:
                 slots.append([i])
             else:
                 slots[g].append(i)
-        return [tuple(slot) for slot in slots]
+        out: list[tuple[int, ...]] = []
+        for slot in slots:
+            kept, alone = self._bounded_cut(slot, positions)
+            out.append(tuple(kept))
+            out.extend((i,) for i in alone)  # allows: their order among themselves is free
+        return out
+
+    def _bounded_cut(self, slot: list[int], positions: tuple[int, ...]) -> tuple[list[int], list[int]]:
+        """Split a group's members (indexes into ``positions``) into those that stay and those
+        that would have a port range cut into more than :data:`MAX_PIECES` pieces. The member cut
+        most leaves first, then the cuts are recomputed: fewer members means fewer boundaries, so
+        the others are cut less. Rule positions only (cached with the layout)."""
+        kept = list(slot)
+        alone: list[int] = []
+        while len(kept) > 1:
+            cuts: dict[str, set[int]] = {}
+            for i in kept:
+                for proto, lo, hi in self._spans[positions[i]]:
+                    if proto in ("tcp", "udp") and not span_whole((proto, lo, hi)):
+                        cuts.setdefault(proto, set()).update((lo, hi + 1))
+            worst, most = -1, MAX_PIECES
+            for i in kept:
+                for proto, lo, hi in self._spans[positions[i]]:
+                    if proto in ("tcp", "udp") and not span_whole((proto, lo, hi)):
+                        pieces = 1 + sum(1 for x in cuts.get(proto, ()) if lo < x <= hi)
+                        if pieces > most:
+                            worst, most = i, pieces
+            if worst < 0:
+                break
+            kept.remove(worst)
+            alone.append(worst)
+        return kept, sorted(alone)
 
 
 class StaticSet:
