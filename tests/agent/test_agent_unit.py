@@ -1108,24 +1108,7 @@ def test_backends_that_expand_members_join_cut_port_ranges_back() -> None:
         Match("udp", (53, 53)),
         Match("icmp", None, 8),
     )
-    # a scanner's tcp/1-65535, cut around the monitoring member's tcp/9100 in the bundle
-    doc = json.loads(PROC.read_text())
-    doc["sets"] = {"rf_s": {"version": 1, "v4": ["10.0.9.1/32"]}, "rf_m": {"version": 1, "v4": ["10.0.8.1/32"]}}
-    tcp = [[1, 9099], [9100, 9100], [9101, 65535]]
-    doc["inbound"] = [
-        {
-            "id": "c/mon",
-            "action": "allow",
-            "set": None,
-            "services": [],
-            "members": [
-                {"id": "c/mon", "set": "rf_m", "services": [{"proto": "tcp", "ports": [9100, 9100]}]},
-                {"id": "c/scan", "set": "rf_s", "services": [{"proto": "tcp", "ports": r} for r in tcp]},
-            ],
-        }
-    ]
-    doc["outbound"] = []
-    plan = compile_plan(load_bundle(json.dumps(doc)), LOCAL)
+    plan = _scanner_cut_plan()
     lines = [x for x in IptablesRenderer().rules_script(plan, 4, "a", []).splitlines() if "c/scan" in x]
     assert lines == [
         '-A RF-IN -p tcp --dport 1:65535 -m set --match-set rf-s-rf_s-4a src -m comment --comment "r_in_0 c/scan" -j ACCEPT'
@@ -1165,7 +1148,8 @@ def test_nft_expands_a_group_past_its_bound_into_member_rules_over_their_sets() 
     assert plan.counter_map()["r_in_0"] == ("inbound", "p/a", "allow")
 
 
-def test_nft_expanded_group_joins_cut_pieces_back() -> None:
+def _scanner_cut_plan() -> Plan:
+    """A scanner's tcp/1-65535, cut around the monitoring member's tcp/9100 in one grouped rule."""
     doc = json.loads(PROC.read_text())
     doc["sets"] = {"rf_s": {"version": 1, "v4": ["10.0.9.1/32"]}, "rf_m": {"version": 1, "v4": ["10.0.8.1/32"]}}
     tcp = [[1, 9099], [9100, 9100], [9101, 65535]]
@@ -1183,6 +1167,11 @@ def test_nft_expanded_group_joins_cut_pieces_back() -> None:
     ]
     doc["outbound"] = []
     plan = compile_plan(load_bundle(json.dumps(doc)), LOCAL)
+    return plan
+
+
+def test_nft_expanded_group_joins_cut_pieces_back() -> None:
+    plan = _scanner_cut_plan()
     text = NftRenderer(group_bound=3).render(plan)  # 4 elements: expanded
     scan = [line.strip() for line in text.splitlines() if '"c/scan"' in line]
     assert scan == [

@@ -143,7 +143,6 @@ def cover_of_addresses(addrs: list[Address]) -> list[Prefix]:
     """Canonical cover of host addresses; linear after sorting (no ipaddress objects)."""
     out: list[Prefix] = []
     for family in (V4, V6):
-        bits = _BITS[family]
         values = sorted({v for f, v in addrs if f == family})
         i = 0
         while i < len(values):
@@ -151,15 +150,7 @@ def cover_of_addresses(addrs: list[Address]) -> list[Prefix]:
             j = i
             while j + 1 < len(values) and values[j + 1] == values[j] + 1:
                 j += 1
-            end = values[j]
-            # split the run [start, end] into maximal aligned blocks
-            cur = start
-            while cur <= end:
-                size = (cur & -cur) if cur else 1 << bits
-                while size > end - cur + 1:
-                    size >>= 1
-                out.append((family, cur, bits - size.bit_length() + 1))
-                cur += size
+            _split(family, start, values[j], out)
             i = j + 1
     return out
 
