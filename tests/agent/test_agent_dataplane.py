@@ -893,13 +893,12 @@ def test_grouped_rule_allows_each_members_peers_on_its_own_services_only(
     _grouped_scenario(net, backend, tmp_path, expanded=False)
 
 
+@pytest.mark.parametrize("backend", ["nftables"], indirect=True)  # how nftables realises groups
 def test_nft_group_past_the_bound_is_expanded_and_allows_the_same(
     net: NetLab, backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The same bundle and deltas with the bound at 0: every group realised as plain rules over
     the members' own sets; every allow and deny the concatenated realisation gives, the same."""
-    if backend != "nftables":
-        pytest.skip("nftables' choice")
     monkeypatch.setenv("RINGFENCE_NFT_GROUP_BOUND", "0")
     _grouped_scenario(net, backend, tmp_path, expanded=True)
 
@@ -1028,14 +1027,13 @@ def _group_size(lab: Lab) -> int:
     return max(group_load(rule, fam, plan.sets) for fam in (4, 6))
 
 
+@pytest.mark.parametrize("backend", ["nftables"], indirect=True)  # how nftables realises groups
 def test_nft_delta_across_the_group_bound_switches_realisation(
     net: NetLab, backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Past the bound a concatenated group becomes plain rules, below half of it concatenated
     again, in between it stays as it is (hysteresis); at each switch the kernel holds what a
     fresh apply of the same bundle loads, and traffic follows the policy throughout."""
-    if backend != "nftables":
-        pytest.skip("nftables' choice")
     wls = [
         _lab_workload(net, "h1", role="client", tier="gold"),
         _lab_workload(net, "h2", role="web"),
