@@ -109,9 +109,11 @@ class Lab:
         return p
 
     def agent(
-        self, host: str, *args: str, check: bool = False, timeout: float = 60
+        self, host: str, *args: str, env: Sequence[str] = (), check: bool = False, timeout: float = 60
     ) -> subprocess.CompletedProcess[str]:
-        return self.exec(host, str(AGENT), *args, check=check, timeout=timeout)
+        """``ringfence-agent args`` in ``host``; ``env``: NAME=value assignments for it."""
+        prefix = ["env", *env] if env else []
+        return self.exec(host, *prefix, str(AGENT), *args, check=check, timeout=timeout)
 
     def serve(self, host: str, tcp: Sequence[int], udp: Sequence[int] = ()) -> subprocess.Popen[str]:
         p = self.spawn(

@@ -11,7 +11,7 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +85,9 @@ def lab_engine(net: NetLab, policy: str = LAB_POLICY, extra: dict[str, str] | No
     return Lab(policy, workloads(hosts))
 
 
-def apply(net: NetLab, backend: str, doc: Bundle, state: Path, host: str = "h2") -> subprocess.CompletedProcess[str]:
+def apply(
+    net: NetLab, backend: str, doc: Bundle, state: Path, host: str = "h2", env: Sequence[str] = ()
+) -> subprocess.CompletedProcess[str]:
     path = write(doc, state.parent / f"bundle-{doc.workload_id}-{doc.version}-{time.monotonic_ns()}.json")
     return net.agent(
         host,
@@ -98,6 +100,7 @@ def apply(net: NetLab, backend: str, doc: Bundle, state: Path, host: str = "h2")
         backend,
         "--state-dir",
         str(state),
+        env=env,
     )
 
 
@@ -422,7 +425,7 @@ def test_failed_apply_leaves_previous_rules_intact(net: NetLab, backend: str, tm
             f'exec {real} "$@"\n'
         )
         (shim / "nft").chmod(0o755)
-        env = ["env", "RINGFENCE_NFT_CLI=1", f"PATH={shim}:{os.environ['PATH']}"]
+        env = ["RINGFENCE_NFT_CLI=1", f"PATH={shim}:{os.environ['PATH']}"]
         bad = resign(good, version=good.version + 1)
         expected = "nft refused the bundle"
     else:
@@ -436,21 +439,7 @@ def test_failed_apply_leaves_previous_rules_intact(net: NetLab, backend: str, tm
         bad = resign(good, version=good.version + 1)
         expected = "ipset restore failed"
     try:
-        path = write(bad, tmp_path / "bad.json")
-        proc = net.exec(
-            "h2",
-            *env,
-            str(net_agent()),
-            "apply",
-            "--bundle",
-            str(path),
-            "--public-key",
-            str(PUBLIC_KEY),
-            "--backend",
-            backend,
-            "--state-dir",
-            str(state),
-        )
+        proc = apply(net, backend, bad, state, env=env)
         assert proc.returncode != 0 and expected in proc.stderr, proc.stderr
         enforced_baseline(net)
         assert net.udp("h1", "h2", 5353) and not net.tcp("h2", "h4", 8080)
@@ -560,9 +549,9 @@ def test_iptables_delta_failing_half_way_is_undone(net: NetLab, tmp_path: Path, 
     args: list[str] = []
     for i, d in enumerate(deltas):
         args += ["--delta", str(write(d, tmp_path / f"d{i}.json"))]
-    env = ["env", f"RINGFENCE_IPSET_CLI={int(ipset == 'binary')}", str(net_agent())]
     common = ["--backend", "iptables", "--public-key", str(PUBLIC_KEY), "--state-dir", str(state)]
-    proc = net.exec("h2", *env, "apply-delta", *args, *common)
+    env = [f"RINGFENCE_IPSET_CLI={int(ipset == 'binary')}"]
+    proc = net.agent("h2", "apply-delta", *args, *common, env=env)
     assert proc.returncode != 0 and "ipset refused the delta" in proc.stderr, proc.stderr
     members = net.exec("h2", "ipset", "list", ipset_name(name, 4, "a")).stdout
     assert net.v4("h1") in members and net.v4("h4") not in members
@@ -573,7 +562,7 @@ def test_iptables_delta_failing_half_way_is_undone(net: NetLab, tmp_path: Path, 
     net.reset("h2")
     common[-1] = str(tmp_path / "state2")
     ok(apply(net, "iptables", doc, tmp_path / "state2"))
-    ok(net.exec("h2", *env, "apply-delta", *args, *common))
+    ok(net.agent("h2", "apply-delta", *args, *common, env=env))
     assert net.tcp("h4", "h2", 8080) and net.tcp("h4", "h2", 8080, v6=True)
 
 
@@ -869,14 +858,14 @@ def test_nft_binary_fallback_applies_bundles_and_deltas(net: NetLab, tmp_path: P
     state = tmp_path / "state"
     path = write(lab.bundle("h2"), tmp_path / "b.json")
     common = ["--public-key", str(PUBLIC_KEY), "--state-dir", str(state)]
-    env = ["env", "RINGFENCE_NFT_CLI=1", str(net_agent())]
-    ok(net.exec("h2", *env, "apply", "--bundle", str(path), *common))
+    env = ["RINGFENCE_NFT_CLI=1"]
+    ok(net.agent("h2", "apply", "--bundle", str(path), *common, env=env))
     enforced_baseline(net)
     deltas = lab.upsert(Workload(id="h4", ips=[net.v4("h4")], tags={"role": "client", "app": "lab", "env": "test"}))
     dpaths = [str(write(d, tmp_path / f"d{i}.json")) for i, d in enumerate(deltas)]
-    ok(net.exec("h2", *env, "apply-delta", *[x for p in dpaths for x in ("--delta", p)], *common))
+    ok(net.agent("h2", "apply-delta", *[x for p in dpaths for x in ("--delta", p)], *common, env=env))
     assert net.tcp("h4", "h2", 8080)
-    drops = json.loads(ok(net.exec("h2", *env, "drops", "--state-dir", str(state), "--json")))
+    drops = json.loads(ok(net.agent("h2", "drops", "--state-dir", str(state), "--json", env=env)))
     assert "d_in" in drops["counters"]
 
 
