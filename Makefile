@@ -5,17 +5,30 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench clean sysdeps static-aws bench-aws
+.PHONY: lock demo test lint typecheck unit bench clean sysdeps static-aws bench-aws
 
 # checkov pins heavy dependencies that fight moto/boto3: it lives in its own venv
 CHECKOV_VENV := .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 
-$(STAMP): pyproject.toml
+LOCK := requirements/dev.lock
+
+# The venv holds exactly the lock (hash-checked), then this project without its dependencies,
+# built by the locked setuptools: a fresh clone months from now installs the same thing.
+$(STAMP): $(LOCK) pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --require-hashes -r $(LOCK)
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
+
+# Refresh the lock from pyproject.toml (newest versions that fit), with hashes for every platform.
+UV_VERSION := 0.13.8
+lock:
+	@test -x .venv-lock/bin/uv || ($(PY) -m venv .venv-lock && .venv-lock/bin/pip install -q 'uv==$(UV_VERSION)')
+	.venv-lock/bin/uv pip compile pyproject.toml --extra dev --generate-hashes --universal \
+	  --python-version 3.11 --custom-compile-command "make lock" -o $(LOCK)
+	.venv-lock/bin/uv pip compile requirements/checkov.in --generate-hashes --universal \
+	  --python-version 3.11 --custom-compile-command "make lock" -o requirements/checkov.lock
 
 # nftables/iproute2/iptables for the agent's real-dataplane tests; installed only when missing and root.
 sysdeps:
@@ -44,9 +57,9 @@ typecheck: $(STAMP)
 unit: $(STAMP) sysdeps
 	$(BIN)/pytest -q
 
-$(CHECKOV_STAMP):
+$(CHECKOV_STAMP): requirements/checkov.lock
 	@test -x $(CHECKOV_VENV)/bin/python || $(PY) -m venv $(CHECKOV_VENV)
-	$(CHECKOV_VENV)/bin/pip install -q 'checkov==3.3.30'
+	$(CHECKOV_VENV)/bin/pip install -q --require-hashes -r requirements/checkov.lock
 	@touch $(CHECKOV_STAMP)
 
 # AWS deployment artifacts: cfn-lint (errors fail) and checkov (any failed check fails; accepted
@@ -67,4 +80,4 @@ bench: $(STAMP)
 	$(BIN)/ringfence bench --workloads 10000
 
 clean:
-	rm -rf $(VENV) $(CHECKOV_VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) .venv-lock .mypy_cache .pytest_cache .ruff_cache

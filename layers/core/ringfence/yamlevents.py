@@ -92,9 +92,29 @@ def load(text: str) -> Located:
     try:
         return _Composer(loader, text).run()
     except yaml.YAMLError as exc:
+        cut = _libyaml_depth_cut(exc)
+        if cut is not None:
+            # libyaml (0.2.6+) bounds nesting itself, at 1,000 levels, while its scanner looks ahead
+            # for simple keys; our bound is lower but its scanner reads ahead of our composer. The
+            # text before its refusal nests past our bound too, so composing it refuses with our
+            # own message and position.
+            try:
+                load(text[:cut])
+            except YamlError as ours:
+                if "nests more than" in ours.message:
+                    raise ours from None
         raise syntax_error(exc, text) from None
     finally:
         loader.dispose()
+
+
+def _libyaml_depth_cut(exc: yaml.YAMLError) -> int | None:
+    """Where libyaml refused a document for nesting (a character index), or None."""
+    if not isinstance(exc, yaml.MarkedYAMLError) or "maximum nesting depth" not in (exc.problem or ""):
+        return None
+    mark = exc.problem_mark or exc.context_mark
+    index = getattr(mark, "index", None)
+    return index if isinstance(index, int) and index > 0 else None
 
 
 def _pos(event: Any) -> Position:
