@@ -279,8 +279,8 @@ def test_example_files_validate_against_the_published_schema() -> None:
 def test_compile_keeps_workload_ids_out_of_path_syntax(tmp_path: Path) -> None:
     inv = tmp_path / "inv.yaml"
     inv.write_text(
-        "workloads:\n  - {id: ../../escape, ips: [10.0.0.1], tags: {role: web, app: ordering, env: prod}}\n"
-        "  - {id: /subscriptions/s/vm/x, ips: [10.0.0.2], tags: {role: db, app: ordering, env: prod}}\n"
+        "workloads:\n  - {id: ../../escape, ips: [10.0.0.1], tags: {ringfence:role: web, ringfence:app: ordering, ringfence:env: prod}}\n"
+        "  - {id: /subscriptions/s/vm/x, ips: [10.0.0.2], tags: {ringfence:role: db, ringfence:app: ordering, ringfence:env: prod}}\n"
     )
     rf("compile", "--policy", POLICY, "--inventory", str(inv), "--out", str(tmp_path / "out"))
     names = sorted(p.name for p in (tmp_path / "out" / "bundles").iterdir())

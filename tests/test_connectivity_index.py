@@ -73,6 +73,7 @@ LABELS_POLICY = """
 labels:
   dimensions:
     loc: {derive: {source: region, map: {ca-central-1: ca, eu-west-1: eu}}}
+    role: {keys: ["ringfence:role", "ringfence:tier"]}
 rulesets:
   - name: r
     same: [loc]
@@ -82,15 +83,15 @@ rulesets:
 
 
 def test_inventory_matrix_tells_apart_records_that_resolve_differently() -> None:
-    """Labels are resolved once per distinct input: region (derivation) and tag order are part of it."""
+    """Labels are resolved once per distinct input: region (derivation) and every label key are part of it."""
     pol = load_policy_texts({"p.yaml": LABELS_POLICY})
     inventory = [
-        Workload(id="web-ca", region="ca-central-1", tags={"role": "web"}),
-        Workload(id="web-eu", region="eu-west-1", tags={"role": "web"}),
-        Workload(id="db-ca", region="ca-central-1", tags={"role": "db"}),
-        # case-insensitive keys: the first spelling present wins, so these two differ
-        Workload(id="db-first", region="eu-west-1", tags={"ROLE": "db", "Role": "web"}),
-        Workload(id="web-first", region="eu-west-1", tags={"Role": "web", "ROLE": "db"}),
+        Workload(id="web-ca", region="ca-central-1", tags={"ringfence:role": "web"}),
+        Workload(id="web-eu", region="eu-west-1", tags={"ringfence:role": "web"}),
+        Workload(id="db-ca", region="ca-central-1", tags={"ringfence:role": "db"}),
+        # two keys of one dimension: the first key in the policy's order wins, so these two differ
+        Workload(id="db-first", region="eu-west-1", tags={"ringfence:tier": "web", "ringfence:role": "db"}),
+        Workload(id="web-first", region="eu-west-1", tags={"ringfence:tier": "db", "ringfence:role": "web"}),
     ]
     m = compute_inventory(pol, inventory)
     pairs = sorted((a, b) for a, b, _ in m.workload_pairs())
@@ -102,4 +103,7 @@ def test_inventory_matrix_tells_apart_records_that_resolve_differently() -> None
 
 def test_inventory_matrix_rejects_duplicate_ids() -> None:
     with pytest.raises(ValueError, match="duplicate workload id 'w'"):
-        compute_inventory(policy(), [Workload(id="w", tags={"role": "web"}), Workload(id="w", tags={"role": "db"})])
+        compute_inventory(
+            policy(),
+            [Workload(id="w", tags={"ringfence:role": "web"}), Workload(id="w", tags={"ringfence:role": "db"})],
+        )

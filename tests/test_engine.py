@@ -140,9 +140,11 @@ def test_staged_ruleset_is_explained_not_enforced() -> None:
 rulesets:
   - name: live
     scope: app == a
+    same: [app]
     rules: [{name: web-db, from: role == web, to: role == db, services: [tcp/5432]}]
   - name: trial
     scope: app == a
+    same: [app]
     staged: true
     rules: [{name: web-cache, from: role == web, to: role == cache, services: [tcp/6379]}]
 """
@@ -151,8 +153,8 @@ rulesets:
     e = engine_for(
         policy,
         [
-            Workload(id="w", ips=["10.0.0.1"], tags={"app": "a", "role": "web"}),
-            Workload(id="c", ips=["10.0.0.2"], tags={"app": "a", "role": "cache"}),
+            Workload(id="w", ips=["10.0.0.1"], tags={"ringfence:app": "a", "ringfence:role": "web"}),
+            Workload(id="c", ips=["10.0.0.2"], tags={"ringfence:app": "a", "ringfence:role": "cache"}),
         ],
     )
     doc: Any = e.render("c")
@@ -180,8 +182,8 @@ rulesets:
     e = engine_for(
         policy,
         [
-            Workload(id="a", ips=["10.0.0.1"], tags={"role": "x"}),
-            Workload(id="b", ips=["10.0.0.2"], tags={"role": "y"}),
+            Workload(id="a", ips=["10.0.0.1"], tags={"ringfence:role": "x"}),
+            Workload(id="b", ips=["10.0.0.2"], tags={"ringfence:role": "y"}),
         ],
     )
     assert verdict(policy, e, "a", "b", "tcp/22") == "allow"
@@ -223,10 +225,10 @@ rulesets:
         }
     )
     inv = [
-        Workload(id="web-a", ips=["10.0.1.1"], tags={"role": "web", "app": "a;env=b", "env": "c"}),
-        Workload(id="db-a", ips=["10.0.2.1"], tags={"role": "db", "app": "a;env=b", "env": "c"}),
-        Workload(id="web-b", ips=["10.0.1.2"], tags={"role": "web", "app": "a", "env": "b;env=c"}),
-        Workload(id="db-b", ips=["10.0.2.2"], tags={"role": "db", "app": "a", "env": "b;env=c"}),
+        Workload(id="web-a", ips=["10.0.1.1"], tags={"ringfence:role": "web", "ringfence:app": "a;env=b", "ringfence:env": "c"}),
+        Workload(id="db-a", ips=["10.0.2.1"], tags={"ringfence:role": "db", "ringfence:app": "a;env=b", "ringfence:env": "c"}),
+        Workload(id="web-b", ips=["10.0.1.2"], tags={"ringfence:role": "web", "ringfence:app": "a", "ringfence:env": "b;env=c"}),
+        Workload(id="db-b", ips=["10.0.2.2"], tags={"ringfence:role": "db", "ringfence:app": "a", "ringfence:env": "b;env=c"}),
     ]
     e = engine_for(policy, inv)
     assert sources_of(e, "db-a", "r/web-db") == ["10.0.1.1/32"]
@@ -237,7 +239,7 @@ rulesets:
 
 def test_a_blank_label_value_is_absent() -> None:
     policy = load_policy_texts({"p.yaml": "rulesets: []\n"})
-    e = engine_for(policy, [Workload(id="w", labels={"env": "  "}, tags={"role": "---"})])
+    e = engine_for(policy, [Workload(id="w", labels={"env": "  "}, tags={"ringfence:role": "---"})])
     assert e.workloads["w"].labels == {"role": "---"}  # default normalisation keeps dashes; blanks go
     assert "env" not in e.workloads["w"].labels
 
@@ -258,7 +260,7 @@ rulesets:
 """
         }
     )
-    e = engine_for(policy, [Workload(id="lb", ips=["10.0.0.1"], tags={"role": "lb"})])
+    e = engine_for(policy, [Workload(id="lb", ips=["10.0.0.1"], tags={"ringfence:role": "lb"})])
     doc: Any = e.render("lb")
     by_id = {r["id"]: r for r in rule_parts(doc["inbound"])}
     assert by_id["r/all-in"]["set"] is None
@@ -292,10 +294,10 @@ rulesets:
 def test_allow_rules_of_one_owner_side_render_as_one_grouped_rule() -> None:
     policy = load_policy_texts({"p.yaml": GROUPING_POLICY})
     wls = [
-        Workload(id="web", ips=["10.0.0.1"], tags={"role": "web", "app": "a", "env": "prod"}),
-        Workload(id="dns", ips=["10.0.1.1"], tags={"role": "dns"}),
-        Workload(id="ntp", ips=["10.0.1.2"], tags={"role": "ntp"}),
-        Workload(id="mon", ips=["10.0.2.1"], tags={"role": "mon"}),
+        Workload(id="web", ips=["10.0.0.1"], tags={"ringfence:role": "web", "ringfence:app": "a", "ringfence:env": "prod"}),
+        Workload(id="dns", ips=["10.0.1.1"], tags={"ringfence:role": "dns"}),
+        Workload(id="ntp", ips=["10.0.1.2"], tags={"ringfence:role": "ntp"}),
+        Workload(id="mon", ips=["10.0.2.1"], tags={"ringfence:role": "mon"}),
     ]
     e = engine_for(policy, wls)
     doc: Any = e.render("web")
@@ -367,7 +369,7 @@ def test_cut_port_ranges_allow_exactly_the_policy_and_keep_the_contract() -> Non
             rules.append(f"      - {{name: r{i}, from: role == c{i}, to: role == srv, services: [{', '.join(svcs)}]}}")
         text = "rulesets:\n  - name: g\n    scope: all()\n    same: []\n    rules:\n" + "\n".join(rules) + "\n"
         policy = load_policy_texts({"p.yaml": text})
-        e = engine_for(policy, [Workload(id="srv", ips=["10.0.0.1"], tags={"role": "srv"})])
+        e = engine_for(policy, [Workload(id="srv", ips=["10.0.0.1"], tags={"ringfence:role": "srv"})])
         doc: Any = e.render("srv")
         Bundle.model_validate_json(json.dumps(doc), strict=True)  # identical-or-disjoint port ranges
         policy_rules = {r.id: r for r in policy.rules}
@@ -395,16 +397,16 @@ def test_cut_port_ranges_allow_exactly_the_policy_and_keep_the_contract() -> Non
 def test_grouped_rules_share_sets_and_follow_deltas() -> None:
     policy = load_policy_texts({"p.yaml": GROUPING_POLICY})
     wls = [
-        Workload(id="a", ips=["10.0.0.1"], tags={"role": "x"}),
-        Workload(id="b", ips=["10.0.0.2"], tags={"role": "y"}),
-        Workload(id="dns", ips=["10.0.1.1"], tags={"role": "dns"}),
-        Workload(id="ntp", ips=["10.0.1.2"], tags={"role": "ntp"}),
+        Workload(id="a", ips=["10.0.0.1"], tags={"ringfence:role": "x"}),
+        Workload(id="b", ips=["10.0.0.2"], tags={"ringfence:role": "y"}),
+        Workload(id="dns", ips=["10.0.1.1"], tags={"ringfence:role": "dns"}),
+        Workload(id="ntp", ips=["10.0.1.2"], tags={"ringfence:role": "ntp"}),
     ]
     e = engine_for(policy, wls)
     a: Any = e.render("a")
     b: Any = e.render("b")
     assert a["outbound"] == b["outbound"], "one owner side: identical grouped rule in every bundle"
-    upd = e.upsert(Workload(id="dns2", ips=["10.0.1.3"], tags={"role": "dns"}))
+    upd = e.upsert(Workload(id="dns2", ips=["10.0.1.3"], tags={"ringfence:role": "dns"}))
     dns_set = next(r["set"] for r in rule_parts(a["outbound"]) if r["id"] == "core/dns")
     assert dns_set in upd.set_deltas and {"a", "b"} <= upd.notify and not {"a", "b"} & upd.rebuilt
 
@@ -427,9 +429,9 @@ rulesets:
     e = engine_for(
         policy,
         [
-            Workload(id="db", ips=["10.0.0.1", "fd00::1"], tags={"role": "db"}),
-            Workload(id="out", ips=["192.0.2.7"], tags={"role": "web"}),
-            Workload(id="ds", ips=["10.0.0.9", "fd00::9"], tags={"role": "web"}),
+            Workload(id="db", ips=["10.0.0.1", "fd00::1"], tags={"ringfence:role": "db"}),
+            Workload(id="out", ips=["192.0.2.7"], tags={"ringfence:role": "web"}),
+            Workload(id="ds", ips=["10.0.0.9", "fd00::9"], tags={"ringfence:role": "web"}),
         ],
     )
 
@@ -458,7 +460,7 @@ def test_a_member_cut_into_too_many_pieces_stays_out_of_the_group() -> None:
     rules.append("      - {name: wide, from: env == prod, to: all(), services: [tcp/1024-65535]}")
     rules.append("      - {name: few, from: env == dev, to: all(), services: [tcp/9000-9115]}")
     text = "rulesets:\n  - name: core\n    scope: all()\n    same: []\n    rules:\n" + "\n".join(rules) + "\n"
-    wls = [Workload(id="w", ips=["10.0.0.1"], tags={"role": "web", "env": "prod"})]
+    wls = [Workload(id="w", ips=["10.0.0.1"], tags={"ringfence:role": "web", "ringfence:env": "prod"})]
     doc: Any = engine_for(load_policy_texts({"p.yaml": text}), wls).render("w")
     by_id = {r["id"]: r for r in doc["inbound"]}
     wide = by_id["core/wide"]  # 41 pieces: a plain rule over its own set, its range whole
@@ -482,7 +484,7 @@ def test_a_whole_service_equal_to_an_earlier_piece_is_not_repeated() -> None:
         "      - {name: a, from: role == c, to: role == srv, services: [tcp/85-100, tcp/90]}\n"
         "      - {name: b, from: role == d, to: role == srv, services: [tcp/90]}\n"
     )
-    wls = [Workload(id="srv", ips=["10.0.0.1"], tags={"role": "srv"})]
+    wls = [Workload(id="srv", ips=["10.0.0.1"], tags={"ringfence:role": "srv"})]
     doc: Any = engine_for(load_policy_texts({"p.yaml": text}), wls).render("srv")
     [group] = doc["inbound"]
     a = next(m for m in group["members"] if m["id"] == "g/a")

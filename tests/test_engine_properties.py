@@ -21,7 +21,7 @@ from ringfence.policy import Policy, load_policy_texts
 POLICY = """
 labels:
   dimensions:
-    tier: {keys: [tier]}
+    tier: {keys: ["ringfence:tier"]}
 services:
   - {name: web, ports: [tcp/80, tcp/443]}
   - {name: db, ports: [tcp/5432]}
@@ -79,7 +79,7 @@ def workloads(draw: Any, wid: str) -> Workload:
     tags: dict[str, str] = {}
     for key, values in (("role", ROLES), ("app", APPS), ("env", ENVS), ("tier", ["a", "b", "c"])):
         if draw(st.booleans()) or key == "role":
-            tags[key] = draw(st.sampled_from(values))
+            tags["ringfence:" + key] = draw(st.sampled_from(values))
     ips = draw(st.lists(st.sampled_from(IPS4 + IPS6), min_size=0, max_size=3, unique=True))
     mode = draw(st.sampled_from([None, None, None, Mode.IDLE, Mode.OBSERVE, Mode.ENFORCE]))
     return Workload(id=wid, ips=ips, tags=tags, mode=mode, quarantined=draw(st.booleans()) and draw(st.booleans()))

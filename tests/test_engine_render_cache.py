@@ -20,8 +20,8 @@ def _engine() -> Engine:
     engine = Engine(load_policy_texts({"p.yaml": POLICY}))
     engine.load(
         [
-            Workload(id="web1", ips=["10.0.0.1"], tags={"role": "web"}),
-            Workload(id="db1", ips=["10.0.1.1"], tags={"role": "db"}),
+            Workload(id="web1", ips=["10.0.0.1"], tags={"ringfence:role": "web"}),
+            Workload(id="db1", ips=["10.0.1.1"], tags={"ringfence:role": "db"}),
         ]
     )
     return engine
@@ -46,12 +46,12 @@ def test_mutating_a_rendered_bundle_does_not_leak_into_the_next_render() -> None
 def test_set_change_is_rendered_after_cache_fill() -> None:
     engine = _engine()
     before = _only_set(engine.render("db1"))
-    upd = engine.upsert(Workload(id="web2", ips=["10.0.0.0"], tags={"role": "web"}))
+    upd = engine.upsert(Workload(id="web2", ips=["10.0.0.0"], tags={"ringfence:role": "web"}))
     assert upd.set_deltas
     after = _only_set(engine.render("db1"))
     assert after["v4"] == ["10.0.0.0/31"]
     assert after["version"] != before["version"]
     # a set that dies and is re-created later does not resurrect stale content
     engine.remove("db1")
-    engine.upsert(Workload(id="db1", ips=["10.0.1.1"], tags={"role": "db"}))
+    engine.upsert(Workload(id="db1", ips=["10.0.1.1"], tags={"ringfence:role": "db"}))
     assert _only_set(engine.render("db1"))["v4"] == ["10.0.0.0/31"]

@@ -8,15 +8,16 @@ BASE = """
 rulesets:
   - name: shop
     scope: app == shop
+    same: [app]  # the workloads have no env or loc: a missing value is shared with nobody
     rules:
       - {from: role == lb, to: role == web, services: [tcp/80]}
       - {from: role == web, to: role == db, services: [tcp/5432]}
 """
 
 INVENTORY = [
-    Workload(id="lb", ips=["10.0.0.1"], tags={"app": "shop", "role": "lb"}),
-    Workload(id="web", ips=["10.0.0.2"], tags={"app": "shop", "role": "web"}),
-    Workload(id="db", ips=["10.0.0.3"], tags={"app": "shop", "role": "db"}),
+    Workload(id="lb", ips=["10.0.0.1"], tags={"ringfence:app": "shop", "ringfence:role": "lb"}),
+    Workload(id="web", ips=["10.0.0.2"], tags={"ringfence:app": "shop", "ringfence:role": "web"}),
+    Workload(id="db", ips=["10.0.0.3"], tags={"ringfence:app": "shop", "ringfence:role": "db"}),
 ]
 
 

@@ -61,7 +61,7 @@ def test_addresses_contiguous_per_subnet_with_some_v6() -> None:
     group = [w for w in estate.workloads if w.id.startswith(f"{estate.apps[0]}-prod-")]
     by_loc: dict[str, list[int]] = {}
     for w in group:
-        by_loc.setdefault(w.tags["loc"], []).append(int(ipaddress.ip_address(w.ips[0])))
+        by_loc.setdefault(w.tags["ringfence:loc"], []).append(int(ipaddress.ip_address(w.ips[0])))
     for values in by_loc.values():
         values.sort()
         assert values[-1] - values[0] < len(values) + 6 * (len(values) // 250 + 1)

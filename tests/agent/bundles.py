@@ -24,9 +24,9 @@ def key() -> bundle.SigningKey:
 LAB_POLICY = """
 labels:
   dimensions:
-    role: {keys: [role]}
-    app: {keys: [app]}
-    env: {keys: [env]}
+    role: {keys: ["ringfence:role"]}
+    app: {keys: ["ringfence:app"]}
+    env: {keys: ["ringfence:env"]}
 defaults:
   mode: enforce
   failsafes:
@@ -48,8 +48,8 @@ rulesets:
 DENY_ALL_POLICY = """
 labels:
   dimensions:
-    role: {keys: [role]}
-    app: {keys: [app]}
+    role: {keys: ["ringfence:role"]}
+    app: {keys: ["ringfence:app"]}
 defaults:
   mode: enforce
   failsafes:
@@ -85,7 +85,7 @@ PRECEDENCE_POLICY = (
 def workloads(hosts: dict[str, tuple[str, str, str]]) -> list[Workload]:
     """name → (ipv4, ipv6, role)."""
     return [
-        Workload(id=name, ips=[v4, v6], tags={"role": role, "app": "lab", "env": "test"})
+        Workload(id=name, ips=[v4, v6], tags={"ringfence:role": role, "ringfence:app": "lab", "ringfence:env": "test"})
         for name, (v4, v6, role) in hosts.items()
     ]
 
@@ -150,9 +150,9 @@ def forge(doc: B, **changes: object) -> B:
 GROUP_POLICY = """
 labels:
   dimensions:
-    role: {keys: [role]}
-    app: {keys: [app]}
-    tier: {keys: [tier]}
+    role: {keys: ["ringfence:role"]}
+    app: {keys: ["ringfence:app"]}
+    tier: {keys: ["ringfence:tier"]}
 defaults:
   mode: enforce
   failsafes:

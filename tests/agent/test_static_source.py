@@ -29,9 +29,9 @@ from tests.conftest import EXAMPLE
 POLICY = EXAMPLE / "policy"
 INVENTORY = EXAMPLE / "inventory.yaml"
 PROC = "ord-prod-proc-1"
-WEB_3 = "  - {id: ord-prod-web-3, ips: [10.1.1.12], cloud: aws, region: ca-central-1, tags: {role: web, app: ordering, env: prod}}\n"
-WEB_4 = "  - {id: ord-prod-web-4, ips: [10.1.1.13], cloud: aws, region: ca-central-1, tags: {role: web, app: ordering, env: prod}}\n"
-DEV_WEB_2 = "  - {id: ord-dev-web-2, ips: [10.2.1.11], cloud: aws, region: ca-central-1, tags: {role: web, app: ordering, env: dev}}\n"
+WEB_3 = "  - {id: ord-prod-web-3, ips: [10.1.1.12], cloud: aws, region: ca-central-1, tags: {ringfence:role: web, ringfence:app: ordering, ringfence:env: prod}}\n"
+WEB_4 = "  - {id: ord-prod-web-4, ips: [10.1.1.13], cloud: aws, region: ca-central-1, tags: {ringfence:role: web, ringfence:app: ordering, ringfence:env: prod}}\n"
+DEV_WEB_2 = "  - {id: ord-dev-web-2, ips: [10.2.1.11], cloud: aws, region: ca-central-1, tags: {ringfence:role: web, ringfence:app: ordering, ringfence:env: dev}}\n"
 
 
 def compile_into(out: Path, inventory: Path, revision: int, policy: Path = POLICY) -> None:

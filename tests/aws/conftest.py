@@ -266,9 +266,9 @@ class Env:
                     {
                         "ResourceType": "instance",
                         "Tags": [
-                            {"Key": "role", "Value": role},
-                            {"Key": "app", "Value": app},
-                            {"Key": "env", "Value": env},
+                            {"Key": "ringfence:role", "Value": role},
+                            {"Key": "ringfence:app", "Value": app},
+                            {"Key": "ringfence:env", "Value": env},
                         ],
                     }
                 ],
@@ -298,7 +298,7 @@ class Env:
                     "ResourceId": "rf-web-asg",
                     "ResourceType": "auto-scaling-group",
                 }
-                for k, v in {"role": "web", "app": "ordering", "env": "prod"}.items()
+                for k, v in {"ringfence:role": "web", "ringfence:app": "ordering", "ringfence:env": "prod"}.items()
             ],
         )
         return {"vpc": vpc, "subnets": subnets, "ids": ids, "run": run}

@@ -118,7 +118,7 @@ def test_deltas_since_and_409_when_rules_changed(env: Env) -> None:
     assert resp.bundle_version > v0 and resp.deltas
     assert any(f"{ip_of(env, new)}/32" in d["add"] for d in resp.deltas) or resp.deltas[0]["add"]
     # the processing tier's own rules change when it is re-tagged dev → deltas cannot bridge
-    env.ec2.create_tags(Resources=[proc], Tags=[{"Key": "env", "Value": "dev"}])
+    env.ec2.create_tags(Resources=[proc], Tags=[{"Key": "ringfence:env", "Value": "dev"}])
     env.put(env.state_event(proc, "running"))
     env.pump()
     status, _, _ = env.rest("agentapi", "GET", f"/v1/agents/{proc}/deltas", headers=auth(tok), query={"since": str(v0)})
@@ -218,7 +218,7 @@ def test_cold_start_keeps_versions_monotonic(env: Env) -> None:
     db = est["ids"]["db"][0]
     v1 = env.bundle(db).version
     env.load_functions()  # a new container: the engine is rebuilt from the inventory
-    env.ec2.create_tags(Resources=[est["ids"]["proc"][1]], Tags=[{"Key": "env", "Value": "dev"}])
+    env.ec2.create_tags(Resources=[est["ids"]["proc"][1]], Tags=[{"Key": "ringfence:env", "Value": "dev"}])
     env.put(env.state_event(est["ids"]["proc"][1], "running"))
     env.pump()
     v2 = env.bundle(db).version

@@ -128,7 +128,7 @@ def test_duplicate_event_is_processed_once(env: Env) -> None:
 def test_out_of_order_tag_events_keep_newest(env: Env) -> None:
     est = boot(env)
     web = est["ids"]["web"][0]
-    env.ec2.create_tags(Resources=[web], Tags=[{"Key": "env", "Value": "dev"}])
+    env.ec2.create_tags(Resources=[web], Tags=[{"Key": "ringfence:env", "Value": "dev"}])
     newest = env.tag_event(web, {"role": "web", "app": "ordering", "env": "dev"}, version=5)
     older = env.tag_event(web, {"role": "web", "app": "ordering", "env": "prod"}, version=4)
     env.put(newest)
@@ -155,7 +155,7 @@ def test_lost_event_is_fixed_by_reconcile(env: Env) -> None:
 
 def test_malformed_event_goes_to_dlq_and_nothing_else_is_affected(env: Env) -> None:
     est = boot(env)
-    env.ec2.create_tags(Resources=[est["ids"]["web"][0]], Tags=[{"Key": "env", "Value": "dev"}])
+    env.ec2.create_tags(Resources=[est["ids"]["web"][0]], Tags=[{"Key": "ringfence:env", "Value": "dev"}])
     bad = env.state_event(est["ids"]["web"][0], "running")
     bad["detail"] = {"state": "running"}  # no instance-id
     env.put(bad)
@@ -185,7 +185,7 @@ def test_describe_throttling_is_retried(env: Env) -> None:
         return None
 
     env.hook("before-send.ec2.DescribeInstances", throttle)
-    env.ec2.create_tags(Resources=[web], Tags=[{"Key": "env", "Value": "dev"}])
+    env.ec2.create_tags(Resources=[web], Tags=[{"Key": "ringfence:env", "Value": "dev"}])
     env.put(env.state_event(web, "running"))
     env.pump()
     assert len(throttled) == 2
@@ -265,7 +265,7 @@ def test_published_state_equals_a_full_recompile_and_deltas_bridge(env: Env) -> 
     env.pump()
     env.ec2.terminate_instances(InstanceIds=[added[0]])
     env.put(env.state_event(added[0], "terminated"))
-    env.ec2.create_tags(Resources=[added[1]], Tags=[{"Key": "env", "Value": "dev"}])
+    env.ec2.create_tags(Resources=[added[1]], Tags=[{"Key": "ringfence:env", "Value": "dev"}])
     env.put(env.state_event(added[1], "running"))
     env.pump()
 

@@ -91,7 +91,7 @@ def repro(n: int, k: int, mode: str) -> None:
         Workload(
             id=f"w{i}",
             ips=[f"10.20.{a >> 8}.{a & 255}"],
-            tags={"role": "mon" if i < 3 else "web", "env": "prod" if i % 5 < 3 else "dev"},
+            tags={"ringfence:role": "mon" if i < 3 else "web", "ringfence:env": "prod" if i % 5 < 3 else "dev"},
         )
         for i, a in enumerate(rng.sample(range(1 << 16), n))
     ]

@@ -37,8 +37,8 @@ def test_bench_incremental_relabel(benchmark: Any, estate: tuple[Policy, list[An
     policy, workloads = estate
     engine = Engine(policy)
     engine.load(workloads)
-    w = next(w for w in workloads if w.tags.get("role") == "web")
-    flips = [w.model_copy(update={"tags": {**w.tags, "role": role}}) for role in ("app", "web")]
+    w = next(w for w in workloads if w.tags.get("ringfence:role") == "web")
+    flips = [w.model_copy(update={"tags": {**w.tags, "ringfence:role": role}}) for role in ("app", "web")]
     state = {"i": 0}
 
     def change() -> None:

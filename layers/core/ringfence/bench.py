@@ -111,10 +111,10 @@ def random_change(rng: random.Random, state: dict[str, Workload], counter: list[
         kind = "add"
     elif kind == "relabel":
         tags = dict(w.tags)
-        if rng.random() < 0.5 or "env" not in tags:
-            tags["role"] = rng.choice(synth.ROLES)
+        if rng.random() < 0.5 or synth.label_key("env") not in tags:
+            tags[synth.label_key("role")] = rng.choice(synth.ROLES)
         else:
-            tags["env"] = rng.choice(synth.ENVS)
+            tags[synth.label_key("env")] = rng.choice(synth.ENVS)
         new = w.model_copy(update={"tags": tags})
     elif kind == "re-ip":
         counter[0] += 1

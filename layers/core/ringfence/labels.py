@@ -3,6 +3,12 @@
 A bad tag value never becomes a new label. The dimension is left unset, the workload is
 flagged, and the engine gives it the policy's ``unlabeled_mode``: bad metadata is visible
 (``ringfence labels check``) and has a consequence.
+
+Only tag keys under the policy's reserved prefix (``ringfence:`` by default) carry labels, and
+they match exactly (case included), as IAM conditions on tag keys do: one guard on
+``ringfence:*`` covers every key that can change a label. A workload whose move into a
+privileged value is waiting for approval (:mod:`ringfence.governance`) carries
+``held_labels``: those are its labels until the move is approved or undone.
 """
 
 from __future__ import annotations
@@ -15,9 +21,13 @@ from dataclasses import dataclass, field
 from ringfence.model import Dimension, LabelsConfig, Workload
 
 
+UNLABELED_KINDS = frozenset({"missing", "unknown", "ungranted"})
+"""Problems that make a workload *unlabeled* (it gets ``defaults.unlabeled_mode``)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Problem:
-    kind: str  # missing | unknown | conflict
+    kind: str  # missing | unknown | conflict | held (previous labels kept) | ungranted (held, none to keep)
     dimension: str
     message: str
     value: str | None = None
@@ -32,7 +42,7 @@ class Resolution:
     @property
     def unlabeled(self) -> bool:
         """Hygiene failed: a required dimension is missing or a value is not allowed."""
-        return any(p.kind in ("missing", "unknown") for p in self.problems)
+        return any(p.kind in UNLABELED_KINDS for p in self.problems)
 
 
 _SLUG = re.compile(r"[^a-z0-9_-]+")
@@ -63,17 +73,42 @@ class LabelMapper:
             for name, d in self.dimensions.items()
         }
         self._derive_sources = tuple(sorted({d.derive.source for d in self.dimensions.values() if d.derive}))
+        self.key_prefix = self.config.key_prefix
+        self.keys: dict[str, tuple[str, ...]] = {
+            name: tuple(d.keys) or (self.key_prefix + name,) for name, d in self.dimensions.items()
+        }
+        self._privileged = {
+            name: frozenset(self.canonical_value(name, v) for v in d.privileged)
+            for name, d in self.dimensions.items()
+            if d.privileged
+        }
 
     def inputs(self, workload: Workload) -> tuple[object, ...]:
-        """Everything :meth:`resolve` reads from ``workload``: equal inputs resolve to equal labels.
-
-        Tag order is kept (a case-insensitive key lookup takes the first match), so the key is exact.
-        """
+        """Everything :meth:`resolve` reads from ``workload``: equal inputs resolve to equal labels."""
+        held = workload.held_labels
         return (
             tuple(workload.labels.items()),
             tuple(workload.tags.items()),
             tuple(getattr(workload, source) for source in self._derive_sources),
+            None if held is None else tuple(sorted(held.items())),
         )
+
+    # --- governance ----------------------------------------------------------------------------
+
+    @property
+    def governed(self) -> bool:
+        """Some dimension has privileged values."""
+        return bool(self._privileged)
+
+    def privileged_values(self, dim: str) -> frozenset[str]:
+        return self._privileged.get(dim, frozenset())
+
+    def is_privileged(self, dim: str, value: str | None) -> bool:
+        return value is not None and value in self._privileged.get(dim, ())
+
+    def label_keys(self) -> dict[str, str]:
+        """Every tag key that carries a label → its dimension."""
+        return {key: dim for dim, keys in self.keys.items() for key in keys}
 
     def allowed_values(self, dim: str) -> set[str] | None:
         return self._allowed.get(dim)
@@ -83,26 +118,56 @@ class LabelMapper:
         value = normalize(raw, d.normalize)
         return self._aliases[dim].get(value, value)
 
-    def _lookup(self, tags: Mapping[str, str], key: str) -> str | None:
-        if key in tags:
-            return tags[key]
-        if self.config.case_insensitive_keys:
-            lowered = key.lower()
-            for k, v in tags.items():
-                if k.lower() == lowered:
-                    return v
-        return None
-
     def resolve(self, workload: Workload) -> Resolution:
-        """Labels for ``workload`` from its direct labels, then tags, then derivation."""
+        """The labels in force: the held ones while a privileged move waits, else :meth:`resolve_tags`."""
+        if workload.held_labels is None:
+            return self.resolve_tags(workload)
+        return self._resolve_held(workload.held_labels)
+
+    def _resolve_held(self, held: Mapping[str, str]) -> Resolution:
+        labels: dict[str, str] = {}
+        problems: list[Problem] = []
+        for dim, raw in sorted(held.items()):
+            if dim not in self.dimensions:
+                continue  # the policy no longer has this dimension
+            value = self.canonical_value(dim, raw)
+            allowed = self._allowed[dim]
+            if not value or (allowed is not None and value not in allowed):
+                problems.append(Problem("unknown", dim, f"held {dim}={value!r} is not an allowed value", value=value))
+                continue
+            labels[dim] = value
+        if not held:
+            problems.append(
+                Problem(
+                    "ungranted",
+                    "*",
+                    "a move into a privileged label value waits for approval and there are no previous labels "
+                    "to keep: unlabeled until approved",
+                )
+            )
+        else:
+            problems.append(
+                Problem(
+                    "held",
+                    "*",
+                    "a move into a privileged label value waits for approval: the previous labels stay in force",
+                )
+            )
+            for dim, spec in self.dimensions.items():
+                if spec.required and dim not in labels:
+                    problems.append(Problem("missing", dim, f"required label {dim!r} is missing"))
+        return Resolution(labels, problems)
+
+    def resolve_tags(self, workload: Workload) -> Resolution:
+        """Labels for ``workload`` from its direct labels, then tags, then derivation (holds ignored)."""
         labels: dict[str, str] = {}
         problems: list[Problem] = []
         for dim, spec in self.dimensions.items():
             candidates: list[tuple[str, str]] = []  # (source, raw value)
             if dim in workload.labels:
                 candidates.append((f"label {dim}", workload.labels[dim]))
-            for key in spec.keys or [dim]:
-                raw = self._lookup(workload.tags, key)
+            for key in self.keys[dim]:
+                raw = workload.tags.get(key)
                 if raw is not None and raw.strip():
                     candidates.append((f"tag {key}", raw))
             if not candidates and spec.derive is not None:

@@ -15,6 +15,7 @@ from ringfence.enums import Action, Mode
 __all__ = ["Action", "Mode"]  # re-exported: they belong to the policy model too
 
 BUILTIN_DIMENSIONS = ("role", "app", "env", "loc")
+DEFAULT_KEY_PREFIX = "ringfence:"
 MAX_DIMENSIONS = 20
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 
@@ -39,7 +40,8 @@ class Derive(_Strict):
 class Dimension(_Strict):
     keys: list[str] = Field(
         default_factory=list,
-        description="tag keys feeding this dimension, first present wins (default: the dimension name)",
+        description="tag keys feeding this dimension, first present wins (default: key_prefix + the dimension "
+        "name); every key starts with the labels' key_prefix, and a dimension with privileged values has one key",
     )
     normalize: Literal["lower", "none", "slug"] = Field(
         "lower", description="lower: trim + lowercase; none: trim; slug: lowercase, non [a-z0-9_-] → '-'"
@@ -48,14 +50,37 @@ class Dimension(_Strict):
     aliases: dict[str, str] = Field(default_factory=dict, description="spelling → canonical value")
     required: bool = False
     derive: Derive | None = None
+    privileged: list[str] = Field(
+        default_factory=list,
+        description="values a workload may move into only by an allowed tagging principal's tag change or an "
+        "audited admin binding (e.g. role: [jumpbox])",
+    )
 
 
 class LabelsConfig(_Strict):
     """Which tag keys feed which label dimension, and what values are valid."""
 
     dimensions: dict[str, Dimension] = Field(default_factory=dict)
+    key_prefix: str = Field(
+        DEFAULT_KEY_PREFIX,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:/=+@-]{0,63}$",
+        description="the reserved tag-key prefix: only keys starting with it carry labels, so one IAM guard "
+        "(ringfence:*) covers every label key (GCP keys cannot hold ':': use e.g. ringfence_)",
+    )
     case_insensitive_keys: bool = Field(
-        True, description="match tag keys ignoring case (GCP labels are lowercase only)"
+        False,
+        description="refused when true: tag keys match exactly, as IAM conditions on tag keys do "
+        "(an IAM guard on ringfence:role does not cover RingFence:Role)",
+    )
+    taggers: list[str] = Field(
+        default_factory=list,
+        description="principals allowed to move a workload into a privileged value by tagging it: IAM ARNs "
+        "(role ARN of an assumed role), '*' matches any run of characters",
+    )
+    on_privileged_change: Literal["hold", "quarantine"] = Field(
+        "hold",
+        description="an unapproved move into a privileged value: hold (keep the previous labels) or also "
+        "quarantine the workload",
     )
 
     @field_validator("dimensions")
@@ -68,6 +93,16 @@ class LabelsConfig(_Strict):
             if not _is_dimension_name(name):
                 raise ValueError(f"dimension name {name!r} must match [a-z][a-z0-9_]*")
         return dims
+
+    @field_validator("case_insensitive_keys")
+    @classmethod
+    def _exact_keys(cls, value: bool) -> bool:
+        if value:
+            raise ValueError(
+                "tag keys match exactly: an IAM guard on 'ringfence:role' does not cover 'RingFence:Role', "
+                "so case-insensitive keys would let anyone who may tag bypass it (remove the setting)"
+            )
+        return value
 
     def all_dimensions(self) -> dict[str, Dimension]:
         out = {name: Dimension() for name in BUILTIN_DIMENSIONS}
@@ -204,6 +239,14 @@ class Workload(_Strict):
     vpc: str | None = None
     subnet: str | None = None
     site: str | None = None
+    held_labels: dict[str, str] | None = Field(
+        None,
+        description="labels in force while a move into a privileged value waits for approval "
+        "(None: the tags decide; {}: none, the workload gets the unlabeled mode)",
+    )
+    label_grants: dict[str, str] = Field(
+        default_factory=dict, description="privileged values granted by an audited admin binding (dimension → value)"
+    )
     mode: Mode | None = Field(None, description="operator override of the policy's mode")
     quarantined: bool = False
     observed_at: float = Field(0.0, description="source timestamp; older observations never win")

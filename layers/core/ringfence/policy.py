@@ -345,6 +345,7 @@ class _Builder:
         for file, located, doc in self.docs:
             if doc.labels is None:
                 continue
+            self._label_keys(file, located, doc.labels, mapper)
             for dim, dim_spec in doc.labels.dimensions.items():
                 allowed = mapper.allowed_values(dim)
                 for alias, target in dim_spec.aliases.items():
@@ -595,6 +596,40 @@ class _Builder:
             failsafes=failsafes,
             sources=self.sources,
         )
+
+    def _label_keys(self, file: str, located: yamlpos.Located, cfg: LabelsConfig, mapper: LabelMapper) -> None:
+        """Label keys are a reserved set, and a privileged dimension has exactly one key: an IAM guard
+        on the label keys must cover every key that can change a label."""
+        prefix = cfg.key_prefix
+        for dim, spec in cfg.dimensions.items():
+            path: tuple[Any, ...] = ("labels", "dimensions", dim)
+            for j, key in enumerate(spec.keys):
+                if not key.startswith(prefix) or key == prefix:
+                    self.problem(
+                        file,
+                        located,
+                        (*path, "keys", j),
+                        f"tag key {key!r} of {dim!r} is outside the reserved label keys ({prefix!r}…)",
+                        f"only keys under key_prefix carry labels, so one IAM guard covers them: use {prefix + dim!r}",
+                    )
+            if spec.privileged and len(spec.keys) > 1:
+                self.problem(
+                    file,
+                    located,
+                    (*path, "keys"),
+                    f"dimension {dim!r} has privileged values, so it takes exactly one tag key (got {len(spec.keys)})",
+                    "an IAM guard on one key would be bypassed through another",
+                )
+            allowed = mapper.allowed_values(dim)
+            for j, value in enumerate(spec.privileged):
+                if allowed is not None and mapper.canonical_value(dim, value) not in allowed:
+                    self.problem(
+                        file,
+                        located,
+                        (*path, "privileged", j),
+                        f"privileged value {value!r} is not an allowed value of {dim!r}",
+                        _closest(value, allowed) or f"allowed: {', '.join(sorted(allowed))}",
+                    )
 
     def _failsafes(self, defaults: Defaults) -> ParsedFailsafes:
         """Parse the fail-safes now: a bad one must fail validation, never reach a bundle."""

@@ -36,10 +36,19 @@ from typing import Any
 
 import yaml
 
-from ringfence.model import Workload
+from ringfence.model import DEFAULT_KEY_PREFIX, Workload
 
 ENVS = ("prod", "staging", "dev")
 LOCS = ("use1", "euw1", "apse1")
+
+
+def label_key(dim: str) -> str:
+    """The tag key that carries ``dim`` (the default reserved prefix)."""
+    return DEFAULT_KEY_PREFIX + dim
+
+
+def label_tags(**labels: str) -> dict[str, str]:
+    return {label_key(d): v for d, v in labels.items()}
 DUAL_STACK_LOCS = frozenset({"euw1"})
 # core role → (consumers reach it: "in", or it reaches every workload: "out"; services; base count per location)
 CORE: dict[str, tuple[str, tuple[str, ...], int]] = {
@@ -389,10 +398,10 @@ def _inventory(rng: random.Random, apps: list[_App], pools: dict[str, int]) -> l
                 if loc in DUAL_STACK_LOCS:
                     ips.append(f"fd00:0:{li}::{host:x}")
                 host += 1
-                tags = {"role": role, "app": "core", "env": "shared", "loc": loc}
+                tags = label_tags(role=role, app="core", env="shared", loc=loc)
                 out.append(Workload(id=f"core-{loc}-{role}-{k + 1}", ips=ips, tags=tags))
     for k in range(2):
-        tags = {"role": "jumpbox", "app": "admin", "env": "shared", "loc": LOCS[0]}
+        tags = label_tags(role="jumpbox", app="admin", env="shared", loc=LOCS[0])
         out.append(Workload(id=f"admin-jump-{k + 1}", ips=[f"10.99.0.{5 + k}"], tags=tags))
     subnets = _Subnets()
     shares = {"prod": 0.6, "staging": 0.15, "dev": 0.25}
@@ -414,7 +423,7 @@ def _inventory(rng: random.Random, apps: list[_App], pools: dict[str, int]) -> l
                     ips = [address_of(index, host, False)]
                     if loc in DUAL_STACK_LOCS:
                         ips.append(address_of(index, host, True))
-                    tags = {"role": role, "app": app.name, "env": env, "loc": loc}
+                    tags = label_tags(role=role, app=app.name, env=env, loc=loc)
                     out.append(Workload(id=f"{app.name}-{env}-{loc}-{role}-{k + 1}", ips=ips, tags=tags))
     return out
 

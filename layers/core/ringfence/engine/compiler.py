@@ -34,7 +34,7 @@ from ringfence import addresses, selectors
 from ringfence.addresses import Address, AddressSet, Prefix
 from ringfence.bundle import span_whole
 from ringfence.engine.index import LabelIndex, RestrictionIndex, iter_bits
-from ringfence.labels import Problem
+from ringfence.labels import UNLABELED_KINDS, Problem
 from ringfence.model import Mode, Workload
 from ringfence.policy import ACTION_RANK, CompiledRule, Peer, Policy
 from ringfence.services import PortRange
@@ -81,7 +81,7 @@ class WorkloadState:
 
     @property
     def unlabeled(self) -> bool:
-        return any(p.kind in ("missing", "unknown") for p in self.problems)
+        return any(p.kind in UNLABELED_KINDS for p in self.problems)
 
     @property
     def selectable(self) -> bool:
@@ -304,10 +304,14 @@ class Engine:
         if entry is None:  # an IP list: fixed prefixes, never touched by inventory changes
             s = AddressSetState(key, set_name(key), StaticSet(self._ip_peers[canon]), self.revision, static=True)
         else:
-            # the pinned app group is usually small: narrow to it before the selector
-            bits = self.index.universe()
+            # the pinned app group is usually small: narrow to it before the selector. A missing
+            # value is shared with nobody: a workload lacking a pinned dimension has an empty set
+            bits = 0 if any(v is None for _, v in pinned) else self.index.universe()
             for d, v in pinned:
-                bits &= self.index.members(d, v) if v is not None else self.index.lacking(d)
+                if not bits:
+                    break
+                assert v is not None
+                bits &= self.index.members(d, v)
             if bits:
                 bits &= selectors.evaluate(entry.node, self.index)
             for slot in iter_bits(bits):
@@ -427,6 +431,8 @@ class Engine:
             if not entry.variants or not entry.match(labels):
                 continue
             for dims, by_values in entry.variants.items():
+                if any(d not in labels for d in dims):
+                    continue  # a missing value is shared with nobody: never in a pinned set
                 s = by_values.get(tuple((d, labels.get(d)) for d in dims))
                 if s is not None:
                     out.add(s.name)

@@ -207,6 +207,7 @@ def _group_matrix(
                 if consumers >> (code // n) & 1
                 and providers >> (code % n) & 1
                 and values[code // n] == values[code % n]
+                and None not in values[code // n]
             ]
         for code in hits:
             deny[code] = deny.get(code, 0) | bit
@@ -265,7 +266,8 @@ def _pair_codes(rule: CompiledRule, n: int, index: LabelIndex, pins: _Pins) -> l
     values = pins.values(rule.same)
     by_pin: dict[tuple[str | None, ...], list[int]] = defaultdict(list)
     for p in iter_bits(provider_bits):
-        by_pin[values[p]].append(p)
+        if None not in values[p]:  # a missing value is shared with nobody
+            by_pin[values[p]].append(p)
     out: list[int] = []
     for c in iter_bits(consumer_bits):
         matched = by_pin.get(values[c])

@@ -103,7 +103,8 @@ def _same_ok(rule: CompiledRule, consumer: Endpoint, provider: Endpoint) -> bool
     if not rule.same:
         return True
     assert consumer.labels is not None and provider.labels is not None
-    return all(consumer.labels.get(d) == provider.labels.get(d) for d in rule.same)
+    # a missing value is shared with nobody: two workloads both lacking env do not share one
+    return all(d in consumer.labels and consumer.labels.get(d) == provider.labels.get(d) for d in rule.same)
 
 
 def rules_between(

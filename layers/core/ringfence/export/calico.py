@@ -297,7 +297,14 @@ def _pinned_combos(rule: CompiledRule, groups: _LabelSets) -> list[tuple[str | N
     combos: list[set[tuple[str | None, ...]]] = []
     for node in (rule.consumer.selector, rule.provider.selector):
         bits = selectors.evaluate(node, groups.index)
-        combos.append({tuple(groups.sets[slot].get(d) for d in rule.same) for slot in iter_bits(bits)})
+        # a missing value is shared with nobody: such a workload instantiates no app group
+        combos.append(
+            {
+                combo
+                for slot in iter_bits(bits)
+                if None not in (combo := tuple(groups.sets[slot].get(d) for d in rule.same))
+            }
+        )
     return sorted(combos[0] & combos[1], key=lambda c: tuple((v is None, v or "") for v in c))
 
 
