@@ -225,10 +225,22 @@ rulesets:
         }
     )
     inv = [
-        Workload(id="web-a", ips=["10.0.1.1"], tags={"ringfence:role": "web", "ringfence:app": "a;env=b", "ringfence:env": "c"}),
-        Workload(id="db-a", ips=["10.0.2.1"], tags={"ringfence:role": "db", "ringfence:app": "a;env=b", "ringfence:env": "c"}),
-        Workload(id="web-b", ips=["10.0.1.2"], tags={"ringfence:role": "web", "ringfence:app": "a", "ringfence:env": "b;env=c"}),
-        Workload(id="db-b", ips=["10.0.2.2"], tags={"ringfence:role": "db", "ringfence:app": "a", "ringfence:env": "b;env=c"}),
+        Workload(
+            id="web-a",
+            ips=["10.0.1.1"],
+            tags={"ringfence:role": "web", "ringfence:app": "a;env=b", "ringfence:env": "c"},
+        ),
+        Workload(
+            id="db-a", ips=["10.0.2.1"], tags={"ringfence:role": "db", "ringfence:app": "a;env=b", "ringfence:env": "c"}
+        ),
+        Workload(
+            id="web-b",
+            ips=["10.0.1.2"],
+            tags={"ringfence:role": "web", "ringfence:app": "a", "ringfence:env": "b;env=c"},
+        ),
+        Workload(
+            id="db-b", ips=["10.0.2.2"], tags={"ringfence:role": "db", "ringfence:app": "a", "ringfence:env": "b;env=c"}
+        ),
     ]
     e = engine_for(policy, inv)
     assert sources_of(e, "db-a", "r/web-db") == ["10.0.1.1/32"]
@@ -294,7 +306,9 @@ rulesets:
 def test_allow_rules_of_one_owner_side_render_as_one_grouped_rule() -> None:
     policy = load_policy_texts({"p.yaml": GROUPING_POLICY})
     wls = [
-        Workload(id="web", ips=["10.0.0.1"], tags={"ringfence:role": "web", "ringfence:app": "a", "ringfence:env": "prod"}),
+        Workload(
+            id="web", ips=["10.0.0.1"], tags={"ringfence:role": "web", "ringfence:app": "a", "ringfence:env": "prod"}
+        ),
         Workload(id="dns", ips=["10.0.1.1"], tags={"ringfence:role": "dns"}),
         Workload(id="ntp", ips=["10.0.1.2"], tags={"ringfence:role": "ntp"}),
         Workload(id="mon", ips=["10.0.2.1"], tags={"ringfence:role": "mon"}),

@@ -221,7 +221,11 @@ def test_delta_adding_a_peer_opens_access(net: NetLab, backend: str, tmp_path: P
     ok(apply(net, backend, lab.bundle("h2"), tmp_path / "state"))
     assert not net.tcp("h4", "h2", 8080)
     deltas = lab.upsert(
-        Workload(id="h4", ips=[net.v4("h4"), net.v6("h4")], tags={"ringfence:role": "client", "ringfence:app": "lab", "ringfence:env": "test"})
+        Workload(
+            id="h4",
+            ips=[net.v4("h4"), net.v6("h4")],
+            tags={"ringfence:role": "client", "ringfence:app": "lab", "ringfence:env": "test"},
+        )
     )
     assert deltas and all(d.add for d in deltas)
     out = ok(apply_delta(net, backend, deltas, tmp_path / "state"))
@@ -247,7 +251,13 @@ def test_established_connections_survive_a_whole_bundle_replace(net: NetLab, bac
     ok(apply(net, backend, lab.bundle("h2"), tmp_path / "state"))
     held = net.hold("h1", "h2", 8080)
     assert held.connected and held.ping()
-    lab.upsert(Workload(id="h9", ips=["10.77.0.9"], tags={"ringfence:role": "client", "ringfence:app": "lab", "ringfence:env": "test"}))
+    lab.upsert(
+        Workload(
+            id="h9",
+            ips=["10.77.0.9"],
+            tags={"ringfence:role": "client", "ringfence:app": "lab", "ringfence:env": "test"},
+        )
+    )
     out = ok(apply(net, backend, lab.bundle("h2"), tmp_path / "state"))
     assert "version 2" in out
     assert held.ping() and held.ping()
@@ -381,7 +391,13 @@ def test_idle_mode_leaves_the_firewall_alone(net: NetLab, backend: str, tmp_path
 def test_forged_rolled_back_and_foreign_bundles_are_rejected(net: NetLab, backend: str, tmp_path: Path) -> None:
     lab = lab_engine(net)
     first = lab.bundle("h2")
-    lab.upsert(Workload(id="h9", ips=["10.77.0.9"], tags={"ringfence:role": "client", "ringfence:app": "lab", "ringfence:env": "test"}))
+    lab.upsert(
+        Workload(
+            id="h9",
+            ips=["10.77.0.9"],
+            tags={"ringfence:role": "client", "ringfence:app": "lab", "ringfence:env": "test"},
+        )
+    )
     second = lab.bundle("h2")
     state = tmp_path / "state"
     ok(apply(net, backend, second, state))
@@ -498,7 +514,11 @@ def test_iptables_ipv6_failure_rolls_ipv4_back(net: NetLab, tmp_path: Path) -> N
         # a delta still lands in the live (previous) generation's sets
         lab = lab_engine(net)
         deltas = lab.upsert(
-            Workload(id="h4", ips=[net.v4("h4"), net.v6("h4")], tags={"ringfence:role": "client", "ringfence:app": "lab", "ringfence:env": "test"})
+            Workload(
+                id="h4",
+                ips=[net.v4("h4"), net.v6("h4")],
+                tags={"ringfence:role": "client", "ringfence:app": "lab", "ringfence:env": "test"},
+            )
         )
         ok(apply_delta(net, "iptables", deltas, state))
         assert net.tcp("h4", "h2", 8080)
@@ -543,7 +563,11 @@ def test_iptables_delta_failing_half_way_is_undone(net: NetLab, tmp_path: Path, 
         net.exec("h2", "ip6tables", "-F", chain, check=True)
     net.exec("h2", "ipset", "destroy", ipset_name(name, 6, "a"), check=True)
     deltas = lab.upsert(
-        Workload(id="h4", ips=[net.v4("h4"), net.v6("h4")], tags={"ringfence:role": "client", "ringfence:app": "lab", "ringfence:env": "test"})
+        Workload(
+            id="h4",
+            ips=[net.v4("h4"), net.v6("h4")],
+            tags={"ringfence:role": "client", "ringfence:app": "lab", "ringfence:env": "test"},
+        )
     )
     assert [(d.set, len(d.add)) for d in deltas] == [(name, 2)]
     args: list[str] = []
@@ -746,7 +770,11 @@ def test_daemon_follows_offline_compiles_over_plain_http_by_set_deltas(
 
     def compile_lab(roles: dict[str, str], revision: int) -> None:
         rows = [
-            {"id": h, "ips": [net.v4(h), net.v6(h)], "tags": {"ringfence:role": role, "ringfence:app": "lab", "ringfence:env": "test"}}
+            {
+                "id": h,
+                "ips": [net.v4(h), net.v6(h)],
+                "tags": {"ringfence:role": role, "ringfence:app": "lab", "ringfence:env": "test"},
+            }
             for h, role in roles.items()
         ]
         (tmp_path / "inventory.json").write_text(json.dumps({"workloads": rows}))
@@ -814,13 +842,23 @@ def test_daemon_enrolls_follows_nudges_and_reports(net: NetLab, backend: str, tm
         # the control plane moves h2 to enforce: a new whole bundle, picked up by the long poll
         lab2 = lab_engine(net)
         lab2.engine.revision = 1
-        lab2.upsert(Workload(id="h9", ips=["10.77.0.9"], tags={"ringfence:role": "client", "ringfence:app": "lab", "ringfence:env": "test"}))
+        lab2.upsert(
+            Workload(
+                id="h9",
+                ips=["10.77.0.9"],
+                tags={"ringfence:role": "client", "ringfence:app": "lab", "ringfence:env": "test"},
+            )
+        )
         write(lab2.bundle("h2"), root / "bundles" / "h2.json")
         assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 15), (tmp_path / "run.log").read_text()
         assert net.tcp("h1", "h2", 8080)
         # a set delta (h4 joins the clients) arrives as a nudge and is applied as element adds
         for d in lab2.upsert(
-            Workload(id="h4", ips=[net.v4("h4"), net.v6("h4")], tags={"ringfence:role": "client", "ringfence:app": "lab", "ringfence:env": "test"})
+            Workload(
+                id="h4",
+                ips=[net.v4("h4"), net.v6("h4")],
+                tags={"ringfence:role": "client", "ringfence:app": "lab", "ringfence:env": "test"},
+            )
         ):
             write(d, root / "deltas" / f"{d.to_version:06d}-{d.set}.json")
         assert wait_until(lambda: net.tcp("h4", "h2", 8080, timeout=0.3), 15), (tmp_path / "run.log").read_text()
@@ -861,7 +899,13 @@ def test_nft_binary_fallback_applies_bundles_and_deltas(net: NetLab, tmp_path: P
     env = ["RINGFENCE_NFT_CLI=1"]
     ok(net.agent("h2", "apply", "--bundle", str(path), *common, env=env))
     enforced_baseline(net)
-    deltas = lab.upsert(Workload(id="h4", ips=[net.v4("h4")], tags={"ringfence:role": "client", "ringfence:app": "lab", "ringfence:env": "test"}))
+    deltas = lab.upsert(
+        Workload(
+            id="h4",
+            ips=[net.v4("h4")],
+            tags={"ringfence:role": "client", "ringfence:app": "lab", "ringfence:env": "test"},
+        )
+    )
     dpaths = [str(write(d, tmp_path / f"d{i}.json")) for i, d in enumerate(deltas)]
     ok(net.agent("h2", "apply-delta", *[x for p in dpaths for x in ("--delta", p)], *common, env=env))
     assert net.tcp("h4", "h2", 8080)

@@ -75,3 +75,43 @@ def test_malformed(mutate, message) -> None:  # type: ignore[no-untyped-def]
     mutate(raw)
     with pytest.raises(MalformedEvent, match=message):
         normalize(raw)
+
+
+def test_cloudtrail_keeps_who_tagged_and_what() -> None:
+    raw = fixture("cloudtrail-create-tags.json")
+    raw["detail"]["requestParameters"]["resourcesSet"]["items"] = [{"resourceId": "i-0abc12345678def01"}]
+    raw["detail"]["requestParameters"]["tagSet"]["items"] = [
+        {"key": "ringfence:role", "value": "jumpbox"},
+        {"key": "ringfence:note"},
+    ]
+    ev = normalize(raw)
+    assert ev is not None and ev.principal == "arn:aws:iam::222233334444:user/dev"
+    assert ev.tag_request == {"ringfence:role": "jumpbox", "ringfence:note": ""}
+    # an assumed role is named by its role (the session name is the caller's choice)
+    raw["detail"]["userIdentity"] = {
+        "type": "AssumedRole",
+        "arn": "arn:aws:sts::222233334444:assumed-role/ringfence-tagging/pipeline-42",
+        "sessionContext": {
+            "sessionIssuer": {"type": "Role", "arn": "arn:aws:iam::222233334444:role/ringfence-tagging"}
+        },
+    }
+    ev = normalize(raw)
+    assert ev is not None and ev.principal == "arn:aws:iam::222233334444:role/ringfence-tagging"
+
+
+def test_run_instances_tag_specifications_and_the_service_that_launched() -> None:
+    raw = fixture("cloudtrail-run-instances.json")
+    raw["detail"]["requestParameters"]["tagSpecificationSet"] = {
+        "items": [
+            {"resourceType": "volume", "tags": [{"key": "ringfence:role", "value": "web"}]},
+            {"resourceType": "instance", "tags": [{"key": "ringfence:role", "value": "jumpbox"}]},
+        ]
+    }
+    ev = normalize(raw)
+    assert ev is not None and ev.principal == "autoscaling.amazonaws.com"
+    assert ev.tag_request == {"ringfence:role": "jumpbox"}
+
+
+def test_tag_change_on_resource_names_no_principal() -> None:
+    ev = normalize(fixture("tag-change.json"))
+    assert ev is not None and ev.principal is None and ev.tag_request is None

@@ -129,14 +129,18 @@ def test_out_of_order_tag_events_keep_newest(env: Env) -> None:
     est = boot(env)
     web = est["ids"]["web"][0]
     env.ec2.create_tags(Resources=[web], Tags=[{"Key": "ringfence:env", "Value": "dev"}])
-    newest = env.tag_event(web, {"role": "web", "app": "ordering", "env": "dev"}, version=5)
-    older = env.tag_event(web, {"role": "web", "app": "ordering", "env": "prod"}, version=4)
+    newest = env.tag_event(
+        web, {"ringfence:role": "web", "ringfence:app": "ordering", "ringfence:env": "dev"}, version=5
+    )
+    older = env.tag_event(
+        web, {"ringfence:role": "web", "ringfence:app": "ordering", "ringfence:env": "prod"}, version=4
+    )
     env.put(newest)
     env.pump()
     env.put(older)
     env.pump()
     rec = env.store.get(web)
-    assert rec.workload.tags["env"] == "dev" and rec.tag_version == 5
+    assert rec.workload.tags["ringfence:env"] == "dev" and rec.tag_version == 5
     assert rec.labels["env"] == "dev"
 
 
@@ -166,7 +170,7 @@ def test_malformed_event_goes_to_dlq_and_nothing_else_is_affected(env: Env) -> N
     assert out == {"batchItemFailures": []}
     dlq = env.receive("dlq")
     assert len(dlq) == 1 and "instance-id" in dlq[0]["MessageAttributes"]["reason"]["StringValue"]
-    assert env.store.get(est["ids"]["web"][0]).workload.tags["env"] == "dev"
+    assert env.store.get(est["ids"]["web"][0]).workload.tags["ringfence:env"] == "dev"
 
 
 def test_describe_throttling_is_retried(env: Env) -> None:
@@ -189,7 +193,7 @@ def test_describe_throttling_is_retried(env: Env) -> None:
     env.put(env.state_event(web, "running"))
     env.pump()
     assert len(throttled) == 2
-    assert env.store.get(web).workload.tags["env"] == "dev"
+    assert env.store.get(web).workload.tags["ringfence:env"] == "dev"
 
 
 def test_cloudtrail_mixed_resources_filtered_by_prefix(env: Env) -> None:

@@ -34,7 +34,9 @@ def measure(workloads: int) -> dict[str, object]:
     for name, text in estate.policy_texts.items():
         (policy / name).write_text(text)
     rows = [w.model_dump(mode="json", exclude_defaults=True) for w in estate.workloads]
-    web = next(w for w in estate.workloads if w.tags.get("ringfence:role") == "web" and w.tags.get("ringfence:env") == "prod")
+    web = next(
+        w for w in estate.workloads if w.tags.get("ringfence:role") == "web" and w.tags.get("ringfence:env") == "prod"
+    )
     joiner = web.model_dump(mode="json", exclude_defaults=True) | {"id": "joiner-1", "ips": ["10.250.0.10"]}
     out = tmp / "out"
 

@@ -4,7 +4,10 @@ Cloud events are *triggers*: they say which resource may have changed, never the
 The ingest step re-describes the live resource, so a stale or reordered event cannot install
 old state. What an event does carry that is worth keeping is its time and, for ``aws.tag``
 events, the tag-set ``version`` (kept as a staleness hint: a lower version than one already
-seen is dropped before any describe call).
+seen is dropped before any describe call); for CloudTrail calls, *who* made the call
+(``userIdentity``) and the tags the call set, which decide whether a move into a privileged
+label value is approved (:mod:`ringfence.governance`). An ``aws.tag`` "Tag Change on Resource"
+event names no principal: it can never approve such a move.
 
 This module is provider-neutral pydantic; it imports no cloud SDK. Handlers validate the
 envelope with Powertools first and pass the plain dict here.
@@ -61,6 +64,12 @@ class DomainEvent(BaseModel):
     tag_version: int | None = Field(None, description="aws.tag detail.version: per-resource tag-set version")
     tags: dict[str, str] | None = Field(None, description="full tag set after the change, when the event has it")
     lifecycle: LifecycleAction | None = None
+    principal: str | None = Field(
+        None, description="who made the call (CloudTrail userIdentity: an assumed role's role ARN, else the ARN)"
+    )
+    tag_request: dict[str, str] | None = Field(
+        None, description="the instance tags the CloudTrail call set (CreateTags, RunInstances tag specifications)"
+    )
 
     @property
     def observed_at(self) -> float:
@@ -107,6 +116,30 @@ class _Items(_Detail):
 class TrailRequest(_Detail):
     resources_set: _Items = Field(default_factory=_Items, alias="resourcesSet")
     tag_set: _Items = Field(default_factory=_Items, alias="tagSet")
+    tag_specification_set: _Items = Field(default_factory=_Items, alias="tagSpecificationSet")
+
+
+class SessionIssuer(_Detail):
+    arn: str | None = None
+
+
+class SessionContext(_Detail):
+    session_issuer: SessionIssuer | None = Field(None, alias="sessionIssuer")
+
+
+class UserIdentity(_Detail):
+    type: str | None = None
+    arn: str | None = None
+    invoked_by: str | None = Field(None, alias="invokedBy")
+    session_context: SessionContext | None = Field(None, alias="sessionContext")
+
+    def principal(self) -> str | None:
+        """The principal a tagger allow-list names: an assumed role's *role* ARN (sessions come and
+        go), else the caller's ARN, else the AWS service that called on someone's behalf."""
+        issuer = self.session_context.session_issuer if self.session_context else None
+        if issuer is not None and issuer.arn:
+            return issuer.arn
+        return self.arn or self.invoked_by
 
 
 class TrailResponse(_Detail):
@@ -117,6 +150,7 @@ class TrailDetail(_Detail):
     event_source: str = Field(alias="eventSource")
     event_name: str = Field(alias="eventName")
     error_code: str | None = Field(None, alias="errorCode")
+    user_identity: UserIdentity | None = Field(None, alias="userIdentity")
     request_parameters: TrailRequest | None = Field(None, alias="requestParameters")
     response_elements: TrailResponse | None = Field(None, alias="responseElements")
 
@@ -204,17 +238,37 @@ def _normalize(env: Envelope, base: dict[str, Any]) -> DomainEvent | None:
     cd = TrailDetail.model_validate(d)
     if cd.event_source != "ec2.amazonaws.com" or cd.event_name not in TRAIL_EVENTS or cd.error_code:
         return None
+    req = cd.request_parameters
+    tag_request: dict[str, str] | None = None
     if cd.event_name == "RunInstances":
         items = cd.response_elements.instances_set.items if cd.response_elements else []
         ids = instance_ids([str(i.get("instanceId", "")) for i in items])
         kind = Kind.LAUNCH
+        if req is not None:
+            tag_request = {}
+            for spec in req.tag_specification_set.items:
+                if spec.get("resourceType") == "instance":
+                    tag_request.update(_tag_items(spec.get("tags")))
     else:
-        items = cd.request_parameters.resources_set.items if cd.request_parameters else []
+        items = req.resources_set.items if req else []
         ids = instance_ids([str(i.get("resourceId", "")) for i in items])
         kind = Kind.TAGS
+        if cd.event_name == "CreateTags" and req is not None:
+            tag_request = _tag_items(req.tag_set.items)
     if not ids:
         return None  # e.g. tags on security groups or volumes only
-    return DomainEvent(kind=kind, instance_ids=ids, **base)
+    principal = cd.user_identity.principal() if cd.user_identity else None
+    return DomainEvent(kind=kind, instance_ids=ids, principal=principal, tag_request=tag_request, **base)
+
+
+def _tag_items(items: Any) -> dict[str, str]:
+    """CloudTrail's ``[{"key": k, "value": v}]`` (a missing value is the empty string, as in EC2)."""
+    out: dict[str, str] = {}
+    for item in items if isinstance(items, list) else []:
+        if isinstance(item, dict) and isinstance(item.get("key"), str):
+            value = item.get("value")
+            out[item["key"]] = value if isinstance(value, str) else ""
+    return out
 
 
 def _first(exc: ValidationError) -> str:

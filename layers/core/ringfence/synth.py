@@ -49,6 +49,8 @@ def label_key(dim: str) -> str:
 
 def label_tags(**labels: str) -> dict[str, str]:
     return {label_key(d): v for d, v in labels.items()}
+
+
 DUAL_STACK_LOCS = frozenset({"euw1"})
 # core role → (consumers reach it: "in", or it reaches every workload: "out"; services; base count per location)
 CORE: dict[str, tuple[str, tuple[str, ...], int]] = {

@@ -6,8 +6,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ringfence.events import DomainEvent, Kind, MalformedEvent, normalize
+from ringfence.governance import TagChange
 
 from . import ec2
+from .governance import govern_record
 from .wiring import Metric, Wiring, log, no_metric
 
 # --- ingest ---------------------------------------------------------------------------------------
@@ -80,7 +82,17 @@ class Ingest:
             ids = fresh
         if not ids:
             return res
-        changed = observe_instances(self.w, ev.account, ev.region, ids, tag_version=ev.tag_version)
+        change = TagChange(ev.principal, ev.tag_request)
+        changed = observe_instances(
+            self.w,
+            ev.account,
+            ev.region,
+            ids,
+            tag_version=ev.tag_version,
+            change=change,
+            event_id=ev.event_id,
+            metric=self.metric,
+        )
         if ev.kind is Kind.LIFECYCLE_TERMINATE:
             changed |= mark_leaving(self.w, ev.account, ev.region, ids)
         res.changed = sorted(changed)
@@ -91,10 +103,20 @@ class Ingest:
 
 
 def observe_instances(
-    w: Wiring, account: str, region: str, ids: list[str], *, tag_version: int | None = None
+    w: Wiring,
+    account: str,
+    region: str,
+    ids: list[str],
+    *,
+    tag_version: int | None = None,
+    change: TagChange | None = None,
+    event_id: str = "",
+    metric: Metric = no_metric,
 ) -> set[str]:
     """Describe the live instances and store what they are now; returns the ids that changed.
-    Instances the batch prefetched (:meth:`Ingest.prefetch`) are not described again."""
+    Instances the batch prefetched (:meth:`Ingest.prefetch`) are not described again. Every
+    observation is governed (:func:`govern_record`) against the stored record: ``change`` says
+    who made the change and what it set, when the event knows."""
     seen = {i: w.prefetched[(account, region, i)] for i in ids if (account, region, i) in w.prefetched}
     missing = [i for i in ids if i not in seen]
     if missing:
@@ -102,13 +124,16 @@ def observe_instances(
         t0 = ec2.now()
         seen.update({i: (t0, live.get(i)) for i in missing})
     mapper = w.mapper()
+    # governance compares with the stored record: read it only when the policy governs labels
+    stored = w.store.get_many(ids) if mapper is not None and mapper.governed else {}
     changed: set[str] = set()
     for iid in ids:
         t, inst = seen[iid]
         rec = ec2.to_record(inst, account, region, t, mapper) if inst else ec2.tombstone(iid, account, region, t)
         if tag_version is not None:
             rec.tag_version = tag_version
-        if w.store.observe(rec):
+        rec, governed = govern_record(w, rec, stored.get(iid), change, event_id=event_id, metric=metric)
+        if w.store.observe(rec) or governed:
             changed.add(iid)
     return changed
 

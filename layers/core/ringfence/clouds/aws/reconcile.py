@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from . import clients, ec2
+from .governance import govern_record
 from .wiring import Metric, Wiring, no_metric
 
 # --- reconcile --------------------------------------------------------------------------------------
@@ -35,7 +36,14 @@ class Reconcile:
             for inst in ec2.all_instances(client):
                 res.seen += 1
                 live_ids.add(inst["InstanceId"])
-                if self.w.store.observe(ec2.to_record(inst, t.account, t.region, t0, mapper)):
+                # reconcile names no principal: it never approves a move into a privileged value
+                rec, governed = govern_record(
+                    self.w,
+                    ec2.to_record(inst, t.account, t.region, t0, mapper),
+                    records.get(inst["InstanceId"]),
+                    metric=self.metric,
+                )
+                if self.w.store.observe(rec) or governed:
                     changed.add(inst["InstanceId"])
             for rec in records.values():
                 w = rec.workload

@@ -1,0 +1,148 @@
+"""Governed labels on AWS: every observation of an instance passes :func:`ringfence.governance.govern`
+before it is stored, and held moves are reported (metric, audit record, SIEM-ready JSON log line,
+optional quarantine). Admin bindings (:func:`bind_labels`) are audited grants of privileged values.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from ringfence.audit import AuditRecord
+from ringfence.governance import UNATTRIBUTED, Finding, TagChange, Verdict, bind, govern
+from ringfence.store.base import InventoryRecord
+
+from .wiring import Metric, Wiring, log, no_metric
+
+findings_log = logging.getLogger("ringfence.findings")
+"""One JSON document per finding (schema ``ringfence.finding/v1``): subscribe the SIEM to it."""
+
+GOVERNANCE_PRINCIPAL = "ringfence:governance"
+
+
+def govern_record(
+    w: Wiring,
+    rec: InventoryRecord,
+    old: InventoryRecord | None,
+    change: TagChange | None = None,
+    *,
+    event_id: str = "",
+    metric: Metric = no_metric,
+) -> tuple[InventoryRecord, bool]:
+    """``rec`` (a fresh observation) with its held labels and grants decided against ``old`` (the
+    stored record); True when that decision changed what is in force without the tags changing
+    (an approval arriving after the tag change it approves, a grant, a hold lifted)."""
+    previous = old.workload if old is not None and old.state != "terminated" else None
+    if rec.state == "terminated":
+        return rec, False
+    mapper = w.mapper()
+    if mapper is None:
+        # no active policy: keep whatever was decided until there is one to decide with
+        if previous is not None:
+            carried = {"held_labels": previous.held_labels, "label_grants": previous.label_grants}
+            rec = rec.model_copy(update={"workload": rec.workload.model_copy(update=carried)})
+        return rec, False
+    verdict = govern(mapper, previous, rec.workload, change)
+    res = mapper.resolve(verdict.workload)
+    rec = rec.model_copy(
+        update={"workload": verdict.workload, "labels": res.labels, "problems": [p.message for p in res.problems]}
+    )
+    changed = previous is not None and previous.held_labels != verdict.workload.held_labels
+    quarantined = _report(w, rec, verdict, event_id, metric)
+    return rec, changed or quarantined
+
+
+def _report(w: Wiring, rec: InventoryRecord, verdict: Verdict, event_id: str, metric: Metric) -> bool:
+    """Metrics, audit and the finding's log line; True if the workload was quarantined."""
+    if verdict.approved:
+        metric("PrivilegedLabelApproved", len(verdict.approved))
+        w.store.audit(
+            AuditRecord(
+                principal=verdict.principal or "unknown",
+                action="label.approve",
+                target=rec.id,
+                detail={"labels": {m.dimension: m.new for m in verdict.approved}, "event_id": event_id},
+                reason="set by an allowed tagger",
+            )
+        )
+    if not verdict.held or not verdict.moves:
+        return False
+    metric("PrivilegedLabelHeld", 1)
+    if not verdict.finding:
+        # no named principal to blame (or an allowed tagger's call that set something else): the
+        # call's own CloudTrail event, when it arrives, decides and raises the finding
+        log.info(
+            "%s: move into %s held (%s)",
+            rec.id,
+            ", ".join(f"{m.dimension}={m.new}" for m in verdict.moves),
+            verdict.reason or UNATTRIBUTED,
+        )
+        return False
+    metric("PrivilegedLabelFindings", 1)
+    w.store.audit(
+        AuditRecord(
+            principal=verdict.principal or "unknown",
+            action="label.held",
+            target=rec.id,
+            detail={
+                "requested": {m.dimension: m.new for m in verdict.moves},
+                "labels_in_force": verdict.labels,
+                "event_id": event_id,
+            },
+            reason=verdict.reason,
+        )
+    )
+    quarantine = w.mapper() is not None and w.mapper().config.on_privileged_change == "quarantine"  # type: ignore[union-attr]
+    if quarantine:
+        w.store.set_operator(rec.id, quarantined=True)
+        w.store.audit(
+            AuditRecord(
+                principal=GOVERNANCE_PRINCIPAL,
+                action="workload.quarantine",
+                target=rec.id,
+                detail={"quarantined": True, "event_id": event_id},
+                reason=f"unapproved move into a privileged label value by {verdict.principal}",
+            )
+        )
+    finding = Finding(
+        rec.id,
+        verdict,
+        account=rec.workload.account,
+        region=rec.workload.region,
+        event_id=event_id,
+        action="quarantined" if quarantine else "held",
+        time=rec.observed_at,
+    )
+    findings_log.warning(json.dumps(finding.event(), sort_keys=True))
+    return quarantine
+
+
+def bind_labels(w: Wiring, workload_id: str, labels: dict[str, str], principal: str, reason: str) -> InventoryRecord:
+    """An audited admin binding: grant privileged label values to one workload, lift a hold they
+    clear, and queue the change for compute. Raises KeyError (unknown workload) or ValueError."""
+    mapper = w.mapper()
+    if mapper is None:
+        raise ValueError("no active policy: nothing declares privileged values")
+    if not reason.strip():
+        raise ValueError("a binding needs a reason (it is audited)")
+    old = w.store.get(workload_id)
+    if old is None or old.state == "terminated":
+        raise KeyError(workload_id)
+    granted = bind(mapper, old.workload, labels)
+    verdict = govern(mapper, old.workload, granted.model_copy(update={"held_labels": None}))
+    res = mapper.resolve(verdict.workload)
+    rec = old.model_copy(
+        update={"workload": verdict.workload, "labels": res.labels, "problems": [p.message for p in res.problems]}
+    )
+    w.store.observe(rec)  # same observed_at: written unless a newer observation landed meanwhile
+    w.store.audit(
+        AuditRecord(
+            principal=principal,
+            action="label.bind",
+            target=workload_id,
+            detail={"labels": dict(verdict.workload.label_grants), "in_force": res.labels},
+            reason=reason,
+        )
+    )
+    w.enqueue_compute([workload_id])
+    return rec
