@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 from ringfence.model import Dimension, LabelsConfig, Workload
 
-
 UNLABELED_KINDS = frozenset({"missing", "unknown", "ungranted"})
 """Problems that make a workload *unlabeled* (it gets ``defaults.unlabeled_mode``)."""
 
