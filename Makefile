@@ -67,6 +67,8 @@ $(CHECKOV_STAMP): requirements/checkov.lock
 static-aws: $(STAMP) $(CHECKOV_STAMP)
 	$(BIN)/cfn-lint --non-zero-exit-code error template.yaml
 	$(CHECKOV_VENV)/bin/checkov --quiet --compact --skip-download --framework cloudformation -f template.yaml
+	$(BIN)/cfn-lint --non-zero-exit-code error infra/guardrails/label-guard.yaml
+	$(CHECKOV_VENV)/bin/checkov --quiet --compact --skip-download --framework cloudformation -f infra/guardrails/label-guard.yaml
 	$(CHECKOV_VENV)/bin/checkov --quiet --compact --skip-download --framework terraform -d infra
 	@if command -v terraform >/dev/null; then terraform fmt -check -recursive infra; \
 	  else echo "terraform not installed: skipping terraform fmt -check"; fi

@@ -1,0 +1,20 @@
+# Example: guard the label keys across two OUs (run with management-account credentials).
+terraform {
+  required_version = ">= 1.5"
+  required_providers {
+    aws = {
+      source  = "hashicorp/aws"
+      version = ">= 5.40"
+    }
+  }
+}
+
+provider "aws" {
+  region = "us-east-1"
+}
+
+module "label_guard" {
+  source                = "../../modules/label-guard"
+  tagger_principal_arns = ["arn:aws:iam::*:role/ringfence-tagging"]
+  scp_target_ids        = ["ou-abcd-11111111", "ou-abcd-22222222"]
+}

@@ -1,0 +1,111 @@
+# Ringfence label guard: only the tagging principals may write the tag keys that carry labels
+# (the policy's labels.key_prefix). One statement set, used twice: a service control policy for
+# the given OUs/accounts (apply in the Organizations management account or a delegated
+# administrator), and a deny-only managed policy to attach, or copy into a permission boundary,
+# where there is no organization. See docs/deploy-aws.md, "Guard the label keys".
+
+terraform {
+  required_version = ">= 1.5"
+  required_providers {
+    aws = {
+      source  = "hashicorp/aws"
+      version = ">= 5.40"
+    }
+  }
+}
+
+variable "label_key_prefix" {
+  description = "The policy's labels.key_prefix: tag keys starting with it carry labels."
+  type        = string
+  default     = "ringfence:"
+}
+
+variable "tagger_principal_arns" {
+  description = "Principal ARNs (patterns allowed) that may write label keys; list the same in the policy's labels.taggers."
+  type        = list(string)
+
+  validation {
+    condition     = length(var.tagger_principal_arns) > 0
+    error_message = "Name at least one tagging principal."
+  }
+}
+
+variable "scp_target_ids" {
+  description = "OU ids, account ids or the root id to attach the SCP to; empty creates no SCP."
+  type        = list(string)
+  default     = []
+}
+
+variable "name" {
+  description = "Name of the SCP and of the managed policy."
+  type        = string
+  default     = "ringfence-label-guard"
+}
+
+locals {
+  condition = {
+    keys       = ["${var.label_key_prefix}*"]
+    principals = var.tagger_principal_arns
+  }
+  ec2_actions = [
+    "ec2:CreateTags",
+    "ec2:DeleteTags",
+    "ec2:RunInstances",
+    "ec2:CreateFleet",
+    "ec2:RequestSpotInstances",
+  ]
+  asg_actions = [
+    "autoscaling:CreateAutoScalingGroup",
+    "autoscaling:CreateOrUpdateTags",
+    "autoscaling:DeleteTags",
+  ]
+}
+
+data "aws_iam_policy_document" "guard" {
+  statement {
+    sid       = "DenyLabelTagWrites"
+    effect    = "Deny"
+    actions   = concat(local.ec2_actions, local.asg_actions)
+    resources = ["*"]
+    condition {
+      test     = "ForAnyValue:StringLike"
+      variable = "aws:TagKeys"
+      values   = local.condition.keys
+    }
+    condition {
+      test     = "ArnNotLike"
+      variable = "aws:PrincipalArn"
+      values   = local.condition.principals
+    }
+  }
+}
+
+resource "aws_organizations_policy" "guard" {
+  count       = length(var.scp_target_ids) > 0 ? 1 : 0
+  name        = var.name
+  description = "Only the Ringfence tagging principals may write Ringfence label tag keys"
+  type        = "SERVICE_CONTROL_POLICY"
+  content     = data.aws_iam_policy_document.guard.json
+}
+
+resource "aws_organizations_policy_attachment" "guard" {
+  for_each  = length(var.scp_target_ids) > 0 ? toset(var.scp_target_ids) : toset([])
+  policy_id = aws_organizations_policy.guard[0].id
+  target_id = each.value
+}
+
+resource "aws_iam_policy" "guard" {
+  name        = var.name
+  description = "Deny writing Ringfence label tag keys (attach to everyone but the tagging principals)"
+  policy      = data.aws_iam_policy_document.guard.json
+}
+
+output "policy_json" {
+  description = "The guard's statements (for a permission boundary of your own)."
+  value       = data.aws_iam_policy_document.guard.json
+}
+
+output "managed_policy_arn" {
+  description = "The deny-only managed policy."
+  value       = aws_iam_policy.guard.arn
+}
