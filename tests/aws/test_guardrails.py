@@ -34,7 +34,7 @@ def test_cloudformation_denies_label_key_writes_but_to_taggers() -> None:
             assert cond["ForAnyValue:StringLike"]["aws:TagKeys"] == {"Sub": "${LabelKeyPrefix}*"}
             assert cond["ArnNotLike"]["aws:PrincipalArn"] == {"Ref": "TaggerPrincipalArns"}
             actions |= set(st["Action"])
-        assert TAG_WRITES <= actions and "autoscaling:CreateOrUpdateTags" in actions, name
+        assert actions >= TAG_WRITES and "autoscaling:CreateOrUpdateTags" in actions, name
     assert doc["Resources"]["LabelGuardScp"]["Properties"]["Type"] == "SERVICE_CONTROL_POLICY"
 
 
