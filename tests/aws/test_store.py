@@ -11,7 +11,7 @@ from tests.aws.conftest import Env
 
 
 def rec(t: float, env_tag: str, state: str = "running") -> InventoryRecord:
-    w = Workload(id="i-0123456789abcdef0", ips=["10.0.0.1"], tags={"ringfence:env": env_tag}, cloud="aws")
+    w = Workload(id="i-0123456789abcdef0", ips=["10.0.0.1"], tags={"env": env_tag}, cloud="aws")
     return InventoryRecord(id=w.id, workload=w, state=state, observed_at=t)
 
 
