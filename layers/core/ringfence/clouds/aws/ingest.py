@@ -124,8 +124,8 @@ def observe_instances(
         t0 = ec2.now()
         seen.update({i: (t0, live.get(i)) for i in missing})
     mapper = w.mapper()
-    # governance compares with the stored record: read it only when the policy governs labels
-    stored = w.store.get_many(ids) if mapper is not None and mapper.governed else {}
+    # governance compares with the stored record (also to lift a hold a new policy no longer asks for)
+    stored = w.store.get_many(ids)
     changed: set[str] = set()
     for iid in ids:
         t, inst = seen[iid]
