@@ -97,6 +97,9 @@ def test_cloudtrail_keeps_who_tagged_and_what() -> None:
     }
     ev = normalize(raw)
     assert ev is not None and ev.principal == "arn:aws:iam::222233334444:role/ringfence-tagging"
+    del raw["detail"]["userIdentity"]["sessionContext"]  # the role, from the session's ARN
+    ev = normalize(raw)
+    assert ev is not None and ev.principal == "arn:aws:iam::222233334444:role/ringfence-tagging"
 
 
 def test_run_instances_tag_specifications_and_the_service_that_launched() -> None:

@@ -23,6 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 INSTANCE_ID = re.compile(r"^i-[0-9a-f]{8,17}$")
+_ASSUMED_ROLE = re.compile(r"^arn:(?P<partition>[^:]+):sts::(?P<account>\d{12}):assumed-role/(?P<role>[^/]+)/[^/]+$")
 
 
 class MalformedEvent(ValueError):
@@ -139,6 +140,9 @@ class UserIdentity(_Detail):
         issuer = self.session_context.session_issuer if self.session_context else None
         if issuer is not None and issuer.arn:
             return issuer.arn
+        if self.arn and (m := _ASSUMED_ROLE.match(self.arn)):
+            # no sessionIssuer given: the role's ARN from the session's (a role path is not in it)
+            return f"arn:{m['partition']}:iam::{m['account']}:role/{m['role']}"
         return self.arn or self.invoked_by
 
 
