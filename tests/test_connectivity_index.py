@@ -30,7 +30,7 @@ def _brute_force(engine: Engine) -> dict[tuple[Any, Any], list[PortRange]]:
         cm, pm = matcher(rule.consumer.selector), matcher(rule.provider.selector)
         for ck, cl in labels_of.items():
             for pk, pl in labels_of.items():
-                if cm(cl) and pm(pl) and all(cl.get(d) == pl.get(d) for d in rule.same):
+                if cm(cl) and pm(pl) and all(d in cl and cl.get(d) == pl.get(d) for d in rule.same):
                     target = deny if rule.action is Action.OVERRIDE_DENY else allow
                     target.setdefault((ck, pk), []).extend(rule.services)
     out = {}

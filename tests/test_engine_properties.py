@@ -82,7 +82,12 @@ def workloads(draw: Any, wid: str) -> Workload:
             tags["ringfence:" + key] = draw(st.sampled_from(values))
     ips = draw(st.lists(st.sampled_from(IPS4 + IPS6), min_size=0, max_size=3, unique=True))
     mode = draw(st.sampled_from([None, None, None, Mode.IDLE, Mode.OBSERVE, Mode.ENFORCE]))
-    return Workload(id=wid, ips=ips, tags=tags, mode=mode, quarantined=draw(st.booleans()) and draw(st.booleans()))
+    held = None  # a move into a privileged value waiting for approval: these labels are in force
+    if draw(st.integers(min_value=0, max_value=4)) == 0:
+        dims = (("role", ROLES), ("app", APPS), ("env", ENVS))
+        held = {d: draw(st.sampled_from(v)) for d, v in dims if draw(st.booleans())}
+    quarantined = draw(st.booleans()) and draw(st.booleans())
+    return Workload(id=wid, ips=ips, tags=tags, mode=mode, quarantined=quarantined, held_labels=held)
 
 
 @st.composite
