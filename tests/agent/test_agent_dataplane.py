@@ -917,7 +917,8 @@ def test_nft_binary_fallback_applies_bundles_and_deltas(net: NetLab, tmp_path: P
 
 
 def _lab_workload(net: NetLab, host: str, **tags: str) -> Workload:
-    return Workload(id=host, ips=[net.v4(host), net.v6(host)], tags={"ringfence:app": "lab", **tags})
+    labels = {f"ringfence:{k}": v for k, v in tags.items()}
+    return Workload(id=host, ips=[net.v4(host), net.v6(host)], tags={"ringfence:app": "lab", **labels})
 
 
 def test_grouped_rule_allows_each_members_peers_on_its_own_services_only(

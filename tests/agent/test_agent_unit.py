@@ -247,7 +247,8 @@ def test_windows_plan_content() -> None:
         "-DisplayName 'failsafe admin' -Direction Inbound -Action Allow -Profile Any -RemoteAddress '10.99.0.0/24','192.0.2.0/24' -Protocol TCP -LocalPort 22"
         in text
     )
-    assert "-Direction Inbound -Action Block -Profile Any -RemoteAddress '10.2.0.10/32'" in text
+    # the dev-prod boundary's sources: dev, and ord-prod-web-9 (env typo: a missing env counts as dev)
+    assert "-Direction Inbound -Action Block -Profile Any -RemoteAddress '10.1.1.19/32','10.2.0.10/32'" in text
     assert "-DisplayName 'ordering/web-to-processing (tcp/8443)' -Direction Inbound -Action Allow" in text
     assert (
         "-Direction Outbound -Action Allow -Profile Any -RemoteAddress '10.1.3.10/32','fd00:1::3:10/128' -Protocol TCP -RemotePort 5432"

@@ -72,7 +72,7 @@ class Verdict:
 
     @property
     def finding(self) -> bool:
-        """A named principal who may not tried to move the workload into a privileged value."""
+        """A named principal who is not a tagger tried to move the workload into a privileged value."""
         return self.held and self.reason == NOT_A_TAGGER
 
 
