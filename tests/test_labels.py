@@ -31,6 +31,7 @@ def test_only_reserved_keys_carry_labels_and_they_match_exactly() -> None:
     r = resolve(tags={"role": "web", "Role": "web", "RingFence:Role": "web", "ringfence:env": "dev"})
     assert "role" not in r.labels and r.unlabeled
     assert [(p.kind, p.dimension) for p in r.problems] == [("missing", "role")]
+    assert "(tag 'RingFence:Role' carries no label: use 'ringfence:role')" in r.problems[0].message
 
 
 def test_case_insensitive_keys_are_refused() -> None:

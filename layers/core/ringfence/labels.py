@@ -157,6 +157,13 @@ class LabelMapper:
                     problems.append(Problem("missing", dim, f"required label {dim!r} is missing"))
         return Resolution(labels, problems)
 
+    def _near(self, dim: str, workload: Workload) -> str:
+        """A hint when a tag looks meant for ``dim`` but is not one of its keys (``role``, ``Role``…)."""
+        keys = self.keys[dim]
+        spellings = {dim, *(k.lower() for k in keys), *(k[len(self.key_prefix) :].lower() for k in keys)}
+        near = sorted(k for k in workload.tags if k not in keys and k.lower() in spellings)
+        return f" (tag {near[0]!r} carries no label: use {keys[0]!r})" if near else ""
+
     def resolve_tags(self, workload: Workload) -> Resolution:
         """Labels for ``workload`` from its direct labels, then tags, then derivation (holds ignored)."""
         labels: dict[str, str] = {}
@@ -179,7 +186,9 @@ class LabelMapper:
             values = [(src, v) for src, raw in candidates if (v := self.canonical_value(dim, raw))]
             if not values:
                 if spec.required:
-                    problems.append(Problem("missing", dim, f"required label {dim!r} is missing"))
+                    problems.append(
+                        Problem("missing", dim, f"required label {dim!r} is missing" + self._near(dim, workload))
+                    )
                 continue
             source, value = values[0]
             others = {v for _, v in values[1:] if v != value}
