@@ -8,8 +8,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ringfence.audit import AuditRecord
 from ringfence.model import Mode, Workload
+from ringfence.versions import PolicyVersion
 
-__all__ = ["AuditRecord"]  # re-exported: the store persists the shared audit record
+# re-exported: the store persists the shared audit record and the one policy-version model
+__all__ = ["AuditRecord", "PolicyVersion"]
 
 ACTIVE_STATES = frozenset({"pending", "running"})
 
@@ -81,14 +83,6 @@ class DeltaPointer(BaseModel):
     from_version: int
     to_version: int
     key: str
-
-
-class PolicyVersion(BaseModel):
-    version: int
-    keys: dict[str, str] = Field(description="policy file name → object key")
-    digest: str
-    created_by: str = ""
-    comment: str = ""
 
 
 class Store(Protocol):

@@ -255,7 +255,7 @@ class DynamoStore:
         return int(out["Attributes"]["value"])
 
     def activate_policy(self, pv: PolicyVersion) -> None:
-        self._put("policy", f"v{pv.version:08d}", doc=pv.model_dump_json())
+        self._put("policy", f"v{pv.number:08d}", doc=pv.model_dump_json())
         self._put("policy", "active", doc=pv.model_dump_json())
 
     # --- published artifacts --------------------------------------------------------------------

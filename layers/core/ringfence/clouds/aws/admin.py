@@ -50,11 +50,9 @@ class Admin:
         keys = {}
         for name, text in sorted(files.items()):
             key = f"policies/v{version:06d}/{name}"
-            self.w.publisher.s3.put_object(
-                Bucket=self.w.cfg.bucket, Key=key, Body=text.encode(), ServerSideEncryption="AES256"
-            )
+            self.w.publisher.put_text(key, text)
             keys[name] = key
-        pv = PolicyVersion(version=version, keys=keys, digest=digest, created_by=principal, comment=reason)
+        pv = PolicyVersion(number=version, keys=keys, digest=digest, author=principal, message=reason)
         self.w.store.activate_policy(pv)
         audit_id = self._audit(principal, "policy.provision", f"policy/v{version}", {"digest": digest}, reason)
         self.w.enqueue_compute(rebuild=True)

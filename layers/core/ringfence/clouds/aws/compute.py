@@ -99,11 +99,11 @@ class Compute:
             and e is not None
             and head.clean
             and e.revision == head.revision
-            and e.policy_version == pv.version == head.policy_version
+            and e.policy_version == pv.number == head.policy_version
         ):
             return
-        log.info("rebuilding engine at head %s (policy v%s)", head.revision, pv.version)
-        engine = Engine(policy, policy_version=pv.version, revision=head.revision)
+        log.info("rebuilding engine at head %s (policy v%s)", head.revision, pv.number)
+        engine = Engine(policy, policy_version=pv.number, revision=head.revision)
         engine.load(r.effective() for r in self.w.store.all_records() if r.active)
         self.engine = engine
         self._reserve(head.revision)

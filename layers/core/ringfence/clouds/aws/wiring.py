@@ -114,10 +114,9 @@ class Wiring:
         return clients.assumed_client("ec2", region, self.cfg.account_roles.get(account))
 
     def policy(self, pv: PolicyVersion) -> Policy:
-        if pv.version not in self._policies:
-            texts = {name: self.publisher.get(key).decode() for name, key in pv.keys.items()}
-            self._policies[pv.version] = load_policy_texts(texts)
-        return self._policies[pv.version]
+        if pv.number not in self._policies:
+            self._policies[pv.number] = load_policy_texts(pv.texts(self.publisher.get))
+        return self._policies[pv.number]
 
     def active_policy(self) -> tuple[PolicyVersion, Policy] | None:
         pv = self.store.active_policy()
