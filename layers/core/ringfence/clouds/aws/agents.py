@@ -111,8 +111,15 @@ class AgentApi:
             raise ProofError("pairing needs pairing_key and workload_id")
         if not self.w.store.burn_nonce(req.nonce):
             raise ProofError("nonce is unknown, expired or already used")
-        if not self.w.store.use_pairing(secret_hash(req.pairing_key)):
-            raise ProofError("pairing key is unknown, expired or used up")
+        rec = self.w.store.get(req.workload_id)
+        if rec is not None and rec.workload.cloud != "onprem":
+            # a cloud instance proves its identity with the cloud's document, never with a key
+            raise ProofError(
+                f"{req.workload_id} is a {rec.workload.cloud} instance: pairing is for on-premise workloads"
+            )
+        # the key is spent only by the workload it was issued for (checked and spent atomically)
+        if not self.w.store.use_pairing(secret_hash(req.pairing_key), req.workload_id):
+            raise ProofError(f"pairing key is unknown, expired, used up or not issued for {req.workload_id}")
         return req.workload_id
 
     def authorize(self, authorization: str | None, workload_id: str) -> Response | None:
