@@ -107,6 +107,28 @@ BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 """
 
 
+_SELECT_ONE = (
+    "SELECT id, workload, state, observed_at, tag_version, labels, problems, op_mode, op_quarantined, "
+    "enrolled, last_heartbeat, offline FROM inventory WHERE id = ?"
+)
+_SELECT_MANY = (
+    "SELECT id, workload, state, observed_at, tag_version, labels, problems, op_mode, op_quarantined, "
+    "enrolled, last_heartbeat, offline FROM inventory WHERE id IN (SELECT value FROM json_each(?))"
+)
+_SELECT_ALL = (
+    "SELECT id, workload, state, observed_at, tag_version, labels, problems, op_mode, op_quarantined, "
+    "enrolled, last_heartbeat, offline FROM inventory ORDER BY id"
+)
+# one statement per operator/liveness field: no statement is assembled from parts
+_UPDATES = {
+    "op_mode": "UPDATE inventory SET op_mode = ? WHERE id = ?",
+    "op_quarantined": "UPDATE inventory SET op_quarantined = ? WHERE id = ?",
+    "enrolled": "UPDATE inventory SET enrolled = ? WHERE id = ?",
+    "last_heartbeat": "UPDATE inventory SET last_heartbeat = ? WHERE id = ?",
+    "offline": "UPDATE inventory SET offline = ? WHERE id = ?",
+}
+
+
 class SqliteStore:
     """The :class:`~ringfence.store.base.Store` in one SQLite file (created if missing)."""
 
@@ -175,11 +197,6 @@ class SqliteStore:
 
     # --- inventory ------------------------------------------------------------------------------
 
-    _COLUMNS = (
-        "id, workload, state, observed_at, tag_version, labels, problems, "
-        "op_mode, op_quarantined, enrolled, last_heartbeat, offline"
-    )
-
     @staticmethod
     def _to_record(row: tuple[Any, ...]) -> InventoryRecord:
         (wid, workload, state, observed_at, tag_version, labels, problems, op_mode, op_q, enrolled, hb, offline) = row
@@ -199,23 +216,16 @@ class SqliteStore:
         )
 
     def get(self, workload_id: str) -> InventoryRecord | None:
-        row = self._db().execute(f"SELECT {self._COLUMNS} FROM inventory WHERE id = ?", (workload_id,)).fetchone()
+        row = self._db().execute(_SELECT_ONE, (workload_id,)).fetchone()
         return self._to_record(row) if row else None
 
     def get_many(self, workload_ids: list[str]) -> dict[str, InventoryRecord]:
-        out: dict[str, InventoryRecord] = {}
-        ids = sorted(set(workload_ids))
-        for i in range(0, len(ids), 500):
-            chunk = ids[i : i + 500]
-            marks = ",".join("?" * len(chunk))
-            for row in self._db().execute(f"SELECT {self._COLUMNS} FROM inventory WHERE id IN ({marks})", chunk):
-                rec = self._to_record(row)
-                out[rec.id] = rec
-        return out
+        rows = self._db().execute(_SELECT_MANY, (json.dumps(sorted(set(workload_ids))),))
+        return {rec.id: rec for rec in map(self._to_record, rows)}
 
     def observe(self, rec: InventoryRecord) -> bool:
         with self._tx() as db:
-            row = db.execute(f"SELECT {self._COLUMNS} FROM inventory WHERE id = ?", (rec.id,)).fetchone()
+            row = db.execute(_SELECT_ONE, (rec.id,)).fetchone()
             old = self._to_record(row) if row else None
             if old is not None and old.observed_at > rec.observed_at:
                 return False
@@ -243,7 +253,7 @@ class SqliteStore:
         return old is None or old.cloud_view() != rec.cloud_view()
 
     def all_records(self) -> list[InventoryRecord]:
-        return [self._to_record(r) for r in self._db().execute(f"SELECT {self._COLUMNS} FROM inventory ORDER BY id")]
+        return [self._to_record(r) for r in self._db().execute(_SELECT_ALL)]
 
     def set_operator(self, workload_id: str, *, mode: Mode | None = _UNSET, quarantined: bool | None = None) -> None:
         sets: dict[str, Any] = {}
@@ -273,11 +283,10 @@ class SqliteStore:
     def _update(self, workload_id: str, sets: dict[str, Any]) -> None:
         if not sets:
             return
-        assignments = ", ".join(f"{col} = ?" for col in sets)  # column names are ours, never input
         with self._tx() as db:
-            cur = db.execute(f"UPDATE inventory SET {assignments} WHERE id = ?", (*sets.values(), workload_id))
-            if cur.rowcount == 0:
-                raise KeyError(workload_id)
+            for col, value in sets.items():
+                if db.execute(_UPDATES[col], (value, workload_id)).rowcount == 0:
+                    raise KeyError(workload_id)  # rolls back: nothing written
 
     # --- engine head and policy -----------------------------------------------------------------
 
@@ -356,16 +365,11 @@ class SqliteStore:
             )
 
     def set_heads(self, set_names: list[str]) -> dict[str, int]:
-        out: dict[str, int] = {}
-        names = sorted(set(set_names))
-        for i in range(0, len(names), 500):
-            chunk = names[i : i + 500]
-            marks = ",".join("?" * len(chunk))
-            for name, version in self._db().execute(
-                f"SELECT name, version FROM set_head WHERE name IN ({marks})", chunk
-            ):
-                out[name] = version
-        return out
+        rows = self._db().execute(
+            "SELECT name, version FROM set_head WHERE name IN (SELECT value FROM json_each(?))",
+            (json.dumps(sorted(set(set_names))),),
+        )
+        return {str(name): int(version) for name, version in rows}
 
     def deltas_after(self, set_name: str, revision: int) -> list[DeltaPointer]:
         rows = self._db().execute(
