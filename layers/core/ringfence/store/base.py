@@ -54,7 +54,9 @@ class InventoryRecord(BaseModel):
     def cloud_view(self) -> tuple[Any, ...]:
         """What decides whether an observation changed anything."""
         w = self.workload
-        return (tuple(w.ips), tuple(sorted(w.tags.items())), w.vpc, w.subnet, w.zone, self.state)
+        # direct labels and the site (CMDB records) decide labels as much as tags do
+        labels = tuple(sorted(w.labels.items()))
+        return (tuple(w.ips), tuple(sorted(w.tags.items())), labels, w.vpc, w.subnet, w.zone, w.site, self.state)
 
 
 class EngineHead(BaseModel):

@@ -16,7 +16,7 @@ from ringfence.store.base import (
 from ringfence.versions import digest_of
 
 from .api import Response, error, secret_hash
-from .wiring import Wiring
+from .wiring import BaseWiring
 
 # --- admin API --------------------------------------------------------------------------------------
 
@@ -24,7 +24,7 @@ from .wiring import Wiring
 class Admin:
     """Operator actions; each is recorded in the append-only audit table with the IAM principal."""
 
-    def __init__(self, w: Wiring) -> None:
+    def __init__(self, w: BaseWiring) -> None:
         self.w = w
 
     def _audit(self, principal: str, action: str, target: str, detail: dict[str, Any], reason: str) -> str:

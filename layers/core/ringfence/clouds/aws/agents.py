@@ -23,11 +23,11 @@ from . import ec2
 from .api import Response, error, first_error, secret_hash
 from .enroll import ProofError, check_sts_request, load_public_key, replay_sts, verify_iid
 from .ingest import observe_instances
-from .wiring import Wiring, log
+from .wiring import BaseWiring, log
 
 
 class AgentApi:
-    def __init__(self, w: Wiring) -> None:
+    def __init__(self, w: BaseWiring) -> None:
         self.w = w
         self._iid_key: Any = None
         # immutable, content-addressed documents: safe to keep while the container is warm

@@ -19,7 +19,7 @@ from ringfence.store.base import (
 )
 
 from . import clients
-from .publish import S3Publisher
+from .publish import Publisher, S3Publisher
 
 log = logging.getLogger("ringfence.aws")
 
@@ -84,34 +84,46 @@ class Config:
         )
 
 
-class Wiring:
-    """Shared clients and adapters, built once per container."""
+class BaseWiring:
+    """What the services (AgentApi, Admin, Compute, Ingest) use, whatever runs them: the AWS
+    :class:`Wiring` here, :class:`ringfence.local.wiring.LocalWiring` on one machine. Subclasses
+    provide ``signer``, ``enqueue_compute``, ``wait_for_change`` and ``ec2_for``; the policy
+    cache and the tag→label mapper are the same everywhere."""
 
-    def __init__(self, cfg: Config) -> None:
-        from ringfence.store.dynamodb import DynamoStore
+    cfg: Config
+    store: Store
+    publisher: Publisher
+    mapper_ttl = 30.0  # seconds; a DynamoDB read saved per event in a storm
 
+    def __init__(self, cfg: Config, store: Store, publisher: Publisher) -> None:
         self.cfg = cfg
-        self.store: Store = DynamoStore(
-            cfg.inventory_table, cfg.state_table, cfg.audit_table, resource=clients.resource("dynamodb")
-        )
-        self.publisher = S3Publisher(clients.client("s3"), cfg.bucket, cfg.kms_key_id)
-        self.sqs = clients.client("sqs")
+        self.store = store
+        self.publisher = publisher
         self._policies: dict[int, Policy] = {}
-        self._signer: Any = None
         self._mapper: tuple[float, LabelMapper | None] | None = None
         # (account, region, instance) → (describe time, instance or None): valid for one batch
         self.prefetched: dict[tuple[str, str, str], tuple[float, dict[str, Any] | None]] = {}
 
     @property
     def signer(self) -> Any:
-        if self._signer is None:
-            from .signer import from_reference
-
-            self._signer = from_reference(self.cfg.signing_key_ref, lambda n: clients.client(n))
-        return self._signer
+        raise NotImplementedError
 
     def ec2_for(self, account: str, region: str) -> Any:
-        return clients.assumed_client("ec2", region, self.cfg.account_roles.get(account))
+        raise NotImplementedError
+
+    def enqueue_compute(
+        self,
+        ids: Iterable[str] = (),
+        *,
+        rebuild: bool = False,
+        lifecycle: dict[str, str] | None = None,
+        publish: list[str] | None = None,
+    ) -> None:
+        raise NotImplementedError
+
+    def wait_for_change(self, seconds: float) -> None:
+        """Return when published state may have changed, or after ``seconds``."""
+        raise NotImplementedError
 
     def policy(self, pv: PolicyVersion) -> Policy:
         if pv.number not in self._policies:
@@ -123,13 +135,40 @@ class Wiring:
         return (pv, self.policy(pv)) if pv is not None else None
 
     def mapper(self) -> LabelMapper | None:
-        """The active policy's tag→label mapping, looked up at most every 30 s (for ingest's
-        hygiene view only: compute always resolves labels with the exact policy it compiles)."""
+        """The active policy's tag→label mapping, looked up at most every ``mapper_ttl`` seconds
+        (for the inventory's hygiene view only: compute always resolves labels with the exact
+        policy it compiles)."""
         now = time.monotonic()
-        if self._mapper is None or now - self._mapper[0] > 30:
+        if self._mapper is None or now - self._mapper[0] > self.mapper_ttl:
             active = self.active_policy()
             self._mapper = (now, active[1].labels if active else None)
         return self._mapper[1]
+
+
+class Wiring(BaseWiring):
+    """Shared clients and adapters, built once per container."""
+
+    def __init__(self, cfg: Config) -> None:
+        from ringfence.store.dynamodb import DynamoStore
+
+        super().__init__(
+            cfg,
+            DynamoStore(cfg.inventory_table, cfg.state_table, cfg.audit_table, resource=clients.resource("dynamodb")),
+            S3Publisher(clients.client("s3"), cfg.bucket, cfg.kms_key_id),
+        )
+        self.sqs = clients.client("sqs")
+        self._signer: Any = None
+
+    @property
+    def signer(self) -> Any:
+        if self._signer is None:
+            from .signer import from_reference
+
+            self._signer = from_reference(self.cfg.signing_key_ref, lambda n: clients.client(n))
+        return self._signer
+
+    def ec2_for(self, account: str, region: str) -> Any:
+        return clients.assumed_client("ec2", region, self.cfg.account_roles.get(account))
 
     def enqueue_compute(
         self,
