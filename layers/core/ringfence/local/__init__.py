@@ -1,2 +1,1 @@
-"""The control plane on one machine: :mod:`ringfence.local.wiring` (SQLite store, file publisher,
-in-process compute worker) for ``ringfence serve`` on premise."""
+"""Running the control plane on one machine: an embedded AWS (moto), its event router, local wiring."""

@@ -10,8 +10,8 @@ from ringfence.cmdb import CmdbError, parse_cmdb_csv
 from ringfence.local.wiring import LocalWiring
 from ringfence.model import Workload
 from ringfence.store.base import InventoryRecord
-from tests.local.conftest import boot
-from tests.local.test_wiring import in_sets, served
+from tests.onprem.conftest import boot
+from tests.onprem.test_wiring import in_sets, served
 
 GOOD = """\ufeffid,name,ips,site,role,app,env,label:loc,owner
 dc2-web-1,web one,192.168.20.11;192.168.20.12,dc2,web,ordering,prod,ca,team-a

@@ -17,7 +17,7 @@ from ringfence.local.wiring import LocalWiring, StateInUse
 from ringfence.model import Workload
 from ringfence.store.base import InventoryRecord
 from ringfence.store.sqlite import SqliteStore
-from tests.local.conftest import boot, signing_key_file
+from tests.onprem.conftest import boot, signing_key_file
 
 
 def served(w: LocalWiring, wid: str) -> bundle.Bundle:
