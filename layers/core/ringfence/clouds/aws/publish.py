@@ -55,7 +55,7 @@ class S3Publisher:
         self._put(key, json.dumps(doc, sort_keys=True).encode())
 
     def put_text(self, key: str, text: str) -> None:
-        """A text object (a policy file, kept as provisioned)."""
+        """A text object under a caller-chosen key (policy files: ``policies/v<N>/<name>``)."""
         self._put(key, text.encode(), "text/plain; charset=utf-8")
 
 
