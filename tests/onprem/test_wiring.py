@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from ringfence import bundle
+from ringfence.agentapi import EnrollRequest
 from ringfence.clouds.aws.agents import AgentApi
 from ringfence.clouds.aws.api import secret_hash
 from ringfence.local.publish import BadKey, FilePublisher
@@ -82,7 +82,7 @@ def test_wait_for_change_times_out_without_a_change(wiring: LocalWiring) -> None
 def enroll(w: LocalWiring, wid: str, key: str) -> tuple[int, dict[str, str]]:
     api = AgentApi(w)
     nonce = api.nonce().body["nonce"]
-    r = api.enroll(json.dumps({"method": "pairing", "nonce": nonce, "workload_id": wid, "pairing_key": key}))
+    r = api.enroll(EnrollRequest(method="pairing", nonce=nonce, workload_id=wid, pairing_key=key))
     return r.status, r.body
 
 

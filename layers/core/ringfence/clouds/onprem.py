@@ -19,7 +19,7 @@ from ringfence.model import Workload
 from ringfence.store.base import InventoryRecord
 
 from .aws.admin import Admin
-from .aws.api import Response, error, first_error
+from .aws.api import Response, error
 
 
 class OnPremWorkload(BaseModel):
@@ -88,7 +88,8 @@ class OnPremAdmin(Admin):
         try:
             spec = body if isinstance(body, OnPremWorkload) else OnPremWorkload.model_validate(body)
         except ValidationError as exc:
-            return error(400, "bad workload", first_error(exc))
+            e = exc.errors()[0]
+            return error(400, "bad workload", f"{'.'.join(str(p) for p in e['loc']) or '<body>'}: {e['msg']}")
         owned = self._cloud_owned([spec.id])
         if owned:
             return error(409, "not an on-premise workload", f"{spec.id} is a {owned[spec.id]} instance in inventory")
