@@ -12,53 +12,15 @@ import hashlib
 import time
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
 
-from ringfence.cmdb import CmdbError, parse_cmdb_csv, parse_ips, valid_workload_id
+from ringfence.adminapi import OnPremWorkload
+from ringfence.cmdb import CmdbError, parse_cmdb_csv
 from ringfence.model import Workload
 from ringfence.store.base import InventoryRecord
 
 from .aws.admin import Admin
 from .aws.api import Response, error
-
-
-class OnPremWorkload(BaseModel):
-    """The admin API's body for one on-premise workload."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    id: str
-    ips: list[str] = Field(min_length=1, description="the workload's addresses (the agent's host)")
-    name: str | None = None
-    site: str | None = None
-    zone: str | None = None
-    tags: dict[str, str] = Field(default_factory=dict, description="attributes mapped to labels by the policy")
-    labels: dict[str, str] = Field(default_factory=dict, description="labels given directly")
-
-    @field_validator("id")
-    @classmethod
-    def _id(cls, wid: str) -> str:
-        problem = valid_workload_id(wid)
-        if problem:
-            raise ValueError(problem)
-        return wid
-
-    @field_validator("ips")
-    @classmethod
-    def _ips(cls, ips: list[str]) -> list[str]:
-        return [a for ip in ips for a in parse_ips(ip)]
-
-    def workload(self) -> Workload:
-        return Workload(
-            id=self.id,
-            ips=self.ips,
-            name=self.name,
-            site=self.site,
-            zone=self.zone,
-            tags=self.tags,
-            labels=self.labels,
-            cloud="onprem",
-        )
 
 
 class OnPremAdmin(Admin):
@@ -99,7 +61,7 @@ class OnPremAdmin(Admin):
             principal,
             "workload.register",
             spec.id,
-            spec.model_dump(exclude={"id"}, exclude_none=True),
+            spec.model_dump(include=set(OnPremWorkload.model_fields) - {"id"}, exclude_none=True),
             reason,
         )
         self.w.enqueue_compute([spec.id])

@@ -19,7 +19,10 @@ def _no_service() -> NoReturn:
 
 def documents() -> dict[str, str]:
     out = {}
-    for name, app in (("agent-api.json", agent_routes(_no_service)), ("admin-api.json", admin_routes(_no_service))):
+    for name, app in (
+        ("agent-api.json", agent_routes(_no_service)),
+        ("admin-api.json", admin_routes(_no_service, onprem=_no_service)),
+    ):
         out[name] = json.dumps(json.loads(app.get_openapi_json_schema()), indent=2, sort_keys=True) + "\n"
     return out
 
