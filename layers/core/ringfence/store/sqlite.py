@@ -20,7 +20,9 @@ Durability and concurrency:
 * One connection per thread (sqlite3 connections are not shared between threads) and every
   read-modify-write in a ``BEGIN IMMEDIATE`` transaction, which takes SQLite's write lock first:
   conditions are checked and written atomically across threads *and* processes sharing the file.
-  ``busy_timeout`` makes a second writer wait instead of failing.
+  ``busy_timeout`` makes a writer of another process wait instead of failing; writers of this
+  process queue on a lock first (SQLite's busy handler sleeps in growing steps, which lets one busy
+  thread starve another).
 """
 
 from __future__ import annotations
@@ -147,6 +149,7 @@ class SqliteStore:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._writer = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = self._db()
         version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -174,13 +177,16 @@ class SqliteStore:
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """A write transaction holding the database's write lock from its first statement."""
         db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        # Threads of this process queue here, woken as soon as the writer before them commits;
+        # SQLite's own busy handler (which sleeps in growing steps) is left to other processes.
+        with self._writer:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
     def close(self) -> None:
         """Close every thread's connection (call once no thread uses the store any more)."""
