@@ -221,6 +221,20 @@ def test_audit_is_append_only(store: Store) -> None:
     assert store.audit_log() == [first, second]
 
 
+def test_a_store_opens_from_its_spec(tmp_path: Path, moto_url: str) -> None:
+    from ringfence.store import open_store
+    from ringfence.store.dynamodb import DynamoStore
+
+    make_dynamo(moto_url)
+    st = open_store(f"sqlite:{tmp_path / 'sub' / 'state.db'}")
+    assert isinstance(st, SqliteStore) and (tmp_path / "sub" / "state.db").exists()
+    dyn = open_store("dynamodb:rf-inventory,rf-state,rf-audit")
+    assert isinstance(dyn, DynamoStore) and dyn.head() == EngineHead()
+    for bad in ("sqlite:", "postgres://x", "dynamodb:a,b", "state.db"):
+        with pytest.raises(ValueError, match="expected sqlite:PATH"):
+            open_store(bad)
+
+
 # --- SQLite: what only a file shared by threads and processes needs --------------------------------
 
 
@@ -243,51 +257,60 @@ def test_sqlite_is_wal_and_fully_synchronous(tmp_path: Path) -> None:
     assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
 
 
-def _race(path: str, kind: str, start: Any, out: Any) -> None:
+def test_sqlite_closes_the_connections_of_ended_threads(tmp_path: Path) -> None:
+    st = SqliteStore(tmp_path / "s.db")
+    for i in range(20):  # a server's worker threads come and go
+        t = threading.Thread(target=st.put_nonce, args=(f"n{i}", 60))
+        t.start()
+        t.join()
+    st.get("x")  # this thread's connection reaps the ended threads'
+    assert st.open_connections() <= 2
+    assert all(st.burn_nonce(f"n{i}") for i in range(20))
+
+
+def _race(path: str, start: Any, out: Any) -> None:
+    """One racer: at each barrier, every racer tries the same single-winner operation at once."""
     st = SqliteStore(path)
     start.wait()
-    if kind == "head":
-        try:
-            st.put_head(EngineHead(revision=1, policy_version=1), 0)
-            out.put(True)
-        except ConflictError:
-            out.put(False)
-    elif kind == "pairing":
-        out.put(sum(st.use_pairing("h", "w") for _ in range(3)))
-    elif kind == "nonce":
-        out.put(st.burn_nonce("n"))
+    try:
+        st.put_head(EngineHead(revision=1, policy_version=1), 0)
+        out.put(("head", True))
+    except ConflictError:
+        out.put(("head", False))
+    start.wait()
+    out.put(("pairing", sum(st.use_pairing("h", "w") for _ in range(3))))
+    start.wait()
+    out.put(("nonce", st.burn_nonce("n")))
     st.close()
-
-
-def _run_race(tmp_path: Path, kind: str, n: int, spawn: Callable[..., Any], barrier: Any, queue: Any) -> list[Any]:
-    path = str(tmp_path / "race.db")
-    workers = [spawn(target=_race, args=(path, kind, barrier, queue)) for _ in range(n)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(60)
-    return [queue.get(timeout=5) for _ in range(n)]
 
 
 @pytest.mark.parametrize("mode", ["threads", "processes"])
 def test_sqlite_conditions_hold_across_threads_and_processes(tmp_path: Path, mode: str) -> None:
     import queue as queue_mod
 
-    st = SqliteStore(tmp_path / "race.db")
+    path = tmp_path / "race.db"
+    st = SqliteStore(path)
     st.put_head(EngineHead(revision=0), 0)
     st.put_pairing("h", "w", uses=5, ttl=60)
     st.put_nonce("n", 60)
     n = 6
-    for kind in ("head", "pairing", "nonce"):
-        if mode == "threads":
-            got = _run_race(tmp_path, kind, n, threading.Thread, threading.Barrier(n), queue_mod.Queue())
-        else:
-            ctx = multiprocessing.get_context("spawn")
-            got = _run_race(tmp_path, kind, n, ctx.Process, ctx.Barrier(n), ctx.Queue())
-        if kind == "head":
-            assert sorted(got) == [False] * (n - 1) + [True], "exactly one writer moves the head"
-        elif kind == "pairing":
-            assert sum(got) == 5, "a key with 5 uses enrolls exactly 5 times"
-        else:
-            assert sorted(got) == [False] * (n - 1) + [True], "a nonce burns exactly once"
+    if mode == "threads":
+        spawn: Callable[..., Any] = threading.Thread
+        barrier: Any = threading.Barrier(n)
+        results: Any = queue_mod.Queue()
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        spawn, barrier, results = ctx.Process, ctx.Barrier(n), ctx.Queue()
+    racers = [spawn(target=_race, args=(str(path), barrier, results)) for _ in range(n)]
+    for r in racers:
+        r.start()
+    got: dict[str, list[Any]] = {"head": [], "pairing": [], "nonce": []}
+    for _ in range(3 * n):
+        kind, value = results.get(timeout=120)
+        got[kind].append(value)
+    for r in racers:
+        r.join(60)
+    assert sorted(got["head"]) == [False] * (n - 1) + [True], "exactly one writer moves the head"
+    assert sum(got["pairing"]) == 5, "a key with 5 uses enrolls exactly 5 times"
+    assert sorted(got["nonce"]) == [False] * (n - 1) + [True], "a nonce burns exactly once"
     assert st.integrity_check() == "ok"

@@ -47,28 +47,28 @@ def test_policy_to_signed_bundles_on_one_machine(wiring: LocalWiring) -> None:
     assert pv is not None and pv.keys and all((wiring.state_dir / "objects" / k).is_file() for k in pv.keys.values())
 
 
-def test_a_change_reaches_waiters_through_the_notifier(wiring: LocalWiring) -> None:
+def test_a_change_reaches_a_long_poll_through_the_notifier(wiring: LocalWiring) -> None:
     admin = boot(wiring)
     proc = "dc1-proc-1"
-    v0 = AgentApi(wiring)._latest(wiring.store.bundle_pointer(proc))[0]  # type: ignore[arg-type]
-    seen: list[int] = []
+    api = AgentApi(wiring)
+    v0 = api.latest_version(proc)
+    assert v0 is not None
+    answers: list[tuple[float, int | None]] = []
 
-    def long_poll() -> None:  # what AgentApi.wait does: read, wait for a change, read again
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            v = AgentApi(wiring)._latest(wiring.store.bundle_pointer(proc))[0]  # type: ignore[arg-type]
-            if v > v0:
-                seen.append(v)
-                return
-            wiring.wait_for_change(deadline - time.monotonic())
+    def long_poll() -> None:  # GET /v1/agents/{id}/wait?version=v0&timeout=20
+        r = api.wait(proc, v0, 20)
+        answers.append((time.monotonic(), r.body["latest_version"]))
 
     t = threading.Thread(target=long_poll)
     t.start()
-    time.sleep(0.2)  # the poller is waiting
+    time.sleep(0.3)  # the poll is waiting
+    assert not answers, "nothing changed: the poll waits"
     spec = {"id": "dc1-web-2", "ips": ["192.168.10.12"], "tags": {"role": "web", "app": "ordering", "env": "prod"}}
+    changed_at = time.monotonic()
     assert admin.register_workload("alice", spec).status == 201
     t.join(30)
-    assert seen and seen[0] > v0
+    assert answers and answers[0][1] is not None and answers[0][1] > v0
+    assert answers[0][0] - changed_at < 15, "answered on the change, not at the 20 s timeout"
     assert in_sets(served(wiring, proc), "192.168.10.12")
 
 
@@ -114,6 +114,13 @@ def test_pairing_attacks_are_refused(wiring: LocalWiring) -> None:
     assert admin.pairing_key("alice", "never-registered", uses=1, ttl=600).status == 404
     actions = [a.action for a in wiring.store.audit_log()]
     assert actions.count("pairing.create") == 1
+
+
+def test_the_local_control_plane_enrolls_by_pairing_only(wiring: LocalWiring) -> None:
+    api = AgentApi(wiring)
+    nonce = api.nonce().body["nonce"]
+    r = api.enroll(EnrollRequest(method="aws-iid", nonce=nonce, document="{}", document_signature="x"))
+    assert r.status == 400 and "aws-iid is not enabled" in r.body["detail"]
 
 
 def test_the_state_directory_has_one_control_plane(wiring: LocalWiring, tmp_path: Path) -> None:

@@ -193,7 +193,7 @@ class LocalWiring(BaseWiring):
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock = self._take_lock()
         super().__init__(
-            cfg or Config(),
+            cfg or Config(enroll_methods=["pairing"]),
             store if store is not None else SqliteStore(self.state_dir / "state.db"),
             FilePublisher(self.state_dir / "objects", fsync=fsync),
         )

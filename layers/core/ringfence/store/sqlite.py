@@ -32,6 +32,7 @@ import json
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -147,7 +148,7 @@ class SqliteStore:
         self.synchronous = synchronous
         self.busy_timeout = busy_timeout
         self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
+        self._all: list[tuple[weakref.ref[threading.Thread], sqlite3.Connection]] = []
         self._lock = threading.Lock()
         self._writer = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -163,15 +164,35 @@ class SqliteStore:
     def _db(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
-            # isolation_level=None: no implicit transactions; every write path says BEGIN IMMEDIATE
-            db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+            # isolation_level=None: no implicit transactions; every write path says BEGIN IMMEDIATE.
+            # Only this thread uses the connection; check_same_thread=False lets _reap close it
+            # once the thread has ended (a server's worker threads come and go).
+            db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
             db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
             db.execute("PRAGMA journal_mode = WAL")
             db.execute(f"PRAGMA synchronous = {self.synchronous}")
             self._local.db = db
             with self._lock:
-                self._all.append(db)
+                self._reap()
+                self._all.append((weakref.ref(threading.current_thread()), db))
         return db
+
+    def _reap(self) -> None:
+        """Close the connections of threads that have ended (called holding ``_lock``)."""
+        alive = []
+        for ref, db in self._all:
+            thread = ref()
+            if thread is not None and thread.is_alive():
+                alive.append((ref, db))
+            else:
+                with contextlib.suppress(sqlite3.Error):
+                    db.close()
+        self._all = alive
+
+    def open_connections(self) -> int:
+        """Connections held for live threads (and for ended ones not reaped yet)."""
+        with self._lock:
+            return len(self._all)
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -191,7 +212,7 @@ class SqliteStore:
     def close(self) -> None:
         """Close every thread's connection (call once no thread uses the store any more)."""
         with self._lock:
-            for db in self._all:
+            for _, db in self._all:
                 with contextlib.suppress(sqlite3.Error):
                     db.close()
             self._all.clear()

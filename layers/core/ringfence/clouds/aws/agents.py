@@ -38,6 +38,8 @@ class AgentApi:
         return Response(200, agentapi.NonceResponse(nonce=n, expires_in=self.w.cfg.nonce_ttl).model_dump())
 
     def enroll(self, req: agentapi.EnrollRequest) -> Response:
+        if req.method not in self.w.cfg.enroll_methods:
+            return error(400, "unsupported enrollment method", f"{req.method} is not enabled on this control plane")
         try:
             if req.method == "aws-iid":
                 wid = self._enroll_iid(req)

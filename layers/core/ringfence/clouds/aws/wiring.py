@@ -59,6 +59,8 @@ class Config:
     # (API Gateway ends a request at 29 s), re-reading the store every wait_poll_interval seconds
     max_wait: float = 25.0
     wait_poll_interval: float = 1.0
+    # enrollment methods the agent API accepts (the local control plane: pairing only)
+    enroll_methods: list[str] = field(default_factory=lambda: ["aws-iid", "aws-sts", "pairing"])
     allowed_accounts: list[str] = field(default_factory=list)
     sts_endpoints: list[str] = field(default_factory=list)
     account_roles: dict[str, str] = field(default_factory=dict)
@@ -83,6 +85,7 @@ class Config:
             nonce_ttl=int(e.get("RINGFENCE_NONCE_TTL", "300")),
             max_wait=min(25.0, float(e.get("RINGFENCE_MAX_WAIT", "25"))),
             wait_poll_interval=max(0.05, float(e.get("RINGFENCE_WAIT_POLL_INTERVAL", "1"))),
+            enroll_methods=[m for m in e.get("RINGFENCE_ENROLL_METHODS", "aws-iid,aws-sts,pairing").split(",") if m],
             allowed_accounts=[a for a in e.get("RINGFENCE_ALLOWED_ACCOUNTS", "").split(",") if a],
             sts_endpoints=[u for u in e.get("RINGFENCE_STS_ENDPOINTS", "").split(",") if u],
             account_roles=json.loads(e.get("RINGFENCE_ACCOUNT_ROLES", "{}") or "{}"),
