@@ -33,7 +33,7 @@ def signing_key_file(d: Path) -> Path:
 
 @pytest.fixture
 def wiring(tmp_path: Path) -> Iterator[LocalWiring]:
-    w = LocalWiring(tmp_path / "state", signing_key=signing_key_file(tmp_path))
+    w = LocalWiring(tmp_path / "state" / "state.db", signing_key=signing_key_file(tmp_path))
     yield w
     w.close()
 

@@ -25,7 +25,7 @@ def ip(i: int) -> str:
 
 def main(state: str, key: str, first: int) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
-    w = LocalWiring(Path(state), signing_key=Path(key))
+    w = LocalWiring(Path(state) / "state.db", signing_key=Path(key))
     admin = OnPremAdmin(w)
     api = AgentApi(w)
 

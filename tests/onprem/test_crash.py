@@ -99,7 +99,7 @@ def test_state_survives_kill_9(tmp_path: Path) -> None:
 
     head_after_kill = SqliteStore(state / "state.db").head()
     print(f"after the last kill: head {head_after_kill}, {len(registered)} registrations acknowledged")
-    with LocalWiring(state, signing_key=keyfile) as w:  # the restart
+    with LocalWiring(state / "state.db", signing_key=keyfile) as w:  # the restart
         assert w.settle(120)
         store = w.store
         assert isinstance(store, SqliteStore) and store.integrity_check() == "ok"

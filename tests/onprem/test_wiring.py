@@ -125,7 +125,18 @@ def test_the_local_control_plane_enrolls_by_pairing_only(wiring: LocalWiring) ->
 
 def test_the_state_directory_has_one_control_plane(wiring: LocalWiring, tmp_path: Path) -> None:
     with pytest.raises(StateInUse):
-        LocalWiring(wiring.state_dir, signing_key=signing_key_file(tmp_path))
+        LocalWiring(wiring.database, signing_key=signing_key_file(tmp_path))
+
+
+def test_the_state_directory_keeps_its_own_signing_key(tmp_path: Path) -> None:
+    db = tmp_path / "rf" / "state.db"  # what `ringfence serve --store sqlite:PATH` passes
+    with LocalWiring(db) as w:
+        first = w.signer.public_pem()
+    private = tmp_path / "rf" / "signing-key.pem"
+    assert private.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "rf" / "signing-key.pub.pem").read_bytes() == first
+    with LocalWiring(db) as w:
+        assert w.signer.public_pem() == first, "a restart signs with the same key"
 
 
 def test_published_keys_never_leave_the_directory(tmp_path: Path) -> None:

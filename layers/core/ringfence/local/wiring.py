@@ -3,10 +3,11 @@
 :class:`LocalWiring` gives the services (AgentApi, Admin, Compute) what the AWS
 :class:`~ringfence.clouds.aws.wiring.Wiring` gives them, from local parts:
 
-* ``store``: :class:`~ringfence.store.sqlite.SqliteStore` in ``<state>/state.db`` (or any
-  :class:`~ringfence.store.base.Store` passed in, e.g. a DynamoStore);
+* ``store``: :class:`~ringfence.store.sqlite.SqliteStore` in the given file, whose directory is
+  the state directory (or any :class:`~ringfence.store.base.Store` passed in, e.g. a DynamoStore);
 * ``publisher``: :class:`~ringfence.local.publish.FilePublisher` under ``<state>/objects``;
-* ``signer``: the Ed25519 key in a PEM file;
+* ``signer``: the Ed25519 key in a PEM file (by default the state directory's own, generated on
+  first start);
 * ``enqueue_compute``: hands the work to one in-process worker thread running the same
   :class:`~ringfence.clouds.aws.compute.Compute` the compute function runs. One thread, one
   writer: computations are serialised as the FIFO queue with one message group serialises them
@@ -172,32 +173,41 @@ class ComputeWorker(threading.Thread):
 
 
 class LocalWiring(BaseWiring):
-    """``LocalWiring(state_dir, signing_key=PATH)``: everything under ``state_dir`` (``state.db``,
-    ``objects/``, ``lock``). ``start()`` (done by the constructor unless ``start=False``) starts
-    the compute worker and schedules the recovering rebuild; ``close()`` stops it."""
+    """``LocalWiring(DATABASE)``: the SQLite file ``DATABASE`` (``--store sqlite:DATABASE``) and,
+    in its directory (the state directory), ``objects/`` (published files), ``lock`` and, unless
+    ``signing_key`` is given, ``signing-key.pem`` (generated, mode 600, with
+    ``signing-key.pub.pem`` for agents to pin, when missing). ``start()`` (done by the
+    constructor unless ``start=False``) starts the compute worker and schedules the recovering
+    rebuild; ``close()`` stops it."""
 
     mapper_ttl = 0.0  # reading the active policy from SQLite is cheap: registrations see a new policy at once
 
     def __init__(
         self,
-        state_dir: Path | str,
+        database: Path | str,
         *,
-        signing_key: Path | str | SigningKey,
+        signing_key: Path | str | SigningKey | None = None,
         cfg: Config | None = None,
         store: Store | None = None,
         metric: Metric = no_metric,
         start: bool = True,
         fsync: bool = True,
     ) -> None:
-        self.state_dir = Path(state_dir)
+        self.database = Path(database)
+        self.state_dir = self.database.parent
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock = self._take_lock()
         super().__init__(
             cfg or Config(enroll_methods=["pairing"]),
-            store if store is not None else SqliteStore(self.state_dir / "state.db"),
+            store if store is not None else SqliteStore(self.database),
             FilePublisher(self.state_dir / "objects", fsync=fsync),
         )
-        self._signer = signing_key if isinstance(signing_key, SigningKey) else load_signing_key(Path(signing_key))
+        if isinstance(signing_key, SigningKey):
+            self._signer = signing_key
+        elif signing_key is not None:
+            self._signer = load_signing_key(Path(signing_key))
+        else:
+            self._signer = own_signing_key(self.state_dir)
         self.notifier = LocalNotifier()
         self.compute = Compute(self, metric, notifier=self.notifier)
         self.worker = ComputeWorker(self.compute, self.notifier)
@@ -279,3 +289,14 @@ def load_signing_key(path: Path) -> SigningKey:
     if mode & 0o077:
         log.warning("signing key %s is readable by group or others (mode %o): chmod 600 it", path, mode & 0o777)
     return SigningKey.from_file(path)
+
+
+def own_signing_key(state_dir: Path) -> SigningKey:
+    """The state directory's own signing key, generated on first use (like an SSH host key)."""
+    private, public = state_dir / "signing-key.pem", state_dir / "signing-key.pub.pem"
+    if private.exists():
+        return load_signing_key(private)
+    key = SigningKey.generate()
+    key.write(private, public)
+    log.warning("generated the bundle signing key %s; agents pin %s", private, public)
+    return key
