@@ -121,6 +121,20 @@ def test_observations_keep_operator_and_liveness_fields(store: Store) -> None:
     assert got is not None and got.op_mode is None and got.op_quarantined and got.active
 
 
+def test_observe_many_is_observe_for_each(store: Store) -> None:
+    store.observe(rec(10, "prod", wid="w0", cloud="onprem"))
+    changed = store.observe_many(
+        [
+            rec(5, "dev", wid="w0", cloud="onprem"),  # older: loses
+            rec(11, "prod", wid="w1", cloud="onprem"),  # new
+            rec(12, "prod", wid="w2", cloud="onprem"),
+        ]
+    )
+    assert changed == {"w1", "w2"}
+    assert store.get("w0").workload.tags == {"env": "prod"}  # type: ignore[union-attr]
+    assert store.observe_many([]) == set()
+
+
 def test_get_many_and_all_records(store: Store) -> None:
     for i in range(3):
         store.observe(rec(1, "prod", wid=f"w{i}", cloud="onprem"))

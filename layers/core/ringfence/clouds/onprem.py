@@ -80,8 +80,7 @@ class OnPremAdmin(Admin):
             return error(409, "CMDB file rejected: nothing imported", "\n".join(problems))
         existing = set(self.w.store.get_many([w.id for w in workloads]))
         t = time.time()
-        for w in workloads:
-            self.w.store.observe(self._record(w, t))
+        self.w.store.observe_many([self._record(w, t) for w in workloads])  # SQLite: one transaction
         ids = [w.id for w in workloads]
         audit_id = self._audit(
             principal,

@@ -128,6 +128,9 @@ class DynamoStore:
             raise
         return old is None or old.cloud_view() != rec.cloud_view()
 
+    def observe_many(self, recs: list[InventoryRecord]) -> set[str]:
+        return {rec.id for rec in recs if self.observe(rec)}
+
     def all_records(self) -> list[InventoryRecord]:
         out: list[InventoryRecord] = []
         kwargs: dict[str, Any] = {"ConsistentRead": True}

@@ -252,31 +252,38 @@ class SqliteStore:
 
     def observe(self, rec: InventoryRecord) -> bool:
         with self._tx() as db:
-            row = db.execute(_SELECT_ONE, (rec.id,)).fetchone()
-            old = self._to_record(row) if row else None
-            if old is not None and old.observed_at > rec.observed_at:
-                return False
-            if old is not None and old.state == "terminating" and rec.state in ACTIVE_STATES:
-                # as DynamoStore: once a terminate lifecycle action is seen, termination is final
-                rec = rec.model_copy(update={"state": "terminating"})
-            tag_version = rec.tag_version
-            if old is not None and old.tag_version is not None:
-                tag_version = max(old.tag_version, tag_version or 0)
-            db.execute(
-                "INSERT INTO inventory (id, workload, state, observed_at, tag_version, labels, problems) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET workload = excluded.workload, "
-                "state = excluded.state, observed_at = excluded.observed_at, tag_version = excluded.tag_version, "
-                "labels = excluded.labels, problems = excluded.problems",
-                (
-                    rec.id,
-                    rec.workload.model_dump_json(exclude={"mode", "quarantined"}),
-                    rec.state,
-                    rec.observed_at,
-                    tag_version,
-                    json.dumps(rec.labels, sort_keys=True),
-                    json.dumps(rec.problems),
-                ),
-            )
+            return self._observe(db, rec)
+
+    def observe_many(self, recs: list[InventoryRecord]) -> set[str]:
+        with self._tx() as db:
+            return {rec.id for rec in recs if self._observe(db, rec)}
+
+    def _observe(self, db: sqlite3.Connection, rec: InventoryRecord) -> bool:
+        row = db.execute(_SELECT_ONE, (rec.id,)).fetchone()
+        old = self._to_record(row) if row else None
+        if old is not None and old.observed_at > rec.observed_at:
+            return False
+        if old is not None and old.state == "terminating" and rec.state in ACTIVE_STATES:
+            # as DynamoStore: once a terminate lifecycle action is seen, termination is final
+            rec = rec.model_copy(update={"state": "terminating"})
+        tag_version = rec.tag_version
+        if old is not None and old.tag_version is not None:
+            tag_version = max(old.tag_version, tag_version or 0)
+        db.execute(
+            "INSERT INTO inventory (id, workload, state, observed_at, tag_version, labels, problems) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET workload = excluded.workload, "
+            "state = excluded.state, observed_at = excluded.observed_at, tag_version = excluded.tag_version, "
+            "labels = excluded.labels, problems = excluded.problems",
+            (
+                rec.id,
+                rec.workload.model_dump_json(exclude={"mode", "quarantined"}),
+                rec.state,
+                rec.observed_at,
+                tag_version,
+                json.dumps(rec.labels, sort_keys=True),
+                json.dumps(rec.problems),
+            ),
+        )
         return old is None or old.cloud_view() != rec.cloud_view()
 
     def all_records(self) -> list[InventoryRecord]:
