@@ -386,10 +386,17 @@ def url_of(sock: socket.socket, tls: bool) -> str:
 
 @contextmanager
 def serving(
-    app: ServeApp, host: str = "127.0.0.1", port: int = 0, tls_cert: str | None = None, tls_key: str | None = None
+    app: ServeApp,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    sock: socket.socket | None = None,
 ) -> Iterator[Running]:
-    """``app`` served in a background thread (tests, the demo); the URL, until the block ends."""
-    sock = listen(host, port)
+    """``app`` served in a background thread (tests, the demo); the URL, until the block ends.
+    ``sock``: a listening socket to serve on instead of binding ``host:port`` (one bound in
+    another network namespace, say)."""
+    sock = sock or listen(host, port)
     server = uvicorn_server(app, tls_cert, tls_key)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="ringfence-serve", daemon=True)
     thread.start()
