@@ -139,6 +139,15 @@ def test_the_state_directory_keeps_its_own_signing_key(tmp_path: Path) -> None:
         assert w.signer.public_pem() == first, "a restart signs with the same key"
 
 
+def test_a_failed_start_leaves_the_state_directory_free(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a key")
+    bad.chmod(0o600)
+    with pytest.raises(ValueError):
+        LocalWiring(tmp_path / "rf" / "state.db", signing_key=bad)
+    LocalWiring(tmp_path / "rf" / "state.db", signing_key=signing_key_file(tmp_path)).close()
+
+
 def test_published_keys_never_leave_the_directory(tmp_path: Path) -> None:
     pub = FilePublisher(tmp_path / "objects")
     for key in ("../x", "/etc/passwd", "a/../../b", ".hidden", "a\\b", ""):

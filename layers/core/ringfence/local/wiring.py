@@ -197,17 +197,21 @@ class LocalWiring(BaseWiring):
         self.state_dir = self.database.parent
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock = self._take_lock()
-        super().__init__(
-            cfg or Config(enroll_methods=["pairing"]),
-            store if store is not None else SqliteStore(self.database),
-            FilePublisher(self.state_dir / "objects", fsync=fsync),
-        )
-        if isinstance(signing_key, SigningKey):
-            self._signer = signing_key
-        elif signing_key is not None:
-            self._signer = load_signing_key(Path(signing_key))
-        else:
-            self._signer = own_signing_key(self.state_dir)
+        try:
+            super().__init__(
+                cfg or Config(enroll_methods=["pairing"]),
+                store if store is not None else SqliteStore(self.database),
+                FilePublisher(self.state_dir / "objects", fsync=fsync),
+            )
+            if isinstance(signing_key, SigningKey):
+                self._signer = signing_key
+            elif signing_key is not None:
+                self._signer = load_signing_key(Path(signing_key))
+            else:
+                self._signer = own_signing_key(self.state_dir)
+        except BaseException:
+            self._lock.close()  # a bad key or database leaves the directory free for the next try
+            raise
         self.notifier = LocalNotifier()
         self.compute = Compute(self, metric, notifier=self.notifier)
         self.worker = ComputeWorker(self.compute, self.notifier)
