@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-DOCS = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
+DOCS = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md", ROOT / "infra/examples/basic/README.md"]
 # top-level entries of the repository: a backticked word starting with one of these is a repo path
 TOP = ("layers", "agent", "functions", "infra", "tests", "docs", "examples", "requirements")
 TOP_FILES = ("template.yaml", "Makefile", "pyproject.toml", "README.md")
@@ -71,7 +71,7 @@ def missing_paths(doc: Path, text: str, files: list[str]) -> list[str]:
     return missing
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_docs_mention_only_existing_repo_paths(doc: Path) -> None:
     assert missing_paths(doc, doc.read_text(), _repo_files()) == []
 

@@ -119,3 +119,44 @@ def test_storm_benchmark_script_runs_small() -> None:
     assert out["estate_after"] == 16  # 5 + 10 + the one more afterwards
     assert out["incremental"]["bundles_published"] == 10 and out["incremental"]["deltas_published"] >= 10
     assert out["one_more_instance_afterwards"]["bundles_published"] == 1
+
+
+def _keys(block: dict[str, Any]) -> set[str]:
+    """A block's attribute names, without python-hcl2's own (``__comments__``, ``__is_block__``)."""
+    return {k for k in block if not k.startswith("__")}
+
+
+def _variables(directory: Path) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for f in sorted(directory.glob("*.tf")):
+        for block in unquote(hcl2.loads(f.read_text())).get("variable", []):
+            out.update({k: v for k, v in block.items() if not k.startswith("__")})
+    return out
+
+
+def test_basic_example_inputs_line_up() -> None:
+    """The example's tfvars sets only declared variables and every required one; the example passes
+    the module only arguments the module declares, and every argument the module requires."""
+    example = ROOT / "infra/examples/basic"
+    declared = _variables(example)
+    tfvars = unquote(hcl2.loads((example / "terraform.tfvars.example").read_text()))
+    assert _keys(tfvars) <= set(declared), _keys(tfvars) - set(declared)
+    required = {name for name, v in declared.items() if "default" not in v}
+    assert required <= _keys(tfvars), required - _keys(tfvars)
+    assert {"control_account", "signing_key_secret_arn"} <= required
+    assert tfvars["control_account"] != "" and len(tfvars["control_account"]) == 12
+    main = unquote(hcl2.loads((example / "main.tf").read_text()))
+    (call,) = [m["ringfence"] for m in main["module"]]
+    module_vars = _variables(ROOT / "infra/modules/ringfence")
+    passed = _keys(call) - {"source"}
+    assert passed <= set(module_vars), passed - set(module_vars)
+    assert {n for n, v in module_vars.items() if "default" not in v} <= passed
+    readme = (example / "README.md").read_text()
+    for step in (
+        "regions-certs",
+        "iid_certificate",
+        "RINGFENCE_IID_CERT",
+        "terraform.tfvars.example",
+        "build-layer.sh",
+    ):
+        assert step in readme, step
