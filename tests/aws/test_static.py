@@ -160,3 +160,38 @@ def test_basic_example_inputs_line_up() -> None:
         "build-layer.sh",
     ):
         assert step in readme, step
+
+
+def test_every_sam_function_logs_to_a_kept_encrypted_group() -> None:
+    res = template()["Resources"]
+    fns = [n for n, r in res.items() if r["Type"] == "AWS::Serverless::Function"]
+    assert len(fns) >= 8
+    for fn in fns:
+        group = res[fn]["Properties"]["LoggingConfig"]["LogGroup"]["Ref"]
+        props = res[group]["Properties"]
+        assert res[group]["Type"] == "AWS::Logs::LogGroup", fn
+        assert props["RetentionInDays"] == {"Ref": "LogRetentionDays"} and props["KmsKeyId"] == {"GetAtt": "Key.Arn"}, (
+            fn
+        )
+
+
+def test_compute_failures_and_a_stuck_compute_queue_are_alarmed() -> None:
+    """compute hands failed batches back instead of failing (Lambda Errors cannot see that):
+    both stacks alarm on its ComputeFailures metric and on the compute queue's oldest message."""
+    res = template()["Resources"]
+    alarms = [r["Properties"] for r in res.values() if r["Type"] == "AWS::CloudWatch::Alarm"]
+    assert any(a["Namespace"] == "Ringfence" and a["MetricName"] == "ComputeFailures" for a in alarms)
+    (age,) = [a for a in alarms if a["MetricName"] == "ApproximateAgeOfOldestMessage"]
+    assert age["Dimensions"] == [{"Name": "QueueName", "Value": {"GetAtt": "ComputeQueue.QueueName"}}]
+    tf = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/alarms.tf").read_text()))
+    loc: dict[str, Any] = {}
+    for block in tf.get("locals", []):
+        loc.update(block)
+    assert loc["alarms"]["compute-failures"]["metric"] == "ComputeFailures"
+    resources: dict[str, dict[str, Any]] = {}
+    for block in tf["resource"]:
+        for kind, named in block.items():
+            resources.setdefault(kind, {}).update(named)
+    queue_age = resources["aws_cloudwatch_metric_alarm"]["compute_queue_age"]
+    assert queue_age["metric_name"] == "ApproximateAgeOfOldestMessage"
+    assert "aws_sqs_queue.compute.name" in str(queue_age["dimensions"])
