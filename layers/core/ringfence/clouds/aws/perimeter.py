@@ -113,7 +113,9 @@ class Perimeter:
         try:
             res = sgp.reconcile(self.config, workloads, scope, dry_run=dry_run, gone=[r.id for r in recs])
         except PlanRefused as exc:
-            self.metric("PerimeterOverQuota" if isinstance(exc, QuotaExceeded) else "PerimeterRefused", 1)
+            self.metric("PerimeterPlanRefused", 1)
+            if isinstance(exc, QuotaExceeded):
+                self.metric("PerimeterOverQuota", 1)
             return base | {"applied": False, "violations": exc.violations}
         if res.applied:
             counts = res.plan
