@@ -10,6 +10,7 @@ from urllib.parse import parse_qs
 import pytest
 from botocore.awsrequest import AWSResponse
 
+from ringfence.clouds.aws.perimeter import recorded_changes
 from ringfence.perimeter import (
     Interface,
     Member,
@@ -95,7 +96,8 @@ def test_events_give_every_eni_its_groups_and_the_schedule_is_then_a_no_op(confi
     for ids in est["ids"].values():
         for iid in ids:
             env.put(env.state_event(iid, "running"))
-    env.pump()  # ingest → perimeter queue → perimeter, no schedule involved
+    with recorded_changes() as changes:
+        env.pump()  # ingest → perimeter queue → perimeter, no schedule involved
     groups = rf_groups(env)
     assert set(groups) == PROD | {"rf-prod-published"}
     pub = groups["rf-prod-published"]["IpPermissions"]
@@ -111,6 +113,9 @@ def test_events_give_every_eni_its_groups_and_the_schedule_is_then_a_no_op(confi
     # what changed, as the demo shows it
     line = next(r.getMessage() for r in caplog.records if f"attached to {web}" in r.getMessage())
     assert line.startswith("perimeter: sg-") and "(rf-prod-boundary)" in line and line.endswith("(2 ENIs)")
+    web_change = next(c for c in changes if c["action"] == "attach" and c["workload"] == web)
+    assert sorted(web_change["interfaces"]) == sorted(web_enis) and len(web_change["groups"]) == 3
+    assert [c["name"] for c in changes if c["action"] == "create"] == sorted(PROD | {"rf-prod-published"})
     out = schedule(env)
     assert len(out) == 1 and out[0]["scope"] == "full"
     assert out[0]["applied"] is False and out[0]["plan"] == NO_CHANGE, out[0]
@@ -322,6 +327,13 @@ def test_prefix_list_costs_its_max_entries_and_eni_limit() -> None:
     v = check_quotas(ds, cfg, {"eni-1": 4})
     assert any("61 outbound ipv4 rules > 60" in x for x in v)
     assert any("eni-1: 6 security groups > 5" in x for x in v)
+
+
+def test_quotas_are_checked_for_sense() -> None:
+    with pytest.raises(ValueError, match="1200 > 1000"):
+        PerimeterConfig.model_validate({"quotas": {"rules_per_group": 120, "groups_per_interface": 10}})
+    with pytest.raises(ValueError, match="groups_per_interface"):
+        PerimeterConfig.model_validate({"quotas": {"groups_per_interface": 17}})
 
 
 @pytest.mark.parametrize("n,ok", [(30, True), (31, False)])

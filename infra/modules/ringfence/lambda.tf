@@ -77,7 +77,7 @@ locals {
     reconcile = [
       { actions = ["dynamodb:GetItem", "dynamodb:UpdateItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
       { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.state.arn] },
-      { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
+      { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.perimeter.arn, aws_sqs_queue.async_dlq.arn] },
       local.policies_read, local.describe, local.assume, local.kms_use,
     ]
     perimeter = [

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ringfence.services import parse_port_spec
 
@@ -84,10 +84,20 @@ class PublishedService(_Cfg):
 
 
 class Quotas(_Cfg):
-    """AWS defaults (adjustable per account): 60 rules per SG per direction per IP family, 5 SGs per ENI."""
+    """AWS defaults (adjustable per account): 60 rules per SG per direction per IP family, 5 SGs per ENI
+    (at most 16), and the two multiplied at most 1,000."""
 
-    rules_per_group: int = 60
-    groups_per_interface: int = 5
+    rules_per_group: int = Field(60, ge=1)
+    groups_per_interface: int = Field(5, ge=1, le=16)
+
+    @model_validator(mode="after")
+    def _combined(self) -> Quotas:
+        if self.rules_per_group * self.groups_per_interface > 1000:
+            raise ValueError(
+                f"quotas: rules_per_group × groups_per_interface = "
+                f"{self.rules_per_group * self.groups_per_interface} > 1000, which AWS never grants"
+            )
+        return self
 
 
 class PerimeterConfig(_Cfg):

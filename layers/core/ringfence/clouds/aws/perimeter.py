@@ -9,7 +9,9 @@ their purpose."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,7 +127,7 @@ class Perimeter:
             self.metric("PerimeterDetachments", counts["detach"])
             self.metric("PerimeterRuleChanges", counts["authorize"] + counts["revoke"])
         for c in res.changes:
-            log.info("%s%s", "(dry run) " if not res.applied else "", c["text"])
+            log.info("%s%s", "(dry run) " if not res.applied else "", c["text"], extra={"perimeter_change": c})
         for k in res.kept:
             log.warning("perimeter: kept %s (%s) without purpose: %s", k["group"], k["name"], k["reason"])
         return base | {"applied": res.applied, "plan": res.plan, "changes": res.changes, "kept": res.kept}
@@ -136,3 +138,29 @@ def _place(rec: InventoryRecord) -> Place | None:
     if w.cloud != "aws" or not w.account or not w.region:
         return None
     return (w.account, w.region)
+
+
+@contextmanager
+def recorded_changes() -> Iterator[list[dict[str, Any]]]:
+    """What the perimeter changes in this process while the block runs, one dict per change
+    (``action``, ``text`` such as "perimeter: sg-… (rf-prod-boundary) attached to i-… (2 ENIs)",
+    and the ids), whichever handler or thread made it: for a demo or a test driving the handlers
+    in-process. Dry-run plans are not changes and are not recorded."""
+    seen: list[dict[str, Any]] = []
+
+    class _Recorder(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            change = getattr(record, "perimeter_change", None)
+            if change is not None and not record.getMessage().startswith("(dry run)"):
+                seen.append(change)
+
+    handler = _Recorder(logging.INFO)
+    level = log.level
+    log.addHandler(handler)
+    if log.getEffectiveLevel() > logging.INFO:
+        log.setLevel(logging.INFO)
+    try:
+        yield seen
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
