@@ -167,6 +167,29 @@ def test_scale_out_instances_get_their_groups_before_the_lifecycle_action_comple
             assert PROD | {"rf-prod-published"} <= set(names), f"{c['instance']} had its groups before CONTINUE"
 
 
+def test_without_a_perimeter_queue_launches_go_straight_to_compute(
+    configured: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deployment (or a local wiring) without the queue keeps the old path: the schedule alone
+    reconciles the perimeter and compute completes launches after publishing."""
+    env = configured
+    boot(env)
+    monkeypatch.delenv("RINGFENCE_PERIMETER_QUEUE_URL")
+    env.load_functions()
+    completed: list[str] = []
+    env.hook("before-send.auto-scaling.CompleteLifecycleAction", lambda **kw: completed.append("x"))
+    env.asg.set_desired_capacity(AutoScalingGroupName="rf-web-asg", DesiredCapacity=1)
+    new = env.asg_instances()[0]
+    env.put(env.lifecycle_event(new, launching=True))
+    env.drain("lifecycle", "lifecycle")
+    assert env.count("perimeter") == 0
+    env.drain("compute", "compute")
+    assert completed == ["x"]
+    assert not any("rf-prod-boundary" in n for n in enis(env, new).values()), "the schedule's job now"
+    schedule(env)
+    assert all(set(n) >= PROD for n in enis(env, new).values())
+
+
 def test_retag_moves_the_interfaces_and_the_schedule_deletes_groups_left_without_purpose(configured: Env) -> None:
     env = configured
     est = boot(env)
