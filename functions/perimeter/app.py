@@ -69,6 +69,11 @@ def _queue(event: dict[str, Any]) -> dict[str, Any]:
         logger.exception("perimeter failed; the batch will be retried (its lifecycle actions wait)")
         return {"batchItemFailures": [{"itemIdentifier": r.messageId} for r in batch.Records]}
     _log(out.results)
+    if out.lifecycles_forwarded or out.lifecycles_left_to_timeout:
+        logger.info(
+            "launch lifecycle actions",
+            extra={"to_compute": out.lifecycles_forwarded, "left_to_time_out": out.lifecycles_left_to_timeout},
+        )
     return {"batchItemFailures": [{"itemIdentifier": m} for m in failures]}
 
 

@@ -1,7 +1,7 @@
 """Perimeter service: the coarse security groups per VPC and environment, quota-checked.
 
-Two entry points. :meth:`Perimeter.react` is the event path: ingest and lifecycle enqueue the
-workloads an event changed on the perimeter queue; their interfaces (every ENI) get their groups
+Two entry points. :meth:`Perimeter.react` is the event path: ingest, lifecycle and reconcile
+enqueue the workloads they saw change on the perimeter queue; their interfaces (every ENI) get their groups
 and, for a launching instance, the lifecycle action is handed on to compute only then — compute
 completes it after the bundle is published too, so CONTINUE means both are in place.
 :meth:`Perimeter.run` is the scheduled converging reconcile, which also removes groups that lost
@@ -44,10 +44,6 @@ class Reaction:
     results: list[dict[str, Any]] = field(default_factory=list)
     lifecycles_forwarded: list[str] = field(default_factory=list)
     lifecycles_left_to_timeout: list[str] = field(default_factory=list)
-
-    @property
-    def changes(self) -> list[str]:
-        return [c["text"] for r in self.results for c in r.get("changes", [])]
 
 
 class Perimeter:
