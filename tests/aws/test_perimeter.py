@@ -252,6 +252,49 @@ def test_a_group_without_purpose_is_kept_while_an_eni_ringfence_cannot_judge_car
     assert set(enis(env, stranger).popitem()[1]) == {"rf-dev-boundary"}, "and left where it is"
 
 
+@pytest.mark.parametrize("refusal", ["while-the-other-exists", "always"])
+def test_deletes_retry_what_another_unused_group_still_references(configured: Env, refusal: str) -> None:
+    env = configured
+    est = boot(env)
+    dev = est["run"]("processing", est["subnets"]["app"], 1, env="dev")[0]
+    env.put(env.state_event(dev, "running"))
+    env.pump()
+    boundary, mgmt = (rf_groups(env)[n]["GroupId"] for n in ("rf-dev-boundary", "rf-dev-mgmt"))
+    env.ec2.terminate_instances(InstanceIds=[dev])
+    env.put(env.state_event(dev, "terminated"))
+    env.pump()
+    attempts: list[str] = []
+
+    def delete(request: Any, **_: Any) -> AWSResponse | None:
+        raw = request.body.decode() if isinstance(request.body, bytes) else request.body
+        gid = parse_qs(raw)["GroupId"][0]
+        attempts.append(gid)
+        other_left = "rf-dev-mgmt" in rf_groups(env)
+        if gid == boundary and (refusal == "always" or other_left):
+            # what EC2 answers while another group's rule references this one
+            return _xml(
+                400,
+                "<Response><Errors><Error><Code>DependencyViolation</Code><Message>resource "
+                f"{gid} has a dependent object</Message></Error></Errors><RequestID>x</RequestID></Response>",
+            )
+        return None
+
+    env.hook("before-send.ec2.DeleteSecurityGroup", delete)
+    out = schedule(env)[0]
+    if refusal == "always":
+        assert attempts == [boundary, mgmt, boundary]
+        assert "rf-dev-boundary" in rf_groups(env) and "rf-dev-mgmt" not in rf_groups(env)
+        assert [k["name"] for k in out["kept"]] == ["rf-dev-boundary"] and "DependencyViolation" in out["kept"][0][
+            "reason"
+        ]
+        assert out["plan"]["delete"] == 2 and [c["name"] for c in out["changes"] if c["action"] == "delete"] == [
+            "rf-dev-mgmt"
+        ]
+    else:
+        assert attempts == [boundary, mgmt, boundary]
+        assert not {"rf-dev-boundary", "rf-dev-mgmt"} & set(rf_groups(env)) and out["kept"] == []
+
+
 def test_foreign_groups_are_never_touched(configured: Env, caplog: Any) -> None:
     env = configured
     est = boot(env)

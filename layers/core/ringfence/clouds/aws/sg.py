@@ -234,14 +234,18 @@ class SecurityGroupPerimeter:
             for v in taken:
                 log.error("perimeter: %s", v)
             raise NameTaken(taken)
-        kept = [{"group": _id_of(key_of, k), "name": k[1], "network": k[0], "reason": r} for k, r in p.kept.items()]
+        summary = p.summary()  # what the plan asks; ``changes`` says what was done
+
+        def kept() -> list[dict[str, str]]:
+            return [{"group": _id_of(key_of, k), "name": k[1], "network": k[0], "reason": r} for k, r in p.kept.items()]
+
         if dry_run or p.empty:
             return PerimeterResult(
-                applied=False, plan=p.summary(), changes=self._describe(p, key_of, enis, {}), kept=kept
+                applied=False, plan=summary, changes=self._describe(p, key_of, enis, {}), kept=kept()
             )
         created = self._apply(p, ds, key_of, enis)
         return PerimeterResult(
-            applied=True, plan=p.summary(), changes=self._describe(p, key_of, enis, created), kept=kept
+            applied=True, plan=summary, changes=self._describe(p, key_of, enis, created), kept=kept()
         )
 
     def _apply(
@@ -289,20 +293,39 @@ class SecurityGroupPerimeter:
                     raise
                 log.info("%s vanished before its groups changed", iid)
         # groups without purpose, now on no interface: re-checked live just before each delete
+        pending: list[tuple[str, str]] = []
         for key in p.delete:
-            gid = ids[key]
-            still = self._carriers([gid])
+            still = self._carriers([ids[key]])
             if still:
-                p.kept[key] = "still attached: " + ", ".join(sorted(e.id for e in still))
-                log.warning("not deleting %s (%s): %s", gid, key[1], p.kept[key])
-                continue
-            try:
-                self.ec2.delete_security_group(GroupId=gid)
-            except ClientError as exc:  # e.g. DependencyViolation: a foreign group references it
-                p.kept[key] = f"{exc.response.get('Error', {}).get('Code', 'error')}: {exc}"
-                log.warning("not deleting %s (%s): %s", gid, key[1], p.kept[key])
+                self._keep(p, ids[key], key, "still attached: " + ", ".join(sorted(e.id for e in still)))
+            else:
+                pending.append(key)
+        # one unused group may still reference another (a boundary reachable from another env):
+        # what DependencyViolation refuses is retried while the others' deletes make progress
+        while pending:
+            refused: dict[tuple[str, str], str] = {}
+            for key in pending:
+                try:
+                    self.ec2.delete_security_group(GroupId=ids[key])
+                except ClientError as exc:
+                    code = exc.response.get("Error", {}).get("Code", "error")
+                    if code == "InvalidGroup.NotFound":
+                        continue  # already gone
+                    if code != "DependencyViolation":
+                        raise
+                    refused[key] = f"{code}: {exc}"  # e.g. a group that is not ours references it
+            if len(refused) == len(pending):
+                for key, why in refused.items():
+                    self._keep(p, ids[key], key, why)
+                break
+            pending = list(refused)
         p.delete = [k for k in p.delete if k not in p.kept]
         return created
+
+    @staticmethod
+    def _keep(p: Plan, gid: str, key: tuple[str, str], why: str) -> None:
+        p.kept[key] = why
+        log.warning("not deleting %s (%s): %s", gid, key[1], why)
 
     def _change(self, gid: str, rules: set[PerimeterRule], names: dict[str, str], revoke: bool) -> None:
         for direction in (INGRESS, EGRESS):
