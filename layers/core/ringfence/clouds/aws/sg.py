@@ -195,8 +195,8 @@ class SecurityGroupPerimeter:
         """Bring the interfaces of ``workloads`` (instance id → labels; every live workload of the
         account/region under :attr:`Scope.FULL`) and our groups to the desired state. ``gone``:
         workloads the inventory knows have terminated; an interface still attached to one needs
-        none of our groups. Raises :class:`QuotaExceeded` before changing anything if the result
-        would not fit."""
+        none of our groups. Raises :class:`QuotaExceeded` (the result would not fit) or
+        :class:`NameTaken` (a foreign group holds a name we must create) before changing anything."""
         ended = set(gone) - set(workloads)
         by_instance = self._instance_enis(sorted(workloads))
         enis: dict[str, _Eni] = {e.id: e for lst in by_instance.values() for e in lst}
