@@ -87,7 +87,9 @@ def foreign_group(env: Env, vpc: str, name: str, tags: dict[str, str] | None = N
 # --- the event path ----------------------------------------------------------------------------
 
 
-def test_events_give_every_eni_its_groups_and_the_schedule_is_then_a_no_op(configured: Env, caplog: Any) -> None:
+def test_events_give_every_eni_its_groups_and_the_schedule_is_then_a_no_op(
+    configured: Env, caplog: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     env = configured
     env.provision_example_policy()
     est = env.estate()
@@ -120,14 +122,9 @@ def test_events_give_every_eni_its_groups_and_the_schedule_is_then_a_no_op(confi
     assert len(out) == 1 and out[0]["scope"] == "full"
     assert out[0]["applied"] is False and out[0]["plan"] == NO_CHANGE, out[0]
     # a changed admin range: the smallest diff (one revoke + one authorize per admin port)
-    third = env.fn["perimeter"]
-    import os
-
-    os.environ["RINGFENCE_PERIMETER_CONFIG"] = PerimeterConfig.model_validate(
-        dict(CONFIG, admin_cidrs=["10.98.0.0/24"])
-    ).model_dump_json()
-    res = third.handler(_scheduled(), _ctx())["results"][0]
-    assert res["plan"] == dict(NO_CHANGE, authorize=2, revoke=2)
+    changed = PerimeterConfig.model_validate(dict(CONFIG, admin_cidrs=["10.98.0.0/24"]))
+    monkeypatch.setenv("RINGFENCE_PERIMETER_CONFIG", changed.model_dump_json())
+    assert schedule(env)[0]["plan"] == dict(NO_CHANGE, authorize=2, revoke=2)
 
 
 def test_scale_out_instances_get_their_groups_before_the_lifecycle_action_completes(configured: Env) -> None:
