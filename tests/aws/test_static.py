@@ -106,9 +106,11 @@ def test_template_has_the_required_pieces() -> None:
         assert (ROOT / res[fn]["Properties"]["CodeUri"] / "app.py").exists(), fn
     assert res["ComputeFunction"]["Properties"]["ReservedConcurrentExecutions"] == 1
     sqs_fns = [fn for fn in fns if any(e["Type"] == "SQS" for e in res[fn]["Properties"].get("Events", {}).values())]
+    assert "PerimeterFunction" in sqs_fns, "the perimeter reacts to the event path"
     for fn in sqs_fns:
         for e in res[fn]["Properties"]["Events"].values():
-            assert e["Properties"]["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+            if e["Type"] == "SQS":  # the perimeter also has its schedule
+                assert e["Properties"]["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
 
 
 def test_storm_benchmark_script_runs_small() -> None:
@@ -195,3 +197,43 @@ def test_compute_failures_and_a_stuck_compute_queue_are_alarmed() -> None:
     queue_age = resources["aws_cloudwatch_metric_alarm"]["compute_queue_age"]
     assert queue_age["metric_name"] == "ApproximateAgeOfOldestMessage"
     assert "aws_sqs_queue.compute.name" in str(queue_age["dimensions"])
+
+
+def test_perimeter_iam_changes_and_deletes_only_tagged_groups_in_both_deployments() -> None:
+    """The perimeter may delete and change rules only of groups carrying its tag, and create only
+    groups tagged at birth: in template.yaml and in infra/ alike."""
+    tag_cond = ("Null", "aws:ResourceTag/ringfence:perimeter", "false")
+    birth_cond = ("Null", "aws:RequestTag/ringfence:perimeter", "false")
+    guarded = {
+        "ec2:DeleteSecurityGroup": tag_cond,
+        "ec2:RevokeSecurityGroupIngress": tag_cond,
+        "ec2:AuthorizeSecurityGroupIngress": tag_cond,
+    }
+    res = template()["Resources"]
+    stmts = res["PerimeterFunction"]["Properties"]["Policies"][0]["Statement"]
+    cfn: dict[str, list[tuple[str, str, str] | None]] = {}
+    for st in stmts:
+        conds = [(t, k, v) for t, kv in st.get("Condition", {}).items() for k, v in kv.items()] or [None]
+        for a in st["Action"]:
+            cfn.setdefault(a, []).extend(conds)
+    for action, cond in guarded.items():
+        assert cfn[action] == [cond], action
+    assert birth_cond in cfn["ec2:CreateSecurityGroup"]
+    env = res["PerimeterFunction"]["Properties"]["Events"]
+    assert env["Queue"]["Properties"]["Queue"] == {"GetAtt": "PerimeterQueue.Arn"}
+
+    lam = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/lambda.tf").read_text()))
+    loc: dict[str, Any] = {}
+    for block in lam.get("locals", []):
+        loc.update(block)
+    tf: dict[str, list[tuple[str, str, str] | None]] = {}
+    for st in loc["statements"]["perimeter"]:
+        if not isinstance(st, dict):
+            continue  # a shared local (assume, kms)
+        conds = [(c["test"], c["variable"], c["values"][0]) for c in st.get("conditions", [])] or [None]
+        for a in st["actions"]:
+            tf.setdefault(a, []).extend(conds)
+    for action, cond in guarded.items():
+        assert tf[action] == [cond], action
+    assert birth_cond in tf["ec2:CreateSecurityGroup"]
+    assert "RINGFENCE_PERIMETER_QUEUE_URL" in loc["common_env"]

@@ -9,6 +9,8 @@ locals {
     ingest-dlq         = { ns = "AWS/SQS", metric = "ApproximateNumberOfMessagesVisible", stat = "Maximum", dims = { QueueName = aws_sqs_queue.ingest_dlq.name }, what = "events ingest could not process are in the DLQ" }
     lifecycle-dlq      = { ns = "AWS/SQS", metric = "ApproximateNumberOfMessagesVisible", stat = "Maximum", dims = { QueueName = aws_sqs_queue.lifecycle_dlq.name }, what = "lifecycle actions failed repeatedly" }
     compute-dlq        = { ns = "AWS/SQS", metric = "ApproximateNumberOfMessagesVisible", stat = "Maximum", dims = { QueueName = aws_sqs_queue.compute_dlq.name }, what = "compute batches failed repeatedly" }
+    perimeter-dlq      = { ns = "AWS/SQS", metric = "ApproximateNumberOfMessagesVisible", stat = "Maximum", dims = { QueueName = aws_sqs_queue.perimeter_dlq.name }, what = "perimeter messages failed repeatedly (their launches time out)" }
+    perimeter-refused  = { ns = "Ringfence", metric = "PerimeterPlanRefused", stat = "Sum", dims = { service = "ringfence" }, what = "a perimeter plan was refused (quota, or a name held by a foreign group): nothing changed" }
     async-dlq          = { ns = "AWS/SQS", metric = "ApproximateNumberOfMessagesVisible", stat = "Maximum", dims = { QueueName = aws_sqs_queue.async_dlq.name }, what = "scheduled runs failed" }
     ingest-errors      = { ns = "AWS/Lambda", metric = "Errors", stat = "Sum", dims = { FunctionName = aws_lambda_function.fn["ingest"].function_name }, what = "ingest errors" }
     compute-errors     = { ns = "AWS/Lambda", metric = "Errors", stat = "Sum", dims = { FunctionName = aws_lambda_function.fn["compute"].function_name }, what = "compute crashed or timed out (handled failures: compute-failures)" }

@@ -98,6 +98,7 @@ class Ingest:
         res.changed = sorted(changed)
         if changed:
             self.w.enqueue_compute(res.changed)
+            self.w.enqueue_perimeter(res.changed)
         self.metric("InventoryChanges", len(changed))
         return res
 

@@ -1,4 +1,5 @@
-"""Lifecycle hooks: an instance is segmented before it serves and leaves peers' sets before it goes."""
+"""Lifecycle hooks: an instance is segmented (bundle and perimeter) before it serves and leaves peers' sets
+before it goes."""
 
 from __future__ import annotations
 
@@ -35,7 +36,12 @@ class Lifecycle:
         lc = ev.lifecycle.model_dump()
         lc["hook_name"], lc["group_name"] = ev.lifecycle.hook_name, ev.lifecycle.group_name
         lc["region"] = ev.region
-        self.w.enqueue_compute(sorted(changed) or ids, lifecycle=lc)
+        if ev.kind is Kind.LIFECYCLE_LAUNCH and self.w.enqueue_perimeter(ids, lifecycle=lc):
+            # the perimeter hands the action on to compute once the instance's ENIs carry their
+            # groups; compute publishes meanwhile and completes it (FIFO: after these ids)
+            self.w.enqueue_compute(sorted(changed) or ids)
+        else:
+            self.w.enqueue_compute(sorted(changed) or ids, lifecycle=lc)
         self.metric("LifecycleActions", 1)
         self.metric("InventoryChanges", len(changed))
         return {"instance": ev.lifecycle.instance_id, "transition": ev.lifecycle.transition}
