@@ -521,7 +521,7 @@ def rest_answer(out: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
 
 @pytest.fixture
 def env(moto_url: str, iid_key: IidKey) -> Env:
-    requests.post(f"{moto_url}/moto-api/reset", timeout=10)
+    requests.post(f"{moto_url}/moto-api/reset", timeout=60)  # a loaded 2-core box: resets can take a while
     e = Env(moto_url, iid_key)
     e.build()
     return e
