@@ -105,8 +105,16 @@ def test_pairing_push_and_a_restart_after_kill_9(server: Server, tmp_path: Path)
     assert used.status_code == 401 and "used up" in used.json()["detail"], used.text
     foreign = server.enroll(proc, once["pairing_key"])
     assert foreign.status_code == 401, foreign.text
-    # (an expired key: minted with the shortest ttl and aged in the store would take a minute;
-    # expiry is the store's condition, tested in tests/aws/test_store.py for both stores)
+    # an expired key: the admin API's shortest ttl is a minute, so this one is written to the
+    # server's store directly with one second (SQLite: another connection, as a second process)
+    from ringfence.clouds.aws.api import secret_hash
+    from ringfence.store.sqlite import SqliteStore
+
+    side = SqliteStore(server.db)
+    side.put_pairing(secret_hash("short-lived-key"), proc, uses=5, ttl=1)
+    time.sleep(1.5)
+    expired = server.enroll(proc, "short-lived-key")
+    assert expired.status_code == 401 and "expired" in expired.json()["detail"], expired.text
 
     key = server.admin("POST", "/admin/pairing-keys", {"workload_id": proc, "uses": 1, "ttl": 600}).json()
     (tmp_path / "pairing-key").write_text(key["pairing_key"])
@@ -165,8 +173,6 @@ def test_pairing_push_and_a_restart_after_kill_9(server: Server, tmp_path: Path)
             agent.kill()
             agent.wait(5)
     # everything acknowledged before the SIGKILL is still there
-    from ringfence.store.sqlite import SqliteStore
-
     store = SqliteStore(server.db)
     actions = [(a.action, a.principal, a.target) for a in store.audit_log()]
     assert ("workload.quarantine", "carol", proc) in actions and store.get("dc1-web-2") is not None
