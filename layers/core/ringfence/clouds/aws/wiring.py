@@ -136,6 +136,11 @@ class BaseWiring:
         """Return when published state may have changed, or after ``seconds``."""
         raise NotImplementedError
 
+    def enqueue_perimeter(self, ids: Iterable[str], *, lifecycle: dict[str, str] | None = None) -> bool:
+        """Hand changed workloads to the perimeter step; False where there is none (on one machine
+        no cloud perimeter is managed), so launches go straight to compute."""
+        return False
+
     def policy(self, pv: PolicyVersion) -> Policy:
         if pv.number not in self._policies:
             self._policies[pv.number] = load_policy_texts(pv.texts(self.publisher.get))
