@@ -794,35 +794,36 @@ def test_daemon_enrolls_follows_pushes_and_reports_against_the_real_control_plan
     aws_env: Any,  # noqa: F811 - the fixture
 ) -> None:
     """The agent in h2 against ``ringfence serve`` (the real agent-API routes) listening in cp,
-    over the moto-backed AWS wiring: the lab hosts are EC2 instances with the lab's addresses (h2,
-    the agent's, a registered on-premise host among them), the bundles are compute's. Enrolled
-    with a pairing key from the admin API; observe mode reports
+    over the moto-backed AWS wiring: the lab hosts are EC2 instances with the lab's addresses, the
+    bundles are compute's. Enrolled with its signed identity document (aws-iid); observe mode reports
     would-drops; the operator's switch to enforce and a tag change (a set delta) arrive through
     the wait long-poll, long before the agent's slow poll; the control plane gone, it still enforces."""
     from ringfence import serve
     from tests.agent.netns import listening_socket_in
+    from tests.aws.imds import imds_app, running_imds
 
     aws = aws_env
 
     os.environ["RINGFENCE_WAIT_POLL_INTERVAL"] = "0.2"
     try:
-        ids = _lab_estate(net, aws, OBSERVE_POLICY, onprem=("h2",))  # pairing keys are for on-premise hosts
+        ids = _lab_estate(net, aws, OBSERVE_POLICY)
     finally:
         del os.environ["RINGFENCE_WAIT_POLL_INTERVAL"]
     h2 = ids["h2"]
-    status, _, body = aws.rest("admin", "POST", "/admin/pairing-keys", {"workload_id": h2, "uses": 1, "ttl": 600})
-    assert status == 201, body
     (tmp_path / "signing.pub.pem").write_bytes(aws.signing_key.public_pem())
+    # the control plane and an IMDS stand-in (the caller's signed identity document) listen in cp
     sock = listening_socket_in(net.ns("cp"), net.v4("cp"), 8080)
+    imds_sock = listening_socket_in(net.ns("cp"), net.v4("cp"), 8081)
+    by_address = {net.v4(host): iid for host, iid in ids.items()}
     app = serve.ServeApp.over(serve.build_wiring("aws"), None)
-    with serve.serving(app, sock=sock):
+    with serve.serving(app, sock=sock), running_imds(imds_app(aws, by_address.get), imds_sock) as imds_url:
         cfg = config(
             tmp_path,
             backend,
             workload_id=h2,
             public_key=str(tmp_path / "signing.pub.pem"),
             api_url=f"http://{net.v4('cp')}:8080",
-            enroll={"pairing_key": body["pairing_key"]},
+            enroll={"method": "aws-iid", "imds_url": imds_url},
             poll_interval=120,  # a change seen sooner came by the long-poll
             wait_timeout=10,
             request_timeout=5,
@@ -873,13 +874,9 @@ def test_daemon_enrolls_follows_pushes_and_reports_against_the_real_control_plan
         net.kill(daemon, 15)
 
 
-def _lab_estate(net: NetLab, aws: Any, policy: str, onprem: tuple[str, ...] = ()) -> dict[str, str]:
-    """The lab hosts as EC2 instances with their lab addresses and role tags (those in ``onprem``
-    as registered on-premise workloads named after the host), the policy provisioned and every
-    instance's running event through the pipeline: host → workload id."""
-    from ringfence.clouds.aws.wiring import Config, Wiring
-    from ringfence.clouds.onprem import OnPremAdmin
-
+def _lab_estate(net: NetLab, aws: Any, policy: str) -> dict[str, str]:
+    """The lab hosts as EC2 instances with their lab addresses and role tags, the policy
+    provisioned and every instance's running event through the pipeline: host → instance id."""
     status, _, body = aws.rest("admin", "POST", "/admin/policies", {"files": {"lab.yaml": policy}})
     assert status == 201, body
     vpc = aws.ec2.create_vpc(CidrBlock="10.77.0.0/16")["Vpc"]["VpcId"]
@@ -887,11 +884,6 @@ def _lab_estate(net: NetLab, aws: Any, policy: str, onprem: tuple[str, ...] = ()
     ami = aws.ec2.describe_images()["Images"][0]["ImageId"]
     ids = {}
     for host, role in ROLES.items():
-        if host in onprem:
-            spec = {"id": f"dc-{host}", "ips": [net.v4(host)], "tags": {"role": role, "app": "lab", "env": "test"}}
-            assert OnPremAdmin(Wiring(Config.from_env())).register_workload("lab", spec).status == 201
-            ids[host] = f"dc-{host}"
-            continue
         tags = [{"Key": "role", "Value": role}, {"Key": "app", "Value": "lab"}, {"Key": "env", "Value": "test"}]
         ids[host] = aws.ec2.run_instances(
             ImageId=ami,

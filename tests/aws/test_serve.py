@@ -72,15 +72,16 @@ def test_agent_api_over_http_enroll_bundle_and_concurrent_long_polls(env: Env, s
     est = boot(env)
     procs = est["ids"]["proc"]
     tokens = {}
-    for wid in procs:  # EC2 instances enroll with their identity document (pairing is for on premise)
+    for wid in procs:  # EC2 instances enroll with their signed identity document
         nonce = httpx.get(f"{served}/v1/nonce").json()["nonce"]
         doc = iid_document(env, wid)
-        r = httpx.post(
-            f"{served}/v1/enroll",
-            json={"method": "aws-iid", "nonce": nonce, "document": doc, "document_signature": env.iid.sign(doc)},
-        )
+        req = {"method": "aws-iid", "nonce": nonce, "document": doc, "document_signature": env.iid.sign(doc)}
+        r = httpx.post(f"{served}/v1/enroll", json=req)
         assert r.status_code == 200, r.text
         tokens[wid] = r.json()["token"]
+    # a bad field of the enrollment is a 422 naming it
+    r = httpx.post(f"{served}/v1/enroll", json={"method": "telepathy", "nonce": "n"})
+    assert r.status_code == 422 and "body.method" in r.json()["detail"], r.text
     wid = procs[0]
     auth = {"Authorization": f"Bearer {tokens[wid]}"}
     r = httpx.get(f"{served}/v1/agents/{wid}/bundle", headers=auth)
@@ -229,7 +230,7 @@ def test_cli_serves_and_refuses_plain_http_off_loopback(env: Env, tmp_path: Path
         body = {"files": policy_files(), "reason": "first"}
         r = httpx.post(f"{url}/admin/policies", json=body, headers=admin_headers(token), timeout=30)
         assert r.status_code == 201, r.text
-        assert env.store.audit_log()[-1].principal == "bob"
+        assert [(a.action, a.principal) for a in env.store.audit_log()] == [("policy.provision", "bob")]
     finally:
         proc.terminate()
         proc.wait(15)
