@@ -238,19 +238,21 @@ def test_removing_a_peer_by_delta_cuts_its_open_connection_only(net: NetLab, bac
     ok(apply(net, backend, lab.bundle("h2"), state))
     ok(apply_delta(net, backend, lab.upsert(_client("h4", net)), state))
     removed, kept, ssh = net.hold("h1", "h2", 8080), net.hold("h4", "h2", 8080), net.hold("adm", "h2", 22)
-    assert all(h.connected and h.ping() for h in (removed, kept, ssh))
+    removed6, kept6 = net.hold("h1", "h2", 8080, v6=True), net.hold("h4", "h2", 8080, v6=True)
+    assert all(h.connected and h.ping() for h in (removed, kept, ssh, removed6, kept6))
     deltas = lab.remove("h1")
     assert deltas and all(d.remove for d in deltas)
     out = ok(apply_delta(net, backend, deltas, state))
     cut = _cut_lines(out)
     assert any(x.startswith(f"inbound tcp {net.v4('h1')}:") and x.endswith(":8080 (default)") for x in cut), out
     assert all(net.v4("h1") in x or net.v6("h1") in x for x in cut), out  # nobody else's
+    assert any(x.startswith(f"inbound tcp [{net.v6('h1')}]:") for x in cut), out
     assert not net.tcp("h1", "h2", 8080)
-    assert not removed.ping()
-    assert kept.ping() and ssh.ping()
+    assert not removed.ping() and not removed6.ping()
+    assert kept.ping() and ssh.ping() and kept6.ping()
     status = json.loads(ok(net.agent("h2", "status", "--state-dir", str(state), "--json")))
     assert status["last_cut"]["cut"] == len(cut) and status["counters"]["sessions_cut"] >= 1
-    _close(net, removed, kept, ssh)
+    _close(net, removed, kept, ssh, removed6, kept6)
 
 
 def test_quarantine_cuts_open_connections_but_not_the_admins_ssh(net: NetLab, backend: str, tmp_path: Path) -> None:
