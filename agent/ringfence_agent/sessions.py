@@ -21,8 +21,8 @@ agent that has none, for the ~60 lines below (kernel UAPI, ``linux/netfilter/nfn
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
+import re
 import shutil
 import socket
 import struct
@@ -78,54 +78,43 @@ def _canonical(text: str) -> str:
     return text
 
 
+_TUPLE = re.compile(r"src=(\S+) dst=(\S+)(?: sport=(\d+) dport=(\d+)| type=(\d+) code=(\d+) id=(\d+))?")
+_ZONE = re.compile(r"\bzone=(\d+)")
+
+
 def parse_sessions(lines: Iterable[str]) -> list[Session]:
     """``/proc/net/nf_conntrack`` or ``conntrack -L [-o extended]`` lines; others are skipped."""
     out: list[Session] = []
     for line in lines:
-        words = line.split()
-        head = [w for w in words if "=" not in w and not w.startswith("[")]
+        orig = _TUPLE.search(line)
+        reply = _TUPLE.search(line, orig.end()) if orig is not None else None
+        if orig is None or reply is None:
+            continue
+        head = line[: orig.start()].split()
         if head and head[0] in ("ipv4", "ipv6"):
             head = head[2:]
         if len(head) < 2 or not head[1].isdigit():
             continue
-        proto, protonum = head[0], int(head[1])
-        state = head[3] if len(head) > 3 and head[3].replace("_", "").isalpha() else None
-        orig: dict[str, str] = {}
-        reply: dict[str, str] = {}
-        extra: dict[str, str] = {}
-        for w in words:
-            k, sep, v = w.partition("=")
-            if not sep:
-                continue
-            if k in ("mark", "zone", "use", "secctx", "labels", "delta-time", "timestamp"):
-                extra.setdefault(k, v)
-            elif k == "src" and "src" in orig:
-                reply.setdefault(k, v)  # the second tuple: the reply direction
-            else:
-                (reply if "src" in reply else orig).setdefault(k, v)
         try:
-            src, dst, reply_src = _canonical(orig["src"]), _canonical(orig["dst"]), _canonical(reply["src"])
-        except (KeyError, ValueError, OSError):
+            src, dst, reply_src = _canonical(orig[1]), _canonical(orig[2]), _canonical(reply[1])
+        except (ValueError, OSError):
             continue
-        icmp = None
-        if {"type", "code", "id"} <= orig.keys():
-            icmp = (int(orig["type"]), int(orig["code"]), int(orig["id"]))
-        sport = int(orig["sport"]) if "sport" in orig else None
-        dport = int(orig["dport"]) if "dport" in orig else None
+        proto = head[0]
+        zone = _ZONE.search(line, reply.end())
         out.append(
             Session(
                 family=6 if ":" in src else 4,
-                proto="icmpv6" if proto in ("icmpv6", "ipv6-icmp") else proto,
-                protonum=protonum,
+                proto="icmpv6" if proto == "ipv6-icmp" else proto,
+                protonum=int(head[1]),
                 src=src,
                 dst=dst,
-                sport=sport,
-                dport=dport,
+                sport=int(orig[3]) if orig[3] else None,
+                dport=int(orig[4]) if orig[4] else None,
                 reply_src=reply_src,
-                reply_sport=int(reply["sport"]) if "sport" in reply else None,
-                icmp=icmp,
-                zone=int(extra.get("zone", "0") or 0),
-                state=state,
+                reply_sport=int(reply[3]) if reply[3] else None,
+                icmp=(int(orig[5]), int(orig[6]), int(orig[7])) if orig[5] else None,
+                zone=int(zone[1]) if zone else 0,
+                state=head[3] if len(head) > 3 and head[3].replace("_", "").isalpha() else None,
             )
         )
     return out
@@ -151,8 +140,8 @@ def list_sessions(proc_path: Path = PROC_CONNTRACK) -> list[Session]:
 def flow_of(s: Session, local: set[str]) -> Flow | None:
     """The connection's first packet as the input or output hook saw it; None when neither hook
     judges it (traffic to the host itself, forwarded traffic)."""
-    here_src = s.src in local or ipaddress.ip_address(s.src).is_loopback
-    here_dst = s.reply_src in local or ipaddress.ip_address(s.reply_src).is_loopback
+    here_src = s.src in local or s.src.startswith("127.") or s.src == "::1"
+    here_dst = s.reply_src in local or s.reply_src.startswith("127.") or s.reply_src == "::1"
     icmp_type = s.icmp[0] if s.icmp is not None else None
     if here_src and here_dst:
         return None
@@ -194,8 +183,8 @@ def delete_message(s: Session, seq: int) -> bytes | None:
     elif s.sport is not None and s.dport is not None and s.proto in _PORTS:
         proto += _attr(_CTA_PROTO_SRC_PORT, struct.pack("!H", s.sport))
         proto += _attr(_CTA_PROTO_DST_PORT, struct.pack("!H", s.dport))
-    elif s.sport is not None or s.proto in _PORTS:
-        return None
+    elif s.sport is not None or s.proto in _PORTS or s.protonum == 47:
+        return None  # ports missing, or GRE (its tuple holds keys)
     tup = _attr(
         _CTA_TUPLE_ORIG | _NESTED, _attr(_CTA_TUPLE_IP | _NESTED, ip) + _attr(_CTA_TUPLE_PROTO | _NESTED, proto)
     )
