@@ -91,6 +91,7 @@ _CONFIG_TYPES: dict[str, tuple[str, tuple[str, ...], bool]] = {
     "metadata_endpoint": _required("bool"),
     "dhcp": _required("bool"),
     "cut_revoked_connections": _required("bool"),
+    "boot_posture": _required("literal", "failsafe", "open"),
     "poll_interval": _required("float"),
     "wait_timeout": _required("float"),
     "heartbeat_interval": _required("float"),
@@ -157,6 +158,9 @@ class AgentConfig:
     dhcp: bool = True
     # after a change that revokes access, delete the conntrack entries the new rules do not admit
     cut_revoked_connections: bool = True
+    # with no valid bundle at start (none yet, or the last known good set aside): "failsafe"
+    # enforces the fail-safes and drops the rest until a verified bundle applies; "open" touches nothing
+    boot_posture: Literal["failsafe", "open"] = "failsafe"
     # timing (seconds)
     poll_interval: float = 300.0  # slow poll when no nudge arrives
     wait_timeout: float = 25.0  # long-poll duration
@@ -215,6 +219,18 @@ class AgentConfig:
             if name not in values:
                 raise _Invalid(name, "Field required")
         return cls(**values)
+
+    def source_hosts(self) -> list[str]:
+        """Host names (not addresses) in ``api_url`` / ``source``: resolved for the boot posture."""
+        out = []
+        for url in (self.api_url, self.source):
+            host = urlparse(url).hostname if url and "://" in url else None
+            if host:
+                try:
+                    ipaddress.ip_address(host)
+                except ValueError:
+                    out.append(host)
+        return out
 
     def local_failsafes(self) -> LocalFailsafes:
         cp = list(self.control_plane)

@@ -13,7 +13,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from ringfence.bundlewire import Bundle, BundleError, SetDelta, Verifier, check_acceptable, same_firewall
+from ringfence.bundlewire import (
+    Bundle,
+    BundleError,
+    FailsafeDoc,
+    SetDelta,
+    Verifier,
+    check_acceptable,
+    same_firewall,
+)
 from ringfence_agent.backends import ApplyError, Backend, ElementChange
 from ringfence_agent.plan import (
     LocalFailsafes,
@@ -23,6 +31,7 @@ from ringfence_agent.plan import (
     compile_plan,
     delta_overlap,
     group_changes,
+    merge_failsafes,
     split_cidrs,
 )
 from ringfence_agent.sessions import CutError, SessionCutter
@@ -137,8 +146,15 @@ class Agent:
         # cuts the open connections a new plan no longer admits (None: the backend programs no
         # kernel here, or the operator turned it off)
         self.sessions = sessions
-        self.bundle = state.load_bundle()
-        self.deltas = state.load_deltas(self.bundle)
+        # why the last known good was set aside at start (None: it was usable, or there was none)
+        self.set_aside: str | None = None
+        try:
+            self.bundle = state.load_bundle()
+            self.deltas = state.load_deltas(self.bundle)
+        except (BundleError, ValueError, OSError) as exc:
+            # unreadable (torn, corrupted, tampered): kept aside for inspection, never trusted
+            self.bundle, self.deltas = None, []
+            self._set_aside(f"unreadable: {exc}")
         self.plan: Plan | None = None
         # Caches, so that a delta costs O(delta), not O(set size): the effective bundle with the
         # first _eff_n deltas folded in (the rest fold when someone asks for it), each set's
@@ -202,6 +218,22 @@ class Agent:
             self._stale = set()
             self.plan = plan
 
+    def _set_aside(self, reason: str) -> None:
+        where = self.state.set_aside(reason)
+        self.set_aside = f"last known good in {self.state.path} set aside ({reason})" + (
+            f": moved to {where}" if where is not None else ""
+        )
+        self.state.update_status(last_error=self.set_aside, incr={"lkg_set_aside": 1})
+        self.log(self.set_aside)
+
+    def kernel_holds(self, mode: str) -> bool:
+        """Whether the kernel holds what a bundle of ``mode`` programs (a table, or none for
+        ``idle``), as far as the backend can tell: the state directory is not the firewall."""
+        probe = getattr(self.backend, "programmed", None)
+        if probe is None:
+            return True  # dry-run, windows-plan: nothing to ask
+        return bool(probe()) == (mode != "idle")
+
     def _local_key(self) -> str:
         """Fingerprint of the local fail-safes: a config change re-applies an unchanged bundle."""
         return repr(self.local)
@@ -226,7 +258,13 @@ class Agent:
             raise self._reject(what, str(exc)) from None
         current = self.effective()
         same_local = self.state.read_json("status.json").get("local_failsafes") == self._local_key()
-        if current is not None and new.version == self.revision and same_local and same_firewall(new, current):
+        if (
+            current is not None
+            and new.version == self.revision
+            and same_local
+            and same_firewall(new, current)
+            and self.kernel_holds(new.mode.value)  # flushed or lost since: applied again
+        ):
             if self.deltas:  # the same firewall, now as one bundle: the delta chain can go
                 self.state.save_applied(new, [])
                 with self._lock:
@@ -251,6 +289,7 @@ class Agent:
             applied_at=time.time(),
             last_error=None,
             local_failsafes=self._local_key(),
+            posture=None,
             incr={"applied": 1},
         )
         return Result(True, describe_change(old, new) + self.cut_sessions(plan))
@@ -449,7 +488,11 @@ class Agent:
             self._reset_cache(None)
             plan = compile_plan(eff, self.local)
         except (BundleError, PlanError) as exc:
-            self.state.update_status(last_error=f"last known good unusable: {exc}")
+            # set aside, or its version would make the next good bundle look like a replay
+            with self._lock:
+                self.bundle, self.deltas = None, []
+                self._reset_cache(None)
+            self._set_aside(f"does not verify: {exc}")
             raise Rejected(f"last known good in {self.state.path} is unusable: {exc}") from None
         self.backend.apply(plan)
         self.plan = plan
@@ -458,9 +501,39 @@ class Agent:
             mode=eff.mode.value,
             applied_at=time.time(),
             local_failsafes=self._local_key(),
+            posture=None,
             incr={"lkg_reapplied": 1},
         )
         lines = [f"re-applied last known good: {eff.workload_id} revision {self.revision}, mode {eff.mode.value}"]
+        return Result(True, lines + self.cut_sessions(plan))
+
+    def hold_failsafe_posture(self, control_plane: tuple[str, ...] = ()) -> Result:
+        """Fail-safes plus default deny, until a verified bundle applies: what a host enforces
+        with no usable last known good (none yet, or set aside). ``control_plane``: addresses
+        of the control plane resolved at start (a URL with a name), so that it stays reachable."""
+        local = replace(self.local, control_plane=tuple(dict.fromkeys((*self.local.control_plane, *control_plane))))
+        plan = Plan(
+            workload_id=self.workload_id or "-",
+            version=0,
+            mode="enforce",
+            quarantined=False,
+            failsafes=merge_failsafes(FailsafeDoc(), local),
+        )
+        self.backend.apply(plan)
+        self.state.update_status(posture="failsafe", posture_since=time.time(), incr={"failsafe_postures": 1})
+        fs = plan.failsafes
+        reach = [
+            f"{what} {', '.join(items)}"
+            for what, items in (
+                ("admin", (*fs.admin_v4, *fs.admin_v6)),
+                ("dns", (*fs.dns_v4, *fs.dns_v6)),
+                ("control plane", (*fs.control_v4, *fs.control_v6)),
+            )
+            if items
+        ]
+        lines = [
+            f"no valid bundle: holding the fail-safe posture (fail-safes, then drop): {'; '.join(reach) or 'no addresses'}"
+        ]
         return Result(True, lines + self.cut_sessions(plan))
 
     def _fold_valid_deltas(self) -> Bundle:

@@ -13,6 +13,7 @@ import gc
 import os
 import random
 import signal
+import socket
 import sys
 import threading
 import time
@@ -213,7 +214,8 @@ class Daemon:
         return self.cfg.wait_timeout if self.source.kind == "api" else self.cfg.poll_interval
 
     def start_enforcing(self) -> None:
-        """Re-apply the last known good before any contact."""
+        """Re-apply the last known good before any contact; without one (none yet, or set aside
+        as unusable) hold the boot posture until a verified bundle applies."""
         try:
             for line in self.agent.reapply_last_known_good().lines:
                 log(line)
@@ -223,7 +225,23 @@ class Daemon:
         except Exception as exc:  # the state directory's documents came from the network too
             self.last_message = f"last known good not re-applied: unexpected {type(exc).__name__}: {exc}"
             log(f"{self.last_message}{_where(exc)}")
+        if self.agent.bundle is None and self.cfg.boot_posture == "failsafe":
+            try:
+                for line in self.agent.hold_failsafe_posture(self._control_plane_addresses()).lines:
+                    log(line)
+            except ApplyError as exc:
+                self.last_message = f"fail-safe posture not applied: {exc}"
+                log(self.last_message)
         release_memory()
+
+    def _control_plane_addresses(self) -> tuple[str, ...]:
+        """The addresses of a control plane named by host name, resolved now: the posture must
+        not cut the agent off the source that ends it (``control_plane`` lists them for good)."""
+        out: list[str] = []
+        for host in self.cfg.source_hosts():
+            with contextlib.suppress(OSError, UnicodeError):
+                out += [str(ai[4][0]).split("%")[0] for ai in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)]
+        return tuple(dict.fromkeys(out))
 
     # --- sync --------------------------------------------------------------------------------
 

@@ -1157,3 +1157,94 @@ def test_nft_delta_across_the_group_bound_switches_realisation(
     ok(apply_delta(net, backend, lab.upsert(_lab_workload(net, "h3", role="db")), state))
     assert concatenated() and net.tcp("h3", "h2", 5432) and not net.tcp("h3", "h2", 8080)
     fresh_equal()
+
+
+# --- never fail open (issue 10) ---------------------------------------------------------------------
+
+
+def _status(net: NetLab, backend: str, state: Path) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(
+        ok(net.agent("h2", "status", "--state-dir", str(state), "--backend", backend, "--json"))
+    )
+    return out
+
+
+def test_apply_after_flush_reapplies_and_status_says_what_the_kernel_holds(
+    net: NetLab, backend: str, tmp_path: Path
+) -> None:
+    """Today: flush, then apply of the same bundle said "already applied: no change" and left no
+    table, while status said enforce. The kernel is asked, not the state directory."""
+    lab = lab_engine(net)
+    state = tmp_path / "state"
+    doc = lab.bundle("h2")
+    ok(apply(net, backend, doc, state))
+    enforced_baseline(net)
+    assert _status(net, backend, state)["kernel_programmed"] is True
+    ok(net.agent("h2", "flush", "--backend", backend))
+    assert net.tcp("h4", "h2", 8080)  # nothing enforced
+    status = _status(net, backend, state)
+    assert status["kernel_programmed"] is False and status["mode"] is None and status["state_mode"] == "enforce"
+    assert "nothing is enforced" in status["warning"]
+    out = ok(apply(net, backend, doc, state))
+    assert "already applied" not in out and f"version {doc.version}" in out, out
+    enforced_baseline(net)
+    status = _status(net, backend, state)
+    assert status["kernel_programmed"] is True and status["mode"] == "enforce" and "warning" not in status
+    assert "already applied" in ok(apply(net, backend, doc, state))  # the kernel holds it now: no change
+
+
+@pytest.mark.parametrize("corruption", ["invalid-json", "bad-signature"])
+def test_a_corrupt_last_known_good_holds_the_failsafe_posture_until_a_verified_bundle_applies(
+    net: NetLab, backend: str, tmp_path: Path, corruption: str
+) -> None:
+    """Today: invalid JSON made the daemon exit before enforcing or fetching (a restart loop, the
+    host open), and a bad signature made it refuse the good bundle as a replay. Now the bad state
+    is set aside, the host holds fail-safes + default deny, and the good bundle applies."""
+    lab = lab_engine(net)
+    state = tmp_path / "state"
+    good = lab.bundle("h2")
+    ok(apply(net, backend, good, state))
+    net.reset("h2")  # a reboot: the kernel forgot, the state directory did not
+    lkg = state / "bundle.json"
+    if corruption == "invalid-json":
+        lkg.write_text(lkg.read_text()[:200])  # torn
+    else:
+        write(forge(good, version=99), lkg)  # tampered: claims a version newer than any good bundle
+    www = tmp_path / "www"
+    write(good, www / "bundles" / "h2.json")
+    admin = {"admin_cidrs": [f"{net.v4('adm')}/32"], "admin_ports": ["tcp/22"]}
+    cfg = config(tmp_path, backend, source=f"http://{net.v4('cp')}:8000", **admin)
+    run_log = tmp_path / "run.log"
+    daemon = net.spawn("h2", str(net_agent()), "run", "--config", str(cfg), stderr=run_log.open("w"))
+    server = None
+    try:
+        # the source is down: the fail-safes and nothing else, never open
+        assert wait_until(lambda: "holding the fail-safe posture" in run_log.read_text(), 15), run_log.read_text()
+        assert not net.tcp("h1", "h2", 8080) and not net.tcp("h4", "h2", 8080) and not net.tcp("h2", "h3", 5432)
+        assert net.tcp("adm", "h2", 22)
+        status = _status(net, backend, state)
+        assert status["posture"] == "failsafe" and status["kernel_programmed"] is True
+        assert status["counters"]["lkg_set_aside"] == 1 and status["bundle_version"] is None
+        assert len(list((state / "rejected").glob("*-bundle.json"))) == 1
+        assert "set aside" in run_log.read_text()
+        server = net.spawn(
+            "cp",
+            PY,
+            "-m",
+            "http.server",
+            "8000",
+            "--bind",
+            net.v4("cp"),
+            "--directory",
+            str(www),
+            stderr=subprocess.DEVNULL,
+        )
+        assert wait_until(lambda: net.tcp("h1", "h2", 8080, timeout=0.3), 20), run_log.read_text()
+        assert not net.tcp("h4", "h2", 8080) and net.tcp("h2", "h3", 5432)
+        status = _status(net, backend, state)
+        assert status["posture"] is None and status["bundle_version"] == good.version and status["mode"] == "enforce"
+        assert "replay" not in run_log.read_text() and "rollback" not in run_log.read_text()
+    finally:
+        net.kill(daemon, 15)
+        if server is not None:
+            net.kill(server)

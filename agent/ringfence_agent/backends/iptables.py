@@ -338,6 +338,10 @@ class IptablesBackend(IptablesRenderer):
         proc = run(cmd)
         return proc.stdout if proc.returncode == 0 else ""
 
+    def programmed(self) -> bool:
+        """Whether the kernel holds Ringfence's chains (what ``apply`` and ``status`` trust)."""
+        return self.active_gen() is not None
+
     def active_gen(self) -> str | None:
         m = _GEN.search(self._save(4))
         return m.group(1) if m else None

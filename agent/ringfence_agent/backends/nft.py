@@ -514,6 +514,10 @@ class NftBackend(NftRenderer):
         self.realised = None
         return present
 
+    def programmed(self) -> bool:
+        """Whether the kernel holds Ringfence's table (what ``apply`` and ``status`` trust)."""
+        return self.table_present()
+
     def table_present(self) -> bool:
         return self._run(f"list tables {FAMILY}\n", json_output=True)[1].find(f'"name": "{TABLE}"') >= 0
 
