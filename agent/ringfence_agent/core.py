@@ -232,7 +232,10 @@ class Agent:
         probe = getattr(self.backend, "programmed", None)
         if probe is None:
             return True  # dry-run, windows-plan: nothing to ask
-        return bool(probe()) == (mode != "idle")
+        try:
+            return bool(probe()) == (mode != "idle")
+        except (ApplyError, OSError):
+            return False  # cannot tell: apply again (and report what the kernel says then)
 
     def _local_key(self) -> str:
         """Fingerprint of the local fail-safes: a config change re-applies an unchanged bundle."""
