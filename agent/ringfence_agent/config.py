@@ -97,6 +97,7 @@ _CONFIG_TYPES: dict[str, tuple[str, tuple[str, ...], bool]] = {
     "heartbeat_interval": _required("float"),
     "report_interval": _required("float"),
     "observe_interval": _required("float"),
+    "drift_interval": _required("float"),
     "backoff_max": _required("float"),
     "request_timeout": _required("float"),
     "max_buffered_records": _required("int"),
@@ -110,6 +111,7 @@ _RANGES: dict[str, tuple[float, float | None]] = {
     "heartbeat_interval": (1, None),
     "report_interval": (1, None),
     "observe_interval": (0.2, None),
+    "drift_interval": (0, None),
     "backoff_max": (1, None),
     "request_timeout": (0.5, None),
     "max_buffered_records": (10, 1_000_000),
@@ -167,6 +169,7 @@ class AgentConfig:
     heartbeat_interval: float = 60.0
     report_interval: float = 30.0
     observe_interval: float = 10.0  # how often counters/conntrack are polled
+    drift_interval: float = 90.0  # how often the kernel's rules are compared with what was applied (0: never)
     backoff_max: float = 300.0
     request_timeout: float = 10.0
     max_buffered_records: int = 10_000

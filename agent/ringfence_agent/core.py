@@ -37,6 +37,8 @@ from ringfence_agent.plan import (
 from ringfence_agent.sessions import CutError, SessionCutter
 from ringfence_agent.state import StateDir
 
+_NOTHING_APPLIED = object()  # no baseline: this process applied nothing yet
+
 
 class Rejected(Exception):
     """A document the agent refused; the applied state is untouched."""
@@ -156,6 +158,10 @@ class Agent:
             self.bundle, self.deltas = None, []
             self._set_aside(f"unreadable: {exc}")
         self.plan: Plan | None = None
+        # what this process last applied as a whole, and the kernel's fingerprint right after
+        self._kernel_plan: Plan | None = None
+        self._baseline: str | object | None = _NOTHING_APPLIED
+        self.track_drift = False  # the daemon turns it on (a fingerprint after every apply: a few ms)
         # Caches, so that a delta costs O(delta), not O(set size): the effective bundle with the
         # first _eff_n deltas folded in (the rest fold when someone asks for it), each set's
         # version and members, and the plan's sets that deltas have moved since it was built.
@@ -218,6 +224,41 @@ class Agent:
             self._stale = set()
             self.plan = plan
 
+    def _apply(self, plan: Plan) -> None:
+        """Every whole-plan apply: then the kernel's fingerprint, the baseline drift is judged by."""
+        self.backend.apply(plan)
+        self._kernel_plan = plan
+        probe = getattr(self.backend, "fingerprint", None) if self.track_drift else None
+        if probe is not None:
+            with contextlib.suppress(ApplyError, OSError):
+                self._baseline = probe()
+
+    def check_drift(self) -> Result:
+        """Re-apply when the kernel no longer holds what this process applied last (a rule
+        inserted, changed or deleted; the table flushed): tamper, reported. Set contents are not
+        compared (listing 100,000 elements costs up to 1.4 s); another table or chain cannot
+        undo a drop of ours (a packet must pass every base chain), an iptables rule placed before
+        our jump can (not checked)."""
+        probe = getattr(self.backend, "fingerprint", None) if self.track_drift else None
+        if probe is None or self._baseline is _NOTHING_APPLIED:
+            return Result(False)
+        try:
+            now = probe()
+        except (ApplyError, OSError):
+            return Result(False)
+        if now == self._baseline:
+            return Result(False)
+        plan = self.ensure_plan() if self.bundle is not None else self._kernel_plan
+        if plan is None:
+            return Result(False)
+        what = "removed" if now is None else "changed"
+        self._apply(plan)
+        self.state.update_status(
+            last_tamper={"time": time.time(), "what": what, "revision": self.revision}, incr={"tamper_reapplied": 1}
+        )
+        lines = [f"tamper: Ringfence's rules were {what} in the kernel; re-applied revision {self.revision}"]
+        return Result(True, lines + self.cut_sessions(plan))
+
     def _set_aside(self, reason: str) -> None:
         where = self.state.set_aside(reason)
         self.set_aside = f"last known good in {self.state.path} set aside ({reason})" + (
@@ -261,13 +302,8 @@ class Agent:
             raise self._reject(what, str(exc)) from None
         current = self.effective()
         same_local = self.state.read_json("status.json").get("local_failsafes") == self._local_key()
-        if (
-            current is not None
-            and new.version == self.revision
-            and same_local
-            and same_firewall(new, current)
-            and self.kernel_holds(new.mode.value)  # flushed or lost since: applied again
-        ):
+        unchanged = current is not None and new.version == self.revision and same_local and same_firewall(new, current)
+        if unchanged and self.kernel_holds(new.mode.value):  # flushed or lost since: applied again
             if self.deltas:  # the same firewall, now as one bundle: the delta chain can go
                 self.state.save_applied(new, [])
                 with self._lock:
@@ -276,7 +312,7 @@ class Agent:
             return Result(False, [f"bundle version {new.version} is already applied: no change"])
         old = self.effective()
         try:
-            self.backend.apply(plan)
+            self._apply(plan)
         except ApplyError as exc:
             self.state.update_status(last_error=str(exc), incr={"apply_failures": 1})
             raise
@@ -295,7 +331,11 @@ class Agent:
             posture=None,
             incr={"applied": 1},
         )
-        return Result(True, describe_change(old, new) + self.cut_sessions(plan))
+        lines = describe_change(old, new)
+        if unchanged:
+            lines.append("  the kernel no longer held these rules (removed behind the agent's back): applied again")
+            self.state.update_status(incr={"tamper_reapplied": 1})
+        return Result(True, lines + self.cut_sessions(plan))
 
     # --- set deltas --------------------------------------------------------------------------
 
@@ -370,7 +410,7 @@ class Agent:
                 change = ElementChange(delta.set, add4, add6, rem4, rem6, groups)
         try:
             if reapply is not None:
-                self.backend.apply(reapply[1])
+                self._apply(reapply[1])
             else:
                 self.backend.apply_delta(change)
         except ApplyError as exc:
@@ -382,7 +422,7 @@ class Agent:
             # the state directory must describe the firewall: take the change back out
             try:
                 if reapply is not None:
-                    self.backend.apply(reapply[0])
+                    self._apply(reapply[0])
                 else:
                     self.backend.apply_delta(change.inverse())
                 undone = "the firewall change was undone"
@@ -404,7 +444,7 @@ class Agent:
         if getattr(self.backend, "rerender_on_delta", False):
             plan = self.ensure_plan()
             if plan is not None:
-                self.backend.apply(plan)  # addresses live inline in the rules (windows-plan)
+                self._apply(plan)  # addresses live inline in the rules (windows-plan)
         self.state.update_status(applied_version=self.revision, applied_at=time.time(), incr={"deltas_applied": 1})
         lines = [
             f"set {delta.set}: version {delta.from_version} → {delta.to_version}, +{len(delta.add)} -{len(delta.remove)} elements"
@@ -466,7 +506,7 @@ class Agent:
         plan = self.ensure_plan()
         try:
             if plan is not None:
-                self.backend.apply(plan)
+                self._apply(plan)
         except ApplyError as exc:
             self.state.update_status(last_error=str(exc), incr={"apply_failures": 1})
             lines.append(str(exc))
@@ -497,7 +537,7 @@ class Agent:
                 self._reset_cache(None)
             self._set_aside(f"does not verify: {exc}")
             raise Rejected(f"last known good in {self.state.path} is unusable: {exc}") from None
-        self.backend.apply(plan)
+        self._apply(plan)
         self.plan = plan
         self.state.update_status(
             applied_version=self.revision,
@@ -522,7 +562,7 @@ class Agent:
             quarantined=False,
             failsafes=merge_failsafes(FailsafeDoc(), local),
         )
-        self.backend.apply(plan)
+        self._apply(plan)
         self.state.update_status(posture="failsafe", posture_since=time.time(), incr={"failsafe_postures": 1})
         fs = plan.failsafes
         reach = [
