@@ -449,10 +449,10 @@ class Agent:
         lines = [
             f"set {delta.set}: version {delta.from_version} → {delta.to_version}, +{len(delta.add)} -{len(delta.remove)} elements"
         ]
-        if self._delta_revokes(base, delta):
-            plan = self.ensure_plan()
-            if plan is not None:
-                lines += self.cut_sessions(plan, peers=[*delta.remove, *delta.add])
+        if self._delta_revokes(base, delta) and base.mode.value == "enforce":
+            # the plan's copy of the set is brought up to date (O(set)) only if a connection
+            # with a peer of this delta is open
+            lines += self.cut_sessions(self.ensure_plan, peers=[*delta.remove, *delta.add])
         return Result(True, lines)
 
     @staticmethod
@@ -464,10 +464,10 @@ class Agent:
                 return True
         return False
 
-    def cut_sessions(self, plan: Plan, peers: list[str] | None = None) -> list[str]:
+    def cut_sessions(self, plan: Plan | Callable[[], Plan | None], peers: list[str] | None = None) -> list[str]:
         """Delete the conntrack entries ``plan`` would not admit (``peers``: only theirs); the
         lines say what was cut. A failure is reported, never raised: the rules are in force."""
-        if self.sessions is None or plan.mode != "enforce":
+        if self.sessions is None or (isinstance(plan, Plan) and plan.mode != "enforce"):
             return []
         try:
             report = self.sessions.cut(plan, peers)

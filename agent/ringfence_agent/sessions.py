@@ -294,16 +294,14 @@ class SessionCutter:
         self.local = local
         self.delete = delete
 
-    def doomed(
-        self, plan: Plan, sessions: list[Session], local: set[str], peers: Iterable[str] | None = None
-    ) -> list[tuple[Session, Flow, Admission]]:
-        """The entries ``plan`` would drop; ``peers`` (CIDRs): only connections with these peers
-        (a set delta changes nothing for anyone else)."""
-        if plan.mode != "enforce":
-            return []  # observe accepts everything, idle programs nothing
-        admitter = Admitter(plan)
+    @staticmethod
+    def candidates(
+        sessions: list[Session], local: set[str], peers: Iterable[str] | None = None
+    ) -> list[tuple[Session, Flow]]:
+        """The open connections the input/output hooks judge; ``peers`` (CIDRs): only those with
+        these peers (a set delta changes nothing for anyone else)."""
         only = _Prefixes(peers) if peers is not None else None
-        out: list[tuple[Session, Flow, Admission]] = []
+        out: list[tuple[Session, Flow]] = []
         for s in sessions:
             if s.proto == "tcp" and s.state in _CLOSED:
                 continue
@@ -314,19 +312,42 @@ class SessionCutter:
                 packed = socket.inet_pton(socket.AF_INET6 if ":" in flow.peer else socket.AF_INET, flow.peer)
                 if (len(packed) * 8, int.from_bytes(packed, "big")) not in only:
                     continue
+            out.append((s, flow))
+        return out
+
+    @staticmethod
+    def judge(plan: Plan, candidates: list[tuple[Session, Flow]]) -> list[tuple[Session, Flow, Admission]]:
+        """The candidates ``plan`` would drop."""
+        if plan.mode != "enforce":
+            return []  # observe accepts everything, idle programs nothing
+        admitter = Admitter(plan)
+        out: list[tuple[Session, Flow, Admission]] = []
+        for s, flow in candidates:
             verdict = admitter.admits(flow)
             if not verdict.admitted:
                 out.append((s, flow, verdict))
         return out
 
-    def cut(self, plan: Plan, peers: Iterable[str] | None = None) -> CutReport:
+    def doomed(
+        self, plan: Plan, sessions: list[Session], local: set[str], peers: Iterable[str] | None = None
+    ) -> list[tuple[Session, Flow, Admission]]:
+        """The entries ``plan`` would drop (``peers``: only connections with these peers)."""
+        return self.judge(plan, self.candidates(sessions, local, peers))
+
+    def cut(self, plan: Plan | Callable[[], Plan | None], peers: Iterable[str] | None = None) -> CutReport:
+        """``plan`` may be a function: called only when there is a connection to judge (a set
+        delta brings the plan's copy of a large set up to date only then)."""
         start = time.perf_counter()
         report = CutReport()
-        if plan.mode != "enforce":
+        if isinstance(plan, Plan) and plan.mode != "enforce":
             return report
         sessions = self.lister()
         report.listed = len(sessions)
-        report.cut = self.doomed(plan, sessions, self.local(), peers)
+        found = self.candidates(sessions, self.local(), peers)
+        if found:
+            current = plan if isinstance(plan, Plan) else plan()
+            if current is not None:
+                report.cut = self.judge(current, found)
         if report.cut:
             report.deleted = self.delete([s for s, _, _ in report.cut])
         report.seconds = time.perf_counter() - start

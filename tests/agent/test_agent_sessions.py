@@ -251,3 +251,18 @@ def test_a_delta_revokes_when_an_allow_loses_or_a_drop_gains(
         remove=["10.77.0.1/32"] if remove else [],
     )
     assert Agent._delta_revokes(doc, d) is revokes
+
+
+def test_a_delta_brings_the_plan_up_to_date_only_when_a_connection_of_its_peers_is_open() -> None:
+    """The plan's copy of a large set costs O(set) to refresh: a delta pays it only when needed."""
+    open_one = Session(4, "tcp", 6, "10.77.0.4", "10.77.0.2", 40002, 8080, "10.77.0.2", 8080, state="ESTABLISHED")
+    plan = admitter().plan
+    asked: list[int] = []
+
+    def plan_now() -> object:
+        asked.append(1)
+        return plan
+
+    cutter = SessionCutter(lambda: [open_one], lambda: {"10.77.0.2"}, lambda d: Deleted(deleted=len(d)))
+    assert cutter.cut(plan_now, peers=["10.77.0.9/32"]).cut == [] and asked == []  # type: ignore[arg-type]
+    assert len(cutter.cut(plan_now, peers=["10.77.0.4/32"]).cut) == 1 and asked == [1]  # type: ignore[arg-type]
