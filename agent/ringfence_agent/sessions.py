@@ -201,28 +201,26 @@ class Deleted:
     failed: list[str] = field(default_factory=list)
 
 
-def netlink_delete(sessions: list[Session], chunk: int = 256) -> Deleted:
-    """Delete entries by original tuple, ``chunk`` requests per send, each acknowledged."""
+def _requests(protocol: int, what: str, messages: list[tuple[Session, bytes | None]], chunk: int = 256) -> Deleted:
+    """Send netlink requests (each with NLM_F_ACK and its own sequence number, ``chunk`` per
+    send) and count the acknowledgements: 0 done, ENOENT gone already, anything else failed."""
     result = Deleted()
     try:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol)
     except OSError as exc:
-        raise CutError(f"cannot open a ctnetlink socket: {exc.strerror or exc}") from None
+        raise CutError(f"cannot open a {what} socket: {exc.strerror or exc}") from None
     with sock:
         sock.bind((0, 0))
         sock.settimeout(5)
-        seq = 0
-        for i in range(0, len(sessions), chunk):
+        for i in range(0, len(messages), chunk):
             pending: dict[int, Session] = {}
             batch = bytearray()
-            for s in sessions[i : i + chunk]:
-                seq += 1
-                msg = delete_message(s, seq)
+            for seq, (s, msg) in enumerate(messages[i : i + chunk], start=i + 1):
                 if msg is None:
                     result.failed.append(f"{s.describe()}: protocol {s.proto} not handled")
                     continue
                 pending[seq] = s
-                batch += msg
+                batch += msg[:8] + struct.pack("=I", seq) + msg[12:]
             if not batch:
                 continue
             try:
@@ -243,8 +241,48 @@ def netlink_delete(sessions: list[Session], chunk: int = 256) -> Deleted:
                                 result.failed.append(f"{s.describe()}: {os.strerror(-code)}")
                         off += max(16, (length + 3) & ~3)
             except OSError as exc:
-                raise CutError(f"ctnetlink delete failed: {exc.strerror or exc}") from None
+                raise CutError(f"{what} request failed: {exc.strerror or exc}") from None
     return result
+
+
+def netlink_delete(sessions: list[Session]) -> Deleted:
+    """Delete conntrack entries by original tuple."""
+    return _requests(NETLINK_NETFILTER, "ctnetlink", [(s, delete_message(s, 0)) for s in sessions])
+
+
+NETLINK_SOCK_DIAG = 4
+_SOCK_DESTROY = 21
+_NOCOOKIE = 0xFFFFFFFF
+
+
+def destroy_message(s: Session, flow: Flow, seq: int) -> bytes | None:
+    """SOCK_DESTROY of this host's end of a cut TCP connection: an ``inet_diag_req_v2`` naming
+    the socket exactly (local address and port, remote address and port, any interface, no
+    cookie). None for anything else (UDP and ICMP have no connection to abort)."""
+    if s.proto != "tcp" or s.sport is None or s.dport is None or s.reply_sport is None:
+        return None
+    fam = socket.AF_INET6 if s.family == 6 else socket.AF_INET
+    # inbound: the local end is the destination after DNAT; outbound: the source, connected
+    # to the destination it asked for (before DNAT)
+    if flow.direction == "inbound":
+        local, lport, remote, rport = s.reply_src, s.reply_sport, s.src, s.sport
+    else:
+        local, lport, remote, rport = s.src, s.sport, s.dst, s.dport
+
+    def addr(a: str) -> bytes:
+        return socket.inet_pton(fam, a).ljust(16, b"\0")
+
+    sockid = struct.pack("!HH", lport, rport) + addr(local) + addr(remote)
+    sockid += struct.pack("=III", 0, _NOCOOKIE, _NOCOOKIE)  # any interface, no cookie
+    body = struct.pack("=BBBBI", fam, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF) + sockid
+    return struct.pack("=IHHII", 16 + len(body), _SOCK_DESTROY, _NLM_F_REQUEST | _NLM_F_ACK, seq, 0) + body
+
+
+def destroy_sockets(cut: list[tuple[Session, Flow]]) -> Deleted:
+    """Abort this host's sockets of cut TCP connections: the process holding one (a reverse
+    shell) gets an error now instead of retransmitting into a drop for minutes."""
+    mine = [(s, destroy_message(s, f, 0)) for s, f in cut]
+    return _requests(NETLINK_SOCK_DIAG, "sock_diag", [(s, m) for s, m in mine if m is not None])
 
 
 # --- the cut --------------------------------------------------------------------------------------
@@ -255,6 +293,7 @@ class CutReport:
     listed: int = 0
     cut: list[tuple[Session, Flow, Admission]] = field(default_factory=list)
     deleted: Deleted = field(default_factory=Deleted)
+    aborted: Deleted = field(default_factory=Deleted)  # this host's sockets of cut TCP connections
     seconds: float = 0.0
 
     def lines(self) -> list[str]:
@@ -270,6 +309,10 @@ class CutReport:
             out.append(f"  ... and {len(self.cut) - SHOWN} more")
         if self.deleted.gone:
             out.append(f"  {self.deleted.gone} had ended already")
+        if self.aborted.deleted:
+            out.append(f"  aborted {self.aborted.deleted} local socket(s) of them (their processes see an error now)")
+        for msg in self.aborted.failed[:1]:
+            out.append(f"  local sockets not aborted: {msg}")
         for msg in self.deleted.failed[:SHOWN]:
             out.append(f"  not cut: {msg}")
         return out
@@ -289,10 +332,12 @@ class SessionCutter:
         lister: Callable[[], list[Session]] = list_sessions,
         local: Callable[[], set[str]] = local_addresses,
         delete: Callable[[list[Session]], Deleted] = netlink_delete,
+        abort: Callable[[list[tuple[Session, Flow]]], Deleted] | None = destroy_sockets,
     ) -> None:
         self.lister = lister
         self.local = local
         self.delete = delete
+        self.abort = abort
 
     @staticmethod
     def candidates(
@@ -350,6 +395,11 @@ class SessionCutter:
                 report.cut = self.judge(current, found)
         if report.cut:
             report.deleted = self.delete([s for s, _, _ in report.cut])
+            if self.abort is not None:
+                try:
+                    report.aborted = self.abort([(s, f) for s, f, _ in report.cut])
+                except CutError as exc:  # the entries are gone: the connections are cut anyway
+                    report.aborted = Deleted(failed=[str(exc)])
         report.seconds = time.perf_counter() - start
         return report
 

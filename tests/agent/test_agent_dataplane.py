@@ -273,6 +273,8 @@ def test_quarantine_cuts_open_connections_but_not_the_admins_ssh(net: NetLab, ba
         x.startswith(f"outbound tcp {net.v4('h2')}:") and x.endswith(f"{net.v4('h3')}:5432 (default)") for x in cut
     )
     assert not [x for x in cut if net.v4("adm") in x], out
+    assert "aborted" in out, out  # h2's own ends too: the shell's process sees an error now
+    assert net.exec("h2", "ss", "-tnH", "state", "established", "dst", net.v4("h3")).stdout.strip() == ""
     assert not into.ping() and not shell.ping()
     assert ssh.ping() and ssh.ping()
     assert not net.tcp("h1", "h2", 8080) and not net.tcp("h2", "h3", 5432) and not net.tcp("h4", "h2", 8080)

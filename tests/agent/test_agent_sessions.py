@@ -19,6 +19,7 @@ from ringfence_agent.sessions import (
     Session,
     SessionCutter,
     delete_message,
+    destroy_message,
     flow_of,
     parse_sessions,
     session_cutter,
@@ -204,7 +205,7 @@ def test_the_cutter_deletes_only_what_the_plan_drops_and_skips_closed_connection
         asked.append(doomed)
         return Deleted(deleted=len(doomed))
 
-    cutter = SessionCutter(lambda: sessions, lambda: {"10.77.0.2"}, delete)
+    cutter = SessionCutter(lambda: sessions, lambda: {"10.77.0.2"}, delete, abort=None)
     plan = admitter().plan
     report = cutter.cut(plan)
     assert asked == [[sessions[1], sessions[4]]]
@@ -263,6 +264,25 @@ def test_a_delta_brings_the_plan_up_to_date_only_when_a_connection_of_its_peers_
         asked.append(1)
         return plan
 
-    cutter = SessionCutter(lambda: [open_one], lambda: {"10.77.0.2"}, lambda d: Deleted(deleted=len(d)))
+    cutter = SessionCutter(lambda: [open_one], lambda: {"10.77.0.2"}, lambda d: Deleted(deleted=len(d)), abort=None)
     assert cutter.cut(plan_now, peers=["10.77.0.9/32"]).cut == [] and asked == []  # type: ignore[arg-type]
     assert len(cutter.cut(plan_now, peers=["10.77.0.4/32"]).cut) == 1 and asked == [1]  # type: ignore[arg-type]
+
+
+def test_the_destroy_message_names_this_hosts_end_of_the_connection() -> None:
+    inbound = Session(4, "tcp", 6, "10.77.0.1", "10.77.0.2", 40001, 8080, "10.77.0.2", 8080)
+    msg = destroy_message(inbound, Flow("inbound", "10.77.0.1", "tcp", 40001, 8080), 9)
+    assert msg is not None
+    length, kind, flags, seq, _ = struct.unpack_from("=IHHII", msg)
+    assert (length, kind, flags, seq) == (len(msg), 21, 1 | 4, 9)  # SOCK_DESTROY, request + ack
+    family, proto = msg[16], msg[17]
+    sport, dport = struct.unpack_from("!HH", msg, 24)
+    src, dst = msg[28:32], msg[44:48]
+    assert (family, proto, sport, dport) == (socket.AF_INET, socket.IPPROTO_TCP, 8080, 40001)
+    assert src == socket.inet_aton("10.77.0.2") and dst == socket.inet_aton("10.77.0.1")
+    out = Session(6, "tcp", 6, "fd77::2", "fd77::3", 41000, 5432, "fd77::3", 5432)
+    msg6 = destroy_message(out, Flow("outbound", "fd77::3", "tcp", 41000, 5432), 1)
+    assert msg6 is not None and struct.unpack_from("!HH", msg6, 24) == (41000, 5432)
+    assert msg6[28:44] == socket.inet_pton(socket.AF_INET6, "fd77::2")
+    udp = Session(4, "udp", 17, "10.77.0.1", "10.77.0.2", 40001, 53, "10.77.0.2", 53)
+    assert destroy_message(udp, Flow("inbound", "10.77.0.1", "udp", 40001, 53), 1) is None
