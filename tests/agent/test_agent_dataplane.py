@@ -118,6 +118,11 @@ def ok(proc: subprocess.CompletedProcess[str]) -> str:
     return proc.stdout
 
 
+def bundle_enforced(net: NetLab) -> bool:
+    """The lab bundle, not only the boot posture (which blocks h4 too, and h1 as well)."""
+    return net.tcp("h1", "h2", 8080, timeout=0.3) and not net.tcp("h4", "h2", 8080, timeout=0.3)
+
+
 def enforced_baseline(net: NetLab) -> None:
     """The lab policy on h2: h1 → h2 web allowed; h4 → h2 blocked."""
     assert net.tcp("h1", "h2", 8080)
@@ -808,7 +813,7 @@ def test_restart_reapplies_last_known_good_before_contact_and_survives_control_p
     daemon = net.spawn(
         "h2", str(net_agent()), "run", "--config", str(config(tmp_path, backend, source=str(src))), stderr=log1
     )
-    assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 15)
+    assert wait_until(lambda: bundle_enforced(net), 15)
     assert net.tcp("h1", "h2", 8080)
     net.kill(daemon)  # SIGKILL: no chance to clean up
     net.reset("h2")  # as after a reboot: the kernel state is gone
@@ -858,7 +863,7 @@ def test_daemon_follows_offline_compiles_over_plain_http_by_set_deltas(
     cfg = config(tmp_path, backend, source=f"http://{net.v4('cp')}:8000")
     daemon = net.spawn("h2", str(net_agent()), "run", "--config", str(cfg), stderr=log)
     try:
-        assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 15), (tmp_path / "run.log").read_text()
+        assert wait_until(lambda: bundle_enforced(net), 15), (tmp_path / "run.log").read_text()
         assert net.tcp("h1", "h2", 8080)
         compile_lab({**ROLES, "h4": "client"}, 2000)  # h4 joins the clients: a set change only
         assert wait_until(lambda: net.tcp("h4", "h2", 8080, timeout=0.3), 15), (tmp_path / "run.log").read_text()
@@ -910,7 +915,7 @@ def test_daemon_enrolls_follows_nudges_and_reports(net: NetLab, backend: str, tm
         lab2.engine.revision = 1
         lab2.upsert(Workload(id="h9", ips=["10.77.0.9"], tags={"role": "client", "app": "lab", "env": "test"}))
         write(lab2.bundle("h2"), root / "bundles" / "h2.json")
-        assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 15), (tmp_path / "run.log").read_text()
+        assert wait_until(lambda: bundle_enforced(net), 15), (tmp_path / "run.log").read_text()
         assert net.tcp("h1", "h2", 8080)
         # a set delta (h4 joins the clients) arrives as a nudge and is applied as element adds
         for d in lab2.upsert(
@@ -1265,16 +1270,20 @@ def test_the_daemon_repairs_and_reports_a_table_removed_or_changed_behind_its_ba
     cfg = config(tmp_path, backend, source=str(src), drift_interval=1, poll_interval=300)
     daemon = net.spawn("h2", str(net_agent()), "run", "--config", str(cfg), stderr=run_log.open("w"))
     try:
-        assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 15), run_log.read_text()
+        assert wait_until(lambda: bundle_enforced(net), 15), run_log.read_text()
         ok(net.agent("h2", "flush", "--backend", backend))
-        assert wait_until(lambda: "rules were removed in the kernel; re-applied" in run_log.read_text(), 10)
+        assert wait_until(lambda: "rules were removed in the kernel; re-applied" in run_log.read_text(), 20), (
+            run_log.read_text()
+        )
         enforced_baseline(net)
         if backend == "nftables":
             hole = ["nft", "insert", "rule", "inet", "ringfence", "input", "tcp", "dport", "8080", "accept"]
         else:
             hole = ["iptables", "-I", "RF-IN", "1", "-p", "tcp", "--dport", "8080", "-j", "ACCEPT"]
         net.exec("h2", *hole, check=True)
-        assert wait_until(lambda: "rules were changed in the kernel; re-applied" in run_log.read_text(), 10)
+        assert wait_until(lambda: "rules were changed in the kernel; re-applied" in run_log.read_text(), 20), (
+            run_log.read_text()
+        )
         enforced_baseline(net)
         status = _status(net, backend, tmp_path / "state")
         assert status["counters"]["tamper_reapplied"] == 2 and status["kernel_programmed"] is True
@@ -1295,7 +1304,7 @@ def test_the_daemon_cuts_a_reverse_shell_when_its_workload_is_quarantined(
     daemon = net.spawn("h2", str(net_agent()), "run", "--config", str(cfg), stderr=run_log.open("w"))
     shell = None
     try:
-        assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 15), run_log.read_text()
+        assert wait_until(lambda: bundle_enforced(net), 15), run_log.read_text()
         shell = net.hold("h2", "h3", 5432)
         assert shell.connected and shell.ping()
         lab.upsert(Workload(id="h2", ips=[net.v4("h2"), net.v6("h2")], tags=_tags("web"), quarantined=True))
