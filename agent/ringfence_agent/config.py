@@ -122,7 +122,8 @@ class Enrollment:
     pairing_key: str | None = None  # operator-issued key (or pairing_key_file)
     pairing_key_file: Path | None = None
     imds_url: str = "http://169.254.169.254"  # aws-iid: the instance metadata endpoint
-    iid_signature: Literal["rsa2048", "pkcs7", "signature"] = "rsa2048"  # aws-iid: which IMDS signature to send
+    # aws-iid: which IMDS signature to send; the AWS control plane verifies ``signature`` (base64 RSA-SHA256)
+    iid_signature: Literal["rsa2048", "pkcs7", "signature"] = "signature"
 
     def __post_init__(self) -> None:
         _validate_types(self, _ENROLLMENT_TYPES, "enroll.")

@@ -833,13 +833,22 @@ def test_state_dir_is_locked_against_other_processes(tmp_path: Path) -> None:
 
 
 def test_aws_iid_enrollment_reads_imdsv2_and_sends_document_and_signature(tmp_path: Path) -> None:
+    """By default the agent sends the form the AWS control plane verifies: checked with its real code."""
+    import base64
     import http.server
     import threading
 
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+    from ringfence.clouds.aws.enroll import verify_iid
     from ringfence_agent import enroll
     from ringfence_agent.sources import ApiSource, Unreachable
 
     seen: dict[str, object] = {}
+    region_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)  # stands in for AWS's
+    document = b'{"instanceId": "i-0abc", "accountId": "111122223333", "region": "ca-central-1"}'
+    signature = base64.encodebytes(region_key.sign(document, padding.PKCS1v15(), hashes.SHA256()))
 
     class Imds(http.server.BaseHTTPRequestHandler):
         def log_message(self, *a: object) -> None:
@@ -852,8 +861,8 @@ def test_aws_iid_enrollment_reads_imdsv2_and_sends_document_and_signature(tmp_pa
         def do_GET(self) -> None:
             assert self.headers["X-aws-ec2-metadata-token"] == "tok-1"  # IMDSv2 only
             body = {
-                "/latest/dynamic/instance-identity/document": b'{"instanceId": "i-0abc", "region": "ca-central-1"}',
-                "/latest/dynamic/instance-identity/rsa2048": b"MIAGCSqGSIb3...\n",
+                "/latest/dynamic/instance-identity/document": document,
+                "/latest/dynamic/instance-identity/signature": signature,
             }[self.path]
             self._reply(body)
 
@@ -878,12 +887,11 @@ def test_aws_iid_enrollment_reads_imdsv2_and_sends_document_and_signature(tmp_pa
         imds, cp = (f"http://127.0.0.1:{s.server_address[1]}" for s in servers)
         src = ApiSource(cp, "i-0abc", enroll.aws_iid(imds), StateDir(tmp_path / "st"), 2, 2)
         src.enroll()
-        assert seen["enroll"] == {
-            "method": "aws-iid",
-            "nonce": "n-1",
-            "document": '{"instanceId": "i-0abc", "region": "ca-central-1"}',
-            "document_signature": "MIAGCSqGSIb3...",
-        }
+        sent = seen["enroll"]
+        assert isinstance(sent, dict) and sent["method"] == "aws-iid" and sent["nonce"] == "n-1"
+        assert sent["document"] == document.decode()
+        identity = verify_iid(sent["document"], sent["document_signature"], region_key.public_key())
+        assert (identity.instance_id, identity.account) == ("i-0abc", "111122223333")
         assert src.token == "t" and StateDir(tmp_path / "st").read_json("token.json")["token"] == "t"
         # no metadata service (not on EC2, or blocked): a clear, retryable error
         src2 = ApiSource(

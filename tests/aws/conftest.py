@@ -175,6 +175,9 @@ class Env:
             "compute": self.sqs.create_queue(
                 QueueName="rf-compute.fifo", Attributes={"FifoQueue": "true", "ContentBasedDeduplication": "false"}
             )["QueueUrl"],
+            "perimeter": self.sqs.create_queue(QueueName="rf-perimeter", Attributes={"RedrivePolicy": redrive})[
+                "QueueUrl"
+            ],
         }
         for rules, queue in ((INGEST_RULES, "ingest"), (LIFECYCLE_RULES, "lifecycle")):
             for name, pattern in rules.items():
@@ -197,6 +200,7 @@ class Env:
                 "RINGFENCE_IDEMPOTENCY_TABLE": "rf-idempotency",
                 "RINGFENCE_BUCKET": self.bucket,
                 "RINGFENCE_COMPUTE_QUEUE_URL": self.queues["compute"],
+                "RINGFENCE_PERIMETER_QUEUE_URL": self.queues["perimeter"],
                 "RINGFENCE_DLQ_URL": dlq,
                 "RINGFENCE_SIGNING_KEY": "secretsmanager:ringfence/signing-key",
                 "RINGFENCE_IID_CERT": self.iid.cert_pem,
@@ -414,9 +418,10 @@ class Env:
                 return results
 
     def pump(self) -> None:
-        """Run the pipeline until quiet: lifecycle and ingest queues, then compute."""
+        """Run the pipeline until quiet: lifecycle and ingest queues, the perimeter, then compute."""
         self.drain("lifecycle", "lifecycle")
         self.drain("ingest", "ingest")
+        self.drain("perimeter", "perimeter")
         self.drain("compute", "compute")
 
     # --- APIs -----------------------------------------------------------------------------------

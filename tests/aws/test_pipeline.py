@@ -380,6 +380,7 @@ def test_publish_failure_leaves_hook_pending_then_retry_rebuilds_and_completes(e
     new = est["run"]("processing", est["subnets"]["app"], 1)[0]
     env.put(env.lifecycle_event(new, launching=True))
     env.drain("lifecycle", "lifecycle")
+    env.drain("perimeter", "perimeter")  # the ENIs get their groups; the action goes on to compute
     out = env.drain("compute", "compute")
     assert out[0]["batchItemFailures"], "the batch failed and stays on the queue"
     assert completed == [] and "will time out into its configured default result" in caplog.text

@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
             shown += 1
     print(f"  ({shown} of {len(m.edges)} allowed group pairs shown; {m.allowed_pair_count()} workload pairs in all)")
     print(
-        f"\nDone. Bundles in {out / 'bundles'}; try: ringfence explain --policy {example / 'policy'} "
+        f"\nDone. Bundles in {out / 'bundles'}; try: .venv/bin/ringfence explain --policy {example / 'policy'} "
         f"--inventory {example / 'inventory.yaml'} --from ord-prod-web-1 --to ord-prod-db-1 --port tcp/5432"
     )
     return 0

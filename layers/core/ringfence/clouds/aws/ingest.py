@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,18 +28,25 @@ class Ingest:
         self.metric = metric
 
     def prefetch(self, raws: list[dict[str, Any]]) -> int:
-        """Describe every instance a batch of events names with one call per account/region
-        (DescribeInstances is rate-limited: a storm must not cost one call per event).
-        Best effort: whatever fails here is described again per event. Returns ids described."""
-        self.w.prefetched.clear()
-        groups: dict[tuple[str, str], set[str]] = {}
+        """:meth:`prefetch_events` of raw events (malformed ones are left to :meth:`handle`)."""
+        events = []
         for raw in raws:
             try:
                 ev = normalize(raw)
             except MalformedEvent:
                 continue
             if ev is not None:
-                groups.setdefault((ev.account, ev.region), set()).update(ev.instance_ids)
+                events.append(ev)
+        return self.prefetch_events(events)
+
+    def prefetch_events(self, events: Iterable[DomainEvent]) -> int:
+        """Describe every instance a batch of events names with one call per account/region
+        (DescribeInstances is rate-limited: a storm must not cost one call per event).
+        Best effort: whatever fails here is described again per event. Returns ids described."""
+        self.w.prefetched.clear()
+        groups: dict[tuple[str, str], set[str]] = {}
+        for ev in events:
+            groups.setdefault((ev.account, ev.region), set()).update(ev.instance_ids)
         n = 0
         for (account, region), ids in sorted(groups.items()):
             try:
@@ -58,9 +66,13 @@ class Ingest:
     def handle(self, raw: dict[str, Any]) -> IngestResult:
         ev = normalize(raw)  # MalformedEvent propagates: the handler sends it to the DLQ
         if ev is None:
-            self.metric("EventsIgnored", 1)
+            self.ignored()
             return IngestResult(str(raw.get("id", "")))
         return self.apply(ev)
+
+    def ignored(self) -> None:
+        """A valid event that is not about instances (a tag on a volume, a failed API call)."""
+        self.metric("EventsIgnored", 1)
 
     def apply(self, ev: DomainEvent) -> IngestResult:
         res = IngestResult(ev.event_id, kind=ev.kind.value)
@@ -86,6 +98,7 @@ class Ingest:
         res.changed = sorted(changed)
         if changed:
             self.w.enqueue_compute(res.changed)
+            self.w.enqueue_perimeter(res.changed)
         self.metric("InventoryChanges", len(changed))
         return res
 

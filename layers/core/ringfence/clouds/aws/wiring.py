@@ -47,6 +47,7 @@ class Config:
     audit_table: str = ""
     bucket: str = ""
     compute_queue_url: str = ""
+    perimeter_queue_url: str = ""  # empty: no event-path perimeter (the schedule alone reconciles)
     dlq_url: str = ""
     signing_key_ref: str = ""
     kms_key_id: str | None = None
@@ -75,6 +76,7 @@ class Config:
             audit_table=e.get("RINGFENCE_AUDIT_TABLE", ""),
             bucket=e.get("RINGFENCE_BUCKET", ""),
             compute_queue_url=e.get("RINGFENCE_COMPUTE_QUEUE_URL", ""),
+            perimeter_queue_url=e.get("RINGFENCE_PERIMETER_QUEUE_URL", ""),
             dlq_url=e.get("RINGFENCE_DLQ_URL", ""),
             signing_key_ref=e.get("RINGFENCE_SIGNING_KEY", ""),
             kms_key_id=e.get("RINGFENCE_KMS_KEY_ID") or None,
@@ -133,6 +135,11 @@ class BaseWiring:
     def wait_for_change(self, seconds: float) -> None:
         """Return when published state may have changed, or after ``seconds``."""
         raise NotImplementedError
+
+    def enqueue_perimeter(self, ids: Iterable[str], *, lifecycle: dict[str, str] | None = None) -> bool:
+        """Hand changed workloads to the perimeter step; False where there is none (on one machine
+        no cloud perimeter is managed), so launches go straight to compute."""
+        return False
 
     def policy(self, pv: PolicyVersion) -> Policy:
         if pv.number not in self._policies:
@@ -203,3 +210,15 @@ class Wiring(BaseWiring):
                 MessageGroupId="compute",  # one group: compute is serialized
                 MessageDeduplicationId=uuid.uuid4().hex,
             )
+
+    def enqueue_perimeter(self, ids: Iterable[str], *, lifecycle: dict[str, str] | None = None) -> bool:
+        """Ask the perimeter function to give these workloads' interfaces their groups (and then
+        hand ``lifecycle`` on to compute). False, and nothing sent, if no perimeter queue is
+        configured: callers then go straight to compute."""
+        ids = list(dict.fromkeys(ids))
+        if not self.cfg.perimeter_queue_url or (not ids and lifecycle is None):
+            return False
+        for i in range(0, max(len(ids), 1), 500):
+            body = {"ids": ids[i : i + 500], "lifecycle": lifecycle}
+            self.sqs.send_message(QueueUrl=self.cfg.perimeter_queue_url, MessageBody=json.dumps(body))
+        return True
