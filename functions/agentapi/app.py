@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from aws_lambda_powertools import Logger, Tracer
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.metrics import MetricUnit
 
 from ringfence.clouds.aws.agents import AgentApi
 from ringfence.clouds.aws.wiring import Config, Wiring
-from ringfence.routes.agent import agent_routes
+from ringfence.routes.agent import agent_routes, outcome
 
 logger = Logger()
 tracer = Tracer()
+metrics = Metrics()
 _svc: dict[str, AgentApi] = {}
 
 
@@ -26,5 +28,10 @@ app = agent_routes(api)
 
 @logger.inject_lambda_context
 @tracer.capture_lambda_handler
+@metrics.log_metrics
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    return app.resolve(event, context)
+    out = app.resolve(event, context)
+    name = outcome(str(event.get("path", "")), int(out["statusCode"]))
+    if name:
+        metrics.add_metric(name=name, unit=MetricUnit.Count, value=1)
+    return out

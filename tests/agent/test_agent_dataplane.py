@@ -973,6 +973,106 @@ def test_daemon_enrolls_follows_pushes_and_reports_against_the_real_control_plan
         net.kill(daemon, 15)
 
 
+# an HTTP client run inside a lab namespace (the test process is outside the lab)
+_HTTP_IN_LAB = """
+import json, sys, httpx
+method, url, token, body = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+if url.endswith("/v1/enroll"):  # an enrollment: fetch a nonce first
+    body["nonce"] = httpx.get(url.replace("/enroll", "/nonce"), timeout=10).json()["nonce"]
+headers = {"Authorization": f"Bearer {token}"} if token else {}
+r = httpx.request(method, url, json=body, headers=headers, timeout=60)
+print(json.dumps({"status": r.status_code, "body": r.json()}))
+"""
+
+
+def test_onprem_serve_pairs_pushes_and_survives_kill_9(net: NetLab, backend: str, tmp_path: Path) -> None:
+    """``ringfence serve --store sqlite:`` in cp and the agent in h2 with a real firewall:
+    workloads registered and a key minted through the admin API, enrollment with it (a used-up or
+    another workload's key refused), a registration change pushed, the server SIGKILLed and
+    restarted on the same state, and the agent following the next change with the token it holds."""
+    from ringfence import serve
+
+    token = "lab-admin-token-0123456789abcdef"
+    (tmp_path / "admin-tokens").write_text(f"carol:{serve.token_hash(token)}\n")
+    db = tmp_path / "cp-state" / "state.db"
+    url = f"http://{net.v4('cp')}:8443"
+
+    def start() -> subprocess.Popen[str]:
+        cmd = [str(RINGFENCE), "serve", "--host", net.v4("cp"), "--port", "8443", "--insecure"]
+        cmd += ["--store", f"sqlite:{db}", "--admin-tokens", str(tmp_path / "admin-tokens")]
+        proc = net.spawn("cp", *cmd, stdout=subprocess.PIPE, stderr=(tmp_path / "serve.log").open("a"))
+        assert proc.stdout is not None and "listening on" in proc.stdout.readline(), (
+            tmp_path / "serve.log"
+        ).read_text()
+        return proc
+
+    def call(method: str, path: str, body: dict[str, Any] | None = None, auth: str | None = token) -> tuple[int, Any]:
+        out = ok(net.exec("cp", PY, "-c", _HTTP_IN_LAB, method, url + path, auth or "", json.dumps(body or {})))
+        answer = json.loads(out)
+        return answer["status"], answer["body"]
+
+    def register(host: str, role: str) -> int:
+        spec = {"id": host, "ips": [net.v4(host)], "tags": {"role": role, "app": "lab", "env": "test"}}
+        return call("POST", "/admin/workloads", spec)[0]
+
+    server = start()
+    daemon = None
+    try:
+        assert [register(h, role) for h, role in ROLES.items()] == [201] * len(ROLES)
+        status, body = call("POST", "/admin/policies", {"files": {"lab.yaml": LAB_POLICY}, "reason": "lab"})
+        assert status == 201, body
+        _, key = call("POST", "/admin/pairing-keys", {"workload_id": "h2", "uses": 1, "ttl": 600})
+        _, h3_key = call("POST", "/admin/pairing-keys", {"workload_id": "h3", "uses": 1, "ttl": 600})
+        status, body = call(
+            "POST",
+            "/v1/enroll",
+            {"method": "pairing", "workload_id": "h2", "pairing_key": h3_key["pairing_key"]},
+            auth=None,
+        )
+        assert status == 401, "another workload's key is refused"
+        cfg = config(
+            tmp_path,
+            backend,
+            public_key=str(db.parent / "signing-key.pub.pem"),
+            api_url=url,
+            enroll={"pairing_key": key["pairing_key"]},
+            poll_interval=120,  # a change seen sooner came by the long-poll
+            wait_timeout=10,
+            request_timeout=5,
+        )
+        log = tmp_path / "run.log"
+        daemon = net.spawn("h2", str(net_agent()), "run", "--config", str(cfg), stderr=log.open("w"))
+        assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 30), log.read_text()
+        assert net.tcp("h1", "h2", 8080) and not net.tcp("h3", "h2", 8080)
+        status, body = call(
+            "POST",
+            "/v1/enroll",
+            {"method": "pairing", "workload_id": "h2", "pairing_key": key["pairing_key"]},
+            auth=None,
+        )
+        assert status == 401 and "used up" in body["detail"], body
+
+        # h4 becomes a client (a registration update): pushed to h2 as a set delta
+        changed = time.monotonic()
+        assert register("h4", "client") == 200
+        assert wait_until(lambda: net.tcp("h4", "h2", 8080, timeout=0.3), 20), log.read_text()
+        assert time.monotonic() - changed < 20 < 120
+
+        # kill -9 and restart on the same state; the agent carries on with its token (its key is
+        # used up: it could not enroll again) and follows the next change: h4 quarantined
+        net.kill(server)
+        server = start()
+        changed = time.monotonic()
+        assert call("POST", "/admin/workloads/h4/quarantine", {"reason": "lab"})[0] == 200
+        assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 30), log.read_text()
+        assert time.monotonic() - changed < 30 < 120
+        assert net.tcp("h1", "h2", 8080)
+    finally:
+        if daemon is not None:
+            net.kill(daemon, 15)
+        net.kill(server)
+
+
 def _lab_estate(net: NetLab, aws: Any, policy: str) -> dict[str, str]:
     """The lab hosts as EC2 instances with their lab addresses and role tags, the policy
     provisioned and every instance's running event through the pipeline: host → instance id."""

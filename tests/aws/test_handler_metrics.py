@@ -135,3 +135,22 @@ def test_ingest_parses_each_record_once(env: Env, monkeypatch: pytest.MonkeyPatc
     assert out == {"batchItemFailures": []}
     assert parsed == ["json", "json"]
     assert {env.store.get(i).state for i in est["ids"]["web"]} == {"stopped"}
+
+
+def test_agent_and_admin_apis_count_enrollments_refusals_and_actions(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.aws.test_pipeline import enroll_iid
+
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    capsys.readouterr()
+    assert enroll_iid(env, web)[0] == 200
+    assert enroll_iid(env, web)[0] == 401  # the same document again: a replay
+    assert env.rest("agentapi", "GET", f"/v1/agents/{web}/bundle", headers={"Authorization": "Bearer x"})[0] == 401
+    assert env.rest("agentapi", "POST", "/v1/enroll", {"method": "telepathy"})[0] == 422
+    assert env.rest("admin", "POST", f"/admin/workloads/{web}/quarantine", {"reason": "ir"})[0] == 200
+    assert env.rest("admin", "PUT", f"/admin/workloads/{web}/mode", {"mode": "bogus"})[0] == 422
+    got = emitted(capsys.readouterr().out)
+    assert (got.get("Enrollments"), got.get("EnrollmentsRefused"), got.get("AgentRequestsRefused")) == (1, 2, 1)
+    assert (got.get("AdminActions"), got.get("AdminRequestsRefused")) == (1, 1)

@@ -22,6 +22,11 @@ from .common import answers, http, resolver
 _NO_BODY = adminapi.Reason()
 
 
+def outcome(status: int) -> str:
+    """The metric an admin answer counts toward (the Lambda function publishes it)."""
+    return "AdminActions" if status < 400 else "AdminRequestsRefused"
+
+
 def admin_routes(
     service: Callable[[], Admin], onprem: Callable[[], OnPremAdmin] | None = None
 ) -> APIGatewayRestResolver:

@@ -30,6 +30,18 @@ def route_path(route: str) -> str:
     return API_PREFIX + ROUTES[route][1].replace("{id}", "<wid>")
 
 
+def outcome(path: str, status: int) -> str | None:
+    """The metric an answer counts toward (the Lambda function publishes it): enrollments granted
+    and refused, and requests refused for their token (alarm on either refusal rising)."""
+    if path == route_path("enroll"):
+        return "Enrollments" if status == 200 else "EnrollmentsRefused"
+    if status in (401, 403):
+        return "AgentRequestsRefused"
+    if status == 422:
+        return "AgentRequestsInvalid"
+    return None
+
+
 def agent_routes(service: Callable[[], AgentApi]) -> APIGatewayRestResolver:
     """The agent API over ``service()`` (called per request: hosts build the service lazily)."""
     app = resolver(
