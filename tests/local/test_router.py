@@ -1,0 +1,147 @@
+"""The event router end to end: changes made in moto through boto3 reach the inventory, compute and
+the published bundles with no handler called by the test (the admin API provisions policy first,
+as a user would); lifecycle hooks hold instances until compute has published their policy."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from ringfence.local import router as rt
+from ringfence.local.router import EventRouter, TimelineEntry
+from tests.aws.conftest import Env, ip_of
+from tests.aws.test_pipeline import in_set
+from tests.local.test_moto_lifecycle import launching, states, terminating
+
+WAIT = 30.0
+
+
+def computed(r: EventRouter, iid: str, detail_type: str) -> TimelineEntry:
+    e = r.timeline.wait(
+        lambda e: iid in e.instance_ids and e.detail_type == detail_type and e.computed is not None, WAIT
+    )
+    assert e is not None, [x for x in r.timeline.entries() if iid in x.instance_ids]
+    return e
+
+
+def booted(env: Env, make_router: Any, **options: Any) -> tuple[dict[str, Any], EventRouter]:
+    """Policy provisioned, the estate launched while the router watches, everything computed."""
+    env.provision_example_policy()
+    r = make_router(**options)
+    est = env.estate()
+    assert r.wait_idle(WAIT)
+    return est, r
+
+
+def test_launched_instance_reaches_inventory_and_gets_a_published_bundle(env: Env, make_router: Any) -> None:
+    est, r = booted(env, make_router)
+    (iid,) = est["run"]("processing", est["subnets"]["app"], 1)
+    e = computed(r, iid, rt.STATE_CHANGE)
+    assert e.changed <= e.put <= e.ingested <= e.computed  # type: ignore[operator]
+    rec = env.store.get(iid)
+    assert rec is not None and rec.labels["role"] == "processing" and rec.state == "running"
+    doc = env.bundle(iid)  # signed, verified with the stack's key
+    assert doc.workload_id == iid
+    db = env.bundle(est["ids"]["db"][0])
+    assert in_set(db, ip_of(env, iid)), "the database's peers now include the new processing instance"
+    # the estate itself also went through the router: every instance was announced and computed
+    for ids in est["ids"].values():
+        for i in ids:
+            assert env.store.bundle_pointer(i) is not None
+
+
+def test_create_tags_reaches_compute(env: Env, make_router: Any) -> None:
+    est, r = booted(env, make_router)
+    (typo,) = est["run"]("processing", est["subnets"]["app"], 1, env="prdo")
+    computed(r, typo, rt.STATE_CHANGE)
+    db = est["ids"]["db"][0]
+    assert not in_set(env.bundle(db), ip_of(env, typo)), "env=prdo is not prod: no access yet"
+    env.ec2.create_tags(Resources=[typo], Tags=[{"Key": "env", "Value": "prod"}])
+    e = computed(r, typo, rt.TAG_CHANGE)
+    assert "env=prod" in e.summary
+    assert env.store.get(typo).labels["env"] == "prod"  # type: ignore[union-attr]
+    assert in_set(env.bundle(db), ip_of(env, typo))
+    # a deleted key is a change too (in changed-tag-keys, absent from the full tag set)
+    env.ec2.delete_tags(Resources=[typo], Tags=[{"Key": "app"}])
+    assert r.timeline.wait(lambda x: x.summary == f"{typo} tags -app" and x.computed is not None, WAIT)
+    assert "app" not in env.store.get(typo).labels  # type: ignore[union-attr]
+
+
+def test_scale_out_waits_in_pending_wait_until_compute_completes_the_action(env: Env, make_router: Any) -> None:
+    est, r = booted(env, make_router)
+    env.asg.put_lifecycle_hook(AutoScalingGroupName="rf-web-asg", LifecycleHookName="rf-hook", **launching())
+    proc = est["ids"]["proc"][0]
+    env.asg.set_desired_capacity(AutoScalingGroupName="rf-web-asg", DesiredCapacity=3)
+    new = states(env.asg)
+    assert len(new) == 3 and set(new.values()) == {"Pending:Wait"}, new
+    for iid in new:
+        action = computed(r, iid, rt.LAUNCH_ACTION)
+        ok = r.timeline.wait(lambda e, i=iid: i in e.instance_ids and e.detail_type == rt.LAUNCH_OK, WAIT)
+        assert ok is not None, f"{iid} never went InService"
+        assert action.computed <= ok.changed, "InService only after compute completed the action"  # type: ignore[operator]
+        assert env.store.bundle_pointer(iid) is not None
+    assert set(states(env.asg).values()) == {"InService"}
+    assert r.wait_idle(WAIT)
+    peers = env.bundle(proc)
+    assert all(in_set(peers, ip_of(env, iid)) for iid in new), "processing accepts every new web server"
+
+
+def test_scale_in_leaves_peers_before_terminating(env: Env, make_router: Any) -> None:
+    est, r = booted(env, make_router)
+    env.asg.put_lifecycle_hook(AutoScalingGroupName="rf-web-asg", LifecycleHookName="rf-leave", **terminating())
+    env.asg.set_desired_capacity(AutoScalingGroupName="rf-web-asg", DesiredCapacity=2)
+    assert r.wait_idle(WAIT)
+    a, b = sorted(states(env.asg))
+    ips = {a: ip_of(env, a), b: ip_of(env, b)}
+    proc = est["ids"]["proc"][0]
+    assert all(in_set(env.bundle(proc), ip) for ip in ips.values())
+    env.asg.set_desired_capacity(AutoScalingGroupName="rf-web-asg", DesiredCapacity=1)
+    (leaving,) = [i for i, s in states(env.asg).items() if s == "Terminating:Wait"]
+    action = computed(r, leaving, rt.TERMINATE_ACTION)
+    gone = r.timeline.wait(lambda e: leaving in e.instance_ids and e.detail_type == rt.TERMINATE_OK, WAIT)
+    assert gone is not None and action.computed <= gone.changed  # type: ignore[operator]
+    assert r.wait_idle(WAIT)
+    assert not in_set(env.bundle(proc), ips[leaving]), "peers dropped the terminated instance"
+    (stays,) = set(ips) - {leaving}
+    assert in_set(env.bundle(proc), ips[stays])
+
+
+def test_poison_messages_end_in_their_dlq_and_the_router_keeps_going(env: Env, make_router: Any) -> None:
+    est, r = booted(env, make_router, retry_after=0.0)
+    sqs = env.sqs
+    sqs.send_message(QueueUrl=env.queues["ingest"], MessageBody="{not json")
+    sqs.send_message(QueueUrl=env.queues["lifecycle"], MessageBody=json.dumps({"detail-type": "nonsense"}))
+    (iid,) = est["run"]("processing", est["subnets"]["app"], 1)
+    computed(r, iid, rt.STATE_CHANGE)  # the pipeline still flows around them
+    assert r.wait_idle(WAIT)
+    counts = r.pending()
+    assert counts["dlq"] == 1, counts  # ingest sends what it cannot parse to the DLQ itself
+    assert counts["lifecycle_dlq"] == 1, counts  # the lifecycle handler fails it: redriven after 3 receives
+    assert counts["ingest"] == counts["lifecycle"] == counts["compute"] == 0
+    failures = [d for d in r.deliveries if d.queue == "lifecycle" and d.failed]
+    assert len(failures) == 3, "received three times (maxReceiveCount), then moto moved it to the DLQ"
+
+
+def test_scheduled_reconcile_finds_what_no_event_announced(env: Env, make_router: Any) -> None:
+    env.provision_example_policy()
+    est = env.estate()  # before the router: no event will ever name these instances
+    r = make_router(schedule={"reconcile": 0.3})
+    web = est["ids"]["web"][0]
+    deadline = time.monotonic() + WAIT
+    while env.store.get(web) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert env.store.get(web) is not None, "the scheduled reconcile put the instance in the inventory"
+    assert not any(web in e.instance_ids for e in r.timeline.entries()), "and no event did"
+
+
+def test_timeline_listeners_and_watch_interval(env: Env, make_router: Any) -> None:
+    seen: list[tuple[str, str]] = []
+    est, r = booted(env, make_router, watch_interval=0.1)
+    r.subscribe(lambda stage, e: seen.append((stage, e.summary)))
+    (iid,) = est["run"]("processing", est["subnets"]["app"], 1)
+    computed(r, iid, rt.STATE_CHANGE)
+    stages = [s for s, summary in seen if summary == f"{iid} running"]
+    assert stages == ["put", "ingested", "computed"], seen
+    stats = r.watch_stats()
+    assert stats["count"] > 0 and stats["interval"] == 0.1
