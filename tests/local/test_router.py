@@ -72,6 +72,15 @@ def test_scale_out_waits_in_pending_wait_until_compute_completes_the_action(env:
     est, r = booted(env, make_router)
     env.asg.put_lifecycle_hook(AutoScalingGroupName="rf-web-asg", LifecycleHookName="rf-hook", **launching())
     proc = est["ids"]["proc"][0]
+    # the moment the router sees an instance InService: was its policy already published?
+    published_when_in_service: dict[str, bool] = {}
+
+    def seen(stage: str, e: TimelineEntry) -> None:
+        if stage == "put" and e.detail_type == rt.LAUNCH_OK:
+            (iid,) = e.instance_ids
+            published_when_in_service[iid] = env.store.bundle_pointer(iid) is not None
+
+    r.subscribe(seen)
     env.asg.set_desired_capacity(AutoScalingGroupName="rf-web-asg", DesiredCapacity=3)
     new = states(env.asg)
     assert len(new) == 3 and set(new.values()) == {"Pending:Wait"}, new
@@ -79,8 +88,8 @@ def test_scale_out_waits_in_pending_wait_until_compute_completes_the_action(env:
         action = computed(r, iid, rt.LAUNCH_ACTION)
         ok = r.timeline.wait(lambda e, i=iid: i in e.instance_ids and e.detail_type == rt.LAUNCH_OK, WAIT)
         assert ok is not None, f"{iid} never went InService"
-        assert action.computed <= ok.changed, "InService only after compute completed the action"  # type: ignore[operator]
-        assert env.store.bundle_pointer(iid) is not None
+        assert action.ingested <= ok.changed, "held until the lifecycle handler had run"  # type: ignore[operator]
+    assert published_when_in_service == dict.fromkeys(new, True)
     assert set(states(env.asg).values()) == {"InService"}
     assert r.wait_idle(WAIT)
     peers = env.bundle(proc)
@@ -145,3 +154,41 @@ def test_timeline_listeners_and_watch_interval(env: Env, make_router: Any) -> No
     assert stages == ["put", "ingested", "computed"], seen
     stats = r.watch_stats()
     assert stats["count"] > 0 and stats["interval"] == 0.1
+
+
+def test_cloudtrail_events_name_the_caller(env: Env, make_router: Any) -> None:
+    import boto3
+
+    est, r = booted(env, make_router)
+    iam = env.aws.client("iam")
+    iam.create_user(UserName="alice")
+    key = iam.create_access_key(UserName="alice")["AccessKey"]
+    alice = boto3.client(
+        "ec2",
+        endpoint_url=env.aws.url,
+        region_name=env.aws.region,
+        aws_access_key_id=key["AccessKeyId"],
+        aws_secret_access_key=key["SecretAccessKey"],
+    )
+    web = est["ids"]["web"][0]
+    alice.create_tags(Resources=[web], Tags=[{"Key": "owner", "Value": "alice"}])
+    e = r.timeline.wait(lambda x: x.detail_type == rt.API_CALL and x.detail.get("eventName") == "CreateTags", WAIT)
+    assert e is not None and e.instance_ids == (web,)
+    who = e.detail["userIdentity"]
+    assert who["type"] == "IAMUser" and who["userName"] == "alice" and who["arn"].endswith(":user/alice")
+    assert who["accessKeyId"] == key["AccessKeyId"]
+    assert e.detail["requestParameters"]["tagSet"]["items"] == [{"key": "owner", "value": "alice"}]
+    # Auto Scaling's own launches are recorded as AWS records them
+    env.asg.set_desired_capacity(AutoScalingGroupName="rf-web-asg", DesiredCapacity=1)
+    runs = [x for x in r.timeline.entries() if x.detail.get("eventName") == "RunInstances"]
+    assert len(runs) == 3 and all(x.detail["userIdentity"]["arn"].endswith(":user/moto") for x in runs), (
+        "the estate's own launches, by moto's default user (the test's dummy keys)"
+    )
+    run = r.timeline.wait(lambda x: "invokedBy" in x.detail.get("userIdentity", {}), WAIT)
+    assert run is not None and run.detail["userIdentity"]["invokedBy"] == "autoscaling.amazonaws.com"
+    assert run.detail["eventName"] == "RunInstances"
+    assert run.instance_ids == tuple(states(env.asg))
+    assert r.wait_idle(WAIT)
+    # ingest took them like any other event: nothing failed, nothing dead-lettered
+    assert all(x.ingested is not None and x.failed is None for x in r.timeline.entries())
+    assert r.pending()["dlq"] == 0

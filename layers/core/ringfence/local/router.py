@@ -18,7 +18,7 @@ moto EventBridge (whose rules route them to the SQS queues), and runs the real h
         router.watch_stats()                  # how long a watch tick takes (count, mean, p95, max in s)
 
 ``EventRouter(aws, watch_interval=0.15, poll_interval=0.05, schedule=None, retry_after=1.0,
-batch_size=10, functions=None, announce_existing=False)``:
+batch_size=10, functions=None, announce_existing=False, cloudtrail=True)``:
 
 - **watching** (a thread, every ``watch_interval`` s): ``DescribeInstances`` and
   ``DescribeAutoScalingGroups`` on the moto server, compared with the previous look. A new or
@@ -27,10 +27,12 @@ batch_size=10, functions=None, announce_existing=False)``:
   a new lifecycle action → ``EC2 Instance-launch/-terminate Lifecycle Action`` with its
   ``LifecycleActionToken`` (read from the moto extension, as AWS puts it only in this event);
   an ASG instance reaching ``InService`` → ``EC2 Instance Launch Successful``; one leaving its
-  group terminated → ``EC2 Instance Terminate Successful``. None of these carries a
-  ``userIdentity`` in AWS (only CloudTrail's ``AWS API Call via CloudTrail`` does, and moto
-  records no trail), so none is invented. Instances that exist when the router starts are
-  not announced unless ``announce_existing`` (in AWS, the scheduled reconcile finds them).
+  group terminated → ``EC2 Instance Terminate Successful``. With ``cloudtrail`` (default), each
+  ``CreateTags`` / ``DeleteTags`` / ``RunInstances`` call moto served (Auto Scaling's launches
+  included) → ``AWS API Call via CloudTrail`` with the caller's ``userIdentity``, as a trail feeds
+  the stack's ``CloudTrailEc2`` rule (:mod:`ringfence.local.moto_trail`); the other events carry
+  no ``userIdentity`` in AWS either. Instances that exist when the router starts are not
+  announced unless ``announce_existing`` (in AWS, the scheduled reconcile finds them).
 - **delivering** (a second thread, the "Lambda runtime"): the lifecycle, ingest and compute
   queues, in that order, each batch (``batch_size``) to ``functions/<name>/app.py``'s handler
   (:func:`ringfence.local.lambdas.deliver_batch`): successes deleted, reported failures visible
@@ -65,7 +67,7 @@ from dataclasses import dataclass, field, replace
 from types import ModuleType
 from typing import Any
 
-from . import moto_lifecycle
+from . import moto_lifecycle, moto_trail
 from .aws import EmbeddedAws
 from .lambdas import FUNCTIONS, Delivery, LambdaContext, deliver_batch, load_functions
 
@@ -77,6 +79,7 @@ LAUNCH_ACTION = "EC2 Instance-launch Lifecycle Action"
 TERMINATE_ACTION = "EC2 Instance-terminate Lifecycle Action"
 LAUNCH_OK = "EC2 Instance Launch Successful"
 TERMINATE_OK = "EC2 Instance Terminate Successful"
+API_CALL = "AWS API Call via CloudTrail"
 
 # delivery order per pass: lifecycle actions first (an instance waits on them), compute last
 QUEUES = (("lifecycle", "lifecycle"), ("ingest", "ingest"), ("compute", "compute"))
@@ -100,6 +103,7 @@ class TimelineEntry:
     computed: float | None = None
     failed: str | None = None  # last handler failure for it (it stays queued and is retried)
     attempts: int = 0
+    detail: dict[str, Any] = field(default_factory=dict, compare=False)  # the event's detail, as put
 
     @property
     def to_ingested(self) -> float | None:
@@ -243,7 +247,7 @@ class _Look:
 class _Event:
     """An event to put, with what the timeline needs to know about it."""
 
-    entry: dict[str, Any]  # PutEvents entry
+    entry: dict[str, Any]  # PutEvents entry (Detail is JSON text)
     instance_ids: tuple[str, ...]
     summary: str
     changed: float
@@ -263,6 +267,7 @@ class EventRouter:
         batch_size: int = 10,
         functions: dict[str, ModuleType] | None = None,
         announce_existing: bool = False,
+        cloudtrail: bool = True,
     ) -> None:
         self.aws = aws
         self.watch_interval = watch_interval
@@ -271,6 +276,8 @@ class EventRouter:
         self.retry_after = retry_after
         self.batch_size = batch_size
         self.announce_existing = announce_existing
+        self.cloudtrail = cloudtrail
+        self._trail_seq = 0
         self.fn = functions if functions is not None else load_functions(FUNCTIONS)
         self.timeline = Timeline()
         self.deliveries: list[Delivery] = []  # every handler invocation (read under self._lock)
@@ -302,6 +309,10 @@ class EventRouter:
         if self._threads:
             return
         self._stop.clear()
+        if self.cloudtrail:  # calls made before the router started are history
+            moto_trail.install()
+            done = moto_trail.records_since(self.aws.account, self.aws.region, 0)
+            self._trail_seq = done[-1].seq if done else 0
         first = self._observe()
         # not announcing what exists: the first look is its own "before" (lifecycle actions
         # already waiting are announced all the same: nothing else would release them)
@@ -346,9 +357,29 @@ class EventRouter:
         """One look at moto; emits an event per change. Returns how many it put."""
         look = self._observe()
         events = self._diff(self._look, look)
+        if self.cloudtrail:
+            events.extend(self._trail_events())
         self._look = look
         self._put(events)
         return len(events)
+
+    def _trail_events(self) -> list[_Event]:
+        now = time.time()
+        out = []
+        for rec in moto_trail.records_since(self.aws.account, self.aws.region, self._trail_seq):
+            self._trail_seq = rec.seq
+            d = rec.detail
+            if d["eventName"] == "RunInstances":
+                items = (d.get("responseElements") or {}).get("instancesSet", {}).get("items", [])
+                ids = tuple(i["instanceId"] for i in items)
+            else:
+                items = d["requestParameters"]["resourcesSet"]["items"]
+                ids = tuple(i["resourceId"] for i in items if i["resourceId"].startswith("i-"))
+            entry = {"Source": "aws.ec2", "DetailType": API_CALL, "Resources": [], "Detail": json.dumps(d)}
+            who = d["userIdentity"].get("arn") or d["userIdentity"].get("invokedBy", "?")
+            fail = f" failed ({d['errorCode']})" if d.get("errorCode") else ""
+            out.append(_Event(entry, ids, f"{d['eventName']} {' '.join(ids)} by {who}{fail}", now))
+        return out
 
     def watch_stats(self) -> dict[str, float]:
         with self._lock:
@@ -512,6 +543,7 @@ class EventRouter:
                         summary=e.summary,
                         changed=e.changed,
                         put=put_at,
+                        detail=json.loads(e.entry["Detail"]),
                     )
                 )
             self.timeline.put(entries)
