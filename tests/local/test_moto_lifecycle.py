@@ -169,3 +169,29 @@ def test_unknown_action_is_refused(aws: EmbeddedAws) -> None:
             AutoScalingGroupName=GROUP, LifecycleHookName="rf-hook", LifecycleActionResult="MAYBE", InstanceId=iid
         )
     assert states(asg)[iid] == "Pending:Wait"
+
+
+def test_target_groups_reach_only_instances_in_service(aws: EmbeddedAws) -> None:
+    asg = group(aws, hooks={"rf-hook": launching(), "rf-leave": terminating()})
+    elb = aws.client("elbv2")
+    vpc = aws.client("ec2").describe_vpcs(Filters=[{"Name": "cidr", "Values": ["10.9.0.0/16"]}])["Vpcs"][0]["VpcId"]
+    tg = elb.create_target_group(Name="web", Protocol="HTTP", Port=80, VpcId=vpc, TargetType="instance")
+    arn = tg["TargetGroups"][0]["TargetGroupArn"]
+    asg.attach_load_balancer_target_groups(AutoScalingGroupName=GROUP, TargetGroupARNs=[arn])
+
+    def targets() -> set[str]:
+        return {t["Target"]["Id"] for t in elb.describe_target_health(TargetGroupArn=arn)["TargetHealthDescriptions"]}
+
+    asg.set_desired_capacity(AutoScalingGroupName=GROUP, DesiredCapacity=2)
+    a, b = sorted(states(asg))
+    assert targets() == set(), "nothing reaches an instance a launch hook holds"
+    asg.complete_lifecycle_action(
+        AutoScalingGroupName=GROUP, LifecycleHookName="rf-hook", LifecycleActionResult="CONTINUE", InstanceId=a
+    )
+    assert targets() == {a}
+    asg.complete_lifecycle_action(
+        AutoScalingGroupName=GROUP, LifecycleHookName="rf-hook", LifecycleActionResult="CONTINUE", InstanceId=b
+    )
+    assert targets() == {a, b}
+    asg.terminate_instance_in_auto_scaling_group(InstanceId=a, ShouldDecrementDesiredCapacity=True)
+    assert targets() == {b}, "deregistered as it starts leaving, before the terminate hook completes"
