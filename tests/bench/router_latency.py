@@ -70,7 +70,12 @@ def run(samples: int, estates: list[int], scale: int, watch_interval: float) -> 
                     e = r.timeline.wait(
                         lambda x: iid in x.instance_ids and x.detail_type == kind and x.computed is not None, 60
                     )
-                    assert e is not None, (iid, kind)
+                    if e is None:
+                        failed = [(d.queue, d.error, d.result) for d in r.deliveries if d.failed]
+                        raise AssertionError(
+                            f"{kind} for {iid} not computed in 60 s: {r.timeline.for_instance(iid)} "
+                            f"failed deliveries {failed[-5:]} pending {r.pending()} errors {r.errors}"
+                        )
                     return e
 
                 launches = []

@@ -12,7 +12,7 @@ moto EventBridge (whose rules route them to the SQS queues), and runs the real h
         router.wait_idle(timeout=10)          # True once nothing is left to watch, route or run
         router.timeline.entries()             # [TimelineEntry]: per event, its timestamps
         router.timeline.wait(pred, timeout)   # the first entry with pred(entry), or None
-        router.subscribe(fn)                  # fn(stage, entry) at "put" / "ingested" / "computed" / "failed"
+        router.subscribe(fn)                  # fn(stage, entry): "put", "ingested", "computed", "unchanged", "failed"
         router.fn["agentapi"]                 # the loaded handler modules (one warm "container" each)
         router.run_scheduled("reconcile")     # run a scheduled handler now
         router.watch_stats()                  # how long a watch tick takes (count, mean, p95, max in s)
@@ -48,7 +48,10 @@ batch_size=10, functions=None, announce_existing=False, cloudtrail=True)``:
 :class:`Timeline` records, per event put: ``changed`` (the watcher saw the change in moto),
 ``put`` (``PutEvents`` returned), ``ingested`` (the ingest or lifecycle handler finished the batch
 holding it), ``computed`` (the compute handler finished a batch naming its instance, received
-after the ingest) — all ``time.time()`` seconds. Lifecycle actions are completed by compute
+after the ingest) — all ``time.time()`` seconds; ``unchanged`` when the pipeline went idle after
+its ingest with nothing to compute for it (ingest found the inventory already as the event says:
+the same change often arrives as several events, e.g. CloudTrail ``RunInstances`` and the state
+change). Lifecycle actions are completed by compute
 through ``CompleteLifecycleAction`` on the moto server; the watcher then sees ``InService``.
 """
 
@@ -83,7 +86,7 @@ API_CALL = "AWS API Call via CloudTrail"
 
 # delivery order per pass: lifecycle actions first (an instance waits on them), compute last
 QUEUES = (("lifecycle", "lifecycle"), ("ingest", "ingest"), ("compute", "compute"))
-STAGES = ("put", "ingested", "computed", "failed")
+STAGES = ("put", "ingested", "computed", "unchanged", "failed")
 
 
 # --- the timeline ----------------------------------------------------------------------------------
@@ -103,6 +106,7 @@ class TimelineEntry:
     computed: float | None = None
     failed: str | None = None  # last handler failure for it (it stays queued and is retried)
     attempts: int = 0
+    unchanged: bool = False  # ingested, and the pipeline went idle with nothing to compute for it
     detail: dict[str, Any] = field(default_factory=dict, compare=False)  # the event's detail, as put
 
     @property
@@ -217,6 +221,29 @@ class Timeline:
                 self._awaiting[iid] = keep
             if done:
                 self._notify("computed", done)
+
+    def settle(self, before: float) -> None:
+        """The pipeline is idle: events ingested before ``before`` still waiting for compute
+        changed nothing (ingest found the inventory as it was), so none will come."""
+        with self._cond:
+            done = []
+            for iid, waiting in self._awaiting.items():
+                keep = []
+                for eid in waiting:
+                    e = self._entries[eid]
+                    if e.computed is None and e.ingested is not None and e.ingested < before:
+                        e = replace(e, unchanged=True)
+                        self._entries[eid] = e
+                        done.append(e)
+                    elif e.computed is None:
+                        keep.append(eid)
+                self._awaiting[iid] = keep
+            if done:
+                self._notify("unchanged", done)
+
+    def _has_awaiting(self) -> bool:
+        with self._cond:
+            return any(self._awaiting.values())
 
 
 # --- what the watcher sees -----------------------------------------------------------------------
@@ -554,7 +581,10 @@ class EventRouter:
         while not self._stop.is_set():
             worked = False
             try:
+                started = time.time()
                 worked = self.deliver_once()
+                if not worked and self.timeline._has_awaiting() and self._queues_empty():
+                    self.timeline.settle(started)
                 self._run_due()
             except Exception as exc:
                 log.exception("router runtime pass failed")
@@ -653,10 +683,15 @@ class EventRouter:
 
     # --- waiting -----------------------------------------------------------------------------------
 
-    def pending(self) -> dict[str, int]:
+    def _queues_empty(self) -> bool:
+        counts = self.pending(keys=[q for q, _ in QUEUES])
+        return not any(counts.values())
+
+    def pending(self, keys: Iterable[str] | None = None) -> dict[str, int]:
         """Messages on each queue now (visible + in flight), DLQs included."""
         out = {}
-        for key, url in self.aws.queues.items():
+        for key in keys or self.aws.queues:
+            url = self.aws.queues[key]
             a = self._sqs.get_queue_attributes(
                 QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
             )["Attributes"]
