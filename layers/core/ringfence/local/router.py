@@ -610,6 +610,7 @@ class EventRouter:
                     name=name,
                 )
             finally:
+                self._drop_disabled_metrics(name)
                 self._busy.clear()
             if d is None:
                 continue
@@ -663,8 +664,20 @@ class EventRouter:
             "resources": [f"arn:aws:events:{self.aws.region}:{self.aws.account}:rule/{name}-schedule"],
             "detail": {},
         }
-        out: dict[str, Any] = self.fn[name].handler(copy.deepcopy(event), LambdaContext(function_name=name))
+        try:
+            out: dict[str, Any] = self.fn[name].handler(copy.deepcopy(event), LambdaContext(function_name=name))
+        finally:
+            self._drop_disabled_metrics(name)
         return out
+
+    def _drop_disabled_metrics(self, name: str) -> None:
+        # with POWERTOOLS_METRICS_DISABLED, Powertools keeps the metrics in memory and still
+        # prints them whenever one reaches 100 values; drop them as log_metrics would after a flush
+        from aws_lambda_powertools.metrics.functions import is_metrics_disabled
+
+        metrics = getattr(self.fn.get(name), "metrics", None)
+        if metrics is not None and is_metrics_disabled():
+            metrics.clear_metrics()
 
     def _run_due(self) -> None:
         now = time.monotonic()
