@@ -14,7 +14,7 @@ from tests.aws.conftest import Env, ip_of
 from tests.aws.test_pipeline import in_set
 from tests.local.test_moto_lifecycle import launching, states, terminating
 
-WAIT = 30.0
+WAIT = 60.0
 
 
 def kind(e: TimelineEntry) -> str:
