@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 
 from ringfence.bundle import Bundle, SetDelta, sign
+from ringfence.local.lab import PROBE, PY, prerequisites, wait_until
+from ringfence.local.lab import Lab as NetLab
 from ringfence.model import Mode, Workload
 from ringfence_agent.backends.iptables import ipset_name
 from tests.agent.bundles import (
@@ -34,8 +36,6 @@ from tests.agent.bundles import (
     workloads,
     write,
 )
-from tests.agent.netlab import PY, prerequisites, wait_until
-from tests.agent.netlab import Lab as NetLab
 
 pytestmark = pytest.mark.dataplane
 
@@ -187,7 +187,7 @@ def test_a_full_drop_tuple_set_never_lets_a_denied_packet_through(net: NetLab, b
     lab = lab_engine(net, PRECEDENCE_POLICY, extra={"adm": "admin"})
     state = tmp_path / "state"
     ok(apply(net, backend, lab.bundle("h2"), state))
-    burst = net.exec("adm", PY, str(HERE / "netprobe.py"), "burst", net.v4("h2"), "8080", "1200", check=True)
+    burst = net.exec("adm", *PROBE, "burst", net.v4("h2"), "8080", "1200", check=True)
     assert burst.stdout.strip() == "0"
     if backend == "nftables":
         listed = json.loads(ok(net.exec("h2", "nft", "-j", "list", "set", "inet", "ringfence", "t_r_in_0_4")))
@@ -347,12 +347,12 @@ def test_metadata_endpoint_survives_a_deny_everything_bundle_on_its_port_only(
 
 
 def test_dhcp_exchange_survives_a_deny_everything_bundle(net: NetLab, backend: str, tmp_path: Path) -> None:
-    server = net.spawn("h3", PY, str(HERE / "netprobe.py"), "dhcp-serve", "--ports", "67,6700", stdout=subprocess.PIPE)
+    server = net.spawn("h3", *PROBE, "dhcp-serve", "--ports", "67,6700", stdout=subprocess.PIPE)
     try:
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
 
         def dhcp(client_port: int, server_port: int) -> bool:
-            probe = (PY, str(HERE / "netprobe.py"), "dhcp", str(client_port), str(server_port))
+            probe = (*PROBE, "dhcp", str(client_port), str(server_port))
             return net.exec("h2", *probe).returncode == 0
 
         assert dhcp(68, 67) and dhcp(6800, 6700)  # both work without a firewall
@@ -836,7 +836,7 @@ def test_daemon_enrolls_follows_nudges_and_reports(net: NetLab, backend: str, tm
 
 
 def net_agent() -> Path:
-    from tests.agent.netlab import AGENT
+    from ringfence.local.lab import AGENT
 
     return AGENT
 
