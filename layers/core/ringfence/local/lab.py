@@ -191,9 +191,13 @@ class Lab:
         return sh("ip", "netns", "exec", self.ns(host), *cmd, check=check, stdin=stdin, timeout=timeout)
 
     def spawn(self, host: str, *cmd: str, env: dict[str, str] | None = None, **kw: Any) -> subprocess.Popen[Any]:
+        return self.start("ip", "netns", "exec", self.ns(host), *cmd, env=env, **kw)
+
+    def start(self, *cmd: str, env: dict[str, str] | None = None, **kw: Any) -> subprocess.Popen[Any]:
+        """A process the lab kills on :meth:`close` (``spawn`` starts one inside a host)."""
         kw.setdefault("text", True)
         p = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns(host), *cmd],
+            list(cmd),
             start_new_session=True,  # its own process group: killed as one, and not by the terminal's Ctrl-C
             env={**os.environ, **(env or {})},
             **kw,
