@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: lock demo test lint typecheck unit bench clean sysdeps static-aws bench-aws
+.PHONY: lock demo test lint typecheck unit bench clean sysdeps static-aws bench-aws openapi
 
 # checkov pins heavy dependencies that fight moto/boto3: it lives in its own venv
 CHECKOV_VENV := .venv-checkov
@@ -46,6 +46,10 @@ sysdeps:
 
 demo: $(STAMP)
 	$(BIN)/ringfence demo
+
+# docs/openapi/*.json from the routes (tests/test_openapi_docs.py fails when they are stale)
+openapi: $(STAMP)
+	$(BIN)/python -m ringfence.routes.openapi docs/openapi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -431,42 +431,8 @@ class Env:
         query: dict[str, str] | None = None,
         principal: str = "arn:aws:iam::123456789012:user/alice",
     ) -> tuple[int, dict[str, str], Any]:
-        event = {
-            "resource": path,
-            "path": path,
-            "httpMethod": method,
-            "headers": headers or {},
-            "multiValueHeaders": {k: [v] for k, v in (headers or {}).items()},
-            "queryStringParameters": query,
-            "multiValueQueryStringParameters": {k: [v] for k, v in query.items()} if query else None,
-            "pathParameters": None,
-            "stageVariables": None,
-            "requestContext": {
-                "accountId": ACCOUNT,
-                "apiId": "api",
-                "httpMethod": method,
-                "path": path,
-                "protocol": "HTTP/1.1",
-                "requestId": str(uuid.uuid4()),
-                "requestTimeEpoch": int(time.time() * 1000),
-                "resourceId": "r",
-                "resourcePath": path,
-                "stage": "v1",
-                "identity": {"userArn": principal, "caller": principal, "sourceIp": "10.0.0.1"},
-            },
-            "body": body if isinstance(body, str) or body is None else json.dumps(body),
-            "isBase64Encoded": False,
-        }
-        out = self.fn[fn].handler(event, LambdaContext())
-        text = out.get("body") or ""
-        try:
-            parsed = json.loads(text) if text else None
-        except ValueError:
-            parsed = text
-        hdrs = {k.lower(): v for k, v in (out.get("headers") or {}).items()}
-        for k, v in (out.get("multiValueHeaders") or {}).items():
-            hdrs[k.lower()] = v[0]
-        return out["statusCode"], hdrs, parsed
+        event = rest_event(method, path, body, headers, query, principal)
+        return rest_answer(self.fn[fn].handler(event, LambdaContext()))
 
     def provision_example_policy(self) -> int:
         # the example's tests.yaml names the sample inventory's workload ids, which this moto estate
@@ -501,6 +467,56 @@ class Env:
             AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
         )["Attributes"]
         return int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"])
+
+
+def rest_event(
+    method: str,
+    path: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    query: dict[str, str] | None = None,
+    principal: str = "arn:aws:iam::123456789012:user/alice",
+) -> dict[str, Any]:
+    """An API Gateway REST proxy event, as API Gateway builds it for a request."""
+    return {
+        "resource": path,
+        "path": path,
+        "httpMethod": method,
+        "headers": headers or {},
+        "multiValueHeaders": {k: [v] for k, v in (headers or {}).items()},
+        "queryStringParameters": query,
+        "multiValueQueryStringParameters": {k: [v] for k, v in query.items()} if query else None,
+        "pathParameters": None,
+        "stageVariables": None,
+        "requestContext": {
+            "accountId": ACCOUNT,
+            "apiId": "api",
+            "httpMethod": method,
+            "path": path,
+            "protocol": "HTTP/1.1",
+            "requestId": str(uuid.uuid4()),
+            "requestTimeEpoch": int(time.time() * 1000),
+            "resourceId": "r",
+            "resourcePath": path,
+            "stage": "v1",
+            "identity": {"userArn": principal, "caller": principal, "sourceIp": "10.0.0.1"},
+        },
+        "body": body if isinstance(body, str) or body is None else json.dumps(body),
+        "isBase64Encoded": False,
+    }
+
+
+def rest_answer(out: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
+    """(status, lower-cased headers, JSON body or text) of a proxy integration's answer."""
+    text = out.get("body") or ""
+    try:
+        parsed = json.loads(text) if text else None
+    except ValueError:
+        parsed = text
+    hdrs = {k.lower(): v for k, v in (out.get("headers") or {}).items()}
+    for k, v in (out.get("multiValueHeaders") or {}).items():
+        hdrs[k.lower()] = v[0]
+    return out["statusCode"], hdrs, parsed
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from ringfence import agentapi
-from tests.aws.conftest import ACCOUNT, REGION, Env, ip_of
+from tests.aws.conftest import ACCOUNT, REGION, Env, LambdaContext, ip_of, rest_answer, rest_event
 from tests.aws.test_pipeline import _ctx, _scheduled, boot, enroll_pairing, in_set
 
 
@@ -168,7 +168,7 @@ def test_reports_validated_and_size_limited(env: Env) -> None:
     assert env.rest("agentapi", "POST", f"/v1/agents/{web}/reports", good, headers=auth(tok))[0] == 202
     bad = {"flows": [{"start": 1}]}
     status, _, body = env.rest("agentapi", "POST", f"/v1/agents/{web}/reports", bad, headers=auth(tok))
-    assert status == 400 and "flows" in body["detail"]
+    assert status == 422 and "body.flows.0.end" in body["detail"], body
     huge = json.dumps({"flows": [], "drops": [], "pad": "x" * (agentapi.MAX_REPORT_BYTES + 1)})
     assert env.rest("agentapi", "POST", f"/v1/agents/{web}/reports", huge, headers=auth(tok))[0] == 413
     keys = env.s3.list_objects_v2(Bucket=env.bucket, Prefix=f"reports/{web}/")["KeyCount"]
@@ -191,7 +191,8 @@ def test_admin_quarantine_mode_and_audit(env: Env) -> None:
     assert status == 200
     env.pump()
     assert env.bundle(proc).mode == "observe"
-    assert env.rest("admin", "PUT", f"/admin/workloads/{proc}/mode", {"mode": "bogus"})[0] == 400
+    status, _, body = env.rest("admin", "PUT", f"/admin/workloads/{proc}/mode", {"mode": "bogus"})
+    assert status == 422 and "body.mode" in body["detail"], body
     env.rest("admin", "DELETE", f"/admin/workloads/{web}/quarantine", {"reason": "cleared"}, principal=bob)
     env.pump()
     assert not env.bundle(web).quarantined
@@ -362,3 +363,68 @@ def test_policy_whose_tests_fail_is_not_provisioned(env: Env) -> None:
     assert status == 422 and body["error"] == "policy tests fail"
     assert "expected allow, policy says deny" in body["detail"]
     assert env.store.active_policy() is None and env.store.audit_log() == []
+
+
+def test_wait_answers_at_once_when_behind_and_on_a_change_when_current(env: Env, monkeypatch: Any) -> None:
+    import threading
+
+    from ringfence.routes.agent import agent_routes
+
+    monkeypatch.setenv("RINGFENCE_WAIT_POLL_INTERVAL", "0.1")
+    env.load_functions()
+    est = boot(env)
+    proc = est["ids"]["proc"][0]
+    tok = enroll_pairing(env, proc)
+    v = env.bundle(proc).version
+    path = f"/v1/agents/{proc}/wait"
+
+    def wait(version: int, timeout: int) -> tuple[int, Any, float]:
+        t0 = time.monotonic()
+        status, _, body = env.rest(
+            "agentapi", "GET", path, headers=auth(tok), query={"version": str(version), "timeout": str(timeout)}
+        )
+        return status, body, time.monotonic() - t0
+
+    status, body, took = wait(v - 1, 20)  # behind: at once
+    assert status == 200 and body == {"latest_version": v} and took < 2
+    status, body, took = wait(v, 1)  # current, nothing changes: at the timeout, same version
+    assert status == 200 and body == {"latest_version": v} and 0.9 <= took < 5
+    assert env.rest("agentapi", "GET", path, headers=auth("nope"), query={"version": "1"})[0] == 401
+    status, _, err = env.rest("agentapi", "GET", path, headers=auth(tok), query={"version": "x"})
+    assert status == 422 and "query.version" in err["detail"]
+
+    # a change while waiting: the long-poll answers with the new version long before its timeout
+    # (through a second resolver over the same service: a resolver serves one request at a time)
+    waiter = agent_routes(env.fn["agentapi"].api)
+    got: dict[str, Any] = {}
+
+    def long_poll() -> None:
+        t0 = time.monotonic()
+        event = rest_event("GET", path, headers=auth(tok), query={"version": str(v), "timeout": "20"})
+        got["status"], _, got["body"] = rest_answer(waiter.resolve(event, LambdaContext()))
+        got["took"] = time.monotonic() - t0
+
+    t = threading.Thread(target=long_poll)
+    t.start()
+    time.sleep(0.5)
+    assert "status" not in got, got
+    new = est["run"]("web", est["subnets"]["web"], 1)[0]
+    env.put(env.state_event(new, "running"))
+    env.pump()
+    t.join(25)
+    assert got["status"] == 200 and got["body"]["latest_version"] == env.bundle(proc).version > v
+    assert got["took"] < 10, got
+
+
+def test_wait_is_capped_by_max_wait(env: Env, monkeypatch: Any) -> None:
+    monkeypatch.setenv("RINGFENCE_MAX_WAIT", "1")
+    monkeypatch.setenv("RINGFENCE_WAIT_POLL_INTERVAL", "0.2")
+    env.load_functions()
+    est = boot(env)
+    proc = est["ids"]["proc"][0]
+    tok = enroll_pairing(env, proc)
+    v = env.bundle(proc).version
+    t0 = time.monotonic()
+    query = {"version": str(v), "timeout": "300"}
+    status, _, body = env.rest("agentapi", "GET", f"/v1/agents/{proc}/wait", headers=auth(tok), query=query)
+    assert status == 200 and body == {"latest_version": v} and time.monotonic() - t0 < 4

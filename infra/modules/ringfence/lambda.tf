@@ -34,7 +34,7 @@ locals {
         RINGFENCE_PERIMETER_DRY_RUN = var.perimeter_dry_run ? "true" : "false"
       }
     }
-    agentapi  = { memory = 512, timeout = 29, concurrency = 100, env = {} }
+    agentapi  = { memory = 512, timeout = 30, concurrency = 100, env = {} } # wait long-polls ≤ 25 s
     admin     = { memory = 512, timeout = 29, concurrency = 5, env = {} }
     wsconnect = { memory = 256, timeout = 10, concurrency = 20, env = {} }
   }

@@ -50,9 +50,7 @@ class Admin:
         keys = {}
         for name, text in sorted(files.items()):
             key = f"policies/v{version:06d}/{name}"
-            self.w.publisher.s3.put_object(
-                Bucket=self.w.cfg.bucket, Key=key, Body=text.encode(), ServerSideEncryption="AES256"
-            )
+            self.w.publisher.put_text(key, text)
             keys[name] = key
         pv = PolicyVersion(version=version, keys=keys, digest=digest, created_by=principal, comment=reason)
         self.w.store.activate_policy(pv)
@@ -60,18 +58,15 @@ class Admin:
         self.w.enqueue_compute(rebuild=True)
         return Response(201, {"version": version, "digest": digest, "audit_id": audit_id})
 
-    def set_mode(self, principal: str, workload_id: str, mode: str | None, reason: str = "") -> Response:
+    def set_mode(self, principal: str, workload_id: str, mode: Mode | None, reason: str = "") -> Response:
         try:
-            m = Mode(mode) if mode else None
-        except ValueError:
-            return error(400, "bad mode", f"{mode!r} is not one of idle, observe, enforce")
-        try:
-            self.w.store.set_operator(workload_id, mode=m)
+            self.w.store.set_operator(workload_id, mode=mode)
         except KeyError:
             return error(404, "unknown workload", workload_id)
-        audit_id = self._audit(principal, "workload.mode", workload_id, {"mode": mode}, reason)
+        value = mode.value if mode else None
+        audit_id = self._audit(principal, "workload.mode", workload_id, {"mode": value}, reason)
         self.w.enqueue_compute([workload_id])
-        return Response(200, {"workload_id": workload_id, "mode": mode, "audit_id": audit_id})
+        return Response(200, {"workload_id": workload_id, "mode": value, "audit_id": audit_id})
 
     def quarantine(self, principal: str, workload_id: str, on: bool, reason: str = "") -> Response:
         try:

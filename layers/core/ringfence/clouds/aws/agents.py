@@ -10,8 +10,6 @@ import time
 import uuid
 from typing import Any
 
-from pydantic import ValidationError
-
 from ringfence import agentapi, bundle
 from ringfence.addresses import V4, format_prefix, parse_prefix
 from ringfence.store.base import (
@@ -20,7 +18,7 @@ from ringfence.store.base import (
 )
 
 from . import ec2
-from .api import Response, error, first_error, secret_hash
+from .api import Response, error, secret_hash
 from .enroll import ProofError, check_sts_request, load_public_key, replay_sts, verify_iid
 from .ingest import observe_instances
 from .wiring import Wiring, log
@@ -39,11 +37,7 @@ class AgentApi:
         self.w.store.put_nonce(n, self.w.cfg.nonce_ttl)
         return Response(200, agentapi.NonceResponse(nonce=n, expires_in=self.w.cfg.nonce_ttl).model_dump())
 
-    def enroll(self, body: str | None) -> Response:
-        try:
-            req = agentapi.EnrollRequest.model_validate_json(body or "")
-        except ValidationError as exc:
-            return error(400, "malformed enroll request", first_error(exc))
+    def enroll(self, req: agentapi.EnrollRequest) -> Response:
         try:
             if req.method == "aws-iid":
                 wid = self._enroll_iid(req)
@@ -241,11 +235,7 @@ class AgentApi:
         docs = [json.loads(self.w.publisher.get(d.key)) for d in chosen]
         return Response(200, agentapi.DeltasResponse(bundle_version=version, deltas=docs).model_dump())
 
-    def heartbeat(self, workload_id: str, body: str | None) -> Response:
-        try:
-            agentapi.Heartbeat.model_validate_json(body or "")
-        except ValidationError as exc:
-            return error(400, "malformed heartbeat", first_error(exc))
+    def heartbeat(self, workload_id: str, hb: agentapi.Heartbeat) -> Response:
         rec = self.w.store.get(workload_id)
         if rec is None:
             return error(404, "unknown workload")
@@ -253,17 +243,25 @@ class AgentApi:
         if rec.offline:
             log.info("agent %s is back online: rejoining peers' sets", workload_id)
             self.w.enqueue_compute([workload_id])
-        ptr = self.w.store.bundle_pointer(workload_id)
-        return Response(200, agentapi.HeartbeatResponse(latest_version=ptr.version if ptr else None).model_dump())
+        return Response(200, agentapi.HeartbeatResponse(latest_version=self.latest_version(workload_id)).model_dump())
 
-    def reports(self, workload_id: str, body: str | None) -> Response:
-        raw = (body or "").encode()
-        if len(raw) > agentapi.MAX_REPORT_BYTES:
-            return error(413, "report too large", f"{len(raw)} bytes > {agentapi.MAX_REPORT_BYTES}")
-        try:
-            batch = agentapi.ReportBatch.model_validate_json(raw)
-        except ValidationError as exc:
-            return error(400, "malformed report", first_error(exc))
+    def latest_version(self, workload_id: str) -> int | None:
+        """The newest version of the workload's bundle (its stored bundle moved on by set deltas)."""
+        ptr = self.w.store.bundle_pointer(workload_id)
+        return self._latest(ptr)[0] if ptr is not None else None
+
+    def wait(self, workload_id: str, version: int, timeout: float) -> Response:
+        """Long-poll: answers as soon as the workload's latest version is newer than ``version``,
+        or when ``timeout`` (capped at the wiring's ``max_wait``) has passed, with that version."""
+        deadline = time.monotonic() + max(0.0, min(timeout, self.w.cfg.max_wait))
+        while True:
+            latest = self.latest_version(workload_id)
+            left = deadline - time.monotonic()
+            if (latest is not None and latest > version) or left <= 0:
+                return Response(200, agentapi.WaitResponse(latest_version=latest).model_dump())
+            self.w.wait_for_change(left)
+
+    def reports(self, workload_id: str, batch: agentapi.ReportBatch) -> Response:
         key = f"reports/{workload_id}/{time.strftime('%Y/%m/%d', time.gmtime())}/{uuid.uuid4().hex}.json"
         self.w.publisher.put_json(key, batch.model_dump(mode="json"))
         return Response(202, {"accepted": len(batch.flows) + len(batch.drops)})

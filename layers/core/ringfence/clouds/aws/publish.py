@@ -26,11 +26,11 @@ class S3Publisher:
         self.bytes_published = 0
         self.objects_published = 0
 
-    def _put(self, key: str, body: bytes) -> None:
+    def _put(self, key: str, body: bytes, content_type: str = "application/json") -> None:
         extra: dict[str, Any] = {"ServerSideEncryption": "AES256"}
         if self.kms_key_id:
             extra = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": self.kms_key_id}
-        self.s3.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType="application/json", **extra)
+        self.s3.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type, **extra)
         self.bytes_published += len(body)
         self.objects_published += 1
 
@@ -53,6 +53,10 @@ class S3Publisher:
 
     def put_json(self, key: str, doc: Any) -> None:
         self._put(key, json.dumps(doc, sort_keys=True).encode())
+
+    def put_text(self, key: str, text: str) -> None:
+        """A text object under a caller-chosen key (policy files: ``policies/v<N>/<name>``)."""
+        self._put(key, text.encode(), "text/plain; charset=utf-8")
 
 
 class WebSocketNotifier:

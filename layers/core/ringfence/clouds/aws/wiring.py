@@ -55,6 +55,10 @@ class Config:
     offline_after: int = 900
     token_ttl: int = 7 * 86400
     nonce_ttl: int = 300
+    # the agent API's long-poll (GET /v1/agents/{id}/wait): at most max_wait seconds per request
+    # (API Gateway ends a request at 29 s), re-reading the store every wait_poll_interval seconds
+    max_wait: float = 25.0
+    wait_poll_interval: float = 1.0
     allowed_accounts: list[str] = field(default_factory=list)
     sts_endpoints: list[str] = field(default_factory=list)
     account_roles: dict[str, str] = field(default_factory=dict)
@@ -77,6 +81,8 @@ class Config:
             offline_after=int(e.get("RINGFENCE_OFFLINE_AFTER", "900")),
             token_ttl=int(e.get("RINGFENCE_TOKEN_TTL", str(7 * 86400))),
             nonce_ttl=int(e.get("RINGFENCE_NONCE_TTL", "300")),
+            max_wait=min(25.0, float(e.get("RINGFENCE_MAX_WAIT", "25"))),
+            wait_poll_interval=max(0.05, float(e.get("RINGFENCE_WAIT_POLL_INTERVAL", "1"))),
             allowed_accounts=[a for a in e.get("RINGFENCE_ALLOWED_ACCOUNTS", "").split(",") if a],
             sts_endpoints=[u for u in e.get("RINGFENCE_STS_ENDPOINTS", "").split(",") if u],
             account_roles=json.loads(e.get("RINGFENCE_ACCOUNT_ROLES", "{}") or "{}"),
@@ -131,6 +137,11 @@ class Wiring:
             active = self.active_policy()
             self._mapper = (now, active[1].labels if active else None)
         return self._mapper[1]
+
+    def wait_for_change(self, seconds: float) -> None:
+        """Block until the store may hold something new, at most ``seconds``. Nothing in AWS tells
+        a running function of a change, so this sleeps one poll interval: the caller re-reads."""
+        time.sleep(max(0.0, min(seconds, self.cfg.wait_poll_interval)))
 
     def enqueue_compute(
         self,
