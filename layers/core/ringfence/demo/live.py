@@ -1,0 +1,676 @@
+"""``ringfence demo``: the whole loop, live, on one machine.
+
+What runs (all real, nothing stubbed):
+
+- a network-namespace lab (:mod:`ringfence.local.lab`); the **control plane lives in its own
+  namespace** on the lab bridge (10.254.0.1, plus 169.254.169.254 for instance metadata). This
+  process enters it before starting anything, so moto on 127.0.0.1, the event router, the IMDS
+  stand-in and ``ringfence serve`` all run there, reachable from every instance namespace, and
+  the host's own network namespace gets no address, route or interface (a lab address range can
+  never collide with the host's networks, and nothing is left in it if the run is killed);
+- an embedded AWS (moto server) holding the sample estate of ``examples/ordering``
+  (:mod:`ringfence.local.estate`), its events routed through EventBridge rules and SQS to the real
+  handlers in ``functions/`` (:class:`ringfence.local.router.EventRouter`);
+- ``ringfence serve --store aws`` (a subprocess) serving the agent and admin APIs from the same
+  route code as the Lambda functions;
+- one namespace per instance with its moto private address, echo servers on the example's
+  service ports and a real ``ringfence-agent`` (nftables) enrolled by its signed identity
+  document, following by long-poll push and set deltas (:mod:`ringfence.local.fleet`).
+
+Each step is proved by real packets between namespaces and timed; ``out/summary.json`` holds
+every check and the time-to-policy figures. Every exit (Ctrl-C and SIGTERM included) kills what
+the run started and deletes its namespaces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from ringfence.demo.offline import example_dir
+from ringfence.demo.report import Report, Sample
+from ringfence.local.estate import ASG_NAME, Estate, build_estate, example_workloads, policy_files
+from ringfence.local.fleet import Fleet, FleetConfig, Instance
+from ringfence.local.imds import IMDS_ADDRESS, Imds
+from ringfence.local.lab import Lab, enter_netns, prerequisites, sweep_stale
+from ringfence.local.traffic import Probe, Traffic
+
+CP_ADDRESS = "10.254.0.1"  # the control plane's namespace on the lab bridge
+SERVE_PORT = 8443
+ADMIN_PRINCIPAL = "demo-operator"
+# long-poll answers re-read the store this often (RINGFENCE_WAIT_POLL_INTERVAL; AWS default 1 s)
+WAIT_POLL_INTERVAL = "0.2"
+ENFORCE_TIMEOUT = 30.0
+
+
+class Interrupted(BaseException):
+    """SIGTERM: unwound like Ctrl-C, so that every cleanup runs."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(f"signal {signum}")
+
+
+# --- the control plane's parts -------------------------------------------------------------------
+
+
+@dataclass
+class Flow:
+    src: str  # example name (or instance id)
+    dst: str
+    service: str  # "tcp/8080"
+    expect: bool
+    why: str = ""
+
+
+class Live:
+    def __init__(self, example: Path, out: Path, report: Report) -> None:
+        self.example = example
+        self.out = out
+        self.work = out / "demo-live"
+        self.r = report
+        self.lab: Lab | None = None
+        self.aws: Any = None
+        self.router: Any = None
+        self.serve: subprocess.Popen[Any] | None = None
+        self.imds: Imds | None = None
+        self.traffic: Traffic | None = None
+        self.fleet: Fleet | None = None
+        self.est = Estate()
+        self.api: Any = None  # AgentApi over the same store: what each agent should be at
+        self.store: Any = None
+        self.admin_token = ""
+        self.names: dict[str, str] = {}  # instance id → example name (or asg-N)
+        self._asg_seq = 0
+
+    # --- start and stop -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        r = self.r
+        removed = sweep_stale()
+        if removed:
+            r.say(f"removed {len(removed)} namespaces left by a killed run")
+        if self.work.exists():
+            import shutil
+
+            shutil.rmtree(self.work)
+        self.work.mkdir(parents=True)
+        self.lab = Lab()
+        self.lab.add("cp", [f"{CP_ADDRESS}/8", f"{IMDS_ADDRESS}/32"], conntrack_acct=False)
+        enter_netns(self.lab.ns("cp"))  # before any thread starts: the whole process moves
+        r.say(f"lab: bridge {self.lab.switch}, control plane namespace {self.lab.ns('cp')} at {CP_ADDRESS}")
+
+        from ringfence.local.aws import EmbeddedAws
+
+        self.aws = EmbeddedAws()
+        self.aws.start()
+        r.say(f"embedded AWS: moto server at {self.aws.url} (inside the control-plane namespace)")
+        workloads = example_workloads(self.example)
+        self.est = build_estate(self.aws.client("ec2"), self.aws.client("autoscaling"), workloads, self.aws.region)
+        self.names = {iid: name for name, iid in self.est.instances.items()}
+        r.say(
+            f"estate: {len(self.est.vpcs)} VPCs, {len(self.est.subnets)} subnets, {len(self.est.instances)} instances, "
+            f"Auto Scaling group {ASG_NAME} (launch lifecycle hook)"
+        )
+        pub = self.work / "bundle-signing.pub.pem"
+        pub.write_bytes(self.aws.signing_key.public_pem())
+
+        from ringfence.clouds.aws.agents import AgentApi
+        from ringfence.clouds.aws.wiring import Config, Wiring
+
+        wiring = Wiring(Config.from_env())
+        self.api = AgentApi(wiring)
+        self.store = wiring.store
+
+        self._start_serve()
+        self._start_router()
+        self.provision()
+
+        self.imds = Imds(self._identify, self.aws.identity_document, self.aws.iid.sign).start()
+        self.traffic = Traffic(self.lab.start)
+        cfg = FleetConfig(api_url=f"http://{CP_ADDRESS}:{SERVE_PORT}", public_key=pub, workdir=self.work)
+        self.fleet = Fleet(cfg, self.aws.client("ec2"), self.lab, self.traffic, log=r.say)
+        t0 = time.time()
+        booted, _ = self.fleet.sync()
+        r.say(f"booted {len(booted)} instance namespaces with one agent each in {time.time() - t0:.1f}s")
+        self.fleet.follow()
+        self.wait_all_enforcing(60)
+
+    def _identify(self, address: str) -> str | None:
+        return self.fleet.identity_address(address) if self.fleet else None
+
+    def _start_serve(self) -> None:
+        from ringfence import serve
+
+        token, line = serve.new_admin_token(ADMIN_PRINCIPAL)
+        tokens = self.work / "admin-tokens"
+        tokens.write_text(line + "\n")
+        tokens.chmod(0o600)
+        self.admin_token = token
+        env = {**os.environ, **self.aws.env, "RINGFENCE_WAIT_POLL_INTERVAL": WAIT_POLL_INTERVAL}
+        cmd = [
+            str(Path(sys.executable).parent / "ringfence"),
+            "serve",
+            "--store",
+            "aws",
+            "--host",
+            CP_ADDRESS,
+            "--port",
+            str(SERVE_PORT),
+            "--admin-tokens",
+            str(tokens),
+            "--insecure",  # plain HTTP on the lab bridge: private to this run, no other host on it
+        ]
+        assert self.lab is not None
+        log = (self.work / "serve.log").open("w")
+        self.serve = self.lab.start(*cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.serve.poll() is not None:
+                raise RuntimeError(f"ringfence serve exited ({self.serve.returncode}): see {self.work / 'serve.log'}")
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"http://{CP_ADDRESS}:{SERVE_PORT}/v1/nonce", timeout=2).read()
+                self.r.say(f"ringfence serve --store aws: agent and admin APIs at http://{CP_ADDRESS}:{SERVE_PORT}")
+                return
+            time.sleep(0.2)
+        raise RuntimeError("ringfence serve did not answer within 60 s")
+
+    def _start_router(self) -> None:
+        from ringfence.local.router import EventRouter
+
+        self.router = EventRouter(self.aws)
+        self.router.start()
+        self.r.say("event router: moto changes → EventBridge rules → SQS → functions/{ingest,lifecycle,compute,...}")
+
+    def admin(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+        req = urllib.request.Request(
+            f"http://{CP_ADDRESS}:{SERVE_PORT}{path}",
+            method=method,
+            data=json.dumps(body).encode() if body is not None else None,
+            headers={"Authorization": f"Bearer {self.admin_token}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310
+                status, text = resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            status, text = exc.code, exc.read().decode()
+        try:
+            return status, json.loads(text) if text else None
+        except ValueError:
+            return status, text
+
+    def provision(self) -> None:
+        files = policy_files(self.example, self.est)
+        status, body = self.admin("POST", "/admin/policies", {"files": files, "reason": "demo: initial policy"})
+        if status != 201:
+            raise RuntimeError(f"provisioning the example policy failed: HTTP {status} {body}")
+        self.r.say(f"policy version {body.get('version')} provisioned through the admin API ({len(files)} files)")
+
+    def close(self) -> None:
+        """Everything this run started, in reverse; never raises."""
+        steps: list[Callable[[], None]] = []
+        if self.fleet is not None:
+            steps.append(self.fleet.stop)
+        if self.router is not None:
+            steps.append(self.router.stop)
+        if self.imds is not None:
+            steps.append(self.imds.stop)
+        if self.aws is not None:
+            steps.append(self.aws.stop)
+        if self.lab is not None:
+            steps.append(self.lab.close)  # kills serve, the probe processes, whatever is left inside
+        for fn in steps:
+            with contextlib.suppress(BaseException):
+                fn()
+
+    # --- names and probes -----------------------------------------------------------------------
+
+    def iid(self, name: str) -> str:
+        return self.est.instances.get(name, name)
+
+    def name(self, iid: str) -> str:
+        return self.names.get(iid, iid)
+
+    def ip(self, name: str) -> str:
+        assert self.fleet is not None
+        return self.fleet.get(self.iid(name)).ip
+
+    def probe_flows(self, flows: list[Flow]) -> list[bool]:
+        assert self.fleet is not None and self.traffic is not None
+        probes = []
+        for f in flows:
+            proto, _, port = f.service.partition("/")
+            probes.append(Probe(self.fleet.ns(self.iid(f.src)), self.ip(f.dst), int(port), proto))
+        return self.traffic.probes(probes)
+
+    def expect_flows(self, flows: list[Flow], settle: float = 0.0) -> bool:
+        """Probe every flow (in parallel) and check each against its expectation. ``settle``:
+        retry failing ones up to that many seconds (a change still propagating)."""
+        got = self.probe_flows(flows)
+        deadline = time.monotonic() + settle
+        while settle and any(g != f.expect for g, f in zip(got, flows, strict=True)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+            got = self.probe_flows(flows)
+        ok = True
+        for f, g in zip(flows, got, strict=True):
+            why = f" ({f.why})" if f.why else ""
+            ok &= self.r.check(f"{f.src} → {f.dst} {f.service}{why}", f.expect, g, flow=True)
+        return ok
+
+    # --- enforcement: the control plane's targets against the agents' applied revisions ----------
+
+    def targets(self, ids: list[str] | None = None) -> dict[str, int | None]:
+        assert self.fleet is not None
+        ids = list(self.fleet.instances) if ids is None else ids
+        return {i: self.api.latest_version(i) for i in ids}
+
+    def queues_idle(self) -> bool:
+        sqs = self.aws.client("sqs")
+        for key in ("ingest", "lifecycle", "compute"):
+            attrs = sqs.get_queue_attributes(
+                QueueUrl=self.aws.queues[key],
+                AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+            )["Attributes"]
+            if int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"]):
+                return False
+        return True
+
+    def wait_all_enforcing(self, timeout: float) -> None:
+        """Every running agent applied what the control plane holds for it."""
+        assert self.fleet is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.queues_idle():
+                tg = self.targets()
+                lagging = [i for i, v in tg.items() if v is None or _applied(self.fleet.get(i)) < v]
+                if not lagging:
+                    self.r.say(f"all {len(tg)} agents enforce their latest bundle")
+                    return
+            time.sleep(0.3)
+        tg = self.targets()
+        lagging = [
+            f"{self.name(i)} (applied {_applied(self.fleet.get(i))}, latest {v})"
+            for i, v in tg.items()
+            if v is None or _applied(self.fleet.get(i)) < v
+        ]
+        raise RuntimeError(f"agents not enforcing after {timeout:.0f}s: {', '.join(lagging)}")
+
+    def measure(
+        self,
+        kind: str,
+        subject: str,
+        action: Callable[[], object],
+        ready: Callable[[], bool],
+        timeout: float = ENFORCE_TIMEOUT,
+    ) -> Sample:
+        """Time one cloud change: ``action`` at t0; ``ready()`` says the control plane has seen it
+        (in its store); once the queues are idle, every agent whose latest version moved must
+        apply it; the sample is t0 → the last of those applies (the agents' own clock stamps)."""
+        assert self.fleet is not None
+        base = self.targets()
+        t0 = time.time()
+        action()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not (ready() and self.queues_idle()):
+            time.sleep(0.1)
+        published = time.time()
+        tg = self.targets()
+        affected = [i for i, v in tg.items() if v is not None and v != base.get(i)]
+        while time.monotonic() < deadline:
+            if all(_applied(self.fleet.get(i)) >= (tg[i] or 0) for i in affected if i in self.fleet.instances):
+                break
+            time.sleep(0.05)
+        else:
+            s = Sample(kind, subject, None, len(affected), t0=t0)
+            self.r.sample(s)
+            return s
+        done = [self.fleet.get(i).status() for i in affected if i in self.fleet.instances]
+        enforced = max((float(st.get("applied_at", t0)) for st in done), default=t0)
+        s = Sample(kind, subject, round(enforced - t0, 3), len(affected), self._phases(t0, published, done), t0)
+        self.r.sample(s)
+        return s
+
+    def _phases(self, t0: float, published: float, done: list[dict[str, Any]]) -> dict[str, float]:
+        """Where the time went: the router's timeline for the cloud side, the last agent's
+        ``last_sync`` for push / fetch / apply."""
+        phases: dict[str, float] = {}
+        timeline = getattr(self.router, "phases_since", None)
+        if callable(timeline):
+            with contextlib.suppress(Exception):
+                phases.update(timeline(t0))
+        syncs = [st.get("last_sync") or {} for st in done]
+        syncs = [s for s in syncs if "done" in s]
+        if syncs:
+            last = max(syncs, key=lambda s: float(s["done"]))
+            cloud_done = t0 + sum(phases.values()) if phases else None
+            if cloud_done is not None:
+                phases["push"] = round(max(0.0, float(last["woke"]) - cloud_done), 4)
+            phases["fetch"] = round(float(last["fetch_s"]), 4)
+            phases["apply"] = round(float(last["apply_s"]), 4)
+        return phases
+
+    # --- the Auto Scaling group ------------------------------------------------------------------
+
+    def asg_states(self) -> dict[str, str]:
+        g = self.aws.client("autoscaling").describe_auto_scaling_groups(AutoScalingGroupNames=[ASG_NAME])
+        return {i["InstanceId"]: i["LifecycleState"] for i in g["AutoScalingGroups"][0]["Instances"]}
+
+    def scale(self, desired: int) -> None:
+        self.aws.client("autoscaling").set_desired_capacity(
+            AutoScalingGroupName=ASG_NAME, DesiredCapacity=desired, HonorCooldown=False
+        )
+
+    def lb_targets(self) -> list[str]:
+        """What the load balancer sends traffic to: the static web servers and the group's
+        InService instances."""
+        static = [self.iid(n) for n in ("ord-prod-web-1", "ord-prod-web-2")]
+        return static + [i for i, st in self.asg_states().items() if st == "InService"]
+
+
+def _applied(inst: Instance) -> int:
+    v = inst.status().get("applied_version")
+    return int(v) if isinstance(v, int) else -1
+
+
+# --- the steps -------------------------------------------------------------------------------------
+
+
+def step_tiers(d: Live) -> None:
+    with d.r.step(1, "tier flows allowed; lateral movement and dev → prod blocked"):
+        d.expect_flows(
+            [
+                Flow("ord-prod-lb-1", "ord-prod-web-1", "tcp/8080", True, "lb → web"),
+                Flow("ord-prod-web-1", "ord-prod-proc-1", "tcp/8443", True, "web → processing"),
+                Flow("ord-prod-proc-1", "ord-prod-db-1", "tcp/5432", True, "processing → database"),
+                Flow("ord-prod-web-1", "core-dns-1", "udp/53", True, "core service: DNS"),
+                Flow("admin-jump-1", "ord-prod-db-1", "tcp/22", True, "jumpbox SSH"),
+                Flow("ord-prod-web-1", "ord-prod-db-1", "tcp/5432", False, "web skips a tier"),
+                Flow("ord-prod-web-1", "pay-prod-db-1", "tcp/1433", False, "lateral: web → payroll database"),
+                Flow("ord-dev-web-1", "ord-prod-web-1", "tcp/8080", False, "dev → prod"),
+                Flow("ord-dev-proc-1", "ord-prod-db-1", "tcp/5432", False, "dev → prod"),
+                Flow("ord-prod-lb-1", "ord-prod-web-9", "tcp/8080", False, "env=prdo: not prod, unlabeled"),
+            ]
+        )
+
+
+def step_scale_out(d: Live, n: int = 3) -> list[str]:
+    new: list[str] = []
+    with d.r.step(2, f"scale the web tier out by {n}: enforced before InService, reachable by the LB") as st:
+        assert d.fleet is not None
+        before = set(d.asg_states())
+        seen_inservice: dict[str, float] = {}
+        desired = len(before) + n
+
+        def ready() -> bool:
+            states = d.asg_states()
+            now = time.time()
+            for i, s in states.items():
+                if s == "InService" and i not in seen_inservice:
+                    seen_inservice[i] = now
+            fresh = [i for i in states if i not in before]
+            return len(fresh) >= n and all(d.store.bundle_pointer(i) is not None for i in fresh)
+
+        d.r.say(f"SetDesiredCapacity {ASG_NAME} → {desired}")
+        sample = d.measure("launch", f"+{n} web", lambda: d.scale(desired), ready)
+        new = [i for i in d.asg_states() if i not in before]
+        for i in new:
+            d.names.setdefault(i, f"web-asg-{len(d.names)}")
+        # the launch is over when every new instance is InService (the hook completed)
+        deadline = time.monotonic() + ENFORCE_TIMEOUT
+        while time.monotonic() < deadline and not all(i in seen_inservice for i in new):
+            ready()
+            time.sleep(0.1)
+        per: dict[str, Any] = {}
+        for i in new:
+            inst = d.fleet.instances.get(i)
+            status = inst.status() if inst else {}
+            first = status.get("applied_at")
+            launched = inst.booted_at if inst else None
+            in_service = seen_inservice.get(i)
+            per[d.name(i)] = {
+                "instance": i,
+                "ip": inst.ip if inst else None,
+                "namespace_booted_at": launched,
+                "enforced_at": first,
+                "in_service_at": in_service,
+                "enforced_s_after_scale_out": round(first - sample.t0, 3) if first else None,
+            }
+            d.r.say(
+                f"  {d.name(i)} {inst.ip if inst else '?'}: enforcing "
+                + (f"{per[d.name(i)]['enforced_s_after_scale_out']:.2f}s after the scale-out" if first else "never")
+                + (f", InService {in_service - first:+.2f}s after" if first and in_service else ", not InService")
+            )
+            d.r.check(
+                f"{d.name(i)} enforced before InService",
+                True,
+                bool(first and in_service and first <= in_service),
+            )
+        st.timings["instances"] = per
+        if sample.seconds is not None:
+            d.r.say(f"  scale-out of {n}: every affected agent ({sample.agents}) enforcing after {sample.seconds:.2f}s")
+        flows = [Flow("ord-prod-lb-1", d.name(i), "tcp/8080", True, "LB health check") for i in new]
+        flows += [Flow(d.name(i), "ord-prod-proc-1", "tcp/8443", True, "new web → processing") for i in new]
+        flows += [Flow("ord-dev-web-1", d.name(i), "tcp/8080", False, "dev → new prod web") for i in new]
+        flows += [Flow(d.name(i), "pay-prod-db-1", "tcp/1433", False, "lateral") for i in new[:1]]
+        d.expect_flows(flows)
+    return new
+
+
+def step_retag(d: Live, asg_new: list[str]) -> None:
+    with d.r.step(3, "fix the typo'd tag (env=prdo → prod); retag an instance into the wrong app"):
+        ec2 = d.aws.client("ec2")
+        typo = d.iid("ord-prod-web-9")
+
+        def fixed() -> bool:
+            rec = d.store.get(typo)
+            return rec is not None and rec.workload.tags.get("env") == "prod"
+
+        d.r.say("CreateTags ord-prod-web-9 env=prod")
+        s = d.measure(
+            "tag_change",
+            "ord-prod-web-9 env=prod",
+            lambda: ec2.create_tags(Resources=[typo], Tags=[{"Key": "env", "Value": "prod"}]),
+            fixed,
+        )
+        d.r.say(f"  enforced by {s.agents} agents after {s.seconds}s")
+        d.expect_flows(
+            [
+                Flow("ord-prod-lb-1", "ord-prod-web-9", "tcp/8080", True, "now prod web"),
+                Flow("ord-prod-web-9", "ord-prod-proc-1", "tcp/8443", True, "now prod web"),
+            ]
+        )
+        victim_name = "ord-prod-web-2"
+        victim = d.iid(victim_name)
+
+        def moved() -> bool:
+            rec = d.store.get(victim)
+            return rec is not None and rec.workload.tags.get("app") == "payroll"
+
+        d.r.say(f"CreateTags {victim_name} app=payroll (the wrong app)")
+        s = d.measure(
+            "tag_change",
+            f"{victim_name} app=payroll",
+            lambda: ec2.create_tags(Resources=[victim], Tags=[{"Key": "app", "Value": "payroll"}]),
+            moved,
+        )
+        d.r.say(f"  enforced by {s.agents} agents after {s.seconds}s")
+        d.expect_flows(
+            [
+                Flow("ord-prod-lb-1", victim_name, "tcp/8080", False, "no longer an ordering web server"),
+                Flow(victim_name, "pay-prod-db-1", "tcp/1433", True, "the wrong app's database opens to it"),
+            ]
+        )
+        findings = hygiene_findings(d)
+        flagged = [f for f in findings if f["workload"] == victim]
+        for f in findings:
+            d.r.say(f"  hygiene: {d.name(f['workload'])}: {f['finding']}")
+        d.r.check(f"hygiene report flags {victim_name}", True, bool(flagged))
+        # put it back for the next steps
+        d.measure(
+            "tag_change",
+            f"{victim_name} app=ordering",
+            lambda: ec2.create_tags(Resources=[victim], Tags=[{"Key": "app", "Value": "ordering"}]),
+            lambda: (rec := d.store.get(victim)) is not None and rec.workload.tags.get("app") == "ordering",
+        )
+
+
+def hygiene_findings(d: Live) -> list[dict[str, str]]:
+    """The label-hygiene report over the control plane's inventory: tag values that are not
+    labels (from ingest), plus workloads whose app label disagrees with the name they were
+    given — the example names each server after its app (``ord-`` ordering, ``pay-`` payroll)."""
+    out = []
+    prefixes = {"ord": "ordering", "pay": "payroll", "core": "core", "admin": "admin"}
+    for rec in d.store.all_records():
+        for p in rec.problems:
+            out.append({"workload": rec.id, "finding": p})
+        name = rec.workload.tags.get("Name", "")
+        expected = prefixes.get(name.split("-", 1)[0]) if name else None
+        app = rec.labels.get("app") or rec.workload.tags.get("app")
+        if expected and app and app != expected:
+            out.append({"workload": rec.id, "finding": f"named {name} (app {expected}) but labelled app={app}"})
+    return out
+
+
+def step_quarantine(d: Live) -> None:
+    with d.r.step(4, "quarantine a compromised web server (admin API, audited): sessions cut"):
+        assert d.traffic is not None and d.fleet is not None
+        victim_name = "ord-prod-web-1"
+        victim = d.iid(victim_name)
+        inbound = d.traffic.hold(d.fleet.ns(d.iid("ord-prod-lb-1")), d.ip(victim_name), 8080)
+        shell = d.traffic.hold(d.fleet.ns(victim), d.ip("ord-prod-proc-1"), 8443)
+        d.r.check("open session lb → web-1 before", True, bool(inbound and d.traffic.ping(inbound)))
+        d.r.check("open session web-1 → proc-1 (the attacker's) before", True, bool(shell and d.traffic.ping(shell)))
+        status: list[int] = []
+
+        def quarantine() -> None:
+            code, _ = d.admin(
+                "POST", f"/admin/workloads/{victim}/quarantine", {"reason": "demo: suspected compromise"}
+            )
+            status.append(code)
+
+        s = d.measure(
+            "quarantine", victim_name, quarantine, lambda: bool((rec := d.store.get(victim)) and rec.op_quarantined)
+        )
+        d.r.check("admin API accepted the quarantine", True, bool(status) and status[0] in (200, 202))
+        d.r.say(f"  enforced by {s.agents} agents after {s.seconds}s")
+        d.r.check("held session lb → web-1 cut", False, bool(inbound and d.traffic.ping(inbound)))
+        d.r.check("held session web-1 → proc-1 cut", False, bool(shell and d.traffic.ping(shell)))
+        d.expect_flows(
+            [
+                Flow("ord-prod-lb-1", victim_name, "tcp/8080", False, "new connection to the quarantined host"),
+                Flow(victim_name, "ord-prod-proc-1", "tcp/8443", False, "new connection from it"),
+                Flow("admin-jump-1", victim_name, "tcp/22", True, "fail-safe: the operators' SSH still works"),
+                Flow("ord-prod-lb-1", "ord-prod-web-9", "tcp/8080", True, "the rest keeps working"),
+                Flow("ord-prod-web-9", "ord-prod-proc-1", "tcp/8443", True, "the rest keeps working"),
+                Flow("ord-prod-proc-1", "ord-prod-db-1", "tcp/5432", True, "the rest keeps working"),
+            ]
+        )
+        audit = [a for a in d.store.audit_log() if victim in json.dumps(a.model_dump(mode="json"))]
+        who = audit[-1].model_dump(mode="json") if audit else {}
+        d.r.say(f"  audit: {json.dumps(who)[:200]}")
+        d.r.check("quarantine audited with the operator's principal", True, ADMIN_PRINCIPAL in json.dumps(who))
+        for h in (inbound, shell):
+            if h:
+                d.traffic.release(h)
+
+
+def step_release_and_scale_in(d: Live, asg_new: list[str]) -> None:
+    with d.r.step(5, "release; scale in; peers drop the terminated instances"):
+        assert d.fleet is not None
+        victim_name = "ord-prod-web-1"
+        victim = d.iid(victim_name)
+        d.measure(
+            "release",
+            victim_name,
+            lambda: d.admin("DELETE", f"/admin/workloads/{victim}/quarantine", {"reason": "demo: cleaned"}),
+            lambda: bool((rec := d.store.get(victim)) and not rec.op_quarantined),
+        )
+        d.expect_flows([Flow("ord-prod-lb-1", victim_name, "tcp/8080", True, "released")])
+        gone_ips = {i: d.fleet.get(i).ip for i in asg_new if i in d.fleet.instances}
+
+        def terminated() -> bool:
+            if d.asg_states():
+                return False
+            recs = d.store.get_many(list(gone_ips))
+            return all(r is None or not r.active for r in recs.values())
+
+        d.r.say(f"SetDesiredCapacity {ASG_NAME} → 0")
+        d.measure("terminate", f"-{len(gone_ips)} web", lambda: d.scale(0), terminated)
+        lb_ns = d.fleet.ns(d.iid("ord-prod-lb-1"))
+        ruleset = subprocess.run(
+            ["ip", "netns", "exec", lb_ns, "nft", "list", "table", "inet", "ringfence"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        still = [ip for ip in gone_ips.values() if ip in ruleset]
+        d.r.check("the LB's firewall dropped every terminated instance", "none left", ", ".join(still) or "none left")
+        d.r.check(
+            "the LB's firewall still holds the remaining web servers",
+            True,
+            all(d.ip(n) in ruleset for n in ("ord-prod-web-1", "ord-prod-web-2")),
+        )
+        d.expect_flows(
+            [Flow("ord-prod-lb-1", n, "tcp/8080", True, "remaining web") for n in ("ord-prod-web-1", "ord-prod-web-2")]
+        )
+
+
+# --- entry point -----------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out or "out")
+    why_not = prerequisites()
+    if why_not is not None:
+        print(
+            f"ringfence demo: {why_not}: the live loop needs network namespaces and nftables; run as root, "
+            "or `ringfence demo --offline` for the in-process walkthrough",
+            file=sys.stderr,
+        )
+        return 2
+    report = Report(out, "nftables")
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    demo = Live(example_dir(args.example), out, report)
+    try:
+        try:
+            with report.step(0, "start: lab, embedded AWS, serve, router, instances with agents") as st:
+                demo.start()
+                st.timings["instances"] = len(demo.fleet.instances) if demo.fleet else 0
+            if report.passed:
+                if args.bench:
+                    from ringfence.demo.bench import bench
+
+                    bench(demo, args)
+                else:
+                    step_tiers(demo)
+                    new = step_scale_out(demo)
+                    step_retag(demo, new)
+                    step_quarantine(demo)
+                    step_release_and_scale_in(demo, new)
+        except (KeyboardInterrupt, Interrupted) as exc:
+            report.notes.append(f"interrupted: {type(exc).__name__}")
+            report.say("interrupted: cleaning up")
+            demo.close()
+            report.write()
+            return 130
+    finally:
+        demo.close()
+        signal.signal(signal.SIGTERM, previous)
+    path = report.write()
+    report.print_summary()
+    print(f"\n{'PASSED' if report.passed else 'FAILED'}: {path} (agent logs and state in {demo.work})")
+    return 0 if report.passed else 1
