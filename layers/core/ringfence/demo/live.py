@@ -192,7 +192,8 @@ class Live:
     def _start_router(self) -> None:
         from ringfence.local.router import EventRouter
 
-        self.router = EventRouter(self.aws)
+        # the estate exists already: announced like a first reconcile would find it
+        self.router = EventRouter(self.aws, announce_existing=True)
         self.router.start()
         self.r.say("event router: moto changes → EventBridge rules → SQS → functions/{ingest,lifecycle,compute,...}")
 
@@ -278,23 +279,16 @@ class Live:
         ids = list(self.fleet.instances) if ids is None else ids
         return {i: self.api.latest_version(i) for i in ids}
 
-    def queues_idle(self) -> bool:
-        sqs = self.aws.client("sqs")
-        for key in ("ingest", "lifecycle", "compute"):
-            attrs = sqs.get_queue_attributes(
-                QueueUrl=self.aws.queues[key],
-                AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
-            )["Attributes"]
-            if int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"]):
-                return False
-        return True
+    def idle(self, timeout: float = 10.0) -> bool:
+        """Nothing left to route or run (queues empty, no handler running, the watcher looked)."""
+        return bool(self.router.wait_idle(timeout=timeout, settle=0.2))
 
     def wait_all_enforcing(self, timeout: float) -> None:
         """Every running agent applied what the control plane holds for it."""
         assert self.fleet is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.queues_idle():
+            if self.idle(max(0.1, deadline - time.monotonic())):
                 tg = self.targets()
                 lagging = [i for i, v in tg.items() if v is None or _applied(self.fleet.get(i)) < v]
                 if not lagging:
@@ -315,6 +309,8 @@ class Live:
         subject: str,
         action: Callable[[], object],
         ready: Callable[[], bool],
+        subjects: tuple[str, ...] = (),
+        admin: bool = False,
         timeout: float = ENFORCE_TIMEOUT,
     ) -> Sample:
         """Time one cloud change: ``action`` at t0; ``ready()`` says the control plane has seen it
@@ -322,12 +318,14 @@ class Live:
         apply it; the sample is t0 → the last of those applies (the agents' own clock stamps)."""
         assert self.fleet is not None
         base = self.targets()
+        before = set(self.fleet.instances)
         t0 = time.time()
         action()
+        answered = time.time() if admin else None
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not (ready() and self.queues_idle()):
-            time.sleep(0.1)
-        published = time.time()
+        while time.monotonic() < deadline and not ready():
+            time.sleep(0.05)
+        self.idle(max(0.1, deadline - time.monotonic()))
         tg = self.targets()
         affected = [i for i, v in tg.items() if v is not None and v != base.get(i)]
         while time.monotonic() < deadline:
@@ -339,29 +337,48 @@ class Live:
             self.r.sample(s)
             return s
         done = [self.fleet.get(i).status() for i in affected if i in self.fleet.instances]
+        subject_ids = list(subjects) + [i for i in self.fleet.instances if i not in before]
         enforced = max((float(st.get("applied_at", t0)) for st in done), default=t0)
-        s = Sample(kind, subject, round(enforced - t0, 3), len(affected), self._phases(t0, published, done), t0)
+        phases = self._phases(t0, subject_ids, done, answered)
+        s = Sample(kind, subject, round(enforced - t0, 3), len(affected), phases, t0)
         self.r.sample(s)
         return s
 
-    def _phases(self, t0: float, published: float, done: list[dict[str, Any]]) -> dict[str, float]:
-        """Where the time went: the router's timeline for the cloud side, the last agent's
-        ``last_sync`` for push / fetch / apply."""
+    def _phases(
+        self, t0: float, subjects: list[str], done: list[dict[str, Any]], answered: float | None
+    ) -> dict[str, float]:
+        """Where the time went. Cloud events: the router's timeline of the first event about a
+        subject after t0 (event_delivery: change → PutEvents returned, the watcher's look
+        included; ingest: → the ingest/lifecycle handler finished; compute: → the compute handler
+        finished, publication included). An admin call (``answered``): the API call, then compute
+        and publication together. Then the last agent's ``last_sync``: push (→ its wait
+        answered), fetch, apply."""
         phases: dict[str, float] = {}
-        timeline = getattr(self.router, "phases_since", None)
-        if callable(timeline):
-            with contextlib.suppress(Exception):
-                phases.update(timeline(t0))
+        entries = [
+            e for i in subjects for e in self.router.timeline.for_instance(i) if e.changed >= t0 - 0.05 and e.put
+        ]
+        cloud_done: float | None = None
+        if entries:
+            first = min(entries, key=lambda e: e.changed)
+            phases["event_delivery"] = first.put - t0
+            if first.ingested:
+                phases["ingest"] = first.ingested - first.put
+                computed = [e.computed for e in entries if e.computed]
+                if computed:
+                    cloud_done = max(computed)
+                    phases["compute"] = cloud_done - first.ingested
+        elif answered is not None:
+            phases["admin_api"] = answered - t0
+            cloud_done = answered
         syncs = [st.get("last_sync") or {} for st in done]
         syncs = [s for s in syncs if "done" in s]
         if syncs:
             last = max(syncs, key=lambda s: float(s["done"]))
-            cloud_done = t0 + sum(phases.values()) if phases else None
             if cloud_done is not None:
-                phases["push"] = round(max(0.0, float(last["woke"]) - cloud_done), 4)
-            phases["fetch"] = round(float(last["fetch_s"]), 4)
-            phases["apply"] = round(float(last["apply_s"]), 4)
-        return phases
+                phases["push"] = max(0.0, float(last["woke"]) - cloud_done)
+            phases["fetch"] = float(last["fetch_s"])
+            phases["apply"] = float(last["apply_s"])
+        return {k: round(v, 4) for k, v in phases.items()}
 
     # --- the Auto Scaling group ------------------------------------------------------------------
 
@@ -485,6 +502,7 @@ def step_retag(d: Live, asg_new: list[str]) -> None:
             "ord-prod-web-9 env=prod",
             lambda: ec2.create_tags(Resources=[typo], Tags=[{"Key": "env", "Value": "prod"}]),
             fixed,
+            (typo,),
         )
         d.r.say(f"  enforced by {s.agents} agents after {s.seconds}s")
         d.expect_flows(
@@ -506,6 +524,7 @@ def step_retag(d: Live, asg_new: list[str]) -> None:
             f"{victim_name} app=payroll",
             lambda: ec2.create_tags(Resources=[victim], Tags=[{"Key": "app", "Value": "payroll"}]),
             moved,
+            (victim,),
         )
         d.r.say(f"  enforced by {s.agents} agents after {s.seconds}s")
         d.expect_flows(
@@ -525,6 +544,7 @@ def step_retag(d: Live, asg_new: list[str]) -> None:
             f"{victim_name} app=ordering",
             lambda: ec2.create_tags(Resources=[victim], Tags=[{"Key": "app", "Value": "ordering"}]),
             lambda: (rec := d.store.get(victim)) is not None and rec.workload.tags.get("app") == "ordering",
+            (victim,),
         )
 
 
@@ -557,13 +577,16 @@ def step_quarantine(d: Live) -> None:
         status: list[int] = []
 
         def quarantine() -> None:
-            code, _ = d.admin(
-                "POST", f"/admin/workloads/{victim}/quarantine", {"reason": "demo: suspected compromise"}
-            )
+            code, _ = d.admin("POST", f"/admin/workloads/{victim}/quarantine", {"reason": "demo: suspected compromise"})
             status.append(code)
 
         s = d.measure(
-            "quarantine", victim_name, quarantine, lambda: bool((rec := d.store.get(victim)) and rec.op_quarantined)
+            "quarantine",
+            victim_name,
+            quarantine,
+            lambda: bool((rec := d.store.get(victim)) and rec.op_quarantined),
+            (victim,),
+            admin=True,
         )
         d.r.check("admin API accepted the quarantine", True, bool(status) and status[0] in (200, 202))
         d.r.say(f"  enforced by {s.agents} agents after {s.seconds}s")
@@ -598,6 +621,8 @@ def step_release_and_scale_in(d: Live, asg_new: list[str]) -> None:
             victim_name,
             lambda: d.admin("DELETE", f"/admin/workloads/{victim}/quarantine", {"reason": "demo: cleaned"}),
             lambda: bool((rec := d.store.get(victim)) and not rec.op_quarantined),
+            (victim,),
+            admin=True,
         )
         d.expect_flows([Flow("ord-prod-lb-1", victim_name, "tcp/8080", True, "released")])
         gone_ips = {i: d.fleet.get(i).ip for i in asg_new if i in d.fleet.instances}
@@ -609,7 +634,7 @@ def step_release_and_scale_in(d: Live, asg_new: list[str]) -> None:
             return all(r is None or not r.active for r in recs.values())
 
         d.r.say(f"SetDesiredCapacity {ASG_NAME} → 0")
-        d.measure("terminate", f"-{len(gone_ips)} web", lambda: d.scale(0), terminated)
+        d.measure("terminate", f"-{len(gone_ips)} web", lambda: d.scale(0), terminated, tuple(gone_ips))
         lb_ns = d.fleet.ns(d.iid("ord-prod-lb-1"))
         ruleset = subprocess.run(
             ["ip", "netns", "exec", lb_ns, "nft", "list", "table", "inet", "ringfence"],

@@ -264,11 +264,13 @@ class Lab:
 
 
 def _kill_inside(ns: str) -> None:
-    """SIGKILL every process still inside namespace ``ns`` (whoever started it)."""
+    """SIGKILL every process still inside namespace ``ns`` (whoever started it), except this one
+    (the live demo runs inside its control-plane namespace)."""
     out = sh("ip", "netns", "pids", ns, check=False).stdout.split()
     for pid in out:
-        with contextlib.suppress(ProcessLookupError, ValueError, PermissionError):
-            os.kill(int(pid), signal.SIGKILL)
+        if pid.isdigit() and int(pid) != os.getpid():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(pid), signal.SIGKILL)
 
 
 def sweep_stale() -> list[str]:
