@@ -18,8 +18,9 @@ standard endpoint variables — the same code paths as in AWS. Interface::
         aws.reset()                     # empty moto, resources created again (a new signing key)
     # server stopped, os.environ restored
 
-``EmbeddedAws(region=..., account=..., environ=True)``: with ``environ=False`` the process
-environment is left alone (use ``aws.env`` for subprocesses). Auto Scaling lifecycle hooks work
+``EmbeddedAws(region=..., account=..., environ=True, metrics=True)``: with ``environ=False`` the
+process environment is left alone (use ``aws.env`` for subprocesses; the in-process handlers need
+it); ``metrics=False`` silences Powertools' metric lines on stdout. Auto Scaling lifecycle hooks work
 (see :mod:`ringfence.local.moto_lifecycle`). Events do not flow by themselves: run an
 :class:`ringfence.local.router.EventRouter` for that.
 """
@@ -110,6 +111,7 @@ class EmbeddedAws:
     names: Names = field(default_factory=Names)
     iid: IidKey = field(default_factory=IidKey.generate)
     offline_after: int = 600
+    metrics: bool = True  # False: Powertools prints no EMF metric lines (a live display stays readable)
 
     url: str = field(init=False, default="")
     queues: dict[str, str] = field(init=False, default_factory=dict)
@@ -178,6 +180,7 @@ class EmbeddedAws:
             "POWERTOOLS_METRICS_NAMESPACE": "Ringfence",
             "POWERTOOLS_LOG_LEVEL": "WARNING",
             "RINGFENCE_AWS_MAX_ATTEMPTS": "6",
+            **({} if self.metrics else {"POWERTOOLS_METRICS_DISABLED": "true"}),
         }
 
     def ringfence_env(self) -> dict[str, str]:
