@@ -13,6 +13,7 @@ from ringfence.bundlewire import BundleError, Verifier, load_bundle, load_delta
 from ringfence_agent.backends import BACKENDS, ApplyError, make_backend
 from ringfence_agent.core import Agent, Rejected
 from ringfence_agent.plan import LocalFailsafes, PlanError
+from ringfence_agent.sessions import session_cutter
 from ringfence_agent.state import StateDir, StateLocked
 
 DEFAULT_STATE = Path("/var/lib/ringfence-agent")
@@ -37,7 +38,8 @@ def _local(args: argparse.Namespace) -> LocalFailsafes:
 def _agent(args: argparse.Namespace) -> Agent:
     verifier = Verifier.from_file(Path(args.public_key))
     state = StateDir(Path(args.state_dir))
-    return Agent(args.workload_id, verifier, make_backend(args.backend), state, _local(args))
+    cutter = session_cutter(args.backend, not args.keep_open_connections)
+    return Agent(args.workload_id, verifier, make_backend(args.backend), state, _local(args), sessions=cutter)
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -82,6 +84,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "last_contact": status.get("last_contact"),
         "last_error": status.get("last_error"),
         "last_rejected": status.get("last_rejected"),
+        "last_cut": status.get("last_cut"),
         "counters": status.get("counters", {}),
         "daemon": status.get("daemon"),
     }
@@ -158,6 +161,11 @@ def _common(p: argparse.ArgumentParser, key: bool = True) -> None:
         p.add_argument("--admin-port", action="append", help="local fail-safe: admin port, e.g. tcp/22 (repeatable)")
         p.add_argument("--dns", action="append", help="local fail-safe: DNS resolver (repeatable)")
         p.add_argument("--control-plane", action="append", help="local fail-safe: control-plane address (repeatable)")
+        p.add_argument(
+            "--keep-open-connections",
+            action="store_true",
+            help="do not cut the open connections the new rules no longer admit (default: cut them)",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -90,6 +90,7 @@ _CONFIG_TYPES: dict[str, tuple[str, tuple[str, ...], bool]] = {
     "control_plane": _required("str-list"),
     "metadata_endpoint": _required("bool"),
     "dhcp": _required("bool"),
+    "cut_revoked_connections": _required("bool"),
     "poll_interval": _required("float"),
     "wait_timeout": _required("float"),
     "heartbeat_interval": _required("float"),
@@ -154,6 +155,8 @@ class AgentConfig:
     control_plane: list[str] = field(default_factory=list)  # addresses/CIDRs of the control plane
     metadata_endpoint: bool = True  # allow 169.254.169.254 and fd00:ec2::254 (tcp/80, udp/tcp 53, udp/123)
     dhcp: bool = True
+    # after a change that revokes access, delete the conntrack entries the new rules do not admit
+    cut_revoked_connections: bool = True
     # timing (seconds)
     poll_interval: float = 300.0  # slow poll when no nudge arrives
     wait_timeout: float = 25.0  # long-poll duration

@@ -25,6 +25,7 @@ from ringfence_agent.plan import (
     group_changes,
     split_cidrs,
 )
+from ringfence_agent.sessions import CutError, SessionCutter
 from ringfence_agent.state import StateDir
 
 
@@ -124,6 +125,7 @@ class Agent:
         state: StateDir,
         local: LocalFailsafes,
         log: Callable[[str], None] = print,
+        sessions: SessionCutter | None = None,
     ) -> None:
         state.lock()
         self.workload_id = workload_id or state.identity()
@@ -132,6 +134,9 @@ class Agent:
         self.state = state
         self.local = local
         self.log = log
+        # cuts the open connections a new plan no longer admits (None: the backend programs no
+        # kernel here, or the operator turned it off)
+        self.sessions = sessions
         self.bundle = state.load_bundle()
         self.deltas = state.load_deltas(self.bundle)
         self.plan: Plan | None = None
@@ -248,7 +253,7 @@ class Agent:
             local_failsafes=self._local_key(),
             incr={"applied": 1},
         )
-        return Result(True, describe_change(old, new))
+        return Result(True, describe_change(old, new) + self.cut_sessions(plan))
 
     # --- set deltas --------------------------------------------------------------------------
 
@@ -359,12 +364,48 @@ class Agent:
             if plan is not None:
                 self.backend.apply(plan)  # addresses live inline in the rules (windows-plan)
         self.state.update_status(applied_version=self.revision, applied_at=time.time(), incr={"deltas_applied": 1})
-        return Result(
-            True,
-            [
-                f"set {delta.set}: version {delta.from_version} → {delta.to_version}, +{len(delta.add)} -{len(delta.remove)} elements"
-            ],
-        )
+        lines = [
+            f"set {delta.set}: version {delta.from_version} → {delta.to_version}, +{len(delta.add)} -{len(delta.remove)} elements"
+        ]
+        if self._delta_revokes(base, delta):
+            plan = self.ensure_plan()
+            if plan is not None:
+                lines += self.cut_sessions(plan, peers=[*delta.remove, *delta.add])
+        return Result(True, lines)
+
+    @staticmethod
+    def _delta_revokes(bundle: Bundle, delta: SetDelta) -> bool:
+        """Elements leaving a set an allow rule uses, or joining one a drop rule uses."""
+        for r in (*bundle.inbound, *bundle.outbound):
+            sets = {r.set, *(m.set for m in r.members or ())}
+            if delta.set in sets and (delta.remove if r.action == "allow" else delta.add):
+                return True
+        return False
+
+    def cut_sessions(self, plan: Plan, peers: list[str] | None = None) -> list[str]:
+        """Delete the conntrack entries ``plan`` would not admit (``peers``: only theirs); the
+        lines say what was cut. A failure is reported, never raised: the rules are in force."""
+        if self.sessions is None or plan.mode != "enforce":
+            return []
+        try:
+            report = self.sessions.cut(plan, peers)
+        except (CutError, OSError) as exc:
+            msg = f"could not cut open connections the new rules do not admit: {exc}"
+            self.state.update_status(last_error=msg, incr={"session_cut_failures": 1})
+            return [msg]
+        if report.cut:
+            self.state.update_status(
+                last_cut={
+                    "time": time.time(),
+                    "revision": self.revision,
+                    "cut": report.deleted.deleted,
+                    "tracked": report.listed,
+                    "ms": round(report.seconds * 1000, 1),
+                    "connections": [f"{f.direction} {s.describe()} ({why.by})" for s, f, why in report.cut[:20]],
+                },
+                incr={"sessions_cut": report.deleted.deleted},
+            )
+        return report.lines()
 
     def rewind_deltas(self, keep: int) -> Result:
         """Forget the applied deltas after the first ``keep`` and enforce what is left.
@@ -419,9 +460,8 @@ class Agent:
             local_failsafes=self._local_key(),
             incr={"lkg_reapplied": 1},
         )
-        return Result(
-            True, [f"re-applied last known good: {eff.workload_id} revision {self.revision}, mode {eff.mode.value}"]
-        )
+        lines = [f"re-applied last known good: {eff.workload_id} revision {self.revision}, mode {eff.mode.value}"]
+        return Result(True, lines + self.cut_sessions(plan))
 
     def _fold_valid_deltas(self) -> Bundle:
         """Keep the chain of deltas that still fits (a crash may leave stale ones behind)."""

@@ -40,6 +40,7 @@ from ringfence_agent.reports import (
     parse_conntrack,
     summarize_flows,
 )
+from ringfence_agent.sessions import session_cutter
 from ringfence_agent.sources import ApiSource, Source, SourceError, StaticSource, Unreachable
 from ringfence_agent.state import StateDir
 
@@ -79,7 +80,15 @@ class Daemon:
         self.state.ensure()
         self.verifier = Verifier.from_file(cfg.public_key)
         self.backend = make_backend(cfg.backend)
-        self.agent = Agent(cfg.workload_id, self.verifier, self.backend, self.state, cfg.local_failsafes(), log=log)
+        self.agent = Agent(
+            cfg.workload_id,
+            self.verifier,
+            self.backend,
+            self.state,
+            cfg.local_failsafes(),
+            log=log,
+            sessions=session_cutter(cfg.backend, cfg.cut_revoked_connections),
+        )
         self.stop = threading.Event()
         self.rng = random.Random()  # noqa: S311 - jitter, not cryptography
         self._last_refused: tuple[str, int, str | None] | None = None

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from ringfence.bundle import Bundle, SetDelta, sign
-from ringfence.local.lab import PROBE, PY, prerequisites, wait_until
+from ringfence.local.lab import PROBE, PY, Holder, prerequisites, wait_until
 from ringfence.local.lab import Lab as NetLab
 from ringfence.model import Mode, Workload
 from ringfence_agent.backends.iptables import ipset_name
@@ -230,16 +230,93 @@ def test_delta_adding_a_peer_opens_access(net: NetLab, backend: str, tmp_path: P
     assert net.tcp("h1", "h2", 8080)
 
 
-def test_removing_a_peer_closes_new_connections_only(net: NetLab, backend: str, tmp_path: Path) -> None:
+def test_removing_a_peer_by_delta_cuts_its_open_connection_only(net: NetLab, backend: str, tmp_path: Path) -> None:
+    """A removed allow cuts its established session; a peer still allowed and SSH from the admin
+    range keep theirs (``ct state established accept`` alone would keep all three)."""
     lab = lab_engine(net)
-    ok(apply(net, backend, lab.bundle("h2"), tmp_path / "state"))
-    held = net.hold("h1", "h2", 8080)
-    assert held.connected and held.ping()
+    state = tmp_path / "state"
+    ok(apply(net, backend, lab.bundle("h2"), state))
+    ok(apply_delta(net, backend, lab.upsert(_client("h4", net)), state))
+    removed, kept, ssh = net.hold("h1", "h2", 8080), net.hold("h4", "h2", 8080), net.hold("adm", "h2", 22)
+    assert all(h.connected and h.ping() for h in (removed, kept, ssh))
     deltas = lab.remove("h1")
     assert deltas and all(d.remove for d in deltas)
-    ok(apply_delta(net, backend, deltas, tmp_path / "state"))
+    out = ok(apply_delta(net, backend, deltas, state))
+    assert "cut 1 open connection(s)" in out and f"inbound tcp {net.v4('h1')}:" in out, out
     assert not net.tcp("h1", "h2", 8080)
-    assert held.ping()  # established flows are not cut by a set change
+    assert not removed.ping()
+    assert kept.ping() and ssh.ping()
+    status = json.loads(ok(net.agent("h2", "status", "--state-dir", str(state), "--json")))
+    assert status["last_cut"]["cut"] == 1
+    _close(net, removed, kept, ssh)
+
+
+def test_quarantine_cuts_open_connections_but_not_the_admins_ssh(net: NetLab, backend: str, tmp_path: Path) -> None:
+    """Issue 9 §2.4: quarantine kills a session already open into the workload and one it opened
+    itself (a reverse shell's shape); new connections are refused; SSH from the admin range stays."""
+    lab = lab_engine(net)
+    state = tmp_path / "state"
+    ok(apply(net, backend, lab.bundle("h2"), state))
+    into, shell, ssh = net.hold("h1", "h2", 8080), net.hold("h2", "h3", 5432), net.hold("adm", "h2", 22)
+    assert all(h.connected and h.ping() for h in (into, shell, ssh))
+    lab.upsert(Workload(id="h2", ips=[net.v4("h2"), net.v6("h2")], tags=_tags("web"), quarantined=True))
+    doc = lab.bundle("h2")
+    assert doc.quarantined and not doc.inbound and not doc.outbound
+    out = ok(apply(net, backend, doc, state))
+    assert "cut 2 open connection(s)" in out, out
+    assert f"outbound tcp {net.v4('h2')}:" in out and f"-> {net.v4('h3')}:5432 (default)" in out, out
+    assert not into.ping() and not shell.ping()
+    assert ssh.ping() and ssh.ping()
+    assert not net.tcp("h1", "h2", 8080) and not net.tcp("h2", "h3", 5432) and not net.tcp("h4", "h2", 8080)
+    assert net.tcp("adm", "h2", 22)
+    status = json.loads(ok(net.agent("h2", "status", "--state-dir", str(state), "--json")))
+    assert status["last_cut"]["cut"] == 2 and len(status["last_cut"]["connections"]) == 2
+    _close(net, into, shell, ssh)
+
+
+def test_a_bundle_removing_an_allow_cuts_its_connection_and_spares_the_allowed(
+    net: NetLab, backend: str, tmp_path: Path
+) -> None:
+    lab = lab_engine(net)
+    state = tmp_path / "state"
+    ok(apply(net, backend, lab.bundle("h2"), state))
+    kept, gone = net.hold("h1", "h2", 8080), net.hold("h2", "h3", 5432)
+    assert kept.ping() and gone.ping()
+    lab.remove("h3")  # the database is gone: the web tier's allow to it has no peer left
+    out = ok(apply(net, backend, lab.bundle("h2"), state))
+    assert "version 2" in out and "cut 1 open connection(s)" in out, out
+    assert not gone.ping()
+    assert kept.ping() and kept.ping()
+    enforced_baseline(net)
+    _close(net, kept, gone)
+
+
+def test_keep_open_connections_leaves_established_sessions_alone(net: NetLab, backend: str, tmp_path: Path) -> None:
+    lab = lab_engine(net)
+    state = tmp_path / "state"
+    ok(apply(net, backend, lab.bundle("h2"), state))
+    held = net.hold("h1", "h2", 8080)
+    assert held.ping()
+    lab.upsert(Workload(id="h2", ips=[net.v4("h2"), net.v6("h2")], tags=_tags("web"), quarantined=True))
+    path = write(lab.bundle("h2"), tmp_path / "q.json")
+    common = ["--public-key", str(PUBLIC_KEY), "--backend", backend, "--state-dir", str(state)]
+    out = ok(net.agent("h2", "apply", "--bundle", str(path), *common, "--keep-open-connections"))
+    assert "cut" not in out
+    assert held.ping() and not net.tcp("h1", "h2", 8080)
+    _close(net, held)
+
+
+def _close(net: NetLab, *held: Holder) -> None:
+    for h in held:
+        net.kill(h.p)
+
+
+def _tags(role: str) -> dict[str, str]:
+    return {"role": role, "app": "lab", "env": "test"}
+
+
+def _client(host: str, net: NetLab) -> Workload:
+    return Workload(id=host, ips=[net.v4(host), net.v6(host)], tags=_tags("client"))
 
 
 def test_established_connections_survive_a_whole_bundle_replace(net: NetLab, backend: str, tmp_path: Path) -> None:
