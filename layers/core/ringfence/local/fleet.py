@@ -129,13 +129,21 @@ class Fleet:
         self._thread = threading.Thread(target=loop, name="fleet", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 2.0) -> None:
+        """Stop following; every agent gets SIGTERM at once and ``grace`` seconds in all (an agent
+        in a long-poll stops when it returns); the lab's close kills what is left."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
         with self.lock:
-            for iid in list(self.instances):
-                self.destroy(iid)
+            agents = [i.agent for i in self.instances.values() if i.agent is not None and i.agent.poll() is None]
+        for p in agents:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for p in agents:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=max(0.01, deadline - time.monotonic()))
 
     # --- one instance --------------------------------------------------------------------------
 
