@@ -790,6 +790,9 @@ def run(args: argparse.Namespace) -> int:
                     step_quarantine(demo)
                     step_release_and_scale_in(demo, new)
         except (KeyboardInterrupt, Interrupted) as exc:
+            # a second Ctrl-C must not cut the cleanup short
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             report.notes.append(f"interrupted: {type(exc).__name__}")
             report.say("interrupted: cleaning up")
             demo.close()

@@ -88,6 +88,10 @@ class Report:
             st.passed = False
             st.error = f"{type(exc).__name__}: {exc}"
             self.say(f"step {number} failed: {st.error}")
+        except BaseException as exc:  # Ctrl-C / SIGTERM: the step did not finish
+            st.passed = False
+            st.error = f"interrupted ({type(exc).__name__})"
+            raise
         finally:
             st.seconds = round(time.perf_counter() - t0, 3)
             self.current = None

@@ -18,6 +18,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,7 @@ class Fleet:
         self.instances: dict[str, Instance] = {}
         self.by_ip: dict[str, str] = {}
         self.gone: dict[str, Instance] = {}
+        self._booting: set[str] = set()
         self.lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -107,13 +109,24 @@ class Fleet:
                             (t["Value"] for t in inst.get("Tags", []) if t["Key"] == "Name"), inst["InstanceId"]
                         )
                         seen[inst["InstanceId"]] = (ip, name, state)
-        booted, destroyed = [], []
+        destroyed = []
         with self.lock:
             for iid in [i for i in self.instances if i not in seen]:
                 destroyed.append(self.destroy(iid))
-            for iid, (ip, name, _) in seen.items():
-                if iid not in self.instances and iid not in self.gone:
-                    booted.append(self.boot(iid, ip, name))
+            new = [
+                (iid, ip, name)
+                for iid, (ip, name, _) in seen.items()
+                if iid not in self.instances and iid not in self.gone and iid not in self._booting
+            ]
+            self._booting.update(iid for iid, _, _ in new)
+        # booting is mostly waiting for `ip` and process starts: a scale-out of 50 boots in
+        # parallel (not under the lock: boot takes it to register the instance)
+        try:
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                booted = list(pool.map(lambda a: self.boot(*a), new))
+        finally:
+            with self.lock:
+                self._booting.difference_update(iid for iid, _, _ in new)
         return booted, destroyed
 
     def follow(self, interval: float = 0.2) -> None:
@@ -181,8 +194,9 @@ class Fleet:
         else:
             inst.agent = self.start_process(*cmd, stdout=logf, stderr=subprocess.STDOUT)
         logf.close()
-        self.instances[iid] = inst
-        self.by_ip[ip] = iid
+        with self.lock:
+            self.instances[iid] = inst
+            self.by_ip[ip] = iid
         for hook in self.on_boot:
             hook(inst)
         return inst
