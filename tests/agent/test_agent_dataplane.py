@@ -37,6 +37,10 @@ from tests.agent.bundles import (
     write,
 )
 
+# fixtures: the moto-backed AWS control plane (aws_env: a fresh world, its handlers; see tests/aws)
+from tests.aws.conftest import env as aws_env  # noqa: F401
+from tests.aws.conftest import iid_key, moto_url  # noqa: F401
+
 pytestmark = pytest.mark.dataplane
 
 _why = prerequisites()
@@ -860,56 +864,113 @@ RINGFENCE = Path(PY).parent / "ringfence"
 KEY = PUBLIC_KEY.parent / "test-key.pem"
 
 
-def test_daemon_enrolls_follows_nudges_and_reports(net: NetLab, backend: str, tmp_path: Path) -> None:
-    root = tmp_path / "cp"
-    (root / "deltas").mkdir(parents=True)
-    (root / "pairing-key").write_text("pair-123")
-    lab = lab_engine(net, OBSERVE_POLICY)
-    write(lab.bundle("h2"), root / "bundles" / "h2.json")
-    server = net.spawn("cp", PY, str(HERE / "fakecp.py"), str(root), net.v4("cp"), "8080", stdout=subprocess.PIPE)
-    assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-    cfg = config(tmp_path, backend, api_url=f"http://{net.v4('cp')}:8080", enroll={"pairing_key": "pair-123"})
-    log = (tmp_path / "run.log").open("w")
-    daemon = net.spawn("h2", str(net_agent()), "run", "--config", str(cfg), stderr=log)
+def test_daemon_enrolls_follows_pushes_and_reports_against_the_real_control_plane(
+    net: NetLab,
+    backend: str,
+    tmp_path: Path,
+    aws_env: Any,  # noqa: F811 - the fixture
+) -> None:
+    """The agent in h2 against ``ringfence serve`` (the real agent-API routes) listening in cp,
+    over the moto-backed AWS wiring: the lab hosts are EC2 instances with the lab's addresses, the
+    bundles are compute's. Enrolled with a pairing key from the admin API; observe mode reports
+    would-drops; the operator's switch to enforce and a tag change (a set delta) arrive through
+    the wait long-poll, long before the agent's slow poll; the control plane gone, it still enforces."""
+    from ringfence import serve
+    from tests.agent.netns import listening_socket_in
+
+    aws = aws_env
+
+    os.environ["RINGFENCE_WAIT_POLL_INTERVAL"] = "0.2"
     try:
-        assert wait_until(lambda: (tmp_path / "state" / "bundle.json").exists(), 15), (tmp_path / "run.log").read_text()
-        assert net.tcp("h4", "h2", 8080)  # observe: passes ...
+        ids = _lab_estate(net, aws, OBSERVE_POLICY)
+    finally:
+        del os.environ["RINGFENCE_WAIT_POLL_INTERVAL"]
+    h2 = ids["h2"]
+    status, _, body = aws.rest("admin", "POST", "/admin/pairing-keys", {"workload_id": h2, "uses": 1, "ttl": 600})
+    assert status == 201, body
+    (tmp_path / "signing.pub.pem").write_bytes(aws.signing_key.public_pem())
+    sock = listening_socket_in(net.ns("cp"), net.v4("cp"), 8080)
+    app = serve.ServeApp.over(serve.build_wiring("aws"), None)
+    with serve.serving(app, sock=sock):
+        cfg = config(
+            tmp_path,
+            backend,
+            workload_id=h2,
+            public_key=str(tmp_path / "signing.pub.pem"),
+            api_url=f"http://{net.v4('cp')}:8080",
+            enroll={"pairing_key": body["pairing_key"]},
+            poll_interval=120,  # a change seen sooner came by the long-poll
+            wait_timeout=10,
+            request_timeout=5,
+        )
+        log = tmp_path / "run.log"
+        daemon = net.spawn("h2", str(net_agent()), "run", "--config", str(cfg), stderr=log.open("w"))
+        try:
+            assert wait_until(lambda: (tmp_path / "state" / "bundle.json").exists(), 20), log.read_text()
+            assert net.tcp("h4", "h2", 8080)  # observe: passes ...
 
-        # ... and is reported as a would-drop
-        def reported() -> bool:
-            p = root / "reports.jsonl"
-            rows = [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
-            return any(d["src"] == net.v4("h4") and d["action"] == "would-drop" for r in rows for d in r["drops"])
+            def reported() -> list[dict[str, Any]]:
+                listed = aws.s3.list_objects_v2(Bucket=aws.bucket, Prefix=f"reports/{h2}/").get("Contents", [])
+                return [json.loads(aws.s3.get_object(Bucket=aws.bucket, Key=o["Key"])["Body"].read()) for o in listed]
 
-        assert wait_until(reported, 15), (tmp_path / "run.log").read_text()
-        rows = [json.loads(x) for x in (root / "reports.jsonl").read_text().splitlines()]
-        flows = [f for r in rows for f in r["flows"]]
-        if net.exec("h2", "test", "-e", "/proc/net/nf_conntrack").returncode == 0:  # else: flows degrade, drops stay
-            assert any(f["src"] == net.v4("h4") and f["dport"] == 8080 and f["direction"] == "inbound" for f in flows)
-        hb = [json.loads(x) for x in (root / "heartbeats.jsonl").read_text().splitlines()]
-        assert hb[-1]["applied_version"] == 1 and hb[-1]["mode"] == "observe"
-        # the control plane moves h2 to enforce: a new whole bundle, picked up by the long poll
-        lab2 = lab_engine(net)
-        lab2.engine.revision = 1
-        lab2.upsert(Workload(id="h9", ips=["10.77.0.9"], tags={"role": "client", "app": "lab", "env": "test"}))
-        write(lab2.bundle("h2"), root / "bundles" / "h2.json")
-        assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 15), (tmp_path / "run.log").read_text()
-        assert net.tcp("h1", "h2", 8080)
-        # a set delta (h4 joins the clients) arrives as a nudge and is applied as element adds
-        for d in lab2.upsert(
-            Workload(id="h4", ips=[net.v4("h4"), net.v6("h4")], tags={"role": "client", "app": "lab", "env": "test"})
-        ):
-            write(d, root / "deltas" / f"{d.to_version:06d}-{d.set}.json")
-        assert wait_until(lambda: net.tcp("h4", "h2", 8080, timeout=0.3), 15), (tmp_path / "run.log").read_text()
-        assert wait_until(lambda: "version 2 → 3, +2 -0 elements" in (tmp_path / "run.log").read_text(), 5)
-        # control plane gone: still enforced
-        net.kill(server)
-        time.sleep(1.5)
+            def would_drop() -> bool:
+                return any(
+                    d["src"] == net.v4("h4") and d["action"] == "would-drop" for r in reported() for d in r["drops"]
+                )
+
+            assert wait_until(would_drop, 20), log.read_text()  # ... and is reported as a would-drop
+            flows = [f for r in reported() for f in r["flows"]]
+            if net.exec("h2", "test", "-e", "/proc/net/nf_conntrack").returncode == 0:  # else flows degrade
+                assert any(f["src"] == net.v4("h4") and f["dport"] == 8080 for f in flows), flows
+            assert aws.store.get(h2).last_heartbeat is not None
+
+            # the operator moves h2 to enforce (admin API, audited): a whole new bundle, pushed
+            assert aws.rest("admin", "PUT", f"/admin/workloads/{h2}/mode", {"mode": "enforce"})[0] == 200
+            aws.pump()
+            pushed = time.monotonic()
+            assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 20), log.read_text()
+            assert net.tcp("h1", "h2", 8080)
+            # a tag change (h4 becomes a client): event → ingest → compute → a set delta, pushed
+            aws.ec2.create_tags(Resources=[ids["h4"]], Tags=[{"Key": "role", "Value": "client"}])
+            aws.put(aws.tag_event(ids["h4"], {"role": "client", "app": "lab", "env": "test"}, version=2))
+            aws.pump()
+            assert wait_until(lambda: net.tcp("h4", "h2", 8080, timeout=0.3), 20), log.read_text()
+            assert time.monotonic() - pushed < 60 < 120, "both changes came by the long-poll"
+            assert not net.tcp("h3", "h2", 8080)
+            assert wait_until(lambda: ", +1 -0 elements" in log.read_text(), 5), log.read_text()  # a delta
+        except BaseException:
+            net.kill(daemon, 15)
+            raise
+    # control plane gone: still enforced
+    time.sleep(1.5)
+    try:
         assert net.tcp("h4", "h2", 8080) and not net.tcp("h3", "h2", 8080)
-        requests = (root / "requests.log").read_text()
-        assert "/v1/enroll" in requests and "/wait?" in requests and "/deltas?since=" in requests
     finally:
         net.kill(daemon, 15)
+
+
+def _lab_estate(net: NetLab, aws: Any, policy: str) -> dict[str, str]:
+    """The lab hosts as EC2 instances with their lab addresses and role tags, the policy
+    provisioned and every instance's running event through the pipeline: host → instance id."""
+    status, _, body = aws.rest("admin", "POST", "/admin/policies", {"files": {"lab.yaml": policy}})
+    assert status == 201, body
+    vpc = aws.ec2.create_vpc(CidrBlock="10.77.0.0/16")["Vpc"]["VpcId"]
+    subnet = aws.ec2.create_subnet(VpcId=vpc, CidrBlock="10.77.0.0/24")["Subnet"]["SubnetId"]
+    ami = aws.ec2.describe_images()["Images"][0]["ImageId"]
+    ids = {}
+    for host, role in ROLES.items():
+        tags = [{"Key": "role", "Value": role}, {"Key": "app", "Value": "lab"}, {"Key": "env", "Value": "test"}]
+        ids[host] = aws.ec2.run_instances(
+            ImageId=ami,
+            MinCount=1,
+            MaxCount=1,
+            SubnetId=subnet,
+            PrivateIpAddress=net.v4(host),
+            TagSpecifications=[{"ResourceType": "instance", "Tags": tags}],
+        )["Instances"][0]["InstanceId"]
+        aws.put(aws.state_event(ids[host], "running"))
+    aws.pump()
+    return ids
 
 
 def net_agent() -> Path:

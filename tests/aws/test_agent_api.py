@@ -8,7 +8,7 @@ from typing import Any
 
 from ringfence import agentapi
 from tests.aws.conftest import ACCOUNT, REGION, Env, LambdaContext, ip_of, rest_answer, rest_event
-from tests.aws.test_pipeline import _ctx, _scheduled, boot, enroll_pairing, in_set
+from tests.aws.test_pipeline import _ctx, _scheduled, boot, bridge, covered, enroll_pairing, in_set
 
 
 def iid_document(env: Env, iid: str, pending: str = "2026-11-21T10:00:00Z") -> str:
@@ -106,7 +106,8 @@ def test_deltas_since_and_409_when_rules_changed(env: Env) -> None:
     est = boot(env)
     proc = est["ids"]["proc"][0]
     tok = enroll_pairing(env, proc)
-    v0 = env.bundle(proc).version
+    old = env.bundle(proc)
+    v0 = old.version
     new = est["run"]("web", est["subnets"]["web"], 1)[0]
     env.put(env.state_event(new, "running"))
     env.pump()
@@ -116,7 +117,12 @@ def test_deltas_since_and_409_when_rules_changed(env: Env) -> None:
     assert status == 200
     resp = agentapi.DeltasResponse.model_validate(body)
     assert resp.bundle_version > v0 and resp.deltas
-    assert any(f"{ip_of(env, new)}/32" in d["add"] for d in resp.deltas) or resp.deltas[0]["add"]
+    # applied to the agent's bundle, the deltas give exactly the published sets, now covering the
+    # new web server (a /32, or inside a wider canonical cover)
+    current = env.bundle(proc)
+    bridged = bridge(env, old, resp.deltas)
+    assert bridged == {n: set(s.v4) | set(s.v6) for n, s in current.sets.items()}
+    assert not in_set(old, ip_of(env, new)) and covered(bridged, ip_of(env, new))
     # the processing tier's own rules change when it is re-tagged dev → deltas cannot bridge
     env.ec2.create_tags(Resources=[proc], Tags=[{"Key": "env", "Value": "dev"}])
     env.put(env.state_event(proc, "running"))

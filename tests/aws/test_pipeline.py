@@ -31,6 +31,26 @@ def _covers(cidr: str, ip: str) -> bool:
     return ipaddress.ip_address(ip) in ipaddress.ip_network(cidr)
 
 
+def covered(sets: dict[str, set[str]], ip: str) -> bool:
+    return any(_covers(c, ip) for elems in sets.values() for c in elems)
+
+
+def bridge(env: Env, old: Any, deltas: list[dict[str, Any]]) -> dict[str, set[str]]:
+    """The sets of bundle ``old`` moved along ``deltas`` as an agent applies them: each signature
+    verified, each delta continuing its set's chain."""
+    from ringfence.bundle import Verifier, load_delta
+
+    verifier = Verifier.from_pem(env.signing_key.public_pem())
+    sets = {n: (s.version, set(s.v4) | set(s.v6)) for n, s in old.sets.items()}
+    for raw in deltas:
+        d = load_delta(json.dumps(raw))
+        verifier.verify(d)
+        version, elems = sets[d.set]
+        assert version == d.from_version, (d.set, version, d.from_version)
+        sets[d.set] = (d.to_version, (elems - set(d.remove)) | set(d.add))
+    return {n: e for n, (_, e) in sets.items()}
+
+
 def test_estate_events_build_inventory_and_signed_bundles(env: Env) -> None:
     est = boot(env)
     recs = {r.id: r for r in env.store.all_records()}
@@ -87,7 +107,11 @@ def test_scale_out_lifecycle_publishes_then_continues(env: Env) -> None:
         query={"since": str(before.version)},
     )
     assert status == 200, body
-    assert any(f"{ip_of(env, new)}/32" in d["add"] or d["add"] for d in body["deltas"])
+    # the signed deltas take the peer from `before` to exactly the published sets, which cover the
+    # new instance's address (as a /32 or within a wider canonical cover)
+    bridged = bridge(env, before, body["deltas"])
+    assert bridged == {n: set(s.v4) | set(s.v6) for n, s in after.sets.items()}
+    assert not in_set(before, ip_of(env, new)) and covered(bridged, ip_of(env, new))
     # terminate: leaves peers' sets before CONTINUE
     env.put(env.lifecycle_event(new, launching=False))
     env.pump()

@@ -397,6 +397,41 @@ def cmd_export_calico(args: argparse.Namespace) -> int:
 # --- keys and bundles --------------------------------------------------------------------------
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ringfence import serve
+
+    try:
+        return serve.run(
+            args.host,
+            args.port,
+            args.store,
+            Path(args.admin_tokens) if args.admin_tokens else None,
+            args.tls_cert,
+            args.tls_key,
+            args.insecure,
+            args.threads,
+            announce=lambda line: print(line, flush=True),
+        )
+    except serve.ServeError as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_serve_token(args: argparse.Namespace) -> int:
+    from ringfence import serve
+
+    try:
+        token, line = serve.new_admin_token(args.principal)
+    except serve.ServeError as exc:
+        raise CliError(str(exc)) from None
+    path = Path(args.file)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a") as f:
+        f.write(line + "\n")
+    print(f"added {args.principal} to {path}; the token (shown once, only its hash is kept):")
+    print(token)
+    return 0
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -534,6 +569,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("verify", cmd_bundle_verify, bun, help="verify a bundle's signature against a public key")
     p.add_argument("file")
     p.add_argument("--public-key", required=True)
+
+    p = add(
+        "serve",
+        cmd_serve,
+        help="the agent API (/v1/...) and admin API (/admin/...) over HTTP(S), for on-premise estates",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8443, help="port to bind; 0 picks a free one (default 8443)")
+    p.add_argument(
+        "--store",
+        default="aws",
+        help="aws: DynamoDB/S3/SQS named by the RINGFENCE_* environment (AWS_ENDPOINT_URL for another "
+        "endpoint); sqlite:PATH: one SQLite file (default aws)",
+    )
+    p.add_argument(
+        "--admin-tokens",
+        metavar="FILE",
+        help="enables the admin API: lines of principal:sha256(token) (see `ringfence serve-token`)",
+    )
+    p.add_argument("--tls-cert", metavar="PEM", help="TLS certificate chain (with --tls-key)")
+    p.add_argument("--tls-key", metavar="PEM", help="TLS private key")
+    p.add_argument("--insecure", action="store_true", help="allow plain HTTP on a non-loopback address")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=512,
+        help="requests handled at once; each waiting agent (long-poll) holds one (default 512)",
+    )
+    p = add("serve-token", cmd_serve_token, help="mint an admin token for `ringfence serve --admin-tokens`")
+    p.add_argument("principal", help="who holds it: recorded in the audit log with each admin action")
+    p.add_argument("--file", required=True, help="the admin tokens file to append principal:sha256 to (mode 0600)")
 
     from ringfence import demo
 

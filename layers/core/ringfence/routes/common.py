@@ -2,12 +2,14 @@
 in the API's error body (422, naming each bad field), and service answers as HTTP responses."""
 
 import json
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
 
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver
 from aws_lambda_powertools.event_handler import Response as HttpResponse
 from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValidationError
 from aws_lambda_powertools.event_handler.openapi.models import SecurityScheme
+from aws_lambda_powertools.utilities.data_classes import APIGatewayProxyEvent
 
 from ringfence import agentapi
 from ringfence.clouds.aws.api import Response, error
@@ -59,12 +61,48 @@ def answers(model: Any = None, status: int = 200, description: str = "", errors:
     return out
 
 
+class Resolver(APIGatewayRestResolver):
+    """A resolver whose current event is its own. Powertools keeps the event being resolved in a
+    class attribute shared by every resolver of the process (``BaseRouter.current_event``): fine
+    in Lambda, one event at a time, but ``ringfence serve`` resolves many at once in threads (one
+    resolver instance per thread), and a route must never read another request's event (its
+    bearer token, its path). Here each instance keeps its own."""
+
+    _event: APIGatewayProxyEvent | None = None
+    _lambda_context: Any = None
+
+    @property  # type: ignore[override]
+    def current_event(self) -> APIGatewayProxyEvent:
+        assert self._event is not None, "no event is being resolved"
+        return self._event
+
+    @current_event.setter
+    def current_event(self, value: APIGatewayProxyEvent) -> None:
+        self._event = value
+
+    @property
+    def lambda_context(self) -> Any:
+        return self._lambda_context
+
+    @lambda_context.setter
+    def lambda_context(self, value: Any) -> None:
+        self._lambda_context = value
+
+    def resolve(self, event: Mapping[str, Any], context: Any) -> dict[str, Any]:
+        self._event = cast(APIGatewayProxyEvent, self._to_proxy_event(dict(event)))
+        self._lambda_context = context
+        try:
+            return super().resolve(event, context)
+        finally:
+            self._event = None
+
+
 def resolver(
     title: str, description: str, security_schemes: dict[str, SecurityScheme], max_body: int | None = None
-) -> APIGatewayRestResolver:
+) -> Resolver:
     """A validating resolver. A body over ``max_body`` bytes is a 413 even when it does not
     validate (the size is what is wrong with it)."""
-    app = APIGatewayRestResolver(enable_validation=True)
+    app = Resolver(enable_validation=True)
 
     def invalid(exc: RequestValidationError) -> HttpResponse[str]:
         return too_large(app.current_event.body, max_body) or http(
