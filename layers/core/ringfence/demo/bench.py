@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from ringfence.demo.live import ASG_NAME, Live
+from ringfence.demo.live import Live
+from ringfence.local.estate import ASG_NAME
 
 
 def _launch(d: Live, n: int, timeout: float) -> None:
