@@ -54,8 +54,8 @@ OPS, OPS_ADDRESS = "ops", "10.99.0.200"  # an operator's console in the admin ra
 SERVE_PORT = 8443
 ADMIN_PRINCIPAL = "demo-operator"
 # long-poll answers re-read the store this often (RINGFENCE_WAIT_POLL_INTERVAL; AWS default 1 s)
-WAIT_POLL_INTERVAL = "0.2"
-ENFORCE_TIMEOUT = 30.0
+WAIT_POLL_INTERVAL = "0.5"
+ENFORCE_TIMEOUT = 60.0
 
 
 class Interrupted(BaseException):
@@ -316,10 +316,18 @@ class Live:
         deadline = time.monotonic() + timeout
         quiet_since: float | None = None
         seen = -1
+        sqs = self.aws.client("sqs")
+
+        def queued(key: str) -> int:
+            a = sqs.get_queue_attributes(
+                QueueUrl=self.aws.queues[key],
+                AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+            )["Attributes"]
+            return int(a["ApproximateNumberOfMessages"]) + int(a["ApproximateNumberOfMessagesNotVisible"])
+
         while time.monotonic() < deadline:
             n = len(self.router.deliveries)
-            counts = self.router.pending()
-            busy = n != seen or any(counts.get(q) for q in ("ingest", "lifecycle", "compute"))
+            busy = n != seen or any(queued(q) for q in ("lifecycle", "ingest", "compute"))
             seen = n
             now = time.monotonic()
             if busy:
@@ -328,7 +336,7 @@ class Live:
                 quiet_since = now
             elif now - quiet_since >= settle:
                 return True
-            time.sleep(0.05)
+            time.sleep(0.1)
         return False
 
     def wait_all_enforcing(self, timeout: float) -> None:
@@ -761,7 +769,7 @@ def _covers(spans: list[tuple[int, int]], ip: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.out or "out")
+    out = Path(args.out or "out").resolve()  # the agents read their config relative to its own directory
     why_not = prerequisites()
     if why_not is not None:
         print(
