@@ -162,6 +162,7 @@ class Daemon:
         latest: int | None = None
         while not self.stop.is_set():
             try:
+                unenforced = self.agent.revision is None
                 self.sync(latest)
                 self.state.update_status(last_contact=time.time())
                 failures = 0
@@ -169,7 +170,9 @@ class Daemon:
                     self.contact_error = ""
                     self.last_message = ""
                 now = time.monotonic()
-                if now - last_heartbeat >= self.cfg.heartbeat_interval or once:
+                # the first bundle is reported at once: a launch may wait for it (lifecycle hook)
+                first = unenforced and self.agent.revision is not None
+                if now - last_heartbeat >= self.cfg.heartbeat_interval or once or first:
                     hb_latest = self.heartbeat()
                     last_heartbeat = now
                     if hb_latest is not None and hb_latest > (self.agent.revision or -1) and hb_latest != chased:
