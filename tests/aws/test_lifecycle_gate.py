@@ -61,4 +61,3 @@ def test_a_launch_waits_for_its_agent_to_enforce(gated: Env) -> None:
     heartbeat(env, new, token, ptr.version)  # its agent enforces
     assert state(env, new) == "InService"
     heartbeat(env, new, token, ptr.version)  # later heartbeats ask nothing more
-
