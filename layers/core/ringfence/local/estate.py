@@ -21,7 +21,7 @@ ASG_NAME = "ord-prod-web-asg"
 HOOK_NAME = "ringfence-enforce-before-inservice"
 ASG_SUBNET = "10.1.16.0/20"  # the web ASG's subnet: moto picks addresses in it
 ASG_TAGS = {"role": "web", "app": "ordering", "env": "prod"}
-HOOK_TIMEOUT = 60  # seconds a launch waits in Pending:Wait for the control plane
+HOOK_TIMEOUT = 600  # seconds a launch waits in Pending:Wait for its agent (AWS default: 3600)
 
 
 @dataclass
