@@ -73,8 +73,9 @@ def test_scale_out_lifecycle_publishes_then_continues(env: Env) -> None:
     completed: list[dict[str, Any]] = []
 
     def complete(request: Any, **_: Any) -> AWSResponse:
-        # moto does not implement CompleteLifecycleAction: stand in for it at the HTTP layer and
-        # record what was published at the moment the action was completed
+        # this lifecycle event is synthesized (the fixture's token), so moto's CompleteLifecycleAction
+        # (ringfence.local.moto_lifecycle; tests/local drive real hooks) would refuse it: stand in
+        # at the HTTP layer and record what was published at the moment the action was completed
         raw = request.body.decode() if isinstance(request.body, bytes) else request.body
         params = dict(p.split("=", 1) for p in raw.split("&"))
         iid = params["InstanceId"]

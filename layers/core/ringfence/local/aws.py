@@ -21,7 +21,8 @@ standard endpoint variables — the same code paths as in AWS. Interface::
 ``EmbeddedAws(region=..., account=..., environ=True, metrics=True)``: with ``environ=False`` the
 process environment is left alone (use ``aws.env`` for subprocesses; the in-process handlers need
 it); ``metrics=False`` silences Powertools' metric lines on stdout. Auto Scaling lifecycle hooks work
-(see :mod:`ringfence.local.moto_lifecycle`). Events do not flow by themselves: run an
+(see :mod:`ringfence.local.moto_lifecycle`), and EC2 tag and launch calls are recorded with their
+caller as a trail would (:mod:`ringfence.local.moto_trail`). Events do not flow by themselves: run an
 :class:`ringfence.local.router.EventRouter` for that.
 """
 
@@ -43,7 +44,7 @@ from cryptography.x509.oid import NameOID
 from ringfence.bundle import SigningKey
 from ringfence.clouds.aws.patterns import INGEST_RULES, LIFECYCLE_RULES
 
-from . import moto_lifecycle
+from . import moto_lifecycle, moto_trail
 
 REGION = "ca-central-1"
 ACCOUNT = "123456789012"  # moto's default account
@@ -135,6 +136,7 @@ class EmbeddedAws:
         from moto.server import ThreadedMotoServer
 
         moto_lifecycle.install()
+        moto_trail.install()
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self._server.start()

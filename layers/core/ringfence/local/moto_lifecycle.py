@@ -85,6 +85,7 @@ def install() -> None:
         orig_describe_groups = AutoScalingBackend.describe_auto_scaling_groups
         orig_describe_instances = AutoScalingBackend.describe_auto_scaling_instances
         orig_terminate = AutoScalingBackend.terminate_instance
+        orig_target_groups = AutoScalingBackend.update_attached_target_groups
 
         def replace_autoscaling_group_instances(self: Any, count_needed: int, propagated_tags: dict[str, str]) -> None:
             with _lock:
@@ -146,9 +147,33 @@ def install() -> None:
                 _leave(self, group, state)
                 if should_decrement:
                     group.desired_capacity = max((group.desired_capacity or 0) - 1, 0)
+                    self.update_attached_elbs(group.name)
+                    self.update_attached_target_groups(group.name)
                 else:
                     group.set_desired_capacity(group.desired_capacity)  # launches the replacement
                 return TerminateInstanceActivity(state.instance, original)
+
+        def update_attached_target_groups(self: Any, group_name: str) -> None:
+            # moto registers every instance of the group at once (and never deregisters);
+            # AWS registers an instance when it goes InService and deregisters it when it
+            # starts leaving, so a load balancer never reaches an instance a hook still holds
+            group = self.autoscaling_groups[group_name]
+            if not group.target_group_arns or not (
+                _hooks(self, group_name, LAUNCHING) or _hooks(self, group_name, TERMINATING)
+            ):
+                orig_target_groups(self, group_name)
+                return
+            serving = {s.instance.id for s in group.instance_states if s.lifecycle_state == "InService"}
+            for tg in self.elbv2_backend.describe_target_groups(
+                target_group_arns=group.target_group_arns, load_balancer_arn=None, names=None
+            ):
+                registered = set(tg.targets)
+                add = serving - registered
+                drop = {i for i in registered if i in _member_ids(group) and i not in serving}
+                if add:
+                    self.elbv2_backend.register_targets(tg.arn, [{"Id": i, "Port": tg.port} for i in sorted(add)])
+                if drop:
+                    self.elbv2_backend.deregister_targets(tg.arn, [{"Id": i} for i in sorted(drop)])
 
         def complete_lifecycle_action(self: Any) -> Any:
             from moto.core.responses import EmptyResult
@@ -180,6 +205,7 @@ def install() -> None:
         AutoScalingBackend.describe_auto_scaling_groups = describe_auto_scaling_groups  # type: ignore[method-assign]
         AutoScalingBackend.describe_auto_scaling_instances = describe_auto_scaling_instances  # type: ignore[method-assign]
         AutoScalingBackend.terminate_instance = terminate_instance  # type: ignore[method-assign]
+        AutoScalingBackend.update_attached_target_groups = update_attached_target_groups  # type: ignore[method-assign]
         AutoScalingResponse.complete_lifecycle_action = complete_lifecycle_action  # type: ignore[attr-defined]
         AutoScalingResponse.record_lifecycle_action_heartbeat = record_lifecycle_action_heartbeat  # type: ignore[attr-defined]
         _installed = True
@@ -241,6 +267,10 @@ def _state_of(backend: Any, instance_id: str) -> Any:
             if state.instance.id == instance_id:
                 return state
     return None
+
+
+def _member_ids(group: Any) -> set[str]:
+    return {s.instance.id for s in group.instance_states}
 
 
 def _begin(backend: Any, group_name: str, instance_id: str, hooks: list[Any]) -> None:

@@ -12,13 +12,13 @@ moto EventBridge (whose rules route them to the SQS queues), and runs the real h
         router.wait_idle(timeout=10)          # True once nothing is left to watch, route or run
         router.timeline.entries()             # [TimelineEntry]: per event, its timestamps
         router.timeline.wait(pred, timeout)   # the first entry with pred(entry), or None
-        router.subscribe(fn)                  # fn(stage, entry) at "put" / "ingested" / "computed" / "failed"
+        router.subscribe(fn)                  # fn(stage, entry): "put", "ingested", "computed", "unchanged", "failed"
         router.fn["agentapi"]                 # the loaded handler modules (one warm "container" each)
         router.run_scheduled("reconcile")     # run a scheduled handler now
         router.watch_stats()                  # how long a watch tick takes (count, mean, p95, max in s)
 
 ``EventRouter(aws, watch_interval=0.15, poll_interval=0.05, schedule=None, retry_after=1.0,
-batch_size=10, functions=None, announce_existing=False)``:
+batch_size=10, functions=None, announce_existing=False, cloudtrail=True)``:
 
 - **watching** (a thread, every ``watch_interval`` s): ``DescribeInstances`` and
   ``DescribeAutoScalingGroups`` on the moto server, compared with the previous look. A new or
@@ -27,10 +27,12 @@ batch_size=10, functions=None, announce_existing=False)``:
   a new lifecycle action → ``EC2 Instance-launch/-terminate Lifecycle Action`` with its
   ``LifecycleActionToken`` (read from the moto extension, as AWS puts it only in this event);
   an ASG instance reaching ``InService`` → ``EC2 Instance Launch Successful``; one leaving its
-  group terminated → ``EC2 Instance Terminate Successful``. None of these carries a
-  ``userIdentity`` in AWS (only CloudTrail's ``AWS API Call via CloudTrail`` does, and moto
-  records no trail), so none is invented. Instances that exist when the router starts are
-  not announced unless ``announce_existing`` (in AWS, the scheduled reconcile finds them).
+  group terminated → ``EC2 Instance Terminate Successful``. With ``cloudtrail`` (default), each
+  ``CreateTags`` / ``DeleteTags`` / ``RunInstances`` call moto served (Auto Scaling's launches
+  included) → ``AWS API Call via CloudTrail`` with the caller's ``userIdentity``, as a trail feeds
+  the stack's ``CloudTrailEc2`` rule (:mod:`ringfence.local.moto_trail`); the other events carry
+  no ``userIdentity`` in AWS either. Instances that exist when the router starts are not
+  announced unless ``announce_existing`` (in AWS, the scheduled reconcile finds them).
 - **delivering** (a second thread, the "Lambda runtime"): the lifecycle, ingest and compute
   queues, in that order, each batch (``batch_size``) to ``functions/<name>/app.py``'s handler
   (:func:`ringfence.local.lambdas.deliver_batch`): successes deleted, reported failures visible
@@ -46,7 +48,10 @@ batch_size=10, functions=None, announce_existing=False)``:
 :class:`Timeline` records, per event put: ``changed`` (the watcher saw the change in moto),
 ``put`` (``PutEvents`` returned), ``ingested`` (the ingest or lifecycle handler finished the batch
 holding it), ``computed`` (the compute handler finished a batch naming its instance, received
-after the ingest) — all ``time.time()`` seconds. Lifecycle actions are completed by compute
+after the ingest) — all ``time.time()`` seconds; ``unchanged`` when the pipeline went idle after
+its ingest with nothing to compute for it (ingest found the inventory already as the event says:
+the same change often arrives as several events, e.g. CloudTrail ``RunInstances`` and the state
+change). Lifecycle actions are completed by compute
 through ``CompleteLifecycleAction`` on the moto server; the watcher then sees ``InService``.
 """
 
@@ -65,7 +70,7 @@ from dataclasses import dataclass, field, replace
 from types import ModuleType
 from typing import Any
 
-from . import moto_lifecycle
+from . import moto_lifecycle, moto_trail
 from .aws import EmbeddedAws
 from .lambdas import FUNCTIONS, Delivery, LambdaContext, deliver_batch, load_functions
 
@@ -77,10 +82,11 @@ LAUNCH_ACTION = "EC2 Instance-launch Lifecycle Action"
 TERMINATE_ACTION = "EC2 Instance-terminate Lifecycle Action"
 LAUNCH_OK = "EC2 Instance Launch Successful"
 TERMINATE_OK = "EC2 Instance Terminate Successful"
+API_CALL = "AWS API Call via CloudTrail"
 
 # delivery order per pass: lifecycle actions first (an instance waits on them), compute last
 QUEUES = (("lifecycle", "lifecycle"), ("ingest", "ingest"), ("compute", "compute"))
-STAGES = ("put", "ingested", "computed", "failed")
+STAGES = ("put", "ingested", "computed", "unchanged", "failed")
 
 
 # --- the timeline ----------------------------------------------------------------------------------
@@ -100,6 +106,8 @@ class TimelineEntry:
     computed: float | None = None
     failed: str | None = None  # last handler failure for it (it stays queued and is retried)
     attempts: int = 0
+    unchanged: bool = False  # ingested, and the pipeline went idle with nothing to compute for it
+    detail: dict[str, Any] = field(default_factory=dict, compare=False)  # the event's detail, as put
 
     @property
     def to_ingested(self) -> float | None:
@@ -214,6 +222,29 @@ class Timeline:
             if done:
                 self._notify("computed", done)
 
+    def settle(self, before: float) -> None:
+        """The pipeline is idle: events ingested before ``before`` still waiting for compute
+        changed nothing (ingest found the inventory as it was), so none will come."""
+        with self._cond:
+            done = []
+            for iid, waiting in self._awaiting.items():
+                keep = []
+                for eid in waiting:
+                    e = self._entries[eid]
+                    if e.computed is None and e.ingested is not None and e.ingested < before:
+                        e = replace(e, unchanged=True)
+                        self._entries[eid] = e
+                        done.append(e)
+                    elif e.computed is None:
+                        keep.append(eid)
+                self._awaiting[iid] = keep
+            if done:
+                self._notify("unchanged", done)
+
+    def _has_awaiting(self) -> bool:
+        with self._cond:
+            return any(self._awaiting.values())
+
 
 # --- what the watcher sees -----------------------------------------------------------------------
 
@@ -243,7 +274,7 @@ class _Look:
 class _Event:
     """An event to put, with what the timeline needs to know about it."""
 
-    entry: dict[str, Any]  # PutEvents entry
+    entry: dict[str, Any]  # PutEvents entry (Detail is JSON text)
     instance_ids: tuple[str, ...]
     summary: str
     changed: float
@@ -263,6 +294,7 @@ class EventRouter:
         batch_size: int = 10,
         functions: dict[str, ModuleType] | None = None,
         announce_existing: bool = False,
+        cloudtrail: bool = True,
     ) -> None:
         self.aws = aws
         self.watch_interval = watch_interval
@@ -271,6 +303,8 @@ class EventRouter:
         self.retry_after = retry_after
         self.batch_size = batch_size
         self.announce_existing = announce_existing
+        self.cloudtrail = cloudtrail
+        self._trail_seq = 0
         self.fn = functions if functions is not None else load_functions(FUNCTIONS)
         self.timeline = Timeline()
         self.deliveries: list[Delivery] = []  # every handler invocation (read under self._lock)
@@ -302,6 +336,10 @@ class EventRouter:
         if self._threads:
             return
         self._stop.clear()
+        if self.cloudtrail:  # calls made before the router started are history
+            moto_trail.install()
+            done = moto_trail.records_since(self.aws.account, self.aws.region, 0)
+            self._trail_seq = done[-1].seq if done else 0
         first = self._observe()
         # not announcing what exists: the first look is its own "before" (lifecycle actions
         # already waiting are announced all the same: nothing else would release them)
@@ -346,9 +384,29 @@ class EventRouter:
         """One look at moto; emits an event per change. Returns how many it put."""
         look = self._observe()
         events = self._diff(self._look, look)
+        if self.cloudtrail:
+            events.extend(self._trail_events())
         self._look = look
         self._put(events)
         return len(events)
+
+    def _trail_events(self) -> list[_Event]:
+        now = time.time()
+        out = []
+        for rec in moto_trail.records_since(self.aws.account, self.aws.region, self._trail_seq):
+            self._trail_seq = rec.seq
+            d = rec.detail
+            if d["eventName"] == "RunInstances":
+                items = (d.get("responseElements") or {}).get("instancesSet", {}).get("items", [])
+                ids = tuple(i["instanceId"] for i in items)
+            else:
+                items = d["requestParameters"]["resourcesSet"]["items"]
+                ids = tuple(i["resourceId"] for i in items if i["resourceId"].startswith("i-"))
+            entry = {"Source": "aws.ec2", "DetailType": API_CALL, "Resources": [], "Detail": json.dumps(d)}
+            who = d["userIdentity"].get("arn") or d["userIdentity"].get("invokedBy", "?")
+            fail = f" failed ({d['errorCode']})" if d.get("errorCode") else ""
+            out.append(_Event(entry, ids, f"{d['eventName']} {' '.join(ids)} by {who}{fail}", now))
+        return out
 
     def watch_stats(self) -> dict[str, float]:
         with self._lock:
@@ -512,6 +570,7 @@ class EventRouter:
                         summary=e.summary,
                         changed=e.changed,
                         put=put_at,
+                        detail=json.loads(e.entry["Detail"]),
                     )
                 )
             self.timeline.put(entries)
@@ -522,7 +581,10 @@ class EventRouter:
         while not self._stop.is_set():
             worked = False
             try:
+                started = time.time()
                 worked = self.deliver_once()
+                if not worked and self.timeline._has_awaiting() and self._queues_empty():
+                    self.timeline.settle(started)
                 self._run_due()
             except Exception as exc:
                 log.exception("router runtime pass failed")
@@ -621,10 +683,15 @@ class EventRouter:
 
     # --- waiting -----------------------------------------------------------------------------------
 
-    def pending(self) -> dict[str, int]:
+    def _queues_empty(self) -> bool:
+        counts = self.pending(keys=[q for q, _ in QUEUES])
+        return not any(counts.values())
+
+    def pending(self, keys: Iterable[str] | None = None) -> dict[str, int]:
         """Messages on each queue now (visible + in flight), DLQs included."""
         out = {}
-        for key, url in self.aws.queues.items():
+        for key in keys or self.aws.queues:
+            url = self.aws.queues[key]
             a = self._sqs.get_queue_attributes(
                 QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
             )["Attributes"]
