@@ -30,7 +30,8 @@ lock:
 	.venv-lock/bin/uv pip compile requirements/checkov.in --generate-hashes --universal \
 	  --python-version 3.11 --custom-compile-command "make lock" -o requirements/checkov.lock
 
-# nftables/iproute2/iptables for the agent's real-dataplane tests; installed only when missing and root.
+# nftables/iproute2/iptables/ipset/conntrack for the agent's real-dataplane tests (conntrack: the
+# agent lists connections with it where /proc/net/nf_conntrack is absent); only when missing and root.
 sysdeps:
 	@if [ "$$(id -u)" = "0" ]; then \
 	  missing=""; \
@@ -38,6 +39,7 @@ sysdeps:
 	  command -v ip >/dev/null || missing="$$missing iproute2"; \
 	  command -v iptables-restore >/dev/null || missing="$$missing iptables"; \
 	  command -v ipset >/dev/null || missing="$$missing ipset"; \
+	  command -v conntrack >/dev/null || missing="$$missing conntrack"; \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing:$$missing"; \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) >/dev/null; \

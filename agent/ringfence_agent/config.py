@@ -91,11 +91,13 @@ _CONFIG_TYPES: dict[str, tuple[str, tuple[str, ...], bool]] = {
     "metadata_endpoint": _required("bool"),
     "dhcp": _required("bool"),
     "cut_revoked_connections": _required("bool"),
+    "boot_posture": _required("literal", "failsafe", "open"),
     "poll_interval": _required("float"),
     "wait_timeout": _required("float"),
     "heartbeat_interval": _required("float"),
     "report_interval": _required("float"),
     "observe_interval": _required("float"),
+    "drift_interval": _required("float"),
     "backoff_max": _required("float"),
     "request_timeout": _required("float"),
     "max_buffered_records": _required("int"),
@@ -109,6 +111,7 @@ _RANGES: dict[str, tuple[float, float | None]] = {
     "heartbeat_interval": (1, None),
     "report_interval": (1, None),
     "observe_interval": (0.2, None),
+    "drift_interval": (0, None),
     "backoff_max": (1, None),
     "request_timeout": (0.5, None),
     "max_buffered_records": (10, 1_000_000),
@@ -157,12 +160,16 @@ class AgentConfig:
     dhcp: bool = True
     # after a change that revokes access, delete the conntrack entries the new rules do not admit
     cut_revoked_connections: bool = True
+    # with no valid bundle at start (none yet, or the last known good set aside): "failsafe"
+    # enforces the fail-safes and drops the rest until a verified bundle applies; "open" touches nothing
+    boot_posture: Literal["failsafe", "open"] = "failsafe"
     # timing (seconds)
     poll_interval: float = 300.0  # slow poll when no nudge arrives
     wait_timeout: float = 25.0  # long-poll duration
     heartbeat_interval: float = 60.0
     report_interval: float = 30.0
     observe_interval: float = 10.0  # how often counters/conntrack are polled
+    drift_interval: float = 90.0  # how often the kernel's rules are compared with what was applied (0: never)
     backoff_max: float = 300.0
     request_timeout: float = 10.0
     max_buffered_records: int = 10_000
@@ -215,6 +222,18 @@ class AgentConfig:
             if name not in values:
                 raise _Invalid(name, "Field required")
         return cls(**values)
+
+    def source_hosts(self) -> list[str]:
+        """Host names (not addresses) in ``api_url`` / ``source``: resolved for the boot posture."""
+        out = []
+        for url in (self.api_url, self.source):
+            host = urlparse(url).hostname if url and "://" in url else None
+            if host:
+                try:
+                    ipaddress.ip_address(host)
+                except ValueError:
+                    out.append(host)
+        return out
 
     def local_failsafes(self) -> LocalFailsafes:
         cp = list(self.control_plane)

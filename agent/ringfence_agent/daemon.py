@@ -13,6 +13,7 @@ import gc
 import os
 import random
 import signal
+import socket
 import sys
 import threading
 import time
@@ -89,6 +90,9 @@ class Daemon:
             log=log,
             sessions=session_cutter(cfg.backend, cfg.cut_revoked_connections),
         )
+        self.agent.track_drift = cfg.drift_interval > 0
+        # one firewall change at a time: the sync loop's applies and the observer's drift repair
+        self.apply_lock = threading.Lock()
         self.stop = threading.Event()
         self.rng = random.Random()  # noqa: S311 - jitter, not cryptography
         self._last_refused: tuple[str, int, str | None] | None = None
@@ -223,7 +227,8 @@ class Daemon:
         return self.cfg.wait_timeout if self.source.kind == "api" else self.cfg.poll_interval
 
     def start_enforcing(self) -> None:
-        """Re-apply the last known good before any contact."""
+        """Re-apply the last known good before any contact; without one (none yet, or set aside
+        as unusable) hold the boot posture until a verified bundle applies."""
         try:
             for line in self.agent.reapply_last_known_good().lines:
                 log(line)
@@ -233,7 +238,23 @@ class Daemon:
         except Exception as exc:  # the state directory's documents came from the network too
             self.last_message = f"last known good not re-applied: unexpected {type(exc).__name__}: {exc}"
             log(f"{self.last_message}{_where(exc)}")
+        if self.agent.bundle is None and self.cfg.boot_posture == "failsafe":
+            try:
+                for line in self.agent.hold_failsafe_posture(self._control_plane_addresses()).lines:
+                    log(line)
+            except ApplyError as exc:
+                self.last_message = f"fail-safe posture not applied: {exc}"
+                log(self.last_message)
         release_memory()
+
+    def _control_plane_addresses(self) -> tuple[str, ...]:
+        """The addresses of a control plane named by host name, resolved now: the posture must
+        not cut the agent off the source that ends it (``control_plane`` lists them for good)."""
+        out: list[str] = []
+        for host in self.cfg.source_hosts():
+            with contextlib.suppress(OSError, UnicodeError):
+                out += [str(ai[4][0]).split("%")[0] for ai in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)]
+        return tuple(dict.fromkeys(out))
 
     # --- sync --------------------------------------------------------------------------------
 
@@ -298,7 +319,8 @@ class Daemon:
             log(f"static bundle version {doc.version} is behind the applied revision {rev} (deltas ahead): kept {rev}")
             return
         try:
-            result = self._timed("apply", lambda: self.agent.apply_bundle(doc))
+            with self.apply_lock:
+                result = self._timed("apply", lambda: self.agent.apply_bundle(doc))
         except Rejected as exc:
             self._last_refused = seen
             self.source.settled()  # refused for good: the same bytes would be refused again
@@ -343,7 +365,8 @@ class Daemon:
         applied = len(self.agent.deltas)
         for d in deltas:
             try:
-                result = self.agent.apply_delta(d)
+                with self.apply_lock:
+                    result = self.agent.apply_delta(d)
             except Exception as exc:
                 if isinstance(exc, Rejected):
                     self._rejected(str(exc))
@@ -352,7 +375,9 @@ class Daemon:
                 else:  # a signed delta the agent could not handle: refused, not fatal
                     self._unexpected(f"delta for set {d.set} {d.from_version}→{d.to_version}", exc)
                 if len(self.agent.deltas) > applied:
-                    for line in self.agent.rewind_deltas(applied).lines:
+                    with self.apply_lock:
+                        rewound = self.agent.rewind_deltas(applied)
+                    for line in rewound.lines:
                         log(line)
                 return False
             if result.changed:
@@ -423,14 +448,37 @@ class Daemon:
 
     def _observe_loop(self) -> None:
         local = local_addresses()
-        last_local = time.monotonic()
-        while not self.stop.wait(self.cfg.observe_interval):
+        last_local = last_drift = time.monotonic()
+        interval = self.cfg.observe_interval
+        if self.cfg.drift_interval > 0:
+            interval = min(interval, self.cfg.drift_interval)
+        last_observe = 0.0
+        while not self.stop.wait(interval):
+            now = time.monotonic()
+            if self.cfg.drift_interval > 0 and now - last_drift >= self.cfg.drift_interval:
+                last_drift = now
+                try:
+                    self.check_drift()
+                except Exception as exc:
+                    log(f"drift check failed: {exc}")
+            if now - last_observe < self.cfg.observe_interval:
+                continue
+            last_observe = now
             try:
                 self.observe_once(local)
                 if time.monotonic() - last_local > 60:
                     local, last_local = local_addresses(), time.monotonic()
             except Exception as exc:
                 log(f"observation failed: {exc}")
+
+    def check_drift(self) -> None:
+        """The kernel compared with what was applied; tamper repaired and reported."""
+        with self.apply_lock:
+            result = self.agent.check_drift()
+        if result.changed:
+            self.collector.reset()
+            for line in result.lines:
+                log(line)
 
     def observe_once(self, local: set[str]) -> None:
         plan = self.agent.ensure_plan()

@@ -623,9 +623,11 @@ class Admitter:
         self._rules = {d: plan.by_direction(d) for d in ("inbound", "outbound")}
 
     def _in(self, name: str, items: tuple[str, ...], addr: tuple[int, int]) -> bool:
-        s = self._sets.get(name)
+        """``items``: the family of ``addr`` (cached per name and family)."""
+        key = f"{name}/{addr[0]}"
+        s = self._sets.get(key)
         if s is None:
-            s = self._sets[name] = _Prefixes(items)
+            s = self._sets[key] = _Prefixes(items)
         return addr in s
 
     def _in_bundle_set(self, name: str | None, addr: tuple[int, int]) -> bool:

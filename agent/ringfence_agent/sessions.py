@@ -21,8 +21,8 @@ agent that has none, for the ~60 lines below (kernel UAPI, ``linux/netfilter/nfn
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
+import re
 import shutil
 import socket
 import struct
@@ -78,54 +78,43 @@ def _canonical(text: str) -> str:
     return text
 
 
+_TUPLE = re.compile(r"src=(\S+) dst=(\S+)(?: sport=(\d+) dport=(\d+)| type=(\d+) code=(\d+) id=(\d+))?")
+_ZONE = re.compile(r"\bzone=(\d+)")
+
+
 def parse_sessions(lines: Iterable[str]) -> list[Session]:
     """``/proc/net/nf_conntrack`` or ``conntrack -L [-o extended]`` lines; others are skipped."""
     out: list[Session] = []
     for line in lines:
-        words = line.split()
-        head = [w for w in words if "=" not in w and not w.startswith("[")]
+        orig = _TUPLE.search(line)
+        reply = _TUPLE.search(line, orig.end()) if orig is not None else None
+        if orig is None or reply is None:
+            continue
+        head = line[: orig.start()].split()
         if head and head[0] in ("ipv4", "ipv6"):
             head = head[2:]
         if len(head) < 2 or not head[1].isdigit():
             continue
-        proto, protonum = head[0], int(head[1])
-        state = head[3] if len(head) > 3 and head[3].replace("_", "").isalpha() else None
-        orig: dict[str, str] = {}
-        reply: dict[str, str] = {}
-        extra: dict[str, str] = {}
-        for w in words:
-            k, sep, v = w.partition("=")
-            if not sep:
-                continue
-            if k in ("mark", "zone", "use", "secctx", "labels", "delta-time", "timestamp"):
-                extra.setdefault(k, v)
-            elif k == "src" and "src" in orig:
-                reply.setdefault(k, v)  # the second tuple: the reply direction
-            else:
-                (reply if "src" in reply else orig).setdefault(k, v)
         try:
-            src, dst, reply_src = _canonical(orig["src"]), _canonical(orig["dst"]), _canonical(reply["src"])
-        except (KeyError, ValueError, OSError):
+            src, dst, reply_src = _canonical(orig[1]), _canonical(orig[2]), _canonical(reply[1])
+        except (ValueError, OSError):
             continue
-        icmp = None
-        if {"type", "code", "id"} <= orig.keys():
-            icmp = (int(orig["type"]), int(orig["code"]), int(orig["id"]))
-        sport = int(orig["sport"]) if "sport" in orig else None
-        dport = int(orig["dport"]) if "dport" in orig else None
+        proto = head[0]
+        zone = _ZONE.search(line, reply.end())
         out.append(
             Session(
                 family=6 if ":" in src else 4,
-                proto="icmpv6" if proto in ("icmpv6", "ipv6-icmp") else proto,
-                protonum=protonum,
+                proto="icmpv6" if proto == "ipv6-icmp" else proto,
+                protonum=int(head[1]),
                 src=src,
                 dst=dst,
-                sport=sport,
-                dport=dport,
+                sport=int(orig[3]) if orig[3] else None,
+                dport=int(orig[4]) if orig[4] else None,
                 reply_src=reply_src,
-                reply_sport=int(reply["sport"]) if "sport" in reply else None,
-                icmp=icmp,
-                zone=int(extra.get("zone", "0") or 0),
-                state=state,
+                reply_sport=int(reply[3]) if reply[3] else None,
+                icmp=(int(orig[5]), int(orig[6]), int(orig[7])) if orig[5] else None,
+                zone=int(zone[1]) if zone else 0,
+                state=head[3] if len(head) > 3 and head[3].replace("_", "").isalpha() else None,
             )
         )
     return out
@@ -151,8 +140,8 @@ def list_sessions(proc_path: Path = PROC_CONNTRACK) -> list[Session]:
 def flow_of(s: Session, local: set[str]) -> Flow | None:
     """The connection's first packet as the input or output hook saw it; None when neither hook
     judges it (traffic to the host itself, forwarded traffic)."""
-    here_src = s.src in local or ipaddress.ip_address(s.src).is_loopback
-    here_dst = s.reply_src in local or ipaddress.ip_address(s.reply_src).is_loopback
+    here_src = s.src in local or s.src.startswith("127.") or s.src == "::1"
+    here_dst = s.reply_src in local or s.reply_src.startswith("127.") or s.reply_src == "::1"
     icmp_type = s.icmp[0] if s.icmp is not None else None
     if here_src and here_dst:
         return None
@@ -194,8 +183,8 @@ def delete_message(s: Session, seq: int) -> bytes | None:
     elif s.sport is not None and s.dport is not None and s.proto in _PORTS:
         proto += _attr(_CTA_PROTO_SRC_PORT, struct.pack("!H", s.sport))
         proto += _attr(_CTA_PROTO_DST_PORT, struct.pack("!H", s.dport))
-    elif s.sport is not None or s.proto in _PORTS:
-        return None
+    elif s.sport is not None or s.proto in _PORTS or s.protonum == 47:
+        return None  # ports missing, or GRE (its tuple holds keys)
     tup = _attr(
         _CTA_TUPLE_ORIG | _NESTED, _attr(_CTA_TUPLE_IP | _NESTED, ip) + _attr(_CTA_TUPLE_PROTO | _NESTED, proto)
     )
@@ -212,28 +201,26 @@ class Deleted:
     failed: list[str] = field(default_factory=list)
 
 
-def netlink_delete(sessions: list[Session], chunk: int = 256) -> Deleted:
-    """Delete entries by original tuple, ``chunk`` requests per send, each acknowledged."""
+def _requests(protocol: int, what: str, messages: list[tuple[Session, bytes | None]], chunk: int = 256) -> Deleted:
+    """Send netlink requests (each with NLM_F_ACK and its own sequence number, ``chunk`` per
+    send) and count the acknowledgements: 0 done, ENOENT gone already, anything else failed."""
     result = Deleted()
     try:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol)
     except OSError as exc:
-        raise CutError(f"cannot open a ctnetlink socket: {exc.strerror or exc}") from None
+        raise CutError(f"cannot open a {what} socket: {exc.strerror or exc}") from None
     with sock:
         sock.bind((0, 0))
         sock.settimeout(5)
-        seq = 0
-        for i in range(0, len(sessions), chunk):
+        for i in range(0, len(messages), chunk):
             pending: dict[int, Session] = {}
             batch = bytearray()
-            for s in sessions[i : i + chunk]:
-                seq += 1
-                msg = delete_message(s, seq)
+            for seq, (s, msg) in enumerate(messages[i : i + chunk], start=i + 1):
                 if msg is None:
                     result.failed.append(f"{s.describe()}: protocol {s.proto} not handled")
                     continue
                 pending[seq] = s
-                batch += msg
+                batch += msg[:8] + struct.pack("=I", seq) + msg[12:]
             if not batch:
                 continue
             try:
@@ -254,8 +241,48 @@ def netlink_delete(sessions: list[Session], chunk: int = 256) -> Deleted:
                                 result.failed.append(f"{s.describe()}: {os.strerror(-code)}")
                         off += max(16, (length + 3) & ~3)
             except OSError as exc:
-                raise CutError(f"ctnetlink delete failed: {exc.strerror or exc}") from None
+                raise CutError(f"{what} request failed: {exc.strerror or exc}") from None
     return result
+
+
+def netlink_delete(sessions: list[Session]) -> Deleted:
+    """Delete conntrack entries by original tuple."""
+    return _requests(NETLINK_NETFILTER, "ctnetlink", [(s, delete_message(s, 0)) for s in sessions])
+
+
+NETLINK_SOCK_DIAG = 4
+_SOCK_DESTROY = 21
+_NOCOOKIE = 0xFFFFFFFF
+
+
+def destroy_message(s: Session, flow: Flow, seq: int) -> bytes | None:
+    """SOCK_DESTROY of this host's end of a cut TCP connection: an ``inet_diag_req_v2`` naming
+    the socket exactly (local address and port, remote address and port, any interface, no
+    cookie). None for anything else (UDP and ICMP have no connection to abort)."""
+    if s.proto != "tcp" or s.sport is None or s.dport is None or s.reply_sport is None:
+        return None
+    fam = socket.AF_INET6 if s.family == 6 else socket.AF_INET
+    # inbound: the local end is the destination after DNAT; outbound: the source, connected
+    # to the destination it asked for (before DNAT)
+    if flow.direction == "inbound":
+        local, lport, remote, rport = s.reply_src, s.reply_sport, s.src, s.sport
+    else:
+        local, lport, remote, rport = s.src, s.sport, s.dst, s.dport
+
+    def addr(a: str) -> bytes:
+        return socket.inet_pton(fam, a).ljust(16, b"\0")
+
+    sockid = struct.pack("!HH", lport, rport) + addr(local) + addr(remote)
+    sockid += struct.pack("=III", 0, _NOCOOKIE, _NOCOOKIE)  # any interface, no cookie
+    body = struct.pack("=BBBBI", fam, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF) + sockid
+    return struct.pack("=IHHII", 16 + len(body), _SOCK_DESTROY, _NLM_F_REQUEST | _NLM_F_ACK, seq, 0) + body
+
+
+def destroy_sockets(cut: list[tuple[Session, Flow]]) -> Deleted:
+    """Abort this host's sockets of cut TCP connections: the process holding one (a reverse
+    shell) gets an error now instead of retransmitting into a drop for minutes."""
+    mine = [(s, destroy_message(s, f, 0)) for s, f in cut]
+    return _requests(NETLINK_SOCK_DIAG, "sock_diag", [(s, m) for s, m in mine if m is not None])
 
 
 # --- the cut --------------------------------------------------------------------------------------
@@ -266,6 +293,7 @@ class CutReport:
     listed: int = 0
     cut: list[tuple[Session, Flow, Admission]] = field(default_factory=list)
     deleted: Deleted = field(default_factory=Deleted)
+    aborted: Deleted = field(default_factory=Deleted)  # this host's sockets of cut TCP connections
     seconds: float = 0.0
 
     def lines(self) -> list[str]:
@@ -281,6 +309,10 @@ class CutReport:
             out.append(f"  ... and {len(self.cut) - SHOWN} more")
         if self.deleted.gone:
             out.append(f"  {self.deleted.gone} had ended already")
+        if self.aborted.deleted:
+            out.append(f"  aborted {self.aborted.deleted} local socket(s) of them (their processes see an error now)")
+        for msg in self.aborted.failed[:1]:
+            out.append(f"  local sockets not aborted: {msg}")
         for msg in self.deleted.failed[:SHOWN]:
             out.append(f"  not cut: {msg}")
         return out
@@ -300,21 +332,21 @@ class SessionCutter:
         lister: Callable[[], list[Session]] = list_sessions,
         local: Callable[[], set[str]] = local_addresses,
         delete: Callable[[list[Session]], Deleted] = netlink_delete,
+        abort: Callable[[list[tuple[Session, Flow]]], Deleted] | None = destroy_sockets,
     ) -> None:
         self.lister = lister
         self.local = local
         self.delete = delete
+        self.abort = abort
 
-    def doomed(
-        self, plan: Plan, sessions: list[Session], local: set[str], peers: Iterable[str] | None = None
-    ) -> list[tuple[Session, Flow, Admission]]:
-        """The entries ``plan`` would drop; ``peers`` (CIDRs): only connections with these peers
-        (a set delta changes nothing for anyone else)."""
-        if plan.mode != "enforce":
-            return []  # observe accepts everything, idle programs nothing
-        admitter = Admitter(plan)
+    @staticmethod
+    def candidates(
+        sessions: list[Session], local: set[str], peers: Iterable[str] | None = None
+    ) -> list[tuple[Session, Flow]]:
+        """The open connections the input/output hooks judge; ``peers`` (CIDRs): only those with
+        these peers (a set delta changes nothing for anyone else)."""
         only = _Prefixes(peers) if peers is not None else None
-        out: list[tuple[Session, Flow, Admission]] = []
+        out: list[tuple[Session, Flow]] = []
         for s in sessions:
             if s.proto == "tcp" and s.state in _CLOSED:
                 continue
@@ -325,21 +357,49 @@ class SessionCutter:
                 packed = socket.inet_pton(socket.AF_INET6 if ":" in flow.peer else socket.AF_INET, flow.peer)
                 if (len(packed) * 8, int.from_bytes(packed, "big")) not in only:
                     continue
+            out.append((s, flow))
+        return out
+
+    @staticmethod
+    def judge(plan: Plan, candidates: list[tuple[Session, Flow]]) -> list[tuple[Session, Flow, Admission]]:
+        """The candidates ``plan`` would drop."""
+        if plan.mode != "enforce":
+            return []  # observe accepts everything, idle programs nothing
+        admitter = Admitter(plan)
+        out: list[tuple[Session, Flow, Admission]] = []
+        for s, flow in candidates:
             verdict = admitter.admits(flow)
             if not verdict.admitted:
                 out.append((s, flow, verdict))
         return out
 
-    def cut(self, plan: Plan, peers: Iterable[str] | None = None) -> CutReport:
+    def doomed(
+        self, plan: Plan, sessions: list[Session], local: set[str], peers: Iterable[str] | None = None
+    ) -> list[tuple[Session, Flow, Admission]]:
+        """The entries ``plan`` would drop (``peers``: only connections with these peers)."""
+        return self.judge(plan, self.candidates(sessions, local, peers))
+
+    def cut(self, plan: Plan | Callable[[], Plan | None], peers: Iterable[str] | None = None) -> CutReport:
+        """``plan`` may be a function: called only when there is a connection to judge (a set
+        delta brings the plan's copy of a large set up to date only then)."""
         start = time.perf_counter()
         report = CutReport()
-        if plan.mode != "enforce":
+        if isinstance(plan, Plan) and plan.mode != "enforce":
             return report
         sessions = self.lister()
         report.listed = len(sessions)
-        report.cut = self.doomed(plan, sessions, self.local(), peers)
+        found = self.candidates(sessions, self.local(), peers)
+        if found:
+            current = plan if isinstance(plan, Plan) else plan()
+            if current is not None:
+                report.cut = self.judge(current, found)
         if report.cut:
             report.deleted = self.delete([s for s, _, _ in report.cut])
+            if self.abort is not None:
+                try:
+                    report.aborted = self.abort([(s, f) for s, f, _ in report.cut])
+                except CutError as exc:  # the entries are gone: the connections are cut anyway
+                    report.aborted = Deleted(failed=[str(exc)])
         report.seconds = time.perf_counter() - start
         return report
 

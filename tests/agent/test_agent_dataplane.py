@@ -242,17 +242,21 @@ def test_removing_a_peer_by_delta_cuts_its_open_connection_only(net: NetLab, bac
     ok(apply(net, backend, lab.bundle("h2"), state))
     ok(apply_delta(net, backend, lab.upsert(_client("h4", net)), state))
     removed, kept, ssh = net.hold("h1", "h2", 8080), net.hold("h4", "h2", 8080), net.hold("adm", "h2", 22)
-    assert all(h.connected and h.ping() for h in (removed, kept, ssh))
+    removed6, kept6 = net.hold("h1", "h2", 8080, v6=True), net.hold("h4", "h2", 8080, v6=True)
+    assert all(h.connected and h.ping() for h in (removed, kept, ssh, removed6, kept6))
     deltas = lab.remove("h1")
     assert deltas and all(d.remove for d in deltas)
     out = ok(apply_delta(net, backend, deltas, state))
-    assert "cut 1 open connection(s)" in out and f"inbound tcp {net.v4('h1')}:" in out, out
+    cut = _cut_lines(out)
+    assert any(x.startswith(f"inbound tcp {net.v4('h1')}:") and x.endswith(":8080 (default)") for x in cut), out
+    assert all(net.v4("h1") in x or net.v6("h1") in x for x in cut), out  # nobody else's
+    assert any(x.startswith(f"inbound tcp [{net.v6('h1')}]:") for x in cut), out
     assert not net.tcp("h1", "h2", 8080)
-    assert not removed.ping()
-    assert kept.ping() and ssh.ping()
+    assert not removed.ping() and not removed6.ping()
+    assert kept.ping() and ssh.ping() and kept6.ping()
     status = json.loads(ok(net.agent("h2", "status", "--state-dir", str(state), "--json")))
-    assert status["last_cut"]["cut"] == 1
-    _close(net, removed, kept, ssh)
+    assert status["last_cut"]["cut"] == len(cut) and status["counters"]["sessions_cut"] >= 1
+    _close(net, removed, kept, ssh, removed6, kept6)
 
 
 def test_quarantine_cuts_open_connections_but_not_the_admins_ssh(net: NetLab, backend: str, tmp_path: Path) -> None:
@@ -267,14 +271,20 @@ def test_quarantine_cuts_open_connections_but_not_the_admins_ssh(net: NetLab, ba
     doc = lab.bundle("h2")
     assert doc.quarantined and not doc.inbound and not doc.outbound
     out = ok(apply(net, backend, doc, state))
-    assert "cut 2 open connection(s)" in out, out
-    assert f"outbound tcp {net.v4('h2')}:" in out and f"-> {net.v4('h3')}:5432 (default)" in out, out
+    cut = _cut_lines(out)
+    assert any(x.startswith(f"inbound tcp {net.v4('h1')}:") and x.endswith(":8080 (default)") for x in cut), out
+    assert any(
+        x.startswith(f"outbound tcp {net.v4('h2')}:") and x.endswith(f"{net.v4('h3')}:5432 (default)") for x in cut
+    )
+    assert not [x for x in cut if net.v4("adm") in x], out
+    assert "aborted" in out, out  # h2's own ends too: the shell's process sees an error now
+    assert net.exec("h2", "ss", "-tnH", "state", "established", "dst", net.v4("h3")).stdout.strip() == ""
     assert not into.ping() and not shell.ping()
     assert ssh.ping() and ssh.ping()
     assert not net.tcp("h1", "h2", 8080) and not net.tcp("h2", "h3", 5432) and not net.tcp("h4", "h2", 8080)
     assert net.tcp("adm", "h2", 22)
     status = json.loads(ok(net.agent("h2", "status", "--state-dir", str(state), "--json")))
-    assert status["last_cut"]["cut"] == 2 and len(status["last_cut"]["connections"]) == 2
+    assert status["last_cut"]["cut"] == len(cut) == len(status["last_cut"]["connections"])
     _close(net, into, shell, ssh)
 
 
@@ -288,7 +298,9 @@ def test_a_bundle_removing_an_allow_cuts_its_connection_and_spares_the_allowed(
     assert kept.ping() and gone.ping()
     lab.remove("h3")  # the database is gone: the web tier's allow to it has no peer left
     out = ok(apply(net, backend, lab.bundle("h2"), state))
-    assert "version 2" in out and "cut 1 open connection(s)" in out, out
+    cut = _cut_lines(out)
+    assert "version 2" in out and any(x.endswith(f"{net.v4('h3')}:5432 (default)") for x in cut), out
+    assert not [x for x in cut if net.v4("h1") in x], out
     assert not gone.ping()
     assert kept.ping() and kept.ping()
     enforced_baseline(net)
@@ -308,6 +320,11 @@ def test_keep_open_connections_leaves_established_sessions_alone(net: NetLab, ba
     assert "cut" not in out
     assert held.ping() and not net.tcp("h1", "h2", 8080)
     _close(net, held)
+
+
+def _cut_lines(out: str) -> list[str]:
+    """The connections an apply reports cut: "inbound tcp 10.77.0.1:4321 -> 10.77.0.2:8080 (rule)"."""
+    return [x.strip()[4:] for x in out.splitlines() if x.startswith("  cut ")]
 
 
 def _close(net: NetLab, *held: Holder) -> None:
@@ -1203,3 +1220,124 @@ def test_nft_delta_across_the_group_bound_switches_realisation(
     ok(apply_delta(net, backend, lab.upsert(_lab_workload(net, "h3", role="db")), state))
     assert concatenated() and net.tcp("h3", "h2", 5432) and not net.tcp("h3", "h2", 8080)
     fresh_equal()
+
+
+# --- never fail open (issue 10) ---------------------------------------------------------------------
+
+
+def _status(net: NetLab, backend: str, state: Path) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(
+        ok(net.agent("h2", "status", "--state-dir", str(state), "--backend", backend, "--json"))
+    )
+    return out
+
+
+def test_apply_after_flush_reapplies_and_status_says_what_the_kernel_holds(
+    net: NetLab, backend: str, tmp_path: Path
+) -> None:
+    """Today: flush, then apply of the same bundle said "already applied: no change" and left no
+    table, while status said enforce. The kernel is asked, not the state directory."""
+    lab = lab_engine(net)
+    state = tmp_path / "state"
+    doc = lab.bundle("h2")
+    ok(apply(net, backend, doc, state))
+    enforced_baseline(net)
+    assert _status(net, backend, state)["kernel_programmed"] is True
+    ok(net.agent("h2", "flush", "--backend", backend))
+    assert net.tcp("h4", "h2", 8080)  # nothing enforced
+    status = _status(net, backend, state)
+    assert status["kernel_programmed"] is False and status["mode"] is None and status["state_mode"] == "enforce"
+    assert "nothing is enforced" in status["warning"]
+    out = ok(apply(net, backend, doc, state))
+    assert "already applied" not in out and "the kernel no longer held these rules" in out, out
+    enforced_baseline(net)
+    status = _status(net, backend, state)
+    assert status["kernel_programmed"] is True and status["mode"] == "enforce" and "warning" not in status
+    assert "already applied" in ok(apply(net, backend, doc, state))  # the kernel holds it now: no change
+
+
+@pytest.mark.parametrize("corruption", ["invalid-json", "bad-signature"])
+def test_a_corrupt_last_known_good_holds_the_failsafe_posture_until_a_verified_bundle_applies(
+    net: NetLab, backend: str, tmp_path: Path, corruption: str
+) -> None:
+    """Today: invalid JSON made the daemon exit before enforcing or fetching (a restart loop, the
+    host open), and a bad signature made it refuse the good bundle as a replay. Now the bad state
+    is set aside, the host holds fail-safes + default deny, and the good bundle applies."""
+    lab = lab_engine(net)
+    state = tmp_path / "state"
+    good = lab.bundle("h2")
+    ok(apply(net, backend, good, state))
+    net.reset("h2")  # a reboot: the kernel forgot, the state directory did not
+    lkg = state / "bundle.json"
+    if corruption == "invalid-json":
+        lkg.write_text(lkg.read_text()[:200])  # torn
+    else:
+        write(forge(good, version=99), lkg)  # tampered: claims a version newer than any good bundle
+    www = tmp_path / "www"
+    write(good, www / "bundles" / "h2.json")
+    admin = {"admin_cidrs": [f"{net.v4('adm')}/32"], "admin_ports": ["tcp/22"]}
+    cfg = config(tmp_path, backend, source=f"http://{net.v4('cp')}:8000", **admin)
+    run_log = tmp_path / "run.log"
+    daemon = net.spawn("h2", str(net_agent()), "run", "--config", str(cfg), stderr=run_log.open("w"))
+    server = None
+    try:
+        # the source is down: the fail-safes and nothing else, never open
+        assert wait_until(lambda: "holding the fail-safe posture" in run_log.read_text(), 15), run_log.read_text()
+        assert not net.tcp("h1", "h2", 8080) and not net.tcp("h4", "h2", 8080) and not net.tcp("h2", "h3", 5432)
+        assert net.tcp("adm", "h2", 22)
+        status = _status(net, backend, state)
+        assert status["posture"] == "failsafe" and status["kernel_programmed"] is True
+        assert status["counters"]["lkg_set_aside"] == 1 and status["bundle_version"] is None
+        assert len(list((state / "rejected").glob("*-bundle.json"))) == 1
+        assert "set aside" in run_log.read_text()
+        server = net.spawn(
+            "cp",
+            PY,
+            "-m",
+            "http.server",
+            "8000",
+            "--bind",
+            net.v4("cp"),
+            "--directory",
+            str(www),
+            stderr=subprocess.DEVNULL,
+        )
+        assert wait_until(lambda: net.tcp("h1", "h2", 8080, timeout=0.3), 20), run_log.read_text()
+        assert not net.tcp("h4", "h2", 8080) and net.tcp("h2", "h3", 5432)
+        status = _status(net, backend, state)
+        assert status["posture"] is None and status["bundle_version"] == good.version and status["mode"] == "enforce"
+        assert "replay" not in run_log.read_text() and "rollback" not in run_log.read_text()
+    finally:
+        net.kill(daemon, 15)
+        if server is not None:
+            net.kill(server)
+
+
+def test_the_daemon_repairs_and_reports_a_table_removed_or_changed_behind_its_back(
+    net: NetLab, backend: str, tmp_path: Path
+) -> None:
+    """Drift: someone flushes Ringfence's rules, then inserts an accept into its chain; the
+    daemon notices within drift_interval, re-applies and reports the tamper."""
+    lab = lab_engine(net)
+    src = tmp_path / "src"
+    write(lab.bundle("h2"), src / "bundles" / "h2.json")
+    run_log = tmp_path / "run.log"
+    # the source is polled once (at start): only the drift check can notice
+    cfg = config(tmp_path, backend, source=str(src), drift_interval=1, poll_interval=300)
+    daemon = net.spawn("h2", str(net_agent()), "run", "--config", str(cfg), stderr=run_log.open("w"))
+    try:
+        assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 15), run_log.read_text()
+        ok(net.agent("h2", "flush", "--backend", backend))
+        assert wait_until(lambda: "rules were removed in the kernel; re-applied" in run_log.read_text(), 10)
+        enforced_baseline(net)
+        if backend == "nftables":
+            hole = ["nft", "insert", "rule", "inet", "ringfence", "input", "tcp", "dport", "8080", "accept"]
+        else:
+            hole = ["iptables", "-I", "RF-IN", "1", "-p", "tcp", "--dport", "8080", "-j", "ACCEPT"]
+        net.exec("h2", *hole, check=True)
+        assert wait_until(lambda: "rules were changed in the kernel; re-applied" in run_log.read_text(), 10)
+        enforced_baseline(net)
+        status = _status(net, backend, tmp_path / "state")
+        assert status["counters"]["tamper_reapplied"] == 2 and status["kernel_programmed"] is True
+    finally:
+        net.kill(daemon, 15)

@@ -234,8 +234,9 @@ class Lab:
         addr = self.v6(dst) if v6 else self.v4(dst)
         return self.exec(src, *PROBE, "udp", addr, str(port), "--timeout", str(timeout)).returncode == 0
 
-    def hold(self, src: str, dst: str, port: int) -> Holder:
-        p = self.spawn(src, *PROBE, "hold", self.v4(dst), str(port), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    def hold(self, src: str, dst: str, port: int, v6: bool = False) -> Holder:
+        addr = self.v6(dst) if v6 else self.v4(dst)
+        p = self.spawn(src, *PROBE, "hold", addr, str(port), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         return Holder(p)
 
     def kill(self, p: subprocess.Popen[Any], sig: int = signal.SIGKILL) -> None:
