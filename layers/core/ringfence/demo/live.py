@@ -404,7 +404,7 @@ class Live:
         done = [self.fleet.get(i).status() for i in affected if i in self.fleet.instances]
         subject_ids = list(subjects) + [i for i in self.fleet.instances if i not in before]
         enforced = max((float(st.get("applied_at", t0)) for st in done), default=t0)
-        phases = self._phases(t0, subject_ids, done, answered)
+        phases = self._phases(t0, subject_ids, done, answered, enforced)
         cost["enforced_seen"] = time.time() - t0
         s = Sample(kind, subject, round(enforced - t0, 3), len(affected), phases, t0)
         s.measuring = {k: round(v, 3) for k, v in cost.items()}
@@ -412,7 +412,7 @@ class Live:
         return s
 
     def _phases(
-        self, t0: float, subjects: list[str], done: list[dict[str, Any]], answered: float | None
+        self, t0: float, subjects: list[str], done: list[dict[str, Any]], answered: float | None, enforced: float
     ) -> dict[str, float]:
         """Where the time went. Cloud events: the router's timeline of the first event about a
         subject after t0 (event_delivery: change → PutEvents returned, the watcher's look
@@ -421,8 +421,12 @@ class Live:
         and publication together. Then the last agent's ``last_sync``: push (→ its wait
         answered), fetch, apply."""
         phases: dict[str, float] = {}
+        # the events that led to enforcement (not those that followed it, e.g. InService)
         entries = [
-            e for i in subjects for e in self.router.timeline.for_instance(i) if e.changed >= t0 - 0.05 and e.put
+            e
+            for i in subjects
+            for e in self.router.timeline.for_instance(i)
+            if t0 - 0.05 <= e.changed <= enforced and e.put
         ]
         cloud_done: float | None = None
         if entries:
@@ -430,7 +434,7 @@ class Live:
             phases["event_delivery"] = first.put - t0
             if first.ingested:
                 phases["ingest"] = first.ingested - first.put
-                computed = [e.computed for e in entries if e.computed]
+                computed = [e.computed for e in entries if e.computed and e.computed <= enforced]
                 if computed:
                     cloud_done = max(computed)
                     phases["compute"] = cloud_done - first.ingested
