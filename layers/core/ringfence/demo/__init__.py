@@ -20,6 +20,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="live: time-to-policy benchmark (launch, tag change, quarantine, 10- and 50-instance scale-outs) "
         "instead of the walkthrough; writes out/bench.json",
     )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="live loop without namespaces or nftables (what runs without root): dry-run agents, checks judged "
+        "on the bundles they applied",
+    )
     p.add_argument("--repeat", type=int, default=5, help="--bench: samples per single-event kind (default 5)")
 
 

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Literal
 
 from ringfence.demo.offline import example_dir
 from ringfence.demo.report import Report, Sample
@@ -82,7 +82,11 @@ class Flow:
 
 
 class Live:
-    def __init__(self, example: Path, out: Path, report: Report) -> None:
+    def __init__(self, example: Path, out: Path, report: Report, dry_run: bool = False) -> None:
+        self.dry_run = dry_run  # no namespaces, no firewall: agents in this namespace, checks on bundles
+        self.cp_host = "127.0.0.1" if dry_run else CP_ADDRESS
+        self.serve_port = _free_port() if dry_run else SERVE_PORT
+        self.procs: list[subprocess.Popen[Any]] = []  # started outside a lab (dry run)
         self.example = example
         self.out = out
         self.work = out / "demo-live"
@@ -113,16 +117,20 @@ class Live:
 
             shutil.rmtree(self.work)
         self.work.mkdir(parents=True)
-        self.lab = Lab()
-        self.lab.add("cp", [f"{CP_ADDRESS}/8", f"{IMDS_ADDRESS}/32"], conntrack_acct=False)
-        enter_netns(self.lab.ns("cp"))  # before any thread starts: the whole process moves
-        r.say(f"lab: bridge {self.lab.switch}, control plane namespace {self.lab.ns('cp')} at {CP_ADDRESS}")
+        if not self.dry_run:
+            self.lab = Lab()
+            self.lab.add("cp", [f"{CP_ADDRESS}/8", f"{IMDS_ADDRESS}/32"], conntrack_acct=False)
+            enter_netns(self.lab.ns("cp"))  # before any thread starts: the whole process moves
+            r.say(f"lab: bridge {self.lab.switch}, control plane namespace {self.lab.ns('cp')} at {CP_ADDRESS}")
 
         from ringfence.local.aws import EmbeddedAws
 
         self.aws = EmbeddedAws()
         self.aws.start()
-        r.say(f"embedded AWS: moto server at {self.aws.url} (inside the control-plane namespace)")
+        r.say(
+            f"embedded AWS: moto server at {self.aws.url}"
+            + ("" if self.dry_run else " (inside the control-plane namespace)")
+        )
         workloads = example_workloads(self.example)
         self.est = build_estate(self.aws.client("ec2"), self.aws.client("autoscaling"), workloads, self.aws.region)
         self.names = {iid: name for name, iid in self.est.instances.items()}
@@ -146,18 +154,40 @@ class Live:
             raise RuntimeError("the estate's events were not ingested within 60 s")
         self.provision()
 
-        self.imds = Imds(self._identify, self.aws.identity_document, self.aws.iid.sign).start()
-        self.traffic = Traffic(self.lab.start)
-        # the operators' console on the bastion range (the policy's admin_cidrs), no agent: a
-        # quarantined host must still answer it over SSH
-        self.lab.add(OPS, [f"{OPS_ADDRESS}/8"])
-        cfg = FleetConfig(api_url=f"http://{CP_ADDRESS}:{SERVE_PORT}", public_key=pub, workdir=self.work)
-        self.fleet = Fleet(cfg, self.aws.client("ec2"), self.lab, self.traffic, log=r.say)
+        api_url = f"http://{self.cp_host}:{self.serve_port}"
+        if self.lab is not None:
+            self.imds = Imds(self._identify, self.aws.identity_document, self.aws.iid.sign).start()
+            self.traffic = Traffic(self.lab.start)
+            # the operators' console on the bastion range (the policy's admin_cidrs), no agent: a
+            # quarantined host must still answer it over SSH
+            self.lab.add(OPS, [f"{OPS_ADDRESS}/8"])
+            cfg = FleetConfig(api_url=api_url, public_key=pub, workdir=self.work)
+        else:
+            port = _free_port()
+            self.imds = Imds(self._identify, self.aws.identity_document, self.aws.iid.sign, "127.0.0.1", port).start()
+            cfg = FleetConfig(
+                api_url=api_url,
+                public_key=pub,
+                workdir=self.work,
+                backend="dry-run",
+                imds_url=f"http://127.0.0.1:{port}",
+            )
+        self.fleet = Fleet(cfg, self.aws.client("ec2"), self.lab, self.traffic, log=r.say, start_process=self._start)
         t0 = time.time()
         booted, _ = self.fleet.sync()
-        r.say(f"booted {len(booted)} instance namespaces with one agent each in {time.time() - t0:.1f}s")
+        where = "in their own namespaces" if self.lab is not None else "in this namespace (dry-run)"
+        r.say(f"booted {len(booted)} instances with one agent each {where} in {time.time() - t0:.1f}s")
         self.fleet.follow()
         self.wait_all_enforcing(60)
+
+    def _start(self, *cmd: str, **kw: Any) -> subprocess.Popen[Any]:
+        """A process this run kills on close: through the lab, or tracked here (dry run)."""
+        if self.lab is not None:
+            return self.lab.start(*cmd, **kw)
+        env = kw.pop("env", None)
+        p = subprocess.Popen(list(cmd), start_new_session=True, env=env, **kw)
+        self.procs.append(p)
+        return p
 
     def _identify(self, address: str) -> str | None:
         return self.fleet.identity_address(address) if self.fleet else None
@@ -177,16 +207,16 @@ class Live:
             "--store",
             "aws",
             "--host",
-            CP_ADDRESS,
+            self.cp_host,
             "--port",
-            str(SERVE_PORT),
+            str(self.serve_port),
             "--admin-tokens",
             str(tokens),
-            "--insecure",  # plain HTTP on the lab bridge: private to this run, no other host on it
         ]
-        assert self.lab is not None
+        if not self.dry_run:
+            cmd.append("--insecure")  # plain HTTP on the lab bridge: private to this run, no other host on it
         log = (self.work / "serve.log").open("w")
-        self.serve = self.lab.start(*cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.serve = self._start(*cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -215,7 +245,7 @@ class Live:
 
     def admin(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
         req = urllib.request.Request(
-            f"http://{CP_ADDRESS}:{SERVE_PORT}{path}",
+            f"http://{self.cp_host}:{self.serve_port}{path}",
             method=method,
             data=json.dumps(body).encode() if body is not None else None,
             headers={"Authorization": f"Bearer {self.admin_token}", "Content-Type": "application/json"},
@@ -250,9 +280,18 @@ class Live:
             steps.append(self.aws.stop)
         if self.lab is not None:
             steps.append(self.lab.close)  # kills serve, the probe processes, whatever is left inside
+        steps.append(self._kill_own)
         for fn in steps:
             with contextlib.suppress(BaseException):
                 fn()
+
+    def _kill_own(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=5)
 
     # --- names and probes -----------------------------------------------------------------------
 
@@ -269,13 +308,75 @@ class Live:
         return self.fleet.get(self.iid(name)).ip
 
     def probe_flows(self, flows: list[Flow]) -> list[bool]:
-        assert self.fleet is not None and self.traffic is not None and self.lab is not None
+        if self.lab is None:
+            return [self.judge(f) for f in flows]
+        assert self.fleet is not None and self.traffic is not None
         probes = []
         for f in flows:
             proto, _, port = f.service.partition("/")
             src = self.lab.ns(OPS) if f.src == OPS else self.fleet.ns(self.iid(f.src))
             probes.append(Probe(src, self.ip(f.dst), int(port), proto))
         return self.traffic.probes(probes)
+
+    def plan(self, name: str) -> Any:
+        """The plan the agent of ``name`` enforces: its applied bundle with its deltas, its local
+        fail-safes (what a dry-run agent would program)."""
+        from ringfence_agent.config import load_config
+        from ringfence_agent.core import effective_bundle
+        from ringfence_agent.plan import compile_plan
+        from ringfence_agent.state import StateDir
+
+        assert self.fleet is not None
+        inst = self.fleet.get(self.iid(name))
+        state = StateDir(inst.state_dir)
+        bundle = state.load_bundle()
+        if bundle is None:
+            return None
+        cfg = load_config(inst.dir / "agent.json")
+        return compile_plan(effective_bundle(bundle, state.load_deltas(bundle)), cfg.local_failsafes())
+
+    def judge(self, f: Flow) -> bool:
+        """Dry run: the flow's first packet judged by both ends' plans (ringfence_agent.plan.Admitter,
+        in the order every backend renders them)."""
+        from ringfence_agent.plan import Admitter
+        from ringfence_agent.plan import Flow as Packet
+
+        proto, _, port = f.service.partition("/")
+        src_ip = OPS_ADDRESS if f.src == OPS else self.ip(f.src)
+        ends: list[tuple[str, Literal["inbound", "outbound"], str]] = [(f.dst, "inbound", src_ip)]
+        if f.src != OPS:  # the operators' console has no agent
+            ends.append((f.src, "outbound", self.ip(f.dst)))
+        for name, direction, peer in ends:
+            plan = self.plan(name)
+            if plan is None:
+                continue  # no bundle yet: the agent has programmed nothing
+            if plan.mode != "enforce":
+                continue
+            if not Admitter(plan).admits(Packet(direction, peer, proto, 40000, int(port))).admitted:
+                return False
+        return True
+
+    def set_addresses(self, name: str) -> list[tuple[int, int]]:
+        """The addresses in the sets the agent of ``name`` enforces: read from nftables in its
+        namespace (the kernel's truth); in a dry run, from its applied bundle and deltas."""
+        assert self.fleet is not None
+        if self.lab is not None:
+            return nft_addresses(self.fleet.ns(self.iid(name)))
+        import ipaddress
+
+        from ringfence_agent.core import effective_bundle
+        from ringfence_agent.state import StateDir
+
+        state = StateDir(self.fleet.get(self.iid(name)).state_dir)
+        bundle = state.load_bundle()
+        if bundle is None:
+            return []
+        spans = []
+        for sdoc in effective_bundle(bundle, state.load_deltas(bundle)).sets.values():
+            for c in sdoc.v4:
+                n = ipaddress.ip_network(c, strict=False)
+                spans.append((int(n.network_address), int(n.broadcast_address)))
+        return spans
 
     def expect_flows(self, flows: list[Flow], settle: float = 0.0) -> bool:
         """Probe every flow (in parallel) and check each against its expectation. ``settle``:
@@ -437,7 +538,7 @@ class Live:
                 computed = [e.computed for e in entries if e.computed and e.computed <= enforced]
                 if computed:
                     cloud_done = max(computed)
-                    phases["compute"] = cloud_done - first.ingested
+                    phases["compute"] = max(0.0, cloud_done - first.ingested)
         elif answered is not None:
             phases["admin_api"] = answered - t0
             cloud_done = answered
@@ -467,6 +568,14 @@ class Live:
         InService instances."""
         static = [self.iid(n) for n in ("ord-prod-web-1", "ord-prod-web-2")]
         return static + [i for i, st in self.asg_states().items() if st == "InService"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _applied(inst: Instance) -> int:
@@ -638,13 +747,17 @@ def hygiene_findings(d: Live) -> list[dict[str, str]]:
 
 def step_quarantine(d: Live) -> None:
     with d.r.step(4, "quarantine a compromised web server (admin API, audited): sessions cut"):
-        assert d.traffic is not None and d.fleet is not None
+        assert d.fleet is not None
         victim_name = "ord-prod-web-1"
         victim = d.iid(victim_name)
-        inbound = d.traffic.hold(d.fleet.ns(d.iid("ord-prod-lb-1")), d.ip(victim_name), 8080)
-        shell = d.traffic.hold(d.fleet.ns(victim), d.ip("ord-prod-proc-1"), 8443)
-        d.r.check("open session lb → web-1 before", True, bool(inbound and d.traffic.ping(inbound)))
-        d.r.check("open session web-1 → proc-1 (the attacker's) before", True, bool(shell and d.traffic.ping(shell)))
+        inbound = shell = None
+        if d.traffic is not None:
+            inbound = d.traffic.hold(d.fleet.ns(d.iid("ord-prod-lb-1")), d.ip(victim_name), 8080)
+            shell = d.traffic.hold(d.fleet.ns(victim), d.ip("ord-prod-proc-1"), 8443)
+            d.r.check("open session lb → web-1 before", True, bool(inbound and d.traffic.ping(inbound)))
+            d.r.check(
+                "open session web-1 → proc-1 (the attacker's) before", True, bool(shell and d.traffic.ping(shell))
+            )
         status: list[int] = []
 
         def quarantine() -> None:
@@ -661,8 +774,12 @@ def step_quarantine(d: Live) -> None:
         )
         d.r.check("admin API accepted the quarantine", True, bool(status) and status[0] in (200, 202))
         d.r.say(f"  enforced by {s.agents} agents after {s.seconds}s")
-        d.r.check("held session lb → web-1 cut", False, bool(inbound and d.traffic.ping(inbound)))
-        d.r.check("held session web-1 → proc-1 cut", False, bool(shell and d.traffic.ping(shell)))
+        if d.traffic is not None:
+            d.r.check("held session lb → web-1 cut", False, bool(inbound and d.traffic.ping(inbound)))
+            d.r.check("held session web-1 → proc-1 cut", False, bool(shell and d.traffic.ping(shell)))
+        else:
+            plan = d.plan(victim_name)
+            d.r.check("its agent applied the quarantine bundle", True, bool(plan is not None and plan.quarantined))
         d.expect_flows(
             [
                 Flow("ord-prod-lb-1", victim_name, "tcp/8080", False, "new connection to the quarantined host"),
@@ -678,7 +795,7 @@ def step_quarantine(d: Live) -> None:
         d.r.say(f"  audit: {json.dumps(who)[:200]}")
         d.r.check("quarantine audited with the operator's principal", True, ADMIN_PRINCIPAL in json.dumps(who))
         for h in (inbound, shell):
-            if h:
+            if h and d.traffic is not None:
                 d.traffic.release(h)
 
 
@@ -707,14 +824,14 @@ def step_release_and_scale_in(d: Live, asg_new: list[str]) -> None:
         d.r.say(f"SetDesiredCapacity {ASG_NAME} → 0")
         d.measure("terminate", f"-{len(gone_ips)} web", lambda: d.scale(0), terminated, tuple(gone_ips))
         for peer in ("ord-prod-lb-1", "ord-prod-proc-1"):
-            held = nft_addresses(d.fleet.ns(d.iid(peer)))
+            held = d.set_addresses(peer)
             still = [ip for ip in gone_ips.values() if _covers(held, ip)]
             d.r.check(
                 f"{peer}'s firewall sets dropped every terminated instance",
                 "none left",
                 ", ".join(still) or "none left",
             )
-        held = nft_addresses(d.fleet.ns(d.iid("ord-prod-lb-1")))
+        held = d.set_addresses("ord-prod-lb-1")
         d.r.check(
             "the LB's firewall sets still hold the remaining web servers",
             True,
