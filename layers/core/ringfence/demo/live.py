@@ -219,15 +219,20 @@ class Live:
         self.serve = self._start(*cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + 60
+        url = f"http://{self.cp_host}:{self.serve_port}"
+        last: Exception | None = None
         while time.monotonic() < deadline:
             if self.serve.poll() is not None:
                 raise RuntimeError(f"ringfence serve exited ({self.serve.returncode}): see {self.work / 'serve.log'}")
-            with contextlib.suppress(OSError):
-                urllib.request.urlopen(f"http://{CP_ADDRESS}:{SERVE_PORT}/v1/nonce", timeout=2).read()
-                self.r.say(f"ringfence serve --store aws: agent and admin APIs at http://{CP_ADDRESS}:{SERVE_PORT}")
-                return
-            time.sleep(0.2)
-        raise RuntimeError("ringfence serve did not answer within 60 s")
+            try:
+                urllib.request.urlopen(f"{url}/v1/nonce", timeout=2).read()  # noqa: S310
+            except OSError as exc:
+                last = exc
+                time.sleep(0.2)
+                continue
+            self.r.say(f"ringfence serve --store aws: agent and admin APIs at {url}")
+            return
+        raise RuntimeError(f"ringfence serve did not answer within 60 s: {last}")
 
     def _start_router(self) -> None:
         import warnings
@@ -887,17 +892,16 @@ def _covers(spans: list[tuple[int, int]], ip: str) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out or "out").resolve()  # the agents read their config relative to its own directory
-    why_not = prerequisites()
+    why_not = "--dry-run" if getattr(args, "dry_run", False) else prerequisites()
     if why_not is not None:
         print(
-            f"ringfence demo: {why_not}: the live loop needs network namespaces and nftables; run as root, "
-            "or `ringfence demo --offline` for the in-process walkthrough",
-            file=sys.stderr,
+            f"ringfence demo: {why_not}: dry-run agents in this namespace — nothing is programmed and no packet is "
+            "sent; each check is judged on the bundles the agents applied (root with nftables runs it for real)",
+            flush=True,
         )
-        return 2
-    report = Report(out, "nftables")
+    report = Report(out, "dry-run" if why_not else "nftables")
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    demo = Live(example_dir(args.example), out, report)
+    demo = Live(example_dir(args.example), out, report, dry_run=why_not is not None)
     try:
         try:
             with report.step(0, "start: lab, embedded AWS, serve, router, instances with agents") as st:
