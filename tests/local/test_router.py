@@ -14,7 +14,7 @@ from tests.aws.conftest import Env, ip_of
 from tests.aws.test_pipeline import in_set
 from tests.local.test_moto_lifecycle import launching, states, terminating
 
-WAIT = 30.0
+WAIT = 60.0
 
 
 def kind(e: TimelineEntry) -> str:
@@ -219,3 +219,17 @@ def test_cloudtrail_events_name_the_caller(env: Env, make_router: Any) -> None:
     # ingest took them like any other event: nothing failed, nothing dead-lettered
     assert all(x.ingested is not None and x.failed is None for x in r.timeline.entries())
     assert r.pending()["dlq"] == 0
+
+
+def test_disabled_metrics_stay_quiet(env: Env, make_router: Any, monkeypatch: Any, capsys: Any) -> None:
+    """EmbeddedAws(metrics=False) sets POWERTOOLS_METRICS_DISABLED; Powertools then keeps every
+    metric in memory and prints them once one holds 100 values, unless the router drops them
+    after each invocation (as log_metrics does after a flush)."""
+    monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "true")
+    est, r = booted(env, make_router, cloudtrail=False)
+    est["run"]("processing", est["subnets"]["app"], 3, env="dev")
+    assert r.wait_idle(WAIT)
+    assert any(d.queue == "ingest" for d in r.deliveries) and any(d.queue == "compute" for d in r.deliveries)
+    for name in ("ingest", "compute"):
+        assert r.fn[name].metrics.metric_set == {}, f"{name} kept its metrics"
+    assert '"_aws"' not in capsys.readouterr().out

@@ -15,7 +15,8 @@ standard endpoint variables — the same code paths as in AWS. Interface::
         aws.signing_key                 # ringfence.bundle.SigningKey in the signing-key secret
         aws.iid.sign(document)          # base64 RSA-SHA256, as IMDS /signature; aws.iid.cert_pem
         aws.identity_document(iid)      # the instance's identity document (JSON text), from moto
-        aws.reset()                     # empty moto, resources created again (a new signing key)
+        aws.reset()                     # empty moto, resources created again (a new signing key);
+                                        # stop any EventRouter first, and make a new one after
     # server stopped, os.environ restored
 
 ``EmbeddedAws(region=..., account=..., environ=True, metrics=True)``: with ``environ=False`` the

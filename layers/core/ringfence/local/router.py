@@ -16,6 +16,8 @@ moto EventBridge (whose rules route them to the SQS queues), and runs the real h
         router.fn["agentapi"]                 # the loaded handler modules (one warm "container" each)
         router.run_scheduled("reconcile")     # run a scheduled handler now
         router.watch_stats()                  # how long a watch tick takes (count, mean, p95, max in s)
+        router.pending()                      # messages per queue (visible + in flight), DLQs included
+        router.deliveries, router.errors      # every handler invocation; failures the router survived
 
 ``EventRouter(aws, watch_interval=0.15, poll_interval=0.05, schedule=None, retry_after=1.0,
 batch_size=10, functions=None, announce_existing=False, cloudtrail=True)``:
@@ -43,7 +45,8 @@ batch_size=10, functions=None, announce_existing=False, cloudtrail=True)``:
   meant to create clients from many threads. AWS's batching window (2 s for ingest) is not
   waited for: delivery is immediate.
 - **schedule**: ``{"reconcile": 300.0, "perimeter": 1800.0}`` runs those handlers with a
-  ``Scheduled Event`` every so many seconds (off when ``None``, the default).
+  ``Scheduled Event`` every so many seconds, first after one period (off when ``None``, the
+  default; ``AWS_SCHEDULE`` is the stack's own).
 
 :class:`Timeline` records, per event put: ``changed`` (the watcher saw the change in moto),
 ``put`` (``PutEvents`` returned), ``ingested`` (the ingest or lifecycle handler finished the batch
@@ -87,6 +90,8 @@ API_CALL = "AWS API Call via CloudTrail"
 # delivery order per pass: lifecycle actions first (an instance waits on them), compute last
 QUEUES = (("lifecycle", "lifecycle"), ("ingest", "ingest"), ("compute", "compute"))
 STAGES = ("put", "ingested", "computed", "unchanged", "failed")
+# template.yaml's schedules (ReconcileSchedule's default, the perimeter's rate), for schedule=
+AWS_SCHEDULE = {"reconcile": 15 * 60.0, "perimeter": 30 * 60.0}
 
 
 # --- the timeline ----------------------------------------------------------------------------------
@@ -319,6 +324,7 @@ class EventRouter:
         self._threads: list[threading.Thread] = []
         self._look = _Look()
         self._ticks: list[float] = []
+        self._looks = 0  # watch ticks completed
         self._busy = threading.Event()  # the runtime is inside a handler
         self._next_run = {name: time.monotonic() + every for name, every in self.schedule.items()}
 
@@ -378,10 +384,12 @@ class EventRouter:
             with self._lock:
                 self._ticks.append(elapsed)
                 del self._ticks[:-1000]
+                self._looks += 1
             self._stop.wait(max(self.watch_interval - elapsed, 0.0))
 
     def tick(self) -> int:
-        """One look at moto; emits an event per change. Returns how many it put."""
+        """One look at moto; emits an event per change. Returns how many it put. The watcher
+        thread calls it; call it yourself only on a router that is not started."""
         look = self._observe()
         events = self._diff(self._look, look)
         if self.cloudtrail:
@@ -610,6 +618,7 @@ class EventRouter:
                     name=name,
                 )
             finally:
+                self._drop_disabled_metrics(name)
                 self._busy.clear()
             if d is None:
                 continue
@@ -663,8 +672,20 @@ class EventRouter:
             "resources": [f"arn:aws:events:{self.aws.region}:{self.aws.account}:rule/{name}-schedule"],
             "detail": {},
         }
-        out: dict[str, Any] = self.fn[name].handler(copy.deepcopy(event), LambdaContext(function_name=name))
+        try:
+            out: dict[str, Any] = self.fn[name].handler(copy.deepcopy(event), LambdaContext(function_name=name))
+        finally:
+            self._drop_disabled_metrics(name)
         return out
+
+    def _drop_disabled_metrics(self, name: str) -> None:
+        # with POWERTOOLS_METRICS_DISABLED, Powertools keeps the metrics in memory and still
+        # prints them whenever one reaches 100 values; drop them as log_metrics would after a flush
+        from aws_lambda_powertools.metrics.functions import is_metrics_disabled
+
+        metrics = getattr(self.fn.get(name), "metrics", None)
+        if metrics is not None and is_metrics_disabled():
+            metrics.clear_metrics()
 
     def _run_due(self) -> None:
         now = time.monotonic()
@@ -699,20 +720,25 @@ class EventRouter:
         return out
 
     def wait_idle(self, timeout: float = 10.0, settle: float | None = None) -> bool:
-        """Wait until the work queues are empty, no handler runs and the watcher has had a full
-        look since (so nothing is left in moto to announce). ``False`` on timeout."""
-        settle = settle if settle is not None else 2 * self.watch_interval + 0.05
+        """Wait until the work queues are empty, no handler runs, and that has held while the
+        watcher took a whole look at moto (so nothing is left there to announce) and for at least
+        ``settle`` s. ``False`` on timeout."""
+        settle = settle if settle is not None else self.watch_interval
         deadline = time.monotonic() + timeout
-        quiet_since: float | None = None
+        quiet: tuple[float, int] | None = None  # since when, and the looks completed then
         while time.monotonic() < deadline:
-            counts = self.pending()
-            busy = self._busy.is_set() or any(counts[q] for q, _ in QUEUES)
+            counts = self.pending(keys=[q for q, _ in QUEUES])
+            busy = self._busy.is_set() or any(counts.values())
             now = time.monotonic()
+            with self._lock:
+                looks = self._looks
+            watching = any(t.name.endswith("watch") and t.is_alive() for t in self._threads)
             if busy:
-                quiet_since = None
-            elif quiet_since is None:
-                quiet_since = now
-            elif now - quiet_since >= settle:
+                quiet = None
+            elif quiet is None:
+                quiet = (now, looks)
+            # a look in progress when the quiet began may predate the last change: wait for the next one
+            elif now - quiet[0] >= settle and (not watching or looks >= quiet[1] + 2):
                 return True
             time.sleep(min(self.poll_interval, 0.05))
         return False
