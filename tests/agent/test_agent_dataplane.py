@@ -1341,3 +1341,33 @@ def test_the_daemon_repairs_and_reports_a_table_removed_or_changed_behind_its_ba
         assert status["counters"]["tamper_reapplied"] == 2 and status["kernel_programmed"] is True
     finally:
         net.kill(daemon, 15)
+
+
+def test_the_daemon_cuts_a_reverse_shell_when_its_workload_is_quarantined(
+    net: NetLab, backend: str, tmp_path: Path
+) -> None:
+    """The daemon path, not only the CLI: a quarantined bundle arrives from the source, the
+    workload's own open connection out (a reverse shell's shape) dies, and the log says so."""
+    lab = lab_engine(net)
+    src = tmp_path / "src"
+    write(lab.bundle("h2"), src / "bundles" / "h2.json")
+    run_log = tmp_path / "run.log"
+    cfg = config(tmp_path, backend, source=str(src))
+    daemon = net.spawn("h2", str(net_agent()), "run", "--config", str(cfg), stderr=run_log.open("w"))
+    shell = None
+    try:
+        assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 15), run_log.read_text()
+        shell = net.hold("h2", "h3", 5432)
+        assert shell.connected and shell.ping()
+        lab.upsert(Workload(id="h2", ips=[net.v4("h2"), net.v6("h2")], tags=_tags("web"), quarantined=True))
+        write(lab.bundle("h2"), src / "bundles" / "h2.json")
+        assert wait_until(lambda: "quarantined False → True" in run_log.read_text(), 15), run_log.read_text()
+        text = run_log.read_text()
+        assert "open connection(s) the new rules do not admit" in text, text
+        assert f"-> {net.v4('h3')}:5432 (default)" in text, text
+        assert not shell.ping()
+        assert not net.tcp("h1", "h2", 8080) and not net.tcp("h2", "h3", 5432)
+    finally:
+        net.kill(daemon, 15)
+        if shell is not None:
+            _close(net, shell)

@@ -422,6 +422,12 @@ def test_config_api_url_ip_is_a_failsafe(tmp_path: Path) -> None:
         ("workload_id: w1\npublic_key: k\napi_url: http://x\nenroll: {method: pairing}\n", "needs pairing_key"),
         ("workload_id: w1\npublic_key: k\napi_url: http://x\nenroll: {pairing_key: k, x: 1}\n", "enroll.x: Extra"),
         ("workload_id: w1\npublic_key: k\napi_url: http://x\nenroll: {method: tpm}\n", "enroll.method"),
+        ("workload_id: w1\npublic_key: k\nsource: /x\nboot_posture: closed\n", "boot_posture: .*'failsafe' or 'open'"),
+        (
+            "workload_id: w1\npublic_key: k\nsource: /x\ndrift_interval: -1\n",
+            "drift_interval: .*greater than or equal to 0",
+        ),
+        ("workload_id: w1\npublic_key: k\nsource: /x\ncut_revoked_connections: maybe\n", "cut_revoked_connections"),
     ],
 )
 def test_config_errors_are_clear(tmp_path: Path, text: str, message: str) -> None:
@@ -1208,3 +1214,32 @@ def test_nft_group_delta_routes_by_realisation_with_hysteresis() -> None:
     assert route(6, None, "rf_b", grown) == frozenset()  # 7 > 6: expanded, and stays
     assert route(20, None, "rf_b", grown) == {"r_in_0"}  # 7 < 10: concatenated, and stays
     assert route(10, None, "rf_b", grown) is None  # 5 <= 7 <= 10: unknown, re-apply
+
+
+@pytest.mark.parametrize("posture", ["failsafe", "open"])
+def test_the_boot_posture_without_a_bundle(tmp_path: Path, posture: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """No valid bundle at start: ``failsafe`` programs fail-safes then drop; ``open`` touches nothing."""
+    from ringfence_agent.config import AgentConfig
+    from ringfence_agent.daemon import Daemon
+
+    cfg = AgentConfig(
+        workload_id="w1",
+        public_key=PUBLIC_KEY,
+        state_dir=tmp_path / "state",
+        backend="dry-run",
+        source="http://localhost:8000",  # a name: resolved from /etc/hosts, no DNS query
+        admin_cidrs=["192.0.2.0/24"],
+        boot_posture=posture,  # type: ignore[arg-type]
+    )
+    assert cfg.source_hosts() == ["localhost"]
+    Daemon(cfg).start_enforcing()
+    out, err = capsys.readouterr()
+    status = StateDir(tmp_path / "state").read_json("status.json")
+    if posture == "open":
+        assert out == "" and "posture" not in status
+        return
+    assert "holding the fail-safe posture" in err and "admin 192.0.2.0/24" in err
+    assert "control plane 127.0.0.1/32" in err  # the source's name, resolved for the posture
+    assert "fs_admin_4 { type ipv4_addr; flags interval; elements = { 192.0.2.0/24 } }" in out
+    assert 'counter name d_in drop comment "default enforce"' in out
+    assert status["posture"] == "failsafe" and status["counters"]["failsafe_postures"] == 1
