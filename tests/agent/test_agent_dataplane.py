@@ -889,11 +889,12 @@ def test_daemon_enrolls_follows_pushes_and_reports_against_the_real_control_plan
 ) -> None:
     """The agent in h2 against ``ringfence serve`` (the real agent-API routes) listening in cp,
     over the moto-backed AWS wiring: the lab hosts are EC2 instances with the lab's addresses, the
-    bundles are compute's. Enrolled with a pairing key from the admin API; observe mode reports
+    bundles are compute's. Enrolled with its signed identity document (aws-iid); observe mode reports
     would-drops; the operator's switch to enforce and a tag change (a set delta) arrive through
     the wait long-poll, long before the agent's slow poll; the control plane gone, it still enforces."""
     from ringfence import serve
     from tests.agent.netns import listening_socket_in
+    from tests.aws.imds import imds_app, running_imds
 
     aws = aws_env
 
@@ -903,19 +904,20 @@ def test_daemon_enrolls_follows_pushes_and_reports_against_the_real_control_plan
     finally:
         del os.environ["RINGFENCE_WAIT_POLL_INTERVAL"]
     h2 = ids["h2"]
-    status, _, body = aws.rest("admin", "POST", "/admin/pairing-keys", {"workload_id": h2, "uses": 1, "ttl": 600})
-    assert status == 201, body
     (tmp_path / "signing.pub.pem").write_bytes(aws.signing_key.public_pem())
+    # the control plane and an IMDS stand-in (the caller's signed identity document) listen in cp
     sock = listening_socket_in(net.ns("cp"), net.v4("cp"), 8080)
+    imds_sock = listening_socket_in(net.ns("cp"), net.v4("cp"), 8081)
+    by_address = {net.v4(host): iid for host, iid in ids.items()}
     app = serve.ServeApp.over(serve.build_wiring("aws"), None)
-    with serve.serving(app, sock=sock):
+    with serve.serving(app, sock=sock), running_imds(imds_app(aws, by_address.get), imds_sock) as imds_url:
         cfg = config(
             tmp_path,
             backend,
             workload_id=h2,
             public_key=str(tmp_path / "signing.pub.pem"),
             api_url=f"http://{net.v4('cp')}:8080",
-            enroll={"pairing_key": body["pairing_key"]},
+            enroll={"method": "aws-iid", "imds_url": imds_url},
             poll_interval=120,  # a change seen sooner came by the long-poll
             wait_timeout=10,
             request_timeout=5,

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.aws.conftest import Env
-from tests.aws.test_pipeline import boot, enroll_pairing
+from tests.aws.test_pipeline import boot, enroll_instance
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def test_a_launch_waits_for_its_agent_to_enforce(gated: Env) -> None:
     ptr = env.store.bundle_pointer(new)
     assert ptr is not None, "compute published the new instance's bundle"
     assert state(env, new) == "Pending:Wait", "published is not enforced: the hook still waits"
-    token = enroll_pairing(env, new)
+    token = enroll_instance(env, new)
     heartbeat(env, new, token, None)  # enrolled, nothing applied yet
     assert state(env, new) == "Pending:Wait"
     heartbeat(env, new, token, ptr.version)  # its agent enforces

@@ -7,7 +7,7 @@ from typing import Any
 
 from botocore.awsrequest import AWSResponse
 
-from tests.aws.conftest import Env, fixture, ip_of
+from tests.aws.conftest import ACCOUNT, REGION, Env, fixture, ip_of
 
 
 def boot(env: Env) -> dict[str, Any]:
@@ -99,7 +99,7 @@ def test_scale_out_lifecycle_publishes_then_continues(env: Env) -> None:
     after = env.bundle(proc)
     assert in_set(after, ip_of(env, new)) and after.version > before.version
     # the peer can bridge by delta
-    tok = enroll_pairing(env, proc)
+    tok = enroll_instance(env, proc)
     status, _, body = env.rest(
         "agentapi",
         "GET",
@@ -261,15 +261,40 @@ def _scheduled() -> dict[str, Any]:
     }
 
 
-def enroll_pairing(env: Env, wid: str) -> str:
-    _, _, key = env.rest("admin", "POST", "/admin/pairing-keys", {"workload_id": wid, "uses": 1, "ttl": 600})
-    _, _, n = env.rest("agentapi", "GET", "/v1/nonce")
-    status, _, body = env.rest(
-        "agentapi",
-        "POST",
-        "/v1/enroll",
-        json.dumps({"method": "pairing", "nonce": n["nonce"], "workload_id": wid, "pairing_key": key["pairing_key"]}),
+def iid_document(env: Env, iid: str, pending: str = "2026-11-21T10:00:00Z") -> str:
+    return json.dumps(
+        {
+            "accountId": ACCOUNT,
+            "architecture": "x86_64",
+            "availabilityZone": f"{REGION}a",
+            "imageId": "ami-1",
+            "instanceId": iid,
+            "instanceType": "t3.micro",
+            "pendingTime": pending,
+            "privateIp": ip_of(env, iid),
+            "region": REGION,
+            "version": "2017-09-30",
+        }
     )
+
+
+def enroll_iid(env: Env, iid: str, document: str | None = None, signature: str | None = None) -> tuple[int, Any]:
+    _, _, n = env.rest("agentapi", "GET", "/v1/nonce")
+    doc = document or iid_document(env, iid)
+    req = {
+        "method": "aws-iid",
+        "nonce": n["nonce"],
+        "document": doc,
+        "document_signature": signature or env.iid.sign(doc),
+    }
+    status, _, body = env.rest("agentapi", "POST", "/v1/enroll", json.dumps(req))
+    return status, body
+
+
+def enroll_instance(env: Env, iid: str) -> str:
+    """An EC2 instance's agent token, enrolled with its identity document (pairing keys are for
+    on-premise workloads only)."""
+    status, body = enroll_iid(env, iid)
     assert status == 200, body
     return str(body["token"])
 
@@ -282,7 +307,7 @@ def test_published_state_equals_a_full_recompile_and_deltas_bridge(env: Env) -> 
 
     est = boot(env)
     proc = est["ids"]["proc"][0]
-    tok = enroll_pairing(env, proc)
+    tok = enroll_instance(env, proc)
     old = env.bundle(proc)
     added = est["run"]("web", est["subnets"]["web"], 4) + est["run"]("processing", est["subnets"]["app"], 2)
     for iid in added:
@@ -299,7 +324,7 @@ def test_published_state_equals_a_full_recompile_and_deltas_bridge(env: Env) -> 
     from ringfence.policy import load_policy_texts
 
     texts = {n: env.s3.get_object(Bucket=env.bucket, Key=k)["Body"].read().decode() for n, k in pv.keys.items()}
-    fresh = Engine(load_policy_texts(texts), policy_version=pv.version)
+    fresh = Engine(load_policy_texts(texts), policy_version=pv.number)
     fresh.load(r.effective() for r in env.store.all_records() if r.active)
     assert len(fresh.workloads) == 5 + 6 - 1
     for wid in fresh.workloads:

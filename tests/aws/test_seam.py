@@ -1,7 +1,7 @@
 """The seam: the real ``ringfence-agent`` process against the real agent-API routes, served over
 HTTP by the real ``ringfence serve`` over the moto-backed AWS wiring, while events travel the real
-path (EventBridge → SQS → ingest → compute). Enrollment by a pairing key minted through the
-admin API, the first bundle, a set delta after a tag change and a whole bundle after a
+path (EventBridge → SQS → ingest → compute). Enrollment with the instance's signed identity
+document (aws-iid, from an IMDS stand-in), the first bundle, a set delta after a tag change and a whole bundle after a
 quarantine — each reaching the agent through the ``wait`` long-poll, long before its slow poll."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import pytest
 
 from ringfence import serve
 from tests.aws.conftest import Env, ip_of
+from tests.aws.imds import imds_app, running_imds
 from tests.aws.test_pipeline import boot
 
 BIN = Path(sys.executable).parent
@@ -71,8 +72,16 @@ def agent_status(state: Path) -> dict[str, Any]:
     return json.loads(out.stdout) if out.returncode == 0 else {}
 
 
+@pytest.fixture
+def imds(env: Env) -> Iterator[tuple[str, dict[str, str]]]:
+    """An IMDS stand-in on loopback (its URL) and who asks it: caller address → instance id."""
+    instance_at: dict[str, str] = {}
+    with running_imds(imds_app(env, instance_at.get)) as url:
+        yield url, instance_at
+
+
 def test_agent_enrolls_follows_a_tag_change_by_delta_and_a_quarantine_by_push(
-    env: Env, control_plane: str, tmp_path: Path
+    env: Env, control_plane: str, imds: tuple[str, dict[str, str]], tmp_path: Path
 ) -> None:
     url, admin = control_plane, {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     est = boot(env)
@@ -83,10 +92,8 @@ def test_agent_enrolls_follows_a_tag_change_by_delta_and_a_quarantine_by_push(
     env.pump()
     assert not _in_sets(env.bundle(proc).model_dump(mode="json"), ip_of(env, typo))
 
-    r = httpx.post(f"{url}/admin/pairing-keys", json={"workload_id": proc, "uses": 1, "ttl": 600}, headers=admin)
-    assert r.status_code == 201, r.text
-    key = tmp_path / "pairing-key"
-    key.write_text(r.json()["pairing_key"])
+    imds_url, instance_at = imds
+    instance_at["127.0.0.1"] = proc  # the agent below is this instance: its IMDS tells it so
     pub = tmp_path / "signing.pub.pem"
     pub.write_bytes(env.signing_key.public_pem())
     state = tmp_path / "state"
@@ -96,7 +103,7 @@ def test_agent_enrolls_follows_a_tag_change_by_delta_and_a_quarantine_by_push(
         "state_dir": str(state),
         "backend": "dry-run",
         "api_url": url,
-        "enroll": {"method": "pairing", "pairing_key_file": str(key)},
+        "enroll": {"method": "aws-iid", "imds_url": imds_url},
         "poll_interval": POLL_INTERVAL,
         "wait_timeout": 8,
         "heartbeat_interval": 2,
@@ -142,7 +149,7 @@ def test_agent_enrolls_follows_a_tag_change_by_delta_and_a_quarantine_by_push(
         wait_until(lambda: agent_status(state).get("quarantined") is True, 15, "the quarantine bundle", log)
         assert time.monotonic() - changed < 10
         audit = [(a.action, a.principal, a.target) for a in env.store.audit_log()]
-        assert ("workload.quarantine", "secops", proc) in audit and ("pairing.create", "secops", proc) in audit
+        assert ("workload.quarantine", "secops", proc) in audit
         assert agent.poll() is None, log.read_text()
     finally:
         agent.terminate()  # the agent finishes its open long-poll first (≤ wait_timeout + request_timeout)

@@ -19,7 +19,7 @@ import pytest
 
 from ringfence import serve
 from tests.aws.conftest import POLICY_DIR, Env
-from tests.aws.test_pipeline import boot
+from tests.aws.test_pipeline import boot, iid_document
 
 ALICE_TOKEN = "alice-secret-token-0123456789"
 
@@ -72,16 +72,16 @@ def test_agent_api_over_http_enroll_bundle_and_concurrent_long_polls(env: Env, s
     est = boot(env)
     procs = est["ids"]["proc"]
     tokens = {}
-    for wid in procs:
-        key = httpx.post(
-            f"{served}/admin/pairing-keys", json={"workload_id": wid, "ttl": 600}, headers=admin_headers()
-        ).json()["pairing_key"]
+    for wid in procs:  # EC2 instances enroll with their signed identity document
         nonce = httpx.get(f"{served}/v1/nonce").json()["nonce"]
-        r = httpx.post(
-            f"{served}/v1/enroll", json={"method": "pairing", "nonce": nonce, "workload_id": wid, "pairing_key": key}
-        )
+        doc = iid_document(env, wid)
+        req = {"method": "aws-iid", "nonce": nonce, "document": doc, "document_signature": env.iid.sign(doc)}
+        r = httpx.post(f"{served}/v1/enroll", json=req)
         assert r.status_code == 200, r.text
         tokens[wid] = r.json()["token"]
+    # a bad field of the enrollment is a 422 naming it
+    r = httpx.post(f"{served}/v1/enroll", json={"method": "telepathy", "nonce": "n"})
+    assert r.status_code == 422 and "body.method" in r.json()["detail"], r.text
     wid = procs[0]
     auth = {"Authorization": f"Bearer {tokens[wid]}"}
     r = httpx.get(f"{served}/v1/agents/{wid}/bundle", headers=auth)
@@ -227,9 +227,10 @@ def test_cli_serves_and_refuses_plain_http_off_loopback(env: Env, tmp_path: Path
         assert "ringfence serve: listening on http://127.0.0.1:" in line and "admin API for 1 principal" in line, line
         url = line.split("listening on ")[1].split()[0]
         assert httpx.get(f"{url}/v1/nonce", timeout=10).status_code == 200
-        r = httpx.post(f"{url}/admin/pairing-keys", json={"ttl": 600}, headers=admin_headers(token), timeout=10)
+        body = {"files": policy_files(), "reason": "first"}
+        r = httpx.post(f"{url}/admin/policies", json=body, headers=admin_headers(token), timeout=30)
         assert r.status_code == 201, r.text
-        assert env.store.audit_log()[-1].principal == "bob"
+        assert [(a.action, a.principal) for a in env.store.audit_log()] == [("policy.provision", "bob")]
     finally:
         proc.terminate()
         proc.wait(15)

@@ -1,11 +1,16 @@
 """The admin API's request bodies (server side, pydantic): what an operator sends to provision
-policy, set modes, quarantine and release, and mint pairing keys. Every action is audited."""
+policy, set modes, quarantine and release, mint pairing keys, and register on-premise workloads
+(one at a time or from a CMDB export). Every action is audited."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ringfence.cmdb import parse_ips, valid_workload_id
 from ringfence.enums import Mode
+from ringfence.model import Workload
+
+MAX_CMDB_BYTES = 8 * 1024 * 1024
 
 
 class _Body(BaseModel):
@@ -25,7 +30,7 @@ class ModeRequest(Reason):
 
 
 class PairingKeyRequest(Reason):
-    workload_id: str | None = Field(None, description="the workload the key enrolls; null: any")
+    workload_id: str = Field(description="the registered on-premise workload the key enrolls (and no other)")
     uses: int = Field(1, ge=1, le=10_000, description="enrollments the key allows")
     ttl: int = Field(3600, ge=60, le=30 * 86400, description="seconds until the key expires")
 
@@ -50,6 +55,71 @@ class QuarantineResponse(_Body):
 
 class PairingKeyResponse(_Body):
     pairing_key: str = Field(description="shown once; only its SHA-256 is stored")
+    workload_id: str
     uses: int
     expires_in: int
+    audit_id: str
+
+
+class OnPremWorkload(_Body):
+    """One on-premise workload as an operator registers it."""
+
+    id: str = Field(description="the workload's id (letters, digits, _ . : -); its agent enrolls as this id")
+    ips: list[str] = Field(min_length=1, description="the workload's addresses")
+    name: str | None = None
+    site: str | None = Field(None, description="the data centre or site (a label may derive from it)")
+    zone: str | None = None
+    tags: dict[str, str] = Field(default_factory=dict, description="attributes mapped to labels by the policy")
+    labels: dict[str, str] = Field(default_factory=dict, description="labels given directly")
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, wid: str) -> str:
+        problem = valid_workload_id(wid)
+        if problem:
+            raise ValueError(problem)
+        return wid
+
+    @field_validator("ips")
+    @classmethod
+    def _ips(cls, ips: list[str]) -> list[str]:
+        return [a for ip in ips for a in parse_ips(ip)]
+
+    def workload(self) -> Workload:
+        return Workload(
+            id=self.id,
+            ips=self.ips,
+            name=self.name,
+            site=self.site,
+            zone=self.zone,
+            tags=self.tags,
+            labels=self.labels,
+            cloud="onprem",
+        )
+
+
+class RegisterWorkloadRequest(OnPremWorkload, Reason):
+    pass
+
+
+class CmdbImportRequest(Reason):
+    csv: str = Field(max_length=MAX_CMDB_BYTES, description="the CMDB export: CSV with a header row (id, ips, …)")
+    source: str = Field("cmdb.csv", max_length=512, description="the file's name, used in error locations")
+
+
+class RegisterWorkloadResponse(_Body):
+    workload_id: str
+    created: bool
+    audit_id: str
+
+
+class CmdbImportResponse(_Body):
+    imported: int
+    created: int
+    updated: int
+    audit_id: str
+
+
+class DeregisterResponse(_Body):
+    workload_id: str
     audit_id: str

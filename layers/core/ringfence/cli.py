@@ -411,6 +411,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             args.insecure,
             args.threads,
             announce=lambda line: print(line, flush=True),
+            signing_key=Path(args.signing_key) if args.signing_key else None,
         )
     except serve.ServeError as exc:
         raise CliError(str(exc)) from None
@@ -579,9 +580,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8443, help="port to bind; 0 picks a free one (default 8443)")
     p.add_argument(
         "--store",
-        default="aws",
-        help="aws: DynamoDB/S3/SQS named by the RINGFENCE_* environment (AWS_ENDPOINT_URL for another "
-        "endpoint); sqlite:PATH: one SQLite file (default aws)",
+        default="sqlite:ringfence-state/state.db",
+        help="sqlite:PATH: the SQLite file PATH, published objects and the signing key beside it "
+        "(default sqlite:ringfence-state/state.db); aws: DynamoDB/S3/SQS named by the RINGFENCE_* "
+        "environment (AWS_ENDPOINT_URL for another endpoint)",
+    )
+    p.add_argument(
+        "--signing-key",
+        metavar="PEM",
+        help="with sqlite: the bundle signing key (default: generated beside the database on first start)",
     )
     p.add_argument(
         "--admin-tokens",

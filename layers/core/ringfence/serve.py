@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import importlib
 import ipaddress
 import logging
 import queue
@@ -118,21 +117,32 @@ def new_admin_token(principal: str) -> tuple[str, str]:
 # --- stores ----------------------------------------------------------------------------------------
 
 
-def build_wiring(store: str) -> Any:
-    """The services' wiring for a ``--store`` value: ``aws`` (DynamoDB, S3 and SQS named by the
-    RINGFENCE_* environment, endpoints by the AWS SDK's, e.g. ``AWS_ENDPOINT_URL``) or
-    ``sqlite:PATH`` (one SQLite file; :mod:`ringfence.local.wiring`)."""
+def build_wiring(store: str, signing_key: Path | None = None) -> Any:
+    """The services' wiring for a ``--store`` value: ``sqlite:PATH`` (the SQLite file ``PATH``; its
+    directory holds the published objects and, unless ``signing_key`` is given, the signing key:
+    :class:`ringfence.local.wiring.LocalWiring`, with its compute worker) or ``aws`` (DynamoDB, S3
+    and SQS named by the RINGFENCE_* environment, endpoints by the AWS SDK's, e.g.
+    ``AWS_ENDPOINT_URL``; compute runs where the stack runs it)."""
     if store == "aws":
+        if signing_key is not None:
+            raise ServeError("--signing-key is for --store sqlite:PATH (on AWS: RINGFENCE_SIGNING_KEY)")
         from ringfence.clouds.aws.wiring import Config, Wiring
 
         return Wiring(Config.from_env())
     if store.startswith("sqlite:") and store.removeprefix("sqlite:"):
+        from ringfence.local.wiring import LocalWiring, StateInUse
+
         try:
-            local = importlib.import_module("ringfence.local.wiring")
-        except ImportError:
-            raise ServeError("--store sqlite:PATH is not available in this build (no ringfence.local.wiring)") from None
-        return local.LocalWiring(Path(store.removeprefix("sqlite:")))
-    raise ServeError(f"--store {store!r}: expected aws or sqlite:PATH")
+            return LocalWiring(Path(store.removeprefix("sqlite:")), signing_key=signing_key)
+        except StateInUse as exc:
+            raise ServeError(str(exc)) from None
+    raise ServeError(f"--store {store!r}: expected sqlite:PATH or aws")
+
+
+def is_onprem(wiring: Any) -> bool:
+    from ringfence.local.wiring import LocalWiring
+
+    return isinstance(wiring, LocalWiring)
 
 
 # --- requests → proxy events -----------------------------------------------------------------------
@@ -231,16 +241,23 @@ class ServeApp:
     asgi: Any = None
 
     @classmethod
-    def over(cls, wiring: Any, tokens: AdminTokens | None, threads: int = DEFAULT_THREADS) -> ServeApp:
-        from ringfence.clouds.aws.admin import Admin
+    def over(
+        cls, wiring: Any, tokens: AdminTokens | None, threads: int = DEFAULT_THREADS, onprem: bool | None = None
+    ) -> ServeApp:
+        """The APIs over ``wiring``; ``onprem`` (default: whether it is the local wiring) adds the
+        admin routes of on-premise workloads (register, CMDB import, deregister)."""
         from ringfence.clouds.aws.agents import AgentApi
+        from ringfence.clouds.onprem import OnPremAdmin
         from ringfence.routes.admin import admin_routes
         from ringfence.routes.agent import agent_routes
 
         api = AgentApi(wiring)
-        adm = Admin(wiring)
+        adm = OnPremAdmin(wiring)
+        local = is_onprem(wiring) if onprem is None else onprem
         agent = ResolverPool(lambda: agent_routes(lambda: api))
-        admin = ResolverPool(lambda: admin_routes(lambda: adm)) if tokens is not None else None
+        admin = None
+        if tokens is not None:
+            admin = ResolverPool(lambda: admin_routes(lambda: adm, onprem=(lambda: adm) if local else None))
         return cls(agent, admin, tokens, threads)
 
     def __post_init__(self) -> None:
@@ -423,6 +440,7 @@ def run(
     insecure: bool = False,
     threads: int = DEFAULT_THREADS,
     announce: Callable[[str], None] = print,
+    signing_key: Path | None = None,
 ) -> int:
     """Serve until SIGINT/SIGTERM (what ``ringfence serve`` runs)."""
     if (tls_cert is None) != (tls_key is None):
@@ -432,11 +450,16 @@ def run(
             raise ServeError(f"{p}: no such file")
     check_bind(host, tls_cert is not None, insecure)
     tokens = AdminTokens.load(admin_tokens) if admin_tokens is not None else None
-    wiring = build_wiring(store)
-    app = ServeApp.over(wiring, tokens, threads)
-    sock = listen(host, port)
-    server = uvicorn_server(app, tls_cert, tls_key)
-    admin = f"admin API for {len(set(tokens.by_hash.values()))} principal(s)" if tokens else "admin API off"
-    announce(f"ringfence serve: listening on {url_of(sock, tls_cert is not None)} (store {store}; {admin})")
-    server.run(sockets=[sock])
+    sock = listen(host, port)  # before the store: a taken port fails before anything starts
+    wiring = build_wiring(store, signing_key)
+    try:
+        app = ServeApp.over(wiring, tokens, threads)
+        server = uvicorn_server(app, tls_cert, tls_key)
+        admin = f"admin API for {len(set(tokens.by_hash.values()))} principal(s)" if tokens else "admin API off"
+        announce(f"ringfence serve: listening on {url_of(sock, tls_cert is not None)} (store {store}; {admin})")
+        server.run(sockets=[sock])
+    finally:
+        close = getattr(wiring, "close", None)
+        if close is not None:
+            close()  # the local wiring: its compute worker stops, the state directory is released
     return 0

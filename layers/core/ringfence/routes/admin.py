@@ -1,5 +1,6 @@
 """The admin API's routes: provision policy, set modes, quarantine/release, mint pairing keys —
-over an :class:`Admin` service, for every host. Each action is audited with the caller's
+over an :class:`Admin` service, for every host; with an ``onprem`` service (``ringfence serve``)
+also register, import (CMDB CSV) and deregister on-premise workloads. Each action is audited with the caller's
 principal, read from ``requestContext.identity.userArn``: API Gateway puts the IAM caller there
 (the admin API uses IAM auth); ``ringfence serve`` puts the principal of the admin token there."""
 
@@ -14,14 +15,19 @@ from aws_lambda_powertools.event_handler.openapi.params import Body
 
 from ringfence import adminapi
 from ringfence.clouds.aws.admin import Admin
+from ringfence.clouds.onprem import OnPremAdmin
 
 from .common import answers, http, resolver
 
 _NO_BODY = adminapi.Reason()
 
 
-def admin_routes(service: Callable[[], Admin]) -> APIGatewayRestResolver:
-    """The admin API over ``service()`` (called per request: hosts build the service lazily)."""
+def admin_routes(
+    service: Callable[[], Admin], onprem: Callable[[], OnPremAdmin] | None = None
+) -> APIGatewayRestResolver:
+    """The admin API over ``service()`` (called per request: hosts build the service lazily).
+    With ``onprem``, the on-premise workload routes too (``ringfence serve``; the AWS stack routes
+    none of them, so pairing keys, which only on-premise workloads take, are off there)."""
     app = resolver(
         "Ringfence admin API",
         "Operator actions, each audited with the caller's principal. On AWS: IAM (SigV4) "
@@ -77,5 +83,35 @@ def admin_routes(service: Callable[[], Admin]) -> APIGatewayRestResolver:
     )
     def pairing_key(req: adminapi.PairingKeyRequest) -> HttpResponse[str]:
         return http(service().pairing_key(principal(), req.workload_id, req.uses, req.ttl, req.reason))
+
+    if onprem is None:
+        return app
+
+    @app.post(
+        "/admin/workloads",
+        summary="register (or update) an on-premise workload — ringfence serve",
+        responses=answers(adminapi.RegisterWorkloadResponse, 201, errors=(400, 409)),
+        security=[{"sigv4": []}],
+    )
+    def register_workload(req: adminapi.RegisterWorkloadRequest) -> HttpResponse[str]:
+        return http(onprem().register_workload(principal(), req, req.reason))
+
+    @app.post(
+        "/admin/workloads/import",
+        summary="register every workload of a CMDB CSV export, or none (errors as file:line:column) — ringfence serve",
+        responses=answers(adminapi.CmdbImportResponse, errors=(400, 409)),
+        security=[{"sigv4": []}],
+    )
+    def import_cmdb(req: adminapi.CmdbImportRequest) -> HttpResponse[str]:
+        return http(onprem().import_cmdb(principal(), req.csv, req.source, req.reason))
+
+    @app.delete(
+        "/admin/workloads/<wid>",
+        summary="deregister an on-premise workload: it leaves every peer's sets — ringfence serve",
+        responses=answers(adminapi.DeregisterResponse, errors=(404, 409)),
+        security=[{"sigv4": []}],
+    )
+    def deregister_workload(wid: str, req: Annotated[adminapi.Reason | None, Body()] = None) -> HttpResponse[str]:
+        return http(onprem().deregister_workload(principal(), wid, (req or _NO_BODY).reason))
 
     return app

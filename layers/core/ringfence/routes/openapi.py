@@ -1,6 +1,7 @@
 """The OpenAPI documents of the agent and admin APIs, from the routes themselves:
-``python -m ringfence.routes.openapi [DIR]`` writes ``DIR/agent-api.json`` and ``DIR/admin-api.json``
-(default ``docs/openapi``); a test checks that the committed ones are current."""
+``python -m ringfence.routes.openapi [DIR]`` writes ``DIR/agent-api.json``, ``DIR/admin-api.json``
+(the AWS admin API) and ``DIR/serve-admin-api.json`` (``ringfence serve``'s, with the on-premise
+workload routes) (default ``docs/openapi``); a test checks that the committed ones are current."""
 
 from __future__ import annotations
 
@@ -19,7 +20,11 @@ def _no_service() -> NoReturn:
 
 def documents() -> dict[str, str]:
     out = {}
-    for name, app in (("agent-api.json", agent_routes(_no_service)), ("admin-api.json", admin_routes(_no_service))):
+    for name, app in (
+        ("agent-api.json", agent_routes(_no_service)),
+        ("admin-api.json", admin_routes(_no_service)),  # what the AWS admin function routes
+        ("serve-admin-api.json", admin_routes(_no_service, onprem=_no_service)),  # plus on-premise workloads
+    ):
         out[name] = json.dumps(json.loads(app.get_openapi_json_schema()), indent=2, sort_keys=True) + "\n"
     return out
 

@@ -22,11 +22,11 @@ from . import clients, ec2
 from .api import Response, error, secret_hash
 from .enroll import ProofError, check_sts_request, load_public_key, replay_sts, verify_iid
 from .ingest import observe_instances
-from .wiring import Wiring, log
+from .wiring import BaseWiring, log
 
 
 class AgentApi:
-    def __init__(self, w: Wiring) -> None:
+    def __init__(self, w: BaseWiring) -> None:
         self.w = w
         self._iid_key: Any = None
         # immutable, content-addressed documents: safe to keep while the container is warm
@@ -40,6 +40,8 @@ class AgentApi:
         return Response(200, agentapi.NonceResponse(nonce=n, expires_in=self.w.cfg.nonce_ttl).model_dump())
 
     def enroll(self, req: agentapi.EnrollRequest) -> Response:
+        if req.method not in self.w.cfg.enroll_methods:
+            return error(400, "unsupported enrollment method", f"{req.method} is not enabled on this control plane")
         try:
             if req.method == "aws-iid":
                 wid = self._enroll_iid(req)
@@ -107,8 +109,15 @@ class AgentApi:
             raise ProofError("pairing needs pairing_key and workload_id")
         if not self.w.store.burn_nonce(req.nonce):
             raise ProofError("nonce is unknown, expired or already used")
-        if not self.w.store.use_pairing(secret_hash(req.pairing_key)):
-            raise ProofError("pairing key is unknown, expired or used up")
+        rec = self.w.store.get(req.workload_id)
+        if rec is not None and rec.workload.cloud != "onprem":
+            # a cloud instance proves its identity with the cloud's document, never with a key
+            raise ProofError(
+                f"{req.workload_id} is a {rec.workload.cloud} instance: pairing is for on-premise workloads"
+            )
+        # the key is spent only by the workload it was issued for (checked and spent atomically)
+        if not self.w.store.use_pairing(secret_hash(req.pairing_key), req.workload_id):
+            raise ProofError(f"pairing key is unknown, expired, used up or not issued for {req.workload_id}")
         return req.workload_id
 
     def authorize(self, authorization: str | None, workload_id: str) -> Response | None:

@@ -8,7 +8,7 @@ from typing import Any
 from ringfence.events import DomainEvent, Kind, MalformedEvent, normalize
 
 from . import ec2
-from .wiring import Metric, Wiring, log, no_metric
+from .wiring import BaseWiring, Metric, log, no_metric
 
 # --- ingest ---------------------------------------------------------------------------------------
 
@@ -22,7 +22,7 @@ class IngestResult:
 
 
 class Ingest:
-    def __init__(self, w: Wiring, metric: Metric = no_metric) -> None:
+    def __init__(self, w: BaseWiring, metric: Metric = no_metric) -> None:
         self.w = w
         self.metric = metric
 
@@ -91,7 +91,7 @@ class Ingest:
 
 
 def observe_instances(
-    w: Wiring, account: str, region: str, ids: list[str], *, tag_version: int | None = None
+    w: BaseWiring, account: str, region: str, ids: list[str], *, tag_version: int | None = None
 ) -> set[str]:
     """Describe the live instances and store what they are now; returns the ids that changed.
     Instances the batch prefetched (:meth:`Ingest.prefetch`) are not described again."""
@@ -113,7 +113,7 @@ def observe_instances(
     return changed
 
 
-def mark_leaving(w: Wiring, account: str, region: str, ids: list[str]) -> set[str]:
+def mark_leaving(w: BaseWiring, account: str, region: str, ids: list[str]) -> set[str]:
     """A terminate lifecycle action: the instance is still running but must leave peers' sets."""
     changed = set()
     t = ec2.now() + 0.001  # after the describe that just ran

@@ -19,7 +19,7 @@ from ringfence.store.base import (
 )
 
 from . import clients
-from .publish import S3Publisher
+from .publish import Publisher, S3Publisher
 
 log = logging.getLogger("ringfence.aws")
 
@@ -64,6 +64,8 @@ class Config:
     # heartbeat with a bundle applied: enforced before InService; without an agent the hook
     # times out into its default result)
     lifecycle_gate: str = "publish"
+    # enrollment methods the agent API accepts (the local control plane: pairing only)
+    enroll_methods: list[str] = field(default_factory=lambda: ["aws-iid", "aws-sts", "pairing"])
     allowed_accounts: list[str] = field(default_factory=list)
     sts_endpoints: list[str] = field(default_factory=list)
     account_roles: dict[str, str] = field(default_factory=dict)
@@ -89,6 +91,7 @@ class Config:
             max_wait=min(25.0, float(e.get("RINGFENCE_MAX_WAIT", "25"))),
             wait_poll_interval=max(0.05, float(e.get("RINGFENCE_WAIT_POLL_INTERVAL", "1"))),
             lifecycle_gate=_gate(e.get("RINGFENCE_LIFECYCLE_GATE", "publish")),
+            enroll_methods=[m for m in e.get("RINGFENCE_ENROLL_METHODS", "aws-iid,aws-sts,pairing").split(",") if m],
             allowed_accounts=[a for a in e.get("RINGFENCE_ALLOWED_ACCOUNTS", "").split(",") if a],
             sts_endpoints=[u for u in e.get("RINGFENCE_STS_ENDPOINTS", "").split(",") if u],
             account_roles=json.loads(e.get("RINGFENCE_ACCOUNT_ROLES", "{}") or "{}"),
@@ -102,23 +105,80 @@ def _gate(value: str) -> str:
     return value
 
 
-class Wiring:
+class BaseWiring:
+    """What the services (AgentApi, Admin, Compute, Ingest) use, whatever runs them: the AWS
+    :class:`Wiring` here, :class:`ringfence.local.wiring.LocalWiring` on one machine. Subclasses
+    provide ``signer``, ``enqueue_compute``, ``wait_for_change`` and ``ec2_for``; the policy
+    cache and the tag→label mapper are the same everywhere."""
+
+    cfg: Config
+    store: Store
+    publisher: Publisher
+    mapper_ttl = 30.0  # seconds; a DynamoDB read saved per event in a storm
+
+    def __init__(self, cfg: Config, store: Store, publisher: Publisher) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.publisher = publisher
+        self._policies: dict[int, Policy] = {}
+        self._mapper: tuple[float, LabelMapper | None] | None = None
+        # (account, region, instance) → (describe time, instance or None): valid for one batch
+        self.prefetched: dict[tuple[str, str, str], tuple[float, dict[str, Any] | None]] = {}
+
+    @property
+    def signer(self) -> Any:
+        raise NotImplementedError
+
+    def ec2_for(self, account: str, region: str) -> Any:
+        raise NotImplementedError
+
+    def enqueue_compute(
+        self,
+        ids: Iterable[str] = (),
+        *,
+        rebuild: bool = False,
+        lifecycle: dict[str, str] | None = None,
+        publish: list[str] | None = None,
+    ) -> None:
+        raise NotImplementedError
+
+    def wait_for_change(self, seconds: float) -> None:
+        """Return when published state may have changed, or after ``seconds``."""
+        raise NotImplementedError
+
+    def policy(self, pv: PolicyVersion) -> Policy:
+        if pv.number not in self._policies:
+            self._policies[pv.number] = load_policy_texts(pv.texts(self.publisher.get))
+        return self._policies[pv.number]
+
+    def active_policy(self) -> tuple[PolicyVersion, Policy] | None:
+        pv = self.store.active_policy()
+        return (pv, self.policy(pv)) if pv is not None else None
+
+    def mapper(self) -> LabelMapper | None:
+        """The active policy's tag→label mapping, looked up at most every ``mapper_ttl`` seconds
+        (for the inventory's hygiene view only: compute always resolves labels with the exact
+        policy it compiles)."""
+        now = time.monotonic()
+        if self._mapper is None or now - self._mapper[0] > self.mapper_ttl:
+            active = self.active_policy()
+            self._mapper = (now, active[1].labels if active else None)
+        return self._mapper[1]
+
+
+class Wiring(BaseWiring):
     """Shared clients and adapters, built once per container."""
 
     def __init__(self, cfg: Config) -> None:
         from ringfence.store.dynamodb import DynamoStore
 
-        self.cfg = cfg
-        self.store: Store = DynamoStore(
-            cfg.inventory_table, cfg.state_table, cfg.audit_table, resource=clients.resource("dynamodb")
+        super().__init__(
+            cfg,
+            DynamoStore(cfg.inventory_table, cfg.state_table, cfg.audit_table, resource=clients.resource("dynamodb")),
+            S3Publisher(clients.client("s3"), cfg.bucket, cfg.kms_key_id),
         )
-        self.publisher = S3Publisher(clients.client("s3"), cfg.bucket, cfg.kms_key_id)
         self.sqs = clients.client("sqs")
-        self._policies: dict[int, Policy] = {}
         self._signer: Any = None
-        self._mapper: tuple[float, LabelMapper | None] | None = None
-        # (account, region, instance) → (describe time, instance or None): valid for one batch
-        self.prefetched: dict[tuple[str, str, str], tuple[float, dict[str, Any] | None]] = {}
 
     @property
     def signer(self) -> Any:
@@ -130,25 +190,6 @@ class Wiring:
 
     def ec2_for(self, account: str, region: str) -> Any:
         return clients.assumed_client("ec2", region, self.cfg.account_roles.get(account))
-
-    def policy(self, pv: PolicyVersion) -> Policy:
-        if pv.version not in self._policies:
-            texts = {name: self.publisher.get(key).decode() for name, key in pv.keys.items()}
-            self._policies[pv.version] = load_policy_texts(texts)
-        return self._policies[pv.version]
-
-    def active_policy(self) -> tuple[PolicyVersion, Policy] | None:
-        pv = self.store.active_policy()
-        return (pv, self.policy(pv)) if pv is not None else None
-
-    def mapper(self) -> LabelMapper | None:
-        """The active policy's tag→label mapping, looked up at most every 30 s (for ingest's
-        hygiene view only: compute always resolves labels with the exact policy it compiles)."""
-        now = time.monotonic()
-        if self._mapper is None or now - self._mapper[0] > 30:
-            active = self.active_policy()
-            self._mapper = (now, active[1].labels if active else None)
-        return self._mapper[1]
 
     def wait_for_change(self, seconds: float) -> None:
         """Block until the store may hold something new, at most ``seconds``. Nothing in AWS tells
