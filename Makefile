@@ -46,7 +46,7 @@ sysdeps:
 	  fi; \
 	else echo "not root: skipping system packages (dataplane tests will skip)"; fi
 
-demo: $(STAMP)
+demo: $(STAMP) sysdeps
 	$(BIN)/ringfence demo
 
 # docs/openapi/*.json from the routes (tests/test_openapi_docs.py fails when they are stale)

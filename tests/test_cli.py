@@ -262,7 +262,7 @@ def test_policy_schema_matches_committed_copy() -> None:
 
 @pytest.mark.slow
 def test_demo_runs(tmp_path: Path) -> None:
-    out = rf("demo", "--out", str(tmp_path / "demo")).stdout
+    out = rf("demo", "--offline", "--out", str(tmp_path / "demo")).stdout
     assert "13 passed, 0 failed" in out
     assert "ord-prod-web-1 → ord-prod-proc-1 tcp/8443 is now DENY" in out
     assert len(list((tmp_path / "demo" / "bundles").glob("*.json"))) == 20

@@ -18,7 +18,9 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from types import FrameType
+from typing import TypeVar
 
 from ringfence.agentwire import Heartbeat
 from ringfence.bundlewire import BundleError, SetDelta, Verifier
@@ -42,6 +44,8 @@ from ringfence_agent.reports import (
 from ringfence_agent.sessions import session_cutter
 from ringfence_agent.sources import ApiSource, Source, SourceError, StaticSource, Unreachable
 from ringfence_agent.state import StateDir
+
+T = TypeVar("T")
 
 
 def log(msg: str) -> None:
@@ -101,6 +105,8 @@ class Daemon:
         self.last_message = ""
         self.contact_error = ""
         self.source: Source = self._source()
+        self._woke = time.time()  # when the last wait answered (the push arrived)
+        self._fetch_s = self._apply_s = 0.0
 
     def _source(self) -> Source:
         cfg = self.cfg
@@ -160,6 +166,7 @@ class Daemon:
         latest: int | None = None
         while not self.stop.is_set():
             try:
+                unenforced = self.agent.revision is None
                 self.sync(latest)
                 self.state.update_status(last_contact=time.time())
                 failures = 0
@@ -167,7 +174,9 @@ class Daemon:
                     self.contact_error = ""
                     self.last_message = ""
                 now = time.monotonic()
-                if now - last_heartbeat >= self.cfg.heartbeat_interval or once:
+                # the first bundle is reported at once: a launch may wait for it (lifecycle hook)
+                first = unenforced and self.agent.revision is not None
+                if now - last_heartbeat >= self.cfg.heartbeat_interval or once or first:
                     hb_latest = self.heartbeat()
                     last_heartbeat = now
                     if hb_latest is not None and hb_latest > (self.agent.revision or -1) and hb_latest != chased:
@@ -185,6 +194,7 @@ class Daemon:
                 else:
                     behind = 0
                 latest = self.source.wait(self.agent.revision, self._wait_timeout(), self.stop)
+                self._woke = time.time()
             except (Unreachable, SourceError) as exc:
                 failures += 1
                 delay = backoff_delay(failures, self.cfg.backoff_max, self.rng)
@@ -249,18 +259,48 @@ class Daemon:
     # --- sync --------------------------------------------------------------------------------
 
     def sync(self, latest: int | None) -> None:
+        """One round; when it moved the applied revision, ``last_sync`` in the status says where
+        the time went: woken (the wait answered), seconds fetching, seconds applying."""
+        before = self.agent.revision
+        self._fetch_s = self._apply_s = 0.0
+        try:
+            self._sync(latest)
+        finally:
+            if self.agent.revision != before:
+                self.state.update_status(
+                    last_sync={
+                        "revision": self.agent.revision,
+                        "woke": self._woke,
+                        "fetch_s": round(self._fetch_s, 6),
+                        "apply_s": round(self._apply_s, 6),
+                        "done": time.time(),
+                    }
+                )
+
+    def _timed(self, what: str, fn: Callable[[], T]) -> T:
+        t = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            if what == "fetch":
+                self._fetch_s += time.perf_counter() - t
+            else:
+                self._apply_s += time.perf_counter() - t
+
+    def _sync(self, latest: int | None) -> None:
         if latest is None:
             latest = self.source.announced()
         rev = self.agent.revision
         if rev is not None and latest is not None and latest <= rev:
             return
         if rev is not None and self.agent.bundle is not None:
-            deltas = self._fetch_deltas(rev, self.agent.bundle.version)
-            bridged = deltas is not None and self._apply_deltas(deltas)
+            since, bundle_version = rev, self.agent.bundle.version
+            deltas = self._timed("fetch", lambda: self._fetch_deltas(since, bundle_version))
+            bridged = deltas is not None and self._timed("apply", lambda: self._apply_deltas(deltas))
             if bridged and latest is not None and (self.agent.revision or 0) >= latest:
                 return  # the deltas brought it all the way: no whole bundle to fetch
         try:
-            doc = self.source.bundle()
+            doc = self._timed("fetch", self.source.bundle)
         except BundleError as exc:
             self._rejected(f"malformed bundle from source: {exc}")
             return
@@ -280,7 +320,7 @@ class Daemon:
             return
         try:
             with self.apply_lock:
-                result = self.agent.apply_bundle(doc)
+                result = self._timed("apply", lambda: self.agent.apply_bundle(doc))
         except Rejected as exc:
             self._last_refused = seen
             self.source.settled()  # refused for good: the same bytes would be refused again
@@ -304,9 +344,10 @@ class Daemon:
                 log(line)
             release_memory()
         if self.agent.revision is not None and self.agent.bundle is not None:
-            more = self._fetch_deltas(self.agent.revision, self.agent.bundle.version)
+            revision, bundle_version = self.agent.revision, self.agent.bundle.version
+            more = self._timed("fetch", lambda: self._fetch_deltas(revision, bundle_version))
             if more:
-                self._apply_deltas(more)
+                self._timed("apply", lambda: self._apply_deltas(more))
 
     def _fetch_deltas(self, since: int, bundle_version: int) -> list[SetDelta] | None:
         """The source's deltas; a malformed one is refused and the whole bundle decides (None)."""

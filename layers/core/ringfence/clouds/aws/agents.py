@@ -15,9 +15,10 @@ from ringfence.addresses import V4, format_prefix, parse_prefix
 from ringfence.store.base import (
     BundlePointer,
     DeltaPointer,
+    InventoryRecord,
 )
 
-from . import ec2
+from . import clients, ec2
 from .api import Response, error, secret_hash
 from .enroll import ProofError, check_sts_request, load_public_key, replay_sts, verify_iid
 from .ingest import observe_instances
@@ -31,6 +32,7 @@ class AgentApi:
         # immutable, content-addressed documents: safe to keep while the container is warm
         self._deltas: dict[str, bundle.SetDelta] = {}
         self._sets: dict[tuple[str, int], bundle.AddressSetDoc] = {}
+        self._released: set[str] = set()  # instances whose launch no longer waits (lifecycle gate "agent")
 
     def nonce(self) -> Response:
         n = secrets.token_urlsafe(24)
@@ -252,7 +254,36 @@ class AgentApi:
         if rec.offline:
             log.info("agent %s is back online: rejoining peers' sets", workload_id)
             self.w.enqueue_compute([workload_id])
+        if self.w.cfg.lifecycle_gate == "agent" and hb.applied_version is not None:
+            self._release_launch(rec)
         return Response(200, agentapi.HeartbeatResponse(latest_version=self.latest_version(workload_id)).model_dump())
+
+    def _release_launch(self, rec: InventoryRecord) -> None:
+        """The agent enforces a bundle: a launch of its instance still held by its Auto Scaling
+        group's launch hook goes on (CONTINUE). Asked once per instance per warm container (the
+        agent heartbeats at once after its first bundle)."""
+        if rec.id in self._released or rec.workload.cloud != "aws":
+            return
+        asg = clients.client("autoscaling", region=rec.workload.region)
+        found = asg.describe_auto_scaling_instances(InstanceIds=[rec.id]).get("AutoScalingInstances", [])
+        if not found or found[0].get("LifecycleState") != "Pending:Wait":
+            self._released.add(rec.id)
+            return
+        group = found[0]["AutoScalingGroupName"]
+        hooks = asg.describe_lifecycle_hooks(AutoScalingGroupName=group).get("LifecycleHooks", [])
+        for h in hooks:
+            if h.get("LifecycleTransition") == "autoscaling:EC2_INSTANCE_LAUNCHING":
+                try:
+                    asg.complete_lifecycle_action(
+                        LifecycleHookName=h["LifecycleHookName"],
+                        AutoScalingGroupName=group,
+                        LifecycleActionResult="CONTINUE",
+                        InstanceId=rec.id,
+                    )
+                    log.info("launch of %s released: its agent enforces (hook %s)", rec.id, h["LifecycleHookName"])
+                except Exception as exc:  # e.g. already completed: the hook is not ours to wait on
+                    log.warning("CompleteLifecycleAction for %s (hook %s): %s", rec.id, h["LifecycleHookName"], exc)
+        self._released.add(rec.id)
 
     def latest_version(self, workload_id: str) -> int | None:
         """The newest version of the workload's bundle (its stored bundle moved on by set deltas)."""

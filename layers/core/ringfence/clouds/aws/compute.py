@@ -36,6 +36,7 @@ class ComputeStats:
     bytes_published: int = 0
     lifecycle_completed: list[str] = field(default_factory=list)
     lifecycle_abandoned_to_timeout: list[str] = field(default_factory=list)
+    lifecycle_awaiting_agent: list[str] = field(default_factory=list)
 
 
 class Compute:
@@ -222,6 +223,11 @@ class Compute:
                 )
                 stats.lifecycle_abandoned_to_timeout.append(iid)
                 self.metric("LifecycleLeftToTimeout", 1)
+                continue
+            if launching and self.w.cfg.lifecycle_gate == "agent":
+                # released by the agent API on the instance's first heartbeat with this bundle applied
+                log.info("launch of %s published: the hook waits for its agent to enforce", iid)
+                stats.lifecycle_awaiting_agent.append(iid)
                 continue
             try:
                 region = lc.get("region")

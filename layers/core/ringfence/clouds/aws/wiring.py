@@ -60,6 +60,11 @@ class Config:
     # (API Gateway ends a request at 29 s), re-reading the store every wait_poll_interval seconds
     max_wait: float = 25.0
     wait_poll_interval: float = 1.0
+    # who releases a launch held by the lifecycle hook: "publish" (compute, once the bundle and
+    # the peers' deltas are published) or "agent" (the agent API, on the new instance's first
+    # heartbeat with a bundle applied: enforced before InService; without an agent the hook
+    # times out into its default result)
+    lifecycle_gate: str = "publish"
     # enrollment methods the agent API accepts (the local control plane: pairing only)
     enroll_methods: list[str] = field(default_factory=lambda: ["aws-iid", "aws-sts", "pairing"])
     allowed_accounts: list[str] = field(default_factory=list)
@@ -87,12 +92,19 @@ class Config:
             nonce_ttl=int(e.get("RINGFENCE_NONCE_TTL", "300")),
             max_wait=min(25.0, float(e.get("RINGFENCE_MAX_WAIT", "25"))),
             wait_poll_interval=max(0.05, float(e.get("RINGFENCE_WAIT_POLL_INTERVAL", "1"))),
+            lifecycle_gate=_gate(e.get("RINGFENCE_LIFECYCLE_GATE", "publish")),
             enroll_methods=[m for m in e.get("RINGFENCE_ENROLL_METHODS", "aws-iid,aws-sts,pairing").split(",") if m],
             allowed_accounts=[a for a in e.get("RINGFENCE_ALLOWED_ACCOUNTS", "").split(",") if a],
             sts_endpoints=[u for u in e.get("RINGFENCE_STS_ENDPOINTS", "").split(",") if u],
             account_roles=json.loads(e.get("RINGFENCE_ACCOUNT_ROLES", "{}") or "{}"),
             targets=[Target(**t) for t in json.loads(e.get("RINGFENCE_RECONCILE_TARGETS", "[]") or "[]")],
         )
+
+
+def _gate(value: str) -> str:
+    if value not in ("publish", "agent"):
+        raise ValueError(f"RINGFENCE_LIFECYCLE_GATE must be publish or agent, not {value!r}")
+    return value
 
 
 class BaseWiring:
