@@ -780,8 +780,8 @@ def step_quarantine(d: Live) -> None:
         d.r.check("admin API accepted the quarantine", True, bool(status) and status[0] in (200, 202))
         d.r.say(f"  enforced by {s.agents} agents after {s.seconds}s")
         if d.traffic is not None:
-            d.r.check("held session lb → web-1 cut", False, bool(inbound and d.traffic.ping(inbound)))
-            d.r.check("held session web-1 → proc-1 cut", False, bool(shell and d.traffic.ping(shell)))
+            d.r.check("held session lb → web-1 still answers (cut)", False, bool(inbound and d.traffic.ping(inbound)))
+            d.r.check("held session web-1 → proc-1 still answers (cut)", False, bool(shell and d.traffic.ping(shell)))
         else:
             plan = d.plan(victim_name)
             d.r.check("its agent applied the quarantine bundle", True, bool(plan is not None and plan.quarantined))
