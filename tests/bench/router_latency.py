@@ -53,7 +53,7 @@ def run(samples: int, estates: list[int], scale: int, watch_interval: float) -> 
                 est = env.estate()
                 for i in range(extra):
                     est["run"]("processing", est["subnets"]["app"], 1, env="dev" if i % 2 else "prod")
-                assert r.wait_idle(120), "the estate never settled"
+                assert r.wait_idle(600), "the estate never settled"
                 r._ticks.clear()  # measure the tick at this size only
                 time.sleep(3)
                 result: dict[str, Any] = {"instances": len(r._look.instances), "watch_tick": r.watch_stats()}

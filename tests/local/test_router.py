@@ -233,3 +233,22 @@ def test_disabled_metrics_stay_quiet(env: Env, make_router: Any, monkeypatch: An
     for name in ("ingest", "compute"):
         assert r.fn[name].metrics.metric_set == {}, f"{name} kept its metrics"
     assert '"_aws"' not in capsys.readouterr().out
+
+
+def test_terminate_successful_waits_until_the_instance_is_seen_terminated(aws: Any) -> None:
+    """A look's two describes are not one snapshot: an instance can be seen out of its group and
+    still running; its "Terminate Successful" comes when a later look sees it terminated."""
+    r = EventRouter(aws, functions={})  # not started: _diff alone
+    member = rt._Member("rf-web-asg", "arn:aws:autoscaling:::autoScalingGroup:x", "Terminating:Wait")
+    before = rt._Look({"i-0aaa1111": rt._Instance("running", {})}, {"i-0aaa1111": member})
+    between = rt._Look({"i-0aaa1111": rt._Instance("running", {})}, {})
+    assert r._diff(before, between) == []
+    after = rt._Look({"i-0aaa1111": rt._Instance("terminated", {})}, {})
+    assert [e.entry["DetailType"] for e in r._diff(between, after)] == [rt.STATE_CHANGE, rt.TERMINATE_OK]
+    # a detached instance that keeps running is forgotten after a while, never announced
+    look = between
+    for _ in range(rt.LEAVING_LOOKS + 1):
+        nxt = rt._Look({"i-0aaa1111": rt._Instance("running", {})}, {})
+        assert r._diff(look, nxt) == []
+        look = nxt
+    assert look.leaving == {}

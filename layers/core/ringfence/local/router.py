@@ -90,6 +90,8 @@ API_CALL = "AWS API Call via CloudTrail"
 # delivery order per pass: lifecycle actions first (an instance waits on them), compute last
 QUEUES = (("lifecycle", "lifecycle"), ("ingest", "ingest"), ("compute", "compute"))
 STAGES = ("put", "ingested", "computed", "unchanged", "failed")
+LEAVING_LOOKS = 20  # looks to wait for an instance that left its group to be seen terminated
+
 # template.yaml's schedules (ReconcileSchedule's default, the perimeter's rate), for schedule=
 AWS_SCHEDULE = {"reconcile": 15 * 60.0, "perimeter": 30 * 60.0}
 
@@ -273,6 +275,10 @@ class _Look:
     instances: dict[str, _Instance] = field(default_factory=dict)
     members: dict[str, _Member] = field(default_factory=dict)  # instance → its ASG membership
     tokens: set[str] = field(default_factory=set)  # lifecycle actions already announced
+    # instances that left their group but were still running when looked at (the two describes
+    # are not one snapshot): their "Terminate Successful" waits for them to be seen terminated
+    # (a detached instance keeps running: it is forgotten after LEAVING_LOOKS looks)
+    leaving: dict[str, tuple[_Member, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -283,6 +289,17 @@ class _Event:
     instance_ids: tuple[str, ...]
     summary: str
     changed: float
+
+
+def _warm_clients(region: str) -> None:
+    """Create the handlers' shared boto3 clients now, in one thread: a boto3 session is not meant
+    to create clients from several threads at once (the runtime thread and a caller reading
+    through another handler module would, on their first calls)."""
+    from ringfence.clouds.aws import clients
+
+    for service in ("ec2", "sqs", "s3", "dynamodb", "autoscaling", "secretsmanager", "sts"):
+        clients.client(service)
+        clients.client(service, region=region)
 
 
 class EventRouter:
@@ -311,6 +328,7 @@ class EventRouter:
         self.cloudtrail = cloudtrail
         self._trail_seq = 0
         self.fn = functions if functions is not None else load_functions(FUNCTIONS)
+        _warm_clients(aws.region)
         self.timeline = Timeline()
         self.deliveries: list[Delivery] = []  # every handler invocation (read under self._lock)
         self.errors: list[str] = []  # watcher/runtime failures the router survived
@@ -469,11 +487,15 @@ class EventRouter:
             before_m = old.members.get(iid)
             if m.lifecycle_state == "InService" and (before_m is None or before_m.lifecycle_state != "InService"):
                 out.append(self._asg_event(LAUNCH_OK, iid, m, now))
-        for iid, m in old.members.items():
-            if iid not in new.members:
-                gone = new.instances.get(iid)
-                if gone is None or gone.state in ("shutting-down", "terminated"):
-                    out.append(self._asg_event(TERMINATE_OK, iid, m, now))
+        left = {**old.leaving, **{i: (m, LEAVING_LOOKS) for i, m in old.members.items() if i not in new.members}}
+        for iid, (m, looks) in left.items():
+            if iid in new.members:
+                continue  # back in a group
+            gone = new.instances.get(iid)
+            if gone is None or gone.state in ("shutting-down", "terminated"):
+                out.append(self._asg_event(TERMINATE_OK, iid, m, now))
+            elif looks > 1:
+                new.leaving[iid] = (m, looks - 1)
         return out
 
     def _group_arn(self, group: str) -> str:
