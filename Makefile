@@ -61,7 +61,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy layers/core/ringfence agent/ringfence_agent
 
 unit: $(STAMP) sysdeps
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 $(CHECKOV_STAMP): requirements/checkov.lock
 	@test -x $(CHECKOV_VENV)/bin/python || $(PY) -m venv $(CHECKOV_VENV)
