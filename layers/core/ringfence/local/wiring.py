@@ -29,7 +29,6 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
@@ -241,18 +240,8 @@ class LocalWiring(BaseWiring):
     def ec2_for(self, account: str, region: str) -> Any:
         raise RuntimeError("the local control plane has no cloud API: on-premise workloads enroll with pairing keys")
 
-    def enqueue_compute(
-        self,
-        ids: Iterable[str] = (),
-        *,
-        rebuild: bool = False,
-        lifecycle: dict[str, str] | None = None,
-        publish: list[str] | None = None,
-    ) -> None:
-        ids = list(dict.fromkeys(ids))
-        if not ids and not rebuild and lifecycle is None and not publish:
-            return
-        self.worker.submit({"ids": ids, "rebuild": rebuild, "lifecycle": lifecycle, "publish": publish or []})
+    def send_compute(self, message: dict[str, Any]) -> None:
+        self.worker.submit(message)
 
     def wait_for_change(self, seconds: float) -> None:
         self.notifier.wait(seconds)

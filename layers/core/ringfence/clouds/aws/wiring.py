@@ -142,6 +142,15 @@ class BaseWiring:
         lifecycle: dict[str, str] | None = None,
         publish: list[str] | None = None,
     ) -> None:
+        """Ask compute to take these workloads' inventory (and a lifecycle action, a rebuild or
+        re-renders) into the engine; nothing is sent when there is nothing to do."""
+        ids = list(dict.fromkeys(ids))
+        if not ids and not rebuild and lifecycle is None and not publish:
+            return
+        self.send_compute({"ids": ids, "rebuild": rebuild, "lifecycle": lifecycle, "publish": publish or []})
+
+    def send_compute(self, message: dict[str, Any]) -> None:
+        """Deliver one compute message (the compute queue in AWS, the worker thread on one machine)."""
         raise NotImplementedError
 
     def wait_for_change(self, seconds: float) -> None:
@@ -203,22 +212,12 @@ class Wiring(BaseWiring):
         a running function of a change, so this sleeps one poll interval: the caller re-reads."""
         time.sleep(max(0.0, min(seconds, self.cfg.wait_poll_interval)))
 
-    def enqueue_compute(
-        self,
-        ids: Iterable[str] = (),
-        *,
-        rebuild: bool = False,
-        lifecycle: dict[str, str] | None = None,
-        publish: list[str] | None = None,
-    ) -> None:
-        ids = list(dict.fromkeys(ids))
-        if not ids and not rebuild and lifecycle is None and not publish:
-            return
-        for i in range(0, max(len(ids), 1), 500):
-            body = {"ids": ids[i : i + 500], "rebuild": rebuild, "lifecycle": lifecycle, "publish": publish or []}
+    def send_compute(self, message: dict[str, Any]) -> None:
+        ids = message["ids"]
+        for i in range(0, max(len(ids), 1), 500):  # keeps each message well under SQS's 256 KiB
             self.sqs.send_message(
                 QueueUrl=self.cfg.compute_queue_url,
-                MessageBody=json.dumps(body),
+                MessageBody=json.dumps({**message, "ids": ids[i : i + 500]}),
                 MessageGroupId="compute",  # one group: compute is serialized
                 MessageDeduplicationId=uuid.uuid4().hex,
             )
