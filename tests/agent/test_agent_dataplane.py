@@ -894,7 +894,7 @@ def test_daemon_enrolls_follows_pushes_and_reports_against_the_real_control_plan
     the wait long-poll, long before the agent's slow poll; the control plane gone, it still enforces."""
     from ringfence import serve
     from tests.agent.netns import listening_socket_in
-    from tests.aws.imds import imds_app, running_imds
+    from tests.aws.imds import running_imds
 
     aws = aws_env
 
@@ -907,10 +907,9 @@ def test_daemon_enrolls_follows_pushes_and_reports_against_the_real_control_plan
     (tmp_path / "signing.pub.pem").write_bytes(aws.signing_key.public_pem())
     # the control plane and an IMDS stand-in (the caller's signed identity document) listen in cp
     sock = listening_socket_in(net.ns("cp"), net.v4("cp"), 8080)
-    imds_sock = listening_socket_in(net.ns("cp"), net.v4("cp"), 8081)
     by_address = {net.v4(host): iid for host, iid in ids.items()}
     app = serve.ServeApp.over(serve.build_wiring("aws"), None)
-    with serve.serving(app, sock=sock), running_imds(imds_app(aws, by_address.get), imds_sock) as imds_url:
+    with serve.serving(app, sock=sock), running_imds(aws, by_address.get, net.v4("cp"), net.ns("cp")) as imds_url:
         cfg = config(
             tmp_path,
             backend,

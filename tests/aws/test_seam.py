@@ -20,7 +20,7 @@ import pytest
 
 from ringfence import serve
 from tests.aws.conftest import Env, ip_of
-from tests.aws.imds import imds_app, running_imds
+from tests.aws.imds import running_imds
 from tests.aws.test_pipeline import boot
 
 BIN = Path(sys.executable).parent
@@ -76,7 +76,7 @@ def agent_status(state: Path) -> dict[str, Any]:
 def imds(env: Env) -> Iterator[tuple[str, dict[str, str]]]:
     """An IMDS stand-in on loopback (its URL) and who asks it: caller address → instance id."""
     instance_at: dict[str, str] = {}
-    with running_imds(imds_app(env, instance_at.get)) as url:
+    with running_imds(env, instance_at.get) as url:
         yield url, instance_at
 
 
