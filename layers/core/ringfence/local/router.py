@@ -214,40 +214,31 @@ class Timeline:
         """A compute batch received at ``received_at`` finished at ``at`` naming these instances:
         every event for them ingested before that batch was received is now computed."""
         with self._cond:
-            done = []
-            for iid in instance_ids:
-                waiting = self._awaiting.get(iid, [])
-                keep = []
-                for eid in waiting:
-                    e = self._entries[eid]
-                    if e.computed is None and e.ingested is not None and e.ingested <= received_at:
-                        e = replace(e, computed=at)
-                        self._entries[eid] = e
-                        done.append(e)
-                    elif e.computed is None:
-                        keep.append(eid)
-                self._awaiting[iid] = keep
-            if done:
-                self._notify("computed", done)
+            self._close(instance_ids, lambda ingested: ingested <= received_at, "computed", computed=at)
 
     def settle(self, before: float) -> None:
         """The pipeline is idle: events ingested before ``before`` still waiting for compute
         changed nothing (ingest found the inventory as it was), so none will come."""
         with self._cond:
-            done = []
-            for iid, waiting in self._awaiting.items():
-                keep = []
-                for eid in waiting:
-                    e = self._entries[eid]
-                    if e.computed is None and e.ingested is not None and e.ingested < before:
-                        e = replace(e, unchanged=True)
-                        self._entries[eid] = e
-                        done.append(e)
-                    elif e.computed is None:
-                        keep.append(eid)
-                self._awaiting[iid] = keep
-            if done:
-                self._notify("unchanged", done)
+            self._close(list(self._awaiting), lambda ingested: ingested < before, "unchanged", unchanged=True)
+
+    def _close(self, instance_ids: Iterable[str], due: Callable[[float], bool], stage: str, **update: Any) -> None:
+        """Events of these instances awaiting compute whose ingest time is ``due`` get ``update``
+        and are announced at ``stage``; the others keep waiting. Called with the lock held."""
+        done = []
+        for iid in instance_ids:
+            keep = []
+            for eid in self._awaiting.get(iid, []):
+                e = self._entries[eid]
+                if e.computed is None and e.ingested is not None and due(e.ingested):
+                    e = replace(e, **update)
+                    self._entries[eid] = e
+                    done.append(e)
+                elif e.computed is None:
+                    keep.append(eid)
+            self._awaiting[iid] = keep
+        if done:
+            self._notify(stage, done)
 
     def _has_awaiting(self) -> bool:
         with self._cond:
