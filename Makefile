@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: lock demo test lint typecheck unit bench clean sysdeps static-aws bench-aws
+.PHONY: lock demo test lint typecheck unit bench clean sysdeps static-aws bench-aws openapi
 
 # checkov pins heavy dependencies that fight moto/boto3: it lives in its own venv
 CHECKOV_VENV := .venv-checkov
@@ -30,7 +30,8 @@ lock:
 	.venv-lock/bin/uv pip compile requirements/checkov.in --generate-hashes --universal \
 	  --python-version 3.11 --custom-compile-command "make lock" -o requirements/checkov.lock
 
-# nftables/iproute2/iptables for the agent's real-dataplane tests; installed only when missing and root.
+# nftables/iproute2/iptables/ipset/conntrack for the agent's real-dataplane tests (conntrack: the
+# agent lists connections with it where /proc/net/nf_conntrack is absent); only when missing and root.
 sysdeps:
 	@if [ "$$(id -u)" = "0" ]; then \
 	  missing=""; \
@@ -38,14 +39,19 @@ sysdeps:
 	  command -v ip >/dev/null || missing="$$missing iproute2"; \
 	  command -v iptables-restore >/dev/null || missing="$$missing iptables"; \
 	  command -v ipset >/dev/null || missing="$$missing ipset"; \
+	  command -v conntrack >/dev/null || missing="$$missing conntrack"; \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing:$$missing"; \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) >/dev/null; \
 	  fi; \
 	else echo "not root: skipping system packages (dataplane tests will skip)"; fi
 
-demo: $(STAMP)
+demo: $(STAMP) sysdeps
 	$(BIN)/ringfence demo
+
+# docs/openapi/*.json from the routes (tests/test_openapi_docs.py fails when they are stale)
+openapi: $(STAMP)
+	$(BIN)/python -m ringfence.routes.openapi docs/openapi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -55,7 +61,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy layers/core/ringfence agent/ringfence_agent
 
 unit: $(STAMP) sysdeps
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 $(CHECKOV_STAMP): requirements/checkov.lock
 	@test -x $(CHECKOV_VENV)/bin/python || $(PY) -m venv $(CHECKOV_VENV)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,18 @@ def example_inventory():  # type: ignore[no-untyped-def]
     from ringfence.inventory import load_inventory
 
     return load_inventory(EXAMPLE / "inventory.yaml")
+
+
+@pytest.fixture(scope="session")
+def embedded() -> Iterator[Any]:
+    """One embedded AWS (moto server on loopback, ``ringfence.local.aws``) per session, shared by
+    tests/aws and tests/local; each test resets it (moto's state is process-global anyway)."""
+    from ringfence.local.aws import EmbeddedAws
+
+    aws = EmbeddedAws(region="ca-central-1", account="123456789012")
+    aws.start(build=False)
+    yield aws
+    aws.stop()
 
 
 def rule_parts(rules: list[Any]) -> list[Any]:

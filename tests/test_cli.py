@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from ringfence.cli import build_parser
 from tests.conftest import EXAMPLE, ROOT
 
 BIN = Path(sys.executable).parent / "ringfence"
@@ -260,10 +262,12 @@ def test_policy_schema_matches_committed_copy() -> None:
 
 @pytest.mark.slow
 def test_demo_runs(tmp_path: Path) -> None:
-    out = rf("demo", "--out", str(tmp_path / "demo")).stdout
+    out = rf("demo", "--offline", "--out", str(tmp_path / "demo")).stdout
     assert "13 passed, 0 failed" in out
     assert "ord-prod-web-1 → ord-prod-proc-1 tcp/8443 is now DENY" in out
     assert len(list((tmp_path / "demo" / "bundles").glob("*.json"))) == 20
+    # the console script is not on PATH after `make`: the closing hint names it where it is
+    assert "try: .venv/bin/ringfence explain" in out
 
 
 def test_example_files_validate_against_the_published_schema() -> None:
@@ -345,3 +349,31 @@ def test_forced_revert_past_failing_tests_is_audited(tmp_path: Path) -> None:
     assert "content of version 1" in proc.stdout and "--force" in proc.stderr
     audit = [json.loads(line) for line in (tmp_path / "store" / "audit.jsonl").read_text().splitlines()]
     assert audit[-1]["action"] == "policy.revert" and audit[-1]["detail"]["forced_past_failing_tests"] >= 1
+
+
+def _undocumented(parser: argparse.ArgumentParser, path: str) -> list[str]:
+    """Every argument and subcommand under ``parser`` that has no help text, by command path."""
+    missing = []
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        name = "/".join(action.option_strings) or action.dest
+        if not (action.help or "").strip():
+            missing.append(f"{path} {name}")
+        if isinstance(action, argparse._SubParsersAction):
+            documented = {a.dest for a in action._choices_actions if (a.help or "").strip()}
+            for sub_name, sub in action.choices.items():
+                if sub_name not in documented:
+                    missing.append(f"{path} {sub_name} (subcommand)")
+                missing += _undocumented(sub, f"{path} {sub_name}")
+    return missing
+
+
+def test_every_argument_and_subcommand_has_help() -> None:
+    assert _undocumented(build_parser(), "ringfence") == []
+
+
+def test_the_help_walk_finds_an_undocumented_argument() -> None:
+    parser = build_parser()
+    parser.add_argument("--no-help-here")
+    assert _undocumented(parser, "ringfence") == ["ringfence --no-help-here"]

@@ -13,6 +13,7 @@ from ringfence.bundlewire import BundleError, Verifier, load_bundle, load_delta
 from ringfence_agent.backends import BACKENDS, ApplyError, make_backend
 from ringfence_agent.core import Agent, Rejected
 from ringfence_agent.plan import LocalFailsafes, PlanError
+from ringfence_agent.sessions import session_cutter
 from ringfence_agent.state import StateDir, StateLocked
 
 DEFAULT_STATE = Path("/var/lib/ringfence-agent")
@@ -37,7 +38,8 @@ def _local(args: argparse.Namespace) -> LocalFailsafes:
 def _agent(args: argparse.Namespace) -> Agent:
     verifier = Verifier.from_file(Path(args.public_key))
     state = StateDir(Path(args.state_dir))
-    return Agent(args.workload_id, verifier, make_backend(args.backend), state, _local(args))
+    cutter = session_cutter(args.backend, not args.keep_open_connections)
+    return Agent(args.workload_id, verifier, make_backend(args.backend), state, _local(args), sessions=cutter)
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -66,25 +68,56 @@ def cmd_apply_delta(args: argparse.Namespace) -> int:
     return 0
 
 
+def _kernel_programmed(backend: str) -> bool | None:
+    """Whether the kernel holds Ringfence's rules (None: this backend cannot tell, or asking failed)."""
+    try:
+        probe = getattr(make_backend(backend), "programmed", None)
+        return bool(probe()) if probe is not None else None
+    except (ApplyError, OSError):
+        return None
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     state = StateDir(Path(args.state_dir))
     status = state.read_json("status.json")
-    bundle = state.load_bundle()
-    deltas = state.load_deltas(bundle)
+    unreadable = None
+    try:
+        bundle = state.load_bundle()
+        deltas = state.load_deltas(bundle)
+    except (BundleError, ValueError, OSError) as exc:
+        bundle, deltas, unreadable = None, [], str(exc)
+    # the kernel, not the state directory, says what is enforced
+    kernel = _kernel_programmed(args.backend)
+    state_mode = bundle.mode.value if bundle else None
+    posture = status.get("posture")
+    expect = state_mode not in (None, "idle") or (bundle is None and posture is not None)
+    lost = kernel is False and expect
     out = {
         "workload_id": state.identity(),
         "bundle_version": bundle.version if bundle else None,
         "applied_revision": max([bundle.version, *(d.to_version for d in deltas)]) if bundle else None,
         "policy_version": bundle.policy_version if bundle else None,
-        "mode": bundle.mode.value if bundle else None,
+        "mode": None if lost else state_mode,
+        "state_mode": state_mode,
+        "posture": None if lost or bundle is not None else posture,
+        "kernel_programmed": kernel,
         "quarantined": bundle.quarantined if bundle else None,
         "deltas_applied": len(deltas),
         "last_contact": status.get("last_contact"),
         "last_error": status.get("last_error"),
         "last_rejected": status.get("last_rejected"),
+        "last_cut": status.get("last_cut"),
         "counters": status.get("counters", {}),
         "daemon": status.get("daemon"),
     }
+    if lost:
+        what = f"mode {state_mode}" if state_mode else f"the {posture} posture"
+        out["warning"] = (
+            f"the kernel holds no Ringfence rules although the state directory says {what}: "
+            "nothing is enforced; run apply (or restart the daemon)"
+        )
+    if unreadable:
+        out["warning"] = f"the last known good is unreadable ({unreadable}); the agent sets it aside at start"
     if args.json:
         print(json.dumps(out, indent=1, sort_keys=True))
         return 0
@@ -158,6 +191,11 @@ def _common(p: argparse.ArgumentParser, key: bool = True) -> None:
         p.add_argument("--admin-port", action="append", help="local fail-safe: admin port, e.g. tcp/22 (repeatable)")
         p.add_argument("--dns", action="append", help="local fail-safe: DNS resolver (repeatable)")
         p.add_argument("--control-plane", action="append", help="local fail-safe: control-plane address (repeatable)")
+        p.add_argument(
+            "--keep-open-connections",
+            action="store_true",
+            help="do not cut the open connections the new rules no longer admit (default: cut them)",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,8 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--once", action="store_true", help="one sync round, then exit (for tests and cron)")
     p.set_defaults(func=cmd_run)
-    p = sub.add_parser("status", help="applied versions, mode, last contact, counters")
+    p = sub.add_parser("status", help="applied versions, mode, last contact, counters, what the kernel holds")
     p.add_argument("--state-dir", default=str(DEFAULT_STATE))
+    p.add_argument("--backend", choices=BACKENDS, default="nftables", help="the backend whose kernel state to check")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("drops", help="drop / would-drop events recorded by the kernel for the applied bundle")

@@ -90,11 +90,14 @@ _CONFIG_TYPES: dict[str, tuple[str, tuple[str, ...], bool]] = {
     "control_plane": _required("str-list"),
     "metadata_endpoint": _required("bool"),
     "dhcp": _required("bool"),
+    "cut_revoked_connections": _required("bool"),
+    "boot_posture": _required("literal", "failsafe", "open"),
     "poll_interval": _required("float"),
     "wait_timeout": _required("float"),
     "heartbeat_interval": _required("float"),
     "report_interval": _required("float"),
     "observe_interval": _required("float"),
+    "drift_interval": _required("float"),
     "backoff_max": _required("float"),
     "request_timeout": _required("float"),
     "max_buffered_records": _required("int"),
@@ -108,6 +111,7 @@ _RANGES: dict[str, tuple[float, float | None]] = {
     "heartbeat_interval": (1, None),
     "report_interval": (1, None),
     "observe_interval": (0.2, None),
+    "drift_interval": (0, None),
     "backoff_max": (1, None),
     "request_timeout": (0.5, None),
     "max_buffered_records": (10, 1_000_000),
@@ -122,7 +126,8 @@ class Enrollment:
     pairing_key: str | None = None  # operator-issued key (or pairing_key_file)
     pairing_key_file: Path | None = None
     imds_url: str = "http://169.254.169.254"  # aws-iid: the instance metadata endpoint
-    iid_signature: Literal["rsa2048", "pkcs7", "signature"] = "rsa2048"  # aws-iid: which IMDS signature to send
+    # aws-iid: which IMDS signature to send; the AWS control plane verifies ``signature`` (base64 RSA-SHA256)
+    iid_signature: Literal["rsa2048", "pkcs7", "signature"] = "signature"
 
     def __post_init__(self) -> None:
         _validate_types(self, _ENROLLMENT_TYPES, "enroll.")
@@ -154,12 +159,18 @@ class AgentConfig:
     control_plane: list[str] = field(default_factory=list)  # addresses/CIDRs of the control plane
     metadata_endpoint: bool = True  # allow 169.254.169.254 and fd00:ec2::254 (tcp/80, udp/tcp 53, udp/123)
     dhcp: bool = True
+    # after a change that revokes access, delete the conntrack entries the new rules do not admit
+    cut_revoked_connections: bool = True
+    # with no valid bundle at start (none yet, or the last known good set aside): "failsafe"
+    # enforces the fail-safes and drops the rest until a verified bundle applies; "open" touches nothing
+    boot_posture: Literal["failsafe", "open"] = "failsafe"
     # timing (seconds)
     poll_interval: float = 300.0  # slow poll when no nudge arrives
     wait_timeout: float = 25.0  # long-poll duration
     heartbeat_interval: float = 60.0
     report_interval: float = 30.0
     observe_interval: float = 10.0  # how often counters/conntrack are polled
+    drift_interval: float = 90.0  # how often the kernel's rules are compared with what was applied (0: never)
     backoff_max: float = 300.0
     request_timeout: float = 10.0
     max_buffered_records: int = 10_000
@@ -212,6 +223,18 @@ class AgentConfig:
             if name not in values:
                 raise _Invalid(name, "Field required")
         return cls(**values)
+
+    def source_hosts(self) -> list[str]:
+        """Host names (not addresses) in ``api_url`` / ``source``: resolved for the boot posture."""
+        out = []
+        for url in (self.api_url, self.source):
+            host = urlparse(url).hostname if url and "://" in url else None
+            if host:
+                try:
+                    ipaddress.ip_address(host)
+                except ValueError:
+                    out.append(host)
+        return out
 
     def local_failsafes(self) -> LocalFailsafes:
         cp = list(self.control_plane)

@@ -13,7 +13,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from ringfence.bundlewire import Bundle, BundleError, SetDelta, Verifier, check_acceptable, same_firewall
+from ringfence.bundlewire import (
+    Bundle,
+    BundleError,
+    FailsafeDoc,
+    SetDelta,
+    Verifier,
+    check_acceptable,
+    same_firewall,
+)
 from ringfence_agent.backends import ApplyError, Backend, ElementChange
 from ringfence_agent.plan import (
     LocalFailsafes,
@@ -23,9 +31,13 @@ from ringfence_agent.plan import (
     compile_plan,
     delta_overlap,
     group_changes,
+    merge_failsafes,
     split_cidrs,
 )
+from ringfence_agent.sessions import CutError, SessionCutter
 from ringfence_agent.state import StateDir
+
+_NOTHING_APPLIED = object()  # no baseline: this process applied nothing yet
 
 
 class Rejected(Exception):
@@ -124,6 +136,7 @@ class Agent:
         state: StateDir,
         local: LocalFailsafes,
         log: Callable[[str], None] = print,
+        sessions: SessionCutter | None = None,
     ) -> None:
         state.lock()
         self.workload_id = workload_id or state.identity()
@@ -132,9 +145,23 @@ class Agent:
         self.state = state
         self.local = local
         self.log = log
-        self.bundle = state.load_bundle()
-        self.deltas = state.load_deltas(self.bundle)
+        # cuts the open connections a new plan no longer admits (None: the backend programs no
+        # kernel here, or the operator turned it off)
+        self.sessions = sessions
+        # why the last known good was set aside at start (None: it was usable, or there was none)
+        self.set_aside: str | None = None
+        try:
+            self.bundle = state.load_bundle()
+            self.deltas = state.load_deltas(self.bundle)
+        except (BundleError, ValueError, OSError) as exc:
+            # unreadable (torn, corrupted, tampered): kept aside for inspection, never trusted
+            self.bundle, self.deltas = None, []
+            self._set_aside(f"unreadable: {exc}")
         self.plan: Plan | None = None
+        # what this process last applied as a whole, and the kernel's fingerprint right after
+        self._kernel_plan: Plan | None = None
+        self._baseline: str | object | None = _NOTHING_APPLIED
+        self.track_drift = False  # the daemon turns it on (a fingerprint after every apply: a few ms)
         # Caches, so that a delta costs O(delta), not O(set size): the effective bundle with the
         # first _eff_n deltas folded in (the rest fold when someone asks for it), each set's
         # version and members, and the plan's sets that deltas have moved since it was built.
@@ -197,6 +224,60 @@ class Agent:
             self._stale = set()
             self.plan = plan
 
+    def _apply(self, plan: Plan) -> None:
+        """Every whole-plan apply: then the kernel's fingerprint, the baseline drift is judged by."""
+        self.backend.apply(plan)
+        self._kernel_plan = plan
+        probe = getattr(self.backend, "fingerprint", None) if self.track_drift else None
+        if probe is not None:
+            with contextlib.suppress(ApplyError, OSError):
+                self._baseline = probe()
+
+    def check_drift(self) -> Result:
+        """Re-apply when the kernel no longer holds what this process applied last (a rule
+        inserted, changed or deleted; the table flushed): tamper, reported. Set contents are not
+        compared (listing 100,000 elements costs up to 1.4 s); another table or chain cannot
+        undo a drop of ours (a packet must pass every base chain), an iptables rule placed before
+        our jump can (not checked)."""
+        probe = getattr(self.backend, "fingerprint", None) if self.track_drift else None
+        if probe is None or self._baseline is _NOTHING_APPLIED:
+            return Result(False)
+        try:
+            now = probe()
+        except (ApplyError, OSError):
+            return Result(False)
+        if now == self._baseline:
+            return Result(False)
+        plan = self.ensure_plan() if self.bundle is not None else self._kernel_plan
+        if plan is None:
+            return Result(False)
+        what = "removed" if now is None else "changed"
+        self._apply(plan)
+        self.state.update_status(
+            last_tamper={"time": time.time(), "what": what, "revision": self.revision}, incr={"tamper_reapplied": 1}
+        )
+        lines = [f"tamper: Ringfence's rules were {what} in the kernel; re-applied revision {self.revision}"]
+        return Result(True, lines + self.cut_sessions(plan))
+
+    def _set_aside(self, reason: str) -> None:
+        where = self.state.set_aside(reason)
+        self.set_aside = f"last known good in {self.state.path} set aside ({reason})" + (
+            f": moved to {where}" if where is not None else ""
+        )
+        self.state.update_status(last_error=self.set_aside, incr={"lkg_set_aside": 1})
+        self.log(self.set_aside)
+
+    def kernel_holds(self, mode: str) -> bool:
+        """Whether the kernel holds what a bundle of ``mode`` programs (a table, or none for
+        ``idle``), as far as the backend can tell: the state directory is not the firewall."""
+        probe = getattr(self.backend, "programmed", None)
+        if probe is None:
+            return True  # dry-run, windows-plan: nothing to ask
+        try:
+            return bool(probe()) == (mode != "idle")
+        except (ApplyError, OSError):
+            return False  # cannot tell: apply again (and report what the kernel says then)
+
     def _local_key(self) -> str:
         """Fingerprint of the local fail-safes: a config change re-applies an unchanged bundle."""
         return repr(self.local)
@@ -221,7 +302,8 @@ class Agent:
             raise self._reject(what, str(exc)) from None
         current = self.effective()
         same_local = self.state.read_json("status.json").get("local_failsafes") == self._local_key()
-        if current is not None and new.version == self.revision and same_local and same_firewall(new, current):
+        unchanged = current is not None and new.version == self.revision and same_local and same_firewall(new, current)
+        if unchanged and self.kernel_holds(new.mode.value):  # flushed or lost since: applied again
             if self.deltas:  # the same firewall, now as one bundle: the delta chain can go
                 self.state.save_applied(new, [])
                 with self._lock:
@@ -230,7 +312,7 @@ class Agent:
             return Result(False, [f"bundle version {new.version} is already applied: no change"])
         old = self.effective()
         try:
-            self.backend.apply(plan)
+            self._apply(plan)
         except ApplyError as exc:
             self.state.update_status(last_error=str(exc), incr={"apply_failures": 1})
             raise
@@ -246,9 +328,14 @@ class Agent:
             applied_at=time.time(),
             last_error=None,
             local_failsafes=self._local_key(),
+            posture=None,
             incr={"applied": 1},
         )
-        return Result(True, describe_change(old, new))
+        lines = describe_change(old, new)
+        if unchanged:
+            lines.append("  the kernel no longer held these rules (removed behind the agent's back): applied again")
+            self.state.update_status(incr={"tamper_reapplied": 1})
+        return Result(True, lines + self.cut_sessions(plan))
 
     # --- set deltas --------------------------------------------------------------------------
 
@@ -323,7 +410,7 @@ class Agent:
                 change = ElementChange(delta.set, add4, add6, rem4, rem6, groups)
         try:
             if reapply is not None:
-                self.backend.apply(reapply[1])
+                self._apply(reapply[1])
             else:
                 self.backend.apply_delta(change)
         except ApplyError as exc:
@@ -335,7 +422,7 @@ class Agent:
             # the state directory must describe the firewall: take the change back out
             try:
                 if reapply is not None:
-                    self.backend.apply(reapply[0])
+                    self._apply(reapply[0])
                 else:
                     self.backend.apply_delta(change.inverse())
                 undone = "the firewall change was undone"
@@ -357,14 +444,50 @@ class Agent:
         if getattr(self.backend, "rerender_on_delta", False):
             plan = self.ensure_plan()
             if plan is not None:
-                self.backend.apply(plan)  # addresses live inline in the rules (windows-plan)
+                self._apply(plan)  # addresses live inline in the rules (windows-plan)
         self.state.update_status(applied_version=self.revision, applied_at=time.time(), incr={"deltas_applied": 1})
-        return Result(
-            True,
-            [
-                f"set {delta.set}: version {delta.from_version} → {delta.to_version}, +{len(delta.add)} -{len(delta.remove)} elements"
-            ],
-        )
+        lines = [
+            f"set {delta.set}: version {delta.from_version} → {delta.to_version}, +{len(delta.add)} -{len(delta.remove)} elements"
+        ]
+        if self._delta_revokes(base, delta) and base.mode.value == "enforce":
+            # the plan's copy of the set is brought up to date (O(set)) only if a connection
+            # with a peer of this delta is open
+            lines += self.cut_sessions(self.ensure_plan, peers=[*delta.remove, *delta.add])
+        return Result(True, lines)
+
+    @staticmethod
+    def _delta_revokes(bundle: Bundle, delta: SetDelta) -> bool:
+        """Elements leaving a set an allow rule uses, or joining one a drop rule uses."""
+        for r in (*bundle.inbound, *bundle.outbound):
+            sets = {r.set, *(m.set for m in r.members or ())}
+            if delta.set in sets and (delta.remove if r.action == "allow" else delta.add):
+                return True
+        return False
+
+    def cut_sessions(self, plan: Plan | Callable[[], Plan | None], peers: list[str] | None = None) -> list[str]:
+        """Delete the conntrack entries ``plan`` would not admit (``peers``: only theirs); the
+        lines say what was cut. A failure is reported, never raised: the rules are in force."""
+        if self.sessions is None or (isinstance(plan, Plan) and plan.mode != "enforce"):
+            return []
+        try:
+            report = self.sessions.cut(plan, peers)
+        except (CutError, OSError) as exc:
+            msg = f"could not cut open connections the new rules do not admit: {exc}"
+            self.state.update_status(last_error=msg, incr={"session_cut_failures": 1})
+            return [msg]
+        if report.cut:
+            self.state.update_status(
+                last_cut={
+                    "time": time.time(),
+                    "revision": self.revision,
+                    "cut": report.deleted.deleted,
+                    "tracked": report.listed,
+                    "ms": round(report.seconds * 1000, 1),
+                    "connections": [f"{f.direction} {s.describe()} ({why.by})" for s, f, why in report.cut[:20]],
+                },
+                incr={"sessions_cut": report.deleted.deleted},
+            )
+        return report.lines()
 
     def rewind_deltas(self, keep: int) -> Result:
         """Forget the applied deltas after the first ``keep`` and enforce what is left.
@@ -383,7 +506,7 @@ class Agent:
         plan = self.ensure_plan()
         try:
             if plan is not None:
-                self.backend.apply(plan)
+                self._apply(plan)
         except ApplyError as exc:
             self.state.update_status(last_error=str(exc), incr={"apply_failures": 1})
             lines.append(str(exc))
@@ -408,20 +531,53 @@ class Agent:
             self._reset_cache(None)
             plan = compile_plan(eff, self.local)
         except (BundleError, PlanError) as exc:
-            self.state.update_status(last_error=f"last known good unusable: {exc}")
+            # set aside, or its version would make the next good bundle look like a replay
+            with self._lock:
+                self.bundle, self.deltas = None, []
+                self._reset_cache(None)
+            self._set_aside(f"does not verify: {exc}")
             raise Rejected(f"last known good in {self.state.path} is unusable: {exc}") from None
-        self.backend.apply(plan)
+        self._apply(plan)
         self.plan = plan
         self.state.update_status(
             applied_version=self.revision,
             mode=eff.mode.value,
             applied_at=time.time(),
             local_failsafes=self._local_key(),
+            posture=None,
             incr={"lkg_reapplied": 1},
         )
-        return Result(
-            True, [f"re-applied last known good: {eff.workload_id} revision {self.revision}, mode {eff.mode.value}"]
+        lines = [f"re-applied last known good: {eff.workload_id} revision {self.revision}, mode {eff.mode.value}"]
+        return Result(True, lines + self.cut_sessions(plan))
+
+    def hold_failsafe_posture(self, control_plane: tuple[str, ...] = ()) -> Result:
+        """Fail-safes plus default deny, until a verified bundle applies: what a host enforces
+        with no usable last known good (none yet, or set aside). ``control_plane``: addresses
+        of the control plane resolved at start (a URL with a name), so that it stays reachable."""
+        local = replace(self.local, control_plane=tuple(dict.fromkeys((*self.local.control_plane, *control_plane))))
+        plan = Plan(
+            workload_id=self.workload_id or "-",
+            version=0,
+            mode="enforce",
+            quarantined=False,
+            failsafes=merge_failsafes(FailsafeDoc(), local),
         )
+        self._apply(plan)
+        self.state.update_status(posture="failsafe", posture_since=time.time(), incr={"failsafe_postures": 1})
+        fs = plan.failsafes
+        reach = [
+            f"{what} {', '.join(items)}"
+            for what, items in (
+                ("admin", (*fs.admin_v4, *fs.admin_v6)),
+                ("dns", (*fs.dns_v4, *fs.dns_v6)),
+                ("control plane", (*fs.control_v4, *fs.control_v6)),
+            )
+            if items
+        ]
+        lines = [
+            f"no valid bundle: holding the fail-safe posture (fail-safes, then drop): {'; '.join(reach) or 'no addresses'}"
+        ]
+        return Result(True, lines + self.cut_sessions(plan))
 
     def _fold_valid_deltas(self) -> Bundle:
         """Keep the chain of deltas that still fits (a crash may leave stale ones behind)."""

@@ -13,11 +13,14 @@ import gc
 import os
 import random
 import signal
+import socket
 import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from types import FrameType
+from typing import TypeVar
 
 from ringfence.agentwire import Heartbeat
 from ringfence.bundlewire import BundleError, SetDelta, Verifier
@@ -38,8 +41,11 @@ from ringfence_agent.reports import (
     parse_conntrack,
     summarize_flows,
 )
+from ringfence_agent.sessions import session_cutter
 from ringfence_agent.sources import ApiSource, Source, SourceError, StaticSource, Unreachable
 from ringfence_agent.state import StateDir
+
+T = TypeVar("T")
 
 
 def log(msg: str) -> None:
@@ -75,7 +81,18 @@ class Daemon:
         self.state.ensure()
         self.verifier = Verifier.from_file(cfg.public_key)
         self.backend = make_backend(cfg.backend)
-        self.agent = Agent(cfg.workload_id, self.verifier, self.backend, self.state, cfg.local_failsafes(), log=log)
+        self.agent = Agent(
+            cfg.workload_id,
+            self.verifier,
+            self.backend,
+            self.state,
+            cfg.local_failsafes(),
+            log=log,
+            sessions=session_cutter(cfg.backend, cfg.cut_revoked_connections),
+        )
+        self.agent.track_drift = cfg.drift_interval > 0
+        # one firewall change at a time: the sync loop's applies and the observer's drift repair
+        self.apply_lock = threading.Lock()
         self.stop = threading.Event()
         self.rng = random.Random()  # noqa: S311 - jitter, not cryptography
         self._last_refused: tuple[str, int, str | None] | None = None
@@ -88,6 +105,8 @@ class Daemon:
         self.last_message = ""
         self.contact_error = ""
         self.source: Source = self._source()
+        self._woke = time.time()  # when the last wait answered (the push arrived)
+        self._fetch_s = self._apply_s = 0.0
 
     def _source(self) -> Source:
         cfg = self.cfg
@@ -147,6 +166,7 @@ class Daemon:
         latest: int | None = None
         while not self.stop.is_set():
             try:
+                unenforced = self.agent.revision is None
                 self.sync(latest)
                 self.state.update_status(last_contact=time.time())
                 failures = 0
@@ -154,7 +174,9 @@ class Daemon:
                     self.contact_error = ""
                     self.last_message = ""
                 now = time.monotonic()
-                if now - last_heartbeat >= self.cfg.heartbeat_interval or once:
+                # the first bundle is reported at once: a launch may wait for it (lifecycle hook)
+                first = unenforced and self.agent.revision is not None
+                if now - last_heartbeat >= self.cfg.heartbeat_interval or once or first:
                     hb_latest = self.heartbeat()
                     last_heartbeat = now
                     if hb_latest is not None and hb_latest > (self.agent.revision or -1) and hb_latest != chased:
@@ -172,6 +194,7 @@ class Daemon:
                 else:
                     behind = 0
                 latest = self.source.wait(self.agent.revision, self._wait_timeout(), self.stop)
+                self._woke = time.time()
             except (Unreachable, SourceError) as exc:
                 failures += 1
                 delay = backoff_delay(failures, self.cfg.backoff_max, self.rng)
@@ -204,7 +227,8 @@ class Daemon:
         return self.cfg.wait_timeout if self.source.kind == "api" else self.cfg.poll_interval
 
     def start_enforcing(self) -> None:
-        """Re-apply the last known good before any contact."""
+        """Re-apply the last known good before any contact; without one (none yet, or set aside
+        as unusable) hold the boot posture until a verified bundle applies."""
         try:
             for line in self.agent.reapply_last_known_good().lines:
                 log(line)
@@ -214,23 +238,69 @@ class Daemon:
         except Exception as exc:  # the state directory's documents came from the network too
             self.last_message = f"last known good not re-applied: unexpected {type(exc).__name__}: {exc}"
             log(f"{self.last_message}{_where(exc)}")
+        if self.agent.bundle is None and self.cfg.boot_posture == "failsafe":
+            try:
+                for line in self.agent.hold_failsafe_posture(self._control_plane_addresses()).lines:
+                    log(line)
+            except ApplyError as exc:
+                self.last_message = f"fail-safe posture not applied: {exc}"
+                log(self.last_message)
         release_memory()
+
+    def _control_plane_addresses(self) -> tuple[str, ...]:
+        """The addresses of a control plane named by host name, resolved now: the posture must
+        not cut the agent off the source that ends it (``control_plane`` lists them for good)."""
+        out: list[str] = []
+        for host in self.cfg.source_hosts():
+            with contextlib.suppress(OSError, UnicodeError):
+                out += [str(ai[4][0]).split("%")[0] for ai in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)]
+        return tuple(dict.fromkeys(out))
 
     # --- sync --------------------------------------------------------------------------------
 
     def sync(self, latest: int | None) -> None:
+        """One round; when it moved the applied revision, ``last_sync`` in the status says where
+        the time went: woken (the wait answered), seconds fetching, seconds applying."""
+        before = self.agent.revision
+        self._fetch_s = self._apply_s = 0.0
+        try:
+            self._sync(latest)
+        finally:
+            if self.agent.revision != before:
+                self.state.update_status(
+                    last_sync={
+                        "revision": self.agent.revision,
+                        "woke": self._woke,
+                        "fetch_s": round(self._fetch_s, 6),
+                        "apply_s": round(self._apply_s, 6),
+                        "done": time.time(),
+                    }
+                )
+
+    def _timed(self, what: str, fn: Callable[[], T]) -> T:
+        t = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            if what == "fetch":
+                self._fetch_s += time.perf_counter() - t
+            else:
+                self._apply_s += time.perf_counter() - t
+
+    def _sync(self, latest: int | None) -> None:
         if latest is None:
             latest = self.source.announced()
         rev = self.agent.revision
         if rev is not None and latest is not None and latest <= rev:
             return
         if rev is not None and self.agent.bundle is not None:
-            deltas = self._fetch_deltas(rev, self.agent.bundle.version)
-            bridged = deltas is not None and self._apply_deltas(deltas)
+            since, bundle_version = rev, self.agent.bundle.version
+            deltas = self._timed("fetch", lambda: self._fetch_deltas(since, bundle_version))
+            bridged = deltas is not None and self._timed("apply", lambda: self._apply_deltas(deltas))
             if bridged and latest is not None and (self.agent.revision or 0) >= latest:
                 return  # the deltas brought it all the way: no whole bundle to fetch
         try:
-            doc = self.source.bundle()
+            doc = self._timed("fetch", self.source.bundle)
         except BundleError as exc:
             self._rejected(f"malformed bundle from source: {exc}")
             return
@@ -249,7 +319,8 @@ class Daemon:
             log(f"static bundle version {doc.version} is behind the applied revision {rev} (deltas ahead): kept {rev}")
             return
         try:
-            result = self.agent.apply_bundle(doc)
+            with self.apply_lock:
+                result = self._timed("apply", lambda: self.agent.apply_bundle(doc))
         except Rejected as exc:
             self._last_refused = seen
             self.source.settled()  # refused for good: the same bytes would be refused again
@@ -273,9 +344,10 @@ class Daemon:
                 log(line)
             release_memory()
         if self.agent.revision is not None and self.agent.bundle is not None:
-            more = self._fetch_deltas(self.agent.revision, self.agent.bundle.version)
+            revision, bundle_version = self.agent.revision, self.agent.bundle.version
+            more = self._timed("fetch", lambda: self._fetch_deltas(revision, bundle_version))
             if more:
-                self._apply_deltas(more)
+                self._timed("apply", lambda: self._apply_deltas(more))
 
     def _fetch_deltas(self, since: int, bundle_version: int) -> list[SetDelta] | None:
         """The source's deltas; a malformed one is refused and the whole bundle decides (None)."""
@@ -293,7 +365,8 @@ class Daemon:
         applied = len(self.agent.deltas)
         for d in deltas:
             try:
-                result = self.agent.apply_delta(d)
+                with self.apply_lock:
+                    result = self.agent.apply_delta(d)
             except Exception as exc:
                 if isinstance(exc, Rejected):
                     self._rejected(str(exc))
@@ -302,7 +375,9 @@ class Daemon:
                 else:  # a signed delta the agent could not handle: refused, not fatal
                     self._unexpected(f"delta for set {d.set} {d.from_version}→{d.to_version}", exc)
                 if len(self.agent.deltas) > applied:
-                    for line in self.agent.rewind_deltas(applied).lines:
+                    with self.apply_lock:
+                        rewound = self.agent.rewind_deltas(applied)
+                    for line in rewound.lines:
                         log(line)
                 return False
             if result.changed:
@@ -373,14 +448,37 @@ class Daemon:
 
     def _observe_loop(self) -> None:
         local = local_addresses()
-        last_local = time.monotonic()
-        while not self.stop.wait(self.cfg.observe_interval):
+        last_local = last_drift = time.monotonic()
+        interval = self.cfg.observe_interval
+        if self.cfg.drift_interval > 0:
+            interval = min(interval, self.cfg.drift_interval)
+        last_observe = 0.0
+        while not self.stop.wait(interval):
+            now = time.monotonic()
+            if self.cfg.drift_interval > 0 and now - last_drift >= self.cfg.drift_interval:
+                last_drift = now
+                try:
+                    self.check_drift()
+                except Exception as exc:
+                    log(f"drift check failed: {exc}")
+            if now - last_observe < self.cfg.observe_interval:
+                continue
+            last_observe = now
             try:
                 self.observe_once(local)
                 if time.monotonic() - last_local > 60:
                     local, last_local = local_addresses(), time.monotonic()
             except Exception as exc:
                 log(f"observation failed: {exc}")
+
+    def check_drift(self) -> None:
+        """The kernel compared with what was applied; tamper repaired and reported."""
+        with self.apply_lock:
+            result = self.agent.check_drift()
+        if result.changed:
+            self.collector.reset()
+            for line in result.lines:
+                log(line)
 
     def observe_once(self, local: set[str]) -> None:
         plan = self.agent.ensure_plan()

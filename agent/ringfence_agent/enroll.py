@@ -2,9 +2,10 @@
 
 * ``pairing`` — an operator-issued key with a use limit and an expiry (on premise).
 * ``aws-iid`` — the EC2 instance identity document and its signature, read from IMDSv2, plus the
-  server's single-use nonce. Which signature the server checks is configurable
-  (``iid_signature``): ``rsa2048`` (PKCS7, RSA-SHA256; default), ``pkcs7`` or ``signature``
-  (base64 RSA-SHA256).
+  server's single-use nonce. Which IMDS signature is sent is configurable (``iid_signature``):
+  ``signature`` (base64 RSA-SHA256, the default: the form the AWS control plane verifies, with the
+  Region's "RSA" certificate), ``rsa2048`` or ``pkcs7`` (PKCS7 forms, for a control plane that
+  verifies those).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def pairing(workload_id: str, key: str) -> Prover:
     return prove
 
 
-def aws_iid(imds_url: str = "http://169.254.169.254", signature: str = "rsa2048", timeout: float = 2.0) -> Prover:
+def aws_iid(imds_url: str = "http://169.254.169.254", signature: str = "signature", timeout: float = 2.0) -> Prover:
     base = imds_url.rstrip("/")
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an HTTP proxy
 

@@ -558,3 +558,121 @@ def group_changes(
                             )
                         )
     return tuple(out)
+
+
+# --- admission: what the rendered rules would do with a connection's first packet ---------------
+
+
+@dataclass(frozen=True, slots=True)
+class Flow:
+    """A connection's first packet as this host's input or output hook sees it: ``peer`` is the
+    remote address (source inbound, destination outbound), ports are the packet's own."""
+
+    direction: Direction
+    peer: str
+    proto: str  # tcp, udp, icmp, icmpv6 or another protocol's name
+    sport: int | None = None
+    dport: int | None = None
+    icmp_type: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    admitted: bool
+    by: str  # "failsafe dns", a rule id, "default"
+
+
+class _Prefixes:
+    """Membership of an address in a CIDR cover: per prefix length, the set of network numbers
+    (a cover has few distinct lengths, so a lookup is a handful of hash probes)."""
+
+    def __init__(self, items: Iterable[str]) -> None:
+        self.by_len: dict[tuple[int, int], set[int]] = {}  # (family bits, length) → networks
+        for cidr in items:
+            first, _ = _interval(cidr)
+            bits = 128 if ":" in cidr else 32
+            _, _, plen = cidr.partition("/")
+            n = int(plen or bits)
+            self.by_len.setdefault((bits, n), set()).add(first >> (bits - n))
+
+    def __contains__(self, addr: tuple[int, int]) -> bool:
+        bits, value = addr
+        return any(b == bits and (value >> (bits - n)) in nets for (b, n), nets in self.by_len.items())
+
+
+def _service_admits(m: Match, flow: Flow) -> bool:
+    if m.proto is None:
+        return True
+    if m.proto != flow.proto:
+        return False
+    if m.proto in ("tcp", "udp"):
+        return m.ports is None or (flow.dport is not None and m.ports[0] <= flow.dport <= m.ports[1])
+    return m.icmp_type is None or m.icmp_type == flow.icmp_type
+
+
+class Admitter:
+    """The plan's verdict on a connection's first packet, in the order every backend renders it:
+    fail-safes, then the bundle's rules (first match wins), then the mode's default. Used to find
+    the established connections a new plan would no longer admit (:mod:`ringfence_agent.sessions`);
+    the dataplane tests check it against nftables and iptables. Loopback, established/related and
+    neighbour discovery are not connections to judge here: callers skip local-to-local traffic."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self._sets: dict[str, _Prefixes] = {}
+        self._rules = {d: plan.by_direction(d) for d in ("inbound", "outbound")}
+
+    def _in(self, name: str, items: tuple[str, ...], addr: tuple[int, int]) -> bool:
+        """``items``: the family of ``addr`` (cached per name and family)."""
+        key = f"{name}/{addr[0]}"
+        s = self._sets.get(key)
+        if s is None:
+            s = self._sets[key] = _Prefixes(items)
+        return addr in s
+
+    def _in_bundle_set(self, name: str | None, addr: tuple[int, int]) -> bool:
+        if name is None:
+            return True
+        s = self.plan.sets[name]
+        return self._in(f"s:{name}", s.v4 if addr[0] == 32 else s.v6, addr)
+
+    def _failsafe(self, flow: Flow, addr: tuple[int, int]) -> str | None:
+        fs = self.plan.failsafes
+        v4 = addr[0] == 32
+        udp = flow.proto == "udp"
+        if flow.direction == "inbound":
+            if fs.dhcp and udp and (flow.sport, flow.dport) in ((67, 68), (547, 546)):
+                return "failsafe dhcp"
+            admin = fs.admin_v4 if v4 else fs.admin_v6
+            if any(_service_admits(m, flow) for m in fs.admin_ports) and self._in("fs:admin", admin, addr):
+                return "failsafe admin"
+            return None
+        if fs.dhcp and udp and (flow.sport, flow.dport) in ((68, 67), (546, 547)):
+            return "failsafe dhcp"
+        if (
+            flow.proto in ("udp", "tcp")
+            and flow.dport == 53
+            and self._in("fs:dns", fs.dns_v4 if v4 else fs.dns_v6, addr)
+        ):
+            return "failsafe dns"
+        meta = fs.metadata_v4 if v4 else fs.metadata_v6
+        if any(_service_admits(m, flow) for m in METADATA_PORTS) and self._in("fs:meta", meta, addr):
+            return "failsafe metadata"
+        if self._in("fs:cp", fs.control_v4 if v4 else fs.control_v6, addr):
+            return "failsafe control-plane"
+        return None
+
+    def admits(self, flow: Flow) -> Admission:
+        plan = self.plan
+        if plan.mode == "idle":
+            return Admission(True, "idle")
+        packed = socket.inet_pton(socket.AF_INET6 if ":" in flow.peer else socket.AF_INET, flow.peer)
+        addr = (len(packed) * 8, int.from_bytes(packed, "big"))
+        why = self._failsafe(flow, addr)
+        if why is not None:
+            return Admission(True, why)
+        for r in self._rules[flow.direction]:
+            for part in r.parts():
+                if self._in_bundle_set(part.set, addr) and any(_service_admits(m, flow) for m in part.services):
+                    return Admission(r.action == "allow" or plan.mode != "enforce", r.rule_id)
+        return Admission(plan.mode != "enforce", "default")

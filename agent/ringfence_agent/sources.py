@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
 
-from ringfence.agentwire import API_PREFIX, Heartbeat, ReportBatch, ResponseError, read_response
+from ringfence.agentwire import API_PREFIX, ROUTES, Heartbeat, ReportBatch, ResponseError, read_response
 from ringfence.bundlewire import Bundle, BundleError, SetDelta, delta_from_json, load_bundle, load_delta
 from ringfence.staticlayout import Head, HeadError, bundle_path, delta_path, head_path, load_head
 from ringfence_agent.enroll import ProofError, Prover
@@ -320,11 +320,15 @@ class ApiSource:
         self._etag: str | None = None  # of the bundle last settled: sent as If-None-Match
         self._fetched_etag: str | None = None  # of the bundle last fetched, until settled
 
-    def _agent_url(self, suffix: str) -> str:
-        return f"{self.base}/agents/{quote(self.workload_id, safe='')}/{suffix}"
+    def _url(self, route: str, query: str = "") -> tuple[str, str]:
+        """(method, URL) of one of the agent API's routes (:data:`ROUTES`)."""
+        method, path = ROUTES[route]
+        url = self.base + path.replace("{id}", quote(self.workload_id, safe=""))
+        return method, f"{url}?{query}" if query else url
 
     def enroll(self) -> None:
-        status, _, body = _http(f"{self.base}/nonce", self.timeout)
+        method, url = self._url("nonce")
+        status, _, body = _http(url, self.timeout, method)
         if status != 200:
             raise SourceError(f"nonce: HTTP {status} {body[:200]!r}")
         nonce: str = _answer(body, "nonce", nonce=str)["nonce"]
@@ -332,7 +336,8 @@ class ApiSource:
             req = self.prove(nonce)
         except ProofError as exc:
             raise Unreachable(str(exc)) from None
-        status, _, body = _http(f"{self.base}/enroll", self.timeout, "POST", req.to_json())
+        method, url = self._url("enroll")
+        status, _, body = _http(url, self.timeout, method, req.to_json())
         if status != 200:
             raise SourceError(f"enroll refused: HTTP {status} {body[:300]!r}")
         resp = _answer(body, "enroll", workload_id=str, token=str)
@@ -343,8 +348,8 @@ class ApiSource:
 
     def _call(
         self,
-        suffix: str,
-        method: str = "GET",
+        route: str,
+        query: str = "",
         body: dict[str, Any] | None = None,
         timeout: float | None = None,
         headers: dict[str, str] | None = None,
@@ -354,18 +359,19 @@ class ApiSource:
             if self.token is None:
                 self.enroll()
             h = {"Authorization": f"Bearer {self.token}", **(headers or {})}
-            status, hdrs, payload = _http(self._agent_url(suffix), timeout or self.timeout, method, body, h, limit)
+            method, url = self._url(route, query)
+            status, hdrs, payload = _http(url, timeout or self.timeout, method, body, h, limit)
             if status == 401 and attempt == 0:
                 self.token = None  # expired or revoked: enroll again
                 continue
             if status in (401, 403):
-                raise SourceError(f"{method} {suffix}: HTTP {status} {payload[:200]!r}")
+                raise SourceError(f"{method} {route}: HTTP {status} {payload[:200]!r}")
             return status, hdrs, payload
         raise SourceError("unreachable")  # pragma: no cover
 
     def wait(self, version: int | None, timeout: float, stop: threading.Event) -> int | None:
         v = -1 if version is None else version
-        status, _, body = self._call(f"wait?version={v}&timeout={int(timeout)}", timeout=timeout + self.timeout)
+        status, _, body = self._call("wait", f"version={v}&timeout={int(timeout)}", timeout=timeout + self.timeout)
         if status != 200:
             raise SourceError(f"wait: HTTP {status}")
         latest = _answer(body, "wait").get("latest_version")
@@ -386,7 +392,7 @@ class ApiSource:
         self._etag = self._fetched_etag
 
     def deltas(self, since: int, sets: dict[str, int], bundle_version: int) -> list[SetDelta] | None:
-        status, _, body = self._call(f"deltas?since={since}", limit=self.max_bundle_bytes)
+        status, _, body = self._call("deltas", f"since={since}", limit=self.max_bundle_bytes)
         if status in (404, 409):
             return None
         if status != 200:
@@ -395,13 +401,13 @@ class ApiSource:
         return [delta_from_json(d) for d in resp["deltas"]]  # BundleError: the daemon refuses them
 
     def heartbeat(self, hb: Heartbeat) -> int | None:
-        status, _, body = self._call("heartbeat", "POST", hb.to_json())
+        status, _, body = self._call("heartbeat", body=hb.to_json())
         if status != 200:
             raise SourceError(f"heartbeat: HTTP {status}")
         latest: int | None = _answer(body, "heartbeat", latest_version=(int, None))["latest_version"]
         return latest
 
     def report(self, batch: ReportBatch) -> None:
-        status, _, body = self._call("reports", "POST", batch.to_json())
+        status, _, body = self._call("reports", body=batch.to_json())
         if status not in (200, 202):
             raise SourceError(f"reports: HTTP {status} {body[:200]!r}")

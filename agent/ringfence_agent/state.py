@@ -8,6 +8,7 @@ Layout::
     status.json     applied revision, mode, last contact, counters, last error
     identity.json   the workload id this state belongs to
     token.json      enrollment token (0600)
+    rejected/       an unusable last known good, set aside at start (with the reason)
     spool.jsonl     report records waiting for the control plane (bounded)
 """
 
@@ -18,6 +19,7 @@ import fcntl
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +199,21 @@ class StateDir:
         finally:
             os.close(fd)
         self._journal = (head, len(deltas), end + len(line))
+
+    def set_aside(self, reason: str) -> Path | None:
+        """Move an unusable last known good (bundle and journals) to ``rejected/<time>-…`` with the
+        reason next to it: kept for inspection, never read again. None when there was nothing."""
+        names = [n for n in ("bundle.json", "deltas.jsonl", "deltas.json") if (self.path / n).exists()]
+        self._journal = None
+        if not names:
+            return None
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{os.getpid()}"
+        where = self.path / "rejected"
+        where.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for n in names:
+            os.replace(self.path / n, where / f"{stamp}-{n}")
+        (where / f"{stamp}-reason.txt").write_text(reason + "\n")
+        return where / f"{stamp}-bundle.json"
 
     def clear_applied(self) -> None:
         self._journal = None

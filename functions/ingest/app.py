@@ -1,12 +1,13 @@
 """Ingest: SQS batch of EventBridge events → normalized, described, inventory upserted.
 
-Idempotent on the EventBridge event id (Powertools idempotency on DynamoDB); partial batch
-failures are reported; a malformed event goes straight to the DLQ with a log line and a metric.
+Each record's body is parsed once (``ringfence.events.normalize_json``: envelope and detail);
+the batch's instances are described together, then each event is applied. Idempotent on the
+EventBridge event id (Powertools idempotency on DynamoDB); partial batch failures are reported;
+a malformed event goes straight to the DLQ with a log line and a metric.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict
 from typing import Any
@@ -20,20 +21,21 @@ from aws_lambda_powertools.utilities.idempotency import (
     IdempotencyConfig,
     idempotent_function,
 )
-from aws_lambda_powertools.utilities.parser import parse
-from aws_lambda_powertools.utilities.parser.models import EventBridgeModel
 
 from ringfence.clouds.aws import clients
 from ringfence.clouds.aws.ingest import Ingest
 from ringfence.clouds.aws.wiring import Config, Wiring
-from ringfence.events import MalformedEvent
+from ringfence.events import DomainEvent, MalformedEvent, normalize_json
 
 logger = Logger()
 tracer = Tracer()
 metrics = Metrics()
 processor = BatchProcessor(event_type=EventType.SQS)
 _svc: dict[str, Any] = {}
-_idem = IdempotencyConfig(event_key_jmespath="id", expires_after_seconds=24 * 3600)
+_idem = IdempotencyConfig(event_key_jmespath="event_id", expires_after_seconds=24 * 3600)
+# this invocation's records, parsed once by the handler: message id → event, None (valid, not
+# ours) or the reason it is malformed
+_batch: dict[str, DomainEvent | MalformedEvent | None] = {}
 
 
 def _setup() -> dict[str, Any]:
@@ -50,8 +52,15 @@ def _setup() -> dict[str, Any]:
     return _svc
 
 
-def _process(event: dict[str, Any]) -> dict[str, Any]:
-    return asdict(_svc["ingest"].handle(event))
+def _process(event: DomainEvent) -> dict[str, Any]:
+    return asdict(_svc["ingest"].apply(event))
+
+
+def _parse(body: str) -> DomainEvent | MalformedEvent | None:
+    try:
+        return normalize_json(body)
+    except MalformedEvent as exc:
+        return exc
 
 
 def _dead_letter(record: SQSRecord, reason: str) -> None:
@@ -66,17 +75,14 @@ def _dead_letter(record: SQSRecord, reason: str) -> None:
 
 def record_handler(record: SQSRecord) -> dict[str, Any] | None:
     svc = _setup()
-    try:
-        event = json.loads(record.body)
-        parse(event=event, model=EventBridgeModel)
-    except Exception as exc:
-        _dead_letter(record, f"not an EventBridge event: {exc}")
+    event = _batch.pop(record.message_id) if record.message_id in _batch else _parse(record.body)
+    if isinstance(event, MalformedEvent):
+        _dead_letter(record, str(event))
         return None
-    try:
-        result: dict[str, Any] = svc["process"](event=event)
-    except MalformedEvent as exc:
-        _dead_letter(record, str(exc))
-        return None
+    if event is None:
+        svc["ingest"].ignored()
+        return {"kind": "ignored"}
+    result: dict[str, Any] = svc["process"](event=event)
     logger.info("ingested", extra=result)
     return result
 
@@ -87,16 +93,16 @@ def record_handler(record: SQSRecord) -> dict[str, Any] | None:
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     _idem.register_lambda_context(context)
     ingest = _setup()["ingest"]
-    bodies = []
+    _batch.clear()
     for r in event.get("Records", []):
-        try:
-            bodies.append(json.loads(r["body"]))
-        except (KeyError, TypeError, ValueError):
-            continue  # the record handler sends it to the DLQ
-    ingest.prefetch(bodies)  # one DescribeInstances per account/region for the whole batch
+        if isinstance(r, dict) and isinstance(r.get("messageId"), str) and isinstance(r.get("body"), str):
+            _batch[r["messageId"]] = _parse(r["body"])
+    # one DescribeInstances per account/region for the whole batch
+    ingest.prefetch_events(e for e in _batch.values() if isinstance(e, DomainEvent))
     try:
         return process_partial_response(
             event=event, record_handler=record_handler, processor=processor, context=context
         )
     finally:
         ingest.done()
+        _batch.clear()

@@ -4,35 +4,44 @@ to time out into its default result, and logs that)."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from aws_lambda_powertools import Logger, Tracer
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
-from aws_lambda_powertools.utilities.parser import parse
-from aws_lambda_powertools.utilities.parser.models import EventBridgeModel
 
 from ringfence.clouds.aws.lifecycle import Lifecycle
 from ringfence.clouds.aws.wiring import Config, Wiring
+from ringfence.events import normalize_json
 
 logger = Logger()
 tracer = Tracer()
+metrics = Metrics()
 processor = BatchProcessor(event_type=EventType.SQS)
 _svc: dict[str, Lifecycle] = {}
 
 
+def _count(name: str, value: float) -> None:
+    metrics.add_metric(name=name, unit=MetricUnit.Count, value=value)
+
+
 def record_handler(record: SQSRecord) -> dict[str, Any]:
     if "lifecycle" not in _svc:
-        _svc["lifecycle"] = Lifecycle(Wiring(Config.from_env()))
-    event = json.loads(record.body)
-    parse(event=event, model=EventBridgeModel)
-    out = _svc["lifecycle"].handle(event)
+        _svc["lifecycle"] = Lifecycle(Wiring(Config.from_env()), _count)
+    try:
+        # the body is parsed once, envelope and detail together; a malformed action is retried
+        # and then redriven to the lifecycle DLQ (alarmed)
+        out = _svc["lifecycle"].apply(normalize_json(record.body))
+    except Exception:
+        _count("LifecycleActionsFailed", 1)
+        raise
     logger.info("lifecycle action queued for compute", extra=out)
     return out
 
 
 @logger.inject_lambda_context
 @tracer.capture_lambda_handler
+@metrics.log_metrics
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     return process_partial_response(event=event, record_handler=record_handler, processor=processor, context=context)

@@ -1,5 +1,13 @@
-"""Perimeter: scheduled (and after policy changes) reconcile of the few coarse security groups.
-Checks quotas before changing anything; over quota, nothing changes and the limit is named."""
+"""Perimeter: the coarse security groups. Two triggers, one function (reserved concurrency 1, so
+runs never interleave their changes to an interface's group list):
+
+* the perimeter queue (the event path): workloads that ingest or lifecycle saw change get their
+  groups on every ENI; a launch lifecycle action is handed on to compute only after that;
+* the schedule: the converging full reconcile, which also removes groups without purpose.
+
+Quotas are checked before changing anything; over quota, nothing changes and the limit is named.
+What changed is logged one line per change ("perimeter: sg-… attached to i-… (2 ENIs)"), counted
+in metrics, and returned by the scheduled run."""
 
 from __future__ import annotations
 
@@ -9,30 +17,73 @@ from typing import Any
 
 from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.metrics import MetricUnit
-from aws_lambda_powertools.utilities.data_classes import EventBridgeEvent, event_source
+from aws_lambda_powertools.utilities.parser import parse
+from aws_lambda_powertools.utilities.parser.models import SqsModel
+from pydantic import ValidationError
 
-from ringfence.clouds.aws.perimeter import Perimeter
+from ringfence.clouds.aws.perimeter import Perimeter, PerimeterMessage
 from ringfence.clouds.aws.wiring import Config, Wiring
 from ringfence.perimeter import PerimeterConfig
 
 logger = Logger()
 tracer = Tracer()
 metrics = Metrics()
+_svc: dict[str, Perimeter] = {}
+
+
+def service() -> Perimeter:
+    config = PerimeterConfig.model_validate_json(os.environ.get("RINGFENCE_PERIMETER_CONFIG") or "{}")
+    if "perimeter" not in _svc:
+        _svc["perimeter"] = Perimeter(
+            Wiring(Config.from_env()), config, lambda n, v: metrics.add_metric(name=n, unit=MetricUnit.Count, value=v)
+        )
+    _svc["perimeter"].config = config
+    return _svc["perimeter"]
+
+
+def _dry_run() -> bool:
+    return os.environ.get("RINGFENCE_PERIMETER_DRY_RUN") == "true"
+
+
+def _log(results: list[dict[str, Any]]) -> None:
+    for r in results:
+        summary = {k: r.get(k) for k in ("account", "region", "scope", "applied", "plan", "violations")}
+        if r.get("violations"):
+            logger.error("perimeter plan over quota: nothing changed", extra=summary)
+        else:
+            logger.info("perimeter reconciled", extra=summary | {"changes": [c["text"] for c in r["changes"]]})
+
+
+def _queue(event: dict[str, Any]) -> dict[str, Any]:
+    batch = parse(event=event, model=SqsModel)
+    messages, failures = [], []
+    for rec in batch.Records:
+        try:
+            messages.append(PerimeterMessage.model_validate(json.loads(rec.body)))
+        except (ValueError, ValidationError) as exc:  # ours to fix: let it redrive to the DLQ
+            logger.error("malformed perimeter message", extra={"message_id": rec.messageId, "reason": str(exc)})
+            failures.append(rec.messageId)
+    try:
+        out = service().react(messages, dry_run=_dry_run())
+    except Exception:
+        logger.exception("perimeter failed; the batch will be retried (its lifecycle actions wait)")
+        return {"batchItemFailures": [{"itemIdentifier": r.messageId} for r in batch.Records]}
+    _log(out.results)
+    if out.lifecycles_forwarded or out.lifecycles_left_to_timeout:
+        logger.info(
+            "launch lifecycle actions",
+            extra={"to_compute": out.lifecycles_forwarded, "left_to_time_out": out.lifecycles_left_to_timeout},
+        )
+    return {"batchItemFailures": [{"itemIdentifier": m} for m in failures]}
 
 
 @logger.inject_lambda_context
 @tracer.capture_lambda_handler
 @metrics.log_metrics
-@event_source(data_class=EventBridgeEvent)
-def handler(event: EventBridgeEvent, context: Any) -> dict[str, Any]:
-    config = PerimeterConfig.model_validate(json.loads(os.environ.get("RINGFENCE_PERIMETER_CONFIG", "{}") or "{}"))
-    svc = Perimeter(
-        Wiring(Config.from_env()), config, lambda n, v: metrics.add_metric(name=n, unit=MetricUnit.Count, value=v)
-    )
-    results = svc.run(dry_run=os.environ.get("RINGFENCE_PERIMETER_DRY_RUN") == "true")
-    for r in results:
-        if r.get("violations"):
-            logger.error("perimeter plan over quota: nothing changed", extra=r)
-        else:
-            logger.info("perimeter reconciled", extra=r)
+def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    if "Records" in event:
+        return _queue(event)
+    # anything else is the schedule (EventBridge Scheduler's payload carries nothing we need)
+    results = service().run(dry_run=_dry_run())
+    _log(results)
     return {"results": results}

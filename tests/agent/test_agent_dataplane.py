@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 
 from ringfence.bundle import Bundle, SetDelta, sign
+from ringfence.local.lab import PROBE, PY, Holder, prerequisites, wait_until
+from ringfence.local.lab import Lab as NetLab
 from ringfence.model import Mode, Workload
 from ringfence_agent.backends.iptables import ipset_name
 from tests.agent.bundles import (
@@ -34,8 +36,10 @@ from tests.agent.bundles import (
     workloads,
     write,
 )
-from tests.agent.netlab import PY, prerequisites, wait_until
-from tests.agent.netlab import Lab as NetLab
+
+# fixtures: the moto-backed AWS control plane (aws_env: a fresh world, its handlers; see tests/aws)
+from tests.aws.conftest import env as aws_env  # noqa: F401
+from tests.aws.conftest import iid_key, moto_url  # noqa: F401
 
 pytestmark = pytest.mark.dataplane
 
@@ -187,7 +191,7 @@ def test_a_full_drop_tuple_set_never_lets_a_denied_packet_through(net: NetLab, b
     lab = lab_engine(net, PRECEDENCE_POLICY, extra={"adm": "admin"})
     state = tmp_path / "state"
     ok(apply(net, backend, lab.bundle("h2"), state))
-    burst = net.exec("adm", PY, str(HERE / "netprobe.py"), "burst", net.v4("h2"), "8080", "1200", check=True)
+    burst = net.exec("adm", *PROBE, "burst", net.v4("h2"), "8080", "1200", check=True)
     assert burst.stdout.strip() == "0"
     if backend == "nftables":
         listed = json.loads(ok(net.exec("h2", "nft", "-j", "list", "set", "inet", "ringfence", "t_r_in_0_4")))
@@ -234,16 +238,110 @@ def test_delta_adding_a_peer_opens_access(net: NetLab, backend: str, tmp_path: P
     assert net.tcp("h1", "h2", 8080)
 
 
-def test_removing_a_peer_closes_new_connections_only(net: NetLab, backend: str, tmp_path: Path) -> None:
+def test_removing_a_peer_by_delta_cuts_its_open_connection_only(net: NetLab, backend: str, tmp_path: Path) -> None:
+    """A removed allow cuts its established session; a peer still allowed and SSH from the admin
+    range keep theirs (``ct state established accept`` alone would keep all three)."""
     lab = lab_engine(net)
-    ok(apply(net, backend, lab.bundle("h2"), tmp_path / "state"))
-    held = net.hold("h1", "h2", 8080)
-    assert held.connected and held.ping()
+    state = tmp_path / "state"
+    ok(apply(net, backend, lab.bundle("h2"), state))
+    ok(apply_delta(net, backend, lab.upsert(_client("h4", net)), state))
+    removed, kept, ssh = net.hold("h1", "h2", 8080), net.hold("h4", "h2", 8080), net.hold("adm", "h2", 22)
+    removed6, kept6 = net.hold("h1", "h2", 8080, v6=True), net.hold("h4", "h2", 8080, v6=True)
+    assert all(h.connected and h.ping() for h in (removed, kept, ssh, removed6, kept6))
     deltas = lab.remove("h1")
     assert deltas and all(d.remove for d in deltas)
-    ok(apply_delta(net, backend, deltas, tmp_path / "state"))
+    out = ok(apply_delta(net, backend, deltas, state))
+    cut = _cut_lines(out)
+    assert any(x.startswith(f"inbound tcp {net.v4('h1')}:") and x.endswith(":8080 (default)") for x in cut), out
+    assert all(net.v4("h1") in x or net.v6("h1") in x for x in cut), out  # nobody else's
+    assert any(x.startswith(f"inbound tcp [{net.v6('h1')}]:") for x in cut), out
     assert not net.tcp("h1", "h2", 8080)
-    assert held.ping()  # established flows are not cut by a set change
+    assert not removed.ping() and not removed6.ping()
+    assert kept.ping() and ssh.ping() and kept6.ping()
+    status = json.loads(ok(net.agent("h2", "status", "--state-dir", str(state), "--json")))
+    assert status["last_cut"]["cut"] == len(cut) and status["counters"]["sessions_cut"] >= 1
+    _close(net, removed, kept, ssh, removed6, kept6)
+
+
+def test_quarantine_cuts_open_connections_but_not_the_admins_ssh(net: NetLab, backend: str, tmp_path: Path) -> None:
+    """Issue 9 §2.4: quarantine kills a session already open into the workload and one it opened
+    itself (a reverse shell's shape); new connections are refused; SSH from the admin range stays."""
+    lab = lab_engine(net)
+    state = tmp_path / "state"
+    ok(apply(net, backend, lab.bundle("h2"), state))
+    into, shell, ssh = net.hold("h1", "h2", 8080), net.hold("h2", "h3", 5432), net.hold("adm", "h2", 22)
+    assert all(h.connected and h.ping() for h in (into, shell, ssh))
+    lab.upsert(Workload(id="h2", ips=[net.v4("h2"), net.v6("h2")], tags=_tags("web"), quarantined=True))
+    doc = lab.bundle("h2")
+    assert doc.quarantined and not doc.inbound and not doc.outbound
+    out = ok(apply(net, backend, doc, state))
+    cut = _cut_lines(out)
+    assert any(x.startswith(f"inbound tcp {net.v4('h1')}:") and x.endswith(":8080 (default)") for x in cut), out
+    assert any(
+        x.startswith(f"outbound tcp {net.v4('h2')}:") and x.endswith(f"{net.v4('h3')}:5432 (default)") for x in cut
+    )
+    assert not [x for x in cut if net.v4("adm") in x], out
+    assert "aborted" in out, out  # h2's own ends too: the shell's process sees an error now
+    assert net.exec("h2", "ss", "-tnH", "state", "established", "dst", net.v4("h3")).stdout.strip() == ""
+    assert not into.ping() and not shell.ping()
+    assert ssh.ping() and ssh.ping()
+    assert not net.tcp("h1", "h2", 8080) and not net.tcp("h2", "h3", 5432) and not net.tcp("h4", "h2", 8080)
+    assert net.tcp("adm", "h2", 22)
+    status = json.loads(ok(net.agent("h2", "status", "--state-dir", str(state), "--json")))
+    assert status["last_cut"]["cut"] == len(cut) == len(status["last_cut"]["connections"])
+    _close(net, into, shell, ssh)
+
+
+def test_a_bundle_removing_an_allow_cuts_its_connection_and_spares_the_allowed(
+    net: NetLab, backend: str, tmp_path: Path
+) -> None:
+    lab = lab_engine(net)
+    state = tmp_path / "state"
+    ok(apply(net, backend, lab.bundle("h2"), state))
+    kept, gone = net.hold("h1", "h2", 8080), net.hold("h2", "h3", 5432)
+    assert kept.ping() and gone.ping()
+    lab.remove("h3")  # the database is gone: the web tier's allow to it has no peer left
+    out = ok(apply(net, backend, lab.bundle("h2"), state))
+    cut = _cut_lines(out)
+    assert "version 2" in out and any(x.endswith(f"{net.v4('h3')}:5432 (default)") for x in cut), out
+    assert not [x for x in cut if net.v4("h1") in x], out
+    assert not gone.ping()
+    assert kept.ping() and kept.ping()
+    enforced_baseline(net)
+    _close(net, kept, gone)
+
+
+def test_keep_open_connections_leaves_established_sessions_alone(net: NetLab, backend: str, tmp_path: Path) -> None:
+    lab = lab_engine(net)
+    state = tmp_path / "state"
+    ok(apply(net, backend, lab.bundle("h2"), state))
+    held = net.hold("h1", "h2", 8080)
+    assert held.ping()
+    lab.upsert(Workload(id="h2", ips=[net.v4("h2"), net.v6("h2")], tags=_tags("web"), quarantined=True))
+    path = write(lab.bundle("h2"), tmp_path / "q.json")
+    common = ["--public-key", str(PUBLIC_KEY), "--backend", backend, "--state-dir", str(state)]
+    out = ok(net.agent("h2", "apply", "--bundle", str(path), *common, "--keep-open-connections"))
+    assert "cut" not in out
+    assert held.ping() and not net.tcp("h1", "h2", 8080)
+    _close(net, held)
+
+
+def _cut_lines(out: str) -> list[str]:
+    """The connections an apply reports cut: "inbound tcp 10.77.0.1:4321 -> 10.77.0.2:8080 (rule)"."""
+    return [x.strip()[4:] for x in out.splitlines() if x.startswith("  cut ")]
+
+
+def _close(net: NetLab, *held: Holder) -> None:
+    for h in held:
+        net.kill(h.p)
+
+
+def _tags(role: str) -> dict[str, str]:
+    return {"ringfence:role": role, "ringfence:app": "lab", "ringfence:env": "test"}
+
+
+def _client(host: str, net: NetLab) -> Workload:
+    return Workload(id=host, ips=[net.v4(host), net.v6(host)], tags=_tags("client"))
 
 
 def test_established_connections_survive_a_whole_bundle_replace(net: NetLab, backend: str, tmp_path: Path) -> None:
@@ -357,12 +455,12 @@ def test_metadata_endpoint_survives_a_deny_everything_bundle_on_its_port_only(
 
 
 def test_dhcp_exchange_survives_a_deny_everything_bundle(net: NetLab, backend: str, tmp_path: Path) -> None:
-    server = net.spawn("h3", PY, str(HERE / "netprobe.py"), "dhcp-serve", "--ports", "67,6700", stdout=subprocess.PIPE)
+    server = net.spawn("h3", *PROBE, "dhcp-serve", "--ports", "67,6700", stdout=subprocess.PIPE)
     try:
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
 
         def dhcp(client_port: int, server_port: int) -> bool:
-            probe = (PY, str(HERE / "netprobe.py"), "dhcp", str(client_port), str(server_port))
+            probe = (*PROBE, "dhcp", str(client_port), str(server_port))
             return net.exec("h2", *probe).returncode == 0
 
         assert dhcp(68, 67) and dhcp(6800, 6700)  # both work without a firewall
@@ -811,70 +909,222 @@ RINGFENCE = Path(PY).parent / "ringfence"
 KEY = PUBLIC_KEY.parent / "test-key.pem"
 
 
-def test_daemon_enrolls_follows_nudges_and_reports(net: NetLab, backend: str, tmp_path: Path) -> None:
-    root = tmp_path / "cp"
-    (root / "deltas").mkdir(parents=True)
-    (root / "pairing-key").write_text("pair-123")
-    lab = lab_engine(net, OBSERVE_POLICY)
-    write(lab.bundle("h2"), root / "bundles" / "h2.json")
-    server = net.spawn("cp", PY, str(HERE / "fakecp.py"), str(root), net.v4("cp"), "8080", stdout=subprocess.PIPE)
-    assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-    cfg = config(tmp_path, backend, api_url=f"http://{net.v4('cp')}:8080", enroll={"pairing_key": "pair-123"})
-    log = (tmp_path / "run.log").open("w")
-    daemon = net.spawn("h2", str(net_agent()), "run", "--config", str(cfg), stderr=log)
+def test_daemon_enrolls_follows_pushes_and_reports_against_the_real_control_plane(
+    net: NetLab,
+    backend: str,
+    tmp_path: Path,
+    aws_env: Any,  # noqa: F811 - the fixture
+) -> None:
+    """The agent in h2 against ``ringfence serve`` (the real agent-API routes) listening in cp,
+    over the moto-backed AWS wiring: the lab hosts are EC2 instances with the lab's addresses, the
+    bundles are compute's. Enrolled with its signed identity document (aws-iid); observe mode reports
+    would-drops; the operator's switch to enforce and a tag change (a set delta) arrive through
+    the wait long-poll, long before the agent's slow poll; the control plane gone, it still enforces."""
+    from ringfence import serve
+    from tests.agent.netns import listening_socket_in
+    from tests.aws.imds import running_imds
+
+    aws = aws_env
+
+    os.environ["RINGFENCE_WAIT_POLL_INTERVAL"] = "0.2"
     try:
-        assert wait_until(lambda: (tmp_path / "state" / "bundle.json").exists(), 15), (tmp_path / "run.log").read_text()
-        assert net.tcp("h4", "h2", 8080)  # observe: passes ...
-
-        # ... and is reported as a would-drop
-        def reported() -> bool:
-            p = root / "reports.jsonl"
-            rows = [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
-            return any(d["src"] == net.v4("h4") and d["action"] == "would-drop" for r in rows for d in r["drops"])
-
-        assert wait_until(reported, 15), (tmp_path / "run.log").read_text()
-        rows = [json.loads(x) for x in (root / "reports.jsonl").read_text().splitlines()]
-        flows = [f for r in rows for f in r["flows"]]
-        if net.exec("h2", "test", "-e", "/proc/net/nf_conntrack").returncode == 0:  # else: flows degrade, drops stay
-            assert any(f["src"] == net.v4("h4") and f["dport"] == 8080 and f["direction"] == "inbound" for f in flows)
-        hb = [json.loads(x) for x in (root / "heartbeats.jsonl").read_text().splitlines()]
-        assert hb[-1]["applied_version"] == 1 and hb[-1]["mode"] == "observe"
-        # the control plane moves h2 to enforce: a new whole bundle, picked up by the long poll
-        lab2 = lab_engine(net)
-        lab2.engine.revision = 1
-        lab2.upsert(
-            Workload(
-                id="h9",
-                ips=["10.77.0.9"],
-                tags={"ringfence:role": "client", "ringfence:app": "lab", "ringfence:env": "test"},
-            )
+        ids = _lab_estate(net, aws, OBSERVE_POLICY)
+    finally:
+        del os.environ["RINGFENCE_WAIT_POLL_INTERVAL"]
+    h2 = ids["h2"]
+    (tmp_path / "signing.pub.pem").write_bytes(aws.signing_key.public_pem())
+    # the control plane and an IMDS stand-in (the caller's signed identity document) listen in cp
+    sock = listening_socket_in(net.ns("cp"), net.v4("cp"), 8080)
+    by_address = {net.v4(host): iid for host, iid in ids.items()}
+    app = serve.ServeApp.over(serve.build_wiring("aws"), None)
+    with serve.serving(app, sock=sock), running_imds(aws, by_address.get, net.v4("cp"), net.ns("cp")) as imds_url:
+        cfg = config(
+            tmp_path,
+            backend,
+            workload_id=h2,
+            public_key=str(tmp_path / "signing.pub.pem"),
+            api_url=f"http://{net.v4('cp')}:8080",
+            enroll={"method": "aws-iid", "imds_url": imds_url},
+            poll_interval=120,  # a change seen sooner came by the long-poll
+            wait_timeout=10,
+            request_timeout=5,
         )
-        write(lab2.bundle("h2"), root / "bundles" / "h2.json")
-        assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 15), (tmp_path / "run.log").read_text()
-        assert net.tcp("h1", "h2", 8080)
-        # a set delta (h4 joins the clients) arrives as a nudge and is applied as element adds
-        for d in lab2.upsert(
-            Workload(
-                id="h4",
-                ips=[net.v4("h4"), net.v6("h4")],
-                tags={"ringfence:role": "client", "ringfence:app": "lab", "ringfence:env": "test"},
-            )
-        ):
-            write(d, root / "deltas" / f"{d.to_version:06d}-{d.set}.json")
-        assert wait_until(lambda: net.tcp("h4", "h2", 8080, timeout=0.3), 15), (tmp_path / "run.log").read_text()
-        assert wait_until(lambda: "version 2 → 3, +2 -0 elements" in (tmp_path / "run.log").read_text(), 5)
-        # control plane gone: still enforced
-        net.kill(server)
-        time.sleep(1.5)
+        log = tmp_path / "run.log"
+        daemon = net.spawn("h2", str(net_agent()), "run", "--config", str(cfg), stderr=log.open("w"))
+        try:
+            assert wait_until(lambda: (tmp_path / "state" / "bundle.json").exists(), 20), log.read_text()
+            assert net.tcp("h4", "h2", 8080)  # observe: passes ...
+
+            def reported() -> list[dict[str, Any]]:
+                listed = aws.s3.list_objects_v2(Bucket=aws.bucket, Prefix=f"reports/{h2}/").get("Contents", [])
+                return [json.loads(aws.s3.get_object(Bucket=aws.bucket, Key=o["Key"])["Body"].read()) for o in listed]
+
+            def would_drop() -> bool:
+                return any(
+                    d["src"] == net.v4("h4") and d["action"] == "would-drop" for r in reported() for d in r["drops"]
+                )
+
+            assert wait_until(would_drop, 20), log.read_text()  # ... and is reported as a would-drop
+            flows = [f for r in reported() for f in r["flows"]]
+            if net.exec("h2", "test", "-e", "/proc/net/nf_conntrack").returncode == 0:  # else flows degrade
+                assert any(f["src"] == net.v4("h4") and f["dport"] == 8080 for f in flows), flows
+            assert aws.store.get(h2).last_heartbeat is not None
+
+            # the operator moves h2 to enforce (admin API, audited): a whole new bundle, pushed
+            assert aws.rest("admin", "PUT", f"/admin/workloads/{h2}/mode", {"mode": "enforce"})[0] == 200
+            aws.pump()
+            pushed = time.monotonic()
+            assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 20), log.read_text()
+            assert net.tcp("h1", "h2", 8080)
+            # a tag change (h4 becomes a client): event → ingest → compute → a set delta, pushed
+            aws.ec2.create_tags(Resources=[ids["h4"]], Tags=[{"Key": "ringfence:role", "Value": "client"}])
+            aws.put(aws.tag_event(ids["h4"], _tags("client"), version=2))
+            aws.pump()
+            assert wait_until(lambda: net.tcp("h4", "h2", 8080, timeout=0.3), 20), log.read_text()
+            assert time.monotonic() - pushed < 60 < 120, "both changes came by the long-poll"
+            assert not net.tcp("h3", "h2", 8080)
+            assert wait_until(lambda: ", +1 -0 elements" in log.read_text(), 5), log.read_text()  # a delta
+        except BaseException:
+            net.kill(daemon, 15)
+            raise
+    # control plane gone: still enforced
+    time.sleep(1.5)
+    try:
         assert net.tcp("h4", "h2", 8080) and not net.tcp("h3", "h2", 8080)
-        requests = (root / "requests.log").read_text()
-        assert "/v1/enroll" in requests and "/wait?" in requests and "/deltas?since=" in requests
     finally:
         net.kill(daemon, 15)
 
 
+# an HTTP client run inside a lab namespace (the test process is outside the lab)
+_HTTP_IN_LAB = """
+import json, sys, httpx
+method, url, token, body = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+if url.endswith("/v1/enroll"):  # an enrollment: fetch a nonce first
+    body["nonce"] = httpx.get(url.replace("/enroll", "/nonce"), timeout=10).json()["nonce"]
+headers = {"Authorization": f"Bearer {token}"} if token else {}
+r = httpx.request(method, url, json=body, headers=headers, timeout=60)
+print(json.dumps({"status": r.status_code, "body": r.json()}))
+"""
+
+
+def test_onprem_serve_pairs_pushes_and_survives_kill_9(net: NetLab, backend: str, tmp_path: Path) -> None:
+    """``ringfence serve --store sqlite:`` in cp and the agent in h2 with a real firewall:
+    workloads registered and a key minted through the admin API, enrollment with it (a used-up or
+    another workload's key refused), a registration change pushed, the server SIGKILLed and
+    restarted on the same state, and the agent following the next change with the token it holds."""
+    from ringfence import serve
+
+    token = "lab-admin-token-0123456789abcdef"
+    (tmp_path / "admin-tokens").write_text(f"carol:{serve.token_hash(token)}\n")
+    db = tmp_path / "cp-state" / "state.db"
+    url = f"http://{net.v4('cp')}:8443"
+
+    def start() -> subprocess.Popen[str]:
+        cmd = [str(RINGFENCE), "serve", "--host", net.v4("cp"), "--port", "8443", "--insecure"]
+        cmd += ["--store", f"sqlite:{db}", "--admin-tokens", str(tmp_path / "admin-tokens")]
+        proc = net.spawn("cp", *cmd, stdout=subprocess.PIPE, stderr=(tmp_path / "serve.log").open("a"))
+        assert proc.stdout is not None and "listening on" in proc.stdout.readline(), (
+            tmp_path / "serve.log"
+        ).read_text()
+        return proc
+
+    def call(method: str, path: str, body: dict[str, Any] | None = None, auth: str | None = token) -> tuple[int, Any]:
+        out = ok(net.exec("cp", PY, "-c", _HTTP_IN_LAB, method, url + path, auth or "", json.dumps(body or {})))
+        answer = json.loads(out)
+        return answer["status"], answer["body"]
+
+    def register(host: str, role: str) -> int:
+        spec = {"id": host, "ips": [net.v4(host)], "tags": _tags(role)}
+        return call("POST", "/admin/workloads", spec)[0]
+
+    server = start()
+    daemon = None
+    try:
+        assert [register(h, role) for h, role in ROLES.items()] == [201] * len(ROLES)
+        status, body = call("POST", "/admin/policies", {"files": {"lab.yaml": LAB_POLICY}, "reason": "lab"})
+        assert status == 201, body
+        _, key = call("POST", "/admin/pairing-keys", {"workload_id": "h2", "uses": 1, "ttl": 600})
+        _, h3_key = call("POST", "/admin/pairing-keys", {"workload_id": "h3", "uses": 1, "ttl": 600})
+        status, body = call(
+            "POST",
+            "/v1/enroll",
+            {"method": "pairing", "workload_id": "h2", "pairing_key": h3_key["pairing_key"]},
+            auth=None,
+        )
+        assert status == 401, "another workload's key is refused"
+        cfg = config(
+            tmp_path,
+            backend,
+            public_key=str(db.parent / "signing-key.pub.pem"),
+            api_url=url,
+            enroll={"pairing_key": key["pairing_key"]},
+            poll_interval=120,  # a change seen sooner came by the long-poll
+            wait_timeout=10,
+            request_timeout=5,
+        )
+        log = tmp_path / "run.log"
+        daemon = net.spawn("h2", str(net_agent()), "run", "--config", str(cfg), stderr=log.open("w"))
+        assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 30), log.read_text()
+        assert net.tcp("h1", "h2", 8080) and not net.tcp("h3", "h2", 8080)
+        status, body = call(
+            "POST",
+            "/v1/enroll",
+            {"method": "pairing", "workload_id": "h2", "pairing_key": key["pairing_key"]},
+            auth=None,
+        )
+        assert status == 401 and "used up" in body["detail"], body
+
+        # h4 becomes a client (a registration update): pushed to h2 as a set delta
+        changed = time.monotonic()
+        assert register("h4", "client") == 200
+        assert wait_until(lambda: net.tcp("h4", "h2", 8080, timeout=0.3), 20), log.read_text()
+        assert time.monotonic() - changed < 20 < 120
+
+        # kill -9 and restart on the same state; the agent carries on with its token (its key is
+        # used up: it could not enroll again) and follows the next change: h4 quarantined
+        net.kill(server)
+        server = start()
+        changed = time.monotonic()
+        assert call("POST", "/admin/workloads/h4/quarantine", {"reason": "lab"})[0] == 200
+        assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 30), log.read_text()
+        assert time.monotonic() - changed < 30 < 120
+        assert net.tcp("h1", "h2", 8080)
+    finally:
+        if daemon is not None:
+            net.kill(daemon, 15)
+        net.kill(server)
+
+
+def _lab_estate(net: NetLab, aws: Any, policy: str) -> dict[str, str]:
+    """The lab hosts as EC2 instances with their lab addresses and role tags, the policy
+    provisioned and every instance's running event through the pipeline: host → instance id."""
+    status, _, body = aws.rest("admin", "POST", "/admin/policies", {"files": {"lab.yaml": policy}})
+    assert status == 201, body
+    vpc = aws.ec2.create_vpc(CidrBlock="10.77.0.0/16")["Vpc"]["VpcId"]
+    subnet = aws.ec2.create_subnet(VpcId=vpc, CidrBlock="10.77.0.0/24")["Subnet"]["SubnetId"]
+    ami = aws.ec2.describe_images()["Images"][0]["ImageId"]
+    ids = {}
+    for host, role in ROLES.items():
+        tags = [
+            {"Key": "ringfence:role", "Value": role},
+            {"Key": "ringfence:app", "Value": "lab"},
+            {"Key": "ringfence:env", "Value": "test"},
+        ]
+        ids[host] = aws.ec2.run_instances(
+            ImageId=ami,
+            MinCount=1,
+            MaxCount=1,
+            SubnetId=subnet,
+            PrivateIpAddress=net.v4(host),
+            TagSpecifications=[{"ResourceType": "instance", "Tags": tags}],
+        )["Instances"][0]["InstanceId"]
+        aws.put(aws.state_event(ids[host], "running"))
+    aws.pump()
+    return ids
+
+
 def net_agent() -> Path:
-    from tests.agent.netlab import AGENT
+    from ringfence.local.lab import AGENT
 
     return AGENT
 
@@ -1110,3 +1360,154 @@ def test_nft_delta_across_the_group_bound_switches_realisation(
     ok(apply_delta(net, backend, lab.upsert(_lab_workload(net, "h3", role="db")), state))
     assert concatenated() and net.tcp("h3", "h2", 5432) and not net.tcp("h3", "h2", 8080)
     fresh_equal()
+
+
+# --- never fail open (issue 10) ---------------------------------------------------------------------
+
+
+def _status(net: NetLab, backend: str, state: Path) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(
+        ok(net.agent("h2", "status", "--state-dir", str(state), "--backend", backend, "--json"))
+    )
+    return out
+
+
+def test_apply_after_flush_reapplies_and_status_says_what_the_kernel_holds(
+    net: NetLab, backend: str, tmp_path: Path
+) -> None:
+    """Today: flush, then apply of the same bundle said "already applied: no change" and left no
+    table, while status said enforce. The kernel is asked, not the state directory."""
+    lab = lab_engine(net)
+    state = tmp_path / "state"
+    doc = lab.bundle("h2")
+    ok(apply(net, backend, doc, state))
+    enforced_baseline(net)
+    assert _status(net, backend, state)["kernel_programmed"] is True
+    ok(net.agent("h2", "flush", "--backend", backend))
+    assert net.tcp("h4", "h2", 8080)  # nothing enforced
+    status = _status(net, backend, state)
+    assert status["kernel_programmed"] is False and status["mode"] is None and status["state_mode"] == "enforce"
+    assert "nothing is enforced" in status["warning"]
+    out = ok(apply(net, backend, doc, state))
+    assert "already applied" not in out and "the kernel no longer held these rules" in out, out
+    enforced_baseline(net)
+    status = _status(net, backend, state)
+    assert status["kernel_programmed"] is True and status["mode"] == "enforce" and "warning" not in status
+    assert "already applied" in ok(apply(net, backend, doc, state))  # the kernel holds it now: no change
+
+
+@pytest.mark.parametrize("corruption", ["invalid-json", "bad-signature"])
+def test_a_corrupt_last_known_good_holds_the_failsafe_posture_until_a_verified_bundle_applies(
+    net: NetLab, backend: str, tmp_path: Path, corruption: str
+) -> None:
+    """Today: invalid JSON made the daemon exit before enforcing or fetching (a restart loop, the
+    host open), and a bad signature made it refuse the good bundle as a replay. Now the bad state
+    is set aside, the host holds fail-safes + default deny, and the good bundle applies."""
+    lab = lab_engine(net)
+    state = tmp_path / "state"
+    good = lab.bundle("h2")
+    ok(apply(net, backend, good, state))
+    net.reset("h2")  # a reboot: the kernel forgot, the state directory did not
+    lkg = state / "bundle.json"
+    if corruption == "invalid-json":
+        lkg.write_text(lkg.read_text()[:200])  # torn
+    else:
+        write(forge(good, version=99), lkg)  # tampered: claims a version newer than any good bundle
+    www = tmp_path / "www"
+    write(good, www / "bundles" / "h2.json")
+    admin = {"admin_cidrs": [f"{net.v4('adm')}/32"], "admin_ports": ["tcp/22"]}
+    cfg = config(tmp_path, backend, source=f"http://{net.v4('cp')}:8000", **admin)
+    run_log = tmp_path / "run.log"
+    daemon = net.spawn("h2", str(net_agent()), "run", "--config", str(cfg), stderr=run_log.open("w"))
+    server = None
+    try:
+        # the source is down: the fail-safes and nothing else, never open
+        assert wait_until(lambda: "holding the fail-safe posture" in run_log.read_text(), 15), run_log.read_text()
+        assert not net.tcp("h1", "h2", 8080) and not net.tcp("h4", "h2", 8080) and not net.tcp("h2", "h3", 5432)
+        assert net.tcp("adm", "h2", 22)
+        status = _status(net, backend, state)
+        assert status["posture"] == "failsafe" and status["kernel_programmed"] is True
+        assert status["counters"]["lkg_set_aside"] == 1 and status["bundle_version"] is None
+        assert len(list((state / "rejected").glob("*-bundle.json"))) == 1
+        assert "set aside" in run_log.read_text()
+        server = net.spawn(
+            "cp",
+            PY,
+            "-m",
+            "http.server",
+            "8000",
+            "--bind",
+            net.v4("cp"),
+            "--directory",
+            str(www),
+            stderr=subprocess.DEVNULL,
+        )
+        assert wait_until(lambda: net.tcp("h1", "h2", 8080, timeout=0.3), 20), run_log.read_text()
+        assert not net.tcp("h4", "h2", 8080) and net.tcp("h2", "h3", 5432)
+        status = _status(net, backend, state)
+        assert status["posture"] is None and status["bundle_version"] == good.version and status["mode"] == "enforce"
+        assert "replay" not in run_log.read_text() and "rollback" not in run_log.read_text()
+    finally:
+        net.kill(daemon, 15)
+        if server is not None:
+            net.kill(server)
+
+
+def test_the_daemon_repairs_and_reports_a_table_removed_or_changed_behind_its_back(
+    net: NetLab, backend: str, tmp_path: Path
+) -> None:
+    """Drift: someone flushes Ringfence's rules, then inserts an accept into its chain; the
+    daemon notices within drift_interval, re-applies and reports the tamper."""
+    lab = lab_engine(net)
+    src = tmp_path / "src"
+    write(lab.bundle("h2"), src / "bundles" / "h2.json")
+    run_log = tmp_path / "run.log"
+    # the source is polled once (at start): only the drift check can notice
+    cfg = config(tmp_path, backend, source=str(src), drift_interval=1, poll_interval=300)
+    daemon = net.spawn("h2", str(net_agent()), "run", "--config", str(cfg), stderr=run_log.open("w"))
+    try:
+        assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 15), run_log.read_text()
+        ok(net.agent("h2", "flush", "--backend", backend))
+        assert wait_until(lambda: "rules were removed in the kernel; re-applied" in run_log.read_text(), 10)
+        enforced_baseline(net)
+        if backend == "nftables":
+            hole = ["nft", "insert", "rule", "inet", "ringfence", "input", "tcp", "dport", "8080", "accept"]
+        else:
+            hole = ["iptables", "-I", "RF-IN", "1", "-p", "tcp", "--dport", "8080", "-j", "ACCEPT"]
+        net.exec("h2", *hole, check=True)
+        assert wait_until(lambda: "rules were changed in the kernel; re-applied" in run_log.read_text(), 10)
+        enforced_baseline(net)
+        status = _status(net, backend, tmp_path / "state")
+        assert status["counters"]["tamper_reapplied"] == 2 and status["kernel_programmed"] is True
+    finally:
+        net.kill(daemon, 15)
+
+
+def test_the_daemon_cuts_a_reverse_shell_when_its_workload_is_quarantined(
+    net: NetLab, backend: str, tmp_path: Path
+) -> None:
+    """The daemon path, not only the CLI: a quarantined bundle arrives from the source, the
+    workload's own open connection out (a reverse shell's shape) dies, and the log says so."""
+    lab = lab_engine(net)
+    src = tmp_path / "src"
+    write(lab.bundle("h2"), src / "bundles" / "h2.json")
+    run_log = tmp_path / "run.log"
+    cfg = config(tmp_path, backend, source=str(src))
+    daemon = net.spawn("h2", str(net_agent()), "run", "--config", str(cfg), stderr=run_log.open("w"))
+    shell = None
+    try:
+        assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 15), run_log.read_text()
+        shell = net.hold("h2", "h3", 5432)
+        assert shell.connected and shell.ping()
+        lab.upsert(Workload(id="h2", ips=[net.v4("h2"), net.v6("h2")], tags=_tags("web"), quarantined=True))
+        write(lab.bundle("h2"), src / "bundles" / "h2.json")
+        assert wait_until(lambda: "quarantined False → True" in run_log.read_text(), 15), run_log.read_text()
+        text = run_log.read_text()
+        assert "open connection(s) the new rules do not admit" in text, text
+        assert f"-> {net.v4('h3')}:5432 (default)" in text, text
+        assert not shell.ping()
+        assert not net.tcp("h1", "h2", 8080) and not net.tcp("h2", "h3", 5432)
+    finally:
+        net.kill(daemon, 15)
+        if shell is not None:
+            _close(net, shell)

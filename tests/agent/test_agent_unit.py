@@ -423,6 +423,12 @@ def test_config_api_url_ip_is_a_failsafe(tmp_path: Path) -> None:
         ("workload_id: w1\npublic_key: k\napi_url: http://x\nenroll: {method: pairing}\n", "needs pairing_key"),
         ("workload_id: w1\npublic_key: k\napi_url: http://x\nenroll: {pairing_key: k, x: 1}\n", "enroll.x: Extra"),
         ("workload_id: w1\npublic_key: k\napi_url: http://x\nenroll: {method: tpm}\n", "enroll.method"),
+        ("workload_id: w1\npublic_key: k\nsource: /x\nboot_posture: closed\n", "boot_posture: .*'failsafe' or 'open'"),
+        (
+            "workload_id: w1\npublic_key: k\nsource: /x\ndrift_interval: -1\n",
+            "drift_interval: .*greater than or equal to 0",
+        ),
+        ("workload_id: w1\npublic_key: k\nsource: /x\ncut_revoked_connections: maybe\n", "cut_revoked_connections"),
     ],
 )
 def test_config_errors_are_clear(tmp_path: Path, text: str, message: str) -> None:
@@ -834,13 +840,22 @@ def test_state_dir_is_locked_against_other_processes(tmp_path: Path) -> None:
 
 
 def test_aws_iid_enrollment_reads_imdsv2_and_sends_document_and_signature(tmp_path: Path) -> None:
+    """By default the agent sends the form the AWS control plane verifies: checked with its real code."""
+    import base64
     import http.server
     import threading
 
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+    from ringfence.clouds.aws.enroll import verify_iid
     from ringfence_agent import enroll
     from ringfence_agent.sources import ApiSource, Unreachable
 
     seen: dict[str, object] = {}
+    region_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)  # stands in for AWS's
+    document = b'{"instanceId": "i-0abc", "accountId": "111122223333", "region": "ca-central-1"}'
+    signature = base64.encodebytes(region_key.sign(document, padding.PKCS1v15(), hashes.SHA256()))
 
     class Imds(http.server.BaseHTTPRequestHandler):
         def log_message(self, *a: object) -> None:
@@ -853,8 +868,8 @@ def test_aws_iid_enrollment_reads_imdsv2_and_sends_document_and_signature(tmp_pa
         def do_GET(self) -> None:
             assert self.headers["X-aws-ec2-metadata-token"] == "tok-1"  # IMDSv2 only
             body = {
-                "/latest/dynamic/instance-identity/document": b'{"instanceId": "i-0abc", "region": "ca-central-1"}',
-                "/latest/dynamic/instance-identity/rsa2048": b"MIAGCSqGSIb3...\n",
+                "/latest/dynamic/instance-identity/document": document,
+                "/latest/dynamic/instance-identity/signature": signature,
             }[self.path]
             self._reply(body)
 
@@ -879,12 +894,11 @@ def test_aws_iid_enrollment_reads_imdsv2_and_sends_document_and_signature(tmp_pa
         imds, cp = (f"http://127.0.0.1:{s.server_address[1]}" for s in servers)
         src = ApiSource(cp, "i-0abc", enroll.aws_iid(imds), StateDir(tmp_path / "st"), 2, 2)
         src.enroll()
-        assert seen["enroll"] == {
-            "method": "aws-iid",
-            "nonce": "n-1",
-            "document": '{"instanceId": "i-0abc", "region": "ca-central-1"}',
-            "document_signature": "MIAGCSqGSIb3...",
-        }
+        sent = seen["enroll"]
+        assert isinstance(sent, dict) and sent["method"] == "aws-iid" and sent["nonce"] == "n-1"
+        assert sent["document"] == document.decode()
+        identity = verify_iid(sent["document"], sent["document_signature"], region_key.public_key())
+        assert (identity.instance_id, identity.account) == ("i-0abc", "111122223333")
         assert src.token == "t" and StateDir(tmp_path / "st").read_json("token.json")["token"] == "t"
         # no metadata service (not on EC2, or blocked): a clear, retryable error
         src2 = ApiSource(
@@ -1209,3 +1223,32 @@ def test_nft_group_delta_routes_by_realisation_with_hysteresis() -> None:
     assert route(6, None, "rf_b", grown) == frozenset()  # 7 > 6: expanded, and stays
     assert route(20, None, "rf_b", grown) == {"r_in_0"}  # 7 < 10: concatenated, and stays
     assert route(10, None, "rf_b", grown) is None  # 5 <= 7 <= 10: unknown, re-apply
+
+
+@pytest.mark.parametrize("posture", ["failsafe", "open"])
+def test_the_boot_posture_without_a_bundle(tmp_path: Path, posture: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """No valid bundle at start: ``failsafe`` programs fail-safes then drop; ``open`` touches nothing."""
+    from ringfence_agent.config import AgentConfig
+    from ringfence_agent.daemon import Daemon
+
+    cfg = AgentConfig(
+        workload_id="w1",
+        public_key=PUBLIC_KEY,
+        state_dir=tmp_path / "state",
+        backend="dry-run",
+        source="http://localhost:8000",  # a name: resolved from /etc/hosts, no DNS query
+        admin_cidrs=["192.0.2.0/24"],
+        boot_posture=posture,  # type: ignore[arg-type]
+    )
+    assert cfg.source_hosts() == ["localhost"]
+    Daemon(cfg).start_enforcing()
+    out, err = capsys.readouterr()
+    status = StateDir(tmp_path / "state").read_json("status.json")
+    if posture == "open":
+        assert out == "" and "posture" not in status
+        return
+    assert "holding the fail-safe posture" in err and "admin 192.0.2.0/24" in err
+    assert "control plane 127.0.0.1/32" in err  # the source's name, resolved for the posture
+    assert "fs_admin_4 { type ipv4_addr; flags interval; elements = { 192.0.2.0/24 } }" in out
+    assert 'counter name d_in drop comment "default enforce"' in out
+    assert status["posture"] == "failsafe" and status["counters"]["failsafe_postures"] == 1

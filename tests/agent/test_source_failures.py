@@ -16,6 +16,7 @@ from typing import TypeVar
 import pytest
 
 from ringfence import bundlewire as wire
+from ringfence.local.lab import wait_until
 from ringfence.staticlayout import Head
 from ringfence_agent.backends import ApplyError
 from ringfence_agent.config import AgentConfig, ConfigError, Enrollment, load_config
@@ -23,7 +24,6 @@ from ringfence_agent.daemon import Daemon
 from ringfence_agent.plan import Plan
 from ringfence_agent.sources import MAX_BUNDLE_BYTES, MAX_CHAIN_LINKS, SourceError, StaticSource
 from tests.agent.bundles import PUBLIC_KEY
-from tests.agent.netlab import wait_until
 from tests.agent.test_agent_state import SET, bundle, delta
 
 T = TypeVar("T")

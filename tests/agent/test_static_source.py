@@ -17,13 +17,13 @@ import pytest
 
 from ringfence.bundle import dumps, load_bundle, load_delta
 from ringfence.cli import main as ringfence
+from ringfence.local.lab import wait_until
 from ringfence.staticlayout import Head, HeadError, delta_path, head_path, load_head
 from ringfence_agent.config import AgentConfig
 from ringfence_agent.core import same_firewall
 from ringfence_agent.daemon import Daemon
 from ringfence_agent.state import StateDir
 from tests.agent.bundles import GOLDEN, PUBLIC_KEY
-from tests.agent.netlab import wait_until
 from tests.conftest import EXAMPLE
 
 POLICY = EXAMPLE / "policy"

@@ -17,40 +17,16 @@ import sys
 import time
 from typing import Any
 
-import requests
-
 
 def run(instances: int, baseline: int = 0) -> dict[str, Any]:
-    from moto.server import ThreadedMotoServer
-
+    from ringfence.local.aws import EmbeddedAws
     from tests.aws import conftest as c
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    import logging
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    saved = dict(os.environ)
-    os.environ.update(
-        {
-            "AWS_ENDPOINT_URL": url,
-            "AWS_DEFAULT_REGION": c.REGION,
-            "AWS_REGION": c.REGION,
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_SESSION_TOKEN": "testing",
-            "POWERTOOLS_TRACE_DISABLED": "true",
-            "POWERTOOLS_SERVICE_NAME": "ringfence",
-            "POWERTOOLS_METRICS_NAMESPACE": "Ringfence",
-            "POWERTOOLS_LOG_LEVEL": "WARNING",
-            "POWERTOOLS_METRICS_DISABLED": "true",
-        }
-    )
+    aws = EmbeddedAws(region=c.REGION, account=c.ACCOUNT)
+    aws.start(build=False)
+    os.environ["POWERTOOLS_METRICS_DISABLED"] = "true"
     try:
-        requests.post(f"{url}/moto-api/reset", timeout=10)
-        env = c.Env(url, c.iid_key.__wrapped__())  # type: ignore[attr-defined]
+        env = c.Env(aws)
         env.build()
         env.provision_example_policy()
         est = env.estate()
@@ -201,9 +177,7 @@ def run(instances: int, baseline: int = 0) -> dict[str, Any]:
             },
         }
     finally:
-        server.stop()
-        os.environ.clear()
-        os.environ.update(saved)
+        aws.stop()  # restores the environment
         from ringfence.clouds.aws import clients
 
         clients.reset()

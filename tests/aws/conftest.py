@@ -7,28 +7,20 @@ handler called in-process with an SQS Lambda event built from the received messa
 
 from __future__ import annotations
 
-import base64
 import copy
 import datetime as dt
-import importlib.util
 import json
-import logging
-import os
-import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
-import requests
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from cryptography.x509.oid import NameOID
+
+from ringfence.local.aws import EmbeddedAws, IidKey
+from ringfence.local.lambdas import LambdaContext, deliver_batch, load_functions, sqs_event
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -47,91 +39,30 @@ tests:
 REGION = "ca-central-1"
 ACCOUNT = "123456789012"
 FUNCTIONS = ["ingest", "compute", "lifecycle", "reconcile", "agentapi", "admin", "wsconnect", "perimeter"]
+__all__ = ["LambdaContext"]  # the tests import it from here
 
 
 @pytest.fixture(scope="session")
-def moto_url() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    old = dict(os.environ)
-    os.environ.update(
-        {
-            "AWS_ENDPOINT_URL": url,
-            "AWS_DEFAULT_REGION": REGION,
-            "AWS_REGION": REGION,
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_SESSION_TOKEN": "testing",
-            "POWERTOOLS_TRACE_DISABLED": "true",
-            "POWERTOOLS_SERVICE_NAME": "ringfence",
-            "POWERTOOLS_METRICS_NAMESPACE": "Ringfence",
-            "POWERTOOLS_LOG_LEVEL": "WARNING",
-            "RINGFENCE_AWS_MAX_ATTEMPTS": "6",
-        }
-    )
-    yield url
-    server.stop()
-    os.environ.clear()
-    os.environ.update(old)
+def moto_url(embedded: EmbeddedAws) -> str:
+    return embedded.url
 
 
 def fixture(name: str) -> dict[str, Any]:
     return json.loads((FIXTURES / name).read_text())
 
 
-@dataclass
-class LambdaContext:
-    function_name: str = "ringfence-test"
-    memory_limit_in_mb: int = 256
-    invoked_function_arn: str = f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:ringfence-test"
-    aws_request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
-
-    def get_remaining_time_in_millis(self) -> int:
-        return 60_000
-
-
-@dataclass
-class IidKey:
-    private: rsa.RSAPrivateKey
-    cert_pem: str
-
-    def sign(self, document: str) -> str:
-        return base64.b64encode(self.private.sign(document.encode(), padding.PKCS1v15(), hashes.SHA256())).decode()
-
-
 @pytest.fixture(scope="session")
-def iid_key() -> IidKey:
-    return make_iid_key()
-
-
-def make_iid_key() -> IidKey:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test-only IID signer")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    return IidKey(key, cert.public_bytes(serialization.Encoding.PEM).decode())
+def iid_key(embedded: EmbeddedAws) -> IidKey:
+    return embedded.iid
 
 
 class Env:
     """One test's AWS world and the handlers wired to it."""
 
-    def __init__(self, url: str, iid: IidKey) -> None:
-        self.url = url
-        self.iid = iid
+    def __init__(self, aws: EmbeddedAws) -> None:
+        self.aws = aws
+        self.url = aws.url
+        self.iid = aws.iid
         self.ec2 = boto3.client("ec2")
         self.asg = boto3.client("autoscaling")
         self.sqs = boto3.client("sqs")
@@ -140,95 +71,19 @@ class Env:
         self.ddb = boto3.resource("dynamodb")
         self.fn: dict[str, Any] = {}
         self.queues: dict[str, str] = {}
-        self.bucket = "ringfence-bundles-test"
+        self.bucket = aws.bucket
 
     # --- infrastructure -----------------------------------------------------------------------
 
     def build(self) -> None:
-        from ringfence.bundle import SigningKey
-        from ringfence.clouds.aws.patterns import INGEST_RULES, LIFECYCLE_RULES
-
-        tables = {
-            "rf-inventory": [("id", "HASH")],
-            "rf-state": [("pk", "HASH"), ("sk", "RANGE")],
-            "rf-audit": [("pk", "HASH"), ("sk", "RANGE")],
-            "rf-idempotency": [("id", "HASH")],
-        }
-        for name, keys in tables.items():
-            self.ddb.create_table(
-                TableName=name,
-                KeySchema=[{"AttributeName": k, "KeyType": t} for k, t in keys],
-                AttributeDefinitions=[{"AttributeName": k, "AttributeType": "S"} for k, _ in keys],
-                BillingMode="PAY_PER_REQUEST",
-            )
-        self.s3.create_bucket(Bucket=self.bucket, CreateBucketConfiguration={"LocationConstraint": REGION})
-        self.s3.put_bucket_versioning(Bucket=self.bucket, VersioningConfiguration={"Status": "Enabled"})
-        dlq = self.sqs.create_queue(QueueName="rf-ingest-dlq")["QueueUrl"]
-        dlq_arn = self._arn(dlq)
-        redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "3"})
-        self.queues = {
-            "dlq": dlq,
-            "ingest": self.sqs.create_queue(QueueName="rf-ingest", Attributes={"RedrivePolicy": redrive})["QueueUrl"],
-            "lifecycle": self.sqs.create_queue(QueueName="rf-lifecycle", Attributes={"RedrivePolicy": redrive})[
-                "QueueUrl"
-            ],
-            "compute": self.sqs.create_queue(
-                QueueName="rf-compute.fifo", Attributes={"FifoQueue": "true", "ContentBasedDeduplication": "false"}
-            )["QueueUrl"],
-        }
-        for rules, queue in ((INGEST_RULES, "ingest"), (LIFECYCLE_RULES, "lifecycle")):
-            for name, pattern in rules.items():
-                self.events.put_rule(Name=f"rf-{name}", EventPattern=json.dumps(pattern))
-                # moto's default target input drops the envelope's "account"; real EventBridge
-                # delivers the whole event, which is what this transformer asks moto for
-                whole = {"InputPathsMap": {}, "InputTemplate": "<aws.events.event.json>"}
-                self.events.put_targets(
-                    Rule=f"rf-{name}",
-                    Targets=[{"Id": "q", "Arn": self._arn(self.queues[queue]), "InputTransformer": whole}],
-                )
-        self.signing_key = SigningKey.generate()
-        sm = boto3.client("secretsmanager")
-        sm.create_secret(Name="ringfence/signing-key", SecretString=self.signing_key.private_pem().decode())
-        os.environ.update(
-            {
-                "RINGFENCE_INVENTORY_TABLE": "rf-inventory",
-                "RINGFENCE_STATE_TABLE": "rf-state",
-                "RINGFENCE_AUDIT_TABLE": "rf-audit",
-                "RINGFENCE_IDEMPOTENCY_TABLE": "rf-idempotency",
-                "RINGFENCE_BUCKET": self.bucket,
-                "RINGFENCE_COMPUTE_QUEUE_URL": self.queues["compute"],
-                "RINGFENCE_DLQ_URL": dlq,
-                "RINGFENCE_SIGNING_KEY": "secretsmanager:ringfence/signing-key",
-                "RINGFENCE_IID_CERT": self.iid.cert_pem,
-                "RINGFENCE_OFFLINE_AFTER": "600",
-                "RINGFENCE_RECONCILE_TARGETS": json.dumps(
-                    [{"account": ACCOUNT, "region": REGION, "role_arn": f"arn:aws:iam::{ACCOUNT}:role/rf-reconcile"}]
-                ),
-            }
-        )
-        os.environ.pop("RINGFENCE_WEBSOCKET_ENDPOINT", None)
+        """A fresh moto with the stack's resources (``EmbeddedAws.reset``), handlers freshly loaded."""
+        self.aws.reset()
+        self.queues = dict(self.aws.queues)
+        self.signing_key = self.aws.signing_key
         self.load_functions()
 
-    def _arn(self, queue_url: str) -> str:
-        return str(
-            self.sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-        )
-
     def load_functions(self) -> None:
-        from ringfence.clouds.aws import clients
-
-        clients.reset()
-        for name in FUNCTIONS:
-            path = ROOT / "functions" / name / "app.py"
-            if not path.exists():
-                continue
-            mod_name = f"rf_fn_{name}_{uuid.uuid4().hex[:6]}"
-            spec = importlib.util.spec_from_file_location(mod_name, path)
-            assert spec and spec.loader
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules[mod_name] = mod
-            spec.loader.exec_module(mod)
-            self.fn[name] = mod
+        self.fn = load_functions(FUNCTIONS, ROOT / "functions")
 
     def hook(self, event_name: str, handler: Callable[..., Any]) -> None:
         """Register a botocore event handler on the session the control plane uses."""
@@ -359,64 +214,36 @@ class Env:
     def sqs_event(
         messages: list[dict[str, Any]], arn: str = "arn:aws:sqs:ca-central-1:123456789012:q"
     ) -> dict[str, Any]:
-        recs = []
-        for m in messages:
-            attrs = {
-                "ApproximateReceiveCount": "1",
-                "SentTimestamp": str(int(time.time() * 1000)),
-                "SenderId": "AIDAEXAMPLE",
-                "ApproximateFirstReceiveTimestamp": str(int(time.time() * 1000)),
-            }
-            attrs.update(m.get("Attributes", {}))
-            if arn.endswith(".fifo"):
-                attrs.setdefault("MessageGroupId", "compute")
-                attrs.setdefault("MessageDeduplicationId", m["MessageId"])
-                attrs.setdefault("SequenceNumber", "1")
-            recs.append(
-                {
-                    "messageId": m["MessageId"],
-                    "receiptHandle": m["ReceiptHandle"],
-                    "body": m["Body"],
-                    "attributes": attrs,
-                    "messageAttributes": {},
-                    "md5OfBody": m["MD5OfBody"],
-                    "eventSource": "aws:sqs",
-                    "eventSourceARN": arn,
-                    "awsRegion": REGION,
-                }
-            )
-        return {"Records": recs}
+        return sqs_event(messages, arn, REGION)
 
     def drain(self, queue: str, fn: str, batch: int = 10) -> list[dict[str, Any]]:
-        """Deliver every message on ``queue`` to function ``fn`` like Lambda's SQS poller does:
-        successful records are deleted, failed ones stay (and would be retried / redriven)."""
+        """Deliver every message on ``queue`` to function ``fn`` like Lambda's SQS poller does
+        (``ringfence.local.lambdas.deliver_batch``): successful records are deleted, failed ones
+        stay and are visible again at once (as after the visibility timeout); stops at a failure."""
         results = []
         while True:
-            msgs = self.receive(queue, batch)
-            if not msgs:
-                return results
-            arn = (
-                "arn:aws:sqs:ca-central-1:123456789012:rf-compute.fifo"
-                if queue == "compute"
-                else self._arn(self.queues[queue])
+            d = deliver_batch(
+                self.sqs,
+                self.queues[queue],
+                self.aws.queue_arn(queue),
+                self.fn[fn].handler,
+                region=REGION,
+                batch_size=batch,
+                name=fn,
             )
-            out = self.fn[fn].handler(self.sqs_event(msgs, arn), LambdaContext())
-            failed = {f["itemIdentifier"] for f in out.get("batchItemFailures", [])}
-            results.append(out)
-            for m in msgs:
-                if m["MessageId"] not in failed:
-                    self.sqs.delete_message(QueueUrl=self.queues[queue], ReceiptHandle=m["ReceiptHandle"])
-                else:  # as after the visibility timeout: the next drain gets it again
-                    self.sqs.change_message_visibility(
-                        QueueUrl=self.queues[queue], ReceiptHandle=m["ReceiptHandle"], VisibilityTimeout=0
-                    )
-            if failed:
+            if d is None:
+                return results
+            if d.error is not None:
+                raise AssertionError(f"{fn} raised: {d.error}")
+            results.append(d.result or {})
+            if d.failed:
                 return results
 
     def pump(self) -> None:
-        """Run the pipeline until quiet: lifecycle and ingest queues, then compute."""
+        """Run the pipeline until quiet: lifecycle and ingest queues, the perimeter, then compute."""
         self.drain("lifecycle", "lifecycle")
         self.drain("ingest", "ingest")
+        self.drain("perimeter", "perimeter")
         self.drain("compute", "compute")
 
     # --- APIs -----------------------------------------------------------------------------------
@@ -431,42 +258,8 @@ class Env:
         query: dict[str, str] | None = None,
         principal: str = "arn:aws:iam::123456789012:user/alice",
     ) -> tuple[int, dict[str, str], Any]:
-        event = {
-            "resource": path,
-            "path": path,
-            "httpMethod": method,
-            "headers": headers or {},
-            "multiValueHeaders": {k: [v] for k, v in (headers or {}).items()},
-            "queryStringParameters": query,
-            "multiValueQueryStringParameters": {k: [v] for k, v in query.items()} if query else None,
-            "pathParameters": None,
-            "stageVariables": None,
-            "requestContext": {
-                "accountId": ACCOUNT,
-                "apiId": "api",
-                "httpMethod": method,
-                "path": path,
-                "protocol": "HTTP/1.1",
-                "requestId": str(uuid.uuid4()),
-                "requestTimeEpoch": int(time.time() * 1000),
-                "resourceId": "r",
-                "resourcePath": path,
-                "stage": "v1",
-                "identity": {"userArn": principal, "caller": principal, "sourceIp": "10.0.0.1"},
-            },
-            "body": body if isinstance(body, str) or body is None else json.dumps(body),
-            "isBase64Encoded": False,
-        }
-        out = self.fn[fn].handler(event, LambdaContext())
-        text = out.get("body") or ""
-        try:
-            parsed = json.loads(text) if text else None
-        except ValueError:
-            parsed = text
-        hdrs = {k.lower(): v for k, v in (out.get("headers") or {}).items()}
-        for k, v in (out.get("multiValueHeaders") or {}).items():
-            hdrs[k.lower()] = v[0]
-        return out["statusCode"], hdrs, parsed
+        event = rest_event(method, path, body, headers, query, principal)
+        return rest_answer(self.fn[fn].handler(event, LambdaContext()))
 
     def provision_example_policy(self) -> int:
         # the example's tests.yaml names the sample inventory's workload ids, which this moto estate
@@ -503,10 +296,59 @@ class Env:
         return int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"])
 
 
+def rest_event(
+    method: str,
+    path: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    query: dict[str, str] | None = None,
+    principal: str = "arn:aws:iam::123456789012:user/alice",
+) -> dict[str, Any]:
+    """An API Gateway REST proxy event, as API Gateway builds it for a request."""
+    return {
+        "resource": path,
+        "path": path,
+        "httpMethod": method,
+        "headers": headers or {},
+        "multiValueHeaders": {k: [v] for k, v in (headers or {}).items()},
+        "queryStringParameters": query,
+        "multiValueQueryStringParameters": {k: [v] for k, v in query.items()} if query else None,
+        "pathParameters": None,
+        "stageVariables": None,
+        "requestContext": {
+            "accountId": ACCOUNT,
+            "apiId": "api",
+            "httpMethod": method,
+            "path": path,
+            "protocol": "HTTP/1.1",
+            "requestId": str(uuid.uuid4()),
+            "requestTimeEpoch": int(time.time() * 1000),
+            "resourceId": "r",
+            "resourcePath": path,
+            "stage": "v1",
+            "identity": {"userArn": principal, "caller": principal, "sourceIp": "10.0.0.1"},
+        },
+        "body": body if isinstance(body, str) or body is None else json.dumps(body),
+        "isBase64Encoded": False,
+    }
+
+
+def rest_answer(out: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
+    """(status, lower-cased headers, JSON body or text) of a proxy integration's answer."""
+    text = out.get("body") or ""
+    try:
+        parsed = json.loads(text) if text else None
+    except ValueError:
+        parsed = text
+    hdrs = {k.lower(): v for k, v in (out.get("headers") or {}).items()}
+    for k, v in (out.get("multiValueHeaders") or {}).items():
+        hdrs[k.lower()] = v[0]
+    return out["statusCode"], hdrs, parsed
+
+
 @pytest.fixture
-def env(moto_url: str, iid_key: IidKey) -> Env:
-    requests.post(f"{moto_url}/moto-api/reset", timeout=10)
-    e = Env(moto_url, iid_key)
+def env(embedded: EmbeddedAws) -> Env:
+    e = Env(embedded)
     e.build()
     return e
 

@@ -7,38 +7,18 @@ import time
 from typing import Any
 
 from ringfence import agentapi
-from tests.aws.conftest import ACCOUNT, REGION, Env, ip_of
-from tests.aws.test_pipeline import _ctx, _scheduled, boot, enroll_pairing, in_set
-
-
-def iid_document(env: Env, iid: str, pending: str = "2026-11-21T10:00:00Z") -> str:
-    return json.dumps(
-        {
-            "accountId": ACCOUNT,
-            "architecture": "x86_64",
-            "availabilityZone": f"{REGION}a",
-            "imageId": "ami-1",
-            "instanceId": iid,
-            "instanceType": "t3.micro",
-            "pendingTime": pending,
-            "privateIp": ip_of(env, iid),
-            "region": REGION,
-            "version": "2017-09-30",
-        }
-    )
-
-
-def enroll_iid(env: Env, iid: str, document: str | None = None, signature: str | None = None) -> tuple[int, Any]:
-    _, _, n = env.rest("agentapi", "GET", "/v1/nonce")
-    doc = document or iid_document(env, iid)
-    req = {
-        "method": "aws-iid",
-        "nonce": n["nonce"],
-        "document": doc,
-        "document_signature": signature or env.iid.sign(doc),
-    }
-    status, _, body = env.rest("agentapi", "POST", "/v1/enroll", json.dumps(req))
-    return status, body
+from tests.aws.conftest import ACCOUNT, REGION, Env, LambdaContext, ip_of, rest_answer, rest_event
+from tests.aws.test_pipeline import (
+    _ctx,
+    _scheduled,
+    boot,
+    bridge,
+    covered,
+    enroll_iid,
+    enroll_instance,
+    iid_document,
+    in_set,
+)
 
 
 def auth(token: str) -> dict[str, str]:
@@ -92,21 +72,73 @@ def test_forged_document_and_reused_nonce_are_rejected(env: Env) -> None:
     assert status == 401 and "nonce" in body["detail"]
 
 
-def test_pairing_key_has_a_use_limit(env: Env) -> None:
+def register_onprem(env: Env, wid: str, ip: str) -> None:
+    from ringfence.model import Workload
+    from ringfence.store.base import InventoryRecord
+
+    w = Workload(id=wid, ips=[ip], tags={"role": "database", "app": "ordering", "env": "prod"}, site="dc1")
+    assert w.cloud == "onprem"
+    env.store.observe(InventoryRecord(id=wid, workload=w, observed_at=time.time()))
+
+
+def enroll_pairing(env: Env, wid: str, key: str) -> tuple[int, Any]:
+    _, _, n = env.rest("agentapi", "GET", "/v1/nonce")
+    req = {"method": "pairing", "nonce": n["nonce"], "workload_id": wid, "pairing_key": key}
+    status, _, body = env.rest("agentapi", "POST", "/v1/enroll", json.dumps(req))
+    return status, body
+
+
+def test_pairing_key_enrolls_only_its_workload_a_limited_number_of_times(env: Env) -> None:
+    register_onprem(env, "dc1-db-1", "192.168.10.5")
+    register_onprem(env, "dc1-db-2", "192.168.10.6")
+    status, _, key = env.rest(
+        "admin", "POST", "/admin/pairing-keys", {"workload_id": "dc1-db-1", "uses": 2, "ttl": 600}
+    )
+    assert status == 201 and key["workload_id"] == "dc1-db-1", key
+    # a key issued for dc1-db-1 never enrolls another id, and trying spends nothing
+    status, body = enroll_pairing(env, "dc1-db-2", key["pairing_key"])
+    assert status == 401 and "not issued for dc1-db-2" in body["detail"]
+    for _ in range(2):
+        status, body = enroll_pairing(env, "dc1-db-1", key["pairing_key"])
+        assert status == 200 and body["workload_id"] == "dc1-db-1", body
+    status, body = enroll_pairing(env, "dc1-db-1", key["pairing_key"])
+    assert status == 401 and "used up" in body["detail"], "a used-up key is refused"
+    assert env.store.get("dc1-db-1").enrolled  # type: ignore[union-attr]
+
+
+def test_expired_pairing_key_is_refused(env: Env) -> None:
+    from ringfence.clouds.aws.api import secret_hash
+
+    register_onprem(env, "dc1-db-1", "192.168.10.5")
+    env.store.put_pairing(secret_hash("old-key"), "dc1-db-1", uses=5, ttl=-1)
+    status, body = enroll_pairing(env, "dc1-db-1", "old-key")
+    assert status == 401 and "expired" in body["detail"]
+
+
+def test_pairing_is_refused_for_cloud_instances(env: Env) -> None:
+    from ringfence.clouds.aws.api import secret_hash
+
     est = boot(env)
     web = est["ids"]["web"][0]
-    _, _, key = env.rest("admin", "POST", "/admin/pairing-keys", {"workload_id": web, "uses": 1, "ttl": 600})
-    for expected in (200, 401):
-        _, _, n = env.rest("agentapi", "GET", "/v1/nonce")
-        req = {"method": "pairing", "nonce": n["nonce"], "workload_id": web, "pairing_key": key["pairing_key"]}
-        assert env.rest("agentapi", "POST", "/v1/enroll", json.dumps(req))[0] == expected
+    status, _, body = env.rest("admin", "POST", "/admin/pairing-keys", {"workload_id": web, "uses": 1, "ttl": 600})
+    assert status == 409 and "cloud identity" in body["detail"], "no key is minted for an EC2 instance"
+    status, _, body = env.rest("admin", "POST", "/admin/pairing-keys", {"workload_id": "nobody", "uses": 1, "ttl": 600})
+    assert status == 404
+    status, _, body = env.rest("admin", "POST", "/admin/pairing-keys", {"uses": 1, "ttl": 600})
+    assert status == 422, "a pairing key is issued for one workload"
+    # even a key bound to the instance's id (stored before the instance was known) does not enroll it
+    env.store.put_pairing(secret_hash("k"), web, uses=1, ttl=600)
+    status, body = enroll_pairing(env, web, "k")
+    assert status == 401 and "aws instance" in body["detail"]
+    assert env.store.use_pairing(secret_hash("k"), web), "the refused attempt spent nothing"
 
 
 def test_deltas_since_and_409_when_rules_changed(env: Env) -> None:
     est = boot(env)
     proc = est["ids"]["proc"][0]
-    tok = enroll_pairing(env, proc)
-    v0 = env.bundle(proc).version
+    tok = enroll_instance(env, proc)
+    old = env.bundle(proc)
+    v0 = old.version
     new = est["run"]("web", est["subnets"]["web"], 1)[0]
     env.put(env.state_event(new, "running"))
     env.pump()
@@ -116,7 +148,12 @@ def test_deltas_since_and_409_when_rules_changed(env: Env) -> None:
     assert status == 200
     resp = agentapi.DeltasResponse.model_validate(body)
     assert resp.bundle_version > v0 and resp.deltas
-    assert any(f"{ip_of(env, new)}/32" in d["add"] for d in resp.deltas) or resp.deltas[0]["add"]
+    # applied to the agent's bundle, the deltas give exactly the published sets, now covering the
+    # new web server (a /32, or inside a wider canonical cover)
+    current = env.bundle(proc)
+    bridged = bridge(env, old, resp.deltas)
+    assert bridged == {n: set(s.v4) | set(s.v6) for n, s in current.sets.items()}
+    assert not in_set(old, ip_of(env, new)) and covered(bridged, ip_of(env, new))
     # the processing tier's own rules change when it is re-tagged dev → deltas cannot bridge
     env.ec2.create_tags(Resources=[proc], Tags=[{"Key": "ringfence:env", "Value": "dev"}])
     env.put(env.state_event(proc, "running"))
@@ -128,7 +165,7 @@ def test_deltas_since_and_409_when_rules_changed(env: Env) -> None:
 def test_heartbeat_offline_after_timeout_leaves_peer_sets(env: Env) -> None:
     est = boot(env)
     proc, db = est["ids"]["proc"][0], est["ids"]["db"][0]
-    tok = enroll_pairing(env, proc)
+    tok = enroll_instance(env, proc)
     hb = {"applied_version": 1, "mode": "enforce"}
     status, _, body = env.rest("agentapi", "POST", f"/v1/agents/{proc}/heartbeat", hb, headers=auth(tok))
     assert status == 200 and body["latest_version"] >= 1
@@ -151,7 +188,7 @@ def test_heartbeat_offline_after_timeout_leaves_peer_sets(env: Env) -> None:
 def test_reports_validated_and_size_limited(env: Env) -> None:
     est = boot(env)
     web = est["ids"]["web"][0]
-    tok = enroll_pairing(env, web)
+    tok = enroll_instance(env, web)
     good = {
         "flows": [
             {
@@ -168,7 +205,7 @@ def test_reports_validated_and_size_limited(env: Env) -> None:
     assert env.rest("agentapi", "POST", f"/v1/agents/{web}/reports", good, headers=auth(tok))[0] == 202
     bad = {"flows": [{"start": 1}]}
     status, _, body = env.rest("agentapi", "POST", f"/v1/agents/{web}/reports", bad, headers=auth(tok))
-    assert status == 400 and "flows" in body["detail"]
+    assert status == 422 and "body.flows.0.end" in body["detail"], body
     huge = json.dumps({"flows": [], "drops": [], "pad": "x" * (agentapi.MAX_REPORT_BYTES + 1)})
     assert env.rest("agentapi", "POST", f"/v1/agents/{web}/reports", huge, headers=auth(tok))[0] == 413
     keys = env.s3.list_objects_v2(Bucket=env.bucket, Prefix=f"reports/{web}/")["KeyCount"]
@@ -191,7 +228,8 @@ def test_admin_quarantine_mode_and_audit(env: Env) -> None:
     assert status == 200
     env.pump()
     assert env.bundle(proc).mode == "observe"
-    assert env.rest("admin", "PUT", f"/admin/workloads/{proc}/mode", {"mode": "bogus"})[0] == 400
+    status, _, body = env.rest("admin", "PUT", f"/admin/workloads/{proc}/mode", {"mode": "bogus"})
+    assert status == 422 and "body.mode" in body["detail"], body
     env.rest("admin", "DELETE", f"/admin/workloads/{web}/quarantine", {"reason": "cleared"}, principal=bob)
     env.pump()
     assert not env.bundle(web).quarantined
@@ -235,7 +273,7 @@ def test_websocket_nudge_reaches_a_connected_agent(env: Env) -> None:
     env.load_functions()
     est = boot(env)
     proc = est["ids"]["proc"][0]
-    tok = enroll_pairing(env, proc)
+    tok = enroll_instance(env, proc)
 
     def connect(token: str | None) -> dict[str, Any]:
         event = {
@@ -259,7 +297,7 @@ def test_websocket_nudge_reaches_a_connected_agent(env: Env) -> None:
 def test_expired_deltas_make_the_api_ask_compute_for_a_whole_bundle(env: Env) -> None:
     est = boot(env)
     proc = est["ids"]["proc"][0]
-    tok = enroll_pairing(env, proc)
+    tok = enroll_instance(env, proc)
     new = est["run"]("web", est["subnets"]["web"], 1)[0]
     env.put(env.state_event(new, "running"))
     env.pump()
@@ -362,3 +400,68 @@ def test_policy_whose_tests_fail_is_not_provisioned(env: Env) -> None:
     assert status == 422 and body["error"] == "policy tests fail"
     assert "expected allow, policy says deny" in body["detail"]
     assert env.store.active_policy() is None and env.store.audit_log() == []
+
+
+def test_wait_answers_at_once_when_behind_and_on_a_change_when_current(env: Env, monkeypatch: Any) -> None:
+    import threading
+
+    from ringfence.routes.agent import agent_routes
+
+    monkeypatch.setenv("RINGFENCE_WAIT_POLL_INTERVAL", "0.1")
+    env.load_functions()
+    est = boot(env)
+    proc = est["ids"]["proc"][0]
+    tok = enroll_instance(env, proc)
+    v = env.bundle(proc).version
+    path = f"/v1/agents/{proc}/wait"
+
+    def wait(version: int, timeout: int) -> tuple[int, Any, float]:
+        t0 = time.monotonic()
+        status, _, body = env.rest(
+            "agentapi", "GET", path, headers=auth(tok), query={"version": str(version), "timeout": str(timeout)}
+        )
+        return status, body, time.monotonic() - t0
+
+    status, body, took = wait(v - 1, 20)  # behind: at once
+    assert status == 200 and body == {"latest_version": v} and took < 2
+    status, body, took = wait(v, 1)  # current, nothing changes: at the timeout, same version
+    assert status == 200 and body == {"latest_version": v} and 0.9 <= took < 5
+    assert env.rest("agentapi", "GET", path, headers=auth("nope"), query={"version": "1"})[0] == 401
+    status, _, err = env.rest("agentapi", "GET", path, headers=auth(tok), query={"version": "x"})
+    assert status == 422 and "query.version" in err["detail"]
+
+    # a change while waiting: the long-poll answers with the new version long before its timeout
+    # (through a second resolver over the same service: a resolver serves one request at a time)
+    waiter = agent_routes(env.fn["agentapi"].api)
+    got: dict[str, Any] = {}
+
+    def long_poll() -> None:
+        t0 = time.monotonic()
+        event = rest_event("GET", path, headers=auth(tok), query={"version": str(v), "timeout": "20"})
+        got["status"], _, got["body"] = rest_answer(waiter.resolve(event, LambdaContext()))
+        got["took"] = time.monotonic() - t0
+
+    t = threading.Thread(target=long_poll)
+    t.start()
+    time.sleep(0.5)
+    assert "status" not in got, got
+    new = est["run"]("web", est["subnets"]["web"], 1)[0]
+    env.put(env.state_event(new, "running"))
+    env.pump()
+    t.join(25)
+    assert got["status"] == 200 and got["body"]["latest_version"] == env.bundle(proc).version > v
+    assert got["took"] < 10, got
+
+
+def test_wait_is_capped_by_max_wait(env: Env, monkeypatch: Any) -> None:
+    monkeypatch.setenv("RINGFENCE_MAX_WAIT", "1")
+    monkeypatch.setenv("RINGFENCE_WAIT_POLL_INTERVAL", "0.2")
+    env.load_functions()
+    est = boot(env)
+    proc = est["ids"]["proc"][0]
+    tok = enroll_instance(env, proc)
+    v = env.bundle(proc).version
+    t0 = time.monotonic()
+    query = {"version": str(v), "timeout": "300"}
+    status, _, body = env.rest("agentapi", "GET", f"/v1/agents/{proc}/wait", headers=auth(tok), query=query)
+    assert status == 200 and body == {"latest_version": v} and time.monotonic() - t0 < 4

@@ -7,7 +7,7 @@ from typing import Any
 
 from botocore.awsrequest import AWSResponse
 
-from tests.aws.conftest import Env, fixture, ip_of
+from tests.aws.conftest import ACCOUNT, REGION, Env, fixture, ip_of
 
 
 def boot(env: Env) -> dict[str, Any]:
@@ -29,6 +29,26 @@ def _covers(cidr: str, ip: str) -> bool:
     import ipaddress
 
     return ipaddress.ip_address(ip) in ipaddress.ip_network(cidr)
+
+
+def covered(sets: dict[str, set[str]], ip: str) -> bool:
+    return any(_covers(c, ip) for elems in sets.values() for c in elems)
+
+
+def bridge(env: Env, old: Any, deltas: list[dict[str, Any]]) -> dict[str, set[str]]:
+    """The sets of bundle ``old`` moved along ``deltas`` as an agent applies them: each signature
+    verified, each delta continuing its set's chain."""
+    from ringfence.bundle import Verifier, load_delta
+
+    verifier = Verifier.from_pem(env.signing_key.public_pem())
+    sets = {n: (s.version, set(s.v4) | set(s.v6)) for n, s in old.sets.items()}
+    for raw in deltas:
+        d = load_delta(json.dumps(raw))
+        verifier.verify(d)
+        version, elems = sets[d.set]
+        assert version == d.from_version, (d.set, version, d.from_version)
+        sets[d.set] = (d.to_version, (elems - set(d.remove)) | set(d.add))
+    return {n: e for n, (_, e) in sets.items()}
 
 
 def test_estate_events_build_inventory_and_signed_bundles(env: Env) -> None:
@@ -53,8 +73,9 @@ def test_scale_out_lifecycle_publishes_then_continues(env: Env) -> None:
     completed: list[dict[str, Any]] = []
 
     def complete(request: Any, **_: Any) -> AWSResponse:
-        # moto does not implement CompleteLifecycleAction: stand in for it at the HTTP layer and
-        # record what was published at the moment the action was completed
+        # this lifecycle event is synthesized (the fixture's token), so moto's CompleteLifecycleAction
+        # (ringfence.local.moto_lifecycle; tests/local drive real hooks) would refuse it: stand in
+        # at the HTTP layer and record what was published at the moment the action was completed
         raw = request.body.decode() if isinstance(request.body, bytes) else request.body
         params = dict(p.split("=", 1) for p in raw.split("&"))
         iid = params["InstanceId"]
@@ -78,7 +99,7 @@ def test_scale_out_lifecycle_publishes_then_continues(env: Env) -> None:
     after = env.bundle(proc)
     assert in_set(after, ip_of(env, new)) and after.version > before.version
     # the peer can bridge by delta
-    tok = enroll_pairing(env, proc)
+    tok = enroll_instance(env, proc)
     status, _, body = env.rest(
         "agentapi",
         "GET",
@@ -87,7 +108,11 @@ def test_scale_out_lifecycle_publishes_then_continues(env: Env) -> None:
         query={"since": str(before.version)},
     )
     assert status == 200, body
-    assert any(f"{ip_of(env, new)}/32" in d["add"] or d["add"] for d in body["deltas"])
+    # the signed deltas take the peer from `before` to exactly the published sets, which cover the
+    # new instance's address (as a /32 or within a wider canonical cover)
+    bridged = bridge(env, before, body["deltas"])
+    assert bridged == {n: set(s.v4) | set(s.v6) for n, s in after.sets.items()}
+    assert not in_set(before, ip_of(env, new)) and covered(bridged, ip_of(env, new))
     # terminate: leaves peers' sets before CONTINUE
     env.put(env.lifecycle_event(new, launching=False))
     env.pump()
@@ -240,15 +265,40 @@ def _scheduled() -> dict[str, Any]:
     }
 
 
-def enroll_pairing(env: Env, wid: str) -> str:
-    _, _, key = env.rest("admin", "POST", "/admin/pairing-keys", {"workload_id": wid, "uses": 1, "ttl": 600})
-    _, _, n = env.rest("agentapi", "GET", "/v1/nonce")
-    status, _, body = env.rest(
-        "agentapi",
-        "POST",
-        "/v1/enroll",
-        json.dumps({"method": "pairing", "nonce": n["nonce"], "workload_id": wid, "pairing_key": key["pairing_key"]}),
+def iid_document(env: Env, iid: str, pending: str = "2026-11-21T10:00:00Z") -> str:
+    return json.dumps(
+        {
+            "accountId": ACCOUNT,
+            "architecture": "x86_64",
+            "availabilityZone": f"{REGION}a",
+            "imageId": "ami-1",
+            "instanceId": iid,
+            "instanceType": "t3.micro",
+            "pendingTime": pending,
+            "privateIp": ip_of(env, iid),
+            "region": REGION,
+            "version": "2017-09-30",
+        }
     )
+
+
+def enroll_iid(env: Env, iid: str, document: str | None = None, signature: str | None = None) -> tuple[int, Any]:
+    _, _, n = env.rest("agentapi", "GET", "/v1/nonce")
+    doc = document or iid_document(env, iid)
+    req = {
+        "method": "aws-iid",
+        "nonce": n["nonce"],
+        "document": doc,
+        "document_signature": signature or env.iid.sign(doc),
+    }
+    status, _, body = env.rest("agentapi", "POST", "/v1/enroll", json.dumps(req))
+    return status, body
+
+
+def enroll_instance(env: Env, iid: str) -> str:
+    """An EC2 instance's agent token, enrolled with its identity document (pairing keys are for
+    on-premise workloads only)."""
+    status, body = enroll_iid(env, iid)
     assert status == 200, body
     return str(body["token"])
 
@@ -261,7 +311,7 @@ def test_published_state_equals_a_full_recompile_and_deltas_bridge(env: Env) -> 
 
     est = boot(env)
     proc = est["ids"]["proc"][0]
-    tok = enroll_pairing(env, proc)
+    tok = enroll_instance(env, proc)
     old = env.bundle(proc)
     added = est["run"]("web", est["subnets"]["web"], 4) + est["run"]("processing", est["subnets"]["app"], 2)
     for iid in added:
@@ -278,7 +328,7 @@ def test_published_state_equals_a_full_recompile_and_deltas_bridge(env: Env) -> 
     from ringfence.policy import load_policy_texts
 
     texts = {n: env.s3.get_object(Bucket=env.bucket, Key=k)["Body"].read().decode() for n, k in pv.keys.items()}
-    fresh = Engine(load_policy_texts(texts), policy_version=pv.version)
+    fresh = Engine(load_policy_texts(texts), policy_version=pv.number)
     fresh.load(r.effective() for r in env.store.all_records() if r.active)
     assert len(fresh.workloads) == 5 + 6 - 1
     for wid in fresh.workloads:
@@ -335,6 +385,7 @@ def test_publish_failure_leaves_hook_pending_then_retry_rebuilds_and_completes(e
     new = est["run"]("processing", est["subnets"]["app"], 1)[0]
     env.put(env.lifecycle_event(new, launching=True))
     env.drain("lifecycle", "lifecycle")
+    env.drain("perimeter", "perimeter")  # the ENIs get their groups; the action goes on to compute
     out = env.drain("compute", "compute")
     assert out[0]["batchItemFailures"], "the batch failed and stays on the queue"
     assert completed == [] and "will time out into its configured default result" in caplog.text

@@ -106,9 +106,11 @@ def test_template_has_the_required_pieces() -> None:
         assert (ROOT / res[fn]["Properties"]["CodeUri"] / "app.py").exists(), fn
     assert res["ComputeFunction"]["Properties"]["ReservedConcurrentExecutions"] == 1
     sqs_fns = [fn for fn in fns if any(e["Type"] == "SQS" for e in res[fn]["Properties"].get("Events", {}).values())]
+    assert "PerimeterFunction" in sqs_fns, "the perimeter reacts to the event path"
     for fn in sqs_fns:
         for e in res[fn]["Properties"]["Events"].values():
-            assert e["Properties"]["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+            if e["Type"] == "SQS":  # the perimeter also has its schedule
+                assert e["Properties"]["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
 
 
 def test_storm_benchmark_script_runs_small() -> None:
@@ -119,3 +121,119 @@ def test_storm_benchmark_script_runs_small() -> None:
     assert out["estate_after"] == 16  # 5 + 10 + the one more afterwards
     assert out["incremental"]["bundles_published"] == 10 and out["incremental"]["deltas_published"] >= 10
     assert out["one_more_instance_afterwards"]["bundles_published"] == 1
+
+
+def _keys(block: dict[str, Any]) -> set[str]:
+    """A block's attribute names, without python-hcl2's own (``__comments__``, ``__is_block__``)."""
+    return {k for k in block if not k.startswith("__")}
+
+
+def _variables(directory: Path) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for f in sorted(directory.glob("*.tf")):
+        for block in unquote(hcl2.loads(f.read_text())).get("variable", []):
+            out.update({k: v for k, v in block.items() if not k.startswith("__")})
+    return out
+
+
+def test_basic_example_inputs_line_up() -> None:
+    """The example's tfvars sets only declared variables and every required one; the example passes
+    the module only arguments the module declares, and every argument the module requires."""
+    example = ROOT / "infra/examples/basic"
+    declared = _variables(example)
+    tfvars = unquote(hcl2.loads((example / "terraform.tfvars.example").read_text()))
+    assert _keys(tfvars) <= set(declared), _keys(tfvars) - set(declared)
+    required = {name for name, v in declared.items() if "default" not in v}
+    assert required <= _keys(tfvars), required - _keys(tfvars)
+    assert {"control_account", "signing_key_secret_arn"} <= required
+    assert tfvars["control_account"] != "" and len(tfvars["control_account"]) == 12
+    main = unquote(hcl2.loads((example / "main.tf").read_text()))
+    (call,) = [m["ringfence"] for m in main["module"]]
+    module_vars = _variables(ROOT / "infra/modules/ringfence")
+    passed = _keys(call) - {"source"}
+    assert passed <= set(module_vars), passed - set(module_vars)
+    assert {n for n, v in module_vars.items() if "default" not in v} <= passed
+    readme = (example / "README.md").read_text()
+    for step in (
+        "regions-certs",
+        "iid_certificate",
+        "RINGFENCE_IID_CERT",
+        "terraform.tfvars.example",
+        "build-layer.sh",
+    ):
+        assert step in readme, step
+
+
+def test_every_sam_function_logs_to_a_kept_encrypted_group() -> None:
+    res = template()["Resources"]
+    fns = [n for n, r in res.items() if r["Type"] == "AWS::Serverless::Function"]
+    assert len(fns) >= 8
+    for fn in fns:
+        group = res[fn]["Properties"]["LoggingConfig"]["LogGroup"]["Ref"]
+        props = res[group]["Properties"]
+        assert res[group]["Type"] == "AWS::Logs::LogGroup", fn
+        assert props["RetentionInDays"] == {"Ref": "LogRetentionDays"} and props["KmsKeyId"] == {"GetAtt": "Key.Arn"}, (
+            fn
+        )
+
+
+def test_compute_failures_and_a_stuck_compute_queue_are_alarmed() -> None:
+    """compute hands failed batches back instead of failing (Lambda Errors cannot see that):
+    both stacks alarm on its ComputeFailures metric and on the compute queue's oldest message."""
+    res = template()["Resources"]
+    alarms = [r["Properties"] for r in res.values() if r["Type"] == "AWS::CloudWatch::Alarm"]
+    assert any(a["Namespace"] == "Ringfence" and a["MetricName"] == "ComputeFailures" for a in alarms)
+    (age,) = [a for a in alarms if a["MetricName"] == "ApproximateAgeOfOldestMessage"]
+    assert age["Dimensions"] == [{"Name": "QueueName", "Value": {"GetAtt": "ComputeQueue.QueueName"}}]
+    tf = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/alarms.tf").read_text()))
+    loc: dict[str, Any] = {}
+    for block in tf.get("locals", []):
+        loc.update(block)
+    assert loc["alarms"]["compute-failures"]["metric"] == "ComputeFailures"
+    resources: dict[str, dict[str, Any]] = {}
+    for block in tf["resource"]:
+        for kind, named in block.items():
+            resources.setdefault(kind, {}).update(named)
+    queue_age = resources["aws_cloudwatch_metric_alarm"]["compute_queue_age"]
+    assert queue_age["metric_name"] == "ApproximateAgeOfOldestMessage"
+    assert "aws_sqs_queue.compute.name" in str(queue_age["dimensions"])
+
+
+def test_perimeter_iam_changes_and_deletes_only_tagged_groups_in_both_deployments() -> None:
+    """The perimeter may delete and change rules only of groups carrying its tag, and create only
+    groups tagged at birth: in template.yaml and in infra/ alike."""
+    tag_cond = ("Null", "aws:ResourceTag/ringfence:perimeter", "false")
+    birth_cond = ("Null", "aws:RequestTag/ringfence:perimeter", "false")
+    guarded = {
+        "ec2:DeleteSecurityGroup": tag_cond,
+        "ec2:RevokeSecurityGroupIngress": tag_cond,
+        "ec2:AuthorizeSecurityGroupIngress": tag_cond,
+    }
+    res = template()["Resources"]
+    stmts = res["PerimeterFunction"]["Properties"]["Policies"][0]["Statement"]
+    cfn: dict[str, list[tuple[str, str, str] | None]] = {}
+    for st in stmts:
+        conds = [(t, k, v) for t, kv in st.get("Condition", {}).items() for k, v in kv.items()] or [None]
+        for a in st["Action"]:
+            cfn.setdefault(a, []).extend(conds)
+    for action, cond in guarded.items():
+        assert cfn[action] == [cond], action
+    assert birth_cond in cfn["ec2:CreateSecurityGroup"]
+    env = res["PerimeterFunction"]["Properties"]["Events"]
+    assert env["Queue"]["Properties"]["Queue"] == {"GetAtt": "PerimeterQueue.Arn"}
+
+    lam = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/lambda.tf").read_text()))
+    loc: dict[str, Any] = {}
+    for block in lam.get("locals", []):
+        loc.update(block)
+    tf: dict[str, list[tuple[str, str, str] | None]] = {}
+    for st in loc["statements"]["perimeter"]:
+        if not isinstance(st, dict):
+            continue  # a shared local (assume, kms)
+        conds = [(c["test"], c["variable"], c["values"][0]) for c in st.get("conditions", [])] or [None]
+        for a in st["actions"]:
+            tf.setdefault(a, []).extend(conds)
+    for action, cond in guarded.items():
+        assert tf[action] == [cond], action
+    assert birth_cond in tf["ec2:CreateSecurityGroup"]
+    assert "RINGFENCE_PERIMETER_QUEUE_URL" in loc["common_env"]

@@ -1,68 +1,330 @@
-"""DynamoDB store semantics the control plane relies on (moto server)."""
+"""The store contract: DynamoStore (moto server) and SqliteStore are held to the same behaviour.
+
+Every test here runs against both. The races at the end run on SQLite only, across threads and
+across processes: moto serialises requests itself, so a race against it proves nothing about
+DynamoDB (whose conditional writes are atomic by contract).
+"""
 
 from __future__ import annotations
 
+import multiprocessing
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
 import pytest
-from botocore.exceptions import ClientError
+import requests
 
-from ringfence.model import Workload
-from ringfence.store.base import AuditRecord, BundlePointer, ConflictError, EngineHead, InventoryRecord
-from tests.aws.conftest import Env
+from ringfence.model import Mode, Workload
+from ringfence.store.base import (
+    AuditRecord,
+    BundlePointer,
+    ConflictError,
+    DeltaPointer,
+    EngineHead,
+    InventoryRecord,
+    PolicyVersion,
+    Store,
+)
+from ringfence.store.sqlite import SqliteStore
+
+WID = "i-0123456789abcdef0"
 
 
-def rec(t: float, env_tag: str, state: str = "running") -> InventoryRecord:
-    w = Workload(id="i-0123456789abcdef0", ips=["10.0.0.1"], tags={"env": env_tag}, cloud="aws")
+def make_dynamo(moto_url: str) -> Store:
+    from ringfence.store.dynamodb import DynamoStore
+
+    requests.post(f"{moto_url}/moto-api/reset", timeout=10)
+    ddb = boto3.resource("dynamodb")
+    for name, keys in {
+        "rf-inventory": [("id", "HASH")],
+        "rf-state": [("pk", "HASH"), ("sk", "RANGE")],
+        "rf-audit": [("pk", "HASH"), ("sk", "RANGE")],
+    }.items():
+        ddb.create_table(
+            TableName=name,
+            KeySchema=[{"AttributeName": k, "KeyType": t} for k, t in keys],
+            AttributeDefinitions=[{"AttributeName": k, "AttributeType": "S"} for k, _ in keys],
+            BillingMode="PAY_PER_REQUEST",
+        )
+    return DynamoStore("rf-inventory", "rf-state", "rf-audit", resource=ddb)
+
+
+@pytest.fixture(params=["dynamodb", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "dynamodb":
+        yield make_dynamo(request.getfixturevalue("moto_url"))
+    else:
+        st = SqliteStore(tmp_path / "state.db")
+        yield st
+        assert st.integrity_check() == "ok"
+        st.close()
+
+
+def rec(t: float, env_tag: str, state: str = "running", wid: str = WID, cloud: str = "aws") -> InventoryRecord:
+    w = Workload(id=wid, ips=["10.0.0.1"], tags={"env": env_tag}, cloud=cloud)  # type: ignore[arg-type]
     return InventoryRecord(id=w.id, workload=w, state=state, observed_at=t)
 
 
-def test_older_observation_never_wins(env: Env) -> None:
-    st = env.store
-    assert st.observe(rec(10, "prod")) is True
-    assert st.observe(rec(5, "dev")) is False
-    assert st.get("i-0123456789abcdef0").workload.tags == {"env": "prod"}
-    assert st.observe(rec(11, "prod")) is False, "same cloud view: no change to compute"
-    assert st.observe(rec(12, "dev")) is True
+# --- inventory -----------------------------------------------------------------------------------
 
 
-def test_terminating_is_sticky_while_the_instance_still_runs(env: Env) -> None:
-    st = env.store
-    st.observe(rec(10, "prod"))
-    st.observe(rec(11, "prod", state="terminating"))
-    st.observe(rec(12, "prod", state="running"))
-    assert st.get("i-0123456789abcdef0").state == "terminating"
-    st.observe(rec(13, "prod", state="terminated"))
-    assert st.get("i-0123456789abcdef0").state == "terminated"
+def test_older_observation_never_wins(store: Store) -> None:
+    assert store.observe(rec(10, "prod")) is True
+    assert store.observe(rec(5, "dev")) is False
+    got = store.get(WID)
+    assert got is not None and got.workload.tags == {"env": "prod"}
+    assert store.observe(rec(11, "prod")) is False, "same cloud view: no change to compute"
+    assert store.observe(rec(12, "dev")) is True
 
 
-def test_engine_head_and_bundle_pointer_compare_and_swap(env: Env) -> None:
-    st = env.store
-    st.put_head(EngineHead(revision=3, policy_version=1, clean=False), 0)
+def test_terminating_is_sticky_while_the_instance_still_runs(store: Store) -> None:
+    store.observe(rec(10, "prod"))
+    store.observe(rec(11, "prod", state="terminating"))
+    store.observe(rec(12, "prod", state="running"))
+    assert store.get(WID).state == "terminating"  # type: ignore[union-attr]
+    store.observe(rec(13, "prod", state="terminated"))
+    assert store.get(WID).state == "terminated"  # type: ignore[union-attr]
+
+
+def test_tag_version_never_goes_backwards(store: Store) -> None:
+    store.observe(rec(10, "prod").model_copy(update={"tag_version": 5}))
+    store.observe(rec(11, "dev").model_copy(update={"tag_version": 3}))
+    assert store.get(WID).tag_version == 5  # type: ignore[union-attr]
+
+
+def test_observations_keep_operator_and_liveness_fields(store: Store) -> None:
+    with pytest.raises(KeyError):
+        store.set_operator("nobody", quarantined=True)
+    with pytest.raises(KeyError):
+        store.set_liveness("nobody", enrolled=True)
+    store.observe(rec(10, "prod"))
+    store.set_operator(WID, mode=Mode.ENFORCE, quarantined=True)
+    store.set_liveness(WID, enrolled=True, heartbeat=123.5, offline=True)
+    store.observe(rec(20, "dev"))
+    got = store.get(WID)
+    assert got is not None
+    assert (got.op_mode, got.op_quarantined, got.enrolled, got.last_heartbeat, got.offline) == (
+        Mode.ENFORCE,
+        True,
+        True,
+        123.5,
+        True,
+    )
+    assert got.effective().quarantined and got.effective().mode is Mode.ENFORCE and not got.active
+    store.set_operator(WID, mode=None)
+    store.set_liveness(WID, offline=False)
+    got = store.get(WID)
+    assert got is not None and got.op_mode is None and got.op_quarantined and got.active
+
+
+def test_observe_many_is_observe_for_each(store: Store) -> None:
+    store.observe(rec(10, "prod", wid="w0", cloud="onprem"))
+    changed = store.observe_many(
+        [
+            rec(5, "dev", wid="w0", cloud="onprem"),  # older: loses
+            rec(11, "prod", wid="w1", cloud="onprem"),  # new
+            rec(12, "prod", wid="w2", cloud="onprem"),
+        ]
+    )
+    assert changed == {"w1", "w2"}
+    assert store.get("w0").workload.tags == {"env": "prod"}  # type: ignore[union-attr]
+    assert store.observe_many([]) == set()
+
+
+def test_get_many_and_all_records(store: Store) -> None:
+    for i in range(3):
+        store.observe(rec(1, "prod", wid=f"w{i}", cloud="onprem"))
+    assert sorted(store.get_many(["w0", "w2", "missing", "w0"])) == ["w0", "w2"]
+    assert sorted(r.id for r in store.all_records()) == ["w0", "w1", "w2"]
+    assert store.get("missing") is None
+
+
+# --- engine head, policy, published artifacts ----------------------------------------------------
+
+
+def test_engine_head_and_bundle_pointer_compare_and_swap(store: Store) -> None:
+    assert store.head() == EngineHead()
+    store.put_head(EngineHead(revision=3, policy_version=1, clean=False), 0)
     with pytest.raises(ConflictError):
-        st.put_head(EngineHead(revision=4, policy_version=1), 2)
-    ptr = BundlePointer(workload_id="w", version=5, key="k5", etag='"5"', rules_revision=5)
-    assert st.put_bundle_pointer(ptr)
-    assert not st.put_bundle_pointer(ptr.model_copy(update={"version": 4}))  # never backwards
-    assert not st.put_bundle_pointer(ptr.model_copy(update={"version": 9}), expected_version=4)
-    assert st.put_bundle_pointer(ptr.model_copy(update={"version": 9}), expected_version=5)
-    assert st.bundle_pointer("w").version == 9
+        store.put_head(EngineHead(revision=4, policy_version=1), 2)
+    store.put_head(EngineHead(revision=4, policy_version=1), 3)
+    assert store.head() == EngineHead(revision=4, policy_version=1, clean=True)
+    assert store.bundle_pointer("w") is None
+    ptr = BundlePointer(workload_id="w", version=5, key="k5", etag='"5"', rules_revision=5, sets={"s": 5})
+    assert store.put_bundle_pointer(ptr)
+    assert store.put_bundle_pointer(ptr), "the same version again is not backwards"
+    assert not store.put_bundle_pointer(ptr.model_copy(update={"version": 4}))  # never backwards
+    assert not store.put_bundle_pointer(ptr.model_copy(update={"version": 9}), expected_version=4)
+    assert store.put_bundle_pointer(ptr.model_copy(update={"version": 9}), expected_version=5)
+    assert store.bundle_pointer("w") == ptr.model_copy(update={"version": 9})
+    fresh = ptr.model_copy(update={"workload_id": "new"})
+    assert not store.put_bundle_pointer(fresh, expected_version=5), "compare-and-swap needs a stored pointer"
 
 
-def test_nonce_and_pairing_are_single_use_and_audit_is_append_only(env: Env) -> None:
-    st = env.store
-    st.put_nonce("n1", 60)
-    assert st.burn_nonce("n1") and not st.burn_nonce("n1") and not st.burn_nonce("never-issued")
-    st.put_pairing("h", "w", uses=2, ttl=60)
-    assert [st.use_pairing("h") for _ in range(3)] == [True, True, False]
-    r = AuditRecord(principal="arn:aws:iam::1:user/a", action="x", target="t")
-    st.audit(r)
-    with pytest.raises(ClientError):
-        st.audit(r)  # the same record can never be rewritten
-    assert [a.id for a in st.audit_log()] == [r.id]
+def test_policy_versions_are_numbered_and_one_is_active(store: Store) -> None:
+    assert store.active_policy() is None
+    assert [store.next_policy_version() for _ in range(3)] == [1, 2, 3]
+    pv = PolicyVersion(number=3, author="alice", message="m", digest="d", keys={"p.yaml": "policies/v000003/p.yaml"})
+    store.activate_policy(pv)
+    assert store.active_policy() == pv
 
 
-def test_expired_nonce_and_pairing_key_are_refused(env: Env) -> None:
-    st = env.store
-    st.put_nonce("old", -1)
-    assert not st.burn_nonce("old")
-    st.put_pairing("h2", None, uses=5, ttl=-1)
-    assert not st.use_pairing("h2")
+def test_set_heads_move_forward_and_deltas_are_listed_in_order(store: Store) -> None:
+    store.put_set_head("s", 5)
+    store.put_set_head("s", 3)
+    store.put_set_head("t", 1)
+    assert store.set_heads(["s", "t", "u"]) == {"s": 5, "t": 1}
+    for frm, to in ((1, 3), (3, 5), (5, 8)):
+        store.put_delta(DeltaPointer(set="s", from_version=frm, to_version=to, key=f"d{to}"))
+    store.put_delta(DeltaPointer(set="t", from_version=0, to_version=4, key="t4"))
+    assert [d.key for d in store.deltas_after("s", 3)] == ["d5", "d8"]
+    assert [d.key for d in store.deltas_after("s", 0)] == ["d3", "d5", "d8"]
+    assert store.deltas_after("s", 8) == []
+
+
+# --- agent auth -----------------------------------------------------------------------------------
+
+
+def test_nonces_and_claims_are_single_use(store: Store) -> None:
+    store.put_nonce("n1", 60)
+    assert store.burn_nonce("n1") and not store.burn_nonce("n1") and not store.burn_nonce("never-issued")
+    store.put_nonce("old", -1)
+    assert not store.burn_nonce("old")
+    assert store.claim_once("iid#i-1#t", 60) and not store.claim_once("iid#i-1#t", 60)
+    assert store.claim_once("iid#i-2#t", 60)
+
+
+def test_tokens_name_their_workload_until_they_expire(store: Store) -> None:
+    store.put_token("h1", "w1", 60)
+    store.put_token("h2", "w2", -1)
+    assert store.token_workload("h1") == "w1"
+    assert store.token_workload("h2") is None and store.token_workload("nope") is None
+
+
+def test_pairing_key_enrolls_only_its_workload_a_limited_number_of_times(store: Store) -> None:
+    store.put_pairing("h", "w", uses=2, ttl=60)
+    assert not store.use_pairing("h", "other"), "a key issued for w never enrolls another id"
+    assert [store.use_pairing("h", "w") for _ in range(3)] == [True, True, False]
+    assert not store.use_pairing("unknown", "w")
+    store.put_pairing("h2", "w", uses=5, ttl=-1)
+    assert not store.use_pairing("h2", "w"), "expired"
+    with pytest.raises(ValueError):
+        store.put_pairing("h3", "", uses=1, ttl=60)
+
+
+def test_connections(store: Store) -> None:
+    assert store.connection("w") is None
+    store.put_connection("w", "c1")
+    store.put_connection("w", "c2")
+    assert store.connection("w") == "c2"
+    store.drop_connection("w")
+    assert store.connection("w") is None
+
+
+def test_audit_is_append_only(store: Store) -> None:
+    first = AuditRecord(principal="arn:aws:iam::1:user/a", action="x", target="t", time=time.time() - 10)
+    second = AuditRecord(principal="alice", action="y", target="t", detail={"k": [1, 2]})
+    store.audit(second)
+    store.audit(first)
+    with pytest.raises(ConflictError):
+        store.audit(first.model_copy(update={"action": "rewritten"}))  # the same record can never be rewritten
+    assert store.audit_log() == [first, second]
+
+
+def test_a_store_opens_from_its_spec(tmp_path: Path, moto_url: str) -> None:
+    from ringfence.store import open_store
+    from ringfence.store.dynamodb import DynamoStore
+
+    make_dynamo(moto_url)
+    st = open_store(f"sqlite:{tmp_path / 'sub' / 'state.db'}")
+    assert isinstance(st, SqliteStore) and (tmp_path / "sub" / "state.db").exists()
+    dyn = open_store("dynamodb:rf-inventory,rf-state,rf-audit")
+    assert isinstance(dyn, DynamoStore) and dyn.head() == EngineHead()
+    for bad in ("sqlite:", "postgres://x", "dynamodb:a,b", "state.db"):
+        with pytest.raises(ValueError, match="expected sqlite:PATH"):
+            open_store(bad)
+
+
+# --- SQLite: what only a file shared by threads and processes needs --------------------------------
+
+
+def test_sqlite_audit_log_refuses_rewrites_even_from_sql(tmp_path: Path) -> None:
+    import sqlite3
+
+    st = SqliteStore(tmp_path / "s.db")
+    st.audit(AuditRecord(principal="a", action="x", target="t"))
+    db = sqlite3.connect(tmp_path / "s.db")
+    for stmt in ("UPDATE audit SET doc = '{}'", "DELETE FROM audit"):
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            db.execute(stmt)
+    assert len(st.audit_log()) == 1
+
+
+def test_sqlite_is_wal_and_fully_synchronous(tmp_path: Path) -> None:
+    st = SqliteStore(tmp_path / "s.db")
+    db = st._db()
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_sqlite_closes_the_connections_of_ended_threads(tmp_path: Path) -> None:
+    st = SqliteStore(tmp_path / "s.db")
+    for i in range(20):  # a server's worker threads come and go
+        t = threading.Thread(target=st.put_nonce, args=(f"n{i}", 60))
+        t.start()
+        t.join()
+    st.get("x")  # this thread's connection reaps the ended threads'
+    assert st.open_connections() <= 2
+    assert all(st.burn_nonce(f"n{i}") for i in range(20))
+
+
+def _race(path: str, start: Any, out: Any) -> None:
+    """One racer: at each barrier, every racer tries the same single-winner operation at once."""
+    st = SqliteStore(path)
+    start.wait()
+    try:
+        st.put_head(EngineHead(revision=1, policy_version=1), 0)
+        out.put(("head", True))
+    except ConflictError:
+        out.put(("head", False))
+    start.wait()
+    out.put(("pairing", sum(st.use_pairing("h", "w") for _ in range(3))))
+    start.wait()
+    out.put(("nonce", st.burn_nonce("n")))
+    st.close()
+
+
+@pytest.mark.parametrize("mode", ["threads", "processes"])
+def test_sqlite_conditions_hold_across_threads_and_processes(tmp_path: Path, mode: str) -> None:
+    import queue as queue_mod
+
+    path = tmp_path / "race.db"
+    st = SqliteStore(path)
+    st.put_head(EngineHead(revision=0), 0)
+    st.put_pairing("h", "w", uses=5, ttl=60)
+    st.put_nonce("n", 60)
+    n = 6
+    if mode == "threads":
+        spawn: Callable[..., Any] = threading.Thread
+        barrier: Any = threading.Barrier(n)
+        results: Any = queue_mod.Queue()
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        spawn, barrier, results = ctx.Process, ctx.Barrier(n), ctx.Queue()
+    racers = [spawn(target=_race, args=(str(path), barrier, results)) for _ in range(n)]
+    for r in racers:
+        r.start()
+    got: dict[str, list[Any]] = {"head": [], "pairing": [], "nonce": []}
+    for _ in range(3 * n):
+        kind, value = results.get(timeout=120)
+        got[kind].append(value)
+    for r in racers:
+        r.join(60)
+    assert sorted(got["head"]) == [False] * (n - 1) + [True], "exactly one writer moves the head"
+    assert sum(got["pairing"]) == 5, "a key with 5 uses enrolls exactly 5 times"
+    assert sorted(got["nonce"]) == [False] * (n - 1) + [True], "a nonce burns exactly once"
+    assert st.integrity_check() == "ok"

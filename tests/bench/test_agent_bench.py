@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 
 from ringfence.bundle import AddressSetDoc, Bundle, BundleRule, FailsafeDoc, ServiceMatch, SetDelta, sign
+from ringfence.local.lab import AGENT, PY, Lab, prerequisites
 from ringfence.model import Mode
 from ringfence_agent.plan import LocalFailsafes, compile_plan
 from tests.agent.bundles import key, write
-from tests.agent.netlab import AGENT, PY, Lab, prerequisites
 from tests.bench.conn_pool import median_ci
 
 ROOT = Path(__file__).resolve().parents[2]

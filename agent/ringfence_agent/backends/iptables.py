@@ -338,6 +338,23 @@ class IptablesBackend(IptablesRenderer):
         proc = run(cmd)
         return proc.stdout if proc.returncode == 0 else ""
 
+    def fingerprint(self) -> str | None:
+        """A digest of Ringfence's chains and the jumps into them, both families, as the kernel
+        holds them (no counters; ipset contents left out: deltas change them); None when absent."""
+        lines: list[str] = []
+        for family in (4, 6):
+            proc = run(["iptables-save" if family == 4 else "ip6tables-save", "-t", "filter"])
+            if proc.returncode != 0:  # cannot tell: never reported as a tamper
+                raise ApplyError(f"iptables-save failed: {proc.stderr.strip()[:200]}")
+            for line in proc.stdout.splitlines():
+                if line.startswith(("-A RF-IN ", "-A RF-OUT ")) or line in ("-A INPUT -j RF-IN", "-A OUTPUT -j RF-OUT"):
+                    lines.append(f"{family} {line}")
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest() if lines else None
+
+    def programmed(self) -> bool:
+        """Whether the kernel holds Ringfence's chains (what ``apply`` and ``status`` trust)."""
+        return self.active_gen() is not None
+
     def active_gen(self) -> str | None:
         m = _GEN.search(self._save(4))
         return m.group(1) if m else None

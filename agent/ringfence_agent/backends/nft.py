@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
 import json
 import os
 import threading
@@ -513,6 +514,26 @@ class NftBackend(NftRenderer):
             self._exec(f"delete table {FAMILY} {TABLE}\n", "flush")
         self.realised = None
         return present
+
+    def fingerprint(self) -> str | None:
+        """A digest of the table's chains and rules as the kernel holds them (handles, counters
+        and set contents left out: deltas change elements, traffic changes counters); None when
+        the table is absent. Compared with the one taken after the agent's own apply, it shows a
+        rule inserted, changed or deleted, a chain policy changed, the table deleted."""
+        if not self.table_present():
+            return None
+        chains = []
+        for chain in ("input", "output"):
+            items = self._json("chain", FAMILY, TABLE, chain)
+            for item in items:
+                for kind in ("chain", "rule"):
+                    if kind in item:
+                        chains.append({k: v for k, v in item[kind].items() if k != "handle"})
+        return hashlib.sha256(json.dumps(chains, sort_keys=True).encode()).hexdigest()
+
+    def programmed(self) -> bool:
+        """Whether the kernel holds Ringfence's table (what ``apply`` and ``status`` trust)."""
+        return self.table_present()
 
     def table_present(self) -> bool:
         return self._run(f"list tables {FAMILY}\n", json_output=True)[1].find(f'"name": "{TABLE}"') >= 0

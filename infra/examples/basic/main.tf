@@ -1,4 +1,6 @@
-# Example root module: one control-plane account reconciling itself and one member account.
+# Example root module: the control plane in one account, reconciling that account and any member
+# accounts. Every input is in variables.tf; terraform.tfvars.example shows a filled-in set, and
+# README.md walks through the prerequisites (signing key, IID certificate, layer zip).
 terraform {
   required_version = ">= 1.5"
   required_providers {
@@ -13,42 +15,45 @@ provider "aws" {
   region = var.region
 }
 
-variable "region" {
-  type    = string
-  default = "ca-central-1"
+# plan fails early when the credentials are not those of the account named as control_account
+data "aws_caller_identity" "current" {
+  lifecycle {
+    postcondition {
+      condition     = self.account_id == var.control_account
+      error_message = "The AWS credentials are for account ${self.account_id}, not control_account ${var.control_account}."
+    }
+  }
 }
 
-variable "signing_key_secret_arn" {
-  type = string
-}
-
-variable "member_account" {
-  type    = string
-  default = "222233334444"
+locals {
+  member_role_arns = {
+    for account in var.member_accounts : account => "arn:aws:iam::${account}:role/${var.member_role_name}"
+  }
+  # the Region's RSA certificate for the base64 IID signature (README.md, step 2)
+  iid_certificate_file = coalesce(var.iid_certificate_file, "${path.root}/aws-iid-${var.region}.pem")
 }
 
 module "ringfence" {
   source                 = "../../modules/ringfence"
-  name                   = "ringfence"
+  name                   = var.name
   signing_key_secret_arn = var.signing_key_secret_arn
-  core_layer_zip         = "${path.root}/../../../build/core-layer.zip"
-  iid_certificate        = file("${path.root}/aws-iid-${var.region}.pem")
-  reconcile_targets = [
-    { account = "111122223333", region = var.region, role_arn = null },
-    { account = var.member_account, region = var.region, role_arn = "arn:aws:iam::${var.member_account}:role/ringfence-member-readonly" },
-  ]
-  account_roles = {
-    (var.member_account) = "arn:aws:iam::${var.member_account}:role/ringfence-member-readonly"
-  }
+  core_layer_zip         = coalesce(var.core_layer_zip, "${path.root}/../../../build/core-layer.zip")
+  iid_certificate        = file(local.iid_certificate_file)
+  # only instances of our own accounts may enroll
+  allowed_accounts = concat([var.control_account], var.member_accounts)
+  # the control account is read with the functions' own role (role_arn null), members through theirs
+  reconcile_targets = concat(
+    [{ account = var.control_account, region = var.region, role_arn = null }],
+    [for account, arn in local.member_role_arns : { account = account, region = var.region, role_arn = arn }],
+  )
+  account_roles    = local.member_role_arns
+  member_role_name = var.member_role_name
   perimeter_config = {
-    admin_cidrs         = ["10.99.0.0/24"]
-    control_plane_cidrs = ["10.200.0.0/24"]
-    published           = [{ name = "web", match = { role = "lb" }, ports = ["tcp/443"] }]
+    admin_cidrs         = var.admin_cidrs
+    control_plane_cidrs = var.control_plane_cidrs
+    published           = var.published_services
   }
-  perimeter_dry_run = true
-  tags              = { project = "ringfence" }
-}
-
-output "agent_api_url" {
-  value = module.ringfence.agent_api_url
+  perimeter_dry_run  = var.perimeter_dry_run
+  log_retention_days = var.log_retention_days
+  tags               = var.tags
 }

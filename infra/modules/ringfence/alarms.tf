@@ -9,9 +9,12 @@ locals {
     ingest-dlq         = { ns = "AWS/SQS", metric = "ApproximateNumberOfMessagesVisible", stat = "Maximum", dims = { QueueName = aws_sqs_queue.ingest_dlq.name }, what = "events ingest could not process are in the DLQ" }
     lifecycle-dlq      = { ns = "AWS/SQS", metric = "ApproximateNumberOfMessagesVisible", stat = "Maximum", dims = { QueueName = aws_sqs_queue.lifecycle_dlq.name }, what = "lifecycle actions failed repeatedly" }
     compute-dlq        = { ns = "AWS/SQS", metric = "ApproximateNumberOfMessagesVisible", stat = "Maximum", dims = { QueueName = aws_sqs_queue.compute_dlq.name }, what = "compute batches failed repeatedly" }
+    perimeter-dlq      = { ns = "AWS/SQS", metric = "ApproximateNumberOfMessagesVisible", stat = "Maximum", dims = { QueueName = aws_sqs_queue.perimeter_dlq.name }, what = "perimeter messages failed repeatedly (their launches time out)" }
+    perimeter-refused  = { ns = "Ringfence", metric = "PerimeterPlanRefused", stat = "Sum", dims = { service = "ringfence" }, what = "a perimeter plan was refused (quota, or a name held by a foreign group): nothing changed" }
     async-dlq          = { ns = "AWS/SQS", metric = "ApproximateNumberOfMessagesVisible", stat = "Maximum", dims = { QueueName = aws_sqs_queue.async_dlq.name }, what = "scheduled runs failed" }
     ingest-errors      = { ns = "AWS/Lambda", metric = "Errors", stat = "Sum", dims = { FunctionName = aws_lambda_function.fn["ingest"].function_name }, what = "ingest errors" }
-    compute-errors     = { ns = "AWS/Lambda", metric = "Errors", stat = "Sum", dims = { FunctionName = aws_lambda_function.fn["compute"].function_name }, what = "compute errors" }
+    compute-errors     = { ns = "AWS/Lambda", metric = "Errors", stat = "Sum", dims = { FunctionName = aws_lambda_function.fn["compute"].function_name }, what = "compute crashed or timed out (handled failures: compute-failures)" }
+    compute-failures   = { ns = "Ringfence", metric = "ComputeFailures", stat = "Sum", dims = { service = "ringfence" }, what = "compute failed a batch and handed it back for a retry" }
     ingest-throttles   = { ns = "AWS/Lambda", metric = "Throttles", stat = "Sum", dims = { FunctionName = aws_lambda_function.fn["ingest"].function_name }, what = "ingest throttled" }
     agentapi-throttles = { ns = "AWS/Lambda", metric = "Throttles", stat = "Sum", dims = { FunctionName = aws_lambda_function.fn["agentapi"].function_name }, what = "agent API throttled" }
     lifecycle-timeouts = { ns = "Ringfence", metric = "LifecycleLeftToTimeout", stat = "Sum", dims = { service = "ringfence" }, what = "lifecycle hooks left to time out" }
@@ -29,6 +32,23 @@ resource "aws_cloudwatch_metric_alarm" "this" {
   period              = 60
   evaluation_periods  = 1
   threshold           = 0
+  comparison_operator = "GreaterThanThreshold"
+  treat_missing_data  = "notBreaching"
+  alarm_actions       = [aws_sns_topic.alarms.arn]
+  tags                = var.tags
+}
+
+# compute stuck or failing: the FIFO queue's oldest message keeps ageing (updates are late)
+resource "aws_cloudwatch_metric_alarm" "compute_queue_age" {
+  alarm_name          = "${var.name}-compute-queue-age"
+  alarm_description   = "the oldest compute message waited over 10 minutes"
+  namespace           = "AWS/SQS"
+  metric_name         = "ApproximateAgeOfOldestMessage"
+  statistic           = "Maximum"
+  dimensions          = { QueueName = aws_sqs_queue.compute.name }
+  period              = 60
+  evaluation_periods  = 3
+  threshold           = 600
   comparison_operator = "GreaterThanThreshold"
   treat_missing_data  = "notBreaching"
   alarm_actions       = [aws_sns_topic.alarms.arn]

@@ -6,6 +6,7 @@ locals {
     "/v1/enroll"                = ["post"]
     "/v1/agents/{id}/bundle"    = ["get"]
     "/v1/agents/{id}/deltas"    = ["get"]
+    "/v1/agents/{id}/wait"      = ["get"]
     "/v1/agents/{id}/heartbeat" = ["post"]
     "/v1/agents/{id}/reports"   = ["post"]
   }

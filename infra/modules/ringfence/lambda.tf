@@ -2,24 +2,25 @@
 
 locals {
   common_env = {
-    POWERTOOLS_SERVICE_NAME      = "ringfence"
-    POWERTOOLS_METRICS_NAMESPACE = "Ringfence"
-    POWERTOOLS_LOG_LEVEL         = "INFO"
-    RINGFENCE_INVENTORY_TABLE    = aws_dynamodb_table.inventory.name
-    RINGFENCE_STATE_TABLE        = aws_dynamodb_table.state.name
-    RINGFENCE_AUDIT_TABLE        = aws_dynamodb_table.audit.name
-    RINGFENCE_IDEMPOTENCY_TABLE  = aws_dynamodb_table.idempotency.name
-    RINGFENCE_BUCKET             = aws_s3_bucket.bundles.id
-    RINGFENCE_KMS_KEY_ID         = aws_kms_key.this.arn
-    RINGFENCE_COMPUTE_QUEUE_URL  = aws_sqs_queue.compute.id
-    RINGFENCE_DLQ_URL            = aws_sqs_queue.ingest_dlq.id
-    RINGFENCE_SIGNING_KEY        = "secretsmanager:${var.signing_key_secret_arn}"
-    RINGFENCE_IID_CERT           = var.iid_certificate
-    RINGFENCE_ALLOWED_ACCOUNTS   = join(",", var.allowed_accounts)
-    RINGFENCE_ACCOUNT_ROLES      = jsonencode(var.account_roles)
-    RINGFENCE_RECONCILE_TARGETS  = jsonencode(var.reconcile_targets)
-    RINGFENCE_OFFLINE_AFTER      = tostring(var.offline_after_seconds)
-    RINGFENCE_WEBSOCKET_ENDPOINT = "https://${aws_apigatewayv2_api.nudge.id}.execute-api.${local.region}.amazonaws.com/v1"
+    POWERTOOLS_SERVICE_NAME       = "ringfence"
+    POWERTOOLS_METRICS_NAMESPACE  = "Ringfence"
+    POWERTOOLS_LOG_LEVEL          = "INFO"
+    RINGFENCE_INVENTORY_TABLE     = aws_dynamodb_table.inventory.name
+    RINGFENCE_STATE_TABLE         = aws_dynamodb_table.state.name
+    RINGFENCE_AUDIT_TABLE         = aws_dynamodb_table.audit.name
+    RINGFENCE_IDEMPOTENCY_TABLE   = aws_dynamodb_table.idempotency.name
+    RINGFENCE_BUCKET              = aws_s3_bucket.bundles.id
+    RINGFENCE_KMS_KEY_ID          = aws_kms_key.this.arn
+    RINGFENCE_COMPUTE_QUEUE_URL   = aws_sqs_queue.compute.id
+    RINGFENCE_PERIMETER_QUEUE_URL = aws_sqs_queue.perimeter.id
+    RINGFENCE_DLQ_URL             = aws_sqs_queue.ingest_dlq.id
+    RINGFENCE_SIGNING_KEY         = "secretsmanager:${var.signing_key_secret_arn}"
+    RINGFENCE_IID_CERT            = var.iid_certificate
+    RINGFENCE_ALLOWED_ACCOUNTS    = join(",", var.allowed_accounts)
+    RINGFENCE_ACCOUNT_ROLES       = jsonencode(var.account_roles)
+    RINGFENCE_RECONCILE_TARGETS   = jsonencode(var.reconcile_targets)
+    RINGFENCE_OFFLINE_AFTER       = tostring(var.offline_after_seconds)
+    RINGFENCE_WEBSOCKET_ENDPOINT  = "https://${aws_apigatewayv2_api.nudge.id}.execute-api.${local.region}.amazonaws.com/v1"
   }
 
   functions = {
@@ -34,7 +35,7 @@ locals {
         RINGFENCE_PERIMETER_DRY_RUN = var.perimeter_dry_run ? "true" : "false"
       }
     }
-    agentapi  = { memory = 512, timeout = 29, concurrency = 100, env = {} }
+    agentapi  = { memory = 512, timeout = 30, concurrency = 100, env = {} } # wait long-polls ≤ 25 s
     admin     = { memory = 512, timeout = 29, concurrency = 5, env = {} }
     wsconnect = { memory = 256, timeout = 10, concurrency = 20, env = {} }
   }
@@ -53,7 +54,7 @@ locals {
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.inventory.arn, aws_dynamodb_table.idempotency.arn] },
       { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.state.arn] },
       { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.ingest.arn] },
-      { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.ingest_dlq.arn, aws_sqs_queue.async_dlq.arn] },
+      { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.perimeter.arn, aws_sqs_queue.ingest_dlq.arn, aws_sqs_queue.async_dlq.arn] },
       local.policies_read, local.describe, local.assume, local.kms_use,
     ]
     compute = [
@@ -70,23 +71,30 @@ locals {
       { actions = ["dynamodb:GetItem", "dynamodb:UpdateItem"], resources = [aws_dynamodb_table.inventory.arn] },
       { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.state.arn] },
       { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.lifecycle.arn] },
-      { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
+      { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.perimeter.arn, aws_sqs_queue.async_dlq.arn] },
       local.policies_read, local.describe, local.assume, local.kms_use,
     ]
     reconcile = [
       { actions = ["dynamodb:GetItem", "dynamodb:UpdateItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
       { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.state.arn] },
-      { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
+      { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.perimeter.arn, aws_sqs_queue.async_dlq.arn] },
       local.policies_read, local.describe, local.assume, local.kms_use,
     ]
     perimeter = [
-      { actions = ["dynamodb:Scan", "dynamodb:GetItem"], resources = [aws_dynamodb_table.inventory.arn] },
-      { actions = ["ec2:DescribeInstances", "ec2:DescribeSecurityGroups"], resources = ["*"] },
-      { actions = ["ec2:CreateSecurityGroup"], resources = [local.sg_arn, "arn:${local.partition}:ec2:${local.region}:${local.account}:vpc/*"] },
-      { actions = ["ec2:CreateTags"], resources = [local.sg_arn] },
-      { actions = ["ec2:AuthorizeSecurityGroupIngress", "ec2:AuthorizeSecurityGroupEgress", "ec2:RevokeSecurityGroupIngress", "ec2:RevokeSecurityGroupEgress"], resources = [local.sg_arn] },
+      { actions = ["dynamodb:Scan", "dynamodb:GetItem", "dynamodb:BatchGetItem"], resources = [aws_dynamodb_table.inventory.arn] },
+      { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.perimeter.arn] },
+      { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
+      { actions = ["ec2:DescribeInstances", "ec2:DescribeSecurityGroups", "ec2:DescribeNetworkInterfaces"], resources = ["*"] },
+      { actions = ["ec2:CreateSecurityGroup"], resources = ["arn:${local.partition}:ec2:${local.region}:${local.account}:vpc/*"] },
+      # only groups that carry the tag from birth, tags only in that same call
+      { actions = ["ec2:CreateSecurityGroup"], resources = [local.sg_arn], conditions = [{ test = "Null", variable = "aws:RequestTag/ringfence:perimeter", values = ["false"] }] },
+      { actions = ["ec2:CreateTags"], resources = [local.sg_arn], conditions = [{ test = "StringEquals", variable = "ec2:CreateAction", values = ["CreateSecurityGroup"] }] },
+      # rules changed and groups deleted only where our tag is
+      { actions = ["ec2:AuthorizeSecurityGroupIngress", "ec2:AuthorizeSecurityGroupEgress", "ec2:RevokeSecurityGroupIngress", "ec2:RevokeSecurityGroupEgress", "ec2:DeleteSecurityGroup"], resources = [local.sg_arn], conditions = [{ test = "Null", variable = "aws:ResourceTag/ringfence:perimeter", values = ["false"] }] },
+      # EC2 authorizes this against every group of the new list, the foreign ones written back
+      # too, so a tag condition would refuse them; the code adds/removes only its own groups
       { actions = ["ec2:ModifyNetworkInterfaceAttribute"], resources = ["arn:${local.partition}:ec2:${local.region}:${local.account}:network-interface/*", local.sg_arn] },
-      local.assume, local.async_dlq, local.kms_use,
+      local.assume, local.kms_use,
     ]
     agentapi = [
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn, aws_dynamodb_table.inventory.arn] },
@@ -160,6 +168,14 @@ data "aws_iam_policy_document" "fn" {
     content {
       actions   = statement.value.actions
       resources = statement.value.resources
+      dynamic "condition" {
+        for_each = try(statement.value.conditions, [])
+        content {
+          test     = condition.value.test
+          variable = condition.value.variable
+          values   = condition.value.values
+        }
+      }
     }
   }
 }
@@ -215,6 +231,7 @@ resource "aws_lambda_event_source_mapping" "sqs" {
     ingest    = { queue = aws_sqs_queue.ingest.arn, window = 2 }
     lifecycle = { queue = aws_sqs_queue.lifecycle.arn, window = 0 }
     compute   = { queue = aws_sqs_queue.compute.arn, window = 0 }
+    perimeter = { queue = aws_sqs_queue.perimeter.arn, window = 0 }
   }
   event_source_arn                   = each.value.queue
   function_name                      = aws_lambda_function.fn[each.key].arn

@@ -331,6 +331,22 @@ resource "aws_sqs_queue" "compute" {
   tags                       = var.tags
 }
 
+resource "aws_sqs_queue" "perimeter_dlq" {
+  name                      = "${var.name}-perimeter-dlq"
+  message_retention_seconds = 1209600
+  kms_master_key_id         = aws_kms_key.this.arn
+  tags                      = var.tags
+}
+
+# workloads ingest/lifecycle saw change; a launch's lifecycle action waits here for its groups
+resource "aws_sqs_queue" "perimeter" {
+  name                       = "${var.name}-perimeter"
+  visibility_timeout_seconds = 960 # >= the perimeter function's timeout
+  kms_master_key_id          = aws_kms_key.this.arn
+  redrive_policy             = jsonencode({ deadLetterTargetArn = aws_sqs_queue.perimeter_dlq.arn, maxReceiveCount = 3 })
+  tags                       = var.tags
+}
+
 resource "aws_sqs_queue" "async_dlq" {
   name                      = "${var.name}-async-dlq"
   message_retention_seconds = 1209600

@@ -93,6 +93,17 @@ class ReportBatch(_Body):
     dropped_records: int = Field(0, ge=0, description="records the agent discarded because its buffer was full")
 
 
+class WaitResponse(_Body):
+    latest_version: int | None = Field(
+        description="the newest bundle version for this workload (null: none published yet); newer than the "
+        "version asked about, unless the wait timed out"
+    )
+
+
+class ReportsResponse(_Body):
+    accepted: int = Field(description="flow and drop records accepted")
+
+
 class DeltasResponse(_Body):
     bundle_version: int = Field(description="the newest bundle version; fetch it if deltas cannot bridge")
     deltas: list[dict[str, object]] = Field(description="signed ringfence.delta/v1 documents, oldest first")

@@ -15,6 +15,18 @@ from typing import Any, Literal
 from ringfence.enums import Mode
 
 API_PREFIX = "/v1"
+# Every route of the agent API the agent calls: name → (method, path below API_PREFIX, ``{id}``
+# the workload id). The agent builds its requests from this table, and the contract test checks
+# that each is routed by every control plane (template.yaml, infra/, ``ringfence serve``).
+ROUTES: dict[str, tuple[str, str]] = {
+    "nonce": ("GET", "/nonce"),
+    "enroll": ("POST", "/enroll"),
+    "bundle": ("GET", "/agents/{id}/bundle"),
+    "deltas": ("GET", "/agents/{id}/deltas"),
+    "wait": ("GET", "/agents/{id}/wait"),
+    "heartbeat": ("POST", "/agents/{id}/heartbeat"),
+    "reports": ("POST", "/agents/{id}/reports"),
+}
 MAX_REPORT_BYTES = 256 * 1024
 MAX_REPORT_RECORDS = 2000
 

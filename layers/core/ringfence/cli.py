@@ -397,6 +397,42 @@ def cmd_export_calico(args: argparse.Namespace) -> int:
 # --- keys and bundles --------------------------------------------------------------------------
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ringfence import serve
+
+    try:
+        return serve.run(
+            args.host,
+            args.port,
+            args.store,
+            Path(args.admin_tokens) if args.admin_tokens else None,
+            args.tls_cert,
+            args.tls_key,
+            args.insecure,
+            args.threads,
+            announce=lambda line: print(line, flush=True),
+            signing_key=Path(args.signing_key) if args.signing_key else None,
+        )
+    except serve.ServeError as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_serve_token(args: argparse.Namespace) -> int:
+    from ringfence import serve
+
+    try:
+        token, line = serve.new_admin_token(args.principal)
+    except serve.ServeError as exc:
+        raise CliError(str(exc)) from None
+    path = Path(args.file)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a") as f:
+        f.write(line + "\n")
+    print(f"added {args.principal} to {path}; the token (shown once, only its hash is kept):")
+    print(token)
+    return 0
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -425,14 +461,19 @@ def cmd_bundle_verify(args: argparse.Namespace) -> int:
 # --- wiring ------------------------------------------------------------------------------------
 
 
+POLICY_PATH_HELP = "policy file or directory of YAML files"
+INVENTORY_HELP = "workloads: JSON, YAML or CSV"
+STORE_HELP = "version store directory (default .ringfence or $RINGFENCE_STORE)"
+
+
 def _policy_args(p: argparse.ArgumentParser, inventory_required: bool = False) -> None:
-    p.add_argument("--policy", required=True, help="policy file or directory of YAML files")
-    p.add_argument("--inventory", required=inventory_required, help="workloads: JSON, YAML or CSV")
+    p.add_argument("--policy", required=True, help=POLICY_PATH_HELP)
+    p.add_argument("--inventory", required=inventory_required, help=INVENTORY_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ringfence", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="ringfence", description=(__doc__ or "").replace("``", ""))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command", help="one of:")
 
     def add(
         name: str, func: Callable[[argparse.Namespace], int], parent: Any = sub, **kw: Any
@@ -442,40 +483,42 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     pol = sub.add_parser("policy", help="validate, test, diff and provision policy").add_subparsers(
-        dest="sub", required=True
+        dest="sub", required=True, metavar="command", help="one of:"
     )
     p = add("validate", cmd_policy_validate, pol, help="check policy files; every problem with file:line:column")
-    p.add_argument("path")
+    p.add_argument("path", help=POLICY_PATH_HELP)
     p = add("test", cmd_policy_test, pol, help="run the tests: blocks of the policy")
-    p.add_argument("path")
-    p.add_argument("--inventory")
+    p.add_argument("path", help=POLICY_PATH_HELP)
+    p.add_argument("--inventory", help=INVENTORY_HELP + " the tests run against (default: none)")
     p = add("schema", cmd_policy_schema, pol, help="write the JSON Schema of policy files")
-    p.add_argument("--out")
+    p.add_argument("--out", help="file to write (default: stdout)")
     for name, func, helptext in (
         ("diff", cmd_policy_diff, "draft vs active: rules and workload access gained or lost"),
         ("provision", cmd_policy_provision, "make the draft the next numbered, immutable active version"),
     ):
         p = add(name, func, pol, help=helptext)
-        p.add_argument("path")
-        p.add_argument("--inventory")
-        p.add_argument("--store", help="version store directory (default .ringfence or $RINGFENCE_STORE)")
+        p.add_argument("path", help="the draft: " + POLICY_PATH_HELP)
+        p.add_argument("--inventory", help=INVENTORY_HELP + " (the estate the diff and the tests are about)")
+        p.add_argument("--store", help=STORE_HELP)
         if name == "provision":
             p.add_argument("--message", "-m", required=True, help="why (kept with the version and in the audit log)")
             p.add_argument("--author", help="default: $RINGFENCE_ACTOR or $USER")
     p = add("revert", cmd_policy_revert, pol, help="provision an earlier version's content as a new version")
-    p.add_argument("number", type=int)
-    p.add_argument("--message", "-m", required=True)
-    p.add_argument("--author")
-    p.add_argument("--store")
+    p.add_argument("number", type=int, help="the version whose content to provision again (see policy versions)")
+    p.add_argument("--message", "-m", required=True, help="why (kept with the new version and in the audit log)")
+    p.add_argument("--author", help="default: $RINGFENCE_ACTOR or $USER")
+    p.add_argument("--store", help=STORE_HELP)
     p.add_argument("--inventory", help="the estate the version's tests run against (as for provision)")
     p.add_argument("--force", action="store_true", help="revert even if the version's tests fail now (audited)")
     p = add("versions", cmd_policy_versions, pol, help="list provisioned versions")
-    p.add_argument("--store")
+    p.add_argument("--store", help=STORE_HELP)
 
-    lab = sub.add_parser("labels", help="label hygiene").add_subparsers(dest="sub", required=True)
+    lab = sub.add_parser("labels", help="label hygiene").add_subparsers(
+        dest="sub", required=True, metavar="command", help="one of:"
+    )
     p = add("check", cmd_labels_check, lab, help="report missing, unknown and conflicting labels")
     _policy_args(p, inventory_required=True)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="the flagged workloads and their problems as JSON")
     p.add_argument("--strict", action="store_true", help="exit 1 when any workload is unlabeled")
 
     p = add("inventory", cmd_inventory_show, help="show workloads with their resolved labels and modes")
@@ -487,9 +530,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="write one (signed) bundle per workload, with heads and set deltas against a previous compile in --out",
     )
     _policy_args(p, inventory_required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="output directory (bundles/, heads/, deltas/); compiled into again")
     p.add_argument("--key", help="Ed25519 private key (PEM) to sign with")
-    p.add_argument("--policy-version", type=int, default=0)
+    p.add_argument(
+        "--policy-version", type=int, default=0, help="policy version number recorded in each bundle (default 0)"
+    )
     p.add_argument(
         "--revision",
         type=int,
@@ -499,41 +544,80 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("explain", cmd_explain, help="the decision for one flow and every rule that contributed")
     _policy_args(p)
     p.add_argument("--from", dest="src", required=True, help="workload id, label set (role=web,app=x) or IP")
-    p.add_argument("--to", dest="dst", required=True)
+    p.add_argument("--to", dest="dst", required=True, help="workload id, label set or IP, as for --from")
     p.add_argument("--port", required=True, help="e.g. tcp/5432, udp/53, icmp/8")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="the decision, per side and per address, as JSON")
 
     p = add("connectivity", cmd_connectivity, help="the allowed matrix at label-group (or workload) level")
     _policy_args(p, inventory_required=True)
     p.add_argument("--workloads", action="store_true", help="list workload pairs instead of groups")
     p.add_argument("--staged", action="store_true", help="include staged rulesets")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="the rows as JSON")
 
     p = add("bench", cmd_bench, help="compile a synthetic estate: full vs incremental, compiled vs naive rules")
-    p.add_argument("--workloads", type=int, default=10_000)
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--workloads", type=int, default=10_000, help="size of the synthetic estate (default 10000)")
+    p.add_argument("--seed", type=int, default=1, help="random seed of the estate and the changes (default 1)")
     p.add_argument("--changes", type=int, default=200, help="random single-workload changes to time")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="the figures as JSON (keys in docs/benchmarks.md)")
 
     exp = sub.add_parser("export", help="the same policy for other enforcement points").add_subparsers(
-        dest="sub", required=True
+        dest="sub", required=True, metavar="command", help="one of:"
     )
     p = add("calico", cmd_export_calico, exp, help="Calico HostEndpoint + GlobalNetworkPolicy YAML")
     _policy_args(p, inventory_required=True)
-    p.add_argument("--out")
+    p.add_argument("--out", help="file to write (default: stdout)")
     p.add_argument("--no-modes", action="store_true", help="treat every workload as enforced")
     p.add_argument("--no-failsafes", action="store_true", help="leave out the fail-safe policies")
 
     p = add("keygen", cmd_keygen, help="create a bundle-signing key pair")
-    p.add_argument("--out", required=True)
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--out", required=True, help="directory for bundle-signing.pem and bundle-signing.pub.pem")
+    p.add_argument("--force", action="store_true", help="replace an existing key (agents pin the old public key)")
 
-    bun = sub.add_parser("bundle", help="bundle format tools").add_subparsers(dest="sub", required=True)
+    bun = sub.add_parser("bundle", help="bundle format tools").add_subparsers(
+        dest="sub", required=True, metavar="command", help="one of:"
+    )
     p = add("schema", cmd_bundle_schema, bun, help="print the JSON Schema of bundles or deltas")
-    p.add_argument("kind", choices=["bundle", "delta"], nargs="?", default="bundle")
+    p.add_argument("kind", choices=["bundle", "delta"], nargs="?", default="bundle", help="default: bundle")
     p = add("verify", cmd_bundle_verify, bun, help="verify a bundle's signature against a public key")
-    p.add_argument("file")
-    p.add_argument("--public-key", required=True)
+    p.add_argument("file", help="the bundle (JSON) to verify")
+    p.add_argument("--public-key", required=True, help="the Ed25519 public key (PEM) agents pin")
+
+    p = add(
+        "serve",
+        cmd_serve,
+        help="the agent API (/v1/...) and admin API (/admin/...) over HTTP(S), for on-premise estates",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8443, help="port to bind; 0 picks a free one (default 8443)")
+    p.add_argument(
+        "--store",
+        default="sqlite:ringfence-state/state.db",
+        help="sqlite:PATH: the SQLite file PATH, published objects and the signing key beside it "
+        "(default sqlite:ringfence-state/state.db); aws: DynamoDB/S3/SQS named by the RINGFENCE_* "
+        "environment (AWS_ENDPOINT_URL for another endpoint)",
+    )
+    p.add_argument(
+        "--signing-key",
+        metavar="PEM",
+        help="with sqlite: the bundle signing key (default: generated beside the database on first start)",
+    )
+    p.add_argument(
+        "--admin-tokens",
+        metavar="FILE",
+        help="enables the admin API: lines of principal:sha256(token) (see `ringfence serve-token`)",
+    )
+    p.add_argument("--tls-cert", metavar="PEM", help="TLS certificate chain (with --tls-key)")
+    p.add_argument("--tls-key", metavar="PEM", help="TLS private key")
+    p.add_argument("--insecure", action="store_true", help="allow plain HTTP on a non-loopback address")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=512,
+        help="requests handled at once; each waiting agent (long-poll) holds one (default 512)",
+    )
+    p = add("serve-token", cmd_serve_token, help="mint an admin token for `ringfence serve --admin-tokens`")
+    p.add_argument("principal", help="who holds it: recorded in the audit log with each admin action")
+    p.add_argument("--file", required=True, help="the admin tokens file to append principal:sha256 to (mode 0600)")
 
     from ringfence import demo
 

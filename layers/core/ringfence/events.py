@@ -9,8 +9,8 @@ seen is dropped before any describe call); for CloudTrail calls, *who* made the 
 label value is approved (:mod:`ringfence.governance`). An ``aws.tag`` "Tag Change on Resource"
 event names no principal: it can never approve such a move.
 
-This module is provider-neutral pydantic; it imports no cloud SDK. Handlers validate the
-envelope with Powertools first and pass the plain dict here.
+This module is provider-neutral pydantic; it imports no cloud SDK. Handlers give it the SQS
+record's body (:func:`normalize_json`): the envelope and its detail are parsed once, here.
 """
 
 from __future__ import annotations
@@ -198,6 +198,20 @@ def normalize(raw: dict[str, Any]) -> DomainEvent | None:
         env = Envelope.model_validate(raw)
     except ValidationError as exc:
         raise MalformedEvent(f"not an EventBridge event: {_first(exc)}") from None
+    return from_envelope(env)
+
+
+def normalize_json(body: str | bytes) -> DomainEvent | None:
+    """:func:`normalize` of an event's JSON text (an SQS record's body), parsed in one pass."""
+    try:
+        env = Envelope.model_validate_json(body)
+    except ValidationError as exc:
+        raise MalformedEvent(f"not an EventBridge event: {_first(exc)}") from None
+    return from_envelope(env)
+
+
+def from_envelope(env: Envelope) -> DomainEvent | None:
+    """A validated envelope → a :class:`DomainEvent` (``None``: valid, not ours)."""
     if env.detail_type not in DETAIL_TYPES:
         raise MalformedEvent(f"unsupported detail-type {env.detail_type!r} (source {env.source!r})")
     base: dict[str, Any] = {"event_id": env.id, "account": env.account, "region": env.region, "time": env.time}

@@ -13,6 +13,12 @@ Per network (VPC) and environment, a handful of groups:
 Everything per workload stays in the agent. The plan is checked against the provider's quotas
 *before* anything is changed (:func:`check_quotas`); over a quota, nothing is applied and the
 error names the limit. No cloud SDK here: ``ringfence.clouds.aws.sg`` reads and applies.
+
+Two kinds of run (:class:`Scope`): the event path reconciles the interfaces of the workloads an
+event changed (groups created, missing rules added, those interfaces' attachments made exact);
+the scheduled full run converges everything, revokes extra rules and removes groups that lost
+their purpose — detached first, never a group that is not ours, never while an interface needs
+it or cannot be judged.
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ import ipaddress
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ringfence.services import parse_port_spec
 
@@ -34,12 +41,26 @@ class PerimeterError(ValueError):
     pass
 
 
-class QuotaExceeded(PerimeterError):
-    """The plan would exceed a provider quota: nothing was changed."""
+class PlanRefused(PerimeterError):
+    """The plan cannot be applied as a whole: nothing was changed."""
+
+    what = "perimeter plan refused"
 
     def __init__(self, violations: list[str]) -> None:
-        super().__init__("perimeter plan exceeds quotas, nothing changed: " + "; ".join(violations))
+        super().__init__(f"{self.what}, nothing changed: " + "; ".join(violations))
         self.violations = violations
+
+
+class QuotaExceeded(PlanRefused):
+    """The plan would exceed a provider quota: nothing was changed."""
+
+    what = "perimeter plan exceeds quotas"
+
+
+class NameTaken(PlanRefused):
+    """A group the plan must create has a name another (not Ringfence's) group already holds."""
+
+    what = "perimeter group names taken"
 
 
 # --- configuration -------------------------------------------------------------------------------
@@ -63,10 +84,20 @@ class PublishedService(_Cfg):
 
 
 class Quotas(_Cfg):
-    """AWS defaults (adjustable per account): 60 rules per SG per direction per IP family, 5 SGs per ENI."""
+    """AWS defaults (adjustable per account): 60 rules per SG per direction per IP family, 5 SGs per ENI
+    (at most 16), and the two multiplied at most 1,000."""
 
-    rules_per_group: int = 60
-    groups_per_interface: int = 5
+    rules_per_group: int = Field(60, ge=1)
+    groups_per_interface: int = Field(5, ge=1, le=16)
+
+    @model_validator(mode="after")
+    def _combined(self) -> Quotas:
+        if self.rules_per_group * self.groups_per_interface > 1000:
+            raise ValueError(
+                f"quotas: rules_per_group × groups_per_interface = "
+                f"{self.rules_per_group * self.groups_per_interface} > 1000, which AWS never grants"
+            )
+        return self
 
 
 class PerimeterConfig(_Cfg):
@@ -116,7 +147,7 @@ class GroupSpec:
 @dataclass
 class DesiredState:
     groups: dict[tuple[str, str], GroupSpec] = field(default_factory=dict)  # (network, name) → spec
-    attachments: dict[str, set[str]] = field(default_factory=dict)  # interface/instance → group names
+    attachments: dict[str, set[str]] = field(default_factory=dict)  # interface → group names
     networks: dict[str, str] = field(default_factory=dict)  # interface → network
 
 
@@ -124,7 +155,7 @@ class DesiredState:
 class Member:
     """A workload as the perimeter sees it."""
 
-    id: str  # the attachment point (instance or interface id)
+    id: str  # the attachment point (a network interface: every interface of a workload is one)
     network: str
     labels: Mapping[str, str]
 
@@ -138,18 +169,30 @@ def _ports(spec: str) -> tuple[str, int, int]:
     return pr.proto, (-1 if pr.is_whole() else pr.lo), -1
 
 
-def desired_state(config: PerimeterConfig, members: Iterable[Member]) -> DesiredState:
+def boundary_name(env: str) -> str:
+    return f"rf-{env}-boundary"
+
+
+def desired_state(
+    config: PerimeterConfig, members: Iterable[Member], existing: Iterable[tuple[str, str]] = ()
+) -> DesiredState:
+    """The groups and attachments ``members`` need. A boundary references another environment's
+    boundary only where that group is wanted too or in ``existing`` ((network, name) pairs): a
+    reference to a group that does not exist cannot be written, and a group kept alive only by
+    a reference would never lose its purpose."""
     ds = DesiredState()
     by_net_env: dict[tuple[str, str], list[Member]] = defaultdict(list)
     for m in members:
         env = m.labels.get("env")
         if env:
             by_net_env[(m.network, env)].append(m)
+    present = set(existing) | {(net, boundary_name(env)) for net, env in by_net_env}
     for (net, env), ms in sorted(by_net_env.items()):
-        boundary = GroupSpec(f"rf-{env}-boundary", net, env, f"Ringfence {env} boundary")
+        boundary = GroupSpec(boundary_name(env), net, env, f"Ringfence {env} boundary")
         boundary.rules.add(PerimeterRule(INGRESS, "-1", -1, -1, "group", boundary.name))
         for other in config.reachable_from.get(env, []):
-            boundary.rules.add(PerimeterRule(INGRESS, "-1", -1, -1, "group", f"rf-{other}-boundary"))
+            if (net, boundary_name(other)) in present:
+                boundary.rules.add(PerimeterRule(INGRESS, "-1", -1, -1, "group", boundary_name(other)))
         boundary.rules.add(PerimeterRule(EGRESS, "-1", -1, -1, "cidr", ANY_V4))
         boundary.rules.add(PerimeterRule(EGRESS, "-1", -1, -1, "cidr", ANY_V6))
         mgmt = GroupSpec(f"rf-{env}-mgmt", net, env, f"Ringfence {env} control-plane access")
@@ -220,16 +263,39 @@ def check_quotas(
     return out
 
 
+# --- the diff ------------------------------------------------------------------------------------
+
+
+class Scope(StrEnum):
+    WORKLOADS = "workloads"  # the event path: only the interfaces of the changed workloads
+    FULL = "full"  # the scheduled reconcile: everything, including removing groups without purpose
+
+
+@dataclass(frozen=True)
+class Interface:
+    """A network interface as the perimeter finds it."""
+
+    id: str
+    network: str
+    workload: str | None  # the inventory workload it belongs to; None: not ours to judge
+    ours: frozenset[str]  # names of our groups attached
+    foreign: int  # how many attached groups are not ours (they stay)
+    fixed: bool = False  # cannot be modified by us (e.g. requester-managed by another service)
+
+
 @dataclass
 class Plan:
     create: list[GroupSpec] = field(default_factory=list)
     authorize: dict[tuple[str, str], set[PerimeterRule]] = field(default_factory=dict)
     revoke: dict[tuple[str, str], set[PerimeterRule]] = field(default_factory=dict)
-    attach: dict[str, set[str]] = field(default_factory=dict)  # point → our group names to add
+    attach: dict[str, set[str]] = field(default_factory=dict)  # interface → our group names to add
+    detach: dict[str, set[str]] = field(default_factory=dict)  # interface → our group names to remove
+    delete: list[tuple[str, str]] = field(default_factory=list)  # (network, name): no purpose left
+    kept: dict[tuple[str, str], str] = field(default_factory=dict)  # purposeless but kept, and why
 
     @property
     def empty(self) -> bool:
-        return not (self.create or self.authorize or self.revoke or self.attach)
+        return not (self.create or self.authorize or self.revoke or self.attach or self.detach or self.delete)
 
     def summary(self) -> dict[str, int]:
         return {
@@ -237,18 +303,25 @@ class Plan:
             "authorize": sum(len(v) for v in self.authorize.values()),
             "revoke": sum(len(v) for v in self.revoke.values()),
             "attach": sum(len(v) for v in self.attach.values()),
+            "detach": sum(len(v) for v in self.detach.values()),
+            "delete": len(self.delete),
         }
 
 
 def plan(
     ds: DesiredState,
     actual_rules: Mapping[tuple[str, str], set[PerimeterRule]],
-    actual_attachments: Mapping[str, set[str]],
+    interfaces: Mapping[str, Interface],
+    scope: Scope = Scope.FULL,
 ) -> Plan:
-    """The smallest diff: only missing groups, missing/extra rules and missing attachments.
+    """The smallest diff from what is (``actual_rules`` of our groups, ``interfaces``) to ``ds``.
 
-    A group that exists only in ``actual_rules`` is left alone (removing groups still attached
-    somewhere is an operator decision); our groups are never detached here."""
+    An interface that belongs to a workload (``workload`` set) gets exactly the groups ``ds``
+    wants for it (none if it wants none), except that an interface is never left without any
+    group (EC2 requires one): then ours stay. Under :attr:`Scope.WORKLOADS` rules are only
+    added. Under :attr:`Scope.FULL` extra rules are revoked and a group that exists but is not
+    wanted is deleted once no interface carries it after this plan; a group still on an
+    interface we must not judge or change (``workload`` None, ``fixed``) is kept, with the reason."""
     p = Plan()
     for key, g in sorted(ds.groups.items()):
         have = actual_rules.get(key)
@@ -259,10 +332,38 @@ def plan(
         rem = have - g.rules
         if add:
             p.authorize[key] = add
-        if rem:
+        if rem and scope is Scope.FULL:
             p.revoke[key] = rem
-    for point, names in sorted(ds.attachments.items()):
-        missing = names - actual_attachments.get(point, set())
-        if missing:
-            p.attach[point] = missing
+    after: dict[str, frozenset[str]] = {}
+    for iid, itf in sorted(interfaces.items()):
+        after[iid] = itf.ours
+        if itf.workload is None or itf.fixed:
+            continue
+        want = frozenset(ds.attachments.get(iid, set()))
+        on = want - itf.ours
+        off = itf.ours - want
+        if not want and not itf.foreign:
+            off = frozenset()  # the interface's only groups: EC2 needs one, ours stay
+        if on:
+            p.attach[iid] = set(on)
+        if off:
+            p.detach[iid] = set(off)
+        after[iid] = (itf.ours | on) - off
+    if scope is Scope.FULL:
+        for key in sorted(set(actual_rules) - set(ds.groups)):
+            net, name = key
+            holders = sorted(iid for iid, names in after.items() if name in names and interfaces[iid].network == net)
+            if not holders:
+                p.delete.append(key)
+                continue
+            why = []
+            for iid in holders:
+                itf = interfaces[iid]
+                if itf.workload is None:
+                    why.append(f"{iid} belongs to no workload Ringfence knows")
+                elif itf.fixed:
+                    why.append(f"{iid} is managed by another service")
+                else:
+                    why.append(f"{iid} ({itf.workload}) has no other security group")
+            p.kept[key] = "still attached: " + "; ".join(why)
     return p

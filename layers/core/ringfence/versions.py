@@ -2,8 +2,10 @@
 
 ``provision`` turns the draft into version N+1 with author, message and time; versions are
 never rewritten (a revert provisions an old version's files as a new version). Every change is
-appended to an audit log. :class:`VersionStore` is the seam for other stores (DynamoDB,
-SQLite); :class:`FileVersionStore` keeps one JSON file per version in a directory.
+appended to an audit log. :class:`PolicyVersion` is the one model of a version for every store:
+the CLI's :class:`FileVersionStore` keeps the files inline (one JSON file per version), the
+control-plane stores (:mod:`ringfence.store`) keep the files as published objects and the version
+names their keys.
 """
 
 from __future__ import annotations
@@ -11,23 +13,60 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ringfence.audit import AuditRecord
 
 
+def now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
 class PolicyVersion(BaseModel):
+    """One provisioned, immutable policy version. The policy's files are either inline
+    (``files``) or published objects (``keys``: the control plane's stores hold an index, the
+    texts live with the bundles); :meth:`texts` gives them either way."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     number: int = Field(ge=1)
     author: str
-    message: str
-    created_at: str
-    digest: str = Field(description="sha256 over the policy files")
-    files: dict[str, str] = Field(description="relative file name → YAML text")
+    message: str = ""
+    created_at: str = Field(default_factory=now)
+    digest: str = Field(description="sha256 over the policy files (see digest_of)")
+    files: dict[str, str] = Field(default_factory=dict, description="relative file name → YAML text")
+    keys: dict[str, str] = Field(default_factory=dict, description="relative file name → published object key")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _earlier_control_plane_documents(cls, data: Any) -> Any:
+        # the AWS control plane stored {version, keys, digest, created_by, comment} before the two
+        # models became one: read those documents as the versions they are
+        if isinstance(data, dict) and "version" in data and "number" not in data:
+            data = dict(data)
+            data["number"] = data.pop("version")
+            data["author"] = data.pop("created_by", "") or "unknown"
+            data["message"] = data.pop("comment", "")
+            data.setdefault("created_at", "")
+        return data
+
+    @model_validator(mode="after")
+    def _files_or_keys(self) -> PolicyVersion:
+        if self.files and self.keys:
+            raise ValueError("a policy version has its files inline or as published keys, not both")
+        return self
+
+    def texts(self, read: Callable[[str], bytes] | None = None) -> dict[str, str]:
+        """File name → YAML text; ``read`` fetches a published object by key."""
+        if not self.keys:
+            return dict(self.files)
+        if read is None:
+            raise ValueError(f"policy version {self.number} is published: its files need a reader")
+        return {name: read(key).decode() for name, key in self.keys.items()}
 
 
 class VersionConflict(RuntimeError):
@@ -48,10 +87,6 @@ class VersionStore(Protocol):
     def audit(self, record: AuditRecord) -> None: ...
 
     def audit_log(self) -> list[AuditRecord]: ...
-
-
-def now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def default_actor() -> str:

@@ -8,8 +8,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ringfence.audit import AuditRecord
 from ringfence.model import Mode, Workload
+from ringfence.versions import PolicyVersion
 
-__all__ = ["AuditRecord"]  # re-exported: the store persists the shared audit record
+# re-exported: the store persists the shared audit record and the one policy-version model
+__all__ = ["AuditRecord", "PolicyVersion"]
 
 ACTIVE_STATES = frozenset({"pending", "running"})
 
@@ -52,7 +54,9 @@ class InventoryRecord(BaseModel):
     def cloud_view(self) -> tuple[Any, ...]:
         """What decides whether an observation changed anything."""
         w = self.workload
-        return (tuple(w.ips), tuple(sorted(w.tags.items())), w.vpc, w.subnet, w.zone, self.state)
+        # direct labels and the site (CMDB records) decide labels as much as tags do
+        labels = tuple(sorted(w.labels.items()))
+        return (tuple(w.ips), tuple(sorted(w.tags.items())), labels, w.vpc, w.subnet, w.zone, w.site, self.state)
 
 
 class EngineHead(BaseModel):
@@ -83,20 +87,17 @@ class DeltaPointer(BaseModel):
     key: str
 
 
-class PolicyVersion(BaseModel):
-    version: int
-    keys: dict[str, str] = Field(description="policy file name → object key")
-    digest: str
-    created_by: str = ""
-    comment: str = ""
-
-
 class Store(Protocol):
     # inventory
     def get(self, workload_id: str) -> InventoryRecord | None: ...
     def get_many(self, workload_ids: list[str]) -> dict[str, InventoryRecord]: ...
     def observe(self, rec: InventoryRecord) -> bool:
         """Write cloud fields unless a newer observation is stored; True if the cloud view changed."""
+        ...
+
+    def observe_many(self, recs: list[InventoryRecord]) -> set[str]:
+        """:meth:`observe` each record; the ids whose cloud view changed. SQLite writes them in one
+        transaction (all or none, even across a crash); DynamoDB one by one."""
         ...
 
     def all_records(self) -> list[InventoryRecord]: ...
@@ -135,12 +136,22 @@ class Store(Protocol):
     def claim_once(self, key: str, ttl: int) -> bool: ...
     def put_token(self, token_hash: str, workload_id: str, ttl: int) -> None: ...
     def token_workload(self, token_hash: str) -> str | None: ...
-    def put_pairing(self, key_hash: str, workload_id: str | None, uses: int, ttl: int) -> None: ...
-    def use_pairing(self, key_hash: str) -> bool: ...
+    def put_pairing(self, key_hash: str, workload_id: str, uses: int, ttl: int) -> None:
+        """A pairing key (by hash) that enrolls only ``workload_id``, at most ``uses`` times, for ``ttl`` s."""
+        ...
+
+    def use_pairing(self, key_hash: str, workload_id: str) -> bool:
+        """Spend one use of the key for ``workload_id``; False (and nothing spent) if the key is
+        unknown, expired, used up or was issued for another workload."""
+        ...
+
     def put_connection(self, workload_id: str, connection_id: str) -> None: ...
     def connection(self, workload_id: str) -> str | None: ...
     def drop_connection(self, workload_id: str) -> None: ...
 
     # audit
-    def audit(self, rec: AuditRecord) -> None: ...
+    def audit(self, rec: AuditRecord) -> None:
+        """Append the record; :class:`ConflictError` if a record with its id exists (never rewritten)."""
+        ...
+
     def audit_log(self) -> list[AuditRecord]: ...

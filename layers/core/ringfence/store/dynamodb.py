@@ -128,6 +128,9 @@ class DynamoStore:
             raise
         return old is None or old.cloud_view() != rec.cloud_view()
 
+    def observe_many(self, recs: list[InventoryRecord]) -> set[str]:
+        return {rec.id for rec in recs if self.observe(rec)}
+
     def all_records(self) -> list[InventoryRecord]:
         out: list[InventoryRecord] = []
         kwargs: dict[str, Any] = {"ConsistentRead": True}
@@ -255,7 +258,7 @@ class DynamoStore:
         return int(out["Attributes"]["value"])
 
     def activate_policy(self, pv: PolicyVersion) -> None:
-        self._put("policy", f"v{pv.version:08d}", doc=pv.model_dump_json())
+        self._put("policy", f"v{pv.number:08d}", doc=pv.model_dump_json())
         self._put("policy", "active", doc=pv.model_dump_json())
 
     # --- published artifacts --------------------------------------------------------------------
@@ -367,17 +370,19 @@ class DynamoStore:
         item = self._get(f"token#{token_hash}", "token")
         return str(item["workload_id"]) if item else None
 
-    def put_pairing(self, key_hash: str, workload_id: str | None, uses: int, ttl: int) -> None:
-        self._put(f"pairing#{key_hash}", "pairing", ttl=ttl, uses=uses, workload_id=workload_id or "")
+    def put_pairing(self, key_hash: str, workload_id: str, uses: int, ttl: int) -> None:
+        if not workload_id:
+            raise ValueError("a pairing key is issued for one workload")
+        self._put(f"pairing#{key_hash}", "pairing", ttl=ttl, uses=uses, workload_id=workload_id)
 
-    def use_pairing(self, key_hash: str) -> bool:
+    def use_pairing(self, key_hash: str, workload_id: str) -> bool:
         try:
             self.state.update_item(
                 Key={"pk": f"pairing#{key_hash}", "sk": "pairing"},
                 UpdateExpression="SET uses = uses - :one",
-                ConditionExpression="attribute_exists(pk) AND uses > :zero AND #t >= :now",
+                ConditionExpression="attribute_exists(pk) AND workload_id = :w AND uses > :zero AND #t >= :now",
                 ExpressionAttributeNames={"#t": "ttl"},
-                ExpressionAttributeValues={":one": 1, ":zero": 0, ":now": int(time.time())},
+                ExpressionAttributeValues={":one": 1, ":zero": 0, ":now": int(time.time()), ":w": workload_id},
             )
         except ClientError as exc:
             if _conditional_failed(exc):
@@ -399,10 +404,15 @@ class DynamoStore:
 
     def audit(self, rec: AuditRecord) -> None:
         day = time.strftime("%Y-%m-%d", time.gmtime(rec.time))
-        self.audit_table.put_item(
-            Item={"pk": day, "sk": f"{rec.time:017.6f}#{rec.id}", "doc": rec.model_dump_json()},
-            ConditionExpression="attribute_not_exists(pk)",
-        )
+        try:
+            self.audit_table.put_item(
+                Item={"pk": day, "sk": f"{rec.time:017.6f}#{rec.id}", "doc": rec.model_dump_json()},
+                ConditionExpression="attribute_not_exists(pk)",
+            )
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                raise ConflictError(f"audit record {rec.id} exists: the audit log is append-only") from None
+            raise
 
     def audit_log(self) -> list[AuditRecord]:
         items: list[dict[str, Any]] = []

@@ -9,7 +9,8 @@ One module per service, each called by one thin Lambda handler (``functions/<nam
 ``reconcile``      scheduled full sync of every account/region (converges lost events)
 ``agents``         the agent API (docs/agent-api.md); ``api`` holds the HTTP plumbing
 ``admin``          provision policy, modes, quarantine, pairing keys — each audited
-``perimeter``      the coarse security groups per VPC and environment, quota-checked
+``perimeter``      the coarse security groups per VPC and environment on every ENI, quota-checked;
+                   reacts to changed workloads, the schedule converges and removes unused groups
 ``wiring``         :class:`~ringfence.clouds.aws.wiring.Config` (environment) → clients, store, signer
 =================  ==========================================================================
 

@@ -16,7 +16,7 @@ from ringfence.store.base import (
 from ringfence.versions import digest_of
 
 from .api import Response, error, secret_hash
-from .wiring import Wiring
+from .wiring import BaseWiring
 
 # --- admin API --------------------------------------------------------------------------------------
 
@@ -24,7 +24,7 @@ from .wiring import Wiring
 class Admin:
     """Operator actions; each is recorded in the append-only audit table with the IAM principal."""
 
-    def __init__(self, w: Wiring) -> None:
+    def __init__(self, w: BaseWiring) -> None:
         self.w = w
 
     def _audit(self, principal: str, action: str, target: str, detail: dict[str, Any], reason: str) -> str:
@@ -50,28 +50,23 @@ class Admin:
         keys = {}
         for name, text in sorted(files.items()):
             key = f"policies/v{version:06d}/{name}"
-            self.w.publisher.s3.put_object(
-                Bucket=self.w.cfg.bucket, Key=key, Body=text.encode(), ServerSideEncryption="AES256"
-            )
+            self.w.publisher.put_text(key, text)
             keys[name] = key
-        pv = PolicyVersion(version=version, keys=keys, digest=digest, created_by=principal, comment=reason)
+        pv = PolicyVersion(number=version, keys=keys, digest=digest, author=principal, message=reason)
         self.w.store.activate_policy(pv)
         audit_id = self._audit(principal, "policy.provision", f"policy/v{version}", {"digest": digest}, reason)
         self.w.enqueue_compute(rebuild=True)
         return Response(201, {"version": version, "digest": digest, "audit_id": audit_id})
 
-    def set_mode(self, principal: str, workload_id: str, mode: str | None, reason: str = "") -> Response:
+    def set_mode(self, principal: str, workload_id: str, mode: Mode | None, reason: str = "") -> Response:
         try:
-            m = Mode(mode) if mode else None
-        except ValueError:
-            return error(400, "bad mode", f"{mode!r} is not one of idle, observe, enforce")
-        try:
-            self.w.store.set_operator(workload_id, mode=m)
+            self.w.store.set_operator(workload_id, mode=mode)
         except KeyError:
             return error(404, "unknown workload", workload_id)
-        audit_id = self._audit(principal, "workload.mode", workload_id, {"mode": mode}, reason)
+        value = mode.value if mode else None
+        audit_id = self._audit(principal, "workload.mode", workload_id, {"mode": value}, reason)
         self.w.enqueue_compute([workload_id])
-        return Response(200, {"workload_id": workload_id, "mode": mode, "audit_id": audit_id})
+        return Response(200, {"workload_id": workload_id, "mode": value, "audit_id": audit_id})
 
     def quarantine(self, principal: str, workload_id: str, on: bool, reason: str = "") -> Response:
         try:
@@ -84,15 +79,31 @@ class Admin:
         return Response(200, {"workload_id": workload_id, "quarantined": on, "audit_id": audit_id})
 
     def pairing_key(self, principal: str, workload_id: str | None, uses: int, ttl: int, reason: str = "") -> Response:
+        """A pairing key that enrolls only ``workload_id`` (a registered on-premise workload), at
+        most ``uses`` times within ``ttl`` seconds. The key is in this response only: the store
+        keeps its hash."""
+        if not workload_id:
+            return error(400, "bad pairing key request", "workload_id: a pairing key is issued for one workload")
         if uses < 1 or ttl < 60:
             return error(400, "bad pairing key request", "uses ≥ 1 and ttl ≥ 60 seconds")
+        rec = self.w.store.get(workload_id)
+        if rec is None:
+            return error(404, "unknown workload", f"{workload_id}: register the on-premise workload first")
+        if rec.workload.cloud != "onprem":
+            return error(
+                409,
+                "not an on-premise workload",
+                f"{workload_id} is a {rec.workload.cloud} instance: it enrolls with its cloud identity",
+            )
         key = secrets.token_urlsafe(24)
         self.w.store.put_pairing(secret_hash(key), workload_id, uses, ttl)
         audit_id = self._audit(
             principal,
             "pairing.create",
-            workload_id or "*",
+            workload_id,
             {"uses": uses, "ttl": ttl, "key_sha256": secret_hash(key)},
             reason,
         )
-        return Response(201, {"pairing_key": key, "uses": uses, "expires_in": ttl, "audit_id": audit_id})
+        return Response(
+            201, {"pairing_key": key, "workload_id": workload_id, "uses": uses, "expires_in": ttl, "audit_id": audit_id}
+        )

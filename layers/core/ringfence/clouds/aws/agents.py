@@ -10,40 +10,38 @@ import time
 import uuid
 from typing import Any
 
-from pydantic import ValidationError
-
 from ringfence import agentapi, bundle
 from ringfence.addresses import V4, format_prefix, parse_prefix
 from ringfence.store.base import (
     BundlePointer,
     DeltaPointer,
+    InventoryRecord,
 )
 
-from . import ec2
-from .api import Response, error, first_error, secret_hash
+from . import clients, ec2
+from .api import Response, error, secret_hash
 from .enroll import ProofError, check_sts_request, load_public_key, replay_sts, verify_iid
 from .ingest import observe_instances
-from .wiring import Wiring, log
+from .wiring import BaseWiring, log
 
 
 class AgentApi:
-    def __init__(self, w: Wiring) -> None:
+    def __init__(self, w: BaseWiring) -> None:
         self.w = w
         self._iid_key: Any = None
         # immutable, content-addressed documents: safe to keep while the container is warm
         self._deltas: dict[str, bundle.SetDelta] = {}
         self._sets: dict[tuple[str, int], bundle.AddressSetDoc] = {}
+        self._released: set[str] = set()  # instances whose launch no longer waits (lifecycle gate "agent")
 
     def nonce(self) -> Response:
         n = secrets.token_urlsafe(24)
         self.w.store.put_nonce(n, self.w.cfg.nonce_ttl)
         return Response(200, agentapi.NonceResponse(nonce=n, expires_in=self.w.cfg.nonce_ttl).model_dump())
 
-    def enroll(self, body: str | None) -> Response:
-        try:
-            req = agentapi.EnrollRequest.model_validate_json(body or "")
-        except ValidationError as exc:
-            return error(400, "malformed enroll request", first_error(exc))
+    def enroll(self, req: agentapi.EnrollRequest) -> Response:
+        if req.method not in self.w.cfg.enroll_methods:
+            return error(400, "unsupported enrollment method", f"{req.method} is not enabled on this control plane")
         try:
             if req.method == "aws-iid":
                 wid = self._enroll_iid(req)
@@ -111,8 +109,15 @@ class AgentApi:
             raise ProofError("pairing needs pairing_key and workload_id")
         if not self.w.store.burn_nonce(req.nonce):
             raise ProofError("nonce is unknown, expired or already used")
-        if not self.w.store.use_pairing(secret_hash(req.pairing_key)):
-            raise ProofError("pairing key is unknown, expired or used up")
+        rec = self.w.store.get(req.workload_id)
+        if rec is not None and rec.workload.cloud != "onprem":
+            # a cloud instance proves its identity with the cloud's document, never with a key
+            raise ProofError(
+                f"{req.workload_id} is a {rec.workload.cloud} instance: pairing is for on-premise workloads"
+            )
+        # the key is spent only by the workload it was issued for (checked and spent atomically)
+        if not self.w.store.use_pairing(secret_hash(req.pairing_key), req.workload_id):
+            raise ProofError(f"pairing key is unknown, expired, used up or not issued for {req.workload_id}")
         return req.workload_id
 
     def authorize(self, authorization: str | None, workload_id: str) -> Response | None:
@@ -241,11 +246,7 @@ class AgentApi:
         docs = [json.loads(self.w.publisher.get(d.key)) for d in chosen]
         return Response(200, agentapi.DeltasResponse(bundle_version=version, deltas=docs).model_dump())
 
-    def heartbeat(self, workload_id: str, body: str | None) -> Response:
-        try:
-            agentapi.Heartbeat.model_validate_json(body or "")
-        except ValidationError as exc:
-            return error(400, "malformed heartbeat", first_error(exc))
+    def heartbeat(self, workload_id: str, hb: agentapi.Heartbeat) -> Response:
         rec = self.w.store.get(workload_id)
         if rec is None:
             return error(404, "unknown workload")
@@ -253,17 +254,54 @@ class AgentApi:
         if rec.offline:
             log.info("agent %s is back online: rejoining peers' sets", workload_id)
             self.w.enqueue_compute([workload_id])
-        ptr = self.w.store.bundle_pointer(workload_id)
-        return Response(200, agentapi.HeartbeatResponse(latest_version=ptr.version if ptr else None).model_dump())
+        if self.w.cfg.lifecycle_gate == "agent" and hb.applied_version is not None:
+            self._release_launch(rec)
+        return Response(200, agentapi.HeartbeatResponse(latest_version=self.latest_version(workload_id)).model_dump())
 
-    def reports(self, workload_id: str, body: str | None) -> Response:
-        raw = (body or "").encode()
-        if len(raw) > agentapi.MAX_REPORT_BYTES:
-            return error(413, "report too large", f"{len(raw)} bytes > {agentapi.MAX_REPORT_BYTES}")
-        try:
-            batch = agentapi.ReportBatch.model_validate_json(raw)
-        except ValidationError as exc:
-            return error(400, "malformed report", first_error(exc))
+    def _release_launch(self, rec: InventoryRecord) -> None:
+        """The agent enforces a bundle: a launch of its instance still held by its Auto Scaling
+        group's launch hook goes on (CONTINUE). Asked once per instance per warm container (the
+        agent heartbeats at once after its first bundle)."""
+        if rec.id in self._released or rec.workload.cloud != "aws":
+            return
+        asg = clients.client("autoscaling", region=rec.workload.region)
+        found = asg.describe_auto_scaling_instances(InstanceIds=[rec.id]).get("AutoScalingInstances", [])
+        if not found or found[0].get("LifecycleState") != "Pending:Wait":
+            self._released.add(rec.id)
+            return
+        group = found[0]["AutoScalingGroupName"]
+        hooks = asg.describe_lifecycle_hooks(AutoScalingGroupName=group).get("LifecycleHooks", [])
+        for h in hooks:
+            if h.get("LifecycleTransition") == "autoscaling:EC2_INSTANCE_LAUNCHING":
+                try:
+                    asg.complete_lifecycle_action(
+                        LifecycleHookName=h["LifecycleHookName"],
+                        AutoScalingGroupName=group,
+                        LifecycleActionResult="CONTINUE",
+                        InstanceId=rec.id,
+                    )
+                    log.info("launch of %s released: its agent enforces (hook %s)", rec.id, h["LifecycleHookName"])
+                except Exception as exc:  # e.g. already completed: the hook is not ours to wait on
+                    log.warning("CompleteLifecycleAction for %s (hook %s): %s", rec.id, h["LifecycleHookName"], exc)
+        self._released.add(rec.id)
+
+    def latest_version(self, workload_id: str) -> int | None:
+        """The newest version of the workload's bundle (its stored bundle moved on by set deltas)."""
+        ptr = self.w.store.bundle_pointer(workload_id)
+        return self._latest(ptr)[0] if ptr is not None else None
+
+    def wait(self, workload_id: str, version: int, timeout: float) -> Response:
+        """Long-poll: answers as soon as the workload's latest version is newer than ``version``,
+        or when ``timeout`` (capped at the wiring's ``max_wait``) has passed, with that version."""
+        deadline = time.monotonic() + max(0.0, min(timeout, self.w.cfg.max_wait))
+        while True:
+            latest = self.latest_version(workload_id)
+            left = deadline - time.monotonic()
+            if (latest is not None and latest > version) or left <= 0:
+                return Response(200, agentapi.WaitResponse(latest_version=latest).model_dump())
+            self.w.wait_for_change(left)
+
+    def reports(self, workload_id: str, batch: agentapi.ReportBatch) -> Response:
         key = f"reports/{workload_id}/{time.strftime('%Y/%m/%d', time.gmtime())}/{uuid.uuid4().hex}.json"
         self.w.publisher.put_json(key, batch.model_dump(mode="json"))
         return Response(202, {"accepted": len(batch.flows) + len(batch.drops)})

@@ -6,8 +6,6 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import ValidationError
-
 from ringfence import agentapi
 
 # --- agent API --------------------------------------------------------------------------------------
@@ -26,8 +24,3 @@ def error(status: int, error: str, detail: str = "") -> Response:
 
 def secret_hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def first_error(exc: ValidationError) -> str:
-    e = exc.errors()[0]
-    return f"{'.'.join(str(p) for p in e['loc']) or '<body>'}: {e['msg']}"

@@ -18,8 +18,8 @@ from ringfence.store.base import (
 )
 
 from . import clients, ec2
-from .publish import WebSocketNotifier
-from .wiring import Metric, Wiring, log, no_metric
+from .publish import Notifier, WebSocketNotifier
+from .wiring import BaseWiring, Metric, log, no_metric
 
 # --- compute --------------------------------------------------------------------------------------
 
@@ -36,21 +36,24 @@ class ComputeStats:
     bytes_published: int = 0
     lifecycle_completed: list[str] = field(default_factory=list)
     lifecycle_abandoned_to_timeout: list[str] = field(default_factory=list)
+    lifecycle_awaiting_agent: list[str] = field(default_factory=list)
 
 
 class Compute:
     """Inventory changes → engine → signed deltas and bundles in S3 → nudges → lifecycle."""
 
-    def __init__(self, w: Wiring, metric: Metric = no_metric) -> None:
+    def __init__(self, w: BaseWiring, metric: Metric = no_metric, notifier: Notifier | None = None) -> None:
         self.w = w
         self.metric = metric
         self.engine: Engine | None = None
-        ws = None
-        if w.cfg.websocket_endpoint:
-            ws = clients.session().client(
-                "apigatewaymanagementapi", endpoint_url=w.cfg.websocket_endpoint, config=clients.RETRIES
-            )
-        self.notifier = WebSocketNotifier(ws, w.store)
+        if notifier is None:  # in AWS: the WebSocket API, when one is configured
+            ws = None
+            if w.cfg.websocket_endpoint:
+                ws = clients.session().client(
+                    "apigatewaymanagementapi", endpoint_url=w.cfg.websocket_endpoint, config=clients.RETRIES
+                )
+            notifier = WebSocketNotifier(ws, w.store)
+        self.notifier = notifier
 
     def run(self, messages: list[dict[str, Any]]) -> ComputeStats:
         stats = ComputeStats()
@@ -99,11 +102,11 @@ class Compute:
             and e is not None
             and head.clean
             and e.revision == head.revision
-            and e.policy_version == pv.version == head.policy_version
+            and e.policy_version == pv.number == head.policy_version
         ):
             return
-        log.info("rebuilding engine at head %s (policy v%s)", head.revision, pv.version)
-        engine = Engine(policy, policy_version=pv.version, revision=head.revision)
+        log.info("rebuilding engine at head %s (policy v%s)", head.revision, pv.number)
+        engine = Engine(policy, policy_version=pv.number, revision=head.revision)
         engine.load(r.effective() for r in self.w.store.all_records() if r.active)
         self.engine = engine
         self._reserve(head.revision)
@@ -220,6 +223,11 @@ class Compute:
                 )
                 stats.lifecycle_abandoned_to_timeout.append(iid)
                 self.metric("LifecycleLeftToTimeout", 1)
+                continue
+            if launching and self.w.cfg.lifecycle_gate == "agent":
+                # released by the agent API on the instance's first heartbeat with this bundle applied
+                log.info("launch of %s published: the hook waits for its agent to enforce", iid)
+                stats.lifecycle_awaiting_agent.append(iid)
                 continue
             try:
                 region = lc.get("region")

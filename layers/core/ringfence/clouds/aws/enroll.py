@@ -2,8 +2,9 @@
 
 AWS publishes one certificate per Region for the ``/rsa2048`` PKCS7 form and one for the
 ``/signature`` form (base64 RSA-SHA256 over the document bytes). We verify the latter with a
-configured PEM certificate (``RINGFENCE_IID_CERT`` or an SSM parameter): production uses the
-AWS Region certificate from the EC2 user guide; tests use a throwaway key pair.
+configured PEM certificate (``RINGFENCE_IID_CERT``): production uses the Region's "RSA"
+certificate from the EC2 user guide (infra/examples/basic/README.md, step 2); tests use a
+throwaway key pair.
 """
 
 from __future__ import annotations

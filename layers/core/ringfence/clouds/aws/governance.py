@@ -12,7 +12,7 @@ from ringfence.audit import AuditRecord
 from ringfence.governance import UNATTRIBUTED, Finding, TagChange, Verdict, bind, govern
 from ringfence.store.base import InventoryRecord
 
-from .wiring import Metric, Wiring, log, no_metric
+from .wiring import Metric, BaseWiring, log, no_metric
 
 findings_log = logging.getLogger("ringfence.findings")
 """One JSON document per finding (schema ``ringfence.finding/v1``): subscribe the SIEM to it."""
@@ -21,7 +21,7 @@ GOVERNANCE_PRINCIPAL = "ringfence:governance"
 
 
 def govern_record(
-    w: Wiring,
+    w: BaseWiring,
     rec: InventoryRecord,
     old: InventoryRecord | None,
     change: TagChange | None = None,
@@ -52,7 +52,7 @@ def govern_record(
     return rec, changed or quarantined
 
 
-def _report(w: Wiring, rec: InventoryRecord, verdict: Verdict, event_id: str, metric: Metric) -> bool:
+def _report(w: BaseWiring, rec: InventoryRecord, verdict: Verdict, event_id: str, metric: Metric) -> bool:
     """Metrics, audit and the finding's log line; True if the workload was quarantined."""
     if verdict.approved:
         metric("PrivilegedLabelApproved", len(verdict.approved))
@@ -117,7 +117,7 @@ def _report(w: Wiring, rec: InventoryRecord, verdict: Verdict, event_id: str, me
     return quarantine
 
 
-def bind_labels(w: Wiring, workload_id: str, labels: dict[str, str], principal: str, reason: str) -> InventoryRecord:
+def bind_labels(w: BaseWiring, workload_id: str, labels: dict[str, str], principal: str, reason: str) -> InventoryRecord:
     """An audited admin binding: grant privileged label values to one workload, lift a hold they
     clear, and queue the change for compute. Raises KeyError (unknown workload) or ValueError."""
     mapper = w.mapper()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,7 +11,7 @@ from ringfence.governance import TagChange
 
 from . import ec2
 from .governance import govern_record
-from .wiring import Metric, Wiring, log, no_metric
+from .wiring import BaseWiring, Metric, log, no_metric
 
 # --- ingest ---------------------------------------------------------------------------------------
 
@@ -24,23 +25,30 @@ class IngestResult:
 
 
 class Ingest:
-    def __init__(self, w: Wiring, metric: Metric = no_metric) -> None:
+    def __init__(self, w: BaseWiring, metric: Metric = no_metric) -> None:
         self.w = w
         self.metric = metric
 
     def prefetch(self, raws: list[dict[str, Any]]) -> int:
-        """Describe every instance a batch of events names with one call per account/region
-        (DescribeInstances is rate-limited: a storm must not cost one call per event).
-        Best effort: whatever fails here is described again per event. Returns ids described."""
-        self.w.prefetched.clear()
-        groups: dict[tuple[str, str], set[str]] = {}
+        """:meth:`prefetch_events` of raw events (malformed ones are left to :meth:`handle`)."""
+        events = []
         for raw in raws:
             try:
                 ev = normalize(raw)
             except MalformedEvent:
                 continue
             if ev is not None:
-                groups.setdefault((ev.account, ev.region), set()).update(ev.instance_ids)
+                events.append(ev)
+        return self.prefetch_events(events)
+
+    def prefetch_events(self, events: Iterable[DomainEvent]) -> int:
+        """Describe every instance a batch of events names with one call per account/region
+        (DescribeInstances is rate-limited: a storm must not cost one call per event).
+        Best effort: whatever fails here is described again per event. Returns ids described."""
+        self.w.prefetched.clear()
+        groups: dict[tuple[str, str], set[str]] = {}
+        for ev in events:
+            groups.setdefault((ev.account, ev.region), set()).update(ev.instance_ids)
         n = 0
         for (account, region), ids in sorted(groups.items()):
             try:
@@ -60,9 +68,13 @@ class Ingest:
     def handle(self, raw: dict[str, Any]) -> IngestResult:
         ev = normalize(raw)  # MalformedEvent propagates: the handler sends it to the DLQ
         if ev is None:
-            self.metric("EventsIgnored", 1)
+            self.ignored()
             return IngestResult(str(raw.get("id", "")))
         return self.apply(ev)
+
+    def ignored(self) -> None:
+        """A valid event that is not about instances (a tag on a volume, a failed API call)."""
+        self.metric("EventsIgnored", 1)
 
     def apply(self, ev: DomainEvent) -> IngestResult:
         res = IngestResult(ev.event_id, kind=ev.kind.value)
@@ -98,12 +110,13 @@ class Ingest:
         res.changed = sorted(changed)
         if changed:
             self.w.enqueue_compute(res.changed)
+            self.w.enqueue_perimeter(res.changed)
         self.metric("InventoryChanges", len(changed))
         return res
 
 
 def observe_instances(
-    w: Wiring,
+    w: BaseWiring,
     account: str,
     region: str,
     ids: list[str],
@@ -138,7 +151,7 @@ def observe_instances(
     return changed
 
 
-def mark_leaving(w: Wiring, account: str, region: str, ids: list[str]) -> set[str]:
+def mark_leaving(w: BaseWiring, account: str, region: str, ids: list[str]) -> set[str]:
     """A terminate lifecycle action: the instance is still running but must leave peers' sets."""
     changed = set()
     t = ec2.now() + 0.001  # after the describe that just ran

@@ -1,13 +1,14 @@
-"""Lifecycle hooks: an instance is segmented before it serves and leaves peers' sets before it goes."""
+"""Lifecycle hooks: an instance is segmented (bundle and perimeter) before it serves and leaves peers' sets
+before it goes."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from ringfence.events import Kind, MalformedEvent, normalize
+from ringfence.events import DomainEvent, Kind, MalformedEvent, normalize
 
 from .ingest import mark_leaving, observe_instances
-from .wiring import Wiring
+from .wiring import Metric, Wiring, no_metric
 
 # --- lifecycle --------------------------------------------------------------------------------------
 
@@ -15,13 +16,19 @@ from .wiring import Wiring
 class Lifecycle:
     """ASG lifecycle actions: update the inventory now, let compute publish, then complete."""
 
-    def __init__(self, w: Wiring) -> None:
+    def __init__(self, w: Wiring, metric: Metric = no_metric) -> None:
         self.w = w
+        self.metric = metric
 
     def handle(self, raw: dict[str, Any]) -> dict[str, Any]:
-        ev = normalize(raw)
+        return self.apply(normalize(raw))
+
+    def apply(self, ev: DomainEvent | None) -> dict[str, Any]:
+        """A normalized lifecycle action (:func:`ringfence.events.normalize_json`): inventory now,
+        then compute publishes and completes it."""
         if ev is None or ev.lifecycle is None:
-            raise MalformedEvent(f"not a lifecycle action event: {raw.get('detail-type')!r}")
+            what = "an event that is not ours" if ev is None else f"{ev.kind.value} event {ev.event_id}"
+            raise MalformedEvent(f"not a lifecycle action event: {what}")
         ids = list(ev.instance_ids)
         changed = observe_instances(self.w, ev.account, ev.region, ids)
         if ev.kind is Kind.LIFECYCLE_TERMINATE:
@@ -29,5 +36,12 @@ class Lifecycle:
         lc = ev.lifecycle.model_dump()
         lc["hook_name"], lc["group_name"] = ev.lifecycle.hook_name, ev.lifecycle.group_name
         lc["region"] = ev.region
-        self.w.enqueue_compute(sorted(changed) or ids, lifecycle=lc)
+        if ev.kind is Kind.LIFECYCLE_LAUNCH and self.w.enqueue_perimeter(ids, lifecycle=lc):
+            # the perimeter hands the action on to compute once the instance's ENIs carry their
+            # groups; compute publishes meanwhile and completes it (FIFO: after these ids)
+            self.w.enqueue_compute(sorted(changed) or ids)
+        else:
+            self.w.enqueue_compute(sorted(changed) or ids, lifecycle=lc)
+        self.metric("LifecycleActions", 1)
+        self.metric("InventoryChanges", len(changed))
         return {"instance": ev.lifecycle.instance_id, "transition": ev.lifecycle.transition}

@@ -1,41 +1,162 @@
-"""Perimeter service: the coarse security groups per VPC and environment, quota-checked."""
+"""Perimeter service: the coarse security groups per VPC and environment, quota-checked.
+
+Two entry points. :meth:`Perimeter.react` is the event path: ingest, lifecycle and reconcile
+enqueue the workloads they saw change on the perimeter queue; their interfaces (every ENI) get their groups
+and, for a launching instance, the lifecycle action is handed on to compute only then — compute
+completes it after the bundle is published too, so CONTINUE means both are in place.
+:meth:`Perimeter.run` is the scheduled converging reconcile, which also removes groups that lost
+their purpose."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
+from ringfence.perimeter import PerimeterConfig, PlanRefused, QuotaExceeded, Scope
+from ringfence.store.base import InventoryRecord
+
+from .sg import GONE_STATES, SecurityGroupPerimeter, log
 from .wiring import Metric, Wiring, no_metric
 
 # --- perimeter --------------------------------------------------------------------------------------
+
+Place = tuple[str, str]  # (account, region)
+
+
+class PerimeterMessage(BaseModel):
+    """One message on the perimeter queue (sent by :meth:`Wiring.enqueue_perimeter`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[str] = Field(default_factory=list, description="workloads whose interfaces to reconcile")
+    lifecycle: dict[str, Any] | None = Field(None, description="a launch lifecycle action to hand on to compute")
+
+
+@dataclass
+class Reaction:
+    """What one batch of perimeter messages did."""
+
+    results: list[dict[str, Any]] = field(default_factory=list)
+    lifecycles_forwarded: list[str] = field(default_factory=list)
+    lifecycles_left_to_timeout: list[str] = field(default_factory=list)
 
 
 class Perimeter:
     """Coarse security groups per VPC and env, from the inventory's labels (see ringfence.perimeter)."""
 
-    def __init__(self, w: Wiring, config: Any, metric: Metric = no_metric) -> None:
+    def __init__(self, w: Wiring, config: PerimeterConfig, metric: Metric = no_metric) -> None:
         self.w = w
         self.config = config
         self.metric = metric
 
     def run(self, dry_run: bool = False) -> list[dict[str, Any]]:
-        from ringfence.perimeter import Member, QuotaExceeded
-
-        from .sg import SecurityGroupPerimeter
-
-        by_place: dict[tuple[str, str], list[Member]] = {}
+        """The full reconcile of every account/region the inventory or the targets name."""
+        by_place: dict[Place, list[InventoryRecord]] = {(t.account, t.region): [] for t in self.w.cfg.targets}
         for rec in self.w.store.all_records():
-            w = rec.workload
-            if not rec.active or w.cloud != "aws" or not w.vpc or not w.account or not w.region:
+            place = _place(rec)
+            if place is not None:
+                by_place.setdefault(place, []).append(rec)
+        return [self._reconcile(place, recs, Scope.FULL, dry_run) for place, recs in sorted(by_place.items())]
+
+    def run_for(self, ids: Iterable[str], dry_run: bool = False) -> list[dict[str, Any]]:
+        """The event path: the interfaces of these workloads only (rules only added, nothing deleted)."""
+        by_place: dict[Place, list[InventoryRecord]] = {}
+        for rec in self.w.store.get_many(list(dict.fromkeys(ids))).values():
+            place = _place(rec)
+            if place is not None and rec.state not in GONE_STATES:
+                by_place.setdefault(place, []).append(rec)
+        return [self._reconcile(place, recs, Scope.WORKLOADS, dry_run) for place, recs in sorted(by_place.items())]
+
+    def react(self, messages: list[PerimeterMessage], dry_run: bool = False) -> Reaction:
+        """A batch from the perimeter queue: ``{"ids": [...], "lifecycle": {...} | null}`` each.
+        An AWS error propagates (the batch is retried and its lifecycle actions wait); a refused
+        plan (over quota, a group name taken) is final: those instances' lifecycle actions are not handed on and time out into
+        the hook's default result."""
+        ids = [i for m in messages for i in m.ids]
+        out = Reaction(results=self.run_for(ids, dry_run))
+        refused = {i for r in out.results if r.get("violations") for i in r["workloads"]}
+        for m in messages:
+            lc = m.lifecycle
+            if not lc:
                 continue
-            labels = rec.labels
-            by_place.setdefault((w.account, w.region), []).append(Member(rec.id, w.vpc, labels))
-        out: list[dict[str, Any]] = []
-        for (account, region), members in sorted(by_place.items()):
-            sgp = SecurityGroupPerimeter(self.w.ec2_for(account, region))
-            try:
-                res = sgp.reconcile(self.config, members, dry_run=dry_run)
-                out.append({"account": account, "region": region, "applied": res.applied, "plan": res.plan})
-            except QuotaExceeded as exc:
-                self.metric("PerimeterOverQuota", 1)
-                out.append({"account": account, "region": region, "applied": False, "violations": exc.violations})
+            iid = lc["instance_id"]
+            if iid in refused:
+                log.error(
+                    "lifecycle %s for %s: its perimeter plan was refused; NOT handing on — the hook %s of %s will time "
+                    "out into its configured default result",
+                    lc["transition"],
+                    iid,
+                    lc["hook_name"],
+                    lc["group_name"],
+                )
+                self.metric("LifecycleLeftToTimeout", 1)
+                out.lifecycles_left_to_timeout.append(iid)
+                continue
+            # compute completes it once the bundle is published (FIFO: after the ids lifecycle queued)
+            self.w.enqueue_compute(lifecycle=lc)
+            out.lifecycles_forwarded.append(iid)
         return out
+
+    def _reconcile(self, place: Place, recs: list[InventoryRecord], scope: Scope, dry_run: bool) -> dict[str, Any]:
+        account, region = place
+        workloads = {r.id: dict(r.labels) for r in recs if r.state not in GONE_STATES}
+        base: dict[str, Any] = {"account": account, "region": region, "scope": scope.value}
+        base["workloads"] = sorted(workloads)
+        sgp = SecurityGroupPerimeter(self.w.ec2_for(account, region))
+        try:
+            res = sgp.reconcile(self.config, workloads, scope, dry_run=dry_run, gone=[r.id for r in recs])
+        except PlanRefused as exc:
+            self.metric("PerimeterPlanRefused", 1)
+            if isinstance(exc, QuotaExceeded):
+                self.metric("PerimeterOverQuota", 1)
+            return base | {"applied": False, "violations": exc.violations}
+        if res.applied:
+            counts = res.plan
+            self.metric("PerimeterGroupsCreated", counts["create"])
+            self.metric("PerimeterGroupsDeleted", len([c for c in res.changes if c["action"] == "delete"]))
+            self.metric("PerimeterAttachments", counts["attach"])
+            self.metric("PerimeterDetachments", counts["detach"])
+            self.metric("PerimeterRuleChanges", counts["authorize"] + counts["revoke"])
+        for c in res.changes:
+            log.info("%s%s", "(dry run) " if not res.applied else "", c["text"], extra={"perimeter_change": c})
+        for k in res.kept:
+            log.warning("perimeter: kept %s (%s) without purpose: %s", k["group"], k["name"], k["reason"])
+        return base | {"applied": res.applied, "plan": res.plan, "changes": res.changes, "kept": res.kept}
+
+
+def _place(rec: InventoryRecord) -> Place | None:
+    w = rec.workload
+    if w.cloud != "aws" or not w.account or not w.region:
+        return None
+    return (w.account, w.region)
+
+
+@contextmanager
+def recorded_changes() -> Iterator[list[dict[str, Any]]]:
+    """What the perimeter changes in this process while the block runs, one dict per change
+    (``action``, ``text`` such as "perimeter: sg-… (rf-prod-boundary) attached to i-… (2 ENIs)",
+    and the ids), whichever handler or thread made it: for a demo or a test driving the handlers
+    in-process. Dry-run plans are not changes and are not recorded."""
+    seen: list[dict[str, Any]] = []
+
+    class _Recorder(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            change = getattr(record, "perimeter_change", None)
+            if change is not None and not record.getMessage().startswith("(dry run)"):
+                seen.append(change)
+
+    handler = _Recorder(logging.INFO)
+    level = log.level
+    log.addHandler(handler)
+    if log.getEffectiveLevel() > logging.INFO:
+        log.setLevel(logging.INFO)
+    try:
+        yield seen
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)

@@ -1,11 +1,11 @@
-"""Publishing to agents: signed bundles and set deltas in S3 (content-addressed), nudges."""
+"""Publishing to agents: signed bundles and set deltas (content-addressed; in S3 here), nudges."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 from botocore.exceptions import ClientError
 
@@ -14,23 +14,23 @@ from ringfence import bundle
 log = logging.getLogger(__name__)
 
 
-class S3Publisher:
-    """Immutable, content-addressed objects: ``bundles/<wid>/<version>-<sha>.json`` and
-    ``deltas/<set>/<from>-<to>-<sha>.json``. The bucket is versioned and encrypted; objects
-    are written with SSE (KMS when a key is configured)."""
+class Publisher:
+    """Immutable, content-addressed documents for agents: ``bundles/<wid>/<version>-<sha>.json``
+    and ``deltas/<set>/<from>-<to>-<sha>.json``, plus reports and policy files under keys the
+    caller names. Subclasses store the bytes (S3 here, files in :mod:`ringfence.local.publish`)."""
 
-    def __init__(self, s3: Any, bucket: str, kms_key_id: str | None = None) -> None:
-        self.s3 = s3
-        self.bucket = bucket
-        self.kms_key_id = kms_key_id
+    def __init__(self) -> None:
         self.bytes_published = 0
         self.objects_published = 0
 
-    def _put(self, key: str, body: bytes) -> None:
-        extra: dict[str, Any] = {"ServerSideEncryption": "AES256"}
-        if self.kms_key_id:
-            extra = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": self.kms_key_id}
-        self.s3.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType="application/json", **extra)
+    def _store(self, key: str, body: bytes, content_type: str) -> None:
+        raise NotImplementedError
+
+    def get(self, key: str) -> bytes:
+        raise NotImplementedError
+
+    def _put(self, key: str, body: bytes, content_type: str = "application/json") -> None:
+        self._store(key, body, content_type)
         self.bytes_published += len(body)
         self.objects_published += 1
 
@@ -48,11 +48,38 @@ class S3Publisher:
         self._put(key, body)
         return key
 
+    def put_json(self, key: str, doc: Any) -> None:
+        self._put(key, json.dumps(doc, sort_keys=True).encode())
+
+    def put_text(self, key: str, text: str) -> None:
+        """A text object under a caller-chosen key (policy files: ``policies/v<N>/<name>``)."""
+        self._put(key, text.encode(), "text/plain; charset=utf-8")
+
+
+class S3Publisher(Publisher):
+    """The bucket is versioned and encrypted; objects are written with SSE (KMS when a key is
+    configured)."""
+
+    def __init__(self, s3: Any, bucket: str, kms_key_id: str | None = None) -> None:
+        super().__init__()
+        self.s3 = s3
+        self.bucket = bucket
+        self.kms_key_id = kms_key_id
+
+    def _store(self, key: str, body: bytes, content_type: str) -> None:
+        extra: dict[str, Any] = {"ServerSideEncryption": "AES256"}
+        if self.kms_key_id:
+            extra = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": self.kms_key_id}
+        self.s3.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type, **extra)
+
     def get(self, key: str) -> bytes:
         return bytes(self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read())
 
-    def put_json(self, key: str, doc: Any) -> None:
-        self._put(key, json.dumps(doc, sort_keys=True).encode())
+
+class Notifier(Protocol):
+    """What compute tells when a workload's latest version moved (after the store says so)."""
+
+    def nudge(self, workload_id: str, version: int) -> None: ...
 
 
 class WebSocketNotifier:

@@ -66,5 +66,6 @@ class Reconcile:
                 changed.add(rec.id)
         res.changed = sorted(changed)
         self.w.enqueue_compute(res.changed)
+        self.w.enqueue_perimeter(res.changed)  # repaired drift reaches the perimeter as events do
         self.metric("ReconcileDrift", len(res.changed))
         return res

@@ -1,28 +1,44 @@
-"""Security groups as the perimeter's AWS backend: read actual state, apply a checked plan."""
+"""Security groups as the perimeter's AWS backend: read actual state, apply a checked plan.
+
+Every network interface of a workload carries its groups (not only the primary one). A group is
+ours only if it carries the ``ringfence:perimeter`` tag *and* has one of the names Ringfence
+gives (``rf-<env>-boundary|mgmt|published``); anything else is foreign and never changed, detached
+or deleted. Interfaces are modified with their whole group list (that is how EC2 takes it), so
+foreign groups are always written back in their order."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from botocore.exceptions import ClientError
 
 from ringfence.perimeter import (
     EGRESS,
     INGRESS,
     DesiredState,
+    Interface,
     Member,
+    NameTaken,
     PerimeterConfig,
     PerimeterRule,
     Plan,
     QuotaExceeded,
+    Scope,
     check_quotas,
     desired_state,
     plan,
 )
 
-log = logging.getLogger(__name__)
+from . import ec2 as ec2mod
+
+log = logging.getLogger("ringfence.aws.perimeter")
 TAG = "ringfence:perimeter"
+OUR_NAME = re.compile(r"^rf-[A-Za-z0-9_.:+=@-]+-(boundary|mgmt|published)$")
+GONE_STATES = frozenset({"shutting-down", "terminated"})
 
 
 def _rules_of(sg: dict[str, Any], names_by_id: dict[str, str]) -> set[PerimeterRule]:
@@ -60,77 +76,183 @@ def _permission(r: PerimeterRule, ids_by_name: dict[str, str]) -> dict[str, Any]
     return p
 
 
+def is_ours(group: Mapping[str, Any]) -> bool:
+    """Created by Ringfence: our tag and one of our names (a tag alone could be anyone's)."""
+    tagged = any(t.get("Key") == TAG for t in group.get("Tags", []))
+    return tagged and bool(OUR_NAME.match(str(group.get("GroupName", ""))))
+
+
 @dataclass
 class PerimeterResult:
     applied: bool
     plan: dict[str, int] = field(default_factory=dict)
     violations: list[str] = field(default_factory=list)
+    changes: list[dict[str, Any]] = field(default_factory=list)  # what was (or, dry run, would be) done
+    kept: list[dict[str, str]] = field(default_factory=list)  # groups without purpose kept, and why
+
+
+@dataclass
+class _Eni:
+    id: str
+    network: str
+    instance: str | None
+    groups: list[str]  # ids, in the interface's order
+    fixed: bool
 
 
 class SecurityGroupPerimeter:
     def __init__(self, ec2: Any) -> None:
         self.ec2 = ec2
 
-    def _groups(self, networks: Iterable[str]) -> list[dict[str, Any]]:
-        nets = sorted(set(networks))
-        if not nets:
-            return []
-        pages = self.ec2.get_paginator("describe_security_groups").paginate(
-            Filters=[{"Name": "vpc-id", "Values": nets}, {"Name": "tag-key", "Values": [TAG]}]
-        )
-        return [g for page in pages for g in page.get("SecurityGroups", [])]
+    # --- reading -----------------------------------------------------------------------------
 
-    def _interfaces(self, instance_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
-        out: dict[str, list[dict[str, Any]]] = {}
-        if not instance_ids:
-            return out
-        for page in self.ec2.get_paginator("describe_instances").paginate(InstanceIds=instance_ids):
-            for res in page.get("Reservations", []):
-                for inst in res.get("Instances", []):
-                    enis = sorted(
-                        inst.get("NetworkInterfaces", []), key=lambda e: e.get("Attachment", {}).get("DeviceIndex", 0)
+    def _groups(self, networks: Iterable[str] | None) -> list[dict[str, Any]]:
+        """Our groups in ``networks`` (None: in the whole region)."""
+        filters = [{"Name": "tag-key", "Values": [TAG]}]
+        if networks is not None:
+            nets = sorted(set(networks))
+            if not nets:
+                return []
+            filters.append({"Name": "vpc-id", "Values": nets})
+        pages = self.ec2.get_paginator("describe_security_groups").paginate(Filters=filters)
+        out = []
+        for page in pages:
+            for g in page.get("SecurityGroups", []):
+                if is_ours(g):
+                    out.append(g)
+                else:
+                    log.warning(
+                        "%s (%s) carries %s but not a Ringfence name: left alone", g["GroupId"], g.get("GroupName"), TAG
                     )
-                    out[inst["InstanceId"]] = enis[:1]  # the primary interface carries the perimeter
         return out
 
-    def reconcile(self, config: PerimeterConfig, members: list[Member], dry_run: bool = False) -> PerimeterResult:
-        ds: DesiredState = desired_state(config, members)
-        groups = self._groups(ds.networks.values())
+    @staticmethod
+    def _eni(e: dict[str, Any], instance: str | None) -> _Eni:
+        return _Eni(
+            id=e["NetworkInterfaceId"],
+            network=e.get("VpcId", ""),
+            instance=instance or e.get("Attachment", {}).get("InstanceId"),
+            groups=[g["GroupId"] for g in e.get("Groups", [])],
+            fixed=bool(e.get("RequesterManaged")),
+        )
+
+    def _instance_enis(self, instance_ids: list[str]) -> dict[str, list[_Eni]]:
+        """Every interface of each live instance (terminated ones have none left to guard)."""
+        out: dict[str, list[_Eni]] = {}
+        for iid, inst in ec2mod.describe(self.ec2, instance_ids).items():
+            if inst.get("State", {}).get("Name") in GONE_STATES:
+                continue
+            enis = sorted(
+                inst.get("NetworkInterfaces", []), key=lambda e: e.get("Attachment", {}).get("DeviceIndex", 0)
+            )
+            out[iid] = [self._eni(e, iid) for e in enis]
+        return out
+
+    def _carriers(self, group_ids: list[str]) -> list[_Eni]:
+        """Every interface in the region that carries one of ``group_ids``. One query per group:
+        our groups are a handful per VPC, and moto 5.2 answers a multi-valued ``group-id`` filter
+        with subset/superset matches instead of EC2's "any of"."""
+        seen: dict[str, _Eni] = {}
+        for gid in group_ids:
+            pages = self.ec2.get_paginator("describe_network_interfaces").paginate(
+                Filters=[{"Name": "group-id", "Values": [gid]}]
+            )
+            for page in pages:
+                for e in page.get("NetworkInterfaces", []):
+                    seen.setdefault(e["NetworkInterfaceId"], self._eni(e, None))
+        return list(seen.values())
+
+    def _names_taken(self, p: Plan) -> list[str]:
+        """Groups the plan creates whose name a group that is not ours already holds in that VPC
+        (names are unique per VPC): refused before anything changes, never taken over."""
+        want = {(g.network, g.name) for g in p.create}
+        if not want:
+            return []
+        pages = self.ec2.get_paginator("describe_security_groups").paginate(
+            Filters=[
+                {"Name": "vpc-id", "Values": sorted({n for n, _ in want})},
+                {"Name": "group-name", "Values": sorted({g for _, g in want})},
+            ]
+        )
+        return [
+            f"{g['GroupName']} in {g['VpcId']}: the name is held by {g['GroupId']}, which Ringfence did not create "
+            f"(rename it, or delete it if it is unused)"
+            for page in pages
+            for g in page.get("SecurityGroups", [])
+            if (g.get("VpcId"), g.get("GroupName")) in want and not is_ours(g)
+        ]
+
+    # --- reconcile -----------------------------------------------------------------------------
+
+    def reconcile(
+        self,
+        config: PerimeterConfig,
+        workloads: Mapping[str, Mapping[str, str]],
+        scope: Scope = Scope.FULL,
+        dry_run: bool = False,
+        gone: Iterable[str] = (),
+    ) -> PerimeterResult:
+        """Bring the interfaces of ``workloads`` (instance id → labels; every live workload of the
+        account/region under :attr:`Scope.FULL`) and our groups to the desired state. ``gone``:
+        workloads the inventory knows have terminated; an interface still attached to one needs
+        none of our groups. Raises :class:`QuotaExceeded` (the result would not fit) or
+        :class:`NameTaken` (a foreign group holds a name we must create) before changing anything."""
+        ended = set(gone) - set(workloads)
+        by_instance = self._instance_enis(sorted(workloads))
+        enis: dict[str, _Eni] = {e.id: e for lst in by_instance.values() for e in lst}
+        members = [Member(e.id, e.network, workloads[iid]) for iid, lst in sorted(by_instance.items()) for e in lst]
+        groups = self._groups(None if scope is Scope.FULL else {e.network for e in enis.values()})
         key_of = {g["GroupId"]: (g["VpcId"], g["GroupName"]) for g in groups}
         names_by_id = {gid: key[1] for gid, key in key_of.items()}
         actual_rules = {key_of[g["GroupId"]]: _rules_of(g, names_by_id) for g in groups}
-        enis = self._interfaces(sorted(ds.attachments))
-        ours = set(names_by_id)
-        actual_att: dict[str, set[str]] = {}
-        foreign: dict[str, int] = {}
-        eni_groups: dict[str, tuple[str, list[str]]] = {}
-        for iid, lst in enis.items():
-            if not lst:
-                continue
-            eni = lst[0]
-            gids = [g["GroupId"] for g in eni.get("Groups", [])]
-            eni_groups[iid] = (eni["NetworkInterfaceId"], gids)
-            actual_att[iid] = {names_by_id[g] for g in gids if g in ours}
-            foreign[iid] = len([g for g in gids if g not in ours])
-        violations = check_quotas(ds, config, foreign)
+        # the event path may reference existing groups it does not itself need; the full run
+        # references only wanted ones, so a group without members loses its references too
+        ds: DesiredState = desired_state(config, members, existing=actual_rules if scope is Scope.WORKLOADS else ())
+        if scope is Scope.FULL and key_of:
+            for e in self._carriers(sorted(key_of)):
+                if e.id not in enis:  # not an interface of a live workload
+                    enis[e.id] = e
+        interfaces = {
+            e.id: Interface(
+                id=e.id,
+                network=e.network,
+                workload=e.instance if e.instance in by_instance or e.instance in ended else None,
+                ours=frozenset(names_by_id[g] for g in e.groups if g in key_of),
+                foreign=len([g for g in e.groups if g not in key_of]),
+                fixed=e.fixed,
+            )
+            for e in enis.values()
+        }
+        violations = check_quotas(ds, config, {i: itf.foreign for i, itf in interfaces.items()})
         if violations:
             for v in violations:
                 log.error("perimeter quota: %s", v)
             raise QuotaExceeded(violations)
-        p = plan(ds, actual_rules, actual_att)
+        p = plan(ds, actual_rules, interfaces, scope)
+        taken = self._names_taken(p)
+        if taken:
+            for v in taken:
+                log.error("perimeter: %s", v)
+            raise NameTaken(taken)
+        summary = p.summary()  # what the plan asks; ``changes`` says what was done
+
+        def kept() -> list[dict[str, str]]:
+            return [{"group": _id_of(key_of, k), "name": k[1], "network": k[0], "reason": r} for k, r in p.kept.items()]
+
         if dry_run or p.empty:
-            return PerimeterResult(applied=False, plan=p.summary())
-        self._apply(p, ds, key_of, eni_groups)
-        return PerimeterResult(applied=True, plan=p.summary())
+            return PerimeterResult(
+                applied=False, plan=summary, changes=self._describe(p, key_of, enis, {}), kept=kept()
+            )
+        created = self._apply(p, ds, key_of, enis)
+        return PerimeterResult(
+            applied=True, plan=summary, changes=self._describe(p, key_of, enis, created), kept=kept()
+        )
 
     def _apply(
-        self,
-        p: Plan,
-        ds: DesiredState,
-        key_of: dict[str, tuple[str, str]],
-        eni_groups: dict[str, tuple[str, list[str]]],
-    ) -> None:
+        self, p: Plan, ds: DesiredState, key_of: dict[str, tuple[str, str]], enis: dict[str, _Eni]
+    ) -> dict[tuple[str, str], str]:
         ids: dict[tuple[str, str], str] = {key: gid for gid, key in key_of.items()}
+        created: dict[tuple[str, str], str] = {}
         for g in p.create:
             gid = self.ec2.create_security_group(
                 GroupName=g.name,
@@ -143,7 +265,7 @@ class SecurityGroupPerimeter:
                     }
                 ],
             )["GroupId"]
-            ids[(g.network, g.name)] = gid
+            ids[(g.network, g.name)] = created[(g.network, g.name)] = gid
             # a new group starts with "all outbound": that rule is now actual state for the diff
             default = {PerimeterRule(EGRESS, "-1", -1, -1, "cidr", "0.0.0.0/0")}
             want = ds.groups[(g.network, g.name)].rules
@@ -156,11 +278,54 @@ class SecurityGroupPerimeter:
         for key, rules in p.authorize.items():
             names = {n: gid for (net, n), gid in ids.items() if net == key[0]}
             self._change(ids[key], rules, names, revoke=False)
-        for point, add in p.attach.items():
-            eni, gids = eni_groups[point]
-            net = ds.networks[point]
-            new = list(dict.fromkeys(gids + [ids[(net, n)] for n in sorted(add)]))
-            self.ec2.modify_network_interface_attribute(NetworkInterfaceId=eni, Groups=new)
+        # interfaces: one call each, foreign groups written back unchanged and in their order
+        for iid in sorted(set(p.attach) | set(p.detach)):
+            e = enis[iid]
+            drop = {ids[(e.network, n)] for n in p.detach.get(iid, set())}
+            add = [ids[(e.network, n)] for n in sorted(p.attach.get(iid, set()))]
+            new = list(dict.fromkeys([g for g in e.groups if g not in drop] + add))
+            assert new, f"{iid} would be left without a security group"  # plan() never asks for that
+            try:
+                self.ec2.modify_network_interface_attribute(NetworkInterfaceId=iid, Groups=new)
+            except ClientError as exc:
+                # gone with its terminated instance: nothing left to guard (a delete re-checks)
+                if exc.response.get("Error", {}).get("Code") != "InvalidNetworkInterfaceID.NotFound":
+                    raise
+                log.info("%s vanished before its groups changed", iid)
+        # groups without purpose, now on no interface: re-checked live just before each delete
+        pending: list[tuple[str, str]] = []
+        for key in p.delete:
+            still = self._carriers([ids[key]])
+            if still:
+                self._keep(p, ids[key], key, "still attached: " + ", ".join(sorted(e.id for e in still)))
+            else:
+                pending.append(key)
+        # one unused group may still reference another (a boundary reachable from another env):
+        # what DependencyViolation refuses is retried while the others' deletes make progress
+        while pending:
+            refused: dict[tuple[str, str], str] = {}
+            for key in pending:
+                try:
+                    self.ec2.delete_security_group(GroupId=ids[key])
+                except ClientError as exc:
+                    code = exc.response.get("Error", {}).get("Code", "error")
+                    if code == "InvalidGroup.NotFound":
+                        continue  # already gone
+                    if code != "DependencyViolation":
+                        raise
+                    refused[key] = f"{code}: {exc}"  # e.g. a group that is not ours references it
+            if len(refused) == len(pending):
+                for key, why in refused.items():
+                    self._keep(p, ids[key], key, why)
+                break
+            pending = list(refused)
+        p.delete = [k for k in p.delete if k not in p.kept]
+        return created
+
+    @staticmethod
+    def _keep(p: Plan, gid: str, key: tuple[str, str], why: str) -> None:
+        p.kept[key] = why
+        log.warning("not deleting %s (%s): %s", gid, key[1], why)
 
     def _change(self, gid: str, rules: set[PerimeterRule], names: dict[str, str], revoke: bool) -> None:
         for direction in (INGRESS, EGRESS):
@@ -170,3 +335,44 @@ class SecurityGroupPerimeter:
             verb = "revoke" if revoke else "authorize"
             fn = getattr(self.ec2, f"{verb}_security_group_{direction}")
             fn(GroupId=gid, IpPermissions=perms)
+
+    # --- reporting ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _describe(
+        p: Plan, key_of: dict[str, tuple[str, str]], enis: dict[str, _Eni], created: dict[tuple[str, str], str]
+    ) -> list[dict[str, Any]]:
+        """What the plan did, one entry per group created/deleted and per workload and group set
+        attached/detached (its interfaces listed), each with a one-line ``text``."""
+        ids = {key: gid for gid, key in key_of.items()} | created
+        out: list[dict[str, Any]] = []
+        for g in p.create:
+            gid = ids.get((g.network, g.name), "(new)")
+            out.append(
+                {"action": "create", "group": gid, "name": g.name, "network": g.network,
+                 "text": f"perimeter: created {gid} ({g.name}) in {g.network}"}
+            )  # fmt: skip
+        for action, changes in (("attach", p.attach), ("detach", p.detach)):
+            per: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+            for iid, names in sorted(changes.items()):
+                e = enis[iid]
+                gids = tuple(f"{ids.get((e.network, n), '(new)')} ({n})" for n in sorted(names))
+                per.setdefault((e.instance or iid, gids), []).append(iid)
+            for (owner, gids), itfs in sorted(per.items()):
+                verb = "attached to" if action == "attach" else "detached from"
+                n = f"{len(itfs)} ENI" + ("s" if len(itfs) != 1 else "")
+                out.append(
+                    {"action": action, "workload": owner, "interfaces": itfs, "groups": [g.split(" ")[0] for g in gids],
+                     "text": f"perimeter: {', '.join(gids)} {verb} {owner} ({n})"}
+                )  # fmt: skip
+        for net, name in p.delete:
+            gid = ids.get((net, name), "?")
+            out.append(
+                {"action": "delete", "group": gid, "name": name, "network": net,
+                 "text": f"perimeter: deleted {gid} ({name}) in {net}: no workload needs it"}
+            )  # fmt: skip
+        return out
+
+
+def _id_of(key_of: dict[str, tuple[str, str]], key: tuple[str, str]) -> str:
+    return next((gid for gid, k in key_of.items() if k == key), "?")

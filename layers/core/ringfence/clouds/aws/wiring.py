@@ -19,7 +19,7 @@ from ringfence.store.base import (
 )
 
 from . import clients
-from .publish import S3Publisher
+from .publish import Publisher, S3Publisher
 
 log = logging.getLogger("ringfence.aws")
 
@@ -47,6 +47,7 @@ class Config:
     audit_table: str = ""
     bucket: str = ""
     compute_queue_url: str = ""
+    perimeter_queue_url: str = ""  # empty: no event-path perimeter (the schedule alone reconciles)
     dlq_url: str = ""
     signing_key_ref: str = ""
     kms_key_id: str | None = None
@@ -55,6 +56,17 @@ class Config:
     offline_after: int = 900
     token_ttl: int = 7 * 86400
     nonce_ttl: int = 300
+    # the agent API's long-poll (GET /v1/agents/{id}/wait): at most max_wait seconds per request
+    # (API Gateway ends a request at 29 s), re-reading the store every wait_poll_interval seconds
+    max_wait: float = 25.0
+    wait_poll_interval: float = 1.0
+    # who releases a launch held by the lifecycle hook: "publish" (compute, once the bundle and
+    # the peers' deltas are published) or "agent" (the agent API, on the new instance's first
+    # heartbeat with a bundle applied: enforced before InService; without an agent the hook
+    # times out into its default result)
+    lifecycle_gate: str = "publish"
+    # enrollment methods the agent API accepts (the local control plane: pairing only)
+    enroll_methods: list[str] = field(default_factory=lambda: ["aws-iid", "aws-sts", "pairing"])
     allowed_accounts: list[str] = field(default_factory=list)
     sts_endpoints: list[str] = field(default_factory=list)
     account_roles: dict[str, str] = field(default_factory=dict)
@@ -69,6 +81,7 @@ class Config:
             audit_table=e.get("RINGFENCE_AUDIT_TABLE", ""),
             bucket=e.get("RINGFENCE_BUCKET", ""),
             compute_queue_url=e.get("RINGFENCE_COMPUTE_QUEUE_URL", ""),
+            perimeter_queue_url=e.get("RINGFENCE_PERIMETER_QUEUE_URL", ""),
             dlq_url=e.get("RINGFENCE_DLQ_URL", ""),
             signing_key_ref=e.get("RINGFENCE_SIGNING_KEY", ""),
             kms_key_id=e.get("RINGFENCE_KMS_KEY_ID") or None,
@@ -77,6 +90,10 @@ class Config:
             offline_after=int(e.get("RINGFENCE_OFFLINE_AFTER", "900")),
             token_ttl=int(e.get("RINGFENCE_TOKEN_TTL", str(7 * 86400))),
             nonce_ttl=int(e.get("RINGFENCE_NONCE_TTL", "300")),
+            max_wait=min(25.0, float(e.get("RINGFENCE_MAX_WAIT", "25"))),
+            wait_poll_interval=max(0.05, float(e.get("RINGFENCE_WAIT_POLL_INTERVAL", "1"))),
+            lifecycle_gate=_gate(e.get("RINGFENCE_LIFECYCLE_GATE", "publish")),
+            enroll_methods=[m for m in e.get("RINGFENCE_ENROLL_METHODS", "aws-iid,aws-sts,pairing").split(",") if m],
             allowed_accounts=[a for a in e.get("RINGFENCE_ALLOWED_ACCOUNTS", "").split(",") if a],
             sts_endpoints=[u for u in e.get("RINGFENCE_STS_ENDPOINTS", "").split(",") if u],
             account_roles=json.loads(e.get("RINGFENCE_ACCOUNT_ROLES", "{}") or "{}"),
@@ -84,23 +101,100 @@ class Config:
         )
 
 
-class Wiring:
+def _gate(value: str) -> str:
+    if value not in ("publish", "agent"):
+        raise ValueError(f"RINGFENCE_LIFECYCLE_GATE must be publish or agent, not {value!r}")
+    return value
+
+
+class BaseWiring:
+    """What the services (AgentApi, Admin, Compute, Ingest) use, whatever runs them: the AWS
+    :class:`Wiring` here, :class:`ringfence.local.wiring.LocalWiring` on one machine. Subclasses
+    provide ``signer``, ``enqueue_compute``, ``wait_for_change`` and ``ec2_for``; the policy
+    cache and the tag→label mapper are the same everywhere."""
+
+    cfg: Config
+    store: Store
+    publisher: Publisher
+    mapper_ttl = 30.0  # seconds; a DynamoDB read saved per event in a storm
+
+    def __init__(self, cfg: Config, store: Store, publisher: Publisher) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.publisher = publisher
+        self._policies: dict[int, Policy] = {}
+        self._mapper: tuple[float, LabelMapper | None] | None = None
+        # (account, region, instance) → (describe time, instance or None): valid for one batch
+        self.prefetched: dict[tuple[str, str, str], tuple[float, dict[str, Any] | None]] = {}
+
+    @property
+    def signer(self) -> Any:
+        raise NotImplementedError
+
+    def ec2_for(self, account: str, region: str) -> Any:
+        raise NotImplementedError
+
+    def enqueue_compute(
+        self,
+        ids: Iterable[str] = (),
+        *,
+        rebuild: bool = False,
+        lifecycle: dict[str, str] | None = None,
+        publish: list[str] | None = None,
+    ) -> None:
+        """Ask compute to take these workloads' inventory (and a lifecycle action, a rebuild or
+        re-renders) into the engine; nothing is sent when there is nothing to do."""
+        ids = list(dict.fromkeys(ids))
+        if not ids and not rebuild and lifecycle is None and not publish:
+            return
+        self.send_compute({"ids": ids, "rebuild": rebuild, "lifecycle": lifecycle, "publish": publish or []})
+
+    def send_compute(self, message: dict[str, Any]) -> None:
+        """Deliver one compute message (the compute queue in AWS, the worker thread on one machine)."""
+        raise NotImplementedError
+
+    def wait_for_change(self, seconds: float) -> None:
+        """Return when published state may have changed, or after ``seconds``."""
+        raise NotImplementedError
+
+    def enqueue_perimeter(self, ids: Iterable[str], *, lifecycle: dict[str, str] | None = None) -> bool:
+        """Hand changed workloads to the perimeter step; False where there is none (on one machine
+        no cloud perimeter is managed), so launches go straight to compute."""
+        return False
+
+    def policy(self, pv: PolicyVersion) -> Policy:
+        if pv.number not in self._policies:
+            self._policies[pv.number] = load_policy_texts(pv.texts(self.publisher.get))
+        return self._policies[pv.number]
+
+    def active_policy(self) -> tuple[PolicyVersion, Policy] | None:
+        pv = self.store.active_policy()
+        return (pv, self.policy(pv)) if pv is not None else None
+
+    def mapper(self) -> LabelMapper | None:
+        """The active policy's tag→label mapping, looked up at most every ``mapper_ttl`` seconds
+        (for the inventory's hygiene view only: compute always resolves labels with the exact
+        policy it compiles)."""
+        now = time.monotonic()
+        if self._mapper is None or now - self._mapper[0] > self.mapper_ttl:
+            active = self.active_policy()
+            self._mapper = (now, active[1].labels if active else None)
+        return self._mapper[1]
+
+
+class Wiring(BaseWiring):
     """Shared clients and adapters, built once per container."""
 
     def __init__(self, cfg: Config) -> None:
         from ringfence.store.dynamodb import DynamoStore
 
-        self.cfg = cfg
-        self.store: Store = DynamoStore(
-            cfg.inventory_table, cfg.state_table, cfg.audit_table, resource=clients.resource("dynamodb")
+        super().__init__(
+            cfg,
+            DynamoStore(cfg.inventory_table, cfg.state_table, cfg.audit_table, resource=clients.resource("dynamodb")),
+            S3Publisher(clients.client("s3"), cfg.bucket, cfg.kms_key_id),
         )
-        self.publisher = S3Publisher(clients.client("s3"), cfg.bucket, cfg.kms_key_id)
         self.sqs = clients.client("sqs")
-        self._policies: dict[int, Policy] = {}
         self._signer: Any = None
-        self._mapper: tuple[float, LabelMapper | None] | None = None
-        # (account, region, instance) → (describe time, instance or None): valid for one batch
-        self.prefetched: dict[tuple[str, str, str], tuple[float, dict[str, Any] | None]] = {}
 
     @property
     def signer(self) -> Any:
@@ -113,41 +207,29 @@ class Wiring:
     def ec2_for(self, account: str, region: str) -> Any:
         return clients.assumed_client("ec2", region, self.cfg.account_roles.get(account))
 
-    def policy(self, pv: PolicyVersion) -> Policy:
-        if pv.version not in self._policies:
-            texts = {name: self.publisher.get(key).decode() for name, key in pv.keys.items()}
-            self._policies[pv.version] = load_policy_texts(texts)
-        return self._policies[pv.version]
+    def wait_for_change(self, seconds: float) -> None:
+        """Block until the store may hold something new, at most ``seconds``. Nothing in AWS tells
+        a running function of a change, so this sleeps one poll interval: the caller re-reads."""
+        time.sleep(max(0.0, min(seconds, self.cfg.wait_poll_interval)))
 
-    def active_policy(self) -> tuple[PolicyVersion, Policy] | None:
-        pv = self.store.active_policy()
-        return (pv, self.policy(pv)) if pv is not None else None
-
-    def mapper(self) -> LabelMapper | None:
-        """The active policy's tag→label mapping, looked up at most every 30 s (for ingest's
-        hygiene view only: compute always resolves labels with the exact policy it compiles)."""
-        now = time.monotonic()
-        if self._mapper is None or now - self._mapper[0] > 30:
-            active = self.active_policy()
-            self._mapper = (now, active[1].labels if active else None)
-        return self._mapper[1]
-
-    def enqueue_compute(
-        self,
-        ids: Iterable[str] = (),
-        *,
-        rebuild: bool = False,
-        lifecycle: dict[str, str] | None = None,
-        publish: list[str] | None = None,
-    ) -> None:
-        ids = list(dict.fromkeys(ids))
-        if not ids and not rebuild and lifecycle is None and not publish:
-            return
-        for i in range(0, max(len(ids), 1), 500):
-            body = {"ids": ids[i : i + 500], "rebuild": rebuild, "lifecycle": lifecycle, "publish": publish or []}
+    def send_compute(self, message: dict[str, Any]) -> None:
+        ids = message["ids"]
+        for i in range(0, max(len(ids), 1), 500):  # keeps each message well under SQS's 256 KiB
             self.sqs.send_message(
                 QueueUrl=self.cfg.compute_queue_url,
-                MessageBody=json.dumps(body),
+                MessageBody=json.dumps({**message, "ids": ids[i : i + 500]}),
                 MessageGroupId="compute",  # one group: compute is serialized
                 MessageDeduplicationId=uuid.uuid4().hex,
             )
+
+    def enqueue_perimeter(self, ids: Iterable[str], *, lifecycle: dict[str, str] | None = None) -> bool:
+        """Ask the perimeter function to give these workloads' interfaces their groups (and then
+        hand ``lifecycle`` on to compute). False, and nothing sent, if no perimeter queue is
+        configured: callers then go straight to compute."""
+        ids = list(dict.fromkeys(ids))
+        if not self.cfg.perimeter_queue_url or (not ids and lifecycle is None):
+            return False
+        for i in range(0, max(len(ids), 1), 500):
+            body = {"ids": ids[i : i + 500], "lifecycle": lifecycle}
+            self.sqs.send_message(QueueUrl=self.cfg.perimeter_queue_url, MessageBody=json.dumps(body))
+        return True

@@ -1,4 +1,5 @@
-"""``ringfence demo``: the main job on the shipped example, on this machine, no cloud account.
+"""``ringfence demo --offline``: the main job on the shipped example, compiled in this process
+(no event, no handler, no agent; the live loop is :mod:`ringfence.demo.live`).
 
 validate → test → label hygiene → compile and sign bundles → explain flows → scale out
 (set deltas, not rebuilds) → quarantine a host → the connectivity summary.
@@ -22,12 +23,7 @@ from ringfence.policytests import run_tests
 from ringfence.publish import signed_bundle
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--example", help="example directory (default: examples/ordering of this checkout)")
-    p.add_argument("--out", default="out/demo", help="where bundles and keys are written")
-
-
-def _example_dir(arg: str | None) -> Path:
+def example_dir(arg: str | None) -> Path:
     if arg:
         return Path(arg)
     here = Path(str(resources.files("ringfence"))).resolve()
@@ -46,8 +42,8 @@ def _step(title: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    example = _example_dir(args.example)
-    out = Path(args.out)
+    example = example_dir(args.example)
+    out = Path(args.out or "out/demo")
     _step("1. validate the policy (YAML in git)")
     policy = load_policy(example / "policy")
     print(f"{len(policy.sources)} files, {len(policy.rules)} rules, {len(policy.tests)} tests: valid")
@@ -165,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
             shown += 1
     print(f"  ({shown} of {len(m.edges)} allowed group pairs shown; {m.allowed_pair_count()} workload pairs in all)")
     print(
-        f"\nDone. Bundles in {out / 'bundles'}; try: ringfence explain --policy {example / 'policy'} "
+        f"\nDone. Bundles in {out / 'bundles'}; try: .venv/bin/ringfence explain --policy {example / 'policy'} "
         f"--inventory {example / 'inventory.yaml'} --from ord-prod-web-1 --to ord-prod-db-1 --port tcp/5432"
     )
     return 0

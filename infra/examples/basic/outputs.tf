@@ -1,0 +1,23 @@
+output "agent_api_url" {
+  description = "Agents enroll and fetch bundles here (the agent's api_url)."
+  value       = module.ringfence.agent_api_url
+}
+
+output "admin_api_url" {
+  description = "The admin API (IAM auth): provision policy, modes, quarantine, pairing keys."
+  value       = module.ringfence.admin_api_url
+}
+
+output "nudge_url" {
+  description = "The optional WebSocket nudge channel."
+  value       = module.ringfence.nudge_url
+}
+
+output "bundle_bucket" {
+  value = module.ringfence.bundle_bucket
+}
+
+output "alarm_topic_arn" {
+  description = "Subscribe to this SNS topic to receive the stack's alarms."
+  value       = module.ringfence.alarm_topic_arn
+}

@@ -1,0 +1,125 @@
+"""The admin API's request bodies (server side, pydantic): what an operator sends to provision
+policy, set modes, quarantine and release, mint pairing keys, and register on-premise workloads
+(one at a time or from a CMDB export). Every action is audited."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ringfence.cmdb import parse_ips, valid_workload_id
+from ringfence.enums import Mode
+from ringfence.model import Workload
+
+MAX_CMDB_BYTES = 8 * 1024 * 1024
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Reason(_Body):
+    reason: str = Field("", max_length=2048, description="why: kept in the audit log")
+
+
+class ProvisionRequest(Reason):
+    files: dict[str, str] = Field(description="policy files: name → YAML text", min_length=1)
+
+
+class ModeRequest(Reason):
+    mode: Mode | None = Field(description="the operator's mode for the workload; null: the policy's")
+
+
+class PairingKeyRequest(Reason):
+    workload_id: str = Field(description="the registered on-premise workload the key enrolls (and no other)")
+    uses: int = Field(1, ge=1, le=10_000, description="enrollments the key allows")
+    ttl: int = Field(3600, ge=60, le=30 * 86400, description="seconds until the key expires")
+
+
+class ProvisionResponse(_Body):
+    version: int
+    digest: str
+    audit_id: str
+
+
+class ModeResponse(_Body):
+    workload_id: str
+    mode: Mode | None
+    audit_id: str
+
+
+class QuarantineResponse(_Body):
+    workload_id: str
+    quarantined: bool
+    audit_id: str
+
+
+class PairingKeyResponse(_Body):
+    pairing_key: str = Field(description="shown once; only its SHA-256 is stored")
+    workload_id: str
+    uses: int
+    expires_in: int
+    audit_id: str
+
+
+class OnPremWorkload(_Body):
+    """One on-premise workload as an operator registers it."""
+
+    id: str = Field(description="the workload's id (letters, digits, _ . : -); its agent enrolls as this id")
+    ips: list[str] = Field(min_length=1, description="the workload's addresses")
+    name: str | None = None
+    site: str | None = Field(None, description="the data centre or site (a label may derive from it)")
+    zone: str | None = None
+    tags: dict[str, str] = Field(default_factory=dict, description="attributes mapped to labels by the policy")
+    labels: dict[str, str] = Field(default_factory=dict, description="labels given directly")
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, wid: str) -> str:
+        problem = valid_workload_id(wid)
+        if problem:
+            raise ValueError(problem)
+        return wid
+
+    @field_validator("ips")
+    @classmethod
+    def _ips(cls, ips: list[str]) -> list[str]:
+        return [a for ip in ips for a in parse_ips(ip)]
+
+    def workload(self) -> Workload:
+        return Workload(
+            id=self.id,
+            ips=self.ips,
+            name=self.name,
+            site=self.site,
+            zone=self.zone,
+            tags=self.tags,
+            labels=self.labels,
+            cloud="onprem",
+        )
+
+
+class RegisterWorkloadRequest(OnPremWorkload, Reason):
+    pass
+
+
+class CmdbImportRequest(Reason):
+    csv: str = Field(max_length=MAX_CMDB_BYTES, description="the CMDB export: CSV with a header row (id, ips, …)")
+    source: str = Field("cmdb.csv", max_length=512, description="the file's name, used in error locations")
+
+
+class RegisterWorkloadResponse(_Body):
+    workload_id: str
+    created: bool
+    audit_id: str
+
+
+class CmdbImportResponse(_Body):
+    imported: int
+    created: int
+    updated: int
+    audit_id: str
+
+
+class DeregisterResponse(_Body):
+    workload_id: str
+    audit_id: str

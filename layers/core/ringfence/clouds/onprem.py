@@ -1,0 +1,118 @@
+"""On-premise workloads: registered by an operator (one at a time or from a CMDB export) instead
+of observed in a cloud, and enrolled with pairing keys bound to them.
+
+:class:`OnPremAdmin` is the admin service plus these actions, every one audited. It runs over
+any wiring (the local control plane's or AWS's): the inventory holds on-premise records next to
+cloud ones, with ``cloud: onprem``; a cloud instance's record is never overwritten from here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+from pydantic import ValidationError
+
+from ringfence.adminapi import OnPremWorkload
+from ringfence.cmdb import CmdbError, parse_cmdb_csv
+from ringfence.model import Workload
+from ringfence.store.base import InventoryRecord
+
+from .aws.admin import Admin
+from .aws.api import Response, error
+
+
+class OnPremAdmin(Admin):
+    """:class:`~ringfence.clouds.aws.admin.Admin` (policy, modes, quarantine, pairing keys) plus
+    registering, importing and deregistering on-premise workloads."""
+
+    def _record(self, w: Workload, observed_at: float, state: str = "running") -> InventoryRecord:
+        labels: dict[str, str] = {}
+        problems: list[str] = []
+        mapper = self.w.mapper()
+        if mapper is not None:  # the hygiene view, as ingest gives cloud records
+            res = mapper.resolve(w)
+            labels, problems = res.labels, [p.message for p in res.problems]
+        w = w.model_copy(update={"observed_at": observed_at})
+        return InventoryRecord(
+            id=w.id, workload=w, state=state, observed_at=observed_at, labels=labels, problems=problems
+        )
+
+    def _cloud_owned(self, ids: list[str]) -> dict[str, str]:
+        """Ids that inventory holds as cloud instances → their cloud."""
+        return {
+            wid: rec.workload.cloud for wid, rec in self.w.store.get_many(ids).items() if rec.workload.cloud != "onprem"
+        }
+
+    def register_workload(self, principal: str, body: dict[str, Any] | OnPremWorkload, reason: str = "") -> Response:
+        """Create or update one on-premise workload (201 when new, 200 when updated)."""
+        try:
+            spec = body if isinstance(body, OnPremWorkload) else OnPremWorkload.model_validate(body)
+        except ValidationError as exc:
+            e = exc.errors()[0]
+            return error(400, "bad workload", f"{'.'.join(str(p) for p in e['loc']) or '<body>'}: {e['msg']}")
+        owned = self._cloud_owned([spec.id])
+        if owned:
+            return error(409, "not an on-premise workload", f"{spec.id} is a {owned[spec.id]} instance in inventory")
+        existed = self.w.store.get(spec.id) is not None
+        self.w.store.observe(self._record(spec.workload(), time.time()))
+        audit_id = self._audit(
+            principal,
+            "workload.register",
+            spec.id,
+            spec.model_dump(include=set(OnPremWorkload.model_fields) - {"id"}, exclude_none=True),
+            reason,
+        )
+        self.w.enqueue_compute([spec.id])
+        return Response(200 if existed else 201, {"workload_id": spec.id, "created": not existed, "audit_id": audit_id})
+
+    def import_cmdb(self, principal: str, text: str, source: str = "cmdb.csv", reason: str = "") -> Response:
+        """Register every workload of a CMDB CSV export, or none: any bad row (or a row naming a
+        cloud instance) refuses the whole file with every problem as ``file:line:column``."""
+        try:
+            workloads = parse_cmdb_csv(text, source)
+        except CmdbError as exc:
+            return error(400, "CMDB file rejected: nothing imported", str(exc))
+        owned = self._cloud_owned([w.id for w in workloads])
+        if owned:
+            problems = [f"{source}: {wid} is a {cloud} instance in inventory" for wid, cloud in sorted(owned.items())]
+            return error(409, "CMDB file rejected: nothing imported", "\n".join(problems))
+        existing = set(self.w.store.get_many([w.id for w in workloads]))
+        t = time.time()
+        self.w.store.observe_many([self._record(w, t) for w in workloads])  # SQLite: one transaction
+        ids = [w.id for w in workloads]
+        audit_id = self._audit(
+            principal,
+            "workload.import",
+            source,
+            {
+                "sha256": hashlib.sha256(text.encode()).hexdigest(),
+                "created": sorted(set(ids) - existing),
+                "updated": sorted(set(ids) & existing),
+            },
+            reason,
+        )
+        self.w.enqueue_compute(ids)
+        return Response(
+            200,
+            {
+                "imported": len(ids),
+                "created": len(set(ids) - existing),
+                "updated": len(set(ids) & existing),
+                "audit_id": audit_id,
+            },
+        )
+
+    def deregister_workload(self, principal: str, workload_id: str, reason: str = "") -> Response:
+        """The workload is gone (decommissioned): it leaves every peer's sets."""
+        rec = self.w.store.get(workload_id)
+        if rec is None:
+            return error(404, "unknown workload", workload_id)
+        if rec.workload.cloud != "onprem":
+            return error(409, "not an on-premise workload", f"{workload_id} is a {rec.workload.cloud} instance")
+        gone = rec.workload.model_copy(update={"ips": []})
+        self.w.store.observe(self._record(gone, max(time.time(), rec.observed_at), state="terminated"))
+        audit_id = self._audit(principal, "workload.deregister", workload_id, {}, reason)
+        self.w.enqueue_compute([workload_id])
+        return Response(200, {"workload_id": workload_id, "audit_id": audit_id})

@@ -1,0 +1,185 @@
+"""On-premise workloads from a CMDB export (CSV with a header row).
+
+Columns: ``id`` and ``ips`` are required; ``name``, ``site`` and ``zone`` are the workload's
+fields; ``label:<dimension>`` gives a label directly; ``tag:<key>`` or any other column is a tag
+(CMDB attributes play the part of cloud tags and go through the policy's label mapping). ``ips``
+holds one or more addresses separated by ``;``, ``|`` or spaces. Empty cells are absent values.
+
+Every problem is reported as ``file:line:column: message`` (the column of the cell, counted in
+characters from 1), all of them at once; a file with any problem yields no workload.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import ipaddress
+import re
+from collections.abc import Iterator
+
+from ringfence.model import Workload
+
+WORKLOAD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+FIELDS = ("id", "name", "ips", "site", "zone")
+MAX_ERRORS = 50
+_SEPARATORS = re.compile(r"[;|\s]+")
+
+
+class CmdbError(ValueError):
+    """The file's problems, one ``file:line:column: message`` per line."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+def valid_workload_id(wid: str) -> str | None:
+    """Why ``wid`` cannot name an on-premise workload, or None. Ids become parts of published
+    keys and of agent URLs, so they are kept to letters, digits and ``_ . : -``."""
+    if not WORKLOAD_ID.match(wid):
+        return f"workload id {wid!r} must be 1-128 of A-Z a-z 0-9 _ . : - and start with a letter or digit"
+    return None
+
+
+def parse_ips(cell: str) -> list[str]:
+    out = []
+    for part in _SEPARATORS.split(cell.strip()):
+        if part:
+            try:
+                out.append(str(ipaddress.ip_address(part)))
+            except ValueError:
+                raise ValueError(f"not an IP address: {part!r}") from None
+    return out
+
+
+class _Lines:
+    """The physical lines the csv reader consumed, so each cell can be located."""
+
+    def __init__(self, text: str) -> None:
+        self._it = iter(io.StringIO(text, newline=""))
+        self.lines: list[str] = []
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        line = next(self._it)
+        self.lines.append(line)
+        return line
+
+
+def _cell_positions(raw: str, first_line: int) -> list[tuple[int, int]]:
+    """(line, column) where each field of one CSV record starts (quotes respected)."""
+    positions = [(first_line, 1)]
+    line, col, quoted = first_line, 1, False
+    for ch in raw:
+        if ch == '"':
+            quoted = not quoted
+        elif ch == "," and not quoted:
+            positions.append((line, col + 1))
+        if ch == "\n":
+            line, col = line + 1, 1
+        else:
+            col += 1
+    return positions
+
+
+def parse_cmdb_csv(text: str, source: str = "cmdb.csv") -> list[Workload]:
+    """The workloads of a CMDB export; :class:`CmdbError` with every problem if any row is bad."""
+    text = text.removeprefix("\ufeff")  # spreadsheet exports often start with a BOM
+    lines = _Lines(text)
+    reader = csv.reader(lines, strict=True)
+    errors: list[str] = []
+
+    def err(line: int, col: int, msg: str) -> None:
+        errors.append(f"{source}:{line}:{col}: {msg}")
+
+    records: list[tuple[int, list[str], list[tuple[int, int]]]] = []
+    consumed = 0
+    try:
+        for row in reader:
+            start = consumed + 1
+            consumed = reader.line_num
+            if not row or all(not c.strip() for c in row):
+                continue
+            raw = "".join(lines.lines[start - 1 : consumed])
+            records.append((start, row, _cell_positions(raw, start)))
+    except csv.Error as exc:
+        raise CmdbError([f"{source}:{reader.line_num}:1: {exc}"]) from None
+    if not records:
+        raise CmdbError([f"{source}:1:1: no header row (expected at least id,ips)"])
+
+    header_line, header, header_pos = records[0]
+    columns = [h.strip() for h in header]
+    seen_cols: dict[str, int] = {}
+    for i, name in enumerate(columns):
+        line, col = header_pos[i]
+        if not name:
+            err(line, col, f"column {i + 1} has no name")
+        elif name in seen_cols:
+            err(line, col, f"column {name!r} appears twice (first as column {seen_cols[name] + 1})")
+        elif name.startswith("label:") and not name.removeprefix("label:"):
+            err(line, col, "label: column without a dimension name")
+        else:
+            seen_cols[name] = i
+    for required in ("id", "ips"):
+        if required not in seen_cols:
+            err(header_line, 1, f"no {required!r} column (the header has: {', '.join(columns)})")
+    if errors:
+        raise CmdbError(errors)
+
+    out: list[Workload] = []
+    first_seen: dict[str, int] = {}
+    for line, row, pos in records[1:]:
+        if len(errors) >= MAX_ERRORS:
+            errors.append(f"{source}: more problems not shown (first {MAX_ERRORS} above)")
+            break
+        if len(row) != len(columns):
+            err(line, 1, f"row has {len(row)} fields, the header has {len(columns)}")
+            continue
+        cells = {columns[i]: (row[i].strip(), pos[i]) for i in range(len(columns))}
+        wid, (id_line, id_col) = cells["id"]
+        problem = valid_workload_id(wid) if wid else "missing workload id"
+        if problem:
+            err(id_line, id_col, problem)
+            continue
+        if wid in first_seen:
+            err(id_line, id_col, f"workload {wid} appears twice (first on line {first_seen[wid]})")
+            continue
+        first_seen[wid] = line
+        ips_cell, (ip_line, ip_col) = cells["ips"]
+        try:
+            ips = parse_ips(ips_cell)
+        except ValueError as exc:
+            err(ip_line, ip_col, str(exc))
+            continue
+        if not ips:
+            err(ip_line, ip_col, f"workload {wid} has no address")
+            continue
+        tags: dict[str, str] = {}
+        labels: dict[str, str] = {}
+        fields: dict[str, str] = {}
+        for name, (value, _) in cells.items():
+            if not value or name in ("id", "ips"):
+                continue
+            if name in FIELDS:
+                fields[name] = value
+            elif name.startswith("label:"):
+                labels[name.removeprefix("label:")] = value
+            else:
+                tags[name.removeprefix("tag:")] = value
+        out.append(
+            Workload(
+                id=wid,
+                ips=ips,
+                tags=tags,
+                labels=labels,
+                cloud="onprem",
+                name=fields.get("name"),
+                site=fields.get("site"),
+                zone=fields.get("zone"),
+            )
+        )
+    if errors:
+        raise CmdbError(errors)
+    return out

@@ -1,0 +1,39 @@
+"""``ringfence demo``: the mission on one machine. Live by default (:mod:`ringfence.demo.live`:
+embedded AWS, the real handlers, ``ringfence serve``, one agent per instance in network
+namespaces); ``--offline`` keeps the in-process walkthrough (:mod:`ringfence.demo.offline`)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--example", help="example directory (default: examples/ordering of this checkout)")
+    p.add_argument(
+        "--out",
+        help="where results go (live: out/summary.json and out/demo-live/; --offline: bundles and keys in out/demo)",
+    )
+    p.add_argument("--offline", action="store_true", help="the in-process walkthrough: compile, explain, no agents")
+    p.add_argument(
+        "--bench",
+        action="store_true",
+        help="live: time-to-policy benchmark (launch, tag change, quarantine, 10- and 50-instance scale-outs) "
+        "instead of the walkthrough; writes out/bench.json",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="live loop without namespaces or nftables (what runs without root): dry-run agents, checks judged "
+        "on the bundles they applied",
+    )
+    p.add_argument("--repeat", type=int, default=5, help="--bench: samples per single-event kind (default 5)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.offline:
+        from ringfence.demo import offline
+
+        return offline.run(args)
+    from ringfence.demo import live
+
+    return live.run(args)

@@ -1,0 +1,98 @@
+"""``ringfence demo --bench``: time to policy in the live lab (docs/benchmarks.md, "Time to policy").
+
+After the live demo's start (estate, control plane, 20 agents), each kind of cloud change is made
+``--repeat`` times and timed from the change to the last affected agent enforcing it
+(:meth:`ringfence.demo.live.Live.measure`): a single launch (ASG +1; the new instance's agent
+boots, enrolls and applies, peers apply the set delta), a tag change (``env`` of one instance,
+flipping between an invalid and a valid value), a quarantine and its release (admin API); then a
+10- and a 50-instance scale-out, each followed by the scale-in. Samples, p50/p95 and where the
+time went go to ``out/bench.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from ringfence.demo.live import Live
+from ringfence.local.estate import ASG_NAME
+
+
+def _launch(d: Live, n: int, timeout: float) -> None:
+    before = set(d.asg_states())
+    target = len(before) + n
+
+    def ready() -> bool:
+        fresh = [i for i in d.asg_states() if i not in before]
+        return len(fresh) >= n and all(d.store.bundle_pointer(i) is not None for i in fresh)
+
+    kind = "launch" if n == 1 else f"scale_out_{n}"
+    s = d.measure(kind, f"{ASG_NAME} +{n}", lambda: d.scale(target), ready, timeout=timeout)
+    d.r.say(f"  {kind}: {s.seconds}s ({s.agents} agents)")
+
+
+def _scale_in(d: Live, timeout: float) -> None:
+    gone = list(d.asg_states())
+    if not gone:
+        return
+
+    def done() -> bool:
+        if d.asg_states():
+            return False
+        recs = d.store.get_many(gone)
+        return all(r is None or not r.active for r in recs.values())
+
+    s = d.measure("terminate", f"{ASG_NAME} -{len(gone)}", lambda: d.scale(0), done, tuple(gone), timeout=timeout)
+    d.r.say(f"  terminate {len(gone)}: {s.seconds}s ({s.agents} agents)")
+
+
+def bench(d: Live, args: argparse.Namespace) -> None:
+    repeat = max(1, int(args.repeat))
+    ec2 = d.aws.client("ec2")
+    with d.r.step(1, f"single launch ×{repeat}"):
+        for _ in range(repeat):
+            _launch(d, 1, 60)
+        _scale_in(d, 60)
+    with d.r.step(2, f"tag change ×{repeat}"):
+        iid = d.iid("ord-prod-web-9")
+        for k in range(repeat):
+            value = "prod" if k % 2 == 0 else "prdo"
+
+            def seen(v: str = value) -> bool:
+                rec = d.store.get(iid)
+                return rec is not None and rec.workload.tags.get("env") == v
+
+            s = d.measure(
+                "tag_change",
+                f"ord-prod-web-9 env={value}",
+                lambda v=value: ec2.create_tags(Resources=[iid], Tags=[{"Key": "env", "Value": v}]),  # type: ignore[misc]
+                seen,
+                (iid,),
+            )
+            d.r.say(f"  env={value}: {s.seconds}s ({s.agents} agents)")
+    with d.r.step(3, f"quarantine ×{repeat}"):
+        victim = d.iid("ord-prod-web-1")
+        for _ in range(repeat):
+            s = d.measure(
+                "quarantine",
+                "ord-prod-web-1",
+                lambda: d.admin("POST", f"/admin/workloads/{victim}/quarantine", {"reason": "bench"}),
+                lambda: bool((rec := d.store.get(victim)) and rec.op_quarantined),
+                (victim,),
+                admin=True,
+            )
+            d.r.say(f"  quarantine: {s.seconds}s ({s.agents} agents)")
+            d.measure(
+                "release",
+                "ord-prod-web-1",
+                lambda: d.admin("DELETE", f"/admin/workloads/{victim}/quarantine", {"reason": "bench"}),
+                lambda: bool((rec := d.store.get(victim)) and not rec.op_quarantined),
+                (victim,),
+                admin=True,
+            )
+    for n, number in ((10, 4), (50, 5)):
+        with d.r.step(number, f"scale-out of {n}, then scale-in"):
+            t0 = time.time()
+            _launch(d, n, 120 + 6 * n)  # a measuring window, not a target: 180 s for 10, 420 s for 50
+            _scale_in(d, 120 + 6 * n)
+            d.r.say(f"  round trip {time.time() - t0:.1f}s")

@@ -1,0 +1,936 @@
+"""``ringfence demo``: the whole loop, live, on one machine.
+
+What runs (all real, nothing stubbed):
+
+- a network-namespace lab (:mod:`ringfence.local.lab`); the **control plane lives in its own
+  namespace** on the lab bridge (10.254.0.1, plus 169.254.169.254 for instance metadata). This
+  process enters it before starting anything, so moto on 127.0.0.1, the event router, the IMDS
+  stand-in and ``ringfence serve`` all run there, reachable from every instance namespace, and
+  the host's own network namespace gets no address, route or interface (a lab address range can
+  never collide with the host's networks, and nothing is left in it if the run is killed);
+- an embedded AWS (moto server) holding the sample estate of ``examples/ordering``
+  (:mod:`ringfence.local.estate`), its events routed through EventBridge rules and SQS to the real
+  handlers in ``functions/`` (:class:`ringfence.local.router.EventRouter`);
+- ``ringfence serve --store aws`` (a subprocess) serving the agent and admin APIs from the same
+  route code as the Lambda functions;
+- one namespace per instance with its moto private address, echo servers on the example's
+  service ports and a real ``ringfence-agent`` (nftables) enrolled by its signed identity
+  document, following by long-poll push and set deltas (:mod:`ringfence.local.fleet`).
+
+Each step is proved by real packets between namespaces and timed; ``out/summary.json`` holds
+every check and the time-to-policy figures. Every exit (Ctrl-C and SIGTERM included) kills what
+the run started and deletes its namespaces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any, Literal
+
+from ringfence.demo.offline import example_dir
+from ringfence.demo.report import Report, Sample
+from ringfence.local.estate import ASG_NAME, Estate, build_estate, example_workloads, policy_files
+from ringfence.local.fleet import Fleet, FleetConfig, Instance
+from ringfence.local.imds import IMDS_ADDRESS, Imds
+from ringfence.local.lab import Lab, enter_netns, prerequisites, sweep_stale
+from ringfence.local.router import LAUNCH_OK
+from ringfence.local.traffic import Probe, Traffic
+
+CP_ADDRESS = "10.254.0.1"  # the control plane's namespace on the lab bridge
+OPS, OPS_ADDRESS = "ops", "10.99.0.200"  # an operator's console in the admin range (no agent)
+SERVE_PORT = 8443
+ADMIN_PRINCIPAL = "demo-operator"
+# long-poll answers re-read the store this often (RINGFENCE_WAIT_POLL_INTERVAL; AWS default 1 s)
+WAIT_POLL_INTERVAL = "0.5"
+ENFORCE_TIMEOUT = 60.0
+# a launch goes InService once the new instance's agent enforces (its first heartbeat), not once
+# its bundle is published (the AWS default, "publish")
+GATE = {"RINGFENCE_LIFECYCLE_GATE": "agent"}
+
+
+class Interrupted(BaseException):
+    """SIGTERM: unwound like Ctrl-C, so that every cleanup runs."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(f"signal {signum}")
+
+
+# --- the control plane's parts -------------------------------------------------------------------
+
+
+@dataclass
+class Flow:
+    src: str  # example name (or instance id)
+    dst: str
+    service: str  # "tcp/8080"
+    expect: bool
+    why: str = ""
+
+
+class Live:
+    def __init__(self, example: Path, out: Path, report: Report, dry_run: bool = False) -> None:
+        self.dry_run = dry_run  # no namespaces, no firewall: agents in this namespace, checks on bundles
+        self.cp_host = "127.0.0.1" if dry_run else CP_ADDRESS
+        self.serve_port = _free_port() if dry_run else SERVE_PORT
+        self.procs: list[subprocess.Popen[Any]] = []  # started outside a lab (dry run)
+        self.example = example
+        self.out = out
+        self.work = out / "demo-live"
+        self.r = report
+        self.lab: Lab | None = None
+        self.aws: Any = None
+        self.router: Any = None
+        self.serve: subprocess.Popen[Any] | None = None
+        self.imds: Imds | None = None
+        self.traffic: Traffic | None = None
+        self.fleet: Fleet | None = None
+        self.est = Estate()
+        self.api: Any = None  # AgentApi over the same store: what each agent should be at
+        self.store: Any = None
+        self.admin_token = ""
+        self.names: dict[str, str] = {}  # instance id → example name (or asg-N)
+        self._asg_seq = 0
+
+    # --- start and stop -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        r = self.r
+        removed = sweep_stale()
+        if removed:
+            r.say(f"removed {len(removed)} namespaces left by a killed run")
+        if self.work.exists():
+            import shutil
+
+            shutil.rmtree(self.work)
+        self.work.mkdir(parents=True)
+        if not self.dry_run:
+            self.lab = Lab()
+            self.lab.add("cp", [f"{CP_ADDRESS}/8", f"{IMDS_ADDRESS}/32"], conntrack_acct=False)
+            enter_netns(self.lab.ns("cp"))  # before any thread starts: the whole process moves
+            r.say(f"lab: bridge {self.lab.switch}, control plane namespace {self.lab.ns('cp')} at {CP_ADDRESS}")
+
+        from ringfence.local.aws import EmbeddedAws
+
+        self.aws = EmbeddedAws()
+        self.aws.start()
+        r.say(
+            f"embedded AWS: moto server at {self.aws.url}"
+            + ("" if self.dry_run else " (inside the control-plane namespace)")
+        )
+        workloads = example_workloads(self.example)
+        self.est = build_estate(self.aws.client("ec2"), self.aws.client("autoscaling"), workloads, self.aws.region)
+        self.names = {iid: name for name, iid in self.est.instances.items()}
+        r.say(
+            f"estate: {len(self.est.vpcs)} VPCs, {len(self.est.subnets)} subnets, {len(self.est.instances)} instances, "
+            f"Auto Scaling group {ASG_NAME} (launch lifecycle hook)"
+        )
+        pub = self.work / "bundle-signing.pub.pem"
+        pub.write_bytes(self.aws.signing_key.public_pem())
+
+        from ringfence.clouds.aws.agents import AgentApi
+        from ringfence.clouds.aws.wiring import Config, Wiring
+
+        wiring = Wiring(Config.from_env())
+        self.api = AgentApi(wiring)
+        self.store = wiring.store
+
+        self._start_serve()
+        self._start_router()
+        if not self.idle(60):
+            raise RuntimeError("the estate's events were not ingested within 60 s")
+        self.provision()
+
+        api_url = f"http://{self.cp_host}:{self.serve_port}"
+        if self.lab is not None:
+            self.imds = Imds(self._identify, self.aws.identity_document, self.aws.iid.sign).start()
+            self.traffic = Traffic(self.lab.start)
+            # the operators' console on the bastion range (the policy's admin_cidrs), no agent: a
+            # quarantined host must still answer it over SSH
+            self.lab.add(OPS, [f"{OPS_ADDRESS}/8"])
+            cfg = FleetConfig(api_url=api_url, public_key=pub, workdir=self.work)
+        else:
+            port = _free_port()
+            self.imds = Imds(self._identify, self.aws.identity_document, self.aws.iid.sign, "127.0.0.1", port).start()
+            cfg = FleetConfig(
+                api_url=api_url,
+                public_key=pub,
+                workdir=self.work,
+                backend="dry-run",
+                imds_url=f"http://127.0.0.1:{port}",
+            )
+        self.fleet = Fleet(cfg, self.aws.client("ec2"), self.lab, self.traffic, log=r.say, start_process=self._start)
+        t0 = time.time()
+        booted, _ = self.fleet.sync()
+        where = "in their own namespaces" if self.lab is not None else "in this namespace (dry-run)"
+        r.say(f"booted {len(booted)} instances with one agent each {where} in {time.time() - t0:.1f}s")
+        self.fleet.follow()
+        self.wait_all_enforcing(60)
+
+    def _start(self, *cmd: str, **kw: Any) -> subprocess.Popen[Any]:
+        """A process this run kills on close: through the lab, or tracked here (dry run)."""
+        if self.lab is not None:
+            return self.lab.start(*cmd, **kw)
+        env = kw.pop("env", None)
+        p = subprocess.Popen(list(cmd), start_new_session=True, env=env, **kw)
+        self.procs.append(p)
+        return p
+
+    def _identify(self, address: str) -> str | None:
+        return self.fleet.identity_address(address) if self.fleet else None
+
+    def _start_serve(self) -> None:
+        from ringfence import serve
+
+        token, line = serve.new_admin_token(ADMIN_PRINCIPAL)
+        tokens = self.work / "admin-tokens"
+        tokens.write_text(line + "\n")
+        tokens.chmod(0o600)
+        self.admin_token = token
+        env = {**os.environ, **self.aws.env, "RINGFENCE_WAIT_POLL_INTERVAL": WAIT_POLL_INTERVAL, **GATE}
+        cmd = [
+            str(Path(sys.executable).parent / "ringfence"),
+            "serve",
+            "--store",
+            "aws",
+            "--host",
+            self.cp_host,
+            "--port",
+            str(self.serve_port),
+            "--admin-tokens",
+            str(tokens),
+        ]
+        if not self.dry_run:
+            cmd.append("--insecure")  # plain HTTP on the lab bridge: private to this run, no other host on it
+        log = (self.work / "serve.log").open("w")
+        self.serve = self._start(*cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + 60
+        url = f"http://{self.cp_host}:{self.serve_port}"
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.serve.poll() is not None:
+                raise RuntimeError(f"ringfence serve exited ({self.serve.returncode}): see {self.work / 'serve.log'}")
+            try:
+                urllib.request.urlopen(f"{url}/v1/nonce", timeout=2).read()  # noqa: S310
+            except OSError as exc:
+                last = exc
+                time.sleep(0.2)
+                continue
+            self.r.say(f"ringfence serve --store aws: agent and admin APIs at {url}")
+            return
+        raise RuntimeError(f"ringfence serve did not answer within 60 s: {last}")
+
+    def _start_router(self) -> None:
+        import warnings
+
+        from ringfence.local.router import EventRouter  # imports the handlers' dependencies
+
+        # the handlers' logs and metrics are JSON lines for CloudWatch: keep them off the display
+        os.environ.update({"POWERTOOLS_LOG_LEVEL": "ERROR", "POWERTOOLS_METRICS_DISABLED": "true", **GATE})
+        warnings.filterwarnings("ignore", message="No application metrics to publish")
+
+        # the estate exists already: announced like a first reconcile would find it
+        self.router = EventRouter(self.aws, announce_existing=True)
+        self.router.start()
+        self.r.say("event router: moto changes → EventBridge rules → SQS → functions/{ingest,lifecycle,compute,...}")
+
+    def admin(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+        req = urllib.request.Request(
+            f"http://{self.cp_host}:{self.serve_port}{path}",
+            method=method,
+            data=json.dumps(body).encode() if body is not None else None,
+            headers={"Authorization": f"Bearer {self.admin_token}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310
+                status, text = resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            status, text = exc.code, exc.read().decode()
+        try:
+            return status, json.loads(text) if text else None
+        except ValueError:
+            return status, text
+
+    def provision(self) -> None:
+        files = policy_files(self.example, self.est)
+        status, body = self.admin("POST", "/admin/policies", {"files": files, "reason": "demo: initial policy"})
+        if status != 201:
+            raise RuntimeError(f"provisioning the example policy failed: HTTP {status} {body}")
+        self.r.say(f"policy version {body.get('version')} provisioned through the admin API ({len(files)} files)")
+
+    def close(self) -> None:
+        """Everything this run started, in reverse; never raises."""
+        steps: list[Callable[[], None]] = []
+        if self.fleet is not None:
+            steps.append(self.fleet.stop)
+        if self.router is not None:
+            steps.append(self.router.stop)
+        if self.imds is not None:
+            steps.append(self.imds.stop)
+        if self.aws is not None:
+            steps.append(self.aws.stop)
+        if self.lab is not None:
+            steps.append(self.lab.close)  # kills serve, the probe processes, whatever is left inside
+        steps.append(self._kill_own)
+        for fn in steps:
+            with contextlib.suppress(BaseException):
+                fn()
+
+    def _kill_own(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=5)
+
+    # --- names and probes -----------------------------------------------------------------------
+
+    def iid(self, name: str) -> str:
+        if name in self.est.instances:
+            return self.est.instances[name]
+        return next((i for i, n in self.names.items() if n == name), name)
+
+    def name(self, iid: str) -> str:
+        return self.names.get(iid, iid)
+
+    def ip(self, name: str) -> str:
+        assert self.fleet is not None
+        return self.fleet.get(self.iid(name)).ip
+
+    def probe_flows(self, flows: list[Flow]) -> list[bool]:
+        if self.lab is None:
+            return [self.judge(f) for f in flows]
+        assert self.fleet is not None and self.traffic is not None
+        probes = []
+        for f in flows:
+            proto, _, port = f.service.partition("/")
+            src = self.lab.ns(OPS) if f.src == OPS else self.fleet.ns(self.iid(f.src))
+            probes.append(Probe(src, self.ip(f.dst), int(port), proto))
+        return self.traffic.probes(probes)
+
+    def plan(self, name: str) -> Any:
+        """The plan the agent of ``name`` enforces: its applied bundle with its deltas, its local
+        fail-safes (what a dry-run agent would program)."""
+        from ringfence_agent.config import load_config
+        from ringfence_agent.core import effective_bundle
+        from ringfence_agent.plan import compile_plan
+        from ringfence_agent.state import StateDir
+
+        assert self.fleet is not None
+        inst = self.fleet.get(self.iid(name))
+        state = StateDir(inst.state_dir)
+        bundle = state.load_bundle()
+        if bundle is None:
+            return None
+        cfg = load_config(inst.dir / "agent.json")
+        return compile_plan(effective_bundle(bundle, state.load_deltas(bundle)), cfg.local_failsafes())
+
+    def judge(self, f: Flow) -> bool:
+        """Dry run: the flow's first packet judged by both ends' plans (ringfence_agent.plan.Admitter,
+        in the order every backend renders them)."""
+        from ringfence_agent.plan import Admitter
+        from ringfence_agent.plan import Flow as Packet
+
+        proto, _, port = f.service.partition("/")
+        src_ip = OPS_ADDRESS if f.src == OPS else self.ip(f.src)
+        ends: list[tuple[str, Literal["inbound", "outbound"], str]] = [(f.dst, "inbound", src_ip)]
+        if f.src != OPS:  # the operators' console has no agent
+            ends.append((f.src, "outbound", self.ip(f.dst)))
+        for name, direction, peer in ends:
+            plan = self.plan(name)
+            if plan is None:
+                continue  # no bundle yet: the agent has programmed nothing
+            if plan.mode != "enforce":
+                continue
+            if not Admitter(plan).admits(Packet(direction, peer, proto, 40000, int(port))).admitted:
+                return False
+        return True
+
+    def set_addresses(self, name: str) -> list[tuple[int, int]]:
+        """The addresses in the sets the agent of ``name`` enforces: read from nftables in its
+        namespace (the kernel's truth); in a dry run, from its applied bundle and deltas."""
+        assert self.fleet is not None
+        if self.lab is not None:
+            return nft_addresses(self.fleet.ns(self.iid(name)))
+        import ipaddress
+
+        from ringfence_agent.core import effective_bundle
+        from ringfence_agent.state import StateDir
+
+        state = StateDir(self.fleet.get(self.iid(name)).state_dir)
+        bundle = state.load_bundle()
+        if bundle is None:
+            return []
+        spans = []
+        for sdoc in effective_bundle(bundle, state.load_deltas(bundle)).sets.values():
+            for c in sdoc.v4:
+                n = ipaddress.ip_network(c, strict=False)
+                spans.append((int(n.network_address), int(n.broadcast_address)))
+        return spans
+
+    def expect_flows(self, flows: list[Flow], settle: float = 0.0) -> bool:
+        """Probe every flow (in parallel) and check each against its expectation. ``settle``:
+        retry failing ones up to that many seconds (a change still propagating)."""
+        got = self.probe_flows(flows)
+        deadline = time.monotonic() + settle
+        while settle and any(g != f.expect for g, f in zip(got, flows, strict=True)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+            got = self.probe_flows(flows)
+        ok = True
+        for f, g in zip(flows, got, strict=True):
+            why = f" ({f.why})" if f.why else ""
+            ok &= self.r.check(f"{f.src} → {f.dst} {f.service}{why}", f.expect, g, flow=True)
+        return ok
+
+    # --- enforcement: the control plane's targets against the agents' applied revisions ----------
+
+    def targets(self, ids: list[str] | None = None) -> dict[str, int | None]:
+        """Each agent's latest version as the agent API computes it (AgentApi.latest_version: the
+        stored bundle moved on by set heads), read with one set-heads call for all."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        assert self.fleet is not None
+        ids = list(self.fleet.instances) if ids is None else ids
+        with ThreadPoolExecutor(8) as pool:
+            ptrs = dict(zip(ids, pool.map(self.store.bundle_pointer, ids), strict=True))
+        names = sorted({n for p in ptrs.values() if p is not None for n in p.sets})
+        heads = self.store.set_heads(names) if names else {}
+        out: dict[str, int | None] = {}
+        for i, p in ptrs.items():
+            if p is None:
+                out[i] = None
+                continue
+            sets = [max(v, heads.get(n, v)) for n, v in p.sets.items()]
+            out[i] = max([p.version, p.rules_revision, *sets])
+        return out
+
+    def idle(self, timeout: float = 10.0, settle: float = 0.3) -> bool:
+        """Nothing left to route or run: the work queues empty and no handler invoked for
+        ``settle`` seconds (longer than the router's watch interval, so its last look is in)."""
+        deadline = time.monotonic() + timeout
+        quiet_since: float | None = None
+        seen = -1
+        sqs = self.aws.client("sqs")
+
+        def queued(key: str) -> int:
+            a = sqs.get_queue_attributes(
+                QueueUrl=self.aws.queues[key],
+                AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+            )["Attributes"]
+            return int(a["ApproximateNumberOfMessages"]) + int(a["ApproximateNumberOfMessagesNotVisible"])
+
+        while time.monotonic() < deadline:
+            n = len(self.router.deliveries)
+            busy = n != seen or any(queued(q) for q in ("lifecycle", "ingest", "compute"))
+            seen = n
+            now = time.monotonic()
+            if busy:
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = now
+            elif now - quiet_since >= settle:
+                return True
+            time.sleep(0.1)
+        return False
+
+    def wait_all_enforcing(self, timeout: float) -> None:
+        """Every running agent applied what the control plane holds for it."""
+        assert self.fleet is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.idle(max(0.1, deadline - time.monotonic())):
+                tg = self.targets()
+                lagging = [i for i, v in tg.items() if v is None or _applied(self.fleet.get(i)) < v]
+                if not lagging:
+                    self.r.say(f"all {len(tg)} agents enforce their latest bundle")
+                    return
+            time.sleep(0.3)
+        tg = self.targets()
+        lagging = [
+            f"{self.name(i)} (applied {_applied(self.fleet.get(i))}, latest {v})"
+            for i, v in tg.items()
+            if v is None or _applied(self.fleet.get(i)) < v
+        ]
+        raise RuntimeError(f"agents not enforcing after {timeout:.0f}s: {', '.join(lagging)}")
+
+    def measure(
+        self,
+        kind: str,
+        subject: str,
+        action: Callable[[], object],
+        ready: Callable[[], bool],
+        subjects: tuple[str, ...] = (),
+        admin: bool = False,
+        timeout: float = ENFORCE_TIMEOUT,
+    ) -> Sample:
+        """Time one cloud change: ``action`` at t0; ``ready()`` says the control plane has seen it
+        (in its store); once the queues are idle, every agent whose latest version moved must
+        apply it; the sample is t0 → the last of those applies (the agents' own clock stamps)."""
+        assert self.fleet is not None
+        m0 = time.perf_counter()
+        base = self.targets()
+        cost = {"targets_before": time.perf_counter() - m0}
+        before = set(self.fleet.instances)
+        t0 = time.time()
+        action()
+        answered = time.time() if admin else None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not ready():
+            time.sleep(0.05)
+        cost["ready"] = time.time() - t0
+        self.idle(max(0.1, deadline - time.monotonic()))
+        cost["idle"] = time.time() - t0
+        m0 = time.perf_counter()
+        tg = self.targets()
+        cost["targets_after"] = time.perf_counter() - m0
+        affected = [i for i, v in tg.items() if v is not None and v != base.get(i)]
+        while time.monotonic() < deadline:
+            if all(_applied(self.fleet.get(i)) >= (tg[i] or 0) for i in affected if i in self.fleet.instances):
+                break
+            time.sleep(0.05)
+        else:
+            s = Sample(kind, subject, None, len(affected), t0=t0)
+            self.r.sample(s)
+            return s
+        done = [self.fleet.get(i).status() for i in affected if i in self.fleet.instances]
+        subject_ids = list(subjects) + [i for i in self.fleet.instances if i not in before]
+        enforced = max((float(st.get("applied_at", t0)) for st in done), default=t0)
+        phases = self._phases(t0, subject_ids, done, answered, enforced)
+        cost["enforced_seen"] = time.time() - t0
+        s = Sample(kind, subject, round(enforced - t0, 3), len(affected), phases, t0)
+        s.measuring = {k: round(v, 3) for k, v in cost.items()}
+        self.r.sample(s)
+        return s
+
+    def _phases(
+        self, t0: float, subjects: list[str], done: list[dict[str, Any]], answered: float | None, enforced: float
+    ) -> dict[str, float]:
+        """Where the time went. Cloud events: the router's timeline of the first event about a
+        subject after t0 (event_delivery: change → PutEvents returned, the watcher's look
+        included; ingest: → the ingest/lifecycle handler finished; compute: → the compute handler
+        finished, publication included). An admin call (``answered``): the API call, then compute
+        and publication together. Then the last agent's ``last_sync``: push (→ its wait
+        answered), fetch, apply."""
+        phases: dict[str, float] = {}
+        # the events that led to enforcement (not those that followed it, e.g. InService)
+        entries = [
+            e
+            for i in subjects
+            for e in self.router.timeline.for_instance(i)
+            if t0 - 0.05 <= e.changed <= enforced and e.put
+        ]
+        cloud_done: float | None = None
+        if entries:
+            first = min(entries, key=lambda e: e.changed)
+            phases["event_delivery"] = first.put - t0
+            if first.ingested:
+                phases["ingest"] = first.ingested - first.put
+                computed = [e.computed for e in entries if e.computed and e.computed <= enforced]
+                if computed:
+                    cloud_done = max(computed)
+                    phases["compute"] = max(0.0, cloud_done - first.ingested)
+        elif answered is not None:
+            phases["admin_api"] = answered - t0
+            cloud_done = answered
+        syncs = [st.get("last_sync") or {} for st in done]
+        syncs = [s for s in syncs if "done" in s]
+        if syncs:
+            last = max(syncs, key=lambda s: float(s["done"]))
+            if cloud_done is not None:
+                phases["push"] = max(0.0, float(last["woke"]) - cloud_done)
+            phases["fetch"] = float(last["fetch_s"])
+            phases["apply"] = float(last["apply_s"])
+        return {k: round(v, 4) for k, v in phases.items()}
+
+    # --- the Auto Scaling group ------------------------------------------------------------------
+
+    def asg_states(self) -> dict[str, str]:
+        g = self.aws.client("autoscaling").describe_auto_scaling_groups(AutoScalingGroupNames=[ASG_NAME])
+        return {i["InstanceId"]: i["LifecycleState"] for i in g["AutoScalingGroups"][0]["Instances"]}
+
+    def scale(self, desired: int) -> None:
+        self.aws.client("autoscaling").set_desired_capacity(
+            AutoScalingGroupName=ASG_NAME, DesiredCapacity=desired, HonorCooldown=False
+        )
+
+    def lb_targets(self) -> list[str]:
+        """What the load balancer sends traffic to: the static web servers and the group's
+        InService instances."""
+        static = [self.iid(n) for n in ("ord-prod-web-1", "ord-prod-web-2")]
+        return static + [i for i, st in self.asg_states().items() if st == "InService"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _applied(inst: Instance) -> int:
+    v = inst.status().get("applied_version")
+    return int(v) if isinstance(v, int) else -1
+
+
+# --- the steps -------------------------------------------------------------------------------------
+
+
+def step_tiers(d: Live) -> None:
+    with d.r.step(1, "tier flows allowed; lateral movement and dev → prod blocked"):
+        d.expect_flows(
+            [
+                Flow("ord-prod-lb-1", "ord-prod-web-1", "tcp/8080", True, "lb → web"),
+                Flow("ord-prod-web-1", "ord-prod-proc-1", "tcp/8443", True, "web → processing"),
+                Flow("ord-prod-proc-1", "ord-prod-db-1", "tcp/5432", True, "processing → database"),
+                Flow("ord-prod-web-1", "core-dns-1", "udp/53", True, "core service: DNS"),
+                Flow("admin-jump-1", "ord-prod-db-1", "tcp/22", True, "jumpbox SSH"),
+                Flow("ord-prod-web-1", "ord-prod-db-1", "tcp/5432", False, "web skips a tier"),
+                Flow("ord-prod-web-1", "pay-prod-db-1", "tcp/1433", False, "lateral: web → payroll database"),
+                Flow("ord-dev-web-1", "ord-prod-web-1", "tcp/8080", False, "dev → prod"),
+                Flow("ord-dev-proc-1", "ord-prod-db-1", "tcp/5432", False, "dev → prod"),
+                Flow("ord-prod-lb-1", "ord-prod-web-9", "tcp/8080", False, "env=prdo: not prod, unlabeled"),
+            ]
+        )
+
+
+def step_scale_out(d: Live, n: int = 3) -> list[str]:
+    new: list[str] = []
+    with d.r.step(2, f"scale the web tier out by {n}: enforced before InService, reachable by the LB") as st:
+        assert d.fleet is not None
+        before = set(d.asg_states())
+        seen_inservice: dict[str, float] = {}
+        desired = len(before) + n
+
+        def ready() -> bool:
+            states = d.asg_states()
+            fresh = [i for i in states if i not in before]
+            return len(fresh) >= n and all(d.store.bundle_pointer(i) is not None for i in fresh)
+
+        d.r.say(f"SetDesiredCapacity {ASG_NAME} → {desired}")
+        sample = d.measure("launch", f"+{n} web", lambda: d.scale(desired), ready)
+        new = [i for i in d.asg_states() if i not in before]
+        for i in new:
+            d.names.setdefault(i, f"web-asg-{len(d.names)}")
+        # the launch is over when every new instance is InService (the hook completed); when it
+        # got there: the router's watcher saw it (its "Launch Successful" event)
+        deadline = time.monotonic() + ENFORCE_TIMEOUT
+        while time.monotonic() < deadline:
+            for i in new:
+                ok = [e.changed for e in d.router.timeline.for_instance(i) if e.detail_type == LAUNCH_OK]
+                if ok:
+                    seen_inservice[i] = min(ok)
+            if all(i in seen_inservice for i in new):
+                break
+            time.sleep(0.1)
+        per: dict[str, Any] = {}
+        for i in new:
+            inst = d.fleet.instances.get(i)
+            status = inst.status() if inst else {}
+            first = status.get("applied_at")
+            launched = inst.booted_at if inst else None
+            in_service = seen_inservice.get(i)
+            per[d.name(i)] = {
+                "instance": i,
+                "ip": inst.ip if inst else None,
+                "namespace_booted_at": launched,
+                "enforced_at": first,
+                "in_service_at": in_service,
+                "enforced_s_after_scale_out": round(first - sample.t0, 3) if first else None,
+            }
+            d.r.say(
+                f"  {d.name(i)} {inst.ip if inst else '?'}: enforcing "
+                + (f"{per[d.name(i)]['enforced_s_after_scale_out']:.2f}s after the scale-out" if first else "never")
+                + (f", InService {in_service - first:+.2f}s after" if first and in_service else ", not InService")
+            )
+            before_in_service = bool(first and in_service and first <= in_service)
+            per[d.name(i)]["enforced_before_in_service"] = before_in_service
+            d.r.check(f"{d.name(i)} enforced before InService", True, before_in_service)
+        st.timings["instances"] = per
+        if sample.seconds is not None:
+            d.r.say(f"  scale-out of {n}: every affected agent ({sample.agents}) enforcing after {sample.seconds:.2f}s")
+        flows = [Flow("ord-prod-lb-1", d.name(i), "tcp/8080", True, "LB health check") for i in new]
+        flows += [Flow(d.name(i), "ord-prod-proc-1", "tcp/8443", True, "new web → processing") for i in new]
+        flows += [Flow("ord-dev-web-1", d.name(i), "tcp/8080", False, "dev → new prod web") for i in new]
+        flows += [Flow(d.name(i), "pay-prod-db-1", "tcp/1433", False, "lateral") for i in new[:1]]
+        d.expect_flows(flows)
+    return new
+
+
+def step_retag(d: Live, asg_new: list[str]) -> None:
+    with d.r.step(3, "fix the typo'd tag (env=prdo → prod); retag an instance into the wrong app"):
+        ec2 = d.aws.client("ec2")
+        typo = d.iid("ord-prod-web-9")
+
+        def fixed() -> bool:
+            rec = d.store.get(typo)
+            return rec is not None and rec.workload.tags.get("env") == "prod"
+
+        d.r.say("CreateTags ord-prod-web-9 env=prod")
+        s = d.measure(
+            "tag_change",
+            "ord-prod-web-9 env=prod",
+            lambda: ec2.create_tags(Resources=[typo], Tags=[{"Key": "env", "Value": "prod"}]),
+            fixed,
+            (typo,),
+        )
+        d.r.say(f"  enforced by {s.agents} agents after {s.seconds}s")
+        d.expect_flows(
+            [
+                Flow("ord-prod-lb-1", "ord-prod-web-9", "tcp/8080", True, "now prod web"),
+                Flow("ord-prod-web-9", "ord-prod-proc-1", "tcp/8443", True, "now prod web"),
+            ]
+        )
+        victim_name = "ord-prod-web-2"
+        victim = d.iid(victim_name)
+
+        def moved() -> bool:
+            rec = d.store.get(victim)
+            return rec is not None and rec.workload.tags.get("app") == "payroll"
+
+        d.r.say(f"CreateTags {victim_name} app=payroll (the wrong app)")
+        s = d.measure(
+            "tag_change",
+            f"{victim_name} app=payroll",
+            lambda: ec2.create_tags(Resources=[victim], Tags=[{"Key": "app", "Value": "payroll"}]),
+            moved,
+            (victim,),
+        )
+        d.r.say(f"  enforced by {s.agents} agents after {s.seconds}s")
+        d.expect_flows(
+            [
+                Flow("ord-prod-lb-1", victim_name, "tcp/8080", False, "no longer an ordering web server"),
+                Flow(victim_name, "pay-prod-db-1", "tcp/1433", True, "the wrong app's database opens to it"),
+            ]
+        )
+        findings = hygiene_findings(d)
+        flagged = [f for f in findings if f["workload"] == victim]
+        for f in findings:
+            d.r.say(f"  hygiene: {d.name(f['workload'])}: {f['finding']}")
+        d.r.check(f"hygiene report flags {victim_name}", True, bool(flagged))
+        # put it back for the next steps
+        d.measure(
+            "tag_change",
+            f"{victim_name} app=ordering",
+            lambda: ec2.create_tags(Resources=[victim], Tags=[{"Key": "app", "Value": "ordering"}]),
+            lambda: (rec := d.store.get(victim)) is not None and rec.workload.tags.get("app") == "ordering",
+            (victim,),
+        )
+
+
+def hygiene_findings(d: Live) -> list[dict[str, str]]:
+    """The label-hygiene report over the control plane's inventory: tag values that are not
+    labels (from ingest), plus workloads whose app label disagrees with the name they were
+    given — the example names each server after its app (``ord-`` ordering, ``pay-`` payroll)."""
+    out = []
+    prefixes = {"ord": "ordering", "pay": "payroll", "core": "core", "admin": "admin"}
+    for rec in d.store.all_records():
+        for p in rec.problems:
+            out.append({"workload": rec.id, "finding": p})
+        name = rec.workload.tags.get("Name", "")
+        expected = prefixes.get(name.split("-", 1)[0]) if name else None
+        app = rec.labels.get("app") or rec.workload.tags.get("app")
+        if expected and app and app != expected:
+            out.append({"workload": rec.id, "finding": f"named {name} (app {expected}) but labelled app={app}"})
+    return out
+
+
+def step_quarantine(d: Live) -> None:
+    with d.r.step(4, "quarantine a compromised web server (admin API, audited): sessions cut"):
+        assert d.fleet is not None
+        victim_name = "ord-prod-web-1"
+        victim = d.iid(victim_name)
+        inbound = shell = None
+        if d.traffic is not None:
+            inbound = d.traffic.hold(d.fleet.ns(d.iid("ord-prod-lb-1")), d.ip(victim_name), 8080)
+            shell = d.traffic.hold(d.fleet.ns(victim), d.ip("ord-prod-proc-1"), 8443)
+            d.r.check("open session lb → web-1 before", True, bool(inbound and d.traffic.ping(inbound)))
+            d.r.check(
+                "open session web-1 → proc-1 (the attacker's) before", True, bool(shell and d.traffic.ping(shell))
+            )
+        status: list[int] = []
+
+        def quarantine() -> None:
+            code, _ = d.admin("POST", f"/admin/workloads/{victim}/quarantine", {"reason": "demo: suspected compromise"})
+            status.append(code)
+
+        s = d.measure(
+            "quarantine",
+            victim_name,
+            quarantine,
+            lambda: bool((rec := d.store.get(victim)) and rec.op_quarantined),
+            (victim,),
+            admin=True,
+        )
+        d.r.check("admin API accepted the quarantine", True, bool(status) and status[0] in (200, 202))
+        d.r.say(f"  enforced by {s.agents} agents after {s.seconds}s")
+        if d.traffic is not None:
+            d.r.check("held session lb → web-1 still answers (cut)", False, bool(inbound and d.traffic.ping(inbound)))
+            d.r.check("held session web-1 → proc-1 still answers (cut)", False, bool(shell and d.traffic.ping(shell)))
+        else:
+            plan = d.plan(victim_name)
+            d.r.check("its agent applied the quarantine bundle", True, bool(plan is not None and plan.quarantined))
+        d.expect_flows(
+            [
+                Flow("ord-prod-lb-1", victim_name, "tcp/8080", False, "new connection to the quarantined host"),
+                Flow(victim_name, "ord-prod-proc-1", "tcp/8443", False, "new connection from it"),
+                Flow(OPS, victim_name, "tcp/22", True, "fail-safe: SSH from the admin range still works"),
+                Flow("ord-prod-lb-1", "ord-prod-web-9", "tcp/8080", True, "the rest keeps working"),
+                Flow("ord-prod-web-9", "ord-prod-proc-1", "tcp/8443", True, "the rest keeps working"),
+                Flow("ord-prod-proc-1", "ord-prod-db-1", "tcp/5432", True, "the rest keeps working"),
+            ]
+        )
+        audit = [a for a in d.store.audit_log() if victim in json.dumps(a.model_dump(mode="json"))]
+        who = audit[-1].model_dump(mode="json") if audit else {}
+        d.r.say(f"  audit: {json.dumps(who)[:200]}")
+        d.r.check("quarantine audited with the operator's principal", True, ADMIN_PRINCIPAL in json.dumps(who))
+        for h in (inbound, shell):
+            if h and d.traffic is not None:
+                d.traffic.release(h)
+
+
+def step_release_and_scale_in(d: Live, asg_new: list[str]) -> None:
+    with d.r.step(5, "release; scale in; peers drop the terminated instances"):
+        assert d.fleet is not None
+        victim_name = "ord-prod-web-1"
+        victim = d.iid(victim_name)
+        d.measure(
+            "release",
+            victim_name,
+            lambda: d.admin("DELETE", f"/admin/workloads/{victim}/quarantine", {"reason": "demo: cleaned"}),
+            lambda: bool((rec := d.store.get(victim)) and not rec.op_quarantined),
+            (victim,),
+            admin=True,
+        )
+        d.expect_flows([Flow("ord-prod-lb-1", victim_name, "tcp/8080", True, "released")])
+        gone_ips = {i: d.fleet.get(i).ip for i in asg_new if i in d.fleet.instances}
+
+        def terminated() -> bool:
+            if d.asg_states():
+                return False
+            recs = d.store.get_many(list(gone_ips))
+            return all(r is None or not r.active for r in recs.values())
+
+        d.r.say(f"SetDesiredCapacity {ASG_NAME} → 0")
+        d.measure("terminate", f"-{len(gone_ips)} web", lambda: d.scale(0), terminated, tuple(gone_ips))
+        for peer in ("ord-prod-lb-1", "ord-prod-proc-1"):
+            held = d.set_addresses(peer)
+            still = [ip for ip in gone_ips.values() if _covers(held, ip)]
+            d.r.check(
+                f"{peer}'s firewall sets dropped every terminated instance",
+                "none left",
+                ", ".join(still) or "none left",
+            )
+        held = d.set_addresses("ord-prod-lb-1")
+        d.r.check(
+            "the LB's firewall sets still hold the remaining web servers",
+            True,
+            all(_covers(held, d.ip(n)) for n in ("ord-prod-web-1", "ord-prod-web-2")),
+        )
+        d.expect_flows(
+            [Flow("ord-prod-lb-1", n, "tcp/8080", True, "remaining web") for n in ("ord-prod-web-1", "ord-prod-web-2")]
+        )
+
+
+def nft_addresses(ns: str) -> list[tuple[int, int]]:
+    """Every IPv4 element of every set in the namespace's Ringfence table, as (first, last)."""
+    import ipaddress
+
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns, "nft", "-j", "list", "sets", "table", "inet", "ringfence"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    spans: list[tuple[int, int]] = []
+    for item in json.loads(out or "{}").get("nftables", []):
+        for elem in (item.get("set") or {}).get("elem", []):
+            e = elem.get("elem", {}).get("val", elem) if isinstance(elem, dict) and "elem" in elem else elem
+            try:
+                if isinstance(e, str):
+                    n = ipaddress.ip_network(e, strict=False)
+                elif isinstance(e, dict) and "prefix" in e:
+                    n = ipaddress.ip_network(f"{e['prefix']['addr']}/{e['prefix']['len']}", strict=False)
+                elif isinstance(e, dict) and "range" in e:
+                    a, b = (ipaddress.ip_address(x) for x in e["range"])
+                    if a.version == 4:
+                        spans.append((int(a), int(b)))
+                    continue
+                else:
+                    continue
+            except ValueError:
+                continue
+            if n.version == 4:
+                spans.append((int(n.network_address), int(n.broadcast_address)))
+    return spans
+
+
+def _covers(spans: list[tuple[int, int]], ip: str) -> bool:
+    import ipaddress
+
+    v = int(ipaddress.ip_address(ip))
+    return any(a <= v <= b for a, b in spans)
+
+
+# --- entry point -----------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out or "out").resolve()  # the agents read their config relative to its own directory
+    why_not = "--dry-run" if getattr(args, "dry_run", False) else prerequisites()
+    if why_not is not None:
+        print(
+            f"ringfence demo: {why_not}: dry-run agents in this namespace — nothing is programmed and no packet is "
+            "sent; each check is judged on the bundles the agents applied (root with nftables runs it for real)",
+            flush=True,
+        )
+    report = Report(out, "dry-run" if why_not else "nftables")
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    demo = Live(example_dir(args.example), out, report, dry_run=why_not is not None)
+    try:
+        try:
+            with report.step(0, "start: lab, embedded AWS, serve, router, instances with agents") as st:
+                demo.start()
+                st.timings["instances"] = len(demo.fleet.instances) if demo.fleet else 0
+            if report.passed:
+                if args.bench:
+                    from ringfence.demo.bench import bench
+
+                    bench(demo, args)
+                else:
+                    step_tiers(demo)
+                    new = step_scale_out(demo)
+                    step_retag(demo, new)
+                    step_quarantine(demo)
+                    step_release_and_scale_in(demo, new)
+        except (KeyboardInterrupt, Interrupted) as exc:
+            # a second Ctrl-C must not cut the cleanup short
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            report.notes.append(f"interrupted: {type(exc).__name__}")
+            report.say("interrupted: cleaning up")
+            demo.close()
+            report.write()
+            return 130
+    finally:
+        demo.close()
+        signal.signal(signal.SIGTERM, previous)
+    path = report.write()
+    report.print_summary()
+    print(f"\n{'PASSED' if report.passed else 'FAILED'}: {path} (agent logs and state in {demo.work})")
+    return 0 if report.passed else 1

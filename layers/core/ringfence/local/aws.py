@@ -1,0 +1,325 @@
+"""An embedded AWS: moto in server mode on loopback, holding the control plane's resources.
+
+The demo and the tests run the real handlers in ``functions/`` against it, through boto3 and the
+standard endpoint variables — the same code paths as in AWS. Interface::
+
+    from ringfence.local.aws import EmbeddedAws
+
+    with EmbeddedAws() as aws:          # server started, resources created, os.environ set
+        aws.url                         # "http://127.0.0.1:<free port>"
+        aws.env                         # every variable a handler process needs (AWS_* and RINGFENCE_*)
+        aws.client("ec2")               # a boto3 client bound to the server
+        aws.queues["ingest"|"lifecycle"|"perimeter"|"compute"|"dlq"|"…_dlq"]  # queue URLs
+        aws.queue_arn("compute")
+        aws.bucket, aws.tables, aws.rules  # names, as RINGFENCE_* carry them
+        aws.signing_key                 # ringfence.bundle.SigningKey in the signing-key secret
+        aws.iid.sign(document)          # base64 RSA-SHA256, as IMDS /signature; aws.iid.cert_pem
+        aws.identity_document(iid)      # the instance's identity document (JSON text), from moto
+        aws.reset()                     # empty moto, resources created again (a new signing key);
+                                        # stop any EventRouter first, and make a new one after
+    # server stopped, os.environ restored
+
+``EmbeddedAws(region=..., account=..., environ=True, metrics=True)``: with ``environ=False`` the
+process environment is left alone (use ``aws.env`` for subprocesses; the in-process handlers need
+it); ``metrics=False`` silences Powertools' metric lines on stdout. Auto Scaling lifecycle hooks work
+(see :mod:`ringfence.local.moto_lifecycle`), and EC2 tag and launch calls are recorded with their
+caller as a trail would (:mod:`ringfence.local.moto_trail`). Events do not flow by themselves: run an
+:class:`ringfence.local.router.EventRouter` for that.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.x509.oid import NameOID
+
+from ringfence.bundle import SigningKey
+from ringfence.clouds.aws.patterns import INGEST_RULES, LIFECYCLE_RULES
+
+from . import moto_lifecycle, moto_trail
+
+REGION = "ca-central-1"
+ACCOUNT = "123456789012"  # moto's default account
+
+# the handlers' tables and their keys (template.yaml)
+TABLES: dict[str, list[tuple[str, str]]] = {
+    "inventory": [("id", "HASH")],
+    "state": [("pk", "HASH"), ("sk", "RANGE")],
+    "audit": [("pk", "HASH"), ("sk", "RANGE")],
+    "idempotency": [("id", "HASH")],
+}
+# moto's default target input drops the envelope's "account"; real EventBridge delivers the
+# whole event to an SQS target, which is what this transformer asks moto for
+WHOLE_EVENT = {"InputPathsMap": {}, "InputTemplate": "<aws.events.event.json>"}
+
+
+@dataclass
+class IidKey:
+    """A stand-in for AWS's per-region identity-document signing key (RSA-2048, SHA-256): its
+    certificate is what ``RINGFENCE_IID_CERT`` pins, :meth:`sign` is what IMDS ``/signature`` gives."""
+
+    private: rsa.RSAPrivateKey
+    cert_pem: str
+
+    @classmethod
+    def generate(cls) -> IidKey:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ringfence embedded IID signer (test only)")])
+        now = dt.datetime.now(dt.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .sign(key, hashes.SHA256())
+        )
+        return cls(key, cert.public_bytes(serialization.Encoding.PEM).decode())
+
+    def sign(self, document: str) -> str:
+        return base64.b64encode(self.private.sign(document.encode(), padding.PKCS1v15(), hashes.SHA256())).decode()
+
+
+@dataclass
+class Names:
+    """Resource names (the test suite's, kept stable: tests and the demo read them)."""
+
+    prefix: str = "rf"
+    bucket: str = "ringfence-bundles-test"
+    signing_secret: str = "ringfence/signing-key"  # noqa: S105 - a secret name, not a secret
+
+    def table(self, what: str) -> str:
+        return f"{self.prefix}-{what}"
+
+
+@dataclass
+class EmbeddedAws:
+    """moto server + the stack's resources + the environment the handlers read. See the module doc."""
+
+    region: str = REGION
+    account: str = ACCOUNT
+    environ: bool = True
+    names: Names = field(default_factory=Names)
+    iid: IidKey = field(default_factory=IidKey.generate)
+    offline_after: int = 600
+    metrics: bool = True  # False: Powertools prints no EMF metric lines (a live display stays readable)
+
+    url: str = field(init=False, default="")
+    queues: dict[str, str] = field(init=False, default_factory=dict)
+    rules: dict[str, str] = field(init=False, default_factory=dict)  # rule name → target queue key
+    signing_key: SigningKey = field(init=False)
+    _server: Any = field(init=False, default=None, repr=False)
+    _saved_env: dict[str, str] | None = field(init=False, default=None, repr=False)
+    _clients: dict[str, Any] = field(init=False, default_factory=dict, repr=False)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> EmbeddedAws:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, *, build: bool = True) -> None:
+        """Start moto on 127.0.0.1 (a free port), set the environment, create the resources."""
+        from moto.server import ThreadedMotoServer
+
+        moto_lifecycle.install()
+        moto_trail.install()
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self._server.start()
+        host, port = self._server.get_host_and_port()
+        self.url = f"http://{host}:{port}"
+        if self.environ:
+            self._saved_env = dict(os.environ)
+            os.environ.update(self.base_env())
+        if build:
+            self.build()
+
+    def stop(self) -> None:
+        """Stop the server and restore the process environment (safe to call twice)."""
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+        if self._saved_env is not None:
+            os.environ.clear()
+            os.environ.update(self._saved_env)
+            self._saved_env = None
+        self._clients.clear()
+
+    def reset(self) -> None:
+        """Empty every moto backend and create the resources again (a new signing key)."""
+        import requests
+
+        requests.post(f"{self.url}/moto-api/reset", timeout=30).raise_for_status()
+        self.build()
+
+    # --- environment -------------------------------------------------------------------------
+
+    def base_env(self) -> dict[str, str]:
+        """What any boto3 client (and Powertools) in a handler process needs."""
+        return {
+            "AWS_ENDPOINT_URL": self.url,
+            "AWS_DEFAULT_REGION": self.region,
+            "AWS_REGION": self.region,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_SESSION_TOKEN": "testing",
+            "POWERTOOLS_TRACE_DISABLED": "true",
+            "POWERTOOLS_SERVICE_NAME": "ringfence",
+            "POWERTOOLS_METRICS_NAMESPACE": "Ringfence",
+            "POWERTOOLS_LOG_LEVEL": "WARNING",
+            "RINGFENCE_AWS_MAX_ATTEMPTS": "6",
+            **({} if self.metrics else {"POWERTOOLS_METRICS_DISABLED": "true"}),
+        }
+
+    def ringfence_env(self) -> dict[str, str]:
+        """The ``RINGFENCE_*`` configuration the handlers read (``Config.from_env``)."""
+        n = self.names
+        return {
+            "RINGFENCE_INVENTORY_TABLE": n.table("inventory"),
+            "RINGFENCE_STATE_TABLE": n.table("state"),
+            "RINGFENCE_AUDIT_TABLE": n.table("audit"),
+            "RINGFENCE_IDEMPOTENCY_TABLE": n.table("idempotency"),
+            "RINGFENCE_BUCKET": n.bucket,
+            "RINGFENCE_COMPUTE_QUEUE_URL": self.queues["compute"],
+            "RINGFENCE_PERIMETER_QUEUE_URL": self.queues["perimeter"],
+            "RINGFENCE_DLQ_URL": self.queues["dlq"],
+            "RINGFENCE_SIGNING_KEY": f"secretsmanager:{n.signing_secret}",
+            "RINGFENCE_IID_CERT": self.iid.cert_pem,
+            "RINGFENCE_OFFLINE_AFTER": str(self.offline_after),
+            "RINGFENCE_RECONCILE_TARGETS": json.dumps(
+                [
+                    {
+                        "account": self.account,
+                        "region": self.region,
+                        "role_arn": f"arn:aws:iam::{self.account}:role/{n.prefix}-reconcile",
+                    }
+                ]
+            ),
+        }
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Every variable a handler process needs (for subprocesses: ``{**os.environ, **aws.env}``)."""
+        return {**self.base_env(), **self.ringfence_env()}
+
+    # --- resources ---------------------------------------------------------------------------
+
+    @property
+    def bucket(self) -> str:
+        return self.names.bucket
+
+    @property
+    def tables(self) -> dict[str, str]:
+        return {what: self.names.table(what) for what in TABLES}
+
+    def client(self, service: str) -> Any:
+        """A boto3 client bound to this server (cached per service; boto3 clients are thread-safe)."""
+        if service not in self._clients:
+            import boto3
+
+            self._clients[service] = boto3.client(
+                service,
+                endpoint_url=self.url,
+                region_name=self.region,
+                aws_access_key_id="testing",
+                aws_secret_access_key="testing",  # noqa: S106 - moto's dummy credentials
+                aws_session_token="testing",  # noqa: S106
+            )
+        return self._clients[service]
+
+    def queue_arn(self, key: str) -> str:
+        url = self.queues[key]
+        return f"arn:aws:sqs:{self.region}:{self.account}:{url.rsplit('/', 1)[-1]}"
+
+    def build(self) -> None:
+        """Create the stack's resources as template.yaml declares them (what the handlers use)."""
+        n = self.names
+        ddb, s3, sqs, events = self.client("dynamodb"), self.client("s3"), self.client("sqs"), self.client("events")
+        for what, keys in TABLES.items():
+            ddb.create_table(
+                TableName=n.table(what),
+                KeySchema=[{"AttributeName": k, "KeyType": t} for k, t in keys],
+                AttributeDefinitions=[{"AttributeName": k, "AttributeType": "S"} for k, _ in keys],
+                BillingMode="PAY_PER_REQUEST",
+            )
+        s3.create_bucket(Bucket=n.bucket, CreateBucketConfiguration={"LocationConstraint": self.region})
+        s3.put_bucket_versioning(Bucket=n.bucket, VersioningConfiguration={"Status": "Enabled"})
+
+        def queue(name: str, attrs: dict[str, str] | None = None) -> str:
+            return str(sqs.create_queue(QueueName=name, Attributes=attrs or {})["QueueUrl"])
+
+        def redrive(dlq_key: str, max_receives: int) -> str:
+            return json.dumps({"deadLetterTargetArn": self.queue_arn(dlq_key), "maxReceiveCount": str(max_receives)})
+
+        fifo = {"FifoQueue": "true", "ContentBasedDeduplication": "false"}
+        p = n.prefix
+        self.queues = {}
+        # template.yaml: IngestDLQ (5 receives), LifecycleDLQ (3), ComputeDLQ (FIFO, 5)
+        self.queues["dlq"] = queue(f"{p}-ingest-dlq")
+        self.queues["lifecycle_dlq"] = queue(f"{p}-lifecycle-dlq")
+        self.queues["compute_dlq"] = queue(f"{p}-compute-dlq.fifo", fifo)
+        self.queues["ingest"] = queue(f"{p}-ingest", {"VisibilityTimeout": "360", "RedrivePolicy": redrive("dlq", 5)})
+        self.queues["lifecycle"] = queue(
+            f"{p}-lifecycle", {"VisibilityTimeout": "360", "RedrivePolicy": redrive("lifecycle_dlq", 3)}
+        )
+        self.queues["compute"] = queue(
+            f"{p}-compute.fifo", {**fifo, "VisibilityTimeout": "960", "RedrivePolicy": redrive("compute_dlq", 5)}
+        )
+        # template.yaml: PerimeterQueue (3 receives into PerimeterDLQ)
+        self.queues["perimeter_dlq"] = queue(f"{p}-perimeter-dlq")
+        self.queues["perimeter"] = queue(
+            f"{p}-perimeter", {"VisibilityTimeout": "960", "RedrivePolicy": redrive("perimeter_dlq", 3)}
+        )
+        self.rules = {}
+        for rules, target in ((INGEST_RULES, "ingest"), (LIFECYCLE_RULES, "lifecycle")):
+            for name, pattern in rules.items():
+                rule = f"{p}-{name}"
+                events.put_rule(Name=rule, EventPattern=json.dumps(pattern))
+                events.put_targets(
+                    Rule=rule, Targets=[{"Id": target, "Arn": self.queue_arn(target), "InputTransformer": WHOLE_EVENT}]
+                )
+                self.rules[rule] = target
+        self.signing_key = SigningKey.generate()
+        self.client("secretsmanager").create_secret(
+            Name=n.signing_secret, SecretString=self.signing_key.private_pem().decode()
+        )
+        if self.environ:
+            os.environ.update(self.ringfence_env())
+            os.environ.pop("RINGFENCE_WEBSOCKET_ENDPOINT", None)  # no NudgeApi here: agents long-poll
+
+    # --- instances -----------------------------------------------------------------------------
+
+    def identity_document(self, instance_id: str) -> str:
+        """The instance identity document IMDS would serve to ``instance_id`` (sign it with
+        :attr:`iid`); ``pendingTime`` is the instance's launch time, so it is stable."""
+        inst = self.client("ec2").describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
+        launched = inst["LaunchTime"].astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return json.dumps(
+            {
+                "accountId": self.account,
+                "architecture": inst.get("Architecture", "x86_64"),
+                "availabilityZone": inst["Placement"]["AvailabilityZone"],
+                "imageId": inst["ImageId"],
+                "instanceId": instance_id,
+                "instanceType": inst["InstanceType"],
+                "pendingTime": launched,
+                "privateIp": inst["PrivateIpAddress"],
+                "region": self.region,
+                "version": "2017-09-30",
+            }
+        )

@@ -1,0 +1,239 @@
+"""Instances as namespaces: every instance the embedded AWS runs gets a lab namespace holding its
+private address, echo servers on the example's service ports, and one real ``ringfence-agent``
+enrolling with its identity document (aws-iid) and following the agent API by push.
+
+:meth:`Fleet.sync` is the hypervisor: it reads moto's instances and boots or destroys namespaces to
+match (a pending instance boots at once, so an Auto Scaling launch held in ``Pending:Wait`` has
+its agent enrolling while the lifecycle hook waits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ringfence.local.imds import IMDS_ADDRESS
+from ringfence.local.lab import AGENT, Lab
+from ringfence.local.traffic import Traffic
+
+# every instance runs the same echo servers: policy alone decides who reaches what
+TCP_PORTS = (22, 53, 389, 443, 1433, 5432, 8080, 8443, 9100)
+UDP_PORTS = (53, 123, 514)
+LAB_PREFIX_LEN = 8  # every instance address is on-link on the lab bridge (10.0.0.0/8)
+
+
+@dataclass
+class Instance:
+    id: str
+    ip: str
+    name: str
+    host: str  # lab host name
+    booted_at: float  # wall clock, when its namespace and agent were started
+    agent: subprocess.Popen[Any] | None = None
+    dir: Path = field(default_factory=Path)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.dir / "state"
+
+    def status(self) -> dict[str, Any]:
+        """The agent's status file (applied_version, applied_at, last_error, sync timings...)."""
+        try:
+            data = json.loads((self.state_dir / "status.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+
+@dataclass
+class FleetConfig:
+    api_url: str
+    public_key: Path
+    workdir: Path
+    backend: str = "nftables"  # "dry-run" without root / nft: agents in this namespace, no packets
+    imds_url: str = f"http://{IMDS_ADDRESS}"
+    heartbeat_interval: float = 15.0
+    wait_timeout: float = 25.0
+    extra_routes: tuple[str, ...] = (f"{IMDS_ADDRESS}/32",)
+
+
+class Fleet:
+    def __init__(
+        self,
+        cfg: FleetConfig,
+        ec2: Any,
+        lab: Lab | None,
+        traffic: Traffic | None,
+        log: Callable[[str], None] = lambda s: None,
+        start_process: Callable[..., subprocess.Popen[Any]] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.ec2 = ec2
+        self.lab = lab
+        self.traffic = traffic
+        self.log = log
+        self.start_process = start_process or _popen
+        self.instances: dict[str, Instance] = {}
+        self.by_ip: dict[str, str] = {}
+        self.gone: dict[str, Instance] = {}
+        self._booting: set[str] = set()
+        self.lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.on_boot: list[Callable[[Instance], None]] = []
+
+    # --- the hypervisor loop -----------------------------------------------------------------
+
+    def sync(self) -> tuple[list[Instance], list[Instance]]:
+        """Boot namespaces for new pending/running instances, destroy those of terminating ones."""
+        seen: dict[str, tuple[str, str, str]] = {}
+        pages = self.ec2.get_paginator("describe_instances").paginate()
+        for page in pages:
+            for res in page["Reservations"]:
+                for inst in res["Instances"]:
+                    ip = inst.get("PrivateIpAddress")
+                    state = inst.get("State", {}).get("Name", "")
+                    if ip and state in ("pending", "running"):
+                        name = next(
+                            (t["Value"] for t in inst.get("Tags", []) if t["Key"] == "Name"), inst["InstanceId"]
+                        )
+                        seen[inst["InstanceId"]] = (ip, name, state)
+        destroyed = []
+        with self.lock:
+            for iid in [i for i in self.instances if i not in seen]:
+                destroyed.append(self.destroy(iid))
+            new = [
+                (iid, ip, name)
+                for iid, (ip, name, _) in seen.items()
+                if iid not in self.instances and iid not in self.gone and iid not in self._booting
+            ]
+            self._booting.update(iid for iid, _, _ in new)
+        # booting is mostly waiting for `ip` and process starts: a scale-out of 50 boots in
+        # parallel (not under the lock: boot takes it to register the instance)
+        try:
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                booted = list(pool.map(lambda a: self.boot(*a), new))
+        finally:
+            with self.lock:
+                self._booting.difference_update(iid for iid, _, _ in new)
+        return booted, destroyed
+
+    def follow(self, interval: float = 0.2) -> None:
+        """Run :meth:`sync` in the background until :meth:`stop`."""
+
+        def loop() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    self.sync()
+                except Exception as exc:  # moto busy or a boot failed: say so and keep going
+                    self.log(f"fleet: {type(exc).__name__}: {exc}")
+
+        self._thread = threading.Thread(target=loop, name="fleet", daemon=True)
+        self._thread.start()
+
+    def stop(self, grace: float = 2.0) -> None:
+        """Stop following; every agent gets SIGTERM at once and ``grace`` seconds in all (an agent
+        in a long-poll stops when it returns); the lab's close kills what is left."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        with self.lock:
+            agents = [i.agent for i in self.instances.values() if i.agent is not None and i.agent.poll() is None]
+        for p in agents:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for p in agents:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=max(0.01, deadline - time.monotonic()))
+
+    # --- one instance --------------------------------------------------------------------------
+
+    def boot(self, iid: str, ip: str, name: str) -> Instance:
+        host = iid
+        d = self.cfg.workdir / "instances" / iid
+        if d.exists():
+            shutil.rmtree(d)
+        (d / "state").mkdir(parents=True)
+        inst = Instance(iid, ip, name, host, time.time(), dir=d)
+        if self.lab is not None:
+            ns = self.lab.add(host, [f"{ip}/{LAB_PREFIX_LEN}"], routes=self.cfg.extra_routes)
+            if self.traffic is not None:
+                self.traffic.serve(ns, TCP_PORTS, UDP_PORTS)
+        cfg = {
+            "workload_id": iid,
+            "public_key": str(self.cfg.public_key),
+            "state_dir": str(inst.state_dir),
+            "backend": self.cfg.backend,
+            "api_url": self.cfg.api_url,
+            "enroll": {"method": "aws-iid", "imds_url": self._imds_url(iid), "iid_signature": "signature"},
+            "heartbeat_interval": self.cfg.heartbeat_interval,
+            "wait_timeout": self.cfg.wait_timeout,
+            "backoff_max": 2.0,  # the lab's control plane is a few ms away: retry fast
+            "request_timeout": 10.0,
+            "observe_interval": 30.0,  # drop and flow reports are not what the demo shows: keep CPU for it
+            "report_interval": 60.0,
+            "dhcp": False,
+        }
+        (d / "agent.json").write_text(json.dumps(cfg, indent=1))
+        cmd = [str(AGENT), "run", "--config", str(d / "agent.json")]
+        logf = (d / "agent.log").open("w")
+        if self.lab is not None:
+            inst.agent = self.lab.spawn(host, *cmd, stdout=logf, stderr=subprocess.STDOUT)
+        else:
+            inst.agent = self.start_process(*cmd, stdout=logf, stderr=subprocess.STDOUT)
+        logf.close()
+        with self.lock:
+            self.instances[iid] = inst
+            self.by_ip[ip] = iid
+        for hook in self.on_boot:
+            hook(inst)
+        return inst
+
+    def _imds_url(self, iid: str) -> str:
+        # without namespaces every agent calls from 127.0.0.1: the stand-in tells them apart by path
+        return self.cfg.imds_url if self.lab is not None else f"{self.cfg.imds_url}/instance/{iid}"
+
+    def destroy(self, iid: str) -> Instance:
+        inst = self.instances.pop(iid)
+        self.by_ip.pop(inst.ip, None)
+        self.gone[iid] = inst
+        if inst.agent is not None and inst.agent.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(inst.agent.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                inst.agent.wait(timeout=5)
+        if self.lab is not None:
+            if self.traffic is not None:
+                with contextlib.suppress(Exception):
+                    self.traffic.unserve(self.lab.ns(inst.host))
+            self.lab.remove(inst.host)
+        return inst
+
+    # --- looking up ----------------------------------------------------------------------------
+
+    def ns(self, iid: str) -> str:
+        assert self.lab is not None
+        return self.lab.ns(self.instances[iid].host)
+
+    def get(self, iid: str) -> Instance:
+        return self.instances[iid]
+
+    def identity_address(self, address: str) -> str | None:
+        """The instance id holding ``address`` (for the IMDS stand-in)."""
+        return self.by_ip.get(address)
+
+
+def _popen(*cmd: str, **kw: Any) -> subprocess.Popen[Any]:
+    return subprocess.Popen(list(cmd), start_new_session=True, **kw)

@@ -1,0 +1,66 @@
+"""Published documents as files: the on-premise counterpart of the S3 publisher.
+
+Keys are relative paths under one directory (``<state>/objects``). Every file is written to a
+temporary name, fsynced and renamed into place, so a reader (or a restart after ``kill -9``)
+sees a whole document or none; bundle and delta keys are content-addressed, so a file is never
+replaced by different bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path, PurePosixPath
+
+from ringfence.clouds.aws.publish import Publisher
+
+
+class BadKey(ValueError):
+    """A key that cannot name a file under the publisher's directory."""
+
+
+class FilePublisher(Publisher):
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        super().__init__()
+        self.root = root
+        self.fsync = fsync
+        root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        """The file of ``key``; keys never leave the directory (ids come from agents and CMDBs)."""
+        parts = PurePosixPath(key).parts
+        if (
+            not parts
+            or key.startswith("/")
+            or "\\" in key
+            or "\0" in key
+            or any(p in (".", "..") or p.startswith(".") for p in parts)
+        ):
+            raise BadKey(f"{key!r} cannot be used as a published key")
+        return self.root.joinpath(*parts)
+
+    def _store(self, key: str, body: bytes, content_type: str) -> None:
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
+                if self.fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        if self.fsync:  # the rename itself survives power loss once the directory is synced
+            dfd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+
+    def get(self, key: str) -> bytes:
+        return self.path(key).read_bytes()

@@ -1,0 +1,758 @@
+"""The local event router: what EventBridge and Lambda do for the control plane in AWS.
+
+It turns what happens in the embedded AWS into the events AWS would emit, sends them through
+moto EventBridge (whose rules route them to the SQS queues), and runs the real handlers in
+``functions/`` on those queues as Lambda's SQS event-source mapping does. Interface::
+
+    from ringfence.local.aws import EmbeddedAws
+    from ringfence.local.router import EventRouter
+
+    with EmbeddedAws() as aws, EventRouter(aws) as router:
+        ...                                   # change moto through boto3 (aws.client("ec2"), …)
+        router.wait_idle(timeout=10)          # True once nothing is left to watch, route or run
+        router.timeline.entries()             # [TimelineEntry]: per event, its timestamps
+        router.timeline.wait(pred, timeout)   # the first entry with pred(entry), or None
+        router.subscribe(fn)                  # fn(stage, entry): "put", "ingested", "computed", "unchanged", "failed"
+        router.fn["agentapi"]                 # the loaded handler modules (one warm "container" each)
+        router.run_scheduled("reconcile")     # run a scheduled handler now
+        router.watch_stats()                  # how long a watch tick takes (count, mean, p95, max in s)
+        router.pending()                      # messages per queue (visible + in flight), DLQs included
+        router.deliveries, router.errors      # every handler invocation; failures the router survived
+
+``EventRouter(aws, watch_interval=0.15, poll_interval=0.05, schedule=None, retry_after=1.0,
+batch_size=10, functions=None, announce_existing=False, cloudtrail=True)``:
+
+- **watching** (a thread, every ``watch_interval`` s): ``DescribeInstances`` and
+  ``DescribeAutoScalingGroups`` on the moto server, compared with the previous look. A new or
+  changed instance state → ``EC2 Instance State-change Notification``; changed tags → ``Tag Change
+  on Resource`` (full tag set after the change, ``changed-tag-keys``, a per-instance ``version``);
+  a new lifecycle action → ``EC2 Instance-launch/-terminate Lifecycle Action`` with its
+  ``LifecycleActionToken`` (read from the moto extension, as AWS puts it only in this event);
+  an ASG instance reaching ``InService`` → ``EC2 Instance Launch Successful``; one leaving its
+  group terminated → ``EC2 Instance Terminate Successful``. With ``cloudtrail`` (default), each
+  ``CreateTags`` / ``DeleteTags`` / ``RunInstances`` call moto served (Auto Scaling's launches
+  included) → ``AWS API Call via CloudTrail`` with the caller's ``userIdentity``, as a trail feeds
+  the stack's ``CloudTrailEc2`` rule (:mod:`ringfence.local.moto_trail`); the other events carry
+  no ``userIdentity`` in AWS either. Instances that exist when the router starts are not
+  announced unless ``announce_existing`` (in AWS, the scheduled reconcile finds them).
+- **delivering** (a second thread, the "Lambda runtime"): the lifecycle, ingest and compute
+  queues, in that order, each batch (``batch_size``) to ``functions/<name>/app.py``'s handler
+  (:func:`ringfence.local.lambdas.deliver_batch`): successes deleted, reported failures visible
+  again after ``retry_after`` s (AWS: the queue's visibility timeout, 360 s / 960 s), so the
+  queue's redrive policy moves a poison message to its DLQ after its receive count. The compute
+  queue is FIFO with one message group: batches come in order and one at a time. One thread runs
+  every handler, as the GIL would serialize them anyway and the handlers' boto3 session is not
+  meant to create clients from many threads. AWS's batching window (2 s for ingest) is not
+  waited for: delivery is immediate.
+- **schedule**: ``{"reconcile": 300.0, "perimeter": 1800.0}`` runs those handlers with a
+  ``Scheduled Event`` every so many seconds, first after one period (off when ``None``, the
+  default; ``AWS_SCHEDULE`` is the stack's own).
+
+:class:`Timeline` records, per event put: ``changed`` (the watcher saw the change in moto),
+``put`` (``PutEvents`` returned), ``ingested`` (the ingest or lifecycle handler finished the batch
+holding it), ``computed`` (the compute handler finished a batch naming its instance, received
+after the ingest) — all ``time.time()`` seconds; ``unchanged`` when the pipeline went idle after
+its ingest with nothing to compute for it (ingest found the inventory already as the event says:
+the same change often arrives as several events, e.g. CloudTrail ``RunInstances`` and the state
+change). Lifecycle actions are completed by compute
+through ``CompleteLifecycleAction`` on the moto server; the watcher then sees ``InService``.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+import logging
+import statistics
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from types import ModuleType
+from typing import Any
+
+from . import moto_lifecycle, moto_trail
+from .aws import EmbeddedAws
+from .lambdas import FUNCTIONS, Delivery, LambdaContext, deliver_batch, load_functions
+
+log = logging.getLogger("ringfence.local.router")
+
+STATE_CHANGE = "EC2 Instance State-change Notification"
+TAG_CHANGE = "Tag Change on Resource"
+LAUNCH_ACTION = "EC2 Instance-launch Lifecycle Action"
+TERMINATE_ACTION = "EC2 Instance-terminate Lifecycle Action"
+LAUNCH_OK = "EC2 Instance Launch Successful"
+TERMINATE_OK = "EC2 Instance Terminate Successful"
+API_CALL = "AWS API Call via CloudTrail"
+
+# delivery order per pass: lifecycle actions first (an instance waits on them), then ingest, the
+# perimeter (which hands launch actions on to compute), compute last
+QUEUES = (("lifecycle", "lifecycle"), ("ingest", "ingest"), ("perimeter", "perimeter"), ("compute", "compute"))
+STAGES = ("put", "ingested", "computed", "unchanged", "failed")
+LEAVING_LOOKS = 20  # looks to wait for an instance that left its group to be seen terminated
+
+# template.yaml's schedules (ReconcileSchedule's default, the perimeter's rate), for schedule=
+AWS_SCHEDULE = {"reconcile": 15 * 60.0, "perimeter": 30 * 60.0}
+
+
+# --- the timeline ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TimelineEntry:
+    """One event the router put, and when it got where (wall-clock seconds, ``time.time()``)."""
+
+    event_id: str
+    detail_type: str
+    instance_ids: tuple[str, ...]
+    summary: str  # e.g. "i-0abc running", "i-0abc tags env=prod", "i-0abc launch hook rf-hook"
+    changed: float  # the watcher saw the change in moto
+    put: float | None = None
+    ingested: float | None = None
+    computed: float | None = None
+    failed: str | None = None  # last handler failure for it (it stays queued and is retried)
+    attempts: int = 0
+    unchanged: bool = False  # ingested, and the pipeline went idle with nothing to compute for it
+    detail: dict[str, Any] = field(default_factory=dict, compare=False)  # the event's detail, as put
+
+    @property
+    def to_ingested(self) -> float | None:
+        return None if self.ingested is None else self.ingested - self.changed
+
+    @property
+    def to_computed(self) -> float | None:
+        return None if self.computed is None else self.computed - self.changed
+
+
+class Timeline:
+    """Thread-safe record of every event the router put (readers get immutable copies)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._entries: dict[str, TimelineEntry] = {}  # insertion order = put order
+        self._awaiting: dict[str, list[str]] = {}  # instance → event ids ingested, not yet computed
+        self._listeners: list[Callable[[str, TimelineEntry], None]] = []
+
+    def entries(self) -> list[TimelineEntry]:
+        with self._cond:
+            return list(self._entries.values())
+
+    def get(self, event_id: str) -> TimelineEntry | None:
+        with self._cond:
+            return self._entries.get(event_id)
+
+    def for_instance(self, instance_id: str) -> list[TimelineEntry]:
+        with self._cond:
+            return [e for e in self._entries.values() if instance_id in e.instance_ids]
+
+    def wait(self, pred: Callable[[TimelineEntry], bool], timeout: float) -> TimelineEntry | None:
+        """The first entry satisfying ``pred``, waiting up to ``timeout`` s for one."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for e in self._entries.values():
+                    if pred(e):
+                        return e
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+
+    def subscribe(self, fn: Callable[[str, TimelineEntry], None]) -> None:
+        with self._cond:
+            self._listeners.append(fn)
+
+    # --- recording (the router) ---
+
+    def _notify(self, stage: str, entries: list[TimelineEntry]) -> None:
+        self._cond.notify_all()
+        listeners = list(self._listeners)
+        for e in entries:
+            for fn in listeners:
+                try:
+                    fn(stage, e)
+                except Exception:
+                    log.exception("timeline listener failed at %s", stage)
+
+    def put(self, entries: list[TimelineEntry]) -> None:
+        with self._cond:
+            for e in entries:
+                self._entries[e.event_id] = e
+            self._notify("put", entries)
+
+    def ingested(self, event_ids: Iterable[str], at: float) -> None:
+        with self._cond:
+            done = []
+            for eid in event_ids:
+                e = self._entries.get(eid)
+                if e is None or e.ingested is not None:
+                    continue
+                e = replace(e, ingested=at, failed=None, attempts=e.attempts + 1)
+                self._entries[eid] = e
+                done.append(e)
+                for iid in e.instance_ids:
+                    self._awaiting.setdefault(iid, []).append(eid)
+            if done:
+                self._notify("ingested", done)
+
+    def failed(self, event_ids: Iterable[str], reason: str) -> None:
+        with self._cond:
+            out = []
+            for eid in event_ids:
+                e = self._entries.get(eid)
+                if e is None:
+                    continue
+                e = replace(e, failed=reason, attempts=e.attempts + 1)
+                self._entries[eid] = e
+                out.append(e)
+            if out:
+                self._notify("failed", out)
+
+    def computed(self, instance_ids: Iterable[str], received_at: float, at: float) -> None:
+        """A compute batch received at ``received_at`` finished at ``at`` naming these instances:
+        every event for them ingested before that batch was received is now computed."""
+        with self._cond:
+            self._close(instance_ids, lambda ingested: ingested <= received_at, "computed", computed=at)
+
+    def settle(self, before: float) -> None:
+        """The pipeline is idle: events ingested before ``before`` still waiting for compute
+        changed nothing (ingest found the inventory as it was), so none will come."""
+        with self._cond:
+            self._close(list(self._awaiting), lambda ingested: ingested < before, "unchanged", unchanged=True)
+
+    def _close(self, instance_ids: Iterable[str], due: Callable[[float], bool], stage: str, **update: Any) -> None:
+        """Events of these instances awaiting compute whose ingest time is ``due`` get ``update``
+        and are announced at ``stage``; the others keep waiting. Called with the lock held."""
+        done = []
+        for iid in instance_ids:
+            keep = []
+            for eid in self._awaiting.get(iid, []):
+                e = self._entries[eid]
+                if e.computed is None and e.ingested is not None and due(e.ingested):
+                    e = replace(e, **update)
+                    self._entries[eid] = e
+                    done.append(e)
+                elif e.computed is None:
+                    keep.append(eid)
+            self._awaiting[iid] = keep
+        if done:
+            self._notify(stage, done)
+
+    def _has_awaiting(self) -> bool:
+        with self._cond:
+            return any(self._awaiting.values())
+
+
+# --- what the watcher sees -----------------------------------------------------------------------
+
+
+@dataclass
+class _Instance:
+    state: str
+    tags: dict[str, str]
+    tag_version: int = 1
+
+
+@dataclass
+class _Member:
+    group: str
+    group_arn: str
+    lifecycle_state: str
+
+
+@dataclass
+class _Look:
+    instances: dict[str, _Instance] = field(default_factory=dict)
+    members: dict[str, _Member] = field(default_factory=dict)  # instance → its ASG membership
+    tokens: set[str] = field(default_factory=set)  # lifecycle actions already announced
+    # instances that left their group but were still running when looked at (the two describes
+    # are not one snapshot): their "Terminate Successful" waits for them to be seen terminated
+    # (a detached instance keeps running: it is forgotten after LEAVING_LOOKS looks)
+    leaving: dict[str, tuple[_Member, int]] = field(default_factory=dict)
+
+
+@dataclass
+class _Event:
+    """An event to put, with what the timeline needs to know about it."""
+
+    entry: dict[str, Any]  # PutEvents entry (Detail is JSON text)
+    instance_ids: tuple[str, ...]
+    summary: str
+    changed: float
+
+
+def _warm_clients(region: str) -> None:
+    """Create the handlers' shared boto3 clients now, in one thread: a boto3 session is not meant
+    to create clients from several threads at once (the runtime thread and a caller reading
+    through another handler module would, on their first calls)."""
+    from ringfence.clouds.aws import clients
+
+    for service in ("ec2", "sqs", "s3", "dynamodb", "autoscaling", "secretsmanager", "sts"):
+        clients.client(service)
+        clients.client(service, region=region)
+
+
+class EventRouter:
+    """Watches the embedded AWS and runs the handlers on its queues. See the module doc."""
+
+    def __init__(
+        self,
+        aws: EmbeddedAws,
+        *,
+        watch_interval: float = 0.15,
+        poll_interval: float = 0.05,
+        schedule: dict[str, float] | None = None,
+        retry_after: float = 1.0,
+        batch_size: int = 10,
+        functions: dict[str, ModuleType] | None = None,
+        announce_existing: bool = False,
+        cloudtrail: bool = True,
+    ) -> None:
+        self.aws = aws
+        self.watch_interval = watch_interval
+        self.poll_interval = poll_interval
+        self.schedule = dict(schedule or {})
+        self.retry_after = retry_after
+        self.batch_size = batch_size
+        self.announce_existing = announce_existing
+        self.cloudtrail = cloudtrail
+        self._trail_seq = 0
+        self.fn = functions if functions is not None else load_functions(FUNCTIONS)
+        _warm_clients(aws.region)
+        self.timeline = Timeline()
+        self.deliveries: list[Delivery] = []  # every handler invocation (read under self._lock)
+        self.errors: list[str] = []  # watcher/runtime failures the router survived
+        # clients made here, in the caller's thread (creating clients is not thread-safe)
+        self._ec2 = aws.client("ec2")
+        self._asg = aws.client("autoscaling")
+        self._events = aws.client("events")
+        self._sqs = aws.client("sqs")
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._look = _Look()
+        self._ticks: list[float] = []
+        self._looks = 0  # watch ticks completed
+        self._busy = threading.Event()  # the runtime is inside a handler
+        self._next_run = {name: time.monotonic() + every for name, every in self.schedule.items()}
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def __enter__(self) -> EventRouter:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Take the first look (synchronously: later changes are changes) and start both threads."""
+        if self._threads:
+            return
+        self._stop.clear()
+        if self.cloudtrail:  # calls made before the router started are history
+            moto_trail.install()
+            done = moto_trail.records_since(self.aws.account, self.aws.region, 0)
+            self._trail_seq = done[-1].seq if done else 0
+        first = self._observe()
+        # not announcing what exists: the first look is its own "before" (lifecycle actions
+        # already waiting are announced all the same: nothing else would release them)
+        base = _Look() if self.announce_existing else _Look(dict(first.instances), dict(first.members))
+        self._put(self._diff(base, first))
+        self._look = first
+        for name, target in (("watch", self._watch_loop), ("lambda", self._runtime_loop)):
+            t = threading.Thread(target=target, name=f"ringfence-router-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop both threads (a handler already running finishes first)."""
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout)
+            if t.is_alive():
+                log.error("router thread %s did not stop within %.0f s", t.name, timeout)
+        self._threads = []
+
+    def subscribe(self, fn: Callable[[str, TimelineEntry], None]) -> None:
+        self.timeline.subscribe(fn)
+
+    # --- watching --------------------------------------------------------------------------------
+
+    def _watch_loop(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            try:
+                self.tick()
+            except Exception as exc:  # moto hiccup: log, keep watching
+                log.exception("watch tick failed")
+                with self._lock:
+                    self.errors.append(f"watch: {type(exc).__name__}: {exc}")
+            elapsed = time.monotonic() - t0
+            with self._lock:
+                self._ticks.append(elapsed)
+                del self._ticks[:-1000]
+                self._looks += 1
+            self._stop.wait(max(self.watch_interval - elapsed, 0.0))
+
+    def tick(self) -> int:
+        """One look at moto; emits an event per change. Returns how many it put. The watcher
+        thread calls it; call it yourself only on a router that is not started."""
+        look = self._observe()
+        events = self._diff(self._look, look)
+        if self.cloudtrail:
+            events.extend(self._trail_events())
+        self._look = look
+        self._put(events)
+        return len(events)
+
+    def _trail_events(self) -> list[_Event]:
+        now = time.time()
+        out = []
+        for rec in moto_trail.records_since(self.aws.account, self.aws.region, self._trail_seq):
+            self._trail_seq = rec.seq
+            d = rec.detail
+            if d["eventName"] == "RunInstances":
+                items = (d.get("responseElements") or {}).get("instancesSet", {}).get("items", [])
+                ids = tuple(i["instanceId"] for i in items)
+            else:
+                items = d["requestParameters"]["resourcesSet"]["items"]
+                ids = tuple(i["resourceId"] for i in items if i["resourceId"].startswith("i-"))
+            entry = {"Source": "aws.ec2", "DetailType": API_CALL, "Resources": [], "Detail": json.dumps(d)}
+            who = d["userIdentity"].get("arn") or d["userIdentity"].get("invokedBy", "?")
+            fail = f" failed ({d['errorCode']})" if d.get("errorCode") else ""
+            out.append(_Event(entry, ids, f"{d['eventName']} {' '.join(ids)} by {who}{fail}", now))
+        return out
+
+    def watch_stats(self) -> dict[str, float]:
+        with self._lock:
+            ticks = sorted(self._ticks)
+        if not ticks:
+            return {"count": 0, "mean": 0.0, "p95": 0.0, "max": 0.0, "interval": self.watch_interval}
+        return {
+            "count": len(ticks),
+            "mean": statistics.fmean(ticks),
+            "p95": ticks[min(int(len(ticks) * 0.95), len(ticks) - 1)],
+            "max": ticks[-1],
+            "interval": self.watch_interval,
+        }
+
+    def _observe(self) -> _Look:
+        look = _Look()
+        for page in self._ec2.get_paginator("describe_instances").paginate():
+            for res in page["Reservations"]:
+                for inst in res["Instances"]:
+                    tags = {t["Key"]: t["Value"] for t in inst.get("Tags", [])}
+                    look.instances[inst["InstanceId"]] = _Instance(inst["State"]["Name"], tags)
+        for page in self._asg.get_paginator("describe_auto_scaling_groups").paginate():
+            for g in page["AutoScalingGroups"]:
+                for i in g.get("Instances", []):
+                    look.members[i["InstanceId"]] = _Member(
+                        g["AutoScalingGroupName"], g["AutoScalingGroupARN"], i["LifecycleState"]
+                    )
+        return look
+
+    def _diff(self, old: _Look, new: _Look) -> list[_Event]:
+        now = time.time()
+        out: list[_Event] = []
+        for iid, inst in new.instances.items():
+            before = old.instances.get(iid)
+            if before is None or before.state != inst.state:
+                out.append(self._state_event(iid, inst.state, now))
+            if before is not None:
+                inst.tag_version = before.tag_version
+                if before.tags != inst.tags:
+                    inst.tag_version += 1
+                    out.append(self._tag_event(iid, before.tags, inst.tags, inst.tag_version, now))
+        # lifecycle actions: each waiting one, once
+        actions = moto_lifecycle.pending_actions(self.aws.account, self.aws.region)
+        new.tokens = {a.token for a in actions if a.token in old.tokens}
+        for action in actions:
+            if action.token not in new.tokens:
+                new.tokens.add(action.token)
+                member = new.members.get(action.instance_id)
+                arn = member.group_arn if member else self._group_arn(action.group_name)
+                out.append(self._lifecycle_event(action, arn, now))
+        for iid, m in new.members.items():
+            before_m = old.members.get(iid)
+            if m.lifecycle_state == "InService" and (before_m is None or before_m.lifecycle_state != "InService"):
+                out.append(self._asg_event(LAUNCH_OK, iid, m, now))
+        left = {**old.leaving, **{i: (m, LEAVING_LOOKS) for i, m in old.members.items() if i not in new.members}}
+        for iid, (m, looks) in left.items():
+            if iid in new.members:
+                continue  # back in a group
+            gone = new.instances.get(iid)
+            if gone is None or gone.state in ("shutting-down", "terminated"):
+                out.append(self._asg_event(TERMINATE_OK, iid, m, now))
+            elif looks > 1:
+                new.leaving[iid] = (m, looks - 1)
+        return out
+
+    def _group_arn(self, group: str) -> str:
+        return (
+            f"arn:aws:autoscaling:{self.aws.region}:{self.aws.account}:autoScalingGroup:*:autoScalingGroupName/{group}"
+        )
+
+    def _instance_arn(self, iid: str) -> str:
+        return f"arn:aws:ec2:{self.aws.region}:{self.aws.account}:instance/{iid}"
+
+    def _state_event(self, iid: str, state: str, now: float) -> _Event:
+        entry = {
+            "Source": "aws.ec2",
+            "DetailType": STATE_CHANGE,
+            "Resources": [self._instance_arn(iid)],
+            "Detail": json.dumps({"instance-id": iid, "state": state}),
+        }
+        return _Event(entry, (iid,), f"{iid} {state}", now)
+
+    def _tag_event(self, iid: str, old: dict[str, str], new: dict[str, str], version: int, now: float) -> _Event:
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        detail = {
+            "changed-tag-keys": changed,
+            "service": "ec2",
+            "resource-type": "instance",
+            "version": version,
+            "tags": new,
+        }
+        entry = {
+            "Source": "aws.tag",
+            "DetailType": TAG_CHANGE,
+            "Resources": [self._instance_arn(iid)],
+            "Detail": json.dumps(detail),
+        }
+        what = ", ".join(f"{k}={new[k]}" if k in new else f"-{k}" for k in changed)
+        return _Event(entry, (iid,), f"{iid} tags {what}", now)
+
+    def _lifecycle_event(self, action: moto_lifecycle.PendingAction, group_arn: str, now: float) -> _Event:
+        launching = action.launching
+        detail: dict[str, Any] = {
+            "LifecycleActionToken": action.token,
+            "AutoScalingGroupName": action.group_name,
+            "LifecycleHookName": action.hook_name,
+            "EC2InstanceId": action.instance_id,
+            "LifecycleTransition": action.transition,
+            "Origin": "EC2" if launching else "AutoScalingGroup",
+            "Destination": "AutoScalingGroup" if launching else "EC2",
+        }
+        if action.notification_metadata:
+            detail["NotificationMetadata"] = action.notification_metadata
+        entry = {
+            "Source": "aws.autoscaling",
+            "DetailType": LAUNCH_ACTION if launching else TERMINATE_ACTION,
+            "Resources": [group_arn],
+            "Detail": json.dumps(detail),
+        }
+        verb = "launch" if launching else "terminate"
+        return _Event(entry, (action.instance_id,), f"{action.instance_id} {verb} hook {action.hook_name}", now)
+
+    def _asg_event(self, kind: str, iid: str, m: _Member, now: float) -> _Event:
+        stamp = dt.datetime.fromtimestamp(now, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        launching = kind == LAUNCH_OK
+        detail = {
+            "StatusCode": "InProgress",
+            "Description": f"Launching a new EC2 instance: {iid}" if launching else f"Terminating EC2 instance: {iid}",
+            "AutoScalingGroupName": m.group,
+            "ActivityId": str(uuid.uuid4()),
+            "Details": {"Availability Zone": f"{self.aws.region}a", "Subnet ID": ""},
+            "RequestId": str(uuid.uuid4()),
+            "StatusMessage": "",
+            "EndTime": stamp,
+            "EC2InstanceId": iid,
+            "StartTime": stamp,
+            "Cause": "the embedded AWS observed the change",
+        }
+        entry = {
+            "Source": "aws.autoscaling",
+            "DetailType": kind,
+            "Resources": [m.group_arn, self._instance_arn(iid)],
+            "Detail": json.dumps(detail),
+        }
+        return _Event(entry, (iid,), f"{iid} {'in service' if launching else 'terminated'} ({m.group})", now)
+
+    def _put(self, events: list[_Event]) -> None:
+        for i in range(0, len(events), 10):  # PutEvents takes at most 10 entries
+            chunk = events[i : i + 10]
+            now = dt.datetime.now(dt.UTC)
+            out = self._events.put_events(Entries=[{**e.entry, "Time": now} for e in chunk])
+            put_at = time.time()
+            entries = []
+            for e, res in zip(chunk, out["Entries"], strict=True):
+                if "EventId" not in res:
+                    log.error("PutEvents refused %s: %s", e.summary, res)
+                    with self._lock:
+                        self.errors.append(f"put: {e.summary}: {res.get('ErrorMessage')}")
+                    continue
+                entries.append(
+                    TimelineEntry(
+                        event_id=res["EventId"],
+                        detail_type=e.entry["DetailType"],
+                        instance_ids=e.instance_ids,
+                        summary=e.summary,
+                        changed=e.changed,
+                        put=put_at,
+                        detail=json.loads(e.entry["Detail"]),
+                    )
+                )
+            self.timeline.put(entries)
+
+    # --- the Lambda runtime ------------------------------------------------------------------------
+
+    def _runtime_loop(self) -> None:
+        while not self._stop.is_set():
+            worked = False
+            try:
+                started = time.time()
+                worked = self.deliver_once()
+                if not worked and self.timeline._has_awaiting() and self._queues_empty():
+                    self.timeline.settle(started)
+                self._run_due()
+            except Exception as exc:
+                log.exception("router runtime pass failed")
+                with self._lock:
+                    self.errors.append(f"runtime: {type(exc).__name__}: {exc}")
+            if not worked:
+                self._stop.wait(self.poll_interval)
+
+    def deliver_once(self) -> bool:
+        """One pass over the queues (a batch each); ``True`` if any handler ran."""
+        worked = False
+        for queue, name in QUEUES:
+            self._busy.set()
+            try:
+                d = deliver_batch(
+                    self._sqs,
+                    self.aws.queues[queue],
+                    self.aws.queue_arn(queue),
+                    self.fn[name].handler,
+                    region=self.aws.region,
+                    batch_size=self.batch_size,
+                    retry_after=self.retry_after,
+                    name=name,
+                )
+            finally:
+                self._drop_disabled_metrics(name)
+                self._busy.clear()
+            if d is None:
+                continue
+            worked = True
+            with self._lock:
+                self.deliveries.append(d)
+                del self.deliveries[:-10000]
+            self._record(queue, d)
+        return worked
+
+    def _record(self, queue: str, d: Delivery) -> None:
+        if queue == "compute":
+            if d.failed:
+                return
+            ids: list[str] = []
+            for m in d.messages:
+                try:
+                    body = json.loads(m["Body"])
+                except ValueError:
+                    continue
+                ids.extend(body.get("ids") or [])
+                lc = body.get("lifecycle") or {}
+                if lc.get("instance_id"):
+                    ids.append(lc["instance_id"])
+            self.timeline.computed(dict.fromkeys(ids), d.received_at, d.done_at)
+            return
+        ok: list[str] = []
+        bad: list[str] = []
+        for m in d.messages:
+            try:
+                eid = str(json.loads(m["Body"]).get("id", ""))
+            except (ValueError, AttributeError):
+                continue
+            (bad if m["MessageId"] in d.failed else ok).append(eid)
+        self.timeline.ingested(ok, d.done_at)
+        if bad:
+            self.timeline.failed(bad, d.error or f"{queue} handler reported the record as failed")
+
+    def run_scheduled(self, name: str) -> dict[str, Any]:
+        """Invoke a scheduled handler (``reconcile``, ``perimeter``) with a ``Scheduled Event`` now.
+        Call it from the router's own thread or while the router is stopped: handlers are not
+        meant to run concurrently with the runtime thread."""
+        event = {
+            "version": "0",
+            "id": str(uuid.uuid4()),
+            "detail-type": "Scheduled Event",
+            "source": "aws.events",
+            "account": self.aws.account,
+            "time": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "region": self.aws.region,
+            "resources": [f"arn:aws:events:{self.aws.region}:{self.aws.account}:rule/{name}-schedule"],
+            "detail": {},
+        }
+        try:
+            out: dict[str, Any] = self.fn[name].handler(copy.deepcopy(event), LambdaContext(function_name=name))
+        finally:
+            self._drop_disabled_metrics(name)
+        return out
+
+    def _drop_disabled_metrics(self, name: str) -> None:
+        # with POWERTOOLS_METRICS_DISABLED, Powertools keeps the metrics in memory and still
+        # prints them whenever one reaches 100 values; drop them as log_metrics would after a flush
+        from aws_lambda_powertools.metrics.functions import is_metrics_disabled
+
+        metrics = getattr(self.fn.get(name), "metrics", None)
+        if metrics is not None and is_metrics_disabled():
+            metrics.clear_metrics()
+
+    def _run_due(self) -> None:
+        now = time.monotonic()
+        for name, when in list(self._next_run.items()):
+            if now >= when:
+                self._next_run[name] = now + self.schedule[name]
+                self._busy.set()
+                try:
+                    self.run_scheduled(name)
+                except Exception as exc:
+                    log.exception("scheduled %s failed", name)
+                    with self._lock:
+                        self.errors.append(f"{name}: {type(exc).__name__}: {exc}")
+                finally:
+                    self._busy.clear()
+
+    # --- waiting -----------------------------------------------------------------------------------
+
+    def _queues_empty(self) -> bool:
+        counts = self.pending(keys=[q for q, _ in QUEUES])
+        return not any(counts.values())
+
+    def pending(self, keys: Iterable[str] | None = None) -> dict[str, int]:
+        """Messages on each queue now (visible + in flight), DLQs included."""
+        out = {}
+        for key in keys or self.aws.queues:
+            url = self.aws.queues[key]
+            a = self._sqs.get_queue_attributes(
+                QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+            )["Attributes"]
+            out[key] = int(a["ApproximateNumberOfMessages"]) + int(a["ApproximateNumberOfMessagesNotVisible"])
+        return out
+
+    def wait_idle(self, timeout: float = 10.0, settle: float | None = None) -> bool:
+        """Wait until the work queues are empty, no handler runs, and that has held while the
+        watcher took a whole look at moto (so nothing is left there to announce) and for at least
+        ``settle`` s. ``False`` on timeout."""
+        settle = settle if settle is not None else self.watch_interval
+        deadline = time.monotonic() + timeout
+        quiet: tuple[float, int] | None = None  # since when, and the looks completed then
+        while time.monotonic() < deadline:
+            counts = self.pending(keys=[q for q, _ in QUEUES])
+            busy = self._busy.is_set() or any(counts.values())
+            now = time.monotonic()
+            with self._lock:
+                looks = self._looks
+            watching = any(t.name.endswith("watch") and t.is_alive() for t in self._threads)
+            if busy:
+                quiet = None
+            elif quiet is None:
+                quiet = (now, looks)
+            # a look in progress when the quiet began may predate the last change: wait for the next one
+            elif now - quiet[0] >= settle and (not watching or looks >= quiet[1] + 2):
+                return True
+            time.sleep(min(self.poll_interval, 0.05))
+        return False

@@ -1,0 +1,295 @@
+"""The control plane's wiring on one machine (``ringfence serve`` on premise).
+
+:class:`LocalWiring` gives the services (AgentApi, Admin, Compute) what the AWS
+:class:`~ringfence.clouds.aws.wiring.Wiring` gives them, from local parts:
+
+* ``store``: :class:`~ringfence.store.sqlite.SqliteStore` in the given file, whose directory is
+  the state directory (or any :class:`~ringfence.store.base.Store` passed in, e.g. a DynamoStore);
+* ``publisher``: :class:`~ringfence.local.publish.FilePublisher` under ``<state>/objects``;
+* ``signer``: the Ed25519 key in a PEM file (by default the state directory's own, generated on
+  first start);
+* ``enqueue_compute``: hands the work to one in-process worker thread running the same
+  :class:`~ringfence.clouds.aws.compute.Compute` the compute function runs. One thread, one
+  writer: computations are serialised as the FIFO queue with one message group serialises them
+  in AWS. An exclusive lock on ``<state>/lock`` keeps a second process off the same state;
+* ``wait_for_change``: waits on a condition that compute's notifier signals after each
+  computation (the long-poll of ``GET /v1/agents/{id}/wait``).
+
+Pending compute work lives in memory only. That loses nothing acknowledged: every request that
+enqueues work has written its change to the store first, and the worker's first computation after
+a start rebuilds the engine from the store and republishes every bundle at a fresh revision (the
+same recovery a cold compute container does), so work lost with a killed process is redone.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from ringfence.bundle import SigningKey
+from ringfence.clouds.aws.compute import Compute, ComputeStats
+from ringfence.clouds.aws.wiring import BaseWiring, Config, Metric, no_metric
+from ringfence.local.publish import FilePublisher
+from ringfence.store.base import Store
+from ringfence.store.sqlite import SqliteStore
+
+log = logging.getLogger("ringfence.local")
+
+
+class StateInUse(RuntimeError):
+    """Another control-plane process holds the state directory."""
+
+
+class LocalNotifier:
+    """Compute's notifier on one machine: records each workload's latest version and, once a
+    computation has finished, wakes every ``wait_for_change`` caller.
+
+    Waiters cannot miss a change between reading the store and starting to wait: each thread
+    remembers the change generation it last saw, and a wait returns at once if the generation
+    moved since (the caller then reads the store again)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._generation = 0
+        self._pending = False
+        self._seen = threading.local()
+        self.latest: dict[str, int] = {}
+
+    def nudge(self, workload_id: str, version: int) -> None:
+        with self._cond:
+            if version > self.latest.get(workload_id, 0):
+                self.latest[workload_id] = version
+            self._pending = True
+
+    def flush(self) -> None:
+        """Wake the waiters if anything was nudged since the last flush."""
+        with self._cond:
+            if self._pending:
+                self._pending = False
+                self._generation += 1
+                self._cond.notify_all()
+
+    def changed(self) -> None:
+        """Wake the waiters now (something outside compute changed published state)."""
+        with self._cond:
+            self._pending = True
+        self.flush()
+
+    def wait(self, seconds: float) -> bool:
+        """True when a change happened since this thread last looked (or may have: a thread's
+        first wait), False after ``seconds`` without one."""
+        with self._cond:
+            seen: int | None = getattr(self._seen, "generation", None)
+            if seen != self._generation:
+                self._seen.generation = self._generation
+                return True
+            changed = self._cond.wait_for(lambda: self._generation != seen, timeout=max(seconds, 0.0))
+            self._seen.generation = self._generation
+            return changed
+
+
+_STOP: Any = object()
+
+
+class ComputeWorker(threading.Thread):
+    """Runs compute on everything enqueued, one batch at a time (what is queued while a batch
+    runs becomes the next batch, as SQS hands Lambda a batch). A failed batch is retried like an
+    SQS redelivery; compute rebuilds its engine on the retry."""
+
+    def __init__(
+        self,
+        compute: Compute,
+        notifier: LocalNotifier,
+        *,
+        attempts: int = 3,
+        retry_delay: float = 1.0,
+        max_batch: int = 100,
+    ) -> None:
+        super().__init__(name="ringfence-compute", daemon=True)
+        self.compute = compute
+        self.notifier = notifier
+        self.attempts = attempts
+        self.retry_delay = retry_delay
+        self.max_batch = max_batch
+        self.queue: queue.Queue[Any] = queue.Queue()
+        self.runs = 0
+        self.failed_batches = 0
+        self.last_stats: ComputeStats | None = None
+        self._stopping = False
+
+    def submit(self, message: dict[str, Any]) -> None:
+        self.queue.put(message)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stopping = True
+        self.queue.put(_STOP)
+        self.join(timeout)
+
+    def settle(self, timeout: float = 30.0) -> bool:
+        """Wait until everything enqueued so far has been computed; False on timeout."""
+        with self.queue.all_tasks_done:
+            return self.queue.all_tasks_done.wait_for(lambda: self.queue.unfinished_tasks == 0, timeout)
+
+    def run(self) -> None:
+        while True:
+            first = self.queue.get()
+            batch = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            messages = [m for m in batch if m is not _STOP]
+            try:
+                if messages:
+                    self._compute(messages)
+            finally:
+                self.notifier.flush()
+                for _ in batch:
+                    self.queue.task_done()
+            if any(m is _STOP for m in batch):
+                return
+
+    def _compute(self, messages: list[dict[str, Any]]) -> None:
+        for attempt in range(1, self.attempts + 1):
+            try:
+                self.last_stats = self.compute.run(messages)
+                self.runs += 1
+                return
+            except Exception:
+                log.exception("compute failed (attempt %s of %s)", attempt, self.attempts)
+                if self._stopping or attempt == self.attempts:
+                    break
+                time.sleep(self.retry_delay * attempt)
+        self.failed_batches += 1
+        log.error("compute gave up on a batch of %s message(s): the next computation rebuilds", len(messages))
+
+
+class LocalWiring(BaseWiring):
+    """``LocalWiring(DATABASE)``: the SQLite file ``DATABASE`` (``--store sqlite:DATABASE``) and,
+    in its directory (the state directory), ``objects/`` (published files), ``lock`` and, unless
+    ``signing_key`` is given, ``signing-key.pem`` (generated, mode 600, with
+    ``signing-key.pub.pem`` for agents to pin, when missing). ``start()`` (done by the
+    constructor unless ``start=False``) starts the compute worker and schedules the recovering
+    rebuild; ``close()`` stops it."""
+
+    mapper_ttl = 0.0  # reading the active policy from SQLite is cheap: registrations see a new policy at once
+
+    def __init__(
+        self,
+        database: Path | str,
+        *,
+        signing_key: Path | str | SigningKey | None = None,
+        cfg: Config | None = None,
+        store: Store | None = None,
+        metric: Metric = no_metric,
+        start: bool = True,
+        fsync: bool = True,
+    ) -> None:
+        self.database = Path(database)
+        self.state_dir = self.database.parent
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = self._take_lock()
+        try:
+            super().__init__(
+                cfg or Config(enroll_methods=["pairing"]),
+                store if store is not None else SqliteStore(self.database),
+                FilePublisher(self.state_dir / "objects", fsync=fsync),
+            )
+            if isinstance(signing_key, SigningKey):
+                self._signer = signing_key
+            elif signing_key is not None:
+                self._signer = load_signing_key(Path(signing_key))
+            else:
+                self._signer = own_signing_key(self.state_dir)
+        except BaseException:
+            self._lock.close()  # a bad key or database leaves the directory free for the next try
+            raise
+        self.notifier = LocalNotifier()
+        self.compute = Compute(self, metric, notifier=self.notifier)
+        self.worker = ComputeWorker(self.compute, self.notifier)
+        self._started = False
+        if start:
+            self.start()
+
+    def _take_lock(self) -> IO[str]:
+        f = (self.state_dir / "lock").open("a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise StateInUse(f"{self.state_dir} is in use by another ringfence control plane") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        return f
+
+    # --- the services' view -----------------------------------------------------------------------
+
+    @property
+    def signer(self) -> Any:
+        return self._signer
+
+    def ec2_for(self, account: str, region: str) -> Any:
+        raise RuntimeError("the local control plane has no cloud API: on-premise workloads enroll with pairing keys")
+
+    def send_compute(self, message: dict[str, Any]) -> None:
+        self.worker.submit(message)
+
+    def wait_for_change(self, seconds: float) -> None:
+        self.notifier.wait(seconds)
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self.worker.start()
+        if self.store.active_policy() is not None:
+            # whatever was enqueued but not computed when the last process died is redone here
+            self.enqueue_compute(rebuild=True)
+
+    def settle(self, timeout: float = 30.0) -> bool:
+        """Wait until the compute worker has finished everything enqueued so far."""
+        return self.worker.settle(timeout)
+
+    def close(self) -> None:
+        if self._started and self.worker.is_alive():
+            self.worker.stop()
+        close = getattr(self.store, "close", None)
+        if close is not None:
+            close()
+        self._lock.close()
+
+    def __enter__(self) -> LocalWiring:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load_signing_key(path: Path) -> SigningKey:
+    """The bundle signing key from its PKCS#8 PEM file; warns when others can read it."""
+    mode = path.stat().st_mode
+    if mode & 0o077:
+        log.warning("signing key %s is readable by group or others (mode %o): chmod 600 it", path, mode & 0o777)
+    return SigningKey.from_file(path)
+
+
+def own_signing_key(state_dir: Path) -> SigningKey:
+    """The state directory's own signing key, generated on first use (like an SSH host key)."""
+    private, public = state_dir / "signing-key.pem", state_dir / "signing-key.pub.pem"
+    if private.exists():
+        return load_signing_key(private)
+    key = SigningKey.generate()
+    key.write(private, public)
+    log.warning("generated the bundle signing key %s; agents pin %s", private, public)
+    return key

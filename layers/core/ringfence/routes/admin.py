@@ -1,0 +1,122 @@
+"""The admin API's routes: provision policy, set modes, quarantine/release, mint pairing keys —
+over an :class:`Admin` service, for every host; with an ``onprem`` service (``ringfence serve``)
+also register, import (CMDB CSV) and deregister on-premise workloads. Each action is audited with the caller's
+principal, read from ``requestContext.identity.userArn``: API Gateway puts the IAM caller there
+(the admin API uses IAM auth); ``ringfence serve`` puts the principal of the admin token there."""
+
+# no `from __future__ import annotations`: the event handler reads the route signatures' types
+from collections.abc import Callable
+from typing import Annotated
+
+from aws_lambda_powertools.event_handler import APIGatewayRestResolver
+from aws_lambda_powertools.event_handler import Response as HttpResponse
+from aws_lambda_powertools.event_handler.openapi.models import APIKey, APIKeyIn
+from aws_lambda_powertools.event_handler.openapi.params import Body
+
+from ringfence import adminapi
+from ringfence.clouds.aws.admin import Admin
+from ringfence.clouds.onprem import OnPremAdmin
+
+from .common import answers, http, resolver
+
+_NO_BODY = adminapi.Reason()
+
+
+def outcome(status: int) -> str:
+    """The metric an admin answer counts toward (the Lambda function publishes it)."""
+    return "AdminActions" if status < 400 else "AdminRequestsRefused"
+
+
+def admin_routes(
+    service: Callable[[], Admin], onprem: Callable[[], OnPremAdmin] | None = None
+) -> APIGatewayRestResolver:
+    """The admin API over ``service()`` (called per request: hosts build the service lazily).
+    With ``onprem``, the on-premise workload routes too (``ringfence serve``; the AWS stack routes
+    none of them, so pairing keys, which only on-premise workloads take, are off there)."""
+    app = resolver(
+        "Ringfence admin API",
+        "Operator actions, each audited with the caller's principal. On AWS: IAM (SigV4) "
+        "authentication; under `ringfence serve`: a bearer admin token.",
+        {"sigv4": APIKey(name="Authorization", in_=APIKeyIn.header, description="SigV4 (AWS) or Bearer (serve)")},
+    )
+
+    def principal() -> str:
+        ident = app.current_event.request_context.identity
+        return ident.user_arn or ident.caller or "unknown"
+
+    @app.post(
+        "/admin/policies",
+        summary="provision a policy version (its tests must pass against the live inventory)",
+        responses=answers(adminapi.ProvisionResponse, 201, errors=(400,)),
+        security=[{"sigv4": []}],
+    )
+    def provision(req: adminapi.ProvisionRequest) -> HttpResponse[str]:
+        return http(service().provision(principal(), req.files, req.reason))
+
+    @app.put(
+        "/admin/workloads/<wid>/mode",
+        summary="set a workload's mode (idle, observe, enforce) or clear it",
+        responses=answers(adminapi.ModeResponse, errors=(404,)),
+        security=[{"sigv4": []}],
+    )
+    def set_mode(wid: str, req: adminapi.ModeRequest) -> HttpResponse[str]:
+        return http(service().set_mode(principal(), wid, req.mode, req.reason))
+
+    @app.post(
+        "/admin/workloads/<wid>/quarantine",
+        summary="quarantine a workload: it and its peers cut it off",
+        responses=answers(adminapi.QuarantineResponse, errors=(404,)),
+        security=[{"sigv4": []}],
+    )
+    def quarantine(wid: str, req: Annotated[adminapi.Reason | None, Body()] = None) -> HttpResponse[str]:
+        return http(service().quarantine(principal(), wid, True, (req or _NO_BODY).reason))
+
+    @app.delete(
+        "/admin/workloads/<wid>/quarantine",
+        summary="release a workload from quarantine",
+        responses=answers(adminapi.QuarantineResponse, errors=(404,)),
+        security=[{"sigv4": []}],
+    )
+    def release(wid: str, req: Annotated[adminapi.Reason | None, Body()] = None) -> HttpResponse[str]:
+        return http(service().quarantine(principal(), wid, False, (req or _NO_BODY).reason))
+
+    @app.post(
+        "/admin/pairing-keys",
+        summary="mint a pairing key (use-limited, expiring) for on-premise enrollment",
+        responses=answers(adminapi.PairingKeyResponse, 201, errors=(400,)),
+        security=[{"sigv4": []}],
+    )
+    def pairing_key(req: adminapi.PairingKeyRequest) -> HttpResponse[str]:
+        return http(service().pairing_key(principal(), req.workload_id, req.uses, req.ttl, req.reason))
+
+    if onprem is None:
+        return app
+
+    @app.post(
+        "/admin/workloads",
+        summary="register (or update) an on-premise workload — ringfence serve",
+        responses=answers(adminapi.RegisterWorkloadResponse, 201, errors=(400, 409)),
+        security=[{"sigv4": []}],
+    )
+    def register_workload(req: adminapi.RegisterWorkloadRequest) -> HttpResponse[str]:
+        return http(onprem().register_workload(principal(), req, req.reason))
+
+    @app.post(
+        "/admin/workloads/import",
+        summary="register every workload of a CMDB CSV export, or none (errors as file:line:column) — ringfence serve",
+        responses=answers(adminapi.CmdbImportResponse, errors=(400, 409)),
+        security=[{"sigv4": []}],
+    )
+    def import_cmdb(req: adminapi.CmdbImportRequest) -> HttpResponse[str]:
+        return http(onprem().import_cmdb(principal(), req.csv, req.source, req.reason))
+
+    @app.delete(
+        "/admin/workloads/<wid>",
+        summary="deregister an on-premise workload: it leaves every peer's sets — ringfence serve",
+        responses=answers(adminapi.DeregisterResponse, errors=(404, 409)),
+        security=[{"sigv4": []}],
+    )
+    def deregister_workload(wid: str, req: Annotated[adminapi.Reason | None, Body()] = None) -> HttpResponse[str]:
+        return http(onprem().deregister_workload(principal(), wid, (req or _NO_BODY).reason))
+
+    return app

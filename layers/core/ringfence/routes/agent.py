@@ -1,0 +1,123 @@
+"""The agent API's routes (docs/agent-api.md): nonce, enroll, own bundle, deltas, wait (long-poll),
+heartbeat, reports — over an :class:`AgentApi` service, for every host of the control plane.
+
+Bodies and query parameters are validated by the event handler against :mod:`ringfence.agentapi`
+(a bad field is a 422 naming it); the resolver's OpenAPI document is ``docs/openapi/agent-api.json``.
+"""
+
+# no `from __future__ import annotations`: the event handler reads the route signatures' types
+from collections.abc import Callable
+from typing import Annotated
+
+from aws_lambda_powertools.event_handler import APIGatewayRestResolver
+from aws_lambda_powertools.event_handler import Response as HttpResponse
+from aws_lambda_powertools.event_handler.openapi.models import HTTPBearer
+from aws_lambda_powertools.event_handler.openapi.params import Query
+
+from ringfence import agentapi
+from ringfence.agentwire import API_PREFIX, ROUTES
+from ringfence.bundle import Bundle
+from ringfence.clouds.aws.agents import AgentApi
+
+from .common import answers, http, resolver, too_large
+
+_TOKEN: list[dict[str, list[str]]] = [{"agentToken": []}]
+_AUTH = (401, 403)
+
+
+def route_path(route: str) -> str:
+    """The event handler's form of one of the agent's routes (``<wid>`` for ``{id}``)."""
+    return API_PREFIX + ROUTES[route][1].replace("{id}", "<wid>")
+
+
+def outcome(path: str, status: int) -> str | None:
+    """The metric an answer counts toward (the Lambda function publishes it): enrollments granted
+    and refused, and requests refused for their token (alarm on either refusal rising)."""
+    if path == route_path("enroll"):
+        return "Enrollments" if status == 200 else "EnrollmentsRefused"
+    if status in (401, 403):
+        return "AgentRequestsRefused"
+    if status == 422:
+        return "AgentRequestsInvalid"
+    return None
+
+
+def agent_routes(service: Callable[[], AgentApi]) -> APIGatewayRestResolver:
+    """The agent API over ``service()`` (called per request: hosts build the service lazily)."""
+    app = resolver(
+        "Ringfence agent API",
+        "What agents call (docs/agent-api.md). The endpoints under /v1/agents/{id} need the workload's "
+        "bearer token from POST /v1/enroll and serve that workload only.",
+        {"agentToken": HTTPBearer(description="the token from POST /v1/enroll")},
+        max_body=agentapi.MAX_REPORT_BYTES,
+    )
+
+    def authorized(wid: str) -> HttpResponse[str] | None:
+        denied = service().authorize(app.current_event.headers.get("Authorization"), wid)
+        return http(denied) if denied else None
+
+    @app.get(route_path("nonce"), summary="a single-use enrollment nonce", responses=answers(agentapi.NonceResponse))
+    def nonce() -> HttpResponse[str]:
+        return http(service().nonce())
+
+    @app.post(
+        route_path("enroll"),
+        summary="prove the workload's identity (cloud document or pairing key) for a bearer token",
+        responses=answers(agentapi.EnrollResponse, errors=(400, 401)),
+    )
+    def enroll(req: agentapi.EnrollRequest) -> HttpResponse[str]:
+        return http(service().enroll(req))
+
+    @app.get(
+        route_path("bundle"),
+        summary="the workload's signed bundle; 304 when If-None-Match is its ETag",
+        responses=answers(Bundle, description="the signed bundle (docs/bundle-format.md)", errors=(*_AUTH, 404, 503)),
+        security=_TOKEN,
+    )
+    def bundle(wid: str) -> HttpResponse[str]:
+        return authorized(wid) or http(service().bundle(wid, app.current_event.headers.get("If-None-Match")))
+
+    @app.get(
+        route_path("deltas"),
+        summary="signed set deltas from a bundle version to the newest",
+        responses=answers(agentapi.DeltasResponse, errors=(*_AUTH, 404, 409)),
+        security=_TOKEN,
+    )
+    def deltas(
+        wid: str, since: Annotated[int, Query(ge=0, description="the applied bundle version")] = 0
+    ) -> HttpResponse[str]:
+        return authorized(wid) or http(service().deltas(wid, since))
+
+    @app.get(
+        route_path("wait"),
+        summary="long-poll: answers when a version newer than `version` exists, or at the timeout",
+        responses=answers(agentapi.WaitResponse, errors=_AUTH),
+        security=_TOKEN,
+    )
+    def wait(
+        wid: str,
+        version: Annotated[int, Query(ge=-1, description="the applied version; -1 for none")] = -1,
+        timeout: Annotated[int, Query(ge=0, description="seconds to wait at most; capped by the server")] = 20,
+    ) -> HttpResponse[str]:
+        return authorized(wid) or http(service().wait(wid, version, timeout))
+
+    @app.post(
+        route_path("heartbeat"),
+        summary="liveness and the applied version; answers the newest version",
+        responses=answers(agentapi.HeartbeatResponse, errors=(*_AUTH, 404)),
+        security=_TOKEN,
+    )
+    def heartbeat(wid: str, hb: agentapi.Heartbeat) -> HttpResponse[str]:
+        return authorized(wid) or http(service().heartbeat(wid, hb))
+
+    @app.post(
+        route_path("reports"),
+        summary="flow and drop records",
+        responses=answers(agentapi.ReportsResponse, 202, errors=(*_AUTH, 413)),
+        security=_TOKEN,
+    )
+    def reports(wid: str, batch: agentapi.ReportBatch) -> HttpResponse[str]:
+        big = too_large(app.current_event.body, agentapi.MAX_REPORT_BYTES)
+        return authorized(wid) or big or http(service().reports(wid, batch))
+
+    return app

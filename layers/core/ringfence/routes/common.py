@@ -1,0 +1,115 @@
+"""What the agent and admin routes share: a validating resolver whose validation failures answer
+in the API's error body (422, naming each bad field), and service answers as HTTP responses."""
+
+import json
+from collections.abc import Mapping
+from typing import Any, cast
+
+from aws_lambda_powertools.event_handler import APIGatewayRestResolver
+from aws_lambda_powertools.event_handler import Response as HttpResponse
+from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValidationError
+from aws_lambda_powertools.event_handler.openapi.models import SecurityScheme
+from aws_lambda_powertools.utilities.data_classes import APIGatewayProxyEvent
+
+from ringfence import agentapi
+from ringfence.clouds.aws.api import Response, error
+
+
+def http(r: Response) -> HttpResponse[str]:
+    return HttpResponse(
+        status_code=r.status,
+        content_type="application/json",
+        body=json.dumps(r.body) if r.body is not None else "",
+        headers=r.headers,
+    )
+
+
+def too_large(body: str | None, limit: int | None) -> HttpResponse[str] | None:
+    size = len((body or "").encode())
+    if limit is not None and size > limit:
+        return http(error(413, "request too large", f"{size} bytes > {limit}"))
+    return None
+
+
+def validation_detail(exc: RequestValidationError) -> str:
+    """``body.flows.0.end: Field required; query.since: …``: where and what, never the input."""
+    parts = []
+    for e in exc.errors():
+        where = ".".join(str(p) for p in e.get("loc", ())) or "<request>"
+        parts.append(f"{where}: {e.get('msg') or e.get('type', 'invalid')}")
+    return "; ".join(parts)
+
+
+def answers(model: Any = None, status: int = 200, description: str = "", errors: tuple[int, ...] = ()) -> Any:
+    """The OpenAPI ``responses`` of a route: its answer's model and the errors it may give."""
+    meanings = {
+        400: "the request is well-formed but refused (detail says why)",
+        401: "no, an unknown or an expired bearer token",
+        403: "the token is another workload's",
+        404: "no such workload, or nothing published for it yet",
+        409: "deltas cannot bridge from that version: fetch the bundle",
+        413: "the body is over the size limit",
+        422: "a field of the request is missing or invalid (detail names each, dotted: body.flows.0.end)",
+        503: "being re-rendered: retry after Retry-After seconds",
+    }
+    err = {"application/json": {"model": agentapi.ErrorBody}}
+    out: dict[int, Any] = {s: {"description": meanings[s], "content": err} for s in (422, *errors)}
+    ok: dict[str, Any] = {"description": description or "OK"}
+    if model is not None:
+        ok["content"] = {"application/json": {"model": model}}
+    out[status] = ok
+    return out
+
+
+class Resolver(APIGatewayRestResolver):
+    """A resolver whose current event is its own. Powertools keeps the event being resolved in a
+    class attribute shared by every resolver of the process (``BaseRouter.current_event``): fine
+    in Lambda, one event at a time, but ``ringfence serve`` resolves many at once in threads (one
+    resolver instance per thread), and a route must never read another request's event (its
+    bearer token, its path). Here each instance keeps its own."""
+
+    _event: APIGatewayProxyEvent | None = None
+    _lambda_context: Any = None
+
+    @property  # type: ignore[override]
+    def current_event(self) -> APIGatewayProxyEvent:
+        assert self._event is not None, "no event is being resolved"
+        return self._event
+
+    @current_event.setter
+    def current_event(self, value: APIGatewayProxyEvent) -> None:
+        self._event = value
+
+    @property
+    def lambda_context(self) -> Any:
+        return self._lambda_context
+
+    @lambda_context.setter
+    def lambda_context(self, value: Any) -> None:
+        self._lambda_context = value
+
+    def resolve(self, event: Mapping[str, Any], context: Any) -> dict[str, Any]:
+        self._event = cast(APIGatewayProxyEvent, self._to_proxy_event(dict(event)))
+        self._lambda_context = context
+        try:
+            return super().resolve(event, context)
+        finally:
+            self._event = None
+
+
+def resolver(
+    title: str, description: str, security_schemes: dict[str, SecurityScheme], max_body: int | None = None
+) -> Resolver:
+    """A validating resolver. A body over ``max_body`` bytes is a 413 even when it does not
+    validate (the size is what is wrong with it)."""
+    app = Resolver(enable_validation=True)
+
+    def invalid(exc: RequestValidationError) -> HttpResponse[str]:
+        return too_large(app.current_event.body, max_body) or http(
+            error(422, "invalid request", validation_detail(exc))
+        )
+
+    app.exception_handler(RequestValidationError)(invalid)
+
+    app.configure_openapi(title=title, version="1", description=description, security_schemes=security_schemes)
+    return app

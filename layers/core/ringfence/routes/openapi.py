@@ -1,0 +1,43 @@
+"""The OpenAPI documents of the agent and admin APIs, from the routes themselves:
+``python -m ringfence.routes.openapi [DIR]`` writes ``DIR/agent-api.json``, ``DIR/admin-api.json``
+(the AWS admin API) and ``DIR/serve-admin-api.json`` (``ringfence serve``'s, with the on-premise
+workload routes) (default ``docs/openapi``); a test checks that the committed ones are current."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from .admin import admin_routes
+from .agent import agent_routes
+
+
+def _no_service() -> NoReturn:
+    raise RuntimeError("the OpenAPI document is built without calling any route")
+
+
+def documents() -> dict[str, str]:
+    out = {}
+    for name, app in (
+        ("agent-api.json", agent_routes(_no_service)),
+        ("admin-api.json", admin_routes(_no_service)),  # what the AWS admin function routes
+        ("serve-admin-api.json", admin_routes(_no_service, onprem=_no_service)),  # plus on-premise workloads
+    ):
+        out[name] = json.dumps(json.loads(app.get_openapi_json_schema()), indent=2, sort_keys=True) + "\n"
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    target = Path(args[0] if args else "docs/openapi")
+    target.mkdir(parents=True, exist_ok=True)
+    for name, text in documents().items():
+        (target / name).write_text(text)
+        print(f"wrote {target / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

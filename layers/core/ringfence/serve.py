@@ -1,0 +1,465 @@
+"""``ringfence serve``: the agent and admin APIs over HTTP, for on-premise estates and local runs.
+
+A Starlette app run by uvicorn. Each request becomes an API Gateway REST (v1) proxy event and is
+handed to the same resolvers' ``resolve`` that the Lambda functions run (:mod:`ringfence.routes`):
+no second implementation of any route. ``resolve`` blocks (the ``wait`` long-poll for up to its
+timeout), so it runs in a thread pool with a large limit; a resolver serves one request at a time
+(it keeps the current event on itself), so each thread takes one from a pool of resolvers over
+the one shared service.
+
+The admin API is authenticated here by bearer admin tokens (a file of ``principal:sha256(token)``
+lines); the principal is put where API Gateway puts the IAM caller
+(``requestContext.identity.userArn``), so the admin routes audit the same field on both hosts.
+Nothing of the request's own reaches ``requestContext``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import ipaddress
+import logging
+import queue
+import re
+import secrets
+import socket
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from starlette.responses import Response
+
+log = logging.getLogger("ringfence.serve")
+
+AGENT_PREFIX = "/v1/"
+ADMIN_PREFIX = "/admin/"
+DEFAULT_THREADS = 512  # concurrent requests in resolvers: each waiting agent holds one
+MAX_AGENT_BODY = 1024 * 1024  # the largest agent body is a report batch (256 KiB): some headroom
+MAX_ADMIN_BODY = 16 * 1024 * 1024  # policy files
+
+
+class ServeError(Exception):
+    """A setting ``ringfence serve`` cannot run with (the message says which and why)."""
+
+
+class Resolver(Protocol):
+    def resolve(self, event: dict[str, Any], context: Any) -> dict[str, Any]: ...
+
+
+# --- admin tokens ----------------------------------------------------------------------------------
+
+_PRINCIPAL = re.compile(r"^[A-Za-z0-9_.@+=,/:-]{1,256}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class AdminTokens:
+    """Who may call the admin API: principal → SHA-256 of their bearer token (hex). The file has
+    one ``principal:sha256hex`` per line; blank lines and ``#`` comments are ignored. Tokens
+    themselves are never stored, logged or compared in the clear."""
+
+    by_hash: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> AdminTokens:
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ServeError(f"--admin-tokens {path}: {exc.strerror}") from None
+        by_hash: dict[str, str] = {}
+        for n, raw in enumerate(text.splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            principal, sep, digest = line.rpartition(":")
+            if not sep or not _PRINCIPAL.match(principal) or not _SHA256.match(digest.lower()):
+                raise ServeError(
+                    f"{path}:{n}: expected principal:sha256hex (64 hex digits; principal of letters, digits and _.@+=,/:-)"
+                )
+            if digest.lower() in by_hash:
+                raise ServeError(f"{path}:{n}: the same token hash is listed twice")
+            by_hash[digest.lower()] = principal
+        if not by_hash:
+            raise ServeError(f"{path}: no admin tokens (lines of principal:sha256hex)")
+        return cls(by_hash)
+
+    def principal(self, authorization: str | None) -> str | None:
+        """The principal whose token the ``Authorization: Bearer`` header carries, else None."""
+        if not authorization or not authorization.startswith("Bearer "):
+            return None
+        got = token_hash(authorization.removeprefix("Bearer ").strip())
+        found = None
+        for digest, principal in self.by_hash.items():  # compare every entry: no early exit
+            if hmac.compare_digest(digest, got):
+                found = principal
+        return found
+
+
+def new_admin_token(principal: str) -> tuple[str, str]:
+    """(token, the line for the tokens file)."""
+    if not _PRINCIPAL.match(principal):
+        raise ServeError(f"principal {principal!r}: letters, digits and _.@+=,/:- only")
+    token = secrets.token_urlsafe(32)
+    return token, f"{principal}:{token_hash(token)}"
+
+
+# --- stores ----------------------------------------------------------------------------------------
+
+
+def build_wiring(store: str, signing_key: Path | None = None) -> Any:
+    """The services' wiring for a ``--store`` value: ``sqlite:PATH`` (the SQLite file ``PATH``; its
+    directory holds the published objects and, unless ``signing_key`` is given, the signing key:
+    :class:`ringfence.local.wiring.LocalWiring`, with its compute worker) or ``aws`` (DynamoDB, S3
+    and SQS named by the RINGFENCE_* environment, endpoints by the AWS SDK's, e.g.
+    ``AWS_ENDPOINT_URL``; compute runs where the stack runs it)."""
+    if store == "aws":
+        if signing_key is not None:
+            raise ServeError("--signing-key is for --store sqlite:PATH (on AWS: RINGFENCE_SIGNING_KEY)")
+        from ringfence.clouds.aws.wiring import Config, Wiring
+
+        return Wiring(Config.from_env())
+    if store.startswith("sqlite:") and store.removeprefix("sqlite:"):
+        from ringfence.local.wiring import LocalWiring, StateInUse
+
+        try:
+            return LocalWiring(Path(store.removeprefix("sqlite:")), signing_key=signing_key)
+        except StateInUse as exc:
+            raise ServeError(str(exc)) from None
+    raise ServeError(f"--store {store!r}: expected sqlite:PATH or aws")
+
+
+def is_onprem(wiring: Any) -> bool:
+    from ringfence.local.wiring import LocalWiring
+
+    return isinstance(wiring, LocalWiring)
+
+
+# --- requests → proxy events -----------------------------------------------------------------------
+
+
+def proxy_event(
+    method: str,
+    path: str,
+    headers: list[tuple[str, str]],
+    query: list[tuple[str, str]],
+    body: bytes,
+    source_ip: str,
+    principal: str | None = None,
+) -> dict[str, Any]:
+    """The API Gateway REST (v1) proxy event of a request, as API Gateway builds it. The identity
+    is this server's finding (the client's address; the admin token's principal), never taken
+    from anything the client sent."""
+    single: dict[str, str] = {}
+    multi: dict[str, list[str]] = {}
+    for k, v in headers:
+        single[k] = v
+        multi.setdefault(k, []).append(v)
+    qs: dict[str, str] = {}
+    mqs: dict[str, list[str]] = {}
+    for k, v in query:
+        qs[k] = v
+        mqs.setdefault(k, []).append(v)
+    try:
+        text: str | None = body.decode() if body else None
+        b64 = False
+    except UnicodeDecodeError:
+        text, b64 = base64.b64encode(body).decode(), True
+    identity: dict[str, Any] = {"sourceIp": source_ip, "userArn": principal, "caller": principal}
+    return {
+        "resource": path,
+        "path": path,
+        "httpMethod": method,
+        "headers": single,
+        "multiValueHeaders": multi,
+        "queryStringParameters": qs or None,
+        "multiValueQueryStringParameters": mqs or None,
+        "pathParameters": None,
+        "stageVariables": None,
+        "requestContext": {
+            "accountId": "local",
+            "apiId": "ringfence-serve",
+            "httpMethod": method,
+            "path": path,
+            "protocol": "HTTP/1.1",
+            "requestId": str(uuid.uuid4()),
+            "requestTimeEpoch": int(time.time() * 1000),
+            "resourceId": "serve",
+            "resourcePath": path,
+            "stage": "serve",
+            "identity": identity,
+        },
+        "body": text,
+        "isBase64Encoded": b64,
+    }
+
+
+class ResolverPool:
+    """Resolvers built by ``build`` on demand and reused: one per concurrent request."""
+
+    def __init__(self, build: Callable[[], Resolver]) -> None:
+        self.build = build
+        self._idle: queue.SimpleQueue[Resolver] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self.built = 0
+
+    def resolve(self, event: dict[str, Any]) -> dict[str, Any]:
+        try:
+            app = self._idle.get_nowait()
+        except queue.Empty:
+            with self._lock:
+                self.built += 1
+            app = self.build()
+        try:
+            return app.resolve(event, None)
+        finally:
+            self._idle.put(app)
+
+
+# --- the ASGI app ----------------------------------------------------------------------------------
+
+
+@dataclass
+class ServeApp:
+    """What ``ringfence serve`` serves: the agent API (``/v1/…``) and, with admin tokens, the
+    admin API (``/admin/…``) over one wiring."""
+
+    agent: ResolverPool
+    admin: ResolverPool | None
+    tokens: AdminTokens | None
+    threads: int = DEFAULT_THREADS
+    asgi: Any = None
+
+    @classmethod
+    def over(
+        cls, wiring: Any, tokens: AdminTokens | None, threads: int = DEFAULT_THREADS, onprem: bool | None = None
+    ) -> ServeApp:
+        """The APIs over ``wiring``; ``onprem`` (default: whether it is the local wiring) adds the
+        admin routes of on-premise workloads (register, CMDB import, deregister)."""
+        from ringfence.clouds.aws.agents import AgentApi
+        from ringfence.clouds.onprem import OnPremAdmin
+        from ringfence.routes.admin import admin_routes
+        from ringfence.routes.agent import agent_routes
+
+        api = AgentApi(wiring)
+        adm = OnPremAdmin(wiring)
+        local = is_onprem(wiring) if onprem is None else onprem
+        agent = ResolverPool(lambda: agent_routes(lambda: api))
+        admin = None
+        if tokens is not None:
+            admin = ResolverPool(lambda: admin_routes(lambda: adm, onprem=(lambda: adm) if local else None))
+        return cls(agent, admin, tokens, threads)
+
+    def __post_init__(self) -> None:
+        import anyio
+        from starlette.applications import Starlette
+        from starlette.requests import Request
+        from starlette.responses import JSONResponse
+        from starlette.routing import Route
+
+        limiter = anyio.CapacityLimiter(self.threads)
+
+        def error(status: int, msg: str, detail: str = "", headers: dict[str, str] | None = None) -> Response:
+            return JSONResponse({"error": msg, "detail": detail}, status, headers=headers)
+
+        async def read_body(request: Request, limit: int) -> bytes | None:
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    return None
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+        async def dispatch(request: Request, pool: ResolverPool, limit: int, principal: str | None) -> Response:
+            body = await read_body(request, limit)
+            if body is None:
+                return error(413, "request too large", f"over {limit} bytes")
+            event = proxy_event(
+                request.method,
+                request.url.path,
+                [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw],
+                list(request.query_params.multi_items()),
+                body,
+                request.client.host if request.client else "",
+                principal,
+            )
+            out = await anyio.to_thread.run_sync(pool.resolve, event, limiter=limiter)
+            return to_response(out)
+
+        async def agent(request: Request) -> Response:
+            return await dispatch(request, self.agent, MAX_AGENT_BODY, None)
+
+        async def admin(request: Request) -> Response:
+            if self.admin is None or self.tokens is None:
+                return error(404, "the admin API is off", "start ringfence serve with --admin-tokens FILE")
+            principal = self.tokens.principal(request.headers.get("authorization"))
+            if principal is None:
+                return error(
+                    401, "admin token required", "Authorization: Bearer <admin token>", {"WWW-Authenticate": "Bearer"}
+                )
+            return await dispatch(request, self.admin, MAX_ADMIN_BODY, principal)
+
+        async def healthz(request: Request) -> Response:
+            return JSONResponse({"ok": True})
+
+        methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
+        self.asgi = Starlette(
+            routes=[
+                Route(AGENT_PREFIX + "{rest:path}", agent, methods=methods),
+                Route(ADMIN_PREFIX + "{rest:path}", admin, methods=methods),
+                Route("/healthz", healthz, methods=["GET"]),
+            ]
+        )
+
+
+def to_response(out: dict[str, Any]) -> Response:
+    body = out.get("body") or ""
+    raw = base64.b64decode(body) if out.get("isBase64Encoded") else body.encode()
+    resp = Response(raw, status_code=int(out["statusCode"]))
+    for k, v in (out.get("headers") or {}).items():
+        resp.headers[k] = str(v)
+    for k, vs in (out.get("multiValueHeaders") or {}).items():
+        if k.lower() in ("content-length",):
+            continue
+        del resp.headers[k]
+        for v in vs:
+            resp.headers.append(k, str(v))
+    return resp
+
+
+# --- running ---------------------------------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve anywhere
+
+
+def check_bind(host: str, tls: bool, insecure: bool) -> None:
+    if not tls and not insecure and not is_loopback(host):
+        raise ServeError(
+            f"refusing to serve plain HTTP on {host}: agents' tokens and admin tokens would cross the "
+            "network in the clear. Give --tls-cert and --tls-key, bind 127.0.0.1, or pass --insecure."
+        )
+
+
+@dataclass
+class Running:
+    url: str
+    server: Any
+    thread: threading.Thread
+
+    def stop(self, timeout: float = 10) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
+
+
+def uvicorn_server(app: ServeApp, tls_cert: str | None = None, tls_key: str | None = None) -> Any:
+    import uvicorn
+
+    config = uvicorn.Config(
+        app.asgi,
+        log_level="warning",
+        access_log=False,  # query strings name workloads and versions only; still, keep logs lean
+        ssl_certfile=tls_cert,
+        ssl_keyfile=tls_key,
+        ssl_version=ssl.PROTOCOL_TLS_SERVER,
+        timeout_graceful_shutdown=2,  # long-polls end with the process; agents poll again
+        lifespan="off",
+    )
+    return uvicorn.Server(config)
+
+
+def url_of(sock: socket.socket, tls: bool) -> str:
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    return f"{'https' if tls else 'http'}://{shown}:{port}"
+
+
+@contextmanager
+def serving(
+    app: ServeApp,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    sock: socket.socket | None = None,
+) -> Iterator[Running]:
+    """``app`` served in a background thread (tests, the demo); the URL, until the block ends.
+    ``sock``: a listening socket to serve on instead of binding ``host:port`` (one bound in
+    another network namespace, say)."""
+    sock = sock or listen(host, port)
+    server = uvicorn_server(app, tls_cert, tls_key)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="ringfence-serve", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if not server.started:
+        raise ServeError("the server did not start")
+    running = Running(url_of(sock, tls_cert is not None), server, thread)
+    try:
+        yield running
+    finally:
+        running.stop()
+        sock.close()
+
+
+def run(
+    host: str,
+    port: int,
+    store: str,
+    admin_tokens: Path | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    insecure: bool = False,
+    threads: int = DEFAULT_THREADS,
+    announce: Callable[[str], None] = print,
+    signing_key: Path | None = None,
+) -> int:
+    """Serve until SIGINT/SIGTERM (what ``ringfence serve`` runs)."""
+    if (tls_cert is None) != (tls_key is None):
+        raise ServeError("give both --tls-cert and --tls-key, or neither")
+    for p in (tls_cert, tls_key):
+        if p is not None and not Path(p).is_file():
+            raise ServeError(f"{p}: no such file")
+    check_bind(host, tls_cert is not None, insecure)
+    tokens = AdminTokens.load(admin_tokens) if admin_tokens is not None else None
+    sock = listen(host, port)  # before the store: a taken port fails before anything starts
+    wiring = build_wiring(store, signing_key)
+    try:
+        app = ServeApp.over(wiring, tokens, threads)
+        server = uvicorn_server(app, tls_cert, tls_key)
+        admin = f"admin API for {len(set(tokens.by_hash.values()))} principal(s)" if tokens else "admin API off"
+        announce(f"ringfence serve: listening on {url_of(sock, tls_cert is not None)} (store {store}; {admin})")
+        server.run(sockets=[sock])
+    finally:
+        close = getattr(wiring, "close", None)
+        if close is not None:
+            close()  # the local wiring: its compute worker stops, the state directory is released
+    return 0

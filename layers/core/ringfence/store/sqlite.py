@@ -1,0 +1,504 @@
+"""SQLite implementation of :class:`ringfence.store.base.Store`: the control plane's state in one
+file, for ``ringfence serve`` on premise.
+
+The semantics are DynamoStore's, held to the same contract test (``tests/aws/test_store.py``):
+cloud fields never overwritten by an older observation, an optimistic-concurrency engine head,
+bundle pointers that never go backwards, single-use nonces and claims, expiring tokens, pairing
+keys bound to one workload with a use limit and an expiry, and an append-only audit log (enforced
+by triggers, not only by this code).
+
+Durability and concurrency:
+
+* WAL journal: readers never block the writer and a crash (``kill -9``) leaves the last committed
+  transaction intact; the file is consistent at every commit.
+* ``synchronous=FULL`` by default: every commit is fsynced to the WAL before it is acknowledged,
+  so an acknowledged single-use (a burnt nonce, a spent pairing key), a token or an audit record
+  also survives power loss or an OS crash. ``NORMAL`` would survive process crashes only and may
+  roll back the last commits on power loss, which could make a spent key usable again. The cost is
+  one fsync per write at control-plane write rates (enrollments, operator actions, compute
+  batches), which is small.
+* One connection per thread (sqlite3 connections are not shared between threads) and every
+  read-modify-write in a ``BEGIN IMMEDIATE`` transaction, which takes SQLite's write lock first:
+  conditions are checked and written atomically across threads *and* processes sharing the file.
+  ``busy_timeout`` makes a writer of another process wait instead of failing; writers of this
+  process queue on a lock first (SQLite's busy handler sleeps in growing steps, which lets one busy
+  thread starve another).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from ringfence.model import Mode, Workload
+from ringfence.store.base import (
+    ACTIVE_STATES,
+    AuditRecord,
+    BundlePointer,
+    ConflictError,
+    DeltaPointer,
+    EngineHead,
+    InventoryRecord,
+    PolicyVersion,
+)
+
+_UNSET: Any = object()
+DELTA_TTL = 14 * 86400
+CONNECTION_TTL = 2 * 3600
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS inventory (
+    id TEXT PRIMARY KEY,
+    workload TEXT NOT NULL,
+    state TEXT NOT NULL,
+    observed_at REAL NOT NULL,
+    tag_version INTEGER,
+    labels TEXT NOT NULL DEFAULT '{}',
+    problems TEXT NOT NULL DEFAULT '[]',
+    op_mode TEXT,
+    op_quarantined INTEGER NOT NULL DEFAULT 0,
+    enrolled INTEGER NOT NULL DEFAULT 0,
+    last_heartbeat REAL,
+    offline INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS head (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    revision INTEGER NOT NULL,
+    policy_version INTEGER NOT NULL,
+    clean INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS policy (number INTEGER PRIMARY KEY, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS bundle (workload_id TEXT PRIMARY KEY, version INTEGER NOT NULL, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS set_head (name TEXT PRIMARY KEY, version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS delta (
+    set_name TEXT NOT NULL,
+    to_version INTEGER NOT NULL,
+    doc TEXT NOT NULL,
+    expires REAL NOT NULL,
+    PRIMARY KEY (set_name, to_version)
+);
+CREATE TABLE IF NOT EXISTS nonce (nonce TEXT PRIMARY KEY, expires REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS nonce_expires ON nonce (expires);
+CREATE TABLE IF NOT EXISTS claim (key TEXT PRIMARY KEY, expires REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS token (hash TEXT PRIMARY KEY, workload_id TEXT NOT NULL, expires REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS pairing (
+    hash TEXT PRIMARY KEY,
+    workload_id TEXT NOT NULL,
+    uses INTEGER NOT NULL,
+    expires REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS connection (workload_id TEXT PRIMARY KEY, connection_id TEXT NOT NULL, expires REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    time REAL NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+"""
+
+
+_SELECT_ONE = (
+    "SELECT id, workload, state, observed_at, tag_version, labels, problems, op_mode, op_quarantined, "
+    "enrolled, last_heartbeat, offline FROM inventory WHERE id = ?"
+)
+_SELECT_MANY = (
+    "SELECT id, workload, state, observed_at, tag_version, labels, problems, op_mode, op_quarantined, "
+    "enrolled, last_heartbeat, offline FROM inventory WHERE id IN (SELECT value FROM json_each(?))"
+)
+_SELECT_ALL = (
+    "SELECT id, workload, state, observed_at, tag_version, labels, problems, op_mode, op_quarantined, "
+    "enrolled, last_heartbeat, offline FROM inventory ORDER BY id"
+)
+# one statement per operator/liveness field: no statement is assembled from parts
+_UPDATES = {
+    "op_mode": "UPDATE inventory SET op_mode = ? WHERE id = ?",
+    "op_quarantined": "UPDATE inventory SET op_quarantined = ? WHERE id = ?",
+    "enrolled": "UPDATE inventory SET enrolled = ? WHERE id = ?",
+    "last_heartbeat": "UPDATE inventory SET last_heartbeat = ? WHERE id = ?",
+    "offline": "UPDATE inventory SET offline = ? WHERE id = ?",
+}
+
+
+class SqliteStore:
+    """The :class:`~ringfence.store.base.Store` in one SQLite file (created if missing)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        synchronous: Literal["FULL", "NORMAL"] = "FULL",
+        busy_timeout: float = 30.0,
+    ) -> None:
+        self.path = Path(path)
+        if str(path) == ":memory:" or str(path).startswith("file:"):
+            raise ValueError("SqliteStore needs a file path (every thread opens its own connection to it)")
+        self.synchronous = synchronous
+        self.busy_timeout = busy_timeout
+        self._local = threading.local()
+        self._all: list[tuple[weakref.ref[threading.Thread], sqlite3.Connection]] = []
+        self._lock = threading.Lock()
+        self._writer = threading.Lock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = self._db()
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(f"{self.path}: schema version {version} is newer than this ringfence knows")
+        # idempotent (IF NOT EXISTS): processes opening the same new file at once all succeed
+        db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version = {SCHEMA_VERSION};COMMIT;")
+
+    # --- connections and transactions -----------------------------------------------------------
+
+    def _db(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            # isolation_level=None: no implicit transactions; every write path says BEGIN IMMEDIATE.
+            # Only this thread uses the connection; check_same_thread=False lets _reap close it
+            # once the thread has ended (a server's worker threads come and go).
+            db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
+            db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute(f"PRAGMA synchronous = {self.synchronous}")
+            self._local.db = db
+            with self._lock:
+                self._reap()
+                self._all.append((weakref.ref(threading.current_thread()), db))
+        return db
+
+    def _reap(self) -> None:
+        """Close the connections of threads that have ended (called holding ``_lock``)."""
+        alive = []
+        for ref, db in self._all:
+            thread = ref()
+            if thread is not None and thread.is_alive():
+                alive.append((ref, db))
+            else:
+                with contextlib.suppress(sqlite3.Error):
+                    db.close()
+        self._all = alive
+
+    def open_connections(self) -> int:
+        """Connections held for live threads (and for ended ones not reaped yet)."""
+        with self._lock:
+            return len(self._all)
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction holding the database's write lock from its first statement."""
+        db = self._db()
+        # Threads of this process queue here, woken as soon as the writer before them commits;
+        # SQLite's own busy handler (which sleeps in growing steps) is left to other processes.
+        with self._writer:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close every thread's connection (call once no thread uses the store any more)."""
+        with self._lock:
+            for _, db in self._all:
+                with contextlib.suppress(sqlite3.Error):
+                    db.close()
+            self._all.clear()
+        self._local = threading.local()
+
+    def integrity_check(self) -> str:
+        """SQLite's own consistency check of the file: ``"ok"`` when sound."""
+        return str(self._db().execute("PRAGMA integrity_check").fetchone()[0])
+
+    # --- inventory ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _to_record(row: tuple[Any, ...]) -> InventoryRecord:
+        (wid, workload, state, observed_at, tag_version, labels, problems, op_mode, op_q, enrolled, hb, offline) = row
+        return InventoryRecord(
+            id=wid,
+            workload=Workload.model_validate_json(workload),
+            state=state,
+            observed_at=observed_at,
+            tag_version=tag_version,
+            labels=json.loads(labels),
+            problems=json.loads(problems),
+            op_mode=Mode(op_mode) if op_mode else None,
+            op_quarantined=bool(op_q),
+            enrolled=bool(enrolled),
+            last_heartbeat=hb,
+            offline=bool(offline),
+        )
+
+    def get(self, workload_id: str) -> InventoryRecord | None:
+        row = self._db().execute(_SELECT_ONE, (workload_id,)).fetchone()
+        return self._to_record(row) if row else None
+
+    def get_many(self, workload_ids: list[str]) -> dict[str, InventoryRecord]:
+        rows = self._db().execute(_SELECT_MANY, (json.dumps(sorted(set(workload_ids))),))
+        return {rec.id: rec for rec in map(self._to_record, rows)}
+
+    def observe(self, rec: InventoryRecord) -> bool:
+        with self._tx() as db:
+            return self._observe(db, rec)
+
+    def observe_many(self, recs: list[InventoryRecord]) -> set[str]:
+        with self._tx() as db:
+            return {rec.id for rec in recs if self._observe(db, rec)}
+
+    def _observe(self, db: sqlite3.Connection, rec: InventoryRecord) -> bool:
+        row = db.execute(_SELECT_ONE, (rec.id,)).fetchone()
+        old = self._to_record(row) if row else None
+        if old is not None and old.observed_at > rec.observed_at:
+            return False
+        if old is not None and old.state == "terminating" and rec.state in ACTIVE_STATES:
+            # as DynamoStore: once a terminate lifecycle action is seen, termination is final
+            rec = rec.model_copy(update={"state": "terminating"})
+        tag_version = rec.tag_version
+        if old is not None and old.tag_version is not None:
+            tag_version = max(old.tag_version, tag_version or 0)
+        db.execute(
+            "INSERT INTO inventory (id, workload, state, observed_at, tag_version, labels, problems) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET workload = excluded.workload, "
+            "state = excluded.state, observed_at = excluded.observed_at, tag_version = excluded.tag_version, "
+            "labels = excluded.labels, problems = excluded.problems",
+            (
+                rec.id,
+                rec.workload.model_dump_json(exclude={"mode", "quarantined"}),
+                rec.state,
+                rec.observed_at,
+                tag_version,
+                json.dumps(rec.labels, sort_keys=True),
+                json.dumps(rec.problems),
+            ),
+        )
+        return old is None or old.cloud_view() != rec.cloud_view()
+
+    def all_records(self) -> list[InventoryRecord]:
+        return [self._to_record(r) for r in self._db().execute(_SELECT_ALL)]
+
+    def set_operator(self, workload_id: str, *, mode: Mode | None = _UNSET, quarantined: bool | None = None) -> None:
+        sets: dict[str, Any] = {}
+        if mode is not _UNSET:
+            sets["op_mode"] = mode.value if mode is not None else None
+        if quarantined is not None:
+            sets["op_quarantined"] = int(quarantined)
+        self._update(workload_id, sets)
+
+    def set_liveness(
+        self,
+        workload_id: str,
+        *,
+        enrolled: bool | None = None,
+        heartbeat: float | None = None,
+        offline: bool | None = None,
+    ) -> None:
+        sets: dict[str, Any] = {}
+        if enrolled is not None:
+            sets["enrolled"] = int(enrolled)
+        if heartbeat is not None:
+            sets["last_heartbeat"] = heartbeat
+        if offline is not None:
+            sets["offline"] = int(offline)
+        self._update(workload_id, sets)
+
+    def _update(self, workload_id: str, sets: dict[str, Any]) -> None:
+        if not sets:
+            return
+        with self._tx() as db:
+            for col, value in sets.items():
+                if db.execute(_UPDATES[col], (value, workload_id)).rowcount == 0:
+                    raise KeyError(workload_id)  # rolls back: nothing written
+
+    # --- engine head and policy -----------------------------------------------------------------
+
+    def head(self) -> EngineHead:
+        row = self._db().execute("SELECT revision, policy_version, clean FROM head WHERE id = 1").fetchone()
+        if row is None:
+            return EngineHead()
+        return EngineHead(revision=row[0], policy_version=row[1], clean=bool(row[2]))
+
+    def put_head(self, new: EngineHead, expected_revision: int) -> None:
+        with self._tx() as db:
+            row = db.execute("SELECT revision FROM head WHERE id = 1").fetchone()
+            if row is not None and row[0] != expected_revision:
+                raise ConflictError(f"engine head moved past revision {expected_revision}")
+            db.execute(
+                "INSERT OR REPLACE INTO head (id, revision, policy_version, clean) VALUES (1, ?, ?, ?)",
+                (new.revision, new.policy_version, int(new.clean)),
+            )
+
+    def active_policy(self) -> PolicyVersion | None:
+        row = self._db().execute("SELECT value FROM meta WHERE key = 'policy.active'").fetchone()
+        return PolicyVersion.model_validate_json(row[0]) if row else None
+
+    def next_policy_version(self) -> int:
+        with self._tx() as db:
+            row = db.execute(
+                "INSERT INTO meta (key, value) VALUES ('policy.counter', '1') ON CONFLICT (key) "
+                "DO UPDATE SET value = CAST(value AS INTEGER) + 1 RETURNING value"
+            ).fetchone()
+        return int(row[0])
+
+    def activate_policy(self, pv: PolicyVersion) -> None:
+        doc = pv.model_dump_json()
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO policy (number, doc) VALUES (?, ?)", (pv.number, doc))
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('policy.active', ?)", (doc,))
+
+    def policy_versions(self) -> list[PolicyVersion]:
+        """Every activated version, oldest first (the history the admin API may list)."""
+        rows = self._db().execute("SELECT doc FROM policy ORDER BY number")
+        return [PolicyVersion.model_validate_json(r[0]) for r in rows]
+
+    # --- published artifacts --------------------------------------------------------------------
+
+    def bundle_pointer(self, workload_id: str) -> BundlePointer | None:
+        row = self._db().execute("SELECT doc FROM bundle WHERE workload_id = ?", (workload_id,)).fetchone()
+        return BundlePointer.model_validate_json(row[0]) if row else None
+
+    def put_bundle_pointer(self, ptr: BundlePointer, expected_version: int | None = None) -> bool:
+        with self._tx() as db:
+            row = db.execute("SELECT version FROM bundle WHERE workload_id = ?", (ptr.workload_id,)).fetchone()
+            if expected_version is None:
+                if row is not None and row[0] > ptr.version:
+                    return False  # never backwards
+            elif row is None or row[0] != expected_version:
+                return False  # compare-and-swap: only over the pointer the new one was derived from
+            db.execute(
+                "INSERT OR REPLACE INTO bundle (workload_id, version, doc) VALUES (?, ?, ?)",
+                (ptr.workload_id, ptr.version, ptr.model_dump_json()),
+            )
+        return True
+
+    def put_delta(self, ptr: DeltaPointer) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO delta (set_name, to_version, doc, expires) VALUES (?, ?, ?, ?)",
+                (ptr.set, ptr.to_version, ptr.model_dump_json(), time.time() + DELTA_TTL),
+            )
+
+    def put_set_head(self, set_name: str, version: int) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO set_head (name, version) VALUES (?, ?) ON CONFLICT (name) "
+                "DO UPDATE SET version = excluded.version WHERE excluded.version > set_head.version",
+                (set_name, version),
+            )
+
+    def set_heads(self, set_names: list[str]) -> dict[str, int]:
+        rows = self._db().execute(
+            "SELECT name, version FROM set_head WHERE name IN (SELECT value FROM json_each(?))",
+            (json.dumps(sorted(set(set_names))),),
+        )
+        return {str(name): int(version) for name, version in rows}
+
+    def deltas_after(self, set_name: str, revision: int) -> list[DeltaPointer]:
+        rows = self._db().execute(
+            "SELECT doc FROM delta WHERE set_name = ? AND to_version > ? AND expires >= ? ORDER BY to_version",
+            (set_name, revision, time.time()),
+        )
+        return [DeltaPointer.model_validate_json(r[0]) for r in rows]
+
+    # --- agent auth -----------------------------------------------------------------------------
+
+    def put_nonce(self, nonce: str, ttl: int) -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.execute("DELETE FROM nonce WHERE expires < ?", (now,))  # expiry is ours to enforce here
+            db.execute("INSERT OR REPLACE INTO nonce (nonce, expires) VALUES (?, ?)", (nonce, now + ttl))
+
+    def burn_nonce(self, nonce: str) -> bool:
+        with self._tx() as db:
+            cur = db.execute("DELETE FROM nonce WHERE nonce = ? AND expires >= ?", (nonce, time.time()))
+            return cur.rowcount == 1
+
+    def claim_once(self, key: str, ttl: int) -> bool:
+        now = time.time()
+        with self._tx() as db:
+            db.execute("DELETE FROM claim WHERE key = ? AND expires < ?", (key, now))
+            cur = db.execute("INSERT OR IGNORE INTO claim (key, expires) VALUES (?, ?)", (key, now + ttl))
+            return cur.rowcount == 1
+
+    def put_token(self, token_hash: str, workload_id: str, ttl: int) -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.execute("DELETE FROM token WHERE expires < ?", (now,))
+            db.execute(
+                "INSERT OR REPLACE INTO token (hash, workload_id, expires) VALUES (?, ?, ?)",
+                (token_hash, workload_id, now + ttl),
+            )
+
+    def token_workload(self, token_hash: str) -> str | None:
+        row = (
+            self._db()
+            .execute("SELECT workload_id FROM token WHERE hash = ? AND expires >= ?", (token_hash, time.time()))
+            .fetchone()
+        )
+        return str(row[0]) if row else None
+
+    def put_pairing(self, key_hash: str, workload_id: str, uses: int, ttl: int) -> None:
+        if not workload_id:
+            raise ValueError("a pairing key is issued for one workload")
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO pairing (hash, workload_id, uses, expires) VALUES (?, ?, ?, ?)",
+                (key_hash, workload_id, uses, time.time() + ttl),
+            )
+
+    def use_pairing(self, key_hash: str, workload_id: str) -> bool:
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE pairing SET uses = uses - 1 WHERE hash = ? AND workload_id = ? AND uses > 0 AND expires >= ?",
+                (key_hash, workload_id, time.time()),
+            )
+            return cur.rowcount == 1
+
+    def put_connection(self, workload_id: str, connection_id: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO connection (workload_id, connection_id, expires) VALUES (?, ?, ?)",
+                (workload_id, connection_id, time.time() + CONNECTION_TTL),
+            )
+
+    def connection(self, workload_id: str) -> str | None:
+        row = (
+            self._db()
+            .execute(
+                "SELECT connection_id FROM connection WHERE workload_id = ? AND expires >= ?",
+                (workload_id, time.time()),
+            )
+            .fetchone()
+        )
+        return str(row[0]) if row else None
+
+    def drop_connection(self, workload_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM connection WHERE workload_id = ?", (workload_id,))
+
+    # --- audit ----------------------------------------------------------------------------------
+
+    def audit(self, rec: AuditRecord) -> None:
+        try:
+            with self._tx() as db:
+                db.execute(
+                    "INSERT INTO audit (id, time, doc) VALUES (?, ?, ?)", (rec.id, rec.time, rec.model_dump_json())
+                )
+        except sqlite3.IntegrityError:
+            raise ConflictError(f"audit record {rec.id} exists: the audit log is append-only") from None
+
+    def audit_log(self) -> list[AuditRecord]:
+        rows = self._db().execute("SELECT doc FROM audit ORDER BY time, seq")
+        return [AuditRecord.model_validate_json(r[0]) for r in rows]

@@ -1,0 +1,96 @@
+"""What cutting revoked connections costs (docs/agent.md, "Revocation cuts open connections").
+
+Run as root; it makes and deletes a network namespace of its own::
+
+    .venv/bin/python -m tests.bench.session_cut 1000 3000 10000
+
+Per size N: N established TCP entries into this host (10.8.0.1:80) from N peers, a tenth of them
+SSH from the admin range, inserted with ``conntrack -I``; then the agent's cutter runs against
+three plans: a quarantine (everything but the admin SSH cut), a removed allow (1% of the peers
+lose their allow) and a set delta naming 10 peers. Each phase is timed: listing, judging,
+deleting the entries, aborting local sockets (none exist behind inserted entries: each request
+is answered ENOENT, which costs what a real abort's lookup does); the entries are re-inserted
+between runs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from ringfence_agent.plan import Failsafes, Match, Plan, PlanRule, PlanSet
+from ringfence_agent.sessions import SessionCutter, destroy_sockets, list_sessions, netlink_delete
+
+NS = f"rfcutbench{os.getpid()}"
+
+
+def peer(i: int) -> str:
+    return f"10.9.{i // 250}.{i % 250 + 1}" if i % 10 else f"10.7.{i // 2500}.{(i // 10) % 250 + 1}"
+
+
+def entries(n: int) -> str:
+    lines = []
+    for i in range(n):
+        port = 22 if i % 10 == 0 else 80
+        lines.append(
+            f"-I -s {peer(i)} -d 10.8.0.1 -p tcp --sport {10000 + i % 50000} --dport {port} "
+            "--state ESTABLISHED -t 3600 -u ASSURED"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plans(n: int) -> dict[str, tuple[Plan, list[str] | None]]:
+    fs = Failsafes(admin_v4=("10.7.0.0/16",), admin_ports=(Match("tcp", (22, 22)),))
+    quarantine = Plan("w", 2, "enforce", True, failsafes=fs)
+    allowed = tuple(sorted({f"{peer(i)}/32" for i in range(n) if i % 10 and i % 100 != 1}))
+    rule = PlanRule("inbound", 0, "web", "allow", "peers", (Match("tcp", (80, 80)),))
+    removed = Plan("w", 2, "enforce", False, sets={"peers": PlanSet(allowed, ())}, rules=[rule], failsafes=fs)
+    gone = [f"{peer(i)}/32" for i in range(1, n, 100)][:10]
+    return {"quarantine": (quarantine, None), "removed allow": (removed, None), "delta of 10 peers": (removed, gone)}
+
+
+def run(n: int) -> None:
+    script = f"/tmp/{NS}-{n}.txt"
+    with open(script, "w") as f:
+        f.write(entries(n))
+    for name, (plan, peers) in plans(n).items():
+        subprocess.run(["conntrack", "-F"], capture_output=True, check=False)
+        subprocess.run(["conntrack", "-R", script], capture_output=True, check=True)
+        t0 = time.perf_counter()
+        sessions = list_sessions()
+        t1 = time.perf_counter()
+        doomed = SessionCutter().doomed(plan, sessions, {"10.8.0.1"}, peers)
+        t2 = time.perf_counter()
+        result = netlink_delete([s for s, _, _ in doomed])
+        t3 = time.perf_counter()
+        destroy_sockets([(s, f) for s, f, _ in doomed])  # no sockets behind inserted entries: each an ENOENT
+        t4 = time.perf_counter()
+        left = len(list_sessions())
+        print(
+            f"{n:>6} entries  {name:<18} cut {result.deleted:>6}  list {1000 * (t1 - t0):6.1f} ms  "
+            f"judge {1000 * (t2 - t1):6.1f} ms  delete {1000 * (t3 - t2):6.1f} ms  "
+            f"abort {1000 * (t4 - t3):6.1f} ms  total {1000 * (t4 - t0):6.1f} ms  left {left}"
+        )
+    os.unlink(script)
+
+
+def main() -> int:
+    if "RF_IN_NS" not in os.environ:
+        subprocess.run(["ip", "netns", "add", NS], check=True)
+        try:
+            subprocess.run(["ip", "-n", NS, "link", "set", "lo", "up"], check=True)
+            subprocess.run(["ip", "-n", NS, "addr", "add", "10.8.0.1/32", "dev", "lo"], check=True)
+            env = {**os.environ, "RF_IN_NS": NS}
+            cmd = ["ip", "netns", "exec", NS, sys.executable, "-m", "tests.bench.session_cut", *sys.argv[1:]]
+            return subprocess.run(cmd, env=env, check=False).returncode
+        finally:
+            subprocess.run(["ip", "netns", "del", NS], check=False)
+    for n in [int(x) for x in sys.argv[1:]] or [1000, 3000, 10000]:
+        run(n)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

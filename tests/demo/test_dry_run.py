@@ -1,0 +1,35 @@
+"""``ringfence demo --dry-run`` (what runs without root): the same loop with dry-run agents in
+this namespace; every step's checks are judged on the plans the agents applied."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+RINGFENCE = Path(sys.executable).parent / "ringfence"
+
+
+def test_the_dry_run_demo_passes_on_the_agents_applied_bundles(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [str(RINGFENCE), "demo", "--dry-run", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.stdout.splitlines()[0].startswith("ringfence demo: --dry-run: dry-run agents"), proc.stdout[:500]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert summary["passed"] is True and summary["mode"] == "dry-run"
+    steps = {s["number"]: s for s in summary["steps"]}
+    assert set(steps) == {0, 1, 2, 3, 4, 5}
+    assert {c["got"] for c in steps[1]["checks"]} == {"allowed", "blocked"}
+    assert any(c["what"] == "its agent applied the quarantine bundle" and c["passed"] for c in steps[4]["checks"])
+    for kind in ("launch", "tag_change", "quarantine"):
+        assert summary["time_to_policy"][kind]["not_enforced"] == 0

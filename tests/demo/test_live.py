@@ -1,0 +1,122 @@
+"""``ringfence demo`` end to end, as a user runs it: the real CLI in a subprocess, as root (network
+namespaces, nftables); asserts what it wrote to ``out/summary.json`` and that it leaves nothing
+behind — also when interrupted with Ctrl-C half-way."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from ringfence.local.lab import prerequisites
+
+pytestmark = [pytest.mark.dataplane, pytest.mark.slow]
+
+_why = prerequisites()
+if _why is not None:
+    if os.environ.get("CI") == "true":
+        raise RuntimeError(f"the live demo must run in CI but cannot: {_why}")
+    pytest.skip(f"live demo skipped: {_why}", allow_module_level=True)
+
+RINGFENCE = Path(sys.executable).parent / "ringfence"
+STEPS = {0, 1, 2, 3, 4, 5}
+
+
+def _marked(mark: str) -> list[int]:
+    """Pids whose environment carries ``mark`` (every process the demo started inherits it)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if mark.encode() in (d / "environ").read_bytes():
+                found.append(int(d.name))
+        except OSError:
+            continue
+    return found
+
+
+def _namespaces(pid: int) -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.startswith(f"rf{pid}x")]
+
+
+def _start(out: Path, mark: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [str(RINGFENCE), "demo", "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "RINGFENCE_DEMO_TEST_MARK": mark},
+    )
+
+
+def test_the_live_demo_passes_and_writes_its_summary(tmp_path: Path) -> None:
+    mark = uuid.uuid4().hex
+    proc = _start(tmp_path, mark)
+    try:
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert proc.returncode == 0, output[-4000:]
+    assert summary["passed"] is True and summary["mode"] == "nftables"
+    steps = {s["number"]: s for s in summary["steps"]}
+    assert set(steps) == STEPS
+    for s in steps.values():
+        assert s["passed"] and s["error"] is None, s
+    for n in (1, 2, 3, 4, 5):
+        assert steps[n]["checks"], f"step {n} checked nothing"
+        assert all(c["passed"] for c in steps[n]["checks"])
+    # step 1 is proved both ways: flows that must pass and flows that must not
+    got = {c["got"] for c in steps[1]["checks"]}
+    assert got == {"allowed", "blocked"}
+    # step 2: three new instances, each enforcing, each reached by the load balancer
+    assert len(steps[2]["timings"]["instances"]) == 3
+    assert all(v["enforced_at"] for v in steps[2]["timings"]["instances"].values())
+    # step 4: the open sessions were cut
+    cut = [c for c in steps[4]["checks"] if c["what"].startswith("held session")]
+    assert len(cut) == 2 and all(c["got"] == "no" for c in cut)
+    ttp = summary["time_to_policy"]
+    for kind in ("launch", "tag_change", "quarantine"):
+        assert ttp[kind]["not_enforced"] == 0
+        assert 0 < ttp[kind]["p50_s"] <= ttp[kind]["p95_s"]
+        assert {"fetch", "apply"} <= set(ttp[kind]["phases_p50_s"])
+    assert {"event_delivery", "ingest", "compute", "push"} <= set(ttp["tag_change"]["phases_p50_s"])
+    # nothing left behind
+    assert _namespaces(proc.pid) == []
+    assert _marked(mark) == []
+
+
+def test_ctrl_c_half_way_leaves_no_namespace_and_no_process(tmp_path: Path) -> None:
+    mark = uuid.uuid4().hex
+    proc = _start(tmp_path, mark)
+    lines = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 300
+        for line in proc.stdout:  # until the agents run: the most there is to clean up
+            lines.append(line)
+            if "booted" in line or time.monotonic() > deadline:
+                break
+        assert any("booted" in x for x in lines), "".join(lines)
+        assert _namespaces(proc.pid), "the demo should be running its lab now"
+        assert len(_marked(mark)) > 20  # agents, serve, probes
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, "".join(lines) + rest
+    assert _namespaces(proc.pid) == []
+    assert _marked(mark) == []
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["passed"] is False and any("interrupted" in n for n in summary["notes"])

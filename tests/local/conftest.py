@@ -1,0 +1,44 @@
+"""The embedded AWS and its event router, as the demo runs them: tests change moto through boto3
+and read the outcome; the router alone carries events to the handlers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from ringfence.local.aws import EmbeddedAws
+from ringfence.local.router import EventRouter
+from tests.aws.conftest import Env
+
+
+@pytest.fixture
+def aws(embedded: EmbeddedAws) -> EmbeddedAws:
+    embedded.reset()
+    return embedded
+
+
+@pytest.fixture
+def env(embedded: EmbeddedAws) -> Env:
+    """A fresh world (reset moto, resources, handlers loaded) with the test helpers of tests/aws."""
+    e = Env(embedded)
+    e.build()
+    return e
+
+
+@pytest.fixture
+def make_router(env: Env) -> Iterator[type[EventRouter]]:
+    """``make_router(**options)``: a started router over ``env``'s handlers, stopped after the test."""
+    started: list[EventRouter] = []
+
+    def make(**options: object) -> EventRouter:
+        r = EventRouter(env.aws, functions=env.fn, **options)  # type: ignore[arg-type]
+        r.start()
+        started.append(r)
+        return r
+
+    yield make  # type: ignore[misc]
+    for r in started:
+        r.stop()
+    for r in started:
+        assert not r.errors, r.errors

@@ -1,0 +1,77 @@
+"""The admin API's on-premise routes (the library's resolver, as ``ringfence serve`` runs it) over
+OnPremAdmin and LocalWiring, then the agent API's enrollment with the minted key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_lambda_powertools.event_handler import APIGatewayRestResolver
+
+from ringfence.clouds.aws.agents import AgentApi
+from ringfence.clouds.onprem import OnPremAdmin
+from ringfence.local.wiring import LocalWiring
+from ringfence.routes.admin import admin_routes
+from ringfence.routes.agent import agent_routes
+from tests.aws.conftest import LambdaContext, rest_answer, rest_event
+from tests.onprem.conftest import boot
+
+OPERATOR = "arn:aws:iam::123456789012:user/carol"
+
+
+def call(app: APIGatewayRestResolver, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    status, _, answer = rest_answer(app.resolve(rest_event(method, path, body, principal=OPERATOR), LambdaContext()))
+    return status, answer
+
+
+def test_register_import_pair_and_deregister_through_the_routes(wiring: LocalWiring) -> None:
+    svc = boot(wiring)
+    app = admin_routes(lambda: svc, onprem=lambda: svc)
+    spec = {"id": "dc3-web-1", "ips": ["192.168.30.11"], "tags": {"role": "web", "app": "ordering", "env": "prod"}}
+    status, body = call(app, "POST", "/admin/workloads", {**spec, "reason": "new rack"})
+    assert status == 201 and body["created"] is True, body
+    status, body = call(app, "POST", "/admin/workloads", {"ips": ["10.0.0.1"]})
+    assert status == 422 and "id" in body["detail"], body
+    status, body = call(app, "POST", "/admin/workloads", {"id": "x", "ips": ["10.0.0.300"]})
+    assert status == 422 and "not an IP address" in body["detail"], body
+
+    bad = "id,ips,role\ndc3-db-1,192.168.30.31,database\ndc3-db-2,192.168.30.3x,database\n"
+    status, body = call(app, "POST", "/admin/workloads/import", {"csv": bad, "source": "rack3.csv"})
+    assert status == 400 and body["detail"] == "rack3.csv:3:10: not an IP address: '192.168.30.3x'"
+    assert wiring.store.get("dc3-db-1") is None, "nothing of a bad file is imported"
+    good = bad.replace("3x", "32")
+    status, body = call(app, "POST", "/admin/workloads/import", {"csv": good, "source": "rack3.csv"})
+    assert status == 200 and body["imported"] == 2, body
+
+    status, key = call(app, "POST", "/admin/pairing-keys", {"workload_id": "dc3-db-1", "uses": 1, "ttl": 600})
+    assert status == 201 and key["workload_id"] == "dc3-db-1"
+    agents = agent_routes(lambda: AgentApi(wiring))
+    _, nonce = call(agents, "GET", "/v1/nonce")
+    enroll = {
+        "method": "pairing",
+        "nonce": nonce["nonce"],
+        "workload_id": "dc3-db-2",
+        "pairing_key": key["pairing_key"],
+    }
+    status, body = call(agents, "POST", "/v1/enroll", enroll)
+    assert status == 401 and "not issued for dc3-db-2" in body["detail"]
+    _, nonce = call(agents, "GET", "/v1/nonce")
+    status, body = call(agents, "POST", "/v1/enroll", {**enroll, "nonce": nonce["nonce"], "workload_id": "dc3-db-1"})
+    assert status == 200 and body["workload_id"] == "dc3-db-1"
+
+    status, body = call(app, "DELETE", "/admin/workloads/dc3-web-1", {"reason": "decommissioned"})
+    assert status == 200
+    rec = wiring.store.get("dc3-web-1")
+    assert rec is not None and rec.state == "terminated"
+    audit = [(a.principal, a.action, a.target) for a in wiring.store.audit_log() if a.principal == OPERATOR]
+    assert audit == [
+        (OPERATOR, "workload.register", "dc3-web-1"),
+        (OPERATOR, "workload.import", "rack3.csv"),
+        (OPERATOR, "pairing.create", "dc3-db-1"),
+        (OPERATOR, "workload.deregister", "dc3-web-1"),
+    ]
+
+
+def test_the_aws_admin_api_has_no_onprem_routes(wiring: LocalWiring) -> None:
+    svc = OnPremAdmin(wiring)
+    status, _ = call(admin_routes(lambda: svc), "POST", "/admin/workloads", {"id": "x", "ips": ["10.0.0.1"]})
+    assert status == 404

@@ -1,0 +1,158 @@
+"""LocalWiring runs the same services (Admin, AgentApi, Compute) over SQLite, files and a worker thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ringfence import bundle
+from ringfence.agentapi import EnrollRequest
+from ringfence.clouds.aws.agents import AgentApi
+from ringfence.clouds.aws.api import secret_hash
+from ringfence.local.publish import BadKey, FilePublisher
+from ringfence.local.wiring import LocalWiring, StateInUse
+from ringfence.model import Workload
+from ringfence.store.base import InventoryRecord
+from ringfence.store.sqlite import SqliteStore
+from tests.onprem.conftest import boot, signing_key_file
+
+
+def served(w: LocalWiring, wid: str) -> bundle.Bundle:
+    cur = AgentApi(w).current(wid)
+    assert isinstance(cur, tuple), f"no bundle for {wid}: {cur}"
+    doc = bundle.Bundle.model_validate(cur[1])
+    bundle.Verifier.from_pem(w.signer.public_pem()).verify(doc)
+    return doc
+
+
+def in_sets(doc: bundle.Bundle, ip: str) -> bool:
+    return any(f"{ip}/32" in s.v4 for s in doc.sets.values())
+
+
+def test_policy_to_signed_bundles_on_one_machine(wiring: LocalWiring) -> None:
+    boot(wiring)
+    assert isinstance(wiring.store, SqliteStore)
+    head = wiring.store.head()
+    assert head.clean and head.policy_version == 1 and head.revision > 0
+    for wid in ("dc1-web-1", "dc1-proc-1", "dc1-db-1"):
+        ptr = wiring.store.bundle_pointer(wid)
+        assert ptr is not None
+        assert (wiring.state_dir / "objects" / ptr.key).is_file(), "bundles are files under the state directory"
+    # the processing tier accepts the web tier: web's address is in one of its sets
+    assert in_sets(served(wiring, "dc1-proc-1"), "192.168.10.11")
+    pv = wiring.store.active_policy()
+    assert pv is not None and pv.keys and all((wiring.state_dir / "objects" / k).is_file() for k in pv.keys.values())
+
+
+def test_a_change_reaches_a_long_poll_through_the_notifier(wiring: LocalWiring) -> None:
+    admin = boot(wiring)
+    proc = "dc1-proc-1"
+    api = AgentApi(wiring)
+    v0 = api.latest_version(proc)
+    assert v0 is not None
+    answers: list[tuple[float, int | None]] = []
+
+    def long_poll() -> None:  # GET /v1/agents/{id}/wait?version=v0&timeout=20
+        r = api.wait(proc, v0, 20)
+        answers.append((time.monotonic(), r.body["latest_version"]))
+
+    t = threading.Thread(target=long_poll)
+    t.start()
+    time.sleep(0.3)  # the poll is waiting
+    assert not answers, "nothing changed: the poll waits"
+    spec = {"id": "dc1-web-2", "ips": ["192.168.10.12"], "tags": {"role": "web", "app": "ordering", "env": "prod"}}
+    changed_at = time.monotonic()
+    assert admin.register_workload("alice", spec).status == 201
+    t.join(30)
+    assert answers and answers[0][1] is not None and answers[0][1] > v0
+    assert answers[0][0] - changed_at < 15, "answered on the change, not at the 20 s timeout"
+    assert in_sets(served(wiring, proc), "192.168.10.12")
+
+
+def test_wait_for_change_times_out_without_a_change(wiring: LocalWiring) -> None:
+    wiring.notifier.wait(0)  # a thread's first wait reports "maybe changed": consume it
+    t0 = time.monotonic()
+    assert wiring.notifier.wait(0.3) is False
+    assert time.monotonic() - t0 >= 0.25
+
+
+def enroll(w: LocalWiring, wid: str, key: str) -> tuple[int, dict[str, str]]:
+    api = AgentApi(w)
+    nonce = api.nonce().body["nonce"]
+    r = api.enroll(EnrollRequest(method="pairing", nonce=nonce, workload_id=wid, pairing_key=key))
+    return r.status, r.body
+
+
+def test_pairing_attacks_are_refused(wiring: LocalWiring) -> None:
+    admin = boot(wiring)
+    minted = admin.pairing_key("alice", "dc1-db-1", uses=1, ttl=600)
+    assert minted.status == 201
+    key = minted.body["pairing_key"]
+    # foreign id: the key was issued for dc1-db-1
+    status, body = enroll(wiring, "dc1-web-1", key)
+    assert status == 401 and "not issued for dc1-web-1" in body["detail"]
+    status, body = enroll(wiring, "dc1-db-1", key)
+    assert status == 200 and body["workload_id"] == "dc1-db-1"
+    assert wiring.store.token_workload(secret_hash(body["token"])) == "dc1-db-1"
+    # used up
+    status, body = enroll(wiring, "dc1-db-1", key)
+    assert status == 401 and "used up" in body["detail"]
+    # expired
+    wiring.store.put_pairing(secret_hash("stale"), "dc1-db-1", uses=3, ttl=-1)
+    status, body = enroll(wiring, "dc1-db-1", "stale")
+    assert status == 401 and "expired" in body["detail"]
+    # a cloud instance's id: refused at minting and at enrollment
+    ec2 = Workload(id="i-0abc", ips=["10.0.0.9"], cloud="aws", account="1", region="ca-central-1")
+    wiring.store.observe(InventoryRecord(id=ec2.id, workload=ec2, observed_at=time.time()))
+    assert admin.pairing_key("alice", "i-0abc", uses=1, ttl=600).status == 409
+    wiring.store.put_pairing(secret_hash("k"), "i-0abc", uses=1, ttl=600)
+    status, body = enroll(wiring, "i-0abc", "k")
+    assert status == 401 and "aws instance" in body["detail"]
+    assert admin.pairing_key("alice", "never-registered", uses=1, ttl=600).status == 404
+    actions = [a.action for a in wiring.store.audit_log()]
+    assert actions.count("pairing.create") == 1
+
+
+def test_the_local_control_plane_enrolls_by_pairing_only(wiring: LocalWiring) -> None:
+    api = AgentApi(wiring)
+    nonce = api.nonce().body["nonce"]
+    r = api.enroll(EnrollRequest(method="aws-iid", nonce=nonce, document="{}", document_signature="x"))
+    assert r.status == 400 and "aws-iid is not enabled" in r.body["detail"]
+
+
+def test_the_state_directory_has_one_control_plane(wiring: LocalWiring, tmp_path: Path) -> None:
+    with pytest.raises(StateInUse):
+        LocalWiring(wiring.database, signing_key=signing_key_file(tmp_path))
+
+
+def test_the_state_directory_keeps_its_own_signing_key(tmp_path: Path) -> None:
+    db = tmp_path / "rf" / "state.db"  # what `ringfence serve --store sqlite:PATH` passes
+    with LocalWiring(db) as w:
+        first = w.signer.public_pem()
+    private = tmp_path / "rf" / "signing-key.pem"
+    assert private.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "rf" / "signing-key.pub.pem").read_bytes() == first
+    with LocalWiring(db) as w:
+        assert w.signer.public_pem() == first, "a restart signs with the same key"
+
+
+def test_a_failed_start_leaves_the_state_directory_free(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a key")
+    bad.chmod(0o600)
+    with pytest.raises(ValueError):
+        LocalWiring(tmp_path / "rf" / "state.db", signing_key=bad)
+    LocalWiring(tmp_path / "rf" / "state.db", signing_key=signing_key_file(tmp_path)).close()
+
+
+def test_published_keys_never_leave_the_directory(tmp_path: Path) -> None:
+    pub = FilePublisher(tmp_path / "objects")
+    for key in ("../x", "/etc/passwd", "a/../../b", ".hidden", "a\\b", ""):
+        with pytest.raises(BadKey):
+            pub.put_text(key, "x")
+    pub.put_text("policies/v000001/p.yaml", "rules: []\n")
+    assert pub.get("policies/v000001/p.yaml") == b"rules: []\n"
+    assert not [p for p in (tmp_path / "objects").rglob(".tmp-*")], "no temporary file is left behind"

@@ -1,0 +1,28 @@
+"""The committed OpenAPI documents are what the routes give (regenerate: make openapi)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ringfence.routes.openapi import documents
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "openapi"
+
+
+def test_openapi_documents_are_current() -> None:
+    for name, text in documents().items():
+        committed = (DOCS / name).read_text() if (DOCS / name).exists() else ""
+        assert committed == text, f"docs/openapi/{name} is stale: run `make openapi`"
+
+
+def test_agent_document_has_every_route_the_agent_calls() -> None:
+    import json
+
+    from ringfence.agentwire import API_PREFIX, ROUTES
+
+    doc = json.loads(documents()["agent-api.json"])
+    routed = {(m.upper(), p.replace("{wid}", "{id}")) for p, ops in doc["paths"].items() for m in ops}
+    assert {(m, API_PREFIX + p) for m, p in ROUTES.values()} <= routed
+    # bodies are the agent API's models: the event handler validates them
+    enroll = doc["paths"]["/v1/enroll"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert enroll["$ref"].endswith("/EnrollRequest")
