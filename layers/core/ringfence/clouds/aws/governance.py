@@ -12,7 +12,7 @@ from ringfence.audit import AuditRecord
 from ringfence.governance import UNATTRIBUTED, Finding, TagChange, Verdict, bind, govern
 from ringfence.store.base import InventoryRecord
 
-from .wiring import Metric, BaseWiring, log, no_metric
+from .wiring import BaseWiring, Metric, log, no_metric
 
 findings_log = logging.getLogger("ringfence.findings")
 """One JSON document per finding (schema ``ringfence.finding/v1``): subscribe the SIEM to it."""
@@ -117,7 +117,9 @@ def _report(w: BaseWiring, rec: InventoryRecord, verdict: Verdict, event_id: str
     return quarantine
 
 
-def bind_labels(w: BaseWiring, workload_id: str, labels: dict[str, str], principal: str, reason: str) -> InventoryRecord:
+def bind_labels(
+    w: BaseWiring, workload_id: str, labels: dict[str, str], principal: str, reason: str
+) -> InventoryRecord:
     """An audited admin binding: grant privileged label values to one workload, lift a hold they
     clear, and queue the change for compute. Raises KeyError (unknown workload) or ValueError."""
     mapper = w.mapper()
