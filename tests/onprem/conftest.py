@@ -13,9 +13,31 @@ from ringfence.local.wiring import LocalWiring
 from tests.aws.conftest import LABEL_TESTS, POLICY_DIR
 
 ESTATE = [
-    {"id": "dc1-web-1", "ips": ["192.168.10.11"], "tags": {"role": "web", "app": "ordering", "env": "prod"}},
-    {"id": "dc1-proc-1", "ips": ["192.168.10.21"], "tags": {"role": "processing", "app": "ordering", "env": "prod"}},
-    {"id": "dc1-db-1", "ips": ["192.168.10.31"], "tags": {"role": "database", "app": "ordering", "env": "prod"}},
+    {
+        "id": "dc1-web-1",
+        "ips": ["192.168.10.11"],
+        "tags": {"ringfence:role": "web", "ringfence:app": "ordering", "ringfence:env": "prod", "ringfence:loc": "ca"},
+    },
+    {
+        "id": "dc1-proc-1",
+        "ips": ["192.168.10.21"],
+        "tags": {
+            "ringfence:role": "processing",
+            "ringfence:app": "ordering",
+            "ringfence:env": "prod",
+            "ringfence:loc": "ca",
+        },
+    },
+    {
+        "id": "dc1-db-1",
+        "ips": ["192.168.10.31"],
+        "tags": {
+            "ringfence:role": "database",
+            "ringfence:app": "ordering",
+            "ringfence:env": "prod",
+            "ringfence:loc": "ca",
+        },
+    },
 ]
 
 

@@ -26,7 +26,11 @@ def call(app: APIGatewayRestResolver, method: str, path: str, body: Any = None) 
 def test_register_import_pair_and_deregister_through_the_routes(wiring: LocalWiring) -> None:
     svc = boot(wiring)
     app = admin_routes(lambda: svc, onprem=lambda: svc)
-    spec = {"id": "dc3-web-1", "ips": ["192.168.30.11"], "tags": {"role": "web", "app": "ordering", "env": "prod"}}
+    spec = {
+        "id": "dc3-web-1",
+        "ips": ["192.168.30.11"],
+        "tags": {"ringfence:role": "web", "ringfence:app": "ordering", "ringfence:env": "prod", "ringfence:loc": "ca"},
+    }
     status, body = call(app, "POST", "/admin/workloads", {**spec, "reason": "new rack"})
     assert status == 201 and body["created"] is True, body
     status, body = call(app, "POST", "/admin/workloads", {"ips": ["10.0.0.1"]})

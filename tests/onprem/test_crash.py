@@ -78,7 +78,16 @@ def work(url: str, ids: Iterator[int], acks: list[tuple[str, ...]], stop: thread
                 return
             wid = f"h{i}"
             role = "web" if i % 2 else "processing"
-            spec = {"id": wid, "ips": [ip(i)], "tags": {"role": role, "app": "ordering", "env": "prod"}}
+            spec = {
+                "id": wid,
+                "ips": [ip(i)],
+                "tags": {
+                    "ringfence:role": role,
+                    "ringfence:app": "ordering",
+                    "ringfence:env": "prod",
+                    "ringfence:loc": "ca",
+                },
+            }
             r = c.post("/admin/workloads", json=spec, headers=ADMIN)
             assert r.status_code == 201, r.text
             acks.append(("register", wid, ip(i)))

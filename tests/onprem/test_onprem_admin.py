@@ -13,7 +13,7 @@ from ringfence.store.base import InventoryRecord
 from tests.onprem.conftest import boot
 from tests.onprem.test_wiring import in_sets, served
 
-GOOD = """\ufeffid,name,ips,site,role,app,env,label:loc,owner
+GOOD = """\ufeffid,name,ips,site,ringfence:role,ringfence:app,ringfence:env,label:loc,owner
 dc2-web-1,web one,192.168.20.11;192.168.20.12,dc2,web,ordering,prod,ca,team-a
 dc2-web-2,"web, two",192.168.20.13 | fd00::13,dc2,web,ordering,prod,,
 dc2-db-1,db,192.168.20.31,dc2,database,ordering,prod,ca,
@@ -36,7 +36,7 @@ def test_cmdb_rows_become_workloads() -> None:
     assert list(ws) == ["dc2-web-1", "dc2-web-2", "dc2-db-1"]
     w = ws["dc2-web-1"]
     assert w.ips == ["192.168.20.11", "192.168.20.12"] and w.name == "web one" and w.site == "dc2"
-    assert w.tags == {"role": "web", "app": "ordering", "env": "prod", "owner": "team-a"}
+    assert w.tags == {"ringfence:role": "web", "ringfence:app": "ordering", "ringfence:env": "prod", "owner": "team-a"}
     assert w.labels == {"loc": "ca"} and w.cloud == "onprem"
     assert ws["dc2-web-2"].ips == ["192.168.20.13", "fd00::13"] and ws["dc2-web-2"].labels == {}
 
@@ -93,7 +93,9 @@ def test_import_is_all_or_nothing_and_audited(wiring: LocalWiring) -> None:
     assert (last.principal, last.action, last.target, last.reason) == ("bob", "workload.import", "cmdb.csv", "CHG-1")
     assert last.detail["created"] == ["dc2-db-1", "dc2-web-1", "dc2-web-2"]
     # imported web servers are peers of the processing tier now
-    assert in_sets(served(wiring, "dc1-proc-1"), "192.168.20.13")
+    assert in_sets(served(wiring, "dc1-proc-1"), "192.168.20.11")
+    # dc2-web-2 has no loc: a missing value is shared with nobody, so it is no peer of dc1 (ca)
+    assert not in_sets(served(wiring, "dc1-proc-1"), "192.168.20.13")
     # importing again updates, and says so
     r = admin.import_cmdb("bob", GOOD, "cmdb.csv")
     assert r.body["updated"] == 3 and r.body["created"] == 0
@@ -104,7 +106,11 @@ def test_register_update_and_deregister(wiring: LocalWiring) -> None:
     assert admin.register_workload("alice", {"id": "bad id", "ips": ["10.0.0.1"]}).status == 400
     assert admin.register_workload("alice", {"id": "x", "ips": []}).status == 400
     assert admin.register_workload("alice", {"id": "x", "ips": ["10.0.0.300"]}).status == 400
-    spec = {"id": "dc1-web-2", "ips": ["192.168.10.12"], "tags": {"role": "web", "app": "ordering", "env": "prod"}}
+    spec = {
+        "id": "dc1-web-2",
+        "ips": ["192.168.10.12"],
+        "tags": {"ringfence:role": "web", "ringfence:app": "ordering", "ringfence:env": "prod", "ringfence:loc": "ca"},
+    }
     assert admin.register_workload("alice", spec).status == 201
     moved = {**spec, "ips": ["192.168.10.99"]}
     r = admin.register_workload("alice", moved, reason="re-IP")
@@ -127,3 +133,30 @@ def test_register_update_and_deregister(wiring: LocalWiring) -> None:
         ("workload.register", "dc1-web-2"),
         ("workload.deregister", "dc1-web-2"),
     ]
+
+
+def test_an_operator_registering_a_jumpbox_is_an_audited_binding_of_its_privileged_values(
+    wiring: LocalWiring,
+) -> None:
+    """On premise no cloud event names a tagger: the operator's registration (audited) is what
+    grants ``role: jumpbox`` and ``app: admin``, so the jumpbox is never held and its SSH rule
+    reaches the database; the audit record names the grant."""
+    admin = boot(wiring)
+    jump = {
+        "id": "dc1-jump-1",
+        "ips": ["192.168.99.5"],
+        "tags": {"ringfence:role": "jumpbox", "ringfence:app": "admin", "ringfence:env": "shared"},
+    }
+    assert admin.register_workload("alice", jump, reason="CHG-7").status == 201
+    assert wiring.settle(60)
+    rec = wiring.store.get("dc1-jump-1")
+    assert rec is not None and rec.workload.held_labels is None
+    assert rec.workload.label_grants == {"role": "jumpbox", "app": "admin"}
+    assert rec.labels["role"] == "jumpbox" and rec.labels["app"] == "admin"
+    last = wiring.store.audit_log()[-1]
+    assert (last.principal, last.action, last.reason) == ("alice", "workload.register", "CHG-7")
+    assert last.detail["label_grants"] == {"role": "jumpbox", "app": "admin"}
+    assert in_sets(served(wiring, "dc1-db-1"), "192.168.99.5")  # the jumpbox's SSH reaches the database
+    # an ordinary workload grants nothing
+    r = admin.import_cmdb("bob", GOOD, "cmdb.csv")
+    assert r.status == 200 and "label_grants" not in wiring.store.audit_log()[-1].detail

@@ -146,7 +146,16 @@ def test_pairing_push_and_a_restart_after_kill_9(server: Server, tmp_path: Path)
         time.sleep(1)  # in its long-poll now
 
         # a change (a new web server registered: a peer of the processing tier) is pushed
-        web2 = {"id": "dc1-web-2", "ips": ["192.168.10.12"], "tags": {"role": "web", "app": "ordering", "env": "prod"}}
+        web2 = {
+            "id": "dc1-web-2",
+            "ips": ["192.168.10.12"],
+            "tags": {
+                "ringfence:role": "web",
+                "ringfence:app": "ordering",
+                "ringfence:env": "prod",
+                "ringfence:loc": "ca",
+            },
+        }
         changed = time.monotonic()
         assert server.admin("POST", "/admin/workloads", web2).status_code == 201
         wait_until(lambda: (status(state).get("applied_revision") or 0) > first, 15, "the pushed change", log)

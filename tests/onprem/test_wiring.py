@@ -63,7 +63,11 @@ def test_a_change_reaches_a_long_poll_through_the_notifier(wiring: LocalWiring) 
     t.start()
     time.sleep(0.3)  # the poll is waiting
     assert not answers, "nothing changed: the poll waits"
-    spec = {"id": "dc1-web-2", "ips": ["192.168.10.12"], "tags": {"role": "web", "app": "ordering", "env": "prod"}}
+    spec = {
+        "id": "dc1-web-2",
+        "ips": ["192.168.10.12"],
+        "tags": {"ringfence:role": "web", "ringfence:app": "ordering", "ringfence:env": "prod", "ringfence:loc": "ca"},
+    }
     changed_at = time.monotonic()
     assert admin.register_workload("alice", spec).status == 201
     t.join(30)

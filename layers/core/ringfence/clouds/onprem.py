@@ -28,10 +28,15 @@ class OnPremAdmin(Admin):
     registering, importing and deregistering on-premise workloads."""
 
     def _record(self, w: Workload, observed_at: float, state: str = "running") -> InventoryRecord:
+        """The inventory record of an operator-given workload. Its label tags (reserved keys, as in
+        a cloud) come from an operator through this audited service, so privileged values are an
+        audited admin binding: never held, and kept as ``label_grants`` (in the audit detail too)."""
         labels: dict[str, str] = {}
         problems: list[str] = []
         mapper = self.w.mapper()
         if mapper is not None:  # the hygiene view, as ingest gives cloud records
+            grants = {d: v for d, v in mapper.resolve_tags(w).labels.items() if mapper.is_privileged(d, v)}
+            w = w.model_copy(update={"label_grants": grants, "held_labels": None})
             res = mapper.resolve(w)
             labels, problems = res.labels, [p.message for p in res.problems]
         w = w.model_copy(update={"observed_at": observed_at})
@@ -56,14 +61,12 @@ class OnPremAdmin(Admin):
         if owned:
             return error(409, "not an on-premise workload", f"{spec.id} is a {owned[spec.id]} instance in inventory")
         existed = self.w.store.get(spec.id) is not None
-        self.w.store.observe(self._record(spec.workload(), time.time()))
-        audit_id = self._audit(
-            principal,
-            "workload.register",
-            spec.id,
-            spec.model_dump(include=set(OnPremWorkload.model_fields) - {"id"}, exclude_none=True),
-            reason,
-        )
+        rec = self._record(spec.workload(), time.time())
+        self.w.store.observe(rec)
+        detail = spec.model_dump(include=set(OnPremWorkload.model_fields) - {"id"}, exclude_none=True)
+        if rec.workload.label_grants:
+            detail["label_grants"] = dict(rec.workload.label_grants)
+        audit_id = self._audit(principal, "workload.register", spec.id, detail, reason)
         self.w.enqueue_compute([spec.id])
         return Response(200 if existed else 201, {"workload_id": spec.id, "created": not existed, "audit_id": audit_id})
 
@@ -80,19 +83,18 @@ class OnPremAdmin(Admin):
             return error(409, "CMDB file rejected: nothing imported", "\n".join(problems))
         existing = set(self.w.store.get_many([w.id for w in workloads]))
         t = time.time()
-        self.w.store.observe_many([self._record(w, t) for w in workloads])  # SQLite: one transaction
+        recs = [self._record(w, t) for w in workloads]
+        self.w.store.observe_many(recs)  # SQLite: one transaction
         ids = [w.id for w in workloads]
-        audit_id = self._audit(
-            principal,
-            "workload.import",
-            source,
-            {
-                "sha256": hashlib.sha256(text.encode()).hexdigest(),
-                "created": sorted(set(ids) - existing),
-                "updated": sorted(set(ids) & existing),
-            },
-            reason,
-        )
+        detail: dict[str, Any] = {
+            "sha256": hashlib.sha256(text.encode()).hexdigest(),
+            "created": sorted(set(ids) - existing),
+            "updated": sorted(set(ids) & existing),
+        }
+        grants = {r.id: dict(r.workload.label_grants) for r in recs if r.workload.label_grants}
+        if grants:
+            detail["label_grants"] = grants
+        audit_id = self._audit(principal, "workload.import", source, detail, reason)
         self.w.enqueue_compute(ids)
         return Response(
             200,
