@@ -15,7 +15,7 @@ import argparse
 import time
 
 from ringfence.demo.live import Live
-from ringfence.local.estate import ASG_NAME
+from ringfence.local.estate import ASG_NAME, TAGGER_ROLE
 
 
 def _launch(d: Live, n: int, timeout: float) -> None:
@@ -48,7 +48,7 @@ def _scale_in(d: Live, timeout: float) -> None:
 
 def bench(d: Live, args: argparse.Namespace) -> None:
     repeat = max(1, int(args.repeat))
-    ec2 = d.aws.client("ec2")
+    ec2 = d.aws.client_as("ec2", TAGGER_ROLE)
     with d.r.step(1, f"single launch ×{repeat}"):
         for _ in range(repeat):
             _launch(d, 1, 60)
@@ -60,12 +60,12 @@ def bench(d: Live, args: argparse.Namespace) -> None:
 
             def seen(v: str = value) -> bool:
                 rec = d.store.get(iid)
-                return rec is not None and rec.workload.tags.get("env") == v
+                return rec is not None and rec.workload.tags.get("ringfence:env") == v
 
             s = d.measure(
                 "tag_change",
                 f"ord-prod-web-9 env={value}",
-                lambda v=value: ec2.create_tags(Resources=[iid], Tags=[{"Key": "env", "Value": v}]),  # type: ignore[misc]
+                lambda v=value: ec2.create_tags(Resources=[iid], Tags=[{"Key": "ringfence:env", "Value": v}]),  # type: ignore[misc]
                 seen,
                 (iid,),
             )

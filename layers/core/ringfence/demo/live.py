@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 from ringfence.demo.offline import example_dir
 from ringfence.demo.report import Report, Sample
-from ringfence.local.estate import ASG_NAME, Estate, build_estate, example_workloads, policy_files
+from ringfence.local.estate import ASG_NAME, TAGGER_ROLE, Estate, build_estate, example_workloads, policy_files
 from ringfence.local.fleet import Fleet, FleetConfig, Instance
 from ringfence.local.imds import IMDS_ADDRESS, Imds
 from ringfence.local.lab import Lab, enter_netns, prerequisites, sweep_stale
@@ -132,11 +132,13 @@ class Live:
             + ("" if self.dry_run else " (inside the control-plane namespace)")
         )
         workloads = example_workloads(self.example)
-        self.est = build_estate(self.aws.client("ec2"), self.aws.client("autoscaling"), workloads, self.aws.region)
+        # tagged by the example policy's allowed tagger (labels.taggers), as the guard rail requires
+        tagger = self.aws.client_as("ec2", TAGGER_ROLE)
+        self.est = build_estate(tagger, self.aws.client("autoscaling"), workloads, self.aws.region)
         self.names = {iid: name for name, iid in self.est.instances.items()}
         r.say(
             f"estate: {len(self.est.vpcs)} VPCs, {len(self.est.subnets)} subnets, {len(self.est.instances)} instances, "
-            f"Auto Scaling group {ASG_NAME} (launch lifecycle hook)"
+            f"Auto Scaling group {ASG_NAME} (launch lifecycle hook); label tags (ringfence:*) set by role {TAGGER_ROLE}"
         )
         pub = self.work / "bundle-signing.pub.pem"
         pub.write_bytes(self.aws.signing_key.public_pem())
@@ -673,19 +675,24 @@ def step_scale_out(d: Live, n: int = 3) -> list[str]:
 
 
 def step_retag(d: Live, asg_new: list[str]) -> None:
-    with d.r.step(3, "fix the typo'd tag (env=prdo → prod); retag an instance into the wrong app"):
-        ec2 = d.aws.client("ec2")
+    with d.r.step(
+        3,
+        "fix the typo'd tag (env=prdo → prod); retag an instance into the wrong app; "
+        "a developer's retag into the jumpbox is held",
+    ):
+        # label tags are changed by the allowed tagger (labels.taggers), as the guard rail requires
+        ec2 = d.aws.client_as("ec2", TAGGER_ROLE)
         typo = d.iid("ord-prod-web-9")
 
         def fixed() -> bool:
             rec = d.store.get(typo)
-            return rec is not None and rec.workload.tags.get("env") == "prod"
+            return rec is not None and rec.workload.tags.get("ringfence:env") == "prod"
 
-        d.r.say("CreateTags ord-prod-web-9 env=prod")
+        d.r.say(f"CreateTags ord-prod-web-9 ringfence:env=prod (as {TAGGER_ROLE})")
         s = d.measure(
             "tag_change",
             "ord-prod-web-9 env=prod",
-            lambda: ec2.create_tags(Resources=[typo], Tags=[{"Key": "env", "Value": "prod"}]),
+            lambda: ec2.create_tags(Resources=[typo], Tags=[{"Key": "ringfence:env", "Value": "prod"}]),
             fixed,
             (typo,),
         )
@@ -701,13 +708,13 @@ def step_retag(d: Live, asg_new: list[str]) -> None:
 
         def moved() -> bool:
             rec = d.store.get(victim)
-            return rec is not None and rec.workload.tags.get("app") == "payroll"
+            return rec is not None and rec.workload.tags.get("ringfence:app") == "payroll"
 
-        d.r.say(f"CreateTags {victim_name} app=payroll (the wrong app)")
+        d.r.say(f"CreateTags {victim_name} ringfence:app=payroll (the wrong app)")
         s = d.measure(
             "tag_change",
             f"{victim_name} app=payroll",
-            lambda: ec2.create_tags(Resources=[victim], Tags=[{"Key": "app", "Value": "payroll"}]),
+            lambda: ec2.create_tags(Resources=[victim], Tags=[{"Key": "ringfence:app", "Value": "payroll"}]),
             moved,
             (victim,),
         )
@@ -727,10 +734,61 @@ def step_retag(d: Live, asg_new: list[str]) -> None:
         d.measure(
             "tag_change",
             f"{victim_name} app=ordering",
-            lambda: ec2.create_tags(Resources=[victim], Tags=[{"Key": "app", "Value": "ordering"}]),
-            lambda: (rec := d.store.get(victim)) is not None and rec.workload.tags.get("app") == "ordering",
+            lambda: ec2.create_tags(Resources=[victim], Tags=[{"Key": "ringfence:app", "Value": "ordering"}]),
+            lambda: (rec := d.store.get(victim)) is not None and rec.workload.tags.get("ringfence:app") == "ordering",
             (victim,),
         )
+        step_privileged_retag_held(d)
+
+
+DEVELOPER = "developer"  # an IAM user allowed to tag instances, but not an allowed tagger
+
+
+def step_privileged_retag_held(d: Live) -> None:
+    """A developer re-tags their dev box into the jumpbox (``app=admin, role=jumpbox``, privileged
+    values): the control plane holds its previous labels and raises a finding, so the box does not
+    join the jumpboxes' SSH rule; re-tagged back, the hold is lifted."""
+    dev = d.aws.client_as("ec2", DEVELOPER, user=True)
+    box_name = "ord-dev-web-1"
+    box = d.iid(box_name)
+    jump = {"ringfence:app": "admin", "ringfence:role": "jumpbox", "ringfence:env": "shared"}
+
+    def finding() -> bool:
+        return any(a.action == "label.held" and a.target == box for a in d.store.audit_log())
+
+    d.r.say(f"CreateTags {box_name} ringfence:app=admin, ringfence:role=jumpbox, ringfence:env=shared (as {DEVELOPER})")
+    dev.create_tags(Resources=[box], Tags=[{"Key": k, "Value": v} for k, v in jump.items()])
+    deadline = time.monotonic() + ENFORCE_TIMEOUT
+    while time.monotonic() < deadline and not finding():
+        time.sleep(0.1)
+    d.idle(max(0.1, deadline - time.monotonic()))
+    rec = d.store.get(box)
+    held = rec is not None and rec.workload.held_labels is not None and rec.labels.get("role") == "web"
+    audit = next((a for a in d.store.audit_log() if a.action == "label.held" and a.target == box), None)
+    if audit is not None:
+        d.r.say(f"  finding: {audit.principal} → {audit.detail.get('requested')}: {audit.reason}")
+    d.r.check(f"{box_name} keeps its labels (held)", True, held)
+    d.r.check(f"finding raised for {DEVELOPER}'s privileged retag", True, audit is not None)
+    d.expect_flows(
+        [
+            Flow(box_name, "ord-prod-db-1", "tcp/22", False, "held: not a jumpbox"),
+            Flow(box_name, "pay-prod-db-1", "tcp/22", False, "held: not a jumpbox"),
+        ]
+    )
+    # re-tagged back, the hold is lifted
+    back = {"ringfence:app": "ordering", "ringfence:role": "web", "ringfence:env": "dev"}
+    dev.create_tags(Resources=[box], Tags=[{"Key": k, "Value": v} for k, v in back.items()])
+    deadline = time.monotonic() + ENFORCE_TIMEOUT
+    while time.monotonic() < deadline:
+        rec = d.store.get(box)
+        if (
+            rec is not None
+            and rec.workload.tags.get("ringfence:app") == "ordering"
+            and rec.workload.held_labels is None
+        ):
+            break
+        time.sleep(0.1)
+    d.idle(max(0.1, deadline - time.monotonic()))
 
 
 def hygiene_findings(d: Live) -> list[dict[str, str]]:
@@ -744,7 +802,7 @@ def hygiene_findings(d: Live) -> list[dict[str, str]]:
             out.append({"workload": rec.id, "finding": p})
         name = rec.workload.tags.get("Name", "")
         expected = prefixes.get(name.split("-", 1)[0]) if name else None
-        app = rec.labels.get("app") or rec.workload.tags.get("app")
+        app = rec.labels.get("app") or rec.workload.tags.get("ringfence:app")
         if expected and app and app != expected:
             out.append({"workload": rec.id, "finding": f"named {name} (app {expected}) but labelled app={app}"})
     return out

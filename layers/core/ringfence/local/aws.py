@@ -9,6 +9,8 @@ standard endpoint variables — the same code paths as in AWS. Interface::
         aws.url                         # "http://127.0.0.1:<free port>"
         aws.env                         # every variable a handler process needs (AWS_* and RINGFENCE_*)
         aws.client("ec2")               # a boto3 client bound to the server
+        aws.client_as("ec2", "ringfence-tagging")  # …calling as that IAM role (assumed)
+        aws.client_as("ec2", "developer", user=True)  # …calling as that IAM user
         aws.queues["ingest"|"lifecycle"|"perimeter"|"compute"|"dlq"|"…_dlq"]  # queue URLs
         aws.queue_arn("compute")
         aws.bucket, aws.tables, aws.rules  # names, as RINGFENCE_* carry them
@@ -30,6 +32,7 @@ caller as a trail would (:mod:`ringfence.local.moto_trail`). Events do not flow 
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -241,6 +244,44 @@ class EmbeddedAws:
                 aws_session_token="testing",  # noqa: S106
             )
         return self._clients[service]
+
+    def client_as(self, service: str, name: str, *, user: bool = False) -> Any:
+        """A boto3 client calling as IAM role ``name`` (created if missing, then assumed) or, with
+        ``user``, as IAM user ``name`` (its access key): the trail (:mod:`moto_trail`) names that
+        principal as the caller, as CloudTrail's ``userIdentity`` would."""
+        key = f"{service}@{'user' if user else 'role'}/{name}"
+        if key not in self._clients:
+            import boto3
+
+            iam = self.client("iam")
+            if user:
+                with contextlib.suppress(iam.exceptions.EntityAlreadyExistsException):
+                    iam.create_user(UserName=name)
+                k = iam.create_access_key(UserName=name)["AccessKey"]
+                creds = {"aws_access_key_id": k["AccessKeyId"], "aws_secret_access_key": k["SecretAccessKey"]}
+            else:
+                trust = {
+                    "Version": "2012-10-17",
+                    "Statement": [
+                        {
+                            "Effect": "Allow",
+                            "Principal": {"AWS": f"arn:aws:iam::{self.account}:root"},
+                            "Action": "sts:AssumeRole",
+                        }
+                    ],
+                }
+                try:
+                    arn = iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
+                except iam.exceptions.EntityAlreadyExistsException:
+                    arn = iam.get_role(RoleName=name)["Role"]["Arn"]
+                c = self.client("sts").assume_role(RoleArn=arn, RoleSessionName=f"{name}-session")["Credentials"]
+                creds = {
+                    "aws_access_key_id": c["AccessKeyId"],
+                    "aws_secret_access_key": c["SecretAccessKey"],
+                    "aws_session_token": c["SessionToken"],
+                }
+            self._clients[key] = boto3.client(service, endpoint_url=self.url, region_name=self.region, **creds)
+        return self._clients[key]
 
     def queue_arn(self, key: str) -> str:
         url = self.queues[key]

@@ -20,7 +20,10 @@ from ringfence.model import Workload
 ASG_NAME = "ord-prod-web-asg"
 HOOK_NAME = "ringfence-enforce-before-inservice"
 ASG_SUBNET = "10.1.16.0/20"  # the web ASG's subnet: moto picks addresses in it
-ASG_TAGS = {"role": "web", "app": "ordering", "env": "prod"}
+ASG_TAGS = {"ringfence:role": "web", "ringfence:app": "ordering", "ringfence:env": "prod"}
+# the IAM role that tags the estate: the example policy's ``labels.taggers`` names it, so its
+# CloudTrail-attributed tag changes may set privileged values (role jumpbox, app admin)
+TAGGER_ROLE = "ringfence-tagging"
 HOOK_TIMEOUT = 600  # seconds a launch waits in Pending:Wait for its agent (AWS default: 3600)
 
 
@@ -44,7 +47,9 @@ def example_workloads(example: Path, names: Iterable[str] | None = None) -> list
 
 def build_estate(ec2: Any, autoscaling: Any, workloads: list[Workload], region: str) -> Estate:
     """Create the VPCs, subnets and instances (running, with the example's tags and IPv4
-    address, plus ``Name``), the web tier's launch template, ASG (0 instances) and its hook."""
+    address, plus ``Name``), the web tier's launch template, ASG (0 instances) and its hook.
+    ``ec2`` should call as :data:`TAGGER_ROLE` (``EmbeddedAws.client_as``): the instances' label
+    tags are then set by the allowed tagger, as the guard rail in the deploy guide requires."""
     est = Estate()
     ami = ec2.describe_images()["Images"][0]["ImageId"]
     zone = f"{region}a"
