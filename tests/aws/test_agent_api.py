@@ -76,7 +76,12 @@ def register_onprem(env: Env, wid: str, ip: str) -> None:
     from ringfence.model import Workload
     from ringfence.store.base import InventoryRecord
 
-    w = Workload(id=wid, ips=[ip], tags={"role": "database", "app": "ordering", "env": "prod"}, site="dc1")
+    w = Workload(
+        id=wid,
+        ips=[ip],
+        tags={"ringfence:role": "database", "ringfence:app": "ordering", "ringfence:env": "prod"},
+        site="dc1",
+    )
     assert w.cloud == "onprem"
     env.store.observe(InventoryRecord(id=wid, workload=w, observed_at=time.time()))
 

@@ -197,8 +197,12 @@ def test_retag_moves_the_interfaces_and_the_schedule_deletes_groups_left_without
     assert {"rf-dev-boundary", "rf-dev-mgmt"} <= set(rf_groups(env))
     assert all({"rf-dev-boundary", "rf-dev-mgmt"} <= set(n) for n in enis(env, dev).values())
     # retag dev → prod: the event path makes that instance's interfaces exact at once
-    env.ec2.create_tags(Resources=[dev], Tags=[{"Key": "env", "Value": "prod"}])
-    env.put(env.tag_event(dev, {"role": "processing", "app": "ordering", "env": "prod"}, version=7))
+    env.ec2.create_tags(Resources=[dev], Tags=[{"Key": "ringfence:env", "Value": "prod"}])
+    env.put(
+        env.tag_event(
+            dev, {"ringfence:role": "processing", "ringfence:app": "ordering", "ringfence:env": "prod"}, version=7
+        )
+    )
     env.pump()
     for names in enis(env, dev).values():
         assert set(names) >= PROD and not {"rf-dev-boundary", "rf-dev-mgmt"} & set(names)
@@ -309,8 +313,12 @@ def test_foreign_groups_are_never_touched(configured: Env, caplog: Any) -> None:
         return env.ec2.describe_security_groups(GroupIds=[plain, lookalike, tagged])["SecurityGroups"]
 
     before = snapshot()
-    env.ec2.create_tags(Resources=[proc], Tags=[{"Key": "env", "Value": "dev"}])
-    env.put(env.tag_event(proc, {"role": "processing", "app": "ordering", "env": "dev"}, version=9))
+    env.ec2.create_tags(Resources=[proc], Tags=[{"Key": "ringfence:env", "Value": "dev"}])
+    env.put(
+        env.tag_event(
+            proc, {"ringfence:role": "processing", "ringfence:app": "ordering", "ringfence:env": "dev"}, version=9
+        )
+    )
     env.pump()
     names = enis(env, proc)[eni]
     assert names[0] == "ops-monitoring" and "legacy-fw" in names, "foreign attachments stay, in their order"
@@ -318,8 +326,12 @@ def test_foreign_groups_are_never_touched(configured: Env, caplog: Any) -> None:
     # a workload whose group name a foreign group holds: refused whole, the name never taken over
     db = est["ids"]["db"][0]
     db_before = enis(env, db)
-    env.ec2.create_tags(Resources=[db], Tags=[{"Key": "env", "Value": "shared"}])
-    env.put(env.tag_event(db, {"role": "database", "app": "ordering", "env": "shared"}, version=9))
+    env.ec2.create_tags(Resources=[db], Tags=[{"Key": "ringfence:env", "Value": "shared"}])
+    env.put(
+        env.tag_event(
+            db, {"ringfence:role": "database", "ringfence:app": "ordering", "ringfence:env": "shared"}, version=9
+        )
+    )
     env.pump()
     assert enis(env, db) == db_before and "rf-shared-mgmt" not in rf_groups(env)
     assert (
@@ -328,8 +340,12 @@ def test_foreign_groups_are_never_touched(configured: Env, caplog: Any) -> None:
     out = schedule(env)[0]
     assert out["applied"] is False and any(lookalike in v for v in out["violations"])
     # back in prod, the schedule converges: legacy-fw and the look-alike serve no workload, yet stay
-    env.ec2.create_tags(Resources=[db], Tags=[{"Key": "env", "Value": "prod"}])
-    env.put(env.tag_event(db, {"role": "database", "app": "ordering", "env": "prod"}, version=10))
+    env.ec2.create_tags(Resources=[db], Tags=[{"Key": "ringfence:env", "Value": "prod"}])
+    env.put(
+        env.tag_event(
+            db, {"ringfence:role": "database", "ringfence:app": "ordering", "ringfence:env": "prod"}, version=10
+        )
+    )
     env.pump()
     out = schedule(env)[0]
     assert "violations" not in out and out["plan"] == NO_CHANGE, out

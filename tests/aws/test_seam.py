@@ -90,7 +90,7 @@ def test_agent_enrolls_follows_a_tag_change_by_delta_and_a_quarantine_by_push(
     typo = est["run"]("web", est["subnets"]["web"], 1, env="prdo")[0]
     env.put(env.state_event(typo, "running"))
     env.pump()
-    assert not _in_sets(env.bundle(proc).model_dump(mode="json"), ip_of(env, typo))
+    assert not _allowed_in(env.bundle(proc).model_dump(mode="json"), ip_of(env, typo))
 
     imds_url, instance_at = imds
     instance_at["127.0.0.1"] = proc  # the agent below is this instance: its IMDS tells it so
@@ -127,8 +127,12 @@ def test_agent_enrolls_follows_a_tag_change_by_delta_and_a_quarantine_by_push(
         time.sleep(1)  # the agent is in its long-poll now
 
         # the tag is fixed: event → ingest → compute; the agent learns by the wait route and bridges by delta
-        env.ec2.create_tags(Resources=[typo], Tags=[{"Key": "env", "Value": "prod"}])
-        env.put(env.tag_event(typo, {"role": "web", "app": "ordering", "env": "prod"}, version=2))
+        env.ec2.create_tags(Resources=[typo], Tags=[{"Key": "ringfence:env", "Value": "prod"}])
+        env.put(
+            env.tag_event(
+                typo, {"ringfence:role": "web", "ringfence:app": "ordering", "ringfence:env": "prod"}, version=2
+            )
+        )
         env.pump()
         target = env.fn["agentapi"].api().latest_version(proc)
         assert target > first
@@ -137,7 +141,9 @@ def test_agent_enrolls_follows_a_tag_change_by_delta_and_a_quarantine_by_push(
         took = time.monotonic() - changed
         assert took < 10 < POLL_INTERVAL, took
         text = log.read_text()
-        assert f"version {first} → {target}, +1 -0 elements" in text, text  # a delta, not a whole bundle
+        # deltas, not a whole bundle: the web server joins the allow set and leaves the dev-prod
+        # boundary's deny set (a missing env counted as both dev and prod)
+        assert f" → {target}, +1 -0 elements" in text and f" → {target}, +0 -1 elements" in text, text
         st = agent_status(state)
         assert st["bundle_version"] == first and st["deltas_applied"] >= 1
 
@@ -160,5 +166,9 @@ def test_agent_enrolls_follows_a_tag_change_by_delta_and_a_quarantine_by_push(
             agent.wait(5)
 
 
-def _in_sets(doc: dict[str, Any], ip: str) -> bool:
-    return any(f"{ip}/32" in s["v4"] for s in doc["sets"].values())
+def _allowed_in(doc: dict[str, Any], ip: str) -> bool:
+    """``ip`` is a peer of an inbound allow rule (a workload without an env is in the dev-prod
+    boundary's deny sets: a missing value counts as both)."""
+    rules = [r for r in doc["inbound"] if r["action"] == "allow"]
+    names = {r["set"] for r in rules} | {m["set"] for r in rules for m in r.get("members") or []}
+    return any(f"{ip}/32" in s["v4"] for n, s in doc["sets"].items() if n in names)

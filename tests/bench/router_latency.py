@@ -102,7 +102,7 @@ def run(samples: int, estates: list[int], scale: int, watch_interval: float) -> 
                 for _, es in launches:
                     (iid,) = es[0].instance_ids
                     t = time.time()
-                    env.ec2.create_tags(Resources=[iid], Tags=[{"Key": "env", "Value": "prod"}])
+                    env.ec2.create_tags(Resources=[iid], Tags=[{"Key": "ringfence:env", "Value": "prod"}])
                     tags.append((t, wait_for(iid, (rt.TAG_CHANGE, rt.API_CALL), t)))
                     r.wait_idle(60)
                 result["tag_change"] = stages(tags)

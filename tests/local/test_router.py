@@ -66,13 +66,13 @@ def test_create_tags_reaches_compute(env: Env, make_router: Any) -> None:
     computed(r, typo, *LAUNCHED)
     db = est["ids"]["db"][0]
     assert not in_set(env.bundle(db), ip_of(env, typo)), "env=prdo is not prod: no access yet"
-    env.ec2.create_tags(Resources=[typo], Tags=[{"Key": "env", "Value": "prod"}])
+    env.ec2.create_tags(Resources=[typo], Tags=[{"Key": "ringfence:env", "Value": "prod"}])
     e = computed(r, typo, *TAGGED)
     assert "env=prod" in e.summary or e.detail["eventName"] == "CreateTags"
     assert env.store.get(typo).labels["env"] == "prod"  # type: ignore[union-attr]
     assert in_set(env.bundle(db), ip_of(env, typo))
     # a deleted key is a change too (in changed-tag-keys, absent from the full tag set)
-    env.ec2.delete_tags(Resources=[typo], Tags=[{"Key": "app"}])
+    env.ec2.delete_tags(Resources=[typo], Tags=[{"Key": "ringfence:app"}])
     deleted = r.timeline.wait(lambda x: x.summary == f"{typo} tags -app", WAIT)
     assert deleted is not None and r.wait_idle(WAIT)
     assert r.timeline.get(deleted.event_id).computed or r.timeline.get(deleted.event_id).unchanged  # type: ignore[union-attr]
