@@ -65,7 +65,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
 
 
 def rec(t: float, env_tag: str, state: str = "running", wid: str = WID, cloud: str = "aws") -> InventoryRecord:
-    w = Workload(id=wid, ips=["10.0.0.1"], tags={"env": env_tag}, cloud=cloud)  # type: ignore[arg-type]
+    w = Workload(id=wid, ips=["10.0.0.1"], tags={"ringfence:env": env_tag}, cloud=cloud)  # type: ignore[arg-type]
     return InventoryRecord(id=w.id, workload=w, state=state, observed_at=t)
 
 
@@ -76,7 +76,7 @@ def test_older_observation_never_wins(store: Store) -> None:
     assert store.observe(rec(10, "prod")) is True
     assert store.observe(rec(5, "dev")) is False
     got = store.get(WID)
-    assert got is not None and got.workload.tags == {"env": "prod"}
+    assert got is not None and got.workload.tags == {"ringfence:env": "prod"}
     assert store.observe(rec(11, "prod")) is False, "same cloud view: no change to compute"
     assert store.observe(rec(12, "dev")) is True
 
@@ -131,7 +131,7 @@ def test_observe_many_is_observe_for_each(store: Store) -> None:
         ]
     )
     assert changed == {"w1", "w2"}
-    assert store.get("w0").workload.tags == {"env": "prod"}  # type: ignore[union-attr]
+    assert store.get("w0").workload.tags == {"ringfence:env": "prod"}  # type: ignore[union-attr]
     assert store.observe_many([]) == set()
 
 

@@ -221,6 +221,46 @@ def test_cloudtrail_events_name_the_caller(env: Env, make_router: Any) -> None:
     assert r.pending()["dlq"] == 0
 
 
+def test_attack_privileged_retag_through_the_router_is_held_unless_by_the_tagging_role(
+    env: Env, make_router: Any
+) -> None:
+    """Governed labels on the demo's path: the caller comes from the trail (moto_trail), not from
+    the test. A developer (IAM user) retagging a web server into the jumpbox is held with a
+    finding; the same tags set by the example's allowed tagger (role ringfence-tagging, assumed
+    through ``EmbeddedAws.client_as``) are approved."""
+    est, r = booted(env, make_router)
+    web, other = est["ids"]["web"]
+    jump = [
+        {"Key": "ringfence:app", "Value": "admin"},
+        {"Key": "ringfence:role", "Value": "jumpbox"},
+        {"Key": "ringfence:env", "Value": "shared"},
+    ]
+    env.aws.client_as("ec2", "developer", user=True).create_tags(Resources=[web], Tags=jump)
+
+    def audited(action: str, target: str) -> Any:
+        return next((a for a in env.store.audit_log() if a.action == action and a.target == target), None)
+
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline and audited("label.held", web) is None:
+        time.sleep(0.1)
+    assert r.wait_idle(WAIT)
+    held = audited("label.held", web)
+    assert held is not None and held.principal == f"arn:aws:iam::{env.aws.account}:user/developer"
+    rec = env.store.get(web)
+    assert rec is not None and rec.workload.held_labels is not None
+    assert rec.labels["role"] == "web" and rec.labels["app"] == "ordering"
+    # the allowed tagger's call is attributed to its role ARN and approves what it set
+    env.aws.client_as("ec2", "ringfence-tagging").create_tags(Resources=[other], Tags=jump)
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline and audited("label.approve", other) is None:
+        time.sleep(0.1)
+    assert r.wait_idle(WAIT)
+    approved = audited("label.approve", other)
+    assert approved is not None and approved.principal == f"arn:aws:iam::{env.aws.account}:role/ringfence-tagging"
+    rec = env.store.get(other)
+    assert rec is not None and rec.workload.held_labels is None and rec.labels["role"] == "jumpbox"
+
+
 def test_disabled_metrics_stay_quiet(env: Env, make_router: Any, monkeypatch: Any, capsys: Any) -> None:
     """EmbeddedAws(metrics=False) sets POWERTOOLS_METRICS_DISABLED; Powertools then keeps every
     metric in memory and prints them once one holds 100 values, unless the router drops them
