@@ -10,6 +10,7 @@ import logging
 
 from ringfence.audit import AuditRecord
 from ringfence.governance import UNATTRIBUTED, Finding, TagChange, Verdict, bind, govern
+from ringfence.labels import LabelMapper
 from ringfence.store.base import InventoryRecord
 
 from .wiring import BaseWiring, Metric, log, no_metric
@@ -18,6 +19,14 @@ findings_log = logging.getLogger("ringfence.findings")
 """One JSON document per finding (schema ``ringfence.finding/v1``): subscribe the SIEM to it."""
 
 GOVERNANCE_PRINCIPAL = "ringfence:governance"
+
+
+def _governing_mapper(w: BaseWiring) -> LabelMapper | None:
+    """The active policy's labels, read now: not ``w.mapper()``, whose cache (for the hygiene view)
+    could still say "no policy" — or an older one — for its TTL after a provision, and a move
+    observed then would go ungoverned."""
+    active = w.active_policy()
+    return active[1].labels if active is not None else None
 
 
 def govern_record(
@@ -35,7 +44,7 @@ def govern_record(
     previous = old.workload if old is not None and old.state != "terminated" else None
     if rec.state == "terminated":
         return rec, False
-    mapper = w.mapper()
+    mapper = _governing_mapper(w)
     if mapper is None:
         # no active policy: keep whatever was decided until there is one to decide with
         if previous is not None:
@@ -48,11 +57,13 @@ def govern_record(
         update={"workload": verdict.workload, "labels": res.labels, "problems": [p.message for p in res.problems]}
     )
     changed = previous is not None and previous.held_labels != verdict.workload.held_labels
-    quarantined = _report(w, rec, verdict, event_id, metric)
+    quarantined = _report(w, rec, verdict, event_id, metric, mapper.config.on_privileged_change == "quarantine")
     return rec, changed or quarantined
 
 
-def _report(w: BaseWiring, rec: InventoryRecord, verdict: Verdict, event_id: str, metric: Metric) -> bool:
+def _report(
+    w: BaseWiring, rec: InventoryRecord, verdict: Verdict, event_id: str, metric: Metric, quarantine: bool
+) -> bool:
     """Metrics, audit and the finding's log line; True if the workload was quarantined."""
     if verdict.approved:
         metric("PrivilegedLabelApproved", len(verdict.approved))
@@ -92,7 +103,6 @@ def _report(w: BaseWiring, rec: InventoryRecord, verdict: Verdict, event_id: str
             reason=verdict.reason,
         )
     )
-    quarantine = w.mapper() is not None and w.mapper().config.on_privileged_change == "quarantine"  # type: ignore[union-attr]
     if quarantine:
         w.store.set_operator(rec.id, quarantined=True)
         w.store.audit(
@@ -122,7 +132,7 @@ def bind_labels(
 ) -> InventoryRecord:
     """An audited admin binding: grant privileged label values to one workload, lift a hold they
     clear, and queue the change for compute. Raises KeyError (unknown workload) or ValueError."""
-    mapper = w.mapper()
+    mapper = _governing_mapper(w)
     if mapper is None:
         raise ValueError("no active policy: nothing declares privileged values")
     if not reason.strip():
