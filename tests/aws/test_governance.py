@@ -245,3 +245,21 @@ def test_quarantine_on_finding_when_configured(env: Env) -> None:
     assert rec.op_quarantined
     assert env.bundle(dev).quarantined
     assert "workload.quarantine" in [a.action for a in env.store.audit_log()]
+
+
+def test_attack_privileged_retag_right_after_the_first_provision_is_held(env: Env) -> None:
+    """The estate is ingested before any policy exists (warm handlers have seen "no policy"); a
+    developer's retag right after the first provision is still governed by the new policy."""
+    est = env.estate()
+    [dev] = est["run"]("web", est["subnets"]["web"], 1, env="dev")
+    for iid in (*[i for ids in est["ids"].values() for i in ids], dev):
+        env.put(env.state_event(iid, "running"))
+    env.pump()
+    env.provision_example_policy()
+    env.pump()
+    est["dev"] = dev
+    retag(env, dev, ESCALATION, DEVELOPER)
+    rec = env.store.get(dev)
+    assert rec.workload.held_labels is not None and rec.labels["role"] == "web"
+    assert [a.principal for a in env.store.audit_log() if a.action == "label.held"] == [DEVELOPER]
+    assert not any(ssh_peers(env, est).values())
