@@ -10,6 +10,7 @@ their purpose."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -98,7 +99,9 @@ class Perimeter:
                 out.lifecycles_left_to_timeout.append(iid)
                 continue
             # compute completes it once the bundle is published (FIFO: after the ids lifecycle queued)
-            self.w.enqueue_compute(lifecycle=lc)
+            # and, under the lifecycle gate "agent", once its agent enforces too: perimeter_at
+            # records the hand-off (every ENI carries its groups now)
+            self.w.enqueue_compute(lifecycle={**lc, "perimeter_at": time.time()})
             out.lifecycles_forwarded.append(iid)
         return out
 
