@@ -146,20 +146,24 @@ def recorded_changes() -> Iterator[list[dict[str, Any]]]:
     and the ids), whichever handler or thread made it: for a demo or a test driving the handlers
     in-process. Dry-run plans are not changes and are not recorded."""
     seen: list[dict[str, Any]] = []
+    # the level below which the process did not want these records: recorded, then dropped, so
+    # that lowering the logger's level to see them prints nothing new (e.g. on the demo's display)
+    wanted = log.getEffectiveLevel()
 
-    class _Recorder(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
+    class _Recorder(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
             change = getattr(record, "perimeter_change", None)
             if change is not None and not record.getMessage().startswith("(dry run)"):
                 seen.append(change)
+            return record.levelno >= wanted
 
-    handler = _Recorder(logging.INFO)
+    recorder = _Recorder()
     level = log.level
-    log.addHandler(handler)
-    if log.getEffectiveLevel() > logging.INFO:
+    log.addFilter(recorder)
+    if wanted > logging.INFO:
         log.setLevel(logging.INFO)
     try:
         yield seen
     finally:
-        log.removeHandler(handler)
+        log.removeFilter(recorder)
         log.setLevel(level)
