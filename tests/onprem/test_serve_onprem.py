@@ -6,12 +6,10 @@ it holds and follows the next change."""
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +17,10 @@ import httpx
 import pytest
 
 from ringfence import serve
+from tests.agentproc import BIN, POLL_INTERVAL, agent_status, wait_until
 from tests.onprem.conftest import ESTATE, policy_files
 
-BIN = Path(sys.executable).parent
 TOKEN = "onprem-admin-token-0123456789abcdef"
-POLL_INTERVAL = 300.0
-
-
-def wait_until(check: Callable[[], Any], timeout: float, what: str, log: Path | None = None) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"{what} within {timeout}s" + (f"\n--- log:\n{log.read_text()}" if log else ""))
 
 
 class Server:
@@ -84,14 +71,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
         s.proc.wait(15)
 
 
-def status(state: Path) -> dict[str, Any]:
-    out = subprocess.run(
-        [str(BIN / "ringfence-agent"), "status", "--state-dir", str(state), "--json"], capture_output=True, text=True
-    )
-    return json.loads(out.stdout) if out.returncode == 0 else {}
-
-
-def test_pairing_push_and_a_restart_after_kill_9(server: Server, tmp_path: Path) -> None:
+def test_pairing_push_and_a_restart_after_kill_9(server: Server, tmp_path: Path, agent_process: Any) -> None:
     for spec in ESTATE:
         assert server.admin("POST", "/admin/workloads", {**spec, "reason": "rack 1"}).status_code == 201
     r = server.admin("POST", "/admin/policies", {"files": policy_files(), "reason": "initial"})
@@ -118,60 +98,44 @@ def test_pairing_push_and_a_restart_after_kill_9(server: Server, tmp_path: Path)
 
     key = server.admin("POST", "/admin/pairing-keys", {"workload_id": proc, "uses": 1, "ttl": 600}).json()
     (tmp_path / "pairing-key").write_text(key["pairing_key"])
-    state = tmp_path / "agent-state"
-    cfg = {
-        "workload_id": proc,
-        "public_key": str(server.db.parent / "signing-key.pub.pem"),
-        "state_dir": str(state),
-        "backend": "dry-run",
-        "api_url": server.url,
-        "enroll": {"method": "pairing", "pairing_key_file": str(tmp_path / "pairing-key")},
-        "poll_interval": POLL_INTERVAL,
-        "wait_timeout": 8,
-        "heartbeat_interval": 2,
-        "backoff_max": 2,
-        "request_timeout": 5,
-    }
-    (tmp_path / "agent.json").write_text(json.dumps(cfg))
-    log = tmp_path / "agent.log"
-    agent = subprocess.Popen(
-        [str(BIN / "ringfence-agent"), "run", "--config", str(tmp_path / "agent.json")],
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("w"),
+    workdir = tmp_path / "agent"
+    workdir.mkdir()
+    agent = agent_process(
+        workdir,
+        workload_id=proc,
+        public_key=server.db.parent / "signing-key.pub.pem",
+        api_url=server.url,
+        enroll={"method": "pairing", "pairing_key_file": str(tmp_path / "pairing-key")},
+        backoff_max=2,
+        request_timeout=5,
     )
-    try:
-        wait_until(lambda: status(state).get("applied_revision"), 30, "the first bundle", log)
-        first = status(state)["applied_revision"]
-        assert status(state)["workload_id"] == proc
-        time.sleep(1)  # in its long-poll now
+    state, log = agent.state, agent.log
+    wait_until(lambda: agent_status(state).get("applied_revision"), 30, "the first bundle", log)
+    first = agent_status(state)["applied_revision"]
+    assert agent_status(state)["workload_id"] == proc
+    time.sleep(1)  # in its long-poll now
 
-        # a change (a new web server registered: a peer of the processing tier) is pushed
-        web2 = {"id": "dc1-web-2", "ips": ["192.168.10.12"], "tags": {"role": "web", "app": "ordering", "env": "prod"}}
-        changed = time.monotonic()
-        assert server.admin("POST", "/admin/workloads", web2).status_code == 201
-        wait_until(lambda: (status(state).get("applied_revision") or 0) > first, 15, "the pushed change", log)
-        assert time.monotonic() - changed < 10 < POLL_INTERVAL
-        second = status(state)["applied_revision"]
+    # a change (a new web server registered: a peer of the processing tier) is pushed
+    web2 = {"id": "dc1-web-2", "ips": ["192.168.10.12"], "tags": {"role": "web", "app": "ordering", "env": "prod"}}
+    changed = time.monotonic()
+    assert server.admin("POST", "/admin/workloads", web2).status_code == 201
+    wait_until(lambda: (agent_status(state).get("applied_revision") or 0) > first, 15, "the pushed change", log)
+    assert time.monotonic() - changed < 10 < POLL_INTERVAL
+    second = agent_status(state)["applied_revision"]
 
-        # kill -9, restart on the same state: the agent's token still works (its key is used up, so
-        # it could not enroll again), and the next change arrives
-        server.kill9()
-        time.sleep(1)
-        server.start()
-        changed = time.monotonic()
-        r = server.admin("POST", f"/admin/workloads/{proc}/quarantine", {"reason": "after the restart"})
-        assert r.status_code == 200, r.text
-        wait_until(lambda: status(state).get("quarantined") is True, 30, "the change after the restart", log)
-        assert status(state)["applied_revision"] > second
-        assert time.monotonic() - changed < 20 < POLL_INTERVAL
-        assert agent.poll() is None, log.read_text()
-    finally:
-        agent.terminate()
-        try:
-            agent.wait(30)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            agent.wait(5)
+    # kill -9, restart on the same state: the agent's token still works (its key is used up, so
+    # it could not enroll again), and the next change arrives
+    server.kill9()
+    time.sleep(1)
+    server.start()
+    changed = time.monotonic()
+    r = server.admin("POST", f"/admin/workloads/{proc}/quarantine", {"reason": "after the restart"})
+    assert r.status_code == 200, r.text
+    wait_until(lambda: agent_status(state).get("quarantined") is True, 30, "the change after the restart", log)
+    assert agent_status(state)["applied_revision"] > second
+    assert time.monotonic() - changed < 20 < POLL_INTERVAL
+    assert agent.alive(), log.read_text()
+    agent.stop()
     # everything acknowledged before the SIGKILL is still there
     store = SqliteStore(server.db)
     actions = [(a.action, a.principal, a.target) for a in store.audit_log()]
