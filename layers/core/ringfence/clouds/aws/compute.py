@@ -231,7 +231,7 @@ class Compute:
                 self.metric("LifecycleLeftToTimeout", 1)
                 continue
             if launching and self.w.cfg.lifecycle_gate == "agent":
-                # released here too, but only once its agent also enforces (ringfence...launchgate)
+                # completed only once its agent enforces too (ringfence.clouds.aws.launchgate)
                 outcome = self.gate.handed_on(lc)
                 if outcome == "completed":
                     stats.lifecycle_completed.append(iid)
