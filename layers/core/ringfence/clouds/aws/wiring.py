@@ -182,7 +182,9 @@ class BaseWiring:
         (for the inventory's hygiene view only: compute always resolves labels with the exact
         policy it compiles)."""
         now = time.monotonic()
-        if self._mapper is None or now - self._mapper[0] > self.mapper_ttl:
+        # "no policy yet" is never kept: the first events after provisioning get their labels
+        # (the perimeter places a launching instance by them)
+        if self._mapper is None or self._mapper[1] is None or now - self._mapper[0] > self.mapper_ttl:
             active = self.active_policy()
             self._mapper = (now, active[1].labels if active else None)
         return self._mapper[1]
