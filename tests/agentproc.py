@@ -55,6 +55,9 @@ class AgentProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
     def stop(self, timeout: float = 40) -> None:
         """SIGTERM: the agent finishes its open long-poll first (≤ wait_timeout + request_timeout)."""
         if self.proc.poll() is not None:

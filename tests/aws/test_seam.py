@@ -83,38 +83,41 @@ def test_agent_enrolls_follows_a_tag_change_by_delta_and_a_quarantine_by_push(
         report_interval=60,
     )
     state, log = agent.state, agent.log
-    # enrollment and the first bundle
-    first = env.bundle(proc).version
-    st = wait_until(lambda: agent_status(state).get("applied_revision") == first, 30, "first bundle", log)
-    assert agent_status(state)["workload_id"] == proc and st
-    wait_until(lambda: env.store.get(proc).last_heartbeat, 15, "a heartbeat recorded", log)
-    time.sleep(1)  # the agent is in its long-poll now
+    try:
+        # enrollment and the first bundle
+        first = env.bundle(proc).version
+        st = wait_until(lambda: agent_status(state).get("applied_revision") == first, 30, "first bundle", log)
+        assert agent_status(state)["workload_id"] == proc and st
+        wait_until(lambda: env.store.get(proc).last_heartbeat, 15, "a heartbeat recorded", log)
+        time.sleep(1)  # the agent is in its long-poll now
 
-    # the tag is fixed: event → ingest → compute; the agent learns by the wait route and bridges by delta
-    env.ec2.create_tags(Resources=[typo], Tags=[{"Key": "env", "Value": "prod"}])
-    env.put(env.tag_event(typo, {"role": "web", "app": "ordering", "env": "prod"}, version=2))
-    env.pump()
-    target = env.fn["agentapi"].api().latest_version(proc)
-    assert target > first
-    changed = time.monotonic()
-    wait_until(lambda: agent_status(state).get("applied_revision") == target, 15, "the delta", log)
-    took = time.monotonic() - changed
-    assert took < 10 < POLL_INTERVAL, took
-    text = log.read_text()
-    assert f"version {first} → {target}, +1 -0 elements" in text, text  # a delta, not a whole bundle
-    st = agent_status(state)
-    assert st["bundle_version"] == first and st["deltas_applied"] >= 1
+        # the tag is fixed: event → ingest → compute; the agent learns by the wait route and bridges by delta
+        env.ec2.create_tags(Resources=[typo], Tags=[{"Key": "env", "Value": "prod"}])
+        env.put(env.tag_event(typo, {"role": "web", "app": "ordering", "env": "prod"}, version=2))
+        env.pump()
+        target = env.fn["agentapi"].api().latest_version(proc)
+        assert target > first
+        changed = time.monotonic()
+        wait_until(lambda: agent_status(state).get("applied_revision") == target, 15, "the delta", log)
+        took = time.monotonic() - changed
+        assert took < 10 < POLL_INTERVAL, took
+        text = log.read_text()
+        assert f"version {first} → {target}, +1 -0 elements" in text, text  # a delta, not a whole bundle
+        st = agent_status(state)
+        assert st["bundle_version"] == first and st["deltas_applied"] >= 1
 
-    # quarantine through the admin API: the rules change, a whole bundle, pushed the same way
-    r = httpx.post(f"{url}/admin/workloads/{proc}/quarantine", json={"reason": "seam test"}, headers=admin)
-    assert r.status_code == 200, r.text
-    env.pump()
-    changed = time.monotonic()
-    wait_until(lambda: agent_status(state).get("quarantined") is True, 15, "the quarantine bundle", log)
-    assert time.monotonic() - changed < 10
-    audit = [(a.action, a.principal, a.target) for a in env.store.audit_log()]
-    assert ("workload.quarantine", "secops", proc) in audit
-    assert agent.alive(), log.read_text()
+        # quarantine through the admin API: the rules change, a whole bundle, pushed the same way
+        r = httpx.post(f"{url}/admin/workloads/{proc}/quarantine", json={"reason": "seam test"}, headers=admin)
+        assert r.status_code == 200, r.text
+        env.pump()
+        changed = time.monotonic()
+        wait_until(lambda: agent_status(state).get("quarantined") is True, 15, "the quarantine bundle", log)
+        assert time.monotonic() - changed < 10
+        audit = [(a.action, a.principal, a.target) for a in env.store.audit_log()]
+        assert ("workload.quarantine", "secops", proc) in audit
+        assert agent.poll() is None, log.read_text()
+    finally:
+        agent.stop()
 
 
 def _in_sets(doc: dict[str, Any], ip: str) -> bool:

@@ -17,7 +17,8 @@ import httpx
 import pytest
 
 from ringfence import serve
-from tests.agentproc import BIN, POLL_INTERVAL, agent_status, wait_until
+from tests.agentproc import BIN, POLL_INTERVAL, wait_until
+from tests.agentproc import agent_status as status
 from tests.onprem.conftest import ESTATE, policy_files
 
 TOKEN = "onprem-admin-token-0123456789abcdef"
@@ -110,32 +111,34 @@ def test_pairing_push_and_a_restart_after_kill_9(server: Server, tmp_path: Path,
         request_timeout=5,
     )
     state, log = agent.state, agent.log
-    wait_until(lambda: agent_status(state).get("applied_revision"), 30, "the first bundle", log)
-    first = agent_status(state)["applied_revision"]
-    assert agent_status(state)["workload_id"] == proc
-    time.sleep(1)  # in its long-poll now
+    try:
+        wait_until(lambda: status(state).get("applied_revision"), 30, "the first bundle", log)
+        first = status(state)["applied_revision"]
+        assert status(state)["workload_id"] == proc
+        time.sleep(1)  # in its long-poll now
 
-    # a change (a new web server registered: a peer of the processing tier) is pushed
-    web2 = {"id": "dc1-web-2", "ips": ["192.168.10.12"], "tags": {"role": "web", "app": "ordering", "env": "prod"}}
-    changed = time.monotonic()
-    assert server.admin("POST", "/admin/workloads", web2).status_code == 201
-    wait_until(lambda: (agent_status(state).get("applied_revision") or 0) > first, 15, "the pushed change", log)
-    assert time.monotonic() - changed < 10 < POLL_INTERVAL
-    second = agent_status(state)["applied_revision"]
+        # a change (a new web server registered: a peer of the processing tier) is pushed
+        web2 = {"id": "dc1-web-2", "ips": ["192.168.10.12"], "tags": {"role": "web", "app": "ordering", "env": "prod"}}
+        changed = time.monotonic()
+        assert server.admin("POST", "/admin/workloads", web2).status_code == 201
+        wait_until(lambda: (status(state).get("applied_revision") or 0) > first, 15, "the pushed change", log)
+        assert time.monotonic() - changed < 10 < POLL_INTERVAL
+        second = status(state)["applied_revision"]
 
-    # kill -9, restart on the same state: the agent's token still works (its key is used up, so
-    # it could not enroll again), and the next change arrives
-    server.kill9()
-    time.sleep(1)
-    server.start()
-    changed = time.monotonic()
-    r = server.admin("POST", f"/admin/workloads/{proc}/quarantine", {"reason": "after the restart"})
-    assert r.status_code == 200, r.text
-    wait_until(lambda: agent_status(state).get("quarantined") is True, 30, "the change after the restart", log)
-    assert agent_status(state)["applied_revision"] > second
-    assert time.monotonic() - changed < 20 < POLL_INTERVAL
-    assert agent.alive(), log.read_text()
-    agent.stop()
+        # kill -9, restart on the same state: the agent's token still works (its key is used up, so
+        # it could not enroll again), and the next change arrives
+        server.kill9()
+        time.sleep(1)
+        server.start()
+        changed = time.monotonic()
+        r = server.admin("POST", f"/admin/workloads/{proc}/quarantine", {"reason": "after the restart"})
+        assert r.status_code == 200, r.text
+        wait_until(lambda: status(state).get("quarantined") is True, 30, "the change after the restart", log)
+        assert status(state)["applied_revision"] > second
+        assert time.monotonic() - changed < 20 < POLL_INTERVAL
+        assert agent.poll() is None, log.read_text()
+    finally:
+        agent.stop()
     # everything acknowledged before the SIGKILL is still there
     store = SqliteStore(server.db)
     actions = [(a.action, a.principal, a.target) for a in store.audit_log()]
