@@ -44,3 +44,21 @@ def rule_parts(rules: list[Any]) -> list[Any]:
     for r in rules:
         out.extend({**m, "action": "allow"} for m in r["members"]) if r.get("members") else out.append(r)
     return out
+
+
+@pytest.fixture
+def agent_process() -> Iterator[Any]:
+    """Start real ``ringfence-agent`` processes (:func:`tests.agentproc.start_agent`'s arguments);
+    every one started is stopped when the test ends, passed or failed."""
+    from tests.agentproc import start_agent
+
+    started: list[Any] = []
+
+    def start(workdir: Path, **kw: Any) -> Any:
+        agent = start_agent(workdir, **kw)
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        agent.stop()

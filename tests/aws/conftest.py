@@ -10,8 +10,6 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import json
-import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -304,33 +302,14 @@ def rest_event(
     query: dict[str, str] | None = None,
     principal: str = "arn:aws:iam::123456789012:user/alice",
 ) -> dict[str, Any]:
-    """An API Gateway REST proxy event, as API Gateway builds it for a request."""
-    return {
-        "resource": path,
-        "path": path,
-        "httpMethod": method,
-        "headers": headers or {},
-        "multiValueHeaders": {k: [v] for k, v in (headers or {}).items()},
-        "queryStringParameters": query,
-        "multiValueQueryStringParameters": {k: [v] for k, v in query.items()} if query else None,
-        "pathParameters": None,
-        "stageVariables": None,
-        "requestContext": {
-            "accountId": ACCOUNT,
-            "apiId": "api",
-            "httpMethod": method,
-            "path": path,
-            "protocol": "HTTP/1.1",
-            "requestId": str(uuid.uuid4()),
-            "requestTimeEpoch": int(time.time() * 1000),
-            "resourceId": "r",
-            "resourcePath": path,
-            "stage": "v1",
-            "identity": {"userArn": principal, "caller": principal, "sourceIp": "10.0.0.1"},
-        },
-        "body": body if isinstance(body, str) or body is None else json.dumps(body),
-        "isBase64Encoded": False,
-    }
+    """An API Gateway REST proxy event, as API Gateway builds it for a request: the one builder
+    ``ringfence serve`` uses (:func:`ringfence.serve.proxy_event`), from a JSON-able body."""
+    from ringfence.serve import proxy_event
+
+    raw = b"" if body is None else (body if isinstance(body, str) else json.dumps(body)).encode()
+    return proxy_event(
+        method, path, list((headers or {}).items()), list((query or {}).items()), raw, "10.0.0.1", principal
+    )
 
 
 def rest_answer(out: dict[str, Any]) -> tuple[int, dict[str, str], Any]:

@@ -1,17 +1,27 @@
-"""The launch lifecycle gate "agent" (RINGFENCE_LIFECYCLE_GATE): compute publishes the new
-instance's bundle and leaves the hook waiting; the instance's first heartbeat with a bundle applied
-releases it (CONTINUE) — enforced before InService. Against the moto server, whose Auto Scaling
-holds a launch in Pending:Wait until CompleteLifecycleAction (ringfence.local.moto_lifecycle)."""
+"""The launch lifecycle gate "agent" (RINGFENCE_LIFECYCLE_GATE): a new instance goes InService only
+once BOTH its perimeter groups are on every ENI and its agent enforces a bundle. The agent API
+only records the agent's report (and tells compute through the compute queue); compute, the one
+function with autoscaling:CompleteLifecycleAction, completes the action. Against the moto server,
+whose Auto Scaling holds a launch in Pending:Wait until CompleteLifecycleAction
+(ringfence.local.moto_lifecycle)."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
+import hcl2
 import pytest
 
-from tests.aws.conftest import Env
+from ringfence.local import moto_lifecycle
+from tests.aws.conftest import ACCOUNT, REGION, Env
 from tests.aws.test_pipeline import boot, enroll_instance
+from tests.aws.test_static import template, unquote
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -37,8 +47,34 @@ def heartbeat(env: Env, wid: str, token: str, applied: int | None) -> None:
     assert status == 200, answer
 
 
-def test_a_launch_waits_for_its_agent_to_enforce(gated: Env) -> None:
-    env = gated
+def rf_groups_on_enis(env: Env, iid: str) -> dict[str, set[str]]:
+    inst = env.ec2.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"][0]
+    return {
+        n["NetworkInterfaceId"]: {g["GroupName"] for g in n["Groups"] if g["GroupName"].startswith("rf-")}
+        for n in inst["NetworkInterfaces"]
+    }
+
+
+class Calls:
+    """Every Auto Scaling call the control plane's session makes, and what was in place at each
+    CompleteLifecycleAction (the call still goes to moto)."""
+
+    def __init__(self, env: Env) -> None:
+        self.env = env
+        self.ops: list[str] = []
+        self.completed: list[dict[str, Any]] = []
+        env.hook("before-parameter-build.auto-scaling", self._seen)
+
+    def _seen(self, model: Any, params: dict[str, Any], **_: Any) -> None:
+        self.ops.append(model.name)
+        if model.name == "CompleteLifecycleAction":
+            iid = params["InstanceId"]
+            self.completed.append({"instance": iid, "enis": rf_groups_on_enis(self.env, iid)})
+
+
+def launch(env: Env) -> str:
+    """The estate booted, the web group scaled out by one: its new instance held in Pending:Wait
+    and the launch lifecycle action (with moto's real token) put on EventBridge."""
     boot(env)
     env.asg.put_lifecycle_hook(
         LifecycleHookName="rf-hook",
@@ -50,14 +86,163 @@ def test_a_launch_waits_for_its_agent_to_enforce(gated: Env) -> None:
     env.asg.set_desired_capacity(AutoScalingGroupName="rf-web-asg", DesiredCapacity=1)
     new = env.asg_instances()[0]
     assert state(env, new) == "Pending:Wait"
-    env.put(env.lifecycle_event(new, launching=True))
-    env.pump()
+    (action,) = [a for a in moto_lifecycle.pending_actions(ACCOUNT, REGION) if a.instance_id == new]
+    ev = env.lifecycle_event(new, launching=True)
+    ev["detail"]["LifecycleActionToken"] = action.token
+    env.put(ev)
+    return new
+
+
+def test_perimeter_first_then_agent(gated: Env) -> None:
+    env = gated
+    new = launch(env)
+    calls = Calls(env)
+    env.pump()  # lifecycle → perimeter (groups) → compute (bundle, hand-off recorded)
     ptr = env.store.bundle_pointer(new)
     assert ptr is not None, "compute published the new instance's bundle"
-    assert state(env, new) == "Pending:Wait", "published is not enforced: the hook still waits"
+    assert all(rf_groups_on_enis(env, new).values()), "every ENI carries its perimeter groups"
+    hold = env.store.launch_hold(new)
+    assert hold is not None and hold.perimeter == "attached" and hold.enforced_version is None
+    assert state(env, new) == "Pending:Wait", "published and fenced is not enforced: the hook still waits"
     token = enroll_instance(env, new)
     heartbeat(env, new, token, None)  # enrolled, nothing applied yet
-    assert state(env, new) == "Pending:Wait"
-    heartbeat(env, new, token, ptr.version)  # its agent enforces
+    assert env.count("compute") == 0 and state(env, new) == "Pending:Wait"
+    heartbeat(env, new, token, ptr.version)  # its agent enforces: recorded, compute told
+    assert state(env, new) == "Pending:Wait", "the agent API completes nothing"
+    assert "CompleteLifecycleAction" not in calls.ops and env.count("compute") == 1
+    env.drain("compute", "compute")
     assert state(env, new) == "InService"
+    assert [c["instance"] for c in calls.completed] == [new]
+    hold = env.store.launch_hold(new)
+    assert hold is not None and hold.outcome == "continue" and hold.enforced_version == ptr.version
+    assert hold.released_at is not None and hold.released_at >= max(hold.perimeter_at or 0, hold.enforced_at or 0)
     heartbeat(env, new, token, ptr.version)  # later heartbeats ask nothing more
+    assert env.count("compute") == 0
+
+
+def test_agent_first_then_perimeter(gated: Env) -> None:
+    env = gated
+    new = launch(env)
+    calls = Calls(env)
+    env.drain("lifecycle", "lifecycle")
+    env.drain("ingest", "ingest")
+    env.drain("compute", "compute")  # the bundle is published; the perimeter has not run yet
+    ptr = env.store.bundle_pointer(new)
+    assert ptr is not None
+    token = enroll_instance(env, new)
+    heartbeat(env, new, token, ptr.version)  # the agent is first
+    hold = env.store.launch_hold(new)
+    assert hold is not None and hold.enforced_version == ptr.version and hold.lifecycle is None
+    assert env.count("compute") == 0, "nothing to release yet: compute finds the fact when the action comes"
+    assert state(env, new) == "Pending:Wait" and not any(rf_groups_on_enis(env, new).values())
+    env.drain("perimeter", "perimeter")  # groups attached, the action handed on
+    assert state(env, new) == "Pending:Wait"
+    env.drain("compute", "compute")
+    assert state(env, new) == "InService"
+    (done,) = calls.completed
+    assert done["instance"] == new and all(done["enis"].values()), "CONTINUE only with the groups on every ENI"
+    assert "rf-prod-boundary" in next(iter(done["enis"].values()))
+
+
+def test_a_duplicate_or_late_message_completes_nothing_twice(gated: Env) -> None:
+    env = gated
+    new = launch(env)
+    env.pump()
+    ptr = env.store.bundle_pointer(new)
+    assert ptr is not None
+    token = enroll_instance(env, new)
+    heartbeat(env, new, token, ptr.version)
+    env.drain("compute", "compute")
+    assert state(env, new) == "InService"
+    calls = Calls(env)
+    hold = env.store.launch_hold(new)
+    assert hold is not None and hold.lifecycle is not None
+    # SQS delivers at least once: the same report and the same hand-off again, and a late one
+    for body in (
+        {"ids": [], "enforced": [new]},
+        {"ids": [], "lifecycle": {**hold.lifecycle, "perimeter_at": hold.perimeter_at}},
+        {"ids": [], "enforced": [new]},
+    ):
+        env.sqs.send_message(
+            QueueUrl=env.queues["compute"],
+            MessageBody=json.dumps(body),
+            MessageGroupId="compute",
+            MessageDeduplicationId=os.urandom(8).hex(),
+        )
+    env.drain("compute", "compute")
+    assert calls.completed == [], "a released hold is never completed again"
+    assert env.store.launch_hold(new).outcome == "continue"  # type: ignore[union-attr]
+    assert state(env, new) == "InService"
+
+
+def test_an_instance_terminated_meanwhile_is_not_completed(gated: Env) -> None:
+    env = gated
+    new = launch(env)
+    env.pump()
+    ptr = env.store.bundle_pointer(new)
+    assert ptr is not None
+    token = enroll_instance(env, new)
+    calls = Calls(env)
+    env.ec2.terminate_instances(InstanceIds=[new])
+    env.put(env.state_event(new, "terminated"))
+    env.drain("ingest", "ingest")
+    heartbeat(env, new, token, ptr.version)  # a late report from an agent whose instance is gone
+    env.drain("compute", "compute")
+    assert calls.completed == []
+    hold = env.store.launch_hold(new)
+    assert hold is not None and hold.outcome == "not completed: instance terminated"
+
+
+def test_attack_the_agent_api_cannot_complete_a_lifecycle_action(gated: Env) -> None:
+    """An agent (or whoever holds its token) reporting enforcement makes no Auto Scaling call from
+    the internet-facing agent API: not before the perimeter is in place, not after."""
+    env = gated
+    new = launch(env)
+    calls = Calls(env)
+    env.drain("lifecycle", "lifecycle")
+    env.drain("ingest", "ingest")
+    env.drain("compute", "compute")
+    ptr = env.store.bundle_pointer(new)
+    assert ptr is not None
+    token = enroll_instance(env, new)
+    for _ in range(3):
+        heartbeat(env, new, token, ptr.version)
+    assert calls.ops == [] and state(env, new) == "Pending:Wait", "no perimeter yet: nothing released"
+    assert "autoscaling" not in (ROOT / "layers/core/ringfence/clouds/aws/agents.py").read_text()
+
+
+def _sam_actions(fn: str) -> set[str]:
+    res = template()["Resources"][fn]["Properties"]["Policies"]
+    return {a for p in res if isinstance(p, dict) for st in p["Statement"] for a in st["Action"]}
+
+
+def test_only_compute_may_complete_lifecycle_actions_in_both_deployments() -> None:
+    res = template()["Resources"]
+    fns = [n for n, r in res.items() if r["Type"] == "AWS::Serverless::Function"]
+    holders = {f for f in fns if any(a.startswith("autoscaling:") for a in _sam_actions(f))}
+    assert holders == {"ComputeFunction"}, holders
+    assert {a for a in _sam_actions("ComputeFunction") if a.startswith("autoscaling:")} == {
+        "autoscaling:CompleteLifecycleAction"
+    }
+    (stmt,) = [
+        st
+        for st in res["ComputeFunction"]["Properties"]["Policies"][0]["Statement"]
+        if "autoscaling:CompleteLifecycleAction" in st["Action"]
+    ]
+    assert stmt["Resource"]["Sub"].endswith(":autoScalingGroup:*:autoScalingGroupName/${GatedGroupNames}")
+    params = template()["Parameters"]
+    assert params["LifecycleGate"]["Default"] == "publish"
+    assert params["LifecycleGate"]["AllowedValues"] == ["publish", "agent"]
+
+    lam = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/lambda.tf").read_text()))
+    loc: dict[str, Any] = {}
+    for block in lam.get("locals", []):
+        loc.update(block)
+    tf_holders = {
+        fn
+        for fn, stmts in loc["statements"].items()
+        for st in stmts
+        if isinstance(st, dict) and any(str(a).startswith("autoscaling:") for a in st["actions"])
+    }
+    assert tf_holders == {"compute"}, tf_holders
+    assert "RINGFENCE_LIFECYCLE_GATE" in loc["common_env"]

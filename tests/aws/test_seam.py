@@ -6,12 +6,10 @@ quarantine — each reaching the agent through the ``wait`` long-poll, long befo
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,23 +17,12 @@ import httpx
 import pytest
 
 from ringfence import serve
+from tests.agentproc import BIN, POLL_INTERVAL, agent_status, wait_until
 from tests.aws.conftest import Env, ip_of
 from tests.aws.imds import running_imds
 from tests.aws.test_pipeline import boot
 
-BIN = Path(sys.executable).parent
-POLL_INTERVAL = 300.0  # the agent's slow poll: anything sooner came by the long-poll
 ADMIN_TOKEN = "seam-admin-token-0123456789abcdef"
-
-
-def wait_until(check: Callable[[], Any], timeout: float, what: str, log: Path | None = None) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"{what} within {timeout}s" + (f"\n--- agent log:\n{log.read_text()}" if log else ""))
 
 
 @pytest.fixture
@@ -62,16 +49,6 @@ def control_plane(env: Env, tmp_path: Path) -> Iterator[str]:
         proc.wait(15)
 
 
-def agent_status(state: Path) -> dict[str, Any]:
-    out = subprocess.run(
-        [str(BIN / "ringfence-agent"), "status", "--state-dir", str(state), "--json"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return json.loads(out.stdout) if out.returncode == 0 else {}
-
-
 @pytest.fixture
 def imds(env: Env) -> Iterator[tuple[str, dict[str, str]]]:
     """An IMDS stand-in on loopback (its URL) and who asks it: caller address → instance id."""
@@ -81,7 +58,7 @@ def imds(env: Env) -> Iterator[tuple[str, dict[str, str]]]:
 
 
 def test_agent_enrolls_follows_a_tag_change_by_delta_and_a_quarantine_by_push(
-    env: Env, control_plane: str, imds: tuple[str, dict[str, str]], tmp_path: Path
+    env: Env, control_plane: str, imds: tuple[str, dict[str, str]], tmp_path: Path, agent_process: Any
 ) -> None:
     url, admin = control_plane, {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     est = boot(env)
@@ -96,28 +73,16 @@ def test_agent_enrolls_follows_a_tag_change_by_delta_and_a_quarantine_by_push(
     instance_at["127.0.0.1"] = proc  # the agent below is this instance: its IMDS tells it so
     pub = tmp_path / "signing.pub.pem"
     pub.write_bytes(env.signing_key.public_pem())
-    state = tmp_path / "state"
-    cfg = {
-        "workload_id": proc,
-        "public_key": str(pub),
-        "state_dir": str(state),
-        "backend": "dry-run",
-        "api_url": url,
-        "enroll": {"method": "aws-iid", "imds_url": imds_url},
-        "poll_interval": POLL_INTERVAL,
-        "wait_timeout": 8,
-        "heartbeat_interval": 2,
-        "report_interval": 60,
-        "request_timeout": 10,
-    }
-    (tmp_path / "agent.json").write_text(json.dumps(cfg))
-    log = tmp_path / "agent.log"
-    agent = subprocess.Popen(
-        [str(BIN / "ringfence-agent"), "run", "--config", str(tmp_path / "agent.json")],
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("w"),
-        env={k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RINGFENCE_"))},
+    agent = agent_process(
+        tmp_path,
+        workload_id=proc,
+        public_key=pub,
+        api_url=url,
+        enroll={"method": "aws-iid", "imds_url": imds_url},
+        clean_env=True,
+        report_interval=60,
     )
+    state, log = agent.state, agent.log
     try:
         # enrollment and the first bundle
         first = env.bundle(proc).version
@@ -158,12 +123,7 @@ def test_agent_enrolls_follows_a_tag_change_by_delta_and_a_quarantine_by_push(
         assert ("workload.quarantine", "secops", proc) in audit
         assert agent.poll() is None, log.read_text()
     finally:
-        agent.terminate()  # the agent finishes its open long-poll first (≤ wait_timeout + request_timeout)
-        try:
-            agent.wait(40)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            agent.wait(5)
+        agent.stop()
 
 
 def _allowed_in(doc: dict[str, Any], ip: str) -> bool:

@@ -328,3 +328,20 @@ def test_sqlite_conditions_hold_across_threads_and_processes(tmp_path: Path, mod
     assert sum(got["pairing"]) == 5, "a key with 5 uses enrolls exactly 5 times"
     assert sorted(got["nonce"]) == [False] * (n - 1) + [True], "a nonce burns exactly once"
     assert st.integrity_check() == "ok"
+
+
+def test_launch_hold_merges_both_facts_and_the_first_report_wins(store: Store) -> None:
+    assert store.launch_hold("i-1") is None
+    first = store.hold_launch("i-1", enforced_version=7, enforced_at=1.0)
+    assert first.enforced_version == 7 and first.lifecycle is None
+    both = store.hold_launch("i-1", lifecycle={"hook_name": "h", "token": "t"}, perimeter_at=2.5, perimeter="attached")
+    assert (
+        both.enforced_version == 7 and both.lifecycle == {"hook_name": "h", "token": "t"} and both.perimeter_at == 2.5
+    )
+    again = store.hold_launch("i-1", enforced_version=9, enforced_at=3.0)
+    assert again.enforced_version == 7 and again.enforced_at == 1.0, "the first report is the fact"
+    store.hold_launch("i-1", released_at=4.0, outcome="continue")
+    got = store.launch_hold("i-1")
+    assert got is not None and got.outcome == "continue" and got.perimeter == "attached"
+    with pytest.raises(ValueError, match="unknown fields"):
+        store.hold_launch("i-1", nonsense=1)

@@ -31,5 +31,10 @@ def test_the_dry_run_demo_passes_on_the_agents_applied_bundles(tmp_path: Path) -
     assert set(steps) == {0, 1, 2, 3, 4, 5}
     assert {c["got"] for c in steps[1]["checks"]} == {"allowed", "blocked"}
     assert any(c["what"] == "its agent applied the quarantine bundle" and c["passed"] for c in steps[4]["checks"])
+    # the launch gate: at InService each new instance's agent enforced and its ENIs carried the
+    # perimeter groups (moto's security groups are real in a dry run too)
+    for v in steps[2]["timings"]["instances"].values():
+        assert v["agent_enforcing_at_in_service"] and v["perimeter_at_in_service"] and v["release"] == "continue", v
+    assert "rf-prod-boundary" in steps[2]["timings"]["perimeter"]["groups"]
     for kind in ("launch", "tag_change", "quarantine"):
         assert summary["time_to_policy"][kind]["not_enforced"] == 0

@@ -82,6 +82,16 @@ def test_the_live_demo_passes_and_writes_its_summary(tmp_path: Path) -> None:
     # step 2: three new instances, each enforcing, each reached by the load balancer
     assert len(steps[2]["timings"]["instances"]) == 3
     assert all(v["enforced_at"] for v in steps[2]["timings"]["instances"].values())
+    # ... and at the moment each went InService its agent enforced and every ENI carried its
+    # perimeter groups; compute released it (CONTINUE) only after both
+    for name, v in steps[2]["timings"]["instances"].items():
+        assert v["agent_enforcing_at_in_service"] and v["perimeter_at_in_service"], (name, v)
+        assert v["perimeter_groups"] and all("rf-prod-boundary" in g for g in v["perimeter_groups"].values()), v
+        assert v["release"] == "continue"
+        assert 0 < v["perimeter_s_after_scale_out"] <= v["released_s_after_scale_out"], v
+    perimeter = steps[2]["timings"]["perimeter"]
+    assert "rf-prod-boundary" in perimeter["groups"]
+    assert any("attached to" in line for line in perimeter["changes"]), perimeter
     # step 4: the open sessions were cut
     cut = [c for c in steps[4]["checks"] if c["what"].startswith("held session")]
     assert len(cut) == 2 and all(c["got"] == "no" for c in cut)

@@ -6,12 +6,10 @@ it holds and follows the next change."""
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +17,11 @@ import httpx
 import pytest
 
 from ringfence import serve
+from tests.agentproc import BIN, POLL_INTERVAL, wait_until
+from tests.agentproc import agent_status as status
 from tests.onprem.conftest import ESTATE, policy_files
 
-BIN = Path(sys.executable).parent
 TOKEN = "onprem-admin-token-0123456789abcdef"
-POLL_INTERVAL = 300.0
-
-
-def wait_until(check: Callable[[], Any], timeout: float, what: str, log: Path | None = None) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"{what} within {timeout}s" + (f"\n--- log:\n{log.read_text()}" if log else ""))
 
 
 class Server:
@@ -84,14 +72,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
         s.proc.wait(15)
 
 
-def status(state: Path) -> dict[str, Any]:
-    out = subprocess.run(
-        [str(BIN / "ringfence-agent"), "status", "--state-dir", str(state), "--json"], capture_output=True, text=True
-    )
-    return json.loads(out.stdout) if out.returncode == 0 else {}
-
-
-def test_pairing_push_and_a_restart_after_kill_9(server: Server, tmp_path: Path) -> None:
+def test_pairing_push_and_a_restart_after_kill_9(server: Server, tmp_path: Path, agent_process: Any) -> None:
     for spec in ESTATE:
         assert server.admin("POST", "/admin/workloads", {**spec, "reason": "rack 1"}).status_code == 201
     r = server.admin("POST", "/admin/policies", {"files": policy_files(), "reason": "initial"})
@@ -118,27 +99,18 @@ def test_pairing_push_and_a_restart_after_kill_9(server: Server, tmp_path: Path)
 
     key = server.admin("POST", "/admin/pairing-keys", {"workload_id": proc, "uses": 1, "ttl": 600}).json()
     (tmp_path / "pairing-key").write_text(key["pairing_key"])
-    state = tmp_path / "agent-state"
-    cfg = {
-        "workload_id": proc,
-        "public_key": str(server.db.parent / "signing-key.pub.pem"),
-        "state_dir": str(state),
-        "backend": "dry-run",
-        "api_url": server.url,
-        "enroll": {"method": "pairing", "pairing_key_file": str(tmp_path / "pairing-key")},
-        "poll_interval": POLL_INTERVAL,
-        "wait_timeout": 8,
-        "heartbeat_interval": 2,
-        "backoff_max": 2,
-        "request_timeout": 5,
-    }
-    (tmp_path / "agent.json").write_text(json.dumps(cfg))
-    log = tmp_path / "agent.log"
-    agent = subprocess.Popen(
-        [str(BIN / "ringfence-agent"), "run", "--config", str(tmp_path / "agent.json")],
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("w"),
+    workdir = tmp_path / "agent"
+    workdir.mkdir()
+    agent = agent_process(
+        workdir,
+        workload_id=proc,
+        public_key=server.db.parent / "signing-key.pub.pem",
+        api_url=server.url,
+        enroll={"method": "pairing", "pairing_key_file": str(tmp_path / "pairing-key")},
+        backoff_max=2,
+        request_timeout=5,
     )
+    state, log = agent.state, agent.log
     try:
         wait_until(lambda: status(state).get("applied_revision"), 30, "the first bundle", log)
         first = status(state)["applied_revision"]
@@ -175,12 +147,7 @@ def test_pairing_push_and_a_restart_after_kill_9(server: Server, tmp_path: Path)
         assert time.monotonic() - changed < 20 < POLL_INTERVAL
         assert agent.poll() is None, log.read_text()
     finally:
-        agent.terminate()
-        try:
-            agent.wait(30)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            agent.wait(5)
+        agent.stop()
     # everything acknowledged before the SIGKILL is still there
     store = SqliteStore(server.db)
     actions = [(a.action, a.principal, a.target) for a in store.audit_log()]

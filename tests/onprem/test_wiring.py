@@ -160,3 +160,12 @@ def test_published_keys_never_leave_the_directory(tmp_path: Path) -> None:
     pub.put_text("policies/v000001/p.yaml", "rules: []\n")
     assert pub.get("policies/v000001/p.yaml") == b"rules: []\n"
     assert not [p for p in (tmp_path / "objects").rglob(".tmp-*")], "no temporary file is left behind"
+
+
+def test_the_label_mapper_never_keeps_no_policy(wiring: LocalWiring) -> None:
+    """The mapper is cached (AWS: 30 s), but not its absence: the first observation after a policy
+    is provisioned resolves labels (the perimeter places a launching instance by them)."""
+    wiring.mapper_ttl = 30.0
+    assert wiring.mapper() is None
+    boot(wiring)
+    assert wiring.mapper() is not None

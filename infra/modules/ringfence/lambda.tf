@@ -20,6 +20,7 @@ locals {
     RINGFENCE_ACCOUNT_ROLES       = jsonencode(var.account_roles)
     RINGFENCE_RECONCILE_TARGETS   = jsonencode(var.reconcile_targets)
     RINGFENCE_OFFLINE_AFTER       = tostring(var.offline_after_seconds)
+    RINGFENCE_LIFECYCLE_GATE      = var.lifecycle_gate
     RINGFENCE_WEBSOCKET_ENDPOINT  = "https://${aws_apigatewayv2_api.nudge.id}.execute-api.${local.region}.amazonaws.com/v1"
   }
 
@@ -63,7 +64,9 @@ locals {
       { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.compute.arn] },
       { actions = ["s3:PutObject", "s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/bundles/*", "${aws_s3_bucket.bundles.arn}/deltas/*", "${aws_s3_bucket.bundles.arn}/policies/*"] },
       { actions = ["secretsmanager:GetSecretValue"], resources = [var.signing_key_secret_arn] },
-      { actions = ["autoscaling:CompleteLifecycleAction"], resources = ["arn:${local.partition}:autoscaling:${local.region}:${local.account}:autoScalingGroup:*"] },
+      # the only function that completes lifecycle actions (the agent API reports to it through
+      # the compute queue: ringfence.clouds.aws.launchgate)
+      { actions = ["autoscaling:CompleteLifecycleAction"], resources = ["arn:${local.partition}:autoscaling:${local.region}:${local.account}:autoScalingGroup:*:autoScalingGroupName/${var.gated_group_names}"] },
       { actions = ["execute-api:ManageConnections"], resources = ["${aws_apigatewayv2_api.nudge.execution_arn}/v1/POST/@connections/*"] },
       local.async_dlq, local.kms_use,
     ]

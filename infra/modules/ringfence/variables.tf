@@ -54,6 +54,22 @@ variable "offline_after_seconds" {
   default     = 900
 }
 
+variable "lifecycle_gate" {
+  description = "When compute completes a launch lifecycle action: \"publish\" (perimeter attached, bundle published) or \"agent\" (also: the new instance's agent enforces). Give the hook DefaultResult ABANDON."
+  type        = string
+  default     = "publish"
+  validation {
+    condition     = contains(["publish", "agent"], var.lifecycle_gate)
+    error_message = "lifecycle_gate must be publish or agent."
+  }
+}
+
+variable "gated_group_names" {
+  description = "Name pattern (IAM wildcards) of the Auto Scaling groups whose lifecycle actions compute may complete."
+  type        = string
+  default     = "*"
+}
+
 variable "reconcile_schedule" {
   type    = string
   default = "rate(15 minutes)"

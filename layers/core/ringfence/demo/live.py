@@ -438,7 +438,7 @@ class Live:
 
         while time.monotonic() < deadline:
             n = len(self.router.deliveries)
-            busy = n != seen or any(queued(q) for q in ("lifecycle", "ingest", "compute"))
+            busy = n != seen or any(queued(q) for q in ("lifecycle", "ingest", "perimeter", "compute"))
             seen = n
             now = time.monotonic()
             if busy:
@@ -559,6 +559,66 @@ class Live:
             phases["apply"] = float(last["apply_s"])
         return {k: round(v, 4) for k, v in phases.items()}
 
+    # --- the launch gate: perimeter and agent before InService ------------------------------------
+
+    def perimeter_groups(self, iid: str) -> dict[str, list[str]]:
+        """Each ENI of the instance → the Ringfence perimeter groups (``rf-…``) it carries now."""
+        got = self.aws.client("ec2").describe_instances(InstanceIds=[iid])["Reservations"]
+        inst = got[0]["Instances"][0] if got else {}
+        return {
+            n["NetworkInterfaceId"]: sorted(
+                g["GroupName"] for g in n.get("Groups", []) if g["GroupName"].startswith("rf-")
+            )
+            for n in inst.get("NetworkInterfaces", [])
+        }
+
+    def gate_at_in_service(self, iid: str, seen: dict[str, Any] | None, t0: float) -> dict[str, Any]:
+        """Checks and figures of one launch: at the moment it went InService its agent enforced and
+        every ENI carried perimeter groups; the hold compute released (when the groups were
+        attached, the agent reported, the action was completed)."""
+        name = self.name(iid)
+        seen = seen or {}
+        agent, enis = seen.get("agent") or {}, seen.get("enis") or {}
+        enforcing = isinstance(agent.get("applied_version"), int)
+        fenced = bool(enis) and all(enis.values())
+        self.r.check(f"{name} at InService: its agent enforces", True, enforcing)
+        self.r.check(f"{name} at InService: every ENI carries its rf- perimeter groups", True, fenced)
+        hold = self.store.launch_hold(iid)
+        out: dict[str, Any] = {
+            "perimeter_groups": enis,
+            "agent_enforcing_at_in_service": enforcing,
+            "perimeter_at_in_service": fenced,
+        }
+        if hold is not None:
+
+            def after(t: float | None) -> float | None:
+                return round(t - t0, 3) if t is not None else None
+
+            out |= {
+                "perimeter_attached_at": hold.perimeter_at,
+                "perimeter_s_after_scale_out": after(hold.perimeter_at),
+                "agent_reported_at": hold.enforced_at,
+                "agent_reported_version": hold.enforced_version,
+                "released_at": hold.released_at,
+                "released_s_after_scale_out": after(hold.released_at),
+                "release": hold.outcome,
+            }
+            both = (
+                hold.outcome == "continue"
+                and hold.released_at is not None
+                and max(hold.perimeter_at or 1e18, hold.enforced_at or 1e18) <= hold.released_at
+            )
+            self.r.check(f"{name} released (CONTINUE) only after perimeter and agent", True, both)
+            groups = sorted({g for gs in enis.values() for g in gs})
+            self.r.say(
+                f"  {name}: perimeter {', '.join(groups) or 'none'} on {len(enis)} ENI(s) "
+                f"{out['perimeter_s_after_scale_out']}s, agent v{hold.enforced_version} "
+                f"{after(hold.enforced_at)}s, CONTINUE {out['released_s_after_scale_out']}s after the scale-out"
+            )
+        else:
+            self.r.check(f"{name} released (CONTINUE) only after perimeter and agent", True, False)
+        return out
+
     # --- the Auto Scaling group ------------------------------------------------------------------
 
     def asg_states(self) -> dict[str, str]:
@@ -624,8 +684,24 @@ def step_scale_out(d: Live, n: int = 3) -> list[str]:
             fresh = [i for i in states if i not in before]
             return len(fresh) >= n and all(d.store.bundle_pointer(i) is not None for i in fresh)
 
+        # what was in place at the moment each new instance went InService (the router's watcher
+        # saw it and is putting its "Launch Successful" event): its agent's status, its ENIs' groups
+        at_in_service: dict[str, dict[str, Any]] = {}
+
+        def on_event(stage: str, e: Any) -> None:
+            if stage != "put" or e.detail_type != LAUNCH_OK or not d.fleet:
+                return
+            for i in e.instance_ids:
+                if i not in before and i not in at_in_service:
+                    inst = d.fleet.instances.get(i)
+                    at_in_service[i] = {"agent": inst.status() if inst else {}, "enis": d.perimeter_groups(i)}
+
+        from ringfence.clouds.aws.perimeter import recorded_changes
+
+        d.router.subscribe(on_event)
         d.r.say(f"SetDesiredCapacity {ASG_NAME} → {desired}")
-        sample = d.measure("launch", f"+{n} web", lambda: d.scale(desired), ready)
+        with recorded_changes() as perimeter_changes:
+            sample = d.measure("launch", f"+{n} web", lambda: d.scale(desired), ready)
         new = [i for i in d.asg_states() if i not in before]
         for i in new:
             d.names.setdefault(i, f"web-asg-{len(d.names)}")
@@ -637,9 +713,12 @@ def step_scale_out(d: Live, n: int = 3) -> list[str]:
                 ok = [e.changed for e in d.router.timeline.for_instance(i) if e.detail_type == LAUNCH_OK]
                 if ok:
                     seen_inservice[i] = min(ok)
-            if all(i in seen_inservice for i in new):
+            if all(i in seen_inservice for i in new) and all(i in at_in_service for i in new):
                 break
             time.sleep(0.1)
+        fenced = [c for c in perimeter_changes if c.get("workload") in new or set(new) & set(c.get("ids") or [])]
+        for c in fenced:
+            d.r.say(f"  {c['text']}")
         per: dict[str, Any] = {}
         for i in new:
             inst = d.fleet.instances.get(i)
@@ -663,7 +742,12 @@ def step_scale_out(d: Live, n: int = 3) -> list[str]:
             before_in_service = bool(first and in_service and first <= in_service)
             per[d.name(i)]["enforced_before_in_service"] = before_in_service
             d.r.check(f"{d.name(i)} enforced before InService", True, before_in_service)
+            per[d.name(i)].update(d.gate_at_in_service(i, at_in_service.get(i), sample.t0))
         st.timings["instances"] = per
+        st.timings["perimeter"] = {
+            "changes": [c["text"] for c in fenced],
+            "groups": sorted({g for v in per.values() for gs in v["perimeter_groups"].values() for g in gs}),
+        }
         if sample.seconds is not None:
             d.r.say(f"  scale-out of {n}: every affected agent ({sample.agents}) enforcing after {sample.seconds:.2f}s")
         flows = [Flow("ord-prod-lb-1", d.name(i), "tcp/8080", True, "LB health check") for i in new]

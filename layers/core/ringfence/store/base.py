@@ -87,6 +87,34 @@ class DeltaPointer(BaseModel):
     key: str
 
 
+class LaunchHold(BaseModel):
+    """A launch held by its Auto Scaling launch hook under the lifecycle gate ``agent``: the two
+    facts that release it, each recorded by the function that knows it. Compute records the
+    perimeter hand-off (the lifecycle action, handed on by the perimeter function once every ENI
+    carries its groups); the agent API records that the instance's agent enforces a bundle. Only
+    compute completes the action (CONTINUE), once both are in, and records when."""
+
+    instance_id: str
+    lifecycle: dict[str, Any] | None = Field(None, description="the action to complete (hook, group, token, region)")
+    perimeter_at: float | None = Field(None, description="when the perimeter handed the action on (groups attached)")
+    perimeter: str | None = Field(None, description='"attached", or "not managed" (no event-path perimeter)')
+    enforced_version: int | None = Field(None, description="the first bundle version its agent reported applied")
+    enforced_at: float | None = None
+    released_at: float | None = Field(None, description="when compute completed the action, or gave it up")
+    outcome: str | None = Field(None, description='"continue", or why the action was not completed')
+
+
+# a hold's fields written once: the first report of enforcement is the fact; later ones add nothing
+HOLD_FIRST_WINS = frozenset({"enforced_version", "enforced_at"})
+HOLD_TTL = 86400  # longer than any hook's wait (HeartbeatTimeout is at most 7200 s)
+
+
+def check_hold_fields(fields: dict[str, Any]) -> None:
+    unknown = set(fields) - (set(LaunchHold.model_fields) - {"instance_id"})
+    if unknown:
+        raise ValueError(f"launch hold: unknown fields {sorted(unknown)}")
+
+
 class Store(Protocol):
     # inventory
     def get(self, workload_id: str) -> InventoryRecord | None: ...
@@ -148,6 +176,15 @@ class Store(Protocol):
     def put_connection(self, workload_id: str, connection_id: str) -> None: ...
     def connection(self, workload_id: str) -> str | None: ...
     def drop_connection(self, workload_id: str) -> None: ...
+
+    # launch holds (the lifecycle gate "agent")
+    def hold_launch(self, instance_id: str, **fields: Any) -> LaunchHold:
+        """Merge ``fields`` into the instance's hold (created if missing) in one atomic step and
+        return the hold as it then is; ``enforced_version``/``enforced_at`` keep their first value.
+        Two writers (compute, the agent API) each see the other's fact if it came first."""
+        ...
+
+    def launch_hold(self, instance_id: str) -> LaunchHold | None: ...
 
     # audit
     def audit(self, rec: AuditRecord) -> None:

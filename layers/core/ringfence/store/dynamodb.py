@@ -23,13 +23,17 @@ from botocore.exceptions import ClientError
 from ringfence.model import Mode, Workload
 from ringfence.store.base import (
     ACTIVE_STATES,
+    HOLD_FIRST_WINS,
+    HOLD_TTL,
     AuditRecord,
     BundlePointer,
     ConflictError,
     DeltaPointer,
     EngineHead,
     InventoryRecord,
+    LaunchHold,
     PolicyVersion,
+    check_hold_fields,
 )
 
 _UNSET: Any = object()
@@ -37,6 +41,11 @@ _UNSET: Any = object()
 
 def _conditional_failed(exc: ClientError) -> bool:
     return bool(exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException")
+
+
+def _to_hold(instance_id: str, item: dict[str, Any]) -> LaunchHold:
+    doc = {k: json.loads(v) for k, v in item.items() if k in LaunchHold.model_fields and isinstance(v, str)}
+    return LaunchHold.model_validate({**doc, "instance_id": instance_id})
 
 
 class DynamoStore:
@@ -399,6 +408,29 @@ class DynamoStore:
 
     def drop_connection(self, workload_id: str) -> None:
         self.state.delete_item(Key={"pk": f"conn#{workload_id}", "sk": "conn"})
+
+    # --- launch holds -----------------------------------------------------------------------------
+
+    def hold_launch(self, instance_id: str, **fields: Any) -> LaunchHold:
+        check_hold_fields(fields)
+        sets, names = ["#ttl = :ttl"], {"#ttl": "ttl"}
+        values: dict[str, Any] = {":ttl": int(time.time()) + HOLD_TTL}
+        for i, (k, v) in enumerate(sorted(fields.items())):
+            names[f"#f{i}"] = k
+            values[f":f{i}"] = json.dumps(v)  # JSON text: floats and dicts without Decimal conversion
+            sets.append(f"#f{i} = if_not_exists(#f{i}, :f{i})" if k in HOLD_FIRST_WINS else f"#f{i} = :f{i}")
+        out = self.state.update_item(
+            Key={"pk": f"launch#{instance_id}", "sk": "hold"},
+            UpdateExpression="SET " + ", ".join(sets),
+            ExpressionAttributeNames=names,
+            ExpressionAttributeValues=values,
+            ReturnValues="ALL_NEW",
+        )
+        return _to_hold(instance_id, out["Attributes"])
+
+    def launch_hold(self, instance_id: str) -> LaunchHold | None:
+        item = self._get(f"launch#{instance_id}", "hold")
+        return _to_hold(instance_id, item) if item else None
 
     # --- audit ----------------------------------------------------------------------------------
 

@@ -40,13 +40,17 @@ from typing import Any, Literal
 from ringfence.model import Mode, Workload
 from ringfence.store.base import (
     ACTIVE_STATES,
+    HOLD_FIRST_WINS,
+    HOLD_TTL,
     AuditRecord,
     BundlePointer,
     ConflictError,
     DeltaPointer,
     EngineHead,
     InventoryRecord,
+    LaunchHold,
     PolicyVersion,
+    check_hold_fields,
 )
 
 _UNSET: Any = object()
@@ -97,6 +101,7 @@ CREATE TABLE IF NOT EXISTS pairing (
     expires REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS connection (workload_id TEXT PRIMARY KEY, connection_id TEXT NOT NULL, expires REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS launch_hold (instance_id TEXT PRIMARY KEY, doc TEXT NOT NULL, expires REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
@@ -487,6 +492,33 @@ class SqliteStore:
     def drop_connection(self, workload_id: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM connection WHERE workload_id = ?", (workload_id,))
+
+    # --- launch holds -----------------------------------------------------------------------------
+
+    def hold_launch(self, instance_id: str, **fields: Any) -> LaunchHold:
+        check_hold_fields(fields)
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT doc FROM launch_hold WHERE instance_id = ? AND expires >= ?", (instance_id, now)
+            ).fetchone()
+            doc: dict[str, Any] = json.loads(row[0]) if row else {}
+            for k, v in fields.items():
+                if k not in HOLD_FIRST_WINS or doc.get(k) is None:
+                    doc[k] = v
+            db.execute(
+                "INSERT OR REPLACE INTO launch_hold (instance_id, doc, expires) VALUES (?, ?, ?)",
+                (instance_id, json.dumps(doc), now + HOLD_TTL),
+            )
+        return LaunchHold.model_validate({**doc, "instance_id": instance_id})
+
+    def launch_hold(self, instance_id: str) -> LaunchHold | None:
+        row = (
+            self._db()
+            .execute("SELECT doc FROM launch_hold WHERE instance_id = ? AND expires >= ?", (instance_id, time.time()))
+            .fetchone()
+        )
+        return LaunchHold.model_validate({**json.loads(row[0]), "instance_id": instance_id}) if row else None
 
     # --- audit ----------------------------------------------------------------------------------
 

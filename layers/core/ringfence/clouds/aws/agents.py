@@ -18,10 +18,11 @@ from ringfence.store.base import (
     InventoryRecord,
 )
 
-from . import clients, ec2
+from . import ec2
 from .api import Response, error, secret_hash
 from .enroll import ProofError, check_sts_request, load_public_key, replay_sts, verify_iid
 from .ingest import observe_instances
+from .launchgate import report_enforcing
 from .wiring import BaseWiring, log
 
 
@@ -32,7 +33,7 @@ class AgentApi:
         # immutable, content-addressed documents: safe to keep while the container is warm
         self._deltas: dict[str, bundle.SetDelta] = {}
         self._sets: dict[tuple[str, int], bundle.AddressSetDoc] = {}
-        self._released: set[str] = set()  # instances whose launch no longer waits (lifecycle gate "agent")
+        self._reported: set[str] = set()  # instances whose agent's enforcing is recorded (lifecycle gate "agent")
 
     def nonce(self) -> Response:
         n = secrets.token_urlsafe(24)
@@ -255,35 +256,18 @@ class AgentApi:
             log.info("agent %s is back online: rejoining peers' sets", workload_id)
             self.w.enqueue_compute([workload_id])
         if self.w.cfg.lifecycle_gate == "agent" and hb.applied_version is not None:
-            self._release_launch(rec)
+            self._report_enforcing(rec, hb.applied_version)
         return Response(200, agentapi.HeartbeatResponse(latest_version=self.latest_version(workload_id)).model_dump())
 
-    def _release_launch(self, rec: InventoryRecord) -> None:
-        """The agent enforces a bundle: a launch of its instance still held by its Auto Scaling
-        group's launch hook goes on (CONTINUE). Asked once per instance per warm container (the
-        agent heartbeats at once after its first bundle)."""
-        if rec.id in self._released or rec.workload.cloud != "aws":
+    def _report_enforcing(self, rec: InventoryRecord, version: int) -> None:
+        """The agent enforces a bundle: recorded for a launch its Auto Scaling group may hold
+        (lifecycle gate "agent"). Compute completes the action once the perimeter is in place too;
+        this function has no Auto Scaling rights. Once per instance per warm container (the
+        first report is the fact; later heartbeats add nothing)."""
+        if rec.id in self._reported or rec.workload.cloud != "aws":
             return
-        asg = clients.client("autoscaling", region=rec.workload.region)
-        found = asg.describe_auto_scaling_instances(InstanceIds=[rec.id]).get("AutoScalingInstances", [])
-        if not found or found[0].get("LifecycleState") != "Pending:Wait":
-            self._released.add(rec.id)
-            return
-        group = found[0]["AutoScalingGroupName"]
-        hooks = asg.describe_lifecycle_hooks(AutoScalingGroupName=group).get("LifecycleHooks", [])
-        for h in hooks:
-            if h.get("LifecycleTransition") == "autoscaling:EC2_INSTANCE_LAUNCHING":
-                try:
-                    asg.complete_lifecycle_action(
-                        LifecycleHookName=h["LifecycleHookName"],
-                        AutoScalingGroupName=group,
-                        LifecycleActionResult="CONTINUE",
-                        InstanceId=rec.id,
-                    )
-                    log.info("launch of %s released: its agent enforces (hook %s)", rec.id, h["LifecycleHookName"])
-                except Exception as exc:  # e.g. already completed: the hook is not ours to wait on
-                    log.warning("CompleteLifecycleAction for %s (hook %s): %s", rec.id, h["LifecycleHookName"], exc)
-        self._released.add(rec.id)
+        report_enforcing(self.w, rec.id, version)
+        self._reported.add(rec.id)
 
     def latest_version(self, workload_id: str) -> int | None:
         """The newest version of the workload's bundle (its stored bundle moved on by set deltas)."""

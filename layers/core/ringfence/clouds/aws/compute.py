@@ -18,6 +18,7 @@ from ringfence.store.base import (
 )
 
 from . import clients, ec2
+from .launchgate import LaunchGate
 from .publish import Notifier, WebSocketNotifier
 from .wiring import BaseWiring, Metric, log, no_metric
 
@@ -54,6 +55,7 @@ class Compute:
                 )
             notifier = WebSocketNotifier(ws, w.store)
         self.notifier = notifier
+        self.gate = LaunchGate(w, metric)
 
     def run(self, messages: list[dict[str, Any]]) -> ComputeStats:
         stats = ComputeStats()
@@ -200,6 +202,10 @@ class Compute:
     # lifecycle hooks
 
     def _lifecycles(self, messages: list[dict[str, Any]], stats: ComputeStats, ok: bool) -> None:
+        for iid in dict.fromkeys(i for m in messages for i in m.get("enforced") or []):
+            # the agent API: this instance's agent enforces (lifecycle gate "agent")
+            if self.gate.enforced(iid) == "completed":
+                stats.lifecycle_completed.append(iid)
         for m in messages:
             lc = m.get("lifecycle")
             if not lc:
@@ -225,9 +231,13 @@ class Compute:
                 self.metric("LifecycleLeftToTimeout", 1)
                 continue
             if launching and self.w.cfg.lifecycle_gate == "agent":
-                # released by the agent API on the instance's first heartbeat with this bundle applied
-                log.info("launch of %s published: the hook waits for its agent to enforce", iid)
-                stats.lifecycle_awaiting_agent.append(iid)
+                # completed only once its agent enforces too (ringfence.clouds.aws.launchgate)
+                outcome = self.gate.handed_on(lc)
+                if outcome == "completed":
+                    stats.lifecycle_completed.append(iid)
+                else:
+                    log.info("launch of %s published, perimeter in place: %s", iid, outcome)
+                    stats.lifecycle_awaiting_agent.append(iid)
                 continue
             try:
                 region = lc.get("region")

@@ -10,6 +10,7 @@ their purpose."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -98,7 +99,9 @@ class Perimeter:
                 out.lifecycles_left_to_timeout.append(iid)
                 continue
             # compute completes it once the bundle is published (FIFO: after the ids lifecycle queued)
-            self.w.enqueue_compute(lifecycle=lc)
+            # and, under the lifecycle gate "agent", once its agent enforces too: perimeter_at
+            # records the hand-off (every ENI carries its groups now)
+            self.w.enqueue_compute(lifecycle={**lc, "perimeter_at": time.time()})
             out.lifecycles_forwarded.append(iid)
         return out
 
@@ -143,20 +146,24 @@ def recorded_changes() -> Iterator[list[dict[str, Any]]]:
     and the ids), whichever handler or thread made it: for a demo or a test driving the handlers
     in-process. Dry-run plans are not changes and are not recorded."""
     seen: list[dict[str, Any]] = []
+    # the level below which the process did not want these records: recorded, then dropped, so
+    # that lowering the logger's level to see them prints nothing new (e.g. on the demo's display)
+    wanted = log.getEffectiveLevel()
 
-    class _Recorder(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
+    class _Recorder(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
             change = getattr(record, "perimeter_change", None)
             if change is not None and not record.getMessage().startswith("(dry run)"):
                 seen.append(change)
+            return record.levelno >= wanted
 
-    handler = _Recorder(logging.INFO)
+    recorder = _Recorder()
     level = log.level
-    log.addHandler(handler)
-    if log.getEffectiveLevel() > logging.INFO:
+    log.addFilter(recorder)
+    if wanted > logging.INFO:
         log.setLevel(logging.INFO)
     try:
         yield seen
     finally:
-        log.removeHandler(handler)
+        log.removeFilter(recorder)
         log.setLevel(level)

@@ -60,10 +60,11 @@ class Config:
     # (API Gateway ends a request at 29 s), re-reading the store every wait_poll_interval seconds
     max_wait: float = 25.0
     wait_poll_interval: float = 1.0
-    # who releases a launch held by the lifecycle hook: "publish" (compute, once the bundle and
-    # the peers' deltas are published) or "agent" (the agent API, on the new instance's first
-    # heartbeat with a bundle applied: enforced before InService; without an agent the hook
-    # times out into its default result)
+    # when compute releases a launch held by the lifecycle hook: "publish" (once the perimeter is
+    # attached and the bundle and the peers' deltas are published) or "agent" (once, as well, the
+    # new instance's agent reported a bundle applied through the agent API: enforced before
+    # InService; without an agent the hook times out into its default result). Only compute
+    # completes lifecycle actions (ringfence.clouds.aws.launchgate).
     lifecycle_gate: str = "publish"
     # enrollment methods the agent API accepts (the local control plane: pairing only)
     enroll_methods: list[str] = field(default_factory=lambda: ["aws-iid", "aws-sts", "pairing"])
@@ -139,15 +140,20 @@ class BaseWiring:
         ids: Iterable[str] = (),
         *,
         rebuild: bool = False,
-        lifecycle: dict[str, str] | None = None,
+        lifecycle: dict[str, Any] | None = None,
         publish: list[str] | None = None,
+        enforced: list[str] | None = None,
     ) -> None:
         """Ask compute to take these workloads' inventory (and a lifecycle action, a rebuild or
-        re-renders) into the engine; nothing is sent when there is nothing to do."""
+        re-renders) into the engine; nothing is sent when there is nothing to do. ``enforced``:
+        instances whose agent now enforces (the agent API, lifecycle gate "agent")."""
         ids = list(dict.fromkeys(ids))
-        if not ids and not rebuild and lifecycle is None and not publish:
+        if not ids and not rebuild and lifecycle is None and not publish and not enforced:
             return
-        self.send_compute({"ids": ids, "rebuild": rebuild, "lifecycle": lifecycle, "publish": publish or []})
+        message: dict[str, Any] = {"ids": ids, "rebuild": rebuild, "lifecycle": lifecycle, "publish": publish or []}
+        if enforced:
+            message["enforced"] = list(enforced)
+        self.send_compute(message)
 
     def send_compute(self, message: dict[str, Any]) -> None:
         """Deliver one compute message (the compute queue in AWS, the worker thread on one machine)."""
@@ -176,7 +182,9 @@ class BaseWiring:
         (for the inventory's hygiene view only: compute always resolves labels with the exact
         policy it compiles)."""
         now = time.monotonic()
-        if self._mapper is None or now - self._mapper[0] > self.mapper_ttl:
+        # "no policy yet" is never kept: the first events after provisioning get their labels
+        # (the perimeter places a launching instance by them)
+        if self._mapper is None or self._mapper[1] is None or now - self._mapper[0] > self.mapper_ttl:
             active = self.active_policy()
             self._mapper = (now, active[1].labels if active else None)
         return self._mapper[1]
