@@ -80,6 +80,7 @@ _ENROLLMENT_TYPES: dict[str, tuple[str, tuple[str, ...], bool]] = {
 _CONFIG_TYPES: dict[str, tuple[str, tuple[str, ...], bool]] = {
     "workload_id": _required("str"),
     "public_key": _required("path"),
+    "revoked_keys": _required("str-list"),
     "state_dir": _required("path"),
     "backend": _required("literal", "nftables", "iptables", "windows-plan", "dry-run"),
     "api_url": _optional("str"),
@@ -146,7 +147,10 @@ class AgentConfig:
     """See docs/agent.md (configuration reference)."""
 
     workload_id: str
-    public_key: Path  # pinned Ed25519 public key (PEM) bundles must verify against
+    # the pinned key set: one or more Ed25519 public keys (PEM blocks in one file); a bundle or
+    # delta must be signed by one of them, named by its key id (docs/bundle.md, Keys and rotation)
+    public_key: Path
+    revoked_keys: list[str] = field(default_factory=list)  # key ids refused even if still in the file
     state_dir: Path = Path("/var/lib/ringfence-agent")
     backend: Literal["nftables", "iptables", "windows-plan", "dry-run"] = "nftables"
     api_url: str | None = None  # control-plane agent API base URL (http/https)

@@ -20,6 +20,7 @@ from ringfence.bundlewire import (
     SetDelta,
     Verifier,
     check_acceptable,
+    check_fresh,
     same_firewall,
 )
 from ringfence_agent.backends import ApplyError, Backend, ElementChange
@@ -127,6 +128,10 @@ def describe_change(old: Bundle | None, new: Bundle) -> list[str]:
     return lines
 
 
+def _utc(t: float | None) -> str:
+    return "-" if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
 class Agent:
     def __init__(
         self,
@@ -176,6 +181,12 @@ class Agent:
     @property
     def revision(self) -> int | None:
         return applied_revision(self.bundle, self.deltas)
+
+    def stale(self, now: float | None = None) -> bool:
+        """The enforced bundle has expired without a refresh. The agent keeps enforcing it (never
+        fails open; docs/bundle.md, Expiry) and says so in its status and heartbeat."""
+        b = self.bundle
+        return b is not None and (b.expires_at is None or b.expires_at <= (time.time() if now is None else now))
 
     def effective(self) -> Bundle | None:
         with self._lock:
@@ -290,10 +301,11 @@ class Agent:
 
     # --- whole bundles -----------------------------------------------------------------------
 
-    def apply_bundle(self, new: Bundle) -> Result:
+    def apply_bundle(self, new: Bundle, now: float | None = None) -> Result:
         what = f"bundle for {new.workload_id!r} version {new.version}"
         try:
             self.verifier.verify(new)
+            check_fresh(new, time.time() if now is None else now)
             if self.workload_id is None:
                 self.workload_id = new.workload_id  # first bundle pins the identity (documented)
             check_acceptable(new, self.workload_id, self.revision, self.effective())
@@ -304,11 +316,17 @@ class Agent:
         same_local = self.state.read_json("status.json").get("local_failsafes") == self._local_key()
         unchanged = current is not None and new.version == self.revision and same_local and same_firewall(new, current)
         if unchanged and self.kernel_holds(new.mode.value):  # flushed or lost since: applied again
-            if self.deltas:  # the same firewall, now as one bundle: the delta chain can go
+            # the same firewall, now as one bundle (the delta chain can go), or re-signed with a
+            # later expiry (compute's refresh): kept as the last known good, nothing re-applied
+            refreshed = self.bundle is not None and (new.expires_at or 0) > (self.bundle.expires_at or 0)
+            if self.deltas or refreshed:
                 self.state.save_applied(new, [])
                 with self._lock:
                     self.bundle, self.deltas = new, []
                     self._reset_cache(plan)  # compiled from ``new``: the same firewall, current sets
+                self.state.update_status(expires_at=new.expires_at)
+            if refreshed:
+                return Result(False, [f"bundle version {new.version} refreshed: valid until {_utc(new.expires_at)}"])
             return Result(False, [f"bundle version {new.version} is already applied: no change"])
         old = self.effective()
         try:
@@ -326,6 +344,7 @@ class Agent:
             applied_version=new.version,
             mode=new.mode.value,
             applied_at=time.time(),
+            expires_at=new.expires_at,
             last_error=None,
             local_failsafes=self._local_key(),
             posture=None,
@@ -545,6 +564,7 @@ class Agent:
             applied_at=time.time(),
             local_failsafes=self._local_key(),
             posture=None,
+            expires_at=self.bundle.expires_at,
             incr={"lkg_reapplied": 1},
         )
         lines = [f"re-applied last known good: {eff.workload_id} revision {self.revision}, mode {eff.mode.value}"]

@@ -68,6 +68,15 @@ def _where(exc: BaseException) -> str:
     return f" (raised in {os.path.basename(f.filename)}:{f.lineno}, {f.name})"
 
 
+# fetch the bundle when the enforced one expires within this many seconds (compute re-signs
+# bundles well before: docs/bundle.md, Expiry)
+REFRESH_BEFORE = 2 * 86400
+
+
+def _utc(t: float | None) -> str:
+    return "-" if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
 def backoff_delay(failures: int, cap: float, rng: random.Random) -> float:
     """Full-jitter exponential backoff: uniform(0.5, 1) × min(cap, 2^failures) seconds."""
     base = min(cap, float(2 ** min(failures, 30)))
@@ -79,7 +88,7 @@ class Daemon:
         self.cfg = cfg
         self.state = StateDir(cfg.state_dir)
         self.state.ensure()
-        self.verifier = Verifier.from_file(cfg.public_key)
+        self.verifier = Verifier.from_file(cfg.public_key, cfg.revoked_keys)
         self.backend = make_backend(cfg.backend)
         self.agent = Agent(
             cfg.workload_id,
@@ -107,6 +116,7 @@ class Daemon:
         self.source: Source = self._source()
         self._woke = time.time()  # when the last wait answered (the push arrived)
         self._fetch_s = self._apply_s = 0.0
+        self._refresh_tried = 0.0  # when the bundle was last fetched because its expiry is near
 
     def _source(self) -> Source:
         cfg = self.cfg
@@ -291,9 +301,9 @@ class Daemon:
         if latest is None:
             latest = self.source.announced()
         rev = self.agent.revision
-        if rev is not None and latest is not None and latest <= rev:
+        if rev is not None and latest is not None and latest <= rev and not self._refresh_due():
             return
-        if rev is not None and self.agent.bundle is not None:
+        if rev is not None and self.agent.bundle is not None and (latest is None or latest > rev):
             since, bundle_version = rev, self.agent.bundle.version
             deltas = self._timed("fetch", lambda: self._fetch_deltas(since, bundle_version))
             bridged = deltas is not None and self._timed("apply", lambda: self._apply_deltas(deltas))
@@ -348,6 +358,19 @@ class Daemon:
             more = self._timed("fetch", lambda: self._fetch_deltas(revision, bundle_version))
             if more:
                 self._timed("apply", lambda: self._apply_deltas(more))
+
+    def _refresh_due(self) -> bool:
+        """The enforced bundle expires within ``REFRESH_BEFORE`` (or has): fetch the bundle even
+        though no new version was announced — compute re-signs bundles before they expire, at the
+        same version. At most once per heartbeat interval."""
+        b = self.agent.bundle
+        now = time.time()
+        if b is None or (b.expires_at is not None and b.expires_at - now > REFRESH_BEFORE):
+            return False
+        if now - self._refresh_tried < self.cfg.heartbeat_interval:
+            return False
+        self._refresh_tried = now
+        return True
 
     def _fetch_deltas(self, since: int, bundle_version: int) -> list[SetDelta] | None:
         """The source's deltas; a malformed one is refused and the whole bundle decides (None)."""
@@ -408,11 +431,19 @@ class Daemon:
         counters["buffered_drops"] = len(self.drops)
         counters["buffered_flows"] = len(self.flows)
         applied = self.agent.bundle  # deltas change set contents only: no need to fold them for the mode
+        stale = self.agent.stale()
+        self.state.update_status(stale=stale)
+        message = self.last_message
+        if stale and applied is not None:
+            # never fails open: the expired bundle stays enforced; the control plane is told
+            message = f"stale: the enforced bundle expired at {_utc(applied.expires_at)}, still enforcing it" + (
+                f"; {message}" if message else ""
+            )
         hb = Heartbeat(
             applied_version=self.agent.revision,
             mode=applied.mode if applied is not None else None,
-            healthy=not self.last_message,
-            message=self.last_message[:1000],
+            healthy=not message,
+            message=message[:1000],
             counters=counters,
         )
         return self.source.heartbeat(hb)

@@ -305,7 +305,7 @@ def test_bundle_from_another_key_is_refused(tmp_path: Path) -> None:
     from ringfence.bundle import SigningKey
 
     agent, _ = make_agent(tmp_path)
-    with pytest.raises(Rejected, match="not the pinned key"):
+    with pytest.raises(Rejected, match="not a pinned key"):
         agent.apply_bundle(sign(golden(PROC), SigningKey.generate()))
 
 

@@ -304,7 +304,7 @@ def test_a_malformed_delta_from_the_agent_api_is_refused_and_the_bundle_decides(
     tmp_path: Path, serve: Callable[[Handler], tuple[str, list[str]]], capsys: pytest.CaptureFixture[str]
 ) -> None:
     body = wire.dumps(bundle(2, ["10.0.0.2/32"])).encode()
-    bogus = b'{"deltas": [{"format": "ringfence.delta/v1", "set": 5}]}'
+    bogus = b'{"deltas": [{"format": "ringfence.delta/v2", "set": 5}]}'
     base, _ = serve(api_route(lambda: body, deltas=lambda h: send(h, 200, bogus)))
     daemon = api_daemon(tmp_path, base)
     daemon.agent.apply_bundle(bundle(1, ["10.0.0.1/32"]))
@@ -370,7 +370,7 @@ def evil_chain(signed: bool) -> Handler:
             v = int(h.path.rsplit("/", 1)[1].removesuffix(".json"))
             if signed:
                 return send(h, 200, wire.dumps(delta(v, add=[f"10.1.{v >> 8 & 255}.{v & 255}/32"])).encode())
-            unsigned = {"format": "ringfence.delta/v1", "set": SET, "from_version": v, "to_version": v + 1}
+            unsigned = {"format": "ringfence.delta/v2", "set": SET, "from_version": v, "to_version": v + 1}
             return send(h, 200, json.dumps(unsigned).encode())
         return send(h, 404)
 

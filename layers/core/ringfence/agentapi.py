@@ -106,7 +106,7 @@ class ReportsResponse(_Body):
 
 class DeltasResponse(_Body):
     bundle_version: int = Field(description="the newest bundle version; fetch it if deltas cannot bridge")
-    deltas: list[dict[str, object]] = Field(description="signed ringfence.delta/v1 documents, oldest first")
+    deltas: list[dict[str, object]] = Field(description="signed ringfence.delta/v2 documents, oldest first")
 
 
 class ErrorBody(_Body):
