@@ -279,14 +279,22 @@ class Env:
         return DynamoStore("rf-inventory", "rf-state", "rf-audit", resource=self.ddb)
 
     def bundle(self, wid: str) -> Any:
-        """The workload's current signed bundle, as the agent API serves it."""
-        from ringfence.bundle import Bundle, Verifier
+        """What the workload's agent enforces: the signed bundle the agent API serves with the
+        signed deltas it serves after it folded in (each verified), at the newest version."""
+        from ringfence.bundle import Verifier, fold_deltas, load_bundle, load_delta
 
-        cur = self.fn["agentapi"].api().current(wid)
+        api = self.fn["agentapi"].api()
+        cur = api.current(wid)
         assert isinstance(cur, tuple), f"no bundle for {wid}: {cur}"
-        doc = Bundle.model_validate(cur[1])
-        Verifier.from_pem(self.signing_key.public_pem()).verify(doc)
-        return doc
+        verifier = Verifier.from_pem(self.signing_key.public_pem())
+        doc = load_bundle(cur[1])
+        verifier.verify(doc)
+        got = api.deltas(wid, doc.version)
+        assert got.status == 200, f"deltas of {wid} from {doc.version}: {got}"
+        deltas = [load_delta(json.dumps(d)) for d in json.loads(got.body)["deltas"]]
+        for d in deltas:
+            verifier.verify(d)
+        return fold_deltas(doc, deltas)
 
     def count(self, queue: str) -> int:
         attrs = self.sqs.get_queue_attributes(

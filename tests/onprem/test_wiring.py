@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -21,11 +22,19 @@ from tests.onprem.conftest import boot, signing_key_file
 
 
 def served(w: LocalWiring, wid: str) -> bundle.Bundle:
-    cur = AgentApi(w).current(wid)
+    """What the workload's agent enforces: the served bundle with the served deltas folded in."""
+    api = AgentApi(w)
+    cur = api.current(wid)
     assert isinstance(cur, tuple), f"no bundle for {wid}: {cur}"
-    doc = bundle.Bundle.model_validate(cur[1])
-    bundle.Verifier.from_pem(w.signer.public_pem()).verify(doc)
-    return doc
+    verifier = bundle.Verifier.from_pem(w.signer.public_pem())
+    doc = bundle.load_bundle(cur[1])
+    verifier.verify(doc)
+    got = api.deltas(wid, doc.version)
+    assert got.status == 200, got
+    deltas = [bundle.load_delta(json.dumps(d)) for d in json.loads(got.body)["deltas"]]
+    for d in deltas:
+        verifier.verify(d)
+    return bundle.fold_deltas(doc, deltas)
 
 
 def in_sets(doc: bundle.Bundle, ip: str) -> bool:

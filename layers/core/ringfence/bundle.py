@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from ringfence import bundlewire as wire
+from ringfence.addresses import V4, format_prefix, parse_prefix
 from ringfence.bundlewire import BUNDLE_FORMAT as BUNDLE_FORMAT
 from ringfence.bundlewire import DEFAULT_TTL as DEFAULT_TTL
 from ringfence.bundlewire import DELTA_FORMAT as DELTA_FORMAT
@@ -245,6 +246,28 @@ def sign(doc: D, signer: Signer, *, expires_at: int | None = None) -> D:
     raw = signer.sign(manifest(doc, signer.key_id))
     sig = Signature(key_id=signer.key_id, value=base64.b64encode(raw).decode())
     return doc.model_copy(update={"signature": sig})
+
+
+def fold_deltas(doc: Bundle, deltas: list[SetDelta]) -> Bundle:
+    """``doc`` with set deltas folded in (oldest first; each onto the set version it was cut
+    from, others skipped): what an agent enforces after applying them, as an unsigned bundle at
+    the newest version reached. For inspection and tests; agents fold their own
+    (``ringfence_agent.core.effective_bundle``) after verifying each delta."""
+    sets = dict(doc.sets)
+    version = doc.version
+    for d in deltas:
+        s = sets.get(d.set)
+        if s is None or s.version != d.from_version:
+            continue
+        elems = (set(s.v4) | set(s.v6)) - set(d.remove) | set(d.add)
+        ordered = sorted(parse_prefix(e) for e in elems)
+        sets[d.set] = AddressSetDoc(
+            version=d.to_version,
+            v4=[format_prefix(p) for p in ordered if p[0] == V4],
+            v6=[format_prefix(p) for p in ordered if p[0] != V4],
+        )
+        version = max(version, d.to_version)
+    return doc.model_copy(update={"sets": sets, "version": version, "signature": None})
 
 
 def dumps(doc: Document) -> str:

@@ -110,6 +110,7 @@ class ComputeWorker(threading.Thread):
         attempts: int = 3,
         retry_delay: float = 1.0,
         max_batch: int = 100,
+        refresh_interval: float = 3600.0,
     ) -> None:
         super().__init__(name="ringfence-compute", daemon=True)
         self.compute = compute
@@ -117,6 +118,8 @@ class ComputeWorker(threading.Thread):
         self.attempts = attempts
         self.retry_delay = retry_delay
         self.max_batch = max_batch
+        # idle this long: compute re-signs the bundles near expiry (the AWS schedule's job)
+        self.refresh_interval = refresh_interval
         self.queue: queue.Queue[Any] = queue.Queue()
         self.runs = 0
         self.failed_batches = 0
@@ -138,7 +141,15 @@ class ComputeWorker(threading.Thread):
 
     def run(self) -> None:
         while True:
-            first = self.queue.get()
+            try:
+                first = self.queue.get(timeout=self.refresh_interval)
+            except queue.Empty:
+                if self.compute.engine is not None:
+                    try:
+                        self._compute([{"ids": [], "refresh": True}])
+                    finally:
+                        self.notifier.flush()
+                continue
             batch = [first]
             while len(batch) < self.max_batch:
                 try:

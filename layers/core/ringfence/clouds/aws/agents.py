@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import secrets
 import time
 import uuid
 from typing import Any
 
-from ringfence import agentapi, bundle
-from ringfence.addresses import V4, format_prefix, parse_prefix
+from ringfence import agentapi
 from ringfence.store.base import (
     BundlePointer,
     DeltaPointer,
@@ -22,6 +20,7 @@ from . import clients, ec2
 from .api import Response, error, secret_hash
 from .enroll import ProofError, check_sts_request, load_public_key, replay_sts, verify_iid
 from .ingest import observe_instances
+from .publish import PUBLIC_KEYS_KEY
 from .wiring import BaseWiring, log
 
 
@@ -29,9 +28,7 @@ class AgentApi:
     def __init__(self, w: BaseWiring) -> None:
         self.w = w
         self._iid_key: Any = None
-        # immutable, content-addressed documents: safe to keep while the container is warm
-        self._deltas: dict[str, bundle.SetDelta] = {}
-        self._sets: dict[tuple[str, int], bundle.AddressSetDoc] = {}
+        self._public_keys: str | None = None
         self._released: set[str] = set()  # instances whose launch no longer waits (lifecycle gate "agent")
 
     def nonce(self) -> Response:
@@ -64,9 +61,19 @@ class AgentApi:
                 workload_id=wid,
                 token=token,
                 expires_in=self.w.cfg.token_ttl,
-                public_key_pem=self.w.signer.public_pem().decode(),
+                public_key_pem=self.signing_public_keys(),
             ).model_dump(),
         )
+
+    def signing_public_keys(self) -> str:
+        """The bundle signing public key(s) compute published (PEM; :data:`PUBLIC_KEYS_KEY`): this
+        function never holds the private key, so it reads what compute wrote."""
+        if self._public_keys is None:
+            try:
+                self._public_keys = self.w.publisher.get(PUBLIC_KEYS_KEY).decode()
+            except Exception:  # not published yet (no computation so far): nothing to offer
+                return ""
+        return self._public_keys
 
     def _enroll_iid(self, req: agentapi.EnrollRequest) -> str:
         if not req.document or not req.document_signature:
@@ -145,93 +152,33 @@ class AgentApi:
             return None
         return chain
 
-    def _advance(self, name: str, sdoc: bundle.AddressSetDoc, chain: list[DeltaPointer]) -> bundle.AddressSetDoc:
-        """A set moved along its delta chain. A set's content at a version is the same in every
-        bundle (the engine's set at that revision), so results are cached per (set, version)."""
-        target = chain[-1].to_version
-        hit = self._sets.get((name, target))
-        if hit is not None:
-            return hit
-        elems = set(sdoc.v4) | set(sdoc.v6)
-        for d in chain:
-            delta = self._deltas.get(d.key)
-            if delta is None:
-                delta = self._deltas[d.key] = bundle.load_delta(self.w.publisher.get(d.key))
-            elems = (elems - set(delta.remove)) | set(delta.add)
-        ordered = sorted(parse_prefix(e) for e in elems)
-        out = bundle.AddressSetDoc(
-            version=target,
-            v4=[format_prefix(p) for p in ordered if p[0] == V4],
-            v6=[format_prefix(p) for p in ordered if p[0] != V4],
-        )
-        if len(self._sets) > 4096:
-            self._sets.clear()
-        if len(self._deltas) > 16384:
-            self._deltas.clear()
-        self._sets[(name, target)] = out
-        return out
-
-    def current(self, workload_id: str) -> tuple[BundlePointer, dict[str, Any]] | Response:
-        """The workload's current signed bundle: the last full one, with the set deltas published
-        since then applied (exact: deltas are element edits of canonical covers), re-signed and
-        written back content-addressed so the next fetch is a plain read."""
+    def current(self, workload_id: str) -> tuple[BundlePointer, bytes] | Response:
+        """The workload's last full bundle, byte for byte as compute signed and stored it. This
+        function holds no signing key and never re-signs: set changes since that bundle reach the
+        agent as the signed deltas compute published (:meth:`deltas`)."""
         ptr = self.w.store.bundle_pointer(workload_id)
         if ptr is None:
             return error(404, "no bundle published for this workload yet")
-        version, sets = self._latest(ptr)
-        stored = bundle.load_bundle(self.w.publisher.get(ptr.key))
-        if version == ptr.version:
-            return ptr, stored.model_dump(mode="json")
-        new_sets = {}
-        for name, sdoc in stored.sets.items():
-            target = sets[name]
-            if target == sdoc.version:
-                new_sets[name] = sdoc
-                continue
-            chain = self._chain(name, sdoc.version, target)
-            if chain is None:
-                log.warning(
-                    "bundle of %s: deltas of %s do not bridge %s→%s; re-rendering",
-                    workload_id,
-                    name,
-                    sdoc.version,
-                    target,
-                )
-                self.w.enqueue_compute(publish=[workload_id])
-                return Response(
-                    503, {"error": "bundle is being re-rendered", "detail": "retry shortly"}, {"Retry-After": "5"}
-                )
-            new_sets[name] = self._advance(name, sdoc, chain)
-        doc = bundle.sign(
-            stored.model_copy(update={"sets": new_sets, "version": version, "signature": None}), self.w.signer
-        )
-        key, _ = self.w.publisher.put_bundle(doc)
-        new_ptr = ptr.model_copy(update={"version": version, "key": key, "etag": f'"{version}"', "sets": sets})
-        if not self.w.store.put_bundle_pointer(new_ptr, expected_version=ptr.version):
-            # compute published a newer whole bundle meanwhile (its rules may differ): serve that
-            return self.current(workload_id)
-        return new_ptr, doc.model_dump(mode="json")
+        return ptr, self.w.publisher.get(ptr.key)
 
     def bundle(self, workload_id: str, if_none_match: str | None) -> Response:
-        ptr = self.w.store.bundle_pointer(workload_id)
-        if ptr is None:
-            return error(404, "no bundle published for this workload yet")
-        etag = f'"{self._latest(ptr)[0]}"'
-        if if_none_match and if_none_match.strip() == etag:
-            return Response(304, None, {"ETag": etag})
         cur = self.current(workload_id)
         if isinstance(cur, Response):
             return cur
-        ptr, doc = cur
-        return Response(200, doc, {"ETag": ptr.etag})
+        ptr, body = cur
+        if if_none_match and if_none_match.strip() == ptr.etag:
+            return Response(304, None, {"ETag": ptr.etag})
+        return Response(200, body, {"ETag": ptr.etag})
 
     def deltas(self, workload_id: str, since: int) -> Response:
+        """The signed set deltas from revision ``since`` to the newest, each document byte for byte
+        as compute stored it; 409 when they cannot bridge (the agent fetches the whole bundle)."""
         ptr = self.w.store.bundle_pointer(workload_id)
         if ptr is None:
             return error(404, "no bundle published for this workload yet")
         version, sets = self._latest(ptr)
         if since >= version:
-            return Response(200, agentapi.DeltasResponse(bundle_version=version, deltas=[]).model_dump())
+            return Response(200, b'{"bundle_version": %d, "deltas": []}' % version)
         if ptr.rules_revision > since:
             return error(409, "deltas cannot bridge", "rules changed since that revision: fetch the bundle")
         chosen: list[DeltaPointer] = []
@@ -240,11 +187,17 @@ class AgentApi:
                 continue
             chain = self._chain(name, since, v)
             if chain is None:
+                base = ptr.sets.get(name, v)
+                if base < v and self._chain(name, base, v) is None:
+                    # a gap the stored bundle cannot bridge either: compute renders a whole one
+                    log.warning("deltas of %s for %s do not bridge %s→%s: re-rendering", name, workload_id, since, v)
+                    self.w.enqueue_compute(publish=[workload_id])
                 return error(409, "deltas cannot bridge", f"set {name}: fetch the bundle")
             chosen.extend(chain)
         chosen.sort(key=lambda d: (d.to_version, d.set))
-        docs = [json.loads(self.w.publisher.get(d.key)) for d in chosen]
-        return Response(200, agentapi.DeltasResponse(bundle_version=version, deltas=docs).model_dump())
+        # the stored documents themselves, not re-serialized: what compute signed is what is served
+        docs = b",".join(self.w.publisher.get(d.key).strip() for d in chosen)
+        return Response(200, b'{"bundle_version": %d, "deltas": [%s]}' % (version, docs))
 
     def heartbeat(self, workload_id: str, hb: agentapi.Heartbeat) -> Response:
         rec = self.w.store.get(workload_id)

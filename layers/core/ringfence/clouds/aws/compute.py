@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,7 @@ from ringfence.store.base import (
 )
 
 from . import clients, ec2
-from .publish import Notifier, WebSocketNotifier
+from .publish import PUBLIC_KEYS_KEY, Notifier, WebSocketNotifier
 from .wiring import BaseWiring, Metric, log, no_metric
 
 # --- compute --------------------------------------------------------------------------------------
@@ -32,6 +33,7 @@ class ComputeStats:
     sets_touched: int = 0
     deltas_published: int = 0
     bundles_published: int = 0
+    bundles_refreshed: int = 0
     nudged: int = 0
     bytes_published: int = 0
     lifecycle_completed: list[str] = field(default_factory=list)
@@ -46,6 +48,10 @@ class Compute:
         self.w = w
         self.metric = metric
         self.engine: Engine | None = None
+        # workload → expiry of the bundle this container signed last; a cold start rebuilds and
+        # re-signs every bundle, so a workload missing here is re-signed by the next refresh
+        self.expiry: dict[str, int] = {}
+        self._published_key: str | None = None  # the key id whose public key is published
         if notifier is None:  # in AWS: the WebSocket API, when one is configured
             ws = None
             if w.cfg.websocket_endpoint:
@@ -79,6 +85,8 @@ class Compute:
             for wid in dict.fromkeys(i for m in messages for i in m.get("publish", [])):
                 if wid in self.engine.workloads:
                     self._publish_bundle(wid, stats)
+            if any(m.get("refresh") for m in messages):
+                self._refresh(stats)
             stats.revision = self.engine.revision
         except Exception:
             self.engine = None  # never trust a half-applied engine: the next run rebuilds
@@ -141,9 +149,30 @@ class Compute:
 
     # publication
 
+    def _signer(self) -> Any:
+        """The signing key (only compute signs), its public key published once per key for the
+        agent API to name at enrollment."""
+        signer = self.w.signer
+        if self._published_key != signer.key_id:
+            self.w.publisher.put_text(PUBLIC_KEYS_KEY, signer.public_pem().decode())
+            self._published_key = signer.key_id
+        return signer
+
+    def _refresh(self, stats: ComputeStats) -> None:
+        """Re-sign, at the same version, the bundles expiring within ``bundle_refresh_before``
+        (the schedule asks; agents fetch a bundle whose expiry is near): a healthy control plane
+        never lets an enforced bundle expire."""
+        assert self.engine is not None
+        soon = time.time() + self.w.cfg.bundle_refresh_before
+        for wid in sorted(self.engine.workloads):
+            if self.expiry.get(wid, 0) <= soon:
+                self._publish_bundle(wid, stats)
+                stats.bundles_refreshed += 1
+        self.metric("BundlesRefreshed", stats.bundles_refreshed)
+
     def _publish(self, updates: list[Update], stats: ComputeStats) -> None:
         assert self.engine is not None
-        signer = self.w.signer
+        signer = self._signer()
         touched: set[str] = set()
         rebuilt: set[str] = set()
         notify: set[str] = set()
@@ -183,13 +212,16 @@ class Compute:
 
     def _publish_bundle(self, wid: str, stats: ComputeStats) -> None:
         assert self.engine is not None
-        doc = bundle.sign(bundle.Bundle.model_validate(self.engine.render(wid)), self.w.signer)
-        key, _ = self.w.publisher.put_bundle(doc)
+        expires_at = int(time.time()) + self.w.cfg.bundle_ttl
+        doc = bundle.sign(bundle.Bundle.model_validate(self.engine.render(wid)), self._signer(), expires_at=expires_at)
+        key, sha = self.w.publisher.put_bundle(doc)
+        self.expiry[wid] = expires_at
         ptr = BundlePointer(
             workload_id=wid,
             version=doc.version,
             key=key,
-            etag=f'"{doc.version}"',
+            # the stored bytes: a refresh (same version, later expiry) is a new ETag
+            etag=f'"{doc.version}-{sha[:16]}"',
             rules_revision=self.engine.workloads[wid].rules_revision,
             sets={n: s.version for n, s in doc.sets.items()},
         )

@@ -13,6 +13,10 @@ from ringfence import bundle
 
 log = logging.getLogger(__name__)
 
+# the public key(s) of the bundle signing key, PEM, written by compute (the only signer) so that
+# the agent API can name the key at enrollment without holding it
+PUBLIC_KEYS_KEY = "keys/bundle-signing.pub.pem"
+
 
 class Publisher:
     """Immutable, content-addressed documents for agents: ``bundles/<wid>/<version>-<sha>.json``

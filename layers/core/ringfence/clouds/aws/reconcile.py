@@ -57,7 +57,8 @@ class Reconcile:
                 res.offline.append(rec.id)
                 changed.add(rec.id)
         res.changed = sorted(changed)
-        self.w.enqueue_compute(res.changed)
+        # and compute re-signs the bundles whose expiry is near (only compute signs)
+        self.w.enqueue_compute(res.changed, refresh=True)
         self.w.enqueue_perimeter(res.changed)  # repaired drift reaches the perimeter as events do
         self.metric("ReconcileDrift", len(res.changed))
         return res

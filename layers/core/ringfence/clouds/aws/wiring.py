@@ -30,6 +30,10 @@ def no_metric(name: str, value: float) -> None:
     return None
 
 
+class NoSigningKey(RuntimeError):
+    """A function without the signing key was asked to sign."""
+
+
 # --- configuration ------------------------------------------------------------------------------
 
 
@@ -55,6 +59,10 @@ class Config:
     websocket_endpoint: str | None = None
     offline_after: int = 900
     token_ttl: int = 7 * 86400
+    # signed bundles expire bundle_ttl seconds after signing; compute re-signs those expiring
+    # within bundle_refresh_before when the schedule (reconcile) asks (docs/bundle.md, Expiry)
+    bundle_ttl: int = 7 * 86400
+    bundle_refresh_before: int = 4 * 86400
     nonce_ttl: int = 300
     # the agent API's long-poll (GET /v1/agents/{id}/wait): at most max_wait seconds per request
     # (API Gateway ends a request at 29 s), re-reading the store every wait_poll_interval seconds
@@ -89,6 +97,8 @@ class Config:
             websocket_endpoint=e.get("RINGFENCE_WEBSOCKET_ENDPOINT") or None,
             offline_after=int(e.get("RINGFENCE_OFFLINE_AFTER", "900")),
             token_ttl=int(e.get("RINGFENCE_TOKEN_TTL", str(7 * 86400))),
+            bundle_ttl=int(e.get("RINGFENCE_BUNDLE_TTL", str(7 * 86400))),
+            bundle_refresh_before=int(e.get("RINGFENCE_BUNDLE_REFRESH_BEFORE", str(4 * 86400))),
             nonce_ttl=int(e.get("RINGFENCE_NONCE_TTL", "300")),
             max_wait=min(25.0, float(e.get("RINGFENCE_MAX_WAIT", "25"))),
             wait_poll_interval=max(0.05, float(e.get("RINGFENCE_WAIT_POLL_INTERVAL", "1"))),
@@ -141,13 +151,18 @@ class BaseWiring:
         rebuild: bool = False,
         lifecycle: dict[str, str] | None = None,
         publish: list[str] | None = None,
+        refresh: bool = False,
     ) -> None:
-        """Ask compute to take these workloads' inventory (and a lifecycle action, a rebuild or
-        re-renders) into the engine; nothing is sent when there is nothing to do."""
+        """Ask compute to take these workloads' inventory (and a lifecycle action, a rebuild,
+        re-renders or a refresh of bundles near expiry) into the engine; nothing is sent when
+        there is nothing to do."""
         ids = list(dict.fromkeys(ids))
-        if not ids and not rebuild and lifecycle is None and not publish:
+        if not ids and not rebuild and lifecycle is None and not publish and not refresh:
             return
-        self.send_compute({"ids": ids, "rebuild": rebuild, "lifecycle": lifecycle, "publish": publish or []})
+        message = {"ids": ids, "rebuild": rebuild, "lifecycle": lifecycle, "publish": publish or []}
+        if refresh:
+            message["refresh"] = True
+        self.send_compute(message)
 
     def send_compute(self, message: dict[str, Any]) -> None:
         """Deliver one compute message (the compute queue in AWS, the worker thread on one machine)."""
@@ -198,7 +213,11 @@ class Wiring(BaseWiring):
 
     @property
     def signer(self) -> Any:
+        """The bundle signing key: only the compute function is configured with one (the agent
+        API and every other function have no ``RINGFENCE_SIGNING_KEY`` and no IAM to read it)."""
         if self._signer is None:
+            if not self.cfg.signing_key_ref:
+                raise NoSigningKey("this function has no signing key (RINGFENCE_SIGNING_KEY): only compute signs")
             from .signer import from_reference
 
             self._signer = from_reference(self.cfg.signing_key_ref, lambda n: clients.client(n))
