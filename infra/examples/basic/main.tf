@@ -36,6 +36,7 @@ locals {
 module "ringfence" {
   source                 = "../../modules/ringfence"
   name                   = var.name
+  signing_key_source     = var.signing_key_source
   signing_key_secret_arn = var.signing_key_secret_arn
   core_layer_zip         = coalesce(var.core_layer_zip, "${path.root}/../../../build/core-layer.zip")
   iid_certificate        = file(local.iid_certificate_file)

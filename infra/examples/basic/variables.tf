@@ -37,9 +37,16 @@ variable "member_role_name" {
   default     = "ringfence-member-readonly"
 }
 
-variable "signing_key_secret_arn" {
-  description = "Secrets Manager secret holding the Ed25519 bundle signing key (PKCS#8 PEM)."
+variable "signing_key_source" {
+  description = "kms (default: a non-exportable Ed25519 KMS key the module creates) or secret (signing_key_secret_arn)."
   type        = string
+  default     = "kms"
+}
+
+variable "signing_key_secret_arn" {
+  description = "With signing_key_source = secret: the Secrets Manager secret holding the Ed25519 bundle signing key (PKCS#8 PEM)."
+  type        = string
+  default     = ""
 }
 
 variable "iid_certificate_file" {

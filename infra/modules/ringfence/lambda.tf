@@ -14,7 +14,6 @@ locals {
     RINGFENCE_COMPUTE_QUEUE_URL   = aws_sqs_queue.compute.id
     RINGFENCE_PERIMETER_QUEUE_URL = aws_sqs_queue.perimeter.id
     RINGFENCE_DLQ_URL             = aws_sqs_queue.ingest_dlq.id
-    RINGFENCE_SIGNING_KEY         = "secretsmanager:${var.signing_key_secret_arn}"
     RINGFENCE_IID_CERT            = var.iid_certificate
     RINGFENCE_ALLOWED_ACCOUNTS    = join(",", var.allowed_accounts)
     RINGFENCE_ACCOUNT_ROLES       = jsonencode(var.account_roles)
@@ -24,8 +23,9 @@ locals {
   }
 
   functions = {
-    ingest    = { memory = 512, timeout = 60, concurrency = 20, env = {} }
-    compute   = { memory = 2048, timeout = 900, concurrency = 1, env = {} }
+    ingest = { memory = 512, timeout = 60, concurrency = 20, env = {} }
+    # only compute holds (a reference to) the signing key; see signing.tf
+    compute   = { memory = 2048, timeout = 900, concurrency = 1, env = { RINGFENCE_SIGNING_KEY = local.signing_key_id } }
     lifecycle = { memory = 512, timeout = 60, concurrency = 10, env = {} }
     reconcile = { memory = 1024, timeout = 900, concurrency = 1, env = {} }
     perimeter = {
@@ -57,16 +57,17 @@ locals {
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.perimeter.arn, aws_sqs_queue.ingest_dlq.arn, aws_sqs_queue.async_dlq.arn] },
       local.policies_read, local.describe, local.assume, local.kms_use,
     ]
-    compute = [
+    compute = concat([
       { actions = ["dynamodb:GetItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:Query", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn] },
       { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.compute.arn] },
-      { actions = ["s3:PutObject", "s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/bundles/*", "${aws_s3_bucket.bundles.arn}/deltas/*", "${aws_s3_bucket.bundles.arn}/policies/*"] },
-      { actions = ["secretsmanager:GetSecretValue"], resources = [var.signing_key_secret_arn] },
+      { actions = ["s3:PutObject", "s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/bundles/*", "${aws_s3_bucket.bundles.arn}/deltas/*", "${aws_s3_bucket.bundles.arn}/keys/*", "${aws_s3_bucket.bundles.arn}/policies/*"] },
       { actions = ["autoscaling:CompleteLifecycleAction"], resources = ["arn:${local.partition}:autoscaling:${local.region}:${local.account}:autoScalingGroup:*"] },
       { actions = ["execute-api:ManageConnections"], resources = ["${aws_apigatewayv2_api.nudge.execution_arn}/v1/POST/@connections/*"] },
       local.async_dlq, local.kms_use,
-    ]
+      ], local.signing_kms ? [] : [
+      { actions = ["secretsmanager:GetSecretValue"], resources = [var.signing_key_secret_arn] },
+    ])
     lifecycle = [
       { actions = ["dynamodb:GetItem", "dynamodb:UpdateItem"], resources = [aws_dynamodb_table.inventory.arn] },
       { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.state.arn] },
@@ -98,10 +99,10 @@ locals {
     ]
     agentapi = [
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn, aws_dynamodb_table.inventory.arn] },
-      { actions = ["s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/bundles/*", "${aws_s3_bucket.bundles.arn}/deltas/*", "${aws_s3_bucket.bundles.arn}/policies/*"] },
-      { actions = ["s3:PutObject"], resources = ["${aws_s3_bucket.bundles.arn}/reports/*", "${aws_s3_bucket.bundles.arn}/bundles/*"] },
+      # reads what compute signed and stored; writes reports only (never a bundle; holds no key)
+      { actions = ["s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/bundles/*", "${aws_s3_bucket.bundles.arn}/deltas/*", "${aws_s3_bucket.bundles.arn}/keys/*", "${aws_s3_bucket.bundles.arn}/policies/*"] },
+      { actions = ["s3:PutObject"], resources = ["${aws_s3_bucket.bundles.arn}/reports/*"] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
-      { actions = ["secretsmanager:GetSecretValue"], resources = [var.signing_key_secret_arn] },
       local.describe, local.assume, local.kms_use,
     ]
     admin = [

@@ -4,9 +4,20 @@ variable "name" {
   default     = "ringfence"
 }
 
-variable "signing_key_secret_arn" {
-  description = "Secrets Manager secret holding the Ed25519 bundle signing key (PKCS#8 PEM). KMS has no Ed25519 keys."
+variable "signing_key_source" {
+  description = "Where the bundle signing key lives: kms (a non-exportable ECC_NIST_EDWARDS25519 key this module creates; kms:Sign for the compute role only) or secret (signing_key_secret_arn)."
   type        = string
+  default     = "kms"
+  validation {
+    condition     = contains(["kms", "secret"], var.signing_key_source)
+    error_message = "signing_key_source must be kms or secret."
+  }
+}
+
+variable "signing_key_secret_arn" {
+  description = "With signing_key_source = secret: the Secrets Manager secret holding the Ed25519 bundle signing key (PKCS#8 PEM); it gets a resource policy denying everyone but the compute role."
+  type        = string
+  default     = ""
 }
 
 variable "core_layer_zip" {
