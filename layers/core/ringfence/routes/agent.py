@@ -70,8 +70,9 @@ def agent_routes(service: Callable[[], AgentApi]) -> APIGatewayRestResolver:
 
     @app.get(
         route_path("bundle"),
-        summary="the workload's signed bundle; 304 when If-None-Match is its ETag",
-        responses=answers(Bundle, description="the signed bundle (docs/bundle-format.md)", errors=(*_AUTH, 404, 503)),
+        summary="the workload's last full bundle, byte for byte as compute signed it (later set changes: "
+        "deltas); 304 when If-None-Match is its ETag",
+        responses=answers(Bundle, description="the signed bundle (docs/bundle.md)", errors=(*_AUTH, 404)),
         security=_TOKEN,
     )
     def bundle(wid: str) -> HttpResponse[str]:
@@ -79,7 +80,7 @@ def agent_routes(service: Callable[[], AgentApi]) -> APIGatewayRestResolver:
 
     @app.get(
         route_path("deltas"),
-        summary="signed set deltas from a bundle version to the newest",
+        summary="the signed set deltas from a bundle version to the newest, each as compute stored it",
         responses=answers(agentapi.DeltasResponse, errors=(*_AUTH, 404, 409)),
         security=_TOKEN,
     )
