@@ -165,3 +165,25 @@ def test_published_keys_never_leave_the_directory(tmp_path: Path) -> None:
     pub.put_text("policies/v000001/p.yaml", "rules: []\n")
     assert pub.get("policies/v000001/p.yaml") == b"rules: []\n"
     assert not [p for p in (tmp_path / "objects").rglob(".tmp-*")], "no temporary file is left behind"
+
+
+def test_compute_refresh_resigns_bundles_near_expiry_at_the_same_version(wiring: LocalWiring) -> None:
+    """The schedule's refresh (reconcile in AWS, the worker's idle timer here): compute re-signs
+    the bundles expiring within bundle_refresh_before, same version, later expiry, new ETag;
+    the others stay as they are. Only compute signs."""
+    boot(wiring)
+    near, far = "dc1-web-1", "dc1-db-1"
+    before = {w: wiring.store.bundle_pointer(w) for w in (near, far)}
+    old = bundle.load_bundle(wiring.publisher.get(before[near].key))  # type: ignore[union-attr]
+    wiring.compute.expiry[near] = int(time.time()) + 60  # as if signed long ago
+    wiring.cfg.bundle_ttl += 3600  # (within the same second, a re-signed bundle would be the same bytes)
+    wiring.enqueue_compute(refresh=True)
+    assert wiring.settle(60)
+    after = {w: wiring.store.bundle_pointer(w) for w in (near, far)}
+    assert after[far] == before[far]
+    p0, p1 = before[near], after[near]
+    assert p0 is not None and p1 is not None
+    assert p1.version == p0.version and p1.key != p0.key and p1.etag != p0.etag
+    new = bundle.load_bundle(wiring.publisher.get(p1.key))
+    bundle.Verifier.from_pem(wiring.signer.public_pem()).verify(new)
+    assert new.content() == old.content() and (new.expires_at or 0) > (old.expires_at or 0)
