@@ -301,7 +301,8 @@ class Daemon:
         if latest is None:
             latest = self.source.announced()
         rev = self.agent.revision
-        if rev is not None and latest is not None and latest <= rev and not self._refresh_due():
+        refreshing = rev is not None and latest is not None and latest <= rev
+        if refreshing and not self._refresh_due():
             return
         if rev is not None and self.agent.bundle is not None and (latest is None or latest > rev):
             since, bundle_version = rev, self.agent.bundle.version
@@ -321,6 +322,11 @@ class Daemon:
             self.source.settled()
             return  # refused already: reported once, not on every poll
         rev = self.agent.revision
+        if refreshing and rev is not None and doc.version < rev:
+            # fetched for its expiry, but compute has not re-signed it yet (its deltas are ahead):
+            # nothing to apply, nothing to report; the next refresh round asks again
+            self.source.settled()
+            return
         if self.source.kind == "static" and rev is not None and doc.version < rev and self.agent.deltas:
             # a static layout's bundle may lag behind the deltas already applied: not a rollback
             # attempt worth reporting, and never applied (apply_bundle would refuse it anyway)
