@@ -118,6 +118,10 @@ def test_attack_unknown_and_revoked_keys_are_refused(tmp_path: Path, capsys: pyt
     lying = lying.model_copy(update={"signature": lying.signature.model_copy(update={"key_id": new.key_id})})
     assert agent_cli(tmp_path, "apply", write(lying, tmp_path / "15.json"), *revoke, keys=keyset) != 0
     assert "signature does not verify" in capsys.readouterr().err
+    # every key revoked: the agent still starts (exiting would leave the host open) and refuses all
+    everything = wire.Verifier.from_file(keyset, [old.key_id, new.key_id])
+    with pytest.raises(wire.BundleError, match="revoked"):
+        everything.verify(wire.load_bundle(signed(new, 16).read_bytes()))
 
 
 def test_an_expired_enforced_bundle_stays_enforced_and_is_reported_stale(tmp_path: Path) -> None:

@@ -758,10 +758,10 @@ class Verifier:
             raise BundleError("the pinned key set is empty")
         self._keys = {key_id_of_raw(r): ed25519_verifier(r) for r in raws}
         self.revoked = frozenset(revoked)
+        # every key revoked is a valid (if unusable) state: documents are refused, and the agent
+        # keeps its boot posture rather than failing to start (a daemon that exits fails open)
         self.key_ids = tuple(k for k in self._keys if k not in self.revoked)
-        if not self.key_ids:
-            raise BundleError("every pinned key is revoked: no bundle could ever verify")
-        self.key_id = self.key_ids[0]  # the first usable key (for messages)
+        self.key_id = (self.key_ids or tuple(self._keys))[0]  # the first usable key (for messages)
 
     @classmethod
     def from_pem(cls, data: bytes, revoked: Iterable[str] = ()) -> Self:
