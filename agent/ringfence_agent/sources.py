@@ -140,6 +140,12 @@ def _http_problem(exc: http.client.HTTPException) -> str:
     return f"bad HTTP answer ({type(exc).__name__}: {str(exc)[:200]})"
 
 
+def _lifetime(resp: dict[str, Any]) -> int:
+    """A token answer's ``expires_in``; 0 (renew on a 401 only) when it has none."""
+    exp = resp.get("expires_in")
+    return exp if type(exp) is int and exp > 0 else 0
+
+
 def _answer(body: bytes, what: str, **fields: type | tuple[type, None]) -> dict[str, Any]:
     """An agent-API answer's JSON object (:func:`read_response`); one that is not is a
     :class:`SourceError` (a captive portal's HTML page, a proxy's error text)."""
@@ -369,10 +375,10 @@ class ApiSource:
         status, _, body = _http(url, self.timeout, method, req.to_json())
         if status != 200:
             raise SourceError(f"enroll refused: HTTP {status} {body[:300]!r}")
-        resp = _answer(body, "enroll", workload_id=str, token=str, expires_in=int)
+        resp = _answer(body, "enroll", workload_id=str, token=str)
         if resp["workload_id"] != self.workload_id:
             raise SourceError(f"enrolled as {resp['workload_id']!r}, configured as {self.workload_id!r}")
-        self._keep(resp["token"], resp["expires_in"])
+        self._keep(resp["token"], _lifetime(resp))
 
     def refresh(self) -> bool:
         """A fresh token by signing a nonce with the agent key; False when the control plane
@@ -385,8 +391,10 @@ class ApiSource:
             return False
         if status != 200:
             raise SourceError(f"token: HTTP {status} {payload[:200]!r}")
-        resp = _answer(payload, "token", workload_id=str, token=str, expires_in=int)
-        self._keep(resp["token"], resp["expires_in"])
+        resp = _answer(payload, "token", workload_id=str, token=str)
+        if resp["workload_id"] != self.workload_id:
+            raise SourceError(f"token issued for {resp['workload_id']!r}, configured as {self.workload_id!r}")
+        self._keep(resp["token"], _lifetime(resp))
         return True
 
     def _renew(self) -> None:
