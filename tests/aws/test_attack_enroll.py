@@ -263,3 +263,19 @@ def test_attack_websocket_connect_with_a_replaced_token_is_refused(env: Env) -> 
     assert connect(new, "conn-3") == 200
     replaced = audits(env, "agent.connect", web)
     assert replaced and replaced[-1].detail == {"connection": "conn-3", "replaced": "conn-2"}
+
+
+def test_the_document_signature_form_the_agent_sends_is_the_one_verified(env: Env) -> None:
+    """The agent sends IMDS ``/signature`` (base64 RSA-SHA256, whitespace as IMDS wraps it); a PKCS7
+    form (``iid_signature: rsa2048|pkcs7``) is refused with a message naming the setting."""
+    import base64
+    import textwrap
+
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    doc = iid_document(env, web)
+    wrapped = "\n".join(textwrap.wrap(env.iid.sign(doc), 64))  # as IMDS serves it
+    assert enroll_iid(env, web, doc, wrapped)[0] == 200
+    pkcs7_like = base64.b64encode(b"\x30\x80" + b"\x00" * 1500).decode()
+    status, body = enroll_iid(env, web, doc, pkcs7_like)
+    assert status == 401 and "iid_signature to signature" in body["detail"], body
