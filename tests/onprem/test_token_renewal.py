@@ -84,6 +84,8 @@ def test_a_real_agent_renews_its_token_past_expiry_and_keeps_fetching(
         assert server.admin("POST", "/admin/workloads", web2).status_code == 201
         wait_until(lambda: (status(state).get("applied_revision") or 0) > before, 20, "the change", log)
         assert agent.poll() is None, log.read_text()
+        # it signed through the libcrypto it already had: cryptography's extension was never loaded
+        assert "cryptography" not in Path(f"/proc/{agent.pid}/maps").read_text()
     finally:
         agent.terminate()
         try:
