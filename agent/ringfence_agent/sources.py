@@ -5,16 +5,19 @@ from __future__ import annotations
 import http.client
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
 
-from ringfence.agentwire import API_PREFIX, ROUTES, Heartbeat, ReportBatch, ResponseError, read_response
+from ringfence.agentwire import API_PREFIX, ROUTES, Heartbeat, ReportBatch, ResponseError, TokenRequest, read_response
 from ringfence.bundlewire import Bundle, BundleError, SetDelta, delta_from_json, load_bundle, load_delta
 from ringfence.staticlayout import Head, HeadError, bundle_path, delta_path, head_path, load_head
+from ringfence_agent.agentkey import KEY_FILE, AgentKey
 from ringfence_agent.enroll import ProofError, Prover
 from ringfence_agent.state import StateDir
 
@@ -135,6 +138,12 @@ def _http_problem(exc: http.client.HTTPException) -> str:
     if isinstance(exc, http.client.BadStatusLine):
         return f"not an HTTP answer: {str(exc)[:100]!r} (BadStatusLine)"
     return f"bad HTTP answer ({type(exc).__name__}: {str(exc)[:200]})"
+
+
+def _lifetime(resp: dict[str, Any]) -> int:
+    """A token answer's ``expires_in``; 0 (renew on a 401 only) when it has none."""
+    exp = resp.get("expires_in")
+    return exp if type(exp) is int and exp > 0 else 0
 
 
 def _answer(body: bytes, what: str, **fields: type | tuple[type, None]) -> dict[str, Any]:
@@ -316,7 +325,11 @@ class ApiSource:
         self.timeout = timeout
         self.wait_timeout = wait_timeout
         tok = state.read_json("token.json")
-        self.token: str | None = tok.get("token") if tok.get("workload_id") == workload_id else None
+        mine = tok.get("workload_id") == workload_id
+        self.token: str | None = tok.get("token") if mine else None
+        # when to renew: a fifth of the lifetime before expiry (0: unknown, renew on a 401 only)
+        self.renew_at: float = float(tok.get("renew_at", 0)) if mine else 0.0
+        self._key: AgentKey | None = None
         self._etag: str | None = None  # of the bundle last settled: sent as If-None-Match
         self._fetched_etag: str | None = None  # of the bundle last fetched, until settled
 
@@ -326,16 +339,38 @@ class ApiSource:
         url = self.base + path.replace("{id}", quote(self.workload_id, safe=""))
         return method, f"{url}?{query}" if query else url
 
-    def enroll(self) -> None:
+    @property
+    def key(self) -> AgentKey:
+        """The agent's own key (created in the state directory on first use)."""
+        if self._key is None:
+            self._key = AgentKey.load_or_create(self.state.path)
+        return self._key
+
+    def _nonce(self) -> str:
         method, url = self._url("nonce")
         status, _, body = _http(url, self.timeout, method)
         if status != 200:
             raise SourceError(f"nonce: HTTP {status} {body[:200]!r}")
         nonce: str = _answer(body, "nonce", nonce=str)["nonce"]
+        return nonce
+
+    def _keep(self, token: str, expires_in: int) -> None:
+        self.token = token
+        self.renew_at = time.time() + max(1.0, expires_in * 0.8) if expires_in > 0 else 0.0
+        self.state.write_json(
+            "token.json", {"workload_id": self.workload_id, "token": token, "renew_at": self.renew_at}
+        )
+
+    def enroll(self) -> None:
+        nonce = self._nonce()
         try:
             req = self.prove(nonce)
         except ProofError as exc:
             raise Unreachable(str(exc)) from None
+        # the agent's key rides along: the first enrollment binds it, later ones must match it
+        req = replace(
+            req, agent_key=self.key.public_pem, agent_signature=self.key.prove("enroll", self.workload_id, nonce)
+        )
         method, url = self._url("enroll")
         status, _, body = _http(url, self.timeout, method, req.to_json())
         if status != 200:
@@ -343,8 +378,31 @@ class ApiSource:
         resp = _answer(body, "enroll", workload_id=str, token=str)
         if resp["workload_id"] != self.workload_id:
             raise SourceError(f"enrolled as {resp['workload_id']!r}, configured as {self.workload_id!r}")
-        self.token = resp["token"]
-        self.state.write_json("token.json", {"workload_id": self.workload_id, "token": resp["token"]})
+        self._keep(resp["token"], _lifetime(resp))
+
+    def refresh(self) -> bool:
+        """A fresh token by signing a nonce with the agent key; False when the control plane
+        refuses (no key bound, another key bound, workload not running): enroll instead."""
+        nonce = self._nonce()
+        body = TokenRequest(nonce=nonce, signature=self.key.prove("token", self.workload_id, nonce)).to_json()
+        method, url = self._url("token")
+        status, _, payload = _http(url, self.timeout, method, body)
+        if status in (401, 403, 404):
+            return False
+        if status != 200:
+            raise SourceError(f"token: HTTP {status} {payload[:200]!r}")
+        resp = _answer(payload, "token", workload_id=str, token=str)
+        if resp["workload_id"] != self.workload_id:
+            raise SourceError(f"token issued for {resp['workload_id']!r}, configured as {self.workload_id!r}")
+        self._keep(resp["token"], _lifetime(resp))
+        return True
+
+    def _renew(self) -> None:
+        """A token for the next calls: renewed with the key when there is one, else enrolled."""
+        if (
+            self.token is None and self._key is None and not (self.state.path / KEY_FILE).exists()
+        ) or not self.refresh():
+            self.enroll()
 
     def _call(
         self,
@@ -356,13 +414,13 @@ class ApiSource:
         limit: int = MAX_ANSWER_BYTES,
     ) -> tuple[int, dict[str, str], bytes]:
         for attempt in range(2):
-            if self.token is None:
-                self.enroll()
+            if self.token is None or (self.renew_at and time.time() >= self.renew_at):
+                self._renew()  # renewed before it expires: the agent is never locked out
             h = {"Authorization": f"Bearer {self.token}", **(headers or {})}
             method, url = self._url(route, query)
             status, hdrs, payload = _http(url, timeout or self.timeout, method, body, h, limit)
             if status == 401 and attempt == 0:
-                self.token = None  # expired or revoked: enroll again
+                self.token = None  # expired or revoked: renew with the key, else enroll again
                 continue
             if status in (401, 403):
                 raise SourceError(f"{method} {route}: HTTP {status} {payload[:200]!r}")

@@ -278,14 +278,49 @@ def iid_document(env: Env, iid: str, pending: str = "2026-11-21T10:00:00Z") -> s
     )
 
 
-def enroll_iid(env: Env, iid: str, document: str | None = None, signature: str | None = None) -> tuple[int, Any]:
+class AgentKey:
+    """An agent's own Ed25519 key, as the agent generates it (tests sign proofs with it)."""
+
+    def __init__(self) -> None:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        self.private = Ed25519PrivateKey.generate()
+        self.pem = (
+            self.private.public_key()
+            .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+            .decode()
+        )
+
+    def prove(self, purpose: str, wid: str, nonce: str) -> str:
+        import base64
+
+        from ringfence.agentwire import proof_message
+
+        return base64.b64encode(self.private.sign(proof_message(purpose, wid, nonce))).decode()
+
+
+AGENT_KEYS: dict[str, AgentKey] = {}
+
+
+def agent_key(iid: str) -> AgentKey:
+    """The one key of the (simulated) agent on ``iid``."""
+    return AGENT_KEYS.setdefault(iid, AgentKey())
+
+
+def enroll_iid(
+    env: Env, iid: str, document: str | None = None, signature: str | None = None, key: AgentKey | None = None
+) -> tuple[int, Any]:
     _, _, n = env.rest("agentapi", "GET", "/v1/nonce")
     doc = document or iid_document(env, iid)
+    key = key or agent_key(iid)
     req = {
         "method": "aws-iid",
         "nonce": n["nonce"],
         "document": doc,
         "document_signature": signature or env.iid.sign(doc),
+        "agent_key": key.pem,
+        "agent_signature": key.prove("enroll", iid, n["nonce"]),
     }
     status, _, body = env.rest("agentapi", "POST", "/v1/enroll", json.dumps(req))
     return status, body

@@ -19,7 +19,7 @@ import pytest
 
 from ringfence import serve
 from tests.aws.conftest import POLICY_DIR, Env
-from tests.aws.test_pipeline import boot, iid_document
+from tests.aws.test_pipeline import agent_key, boot, iid_document
 
 ALICE_TOKEN = "alice-secret-token-0123456789"
 
@@ -75,10 +75,27 @@ def test_agent_api_over_http_enroll_bundle_and_concurrent_long_polls(env: Env, s
     for wid in procs:  # EC2 instances enroll with their signed identity document
         nonce = httpx.get(f"{served}/v1/nonce").json()["nonce"]
         doc = iid_document(env, wid)
-        req = {"method": "aws-iid", "nonce": nonce, "document": doc, "document_signature": env.iid.sign(doc)}
+        req = {
+            "method": "aws-iid",
+            "nonce": nonce,
+            "document": doc,
+            "document_signature": env.iid.sign(doc),
+            "agent_key": agent_key(wid).pem,
+            "agent_signature": agent_key(wid).prove("enroll", wid, nonce),
+        }
         r = httpx.post(f"{served}/v1/enroll", json=req)
         assert r.status_code == 200, r.text
         tokens[wid] = r.json()["token"]
+    # a token renewed over HTTP by the agent key's signature (the enrollment's is revoked)
+    nonce = httpx.get(f"{served}/v1/nonce").json()["nonce"]
+    body = {"nonce": nonce, "signature": agent_key(procs[0]).prove("token", procs[0], nonce)}
+    r = httpx.post(f"{served}/v1/agents/{procs[0]}/token", json=body)
+    assert r.status_code == 200 and r.json()["expires_in"] == 3600, r.text
+    old, tokens[procs[0]] = tokens[procs[0]], r.json()["token"]
+    assert (
+        httpx.get(f"{served}/v1/agents/{procs[0]}/bundle", headers={"Authorization": f"Bearer {old}"}).status_code
+        == 401
+    )
     # a bad field of the enrollment is a 422 naming it
     r = httpx.post(f"{served}/v1/enroll", json={"method": "telepathy", "nonce": "n"})
     assert r.status_code == 422 and "body.method" in r.json()["detail"], r.text

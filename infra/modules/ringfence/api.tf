@@ -4,6 +4,7 @@ locals {
   agent_routes = {
     "/v1/nonce"                 = ["get"]
     "/v1/enroll"                = ["post"]
+    "/v1/agents/{id}/token"     = ["post"]
     "/v1/agents/{id}/bundle"    = ["get"]
     "/v1/agents/{id}/deltas"    = ["get"]
     "/v1/agents/{id}/wait"      = ["get"]

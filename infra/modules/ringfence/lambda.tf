@@ -19,6 +19,9 @@ locals {
     RINGFENCE_ACCOUNT_ROLES       = jsonencode(var.account_roles)
     RINGFENCE_RECONCILE_TARGETS   = jsonencode(var.reconcile_targets)
     RINGFENCE_OFFLINE_AFTER       = tostring(var.offline_after_seconds)
+    RINGFENCE_ENROLL_METHODS      = join(",", var.enroll_methods)
+    RINGFENCE_TOKEN_TTL           = tostring(var.agent_token_ttl_seconds)
+    RINGFENCE_STS_ENDPOINTS       = join(",", var.sts_endpoints)
     RINGFENCE_WEBSOCKET_ENDPOINT  = "https://${aws_apigatewayv2_api.nudge.id}.execute-api.${local.region}.amazonaws.com/v1"
   }
 
@@ -52,7 +55,9 @@ locals {
   statements = {
     ingest = [
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.inventory.arn, aws_dynamodb_table.idempotency.arn] },
-      { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.state.arn] },
+      # DeleteItem: a terminated instance's agent token and key are revoked (audited)
+      { actions = ["dynamodb:GetItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn] },
+      { actions = ["dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.ingest.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.perimeter.arn, aws_sqs_queue.ingest_dlq.arn, aws_sqs_queue.async_dlq.arn] },
       local.policies_read, local.describe, local.assume, local.kms_use,
@@ -77,7 +82,8 @@ locals {
     ]
     reconcile = [
       { actions = ["dynamodb:GetItem", "dynamodb:UpdateItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
-      { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.state.arn] },
+      { actions = ["dynamodb:GetItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn] },
+      { actions = ["dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.perimeter.arn, aws_sqs_queue.async_dlq.arn] },
       local.policies_read, local.describe, local.assume, local.kms_use,
     ]
@@ -103,6 +109,9 @@ locals {
       { actions = ["s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/bundles/*", "${aws_s3_bucket.bundles.arn}/deltas/*", "${aws_s3_bucket.bundles.arn}/keys/*", "${aws_s3_bucket.bundles.arn}/policies/*"] },
       { actions = ["s3:PutObject"], resources = ["${aws_s3_bucket.bundles.arn}/reports/*"] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
+      # enrollments and token issuance are audited; aws-sts checks the instance profile's role
+      { actions = ["dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
+      { actions = ["iam:GetInstanceProfile"], resources = ["arn:${local.partition}:iam::${local.account}:instance-profile/*"] },
       local.describe, local.assume, local.kms_use,
     ]
     admin = [
@@ -114,6 +123,8 @@ locals {
     ]
     wsconnect = [
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.state.arn] },
+      { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.inventory.arn] },
+      { actions = ["dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       local.async_dlq, local.kms_use,
     ]
   }

@@ -65,6 +65,28 @@ variable "offline_after_seconds" {
   default     = 900
 }
 
+variable "enroll_methods" {
+  description = "Enrollment methods the agent API accepts. Pairing (on-premise hosts) is off unless listed; its keys go out of band (an SSM SecureString), never in user data."
+  type        = list(string)
+  default     = ["aws-iid", "aws-sts"]
+  validation {
+    condition     = alltrue([for m in var.enroll_methods : contains(["aws-iid", "aws-sts", "pairing"], m)])
+    error_message = "enroll_methods: each of aws-iid, aws-sts, pairing."
+  }
+}
+
+variable "agent_token_ttl_seconds" {
+  description = "Lifetime of an agent's access token; agents renew it before it ends by signing a nonce with their key."
+  type        = number
+  default     = 3600
+}
+
+variable "sts_endpoints" {
+  description = "aws-sts only: the STS origins the agent API replays to; empty = AWS's STS host names over https."
+  type        = list(string)
+  default     = []
+}
+
 variable "reconcile_schedule" {
   type    = string
   default = "rate(15 minutes)"

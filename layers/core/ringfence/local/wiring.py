@@ -182,6 +182,12 @@ class ComputeWorker(threading.Thread):
         log.error("compute gave up on a batch of %s message(s): the next computation rebuilds", len(messages))
 
 
+def local_config() -> Config:
+    """The local control plane's configuration: pairing only; the agent token's lifetime from
+    ``RINGFENCE_TOKEN_TTL`` (seconds, default one hour), as on AWS."""
+    return Config(enroll_methods=["pairing"], token_ttl=int(os.environ.get("RINGFENCE_TOKEN_TTL", "3600")))
+
+
 class LocalWiring(BaseWiring):
     """``LocalWiring(DATABASE)``: the SQLite file ``DATABASE`` (``--store sqlite:DATABASE``) and,
     in its directory (the state directory), ``objects/`` (published files), ``lock`` and, unless
@@ -209,7 +215,7 @@ class LocalWiring(BaseWiring):
         self._lock = self._take_lock()
         try:
             super().__init__(
-                cfg or Config(enroll_methods=["pairing"]),
+                cfg or local_config(),
                 store if store is not None else SqliteStore(self.database),
                 FilePublisher(self.state_dir / "objects", fsync=fsync),
             )

@@ -1,4 +1,4 @@
-"""The agent API's routes (docs/agent-api.md): nonce, enroll, own bundle, deltas, wait (long-poll),
+"""The agent API's routes (docs/agent-api.md): nonce, enroll, token refresh, own bundle, deltas, wait (long-poll),
 heartbeat, reports — over an :class:`AgentApi` service, for every host of the control plane.
 
 Bodies and query parameters are validated by the event handler against :mod:`ringfence.agentapi`
@@ -67,6 +67,15 @@ def agent_routes(service: Callable[[], AgentApi]) -> APIGatewayRestResolver:
     )
     def enroll(req: agentapi.EnrollRequest) -> HttpResponse[str]:
         return http(service().enroll(req))
+
+    @app.post(
+        route_path("token"),
+        summary="a fresh access token: a signature by the workload's bound agent key over a nonce "
+        "(revokes the previous token)",
+        responses=answers(agentapi.TokenResponse, errors=(401,)),
+    )
+    def token(wid: str, req: agentapi.TokenRequest) -> HttpResponse[str]:
+        return http(service().refresh(wid, req))
 
     @app.get(
         route_path("bundle"),

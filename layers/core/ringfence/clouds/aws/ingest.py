@@ -8,7 +8,7 @@ from typing import Any
 
 from ringfence.events import DomainEvent, Kind, MalformedEvent, normalize
 
-from . import ec2
+from . import credentials, ec2
 from .wiring import BaseWiring, Metric, log, no_metric
 
 # --- ingest ---------------------------------------------------------------------------------------
@@ -123,6 +123,8 @@ def observe_instances(
             rec.tag_version = tag_version
         if w.store.observe(rec):
             changed.add(iid)
+            if rec.state == "terminated":
+                credentials.retire(w, iid, "instance terminated")
     return changed
 
 

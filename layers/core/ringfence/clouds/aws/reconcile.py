@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import clients, ec2
+from . import clients, credentials, ec2
 from .wiring import Metric, Wiring, no_metric
 
 # --- reconcile --------------------------------------------------------------------------------------
@@ -35,8 +35,11 @@ class Reconcile:
             for inst in ec2.all_instances(client):
                 res.seen += 1
                 live_ids.add(inst["InstanceId"])
-                if self.w.store.observe(ec2.to_record(inst, t.account, t.region, t0, mapper)):
+                rec = ec2.to_record(inst, t.account, t.region, t0, mapper)
+                if self.w.store.observe(rec):
                     changed.add(inst["InstanceId"])
+                    if rec.state == "terminated":
+                        credentials.retire(self.w, rec.id, "instance terminated (reconcile)")
             for rec in records.values():
                 w = rec.workload
                 mine = w.cloud == "aws" and w.account == t.account and w.region == t.region
@@ -48,6 +51,7 @@ class Reconcile:
                 ):
                     changed.add(rec.id)
                     res.gone.append(rec.id)
+                    credentials.retire(self.w, rec.id, "instance gone (reconcile)")
         # agents silent for longer than offline_after leave their peers' sets (only then)
         now = ec2.now() if now is None else now
         for rec in records.values():

@@ -58,7 +58,8 @@ class Config:
     iid_cert_pem: str = ""
     websocket_endpoint: str | None = None
     offline_after: int = 900
-    token_ttl: int = 7 * 86400
+    # the access token's lifetime: agents renew it before it ends with a signature by their key
+    token_ttl: int = 3600
     # signed bundles expire bundle_ttl seconds after signing; compute re-signs those expiring
     # within bundle_refresh_before when the schedule (reconcile) asks (docs/bundle.md, Expiry)
     bundle_ttl: int = 7 * 86400
@@ -73,9 +74,12 @@ class Config:
     # heartbeat with a bundle applied: enforced before InService; without an agent the hook
     # times out into its default result)
     lifecycle_gate: str = "publish"
-    # enrollment methods the agent API accepts (the local control plane: pairing only)
-    enroll_methods: list[str] = field(default_factory=lambda: ["aws-iid", "aws-sts", "pairing"])
+    # enrollment methods the agent API accepts: the AWS stack's instances prove their identity
+    # (pairing is off unless the stack enables it; the local control plane: pairing only)
+    enroll_methods: list[str] = field(default_factory=lambda: ["aws-iid", "aws-sts"])
     allowed_accounts: list[str] = field(default_factory=list)
+    # aws-sts: the STS origins replayed to (exact scheme, host and port); empty: AWS's STS host
+    # names over https only (sts.amazonaws.com, sts.<region>.amazonaws.com[.cn])
     sts_endpoints: list[str] = field(default_factory=list)
     account_roles: dict[str, str] = field(default_factory=dict)
     targets: list[Target] = field(default_factory=list)
@@ -96,14 +100,14 @@ class Config:
             iid_cert_pem=e.get("RINGFENCE_IID_CERT", ""),
             websocket_endpoint=e.get("RINGFENCE_WEBSOCKET_ENDPOINT") or None,
             offline_after=int(e.get("RINGFENCE_OFFLINE_AFTER", "900")),
-            token_ttl=int(e.get("RINGFENCE_TOKEN_TTL", str(7 * 86400))),
+            token_ttl=int(e.get("RINGFENCE_TOKEN_TTL", "3600")),
             bundle_ttl=int(e.get("RINGFENCE_BUNDLE_TTL", str(7 * 86400))),
             bundle_refresh_before=int(e.get("RINGFENCE_BUNDLE_REFRESH_BEFORE", str(4 * 86400))),
             nonce_ttl=int(e.get("RINGFENCE_NONCE_TTL", "300")),
             max_wait=min(25.0, float(e.get("RINGFENCE_MAX_WAIT", "25"))),
             wait_poll_interval=max(0.05, float(e.get("RINGFENCE_WAIT_POLL_INTERVAL", "1"))),
             lifecycle_gate=_gate(e.get("RINGFENCE_LIFECYCLE_GATE", "publish")),
-            enroll_methods=[m for m in e.get("RINGFENCE_ENROLL_METHODS", "aws-iid,aws-sts,pairing").split(",") if m],
+            enroll_methods=[m for m in e.get("RINGFENCE_ENROLL_METHODS", "aws-iid,aws-sts").split(",") if m],
             allowed_accounts=[a for a in e.get("RINGFENCE_ALLOWED_ACCOUNTS", "").split(",") if a],
             sts_endpoints=[u for u in e.get("RINGFENCE_STS_ENDPOINTS", "").split(",") if u],
             account_roles=json.loads(e.get("RINGFENCE_ACCOUNT_ROLES", "{}") or "{}"),
