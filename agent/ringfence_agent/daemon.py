@@ -28,6 +28,7 @@ from ringfence_agent import enroll
 from ringfence_agent.backends import ApplyError, make_backend
 from ringfence_agent.config import AgentConfig
 from ringfence_agent.core import Agent, Rejected
+from ringfence_agent.plan import PlanError
 from ringfence_agent.reports import (
     BoundedBuffer,
     DropCollector,
@@ -46,6 +47,9 @@ from ringfence_agent.sources import ApiSource, Source, SourceError, StaticSource
 from ringfence_agent.state import StateDir
 
 T = TypeVar("T")
+
+CONTROL_PLANE_RETAIN_S = 24 * 3600.0  # how long an address the control plane's name resolved to stays admitted
+CONTROL_PLANE_MAX = 64  # at most this many of them (the newest)
 
 
 def log(msg: str) -> None:
@@ -106,6 +110,7 @@ class Daemon:
         self.contact_error = ""
         self.source: Source = self._source()
         self._woke = time.time()  # when the last wait answered (the push arrived)
+        self._cp_seen: dict[str, float] = {}  # control-plane address → when its name last resolved to it
         self._fetch_s = self._apply_s = 0.0
 
     def _source(self) -> Source:
@@ -126,6 +131,7 @@ class Daemon:
                 cfg.request_timeout,
                 cfg.wait_timeout,
                 cfg.max_bundle_bytes,
+                cfg.max_answer_bytes,
             )
         assert cfg.source is not None
         return StaticSource(
@@ -228,7 +234,10 @@ class Daemon:
 
     def start_enforcing(self) -> None:
         """Re-apply the last known good before any contact; without one (none yet, or set aside
-        as unusable) hold the boot posture until a verified bundle applies."""
+        as unusable) hold the boot posture until a verified bundle applies. Either admits the
+        control plane's addresses, resolved first."""
+        if self.cfg.source_hosts():
+            self.follow_control_plane(apply=False)
         try:
             for line in self.agent.reapply_last_known_good().lines:
                 log(line)
@@ -246,6 +255,29 @@ class Daemon:
                 self.last_message = f"fail-safe posture not applied: {exc}"
                 log(self.last_message)
         release_memory()
+
+    def follow_control_plane(self, apply: bool = True) -> None:
+        """Re-resolve the control plane's host name (every sync, before any fetch and apply) and
+        let the control-plane fail-safe follow it: API Gateway's addresses change, and a bundle
+        must never cut the agent off its own control plane. Addresses seen within
+        CONTROL_PLANE_RETAIN_S stay admitted (a resolver answers with a few of a pool at a time),
+        at most CONTROL_PLANE_MAX of them; when the name does not resolve, the last ones stay."""
+        now = time.time()
+        for address in self._control_plane_addresses():
+            self._cp_seen[address] = now
+        kept = sorted(
+            (a for a, t in self._cp_seen.items() if now - t <= CONTROL_PLANE_RETAIN_S),
+            key=lambda a: -self._cp_seen[a],
+        )[:CONTROL_PLANE_MAX]
+        self._cp_seen = {a: self._cp_seen[a] for a in kept}
+        try:
+            with self.apply_lock:
+                result = self.agent.follow_control_plane(tuple(sorted(kept)), apply)
+        except (ApplyError, PlanError) as exc:
+            log(f"control-plane fail-safe not updated: {exc}")
+            return
+        for line in result.lines:
+            log(line)
 
     def _control_plane_addresses(self) -> tuple[str, ...]:
         """The addresses of a control plane named by host name, resolved now: the posture must
@@ -288,6 +320,8 @@ class Daemon:
                 self._apply_s += time.perf_counter() - t
 
     def _sync(self, latest: int | None) -> None:
+        if self.cfg.source_hosts():
+            self.follow_control_plane()
         if latest is None:
             latest = self.source.announced()
         rev = self.agent.revision

@@ -18,7 +18,9 @@ from ringfence.staticlayout import Head, HeadError, bundle_path, delta_path, hea
 from ringfence_agent.enroll import ProofError, Prover
 from ringfence_agent.state import StateDir
 
-MAX_BUNDLE_BYTES = 64 * 1024 * 1024  # default cap of a bundle body (100,000 addresses: ~2-3 MB)
+# default cap of a bundle body: 100,000 addresses are ~2 MB, and parsing costs ~6x the body in
+# memory, so 16 MiB (~800,000 addresses) keeps the agent under a 128 MiB service limit
+MAX_BUNDLE_BYTES = 16 * 1024 * 1024
 MAX_HEAD_BYTES = 1024 * 1024  # a static head: a version per set
 MAX_ANSWER_BYTES = 256 * 1024  # the agent API's small answers (nonce, enroll, wait, heartbeat, reports)
 MAX_ERROR_BYTES = 64 * 1024  # what is kept of an error answer's body (for messages only)
@@ -307,8 +309,10 @@ class ApiSource:
         timeout: float,
         wait_timeout: float,
         max_bundle_bytes: int = MAX_BUNDLE_BYTES,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
     ) -> None:
         self.base = base.rstrip("/") + API_PREFIX
+        self.max_answer_bytes = max_answer_bytes  # nonce, enroll, wait, heartbeat, reports
         self.max_bundle_bytes = max_bundle_bytes  # the bundle, and the deltas answer (as much as a bundle)
         self.workload_id = workload_id
         self.prove = prove
@@ -328,7 +332,7 @@ class ApiSource:
 
     def enroll(self) -> None:
         method, url = self._url("nonce")
-        status, _, body = _http(url, self.timeout, method)
+        status, _, body = _http(url, self.timeout, method, limit=self.max_answer_bytes)
         if status != 200:
             raise SourceError(f"nonce: HTTP {status} {body[:200]!r}")
         nonce: str = _answer(body, "nonce", nonce=str)["nonce"]
@@ -337,7 +341,7 @@ class ApiSource:
         except ProofError as exc:
             raise Unreachable(str(exc)) from None
         method, url = self._url("enroll")
-        status, _, body = _http(url, self.timeout, method, req.to_json())
+        status, _, body = _http(url, self.timeout, method, req.to_json(), limit=self.max_answer_bytes)
         if status != 200:
             raise SourceError(f"enroll refused: HTTP {status} {body[:300]!r}")
         resp = _answer(body, "enroll", workload_id=str, token=str)
@@ -353,8 +357,10 @@ class ApiSource:
         body: dict[str, Any] | None = None,
         timeout: float | None = None,
         headers: dict[str, str] | None = None,
-        limit: int = MAX_ANSWER_BYTES,
+        limit: int | None = None,
     ) -> tuple[int, dict[str, str], bytes]:
+        """One authenticated request; the token travels in the Authorization header, never in the URL."""
+        limit = self.max_answer_bytes if limit is None else limit
         for attempt in range(2):
             if self.token is None:
                 self.enroll()
