@@ -159,6 +159,11 @@ class Daemon:
             daemon={"pid": os.getpid(), "started": time.time(), "source": self.source.kind},
             flows_source=self.flow_source.kind,
         )
+        if self.cfg.insecure_http_lab_only and (self.cfg.api_url or "").startswith("http://"):
+            log(
+                f"WARNING: insecure_http_lab_only: api_url {self.cfg.api_url} is plain http; the bearer token "
+                "and enrollment proofs cross the network in the clear (a lab setting, never production)"
+            )
         if self.flow_source.kind == "unavailable":
             log("no /proc/net/nf_conntrack and no conntrack tool: flow reports are disabled (drops still reported)")
         self.start_enforcing()

@@ -156,6 +156,10 @@ class Live:
 
         api_url = f"http://{self.cp_host}:{self.serve_port}"
         if self.lab is not None:
+            r.say(
+                f"agents reach the agent API over plain http at {api_url} (insecure_http_lab_only: a lab "
+                "setting; outside a lab the agent refuses http:// except to loopback)"
+            )
             self.imds = Imds(self._identify, self.aws.identity_document, self.aws.iid.sign).start()
             self.traffic = Traffic(self.lab.start)
             # the operators' console on the bastion range (the policy's admin_cidrs), no agent: a

@@ -177,6 +177,8 @@ class Fleet:
             "state_dir": str(inst.state_dir),
             "backend": self.cfg.backend,
             "api_url": self.cfg.api_url,
+            # the lab's control plane listens without TLS on a lab address: said where it starts
+            "insecure_http_lab_only": self.cfg.api_url.startswith("http://"),
             "enroll": {"method": "aws-iid", "imds_url": self._imds_url(iid), "iid_signature": "signature"},
             "heartbeat_interval": self.cfg.heartbeat_interval,
             "wait_timeout": self.cfg.wait_timeout,
