@@ -221,3 +221,68 @@ def test_the_bundle_limit_holds_a_large_estates_bundle() -> None:
 
     large = wire.dumps(bundle(1, [f"10.{i >> 16}.{i >> 8 & 255}.{i & 255}/32" for i in range(100_000)])).encode()
     assert len(large) * 6 < MAX_BUNDLE_BYTES
+
+
+QUARANTINE_POLICY = """
+labels:
+  dimensions:
+    role: {keys: [role]}
+    app: {keys: [app]}
+defaults:
+  mode: enforce
+  failsafes:
+    admin_cidrs: [10.99.0.0/24]
+    admin_ports: [tcp/22]
+    dns_resolvers: [10.0.0.2]
+    control_plane: [198.51.100.10/32]
+services:
+  - {name: web, ports: [tcp/8080]}
+rulesets:
+  - name: shop
+    scope: app == shop
+    rules:
+      - {name: lb-to-web, from: role == lb, to: role == web, services: [web]}
+      - {name: web-out, from: role == web, to: role == lb, services: [web]}
+"""
+
+
+def test_attack_a_quarantined_host_keeps_only_what_management_needs(tmp_path: Path) -> None:
+    """What the plan of a quarantined bundle admits (the verdicts every backend renders; the
+    dataplane tests check them against nftables and iptables): management from the admin range
+    on the admin port, the control plane on its port outbound, DNS to the resolver, the
+    metadata endpoint's service ports; nothing else, in either direction."""
+    from ringfence import bundlewire as wire
+    from ringfence.model import Workload
+    from ringfence_agent.plan import Admitter, Flow, LocalFailsafes, compile_plan
+    from tests.agent.bundles import Lab
+
+    ws = [
+        Workload(id="web", ips=["10.0.1.5"], tags={"role": "web", "app": "shop"}, quarantined=True),
+        Workload(id="lb", ips=["10.0.1.9"], tags={"role": "lb", "app": "shop"}),
+    ]
+    doc = wire.load_bundle(lib_dumps(Lab(QUARANTINE_POLICY, ws).bundle("web")))
+    assert doc.quarantined and doc.inbound == [] and doc.outbound == []
+    admit = Admitter(compile_plan(doc, LocalFailsafes())).admits
+    kept = {
+        "ssh from the admin range": Flow("inbound", "10.99.0.7", "tcp", 40000, 22),
+        "the control plane on 443": Flow("outbound", "198.51.100.10", "tcp", 40000, 443),
+        "dns to the resolver": Flow("outbound", "10.0.0.2", "udp", 40000, 53),
+        "the metadata service": Flow("outbound", "169.254.169.254", "tcp", 40000, 80),
+    }
+    cut = {
+        "rdp from the admin range": Flow("inbound", "10.99.0.7", "tcp", 40000, 3389),
+        "the lb, allowed before quarantine": Flow("inbound", "10.0.1.9", "tcp", 40000, 8080),
+        "the control plane on another port": Flow("outbound", "198.51.100.10", "tcp", 40000, 22),
+        "the control plane, inbound": Flow("inbound", "198.51.100.10", "tcp", 443, 8080),
+        "the resolver on another port": Flow("outbound", "10.0.0.2", "tcp", 40000, 443),
+        "the metadata address on another port": Flow("outbound", "169.254.169.254", "tcp", 40000, 8080),
+        "the admin range, outbound": Flow("outbound", "10.99.0.7", "tcp", 40000, 22),
+    }
+    assert {k: admit(f).admitted for k, f in kept.items()} == dict.fromkeys(kept, True)
+    assert {k: admit(f).admitted for k, f in cut.items()} == dict.fromkeys(cut, False)
+
+
+def lib_dumps(doc: object) -> bytes:
+    from ringfence import bundle as lib
+
+    return lib.dumps(doc).encode()  # type: ignore[arg-type]
