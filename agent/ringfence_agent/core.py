@@ -564,20 +564,25 @@ class Agent:
             wanted = tuple(dict.fromkeys((*self.configured_control_plane, *addresses)))
             if wanted == self.local.control_plane:
                 return Result(False)
-            self.local = replace(self.local, control_plane=wanted)
+            before, self.local = self.local, replace(self.local, control_plane=wanted)
             eff = self.effective()
         if not apply:
             return Result(False)
-        if eff is not None:
-            plan = compile_plan(eff, self.local)
-            self._apply(plan)
+        try:
+            if eff is not None:
+                plan = compile_plan(eff, self.local)
+                self._apply(plan)
+                with self._lock:
+                    self.plan, self._stale = plan, set()
+                self.state.update_status(local_failsafes=self._local_key())
+            elif self._kernel_plan is not None:  # the boot posture: held again with them
+                self.hold_failsafe_posture()
+            else:
+                return Result(False)
+        except (ApplyError, PlanError):
             with self._lock:
-                self.plan, self._stale = plan, set()
-            self.state.update_status(local_failsafes=self._local_key())
-        elif self._kernel_plan is not None:  # the boot posture: held again with them
-            self.hold_failsafe_posture()
-        else:
-            return Result(False)
+                self.local = before  # not in the kernel: the next call tries again
+            raise
         return Result(True, [f"control-plane fail-safe now admits {', '.join(wanted) or 'nothing'}"])
 
     def hold_failsafe_posture(self, control_plane: tuple[str, ...] = ()) -> Result:

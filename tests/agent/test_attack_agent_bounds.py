@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from ringfence.agentwire import API_PREFIX
+from ringfence_agent.backends import ApplyError
 from ringfence_agent.config import ConfigError, load_config
 from ringfence_agent.sources import MAX_ANSWER_BYTES, MAX_BUNDLE_BYTES
 from tests.agent.bundles import GOLDEN, PUBLIC_KEY, resign, write
@@ -286,3 +287,36 @@ def lib_dumps(doc: object) -> bytes:
     from ringfence import bundle as lib
 
     return lib.dumps(doc).encode()  # type: ignore[arg-type]
+
+
+def test_the_control_plane_failsafe_follows_resolved_addresses_and_retries_after_a_failed_apply(
+    tmp_path: Path,
+) -> None:
+    """``Agent.follow_control_plane``: the configured addresses plus the resolved ones, applied
+    once per change; a failed apply leaves the old set, so the next call applies again."""
+    from ringfence import bundle as lib
+    from ringfence_agent.core import Agent
+    from ringfence_agent.state import StateDir
+    from tests.agent.test_agent_unit import LOCAL, FakeBackend, Verifier
+
+    backend = FakeBackend()
+    agent = Agent("ord-prod-proc-1", Verifier.from_file(PUBLIC_KEY), backend, StateDir(tmp_path), LOCAL)
+    doc = lib.load_bundle((GOLDEN / "bundle-ord-prod-proc-1.json").read_bytes())
+    agent.apply_bundle(wire_of(doc))
+    assert len(backend.applied) == 1
+    assert agent.follow_control_plane(("203.0.113.5",)).changed
+    plan = backend.applied[-1]
+    assert plan.failsafes.control_v4 == ("198.51.100.7/32", "203.0.113.5/32")  # type: ignore[attr-defined]
+    assert not agent.follow_control_plane(("203.0.113.5",)).changed and len(backend.applied) == 2
+    backend.fail = True
+    with pytest.raises(ApplyError):
+        agent.follow_control_plane(("203.0.113.9",))
+    backend.fail = False
+    assert agent.follow_control_plane(("203.0.113.9",)).changed  # tried again, not "no change"
+    assert backend.applied[-1].failsafes.control_v4 == ("198.51.100.7/32", "203.0.113.9/32")  # type: ignore[attr-defined]
+
+
+def wire_of(doc: object) -> object:
+    from ringfence import bundlewire as wire
+
+    return wire.load_bundle(lib_dumps(doc))
