@@ -5,11 +5,18 @@ a local setting carrying one too (tests/agent/test_attack_agent_bounds.py)."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from ringfence import bundlewire as wire
 from ringfence.bundlewire import FAILSAFE_WIDEST
 from ringfence.policy import PolicyError, load_policy_texts
+
+RINGFENCE = str(Path(sys.executable).parent / "ringfence")
 
 POLICY = """\
 defaults:
@@ -50,3 +57,29 @@ def test_the_widest_allowed_failsafe_prefixes_load() -> None:
     assert len(policy.failsafes.admin_cidrs) == 2 and len(policy.failsafes.control_plane) == 1
     assert FAILSAFE_WIDEST == {4: 8, 6: 32}
     assert wire.failsafe_width_problem(4, 8) is None and wire.failsafe_width_problem(6, 31) is not None
+
+
+def test_explain_admits_the_control_plane_on_its_port_only(tmp_path: Path) -> None:
+    """``ringfence explain`` decides the control-plane fail-safe as the agents render it: outbound
+    to the control plane on tcp/443, not every port, and never inbound from it."""
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        POLICY.format(admin="10.20.0.0/16", control="198.51.100.10/32").replace(
+            "rulesets:", "labels:\n  dimensions:\n    role: {keys: [role]}\n    app: {keys: [app]}\nrulesets:"
+        )
+    )
+
+    def verdict(src: str, dst: str, port: str) -> tuple[str, list[str | None]]:
+        out = subprocess.run(
+            [RINGFENCE, "explain", "--policy", str(policy), "--from", src, "--to", dst, "--port", port, "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        doc = json.loads(out)
+        return doc["verdict"], [s.get("failsafe") for s in doc["sides"]]
+
+    assert verdict("role=web,app=shop", "198.51.100.10", "tcp/443") == ("allow", ["the control-plane endpoint"])
+    assert verdict("role=web,app=shop", "198.51.100.10", "tcp/22")[0] == "deny"
+    assert verdict("198.51.100.10", "role=web,app=shop", "tcp/443")[0] == "deny"
