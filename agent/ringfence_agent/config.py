@@ -105,6 +105,7 @@ _CONFIG_TYPES: dict[str, tuple[str, tuple[str, ...], bool]] = {
     "max_bundle_bytes": _required("int"),
     "max_answer_bytes": _required("int"),
     "insecure_http_lab_only": _required("bool"),
+    "tls_ca_file": _optional("path"),
 }
 
 _RANGES: dict[str, tuple[float, float | None]] = {
@@ -187,6 +188,9 @@ class AgentConfig:
     # api_url over plain http to a non-loopback address: only in a lab (the bearer token and
     # enrollment proofs travel in the clear); the daemon says so loudly at start
     insecure_http_lab_only: bool = False
+    # the CA certificates (PEM) that the control plane's certificate must chain to, instead of the
+    # system's: a private CA (on premise, a lab). None: the system's trust store
+    tls_ca_file: Path | None = None
 
     def __post_init__(self) -> None:
         _validate_types(self, _CONFIG_TYPES, "")
@@ -345,8 +349,8 @@ def load_config(path: Path) -> AgentConfig:
         raise ConfigError(f"{path}: invalid configuration\n  {exc.loc}: {exc.msg}") from None
     base = path.parent
     updates = {}
-    for name in ("public_key", "state_dir"):
+    for name in ("public_key", "state_dir", "tls_ca_file"):
         p = getattr(cfg, name)
-        if not p.is_absolute():
+        if p is not None and not p.is_absolute():
             updates[name] = (base / p).resolve()
     return dataclasses.replace(cfg, **updates) if updates else cfg

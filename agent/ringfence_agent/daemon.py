@@ -43,7 +43,7 @@ from ringfence_agent.reports import (
     summarize_flows,
 )
 from ringfence_agent.sessions import session_cutter
-from ringfence_agent.sources import ApiSource, Source, SourceError, StaticSource, Unreachable
+from ringfence_agent.sources import ApiSource, Source, SourceError, StaticSource, Unreachable, tls_context
 from ringfence_agent.state import StateDir
 
 T = TypeVar("T")
@@ -132,6 +132,7 @@ class Daemon:
                 cfg.wait_timeout,
                 cfg.max_bundle_bytes,
                 cfg.max_answer_bytes,
+                tls_context(cfg.tls_ca_file),
             )
         assert cfg.source is not None
         return StaticSource(
@@ -141,6 +142,7 @@ class Daemon:
             cfg.request_timeout,
             verify=self.verifier.verify,
             max_bundle_bytes=cfg.max_bundle_bytes,
+            tls=tls_context(cfg.tls_ca_file),
         )
 
     # --- lifecycle ---------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl
 import threading
 import urllib.error
 import urllib.request
@@ -85,8 +86,9 @@ def _http(
     body: dict[str, Any] | None = None,
     headers: dict[str, str] | None = None,
     limit: int = MAX_ANSWER_BYTES,
+    tls: ssl.SSLContext | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
-    """One request: (status, headers, body) for 2xx-4xx answers. Whatever keeps an answer from
+    """One request (``tls``: how an https URL's certificate is verified; None, the system's way): (status, headers, body) for 2xx-4xx answers. Whatever keeps an answer from
     arriving whole (network, timeout, 5xx, 429, a torn or non-HTTP answer) is :class:`Unreachable`,
     naming the URL and the problem; a body over ``limit`` bytes is a :class:`SourceError` (read in
     chunks: never more than the limit in memory). Error bodies are cut at MAX_ERROR_BYTES."""
@@ -97,7 +99,7 @@ def _http(
         req.add_header("Content-Type", "application/json")
     try:
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - http(s) only, validated in config
+            with urllib.request.urlopen(req, timeout=timeout, context=tls) as resp:  # noqa: S310 - http(s) only, validated in config
                 return resp.status, dict(resp.headers.items()), _read_body(resp, limit, where)
         except urllib.error.HTTPError as exc:
             status = exc.code
@@ -148,6 +150,11 @@ def _answer(body: bytes, what: str, **fields: type | tuple[type, None]) -> dict[
         raise SourceError(f"{exc} ({len(body)} bytes: {body[:80]!r})") from None
 
 
+def tls_context(ca_file: Path | None) -> ssl.SSLContext | None:
+    """Verification against ``ca_file`` (a private CA's certificates) instead of the system's store."""
+    return ssl.create_default_context(cafile=str(ca_file)) if ca_file is not None else None
+
+
 class StaticSource:
     """A directory or plain HTTP base URL in the layout of :mod:`ringfence.staticlayout`."""
 
@@ -161,8 +168,10 @@ class StaticSource:
         timeout: float,
         verify: Callable[[SetDelta], object] | None = None,
         max_bundle_bytes: int = MAX_BUNDLE_BYTES,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.base = base.rstrip("/")
+        self.tls = tls
         self.verify = verify  # checks a delta's signature (raises BundleError) as the chain is walked
         self.max_bundle_bytes = max_bundle_bytes
         self.max_delta_bytes = max(MAX_HEAD_BYTES, max_bundle_bytes // 4)
@@ -197,7 +206,7 @@ class StaticSource:
             if len(raw) > limit:
                 raise SourceError(f"{path}: over the limit of {limit} bytes")
             return raw
-        status, _, body = _http(f"{self.base}/{quote(relative)}", self.timeout, limit=limit)
+        status, _, body = _http(f"{self.base}/{quote(relative)}", self.timeout, limit=limit, tls=self.tls)
         if status == 404:
             return None
         if status != 200:
@@ -211,7 +220,7 @@ class StaticSource:
         if self.is_http:
             headers = {"If-None-Match": self._head_etag} if self._head_etag else {}
             status, hdrs, body = _http(
-                f"{self.base}/{quote(relative)}", self.timeout, headers=headers, limit=MAX_HEAD_BYTES
+                f"{self.base}/{quote(relative)}", self.timeout, headers=headers, limit=MAX_HEAD_BYTES, tls=self.tls
             )
             if status == 304:
                 return self.head.version if self.head is not None else None
@@ -235,7 +244,7 @@ class StaticSource:
             return load_bundle(raw) if raw is not None else None
         headers = {"If-None-Match": self._etag} if self._etag else {}
         status, hdrs, body = _http(
-            f"{self.base}/{quote(name)}", self.timeout, headers=headers, limit=self.max_bundle_bytes
+            f"{self.base}/{quote(name)}", self.timeout, headers=headers, limit=self.max_bundle_bytes, tls=self.tls
         )
         doc = fetched_bundle(status, body, f"GET {name}")
         if doc is not None:
@@ -310,8 +319,10 @@ class ApiSource:
         wait_timeout: float,
         max_bundle_bytes: int = MAX_BUNDLE_BYTES,
         max_answer_bytes: int = MAX_ANSWER_BYTES,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.base = base.rstrip("/") + API_PREFIX
+        self.tls = tls
         self.max_answer_bytes = max_answer_bytes  # nonce, enroll, wait, heartbeat, reports
         self.max_bundle_bytes = max_bundle_bytes  # the bundle, and the deltas answer (as much as a bundle)
         self.workload_id = workload_id
@@ -332,7 +343,7 @@ class ApiSource:
 
     def enroll(self) -> None:
         method, url = self._url("nonce")
-        status, _, body = _http(url, self.timeout, method, limit=self.max_answer_bytes)
+        status, _, body = _http(url, self.timeout, method, limit=self.max_answer_bytes, tls=self.tls)
         if status != 200:
             raise SourceError(f"nonce: HTTP {status} {body[:200]!r}")
         nonce: str = _answer(body, "nonce", nonce=str)["nonce"]
@@ -341,7 +352,7 @@ class ApiSource:
         except ProofError as exc:
             raise Unreachable(str(exc)) from None
         method, url = self._url("enroll")
-        status, _, body = _http(url, self.timeout, method, req.to_json(), limit=self.max_answer_bytes)
+        status, _, body = _http(url, self.timeout, method, req.to_json(), limit=self.max_answer_bytes, tls=self.tls)
         if status != 200:
             raise SourceError(f"enroll refused: HTTP {status} {body[:300]!r}")
         resp = _answer(body, "enroll", workload_id=str, token=str)
@@ -366,7 +377,7 @@ class ApiSource:
                 self.enroll()
             h = {"Authorization": f"Bearer {self.token}", **(headers or {})}
             method, url = self._url(route, query)
-            status, hdrs, payload = _http(url, timeout or self.timeout, method, body, h, limit)
+            status, hdrs, payload = _http(url, timeout or self.timeout, method, body, h, limit, self.tls)
             if status == 401 and attempt == 0:
                 self.token = None  # expired or revoked: enroll again
                 continue

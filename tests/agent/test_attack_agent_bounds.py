@@ -320,3 +320,31 @@ def wire_of(doc: object) -> object:
     from ringfence import bundlewire as wire
 
     return wire.load_bundle(lib_dumps(doc))
+
+
+def test_the_agent_verifies_a_private_ca_control_plane_with_tls_ca_file(tmp_path: Path) -> None:
+    """A lab or on-premise control plane with a private CA (``ringfence.local.tls``): the agent
+    fetches over https when ``tls_ca_file`` names the CA, and refuses the certificate without it."""
+    import functools
+    import ssl
+
+    from ringfence.local.tls import lab_tls
+
+    tls = lab_tls(tmp_path / "tls", "127.0.0.1")
+    www = tmp_path / "www"
+    write(bundle(1, ["10.0.0.1/32"]), www / "bundles" / "w.json")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(tls.cert, tls.key)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"https://127.0.0.1:{server.server_address[1]}"
+    try:
+        _, log = run_agent(tmp_path, "untrusted", {"source": url})
+        assert "CERTIFICATE_VERIFY_FAILED" in log and "revision None" in log
+        _, log = run_agent(tmp_path, "trusted", {"source": url, "tls_ca_file": str(tls.ca)})
+        assert "keeps enforcing revision 1" in log and "CERTIFICATE_VERIFY_FAILED" not in log, log
+    finally:
+        server.shutdown()
+        server.server_close()
