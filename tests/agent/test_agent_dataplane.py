@@ -895,6 +895,7 @@ def test_daemon_enrolls_follows_pushes_and_reports_against_the_real_control_plan
     would-drops; the operator's switch to enforce and a tag change (a set delta) arrive through
     the wait long-poll, long before the agent's slow poll; the control plane gone, it still enforces."""
     from ringfence import serve
+    from ringfence.local.tls import lab_tls
     from tests.agent.netns import listening_socket_in
     from tests.aws.imds import running_imds
 
@@ -915,8 +916,9 @@ def test_daemon_enrolls_follows_pushes_and_reports_against_the_real_control_plan
     sh("ip", "-n", net.ns("h2"), "route", "replace", "169.254.169.254/32", "dev", "eth0")
     by_address = {net.v4(host): iid for host, iid in ids.items()}
     app = serve.ServeApp.over(serve.build_wiring("aws"), None)
+    tls = lab_tls(tmp_path / "tls", net.v4("cp"))  # HTTPS, verified against the lab's own CA
     with (
-        serve.serving(app, sock=sock),
+        serve.serving(app, tls_cert=str(tls.cert), tls_key=str(tls.key), sock=sock),
         running_imds(aws, by_address.get, "169.254.169.254", net.ns("cp"), port=80) as imds_url,
     ):
         cfg = config(
@@ -924,8 +926,8 @@ def test_daemon_enrolls_follows_pushes_and_reports_against_the_real_control_plan
             backend,
             workload_id=h2,
             public_key=str(tmp_path / "signing.pub.pem"),
-            api_url=f"http://{net.v4('cp')}:8080",
-            insecure_http_lab_only=True,  # the lab's control plane listens without TLS
+            api_url=f"https://{net.v4('cp')}:8080",
+            tls_ca_file=str(tls.ca),
             enroll={"method": "aws-iid", "imds_url": imds_url},
             poll_interval=120,  # a change seen sooner came by the long-poll
             wait_timeout=10,
