@@ -25,6 +25,7 @@ from ringfence.bundlewire import (
 )
 from ringfence_agent.backends import ApplyError, Backend, ElementChange
 from ringfence_agent.plan import (
+    POSTURE_ADMIN_PORTS,
     LocalFailsafes,
     Plan,
     PlanError,
@@ -149,6 +150,9 @@ class Agent:
         self.backend = backend
         self.state = state
         self.local = local
+        # the control plane as configured (addresses in the config and the URL); follow_control_plane
+        # adds those its host name resolves to
+        self.configured_control_plane = local.control_plane
         self.log = log
         # cuts the open connections a new plan no longer admits (None: the backend programs no
         # kernel here, or the operator turned it off)
@@ -570,11 +574,46 @@ class Agent:
         lines = [f"re-applied last known good: {eff.workload_id} revision {self.revision}, mode {eff.mode.value}"]
         return Result(True, lines + self.cut_sessions(plan))
 
+    def follow_control_plane(self, addresses: tuple[str, ...], apply: bool = True) -> Result:
+        """The control plane's addresses resolved from its host name (API Gateway's change over
+        time): the control-plane fail-safe becomes the configured ones plus ``addresses``. A
+        change re-applies what is enforced (the bundle, or the boot posture) with them; open
+        connections survive it (established flows pass first). ``apply`` False: only remembered,
+        for the first apply (before the last known good is re-applied)."""
+        with self._lock:
+            wanted = tuple(dict.fromkeys((*self.configured_control_plane, *addresses)))
+            if wanted == self.local.control_plane:
+                return Result(False)
+            before, self.local = self.local, replace(self.local, control_plane=wanted)
+            eff = self.effective()
+        if not apply:
+            return Result(False)
+        try:
+            if eff is not None:
+                plan = compile_plan(eff, self.local)
+                self._apply(plan)
+                with self._lock:
+                    self.plan, self._stale = plan, set()
+                self.state.update_status(local_failsafes=self._local_key())
+            elif self._kernel_plan is not None:  # the boot posture: held again with them
+                self.hold_failsafe_posture()
+            else:
+                return Result(False)
+        except (ApplyError, PlanError):
+            with self._lock:
+                self.local = before  # not in the kernel: the next call tries again
+            raise
+        return Result(True, [f"control-plane fail-safe now admits {', '.join(wanted) or 'nothing'}"])
+
     def hold_failsafe_posture(self, control_plane: tuple[str, ...] = ()) -> Result:
         """Fail-safes plus default deny, until a verified bundle applies: what a host enforces
         with no usable last known good (none yet, or set aside). ``control_plane``: addresses
         of the control plane resolved at start (a URL with a name), so that it stays reachable."""
-        local = replace(self.local, control_plane=tuple(dict.fromkeys((*self.local.control_plane, *control_plane))))
+        local = replace(
+            self.local,
+            control_plane=tuple(dict.fromkeys((*self.local.control_plane, *control_plane))),
+            admin_ports=self.local.admin_ports or POSTURE_ADMIN_PORTS,
+        )
         plan = Plan(
             workload_id=self.workload_id or "-",
             version=0,

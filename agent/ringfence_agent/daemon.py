@@ -28,6 +28,7 @@ from ringfence_agent import enroll
 from ringfence_agent.backends import ApplyError, make_backend
 from ringfence_agent.config import AgentConfig
 from ringfence_agent.core import Agent, Rejected
+from ringfence_agent.plan import PlanError
 from ringfence_agent.reports import (
     BoundedBuffer,
     DropCollector,
@@ -42,10 +43,13 @@ from ringfence_agent.reports import (
     summarize_flows,
 )
 from ringfence_agent.sessions import session_cutter
-from ringfence_agent.sources import ApiSource, Source, SourceError, StaticSource, Unreachable
+from ringfence_agent.sources import ApiSource, Source, SourceError, StaticSource, Unreachable, tls_context
 from ringfence_agent.state import StateDir
 
 T = TypeVar("T")
+
+CONTROL_PLANE_RETAIN_S = 24 * 3600.0  # how long an address the control plane's name resolved to stays admitted
+CONTROL_PLANE_MAX = 64  # at most this many of them (the newest)
 
 
 def log(msg: str) -> None:
@@ -115,6 +119,7 @@ class Daemon:
         self.contact_error = ""
         self.source: Source = self._source()
         self._woke = time.time()  # when the last wait answered (the push arrived)
+        self._cp_seen: dict[str, float] = {}  # control-plane address → when its name last resolved to it
         self._fetch_s = self._apply_s = 0.0
         self._refresh_tried = 0.0  # when the bundle was last fetched because its expiry is near
 
@@ -136,6 +141,8 @@ class Daemon:
                 cfg.request_timeout,
                 cfg.wait_timeout,
                 cfg.max_bundle_bytes,
+                cfg.max_answer_bytes,
+                tls_context(cfg.tls_ca_file),
             )
         assert cfg.source is not None
         return StaticSource(
@@ -145,6 +152,7 @@ class Daemon:
             cfg.request_timeout,
             verify=self.verifier.verify,
             max_bundle_bytes=cfg.max_bundle_bytes,
+            tls=tls_context(cfg.tls_ca_file),
         )
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -163,6 +171,11 @@ class Daemon:
             daemon={"pid": os.getpid(), "started": time.time(), "source": self.source.kind},
             flows_source=self.flow_source.kind,
         )
+        if self.cfg.insecure_http_lab_only and (self.cfg.api_url or "").startswith("http://"):
+            log(
+                f"WARNING: insecure_http_lab_only: api_url {self.cfg.api_url} is plain http; the bearer token "
+                "and enrollment proofs cross the network in the clear (a lab setting, never production)"
+            )
         if self.flow_source.kind == "unavailable":
             log("no /proc/net/nf_conntrack and no conntrack tool: flow reports are disabled (drops still reported)")
         self.start_enforcing()
@@ -238,7 +251,10 @@ class Daemon:
 
     def start_enforcing(self) -> None:
         """Re-apply the last known good before any contact; without one (none yet, or set aside
-        as unusable) hold the boot posture until a verified bundle applies."""
+        as unusable) hold the boot posture until a verified bundle applies. Either admits the
+        control plane's addresses, resolved first."""
+        if self.cfg.source_hosts():
+            self.follow_control_plane(apply=False)
         try:
             for line in self.agent.reapply_last_known_good().lines:
                 log(line)
@@ -256,6 +272,29 @@ class Daemon:
                 self.last_message = f"fail-safe posture not applied: {exc}"
                 log(self.last_message)
         release_memory()
+
+    def follow_control_plane(self, apply: bool = True) -> None:
+        """Re-resolve the control plane's host name (every sync, before any fetch and apply) and
+        let the control-plane fail-safe follow it: API Gateway's addresses change, and a bundle
+        must never cut the agent off its own control plane. Addresses seen within
+        CONTROL_PLANE_RETAIN_S stay admitted (a resolver answers with a few of a pool at a time),
+        at most CONTROL_PLANE_MAX of them; when the name does not resolve, the last ones stay."""
+        now = time.time()
+        for address in self._control_plane_addresses():
+            self._cp_seen[address] = now
+        kept = sorted(
+            (a for a, t in self._cp_seen.items() if now - t <= CONTROL_PLANE_RETAIN_S),
+            key=lambda a: -self._cp_seen[a],
+        )[:CONTROL_PLANE_MAX]
+        self._cp_seen = {a: self._cp_seen[a] for a in kept}
+        try:
+            with self.apply_lock:
+                result = self.agent.follow_control_plane(tuple(sorted(kept)), apply)
+        except (ApplyError, PlanError) as exc:
+            log(f"control-plane fail-safe not updated: {exc}")
+            return
+        for line in result.lines:
+            log(line)
 
     def _control_plane_addresses(self) -> tuple[str, ...]:
         """The addresses of a control plane named by host name, resolved now: the posture must
@@ -298,6 +337,8 @@ class Daemon:
                 self._apply_s += time.perf_counter() - t
 
     def _sync(self, latest: int | None) -> None:
+        if self.cfg.source_hosts():
+            self.follow_control_plane()
         if latest is None:
             latest = self.source.announced()
         rev = self.agent.revision

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl
 import threading
 import time
 import urllib.error
@@ -21,7 +22,9 @@ from ringfence_agent.agentkey import KEY_FILE, AgentKey
 from ringfence_agent.enroll import ProofError, Prover
 from ringfence_agent.state import StateDir
 
-MAX_BUNDLE_BYTES = 64 * 1024 * 1024  # default cap of a bundle body (100,000 addresses: ~2-3 MB)
+# default cap of a bundle body: 100,000 addresses are ~2 MB, and parsing costs ~6x the body in
+# memory, so 16 MiB (~800,000 addresses) keeps the agent under a 128 MiB service limit
+MAX_BUNDLE_BYTES = 16 * 1024 * 1024
 MAX_HEAD_BYTES = 1024 * 1024  # a static head: a version per set
 MAX_ANSWER_BYTES = 256 * 1024  # the agent API's small answers (nonce, enroll, wait, heartbeat, reports)
 MAX_ERROR_BYTES = 64 * 1024  # what is kept of an error answer's body (for messages only)
@@ -86,8 +89,9 @@ def _http(
     body: dict[str, Any] | None = None,
     headers: dict[str, str] | None = None,
     limit: int = MAX_ANSWER_BYTES,
+    tls: ssl.SSLContext | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
-    """One request: (status, headers, body) for 2xx-4xx answers. Whatever keeps an answer from
+    """One request (``tls``: how an https URL's certificate is verified; None, the system's way): (status, headers, body) for 2xx-4xx answers. Whatever keeps an answer from
     arriving whole (network, timeout, 5xx, 429, a torn or non-HTTP answer) is :class:`Unreachable`,
     naming the URL and the problem; a body over ``limit`` bytes is a :class:`SourceError` (read in
     chunks: never more than the limit in memory). Error bodies are cut at MAX_ERROR_BYTES."""
@@ -98,7 +102,7 @@ def _http(
         req.add_header("Content-Type", "application/json")
     try:
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - http(s) only, validated in config
+            with urllib.request.urlopen(req, timeout=timeout, context=tls) as resp:  # noqa: S310 - http(s) only, validated in config
                 return resp.status, dict(resp.headers.items()), _read_body(resp, limit, where)
         except urllib.error.HTTPError as exc:
             status = exc.code
@@ -155,6 +159,11 @@ def _answer(body: bytes, what: str, **fields: type | tuple[type, None]) -> dict[
         raise SourceError(f"{exc} ({len(body)} bytes: {body[:80]!r})") from None
 
 
+def tls_context(ca_file: Path | None) -> ssl.SSLContext | None:
+    """Verification against ``ca_file`` (a private CA's certificates) instead of the system's store."""
+    return ssl.create_default_context(cafile=str(ca_file)) if ca_file is not None else None
+
+
 class StaticSource:
     """A directory or plain HTTP base URL in the layout of :mod:`ringfence.staticlayout`."""
 
@@ -168,8 +177,10 @@ class StaticSource:
         timeout: float,
         verify: Callable[[SetDelta], object] | None = None,
         max_bundle_bytes: int = MAX_BUNDLE_BYTES,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.base = base.rstrip("/")
+        self.tls = tls
         self.verify = verify  # checks a delta's signature (raises BundleError) as the chain is walked
         self.max_bundle_bytes = max_bundle_bytes
         self.max_delta_bytes = max(MAX_HEAD_BYTES, max_bundle_bytes // 4)
@@ -204,7 +215,7 @@ class StaticSource:
             if len(raw) > limit:
                 raise SourceError(f"{path}: over the limit of {limit} bytes")
             return raw
-        status, _, body = _http(f"{self.base}/{quote(relative)}", self.timeout, limit=limit)
+        status, _, body = _http(f"{self.base}/{quote(relative)}", self.timeout, limit=limit, tls=self.tls)
         if status == 404:
             return None
         if status != 200:
@@ -218,7 +229,7 @@ class StaticSource:
         if self.is_http:
             headers = {"If-None-Match": self._head_etag} if self._head_etag else {}
             status, hdrs, body = _http(
-                f"{self.base}/{quote(relative)}", self.timeout, headers=headers, limit=MAX_HEAD_BYTES
+                f"{self.base}/{quote(relative)}", self.timeout, headers=headers, limit=MAX_HEAD_BYTES, tls=self.tls
             )
             if status == 304:
                 return self.head.version if self.head is not None else None
@@ -242,7 +253,7 @@ class StaticSource:
             return load_bundle(raw) if raw is not None else None
         headers = {"If-None-Match": self._etag} if self._etag else {}
         status, hdrs, body = _http(
-            f"{self.base}/{quote(name)}", self.timeout, headers=headers, limit=self.max_bundle_bytes
+            f"{self.base}/{quote(name)}", self.timeout, headers=headers, limit=self.max_bundle_bytes, tls=self.tls
         )
         doc = fetched_bundle(status, body, f"GET {name}")
         if doc is not None:
@@ -316,8 +327,12 @@ class ApiSource:
         timeout: float,
         wait_timeout: float,
         max_bundle_bytes: int = MAX_BUNDLE_BYTES,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.base = base.rstrip("/") + API_PREFIX
+        self.tls = tls
+        self.max_answer_bytes = max_answer_bytes  # nonce, enroll, wait, heartbeat, reports
         self.max_bundle_bytes = max_bundle_bytes  # the bundle, and the deltas answer (as much as a bundle)
         self.workload_id = workload_id
         self.prove = prove
@@ -348,7 +363,7 @@ class ApiSource:
 
     def _nonce(self) -> str:
         method, url = self._url("nonce")
-        status, _, body = _http(url, self.timeout, method)
+        status, _, body = _http(url, self.timeout, method, limit=self.max_answer_bytes, tls=self.tls)
         if status != 200:
             raise SourceError(f"nonce: HTTP {status} {body[:200]!r}")
         nonce: str = _answer(body, "nonce", nonce=str)["nonce"]
@@ -372,7 +387,7 @@ class ApiSource:
             req, agent_key=self.key.public_pem, agent_signature=self.key.prove("enroll", self.workload_id, nonce)
         )
         method, url = self._url("enroll")
-        status, _, body = _http(url, self.timeout, method, req.to_json())
+        status, _, body = _http(url, self.timeout, method, req.to_json(), limit=self.max_answer_bytes, tls=self.tls)
         if status != 200:
             raise SourceError(f"enroll refused: HTTP {status} {body[:300]!r}")
         resp = _answer(body, "enroll", workload_id=str, token=str)
@@ -411,14 +426,16 @@ class ApiSource:
         body: dict[str, Any] | None = None,
         timeout: float | None = None,
         headers: dict[str, str] | None = None,
-        limit: int = MAX_ANSWER_BYTES,
+        limit: int | None = None,
     ) -> tuple[int, dict[str, str], bytes]:
+        """One authenticated request; the token travels in the Authorization header, never in the URL."""
+        limit = self.max_answer_bytes if limit is None else limit
         for attempt in range(2):
             if self.token is None or (self.renew_at and time.time() >= self.renew_at):
                 self._renew()  # renewed before it expires: the agent is never locked out
             h = {"Authorization": f"Bearer {self.token}", **(headers or {})}
             method, url = self._url(route, query)
-            status, hdrs, payload = _http(url, timeout or self.timeout, method, body, h, limit)
+            status, hdrs, payload = _http(url, timeout or self.timeout, method, body, h, limit, self.tls)
             if status == 401 and attempt == 0:
                 self.token = None  # expired or revoked: renew with the key, else enroll again
                 continue

@@ -320,8 +320,8 @@ def test_websocket_nudge_reaches_a_connected_agent(env: Env) -> None:
     def connect(token: str | None) -> dict[str, Any]:
         event = {
             "requestContext": {"routeKey": "$connect", "connectionId": "conn-1", "eventType": "CONNECT", "stage": "v1"},
-            "queryStringParameters": {"token": token} if token else None,
-            "headers": {},
+            "queryStringParameters": None,
+            "headers": {"Authorization": f"Bearer {token}"} if token else {},
             "isBase64Encoded": False,
         }
         return env.fn["wsconnect"].handler(event, _ctx())  # type: ignore[no-any-return]
@@ -534,3 +534,27 @@ def test_wait_is_capped_by_max_wait(env: Env, monkeypatch: Any) -> None:
     query = {"version": str(v), "timeout": "300"}
     status, _, body = env.rest("agentapi", "GET", f"/v1/agents/{proc}/wait", headers=auth(tok), query=query)
     assert status == 200 and body == {"latest_version": v} and time.monotonic() - t0 < 4
+
+
+def test_attack_a_bearer_token_in_the_websocket_url_is_refused(env: Env) -> None:
+    """A token in a query string lands in access logs and proxies: $connect refuses it even when
+    it is valid, and no nudge connection is recorded for its workload."""
+    est = boot(env)
+    proc = est["ids"]["proc"][0]
+    tok = enroll_instance(env, proc)
+
+    def connect(query: dict[str, str] | None, headers: dict[str, str]) -> dict[str, Any]:
+        event = {
+            "requestContext": {"routeKey": "$connect", "connectionId": "conn-q", "eventType": "CONNECT", "stage": "v1"},
+            "queryStringParameters": query,
+            "headers": headers,
+            "isBase64Encoded": False,
+        }
+        return env.fn["wsconnect"].handler(event, _ctx())  # type: ignore[no-any-return]
+
+    refused = connect({"token": tok}, {})
+    assert refused["statusCode"] == 400 and "token in the URL" in refused["body"]
+    assert connect({"token": tok}, {"Authorization": f"Bearer {tok}"})["statusCode"] == 400
+    assert env.store.connection(proc) is None
+    assert connect(None, {"authorization": f"Bearer {tok}"})["statusCode"] == 200
+    assert env.store.connection(proc) == "conn-q"

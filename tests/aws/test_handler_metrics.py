@@ -98,8 +98,8 @@ def test_websocket_connections_are_counted(env: Env, capsys: pytest.CaptureFixtu
     def route(key: str, token: str | None = None) -> dict[str, Any]:
         event = {
             "requestContext": {"routeKey": key, "connectionId": "conn-1", "eventType": "CONNECT", "stage": "v1"},
-            "queryStringParameters": {"token": token} if token else None,
-            "headers": {},
+            "queryStringParameters": None,
+            "headers": {"Authorization": f"Bearer {token}"} if token else {},
             "isBase64Encoded": False,
         }
         return env.fn["wsconnect"].handler(event, LambdaContext())  # type: ignore[no-any-return]
