@@ -48,6 +48,9 @@ locals {
   policies_read = { actions = ["s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/policies/*"] }
   async_dlq     = { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.async_dlq.arn] }
 
+  # a terminate lifecycle action is confirmed with Auto Scaling (no resource-level permissions)
+  asg_describe = { actions = ["autoscaling:DescribeAutoScalingInstances"], resources = ["*"] }
+
   # least privilege, per function
   statements = {
     ingest = [
@@ -55,7 +58,7 @@ locals {
       { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.state.arn] },
       { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.ingest.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.perimeter.arn, aws_sqs_queue.ingest_dlq.arn, aws_sqs_queue.async_dlq.arn] },
-      local.policies_read, local.describe, local.assume, local.kms_use,
+      local.policies_read, local.describe, local.asg_describe, local.assume, local.kms_use,
     ]
     compute = [
       { actions = ["dynamodb:GetItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
@@ -72,13 +75,13 @@ locals {
       { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.state.arn] },
       { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.lifecycle.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.perimeter.arn, aws_sqs_queue.async_dlq.arn] },
-      local.policies_read, local.describe, local.assume, local.kms_use,
+      local.policies_read, local.describe, local.asg_describe, local.assume, local.kms_use,
     ]
     reconcile = [
       { actions = ["dynamodb:GetItem", "dynamodb:UpdateItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
       { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.state.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.perimeter.arn, aws_sqs_queue.async_dlq.arn] },
-      local.policies_read, local.describe, local.assume, local.kms_use,
+      local.policies_read, local.describe, local.asg_describe, local.assume, local.kms_use,
     ]
     perimeter = [
       { actions = ["dynamodb:Scan", "dynamodb:GetItem", "dynamodb:BatchGetItem"], resources = [aws_dynamodb_table.inventory.arn] },
