@@ -36,7 +36,7 @@ locals {
       }
     }
     agentapi  = { memory = 512, timeout = 30, concurrency = 100, env = {} } # wait long-polls ≤ 25 s
-    admin     = { memory = 512, timeout = 29, concurrency = 5, env = {} }
+    admin     = { memory = 512, timeout = 29, concurrency = 5, env = { RINGFENCE_ADMIN_ROLES = jsonencode(var.admin_roles) } }
     wsconnect = { memory = 256, timeout = 10, concurrency = 20, env = {} }
   }
 
