@@ -65,6 +65,12 @@ variable "perimeter_config" {
   default     = {}
 }
 
+variable "perimeter_vpc_arns" {
+  description = "VPCs whose interfaces and groups the perimeter function may change (ARNs, wildcards allowed); null: every VPC of this account and Region. Narrow it to the VPCs perimeter_config manages."
+  type        = list(string)
+  default     = null
+}
+
 variable "perimeter_dry_run" {
   type    = bool
   default = true
