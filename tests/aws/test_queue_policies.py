@@ -160,8 +160,8 @@ def test_attack_forged_sender_is_refused_by_every_template_queue() -> None:
             assert may_send(statements, {"aws:PrincipalArn": role}), (q, role)
         for rule in rules.get(q, set()):
             assert may_send(statements, {"service": "events.amazonaws.com", "aws:SourceArn": rule}), (q, rule)
-        if not senders.get(q) and not rules.get(q):
-            # a redrive-only DLQ: SQS's own move carries no IAM principal
+        if not rules.get(q):
+            # SQS's own redrive into a DLQ carries neither a principal nor a source
             assert may_send(statements, {}), q
     # the lifecycle queue in particular: the forged terminate action of the issue
     assert not may_send(policies["LifecycleQueue"], {"aws:PrincipalArn": "IngestFunctionRole.Arn"})
@@ -230,6 +230,7 @@ def test_every_terraform_queue_has_a_policy_naming_exactly_its_producers() -> No
         ]
         for st in d["statement"]:
             assert st["effect"] == "Deny" and st["principals"][0]["identifiers"] == ["*"], name
-        assert {st["condition"][0]["variable"] for st in d["statement"]} == (
-            {"aws:PrincipalArn"} if name == "handoff_queues" else {"aws:PrincipalArn", "aws:SourceArn"}
-        ), name
+        assert {c["variable"] for st in d["statement"] for c in st["condition"]} == {
+            "aws:PrincipalArn",
+            "aws:SourceArn",
+        }, name

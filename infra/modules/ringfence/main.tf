@@ -493,6 +493,26 @@ data "aws_iam_policy_document" "handoff_queues" {
       variable = "aws:PrincipalArn"
       values   = each.value.roles
     }
+    condition {
+      test     = "Null" # SQS's own redrive carries no principal
+      variable = "aws:PrincipalArn"
+      values   = ["false"]
+    }
+  }
+  statement {
+    sid       = "NoServiceDeliveries" # nor a service acting for some resource (a rule, a topic)
+    effect    = "Deny"
+    actions   = ["sqs:SendMessage"]
+    resources = [each.value.queue]
+    principals {
+      type        = "*"
+      identifiers = ["*"]
+    }
+    condition {
+      test     = "Null"
+      variable = "aws:SourceArn"
+      values   = ["false"]
+    }
   }
 }
 
