@@ -100,6 +100,20 @@ def test_safeguards_lowered_are_audited_and_counted(env: Env, capsys: pytest.Cap
     assert provision.detail["widens_failsafes"] == ["admin_cidrs: 10.0.0.0/8"]
 
 
+def test_a_policy_that_idles_workloads_is_counted_and_names_them(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    boot(env)
+    capsys.readouterr()
+    files = policy_files()
+    assert "  mode: enforce\n" in files["labels.yaml"]
+    files["labels.yaml"] = files["labels.yaml"].replace("  mode: enforce\n", "  mode: idle\n", 1)
+    status, _, body = env.rest("admin", "POST", "/admin/policies", {"files": files, "reason": "quiet please"})
+    assert status == 201, body
+    assert emitted(capsys.readouterr().out).get("SafeguardsLowered") == 1
+    (provision,) = [r for r in env.store.audit_log() if r.target == f"policy/v{body['version']}"]
+    idle = provision.detail["newly_idle"]
+    assert idle["count"] == 5 and len(idle["workloads"]) == 5  # every instance of the estate
+
+
 # --- ringfence serve: roles on admin tokens ---------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from ringfence.addresses import V4, Prefix, format_address, format_prefix
 from ringfence.engine.connectivity import Matrix, compute_inventory, normalise, subtract
+from ringfence.enums import Mode
 from ringfence.model import Workload
 from ringfence.policy import CompiledRule, ParsedFailsafes, Policy
 from ringfence.services import PortRange
@@ -143,3 +144,18 @@ def failsafe_widening(old: ParsedFailsafes, new: ParsedFailsafes) -> list[str]:
     if resolvers:
         out.append(f"dns_resolvers: {', '.join(format_address(a) for a in resolvers)}")
     return out
+
+
+def newly_idle(old: Policy, new: Policy, workloads: Iterable[Workload]) -> list[str]:
+    """The workloads ``new`` leaves ``idle`` (firewall untouched) that ``old`` did not: a policy
+    can lower that safeguard for many hosts at once (a default mode, a mode rule)."""
+    out = []
+    for w in workloads:
+        if w.mode is not None:  # an operator's mode wins under either policy
+            continue
+        after, before = new.labels.resolve(w), old.labels.resolve(w)
+        if new.mode_for(after.labels, after.unlabeled) is Mode.IDLE and (
+            old.mode_for(before.labels, before.unlabeled) is not Mode.IDLE
+        ):
+            out.append(w.id)
+    return sorted(out)

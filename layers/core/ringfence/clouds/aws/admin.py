@@ -8,7 +8,7 @@ from typing import Any
 from ringfence.engine import Engine
 from ringfence.model import Mode
 from ringfence.policy import PolicyError, load_policy_texts
-from ringfence.policydiff import failsafe_widening
+from ringfence.policydiff import failsafe_widening, newly_idle
 from ringfence.policytests import run_tests
 from ringfence.store.base import (
     AuditRecord,
@@ -56,14 +56,16 @@ class Admin:
         except PolicyError as exc:
             return error(400, "policy rejected", str(exc))
         # the policy's own tests must pass against the live inventory before it becomes active
+        live = [r.effective() for r in self.w.store.all_records() if r.active]
         engine = Engine(policy)
-        engine.load(r.effective() for r in self.w.store.all_records() if r.active)
+        engine.load(live)
         failures = [t.report() for t in run_tests(policy, engine.workloads) if not t.passed]
         if failures:
             return error(422, "policy tests fail", "\n".join(failures))
         digest = digest_of(files)
         active = self.w.active_policy()
         widened = failsafe_widening(active[1].failsafes, policy.failsafes) if active else []
+        idle = newly_idle(active[1], policy, live) if active else []
         version = self.w.store.next_policy_version()
         keys = {}
         for name, text in sorted(files.items()):
@@ -76,6 +78,9 @@ class Admin:
         if widened:
             detail["widens_failsafes"] = widened
             self._lowered(principal, "fail-safes widened: " + "; ".join(widened), f"policy/v{version}")
+        if idle:
+            detail["newly_idle"] = {"count": len(idle), "workloads": idle[:100]}
+            self._lowered(principal, f"{len(idle)} workload(s) newly idle", f"policy/v{version}")
         audit_id = self._audit(principal, "policy.provision", f"policy/v{version}", detail, reason)
         self.w.enqueue_compute(rebuild=True)
         return Response(201, {"version": version, "digest": digest, "audit_id": audit_id})
