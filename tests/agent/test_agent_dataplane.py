@@ -999,7 +999,9 @@ def test_onprem_serve_pairs_pushes_and_survives_kill_9(net: NetLab, backend: str
     from ringfence import serve
 
     token = "lab-admin-token-0123456789abcdef"
-    (tmp_path / "admin-tokens").write_text(f"carol:{serve.token_hash(token)}\n")
+    (tmp_path / "admin-tokens").write_text(
+        f"carol:{serve.token_hash(token)}:policy-author,incident-responder,onboarding\n"
+    )
     db = tmp_path / "cp-state" / "state.db"
     url = f"http://{net.v4('cp')}:8443"
 

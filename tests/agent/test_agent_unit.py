@@ -630,8 +630,8 @@ def test_packaging_unit_and_installer_agree() -> None:
         0
     ]
     assert embedded == unit
-    assert "Before=network-pre.target" in unit and "ringfence-agent run --config /etc/ringfence/agent.yaml" in unit
-    assert "install.sh | sh -s --" in (pkg / "cloud-init.yaml").read_text()
+    assert "Before=network-pre.target" in unit and "ringfence-agent run --config /etc/ringfence/agent.json" in unit
+    assert "--artifact-sha256" in (pkg / "cloud-init.yaml").read_text()
     proc = subprocess.run(["sh", "-n", str(pkg / "install.sh")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
@@ -639,18 +639,18 @@ def test_packaging_unit_and_installer_agree() -> None:
 def test_installer_writes_a_config_the_agent_accepts(tmp_path: Path) -> None:
     """Run the config-writing part of install.sh against a temp dir and validate it."""
     installer = (Path(__file__).resolve().parents[2] / "agent" / "packaging" / "install.sh").read_text()
-    block = installer.split("umask 077\n", 1)[1].split("} > /etc/ringfence/agent.yaml", 1)[0] + "}"
+    block = installer.split("umask 077\n", 1)[1].split("} > /etc/ringfence/agent.json", 1)[0] + "}"
     script = (
-        'WORKLOAD_ID=i-0abc; API_URL=https://10.0.0.9:8080; SOURCE=""; ADMIN_CIDRS=" 10.99.0.0/24 192.0.2.0/24"\n'
+        'WORKLOAD_ID=\'i-0abc"\\\'; API_URL=https://10.0.0.9:8080; SOURCE=""; ADMIN_CIDRS=" 10.99.0.0/24 192.0.2.0/24"\n'
         + block
-        + f" > {tmp_path}/agent.yaml\n"
+        + f" > {tmp_path}/agent.json\n"
     )
     subprocess.run(["sh", "-c", "PAIRING_KEY=k\n" + script], check=True)
-    cfg = load_config(tmp_path / "agent.yaml")
-    assert cfg.workload_id == "i-0abc" and cfg.admin_cidrs == ["10.99.0.0/24", "192.0.2.0/24"]
+    cfg = load_config(tmp_path / "agent.json")
+    assert cfg.workload_id == 'i-0abc"\\' and cfg.admin_cidrs == ["10.99.0.0/24", "192.0.2.0/24"]
     assert cfg.enroll is not None and str(cfg.enroll.pairing_key_file) == "/etc/ringfence/pairing-key"
     subprocess.run(["sh", "-c", 'PAIRING_KEY=""\n' + script], check=True)
-    cfg = load_config(tmp_path / "agent.yaml")
+    cfg = load_config(tmp_path / "agent.json")
     assert cfg.enroll is not None and cfg.enroll.method == "aws-iid"
 
 

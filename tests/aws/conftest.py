@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import json
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from typing import Any
 import boto3
 import pytest
 
+from ringfence.adminroles import ENV as ADMIN_ROLES_ENV
 from ringfence.local.aws import EmbeddedAws, IidKey
 from ringfence.local.lambdas import LambdaContext, deliver_batch, load_functions, sqs_event
 
@@ -38,6 +40,7 @@ tests:
 """
 REGION = "ca-central-1"
 ACCOUNT = "123456789012"
+OPERATOR = "arn:aws:iam::123456789012:user/alice"
 FUNCTIONS = ["ingest", "compute", "lifecycle", "reconcile", "agentapi", "admin", "wsconnect", "perimeter"]
 __all__ = ["LambdaContext"]  # the tests import it from here
 
@@ -78,6 +81,8 @@ class Env:
     def build(self) -> None:
         """A fresh moto with the stack's resources (``EmbeddedAws.reset``), handlers freshly loaded."""
         self.aws.reset()
+        # the admin API's role bindings (functions/admin): the tests' default caller holds all
+        os.environ[ADMIN_ROLES_ENV] = json.dumps({OPERATOR: ["policy-author", "incident-responder", "onboarding"]})
         self.queues = dict(self.aws.queues)
         self.signing_key = self.aws.signing_key
         self.load_functions()
@@ -93,6 +98,11 @@ class Env:
         # clients copy the session's event emitter when created: drop the cached ones
         clients._clients.clear()
         clients._assumed.clear()
+
+    def bind(self, principal: str, roles: list[str]) -> None:
+        """Give an IAM principal admin roles (``RINGFENCE_ADMIN_ROLES``, read per request)."""
+        bindings = json.loads(os.environ.get(ADMIN_ROLES_ENV, "{}"))
+        os.environ[ADMIN_ROLES_ENV] = json.dumps({**bindings, principal: roles})
 
     # --- estate -------------------------------------------------------------------------------
 

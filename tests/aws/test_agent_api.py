@@ -258,6 +258,7 @@ def test_admin_quarantine_mode_and_audit(env: Env) -> None:
     est = boot(env)
     web, proc = est["ids"]["web"][0], est["ids"]["proc"][0]
     bob = "arn:aws:iam::123456789012:role/secops/bob"
+    env.bind(bob, ["incident-responder", "policy-author"])
     status, _, _body = env.rest(
         "admin", "POST", f"/admin/workloads/{web}/quarantine", {"reason": "ir-42"}, principal=bob
     )

@@ -113,7 +113,15 @@ def test_scale_out_lifecycle_publishes_then_continues(env: Env) -> None:
     bridged = bridge(env, before, body["deltas"])
     assert bridged == {n: set(s.v4) | set(s.v6) for n, s in after.sets.items()}
     assert not in_set(before, ip_of(env, new)) and covered(bridged, ip_of(env, new))
-    # terminate: leaves peers' sets before CONTINUE
+    # terminate (scale-in held by a terminate hook): leaves peers' sets before CONTINUE
+    env.asg.put_lifecycle_hook(
+        AutoScalingGroupName="rf-web-asg",
+        LifecycleHookName="rf-leave",
+        LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING",
+        HeartbeatTimeout=300,
+        DefaultResult="CONTINUE",
+    )
+    env.asg.terminate_instance_in_auto_scaling_group(InstanceId=new, ShouldDecrementDesiredCapacity=True)
     env.put(env.lifecycle_event(new, launching=False))
     env.pump()
     assert completed[-1]["instance"] == new

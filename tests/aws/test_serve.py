@@ -27,7 +27,9 @@ ALICE_TOKEN = "alice-secret-token-0123456789"
 @pytest.fixture
 def tokens(tmp_path: Path) -> Path:
     p = tmp_path / "admin-tokens"
-    p.write_text(f"# who may call the admin API\nalice:{serve.token_hash(ALICE_TOKEN)}\n")
+    p.write_text(
+        f"# who may call the admin API\nalice:{serve.token_hash(ALICE_TOKEN)}:policy-author,incident-responder,onboarding\n"
+    )
     return p
 
 
@@ -213,7 +215,7 @@ def test_admin_tokens_file_is_checked_and_tokens_are_never_shown(tmp_path: Path)
     p.write_text("# nothing\n")
     with pytest.raises(serve.ServeError, match="no admin tokens"):
         serve.AdminTokens.load(p)
-    token, line = serve.new_admin_token("ops@example.com")
+    token, line = serve.new_admin_token("ops@example.com", ["incident-responder"])
     p.write_text(line + "\n")
     assert token not in p.read_text()
     t = serve.AdminTokens.load(p)
@@ -231,7 +233,10 @@ def test_cli_serves_and_refuses_plain_http_off_loopback(env: Env, tmp_path: Path
     assert out.returncode == 1 and "refusing to serve plain HTTP on 0.0.0.0" in out.stderr
     tokens = tmp_path / "tokens"
     made = subprocess.run(
-        [str(RINGFENCE), "serve-token", "bob", "--file", str(tokens)], capture_output=True, text=True, check=True
+        [str(RINGFENCE), "serve-token", "bob", "--role", "policy-author", "--file", str(tokens)],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     token = made.stdout.strip().splitlines()[-1]
     assert oct(tokens.stat().st_mode & 0o777) == "0o600" and token not in tokens.read_text()

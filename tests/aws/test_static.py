@@ -218,7 +218,7 @@ def test_perimeter_iam_changes_and_deletes_only_tagged_groups_in_both_deployment
         for a in st["Action"]:
             cfn.setdefault(a, []).extend(conds)
     for action, cond in guarded.items():
-        assert cfn[action] == [cond], action
+        assert cond in cfn[action], action  # with the VPC scope: tests/aws/test_perimeter_iam.py
     assert birth_cond in cfn["ec2:CreateSecurityGroup"]
     env = res["PerimeterFunction"]["Properties"]["Events"]
     assert env["Queue"]["Properties"]["Queue"] == {"GetAtt": "PerimeterQueue.Arn"}
@@ -231,10 +231,12 @@ def test_perimeter_iam_changes_and_deletes_only_tagged_groups_in_both_deployment
     for st in loc["statements"]["perimeter"]:
         if not isinstance(st, dict):
             continue  # a shared local (assume, kms)
-        conds = [(c["test"], c["variable"], c["values"][0]) for c in st.get("conditions", [])] or [None]
+        conds = [
+            (c["test"], c["variable"], c["values"][0]) for c in st.get("conditions", []) if isinstance(c, dict)
+        ] or [None]
         for a in st["actions"]:
             tf.setdefault(a, []).extend(conds)
     for action, cond in guarded.items():
-        assert tf[action] == [cond], action
+        assert cond in tf[action], action
     assert birth_cond in tf["ec2:CreateSecurityGroup"]
     assert "RINGFENCE_PERIMETER_QUEUE_URL" in loc["common_env"]

@@ -42,7 +42,7 @@ class Server:
     def __init__(self, tmp_path: Path) -> None:
         self.db = tmp_path / "state" / "state.db"
         self.tokens = tmp_path / "admin-tokens"
-        self.tokens.write_text(f"carol:{serve.token_hash(TOKEN)}\n")
+        self.tokens.write_text(f"carol:{serve.token_hash(TOKEN)}:policy-author,incident-responder,onboarding\n")
         sock = serve.listen("127.0.0.1", 0)
         self.port = sock.getsockname()[1]
         sock.close()

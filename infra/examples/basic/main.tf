@@ -48,6 +48,7 @@ module "ringfence" {
     [for account, arn in local.member_role_arns : { account = account, region = var.region, role_arn = arn }],
   )
   account_roles    = local.member_role_arns
+  admin_roles      = var.admin_roles
   member_role_name = var.member_role_name
   perimeter_config = {
     admin_cidrs         = var.admin_cidrs

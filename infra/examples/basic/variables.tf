@@ -100,3 +100,8 @@ variable "tags" {
   type        = map(string)
   default     = { project = "ringfence" }
 }
+
+variable "admin_roles" {
+  description = "IAM role ARN → admin roles (policy-author, incident-responder, onboarding, reader): who may call the admin API, and for what."
+  type        = map(list(string))
+}

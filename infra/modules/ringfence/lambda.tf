@@ -39,7 +39,7 @@ locals {
       }
     }
     agentapi  = { memory = 512, timeout = 30, concurrency = 100, env = {} } # wait long-polls ≤ 25 s
-    admin     = { memory = 512, timeout = 29, concurrency = 5, env = {} }
+    admin     = { memory = 512, timeout = 29, concurrency = 5, env = { RINGFENCE_ADMIN_ROLES = jsonencode(var.admin_roles) } }
     wsconnect = { memory = 256, timeout = 10, concurrency = 20, env = {} }
   }
 
@@ -51,6 +51,13 @@ locals {
   policies_read = { actions = ["s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/policies/*"] }
   async_dlq     = { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.async_dlq.arn] }
 
+  # a terminate lifecycle action is confirmed with Auto Scaling (no resource-level permissions)
+  asg_describe = { actions = ["autoscaling:DescribeAutoScalingInstances"], resources = ["*"] }
+
+  # the perimeter's writes: only in the managed VPCs, only our tag keys on the groups it creates
+  in_vpcs      = { test = "ArnLike", variable = "ec2:Vpc", values = coalesce(var.perimeter_vpc_arns, ["arn:${local.partition}:ec2:${local.region}:${local.account}:vpc/*"]) }
+  our_tag_keys = { test = "ForAllValues:StringEquals", variable = "aws:TagKeys", values = ["ringfence:perimeter", "Name"] }
+
   # least privilege, per function
   statements = {
     ingest = [
@@ -60,7 +67,7 @@ locals {
       { actions = ["dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.ingest.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.perimeter.arn, aws_sqs_queue.ingest_dlq.arn, aws_sqs_queue.async_dlq.arn] },
-      local.policies_read, local.describe, local.assume, local.kms_use,
+      local.policies_read, local.describe, local.asg_describe, local.assume, local.kms_use,
     ]
     compute = concat([
       { actions = ["dynamodb:GetItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
@@ -78,29 +85,30 @@ locals {
       { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.state.arn] },
       { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.lifecycle.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.perimeter.arn, aws_sqs_queue.async_dlq.arn] },
-      local.policies_read, local.describe, local.assume, local.kms_use,
+      local.policies_read, local.describe, local.asg_describe, local.assume, local.kms_use,
     ]
     reconcile = [
       { actions = ["dynamodb:GetItem", "dynamodb:UpdateItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
       { actions = ["dynamodb:GetItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn] },
       { actions = ["dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.perimeter.arn, aws_sqs_queue.async_dlq.arn] },
-      local.policies_read, local.describe, local.assume, local.kms_use,
+      local.policies_read, local.describe, local.asg_describe, local.assume, local.kms_use,
     ]
     perimeter = [
       { actions = ["dynamodb:Scan", "dynamodb:GetItem", "dynamodb:BatchGetItem"], resources = [aws_dynamodb_table.inventory.arn] },
       { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.perimeter.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
       { actions = ["ec2:DescribeInstances", "ec2:DescribeSecurityGroups", "ec2:DescribeNetworkInterfaces"], resources = ["*"] },
-      { actions = ["ec2:CreateSecurityGroup"], resources = ["arn:${local.partition}:ec2:${local.region}:${local.account}:vpc/*"] },
+      { actions = ["ec2:CreateSecurityGroup"], resources = local.in_vpcs.values },
       # only groups that carry the tag from birth, tags only in that same call
-      { actions = ["ec2:CreateSecurityGroup"], resources = [local.sg_arn], conditions = [{ test = "Null", variable = "aws:RequestTag/ringfence:perimeter", values = ["false"] }] },
-      { actions = ["ec2:CreateTags"], resources = [local.sg_arn], conditions = [{ test = "StringEquals", variable = "ec2:CreateAction", values = ["CreateSecurityGroup"] }] },
+      { actions = ["ec2:CreateSecurityGroup"], resources = [local.sg_arn], conditions = [{ test = "Null", variable = "aws:RequestTag/ringfence:perimeter", values = ["false"] }, local.our_tag_keys] },
+      { actions = ["ec2:CreateTags"], resources = [local.sg_arn], conditions = [{ test = "StringEquals", variable = "ec2:CreateAction", values = ["CreateSecurityGroup"] }, local.our_tag_keys] },
       # rules changed and groups deleted only where our tag is
-      { actions = ["ec2:AuthorizeSecurityGroupIngress", "ec2:AuthorizeSecurityGroupEgress", "ec2:RevokeSecurityGroupIngress", "ec2:RevokeSecurityGroupEgress", "ec2:DeleteSecurityGroup"], resources = [local.sg_arn], conditions = [{ test = "Null", variable = "aws:ResourceTag/ringfence:perimeter", values = ["false"] }] },
+      { actions = ["ec2:AuthorizeSecurityGroupIngress", "ec2:AuthorizeSecurityGroupEgress", "ec2:RevokeSecurityGroupIngress", "ec2:RevokeSecurityGroupEgress", "ec2:DeleteSecurityGroup"], resources = [local.sg_arn], conditions = [{ test = "Null", variable = "aws:ResourceTag/ringfence:perimeter", values = ["false"] }, local.in_vpcs] },
       # EC2 authorizes this against every group of the new list, the foreign ones written back
-      # too, so a tag condition would refuse them; the code adds/removes only its own groups
-      { actions = ["ec2:ModifyNetworkInterfaceAttribute"], resources = ["arn:${local.partition}:ec2:${local.region}:${local.account}:network-interface/*", local.sg_arn] },
+      # too, so a tag condition would refuse them; the code adds/removes only its own groups.
+      # What holds here: interfaces and groups of the managed VPCs only
+      { actions = ["ec2:ModifyNetworkInterfaceAttribute"], resources = ["arn:${local.partition}:ec2:${local.region}:${local.account}:network-interface/*", local.sg_arn], conditions = [local.in_vpcs] },
       local.assume, local.kms_use,
     ]
     agentapi = [

@@ -98,6 +98,12 @@ variable "perimeter_config" {
   default     = {}
 }
 
+variable "perimeter_vpc_arns" {
+  description = "VPCs whose interfaces and groups the perimeter function may change (ARNs, wildcards allowed); null: every VPC of this account and Region. Narrow it to the VPCs perimeter_config manages."
+  type        = list(string)
+  default     = null
+}
+
 variable "perimeter_dry_run" {
   type    = bool
   default = true
@@ -111,4 +117,17 @@ variable "log_retention_days" {
 variable "tags" {
   type    = map(string)
   default = {}
+}
+
+variable "admin_roles" {
+  description = "IAM role/user ARN → its admin roles (policy-author, incident-responder, onboarding, reader). Only these principals may call the admin API (its resource policy); unbound callers are refused every action."
+  type        = map(list(string))
+  validation {
+    condition     = length(var.admin_roles) > 0
+    error_message = "admin_roles: name at least one admin principal (the admin API's resource policy allows only these)."
+  }
+  validation {
+    condition     = alltrue([for roles in values(var.admin_roles) : alltrue([for r in roles : contains(["policy-author", "incident-responder", "onboarding", "reader"], r)])])
+    error_message = "admin_roles: each role is one of policy-author, incident-responder, onboarding, reader."
+  }
 }

@@ -429,7 +429,7 @@ def cmd_serve_token(args: argparse.Namespace) -> int:
     from ringfence import serve
 
     try:
-        token, line = serve.new_admin_token(args.principal)
+        token, line = serve.new_admin_token(args.principal, args.role)
     except serve.ServeError as exc:
         raise CliError(str(exc)) from None
     path = Path(args.file)
@@ -619,7 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--admin-tokens",
         metavar="FILE",
-        help="enables the admin API: lines of principal:sha256(token) (see `ringfence serve-token`)",
+        help="enables the admin API: lines of principal:sha256(token):roles (see `ringfence serve-token`)",
     )
     p.add_argument("--tls-cert", metavar="PEM", help="TLS certificate chain (with --tls-key)")
     p.add_argument("--tls-key", metavar="PEM", help="TLS private key")
@@ -632,6 +632,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = add("serve-token", cmd_serve_token, help="mint an admin token for `ringfence serve --admin-tokens`")
     p.add_argument("principal", help="who holds it: recorded in the audit log with each admin action")
+    p.add_argument(
+        "--role",
+        action="append",
+        required=True,
+        choices=["policy-author", "incident-responder", "onboarding", "reader"],
+        help="an admin role the token holds (repeat for several): policy-author (provision, modes), "
+        "incident-responder (quarantine, release), onboarding (register, import, pairing keys), reader",
+    )
     p.add_argument("--file", required=True, help="the admin tokens file to append principal:sha256 to (mode 0600)")
 
     from ringfence import demo

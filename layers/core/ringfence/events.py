@@ -3,8 +3,9 @@
 Cloud events are *triggers*: they say which resource may have changed, never the whole truth.
 The ingest step re-describes the live resource, so a stale or reordered event cannot install
 old state. What an event does carry that is worth keeping is its time and, for ``aws.tag``
-events, the tag-set ``version`` (kept as a staleness hint: a lower version than one already
-seen is dropped before any describe call).
+events, the tag-set ``version`` (a hint only: a lower version than one already seen is counted,
+never trusted to skip the describe — a forged huge version would otherwise lock out every real
+change).
 
 This module is provider-neutral pydantic; it imports no cloud SDK. Handlers give it the SQS
 record's body (:func:`normalize_json`): the envelope and its detail are parsed once, here.

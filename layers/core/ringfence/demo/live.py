@@ -55,6 +55,7 @@ CP_ADDRESS = "10.254.0.1"  # the control plane's namespace on the lab bridge
 OPS, OPS_ADDRESS = "ops", "10.99.0.200"  # an operator's console in the admin range (no agent)
 SERVE_PORT = 8443
 ADMIN_PRINCIPAL = "demo-operator"
+ALL_ADMIN_ROLES = ["policy-author", "incident-responder", "onboarding"]  # the demo does all three
 # long-poll answers re-read the store this often (RINGFENCE_WAIT_POLL_INTERVAL; AWS default 1 s)
 WAIT_POLL_INTERVAL = "0.5"
 ENFORCE_TIMEOUT = 60.0
@@ -203,7 +204,7 @@ class Live:
     def _start_serve(self) -> None:
         from ringfence import serve
 
-        token, line = serve.new_admin_token(ADMIN_PRINCIPAL)
+        token, line = serve.new_admin_token(ADMIN_PRINCIPAL, ALL_ADMIN_ROLES)
         tokens = self.work / "admin-tokens"
         tokens.write_text(line + "\n")
         tokens.chmod(0o600)

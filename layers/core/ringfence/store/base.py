@@ -91,8 +91,10 @@ class Store(Protocol):
     # inventory
     def get(self, workload_id: str) -> InventoryRecord | None: ...
     def get_many(self, workload_ids: list[str]) -> dict[str, InventoryRecord]: ...
-    def observe(self, rec: InventoryRecord) -> bool:
-        """Write cloud fields unless a newer observation is stored; True if the cloud view changed."""
+    def observe(self, rec: InventoryRecord, *, release_terminating: bool = False) -> bool:
+        """Write cloud fields unless a newer observation is stored; True if the cloud view changed.
+        A stored ``terminating`` stays while the instance still runs, unless ``release_terminating``
+        (reconcile found it running and Auto Scaling not terminating it)."""
         ...
 
     def observe_many(self, recs: list[InventoryRecord]) -> set[str]:

@@ -92,11 +92,11 @@ class DynamoStore:
                 request = resp.get("UnprocessedKeys") or {}
         return out
 
-    def observe(self, rec: InventoryRecord) -> bool:
+    def observe(self, rec: InventoryRecord, *, release_terminating: bool = False) -> bool:
         old = self.get(rec.id)
         if old is not None and old.observed_at > rec.observed_at:
             return False
-        if old is not None and old.state == "terminating" and rec.state in ACTIVE_STATES:
+        if old is not None and old.state == "terminating" and rec.state in ACTIVE_STATES and not release_terminating:
             # a terminate lifecycle action was seen: the instance stays out of peers' sets while
             # it still runs in Terminating:Wait (termination is final, whatever the hook's result)
             rec = rec.model_copy(update={"state": "terminating"})

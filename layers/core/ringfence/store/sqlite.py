@@ -252,20 +252,20 @@ class SqliteStore:
         rows = self._db().execute(_SELECT_MANY, (json.dumps(sorted(set(workload_ids))),))
         return {rec.id: rec for rec in map(self._to_record, rows)}
 
-    def observe(self, rec: InventoryRecord) -> bool:
+    def observe(self, rec: InventoryRecord, *, release_terminating: bool = False) -> bool:
         with self._tx() as db:
-            return self._observe(db, rec)
+            return self._observe(db, rec, release_terminating)
 
     def observe_many(self, recs: list[InventoryRecord]) -> set[str]:
         with self._tx() as db:
             return {rec.id for rec in recs if self._observe(db, rec)}
 
-    def _observe(self, db: sqlite3.Connection, rec: InventoryRecord) -> bool:
+    def _observe(self, db: sqlite3.Connection, rec: InventoryRecord, release_terminating: bool = False) -> bool:
         row = db.execute(_SELECT_ONE, (rec.id,)).fetchone()
         old = self._to_record(row) if row else None
         if old is not None and old.observed_at > rec.observed_at:
             return False
-        if old is not None and old.state == "terminating" and rec.state in ACTIVE_STATES:
+        if old is not None and old.state == "terminating" and rec.state in ACTIVE_STATES and not release_terminating:
             # as DynamoStore: once a terminate lifecycle action is seen, termination is final
             rec = rec.model_copy(update={"state": "terminating"})
         tag_version = rec.tag_version

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ringfence.store.base import ACTIVE_STATES, InventoryRecord
+
 from . import clients, credentials, ec2
 from .wiring import Metric, Wiring, no_metric
 
@@ -16,6 +18,7 @@ class ReconcileResult:
     changed: list[str] = field(default_factory=list)
     gone: list[str] = field(default_factory=list)
     offline: list[str] = field(default_factory=list)
+    restored: list[str] = field(default_factory=list)  # a stale `terminating` cleared
 
 
 class Reconcile:
@@ -32,14 +35,28 @@ class Reconcile:
             client = clients.assumed_client("ec2", t.region, t.role_arn, "ringfence-reconcile")
             t0 = ec2.now()
             live_ids = set()
+            held: dict[str, InventoryRecord] = {}  # stored as terminating, running now
             for inst in ec2.all_instances(client):
                 res.seen += 1
                 live_ids.add(inst["InstanceId"])
                 rec = ec2.to_record(inst, t.account, t.region, t0, mapper)
+                old = records.get(rec.id)
+                if old is not None and old.state == "terminating" and rec.state in ACTIVE_STATES:
+                    held[rec.id] = rec
                 if self.w.store.observe(rec):
                     changed.add(inst["InstanceId"])
                     if rec.state == "terminated":
                         credentials.retire(self.w, rec.id, "instance terminated (reconcile)")
+            if held:
+                # a terminate that Auto Scaling is not (or no longer) carrying out — a forged or
+                # abandoned action — must not keep a running instance out of its peers' sets
+                asg = clients.assumed_client("autoscaling", t.region, t.role_arn, "ringfence-reconcile")
+                leaving = ec2.leaving_groups(asg, sorted(held))
+                for iid, rec in sorted(held.items()):
+                    if iid not in leaving and self.w.store.observe(rec, release_terminating=True):
+                        changed.add(iid)
+                        res.restored.append(iid)
+                        self.metric("StaleTerminatingCleared", 1)
             for rec in records.values():
                 w = rec.workload
                 mine = w.cloud == "aws" and w.account == t.account and w.region == t.region

@@ -148,6 +148,10 @@ class BaseWiring:
     def ec2_for(self, account: str, region: str) -> Any:
         raise NotImplementedError
 
+    def autoscaling_for(self, account: str, region: str) -> Any:
+        """The Auto Scaling client that confirms a terminate lifecycle action."""
+        raise NotImplementedError
+
     def enqueue_compute(
         self,
         ids: Iterable[str] = (),
@@ -229,6 +233,9 @@ class Wiring(BaseWiring):
 
     def ec2_for(self, account: str, region: str) -> Any:
         return clients.assumed_client("ec2", region, self.cfg.account_roles.get(account))
+
+    def autoscaling_for(self, account: str, region: str) -> Any:
+        return clients.assumed_client("autoscaling", region, self.cfg.account_roles.get(account))
 
     def wait_for_change(self, seconds: float) -> None:
         """Block until the store may hold something new, at most ``seconds``. Nothing in AWS tells
