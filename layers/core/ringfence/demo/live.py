@@ -53,8 +53,9 @@ CP_ADDRESS = "10.254.0.1"  # the control plane's namespace on the lab bridge
 OPS, OPS_ADDRESS = "ops", "10.99.0.200"  # an operator's console in the admin range (no agent)
 SERVE_PORT = 8443
 ADMIN_PRINCIPAL = "demo-operator"
-# long-poll answers re-read the store this often (RINGFENCE_WAIT_POLL_INTERVAL; AWS default 1 s)
-WAIT_POLL_INTERVAL = "0.5"
+# serve reads the engine head this often while agents wait, and wakes them when it moved
+# (RINGFENCE_WAIT_POLL_INTERVAL; AWS default 1 s): one read per interval for all waiting agents
+WAIT_POLL_INTERVAL = "0.1"
 ENFORCE_TIMEOUT = 60.0
 # a launch goes InService once the new instance's agent enforces (its first heartbeat), not once
 # its bundle is published (the AWS default, "publish")
