@@ -31,10 +31,18 @@ def test_a_waiter_wakes_when_the_head_moves_and_not_before() -> None:
     assert changes.wait(5)  # the watch's first look counts as a change (a read just before it)
     assert not changes.wait(0.3)  # nothing moved: the timeout
     got: dict[str, Any] = {}
-    t = threading.Thread(target=lambda: got.update(first=changes.wait(60), woke=changes.wait(60)))
+    first = threading.Event()
+
+    def waiter() -> None:
+        got["first"] = changes.wait(60)  # a new thread's first wait returns at once
+        first.set()
+        got["woke"] = changes.wait(60)
+
+    t = threading.Thread(target=waiter)
     t.start()
-    t.join(0.3)
-    assert t.is_alive() or got["first"]  # the new thread's first wait returns at once
+    assert first.wait(30) and got["first"] is True
+    t.join(0.5)
+    assert t.is_alive() and "woke" not in got  # the head did not move: still waiting
     head.value = 2
     t.join(30)
     assert not t.is_alive() and got["woke"] is True
