@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Hashable
 
 log = logging.getLogger("ringfence.aws")
@@ -25,12 +26,16 @@ class StoreChanges:
     """``wait(seconds)``: True once ``read()`` (e.g. the engine head) returned something else than
     at the previous look, or at once when it moved since this thread's last wait; False after
     ``seconds`` without a change. ``read`` is called from one background thread, at most every
-    ``interval`` seconds and only while someone waits; the first look after the thread starts
-    counts as a change (one more store read per waiter, never a missed change)."""
+    ``interval`` seconds and only while someone waits (or waited in the last ``linger`` seconds);
+    the first look after the thread starts counts as a change (one more store read per waiter,
+    never a missed change)."""
 
     def __init__(self, read: Callable[[], Hashable], interval: float) -> None:
         self.read = read
         self.interval = interval
+        # the watch outlives its last waiter this long: an agent's next long-poll follows its
+        # last at once, and a restarted watch costs every waiter one more store read
+        self.linger = max(1.0, 5 * interval)
         self._cond = threading.Condition()
         self._generation = 0
         self._waiters = 0
@@ -58,9 +63,14 @@ class StoreChanges:
             return changed
 
     def _watch(self) -> None:
+        idle_since: float | None = None
         while True:
             with self._cond:
-                if self._waiters == 0:
+                if self._waiters:
+                    idle_since = None
+                elif idle_since is None:
+                    idle_since = time.monotonic()
+                elif time.monotonic() - idle_since >= self.linger:
                     self._watcher = None  # the next waiter starts another
                     self._looked = False
                     return
@@ -81,5 +91,4 @@ class StoreChanges:
                         self._generation += 1
                         self._cond.notify_all()
                     self._last, self._looked = now, True
-            with self._cond:
-                self._cond.wait_for(lambda: self._waiters == 0, timeout=self.interval)
+            time.sleep(self.interval)
