@@ -77,8 +77,9 @@ class StoreChanges:
             try:
                 now = self.read()
             except Exception as exc:  # waiters re-read themselves (and meet the error), as without a watch
-                log.warning("reading the store for changes failed: %s", exc)
                 with self._cond:
+                    # lingering with nobody waiting (e.g. the store went away at shutdown): quietly
+                    (log.warning if self._waiters else log.debug)("reading the store for changes failed: %s", exc)
                     self._generation += 1
                     self._cond.notify_all()
                     self._looked = False
