@@ -56,8 +56,9 @@ OPS, OPS_ADDRESS = "ops", "10.99.0.200"  # an operator's console in the admin ra
 SERVE_PORT = 8443
 ADMIN_PRINCIPAL = "demo-operator"
 ALL_ADMIN_ROLES = ["policy-author", "incident-responder", "onboarding"]  # the demo does all three
-# long-poll answers re-read the store this often (RINGFENCE_WAIT_POLL_INTERVAL; AWS default 1 s)
-WAIT_POLL_INTERVAL = "0.5"
+# serve reads the engine head this often while agents wait, and wakes them when it moved
+# (RINGFENCE_WAIT_POLL_INTERVAL; AWS default 1 s): one read per interval for all waiting agents
+WAIT_POLL_INTERVAL = "0.1"
 ENFORCE_TIMEOUT = 60.0
 # a launch goes InService once the new instance's agent enforces (its first heartbeat), not once
 # its bundle is published (the AWS default, "publish")
@@ -538,9 +539,10 @@ class Live:
     ) -> dict[str, float]:
         """Where the time went. Cloud events: the router's timeline of the first event about a
         subject after t0 (event_delivery: change → PutEvents returned, the watcher's look
-        included; ingest: → the ingest/lifecycle handler finished; compute: → the compute handler
-        finished, publication included). An admin call (``answered``): the API call, then compute
-        and publication together. Then the last agent's ``last_sync``: push (→ its wait
+        included; ingest: → the ingest/lifecycle handler finished; perimeter, for a launch: → the
+        perimeter handler finished; compute: → the compute handler finished, publication
+        included). An admin call (``answered``): the API call, then compute and publication
+        together. Then the last agent's ``last_sync``: push (→ its wait
         answered), fetch, apply."""
         phases: dict[str, float] = {}
         # the events that led to enforcement (not those that followed it, e.g. InService)
@@ -557,9 +559,15 @@ class Live:
             if first.ingested:
                 phases["ingest"] = first.ingested - first.put
                 computed = [e.computed for e in entries if e.computed and e.computed <= enforced]
+                # a launch passes the perimeter handler between ingest and compute
+                fenced = [e.perimeter for e in entries if e.perimeter and e.perimeter <= enforced]
+                start = first.ingested
+                if fenced:
+                    phases["perimeter"] = max(0.0, max(fenced) - first.ingested)
+                    start = max(fenced)
                 if computed:
                     cloud_done = max(computed)
-                    phases["compute"] = max(0.0, cloud_done - first.ingested)
+                    phases["compute"] = max(0.0, cloud_done - start)
         elif answered is not None:
             phases["admin_api"] = answered - t0
             cloud_done = answered

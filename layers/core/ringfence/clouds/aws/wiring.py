@@ -19,6 +19,7 @@ from ringfence.store.base import (
 )
 
 from . import clients
+from .changes import StoreChanges
 from .publish import Publisher, S3Publisher
 
 log = logging.getLogger("ringfence.aws")
@@ -66,7 +67,8 @@ class Config:
     bundle_refresh_before: int = 4 * 86400
     nonce_ttl: int = 300
     # the agent API's long-poll (GET /v1/agents/{id}/wait): at most max_wait seconds per request
-    # (API Gateway ends a request at 29 s), re-reading the store every wait_poll_interval seconds
+    # (API Gateway ends a request at 29 s); while requests wait, one thread per process reads the
+    # engine head every wait_poll_interval seconds and wakes them when it moved (changes.py)
     max_wait: float = 25.0
     wait_poll_interval: float = 1.0
     # who releases a launch held by the lifecycle hook: "publish" (compute, once the bundle and
@@ -218,6 +220,7 @@ class Wiring(BaseWiring):
         )
         self.sqs = clients.client("sqs")
         self._signer: Any = None
+        self.changes = StoreChanges(self._head_mark, cfg.wait_poll_interval)
 
     @property
     def signer(self) -> Any:
@@ -239,8 +242,13 @@ class Wiring(BaseWiring):
 
     def wait_for_change(self, seconds: float) -> None:
         """Block until the store may hold something new, at most ``seconds``. Nothing in AWS tells
-        a running function of a change, so this sleeps one poll interval: the caller re-reads."""
-        time.sleep(max(0.0, min(seconds, self.cfg.wait_poll_interval)))
+        a running function of a change: the engine head, which every publication moves, is read
+        every poll interval for all waiters of this process at once."""
+        self.changes.wait(seconds)
+
+    def _head_mark(self) -> tuple[int, int, bool]:
+        head = self.store.head()
+        return head.revision, head.policy_version, head.clean
 
     def send_compute(self, message: dict[str, Any]) -> None:
         ids = message["ids"]
