@@ -81,6 +81,7 @@ class AgentApi:
             except Exception:  # not published yet (no computation so far): nothing to offer
                 return ""
         return self._public_keys
+
     @staticmethod
     def _key_id(pem: str | None) -> str | None:
         return credentials.agent_key_id(pem) if pem else None
