@@ -249,8 +249,8 @@ def test_attack_websocket_connect_with_a_replaced_token_is_refused(env: Env) -> 
     def connect(token: str, conn: str) -> int:
         event = {
             "requestContext": {"routeKey": "$connect", "connectionId": conn, "eventType": "CONNECT", "stage": "v1"},
-            "queryStringParameters": {"token": token},
-            "headers": {},
+            "queryStringParameters": None,
+            "headers": {"Authorization": f"Bearer {token}"},
             "isBase64Encoded": False,
         }
         return int(env.fn["wsconnect"].handler(event, _ctx())["statusCode"])
