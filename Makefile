@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: lock demo test lint typecheck unit bench clean sysdeps static-aws bench-aws openapi
+.PHONY: lock demo test lint typecheck unit bench clean sysdeps static-aws bench-aws openapi agent-artifact
 
 # checkov pins heavy dependencies that fight moto/boto3: it lives in its own venv
 CHECKOV_VENV := .venv-checkov
@@ -80,6 +80,10 @@ static-aws: $(STAMP) $(CHECKOV_STAMP)
 	  else echo "terraform not installed: skipping terraform fmt -check"; fi
 
 test: lint typecheck static-aws unit
+
+# the agent alone, hash-pinned, for install.sh (docs/agent.md, Install)
+agent-artifact: $(STAMP)
+	$(BIN)/python agent/packaging/build_artifact.py build/agent
 
 bench-aws: $(STAMP)
 	$(BIN)/python -m tests.aws.bench_storm --instances 500

@@ -153,8 +153,8 @@ ODD_VALUES: list[Any] = [
     "icmpv6",
     "any ",
     "ed25519",
-    "ringfence.bundle/v1",
-    "ringfence.delta/v1",
+    "ringfence.bundle/v2",
+    "ringfence.delta/v2",
     "10.0.0.0/8",
     [],
     [1],
@@ -453,13 +453,13 @@ def test_spans_groupable(spans: list[tuple[str, int, int]], groupable: bool) -> 
 
 
 def test_errors_name_the_field() -> None:
-    with pytest.raises(wire.BundleError, match=r"ringfence.bundle/v1 document: workload_id: Field required"):
-        wire.load_bundle('{"format": "ringfence.bundle/v1", "version": 1}')
+    with pytest.raises(wire.BundleError, match=r"ringfence.bundle/v2 document: workload_id: Field required"):
+        wire.load_bundle('{"format": "ringfence.bundle/v2", "version": 1}')
     doc = json.loads(BUNDLES[0].read_text())
     doc["inbound"][0]["services"][0]["proto"] = "sctp"
     with pytest.raises(wire.BundleError, match=r"inbound\.0\.services\.0\.proto: Input should be 'tcp'"):
         wire.load_bundle(json.dumps(doc))
-    with pytest.raises(wire.BundleError, match=r"^not a valid ringfence.delta/v1 document: extra: Extra inputs"):
+    with pytest.raises(wire.BundleError, match=r"^not a valid ringfence.delta/v2 document: extra: Extra inputs"):
         wire.load_delta('{"set":"s","from_version":1,"to_version":2,"extra":1}')
 
 

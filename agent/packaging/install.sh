@@ -1,8 +1,16 @@
 #!/bin/sh
 # Install and start the Ringfence agent. Idempotent; POSIX sh; needs root.
 #
-#   curl -fsSL https://<your-control-plane>/agent/install.sh | sh -s -- \
-#     --api-url https://rf.example.com --pairing-key KEY --public-key-url https://rf.example.com/agent/signing-key.pem
+#   curl --proto '=https' --tlsv1.2 -fsSL https://<your-control-plane>/agent/install.sh -o install.sh
+#   sh install.sh --api-url https://rf.example.com --pairing-key KEY \
+#     --artifact-url https://rf.example.com/agent/ringfence_agent-0.1.0-py3-none-any.whl \
+#     --artifact-sha256 <the .sha256 `make agent-artifact` wrote> \
+#     --public-key-url https://rf.example.com/agent/signing-key.pem
+#
+# The agent comes from the artifact the stack publishes (`make agent-artifact`: a wheel of the
+# agent alone, no dependencies) and nowhere else: it is refused unless its SHA-256 is the one
+# given, and installed with pip --no-index (no package index is ever asked, so no package that
+# merely shares our name can be installed as root). Every download is HTTPS only.
 #
 # Options (or the same names as environment variables RF_API_URL, RF_PAIRING_KEY, ...):
 #   --api-url URL           control-plane agent API (enrolls with --pairing-key)
@@ -10,14 +18,18 @@
 #   --pairing-key KEY       on-premise pairing key (use limit + expiry set by the operator);
 #                           without one, an --api-url agent enrolls with the EC2 identity document
 #   --public-key-file PATH  the pinned bundle signing key (PEM) ...
-#   --public-key-url URL    ... or where to fetch it (pin it in your image instead when you can)
+#   --public-key-url URL    ... or where to fetch it, https:// (pin it in your image instead when you can)
+#   --artifact-url URL      the agent wheel, https:// ...
+#   --artifact-file PATH    ... or a copy of it already on the host (a golden image build)
+#   --artifact-sha256 HEX   its SHA-256 (required): anything else is refused before it is installed
 #   --workload-id ID        default: the EC2 instance id from IMDSv2, else the hostname
 #   --admin-cidr CIDR       local fail-safe admin range (repeatable)
-#   --package SPEC          pip requirement for the agent (default: ringfence)
 set -eu
 API_URL="${RF_API_URL:-}"; SOURCE="${RF_SOURCE:-}"; PAIRING_KEY="${RF_PAIRING_KEY:-}"
 PUBKEY_FILE="${RF_PUBLIC_KEY_FILE:-}"; PUBKEY_URL="${RF_PUBLIC_KEY_URL:-}"
-WORKLOAD_ID="${RF_WORKLOAD_ID:-}"; PACKAGE="${RF_PACKAGE:-ringfence}"; ADMIN_CIDRS=""
+WORKLOAD_ID="${RF_WORKLOAD_ID:-}"; ADMIN_CIDRS=""
+ARTIFACT_URL="${RF_ARTIFACT_URL:-}"; ARTIFACT_FILE="${RF_ARTIFACT_FILE:-}"; ARTIFACT_SHA256="${RF_ARTIFACT_SHA256:-}"
+PREFIX=/opt/ringfence-agent
 while [ $# -gt 0 ]; do
   case "$1" in
     --api-url) API_URL="$2"; shift 2 ;;
@@ -27,7 +39,9 @@ while [ $# -gt 0 ]; do
     --public-key-url) PUBKEY_URL="$2"; shift 2 ;;
     --workload-id) WORKLOAD_ID="$2"; shift 2 ;;
     --admin-cidr) ADMIN_CIDRS="$ADMIN_CIDRS $2"; shift 2 ;;
-    --package) PACKAGE="$2"; shift 2 ;;
+    --artifact-url) ARTIFACT_URL="$2"; shift 2 ;;
+    --artifact-file) ARTIFACT_FILE="$2"; shift 2 ;;
+    --artifact-sha256) ARTIFACT_SHA256="$2"; shift 2 ;;
     *) echo "install.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -40,8 +54,38 @@ if ! command -v nft >/dev/null 2>&1; then
   elif command -v yum >/dev/null; then yum install -y -q nftables python3 conntrack-tools
   fi
 fi
-python3 -m venv /opt/ringfence-agent
-/opt/ringfence-agent/bin/pip install -q --upgrade "$PACKAGE"
+# --- artifact: fetch (HTTPS only) or take the local copy, check its digest, install it offline
+case "$ARTIFACT_SHA256" in
+  *[!0-9a-f]*|"") echo "install.sh: --artifact-sha256 must be the artifact's SHA-256 (64 lower-case hex digits)" >&2; exit 2 ;;
+esac
+[ "${#ARTIFACT_SHA256}" -eq 64 ] || { echo "install.sh: --artifact-sha256 must be 64 hex digits" >&2; exit 2; }
+ARTIFACT_DIR=$(mktemp -d)
+trap 'rm -rf "$ARTIFACT_DIR"' EXIT
+if [ -n "$ARTIFACT_URL" ]; then
+  case "$ARTIFACT_URL" in
+    https://*) ;;
+    *) echo "install.sh: --artifact-url must be https:// (got $ARTIFACT_URL)" >&2; exit 2 ;;
+  esac
+  ARTIFACT="$ARTIFACT_DIR/$(basename "${ARTIFACT_URL%%\?*}")"
+  curl --proto '=https' --tlsv1.2 -fsS -m 120 -o "$ARTIFACT" "$ARTIFACT_URL"
+elif [ -n "$ARTIFACT_FILE" ]; then
+  ARTIFACT="$ARTIFACT_DIR/$(basename "$ARTIFACT_FILE")"
+  cp "$ARTIFACT_FILE" "$ARTIFACT"  # the copy checked is the copy installed
+else
+  echo "install.sh: give --artifact-url or --artifact-file (and --artifact-sha256)" >&2; exit 2
+fi
+case "$ARTIFACT" in
+  *.whl) ;;
+  *) echo "install.sh: the artifact is a wheel (.whl), not $(basename "$ARTIFACT")" >&2; exit 2 ;;
+esac
+GOT=$(python3 -c 'import hashlib, sys; print(hashlib.file_digest(open(sys.argv[1], "rb"), "sha256").hexdigest())' "$ARTIFACT")
+if [ "$GOT" != "$ARTIFACT_SHA256" ]; then
+  echo "install.sh: $(basename "$ARTIFACT") has SHA-256 $GOT, not $ARTIFACT_SHA256: refused, nothing installed" >&2
+  exit 3
+fi
+python3 -m venv "$PREFIX"
+"$PREFIX/bin/pip" install -q --no-index --no-deps --force-reinstall "$ARTIFACT"
+# --- end artifact
 
 install -d -m 0755 /etc/ringfence
 if [ -z "$WORKLOAD_ID" ]; then
@@ -50,29 +94,35 @@ if [ -z "$WORKLOAD_ID" ]; then
   [ -n "$WORKLOAD_ID" ] || WORKLOAD_ID=$(hostname)
 fi
 if [ -n "$PUBKEY_FILE" ]; then install -m 0644 "$PUBKEY_FILE" /etc/ringfence/signing-key.pem
-elif [ -n "$PUBKEY_URL" ]; then curl -fsS -m 10 -o /etc/ringfence/signing-key.pem "$PUBKEY_URL"
+elif [ -n "$PUBKEY_URL" ]; then
+  case "$PUBKEY_URL" in https://*) ;; *) echo "install.sh: --public-key-url must be https://" >&2; exit 2 ;; esac
+  curl --proto '=https' --tlsv1.2 -fsS -m 10 -o /etc/ringfence/signing-key.pem "$PUBKEY_URL"
 elif [ ! -f /etc/ringfence/signing-key.pem ]; then echo "install.sh: no pinned key (--public-key-file or --public-key-url)" >&2; exit 2
 fi
 
 umask 077
+# JSON: the agent reads it with the standard library (a YAML config would need PyYAML beside it)
+json_str() { printf '"%s"' "$(printf '%s' "$1" | sed 's/\\/\\\\/g; s/"/\\"/g')"; }
 {
-  echo "workload_id: \"$WORKLOAD_ID\""
-  echo "public_key: /etc/ringfence/signing-key.pem"
-  echo "state_dir: /var/lib/ringfence-agent"
-  echo "backend: nftables"
+  echo "{"
+  printf '  "workload_id": %s,\n' "$(json_str "$WORKLOAD_ID")"  # printf: sh's echo eats backslashes
+  echo '  "public_key": "/etc/ringfence/signing-key.pem",'
+  echo '  "state_dir": "/var/lib/ringfence-agent",'
+  echo '  "backend": "nftables",'
   if [ -n "$API_URL" ]; then
-    echo "api_url: \"$API_URL\""
+    printf '  "api_url": %s,\n' "$(json_str "$API_URL")"
     if [ -n "$PAIRING_KEY" ]; then
-      echo "enroll: {method: pairing, pairing_key_file: /etc/ringfence/pairing-key}"
+      echo '  "enroll": {"method": "pairing", "pairing_key_file": "/etc/ringfence/pairing-key"},'
     else
-      echo "enroll: {method: aws-iid}"  # EC2: the instance identity document proves who we are
+      echo '  "enroll": {"method": "aws-iid"},'  # EC2: the instance identity document proves who we are
     fi
   else
-    echo "source: \"$SOURCE\""
+    printf '  "source": %s,\n' "$(json_str "$SOURCE")"
   fi
-  printf 'admin_cidrs: ['; first=1
-  for c in $ADMIN_CIDRS; do [ $first = 1 ] || printf ', '; printf '"%s"' "$c"; first=0; done; echo ']'
-} > /etc/ringfence/agent.yaml
+  printf '  "admin_cidrs": ['; first=1
+  for c in $ADMIN_CIDRS; do [ $first = 1 ] || printf ', '; json_str "$c"; first=0; done; echo ']'
+  echo "}"
+} > /etc/ringfence/agent.json
 [ -n "$PAIRING_KEY" ] && printf '%s\n' "$PAIRING_KEY" > /etc/ringfence/pairing-key
 
 # the unit below is a copy of agent/packaging/ringfence-agent.service (a test keeps them equal)
@@ -91,7 +141,7 @@ Conflicts=shutdown.target
 
 [Service]
 Type=simple
-ExecStart=/opt/ringfence-agent/bin/ringfence-agent run --config /etc/ringfence/agent.yaml
+ExecStart=/opt/ringfence-agent/bin/ringfence-agent run --config /etc/ringfence/agent.json
 Restart=always
 RestartSec=2
 # the agent re-applies its last known good on every start, before it contacts anyone

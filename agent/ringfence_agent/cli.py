@@ -36,7 +36,7 @@ def _local(args: argparse.Namespace) -> LocalFailsafes:
 
 
 def _agent(args: argparse.Namespace) -> Agent:
-    verifier = Verifier.from_file(Path(args.public_key))
+    verifier = Verifier.from_file(Path(args.public_key), args.revoked_key or ())
     state = StateDir(Path(args.state_dir))
     cutter = session_cutter(args.backend, not args.keep_open_connections)
     return Agent(args.workload_id, verifier, make_backend(args.backend), state, _local(args), sessions=cutter)
@@ -102,6 +102,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         "posture": None if lost or bundle is not None else posture,
         "kernel_programmed": kernel,
         "quarantined": bundle.quarantined if bundle else None,
+        "expires_at": bundle.expires_at if bundle else None,
+        # the enforced bundle expired without a refresh: still enforced (never fails open)
+        "stale": bundle is not None and (bundle.expires_at is None or bundle.expires_at <= time.time()),
         "deltas_applied": len(deltas),
         "last_contact": status.get("last_contact"),
         "last_error": status.get("last_error"),
@@ -183,7 +186,10 @@ def _common(p: argparse.ArgumentParser, key: bool = True) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="nftables")
     p.add_argument("--state-dir", default=str(DEFAULT_STATE))
     if key:
-        p.add_argument("--public-key", required=True, help="pinned Ed25519 public key (PEM)")
+        p.add_argument(
+            "--public-key", required=True, help="the pinned key set: one or more Ed25519 public keys (PEM, one file)"
+        )
+        p.add_argument("--revoked-key", action="append", help="a key id refused even if pinned (repeatable)")
         p.add_argument(
             "--workload-id", help="this agent's workload id (default: pinned in the state dir by the first apply)"
         )

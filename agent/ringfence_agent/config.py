@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from ringfence_agent.plan import LocalFailsafes, parse_port_spec, split_cidrs
+from ringfence_agent.plan import LocalFailsafes, bounded_cidrs, parse_port_spec, split_cidrs
 
 
 class ConfigError(ValueError):
@@ -80,6 +80,7 @@ _ENROLLMENT_TYPES: dict[str, tuple[str, tuple[str, ...], bool]] = {
 _CONFIG_TYPES: dict[str, tuple[str, tuple[str, ...], bool]] = {
     "workload_id": _required("str"),
     "public_key": _required("path"),
+    "revoked_keys": _required("str-list"),
     "state_dir": _required("path"),
     "backend": _required("literal", "nftables", "iptables", "windows-plan", "dry-run"),
     "api_url": _optional("str"),
@@ -103,6 +104,9 @@ _CONFIG_TYPES: dict[str, tuple[str, tuple[str, ...], bool]] = {
     "max_buffered_records": _required("int"),
     "max_spool_bytes": _required("int"),
     "max_bundle_bytes": _required("int"),
+    "max_answer_bytes": _required("int"),
+    "insecure_http_lab_only": _required("bool"),
+    "tls_ca_file": _optional("path"),
 }
 
 _RANGES: dict[str, tuple[float, float | None]] = {
@@ -117,6 +121,7 @@ _RANGES: dict[str, tuple[float, float | None]] = {
     "max_buffered_records": (10, 1_000_000),
     "max_spool_bytes": (4096, None),
     "max_bundle_bytes": (65536, None),
+    "max_answer_bytes": (4096, None),
 }
 
 
@@ -146,15 +151,20 @@ class AgentConfig:
     """See docs/agent.md (configuration reference)."""
 
     workload_id: str
-    public_key: Path  # pinned Ed25519 public key (PEM) bundles must verify against
+    # the pinned key set: one or more Ed25519 public keys (PEM blocks in one file); a bundle or
+    # delta must be signed by one of them, named by its key id (docs/bundle.md, Keys and rotation)
+    public_key: Path
+    revoked_keys: list[str] = field(default_factory=list)  # key ids refused even if still in the file
     state_dir: Path = Path("/var/lib/ringfence-agent")
     backend: Literal["nftables", "iptables", "windows-plan", "dry-run"] = "nftables"
-    api_url: str | None = None  # control-plane agent API base URL (http/https)
+    api_url: str | None = None  # control-plane agent API base URL (https; http only to loopback)
     source: str | None = None  # static source: a directory or an http(s) base URL
     enroll: Enrollment | None = None
     # local fail-safes: merged with the bundle's, never removable by a bundle
     admin_cidrs: list[str] = field(default_factory=list)
-    admin_ports: list[str] = field(default_factory=lambda: ["tcp/22", "tcp/3389"])
+    # added to the bundle's admin ports (none by default: the policy's are the host's); with no
+    # bundle yet (boot posture) and none here, tcp/22 and tcp/3389 (the policy language's default)
+    admin_ports: list[str] = field(default_factory=list)
     dns_resolvers: list[str] = field(default_factory=list)
     control_plane: list[str] = field(default_factory=list)  # addresses/CIDRs of the control plane
     metadata_endpoint: bool = True  # allow 169.254.169.254 and fd00:ec2::254 (tcp/80, udp/tcp 53, udp/123)
@@ -175,7 +185,16 @@ class AgentConfig:
     request_timeout: float = 10.0
     max_buffered_records: int = 10_000
     max_spool_bytes: int = 4 * 1024 * 1024
-    max_bundle_bytes: int = 64 * 1024 * 1024  # largest bundle body accepted (a static delta: a quarter)
+    # largest bundle body accepted (and agent-API deltas answer; a static delta: a quarter). Parsing
+    # costs ~6x the body in memory: 16 MiB ≈ 800,000 addresses (docs/agent.md, "Failure handling")
+    max_bundle_bytes: int = 16 * 1024 * 1024
+    max_answer_bytes: int = 256 * 1024  # the agent API's small answers: nonce, enroll, wait, heartbeat
+    # api_url over plain http to a non-loopback address: only in a lab (the bearer token and
+    # enrollment proofs travel in the clear); the daemon says so loudly at start
+    insecure_http_lab_only: bool = False
+    # the CA certificates (PEM) that the control plane's certificate must chain to, instead of the
+    # system's: a private CA (on premise, a lab). None: the system's trust store
+    tls_ca_file: Path | None = None
 
     def __post_init__(self) -> None:
         _validate_types(self, _CONFIG_TYPES, "")
@@ -191,14 +210,27 @@ class AgentConfig:
                     split_cidrs([x], name)  # what compile_plan accepts (no IPv6 scope ids, ASCII only)
                 except ValueError as exc:
                     raise _Invalid(name, f"{x!r} is not an address or CIDR: {exc}") from None
+                if name != "dns_resolvers":
+                    try:
+                        bounded_cidrs([x], name)  # a local fail-safe is bounded as the policy's are
+                    except ValueError as exc:
+                        raise _Invalid(name, str(exc)) from None
         for x in self.admin_ports:
             try:
                 parse_port_spec(x)
             except ValueError as exc:
                 raise _Invalid("admin_ports", str(exc)) from None
         if self.api_url is not None:
-            if urlparse(self.api_url).scheme not in ("http", "https"):
-                raise _Invalid("api_url", "api_url must be an http:// or https:// URL")
+            url = urlparse(self.api_url)
+            if url.scheme not in ("http", "https"):
+                raise _Invalid("api_url", "api_url must be an https:// URL (http:// only to loopback)")
+            if url.scheme == "http" and not is_loopback_host(url.hostname) and not self.insecure_http_lab_only:
+                raise _Invalid(
+                    "api_url",
+                    f"{self.api_url!r} is plain http to a non-loopback host: the bearer token and enrollment "
+                    "proofs would cross the network in the clear. Use https:// (http:// only to 127.0.0.0/8, "
+                    "::1 or localhost; a lab may set insecure_http_lab_only: true)",
+                )
             object.__setattr__(self, "api_url", self.api_url.rstrip("/"))
         if (self.api_url is None) == (self.source is None):
             raise _Invalid("(top level)", "set exactly one of api_url (control plane) or source (static directory/URL)")
@@ -236,6 +268,20 @@ class AgentConfig:
                     out.append(host)
         return out
 
+    def control_ports(self) -> tuple[str, ...]:
+        """The control plane's port(s): those of ``api_url`` / an http(s) ``source`` (443 for
+        https, 80 for http when the URL names none); none for a directory source (then tcp/443)."""
+        out = []
+        for url in (self.api_url, self.source):
+            if url and url.startswith(("http://", "https://")):
+                parsed = urlparse(url)
+                try:
+                    port = parsed.port
+                except ValueError:
+                    port = None
+                out.append(f"tcp/{port or (443 if parsed.scheme == 'https' else 80)}")
+        return tuple(dict.fromkeys(out))
+
     def local_failsafes(self) -> LocalFailsafes:
         cp = list(self.control_plane)
         for url in (self.api_url, self.source):
@@ -249,9 +295,22 @@ class AgentConfig:
             admin_ports=tuple(self.admin_ports),
             dns_resolvers=tuple(self.dns_resolvers),
             control_plane=tuple(dict.fromkeys(cp)),
+            control_ports=self.control_ports(),
             metadata=self.metadata_endpoint,
             dhcp=self.dhcp,
         )
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1): traffic that never leaves the host."""
+    if host is None:
+        return False
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def _validate_types(obj: object, types: dict[str, tuple[str, tuple[str, ...], bool]], prefix: str) -> None:
@@ -294,8 +353,8 @@ def load_config(path: Path) -> AgentConfig:
         raise ConfigError(f"{path}: invalid configuration\n  {exc.loc}: {exc.msg}") from None
     base = path.parent
     updates = {}
-    for name in ("public_key", "state_dir"):
+    for name in ("public_key", "state_dir", "tls_ca_file"):
         p = getattr(cfg, name)
-        if not p.is_absolute():
+        if p is not None and not p.is_absolute():
             updates[name] = (base / p).resolve()
     return dataclasses.replace(cfg, **updates) if updates else cfg

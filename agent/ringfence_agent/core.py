@@ -20,10 +20,12 @@ from ringfence.bundlewire import (
     SetDelta,
     Verifier,
     check_acceptable,
+    check_fresh,
     same_firewall,
 )
 from ringfence_agent.backends import ApplyError, Backend, ElementChange
 from ringfence_agent.plan import (
+    POSTURE_ADMIN_PORTS,
     LocalFailsafes,
     Plan,
     PlanError,
@@ -127,6 +129,10 @@ def describe_change(old: Bundle | None, new: Bundle) -> list[str]:
     return lines
 
 
+def _utc(t: float | None) -> str:
+    return "-" if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
 class Agent:
     def __init__(
         self,
@@ -144,6 +150,9 @@ class Agent:
         self.backend = backend
         self.state = state
         self.local = local
+        # the control plane as configured (addresses in the config and the URL); follow_control_plane
+        # adds those its host name resolves to
+        self.configured_control_plane = local.control_plane
         self.log = log
         # cuts the open connections a new plan no longer admits (None: the backend programs no
         # kernel here, or the operator turned it off)
@@ -176,6 +185,12 @@ class Agent:
     @property
     def revision(self) -> int | None:
         return applied_revision(self.bundle, self.deltas)
+
+    def stale(self, now: float | None = None) -> bool:
+        """The enforced bundle has expired without a refresh. The agent keeps enforcing it (never
+        fails open; docs/bundle.md, Expiry) and says so in its status and heartbeat."""
+        b = self.bundle
+        return b is not None and (b.expires_at is None or b.expires_at <= (time.time() if now is None else now))
 
     def effective(self) -> Bundle | None:
         with self._lock:
@@ -290,10 +305,11 @@ class Agent:
 
     # --- whole bundles -----------------------------------------------------------------------
 
-    def apply_bundle(self, new: Bundle) -> Result:
+    def apply_bundle(self, new: Bundle, now: float | None = None) -> Result:
         what = f"bundle for {new.workload_id!r} version {new.version}"
         try:
             self.verifier.verify(new)
+            check_fresh(new, time.time() if now is None else now)
             if self.workload_id is None:
                 self.workload_id = new.workload_id  # first bundle pins the identity (documented)
             check_acceptable(new, self.workload_id, self.revision, self.effective())
@@ -304,11 +320,17 @@ class Agent:
         same_local = self.state.read_json("status.json").get("local_failsafes") == self._local_key()
         unchanged = current is not None and new.version == self.revision and same_local and same_firewall(new, current)
         if unchanged and self.kernel_holds(new.mode.value):  # flushed or lost since: applied again
-            if self.deltas:  # the same firewall, now as one bundle: the delta chain can go
+            # the same firewall, now as one bundle (the delta chain can go), or re-signed with a
+            # later expiry (compute's refresh): kept as the last known good, nothing re-applied
+            refreshed = self.bundle is not None and (new.expires_at or 0) > (self.bundle.expires_at or 0)
+            if self.deltas or refreshed:
                 self.state.save_applied(new, [])
                 with self._lock:
                     self.bundle, self.deltas = new, []
                     self._reset_cache(plan)  # compiled from ``new``: the same firewall, current sets
+                self.state.update_status(expires_at=new.expires_at)
+            if refreshed:
+                return Result(False, [f"bundle version {new.version} refreshed: valid until {_utc(new.expires_at)}"])
             return Result(False, [f"bundle version {new.version} is already applied: no change"])
         old = self.effective()
         try:
@@ -326,6 +348,7 @@ class Agent:
             applied_version=new.version,
             mode=new.mode.value,
             applied_at=time.time(),
+            expires_at=new.expires_at,
             last_error=None,
             local_failsafes=self._local_key(),
             posture=None,
@@ -545,16 +568,52 @@ class Agent:
             applied_at=time.time(),
             local_failsafes=self._local_key(),
             posture=None,
+            expires_at=self.bundle.expires_at,
             incr={"lkg_reapplied": 1},
         )
         lines = [f"re-applied last known good: {eff.workload_id} revision {self.revision}, mode {eff.mode.value}"]
         return Result(True, lines + self.cut_sessions(plan))
 
+    def follow_control_plane(self, addresses: tuple[str, ...], apply: bool = True) -> Result:
+        """The control plane's addresses resolved from its host name (API Gateway's change over
+        time): the control-plane fail-safe becomes the configured ones plus ``addresses``. A
+        change re-applies what is enforced (the bundle, or the boot posture) with them; open
+        connections survive it (established flows pass first). ``apply`` False: only remembered,
+        for the first apply (before the last known good is re-applied)."""
+        with self._lock:
+            wanted = tuple(dict.fromkeys((*self.configured_control_plane, *addresses)))
+            if wanted == self.local.control_plane:
+                return Result(False)
+            before, self.local = self.local, replace(self.local, control_plane=wanted)
+            eff = self.effective()
+        if not apply:
+            return Result(False)
+        try:
+            if eff is not None:
+                plan = compile_plan(eff, self.local)
+                self._apply(plan)
+                with self._lock:
+                    self.plan, self._stale = plan, set()
+                self.state.update_status(local_failsafes=self._local_key())
+            elif self._kernel_plan is not None:  # the boot posture: held again with them
+                self.hold_failsafe_posture()
+            else:
+                return Result(False)
+        except (ApplyError, PlanError):
+            with self._lock:
+                self.local = before  # not in the kernel: the next call tries again
+            raise
+        return Result(True, [f"control-plane fail-safe now admits {', '.join(wanted) or 'nothing'}"])
+
     def hold_failsafe_posture(self, control_plane: tuple[str, ...] = ()) -> Result:
         """Fail-safes plus default deny, until a verified bundle applies: what a host enforces
         with no usable last known good (none yet, or set aside). ``control_plane``: addresses
         of the control plane resolved at start (a URL with a name), so that it stays reachable."""
-        local = replace(self.local, control_plane=tuple(dict.fromkeys((*self.local.control_plane, *control_plane))))
+        local = replace(
+            self.local,
+            control_plane=tuple(dict.fromkeys((*self.local.control_plane, *control_plane))),
+            admin_ports=self.local.admin_ports or POSTURE_ADMIN_PORTS,
+        )
         plan = Plan(
             workload_id=self.workload_id or "-",
             version=0,

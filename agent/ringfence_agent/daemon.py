@@ -28,6 +28,7 @@ from ringfence_agent import enroll
 from ringfence_agent.backends import ApplyError, make_backend
 from ringfence_agent.config import AgentConfig
 from ringfence_agent.core import Agent, Rejected
+from ringfence_agent.plan import PlanError
 from ringfence_agent.reports import (
     BoundedBuffer,
     DropCollector,
@@ -42,10 +43,13 @@ from ringfence_agent.reports import (
     summarize_flows,
 )
 from ringfence_agent.sessions import session_cutter
-from ringfence_agent.sources import ApiSource, Source, SourceError, StaticSource, Unreachable
+from ringfence_agent.sources import ApiSource, Source, SourceError, StaticSource, Unreachable, tls_context
 from ringfence_agent.state import StateDir
 
 T = TypeVar("T")
+
+CONTROL_PLANE_RETAIN_S = 24 * 3600.0  # how long an address the control plane's name resolved to stays admitted
+CONTROL_PLANE_MAX = 64  # at most this many of them (the newest)
 
 
 def log(msg: str) -> None:
@@ -68,6 +72,15 @@ def _where(exc: BaseException) -> str:
     return f" (raised in {os.path.basename(f.filename)}:{f.lineno}, {f.name})"
 
 
+# fetch the bundle when the enforced one expires within this many seconds (compute re-signs
+# bundles well before: docs/bundle.md, Expiry)
+REFRESH_BEFORE = 2 * 86400
+
+
+def _utc(t: float | None) -> str:
+    return "-" if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
 def backoff_delay(failures: int, cap: float, rng: random.Random) -> float:
     """Full-jitter exponential backoff: uniform(0.5, 1) × min(cap, 2^failures) seconds."""
     base = min(cap, float(2 ** min(failures, 30)))
@@ -79,7 +92,7 @@ class Daemon:
         self.cfg = cfg
         self.state = StateDir(cfg.state_dir)
         self.state.ensure()
-        self.verifier = Verifier.from_file(cfg.public_key)
+        self.verifier = Verifier.from_file(cfg.public_key, cfg.revoked_keys)
         self.backend = make_backend(cfg.backend)
         self.agent = Agent(
             cfg.workload_id,
@@ -106,7 +119,9 @@ class Daemon:
         self.contact_error = ""
         self.source: Source = self._source()
         self._woke = time.time()  # when the last wait answered (the push arrived)
+        self._cp_seen: dict[str, float] = {}  # control-plane address → when its name last resolved to it
         self._fetch_s = self._apply_s = 0.0
+        self._refresh_tried = 0.0  # when the bundle was last fetched because its expiry is near
 
     def _source(self) -> Source:
         cfg = self.cfg
@@ -126,6 +141,8 @@ class Daemon:
                 cfg.request_timeout,
                 cfg.wait_timeout,
                 cfg.max_bundle_bytes,
+                cfg.max_answer_bytes,
+                tls_context(cfg.tls_ca_file),
             )
         assert cfg.source is not None
         return StaticSource(
@@ -135,6 +152,7 @@ class Daemon:
             cfg.request_timeout,
             verify=self.verifier.verify,
             max_bundle_bytes=cfg.max_bundle_bytes,
+            tls=tls_context(cfg.tls_ca_file),
         )
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -153,6 +171,11 @@ class Daemon:
             daemon={"pid": os.getpid(), "started": time.time(), "source": self.source.kind},
             flows_source=self.flow_source.kind,
         )
+        if self.cfg.insecure_http_lab_only and (self.cfg.api_url or "").startswith("http://"):
+            log(
+                f"WARNING: insecure_http_lab_only: api_url {self.cfg.api_url} is plain http; the bearer token "
+                "and enrollment proofs cross the network in the clear (a lab setting, never production)"
+            )
         if self.flow_source.kind == "unavailable":
             log("no /proc/net/nf_conntrack and no conntrack tool: flow reports are disabled (drops still reported)")
         self.start_enforcing()
@@ -228,7 +251,10 @@ class Daemon:
 
     def start_enforcing(self) -> None:
         """Re-apply the last known good before any contact; without one (none yet, or set aside
-        as unusable) hold the boot posture until a verified bundle applies."""
+        as unusable) hold the boot posture until a verified bundle applies. Either admits the
+        control plane's addresses, resolved first."""
+        if self.cfg.source_hosts():
+            self.follow_control_plane(apply=False)
         try:
             for line in self.agent.reapply_last_known_good().lines:
                 log(line)
@@ -246,6 +272,29 @@ class Daemon:
                 self.last_message = f"fail-safe posture not applied: {exc}"
                 log(self.last_message)
         release_memory()
+
+    def follow_control_plane(self, apply: bool = True) -> None:
+        """Re-resolve the control plane's host name (every sync, before any fetch and apply) and
+        let the control-plane fail-safe follow it: API Gateway's addresses change, and a bundle
+        must never cut the agent off its own control plane. Addresses seen within
+        CONTROL_PLANE_RETAIN_S stay admitted (a resolver answers with a few of a pool at a time),
+        at most CONTROL_PLANE_MAX of them; when the name does not resolve, the last ones stay."""
+        now = time.time()
+        for address in self._control_plane_addresses():
+            self._cp_seen[address] = now
+        kept = sorted(
+            (a for a, t in self._cp_seen.items() if now - t <= CONTROL_PLANE_RETAIN_S),
+            key=lambda a: -self._cp_seen[a],
+        )[:CONTROL_PLANE_MAX]
+        self._cp_seen = {a: self._cp_seen[a] for a in kept}
+        try:
+            with self.apply_lock:
+                result = self.agent.follow_control_plane(tuple(sorted(kept)), apply)
+        except (ApplyError, PlanError) as exc:
+            log(f"control-plane fail-safe not updated: {exc}")
+            return
+        for line in result.lines:
+            log(line)
 
     def _control_plane_addresses(self) -> tuple[str, ...]:
         """The addresses of a control plane named by host name, resolved now: the posture must
@@ -288,12 +337,15 @@ class Daemon:
                 self._apply_s += time.perf_counter() - t
 
     def _sync(self, latest: int | None) -> None:
+        if self.cfg.source_hosts():
+            self.follow_control_plane()
         if latest is None:
             latest = self.source.announced()
         rev = self.agent.revision
-        if rev is not None and latest is not None and latest <= rev:
+        refreshing = rev is not None and latest is not None and latest <= rev
+        if refreshing and not self._refresh_due():
             return
-        if rev is not None and self.agent.bundle is not None:
+        if rev is not None and self.agent.bundle is not None and (latest is None or latest > rev):
             since, bundle_version = rev, self.agent.bundle.version
             deltas = self._timed("fetch", lambda: self._fetch_deltas(since, bundle_version))
             bridged = deltas is not None and self._timed("apply", lambda: self._apply_deltas(deltas))
@@ -311,6 +363,11 @@ class Daemon:
             self.source.settled()
             return  # refused already: reported once, not on every poll
         rev = self.agent.revision
+        if refreshing and rev is not None and doc.version < rev:
+            # fetched for its expiry, but compute has not re-signed it yet (its deltas are ahead):
+            # nothing to apply, nothing to report; the next refresh round asks again
+            self.source.settled()
+            return
         if self.source.kind == "static" and rev is not None and doc.version < rev and self.agent.deltas:
             # a static layout's bundle may lag behind the deltas already applied: not a rollback
             # attempt worth reporting, and never applied (apply_bundle would refuse it anyway)
@@ -348,6 +405,19 @@ class Daemon:
             more = self._timed("fetch", lambda: self._fetch_deltas(revision, bundle_version))
             if more:
                 self._timed("apply", lambda: self._apply_deltas(more))
+
+    def _refresh_due(self) -> bool:
+        """The enforced bundle expires within ``REFRESH_BEFORE`` (or has): fetch the bundle even
+        though no new version was announced — compute re-signs bundles before they expire, at the
+        same version. At most once per heartbeat interval."""
+        b = self.agent.bundle
+        now = time.time()
+        if b is None or (b.expires_at is not None and b.expires_at - now > REFRESH_BEFORE):
+            return False
+        if now - self._refresh_tried < self.cfg.heartbeat_interval:
+            return False
+        self._refresh_tried = now
+        return True
 
     def _fetch_deltas(self, since: int, bundle_version: int) -> list[SetDelta] | None:
         """The source's deltas; a malformed one is refused and the whole bundle decides (None)."""
@@ -408,11 +478,19 @@ class Daemon:
         counters["buffered_drops"] = len(self.drops)
         counters["buffered_flows"] = len(self.flows)
         applied = self.agent.bundle  # deltas change set contents only: no need to fold them for the mode
+        stale = self.agent.stale()
+        self.state.update_status(stale=stale)
+        message = self.last_message
+        if stale and applied is not None:
+            # never fails open: the expired bundle stays enforced; the control plane is told
+            message = f"stale: the enforced bundle expired at {_utc(applied.expires_at)}, still enforcing it" + (
+                f"; {message}" if message else ""
+            )
         hb = Heartbeat(
             applied_version=self.agent.revision,
             mode=applied.mode if applied is not None else None,
-            healthy=not self.last_message,
-            message=self.last_message[:1000],
+            healthy=not message,
+            message=message[:1000],
             counters=counters,
         )
         return self.source.heartbeat(hb)

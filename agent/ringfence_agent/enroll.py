@@ -19,6 +19,8 @@ from ringfence.agentwire import EnrollRequest
 
 Prover = Callable[[str], EnrollRequest]
 
+MAX_IMDS_BYTES = 64 * 1024  # an identity document and its signature are a few KB
+
 
 class ProofError(Exception):
     """The identity proof could not be gathered (e.g. IMDS unreachable)."""
@@ -31,6 +33,12 @@ def pairing(workload_id: str, key: str) -> Prover:
     return prove
 
 
+def _bounded(raw: bytes, what: str) -> str:
+    if len(raw) > MAX_IMDS_BYTES:
+        raise ProofError(f"instance metadata {what}: answer over {MAX_IMDS_BYTES} bytes")
+    return raw.decode()
+
+
 def aws_iid(imds_url: str = "http://169.254.169.254", signature: str = "signature", timeout: float = 2.0) -> Prover:
     base = imds_url.rstrip("/")
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an HTTP proxy
@@ -38,7 +46,7 @@ def aws_iid(imds_url: str = "http://169.254.169.254", signature: str = "signatur
     def fetch(path: str, token: str) -> str:
         req = urllib.request.Request(f"{base}{path}", headers={"X-aws-ec2-metadata-token": token})  # noqa: S310
         with opener.open(req, timeout=timeout) as resp:
-            return str(resp.read().decode())
+            return _bounded(resp.read(MAX_IMDS_BYTES + 1), path)
 
     def prove(nonce: str) -> EnrollRequest:
         try:
@@ -46,7 +54,7 @@ def aws_iid(imds_url: str = "http://169.254.169.254", signature: str = "signatur
                 f"{base}/latest/api/token", method="PUT", headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"}
             )
             with opener.open(req, timeout=timeout) as resp:
-                token = resp.read().decode()
+                token = _bounded(resp.read(MAX_IMDS_BYTES + 1), "/latest/api/token")
             document = fetch("/latest/dynamic/instance-identity/document", token)
             sig = fetch(f"/latest/dynamic/instance-identity/{signature}", token)
         except (urllib.error.URLError, OSError, http.client.HTTPException, UnicodeDecodeError) as exc:

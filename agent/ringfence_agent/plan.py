@@ -4,8 +4,9 @@ Every backend renders the same :class:`Plan`, so nftables, iptables, the Windows
 dry-run agree on order and meaning:
 
 1. fail-safes (never removable by a bundle): loopback, established/related, ICMPv6 neighbour
-   discovery, DHCP, DNS to the resolvers, the cloud metadata endpoint, the control plane,
-   management ports from the admin ranges (bundle fail-safes ∪ local configuration);
+   discovery, DHCP, DNS to the resolvers, the cloud metadata endpoint, the control plane on its
+   port only (outbound: the agent's own connection), management ports from the admin ranges
+   (bundle fail-safes ∪ local configuration; no prefix wider than ``FAILSAFE_WIDEST``);
 2. the bundle's rules in bundle order (override-deny, allow, deny), first match wins;
 3. the mode's default: drop in ``enforce``, accept (counted as would-drop) in ``observe``.
 
@@ -25,7 +26,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ringfence.bundlewire import Bundle, FailsafeDoc, ServiceMatch
+from ringfence.bundlewire import CONTROL_PLANE_PORT, Bundle, FailsafeDoc, ServiceMatch, failsafe_width_problem
 from ringfence.enums import Mode
 
 Direction = Literal["inbound", "outbound"]
@@ -153,6 +154,7 @@ class Failsafes:
     dns_v6: tuple[str, ...] = ()
     control_v4: tuple[str, ...] = ()
     control_v6: tuple[str, ...] = ()
+    control_ports: tuple[Match, ...] = (Match("tcp", (CONTROL_PLANE_PORT, CONTROL_PLANE_PORT)),)
     metadata_v4: tuple[str, ...] = METADATA_V4
     metadata_v6: tuple[str, ...] = METADATA_V6
     dhcp: bool = True
@@ -160,12 +162,17 @@ class Failsafes:
 
 @dataclass(frozen=True, slots=True)
 class LocalFailsafes:
-    """The agent's own configuration: merged with (never replaced by) the bundle's fail-safes."""
+    """The agent's own configuration: merged with (never replaced by) the bundle's fail-safes.
+
+    ``admin_ports``: ports the host's operator adds to the bundle's; none by default, so that
+    the policy's ``admin_ports`` are the host's (a local default would widen every policy).
+    ``control_ports``: the control plane's port(s), from the agent's URL; none: tcp/443."""
 
     admin_cidrs: tuple[str, ...] = ()
-    admin_ports: tuple[str, ...] = ("tcp/22", "tcp/3389")
+    admin_ports: tuple[str, ...] = ()
     dns_resolvers: tuple[str, ...] = ()
     control_plane: tuple[str, ...] = ()
+    control_ports: tuple[str, ...] = ()
     metadata: bool = True
     dhcp: bool = True
 
@@ -268,12 +275,32 @@ def _match(s: ServiceMatch, where: str) -> Match:
     return Match(None if s.proto == "any" else s.proto, s.ports, s.icmp_type)
 
 
+# the management ports of the boot posture (no bundle yet) when the local configuration names
+# none: the policy language's default admin_ports
+POSTURE_ADMIN_PORTS = ("tcp/22", "tcp/3389")
+
+
+def bounded_cidrs(items: list[str], what: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """:func:`split_cidrs` for a fail-safe list: a prefix wider than ``FAILSAFE_WIDEST`` is a
+    :class:`PlanError` (the policy refuses them; a bundle or a local setting must not sneak one in)."""
+    v4, v6 = split_cidrs(items, what)
+    for family, cidrs in ((4, v4), (6, v6)):
+        for cidr in cidrs:
+            why = failsafe_width_problem(family, int(cidr.partition("/")[2]))
+            if why is not None:
+                raise PlanError(f"{what}: {cidr}: {why}")
+    return v4, v6
+
+
 def merge_failsafes(doc: FailsafeDoc, local: LocalFailsafes) -> Failsafes:
-    admin4, admin6 = split_cidrs([*doc.admin_cidrs, *local.admin_cidrs], "failsafes.admin_cidrs")
+    admin4, admin6 = bounded_cidrs([*doc.admin_cidrs, *local.admin_cidrs], "failsafes.admin_cidrs")
     dns4, dns6 = split_cidrs([_host(x) for x in (*doc.dns_resolvers, *local.dns_resolvers)], "failsafes.dns_resolvers")
-    cp4, cp6 = split_cidrs([_host(x) for x in (*doc.control_plane, *local.control_plane)], "failsafes.control_plane")
+    cp4, cp6 = bounded_cidrs([_host(x) for x in (*doc.control_plane, *local.control_plane)], "failsafes.control_plane")
     ports: list[Match] = [_match(p, "failsafes.admin_ports") for p in doc.admin_ports]
     ports.extend(parse_port_spec(p) for p in local.admin_ports)
+    control_ports = tuple(
+        dict.fromkeys(parse_port_spec(p) for p in local.control_ports or (f"tcp/{CONTROL_PLANE_PORT}",))
+    )
     # the bundle's and the local lists may overlap (192.0.2.1/32 and 192.0.2.0/24): nft refuses
     # overlapping elements in an interval set, so each list is its CIDR cover
     return Failsafes(
@@ -284,6 +311,7 @@ def merge_failsafes(doc: FailsafeDoc, local: LocalFailsafes) -> Failsafes:
         dns_v6=_cover(dns6, 6),
         control_v4=_cover(cp4, 4),
         control_v6=_cover(cp6, 6),
+        control_ports=control_ports,
         metadata_v4=METADATA_V4 if local.metadata else (),
         metadata_v6=METADATA_V6 if local.metadata else (),
         dhcp=local.dhcp,
@@ -658,7 +686,9 @@ class Admitter:
         meta = fs.metadata_v4 if v4 else fs.metadata_v6
         if any(_service_admits(m, flow) for m in METADATA_PORTS) and self._in("fs:meta", meta, addr):
             return "failsafe metadata"
-        if self._in("fs:cp", fs.control_v4 if v4 else fs.control_v6, addr):
+        if any(_service_admits(m, flow) for m in fs.control_ports) and self._in(
+            "fs:cp", fs.control_v4 if v4 else fs.control_v6, addr
+        ):
             return "failsafe control-plane"
         return None
 

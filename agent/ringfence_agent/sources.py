@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
 
-from ringfence.agentwire import API_PREFIX, ROUTES, Heartbeat, ReportBatch, ResponseError, read_response
+from ringfence.agentwire import API_PREFIX, ROUTES, Heartbeat, ReportBatch, ResponseError, TokenRequest, read_response
 from ringfence.bundlewire import Bundle, BundleError, SetDelta, delta_from_json, load_bundle, load_delta
 from ringfence.staticlayout import Head, HeadError, bundle_path, delta_path, head_path, load_head
+from ringfence_agent.agentkey import KEY_FILE, AgentKey
 from ringfence_agent.enroll import ProofError, Prover
 from ringfence_agent.state import StateDir
 
-MAX_BUNDLE_BYTES = 64 * 1024 * 1024  # default cap of a bundle body (100,000 addresses: ~2-3 MB)
+# default cap of a bundle body: 100,000 addresses are ~2 MB, and parsing costs ~6x the body in
+# memory, so 16 MiB (~800,000 addresses) keeps the agent under a 128 MiB service limit
+MAX_BUNDLE_BYTES = 16 * 1024 * 1024
 MAX_HEAD_BYTES = 1024 * 1024  # a static head: a version per set
 MAX_ANSWER_BYTES = 256 * 1024  # the agent API's small answers (nonce, enroll, wait, heartbeat, reports)
 MAX_ERROR_BYTES = 64 * 1024  # what is kept of an error answer's body (for messages only)
@@ -83,8 +89,9 @@ def _http(
     body: dict[str, Any] | None = None,
     headers: dict[str, str] | None = None,
     limit: int = MAX_ANSWER_BYTES,
+    tls: ssl.SSLContext | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
-    """One request: (status, headers, body) for 2xx-4xx answers. Whatever keeps an answer from
+    """One request (``tls``: how an https URL's certificate is verified; None, the system's way): (status, headers, body) for 2xx-4xx answers. Whatever keeps an answer from
     arriving whole (network, timeout, 5xx, 429, a torn or non-HTTP answer) is :class:`Unreachable`,
     naming the URL and the problem; a body over ``limit`` bytes is a :class:`SourceError` (read in
     chunks: never more than the limit in memory). Error bodies are cut at MAX_ERROR_BYTES."""
@@ -95,7 +102,7 @@ def _http(
         req.add_header("Content-Type", "application/json")
     try:
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - http(s) only, validated in config
+            with urllib.request.urlopen(req, timeout=timeout, context=tls) as resp:  # noqa: S310 - http(s) only, validated in config
                 return resp.status, dict(resp.headers.items()), _read_body(resp, limit, where)
         except urllib.error.HTTPError as exc:
             status = exc.code
@@ -137,6 +144,12 @@ def _http_problem(exc: http.client.HTTPException) -> str:
     return f"bad HTTP answer ({type(exc).__name__}: {str(exc)[:200]})"
 
 
+def _lifetime(resp: dict[str, Any]) -> int:
+    """A token answer's ``expires_in``; 0 (renew on a 401 only) when it has none."""
+    exp = resp.get("expires_in")
+    return exp if type(exp) is int and exp > 0 else 0
+
+
 def _answer(body: bytes, what: str, **fields: type | tuple[type, None]) -> dict[str, Any]:
     """An agent-API answer's JSON object (:func:`read_response`); one that is not is a
     :class:`SourceError` (a captive portal's HTML page, a proxy's error text)."""
@@ -144,6 +157,11 @@ def _answer(body: bytes, what: str, **fields: type | tuple[type, None]) -> dict[
         return read_response(body, what, **fields)
     except ResponseError as exc:
         raise SourceError(f"{exc} ({len(body)} bytes: {body[:80]!r})") from None
+
+
+def tls_context(ca_file: Path | None) -> ssl.SSLContext | None:
+    """Verification against ``ca_file`` (a private CA's certificates) instead of the system's store."""
+    return ssl.create_default_context(cafile=str(ca_file)) if ca_file is not None else None
 
 
 class StaticSource:
@@ -159,8 +177,10 @@ class StaticSource:
         timeout: float,
         verify: Callable[[SetDelta], object] | None = None,
         max_bundle_bytes: int = MAX_BUNDLE_BYTES,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.base = base.rstrip("/")
+        self.tls = tls
         self.verify = verify  # checks a delta's signature (raises BundleError) as the chain is walked
         self.max_bundle_bytes = max_bundle_bytes
         self.max_delta_bytes = max(MAX_HEAD_BYTES, max_bundle_bytes // 4)
@@ -195,7 +215,7 @@ class StaticSource:
             if len(raw) > limit:
                 raise SourceError(f"{path}: over the limit of {limit} bytes")
             return raw
-        status, _, body = _http(f"{self.base}/{quote(relative)}", self.timeout, limit=limit)
+        status, _, body = _http(f"{self.base}/{quote(relative)}", self.timeout, limit=limit, tls=self.tls)
         if status == 404:
             return None
         if status != 200:
@@ -209,7 +229,7 @@ class StaticSource:
         if self.is_http:
             headers = {"If-None-Match": self._head_etag} if self._head_etag else {}
             status, hdrs, body = _http(
-                f"{self.base}/{quote(relative)}", self.timeout, headers=headers, limit=MAX_HEAD_BYTES
+                f"{self.base}/{quote(relative)}", self.timeout, headers=headers, limit=MAX_HEAD_BYTES, tls=self.tls
             )
             if status == 304:
                 return self.head.version if self.head is not None else None
@@ -233,7 +253,7 @@ class StaticSource:
             return load_bundle(raw) if raw is not None else None
         headers = {"If-None-Match": self._etag} if self._etag else {}
         status, hdrs, body = _http(
-            f"{self.base}/{quote(name)}", self.timeout, headers=headers, limit=self.max_bundle_bytes
+            f"{self.base}/{quote(name)}", self.timeout, headers=headers, limit=self.max_bundle_bytes, tls=self.tls
         )
         doc = fetched_bundle(status, body, f"GET {name}")
         if doc is not None:
@@ -307,8 +327,12 @@ class ApiSource:
         timeout: float,
         wait_timeout: float,
         max_bundle_bytes: int = MAX_BUNDLE_BYTES,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.base = base.rstrip("/") + API_PREFIX
+        self.tls = tls
+        self.max_answer_bytes = max_answer_bytes  # nonce, enroll, wait, heartbeat, reports
         self.max_bundle_bytes = max_bundle_bytes  # the bundle, and the deltas answer (as much as a bundle)
         self.workload_id = workload_id
         self.prove = prove
@@ -316,7 +340,11 @@ class ApiSource:
         self.timeout = timeout
         self.wait_timeout = wait_timeout
         tok = state.read_json("token.json")
-        self.token: str | None = tok.get("token") if tok.get("workload_id") == workload_id else None
+        mine = tok.get("workload_id") == workload_id
+        self.token: str | None = tok.get("token") if mine else None
+        # when to renew: a fifth of the lifetime before expiry (0: unknown, renew on a 401 only)
+        self.renew_at: float = float(tok.get("renew_at", 0)) if mine else 0.0
+        self._key: AgentKey | None = None
         self._etag: str | None = None  # of the bundle last settled: sent as If-None-Match
         self._fetched_etag: str | None = None  # of the bundle last fetched, until settled
 
@@ -326,25 +354,70 @@ class ApiSource:
         url = self.base + path.replace("{id}", quote(self.workload_id, safe=""))
         return method, f"{url}?{query}" if query else url
 
-    def enroll(self) -> None:
+    @property
+    def key(self) -> AgentKey:
+        """The agent's own key (created in the state directory on first use)."""
+        if self._key is None:
+            self._key = AgentKey.load_or_create(self.state.path)
+        return self._key
+
+    def _nonce(self) -> str:
         method, url = self._url("nonce")
-        status, _, body = _http(url, self.timeout, method)
+        status, _, body = _http(url, self.timeout, method, limit=self.max_answer_bytes, tls=self.tls)
         if status != 200:
             raise SourceError(f"nonce: HTTP {status} {body[:200]!r}")
         nonce: str = _answer(body, "nonce", nonce=str)["nonce"]
+        return nonce
+
+    def _keep(self, token: str, expires_in: int) -> None:
+        self.token = token
+        self.renew_at = time.time() + max(1.0, expires_in * 0.8) if expires_in > 0 else 0.0
+        self.state.write_json(
+            "token.json", {"workload_id": self.workload_id, "token": token, "renew_at": self.renew_at}
+        )
+
+    def enroll(self) -> None:
+        nonce = self._nonce()
         try:
             req = self.prove(nonce)
         except ProofError as exc:
             raise Unreachable(str(exc)) from None
+        # the agent's key rides along: the first enrollment binds it, later ones must match it
+        req = replace(
+            req, agent_key=self.key.public_pem, agent_signature=self.key.prove("enroll", self.workload_id, nonce)
+        )
         method, url = self._url("enroll")
-        status, _, body = _http(url, self.timeout, method, req.to_json())
+        status, _, body = _http(url, self.timeout, method, req.to_json(), limit=self.max_answer_bytes, tls=self.tls)
         if status != 200:
             raise SourceError(f"enroll refused: HTTP {status} {body[:300]!r}")
         resp = _answer(body, "enroll", workload_id=str, token=str)
         if resp["workload_id"] != self.workload_id:
             raise SourceError(f"enrolled as {resp['workload_id']!r}, configured as {self.workload_id!r}")
-        self.token = resp["token"]
-        self.state.write_json("token.json", {"workload_id": self.workload_id, "token": resp["token"]})
+        self._keep(resp["token"], _lifetime(resp))
+
+    def refresh(self) -> bool:
+        """A fresh token by signing a nonce with the agent key; False when the control plane
+        refuses (no key bound, another key bound, workload not running): enroll instead."""
+        nonce = self._nonce()
+        body = TokenRequest(nonce=nonce, signature=self.key.prove("token", self.workload_id, nonce)).to_json()
+        method, url = self._url("token")
+        status, _, payload = _http(url, self.timeout, method, body)
+        if status in (401, 403, 404):
+            return False
+        if status != 200:
+            raise SourceError(f"token: HTTP {status} {payload[:200]!r}")
+        resp = _answer(payload, "token", workload_id=str, token=str)
+        if resp["workload_id"] != self.workload_id:
+            raise SourceError(f"token issued for {resp['workload_id']!r}, configured as {self.workload_id!r}")
+        self._keep(resp["token"], _lifetime(resp))
+        return True
+
+    def _renew(self) -> None:
+        """A token for the next calls: renewed with the key when there is one, else enrolled."""
+        if (
+            self.token is None and self._key is None and not (self.state.path / KEY_FILE).exists()
+        ) or not self.refresh():
+            self.enroll()
 
     def _call(
         self,
@@ -353,16 +426,18 @@ class ApiSource:
         body: dict[str, Any] | None = None,
         timeout: float | None = None,
         headers: dict[str, str] | None = None,
-        limit: int = MAX_ANSWER_BYTES,
+        limit: int | None = None,
     ) -> tuple[int, dict[str, str], bytes]:
+        """One authenticated request; the token travels in the Authorization header, never in the URL."""
+        limit = self.max_answer_bytes if limit is None else limit
         for attempt in range(2):
-            if self.token is None:
-                self.enroll()
+            if self.token is None or (self.renew_at and time.time() >= self.renew_at):
+                self._renew()  # renewed before it expires: the agent is never locked out
             h = {"Authorization": f"Bearer {self.token}", **(headers or {})}
             method, url = self._url(route, query)
-            status, hdrs, payload = _http(url, timeout or self.timeout, method, body, h, limit)
+            status, hdrs, payload = _http(url, timeout or self.timeout, method, body, h, limit, self.tls)
             if status == 401 and attempt == 0:
-                self.token = None  # expired or revoked: enroll again
+                self.token = None  # expired or revoked: renew with the key, else enroll again
                 continue
             if status in (401, 403):
                 raise SourceError(f"{method} {route}: HTTP {status} {payload[:200]!r}")

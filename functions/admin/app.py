@@ -1,5 +1,6 @@
 """Admin API (API Gateway REST, IAM auth): the library's routes over this container's service.
-Every action is audited with the caller's IAM principal."""
+Every action is audited with the caller's IAM principal and allowed only to the admin roles its
+binding in ``RINGFENCE_ADMIN_ROLES`` gives it (none bound: every action refused)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.metrics import MetricUnit
 
+from ringfence.adminroles import AdminRole, RoleBindings
 from ringfence.clouds.aws.admin import Admin
 from ringfence.clouds.aws.wiring import Config, Wiring
 from ringfence.routes.admin import admin_routes, outcome
@@ -15,16 +17,25 @@ from ringfence.routes.admin import admin_routes, outcome
 logger = Logger()
 tracer = Tracer()
 metrics = Metrics()
-_svc: dict[str, Admin] = {}
+_svc: dict[str, Any] = {}
+
+
+def _count(name: str, value: float) -> None:
+    metrics.add_metric(name=name, unit=MetricUnit.Count, value=value)
 
 
 def admin() -> Admin:
     if "admin" not in _svc:
-        _svc["admin"] = Admin(Wiring(Config.from_env()))
-    return _svc["admin"]
+        _svc["admin"] = Admin(Wiring(Config.from_env()), _count)
+    return _svc["admin"]  # type: ignore[no-any-return]
 
 
-app = admin_routes(admin)
+def roles_of(event: Any) -> frozenset[AdminRole]:
+    # read per request (a few bindings: cheap), so a changed binding holds at once
+    return RoleBindings.from_env().roles(event.request_context.identity.user_arn)
+
+
+app = admin_routes(admin, roles_of=roles_of)
 
 
 @logger.inject_lambda_context

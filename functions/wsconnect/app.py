@@ -1,4 +1,7 @@
-"""WebSocket nudge channel: $connect (token in the query string) and $disconnect."""
+"""WebSocket nudge channel: $connect (bearer token in the Authorization header) and $disconnect.
+
+A token in the query string is refused, valid or not: URLs end up in access logs, proxies and
+shell histories, where a bearer token must never be."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.data_classes import APIGatewayWebSocketEvent, event_source
 
 from ringfence.clouds.aws.agents import AgentApi
+from ringfence.clouds.aws.api import error
 from ringfence.clouds.aws.wiring import Config, Wiring
 
 logger = Logger()
@@ -25,7 +29,10 @@ def handler(event: APIGatewayWebSocketEvent, context: Any) -> dict[str, Any]:
         _svc["api"] = AgentApi(Wiring(Config.from_env()))
     ctx = event.request_context
     if ctx.route_key == "$connect":
-        r = _svc["api"].connect(event.query_string_parameters.get("token"), ctx.connection_id)
+        if "token" in (event.query_string_parameters or {}):
+            r = error(400, "a token in the URL is refused", "send it as Authorization: Bearer <token>")
+        else:
+            r = _svc["api"].connect(_bearer(event.headers or {}), ctx.connection_id)
         # refusals are unknown or expired tokens: a rise means agents hold stale tokens (or probing)
         metrics.add_metric(
             name="NudgeConnections" if r.status == 200 else "NudgeConnectionsRefused", unit=MetricUnit.Count, value=1
@@ -34,3 +41,9 @@ def handler(event: APIGatewayWebSocketEvent, context: Any) -> dict[str, Any]:
     if ctx.route_key == "$disconnect":
         metrics.add_metric(name="NudgeDisconnects", unit=MetricUnit.Count, value=1)
     return {"statusCode": 200, "body": ""}
+
+
+def _bearer(headers: dict[str, str]) -> str | None:
+    value = next((v for k, v in headers.items() if k.lower() == "authorization"), "")
+    scheme, _, token = value.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from ringfence.bundle import Bundle, SetDelta, sign
-from ringfence.local.lab import PROBE, PY, Holder, prerequisites, wait_until
+from ringfence.local.lab import PROBE, PY, Holder, prerequisites, sh, wait_until
 from ringfence.local.lab import Lab as NetLab
 from ringfence.model import Mode, Workload
 from ringfence_agent.backends.iptables import ipset_name
@@ -842,7 +842,9 @@ def test_restart_reapplies_last_known_good_before_contact_and_survives_control_p
     net.reset("h2")  # as after a reboot: the kernel state is gone
     assert net.tcp("h4", "h2", 8080)
     # restart against a control plane that does not answer (nothing listens on cp:9)
-    cfg = config(tmp_path, backend, api_url=f"http://{net.v4('cp')}:9", enroll={"pairing_key": "k"})
+    cfg = config(
+        tmp_path, backend, api_url=f"http://{net.v4('cp')}:9", enroll={"pairing_key": "k"}, insecure_http_lab_only=True
+    )
     log2 = (tmp_path / "run2.log").open("w")
     daemon = net.spawn("h2", str(net_agent()), "run", "--config", str(cfg), stderr=log2)
     try:
@@ -921,6 +923,7 @@ def test_daemon_enrolls_follows_pushes_and_reports_against_the_real_control_plan
     would-drops; the operator's switch to enforce and a tag change (a set delta) arrive through
     the wait long-poll, long before the agent's slow poll; the control plane gone, it still enforces."""
     from ringfence import serve
+    from ringfence.local.tls import lab_tls
     from tests.agent.netns import listening_socket_in
     from tests.aws.imds import running_imds
 
@@ -933,17 +936,26 @@ def test_daemon_enrolls_follows_pushes_and_reports_against_the_real_control_plan
         del os.environ["RINGFENCE_WAIT_POLL_INTERVAL"]
     h2 = ids["h2"]
     (tmp_path / "signing.pub.pem").write_bytes(aws.signing_key.public_pem())
-    # the control plane and an IMDS stand-in (the caller's signed identity document) listen in cp
+    # the control plane and an IMDS stand-in (the caller's signed identity document) listen in
+    # cp; the IMDS at the metadata address on port 80, as on EC2: the control-plane fail-safe
+    # admits the control plane's port only, the metadata fail-safe this
     sock = listening_socket_in(net.ns("cp"), net.v4("cp"), 8080)
+    sh("ip", "-n", net.ns("cp"), "addr", "replace", "169.254.169.254/32", "dev", "eth0")
+    sh("ip", "-n", net.ns("h2"), "route", "replace", "169.254.169.254/32", "dev", "eth0")
     by_address = {net.v4(host): iid for host, iid in ids.items()}
     app = serve.ServeApp.over(serve.build_wiring("aws"), None)
-    with serve.serving(app, sock=sock), running_imds(aws, by_address.get, net.v4("cp"), net.ns("cp")) as imds_url:
+    tls = lab_tls(tmp_path / "tls", net.v4("cp"))  # HTTPS, verified against the lab's own CA
+    with (
+        serve.serving(app, tls_cert=str(tls.cert), tls_key=str(tls.key), sock=sock),
+        running_imds(aws, by_address.get, "169.254.169.254", net.ns("cp"), port=80) as imds_url,
+    ):
         cfg = config(
             tmp_path,
             backend,
             workload_id=h2,
             public_key=str(tmp_path / "signing.pub.pem"),
-            api_url=f"http://{net.v4('cp')}:8080",
+            api_url=f"https://{net.v4('cp')}:8080",
+            tls_ca_file=str(tls.ca),
             enroll={"method": "aws-iid", "imds_url": imds_url},
             poll_interval=120,  # a change seen sooner came by the long-poll
             wait_timeout=10,
@@ -1015,7 +1027,9 @@ def test_onprem_serve_pairs_pushes_and_survives_kill_9(net: NetLab, backend: str
     from ringfence import serve
 
     token = "lab-admin-token-0123456789abcdef"
-    (tmp_path / "admin-tokens").write_text(f"carol:{serve.token_hash(token)}\n")
+    (tmp_path / "admin-tokens").write_text(
+        f"carol:{serve.token_hash(token)}:policy-author,incident-responder,onboarding\n"
+    )
     db = tmp_path / "cp-state" / "state.db"
     url = f"http://{net.v4('cp')}:8443"
 
@@ -1057,6 +1071,7 @@ def test_onprem_serve_pairs_pushes_and_survives_kill_9(net: NetLab, backend: str
             backend,
             public_key=str(db.parent / "signing-key.pub.pem"),
             api_url=url,
+            insecure_http_lab_only=True,  # the lab's control plane listens without TLS
             enroll={"pairing_key": key["pairing_key"]},
             poll_interval=120,  # a change seen sooner came by the long-poll
             wait_timeout=10,

@@ -188,7 +188,7 @@ def test_the_config_refuses_scope_ids_that_would_fail_every_bundle(tmp_path: Pat
 
 def test_an_api_url_with_a_scope_id_adds_no_failsafe_that_fails_every_bundle(tmp_path: Path) -> None:
     p = tmp_path / "agent.json"
-    cfg = {"workload_id": "w1", "public_key": "/k", "api_url": "http://[fe80::1%25eth0]:8080/"}
+    cfg = {"workload_id": "w1", "public_key": "/k", "api_url": "https://[fe80::1%25eth0]:8080/"}
     p.write_text(json.dumps({**cfg, "enroll": {"pairing_key": "k"}}))
     local = load_config(p).local_failsafes()
     assert not any("%" in x for x in local.control_plane)

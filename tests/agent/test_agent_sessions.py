@@ -61,7 +61,7 @@ def test_rules_fail_safes_and_default_in_the_rendered_order() -> None:
     assert verdict(a, "inbound", "10.77.0.4", "tcp", 8080) == (False, "default")
     assert verdict(a, "outbound", "10.77.0.3", "tcp", 5432) == (True, "lab/web-to-db")
     assert verdict(a, "outbound", "10.77.0.4", "tcp", 8080) == (False, "default")
-    # fail-safes: admin range on the admin ports only, DNS on 53, metadata on its ports, control plane on any
+    # fail-safes: admin range on the admin ports only, DNS on 53, metadata on its ports, control plane on 443
     assert verdict(a, "inbound", "10.77.0.250", "tcp", 22) == (True, "failsafe admin")
     assert verdict(a, "inbound", "10.77.0.250", "tcp", 8080) == (False, "default")
     assert verdict(a, "inbound", "10.77.0.1", "tcp", 22) == (False, "default")
@@ -69,7 +69,9 @@ def test_rules_fail_safes_and_default_in_the_rendered_order() -> None:
     assert verdict(a, "outbound", "10.0.0.53", "tcp", 80) == (False, "default")
     assert verdict(a, "outbound", "169.254.169.254", "tcp", 80) == (True, "failsafe metadata")
     assert verdict(a, "outbound", "169.254.169.254", "tcp", 22) == (False, "default")
-    assert verdict(a, "outbound", "198.51.100.7", "tcp", 9999) == (True, "failsafe control-plane")
+    assert verdict(a, "outbound", "198.51.100.7", "tcp", 443) == (True, "failsafe control-plane")
+    assert verdict(a, "outbound", "198.51.100.7", "tcp", 9999) == (False, "default")
+    assert verdict(a, "inbound", "198.51.100.7", "tcp", 8080) == (False, "default")
     assert a.admits(Flow("outbound", "10.77.0.9", "udp", sport=68, dport=67)).by == "failsafe dhcp"
     assert a.admits(Flow("inbound", "10.77.0.9", "udp", sport=67, dport=68)).by == "failsafe dhcp"
 
@@ -102,7 +104,8 @@ def test_a_grouped_rule_admits_each_member_on_its_own_services() -> None:
 def test_a_prefix_set_admits_every_address_inside_it() -> None:
     a = admitter(local=LocalFailsafes(admin_cidrs=("192.0.2.0/24", "2001:db8::/48")))
     assert a.admits(Flow("inbound", "192.0.2.77", "tcp", dport=22)).by == "failsafe admin"
-    assert a.admits(Flow("inbound", "2001:db8:0:ffff::1", "tcp", dport=3389)).by == "failsafe admin"
+    assert a.admits(Flow("inbound", "2001:db8:0:ffff::1", "tcp", dport=22)).by == "failsafe admin"
+    assert not a.admits(Flow("inbound", "192.0.2.77", "tcp", dport=3389)).admitted  # the policy says tcp/22
     assert not a.admits(Flow("inbound", "192.0.3.1", "tcp", dport=22)).admitted
     assert not a.admits(Flow("inbound", "2001:db8:1::1", "tcp", dport=22)).admitted
 

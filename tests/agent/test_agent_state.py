@@ -174,7 +174,7 @@ def test_torn_tail_is_cut_and_overwritten(tmp_path: Path) -> None:
         run_op(agent, op)
     journal = agent.state.journal_path
     good = journal.read_bytes()
-    journal.write_bytes(good + b'{"format":"ringfence.delta/v1","se')  # a crash while appending
+    journal.write_bytes(good + b'{"format":"ringfence.delta/v2","se')  # a crash while appending
     again, _ = make(tmp_path / "s")
     assert [d.to_version for d in again.deltas] == [2, 3]
     again.apply_delta(OPS[3])  # type: ignore[arg-type]

@@ -147,7 +147,7 @@ def test_nft_text_failsafes_first_rules_in_order_default_last() -> None:
     assert f"ip6 saddr @s_{DB}_6" not in text  # outbound uses daddr
     assert f"ip6 daddr @s_{DB}_6 tcp dport 5432 counter name r_out_1 accept" in text
     assert "ip saddr @fs_admin_4 tcp dport 22 accept" in text
-    assert "ip daddr @fs_cp_4 accept" in text
+    assert "ip daddr @fs_cp_4 tcp dport 443 accept" in text  # the control plane's port only
     # the metadata endpoint: its service ports only (the lab proves another port is dropped)
     meta = [line for line in text.splitlines() if "@fs_meta_4" in line]
     assert [m.split("@fs_meta_4 ")[1].split(" accept")[0] for m in meta] == [
@@ -306,7 +306,7 @@ def test_bundle_from_another_key_is_refused(tmp_path: Path) -> None:
     from ringfence.bundle import SigningKey
 
     agent, _ = make_agent(tmp_path)
-    with pytest.raises(Rejected, match="not the pinned key"):
+    with pytest.raises(Rejected, match="not a pinned key"):
         agent.apply_bundle(sign(golden(PROC), SigningKey.generate()))
 
 
@@ -387,13 +387,14 @@ def test_config_api_url_ip_is_a_failsafe(tmp_path: Path) -> None:
             {
                 "workload_id": "w1",
                 "public_key": "/k",
-                "api_url": "http://10.9.8.7:8080/",
+                "api_url": "https://10.9.8.7:8080/",
                 "enroll": {"pairing_key": "k"},
             }
         )
     )
     cfg = load_config(p)
-    assert cfg.api_url == "http://10.9.8.7:8080" and "10.9.8.7" in cfg.local_failsafes().control_plane
+    assert cfg.api_url == "https://10.9.8.7:8080" and "10.9.8.7" in cfg.local_failsafes().control_plane
+    assert cfg.local_failsafes().control_ports == ("tcp/8080",)  # the control plane's port, not every port
 
 
 @pytest.mark.parametrize(
@@ -405,7 +406,7 @@ def test_config_api_url_ip_is_a_failsafe(tmp_path: Path) -> None:
         ("workload_id: w1\npublic_key: k\nsource: /x\nbackend: pf\n", "backend"),
         ("workload_id: w1\npublic_key: k\nsource: /x\nmystery: 1\n", "mystery"),
         ("workload_id: w1\npublic_key: k\napi_url: ftp://x\n", "http"),
-        ("workload_id: w1\npublic_key: k\napi_url: http://x\n", "enroll section"),
+        ("workload_id: w1\npublic_key: k\napi_url: https://x\n", "enroll section"),
         ("- a\n- b\n", "mapping"),
         ("workload_id: [\n", "not valid YAML"),
         ("public_key: k\nsource: /x\n", "workload_id: Field required"),
@@ -420,9 +421,9 @@ def test_config_api_url_ip_is_a_failsafe(tmp_path: Path) -> None:
         ("workload_id: w1\npublic_key: k\nsource: /x\nmax_buffered_records: 5\n", "greater than or equal to 10"),
         ("workload_id: w1\npublic_key: k\nsource: /x\ndhcp: 1\n", "dhcp: Input should be true or false"),
         ("workload_id: w1\npublic_key: k\nsource: /x\ndns_resolvers: 10.0.0.2\n", "dns_resolvers: .*list of strings"),
-        ("workload_id: w1\npublic_key: k\napi_url: http://x\nenroll: {method: pairing}\n", "needs pairing_key"),
-        ("workload_id: w1\npublic_key: k\napi_url: http://x\nenroll: {pairing_key: k, x: 1}\n", "enroll.x: Extra"),
-        ("workload_id: w1\npublic_key: k\napi_url: http://x\nenroll: {method: tpm}\n", "enroll.method"),
+        ("workload_id: w1\npublic_key: k\napi_url: https://x\nenroll: {method: pairing}\n", "needs pairing_key"),
+        ("workload_id: w1\npublic_key: k\napi_url: https://x\nenroll: {pairing_key: k, x: 1}\n", "enroll.x: Extra"),
+        ("workload_id: w1\npublic_key: k\napi_url: https://x\nenroll: {method: tpm}\n", "enroll.method"),
         ("workload_id: w1\npublic_key: k\nsource: /x\nboot_posture: closed\n", "boot_posture: .*'failsafe' or 'open'"),
         (
             "workload_id: w1\npublic_key: k\nsource: /x\ndrift_interval: -1\n",
@@ -630,8 +631,8 @@ def test_packaging_unit_and_installer_agree() -> None:
         0
     ]
     assert embedded == unit
-    assert "Before=network-pre.target" in unit and "ringfence-agent run --config /etc/ringfence/agent.yaml" in unit
-    assert "install.sh | sh -s --" in (pkg / "cloud-init.yaml").read_text()
+    assert "Before=network-pre.target" in unit and "ringfence-agent run --config /etc/ringfence/agent.json" in unit
+    assert "--artifact-sha256" in (pkg / "cloud-init.yaml").read_text()
     proc = subprocess.run(["sh", "-n", str(pkg / "install.sh")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
@@ -639,18 +640,18 @@ def test_packaging_unit_and_installer_agree() -> None:
 def test_installer_writes_a_config_the_agent_accepts(tmp_path: Path) -> None:
     """Run the config-writing part of install.sh against a temp dir and validate it."""
     installer = (Path(__file__).resolve().parents[2] / "agent" / "packaging" / "install.sh").read_text()
-    block = installer.split("umask 077\n", 1)[1].split("} > /etc/ringfence/agent.yaml", 1)[0] + "}"
+    block = installer.split("umask 077\n", 1)[1].split("} > /etc/ringfence/agent.json", 1)[0] + "}"
     script = (
-        'WORKLOAD_ID=i-0abc; API_URL=http://10.0.0.9:8080; SOURCE=""; ADMIN_CIDRS=" 10.99.0.0/24 192.0.2.0/24"\n'
+        'WORKLOAD_ID=\'i-0abc"\\\'; API_URL=https://10.0.0.9:8080; SOURCE=""; ADMIN_CIDRS=" 10.99.0.0/24 192.0.2.0/24"\n'
         + block
-        + f" > {tmp_path}/agent.yaml\n"
+        + f" > {tmp_path}/agent.json\n"
     )
     subprocess.run(["sh", "-c", "PAIRING_KEY=k\n" + script], check=True)
-    cfg = load_config(tmp_path / "agent.yaml")
-    assert cfg.workload_id == "i-0abc" and cfg.admin_cidrs == ["10.99.0.0/24", "192.0.2.0/24"]
+    cfg = load_config(tmp_path / "agent.json")
+    assert cfg.workload_id == 'i-0abc"\\' and cfg.admin_cidrs == ["10.99.0.0/24", "192.0.2.0/24"]
     assert cfg.enroll is not None and str(cfg.enroll.pairing_key_file) == "/etc/ringfence/pairing-key"
     subprocess.run(["sh", "-c", 'PAIRING_KEY=""\n' + script], check=True)
-    cfg = load_config(tmp_path / "agent.yaml")
+    cfg = load_config(tmp_path / "agent.json")
     assert cfg.enroll is not None and cfg.enroll.method == "aws-iid"
 
 
@@ -709,7 +710,7 @@ def test_daemon_follows_a_plain_http_static_source(tmp_path: Path, capsys: pytes
         assert "127.0.0.1" in cfg.local_failsafes().control_plane
         assert Daemon(cfg).run(once=True) == 0
         assert StateDir(tmp_path / "st").load_bundle() == golden(PROC2)
-        assert "ip daddr @fs_cp_4 accept" in capsys.readouterr().out
+        assert "ip daddr @fs_cp_4 tcp dport" in capsys.readouterr().out
         # the source goes away: the next start still enforces the last known good
         server.shutdown()
         server.server_close()

@@ -23,6 +23,7 @@ from tests.agent.test_agent_unit import LOCAL, PROC, golden
 
 PAIRS = [
     (agentwire.EnrollRequest, agentapi.EnrollRequest),
+    (agentwire.TokenRequest, agentapi.TokenRequest),
     (agentwire.Heartbeat, agentapi.Heartbeat),
     (agentwire.FlowRecord, agentapi.FlowRecord),
     (agentwire.DropEvent, agentapi.DropEvent),
@@ -58,6 +59,11 @@ def test_enroll_requests_validate() -> None:
         **{name: None for name in agentapi.EnrollRequest.model_fields},
         **iid.to_json(),
     }
+
+
+def test_token_requests_validate() -> None:
+    req = agentwire.TokenRequest(nonce="n", signature="c2ln")
+    assert _server_reads(agentapi.TokenRequest, req.to_json()) == {"nonce": "n", "signature": "c2ln"}
 
 
 def test_heartbeats_validate(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ bridge, the whole bundle when they cannot. Real compiles, a real http.server, th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import http.server
 import shutil
@@ -254,3 +255,33 @@ def test_daemon_follows_compiles_over_plain_http_by_set_deltas(
         daemon.stop.set()
         thread.join(timeout=10)
     assert not thread.is_alive()
+
+
+def test_daemon_takes_a_refreshed_bundle_before_expiry_and_reports_stale_after(tmp_path: Path) -> None:
+    """Expiry end to end with the static source: a compile again re-signs a bundle past half its
+    lifetime (same version, later expiry) and the agent, its bundle near expiry, fetches and keeps
+    it; a bundle that expires without a refresh stays enforced and the agent reports stale."""
+    out, inv = tmp_path / "out", inventory(tmp_path)
+    args = ["--policy", str(POLICY), "--inventory", str(inv), "--out", str(out), "--key", str(GOLDEN / "test-key.pem")]
+    assert ringfence(["compile", *args, "--revision", "5", "--expires-in", "3600"]) == 0
+    cfg = config(tmp_path, str(out))
+    first = run_once(cfg).agent.bundle
+    assert first is not None and first.expires_at is not None
+    assert ringfence(["compile", *args, "--revision", "10", "--expires-in", "86400"]) == 0  # re-signed: past half
+    daemon = run_once(cfg)  # its bundle expires within REFRESH_BEFORE: fetched although no new version
+    refreshed = daemon.agent.bundle
+    assert refreshed is not None and refreshed.version == first.version
+    assert (refreshed.expires_at or 0) > first.expires_at and StateDir(cfg.state_dir).load_bundle() == refreshed
+    assert not daemon.agent.stale()
+    # a bundle that expires while enforced, and no compile after it
+    out2 = tmp_path / "out2"
+    args2 = [*args[:5], str(out2), *args[6:]]
+    assert ringfence(["compile", *args2, "--revision", "30", "--expires-in", "2"]) == 0
+    cfg2 = dataclasses.replace(cfg, source=str(out2), state_dir=tmp_path / "state2")
+    applied = run_once(cfg2).agent.bundle
+    assert applied is not None
+    time.sleep(2.5)
+    daemon = run_once(cfg2)  # fetches it again (expiry near): refused as expired, still enforced
+    assert daemon.agent.bundle == applied and daemon.agent.stale()
+    status = StateDir(cfg2.state_dir).read_json("status.json")
+    assert "expired" in status["last_rejected"]["reason"] and status["stale"] is True

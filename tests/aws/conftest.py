@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import boto3
 import pytest
 
+from ringfence.adminroles import ENV as ADMIN_ROLES_ENV
 from ringfence.local.aws import EmbeddedAws, IidKey
 from ringfence.local.lambdas import LambdaContext, deliver_batch, load_functions, sqs_event
 
@@ -36,6 +38,7 @@ tests:
 """
 REGION = "ca-central-1"
 ACCOUNT = "123456789012"
+OPERATOR = "arn:aws:iam::123456789012:user/alice"
 FUNCTIONS = ["ingest", "compute", "lifecycle", "reconcile", "agentapi", "admin", "wsconnect", "perimeter"]
 __all__ = ["LambdaContext"]  # the tests import it from here
 
@@ -76,6 +79,8 @@ class Env:
     def build(self) -> None:
         """A fresh moto with the stack's resources (``EmbeddedAws.reset``), handlers freshly loaded."""
         self.aws.reset()
+        # the admin API's role bindings (functions/admin): the tests' default caller holds all
+        os.environ[ADMIN_ROLES_ENV] = json.dumps({OPERATOR: ["policy-author", "incident-responder", "onboarding"]})
         self.queues = dict(self.aws.queues)
         self.signing_key = self.aws.signing_key
         self.load_functions()
@@ -91,6 +96,11 @@ class Env:
         # clients copy the session's event emitter when created: drop the cached ones
         clients._clients.clear()
         clients._assumed.clear()
+
+    def bind(self, principal: str, roles: list[str]) -> None:
+        """Give an IAM principal admin roles (``RINGFENCE_ADMIN_ROLES``, read per request)."""
+        bindings = json.loads(os.environ.get(ADMIN_ROLES_ENV, "{}"))
+        os.environ[ADMIN_ROLES_ENV] = json.dumps({**bindings, principal: roles})
 
     # --- estate -------------------------------------------------------------------------------
 
@@ -277,14 +287,22 @@ class Env:
         return DynamoStore("rf-inventory", "rf-state", "rf-audit", resource=self.ddb)
 
     def bundle(self, wid: str) -> Any:
-        """The workload's current signed bundle, as the agent API serves it."""
-        from ringfence.bundle import Bundle, Verifier
+        """What the workload's agent enforces: the signed bundle the agent API serves with the
+        signed deltas it serves after it folded in (each verified), at the newest version."""
+        from ringfence.bundle import Verifier, fold_deltas, load_bundle, load_delta
 
-        cur = self.fn["agentapi"].api().current(wid)
+        api = self.fn["agentapi"].api()
+        cur = api.current(wid)
         assert isinstance(cur, tuple), f"no bundle for {wid}: {cur}"
-        doc = Bundle.model_validate(cur[1])
-        Verifier.from_pem(self.signing_key.public_pem()).verify(doc)
-        return doc
+        verifier = Verifier.from_pem(self.signing_key.public_pem())
+        doc = load_bundle(cur[1])
+        verifier.verify(doc)
+        got = api.deltas(wid, doc.version)
+        assert got.status == 200, f"deltas of {wid} from {doc.version}: {got}"
+        deltas = [load_delta(json.dumps(d)) for d in json.loads(got.body)["deltas"]]
+        for d in deltas:
+            verifier.verify(d)
+        return fold_deltas(doc, deltas)
 
     def count(self, queue: str) -> int:
         attrs = self.sqs.get_queue_attributes(

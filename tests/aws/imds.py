@@ -14,12 +14,17 @@ from tests.aws.conftest import Env
 
 @contextmanager
 def running_imds(
-    env: Env, instance_at: Callable[[str], str | None], host: str = "127.0.0.1", netns: str | None = None
+    env: Env,
+    instance_at: Callable[[str], str | None],
+    host: str = "127.0.0.1",
+    netns: str | None = None,
+    port: int = 0,
 ) -> Iterator[str]:
-    """The IMDS listening on ``host`` (a free port; inside ``netns`` when given): its base URL."""
+    """The IMDS listening on ``host`` (``port``, a free one by default; inside ``netns`` when
+    given): its base URL."""
 
     def make() -> Imds:
-        return Imds(instance_at, env.aws.identity_document, env.iid.sign, host=host, port=0)
+        return Imds(instance_at, env.aws.identity_document, env.iid.sign, host=host, port=port)
 
     if netns is None:
         imds = make()

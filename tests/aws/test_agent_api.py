@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from typing import Any
 
+import pytest
+
 from ringfence import agentapi
+from ringfence.bundle import Bundle
 from tests.aws.conftest import ACCOUNT, REGION, Env, LambdaContext, ip_of, rest_answer, rest_event
 from tests.aws.test_pipeline import (
+    AgentKey,
     _ctx,
     _scheduled,
+    agent_key,
     boot,
     bridge,
     covered,
@@ -35,7 +41,7 @@ def test_iid_enrollment_then_own_bundle_only(env: Env) -> None:
     status, hdrs, doc = env.rest("agentapi", "GET", f"/v1/agents/{web}/bundle", headers=auth(resp.token))
     assert status == 200 and doc["workload_id"] == web
     etag = hdrs["etag"]
-    assert etag == f'"{doc["version"]}"'
+    assert etag.startswith(f'"{doc["version"]}-')  # version and the stored bytes: a refresh is a new ETag
     status, _, _ = env.rest(
         "agentapi", "GET", f"/v1/agents/{web}/bundle", headers={**auth(resp.token), "If-None-Match": etag}
     )
@@ -47,13 +53,15 @@ def test_iid_enrollment_then_own_bundle_only(env: Env) -> None:
     assert status == 401
 
 
-def test_replayed_identity_document_is_rejected(env: Env) -> None:
+def test_same_document_and_key_re_enroll_another_key_is_refused(env: Env) -> None:
     est = boot(env)
     web = est["ids"]["web"][0]
     doc = iid_document(env, web)
     assert enroll_iid(env, web, doc)[0] == 200
-    status, body = enroll_iid(env, web, doc)  # fresh nonce, same document
-    assert status == 401 and "replay" in body["detail"]
+    status, body = enroll_iid(env, web, doc)  # fresh nonce, same document, the same agent key
+    assert status == 200, "the bound agent re-enrolls (no 28-day replay lock-out)"
+    status, body = enroll_iid(env, web, doc, key=AgentKey())
+    assert status == 401 and "another agent key" in body["detail"]
 
 
 def test_forged_document_and_reused_nonce_are_rejected(env: Env) -> None:
@@ -64,12 +72,43 @@ def test_forged_document_and_reused_nonce_are_rejected(env: Env) -> None:
     status, body = enroll_iid(env, db, forged, env.iid.sign(doc))
     assert status == 401 and "does not verify" in body["detail"]
     _, _, n = env.rest("agentapi", "GET", "/v1/nonce")
-    req = {"method": "aws-iid", "nonce": n["nonce"], "document": doc, "document_signature": env.iid.sign(doc)}
+    key = agent_key(web)
+    req = {
+        "method": "aws-iid",
+        "nonce": n["nonce"],
+        "document": doc,
+        "document_signature": env.iid.sign(doc),
+        "agent_key": key.pem,
+        "agent_signature": key.prove("enroll", web, n["nonce"]),
+    }
     assert env.rest("agentapi", "POST", "/v1/enroll", json.dumps(req))[0] == 200
     doc2 = iid_document(env, db)
-    req2 = {"method": "aws-iid", "nonce": n["nonce"], "document": doc2, "document_signature": env.iid.sign(doc2)}
+    req2 = {
+        "method": "aws-iid",
+        "nonce": n["nonce"],
+        "document": doc2,
+        "document_signature": env.iid.sign(doc2),
+        "agent_key": agent_key(db).pem,
+        "agent_signature": agent_key(db).prove("enroll", db, n["nonce"]),
+    }
     status, _, body = env.rest("agentapi", "POST", "/v1/enroll", json.dumps(req2))
     assert status == 401 and "nonce" in body["detail"]
+
+
+@pytest.fixture
+def pairing_on(env: Env, monkeypatch: pytest.MonkeyPatch) -> Env:
+    """The AWS stack with pairing enabled (off by default: RINGFENCE_ENROLL_METHODS)."""
+    monkeypatch.setenv("RINGFENCE_ENROLL_METHODS", "aws-iid,aws-sts,pairing")
+    env.load_functions()
+    return env
+
+
+def test_the_aws_stack_has_pairing_off_by_default(env: Env) -> None:
+    register_onprem(env, "dc1-db-1", "192.168.10.5")
+    status, _, key = env.rest("admin", "POST", "/admin/pairing-keys", {"workload_id": "dc1-db-1", "uses": 1, "ttl": 60})
+    assert status == 201
+    status, body = enroll_pairing(env, "dc1-db-1", key["pairing_key"])
+    assert status == 400 and "not enabled" in body["detail"]
 
 
 def register_onprem(env: Env, wid: str, ip: str) -> None:
@@ -93,7 +132,8 @@ def enroll_pairing(env: Env, wid: str, key: str) -> tuple[int, Any]:
     return status, body
 
 
-def test_pairing_key_enrolls_only_its_workload_a_limited_number_of_times(env: Env) -> None:
+def test_pairing_key_enrolls_only_its_workload_a_limited_number_of_times(pairing_on: Env) -> None:
+    env = pairing_on
     register_onprem(env, "dc1-db-1", "192.168.10.5")
     register_onprem(env, "dc1-db-2", "192.168.10.6")
     status, _, key = env.rest(
@@ -111,7 +151,8 @@ def test_pairing_key_enrolls_only_its_workload_a_limited_number_of_times(env: En
     assert env.store.get("dc1-db-1").enrolled  # type: ignore[union-attr]
 
 
-def test_expired_pairing_key_is_refused(env: Env) -> None:
+def test_expired_pairing_key_is_refused(pairing_on: Env) -> None:
+    env = pairing_on
     from ringfence.clouds.aws.api import secret_hash
 
     register_onprem(env, "dc1-db-1", "192.168.10.5")
@@ -120,7 +161,8 @@ def test_expired_pairing_key_is_refused(env: Env) -> None:
     assert status == 401 and "expired" in body["detail"]
 
 
-def test_pairing_is_refused_for_cloud_instances(env: Env) -> None:
+def test_pairing_is_refused_for_cloud_instances(pairing_on: Env) -> None:
+    env = pairing_on
     from ringfence.clouds.aws.api import secret_hash
 
     est = boot(env)
@@ -221,6 +263,7 @@ def test_admin_quarantine_mode_and_audit(env: Env) -> None:
     est = boot(env)
     web, proc = est["ids"]["web"][0], est["ids"]["proc"][0]
     bob = "arn:aws:iam::123456789012:role/secops/bob"
+    env.bind(bob, ["incident-responder", "policy-author"])
     status, _, _body = env.rest(
         "admin", "POST", f"/admin/workloads/{web}/quarantine", {"reason": "ir-42"}, principal=bob
     )
@@ -283,8 +326,8 @@ def test_websocket_nudge_reaches_a_connected_agent(env: Env) -> None:
     def connect(token: str | None) -> dict[str, Any]:
         event = {
             "requestContext": {"routeKey": "$connect", "connectionId": "conn-1", "eventType": "CONNECT", "stage": "v1"},
-            "queryStringParameters": {"token": token} if token else None,
-            "headers": {},
+            "queryStringParameters": None,
+            "headers": {"Authorization": f"Bearer {token}"} if token else {},
             "isBase64Encoded": False,
         }
         return env.fn["wsconnect"].handler(event, _ctx())  # type: ignore[no-any-return]
@@ -306,24 +349,47 @@ def test_expired_deltas_make_the_api_ask_compute_for_a_whole_bundle(env: Env) ->
     new = est["run"]("web", est["subnets"]["web"], 1)[0]
     env.put(env.state_event(new, "running"))
     env.pump()
-    # the delta index expired (TTL) before this agent's bundle was materialized
+    # the delta index expired (TTL) before this agent caught up from its stored bundle
     table = env.ddb.Table("rf-state")
     for item in table.scan()["Items"]:
         if item["pk"].startswith("delta#"):
             table.delete_item(Key={"pk": item["pk"], "sk": item["sk"]})
-    status, hdrs, _ = env.rest("agentapi", "GET", f"/v1/agents/{proc}/bundle", headers=auth(tok))
-    assert status == 503 and hdrs.get("retry-after") == "5"
-    env.pump()  # compute re-renders the whole bundle
+    status, _, old = env.rest("agentapi", "GET", f"/v1/agents/{proc}/bundle", headers=auth(tok))
+    assert status == 200 and not in_set(Bundle.model_validate(old), ip_of(env, new))
+    status, _, _ = env.rest(
+        "agentapi", "GET", f"/v1/agents/{proc}/deltas", None, auth(tok), {"since": str(old["version"])}
+    )
+    assert status == 409
+    env.pump()  # compute re-renders (and signs) the whole bundle
     status, _, doc = env.rest("agentapi", "GET", f"/v1/agents/{proc}/bundle", headers=auth(tok))
     assert status == 200
-    from ringfence.bundle import Bundle
-
     got = Bundle.model_validate(doc)
     assert got.version == env.fn["compute"].service().engine.bundle_version(proc)
     assert in_set(got, ip_of(env, new))
 
 
-def _sts_request(env: Env, iid: str, nonce: str, sign_nonce: bool = True) -> dict[str, Any]:
+def give_instance_profile(env: Env, iid: str, role: str = "web-instance-role") -> str:
+    """An instance profile holding ``role``, attached to the instance (as EC2 launches it)."""
+    import boto3
+
+    iam = boto3.client("iam")
+    trust = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}],
+    }
+    with contextlib.suppress(iam.exceptions.EntityAlreadyExistsException):
+        iam.create_role(RoleName=role, AssumeRolePolicyDocument=json.dumps(trust))
+    profile = f"{role}-profile"
+    with contextlib.suppress(iam.exceptions.EntityAlreadyExistsException):
+        iam.create_instance_profile(InstanceProfileName=profile)
+        iam.add_role_to_instance_profile(InstanceProfileName=profile, RoleName=role)
+    env.ec2.associate_iam_instance_profile(IamInstanceProfile={"Name": profile}, InstanceId=iid)
+    return role
+
+
+def sts_request(
+    env: Env, iid: str, nonce: str, sign_nonce: bool = True, role: str = "web-instance-role"
+) -> dict[str, Any]:
     """What an agent sends for aws-sts: a GetCallerIdentity signed with its instance-profile
     credentials (here: an assumed-role session named after the instance, as EC2 does)."""
     import boto3
@@ -331,9 +397,9 @@ def _sts_request(env: Env, iid: str, nonce: str, sign_nonce: bool = True) -> dic
     from botocore.awsrequest import AWSRequest
     from botocore.credentials import Credentials
 
-    creds = boto3.client("sts").assume_role(
-        RoleArn=f"arn:aws:iam::{ACCOUNT}:role/web-instance-profile", RoleSessionName=iid
-    )["Credentials"]
+    creds = boto3.client("sts").assume_role(RoleArn=f"arn:aws:iam::{ACCOUNT}:role/{role}", RoleSessionName=iid)[
+        "Credentials"
+    ]
     url = f"{env.url}/?Action=GetCallerIdentity&Version=2011-06-15"
     req = AWSRequest(method="GET", url=url, headers={"X-Ringfence-Nonce": nonce} if sign_nonce else {})
     SigV4Auth(
@@ -344,34 +410,38 @@ def _sts_request(env: Env, iid: str, nonce: str, sign_nonce: bool = True) -> dic
     return {"method": "aws-sts", "nonce": nonce, "sts_url": url, "sts_headers": headers}
 
 
-def test_sts_enrollment_binds_the_nonce_and_refuses_replays(env: Env) -> None:
-    import os
+@pytest.fixture
+def sts_env(env: Env, monkeypatch: pytest.MonkeyPatch) -> Env:
+    """The agent API allowing exactly the loopback moto server as its STS endpoint (production:
+    AWS's STS host names only)."""
+    monkeypatch.setenv("RINGFENCE_STS_ENDPOINTS", env.url)
+    env.load_functions()
+    return env
 
-    os.environ["RINGFENCE_STS_ENDPOINTS"] = env.url + "/"
-    try:
-        env.load_functions()
-        est = boot(env)
-        web = est["ids"]["web"][0]
-        _, _, n = env.rest("agentapi", "GET", "/v1/nonce")
-        req = _sts_request(env, web, n["nonce"])
-        status, _, body = env.rest("agentapi", "POST", "/v1/enroll", json.dumps(req))
-        assert status == 200 and body["workload_id"] == web, body
-        status, _, body = env.rest("agentapi", "POST", "/v1/enroll", json.dumps(req))
-        assert status == 401 and "nonce" in body["detail"], "a replayed signed request is refused"
-        _, _, n2 = env.rest("agentapi", "GET", "/v1/nonce")
-        unsigned = _sts_request(env, web, n2["nonce"], sign_nonce=False)
-        status, _, body = env.rest("agentapi", "POST", "/v1/enroll", json.dumps(unsigned))
-        assert status == 401 and "signed" in body["detail"]
-        elsewhere = dict(req, nonce=n2["nonce"], sts_url="https://evil.example.com/?Action=GetCallerIdentity")
-        elsewhere["sts_headers"] = dict(req["sts_headers"], **{"X-Ringfence-Nonce": n2["nonce"]})
-        status, _, body = env.rest("agentapi", "POST", "/v1/enroll", json.dumps(elsewhere))
-        assert status == 401 and "STS endpoint" in body["detail"]
-        _, _, n3 = env.rest("agentapi", "GET", "/v1/nonce")
-        human = _sts_request(env, "alice", n3["nonce"])
-        status, _, body = env.rest("agentapi", "POST", "/v1/enroll", json.dumps(human))
-        assert status == 401 and "instance-profile session" in body["detail"]
-    finally:
-        del os.environ["RINGFENCE_STS_ENDPOINTS"]
+
+def test_sts_enrollment_binds_the_nonce_and_refuses_replays(sts_env: Env) -> None:
+    env = sts_env
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    give_instance_profile(env, web)
+    _, _, n = env.rest("agentapi", "GET", "/v1/nonce")
+    req = sts_request(env, web, n["nonce"])
+    status, _, body = env.rest("agentapi", "POST", "/v1/enroll", json.dumps(req))
+    assert status == 200 and body["workload_id"] == web, body
+    status, _, body = env.rest("agentapi", "POST", "/v1/enroll", json.dumps(req))
+    assert status == 401 and "nonce" in body["detail"], "a replayed signed request is refused"
+    _, _, n2 = env.rest("agentapi", "GET", "/v1/nonce")
+    unsigned = sts_request(env, web, n2["nonce"], sign_nonce=False)
+    status, _, body = env.rest("agentapi", "POST", "/v1/enroll", json.dumps(unsigned))
+    assert status == 401 and "signed" in body["detail"]
+    elsewhere = dict(req, nonce=n2["nonce"], sts_url="https://evil.example.com/?Action=GetCallerIdentity")
+    elsewhere["sts_headers"] = dict(req["sts_headers"], **{"X-Ringfence-Nonce": n2["nonce"]})
+    status, _, body = env.rest("agentapi", "POST", "/v1/enroll", json.dumps(elsewhere))
+    assert status == 401 and "STS endpoint" in body["detail"]
+    _, _, n3 = env.rest("agentapi", "GET", "/v1/nonce")
+    human = sts_request(env, "alice", n3["nonce"])
+    status, _, body = env.rest("agentapi", "POST", "/v1/enroll", json.dumps(human))
+    assert status == 401 and "instance-profile session" in body["detail"]
 
 
 def test_two_compute_containers_never_reuse_a_revision(env: Env) -> None:
@@ -470,3 +540,27 @@ def test_wait_is_capped_by_max_wait(env: Env, monkeypatch: Any) -> None:
     query = {"version": str(v), "timeout": "300"}
     status, _, body = env.rest("agentapi", "GET", f"/v1/agents/{proc}/wait", headers=auth(tok), query=query)
     assert status == 200 and body == {"latest_version": v} and time.monotonic() - t0 < 4
+
+
+def test_attack_a_bearer_token_in_the_websocket_url_is_refused(env: Env) -> None:
+    """A token in a query string lands in access logs and proxies: $connect refuses it even when
+    it is valid, and no nudge connection is recorded for its workload."""
+    est = boot(env)
+    proc = est["ids"]["proc"][0]
+    tok = enroll_instance(env, proc)
+
+    def connect(query: dict[str, str] | None, headers: dict[str, str]) -> dict[str, Any]:
+        event = {
+            "requestContext": {"routeKey": "$connect", "connectionId": "conn-q", "eventType": "CONNECT", "stage": "v1"},
+            "queryStringParameters": query,
+            "headers": headers,
+            "isBase64Encoded": False,
+        }
+        return env.fn["wsconnect"].handler(event, _ctx())  # type: ignore[no-any-return]
+
+    refused = connect({"token": tok}, {})
+    assert refused["statusCode"] == 400 and "token in the URL" in refused["body"]
+    assert connect({"token": tok}, {"Authorization": f"Bearer {tok}"})["statusCode"] == 400
+    assert env.store.connection(proc) is None
+    assert connect(None, {"authorization": f"Bearer {tok}"})["statusCode"] == 200
+    assert env.store.connection(proc) == "conn-q"

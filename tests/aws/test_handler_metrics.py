@@ -88,14 +88,18 @@ def test_an_event_not_about_instances_is_counted_not_dead_lettered(
 
 def test_websocket_connections_are_counted(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
     from ringfence.clouds.aws.api import secret_hash
+    from ringfence.model import Workload
+    from ringfence.store.base import InventoryRecord
 
+    # a running workload's current token (a token of a workload not in inventory connects nothing)
+    env.store.observe(InventoryRecord(id="i-0abc", workload=Workload(id="i-0abc", cloud="aws"), observed_at=1.0))
     env.store.put_token(secret_hash("good-token"), "i-0abc", 600)
 
     def route(key: str, token: str | None = None) -> dict[str, Any]:
         event = {
             "requestContext": {"routeKey": key, "connectionId": "conn-1", "eventType": "CONNECT", "stage": "v1"},
-            "queryStringParameters": {"token": token} if token else None,
-            "headers": {},
+            "queryStringParameters": None,
+            "headers": {"Authorization": f"Bearer {token}"} if token else {},
             "isBase64Encoded": False,
         }
         return env.fn["wsconnect"].handler(event, LambdaContext())  # type: ignore[no-any-return]
@@ -140,13 +144,13 @@ def test_ingest_parses_each_record_once(env: Env, monkeypatch: pytest.MonkeyPatc
 def test_agent_and_admin_apis_count_enrollments_refusals_and_actions(
     env: Env, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from tests.aws.test_pipeline import enroll_iid
+    from tests.aws.test_pipeline import AgentKey, enroll_iid
 
     est = boot(env)
     web = est["ids"]["web"][0]
     capsys.readouterr()
     assert enroll_iid(env, web)[0] == 200
-    assert enroll_iid(env, web)[0] == 401  # the same document again: a replay
+    assert enroll_iid(env, web, key=AgentKey())[0] == 401  # the same document, another key: refused
     assert env.rest("agentapi", "GET", f"/v1/agents/{web}/bundle", headers={"Authorization": "Bearer x"})[0] == 401
     assert env.rest("agentapi", "POST", "/v1/enroll", {"method": "telepathy"})[0] == 422
     assert env.rest("admin", "POST", f"/admin/workloads/{web}/quarantine", {"reason": "ir"})[0] == 200

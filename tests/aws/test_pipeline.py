@@ -113,7 +113,15 @@ def test_scale_out_lifecycle_publishes_then_continues(env: Env) -> None:
     bridged = bridge(env, before, body["deltas"])
     assert bridged == {n: set(s.v4) | set(s.v6) for n, s in after.sets.items()}
     assert not in_set(before, ip_of(env, new)) and covered(bridged, ip_of(env, new))
-    # terminate: leaves peers' sets before CONTINUE
+    # terminate (scale-in held by a terminate hook): leaves peers' sets before CONTINUE
+    env.asg.put_lifecycle_hook(
+        AutoScalingGroupName="rf-web-asg",
+        LifecycleHookName="rf-leave",
+        LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING",
+        HeartbeatTimeout=300,
+        DefaultResult="CONTINUE",
+    )
+    env.asg.terminate_instance_in_auto_scaling_group(InstanceId=new, ShouldDecrementDesiredCapacity=True)
     env.put(env.lifecycle_event(new, launching=False))
     env.pump()
     assert completed[-1]["instance"] == new
@@ -282,14 +290,49 @@ def iid_document(env: Env, iid: str, pending: str = "2026-11-21T10:00:00Z") -> s
     )
 
 
-def enroll_iid(env: Env, iid: str, document: str | None = None, signature: str | None = None) -> tuple[int, Any]:
+class AgentKey:
+    """An agent's own Ed25519 key, as the agent generates it (tests sign proofs with it)."""
+
+    def __init__(self) -> None:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        self.private = Ed25519PrivateKey.generate()
+        self.pem = (
+            self.private.public_key()
+            .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+            .decode()
+        )
+
+    def prove(self, purpose: str, wid: str, nonce: str) -> str:
+        import base64
+
+        from ringfence.agentwire import proof_message
+
+        return base64.b64encode(self.private.sign(proof_message(purpose, wid, nonce))).decode()
+
+
+AGENT_KEYS: dict[str, AgentKey] = {}
+
+
+def agent_key(iid: str) -> AgentKey:
+    """The one key of the (simulated) agent on ``iid``."""
+    return AGENT_KEYS.setdefault(iid, AgentKey())
+
+
+def enroll_iid(
+    env: Env, iid: str, document: str | None = None, signature: str | None = None, key: AgentKey | None = None
+) -> tuple[int, Any]:
     _, _, n = env.rest("agentapi", "GET", "/v1/nonce")
     doc = document or iid_document(env, iid)
+    key = key or agent_key(iid)
     req = {
         "method": "aws-iid",
         "nonce": n["nonce"],
         "document": doc,
         "document_signature": signature or env.iid.sign(doc),
+        "agent_key": key.pem,
+        "agent_signature": key.prove("enroll", iid, n["nonce"]),
     }
     status, _, body = env.rest("agentapi", "POST", "/v1/enroll", json.dumps(req))
     return status, body

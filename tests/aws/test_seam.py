@@ -29,7 +29,7 @@ ADMIN_TOKEN = "seam-admin-token-0123456789abcdef"
 def control_plane(env: Env, tmp_path: Path) -> Iterator[str]:
     """``ringfence serve --store aws`` in its own process (moto through AWS_ENDPOINT_URL)."""
     tokens = tmp_path / "admin-tokens"
-    tokens.write_text(f"secops:{serve.token_hash(ADMIN_TOKEN)}\n")
+    tokens.write_text(f"secops:{serve.token_hash(ADMIN_TOKEN)}:policy-author,incident-responder,onboarding\n")
     environ = {**os.environ, "RINGFENCE_WAIT_POLL_INTERVAL": "0.2"}
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen(

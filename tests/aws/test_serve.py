@@ -19,7 +19,7 @@ import pytest
 
 from ringfence import serve
 from tests.aws.conftest import POLICY_DIR, Env
-from tests.aws.test_pipeline import boot, iid_document
+from tests.aws.test_pipeline import agent_key, boot, iid_document
 
 ALICE_TOKEN = "alice-secret-token-0123456789"
 
@@ -27,7 +27,9 @@ ALICE_TOKEN = "alice-secret-token-0123456789"
 @pytest.fixture
 def tokens(tmp_path: Path) -> Path:
     p = tmp_path / "admin-tokens"
-    p.write_text(f"# who may call the admin API\nalice:{serve.token_hash(ALICE_TOKEN)}\n")
+    p.write_text(
+        f"# who may call the admin API\nalice:{serve.token_hash(ALICE_TOKEN)}:policy-author,incident-responder,onboarding\n"
+    )
     return p
 
 
@@ -75,17 +77,38 @@ def test_agent_api_over_http_enroll_bundle_and_concurrent_long_polls(env: Env, s
     for wid in procs:  # EC2 instances enroll with their signed identity document
         nonce = httpx.get(f"{served}/v1/nonce").json()["nonce"]
         doc = iid_document(env, wid)
-        req = {"method": "aws-iid", "nonce": nonce, "document": doc, "document_signature": env.iid.sign(doc)}
+        req = {
+            "method": "aws-iid",
+            "nonce": nonce,
+            "document": doc,
+            "document_signature": env.iid.sign(doc),
+            "agent_key": agent_key(wid).pem,
+            "agent_signature": agent_key(wid).prove("enroll", wid, nonce),
+        }
         r = httpx.post(f"{served}/v1/enroll", json=req)
         assert r.status_code == 200, r.text
         tokens[wid] = r.json()["token"]
+    # a token renewed over HTTP by the agent key's signature (the enrollment's is revoked)
+    nonce = httpx.get(f"{served}/v1/nonce").json()["nonce"]
+    body = {"nonce": nonce, "signature": agent_key(procs[0]).prove("token", procs[0], nonce)}
+    r = httpx.post(f"{served}/v1/agents/{procs[0]}/token", json=body)
+    assert r.status_code == 200 and r.json()["expires_in"] == 3600, r.text
+    old, tokens[procs[0]] = tokens[procs[0]], r.json()["token"]
+    assert (
+        httpx.get(f"{served}/v1/agents/{procs[0]}/bundle", headers={"Authorization": f"Bearer {old}"}).status_code
+        == 401
+    )
     # a bad field of the enrollment is a 422 naming it
     r = httpx.post(f"{served}/v1/enroll", json={"method": "telepathy", "nonce": "n"})
     assert r.status_code == 422 and "body.method" in r.json()["detail"], r.text
     wid = procs[0]
     auth = {"Authorization": f"Bearer {tokens[wid]}"}
     r = httpx.get(f"{served}/v1/agents/{wid}/bundle", headers=auth)
-    assert r.status_code == 200 and r.json()["workload_id"] == wid and r.headers["etag"] == f'"{r.json()["version"]}"'
+    assert (
+        r.status_code == 200
+        and r.json()["workload_id"] == wid
+        and r.headers["etag"].startswith(f'"{r.json()["version"]}-')
+    )
     v = r.json()["version"]
     assert (
         httpx.get(f"{served}/v1/agents/{wid}/bundle", headers={**auth, "If-None-Match": r.headers["etag"]}).status_code
@@ -192,7 +215,7 @@ def test_admin_tokens_file_is_checked_and_tokens_are_never_shown(tmp_path: Path)
     p.write_text("# nothing\n")
     with pytest.raises(serve.ServeError, match="no admin tokens"):
         serve.AdminTokens.load(p)
-    token, line = serve.new_admin_token("ops@example.com")
+    token, line = serve.new_admin_token("ops@example.com", ["incident-responder"])
     p.write_text(line + "\n")
     assert token not in p.read_text()
     t = serve.AdminTokens.load(p)
@@ -210,7 +233,10 @@ def test_cli_serves_and_refuses_plain_http_off_loopback(env: Env, tmp_path: Path
     assert out.returncode == 1 and "refusing to serve plain HTTP on 0.0.0.0" in out.stderr
     tokens = tmp_path / "tokens"
     made = subprocess.run(
-        [str(RINGFENCE), "serve-token", "bob", "--file", str(tokens)], capture_output=True, text=True, check=True
+        [str(RINGFENCE), "serve-token", "bob", "--role", "policy-author", "--file", str(tokens)],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     token = made.stdout.strip().splitlines()[-1]
     assert oct(tokens.stat().st_mode & 0o777) == "0o600" and token not in tokens.read_text()

@@ -119,7 +119,9 @@ def test_storm_benchmark_script_runs_small() -> None:
 
     out = run(10, baseline=0)
     assert out["estate_after"] == 16  # 5 + 10 + the one more afterwards
-    assert out["incremental"]["bundles_published"] == 10 and out["incremental"]["deltas_published"] >= 10
+    incr = out["incremental"]
+    # one delta per set a compute invocation touched, however many instances it took in
+    assert incr["bundles_published"] == 10 and incr["deltas_published"] == incr["sets_touched"] >= 1
     assert out["one_more_instance_afterwards"]["bundles_published"] == 1
 
 
@@ -145,7 +147,8 @@ def test_basic_example_inputs_line_up() -> None:
     assert _keys(tfvars) <= set(declared), _keys(tfvars) - set(declared)
     required = {name for name, v in declared.items() if "default" not in v}
     assert required <= _keys(tfvars), required - _keys(tfvars)
-    assert {"control_account", "signing_key_secret_arn"} <= required
+    assert required == {"control_account"}  # the signing key defaults to a KMS key the module creates
+    assert declared["signing_key_source"]["default"] == "kms"
     assert tfvars["control_account"] != "" and len(tfvars["control_account"]) == 12
     main = unquote(hcl2.loads((example / "main.tf").read_text()))
     (call,) = [m["ringfence"] for m in main["module"]]
@@ -217,7 +220,7 @@ def test_perimeter_iam_changes_and_deletes_only_tagged_groups_in_both_deployment
         for a in st["Action"]:
             cfn.setdefault(a, []).extend(conds)
     for action, cond in guarded.items():
-        assert cfn[action] == [cond], action
+        assert cond in cfn[action], action  # with the VPC scope: tests/aws/test_perimeter_iam.py
     assert birth_cond in cfn["ec2:CreateSecurityGroup"]
     env = res["PerimeterFunction"]["Properties"]["Events"]
     assert env["Queue"]["Properties"]["Queue"] == {"GetAtt": "PerimeterQueue.Arn"}
@@ -230,10 +233,12 @@ def test_perimeter_iam_changes_and_deletes_only_tagged_groups_in_both_deployment
     for st in loc["statements"]["perimeter"]:
         if not isinstance(st, dict):
             continue  # a shared local (assume, kms)
-        conds = [(c["test"], c["variable"], c["values"][0]) for c in st.get("conditions", [])] or [None]
+        conds = [
+            (c["test"], c["variable"], c["values"][0]) for c in st.get("conditions", []) if isinstance(c, dict)
+        ] or [None]
         for a in st["actions"]:
             tf.setdefault(a, []).extend(conds)
     for action, cond in guarded.items():
-        assert tf[action] == [cond], action
+        assert cond in tf[action], action
     assert birth_cond in tf["ec2:CreateSecurityGroup"]
     assert "RINGFENCE_PERIMETER_QUEUE_URL" in loc["common_env"]

@@ -205,6 +205,26 @@ def test_tokens_name_their_workload_until_they_expire(store: Store) -> None:
     assert store.token_workload("h2") is None and store.token_workload("nope") is None
 
 
+def test_one_active_token_per_workload_and_revocation(store: Store) -> None:
+    store.put_token("old", "w1", 60)
+    store.put_token("other", "w2", 60)
+    store.put_token("new", "w1", 60)
+    assert store.token_workload("old") is None, "a workload's new token revokes its previous one"
+    assert store.token_workload("new") == "w1" and store.token_workload("other") == "w2"
+    assert store.revoke_tokens("w1") and not store.revoke_tokens("w1")
+    assert store.token_workload("new") is None and store.token_workload("other") == "w2"
+
+
+def test_agent_key_first_binding_wins_unless_replaced(store: Store) -> None:
+    assert store.agent_key("w") is None
+    assert store.bind_agent_key("w", "K1") == "K1"
+    assert store.bind_agent_key("w", "K2") == "K1", "a second key does not displace the first"
+    assert store.agent_key("w") == "K1"
+    assert store.bind_agent_key("w", "K3", replace=True) == "K3"
+    store.drop_agent_key("w")
+    assert store.agent_key("w") is None
+
+
 def test_pairing_key_enrolls_only_its_workload_a_limited_number_of_times(store: Store) -> None:
     store.put_pairing("h", "w", uses=2, ttl=60)
     assert not store.use_pairing("h", "other"), "a key issued for w never enrolls another id"

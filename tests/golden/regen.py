@@ -21,6 +21,8 @@ from ringfence.publish import delta_documents, signed_bundle
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).resolve().parent
 EXAMPLE = ROOT / "examples" / "ordering"
+# a fixed expiry keeps the files stable; far off, so agent tests can apply them (2100-01-01)
+EXPIRES_AT = 4102444800
 
 
 def key() -> bundle.SigningKey:
@@ -37,7 +39,7 @@ def build() -> dict[str, str]:
     out: dict[str, str] = {}
 
     def emit_bundle(name: str, wid: str) -> None:
-        out[name] = bundle.dumps(signed_bundle(engine, wid, signer))
+        out[name] = bundle.dumps(signed_bundle(engine, wid, signer, expires_at=EXPIRES_AT))
 
     emit_bundle("bundle-ord-prod-db-1.json", "ord-prod-db-1")
     emit_bundle("bundle-ord-prod-proc-1.json", "ord-prod-proc-1")

@@ -108,6 +108,9 @@ def test_scale_out_waits_in_pending_wait_until_compute_completes_the_action(env:
         ok = r.timeline.wait(lambda e, i=iid: i in e.instance_ids and e.detail_type == rt.LAUNCH_OK, WAIT)
         assert ok is not None, f"{iid} never went InService"
         assert action.ingested <= ok.changed, "held until the lifecycle handler had run"  # type: ignore[operator]
+        # the launch passed the perimeter handler on its way to compute: the timeline says when
+        assert action.perimeter is not None, "perimeter stamp"
+        assert action.ingested <= action.perimeter <= action.computed  # type: ignore[operator]
     assert published_when_in_service == dict.fromkeys(new, True)
     assert set(states(env.asg).values()) == {"InService"}
     assert r.wait_idle(WAIT)

@@ -7,6 +7,7 @@ from typing import Any
 
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver
 
+from ringfence.adminroles import AdminRole
 from ringfence.clouds.aws.agents import AgentApi
 from ringfence.clouds.onprem import OnPremAdmin
 from ringfence.local.wiring import LocalWiring
@@ -25,7 +26,7 @@ def call(app: APIGatewayRestResolver, method: str, path: str, body: Any = None) 
 
 def test_register_import_pair_and_deregister_through_the_routes(wiring: LocalWiring) -> None:
     svc = boot(wiring)
-    app = admin_routes(lambda: svc, onprem=lambda: svc)
+    app = admin_routes(lambda: svc, onprem=lambda: svc, roles_of=lambda _: frozenset(AdminRole))
     spec = {
         "id": "dc3-web-1",
         "ips": ["192.168.30.11"],
@@ -77,5 +78,10 @@ def test_register_import_pair_and_deregister_through_the_routes(wiring: LocalWir
 
 def test_the_aws_admin_api_has_no_onprem_routes(wiring: LocalWiring) -> None:
     svc = OnPremAdmin(wiring)
-    status, _ = call(admin_routes(lambda: svc), "POST", "/admin/workloads", {"id": "x", "ips": ["10.0.0.1"]})
+    status, _ = call(
+        admin_routes(lambda: svc, roles_of=lambda _: frozenset(AdminRole)),
+        "POST",
+        "/admin/workloads",
+        {"id": "x", "ips": ["10.0.0.1"]},
+    )
     assert status == 404

@@ -123,7 +123,7 @@ def until(check: Any, timeout: float, what: str) -> Any:
 def test_state_survives_kill_9(tmp_path: Path) -> None:
     db, log = tmp_path / "state" / "state.db", tmp_path / "serve.log"
     tokens = tmp_path / "admin-tokens"
-    tokens.write_text(f"ops:{serve.token_hash(TOKEN)}\n")
+    tokens.write_text(f"ops:{serve.token_hash(TOKEN)}:policy-author,incident-responder,onboarding\n")
     acks: list[tuple[str, ...]] = []
     before: dict[str, int] = {}
     for life, n in enumerate((12, 20, 9)):  # three lives, each killed mid-work

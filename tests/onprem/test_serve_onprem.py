@@ -30,7 +30,7 @@ class Server:
     def __init__(self, tmp_path: Path) -> None:
         self.db = tmp_path / "state" / "state.db"
         self.tokens = tmp_path / "admin-tokens"
-        self.tokens.write_text(f"carol:{serve.token_hash(TOKEN)}\n")
+        self.tokens.write_text(f"carol:{serve.token_hash(TOKEN)}:policy-author,incident-responder,onboarding\n")
         sock = serve.listen("127.0.0.1", 0)
         self.port = sock.getsockname()[1]
         sock.close()
@@ -152,4 +152,6 @@ def test_pairing_push_and_a_restart_after_kill_9(server: Server, tmp_path: Path,
     store = SqliteStore(server.db)
     actions = [(a.action, a.principal, a.target) for a in store.audit_log()]
     assert ("workload.quarantine", "carol", proc) in actions and store.get("dc1-web-2") is not None
-    assert {p for _, p, _ in actions} == {"carol"}, "every change audited with the admin token's principal"
+    assert ("agent.enroll", f"agent:{proc}", proc) in actions, "the enrollment is audited"
+    admin = {p for a, p, _ in actions if not a.startswith(("agent.", "token."))}
+    assert admin == {"carol"}, "every change audited with the admin token's principal"

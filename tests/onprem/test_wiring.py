@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -21,11 +22,19 @@ from tests.onprem.conftest import boot, signing_key_file
 
 
 def served(w: LocalWiring, wid: str) -> bundle.Bundle:
-    cur = AgentApi(w).current(wid)
+    """What the workload's agent enforces: the served bundle with the served deltas folded in."""
+    api = AgentApi(w)
+    cur = api.current(wid)
     assert isinstance(cur, tuple), f"no bundle for {wid}: {cur}"
-    doc = bundle.Bundle.model_validate(cur[1])
-    bundle.Verifier.from_pem(w.signer.public_pem()).verify(doc)
-    return doc
+    verifier = bundle.Verifier.from_pem(w.signer.public_pem())
+    doc = bundle.load_bundle(cur[1])
+    verifier.verify(doc)
+    got = api.deltas(wid, doc.version)
+    assert got.status == 200, got
+    deltas = [bundle.load_delta(json.dumps(d)) for d in json.loads(got.body)["deltas"]]
+    for d in deltas:
+        verifier.verify(d)
+    return bundle.fold_deltas(doc, deltas)
 
 
 def in_sets(doc: bundle.Bundle, ip: str) -> bool:
@@ -169,3 +178,25 @@ def test_the_label_mapper_never_keeps_no_policy(wiring: LocalWiring) -> None:
     assert wiring.mapper() is None
     boot(wiring)
     assert wiring.mapper() is not None
+
+
+def test_compute_refresh_resigns_bundles_near_expiry_at_the_same_version(wiring: LocalWiring) -> None:
+    """The schedule's refresh (reconcile in AWS, the worker's idle timer here): compute re-signs
+    the bundles expiring within bundle_refresh_before, same version, later expiry, new ETag;
+    the others stay as they are. Only compute signs."""
+    boot(wiring)
+    near, far = "dc1-web-1", "dc1-db-1"
+    before = {w: wiring.store.bundle_pointer(w) for w in (near, far)}
+    old = bundle.load_bundle(wiring.publisher.get(before[near].key))  # type: ignore[union-attr]
+    wiring.compute.expiry[near] = int(time.time()) + 60  # as if signed long ago
+    wiring.cfg.bundle_ttl += 3600  # (within the same second, a re-signed bundle would be the same bytes)
+    wiring.enqueue_compute(refresh=True)
+    assert wiring.settle(60)
+    after = {w: wiring.store.bundle_pointer(w) for w in (near, far)}
+    assert after[far] == before[far]
+    p0, p1 = before[near], after[near]
+    assert p0 is not None and p1 is not None
+    assert p1.version == p0.version and p1.key != p0.key and p1.etag != p0.etag
+    new = bundle.load_bundle(wiring.publisher.get(p1.key))
+    bundle.Verifier.from_pem(wiring.signer.public_pem()).verify(new)
+    assert new.content() == old.content() and (new.expires_at or 0) > (old.expires_at or 0)

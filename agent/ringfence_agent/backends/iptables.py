@@ -202,7 +202,8 @@ class IptablesRenderer:
             lines.append(f"-p tcp --dport 53 -m set --match-set {dns} dst -j ACCEPT")
             meta = f"-m set --match-set rf-fs-meta-{family}{gen} dst"
             lines.extend(f"{_svc(m, family)} {meta} -j ACCEPT" for m in METADATA_PORTS)
-            lines.append(f"-m set --match-set rf-fs-cp-{family}{gen} dst -j ACCEPT")
+            cp = f"-m set --match-set rf-fs-cp-{family}{gen} dst"
+            lines.extend(f"{_svc(m, family)} {cp} -j ACCEPT" for m in fs.control_ports if family in _fams(m))
         return lines
 
     @staticmethod

@@ -291,7 +291,10 @@ class NftRenderer:
                 lines.append(f'{a} @fs_dns_{fam} udp dport 53 accept comment "failsafe dns"')
                 lines.append(f'{a} @fs_dns_{fam} tcp dport 53 accept comment "failsafe dns"')
                 lines.extend(f'{a} @fs_meta_{fam} {_svc(m)} accept comment "failsafe metadata"' for m in METADATA_PORTS)
-                lines.append(f'{a} @fs_cp_{fam} accept comment "failsafe control-plane"')
+                # the control plane on its port(s) only, and only this host's own connection to it
+                lines.extend(
+                    f'{a} @fs_cp_{fam} {_svc(m)} accept comment "failsafe control-plane"' for m in fs.control_ports
+                )
         return lines
 
     @staticmethod

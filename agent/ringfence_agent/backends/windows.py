@@ -114,7 +114,13 @@ class WindowsPlanBackend:
                 )
         cp = [*fs.control_v4, *fs.control_v6]
         if cp:
-            rule("failsafe control-plane", "outbound", "Allow", f"-RemoteAddress {_addrs(cp)}")
+            for m in fs.control_ports:
+                rule(
+                    "failsafe control-plane",
+                    "outbound",
+                    "Allow",
+                    f"-RemoteAddress {_addrs(cp)} {_proto_args(m, 'outbound')}",
+                )
         if fs.dhcp:
             rule("failsafe dhcp", "outbound", "Allow", "-Protocol UDP -LocalPort 68 -RemotePort 67")
             rule("failsafe dhcpv6", "outbound", "Allow", "-Protocol UDP -LocalPort 546 -RemotePort 547")

@@ -36,6 +36,7 @@ locals {
 module "ringfence" {
   source                 = "../../modules/ringfence"
   name                   = var.name
+  signing_key_source     = var.signing_key_source
   signing_key_secret_arn = var.signing_key_secret_arn
   core_layer_zip         = coalesce(var.core_layer_zip, "${path.root}/../../../build/core-layer.zip")
   iid_certificate        = file(local.iid_certificate_file)
@@ -47,6 +48,7 @@ module "ringfence" {
     [for account, arn in local.member_role_arns : { account = account, region = var.region, role_arn = arn }],
   )
   account_roles    = local.member_role_arns
+  admin_roles      = var.admin_roles
   member_role_name = var.member_role_name
   perimeter_config = {
     admin_cidrs         = var.admin_cidrs

@@ -37,9 +37,16 @@ variable "member_role_name" {
   default     = "ringfence-member-readonly"
 }
 
-variable "signing_key_secret_arn" {
-  description = "Secrets Manager secret holding the Ed25519 bundle signing key (PKCS#8 PEM)."
+variable "signing_key_source" {
+  description = "kms (default: a non-exportable Ed25519 KMS key the module creates) or secret (signing_key_secret_arn)."
   type        = string
+  default     = "kms"
+}
+
+variable "signing_key_secret_arn" {
+  description = "With signing_key_source = secret: the Secrets Manager secret holding the Ed25519 bundle signing key (PKCS#8 PEM)."
+  type        = string
+  default     = ""
 }
 
 variable "iid_certificate_file" {
@@ -92,4 +99,9 @@ variable "tags" {
   description = "Tags on every resource."
   type        = map(string)
   default     = { project = "ringfence" }
+}
+
+variable "admin_roles" {
+  description = "IAM role ARN → admin roles (policy-author, incident-responder, onboarding, reader): who may call the admin API, and for what."
+  type        = map(list(string))
 }

@@ -4,6 +4,7 @@ locals {
   agent_routes = {
     "/v1/nonce"                 = ["get"]
     "/v1/enroll"                = ["post"]
+    "/v1/agents/{id}/token"     = ["post"]
     "/v1/agents/{id}/bundle"    = ["get"]
     "/v1/agents/{id}/deltas"    = ["get"]
     "/v1/agents/{id}/wait"      = ["get"]
@@ -53,11 +54,44 @@ resource "aws_api_gateway_rest_api" "this" {
   tags = var.tags
 }
 
+# only the admin roles reach the admin function at all; which action each may take is the
+# function's check (var.admin_roles)
+data "aws_iam_policy_document" "admin_api" {
+  statement {
+    actions   = ["execute-api:Invoke"]
+    resources = ["${aws_api_gateway_rest_api.this["admin"].execution_arn}/*"]
+    principals {
+      type        = "AWS"
+      identifiers = keys(var.admin_roles)
+    }
+  }
+  statement {
+    effect    = "Deny"
+    actions   = ["execute-api:Invoke"]
+    resources = ["${aws_api_gateway_rest_api.this["admin"].execution_arn}/*"]
+    principals {
+      type        = "*"
+      identifiers = ["*"]
+    }
+    condition {
+      test     = "ArnNotEquals"
+      variable = "aws:PrincipalArn"
+      values   = keys(var.admin_roles)
+    }
+  }
+}
+
+resource "aws_api_gateway_rest_api_policy" "admin" {
+  rest_api_id = aws_api_gateway_rest_api.this["admin"].id
+  policy      = data.aws_iam_policy_document.admin_api.json
+}
+
 resource "aws_api_gateway_deployment" "this" {
   for_each    = local.apis
   rest_api_id = aws_api_gateway_rest_api.this[each.key].id
   triggers = {
     redeploy = sha1(aws_api_gateway_rest_api.this[each.key].body)
+    policy   = each.key == "admin" ? sha1(data.aws_iam_policy_document.admin_api.json) : ""
   }
   lifecycle {
     create_before_destroy = true

@@ -14,19 +14,22 @@ locals {
     RINGFENCE_COMPUTE_QUEUE_URL   = aws_sqs_queue.compute.id
     RINGFENCE_PERIMETER_QUEUE_URL = aws_sqs_queue.perimeter.id
     RINGFENCE_DLQ_URL             = aws_sqs_queue.ingest_dlq.id
-    RINGFENCE_SIGNING_KEY         = "secretsmanager:${var.signing_key_secret_arn}"
     RINGFENCE_IID_CERT            = var.iid_certificate
     RINGFENCE_ALLOWED_ACCOUNTS    = join(",", var.allowed_accounts)
     RINGFENCE_ACCOUNT_ROLES       = jsonencode(var.account_roles)
     RINGFENCE_RECONCILE_TARGETS   = jsonencode(var.reconcile_targets)
     RINGFENCE_OFFLINE_AFTER       = tostring(var.offline_after_seconds)
     RINGFENCE_LIFECYCLE_GATE      = var.lifecycle_gate
+    RINGFENCE_ENROLL_METHODS      = join(",", var.enroll_methods)
+    RINGFENCE_TOKEN_TTL           = tostring(var.agent_token_ttl_seconds)
+    RINGFENCE_STS_ENDPOINTS       = join(",", var.sts_endpoints)
     RINGFENCE_WEBSOCKET_ENDPOINT  = "https://${aws_apigatewayv2_api.nudge.id}.execute-api.${local.region}.amazonaws.com/v1"
   }
 
   functions = {
-    ingest    = { memory = 512, timeout = 60, concurrency = 20, env = {} }
-    compute   = { memory = 2048, timeout = 900, concurrency = 1, env = {} }
+    ingest = { memory = 512, timeout = 60, concurrency = 20, env = {} }
+    # only compute holds (a reference to) the signing key; see signing.tf
+    compute   = { memory = 2048, timeout = 900, concurrency = 1, env = { RINGFENCE_SIGNING_KEY = local.signing_key_id } }
     lifecycle = { memory = 512, timeout = 60, concurrency = 10, env = {} }
     reconcile = { memory = 1024, timeout = 900, concurrency = 1, env = {} }
     perimeter = {
@@ -37,7 +40,7 @@ locals {
       }
     }
     agentapi  = { memory = 512, timeout = 30, concurrency = 100, env = {} } # wait long-polls ≤ 25 s
-    admin     = { memory = 512, timeout = 29, concurrency = 5, env = {} }
+    admin     = { memory = 512, timeout = 29, concurrency = 5, env = { RINGFENCE_ADMIN_ROLES = jsonencode(var.admin_roles) } }
     wsconnect = { memory = 256, timeout = 10, concurrency = 20, env = {} }
   }
 
@@ -49,62 +52,77 @@ locals {
   policies_read = { actions = ["s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/policies/*"] }
   async_dlq     = { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.async_dlq.arn] }
 
+  # a terminate lifecycle action is confirmed with Auto Scaling (no resource-level permissions)
+  asg_describe = { actions = ["autoscaling:DescribeAutoScalingInstances"], resources = ["*"] }
+
+  # the perimeter's writes: only in the managed VPCs, only our tag keys on the groups it creates
+  in_vpcs      = { test = "ArnLike", variable = "ec2:Vpc", values = coalesce(var.perimeter_vpc_arns, ["arn:${local.partition}:ec2:${local.region}:${local.account}:vpc/*"]) }
+  our_tag_keys = { test = "ForAllValues:StringEquals", variable = "aws:TagKeys", values = ["ringfence:perimeter", "Name"] }
+
   # least privilege, per function
   statements = {
     ingest = [
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.inventory.arn, aws_dynamodb_table.idempotency.arn] },
-      { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.state.arn] },
+      # DeleteItem: a terminated instance's agent token and key are revoked (audited)
+      { actions = ["dynamodb:GetItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn] },
+      { actions = ["dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.ingest.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.perimeter.arn, aws_sqs_queue.ingest_dlq.arn, aws_sqs_queue.async_dlq.arn] },
-      local.policies_read, local.describe, local.assume, local.kms_use,
+      local.policies_read, local.describe, local.asg_describe, local.assume, local.kms_use,
     ]
-    compute = [
+    compute = concat([
       { actions = ["dynamodb:GetItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:Query", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn] },
       { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.compute.arn] },
-      { actions = ["s3:PutObject", "s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/bundles/*", "${aws_s3_bucket.bundles.arn}/deltas/*", "${aws_s3_bucket.bundles.arn}/policies/*"] },
-      { actions = ["secretsmanager:GetSecretValue"], resources = [var.signing_key_secret_arn] },
+      { actions = ["s3:PutObject", "s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/bundles/*", "${aws_s3_bucket.bundles.arn}/deltas/*", "${aws_s3_bucket.bundles.arn}/keys/*", "${aws_s3_bucket.bundles.arn}/policies/*"] },
       # the only function that completes lifecycle actions (the agent API reports to it through
       # the compute queue: ringfence.clouds.aws.launchgate)
       { actions = ["autoscaling:CompleteLifecycleAction"], resources = ["arn:${local.partition}:autoscaling:${local.region}:${local.account}:autoScalingGroup:*:autoScalingGroupName/${var.gated_group_names}"] },
       { actions = ["execute-api:ManageConnections"], resources = ["${aws_apigatewayv2_api.nudge.execution_arn}/v1/POST/@connections/*"] },
       local.async_dlq, local.kms_use,
-    ]
+      ], local.signing_kms ? [] : [
+      { actions = ["secretsmanager:GetSecretValue"], resources = [var.signing_key_secret_arn] },
+    ])
     lifecycle = [
       { actions = ["dynamodb:GetItem", "dynamodb:UpdateItem"], resources = [aws_dynamodb_table.inventory.arn] },
       { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.state.arn] },
       { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.lifecycle.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.perimeter.arn, aws_sqs_queue.async_dlq.arn] },
-      local.policies_read, local.describe, local.assume, local.kms_use,
+      local.policies_read, local.describe, local.asg_describe, local.assume, local.kms_use,
     ]
     reconcile = [
       { actions = ["dynamodb:GetItem", "dynamodb:UpdateItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
-      { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.state.arn] },
+      { actions = ["dynamodb:GetItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn] },
+      { actions = ["dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.perimeter.arn, aws_sqs_queue.async_dlq.arn] },
-      local.policies_read, local.describe, local.assume, local.kms_use,
+      local.policies_read, local.describe, local.asg_describe, local.assume, local.kms_use,
     ]
     perimeter = [
       { actions = ["dynamodb:Scan", "dynamodb:GetItem", "dynamodb:BatchGetItem"], resources = [aws_dynamodb_table.inventory.arn] },
       { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.perimeter.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
       { actions = ["ec2:DescribeInstances", "ec2:DescribeSecurityGroups", "ec2:DescribeNetworkInterfaces"], resources = ["*"] },
-      { actions = ["ec2:CreateSecurityGroup"], resources = ["arn:${local.partition}:ec2:${local.region}:${local.account}:vpc/*"] },
+      { actions = ["ec2:CreateSecurityGroup"], resources = local.in_vpcs.values },
       # only groups that carry the tag from birth, tags only in that same call
-      { actions = ["ec2:CreateSecurityGroup"], resources = [local.sg_arn], conditions = [{ test = "Null", variable = "aws:RequestTag/ringfence:perimeter", values = ["false"] }] },
-      { actions = ["ec2:CreateTags"], resources = [local.sg_arn], conditions = [{ test = "StringEquals", variable = "ec2:CreateAction", values = ["CreateSecurityGroup"] }] },
+      { actions = ["ec2:CreateSecurityGroup"], resources = [local.sg_arn], conditions = [{ test = "Null", variable = "aws:RequestTag/ringfence:perimeter", values = ["false"] }, local.our_tag_keys] },
+      { actions = ["ec2:CreateTags"], resources = [local.sg_arn], conditions = [{ test = "StringEquals", variable = "ec2:CreateAction", values = ["CreateSecurityGroup"] }, local.our_tag_keys] },
       # rules changed and groups deleted only where our tag is
-      { actions = ["ec2:AuthorizeSecurityGroupIngress", "ec2:AuthorizeSecurityGroupEgress", "ec2:RevokeSecurityGroupIngress", "ec2:RevokeSecurityGroupEgress", "ec2:DeleteSecurityGroup"], resources = [local.sg_arn], conditions = [{ test = "Null", variable = "aws:ResourceTag/ringfence:perimeter", values = ["false"] }] },
+      { actions = ["ec2:AuthorizeSecurityGroupIngress", "ec2:AuthorizeSecurityGroupEgress", "ec2:RevokeSecurityGroupIngress", "ec2:RevokeSecurityGroupEgress", "ec2:DeleteSecurityGroup"], resources = [local.sg_arn], conditions = [{ test = "Null", variable = "aws:ResourceTag/ringfence:perimeter", values = ["false"] }, local.in_vpcs] },
       # EC2 authorizes this against every group of the new list, the foreign ones written back
-      # too, so a tag condition would refuse them; the code adds/removes only its own groups
-      { actions = ["ec2:ModifyNetworkInterfaceAttribute"], resources = ["arn:${local.partition}:ec2:${local.region}:${local.account}:network-interface/*", local.sg_arn] },
+      # too, so a tag condition would refuse them; the code adds/removes only its own groups.
+      # What holds here: interfaces and groups of the managed VPCs only
+      { actions = ["ec2:ModifyNetworkInterfaceAttribute"], resources = ["arn:${local.partition}:ec2:${local.region}:${local.account}:network-interface/*", local.sg_arn], conditions = [local.in_vpcs] },
       local.assume, local.kms_use,
     ]
     agentapi = [
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn, aws_dynamodb_table.inventory.arn] },
-      { actions = ["s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/bundles/*", "${aws_s3_bucket.bundles.arn}/deltas/*", "${aws_s3_bucket.bundles.arn}/policies/*"] },
-      { actions = ["s3:PutObject"], resources = ["${aws_s3_bucket.bundles.arn}/reports/*", "${aws_s3_bucket.bundles.arn}/bundles/*"] },
+      # reads what compute signed and stored; writes reports only (never a bundle; holds no key)
+      { actions = ["s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/bundles/*", "${aws_s3_bucket.bundles.arn}/deltas/*", "${aws_s3_bucket.bundles.arn}/keys/*", "${aws_s3_bucket.bundles.arn}/policies/*"] },
+      { actions = ["s3:PutObject"], resources = ["${aws_s3_bucket.bundles.arn}/reports/*"] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
-      { actions = ["secretsmanager:GetSecretValue"], resources = [var.signing_key_secret_arn] },
+      # enrollments and token issuance are audited; aws-sts checks the instance profile's role
+      { actions = ["dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
+      { actions = ["iam:GetInstanceProfile"], resources = ["arn:${local.partition}:iam::${local.account}:instance-profile/*"] },
       local.describe, local.assume, local.kms_use,
     ]
     admin = [
@@ -116,6 +134,8 @@ locals {
     ]
     wsconnect = [
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.state.arn] },
+      { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.inventory.arn] },
+      { actions = ["dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       local.async_dlq, local.kms_use,
     ]
   }

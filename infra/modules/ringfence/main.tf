@@ -411,6 +411,26 @@ resource "aws_cloudwatch_event_target" "lifecycle" {
   arn      = aws_sqs_queue.lifecycle.arn
 }
 
+# Every queue refuses every sender but its producers (as template.yaml): the event queues take only
+# their rules' deliveries (aws:SourceArn), the hand-off queues only the producing functions' roles
+# (aws:PrincipalArn), DLQs only SQS's redrive and the roles that write to them. A Deny holds against
+# identity policies too; the consumers confirm with the cloud anyway.
+locals {
+  fn_role = { for k, r in aws_iam_role.fn : k => r.arn }
+  queue_senders = {
+    compute    = { queue = aws_sqs_queue.compute.arn, roles = [local.fn_role["ingest"], local.fn_role["lifecycle"], local.fn_role["reconcile"], local.fn_role["perimeter"], local.fn_role["agentapi"], local.fn_role["admin"]] }
+    perimeter  = { queue = aws_sqs_queue.perimeter.arn, roles = [local.fn_role["ingest"], local.fn_role["lifecycle"], local.fn_role["reconcile"]] }
+    ingest_dlq = { queue = aws_sqs_queue.ingest_dlq.arn, roles = [local.fn_role["ingest"]] }
+    # Lambda sends a failed async invocation with the function's own role (every function has this DLQ)
+    async_dlq = { queue = aws_sqs_queue.async_dlq.arn, roles = [local.fn_role["ingest"], local.fn_role["compute"], local.fn_role["lifecycle"], local.fn_role["reconcile"], local.fn_role["perimeter"], local.fn_role["agentapi"], local.fn_role["admin"], local.fn_role["wsconnect"]] }
+  }
+  redrive_only_dlqs = {
+    lifecycle_dlq = aws_sqs_queue.lifecycle_dlq
+    compute_dlq   = aws_sqs_queue.compute_dlq
+    perimeter_dlq = aws_sqs_queue.perimeter_dlq
+  }
+}
+
 data "aws_iam_policy_document" "event_queues" {
   for_each = {
     ingest    = { queue = aws_sqs_queue.ingest.arn, rules = [for r in aws_cloudwatch_event_rule.ingest : r.arn] }
@@ -430,6 +450,21 @@ data "aws_iam_policy_document" "event_queues" {
       values   = each.value.rules
     }
   }
+  statement {
+    sid       = "OnlyFromOurRules"
+    effect    = "Deny"
+    actions   = ["sqs:SendMessage"]
+    resources = [each.value.queue]
+    principals {
+      type        = "*"
+      identifiers = ["*"]
+    }
+    condition {
+      test     = "ArnNotEquals"
+      variable = "aws:SourceArn"
+      values   = each.value.rules
+    }
+  }
 }
 
 resource "aws_sqs_queue_policy" "ingest" {
@@ -440,4 +475,89 @@ resource "aws_sqs_queue_policy" "ingest" {
 resource "aws_sqs_queue_policy" "lifecycle" {
   queue_url = aws_sqs_queue.lifecycle.id
   policy    = data.aws_iam_policy_document.event_queues["lifecycle"].json
+}
+
+data "aws_iam_policy_document" "handoff_queues" {
+  for_each = local.queue_senders
+  statement {
+    sid       = "OnlyFromProducers"
+    effect    = "Deny"
+    actions   = ["sqs:SendMessage"]
+    resources = [each.value.queue]
+    principals {
+      type        = "*"
+      identifiers = ["*"]
+    }
+    condition {
+      test     = "ArnNotEquals"
+      variable = "aws:PrincipalArn"
+      values   = each.value.roles
+    }
+    condition {
+      test     = "Null" # SQS's own redrive carries no principal
+      variable = "aws:PrincipalArn"
+      values   = ["false"]
+    }
+  }
+  statement {
+    sid       = "NoServiceDeliveries" # nor a service acting for some resource (a rule, a topic)
+    effect    = "Deny"
+    actions   = ["sqs:SendMessage"]
+    resources = [each.value.queue]
+    principals {
+      type        = "*"
+      identifiers = ["*"]
+    }
+    condition {
+      test     = "Null"
+      variable = "aws:SourceArn"
+      values   = ["false"]
+    }
+  }
+}
+
+resource "aws_sqs_queue_policy" "handoff" {
+  for_each  = local.queue_senders
+  queue_url = { compute = aws_sqs_queue.compute.id, perimeter = aws_sqs_queue.perimeter.id, ingest_dlq = aws_sqs_queue.ingest_dlq.id, async_dlq = aws_sqs_queue.async_dlq.id }[each.key]
+  policy    = data.aws_iam_policy_document.handoff_queues[each.key].json
+}
+
+data "aws_iam_policy_document" "redrive_only" {
+  for_each = local.redrive_only_dlqs
+  statement {
+    sid       = "NoSenders" # only SQS's redrive from the source queue (no IAM principal) fills these
+    effect    = "Deny"
+    actions   = ["sqs:SendMessage"]
+    resources = [each.value.arn]
+    principals {
+      type        = "*"
+      identifiers = ["*"]
+    }
+    condition {
+      test     = "Null"
+      variable = "aws:PrincipalArn"
+      values   = ["false"]
+    }
+  }
+  statement {
+    sid       = "NoServiceDeliveries" # nor a service acting for some resource (a rule, a topic)
+    effect    = "Deny"
+    actions   = ["sqs:SendMessage"]
+    resources = [each.value.arn]
+    principals {
+      type        = "*"
+      identifiers = ["*"]
+    }
+    condition {
+      test     = "Null"
+      variable = "aws:SourceArn"
+      values   = ["false"]
+    }
+  }
+}
+
+resource "aws_sqs_queue_policy" "redrive_only" {
+  for_each  = local.redrive_only_dlqs
+  queue_url = each.value.id
+  policy    = data.aws_iam_policy_document.redrive_only[each.key].json
 }

@@ -4,9 +4,20 @@ variable "name" {
   default     = "ringfence"
 }
 
-variable "signing_key_secret_arn" {
-  description = "Secrets Manager secret holding the Ed25519 bundle signing key (PKCS#8 PEM). KMS has no Ed25519 keys."
+variable "signing_key_source" {
+  description = "Where the bundle signing key lives: kms (a non-exportable ECC_NIST_EDWARDS25519 key this module creates; kms:Sign for the compute role only) or secret (signing_key_secret_arn)."
   type        = string
+  default     = "kms"
+  validation {
+    condition     = contains(["kms", "secret"], var.signing_key_source)
+    error_message = "signing_key_source must be kms or secret."
+  }
+}
+
+variable "signing_key_secret_arn" {
+  description = "With signing_key_source = secret: the Secrets Manager secret holding the Ed25519 bundle signing key (PKCS#8 PEM); it gets a resource policy denying everyone but the compute role."
+  type        = string
+  default     = ""
 }
 
 variable "core_layer_zip" {
@@ -70,6 +81,28 @@ variable "gated_group_names" {
   default     = "*"
 }
 
+variable "enroll_methods" {
+  description = "Enrollment methods the agent API accepts. Pairing (on-premise hosts) is off unless listed; its keys go out of band (an SSM SecureString), never in user data."
+  type        = list(string)
+  default     = ["aws-iid", "aws-sts"]
+  validation {
+    condition     = alltrue([for m in var.enroll_methods : contains(["aws-iid", "aws-sts", "pairing"], m)])
+    error_message = "enroll_methods: each of aws-iid, aws-sts, pairing."
+  }
+}
+
+variable "agent_token_ttl_seconds" {
+  description = "Lifetime of an agent's access token; agents renew it before it ends by signing a nonce with their key."
+  type        = number
+  default     = 3600
+}
+
+variable "sts_endpoints" {
+  description = "aws-sts only: the STS origins the agent API replays to; empty = AWS's STS host names over https."
+  type        = list(string)
+  default     = []
+}
+
 variable "reconcile_schedule" {
   type    = string
   default = "rate(15 minutes)"
@@ -79,6 +112,12 @@ variable "perimeter_config" {
   description = "ringfence.perimeter.PerimeterConfig as an object (JSON-encoded into the function)."
   type        = any
   default     = {}
+}
+
+variable "perimeter_vpc_arns" {
+  description = "VPCs whose interfaces and groups the perimeter function may change (ARNs, wildcards allowed); null: every VPC of this account and Region. Narrow it to the VPCs perimeter_config manages."
+  type        = list(string)
+  default     = null
 }
 
 variable "perimeter_dry_run" {
@@ -94,4 +133,17 @@ variable "log_retention_days" {
 variable "tags" {
   type    = map(string)
   default = {}
+}
+
+variable "admin_roles" {
+  description = "IAM role/user ARN → its admin roles (policy-author, incident-responder, onboarding, reader). Only these principals may call the admin API (its resource policy); unbound callers are refused every action."
+  type        = map(list(string))
+  validation {
+    condition     = length(var.admin_roles) > 0
+    error_message = "admin_roles: name at least one admin principal (the admin API's resource policy allows only these)."
+  }
+  validation {
+    condition     = alltrue([for roles in values(var.admin_roles) : alltrue([for r in roles : contains(["policy-author", "incident-responder", "onboarding", "reader"], r)])])
+    error_message = "admin_roles: each role is one of policy-author, incident-responder, onboarding, reader."
+  }
 }

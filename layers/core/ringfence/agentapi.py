@@ -38,13 +38,37 @@ class EnrollRequest(_Body):
     sts_headers: dict[str, str] | None = None
     # pairing (on-premise): a key with a use limit and an expiry, issued by an operator
     pairing_key: str | None = None
+    agent_key: str | None = Field(
+        None,
+        description="the agent's own Ed25519 public key (PEM); required for aws-iid: the first enrollment binds "
+        "it to the workload, and token refresh and re-enrollment are signatures by it",
+    )
+    agent_signature: str | None = Field(
+        None, description="base64 Ed25519 signature by agent_key over the proof message (purpose enroll)"
+    )
 
 
 class EnrollResponse(_Body):
     workload_id: str
-    token: str = Field(description="bearer token; authorises this workload's endpoints only")
-    expires_in: int
+    token: str = Field(
+        description="bearer access token; authorises this workload's endpoints only; the workload's one "
+        "active token (an earlier one is revoked)"
+    )
+    expires_in: int = Field(description="seconds the token is valid; renew before with POST /v1/agents/{id}/token")
     public_key_pem: str = Field(description="the bundle signing key, for agents that did not pin one at install")
+
+
+class TokenRequest(_Body):
+    nonce: str = Field(description="from GET /v1/nonce; single use")
+    signature: str = Field(
+        description="base64 Ed25519 signature by the workload's bound agent key over the proof message (purpose token)"
+    )
+
+
+class TokenResponse(_Body):
+    workload_id: str
+    token: str = Field(description="the new access token; the previous one is revoked")
+    expires_in: int
 
 
 class Heartbeat(_Body):
@@ -106,7 +130,7 @@ class ReportsResponse(_Body):
 
 class DeltasResponse(_Body):
     bundle_version: int = Field(description="the newest bundle version; fetch it if deltas cannot bridge")
-    deltas: list[dict[str, object]] = Field(description="signed ringfence.delta/v1 documents, oldest first")
+    deltas: list[dict[str, object]] = Field(description="signed ringfence.delta/v2 documents, oldest first")
 
 
 class ErrorBody(_Body):

@@ -21,6 +21,7 @@ API_PREFIX = "/v1"
 ROUTES: dict[str, tuple[str, str]] = {
     "nonce": ("GET", "/nonce"),
     "enroll": ("POST", "/enroll"),
+    "token": ("POST", "/agents/{id}/token"),
     "bundle": ("GET", "/agents/{id}/bundle"),
     "deltas": ("GET", "/agents/{id}/deltas"),
     "wait": ("GET", "/agents/{id}/wait"),
@@ -38,6 +39,15 @@ class ResponseError(ValueError):
     """An answer from the control plane that is not what the API promises."""
 
 
+PROOF_FORMAT = "ringfence.agent-proof/v1"
+
+
+def proof_message(purpose: str, workload_id: str, nonce: str) -> bytes:
+    """What the agent signs with its own key (Ed25519) to enroll or to get a fresh token: bound to
+    the purpose, the workload and the server's single-use nonce, so no signature is good twice."""
+    return f"{PROOF_FORMAT}\n{purpose}\n{workload_id}\n{nonce}".encode()
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EnrollRequest:
     method: Literal["aws-iid", "aws-sts", "azure-attested", "gcp-jwt", "pairing"]
@@ -48,9 +58,20 @@ class EnrollRequest:
     sts_url: str | None = None
     sts_headers: dict[str, str] | None = None
     pairing_key: str | None = None
+    agent_key: str | None = None  # the agent's Ed25519 public key (PEM), bound to the workload
+    agent_signature: str | None = None  # base64 Ed25519 over proof_message("enroll", workload_id, nonce)
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenRequest:
+    nonce: str
+    signature: str  # base64 Ed25519 over proof_message("token", workload_id, nonce) by the bound agent key
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

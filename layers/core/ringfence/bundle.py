@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from pathlib import Path
 from typing import Any, Literal, TypeVar, overload
 
@@ -24,7 +25,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from ringfence import bundlewire as wire
+from ringfence.addresses import V4, format_prefix, parse_prefix
 from ringfence.bundlewire import BUNDLE_FORMAT as BUNDLE_FORMAT
+from ringfence.bundlewire import DEFAULT_TTL as DEFAULT_TTL
 from ringfence.bundlewire import DELTA_FORMAT as DELTA_FORMAT
 from ringfence.bundlewire import BundleError as BundleError
 from ringfence.bundlewire import Signer as Signer
@@ -110,7 +113,7 @@ class FailsafeDoc(_Doc):
 class Bundle(_Doc):
     """Everything one agent needs. Rules are ordered: override-deny, allow, deny; then the default."""
 
-    format: Literal["ringfence.bundle/v1"] = "ringfence.bundle/v1"
+    format: Literal["ringfence.bundle/v2"] = "ringfence.bundle/v2"
     workload_id: str
     version: int
     policy_version: int
@@ -120,18 +123,21 @@ class Bundle(_Doc):
     inbound: list[BundleRule] = Field(default_factory=list)
     outbound: list[BundleRule] = Field(default_factory=list)
     failsafes: FailsafeDoc = Field(default_factory=FailsafeDoc)
+    expires_at: int | None = Field(
+        None, description="unix seconds after which agents refuse to apply this bundle (set when signed)"
+    )
     signature: Signature | None = None
 
     def content(self) -> dict[str, Any]:
-        """What decides enforcement (no versions, no signature): equal content ⇒ equal firewall."""
-        doc = self.model_dump(mode="json", exclude={"signature", "version"})
+        """What decides enforcement (no versions, expiry or signature): equal content ⇒ equal firewall."""
+        doc = self.model_dump(mode="json", exclude={"signature", "version", "expires_at"})
         for s in doc["sets"].values():
             s.pop("version")
         return doc
 
 
 class SetDelta(_Doc):
-    format: Literal["ringfence.delta/v1"] = "ringfence.delta/v1"
+    format: Literal["ringfence.delta/v2"] = "ringfence.delta/v2"
     set: str
     from_version: int
     to_version: int
@@ -210,21 +216,58 @@ class SigningKey:
         public_path.write_bytes(self.public_pem())
 
 
+def manifest(doc: Document, key_id: str) -> bytes:
+    """The signed bytes of ``doc`` for ``key_id``: :func:`ringfence.bundlewire.manifest_message`."""
+    if isinstance(doc, Bundle):
+        subject: dict[str, Any] = {"workload_id": doc.workload_id, "version": doc.version, "expires_at": doc.expires_at}
+    else:
+        subject = {"set": doc.set, "from_version": doc.from_version, "to_version": doc.to_version}
+    return wire.manifest_message(doc.format, key_id, subject, canonical_bytes(doc))
+
+
 class Verifier(wire.Verifier):
-    """The pinned public key (see :class:`ringfence.bundlewire.Verifier`), also for pydantic documents."""
+    """The pinned key set (see :class:`ringfence.bundlewire.Verifier`), also for pydantic documents."""
 
     def verify(self, doc: Document | wire.Document) -> None:
         if isinstance(doc, Bundle | SetDelta):
             what = f"bundle for {doc.workload_id!r}" if isinstance(doc, Bundle) else f"delta for set {doc.set!r}"
-            self.verify_message(what, doc.signature, canonical_bytes(doc))
+            self.verify_signed(what, doc.signature, lambda key_id: manifest(doc, key_id))
         else:
             super().verify(doc)
 
 
-def sign(doc: D, signer: Signer) -> D:
-    raw = signer.sign(canonical_bytes(doc))
+def sign(doc: D, signer: Signer, *, expires_at: int | None = None) -> D:
+    """``doc`` signed by ``signer`` (only the compute side signs). A bundle gets ``expires_at``
+    (default: the one it carries, else ``DEFAULT_TTL`` seconds from now)."""
+    wire.check_signer(signer)
+    if isinstance(doc, Bundle):
+        exp = expires_at if expires_at is not None else doc.expires_at
+        doc = doc.model_copy(update={"expires_at": exp if exp is not None else int(time.time()) + DEFAULT_TTL})
+    raw = signer.sign(manifest(doc, signer.key_id))
     sig = Signature(key_id=signer.key_id, value=base64.b64encode(raw).decode())
     return doc.model_copy(update={"signature": sig})
+
+
+def fold_deltas(doc: Bundle, deltas: list[SetDelta]) -> Bundle:
+    """``doc`` with set deltas folded in (oldest first; each onto the set version it was cut
+    from, others skipped): what an agent enforces after applying them, as an unsigned bundle at
+    the newest version reached. For inspection and tests; agents fold their own
+    (``ringfence_agent.core.effective_bundle``) after verifying each delta."""
+    sets = dict(doc.sets)
+    version = doc.version
+    for d in deltas:
+        s = sets.get(d.set)
+        if s is None or s.version != d.from_version:
+            continue
+        elems = (set(s.v4) | set(s.v6)) - set(d.remove) | set(d.add)
+        ordered = sorted(parse_prefix(e) for e in elems)
+        sets[d.set] = AddressSetDoc(
+            version=d.to_version,
+            v4=[format_prefix(p) for p in ordered if p[0] == V4],
+            v6=[format_prefix(p) for p in ordered if p[0] != V4],
+        )
+        version = max(version, d.to_version)
+    return doc.model_copy(update={"sets": sets, "version": version, "signature": None})
 
 
 def dumps(doc: Document) -> str:

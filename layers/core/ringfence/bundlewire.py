@@ -22,6 +22,7 @@ import itertools
 import json
 import os
 import re
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,8 +30,13 @@ from typing import Any, Literal, Protocol, Self, TypeVar
 
 from ringfence.enums import Mode
 
-BUNDLE_FORMAT = "ringfence.bundle/v1"
-DELTA_FORMAT = "ringfence.delta/v1"
+BUNDLE_FORMAT = "ringfence.bundle/v2"
+DELTA_FORMAT = "ringfence.delta/v2"
+# What a signature covers: a small manifest naming the document (format, key id, subject,
+# versions, expiry) and the SHA-256 of its canonical bytes, so that a signer with a message limit
+# (AWS KMS signs at most 4096 bytes) signs a bundle of any size. See docs/bundle.md.
+MANIFEST_FORMAT = "ringfence.manifest/v2"
+MAX_MANIFEST_BYTES = 4096
 
 Proto = Literal["tcp", "udp", "icmp", "icmpv6", "any"]
 RuleAction = Literal["allow", "deny", "override-deny"]
@@ -149,6 +155,28 @@ class AddressSetDoc:
     v6: list[str] = field(default_factory=list)
 
 
+# The widest prefix a fail-safe address list (``admin_cidrs``, ``control_plane``) may hold, per
+# address family. A fail-safe is what no bundle can remove: "everything" would make every bundle
+# moot, and so would halves or quarters of it (0.0.0.0/1 + 128.0.0.0/1), so the bound is a prefix
+# length, not a list of forbidden values. /8 still takes 10.0.0.0/8; /32 an IPv6 allocation.
+FAILSAFE_WIDEST = {4: 8, 6: 32}
+
+# The control-plane fail-safe admits this port only (HTTPS); an agent admits its api_url's port
+CONTROL_PLANE_PORT = 443
+
+
+def failsafe_width_problem(version: int, prefixlen: int) -> str | None:
+    """Why a fail-safe prefix of this family and length is refused, or None."""
+    widest = FAILSAFE_WIDEST[version]
+    if prefixlen >= widest:
+        return None
+    what = "every address" if prefixlen == 0 else f"a /{prefixlen}"
+    return (
+        f"a fail-safe may not open {what}: IPv{version} fail-safe prefixes must be /{widest} or longer "
+        "(a fail-safe is what no policy rule can remove)"
+    )
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FailsafeDoc:
     admin_cidrs: list[str] = field(default_factory=list)
@@ -161,7 +189,7 @@ class FailsafeDoc:
 class Bundle:
     """Everything one agent needs. Rules are ordered: override-deny, allow, deny; then the default."""
 
-    format: Literal["ringfence.bundle/v1"] = "ringfence.bundle/v1"
+    format: Literal["ringfence.bundle/v2"] = "ringfence.bundle/v2"
     workload_id: str
     version: int
     policy_version: int
@@ -171,12 +199,14 @@ class Bundle:
     inbound: list[BundleRule] = field(default_factory=list)
     outbound: list[BundleRule] = field(default_factory=list)
     failsafes: FailsafeDoc = field(default_factory=FailsafeDoc)
+    # unix seconds after which an agent refuses to apply this bundle (signed; None: unsigned draft)
+    expires_at: int | None = None
     signature: Signature | None = None
 
     def content(self) -> dict[str, Any]:
-        """What decides enforcement (no versions, no signature): equal content ⇒ equal firewall."""
+        """What decides enforcement (no versions, expiry or signature): equal content ⇒ equal firewall."""
         doc = to_json(self)
-        del doc["signature"], doc["version"]
+        del doc["signature"], doc["version"], doc["expires_at"]
         for s in doc["sets"].values():
             s.pop("version")
         return doc
@@ -184,7 +214,7 @@ class Bundle:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SetDelta:
-    format: Literal["ringfence.delta/v1"] = "ringfence.delta/v1"
+    format: Literal["ringfence.delta/v2"] = "ringfence.delta/v2"
     set: str
     from_version: int
     to_version: int
@@ -238,6 +268,7 @@ def to_json(doc: Document) -> dict[str, Any]:
             "dns_resolvers": fs.dns_resolvers,
             "control_plane": fs.control_plane,
         },
+        "expires_at": doc.expires_at,
         "signature": _signature_json(doc.signature),
     }
 
@@ -263,6 +294,31 @@ def canonical_bytes(doc: Document) -> bytes:
     body = to_json(doc)
     del body["signature"]
     return canonical_message(doc.format, body)
+
+
+def manifest_message(format: str, key_id: str, subject: dict[str, Any], canonical: bytes) -> bytes:
+    """What a signature covers: the document's format, the signing key's id, the document's
+    subject (a bundle: workload, version, expiry; a delta: set, from → to) and the SHA-256 of its
+    canonical bytes — at most :data:`MAX_MANIFEST_BYTES`, so that a signer with a message limit
+    (AWS KMS: 4096 bytes, RAW) can sign it. The one definition, used here and by
+    :mod:`ringfence.bundle`."""
+    body = {"format": format, "key_id": key_id, **subject, "sha256": hashlib.sha256(canonical).hexdigest()}
+    msg = canonical_message(MANIFEST_FORMAT, body)
+    if len(msg) > MAX_MANIFEST_BYTES:
+        raise BundleError(f"signed manifest of {format} is {len(msg)} bytes, over {MAX_MANIFEST_BYTES} (id too long)")
+    return msg
+
+
+def manifest_subject(doc: Document) -> dict[str, Any]:
+    """The fields a manifest names besides the digest: what the document is for and when."""
+    if isinstance(doc, SetDelta):
+        return {"set": doc.set, "from_version": doc.from_version, "to_version": doc.to_version}
+    return {"workload_id": doc.workload_id, "version": doc.version, "expires_at": doc.expires_at}
+
+
+def manifest(doc: Document, key_id: str) -> bytes:
+    """The signed bytes of ``doc`` for the key ``key_id`` (see :func:`manifest_message`)."""
+    return manifest_message(doc.format, key_id, manifest_subject(doc), canonical_bytes(doc))
 
 
 def dumps(doc: Document) -> str:
@@ -355,6 +411,7 @@ _BUNDLE = frozenset(
         "inbound",
         "outbound",
         "failsafes",
+        "expires_at",
         "signature",
     }
 )
@@ -465,6 +522,7 @@ def bundle_from_json(raw: object) -> Bundle:
             inbound=_list(d["inbound"], "inbound", _rule) if "inbound" in d else [],
             outbound=_list(d["outbound"], "outbound", _rule) if "outbound" in d else [],
             failsafes=_failsafes(d["failsafes"], "failsafes") if "failsafes" in d else FailsafeDoc(),
+            expires_at=_opt_int(d.get("expires_at"), "expires_at"),
             signature=_signature(d.get("signature"), "signature"),
         )
     except _Invalid as exc:
@@ -552,14 +610,37 @@ def key_id_of_raw(raw: bytes) -> str:
 
 def ed25519_public_from_pem(data: bytes) -> bytes:
     """The raw 32-byte key of an Ed25519 public key in PEM (SubjectPublicKeyInfo)."""
-    m = _PEM_PUBLIC.search(data)
-    try:
-        der = base64.b64decode(b"".join(m.group(1).split()), validate=True) if m else b""
-    except binascii.Error:
-        der = b""
-    if len(der) != len(_ED25519_SPKI_PREFIX) + 32 or not der.startswith(_ED25519_SPKI_PREFIX):
+    return ed25519_publics_from_pem(data)[0]
+
+
+def ed25519_publics_from_pem(data: bytes) -> list[bytes]:
+    """The raw 32-byte keys of every Ed25519 public key in PEM in ``data`` (a pinned key set: one
+    or more ``PUBLIC KEY`` blocks); at least one, and every block must be an Ed25519 key."""
+    out = []
+    for m in _PEM_PUBLIC.finditer(data):
+        try:
+            der = base64.b64decode(b"".join(m.group(1).split()), validate=True)
+        except binascii.Error:
+            der = b""
+        if len(der) != len(_ED25519_SPKI_PREFIX) + 32 or not der.startswith(_ED25519_SPKI_PREFIX):
+            raise BundleError("pinned key must be an Ed25519 public key (PEM)")
+        out.append(der[len(_ED25519_SPKI_PREFIX) :])
+    if not out:
         raise BundleError("pinned key must be an Ed25519 public key (PEM)")
+    return out
+
+
+def ed25519_raw_from_spki_der(der: bytes) -> bytes:
+    """The raw key of an Ed25519 SubjectPublicKeyInfo in DER (what AWS KMS GetPublicKey returns)."""
+    if len(der) != len(_ED25519_SPKI_PREFIX) + 32 or not der.startswith(_ED25519_SPKI_PREFIX):
+        raise BundleError("not an Ed25519 public key (DER SubjectPublicKeyInfo)")
     return der[len(_ED25519_SPKI_PREFIX) :]
+
+
+def ed25519_pem_of_raw(raw: bytes) -> bytes:
+    """The PEM (SubjectPublicKeyInfo) of a raw Ed25519 public key: what agents pin."""
+    b64 = base64.b64encode(_ED25519_SPKI_PREFIX + raw).decode()
+    return f"-----BEGIN PUBLIC KEY-----\n{b64}\n-----END PUBLIC KEY-----\n".encode()
 
 
 _NID_ED25519 = 1087  # EVP_PKEY_ED25519 in OpenSSL's obj_mac.h (stable since 1.1.1)
@@ -676,6 +757,9 @@ def describe(doc: Document) -> str:
 
 class SignatureLike(Protocol):
     @property
+    def alg(self) -> str: ...
+
+    @property
     def key_id(self) -> str: ...
 
     @property
@@ -683,41 +767,92 @@ class SignatureLike(Protocol):
 
 
 class Verifier:
-    """The pinned public key an agent trusts."""
+    """The pinned key set an agent trusts: key id → Ed25519 public key, minus revoked key ids.
 
-    def __init__(self, raw: bytes) -> None:
-        self._verify_raw = ed25519_verifier(raw)
-        self.key_id = key_id_of_raw(raw)
+    A document names the key that signed it (``signature.key_id``, also inside the signed
+    manifest); an unknown or revoked key id is refused before any signature check. Rotation adds
+    the new key to the set, the control plane switches, the old key id is revoked (docs/bundle.md).
+    """
+
+    def __init__(self, keys: bytes | Iterable[bytes], revoked: Iterable[str] = ()) -> None:
+        raws = [keys] if isinstance(keys, bytes) else list(keys)
+        if not raws:
+            raise BundleError("the pinned key set is empty")
+        self._keys = {key_id_of_raw(r): ed25519_verifier(r) for r in raws}
+        self.revoked = frozenset(revoked)
+        # every key revoked is a valid (if unusable) state: documents are refused, and the agent
+        # keeps its boot posture rather than failing to start (a daemon that exits fails open)
+        self.key_ids = tuple(k for k in self._keys if k not in self.revoked)
+        self.key_id = (self.key_ids or tuple(self._keys))[0]  # the first usable key (for messages)
 
     @classmethod
-    def from_pem(cls, data: bytes) -> Self:
-        return cls(ed25519_public_from_pem(data))
+    def from_pem(cls, data: bytes, revoked: Iterable[str] = ()) -> Self:
+        return cls(ed25519_publics_from_pem(data), revoked)
 
     @classmethod
-    def from_file(cls, path: Path) -> Self:
-        return cls.from_pem(path.read_bytes())
+    def from_file(cls, path: Path, revoked: Iterable[str] = ()) -> Self:
+        return cls.from_pem(path.read_bytes(), revoked)
 
     def verify(self, doc: Document) -> None:
-        """Raise :class:`BundleError` unless ``doc`` carries a valid signature by the pinned key."""
-        self.verify_message(describe(doc), doc.signature, canonical_bytes(doc))
+        """Raise :class:`BundleError` unless ``doc`` carries a valid signature by a pinned, unrevoked key."""
+        self.verify_signed(describe(doc), doc.signature, lambda key_id: manifest(doc, key_id))
 
-    def verify_message(self, what: str, signature: SignatureLike | None, message: bytes) -> None:
-        """The signature rule itself, for documents in any representation."""
+    def verify_signed(self, what: str, signature: SignatureLike | None, message_for: Callable[[str], bytes]) -> None:
+        """The signature rule itself, for documents in any representation: ``message_for(key_id)``
+        gives the signed manifest for the key the signature names."""
         if signature is None:
             raise BundleError(f"{what} is not signed")
-        if signature.key_id != self.key_id:
-            raise BundleError(f"{what} is signed by key {signature.key_id}, not the pinned key {self.key_id}")
+        kid = signature.key_id
+        if kid in self.revoked:
+            raise BundleError(f"{what} is signed by key {kid}, which is revoked")
+        check = self._keys.get(kid)
+        if check is None:
+            raise BundleError(f"{what} is signed by key {kid}, not a pinned key ({', '.join(self.key_ids)})")
+        if signature.alg != "ed25519":
+            raise BundleError(f"{what}: signature algorithm {signature.alg!r} is not accepted (ed25519 only)")
         try:
-            valid = self._verify_raw(base64.b64decode(signature.value, validate=True), message)
+            valid = check(base64.b64decode(signature.value, validate=True), message_for(kid))
         except ValueError:  # not base64
             valid = False
         if not valid:
             raise BundleError(f"{what}: signature does not verify (tampered or forged)")
 
 
-def sign(doc: D, signer: Signer) -> D:
-    raw = signer.sign(canonical_bytes(doc))
+def sign(doc: D, signer: Signer, *, expires_at: int | None = None) -> D:
+    """``doc`` signed by ``signer``. A bundle gets ``expires_at`` (default: the one it carries,
+    else :data:`DEFAULT_TTL` seconds from now)."""
+    check_signer(signer)
+    if isinstance(doc, Bundle):
+        exp = expires_at if expires_at is not None else doc.expires_at
+        doc = replace(doc, expires_at=exp if exp is not None else int(time.time()) + DEFAULT_TTL)
+    raw = signer.sign(manifest(doc, signer.key_id))
     return replace(doc, signature=Signature(key_id=signer.key_id, value=base64.b64encode(raw).decode()))
+
+
+DEFAULT_TTL = 7 * 86400  # a signed bundle's lifetime unless the publisher says otherwise
+
+
+def check_signer(signer: Signer) -> None:
+    """Agents verify Ed25519 only: a signer of another algorithm (e.g. an ECDSA KMS key) cannot
+    sign bundles, whatever it can sign otherwise."""
+    alg = getattr(signer, "alg", "ed25519")
+    if alg != "ed25519":
+        raise BundleError(f"signer {signer.key_id} signs {alg}: agents verify ed25519 signatures only")
+
+
+def check_fresh(new: Bundle, now: float) -> None:
+    """A bundle an agent may apply now: it carries an expiry and has not expired (a captured old
+    bundle replayed later is refused; see docs/bundle.md, Expiry)."""
+    if new.expires_at is None:
+        raise BundleError("bundle carries no expiry (expires_at): refused")
+    if new.expires_at <= now:
+        raise BundleError(
+            f"bundle expired at {_utc(new.expires_at)} (now {_utc(now)}): a stale or replayed bundle is refused"
+        )
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 # --- acceptance ---------------------------------------------------------------------------------

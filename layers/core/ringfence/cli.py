@@ -234,8 +234,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
     release = static_release(fresh, previous, heads, engine.revision)
     signer = bundle_mod.SigningKey.from_file(Path(args.key)) if args.key else None
 
+    expires_at = int(time.time()) + args.expires_in
+
     def signed(doc: bundle_mod.D) -> bundle_mod.D:
-        return bundle_mod.sign(doc, signer) if signer is not None else doc
+        return bundle_mod.sign(doc, signer, expires_at=expires_at) if signer is not None else doc
 
     for d in release.deltas:  # deltas, bundles, heads: a head never announces what is not there yet
         write_layout_file(out, staticlayout.delta_path(d.set, d.from_version), bundle_mod.dumps(signed(d)))
@@ -243,7 +245,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
     key_id = signer.key_id if signer is not None else None
     for wid, doc in release.bundles.items():
         prev = previous.get(wid)
-        if prev is not None and prev.version == doc.version and (prev.signature and prev.signature.key_id) == key_id:
+        fresh_enough = (prev.expires_at or 0) > time.time() + args.expires_in / 2 if prev is not None else False
+        if (
+            prev is not None
+            and prev.version == doc.version
+            and (prev.signature and prev.signature.key_id) == key_id
+            and (signer is None or fresh_enough)
+        ):
             continue  # the same version is the same content: the file there is already this bundle
         changed += 1
         write_layout_file(out, staticlayout.bundle_path(wid), bundle_mod.dumps(signed(doc)))
@@ -421,7 +429,7 @@ def cmd_serve_token(args: argparse.Namespace) -> int:
     from ringfence import serve
 
     try:
-        token, line = serve.new_admin_token(args.principal)
+        token, line = serve.new_admin_token(args.principal, args.role)
     except serve.ServeError as exc:
         raise CliError(str(exc)) from None
     path = Path(args.file)
@@ -533,6 +541,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (bundles/, heads/, deltas/); compiled into again")
     p.add_argument("--key", help="Ed25519 private key (PEM) to sign with")
     p.add_argument(
+        "--expires-in",
+        type=int,
+        default=bundle_mod.DEFAULT_TTL,
+        help="seconds until signed bundles expire (default 7 days); compile again before then: bundles "
+        "past half their lifetime are re-signed (docs/bundle.md, Expiry)",
+    )
+    p.add_argument(
         "--policy-version", type=int, default=0, help="policy version number recorded in each bundle (default 0)"
     )
     p.add_argument(
@@ -604,7 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--admin-tokens",
         metavar="FILE",
-        help="enables the admin API: lines of principal:sha256(token) (see `ringfence serve-token`)",
+        help="enables the admin API: lines of principal:sha256(token):roles (see `ringfence serve-token`)",
     )
     p.add_argument("--tls-cert", metavar="PEM", help="TLS certificate chain (with --tls-key)")
     p.add_argument("--tls-key", metavar="PEM", help="TLS private key")
@@ -617,6 +632,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = add("serve-token", cmd_serve_token, help="mint an admin token for `ringfence serve --admin-tokens`")
     p.add_argument("principal", help="who holds it: recorded in the audit log with each admin action")
+    p.add_argument(
+        "--role",
+        action="append",
+        required=True,
+        choices=["policy-author", "incident-responder", "onboarding", "reader"],
+        help="an admin role the token holds (repeat for several): policy-author (provision, modes), "
+        "incident-responder (quarantine, release), onboarding (register, import, pairing keys), reader",
+    )
     p.add_argument("--file", required=True, help="the admin tokens file to append principal:sha256 to (mode 0600)")
 
     from ringfence import demo

@@ -3,11 +3,12 @@
 Cloud events are *triggers*: they say which resource may have changed, never the whole truth.
 The ingest step re-describes the live resource, so a stale or reordered event cannot install
 old state. What an event does carry that is worth keeping is its time and, for ``aws.tag``
-events, the tag-set ``version`` (kept as a staleness hint: a lower version than one already
-seen is dropped before any describe call); for CloudTrail calls, *who* made the call
-(``userIdentity``) and the tags the call set, which decide whether a move into a privileged
-label value is approved (:mod:`ringfence.governance`). An ``aws.tag`` "Tag Change on Resource"
-event names no principal: it can never approve such a move.
+events, the tag-set ``version`` (a hint only: a lower version than one already seen is counted,
+never trusted to skip the describe — a forged huge version would otherwise lock out every real
+change); for CloudTrail calls, *who* made the call (``userIdentity``) and the tags the call set,
+which decide whether a move into a privileged label value is approved
+(:mod:`ringfence.governance`). An ``aws.tag`` "Tag Change on Resource" event names no principal:
+it can never approve such a move.
 
 This module is provider-neutral pydantic; it imports no cloud SDK. Handlers give it the SQS
 record's body (:func:`normalize_json`): the envelope and its detail are parsed once, here.

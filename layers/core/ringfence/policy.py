@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from ringfence import addresses, selectors, yamlpos
 from ringfence.addresses import Address, Prefix
+from ringfence.bundlewire import failsafe_width_problem
 from ringfence.labels import LabelMapper
 from ringfence.model import (
     Action,
@@ -639,8 +640,8 @@ class _Builder:
         path = ("defaults", "failsafes")
         if located is None:
             return ParsedFailsafes()
-        admin = tuple(self._prefixes(fs.admin_cidrs, file, located, (*path, "admin_cidrs")))
-        control = tuple(self._prefixes(fs.control_plane, file, located, (*path, "control_plane")))
+        admin = tuple(self._failsafe_prefixes(fs.admin_cidrs, file, located, (*path, "admin_cidrs")))
+        control = tuple(self._failsafe_prefixes(fs.control_plane, file, located, (*path, "control_plane")))
         ports: list[PortRange] = []
         for j, spec in enumerate(fs.admin_ports):
             try:
@@ -654,6 +655,23 @@ class _Builder:
             except ValueError:
                 self.problem(file, located, (*path, "dns_resolvers", j), f"not an IP address: {r!r}")
         return ParsedFailsafes(admin, tuple(ports), tuple(resolvers), control)
+
+    def _failsafe_prefixes(
+        self, cidrs: list[str], file: str, located: yamlpos.Located, path: tuple[Any, ...]
+    ) -> list[Prefix]:
+        """Fail-safe prefixes, each no wider than :data:`~ringfence.bundlewire.FAILSAFE_WIDEST`."""
+        out = self._prefixes(cidrs, file, located, path)
+        for j, prefix in enumerate(out):
+            why = failsafe_width_problem(prefix[0], prefix[2])
+            if why is not None:
+                self.problem(
+                    file,
+                    located,
+                    (*path, j),
+                    f"{addresses.format_prefix(prefix)}: {why}",
+                    "list the management networks themselves, e.g. 10.20.0.0/16",
+                )
+        return out
 
     def _prefixes(self, cidrs: list[str], file: str, located: yamlpos.Located, path: tuple[Any, ...]) -> list[Prefix]:
         out = []

@@ -9,9 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from ringfence.addresses import V4, Prefix, format_address, format_prefix
 from ringfence.engine.connectivity import Matrix, compute_inventory, normalise, subtract
+from ringfence.enums import Mode
 from ringfence.model import Workload
-from ringfence.policy import CompiledRule, Policy
+from ringfence.policy import CompiledRule, ParsedFailsafes, Policy
 from ringfence.services import PortRange
 
 
@@ -109,3 +111,51 @@ def diff(active: Policy | None, draft: Policy, inventory: list[Workload]) -> Pol
             if lost:
                 out.lost.append(AccessChange(pair[0], pair[1], lost))
     return out
+
+
+# --- fail-safes ------------------------------------------------------------------------------------
+
+
+def _covered(p: Prefix, by: tuple[Prefix, ...]) -> bool:
+    fam, net, length = p
+    bits = 32 if fam == V4 else 128
+    return any(
+        f == fam and ln <= length and (net >> (bits - ln) if ln else 0) == (n >> (bits - ln) if ln else 0)
+        for f, n, ln in by
+    )
+
+
+def _within(r: PortRange, by: tuple[PortRange, ...]) -> bool:
+    return any((o.proto == "any" or o.proto == r.proto) and o.lo <= r.lo and r.hi <= o.hi for o in by)
+
+
+def failsafe_widening(old: ParsedFailsafes, new: ParsedFailsafes) -> list[str]:
+    """What ``new``'s fail-safes let through that ``old``'s did not (fail-safes are never
+    blocked, so widening them weakens every enforced host): one line per widened field."""
+    out = []
+    for name in ("admin_cidrs", "control_plane"):
+        wider = [p for p in getattr(new, name) if not _covered(p, getattr(old, name))]
+        if wider:
+            out.append(f"{name}: {', '.join(format_prefix(p) for p in wider)}")
+    ports = [r for r in new.admin_ports if not _within(r, old.admin_ports)]
+    if ports:
+        out.append(f"admin_ports: {', '.join(str(r) for r in ports)}")
+    resolvers = [a for a in new.dns_resolvers if a not in old.dns_resolvers]
+    if resolvers:
+        out.append(f"dns_resolvers: {', '.join(format_address(a) for a in resolvers)}")
+    return out
+
+
+def newly_idle(old: Policy, new: Policy, workloads: Iterable[Workload]) -> list[str]:
+    """The workloads ``new`` leaves ``idle`` (firewall untouched) that ``old`` did not: a policy
+    can lower that safeguard for many hosts at once (a default mode, a mode rule)."""
+    out = []
+    for w in workloads:
+        if w.mode is not None:  # an operator's mode wins under either policy
+            continue
+        after, before = new.labels.resolve(w), old.labels.resolve(w)
+        if new.mode_for(after.labels, after.unlabeled) is Mode.IDLE and (
+            old.mode_for(before.labels, before.unlabeled) is not Mode.IDLE
+        ):
+            out.append(w.id)
+    return sorted(out)

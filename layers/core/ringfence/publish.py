@@ -16,9 +16,13 @@ from ringfence.engine import Engine, Update
 from ringfence.staticlayout import Head
 
 
-def signed_bundle(engine: Engine, workload_id: str, signer: bundle.Signer | None) -> bundle.Bundle:
+def signed_bundle(
+    engine: Engine, workload_id: str, signer: bundle.Signer | None, *, expires_at: int | None = None
+) -> bundle.Bundle:
+    """The workload's bundle, signed when a signer is given (expiring at ``expires_at``, default
+    ``bundle.DEFAULT_TTL`` from now)."""
     doc = bundle.Bundle.model_validate(engine.render(workload_id))
-    return bundle.sign(doc, signer) if signer is not None else doc
+    return bundle.sign(doc, signer, expires_at=expires_at) if signer is not None else doc
 
 
 def delta_documents(update: Update, signer: bundle.Signer | None) -> list[bundle.SetDelta]:

@@ -7,9 +7,10 @@ timeout), so it runs in a thread pool with a large limit; a resolver serves one 
 (it keeps the current event on itself), so each thread takes one from a pool of resolvers over
 the one shared service.
 
-The admin API is authenticated here by bearer admin tokens (a file of ``principal:sha256(token)``
-lines); the principal is put where API Gateway puts the IAM caller
-(``requestContext.identity.userArn``), so the admin routes audit the same field on both hosts.
+The admin API is authenticated here by bearer admin tokens (a file of
+``principal:sha256(token):roles`` lines); the principal is put where API Gateway puts the IAM
+caller (``requestContext.identity.userArn``), so the admin routes audit the same field on both
+hosts, and the token's admin roles where a Lambda authorizer puts its context.
 Nothing of the request's own reaches ``requestContext``.
 """
 
@@ -28,13 +29,15 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from starlette.responses import Response
+
+from ringfence.adminroles import AdminRole, AdminRolesError, parse_roles
 
 log = logging.getLogger("ringfence.serve")
 
@@ -65,11 +68,13 @@ def token_hash(token: str) -> str:
 
 @dataclass(frozen=True)
 class AdminTokens:
-    """Who may call the admin API: principal → SHA-256 of their bearer token (hex). The file has
-    one ``principal:sha256hex`` per line; blank lines and ``#`` comments are ignored. Tokens
+    """Who may call the admin API: SHA-256 of a bearer token (hex) → its principal and admin roles.
+    The file has one ``principal:sha256hex:role[,role…]`` per line (roles of
+    :class:`ringfence.adminroles.AdminRole`); blank lines and ``#`` comments are ignored. Tokens
     themselves are never stored, logged or compared in the clear."""
 
     by_hash: dict[str, str] = field(default_factory=dict)
+    roles_by_hash: dict[str, frozenset[AdminRole]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> AdminTokens:
@@ -78,40 +83,64 @@ class AdminTokens:
         except OSError as exc:
             raise ServeError(f"--admin-tokens {path}: {exc.strerror}") from None
         by_hash: dict[str, str] = {}
+        roles_by_hash: dict[str, frozenset[AdminRole]] = {}
         for n, raw in enumerate(text.splitlines(), 1):
             line = raw.strip()
             if not line or line.startswith("#"):
                 continue
-            principal, sep, digest = line.rpartition(":")
+            head, _, roles = line.rpartition(":")
+            principal, sep, digest = head.rpartition(":")
+            if _SHA256.match(roles.lower()) and not _SHA256.match(digest.lower()):
+                raise ServeError(
+                    f"{path}:{n}: no admin roles: append :ROLE[,ROLE…] ({', '.join(r.value for r in AdminRole)});"
+                    " `ringfence serve-token --role` writes it"
+                )
             if not sep or not _PRINCIPAL.match(principal) or not _SHA256.match(digest.lower()):
                 raise ServeError(
-                    f"{path}:{n}: expected principal:sha256hex (64 hex digits; principal of letters, digits and _.@+=,/:-)"
+                    f"{path}:{n}: expected principal:sha256hex:roles (64 hex digits; principal of letters,"
+                    " digits and _.@+=,/:-)"
                 )
+            try:
+                held = parse_roles(roles.split(","), f"{path}:{n}")
+            except AdminRolesError as exc:
+                raise ServeError(str(exc)) from None
             if digest.lower() in by_hash:
                 raise ServeError(f"{path}:{n}: the same token hash is listed twice")
             by_hash[digest.lower()] = principal
+            roles_by_hash[digest.lower()] = held
         if not by_hash:
-            raise ServeError(f"{path}: no admin tokens (lines of principal:sha256hex)")
-        return cls(by_hash)
+            raise ServeError(f"{path}: no admin tokens (lines of principal:sha256hex:roles)")
+        return cls(by_hash, roles_by_hash)
 
-    def principal(self, authorization: str | None) -> str | None:
-        """The principal whose token the ``Authorization: Bearer`` header carries, else None."""
+    def holder(self, authorization: str | None) -> tuple[str, frozenset[AdminRole]] | None:
+        """The principal whose token the ``Authorization: Bearer`` header carries, and its roles."""
         if not authorization or not authorization.startswith("Bearer "):
             return None
         got = token_hash(authorization.removeprefix("Bearer ").strip())
         found = None
         for digest, principal in self.by_hash.items():  # compare every entry: no early exit
             if hmac.compare_digest(digest, got):
-                found = principal
+                found = (principal, self.roles_by_hash.get(digest, frozenset()))
         return found
 
+    def principal(self, authorization: str | None) -> str | None:
+        """The principal whose token the ``Authorization: Bearer`` header carries, else None."""
+        held = self.holder(authorization)
+        return held[0] if held else None
 
-def new_admin_token(principal: str) -> tuple[str, str]:
+
+def new_admin_token(principal: str, roles: Iterable[str]) -> tuple[str, str]:
     """(token, the line for the tokens file)."""
     if not _PRINCIPAL.match(principal):
         raise ServeError(f"principal {principal!r}: letters, digits and _.@+=,/:- only")
+    try:
+        held = parse_roles(roles, "--role")
+    except AdminRolesError as exc:
+        raise ServeError(str(exc)) from None
+    if not held:
+        raise ServeError(f"{principal}: an admin token needs at least one role (--role)")
     token = secrets.token_urlsafe(32)
-    return token, f"{principal}:{token_hash(token)}"
+    return token, f"{principal}:{token_hash(token)}:{','.join(sorted(r.value for r in held))}"
 
 
 # --- stores ----------------------------------------------------------------------------------------
@@ -156,6 +185,7 @@ def proxy_event(
     body: bytes,
     source_ip: str,
     principal: str | None = None,
+    roles: frozenset[AdminRole] | None = None,
 ) -> dict[str, Any]:
     """The API Gateway REST (v1) proxy event of a request, as API Gateway builds it. The identity
     is this server's finding (the client's address; the admin token's principal), never taken
@@ -198,6 +228,8 @@ def proxy_event(
             "resourcePath": path,
             "stage": "serve",
             "identity": identity,
+            # the admin token's roles, where a Lambda authorizer puts its context (routes.admin.token_roles)
+            "authorizer": {"ringfence_roles": ",".join(sorted(r.value for r in roles))} if roles is not None else None,
         },
         "body": text,
         "isBase64Encoded": b64,
@@ -248,7 +280,7 @@ class ServeApp:
         admin routes of on-premise workloads (register, CMDB import, deregister)."""
         from ringfence.clouds.aws.agents import AgentApi
         from ringfence.clouds.onprem import OnPremAdmin
-        from ringfence.routes.admin import admin_routes
+        from ringfence.routes.admin import admin_routes, token_roles
         from ringfence.routes.agent import agent_routes
 
         api = AgentApi(wiring)
@@ -257,7 +289,9 @@ class ServeApp:
         agent = ResolverPool(lambda: agent_routes(lambda: api))
         admin = None
         if tokens is not None:
-            admin = ResolverPool(lambda: admin_routes(lambda: adm, onprem=(lambda: adm) if local else None))
+            admin = ResolverPool(
+                lambda: admin_routes(lambda: adm, onprem=(lambda: adm) if local else None, roles_of=token_roles)
+            )
         return cls(agent, admin, tokens, threads)
 
     def __post_init__(self) -> None:
@@ -281,7 +315,13 @@ class ServeApp:
                 chunks.append(chunk)
             return b"".join(chunks)
 
-        async def dispatch(request: Request, pool: ResolverPool, limit: int, principal: str | None) -> Response:
+        async def dispatch(
+            request: Request,
+            pool: ResolverPool,
+            limit: int,
+            principal: str | None,
+            roles: frozenset[AdminRole] | None = None,
+        ) -> Response:
             body = await read_body(request, limit)
             if body is None:
                 return error(413, "request too large", f"over {limit} bytes")
@@ -293,6 +333,7 @@ class ServeApp:
                 body,
                 request.client.host if request.client else "",
                 principal,
+                roles,
             )
             out = await anyio.to_thread.run_sync(pool.resolve, event, limiter=limiter)
             return to_response(out)
@@ -303,12 +344,12 @@ class ServeApp:
         async def admin(request: Request) -> Response:
             if self.admin is None or self.tokens is None:
                 return error(404, "the admin API is off", "start ringfence serve with --admin-tokens FILE")
-            principal = self.tokens.principal(request.headers.get("authorization"))
-            if principal is None:
+            held = self.tokens.holder(request.headers.get("authorization"))
+            if held is None:
                 return error(
                     401, "admin token required", "Authorization: Bearer <admin token>", {"WWW-Authenticate": "Bearer"}
                 )
-            return await dispatch(request, self.admin, MAX_ADMIN_BODY, principal)
+            return await dispatch(request, self.admin, MAX_ADMIN_BODY, *held)
 
         async def healthz(request: Request) -> Response:
             return JSONResponse({"ok": True})

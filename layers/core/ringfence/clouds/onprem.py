@@ -19,6 +19,7 @@ from ringfence.cmdb import CmdbError, parse_cmdb_csv
 from ringfence.model import Workload
 from ringfence.store.base import InventoryRecord
 
+from .aws import credentials
 from .aws.admin import Admin
 from .aws.api import Response, error
 
@@ -116,5 +117,6 @@ class OnPremAdmin(Admin):
         gone = rec.workload.model_copy(update={"ips": []})
         self.w.store.observe(self._record(gone, max(time.time(), rec.observed_at), state="terminated"))
         audit_id = self._audit(principal, "workload.deregister", workload_id, {}, reason)
+        credentials.retire(self.w, workload_id, "workload deregistered")
         self.w.enqueue_compute([workload_id])
         return Response(200, {"workload_id": workload_id, "audit_id": audit_id})

@@ -27,6 +27,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "on the bundles they applied",
     )
     p.add_argument("--repeat", type=int, default=5, help="--bench: samples per single-event kind (default 5)")
+    p.add_argument(
+        "--bench-only",
+        metavar="KINDS",
+        help="--bench: only these kinds, comma-separated, of launch, tag, quarantine, scale10, scale50 (default all)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

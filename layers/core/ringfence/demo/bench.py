@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 from ringfence.demo.live import Live
 from ringfence.local.estate import ASG_NAME, TAGGER_ROLE
@@ -46,13 +47,47 @@ def _scale_in(d: Live, timeout: float) -> None:
     d.r.say(f"  terminate {len(gone)}: {s.seconds}s ({s.agents} agents)")
 
 
+KINDS = ("launch", "tag", "quarantine", "scale10", "scale50")
+
+
+def bench_kinds(only: str | None) -> list[str]:
+    """The kinds ``--bench-only`` names (all by default), in the bench's order."""
+    if not only:
+        return list(KINDS)
+    asked = [k.strip() for k in only.split(",") if k.strip()]
+    unknown = [k for k in asked if k not in KINDS]
+    if unknown:
+        raise ValueError(f"--bench-only: unknown kind {', '.join(unknown)} (known: {', '.join(KINDS)})")
+    return [k for k in KINDS if k in asked]
+
+
 def bench(d: Live, args: argparse.Namespace) -> None:
     repeat = max(1, int(args.repeat))
+    kinds = bench_kinds(getattr(args, "bench_only", None))
     ec2 = d.aws.client_as("ec2", TAGGER_ROLE)
+    if "launch" in kinds:
+        _bench_launch(d, repeat)
+    if "tag" in kinds:
+        _bench_tag(d, repeat, ec2)
+    if "quarantine" in kinds:
+        _bench_quarantine(d, repeat)
+    for n, number in ((10, 4), (50, 5)):
+        if f"scale{n}" in kinds:
+            with d.r.step(number, f"scale-out of {n}, then scale-in"):
+                t0 = time.time()
+                _launch(d, n, 120 + 6 * n)  # a measuring window, not a target: 180 s for 10, 420 s for 50
+                _scale_in(d, 120 + 6 * n)
+                d.r.say(f"  round trip {time.time() - t0:.1f}s")
+
+
+def _bench_launch(d: Live, repeat: int) -> None:
     with d.r.step(1, f"single launch ×{repeat}"):
         for _ in range(repeat):
             _launch(d, 1, 60)
         _scale_in(d, 60)
+
+
+def _bench_tag(d: Live, repeat: int, ec2: Any) -> None:
     with d.r.step(2, f"tag change ×{repeat}"):
         iid = d.iid("ord-prod-web-9")
         for k in range(repeat):
@@ -70,6 +105,9 @@ def bench(d: Live, args: argparse.Namespace) -> None:
                 (iid,),
             )
             d.r.say(f"  env={value}: {s.seconds}s ({s.agents} agents)")
+
+
+def _bench_quarantine(d: Live, repeat: int) -> None:
     with d.r.step(3, f"quarantine ×{repeat}"):
         victim = d.iid("ord-prod-web-1")
         for _ in range(repeat):
@@ -90,9 +128,3 @@ def bench(d: Live, args: argparse.Namespace) -> None:
                 (victim,),
                 admin=True,
             )
-    for n, number in ((10, 4), (50, 5)):
-        with d.r.step(number, f"scale-out of {n}, then scale-in"):
-            t0 = time.time()
-            _launch(d, n, 120 + 6 * n)  # a measuring window, not a target: 180 s for 10, 420 s for 50
-            _scale_in(d, 120 + 6 * n)
-            d.r.say(f"  round trip {time.time() - t0:.1f}s")

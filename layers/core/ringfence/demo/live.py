@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -47,14 +48,17 @@ from ringfence.local.fleet import Fleet, FleetConfig, Instance
 from ringfence.local.imds import IMDS_ADDRESS, Imds
 from ringfence.local.lab import Lab, enter_netns, prerequisites, sweep_stale
 from ringfence.local.router import LAUNCH_OK
+from ringfence.local.tls import LabTls, lab_tls
 from ringfence.local.traffic import Probe, Traffic
 
 CP_ADDRESS = "10.254.0.1"  # the control plane's namespace on the lab bridge
 OPS, OPS_ADDRESS = "ops", "10.99.0.200"  # an operator's console in the admin range (no agent)
 SERVE_PORT = 8443
 ADMIN_PRINCIPAL = "demo-operator"
-# long-poll answers re-read the store this often (RINGFENCE_WAIT_POLL_INTERVAL; AWS default 1 s)
-WAIT_POLL_INTERVAL = "0.5"
+ALL_ADMIN_ROLES = ["policy-author", "incident-responder", "onboarding"]  # the demo does all three
+# serve reads the engine head this often while agents wait, and wakes them when it moved
+# (RINGFENCE_WAIT_POLL_INTERVAL; AWS default 1 s): one read per interval for all waiting agents
+WAIT_POLL_INTERVAL = "0.1"
 ENFORCE_TIMEOUT = 60.0
 # a launch goes InService once the new instance's agent enforces (its first heartbeat), not once
 # its bundle is published (the AWS default, "publish")
@@ -86,6 +90,10 @@ class Live:
         self.dry_run = dry_run  # no namespaces, no firewall: agents in this namespace, checks on bundles
         self.cp_host = "127.0.0.1" if dry_run else CP_ADDRESS
         self.serve_port = _free_port() if dry_run else SERVE_PORT
+        # serve speaks HTTPS with a certificate of the lab's own CA, which agents and the demo verify
+        self.api_base = f"https://{self.cp_host}:{self.serve_port}"
+        self.tls: LabTls | None = None
+        self.tls_context: ssl.SSLContext | None = None
         self.procs: list[subprocess.Popen[Any]] = []  # started outside a lab (dry run)
         self.example = example
         self.out = out
@@ -156,14 +164,15 @@ class Live:
             raise RuntimeError("the estate's events were not ingested within 60 s")
         self.provision()
 
-        api_url = f"http://{self.cp_host}:{self.serve_port}"
+        api_url = self.api_base
+        assert self.tls is not None
         if self.lab is not None:
             self.imds = Imds(self._identify, self.aws.identity_document, self.aws.iid.sign).start()
             self.traffic = Traffic(self.lab.start)
             # the operators' console on the bastion range (the policy's admin_cidrs), no agent: a
             # quarantined host must still answer it over SSH
             self.lab.add(OPS, [f"{OPS_ADDRESS}/8"])
-            cfg = FleetConfig(api_url=api_url, public_key=pub, workdir=self.work)
+            cfg = FleetConfig(api_url=api_url, public_key=pub, workdir=self.work, tls_ca_file=self.tls.ca)
         else:
             port = _free_port()
             self.imds = Imds(self._identify, self.aws.identity_document, self.aws.iid.sign, "127.0.0.1", port).start()
@@ -173,6 +182,7 @@ class Live:
                 workdir=self.work,
                 backend="dry-run",
                 imds_url=f"http://127.0.0.1:{port}",
+                tls_ca_file=self.tls.ca,
             )
         self.fleet = Fleet(cfg, self.aws.client("ec2"), self.lab, self.traffic, log=r.say, start_process=self._start)
         t0 = time.time()
@@ -197,12 +207,14 @@ class Live:
     def _start_serve(self) -> None:
         from ringfence import serve
 
-        token, line = serve.new_admin_token(ADMIN_PRINCIPAL)
+        token, line = serve.new_admin_token(ADMIN_PRINCIPAL, ALL_ADMIN_ROLES)
         tokens = self.work / "admin-tokens"
         tokens.write_text(line + "\n")
         tokens.chmod(0o600)
         self.admin_token = token
         env = {**os.environ, **self.aws.env, "RINGFENCE_WAIT_POLL_INTERVAL": WAIT_POLL_INTERVAL, **GATE}
+        self.tls = lab_tls(self.work / "tls", self.cp_host)
+        self.tls_context = ssl.create_default_context(cafile=str(self.tls.ca))
         cmd = [
             str(Path(sys.executable).parent / "ringfence"),
             "serve",
@@ -214,25 +226,30 @@ class Live:
             str(self.serve_port),
             "--admin-tokens",
             str(tokens),
+            "--tls-cert",
+            str(self.tls.cert),
+            "--tls-key",
+            str(self.tls.key),
         ]
-        if not self.dry_run:
-            cmd.append("--insecure")  # plain HTTP on the lab bridge: private to this run, no other host on it
         log = (self.work / "serve.log").open("w")
         self.serve = self._start(*cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + 60
-        url = f"http://{self.cp_host}:{self.serve_port}"
+        url = self.api_base
         last: Exception | None = None
         while time.monotonic() < deadline:
             if self.serve.poll() is not None:
                 raise RuntimeError(f"ringfence serve exited ({self.serve.returncode}): see {self.work / 'serve.log'}")
             try:
-                urllib.request.urlopen(f"{url}/v1/nonce", timeout=2).read()  # noqa: S310
+                urllib.request.urlopen(f"{url}/v1/nonce", timeout=2, context=self.tls_context).read()  # noqa: S310
             except OSError as exc:
                 last = exc
                 time.sleep(0.2)
                 continue
-            self.r.say(f"ringfence serve --store aws: agent and admin APIs at {url}")
+            self.r.say(
+                f"ringfence serve --store aws: agent and admin APIs at {url} (HTTPS, a certificate of the "
+                "lab's own CA, which every agent verifies: tls_ca_file)"
+            )
             return
         raise RuntimeError(f"ringfence serve did not answer within 60 s: {last}")
 
@@ -251,14 +268,14 @@ class Live:
         self.r.say("event router: moto changes → EventBridge rules → SQS → functions/{ingest,lifecycle,compute,...}")
 
     def admin(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
-        req = urllib.request.Request(
-            f"http://{self.cp_host}:{self.serve_port}{path}",
+        req = urllib.request.Request(  # noqa: S310 - the lab's own https URL
+            f"{self.api_base}{path}",
             method=method,
             data=json.dumps(body).encode() if body is not None else None,
             headers={"Authorization": f"Bearer {self.admin_token}", "Content-Type": "application/json"},
         )
         try:
-            with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310
+            with urllib.request.urlopen(req, timeout=30, context=self.tls_context) as resp:  # noqa: S310
                 status, text = resp.status, resp.read().decode()
         except urllib.error.HTTPError as exc:
             status, text = exc.code, exc.read().decode()
@@ -524,9 +541,10 @@ class Live:
     ) -> dict[str, float]:
         """Where the time went. Cloud events: the router's timeline of the first event about a
         subject after t0 (event_delivery: change → PutEvents returned, the watcher's look
-        included; ingest: → the ingest/lifecycle handler finished; compute: → the compute handler
-        finished, publication included). An admin call (``answered``): the API call, then compute
-        and publication together. Then the last agent's ``last_sync``: push (→ its wait
+        included; ingest: → the ingest/lifecycle handler finished; perimeter, for a launch: → the
+        perimeter handler finished; compute: → the compute handler finished, publication
+        included). An admin call (``answered``): the API call, then compute and publication
+        together. Then the last agent's ``last_sync``: push (→ its wait
         answered), fetch, apply."""
         phases: dict[str, float] = {}
         # the events that led to enforcement (not those that followed it, e.g. InService)
@@ -543,9 +561,15 @@ class Live:
             if first.ingested:
                 phases["ingest"] = first.ingested - first.put
                 computed = [e.computed for e in entries if e.computed and e.computed <= enforced]
+                # a launch passes the perimeter handler between ingest and compute
+                fenced = [e.perimeter for e in entries if e.perimeter and e.perimeter <= enforced]
+                start = first.ingested
+                if fenced:
+                    phases["perimeter"] = max(0.0, max(fenced) - first.ingested)
+                    start = max(fenced)
                 if computed:
                     cloud_done = max(computed)
-                    phases["compute"] = max(0.0, cloud_done - first.ingested)
+                    phases["compute"] = max(0.0, cloud_done - start)
         elif answered is not None:
             phases["admin_api"] = answered - t0
             cloud_done = answered

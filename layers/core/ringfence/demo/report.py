@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 # where the time goes, in the order it is spent (docs/benchmarks.md, "Time to policy")
-PHASES = ("event_delivery", "ingest", "compute", "publish", "push", "fetch", "apply")
+PHASES = ("event_delivery", "ingest", "perimeter", "compute", "publish", "push", "fetch", "apply")
 
 
 @dataclass

@@ -476,7 +476,7 @@ class Engine:
                 name = s.name
             rules[direction].append((pos, name))
         return {
-            "format": "ringfence.bundle/v1",
+            "format": "ringfence.bundle/v2",
             "workload_id": wid,
             "version": self.bundle_version(wid),
             "policy_version": self.policy_version,

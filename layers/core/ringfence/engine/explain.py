@@ -18,6 +18,7 @@ from typing import Literal
 
 from ringfence import addresses
 from ringfence.addresses import Address, format_address
+from ringfence.bundlewire import CONTROL_PLANE_PORT
 from ringfence.engine.compiler import WorkloadState
 from ringfence.model import Action, Mode, Workload
 from ringfence.policy import ACTION_RANK, CompiledRule, Peer, Policy
@@ -146,7 +147,11 @@ def _failsafe(policy: Policy, src: Endpoint, dst: Endpoint, proto: str, port: in
     else:
         if proto in ("udp", "tcp") and port == 53 and any(a in fs.dns_resolvers for a in dst.addrs):
             return "DNS to a configured resolver"
-        if any(addresses.prefix_contains(p, a) for p in fs.control_plane for a in dst.addrs):
+        if (
+            proto == "tcp"
+            and port == CONTROL_PLANE_PORT
+            and any(addresses.prefix_contains(p, a) for p in fs.control_plane for a in dst.addrs)
+        ):
             return "the control-plane endpoint"
     return None
 

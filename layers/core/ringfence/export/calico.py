@@ -55,6 +55,7 @@ from typing import Any
 import yaml
 
 from ringfence import addresses, selectors
+from ringfence.bundlewire import CONTROL_PLANE_PORT
 from ringfence.engine.index import LabelIndex, iter_bits
 from ringfence.model import Action, Mode, Workload
 from ringfence.policy import CompiledRule, Peer, Policy
@@ -393,7 +394,9 @@ def _failsafe_policies(policy: Policy) -> list[dict[str, Any]]:
         for proto in ("UDP", "TCP"):
             egress.append({"action": "Allow", "protocol": proto, "destination": {"nets": dns, "ports": [53]}})
     if fs.control_plane:
-        egress.append({"action": "Allow", "destination": {"nets": list(fs.control_plane)}})
+        # the control plane's port only, as the agent admits it (CONTROL_PLANE_PORT)
+        cp = {"nets": list(fs.control_plane), "ports": [CONTROL_PLANE_PORT]}
+        egress.append({"action": "Allow", "protocol": "TCP", "destination": cp})
     if egress:
         out.append(_gnp("rf-failsafe-egress", ORDER["failsafes"], "all()", "egress", egress, False))
     return out

@@ -66,6 +66,7 @@ class FleetConfig:
     heartbeat_interval: float = 15.0
     wait_timeout: float = 25.0
     extra_routes: tuple[str, ...] = (f"{IMDS_ADDRESS}/32",)
+    tls_ca_file: Path | None = None  # the CA the control plane's certificate chains to (a lab's own)
 
 
 class Fleet:
@@ -177,6 +178,9 @@ class Fleet:
             "state_dir": str(inst.state_dir),
             "backend": self.cfg.backend,
             "api_url": self.cfg.api_url,
+            # a lab control plane without TLS on a lab address (the demo's has TLS): said at start
+            "insecure_http_lab_only": self.cfg.api_url.startswith("http://"),
+            **({"tls_ca_file": str(self.cfg.tls_ca_file)} if self.cfg.tls_ca_file else {}),
             "enroll": {"method": "aws-iid", "imds_url": self._imds_url(iid), "iid_signature": "signature"},
             "heartbeat_interval": self.cfg.heartbeat_interval,
             "wait_timeout": self.cfg.wait_timeout,

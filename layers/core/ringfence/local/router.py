@@ -111,6 +111,7 @@ class TimelineEntry:
     changed: float  # the watcher saw the change in moto
     put: float | None = None
     ingested: float | None = None
+    perimeter: float | None = None  # the perimeter handler finished a batch naming its instance
     computed: float | None = None
     failed: str | None = None  # last handler failure for it (it stays queued and is retried)
     attempts: int = 0
@@ -209,6 +210,17 @@ class Timeline:
                 out.append(e)
             if out:
                 self._notify("failed", out)
+
+    def perimeter(self, instance_ids: Iterable[str], at: float) -> None:
+        """The perimeter handler finished a batch naming these instances at ``at``: their events
+        ingested and awaiting compute are stamped (the first time only; not a stage listeners see)."""
+        with self._cond:
+            for iid in instance_ids:
+                for eid in self._awaiting.get(iid, []):
+                    e = self._entries[eid]
+                    if e.perimeter is None and e.ingested is not None and e.ingested <= at:
+                        self._entries[eid] = replace(e, perimeter=at)
+            self._cond.notify_all()
 
     def computed(self, instance_ids: Iterable[str], received_at: float, at: float) -> None:
         """A compute batch received at ``received_at`` finished at ``at`` naming these instances:
@@ -644,7 +656,7 @@ class EventRouter:
         return worked
 
     def _record(self, queue: str, d: Delivery) -> None:
-        if queue == "compute":
+        if queue in ("compute", "perimeter"):
             if d.failed:
                 return
             ids: list[str] = []
@@ -657,7 +669,10 @@ class EventRouter:
                 lc = body.get("lifecycle") or {}
                 if lc.get("instance_id"):
                     ids.append(lc["instance_id"])
-            self.timeline.computed(dict.fromkeys(ids), d.received_at, d.done_at)
+            if queue == "perimeter":
+                self.timeline.perimeter(dict.fromkeys(ids), d.done_at)
+            else:
+                self.timeline.computed(dict.fromkeys(ids), d.received_at, d.done_at)
             return
         ok: list[str] = []
         bad: list[str] = []

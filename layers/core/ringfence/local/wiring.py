@@ -110,6 +110,7 @@ class ComputeWorker(threading.Thread):
         attempts: int = 3,
         retry_delay: float = 1.0,
         max_batch: int = 100,
+        refresh_interval: float = 3600.0,
     ) -> None:
         super().__init__(name="ringfence-compute", daemon=True)
         self.compute = compute
@@ -117,6 +118,8 @@ class ComputeWorker(threading.Thread):
         self.attempts = attempts
         self.retry_delay = retry_delay
         self.max_batch = max_batch
+        # idle this long: compute re-signs the bundles near expiry (the AWS schedule's job)
+        self.refresh_interval = refresh_interval
         self.queue: queue.Queue[Any] = queue.Queue()
         self.runs = 0
         self.failed_batches = 0
@@ -138,7 +141,15 @@ class ComputeWorker(threading.Thread):
 
     def run(self) -> None:
         while True:
-            first = self.queue.get()
+            try:
+                first = self.queue.get(timeout=self.refresh_interval)
+            except queue.Empty:
+                if self.compute.engine is not None:
+                    try:
+                        self._compute([{"ids": [], "refresh": True}])
+                    finally:
+                        self.notifier.flush()
+                continue
             batch = [first]
             while len(batch) < self.max_batch:
                 try:
@@ -171,6 +182,12 @@ class ComputeWorker(threading.Thread):
         log.error("compute gave up on a batch of %s message(s): the next computation rebuilds", len(messages))
 
 
+def local_config() -> Config:
+    """The local control plane's configuration: pairing only; the agent token's lifetime from
+    ``RINGFENCE_TOKEN_TTL`` (seconds, default one hour), as on AWS."""
+    return Config(enroll_methods=["pairing"], token_ttl=int(os.environ.get("RINGFENCE_TOKEN_TTL", "3600")))
+
+
 class LocalWiring(BaseWiring):
     """``LocalWiring(DATABASE)``: the SQLite file ``DATABASE`` (``--store sqlite:DATABASE``) and,
     in its directory (the state directory), ``objects/`` (published files), ``lock`` and, unless
@@ -198,7 +215,7 @@ class LocalWiring(BaseWiring):
         self._lock = self._take_lock()
         try:
             super().__init__(
-                cfg or Config(enroll_methods=["pairing"]),
+                cfg or local_config(),
                 store if store is not None else SqliteStore(self.database),
                 FilePublisher(self.state_dir / "objects", fsync=fsync),
             )

@@ -2,7 +2,11 @@
 over an :class:`Admin` service, for every host; with an ``onprem`` service (``ringfence serve``)
 also register, import (CMDB CSV) and deregister on-premise workloads. Each action is audited with the caller's
 principal, read from ``requestContext.identity.userArn``: API Gateway puts the IAM caller there
-(the admin API uses IAM auth); ``ringfence serve`` puts the principal of the admin token there."""
+(the admin API uses IAM auth); ``ringfence serve`` puts the principal of the admin token there.
+
+Each route is open to some admin roles only (:mod:`ringfence.adminroles`); the host says which
+roles the caller holds (``roles_of``): on AWS from the IAM caller's binding, under ``ringfence
+serve`` from the admin token. A refusal is a 403, audited as ``admin.denied``."""
 
 # no `from __future__ import annotations`: the event handler reads the route signatures' types
 from collections.abc import Callable
@@ -12,8 +16,10 @@ from aws_lambda_powertools.event_handler import APIGatewayRestResolver
 from aws_lambda_powertools.event_handler import Response as HttpResponse
 from aws_lambda_powertools.event_handler.openapi.models import APIKey, APIKeyIn
 from aws_lambda_powertools.event_handler.openapi.params import Body
+from aws_lambda_powertools.utilities.data_classes import APIGatewayProxyEvent
 
 from ringfence import adminapi
+from ringfence.adminroles import AdminRole, RoleBindings, may, parse_roles
 from ringfence.clouds.aws.admin import Admin
 from ringfence.clouds.onprem import OnPremAdmin
 
@@ -27,12 +33,30 @@ def outcome(status: int) -> str:
     return "AdminActions" if status < 400 else "AdminRequestsRefused"
 
 
+RolesOf = Callable[[APIGatewayProxyEvent], frozenset[AdminRole]]
+# where ``ringfence serve`` puts the roles of the admin token (as a Lambda authorizer's context
+# would be): never from anything the client sent
+TOKEN_ROLES_KEY = "ringfence_roles"  # noqa: S105 (a key name, no secret)
+
+
+def iam_roles(bindings: RoleBindings) -> RolesOf:
+    """AWS: the IAM caller's roles, by its binding (``RINGFENCE_ADMIN_ROLES``)."""
+    return lambda event: bindings.roles(event.request_context.identity.user_arn)
+
+
+def token_roles(event: APIGatewayProxyEvent) -> frozenset[AdminRole]:
+    """``ringfence serve``: the roles the admin token carries."""
+    ctx = (event.raw_event.get("requestContext") or {}).get("authorizer") or {}
+    return parse_roles([r for r in str(ctx.get(TOKEN_ROLES_KEY, "")).split(",") if r], "admin token")
+
+
 def admin_routes(
-    service: Callable[[], Admin], onprem: Callable[[], OnPremAdmin] | None = None
+    service: Callable[[], Admin], onprem: Callable[[], OnPremAdmin] | None = None, *, roles_of: RolesOf
 ) -> APIGatewayRestResolver:
     """The admin API over ``service()`` (called per request: hosts build the service lazily).
     With ``onprem``, the on-premise workload routes too (``ringfence serve``; the AWS stack routes
-    none of them, so pairing keys, which only on-premise workloads take, are off there)."""
+    none of them, so pairing keys, which only on-premise workloads take, are off there).
+    ``roles_of`` says which admin roles the caller of the current request holds."""
     app = resolver(
         "Ringfence admin API",
         "Operator actions, each audited with the caller's principal. On AWS: IAM (SigV4) "
@@ -44,79 +68,96 @@ def admin_routes(
         ident = app.current_event.request_context.identity
         return ident.user_arn or ident.caller or "unknown"
 
+    def refused(action: str, target: str) -> HttpResponse[str] | None:
+        """None when the caller's roles allow ``action``; else the audited 403."""
+        held = roles_of(app.current_event)
+        if may(held, action):
+            return None
+        return http(service().denied(principal(), action, target, sorted(r.value for r in held)))
+
     @app.post(
         "/admin/policies",
-        summary="provision a policy version (its tests must pass against the live inventory)",
+        summary="provision a policy version (its tests must pass against the live inventory) — policy-author",
         responses=answers(adminapi.ProvisionResponse, 201, errors=(400,)),
         security=[{"sigv4": []}],
     )
     def provision(req: adminapi.ProvisionRequest) -> HttpResponse[str]:
-        return http(service().provision(principal(), req.files, req.reason))
+        return refused("policy.provision", "policy") or http(service().provision(principal(), req.files, req.reason))
 
     @app.put(
         "/admin/workloads/<wid>/mode",
-        summary="set a workload's mode (idle, observe, enforce) or clear it",
+        summary="set a workload's mode (idle, observe, enforce) or clear it — policy-author",
         responses=answers(adminapi.ModeResponse, errors=(404,)),
         security=[{"sigv4": []}],
     )
     def set_mode(wid: str, req: adminapi.ModeRequest) -> HttpResponse[str]:
-        return http(service().set_mode(principal(), wid, req.mode, req.reason))
+        return refused("workload.mode", wid) or http(service().set_mode(principal(), wid, req.mode, req.reason))
 
     @app.post(
         "/admin/workloads/<wid>/quarantine",
-        summary="quarantine a workload: it and its peers cut it off",
+        summary="quarantine a workload: it and its peers cut it off — incident-responder",
         responses=answers(adminapi.QuarantineResponse, errors=(404,)),
         security=[{"sigv4": []}],
     )
     def quarantine(wid: str, req: Annotated[adminapi.Reason | None, Body()] = None) -> HttpResponse[str]:
-        return http(service().quarantine(principal(), wid, True, (req or _NO_BODY).reason))
+        return refused("workload.quarantine", wid) or http(
+            service().quarantine(principal(), wid, True, (req or _NO_BODY).reason)
+        )
 
     @app.delete(
         "/admin/workloads/<wid>/quarantine",
-        summary="release a workload from quarantine",
+        summary="release a workload from quarantine — incident-responder",
         responses=answers(adminapi.QuarantineResponse, errors=(404,)),
         security=[{"sigv4": []}],
     )
     def release(wid: str, req: Annotated[adminapi.Reason | None, Body()] = None) -> HttpResponse[str]:
-        return http(service().quarantine(principal(), wid, False, (req or _NO_BODY).reason))
+        return refused("workload.release", wid) or http(
+            service().quarantine(principal(), wid, False, (req or _NO_BODY).reason)
+        )
 
     @app.post(
         "/admin/pairing-keys",
-        summary="mint a pairing key (use-limited, expiring) for on-premise enrollment",
+        summary="mint a pairing key (use-limited, expiring) for on-premise enrollment — onboarding",
         responses=answers(adminapi.PairingKeyResponse, 201, errors=(400,)),
         security=[{"sigv4": []}],
     )
     def pairing_key(req: adminapi.PairingKeyRequest) -> HttpResponse[str]:
-        return http(service().pairing_key(principal(), req.workload_id, req.uses, req.ttl, req.reason))
+        return refused("pairing.create", req.workload_id or "") or http(
+            service().pairing_key(principal(), req.workload_id, req.uses, req.ttl, req.reason)
+        )
 
     if onprem is None:
         return app
 
     @app.post(
         "/admin/workloads",
-        summary="register (or update) an on-premise workload — ringfence serve",
+        summary="register (or update) an on-premise workload — onboarding, ringfence serve",
         responses=answers(adminapi.RegisterWorkloadResponse, 201, errors=(400, 409)),
         security=[{"sigv4": []}],
     )
     def register_workload(req: adminapi.RegisterWorkloadRequest) -> HttpResponse[str]:
-        return http(onprem().register_workload(principal(), req, req.reason))
+        return refused("workload.register", req.id) or http(onprem().register_workload(principal(), req, req.reason))
 
     @app.post(
         "/admin/workloads/import",
-        summary="register every workload of a CMDB CSV export, or none (errors as file:line:column) — ringfence serve",
+        summary="register every workload of a CMDB CSV export, or none (errors as file:line:column) — onboarding, ringfence serve",
         responses=answers(adminapi.CmdbImportResponse, errors=(400, 409)),
         security=[{"sigv4": []}],
     )
     def import_cmdb(req: adminapi.CmdbImportRequest) -> HttpResponse[str]:
-        return http(onprem().import_cmdb(principal(), req.csv, req.source, req.reason))
+        return refused("workload.import", req.source or "cmdb") or http(
+            onprem().import_cmdb(principal(), req.csv, req.source, req.reason)
+        )
 
     @app.delete(
         "/admin/workloads/<wid>",
-        summary="deregister an on-premise workload: it leaves every peer's sets — ringfence serve",
+        summary="deregister an on-premise workload: it leaves every peer's sets — onboarding, ringfence serve",
         responses=answers(adminapi.DeregisterResponse, errors=(404, 409)),
         security=[{"sigv4": []}],
     )
     def deregister_workload(wid: str, req: Annotated[adminapi.Reason | None, Body()] = None) -> HttpResponse[str]:
-        return http(onprem().deregister_workload(principal(), wid, (req or _NO_BODY).reason))
+        return refused("workload.deregister", wid) or http(
+            onprem().deregister_workload(principal(), wid, (req or _NO_BODY).reason)
+        )
 
     return app

@@ -1,4 +1,4 @@
-"""The agent API's routes (docs/agent-api.md): nonce, enroll, own bundle, deltas, wait (long-poll),
+"""The agent API's routes (docs/agent-api.md): nonce, enroll, token refresh, own bundle, deltas, wait (long-poll),
 heartbeat, reports — over an :class:`AgentApi` service, for every host of the control plane.
 
 Bodies and query parameters are validated by the event handler against :mod:`ringfence.agentapi`
@@ -68,10 +68,20 @@ def agent_routes(service: Callable[[], AgentApi]) -> APIGatewayRestResolver:
     def enroll(req: agentapi.EnrollRequest) -> HttpResponse[str]:
         return http(service().enroll(req))
 
+    @app.post(
+        route_path("token"),
+        summary="a fresh access token: a signature by the workload's bound agent key over a nonce "
+        "(revokes the previous token)",
+        responses=answers(agentapi.TokenResponse, errors=(401,)),
+    )
+    def token(wid: str, req: agentapi.TokenRequest) -> HttpResponse[str]:
+        return http(service().refresh(wid, req))
+
     @app.get(
         route_path("bundle"),
-        summary="the workload's signed bundle; 304 when If-None-Match is its ETag",
-        responses=answers(Bundle, description="the signed bundle (docs/bundle-format.md)", errors=(*_AUTH, 404, 503)),
+        summary="the workload's last full bundle, byte for byte as compute signed it (later set changes: "
+        "deltas); 304 when If-None-Match is its ETag",
+        responses=answers(Bundle, description="the signed bundle (docs/bundle.md)", errors=(*_AUTH, 404)),
         security=_TOKEN,
     )
     def bundle(wid: str) -> HttpResponse[str]:
@@ -79,7 +89,7 @@ def agent_routes(service: Callable[[], AgentApi]) -> APIGatewayRestResolver:
 
     @app.get(
         route_path("deltas"),
-        summary="signed set deltas from a bundle version to the newest",
+        summary="the signed set deltas from a bundle version to the newest, each as compute stored it",
         responses=answers(agentapi.DeltasResponse, errors=(*_AUTH, 404, 409)),
         security=_TOKEN,
     )

@@ -19,7 +19,8 @@ def http(r: Response) -> HttpResponse[str]:
     return HttpResponse(
         status_code=r.status,
         content_type="application/json",
-        body=json.dumps(r.body) if r.body is not None else "",
+        # bytes: a stored document served as it is (signed bundles and deltas), never re-encoded
+        body=r.body.decode() if isinstance(r.body, bytes) else json.dumps(r.body) if r.body is not None else "",
         headers=r.headers,
     )
 

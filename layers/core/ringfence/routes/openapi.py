@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from .admin import admin_routes
+from .admin import admin_routes, token_roles
 from .agent import agent_routes
 
 
@@ -22,8 +22,11 @@ def documents() -> dict[str, str]:
     out = {}
     for name, app in (
         ("agent-api.json", agent_routes(_no_service)),
-        ("admin-api.json", admin_routes(_no_service)),  # what the AWS admin function routes
-        ("serve-admin-api.json", admin_routes(_no_service, onprem=_no_service)),  # plus on-premise workloads
+        ("admin-api.json", admin_routes(_no_service, roles_of=token_roles)),  # what the AWS admin function routes
+        (
+            "serve-admin-api.json",
+            admin_routes(_no_service, onprem=_no_service, roles_of=token_roles),
+        ),  # plus on-premise workloads
     ):
         out[name] = json.dumps(json.loads(app.get_openapi_json_schema()), indent=2, sort_keys=True) + "\n"
     return out

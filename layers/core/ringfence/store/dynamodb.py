@@ -101,11 +101,11 @@ class DynamoStore:
                 request = resp.get("UnprocessedKeys") or {}
         return out
 
-    def observe(self, rec: InventoryRecord) -> bool:
+    def observe(self, rec: InventoryRecord, *, release_terminating: bool = False) -> bool:
         old = self.get(rec.id)
         if old is not None and old.observed_at > rec.observed_at:
             return False
-        if old is not None and old.state == "terminating" and rec.state in ACTIVE_STATES:
+        if old is not None and old.state == "terminating" and rec.state in ACTIVE_STATES and not release_terminating:
             # a terminate lifecycle action was seen: the instance stays out of peers' sets while
             # it still runs in Terminating:Wait (termination is final, whatever the hook's result)
             rec = rec.model_copy(update={"state": "terminating"})
@@ -373,11 +373,49 @@ class DynamoStore:
         return True
 
     def put_token(self, token_hash: str, workload_id: str, ttl: int) -> None:
+        # the token item maps hash → workload; the workload's ``tokenof`` item names its one
+        # current token, so a token replaced (even by a racing writer) never authorizes again
+        old = self._get(f"tokenof#{workload_id}", "token")
         self._put(f"token#{token_hash}", "token", ttl=ttl, workload_id=workload_id)
+        self._put(f"tokenof#{workload_id}", "token", ttl=ttl, hash=token_hash)
+        if old is not None and old.get("hash") != token_hash:
+            self.state.delete_item(Key={"pk": f"token#{old['hash']}", "sk": "token"})
 
     def token_workload(self, token_hash: str) -> str | None:
         item = self._get(f"token#{token_hash}", "token")
-        return str(item["workload_id"]) if item else None
+        if item is None:
+            return None
+        wid = str(item["workload_id"])
+        current = self._get(f"tokenof#{wid}", "token")
+        return wid if current is not None and current.get("hash") == token_hash else None
+
+    def revoke_tokens(self, workload_id: str) -> bool:
+        old = self.state.get_item(Key={"pk": f"tokenof#{workload_id}", "sk": "token"}, ConsistentRead=True).get("Item")
+        if old is None:
+            return False
+        self.state.delete_item(Key={"pk": f"tokenof#{workload_id}", "sk": "token"})
+        self.state.delete_item(Key={"pk": f"token#{old['hash']}", "sk": "token"})
+        return int(old.get("ttl", 0)) >= time.time()
+
+    def bind_agent_key(self, workload_id: str, public_key: str, *, replace: bool = False) -> str:
+        item = {"pk": f"agentkey#{workload_id}", "sk": "key", "public_key": public_key}
+        if replace:
+            self.state.put_item(Item=item)
+            return public_key
+        try:
+            self.state.put_item(Item=item, ConditionExpression="attribute_not_exists(pk)")
+        except ClientError as exc:
+            if not _conditional_failed(exc):
+                raise
+            return self.agent_key(workload_id) or public_key
+        return public_key
+
+    def agent_key(self, workload_id: str) -> str | None:
+        item = self._get(f"agentkey#{workload_id}", "key")
+        return str(item["public_key"]) if item else None
+
+    def drop_agent_key(self, workload_id: str) -> None:
+        self.state.delete_item(Key={"pk": f"agentkey#{workload_id}", "sk": "key"})
 
     def put_pairing(self, key_hash: str, workload_id: str, uses: int, ttl: int) -> None:
         if not workload_id:

@@ -94,6 +94,8 @@ CREATE TABLE IF NOT EXISTS nonce (nonce TEXT PRIMARY KEY, expires REAL NOT NULL)
 CREATE INDEX IF NOT EXISTS nonce_expires ON nonce (expires);
 CREATE TABLE IF NOT EXISTS claim (key TEXT PRIMARY KEY, expires REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS token (hash TEXT PRIMARY KEY, workload_id TEXT NOT NULL, expires REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS token_workload ON token (workload_id);
+CREATE TABLE IF NOT EXISTS agent_key (workload_id TEXT PRIMARY KEY, public_key TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS pairing (
     hash TEXT PRIMARY KEY,
     workload_id TEXT NOT NULL,
@@ -255,20 +257,20 @@ class SqliteStore:
         rows = self._db().execute(_SELECT_MANY, (json.dumps(sorted(set(workload_ids))),))
         return {rec.id: rec for rec in map(self._to_record, rows)}
 
-    def observe(self, rec: InventoryRecord) -> bool:
+    def observe(self, rec: InventoryRecord, *, release_terminating: bool = False) -> bool:
         with self._tx() as db:
-            return self._observe(db, rec)
+            return self._observe(db, rec, release_terminating)
 
     def observe_many(self, recs: list[InventoryRecord]) -> set[str]:
         with self._tx() as db:
             return {rec.id for rec in recs if self._observe(db, rec)}
 
-    def _observe(self, db: sqlite3.Connection, rec: InventoryRecord) -> bool:
+    def _observe(self, db: sqlite3.Connection, rec: InventoryRecord, release_terminating: bool = False) -> bool:
         row = db.execute(_SELECT_ONE, (rec.id,)).fetchone()
         old = self._to_record(row) if row else None
         if old is not None and old.observed_at > rec.observed_at:
             return False
-        if old is not None and old.state == "terminating" and rec.state in ACTIVE_STATES:
+        if old is not None and old.state == "terminating" and rec.state in ACTIVE_STATES and not release_terminating:
             # as DynamoStore: once a terminate lifecycle action is seen, termination is final
             rec = rec.model_copy(update={"state": "terminating"})
         tag_version = rec.tag_version
@@ -440,7 +442,7 @@ class SqliteStore:
     def put_token(self, token_hash: str, workload_id: str, ttl: int) -> None:
         now = time.time()
         with self._tx() as db:
-            db.execute("DELETE FROM token WHERE expires < ?", (now,))
+            db.execute("DELETE FROM token WHERE expires < ? OR workload_id = ?", (now, workload_id))
             db.execute(
                 "INSERT OR REPLACE INTO token (hash, workload_id, expires) VALUES (?, ?, ?)",
                 (token_hash, workload_id, now + ttl),
@@ -453,6 +455,26 @@ class SqliteStore:
             .fetchone()
         )
         return str(row[0]) if row else None
+
+    def revoke_tokens(self, workload_id: str) -> bool:
+        with self._tx() as db:
+            cur = db.execute("DELETE FROM token WHERE workload_id = ?", (workload_id,))
+            return cur.rowcount > 0
+
+    def bind_agent_key(self, workload_id: str, public_key: str, *, replace: bool = False) -> str:
+        with self._tx() as db:
+            verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+            db.execute(f"{verb} INTO agent_key (workload_id, public_key) VALUES (?, ?)", (workload_id, public_key))
+            row = db.execute("SELECT public_key FROM agent_key WHERE workload_id = ?", (workload_id,)).fetchone()
+            return str(row[0])
+
+    def agent_key(self, workload_id: str) -> str | None:
+        row = self._db().execute("SELECT public_key FROM agent_key WHERE workload_id = ?", (workload_id,)).fetchone()
+        return str(row[0]) if row else None
+
+    def drop_agent_key(self, workload_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM agent_key WHERE workload_id = ?", (workload_id,))
 
     def put_pairing(self, key_hash: str, workload_id: str, uses: int, ttl: int) -> None:
         if not workload_id:

@@ -8,6 +8,7 @@ from typing import Any
 from ringfence.engine import Engine
 from ringfence.model import Mode
 from ringfence.policy import PolicyError, load_policy_texts
+from ringfence.policydiff import failsafe_widening, newly_idle
 from ringfence.policytests import run_tests
 from ringfence.store.base import (
     AuditRecord,
@@ -16,7 +17,11 @@ from ringfence.store.base import (
 from ringfence.versions import digest_of
 
 from .api import Response, error, secret_hash
-from .wiring import BaseWiring
+from .wiring import BaseWiring, Metric, log, no_metric
+
+# the metric every action that lowers a safeguard counts toward (a CloudWatch alarm watches it):
+# a workload set to idle (its firewall untouched), a release from quarantine, fail-safes widened
+SAFEGUARDS_LOWERED = "SafeguardsLowered"
 
 # --- admin API --------------------------------------------------------------------------------------
 
@@ -24,13 +29,24 @@ from .wiring import BaseWiring
 class Admin:
     """Operator actions; each is recorded in the append-only audit table with the IAM principal."""
 
-    def __init__(self, w: BaseWiring) -> None:
+    def __init__(self, w: BaseWiring, metric: Metric = no_metric) -> None:
         self.w = w
+        self.metric = metric
 
     def _audit(self, principal: str, action: str, target: str, detail: dict[str, Any], reason: str) -> str:
         rec = AuditRecord(principal=principal, action=action, target=target, detail=detail, reason=reason)
         self.w.store.audit(rec)
         return rec.id
+
+    def _lowered(self, principal: str, what: str, target: str) -> None:
+        log.warning("%s lowered a safeguard: %s (%s)", principal, what, target)
+        self.metric(SAFEGUARDS_LOWERED, 1)
+
+    def denied(self, principal: str, action: str, target: str, roles: list[str]) -> Response:
+        """An admin action the caller's roles do not allow: refused, and audited."""
+        self._audit(principal, "admin.denied", target, {"action": action, "roles": roles}, "")
+        held = ", ".join(roles) or "none"
+        return error(403, "not allowed", f"{action} needs another admin role (the caller holds: {held})")
 
     def provision(self, principal: str, files: dict[str, str], reason: str = "") -> Response:
         if not files:
@@ -40,12 +56,16 @@ class Admin:
         except PolicyError as exc:
             return error(400, "policy rejected", str(exc))
         # the policy's own tests must pass against the live inventory before it becomes active
+        live = [r.effective() for r in self.w.store.all_records() if r.active]
         engine = Engine(policy)
-        engine.load(r.effective() for r in self.w.store.all_records() if r.active)
+        engine.load(live)
         failures = [t.report() for t in run_tests(policy, engine.workloads) if not t.passed]
         if failures:
             return error(422, "policy tests fail", "\n".join(failures))
         digest = digest_of(files)
+        active = self.w.active_policy()
+        widened = failsafe_widening(active[1].failsafes, policy.failsafes) if active else []
+        idle = newly_idle(active[1], policy, live) if active else []
         version = self.w.store.next_policy_version()
         keys = {}
         for name, text in sorted(files.items()):
@@ -54,7 +74,14 @@ class Admin:
             keys[name] = key
         pv = PolicyVersion(number=version, keys=keys, digest=digest, author=principal, message=reason)
         self.w.store.activate_policy(pv)
-        audit_id = self._audit(principal, "policy.provision", f"policy/v{version}", {"digest": digest}, reason)
+        detail: dict[str, Any] = {"digest": digest}
+        if widened:
+            detail["widens_failsafes"] = widened
+            self._lowered(principal, "fail-safes widened: " + "; ".join(widened), f"policy/v{version}")
+        if idle:
+            detail["newly_idle"] = {"count": len(idle), "workloads": idle[:100]}
+            self._lowered(principal, f"{len(idle)} workload(s) newly idle", f"policy/v{version}")
+        audit_id = self._audit(principal, "policy.provision", f"policy/v{version}", detail, reason)
         self.w.enqueue_compute(rebuild=True)
         return Response(201, {"version": version, "digest": digest, "audit_id": audit_id})
 
@@ -64,6 +91,8 @@ class Admin:
         except KeyError:
             return error(404, "unknown workload", workload_id)
         value = mode.value if mode else None
+        if mode is Mode.IDLE:
+            self._lowered(principal, "mode idle (its firewall left untouched)", workload_id)
         audit_id = self._audit(principal, "workload.mode", workload_id, {"mode": value}, reason)
         self.w.enqueue_compute([workload_id])
         return Response(200, {"workload_id": workload_id, "mode": value, "audit_id": audit_id})
@@ -74,6 +103,8 @@ class Admin:
         except KeyError:
             return error(404, "unknown workload", workload_id)
         action = "workload.quarantine" if on else "workload.release"
+        if not on:
+            self._lowered(principal, "released from quarantine", workload_id)
         audit_id = self._audit(principal, action, workload_id, {"quarantined": on}, reason)
         self.w.enqueue_compute([workload_id])
         return Response(200, {"workload_id": workload_id, "quarantined": on, "audit_id": audit_id})

@@ -4,25 +4,32 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import secrets
 import time
 import uuid
 from typing import Any
 
-from ringfence import agentapi, bundle
-from ringfence.addresses import V4, format_prefix, parse_prefix
+from ringfence import agentapi
 from ringfence.store.base import (
+    ACTIVE_STATES,
     BundlePointer,
     DeltaPointer,
     InventoryRecord,
 )
 
-from . import ec2
+from . import clients, credentials, ec2
 from .api import Response, error, secret_hash
-from .enroll import ProofError, check_sts_request, load_public_key, replay_sts, verify_iid
+from .enroll import (
+    ProofError,
+    check_sts_request,
+    instance_profile_roles,
+    load_public_key,
+    replay_sts,
+    verify_iid,
+)
 from .ingest import observe_instances
 from .launchgate import report_enforcing
+from .publish import PUBLIC_KEYS_KEY
 from .wiring import BaseWiring, log
 
 
@@ -30,9 +37,7 @@ class AgentApi:
     def __init__(self, w: BaseWiring) -> None:
         self.w = w
         self._iid_key: Any = None
-        # immutable, content-addressed documents: safe to keep while the container is warm
-        self._deltas: dict[str, bundle.SetDelta] = {}
-        self._sets: dict[tuple[str, int], bundle.AddressSetDoc] = {}
+        self._public_keys: str | None = None
         self._reported: set[str] = set()  # instances whose agent's enforcing is recorded (lifecycle gate "agent")
 
     def nonce(self) -> Response:
@@ -55,8 +60,7 @@ class AgentApi:
         except ProofError as exc:
             log.warning("enrollment refused: %s", exc)
             return error(401, "enrollment refused", str(exc))
-        token = secrets.token_urlsafe(32)
-        self.w.store.put_token(secret_hash(token), wid, self.w.cfg.token_ttl)
+        token = self._issue(wid, "agent.enroll", method=req.method, agent_key=self._key_id(req.agent_key))
         with contextlib.suppress(KeyError):
             self.w.store.set_liveness(wid, enrolled=True, heartbeat=ec2.now(), offline=False)
         return Response(
@@ -65,9 +69,56 @@ class AgentApi:
                 workload_id=wid,
                 token=token,
                 expires_in=self.w.cfg.token_ttl,
-                public_key_pem=self.w.signer.public_pem().decode(),
+                public_key_pem=self.signing_public_keys(),
             ).model_dump(),
         )
+
+    def signing_public_keys(self) -> str:
+        """The bundle signing public key(s) compute published (PEM; :data:`PUBLIC_KEYS_KEY`): this
+        function never holds the private key, so it reads what compute wrote."""
+        if self._public_keys is None:
+            try:
+                self._public_keys = self.w.publisher.get(PUBLIC_KEYS_KEY).decode()
+            except Exception:  # not published yet (no computation so far): nothing to offer
+                return ""
+        return self._public_keys
+
+    @staticmethod
+    def _key_id(pem: str | None) -> str | None:
+        return credentials.agent_key_id(pem) if pem else None
+
+    def _issue(self, wid: str, action: str, **detail: object) -> str:
+        """A fresh access token for ``wid``: the workload's one active token (the store revokes the
+        previous one; a nudge connection opened with it is dropped). Audited."""
+        token = secrets.token_urlsafe(32)
+        self.w.store.put_token(secret_hash(token), wid, self.w.cfg.token_ttl)
+        self.w.store.drop_connection(wid)
+        credentials.audit(self.w, action, wid, f"agent:{wid}", expires_in=self.w.cfg.token_ttl, **detail)
+        return token
+
+    def _bind_key(self, req: agentapi.EnrollRequest, wid: str, *, required: bool, replace: bool) -> None:
+        """Check the agent's signature over the nonce with the key it presents and bind that key to
+        ``wid``. Without ``replace`` the first binding wins: another key is refused (and audited)."""
+        if req.agent_key is None:
+            if required:
+                raise ProofError(f"{req.method} needs agent_key and agent_signature (the agent's own key)")
+            return
+        credentials.verify_proof(req.agent_key, req.agent_signature, "enroll", wid, req.nonce)
+        bound = self.w.store.bind_agent_key(wid, req.agent_key, replace=replace)
+        if credentials.agent_key_id(bound) != credentials.agent_key_id(req.agent_key):
+            credentials.audit(
+                self.w,
+                "agent.enroll.refused",
+                wid,
+                f"agent-key:{credentials.agent_key_id(req.agent_key)}",
+                method=req.method,
+                reason="identity already claimed by another agent key",
+                bound_key=credentials.agent_key_id(bound),
+            )
+            raise ProofError(
+                f"{wid} is enrolled with another agent key: a second claim of its identity is refused "
+                "(the bound agent renews with its key; an operator resets a lost one)"
+            )
 
     def _enroll_iid(self, req: agentapi.EnrollRequest) -> str:
         if not req.document or not req.document_signature:
@@ -77,15 +128,19 @@ class AgentApi:
         ident = verify_iid(req.document, req.document_signature, self._iid_key)
         if self.w.cfg.allowed_accounts and ident.account not in self.w.cfg.allowed_accounts:
             raise ProofError(f"account {ident.account} is not enrolled with this control plane")
+        if req.agent_key is None:
+            raise ProofError("aws-iid needs agent_key and agent_signature (the agent's own key)")
         if not self.w.store.burn_nonce(req.nonce):
             raise ProofError("nonce is unknown, expired or already used")
-        if not self.w.store.claim_once(f"iid#{ident.instance_id}#{ident.pending_time}", self.w.cfg.token_ttl * 4):
-            raise ProofError(f"identity document of {ident.instance_id} was already used (replay refused)")
+        # the document is public to anything on the instance and may be captured: it names the
+        # instance, the agent's key (signing this nonce) is what a second claimant lacks
+        credentials.verify_proof(req.agent_key, req.agent_signature, "enroll", ident.instance_id, req.nonce)
         live = ec2.describe(self.w.ec2_for(ident.account, ident.region), [ident.instance_id]).get(ident.instance_id)
         if live is None or live.get("State", {}).get("Name") not in ("pending", "running"):
             raise ProofError(f"instance {ident.instance_id} is not running")
         if ident.private_ip and ident.private_ip not in ec2.instance_ips(live):
             raise ProofError(f"instance {ident.instance_id} does not have the document's address")
+        self._bind_key(req, ident.instance_id, required=True, replace=False)
         if self.w.store.get(ident.instance_id) is None:
             observe_instances(self.w, ident.account, ident.region, [ident.instance_id])
             self.w.enqueue_compute([ident.instance_id])
@@ -103,6 +158,16 @@ class AgentApi:
         rec = self.w.store.get(ident.instance_id)
         if rec is None or rec.workload.account != ident.account or not rec.active:
             raise ProofError(f"{ident.instance_id} is not a running instance of account {ident.account} in inventory")
+        # the session name is the caller's choice: the role must be the one EC2 hands this instance
+        region = rec.workload.region or ""
+        live = ec2.describe(self.w.ec2_for(ident.account, region), [ident.instance_id]).get(ident.instance_id)
+        if live is None or live.get("State", {}).get("Name") != "running":
+            raise ProofError(f"instance {ident.instance_id} is not running")
+        iam = clients.assumed_client("iam", region, self.w.cfg.account_roles.get(ident.account))
+        if ident.role not in instance_profile_roles(iam, live):
+            raise ProofError(f"role {ident.role} is not the instance profile role of {ident.instance_id}")
+        # a live proof of the instance's credentials: it may (re)bind the agent's key
+        self._bind_key(req, ident.instance_id, required=False, replace=True)
         return ident.instance_id
 
     def _enroll_pairing(self, req: agentapi.EnrollRequest) -> str:
@@ -116,20 +181,58 @@ class AgentApi:
             raise ProofError(
                 f"{req.workload_id} is a {rec.workload.cloud} instance: pairing is for on-premise workloads"
             )
+        if req.agent_key is not None:
+            credentials.verify_proof(req.agent_key, req.agent_signature, "enroll", req.workload_id, req.nonce)
         # the key is spent only by the workload it was issued for (checked and spent atomically)
         if not self.w.store.use_pairing(secret_hash(req.pairing_key), req.workload_id):
             raise ProofError(f"pairing key is unknown, expired, used up or not issued for {req.workload_id}")
+        # an operator-issued key may rebind the agent key (a reinstalled host)
+        self._bind_key(req, req.workload_id, required=False, replace=True)
         return req.workload_id
+
+    def refresh(self, workload_id: str, req: agentapi.TokenRequest) -> Response:
+        """A new access token for an enrolled agent: a signature by its bound key over a fresh
+        nonce. The previous token is revoked. Refused for a workload that is not running."""
+        if not self.w.store.burn_nonce(req.nonce):
+            return error(401, "token refused", "nonce is unknown, expired or already used")
+        pem = self.w.store.agent_key(workload_id)
+        if pem is None:
+            return error(401, "token refused", f"no agent key is bound to {workload_id}: enroll")
+        try:
+            credentials.verify_proof(pem, req.signature, "token", workload_id, req.nonce)
+        except ProofError as exc:
+            log.warning("token refresh for %s refused: %s", workload_id, exc)
+            return error(401, "token refused", str(exc))
+        gone = self._not_running(workload_id)
+        if gone:
+            return error(401, "token refused", gone)
+        token = self._issue(workload_id, "token.refresh", agent_key=credentials.agent_key_id(pem))
+        return Response(
+            200,
+            agentapi.TokenResponse(workload_id=workload_id, token=token, expires_in=self.w.cfg.token_ttl).model_dump(),
+        )
+
+    def _not_running(self, workload_id: str) -> str | None:
+        """Why ``workload_id`` may hold no token (unknown, stopped, terminated), or None."""
+        rec = self.w.store.get(workload_id)
+        if rec is None:
+            return f"{workload_id} is not in inventory"
+        if rec.state not in (*ACTIVE_STATES, "terminating"):
+            return f"{workload_id} is {rec.state}: its token is revoked"
+        return None
 
     def authorize(self, authorization: str | None, workload_id: str) -> Response | None:
         if not authorization or not authorization.startswith("Bearer "):
             return error(401, "missing bearer token")
         owner = self.w.store.token_workload(secret_hash(authorization.removeprefix("Bearer ").strip()))
         if owner is None:
-            return error(401, "unknown or expired token")
+            return error(401, "unknown, expired or revoked token")
         if owner != workload_id:
             log.warning("agent %s asked for workload %s: refused", owner, workload_id)
             return error(403, "forbidden", "an agent reads only its own bundle")
+        gone = self._not_running(owner)
+        if gone:
+            return error(401, "token revoked", gone)
         return None
 
     def _latest(self, ptr: BundlePointer) -> tuple[int, dict[str, int]]:
@@ -146,93 +249,33 @@ class AgentApi:
             return None
         return chain
 
-    def _advance(self, name: str, sdoc: bundle.AddressSetDoc, chain: list[DeltaPointer]) -> bundle.AddressSetDoc:
-        """A set moved along its delta chain. A set's content at a version is the same in every
-        bundle (the engine's set at that revision), so results are cached per (set, version)."""
-        target = chain[-1].to_version
-        hit = self._sets.get((name, target))
-        if hit is not None:
-            return hit
-        elems = set(sdoc.v4) | set(sdoc.v6)
-        for d in chain:
-            delta = self._deltas.get(d.key)
-            if delta is None:
-                delta = self._deltas[d.key] = bundle.load_delta(self.w.publisher.get(d.key))
-            elems = (elems - set(delta.remove)) | set(delta.add)
-        ordered = sorted(parse_prefix(e) for e in elems)
-        out = bundle.AddressSetDoc(
-            version=target,
-            v4=[format_prefix(p) for p in ordered if p[0] == V4],
-            v6=[format_prefix(p) for p in ordered if p[0] != V4],
-        )
-        if len(self._sets) > 4096:
-            self._sets.clear()
-        if len(self._deltas) > 16384:
-            self._deltas.clear()
-        self._sets[(name, target)] = out
-        return out
-
-    def current(self, workload_id: str) -> tuple[BundlePointer, dict[str, Any]] | Response:
-        """The workload's current signed bundle: the last full one, with the set deltas published
-        since then applied (exact: deltas are element edits of canonical covers), re-signed and
-        written back content-addressed so the next fetch is a plain read."""
+    def current(self, workload_id: str) -> tuple[BundlePointer, bytes] | Response:
+        """The workload's last full bundle, byte for byte as compute signed and stored it. This
+        function holds no signing key and never re-signs: set changes since that bundle reach the
+        agent as the signed deltas compute published (:meth:`deltas`)."""
         ptr = self.w.store.bundle_pointer(workload_id)
         if ptr is None:
             return error(404, "no bundle published for this workload yet")
-        version, sets = self._latest(ptr)
-        stored = bundle.load_bundle(self.w.publisher.get(ptr.key))
-        if version == ptr.version:
-            return ptr, stored.model_dump(mode="json")
-        new_sets = {}
-        for name, sdoc in stored.sets.items():
-            target = sets[name]
-            if target == sdoc.version:
-                new_sets[name] = sdoc
-                continue
-            chain = self._chain(name, sdoc.version, target)
-            if chain is None:
-                log.warning(
-                    "bundle of %s: deltas of %s do not bridge %s→%s; re-rendering",
-                    workload_id,
-                    name,
-                    sdoc.version,
-                    target,
-                )
-                self.w.enqueue_compute(publish=[workload_id])
-                return Response(
-                    503, {"error": "bundle is being re-rendered", "detail": "retry shortly"}, {"Retry-After": "5"}
-                )
-            new_sets[name] = self._advance(name, sdoc, chain)
-        doc = bundle.sign(
-            stored.model_copy(update={"sets": new_sets, "version": version, "signature": None}), self.w.signer
-        )
-        key, _ = self.w.publisher.put_bundle(doc)
-        new_ptr = ptr.model_copy(update={"version": version, "key": key, "etag": f'"{version}"', "sets": sets})
-        if not self.w.store.put_bundle_pointer(new_ptr, expected_version=ptr.version):
-            # compute published a newer whole bundle meanwhile (its rules may differ): serve that
-            return self.current(workload_id)
-        return new_ptr, doc.model_dump(mode="json")
+        return ptr, self.w.publisher.get(ptr.key)
 
     def bundle(self, workload_id: str, if_none_match: str | None) -> Response:
-        ptr = self.w.store.bundle_pointer(workload_id)
-        if ptr is None:
-            return error(404, "no bundle published for this workload yet")
-        etag = f'"{self._latest(ptr)[0]}"'
-        if if_none_match and if_none_match.strip() == etag:
-            return Response(304, None, {"ETag": etag})
         cur = self.current(workload_id)
         if isinstance(cur, Response):
             return cur
-        ptr, doc = cur
-        return Response(200, doc, {"ETag": ptr.etag})
+        ptr, body = cur
+        if if_none_match and if_none_match.strip() == ptr.etag:
+            return Response(304, None, {"ETag": ptr.etag})
+        return Response(200, body, {"ETag": ptr.etag})
 
     def deltas(self, workload_id: str, since: int) -> Response:
+        """The signed set deltas from revision ``since`` to the newest, each document byte for byte
+        as compute stored it; 409 when they cannot bridge (the agent fetches the whole bundle)."""
         ptr = self.w.store.bundle_pointer(workload_id)
         if ptr is None:
             return error(404, "no bundle published for this workload yet")
         version, sets = self._latest(ptr)
         if since >= version:
-            return Response(200, agentapi.DeltasResponse(bundle_version=version, deltas=[]).model_dump())
+            return Response(200, b'{"bundle_version": %d, "deltas": []}' % version)
         if ptr.rules_revision > since:
             return error(409, "deltas cannot bridge", "rules changed since that revision: fetch the bundle")
         chosen: list[DeltaPointer] = []
@@ -241,11 +284,17 @@ class AgentApi:
                 continue
             chain = self._chain(name, since, v)
             if chain is None:
+                base = ptr.sets.get(name, v)
+                if base < v and self._chain(name, base, v) is None:
+                    # a gap the stored bundle cannot bridge either: compute renders a whole one
+                    log.warning("deltas of %s for %s do not bridge %s→%s: re-rendering", name, workload_id, since, v)
+                    self.w.enqueue_compute(publish=[workload_id])
                 return error(409, "deltas cannot bridge", f"set {name}: fetch the bundle")
             chosen.extend(chain)
         chosen.sort(key=lambda d: (d.to_version, d.set))
-        docs = [json.loads(self.w.publisher.get(d.key)) for d in chosen]
-        return Response(200, agentapi.DeltasResponse(bundle_version=version, deltas=docs).model_dump())
+        # the stored documents themselves, not re-serialized: what compute signed is what is served
+        docs = b",".join(self.w.publisher.get(d.key).strip() for d in chosen)
+        return Response(200, b'{"bundle_version": %d, "deltas": [%s]}' % (version, docs))
 
     def heartbeat(self, workload_id: str, hb: agentapi.Heartbeat) -> Response:
         rec = self.w.store.get(workload_id)
@@ -293,8 +342,19 @@ class AgentApi:
     # WebSocket nudge channel
 
     def connect(self, token: str | None, connection_id: str) -> Response:
+        """The nudge channel of the workload whose current token this is. Only the holder of the
+        workload's one active token connects (a revoked or replaced token is refused, and a new
+        token drops the connection opened with the old one); a connection replacing another is
+        logged and audited, never silent."""
         owner = self.w.store.token_workload(secret_hash(token)) if token else None
         if owner is None:
-            return error(401, "unknown or expired token")
+            return error(401, "unknown, expired or revoked token")
+        gone = self._not_running(owner)
+        if gone:
+            return error(401, "token revoked", gone)
+        old = self.w.store.connection(owner)
         self.w.store.put_connection(owner, connection_id)
+        if old is not None and old != connection_id:
+            log.warning("nudge connection of %s replaced: %s → %s", owner, old, connection_id)
+            credentials.audit(self.w, "agent.connect", owner, f"agent:{owner}", connection=connection_id, replaced=old)
         return Response(200, {"workload_id": owner})

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ringfence import bundle
-from ringfence.addresses import format_prefix
+from ringfence.addresses import Prefix, format_prefix
 from ringfence.engine import Engine
 from ringfence.engine.compiler import Update
 from ringfence.policy import Policy
@@ -19,8 +22,12 @@ from ringfence.store.base import (
 
 from . import clients, ec2
 from .launchgate import LaunchGate
-from .publish import Notifier, WebSocketNotifier
+from .publish import PUBLIC_KEYS_KEY, Notifier, WebSocketNotifier
 from .wiring import BaseWiring, Metric, log, no_metric
+
+T = TypeVar("T")
+R = TypeVar("R")
+PUBLISH_THREADS = 8  # concurrent uploads of signed documents
 
 # --- compute --------------------------------------------------------------------------------------
 
@@ -33,6 +40,7 @@ class ComputeStats:
     sets_touched: int = 0
     deltas_published: int = 0
     bundles_published: int = 0
+    bundles_refreshed: int = 0
     nudged: int = 0
     bytes_published: int = 0
     lifecycle_completed: list[str] = field(default_factory=list)
@@ -47,6 +55,10 @@ class Compute:
         self.w = w
         self.metric = metric
         self.engine: Engine | None = None
+        # workload → expiry of the bundle this container signed last; a cold start rebuilds and
+        # re-signs every bundle, so a workload missing here is re-signed by the next refresh
+        self.expiry: dict[str, int] = {}
+        self._published_key: str | None = None  # the key id whose public key is published
         if notifier is None:  # in AWS: the WebSocket API, when one is configured
             ws = None
             if w.cfg.websocket_endpoint:
@@ -81,6 +93,8 @@ class Compute:
             for wid in dict.fromkeys(i for m in messages for i in m.get("publish", [])):
                 if wid in self.engine.workloads:
                     self._publish_bundle(wid, stats)
+            if any(m.get("refresh") for m in messages):
+                self._refresh(stats)
             stats.revision = self.engine.revision
         except Exception:
             self.engine = None  # never trust a half-applied engine: the next run rebuilds
@@ -143,61 +157,108 @@ class Compute:
 
     # publication
 
+    def _signer(self) -> Any:
+        """The signing key (only compute signs), its public key published once per key for the
+        agent API to name at enrollment."""
+        signer = self.w.signer
+        if self._published_key != signer.key_id:
+            self.w.publisher.put_text(PUBLIC_KEYS_KEY, signer.public_pem().decode())
+            self._published_key = signer.key_id
+        return signer
+
+    def _refresh(self, stats: ComputeStats) -> None:
+        """Re-sign, at the same version, the bundles expiring within ``bundle_refresh_before``
+        (the schedule asks; agents fetch a bundle whose expiry is near): a healthy control plane
+        never lets an enforced bundle expire."""
+        assert self.engine is not None
+        soon = time.time() + self.w.cfg.bundle_refresh_before
+        for wid in sorted(self.engine.workloads):
+            if self.expiry.get(wid, 0) <= soon:
+                self._publish_bundle(wid, stats)
+                stats.bundles_refreshed += 1
+        self.metric("BundlesRefreshed", stats.bundles_refreshed)
+
     def _publish(self, updates: list[Update], stats: ComputeStats) -> None:
         assert self.engine is not None
-        signer = self.w.signer
-        touched: set[str] = set()
+        signer = self._signer()
         rebuilt: set[str] = set()
         notify: set[str] = set()
+        # One delta per set for the whole batch (its first version → its last): a storm of
+        # launches is one publication, not one per instance. Versions in between were never
+        # published (compute holds the head reserved meanwhile), so no agent can be at one.
+        merged = merge_set_deltas(updates)
+        deltas = [
+            bundle.sign(
+                bundle.SetDelta(
+                    set=name,
+                    from_version=from_v,
+                    to_version=to_v,
+                    add=[format_prefix(p) for p in sorted(added)],
+                    remove=[format_prefix(p) for p in sorted(removed)],
+                ),
+                signer,
+            )
+            for name, (from_v, to_v, added, removed) in sorted(merged.items())
+        ]
+        keys = self._in_parallel(self.w.publisher.put_delta, deltas)
+        for doc, key in zip(deltas, keys, strict=True):
+            self.w.store.put_delta(
+                DeltaPointer(set=doc.set, from_version=doc.from_version, to_version=doc.to_version, key=key)
+            )
+            stats.deltas_published += 1
         for upd in updates:
-            for name, (from_v, added, removed) in sorted(upd.set_deltas.items()):
-                doc = bundle.sign(
-                    bundle.SetDelta(
-                        set=name,
-                        from_version=from_v,
-                        to_version=upd.revision,
-                        add=[format_prefix(p) for p in added],
-                        remove=[format_prefix(p) for p in removed],
-                    ),
-                    signer,
-                )
-                key = self.w.publisher.put_delta(doc)
-                self.w.store.put_delta(DeltaPointer(set=name, from_version=from_v, to_version=upd.revision, key=key))
-                stats.deltas_published += 1
-                touched.add(name)
             rebuilt |= upd.rebuilt
             notify |= upd.notify
-        for name in sorted(touched):
+        for name in sorted(merged):
             s = self.engine.sets_by_name.get(name)
             if s is not None:
                 self.w.store.put_set_head(name, s.version)
-        stats.sets_touched += len(touched)
+        stats.sets_touched += len(merged)
         # Whole bundles only where a workload's own rules changed. Agents whose bundles merely
         # reference a changed set get the signed deltas; the agent API materializes their current
         # bundle on demand from the last full one plus those deltas (see AgentApi.current).
-        for wid in sorted(rebuilt):
-            if wid in self.engine.workloads:
-                self._publish_bundle(wid, stats)
+        self._publish_bundles([w for w in sorted(rebuilt) if w in self.engine.workloads], stats)
         for wid in sorted(notify - rebuilt):
             if wid in self.engine.workloads:
                 self.notifier.nudge(wid, self.engine.bundle_version(wid))
                 stats.nudged += 1
 
     def _publish_bundle(self, wid: str, stats: ComputeStats) -> None:
+        self._publish_bundles([wid], stats)
+
+    def _publish_bundles(self, wids: list[str], stats: ComputeStats) -> None:
+        """Render and sign in turn (CPU), upload the documents in parallel (I/O), then point each
+        workload at its new bundle in order."""
         assert self.engine is not None
-        doc = bundle.sign(bundle.Bundle.model_validate(self.engine.render(wid)), self.w.signer)
-        key, _ = self.w.publisher.put_bundle(doc)
-        ptr = BundlePointer(
-            workload_id=wid,
-            version=doc.version,
-            key=key,
-            etag=f'"{doc.version}"',
-            rules_revision=self.engine.workloads[wid].rules_revision,
-            sets={n: s.version for n, s in doc.sets.items()},
-        )
-        self.w.store.put_bundle_pointer(ptr)
-        stats.bundles_published += 1
-        self.notifier.nudge(wid, doc.version)
+        expires_at = int(time.time()) + self.w.cfg.bundle_ttl
+        signer = self._signer()
+        docs = [
+            bundle.sign(bundle.Bundle.model_validate(self.engine.render(wid)), signer, expires_at=expires_at)
+            for wid in wids
+        ]
+        stored = self._in_parallel(self.w.publisher.put_bundle, docs)
+        for wid, doc, (key, sha) in zip(wids, docs, stored, strict=True):
+            self.expiry[wid] = expires_at
+            ptr = BundlePointer(
+                workload_id=wid,
+                version=doc.version,
+                key=key,
+                # the stored bytes: a refresh (same version, later expiry) is a new ETag
+                etag=f'"{doc.version}-{sha[:16]}"',
+                rules_revision=self.engine.workloads[wid].rules_revision,
+                sets={n: s.version for n, s in doc.sets.items()},
+            )
+            self.w.store.put_bundle_pointer(ptr)
+            stats.bundles_published += 1
+            self.notifier.nudge(wid, doc.version)
+
+    def _in_parallel(self, fn: Callable[[T], R], items: list[T]) -> list[R]:
+        """``fn`` over ``items`` on up to ``PUBLISH_THREADS`` threads (the publisher's S3 client
+        is thread-safe; the store's writes stay on this thread), results in order."""
+        if len(items) <= 1:
+            return [fn(i) for i in items]
+        with ThreadPoolExecutor(min(PUBLISH_THREADS, len(items)), thread_name_prefix="publish") as pool:
+            return list(pool.map(fn, items))
 
     # lifecycle hooks
 
@@ -257,3 +318,25 @@ class Compute:
                     exc,
                 )
                 stats.lifecycle_abandoned_to_timeout.append(iid)
+
+
+def merge_set_deltas(updates: list[Update]) -> dict[str, tuple[int, int, set[Prefix], set[Prefix]]]:
+    """The set deltas of consecutive updates as one per set: name → (from_version, to_version,
+    added, removed), the net element edits from the set's version before the first update that
+    touched it to the last one's revision (an element added then removed is neither)."""
+    out: dict[str, tuple[int, int, set[Prefix], set[Prefix]]] = {}
+    for upd in updates:
+        for name, (from_v, added, removed) in upd.set_deltas.items():
+            first, _, add, rem = out.get(name, (from_v, from_v, set(), set()))
+            for p in removed:
+                if p in add:
+                    add.discard(p)
+                else:
+                    rem.add(p)
+            for p in added:
+                if p in rem:
+                    rem.discard(p)
+                else:
+                    add.add(p)
+            out[name] = (first, upd.revision, add, rem)
+    return out

@@ -111,3 +111,21 @@ def complete_lifecycle(asg: Any, hook: str, group: str, token: str, instance_id:
         LifecycleActionResult=result,
         InstanceId=instance_id,
     )
+
+
+# Auto Scaling's lifecycle states of an instance on its way out (Terminating:Wait while a terminate
+# hook holds it, still running in EC2)
+LEAVING_STATES = frozenset({"Terminating", "Terminating:Wait", "Terminating:Proceed", "Terminated"})
+
+
+def leaving_groups(asg: Any, instance_ids: list[str]) -> dict[str, str]:
+    """Instance id → its Auto Scaling group, for the instances Auto Scaling is terminating now.
+    An id it does not know, or knows in any other lifecycle state, is absent."""
+    out: dict[str, str] = {}
+    for i in range(0, len(instance_ids), 50):  # DescribeAutoScalingInstances takes at most 50 ids
+        pages = asg.get_paginator("describe_auto_scaling_instances").paginate(InstanceIds=instance_ids[i : i + 50])
+        for page in pages:
+            for inst in page.get("AutoScalingInstances", []):
+                if inst.get("LifecycleState") in LEAVING_STATES:
+                    out[inst["InstanceId"]] = inst["AutoScalingGroupName"]
+    return out

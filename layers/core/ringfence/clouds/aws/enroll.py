@@ -10,6 +10,7 @@ throwaway key pair.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import re
 import urllib.error
@@ -56,6 +57,12 @@ def verify_iid(document: str, signature_b64: str, public_key: rsa.RSAPublicKey) 
         sig = base64.b64decode("".join(signature_b64.split()), validate=True)
     except ValueError:
         raise ProofError("document_signature is not base64") from None
+    if len(sig) != public_key.key_size // 8:
+        # the agent's iid_signature must be "signature": a PKCS7 (rsa2048/pkcs7) form is a DER blob
+        raise ProofError(
+            "document_signature is not the IMDS /signature form (base64 RSA-SHA256 of the document); "
+            "set the agent's enroll.iid_signature to signature"
+        )
     try:
         public_key.verify(sig, document.encode(), padding.PKCS1v15(), hashes.SHA256())
     except InvalidSignature:
@@ -76,8 +83,14 @@ def verify_iid(document: str, signature_b64: str, public_key: rsa.RSAPublicKey) 
 # --- aws-sts: a presigned sts:GetCallerIdentity the server replays (as Vault's aws iam method) -----
 
 NONCE_HEADER = "x-ringfence-nonce"
-_DEFAULT_STS = re.compile(r"^https://sts(\.[a-z0-9-]+)?\.amazonaws\.com(\.cn)?/")
+# STS's host names, matched whole: the global endpoint and sts.<region>.amazonaws.com[.cn] (commercial,
+# GovCloud, China). A prefix or pattern over the URL text also matched sts.s3.amazonaws.com (an S3
+# bucket named "sts", anyone's to create).
+_REGION = r"(?:[a-z]{2}(?:-gov)?-[a-z]+-[0-9])"
+_STS_HOST = re.compile(rf"sts\.amazonaws\.com|sts\.{_REGION}\.amazonaws\.com|sts\.cn-[a-z]+-[0-9]\.amazonaws\.com\.cn")
+_STS_NS = "{https://sts.amazonaws.com/doc/2011-06-15/}"
 _ARN = re.compile(r"^arn:aws[a-z-]*:sts::(\d{12}):assumed-role/([^/]+)/(i-[0-9a-f]{8,17})$")
+MAX_STS_ANSWER = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -88,12 +101,42 @@ class StsIdentity:
     arn: str
 
 
+def _origin(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of a URL, parsed; ValueError for anything with user info or no host."""
+    parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None or not parts.hostname:
+        raise ValueError(url)
+    scheme = parts.scheme.lower()
+    port = parts.port or (443 if scheme == "https" else 80)
+    return scheme, parts.hostname.lower(), port
+
+
+def sts_endpoint_allowed(url: str, allowed: list[str]) -> bool:
+    """``url`` is on an STS endpoint this control plane accepts: with ``allowed`` (origins such as
+    ``https://sts.eu-west-1.amazonaws.com``, or a test's loopback STS), exactly one of those;
+    otherwise an AWS STS host name over https on 443. Compared parsed, never as text."""
+    try:
+        origin = _origin(url)
+    except ValueError:
+        return False
+    if allowed:
+        ok = set()
+        for a in allowed:
+            with contextlib.suppress(ValueError):
+                ok.add(_origin(a))
+        return origin in ok
+    scheme, host, port = origin
+    return scheme == "https" and port == 443 and _STS_HOST.fullmatch(host) is not None
+
+
 def check_sts_request(url: str, headers: dict[str, str], nonce: str, allowed: list[str]) -> None:
     """Refuse anything but a GetCallerIdentity call to STS that signs our nonce header."""
-    ok_host = any(url.startswith(p) for p in allowed) if allowed else bool(_DEFAULT_STS.match(url))
-    if not ok_host:
+    if not sts_endpoint_allowed(url, allowed):
         raise ProofError("sts_url is not an STS endpoint this control plane accepts")
-    query = parse_qs(urlsplit(url).query)
+    parts = urlsplit(url)
+    if parts.path not in ("", "/") or parts.fragment:
+        raise ProofError("sts_url must be the STS endpoint's root with a query")
+    query = parse_qs(parts.query)
     if query.get("Action") != ["GetCallerIdentity"]:
         raise ProofError("sts_url must call GetCallerIdentity")
     lower = {k.lower(): v for k, v in headers.items()}
@@ -105,22 +148,50 @@ def check_sts_request(url: str, headers: dict[str, str], nonce: str, allowed: li
         raise ProofError(f"the {NONCE_HEADER} header must be signed (SigV4 SignedHeaders)")
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is an answer, never followed: STS does not redirect, so one is refused."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect, urllib.request.ProxyHandler({}))
+
+
 def replay_sts(url: str, headers: dict[str, str], timeout: float = 5.0) -> StsIdentity:
     """Send the caller's presigned request to STS; the answer says who signed it."""
     req = urllib.request.Request(url, headers=headers, method="GET")  # noqa: S310 - URL checked by check_sts_request
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - URL checked by check_sts_request
-            body = resp.read()
+        with _OPENER.open(req, timeout=timeout) as resp:
+            if resp.status != 200:
+                raise ProofError(f"STS answered HTTP {resp.status}")
+            body = resp.read(MAX_STS_ANSWER + 1)
     except urllib.error.HTTPError as exc:
         raise ProofError(f"STS refused the signed request ({exc.code})") from None
     except OSError as exc:
         raise ProofError(f"STS could not be reached: {exc}") from None
+    if len(body) > MAX_STS_ANSWER:
+        raise ProofError("STS answered more than a GetCallerIdentity response")
     try:
-        root = ElementTree.fromstring(body)  # noqa: S314 - the response of a fixed AWS endpoint
+        root = ElementTree.fromstring(body)  # noqa: S314 - bounded answer of an allow-listed STS endpoint
     except ElementTree.ParseError:
         raise ProofError("STS answered something that is not XML") from None
-    arn = next((el.text for el in root.iter() if el.tag.endswith("Arn")), None) or ""
+    # the ARN at its one place in the response, never the first element whose name ends in "Arn"
+    el = root.find(f"{_STS_NS}GetCallerIdentityResult/{_STS_NS}Arn")
+    if root.tag != f"{_STS_NS}GetCallerIdentityResponse" or el is None:
+        raise ProofError("STS answered something that is not a GetCallerIdentity response")
+    arn = (el.text or "").strip()
     m = _ARN.match(arn)
     if not m:
         raise ProofError(f"caller {arn!r} is not an EC2 instance-profile session (assumed-role/<role>/<instance-id>)")
     return StsIdentity(account=m.group(1), role=m.group(2), instance_id=m.group(3), arn=arn)
+
+
+def instance_profile_roles(iam: Any, instance: dict[str, Any]) -> set[str]:
+    """The role names of the instance profile attached to ``instance`` (DescribeInstances item)."""
+    arn = str(instance.get("IamInstanceProfile", {}).get("Arn", ""))
+    if ":instance-profile/" not in arn:
+        return set()
+    name = arn.rsplit("/", 1)[1]
+    profile = iam.get_instance_profile(InstanceProfileName=name)["InstanceProfile"]
+    return {str(r["RoleName"]) for r in profile.get("Roles", [])}

@@ -6,10 +6,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ringfence.audit import AuditRecord
 from ringfence.events import DomainEvent, Kind, MalformedEvent, normalize
 from ringfence.governance import TagChange
+from ringfence.store.base import ACTIVE_STATES
 
-from . import ec2
+from . import credentials, ec2
 from .governance import govern_record
 from .wiring import BaseWiring, Metric, log, no_metric
 
@@ -80,18 +82,21 @@ class Ingest:
         res = IngestResult(ev.event_id, kind=ev.kind.value)
         ids = list(ev.instance_ids)
         if ev.tag_version is not None:
-            fresh = []
             for iid in ids:
                 rec = self.w.store.get(iid)
                 if rec is not None and rec.tag_version is not None and ev.tag_version < rec.tag_version:
+                    # a hint only, never a reason to skip: whoever can put a message on the queue
+                    # could claim a huge version and lock out every real change; the live
+                    # instance is described anyway and the newest observation wins
                     log.info(
-                        "stale tag event %s for %s: version %s < %s", ev.event_id, iid, ev.tag_version, rec.tag_version
+                        "tag event %s for %s: version %s < %s; described anyway",
+                        ev.event_id,
+                        iid,
+                        ev.tag_version,
+                        rec.tag_version,
                     )
                     res.stale.append(iid)
                     self.metric("StaleEvents", 1)
-                else:
-                    fresh.append(iid)
-            ids = fresh
         if not ids:
             return res
         change = TagChange(ev.principal, ev.tag_request)
@@ -101,12 +106,17 @@ class Ingest:
             ev.region,
             ids,
             tag_version=ev.tag_version,
+            tags=ev.tags,
             change=change,
             event_id=ev.event_id,
             metric=self.metric,
         )
         if ev.kind is Kind.LIFECYCLE_TERMINATE:
-            changed |= mark_leaving(self.w, ev.account, ev.region, ids)
+            group = ev.lifecycle.group_name if ev.lifecycle else None
+            leaving, _ = mark_leaving(
+                self.w, ev.account, ev.region, ids, group=group, event_id=ev.event_id, metric=self.metric
+            )
+            changed |= leaving
         res.changed = sorted(changed)
         if changed:
             self.w.enqueue_compute(res.changed)
@@ -122,14 +132,16 @@ def observe_instances(
     ids: list[str],
     *,
     tag_version: int | None = None,
+    tags: dict[str, str] | None = None,
     change: TagChange | None = None,
     event_id: str = "",
     metric: Metric = no_metric,
 ) -> set[str]:
     """Describe the live instances and store what they are now; returns the ids that changed.
-    Instances the batch prefetched (:meth:`Ingest.prefetch`) are not described again. Every
-    observation is governed (:func:`govern_record`) against the stored record: ``change`` says
-    who made the change and what it set, when the event knows."""
+    Instances the batch prefetched (:meth:`Ingest.prefetch`) are not described again. A tag
+    event's ``tag_version`` is recorded only where the live instance carries the event's tags.
+    Every observation is governed (:func:`govern_record`) against the stored record: ``change``
+    says who made the change and what it set, when the event knows."""
     seen = {i: w.prefetched[(account, region, i)] for i in ids if (account, region, i) in w.prefetched}
     missing = [i for i in ids if i not in seen]
     if missing:
@@ -143,23 +155,62 @@ def observe_instances(
     for iid in ids:
         t, inst = seen[iid]
         rec = ec2.to_record(inst, account, region, t, mapper) if inst else ec2.tombstone(iid, account, region, t)
-        if tag_version is not None:
+        if tag_version is not None and inst is not None and (tags is None or ec2.instance_tags(inst) == tags):
             rec.tag_version = tag_version
         rec, governed = govern_record(w, rec, stored.get(iid), change, event_id=event_id, metric=metric)
         if w.store.observe(rec) or governed:
             changed.add(iid)
+            if rec.state == "terminated":
+                credentials.retire(w, iid, "instance terminated")
     return changed
 
 
-def mark_leaving(w: BaseWiring, account: str, region: str, ids: list[str]) -> set[str]:
-    """A terminate lifecycle action: the instance is still running but must leave peers' sets."""
-    changed = set()
+def mark_leaving(
+    w: BaseWiring,
+    account: str,
+    region: str,
+    ids: list[str],
+    *,
+    group: str | None = None,
+    event_id: str = "",
+    metric: Metric = no_metric,
+) -> tuple[set[str], dict[str, str]]:
+    """A terminate lifecycle action: the instance still runs but must leave peers' sets — once
+    Auto Scaling confirms it is terminating it (in ``group``, when the action names one). Whoever
+    can put a message on a queue must not be able to drop a running database from every peer set:
+    an unconfirmed action changes nothing, is audited and counted (``UnconfirmedTerminations``).
+    Returns (ids that left, id → why refused)."""
+    known = {iid: rec for iid in ids if (rec := w.store.get(iid)) is not None and rec.state != "terminating"}
+    # gone already (EC2 said so in the describe that just ran): nothing to confirm
+    candidates = sorted(iid for iid, rec in known.items() if rec.state in ACTIVE_STATES)
+    if not candidates:
+        return set(), {}
+    confirmed = ec2.leaving_groups(w.autoscaling_for(account, region), candidates)
+    changed: set[str] = set()
+    refused: dict[str, str] = {}
     t = ec2.now() + 0.001  # after the describe that just ran
-    for iid in ids:
-        old = w.store.get(iid)
-        if old is None or old.state == "terminating":
+    for iid in candidates:
+        asg_group = confirmed.get(iid)
+        if asg_group is None or (group is not None and asg_group != group):
+            why = (
+                "Auto Scaling is not terminating it"
+                if asg_group is None
+                else f"Auto Scaling terminates it in {asg_group}, not {group}"
+            )
+            refused[iid] = why
+            log.warning("terminate action %s for running %s refused: %s", event_id, iid, why)
+            metric("UnconfirmedTerminations", 1)
+            w.store.audit(
+                AuditRecord(
+                    principal="ringfence:lifecycle",
+                    action="workload.terminate-refused",
+                    target=iid,
+                    detail={"event_id": event_id, "group": group, "account": account, "region": region},
+                    reason=why,
+                )
+            )
             continue
-        rec = old.model_copy(update={"state": "terminating", "observed_at": t})
+        rec = known[iid].model_copy(update={"state": "terminating", "observed_at": t})
         if w.store.observe(rec):
             changed.add(iid)
-    return changed
+    return changed, refused

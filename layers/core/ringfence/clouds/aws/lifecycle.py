@@ -32,7 +32,24 @@ class Lifecycle:
         ids = list(ev.instance_ids)
         changed = observe_instances(self.w, ev.account, ev.region, ids)
         if ev.kind is Kind.LIFECYCLE_TERMINATE:
-            changed |= mark_leaving(self.w, ev.account, ev.region, ids)
+            leaving, refused = mark_leaving(
+                self.w,
+                ev.account,
+                ev.region,
+                ids,
+                group=ev.lifecycle.group_name,
+                event_id=ev.event_id,
+                metric=self.metric,
+            )
+            changed |= leaving
+            if refused:
+                # not Auto Scaling's action (or not this group's): nothing to complete either
+                self.w.enqueue_compute(sorted(changed))
+                return {
+                    "instance": ev.lifecycle.instance_id,
+                    "transition": ev.lifecycle.transition,
+                    "refused": refused,
+                }
         lc = ev.lifecycle.model_dump()
         lc["hook_name"], lc["group_name"] = ev.lifecycle.hook_name, ev.lifecycle.group_name
         lc["region"] = ev.region

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 from typing import Any, Protocol
 
 from botocore.exceptions import ClientError
@@ -12,6 +13,10 @@ from botocore.exceptions import ClientError
 from ringfence import bundle
 
 log = logging.getLogger(__name__)
+
+# the public key(s) of the bundle signing key, PEM, written by compute (the only signer) so that
+# the agent API can name the key at enrollment without holding it
+PUBLIC_KEYS_KEY = "keys/bundle-signing.pub.pem"
 
 
 class Publisher:
@@ -22,6 +27,7 @@ class Publisher:
     def __init__(self) -> None:
         self.bytes_published = 0
         self.objects_published = 0
+        self._count = threading.Lock()  # compute uploads from several threads
 
     def _store(self, key: str, body: bytes, content_type: str) -> None:
         raise NotImplementedError
@@ -31,8 +37,9 @@ class Publisher:
 
     def _put(self, key: str, body: bytes, content_type: str = "application/json") -> None:
         self._store(key, body, content_type)
-        self.bytes_published += len(body)
-        self.objects_published += 1
+        with self._count:
+            self.bytes_published += len(body)
+            self.objects_published += 1
 
     def put_bundle(self, doc: bundle.Bundle) -> tuple[str, str]:
         body = bundle.dumps(doc).encode()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import clients, ec2
+from ringfence.store.base import ACTIVE_STATES, InventoryRecord
+
+from . import clients, credentials, ec2
 from .governance import govern_record
 from .wiring import Metric, Wiring, no_metric
 
@@ -17,6 +19,7 @@ class ReconcileResult:
     changed: list[str] = field(default_factory=list)
     gone: list[str] = field(default_factory=list)
     offline: list[str] = field(default_factory=list)
+    restored: list[str] = field(default_factory=list)  # a stale `terminating` cleared
 
 
 class Reconcile:
@@ -33,18 +36,34 @@ class Reconcile:
             client = clients.assumed_client("ec2", t.region, t.role_arn, "ringfence-reconcile")
             t0 = ec2.now()
             live_ids = set()
+            held: dict[str, InventoryRecord] = {}  # stored as terminating, running now
             for inst in ec2.all_instances(client):
                 res.seen += 1
                 live_ids.add(inst["InstanceId"])
                 # reconcile names no principal: it never approves a move into a privileged value
+                old = records.get(inst["InstanceId"])
                 rec, governed = govern_record(
                     self.w,
                     ec2.to_record(inst, t.account, t.region, t0, mapper),
-                    records.get(inst["InstanceId"]),
+                    old,
                     metric=self.metric,
                 )
+                if old is not None and old.state == "terminating" and rec.state in ACTIVE_STATES:
+                    held[rec.id] = rec
                 if self.w.store.observe(rec) or governed:
                     changed.add(inst["InstanceId"])
+                    if rec.state == "terminated":
+                        credentials.retire(self.w, rec.id, "instance terminated (reconcile)")
+            if held:
+                # a terminate that Auto Scaling is not (or no longer) carrying out — a forged or
+                # abandoned action — must not keep a running instance out of its peers' sets
+                asg = clients.assumed_client("autoscaling", t.region, t.role_arn, "ringfence-reconcile")
+                leaving = ec2.leaving_groups(asg, sorted(held))
+                for iid, rec in sorted(held.items()):
+                    if iid not in leaving and self.w.store.observe(rec, release_terminating=True):
+                        changed.add(iid)
+                        res.restored.append(iid)
+                        self.metric("StaleTerminatingCleared", 1)
             for rec in records.values():
                 w = rec.workload
                 mine = w.cloud == "aws" and w.account == t.account and w.region == t.region
@@ -56,6 +75,7 @@ class Reconcile:
                 ):
                     changed.add(rec.id)
                     res.gone.append(rec.id)
+                    credentials.retire(self.w, rec.id, "instance gone (reconcile)")
         # agents silent for longer than offline_after leave their peers' sets (only then)
         now = ec2.now() if now is None else now
         for rec in records.values():
@@ -65,7 +85,8 @@ class Reconcile:
                 res.offline.append(rec.id)
                 changed.add(rec.id)
         res.changed = sorted(changed)
-        self.w.enqueue_compute(res.changed)
+        # and compute re-signs the bundles whose expiry is near (only compute signs)
+        self.w.enqueue_compute(res.changed, refresh=True)
         self.w.enqueue_perimeter(res.changed)  # repaired drift reaches the perimeter as events do
         self.metric("ReconcileDrift", len(res.changed))
         return res

@@ -19,6 +19,7 @@ from ringfence.store.base import (
 )
 
 from . import clients
+from .changes import StoreChanges
 from .publish import Publisher, S3Publisher
 
 log = logging.getLogger("ringfence.aws")
@@ -28,6 +29,10 @@ Metric = Callable[[str, float], None]
 
 def no_metric(name: str, value: float) -> None:
     return None
+
+
+class NoSigningKey(RuntimeError):
+    """A function without the signing key was asked to sign."""
 
 
 # --- configuration ------------------------------------------------------------------------------
@@ -54,10 +59,16 @@ class Config:
     iid_cert_pem: str = ""
     websocket_endpoint: str | None = None
     offline_after: int = 900
-    token_ttl: int = 7 * 86400
+    # the access token's lifetime: agents renew it before it ends with a signature by their key
+    token_ttl: int = 3600
+    # signed bundles expire bundle_ttl seconds after signing; compute re-signs those expiring
+    # within bundle_refresh_before when the schedule (reconcile) asks (docs/bundle.md, Expiry)
+    bundle_ttl: int = 7 * 86400
+    bundle_refresh_before: int = 4 * 86400
     nonce_ttl: int = 300
     # the agent API's long-poll (GET /v1/agents/{id}/wait): at most max_wait seconds per request
-    # (API Gateway ends a request at 29 s), re-reading the store every wait_poll_interval seconds
+    # (API Gateway ends a request at 29 s); while requests wait, one thread per process reads the
+    # engine head every wait_poll_interval seconds and wakes them when it moved (changes.py)
     max_wait: float = 25.0
     wait_poll_interval: float = 1.0
     # when compute releases a launch held by the lifecycle hook: "publish" (once the perimeter is
@@ -66,9 +77,12 @@ class Config:
     # InService; without an agent the hook times out into its default result). Only compute
     # completes lifecycle actions (ringfence.clouds.aws.launchgate).
     lifecycle_gate: str = "publish"
-    # enrollment methods the agent API accepts (the local control plane: pairing only)
-    enroll_methods: list[str] = field(default_factory=lambda: ["aws-iid", "aws-sts", "pairing"])
+    # enrollment methods the agent API accepts: the AWS stack's instances prove their identity
+    # (pairing is off unless the stack enables it; the local control plane: pairing only)
+    enroll_methods: list[str] = field(default_factory=lambda: ["aws-iid", "aws-sts"])
     allowed_accounts: list[str] = field(default_factory=list)
+    # aws-sts: the STS origins replayed to (exact scheme, host and port); empty: AWS's STS host
+    # names over https only (sts.amazonaws.com, sts.<region>.amazonaws.com[.cn])
     sts_endpoints: list[str] = field(default_factory=list)
     account_roles: dict[str, str] = field(default_factory=dict)
     targets: list[Target] = field(default_factory=list)
@@ -89,12 +103,14 @@ class Config:
             iid_cert_pem=e.get("RINGFENCE_IID_CERT", ""),
             websocket_endpoint=e.get("RINGFENCE_WEBSOCKET_ENDPOINT") or None,
             offline_after=int(e.get("RINGFENCE_OFFLINE_AFTER", "900")),
-            token_ttl=int(e.get("RINGFENCE_TOKEN_TTL", str(7 * 86400))),
+            token_ttl=int(e.get("RINGFENCE_TOKEN_TTL", "3600")),
+            bundle_ttl=int(e.get("RINGFENCE_BUNDLE_TTL", str(7 * 86400))),
+            bundle_refresh_before=int(e.get("RINGFENCE_BUNDLE_REFRESH_BEFORE", str(4 * 86400))),
             nonce_ttl=int(e.get("RINGFENCE_NONCE_TTL", "300")),
             max_wait=min(25.0, float(e.get("RINGFENCE_MAX_WAIT", "25"))),
             wait_poll_interval=max(0.05, float(e.get("RINGFENCE_WAIT_POLL_INTERVAL", "1"))),
             lifecycle_gate=_gate(e.get("RINGFENCE_LIFECYCLE_GATE", "publish")),
-            enroll_methods=[m for m in e.get("RINGFENCE_ENROLL_METHODS", "aws-iid,aws-sts,pairing").split(",") if m],
+            enroll_methods=[m for m in e.get("RINGFENCE_ENROLL_METHODS", "aws-iid,aws-sts").split(",") if m],
             allowed_accounts=[a for a in e.get("RINGFENCE_ALLOWED_ACCOUNTS", "").split(",") if a],
             sts_endpoints=[u for u in e.get("RINGFENCE_STS_ENDPOINTS", "").split(",") if u],
             account_roles=json.loads(e.get("RINGFENCE_ACCOUNT_ROLES", "{}") or "{}"),
@@ -135,6 +151,10 @@ class BaseWiring:
     def ec2_for(self, account: str, region: str) -> Any:
         raise NotImplementedError
 
+    def autoscaling_for(self, account: str, region: str) -> Any:
+        """The Auto Scaling client that confirms a terminate lifecycle action."""
+        raise NotImplementedError
+
     def enqueue_compute(
         self,
         ids: Iterable[str] = (),
@@ -143,16 +163,20 @@ class BaseWiring:
         lifecycle: dict[str, Any] | None = None,
         publish: list[str] | None = None,
         enforced: list[str] | None = None,
+        refresh: bool = False,
     ) -> None:
-        """Ask compute to take these workloads' inventory (and a lifecycle action, a rebuild or
-        re-renders) into the engine; nothing is sent when there is nothing to do. ``enforced``:
-        instances whose agent now enforces (the agent API, lifecycle gate "agent")."""
+        """Ask compute to take these workloads' inventory (and a lifecycle action, a rebuild,
+        re-renders or a refresh of bundles near expiry) into the engine; nothing is sent when
+        there is nothing to do. ``enforced``: instances whose agent now enforces (the agent API,
+        lifecycle gate "agent")."""
         ids = list(dict.fromkeys(ids))
-        if not ids and not rebuild and lifecycle is None and not publish and not enforced:
+        if not ids and not rebuild and lifecycle is None and not publish and not enforced and not refresh:
             return
         message: dict[str, Any] = {"ids": ids, "rebuild": rebuild, "lifecycle": lifecycle, "publish": publish or []}
         if enforced:
             message["enforced"] = list(enforced)
+        if refresh:
+            message["refresh"] = True
         self.send_compute(message)
 
     def send_compute(self, message: dict[str, Any]) -> None:
@@ -203,10 +227,15 @@ class Wiring(BaseWiring):
         )
         self.sqs = clients.client("sqs")
         self._signer: Any = None
+        self.changes = StoreChanges(self._head_mark, cfg.wait_poll_interval)
 
     @property
     def signer(self) -> Any:
+        """The bundle signing key: only the compute function is configured with one (the agent
+        API and every other function have no ``RINGFENCE_SIGNING_KEY`` and no IAM to read it)."""
         if self._signer is None:
+            if not self.cfg.signing_key_ref:
+                raise NoSigningKey("this function has no signing key (RINGFENCE_SIGNING_KEY): only compute signs")
             from .signer import from_reference
 
             self._signer = from_reference(self.cfg.signing_key_ref, lambda n: clients.client(n))
@@ -215,10 +244,18 @@ class Wiring(BaseWiring):
     def ec2_for(self, account: str, region: str) -> Any:
         return clients.assumed_client("ec2", region, self.cfg.account_roles.get(account))
 
+    def autoscaling_for(self, account: str, region: str) -> Any:
+        return clients.assumed_client("autoscaling", region, self.cfg.account_roles.get(account))
+
     def wait_for_change(self, seconds: float) -> None:
         """Block until the store may hold something new, at most ``seconds``. Nothing in AWS tells
-        a running function of a change, so this sleeps one poll interval: the caller re-reads."""
-        time.sleep(max(0.0, min(seconds, self.cfg.wait_poll_interval)))
+        a running function of a change: the engine head, which every publication moves, is read
+        every poll interval for all waiters of this process at once."""
+        self.changes.wait(seconds)
+
+    def _head_mark(self) -> tuple[int, int, bool]:
+        head = self.store.head()
+        return head.revision, head.policy_version, head.clean
 
     def send_compute(self, message: dict[str, Any]) -> None:
         ids = message["ids"]

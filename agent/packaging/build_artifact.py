@@ -1,0 +1,112 @@
+"""Build the agent artifact: a wheel of ``ringfence_agent`` alone, with none of the control plane.
+
+    python agent/packaging/build_artifact.py [OUT_DIR]     (make agent-artifact; default build/agent)
+
+The wheel (distribution ``ringfence-agent``) holds the ``ringfence_agent`` package and the four
+wire modules it shares with the control plane (``ringfence.enums``, ``agentwire``,
+``bundlewire``, ``staticlayout``: standard library only) and declares no dependencies, so it
+installs with ``pip install --no-index --no-deps`` into an empty venv: no package index is
+consulted, and nobody's package called ``ringfence`` on a public index is ever installed as root.
+The agent's config is JSON (``/etc/ringfence/agent.json``, what install.sh writes); YAML configs
+need PyYAML beside it. Signatures are checked with the system's libcrypto (``cryptography`` is
+only a fallback).
+
+Beside the wheel it writes ``<wheel>.sha256`` (``sha256sum -c`` format): install.sh refuses an
+artifact whose digest is not the one it was given. Builds are reproducible (fixed
+``SOURCE_DATE_EPOCH``), so the same source gives the same digest on any machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+WIRE_MODULES = ("__init__.py", "enums.py", "agentwire.py", "bundlewire.py", "staticlayout.py")
+EPOCH = "315532800"  # 1980-01-01, the earliest a zip can say: same bytes from the same source
+
+PYPROJECT = """\
+[build-system]
+requires = ["setuptools>=77", "wheel"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "ringfence-agent"
+version = "{version}"
+description = "The Ringfence in-VM agent: verifies signed bundles and programs the host firewall."
+requires-python = ">=3.11"
+license = "Apache-2.0"
+dependencies = []
+
+[project.optional-dependencies]
+yaml = ["pyyaml>=6.0"]
+cryptography = ["cryptography>=42"]
+
+[project.scripts]
+ringfence-agent = "ringfence_agent.cli:main"
+
+[tool.setuptools.packages.find]
+include = ["ringfence", "ringfence_agent*"]
+
+[tool.setuptools.package-data]
+ringfence_agent = ["py.typed"]
+"""
+
+
+def version() -> str:
+    for line in (ROOT / "layers/core/ringfence/__init__.py").read_text().splitlines():
+        if line.startswith("__version__"):
+            return line.split("=", 1)[1].strip().strip("\"'")
+    raise SystemExit("no __version__ in layers/core/ringfence/__init__.py")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 16), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build(out: Path) -> Path:
+    """Build the wheel into ``out``; returns its path (its ``.sha256`` beside it)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="rf-agent-build-") as tmp:
+        src = Path(tmp) / "src"
+        shutil.copytree(
+            ROOT / "agent/ringfence_agent", src / "ringfence_agent", ignore=shutil.ignore_patterns("__pycache__")
+        )
+        (src / "ringfence").mkdir()
+        for name in WIRE_MODULES:
+            shutil.copy2(ROOT / "layers/core/ringfence" / name, src / "ringfence" / name)
+        (src / "pyproject.toml").write_text(PYPROJECT.format(version=version()))
+        for p in src.rglob("*"):  # file times end up in the zip: make them the same everywhere
+            os.utime(p, (int(EPOCH), int(EPOCH)))
+        env = {**os.environ, "SOURCE_DATE_EPOCH": EPOCH, "PIP_NO_INDEX": "1"}
+        subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp, str(src)],
+            check=True,
+            env=env,
+            cwd=tmp,
+        )
+        (wheel,) = Path(tmp).glob("ringfence_agent-*.whl")
+        target = out / wheel.name
+        shutil.copy2(wheel, target)
+    (out / f"{target.name}.sha256").write_text(f"{sha256(target)}  {target.name}\n")
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    wheel = build(Path(args[0]) if args else ROOT / "build/agent")
+    print(f"{wheel}\nsha256 {sha256(wheel)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

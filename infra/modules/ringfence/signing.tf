@@ -1,0 +1,85 @@
+# --- the bundle signing key: only the compute function signs (docs/bundle.md, Keys and rotation) --
+#
+# signing_key_source = "kms" (default): a non-exportable KMS key, ECC_NIST_EDWARDS25519, signing
+# ED25519_SHA_512 over each document's ≤4 KiB manifest. Its key policy lets the compute role, and no
+# one else, call kms:Sign (an explicit deny covers every other principal, account admins included).
+# signing_key_source = "secret": the Ed25519 PEM in the Secrets Manager secret signing_key_secret_arn,
+# with a resource policy that denies reading it to everyone but the compute role.
+
+locals {
+  signing_kms    = var.signing_key_source == "kms"
+  compute_role   = "arn:${local.partition}:iam::${local.account}:role/${var.name}-compute"
+  signing_key_id = local.signing_kms ? "kms-sign:${aws_kms_key.signing[0].arn}" : "secretsmanager:${var.signing_key_secret_arn}"
+}
+
+data "aws_iam_policy_document" "signing_key" {
+  #checkov:skip=CKV_AWS_111:in a key policy "*" means this key only
+  #checkov:skip=CKV_AWS_356:in a key policy "*" means this key only
+  #checkov:skip=CKV_AWS_109:in a key policy "*" means this key only; the account root administers it
+  statement {
+    sid         = "AccountAdministersButDoesNotSign"
+    not_actions = ["kms:Sign"]
+    resources   = ["*"]
+    principals {
+      type        = "AWS"
+      identifiers = ["arn:${local.partition}:iam::${local.account}:root"]
+    }
+  }
+  statement {
+    sid       = "OnlyComputeSigns"
+    actions   = ["kms:Sign", "kms:GetPublicKey", "kms:DescribeKey"]
+    resources = ["*"]
+    principals {
+      type        = "AWS"
+      identifiers = [aws_iam_role.fn["compute"].arn]
+    }
+  }
+  statement {
+    sid       = "NoOneElseSigns"
+    effect    = "Deny"
+    actions   = ["kms:Sign"]
+    resources = ["*"]
+    principals {
+      type        = "AWS"
+      identifiers = ["*"]
+    }
+    condition {
+      test     = "ArnNotEquals"
+      variable = "aws:PrincipalArn"
+      values   = [local.compute_role]
+    }
+  }
+}
+
+resource "aws_kms_key" "signing" {
+  count                    = local.signing_kms ? 1 : 0
+  description              = "${var.name} bundle signing key (Ed25519, non-exportable; kms:Sign for the compute role only)"
+  customer_master_key_spec = "ECC_NIST_EDWARDS25519"
+  key_usage                = "SIGN_VERIFY"
+  policy                   = data.aws_iam_policy_document.signing_key.json
+  tags                     = var.tags
+}
+
+data "aws_iam_policy_document" "signing_secret" {
+  statement {
+    sid       = "OnlyComputeReadsTheSigningKey"
+    effect    = "Deny"
+    actions   = ["secretsmanager:GetSecretValue"]
+    resources = ["*"]
+    principals {
+      type        = "AWS"
+      identifiers = ["*"]
+    }
+    condition {
+      test     = "ArnNotEquals"
+      variable = "aws:PrincipalArn"
+      values   = [local.compute_role]
+    }
+  }
+}
+
+resource "aws_secretsmanager_secret_policy" "signing" {
+  count      = local.signing_kms ? 0 : 1
+  secret_arn = var.signing_key_secret_arn
+  policy     = data.aws_iam_policy_document.signing_secret.json
+}

@@ -1,0 +1,94 @@
+"""Issue 10, control plane: the agent is installed from the stack's hash-pinned artifact, never
+by ``pip install ringfence`` from a public index as root (the name is not ours).
+
+The real build (``agent/packaging/build_artifact.py``, ``make agent-artifact``) and the real
+artifact part of ``agent/packaging/install.sh``, run into a fresh venv in a temp dir."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+INSTALLER = ROOT / "agent" / "packaging" / "install.sh"
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("artifact")
+    subprocess.run([sys.executable, str(ROOT / "agent/packaging/build_artifact.py"), str(out)], check=True)
+    (wheel,) = out.glob("ringfence_agent-*.whl")
+    digest, name = (out / f"{wheel.name}.sha256").read_text().split()
+    assert name == wheel.name
+    return wheel, digest
+
+
+def install(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """The installer's artifact step alone (no root, no systemd), into ``tmp_path/venv``."""
+    text = INSTALLER.read_text()
+    block = text.split("# --- artifact", 1)[1].split("# --- end artifact", 1)[0]
+    assigns = "".join(f"{k}='{v}'\n" for k, v in env.items())
+    script = f"set -eu\nARTIFACT_URL=''\nARTIFACT_FILE=''\nPREFIX='{tmp_path / 'venv'}'\n{assigns}# {block}"
+    return subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=300)
+
+
+def test_the_artifact_installs_offline_into_a_fresh_venv_and_runs(artifact: tuple[Path, str], tmp_path: Path) -> None:
+    wheel, digest = artifact
+    out = install(tmp_path, ARTIFACT_FILE=str(wheel), ARTIFACT_SHA256=digest)
+    assert out.returncode == 0, out.stderr
+    venv = tmp_path / "venv"
+    run = subprocess.run([str(venv / "bin/ringfence-agent"), "--help"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and "apply" in run.stdout, run.stderr
+    # the agent alone: none of the control plane, none of its dependencies
+    probe = (
+        "import importlib.util as u; "
+        "print([m for m in ('pydantic', 'boto3', 'yaml', 'ringfence.model', 'ringfence.cli', 'ringfence.engine') "
+        "if u.find_spec(m)])"
+    )
+    found = subprocess.run([str(venv / "bin/python"), "-c", probe], capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "[]"
+
+
+def test_the_artifact_build_is_reproducible(artifact: tuple[Path, str], tmp_path: Path) -> None:
+    subprocess.run([sys.executable, str(ROOT / "agent/packaging/build_artifact.py"), str(tmp_path)], check=True)
+    (again,) = tmp_path.glob("*.sha256")
+    assert again.read_text().split()[0] == artifact[1]
+
+
+def test_attack_tampered_artifact_is_refused_and_nothing_installed(artifact: tuple[Path, str], tmp_path: Path) -> None:
+    wheel, digest = artifact
+    evil = tmp_path / "evil" / wheel.name  # same name, one byte changed
+    evil.parent.mkdir()
+    data = bytearray(wheel.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    evil.write_bytes(bytes(data))
+    out = install(tmp_path, ARTIFACT_FILE=str(evil), ARTIFACT_SHA256=digest)
+    assert out.returncode == 3 and f"not {digest}: refused, nothing installed" in out.stderr, out.stderr
+    assert not (tmp_path / "venv").exists()
+
+
+def test_attack_artifact_without_its_digest_or_over_plain_http_is_refused(
+    artifact: tuple[Path, str], tmp_path: Path
+) -> None:
+    wheel, digest = artifact
+    out = install(tmp_path, ARTIFACT_FILE=str(wheel), ARTIFACT_SHA256="")
+    assert out.returncode == 2 and "--artifact-sha256" in out.stderr
+    out = install(tmp_path, ARTIFACT_URL=f"http://127.0.0.1:9/{wheel.name}", ARTIFACT_SHA256=digest)
+    assert out.returncode == 2 and "must be https://" in out.stderr
+    assert not (tmp_path / "venv").exists()
+
+
+def test_nothing_tells_anyone_to_pip_install_ringfence_from_an_index() -> None:
+    """Installers, user data and docs: the agent comes from the artifact, the control plane from
+    a checkout or a pinned file, never by the bare name."""
+    bare = re.compile(r"pip3? install\b[^\n]*?(?<![\w/@.-])ringfence(?:\[[^\]]*\])?(?=\s|$|\")")
+    places = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "agent/packaging").iterdir()]
+    places += [p for p in (ROOT / "infra").rglob("*") if p.is_file()] + [
+        p for p in (ROOT / "examples").rglob("*") if p.is_file()
+    ]
+    hits = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in places for m in bare.finditer(p.read_text(errors="ignore"))]
+    assert hits == []

@@ -1,0 +1,281 @@
+"""Attacks on enrollment and tokens (issue 10, "Enrollment binds identity"), each performed against
+the real agent-API handler over moto server, and shown to fail."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from ringfence.clouds.aws.enroll import sts_endpoint_allowed
+from tests.aws.conftest import Env
+from tests.aws.test_agent_api import auth, give_instance_profile, sts_env, sts_request
+from tests.aws.test_pipeline import AgentKey, agent_key, boot, enroll_iid, iid_document
+
+__all__ = ["sts_env"]  # the fixture, used by name
+
+
+def nonce(env: Env) -> str:
+    _, _, n = env.rest("agentapi", "GET", "/v1/nonce")
+    return str(n["nonce"])
+
+
+def enroll(env: Env, req: dict[str, Any]) -> tuple[int, Any]:
+    status, _, body = env.rest("agentapi", "POST", "/v1/enroll", json.dumps(req))
+    return status, body
+
+
+def refresh(env: Env, wid: str, key: AgentKey, n: str | None = None) -> tuple[int, Any]:
+    n = n or nonce(env)
+    body = {"nonce": n, "signature": key.prove("token", wid, n)}
+    status, _, out = env.rest("agentapi", "POST", f"/v1/agents/{wid}/token", json.dumps(body))
+    return status, out
+
+
+def bundle_status(env: Env, wid: str, token: str) -> int:
+    return int(env.rest("agentapi", "GET", f"/v1/agents/{wid}/bundle", headers=auth(token))[0])
+
+
+def audits(env: Env, action: str, wid: str) -> list[Any]:
+    return [r for r in env.store.audit_log() if r.action == action and r.target == wid]
+
+
+# --- aws-sts ---------------------------------------------------------------------------------------
+
+
+def test_attack_sts_endpoint_sts_s3_amazonaws_com_is_refused(env: Env) -> None:
+    """An S3 bucket named "sts" answers at sts.s3.amazonaws.com: the default allow-list (AWS's STS
+    host names, parsed) refuses it before anything is sent."""
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    n = nonce(env)
+    req = sts_request(env, web, n)
+    for url in (
+        "https://sts.s3.amazonaws.com/?Action=GetCallerIdentity&Version=2011-06-15",
+        "https://sts.amazonaws.com.evil.example/?Action=GetCallerIdentity&Version=2011-06-15",
+        "https://sts.amazonaws.com@evil.example/?Action=GetCallerIdentity&Version=2011-06-15",
+        "http://sts.amazonaws.com/?Action=GetCallerIdentity&Version=2011-06-15",
+        "https://sts.amazonaws.com:8443/?Action=GetCallerIdentity&Version=2011-06-15",
+    ):
+        status, body = enroll(env, dict(req, sts_url=url))
+        assert status == 401 and "STS endpoint" in body["detail"], url
+    assert env.store.burn_nonce(n), "refused before the nonce was spent"
+    for host in ("sts.amazonaws.com", "sts.eu-west-1.amazonaws.com", "sts.us-gov-west-1.amazonaws.com"):
+        assert sts_endpoint_allowed(f"https://{host}/?Action=GetCallerIdentity", [])
+    assert sts_endpoint_allowed("https://sts.cn-north-1.amazonaws.com.cn/", [])
+    assert not sts_endpoint_allowed("https://sts.s3.amazonaws.com/", [])
+    assert not sts_endpoint_allowed("https://sts.amazonaws.com.cn.evil.example/", [])
+
+
+def test_attack_sts_role_that_is_not_the_instance_profile_role_is_refused(sts_env: Env) -> None:
+    """Any role whose session name is an instance id used to pass: the role must be the instance's."""
+    env = sts_env
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    give_instance_profile(env, web, "web-instance-role")
+    give_instance_profile(env, est["ids"]["db"][0], "db-instance-role")  # a real role, another instance's
+    status, body = enroll(env, sts_request(env, web, nonce(env), role="db-instance-role"))
+    assert status == 401 and "not the instance profile role" in body["detail"], body
+    bare = est["ids"]["web"][1]  # no instance profile at all
+    status, body = enroll(env, sts_request(env, bare, nonce(env), role="web-instance-role"))
+    assert status == 401 and "not the instance profile role" in body["detail"], body
+    status, body = enroll(env, sts_request(env, web, nonce(env), role="web-instance-role"))
+    assert status == 200 and body["workload_id"] == web, body
+
+
+def test_attack_sts_for_a_stopped_instance_is_refused(sts_env: Env) -> None:
+    env = sts_env
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    give_instance_profile(env, web)
+    env.ec2.stop_instances(InstanceIds=[web])  # inventory has not heard yet: the live state decides
+    status, body = enroll(env, sts_request(env, web, nonce(env)))
+    assert status == 401 and "not running" in body["detail"], body
+
+
+class _Redirector(BaseHTTPRequestHandler):
+    target = ""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None
+
+    def do_GET(self) -> None:
+        self.send_response(302)
+        self.send_header("Location", self.target + self.path)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+@pytest.fixture
+def redirector(env: Env) -> Iterator[str]:
+    """A loopback server that redirects every request to moto's STS."""
+    handler = type("Handler", (_Redirector,), {"target": env.url})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_attack_sts_redirect_is_not_followed(env: Env, redirector: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An allowed endpoint that redirects (to an STS that would answer) is refused, not followed."""
+    monkeypatch.setenv("RINGFENCE_STS_ENDPOINTS", redirector)
+    env.load_functions()
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    give_instance_profile(env, web)
+    n = nonce(env)
+    req = sts_request(env, web, n)
+    req["sts_url"] = req["sts_url"].replace(env.url, redirector)
+    status, body = enroll(env, req)
+    assert status == 401 and "302" in body["detail"], body
+
+
+# --- aws-iid -----------------------------------------------------------------------------------------
+
+
+def test_attack_replayed_identity_document_with_another_key_is_refused_and_audited(env: Env) -> None:
+    """The document is readable by anything on the instance (and ends up in logs): whoever presents
+    it first no longer wins once the agent has claimed it with its key."""
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    doc = iid_document(env, web)
+    status, body = enroll_iid(env, web, doc)  # the real agent, with its key
+    assert status == 200, body
+    thief = AgentKey()
+    status, body = enroll_iid(env, web, doc, key=thief)
+    assert status == 401 and "another agent key" in body["detail"], body
+    refused = audits(env, "agent.enroll.refused", web)
+    assert len(refused) == 1 and refused[0].detail["reason"] == "identity already claimed by another agent key"
+    # a document without any agent key is worth nothing either
+    n = nonce(env)
+    bare = {"method": "aws-iid", "nonce": n, "document": doc, "document_signature": env.iid.sign(doc)}
+    status, body = enroll(env, bare)
+    assert status == 401 and "agent_key" in body["detail"]
+    # nor a key whose signature is over another nonce (a captured enrollment request)
+    n2 = nonce(env)
+    stolen = dict(bare, nonce=n2, agent_key=agent_key(web).pem, agent_signature=agent_key(web).prove("enroll", web, n))
+    status, body = enroll(env, stolen)
+    assert status == 401 and "does not verify" in body["detail"]
+
+
+def test_attack_identity_document_of_a_terminated_instance_is_refused(env: Env) -> None:
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    doc = iid_document(env, web)
+    env.ec2.terminate_instances(InstanceIds=[web])
+    status, body = enroll_iid(env, web, doc)
+    assert status == 401 and "not running" in body["detail"], body
+
+
+# --- tokens ------------------------------------------------------------------------------------------
+
+
+def test_attack_old_token_after_re_enrollment_is_refused(env: Env) -> None:
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    status, first = enroll_iid(env, web)
+    assert status == 200 and bundle_status(env, web, first["token"]) == 200
+    status, second = enroll_iid(env, web)
+    assert status == 200
+    assert bundle_status(env, web, first["token"]) == 401, "re-enrollment revoked the previous token"
+    assert bundle_status(env, web, second["token"]) == 200
+    status, fresh = refresh(env, web, agent_key(web))
+    assert status == 200, fresh
+    assert bundle_status(env, web, second["token"]) == 401, "a refresh revoked the previous token"
+    assert bundle_status(env, web, fresh["token"]) == 200
+    assert len(audits(env, "agent.enroll", web)) == 2 and len(audits(env, "token.refresh", web)) == 1
+
+
+def test_attack_terminated_workloads_token_is_refused(env: Env) -> None:
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    token = enroll_iid(env, web)[1]["token"]
+    assert bundle_status(env, web, token) == 200
+    env.ec2.terminate_instances(InstanceIds=[web])
+    env.put(env.state_event(web, "terminated"))
+    env.pump()
+    assert bundle_status(env, web, token) == 401
+    assert refresh(env, web, agent_key(web))[0] == 401, "nor does its key get a new one"
+    assert audits(env, "token.revoke", web), "the revocation is audited"
+
+
+def test_attack_stopped_workloads_token_is_refused_until_it_runs(env: Env) -> None:
+    """Even before ingest revokes (an event still queued), a token of a workload inventory no
+    longer has running authorizes nothing."""
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    token = enroll_iid(env, web)[1]["token"]
+    env.ec2.stop_instances(InstanceIds=[web])
+    env.put(env.state_event(web, "stopped"))
+    env.pump()
+    assert bundle_status(env, web, token) == 401
+    assert refresh(env, web, agent_key(web))[0] == 401
+
+
+def test_attack_token_refresh_without_the_agent_key_is_refused(env: Env) -> None:
+    est = boot(env)
+    web, db = est["ids"]["web"][0], est["ids"]["db"][0]
+    assert enroll_iid(env, web)[0] == 200
+    status, body = refresh(env, web, AgentKey())
+    assert status == 401 and "does not verify" in body["detail"], body
+    status, body = refresh(env, db, AgentKey())
+    assert status == 401 and "no agent key" in body["detail"], "a workload never enrolled has no key to sign with"
+    # a captured refresh request (its nonce spent) is refused
+    n = nonce(env)
+    assert refresh(env, web, agent_key(web), n)[0] == 200
+    status, body = refresh(env, web, agent_key(web), n)
+    assert status == 401 and "nonce" in body["detail"]
+    # a signature for another workload does not transfer
+    n = nonce(env)
+    forged = {"nonce": n, "signature": agent_key(web).prove("token", db, n)}
+    assert env.rest("agentapi", "POST", f"/v1/agents/{web}/token", json.dumps(forged))[0] == 401
+
+
+def test_attack_websocket_connect_with_a_replaced_token_is_refused(env: Env) -> None:
+    """$connect hands the nudges only to the current token's holder, and says when it replaces."""
+    from tests.aws.test_pipeline import _ctx
+
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    old = enroll_iid(env, web)[1]["token"]
+
+    def connect(token: str, conn: str) -> int:
+        event = {
+            "requestContext": {"routeKey": "$connect", "connectionId": conn, "eventType": "CONNECT", "stage": "v1"},
+            "queryStringParameters": None,
+            "headers": {"Authorization": f"Bearer {token}"},
+            "isBase64Encoded": False,
+        }
+        return int(env.fn["wsconnect"].handler(event, _ctx())["statusCode"])
+
+    assert connect(old, "conn-1") == 200
+    new = refresh(env, web, agent_key(web))[1]["token"]
+    assert env.store.connection(web) is None, "a new token drops the connection opened with the old one"
+    assert connect(old, "conn-evil") == 401
+    assert connect(new, "conn-2") == 200 and env.store.connection(web) == "conn-2"
+    assert connect(new, "conn-3") == 200
+    replaced = audits(env, "agent.connect", web)
+    assert replaced and replaced[-1].detail == {"connection": "conn-3", "replaced": "conn-2"}
+
+
+def test_the_document_signature_form_the_agent_sends_is_the_one_verified(env: Env) -> None:
+    """The agent sends IMDS ``/signature`` (base64 RSA-SHA256, whitespace as IMDS wraps it); a PKCS7
+    form (``iid_signature: rsa2048|pkcs7``) is refused with a message naming the setting."""
+    import base64
+    import textwrap
+
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    doc = iid_document(env, web)
+    wrapped = "\n".join(textwrap.wrap(env.iid.sign(doc), 64))  # as IMDS serves it
+    assert enroll_iid(env, web, doc, wrapped)[0] == 200
+    pkcs7_like = base64.b64encode(b"\x30\x80" + b"\x00" * 1500).decode()
+    status, body = enroll_iid(env, web, doc, pkcs7_like)
+    assert status == 401 and "iid_signature to signature" in body["detail"], body
