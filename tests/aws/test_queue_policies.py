@@ -105,7 +105,8 @@ def cfn_senders() -> dict[str, set[str]]:
         role = f"{name}Role.Arn"
         for pol in r["Properties"].get("Policies", []):
             for st in pol.get("Statement", []):
-                if "sqs:SendMessage" in _values(st["Action"]):
+                # (a statement under a condition, Fn::If, grants no SendMessage in this stack)
+                if "sqs:SendMessage" in _values(st.get("Action", [])):
                     for q in _values(st["Resource"]):
                         out.setdefault(_ref(q).removesuffix(".Arn"), set()).add(role)
         dlq = r["Properties"].get("DeadLetterQueue")
@@ -187,6 +188,21 @@ def _queue(ref: str) -> str:
     return m.group(1)
 
 
+def _tf_statements(statements: Any, shared: dict[str, Any]) -> list[dict[str, Any]]:
+    """A function's statement list: literal statements and ``local.x`` references; a conditional
+    list (``concat([...], cond ? [] : [...])``) comes from hcl2 as one expression string, read for
+    its literal statements and the shared ones it names."""
+    if isinstance(statements, list):
+        return [
+            shared[st.removeprefix("${local.").removesuffix("}")] if isinstance(st, str) else st for st in statements
+        ]
+    found: list[dict[str, Any]] = [
+        {"actions": re.findall(r'"([^"]+)"', m.group(1)), "resources": [r.strip() for r in m.group(2).split(",")]}
+        for m in re.finditer(r"\{actions = \[([^\]]*)\], resources = \[([^\]]*)\]", statements)
+    ]
+    return found + [shared[n] for n in re.findall(r"local\.(\w+)", statements) if n in shared]
+
+
 def test_every_terraform_queue_has_a_policy_naming_exactly_its_producers() -> None:
     main, lam = _tf("main.tf"), _tf("lambda.tf")
     queues = {n for block in main["resource"] if "aws_sqs_queue" in block for n in block["aws_sqs_queue"]}
@@ -195,9 +211,7 @@ def test_every_terraform_queue_has_a_policy_naming_exactly_its_producers() -> No
     shared = {k: v for k, v in lam_loc.items() if isinstance(v, dict) and "actions" in v}
     iam: dict[str, set[str]] = {}
     for fn, statements in lam_loc["statements"].items():
-        for st in statements:
-            if isinstance(st, str):  # "${local.async_dlq}"
-                st = shared[st.removeprefix("${local.").removesuffix("}")]
+        for st in _tf_statements(statements, shared):
             if "sqs:SendMessage" in [unquote(a) for a in st["actions"]]:
                 for r in st["resources"]:
                     iam.setdefault(_queue(r), set()).add(fn)

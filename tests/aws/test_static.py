@@ -147,7 +147,8 @@ def test_basic_example_inputs_line_up() -> None:
     assert _keys(tfvars) <= set(declared), _keys(tfvars) - set(declared)
     required = {name for name, v in declared.items() if "default" not in v}
     assert required <= _keys(tfvars), required - _keys(tfvars)
-    assert required == {"control_account"}  # the signing key defaults to a KMS key the module creates
+    # the signing key defaults to a KMS key the module creates; who may call the admin API has no default
+    assert required == {"control_account", "admin_roles"}
     assert declared["signing_key_source"]["default"] == "kms"
     assert tfvars["control_account"] != "" and len(tfvars["control_account"]) == 12
     main = unquote(hcl2.loads((example / "main.tf").read_text()))
