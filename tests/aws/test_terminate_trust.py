@@ -82,7 +82,8 @@ def test_reconcile_clears_a_stale_terminating(env: Env) -> None:
     db, proc = est["ids"]["db"][0], est["ids"]["proc"][0]
     # as a forged action left it before this fix (or an action Auto Scaling abandoned)
     old: InventoryRecord = env.store.get(db)
-    env.store.observe(old.model_copy(update={"state": "terminating", "observed_at": old.observed_at + 1}))
+    # (observed just after the last observation, as mark_leaving does: a later reconcile is newer)
+    env.store.observe(old.model_copy(update={"state": "terminating", "observed_at": old.observed_at + 0.001}))
     env.sqs.send_message(
         QueueUrl=env.queues["compute"],
         MessageBody=json.dumps({"ids": [db], "rebuild": False, "lifecycle": None, "publish": []}),
