@@ -916,6 +916,7 @@ def test_daemon_enrolls_follows_pushes_and_reports_against_the_real_control_plan
     backend: str,
     tmp_path: Path,
     aws_env: Any,  # noqa: F811 - the fixture
+    request: pytest.FixtureRequest,
 ) -> None:
     """The agent in h2 against ``ringfence serve`` (the real agent-API routes) listening in cp,
     over the moto-backed AWS wiring: the lab hosts are EC2 instances with the lab's addresses, the
@@ -942,6 +943,9 @@ def test_daemon_enrolls_follows_pushes_and_reports_against_the_real_control_plan
     sock = listening_socket_in(net.ns("cp"), net.v4("cp"), 8080)
     sh("ip", "-n", net.ns("cp"), "addr", "replace", "169.254.169.254/32", "dev", "eth0")
     sh("ip", "-n", net.ns("h2"), "route", "replace", "169.254.169.254/32", "dev", "eth0")
+    # the lab outlives this test (the metadata tests of the other backend add the same address)
+    request.addfinalizer(lambda: net.exec("h2", "ip", "route", "del", "169.254.169.254/32", "dev", "eth0"))
+    request.addfinalizer(lambda: net.exec("cp", "ip", "addr", "del", "169.254.169.254/32", "dev", "eth0"))
     by_address = {net.v4(host): iid for host, iid in ids.items()}
     app = serve.ServeApp.over(serve.build_wiring("aws"), None)
     tls = lab_tls(tmp_path / "tls", net.v4("cp"))  # HTTPS, verified against the lab's own CA
