@@ -88,3 +88,14 @@ def test_the_path_check_finds_what_is_missing() -> None:
         "design.md: reference/cloud_events.md",
         "design.md: examples/nope/policy",
     ]
+
+
+def test_the_threat_model_names_every_attack_test_and_only_tests_that_exist() -> None:
+    """docs/threat-model.md cites tests by name: each must exist, and every ``test_attack_*`` in
+    the suite must be cited (a new attack test is a new line of the threat model)."""
+    cited = set(re.findall(r"`(test_\w+)`", (ROOT / "docs/threat-model.md").read_text()))
+    defined = {
+        m for f in (ROOT / "tests").rglob("test_*.py") for m in re.findall(r"^def (test_\w+)", f.read_text(), re.M)
+    }
+    assert cited - defined == set(), "cited but not defined"
+    assert {t for t in defined if t.startswith("test_attack_")} - cited == set(), "attack tests not in the threat model"
