@@ -65,7 +65,8 @@ def test_explain_admits_the_control_plane_on_its_port_only(tmp_path: Path) -> No
     policy = tmp_path / "p.yaml"
     policy.write_text(
         POLICY.format(admin="10.20.0.0/16", control="198.51.100.10/32").replace(
-            "rulesets:", "labels:\n  dimensions:\n    role: {keys: [role]}\n    app: {keys: [app]}\nrulesets:"
+            "rulesets:",
+            'labels:\n  dimensions:\n    role: {keys: ["ringfence:role"]}\n    app: {keys: ["ringfence:app"]}\nrulesets:',
         )
     )
 

@@ -2,7 +2,7 @@
 # Install and start the Ringfence agent. Idempotent; POSIX sh; needs root.
 #
 #   curl --proto '=https' --tlsv1.2 -fsSL https://<your-control-plane>/agent/install.sh -o install.sh
-#   sh install.sh --api-url https://rf.example.com --pairing-key KEY \
+#   sh install.sh --api-url https://rf.example.com --pairing-key-file /run/rf-pairing-key \
 #     --artifact-url https://rf.example.com/agent/ringfence_agent-0.1.0-py3-none-any.whl \
 #     --artifact-sha256 <the .sha256 `make agent-artifact` wrote> \
 #     --public-key-url https://rf.example.com/agent/signing-key.pem
@@ -12,11 +12,14 @@
 # given, and installed with pip --no-index (no package index is ever asked, so no package that
 # merely shares our name can be installed as root). Every download is HTTPS only.
 #
-# Options (or the same names as environment variables RF_API_URL, RF_PAIRING_KEY, ...):
-#   --api-url URL           control-plane agent API (enrolls with --pairing-key)
+# Options (or the same names as environment variables RF_API_URL, RF_PAIRING_KEY_FILE, ...):
+#   --api-url URL           control-plane agent API (enrolls with --pairing-key-file)
 #   --source DIR|URL        static source instead of an API
-#   --pairing-key KEY       on-premise pairing key (use limit + expiry set by the operator);
-#                           without one, an --api-url agent enrolls with the EC2 identity document
+#   --pairing-key-file PATH on-premise pairing key (use limit + expiry set by the operator), read
+#                           from the file PATH, or from standard input with `-`; without one, an
+#                           --api-url agent enrolls with the EC2 identity document. A key on the
+#                           command line (--pairing-key KEY, RF_PAIRING_KEY) is refused: it would
+#                           be in `ps` output and shell history.
 #   --public-key-file PATH  the pinned bundle signing key (PEM) ...
 #   --public-key-url URL    ... or where to fetch it, https:// (pin it in your image instead when you can)
 #   --artifact-url URL      the agent wheel, https:// ...
@@ -25,7 +28,7 @@
 #   --workload-id ID        default: the EC2 instance id from IMDSv2, else the hostname
 #   --admin-cidr CIDR       local fail-safe admin range (repeatable)
 set -eu
-API_URL="${RF_API_URL:-}"; SOURCE="${RF_SOURCE:-}"; PAIRING_KEY="${RF_PAIRING_KEY:-}"
+API_URL="${RF_API_URL:-}"; SOURCE="${RF_SOURCE:-}"; PAIRING_KEY_FILE="${RF_PAIRING_KEY_FILE:-}"; PAIRING_KEY=""
 PUBKEY_FILE="${RF_PUBLIC_KEY_FILE:-}"; PUBKEY_URL="${RF_PUBLIC_KEY_URL:-}"
 WORKLOAD_ID="${RF_WORKLOAD_ID:-}"; ADMIN_CIDRS=""
 ARTIFACT_URL="${RF_ARTIFACT_URL:-}"; ARTIFACT_FILE="${RF_ARTIFACT_FILE:-}"; ARTIFACT_SHA256="${RF_ARTIFACT_SHA256:-}"
@@ -34,7 +37,10 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --api-url) API_URL="$2"; shift 2 ;;
     --source) SOURCE="$2"; shift 2 ;;
-    --pairing-key) PAIRING_KEY="$2"; shift 2 ;;
+    --pairing-key|--pairing-key=*)
+      echo "install.sh: --pairing-key KEY is refused: a key on the command line is visible in ps and shell history; put it in a file only root reads and give --pairing-key-file PATH (or pipe it in with --pairing-key-file -)" >&2
+      exit 2 ;;
+    --pairing-key-file) PAIRING_KEY_FILE="$2"; shift 2 ;;
     --public-key-file) PUBKEY_FILE="$2"; shift 2 ;;
     --public-key-url) PUBKEY_URL="$2"; shift 2 ;;
     --workload-id) WORKLOAD_ID="$2"; shift 2 ;;
@@ -45,6 +51,20 @@ while [ $# -gt 0 ]; do
     *) echo "install.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
+# --- pairing key: from a file or standard input, never from the command line or environment
+if [ -n "${RF_PAIRING_KEY:-}" ]; then
+  echo "install.sh: RF_PAIRING_KEY is refused (a key set on the command line lands in shell history): use --pairing-key-file PATH or -" >&2
+  exit 2
+fi
+if [ -n "$PAIRING_KEY_FILE" ]; then
+  if [ "$PAIRING_KEY_FILE" = "-" ]; then PAIRING_KEY=$(head -n 1)
+  elif [ -r "$PAIRING_KEY_FILE" ]; then PAIRING_KEY=$(head -n 1 -- "$PAIRING_KEY_FILE")
+  else echo "install.sh: --pairing-key-file $PAIRING_KEY_FILE: cannot read it" >&2; exit 2
+  fi
+  PAIRING_KEY=$(printf '%s' "$PAIRING_KEY" | tr -d '[:space:]')
+  [ -n "$PAIRING_KEY" ] || { echo "install.sh: --pairing-key-file $PAIRING_KEY_FILE: no key in it" >&2; exit 2; }
+fi
+# --- end pairing key
 [ "$(id -u)" = 0 ] || { echo "install.sh: run as root" >&2; exit 1; }
 [ -n "$API_URL$SOURCE" ] || { echo "install.sh: give --api-url or --source" >&2; exit 2; }
 

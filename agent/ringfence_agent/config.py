@@ -13,6 +13,7 @@ from typing import Any, Literal
 from urllib.parse import urlparse
 
 from ringfence_agent.plan import LocalFailsafes, bounded_cidrs, parse_port_spec, split_cidrs
+from ringfence_agent.resolvers import system_resolvers
 
 
 class ConfigError(ValueError):
@@ -88,6 +89,7 @@ _CONFIG_TYPES: dict[str, tuple[str, tuple[str, ...], bool]] = {
     "admin_cidrs": _required("str-list"),
     "admin_ports": _required("str-list"),
     "dns_resolvers": _required("str-list"),
+    "system_resolvers": _required("bool"),
     "control_plane": _required("str-list"),
     "metadata_endpoint": _required("bool"),
     "dhcp": _required("bool"),
@@ -166,6 +168,9 @@ class AgentConfig:
     # bundle yet (boot posture) and none here, tcp/22 and tcp/3389 (the policy language's default)
     admin_ports: list[str] = field(default_factory=list)
     dns_resolvers: list[str] = field(default_factory=list)
+    # also admit the name servers of /etc/resolv.conf (read at start; udp/tcp 53, outbound) when
+    # the control plane is named by a host name: the agent re-resolves it under any bundle
+    system_resolvers: bool = True
     control_plane: list[str] = field(default_factory=list)  # addresses/CIDRs of the control plane
     metadata_endpoint: bool = True  # allow 169.254.169.254 and fd00:ec2::254 (tcp/80, udp/tcp 53, udp/123)
     dhcp: bool = True
@@ -210,11 +215,10 @@ class AgentConfig:
                     split_cidrs([x], name)  # what compile_plan accepts (no IPv6 scope ids, ASCII only)
                 except ValueError as exc:
                     raise _Invalid(name, f"{x!r} is not an address or CIDR: {exc}") from None
-                if name != "dns_resolvers":
-                    try:
-                        bounded_cidrs([x], name)  # a local fail-safe is bounded as the policy's are
-                    except ValueError as exc:
-                        raise _Invalid(name, str(exc)) from None
+                try:
+                    bounded_cidrs([x], name)  # a local fail-safe is bounded as the policy's are
+                except ValueError as exc:
+                    raise _Invalid(name, str(exc)) from None
         for x in self.admin_ports:
             try:
                 parse_port_spec(x)
@@ -282,6 +286,12 @@ class AgentConfig:
                 out.append(f"tcp/{port or (443 if parsed.scheme == 'https' else 80)}")
         return tuple(dict.fromkeys(out))
 
+    def resolvers(self) -> tuple[str, ...]:
+        """The DNS fail-safe's servers: those configured, and with ``system_resolvers`` and a
+        control plane named by a host name, those this host resolves through (read now)."""
+        found = system_resolvers() if self.system_resolvers and self.source_hosts() else ()
+        return tuple(dict.fromkeys((*self.dns_resolvers, *found)))
+
     def local_failsafes(self) -> LocalFailsafes:
         cp = list(self.control_plane)
         for url in (self.api_url, self.source):
@@ -293,7 +303,7 @@ class AgentConfig:
         return LocalFailsafes(
             admin_cidrs=tuple(self.admin_cidrs),
             admin_ports=tuple(self.admin_ports),
-            dns_resolvers=tuple(self.dns_resolvers),
+            dns_resolvers=self.resolvers(),
             control_plane=tuple(dict.fromkeys(cp)),
             control_ports=self.control_ports(),
             metadata=self.metadata_endpoint,

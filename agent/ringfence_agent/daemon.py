@@ -42,6 +42,7 @@ from ringfence_agent.reports import (
     parse_conntrack,
     summarize_flows,
 )
+from ringfence_agent.resolvers import RESOLV_CONF
 from ringfence_agent.sessions import session_cutter
 from ringfence_agent.sources import ApiSource, Source, SourceError, StaticSource, Unreachable, tls_context
 from ringfence_agent.state import StateDir
@@ -94,12 +95,20 @@ class Daemon:
         self.state.ensure()
         self.verifier = Verifier.from_file(cfg.public_key, cfg.revoked_keys)
         self.backend = make_backend(cfg.backend)
+        local = cfg.local_failsafes()
+        from_host = [r for r in local.dns_resolvers if r not in cfg.dns_resolvers]
+        if from_host:
+            log(f"DNS fail-safe admits this host's resolvers ({RESOLV_CONF}): {', '.join(from_host)}")
+        elif cfg.system_resolvers and cfg.source_hosts() and not cfg.dns_resolvers:
+            log(
+                f"no name server in {RESOLV_CONF} to admit: set dns_resolvers, or the control plane's name may not resolve"
+            )
         self.agent = Agent(
             cfg.workload_id,
             self.verifier,
             self.backend,
             self.state,
-            cfg.local_failsafes(),
+            local,
             log=log,
             sessions=session_cutter(cfg.backend, cfg.cut_revoked_connections),
         )

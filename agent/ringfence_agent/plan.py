@@ -294,7 +294,9 @@ def bounded_cidrs(items: list[str], what: str) -> tuple[tuple[str, ...], tuple[s
 
 def merge_failsafes(doc: FailsafeDoc, local: LocalFailsafes) -> Failsafes:
     admin4, admin6 = bounded_cidrs([*doc.admin_cidrs, *local.admin_cidrs], "failsafes.admin_cidrs")
-    dns4, dns6 = split_cidrs([_host(x) for x in (*doc.dns_resolvers, *local.dns_resolvers)], "failsafes.dns_resolvers")
+    dns4, dns6 = bounded_cidrs(
+        [_host(x) for x in (*doc.dns_resolvers, *local.dns_resolvers)], "failsafes.dns_resolvers"
+    )
     cp4, cp6 = bounded_cidrs([_host(x) for x in (*doc.control_plane, *local.control_plane)], "failsafes.control_plane")
     ports: list[Match] = [_match(p, "failsafes.admin_ports") for p in doc.admin_ports]
     ports.extend(parse_port_spec(p) for p in local.admin_ports)

@@ -655,6 +655,56 @@ def test_installer_writes_a_config_the_agent_accepts(tmp_path: Path) -> None:
     assert cfg.enroll is not None and cfg.enroll.method == "aws-iid"
 
 
+INSTALLER = Path(__file__).resolve().parents[2] / "agent" / "packaging" / "install.sh"
+
+
+def test_attack_installer_refuses_a_pairing_key_on_the_command_line(tmp_path: Path) -> None:
+    """A key given as an argument is in every user's ``ps`` and in shell history: refused before
+    anything is installed (no --api-url either, so a broken refusal still stops before work)."""
+    for argv, env in (
+        (["--pairing-key", "s3cret-key"], {}),
+        (["--pairing-key=s3cret-key"], {}),
+        ([], {"RF_PAIRING_KEY": "s3cret-key"}),
+    ):
+        run = subprocess.run(
+            ["sh", str(INSTALLER), "--source", str(tmp_path), *argv],
+            capture_output=True,
+            text=True,
+            env={"PATH": "/usr/bin:/bin", **env},
+            stdin=subprocess.DEVNULL,
+        )
+        assert run.returncode == 2, (argv, run.stderr)
+        assert "refused" in run.stderr and "--pairing-key-file" in run.stderr, run.stderr
+        assert "s3cret-key" not in run.stderr, "nor is the key echoed back"
+
+
+def test_installer_reads_the_pairing_key_from_a_file_or_stdin(tmp_path: Path) -> None:
+    """The installer's pairing-key block, run as the installer runs it: the key from a file or
+    from standard input (``-``), whitespace trimmed; a missing or empty file is an error."""
+    text = INSTALLER.read_text()
+    block = text.split("# --- pairing key", 1)[1].split("# --- end pairing key", 1)[0]
+    script = block + 'printf "%s" "$PAIRING_KEY"\n'
+
+    def run(key_file: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["sh", "-c", f"set -eu\nPAIRING_KEY=''\nPAIRING_KEY_FILE='{key_file}'\n" + script],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env={"PATH": "/usr/bin:/bin"},
+        )
+
+    (tmp_path / "key").write_text("pk-abc_123\n")
+    assert run(str(tmp_path / "key")).stdout == "pk-abc_123"
+    assert run("-", "pk-from-stdin\n").stdout == "pk-from-stdin"
+    missing = run(str(tmp_path / "nope"))
+    assert missing.returncode == 2 and "cannot read" in missing.stderr
+    (tmp_path / "empty").write_text("\n")
+    empty = run(str(tmp_path / "empty"))
+    assert empty.returncode == 2 and "no key" in empty.stderr
+    assert run("").stdout == "", "no file: no key (the agent enrolls with its cloud identity)"
+
+
 def test_daemon_once_with_static_dir_and_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from ringfence.staticlayout import Head
     from ringfence_agent.config import AgentConfig

@@ -227,8 +227,8 @@ def test_the_bundle_limit_holds_a_large_estates_bundle() -> None:
 QUARANTINE_POLICY = """
 labels:
   dimensions:
-    role: {keys: [role]}
-    app: {keys: [app]}
+    role: {keys: ["ringfence:role"]}
+    app: {keys: ["ringfence:app"]}
 defaults:
   mode: enforce
   failsafes:
@@ -258,8 +258,8 @@ def test_attack_a_quarantined_host_keeps_only_what_management_needs(tmp_path: Pa
     from tests.agent.bundles import Lab
 
     ws = [
-        Workload(id="web", ips=["10.0.1.5"], tags={"role": "web", "app": "shop"}, quarantined=True),
-        Workload(id="lb", ips=["10.0.1.9"], tags={"role": "lb", "app": "shop"}),
+        Workload(id="web", ips=["10.0.1.5"], tags={"ringfence:role": "web", "ringfence:app": "shop"}, quarantined=True),
+        Workload(id="lb", ips=["10.0.1.9"], tags={"ringfence:role": "lb", "ringfence:app": "shop"}),
     ]
     doc = wire.load_bundle(lib_dumps(Lab(QUARANTINE_POLICY, ws).bundle("web")))
     assert doc.quarantined and doc.inbound == [] and doc.outbound == []

@@ -212,3 +212,14 @@ def test_admin_api_resource_policy_and_alarm_in_sam_and_terraform() -> None:
     lam = (ROOT / "infra/modules/ringfence/lambda.tf").read_text()
     assert "RINGFENCE_ADMIN_ROLES" in lam and "jsonencode(var.admin_roles)" in lam
     assert "SafeguardsLowered" in (ROOT / "infra/modules/ringfence/alarms.tf").read_text()
+
+
+def test_attack_serve_reader_cannot_reset_an_agent_key(env: Env, served_roles: tuple[str, dict[str, str]]) -> None:
+    """``ringfence serve`` serves the reset route (the same resolver) under the same roles."""
+    url, tok = served_roles
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    for who in ("rita", "ivan"):
+        r = httpx.delete(f"{url}/admin/workloads/{web}/agent-key", headers={"Authorization": f"Bearer {tok[who]}"})
+        assert r.status_code == 403 and "agent-key.reset" in r.json()["detail"], r.text
+    assert denials(env)[-2:] == [("rita", "agent-key.reset"), ("ivan", "agent-key.reset")]

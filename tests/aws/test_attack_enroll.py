@@ -279,3 +279,63 @@ def test_the_document_signature_form_the_agent_sends_is_the_one_verified(env: En
     pkcs7_like = base64.b64encode(b"\x30\x80" + b"\x00" * 1500).decode()
     status, body = enroll_iid(env, web, doc, pkcs7_like)
     assert status == 401 and "iid_signature to signature" in body["detail"], body
+
+
+# --- operator reset of a lost agent key ----------------------------------------------------------------
+
+ONBOARDING = "arn:aws:iam::123456789012:role/Onboarding"
+RESPONDER = "arn:aws:iam::123456789012:role/IncidentResponders"
+READER = "arn:aws:iam::123456789012:role/Readers"
+
+
+def test_attack_agent_key_reset_revokes_the_old_token_and_lets_a_new_key_enroll(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The instance lost its state directory: a new agent key cannot claim the identity until an
+    onboarding operator resets the binding; after the reset the old token is refused and the new
+    key enrolls with the instance's identity document. Audited and counted."""
+    from tests.aws.test_handler_metrics import emitted
+
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    env.bind(ONBOARDING, ["onboarding"])
+    status, first = enroll_iid(env, web)
+    assert status == 200 and bundle_status(env, web, first["token"]) == 200
+    fresh = AgentKey()  # the agent after its state directory was wiped
+    status, body = enroll_iid(env, web, key=fresh)
+    assert status == 401 and "another agent key" in body["detail"], "no self-service re-claim"
+    capsys.readouterr()
+    path = f"/admin/workloads/{web}/agent-key"
+    status, _, out = env.rest("admin", "DELETE", path, {"reason": "disk replaced, CHG-12"}, principal=ONBOARDING)
+    assert status == 200, out
+    assert out["token_revoked"] is True and out["agent_key_dropped"]
+    assert emitted(capsys.readouterr().out).get("AgentKeyResets") == 1
+    assert bundle_status(env, web, first["token"]) == 401, "the old token is refused after the reset"
+    assert refresh(env, web, agent_key(web))[0] == 401, "and the old key renews nothing"
+    status, again = enroll_iid(env, web, key=fresh)
+    assert status == 200, again
+    assert bundle_status(env, web, again["token"]) == 200
+    (rec,) = audits(env, "agent-key.reset", web)
+    assert rec.principal == ONBOARDING and rec.reason == "disk replaced, CHG-12"
+    assert rec.detail["agent_key"] == out["agent_key_dropped"] and rec.detail["token_revoked"] is True
+    # the new key is bound now: the old one (say, a copy someone kept) is refused in turn
+    status, body = enroll_iid(env, web)
+    assert status == 401 and "another agent key" in body["detail"]
+
+
+def test_attack_reader_or_incident_responder_cannot_reset_an_agent_key(env: Env) -> None:
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    token = enroll_iid(env, web)[1]["token"]
+    env.bind(RESPONDER, ["incident-responder"])
+    env.bind(READER, ["reader"])
+    for who in (RESPONDER, READER):
+        status, _, body = env.rest("admin", "DELETE", f"/admin/workloads/{web}/agent-key", {}, principal=who)
+        assert status == 403 and "agent-key.reset" in body["detail"], body
+    assert bundle_status(env, web, token) == 200, "the token still works"
+    assert env.store.agent_key(web) == agent_key(web).pem, "the key is still bound"
+    denied = [(r.principal, r.detail["action"]) for r in env.store.audit_log() if r.action == "admin.denied"]
+    assert denied == [(RESPONDER, "agent-key.reset"), (READER, "agent-key.reset")]
+    # an unknown workload: 404 for who may reset
+    env.bind(ONBOARDING, ["onboarding"])
+    assert env.rest("admin", "DELETE", "/admin/workloads/i-0nothere/agent-key", {}, principal=ONBOARDING)[0] == 404

@@ -15,6 +15,7 @@ locals {
     "/admin/policies"                  = ["post"]
     "/admin/workloads/{id}/mode"       = ["put"]
     "/admin/workloads/{id}/quarantine" = ["post", "delete"]
+    "/admin/workloads/{id}/agent-key"  = ["delete"]
     "/admin/pairing-keys"              = ["post"]
   }
   apis = {

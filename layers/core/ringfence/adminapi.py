@@ -53,6 +53,13 @@ class QuarantineResponse(_Body):
     audit_id: str
 
 
+class AgentKeyResetResponse(_Body):
+    workload_id: str
+    agent_key_dropped: str | None = Field(description="the key id of the agent key unbound; null: none was bound")
+    token_revoked: bool = Field(description="an active access token was revoked")
+    audit_id: str
+
+
 class PairingKeyResponse(_Body):
     pairing_key: str = Field(description="shown once; only its SHA-256 is stored")
     workload_id: str

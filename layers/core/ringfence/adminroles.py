@@ -2,7 +2,8 @@
 
 - ``policy-author``: provision policy versions and set workload modes (``idle`` among them);
 - ``incident-responder``: quarantine and release workloads;
-- ``onboarding``: register, import and deregister on-premise workloads, mint pairing keys;
+- ``onboarding``: register, import and deregister on-premise workloads, mint pairing keys, reset
+  a workload's agent key (an agent that lost its state directory enrolls again);
 - ``reader``: none of the above (the read routes, when there are any).
 
 A caller holds roles by binding: on AWS the IAM caller's ARN (API Gateway's IAM auth puts it in
@@ -36,6 +37,7 @@ ACTIONS: dict[str, frozenset[AdminRole]] = {
     "workload.quarantine": frozenset({AdminRole.INCIDENT_RESPONDER}),
     "workload.release": frozenset({AdminRole.INCIDENT_RESPONDER}),
     "pairing.create": frozenset({AdminRole.ONBOARDING}),
+    "agent-key.reset": frozenset({AdminRole.ONBOARDING}),
     "workload.register": frozenset({AdminRole.ONBOARDING}),
     "workload.import": frozenset({AdminRole.ONBOARDING}),
     "workload.deregister": frozenset({AdminRole.ONBOARDING}),

@@ -205,6 +205,13 @@ class Live:
     def _identify(self, address: str) -> str | None:
         return self.fleet.identity_address(address) if self.fleet else None
 
+    def serve_env(self) -> dict[str, str]:
+        """The environment ``ringfence serve`` (the agent API) starts with: the stack's, as the
+        agent-API function has it — no signing key (only the in-process compute holds it)."""
+        env = {**os.environ, **self.aws.env, "RINGFENCE_WAIT_POLL_INTERVAL": WAIT_POLL_INTERVAL, **GATE}
+        env.pop("RINGFENCE_SIGNING_KEY", None)  # set by hand in the shell that started the demo, say
+        return env
+
     def _start_serve(self) -> None:
         from ringfence import serve
 
@@ -213,7 +220,7 @@ class Live:
         tokens.write_text(line + "\n")
         tokens.chmod(0o600)
         self.admin_token = token
-        env = {**os.environ, **self.aws.env, "RINGFENCE_WAIT_POLL_INTERVAL": WAIT_POLL_INTERVAL, **GATE}
+        env = self.serve_env()
         self.tls = lab_tls(self.work / "tls", self.cp_host)
         self.tls_context = ssl.create_default_context(cafile=str(self.tls.ca))
         cmd = [

@@ -7,7 +7,8 @@ standard endpoint variables — the same code paths as in AWS. Interface::
 
     with EmbeddedAws() as aws:          # server started, resources created, os.environ set
         aws.url                         # "http://127.0.0.1:<free port>"
-        aws.env                         # every variable a handler process needs (AWS_* and RINGFENCE_*)
+        aws.env                         # every variable a handler process needs (AWS_* and RINGFENCE_*),
+                                        # except the signing key: only compute has it (aws.compute_env)
         aws.client("ec2")               # a boto3 client bound to the server
         aws.client_as("ec2", "ringfence-tagging")  # …calling as that IAM role (assumed)
         aws.client_as("ec2", "developer", user=True)  # …calling as that IAM user
@@ -48,7 +49,7 @@ from cryptography.x509.oid import NameOID
 from ringfence.bundle import SigningKey
 from ringfence.clouds.aws.patterns import INGEST_RULES, LIFECYCLE_RULES
 
-from . import moto_lifecycle, moto_trail
+from . import lambdas, moto_lifecycle, moto_trail
 
 REGION = "ca-central-1"
 ACCOUNT = "123456789012"  # moto's default account
@@ -124,6 +125,7 @@ class EmbeddedAws:
     signing_key: SigningKey = field(init=False)
     _server: Any = field(init=False, default=None, repr=False)
     _saved_env: dict[str, str] | None = field(init=False, default=None, repr=False)
+    _saved_compute_env: dict[str, str] | None = field(init=False, default=None, repr=False)
     _clients: dict[str, Any] = field(init=False, default_factory=dict, repr=False)
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -148,6 +150,7 @@ class EmbeddedAws:
         self.url = f"http://{host}:{port}"
         if self.environ:
             self._saved_env = dict(os.environ)
+            self._saved_compute_env = lambdas.FUNCTION_ENVIRONMENT.get("compute")
             os.environ.update(self.base_env())
         if build:
             self.build()
@@ -160,6 +163,9 @@ class EmbeddedAws:
         if self._saved_env is not None:
             os.environ.clear()
             os.environ.update(self._saved_env)
+            lambdas.FUNCTION_ENVIRONMENT.pop("compute", None)
+            if self._saved_compute_env is not None:  # an enclosing embedded AWS's compute
+                lambdas.FUNCTION_ENVIRONMENT["compute"] = self._saved_compute_env
             self._saved_env = None
         self._clients.clear()
 
@@ -201,7 +207,6 @@ class EmbeddedAws:
             "RINGFENCE_COMPUTE_QUEUE_URL": self.queues["compute"],
             "RINGFENCE_PERIMETER_QUEUE_URL": self.queues["perimeter"],
             "RINGFENCE_DLQ_URL": self.queues["dlq"],
-            "RINGFENCE_SIGNING_KEY": f"secretsmanager:{n.signing_secret}",
             "RINGFENCE_IID_CERT": self.iid.cert_pem,
             "RINGFENCE_OFFLINE_AFTER": str(self.offline_after),
             "RINGFENCE_RECONCILE_TARGETS": json.dumps(
@@ -215,9 +220,17 @@ class EmbeddedAws:
             ),
         }
 
+    def compute_env(self) -> dict[str, str]:
+        """What the compute function alone has beyond :attr:`env` (template.yaml gives
+        RINGFENCE_SIGNING_KEY to ComputeFunction only): never in the process environment, which
+        ``ringfence serve`` (the agent API) inherits; in-process compute gets it through
+        :data:`ringfence.local.lambdas.FUNCTION_ENVIRONMENT`."""
+        return {"RINGFENCE_SIGNING_KEY": f"secretsmanager:{self.names.signing_secret}"}
+
     @property
     def env(self) -> dict[str, str]:
-        """Every variable a handler process needs (for subprocesses: ``{**os.environ, **aws.env}``)."""
+        """Every variable a handler process needs (for subprocesses: ``{**os.environ, **aws.env}``),
+        but the signing key (:meth:`compute_env`)."""
         return {**self.base_env(), **self.ringfence_env()}
 
     # --- resources ---------------------------------------------------------------------------
@@ -342,6 +355,8 @@ class EmbeddedAws:
         if self.environ:
             os.environ.update(self.ringfence_env())
             os.environ.pop("RINGFENCE_WEBSOCKET_ENDPOINT", None)  # no NudgeApi here: agents long-poll
+        # in-process compute (the router's, the tests') gets the signing key, nothing else does
+        lambdas.FUNCTION_ENVIRONMENT["compute"] = self.compute_env()
 
     # --- instances -----------------------------------------------------------------------------
 

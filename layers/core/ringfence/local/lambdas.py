@@ -1,7 +1,9 @@
 """Invoking the real handlers in ``functions/`` as Lambda invokes them, in this process.
 
 - :func:`load_functions` imports ``functions/<name>/app.py`` as fresh modules (one "container"
-  each: module-level state such as a warm engine lives as long as the module);
+  each: module-level state such as a warm engine lives as long as the module); a function named
+  in :data:`FUNCTION_ENVIRONMENT` runs with that environment on top of the process's (as Lambda
+  gives each function its own: the signing key reaches compute only);
 - :class:`LambdaContext` is the context object the handlers (and Powertools) read;
 - :func:`sqs_event` and :func:`deliver_batch` do what Lambda's SQS event-source mapping does:
   receive up to a batch, invoke with ``{"Records": [...]}``, delete what succeeded, leave the
@@ -12,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import math
@@ -24,9 +27,28 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from ringfence.clouds.aws.wiring import FUNCTION_ENV
+
 log = logging.getLogger("ringfence.local")
 
 FUNCTIONS = ("ingest", "compute", "lifecycle", "reconcile", "agentapi", "admin", "wsconnect", "perimeter")
+
+# function name → the variables only that function's invocations see (``ringfence.clouds.aws.
+# wiring.FUNCTION_ENV``), never put in the process environment. The embedded AWS registers
+# compute's RINGFENCE_SIGNING_KEY here (template.yaml gives it to ComputeFunction alone).
+FUNCTION_ENVIRONMENT: dict[str, dict[str, str]] = {}
+
+
+def _with_environment(handler: Any, extra: dict[str, str]) -> Any:
+    @functools.wraps(handler)
+    def invoke(event: Any, context: Any) -> Any:
+        token = FUNCTION_ENV.set(dict(extra))
+        try:
+            return handler(event, context)
+        finally:
+            FUNCTION_ENV.reset(token)
+
+    return invoke
 
 
 def functions_dir() -> Path:
@@ -72,6 +94,8 @@ def load_functions(names: Iterable[str] = FUNCTIONS, directory: Path | None = No
         mod = importlib.util.module_from_spec(spec)
         sys.modules[mod_name] = mod
         spec.loader.exec_module(mod)
+        if name in FUNCTION_ENVIRONMENT and hasattr(mod, "handler"):
+            vars(mod)["handler"] = _with_environment(mod.handler, FUNCTION_ENVIRONMENT[name])
         out[name] = mod
     return out
 

@@ -1,4 +1,5 @@
-"""The admin API's routes: provision policy, set modes, quarantine/release, mint pairing keys —
+"""The admin API's routes: provision policy, set modes, quarantine/release, mint pairing keys,
+reset an agent key —
 over an :class:`Admin` service, for every host; with an ``onprem`` service (``ringfence serve``)
 also register, import (CMDB CSV) and deregister on-premise workloads. Each action is audited with the caller's
 principal, read from ``requestContext.identity.userArn``: API Gateway puts the IAM caller there
@@ -124,6 +125,17 @@ def admin_routes(
     def pairing_key(req: adminapi.PairingKeyRequest) -> HttpResponse[str]:
         return refused("pairing.create", req.workload_id or "") or http(
             service().pairing_key(principal(), req.workload_id, req.uses, req.ttl, req.reason)
+        )
+
+    @app.delete(
+        "/admin/workloads/<wid>/agent-key",
+        summary="reset a workload's agent key and revoke its token: an agent that lost its key enrolls again — onboarding",
+        responses=answers(adminapi.AgentKeyResetResponse, errors=(404,)),
+        security=[{"sigv4": []}],
+    )
+    def reset_agent_key(wid: str, req: Annotated[adminapi.Reason | None, Body()] = None) -> HttpResponse[str]:
+        return refused("agent-key.reset", wid) or http(
+            service().reset_agent_key(principal(), wid, (req or _NO_BODY).reason)
         )
 
     if onprem is None:

@@ -16,12 +16,16 @@ from ringfence.store.base import (
 )
 from ringfence.versions import digest_of
 
+from . import credentials
 from .api import Response, error, secret_hash
 from .wiring import BaseWiring, Metric, log, no_metric
 
 # the metric every action that lowers a safeguard counts toward (a CloudWatch alarm watches it):
 # a workload set to idle (its firewall untouched), a release from quarantine, fail-safes widened
 SAFEGUARDS_LOWERED = "SafeguardsLowered"
+# the metric an operator's reset of an agent key counts toward: each one lets a new key claim a
+# workload's identity, so an alarm on it catches a reset nobody asked for
+AGENT_KEY_RESETS = "AgentKeyResets"
 
 # --- admin API --------------------------------------------------------------------------------------
 
@@ -137,4 +141,26 @@ class Admin:
         )
         return Response(
             201, {"pairing_key": key, "workload_id": workload_id, "uses": uses, "expires_in": ttl, "audit_id": audit_id}
+        )
+
+    def reset_agent_key(self, principal: str, workload_id: str, reason: str = "") -> Response:
+        """Unbind ``workload_id``'s agent key and revoke its token (and nudge connection): an agent
+        that lost its state directory (its key with it) can then enroll again, with a new key, by
+        its identity (the instance's document, STS, or a pairing key). Until it does, no token and
+        no key renew anything for the workload."""
+        if self.w.store.get(workload_id) is None:
+            return error(404, "unknown workload", workload_id)
+        pem = self.w.store.agent_key(workload_id)
+        revoked = self.w.store.revoke_tokens(workload_id)
+        self.w.store.drop_agent_key(workload_id)
+        self.w.store.drop_connection(workload_id)
+        dropped = credentials.agent_key_id(pem) if pem else None
+        log.warning("%s reset the agent key of %s (was %s)", principal, workload_id, dropped or "none")
+        self.metric(AGENT_KEY_RESETS, 1)
+        audit_id = self._audit(
+            principal, "agent-key.reset", workload_id, {"agent_key": dropped, "token_revoked": revoked}, reason
+        )
+        return Response(
+            200,
+            {"workload_id": workload_id, "agent_key_dropped": dropped, "token_revoked": revoked, "audit_id": audit_id},
         )

@@ -7,7 +7,8 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,13 @@ from .publish import Publisher, S3Publisher
 log = logging.getLogger("ringfence.aws")
 
 Metric = Callable[[str, float], None]
+
+# The environment one Lambda function has beyond the process's, while it runs: on AWS each function
+# has its own environment and this stays empty; an in-process host of several functions
+# (:mod:`ringfence.local.lambdas`) sets it around one function's invocations, so that only compute
+# sees RINGFENCE_SIGNING_KEY (it is never in the shared process environment, which
+# ``ringfence serve`` — the agent API — inherits in the demo).
+FUNCTION_ENV: ContextVar[Mapping[str, str] | None] = ContextVar("ringfence_function_env", default=None)
 
 
 def no_metric(name: str, value: float) -> None:
@@ -89,7 +97,7 @@ class Config:
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Config:
-        e = dict(os.environ) if env is None else env
+        e = {**os.environ, **(FUNCTION_ENV.get() or {})} if env is None else env
         return cls(
             inventory_table=e.get("RINGFENCE_INVENTORY_TABLE", ""),
             state_table=e.get("RINGFENCE_STATE_TABLE", ""),
