@@ -26,9 +26,14 @@ def _count(name: str, value: float) -> None:
     metrics.add_metric(name=name, unit=MetricUnit.Count, value=value)
 
 
-def record_handler(record: SQSRecord) -> dict[str, Any]:
+def _service() -> Lifecycle:
     if "lifecycle" not in _svc:
         _svc["lifecycle"] = Lifecycle(Wiring(Config.from_env()), _count)
+    return _svc["lifecycle"]
+
+
+def record_handler(record: SQSRecord) -> dict[str, Any]:
+    _service()
     try:
         # the body is parsed once, envelope and detail together; a malformed action is retried
         # and then redriven to the lifecycle DLQ (alarmed)
@@ -44,4 +49,12 @@ def record_handler(record: SQSRecord) -> dict[str, Any]:
 @tracer.capture_lambda_handler
 @metrics.log_metrics
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    return process_partial_response(event=event, record_handler=record_handler, processor=processor, context=context)
+    lifecycle = _service()
+    # one DescribeInstances per account/region for the whole batch (a scale-out's actions arrive together)
+    lifecycle.prefetch([r["body"] for r in event.get("Records", []) if isinstance(r, dict) and "body" in r])
+    try:
+        return process_partial_response(
+            event=event, record_handler=record_handler, processor=processor, context=context
+        )
+    finally:
+        lifecycle.done()

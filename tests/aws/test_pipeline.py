@@ -467,3 +467,18 @@ def test_a_batch_of_events_costs_one_describe_call(env: Env) -> None:
     assert out == {"batchItemFailures": []}
     assert calls == ["d"]
     assert all(env.store.get(i) is not None for i in new)
+
+
+def test_a_batch_of_launch_actions_is_described_once(env: Env) -> None:
+    boot(env)
+    env.asg.set_desired_capacity(AutoScalingGroupName="rf-web-asg", DesiredCapacity=3)
+    new = env.asg_instances()
+    assert len(new) == 3
+    for iid in new:
+        env.put(env.lifecycle_event(iid, launching=True))
+    described: list[str] = []
+    env.hook("before-call.ec2.DescribeInstances", lambda **kw: described.append("d"))
+    (out,) = env.drain("lifecycle", "lifecycle")
+    assert out == {"batchItemFailures": []}
+    assert len(described) == 1, "one DescribeInstances for the batch's three actions, not one each"
+    assert all(env.store.get(iid) is not None for iid in new), "every launching instance entered the inventory"

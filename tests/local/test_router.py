@@ -303,3 +303,52 @@ def test_terminate_successful_waits_until_the_instance_is_seen_terminated(aws: A
         assert r._diff(look, nxt) == []
         look = nxt
     assert look.leaving == {}
+
+
+# --- the timeline when handlers run concurrently (pure bookkeeping: no router, no clock) ----------
+
+
+def _entry(eid: str, iid: str) -> TimelineEntry:
+    return TimelineEntry(event_id=eid, detail_type=rt.LAUNCH_ACTION, instance_ids=(iid,), summary=eid, changed=0.0)
+
+
+def test_timeline_compute_answering_an_event_whose_ingest_batch_is_still_running() -> None:
+    tl = rt.Timeline()
+    seen: list[tuple[str, str]] = []
+    tl.subscribe(lambda stage, e: seen.append((stage, e.event_id)))
+    tl.put([_entry("a", "i-1"), _entry("b", "i-2")])
+    tl.began(["a", "b"], at=10.0)
+    # the batch's first record went on to the perimeter and compute before the batch finished
+    tl.perimeter(["i-1"], at=10.5, sent={"i-1": 10.2})
+    tl.computed(["i-1"], received_at=10.6, at=11.0, sent={"i-1": 10.55})
+    a = tl.get("a")
+    assert a is not None and (a.ingested, a.perimeter, a.computed) == (10.2, 10.5, 11.0)
+    tl.ingested(["a", "b"], at=12.0, began=10.0)
+    a, b = tl.get("a"), tl.get("b")
+    assert a is not None and a.ingested == 10.2, "the earlier, per-record ingest time stays"
+    assert b is not None and b.ingested == 12.0 and b.computed is None
+    assert seen == [("put", "a"), ("put", "b"), ("ingested", "a"), ("computed", "a"), ("ingested", "b")]
+
+
+def test_timeline_a_message_sent_before_the_ingest_began_does_not_answer_it() -> None:
+    tl = rt.Timeline()
+    tl.put([_entry("a", "i-1")])
+    tl.began(["a"], at=10.0)
+    tl.computed(["i-1"], received_at=10.1, at=10.4, sent={"i-1": 9.9})  # an older change's message
+    tl.ingested(["a"], at=10.5, began=10.0)
+    a = tl.get("a")
+    assert a is not None and a.computed is None
+    tl.settle(before=10.4)  # idle since before the ingest finished: not settled
+    assert tl.get("a").unchanged is False  # type: ignore[union-attr]
+    tl.computed(["i-1"], received_at=10.6, at=10.9, sent={"i-1": 10.3})
+    assert tl.get("a").computed == 10.9  # type: ignore[union-attr]
+
+
+def test_timeline_settles_what_compute_never_named() -> None:
+    tl = rt.Timeline()
+    tl.put([_entry("a", "i-1"), _entry("b", "i-2")])
+    tl.began(["a", "b"], at=1.0)
+    tl.ingested(["a"], at=2.0, began=1.0)  # b's batch still running
+    tl.settle(before=3.0)
+    a, b = tl.get("a"), tl.get("b")
+    assert a is not None and a.unchanged and b is not None and not b.unchanged

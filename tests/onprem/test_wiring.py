@@ -6,6 +6,7 @@ import json
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -200,3 +201,23 @@ def test_compute_refresh_resigns_bundles_near_expiry_at_the_same_version(wiring:
     new = bundle.load_bundle(wiring.publisher.get(p1.key))
     bundle.Verifier.from_pem(wiring.signer.public_pem()).verify(new)
     assert new.content() == old.content() and (new.expires_at or 0) > (old.expires_at or 0)
+
+
+def test_the_agent_api_reads_a_stored_document_once(wiring: LocalWiring, monkeypatch: Any) -> None:
+    boot(wiring)
+    api = AgentApi(wiring)
+    reads: list[str] = []
+    real_get = wiring.publisher.get
+
+    def counted(key: str) -> bytes:
+        reads.append(key)
+        return real_get(key)
+
+    monkeypatch.setattr(wiring.publisher, "get", counted)
+    first = api.current("dc1-proc-1")
+    again = api.current("dc1-proc-1")
+    assert isinstance(first, tuple) and isinstance(again, tuple) and first[1] == again[1]
+    ptr = wiring.store.bundle_pointer("dc1-proc-1")
+    assert ptr is not None and reads == [ptr.key], "the second fetch of the same document was not read again"
+    api.current("dc1-web-1")
+    assert len(reads) == 2, "another document is read"

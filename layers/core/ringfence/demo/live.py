@@ -60,6 +60,7 @@ ALL_ADMIN_ROLES = ["policy-author", "incident-responder", "onboarding"]  # the d
 # (RINGFENCE_WAIT_POLL_INTERVAL; AWS default 1 s): one read per interval for all waiting agents
 WAIT_POLL_INTERVAL = "0.1"
 ENFORCE_TIMEOUT = 60.0
+GIL_SWITCH_INTERVAL = 0.0005  # s; the default 5 ms makes every in-process moto call wait (see _start_router)
 # a launch goes InService once the new instance's agent enforces (its first heartbeat), not once
 # its bundle is published (the AWS default, "publish")
 GATE = {"RINGFENCE_LIFECYCLE_GATE": "agent"}
@@ -269,6 +270,11 @@ class Live:
         os.environ.update({"POWERTOOLS_LOG_LEVEL": "ERROR", "POWERTOOLS_METRICS_DISABLED": "true", **GATE})
         warnings.filterwarnings("ignore", message="No application metrics to publish")
 
+        # moto answers from threads of this process, the handlers run in others: with handlers
+        # busy, each moto call waits for the GIL at every I/O step, up to the switch interval
+        # each time (a 4 ms GetItem took ~150 ms next to two busy threads at the default 5 ms,
+        # ~50 ms at 0.5 ms; docs/benchmarks.md "Time to policy")
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         # the estate exists already: announced like a first reconcile would find it
         self.router = EventRouter(self.aws, announce_existing=True)
         self.router.start()

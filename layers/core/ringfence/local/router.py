@@ -35,23 +35,25 @@ batch_size=10, functions=None, announce_existing=False, cloudtrail=True)``:
   the stack's ``CloudTrailEc2`` rule (:mod:`ringfence.local.moto_trail`); the other events carry
   no ``userIdentity`` in AWS either. Instances that exist when the router starts are not
   announced unless ``announce_existing`` (in AWS, the scheduled reconcile finds them).
-- **delivering** (a second thread, the "Lambda runtime"): the lifecycle, ingest and compute
-  queues, in that order, each batch (``batch_size``) to ``functions/<name>/app.py``'s handler
-  (:func:`ringfence.local.lambdas.deliver_batch`): successes deleted, reported failures visible
-  again after ``retry_after`` s (AWS: the queue's visibility timeout, 360 s / 960 s), so the
+- **delivering** (a poller thread per queue, as each function has its own event-source mapping
+  in AWS): the lifecycle, ingest, perimeter and compute queues are each drained by their own
+  thread, concurrently with each other, each batch (``batch_size``) to ``functions/<name>/app.py``'s
+  handler (:func:`ringfence.local.lambdas.deliver_batch`): successes deleted, reported failures
+  visible again after ``retry_after`` s (AWS: the queue's visibility timeout, 360 s / 960 s), so the
   queue's redrive policy moves a poison message to its DLQ after its receive count. The compute
-  queue is FIFO with one message group: batches come in order and one at a time. One thread runs
-  every handler, as the GIL would serialize them anyway and the handlers' boto3 session is not
-  meant to create clients from many threads. AWS's batching window (2 s for ingest) is not
-  waited for: delivery is immediate.
-- **schedule**: ``{"reconcile": 300.0, "perimeter": 1800.0}`` runs those handlers with a
-  ``Scheduled Event`` every so many seconds, first after one period (off when ``None``, the
-  default; ``AWS_SCHEDULE`` is the stack's own).
+  queue is FIFO with one message group: its one thread takes batches in order, one at a time. The
+  handlers' boto3 clients are created up front in one thread (a session is not meant to create
+  clients from many threads; made clients are thread-safe). AWS's batching window (2 s for
+  ingest) is not waited for: delivery is immediate. ``RINGFENCE_ROUTER_PROFILE=<dir>`` profiles
+  every invocation (cProfile, per function) and writes ``<dir>/<function>.prof`` on ``stop()``.
+- **schedule** (a thread of its own): ``{"reconcile": 300.0, "perimeter": 1800.0}`` runs those
+  handlers with a ``Scheduled Event`` every so many seconds, first after one period (off when
+  ``None``, the default; ``AWS_SCHEDULE`` is the stack's own).
 
 :class:`Timeline` records, per event put: ``changed`` (the watcher saw the change in moto),
 ``put`` (``PutEvents`` returned), ``ingested`` (the ingest or lifecycle handler finished the batch
-holding it), ``computed`` (the compute handler finished a batch naming its instance, received
-after the ingest) — all ``time.time()`` seconds; ``unchanged`` when the pipeline went idle after
+holding it), ``computed`` (the compute handler finished a batch naming its instance with a message
+sent after that ingest began, or received after it finished) — all ``time.time()`` seconds; ``unchanged`` when the pipeline went idle after
 its ingest with nothing to compute for it (ingest found the inventory already as the event says:
 the same change often arrives as several events, e.g. CloudTrail ``RunInstances`` and the state
 change). Lifecycle actions are completed by compute
@@ -61,9 +63,13 @@ through ``CompleteLifecycleAction`` on the moto server; the watcher then sees ``
 from __future__ import annotations
 
 import copy
+import cProfile
 import datetime as dt
+import functools
 import json
 import logging
+import os
+import pstats
 import statistics
 import threading
 import time
@@ -134,6 +140,7 @@ class Timeline:
         self._cond = threading.Condition()
         self._entries: dict[str, TimelineEntry] = {}  # insertion order = put order
         self._awaiting: dict[str, list[str]] = {}  # instance → event ids ingested, not yet computed
+        self._ingest_began: dict[str, float] = {}  # event id → when the ingest batch holding it was received
         self._listeners: list[Callable[[str, TimelineEntry], None]] = []
 
     def entries(self) -> list[TimelineEntry]:
@@ -183,18 +190,42 @@ class Timeline:
                 self._entries[e.event_id] = e
             self._notify("put", entries)
 
-    def ingested(self, event_ids: Iterable[str], at: float) -> None:
+    def began(self, event_ids: Iterable[str], at: float) -> None:
+        """An ingest (or lifecycle) handler received a batch holding these events at ``at``.
+        From now on, a perimeter or compute batch may answer them before that batch finishes
+        (the handlers run concurrently, and a batch's first record is sent on before its last)."""
         with self._cond:
-            done = []
             for eid in event_ids:
                 e = self._entries.get(eid)
                 if e is None or e.ingested is not None:
                     continue
+                self._ingest_began[eid] = at
+                for iid in e.instance_ids:
+                    waiting = self._awaiting.setdefault(iid, [])
+                    if eid not in waiting:
+                        waiting.append(eid)
+
+    def ingested(self, event_ids: Iterable[str], at: float, began: float | None = None) -> None:
+        """The ingest (or lifecycle) batch holding these events, received at ``began``, finished at
+        ``at`` (events a later handler already answered keep the ingest time that answer gave)."""
+        with self._cond:
+            done = []
+            for eid in event_ids:
+                e = self._entries.get(eid)
+                if e is None:
+                    continue
+                if e.ingested is not None:
+                    if e.failed is not None:
+                        self._entries[eid] = replace(e, failed=None)
+                    continue
                 e = replace(e, ingested=at, failed=None, attempts=e.attempts + 1)
                 self._entries[eid] = e
+                self._ingest_began[eid] = self._ingest_began.get(eid, at) if began is None else began
                 done.append(e)
                 for iid in e.instance_ids:
-                    self._awaiting.setdefault(iid, []).append(eid)
+                    waiting = self._awaiting.setdefault(iid, [])
+                    if eid not in waiting:
+                        waiting.append(eid)
             if done:
                 self._notify("ingested", done)
 
@@ -211,50 +242,88 @@ class Timeline:
             if out:
                 self._notify("failed", out)
 
-    def perimeter(self, instance_ids: Iterable[str], at: float) -> None:
+    def perimeter(self, instance_ids: Iterable[str], at: float, sent: dict[str, float] | None = None) -> None:
         """The perimeter handler finished a batch naming these instances at ``at``: their events
-        ingested and awaiting compute are stamped (the first time only; not a stage listeners see)."""
+        ingested and awaiting compute are stamped (the first time only; not a stage listeners
+        see). ``sent`` as for :meth:`computed`."""
+        sent = sent or {}
         with self._cond:
             for iid in instance_ids:
-                for eid in self._awaiting.get(iid, []):
-                    e = self._entries[eid]
-                    if e.perimeter is None and e.ingested is not None and e.ingested <= at:
+                for eid in list(self._awaiting.get(iid, [])):
+                    e = self._answered(eid, sent.get(iid), at, at)
+                    if e is not None and e.perimeter is None:
                         self._entries[eid] = replace(e, perimeter=at)
             self._cond.notify_all()
 
-    def computed(self, instance_ids: Iterable[str], received_at: float, at: float) -> None:
+    def computed(
+        self, instance_ids: Iterable[str], received_at: float, at: float, sent: dict[str, float] | None = None
+    ) -> None:
         """A compute batch received at ``received_at`` finished at ``at`` naming these instances:
-        every event for them ingested before that batch was received is now computed."""
+        every event for them ingested before that batch was received is now computed, and so is
+        one whose ingest began before the batch's message for its instance was sent (``sent``:
+        instance → its latest message's ``SentTimestamp``, s): that message came from this
+        ingest (or a later one), which had seen the event. Such an event still being ingested
+        is stamped ingested when that message was sent (its record was done then)."""
+        sent = sent or {}
         with self._cond:
-            self._close(instance_ids, lambda ingested: ingested <= received_at, "computed", computed=at)
+            done = []
+            for iid in instance_ids:
+                keep = []
+                for eid in self._awaiting.get(iid, []):
+                    e = self._answered(eid, sent.get(iid), received_at, at)
+                    if e is not None and e.computed is None:
+                        e = replace(e, computed=at)
+                        self._entries[eid] = e
+                        done.append(e)
+                    elif self._entries[eid].computed is None:
+                        keep.append(eid)
+                self._awaiting[iid] = keep
+            if done:
+                self._notify("computed", done)
+
+    def _answered(self, eid: str, sent: float | None, received_at: float, at: float) -> TimelineEntry | None:
+        """The entry, if a downstream batch received at ``received_at`` (its message for the
+        instance sent at ``sent``) answered it; an answered entry still being ingested gets its
+        ingest time (and is announced ingested). ``None`` if the batch does not answer it."""
+        e = self._entries[eid]
+        began = self._ingest_began.get(eid)
+        if e.ingested is not None and e.ingested <= received_at:
+            return e
+        # SentTimestamp is whole milliseconds: a message sent in the ingest's first ms counts
+        if began is None or sent is None or sent < began - 0.001:
+            return None
+        if e.ingested is None:
+            e = replace(e, ingested=min(max(sent, began), at), failed=None, attempts=e.attempts + 1)
+            self._entries[eid] = e
+            self._notify("ingested", [e])
+        return e
 
     def settle(self, before: float) -> None:
         """The pipeline is idle: events ingested before ``before`` still waiting for compute
         changed nothing (ingest found the inventory as it was), so none will come."""
         with self._cond:
-            self._close(list(self._awaiting), lambda ingested: ingested < before, "unchanged", unchanged=True)
-
-    def _close(self, instance_ids: Iterable[str], due: Callable[[float], bool], stage: str, **update: Any) -> None:
-        """Events of these instances awaiting compute whose ingest time is ``due`` get ``update``
-        and are announced at ``stage``; the others keep waiting. Called with the lock held."""
-        done = []
-        for iid in instance_ids:
-            keep = []
-            for eid in self._awaiting.get(iid, []):
-                e = self._entries[eid]
-                if e.computed is None and e.ingested is not None and due(e.ingested):
-                    e = replace(e, **update)
-                    self._entries[eid] = e
-                    done.append(e)
-                elif e.computed is None:
-                    keep.append(eid)
-            self._awaiting[iid] = keep
-        if done:
-            self._notify(stage, done)
+            done = []
+            for iid in list(self._awaiting):
+                keep = []
+                for eid in self._awaiting[iid]:
+                    e = self._entries[eid]
+                    if e.computed is not None:
+                        continue
+                    if e.ingested is not None and e.ingested < before:
+                        e = replace(e, unchanged=True)
+                        self._entries[eid] = e
+                        done.append(e)
+                    else:
+                        keep.append(eid)
+                self._awaiting[iid] = keep
+            if done:
+                self._notify("unchanged", done)
 
     def _has_awaiting(self) -> bool:
         with self._cond:
-            return any(self._awaiting.values())
+            return any(
+                self._entries[eid].ingested is not None for waiting in self._awaiting.values() for eid in waiting
+            )
 
 
 # --- what the watcher sees -----------------------------------------------------------------------
@@ -306,6 +375,19 @@ def _warm_clients(region: str) -> None:
         clients.client(service, region=region)
 
 
+def _event_ids(event: dict[str, Any]) -> list[str]:
+    """The EventBridge event ids in an SQS event's records (bodies that are not events skipped)."""
+    out = []
+    for rec in event.get("Records", []):
+        try:
+            eid = json.loads(rec["body"]).get("id")
+        except (ValueError, AttributeError, KeyError):
+            continue
+        if eid:
+            out.append(str(eid))
+    return out
+
+
 class EventRouter:
     """Watches the embedded AWS and runs the handlers on its queues. See the module doc."""
 
@@ -347,7 +429,10 @@ class EventRouter:
         self._look = _Look()
         self._ticks: list[float] = []
         self._looks = 0  # watch ticks completed
-        self._busy = threading.Event()  # the runtime is inside a handler
+        self._busy: dict[str, int] = {}  # poller → handler invocations running (read under self._lock)
+        self._invocations = 0  # handler invocations recorded (under self._lock)
+        self._profile_dir = os.environ.get("RINGFENCE_ROUTER_PROFILE") or None
+        self._profiles: dict[str, pstats.Stats] = {}  # function → its invocations' profiles merged
         self._next_run = {name: time.monotonic() + every for name, every in self.schedule.items()}
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -374,19 +459,22 @@ class EventRouter:
         base = _Look() if self.announce_existing else _Look(dict(first.instances), dict(first.members))
         self._put(self._diff(base, first))
         self._look = first
-        for name, target in (("watch", self._watch_loop), ("lambda", self._runtime_loop)):
+        loops: list[tuple[str, Callable[[], None]]] = [("watch", self._watch_loop), ("schedule", self._schedule_loop)]
+        loops += [(queue, functools.partial(self._poller_loop, queue, name)) for queue, name in QUEUES]
+        for name, target in loops:
             t = threading.Thread(target=target, name=f"ringfence-router-{name}", daemon=True)
             t.start()
             self._threads.append(t)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop both threads (a handler already running finishes first)."""
+        """Stop the router's threads (a handler already running finishes first)."""
         self._stop.set()
         for t in self._threads:
             t.join(timeout)
             if t.is_alive():
                 log.error("router thread %s did not stop within %.0f s", t.name, timeout)
         self._threads = []
+        self._write_profiles()
 
     def subscribe(self, fn: Callable[[str, TimelineEntry], None]) -> None:
         self.timeline.subscribe(fn)
@@ -611,68 +699,140 @@ class EventRouter:
 
     # --- the Lambda runtime ------------------------------------------------------------------------
 
-    def _runtime_loop(self) -> None:
+    def _poller_loop(self, queue: str, name: str) -> None:
+        """One queue's event-source mapping: a batch at a time, as soon as there is one."""
         while not self._stop.is_set():
             worked = False
             try:
-                started = time.time()
-                worked = self.deliver_once()
-                if not worked and self.timeline._has_awaiting() and self._queues_empty():
-                    self.timeline.settle(started)
-                self._run_due()
+                worked = self.deliver_from(queue, name)
             except Exception as exc:
-                log.exception("router runtime pass failed")
+                log.exception("router poller for %s failed", queue)
                 with self._lock:
-                    self.errors.append(f"runtime: {type(exc).__name__}: {exc}")
+                    self.errors.append(f"runtime: {queue}: {type(exc).__name__}: {exc}")
             if not worked:
                 self._stop.wait(self.poll_interval)
 
+    def _schedule_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._settle_if_idle()
+                self._run_due()
+            except Exception as exc:
+                log.exception("router schedule pass failed")
+                with self._lock:
+                    self.errors.append(f"runtime: {type(exc).__name__}: {exc}")
+            self._stop.wait(self.poll_interval)
+
+    def _settle_if_idle(self) -> None:
+        """Events ingested before a moment when no handler ran and every queue was empty, still
+        awaiting compute, changed nothing: their compute message (if any) was handled already."""
+        if not self.timeline._has_awaiting():
+            return
+        with self._lock:
+            seen = self._invocations
+        started = time.time()
+        if not self._queues_empty():
+            return
+        with self._lock:
+            # a handler that ran (or runs) meanwhile may have taken one of their messages off the queue
+            if self._invocations != seen or any(self._busy.values()):
+                return
+        self.timeline.settle(started)
+
     def deliver_once(self) -> bool:
-        """One pass over the queues (a batch each); ``True`` if any handler ran."""
+        """One pass over the queues (a batch each, in order); ``True`` if any handler ran. For a
+        router that is not started (its pollers do this on their own)."""
         worked = False
         for queue, name in QUEUES:
-            self._busy.set()
-            try:
-                d = deliver_batch(
-                    self._sqs,
-                    self.aws.queues[queue],
-                    self.aws.queue_arn(queue),
-                    self.fn[name].handler,
-                    region=self.aws.region,
-                    batch_size=self.batch_size,
-                    retry_after=self.retry_after,
-                    name=name,
-                )
-            finally:
-                self._drop_disabled_metrics(name)
-                self._busy.clear()
-            if d is None:
-                continue
-            worked = True
-            with self._lock:
-                self.deliveries.append(d)
-                del self.deliveries[:-10000]
-            self._record(queue, d)
+            worked = self.deliver_from(queue, name) or worked
         return worked
+
+    def deliver_from(self, queue: str, name: str) -> bool:
+        """Receive one batch from ``queue`` and run ``name``'s handler on it; ``True`` if it ran."""
+        handler = self._invoker(queue, name)
+        try:
+            d = deliver_batch(
+                self._sqs,
+                self.aws.queues[queue],
+                self.aws.queue_arn(queue),
+                handler,
+                region=self.aws.region,
+                batch_size=self.batch_size,
+                retry_after=self.retry_after,
+                name=name,
+            )
+            if d is not None:
+                with self._lock:
+                    self.deliveries.append(d)
+                    del self.deliveries[:-10000]
+                self._record(queue, d)
+        finally:
+            self._drop_disabled_metrics(name)
+            with self._lock:
+                if self._busy.get(queue):
+                    self._busy[queue] -= 1
+                    self._invocations += 1
+        return d is not None
+
+    def _invoker(self, queue: str, name: str) -> Callable[[dict[str, Any], Any], Any]:
+        """The handler, marked busy from its call until its delivery is recorded (so that
+        ``wait_idle`` and settling never see its messages gone and the timeline not yet told)."""
+        fn = self.fn[name].handler
+
+        def invoke(event: dict[str, Any], context: Any) -> Any:
+            with self._lock:
+                self._busy[queue] = self._busy.get(queue, 0) + 1
+            if queue not in ("compute", "perimeter"):
+                self.timeline.began(_event_ids(event), time.time())
+            return self._profiled(name, fn, event, context)
+
+        return invoke
+
+    def _profiled(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._profile_dir is None:
+            return fn(*args)
+        prof = cProfile.Profile()
+        try:
+            return prof.runcall(fn, *args)
+        finally:
+            with self._lock:
+                if name in self._profiles:
+                    self._profiles[name].add(prof)
+                else:
+                    self._profiles[name] = pstats.Stats(prof)
+
+    def _write_profiles(self) -> None:
+        if self._profile_dir is None:
+            return
+        os.makedirs(self._profile_dir, exist_ok=True)
+        with self._lock:
+            for name, stats in self._profiles.items():
+                stats.dump_stats(os.path.join(self._profile_dir, f"{name}.prof"))
 
     def _record(self, queue: str, d: Delivery) -> None:
         if queue in ("compute", "perimeter"):
             if d.failed:
                 return
             ids: list[str] = []
+            sent: dict[str, float] = {}  # instance → its latest message's SentTimestamp (s)
             for m in d.messages:
                 try:
                     body = json.loads(m["Body"])
                 except ValueError:
                     continue
-                ids.extend(body.get("ids") or [])
+                named = list(body.get("ids") or [])
                 lc = body.get("lifecycle") or {}
                 if lc.get("instance_id"):
-                    ids.append(lc["instance_id"])
+                    named.append(lc["instance_id"])
+                ids.extend(named)
+                stamp = (m.get("Attributes") or {}).get("SentTimestamp")
+                if stamp:
+                    for iid in named:
+                        sent[iid] = max(sent.get(iid, 0.0), int(stamp) / 1000)
             if queue == "perimeter":
-                self.timeline.perimeter(dict.fromkeys(ids), d.done_at)
+                self.timeline.perimeter(dict.fromkeys(ids), d.done_at, sent)
             else:
-                self.timeline.computed(dict.fromkeys(ids), d.received_at, d.done_at)
+                self.timeline.computed(dict.fromkeys(ids), d.received_at, d.done_at, sent)
             return
         ok: list[str] = []
         bad: list[str] = []
@@ -682,14 +842,14 @@ class EventRouter:
             except (ValueError, AttributeError):
                 continue
             (bad if m["MessageId"] in d.failed else ok).append(eid)
-        self.timeline.ingested(ok, d.done_at)
+        self.timeline.ingested(ok, d.done_at, began=d.received_at)
         if bad:
             self.timeline.failed(bad, d.error or f"{queue} handler reported the record as failed")
 
     def run_scheduled(self, name: str) -> dict[str, Any]:
         """Invoke a scheduled handler (``reconcile``, ``perimeter``) with a ``Scheduled Event`` now.
-        Call it from the router's own thread or while the router is stopped: handlers are not
-        meant to run concurrently with the runtime thread."""
+        The router's schedule thread calls it when due; calling it yourself runs it alongside the
+        pollers (as a scheduled invocation runs alongside the queues' in AWS)."""
         event = {
             "version": "0",
             "id": str(uuid.uuid4()),
@@ -701,10 +861,17 @@ class EventRouter:
             "resources": [f"arn:aws:events:{self.aws.region}:{self.aws.account}:rule/{name}-schedule"],
             "detail": {},
         }
+        key = f"schedule:{name}"
+        with self._lock:
+            self._busy[key] = self._busy.get(key, 0) + 1
         try:
-            out: dict[str, Any] = self.fn[name].handler(copy.deepcopy(event), LambdaContext(function_name=name))
+            out: dict[str, Any] = self._profiled(
+                name, self.fn[name].handler, copy.deepcopy(event), LambdaContext(function_name=name)
+            )
         finally:
             self._drop_disabled_metrics(name)
+            with self._lock:
+                self._busy[key] -= 1
         return out
 
     def _drop_disabled_metrics(self, name: str) -> None:
@@ -721,15 +888,12 @@ class EventRouter:
         for name, when in list(self._next_run.items()):
             if now >= when:
                 self._next_run[name] = now + self.schedule[name]
-                self._busy.set()
                 try:
                     self.run_scheduled(name)
                 except Exception as exc:
                     log.exception("scheduled %s failed", name)
                     with self._lock:
                         self.errors.append(f"{name}: {type(exc).__name__}: {exc}")
-                finally:
-                    self._busy.clear()
 
     # --- waiting -----------------------------------------------------------------------------------
 
@@ -757,10 +921,10 @@ class EventRouter:
         quiet: tuple[float, int] | None = None  # since when, and the looks completed then
         while time.monotonic() < deadline:
             counts = self.pending(keys=[q for q, _ in QUEUES])
-            busy = self._busy.is_set() or any(counts.values())
             now = time.monotonic()
             with self._lock:
                 looks = self._looks
+                busy = any(self._busy.values()) or any(counts.values())
             watching = any(t.name.endswith("watch") and t.is_alive() for t in self._threads)
             if busy:
                 quiet = None

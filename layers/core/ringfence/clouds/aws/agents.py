@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 import secrets
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from typing import Any
 
 from ringfence import agentapi
@@ -32,10 +34,14 @@ from .launchgate import report_enforcing
 from .publish import PUBLIC_KEYS_KEY
 from .wiring import BaseWiring, log
 
+DOCUMENTS_KEPT = 256  # signed bundle and delta documents an agent API process keeps in memory
+
 
 class AgentApi:
     def __init__(self, w: BaseWiring) -> None:
         self.w = w
+        self._documents: OrderedDict[str, bytes] = OrderedDict()  # key → stored bytes, least recent first
+        self._documents_lock = threading.Lock()  # serve answers from a thread pool
         self._iid_key: Any = None
         self._public_keys: str | None = None
         self._reported: set[str] = set()  # instances whose agent's enforcing is recorded (lifecycle gate "agent")
@@ -256,7 +262,23 @@ class AgentApi:
         ptr = self.w.store.bundle_pointer(workload_id)
         if ptr is None:
             return error(404, "no bundle published for this workload yet")
-        return ptr, self.w.publisher.get(ptr.key)
+        return ptr, self._document(ptr.key)
+
+    def _document(self, key: str) -> bytes:
+        """A stored bundle or delta document. Their keys name a hash of their bytes and are never
+        rewritten (a re-signed bundle is a new key), so the bytes are kept: the agents a change
+        reaches fetch the same delta one after another, and only the first costs a read."""
+        with self._documents_lock:
+            body = self._documents.get(key)
+            if body is not None:
+                self._documents.move_to_end(key)
+                return body
+        body = self.w.publisher.get(key)
+        with self._documents_lock:
+            self._documents[key] = body
+            while len(self._documents) > DOCUMENTS_KEPT:
+                self._documents.popitem(last=False)
+        return body
 
     def bundle(self, workload_id: str, if_none_match: str | None) -> Response:
         cur = self.current(workload_id)
@@ -293,7 +315,7 @@ class AgentApi:
             chosen.extend(chain)
         chosen.sort(key=lambda d: (d.to_version, d.set))
         # the stored documents themselves, not re-serialized: what compute signed is what is served
-        docs = b",".join(self.w.publisher.get(d.key).strip() for d in chosen)
+        docs = b",".join(self._document(d.key).strip() for d in chosen)
         return Response(200, b'{"bundle_version": %d, "deltas": [%s]}' % (version, docs))
 
     def heartbeat(self, workload_id: str, hb: agentapi.Heartbeat) -> Response:

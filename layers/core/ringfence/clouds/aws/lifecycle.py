@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ringfence.events import DomainEvent, Kind, MalformedEvent, normalize
+from ringfence.events import DomainEvent, Kind, MalformedEvent, normalize, normalize_json
 
-from .ingest import mark_leaving, observe_instances
+from .ingest import Ingest, mark_leaving, observe_instances
 from .wiring import Metric, Wiring, no_metric
 
 # --- lifecycle --------------------------------------------------------------------------------------
@@ -19,6 +19,22 @@ class Lifecycle:
     def __init__(self, w: Wiring, metric: Metric = no_metric) -> None:
         self.w = w
         self.metric = metric
+
+    def prefetch(self, bodies: list[str]) -> int:
+        """Describe every instance a batch's actions name at once (:meth:`Ingest.prefetch_events`);
+        malformed bodies are left to :meth:`apply`. Call :meth:`done` after the batch."""
+        events = []
+        for body in bodies:
+            try:
+                ev = normalize_json(body)
+            except MalformedEvent:
+                continue
+            if ev is not None and ev.lifecycle is not None:
+                events.append(ev)
+        return Ingest(self.w).prefetch_events(events)
+
+    def done(self) -> None:
+        self.w.prefetched.clear()
 
     def handle(self, raw: dict[str, Any]) -> dict[str, Any]:
         return self.apply(normalize(raw))
