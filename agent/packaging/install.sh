@@ -87,7 +87,7 @@ if [ -n "$ARTIFACT_URL" ]; then
     *) echo "install.sh: --artifact-url must be https:// (got $ARTIFACT_URL)" >&2; exit 2 ;;
   esac
   ARTIFACT="$ARTIFACT_DIR/$(basename "${ARTIFACT_URL%%\?*}")"
-  curl --proto '=https' --tlsv1.2 -fsS -m 120 -o "$ARTIFACT" "$ARTIFACT_URL"
+  curl --proto '=https' --tlsv1.2 -fsS -m 120 -H 'Accept: application/octet-stream' -o "$ARTIFACT" "$ARTIFACT_URL"
 elif [ -n "$ARTIFACT_FILE" ]; then
   ARTIFACT="$ARTIFACT_DIR/$(basename "$ARTIFACT_FILE")"
   cp "$ARTIFACT_FILE" "$ARTIFACT"  # the copy checked is the copy installed

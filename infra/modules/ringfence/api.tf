@@ -10,6 +10,7 @@ locals {
     "/v1/agents/{id}/wait"      = ["get"]
     "/v1/agents/{id}/heartbeat" = ["post"]
     "/v1/agents/{id}/reports"   = ["post"]
+    "/v1/agent/{name}"          = ["get"]
   }
   admin_routes = {
     "/admin/policies"                  = ["post"]
@@ -27,6 +28,8 @@ locals {
 resource "aws_api_gateway_rest_api" "this" {
   for_each = local.apis
   name     = "${var.name}-${each.key}"
+  # the agent wheel (GET /v1/agent/{name}) is answered base64-encoded: bytes for Accept: application/octet-stream
+  binary_media_types = each.key == "agent" ? ["application/octet-stream"] : []
   endpoint_configuration {
     types = ["REGIONAL"]
   }

@@ -117,7 +117,7 @@ locals {
     agentapi = [
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn, aws_dynamodb_table.inventory.arn] },
       # reads what compute signed and stored; writes reports only (never a bundle; holds no key)
-      { actions = ["s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/bundles/*", "${aws_s3_bucket.bundles.arn}/deltas/*", "${aws_s3_bucket.bundles.arn}/keys/*", "${aws_s3_bucket.bundles.arn}/policies/*"] },
+      { actions = ["s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/bundles/*", "${aws_s3_bucket.bundles.arn}/deltas/*", "${aws_s3_bucket.bundles.arn}/keys/*", "${aws_s3_bucket.bundles.arn}/policies/*", "${aws_s3_bucket.bundles.arn}/agent/*"] },
       { actions = ["s3:PutObject"], resources = ["${aws_s3_bucket.bundles.arn}/reports/*"] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
       # enrollments and token issuance are audited; aws-sts checks the instance profile's role

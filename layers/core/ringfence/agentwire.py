@@ -27,6 +27,9 @@ ROUTES: dict[str, tuple[str, str]] = {
     "wait": ("GET", "/agents/{id}/wait"),
     "heartbeat": ("POST", "/agents/{id}/heartbeat"),
     "reports": ("POST", "/agents/{id}/reports"),
+    # the agent artifact (wheel, its .sha256, install.sh) as ``ringfence publish-agent`` stored it;
+    # no token: hosts fetch it before they have one, and install.sh checks the digest it was given
+    "artifact": ("GET", "/agent/{name}"),
 }
 MAX_REPORT_BYTES = 256 * 1024
 MAX_REPORT_RECORDS = 2000

@@ -425,6 +425,51 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
 
 
+# the checkout this CLI runs from (editable install): the artifact's build script and installer
+CHECKOUT = Path(__file__).resolve().parents[3]
+
+
+def cmd_publish_agent(args: argparse.Namespace) -> int:
+    """Build (unless --dir holds one) and publish the agent artifact; print what hosts install with."""
+    from ringfence.clouds.aws import artifact
+
+    out = Path(args.dir)
+    installer = Path(args.installer) if args.installer else CHECKOUT / "agent/packaging/install.sh"
+    if not list(out.glob("ringfence_agent-*.whl")):
+        build = CHECKOUT / "agent/packaging/build_artifact.py"
+        if not build.exists():
+            raise CliError(f"no agent wheel in {out} and no {build} to build one: run make agent-artifact")
+        import subprocess
+
+        subprocess.run([sys.executable, str(build), str(out)], check=True, stdout=subprocess.DEVNULL)
+    if args.store == "aws":
+        from ringfence.clouds.aws import clients
+        from ringfence.clouds.aws.publish import S3Publisher
+        from ringfence.clouds.aws.wiring import Config
+
+        cfg = Config.from_env()
+        publisher: Any = S3Publisher(clients.client("s3"), cfg.bucket, cfg.kms_key_id)
+    elif args.store.startswith("sqlite:") and args.store.removeprefix("sqlite:"):
+        from ringfence.local.publish import FilePublisher
+
+        # LocalWiring's objects directory, beside the database (ringfence serve may be running)
+        publisher = FilePublisher(Path(args.store.removeprefix("sqlite:")).parent / "objects")
+    else:
+        raise CliError(f"--store {args.store!r}: expected sqlite:PATH or aws")
+    try:
+        done = artifact.publish(publisher, artifact.find_wheel(out), installer)
+    except artifact.ArtifactError as exc:
+        raise CliError(str(exc)) from None
+    print(f"published {', '.join(done.keys)}")
+    print(f"url path /v1/agent/{done.wheel}")
+    print(f"sha256 {done.sha256}")
+    print(
+        "install (give hosts the digest out of band, never only from the server): install.sh "
+        f"--artifact-url https://<agent-api>/v1/agent/{done.wheel} --artifact-sha256 {done.sha256}"
+    )
+    return 0
+
+
 def cmd_serve_token(args: argparse.Namespace) -> int:
     from ringfence import serve
 
@@ -630,6 +675,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=512,
         help="requests handled at once; each waiting agent (long-poll) holds one (default 512)",
     )
+    p = add(
+        "publish-agent",
+        cmd_publish_agent,
+        help="put the agent wheel, its .sha256 and install.sh where the agent API serves them (/v1/agent/<name>)",
+    )
+    p.add_argument("--dir", default="build/agent", help="where the wheel is, or is built (default build/agent)")
+    p.add_argument(
+        "--store",
+        default="aws",
+        help="aws: the stack's bucket named by the RINGFENCE_* environment (default); "
+        "sqlite:PATH: the objects of `ringfence serve --store sqlite:PATH`",
+    )
+    p.add_argument("--installer", metavar="FILE", help="install.sh to publish (default: the checkout's)")
     p = add("serve-token", cmd_serve_token, help="mint an admin token for `ringfence serve --admin-tokens`")
     p.add_argument("principal", help="who holds it: recorded in the audit log with each admin action")
     p.add_argument(

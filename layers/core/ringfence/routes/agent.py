@@ -7,7 +7,7 @@ Bodies and query parameters are validated by the event handler against :mod:`rin
 
 # no `from __future__ import annotations`: the event handler reads the route signatures' types
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver
 from aws_lambda_powertools.event_handler import Response as HttpResponse
@@ -27,7 +27,7 @@ _AUTH = (401, 403)
 
 def route_path(route: str) -> str:
     """The event handler's form of one of the agent's routes (``<wid>`` for ``{id}``)."""
-    return API_PREFIX + ROUTES[route][1].replace("{id}", "<wid>")
+    return API_PREFIX + ROUTES[route][1].replace("{id}", "<wid>").replace("{name}", "<name>")
 
 
 def outcome(path: str, status: int) -> str | None:
@@ -129,5 +129,31 @@ def agent_routes(service: Callable[[], AgentApi]) -> APIGatewayRestResolver:
     def reports(wid: str, batch: agentapi.ReportBatch) -> HttpResponse[str]:
         big = too_large(app.current_event.body, agentapi.MAX_REPORT_BYTES)
         return authorized(wid) or big or http(service().reports(wid, batch))
+
+    def artifact(name: str) -> HttpResponse[Any]:
+        r = service().artifact(name)
+        if r.status != 200:
+            return http(r)
+        kind = r.headers["Content-Type"]
+        # bytes: the event handler answers them base64-encoded (isBase64Encoded), decoded by API
+        # Gateway for Accept: application/octet-stream and by ringfence serve
+        body: bytes = r.body
+        if kind.startswith("text/"):
+            return HttpResponse(status_code=200, content_type=kind, body=body.decode())
+        return HttpResponse(status_code=200, content_type=kind, body=body)
+
+    # no return annotation for the event handler: it would serialize the wheel's bytes as JSON;
+    # the answer is bytes or text, never validated against a model
+    del artifact.__annotations__["return"]
+    app.get(
+        route_path("artifact"),
+        summary="the agent artifact `ringfence publish-agent` stored: ringfence_agent-<version>-py3-none-any.whl "
+        "(bytes), its .sha256 or install.sh; no token. Check the wheel against the digest the operator was given, "
+        "never only against the .sha256 served beside it",
+        responses={
+            **answers(errors=(404,)),
+            200: {"description": "the file", "content": {"application/octet-stream": {}, "text/plain": {}}},
+        },
+    )(artifact)
 
     return app

@@ -19,7 +19,7 @@ from ringfence.store.base import (
     InventoryRecord,
 )
 
-from . import clients, credentials, ec2
+from . import artifact, clients, credentials, ec2
 from .api import Response, error, secret_hash
 from .enroll import (
     ProofError,
@@ -279,6 +279,23 @@ class AgentApi:
             while len(self._documents) > DOCUMENTS_KEPT:
                 self._documents.popitem(last=False)
         return body
+
+    def artifact(self, name: str) -> Response:
+        """A file of the agent artifact as ``ringfence publish-agent`` stored it: only the names
+        :func:`artifact.content_type` knows (no other key of the bucket is reachable), 404 else."""
+        kind = artifact.content_type(name)
+        if kind is None:
+            return error(
+                404,
+                "no such agent artifact",
+                "expected ringfence_agent-<version>-py3-none-any.whl[.sha256] or install.sh",
+            )
+        try:
+            body = self.w.publisher.get(artifact.key(name))
+        except Exception as exc:  # S3's NoSuchKey, a missing file: not published (yet)
+            log.info("agent artifact %s not served: %s", name, exc)
+            return error(404, "no such agent artifact", "not published: run ringfence publish-agent")
+        return Response(200, body, {"Content-Type": kind})
 
     def bundle(self, workload_id: str, if_none_match: str | None) -> Response:
         cur = self.current(workload_id)

@@ -62,6 +62,10 @@ class Publisher:
         """A text object under a caller-chosen key (policy files: ``policies/v<N>/<name>``)."""
         self._put(key, text.encode(), "text/plain; charset=utf-8")
 
+    def put_bytes(self, key: str, body: bytes, content_type: str = "application/octet-stream") -> None:
+        """Bytes under a caller-chosen key, stored as they are (the agent wheel: ``agent/<name>``)."""
+        self._put(key, body, content_type)
+
 
 class S3Publisher(Publisher):
     """The bucket is versioned and encrypted; objects are written with SSE (KMS when a key is

@@ -1,0 +1,109 @@
+"""Issue 10, control plane: the stack hosts the hash-pinned agent artifact. ``ringfence
+publish-agent`` (the real CLI) puts the wheel, its ``.sha256`` and install.sh into the stack's
+bucket (moto S3, server mode), the real agent-API handler serves them at ``GET /v1/agent/{name}``,
+and the real install.sh artifact check accepts the fetched wheel and refuses a tampered one."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ringfence import cli
+from tests.agent.test_agent_artifact import INSTALLER, artifact, install  # noqa: F401 (a fixture)
+from tests.aws.conftest import Env, LambdaContext, rest_event
+
+
+def fetch(env: Env, name: str) -> tuple[int, str, bytes]:
+    """(status, content type, body bytes) of the real agent-API handler's answer, no token."""
+    out: dict[str, Any] = env.fn["agentapi"].handler(rest_event("GET", f"/v1/agent/{name}"), LambdaContext())
+    body = out.get("body") or ""
+    raw = base64.b64decode(body) if out.get("isBase64Encoded") else body.encode()
+    headers = {k.lower(): v for k, v in (out.get("headers") or {}).items()}
+    headers |= {k.lower(): v[0] for k, v in (out.get("multiValueHeaders") or {}).items()}
+    return out["statusCode"], headers.get("content-type", ""), raw
+
+
+@pytest.fixture
+def published(env: Env, artifact: tuple[Path, str], capsys: pytest.CaptureFixture[str]) -> tuple[str, str]:  # noqa: F811
+    wheel, digest = artifact
+    assert cli.main(["publish-agent", "--dir", str(wheel.parent), "--store", "aws"]) == 0
+    out = capsys.readouterr().out
+    assert f"url path /v1/agent/{wheel.name}" in out and f"sha256 {digest}" in out, out
+    return wheel.name, digest
+
+
+def test_the_published_wheel_is_served_byte_for_byte_and_installs(
+    env: Env,
+    published: tuple[str, str],
+    tmp_path: Path,
+) -> None:
+    name, digest = published
+    status, kind, body = fetch(env, name)
+    assert status == 200 and kind == "application/octet-stream"
+    assert hashlib.sha256(body).hexdigest() == digest
+    status, _, side = fetch(env, f"{name}.sha256")
+    assert status == 200 and side.decode().split() == [digest, name]
+    status, kind, script = fetch(env, "install.sh")
+    assert status == 200 and kind.startswith("text/") and script == INSTALLER.read_bytes()
+    fetched = tmp_path / "dl" / name
+    fetched.parent.mkdir()
+    fetched.write_bytes(body)
+    out = install(tmp_path, ARTIFACT_FILE=str(fetched), ARTIFACT_SHA256=digest)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "venv/bin/ringfence-agent").exists()
+
+
+def test_attack_tampered_wheel_in_the_bucket_is_refused_by_the_installer(
+    env: Env, published: tuple[str, str], tmp_path: Path
+) -> None:
+    """Whoever can write the bucket (or sits on the download path) swaps the wheel and its .sha256
+    alike: the server then vouches for the evil bytes, but the digest the operator gave the host
+    does not."""
+    name, digest = published
+    _, _, body = fetch(env, name)
+    evil = bytearray(body)
+    evil[len(evil) // 2] ^= 0x01
+    env.s3.put_object(Bucket=env.bucket, Key=f"agent/{name}", Body=bytes(evil))
+    env.s3.put_object(
+        Bucket=env.bucket, Key=f"agent/{name}.sha256", Body=f"{hashlib.sha256(evil).hexdigest()}  {name}\n"
+    )
+    status, _, served = fetch(env, name)
+    assert status == 200 and served == bytes(evil)
+    fetched = tmp_path / "dl" / name
+    fetched.parent.mkdir()
+    fetched.write_bytes(served)
+    out = install(tmp_path, ARTIFACT_FILE=str(fetched), ARTIFACT_SHA256=digest)
+    assert out.returncode == 3 and f"not {digest}: refused, nothing installed" in out.stderr, out.stderr
+    assert not (tmp_path / "venv").exists()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../keys/bundle-signing.pub.pem",
+        "..%2fkeys%2fbundle-signing.pub.pem",
+        "%2e%2e%2fkeys%2fbundle-signing.pub.pem",
+        "%2e%2e",
+        "..",
+        "bundle-signing.pub.pem",
+        "ringfence_agent-0.1.0-py3-none-any.whl.evil",
+        "ringfence_agent-../../keys-py3-none-any.whl",
+        "ringfence_agent-0.1.0-py3-none-any.whl%00",
+    ],
+)
+def test_attack_agent_artifact_route_reads_nothing_but_the_artifact(env: Env, name: str) -> None:
+    """The route is unauthenticated and reads the bucket that holds every workload's bundle and
+    the signing public keys: only the artifact's own names reach it."""
+    env.s3.put_object(Bucket=env.bucket, Key="keys/bundle-signing.pub.pem", Body=b"not for you")
+    env.s3.put_object(Bucket=env.bucket, Key="agent/bundle-signing.pub.pem", Body=b"not for you")
+    status, _, body = fetch(env, name)
+    assert status == 404 and b"not for you" not in body
+
+
+def test_an_artifact_name_not_published_is_404(env: Env) -> None:
+    status, _, body = fetch(env, "ringfence_agent-9.9.9-py3-none-any.whl")
+    assert status == 404 and b"publish-agent" in body
