@@ -1,10 +1,10 @@
 #!/bin/sh
 # Install and start the Ringfence agent. Idempotent; POSIX sh; needs root.
 #
-#   curl --proto '=https' --tlsv1.2 -fsSL https://<your-control-plane>/agent/install.sh -o install.sh
+#   curl --proto '=https' --tlsv1.2 -fsSL https://<agent-api>/v1/agent/install.sh -o install.sh
 #   sh install.sh --api-url https://rf.example.com --pairing-key-file /run/rf-pairing-key \
-#     --artifact-url https://rf.example.com/agent/ringfence_agent-0.1.0-py3-none-any.whl \
-#     --artifact-sha256 <the .sha256 `make agent-artifact` wrote> \
+#     --artifact-url https://rf.example.com/v1/agent/ringfence_agent-0.1.0-py3-none-any.whl \
+#     --artifact-sha256 <the sha256 `ringfence publish-agent` printed> \
 #     --public-key-url https://rf.example.com/agent/signing-key.pem
 #
 # The agent comes from the artifact the stack publishes (`make agent-artifact`: a wheel of the
