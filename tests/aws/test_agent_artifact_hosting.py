@@ -107,3 +107,27 @@ def test_attack_agent_artifact_route_reads_nothing_but_the_artifact(env: Env, na
 def test_an_artifact_name_not_published_is_404(env: Env) -> None:
     status, _, body = fetch(env, "ringfence_agent-9.9.9-py3-none-any.whl")
     assert status == 404 and b"publish-agent" in body
+
+
+def test_ringfence_serve_hosts_what_publish_agent_stored_beside_its_database(
+    artifact: tuple[Path, str],  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """On premise: ``publish-agent --store sqlite:PATH`` writes where ``ringfence serve --store
+    sqlite:PATH`` reads; the wheel crosses real HTTP as bytes, not base64 text."""
+    import httpx
+
+    from ringfence import serve
+    from ringfence.local.wiring import LocalWiring
+
+    wheel, digest = artifact
+    db = tmp_path / "rf" / "state.db"
+    assert cli.main(["publish-agent", "--dir", str(wheel.parent), "--store", f"sqlite:{db}"]) == 0
+    assert f"sha256 {digest}" in capsys.readouterr().out
+    with LocalWiring(db) as w, serve.serving(serve.ServeApp.over(w, None)) as running:
+        client = httpx.Client(base_url=running.url)
+        r = client.get(f"/v1/agent/{wheel.name}")
+        assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
+        assert hashlib.sha256(r.content).hexdigest() == digest
+        assert client.get("/v1/agent/..%2fstate.db").status_code == 404
