@@ -131,3 +131,29 @@ def test_ringfence_serve_hosts_what_publish_agent_stored_beside_its_database(
         assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
         assert hashlib.sha256(r.content).hexdigest() == digest
         assert client.get("/v1/agent/..%2fstate.db").status_code == 404
+
+
+def test_install_sh_downloads_the_wheel_over_https_from_the_agent_api_and_checks_it(
+    env: Env,
+    published: tuple[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The installer's own download (curl --proto '=https', Accept: application/octet-stream) from
+    the agent API's route over TLS, the stack's moto bucket behind it: the right digest installs,
+    any other is refused."""
+    from ringfence import serve
+    from ringfence.local.tls import lab_tls
+
+    name, digest = published
+    tls = lab_tls(tmp_path / "tls", "127.0.0.1")
+    monkeypatch.setenv("CURL_CA_BUNDLE", str(tls.ca))  # the lab's CA; curl trusts nothing else here
+    app = serve.ServeApp.over(serve.build_wiring("aws"), None)
+    with serve.serving(app, tls_cert=str(tls.cert), tls_key=str(tls.key)) as running:
+        url = f"{running.url}/v1/agent/{name}"
+        assert url.startswith("https://127.0.0.1:")
+        out = install(tmp_path / "bad", ARTIFACT_URL=url, ARTIFACT_SHA256="0" * 64)
+        assert out.returncode == 3 and f"not {'0' * 64}: refused" in out.stderr, out.stderr  # downloaded, then refused
+        out = install(tmp_path, ARTIFACT_URL=url, ARTIFACT_SHA256=digest)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "venv/bin/ringfence-agent").exists()
