@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ringfence import bundle
 from ringfence import bundlewire as wire
@@ -173,3 +175,31 @@ rulesets:
       - {name: web-db, from: role == web, to: role == db, services: [tcp/5432]}
       - {name: web-other, from: role == web, to: role == other, services: [tcp/8080]}
 """
+
+
+def spawn_following_agent(
+    net: Any, tmp_path: Path, backend: str, source: str
+) -> tuple[subprocess.Popen[str], Path, Path]:
+    """The real agent daemon in lab host h2, following ``source`` (an HTTP static layout), quick
+    to poll and back off: (process, state directory, log file)."""
+    from ringfence.local.lab import AGENT
+
+    state = tmp_path / "state"
+    cfg = {
+        "workload_id": "h2",
+        "public_key": str(PUBLIC_KEY),
+        "state_dir": str(state),
+        "backend": backend,
+        "source": source,
+        "poll_interval": 1,
+        "observe_interval": 5,
+        "heartbeat_interval": 60,
+        "report_interval": 60,
+        "backoff_max": 1,
+        "request_timeout": 2,
+        "dhcp": False,
+    }
+    (tmp_path / "agent.json").write_text(json.dumps(cfg))
+    log = tmp_path / "agent.log"
+    daemon = net.spawn("h2", str(AGENT), "run", "--config", str(tmp_path / "agent.json"), stderr=log.open("w"))
+    return daemon, state, log

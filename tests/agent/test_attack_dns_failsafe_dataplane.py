@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from ringfence.local.lab import AGENT, prerequisites, wait_until
 from ringfence.local.lab import Lab as NetLab
+from ringfence.local.lab import prerequisites, wait_until
 from ringfence.staticlayout import bundle_path
-from tests.agent.bundles import DENY_ALL_POLICY, PUBLIC_KEY, Lab, resign, workloads, write
+from tests.agent.bundles import DENY_ALL_POLICY, Lab, resign, spawn_following_agent, workloads, write
 
 pytestmark = pytest.mark.dataplane
 
@@ -98,24 +98,7 @@ def test_attack_deny_everything_bundle_keeps_the_agents_resolver_and_no_other_dn
     )  # fmt: skip
     assert server.poll() is None
     assert resolves(lab) == lab.v4("cp"), "the lab's resolver answers before anything is enforced"
-    state = tmp_path / "state"
-    cfg = {
-        "workload_id": "h2",
-        "public_key": str(PUBLIC_KEY),
-        "state_dir": str(state),
-        "backend": "nftables",
-        "source": f"http://{CP_NAME}:443",
-        "poll_interval": 1,
-        "observe_interval": 5,
-        "heartbeat_interval": 60,
-        "report_interval": 60,
-        "backoff_max": 1,
-        "request_timeout": 2,
-        "dhcp": False,
-    }
-    (tmp_path / "agent.json").write_text(json.dumps(cfg))
-    log = tmp_path / "agent.log"
-    daemon = lab.spawn("h2", str(AGENT), "run", "--config", str(tmp_path / "agent.json"), stderr=log.open("w"))
+    daemon, state, log = spawn_following_agent(lab, tmp_path, "nftables", f"http://{CP_NAME}:443")
     try:
         assert wait_until(lambda: applied(state) == first.version, 20), log.read_text()
         assert f"DNS fail-safe admits this host's resolvers (/etc/resolv.conf): {lab.v4('dns')}" in log.read_text()

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from ringfence.local.lab import AGENT, prerequisites, sh, wait_until
 from ringfence.local.lab import Lab as NetLab
+from ringfence.local.lab import prerequisites, sh, wait_until
 from ringfence.staticlayout import bundle_path
-from tests.agent.bundles import DENY_ALL_POLICY, PUBLIC_KEY, Lab, resign, workloads, write
+from tests.agent.bundles import DENY_ALL_POLICY, PUBLIC_KEY, Lab, resign, spawn_following_agent, workloads, write
 
 pytestmark = pytest.mark.dataplane
 
@@ -155,24 +155,7 @@ def test_attack_an_enforce_bundle_cannot_cut_the_agent_off_its_named_control_pla
     first = lab.bundle("h2")
     assert first.failsafes.control_plane == []  # the policy names no control plane: the agent must
     write(first, control_plane / bundle_path("h2"))
-    state = tmp_path / "state"
-    cfg = {
-        "workload_id": "h2",
-        "public_key": str(PUBLIC_KEY),
-        "state_dir": str(state),
-        "backend": backend,
-        "source": f"http://{CP_NAME}:443",
-        "poll_interval": 1,
-        "observe_interval": 5,
-        "heartbeat_interval": 60,
-        "report_interval": 60,
-        "backoff_max": 1,
-        "request_timeout": 2,
-        "dhcp": False,
-    }
-    (tmp_path / "agent.json").write_text(json.dumps(cfg))
-    log = tmp_path / "agent.log"
-    daemon = net.spawn("h2", str(AGENT), "run", "--config", str(tmp_path / "agent.json"), stderr=log.open("w"))
+    daemon, state, log = spawn_following_agent(net, tmp_path, backend, f"http://{CP_NAME}:443")
     try:
         assert wait_until(lambda: applied(state) == first.version, 20), log.read_text()
         # enforced: nothing but the fail-safes
