@@ -18,10 +18,11 @@ from typing import Any
 import pytest
 
 from ringfence.bundle import Bundle, SetDelta, sign
-from ringfence.local.lab import PROBE, PY, Holder, prerequisites, sh, wait_until
+from ringfence.local.lab import PROBE, PY, Holder, sh, wait_until
 from ringfence.local.lab import Lab as NetLab
 from ringfence.model import Mode, Workload
 from ringfence_agent.backends.iptables import ipset_name
+from tests.agent import dataplane
 from tests.agent.bundles import (
     DENY_ALL_POLICY,
     GROUP_POLICY,
@@ -43,11 +44,7 @@ from tests.aws.conftest import iid_key, moto_url  # noqa: F401
 
 pytestmark = pytest.mark.dataplane
 
-_why = prerequisites()
-if _why is not None:
-    if os.environ.get("CI") == "true":
-        raise RuntimeError(f"dataplane tests must run in CI but cannot: {_why}")
-    pytest.skip(f"dataplane tests skipped: {_why}", allow_module_level=True)
+dataplane.require()
 
 HOSTS = {"h1": 1, "h2": 2, "h3": 3, "h4": 4, "adm": 250, "cp": 100}
 ROLES = {"h1": "client", "h2": "web", "h3": "db", "h4": "other"}

@@ -7,7 +7,6 @@ DNS server in the lab (``ip netns exec`` binds /etc/netns/<ns>/resolv.conf over 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,17 +16,14 @@ from pathlib import Path
 import pytest
 
 from ringfence.local.lab import Lab as NetLab
-from ringfence.local.lab import prerequisites, wait_until
+from ringfence.local.lab import wait_until
 from ringfence.staticlayout import bundle_path
+from tests.agent import dataplane
 from tests.agent.bundles import DENY_ALL_POLICY, Lab, resign, spawn_following_agent, workloads, write
 
 pytestmark = pytest.mark.dataplane
 
-_why = prerequisites()
-if _why is not None:
-    if os.environ.get("CI") == "true":
-        raise RuntimeError(f"dataplane tests must run in CI but cannot: {_why}")
-    pytest.skip(f"dataplane tests skipped: {_why}", allow_module_level=True)
+dataplane.require()
 
 HOSTS = {"h2": 2, "cp": 100, "dns": 53, "other": 54}
 CP_NAME = "cp.ringfence-dns-lab.test"

@@ -16,17 +16,14 @@ from pathlib import Path
 import pytest
 
 from ringfence.local.lab import Lab as NetLab
-from ringfence.local.lab import prerequisites, sh, wait_until
+from ringfence.local.lab import sh, wait_until
 from ringfence.staticlayout import bundle_path
+from tests.agent import dataplane
 from tests.agent.bundles import DENY_ALL_POLICY, PUBLIC_KEY, Lab, resign, spawn_following_agent, workloads, write
 
 pytestmark = pytest.mark.dataplane
 
-_why = prerequisites()
-if _why is not None:
-    if os.environ.get("CI") == "true":
-        raise RuntimeError(f"dataplane tests must run in CI but cannot: {_why}")
-    pytest.skip(f"dataplane tests skipped: {_why}", allow_module_level=True)
+dataplane.require()
 
 HOSTS = {"h1": 1, "h2": 2, "adm": 250, "cp": 100}
 ROLES = {"h1": "client", "h2": "web", "adm": "admin"}
