@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from ringfence.clouds.aws.api import Response
+from ringfence.control.api import Response
 from ringfence.routes.agent import agent_routes
 from ringfence.serve import ResolverPool, proxy_event
 

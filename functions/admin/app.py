@@ -10,8 +10,9 @@ from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.metrics import MetricUnit
 
 from ringfence.adminroles import AdminRole, RoleBindings
-from ringfence.clouds.aws.admin import Admin
-from ringfence.clouds.aws.wiring import Config, Wiring
+from ringfence.clouds.aws.wiring import Wiring
+from ringfence.control.admin import Admin
+from ringfence.control.wiring import Config
 from ringfence.routes.admin import admin_routes, outcome
 
 logger = Logger()

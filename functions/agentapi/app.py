@@ -7,8 +7,9 @@ from typing import Any
 from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.metrics import MetricUnit
 
-from ringfence.clouds.aws.agents import AgentApi
-from ringfence.clouds.aws.wiring import Config, Wiring
+from ringfence.clouds.aws.wiring import Wiring
+from ringfence.control.agents import AgentApi
+from ringfence.control.wiring import Config
 from ringfence.routes.agent import agent_routes, outcome
 
 logger = Logger()

@@ -19,8 +19,9 @@ from aws_lambda_powertools.utilities.parser import parse
 from aws_lambda_powertools.utilities.parser.models import SqsModel, SqsRecordModel
 from pydantic import Json
 
-from ringfence.clouds.aws.compute import Compute
-from ringfence.clouds.aws.wiring import Config, Wiring
+from ringfence.clouds.aws.wiring import Wiring
+from ringfence.control.compute import Compute
+from ringfence.control.wiring import Config
 
 logger = Logger()
 tracer = Tracer()

@@ -24,7 +24,8 @@ from aws_lambda_powertools.utilities.idempotency import (
 
 from ringfence.clouds.aws import clients
 from ringfence.clouds.aws.ingest import Ingest
-from ringfence.clouds.aws.wiring import Config, Wiring
+from ringfence.clouds.aws.wiring import Wiring
+from ringfence.control.wiring import Config
 from ringfence.events import DomainEvent, MalformedEvent, normalize_json
 
 logger = Logger()

@@ -12,7 +12,8 @@ from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, pro
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
 from ringfence.clouds.aws.lifecycle import Lifecycle
-from ringfence.clouds.aws.wiring import Config, Wiring
+from ringfence.clouds.aws.wiring import Wiring
+from ringfence.control.wiring import Config
 from ringfence.events import normalize_json
 
 logger = Logger()

@@ -22,7 +22,8 @@ from aws_lambda_powertools.utilities.parser.models import SqsModel
 from pydantic import ValidationError
 
 from ringfence.clouds.aws.perimeter import Perimeter, PerimeterMessage
-from ringfence.clouds.aws.wiring import Config, Wiring
+from ringfence.clouds.aws.wiring import Wiring
+from ringfence.control.wiring import Config
 from ringfence.perimeter import PerimeterConfig
 
 logger = Logger()

@@ -10,7 +10,8 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.data_classes import EventBridgeEvent, event_source
 
 from ringfence.clouds.aws.reconcile import Reconcile
-from ringfence.clouds.aws.wiring import Config, Wiring
+from ringfence.clouds.aws.wiring import Wiring
+from ringfence.control.wiring import Config
 
 logger = Logger()
 tracer = Tracer()

@@ -12,9 +12,10 @@ from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.data_classes import APIGatewayWebSocketEvent, event_source
 
-from ringfence.clouds.aws.agents import AgentApi
-from ringfence.clouds.aws.api import error
-from ringfence.clouds.aws.wiring import Config, Wiring
+from ringfence.clouds.aws.wiring import Wiring
+from ringfence.control.agents import AgentApi
+from ringfence.control.api import error
+from ringfence.control.wiring import Config
 
 logger = Logger()
 metrics = Metrics()

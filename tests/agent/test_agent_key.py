@@ -1,6 +1,6 @@
 """The agent's own key (``ringfence_agent.agentkey``): created once, 0600, standard PKCS#8, and
 signed the same by libcrypto and by ``cryptography`` (Ed25519 is deterministic), so the control
-plane's verification (``ringfence.clouds.aws.credentials.verify_proof``) accepts either."""
+plane's verification (``ringfence.control.credentials.verify_proof``) accepts either."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ringfence.agentwire import proof_message
-from ringfence.clouds.aws.credentials import verify_proof
-from ringfence.clouds.aws.enroll import ProofError
+from ringfence.control.credentials import verify_proof
+from ringfence.control.enroll import ProofError
 from ringfence_agent import agentkey
 
 

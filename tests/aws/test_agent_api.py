@@ -153,7 +153,7 @@ def test_pairing_key_enrolls_only_its_workload_a_limited_number_of_times(pairing
 
 def test_expired_pairing_key_is_refused(pairing_on: Env) -> None:
     env = pairing_on
-    from ringfence.clouds.aws.api import secret_hash
+    from ringfence.control.api import secret_hash
 
     register_onprem(env, "dc1-db-1", "192.168.10.5")
     env.store.put_pairing(secret_hash("old-key"), "dc1-db-1", uses=5, ttl=-1)
@@ -163,7 +163,7 @@ def test_expired_pairing_key_is_refused(pairing_on: Env) -> None:
 
 def test_pairing_is_refused_for_cloud_instances(pairing_on: Env) -> None:
     env = pairing_on
-    from ringfence.clouds.aws.api import secret_hash
+    from ringfence.control.api import secret_hash
 
     est = boot(env)
     web = est["ids"]["web"][0]

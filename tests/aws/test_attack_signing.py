@@ -14,7 +14,7 @@ import hcl2
 import pytest
 
 from ringfence import bundle
-from ringfence.clouds.aws.wiring import NoSigningKey
+from ringfence.control.wiring import NoSigningKey
 from tests.aws.conftest import Env, LambdaContext, ip_of, rest_event
 from tests.aws.test_agent_api import auth
 from tests.aws.test_pipeline import boot, enroll_instance

@@ -7,7 +7,7 @@ import threading
 import time
 from typing import Any
 
-from ringfence.clouds.aws.changes import StoreChanges
+from ringfence.control.changes import StoreChanges
 
 
 class Head:

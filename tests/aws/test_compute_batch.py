@@ -4,7 +4,7 @@ edits, exact (an element added then removed within the batch is in neither list)
 from __future__ import annotations
 
 from ringfence.addresses import parse_prefix
-from ringfence.clouds.aws.compute import merge_set_deltas
+from ringfence.control.compute import merge_set_deltas
 from ringfence.engine.compiler import Update
 
 

@@ -13,7 +13,7 @@ import httpx
 
 from ringfence import serve
 from ringfence.agentwire import API_PREFIX, ROUTES
-from ringfence.clouds.aws.wiring import Config
+from ringfence.control.wiring import Config
 from ringfence.routes.openapi import documents
 from tests.aws.test_static import ROOT, template, unquote
 

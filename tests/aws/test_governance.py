@@ -210,7 +210,8 @@ def test_admin_binding_grants_a_held_move_and_is_audited(env: Env) -> None:
     dev = est["dev"]
     retag(env, dev, ESCALATION, DEVELOPER)
     assert not any(ssh_peers(env, est).values())
-    from ringfence.clouds.aws.wiring import Config, Wiring
+    from ringfence.clouds.aws.wiring import Wiring
+    from ringfence.control.wiring import Config
 
     wiring = Wiring(Config.from_env())
     with pytest.raises(ValueError, match="needs a reason"):

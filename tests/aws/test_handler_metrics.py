@@ -87,7 +87,7 @@ def test_an_event_not_about_instances_is_counted_not_dead_lettered(
 
 
 def test_websocket_connections_are_counted(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
-    from ringfence.clouds.aws.api import secret_hash
+    from ringfence.control.api import secret_hash
     from ringfence.model import Workload
     from ringfence.store.base import InventoryRecord
 

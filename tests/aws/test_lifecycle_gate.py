@@ -218,7 +218,7 @@ def test_attack_the_agent_api_cannot_complete_a_lifecycle_action(gated: Env) -> 
     for _ in range(3):
         heartbeat(env, new, token, ptr.version)
     assert calls.ops == [] and state(env, new) == "Pending:Wait", "no perimeter yet: nothing released"
-    assert "autoscaling" not in (ROOT / "layers/core/ringfence/clouds/aws/agents.py").read_text()
+    assert "autoscaling" not in (ROOT / "layers/core/ringfence/control/agents.py").read_text()
 
 
 def _sam_actions(fn: str) -> set[str]:

@@ -8,8 +8,8 @@ from typing import Any
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver
 
 from ringfence.adminroles import AdminRole
-from ringfence.clouds.aws.agents import AgentApi
 from ringfence.clouds.onprem import OnPremAdmin
+from ringfence.control.agents import AgentApi
 from ringfence.local.wiring import LocalWiring
 from ringfence.routes.admin import admin_routes
 from ringfence.routes.agent import agent_routes

@@ -27,7 +27,7 @@ import httpx
 
 from ringfence import serve
 from ringfence.bundle import Bundle, Verifier
-from ringfence.clouds.aws.api import secret_hash
+from ringfence.control.api import secret_hash
 from ringfence.store.sqlite import SqliteStore
 from tests.onprem.conftest import policy_files
 

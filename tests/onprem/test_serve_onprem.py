@@ -88,7 +88,7 @@ def test_pairing_push_and_a_restart_after_kill_9(server: Server, tmp_path: Path,
     assert foreign.status_code == 401, foreign.text
     # an expired key: the admin API's shortest ttl is a minute, so this one is written to the
     # server's store directly with one second (SQLite: another connection, as a second process)
-    from ringfence.clouds.aws.api import secret_hash
+    from ringfence.control.api import secret_hash
     from ringfence.store.sqlite import SqliteStore
 
     side = SqliteStore(server.db)

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ringfence.clouds.aws.api import secret_hash
+from ringfence.control.api import secret_hash
 from ringfence.store.sqlite import SqliteStore
 from tests.onprem.conftest import ESTATE, policy_files
 from tests.onprem.test_serve_onprem import BIN, POLL_INTERVAL, Server, status, wait_until

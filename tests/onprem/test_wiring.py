@@ -12,8 +12,8 @@ import pytest
 
 from ringfence import bundle
 from ringfence.agentapi import EnrollRequest
-from ringfence.clouds.aws.agents import AgentApi
-from ringfence.clouds.aws.api import secret_hash
+from ringfence.control.agents import AgentApi
+from ringfence.control.api import secret_hash
 from ringfence.local.publish import BadKey, FilePublisher
 from ringfence.local.wiring import LocalWiring, StateInUse
 from ringfence.model import Workload

@@ -76,7 +76,7 @@ locals {
       { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.compute.arn] },
       { actions = ["s3:PutObject", "s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/bundles/*", "${aws_s3_bucket.bundles.arn}/deltas/*", "${aws_s3_bucket.bundles.arn}/keys/*", "${aws_s3_bucket.bundles.arn}/policies/*"] },
       # the only function that completes lifecycle actions (the agent API reports to it through
-      # the compute queue: ringfence.clouds.aws.launchgate)
+      # the compute queue: ringfence.control.launchgate)
       { actions = ["autoscaling:CompleteLifecycleAction"], resources = ["arn:${local.partition}:autoscaling:${local.region}:${local.account}:autoScalingGroup:*:autoScalingGroupName/${var.gated_group_names}"] },
       { actions = ["execute-api:ManageConnections"], resources = ["${aws_apigatewayv2_api.nudge.execution_arn}/v1/POST/@connections/*"] },
       local.async_dlq, local.kms_use,

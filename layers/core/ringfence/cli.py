@@ -431,7 +431,7 @@ CHECKOUT = Path(__file__).resolve().parents[3]
 
 def cmd_publish_agent(args: argparse.Namespace) -> int:
     """Build (unless --dir holds one) and publish the agent artifact; print what hosts install with."""
-    from ringfence.clouds.aws import artifact
+    from ringfence.control import artifact
 
     out = Path(args.dir)
     installer = Path(args.installer) if args.installer else CHECKOUT / "agent/packaging/install.sh"
@@ -445,7 +445,7 @@ def cmd_publish_agent(args: argparse.Namespace) -> int:
     if args.store == "aws":
         from ringfence.clouds.aws import clients
         from ringfence.clouds.aws.publish import S3Publisher
-        from ringfence.clouds.aws.wiring import Config
+        from ringfence.control.wiring import Config
 
         cfg = Config.from_env()
         publisher: Any = S3Publisher(clients.client("s3"), cfg.bucket, cfg.kms_key_id)

@@ -155,7 +155,8 @@ def build_wiring(store: str, signing_key: Path | None = None) -> Any:
     if store == "aws":
         if signing_key is not None:
             raise ServeError("--signing-key is for --store sqlite:PATH (on AWS: RINGFENCE_SIGNING_KEY)")
-        from ringfence.clouds.aws.wiring import Config, Wiring
+        from ringfence.clouds.aws.wiring import Wiring
+        from ringfence.control.wiring import Config
 
         return Wiring(Config.from_env())
     if store.startswith("sqlite:") and store.removeprefix("sqlite:"):
@@ -278,8 +279,8 @@ class ServeApp:
     ) -> ServeApp:
         """The APIs over ``wiring``; ``onprem`` (default: whether it is the local wiring) adds the
         admin routes of on-premise workloads (register, CMDB import, deregister)."""
-        from ringfence.clouds.aws.agents import AgentApi
         from ringfence.clouds.onprem import OnPremAdmin
+        from ringfence.control.agents import AgentApi
         from ringfence.routes.admin import admin_routes, token_roles
         from ringfence.routes.agent import agent_routes
 

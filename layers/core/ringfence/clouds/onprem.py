@@ -16,16 +16,15 @@ from pydantic import ValidationError
 
 from ringfence.adminapi import OnPremWorkload
 from ringfence.cmdb import CmdbError, parse_cmdb_csv
+from ringfence.control import credentials
+from ringfence.control.admin import Admin
+from ringfence.control.api import Response, error
 from ringfence.model import Workload
 from ringfence.store.base import InventoryRecord
 
-from .aws import credentials
-from .aws.admin import Admin
-from .aws.api import Response, error
-
 
 class OnPremAdmin(Admin):
-    """:class:`~ringfence.clouds.aws.admin.Admin` (policy, modes, quarantine, pairing keys) plus
+    """:class:`~ringfence.control.admin.Admin` (policy, modes, quarantine, pairing keys) plus
     registering, importing and deregistering on-premise workloads."""
 
     def _record(self, w: Workload, observed_at: float, state: str = "running") -> InventoryRecord:

@@ -152,8 +152,9 @@ class Live:
         pub = self.work / "bundle-signing.pub.pem"
         pub.write_bytes(self.aws.signing_key.public_pem())
 
-        from ringfence.clouds.aws.agents import AgentApi
-        from ringfence.clouds.aws.wiring import Config, Wiring
+        from ringfence.clouds.aws.wiring import Wiring
+        from ringfence.control.agents import AgentApi
+        from ringfence.control.wiring import Config
 
         wiring = Wiring(Config.from_env())
         self.api = AgentApi(wiring)

@@ -27,7 +27,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ringfence.clouds.aws.wiring import FUNCTION_ENV
+from ringfence.control.wiring import FUNCTION_ENV
 
 log = logging.getLogger("ringfence.local")
 

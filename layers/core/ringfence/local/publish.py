@@ -13,7 +13,7 @@ import os
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from ringfence.clouds.aws.publish import Publisher
+from ringfence.control.publish import Publisher
 
 
 class BadKey(ValueError):

@@ -9,7 +9,7 @@
 * ``signer``: the Ed25519 key in a PEM file (by default the state directory's own, generated on
   first start);
 * ``enqueue_compute``: hands the work to one in-process worker thread running the same
-  :class:`~ringfence.clouds.aws.compute.Compute` the compute function runs. One thread, one
+  :class:`~ringfence.control.compute.Compute` the compute function runs. One thread, one
   writer: computations are serialised as the FIFO queue with one message group serialises them
   in AWS. An exclusive lock on ``<state>/lock`` keeps a second process off the same state;
 * ``wait_for_change``: waits on a condition that compute's notifier signals after each
@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from ringfence.bundle import SigningKey
-from ringfence.clouds.aws.compute import Compute, ComputeStats
-from ringfence.clouds.aws.wiring import BaseWiring, Config, Metric, no_metric
+from ringfence.control.compute import Compute, ComputeStats
+from ringfence.control.wiring import BaseWiring, Config, Metric, no_metric
 from ringfence.local.publish import FilePublisher
 from ringfence.store.base import Store
 from ringfence.store.sqlite import SqliteStore

@@ -21,8 +21,8 @@ from aws_lambda_powertools.utilities.data_classes import APIGatewayProxyEvent
 
 from ringfence import adminapi
 from ringfence.adminroles import AdminRole, RoleBindings, may, parse_roles
-from ringfence.clouds.aws.admin import Admin
 from ringfence.clouds.onprem import OnPremAdmin
+from ringfence.control.admin import Admin
 
 from .common import answers, http, resolver
 

@@ -17,7 +17,7 @@ from aws_lambda_powertools.event_handler.openapi.params import Query
 from ringfence import agentapi
 from ringfence.agentwire import API_PREFIX, ROUTES
 from ringfence.bundle import Bundle
-from ringfence.clouds.aws.agents import AgentApi
+from ringfence.control.agents import AgentApi
 
 from .common import answers, http, resolver, too_large
 

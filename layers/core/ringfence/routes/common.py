@@ -12,7 +12,7 @@ from aws_lambda_powertools.event_handler.openapi.models import SecurityScheme
 from aws_lambda_powertools.utilities.data_classes import APIGatewayProxyEvent
 
 from ringfence import agentapi
-from ringfence.clouds.aws.api import Response, error
+from ringfence.control.api import Response, error
 
 
 def http(r: Response) -> HttpResponse[str]:

@@ -1,17 +1,17 @@
 """The AWS control plane: adapters (EC2, S3, signing keys, enrollment, security groups) and services.
 
-One module per service, each called by one thin Lambda handler (``functions/<name>/app.py``):
+The services every cloud shares (the agent API, admin, compute, enrollment dispatch) are in
+:mod:`ringfence.control`. One module per AWS service, each called by one thin Lambda handler
+(``functions/<name>/app.py``):
 
 =================  ==========================================================================
 ``ingest``         cloud events → normalized domain events → inventory (idempotent, newest wins)
-``compute``        inventory changes → engine → signed bundles and deltas in S3 → agents nudged
 ``lifecycle``      Auto Scaling hooks: segment before serving, leave peers' sets before going
 ``reconcile``      scheduled full sync of every account/region (converges lost events)
-``agents``         the agent API (docs/agent-api.md); ``api`` holds the HTTP plumbing
-``admin``          provision policy, modes, quarantine, pairing keys — each audited
 ``perimeter``      the coarse security groups per VPC and environment on every ENI, quota-checked;
                    reacts to changed workloads, the schedule converges and removes unused groups
-``wiring``         :class:`~ringfence.clouds.aws.wiring.Config` (environment) → clients, store, signer
+``enroll``         the ``aws-iid`` and ``aws-sts`` enrollers (the IID signature, the STS replay)
+``wiring``         :class:`~ringfence.control.wiring.Config` (environment) → clients, store, signer
 =================  ==========================================================================
 
 Every AWS call goes through :mod:`ringfence.clouds.aws.clients`, so tests run the same code

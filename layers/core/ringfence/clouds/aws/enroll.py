@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import re
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 from xml.etree import ElementTree
 
@@ -25,9 +26,15 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from ringfence import agentapi
+from ringfence.control import credentials
+from ringfence.control.enroll import ProofError
 
-class ProofError(ValueError):
-    """The identity proof is invalid (maps to 401)."""
+from . import clients, ec2
+from .ingest import observe_instances
+
+if TYPE_CHECKING:
+    from ringfence.control.agents import AgentApi
 
 
 @dataclass(frozen=True)
@@ -195,3 +202,63 @@ def instance_profile_roles(iam: Any, instance: dict[str, Any]) -> set[str]:
     name = arn.rsplit("/", 1)[1]
     profile = iam.get_instance_profile(InstanceProfileName=name)["InstanceProfile"]
     return {str(r["RoleName"]) for r in profile.get("Roles", [])}
+
+
+# --- the enrollers (ringfence.control.enroll.Enroller) --------------------------------------------
+
+
+@functools.cache
+def _iid_key(pem: str) -> rsa.RSAPublicKey:
+    return load_public_key(pem.encode())
+
+
+def enroll_iid(api: AgentApi, req: agentapi.EnrollRequest) -> str:
+    """aws-iid: the instance identity document and its signature, bound to the agent's key."""
+    if not req.document or not req.document_signature:
+        raise ProofError("aws-iid needs document and document_signature")
+    ident = verify_iid(req.document, req.document_signature, _iid_key(api.w.cfg.iid_cert_pem))
+    if api.w.cfg.allowed_accounts and ident.account not in api.w.cfg.allowed_accounts:
+        raise ProofError(f"account {ident.account} is not enrolled with this control plane")
+    if req.agent_key is None:
+        raise ProofError("aws-iid needs agent_key and agent_signature (the agent's own key)")
+    if not api.w.store.burn_nonce(req.nonce):
+        raise ProofError("nonce is unknown, expired or already used")
+    # the document is public to anything on the instance and may be captured: it names the
+    # instance, the agent's key (signing this nonce) is what a second claimant lacks
+    credentials.verify_proof(req.agent_key, req.agent_signature, "enroll", ident.instance_id, req.nonce)
+    live = ec2.describe(api.w.ec2_for(ident.account, ident.region), [ident.instance_id]).get(ident.instance_id)
+    if live is None or live.get("State", {}).get("Name") not in ("pending", "running"):
+        raise ProofError(f"instance {ident.instance_id} is not running")
+    if ident.private_ip and ident.private_ip not in ec2.instance_ips(live):
+        raise ProofError(f"instance {ident.instance_id} does not have the document's address")
+    api.bind_key(req, ident.instance_id, required=True, replace=False)
+    if api.w.store.get(ident.instance_id) is None:
+        observe_instances(api.w, ident.account, ident.region, [ident.instance_id])
+        api.w.enqueue_compute([ident.instance_id])
+    return ident.instance_id
+
+
+def enroll_sts(api: AgentApi, req: agentapi.EnrollRequest) -> str:
+    """aws-sts: a presigned GetCallerIdentity of the instance profile role, replayed."""
+    if not req.sts_url or not req.sts_headers:
+        raise ProofError("aws-sts needs sts_url and sts_headers")
+    check_sts_request(req.sts_url, req.sts_headers, req.nonce, api.w.cfg.sts_endpoints)
+    if not api.w.store.burn_nonce(req.nonce):
+        raise ProofError("nonce is unknown, expired or already used")
+    ident = replay_sts(req.sts_url, req.sts_headers)
+    if api.w.cfg.allowed_accounts and ident.account not in api.w.cfg.allowed_accounts:
+        raise ProofError(f"account {ident.account} is not enrolled with this control plane")
+    rec = api.w.store.get(ident.instance_id)
+    if rec is None or rec.workload.account != ident.account or not rec.active:
+        raise ProofError(f"{ident.instance_id} is not a running instance of account {ident.account} in inventory")
+    # the session name is the caller's choice: the role must be the one EC2 hands this instance
+    region = rec.workload.region or ""
+    live = ec2.describe(api.w.ec2_for(ident.account, region), [ident.instance_id]).get(ident.instance_id)
+    if live is None or live.get("State", {}).get("Name") != "running":
+        raise ProofError(f"instance {ident.instance_id} is not running")
+    iam = clients.assumed_client("iam", region, api.w.cfg.account_roles.get(ident.account))
+    if ident.role not in instance_profile_roles(iam, live):
+        raise ProofError(f"role {ident.role} is not the instance profile role of {ident.instance_id}")
+    # a live proof of the instance's credentials: it may (re)bind the agent's key
+    api.bind_key(req, ident.instance_id, required=False, replace=True)
+    return ident.instance_id

@@ -9,11 +9,10 @@ import json
 import logging
 
 from ringfence.audit import AuditRecord
+from ringfence.control.wiring import BaseWiring, Metric, log, no_metric
 from ringfence.governance import UNATTRIBUTED, Finding, TagChange, Verdict, bind, govern
 from ringfence.labels import LabelMapper
 from ringfence.store.base import InventoryRecord
-
-from .wiring import BaseWiring, Metric, log, no_metric
 
 findings_log = logging.getLogger("ringfence.findings")
 """One JSON document per finding (schema ``ringfence.finding/v1``): subscribe the SIEM to it."""

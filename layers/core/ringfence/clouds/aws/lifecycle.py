@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from ringfence.control.wiring import Metric, no_metric
 from ringfence.events import DomainEvent, Kind, MalformedEvent, normalize, normalize_json
 
 from .ingest import Ingest, mark_leaving, observe_instances
-from .wiring import Metric, Wiring, no_metric
+from .wiring import Wiring
 
 # --- lifecycle --------------------------------------------------------------------------------------
 

@@ -18,11 +18,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ringfence.control.wiring import Metric, no_metric
 from ringfence.perimeter import PerimeterConfig, PlanRefused, QuotaExceeded, Scope
 from ringfence.store.base import InventoryRecord
 
 from .sg import GONE_STATES, SecurityGroupPerimeter, log
-from .wiring import Metric, Wiring, no_metric
+from .wiring import Wiring
 
 # --- perimeter --------------------------------------------------------------------------------------
 

@@ -1,70 +1,16 @@
-"""Publishing to agents: signed bundles and set deltas (content-addressed; in S3 here), nudges."""
+"""Publishing to agents in AWS: the S3 bucket, nudges over the API Gateway WebSocket API."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import threading
-from typing import Any, Protocol
+from typing import Any
 
 from botocore.exceptions import ClientError
 
-from ringfence import bundle
+from ringfence.control.publish import Publisher
 
 log = logging.getLogger(__name__)
-
-# the public key(s) of the bundle signing key, PEM, written by compute (the only signer) so that
-# the agent API can name the key at enrollment without holding it
-PUBLIC_KEYS_KEY = "keys/bundle-signing.pub.pem"
-
-
-class Publisher:
-    """Immutable, content-addressed documents for agents: ``bundles/<wid>/<version>-<sha>.json``
-    and ``deltas/<set>/<from>-<to>-<sha>.json``, plus reports and policy files under keys the
-    caller names. Subclasses store the bytes (S3 here, files in :mod:`ringfence.local.publish`)."""
-
-    def __init__(self) -> None:
-        self.bytes_published = 0
-        self.objects_published = 0
-        self._count = threading.Lock()  # compute uploads from several threads
-
-    def _store(self, key: str, body: bytes, content_type: str) -> None:
-        raise NotImplementedError
-
-    def get(self, key: str) -> bytes:
-        raise NotImplementedError
-
-    def _put(self, key: str, body: bytes, content_type: str = "application/json") -> None:
-        self._store(key, body, content_type)
-        with self._count:
-            self.bytes_published += len(body)
-            self.objects_published += 1
-
-    def put_bundle(self, doc: bundle.Bundle) -> tuple[str, str]:
-        body = bundle.dumps(doc).encode()
-        sha = hashlib.sha256(body).hexdigest()
-        key = f"bundles/{doc.workload_id}/{doc.version:012d}-{sha[:16]}.json"
-        self._put(key, body)
-        return key, sha
-
-    def put_delta(self, doc: bundle.SetDelta) -> str:
-        body = bundle.dumps(doc).encode()
-        sha = hashlib.sha256(body).hexdigest()
-        key = f"deltas/{doc.set}/{doc.from_version:012d}-{doc.to_version:012d}-{sha[:16]}.json"
-        self._put(key, body)
-        return key
-
-    def put_json(self, key: str, doc: Any) -> None:
-        self._put(key, json.dumps(doc, sort_keys=True).encode())
-
-    def put_text(self, key: str, text: str) -> None:
-        """A text object under a caller-chosen key (policy files: ``policies/v<N>/<name>``)."""
-        self._put(key, text.encode(), "text/plain; charset=utf-8")
-
-    def put_bytes(self, key: str, body: bytes, content_type: str = "application/octet-stream") -> None:
-        """Bytes under a caller-chosen key, stored as they are (the agent wheel: ``agent/<name>``)."""
-        self._put(key, body, content_type)
 
 
 class S3Publisher(Publisher):
@@ -85,12 +31,6 @@ class S3Publisher(Publisher):
 
     def get(self, key: str) -> bytes:
         return bytes(self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read())
-
-
-class Notifier(Protocol):
-    """What compute tells when a workload's latest version moved (after the store says so)."""
-
-    def nudge(self, workload_id: str, version: int) -> None: ...
 
 
 class WebSocketNotifier:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ringfence.control import credentials
+from ringfence.control.wiring import Metric, no_metric
 from ringfence.store.base import ACTIVE_STATES, InventoryRecord
 
-from . import clients, credentials, ec2
+from . import clients, ec2
 from .governance import govern_record
-from .wiring import Metric, Wiring, no_metric
+from .wiring import Wiring
 
 # --- reconcile --------------------------------------------------------------------------------------
 

@@ -1,225 +1,19 @@
-"""Configuration and wiring of the AWS control-plane services (environment → clients, store, signer)."""
+"""The AWS wiring: DynamoDB store, S3 publisher, SQS queues, the signing key, EC2 and Auto Scaling clients."""
 
 from __future__ import annotations
 
 import json
-import logging
-import os
-import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
-from contextvars import ContextVar
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any
 
-from ringfence.labels import LabelMapper
-from ringfence.policy import Policy, load_policy_texts
-from ringfence.store.base import (
-    PolicyVersion,
-    Store,
-)
+from ringfence.control.changes import StoreChanges
+from ringfence.control.publish import Notifier
+from ringfence.control.wiring import BaseWiring, Config, NoSigningKey
 
-from . import clients
-from .changes import StoreChanges
-from .publish import Publisher, S3Publisher
-
-log = logging.getLogger("ringfence.aws")
-
-Metric = Callable[[str, float], None]
-
-# The environment one Lambda function has beyond the process's, while it runs: on AWS each function
-# has its own environment and this stays empty; an in-process host of several functions
-# (:mod:`ringfence.local.lambdas`) sets it around one function's invocations, so that only compute
-# sees RINGFENCE_SIGNING_KEY (it is never in the shared process environment, which
-# ``ringfence serve`` — the agent API — inherits in the demo).
-FUNCTION_ENV: ContextVar[Mapping[str, str] | None] = ContextVar("ringfence_function_env", default=None)
-
-
-def no_metric(name: str, value: float) -> None:
-    return None
-
-
-class NoSigningKey(RuntimeError):
-    """A function without the signing key was asked to sign."""
-
-
-# --- configuration ------------------------------------------------------------------------------
-
-
-@dataclass
-class Target:
-    account: str
-    region: str
-    role_arn: str | None = None
-
-
-@dataclass
-class Config:
-    inventory_table: str = ""
-    state_table: str = ""
-    audit_table: str = ""
-    bucket: str = ""
-    compute_queue_url: str = ""
-    perimeter_queue_url: str = ""  # empty: no event-path perimeter (the schedule alone reconciles)
-    dlq_url: str = ""
-    signing_key_ref: str = ""
-    kms_key_id: str | None = None
-    iid_cert_pem: str = ""
-    websocket_endpoint: str | None = None
-    offline_after: int = 900
-    # the access token's lifetime: agents renew it before it ends with a signature by their key
-    token_ttl: int = 3600
-    # signed bundles expire bundle_ttl seconds after signing; compute re-signs those expiring
-    # within bundle_refresh_before when the schedule (reconcile) asks (docs/bundle.md, Expiry)
-    bundle_ttl: int = 7 * 86400
-    bundle_refresh_before: int = 4 * 86400
-    nonce_ttl: int = 300
-    # the agent API's long-poll (GET /v1/agents/{id}/wait): at most max_wait seconds per request
-    # (API Gateway ends a request at 29 s); while requests wait, one thread per process reads the
-    # engine head every wait_poll_interval seconds and wakes them when it moved (changes.py)
-    max_wait: float = 25.0
-    wait_poll_interval: float = 1.0
-    # when compute releases a launch held by the lifecycle hook: "publish" (once the perimeter is
-    # attached and the bundle and the peers' deltas are published) or "agent" (once, as well, the
-    # new instance's agent reported a bundle applied through the agent API: enforced before
-    # InService; without an agent the hook times out into its default result). Only compute
-    # completes lifecycle actions (ringfence.clouds.aws.launchgate).
-    lifecycle_gate: str = "publish"
-    # enrollment methods the agent API accepts: the AWS stack's instances prove their identity
-    # (pairing is off unless the stack enables it; the local control plane: pairing only)
-    enroll_methods: list[str] = field(default_factory=lambda: ["aws-iid", "aws-sts"])
-    allowed_accounts: list[str] = field(default_factory=list)
-    # aws-sts: the STS origins replayed to (exact scheme, host and port); empty: AWS's STS host
-    # names over https only (sts.amazonaws.com, sts.<region>.amazonaws.com[.cn])
-    sts_endpoints: list[str] = field(default_factory=list)
-    account_roles: dict[str, str] = field(default_factory=dict)
-    targets: list[Target] = field(default_factory=list)
-
-    @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> Config:
-        e = {**os.environ, **(FUNCTION_ENV.get() or {})} if env is None else env
-        return cls(
-            inventory_table=e.get("RINGFENCE_INVENTORY_TABLE", ""),
-            state_table=e.get("RINGFENCE_STATE_TABLE", ""),
-            audit_table=e.get("RINGFENCE_AUDIT_TABLE", ""),
-            bucket=e.get("RINGFENCE_BUCKET", ""),
-            compute_queue_url=e.get("RINGFENCE_COMPUTE_QUEUE_URL", ""),
-            perimeter_queue_url=e.get("RINGFENCE_PERIMETER_QUEUE_URL", ""),
-            dlq_url=e.get("RINGFENCE_DLQ_URL", ""),
-            signing_key_ref=e.get("RINGFENCE_SIGNING_KEY", ""),
-            kms_key_id=e.get("RINGFENCE_KMS_KEY_ID") or None,
-            iid_cert_pem=e.get("RINGFENCE_IID_CERT", ""),
-            websocket_endpoint=e.get("RINGFENCE_WEBSOCKET_ENDPOINT") or None,
-            offline_after=int(e.get("RINGFENCE_OFFLINE_AFTER", "900")),
-            token_ttl=int(e.get("RINGFENCE_TOKEN_TTL", "3600")),
-            bundle_ttl=int(e.get("RINGFENCE_BUNDLE_TTL", str(7 * 86400))),
-            bundle_refresh_before=int(e.get("RINGFENCE_BUNDLE_REFRESH_BEFORE", str(4 * 86400))),
-            nonce_ttl=int(e.get("RINGFENCE_NONCE_TTL", "300")),
-            max_wait=min(25.0, float(e.get("RINGFENCE_MAX_WAIT", "25"))),
-            wait_poll_interval=max(0.05, float(e.get("RINGFENCE_WAIT_POLL_INTERVAL", "1"))),
-            lifecycle_gate=_gate(e.get("RINGFENCE_LIFECYCLE_GATE", "publish")),
-            enroll_methods=[m for m in e.get("RINGFENCE_ENROLL_METHODS", "aws-iid,aws-sts").split(",") if m],
-            allowed_accounts=[a for a in e.get("RINGFENCE_ALLOWED_ACCOUNTS", "").split(",") if a],
-            sts_endpoints=[u for u in e.get("RINGFENCE_STS_ENDPOINTS", "").split(",") if u],
-            account_roles=json.loads(e.get("RINGFENCE_ACCOUNT_ROLES", "{}") or "{}"),
-            targets=[Target(**t) for t in json.loads(e.get("RINGFENCE_RECONCILE_TARGETS", "[]") or "[]")],
-        )
-
-
-def _gate(value: str) -> str:
-    if value not in ("publish", "agent"):
-        raise ValueError(f"RINGFENCE_LIFECYCLE_GATE must be publish or agent, not {value!r}")
-    return value
-
-
-class BaseWiring:
-    """What the services (AgentApi, Admin, Compute, Ingest) use, whatever runs them: the AWS
-    :class:`Wiring` here, :class:`ringfence.local.wiring.LocalWiring` on one machine. Subclasses
-    provide ``signer``, ``enqueue_compute``, ``wait_for_change`` and ``ec2_for``; the policy
-    cache and the tag→label mapper are the same everywhere."""
-
-    cfg: Config
-    store: Store
-    publisher: Publisher
-    mapper_ttl = 30.0  # seconds; a DynamoDB read saved per event in a storm
-
-    def __init__(self, cfg: Config, store: Store, publisher: Publisher) -> None:
-        self.cfg = cfg
-        self.store = store
-        self.publisher = publisher
-        self._policies: dict[int, Policy] = {}
-        self._mapper: tuple[float, LabelMapper | None] | None = None
-        # (account, region, instance) → (describe time, instance or None): valid for one batch
-        self.prefetched: dict[tuple[str, str, str], tuple[float, dict[str, Any] | None]] = {}
-
-    @property
-    def signer(self) -> Any:
-        raise NotImplementedError
-
-    def ec2_for(self, account: str, region: str) -> Any:
-        raise NotImplementedError
-
-    def autoscaling_for(self, account: str, region: str) -> Any:
-        """The Auto Scaling client that confirms a terminate lifecycle action."""
-        raise NotImplementedError
-
-    def enqueue_compute(
-        self,
-        ids: Iterable[str] = (),
-        *,
-        rebuild: bool = False,
-        lifecycle: dict[str, Any] | None = None,
-        publish: list[str] | None = None,
-        enforced: list[str] | None = None,
-        refresh: bool = False,
-    ) -> None:
-        """Ask compute to take these workloads' inventory (and a lifecycle action, a rebuild,
-        re-renders or a refresh of bundles near expiry) into the engine; nothing is sent when
-        there is nothing to do. ``enforced``: instances whose agent now enforces (the agent API,
-        lifecycle gate "agent")."""
-        ids = list(dict.fromkeys(ids))
-        if not ids and not rebuild and lifecycle is None and not publish and not enforced and not refresh:
-            return
-        message: dict[str, Any] = {"ids": ids, "rebuild": rebuild, "lifecycle": lifecycle, "publish": publish or []}
-        if enforced:
-            message["enforced"] = list(enforced)
-        if refresh:
-            message["refresh"] = True
-        self.send_compute(message)
-
-    def send_compute(self, message: dict[str, Any]) -> None:
-        """Deliver one compute message (the compute queue in AWS, the worker thread on one machine)."""
-        raise NotImplementedError
-
-    def wait_for_change(self, seconds: float) -> None:
-        """Return when published state may have changed, or after ``seconds``."""
-        raise NotImplementedError
-
-    def enqueue_perimeter(self, ids: Iterable[str], *, lifecycle: dict[str, str] | None = None) -> bool:
-        """Hand changed workloads to the perimeter step; False where there is none (on one machine
-        no cloud perimeter is managed), so launches go straight to compute."""
-        return False
-
-    def policy(self, pv: PolicyVersion) -> Policy:
-        if pv.number not in self._policies:
-            self._policies[pv.number] = load_policy_texts(pv.texts(self.publisher.get))
-        return self._policies[pv.number]
-
-    def active_policy(self) -> tuple[PolicyVersion, Policy] | None:
-        pv = self.store.active_policy()
-        return (pv, self.policy(pv)) if pv is not None else None
-
-    def mapper(self) -> LabelMapper | None:
-        """The active policy's tag→label mapping, looked up at most every ``mapper_ttl`` seconds
-        (for the inventory's hygiene view only: compute always resolves labels with the exact
-        policy it compiles)."""
-        now = time.monotonic()
-        # "no policy yet" is never kept: the first events after provisioning get their labels
-        # (the perimeter places a launching instance by them)
-        if self._mapper is None or self._mapper[1] is None or now - self._mapper[0] > self.mapper_ttl:
-            active = self.active_policy()
-            self._mapper = (now, active[1].labels if active else None)
-        return self._mapper[1]
+from . import clients, ec2
+from .enroll import enroll_iid, enroll_sts
+from .publish import S3Publisher, WebSocketNotifier
 
 
 class Wiring(BaseWiring):
@@ -236,6 +30,7 @@ class Wiring(BaseWiring):
         self.sqs = clients.client("sqs")
         self._signer: Any = None
         self.changes = StoreChanges(self._head_mark, cfg.wait_poll_interval)
+        self.enrollers.update({"aws-iid": enroll_iid, "aws-sts": enroll_sts})
 
     @property
     def signer(self) -> Any:
@@ -254,6 +49,25 @@ class Wiring(BaseWiring):
 
     def autoscaling_for(self, account: str, region: str) -> Any:
         return clients.assumed_client("autoscaling", region, self.cfg.account_roles.get(account))
+
+    def complete_lifecycle(self, lc: dict[str, Any], instance_id: str) -> None:
+        ec2.complete_lifecycle(
+            clients.client("autoscaling", region=lc.get("region")),
+            lc["hook_name"],
+            lc["group_name"],
+            lc["token"],
+            instance_id,
+            "CONTINUE",
+        )
+
+    def default_notifier(self) -> Notifier:
+        """The WebSocket API, when one is configured."""
+        ws = None
+        if self.cfg.websocket_endpoint:
+            ws = clients.session().client(
+                "apigatewaymanagementapi", endpoint_url=self.cfg.websocket_endpoint, config=clients.RETRIES
+            )
+        return WebSocketNotifier(ws, self.store)
 
     def wait_for_change(self, seconds: float) -> None:
         """Block until the store may hold something new, at most ``seconds``. Nothing in AWS tells

@@ -9,7 +9,6 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from typing import Any
 
 from ringfence import agentapi
 from ringfence.store.base import (
@@ -19,17 +18,9 @@ from ringfence.store.base import (
     InventoryRecord,
 )
 
-from . import artifact, clients, credentials, ec2
+from . import artifact, credentials
 from .api import Response, error, secret_hash
-from .enroll import (
-    ProofError,
-    check_sts_request,
-    instance_profile_roles,
-    load_public_key,
-    replay_sts,
-    verify_iid,
-)
-from .ingest import observe_instances
+from .enroll import ProofError
 from .launchgate import report_enforcing
 from .publish import PUBLIC_KEYS_KEY
 from .wiring import BaseWiring, log
@@ -42,7 +33,6 @@ class AgentApi:
         self.w = w
         self._documents: OrderedDict[str, bytes] = OrderedDict()  # key → stored bytes, least recent first
         self._documents_lock = threading.Lock()  # serve answers from a thread pool
-        self._iid_key: Any = None
         self._public_keys: str | None = None
         self._reported: set[str] = set()  # instances whose agent's enforcing is recorded (lifecycle gate "agent")
 
@@ -54,21 +44,17 @@ class AgentApi:
     def enroll(self, req: agentapi.EnrollRequest) -> Response:
         if req.method not in self.w.cfg.enroll_methods:
             return error(400, "unsupported enrollment method", f"{req.method} is not enabled on this control plane")
+        enroller = self.w.enrollers.get(req.method)
+        if enroller is None:  # configured, but this wiring has no such proof (another cloud's method)
+            return error(400, "unsupported enrollment method", f"{req.method} is not enabled on this control plane")
         try:
-            if req.method == "aws-iid":
-                wid = self._enroll_iid(req)
-            elif req.method == "pairing":
-                wid = self._enroll_pairing(req)
-            elif req.method == "aws-sts":
-                wid = self._enroll_sts(req)
-            else:
-                return error(400, "unsupported enrollment method", f"{req.method} is not enabled on this control plane")
+            wid = enroller(self, req)
         except ProofError as exc:
             log.warning("enrollment refused: %s", exc)
             return error(401, "enrollment refused", str(exc))
         token = self._issue(wid, "agent.enroll", method=req.method, agent_key=self._key_id(req.agent_key))
         with contextlib.suppress(KeyError):
-            self.w.store.set_liveness(wid, enrolled=True, heartbeat=ec2.now(), offline=False)
+            self.w.store.set_liveness(wid, enrolled=True, heartbeat=time.time(), offline=False)
         return Response(
             200,
             agentapi.EnrollResponse(
@@ -102,7 +88,7 @@ class AgentApi:
         credentials.audit(self.w, action, wid, f"agent:{wid}", expires_in=self.w.cfg.token_ttl, **detail)
         return token
 
-    def _bind_key(self, req: agentapi.EnrollRequest, wid: str, *, required: bool, replace: bool) -> None:
+    def bind_key(self, req: agentapi.EnrollRequest, wid: str, *, required: bool, replace: bool) -> None:
         """Check the agent's signature over the nonce with the key it presents and bind that key to
         ``wid``. Without ``replace`` the first binding wins: another key is refused (and audited)."""
         if req.agent_key is None:
@@ -125,76 +111,6 @@ class AgentApi:
                 f"{wid} is enrolled with another agent key: a second claim of its identity is refused "
                 "(the bound agent renews with its key; an operator resets a lost one)"
             )
-
-    def _enroll_iid(self, req: agentapi.EnrollRequest) -> str:
-        if not req.document or not req.document_signature:
-            raise ProofError("aws-iid needs document and document_signature")
-        if self._iid_key is None:
-            self._iid_key = load_public_key(self.w.cfg.iid_cert_pem.encode())
-        ident = verify_iid(req.document, req.document_signature, self._iid_key)
-        if self.w.cfg.allowed_accounts and ident.account not in self.w.cfg.allowed_accounts:
-            raise ProofError(f"account {ident.account} is not enrolled with this control plane")
-        if req.agent_key is None:
-            raise ProofError("aws-iid needs agent_key and agent_signature (the agent's own key)")
-        if not self.w.store.burn_nonce(req.nonce):
-            raise ProofError("nonce is unknown, expired or already used")
-        # the document is public to anything on the instance and may be captured: it names the
-        # instance, the agent's key (signing this nonce) is what a second claimant lacks
-        credentials.verify_proof(req.agent_key, req.agent_signature, "enroll", ident.instance_id, req.nonce)
-        live = ec2.describe(self.w.ec2_for(ident.account, ident.region), [ident.instance_id]).get(ident.instance_id)
-        if live is None or live.get("State", {}).get("Name") not in ("pending", "running"):
-            raise ProofError(f"instance {ident.instance_id} is not running")
-        if ident.private_ip and ident.private_ip not in ec2.instance_ips(live):
-            raise ProofError(f"instance {ident.instance_id} does not have the document's address")
-        self._bind_key(req, ident.instance_id, required=True, replace=False)
-        if self.w.store.get(ident.instance_id) is None:
-            observe_instances(self.w, ident.account, ident.region, [ident.instance_id])
-            self.w.enqueue_compute([ident.instance_id])
-        return ident.instance_id
-
-    def _enroll_sts(self, req: agentapi.EnrollRequest) -> str:
-        if not req.sts_url or not req.sts_headers:
-            raise ProofError("aws-sts needs sts_url and sts_headers")
-        check_sts_request(req.sts_url, req.sts_headers, req.nonce, self.w.cfg.sts_endpoints)
-        if not self.w.store.burn_nonce(req.nonce):
-            raise ProofError("nonce is unknown, expired or already used")
-        ident = replay_sts(req.sts_url, req.sts_headers)
-        if self.w.cfg.allowed_accounts and ident.account not in self.w.cfg.allowed_accounts:
-            raise ProofError(f"account {ident.account} is not enrolled with this control plane")
-        rec = self.w.store.get(ident.instance_id)
-        if rec is None or rec.workload.account != ident.account or not rec.active:
-            raise ProofError(f"{ident.instance_id} is not a running instance of account {ident.account} in inventory")
-        # the session name is the caller's choice: the role must be the one EC2 hands this instance
-        region = rec.workload.region or ""
-        live = ec2.describe(self.w.ec2_for(ident.account, region), [ident.instance_id]).get(ident.instance_id)
-        if live is None or live.get("State", {}).get("Name") != "running":
-            raise ProofError(f"instance {ident.instance_id} is not running")
-        iam = clients.assumed_client("iam", region, self.w.cfg.account_roles.get(ident.account))
-        if ident.role not in instance_profile_roles(iam, live):
-            raise ProofError(f"role {ident.role} is not the instance profile role of {ident.instance_id}")
-        # a live proof of the instance's credentials: it may (re)bind the agent's key
-        self._bind_key(req, ident.instance_id, required=False, replace=True)
-        return ident.instance_id
-
-    def _enroll_pairing(self, req: agentapi.EnrollRequest) -> str:
-        if not req.pairing_key or not req.workload_id:
-            raise ProofError("pairing needs pairing_key and workload_id")
-        if not self.w.store.burn_nonce(req.nonce):
-            raise ProofError("nonce is unknown, expired or already used")
-        rec = self.w.store.get(req.workload_id)
-        if rec is not None and rec.workload.cloud != "onprem":
-            # a cloud instance proves its identity with the cloud's document, never with a key
-            raise ProofError(
-                f"{req.workload_id} is a {rec.workload.cloud} instance: pairing is for on-premise workloads"
-            )
-        if req.agent_key is not None:
-            credentials.verify_proof(req.agent_key, req.agent_signature, "enroll", req.workload_id, req.nonce)
-        # the key is spent only by the workload it was issued for (checked and spent atomically)
-        if not self.w.store.use_pairing(secret_hash(req.pairing_key), req.workload_id):
-            raise ProofError(f"pairing key is unknown, expired, used up or not issued for {req.workload_id}")
-        # an operator-issued key may rebind the agent key (a reinstalled host)
-        self._bind_key(req, req.workload_id, required=False, replace=True)
-        return req.workload_id
 
     def refresh(self, workload_id: str, req: agentapi.TokenRequest) -> Response:
         """A new access token for an enrolled agent: a signature by its bound key over a fresh
@@ -339,7 +255,7 @@ class AgentApi:
         rec = self.w.store.get(workload_id)
         if rec is None:
             return error(404, "unknown workload")
-        self.w.store.set_liveness(workload_id, heartbeat=ec2.now(), offline=False if rec.offline else None)
+        self.w.store.set_liveness(workload_id, heartbeat=time.time(), offline=False if rec.offline else None)
         if rec.offline:
             log.info("agent %s is back online: rejoining peers' sets", workload_id)
             self.w.enqueue_compute([workload_id])

@@ -20,9 +20,8 @@ from ringfence.store.base import (
     PolicyVersion,
 )
 
-from . import clients, ec2
 from .launchgate import LaunchGate
-from .publish import PUBLIC_KEYS_KEY, Notifier, WebSocketNotifier
+from .publish import PUBLIC_KEYS_KEY, Notifier
 from .wiring import BaseWiring, Metric, log, no_metric
 
 T = TypeVar("T")
@@ -59,14 +58,7 @@ class Compute:
         # re-signs every bundle, so a workload missing here is re-signed by the next refresh
         self.expiry: dict[str, int] = {}
         self._published_key: str | None = None  # the key id whose public key is published
-        if notifier is None:  # in AWS: the WebSocket API, when one is configured
-            ws = None
-            if w.cfg.websocket_endpoint:
-                ws = clients.session().client(
-                    "apigatewaymanagementapi", endpoint_url=w.cfg.websocket_endpoint, config=clients.RETRIES
-                )
-            notifier = WebSocketNotifier(ws, w.store)
-        self.notifier = notifier
+        self.notifier = notifier if notifier is not None else w.default_notifier()
         self.gate = LaunchGate(w, metric)
 
     def run(self, messages: list[dict[str, Any]]) -> ComputeStats:
@@ -292,7 +284,7 @@ class Compute:
                 self.metric("LifecycleLeftToTimeout", 1)
                 continue
             if launching and self.w.cfg.lifecycle_gate == "agent":
-                # completed only once its agent enforces too (ringfence.clouds.aws.launchgate)
+                # completed only once its agent enforces too (ringfence.control.launchgate)
                 outcome = self.gate.handed_on(lc)
                 if outcome == "completed":
                     stats.lifecycle_completed.append(iid)
@@ -301,15 +293,7 @@ class Compute:
                     stats.lifecycle_awaiting_agent.append(iid)
                 continue
             try:
-                region = lc.get("region")
-                ec2.complete_lifecycle(
-                    clients.client("autoscaling", region=region),
-                    lc["hook_name"],
-                    lc["group_name"],
-                    lc["token"],
-                    iid,
-                    "CONTINUE",
-                )
+                self.w.complete_lifecycle(lc, iid)
                 stats.lifecycle_completed.append(iid)
             except Exception as exc:
                 log.error(

@@ -26,7 +26,6 @@ from typing import Any
 
 from ringfence.store.base import ACTIVE_STATES, LaunchHold
 
-from . import clients, ec2
 from .wiring import BaseWiring, Metric, log, no_metric
 
 
@@ -86,14 +85,7 @@ class LaunchGate:
             return f"instance {state}"
         lc = hold.lifecycle
         try:
-            ec2.complete_lifecycle(
-                clients.client("autoscaling", region=lc.get("region")),
-                lc["hook_name"],
-                lc["group_name"],
-                lc["token"],
-                iid,
-                "CONTINUE",
-            )
+            self.w.complete_lifecycle(lc, iid)
         except Exception as exc:  # e.g. the hook timed out already: its default result stands
             log.error("CompleteLifecycleAction for %s failed (%s): the hook times out into its default", iid, exc)
             self.w.store.hold_launch(iid, released_at=time.time(), outcome=f"not completed: {exc}")

@@ -1,0 +1,55 @@
+"""Enrollment dispatch, independent of how an instance proves its identity.
+
+An :class:`Enroller` checks one method's proof (``aws-iid``, ``aws-sts``, ``azure-attested``,
+``pairing``…) and returns the workload id it proves; the agent API
+(:class:`~ringfence.control.agents.AgentApi`) turns that into a token. Each cloud's wiring names
+the enrollers it offers (:attr:`~ringfence.control.wiring.BaseWiring.enrollers`); the
+configuration (``enroll_methods``) says which of them this control plane accepts. Pairing keys are
+the cloud-neutral method and live here.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+from ringfence import agentapi
+
+from .api import secret_hash
+
+if TYPE_CHECKING:
+    from .agents import AgentApi
+
+
+class ProofError(ValueError):
+    """The identity proof is invalid (maps to 401)."""
+
+
+class Enroller(Protocol):
+    """One enrollment method: the proof in ``req`` → the workload id it proves (ProofError if
+    it proves nothing). ``api`` offers the nonce store and the agent-key binding
+    (:meth:`~ringfence.control.agents.AgentApi.bind_key`)."""
+
+    def __call__(self, api: AgentApi, req: agentapi.EnrollRequest) -> str: ...
+
+
+def enroll_pairing(api: AgentApi, req: agentapi.EnrollRequest) -> str:
+    """An operator-issued one-time pairing key for an on-premise workload."""
+    from . import credentials
+
+    if not req.pairing_key or not req.workload_id:
+        raise ProofError("pairing needs pairing_key and workload_id")
+    store = api.w.store
+    if not store.burn_nonce(req.nonce):
+        raise ProofError("nonce is unknown, expired or already used")
+    rec = store.get(req.workload_id)
+    if rec is not None and rec.workload.cloud != "onprem":
+        # a cloud instance proves its identity with the cloud's document, never with a key
+        raise ProofError(f"{req.workload_id} is a {rec.workload.cloud} instance: pairing is for on-premise workloads")
+    if req.agent_key is not None:
+        credentials.verify_proof(req.agent_key, req.agent_signature, "enroll", req.workload_id, req.nonce)
+    # the key is spent only by the workload it was issued for (checked and spent atomically)
+    if not store.use_pairing(secret_hash(req.pairing_key), req.workload_id):
+        raise ProofError(f"pairing key is unknown, expired, used up or not issued for {req.workload_id}")
+    # an operator-issued key may rebind the agent key (a reinstalled host)
+    api.bind_key(req, req.workload_id, required=False, replace=True)
+    return req.workload_id
