@@ -204,7 +204,7 @@ def test_launch_by_the_tagging_role_is_labeled(env: Env) -> None:
 
 
 def test_admin_binding_grants_a_held_move_and_is_audited(env: Env) -> None:
-    from ringfence.clouds.aws.governance import bind_labels
+    from ringfence.control.governance import bind_labels
 
     est = governed_estate(env)
     dev = est["dev"]

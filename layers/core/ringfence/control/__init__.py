@@ -5,6 +5,7 @@
 ``enroll``         enrollment dispatch: method → :class:`~ringfence.control.enroll.Enroller`;
                    pairing keys (each cloud adds its identity proofs: ``clouds.aws.enroll``)
 ``credentials``    the agent-key proofs and the audit of credentials
+``governance``     every observation's labels governed (privileged values, holds, grants, findings)
 ``admin``          provision policy, modes, quarantine, pairing keys — each audited
 ``compute``        inventory changes → engine → signed bundles and deltas → agents nudged
 ``launchgate``     a held launch released once its perimeter and its agent are in place

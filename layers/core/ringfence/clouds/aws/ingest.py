@@ -8,13 +8,13 @@ from typing import Any
 
 from ringfence.audit import AuditRecord
 from ringfence.control import credentials
+from ringfence.control.governance import govern_record
 from ringfence.control.wiring import BaseWiring, Metric, log, no_metric
 from ringfence.events import DomainEvent, Kind, MalformedEvent, normalize
 from ringfence.governance import TagChange
 from ringfence.store.base import ACTIVE_STATES
 
 from . import ec2
-from .governance import govern_record
 
 # --- ingest ---------------------------------------------------------------------------------------
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ringfence.control import credentials
+from ringfence.control.governance import govern_record
 from ringfence.control.wiring import Metric, no_metric
 from ringfence.store.base import ACTIVE_STATES, InventoryRecord
 
 from . import clients, ec2
-from .governance import govern_record
 from .wiring import Wiring
 
 # --- reconcile --------------------------------------------------------------------------------------

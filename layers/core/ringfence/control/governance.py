@@ -1,4 +1,4 @@
-"""Governed labels on AWS: every observation of an instance passes :func:`ringfence.governance.govern`
+"""Governed labels, whatever the cloud: every observation of an instance passes :func:`ringfence.governance.govern`
 before it is stored, and held moves are reported (metric, audit record, SIEM-ready JSON log line,
 optional quarantine). Admin bindings (:func:`bind_labels`) are audited grants of privileged values.
 """

@@ -1,0 +1,151 @@
+"""Event Grid deliveries (the Event Grid event schema) → what changed, where: models apart from the
+wire format, no SDK and no I/O here.
+
+Two kinds of source feed it (docs/deploy-azure.md):
+
+* the subscription's system topic (``Microsoft.Resources.ResourceWriteSuccess`` /
+  ``ResourceDeleteSuccess``): routed on ``data.operationName``; these carry no resource payload
+  and no tags, so the VM is read back from ARM (:mod:`.ingest`). They name the caller
+  (``data.claims``), which is kept as the change's principal;
+* Azure Resource Notifications (``Microsoft.ResourceNotifications.Resources.CreatedOrUpdated`` /
+  ``Deleted``): ``data.resourceInfo`` is the resource itself, tags included; no caller.
+
+A Tags API write (``Microsoft.Resources/tags/write``) names the tagged resource either directly
+or as its ``/providers/Microsoft.Resources/tags/default`` child (both are accepted: which one
+Azure sends is not documented).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .model import NIC, SCALE_SET_VM, SCALE_SET_VM_NIC, VM, ArmId
+
+VALIDATION = "Microsoft.EventGrid.SubscriptionValidationEvent"
+WRITE = "Microsoft.Resources.ResourceWriteSuccess"
+DELETE = "Microsoft.Resources.ResourceDeleteSuccess"
+NOTIFIED = "Microsoft.ResourceNotifications.Resources.CreatedOrUpdated"
+NOTIFIED_DELETE = "Microsoft.ResourceNotifications.Resources.Deleted"
+SCALE_SET = "microsoft.compute/virtualmachinescalesets"
+_TAGS_CHILD = "/providers/microsoft.resources/tags/default"
+
+# the resource types whose writes and deletes change a workload (lower case, as ArmId.type)
+WATCHED = {VM, SCALE_SET_VM, NIC, SCALE_SET_VM_NIC, SCALE_SET}
+
+OID_CLAIM = "http://schemas.microsoft.com/identity/claims/objectidentifier"
+TID_CLAIM = "http://schemas.microsoft.com/identity/claims/tenantid"
+
+
+class MalformedDelivery(ValueError):
+    """The body is not an Event Grid delivery (400; nothing is changed)."""
+
+
+class GridEvent(BaseModel):
+    """One event of the Event Grid event schema."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    id: str
+    topic: str = ""
+    subject: str = ""
+    event_type: str = Field(alias="eventType")
+    event_time: str = Field("", alias="eventTime")
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+def parse_delivery(body: bytes | str) -> list[GridEvent]:
+    """A delivery: a JSON array of events (Event Grid schema). MalformedDelivery naming the index."""
+    try:
+        raw = json.loads(body)
+    except ValueError as exc:
+        raise MalformedDelivery(f"body is not JSON: {exc}") from None
+    if isinstance(raw, dict):
+        raw = [raw]
+    if not isinstance(raw, list):
+        raise MalformedDelivery("body must be a JSON array of Event Grid events")
+    out = []
+    for i, item in enumerate(raw):
+        try:
+            out.append(GridEvent.model_validate(item))
+        except ValidationError as exc:
+            where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise MalformedDelivery(f"event [{i}]: {where}") from None
+    return out
+
+
+def validation_code(events: list[GridEvent]) -> str | None:
+    """The handshake's ``data.validationCode`` if this delivery is the subscription validation."""
+    for ev in events:
+        if ev.event_type == VALIDATION:
+            code = ev.data.get("validationCode")
+            if not isinstance(code, str) or not code:
+                raise MalformedDelivery("SubscriptionValidationEvent without data.validationCode")
+            return code
+    return None
+
+
+@dataclass(frozen=True)
+class Change:
+    """What one event says: ``resource`` (an ARM id) was written or deleted, by ``principal`` when
+    the event names one; ``resource_info``: the resource as it is now (Resource Notifications)."""
+
+    event_id: str
+    kind: Literal["write", "delete"]
+    resource: ArmId
+    principal: str | None = None
+    resource_info: dict[str, Any] | None = None
+
+
+def principal_of(data: dict[str, Any]) -> str | None:
+    """The caller an ARM event names: ``azure:<tenant>/<object id>`` (the object id is the one
+    identifier of a user, group member or service principal that cannot be renamed or reused;
+    allow-list taggers by it)."""
+    claims = data.get("claims") or {}
+    oid = claims.get(OID_CLAIM) or claims.get("oid")
+    tid = claims.get(TID_CLAIM) or claims.get("tid") or data.get("tenantId")
+    if not oid:
+        return None
+    return f"azure:{tid}/{oid}" if tid else f"azure:{oid}"
+
+
+def _resource_of(resource_id: str) -> ArmId | None:
+    rid = resource_id.strip()
+    if rid.lower().endswith(_TAGS_CHILD):
+        rid = rid[: -len(_TAGS_CHILD)]
+    try:
+        return ArmId.parse(rid)
+    except ValueError:
+        return None
+
+
+def change_of(ev: GridEvent) -> Change | None:
+    """The workload-relevant change of one event; None for events of other resources or types."""
+    if ev.event_type in (WRITE, DELETE):
+        op = str(ev.data.get("operationName", "")).lower()
+        target = _resource_of(str(ev.data.get("resourceUri") or ev.subject))
+        if target is None:
+            return None
+        if op.startswith("microsoft.resources/tags/"):
+            kind: Literal["write", "delete"] = "write"  # a tag removed is a write of the resource
+        elif op == f"{target.type}/write":
+            kind = "write"
+        elif op == f"{target.type}/delete":
+            kind = "delete"
+        else:
+            return None  # an action (start, restart…) or another resource's operation
+        if target.type not in WATCHED:
+            return None
+        return Change(ev.id, kind, target, principal_of(ev.data))
+    if ev.event_type in (NOTIFIED, NOTIFIED_DELETE):
+        info = ev.data.get("resourceInfo") or {}
+        target = _resource_of(str(info.get("id") or ev.subject))
+        if target is None or target.type not in WATCHED:
+            return None
+        if ev.event_type == NOTIFIED_DELETE:
+            return Change(ev.id, "delete", target)
+        return Change(ev.id, "write", target, resource_info=info if info.get("properties") else None)
+    return None

@@ -1,0 +1,90 @@
+"""Azure VMs (and scale sets' VMs) and their NICs → governed inventory records, per subscription."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ringfence.control import credentials
+from ringfence.control.governance import govern_record
+from ringfence.control.wiring import BaseWiring, Metric, log, no_metric
+from ringfence.governance import TagChange
+
+from .arm import Arm
+from .model import ArmId, AzureNic, AzureVm, nic_from_wire, to_record, tombstone, vm_from_wire
+
+
+@dataclass
+class InventoryResult:
+    seen: int = 0
+    changed: list[str] = field(default_factory=list)
+    gone: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # resources ARM returned that are not VMs we can read
+
+
+def read_vms(raw: Iterable[dict[str, Any]], res: InventoryResult) -> list[AzureVm]:
+    out = []
+    for item in raw:
+        try:
+            out.append(vm_from_wire(item))
+        except ValueError as exc:
+            log.warning("azure: %s", exc)
+            res.skipped.append(str(item.get("id")))
+    return out
+
+
+def observe(
+    w: BaseWiring,
+    vms: list[AzureVm],
+    nics: dict[str, AzureNic],
+    change: TagChange | None = None,
+    *,
+    event_id: str = "",
+    metric: Metric = no_metric,
+) -> set[str]:
+    """Store what these VMs are now (governed against the stored records); the ids that changed."""
+    mapper = w.mapper()
+    stored = w.store.get_many([v.vm_id for v in vms])
+    t0 = time.time()
+    changed: set[str] = set()
+    for vm in vms:
+        rec = to_record(vm, nics, t0, mapper)
+        rec, governed = govern_record(w, rec, stored.get(vm.vm_id), change, event_id=event_id, metric=metric)
+        if w.store.observe(rec) or governed:
+            changed.add(vm.vm_id)
+            if rec.state == "terminated":
+                credentials.retire(w, vm.vm_id, "VM deleted")
+    return changed
+
+
+def nics_by_id(raw: Iterable[dict[str, Any]]) -> dict[str, AzureNic]:
+    return {n.id.lower(): n for n in (nic_from_wire(x) for x in raw)}
+
+
+def observe_subscription(w: BaseWiring, arm: Arm, metric: Metric = no_metric) -> InventoryResult:
+    """A full sync of one subscription: every VM, every scale set's VMs, their NICs; stored Azure
+    workloads of the subscription that ARM no longer lists are gone. Reconcile and deletes run it."""
+    res = InventoryResult()
+    vms = read_vms(arm.vms(), res)
+    nics = nics_by_id(arm.nics())
+    for ss in arm.scale_sets():
+        sid = ArmId.parse(ss["id"])
+        group, name = sid.group, sid.names[0]
+        vms.extend(read_vms(arm.scale_set_vms(group, name), res))
+        nics.update(nics_by_id(arm.scale_set_nics(group, name)))
+    res.seen = len(vms)
+    changed = observe(w, vms, nics, metric=metric)
+    live = {v.vm_id for v in vms}
+    t0 = time.time()
+    for rec in w.store.all_records():
+        mine = rec.workload.cloud == "azure" and (rec.workload.account or "").lower() == arm.subscription.lower()
+        gone = mine and rec.id not in live and rec.state != "terminated"
+        if gone and w.store.observe(tombstone(rec.id, arm.subscription, rec.workload.region, t0)):
+            changed.add(rec.id)
+            res.gone.append(rec.id)
+            credentials.retire(w, rec.id, "VM gone (azure inventory)")
+    res.changed = sorted(changed)
+    w.enqueue_compute(res.changed)
+    return res
