@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import os
 import queue
 import re
 import secrets
@@ -29,7 +30,7 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ log = logging.getLogger("ringfence.serve")
 AGENT_PREFIX = "/v1/"
 ADMIN_PREFIX = "/admin/"
 DEFAULT_THREADS = 512  # concurrent requests in resolvers: each waiting agent holds one
+MAX_EVENT_BODY = 1024 * 1024  # an Event Grid delivery is at most 1 MB
 MAX_AGENT_BODY = 1024 * 1024  # the largest agent body is a report batch (256 KiB): some headroom
 MAX_ADMIN_BODY = 16 * 1024 * 1024  # policy files
 
@@ -272,13 +274,23 @@ class ServeApp:
     tokens: AdminTokens | None
     threads: int = DEFAULT_THREADS
     asgi: Any = None
+    # cloud name → the handler of its event deliveries (``POST /events/<cloud>``): headers, body → answer
+    cloud_events: dict[str, Callable[[Mapping[str, str], bytes], Any]] = field(default_factory=dict)
 
     @classmethod
     def over(
-        cls, wiring: Any, tokens: AdminTokens | None, threads: int = DEFAULT_THREADS, onprem: bool | None = None
+        cls,
+        wiring: Any,
+        tokens: AdminTokens | None,
+        threads: int = DEFAULT_THREADS,
+        onprem: bool | None = None,
+        azure: Any = None,
     ) -> ServeApp:
         """The APIs over ``wiring``; ``onprem`` (default: whether it is the local wiring) adds the
-        admin routes of on-premise workloads (register, CMDB import, deregister)."""
+        admin routes of on-premise workloads (register, CMDB import, deregister). ``azure`` (a
+        :class:`ringfence.clouds.azure.wiring.Azure`; default: one from the environment when
+        ``RINGFENCE_AZURE_SUBSCRIPTIONS`` is set) adds ``POST /events/azure`` (Event Grid) and the
+        ``azure-attested`` enrollment."""
         from ringfence.clouds.onprem import OnPremAdmin
         from ringfence.control.agents import AgentApi
         from ringfence.routes.admin import admin_routes, token_roles
@@ -293,7 +305,18 @@ class ServeApp:
             admin = ResolverPool(
                 lambda: admin_routes(lambda: adm, onprem=(lambda: adm) if local else None, roles_of=token_roles)
             )
-        return cls(agent, admin, tokens, threads)
+        events: dict[str, Callable[[Mapping[str, str], bytes], Any]] = {}
+        if azure is None and os.environ.get("RINGFENCE_AZURE_SUBSCRIPTIONS"):
+            from ringfence.clouds.azure.wiring import Azure, AzureConfig
+
+            azure = Azure(AzureConfig.from_env())
+        if azure is not None:
+            from ringfence.clouds.azure.ingest import AzureEvents
+            from ringfence.clouds.azure.wiring import attach
+
+            attach(wiring, azure)
+            events["azure"] = AzureEvents(wiring, azure).handle
+        return cls(agent, admin, tokens, threads, cloud_events=events)
 
     def __post_init__(self) -> None:
         import anyio
@@ -352,6 +375,17 @@ class ServeApp:
                 )
             return await dispatch(request, self.admin, MAX_ADMIN_BODY, *held)
 
+        async def cloud_event(request: Request) -> Response:
+            handle = self.cloud_events.get(request.path_params["cloud"])
+            if handle is None:
+                return error(404, "no such event source", "configured: " + ", ".join(sorted(self.cloud_events)))
+            body = await read_body(request, MAX_EVENT_BODY)
+            if body is None:
+                return error(413, "request too large", f"over {MAX_EVENT_BODY} bytes")
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers.raw}
+            out = await anyio.to_thread.run_sync(handle, headers, body, limiter=limiter)
+            return JSONResponse(out.body, out.status, headers=out.headers)
+
         async def healthz(request: Request) -> Response:
             return JSONResponse({"ok": True})
 
@@ -360,6 +394,7 @@ class ServeApp:
             routes=[
                 Route(AGENT_PREFIX + "{rest:path}", agent, methods=methods),
                 Route(ADMIN_PREFIX + "{rest:path}", admin, methods=methods),
+                Route("/events/{cloud}", cloud_event, methods=["POST"]),
                 Route("/healthz", healthz, methods=["GET"]),
             ]
         )
