@@ -28,6 +28,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 PAGE_SIZE = 50
+# read-only properties ARM keeps across a PUT that leaves them out (the SDK drops read-only fields)
+PLATFORM_SET = ("virtualMachine", "vmId", "macAddress", "virtualMachineScaleSet")
 
 
 def _segments(path: str) -> tuple[str, str | None, list[str]] | None:
@@ -201,6 +203,12 @@ class ArmServer:
                 if not isinstance(body, dict):
                     return 400, _error("InvalidRequestContent", "a JSON object is required"), {}
                 created = key not in self.resources
+                if not created:  # what the platform sets is not the caller's to drop (ARM ignores it in a PUT)
+                    old = self.resources[key].get("properties") or {}
+                    props = body.setdefault("properties", {})
+                    for k in PLATFORM_SET:
+                        if k in old and k not in props:
+                            props[k] = old[k]
                 res = self._store(path, body)
                 if not created:
                     return 200, res, {}
