@@ -18,6 +18,7 @@ from ringfence.control.wiring import BaseWiring, Metric, log, no_metric
 from ringfence.governance import TagChange
 
 from .arm import Arm
+from .entra import EntraVerifier, TokenRefused
 from .events import SCALE_SET, Change, MalformedDelivery, change_of, parse_delivery, validation_code
 from .inventory import InventoryResult, nics_by_id, observe, observe_subscription
 from .model import NIC, SCALE_SET_VM, SCALE_SET_VM_NIC, VM, ArmId, AzureNic, AzureVm, vm_from_wire
@@ -39,15 +40,34 @@ class AzureEvents:
         self.w = w
         self.azure = azure
         self.metric = metric
+        cfg = azure.cfg
+        self.entra = (
+            EntraVerifier(cfg.eventgrid_tenant, cfg.eventgrid_audience, cfg.eventgrid_jwks_url)
+            if cfg.eventgrid_tenant and cfg.eventgrid_audience
+            else None
+        )
+
+    def authenticate(self, h: Mapping[str, str]) -> Response | None:
+        """Each configured check must hold: the delivery secret, the Entra ID token. None: both off."""
+        secret = self.azure.cfg.eventgrid_secret
+        if not secret and self.entra is None:
+            return error(503, "azure events are off", "configure RINGFENCE_EVENTGRID_SECRET or an Entra ID audience")
+        if secret and not hmac.compare_digest(h.get(SECRET_HEADER, "").encode(), secret.encode()):
+            self.metric("AzureDeliveriesRefused", 1)
+            return error(401, "delivery refused", f"missing or wrong {SECRET_HEADER} header")
+        if self.entra is not None:
+            try:
+                self.entra.verify(h.get("authorization"))
+            except TokenRefused as exc:
+                self.metric("AzureDeliveriesRefused", 1)
+                return error(401, "delivery refused", str(exc))
+        return None
 
     def handle(self, headers: Mapping[str, str], body: bytes) -> Response:
         h = {k.lower(): v for k, v in headers.items()}
-        secret = self.azure.cfg.eventgrid_secret
-        if not secret:
-            return error(503, "azure events are off", "no RINGFENCE_EVENTGRID_SECRET is configured")
-        if not hmac.compare_digest(h.get(SECRET_HEADER, "").encode(), secret.encode()):
-            self.metric("AzureDeliveriesRefused", 1)
-            return error(401, "delivery refused", f"missing or wrong {SECRET_HEADER} header")
+        refused = self.authenticate(h)
+        if refused is not None:
+            return refused
         try:
             events = parse_delivery(body)
             code = validation_code(events)

@@ -23,6 +23,10 @@ class AzureConfig:
     eventgrid_secret: str = ""
     # PEM roots the IMDS attested document's signer must chain to (azure-attested enrollment)
     attested_roots_pem: str = ""
+    # Entra ID tokens on deliveries (Event Grid's secure webhook): the tenant and the app's id or URI
+    eventgrid_tenant: str = ""
+    eventgrid_audience: str = ""
+    eventgrid_jwks_url: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> AzureConfig:
@@ -34,6 +38,9 @@ class AzureConfig:
             arm_url=e.get("RINGFENCE_AZURE_ARM_URL") or None,
             eventgrid_secret=e.get("RINGFENCE_EVENTGRID_SECRET", ""),
             attested_roots_pem=e.get("RINGFENCE_AZURE_ATTESTED_ROOTS", ""),
+            eventgrid_tenant=e.get("RINGFENCE_EVENTGRID_TENANT", ""),
+            eventgrid_audience=e.get("RINGFENCE_EVENTGRID_AUDIENCE", ""),
+            eventgrid_jwks_url=e.get("RINGFENCE_EVENTGRID_JWKS_URL") or None,
         )
 
     def governs(self, subscription: str) -> bool:

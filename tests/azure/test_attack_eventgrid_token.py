@@ -1,0 +1,117 @@
+"""Event Grid deliveries authenticated by an Entra ID token (secure webhook): the signature by the
+tenant's published key, audience, issuer, expiry and Event Grid's app role — each attack refused
+with nothing stored. The tenant's keys are served on loopback as login.microsoftonline.com serves them."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from ringfence.clouds.azure.entra import EVENT_GRID_ROLE
+from ringfence.clouds.azure.ingest import AzureEvents
+from ringfence.clouds.azure.wiring import Azure, AzureConfig
+from ringfence.local.azure_arm import ArmServer
+from ringfence.local.wiring import LocalWiring
+
+from .conftest import PROD_WEB, SUB, seed_vm, vm_id
+
+TENANT = "72f988bf-0000-4000-8000-000000000001"
+AUDIENCE = "api://ringfence-events"
+VM = "9d000000-0000-4000-8000-00000000e001"
+KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+OTHER_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="module")
+def jwks_url() -> Iterator[str]:
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(KEY.public_key()))
+    body = json.dumps({"keys": [{**jwk, "kid": "k1", "use": "sig", "alg": "RS256"}]}).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a: Any) -> None:
+            return None
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/{TENANT}/discovery/v2.0/keys"
+    server.shutdown()
+    server.server_close()
+
+
+def token(key: rsa.RSAPrivateKey = KEY, kid: str = "k1", **over: Any) -> str:
+    now = int(time.time())
+    claims = {
+        "aud": AUDIENCE,
+        "iss": f"https://sts.windows.net/{TENANT}/",
+        "iat": now,
+        "nbf": now,
+        "exp": now + 600,
+        "roles": [EVENT_GRID_ROLE],
+        "appid": "4962773b-9cdb-44cf-a8bf-237846a00ab7",
+        **over,
+    }
+    return jwt.encode(claims, key, algorithm="RS256", headers={"kid": kid})
+
+
+@pytest.fixture
+def events(arm: ArmServer, azure: Azure, wiring: LocalWiring, jwks_url: str) -> AzureEvents:
+    seed_vm(arm, "web-1", VM, "10.20.1.4", PROD_WEB)
+    cfg = AzureConfig(
+        subscriptions=[SUB],
+        arm_url=arm.url,
+        eventgrid_tenant=TENANT,
+        eventgrid_audience=AUDIENCE,
+        eventgrid_jwks_url=jwks_url,
+    )
+    return AzureEvents(wiring, Azure(cfg, azure.credential))
+
+
+def deliver(events: AzureEvents, bearer: str | None) -> Any:
+    ev = {
+        "id": "w1",
+        "subject": vm_id("web-1"),
+        "eventType": "Microsoft.Resources.ResourceWriteSuccess",
+        "eventTime": "2026-12-02T14:00:00Z",
+        "data": {"operationName": "Microsoft.Compute/virtualMachines/write", "resourceUri": vm_id("web-1")},
+    }
+    headers = {"aeg-event-type": "Notification"} | ({"Authorization": f"Bearer {bearer}"} if bearer else {})
+    return events.handle(headers, json.dumps([ev]).encode())
+
+
+def test_a_delivery_with_event_grids_token_is_taken(events: AzureEvents, wiring: LocalWiring) -> None:
+    r = deliver(events, token())
+    assert r.status == 200 and r.body["changed"] == [VM]
+
+
+@pytest.mark.parametrize(
+    ("bearer", "why"),
+    [
+        (None, "no bearer token"),
+        (lambda: token(OTHER_KEY), "Signature verification failed"),
+        (lambda: token(aud="api://something-else"), "Audience"),
+        (lambda: token(iss="https://sts.windows.net/another-tenant/"), "issuer"),
+        (lambda: token(exp=int(time.time()) - 60), "expired"),
+        (lambda: token(roles=[]), EVENT_GRID_ROLE),
+        (lambda: jwt.encode({"aud": AUDIENCE}, None, algorithm="none"), "refused"),
+    ],
+    ids=["missing", "foreign-key", "audience", "issuer", "expired", "no-role", "alg-none"],
+)
+def test_attack_event_grid_token_refused(events: AzureEvents, wiring: LocalWiring, bearer: Any, why: str) -> None:
+    r = deliver(events, bearer() if callable(bearer) else bearer)
+    assert r.status == 401 and why.lower() in str(r.body["detail"]).lower()
+    assert wiring.store.get(VM) is None
