@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ringfence.audit import AuditRecord
 from ringfence.model import Mode, Workload
 from ringfence.versions import PolicyVersion
+
+if TYPE_CHECKING:
+    from ringfence.labels import LabelMapper
 
 # re-exported: the store persists the shared audit record and the one policy-version model
 __all__ = ["AuditRecord", "PolicyVersion"]
@@ -42,6 +45,20 @@ class InventoryRecord(BaseModel):
     enrolled: bool = False
     last_heartbeat: float | None = None
     offline: bool = False
+
+    @classmethod
+    def observed(
+        cls, w: Workload, state: str, observed_at: float, mapper: LabelMapper | None = None
+    ) -> InventoryRecord:
+        """A cloud's observation of ``w``, with the labels its tags resolve to under ``mapper``
+        (the hygiene view; compute resolves with the exact policy it compiles)."""
+        labels: dict[str, str] = {}
+        problems: list[str] = []
+        if mapper is not None:
+            res = mapper.resolve(w)
+            labels = res.labels
+            problems = [p.message for p in res.problems]
+        return cls(id=w.id, workload=w, state=state, observed_at=observed_at, labels=labels, problems=problems)
 
     @property
     def active(self) -> bool:

@@ -53,13 +53,7 @@ def to_record(
         subnet=inst.get("SubnetId"),
         observed_at=observed_at,
     )
-    labels: dict[str, str] = {}
-    problems: list[str] = []
-    if mapper is not None:
-        res = mapper.resolve(w)
-        labels = res.labels
-        problems = [p.message for p in res.problems]
-    return InventoryRecord(id=w.id, workload=w, state=state, observed_at=observed_at, labels=labels, problems=problems)
+    return InventoryRecord.observed(w, state, observed_at, mapper)
 
 
 def tombstone(instance_id: str, account: str, region: str, observed_at: float) -> InventoryRecord:

@@ -151,14 +151,7 @@ def to_record(
         subnet=subnet,
         observed_at=observed_at,
     )
-    labels: dict[str, str] = {}
-    problems: list[str] = []
-    if mapper is not None:
-        res = mapper.resolve(w)
-        labels = res.labels
-        problems = [p.message for p in res.problems]
-    state = "terminated" if vm.deleting else "running"
-    return InventoryRecord(id=w.id, workload=w, state=state, observed_at=observed_at, labels=labels, problems=problems)
+    return InventoryRecord.observed(w, "terminated" if vm.deleting else "running", observed_at, mapper)
 
 
 def tombstone(vm_id: str, subscription: str, region: str | None, observed_at: float) -> InventoryRecord:
