@@ -70,7 +70,7 @@ def _required(kind: str, *allowed: str) -> tuple[str, tuple[str, ...], bool]:
 
 
 _ENROLLMENT_TYPES: dict[str, tuple[str, tuple[str, ...], bool]] = {
-    "method": _required("literal", "pairing", "aws-iid"),
+    "method": _required("literal", "pairing", "aws-iid", "azure-attested"),
     "pairing_key": _optional("str"),
     "pairing_key_file": _optional("path"),
     "imds_url": _required("str"),
@@ -129,10 +129,10 @@ _RANGES: dict[str, tuple[float, float | None]] = {
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Enrollment:
-    method: Literal["pairing", "aws-iid"] = "pairing"
+    method: Literal["pairing", "aws-iid", "azure-attested"] = "pairing"
     pairing_key: str | None = None  # operator-issued key (or pairing_key_file)
     pairing_key_file: Path | None = None
-    imds_url: str = "http://169.254.169.254"  # aws-iid: the instance metadata endpoint
+    imds_url: str = "http://169.254.169.254"  # aws-iid, azure-attested: the instance metadata endpoint
     # aws-iid: which IMDS signature to send; the AWS control plane verifies ``signature`` (base64 RSA-SHA256)
     iid_signature: Literal["rsa2048", "pkcs7", "signature"] = "signature"
 
@@ -241,7 +241,7 @@ class AgentConfig:
         if self.api_url is not None and self.enroll is None:
             raise _Invalid(
                 "(top level)",
-                "api_url needs an enroll section (method: pairing with pairing_key, or method: aws-iid)",
+                "api_url needs an enroll section (method: pairing with pairing_key, aws-iid or azure-attested)",
             )
 
     @classmethod

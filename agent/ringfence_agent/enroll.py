@@ -6,16 +6,19 @@
   ``signature`` (base64 RSA-SHA256, the default: the form the AWS control plane verifies, with the
   Region's "RSA" certificate), ``rsa2048`` or ``pkcs7`` (PKCS7 forms, for a control plane that
   verifies those).
+* ``azure-attested`` — the Azure IMDS attested document (PKCS7) made for the server's nonce
+  (:func:`ringfence.agentwire.imds_nonce` of it: IMDS takes at most 32 alphanumerics).
 """
 
 from __future__ import annotations
 
 import http.client
+import json
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 
-from ringfence.agentwire import EnrollRequest
+from ringfence.agentwire import EnrollRequest, imds_nonce
 
 Prover = Callable[[str], EnrollRequest]
 
@@ -62,5 +65,24 @@ def aws_iid(imds_url: str = "http://169.254.169.254", signature: str = "signatur
                 f"instance metadata (IMDSv2) unavailable at {base}: {getattr(exc, 'reason', exc)}"
             ) from None
         return EnrollRequest(method="aws-iid", nonce=nonce, document=document, document_signature=sig.strip())
+
+    return prove
+
+
+def azure_attested(imds_url: str = "http://169.254.169.254", timeout: float = 2.0) -> Prover:
+    base = imds_url.rstrip("/")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # IMDS refuses proxied requests
+
+    def prove(nonce: str) -> EnrollRequest:
+        url = f"{base}/metadata/attested/document?api-version=2020-09-01&nonce={imds_nonce(nonce)}"
+        try:
+            req = urllib.request.Request(url, headers={"Metadata": "true"})  # noqa: S310
+            with opener.open(req, timeout=timeout) as resp:
+                body = json.loads(_bounded(resp.read(MAX_IMDS_BYTES + 1), "/metadata/attested/document"))
+        except (urllib.error.URLError, OSError, http.client.HTTPException, UnicodeDecodeError, ValueError) as exc:
+            raise ProofError(f"Azure instance metadata unavailable at {base}: {getattr(exc, 'reason', exc)}") from None
+        if not isinstance(body, dict) or body.get("encoding") != "pkcs7" or not isinstance(body.get("signature"), str):
+            raise ProofError("Azure instance metadata: the attested document is not {encoding: pkcs7, signature}")
+        return EnrollRequest(method="azure-attested", nonce=nonce, document=body["signature"])
 
     return prove

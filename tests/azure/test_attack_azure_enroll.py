@@ -17,10 +17,10 @@ from ringfence.clouds.azure.ingest import SECRET_HEADER
 from ringfence.clouds.azure.wiring import Azure, attach
 from ringfence.control.agents import AgentApi
 from ringfence.local.azure_arm import ArmServer
+from ringfence.local.azure_imds import AttestedCa
 from ringfence.local.wiring import LocalWiring
 from tests.aws.test_pipeline import AgentKey
 
-from .attested_ca import AttestedCa
 from .conftest import OTHER_SUB, PROD_WEB, SECRET, SUB, seed_vm, vm_id
 
 VM = "7b000000-0000-4000-8000-00000000c001"
@@ -184,3 +184,22 @@ def test_serve_enrolls_and_takes_event_grid_deliveries_over_http(
         r = client.post("/v1/enroll", json=body)
         assert r.status_code == 200, r.text
         assert r.json()["workload_id"] == VM
+
+
+def test_the_agents_prover_enrolls_through_the_local_imds(api: AgentApi, ca: AttestedCa, wiring: LocalWiring) -> None:
+    """The agent's own ``azure-attested`` prover (IMDS with the derived nonce) against the control
+    plane's enroller: each side's real code."""
+    from ringfence.local.azure_imds import AzureImds
+    from ringfence_agent import enroll as agent_enroll
+
+    key = AgentKey()
+    with AzureImds(ca, lambda address: (VM, SUB) if address == "127.0.0.1" else None) as imds:
+        prove = agent_enroll.azure_attested(imds.url, timeout=5)
+        n = nonce(api)
+        wire = prove(n)
+    req = agentapi.EnrollRequest.model_validate(wire.to_json())
+    req = req.model_copy(update={"agent_key": key.pem, "agent_signature": key.prove("enroll", VM, n)})
+    r = api.enroll(req)
+    assert r.status == 200 and r.body["workload_id"] == VM
+    with pytest.raises(agent_enroll.ProofError, match="unavailable"):
+        agent_enroll.azure_attested("http://127.0.0.1:9", timeout=1)(n)

@@ -8,6 +8,7 @@ module and not :mod:`ringfence.agentapi`, to keep pydantic out of its memory.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -49,6 +50,13 @@ def proof_message(purpose: str, workload_id: str, nonce: str) -> bytes:
     """What the agent signs with its own key (Ed25519) to enroll or to get a fresh token: bound to
     the purpose, the workload and the server's single-use nonce, so no signature is good twice."""
     return f"{PROOF_FORMAT}\n{purpose}\n{workload_id}\n{nonce}".encode()
+
+
+def imds_nonce(server_nonce: str) -> str:
+    """The nonce an Azure agent asks IMDS to put in its attested document for the server's nonce:
+    IMDS takes at most 32 alphanumerics, a server nonce may hold ``-`` and ``_``; 32 hex digits of
+    its SHA-256 bind the document to that one enrollment (azure-attested)."""
+    return hashlib.sha256(server_nonce.encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -2,16 +2,13 @@
 ``subscriptionId``, ``nonce``, ``timeStamp``…), verified here — the signature, the signer's chain
 to a configured root, the signer's name, the expiry. No I/O.
 
-The nonce: IMDS takes up to 32 alphanumeric characters, a server nonce (``GET /v1/nonce``) may hold
-``-`` and ``_``; the agent asks IMDS for :func:`imds_nonce` of the server's nonce (32 hex digits of
-its SHA-256), which binds the document to that one enrollment.
+The nonce: the agent asks IMDS for :func:`ringfence.agentwire.imds_nonce` of the server's nonce.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,7 +21,10 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import ExtensionPolicy, PolicyBuilder, Store, VerificationError
 
+from ringfence.agentwire import imds_nonce
 from ringfence.control.enroll import ProofError
+
+__all__ = ["Attested", "imds_nonce", "load_roots", "verify_attested"]
 
 # the attested document's signer in Azure's public cloud [unverified against a live document:
 # configure RINGFENCE_AZURE_ATTESTED_SIGNER for another cloud]
@@ -35,10 +35,6 @@ _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "sha384": hashes.SHA384,
     "sha512": hashes.SHA512,
 }
-
-
-def imds_nonce(server_nonce: str) -> str:
-    return hashlib.sha256(server_nonce.encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True)

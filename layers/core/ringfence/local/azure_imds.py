@@ -1,12 +1,20 @@
-"""A test CA that signs IMDS-style attested documents (PKCS7 SignedData, DER, certificates
-included, as IMDS returns them) with cryptography's own PKCS7 builder."""
+"""An Azure instance metadata service stand-in for tests and the lab: a CA that signs attested
+documents (PKCS7 SignedData, DER, certificates included, as IMDS returns them; made with
+cryptography's PKCS7 builder) and ``GET /metadata/attested/document?nonce=…`` answering
+``{"encoding": "pkcs7", "signature": …}`` for the VM it is asked for, as the real IMDS answers
+only the VM it runs beside."""
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
 import json
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -79,3 +87,56 @@ class AttestedCa:
             .sign(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary])
         )
         return base64.b64encode(der).decode()
+
+
+class AzureImds:
+    """``with AzureImds(ca, lambda address: (vm_id, subscription)) as imds:`` — ``imds.url``."""
+
+    def __init__(
+        self,
+        ca: AttestedCa,
+        identify: Callable[[str], tuple[str, str] | None],
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        self.ca = ca
+        self.identify = identify
+        imds = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a: Any) -> None:
+                return None
+
+            def _answer(self, status: int, body: dict[str, Any]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                url = urlsplit(self.path)
+                if self.headers.get("Metadata") != "true" or self.headers.get("X-Forwarded-For"):
+                    return self._answer(400, {"error": "Bad request. Required metadata header not specified"})
+                if url.path != "/metadata/attested/document":
+                    return self._answer(404, {"error": "Not found"})
+                who = imds.identify(self.client_address[0])
+                if who is None:
+                    return self._answer(404, {"error": "no VM at this address"})
+                nonce = parse_qs(url.query).get("nonce", [""])[0]
+                if len(nonce) > 32 or not nonce.isalnum():
+                    return self._answer(400, {"error": "nonce: up to 32 alphanumeric characters"})
+                self._answer(200, {"encoding": "pkcs7", "signature": imds.ca.document(*who, nonce)})
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://{host}:{self._server.server_address[1]}"
+
+    def __enter__(self) -> AzureImds:
+        threading.Thread(target=self._server.serve_forever, name="local-azure-imds", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
