@@ -276,6 +276,7 @@ class ServeApp:
     asgi: Any = None
     # cloud name → the handler of its event deliveries (``POST /events/<cloud>``): headers, body → answer
     cloud_events: dict[str, Callable[[Mapping[str, str], bytes], Any]] = field(default_factory=dict)
+    azure: Any = None  # the ringfence.clouds.azure.wiring.Azure served, if any
 
     @classmethod
     def over(
@@ -316,7 +317,7 @@ class ServeApp:
 
             attach(wiring, azure)
             events["azure"] = AzureEvents(wiring, azure).handle
-        return cls(agent, admin, tokens, threads, cloud_events=events)
+        return cls(agent, admin, tokens, threads, cloud_events=events, azure=azure)
 
     def __post_init__(self) -> None:
         import anyio
@@ -529,13 +530,21 @@ def run(
     tokens = AdminTokens.load(admin_tokens) if admin_tokens is not None else None
     sock = listen(host, port)  # before the store: a taken port fails before anything starts
     wiring = build_wiring(store, signing_key)
+    stop = threading.Event()
     try:
         app = ServeApp.over(wiring, tokens, threads)
+        if app.azure is not None:
+            from ringfence.clouds.azure.reconcile import AzureReconcile
+
+            # Azure has no scheduled function here: serve converges each governed subscription itself
+            interval = float(os.environ.get("RINGFENCE_AZURE_RECONCILE_INTERVAL", "900"))
+            AzureReconcile(wiring, app.azure).every(interval, stop)
         server = uvicorn_server(app, tls_cert, tls_key)
         admin = f"admin API for {len(set(tokens.by_hash.values()))} principal(s)" if tokens else "admin API off"
         announce(f"ringfence serve: listening on {url_of(sock, tls_cert is not None)} (store {store}; {admin})")
         server.run(sockets=[sock])
     finally:
+        stop.set()
         close = getattr(wiring, "close", None)
         if close is not None:
             close()  # the local wiring: its compute worker stops, the state directory is released

@@ -1,0 +1,69 @@
+"""The scheduled full sync of every governed subscription (converges lost or never-sent events:
+Event Grid delivers at least once, but a subscription created late or a dead-lettered delivery
+leaves inventory behind), and the perimeter converged after it where one is configured."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from azure.core.exceptions import HttpResponseError
+
+from ringfence.control.wiring import BaseWiring, Metric, log, no_metric
+from ringfence.perimeter import PerimeterConfig, PlanRefused
+
+from .inventory import observe_subscription
+from .perimeter import AzurePerimeter, members_of
+from .wiring import Azure
+
+
+@dataclass
+class AzureReconcileResult:
+    changed: list[str] = field(default_factory=list)
+    gone: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # subscription → why (the others still ran)
+    perimeter_writes: int = 0
+
+
+class AzureReconcile:
+    def __init__(
+        self, w: BaseWiring, azure: Azure, perimeter: PerimeterConfig | None = None, metric: Metric = no_metric
+    ) -> None:
+        self.w = w
+        self.azure = azure
+        self.perimeter = perimeter
+        self.metric = metric
+
+    def run(self) -> AzureReconcileResult:
+        res = AzureReconcileResult()
+        for sub in self.azure.cfg.subscriptions:
+            arm = self.azure.arm(sub)
+            try:
+                inv = observe_subscription(self.w, arm, self.metric)
+                res.changed += inv.changed
+                res.gone += inv.gone
+                if self.perimeter is not None:
+                    labels = members_of(self.w.store.all_records())
+                    res.perimeter_writes += len(AzurePerimeter(arm, self.perimeter).reconcile(labels).writes)
+            except (HttpResponseError, PlanRefused) as exc:
+                # one subscription's failure (throttled, over a limit) leaves the others converged
+                log.error("azure reconcile of %s failed: %s", sub, exc)
+                res.failed[sub] = str(exc)
+                self.metric("AzureReconcileFailed", 1)
+        return res
+
+    def every(self, seconds: float, stop: threading.Event) -> threading.Thread:
+        """Run now and then every ``seconds`` until ``stop`` is set (``ringfence serve``)."""
+
+        def loop() -> None:
+            while True:
+                try:
+                    self.run()
+                except Exception:  # a bug must not end the schedule: logged, retried next time
+                    log.exception("azure reconcile failed")
+                if stop.wait(seconds):
+                    return
+
+        t = threading.Thread(target=loop, name="azure-reconcile", daemon=True)
+        t.start()
+        return t
