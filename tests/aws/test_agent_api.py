@@ -315,8 +315,6 @@ def test_cold_start_keeps_versions_monotonic(env: Env) -> None:
 def test_websocket_nudge_reaches_a_connected_agent(env: Env) -> None:
     import os
 
-    from moto.apigatewaymanagementapi.models import apigatewaymanagementapi_backends
-
     os.environ["RINGFENCE_WEBSOCKET_ENDPOINT"] = env.url
     env.load_functions()
     est = boot(env)
@@ -337,7 +335,7 @@ def test_websocket_nudge_reaches_a_connected_agent(env: Env) -> None:
     new = est["run"]("web", est["subnets"]["web"], 1)[0]
     env.put(env.state_event(new, "running"))
     env.pump()
-    data = apigatewaymanagementapi_backends[ACCOUNT][REGION].connections["conn-1"].data
+    data = env.aws.connection_data("conn-1")
     last = json.loads("{" + data.decode().split("{")[-1])
     assert last["latest_version"] == env.bundle(proc).version
 
