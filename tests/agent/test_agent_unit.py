@@ -828,6 +828,7 @@ def test_daemon_does_not_spin_when_the_announced_version_is_refused(tmp_path: Pa
 
     class Announcer:
         kind = "api"
+        fetches = 0
 
         def __init__(self) -> None:
             self.waits = 0

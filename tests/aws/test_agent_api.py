@@ -524,6 +524,20 @@ def test_wait_answers_at_once_when_behind_and_on_a_change_when_current(env: Env,
     t.join(25)
     assert got["status"] == 200 and got["body"]["latest_version"] == env.bundle(proc).version > v
     assert got["took"] < 10, got
+    assert "deltas" not in got["body"]  # not asked for
+
+    # asked for, the answer carries the deltas since v: what the deltas route answers, as stored
+    status, _, body = env.rest(
+        "agentapi", "GET", path, headers=auth(tok), query={"version": str(v), "timeout": "20", "deltas": "true"}
+    )
+    deltas = env.rest("agentapi", "GET", f"/v1/agents/{proc}/deltas", headers=auth(tok), query={"since": str(v)})
+    assert status == deltas[0] == 200 and deltas[2]["deltas"] and body["deltas"] == deltas[2]
+    assert body["latest_version"] == deltas[2]["bundle_version"]
+    # no version applied yet: nothing to bridge from, the version alone
+    status, _, body = env.rest(
+        "agentapi", "GET", path, headers=auth(tok), query={"version": "-1", "timeout": "20", "deltas": "true"}
+    )
+    assert status == 200 and body == {"latest_version": env.bundle(proc).version}
 
 
 def test_wait_is_capped_by_max_wait(env: Env, monkeypatch: Any) -> None:

@@ -186,6 +186,19 @@ def test_set_heads_move_forward_and_deltas_are_listed_in_order(store: Store) -> 
     assert store.deltas_after("s", 8) == []
 
 
+def test_moved_records_are_listed_in_revision_order_after_a_revision(store: Store) -> None:
+    from ringfence.store.base import MovedRecord
+
+    for rev, prev, who in ((12, 7, ["i-b"]), (7, 3, ["i-a", "i-c"]), (30, 12, None)):
+        store.put_moved(MovedRecord(revision=rev, previous=prev, workloads=who))
+    assert [(m.revision, m.previous, m.workloads) for m in store.moved_after(3)] == [
+        (7, 3, ["i-a", "i-c"]),
+        (12, 7, ["i-b"]),
+        (30, 12, None),
+    ]
+    assert [m.revision for m in store.moved_after(12)] == [30] and store.moved_after(30) == []
+
+
 # --- agent auth -----------------------------------------------------------------------------------
 
 

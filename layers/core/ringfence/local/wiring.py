@@ -260,8 +260,8 @@ class LocalWiring(BaseWiring):
     def send_compute(self, message: dict[str, Any]) -> None:
         self.worker.submit(message)
 
-    def wait_for_change(self, seconds: float) -> None:
-        self.notifier.wait(seconds)
+    def wait_for_change(self, seconds: float, workload_id: str | None = None) -> None:
+        self.notifier.wait(seconds)  # compute runs in this process: it wakes every waiter at once
 
     # --- lifecycle --------------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from ringfence.store.base import (
     ACTIVE_STATES,
     HOLD_FIRST_WINS,
     HOLD_TTL,
+    MOVED_TTL,
     AuditRecord,
     BundlePointer,
     ConflictError,
@@ -32,6 +33,7 @@ from ringfence.store.base import (
     EngineHead,
     InventoryRecord,
     LaunchHold,
+    MovedRecord,
     PolicyVersion,
     check_hold_fields,
 )
@@ -336,6 +338,22 @@ class DynamoStore:
         while True:
             page = self.state.query(**kwargs)
             out.extend(DeltaPointer.model_validate_json(i["doc"]) for i in page.get("Items", []))
+            if "LastEvaluatedKey" not in page:
+                return out
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def put_moved(self, rec: MovedRecord) -> None:
+        self._put("moved", f"{rec.revision:012d}", ttl=MOVED_TTL, doc=rec.model_dump_json())
+
+    def moved_after(self, revision: int) -> list[MovedRecord]:
+        out: list[MovedRecord] = []
+        kwargs: dict[str, Any] = {
+            "KeyConditionExpression": Key("pk").eq("moved") & Key("sk").gt(f"{revision:012d}"),
+            "ConsistentRead": True,
+        }
+        while True:
+            page = self.state.query(**kwargs)
+            out.extend(MovedRecord.model_validate_json(i["doc"]) for i in page.get("Items", []))
             if "LastEvaluatedKey" not in page:
                 return out
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]

@@ -42,6 +42,7 @@ from ringfence.store.base import (
     ACTIVE_STATES,
     HOLD_FIRST_WINS,
     HOLD_TTL,
+    MOVED_TTL,
     AuditRecord,
     BundlePointer,
     ConflictError,
@@ -49,6 +50,7 @@ from ringfence.store.base import (
     EngineHead,
     InventoryRecord,
     LaunchHold,
+    MovedRecord,
     PolicyVersion,
     check_hold_fields,
 )
@@ -90,6 +92,7 @@ CREATE TABLE IF NOT EXISTS delta (
     expires REAL NOT NULL,
     PRIMARY KEY (set_name, to_version)
 );
+CREATE TABLE IF NOT EXISTS moved (revision INTEGER PRIMARY KEY, doc TEXT NOT NULL, expires REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS nonce (nonce TEXT PRIMARY KEY, expires REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS nonce_expires ON nonce (expires);
 CREATE TABLE IF NOT EXISTS claim (key TEXT PRIMARY KEY, expires REAL NOT NULL);
@@ -418,6 +421,19 @@ class SqliteStore:
             (set_name, revision, time.time()),
         )
         return [DeltaPointer.model_validate_json(r[0]) for r in rows]
+
+    def put_moved(self, rec: MovedRecord) -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.execute("DELETE FROM moved WHERE expires < ?", (now,))
+            db.execute(
+                "INSERT OR REPLACE INTO moved (revision, doc, expires) VALUES (?, ?, ?)",
+                (rec.revision, rec.model_dump_json(), now + MOVED_TTL),
+            )
+
+    def moved_after(self, revision: int) -> list[MovedRecord]:
+        rows = self._db().execute("SELECT doc FROM moved WHERE revision > ? ORDER BY revision", (revision,))
+        return [MovedRecord.model_validate_json(r[0]) for r in rows]
 
     # --- agent auth -----------------------------------------------------------------------------
 
