@@ -64,9 +64,7 @@ def current_owners(workloads: Iterable[Workload]) -> dict[str, Workload]:
     return out
 
 
-def sync_addresses(
-    store: AddressHistoryStore, active: Iterable[Workload], released: Iterable[str], at: float
-) -> int:
+def sync_addresses(store: AddressHistoryStore, active: Iterable[Workload], released: Iterable[str], at: float) -> int:
     """Note at ``at`` the owners that ``active`` (the running inventory, effective records) give
     their addresses, and that ``released`` addresses (of workloads gone) are nobody's unless an
     active one holds them; the number of intervals opened."""

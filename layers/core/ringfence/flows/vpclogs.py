@@ -17,16 +17,44 @@ from typing import IO
 
 from ringfence.flows.records import Flow, proto_name
 
-DEFAULT_V2 = (
-    "version account-id interface-id srcaddr dstaddr srcport dstport protocol packets bytes start end action log-status"
-).split()
+DEFAULT_V2 = [
+    "version",
+    "account-id",
+    "interface-id",
+    "srcaddr",
+    "dstaddr",
+    "srcport",
+    "dstport",
+    "protocol",
+    "packets",
+    "bytes",
+    "start",
+    "end",
+    "action",
+    "log-status",
+]
 REQUIRED = ("srcaddr", "dstaddr", "protocol", "start", "end")
 # every field name of versions 2–5 (AWS docs, flow-log-records): an unknown name in the header is
 # read past (newer versions add fields), never an error
 KNOWN = frozenset(
-    DEFAULT_V2
-    + "vpc-id subnet-id instance-id tcp-flags type pkt-srcaddr pkt-dstaddr region az-id sublocation-type "
-    "sublocation-id pkt-src-aws-service pkt-dst-aws-service flow-direction traffic-path".split()
+    [
+        *DEFAULT_V2,
+        "vpc-id",
+        "subnet-id",
+        "instance-id",
+        "tcp-flags",
+        "type",
+        "pkt-srcaddr",
+        "pkt-dstaddr",
+        "region",
+        "az-id",
+        "sublocation-type",
+        "sublocation-id",
+        "pkt-src-aws-service",
+        "pkt-dst-aws-service",
+        "flow-direction",
+        "traffic-path",
+    ]
 )
 MAX_REPORTED = 100  # malformed lines named one by one, per file; the rest only counted
 
@@ -166,7 +194,9 @@ def _looks_like_address(v: str) -> bool:
     return ("." in v or ":" in v) and all(c in "0123456789abcdefABCDEF.:" for c in v)
 
 
-def parse_text(file: str, text: IO[str] | Iterable[str], fields: list[str] | None = None) -> tuple[list[Flow], ParseReport]:
+def parse_text(
+    file: str, text: IO[str] | Iterable[str], fields: list[str] | None = None
+) -> tuple[list[Flow], ParseReport]:
     p = Parser(file, fields)
     flows = list(p.lines(text))
     return flows, p.report
