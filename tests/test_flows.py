@@ -51,7 +51,13 @@ def test_default_v2_lines_parse_and_nodata_is_skipped() -> None:
 def test_a_custom_v5_format_is_read_by_its_header_in_any_order() -> None:
     flows, rep = parse_text("v5.log", [V5_FIELDS, V5_LINE])
     (f,) = flows
-    assert (f.src, f.dst, f.dport, f.proto, f.reporter) == ("10.0.0.71", "52.95.128.179", 80, "tcp", "eni-1235b8ca123456789")
+    assert (f.src, f.dst, f.dport, f.proto, f.reporter) == (
+        "10.0.0.71",
+        "52.95.128.179",
+        80,
+        "tcp",
+        "eni-1235b8ca123456789",
+    )
     assert rep.fields[1] == "srcaddr" and rep.malformed == 0 and rep.unknown_fields == []
     # a header with fields from a newer version is read past them, never refused
     flows, rep = parse_text("v9.log", [V5_FIELDS + " ecs-cluster-name", V5_LINE + " -"])
@@ -117,7 +123,9 @@ def test_flows_are_classified_allowed_blocked_potentially_blocked_and_unknown(
     assert (ok.first_seen, ok.last_seen) == (1000, 1030)
     assert "web-to-processing" in ok.rule and "ordering.yaml:" in ok.rule
     dev = rows[("app=ordering,env=dev,loc=ca,role=web", proc, 8443)]
-    assert dev.decision == "blocked" and dev.flows == 3 and "override-deny boundaries/dev-never-reaches-prod" in dev.rule
+    assert (
+        dev.decision == "blocked" and dev.flows == 3 and "override-deny boundaries/dev-never-reaches-prod" in dev.rule
+    )
     pay = rows[("app=payroll,env=dev,loc=ca,role=web", "internet", 443)]
     assert pay.decision == "potentially-blocked"
     assert rows[("unknown", "unknown", 22)].decision == "unknown"
