@@ -63,3 +63,15 @@ def test_report_batches_and_flow_logs_in_s3_become_classified_rows(env: Env) -> 
     ok = rows[("web", "prod", "allowed")]
     assert ok.flows == 2 and ok.origins == ["agent", "vpc"] and "web-to-processing" in ok.rule
     assert rows[("web", "dev,", "blocked")].flows == 1
+
+    # the admin API draws the same map (ringfence map's code), to any bound role, a reader too
+    reader = "arn:aws:iam::123456789012:role/Readers"
+    env.bind(reader, ["reader"])
+    status, headers, body = env.rest("admin", "GET", "/admin/map", query={"format": "dot"}, principal=reader)
+    assert status == 200 and headers["content-type"].startswith("text/vnd.graphviz"), body
+    assert body.startswith("digraph ringfence") and 'color="#c62828"' in body  # the blocked dev → prod edge
+    status, headers, body = env.rest("admin", "GET", "/admin/map", query={"decision": "blocked"}, principal=reader)
+    assert status == 200 and headers["content-type"].startswith("text/html") and "cytoscape" in body
+    assert '"decision": "allowed"' not in body
+    status, _, _ = env.rest("admin", "GET", "/admin/map", principal="arn:aws:iam::123456789012:user/mallory")
+    assert status == 403

@@ -131,6 +131,9 @@ locals {
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"], resources = [aws_dynamodb_table.state.arn, aws_dynamodb_table.inventory.arn] },
       # an agent-key reset drops the key binding, the token and the nudge connection
       { actions = ["dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn] },
+      # the dependency map: the running inventory and the flow rows
+      { actions = ["dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
+      { actions = ["dynamodb:Query"], resources = [aws_dynamodb_table.state.arn] },
       { actions = ["s3:PutObject", "s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/policies/*"] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
       local.kms_use,
