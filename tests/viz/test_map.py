@@ -147,3 +147,26 @@ def test_two_thousand_app_groups_load(tmp_path: Path) -> None:
             len(d.find_elements(By.CSS_SELECTOR, "#elements [data-node]")) == 8001
         )  # 2,000 × (box + 3 roles) + internet
         assert browser.console_errors(d) == []
+
+
+def test_attack_map_labels_and_rule_text_cannot_inject_script(tmp_path: Path) -> None:
+    """Workload ids (a CMDB import names them), label values and rule text reach the map: each is
+    inserted as text, and a "</script>" inside the data does not end the data's element."""
+    from selenium.webdriver.common.by import By
+
+    evil = "<img src=x onerror=\"document.title='pwned'\">"
+    rows = [
+        row(f"app=x{evil},env=prod,loc=ca,role=web</script><script>document.title='pwned'</script>",
+            "internet", 443, "blocked", f"outbound on {evil}: no rule allows it (default deny)",
+            sample_src="10.1.1.10", sample_dst="93.184.216.34"),
+    ]  # fmt: skip
+    path = tmp_path / "evil.html"
+    path.write_text(to_html(build_map(load_policy(EXAMPLE / "policy"), [], rows)))
+    with browser.chromium() as d:
+        browser.load(d, path)
+        (edge,) = d.execute_script("return ringfenceMap.cy.edges().map((e) => e.id())")
+        d.execute_script("ringfenceMap.cy.getElementById(arguments[0]).emit('tap')", edge)
+        assert evil in d.find_element(By.ID, "details").text  # shown as text
+        assert d.find_elements(By.CSS_SELECTOR, "img") == []
+        assert d.title != "pwned" and d.execute_script("return document.title") != "pwned"
+        assert browser.console_errors(d) == []
