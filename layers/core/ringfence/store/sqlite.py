@@ -119,6 +119,7 @@ CREATE TABLE IF NOT EXISTS flow_row (
     expires REAL NOT NULL,
     PRIMARY KEY (day, key)
 );
+CREATE INDEX IF NOT EXISTS flow_row_expires ON flow_row (expires);
 CREATE TABLE IF NOT EXISTS address_owner (
     address TEXT NOT NULL,
     since REAL NOT NULL,
