@@ -66,39 +66,72 @@ def day_of(t: float) -> str:
 
 
 @dataclass(slots=True)
+class _Acc:
+    rule: str
+    sample_src: str
+    sample_dst: str
+    flows: int = 0
+    packets: int = 0
+    bytes: int = 0
+    first: float = float("inf")
+    last: float = 0.0
+    origins: set[str] = field(default_factory=set)
+
+
+@dataclass(slots=True)
 class Aggregator:
+    """Folds flows into rows; plain accumulators per key while folding (a pydantic row per flow
+    would cost more than classifying it), rows built once at the end (:attr:`rows`)."""
+
     classifier: Classifier
-    rows: dict[tuple[str, str], FlowRow] = field(default_factory=dict)
     seen: int = 0
+    _acc: dict[tuple[str, str, str, str, int | None, Outcome], _Acc] = field(default_factory=dict)
+    _names: dict[tuple[str, object], str] = field(default_factory=dict)
+
+    def _end(self, ep: Endpoint) -> str:
+        # the classifier hands out one labels mapping per (workload, interval): its identity is
+        # the interval's (held by the classifier as long as this aggregator lives)
+        key = (ep.name, id(ep.labels) if ep.labels is not None else None)
+        name = self._names.get(key)
+        if name is None:
+            name = self._names[key] = end_name(ep)
+        return name
 
     def add(self, flows: Iterable[Flow]) -> None:
         c = self.classifier
+        acc = self._acc
+        days: dict[int, str] = {}
         for f in flows:
             s, d, why = c.classify(f.src, f.dst, f.proto, f.dport, f.start)
-            row = FlowRow(
-                day=day_of(f.start),
-                src=end_name(s),
-                dst=end_name(d),
-                proto=f.proto,
-                port=f.dport,
-                decision=why.outcome,
-                rule=why.rule,
-                flows=f.count,
-                packets=f.packets,
-                bytes=f.bytes,
-                first_seen=f.start,
-                last_seen=f.end,
-                sample_src=f.src,
-                sample_dst=f.dst,
-                origins=[f.origin],
-            )
-            k = (row.day, row.key)
-            have = self.rows.get(k)
-            if have is None:
-                self.rows[k] = row
-            else:
-                have.add(row)
+            day_n = int(f.start // 86400)
+            day = days.get(day_n)
+            if day is None:
+                day = days[day_n] = day_of(f.start)
+            k = (day, self._end(s), self._end(d), f.proto, f.dport, why.outcome)
+            a = acc.get(k)
+            if a is None:
+                a = acc[k] = _Acc(why.rule, f.src, f.dst)
+            a.flows += f.count
+            a.packets += f.packets
+            a.bytes += f.bytes
+            if f.start < a.first:
+                a.first = f.start
+            if f.end > a.last:
+                a.last = f.end
+            a.origins.add(f.origin)
             self.seen += 1
+
+    @property
+    def rows(self) -> dict[tuple[str, str], FlowRow]:
+        out = {}
+        for (day, src, dst, proto, port, outcome), a in self._acc.items():
+            row = FlowRow(
+                day=day, src=src, dst=dst, proto=proto, port=port, decision=outcome,
+                rule=a.rule, flows=a.flows, packets=a.packets, bytes=a.bytes, first_seen=a.first, last_seen=a.last,
+                sample_src=a.sample_src, sample_dst=a.sample_dst, origins=sorted(a.origins),
+            )  # fmt: skip
+            out[(day, row.key)] = row
+        return out
 
 
 def merge(rows: Iterable[FlowRow]) -> list[FlowRow]:

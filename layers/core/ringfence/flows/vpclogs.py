@@ -141,8 +141,8 @@ class Parser:
             yield flow
 
     def _get(self, parts: list[str], name: str) -> str | None:
-        i = self._pos.get(name)
-        if i is None:
+        i = self._pos.get(name, -1)
+        if i < 0:
             return None
         v = parts[i]
         return None if v == "-" else v
@@ -191,7 +191,7 @@ class Parser:
 
 
 def _looks_like_address(v: str) -> bool:
-    return ("." in v or ":" in v) and all(c in "0123456789abcdefABCDEF.:" for c in v)
+    return ("." in v or ":" in v) and not v.strip("0123456789abcdefABCDEF.:")
 
 
 def parse_text(
