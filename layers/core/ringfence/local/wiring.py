@@ -197,6 +197,7 @@ class LocalWiring(BaseWiring):
     rebuild; ``close()`` stops it."""
 
     mapper_ttl = 0.0  # reading the active policy from SQLite is cheap: registrations see a new policy at once
+    flows_inline = True  # no S3 events here: reports become flow rows as they arrive
 
     def __init__(
         self,

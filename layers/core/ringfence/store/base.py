@@ -7,6 +7,8 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from ringfence.audit import AuditRecord
+from ringfence.flows.aggregate import FlowRow
+from ringfence.flows.resolve import AddressOwner
 from ringfence.model import Mode, Workload
 from ringfence.versions import PolicyVersion
 
@@ -231,3 +233,18 @@ class Store(Protocol):
         ...
 
     def audit_log(self) -> list[AuditRecord]: ...
+
+    # flows (ringfence.flows): aggregate rows with a TTL, and the address → workload intervals
+    def add_flows(self, rows: list[FlowRow], ttl: int) -> None:
+        """Fold each row into the stored row of its day and key (counts added, first/last seen
+        widened); the row expires ``ttl`` s after its last update."""
+        ...
+
+    def flow_rows(self, days: int = ...) -> list[FlowRow]:
+        """Every unexpired row (of the last ``days`` days), per day."""
+        ...
+
+    def note_addresses(self, owners: list[AddressOwner]) -> None: ...
+    def address_history(self, addresses: list[str]) -> dict[str, list[AddressOwner]]:
+        """The intervals recorded per address, oldest first (addresses never recorded: absent)."""
+        ...

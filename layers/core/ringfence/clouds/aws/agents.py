@@ -385,8 +385,26 @@ class AgentApi:
 
     def reports(self, workload_id: str, batch: agentapi.ReportBatch) -> Response:
         key = f"reports/{workload_id}/{time.strftime('%Y/%m/%d', time.gmtime())}/{uuid.uuid4().hex}.json"
-        self.w.publisher.put_json(key, batch.model_dump(mode="json"))
+        doc = batch.model_dump(mode="json")
+        self.w.publisher.put_json(key, doc)
+        if self.w.flows_inline:
+            self._ingest_flows(workload_id, doc)
         return Response(202, {"accepted": len(batch.flows) + len(batch.drops)})
+
+    def _ingest_flows(self, workload_id: str, doc: dict[str, Any]) -> None:
+        """Fold the batch into flow rows (docs/visibility.md); a failure is logged, never the
+        agent's: the batch is archived already and a later ingest can read it again."""
+        from ringfence.flows.ingest import FlowIngest
+
+        active = self.w.active_policy()
+        if active is None:
+            return
+        try:
+            ingest = FlowIngest(self.w.store, active[1])
+            ingest.sync()
+            ingest.agent_batch(workload_id, doc)
+        except Exception:  # reports are accepted whatever the flow store says
+            log.exception("flows of %s's report not ingested", workload_id)
 
     # WebSocket nudge channel
 

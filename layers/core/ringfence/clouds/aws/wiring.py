@@ -142,6 +142,9 @@ class BaseWiring:
     store: Store
     publisher: Publisher
     mapper_ttl = 30.0  # seconds; a DynamoDB read saved per event in a storm
+    # agents' reports folded into flow rows as they arrive (on one machine: no S3 event to do it;
+    # on AWS the flows function does it on the reports/ object's event)
+    flows_inline = False
 
     def __init__(self, cfg: Config, store: Store, publisher: Publisher) -> None:
         self.cfg = cfg
