@@ -12,8 +12,8 @@ what is tested is the SDK's wire format, not a mock of it. It implements only wh
   with :meth:`GcpApi.sign_token` minting RS256 tokens shaped like Google's (instance identity
   tokens, Pub/Sub push tokens).
 
-Faults for the bad-input tests: :meth:`GcpApi.throttle` answers the next N calls with 429 and a
-``Retry-After``. Nothing here is a security boundary: loopback only.
+Faults for the bad-input tests: :meth:`GcpApi.throttle` answers the next N API calls (not the
+certificate endpoint) with 429 and a ``Retry-After``. Nothing here is a security boundary: loopback only.
 """
 
 from __future__ import annotations
@@ -280,7 +280,7 @@ class GcpApi:
                 query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
                 with api.lock:
                     api.calls.append((method, parts.path))
-                    if api._throttle[0] > 0:
+                    if api._throttle[0] > 0 and not parts.path.startswith("/oauth2/"):
                         api._throttle[0] -= 1
                         self._send(
                             429,

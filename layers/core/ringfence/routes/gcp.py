@@ -6,8 +6,8 @@ token in ``Authorization: Bearer``, for every host of the control plane (``ringf
 Answers: 200 with what changed (or why nothing did); 401 for a token that does not verify or a
 sender that is not configured (nothing is read); 400 for a body that is no audit event or an event
 of a project this control plane does not serve (nothing changed; Pub/Sub redelivers a non-2xx, and
-its dead-letter topic keeps what never succeeds); 503 when the Google APIs could not be read even
-after retrying throttled calls (redelivered later).
+its dead-letter topic keeps what never succeeds); 503 when Google's signing keys or the Google
+APIs could not be read, even after retrying throttled calls (redelivered later).
 """
 
 # no `from __future__ import annotations`: the event handler reads the route signatures' types
@@ -20,7 +20,7 @@ from google.api_core.exceptions import GoogleAPICallError, RetryError
 
 from ringfence.clouds.aws.api import Response, error
 from ringfence.clouds.gcp.ingest import GcpIngest
-from ringfence.clouds.gcp.oidc import TokenError
+from ringfence.clouds.gcp.oidc import KeysUnavailable, TokenError
 from ringfence.events import MalformedEvent
 
 from .common import http, resolver, too_large
@@ -47,6 +47,9 @@ def gcp_event_routes(service: Callable[[], GcpIngest]) -> APIGatewayRestResolver
         ingest = service()
         try:
             sender = ingest.authenticate(ev.headers.get("Authorization") or ev.headers.get("authorization"))
+        except KeysUnavailable as exc:
+            log.warning("GCP event not verified: %s", exc)
+            return http(error(503, "signing keys unavailable", str(exc)))
         except TokenError as exc:
             log.warning("GCP event refused: %s", exc)
             return http(error(401, "event sender not verified", str(exc)))

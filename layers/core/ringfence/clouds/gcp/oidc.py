@@ -26,6 +26,10 @@ class TokenError(ValueError):
     """The token is not a valid Google-signed token for us (maps to 401)."""
 
 
+class KeysUnavailable(TokenError):
+    """The signing keys could not be fetched: nothing is known about the token (maps to 503)."""
+
+
 class OidcVerifier:
     def __init__(self, audience: str, jwks_url: str = GOOGLE_JWKS, issuers: Sequence[str] = GOOGLE_ISSUERS) -> None:
         if not audience:
@@ -41,7 +45,7 @@ class OidcVerifier:
         try:
             key = self._jwks.get_signing_key_from_jwt(token)
         except jwt.PyJWKClientConnectionError as exc:
-            raise TokenError(f"{what}: the signing keys could not be fetched ({exc})") from None
+            raise KeysUnavailable(f"{what}: the signing keys could not be fetched ({exc})") from None
         except jwt.PyJWKClientError:
             raise TokenError(f"{what} is not signed by a key of the configured issuer") from None
         except jwt.InvalidTokenError as exc:
