@@ -8,7 +8,6 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -59,8 +58,10 @@ def gcp_policy_files() -> dict[str, str]:
     return files
 
 
-@pytest.fixture
-def wiring(tmp_path: Path) -> Iterator[LocalWiring]:
+@pytest.fixture(scope="module")
+def wiring(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalWiring]:
+    """One provisioned control plane per module (each test works on VMs of its own)."""
+    tmp_path = tmp_path_factory.mktemp("gcp")
     w = LocalWiring(tmp_path / "state" / "state.db", signing_key=signing_key_file(tmp_path))
     w.cfg.enroll_methods.append("gcp-jwt")
     r = OnPremAdmin(w).provision("alice", gcp_policy_files(), "initial")
