@@ -22,11 +22,23 @@ class Endpoints:
     compute: str | None = None
     resource_manager: str | None = None
     anonymous: bool = False
+    # a credential configuration (JSON), e.g. workload identity federation from AWS (it holds no
+    # secret: the function's AWS role is exchanged for a Google token); None: Application Default
+    credentials_config: str | None = None
 
     def _options(self, endpoint: str | None) -> dict[str, Any]:
         opts: dict[str, Any] = {}
         if endpoint:
             opts["client_options"] = {"api_endpoint": endpoint}
+        if self.credentials_config and not self.anonymous:
+            import json
+
+            import google.auth
+
+            creds, _ = google.auth.load_credentials_from_dict(  # type: ignore[no-untyped-call]
+                json.loads(self.credentials_config), scopes=["https://www.googleapis.com/auth/cloud-platform"]
+            )
+            opts["credentials"] = creds
         if self.anonymous:
             from google.auth.credentials import AnonymousCredentials
 

@@ -58,6 +58,7 @@ class GcpConfig:
                 compute=e.get("RINGFENCE_GCP_COMPUTE_ENDPOINT") or None,
                 resource_manager=e.get("RINGFENCE_GCP_RESOURCE_MANAGER_ENDPOINT") or None,
                 anonymous=e.get("RINGFENCE_GCP_ANONYMOUS", "") == "1",
+                credentials_config=e.get("RINGFENCE_GCP_CREDENTIALS") or None,
             ),
         )
 
