@@ -143,3 +143,16 @@ def test_an_env_without_a_secure_tag_is_refused_by_name(gcp: GcpApi) -> None:
     with pytest.raises(PlanRefused, match="env 'qa' has no secure tag value"):
         perimeter(gcp).reconcile(CONFIG, gcfg(), [Member("30", "vpc-d", {"env": "qa"})])
     assert "rf-vpc-d" not in gcp.firewall_policies[PROJECT]
+
+
+def test_members_are_the_projects_live_vms_by_network() -> None:
+    from ringfence.clouds.gcp.firewall import members
+    from ringfence.model import Workload
+    from ringfence.store.base import InventoryRecord
+
+    def rec(wid: str, project: str, state: str = "running", cloud: str = "gcp") -> InventoryRecord:
+        w = Workload(id=wid, cloud=cloud, account=project, vpc="vpc-a")  # type: ignore[arg-type]
+        return InventoryRecord(id=wid, workload=w, state=state, labels={"env": "prod"})
+
+    recs = [rec("1", PROJECT), rec("2", PROJECT, "terminated"), rec("3", "other"), rec("4", PROJECT, cloud="aws")]
+    assert members(recs, PROJECT) == [Member("1", "vpc-a", {"env": "prod"})]

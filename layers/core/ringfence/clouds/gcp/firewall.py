@@ -47,6 +47,7 @@ from ringfence.perimeter import (
     Scope,
     desired_state,
 )
+from ringfence.store.base import InventoryRecord
 
 from .clients import RETRY, Endpoints
 from .instances import as_dict
@@ -136,6 +137,15 @@ class FwRule:
             target_tags=tuple(t["name"] for t in r.get("targetSecureTags", []) or []),
             group=str(r.get("description", "")),
         )
+
+
+def members(records: Iterable[InventoryRecord], project: str) -> list[Member]:
+    """The project's live VMs as the perimeter plan sees them (network: the VPC of nic0)."""
+    return [
+        Member(r.id, r.workload.vpc, dict(r.labels))
+        for r in records
+        if r.workload.cloud == "gcp" and r.workload.account == project and r.active and r.workload.vpc
+    ]
 
 
 def policy_name(network: str) -> str:
