@@ -156,3 +156,20 @@ def test_gcp_jwt_is_refused_where_it_is_not_enabled(gcp: GcpApi, wiring: LocalWi
     finally:
         wiring.cfg.enroll_methods.append("gcp-jwt")
     assert status == 400 and "not enabled" in body["detail"]
+
+
+def test_the_agents_gcp_jwt_prover_enrolls_through_the_metadata_server(gcp: GcpApi, api: AgentApi) -> None:
+    from ringfence_agent import enroll as agent_enroll
+
+    inst = vm(gcp)
+    gcp.serve_metadata_as(PROJECT, inst)
+    try:
+        nonce = api.nonce().body["nonce"]  # type: ignore[index]
+        wire = agent_enroll.gcp_jwt(IDENTITY_AUDIENCE, gcp.url)(nonce)
+    finally:
+        gcp.serve_metadata_as(PROJECT, None)
+    key = AgentKey()
+    body = {**wire.to_json(), "agent_key": key.pem, "agent_signature": key.prove("enroll", inst["id"], nonce)}
+    r = api.enroll(EnrollRequest.model_validate(body))
+    assert r.status == 200, r.body
+    assert r.body["workload_id"] == inst["id"]  # type: ignore[index]

@@ -8,6 +8,7 @@ what is tested is the SDK's wire format, not a mock of it. It implements only wh
   global ``operations`` get; network ``firewallPolicies`` list/get/insert/addRule/patchRule/removeRule
   (every mutation answers a finished operation);
 * Resource Manager v3: ``tagBindings`` and ``effectiveTags`` list by ``parent``;
+* the GCE metadata server's identity token path, for one VM (:meth:`GcpApi.serve_metadata_as`);
 * Google's OAuth2 certificate endpoint (``/oauth2/v3/certs``, a JWKS) for a local signing key,
   with :meth:`GcpApi.sign_token` minting RS256 tokens shaped like Google's (instance identity
   tokens, Pub/Sub push tokens).
@@ -111,6 +112,7 @@ class GcpApi:
         self.firewall_policies: dict[str, dict[str, dict[str, Any]]] = {}
         self.key = SigningKey()
         self.page_size = page_size
+        self.metadata_instance: tuple[str, dict[str, Any]] | None = None
         self.calls: list[tuple[str, str]] = []  # (method, path) of every request, for the tests
         self._throttle: list[int] = [0, 1]  # [calls left to refuse, Retry-After seconds]
         self._server = ThreadingHTTPServer((host, port), self._handler())
@@ -288,11 +290,22 @@ class GcpApi:
                             {"Retry-After": str(api._throttle[1])},
                         )
                         return
+                if parts.path == IDENTITY_PATH and self.headers.get("Metadata-Flavor") != "Google":
+                    self._send(403, _error(403, "Missing Metadata-Flavor:Google header", "forbidden"))
+                    return
                 try:
                     body = json.loads(raw) if raw else {}
                     status, answer = api.route(method, parts.path, query, body)
                 except _HttpError as exc:
                     status, answer = exc.status, _error(exc.status, exc.message, exc.reason)
+                if isinstance(answer, str):  # the metadata server answers the token as text
+                    data = answer.encode()
+                    self.send_response(status)
+                    self.send_header("Content-Type", "text/plain")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
                 self._send(status, answer)
 
             def do_GET(self) -> None:
@@ -309,9 +322,20 @@ class GcpApi:
 
         return Handler
 
+    def serve_metadata_as(self, project: str, instance: Mapping[str, Any] | None) -> None:
+        """Answer the GCE metadata server's identity token path as ``instance`` would see it."""
+        with self.lock:
+            self.metadata_instance = (project, dict(instance)) if instance is not None else None
+
     def route(self, method: str, path: str, query: dict[str, str], body: dict[str, Any]) -> tuple[int, Any]:
         if path == "/oauth2/v3/certs":
             return 200, {"keys": [self.key.jwk()]}
+        if path == IDENTITY_PATH and self.metadata_instance is not None:
+            if query.get("format") != "full" or not query.get("audience"):
+                raise _HttpError(400, "audience and format=full are expected", "badRequest")
+            project, inst = self.metadata_instance
+            claims = identity_claims(inst, project, self.projects[project], query["audience"])
+            return 200, self.sign_token(claims)
         if path in ("/v3/effectiveTags", "/v3/tagBindings"):
             return 200, self._tags(path.endswith("effectiveTags"), query)
         m = _COMPUTE.match(path)
@@ -324,12 +348,12 @@ class GcpApi:
             if method == "GET" and rest == "aggregated/instances":
                 return 200, self._aggregated(project, query)
             if method == "GET" and (z := re.fullmatch(r"zones/([^/]+)/instances/([^/]+)", rest)):
-                inst = self.find(project, z[1], unquote(z[2]))
-                if inst is None:
+                found = self.find(project, z[1], unquote(z[2]))
+                if found is None:
                     raise _HttpError(
                         404, f"The resource 'projects/{project}/zones/{z[1]}/instances/{z[2]}' was not found"
                     )
-                return 200, inst
+                return 200, found
             if method == "GET" and (o := re.fullmatch(r"(?:zones/([^/]+)/|global/)operations/([^/]+)", rest)):
                 return 200, _operation(project, o[2], zone=o[1])
             if rest.startswith("global/firewallPolicies"):
@@ -430,6 +454,7 @@ class GcpApi:
         return 200, _operation(project, f"operation-{uuid.uuid4().hex}", done=True)
 
 
+IDENTITY_PATH = "/computeMetadata/v1/instance/service-accounts/default/identity"
 _COMPUTE = re.compile(r"^/compute/v1/projects/(?P<project>[^/]+)/(?P<rest>.+)$")
 
 
