@@ -47,6 +47,29 @@ def gcp_config(api: GcpApi, source: LabelSource = LabelSource.SECURE_TAGS) -> Gc
     )
 
 
+def gcp_environment(api: GcpApi) -> dict[str, str]:
+    """The RINGFENCE_GCP_* environment of a control plane served by ``api`` (serve, the function)."""
+    return {
+        "RINGFENCE_GCP_PROJECTS": f"{PROJECT}={NUMBER}",
+        "RINGFENCE_GCP_TAG_PARENTS": f"organizations/{ORG}",
+        "RINGFENCE_GCP_EVENTS_AUDIENCE": EVENTS_AUDIENCE,
+        "RINGFENCE_GCP_PUSH_SERVICE_ACCOUNTS": PUSHER,
+        "RINGFENCE_GCP_IDENTITY_AUDIENCE": IDENTITY_AUDIENCE,
+        "RINGFENCE_GCP_JWKS_URL": api.jwks_url,
+        "RINGFENCE_GCP_COMPUTE_ENDPOINT": api.url,
+        "RINGFENCE_GCP_RESOURCE_MANAGER_ENDPOINT": api.url,
+        "RINGFENCE_GCP_ANONYMOUS": "1",
+    }
+
+
+def web_vm(api: GcpApi, ip: str) -> dict[str, Any]:
+    """A VM with the secure tags of an ordering web server in prod."""
+    inst = api.add_instance(PROJECT, ZONE, vm_name(), [ip])
+    for k, v in {"ringfence-role": "web", "ringfence-app": "ordering", "ringfence-env": "prod"}.items():
+        api.bind_tag(PROJECT, ZONE, inst["id"], ORG, k, v)
+    return inst
+
+
 def gcp_policy_files() -> dict[str, str]:
     """The example policy, with a GCP service account among the allowed taggers."""
     files = policy_files()

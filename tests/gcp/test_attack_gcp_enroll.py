@@ -14,7 +14,7 @@ from ringfence.clouds.gcp.enroll import METHOD, GcpEnroller
 from ringfence.local.gcp_api import GcpApi, SigningKey, identity_claims
 from ringfence.local.wiring import LocalWiring
 from tests.aws.test_pipeline import AgentKey
-from tests.gcp.conftest import IDENTITY_AUDIENCE, NUMBER, ORG, PROJECT, ZONE, gcp_config, vm_name
+from tests.gcp.conftest import IDENTITY_AUDIENCE, NUMBER, PROJECT, ZONE, gcp_config, web_vm
 
 
 @pytest.fixture
@@ -23,10 +23,7 @@ def api(gcp: GcpApi, wiring: LocalWiring) -> AgentApi:
 
 
 def vm(gcp: GcpApi) -> dict[str, Any]:
-    inst = gcp.add_instance(PROJECT, ZONE, vm_name(), ["10.30.0.5"])
-    for k, v in {"ringfence-role": "web", "ringfence-app": "ordering", "ringfence-env": "prod"}.items():
-        gcp.bind_tag(PROJECT, ZONE, inst["id"], ORG, k, v)
-    return inst
+    return web_vm(gcp, "10.30.0.5")
 
 
 def token(gcp: GcpApi, inst: dict[str, Any], signer: SigningKey | None = None, **override: Any) -> str:

@@ -10,16 +10,11 @@ from ringfence.local.lambdas import load_functions
 from tests.aws.conftest import ROOT, Env, LambdaContext, rest_answer
 from tests.aws.conftest import env as env  # the fixture
 from tests.gcp.conftest import (
-    EVENTS_AUDIENCE,
-    NUMBER,
-    ORG,
-    PROJECT,
-    PUSHER,
-    ZONE,
     audit_entry,
+    gcp_environment,
     push_body,
     push_token,
-    vm_name,
+    web_vm,
 )
 
 
@@ -28,22 +23,11 @@ def test_the_gcpevents_function_ingests_a_pushed_insert_into_the_aws_inventory(
 ) -> None:
     from ringfence.serve import proxy_event
 
-    for k, v in {
-        "RINGFENCE_GCP_PROJECTS": f"{PROJECT}={NUMBER}",
-        "RINGFENCE_GCP_TAG_PARENTS": f"organizations/{ORG}",
-        "RINGFENCE_GCP_EVENTS_AUDIENCE": EVENTS_AUDIENCE,
-        "RINGFENCE_GCP_PUSH_SERVICE_ACCOUNTS": PUSHER,
-        "RINGFENCE_GCP_JWKS_URL": gcp.jwks_url,
-        "RINGFENCE_GCP_COMPUTE_ENDPOINT": gcp.url,
-        "RINGFENCE_GCP_RESOURCE_MANAGER_ENDPOINT": gcp.url,
-        "RINGFENCE_GCP_ANONYMOUS": "1",
-    }.items():
+    for k, v in gcp_environment(gcp).items():
         monkeypatch.setenv(k, v)
     env.provision_example_policy()
     fn = load_functions(["gcpevents"], ROOT / "functions")["gcpevents"]
-    inst = gcp.add_instance(PROJECT, ZONE, vm_name(), ["10.50.0.5"])
-    for k, v in {"ringfence-role": "web", "ringfence-app": "ordering", "ringfence-env": "prod"}.items():
-        gcp.bind_tag(PROJECT, ZONE, inst["id"], ORG, k, v)
+    inst = web_vm(gcp, "10.50.0.5")
     body = push_body(audit_entry("v1.compute.instances.insert", inst))
 
     def call(headers: list[tuple[str, str]]) -> tuple[int, object]:

@@ -11,38 +11,23 @@ from ringfence.local.gcp_api import GcpApi, identity_claims
 from ringfence.local.wiring import LocalWiring
 from tests.aws.test_pipeline import AgentKey
 from tests.gcp.conftest import (
-    EVENTS_AUDIENCE,
     IDENTITY_AUDIENCE,
     NUMBER,
-    ORG,
     PROJECT,
-    PUSHER,
-    ZONE,
     audit_entry,
+    gcp_environment,
     push_body,
     push_token,
-    vm_name,
+    web_vm,
 )
 
 
 def test_serve_takes_gcp_events_and_enrolls_gcp_agents(
     gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for k, v in {
-        "RINGFENCE_GCP_PROJECTS": f"{PROJECT}={NUMBER}",
-        "RINGFENCE_GCP_TAG_PARENTS": f"organizations/{ORG}",
-        "RINGFENCE_GCP_EVENTS_AUDIENCE": EVENTS_AUDIENCE,
-        "RINGFENCE_GCP_PUSH_SERVICE_ACCOUNTS": PUSHER,
-        "RINGFENCE_GCP_IDENTITY_AUDIENCE": IDENTITY_AUDIENCE,
-        "RINGFENCE_GCP_JWKS_URL": gcp.jwks_url,
-        "RINGFENCE_GCP_COMPUTE_ENDPOINT": gcp.url,
-        "RINGFENCE_GCP_RESOURCE_MANAGER_ENDPOINT": gcp.url,
-        "RINGFENCE_GCP_ANONYMOUS": "1",
-    }.items():
+    for k, v in gcp_environment(gcp).items():
         monkeypatch.setenv(k, v)
-    inst = gcp.add_instance(PROJECT, ZONE, vm_name(), ["10.40.0.5"])
-    for k, v in {"ringfence-role": "web", "ringfence-app": "ordering", "ringfence-env": "prod"}.items():
-        gcp.bind_tag(PROJECT, ZONE, inst["id"], ORG, k, v)
+    inst = web_vm(gcp, "10.40.0.5")
     with serve.serving(serve.ServeApp.over(wiring, None)) as running:
         url = running.url
         body = push_body(audit_entry("v1.compute.instances.insert", inst))

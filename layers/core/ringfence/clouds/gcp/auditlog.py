@@ -26,7 +26,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+# setLabels logs its labels as CloudTrail logs tags: [{"key": k, "value": v}] (a missing value is "")
 from ringfence.events import MalformedEvent
+from ringfence.events import _tag_items as _label_items
 
 COMPUTE_METHODS = {
     "compute.instances.insert": "insert",
@@ -231,13 +233,3 @@ def _tag_binding(e: LogEntry, base: dict[str, Any]) -> GcpEvent | None:
         _, key, value = nv.rsplit("/", 2)
         requested = {key: value}
     return GcpEvent(action=Action.TAGS, project=m[1], zone=m[2], instance=m[3], requested=requested, **base)
-
-
-def _label_items(items: Any) -> dict[str, str]:
-    """``[{"key": k, "value": v}]`` (setLabels' request: the complete new set; absent: cleared)."""
-    out: dict[str, str] = {}
-    for item in items if isinstance(items, list) else []:
-        if isinstance(item, dict) and isinstance(item.get("key"), str):
-            v = item.get("value")
-            out[item["key"]] = v if isinstance(v, str) else ""
-    return out
