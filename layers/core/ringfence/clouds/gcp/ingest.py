@@ -16,9 +16,12 @@ import logging
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ringfence.events import MalformedEvent
 from ringfence.governance import TagChange
+from ringfence.labels import LabelMapper
+from ringfence.store.base import InventoryRecord
 
 from ..aws import credentials
 from ..aws.governance import govern_record
@@ -137,6 +140,13 @@ class GcpIngest:
             out = canonical_tags(requested, [], src, prefix)
         return {k: v for k, v in out.items() if not k.startswith(SOURCE_TAG)}
 
+    def record(self, project: str, inst: dict[str, Any], t: float, mapper: LabelMapper | None) -> InventoryRecord:
+        """The VM as an inventory record, its secure tags read where they are a label source."""
+        secure = []
+        if self.cfg.label_source is not LabelSource.LABELS:
+            secure = self.instances.secure_tags(self.cfg.projects[project], inst)
+        return instance_record(inst, project, t, secure=secure, source=self.cfg.label_source, mapper=mapper)
+
     def observe(
         self,
         project: str,
@@ -147,7 +157,6 @@ class GcpIngest:
         event_id: str = "",
     ) -> set[str]:
         """Read the VMs live and store what they are now (governed); the ids that changed."""
-        number = self.cfg.projects[project]
         mapper = self.w.mapper()
         changed: set[str] = set()
         for name_or_id in instances:
@@ -159,8 +168,7 @@ class GcpIngest:
                     continue
                 rec = tombstone(name_or_id, project, zone, t)
             else:
-                secure = [] if self.cfg.label_source is LabelSource.LABELS else self.instances.secure_tags(number, inst)
-                rec = instance_record(inst, project, t, secure=secure, source=self.cfg.label_source, mapper=mapper)
+                rec = self.record(project, inst, t, mapper)
             rec, governed = govern_record(
                 self.w, rec, self.w.store.get(rec.id), change, event_id=event_id, metric=self.metric
             )
@@ -173,14 +181,12 @@ class GcpIngest:
     def sync(self, project: str) -> set[str]:
         """The full inventory of a project (aggregated list): every VM stored as it is now, and
         the project's stored VMs that no longer exist tombstoned. Returns the ids that changed."""
-        number = self.cfg.projects[project]
         mapper = self.w.mapper()
         changed: set[str] = set()
         seen: set[str] = set()
         for inst in self.instances.all(project):
             t = now()
-            secure = [] if self.cfg.label_source is LabelSource.LABELS else self.instances.secure_tags(number, inst)
-            rec = instance_record(inst, project, t, secure=secure, source=self.cfg.label_source, mapper=mapper)
+            rec = self.record(project, inst, t, mapper)
             seen.add(rec.id)
             rec, governed = govern_record(self.w, rec, self.w.store.get(rec.id), None, metric=self.metric)
             if self.w.store.observe(rec) or governed:
