@@ -99,7 +99,7 @@ def test_attack_gcp_token_for_another_instance_is_refused(gcp: GcpApi, wiring: L
     forged = identity_claims(other, PROJECT, NUMBER, IDENTITY_AUDIENCE)
     forged["google"]["compute_engine"]["instance_name"] = mine["name"]
     status, body = enroll(api, other["id"], gcp.key.sign(forged), key)
-    assert status == 401 and "is not named" in body["detail"]
+    assert status == 401 and "is not running" in body["detail"]
     assert wiring.store.agent_key(other["id"]) is None
 
 

@@ -4,7 +4,7 @@ The real SDK clients (``google-cloud-compute``, ``google-cloud-resource-manager`
 ``AnonymousCredentials``) talk to it on loopback (``client_options={"api_endpoint": url}``), so
 what is tested is the SDK's wire format, not a mock of it. It implements only what Ringfence uses:
 
-* compute v1: ``instances`` aggregatedList (paged) and get (by name or numeric id); zone and
+* compute v1: ``instances`` aggregatedList (paged) and get (by name); zone and
   global ``operations`` get; network ``firewallPolicies`` list/get/insert/addRule/patchRule/removeRule
   (every mutation answers a finished operation);
 * Resource Manager v3: ``tagBindings`` and ``effectiveTags`` list by ``parent``;
@@ -196,12 +196,11 @@ class GcpApi:
             self.instances[project].setdefault(zone, {})[name] = inst
         return inst
 
-    def find(self, project: str, zone: str, name_or_id: str) -> dict[str, Any] | None:
+    def find(self, project: str, zone: str, name: str) -> dict[str, Any] | None:
+        """By name only: ``instances.get`` documents a name (whether GCE also takes the numeric id
+        is not relied on, so the stand-in does not answer one)."""
         with self.lock:
-            zone_items = self.instances.get(project, {}).get(zone, {})
-            if name_or_id in zone_items:
-                return zone_items[name_or_id]
-            return next((i for i in zone_items.values() if i["id"] == name_or_id), None)
+            return self.instances.get(project, {}).get(zone, {}).get(name)
 
     def set_labels(self, project: str, zone: str, name: str, labels: Mapping[str, str]) -> None:
         with self.lock:

@@ -9,8 +9,8 @@ id (as ``aws-iid``). We check (cloud_events.md §7.4):
   identity audience, not expired (:mod:`.oidc`); the ``google.compute_engine`` claims present
   (``format=full``); the project one we serve;
 * each token once: a token is remembered (instance id + ``iat``) for its lifetime, a replay refused;
-* the VM lives: ``instances.get`` by id in the token's project and zone answers it running, with the
-  token's name (a recreated VM of the same name has another id);
+* the VM lives: ``instances.get`` of the token's name in its project and zone answers it running,
+  with the token's id (a recreated VM of the same name has another id);
 * the nonce single-use, the agent's signature over it by the key it presents, and that key bound
   to the instance on first enrollment (a second key claiming the identity is refused).
 
@@ -100,13 +100,14 @@ class GcpEnroller:
         ttl = max(60, ident.expires_at - ident.issued_at + 120)
         if not self.w.store.claim_once(f"gcp-jwt:{wid}:{ident.issued_at}", ttl):
             raise ProofError("this identity token was already used: request a fresh one")
-        live = self.ingest.instances.get(ident.project_id, ident.zone, wid)
+        # by the token's name, then its id: a VM of that name with another id is not the token's
+        live = self.ingest.read(ident.project_id, ident.zone, wid, ident.instance_name)
         if live is None or STATES.get(str(live.get("status"))) not in ("pending", "running"):
-            raise ProofError(f"instance {wid} is not running in {ident.project_id}/{ident.zone}")
-        if live.get("name") != ident.instance_name:
-            raise ProofError(f"instance {wid} is not named {ident.instance_name!r}")
+            raise ProofError(
+                f"instance {wid} ({ident.instance_name}) is not running in {ident.project_id}/{ident.zone}"
+            )
         bind(req, wid)
         if self.w.store.get(wid) is None:
-            self.ingest.observe(ident.project_id, ident.zone, [wid])
+            self.ingest.observe(ident.project_id, ident.zone, [wid], names={wid: ident.instance_name})
             self.w.enqueue_compute([wid])
         return wid

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,7 +116,8 @@ class GcpIngest:
             self.metric("GroupLaunches", 1)
             log.info("%s %s/%s: made by managed instance group %s", ev.action.value, ev.zone, ev.instance, ev.group)
         change = TagChange(principal, self.requested_tags(ev.action, requested))
-        changed = self.observe(project, ev.zone, [ev.instance], change=change, event_id=ev.event_id)
+        names = {ev.instance: ev.instance_name} if ev.instance_name else None
+        changed = self.observe(project, ev.zone, [ev.instance], names=names, change=change, event_id=ev.event_id)
         res.changed = sorted(changed)
         if changed:
             self.w.enqueue_compute(res.changed)
@@ -147,12 +148,24 @@ class GcpIngest:
             secure = self.instances.secure_tags(self.cfg.projects[project], inst)
         return instance_record(inst, project, t, secure=secure, source=self.cfg.label_source, mapper=mapper)
 
+    def read(self, project: str, zone: str, ref: str, name: str | None = None) -> dict[str, Any] | None:
+        """The VM ``ref`` (its numeric id, or a name) names, or None when it is gone. Read by name
+        (what instances.get documents; the event's, else the stored record's), and a VM of that
+        name with another id is a new VM, not this one."""
+        if ref.isdigit() and name is None and (stored := self.w.store.get(ref)) is not None:
+            name = stored.workload.name
+        inst = self.instances.get(project, zone, name or ref)
+        if inst is not None and ref.isdigit() and str(inst.get("id")) != ref:
+            return None
+        return inst
+
     def observe(
         self,
         project: str,
         zone: str,
         instances: Iterable[str],
         *,
+        names: Mapping[str, str] | None = None,
         change: TagChange | None = None,
         event_id: str = "",
     ) -> set[str]:
@@ -160,7 +173,7 @@ class GcpIngest:
         mapper = self.w.mapper()
         changed: set[str] = set()
         for name_or_id in instances:
-            inst = self.instances.get(project, zone, name_or_id)
+            inst = self.read(project, zone, name_or_id, (names or {}).get(name_or_id))
             t = now()
             if inst is None:
                 if not name_or_id.isdigit():
