@@ -142,6 +142,22 @@ def test_delete_tombstones_and_a_mig_launch_is_recognised(gcp: GcpApi, wiring: L
     assert wiring.store.get(inst["id"]).state == "terminated"  # type: ignore[union-attr]
 
 
+def test_a_late_delete_of_a_vm_whose_name_was_reused_tombstones_the_old_id_only(
+    gcp: GcpApi, wiring: LocalWiring
+) -> None:
+    ingest = GcpIngest(wiring, gcp_config(gcp))
+    old = gcp.add_instance(PROJECT, ZONE, vm_name(), ["10.20.0.16"])
+    bind(gcp, old, PROD_WEB)
+    deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", old))
+    gcp.delete_instance(PROJECT, ZONE, old["name"])
+    new = gcp.add_instance(PROJECT, ZONE, old["name"], ["10.20.0.17"])
+    bind(gcp, new, PROD_WEB)
+    out = deliver(gcp, ingest, audit_entry("v1.compute.instances.delete", old))
+    assert out["changed"] == [old["id"]]
+    assert wiring.store.get(old["id"]).state == "terminated"  # type: ignore[union-attr]
+    assert wiring.store.get(new["id"]) is None  # the new VM arrives with its own insert
+
+
 def test_a_tag_binding_event_relabels_the_vm(gcp: GcpApi, wiring: LocalWiring) -> None:
     ingest = GcpIngest(wiring, gcp_config(gcp))
     inst = gcp.add_instance(PROJECT, ZONE, vm_name(), ["10.20.0.11"])

@@ -13,6 +13,7 @@ function instance took it), the change is unattributed: a privileged move is hel
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ class GcpIngest:
         self.instances = instances or Instances(cfg.endpoints, cfg.tag_parents)
         self.metric = metric
         self.pending: OrderedDict[str, tuple[str | None, dict[str, str] | None]] = OrderedDict()
+        self._pending_lock = threading.Lock()  # serve handles events on a thread pool
         self._verifier = OidcVerifier(cfg.events_audience, cfg.jwks_url) if cfg.events_audience else None
 
     # --- the push's caller -----------------------------------------------------------------------
@@ -105,13 +107,15 @@ class GcpIngest:
             return res
         if not ev.last:
             if ev.operation:
-                self.pending[ev.operation] = (ev.principal, ev.requested)
-                while len(self.pending) > PENDING_KEPT:
-                    self.pending.popitem(last=False)
+                with self._pending_lock:
+                    self.pending[ev.operation] = (ev.principal, ev.requested)
+                    while len(self.pending) > PENDING_KEPT:
+                        self.pending.popitem(last=False)
             return res
         principal, requested = ev.principal, ev.requested
         if ev.operation and not ev.first:
-            principal, requested = self.pending.pop(ev.operation, (principal, None))
+            with self._pending_lock:
+                principal, requested = self.pending.pop(ev.operation, (principal, None))
         if ev.group:
             self.metric("GroupLaunches", 1)
             log.info("%s %s/%s: made by managed instance group %s", ev.action.value, ev.zone, ev.instance, ev.group)
