@@ -137,11 +137,12 @@ class Daemon:
         if cfg.api_url is not None:
             e = cfg.enroll
             assert e is not None
-            prove = (
-                enroll.aws_iid(e.imds_url, e.iid_signature, cfg.request_timeout)
-                if e.method == "aws-iid"
-                else enroll.pairing(cfg.workload_id, e.key())
-            )
+            if e.method == "aws-iid":
+                prove = enroll.aws_iid(e.imds_url, e.iid_signature, cfg.request_timeout)
+            elif e.method == "gcp-jwt":
+                prove = enroll.gcp_jwt(e.gcp_audience or "", e.metadata_url, cfg.request_timeout)
+            else:
+                prove = enroll.pairing(cfg.workload_id, e.key())
             return ApiSource(
                 cfg.api_url,
                 cfg.workload_id,

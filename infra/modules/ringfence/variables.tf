@@ -153,3 +153,20 @@ variable "admin_roles" {
     error_message = "admin_roles: each role is one of policy-author, incident-responder, onboarding, reader."
   }
 }
+
+variable "gcp" {
+  description = <<-EOT
+    GCP events (docs/deploy-gcp.md): set it to deploy the gcpevents function and its POST /gcp/events
+    API with the GCP dependency layer (layer_zip, arm64). null: no GCP.
+  EOT
+  type = object({
+    layer_zip             = string
+    projects              = string # PROJECT_ID=PROJECT_NUMBER,...
+    events_audience       = string # the OIDC audience of push tokens: the /gcp/events URL
+    push_service_accounts = string # whose push tokens are accepted
+    tag_parents           = optional(string, "")
+    label_source          = optional(string, "secure-tags")
+    credentials           = optional(string, "") # workload identity federation config (no secret)
+  })
+  default = null
+}

@@ -30,7 +30,8 @@ class EnrollRequest(_Body):
     method: Literal["aws-iid", "aws-sts", "azure-attested", "gcp-jwt", "pairing"]
     nonce: str = Field(description="from GET /v1/nonce; single use")
     workload_id: str | None = Field(None, description="required for pairing; derived from the proof otherwise")
-    # aws-iid: the instance identity document and its PKCS7/RSA-SHA256 signature from IMDS
+    # aws-iid: the instance identity document and its PKCS7/RSA-SHA256 signature from IMDS;
+    # gcp-jwt: the instance identity token (audience the control plane's, format=full)
     document: str | None = None
     document_signature: str | None = None
     # aws-sts: a presigned sts:GetCallerIdentity request the server replays

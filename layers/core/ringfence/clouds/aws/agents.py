@@ -9,6 +9,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ringfence import agentapi
@@ -36,10 +37,15 @@ from .wiring import BaseWiring, log
 
 DOCUMENTS_KEPT = 256  # signed bundle and delta documents an agent API process keeps in memory
 
+# another cloud's enrollment method: checks the request's proof, calls bind(req, workload_id) to
+# bind the agent key (required, first binding wins) and returns the workload id (ProofError: refused)
+Enroller = Callable[[agentapi.EnrollRequest, Callable[[agentapi.EnrollRequest, str], None]], str]
+
 
 class AgentApi:
-    def __init__(self, w: BaseWiring) -> None:
+    def __init__(self, w: BaseWiring, enrollers: Mapping[str, Enroller] | None = None) -> None:
         self.w = w
+        self.enrollers = dict(enrollers or {})
         self._documents: OrderedDict[str, bytes] = OrderedDict()  # key → stored bytes, least recent first
         self._documents_lock = threading.Lock()  # serve answers from a thread pool
         self._iid_key: Any = None
@@ -61,6 +67,8 @@ class AgentApi:
                 wid = self._enroll_pairing(req)
             elif req.method == "aws-sts":
                 wid = self._enroll_sts(req)
+            elif req.method in self.enrollers:
+                wid = self.enrollers[req.method](req, lambda r, w: self._bind_key(r, w, required=True, replace=False))
             else:
                 return error(400, "unsupported enrollment method", f"{req.method} is not enabled on this control plane")
         except ProofError as exc:
