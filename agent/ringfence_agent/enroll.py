@@ -8,6 +8,8 @@
   verifies those).
 * ``azure-attested`` — the Azure IMDS attested document (PKCS7) made for the server's nonce
   (:func:`ringfence.agentwire.imds_nonce` of it: IMDS takes at most 32 alphanumerics).
+* ``gcp-jwt`` — the GCE instance identity token from the metadata server
+  (``audience`` the control plane's, ``format=full``), plus the nonce, signed by the agent's key.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import http.client
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 
@@ -84,5 +87,25 @@ def azure_attested(imds_url: str = "http://169.254.169.254", timeout: float = 2.
         if not isinstance(body, dict) or body.get("encoding") != "pkcs7" or not isinstance(body.get("signature"), str):
             raise ProofError("Azure instance metadata: the attested document is not {encoding: pkcs7, signature}")
         return EnrollRequest(method="azure-attested", nonce=nonce, document=body["signature"])
+
+    return prove
+
+
+def gcp_jwt(audience: str, metadata_url: str = "http://metadata.google.internal", timeout: float = 2.0) -> Prover:
+    """The VM's identity token for ``audience`` (the control plane's RINGFENCE_GCP_IDENTITY_AUDIENCE)."""
+    query = urllib.parse.urlencode({"audience": audience, "format": "full"})
+    url = f"{metadata_url.rstrip('/')}/computeMetadata/v1/instance/service-accounts/default/identity?{query}"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an HTTP proxy
+
+    def prove(nonce: str) -> EnrollRequest:
+        try:
+            req = urllib.request.Request(url, headers={"Metadata-Flavor": "Google"})  # noqa: S310
+            with opener.open(req, timeout=timeout) as resp:
+                token = _bounded(resp.read(MAX_IMDS_BYTES + 1), "identity token")
+        except (urllib.error.URLError, OSError, http.client.HTTPException, UnicodeDecodeError) as exc:
+            raise ProofError(
+                f"GCE metadata server unavailable at {metadata_url}: {getattr(exc, 'reason', exc)}"
+            ) from None
+        return EnrollRequest(method="gcp-jwt", nonce=nonce, document=token.strip())
 
     return prove

@@ -136,7 +136,7 @@ def test_attack_deleted_vm_cannot_enroll(api: AgentApi, ca: AttestedCa, arm: Arm
 def test_serve_enrolls_and_takes_event_grid_deliveries_over_http(
     arm: ArmServer, azure: Azure, wiring: LocalWiring, ca: AttestedCa
 ) -> None:
-    """``ringfence serve``'s routes: POST /events/azure (handshake, a write) and the enrollment."""
+    """``ringfence serve``'s routes: POST /azure/events (handshake, a write) and the enrollment."""
     azure.cfg.attested_roots_pem = ca.root_pem
     seed_vm(arm, "web-1", VM, "10.20.1.4", PROD_WEB)
     with serve.serving(serve.ServeApp.over(wiring, None, azure=azure)) as running:
@@ -153,10 +153,10 @@ def test_serve_enrolls_and_takes_event_grid_deliveries_over_http(
             }
         ]
         h = {SECRET_HEADER: SECRET, "aeg-event-type": "SubscriptionValidation"}
-        r = client.post("/events/azure", content=json.dumps(hs), headers=h)
+        r = client.post("/azure/events", content=json.dumps(hs), headers=h)
         assert r.status_code == 200 and r.json() == {"validationResponse": "abc"}
-        assert client.post("/events/azure", content=json.dumps(hs)).status_code == 401
-        assert client.post("/events/gcp", content=b"[]").status_code == 404
+        assert client.post("/azure/events", content=json.dumps(hs)).status_code == 401
+        assert client.post("/nope/events", content=b"[]").status_code == 404
         write = [
             {
                 "id": "w",
@@ -170,7 +170,7 @@ def test_serve_enrolls_and_takes_event_grid_deliveries_over_http(
                 },
             }
         ]
-        r = client.post("/events/azure", content=json.dumps(write), headers={SECRET_HEADER: SECRET})
+        r = client.post("/azure/events", content=json.dumps(write), headers={SECRET_HEADER: SECRET})
         assert r.status_code == 200 and r.json()["changed"] == [VM]
         n = client.get("/v1/nonce").json()["nonce"]
         key = AgentKey()

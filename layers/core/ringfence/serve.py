@@ -274,9 +274,10 @@ class ServeApp:
     tokens: AdminTokens | None
     threads: int = DEFAULT_THREADS
     asgi: Any = None
-    # cloud name → the handler of its event deliveries (``POST /events/<cloud>``): headers, body → answer
+    # cloud name → the handler of its event deliveries (``POST /<cloud>/events``): headers, body → answer
     cloud_events: dict[str, Callable[[Mapping[str, str], bytes], Any]] = field(default_factory=dict)
     azure: Any = None  # the ringfence.clouds.azure.wiring.Azure served, if any
+    gcp: ResolverPool | None = None  # POST /gcp/events, when RINGFENCE_GCP_PROJECTS is set
 
     @classmethod
     def over(
@@ -290,14 +291,15 @@ class ServeApp:
         """The APIs over ``wiring``; ``onprem`` (default: whether it is the local wiring) adds the
         admin routes of on-premise workloads (register, CMDB import, deregister). ``azure`` (a
         :class:`ringfence.clouds.azure.wiring.Azure`; default: one from the environment when
-        ``RINGFENCE_AZURE_SUBSCRIPTIONS`` is set) adds ``POST /events/azure`` (Event Grid) and the
+        ``RINGFENCE_AZURE_SUBSCRIPTIONS`` is set) adds ``POST /azure/events`` (Event Grid) and the
         ``azure-attested`` enrollment."""
         from ringfence.clouds.onprem import OnPremAdmin
         from ringfence.control.agents import AgentApi
         from ringfence.routes.admin import admin_routes, token_roles
         from ringfence.routes.agent import agent_routes
 
-        api = AgentApi(wiring)
+        gcp, enrollers = gcp_services(wiring)
+        api = AgentApi(wiring, enrollers)
         adm = OnPremAdmin(wiring)
         local = is_onprem(wiring) if onprem is None else onprem
         agent = ResolverPool(lambda: agent_routes(lambda: api))
@@ -317,7 +319,7 @@ class ServeApp:
 
             attach(wiring, azure)
             events["azure"] = AzureEvents(wiring, azure).handle
-        return cls(agent, admin, tokens, threads, cloud_events=events, azure=azure)
+        return cls(agent, admin, tokens, threads, gcp=gcp, cloud_events=events, azure=azure)
 
     def __post_init__(self) -> None:
         import anyio
@@ -387,6 +389,11 @@ class ServeApp:
             out = await anyio.to_thread.run_sync(handle, headers, body, limiter=limiter)
             return JSONResponse(out.body, out.status, headers=out.headers)
 
+        async def gcp(request: Request) -> Response:
+            if self.gcp is None:
+                return error(404, "GCP events are off", "set RINGFENCE_GCP_PROJECTS (docs/deploy-gcp.md)")
+            return await dispatch(request, self.gcp, MAX_AGENT_BODY, None)
+
         async def healthz(request: Request) -> Response:
             return JSONResponse({"ok": True})
 
@@ -395,10 +402,33 @@ class ServeApp:
             routes=[
                 Route(AGENT_PREFIX + "{rest:path}", agent, methods=methods),
                 Route(ADMIN_PREFIX + "{rest:path}", admin, methods=methods),
-                Route("/events/{cloud}", cloud_event, methods=["POST"]),
+                Route("/gcp/events", gcp, methods=["POST"]),
+                Route("/{cloud}/events", cloud_event, methods=["POST"]),  # after /gcp/events: Azure's
                 Route("/healthz", healthz, methods=["GET"]),
             ]
         )
+
+
+def gcp_services(wiring: Any, env: Mapping[str, str] | None = None) -> tuple[ResolverPool | None, dict[str, Any]]:
+    """The GCP events route and the ``gcp-jwt`` enroller over ``wiring``, when the environment
+    configures GCP (``RINGFENCE_GCP_PROJECTS``; the audiences turn each on): (None, {}) otherwise,
+    and the Google SDKs are never imported."""
+    e = os.environ if env is None else env
+    if not e.get("RINGFENCE_GCP_PROJECTS"):
+        return None, {}
+    from ringfence.clouds.gcp.config import GcpConfig
+    from ringfence.clouds.gcp.enroll import METHOD, GcpEnroller
+    from ringfence.clouds.gcp.ingest import GcpIngest
+    from ringfence.routes.gcp import gcp_event_routes
+
+    cfg = GcpConfig.from_env(e)
+    ingest = GcpIngest(wiring, cfg)
+    enrollers: dict[str, Any] = {}
+    if cfg.identity_audience:
+        enrollers[METHOD] = GcpEnroller(wiring, cfg, ingest)
+        if METHOD not in wiring.cfg.enroll_methods:
+            wiring.cfg.enroll_methods.append(METHOD)
+    return ResolverPool(lambda: gcp_event_routes(lambda: ingest)), enrollers
 
 
 def to_response(out: dict[str, Any]) -> Response:

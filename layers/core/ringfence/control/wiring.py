@@ -142,6 +142,9 @@ class BaseWiring:
     store: Store
     publisher: Publisher
     mapper_ttl = 30.0  # seconds; a DynamoDB read saved per event in a storm
+    # agents' reports folded into flow rows as they arrive (on one machine: no S3 event to do it;
+    # on AWS the flows function does it on the reports/ object's event)
+    flows_inline = False
 
     def __init__(self, cfg: Config, store: Store, publisher: Publisher) -> None:
         self.cfg = cfg
@@ -201,8 +204,9 @@ class BaseWiring:
         """Deliver one compute message (the compute queue in AWS, the worker thread on one machine)."""
         raise NotImplementedError
 
-    def wait_for_change(self, seconds: float) -> None:
-        """Return when published state may have changed, or after ``seconds``."""
+    def wait_for_change(self, seconds: float, workload_id: str | None = None) -> None:
+        """Return when published state may have changed (for ``workload_id``, or for anyone), or
+        after ``seconds``."""
         raise NotImplementedError
 
     def enqueue_perimeter(self, ids: Iterable[str], *, lifecycle: dict[str, str] | None = None) -> bool:

@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from ringfence.control.changes import StoreChanges
+from ringfence.control.changes import MovedSince, StoreChanges
 from ringfence.control.publish import Notifier
 from ringfence.control.wiring import BaseWiring, Config, NoSigningKey
 
@@ -29,7 +29,7 @@ class Wiring(BaseWiring):
         )
         self.sqs = clients.client("sqs")
         self._signer: Any = None
-        self.changes = StoreChanges(self._head_mark, cfg.wait_poll_interval)
+        self.changes = StoreChanges(self.store.head, cfg.wait_poll_interval, MovedSince(self.store.moved_after))
         self.enrollers.update({"aws-iid": enroll_iid, "aws-sts": enroll_sts})
 
     @property
@@ -69,15 +69,12 @@ class Wiring(BaseWiring):
             )
         return WebSocketNotifier(ws, self.store)
 
-    def wait_for_change(self, seconds: float) -> None:
-        """Block until the store may hold something new, at most ``seconds``. Nothing in AWS tells
-        a running function of a change: the engine head, which every publication moves, is read
-        every poll interval for all waiters of this process at once."""
-        self.changes.wait(seconds)
-
-    def _head_mark(self) -> tuple[int, int, bool]:
-        head = self.store.head()
-        return head.revision, head.policy_version, head.clean
+    def wait_for_change(self, seconds: float, workload_id: str | None = None) -> None:
+        """Block until the store may hold something new (for ``workload_id``, when given), at
+        most ``seconds``. Nothing in AWS tells a running function of a change: the engine head,
+        which every publication moves, is read every poll interval for all waiters of this
+        process at once, and the moved records say whom a change concerns."""
+        self.changes.wait(seconds, workload_id)
 
     def send_compute(self, message: dict[str, Any]) -> None:
         ids = message["ids"]

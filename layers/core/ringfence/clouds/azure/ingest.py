@@ -2,7 +2,7 @@
 change read back from ARM and stored as the same governed workload records AWS ingest writes.
 
 One entry point, :meth:`AzureEvents.handle` (headers, body → :class:`~ringfence.control.api.Response`),
-served by ``ringfence serve`` (``POST /events/azure``) and by the ``azureevents`` function.
+served by ``ringfence serve`` (``POST /azure/events``); a Lambda function handler is planned.
 """
 
 from __future__ import annotations
