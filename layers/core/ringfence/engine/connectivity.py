@@ -30,18 +30,22 @@ changes). The matrix stays at group level; :meth:`Matrix.workload_pairs` expands
 from __future__ import annotations
 
 import bisect
+import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ringfence import addresses
 from ringfence.addresses import Address
-from ringfence.engine.compiler import WorkloadState
 from ringfence.engine.index import LabelIndex, iter_bits
 from ringfence.model import Action, Workload
 from ringfence.policy import CompiledRule, Peer, Policy
 from ringfence.selectors import evaluate
 from ringfence.services import PortRange
+
+if TYPE_CHECKING:  # the compiler (bundles, sets) is not needed to compute the matrix from an inventory
+    from ringfence.engine.compiler import WorkloadState
 
 LabelKey = tuple[tuple[str, str], ...]
 
@@ -564,3 +568,102 @@ def _pair_codes(rule: CompiledRule, n: int, index: LabelIndex, pins: _Pins) -> l
 
 def group_name(key: LabelKey) -> str:
     return ",".join(f"{d}={v}" for d, v in key) or "(no labels)"
+
+
+# --- output: rules and their combinations listed once, rows refer to them; written as it goes ---
+
+
+def _tables(matrix: Matrix) -> tuple[list[LabelKey], dict[LabelKey, int], list[str], dict[int, int], list[list[int]]]:
+    """Groups by name, each edge's allowing-rule list numbered once (edges share the lists)."""
+    names = sorted(matrix.groups, key=group_name)
+    number = {key: i for i, key in enumerate(names)}
+    rule_ids: dict[str, int] = {}
+    rule_set_of: dict[int, int] = {}  # id() of an edge's shared rule list → its number
+    numbered: dict[tuple[str, ...], int] = {}
+    rule_sets: list[list[int]] = []
+    for edge in matrix.edges.values():
+        if id(edge.rules) not in rule_set_of:
+            content = tuple(edge.rules)
+            k = numbered.get(content)
+            if k is None:
+                k = numbered[content] = len(rule_sets)
+                rule_sets.append([rule_ids.setdefault(r, len(rule_ids)) for r in content])
+            rule_set_of[id(edge.rules)] = k
+    return names, number, list(rule_ids), rule_set_of, rule_sets
+
+
+def _sorted_edges(matrix: Matrix, number: dict[LabelKey, int]) -> list[Edge]:
+    return sorted(matrix.edges.values(), key=lambda e: (number[e.source], number[e.destination]))
+
+
+def write_json(matrix: Matrix, policy: Policy, write: Callable[[str], object], workloads: bool = False) -> None:
+    """The matrix as one JSON document, written piece by piece (docs/policy.md, *Connectivity output*)."""
+    names, number, rule_ids, rule_set_of, rule_sets = _tables(matrix)
+    location: dict[str, str] = {}
+    for r in policy.rules:
+        location.setdefault(r.id, str(r.location))
+    dumps = json.dumps
+    write('{"format": 2, "level": ' + dumps("workloads" if workloads else "groups") + ',\n"rules": [')
+    write(",".join(dumps({"id": r, "location": location.get(r)}) for r in rule_ids))
+    write('],\n"rule_sets": [')
+    write(",".join(dumps(s) for s in rule_sets))
+    write('],\n"groups": [')
+    for i, key in enumerate(names):
+        labels = {d: v for d, v in key if d != ADDRESSES}
+        row: dict[str, object] = {"name": group_name(key), "labels": labels}
+        row["workloads"] = sorted(matrix.groups[key]) if workloads else len(matrix.groups[key])
+        write(("," if i else "") + "\n" + dumps(row))
+    edges = _sorted_edges(matrix, number)
+    if not workloads:
+        write('],\n"edges": [')
+        for i, e in enumerate(edges):
+            services = dumps([str(s) for s in e.services])
+            write(
+                f'{"," if i else ""}\n{{"from": {number[e.source]}, "to": {number[e.destination]}, '
+                f'"services": {services}, "rule_set": {rule_set_of[id(e.rules)]}}}'
+            )
+    else:
+        write('],\n"pairs": [')
+        members = {key: [dumps(w) for w in sorted(ids)] for key, ids in matrix.groups.items()}
+        sep = "\n"
+        for e in edges:
+            tail = f', "services": {dumps([str(s) for s in e.services])}, "rule_set": {rule_set_of[id(e.rules)]}}}'
+            dst = members[e.destination]
+            rows = ['{"from": ' + a + ', "to": ' + b + tail for a in members[e.source] for b in dst if a != b]
+            if rows:
+                write(sep + ",\n".join(rows))
+                sep = ",\n"
+    write(
+        f'],\n"allowed_group_pairs": {len(matrix.edges)}, "allowed_workload_pairs": {matrix.allowed_pair_count()}}}\n'
+    )
+
+
+def write_text(matrix: Matrix, write: Callable[[str], object], workloads: bool = False) -> None:
+    """One line per allowed group (or workload) pair; a pair allowed by more than three rules names
+    its rule set (``R4``), and the sets are listed once at the end."""
+    names, number, rule_ids, rule_set_of, rule_sets = _tables(matrix)
+    label = [group_name(k) for k in names]
+    referenced: set[int] = set()
+
+    def rules_text(e: Edge) -> str:
+        if len(e.rules) <= 3:
+            return ", ".join(e.rules)
+        k = rule_set_of[id(e.rules)]
+        referenced.add(k)
+        return f"R{k}: {len(e.rules)} rules"
+
+    rows = 0
+    for e in _sorted_edges(matrix, number):
+        tail = f": {', '.join(str(s) for s in e.services)}   [{rules_text(e)}]\n"
+        if not workloads:
+            write(f"{label[number[e.source]]}  →  {label[number[e.destination]]}{tail}")
+            rows += 1
+            continue
+        dst = sorted(matrix.groups[e.destination])
+        lines = [f"{a}  →  {b}{tail}" for a in sorted(matrix.groups[e.source]) for b in dst if a != b]
+        rows += len(lines)
+        write("".join(lines))
+    for k in sorted(referenced):
+        write(f"R{k} = {', '.join(rule_ids[r] for r in rule_sets[k])}\n")
+    what = "workload pairs" if workloads else "group pairs"
+    write(f"{rows} allowed {what}, {matrix.allowed_pair_count()} workload pairs in all\n")
