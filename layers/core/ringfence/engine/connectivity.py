@@ -30,6 +30,7 @@ changes). The matrix stays at group level; :meth:`Matrix.workload_pairs` expands
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
@@ -485,42 +486,111 @@ class _IpSides:
         )
 
 
+class _Atoms:
+    """The port space cut at every boundary a rule's services draw, so a set of services is an int
+    over the pieces: union, override-deny and the meeting of two sides are bit operations."""
+
+    def __init__(self, rules: list[CompiledRule]) -> None:
+        cuts: dict[str, set[int]] = {p: {0, hi + 1} for p, hi in _PROTO_LIMIT.items()}
+        for rule in rules:
+            for s in rule.services:
+                if s.proto != "any":
+                    cuts[s.proto].update((s.lo, s.hi + 1))
+        self._first: dict[str, int] = {}  # proto → its first piece's bit
+        self._starts: dict[str, list[int]] = {}
+        self._pieces: list[tuple[str, int, int]] = []
+        for proto in sorted(cuts):  # normalise's order
+            bounds = sorted(cuts[proto])
+            self._first[proto] = len(self._pieces)
+            self._starts[proto] = bounds[:-1]
+            self._pieces.extend((proto, lo, nxt - 1) for lo, nxt in itertools.pairwise(bounds))
+        self.full = (1 << len(self._pieces)) - 1
+        self._of_rule: dict[int, int] = {}
+        self._ranges: dict[int, list[PortRange]] = {}
+
+    def of(self, r: PortRange) -> int:
+        if r.proto == "any":
+            return self.full
+        starts = self._starts[r.proto]
+        i = bisect.bisect_left(starts, r.lo)
+        j = bisect.bisect_right(starts, r.hi)
+        return ((1 << (j - i)) - 1) << (self._first[r.proto] + i)
+
+    def of_rule(self, pos: int, rule: CompiledRule) -> int:
+        out = self._of_rule.get(pos)
+        if out is None:
+            out = 0
+            for s in rule.services:
+                out |= self.of(s)
+            self._of_rule[pos] = out
+        return out
+
+    def ranges(self, mask: int) -> list[PortRange]:
+        """Sorted, merged ranges (``any`` for everything), as :func:`normalise` gives them."""
+        out = self._ranges.get(mask)
+        if out is None:
+            if mask == self.full:
+                out = [PortRange("any")]
+            else:
+                out = []
+                last: tuple[str, int, int] | None = None
+                for i in iter_bits(mask):
+                    proto, lo, hi = self._pieces[i]
+                    if last is not None and last[0] == proto and last[2] + 1 == lo:
+                        last = (proto, last[1], hi)
+                        continue
+                    if last is not None:
+                        out.append(PortRange(*last))
+                    last = (proto, lo, hi)
+                if last is not None:
+                    out.append(PortRange(*last))
+            self._ranges[mask] = out
+        return out
+
+
 class _Content:
     """Services and allowing rules of one combination of matching rules."""
 
     def __init__(self, rules: list[CompiledRule], ip_allow: int) -> None:
         self._rules = rules
         self._ip_allow = ip_allow
+        self._atoms = _Atoms(rules)
+        self._by_mask: dict[int, int] = {}
 
-    def _services(self, mask: int) -> list[PortRange]:
-        return [s for pos in iter_bits(mask) for s in self._rules[pos].services]
+    def _services(self, mask: int) -> int:
+        out = self._by_mask.get(mask)
+        if out is None:
+            out = 0
+            for pos in iter_bits(mask):
+                out |= self._atoms.of_rule(pos, self._rules[pos])
+            self._by_mask[mask] = out
+        return out
 
-    def _side(self, allowed: int, denied: int) -> list[PortRange]:
+    def _side(self, allowed: int, denied: int) -> int:
+        """What one firewall lets through: allowed services minus override-denied ones."""
         if not allowed:
-            return []
-        services = self._services(allowed)
-        return subtract(services, self._services(denied)) if denied else services
+            return 0
+        return self._services(allowed) & ~self._services(denied) if denied else self._services(allowed)
 
     def edge(
         self, allowed: int, denied: int, sides: tuple[tuple[int, int], ...] | None
     ) -> tuple[list[PortRange], list[str]]:
         """(remaining services, allowing rule ids in policy order) of a group pair."""
         if not sides:
-            return normalise(self._side(allowed, denied)), [self._rules[pos].id for pos in iter_bits(allowed)]
-        services: list[PortRange] = []
+            services = self._atoms.ranges(self._side(allowed, denied))
+            return services, [self._rules[pos].id for pos in iter_bits(allowed)]
+        atoms = 0
         used = allowed
+        ip_allow = self._ip_allow
         for out_rules, in_rules in sides:
-            out_allow, in_allow = out_rules & self._ip_allow, in_rules & self._ip_allow
-            out = self._side(allowed | out_allow, denied | (out_rules & ~self._ip_allow))
-            if not out:
-                continue
-            inbound = self._side(allowed | in_allow, denied | (in_rules & ~self._ip_allow))
-            both = subtract(out, subtract(out, inbound)) if inbound else []
+            out = self._side(allowed | (out_rules & ip_allow), denied | (out_rules & ~ip_allow))
+            both = out & self._side(allowed | (in_rules & ip_allow), denied | (in_rules & ~ip_allow)) if out else 0
             if both:
-                services.extend(both)
-                used |= out_allow | in_allow
-        services = normalise(services)
-        return services, [self._rules[pos].id for pos in iter_bits(used)] if services else []
+                atoms |= both
+                used |= (out_rules | in_rules) & ip_allow
+        if not atoms:
+            return [], []
+        return self._atoms.ranges(atoms), [self._rules[pos].id for pos in iter_bits(used)]
 
 
 class _Pins:
