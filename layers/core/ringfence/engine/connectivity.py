@@ -359,21 +359,20 @@ def _group_matrix(
             ]
         for code in hits:
             deny[code] = deny.get(code, 0) | bit
-    resolved: dict[object, tuple[list[PortRange], list[str]]] = {}
+    resolved: dict[tuple[int, int, int], tuple[list[PortRange], list[str]]] = {}
     edges: dict[tuple[LabelKey, LabelKey], Edge] = {}
     content = _Content(rules, ip.allow_mask)
+    sides_id = ip.sides_id if ip.active else None
+    deny_get = deny.get
     for code, allowed in allow.items():
-        denied = deny.get(code, 0)
         c, p = divmod(code, n)
-        sides = ip.sides(c, p) if ip.active else None
-        combo = (allowed, denied, sides)
+        combo = (allowed, deny_get(code, 0), sides_id(c, p) if sides_id is not None else 0)
         hit = resolved.get(combo)
         if hit is None:
-            hit = resolved[combo] = content.edge(allowed, denied, sides)
-        services, rule_ids = hit
-        if services:
+            hit = resolved[combo] = content.edge(allowed, combo[1], ip.sides[combo[2]])
+        if hit[0]:
             src, dst = keys[c], keys[p]
-            edges[(src, dst)] = Edge(src, dst, services, rule_ids)  # shared: fewer objects for the GC
+            edges[(src, dst)] = Edge(src, dst, hit[0], hit[1])  # shared: fewer objects for the GC
     return Matrix(groups, edges)
 
 
@@ -427,6 +426,16 @@ class _IpSides:
         self._class_ids: dict[AddressClasses, int] = {}
         self._class_id = [self._class_ids.setdefault(c, len(self._class_ids)) for c in classes_of]
         self._rules_of_mask: dict[tuple[int, int], int] = {}
+        # a pair's sides depend on the source's (address classes, IP-out rules) and the
+        # destination's (address classes, IP-in rules): few distinct values, numbered per slot
+        c_keys: dict[tuple[int, int], int] = {}
+        p_keys: dict[tuple[int, int], int] = {}
+        self._c_key = [c_keys.setdefault((self._class_id[s], self._out_of_slot[s]), len(c_keys)) for s in range(n)]
+        self._p_key = [p_keys.setdefault((self._class_id[s], self._in_of_slot[s]), len(p_keys)) for s in range(n)]
+        self._k = max(len(p_keys), 1)
+        self._sides_of_key: dict[int, int] = {}
+        self._sides_number: dict[tuple[tuple[int, int], ...], int] = {(): 0}
+        self.sides: list[tuple[tuple[int, int], ...]] = [()]
 
     def candidates(self) -> Iterable[int]:
         """Group pairs that IP-list rules may open on both sides (a superset)."""
@@ -458,7 +467,20 @@ class _IpSides:
             self._rules_of_mask[key] = out
         return out
 
-    def sides(self, c: int, p: int) -> tuple[tuple[int, int], ...]:
+    def sides_id(self, c: int, p: int) -> int:
+        """The number, in :attr:`sides`, of what IP-list rules add to the pair's two sides."""
+        k = self._c_key[c] * self._k + self._p_key[p]
+        out = self._sides_of_key.get(k)
+        if out is None:
+            found = self._sides(c, p)
+            out = self._sides_number.get(found)
+            if out is None:
+                out = self._sides_number[found] = len(self.sides)
+                self.sides.append(found)
+            self._sides_of_key[k] = out
+        return out
+
+    def _sides(self, c: int, p: int) -> tuple[tuple[int, int], ...]:
         """Per address pair of one family: (IP-list rules on the source's outbound, on the
         destination's inbound) that match it."""
         pairs = self._by_classes.get((self._class_id[c], self._class_id[p]))
@@ -572,9 +594,7 @@ class _Content:
             return 0
         return self._services(allowed) & ~self._services(denied) if denied else self._services(allowed)
 
-    def edge(
-        self, allowed: int, denied: int, sides: tuple[tuple[int, int], ...] | None
-    ) -> tuple[list[PortRange], list[str]]:
+    def edge(self, allowed: int, denied: int, sides: tuple[tuple[int, int], ...]) -> tuple[list[PortRange], list[str]]:
         """(remaining services, allowing rule ids in policy order) of a group pair."""
         if not sides:
             services = self._atoms.ranges(self._side(allowed, denied))
@@ -663,7 +683,9 @@ def _tables(matrix: Matrix) -> tuple[list[LabelKey], dict[LabelKey, int], list[s
 
 
 def _sorted_edges(matrix: Matrix, number: dict[LabelKey, int]) -> list[Edge]:
-    return sorted(matrix.edges.values(), key=lambda e: (number[e.source], number[e.destination]))
+    n = len(number)
+    by_id = {id(k): i for k, i in number.items()}  # edges hold the groups' own key objects: no tuple hashing
+    return sorted(matrix.edges.values(), key=lambda e: by_id[id(e.source)] * n + by_id[id(e.destination)])
 
 
 def write_json(matrix: Matrix, policy: Policy, write: Callable[[str], object], workloads: bool = False) -> None:
@@ -684,24 +706,32 @@ def write_json(matrix: Matrix, policy: Policy, write: Callable[[str], object], w
         row["workloads"] = sorted(matrix.groups[key]) if workloads else len(matrix.groups[key])
         write(("," if i else "") + "\n" + dumps(row))
     edges = _sorted_edges(matrix, number)
+    tails: dict[tuple[int, int], str] = {}  # edges share their lists: each (services, rules) written once
+
+    def tail(e: Edge) -> str:
+        k = (id(e.services), id(e.rules))
+        out = tails.get(k)
+        if out is None:
+            out = tails[k] = (
+                f', "services": {dumps([str(s) for s in e.services])}, "rule_set": {rule_set_of[id(e.rules)]}}}'
+            )
+        return out
+
     if not workloads:
         write('],\n"edges": [')
-        for i, e in enumerate(edges):
-            services = dumps([str(s) for s in e.services])
-            write(
-                f'{"," if i else ""}\n{{"from": {number[e.source]}, "to": {number[e.destination]}, '
-                f'"services": {services}, "rule_set": {rule_set_of[id(e.rules)]}}}'
-            )
+        rows = [f'{{"from": {number[e.source]}, "to": {number[e.destination]}{tail(e)}' for e in edges]
+        for i in range(0, len(rows), 4096):
+            write(("\n" if not i else ",\n") + ",\n".join(rows[i : i + 4096]))
     else:
         write('],\n"pairs": [')
         members = {key: [dumps(w) for w in sorted(ids)] for key, ids in matrix.groups.items()}
         sep = "\n"
         for e in edges:
-            tail = f', "services": {dumps([str(s) for s in e.services])}, "rule_set": {rule_set_of[id(e.rules)]}}}'
+            end = tail(e)
             dst = members[e.destination]
-            rows = ['{"from": ' + a + ', "to": ' + b + tail for a in members[e.source] for b in dst if a != b]
-            if rows:
-                write(sep + ",\n".join(rows))
+            pairs = ['{"from": ' + a + ', "to": ' + b + end for a in members[e.source] for b in dst if a != b]
+            if pairs:
+                write(sep + ",\n".join(pairs))
                 sep = ",\n"
     write(
         f'],\n"allowed_group_pairs": {len(matrix.edges)}, "allowed_workload_pairs": {matrix.allowed_pair_count()}}}\n'
