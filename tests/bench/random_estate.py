@@ -25,7 +25,7 @@ from ringfence import synth
 
 def generate(out: Path, workloads: int = 1000, rules: int = 333, seed: int = 1) -> None:
     estate = synth.generate(workloads, seed=seed)
-    rng = random.Random(seed)  # noqa: S311 - reproducible benchmark input, not security
+    rng = random.Random(seed)
     policy_dir = out / "policy"
     policy_dir.mkdir(parents=True, exist_ok=True)
     services_doc = yaml.safe_load(estate.policy_texts["services.yaml"])
