@@ -18,7 +18,7 @@ from ringfence.engine.explain import Endpoint, decide
 from ringfence.model import Mode, Workload
 from ringfence.policy import Policy, load_policy_texts
 
-POLICY = """
+HEAD = """
 labels:
   dimensions:
     tier: {keys: ["ringfence:tier"]}
@@ -28,7 +28,10 @@ services:
   - {name: dns, ports: [udp/53]}
 ip_lists:
   - {name: corp, cidrs: [10.9.0.0/16, "fd09::/32"], exclude: [10.9.9.0/24]}
-rulesets:
+"""
+POLICY = (
+    HEAD
+    + """rulesets:
   - name: app
     scope: has(app)
     rules:
@@ -62,6 +65,7 @@ modes:
   - {selector: env == test, mode: observe}
   - {selector: role == lb && app == c, mode: idle}
 """
+)
 
 ROLES = ["lb", "web", "db", "dns"]
 APPS = ["a", "b", "c"]
@@ -77,21 +81,14 @@ def policy() -> Policy:
 # random rulesets over IP lists that hold workload addresses (all of them, a server range, one
 # address excluded, IPv6 only) as well as selectors, with every action: for the matrix and
 # policy diff against explain
-RANDOM_HEAD = """
-labels:
-  dimensions:
-    tier: {keys: ["ringfence:tier"]}
-services:
-  - {name: web, ports: [tcp/80, tcp/443]}
-  - {name: db, ports: [tcp/5432]}
-  - {name: dns, ports: [udp/53]}
-ip_lists:
-  - {name: corp, cidrs: [10.9.0.0/16, "fd09::/32"], exclude: [10.9.9.0/24]}
-  - {name: servers, cidrs: [10.0.0.0/29]}
+RANDOM_HEAD = (
+    HEAD
+    + """  - {name: servers, cidrs: [10.0.0.0/29]}
   - {name: most, cidrs: [0.0.0.0/0], exclude: [10.0.0.5/32]}
   - {name: v6, cidrs: ["fd00::/126"]}
 rulesets:
 """
+)
 RANDOM_SELECTORS = [
     "all()",
     "role == web",
