@@ -4,6 +4,8 @@ inventory-only path (:func:`compute_inventory`, no ``Engine.load``) equals the o
 
 from __future__ import annotations
 
+import io
+import json
 from dataclasses import replace
 from typing import Any
 
@@ -14,7 +16,7 @@ from hypothesis import strategies as st
 from ringfence.addresses import Address
 from ringfence.engine import Engine
 from ringfence.engine.compiler import WorkloadState
-from ringfence.engine.connectivity import Matrix, compute, compute_inventory
+from ringfence.engine.connectivity import Matrix, compute, compute_inventory, write_json, write_text
 from ringfence.engine.explain import Endpoint, decide, workload_endpoint
 from ringfence.model import Workload
 from ringfence.policy import Policy, load_policy_texts
@@ -152,3 +154,42 @@ def test_inventory_matrix_rejects_duplicate_ids() -> None:
             policy(),
             [Workload(id="w", tags={"ringfence:role": "web"}), Workload(id="w", tags={"ringfence:role": "db"})],
         )
+
+
+SPLIT_POLICY = """
+ip_lists:
+  - {name: corp, cidrs: [10.9.0.0/16, "fd09::/32"], exclude: [10.9.9.0/24]}
+rulesets:
+  - name: r
+    scope: all()
+    same: []
+    rules:
+      - {name: out, from: role == web, to: {ip_list: any}, services: [tcp/5432]}
+      - {name: in, from: {ip_list: corp}, to: role == db, services: [tcp/5432]}
+"""
+
+
+def test_groups_split_where_ip_lists_tell_members_apart_and_the_output_names_it() -> None:
+    """db-1 and db-2 share labels; only web-1 is in corp. One JSON document, rules listed once."""
+    pol = load_policy_texts({"p.yaml": SPLIT_POLICY})
+    inventory = [
+        Workload(id="web-1", ips=["10.9.1.1", "fd09::1"], tags={"ringfence:role": "web"}),
+        Workload(id="web-2", ips=["10.9.9.2"], tags={"ringfence:role": "web"}),  # the excluded /24
+        Workload(id="db-1", ips=["10.0.0.3"], tags={"ringfence:role": "db"}),
+    ]
+    m = compute_inventory(pol, inventory)
+    assert sorted((a, b) for a, b, _ in m.workload_pairs()) == [("web-1", "db-1")]
+    buf = io.StringIO()
+    write_json(m, pol, buf.write)
+    doc = json.loads(buf.getvalue())
+    names = [g["name"] for g in doc["groups"]]
+    assert "role=web,@addresses=v4:any+corp v6:any+corp" in names and "role=web,@addresses=v4:any" in names
+    assert all("@addresses" not in g["labels"] for g in doc["groups"])
+    assert [r["id"] for r in doc["rules"]] == ["r/out", "r/in"] and doc["rule_sets"] == [[0, 1]]
+    assert doc["allowed_workload_pairs"] == 1 and len(doc["edges"]) == 1
+    text = io.StringIO()
+    write_text(m, text.write, workloads=True)
+    assert (
+        text.getvalue()
+        == "web-1  →  db-1: tcp/5432   [r/out, r/in]\n1 allowed workload pairs, 1 workload pairs in all\n"
+    )
