@@ -110,7 +110,12 @@ def diff(active: Policy | None, draft: Policy, inventory: list[Workload]) -> Pol
             joint.setdefault((g_before.get(w), g_after[w]), []).append(w)
         for (old_src, new_src), sources in joint.items():
             for (old_dst, new_dst), destinations in joint.items():
-                old_edge = before.edges.get((old_src, old_dst)) if before and old_src and old_dst else None
+                # () is a group too (no labels): test for None, not truth
+                old_edge = (
+                    before.edges.get((old_src, old_dst))
+                    if before is not None and old_src is not None and old_dst is not None
+                    else None
+                )
                 new_edge = after.edges.get((new_src, new_dst))
                 old_s = old_edge.services if old_edge else []
                 new_s = new_edge.services if new_edge else []
