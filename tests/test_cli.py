@@ -404,3 +404,19 @@ def test_the_help_walk_finds_an_undocumented_argument() -> None:
     parser = build_parser()
     parser.add_argument("--no-help-here")
     assert _undocumented(parser, "ringfence") == ["ringfence --no-help-here"]
+
+
+def test_connectivity_output_read_partly_is_not_an_error(tmp_path: Path) -> None:
+    """Output is streamed: a reader that stops early (`| head`) ends the command quietly."""
+    from tests.bench.random_estate import generate
+
+    generate(tmp_path, workloads=200, rules=40)
+    cmd = [sys.executable, "-m", "ringfence.cli", "connectivity", "--workloads", "--json"]
+    cmd += ["--policy", str(tmp_path / "policy"), "--inventory", str(tmp_path / "inventory.yaml")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.read(10) == b'{"format":'
+    proc.stdout.close()  # far more than a pipe's buffer is left to write
+    err = proc.stderr.read()
+    proc.wait(timeout=60)
+    assert b"Traceback" not in err and proc.returncode == 141

@@ -743,13 +743,12 @@ def write_text(matrix: Matrix, write: Callable[[str], object], workloads: bool =
     its rule set (``R4``), and the sets are listed once at the end."""
     names, number, rule_ids, rule_set_of, rule_sets = _tables(matrix)
     label = [group_name(k) for k in names]
-    referenced: set[int] = set()
+    shown: dict[int, int] = {}  # rule set → its number in this output, in order of first use
 
     def rules_text(e: Edge) -> str:
         if len(e.rules) <= 3:
             return ", ".join(e.rules)
-        k = rule_set_of[id(e.rules)]
-        referenced.add(k)
+        k = shown.setdefault(rule_set_of[id(e.rules)], len(shown))
         return f"R{k}: {len(e.rules)} rules"
 
     rows = 0
@@ -763,7 +762,7 @@ def write_text(matrix: Matrix, write: Callable[[str], object], workloads: bool =
         lines = [f"{a}  →  {b}{tail}" for a in sorted(matrix.groups[e.source]) for b in dst if a != b]
         rows += len(lines)
         write("".join(lines))
-    for k in sorted(referenced):
-        write(f"R{k} = {', '.join(rule_ids[r] for r in rule_sets[k])}\n")
+    for rule_set, k in shown.items():
+        write(f"R{k} = {', '.join(rule_ids[r] for r in rule_sets[rule_set])}\n")
     what = "workload pairs" if workloads else "group pairs"
     write(f"{rows} allowed {what}, {matrix.allowed_pair_count()} workload pairs in all\n")
