@@ -318,8 +318,9 @@ class Daemon:
 
     def sync(self, latest: int | None) -> None:
         """One round; when it moved the applied revision, ``last_sync`` in the status says where
-        the time went: woken (the wait answered), seconds fetching, seconds applying."""
-        before = self.agent.revision
+        the time went: woken (the wait answered), fetch requests made and seconds fetching,
+        seconds applying."""
+        before, fetches = self.agent.revision, self.source.fetches
         self._fetch_s = self._apply_s = 0.0
         try:
             self._sync(latest)
@@ -329,6 +330,7 @@ class Daemon:
                     last_sync={
                         "revision": self.agent.revision,
                         "woke": self._woke,
+                        "fetches": self.source.fetches - fetches,  # 0: it all came with the wait
                         "fetch_s": round(self._fetch_s, 6),
                         "apply_s": round(self._apply_s, 6),
                         "done": time.time(),

@@ -42,6 +42,7 @@ locals {
     agentapi  = { memory = 512, timeout = 30, concurrency = 100, env = {} } # wait long-polls ≤ 25 s
     admin     = { memory = 512, timeout = 29, concurrency = 5, env = { RINGFENCE_ADMIN_ROLES = jsonencode(var.admin_roles) } }
     wsconnect = { memory = 256, timeout = 10, concurrency = 20, env = {} }
+    flows     = { memory = 1024, timeout = 300, concurrency = 10, env = {} }
   }
 
   member_roles  = "arn:${local.partition}:iam::*:role/${var.member_role_name}"
@@ -130,9 +131,19 @@ locals {
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"], resources = [aws_dynamodb_table.state.arn, aws_dynamodb_table.inventory.arn] },
       # an agent-key reset drops the key binding, the token and the nudge connection
       { actions = ["dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn] },
+      # the dependency map: the running inventory and the flow rows
+      { actions = ["dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
+      { actions = ["dynamodb:Query"], resources = [aws_dynamodb_table.state.arn] },
       { actions = ["s3:PutObject", "s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/policies/*"] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
       local.kms_use,
+    ]
+    # agents' report batches (reports/) and VPC Flow Logs → classified flow rows (docs/visibility.md)
+    flows = [
+      { actions = ["dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
+      { actions = ["dynamodb:GetItem", "dynamodb:Query", "dynamodb:UpdateItem", "dynamodb:BatchWriteItem"], resources = [aws_dynamodb_table.state.arn] },
+      { actions = ["s3:GetObject"], resources = concat(["${aws_s3_bucket.bundles.arn}/reports/*", "${aws_s3_bucket.bundles.arn}/policies/*"], var.flow_log_bucket_name == "" ? [] : ["arn:${local.partition}:s3:::${var.flow_log_bucket_name}/*"]) },
+      local.async_dlq, local.kms_use,
     ]
     wsconnect = [
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.state.arn] },
@@ -283,6 +294,42 @@ resource "aws_lambda_permission" "schedule" {
   statement_id  = "schedule"
   action        = "lambda:InvokeFunction"
   function_name = aws_lambda_function.fn[each.key].function_name
+  principal     = "events.amazonaws.com"
+  source_arn    = each.value.arn
+}
+
+# S3 object-created events (EventBridge notifications) → the flows function: agents' report
+# batches in the bundle bucket, and VPC Flow Logs in var.flow_log_bucket_name when set
+resource "aws_s3_bucket_notification" "bundles" {
+  bucket      = aws_s3_bucket.bundles.id
+  eventbridge = true
+}
+
+resource "aws_cloudwatch_event_rule" "flows" {
+  for_each = merge(
+    { reports = { bucket = { name = [aws_s3_bucket.bundles.id] }, object = { key = [{ prefix = "reports/" }] } } },
+    var.flow_log_bucket_name == "" ? {} : { flowlogs = { bucket = { name = [var.flow_log_bucket_name] } } },
+  )
+  name = "${var.name}-flows-${each.key}"
+  event_pattern = jsonencode({
+    source        = ["aws.s3"]
+    "detail-type" = ["Object Created"]
+    detail        = each.value
+  })
+  tags = var.tags
+}
+
+resource "aws_cloudwatch_event_target" "flows" {
+  for_each = aws_cloudwatch_event_rule.flows
+  rule     = each.value.name
+  arn      = aws_lambda_function.fn["flows"].arn
+}
+
+resource "aws_lambda_permission" "flows" {
+  for_each      = aws_cloudwatch_event_rule.flows
+  statement_id  = "flows-${each.key}"
+  action        = "lambda:InvokeFunction"
+  function_name = aws_lambda_function.fn["flows"].function_name
   principal     = "events.amazonaws.com"
   source_arn    = each.value.arn
 }

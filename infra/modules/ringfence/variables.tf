@@ -103,6 +103,12 @@ variable "sts_endpoints" {
   default     = []
 }
 
+variable "flow_log_bucket_name" {
+  description = "An S3 bucket where VPC Flow Logs are delivered (with EventBridge notifications on); empty: flows from agents only."
+  type        = string
+  default     = ""
+}
+
 variable "reconcile_schedule" {
   type    = string
   default = "rate(15 minutes)"
