@@ -382,6 +382,7 @@ def cmd_connectivity(args: argparse.Namespace) -> int:
 
 
 def cmd_map(args: argparse.Namespace) -> int:
+    from ringfence.policy import load_policy
     from ringfence.store import open_store
     from ringfence.viz.depmap import MapFilter, build_map
     from ringfence.viz.render import render
@@ -405,6 +406,7 @@ def cmd_map(args: argparse.Namespace) -> int:
 def cmd_flows_ingest(args: argparse.Namespace) -> int:
     from ringfence.flows.ingest import FlowIngest
     from ringfence.flows.resolve import sync_addresses
+    from ringfence.policy import load_policy
     from ringfence.store import open_store
 
     store = open_store(args.store)
