@@ -18,7 +18,7 @@ from ringfence.engine.explain import Endpoint, decide
 from ringfence.model import Mode, Workload
 from ringfence.policy import Policy, load_policy_texts
 
-POLICY = """
+HEAD = """
 labels:
   dimensions:
     tier: {keys: ["ringfence:tier"]}
@@ -28,7 +28,10 @@ services:
   - {name: dns, ports: [udp/53]}
 ip_lists:
   - {name: corp, cidrs: [10.9.0.0/16, "fd09::/32"], exclude: [10.9.9.0/24]}
-rulesets:
+"""
+POLICY = (
+    HEAD
+    + """rulesets:
   - name: app
     scope: has(app)
     rules:
@@ -62,6 +65,7 @@ modes:
   - {selector: env == test, mode: observe}
   - {selector: role == lb && app == c, mode: idle}
 """
+)
 
 ROLES = ["lb", "web", "db", "dns"]
 APPS = ["a", "b", "c"]
@@ -72,6 +76,59 @@ IPS6 = ["fd00::1", "fd00::2", "fd00::3", "fd09::5"]
 
 def policy() -> Policy:
     return load_policy_texts({"p.yaml": POLICY})
+
+
+# random rulesets over IP lists that hold workload addresses (all of them, a server range, one
+# address excluded, IPv6 only) as well as selectors, with every action: for the matrix and
+# policy diff against explain
+RANDOM_HEAD = (
+    HEAD
+    + """  - {name: servers, cidrs: [10.0.0.0/29]}
+  - {name: most, cidrs: [0.0.0.0/0], exclude: [10.0.0.5/32]}
+  - {name: v6, cidrs: ["fd00::/126"]}
+rulesets:
+"""
+)
+RANDOM_SELECTORS = [
+    "all()",
+    "role == web",
+    "role == db",
+    "role in {lb, web}",
+    "app == a",
+    "env == prod",
+    "env != prod",
+    "!has(tier)",
+    "tier in {a, b}",
+]
+RANDOM_IP_LISTS = ["any", "corp", "servers", "most", "v6"]
+RANDOM_SERVICES = ["web", "db", "dns", "all", "tcp/9000-9100", "tcp/80", "icmp/8", "tcp/5432", "udp/1-100"]
+RANDOM_PROBES = [("tcp", 80), ("tcp", 443), ("tcp", 5432), ("udp", 53), ("tcp", 9050), ("icmp", 8), ("udp", 7)]
+
+
+@st.composite
+def random_policy_texts(draw: Any, min_rules: int = 1) -> str:
+    """A policy of random rules: selector or IP-list peers, allow / deny / override-deny, ``same:``."""
+
+    def peer(ip: bool) -> str:
+        if ip:
+            return "{ip_list: " + draw(st.sampled_from(RANDOM_IP_LISTS)) + "}"
+        return '"' + draw(st.sampled_from(RANDOM_SELECTORS)) + '"'
+
+    lines = []
+    for r in range(draw(st.integers(min_value=1, max_value=3))):
+        staged = draw(st.integers(min_value=0, max_value=4)) == 0
+        lines.append(f"  - name: rs{r}\n    scope: all()\n    same: []\n    staged: {str(staged).lower()}\n    rules:")
+        for i in range(draw(st.integers(min_value=min_rules if r == 0 else 1, max_value=5))):
+            ip_side = draw(st.sampled_from(["none", "none", "from", "to"]))  # a rule needs workloads on one side
+            src, dst = peer(ip_side == "from"), peer(ip_side == "to")
+            action = draw(st.sampled_from(["allow", "allow", "allow", "deny", "override-deny"]))
+            services = draw(st.lists(st.sampled_from(RANDOM_SERVICES), min_size=1, max_size=2, unique=True))
+            same = draw(st.sampled_from(["[]", "[]", "[app]", "[app, env]"])) if ip_side == "none" else "[]"
+            lines.append(
+                f"      - {{name: r{r}-{i}, from: {src}, to: {dst}, action: {action}, "
+                f"services: [{', '.join(services)}], same: {same}}}"
+            )
+    return RANDOM_HEAD + "\n".join(lines) + "\n"
 
 
 @st.composite
