@@ -690,13 +690,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft", help="a draft policy: edges it would open or cut are marked")
     p.add_argument("--app", help="only edges with this app at either end")
     p.add_argument("--env", help="only edges with this env at either end")
-    p.add_argument("--decision", choices=["allowed", "potentially-blocked", "blocked", "unknown"])
+    p.add_argument(
+        "--decision",
+        choices=["allowed", "potentially-blocked", "blocked", "unknown"],
+        help="only edges with this decision",
+    )
     p.add_argument("--min-flows", type=int, default=0, help="only edges with at least this many flows")
     p.add_argument("--out", help="file to write (default: stdout)")
 
     flo = sub.add_parser("flows", help="flows in").add_subparsers(dest="sub", required=True, metavar="command")
     p = add("ingest", cmd_flows_ingest, flo, help="VPC Flow Log files (gzip/text) and agent report batches (.json)")
-    p.add_argument("files", nargs="+")
+    p.add_argument("files", nargs="+", help="flow log files (gzip or text) and agent report batches (.json)")
     p.add_argument("--store", required=True, help="sqlite:PATH or dynamodb:INVENTORY,STATE,AUDIT")
     p.add_argument("--policy", required=True, help="the active policy: " + POLICY_PATH_HELP)
     p.add_argument("--inventory", help="resolve addresses with this estate (default: the store's inventory)")
