@@ -698,7 +698,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-flows", type=int, default=0, help="only edges with at least this many flows")
     p.add_argument("--out", help="file to write (default: stdout)")
 
-    flo = sub.add_parser("flows", help="flows in").add_subparsers(dest="sub", required=True, metavar="command")
+    flo = sub.add_parser("flows", help="flows in").add_subparsers(
+        dest="sub", required=True, metavar="command", help="one of:"
+    )
     p = add("ingest", cmd_flows_ingest, flo, help="VPC Flow Log files (gzip/text) and agent report batches (.json)")
     p.add_argument("files", nargs="+", help="flow log files (gzip or text) and agent report batches (.json)")
     p.add_argument("--store", required=True, help="sqlite:PATH or dynamodb:INVENTORY,STATE,AUDIT")
