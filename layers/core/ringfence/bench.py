@@ -36,8 +36,9 @@ from ringfence.bundle import GroupMember, service_span
 from ringfence.engine import Engine
 from ringfence.engine.compiler import ANY_ADDRESS
 from ringfence.engine.connectivity import Matrix, compute_inventory
-from ringfence.model import Mode, Workload
-from ringfence.policy import load_policy_texts
+from ringfence.engine.explain import Endpoint, _failsafe, _peer_matches, _same_ok
+from ringfence.model import Action, Mode, Workload
+from ringfence.policy import ACTION_RANK, CompiledRule, Policy, load_policy_texts
 
 CHANGE_KINDS = ("relabel", "re-ip", "add", "remove", "mode", "quarantine")
 
@@ -79,6 +80,149 @@ def grouped_rule_elements(engine: Engine, members: list[dict[str, Any]]) -> int:
                 if p[0] in families:
                     union.setdefault((p[0], span), []).append(p)
     return sum(len(addresses.collapse(ps)) for ps in union.values())
+
+
+class NecessaryFanout:
+    """The reference for fan-out: which agents' own decisions a single-workload change alters.
+
+    Independent of the engine's sets and bundles: it follows :mod:`ringfence.engine.explain`'s
+    rule-by-rule evaluation. A change to workload ``x`` leaves every other agent's own rules as
+    they were (they depend on its labels only); what it alters is who stands at ``x``'s old and
+    new addresses. So another agent ``w`` must hear of it exactly when, for one of those
+    addresses, a direction and a service, the decision of ``w``'s side (override-deny > allow >
+    deny > default deny, fail-safes first) differs before and after, with the peer at an address
+    resolved as ``ringfence explain <address>`` resolves it (the first workload holding it, else
+    an outside address). Idle and quarantined agents enforce nothing that changes. Services are
+    compared on atoms: one port (or ICMP type) per interval between the boundaries of every
+    rule's and fail-safe's ranges, plus one protocol no rule names. The changed workload itself
+    counts when it is added, changed (its own bundle is new), not when removed.
+    """
+
+    def __init__(self, policy: Policy, inventory: list[Workload]) -> None:
+        self.policy = policy
+        self.rules = sorted((r for r in policy.rules if not r.staged), key=_rank)
+        self.state: dict[str, Endpoint] = {}
+        for w in inventory:
+            self.state[w.id] = self._endpoint(w)
+        self._own: dict[tuple[frozenset[tuple[str, str]], str], tuple[list[CompiledRule], frozenset[int]]] = {}
+        self.atoms = _service_atoms(policy)
+
+    def _endpoint(self, w: Workload) -> Endpoint:
+        res = self.policy.labels.resolve(w)
+        mode = w.mode if w.mode is not None else self.policy.mode_for(res.labels, res.unlabeled)
+        addrs = tuple(sorted({addresses.parse_address(ip) for ip in w.ips}))
+        return Endpoint(w.id, res.labels, addrs, mode, w.quarantined)
+
+    def _at(self, addr: addresses.Address) -> Endpoint:
+        for ep in self.state.values():
+            if addr in ep.addrs:
+                return Endpoint(ep.name, ep.labels, (addr,), ep.mode, ep.quarantined)
+        return Endpoint(addresses.format_address(addr), None, (addr,))
+
+    def _own_rules(
+        self, labels: frozenset[tuple[str, str]], direction: str
+    ) -> tuple[list[CompiledRule], frozenset[int]]:
+        key = (labels, direction)
+        hit = self._own.get(key)
+        if hit is None:
+            me = Endpoint("", dict(labels), (), Mode.ENFORCE)
+            rules = [r for r in self.rules if _peer_matches(_own_peer(r, direction), me)]
+            hit = self._own[key] = (rules, frozenset(id(r) for r in rules))
+        return hit
+
+    def apply(self, change: Workload | str, count: bool = True) -> set[str]:
+        """Apply one change to the reference's inventory; the agents it must reach (or, with
+        ``count`` false, only apply it: sampling)."""
+        wid = change if isinstance(change, str) else change.id
+        old = self.state.get(wid)
+        new = None if isinstance(change, str) else self._endpoint(change)
+        if not count:
+            if new is None:
+                self.state.pop(wid, None)
+            else:
+                self.state[wid] = new
+            return set()
+        addrs = sorted({*(old.addrs if old else ()), *(new.addrs if new else ())})
+        before = {a: self._at(a) for a in addrs}
+        if new is None:
+            self.state.pop(wid, None)
+        else:
+            self.state[wid] = new
+        after = {a: self._at(a) for a in addrs}
+        out: set[str] = {wid} if new is not None else set()
+        # rules whose peer side a changed address's endpoint matches, before or after
+        touched = {
+            d: {
+                id(r)
+                for r in self.rules
+                for a in addrs
+                for ep in (before[a], after[a])
+                if _peer_matches(_other_peer(r, d), ep)
+            }
+            for d in ("inbound", "outbound")
+        }
+        groups: dict[frozenset[tuple[str, str]], list[str]] = {}
+        for ep in self.state.values():
+            if ep.name != wid and not ep.quarantined and ep.mode is not Mode.IDLE and ep.labels is not None:
+                groups.setdefault(frozenset(ep.labels.items()), []).append(ep.name)
+        for labels, members in groups.items():
+            me = Endpoint("", dict(labels), (), Mode.ENFORCE)
+            for d in ("inbound", "outbound"):
+                rules, ids = self._own_rules(labels, d)
+                if ids.isdisjoint(touched[d]):
+                    continue
+                if any(self._side(rules, me, before[a], d) != self._side(rules, me, after[a], d) for a in addrs):
+                    out.update(members)
+                    break
+        return out
+
+    def _side(self, rules: list[CompiledRule], me: Endpoint, peer: Endpoint, direction: str) -> tuple[bool, ...]:
+        """The decision (allow?) of ``me``'s side for each service atom, with ``peer`` across."""
+        src, dst = (me, peer) if direction == "outbound" else (peer, me)
+        matched = [
+            r
+            for r in rules
+            if _peer_matches(_other_peer(r, direction), peer)
+            and (_other_peer(r, direction).selector is None or _same_ok(r, src, dst))
+        ]
+        out = []
+        for proto, port in self.atoms:
+            if _failsafe(self.policy, src, dst, proto, port, direction) is not None:
+                out.append(True)
+                continue
+            first = next((r for r in matched if r.matches_service(proto, port)), None)
+            out.append(first is not None and first.action is Action.ALLOW)
+        return tuple(out)
+
+
+def _rank(r: CompiledRule) -> int:
+    return ACTION_RANK[r.action]
+
+
+def _own_peer(r: CompiledRule, direction: str) -> Any:
+    return r.consumer if direction == "outbound" else r.provider
+
+
+def _other_peer(r: CompiledRule, direction: str) -> Any:
+    return r.provider if direction == "outbound" else r.consumer
+
+
+def _service_atoms(policy: Policy) -> list[tuple[str, int | None]]:
+    from ringfence.bundlewire import CONTROL_PLANE_PORT
+
+    # the fail-safes' single ports (DNS, the control plane) are atoms of their own
+    cp = CONTROL_PLANE_PORT
+    bounds: dict[str, set[int]] = {"tcp": {0, 53, 54, cp, cp + 1}, "udp": {0, 53, 54}, "icmp": {0}, "icmpv6": {0}}
+    ranges = [p for r in policy.rules for p in r.services] + list(policy.failsafes.admin_ports)
+    for p in ranges:
+        if p.proto in bounds:
+            bounds[p.proto].update((p.lo, p.hi + 1))
+    top = {"tcp": 65535, "udp": 65535, "icmp": 255, "icmpv6": 255}
+    atoms: list[tuple[str, int | None]] = [
+        (proto, b) for proto, bs in bounds.items() for b in sorted(bs) if b <= top[proto]
+    ]
+    atoms.append(("any", None))  # a protocol no rule names: only ``any`` services match it
+    return atoms
 
 
 def _compact_size(doc: dict[str, object]) -> int:
@@ -134,8 +278,14 @@ def _bump(ip: str, by: int) -> str:
     return str(addr + by)
 
 
-def run_bench(workloads: int, seed: int = 1, changes: int = 200, apps: int | None = None) -> dict[str, Any]:
-    """Generate an estate of ``workloads`` workloads, compile it, apply ``changes`` changes; figures as a dict."""
+def run_bench(
+    workloads: int, seed: int = 1, changes: int = 200, apps: int | None = None, necessary_every: int = 1
+) -> dict[str, Any]:
+    """Generate an estate of ``workloads`` workloads, compile it, apply ``changes`` changes; figures as a dict.
+
+    The necessary fan-out (:class:`NecessaryFanout`, untimed) is computed for every
+    ``necessary_every``-th change (0: never), and the engine's notified count beside it on the
+    same changes."""
     estate = synth.generate(workloads, seed=seed, apps=apps)
     t0 = time.perf_counter()
     policy = load_policy_texts(estate.policy_texts)
@@ -184,7 +334,10 @@ def run_bench(workloads: int, seed: int = 1, changes: int = 200, apps: int | Non
     timings: list[float] = []
     by_kind: dict[str, list[float]] = {k: [] for k in CHANGE_KINDS}
     rebuilt_total = notified_total = 0
-    for _ in range(changes):
+    reference = NecessaryFanout(policy, estate.workloads) if necessary_every else None
+    necessary_total = notified_sampled = sampled = missed = 0
+    t_reference = 0.0
+    for i in range(changes):
         kind, arg = random_change(rng, state, counter)
         t0 = time.perf_counter()
         upd = engine.remove(arg) if isinstance(arg, str) else engine.upsert(arg)
@@ -196,6 +349,16 @@ def run_bench(workloads: int, seed: int = 1, changes: int = 200, apps: int | Non
         by_kind[kind].append(dt)
         rebuilt_total += len(upd.rebuilt)
         notified_total += len(upd.notify)
+        if reference is not None:
+            t0 = time.perf_counter()
+            sample = i % necessary_every == 0
+            necessary = reference.apply(arg, count=sample)
+            t_reference += time.perf_counter() - t0
+            if sample:
+                sampled += 1
+                necessary_total += len(necessary)
+                notified_sampled += len(upd.notify)
+                missed += len(necessary - upd.notify)  # 0 unless the engine misses an agent
 
     p50 = statistics.median(timings) if timings else 0.0
     p99 = _percentile(timings, 0.99) if timings else 0.0
@@ -216,6 +379,12 @@ def run_bench(workloads: int, seed: int = 1, changes: int = 200, apps: int | Non
         "incremental_speedup_p50": round(full_compile_s / p50, 1) if p50 else None,
         "avg_rebuilt_per_change": round(rebuilt_total / max(1, len(timings)), 2),
         "avg_notified_per_change": round(notified_total / max(1, len(timings)), 2),
+        "necessary_sampled_changes": sampled,
+        "avg_necessary_per_change": round(necessary_total / sampled, 2) if sampled else None,
+        "avg_notified_per_sampled_change": round(notified_sampled / sampled, 2) if sampled else None,
+        "notified_vs_necessary": round(notified_sampled / necessary_total, 3) if necessary_total else None,
+        "necessary_not_notified": missed,
+        "necessary_reference_s": round(t_reference, 2),
         "sets": len(engine.sets),
         "label_groups": groups,
         "group_edges": edges,
@@ -246,6 +415,9 @@ def format_text(result: dict[str, Any]) -> str:
         f"incremental:      p50 {r['incremental_p50_s'] * 1e3:.2f} ms, p99 {r['incremental_p99_s'] * 1e3:.2f} ms "
         f"over {r['changes']} changes (p50 {r['incremental_speedup_p50']}x faster than full compile)",
         f"per change:       {r['avg_rebuilt_per_change']} bundles rebuilt, {r['avg_notified_per_change']} agents nudged",
+        f"necessary:        {r['avg_necessary_per_change']} agents whose decisions change per change "
+        f"(reference over {r['necessary_sampled_changes']} changes; nudged there: "
+        f"{r['avg_notified_per_sampled_change']}, {r['notified_vs_necessary']}x necessary)",
         f"naive pair rules: {r['naive_pair_rules']:,} ({r['allowed_workload_pairs']:,} allowed workload pairs)",
         f"compiled:         {r['compiled_rules']:,} rules + {r['compiled_set_elements']:,} set elements "
         f"({r['compiled_address_set_elements']:,} in {r['sets']:,} address sets + "
