@@ -124,6 +124,7 @@ def test_incremental_equals_full_recompile(scenario: tuple[list[Workload], list[
     state = {w.id: w for w in initial}
     last_versions = {wid: inc.bundle_version(wid) for wid in inc.workloads}
     applied_sets: dict[str, dict[str, Any]] = {wid: inc.render(wid)["sets"] for wid in inc.workloads}  # type: ignore[misc]
+    chain: dict[tuple[str, int], tuple[int, list[Any], list[Any]]] = {}  # (set, from) → (to, added, removed)
     for op, arg in changes:
         if op == "upsert":
             upd = inc.upsert(arg)
@@ -131,7 +132,10 @@ def test_incremental_equals_full_recompile(scenario: tuple[list[Workload], list[
         else:
             upd = inc.remove(arg)
             state.pop(arg, None)
-        # every agent can follow by deltas alone unless told to rebuild
+        for name, (from_v, added, removed) in upd.set_deltas.items():
+            chain[(name, from_v)] = (upd.revision, added, removed)
+        # every agent can follow by deltas alone unless told to rebuild; one not nudged decides
+        # as its fresh bundle does, and catches up by walking the chain when nudged
         for wid in list(applied_sets):
             if wid not in inc.workloads:
                 del applied_sets[wid]
@@ -141,17 +145,20 @@ def test_incremental_equals_full_recompile(scenario: tuple[list[Workload], list[
                 assert upd.bundles[wid] == fresh, "the update carries the rebuilt bundle"
             if wid in upd.rebuilt or wid not in last_versions:
                 applied_sets[wid] = fresh["sets"]  # type: ignore[assignment]
-            else:
+            elif wid in upd.notify:
                 sets = applied_sets[wid]
-                for name, (from_v, added, removed) in upd.set_deltas.items():
-                    if name in sets:
-                        assert wid in upd.notify, f"{wid} holds changed set {name} but was not notified"
-                        assert sets[name]["version"] == from_v
-                        cover = {*sets[name]["v4"], *sets[name]["v6"]}
-                        cover -= {addresses.format_prefix(p) for p in removed}
-                        cover |= {addresses.format_prefix(p) for p in added}
-                        sets[name] = {"version": upd.revision, **_split(cover)}
+                for name in sets:
+                    sets[name] = _walk(chain, name, sets[name])
                 assert sets == fresh["sets"], f"{wid}: deltas did not reproduce the bundle's sets"
+            elif applied_sets[wid] != fresh["sets"]:
+                assert set(applied_sets[wid]) == set(fresh["sets"])  # type: ignore[arg-type]
+                lagging = {**fresh, "sets": applied_sets[wid]}
+                for direction in ("inbound", "outbound"):
+                    for peer in IPS4 + IPS6:
+                        for proto, port in FLOWS:
+                            assert _side_allows(lagging, direction, peer, proto, port) == _side_allows(
+                                fresh, direction, peer, proto, port
+                            ), f"{wid} was not nudged but its decisions changed ({direction} {peer} {proto}/{port})"
             version = inc.bundle_version(wid)
             assert version >= last_versions.get(wid, 0), "bundle version went backwards"
             last_versions[wid] = version
@@ -162,6 +169,20 @@ def test_incremental_equals_full_recompile(scenario: tuple[list[Workload], list[
     assert contents(inc) == contents(full)
     # no set lingers without a reference, and each set's cover matches its members
     assert set(inc.sets) == set(full.sets)
+
+
+FLOWS = [("tcp", 80), ("tcp", 443), ("tcp", 5432), ("udp", 53), ("tcp", 9050), ("tcp", 9000), ("icmp", 8), ("tcp", 22)]
+
+
+def _walk(chain: dict[tuple[str, int], tuple[int, list[Any], list[Any]]], name: str, s: dict[str, Any]) -> dict[str, Any]:
+    """A set moved along the delta chain from its version to the newest (as an agent's fetch does)."""
+    version = s["version"]
+    cover = {*s["v4"], *s["v6"]}
+    while (name, version) in chain:
+        version, added, removed = chain[(name, version)]
+        cover -= {addresses.format_prefix(p) for p in removed}
+        cover |= {addresses.format_prefix(p) for p in added}
+    return {"version": version, **_split(cover)}
 
 
 def _split(cover: set[str]) -> dict[str, list[str]]:

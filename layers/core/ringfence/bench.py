@@ -15,7 +15,10 @@ One run on a :mod:`ringfence.synth` estate measures:
   and ``compiled_set_elements`` (CIDR elements over distinct sets, plus
   ``compiled_map_elements``: the (address, service) elements the dataplane holds for grouped
   rules, over distinct grouped-rule contents, see :func:`grouped_rule_elements`),
-  ``bundle_bytes_total``;
+  ``bundle_bytes_total``; ``sets`` counts the sets some bundle holds (``sets_kept_unsent``: those
+  only dropped deny entries name, kept by the engine to know when they come back);
+* ``avg_necessary_per_change`` — the reference fan-out (:class:`NecessaryFanout`, untimed) beside
+  ``avg_notified_per_change``: ``notified_vs_necessary`` is their ratio over the sampled changes;
 * ``peak_rss_mb`` — the process's peak resident set (``ru_maxrss``), so it includes whatever the
   process did before; run it in a fresh process for a clean figure.
 """
@@ -28,6 +31,7 @@ import resource
 import statistics
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 from ringfence import addresses, synth
@@ -95,7 +99,8 @@ class NecessaryFanout:
     an outside address). Idle and quarantined agents enforce nothing that changes. Services are
     compared on atoms: one port (or ICMP type) per interval between the boundaries of every
     rule's and fail-safe's ranges, plus one protocol no rule names. The changed workload itself
-    counts when it is added, changed (its own bundle is new), not when removed.
+    counts when it is added or its labels, mode or quarantine change, not when removed; moved
+    addresses alone leave its own rules as they were, and it is judged like any other agent.
     """
 
     def __init__(self, policy: Policy, inventory: list[Workload]) -> None:
@@ -106,6 +111,7 @@ class NecessaryFanout:
             self.state[w.id] = self._endpoint(w)
         self._own: dict[tuple[frozenset[tuple[str, str]], str], tuple[list[CompiledRule], frozenset[int]]] = {}
         self.atoms = _service_atoms(policy)
+        self._sides: dict[tuple[tuple[int, ...], tuple[addresses.Address, ...], str], tuple[bool, ...]] = {}
 
     def _endpoint(self, w: Workload) -> Endpoint:
         res = self.policy.labels.resolve(w)
@@ -149,7 +155,10 @@ class NecessaryFanout:
         else:
             self.state[wid] = new
         after = {a: self._at(a) for a in addrs}
-        out: set[str] = {wid} if new is not None else set()
+        # its own rules change with its labels, mode or quarantine; moved addresses only change
+        # who stands where, which it is judged on like every other agent
+        moved_only = old is not None and new is not None and replace(old, addrs=new.addrs) == new
+        out: set[str] = {wid} if new is not None and new != old and not moved_only else set()
         # rules whose peer side a changed address's endpoint matches, before or after
         touched = {
             d: {
@@ -163,7 +172,12 @@ class NecessaryFanout:
         }
         groups: dict[frozenset[tuple[str, str]], list[str]] = {}
         for ep in self.state.values():
-            if ep.name != wid and not ep.quarantined and ep.mode is not Mode.IDLE and ep.labels is not None:
+            if (
+                (ep.name != wid or moved_only)
+                and not ep.quarantined
+                and ep.mode is not Mode.IDLE
+                and ep.labels is not None
+            ):
                 groups.setdefault(frozenset(ep.labels.items()), []).append(ep.name)
         for labels, members in groups.items():
             me = Endpoint("", dict(labels), (), Mode.ENFORCE)
@@ -171,20 +185,38 @@ class NecessaryFanout:
                 rules, ids = self._own_rules(labels, d)
                 if ids.isdisjoint(touched[d]):
                     continue
-                if any(self._side(rules, me, before[a], d) != self._side(rules, me, after[a], d) for a in addrs):
+                if any(self._differs(rules, me, before[a], after[a], d) for a in addrs):
                     out.update(members)
                     break
         return out
 
-    def _side(self, rules: list[CompiledRule], me: Endpoint, peer: Endpoint, direction: str) -> tuple[bool, ...]:
-        """The decision (allow?) of ``me``'s side for each service atom, with ``peer`` across."""
+    def _differs(self, rules: list[CompiledRule], me: Endpoint, before: Endpoint, after: Endpoint, d: str) -> bool:
+        was, now = self._matched(rules, me, before, d), self._matched(rules, me, after, d)
+        if was == now:
+            return False  # the same rules match: the same decisions (the address is the same)
+        return self._side(was, me, before, d) != self._side(now, me, after, d)
+
+    def _side(self, matched: list[CompiledRule], me: Endpoint, peer: Endpoint, direction: str) -> tuple[bool, ...]:
+        # decided by the matching rules, the direction and (fail-safes) the peer's address alone
+        key = (tuple(id(r) for r in matched), peer.addrs, direction)
+        hit = self._sides.get(key)
+        if hit is None:
+            hit = self._sides[key] = self._decide(matched, me, peer, direction)
+        return hit
+
+    def _matched(self, rules: list[CompiledRule], me: Endpoint, peer: Endpoint, direction: str) -> list[CompiledRule]:
         src, dst = (me, peer) if direction == "outbound" else (peer, me)
-        matched = [
+        return [
             r
             for r in rules
             if _peer_matches(_other_peer(r, direction), peer)
             and (_other_peer(r, direction).selector is None or _same_ok(r, src, dst))
         ]
+
+    def _decide(self, matched: list[CompiledRule], me: Endpoint, peer: Endpoint, direction: str) -> tuple[bool, ...]:
+        """The decision (allow?) of ``me``'s side for each service atom, with ``peer`` across and
+        ``matched`` the rules matching both ends (precedence order)."""
+        src, dst = (me, peer) if direction == "outbound" else (peer, me)
         out = []
         for proto, port in self.atoms:
             if _failsafe(self.policy, src, dst, proto, port, direction) is not None:
@@ -317,7 +349,9 @@ def run_bench(
                 group_contents.add(content)
                 map_elements += grouped_rule_elements(engine, rule["members"])
     full_compile_s = load_s + render_s
-    plain_set_elements = sum(len(s.elements) if s.static else len(s.elements.elements()) for s in engine.sets.values())
+    # sets some bundle holds (a set only dropped deny entries name is kept by the engine, not sent)
+    held = [s for s in engine.sets.values() if s.held]
+    plain_set_elements = sum(len(s.elements) if s.static else len(s.elements.elements()) for s in held)
     set_elements = plain_set_elements + map_elements
 
     t0 = time.perf_counter()
@@ -385,7 +419,8 @@ def run_bench(
         "notified_vs_necessary": round(notified_sampled / necessary_total, 3) if necessary_total else None,
         "necessary_not_notified": missed,
         "necessary_reference_s": round(t_reference, 2),
-        "sets": len(engine.sets),
+        "sets": len(held),
+        "sets_kept_unsent": len(engine.sets) - len(held),
         "label_groups": groups,
         "group_edges": edges,
         "connectivity_s": round(connectivity_s, 4),

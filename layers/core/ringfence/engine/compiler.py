@@ -454,9 +454,11 @@ class Engine:
             s.rendered = None
         # 5. a deny dropped elsewhere comes back where this change lets an allow admit one of its
         # peers (and goes where none does any more): those bundles are rebuilt in this same update
+        admitting: set[str] = set()
         if upd.set_deltas:
             changed = (old.addrs if old is not None else ()) + (new.addrs if new is not None else ())
-            for other in self._drop_candidates(wid, changed, old_in | new_in):
+            admitting, candidates = self._drop_candidates(wid, changed, old_in | new_in)
+            for other in candidates:
                 ws = self.workloads[other]
                 dropped = self._dropped(ws)
                 if dropped != ws.dropped:
@@ -466,9 +468,14 @@ class Engine:
                     ws.rules_revision = self.revision
                     upd.rebuilt.add(other)
                     upd.notify.add(other)
-        # 6. nudge every agent whose bundle holds a changed set
+        # 6. nudge every agent whose bundle holds a changed set, where it matters: a change at an
+        # address no allow of the agent admits moves no decision of its (only a deny set holds it
+        # there). Such an agent's copy of the deny set lags, deciding alike, until its next fetch
+        # walks the whole delta chain (as every fetch does).
         for name in upd.set_deltas:
-            upd.notify |= self.sets_by_name[name].held
+            s = self.sets_by_name[name]
+            upd.notify |= s.allow_refs
+            upd.notify |= s.held & admitting if len(s.held) > len(admitting) else admitting & s.held
         upd.notify -= upd.removed
         upd.bundles = {w: self.render(w) for w in upd.rebuilt}
         return upd
@@ -507,11 +514,12 @@ class Engine:
             return other is None or len(self.sets[other].elements) > 0
         return _contents_meet(self.sets[a].elements, self.sets[b].elements)
 
-    def _drop_candidates(self, wid: str, changed: tuple[Address, ...], touched: set[str]) -> set[str]:
-        """Workloads (besides ``wid``) whose dropped denies this change may flip: a deny entry's
-        set and an allow entry's set came to share, or stopped sharing, one of the ``changed``
-        addresses, so both sets hold it now or held it before. ``touched``: the names of the sets
-        the changed workload is a member of, before and after."""
+    def _drop_candidates(self, wid: str, changed: tuple[Address, ...], touched: set[str]) -> tuple[set[str], set[str]]:
+        """(the workloads with an allow entry admitting one of the ``changed`` addresses before
+        or after, the workloads besides ``wid`` whose dropped denies this change may flip). A flip
+        needs a deny entry's set and an allow entry's set to come to share, or stop sharing, one
+        of the ``changed`` addresses, so both sets hold it now or held it before. ``touched``: the
+        names of the sets the changed workload is a member of, before and after."""
         names = set(touched)
         for addr in set(changed):
             for other in self._by_addr.get(addr, ()):
@@ -529,7 +537,7 @@ class Engine:
             denies.append(self._deny_any)
         out = {w for w in allow if any(w in d for d in denies)}
         out.discard(wid)
-        return out
+        return allow, out
 
     def _move_roles(self, wid: str, old: WorkloadState | None, new: WorkloadState | None) -> None:
         """Keep each set's ``allow_refs``, ``deny_refs`` and ``held`` (and the any-address
