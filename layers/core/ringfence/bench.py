@@ -94,9 +94,9 @@ class NecessaryFanout:
     they were (they depend on its labels only); what it alters is who stands at ``x``'s old and
     new addresses. So another agent ``w`` must hear of it exactly when, for one of those
     addresses, a direction and a service, the decision of ``w``'s side (override-deny > allow >
-    deny > default deny, fail-safes first) differs before and after, with the peer at an address
-    resolved as ``ringfence explain <address>`` resolves it (the first workload holding it, else
-    an outside address). Idle and quarantined agents enforce nothing that changes. Services are
+    deny > default deny, fail-safes first) differs before and after; the peer at an address is
+    every workload holding it (a rule matches where it matches one of them: the dataplane's sets
+    hold addresses), else an outside address. Idle and quarantined agents enforce nothing that changes. Services are
     compared on atoms: one port (or ICMP type) per interval between the boundaries of every
     rule's and fail-safe's ranges, plus one protocol no rule names. The changed workload itself
     counts when it is added or its labels, mode or quarantine change, not when removed; moved
@@ -119,11 +119,13 @@ class NecessaryFanout:
         addrs = tuple(sorted({addresses.parse_address(ip) for ip in w.ips}))
         return Endpoint(w.id, res.labels, addrs, mode, w.quarantined)
 
-    def _at(self, addr: addresses.Address) -> Endpoint:
-        for ep in self.state.values():
-            if addr in ep.addrs:
-                return Endpoint(ep.name, ep.labels, (addr,), ep.mode, ep.quarantined)
-        return Endpoint(addresses.format_address(addr), None, (addr,))
+    def _at(self, addr: addresses.Address) -> tuple[Endpoint, ...]:
+        held = tuple(
+            Endpoint(ep.name, ep.labels, (addr,), ep.mode, ep.quarantined)
+            for ep in self.state.values()
+            if addr in ep.addrs
+        )
+        return held or (Endpoint(addresses.format_address(addr), None, (addr,)),)
 
     def _own_rules(
         self, labels: frozenset[tuple[str, str]], direction: str
@@ -165,7 +167,7 @@ class NecessaryFanout:
                 id(r)
                 for r in self.rules
                 for a in addrs
-                for ep in (before[a], after[a])
+                for ep in (*before[a], *after[a])
                 if _peer_matches(_other_peer(r, d), ep)
             }
             for d in ("inbound", "outbound")
@@ -190,11 +192,13 @@ class NecessaryFanout:
                     break
         return out
 
-    def _differs(self, rules: list[CompiledRule], me: Endpoint, before: Endpoint, after: Endpoint, d: str) -> bool:
+    def _differs(
+        self, rules: list[CompiledRule], me: Endpoint, before: tuple[Endpoint, ...], after: tuple[Endpoint, ...], d: str
+    ) -> bool:
         was, now = self._matched(rules, me, before, d), self._matched(rules, me, after, d)
         if was == now:
             return False  # the same rules match: the same decisions (the address is the same)
-        return self._side(was, me, before, d) != self._side(now, me, after, d)
+        return self._side(was, me, before[0], d) != self._side(now, me, after[0], d)
 
     def _side(self, matched: list[CompiledRule], me: Endpoint, peer: Endpoint, direction: str) -> tuple[bool, ...]:
         # decided by the matching rules, the direction and (fail-safes) the peer's address alone
@@ -204,14 +208,20 @@ class NecessaryFanout:
             hit = self._sides[key] = self._decide(matched, me, peer, direction)
         return hit
 
-    def _matched(self, rules: list[CompiledRule], me: Endpoint, peer: Endpoint, direction: str) -> list[CompiledRule]:
-        src, dst = (me, peer) if direction == "outbound" else (peer, me)
-        return [
-            r
-            for r in rules
-            if _peer_matches(_other_peer(r, direction), peer)
-            and (_other_peer(r, direction).selector is None or _same_ok(r, src, dst))
-        ]
+    def _matched(
+        self, rules: list[CompiledRule], me: Endpoint, peers: tuple[Endpoint, ...], direction: str
+    ) -> list[CompiledRule]:
+        """The rules matching ``me`` and the address ``peers`` stand at: a rule matches where its
+        peer matches one of them (the dataplane holds addresses, not workloads)."""
+        out = []
+        for r in rules:
+            other = _other_peer(r, direction)
+            for peer in peers:
+                src, dst = (me, peer) if direction == "outbound" else (peer, me)
+                if _peer_matches(other, peer) and (other.selector is None or _same_ok(r, src, dst)):
+                    out.append(r)
+                    break
+        return out
 
     def _decide(self, matched: list[CompiledRule], me: Endpoint, peer: Endpoint, direction: str) -> tuple[bool, ...]:
         """The decision (allow?) of ``me``'s side for each service atom, with ``peer`` across and
