@@ -99,7 +99,8 @@ class NecessaryFanout:
     hold addresses), else an outside address. Idle and quarantined agents enforce nothing that changes. Services are
     compared on atoms: one port (or ICMP type) per interval between the boundaries of every
     rule's and fail-safe's ranges, plus one protocol no rule names. The changed workload itself
-    counts when it is added or its labels, mode or quarantine change, not when removed; moved
+    counts when it is added or its labels, mode or quarantine change (unless it stays idle or
+    stays quarantined, enforcing the same nothing or everything), not when removed; moved
     addresses alone leave its own rules as they were, and it is judged like any other agent.
     """
 
@@ -109,7 +110,7 @@ class NecessaryFanout:
         self.state: dict[str, Endpoint] = {}
         for w in inventory:
             self.state[w.id] = self._endpoint(w)
-        self._own: dict[tuple[frozenset[tuple[str, str]], str], tuple[list[CompiledRule], frozenset[int]]] = {}
+        self._own: dict[tuple[int, str, frozenset[tuple[str, str]]], bool] = {}
         self.atoms = _service_atoms(policy)
         self._sides: dict[tuple[tuple[int, ...], tuple[addresses.Address, ...], str], tuple[bool, ...]] = {}
 
@@ -127,15 +128,14 @@ class NecessaryFanout:
         )
         return held or (Endpoint(addresses.format_address(addr), None, (addr,)),)
 
-    def _own_rules(
-        self, labels: frozenset[tuple[str, str]], direction: str
-    ) -> tuple[list[CompiledRule], frozenset[int]]:
-        key = (labels, direction)
+    def _owns(self, rule: CompiledRule, direction: str, labels: frozenset[tuple[str, str]]) -> bool:
+        """Whether ``rule`` applies on ``direction``'s side of workloads with ``labels`` (memoised)."""
+        key = (id(rule), direction, labels)
         hit = self._own.get(key)
         if hit is None:
-            me = Endpoint("", dict(labels), (), Mode.ENFORCE)
-            rules = [r for r in self.rules if _peer_matches(_own_peer(r, direction), me)]
-            hit = self._own[key] = (rules, frozenset(id(r) for r in rules))
+            hit = self._own[key] = _peer_matches(
+                _own_peer(rule, direction), Endpoint("", dict(labels), (), Mode.ENFORCE)
+            )
         return hit
 
     def apply(self, change: Workload | str, count: bool = True) -> set[str]:
@@ -160,16 +160,16 @@ class NecessaryFanout:
         # its own rules change with its labels, mode or quarantine; moved addresses only change
         # who stands where, which it is judged on like every other agent
         moved_only = old is not None and new is not None and replace(old, addrs=new.addrs) == new
-        out: set[str] = {wid} if new is not None and new != old and not moved_only else set()
+        inert = old is not None and new is not None and _inert(old) is not None and _inert(old) == _inert(new)
+        out: set[str] = {wid} if new is not None and new != old and not moved_only and not inert else set()
         # rules whose peer side a changed address's endpoint matches, before or after
+        # (no other rule can match across, so none other can decide; precedence order kept)
         touched = {
-            d: {
-                id(r)
+            d: [
+                r
                 for r in self.rules
-                for a in addrs
-                for ep in (*before[a], *after[a])
-                if _peer_matches(_other_peer(r, d), ep)
-            }
+                if any(_peer_matches(_other_peer(r, d), ep) for a in addrs for ep in (*before[a], *after[a]))
+            ]
             for d in ("inbound", "outbound")
         }
         groups: dict[frozenset[tuple[str, str]], list[str]] = {}
@@ -184,8 +184,8 @@ class NecessaryFanout:
         for labels, members in groups.items():
             me = Endpoint("", dict(labels), (), Mode.ENFORCE)
             for d in ("inbound", "outbound"):
-                rules, ids = self._own_rules(labels, d)
-                if ids.isdisjoint(touched[d]):
+                rules = [r for r in touched[d] if self._owns(r, d, labels)]
+                if not rules:
                     continue
                 if any(self._differs(rules, me, before[a], after[a], d) for a in addrs):
                     out.update(members)
@@ -235,6 +235,11 @@ class NecessaryFanout:
             first = next((r for r in matched if r.matches_service(proto, port)), None)
             out.append(first is not None and first.action is Action.ALLOW)
         return tuple(out)
+
+
+def _inert(ep: Endpoint) -> str | None:
+    """Quarantined (denies all) or idle (filters nothing): labels change nothing it enforces."""
+    return "quarantined" if ep.quarantined else "idle" if ep.mode is Mode.IDLE else None
 
 
 def _rank(r: CompiledRule) -> int:
