@@ -458,9 +458,12 @@ class Engine:
         if upd.set_deltas:
             changed = (old.addrs if old is not None else ()) + (new.addrs if new is not None else ())
             admitting, candidates = self._drop_candidates(wid, changed, old_in | new_in)
+            memo: dict[tuple[tuple[int, str, SetKey | None], ...], frozenset[int]] = {}
             for other in candidates:
                 ws = self.workloads[other]
-                dropped = self._dropped(ws)
+                dropped = memo.get(ws.entries)  # the same entries drop the same ones (contents are fixed now)
+                if dropped is None:
+                    dropped = memo[ws.entries] = self._dropped(ws)
                 if dropped != ws.dropped:
                     before = replace(ws)
                     ws.dropped = dropped
