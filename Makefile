@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: lock demo test lint typecheck unit bench clean sysdeps static-aws bench-aws openapi agent-artifact
+.PHONY: vendor-check map-bench lock demo test lint typecheck unit bench clean sysdeps static-aws bench-aws openapi agent-artifact
 
 # checkov pins heavy dependencies that fight moto/boto3: it lives in its own venv
 CHECKOV_VENV := .venv-checkov
@@ -30,6 +30,7 @@ lock:
 	.venv-lock/bin/uv pip compile requirements/checkov.in --generate-hashes --universal \
 	  --python-version 3.11 --custom-compile-command "make lock" -o requirements/checkov.lock
 
+# chromium + chromium-driver: the dependency map's browser tests (tests/viz), driven offline by selenium.
 # nftables/iproute2/iptables/ipset/conntrack for the agent's real-dataplane tests (conntrack: the
 # agent lists connections with it where /proc/net/nf_conntrack is absent); only when missing and root.
 sysdeps:
@@ -40,6 +41,8 @@ sysdeps:
 	  command -v iptables-restore >/dev/null || missing="$$missing iptables"; \
 	  command -v ipset >/dev/null || missing="$$missing ipset"; \
 	  command -v conntrack >/dev/null || missing="$$missing conntrack"; \
+	  test -x /usr/bin/chromium || missing="$$missing chromium"; \
+	  test -x /usr/bin/chromedriver || missing="$$missing chromium-driver"; \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing:$$missing"; \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) >/dev/null; \
@@ -84,6 +87,15 @@ test: lint typecheck static-aws unit
 # the agent alone, hash-pinned, for install.sh (docs/agent.md, Install)
 agent-artifact: $(STAMP)
 	$(BIN)/python agent/packaging/build_artifact.py build/agent
+
+# the map's vendored JavaScript (layers/core/ringfence/viz/vendor): re-fetched from the npm registry
+# and checked against the sha256 sums in VERSIONS
+vendor-check:
+	layers/core/ringfence/viz/vendor/fetch.sh
+
+# the dependency map of 2,000 app groups loaded in headless Chromium (docs/benchmarks.md)
+map-bench: $(STAMP) sysdeps
+	$(BIN)/python -m tests.bench.map_bench --groups 2000
 
 bench-aws: $(STAMP)
 	$(BIN)/python -m tests.aws.bench_storm --instances 500

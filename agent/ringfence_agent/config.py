@@ -70,7 +70,9 @@ def _required(kind: str, *allowed: str) -> tuple[str, tuple[str, ...], bool]:
 
 
 _ENROLLMENT_TYPES: dict[str, tuple[str, tuple[str, ...], bool]] = {
-    "method": _required("literal", "pairing", "aws-iid"),
+    "method": _required("literal", "pairing", "aws-iid", "gcp-jwt"),
+    "gcp_audience": _optional("str"),
+    "metadata_url": _required("str"),
     "pairing_key": _optional("str"),
     "pairing_key_file": _optional("path"),
     "imds_url": _required("str"),
@@ -129,17 +131,22 @@ _RANGES: dict[str, tuple[float, float | None]] = {
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Enrollment:
-    method: Literal["pairing", "aws-iid"] = "pairing"
+    method: Literal["pairing", "aws-iid", "gcp-jwt"] = "pairing"
     pairing_key: str | None = None  # operator-issued key (or pairing_key_file)
     pairing_key_file: Path | None = None
     imds_url: str = "http://169.254.169.254"  # aws-iid: the instance metadata endpoint
     # aws-iid: which IMDS signature to send; the AWS control plane verifies ``signature`` (base64 RSA-SHA256)
     iid_signature: Literal["rsa2048", "pkcs7", "signature"] = "signature"
+    # gcp-jwt: the audience the control plane verifies, and the GCE metadata server
+    gcp_audience: str | None = None
+    metadata_url: str = "http://metadata.google.internal"
 
     def __post_init__(self) -> None:
         _validate_types(self, _ENROLLMENT_TYPES, "enroll.")
         if self.method == "pairing" and self.pairing_key is None and self.pairing_key_file is None:
             raise _Invalid("enroll", "pairing enrollment needs pairing_key or pairing_key_file")
+        if self.method == "gcp-jwt" and not self.gcp_audience:
+            raise _Invalid("enroll.gcp_audience", "gcp-jwt enrollment needs the control plane's audience")
 
     def key(self) -> str:
         if self.pairing_key is not None:

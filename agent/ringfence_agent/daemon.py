@@ -137,11 +137,12 @@ class Daemon:
         if cfg.api_url is not None:
             e = cfg.enroll
             assert e is not None
-            prove = (
-                enroll.aws_iid(e.imds_url, e.iid_signature, cfg.request_timeout)
-                if e.method == "aws-iid"
-                else enroll.pairing(cfg.workload_id, e.key())
-            )
+            if e.method == "aws-iid":
+                prove = enroll.aws_iid(e.imds_url, e.iid_signature, cfg.request_timeout)
+            elif e.method == "gcp-jwt":
+                prove = enroll.gcp_jwt(e.gcp_audience or "", e.metadata_url, cfg.request_timeout)
+            else:
+                prove = enroll.pairing(cfg.workload_id, e.key())
             return ApiSource(
                 cfg.api_url,
                 cfg.workload_id,
@@ -318,8 +319,9 @@ class Daemon:
 
     def sync(self, latest: int | None) -> None:
         """One round; when it moved the applied revision, ``last_sync`` in the status says where
-        the time went: woken (the wait answered), seconds fetching, seconds applying."""
-        before = self.agent.revision
+        the time went: woken (the wait answered), fetch requests made and seconds fetching,
+        seconds applying."""
+        before, fetches = self.agent.revision, self.source.fetches
         self._fetch_s = self._apply_s = 0.0
         try:
             self._sync(latest)
@@ -329,6 +331,7 @@ class Daemon:
                     last_sync={
                         "revision": self.agent.revision,
                         "woke": self._woke,
+                        "fetches": self.source.fetches - fetches,  # 0: it all came with the wait
                         "fetch_s": round(self._fetch_s, 6),
                         "apply_s": round(self._apply_s, 6),
                         "done": time.time(),

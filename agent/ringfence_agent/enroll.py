@@ -6,12 +6,15 @@
   ``signature`` (base64 RSA-SHA256, the default: the form the AWS control plane verifies, with the
   Region's "RSA" certificate), ``rsa2048`` or ``pkcs7`` (PKCS7 forms, for a control plane that
   verifies those).
+* ``gcp-jwt`` — the GCE instance identity token from the metadata server
+  (``audience`` the control plane's, ``format=full``), plus the nonce, signed by the agent's key.
 """
 
 from __future__ import annotations
 
 import http.client
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 
@@ -62,5 +65,25 @@ def aws_iid(imds_url: str = "http://169.254.169.254", signature: str = "signatur
                 f"instance metadata (IMDSv2) unavailable at {base}: {getattr(exc, 'reason', exc)}"
             ) from None
         return EnrollRequest(method="aws-iid", nonce=nonce, document=document, document_signature=sig.strip())
+
+    return prove
+
+
+def gcp_jwt(audience: str, metadata_url: str = "http://metadata.google.internal", timeout: float = 2.0) -> Prover:
+    """The VM's identity token for ``audience`` (the control plane's RINGFENCE_GCP_IDENTITY_AUDIENCE)."""
+    query = urllib.parse.urlencode({"audience": audience, "format": "full"})
+    url = f"{metadata_url.rstrip('/')}/computeMetadata/v1/instance/service-accounts/default/identity?{query}"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an HTTP proxy
+
+    def prove(nonce: str) -> EnrollRequest:
+        try:
+            req = urllib.request.Request(url, headers={"Metadata-Flavor": "Google"})  # noqa: S310
+            with opener.open(req, timeout=timeout) as resp:
+                token = _bounded(resp.read(MAX_IMDS_BYTES + 1), "identity token")
+        except (urllib.error.URLError, OSError, http.client.HTTPException, UnicodeDecodeError) as exc:
+            raise ProofError(
+                f"GCE metadata server unavailable at {metadata_url}: {getattr(exc, 'reason', exc)}"
+            ) from None
+        return EnrollRequest(method="gcp-jwt", nonce=nonce, document=token.strip())
 
     return prove

@@ -141,6 +141,15 @@ class PlanRule:
         return f"r_{'in' if self.direction == 'inbound' else 'out'}_{self.index}"
 
     @property
+    def counted_as(self) -> str:
+        """What the rule's one counter counts: a grouped rule's counter counts every member, so
+        it names them all (``a+b+c``), never only the first (traffic of ``core/monitoring``
+        was reported under ``admin/jumpbox-ssh``, the group's first member)."""
+        if not self.members:
+            return self.rule_id
+        return "+".join(dict.fromkeys(m.rule_id for m in self.members))
+
+    @property
     def drops(self) -> bool:
         return self.action != "allow"
 
@@ -200,7 +209,7 @@ class Plan:
         """counter name → (direction, rule id or None for the default, action)."""
         out: dict[str, tuple[Direction, str | None, str]] = {}
         for r in self.rules:
-            out[r.counter] = (r.direction, r.rule_id, r.action)
+            out[r.counter] = (r.direction, r.counted_as, r.action)
         out["d_in"] = ("inbound", None, "default")
         out["d_out"] = ("outbound", None, "default")
         return out

@@ -41,6 +41,9 @@ class SourceError(Exception):
 
 class Source(Protocol):
     kind: str
+    # fetches made: bundle and delta requests or reads (deltas that came with a wait's answer
+    # are not one); the daemon reports them per sync
+    fetches: int
 
     def wait(self, version: int | None, timeout: float, stop: threading.Event) -> int | None:
         """Block until something newer than ``version`` may exist or ``timeout``; return the latest
@@ -168,6 +171,7 @@ class StaticSource:
     """A directory or plain HTTP base URL in the layout of :mod:`ringfence.staticlayout`."""
 
     kind = "static"
+    fetches = 0
 
     def __init__(
         self,
@@ -190,6 +194,8 @@ class StaticSource:
         self.timeout = timeout
         self._etag: str | None = None  # of the bundle last settled: sent as If-None-Match
         self._fetched_etag: str | None = None  # of the bundle last fetched, until settled
+        # the deltas the last wait answered with: (since, documents), taken by the next deltas()
+        self._pushed: tuple[int, list[Any]] | None = None
         self._head_etag: str | None = None
         self.head: Head | None = None
         self._first = True
@@ -248,6 +254,7 @@ class StaticSource:
 
     def bundle(self) -> Bundle | None:
         name = bundle_path(self.workload_id)
+        self.fetches += 1
         if not self.is_http:
             raw = self._read(name, self.max_bundle_bytes)
             return load_bundle(raw) if raw is not None else None
@@ -270,6 +277,7 @@ class StaticSource:
         behind, the whole bundle is the truth), and each link's signature is checked as it arrives —
         the walk ends at the first that fails, which is handed on so that the agent refuses (and
         reports) it and the whole bundle bridges."""
+        self.fetches += 1
         head = self.head
         if head is None:
             return None  # bundles-only layout: the whole bundle is the truth
@@ -317,6 +325,7 @@ class ApiSource:
     """The agent API of docs/agent-api.md; ``prove`` builds the enrollment proof for a nonce."""
 
     kind = "api"
+    fetches = 0
 
     def __init__(
         self,
@@ -347,6 +356,8 @@ class ApiSource:
         self._key: AgentKey | None = None
         self._etag: str | None = None  # of the bundle last settled: sent as If-None-Match
         self._fetched_etag: str | None = None  # of the bundle last fetched, until settled
+        # the deltas the last wait answered with: (since, documents), taken by the next deltas()
+        self._pushed: tuple[int, list[Any]] | None = None
 
     def _url(self, route: str, query: str = "") -> tuple[str, str]:
         """(method, URL) of one of the agent API's routes (:data:`ROUTES`)."""
@@ -445,11 +456,23 @@ class ApiSource:
         raise SourceError("unreachable")  # pragma: no cover
 
     def wait(self, version: int | None, timeout: float, stop: threading.Event) -> int | None:
+        """The long poll; it asks for the deltas since ``version`` to come with the answer (what
+        :meth:`deltas` would fetch next), so a change costs one request, not two."""
         v = -1 if version is None else version
-        status, _, body = self._call("wait", f"version={v}&timeout={int(timeout)}", timeout=timeout + self.timeout)
+        self._pushed = None
+        status, _, body = self._call(
+            "wait",
+            f"version={v}&timeout={int(timeout)}&deltas=true",
+            timeout=timeout + self.timeout,
+            limit=self.max_bundle_bytes,  # the deltas may come along: as much as a deltas answer
+        )
         if status != 200:
             raise SourceError(f"wait: HTTP {status}")
-        latest = _answer(body, "wait").get("latest_version")
+        resp = _answer(body, "wait")
+        latest = resp.get("latest_version")
+        pushed = resp.get("deltas")
+        if version is not None and isinstance(pushed, dict) and isinstance(pushed.get("deltas"), list):
+            self._pushed = (version, pushed["deltas"])  # verified like fetched ones, by the daemon
         return latest if type(latest) is int else None
 
     def announced(self) -> int | None:
@@ -457,6 +480,7 @@ class ApiSource:
 
     def bundle(self) -> Bundle | None:
         headers = {"If-None-Match": self._etag} if self._etag else {}
+        self.fetches += 1
         status, hdrs, body = self._call("bundle", headers=headers, limit=self.max_bundle_bytes)
         doc = fetched_bundle(status, body, "bundle")
         if doc is not None:
@@ -467,6 +491,10 @@ class ApiSource:
         self._etag = self._fetched_etag
 
     def deltas(self, since: int, sets: dict[str, int], bundle_version: int) -> list[SetDelta] | None:
+        pushed, self._pushed = self._pushed, None
+        if pushed is not None and pushed[0] == since:
+            return [delta_from_json(d) for d in pushed[1]]  # came with the wait's answer
+        self.fetches += 1
         status, _, body = self._call("deltas", f"since={since}", limit=self.max_bundle_bytes)
         if status in (404, 409):
             return None

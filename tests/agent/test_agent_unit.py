@@ -828,6 +828,7 @@ def test_daemon_does_not_spin_when_the_announced_version_is_refused(tmp_path: Pa
 
     class Announcer:
         kind = "api"
+        fetches = 0
 
         def __init__(self) -> None:
             self.waits = 0
@@ -1210,8 +1211,10 @@ def test_nft_expands_a_group_past_its_bound_into_member_rules_over_their_sets() 
         'ip saddr @s_rf_c_4 icmp type 8 counter name r_in_0 accept comment "p/c"',
     ]
     assert len(rules) == 4 + 4 + 4 + 4 + 2  # a: 8080, 53; b: 8080; c: 5432, icmp
-    # the group keeps its one counter, so drop and hit reporting sees the same rule either way
-    assert plan.counter_map()["r_in_0"] == ("inbound", "p/a", "allow")
+    # the group keeps its one counter, so drop and hit reporting sees the same rule either way,
+    # named by every member it counts (not the first member alone)
+    assert plan.counter_map()["r_in_0"] == ("inbound", "p/a+p/b+p/c", "allow")
+    assert 'counter r_in_0 { comment "allow p/a+p/b+p/c" }' in text
 
 
 def _scanner_cut_plan() -> Plan:

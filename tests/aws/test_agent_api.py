@@ -315,8 +315,6 @@ def test_cold_start_keeps_versions_monotonic(env: Env) -> None:
 def test_websocket_nudge_reaches_a_connected_agent(env: Env) -> None:
     import os
 
-    from moto.apigatewaymanagementapi.models import apigatewaymanagementapi_backends
-
     os.environ["RINGFENCE_WEBSOCKET_ENDPOINT"] = env.url
     env.load_functions()
     est = boot(env)
@@ -337,7 +335,7 @@ def test_websocket_nudge_reaches_a_connected_agent(env: Env) -> None:
     new = est["run"]("web", est["subnets"]["web"], 1)[0]
     env.put(env.state_event(new, "running"))
     env.pump()
-    data = apigatewaymanagementapi_backends[ACCOUNT][REGION].connections["conn-1"].data
+    data = env.aws.connection_data("conn-1")
     last = json.loads("{" + data.decode().split("{")[-1])
     assert last["latest_version"] == env.bundle(proc).version
 
@@ -526,6 +524,20 @@ def test_wait_answers_at_once_when_behind_and_on_a_change_when_current(env: Env,
     t.join(25)
     assert got["status"] == 200 and got["body"]["latest_version"] == env.bundle(proc).version > v
     assert got["took"] < 10, got
+    assert "deltas" not in got["body"]  # not asked for
+
+    # asked for, the answer carries the deltas since v: what the deltas route answers, as stored
+    status, _, body = env.rest(
+        "agentapi", "GET", path, headers=auth(tok), query={"version": str(v), "timeout": "20", "deltas": "true"}
+    )
+    deltas = env.rest("agentapi", "GET", f"/v1/agents/{proc}/deltas", headers=auth(tok), query={"since": str(v)})
+    assert status == deltas[0] == 200 and deltas[2]["deltas"] and body["deltas"] == deltas[2]
+    assert body["latest_version"] == deltas[2]["bundle_version"]
+    # no version applied yet: nothing to bridge from, the version alone
+    status, _, body = env.rest(
+        "agentapi", "GET", path, headers=auth(tok), query={"version": "-1", "timeout": "20", "deltas": "true"}
+    )
+    assert status == 200 and body == {"latest_version": env.bundle(proc).version}
 
 
 def test_wait_is_capped_by_max_wait(env: Env, monkeypatch: Any) -> None:

@@ -93,3 +93,94 @@ def test_nobody_waiting_nothing_read_and_many_waiters_share_one_watch() -> None:
     stopped = head.reads
     threading.Event().wait(0.3)
     assert changes._watcher is None and head.reads == stopped
+
+
+# --- targeted wake-ups: a waiter named by its workload wakes for its own change only ----------
+
+
+def test_a_targeted_waiter_sleeps_through_changes_for_others_and_wakes_for_its_own() -> None:
+    head = Head()
+    whom: dict[int, frozenset[str] | None] = {2: frozenset({"i-b"}), 3: frozenset({"i-a"})}
+    changes = StoreChanges(head, interval=0.02, moved=lambda mark: whom.get(mark))
+    got: dict[str, Any] = {}
+
+    def waiter() -> None:
+        changes.wait(5, "i-a")  # this thread's first wait: at once
+        changes.wait(5, "i-a")  # the watch's first look: everyone
+        t0 = time.monotonic()
+        got["woke"] = changes.wait(30, "i-a")
+        got["after"] = time.monotonic() - t0
+        got["head"] = head.value
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    time.sleep(0.3)
+    head.value = 2  # concerns i-b only
+    time.sleep(0.3)
+    assert t.is_alive() and "woke" not in got  # slept through it
+    head.value = 3  # concerns i-a
+    t.join(30)
+    assert got["woke"] is True and got["head"] == 3
+
+
+def test_a_change_for_everyone_wakes_a_targeted_waiter_and_a_missed_one_is_not_lost() -> None:
+    head = Head()
+    whom: dict[int, frozenset[str] | None] = {2: frozenset({"i-b"}), 3: None}
+    changes = StoreChanges(head, interval=0.02, moved=lambda mark: whom.get(mark))
+    changes.wait(5, "i-a")
+    changes.wait(5, "i-a")  # the watch's first look
+    head.value = 2
+    assert changes.wait(0.3, "i-a") is False  # not its change
+    head.value = 3  # None: whom it concerns is unknown
+    assert changes.wait(30, "i-a") is True
+    # a change for i-a that lands between this thread's read and its wait: at once
+    whom[4] = frozenset({"i-a"})
+    got: list[bool] = []
+    keep = threading.Thread(target=lambda: got.append(changes.wait(30)))  # keeps the watch looking
+    keep.start()
+    head.value = 4
+    keep.join(30)
+    assert got == [True] and changes.wait(30, "i-a") is True
+
+
+def moved_log(*recs: tuple[int, int, list[str] | None]) -> Any:
+    from ringfence.store.base import MovedRecord
+
+    log = [MovedRecord(revision=r, previous=p, workloads=w) for r, p, w in recs]
+    return log, lambda after: [m for m in log if m.revision > after]
+
+
+def test_moved_since_names_the_workloads_of_a_complete_chain_and_everyone_otherwise() -> None:
+    from ringfence.clouds.aws.changes import MovedSince
+    from ringfence.store.base import EngineHead, MovedRecord
+
+    log, after = moved_log((5, 0, ["i-a"]))
+    since = MovedSince(after)
+    assert since(EngineHead(revision=5, policy_version=1)) is None  # the first look anchors
+    log.append(MovedRecord(revision=9, previous=5, workloads=["i-b", "i-c"]))
+    assert since(EngineHead(revision=9, policy_version=1, clean=False)) == {"i-b", "i-c"}  # reserved: record in
+    assert since(EngineHead(revision=9, policy_version=1)) == frozenset()  # its commit: nothing more
+    # two commits between looks, both recorded
+    log += [
+        MovedRecord(revision=12, previous=9, workloads=["i-a"]),
+        MovedRecord(revision=15, previous=12, workloads=["i-d"]),
+    ]
+    assert since(EngineHead(revision=15, policy_version=1)) == {"i-a", "i-d"}
+    # a commit without a record (an older compute): everyone, then anchored again
+    assert since(EngineHead(revision=20, policy_version=1)) is None
+    log.append(MovedRecord(revision=22, previous=20, workloads=["i-a"]))
+    assert since(EngineHead(revision=22, policy_version=1)) == {"i-a"}
+    # a gap in the chain, a record for everyone, a new policy, a rebuild at the same revision
+    log.append(MovedRecord(revision=30, previous=25, workloads=["i-a"]))
+    assert since(EngineHead(revision=30, policy_version=1)) is None
+    log.append(MovedRecord(revision=31, previous=30, workloads=None))
+    assert since(EngineHead(revision=31, policy_version=1)) is None
+    assert since(EngineHead(revision=31, policy_version=2)) is None
+    assert since(EngineHead(revision=31, policy_version=2, clean=False)) is None
+    # the next batch's record, written before its head was read: left for the look at its head
+    log += [MovedRecord(revision=33, previous=31, workloads=["i-e"])]
+    since2 = MovedSince(after)
+    since2(EngineHead(revision=31, policy_version=2))
+    assert since2(EngineHead(revision=31, policy_version=2, clean=False)) is None  # a rebuild: everyone
+    assert since2(EngineHead(revision=31, policy_version=2)) is None  # re-anchored after it
+    assert since2(EngineHead(revision=33, policy_version=2)) == {"i-e"}

@@ -16,8 +16,7 @@ from typing import Any
 import hcl2
 import pytest
 
-from ringfence.local import moto_lifecycle
-from tests.aws.conftest import ACCOUNT, REGION, Env
+from tests.aws.conftest import Env
 from tests.aws.test_pipeline import boot, enroll_instance
 from tests.aws.test_static import template, unquote
 
@@ -86,7 +85,7 @@ def launch(env: Env) -> str:
     env.asg.set_desired_capacity(AutoScalingGroupName="rf-web-asg", DesiredCapacity=1)
     new = env.asg_instances()[0]
     assert state(env, new) == "Pending:Wait"
-    (action,) = [a for a in moto_lifecycle.pending_actions(ACCOUNT, REGION) if a.instance_id == new]
+    (action,) = [a for a in env.aws.lifecycle_actions() if a.instance_id == new]
     ev = env.lifecycle_event(new, launching=True)
     ev["detail"]["LifecycleActionToken"] = action.token
     env.put(ev)

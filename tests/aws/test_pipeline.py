@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -482,3 +483,39 @@ def test_a_batch_of_launch_actions_is_described_once(env: Env) -> None:
     assert out == {"batchItemFailures": []}
     assert len(described) == 1, "one DescribeInstances for the batch's three actions, not one each"
     assert all(env.store.get(iid) is not None for iid in new), "every launching instance entered the inventory"
+
+
+def test_moved_records_name_every_workload_whose_latest_version_moved(env: Env) -> None:
+    """The agent API wakes a waiting agent only when a moved record names it (clouds.aws.changes):
+    through the real handlers, each batch's record names every workload whose latest version —
+    as the agent API computes it — moved, and the records chain from commit to commit."""
+    est = boot(env)
+    api = env.fn["agentapi"].api()
+    everyone = [i for ids in est["ids"].values() for i in ids]
+
+    def latest() -> dict[str, int | None]:
+        return {w: api.latest_version(w) for w in everyone}
+
+    before, base = latest(), env.store.head().revision
+    changes: list[Any] = []
+    web = est["ids"]["web"][0]
+    env.ec2.create_tags(Resources=[web], Tags=[{"Key": "ringfence:env", "Value": "dev"}])
+    changes.append(
+        env.tag_event(web, {"ringfence:role": "web", "ringfence:app": "ordering", "ringfence:env": "dev"}, 2)
+    )
+    new = est["run"]("web", est["subnets"]["web"], 1)[0]
+    everyone.append(new)
+    changes.append(env.state_event(new, "running"))
+    env.ec2.terminate_instances(InstanceIds=[est["ids"]["proc"][1]])
+    changes.append(env.state_event(est["ids"]["proc"][1], "terminated"))
+    for ev in changes:
+        env.put(ev)
+        env.pump()
+    after = latest()
+    moved = {w for w in everyone if after[w] != before.get(w)}
+    assert len(moved) > 3  # the changes reached peers, not only their subjects
+    recs = env.store.moved_after(base)
+    assert recs and recs[0].previous == base and recs[-1].revision == env.store.head().revision
+    assert all(a.revision == b.previous for a, b in itertools.pairwise(recs))
+    named = {w for r in recs for w in (everyone if r.workloads is None else r.workloads)}
+    assert moved <= named, f"moved but not named: {sorted(moved - named)}"

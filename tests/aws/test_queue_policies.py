@@ -77,6 +77,8 @@ def _ref(x: Any) -> str:
 def _symbolic(v: Any) -> Any:
     if isinstance(v, dict) and ("Ref" in v or "GetAtt" in v):
         return _ref(v)
+    if isinstance(v, dict) and "If" in v:
+        return _symbolic(v["If"][1])  # the stack with the option on (a conditional GCP producer)
     if isinstance(v, dict):
         return {k: _symbolic(x) for k, x in v.items()}
     if isinstance(v, list):

@@ -113,6 +113,7 @@ def test_agent_enrolls_follows_a_tag_change_by_delta_and_a_quarantine_by_push(
         assert f" → {target}, +1 -0 elements" in text and f" → {target}, +0 -1 elements" in text, text
         st = agent_status(state)
         assert st["bundle_version"] == whole and st["deltas_applied"] >= 1
+        assert st.get("last_sync", {}).get("fetches") == 0, st  # the deltas came with the wait's answer
 
         # quarantine through the admin API: the rules change, a whole bundle, pushed the same way
         r = httpx.post(f"{url}/admin/workloads/{proc}/quarantine", json={"reason": "seam test"}, headers=admin)

@@ -186,6 +186,19 @@ def test_set_heads_move_forward_and_deltas_are_listed_in_order(store: Store) -> 
     assert store.deltas_after("s", 8) == []
 
 
+def test_moved_records_are_listed_in_revision_order_after_a_revision(store: Store) -> None:
+    from ringfence.store.base import MovedRecord
+
+    for rev, prev, who in ((12, 7, ["i-b"]), (7, 3, ["i-a", "i-c"]), (30, 12, None)):
+        store.put_moved(MovedRecord(revision=rev, previous=prev, workloads=who))
+    assert [(m.revision, m.previous, m.workloads) for m in store.moved_after(3)] == [
+        (7, 3, ["i-a", "i-c"]),
+        (12, 7, ["i-b"]),
+        (30, 12, None),
+    ]
+    assert [m.revision for m in store.moved_after(12)] == [30] and store.moved_after(30) == []
+
+
 # --- agent auth -----------------------------------------------------------------------------------
 
 
@@ -365,3 +378,43 @@ def test_launch_hold_merges_both_facts_and_the_first_report_wins(store: Store) -
     assert got is not None and got.outcome == "continue" and got.perimeter == "attached"
     with pytest.raises(ValueError, match="unknown fields"):
         store.hold_launch("i-1", nonsense=1)
+
+
+def test_flow_rows_fold_per_day_and_key_and_expire(store: Store) -> None:
+    from ringfence.flows.aggregate import FlowRow
+
+    def row(day: str, n: int, first: float, last: float, origin: str = "agent") -> FlowRow:
+        return FlowRow(
+            day=day, src="app=a,role=web", dst="app=a,role=db", proto="tcp", port=5432, decision="allowed",
+            rule="outbound: allow a/web-db (a.yaml:3)", flows=n, packets=n * 10, bytes=n * 100,
+            first_seen=first, last_seen=last, sample_src="10.0.0.1", sample_dst="10.0.0.2", origins=[origin],
+        )  # fmt: skip
+
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    store.add_flows([row(today, 2, 100.0, 200.0)], ttl=3600)
+    store.add_flows([row(today, 3, 50.0, 150.0, "vpc")], ttl=3600)
+    store.add_flows([row(today, 1, 120.0, 300.0)], ttl=3600)
+    (got,) = store.flow_rows()
+    assert (got.flows, got.packets, got.bytes) == (6, 60, 600)
+    assert (got.first_seen, got.last_seen) == (50.0, 300.0)
+    assert got.origins == ["agent", "vpc"] and got.rule.startswith("outbound: allow")
+    store.add_flows([row(today, 1, 1.0, 2.0).model_copy(update={"decision": "blocked"})], ttl=-10)
+    assert [r.decision for r in store.flow_rows()] == ["allowed"]  # the expired row is gone
+
+
+def test_address_history_keeps_every_owner_in_order(store: Store) -> None:
+    from ringfence.flows.resolve import AddressOwner
+
+    a = Workload(id="i-a", ips=["10.0.0.9"])
+    b = Workload(id="i-b", ips=["10.0.0.9"])
+    store.note_addresses([AddressOwner(address="10.0.0.9", since=200.0, workload_id="i-b", workload=b)])
+    store.note_addresses(
+        [
+            AddressOwner(address="10.0.0.9", since=100.0, workload_id="i-a", workload=a),
+            AddressOwner(address="10.0.0.9", since=150.0),  # released
+        ]
+    )
+    hist = store.address_history(["10.0.0.9", "10.0.0.10"])
+    assert list(hist) == ["10.0.0.9"]
+    assert [(o.since, o.workload_id) for o in hist["10.0.0.9"]] == [(100.0, "i-a"), (150.0, ""), (200.0, "i-b")]
+    assert hist["10.0.0.9"][0].workload == a

@@ -38,3 +38,5 @@ def test_the_dry_run_demo_passes_on_the_agents_applied_bundles(tmp_path: Path) -
     assert "rf-prod-boundary" in steps[2]["timings"]["perimeter"]["groups"]
     for kind in ("launch", "tag_change", "quarantine"):
         assert summary["time_to_policy"][kind]["not_enforced"] == 0
+    # dry-run agents see no packet: the map shows what policy allows
+    assert (tmp_path / "map.html").is_file() and summary["dependency_map"]["edges"] > 0

@@ -101,6 +101,9 @@ def test_the_live_demo_passes_and_writes_its_summary(tmp_path: Path) -> None:
         assert 0 < ttp[kind]["p50_s"] <= ttp[kind]["p95_s"]
         assert {"fetch", "apply"} <= set(ttp[kind]["phases_p50_s"])
     assert {"event_delivery", "ingest", "compute", "push"} <= set(ttp["tag_change"]["phases_p50_s"])
+    # the dependency map, drawn from the flows the agents reported
+    dm = summary["dependency_map"]
+    assert (tmp_path / "map.html").is_file() and dm["from"] == "flows" and dm["flows"] > 0 and dm["edges"] > 0, dm
     # nothing left behind
     assert _namespaces(proc.pid) == []
     assert _marked(mark) == []

@@ -63,7 +63,7 @@ def ec2_state(aws: EmbeddedAws, iid: str) -> str:
 
 
 def token_of(aws: EmbeddedAws, iid: str) -> str:
-    (action,) = [a for a in moto_lifecycle.pending_actions(aws.account, aws.region) if a.instance_id == iid]
+    (action,) = [a for a in aws.lifecycle_actions() if a.instance_id == iid]
     return action.token
 
 

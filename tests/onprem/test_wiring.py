@@ -221,3 +221,24 @@ def test_the_agent_api_reads_a_stored_document_once(wiring: LocalWiring, monkeyp
     assert ptr is not None and reads == [ptr.key], "the second fetch of the same document was not read again"
     api.current("dc1-web-1")
     assert len(reads) == 2, "another document is read"
+
+
+def test_agent_reports_become_flow_rows_on_one_machine(wiring: LocalWiring) -> None:
+    """No S3 event on premise: the agent API folds a report batch into the flow rows at once."""
+    from ringfence.agentapi import ReportBatch
+    from ringfence.flows.aggregate import merge
+
+    boot(wiring)
+    now = time.time()
+    batch = ReportBatch.model_validate(
+        {
+            "flows": [{"start": now, "end": now + 1, "src": "192.168.10.11", "dst": "192.168.10.21", "proto": "tcp",
+                       "dport": 8443, "packets": 3, "bytes": 90, "direction": "outbound"}],
+            "drops": [{"time": now, "direction": "outbound", "src": "192.168.10.11", "dst": "192.168.10.31",
+                       "proto": "tcp", "dport": 5432, "action": "drop", "count": 2}],
+        }
+    )  # fmt: skip
+    assert AgentApi(wiring).reports("dc1-web-1", batch).status == 202
+    rows = {(r.dst.rsplit("role=", 1)[1], r.decision): r for r in merge(wiring.store.flow_rows())}
+    assert rows[("processing", "allowed")].flows == 1 and "web-to-processing" in rows[("processing", "allowed")].rule
+    assert rows[("database", "blocked")].flows == 2

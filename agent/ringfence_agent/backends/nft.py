@@ -247,7 +247,7 @@ class NftRenderer:
             if r.counter in concat:
                 out.extend(self._group_decls(plan, r))
         for r in plan.rules:
-            out.append(f'\tcounter {r.counter} {{ comment "{safe_comment(r.action + " " + r.rule_id)}" }}\n')
+            out.append(f'\tcounter {r.counter} {{ comment "{safe_comment(r.action + " " + r.counted_as)}" }}\n')
         out.append('\tcounter d_in { comment "default inbound" }\n\tcounter d_out { comment "default outbound" }\n')
         for point in [r.counter for r in plan.rules if r.drops] + ["d_in", "d_out"]:
             for fam in (4, 6):

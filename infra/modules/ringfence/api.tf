@@ -14,15 +14,20 @@ locals {
   }
   admin_routes = {
     "/admin/policies"                  = ["post"]
+    "/admin/map"                       = ["get"]
     "/admin/workloads/{id}/mode"       = ["put"]
     "/admin/workloads/{id}/quarantine" = ["post", "delete"]
     "/admin/workloads/{id}/agent-key"  = ["delete"]
     "/admin/pairing-keys"              = ["post"]
   }
-  apis = {
+  # GCP audit-log events (Pub/Sub push, Eventarc): their own API, only with var.gcp
+  gcp_routes = {
+    "/gcp/events" = ["post"]
+  }
+  apis = merge({
     agent = { routes = local.agent_routes, fn = "agentapi", auth = false, rate = 500, burst = 1000 }
     admin = { routes = local.admin_routes, fn = "admin", auth = true, rate = 10, burst = 20 }
-  }
+  }, var.gcp == null ? {} : { gcp = { routes = local.gcp_routes, fn = "gcpevents", auth = false, rate = 50, burst = 100 } })
 }
 
 resource "aws_api_gateway_rest_api" "this" {

@@ -42,7 +42,23 @@ locals {
     agentapi  = { memory = 512, timeout = 30, concurrency = 100, env = {} } # wait long-polls ≤ 25 s
     admin     = { memory = 512, timeout = 29, concurrency = 5, env = { RINGFENCE_ADMIN_ROLES = jsonencode(var.admin_roles) } }
     wsconnect = { memory = 256, timeout = 10, concurrency = 20, env = {} }
+    flows     = { memory = 1024, timeout = 300, concurrency = 10, env = {} }
   }
+  # the GCP events function exists only with var.gcp (its layer carries the Google SDKs)
+  gcp_functions = var.gcp == null ? {} : {
+    gcpevents = {
+      memory = 512, timeout = 29, concurrency = 20,
+      env = {
+        RINGFENCE_GCP_PROJECTS              = var.gcp.projects
+        RINGFENCE_GCP_TAG_PARENTS           = var.gcp.tag_parents
+        RINGFENCE_GCP_LABEL_SOURCE          = var.gcp.label_source
+        RINGFENCE_GCP_EVENTS_AUDIENCE       = var.gcp.events_audience
+        RINGFENCE_GCP_PUSH_SERVICE_ACCOUNTS = var.gcp.push_service_accounts
+        RINGFENCE_GCP_CREDENTIALS           = var.gcp.credentials
+      }
+    }
+  }
+  all_functions = merge(local.functions, local.gcp_functions)
 
   member_roles  = "arn:${local.partition}:iam::*:role/${var.member_role_name}"
   sg_arn        = "arn:${local.partition}:ec2:${local.region}:${local.account}:security-group/*"
@@ -130,9 +146,26 @@ locals {
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"], resources = [aws_dynamodb_table.state.arn, aws_dynamodb_table.inventory.arn] },
       # an agent-key reset drops the key binding, the token and the nudge connection
       { actions = ["dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn] },
+      # the dependency map: the running inventory and the flow rows
+      { actions = ["dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
+      { actions = ["dynamodb:Query"], resources = [aws_dynamodb_table.state.arn] },
       { actions = ["s3:PutObject", "s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/policies/*"] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
       local.kms_use,
+    ]
+    # agents' report batches (reports/) and VPC Flow Logs → classified flow rows (docs/visibility.md)
+    flows = [
+      { actions = ["dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
+      { actions = ["dynamodb:GetItem", "dynamodb:Query", "dynamodb:UpdateItem", "dynamodb:BatchWriteItem"], resources = [aws_dynamodb_table.state.arn] },
+      { actions = ["s3:GetObject"], resources = concat(["${aws_s3_bucket.bundles.arn}/reports/*", "${aws_s3_bucket.bundles.arn}/policies/*"], var.flow_log_bucket_name == "" ? [] : ["arn:${local.partition}:s3:::${var.flow_log_bucket_name}/*"]) },
+      local.async_dlq, local.kms_use,
+    ]
+    gcpevents = [
+      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:Query", "dynamodb:Scan"], resources = [aws_dynamodb_table.state.arn, aws_dynamodb_table.inventory.arn] },
+      # governance findings, approvals and retired credentials are audited
+      { actions = ["dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
+      { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
+      local.policies_read, local.kms_use,
     ]
     wsconnect = [
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.state.arn] },
@@ -152,8 +185,18 @@ resource "aws_lambda_layer_version" "core" {
   compatible_architectures = ["arm64"]
 }
 
+resource "aws_lambda_layer_version" "gcp" {
+  count                    = var.gcp == null ? 0 : 1
+  layer_name               = "${var.name}-gcp"
+  description              = "the Google Cloud SDKs of the GCP events function (layers/gcp)"
+  filename                 = var.gcp.layer_zip
+  source_code_hash         = filebase64sha256(var.gcp.layer_zip)
+  compatible_runtimes      = ["python3.11"]
+  compatible_architectures = ["arm64"]
+}
+
 data "archive_file" "fn" {
-  for_each    = local.functions
+  for_each    = local.all_functions
   type        = "zip"
   source_dir  = "${local.functions_dir}/${each.key}"
   output_path = "${path.module}/.build/${each.key}.zip"
@@ -170,14 +213,14 @@ data "aws_iam_policy_document" "assume_lambda" {
 }
 
 resource "aws_iam_role" "fn" {
-  for_each           = local.functions
+  for_each           = local.all_functions
   name               = "${var.name}-${each.key}"
   assume_role_policy = data.aws_iam_policy_document.assume_lambda.json
   tags               = var.tags
 }
 
 data "aws_iam_policy_document" "fn" {
-  for_each = local.functions
+  for_each = local.all_functions
   statement {
     sid       = "Logs"
     actions   = ["logs:CreateLogStream", "logs:PutLogEvents"]
@@ -208,14 +251,14 @@ data "aws_iam_policy_document" "fn" {
 resource "aws_iam_role_policy" "fn" {
   #checkov:skip=CKV_AWS_355:ec2:Describe* and xray:Put* support no resource-level permissions
   #checkov:skip=CKV_AWS_290:ec2:Describe* and xray:Put* support no resource-level permissions
-  for_each = local.functions
+  for_each = local.all_functions
   name     = "${var.name}-${each.key}"
   role     = aws_iam_role.fn[each.key].id
   policy   = data.aws_iam_policy_document.fn[each.key].json
 }
 
 resource "aws_cloudwatch_log_group" "fn" {
-  for_each          = local.functions
+  for_each          = local.all_functions
   name              = "/aws/lambda/${var.name}-${each.key}"
   retention_in_days = var.log_retention_days
   kms_key_id        = aws_kms_key.this.arn
@@ -225,7 +268,7 @@ resource "aws_cloudwatch_log_group" "fn" {
 resource "aws_lambda_function" "fn" {
   #checkov:skip=CKV_AWS_117:the functions call only AWS APIs; there is nothing in a VPC to reach
   #checkov:skip=CKV_AWS_272:code signing needs a Signer profile per deployment; see docs/deploy-aws.md
-  for_each                       = local.functions
+  for_each                       = local.all_functions
   function_name                  = "${var.name}-${each.key}"
   role                           = aws_iam_role.fn[each.key].arn
   runtime                        = "python3.11"
@@ -236,7 +279,7 @@ resource "aws_lambda_function" "fn" {
   memory_size                    = each.value.memory
   timeout                        = each.value.timeout
   reserved_concurrent_executions = each.value.concurrency
-  layers                         = [aws_lambda_layer_version.core.arn]
+  layers                         = concat([aws_lambda_layer_version.core.arn], each.key == "gcpevents" ? aws_lambda_layer_version.gcp[*].arn : [])
   kms_key_arn                    = aws_kms_key.this.arn
   tracing_config {
     mode = "Active"
@@ -283,6 +326,42 @@ resource "aws_lambda_permission" "schedule" {
   statement_id  = "schedule"
   action        = "lambda:InvokeFunction"
   function_name = aws_lambda_function.fn[each.key].function_name
+  principal     = "events.amazonaws.com"
+  source_arn    = each.value.arn
+}
+
+# S3 object-created events (EventBridge notifications) → the flows function: agents' report
+# batches in the bundle bucket, and VPC Flow Logs in var.flow_log_bucket_name when set
+resource "aws_s3_bucket_notification" "bundles" {
+  bucket      = aws_s3_bucket.bundles.id
+  eventbridge = true
+}
+
+resource "aws_cloudwatch_event_rule" "flows" {
+  for_each = merge(
+    { reports = { bucket = { name = [aws_s3_bucket.bundles.id] }, object = { key = [{ prefix = "reports/" }] } } },
+    var.flow_log_bucket_name == "" ? {} : { flowlogs = { bucket = { name = [var.flow_log_bucket_name] } } },
+  )
+  name = "${var.name}-flows-${each.key}"
+  event_pattern = jsonencode({
+    source        = ["aws.s3"]
+    "detail-type" = ["Object Created"]
+    detail        = each.value
+  })
+  tags = var.tags
+}
+
+resource "aws_cloudwatch_event_target" "flows" {
+  for_each = aws_cloudwatch_event_rule.flows
+  rule     = each.value.name
+  arn      = aws_lambda_function.fn["flows"].arn
+}
+
+resource "aws_lambda_permission" "flows" {
+  for_each      = aws_cloudwatch_event_rule.flows
+  statement_id  = "flows-${each.key}"
+  action        = "lambda:InvokeFunction"
+  function_name = aws_lambda_function.fn["flows"].function_name
   principal     = "events.amazonaws.com"
   source_arn    = each.value.arn
 }

@@ -103,6 +103,12 @@ variable "sts_endpoints" {
   default     = []
 }
 
+variable "flow_log_bucket_name" {
+  description = "An S3 bucket where VPC Flow Logs are delivered (with EventBridge notifications on); empty: flows from agents only."
+  type        = string
+  default     = ""
+}
+
 variable "reconcile_schedule" {
   type    = string
   default = "rate(15 minutes)"
@@ -146,4 +152,21 @@ variable "admin_roles" {
     condition     = alltrue([for roles in values(var.admin_roles) : alltrue([for r in roles : contains(["policy-author", "incident-responder", "onboarding", "reader"], r)])])
     error_message = "admin_roles: each role is one of policy-author, incident-responder, onboarding, reader."
   }
+}
+
+variable "gcp" {
+  description = <<-EOT
+    GCP events (docs/deploy-gcp.md): set it to deploy the gcpevents function and its POST /gcp/events
+    API with the GCP dependency layer (layer_zip, arm64). null: no GCP.
+  EOT
+  type = object({
+    layer_zip             = string
+    projects              = string # PROJECT_ID=PROJECT_NUMBER,...
+    events_audience       = string # the OIDC audience of push tokens: the /gcp/events URL
+    push_service_accounts = string # whose push tokens are accepted
+    tag_parents           = optional(string, "")
+    label_source          = optional(string, "secure-tags")
+    credentials           = optional(string, "") # workload identity federation config (no secret)
+  })
+  default = null
 }

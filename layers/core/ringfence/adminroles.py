@@ -4,7 +4,7 @@
 - ``incident-responder``: quarantine and release workloads;
 - ``onboarding``: register, import and deregister on-premise workloads, mint pairing keys, reset
   a workload's agent key (an agent that lost its state directory enrolls again);
-- ``reader``: none of the above (the read routes, when there are any).
+- ``reader``: none of the above: the read routes only (the dependency map), which every role may read.
 
 A caller holds roles by binding: on AWS the IAM caller's ARN (API Gateway's IAM auth puts it in
 ``requestContext.identity.userArn``) is looked up in ``RINGFENCE_ADMIN_ROLES`` (JSON
@@ -42,6 +42,8 @@ ACTIONS: dict[str, frozenset[AdminRole]] = {
     "workload.import": frozenset({AdminRole.ONBOARDING}),
     "workload.deregister": frozenset({AdminRole.ONBOARDING}),
 }
+# the read routes: every role (reader is for these); nothing here changes anything
+READS: dict[str, frozenset[AdminRole]] = {"map.read": frozenset(AdminRole)}
 
 ENV = "RINGFENCE_ADMIN_ROLES"
 
@@ -62,7 +64,7 @@ def parse_roles(names: Iterable[str], where: str) -> frozenset[AdminRole]:
 
 
 def may(roles: Iterable[AdminRole], action: str) -> bool:
-    return bool(ACTIONS[action] & set(roles))
+    return bool((ACTIONS.get(action) or READS[action]) & set(roles))
 
 
 _ASSUMED = re.compile(r"^arn:(?P<p>[a-z-]+):sts::(?P<a>\d{12}):assumed-role/(?P<r>[^/]+)/[^/]+$")

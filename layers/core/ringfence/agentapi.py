@@ -30,7 +30,8 @@ class EnrollRequest(_Body):
     method: Literal["aws-iid", "aws-sts", "azure-attested", "gcp-jwt", "pairing"]
     nonce: str = Field(description="from GET /v1/nonce; single use")
     workload_id: str | None = Field(None, description="required for pairing; derived from the proof otherwise")
-    # aws-iid: the instance identity document and its PKCS7/RSA-SHA256 signature from IMDS
+    # aws-iid: the instance identity document and its PKCS7/RSA-SHA256 signature from IMDS;
+    # gcp-jwt: the instance identity token (audience the control plane's, format=full)
     document: str | None = None
     document_signature: str | None = None
     # aws-sts: a presigned sts:GetCallerIdentity request the server replays
@@ -117,13 +118,6 @@ class ReportBatch(_Body):
     dropped_records: int = Field(0, ge=0, description="records the agent discarded because its buffer was full")
 
 
-class WaitResponse(_Body):
-    latest_version: int | None = Field(
-        description="the newest bundle version for this workload (null: none published yet); newer than the "
-        "version asked about, unless the wait timed out"
-    )
-
-
 class ReportsResponse(_Body):
     accepted: int = Field(description="flow and drop records accepted")
 
@@ -131,6 +125,18 @@ class ReportsResponse(_Body):
 class DeltasResponse(_Body):
     bundle_version: int = Field(description="the newest bundle version; fetch it if deltas cannot bridge")
     deltas: list[dict[str, object]] = Field(description="signed ringfence.delta/v2 documents, oldest first")
+
+
+class WaitResponse(_Body):
+    latest_version: int | None = Field(
+        description="the newest bundle version for this workload (null: none published yet); newer than the "
+        "version asked about, unless the wait timed out"
+    )
+    deltas: DeltasResponse | None = Field(
+        None,
+        description="with `deltas=true`, when a newer version exists and the deltas since `version` bridge to "
+        "it: what `GET …/deltas?since=<version>` answers (the agent then needs no second request)",
+    )
 
 
 class ErrorBody(_Body):

@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import os
 import queue
 import re
 import secrets
@@ -29,7 +30,7 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -271,6 +272,7 @@ class ServeApp:
     tokens: AdminTokens | None
     threads: int = DEFAULT_THREADS
     asgi: Any = None
+    gcp: ResolverPool | None = None  # POST /gcp/events, when RINGFENCE_GCP_PROJECTS is set
 
     @classmethod
     def over(
@@ -283,7 +285,8 @@ class ServeApp:
         from ringfence.routes.admin import admin_routes, token_roles
         from ringfence.routes.agent import agent_routes
 
-        api = AgentApi(wiring)
+        gcp, enrollers = gcp_services(wiring)
+        api = AgentApi(wiring, enrollers)
         adm = OnPremAdmin(wiring)
         local = is_onprem(wiring) if onprem is None else onprem
         agent = ResolverPool(lambda: agent_routes(lambda: api))
@@ -292,7 +295,7 @@ class ServeApp:
             admin = ResolverPool(
                 lambda: admin_routes(lambda: adm, onprem=(lambda: adm) if local else None, roles_of=token_roles)
             )
-        return cls(agent, admin, tokens, threads)
+        return cls(agent, admin, tokens, threads, gcp=gcp)
 
     def __post_init__(self) -> None:
         import anyio
@@ -351,6 +354,11 @@ class ServeApp:
                 )
             return await dispatch(request, self.admin, MAX_ADMIN_BODY, *held)
 
+        async def gcp(request: Request) -> Response:
+            if self.gcp is None:
+                return error(404, "GCP events are off", "set RINGFENCE_GCP_PROJECTS (docs/deploy-gcp.md)")
+            return await dispatch(request, self.gcp, MAX_AGENT_BODY, None)
+
         async def healthz(request: Request) -> Response:
             return JSONResponse({"ok": True})
 
@@ -359,9 +367,32 @@ class ServeApp:
             routes=[
                 Route(AGENT_PREFIX + "{rest:path}", agent, methods=methods),
                 Route(ADMIN_PREFIX + "{rest:path}", admin, methods=methods),
+                Route("/gcp/events", gcp, methods=["POST"]),
                 Route("/healthz", healthz, methods=["GET"]),
             ]
         )
+
+
+def gcp_services(wiring: Any, env: Mapping[str, str] | None = None) -> tuple[ResolverPool | None, dict[str, Any]]:
+    """The GCP events route and the ``gcp-jwt`` enroller over ``wiring``, when the environment
+    configures GCP (``RINGFENCE_GCP_PROJECTS``; the audiences turn each on): (None, {}) otherwise,
+    and the Google SDKs are never imported."""
+    e = os.environ if env is None else env
+    if not e.get("RINGFENCE_GCP_PROJECTS"):
+        return None, {}
+    from ringfence.clouds.gcp.config import GcpConfig
+    from ringfence.clouds.gcp.enroll import METHOD, GcpEnroller
+    from ringfence.clouds.gcp.ingest import GcpIngest
+    from ringfence.routes.gcp import gcp_event_routes
+
+    cfg = GcpConfig.from_env(e)
+    ingest = GcpIngest(wiring, cfg)
+    enrollers: dict[str, Any] = {}
+    if cfg.identity_audience:
+        enrollers[METHOD] = GcpEnroller(wiring, cfg, ingest)
+        if METHOD not in wiring.cfg.enroll_methods:
+            wiring.cfg.enroll_methods.append(METHOD)
+    return ResolverPool(lambda: gcp_event_routes(lambda: ingest)), enrollers
 
 
 def to_response(out: dict[str, Any]) -> Response:

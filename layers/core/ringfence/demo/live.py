@@ -1026,6 +1026,48 @@ def step_release_and_scale_in(d: Live, asg_new: list[str]) -> None:
         )
 
 
+def write_map(d: Live) -> dict[str, Any]:
+    """``out/map.html``: the dependency map from the flows the agents reported. The agent API
+    archived each batch under ``reports/`` in the (embedded) bucket; the flows function's code
+    ingests those objects as their S3 events would have it, then the map is drawn from the
+    flow rows (from policy when no report came in)."""
+    from ringfence.clouds.aws.flowlogs import REPORTS_PREFIX, FlowObjects
+    from ringfence.clouds.aws.wiring import Config, Wiring
+    from ringfence.viz.depmap import build_map
+    from ringfence.viz.render import to_html
+
+    t0 = time.perf_counter()
+    s3 = d.aws.client("s3")
+    keys = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=d.aws.bucket, Prefix=REPORTS_PREFIX)
+        for o in page.get("Contents", [])
+    ]
+    w = Wiring(Config.from_env({**os.environ, **d.aws.env}))
+    result = FlowObjects(w, s3).handle([{"s3": {"bucket": {"name": d.aws.bucket}, "object": {"key": k}}} for k in keys])
+    active = w.active_policy()
+    rows = w.store.flow_rows()
+    inventory = [r.effective() for r in w.store.all_records() if r.active]
+    m = build_map(active[1], inventory, rows) if active else None
+    path = d.out / "map.html"
+    if m is not None:
+        path.write_text(to_html(m, "Ringfence demo: application dependency map"), encoding="utf-8")
+    out = {
+        "path": str(path) if m is not None else None,
+        "reports": len(keys),
+        "flows": result.flows,
+        "from": m.source if m is not None else None,
+        "nodes": len(m.nodes) if m is not None else 0,
+        "edges": len(m.edges) if m is not None else 0,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    d.r.say(
+        f"dependency map: {path} — {out['edges']} edges from {out['from']} "
+        f"({out['flows']} flows in {out['reports']} agent reports)"
+    )
+    return out
+
+
 def nft_addresses(ns: str) -> list[tuple[int, int]]:
     """Every IPv4 element of every set in the namespace's Ringfence table, as (first, last)."""
     import ipaddress
@@ -1081,6 +1123,7 @@ def run(args: argparse.Namespace) -> int:
     report = Report(out, "dry-run" if why_not else "nftables")
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     demo = Live(example_dir(args.example), out, report, dry_run=why_not is not None)
+    dependency_map: dict[str, Any] | None = None
     try:
         try:
             with report.step(0, "start: lab, embedded AWS, serve, router, instances with agents") as st:
@@ -1097,6 +1140,10 @@ def run(args: argparse.Namespace) -> int:
                     step_retag(demo, new)
                     step_quarantine(demo)
                     step_release_and_scale_in(demo, new)
+                    try:
+                        dependency_map = write_map(demo)
+                    except Exception as exc:  # the map is a view: its failure is noted, not the demo's
+                        report.notes.append(f"dependency map not written: {type(exc).__name__}: {exc}")
         except (KeyboardInterrupt, Interrupted) as exc:
             # a second Ctrl-C must not cut the cleanup short
             signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -1109,7 +1156,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         demo.close()
         signal.signal(signal.SIGTERM, previous)
-    path = report.write()
+    path = report.write({"dependency_map": dependency_map} if dependency_map else None)
     report.print_summary()
     print(f"\n{'PASSED' if report.passed else 'FAILED'}: {path} (agent logs and state in {demo.work})")
     return 0 if report.passed else 1

@@ -1,4 +1,5 @@
-"""An embedded AWS: moto in server mode on loopback, holding the control plane's resources.
+"""An embedded AWS: moto in server mode on loopback (a process of its own: :mod:`motoproc`),
+holding the control plane's resources.
 
 The demo and the tests run the real handlers in ``functions/`` against it, through boto3 and the
 standard endpoint variables — the same code paths as in AWS. Interface::
@@ -20,6 +21,8 @@ standard endpoint variables — the same code paths as in AWS. Interface::
         aws.identity_document(iid)      # the instance's identity document (JSON text), from moto
         aws.reset()                     # empty moto, resources created again (a new signing key);
                                         # stop any EventRouter first, and make a new one after
+        aws.trail_since(seq)            # EC2 tag/launch calls with their caller, as CloudTrail records them
+        aws.lifecycle_actions()         # Auto Scaling lifecycle actions waiting, with their tokens
     # server stopped, os.environ restored
 
 ``EmbeddedAws(region=..., account=..., environ=True, metrics=True)``: with ``environ=False`` the
@@ -36,8 +39,12 @@ import base64
 import contextlib
 import datetime as dt
 import json
-import logging
 import os
+import select
+import subprocess
+import sys
+import time
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +56,7 @@ from cryptography.x509.oid import NameOID
 from ringfence.bundle import SigningKey
 from ringfence.clouds.aws.patterns import INGEST_RULES, LIFECYCLE_RULES
 
-from . import lambdas, moto_lifecycle, moto_trail
+from . import lambdas, moto_lifecycle, moto_trail  # the extensions' record types; they run in moto's process
 
 REGION = "ca-central-1"
 ACCOUNT = "123456789012"  # moto's default account
@@ -123,7 +130,7 @@ class EmbeddedAws:
     queues: dict[str, str] = field(init=False, default_factory=dict)
     rules: dict[str, str] = field(init=False, default_factory=dict)  # rule name → target queue key
     signing_key: SigningKey = field(init=False)
-    _server: Any = field(init=False, default=None, repr=False)
+    _server: _MotoProcess | None = field(init=False, default=None, repr=False)
     _saved_env: dict[str, str] | None = field(init=False, default=None, repr=False)
     _saved_compute_env: dict[str, str] | None = field(init=False, default=None, repr=False)
     _clients: dict[str, Any] = field(init=False, default_factory=dict, repr=False)
@@ -138,16 +145,10 @@ class EmbeddedAws:
         self.stop()
 
     def start(self, *, build: bool = True) -> None:
-        """Start moto on 127.0.0.1 (a free port), set the environment, create the resources."""
-        from moto.server import ThreadedMotoServer
-
-        moto_lifecycle.install()
-        moto_trail.install()
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        self._server.start()
-        host, port = self._server.get_host_and_port()
-        self.url = f"http://{host}:{port}"
+        """Start moto on 127.0.0.1 (a free port, its own process), set the environment, create the
+        resources."""
+        self._server = _start_moto()
+        self.url = f"http://127.0.0.1:{self._server.port}"
         if self.environ:
             self._saved_env = dict(os.environ)
             self._saved_compute_env = lambdas.FUNCTION_ENVIRONMENT.get("compute")
@@ -171,10 +172,34 @@ class EmbeddedAws:
 
     def reset(self) -> None:
         """Empty every moto backend and create the resources again (a new signing key)."""
-        import requests
-
-        requests.post(f"{self.url}/moto-api/reset", timeout=30).raise_for_status()
+        self._extension("/moto-api/reset", method="POST")
         self.build()
+
+    # --- what AWS hands out only as events (the router reads them) ---------------------------
+
+    def trail_since(self, seq: int) -> list[moto_trail.TrailRecord]:
+        """The trail's records (EC2 tag and launch calls, with their caller) after ``seq``."""
+        q = f"account={self.account}&region={self.region}&since={seq}"
+        return [moto_trail.TrailRecord(r["seq"], r["detail"]) for r in self._extension(f"/_ringfence/trail?{q}")]
+
+    def lifecycle_actions(self) -> list[moto_lifecycle.PendingAction]:
+        """The Auto Scaling lifecycle actions now waiting (expired ones applied first)."""
+        now, out = time.monotonic(), []
+        for r in self._extension(f"/_ringfence/lifecycle-actions?account={self.account}&region={self.region}"):
+            r["deadline"] = now + r.pop("remaining")
+            out.append(moto_lifecycle.PendingAction(**r))
+        return out
+
+    def connection_data(self, connection_id: str) -> bytes:
+        """What was posted to a WebSocket connection of the NudgeApi (what its client received)."""
+        q = f"account={self.account}&region={self.region}&connection={connection_id}"
+        return base64.b64decode(self._extension(f"/_ringfence/connection-data?{q}")["data"])
+
+    def _extension(self, path: str, *, method: str = "GET") -> Any:
+        req = urllib.request.Request(self.url + path, method=method)  # noqa: S310 - http://127.0.0.1
+        with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 - our loopback moto
+            body = resp.read()
+        return json.loads(body) if path.startswith("/_ringfence/") else None
 
     # --- environment -------------------------------------------------------------------------
 
@@ -379,3 +404,37 @@ class EmbeddedAws:
                 "version": "2017-09-30",
             }
         )
+
+
+@dataclass
+class _MotoProcess:
+    proc: subprocess.Popen[bytes]
+    port: int
+
+    def stop(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()  # its cue to shut down
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _start_moto(timeout: float = 60.0) -> _MotoProcess:
+    """``python -m ringfence.local.motoproc`` (:mod:`motoproc`: why a process of its own), once it
+    said which port it serves."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ringfence.local.motoproc", "--host", "127.0.0.1", "--port", "0"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    line = proc.stdout.readline().decode() if ready else ""
+    if not line.startswith("port "):
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"moto did not start within {timeout:.0f} s (exit {proc.returncode}, said {line!r})")
+    proc.stdout.close()  # nothing more comes on it; moto's own logs go to stderr
+    return _MotoProcess(proc, int(line.split()[1]))

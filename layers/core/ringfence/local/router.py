@@ -79,7 +79,7 @@ from dataclasses import dataclass, field, replace
 from types import ModuleType
 from typing import Any
 
-from . import moto_lifecycle, moto_trail
+from . import moto_lifecycle
 from .aws import EmbeddedAws
 from .lambdas import FUNCTIONS, Delivery, LambdaContext, deliver_batch, load_functions
 
@@ -450,8 +450,7 @@ class EventRouter:
             return
         self._stop.clear()
         if self.cloudtrail:  # calls made before the router started are history
-            moto_trail.install()
-            done = moto_trail.records_since(self.aws.account, self.aws.region, 0)
+            done = self.aws.trail_since(0)
             self._trail_seq = done[-1].seq if done else 0
         first = self._observe()
         # not announcing what exists: the first look is its own "before" (lifecycle actions
@@ -511,7 +510,7 @@ class EventRouter:
     def _trail_events(self) -> list[_Event]:
         now = time.time()
         out = []
-        for rec in moto_trail.records_since(self.aws.account, self.aws.region, self._trail_seq):
+        for rec in self.aws.trail_since(self._trail_seq):
             self._trail_seq = rec.seq
             d = rec.detail
             if d["eventName"] == "RunInstances":
@@ -567,7 +566,7 @@ class EventRouter:
                     inst.tag_version += 1
                     out.append(self._tag_event(iid, before.tags, inst.tags, inst.tag_version, now))
         # lifecycle actions: each waiting one, once
-        actions = moto_lifecycle.pending_actions(self.aws.account, self.aws.region)
+        actions = self.aws.lifecycle_actions()
         new.tokens = {a.token for a in actions if a.token in old.tokens}
         for action in actions:
             if action.token not in new.tokens:

@@ -197,6 +197,7 @@ class LocalWiring(BaseWiring):
     rebuild; ``close()`` stops it."""
 
     mapper_ttl = 0.0  # reading the active policy from SQLite is cheap: registrations see a new policy at once
+    flows_inline = True  # no S3 events here: reports become flow rows as they arrive
 
     def __init__(
         self,
@@ -260,8 +261,8 @@ class LocalWiring(BaseWiring):
     def send_compute(self, message: dict[str, Any]) -> None:
         self.worker.submit(message)
 
-    def wait_for_change(self, seconds: float) -> None:
-        self.notifier.wait(seconds)
+    def wait_for_change(self, seconds: float, workload_id: str | None = None) -> None:
+        self.notifier.wait(seconds)  # compute runs in this process: it wakes every waiter at once
 
     # --- lifecycle --------------------------------------------------------------------------------
 

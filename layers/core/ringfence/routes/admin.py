@@ -11,12 +11,12 @@ serve`` from the admin token. A refusal is a 403, audited as ``admin.denied``.""
 
 # no `from __future__ import annotations`: the event handler reads the route signatures' types
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Literal
 
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver
 from aws_lambda_powertools.event_handler import Response as HttpResponse
 from aws_lambda_powertools.event_handler.openapi.models import APIKey, APIKeyIn
-from aws_lambda_powertools.event_handler.openapi.params import Body
+from aws_lambda_powertools.event_handler.openapi.params import Body, Query
 from aws_lambda_powertools.utilities.data_classes import APIGatewayProxyEvent
 
 from ringfence import adminapi
@@ -75,6 +75,32 @@ def admin_routes(
         if may(held, action):
             return None
         return http(service().denied(principal(), action, target, sorted(r.value for r in held)))
+
+    @app.get(
+        "/admin/map",
+        summary="the application dependency map (as `ringfence map`): HTML (one self-contained file) or DOT — any role",
+        responses={
+            **answers(errors=(400, 409)),
+            200: {"description": "the map", "content": {"text/html": {}, "text/vnd.graphviz": {}}},
+        },
+        security=[{"sigv4": []}],
+    )
+    def dependency_map(
+        format: Annotated[Literal["html", "svg", "dot"], Query(description="svg: planned")] = "html",
+        app_: Annotated[str | None, Query(alias="app", description="only edges with this app at either end")] = None,
+        env: Annotated[str | None, Query(description="only edges with this env at either end")] = None,
+        decision: Annotated[
+            Literal["allowed", "potentially-blocked", "blocked", "unknown"] | None, Query(description="only these")
+        ] = None,
+        min_flows: Annotated[int, Query(ge=0, description="only edges with at least this many flows")] = 0,
+    ) -> HttpResponse[str]:
+        denied = refused("map.read", "map")
+        if denied:
+            return denied
+        out = service().dependency_map(format, app_, env, decision, min_flows)
+        if not isinstance(out, tuple):
+            return http(out)
+        return HttpResponse(status_code=200, content_type=out[0], body=out[1])
 
     @app.post(
         "/admin/policies",

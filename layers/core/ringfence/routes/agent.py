@@ -108,8 +108,11 @@ def agent_routes(service: Callable[[], AgentApi]) -> APIGatewayRestResolver:
         wid: str,
         version: Annotated[int, Query(ge=-1, description="the applied version; -1 for none")] = -1,
         timeout: Annotated[int, Query(ge=0, description="seconds to wait at most; capped by the server")] = 20,
+        deltas: Annotated[
+            bool, Query(description="answer with the signed deltas since `version` too, when they bridge")
+        ] = False,
     ) -> HttpResponse[str]:
-        return authorized(wid) or http(service().wait(wid, version, timeout))
+        return authorized(wid) or http(service().wait(wid, version, timeout, deltas))
 
     @app.post(
         route_path("heartbeat"),

@@ -7,6 +7,8 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from ringfence.audit import AuditRecord
+from ringfence.flows.aggregate import FlowRow
+from ringfence.flows.resolve import AddressOwner
 from ringfence.model import Mode, Workload
 from ringfence.versions import PolicyVersion
 
@@ -87,6 +89,21 @@ class DeltaPointer(BaseModel):
     key: str
 
 
+class MovedRecord(BaseModel):
+    """The workloads whose latest version moved in one publication, written by compute before it
+    commits the engine head at ``revision``. Records chain (``previous`` is the revision of the
+    commit before), so a reader that saw the head at ``previous`` knows it missed nothing: the
+    agent API then wakes only the long-polls of these workloads (any gap: all of them)."""
+
+    revision: int
+    previous: int
+    workloads: list[str] | None = Field(None, description="None: every workload (too many to list)")
+
+
+MOVED_MAX = 5000  # workload ids per record (≈ 120 KB, well under DynamoDB's 400 KB item)
+MOVED_TTL = 86400  # a reader further behind than a day re-anchors (wakes everyone) anyway
+
+
 class LaunchHold(BaseModel):
     """A launch held by its Auto Scaling launch hook under the lifecycle gate ``agent``: the two
     facts that release it, each recorded by the function that knows it. Compute records the
@@ -159,6 +176,10 @@ class Store(Protocol):
     def put_set_head(self, set_name: str, version: int) -> None: ...
     def set_heads(self, set_names: list[str]) -> dict[str, int]: ...
     def deltas_after(self, set_name: str, revision: int) -> list[DeltaPointer]: ...
+    def put_moved(self, rec: MovedRecord) -> None: ...
+    def moved_after(self, revision: int) -> list[MovedRecord]:
+        """The moved records of commits after ``revision``, oldest first."""
+        ...
 
     # agent auth
     def put_nonce(self, nonce: str, ttl: int) -> None: ...
@@ -212,3 +233,18 @@ class Store(Protocol):
         ...
 
     def audit_log(self) -> list[AuditRecord]: ...
+
+    # flows (ringfence.flows): aggregate rows with a TTL, and the address → workload intervals
+    def add_flows(self, rows: list[FlowRow], ttl: int) -> None:
+        """Fold each row into the stored row of its day and key (counts added, first/last seen
+        widened); the row expires ``ttl`` s after its last update."""
+        ...
+
+    def flow_rows(self, days: int = ...) -> list[FlowRow]:
+        """Every unexpired row (of the last ``days`` days), per day."""
+        ...
+
+    def note_addresses(self, owners: list[AddressOwner]) -> None: ...
+    def address_history(self, addresses: list[str]) -> dict[str, list[AddressOwner]]:
+        """The intervals recorded per address, oldest first (addresses never recorded: absent)."""
+        ...

@@ -20,11 +20,14 @@ import boto3
 from boto3.dynamodb.conditions import Key
 from botocore.exceptions import ClientError
 
+from ringfence.flows.aggregate import DEFAULT_RETENTION_DAYS, FlowRow, day_of
+from ringfence.flows.resolve import AddressOwner
 from ringfence.model import Mode, Workload
 from ringfence.store.base import (
     ACTIVE_STATES,
     HOLD_FIRST_WINS,
     HOLD_TTL,
+    MOVED_TTL,
     AuditRecord,
     BundlePointer,
     ConflictError,
@@ -32,6 +35,7 @@ from ringfence.store.base import (
     EngineHead,
     InventoryRecord,
     LaunchHold,
+    MovedRecord,
     PolicyVersion,
     check_hold_fields,
 )
@@ -340,6 +344,22 @@ class DynamoStore:
                 return out
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
+    def put_moved(self, rec: MovedRecord) -> None:
+        self._put("moved", f"{rec.revision:012d}", ttl=MOVED_TTL, doc=rec.model_dump_json())
+
+    def moved_after(self, revision: int) -> list[MovedRecord]:
+        out: list[MovedRecord] = []
+        kwargs: dict[str, Any] = {
+            "KeyConditionExpression": Key("pk").eq("moved") & Key("sk").gt(f"{revision:012d}"),
+            "ConsistentRead": True,
+        }
+        while True:
+            page = self.state.query(**kwargs)
+            out.extend(MovedRecord.model_validate_json(i["doc"]) for i in page.get("Items", []))
+            if "LastEvaluatedKey" not in page:
+                return out
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
     # --- agent auth -----------------------------------------------------------------------------
 
     def put_nonce(self, nonce: str, ttl: int) -> None:
@@ -483,6 +503,89 @@ class DynamoStore:
             if _conditional_failed(exc):
                 raise ConflictError(f"audit record {rec.id} exists: the audit log is append-only") from None
             raise
+
+    # --- flows (ringfence.flows): rows per day ``flows#<day>``/key, owners ``addr#<ip>``/since ----
+
+    def add_flows(self, rows: list[FlowRow], ttl: int) -> None:
+        """Fold each row into its stored row: counts with ADD (concurrent writers add up), then
+        first/last seen moved only outward by conditional updates."""
+        expires = int(time.time()) + ttl
+        for row in rows:
+            key = {"pk": f"flows#{row.day}", "sk": row.key}
+            doc = row.model_dump_json(exclude={"flows", "packets", "bytes", "first_seen", "last_seen", "origins"})
+            new = self.state.update_item(
+                Key=key,
+                UpdateExpression="ADD flows :n, packets :p, bytes :b, origins :o "
+                "SET doc = if_not_exists(doc, :d), first_seen = if_not_exists(first_seen, :f), "
+                "last_seen = if_not_exists(last_seen, :l), #ttl = :t",
+                ExpressionAttributeNames={"#ttl": "ttl"},
+                ExpressionAttributeValues={
+                    ":n": row.flows,
+                    ":p": row.packets,
+                    ":b": row.bytes,
+                    ":o": set(row.origins) or {"agent"},
+                    ":d": doc,
+                    ":f": Decimal(str(row.first_seen)),
+                    ":l": Decimal(str(row.last_seen)),
+                    ":t": expires,
+                },
+                ReturnValues="ALL_NEW",
+            )["Attributes"]
+            for attr, value, cond in (("first_seen", row.first_seen, ">"), ("last_seen", row.last_seen, "<")):
+                if (float(new[attr]) > value) if cond == ">" else (float(new[attr]) < value):
+                    try:
+                        self.state.update_item(
+                            Key=key,
+                            UpdateExpression=f"SET {attr} = :v",
+                            ConditionExpression=f"{attr} {cond} :v",
+                            ExpressionAttributeValues={":v": Decimal(str(value))},
+                        )
+                    except ClientError as exc:
+                        if not _conditional_failed(exc):
+                            raise
+
+    def flow_rows(self, days: int = DEFAULT_RETENTION_DAYS + 1) -> list[FlowRow]:
+        """Every unexpired row of the last ``days`` days, per day."""
+        out = []
+        now = time.time()
+        for i in range(days):
+            pk = f"flows#{day_of(now - i * 86400)}"
+            kwargs: dict[str, Any] = {"KeyConditionExpression": Key("pk").eq(pk), "ConsistentRead": True}
+            while True:
+                page = self.state.query(**kwargs)
+                for item in page.get("Items", []):
+                    if int(item.get("ttl", now + 1)) < now:
+                        continue
+                    out.append(
+                        FlowRow.model_validate(
+                            {
+                                **json.loads(item["doc"]),
+                                "flows": int(item["flows"]),
+                                "packets": int(item["packets"]),
+                                "bytes": int(item["bytes"]),
+                                "first_seen": float(item["first_seen"]),
+                                "last_seen": float(item["last_seen"]),
+                                "origins": sorted(item.get("origins", [])),
+                            }
+                        )
+                    )
+                if "LastEvaluatedKey" not in page:
+                    break
+                kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+        return sorted(out, key=lambda r: (r.day, r.key))
+
+    def note_addresses(self, owners: list[AddressOwner]) -> None:
+        with self.state.batch_writer() as batch:
+            for o in owners:
+                batch.put_item(Item={"pk": f"addr#{o.address}", "sk": f"{o.since:020.6f}", "doc": o.model_dump_json()})
+
+    def address_history(self, addresses: list[str]) -> dict[str, list[AddressOwner]]:
+        out: dict[str, list[AddressOwner]] = {}
+        for a in addresses:
+            items = self.state.query(KeyConditionExpression=Key("pk").eq(f"addr#{a}"), ConsistentRead=True)["Items"]
+            if items:
+                out[a] = [AddressOwner.model_validate_json(i["doc"]) for i in items]
+        return out
 
     def audit_log(self) -> list[AuditRecord]:
         items: list[dict[str, Any]] = []

@@ -37,11 +37,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+from ringfence.flows.aggregate import FlowRow, day_of
+from ringfence.flows.resolve import AddressOwner
 from ringfence.model import Mode, Workload
 from ringfence.store.base import (
     ACTIVE_STATES,
     HOLD_FIRST_WINS,
     HOLD_TTL,
+    MOVED_TTL,
     AuditRecord,
     BundlePointer,
     ConflictError,
@@ -49,6 +52,7 @@ from ringfence.store.base import (
     EngineHead,
     InventoryRecord,
     LaunchHold,
+    MovedRecord,
     PolicyVersion,
     check_hold_fields,
 )
@@ -90,6 +94,7 @@ CREATE TABLE IF NOT EXISTS delta (
     expires REAL NOT NULL,
     PRIMARY KEY (set_name, to_version)
 );
+CREATE TABLE IF NOT EXISTS moved (revision INTEGER PRIMARY KEY, doc TEXT NOT NULL, expires REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS nonce (nonce TEXT PRIMARY KEY, expires REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS nonce_expires ON nonce (expires);
 CREATE TABLE IF NOT EXISTS claim (key TEXT PRIMARY KEY, expires REAL NOT NULL);
@@ -109,6 +114,20 @@ CREATE TABLE IF NOT EXISTS audit (
     id TEXT NOT NULL UNIQUE,
     time REAL NOT NULL,
     doc TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS flow_row (
+    day TEXT NOT NULL,
+    key TEXT NOT NULL,
+    doc TEXT NOT NULL,
+    expires REAL NOT NULL,
+    PRIMARY KEY (day, key)
+);
+CREATE INDEX IF NOT EXISTS flow_row_expires ON flow_row (expires);
+CREATE TABLE IF NOT EXISTS address_owner (
+    address TEXT NOT NULL,
+    since REAL NOT NULL,
+    doc TEXT NOT NULL,
+    PRIMARY KEY (address, since)
 );
 CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
 BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
@@ -419,6 +438,19 @@ class SqliteStore:
         )
         return [DeltaPointer.model_validate_json(r[0]) for r in rows]
 
+    def put_moved(self, rec: MovedRecord) -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.execute("DELETE FROM moved WHERE expires < ?", (now,))
+            db.execute(
+                "INSERT OR REPLACE INTO moved (revision, doc, expires) VALUES (?, ?, ?)",
+                (rec.revision, rec.model_dump_json(), now + MOVED_TTL),
+            )
+
+    def moved_after(self, revision: int) -> list[MovedRecord]:
+        rows = self._db().execute("SELECT doc FROM moved WHERE revision > ? ORDER BY revision", (revision,))
+        return [MovedRecord.model_validate_json(r[0]) for r in rows]
+
     # --- agent auth -----------------------------------------------------------------------------
 
     def put_nonce(self, nonce: str, ttl: int) -> None:
@@ -541,6 +573,51 @@ class SqliteStore:
             .fetchone()
         )
         return LaunchHold.model_validate({**json.loads(row[0]), "instance_id": instance_id}) if row else None
+
+    # --- flows (ringfence.flows) ----------------------------------------------------------------
+
+    def add_flows(self, rows: list[FlowRow], ttl: int) -> None:
+        """Fold ``rows`` into the stored rows of their day and key; a row expires ``ttl`` s after
+        its last update."""
+        expires = time.time() + ttl
+        with self._tx() as db:
+            for row in rows:
+                old = db.execute("SELECT doc FROM flow_row WHERE day = ? AND key = ?", (row.day, row.key)).fetchone()
+                new = row
+                if old is not None:
+                    new = FlowRow.model_validate_json(old[0])
+                    new.add(row)
+                db.execute(
+                    "INSERT OR REPLACE INTO flow_row (day, key, doc, expires) VALUES (?, ?, ?, ?)",
+                    (row.day, row.key, new.model_dump_json(), expires),
+                )
+            db.execute("DELETE FROM flow_row WHERE expires < ?", (time.time(),))
+
+    def flow_rows(self, days: int = 0) -> list[FlowRow]:
+        """Every unexpired row (of the last ``days`` days), per day (:func:`ringfence.flows.aggregate.merge` folds the days)."""
+        since = day_of(time.time() - (days - 1) * 86400) if days else ""
+        rows = self._db().execute(
+            "SELECT doc FROM flow_row WHERE expires >= ? AND day >= ? ORDER BY day, key", (time.time(), since)
+        )
+        return [FlowRow.model_validate_json(r[0]) for r in rows]
+
+    def note_addresses(self, owners: list[AddressOwner]) -> None:
+        with self._tx() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO address_owner (address, since, doc) VALUES (?, ?, ?)",
+                [(o.address, o.since, o.model_dump_json()) for o in owners],
+            )
+
+    def address_history(self, addresses: list[str]) -> dict[str, list[AddressOwner]]:
+        out: dict[str, list[AddressOwner]] = {}
+        rows = self._db().execute(
+            "SELECT doc FROM address_owner WHERE address IN (SELECT value FROM json_each(?)) ORDER BY address, since",
+            (json.dumps(addresses),),
+        )
+        for (doc,) in rows:
+            o = AddressOwner.model_validate_json(doc)
+            out.setdefault(o.address, []).append(o)
+        return out
 
     # --- audit ----------------------------------------------------------------------------------
 

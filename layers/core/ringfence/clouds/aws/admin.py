@@ -164,3 +164,22 @@ class Admin:
             200,
             {"workload_id": workload_id, "agent_key_dropped": dropped, "token_revoked": revoked, "audit_id": audit_id},
         )
+
+    def dependency_map(
+        self, fmt: str, app: str | None = None, env: str | None = None, decision: str | None = None, min_flows: int = 0
+    ) -> tuple[str, str] | Response:
+        """The dependency map (``ringfence map``'s code): from the store's flow rows, else from
+        the active policy over the running inventory; (content type, text)."""
+        from ringfence.viz.depmap import MapFilter, build_map
+        from ringfence.viz.render import render
+
+        active = self.w.active_policy()
+        if active is None:
+            return error(409, "no active policy", "provision a policy version first")
+        inventory = [r.effective() for r in self.w.store.all_records() if r.active]
+        m = build_map(active[1], inventory, self.w.store.flow_rows(), MapFilter(app, env, decision, min_flows))
+        try:
+            text = render(m, fmt)
+        except ValueError as exc:
+            return error(400, "bad map format", str(exc))
+        return ("text/html; charset=utf-8" if fmt == "html" else "text/vnd.graphviz; charset=utf-8", text)

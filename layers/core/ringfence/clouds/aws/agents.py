@@ -9,6 +9,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ringfence import agentapi
@@ -36,10 +37,15 @@ from .wiring import BaseWiring, log
 
 DOCUMENTS_KEPT = 256  # signed bundle and delta documents an agent API process keeps in memory
 
+# another cloud's enrollment method: checks the request's proof, calls bind(req, workload_id) to
+# bind the agent key (required, first binding wins) and returns the workload id (ProofError: refused)
+Enroller = Callable[[agentapi.EnrollRequest, Callable[[agentapi.EnrollRequest, str], None]], str]
+
 
 class AgentApi:
-    def __init__(self, w: BaseWiring) -> None:
+    def __init__(self, w: BaseWiring, enrollers: Mapping[str, Enroller] | None = None) -> None:
         self.w = w
+        self.enrollers = dict(enrollers or {})
         self._documents: OrderedDict[str, bytes] = OrderedDict()  # key → stored bytes, least recent first
         self._documents_lock = threading.Lock()  # serve answers from a thread pool
         self._iid_key: Any = None
@@ -61,6 +67,8 @@ class AgentApi:
                 wid = self._enroll_pairing(req)
             elif req.method == "aws-sts":
                 wid = self._enroll_sts(req)
+            elif req.method in self.enrollers:
+                wid = self.enrollers[req.method](req, lambda r, w: self._bind_key(r, w, required=True, replace=False))
             else:
                 return error(400, "unsupported enrollment method", f"{req.method} is not enabled on this control plane")
         except ProofError as exc:
@@ -312,6 +320,9 @@ class AgentApi:
         ptr = self.w.store.bundle_pointer(workload_id)
         if ptr is None:
             return error(404, "no bundle published for this workload yet")
+        return self._deltas(workload_id, ptr, since, repair=True)
+
+    def _deltas(self, workload_id: str, ptr: BundlePointer, since: int, *, repair: bool) -> Response:
         version, sets = self._latest(ptr)
         if since >= version:
             return Response(200, b'{"bundle_version": %d, "deltas": []}' % version)
@@ -324,7 +335,7 @@ class AgentApi:
             chain = self._chain(name, since, v)
             if chain is None:
                 base = ptr.sets.get(name, v)
-                if base < v and self._chain(name, base, v) is None:
+                if repair and base < v and self._chain(name, base, v) is None:
                     # a gap the stored bundle cannot bridge either: compute renders a whole one
                     log.warning("deltas of %s for %s do not bridge %s→%s: re-rendering", name, workload_id, since, v)
                     self.w.enqueue_compute(publish=[workload_id])
@@ -362,21 +373,46 @@ class AgentApi:
         ptr = self.w.store.bundle_pointer(workload_id)
         return self._latest(ptr)[0] if ptr is not None else None
 
-    def wait(self, workload_id: str, version: int, timeout: float) -> Response:
+    def wait(self, workload_id: str, version: int, timeout: float, with_deltas: bool = False) -> Response:
         """Long-poll: answers as soon as the workload's latest version is newer than ``version``,
-        or when ``timeout`` (capped at the wiring's ``max_wait``) has passed, with that version."""
+        or when ``timeout`` (capped at the wiring's ``max_wait``) has passed, with that version.
+        ``with_deltas``: the answer carries the deltas since ``version`` too when they bridge (what
+        the agent would fetch next: one request and its store reads saved per change)."""
         deadline = time.monotonic() + max(0.0, min(timeout, self.w.cfg.max_wait))
         while True:
-            latest = self.latest_version(workload_id)
+            ptr = self.w.store.bundle_pointer(workload_id)
+            latest = self._latest(ptr)[0] if ptr is not None else None
             left = deadline - time.monotonic()
+            if ptr is not None and latest is not None and latest > version and with_deltas and version >= 0:
+                found = self._deltas(workload_id, ptr, version, repair=False)
+                if found.status == 200 and isinstance(found.body, bytes):
+                    return Response(200, b'{"latest_version": %d, "deltas": %s}' % (latest, found.body))
             if (latest is not None and latest > version) or left <= 0:
-                return Response(200, agentapi.WaitResponse(latest_version=latest).model_dump())
-            self.w.wait_for_change(left)
+                return Response(200, agentapi.WaitResponse(latest_version=latest).model_dump(exclude_unset=True))
+            self.w.wait_for_change(left, workload_id)
 
     def reports(self, workload_id: str, batch: agentapi.ReportBatch) -> Response:
         key = f"reports/{workload_id}/{time.strftime('%Y/%m/%d', time.gmtime())}/{uuid.uuid4().hex}.json"
-        self.w.publisher.put_json(key, batch.model_dump(mode="json"))
+        doc = batch.model_dump(mode="json")
+        self.w.publisher.put_json(key, doc)
+        if self.w.flows_inline:
+            self._ingest_flows(workload_id, doc)
         return Response(202, {"accepted": len(batch.flows) + len(batch.drops)})
+
+    def _ingest_flows(self, workload_id: str, doc: dict[str, Any]) -> None:
+        """Fold the batch into flow rows (docs/visibility.md); a failure is logged, never the
+        agent's: the batch is archived already and a later ingest can read it again."""
+        from ringfence.flows.ingest import FlowIngest
+
+        active = self.w.active_policy()
+        if active is None:
+            return
+        try:
+            ingest = FlowIngest(self.w.store, active[1])
+            ingest.sync()
+            ingest.agent_batch(workload_id, doc)
+        except Exception:  # reports are accepted whatever the flow store says
+            log.exception("flows of %s's report not ingested", workload_id)
 
     # WebSocket nudge channel
 

@@ -10,6 +10,11 @@ re-read its bundle pointer and set heads every interval.
 Waiters cannot miss a change between reading the store and starting to wait: each thread
 remembers the change generation it last saw, and a wait returns at once if the generation moved
 since (the caller then reads the store again), as :class:`ringfence.local.wiring.LocalNotifier`.
+
+A waiter may say what it waits for (its workload): then only a change that names it, or one
+that names nobody in particular, wakes it. :class:`MovedSince` names them from the records
+compute writes before each commit (``Store.moved_after``): with a fleet waiting, one change
+otherwise sent every waiting agent back to the store to find it had not moved.
 """
 
 from __future__ import annotations
@@ -17,7 +22,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Hashable
+from typing import Any
+
+from ringfence.store.base import EngineHead, MovedRecord
 
 log = logging.getLogger("ringfence.aws")
 
@@ -30,9 +39,16 @@ class StoreChanges:
     the first look after the thread starts counts as a change (one more store read per waiter,
     never a missed change)."""
 
-    def __init__(self, read: Callable[[], Hashable], interval: float) -> None:
+    def __init__(
+        self,
+        read: Callable[[], Hashable],
+        interval: float,
+        moved: Callable[[Hashable], frozenset[str] | None] | None = None,
+    ) -> None:
         self.read = read
         self.interval = interval
+        # given the new look, whom a change concerns (None: everyone); without it, everyone
+        self.moved = moved
         # the watch outlives its last waiter this long: an agent's next long-poll follows its
         # last at once, and a restarted watch costs every waiter one more store read
         self.linger = max(1.0, 5 * interval)
@@ -43,20 +59,33 @@ class StoreChanges:
         self._looked = False
         self._watcher: threading.Thread | None = None
         self._seen = threading.local()
+        # the last generations' targets (None: everyone); a waiter further behind wakes anyway
+        self._targets: deque[tuple[int, frozenset[str] | None]] = deque(maxlen=256)
         self.reads = 0  # store reads made (what waiting costs)
 
-    def wait(self, seconds: float) -> bool:
+    def _concerns(self, seen: int | None, key: str | None) -> bool:
+        """Did a generation after ``seen`` concern ``key``? (under the lock)"""
+        if seen == self._generation:
+            return False
+        if seen is None or key is None or not self._targets or self._targets[0][0] > seen + 1:
+            return True  # a thread's first wait, an untargeted waiter, or history gone: wake
+        return any(g > seen and (t is None or key in t) for g, t in self._targets)
+
+    def wait(self, seconds: float, key: str | None = None) -> bool:
+        """True once a change concerning ``key`` (any change, without one) happened since this
+        thread's last wait; False after ``seconds``."""
         with self._cond:
             seen: int | None = getattr(self._seen, "generation", None)
-            if seen != self._generation:
+            if self._concerns(seen, key):
                 self._seen.generation = self._generation
                 return True
+            seen = self._seen.generation = self._generation
             self._waiters += 1
             if self._watcher is None:
                 self._watcher = threading.Thread(target=self._watch, name="ringfence-store-changes", daemon=True)
                 self._watcher.start()
             try:
-                changed = self._cond.wait_for(lambda: self._generation != seen, timeout=max(seconds, 0.0))
+                changed = self._cond.wait_for(lambda: self._concerns(seen, key), timeout=max(seconds, 0.0))
             finally:
                 self._waiters -= 1
             self._seen.generation = self._generation
@@ -80,16 +109,72 @@ class StoreChanges:
                 with self._cond:
                     # lingering with nobody waiting (e.g. the store went away at shutdown): quietly
                     (log.warning if self._waiters else log.debug)("reading the store for changes failed: %s", exc)
-                    self._generation += 1
-                    self._cond.notify_all()
+                    self._advance(None)
                     self._looked = False
             else:
                 with self._cond:
                     self.reads += 1
-                    # the first look after a start has nothing to compare with: a waiter may have
-                    # read the store just before a change this look already includes
-                    if not self._looked or now != self._last:
-                        self._generation += 1
-                        self._cond.notify_all()
+                    first, changed = not self._looked, now != self._last
                     self._last, self._looked = now, True
+                if first or changed:
+                    target = self._target(now)
+                    with self._cond:
+                        # the first look after a start has nothing to compare with: a waiter may
+                        # have read the store just before a change this look already includes
+                        self._advance(None if first else target)
             time.sleep(self.interval)
+
+    def _target(self, now: Hashable) -> frozenset[str] | None:
+        if self.moved is None:
+            return None
+        try:
+            return self.moved(now)
+        except Exception as exc:  # cannot tell whom it concerns: everyone
+            log.warning("reading which workloads moved failed: %s", exc)
+            return None
+
+    def _advance(self, target: frozenset[str] | None) -> None:
+        """A new generation concerning ``target`` (None: everyone); under the lock."""
+        self._generation += 1
+        self._targets.append((self._generation, target))
+        self._cond.notify_all()
+
+
+class MovedSince:
+    """Whom a change of the engine head concerns: the workloads of the moved records that chain
+    from the last commit accounted for to the new head (:class:`ringfence.store.base.MovedRecord`).
+    Anything it cannot account for — the first look, a new policy, a rebuild, a commit without a
+    record, a gap — concerns everyone. Called from the watch thread only."""
+
+    def __init__(self, moved_after: Callable[[int], list[MovedRecord]]) -> None:
+        self.moved_after = moved_after
+        self._cursor: int | None = None  # the last committed revision accounted for
+        self._policy: int | None = None
+        self.reads = 0
+
+    def __call__(self, mark: Any) -> frozenset[str] | None:
+        head: EngineHead = mark
+        if self._cursor is None or head.policy_version != self._policy or head.revision < self._cursor:
+            return self._anchor(head)
+        if head.revision == self._cursor:
+            # reserved at the committed revision: a rebuild (versions may all move); else nothing moved
+            return frozenset() if head.clean else self._anchor(head)
+        self.reads += 1
+        out: set[str] = set()
+        for rec in self.moved_after(self._cursor):
+            if rec.revision > head.revision:
+                break  # a later batch's: the look at its head takes it
+            if rec.previous != self._cursor or rec.workloads is None:
+                return self._anchor(head)
+            # written after the batch's pointers: what it names can be read already, even
+            # before the head is committed
+            out.update(rec.workloads)
+            self._cursor = rec.revision
+        if head.clean and self._cursor != head.revision:
+            return self._anchor(head)  # a commit without a record (or one that expired)
+        return frozenset(out)
+
+    def _anchor(self, head: EngineHead) -> frozenset[str] | None:
+        self._policy = head.policy_version
+        self._cursor = head.revision if head.clean else None
+        return None

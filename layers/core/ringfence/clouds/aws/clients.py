@@ -14,7 +14,14 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
-RETRIES = Config(retries={"mode": "standard", "max_attempts": int(os.environ.get("RINGFENCE_AWS_MAX_ATTEMPTS", "6"))})
+# A Lambda container serves one request at a time, but `ringfence serve` and the local router call
+# from many threads: botocore's default pool of 10 connections then opens and closes a connection
+# per call beyond ten (long-polls hold threads), so the pool is as large as serve's thread pool.
+MAX_POOL_CONNECTIONS = 64
+RETRIES = Config(
+    retries={"mode": "standard", "max_attempts": int(os.environ.get("RINGFENCE_AWS_MAX_ATTEMPTS", "6"))},
+    max_pool_connections=MAX_POOL_CONNECTIONS,
+)
 
 
 @cache

@@ -14,9 +14,11 @@ from ringfence.engine import Engine
 from ringfence.engine.compiler import Update
 from ringfence.policy import Policy
 from ringfence.store.base import (
+    MOVED_MAX,
     BundlePointer,
     DeltaPointer,
     EngineHead,
+    MovedRecord,
     PolicyVersion,
 )
 
@@ -87,7 +89,15 @@ class Compute:
             stats.updates = len(updates)
             if updates:
                 self._reserve(base)  # fails if another container moved the head meanwhile
-                self._publish(updates, stats)
+                moved = self._publish(updates, stats)
+                # before the commit: a reader that sees the head at this revision finds the record
+                self.w.store.put_moved(
+                    MovedRecord(
+                        revision=self.engine.revision,
+                        previous=base,
+                        workloads=sorted(moved) if len(moved) <= MOVED_MAX else None,
+                    )
+                )
                 self._commit()
             # explicit re-render requests (the agent API found a gap it cannot bridge)
             for wid in dict.fromkeys(i for m in messages for i in m.get("publish", [])):
@@ -178,7 +188,8 @@ class Compute:
                 stats.bundles_refreshed += 1
         self.metric("BundlesRefreshed", stats.bundles_refreshed)
 
-    def _publish(self, updates: list[Update], stats: ComputeStats) -> None:
+    def _publish(self, updates: list[Update], stats: ComputeStats) -> set[str]:
+        """Publish one batch; the workloads whose latest version it moved."""
         assert self.engine is not None
         signer = self._signer()
         rebuilt: set[str] = set()
@@ -222,6 +233,7 @@ class Compute:
             if wid in self.engine.workloads:
                 self.notifier.nudge(wid, self.engine.bundle_version(wid))
                 stats.nudged += 1
+        return notify | rebuilt
 
     def _publish_bundle(self, wid: str, stats: ComputeStats) -> None:
         self._publish_bundles([wid], stats)

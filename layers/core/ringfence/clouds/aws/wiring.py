@@ -20,7 +20,7 @@ from ringfence.store.base import (
 )
 
 from . import clients
-from .changes import StoreChanges
+from .changes import MovedSince, StoreChanges
 from .publish import Publisher, S3Publisher
 
 log = logging.getLogger("ringfence.aws")
@@ -142,6 +142,9 @@ class BaseWiring:
     store: Store
     publisher: Publisher
     mapper_ttl = 30.0  # seconds; a DynamoDB read saved per event in a storm
+    # agents' reports folded into flow rows as they arrive (on one machine: no S3 event to do it;
+    # on AWS the flows function does it on the reports/ object's event)
+    flows_inline = False
 
     def __init__(self, cfg: Config, store: Store, publisher: Publisher) -> None:
         self.cfg = cfg
@@ -191,8 +194,9 @@ class BaseWiring:
         """Deliver one compute message (the compute queue in AWS, the worker thread on one machine)."""
         raise NotImplementedError
 
-    def wait_for_change(self, seconds: float) -> None:
-        """Return when published state may have changed, or after ``seconds``."""
+    def wait_for_change(self, seconds: float, workload_id: str | None = None) -> None:
+        """Return when published state may have changed (for ``workload_id``, or for anyone), or
+        after ``seconds``."""
         raise NotImplementedError
 
     def enqueue_perimeter(self, ids: Iterable[str], *, lifecycle: dict[str, str] | None = None) -> bool:
@@ -235,7 +239,7 @@ class Wiring(BaseWiring):
         )
         self.sqs = clients.client("sqs")
         self._signer: Any = None
-        self.changes = StoreChanges(self._head_mark, cfg.wait_poll_interval)
+        self.changes = StoreChanges(self.store.head, cfg.wait_poll_interval, MovedSince(self.store.moved_after))
 
     @property
     def signer(self) -> Any:
@@ -255,15 +259,12 @@ class Wiring(BaseWiring):
     def autoscaling_for(self, account: str, region: str) -> Any:
         return clients.assumed_client("autoscaling", region, self.cfg.account_roles.get(account))
 
-    def wait_for_change(self, seconds: float) -> None:
-        """Block until the store may hold something new, at most ``seconds``. Nothing in AWS tells
-        a running function of a change: the engine head, which every publication moves, is read
-        every poll interval for all waiters of this process at once."""
-        self.changes.wait(seconds)
-
-    def _head_mark(self) -> tuple[int, int, bool]:
-        head = self.store.head()
-        return head.revision, head.policy_version, head.clean
+    def wait_for_change(self, seconds: float, workload_id: str | None = None) -> None:
+        """Block until the store may hold something new (for ``workload_id``, when given), at
+        most ``seconds``. Nothing in AWS tells a running function of a change: the engine head,
+        which every publication moves, is read every poll interval for all waiters of this
+        process at once, and the moved records say whom a change concerns."""
+        self.changes.wait(seconds, workload_id)
 
     def send_compute(self, message: dict[str, Any]) -> None:
         ids = message["ids"]

@@ -1,0 +1,45 @@
+"""GCP events (API Gateway REST ``POST /gcp/events``): Pub/Sub push or Eventarc audit-log events,
+the pusher's OIDC token verified, into the governed inventory (docs/deploy-gcp.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.metrics import MetricUnit
+
+from ringfence.clouds.aws.wiring import Config, Wiring
+from ringfence.clouds.gcp.config import GcpConfig
+from ringfence.clouds.gcp.ingest import GcpIngest
+from ringfence.routes.gcp import gcp_event_routes
+
+logger = Logger()
+tracer = Tracer()
+metrics = Metrics()
+_svc: dict[str, GcpIngest] = {}
+
+
+def metric(name: str, value: float) -> None:
+    metrics.add_metric(name=name, unit=MetricUnit.Count, value=value)
+
+
+def ingest() -> GcpIngest:
+    if "ingest" not in _svc:
+        _svc["ingest"] = GcpIngest(Wiring(Config.from_env()), GcpConfig.from_env(), metric=metric)
+    return _svc["ingest"]
+
+
+app = gcp_event_routes(ingest)
+
+
+@logger.inject_lambda_context
+@tracer.capture_lambda_handler
+@metrics.log_metrics
+def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    out = app.resolve(event, context)
+    status = int(out["statusCode"])
+    if status == 401:
+        metric("GcpEventsRefused", 1)
+    elif status >= 400:
+        metric("GcpEventsFailed", 1)
+    return out

@@ -1,0 +1,350 @@
+"""Coarse perimeters on GCP: one global network firewall policy per VPC network (``rf-<network>``),
+from the provider-neutral plan (:func:`ringfence.perimeter.desired_state`), limits checked before
+any change, smallest diff.
+
+AWS attaches security groups to interfaces; GCP targets rules at *secure tags* bound to the VMs
+(IAM-governed, the label source we prefer): each environment's group becomes rules whose
+``targetSecureTags`` is that environment's tag value (``ringfence-env/prod`` → ``tagValues/N``,
+configured in :class:`GcpPerimeterConfig`), so there is nothing to attach — a VM is in the
+perimeter its env tag says. Per environment:
+
+* ``boundary``: allow ingress from the same env tag and from the envs ``reachable_from`` names
+  (``srcSecureTags``), then a deny of all other ingress to the env tag (the policy's last word,
+  priorities 60000+);
+* ``mgmt``: admin ports from the admin ranges; egress HTTPS to the control plane;
+* ``published``: internet ingress on a published service's ports, targeted at the service's own
+  secure tag value.
+
+A rule's identity is its content (direction, action, matches, targets): what exists and is
+wanted keeps its priority; only the missing is added (lowest free priority of its band) and, in a
+full run, the unwanted removed. Limits (:class:`GcpLimits`) are checked on the whole plan first:
+over one, nothing is changed and the error names it. The defaults are placeholders to be set
+from https://cloud.google.com/firewall/docs/quotas for the organization (not verified here).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.api_core.exceptions import NotFound
+from pydantic import BaseModel, ConfigDict, Field
+
+from ringfence.perimeter import (
+    ANY_V4,
+    ANY_V6,
+    EGRESS,
+    INGRESS,
+    GroupSpec,
+    Member,
+    PerimeterConfig,
+    PerimeterRule,
+    PlanRefused,
+    QuotaExceeded,
+    Scope,
+    desired_state,
+)
+from ringfence.store.base import InventoryRecord
+
+from .clients import RETRY, Endpoints
+from .instances import as_dict
+
+ALLOW_BAND = (1000, 59999)
+DENY_BAND = (60000, 64999)
+
+
+class GcpLimits(BaseModel):
+    """Per-policy and per-rule limits checked before any change (placeholders: set them from your
+    organization's quotas page)."""
+
+    model_config = ConfigDict(extra="forbid")
+    rules_per_policy: int = Field(500, ge=1)
+    rule_attributes_per_policy: int = Field(2000, ge=1, description="Google's 'rule tuple' count of a policy")
+    ranges_per_rule: int = Field(256, ge=1)
+    secure_tags_per_rule: int = Field(256, ge=1)
+
+
+class GcpPerimeterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    env_tags: dict[str, str] = Field(default_factory=dict, description="env → its secure tag value (tagValues/N)")
+    published_tags: dict[str, str] = Field(
+        default_factory=dict, description="published service name → the secure tag value its VMs carry"
+    )
+    limits: GcpLimits = Field(default_factory=GcpLimits)
+
+
+@dataclass(frozen=True, order=True)
+class FwRule:
+    """A firewall policy rule by content (its priority is where it sits, not what it is)."""
+
+    direction: str  # INGRESS | EGRESS
+    action: str  # allow | deny
+    protocol: str  # all | tcp | udp | icmp | ipv6-icmp
+    ports: tuple[str, ...]
+    src_ranges: tuple[str, ...] = ()
+    dest_ranges: tuple[str, ...] = ()
+    src_tags: tuple[str, ...] = ()
+    target_tags: tuple[str, ...] = ()
+    group: str = ""  # the perimeter group it serves (its description)
+
+    def attributes(self) -> int:
+        """This rule's share of the policy's attribute ("tuple") count, as an estimate."""
+        return (
+            len(self.src_ranges)
+            + len(self.dest_ranges)
+            + len(self.src_tags)
+            + len(self.target_tags)
+            + max(1, len(self.ports))
+        )
+
+    def resource(self, priority: int) -> dict[str, Any]:
+        l4: dict[str, Any] = {"ipProtocol": self.protocol}
+        if self.ports:
+            l4["ports"] = list(self.ports)
+        match: dict[str, Any] = {"layer4Configs": [l4]}
+        if self.src_ranges:
+            match["srcIpRanges"] = list(self.src_ranges)
+        if self.dest_ranges:
+            match["destIpRanges"] = list(self.dest_ranges)
+        if self.src_tags:
+            match["srcSecureTags"] = [{"name": t} for t in self.src_tags]
+        out: dict[str, Any] = {
+            "priority": priority,
+            "direction": self.direction,
+            "action": self.action,
+            "description": self.group,
+            "match": match,
+        }
+        if self.target_tags:
+            out["targetSecureTags"] = [{"name": t} for t in self.target_tags]
+        return out
+
+    @classmethod
+    def from_resource(cls, r: Mapping[str, Any]) -> tuple[int, FwRule]:
+        m = r.get("match", {}) or {}
+        l4 = (m.get("layer4Configs") or [{}])[0]
+        return int(r["priority"]), cls(
+            direction=str(r.get("direction", "")),
+            action=str(r.get("action", "")),
+            protocol=str(l4.get("ipProtocol", "all")),
+            ports=tuple(l4.get("ports", []) or []),
+            src_ranges=tuple(m.get("srcIpRanges", []) or []),
+            dest_ranges=tuple(m.get("destIpRanges", []) or []),
+            src_tags=tuple(t["name"] for t in m.get("srcSecureTags", []) or []),
+            target_tags=tuple(t["name"] for t in r.get("targetSecureTags", []) or []),
+            group=str(r.get("description", "")),
+        )
+
+
+def members(records: Iterable[InventoryRecord], project: str) -> list[Member]:
+    """The project's live VMs as the perimeter plan sees them (network: the VPC of nic0)."""
+    return [
+        Member(r.id, r.workload.vpc, dict(r.labels))
+        for r in records
+        if r.workload.cloud == "gcp" and r.workload.account == project and r.active and r.workload.vpc
+    ]
+
+
+def policy_name(network: str) -> str:
+    return f"rf-{network}"
+
+
+def _protocol(rule: PerimeterRule) -> tuple[str, tuple[str, ...]]:
+    if rule.proto == "-1":
+        return "all", ()
+    proto = "ipv6-icmp" if rule.proto == "icmpv6" else rule.proto
+    if rule.proto in ("tcp", "udp") and rule.from_port >= 0:
+        ports = str(rule.from_port) if rule.from_port == rule.to_port else f"{rule.from_port}-{rule.to_port}"
+        return proto, (ports,)
+    return proto, ()
+
+
+def translate(
+    groups: Iterable[GroupSpec], gcfg: GcpPerimeterConfig, published: Mapping[str, str]
+) -> tuple[dict[str, set[FwRule]], list[str]]:
+    """The neutral groups → wanted rules per network, and what cannot be expressed (refusals).
+    ``published``: group name → the service tag for ``rf-<env>-published`` groups."""
+    wanted: dict[str, set[FwRule]] = {}
+    problems: list[str] = []
+    for g in groups:
+        rules = wanted.setdefault(g.network, set())
+        env_tag = gcfg.env_tags.get(g.env)
+        if env_tag is None:
+            problems.append(
+                f"env {g.env!r} has no secure tag value (gcp perimeter env_tags): {g.name} cannot target it"
+            )
+            continue
+        target = published.get(g.name, env_tag) if g.name.endswith("-published") else env_tag
+        for r in sorted(g.rules):
+            proto, ports = _protocol(r)
+            base: dict[str, Any] = {"protocol": proto, "ports": ports, "target_tags": (target,), "group": g.name}
+            if r.peer_kind == "group":
+                other = r.peer.removeprefix("rf-").removesuffix("-boundary")
+                tag = gcfg.env_tags.get(other)
+                if tag is None:
+                    problems.append(f"{g.name}: env {other!r} has no secure tag value (gcp perimeter env_tags)")
+                    continue
+                rules.add(FwRule(INGRESS.upper(), "allow", src_tags=(tag,), **base))
+            elif r.peer_kind == "cidr":
+                if r.direction == EGRESS and r.peer in (ANY_V4, ANY_V6) and proto == "all":
+                    continue  # GCP allows all egress unless denied: open egress needs no rule
+                ipaddress.ip_network(r.peer, strict=False)
+                if r.direction == INGRESS:
+                    rules.add(FwRule("INGRESS", "allow", src_ranges=(r.peer,), **base))
+                else:
+                    rules.add(FwRule("EGRESS", "allow", dest_ranges=(r.peer,), **base))
+            else:
+                problems.append(f"{g.name}: a {r.peer_kind} peer ({r.peer}) has no GCP firewall equivalent")
+        if g.name.endswith("-boundary"):
+            # everything the allows above did not admit stops at the env's boundary
+            rules.add(FwRule("INGRESS", "deny", "all", (), src_ranges=(ANY_V4,), target_tags=(env_tag,), group=g.name))
+            rules.add(FwRule("INGRESS", "deny", "all", (), src_ranges=(ANY_V6,), target_tags=(env_tag,), group=g.name))
+    return wanted, problems
+
+
+def check_limits(policy: str, rules: Iterable[FwRule], limits: GcpLimits) -> list[str]:
+    out: list[str] = []
+    rules = list(rules)
+    if len(rules) > limits.rules_per_policy:
+        out.append(f"{policy}: {len(rules)} rules > {limits.rules_per_policy} (limit: rules per firewall policy)")
+    attrs = sum(r.attributes() for r in rules)
+    if attrs > limits.rule_attributes_per_policy:
+        out.append(
+            f"{policy}: {attrs} rule attributes > {limits.rule_attributes_per_policy} "
+            "(limit: rule attributes per firewall policy)"
+        )
+    for r in sorted(rules):
+        n = len(r.src_ranges) + len(r.dest_ranges)
+        if n > limits.ranges_per_rule:
+            out.append(f"{policy} ({r.group}): {n} ranges in one rule > {limits.ranges_per_rule}")
+        t = len(r.src_tags) + len(r.target_tags)
+        if t > limits.secure_tags_per_rule:
+            out.append(f"{policy} ({r.group}): {t} secure tags in one rule > {limits.secure_tags_per_rule}")
+    return out
+
+
+@dataclass
+class PolicyPlan:
+    network: str
+    policy: str
+    create: bool = False
+    add: list[tuple[int, FwRule]] = field(default_factory=list)
+    remove: list[tuple[int, FwRule]] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.create or self.add or self.remove)
+
+
+def diff(
+    network: str, wanted: set[FwRule], existing: Mapping[int, FwRule] | None, scope: Scope = Scope.FULL
+) -> PolicyPlan:
+    """The smallest change from ``existing`` (priority → rule; None: no policy yet) to ``wanted``."""
+    p = PolicyPlan(network, policy_name(network), create=existing is None)
+    have = dict(existing or {})
+    present = set(have.values())
+    used = set(have)
+    if scope is Scope.FULL:
+        for prio, rule in sorted(have.items()):
+            if rule not in wanted:
+                p.remove.append((prio, rule))
+    for rule in sorted(wanted - present):
+        lo, hi = DENY_BAND if rule.action == "deny" else ALLOW_BAND
+        prio = next(i for i in range(lo, hi + 1) if i not in used)
+        used.add(prio)
+        p.add.append((prio, rule))
+    return p
+
+
+class FirewallPolicyPerimeter:
+    """Reads and applies ``rf-<network>`` network firewall policies through the SDK client."""
+
+    def __init__(self, endpoints: Endpoints, project: str) -> None:
+        self.project = project
+        self.client = endpoints.firewall_policies()
+
+    def existing(self, network: str) -> dict[int, FwRule] | None:
+        try:
+            policy = as_dict(self.client.get(project=self.project, firewall_policy=policy_name(network), retry=RETRY))
+        except NotFound:
+            return None
+        return dict(FwRule.from_resource(r) for r in policy.get("rules", []) or [])
+
+    def reconcile(
+        self,
+        config: PerimeterConfig,
+        gcfg: GcpPerimeterConfig,
+        members: Iterable[Member],
+        scope: Scope = Scope.FULL,
+        dry_run: bool = False,
+    ) -> list[PolicyPlan]:
+        """Plan every network's policy, check it whole, then apply (unless ``dry_run``). Raises
+        :class:`PlanRefused` / :class:`QuotaExceeded` with nothing changed."""
+        members = list(members)
+        ds = desired_state(config, members)
+        published = {
+            g.name: gcfg.published_tags[svc.name]
+            for g in ds.groups.values()
+            if g.name.endswith("-published")
+            for svc in config.published
+            if svc.name in gcfg.published_tags
+        }
+        missing = [
+            f"published service {svc.name!r} has no secure tag value (gcp perimeter published_tags)"
+            for svc in config.published
+            if svc.name not in gcfg.published_tags and any(g.name.endswith("-published") for g in ds.groups.values())
+        ]
+        wanted, problems = translate(ds.groups.values(), gcfg, published)
+        if problems or missing:
+            raise PlanRefused(problems + missing)
+        plans: list[PolicyPlan] = []
+        over: list[str] = []
+        for network in sorted(wanted):
+            existing = self.existing(network)
+            plan = diff(network, wanted[network], existing, scope)
+            after = set((existing or {}).values()) - {r for _, r in plan.remove} | {r for _, r in plan.add}
+            over += check_limits(plan.policy, after, gcfg.limits)
+            plans.append(plan)
+        if over:
+            raise QuotaExceeded(over)
+        if not dry_run:
+            for plan in plans:
+                self.apply(plan)
+        return plans
+
+    def apply(self, plan: PolicyPlan) -> None:
+        from google.cloud import compute_v1
+
+        fp = plan.policy
+        if plan.create:
+            self.client.insert(
+                project=self.project,
+                firewall_policy_resource=compute_v1.FirewallPolicy(
+                    name=fp, description=f"Ringfence perimeter of network {plan.network}"
+                ),
+                retry=RETRY,
+            ).result()
+            self.client.add_association(
+                project=self.project,
+                firewall_policy=fp,
+                firewall_policy_association_resource=compute_v1.FirewallPolicyAssociation(
+                    name=f"{fp}-{plan.network}",
+                    attachment_target=f"projects/{self.project}/global/networks/{plan.network}",
+                ),
+                retry=RETRY,
+            ).result()
+        # removals first: a rule moving bands never collides with itself
+        for prio, _ in plan.remove:
+            self.client.remove_rule(
+                request={"project": self.project, "firewall_policy": fp, "priority": prio}, retry=RETRY
+            ).result()
+        for prio, rule in plan.add:
+            self.client.add_rule(
+                project=self.project,
+                firewall_policy=fp,
+                firewall_policy_rule_resource=compute_v1.FirewallPolicyRule.from_json(json.dumps(rule.resource(prio))),
+                retry=RETRY,
+            ).result()

@@ -1,0 +1,147 @@
+"""Flows aggregated for the store and the map: one row per (day, source group/role, destination
+group/role, proto/port, decision) with first/last seen and counts.
+
+An end is named by its full label set (``app=ordering,env=prod,loc=eu,role=web``: the app group
+and the role), ``internet`` or ``unknown`` (:func:`ringfence.flows.classify.outside_name`).
+Rows are bucketed by UTC day so that retention is a TTL on whole rows; :func:`merge` folds the
+days back together for reading.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, Field
+
+from ringfence.engine.explain import Endpoint
+from ringfence.flows.classify import Classifier, Outcome, outside_name
+from ringfence.flows.records import Flow
+
+DEFAULT_RETENTION_DAYS = 30
+
+
+class FlowRow(BaseModel):
+    """One aggregate row (as the store keeps it)."""
+
+    day: str = Field(description="UTC day of the flows' start, YYYY-MM-DD (the retention bucket)")
+    src: str
+    dst: str
+    proto: str
+    port: int | None = None
+    decision: Outcome
+    rule: str = Field("", description="the rule that decided (file:line), or why it is blocked/unknown")
+    flows: int = 0
+    packets: int = 0
+    bytes: int = 0
+    first_seen: float = 0.0
+    last_seen: float = 0.0
+    sample_src: str = Field("", description="one source address seen (for re-deciding under a draft)")
+    sample_dst: str = ""
+    origins: list[str] = Field(default_factory=list, description="agent, vpc")
+
+    @property
+    def key(self) -> str:
+        return f"{self.src}|{self.dst}|{self.proto}/{self.port if self.port is not None else '*'}|{self.decision}"
+
+    def add(self, other: FlowRow) -> None:
+        self.flows += other.flows
+        self.packets += other.packets
+        self.bytes += other.bytes
+        self.first_seen = min(self.first_seen, other.first_seen)
+        self.last_seen = max(self.last_seen, other.last_seen)
+        self.origins = sorted(set(self.origins) | set(other.origins))
+        self.rule = self.rule or other.rule
+
+
+def end_name(ep: Endpoint) -> str:
+    if ep.labels is None:
+        return outside_name(ep.name)
+    return ",".join(f"{k}={v}" for k, v in sorted(ep.labels.items())) or "(no labels)"
+
+
+def day_of(t: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(t))
+
+
+@dataclass(slots=True)
+class _Acc:
+    rule: str
+    sample_src: str
+    sample_dst: str
+    flows: int = 0
+    packets: int = 0
+    bytes: int = 0
+    first: float = float("inf")
+    last: float = 0.0
+    origins: set[str] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class Aggregator:
+    """Folds flows into rows; plain accumulators per key while folding (a pydantic row per flow
+    would cost more than classifying it), rows built once at the end (:attr:`rows`)."""
+
+    classifier: Classifier
+    seen: int = 0
+    _acc: dict[tuple[str, str, str, str, int | None, Outcome], _Acc] = field(default_factory=dict)
+    _names: dict[tuple[str, object], str] = field(default_factory=dict)
+
+    def _end(self, ep: Endpoint) -> str:
+        # the classifier hands out one labels mapping per (workload, interval): its identity is
+        # the interval's (held by the classifier as long as this aggregator lives)
+        key = (ep.name, id(ep.labels) if ep.labels is not None else None)
+        name = self._names.get(key)
+        if name is None:
+            name = self._names[key] = end_name(ep)
+        return name
+
+    def add(self, flows: Iterable[Flow]) -> None:
+        c = self.classifier
+        acc = self._acc
+        days: dict[int, str] = {}
+        for f in flows:
+            s, d, why = c.classify(f.src, f.dst, f.proto, f.dport, f.start)
+            day_n = int(f.start // 86400)
+            day = days.get(day_n)
+            if day is None:
+                day = days[day_n] = day_of(f.start)
+            k = (day, self._end(s), self._end(d), f.proto, f.dport, why.outcome)
+            a = acc.get(k)
+            if a is None:
+                a = acc[k] = _Acc(why.rule, f.src, f.dst)
+            a.flows += f.count
+            a.packets += f.packets
+            a.bytes += f.bytes
+            if f.start < a.first:
+                a.first = f.start
+            if f.end > a.last:
+                a.last = f.end
+            a.origins.add(f.origin)
+            self.seen += 1
+
+    @property
+    def rows(self) -> dict[tuple[str, str], FlowRow]:
+        out = {}
+        for (day, src, dst, proto, port, outcome), a in self._acc.items():
+            row = FlowRow(
+                day=day, src=src, dst=dst, proto=proto, port=port, decision=outcome,
+                rule=a.rule, flows=a.flows, packets=a.packets, bytes=a.bytes, first_seen=a.first, last_seen=a.last,
+                sample_src=a.sample_src, sample_dst=a.sample_dst, origins=sorted(a.origins),
+            )  # fmt: skip
+            out[(day, row.key)] = row
+        return out
+
+
+def merge(rows: Iterable[FlowRow]) -> list[FlowRow]:
+    """The rows of all days folded per key (``day``: the latest)."""
+    out: dict[str, FlowRow] = {}
+    for r in rows:
+        have = out.get(r.key)
+        if have is None:
+            out[r.key] = r.model_copy(deep=True)
+        else:
+            have.add(r)
+            have.day = max(have.day, r.day)
+    return sorted(out.values(), key=lambda r: r.key)

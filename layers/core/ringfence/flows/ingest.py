@@ -1,0 +1,130 @@
+"""Flows in: agents' report batches and VPC Flow Log objects → resolved, classified, aggregated
+rows in the flow store. The same code for ``ringfence serve``, the demo and the S3-triggered
+function ``functions/flows``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ringfence.flows.aggregate import DEFAULT_RETENTION_DAYS, Aggregator, FlowRow
+from ringfence.flows.classify import Classifier
+from ringfence.flows.records import Flow
+from ringfence.flows.resolve import AddressBook, AddressOwner, sync_addresses
+from ringfence.flows.vpclogs import ParseReport, parse_gzip
+from ringfence.model import Workload
+from ringfence.policy import Policy
+
+log = logging.getLogger(__name__)
+
+
+class InventoryView(Protocol):
+    id: str
+    workload: Workload
+
+    @property
+    def active(self) -> bool: ...
+    def effective(self) -> Workload: ...
+
+
+class FlowStore(Protocol):
+    """The store's flow part (SQLite and DynamoDB, one contract test: tests/aws/test_store.py)."""
+
+    def all_records(self) -> Sequence[InventoryView]: ...
+    def note_addresses(self, owners: list[AddressOwner]) -> None: ...
+    def address_history(self, addresses: list[str]) -> dict[str, list[AddressOwner]]: ...
+    def add_flows(self, rows: list[FlowRow], ttl: int) -> None: ...
+    def flow_rows(self, days: int = ...) -> list[FlowRow]: ...
+
+
+def agent_flows(workload_id: str, batch: dict[str, Any]) -> list[Flow]:
+    """An agent's report batch (:class:`ringfence.agentapi.ReportBatch`, as JSON) as flows."""
+    out = []
+    for r in batch.get("flows", []):
+        out.append(
+            Flow(
+                start=float(r["start"]),
+                end=float(r["end"]),
+                src=r["src"],
+                dst=r["dst"],
+                proto=r["proto"],
+                dport=r.get("dport"),
+                packets=int(r.get("packets", 0)),
+                bytes=int(r.get("bytes", 0)),
+                origin="agent",
+                observed="accept",
+                reporter=workload_id,
+            )
+        )
+    for d in batch.get("drops", []):
+        out.append(
+            Flow(
+                start=float(d["time"]),
+                end=float(d["time"]),
+                src=d["src"],
+                dst=d["dst"],
+                proto=d["proto"],
+                dport=d.get("dport"),
+                origin="agent",
+                observed=d["action"],
+                reporter=workload_id,
+                rule_id=d.get("rule_id"),
+                count=int(d.get("count", 1)),
+            )
+        )
+    return out
+
+
+@dataclass(slots=True)
+class IngestResult:
+    flows: int = 0
+    rows: int = 0
+    files: list[ParseReport] = field(default_factory=list)
+
+    @property
+    def malformed(self) -> int:
+        return sum(f.malformed for f in self.files)
+
+
+class FlowIngest:
+    """Ingest into ``store`` under ``policy`` (the active one), keeping rows ``retention_days``."""
+
+    def __init__(self, store: FlowStore, policy: Policy, retention_days: int = DEFAULT_RETENTION_DAYS) -> None:
+        self.store = store
+        self.policy = policy
+        self.ttl = retention_days * 86400
+
+    def sync(self, at: float | None = None) -> int:
+        """Note the inventory's current address owners (:mod:`ringfence.flows.resolve`)."""
+        recs = self.store.all_records()
+        active = [r.effective() for r in recs if r.active]
+        released = [ip for r in recs if not r.active for ip in r.workload.ips]
+        return sync_addresses(self.store, active, released, time.time() if at is None else at)
+
+    def flows(self, flows: Iterable[Flow], result: IngestResult | None = None) -> IngestResult:
+        result = result or IngestResult()
+        flows = list(flows)
+        if not flows:
+            return result
+        wanted = sorted({f.src for f in flows} | {f.dst for f in flows})
+        agg = Aggregator(Classifier(self.policy, AddressBook(self.store.address_history(wanted))))
+        agg.add(flows)
+        rows = list(agg.rows.values())
+        self.store.add_flows(rows, self.ttl)
+        result.flows += agg.seen
+        result.rows += len(rows)
+        return result
+
+    def agent_batch(self, workload_id: str, batch: dict[str, Any]) -> IngestResult:
+        return self.flows(agent_flows(workload_id, batch))
+
+    def vpc_object(self, name: str, data: bytes, fields: list[str] | None = None) -> IngestResult:
+        flows, report = parse_gzip(name, data, fields)
+        for bad in report.errors:
+            log.warning("flow log line malformed: %s", bad)
+        result = self.flows(flows, IngestResult(files=[report]))
+        return result

@@ -1,0 +1,483 @@
+"""A local stand-in for the Google Cloud REST APIs Ringfence calls, for the tests and the lab.
+
+The real SDK clients (``google-cloud-compute``, ``google-cloud-resource-manager``, REST transport,
+``AnonymousCredentials``) talk to it on loopback (``client_options={"api_endpoint": url}``), so
+what is tested is the SDK's wire format, not a mock of it. It implements only what Ringfence uses:
+
+* compute v1: ``instances`` aggregatedList (paged) and get (by name); zone and
+  global ``operations`` get; network ``firewallPolicies`` list/get/insert/addRule/patchRule/removeRule
+  (every mutation answers a finished operation);
+* Resource Manager v3: ``tagBindings`` and ``effectiveTags`` list by ``parent``;
+* the GCE metadata server's identity token path, for one VM (:meth:`GcpApi.serve_metadata_as`);
+* Google's OAuth2 certificate endpoint (``/oauth2/v3/certs``, a JWKS) for a local signing key,
+  with :meth:`GcpApi.sign_token` minting RS256 tokens shaped like Google's (instance identity
+  tokens, Pub/Sub push tokens).
+
+Faults for the bad-input tests: :meth:`GcpApi.throttle` answers the next N API calls (not the
+certificate endpoint) with 429 and a ``Retry-After``. Nothing here is a security boundary: loopback only.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import re
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+GOOGLE_ISSUER = "https://accounts.google.com"
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+@dataclass
+class SigningKey:
+    """An RSA key that signs JWTs the way Google's token service does (RS256, a ``kid``)."""
+
+    kid: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    key: rsa.RSAPrivateKey = field(
+        default_factory=lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    )
+
+    def jwk(self) -> dict[str, str]:
+        nums = self.key.public_key().public_numbers()
+        n = nums.n.to_bytes((nums.n.bit_length() + 7) // 8, "big")
+        e = nums.e.to_bytes((nums.e.bit_length() + 7) // 8, "big")
+        return {"kty": "RSA", "alg": "RS256", "use": "sig", "kid": self.kid, "n": _b64(n), "e": _b64(e)}
+
+    def sign(self, claims: Mapping[str, Any]) -> str:
+        header = {"alg": "RS256", "kid": self.kid, "typ": "JWT"}
+        signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(dict(claims)).encode())}"
+        sig = self.key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
+        return f"{signing_input}.{_b64(sig)}"
+
+
+def identity_claims(
+    instance: Mapping[str, Any], project: str, project_number: int, audience: str, *, ttl: int = 3600
+) -> dict[str, Any]:
+    """The claims of an instance identity token with ``format=full`` (cloud_events.md §7.4)."""
+    now = int(time.time())
+    zone = str(instance["zone"]).rsplit("/", 1)[-1]
+    sa = (instance.get("serviceAccounts") or [{"email": f"{project_number}-compute@developer.gserviceaccount.com"}])[0]
+    created = instance.get("creationTimestamp")
+    return {
+        "aud": audience,
+        "azp": "1" + str(instance["id"])[:20],
+        "email": sa["email"],
+        "email_verified": True,
+        "exp": now + ttl,
+        "iat": now,
+        "iss": GOOGLE_ISSUER,
+        "sub": "1" + str(instance["id"])[:20],
+        "google": {
+            "compute_engine": {
+                "instance_creation_timestamp": int(created) if isinstance(created, int) else now - 60,
+                "instance_id": str(instance["id"]),
+                "instance_name": instance["name"],
+                "project_id": project,
+                "project_number": project_number,
+                "zone": zone,
+            }
+        },
+    }
+
+
+_ids = itertools.count(4340508760561261530)
+
+
+class GcpApi:
+    """The in-memory state and the HTTP server over it (``start()``/``stop()``, ``url``)."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, page_size: int = 2) -> None:
+        self.lock = threading.RLock()
+        self.projects: dict[str, int] = {}  # project id → number
+        # project → zone → name → instance (the compute v1 JSON)
+        self.instances: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+        # full resource name (//compute.googleapis.com/projects/NUM/zones/Z/instances/ID) → effective tags
+        self.tags: dict[str, list[dict[str, Any]]] = {}
+        self.tag_values: dict[str, tuple[str, str]] = {}  # tagValues/N → (namespaced key, namespaced value)
+        # project → policy name → policy JSON (with "rules")
+        self.firewall_policies: dict[str, dict[str, dict[str, Any]]] = {}
+        self.key = SigningKey()
+        self.page_size = page_size
+        self.metadata_instance: tuple[str, dict[str, Any]] | None = None
+        self.calls: list[tuple[str, str]] = []  # (method, path) of every request, for the tests
+        self._throttle: list[int] = [0, 1]  # [calls left to refuse, Retry-After seconds]
+        self._server = ThreadingHTTPServer((host, port), self._handler())
+        self._server.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    @property
+    def jwks_url(self) -> str:
+        return self.url + "/oauth2/v3/certs"
+
+    def start(self) -> GcpApi:
+        self._thread = threading.Thread(target=self._server.serve_forever, name="gcp-api", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> GcpApi:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- state ---------------------------------------------------------------------------------
+
+    def add_project(self, project: str, number: int) -> None:
+        with self.lock:
+            self.projects[project] = number
+            self.instances.setdefault(project, {})
+            self.firewall_policies.setdefault(project, {})
+
+    def add_instance(
+        self,
+        project: str,
+        zone: str,
+        name: str,
+        ips: list[str],
+        *,
+        labels: Mapping[str, str] | None = None,
+        network: str = "default",
+        created_by: str | None = None,
+        status: str = "RUNNING",
+    ) -> dict[str, Any]:
+        """A VM with one interface per IP (``created_by``: its managed instance group's URL, set as
+        GCE does in the ``created-by`` metadata)."""
+        iid = str(next(_ids))
+        inst: dict[str, Any] = {
+            "kind": "compute#instance",
+            "id": iid,
+            "name": name,
+            "zone": f"https://www.googleapis.com/compute/v1/projects/{project}/zones/{zone}",
+            "status": status,
+            "labels": dict(labels or {}),
+            "labelFingerprint": _b64(uuid.uuid4().bytes[:8]),
+            "creationTimestamp": "2026-12-02T12:00:00.000-08:00",
+            "selfLink": f"https://www.googleapis.com/compute/v1/projects/{project}/zones/{zone}/instances/{name}",
+            "networkInterfaces": [
+                {
+                    "name": f"nic{i}",
+                    "network": f"https://www.googleapis.com/compute/v1/projects/{project}/global/networks/{network}",
+                    "subnetwork": f"https://www.googleapis.com/compute/v1/projects/{project}/regions/"
+                    f"{zone.rsplit('-', 1)[0]}/subnetworks/{network}",
+                    "networkIP": ip,
+                }
+                for i, ip in enumerate(ips)
+            ],
+            "serviceAccounts": [{"email": f"{self.projects[project]}-compute@developer.gserviceaccount.com"}],
+        }
+        if created_by:
+            inst["metadata"] = {"items": [{"key": "created-by", "value": created_by}]}
+        with self.lock:
+            self.instances[project].setdefault(zone, {})[name] = inst
+        return inst
+
+    def find(self, project: str, zone: str, name: str) -> dict[str, Any] | None:
+        """By name only: ``instances.get`` documents a name (whether GCE also takes the numeric id
+        is not relied on, so the stand-in does not answer one)."""
+        with self.lock:
+            return self.instances.get(project, {}).get(zone, {}).get(name)
+
+    def set_labels(self, project: str, zone: str, name: str, labels: Mapping[str, str]) -> None:
+        with self.lock:
+            inst = self.instances[project][zone][name]
+            inst["labels"] = dict(labels)
+            inst["labelFingerprint"] = _b64(uuid.uuid4().bytes[:8])
+
+    def delete_instance(self, project: str, zone: str, name: str) -> None:
+        with self.lock:
+            inst = self.instances[project][zone].pop(name)
+            self.tags.pop(self.full_name(project, zone, inst["id"]), None)
+
+    def full_name(self, project: str, zone: str, instance_id: str) -> str:
+        return f"//compute.googleapis.com/projects/{self.projects[project]}/zones/{zone}/instances/{instance_id}"
+
+    def tag_value(self, org: str, key: str, value: str) -> str:
+        """A secure tag value ``org/key/value`` (created on first use): its ``tagValues/N`` name."""
+        with self.lock:
+            for name, (_k, v) in self.tag_values.items():
+                if v == f"{org}/{key}/{value}":
+                    return name
+            name = f"tagValues/{next(_ids)}"
+            self.tag_values[name] = (f"{org}/{key}", f"{org}/{key}/{value}")
+            return name
+
+    def bind_tag(self, project: str, zone: str, instance_id: str, org: str, key: str, value: str) -> str:
+        """Bind the secure tag ``key=value`` to the VM (replacing its value of ``key``)."""
+        tv = self.tag_value(org, key, value)
+        nk, nv = self.tag_values[tv]
+        with self.lock:
+            tags = self.tags.setdefault(self.full_name(project, zone, instance_id), [])
+            tags[:] = [t for t in tags if t["namespacedTagKey"] != nk]
+            tags.append(
+                {
+                    "tagValue": tv,
+                    "namespacedTagValue": nv,
+                    "tagKey": f"tagKeys/{abs(hash(nk)) % 10**12}",
+                    "namespacedTagKey": nk,
+                    "tagKeyParentName": f"organizations/{org}",
+                    "inherited": False,
+                }
+            )
+        return tv
+
+    def throttle(self, calls: int, retry_after: int = 1) -> None:
+        """Answer the next ``calls`` requests with 429 Too Many Requests and ``Retry-After``."""
+        with self.lock:
+            self._throttle = [calls, retry_after]
+
+    def sign_token(self, claims: Mapping[str, Any]) -> str:
+        return self.key.sign(claims)
+
+    # --- HTTP ----------------------------------------------------------------------------------
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return None
+
+            def _send(self, status: int, body: Any, headers: Mapping[str, str] | None = None) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _serve(self, method: str) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                parts = urlsplit(self.path)
+                query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+                with api.lock:
+                    api.calls.append((method, parts.path))
+                    if api._throttle[0] > 0 and not parts.path.startswith("/oauth2/"):
+                        api._throttle[0] -= 1
+                        self._send(
+                            429,
+                            _error(429, "Rate Limit Exceeded", "rateLimitExceeded"),
+                            {"Retry-After": str(api._throttle[1])},
+                        )
+                        return
+                if parts.path == IDENTITY_PATH and self.headers.get("Metadata-Flavor") != "Google":
+                    self._send(403, _error(403, "Missing Metadata-Flavor:Google header", "forbidden"))
+                    return
+                try:
+                    body = json.loads(raw) if raw else {}
+                    status, answer = api.route(method, parts.path, query, body)
+                except _HttpError as exc:
+                    status, answer = exc.status, _error(exc.status, exc.message, exc.reason)
+                if isinstance(answer, str):  # the metadata server answers the token as text
+                    data = answer.encode()
+                    self.send_response(status)
+                    self.send_header("Content-Type", "text/plain")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
+                self._send(status, answer)
+
+            def do_GET(self) -> None:
+                self._serve("GET")
+
+            def do_POST(self) -> None:
+                self._serve("POST")
+
+            def do_PATCH(self) -> None:
+                self._serve("PATCH")
+
+            def do_DELETE(self) -> None:
+                self._serve("DELETE")
+
+        return Handler
+
+    def serve_metadata_as(self, project: str, instance: Mapping[str, Any] | None) -> None:
+        """Answer the GCE metadata server's identity token path as ``instance`` would see it."""
+        with self.lock:
+            self.metadata_instance = (project, dict(instance)) if instance is not None else None
+
+    def route(self, method: str, path: str, query: dict[str, str], body: dict[str, Any]) -> tuple[int, Any]:
+        if path == "/oauth2/v3/certs":
+            return 200, {"keys": [self.key.jwk()]}
+        if path == IDENTITY_PATH and self.metadata_instance is not None:
+            if query.get("format") != "full" or not query.get("audience"):
+                raise _HttpError(400, "audience and format=full are expected", "badRequest")
+            project, inst = self.metadata_instance
+            claims = identity_claims(inst, project, self.projects[project], query["audience"])
+            return 200, self.sign_token(claims)
+        if path in ("/v3/effectiveTags", "/v3/tagBindings"):
+            return 200, self._tags(path.endswith("effectiveTags"), query)
+        m = _COMPUTE.match(path)
+        if not m:
+            raise _HttpError(404, f"no such API path {path}", "notFound")
+        project, rest = m["project"], m["rest"]
+        with self.lock:
+            if project not in self.projects:
+                raise _HttpError(404, f"The resource 'projects/{project}' was not found", "notFound")
+            if method == "GET" and rest == "aggregated/instances":
+                return 200, self._aggregated(project, query)
+            if method == "GET" and (z := re.fullmatch(r"zones/([^/]+)/instances/([^/]+)", rest)):
+                found = self.find(project, z[1], unquote(z[2]))
+                if found is None:
+                    raise _HttpError(
+                        404, f"The resource 'projects/{project}/zones/{z[1]}/instances/{z[2]}' was not found"
+                    )
+                return 200, found
+            if method == "GET" and (o := re.fullmatch(r"(?:zones/([^/]+)/|global/)operations/([^/]+)", rest)):
+                return 200, _operation(project, o[2], zone=o[1])
+            if rest.startswith("global/firewallPolicies"):
+                return self._firewall(method, project, rest.removeprefix("global/firewallPolicies"), query, body)
+        raise _HttpError(404, f"no such API path {path}", "notFound")
+
+    def _aggregated(self, project: str, query: dict[str, str]) -> dict[str, Any]:
+        flat = [(z, i) for z, items in sorted(self.instances[project].items()) for _, i in sorted(items.items())]
+        size = int(query.get("maxResults") or self.page_size)
+        start = int(query.get("pageToken") or 0)
+        page = flat[start : start + size]
+        items: dict[str, Any] = {}
+        for z, inst in page:
+            items.setdefault(f"zones/{z}", {"instances": []})["instances"].append(inst)
+        # zones without instances answer a warning, as GCE does
+        items.setdefault("zones/europe-west1-b", {"warning": {"code": "NO_RESULTS_ON_PAGE", "message": "none"}})
+        out: dict[str, Any] = {"kind": "compute#instanceAggregatedList", "items": items}
+        if start + size < len(flat):
+            out["nextPageToken"] = str(start + size)
+        return out
+
+    def _tags(self, effective: bool, query: dict[str, str]) -> dict[str, Any]:
+        parent = query.get("parent", "")
+        if not parent.startswith("//"):
+            raise _HttpError(400, "parent must be a full resource name", "badRequest")
+        with self.lock:
+            tags = list(self.tags.get(parent, []))
+        if effective:
+            return {"effectiveTags": tags}
+        return {
+            "tagBindings": [
+                {
+                    "name": f"tagBindings/{parent.replace('/', '%2F')}/{t['tagValue']}",
+                    "parent": parent,
+                    "tagValue": t["tagValue"],
+                    "tagValueNamespacedName": t["namespacedTagValue"],
+                }
+                for t in tags
+            ]
+        }
+
+    def _firewall(
+        self, method: str, project: str, rest: str, query: dict[str, str], body: dict[str, Any]
+    ) -> tuple[int, Any]:
+        policies = self.firewall_policies[project]
+        if rest == "" and method == "GET":
+            return 200, {"items": list(policies.values())}
+        if rest == "" and method == "POST":
+            name = body.get("name") or ""
+            if name in policies:
+                raise _HttpError(
+                    409,
+                    f"The resource 'projects/{project}/global/firewallPolicies/{name}' already exists",
+                    "alreadyExists",
+                )
+            policies[name] = {
+                "kind": "compute#firewallPolicy",
+                "id": str(next(_ids)),
+                "name": name,
+                "description": body.get("description", ""),
+                "rules": [],
+                "associations": [],
+                "fingerprint": _b64(uuid.uuid4().bytes[:8]),
+            }
+            return 200, _operation(project, f"operation-{uuid.uuid4().hex}", done=True)
+        m = re.fullmatch(r"/([^/]+)(?:/(addRule|patchRule|removeRule|getRule|addAssociation))?", rest)
+        if not m or m[1] not in policies:
+            raise _HttpError(404, f"The resource 'projects/{project}/global/firewallPolicies{rest}' was not found")
+        policy, verb = policies[m[1]], m[2]
+        rules: list[dict[str, Any]] = policy["rules"]
+        if verb is None and method == "GET":
+            return 200, policy
+        if verb == "getRule":
+            rule = next((r for r in rules if r["priority"] == int(query.get("priority", -1))), None)
+            if rule is None:
+                raise _HttpError(404, "no rule at that priority")
+            return 200, rule
+        if verb == "addRule":
+            if any(r["priority"] == body.get("priority") for r in rules):
+                raise _HttpError(400, f"a rule with priority {body.get('priority')} already exists", "invalid")
+            rules.append({"kind": "compute#firewallPolicyRule", **body})
+        elif verb == "patchRule":
+            prio = int(query.get("priority", -1))
+            idx = next((i for i, r in enumerate(rules) if r["priority"] == prio), None)
+            if idx is None:
+                raise _HttpError(404, f"no rule at priority {prio}")
+            rules[idx] = {"kind": "compute#firewallPolicyRule", **body, "priority": prio}
+        elif verb == "removeRule":
+            prio = int(query.get("priority", -1))
+            if not any(r["priority"] == prio for r in rules):
+                raise _HttpError(404, f"no rule at priority {prio}")
+            policy["rules"] = [r for r in rules if r["priority"] != prio]
+        elif verb == "addAssociation":
+            policy["associations"].append(body)
+        else:
+            raise _HttpError(405, f"{method} not supported on {rest}")
+        policy["fingerprint"] = _b64(uuid.uuid4().bytes[:8])
+        return 200, _operation(project, f"operation-{uuid.uuid4().hex}", done=True)
+
+
+IDENTITY_PATH = "/computeMetadata/v1/instance/service-accounts/default/identity"
+_COMPUTE = re.compile(r"^/compute/v1/projects/(?P<project>[^/]+)/(?P<rest>.+)$")
+
+
+class _HttpError(Exception):
+    def __init__(self, status: int, message: str, reason: str = "notFound") -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.reason = reason
+
+
+def _error(status: int, message: str, reason: str) -> dict[str, Any]:
+    return {"error": {"code": status, "message": message, "errors": [{"message": message, "reason": reason}]}}
+
+
+def _operation(project: str, name: str, *, zone: str | None = None, done: bool = True) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "kind": "compute#operation",
+        "id": str(next(_ids)),
+        "name": name,
+        "status": "DONE" if done else "RUNNING",
+        "progress": 100 if done else 0,
+        "selfLink": f"https://www.googleapis.com/compute/v1/projects/{project}/global/operations/{name}",
+    }
+    if zone:
+        op["zone"] = zone
+    return op

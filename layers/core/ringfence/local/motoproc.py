@@ -1,0 +1,131 @@
+"""moto in a process of its own, with Ringfence's extensions, for :class:`ringfence.local.aws.EmbeddedAws`.
+
+Why a process: moto is pure Python. Run on a thread of the demo's process, every AWS call a
+handler makes waited for the GIL held by the other handlers, the router and compute (a GetItem
+took ~4 ms on an idle moto and ~150 ms beside busy threads), which is what the time-to-policy
+figures measured. In its own process moto answers at its own pace, as AWS would.
+
+The extensions (:mod:`moto_lifecycle`, :mod:`moto_trail`) patch moto's models, so they are
+installed here; what the event router reads from them (the trail's records, the lifecycle actions
+waiting with their tokens — AWS hands both out only as events) is served on two extra paths
+(and one for what a WebSocket client would have received),
+next to moto's own ``/moto-api/``:
+
+- ``GET /_ringfence/trail?account=A&region=R&since=SEQ`` → ``[{"seq": n, "detail": {...}}, ...]``
+- ``GET /_ringfence/lifecycle-actions?account=A&region=R`` → ``[{<PendingAction fields>,
+  "remaining": seconds until the hook's default result}, ...]``
+- ``GET /_ringfence/connection-data?account=A&region=R&connection=C`` → ``{"data": base64}``:
+  what was posted to a WebSocket connection (``PostToConnection``), which AWS delivers to the
+  client and moto keeps.
+
+Run as ``python -m ringfence.local.motoproc [--host 127.0.0.1] [--port 0]``: it prints
+``port <n>`` once serving and exits when its standard input closes (so it never outlives the
+process that started it, even one killed with SIGKILL) or on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import parse_qs
+
+from . import moto_lifecycle, moto_trail
+
+PREFIX = "/_ringfence/"
+
+StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+Wsgi = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+
+def _trail(q: dict[str, str]) -> list[dict[str, Any]]:
+    recs = moto_trail.records_since(q["account"], q["region"], int(q.get("since", "0")))
+    return [{"seq": r.seq, "detail": r.detail} for r in recs]
+
+
+def _lifecycle_actions(q: dict[str, str]) -> list[dict[str, Any]]:
+    now = time.monotonic()
+    out = []
+    for a in moto_lifecycle.pending_actions(q["account"], q["region"]):
+        d = dataclasses.asdict(a)
+        d["remaining"] = a.deadline - now  # monotonic clocks differ between processes
+        del d["deadline"]
+        out.append(d)
+    return out
+
+
+def _connection_data(q: dict[str, str]) -> dict[str, Any]:
+    from moto.apigatewaymanagementapi.models import apigatewaymanagementapi_backends
+
+    conn = apigatewaymanagementapi_backends[q["account"]][q["region"]].connections[q["connection"]]
+    return {"data": base64.b64encode(conn.data).decode()}
+
+
+ROUTES: dict[str, Callable[[dict[str, str]], Any]] = {
+    "trail": _trail,
+    "lifecycle-actions": _lifecycle_actions,
+    "connection-data": _connection_data,
+}
+
+
+def with_extensions(moto_app: Wsgi) -> Wsgi:
+    """moto's WSGI app, with the extension paths answered before moto's dispatcher sees them."""
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        path = str(environ.get("PATH_INFO", ""))
+        if not path.startswith(PREFIX):
+            return moto_app(environ, start_response)
+        route = ROUTES.get(path[len(PREFIX) :])
+        q = {k: v[-1] for k, v in parse_qs(str(environ.get("QUERY_STRING", ""))).items()}
+        try:
+            if route is None:
+                raise LookupError(f"no such extension path: {path}")
+            status, body = "200 OK", json.dumps(route(q)).encode()
+        except (LookupError, ValueError) as e:  # a missing parameter, an unknown account/region
+            status, body = "400 Bad Request", json.dumps({"error": f"{type(e).__name__}: {e}"}).encode()
+        start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ringfence.local.motoproc", description=__doc__.splitlines()[0])
+    ap.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    ap.add_argument("--port", type=int, default=0, help="port to bind (default: 0, a free one)")
+    args = ap.parse_args(argv)
+
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
+
+    moto_lifecycle.install()
+    moto_trail.install()
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    app = with_extensions(DomainDispatcherApplication(create_backend_app))
+    server = make_server(args.host, args.port, app, threaded=True, request_handler=MotoRequestHandler)
+
+    def stop(*_: object) -> None:
+        threading.Thread(target=server.shutdown, daemon=True).start()  # shutdown waits for serve_forever
+
+    signal.signal(signal.SIGTERM, stop)
+
+    def watch_parent() -> None:
+        sys.stdin.buffer.read()  # returns at EOF: the parent closed the pipe, or died
+        stop()
+
+    threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
+    print(f"port {server.server_address[1]}", flush=True)
+    server.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

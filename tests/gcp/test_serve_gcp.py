@@ -1,0 +1,52 @@
+"""``ringfence serve`` with GCP configured: the same route code answers POST /gcp/events, and the
+agent API enrolls gcp-jwt — over HTTP, the SDK clients reading the local Google API stand-in."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from ringfence import serve
+from ringfence.local.gcp_api import GcpApi, identity_claims
+from ringfence.local.wiring import LocalWiring
+from tests.aws.test_pipeline import AgentKey
+from tests.gcp.conftest import (
+    IDENTITY_AUDIENCE,
+    NUMBER,
+    PROJECT,
+    audit_entry,
+    gcp_environment,
+    push_body,
+    push_token,
+    web_vm,
+)
+
+
+def test_serve_takes_gcp_events_and_enrolls_gcp_agents(
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for k, v in gcp_environment(gcp).items():
+        monkeypatch.setenv(k, v)
+    inst = web_vm(gcp, "10.40.0.5")
+    with serve.serving(serve.ServeApp.over(wiring, None)) as running:
+        url = running.url
+        body = push_body(audit_entry("v1.compute.instances.insert", inst))
+        r = httpx.post(url + "/gcp/events", content=body)
+        assert r.status_code == 401
+        r = httpx.post(url + "/gcp/events", content=body, headers={"Authorization": f"Bearer {push_token(gcp)}"})
+        assert r.status_code == 200 and r.json()["changed"] == [inst["id"]], r.text
+        assert wiring.store.get(inst["id"]).labels["role"] == "web"  # type: ignore[union-attr]
+
+        key = AgentKey()
+        nonce = httpx.get(url + "/v1/nonce").json()["nonce"]
+        jwt = gcp.sign_token(identity_claims(inst, PROJECT, NUMBER, IDENTITY_AUDIENCE))
+        req = {
+            "method": "gcp-jwt",
+            "nonce": nonce,
+            "document": jwt,
+            "agent_key": key.pem,
+            "agent_signature": key.prove("enroll", inst["id"], nonce),
+        }
+        r = httpx.post(url + "/v1/enroll", json=req)
+        assert r.status_code == 200, r.text
+        assert r.json()["workload_id"] == inst["id"]
