@@ -347,9 +347,15 @@ def test_bench_json_has_the_documented_keys() -> None:
         "compiled_set_elements",
         "bundle_bytes_total",
         "peak_rss_mb",
+        "avg_notified_per_change",
+        "avg_necessary_per_change",
+        "notified_vs_necessary",
     ):
         assert key in result, key
     assert result["workloads"] == 200 and result["naive_pair_rules"] > 0
+    # the reference ran on every change and the engine reached every agent it names
+    assert result["necessary_sampled_changes"] == 20 and result["necessary_not_notified"] == 0
+    assert result["avg_notified_per_change"] >= result["avg_necessary_per_change"] > 0
 
 
 def test_export_calico(tmp_path: Path) -> None:

@@ -447,7 +447,7 @@ def cmd_inventory_show(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from ringfence.bench import format_text, run_bench
 
-    result = run_bench(args.workloads, seed=args.seed, changes=args.changes)
+    result = run_bench(args.workloads, seed=args.seed, changes=args.changes, necessary_every=args.necessary_every)
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
@@ -713,6 +713,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workloads", type=int, default=10_000, help="size of the synthetic estate (default 10000)")
     p.add_argument("--seed", type=int, default=1, help="random seed of the estate and the changes (default 1)")
     p.add_argument("--changes", type=int, default=200, help="random single-workload changes to time")
+    p.add_argument(
+        "--necessary-every",
+        type=int,
+        default=1,
+        help="compute the necessary fan-out (a slow reference) on every Nth change; 0: never (default 1)",
+    )
     p.add_argument("--json", action="store_true", help="the figures as JSON (keys in docs/benchmarks.md)")
 
     exp = sub.add_parser("export", help="the same policy for other enforcement points").add_subparsers(
