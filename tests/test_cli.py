@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -121,15 +122,21 @@ def test_explain_bad_endpoint_is_a_clear_error() -> None:
 
 
 def test_connectivity_json() -> None:
-    rows = json.loads(rf("connectivity", "--policy", POLICY, "--inventory", INVENTORY, "--workloads", "--json").stdout)
-    pairs = {(r["from"], r["to"]): r["services"] for r in rows}
+    doc = json.loads(rf("connectivity", "--policy", POLICY, "--inventory", INVENTORY, "--workloads", "--json").stdout)
+    pairs = {(r["from"], r["to"]): r["services"] for r in doc["pairs"]}
     assert pairs[("ord-prod-proc-1", "ord-prod-db-1")] == ["tcp/5432"]
     assert ("ord-prod-web-1", "ord-prod-db-1") not in pairs
     assert ("ord-dev-proc-1", "ord-prod-db-1") not in pairs
+    assert doc["allowed_workload_pairs"] == len(doc["pairs"])
+
+
+def _rule_ids(doc: dict[str, Any], row: dict[str, Any]) -> list[str]:
+    return [doc["rules"][i]["id"] for i in doc["rule_sets"][row["rule_set"]]]
 
 
 def test_connectivity_equals_the_matrix_over_compiled_states() -> None:
-    """The command builds no engine; its pairs and groups are those of the engine's states."""
+    """The command builds no engine; its pairs and groups are those of the engine's states, each rule
+    and each combination of allowing rules listed once and referred to by number."""
     from ringfence.engine import Engine
     from ringfence.engine.connectivity import compute, group_name
     from ringfence.inventory import load_inventory
@@ -140,14 +147,34 @@ def test_connectivity_equals_the_matrix_over_compiled_states() -> None:
     engine.load(load_inventory(Path(INVENTORY)))
     m = compute(policy, engine.workloads.values(), include_staged=True)
     base = ("connectivity", "--policy", POLICY, "--inventory", INVENTORY, "--staged", "--json")
-    pairs = json.loads(rf(*base, "--workloads").stdout)
-    assert {(r["from"], r["to"]): (r["services"], r["rules"]) for r in pairs} == {
+    doc = json.loads(rf(*base, "--workloads").stdout)
+    assert {(r["from"], r["to"]): (r["services"], _rule_ids(doc, r)) for r in doc["pairs"]} == {
         (a, b): ([str(x) for x in e.services], e.rules) for a, b, e in m.workload_pairs()
     }
+    assert len({r["id"] for r in doc["rules"]}) == len(doc["rules"])
+    assert len({tuple(s) for s in doc["rule_sets"]}) == len(doc["rule_sets"])
     groups = json.loads(rf(*base).stdout)
-    assert {(r["from"], r["to"]): r["workloads"] for r in groups} == {
-        (group_name(s), group_name(d)): [len(m.groups[s]), len(m.groups[d])] for s, d in m.edges
+    names = [g["name"] for g in groups["groups"]]
+    assert {(names[r["from"]], names[r["to"]]): (r["services"], _rule_ids(groups, r)) for r in groups["edges"]} == {
+        (group_name(s), group_name(d)): ([str(x) for x in e.services], e.rules) for (s, d), e in m.edges.items()
     }
+    assert {g["name"]: g["workloads"] for g in groups["groups"]} == {group_name(k): len(v) for k, v in m.groups.items()}
+    text = rf(*base[:-1]).stdout
+    assert (
+        text.splitlines()[-1] == f"{len(m.edges)} allowed group pairs, {m.allowed_pair_count()} workload pairs in all"
+    )
+
+
+def test_the_cli_imports_only_what_a_command_needs() -> None:
+    """The fixed cost of every command is Python's start and the CLI module: no pydantic, no compiler."""
+    code = "import sys, ringfence.cli; ringfence.cli.build_parser(); print(sorted(sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    for heavy in ("pydantic", "ringfence.engine.compiler", "ringfence.bundle", "cryptography", "yaml"):
+        assert f"'{heavy}'" not in loaded, f"{heavy} imported before a command runs"
+    from ringfence import bundle
+
+    args = build_parser().parse_args(["compile", "--policy", "p", "--inventory", "i", "--out", "o"])
+    assert args.expires_in == bundle.DEFAULT_TTL, "the parser's default, written out, is the bundles' lifetime"
 
 
 def test_labels_check_reports_and_strict_fails() -> None:
@@ -320,9 +347,15 @@ def test_bench_json_has_the_documented_keys() -> None:
         "compiled_set_elements",
         "bundle_bytes_total",
         "peak_rss_mb",
+        "avg_notified_per_change",
+        "avg_necessary_per_change",
+        "notified_vs_necessary",
     ):
         assert key in result, key
     assert result["workloads"] == 200 and result["naive_pair_rules"] > 0
+    # the reference ran on every change and the engine reached every agent it names
+    assert result["necessary_sampled_changes"] == 20 and result["necessary_not_notified"] == 0
+    assert result["avg_notified_per_change"] >= result["avg_necessary_per_change"] > 0
 
 
 def test_export_calico(tmp_path: Path) -> None:
@@ -377,3 +410,19 @@ def test_the_help_walk_finds_an_undocumented_argument() -> None:
     parser = build_parser()
     parser.add_argument("--no-help-here")
     assert _undocumented(parser, "ringfence") == ["ringfence --no-help-here"]
+
+
+def test_connectivity_output_read_partly_is_not_an_error(tmp_path: Path) -> None:
+    """Output is streamed: a reader that stops early (`| head`) ends the command quietly."""
+    from tests.bench.random_estate import generate
+
+    generate(tmp_path, workloads=200, rules=40)
+    cmd = [sys.executable, "-m", "ringfence.cli", "connectivity", "--workloads", "--json"]
+    cmd += ["--policy", str(tmp_path / "policy"), "--inventory", str(tmp_path / "inventory.yaml")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.read(10) == b'{"format":'
+    proc.stdout.close()  # far more than a pipe's buffer is left to write
+    err = proc.stderr.read()
+    proc.wait(timeout=60)
+    assert b"Traceback" not in err and proc.returncode == 141

@@ -18,7 +18,7 @@ from ringfence.engine.explain import Endpoint, decide
 from ringfence.model import Mode, Workload
 from ringfence.policy import Policy, load_policy_texts
 
-POLICY = """
+HEAD = """
 labels:
   dimensions:
     tier: {keys: ["ringfence:tier"]}
@@ -28,7 +28,10 @@ services:
   - {name: dns, ports: [udp/53]}
 ip_lists:
   - {name: corp, cidrs: [10.9.0.0/16, "fd09::/32"], exclude: [10.9.9.0/24]}
-rulesets:
+"""
+POLICY = (
+    HEAD
+    + """rulesets:
   - name: app
     scope: has(app)
     rules:
@@ -62,6 +65,7 @@ modes:
   - {selector: env == test, mode: observe}
   - {selector: role == lb && app == c, mode: idle}
 """
+)
 
 ROLES = ["lb", "web", "db", "dns"]
 APPS = ["a", "b", "c"]
@@ -72,6 +76,59 @@ IPS6 = ["fd00::1", "fd00::2", "fd00::3", "fd09::5"]
 
 def policy() -> Policy:
     return load_policy_texts({"p.yaml": POLICY})
+
+
+# random rulesets over IP lists that hold workload addresses (all of them, a server range, one
+# address excluded, IPv6 only) as well as selectors, with every action: for the matrix and
+# policy diff against explain
+RANDOM_HEAD = (
+    HEAD
+    + """  - {name: servers, cidrs: [10.0.0.0/29]}
+  - {name: most, cidrs: [0.0.0.0/0], exclude: [10.0.0.5/32]}
+  - {name: v6, cidrs: ["fd00::/126"]}
+rulesets:
+"""
+)
+RANDOM_SELECTORS = [
+    "all()",
+    "role == web",
+    "role == db",
+    "role in {lb, web}",
+    "app == a",
+    "env == prod",
+    "env != prod",
+    "!has(tier)",
+    "tier in {a, b}",
+]
+RANDOM_IP_LISTS = ["any", "corp", "servers", "most", "v6"]
+RANDOM_SERVICES = ["web", "db", "dns", "all", "tcp/9000-9100", "tcp/80", "icmp/8", "tcp/5432", "udp/1-100"]
+RANDOM_PROBES = [("tcp", 80), ("tcp", 443), ("tcp", 5432), ("udp", 53), ("tcp", 9050), ("icmp", 8), ("udp", 7)]
+
+
+@st.composite
+def random_policy_texts(draw: Any, min_rules: int = 1) -> str:
+    """A policy of random rules: selector or IP-list peers, allow / deny / override-deny, ``same:``."""
+
+    def peer(ip: bool) -> str:
+        if ip:
+            return "{ip_list: " + draw(st.sampled_from(RANDOM_IP_LISTS)) + "}"
+        return '"' + draw(st.sampled_from(RANDOM_SELECTORS)) + '"'
+
+    lines = []
+    for r in range(draw(st.integers(min_value=1, max_value=3))):
+        staged = draw(st.integers(min_value=0, max_value=4)) == 0
+        lines.append(f"  - name: rs{r}\n    scope: all()\n    same: []\n    staged: {str(staged).lower()}\n    rules:")
+        for i in range(draw(st.integers(min_value=min_rules if r == 0 else 1, max_value=5))):
+            ip_side = draw(st.sampled_from(["none", "none", "from", "to"]))  # a rule needs workloads on one side
+            src, dst = peer(ip_side == "from"), peer(ip_side == "to")
+            action = draw(st.sampled_from(["allow", "allow", "allow", "deny", "override-deny"]))
+            services = draw(st.lists(st.sampled_from(RANDOM_SERVICES), min_size=1, max_size=2, unique=True))
+            same = draw(st.sampled_from(["[]", "[]", "[app]", "[app, env]"])) if ip_side == "none" else "[]"
+            lines.append(
+                f"      - {{name: r{r}-{i}, from: {src}, to: {dst}, action: {action}, "
+                f"services: [{', '.join(services)}], same: {same}}}"
+            )
+    return RANDOM_HEAD + "\n".join(lines) + "\n"
 
 
 @st.composite
@@ -124,6 +181,7 @@ def test_incremental_equals_full_recompile(scenario: tuple[list[Workload], list[
     state = {w.id: w for w in initial}
     last_versions = {wid: inc.bundle_version(wid) for wid in inc.workloads}
     applied_sets: dict[str, dict[str, Any]] = {wid: inc.render(wid)["sets"] for wid in inc.workloads}  # type: ignore[misc]
+    chain: dict[tuple[str, int], tuple[int, list[Any], list[Any]]] = {}  # (set, from) → (to, added, removed)
     for op, arg in changes:
         if op == "upsert":
             upd = inc.upsert(arg)
@@ -131,7 +189,10 @@ def test_incremental_equals_full_recompile(scenario: tuple[list[Workload], list[
         else:
             upd = inc.remove(arg)
             state.pop(arg, None)
-        # every agent can follow by deltas alone unless told to rebuild
+        for name, (from_v, added, removed) in upd.set_deltas.items():
+            chain[(name, from_v)] = (upd.revision, added, removed)
+        # every agent can follow by deltas alone unless told to rebuild; one not nudged decides
+        # as its fresh bundle does, and catches up by walking the chain when nudged
         for wid in list(applied_sets):
             if wid not in inc.workloads:
                 del applied_sets[wid]
@@ -141,17 +202,20 @@ def test_incremental_equals_full_recompile(scenario: tuple[list[Workload], list[
                 assert upd.bundles[wid] == fresh, "the update carries the rebuilt bundle"
             if wid in upd.rebuilt or wid not in last_versions:
                 applied_sets[wid] = fresh["sets"]  # type: ignore[assignment]
-            else:
+            elif wid in upd.notify:
                 sets = applied_sets[wid]
-                for name, (from_v, added, removed) in upd.set_deltas.items():
-                    if name in sets:
-                        assert wid in upd.notify, f"{wid} holds changed set {name} but was not notified"
-                        assert sets[name]["version"] == from_v
-                        cover = {*sets[name]["v4"], *sets[name]["v6"]}
-                        cover -= {addresses.format_prefix(p) for p in removed}
-                        cover |= {addresses.format_prefix(p) for p in added}
-                        sets[name] = {"version": upd.revision, **_split(cover)}
+                for name in sets:
+                    sets[name] = _walk(chain, name, sets[name])
                 assert sets == fresh["sets"], f"{wid}: deltas did not reproduce the bundle's sets"
+            elif applied_sets[wid] != fresh["sets"]:
+                assert set(applied_sets[wid]) == set(fresh["sets"])  # type: ignore[arg-type]
+                lagging = {**fresh, "sets": applied_sets[wid]}
+                for direction in ("inbound", "outbound"):
+                    for peer in IPS4 + IPS6:
+                        for proto, port in FLOWS:
+                            assert _side_allows(lagging, direction, peer, proto, port) == _side_allows(
+                                fresh, direction, peer, proto, port
+                            ), f"{wid} was not nudged but its decisions changed ({direction} {peer} {proto}/{port})"
             version = inc.bundle_version(wid)
             assert version >= last_versions.get(wid, 0), "bundle version went backwards"
             last_versions[wid] = version
@@ -162,6 +226,22 @@ def test_incremental_equals_full_recompile(scenario: tuple[list[Workload], list[
     assert contents(inc) == contents(full)
     # no set lingers without a reference, and each set's cover matches its members
     assert set(inc.sets) == set(full.sets)
+
+
+FLOWS = [("tcp", 80), ("tcp", 443), ("tcp", 5432), ("udp", 53), ("tcp", 9050), ("tcp", 9000), ("icmp", 8), ("tcp", 22)]
+
+
+def _walk(
+    chain: dict[tuple[str, int], tuple[int, list[Any], list[Any]]], name: str, s: dict[str, Any]
+) -> dict[str, Any]:
+    """A set moved along the delta chain from its version to the newest (as an agent's fetch does)."""
+    version = s["version"]
+    cover = {*s["v4"], *s["v6"]}
+    while (name, version) in chain:
+        version, added, removed = chain[(name, version)]
+        cover -= {addresses.format_prefix(p) for p in removed}
+        cover |= {addresses.format_prefix(p) for p in added}
+    return {"version": version, **_split(cover)}
 
 
 def _split(cover: set[str]) -> dict[str, list[str]]:
@@ -230,3 +310,127 @@ def test_bundles_match_explain(scenario: tuple[list[Workload], Any], flow: tuple
                 assert _side_allows(doc, direction, peer, proto, port) == (side.decision == "allow"), (
                     f"{direction} {src.id}->{dst.id} {proto}/{port}: bundle disagrees with explain"
                 )
+
+
+# --- dropped denies: left out where no allow overlaps them, back in the update that needs them -----
+
+# without the any-address allows every deny meets, the denies come and go with the inventory
+NARROW = "\n".join(line for line in POLICY.splitlines() if "from-anywhere" not in line and "name: out," not in line)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(), st.sampled_from([POLICY, NARROW]))
+def test_agents_follow_explain_through_changes(scenario: tuple[list[Workload], Any], text: str) -> None:
+    """After a sequence of changes, what each agent enforces (its bundle as the updates left it:
+    rebuilt, moved on by the delta chain when nudged, else its lagging copy) is what explain
+    decides: a deny left out earlier is back wherever a later change made it matter."""
+    pol = load_policy_texts({"p.yaml": text})
+    initial, changes = scenario
+    pool = IPS4 + IPS6  # one address per workload id: an address names one workload
+    ip_of = {f"w{i}": pool[i] for i in range(11)}
+    fix = {w.id: w.model_copy(update={"ips": [ip_of[w.id]]}) for w in initial}
+    engine = Engine(pol)
+    engine.load(fix.values())
+    agent = {wid: engine.render(wid) for wid in engine.workloads}
+    chain: dict[tuple[str, int], tuple[int, list[Any], list[Any]]] = {}
+    for op, arg in changes:
+        if op == "upsert":
+            w = arg.model_copy(update={"ips": [ip_of[arg.id]]})
+            upd = engine.upsert(w)
+        else:
+            upd = engine.remove(arg)
+        for name, (from_v, added, removed) in upd.set_deltas.items():
+            chain[(name, from_v)] = (upd.revision, added, removed)
+        for wid in list(agent):
+            if wid not in engine.workloads:
+                del agent[wid]
+        for wid in engine.workloads:
+            if wid in upd.rebuilt or wid not in agent:
+                agent[wid] = engine.render(wid)
+            elif wid in upd.notify:
+                doc = agent[wid]
+                doc["sets"] = {n: _walk(chain, n, s) for n, s in doc["sets"].items()}  # type: ignore[attr-defined]
+    states = engine.workloads
+    for a in states.values():
+        for b in states.values():
+            if not a.addrs or not b.addrs:
+                continue
+            src = Endpoint(a.id, a.labels, a.addrs, a.mode, a.quarantined)
+            dst = Endpoint(b.id, b.labels, b.addrs, b.mode, b.quarantined)
+            for proto, port in (("tcp", 5432), ("tcp", 9050), ("udp", 53), ("tcp", 9000)):
+                for side in decide(pol, src, dst, proto, port).sides:
+                    own, peer = (a, b) if side.direction == "outbound" else (b, a)
+                    if own.quarantined or own.mode is Mode.IDLE:
+                        continue
+                    got = _side_allows(agent[own.id], side.direction, fix_ip(peer.addrs), proto, port)
+                    assert got == (side.decision == "allow"), (
+                        f"{side.direction} on {own.id}: {a.id}->{b.id} {proto}/{port}"
+                    )
+
+
+def fix_ip(addrs: tuple[Any, ...]) -> str:
+    return addresses.format_address(addrs[0])
+
+
+DROP_POLICY = """
+rulesets:
+  - name: all
+    scope: all()
+    same: []
+    rules:
+      - {name: scan, from: role == scanner, to: all(), services: [tcp/22]}
+      - {name: dev-not-prod, from: env == dev, to: env == prod, services: [all], action: override-deny}
+"""
+
+
+def _wl(wid: str, ip: str, **tags: str) -> Workload:
+    return Workload(id=wid, ips=[ip], tags={f"ringfence:{k}": v for k, v in tags.items()})
+
+
+def test_override_deny_dropped_then_an_allow_appears_the_update_brings_it_back() -> None:
+    pol = load_policy_texts({"p.yaml": DROP_POLICY})
+    engine = Engine(pol)
+    engine.load([_wl("db", "10.0.0.1", role="db", env="prod"), _wl("dev-app", "10.0.0.2", role="app", env="dev")])
+
+    def inbound(doc: dict[str, Any]) -> list[str]:
+        return [r["action"] for r in doc["inbound"]]
+
+    # no scanner yet: the allow admits nobody, the override-deny decides nothing and is left out
+    db = engine.render("db")
+    assert inbound(db) == ["allow"] and len(db["sets"]) == 1  # type: ignore[arg-type]
+    # a dev scanner appears: the allow now admits a dev address; the same update rebuilds db's
+    # bundle with the override-deny back, so the scanner stays out of prod
+    upd = engine.upsert(_wl("scanner", "10.0.0.3", role="scanner", env="dev"))
+    assert "db" in upd.rebuilt and "db" in upd.notify
+    db = upd.bundles["db"]
+    assert inbound(db) == ["override-deny", "allow"]
+    assert not _side_allows(db, "inbound", "10.0.0.3", "tcp", 22)
+    s = engine.workloads["scanner"]
+    d = engine.workloads["db"]
+    verdict = decide(
+        pol,
+        Endpoint("scanner", s.labels, s.addrs, s.mode, s.quarantined),
+        Endpoint("db", d.labels, d.addrs, d.mode, d.quarantined),
+        "tcp",
+        22,
+    )
+    assert verdict.policy_verdict == "deny"
+    # another dev workload: the deny set grows at an address no allow of db admits; db decides
+    # alike with its copy, is not nudged, and catches up at its next fetch
+    upd = engine.upsert(_wl("dev-web", "10.0.0.4", role="web", env="dev"))
+    assert upd.set_deltas and "db" not in upd.notify and "db" not in upd.rebuilt
+    # the scanner moves to prod: the allow admits no dev address any more, the override-deny goes
+    upd = engine.upsert(_wl("scanner", "10.0.0.3", role="scanner", env="prod"))
+    assert "db" in upd.rebuilt and inbound(upd.bundles["db"]) == ["allow"]
+    assert _side_allows(upd.bundles["db"], "inbound", "10.0.0.3", "tcp", 22)
+    # and a full recompile agrees
+    full = Engine(pol)
+    full.load(
+        [
+            _wl("db", "10.0.0.1", role="db", env="prod"),
+            _wl("dev-app", "10.0.0.2", role="app", env="dev"),
+            _wl("scanner", "10.0.0.3", role="scanner", env="prod"),
+            _wl("dev-web", "10.0.0.4", role="web", env="dev"),
+        ]
+    )
+    assert contents(full) == contents(engine)

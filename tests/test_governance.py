@@ -222,7 +222,7 @@ def test_cli_typo_pair_is_denied_by_the_boundary_and_absent_from_the_matrix(tmp_
     doc = json.loads(out.stdout)
     assert doc["verdict"] == "deny"
     assert "boundaries/dev-never-reaches-prod" in out.stdout
-    edges = json.loads(rf("connectivity", *base, "--workloads", "--json").stdout)
+    edges = json.loads(rf("connectivity", *base, "--workloads", "--json").stdout)["pairs"]
     typo = {"ord-prod-web-9", "ord-dev-proc-9"}
     assert any(e["from"] in typo for e in edges), "both still reach core services"
     assert not [e for e in edges if {e["from"], e["to"]} == typo], "but never each other"

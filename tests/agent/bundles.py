@@ -65,6 +65,9 @@ rulesets:
     same: []
     rules:
       - {name: everyone-denied, from: all(), to: all(), services: [all-traffic], action: override-deny}
+      # an allow under it keeps the override-deny in the bundles: the engine leaves out a deny
+      # no allow overlaps (it decides nothing), and these tests need one over the admin range
+      - {name: ssh-overridden, from: all(), to: all(), services: [all-traffic]}
 """
 
 OBSERVE_POLICY = LAB_POLICY.replace("mode: enforce", "mode: observe")

@@ -16,10 +16,13 @@ compared: the matrix covers workload pairs only.
 
 What is timed on each side:
 
-* NCA: the wall time of ``nca --connectivity`` (interpreter start, imports, YAML parsing, the
-  analysis, writing its output), and the "Total run time" it reports itself (everything but
-  interpreter start and imports).
-* Ringfence, **matrix**: :func:`~ringfence.engine.connectivity.compute_inventory` — inventory
+* NCA: the wall and CPU time of ``nca --connectivity`` as a process (interpreter start, imports,
+  YAML parsing, the analysis, writing its output), and the "Total run time" it reports itself
+  (everything but interpreter start and imports).
+* Ringfence **as a user runs it**: ``ringfence connectivity --json`` as a process on files of the
+  same estate (interpreter start, imports, policy and inventory YAML, the matrix, writing the
+  JSON), wall and CPU, median of a few runs. This is the comparison to quote: both whole processes.
+* Ringfence in process, **matrix**: :func:`~ringfence.engine.connectivity.compute_inventory` — inventory
   records (already parsed) → labels → the complete group-level matrix (every group's members,
   every allowed group pair with its services and rules). Timed cold (the first call in the
   process) and then ``--repeat`` times more.
@@ -42,6 +45,7 @@ import argparse
 import gc
 import json
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -157,6 +161,12 @@ def _seconds(fn: Callable[[], object], times: int) -> list[float]:
     return out
 
 
+def _children_cpu() -> float:
+    """User + system CPU seconds of the finished child processes so far."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def _pairs(matrix: Matrix) -> dict[tuple[str, str], Any]:
     return {(a, b): edge.services for a, b, edge in matrix.workload_pairs()}
 
@@ -210,9 +220,25 @@ def run(
     out_file = workdir / "nca-out.txt"
     cmd = [str(nca), "--connectivity", str(workdir / "policies.yaml"), "-p", str(workdir / "endpoints.yaml")]
     cmd += ["-o", "txt_no_fw_rules", "-f", str(out_file)]
+    cpu0 = _children_cpu()
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     nca_s = time.perf_counter() - t0
+    nca_cpu = _children_cpu() - cpu0
+    # ours as a user runs it: the CLI as a whole process, on files of the same estate
+    policy_dir = workdir / "policy"
+    policy_dir.mkdir(exist_ok=True)
+    for name, text in estate.policy_texts.items():
+        (policy_dir / name).write_text(text)
+    ours_cmd = [str(Path(sys.executable).with_name("ringfence")), "connectivity", "--policy", str(policy_dir)]
+    ours_cmd += ["--inventory", str(inventory_file), "--json"]
+    cli_wall, cli_cpu = [], []
+    for _ in range(max(3, repeat // 4)):
+        cpu0 = _children_cpu()
+        t0 = time.perf_counter()
+        subprocess.run(ours_cmd, stdout=subprocess.DEVNULL, check=True)
+        cli_wall.append(time.perf_counter() - t0)
+        cli_cpu.append(_children_cpu() - cpu0)
     if proc.returncode != 0 and not out_file.exists():
         raise RuntimeError(f"nca failed ({proc.returncode}): {proc.stderr[-2000:]}")
     reported = re.search(r"Total run time:\s*([\d.]+)", proc.stdout + proc.stderr)
@@ -253,7 +279,13 @@ def run(
         "engine_path_median_s": round(med(engine_s), 5),
         "nca_s": round(nca_s, 2),
         "nca_reported_s": nca_reported,
+        "nca_cpu_s": round(nca_cpu, 2),
+        "ours_cli_wall_median_s": round(med(cli_wall), 4),
+        "ours_cli_cpu_median_s": round(med(cli_cpu), 4),
+        "ours_cli_command": " ".join(ours_cmd),
         "ratios": {
+            "whole_process_wall: nca/ours_cli": ratio(nca_s, med(cli_wall)),
+            "whole_process_cpu: nca/ours_cli": ratio(nca_cpu, med(cli_cpu)),
             "nca_wall/matrix_cold": ratio(nca_s, matrix_cold),
             "nca_wall/matrix_median": ratio(nca_s, matrix_med),
             "nca_reported/matrix_median": ratio(nca_reported, matrix_med),
@@ -299,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"estate: {r['endpoints']} host endpoints, {r['policies']} GlobalNetworkPolicies "
             f"({r['rules']} Ringfence rules; {r['label_groups']} label groups, {r['group_edges']} allowed group pairs)\n"
-            f"NCA --connectivity: {r['nca_s']:.2f} s wall (reports {r['nca_reported_s']} s)\n"
+            f"NCA --connectivity: {r['nca_s']:.2f} s wall, {r['nca_cpu_s']:.2f} s CPU (reports {r['nca_reported_s']} s)\n"
+            f"ringfence connectivity --json (whole process, median): {r['ours_cli_wall_median_s'] * 1e3:.0f} ms wall, "
+            f"{r['ours_cli_cpu_median_s'] * 1e3:.0f} ms CPU\n"
             f"Ringfence matrix (inventory -> labels -> group matrix): cold {r['ours_matrix_cold_s'] * ms:.2f} ms; "
             f"{r['repeat']} more: median {r['ours_matrix_median_s'] * ms:.2f}, "
             f"min {r['ours_matrix_min_s'] * ms:.2f}, max {r['ours_matrix_max_s'] * ms:.2f} ms\n"

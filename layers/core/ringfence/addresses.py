@@ -69,6 +69,14 @@ def prefix_contains(prefix: Prefix, addr: Address) -> bool:
     return (addr[1] >> shift) == (net >> shift)
 
 
+def prefixes_meet(a: Prefix, b: Prefix) -> bool:
+    """Whether two prefixes share an address (then one holds the other)."""
+    if a[0] != b[0]:
+        return False
+    shift = _BITS[a[0]] - min(a[2], b[2])
+    return (a[1] >> shift) == (b[1] >> shift)
+
+
 def _spans(prefixes: list[Prefix], family: int) -> list[list[int]]:
     """Merged, sorted [lo, hi] address ranges of ``family``'s prefixes.
 
@@ -173,6 +181,14 @@ class AddressSet:
 
     def __len__(self) -> int:
         return len(self.counts)
+
+    def meets(self, prefix: Prefix) -> bool:
+        """Whether some member address lies in ``prefix``."""
+        family, net, length = prefix
+        hi = net + (1 << (_BITS[family] - length)) - 1
+        arr = self._sorted[family]
+        i = bisect.bisect_left(arr, net)
+        return i < len(arr) and arr[i] <= hi
 
     def _full(self, family: int, lo: int, hi: int) -> bool:
         arr = self._sorted[family]

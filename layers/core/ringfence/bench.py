@@ -15,7 +15,10 @@ One run on a :mod:`ringfence.synth` estate measures:
   and ``compiled_set_elements`` (CIDR elements over distinct sets, plus
   ``compiled_map_elements``: the (address, service) elements the dataplane holds for grouped
   rules, over distinct grouped-rule contents, see :func:`grouped_rule_elements`),
-  ``bundle_bytes_total``;
+  ``bundle_bytes_total``; ``sets`` counts the sets some bundle holds (``sets_kept_unsent``: those
+  only dropped deny entries name, kept by the engine to know when they come back);
+* ``avg_necessary_per_change`` — the reference fan-out (:class:`NecessaryFanout`, untimed) beside
+  ``avg_notified_per_change``: ``notified_vs_necessary`` is their ratio over the sampled changes;
 * ``peak_rss_mb`` — the process's peak resident set (``ru_maxrss``), so it includes whatever the
   process did before; run it in a fresh process for a clean figure.
 """
@@ -28,6 +31,7 @@ import resource
 import statistics
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 from ringfence import addresses, synth
@@ -36,8 +40,9 @@ from ringfence.bundle import GroupMember, service_span
 from ringfence.engine import Engine
 from ringfence.engine.compiler import ANY_ADDRESS
 from ringfence.engine.connectivity import Matrix, compute_inventory
-from ringfence.model import Mode, Workload
-from ringfence.policy import load_policy_texts
+from ringfence.engine.explain import Endpoint, _failsafe, _peer_matches, _same_ok
+from ringfence.model import Action, Mode, Workload
+from ringfence.policy import ACTION_RANK, CompiledRule, Policy, load_policy_texts
 
 CHANGE_KINDS = ("relabel", "re-ip", "add", "remove", "mode", "quarantine")
 
@@ -79,6 +84,192 @@ def grouped_rule_elements(engine: Engine, members: list[dict[str, Any]]) -> int:
                 if p[0] in families:
                     union.setdefault((p[0], span), []).append(p)
     return sum(len(addresses.collapse(ps)) for ps in union.values())
+
+
+class NecessaryFanout:
+    """The reference for fan-out: which agents' own decisions a single-workload change alters.
+
+    Independent of the engine's sets and bundles: it follows :mod:`ringfence.engine.explain`'s
+    rule-by-rule evaluation. A change to workload ``x`` leaves every other agent's own rules as
+    they were (they depend on its labels only); what it alters is who stands at ``x``'s old and
+    new addresses. So another agent ``w`` must hear of it exactly when, for one of those
+    addresses, a direction and a service, the decision of ``w``'s side (override-deny > allow >
+    deny > default deny, fail-safes first) differs before and after; the peer at an address is
+    every workload holding it (a rule matches where it matches one of them: the dataplane's sets
+    hold addresses), else an outside address. Idle and quarantined agents enforce nothing that changes. Services are
+    compared on atoms: one port (or ICMP type) per interval between the boundaries of every
+    rule's and fail-safe's ranges, plus one protocol no rule names. The changed workload itself
+    counts when it is added or its labels, mode or quarantine change (unless it stays idle or
+    stays quarantined, enforcing the same nothing or everything), not when removed; moved
+    addresses alone leave its own rules as they were, and it is judged like any other agent.
+    """
+
+    def __init__(self, policy: Policy, inventory: list[Workload]) -> None:
+        self.policy = policy
+        self.rules = sorted((r for r in policy.rules if not r.staged), key=_rank)
+        self.state: dict[str, Endpoint] = {}
+        for w in inventory:
+            self.state[w.id] = self._endpoint(w)
+        self._own: dict[tuple[int, str, frozenset[tuple[str, str]]], bool] = {}
+        self.atoms = _service_atoms(policy)
+        self._sides: dict[tuple[tuple[int, ...], tuple[addresses.Address, ...], str], tuple[bool, ...]] = {}
+
+    def _endpoint(self, w: Workload) -> Endpoint:
+        res = self.policy.labels.resolve(w)
+        mode = w.mode if w.mode is not None else self.policy.mode_for(res.labels, res.unlabeled)
+        addrs = tuple(sorted({addresses.parse_address(ip) for ip in w.ips}))
+        return Endpoint(w.id, res.labels, addrs, mode, w.quarantined)
+
+    def _at(self, addr: addresses.Address) -> tuple[Endpoint, ...]:
+        held = tuple(
+            Endpoint(ep.name, ep.labels, (addr,), ep.mode, ep.quarantined)
+            for ep in self.state.values()
+            if addr in ep.addrs
+        )
+        return held or (Endpoint(addresses.format_address(addr), None, (addr,)),)
+
+    def _owns(self, rule: CompiledRule, direction: str, labels: frozenset[tuple[str, str]]) -> bool:
+        """Whether ``rule`` applies on ``direction``'s side of workloads with ``labels`` (memoised)."""
+        key = (id(rule), direction, labels)
+        hit = self._own.get(key)
+        if hit is None:
+            hit = self._own[key] = _peer_matches(
+                _own_peer(rule, direction), Endpoint("", dict(labels), (), Mode.ENFORCE)
+            )
+        return hit
+
+    def apply(self, change: Workload | str, count: bool = True) -> set[str]:
+        """Apply one change to the reference's inventory; the agents it must reach (or, with
+        ``count`` false, only apply it: sampling)."""
+        wid = change if isinstance(change, str) else change.id
+        old = self.state.get(wid)
+        new = None if isinstance(change, str) else self._endpoint(change)
+        if not count:
+            if new is None:
+                self.state.pop(wid, None)
+            else:
+                self.state[wid] = new
+            return set()
+        addrs = sorted({*(old.addrs if old else ()), *(new.addrs if new else ())})
+        before = {a: self._at(a) for a in addrs}
+        if new is None:
+            self.state.pop(wid, None)
+        else:
+            self.state[wid] = new
+        after = {a: self._at(a) for a in addrs}
+        # its own rules change with its labels, mode or quarantine; moved addresses only change
+        # who stands where, which it is judged on like every other agent
+        moved_only = old is not None and new is not None and replace(old, addrs=new.addrs) == new
+        inert = old is not None and new is not None and _inert(old) is not None and _inert(old) == _inert(new)
+        out: set[str] = {wid} if new is not None and new != old and not moved_only and not inert else set()
+        # rules whose peer side a changed address's endpoint matches, before or after
+        # (no other rule can match across, so none other can decide; precedence order kept)
+        touched = {
+            d: [
+                r
+                for r in self.rules
+                if any(_peer_matches(_other_peer(r, d), ep) for a in addrs for ep in (*before[a], *after[a]))
+            ]
+            for d in ("inbound", "outbound")
+        }
+        groups: dict[frozenset[tuple[str, str]], list[str]] = {}
+        for ep in self.state.values():
+            if (
+                (ep.name != wid or moved_only)
+                and not ep.quarantined
+                and ep.mode is not Mode.IDLE
+                and ep.labels is not None
+            ):
+                groups.setdefault(frozenset(ep.labels.items()), []).append(ep.name)
+        for labels, members in groups.items():
+            me = Endpoint("", dict(labels), (), Mode.ENFORCE)
+            for d in ("inbound", "outbound"):
+                rules = [r for r in touched[d] if self._owns(r, d, labels)]
+                if not rules:
+                    continue
+                if any(self._differs(rules, me, before[a], after[a], d) for a in addrs):
+                    out.update(members)
+                    break
+        return out
+
+    def _differs(
+        self, rules: list[CompiledRule], me: Endpoint, before: tuple[Endpoint, ...], after: tuple[Endpoint, ...], d: str
+    ) -> bool:
+        was, now = self._matched(rules, me, before, d), self._matched(rules, me, after, d)
+        if was == now:
+            return False  # the same rules match: the same decisions (the address is the same)
+        return self._side(was, me, before[0], d) != self._side(now, me, after[0], d)
+
+    def _side(self, matched: list[CompiledRule], me: Endpoint, peer: Endpoint, direction: str) -> tuple[bool, ...]:
+        # decided by the matching rules, the direction and (fail-safes) the peer's address alone
+        key = (tuple(id(r) for r in matched), peer.addrs, direction)
+        hit = self._sides.get(key)
+        if hit is None:
+            hit = self._sides[key] = self._decide(matched, me, peer, direction)
+        return hit
+
+    def _matched(
+        self, rules: list[CompiledRule], me: Endpoint, peers: tuple[Endpoint, ...], direction: str
+    ) -> list[CompiledRule]:
+        """The rules matching ``me`` and the address ``peers`` stand at: a rule matches where its
+        peer matches one of them (the dataplane holds addresses, not workloads)."""
+        out = []
+        for r in rules:
+            other = _other_peer(r, direction)
+            for peer in peers:
+                src, dst = (me, peer) if direction == "outbound" else (peer, me)
+                if _peer_matches(other, peer) and (other.selector is None or _same_ok(r, src, dst)):
+                    out.append(r)
+                    break
+        return out
+
+    def _decide(self, matched: list[CompiledRule], me: Endpoint, peer: Endpoint, direction: str) -> tuple[bool, ...]:
+        """The decision (allow?) of ``me``'s side for each service atom, with ``peer`` across and
+        ``matched`` the rules matching both ends (precedence order)."""
+        src, dst = (me, peer) if direction == "outbound" else (peer, me)
+        out = []
+        for proto, port in self.atoms:
+            if _failsafe(self.policy, src, dst, proto, port, direction) is not None:
+                out.append(True)
+                continue
+            first = next((r for r in matched if r.matches_service(proto, port)), None)
+            out.append(first is not None and first.action is Action.ALLOW)
+        return tuple(out)
+
+
+def _inert(ep: Endpoint) -> str | None:
+    """Quarantined (denies all) or idle (filters nothing): labels change nothing it enforces."""
+    return "quarantined" if ep.quarantined else "idle" if ep.mode is Mode.IDLE else None
+
+
+def _rank(r: CompiledRule) -> int:
+    return ACTION_RANK[r.action]
+
+
+def _own_peer(r: CompiledRule, direction: str) -> Any:
+    return r.consumer if direction == "outbound" else r.provider
+
+
+def _other_peer(r: CompiledRule, direction: str) -> Any:
+    return r.provider if direction == "outbound" else r.consumer
+
+
+def _service_atoms(policy: Policy) -> list[tuple[str, int | None]]:
+    from ringfence.bundlewire import CONTROL_PLANE_PORT
+
+    # the fail-safes' single ports (DNS, the control plane) are atoms of their own
+    cp = CONTROL_PLANE_PORT
+    bounds: dict[str, set[int]] = {"tcp": {0, 53, 54, cp, cp + 1}, "udp": {0, 53, 54}, "icmp": {0}, "icmpv6": {0}}
+    ranges = [p for r in policy.rules for p in r.services] + list(policy.failsafes.admin_ports)
+    for p in ranges:
+        if p.proto in bounds:
+            bounds[p.proto].update((p.lo, p.hi + 1))
+    top = {"tcp": 65535, "udp": 65535, "icmp": 255, "icmpv6": 255}
+    atoms: list[tuple[str, int | None]] = [
+        (proto, b) for proto, bs in bounds.items() for b in sorted(bs) if b <= top[proto]
+    ]
+    atoms.append(("any", None))  # a protocol no rule names: only ``any`` services match it
+    return atoms
 
 
 def _compact_size(doc: dict[str, object]) -> int:
@@ -134,8 +325,14 @@ def _bump(ip: str, by: int) -> str:
     return str(addr + by)
 
 
-def run_bench(workloads: int, seed: int = 1, changes: int = 200, apps: int | None = None) -> dict[str, Any]:
-    """Generate an estate of ``workloads`` workloads, compile it, apply ``changes`` changes; figures as a dict."""
+def run_bench(
+    workloads: int, seed: int = 1, changes: int = 200, apps: int | None = None, necessary_every: int = 1
+) -> dict[str, Any]:
+    """Generate an estate of ``workloads`` workloads, compile it, apply ``changes`` changes; figures as a dict.
+
+    The necessary fan-out (:class:`NecessaryFanout`, untimed) is computed for every
+    ``necessary_every``-th change (0: never), and the engine's notified count beside it on the
+    same changes."""
     estate = synth.generate(workloads, seed=seed, apps=apps)
     t0 = time.perf_counter()
     policy = load_policy_texts(estate.policy_texts)
@@ -167,7 +364,9 @@ def run_bench(workloads: int, seed: int = 1, changes: int = 200, apps: int | Non
                 group_contents.add(content)
                 map_elements += grouped_rule_elements(engine, rule["members"])
     full_compile_s = load_s + render_s
-    plain_set_elements = sum(len(s.elements) if s.static else len(s.elements.elements()) for s in engine.sets.values())
+    # sets some bundle holds (a set only dropped deny entries name is kept by the engine, not sent)
+    held = [s for s in engine.sets.values() if s.held]
+    plain_set_elements = sum(len(s.elements) if s.static else len(s.elements.elements()) for s in held)
     set_elements = plain_set_elements + map_elements
 
     t0 = time.perf_counter()
@@ -184,7 +383,10 @@ def run_bench(workloads: int, seed: int = 1, changes: int = 200, apps: int | Non
     timings: list[float] = []
     by_kind: dict[str, list[float]] = {k: [] for k in CHANGE_KINDS}
     rebuilt_total = notified_total = 0
-    for _ in range(changes):
+    reference = NecessaryFanout(policy, estate.workloads) if necessary_every else None
+    necessary_total = notified_sampled = sampled = missed = 0
+    t_reference = 0.0
+    for i in range(changes):
         kind, arg = random_change(rng, state, counter)
         t0 = time.perf_counter()
         upd = engine.remove(arg) if isinstance(arg, str) else engine.upsert(arg)
@@ -196,6 +398,16 @@ def run_bench(workloads: int, seed: int = 1, changes: int = 200, apps: int | Non
         by_kind[kind].append(dt)
         rebuilt_total += len(upd.rebuilt)
         notified_total += len(upd.notify)
+        if reference is not None:
+            t0 = time.perf_counter()
+            sample = i % necessary_every == 0
+            necessary = reference.apply(arg, count=sample)
+            t_reference += time.perf_counter() - t0
+            if sample:
+                sampled += 1
+                necessary_total += len(necessary)
+                notified_sampled += len(upd.notify)
+                missed += len(necessary - upd.notify)  # 0 unless the engine misses an agent
 
     p50 = statistics.median(timings) if timings else 0.0
     p99 = _percentile(timings, 0.99) if timings else 0.0
@@ -216,7 +428,14 @@ def run_bench(workloads: int, seed: int = 1, changes: int = 200, apps: int | Non
         "incremental_speedup_p50": round(full_compile_s / p50, 1) if p50 else None,
         "avg_rebuilt_per_change": round(rebuilt_total / max(1, len(timings)), 2),
         "avg_notified_per_change": round(notified_total / max(1, len(timings)), 2),
-        "sets": len(engine.sets),
+        "necessary_sampled_changes": sampled,
+        "avg_necessary_per_change": round(necessary_total / sampled, 2) if sampled else None,
+        "avg_notified_per_sampled_change": round(notified_sampled / sampled, 2) if sampled else None,
+        "notified_vs_necessary": round(notified_sampled / necessary_total, 3) if necessary_total else None,
+        "necessary_not_notified": missed,
+        "necessary_reference_s": round(t_reference, 2),
+        "sets": len(held),
+        "sets_kept_unsent": len(engine.sets) - len(held),
         "label_groups": groups,
         "group_edges": edges,
         "connectivity_s": round(connectivity_s, 4),
@@ -246,6 +465,9 @@ def format_text(result: dict[str, Any]) -> str:
         f"incremental:      p50 {r['incremental_p50_s'] * 1e3:.2f} ms, p99 {r['incremental_p99_s'] * 1e3:.2f} ms "
         f"over {r['changes']} changes (p50 {r['incremental_speedup_p50']}x faster than full compile)",
         f"per change:       {r['avg_rebuilt_per_change']} bundles rebuilt, {r['avg_notified_per_change']} agents nudged",
+        f"necessary:        {r['avg_necessary_per_change']} agents whose decisions change per change "
+        f"(reference over {r['necessary_sampled_changes']} changes; nudged there: "
+        f"{r['avg_notified_per_sampled_change']}, {r['notified_vs_necessary']}x necessary)",
         f"naive pair rules: {r['naive_pair_rules']:,} ({r['allowed_workload_pairs']:,} allowed workload pairs)",
         f"compiled:         {r['compiled_rules']:,} rules + {r['compiled_set_elements']:,} set elements "
         f"({r['compiled_address_set_elements']:,} in {r['sets']:,} address sets + "

@@ -9,28 +9,18 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ringfence import bundle as bundle_mod
-from ringfence import staticlayout
-from ringfence.addresses import format_address
-from ringfence.engine import Engine
-from ringfence.engine.connectivity import compute_inventory, group_name
-from ringfence.engine.explain import EndpointError, decide, format_decision, parse_endpoint
-from ringfence.inventory import InventoryError, load_inventory
-from ringfence.model import Workload
-from ringfence.policy import Policy, PolicyError, load_policy, load_policy_texts, schema_text
-from ringfence.policydiff import diff
-from ringfence.policytests import run_tests
-from ringfence.publish import static_release
-from ringfence.services import PortSpecError, parse_flow_port
-from ringfence.versions import (
-    FileVersionStore,
-    default_actor,
-    digest_of,
-    record_version,
-    relative_files,
-)
+# Each command imports what it needs when it runs: the CLI's fixed cost is Python's start and this
+# module, not the whole library (pydantic models, the compiler, cryptography). `python -X importtime
+# -m ringfence.cli connectivity …` shows what a command pulls in.
+if TYPE_CHECKING:
+    from ringfence import bundle as bundle_mod
+    from ringfence import staticlayout
+    from ringfence.engine import Engine
+    from ringfence.model import Workload
+    from ringfence.policy import Policy
+    from ringfence.versions import FileVersionStore
 
 
 class CliError(Exception):
@@ -38,14 +28,21 @@ class CliError(Exception):
 
 
 def _store(args: argparse.Namespace) -> FileVersionStore:
+    from ringfence.versions import FileVersionStore
+
     return FileVersionStore(Path(args.store or os.environ.get("RINGFENCE_STORE", ".ringfence")))
 
 
 def _inventory(args: argparse.Namespace) -> list[Workload]:
+    from ringfence.inventory import load_inventory
+
     return load_inventory(Path(args.inventory)) if getattr(args, "inventory", None) else []
 
 
 def _engine(args: argparse.Namespace, revision: int = 0) -> tuple[Any, Engine]:
+    from ringfence.engine import Engine
+    from ringfence.policy import load_policy
+
     policy = load_policy(Path(args.policy))
     engine = Engine(policy, policy_version=getattr(args, "policy_version", 0) or 0, revision=revision)
     engine.load(_inventory(args))
@@ -81,6 +78,8 @@ def _print_json(obj: object) -> None:
 
 
 def cmd_policy_validate(args: argparse.Namespace) -> int:
+    from ringfence.policy import load_policy
+
     policy = load_policy(Path(args.path))
     print(
         f"ok: {len(policy.sources)} files, {len(policy.rules)} rules, {len(policy.services) - 1} services, "
@@ -90,6 +89,10 @@ def cmd_policy_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_test(args: argparse.Namespace) -> int:
+    from ringfence.engine import Engine
+    from ringfence.policy import load_policy
+    from ringfence.policytests import run_tests
+
     policy = load_policy(Path(args.path))
     engine = Engine(policy)
     engine.load(_inventory(args))
@@ -102,12 +105,17 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_schema(args: argparse.Namespace) -> int:
+    from ringfence.policy import schema_text
+
     text = schema_text()
     _emit(text, args.out)
     return 0
 
 
 def cmd_policy_diff(args: argparse.Namespace) -> int:
+    from ringfence.policy import load_policy, load_policy_texts
+    from ringfence.policydiff import diff
+
     store = _store(args)
     draft = load_policy(Path(args.path))
     latest = store.latest()
@@ -119,6 +127,9 @@ def cmd_policy_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_provision(args: argparse.Namespace) -> int:
+    from ringfence.policy import load_policy
+    from ringfence.versions import default_actor, digest_of, record_version, relative_files
+
     if not args.message.strip():
         raise CliError("--message must say why (it is kept with the version)")
     path = Path(args.path)
@@ -142,6 +153,9 @@ def cmd_policy_provision(args: argparse.Namespace) -> int:
 
 def _failing_tests(policy: Policy, workloads: list[Workload]) -> int:
     """Runs the policy's tests: blocks against ``workloads``; reports each failure on stderr."""
+    from ringfence.engine import Engine
+    from ringfence.policytests import run_tests
+
     engine = Engine(policy)
     engine.load(workloads)
     failures = [r for r in run_tests(policy, engine.workloads) if not r.passed]
@@ -155,6 +169,9 @@ def cmd_policy_revert(args: argparse.Namespace) -> int:
 
     The old version's tests passed against the estate of its day; the estate has moved since, so
     they run again, and a failure stops the revert unless ``--force`` (an emergency) says to go on."""
+    from ringfence.policy import load_policy_texts
+    from ringfence.versions import default_actor, record_version
+
     if not args.message.strip():
         raise CliError("--message must say why")
     store = _store(args)
@@ -219,6 +236,10 @@ def cmd_labels_check(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
+    from ringfence import bundle as bundle_mod
+    from ringfence import staticlayout
+    from ringfence.publish import static_release
+
     out = Path(args.out)
     previous, heads = _previous_compile(out)
     floor = max((b.version for b in previous.values()), default=0)
@@ -268,6 +289,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def _previous_compile(out: Path) -> tuple[dict[str, bundle_mod.Bundle], dict[str, staticlayout.Head]]:
     """The bundles and heads a previous compile left in ``out`` (unreadable files are skipped)."""
+    from ringfence import bundle as bundle_mod
+    from ringfence import staticlayout
+
     bundles: dict[str, bundle_mod.Bundle] = {}
     heads: dict[str, staticlayout.Head] = {}
     for path in sorted((out / "bundles").glob("*.json")):
@@ -288,6 +312,10 @@ def _previous_compile(out: Path) -> tuple[dict[str, bundle_mod.Bundle], dict[str
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    from ringfence.addresses import format_address
+    from ringfence.engine.explain import EndpointError, decide, format_decision, parse_endpoint
+    from ringfence.services import PortSpecError, parse_flow_port
+
     policy, engine = _engine(args)
     try:
         proto, port = parse_flow_port(args.port)
@@ -338,38 +366,23 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_connectivity(args: argparse.Namespace) -> int:
-    # the matrix needs labels only: no engine, so no bundle rules or address sets are built
-    m = compute_inventory(load_policy(Path(args.policy)), _inventory(args), include_staged=args.staged)
-    rows: list[dict[str, Any]]
-    if args.workloads:
-        rows = [
-            {"from": a, "to": b, "services": [str(s) for s in e.services], "rules": e.rules}
-            for a, b, e in sorted(m.workload_pairs(), key=lambda t: (t[0], t[1]))
-        ]
-    else:
-        rows = [
-            {
-                "from": group_name(s),
-                "to": group_name(d),
-                "services": [str(x) for x in e.services],
-                "rules": e.rules,
-                "workloads": [len(m.groups[s]), len(m.groups[d])],
-            }
-            for (s, d), e in sorted(m.edges.items())
-        ]
+    from ringfence.engine.connectivity import compute_inventory, write_json, write_text
+    from ringfence.policy import load_policy
+
+    # the matrix needs labels (and, for IP-list rules, addresses) only: no engine, no bundles
+    policy = load_policy(Path(args.policy))
+    m = compute_inventory(policy, _inventory(args), include_staged=args.staged)
+    out = sys.stdout
     if args.json:
-        _print_json(rows)
-        return 0
-    for row in rows:
-        print(f"{row['from']}  →  {row['to']}: {', '.join(row['services'])}   [{', '.join(row['rules'])}]")
-    print(
-        f"{len(rows)} allowed {'workload pairs' if args.workloads else 'group pairs'}, "
-        f"{m.allowed_pair_count()} workload pairs in all"
-    )
+        write_json(m, policy, out.write, workloads=args.workloads)
+    else:
+        write_text(m, out.write, workloads=args.workloads)
+    out.flush()
     return 0
 
 
 def cmd_map(args: argparse.Namespace) -> int:
+    from ringfence.policy import load_policy
     from ringfence.store import open_store
     from ringfence.viz.depmap import MapFilter, build_map
     from ringfence.viz.render import render
@@ -393,6 +406,7 @@ def cmd_map(args: argparse.Namespace) -> int:
 def cmd_flows_ingest(args: argparse.Namespace) -> int:
     from ringfence.flows.ingest import FlowIngest
     from ringfence.flows.resolve import sync_addresses
+    from ringfence.policy import load_policy
     from ringfence.store import open_store
 
     store = open_store(args.store)
@@ -416,6 +430,8 @@ def cmd_flows_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_inventory_show(args: argparse.Namespace) -> int:
+    from ringfence.addresses import format_address
+
     _, engine = _engine(args)
     for ws in sorted(engine.workloads.values(), key=lambda w: w.id):
         labels = ",".join(f"{k}={v}" for k, v in sorted(ws.labels.items()))
@@ -431,7 +447,7 @@ def cmd_inventory_show(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from ringfence.bench import format_text, run_bench
 
-    result = run_bench(args.workloads, seed=args.seed, changes=args.changes)
+    result = run_bench(args.workloads, seed=args.seed, changes=args.changes, necessary_every=args.necessary_every)
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
@@ -441,6 +457,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_export_calico(args: argparse.Namespace) -> int:
     from ringfence.export.calico import export_calico
+    from ringfence.policy import load_policy
 
     policy = load_policy(Path(args.policy))
     text = export_calico(policy, _inventory(args), modes=not args.no_modes, failsafes=not args.no_failsafes)
@@ -533,6 +550,8 @@ def cmd_serve_token(args: argparse.Namespace) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
+    from ringfence import bundle as bundle_mod
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     private, public = out / "bundle-signing.pem", out / "bundle-signing.pub.pem"
@@ -545,11 +564,15 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_bundle_schema(args: argparse.Namespace) -> int:
+    from ringfence import bundle as bundle_mod
+
     _print_json(bundle_mod.bundle_schema() if args.kind == "bundle" else bundle_mod.delta_schema())
     return 0
 
 
 def cmd_bundle_verify(args: argparse.Namespace) -> int:
+    from ringfence import bundle as bundle_mod
+
     verifier = bundle_mod.Verifier.from_file(Path(args.public_key))
     doc = bundle_mod.load_bundle(Path(args.file).read_bytes())
     verifier.verify(doc)
@@ -634,7 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--expires-in",
         type=int,
-        default=bundle_mod.DEFAULT_TTL,
+        default=7 * 24 * 3600,  # bundle.DEFAULT_TTL (tests/test_cli.py holds them equal)
         help="seconds until signed bundles expire (default 7 days); compile again before then: bundles "
         "past half their lifetime are re-signed (docs/bundle.md, Expiry)",
     )
@@ -667,13 +690,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft", help="a draft policy: edges it would open or cut are marked")
     p.add_argument("--app", help="only edges with this app at either end")
     p.add_argument("--env", help="only edges with this env at either end")
-    p.add_argument("--decision", choices=["allowed", "potentially-blocked", "blocked", "unknown"])
+    p.add_argument(
+        "--decision",
+        choices=["allowed", "potentially-blocked", "blocked", "unknown"],
+        help="only edges with this decision",
+    )
     p.add_argument("--min-flows", type=int, default=0, help="only edges with at least this many flows")
     p.add_argument("--out", help="file to write (default: stdout)")
 
-    flo = sub.add_parser("flows", help="flows in").add_subparsers(dest="sub", required=True, metavar="command")
+    flo = sub.add_parser("flows", help="flows in").add_subparsers(
+        dest="sub", required=True, metavar="command", help="one of:"
+    )
     p = add("ingest", cmd_flows_ingest, flo, help="VPC Flow Log files (gzip/text) and agent report batches (.json)")
-    p.add_argument("files", nargs="+")
+    p.add_argument("files", nargs="+", help="flow log files (gzip or text) and agent report batches (.json)")
     p.add_argument("--store", required=True, help="sqlite:PATH or dynamodb:INVENTORY,STATE,AUDIT")
     p.add_argument("--policy", required=True, help="the active policy: " + POLICY_PATH_HELP)
     p.add_argument("--inventory", help="resolve addresses with this estate (default: the store's inventory)")
@@ -684,6 +713,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workloads", type=int, default=10_000, help="size of the synthetic estate (default 10000)")
     p.add_argument("--seed", type=int, default=1, help="random seed of the estate and the changes (default 1)")
     p.add_argument("--changes", type=int, default=200, help="random single-workload changes to time")
+    p.add_argument(
+        "--necessary-every",
+        type=int,
+        default=1,
+        help="compute the necessary fan-out (a slow reference) on every Nth change; 0: never (default 1)",
+    )
     p.add_argument("--json", action="store_true", help="the figures as JSON (keys in docs/benchmarks.md)")
 
     exp = sub.add_parser("export", help="the same policy for other enforcement points").add_subparsers(
@@ -777,15 +812,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (PolicyError, InventoryError) as exc:
-        print(f"error:\n{exc}", file=sys.stderr)
-        return 1
+    except BrokenPipeError:
+        # the reader stopped early (`| head`): output is streamed, so that is not an error of ours;
+        # point stdout at /dev/null so the interpreter's final flush does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except UnicodeDecodeError as exc:
         print(f"error: a file is not UTF-8 text ({exc.reason} at byte {exc.start})", file=sys.stderr)
         return 1
-    except (CliError, bundle_mod.BundleError, FileNotFoundError, KeyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except Exception as exc:
+        # the library's errors, of the modules the command imported (no other can have raised one)
+        if _is_error(exc, ("ringfence.policy", "PolicyError"), ("ringfence.inventory", "InventoryError")):
+            print(f"error:\n{exc}", file=sys.stderr)
+            return 1
+        if isinstance(exc, CliError | FileNotFoundError | KeyError) or _is_error(
+            exc, ("ringfence.bundle", "BundleError")
+        ):
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+def _is_error(exc: Exception, *classes: tuple[str, str]) -> bool:
+    for module, name in classes:
+        loaded = sys.modules.get(module)
+        if loaded is not None and isinstance(exc, getattr(loaded, name)):
+            return True
+    return False
 
 
 if __name__ == "__main__":

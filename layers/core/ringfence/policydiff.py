@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ringfence.addresses import V4, Prefix, format_address, format_prefix
-from ringfence.engine.connectivity import Matrix, compute_inventory, normalise, subtract
+from ringfence.engine.connectivity import LabelKey, Matrix, compute_inventory, normalise, subtract
 from ringfence.enums import Mode
 from ringfence.model import Workload
 from ringfence.policy import CompiledRule, ParsedFailsafes, Policy
@@ -92,24 +92,46 @@ def _matrix(policy: Policy, inventory: Iterable[Workload]) -> Matrix:
     return compute_inventory(policy, inventory)
 
 
-def _pair_services(m: Matrix) -> dict[tuple[str, str], list[PortRange]]:
-    return {(a, b): edge.services for a, b, edge in m.workload_pairs()}
+def _group_of(m: Matrix) -> dict[str, LabelKey]:
+    return {w: key for key, ids in m.groups.items() for w in ids}
 
 
 def diff(active: Policy | None, draft: Policy, inventory: list[Workload]) -> PolicyDiff:
     out = PolicyDiff()
     out.added, out.removed, out.changed = _match_rules(active.rules if active else [], draft.rules)
     if inventory:
-        before = _pair_services(_matrix(active, inventory)) if active else {}
-        after = _pair_services(_matrix(draft, inventory))
-        for pair in sorted(before.keys() | after.keys()):
-            old_s, new_s = before.get(pair, []), after.get(pair, [])
-            gained = normalise(subtract(new_s, old_s)) if new_s else []
-            lost = normalise(subtract(old_s, new_s)) if old_s else []
-            if gained:
-                out.gained.append(AccessChange(pair[0], pair[1], gained))
-            if lost:
-                out.lost.append(AccessChange(pair[0], pair[1], lost))
+        after = _matrix(draft, inventory)
+        before = _matrix(active, inventory) if active else None
+        # workloads in one group under both policies gain and lose alike: compare each pair of
+        # such joint groups once, then name its workload pairs
+        g_after, g_before = _group_of(after), _group_of(before) if before else {}
+        joint: dict[tuple[LabelKey | None, LabelKey], list[str]] = {}
+        for w in sorted(g_after):
+            joint.setdefault((g_before.get(w), g_after[w]), []).append(w)
+        for (old_src, new_src), sources in joint.items():
+            for (old_dst, new_dst), destinations in joint.items():
+                # () is a group too (no labels): test for None, not truth
+                old_edge = (
+                    before.edges.get((old_src, old_dst))
+                    if before is not None and old_src is not None and old_dst is not None
+                    else None
+                )
+                new_edge = after.edges.get((new_src, new_dst))
+                old_s = old_edge.services if old_edge else []
+                new_s = new_edge.services if new_edge else []
+                if old_s == new_s:
+                    continue
+                gained = normalise(subtract(new_s, old_s)) if new_s else []
+                lost = normalise(subtract(old_s, new_s)) if old_s else []
+                for a in sources:
+                    for b in destinations:
+                        if a != b:
+                            if gained:
+                                out.gained.append(AccessChange(a, b, gained))
+                            if lost:
+                                out.lost.append(AccessChange(a, b, lost))
+        out.gained.sort(key=lambda c: (c.source, c.destination))
+        out.lost.sort(key=lambda c: (c.source, c.destination))
     return out
 
 

@@ -314,6 +314,8 @@ class Live:
             steps.append(self.router.stop)
         if self.imds is not None:
             steps.append(self.imds.stop)
+        if self.serve is not None:
+            steps.append(self._stop_serve)  # before moto: its head watch would read a stopped server
         if self.aws is not None:
             steps.append(self.aws.stop)
         if self.lab is not None:
@@ -322,6 +324,13 @@ class Live:
         for fn in steps:
             with contextlib.suppress(BaseException):
                 fn()
+
+    def _stop_serve(self) -> None:
+        assert self.serve is not None
+        if self.serve.poll() is None:
+            self.serve.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.serve.wait(timeout=5)
 
     def _kill_own(self) -> None:
         for p in self.procs:

@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"incremental update in {inc_s * 1000:.2f} ms (full compile took {full_s * 1000:.1f} ms)")
     print(f"  new bundle for: {', '.join(sorted(upd.rebuilt))}")
     for name, (from_v, added, removed) in sorted(upd.set_deltas.items()):
-        holders = sorted(engine.sets_by_name[name].refs)
+        holders = sorted(engine.sets_by_name[name].held)
         print(
             f"  set delta {name} v{from_v}→v{upd.revision}: +{[format_prefix(p) for p in added]} "
             f"-{[format_prefix(p) for p in removed]} → {len(holders)} agents ({', '.join(holders)})"

@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ringfence import addresses, selectors
 from ringfence.addresses import Address, AddressSet, Prefix
@@ -77,6 +77,9 @@ class WorkloadState:
     name: str | None = None
     # (rule position, direction, set key | None for "any address")
     entries: tuple[tuple[int, str, SetKey | None], ...] = ()
+    # indexes into ``entries`` of deny and override-deny entries left out of the bundle: no allow
+    # of the same direction admits any of their peers on any of their services (see _dropped)
+    dropped: frozenset[int] = frozenset()
     rules_revision: int = 0
 
     @property
@@ -95,6 +98,11 @@ class AddressSetState:
     elements: AddressSet | StaticSet
     version: int
     refs: set[str] = field(default_factory=set)
+    """workloads with an entry on this set (it lives while they do)"""
+    allow_refs: set[str] = field(default_factory=set)
+    deny_refs: set[str] = field(default_factory=set)
+    held: set[str] = field(default_factory=set)
+    """workloads whose bundle holds this set: refs less those whose only entries on it are dropped"""
     static: bool = False  # IP-list sets never change with the inventory
     rendered: tuple[list[str], list[str]] | None = None  # (v4, v6) text, until the content changes
 
@@ -176,6 +184,12 @@ class Engine:
             OUTBOUND: [(r.consumer.canonical(), r.same) for r in self.rules],
         }
         self._selector_entries: dict[str, _SelectorEntry] = {}
+        self._static_sets: dict[str, AddressSetState] = {}
+        self._by_addr: dict[Address, set[str]] = {}
+        self._service_overlap: dict[tuple[int, int], bool] = {}
+        # workloads with an allow / a deny entry whose peer is any address (no set)
+        self._allow_any: set[str] = set()
+        self._deny_any: set[str] = set()
         self._ip_peers: dict[str, tuple[Prefix, ...]] = {}
         for r in self.rules:
             for peer in (r.provider, r.consumer):
@@ -244,6 +258,8 @@ class Engine:
             ws = self.resolve(w, slot)
             self.workloads[w.id] = ws
             self._slots[slot] = w.id
+            for addr in ws.addrs:
+                self._by_addr.setdefault(addr, set()).add(w.id)
             if ws.selectable:
                 self.index.add(slot, ws.labels)
         # rule → workloads, via bitsets (no per-pair work)
@@ -264,9 +280,16 @@ class Engine:
         for wid, ws in self.workloads.items():
             ws.entries = tuple(sorted(entries[wid], key=_entry_order))
             ws.rules_revision = self.revision
-            for _, _, key in ws.entries:
-                if key is not None:
-                    self._ref(key, wid)
+            for key in _keys(ws.entries):
+                self._ref(key, wid)
+        # set contents are final now; workloads with the same entries drop the same ones
+        dropped: dict[tuple[tuple[int, str, SetKey | None], ...], frozenset[int]] = {}
+        for wid, ws in self.workloads.items():
+            d = dropped.get(ws.entries)
+            if d is None:
+                d = dropped[ws.entries] = self._dropped(ws)
+            ws.dropped = d
+            self._move_roles(wid, None, ws)
 
     # --- sets ----------------------------------------------------------------------------------
 
@@ -289,6 +312,7 @@ class Engine:
         if not s.refs:
             del self.sets[key]
             del self.sets_by_name[s.name]
+            self._static_sets.pop(s.name, None)
             if not s.static:
                 entry = self._selector_entries[key[0]]
                 dims = tuple(d for d, _ in key[1])
@@ -303,6 +327,7 @@ class Engine:
         entry = self._selector_entries.get(canon)
         if entry is None:  # an IP list: fixed prefixes, never touched by inventory changes
             s = AddressSetState(key, set_name(key), StaticSet(self._ip_peers[canon]), self.revision, static=True)
+            self._static_sets[s.name] = s
         else:
             # the pinned app group is usually small: narrow to it before the selector. A missing
             # value is shared with nobody: a workload lacking a pinned dimension has an empty set
@@ -379,14 +404,24 @@ class Engine:
 
         # 3. the changed workload's own rules; sets appear and disappear with their references
         wid = (new or old).id  # type: ignore[union-attr]
+        if old is not None:
+            for addr in old.addrs:
+                self._by_addr[addr].discard(wid)
+                if not self._by_addr[addr]:
+                    del self._by_addr[addr]
         if new is not None:
             new.entries = self._entries_for(new)
             self.workloads[wid] = new
             self._slots[new.slot] = wid
+            for addr in new.addrs:
+                self._by_addr.setdefault(addr, set()).add(wid)
         old_keys = _keys(old.entries) if old is not None else set()
         new_keys = _keys(new.entries) if new is not None else set()
         for key in new_keys - old_keys:
             self._ref(key, wid)
+        if new is not None:
+            new.dropped = self._dropped(new)  # every set it names exists and is filled now
+        self._move_roles(wid, old, new)
         for key in old_keys - new_keys:
             self._unref(key, wid)
         if new is None:
@@ -394,8 +429,9 @@ class Engine:
             del self._slots[old.slot]  # type: ignore[union-attr]
             self._free_slots.append(old.slot)  # type: ignore[union-attr]
             upd.removed.add(wid)
-        elif old is None or (old.entries, old.mode, old.quarantined) != (
+        elif old is None or (old.entries, old.dropped, old.mode, old.quarantined) != (
             new.entries,
+            new.dropped,
             new.mode,
             new.quarantined,
         ):
@@ -416,10 +452,112 @@ class Engine:
             upd.set_deltas[name] = (s.version, added, removed)
             s.version = self.revision
             s.rendered = None
-            upd.notify |= s.refs
+        # 5. a deny dropped elsewhere comes back where this change lets an allow admit one of its
+        # peers (and goes where none does any more): those bundles are rebuilt in this same update
+        admitting: set[str] = set()
+        if upd.set_deltas:
+            changed = (old.addrs if old is not None else ()) + (new.addrs if new is not None else ())
+            admitting, candidates = self._drop_candidates(wid, changed, old_in | new_in)
+            memo: dict[tuple[tuple[int, str, SetKey | None], ...], frozenset[int]] = {}
+            for other in candidates:
+                ws = self.workloads[other]
+                dropped = memo.get(ws.entries)  # the same entries drop the same ones (contents are fixed now)
+                if dropped is None:
+                    dropped = memo[ws.entries] = self._dropped(ws)
+                if dropped != ws.dropped:
+                    before = replace(ws)
+                    ws.dropped = dropped
+                    self._move_roles(other, before, ws)
+                    ws.rules_revision = self.revision
+                    upd.rebuilt.add(other)
+                    upd.notify.add(other)
+        # 6. nudge every agent whose bundle holds a changed set, where it matters: a change at an
+        # address no allow of the agent admits moves no decision of its (only a deny set holds it
+        # there). Such an agent's copy of the deny set lags, deciding alike, until its next fetch
+        # walks the whole delta chain (as every fetch does).
+        for name in upd.set_deltas:
+            s = self.sets_by_name[name]
+            upd.notify |= s.allow_refs
+            upd.notify |= s.held & admitting if len(s.held) > len(admitting) else admitting & s.held
         upd.notify -= upd.removed
         upd.bundles = {w: self.render(w) for w in upd.rebuilt}
         return upd
+
+    # --- dropped denies -------------------------------------------------------------------------
+
+    def _dropped(self, ws: WorkloadState) -> frozenset[int]:
+        """The deny and override-deny entries of ``ws`` no allow entry of the same direction
+        overlaps (on peer addresses and on services). Such an entry decides nothing: a flow it
+        matches matches no allow, so the default deny decides it alike (and a plain deny, after
+        the allows, only ever renames the default). Leaving it out keeps the big boundary sets
+        (``non-prod ↛ prod``) out of bundles that allow nothing across the boundary anyway, and
+        keeps their holders from being nudged by every change on the other side."""
+        entries = ws.entries
+        allows = [(pos, d, key) for pos, d, key in entries if self._groupable[pos]]
+        out: list[int] = []
+        for i, (pos, direction, key) in enumerate(entries):
+            if self._groupable[pos]:
+                continue
+            if not any(
+                d == direction and self._services_meet(pos, p) and self._peers_meet(key, k) for p, d, k in allows
+            ):
+                out.append(i)
+        return frozenset(out)
+
+    def _services_meet(self, a: int, b: int) -> bool:
+        hit = self._service_overlap.get((a, b))
+        if hit is None:
+            hit = self._service_overlap[(a, b)] = any(_spans_meet(x, y) for x in self._spans[a] for y in self._spans[b])
+        return hit
+
+    def _peers_meet(self, a: SetKey | None, b: SetKey | None) -> bool:
+        """Whether two peers (sets by key, None: any address) share an address now."""
+        if a is None or b is None:
+            other = b if a is None else a
+            return other is None or len(self.sets[other].elements) > 0
+        return _contents_meet(self.sets[a].elements, self.sets[b].elements)
+
+    def _drop_candidates(self, wid: str, changed: tuple[Address, ...], touched: set[str]) -> tuple[set[str], set[str]]:
+        """(the workloads with an allow entry admitting one of the ``changed`` addresses before
+        or after, the workloads besides ``wid`` whose dropped denies this change may flip). A flip
+        needs a deny entry's set and an allow entry's set to come to share, or stop sharing, one
+        of the ``changed`` addresses, so both sets hold it now or held it before. ``touched``: the
+        names of the sets the changed workload is a member of, before and after."""
+        names = set(touched)
+        for addr in set(changed):
+            for other in self._by_addr.get(addr, ()):
+                if other != wid:
+                    names |= self._memberships(self.workloads[other])
+            for name, s in self._static_sets.items():
+                if isinstance(s.elements, StaticSet) and s.elements.contains(addr):
+                    names.add(name)
+        holding = [self.sets_by_name[n] for n in names if n in self.sets_by_name]
+        allow = set(self._allow_any)  # an any-address allow meets a deny set that gains its first address
+        for s in holding:
+            allow |= s.allow_refs
+        denies = [s.deny_refs for s in holding if s.deny_refs]
+        if self._deny_any:
+            denies.append(self._deny_any)
+        out = {w for w in allow if any(w in d for d in denies)}
+        out.discard(wid)
+        return allow, out
+
+    def _move_roles(self, wid: str, old: WorkloadState | None, new: WorkloadState | None) -> None:
+        """Keep each set's ``allow_refs``, ``deny_refs`` and ``held`` (and the any-address
+        entries' equivalents) in step with a workload's entries and dropped denies."""
+        before = _roles(old, self._groupable)
+        after = _roles(new, self._groupable)
+        for i, (attr, anyone) in enumerate(
+            (("allow_refs", self._allow_any), ("deny_refs", self._deny_any), ("held", None))
+        ):
+            for key in after[i] - before[i]:
+                target = anyone if key is None else getattr(self.sets[key], attr)
+                if target is not None:
+                    target.add(wid)
+            for key in before[i] - after[i]:
+                target = anyone if key is None else getattr(self.sets[key], attr)
+                if target is not None:
+                    target.discard(wid)
 
     def _memberships(self, ws: WorkloadState | None) -> set[str]:
         """Names of existing sets whose members include ``ws``."""
@@ -460,7 +598,11 @@ class Engine:
     def bundle_version(self, wid: str) -> int:
         ws = self.workloads[wid]
         versions = [ws.rules_revision]
-        versions.extend(self.sets[key].version for _, _, key in ws.entries if key is not None)
+        versions.extend(
+            self.sets[key].version
+            for i, (_, _, key) in enumerate(ws.entries)
+            if key is not None and i not in ws.dropped
+        )
         return max(versions)
 
     def render(self, wid: str) -> dict[str, object]:
@@ -468,7 +610,9 @@ class Engine:
         ws = self.workloads[wid]
         rules: dict[str, list[tuple[int, str | None]]] = {INBOUND: [], OUTBOUND: []}  # (position, peer set)
         used: dict[str, AddressSetState] = {}
-        for pos, direction, key in ws.entries:
+        for i, (pos, direction, key) in enumerate(ws.entries):
+            if i in ws.dropped:
+                continue
             name = None
             if key is not None:
                 s = self.sets[key]
@@ -622,6 +766,9 @@ class StaticSet:
     def __len__(self) -> int:
         return len(self._prefixes)
 
+    def contains(self, addr: Address) -> bool:
+        return any(addresses.prefix_contains(p, addr) for p in self._prefixes)
+
 
 def _entry_order(e: tuple[int, str, SetKey | None]) -> tuple[int, str]:
     return (e[0], e[1])
@@ -649,3 +796,31 @@ def _set_json(s: AddressSetState) -> dict[str, object]:
 
 def _keys(entries: tuple[tuple[int, str, SetKey | None], ...]) -> set[SetKey]:
     return {key for _, _, key in entries if key is not None}
+
+
+def _roles(ws: WorkloadState | None, allows: list[bool]) -> tuple[set[SetKey | None], ...]:
+    """(keys of allow entries, keys of deny entries, keys of the sets its bundle holds)."""
+    if ws is None:
+        return set(), set(), set()
+    allow = {key for pos, _, key in ws.entries if allows[pos]}
+    deny = {key for pos, _, key in ws.entries if not allows[pos]}
+    kept = {key for i, (_, _, key) in enumerate(ws.entries) if i not in ws.dropped and key is not None}
+    return allow, deny, kept  # type: ignore[return-value]
+
+
+def _spans_meet(a: tuple[str, int, int], b: tuple[str, int, int]) -> bool:
+    if a[0] == "any" or b[0] == "any":
+        return True
+    return a[0] == b[0] and a[1] <= b[2] and b[1] <= a[2]
+
+
+def _contents_meet(a: AddressSet | StaticSet, b: AddressSet | StaticSet) -> bool:
+    """Whether two peer sets share an address (covers of member addresses are exact)."""
+    if isinstance(a, AddressSet) and isinstance(b, AddressSet):
+        small, large = (a, b) if len(a) <= len(b) else (b, a)
+        return any(addr in large.counts for addr in small.counts)
+    if isinstance(a, StaticSet) and isinstance(b, StaticSet):
+        return any(addresses.prefixes_meet(p, q) for p in a.elements() for q in b.elements())
+    members, static = (a, b) if isinstance(a, AddressSet) else (b, a)
+    assert isinstance(members, AddressSet)
+    return any(members.meets(p) for p in static.elements())
