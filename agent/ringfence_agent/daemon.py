@@ -416,6 +416,8 @@ class Daemon:
             release_memory()
         if self.agent.revision is not None and self.agent.bundle is not None:
             revision, bundle_version = self.agent.revision, self.agent.bundle.version
+            if latest is not None and revision >= latest:
+                return  # the bundle is the newest announced: no deltas after it to ask for
             more = self._timed("fetch", lambda: self._fetch_deltas(revision, bundle_version))
             if more:
                 self._timed("apply", lambda: self._apply_deltas(more))

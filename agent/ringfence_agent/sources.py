@@ -147,6 +147,16 @@ def _http_problem(exc: http.client.HTTPException) -> str:
     return f"bad HTTP answer ({type(exc).__name__}: {str(exc)[:200]})"
 
 
+def _version_of(bundle_text: str) -> int | None:
+    """The version a bundle's text names (to key the deltas that came after it); None when it
+    does not say (the bundle itself is then refused when read)."""
+    try:
+        v = json.loads(bundle_text).get("version")
+    except (ValueError, AttributeError):
+        return None
+    return v if type(v) is int else None
+
+
 def _lifetime(resp: dict[str, Any]) -> int:
     """A token answer's ``expires_in``; 0 (renew on a 401 only) when it has none."""
     exp = resp.get("expires_in")
@@ -194,7 +204,9 @@ class StaticSource:
         self.timeout = timeout
         self._etag: str | None = None  # of the bundle last settled: sent as If-None-Match
         self._fetched_etag: str | None = None  # of the bundle last fetched, until settled
-        # the deltas the last wait answered with: (since, documents), taken by the next deltas()
+        # what the last wait answered with, taken by the next bundle() / deltas(): the bundle's
+        # text and ETag; the deltas as (since, documents)
+        self._pushed_bundle: tuple[str, str | None] | None = None
         self._pushed: tuple[int, list[Any]] | None = None
         self._head_etag: str | None = None
         self.head: Head | None = None
@@ -356,7 +368,9 @@ class ApiSource:
         self._key: AgentKey | None = None
         self._etag: str | None = None  # of the bundle last settled: sent as If-None-Match
         self._fetched_etag: str | None = None  # of the bundle last fetched, until settled
-        # the deltas the last wait answered with: (since, documents), taken by the next deltas()
+        # what the last wait answered with, taken by the next bundle() / deltas(): the bundle's
+        # text and ETag; the deltas as (since, documents)
+        self._pushed_bundle: tuple[str, str | None] | None = None
         self._pushed: tuple[int, list[Any]] | None = None
 
     def _url(self, route: str, query: str = "") -> tuple[str, str]:
@@ -456,29 +470,40 @@ class ApiSource:
         raise SourceError("unreachable")  # pragma: no cover
 
     def wait(self, version: int | None, timeout: float, stop: threading.Event) -> int | None:
-        """The long poll; it asks for the deltas since ``version`` to come with the answer (what
-        :meth:`deltas` would fetch next), so a change costs one request, not two."""
+        """The long poll; it asks for what :meth:`deltas` or :meth:`bundle` would fetch next to
+        come with the answer (the deltas since ``version``, else a newer bundle and the deltas
+        since it), so a change costs one request, not two or three."""
         v = -1 if version is None else version
-        self._pushed = None
+        self._pushed = self._pushed_bundle = None
         status, _, body = self._call(
             "wait",
-            f"version={v}&timeout={int(timeout)}&deltas=true",
+            f"version={v}&timeout={int(timeout)}&deltas=true&bundle=true",
             timeout=timeout + self.timeout,
-            limit=self.max_bundle_bytes,  # the deltas may come along: as much as a deltas answer
+            limit=self.max_bundle_bytes,  # a bundle may come along
         )
         if status != 200:
             raise SourceError(f"wait: HTTP {status}")
         resp = _answer(body, "wait")
         latest = resp.get("latest_version")
+        since = version
+        bundle, etag = resp.get("bundle"), resp.get("etag")
+        if isinstance(bundle, str):
+            self._pushed_bundle = (bundle, etag if isinstance(etag, str) else None)
+            since = _version_of(bundle)
         pushed = resp.get("deltas")
-        if version is not None and isinstance(pushed, dict) and isinstance(pushed.get("deltas"), list):
-            self._pushed = (version, pushed["deltas"])  # verified like fetched ones, by the daemon
+        if since is not None and isinstance(pushed, dict) and isinstance(pushed.get("deltas"), list):
+            self._pushed = (since, pushed["deltas"])  # verified like fetched ones, by the daemon
         return latest if type(latest) is int else None
 
     def announced(self) -> int | None:
         return None  # announced by wait() and heartbeats
 
     def bundle(self) -> Bundle | None:
+        pushed, self._pushed_bundle = self._pushed_bundle, None
+        if pushed is not None:  # came with the wait's answer: read as a fetched one is
+            doc = fetched_bundle(200, pushed[0].encode(), "bundle")
+            self._fetched_etag = pushed[1]
+            return doc
         headers = {"If-None-Match": self._etag} if self._etag else {}
         self.fetches += 1
         status, hdrs, body = self._call("bundle", headers=headers, limit=self.max_bundle_bytes)
@@ -491,9 +516,11 @@ class ApiSource:
         self._etag = self._fetched_etag
 
     def deltas(self, since: int, sets: dict[str, int], bundle_version: int) -> list[SetDelta] | None:
-        pushed, self._pushed = self._pushed, None
-        if pushed is not None and pushed[0] == since:
-            return [delta_from_json(d) for d in pushed[1]]  # came with the wait's answer
+        if self._pushed is not None and self._pushed[0] == since:
+            docs, self._pushed = self._pushed[1], None
+            return [delta_from_json(d) for d in docs]  # came with the wait's answer
+        if self._pushed_bundle is not None:
+            return None  # the wait answered with a bundle: deltas since ``since`` do not bridge
         self.fetches += 1
         status, _, body = self._call("deltas", f"since={since}", limit=self.max_bundle_bytes)
         if status in (404, 409):

@@ -135,8 +135,15 @@ class WaitResponse(_Body):
     deltas: DeltasResponse | None = Field(
         None,
         description="with `deltas=true`, when a newer version exists and the deltas since `version` bridge to "
-        "it: what `GET …/deltas?since=<version>` answers (the agent then needs no second request)",
+        "it: what `GET …/deltas?since=<version>` answers (the agent then needs no second request); beside a "
+        "`bundle`, the deltas since that bundle",
     )
+    bundle: str | None = Field(
+        None,
+        description="with `bundle=true`, when deltas do not bridge and the stored bundle is newer than `version`: "
+        "the bundle document, byte for byte as `GET …/bundle` answers it, as a string",
+    )
+    etag: str | None = Field(None, description="the bundle's ETag (send it as If-None-Match later)")
 
 
 class ErrorBody(_Body):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import secrets
 import threading
 import time
@@ -294,23 +295,47 @@ class AgentApi:
         ptr = self.w.store.bundle_pointer(workload_id)
         return self._latest(ptr)[0] if ptr is not None else None
 
-    def wait(self, workload_id: str, version: int, timeout: float, with_deltas: bool = False) -> Response:
+    def wait(
+        self, workload_id: str, version: int, timeout: float, with_deltas: bool = False, with_bundle: bool = False
+    ) -> Response:
         """Long-poll: answers as soon as the workload's latest version is newer than ``version``,
         or when ``timeout`` (capped at the wiring's ``max_wait``) has passed, with that version.
-        ``with_deltas``: the answer carries the deltas since ``version`` too when they bridge (what
-        the agent would fetch next: one request and its store reads saved per change)."""
+        The answer may carry what the agent would fetch next, so that a change costs it one
+        request: ``with_deltas``, the deltas since ``version`` when they bridge; else
+        ``with_bundle``, the stored bundle when it is newer than ``version`` (as a string, byte
+        for byte), with its ETag and the deltas since it when there are any."""
         deadline = time.monotonic() + max(0.0, min(timeout, self.w.cfg.max_wait))
         while True:
             ptr = self.w.store.bundle_pointer(workload_id)
             latest = self._latest(ptr)[0] if ptr is not None else None
             left = deadline - time.monotonic()
-            if ptr is not None and latest is not None and latest > version and with_deltas and version >= 0:
-                found = self._deltas(workload_id, ptr, version, repair=False)
-                if found.status == 200 and isinstance(found.body, bytes):
-                    return Response(200, b'{"latest_version": %d, "deltas": %s}' % (latest, found.body))
+            if ptr is not None and latest is not None and latest > version:
+                update = self._update(workload_id, ptr, version, latest, with_deltas, with_bundle)
+                if update is not None:
+                    return Response(200, b'{"latest_version": %d, %s}' % (latest, update))
             if (latest is not None and latest > version) or left <= 0:
                 return Response(200, agentapi.WaitResponse(latest_version=latest).model_dump(exclude_unset=True))
             self.w.wait_for_change(left, workload_id)
+
+    def _update(
+        self, workload_id: str, ptr: BundlePointer, version: int, latest: int, with_deltas: bool, with_bundle: bool
+    ) -> bytes | None:
+        """The fields a wait's answer carries beside the version (JSON members), or None."""
+        if with_deltas and version >= 0:
+            found = self._deltas(workload_id, ptr, version, repair=False)
+            if found.status == 200 and isinstance(found.body, bytes):
+                return b'"deltas": %s' % found.body
+        if not with_bundle or ptr.version <= version:
+            return None  # the agent holds that bundle or a newer one: deltas or nothing
+        out = b'"etag": %s, "bundle": %s' % (
+            json.dumps(ptr.etag).encode(),
+            json.dumps(self._document(ptr.key).decode()).encode(),
+        )
+        if with_deltas and latest > ptr.version:  # set deltas since that bundle
+            after = self._deltas(workload_id, ptr, ptr.version, repair=False)
+            if after.status == 200 and isinstance(after.body, bytes):
+                out += b', "deltas": %s' % after.body
+        return out
 
     def reports(self, workload_id: str, batch: agentapi.ReportBatch) -> Response:
         key = f"reports/{workload_id}/{time.strftime('%Y/%m/%d', time.gmtime())}/{uuid.uuid4().hex}.json"

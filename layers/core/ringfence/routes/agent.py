@@ -111,8 +111,11 @@ def agent_routes(service: Callable[[], AgentApi]) -> APIGatewayRestResolver:
         deltas: Annotated[
             bool, Query(description="answer with the signed deltas since `version` too, when they bridge")
         ] = False,
+        bundle: Annotated[
+            bool, Query(description="else answer with the stored bundle when it is newer than `version`")
+        ] = False,
     ) -> HttpResponse[str]:
-        return authorized(wid) or http(service().wait(wid, version, timeout, deltas))
+        return authorized(wid) or http(service().wait(wid, version, timeout, deltas, bundle))
 
     @app.post(
         route_path("heartbeat"),
