@@ -461,6 +461,15 @@ class Live:
             out[i] = max([p.version, p.rules_revision, *sets])
         return out
 
+    def notified_since(self, revision: int) -> set[str] | None:
+        """The workloads compute's publications after ``revision`` named (None: everyone)."""
+        out: set[str] = set()
+        for rec in self.store.moved_after(revision):
+            if rec.workloads is None:
+                return None
+            out.update(rec.workloads)
+        return out
+
     def idle(self, timeout: float = 10.0, settle: float = 0.3) -> bool:
         """Nothing left to route or run: the work queues empty and no handler invoked for
         ``settle`` seconds (longer than the router's watch interval, so its last look is in)."""
@@ -525,7 +534,7 @@ class Live:
         apply it; the sample is t0 → the last of those applies (the agents' own clock stamps)."""
         assert self.fleet is not None
         m0 = time.perf_counter()
-        base = self.targets()
+        base, base_revision = self.targets(), self.store.head().revision
         cost = {"targets_before": time.perf_counter() - m0}
         before = set(self.fleet.instances)
         t0 = time.time()
@@ -540,7 +549,13 @@ class Live:
         m0 = time.perf_counter()
         tg = self.targets()
         cost["targets_after"] = time.perf_counter() - m0
-        affected = [i for i, v in tg.items() if v is not None and v != base.get(i)]
+        # affected: the agents compute notified (its moved records), as their policy changed
+        # — not every agent whose version moved: one holding a deny set no allow of its overlaps
+        # is not nudged; its copy lags behind and decides the same (docs/bundle.md)
+        notified = self.notified_since(base_revision)
+        affected = [
+            i for i, v in tg.items() if v is not None and v != base.get(i) and (notified is None or i in notified)
+        ]
         while time.monotonic() < deadline:
             if all(_applied(self.fleet.get(i)) >= (tg[i] or 0) for i in affected if i in self.fleet.instances):
                 break
