@@ -261,6 +261,11 @@ class Wiring(BaseWiring):
         every poll interval for all waiters of this process at once."""
         self.changes.wait(seconds)
 
+    def close(self) -> None:
+        """Done with this wiring (serve shutting down, a test's AWS going away): its change watch
+        stops instead of polling a store that may no longer exist."""
+        self.changes.close()
+
     def _head_mark(self) -> tuple[int, int, bool]:
         head = self.store.head()
         return head.revision, head.policy_version, head.clean
