@@ -173,7 +173,9 @@ class EmbeddedAws:
         """Empty every moto backend and create the resources again (a new signing key)."""
         import requests
 
-        requests.post(f"{self.url}/moto-api/reset", timeout=30).raise_for_status()
+        # generous: on a starved machine (two test workers among other load) a reset of every
+        # backend was seen to take over 30 s, failing the test that asked for a fresh moto
+        requests.post(f"{self.url}/moto-api/reset", timeout=120).raise_for_status()
         self.build()
 
     # --- environment -------------------------------------------------------------------------
