@@ -63,8 +63,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy layers/core/ringfence agent/ringfence_agent
 
+# two workers (pytest-xdist): CI has 2 cores, and much of the suite waits on subprocesses, the
+# kernel and moto rather than computing. Tests are spread one at a time (loadgroup: a test marked
+# xdist_group stays on one worker with the others of its group). PYTEST_WORKERS=0 runs serially.
+PYTEST_WORKERS ?= 2
 unit: $(STAMP) sysdeps
-	$(BIN)/pytest -q --durations=15
+	$(BIN)/pytest -q --durations=15 -n $(PYTEST_WORKERS) --dist loadgroup
 
 $(CHECKOV_STAMP): requirements/checkov.lock
 	@test -x $(CHECKOV_VENV)/bin/python || $(PY) -m venv $(CHECKOV_VENV)

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,24 @@ def embedded() -> Iterator[Any]:
     aws.start(build=False)
     yield aws
     aws.stop()
+
+
+@pytest.fixture
+def aws_wiring() -> Iterator[Callable[[], Any]]:
+    """Builds ``serve.build_wiring("aws")`` (over the AWS the environment names, as read at the
+    call); each one built is closed when the test ends, so its change watch does not outlive the
+    test and poll a reset or stopped moto."""
+    from ringfence import serve
+
+    built: list[Any] = []
+
+    def build() -> Any:
+        built.append(serve.build_wiring("aws"))
+        return built[-1]
+
+    yield build
+    for w in built:
+        w.close()
 
 
 def rule_parts(rules: list[Any]) -> list[Any]:

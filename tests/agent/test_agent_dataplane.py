@@ -11,7 +11,7 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -914,6 +914,7 @@ def test_daemon_enrolls_follows_pushes_and_reports_against_the_real_control_plan
     tmp_path: Path,
     aws_env: Any,  # noqa: F811 - the fixture
     request: pytest.FixtureRequest,
+    aws_wiring: Callable[[], Any],
 ) -> None:
     """The agent in h2 against ``ringfence serve`` (the real agent-API routes) listening in cp,
     over the moto-backed AWS wiring: the lab hosts are EC2 instances with the lab's addresses, the
@@ -944,7 +945,7 @@ def test_daemon_enrolls_follows_pushes_and_reports_against_the_real_control_plan
     request.addfinalizer(lambda: net.exec("h2", "ip", "route", "del", "169.254.169.254/32", "dev", "eth0"))
     request.addfinalizer(lambda: net.exec("cp", "ip", "addr", "del", "169.254.169.254/32", "dev", "eth0"))
     by_address = {net.v4(host): iid for host, iid in ids.items()}
-    app = serve.ServeApp.over(serve.build_wiring("aws"), None)
+    app = serve.ServeApp.over(aws_wiring(), None)
     tls = lab_tls(tmp_path / "tls", net.v4("cp"))  # HTTPS, verified against the lab's own CA
     with (
         serve.serving(app, tls_cert=str(tls.cert), tls_key=str(tls.key), sock=sock),

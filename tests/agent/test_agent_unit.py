@@ -809,7 +809,6 @@ def test_reports_spool_when_unreachable_and_discard_when_refused(tmp_path: Path)
 
 def test_daemon_does_not_spin_when_the_announced_version_is_refused(tmp_path: Path) -> None:
     import threading
-    import time
 
     from ringfence_agent.config import AgentConfig
     from ringfence_agent.daemon import Daemon
@@ -855,15 +854,41 @@ def test_daemon_does_not_spin_when_the_announced_version_is_refused(tmp_path: Pa
         def report(self, batch: ReportBatch) -> None:
             return None
 
+    class Stop(threading.Event):
+        """The daemon's stop event: the sync loop's pauses are recorded (in order with the source's
+        waits) and skipped, so the test counts what the loop asked for instead of timing it; other
+        threads (the observer) still wait for real."""
+
+        def wait(self, timeout: float | None = None) -> bool:
+            if threading.current_thread() is t and timeout is not None:
+                calls.append(("pause", timeout))
+                return self.is_set()
+            return super().wait(timeout)
+
+    calls: list[tuple[str, float]] = []
     src = Announcer()
+    waits = src.wait
+
+    def wait(version: int | None, timeout: float, stop: threading.Event) -> int | None:
+        calls.append(("wait", timeout))
+        if src.waits == 5:
+            daemon.stop.set()  # enough rounds to see the pattern
+        return waits(version, timeout, stop)
+
+    src.wait = wait  # type: ignore[method-assign]
     daemon.source = src  # type: ignore[assignment]
+    daemon.stop = Stop()
     t = threading.Thread(target=daemon.run)
     t.start()
-    time.sleep(1.5)
-    daemon.stop.set()
-    t.join(timeout=10)
+    t.join(timeout=60)
     assert not t.is_alive()
-    assert src.waits <= 4, src.waits  # backed off instead of hammering the control plane
+    waited = [i for i, (what, _) in enumerate(calls) if what == "wait"]
+    assert len(waited) == 6, calls
+    # never back to the source without a pause first: each round waits at least half the backoff
+    # cap, min(backoff_max, poll_interval) = 1 s (full jitter: 0.5-1 × it), instead of spinning
+    for prev, i in zip([-1, *waited], waited, strict=False):
+        pauses = [d for what, d in calls[prev + 1 : i] if what == "pause"]
+        assert pauses and sum(pauses) >= 0.5, (i, calls)
     assert daemon.state.read_json("status.json")["counters"]["rejected"] == 1  # refused once, reported once
 
 

@@ -11,7 +11,7 @@ import copy
 import datetime as dt
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import pytest
 
 from ringfence.adminroles import ENV as ADMIN_ROLES_ENV
 from ringfence.local.aws import EmbeddedAws, IidKey
-from ringfence.local.lambdas import LambdaContext, deliver_batch, load_functions, sqs_event
+from ringfence.local.lambdas import LambdaContext, deliver_batch, load_functions, retire_functions, sqs_event
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -86,7 +86,13 @@ class Env:
         self.load_functions()
 
     def load_functions(self) -> None:
+        self.retire()
         self.fn = load_functions(FUNCTIONS, ROOT / "functions")
+
+    def retire(self) -> None:
+        """The loaded containers are done: their wirings close (no change watch outlives them)."""
+        retire_functions(self.fn.values())
+        self.fn = {}
 
     def hook(self, event_name: str, handler: Callable[..., Any]) -> None:
         """Register a botocore event handler on the session the control plane uses."""
@@ -344,10 +350,11 @@ def rest_answer(out: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
 
 
 @pytest.fixture
-def env(embedded: EmbeddedAws) -> Env:
+def env(embedded: EmbeddedAws) -> Iterator[Env]:
     e = Env(embedded)
     e.build()
-    return e
+    yield e
+    e.retire()
 
 
 def ip_of(env: Env, iid: str) -> str:

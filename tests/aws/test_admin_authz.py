@@ -7,7 +7,7 @@ event, and against ``ringfence serve`` over HTTP with role-carrying admin tokens
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,14 +118,14 @@ def test_a_policy_that_idles_workloads_is_counted_and_names_them(env: Env, capsy
 
 
 @pytest.fixture
-def served_roles(env: Env, tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+def served_roles(env: Env, tmp_path: Path, aws_wiring: Callable[[], Any]) -> Iterator[tuple[str, dict[str, str]]]:
     tokens, lines = {}, []
     for who, roles in {"ann": ["policy-author"], "ivan": ["incident-responder"], "rita": ["reader"]}.items():
         tokens[who], line = serve.new_admin_token(who, roles)
         lines.append(line)
     path = tmp_path / "admin-tokens"
     path.write_text("\n".join(lines) + "\n")
-    app = serve.ServeApp.over(serve.build_wiring("aws"), serve.AdminTokens.load(path))
+    app = serve.ServeApp.over(aws_wiring(), serve.AdminTokens.load(path))
     with serve.serving(app) as running:
         yield running.url, tokens
 

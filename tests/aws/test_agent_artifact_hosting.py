@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,7 @@ def test_install_sh_downloads_the_wheel_over_https_from_the_agent_api_and_checks
     published: tuple[str, str],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    aws_wiring: Callable[[], Any],
 ) -> None:
     """The installer's own download (curl --proto '=https', Accept: application/octet-stream) from
     the agent API's route over TLS, the stack's moto bucket behind it: the right digest installs,
@@ -148,7 +150,7 @@ def test_install_sh_downloads_the_wheel_over_https_from_the_agent_api_and_checks
     name, digest = published
     tls = lab_tls(tmp_path / "tls", "127.0.0.1")
     monkeypatch.setenv("CURL_CA_BUNDLE", str(tls.ca))  # the lab's CA; curl trusts nothing else here
-    app = serve.ServeApp.over(serve.build_wiring("aws"), None)
+    app = serve.ServeApp.over(aws_wiring(), None)
     with serve.serving(app, tls_cert=str(tls.cert), tls_key=str(tls.key)) as running:
         url = f"{running.url}/v1/agent/{name}"
         assert url.startswith("https://127.0.0.1:")

@@ -3,9 +3,12 @@ thread per process), never missing one that lands between a caller's read and it
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
+
+import pytest
 
 from ringfence.control.changes import StoreChanges
 
@@ -184,3 +187,66 @@ def test_moved_since_names_the_workloads_of_a_complete_chain_and_everyone_otherw
     assert since2(EngineHead(revision=31, policy_version=2, clean=False)) is None  # a rebuild: everyone
     assert since2(EngineHead(revision=31, policy_version=2)) is None  # re-anchored after it
     assert since2(EngineHead(revision=33, policy_version=2)) == {"i-e"}
+
+
+def test_close_stops_the_watch_at_once_and_wakes_the_waiters() -> None:
+    """The wiring's owner is done (serve stopping, a test's moto going away): the watch stops in
+    the middle of its pause, not after it, reads nothing more, and logs nothing about a store
+    that is gone; a waiter wakes instead of sitting out its timeout."""
+    head = Head()
+    changes = StoreChanges(head, interval=60)  # a pause far longer than this test may take
+    changes.wait(5)
+    got: dict[str, bool] = {}
+    waiting = threading.Event()
+
+    def waiter() -> None:
+        changes.wait(0)  # started the watch, which read once and now pauses for 60 s
+        waiting.set()
+        got["woke"] = changes.wait(60)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    assert waiting.wait(30) and head.read_once.wait(30)
+    watcher = changes._watcher
+    assert watcher is not None and watcher.is_alive()
+    reads = head.reads
+    changes.close()
+    t.join(30)
+    assert not t.is_alive() and got["woke"] is True  # woken, not timed out after 60 s
+    watcher.join(30)
+    assert not watcher.is_alive() and changes._watcher is None
+    assert changes.wait(0.1)  # this thread's generation moved (the close): it re-reads the store itself
+    assert not changes.wait(0.1) and changes._watcher is None  # closed: a wait starts no new watch
+    assert head.reads == reads
+    changes.close()  # twice is fine
+
+
+def test_a_read_failing_after_close_is_not_reported(caplog: pytest.LogCaptureFixture) -> None:
+    """The store went away during the watch's last read (moto stopped, then the wiring closed):
+    the failure is the expected end, not a warning."""
+    entered, release = threading.Event(), threading.Event()
+
+    def read() -> int:
+        entered.set()
+        release.wait(30)
+        raise ConnectionError("the store is gone")
+
+    changes = StoreChanges(read, interval=0.01)
+    t = threading.Thread(target=lambda: (changes.wait(0), changes.wait(30)))  # the second starts the watch
+    t.start()
+    assert entered.wait(30)
+    watcher = changes._watcher
+    assert watcher is not None
+    with caplog.at_level(logging.DEBUG, logger="ringfence.aws"):
+        closer = threading.Thread(target=changes.close)
+        closer.start()  # joins the watch, which is inside its read
+        for _ in range(100):
+            if changes._closed.is_set():
+                break
+            threading.Event().wait(0.01)
+        release.set()
+        closer.join(30)
+        watcher.join(30)
+    t.join(30)
+    assert not watcher.is_alive() and not t.is_alive()
+    assert "reading the store for changes failed" not in caplog.text

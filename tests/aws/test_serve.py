@@ -11,8 +11,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -34,9 +35,9 @@ def tokens(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def served(env: Env, tokens: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def served(env: Env, tokens: Path, monkeypatch: pytest.MonkeyPatch, aws_wiring: Callable[[], Any]) -> Iterator[str]:
     monkeypatch.setenv("RINGFENCE_WAIT_POLL_INTERVAL", "0.5")
-    app = serve.ServeApp.over(serve.build_wiring("aws"), serve.AdminTokens.load(tokens))
+    app = serve.ServeApp.over(aws_wiring(), serve.AdminTokens.load(tokens))
     with serve.serving(app) as running:
         yield running.url
 
@@ -183,9 +184,9 @@ def self_signed(tmp_path: Path) -> tuple[str, str]:
     return str(cert_path), str(key_path)
 
 
-def test_tls_and_the_bind_rule(env: Env, tmp_path: Path) -> None:
+def test_tls_and_the_bind_rule(env: Env, tmp_path: Path, aws_wiring: Callable[[], Any]) -> None:
     cert, key = self_signed(tmp_path)
-    app = serve.ServeApp.over(serve.build_wiring("aws"), None)
+    app = serve.ServeApp.over(aws_wiring(), None)
     with serve.serving(app, tls_cert=cert, tls_key=key) as running:
         assert running.url.startswith("https://127.0.0.1:")
         r = httpx.get(f"{running.url}/v1/nonce", verify=ssl.create_default_context(cafile=cert))

@@ -19,11 +19,13 @@ def aws(embedded: EmbeddedAws) -> EmbeddedAws:
 
 
 @pytest.fixture
-def env(embedded: EmbeddedAws) -> Env:
-    """A fresh world (reset moto, resources, handlers loaded) with the test helpers of tests/aws."""
+def env(embedded: EmbeddedAws) -> Iterator[Env]:
+    """A fresh world (reset moto, resources, handlers loaded) with the test helpers of tests/aws;
+    its handlers' containers are retired after the test."""
     e = Env(embedded)
     e.build()
-    return e
+    yield e
+    e.retire()
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import uuid
 from typing import Any
 
 from ringfence.local.aws import EmbeddedAws
-from ringfence.local.lambdas import LambdaContext, deliver_batch
+from ringfence.local.lambdas import LambdaContext, deliver_batch, load_functions, retire_functions
 
 
 class Recorder:
@@ -83,3 +83,18 @@ def test_a_message_that_keeps_failing_is_redriven_to_the_dlq(aws: EmbeddedAws) -
     assert deliver(aws, "lifecycle", Recorder()) is None
     dlq = aws.client("sqs").receive_message(QueueUrl=aws.queues["lifecycle_dlq"])["Messages"]
     assert [json.loads(m["Body"])["n"] for m in dlq] == [0]
+
+
+def test_retired_containers_stop_their_agent_api_change_watch(aws: EmbeddedAws) -> None:
+    """A retired container's wiring is closed: the agent API's change watch, started by a waiting
+    long-poll, stops at once instead of polling the store after its AWS is reset or stopped."""
+    fns = load_functions(["agentapi", "ingest"])
+    changes = fns["agentapi"].api().w.changes
+    changes.wait(0)
+    changes.wait(0.05)  # waited: the watch runs
+    watcher = changes._watcher
+    assert watcher is not None and watcher.is_alive()
+    fns["ingest"]._setup()  # a container holding its wiring bare (not inside a service)
+    retire_functions(fns.values())
+    watcher.join(10)
+    assert not watcher.is_alive() and changes._watcher is None

@@ -37,7 +37,8 @@ class StoreChanges:
     ``seconds`` without a change. ``read`` is called from one background thread, at most every
     ``interval`` seconds and only while someone waits (or waited in the last ``linger`` seconds);
     the first look after the thread starts counts as a change (one more store read per waiter,
-    never a missed change)."""
+    never a missed change). ``close()`` stops the watch for good (its owner, the wiring, is done:
+    its store may be gone) and wakes every waiter."""
 
     def __init__(
         self,
@@ -59,6 +60,7 @@ class StoreChanges:
         self._looked = False
         self._watcher: threading.Thread | None = None
         self._seen = threading.local()
+        self._closed = threading.Event()
         # the last generations' targets (None: everyone); a waiter further behind wakes anyway
         self._targets: deque[tuple[int, frozenset[str] | None]] = deque(maxlen=256)
         self.reads = 0  # store reads made (what waiting costs)
@@ -81,7 +83,7 @@ class StoreChanges:
                 return True
             seen = self._seen.generation = self._generation
             self._waiters += 1
-            if self._watcher is None:
+            if self._watcher is None and not self._closed.is_set():
                 self._watcher = threading.Thread(target=self._watch, name="ringfence-store-changes", daemon=True)
                 self._watcher.start()
             try:
@@ -91,10 +93,23 @@ class StoreChanges:
             self._seen.generation = self._generation
             return changed
 
+    def close(self) -> None:
+        """Stop the watch (at once, also in the middle of its pause) and wake every waiter; later
+        waits only time out. Idempotent."""
+        with self._cond:
+            self._closed.set()
+            watcher = self._watcher
+            self._advance(None)  # a waiter re-reads the store itself (and meets what is there)
+        if watcher is not None and watcher is not threading.current_thread():
+            watcher.join(timeout=5)
+
     def _watch(self) -> None:
         idle_since: float | None = None
         while True:
             with self._cond:
+                if self._closed.is_set():
+                    self._watcher = None
+                    return
                 if self._waiters:
                     idle_since = None
                 elif idle_since is None:
@@ -107,6 +122,9 @@ class StoreChanges:
                 now = self.read()
             except Exception as exc:  # waiters re-read themselves (and meet the error), as without a watch
                 with self._cond:
+                    if self._closed.is_set():  # closed during the read: the store is gone, say nothing
+                        self._watcher = None
+                        return
                     # lingering with nobody waiting (e.g. the store went away at shutdown): quietly
                     (log.warning if self._waiters else log.debug)("reading the store for changes failed: %s", exc)
                     self._advance(None)
@@ -122,7 +140,7 @@ class StoreChanges:
                         # the first look after a start has nothing to compare with: a waiter may
                         # have read the store just before a change this look already includes
                         self._advance(None if first else target)
-            time.sleep(self.interval)
+            self._closed.wait(self.interval)  # a pause that close() cuts short
 
     def _target(self, now: Hashable) -> frozenset[str] | None:
         if self.moved is None:

@@ -103,6 +103,7 @@ class Live:
         self.lab: Lab | None = None
         self.aws: Any = None
         self.router: Any = None
+        self.wiring: Any = None  # the agent API's, in this process (closed with the run: its change watch)
         self.serve: subprocess.Popen[Any] | None = None
         self.imds: Imds | None = None
         self.traffic: Traffic | None = None
@@ -156,7 +157,7 @@ class Live:
         from ringfence.control.agents import AgentApi
         from ringfence.control.wiring import Config
 
-        wiring = Wiring(Config.from_env())
+        wiring = self.wiring = Wiring(Config.from_env())
         self.api = AgentApi(wiring)
         self.store = wiring.store
 
@@ -312,6 +313,8 @@ class Live:
             steps.append(self.fleet.stop)
         if self.router is not None:
             steps.append(self.router.stop)
+        if self.wiring is not None:
+            steps.append(self.wiring.close)
         if self.imds is not None:
             steps.append(self.imds.stop)
         if self.serve is not None:

@@ -172,7 +172,9 @@ class EmbeddedAws:
 
     def reset(self) -> None:
         """Empty every moto backend and create the resources again (a new signing key)."""
-        self._extension("/moto-api/reset", method="POST")
+        # generous: on a starved machine (two test workers among other load) a reset of every
+        # backend was seen to take over 30 s, failing the test that asked for a fresh moto
+        self._extension("/moto-api/reset", method="POST", timeout=120)
         self.build()
 
     # --- what AWS hands out only as events (the router reads them) ---------------------------
@@ -195,9 +197,9 @@ class EmbeddedAws:
         q = f"account={self.account}&region={self.region}&connection={connection_id}"
         return base64.b64decode(self._extension(f"/_ringfence/connection-data?{q}")["data"])
 
-    def _extension(self, path: str, *, method: str = "GET") -> Any:
+    def _extension(self, path: str, *, method: str = "GET", timeout: float = 30) -> Any:
         req = urllib.request.Request(self.url + path, method=method)  # noqa: S310 - http://127.0.0.1
-        with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 - our loopback moto
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - our loopback moto
             body = resp.read()
         return json.loads(body) if path.startswith("/_ringfence/") else None
 

@@ -4,6 +4,7 @@
   each: module-level state such as a warm engine lives as long as the module); a function named
   in :data:`FUNCTION_ENVIRONMENT` runs with that environment on top of the process's (as Lambda
   gives each function its own: the signing key reaches compute only);
+- :func:`retire_functions` ends them (their wirings closed), as Lambda retires a container;
 - :class:`LambdaContext` is the context object the handlers (and Powertools) read;
 - :func:`sqs_event` and :func:`deliver_batch` do what Lambda's SQS event-source mapping does:
   receive up to a batch, invoke with ``{"Records": [...]}``, delete what succeeded, leave the
@@ -98,6 +99,18 @@ def load_functions(names: Iterable[str] = FUNCTIONS, directory: Path | None = No
             vars(mod)["handler"] = _with_environment(mod.handler, FUNCTION_ENVIRONMENT[name])
         out[name] = mod
     return out
+
+
+def retire_functions(functions: Iterable[ModuleType]) -> None:
+    """The containers of :func:`load_functions` are done (their AWS is reset or stopping): every
+    wiring their services hold (``_svc``) is closed, so nothing of theirs keeps polling the store
+    in the background (the agent API's change watch)."""
+    for mod in functions:
+        for svc in list(getattr(mod, "_svc", {}).values()):
+            wiring = getattr(svc, "w", svc)  # the services keep theirs as ``w``; ingest keeps it bare
+            close = getattr(wiring, "close", None)
+            if callable(close):
+                close()
 
 
 def sqs_event(messages: list[dict[str, Any]], arn: str, region: str) -> dict[str, Any]:

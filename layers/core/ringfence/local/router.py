@@ -81,7 +81,7 @@ from typing import Any
 
 from . import moto_lifecycle
 from .aws import EmbeddedAws
-from .lambdas import FUNCTIONS, Delivery, LambdaContext, deliver_batch, load_functions
+from .lambdas import FUNCTIONS, Delivery, LambdaContext, deliver_batch, load_functions, retire_functions
 
 log = logging.getLogger("ringfence.local.router")
 
@@ -413,6 +413,7 @@ class EventRouter:
         self.announce_existing = announce_existing
         self.cloudtrail = cloudtrail
         self._trail_seq = 0
+        self._own_functions = functions is None  # loaded here: retired by stop()
         self.fn = functions if functions is not None else load_functions(FUNCTIONS)
         _warm_clients(aws.region)
         self.timeline = Timeline()
@@ -473,6 +474,8 @@ class EventRouter:
             if t.is_alive():
                 log.error("router thread %s did not stop within %.0f s", t.name, timeout)
         self._threads = []
+        if self._own_functions:
+            retire_functions(self.fn.values())
         self._write_profiles()
 
     def subscribe(self, fn: Callable[[str, TimelineEntry], None]) -> None:

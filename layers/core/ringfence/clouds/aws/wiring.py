@@ -76,6 +76,11 @@ class Wiring(BaseWiring):
         process at once, and the moved records say whom a change concerns."""
         self.changes.wait(seconds, workload_id)
 
+    def close(self) -> None:
+        """Done with this wiring (serve shutting down, a test's AWS going away): its change watch
+        stops instead of polling a store that may no longer exist."""
+        self.changes.close()
+
     def send_compute(self, message: dict[str, Any]) -> None:
         ids = message["ids"]
         for i in range(0, max(len(ids), 1), 500):  # keeps each message well under SQS's 256 KiB
