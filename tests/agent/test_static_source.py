@@ -32,6 +32,8 @@ INVENTORY = EXAMPLE / "inventory.yaml"
 PROC = "ord-prod-proc-1"
 WEB_3 = "  - {id: ord-prod-web-3, ips: [10.1.1.12], cloud: aws, region: ca-central-1, tags: {ringfence:role: web, ringfence:app: ordering, ringfence:env: prod}}\n"
 WEB_4 = "  - {id: ord-prod-web-4, ips: [10.1.1.13], cloud: aws, region: ca-central-1, tags: {ringfence:role: web, ringfence:app: ordering, ringfence:env: prod}}\n"
+# a second monitoring server: the processing tier admits monitoring (core services)
+MON_2 = "  - {id: core-mon-2, ips: [10.0.0.16], cloud: aws, region: ca-central-1, tags: {ringfence:role: monitoring, ringfence:app: core, ringfence:env: shared}}\n"
 DEV_WEB_2 = "  - {id: ord-dev-web-2, ips: [10.2.1.11], cloud: aws, region: ca-central-1, tags: {ringfence:role: web, ringfence:app: ordering, ringfence:env: dev}}\n"
 
 
@@ -159,10 +161,10 @@ def test_a_refused_delta_undoes_its_batch_and_the_whole_bundle_bridges(
     cfg = config(tmp_path, str(src))
     compile_into(src, INVENTORY, revision=1000)
     run_once(cfg)
-    compile_into(src, inventory(tmp_path, WEB_3, DEV_WEB_2), revision=2000)
+    compile_into(src, inventory(tmp_path, WEB_3, MON_2), revision=2000)
     h = head(src)
     moved = sorted(name for name, v in h.sets.items() if v == 2001)
-    assert len(moved) == 2  # the web set and the dev boundary set, both at revision 2001
+    assert len(moved) == 2  # the web set and the monitoring set, both at revision 2001
     # the second of the batch is tampered with: the first is applied before it is refused
     path = src / delta_path(moved[1], 1001)
     tampered = load_delta(path.read_bytes())

@@ -33,7 +33,9 @@ def build() -> dict[str, str]:
     """File name → content, exactly as the engine and signer produce them."""
     policy = load_policy(EXAMPLE / "policy")
     workloads = load_inventory(EXAMPLE / "inventory.yaml")
-    engine = Engine(policy, policy_version=1)
+    # every deny in every bundle it scopes: the agent tests need the boundary's override-deny in
+    # them (the default engine leaves it out where no allow overlaps it; tests/test_engine*.py)
+    engine = Engine(policy, policy_version=1, all_denies=True)
     engine.load(workloads)
     signer = key()
     out: dict[str, str] = {}

@@ -80,7 +80,9 @@ def test_a_real_agent_renews_its_token_past_expiry_and_keeps_fetching(
 
         # a change after the first token expired still reaches the agent
         before = status(state)["applied_revision"]
-        web2 = {"id": "dc1-web-2", "ips": ["192.168.10.12"], "tags": {"role": "web", "app": "ordering", "env": "prod"}}
+        # a second web server of the same app group: it joins the processing tier's allow set
+        tags = {"ringfence:role": "web", "ringfence:app": "ordering", "ringfence:env": "prod", "ringfence:loc": "ca"}
+        web2 = {"id": "dc1-web-2", "ips": ["192.168.10.12"], "tags": tags}
         assert server.admin("POST", "/admin/workloads", web2).status_code == 201
         wait_until(lambda: (status(state).get("applied_revision") or 0) > before, 20, "the change", log)
         assert agent.poll() is None, log.read_text()

@@ -149,10 +149,13 @@ class Update:
 class Engine:
     """Holds the compiled state for one policy version over one inventory."""
 
-    def __init__(self, policy: Policy, policy_version: int = 0, revision: int = 0) -> None:
+    def __init__(self, policy: Policy, policy_version: int = 0, revision: int = 0, all_denies: bool = False) -> None:
         self.policy = policy
         self.policy_version = policy_version
         self.revision = revision
+        # every deny and override-deny a bundle is scoped by, also where no allow overlaps it
+        # (larger bundles, drops named by their deny rule); by default those are left out (_dropped)
+        self.all_denies = all_denies
         self.index = LabelIndex()
         self.workloads: dict[str, WorkloadState] = {}
         self.sets: dict[SetKey, AddressSetState] = {}
@@ -492,6 +495,8 @@ class Engine:
         the allows, only ever renames the default). Leaving it out keeps the big boundary sets
         (``non-prod ↛ prod``) out of bundles that allow nothing across the boundary anyway, and
         keeps their holders from being nudged by every change on the other side."""
+        if self.all_denies:
+            return frozenset()
         entries = ws.entries
         allows = [(pos, d, key) for pos, d, key in entries if self._groupable[pos]]
         out: list[int] = []
