@@ -147,16 +147,6 @@ def _http_problem(exc: http.client.HTTPException) -> str:
     return f"bad HTTP answer ({type(exc).__name__}: {str(exc)[:200]})"
 
 
-def _version_of(bundle_text: str) -> int | None:
-    """The version a bundle's text names (to key the deltas that came after it); None when it
-    does not say (the bundle itself is then refused when read)."""
-    try:
-        v = json.loads(bundle_text).get("version")
-    except (ValueError, AttributeError):
-        return None
-    return v if type(v) is int else None
-
-
 def _lifetime(resp: dict[str, Any]) -> int:
     """A token answer's ``expires_in``; 0 (renew on a 401 only) when it has none."""
     exp = resp.get("expires_in")
@@ -204,10 +194,6 @@ class StaticSource:
         self.timeout = timeout
         self._etag: str | None = None  # of the bundle last settled: sent as If-None-Match
         self._fetched_etag: str | None = None  # of the bundle last fetched, until settled
-        # what the last wait answered with, taken by the next bundle() / deltas(): the bundle's
-        # text and ETag; the deltas as (since, documents)
-        self._pushed_bundle: tuple[str, str | None] | None = None
-        self._pushed: tuple[int, list[Any]] | None = None
         self._head_etag: str | None = None
         self.head: Head | None = None
         self._first = True
@@ -369,8 +355,9 @@ class ApiSource:
         self._etag: str | None = None  # of the bundle last settled: sent as If-None-Match
         self._fetched_etag: str | None = None  # of the bundle last fetched, until settled
         # what the last wait answered with, taken by the next bundle() / deltas(): the bundle's
-        # text and ETag; the deltas as (since, documents)
-        self._pushed_bundle: tuple[str, str | None] | None = None
+        # text, ETag and the deltas after it (keyed once the bundle is read); the deltas as
+        # (since, documents)
+        self._pushed_bundle: tuple[str, str | None, list[Any] | None] | None = None
         self._pushed: tuple[int, list[Any]] | None = None
 
     def _url(self, route: str, query: str = "") -> tuple[str, str]:
@@ -485,14 +472,13 @@ class ApiSource:
             raise SourceError(f"wait: HTTP {status}")
         resp = _answer(body, "wait")
         latest = resp.get("latest_version")
-        since = version
-        bundle, etag = resp.get("bundle"), resp.get("etag")
-        if isinstance(bundle, str):
-            self._pushed_bundle = (bundle, etag if isinstance(etag, str) else None)
-            since = _version_of(bundle)
         pushed = resp.get("deltas")
-        if since is not None and isinstance(pushed, dict) and isinstance(pushed.get("deltas"), list):
-            self._pushed = (since, pushed["deltas"])  # verified like fetched ones, by the daemon
+        docs = pushed["deltas"] if isinstance(pushed, dict) and isinstance(pushed.get("deltas"), list) else None
+        bundle, etag = resp.get("bundle"), resp.get("etag")
+        if isinstance(bundle, str):  # the deltas, if any, follow that bundle
+            self._pushed_bundle = (bundle, etag if isinstance(etag, str) else None, docs)
+        elif version is not None and docs is not None:
+            self._pushed = (version, docs)  # verified like fetched ones, by the daemon
         return latest if type(latest) is int else None
 
     def announced(self) -> int | None:
@@ -501,8 +487,10 @@ class ApiSource:
     def bundle(self) -> Bundle | None:
         pushed, self._pushed_bundle = self._pushed_bundle, None
         if pushed is not None:  # came with the wait's answer: read as a fetched one is
-            doc = fetched_bundle(200, pushed[0].encode(), "bundle")
-            self._fetched_etag = pushed[1]
+            text, self._fetched_etag, after = pushed
+            doc = fetched_bundle(200, text.encode(), "bundle")
+            if doc is not None and after is not None:
+                self._pushed = (doc.version, after)
             return doc
         headers = {"If-None-Match": self._etag} if self._etag else {}
         self.fetches += 1

@@ -4,7 +4,7 @@ Compute runs elsewhere (another Lambda, the local router's thread, another proce
 calls into the agent API when it publishes. Every publication moves the engine head, one small
 item in the store (compute reserves it before publishing and commits it after), so one thread per
 process reads that item every ``interval`` seconds — only while some request is waiting — and
-wakes every waiter when it moved. A waiting agent then costs nothing per poll: before, each one
+wakes the waiters it concerns when it moved (below). A waiting agent then costs nothing per poll: before, each one
 re-read its bundle pointer and set heads every interval.
 
 Waiters cannot miss a change between reading the store and starting to wait: each thread
