@@ -181,15 +181,17 @@ def deliver_batch(
     batch_size: int = 10,
     retry_after: float = 0.0,
     name: str = "",
+    wait_seconds: int = 0,
 ) -> Delivery | None:
     """Receive one batch from ``queue_url`` and hand it to ``handler`` as Lambda's SQS poller does.
-    ``None`` when the queue had nothing visible."""
+    ``None`` when the queue had nothing visible (within ``wait_seconds``, a long poll: Lambda's
+    pollers long-poll too)."""
     out = sqs.receive_message(
         QueueUrl=queue_url,
         MaxNumberOfMessages=batch_size,
         AttributeNames=["All"],
         MessageAttributeNames=["All"],
-        WaitTimeSeconds=0,
+        WaitTimeSeconds=wait_seconds,
     )
     msgs: list[dict[str, Any]] = list(out.get("Messages", []))
     if not msgs:

@@ -97,6 +97,59 @@ def with_extensions(moto_app: Wsgi) -> Wsgi:
     return app
 
 
+# Services whose moto backend follows from the request's signing scope and the few environ fields
+# in :func:`_dispatch_key` alone (moto's ``infer_service_region_host``: no path or body sniffing).
+_SCOPE_ROUTED = frozenset(
+    {
+        "apigateway", "autoscaling", "dynamodb", "ec2", "events", "execute-api", "iam", "kms", "lambda",
+        "logs", "monitoring", "s3", "scheduler", "secretsmanager", "sqs", "ssm", "sts",
+    }
+)  # fmt: skip
+
+
+def _dispatch_key(environ: dict[str, Any]) -> tuple[str, ...] | None:
+    """What moto's dispatcher decides a signed request's backend by, for the services above;
+    ``None`` for anything else (moto decides, uncached)."""
+    path = str(environ.get("PATH_INFO", ""))
+    if path.startswith(("/moto-api", "/latest/", "/favicon")):
+        return None
+    try:
+        _, _, region, service, _ = str(environ["HTTP_AUTHORIZATION"]).split(",")[0].split()[1].split("/")
+    except (KeyError, IndexError, ValueError):
+        return None
+    if service.lower() not in _SCOPE_ROUTED:
+        return None
+    target = str(environ.get("HTTP_X_AMZ_TARGET", "")).split(".")[0]  # DynamoDB vs its Streams, API version
+    s3control = path.startswith("/v20180820/") or "s3-control" in str(environ.get("HTTP_HOST", ""))
+    return (service, region, target, str(path.startswith("/@connections")), str(s3control))
+
+
+class MemoizedDispatch:
+    """moto's :class:`DomainDispatcherApplication`, with the backend app it picks remembered per
+    :func:`_dispatch_key`. Why: moto picks it for every request under one lock, matching the host
+    it infers against every backend's URL patterns (hundreds of regular expressions); with a dozen
+    handler threads calling at once, a py-spy profile of a 10-instance scale-out found 80 % of
+    moto's threads queued on that lock (its holder waiting for the GIL), so every call took
+    ~100 ms. The first request of each key still goes through moto's own choice, and
+    ``tests/local/test_motoproc.py`` checks that the remembered app is the one moto picks."""
+
+    def __init__(self, dispatcher: Any) -> None:
+        self.dispatcher = dispatcher
+        self._chosen: dict[tuple[str, ...], Any] = {}
+
+    def application(self, environ: dict[str, Any]) -> Any:
+        key = _dispatch_key(environ)
+        backend_app = self._chosen.get(key) if key is not None else None
+        if backend_app is None:
+            backend_app = self.dispatcher.get_application(environ)
+            if key is not None:
+                self._chosen[key] = backend_app
+        return backend_app
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        return self.application(environ)(environ, start_response)  # type: ignore[no-any-return]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ringfence.local.motoproc", description=__doc__.splitlines()[0])
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
@@ -109,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     moto_lifecycle.install()
     moto_trail.install()
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    app = with_extensions(DomainDispatcherApplication(create_backend_app))
+    app = with_extensions(MemoizedDispatch(DomainDispatcherApplication(create_backend_app)))
     server = make_server(args.host, args.port, app, threaded=True, request_handler=MotoRequestHandler)
 
     def stop(*_: object) -> None:
