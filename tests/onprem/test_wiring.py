@@ -242,3 +242,29 @@ def test_agent_reports_become_flow_rows_on_one_machine(wiring: LocalWiring) -> N
     rows = {(r.dst.rsplit("role=", 1)[1], r.decision): r for r in merge(wiring.store.flow_rows())}
     assert rows[("processing", "allowed")].flows == 1 and "web-to-processing" in rows[("processing", "allowed")].rule
     assert rows[("database", "blocked")].flows == 2
+
+
+def test_the_governing_policy_is_read_once_per_batch_and_fresh_outside_one(wiring: LocalWiring) -> None:
+    """Inside begin_batch/end_batch the store's active policy is read once (a batch of ten events
+    made ten reads of it); outside a batch, and in the next batch, it is read when asked, so a
+    provision between batches governs the next one."""
+    boot(wiring)
+    reads: list[int] = []
+    real = wiring.store.active_policy
+
+    def counted() -> Any:
+        reads.append(1)
+        return real()
+
+    wiring.store.active_policy = counted  # type: ignore[method-assign]
+    wiring.begin_batch()
+    first = [wiring.governing_policy() for _ in range(10)]
+    assert len(reads) == 1 and all(p is first[0] for p in first) and first[0] is not None
+    wiring.end_batch()
+    wiring.governing_policy()
+    wiring.governing_policy()
+    assert len(reads) == 3, "outside a batch: read every time"
+    wiring.begin_batch()
+    wiring.governing_policy()
+    assert len(reads) == 4, "a new batch reads again"
+    wiring.end_batch()

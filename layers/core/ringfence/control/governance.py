@@ -21,10 +21,10 @@ GOVERNANCE_PRINCIPAL = "ringfence:governance"
 
 
 def _governing_mapper(w: BaseWiring) -> LabelMapper | None:
-    """The active policy's labels, read now: not ``w.mapper()``, whose cache (for the hygiene view)
-    could still say "no policy" — or an older one — for its TTL after a provision, and a move
-    observed then would go ungoverned."""
-    active = w.active_policy()
+    """The active policy's labels, read now or for this batch (:meth:`BaseWiring.governing_policy`):
+    not ``w.mapper()``, whose cache (for the hygiene view) could still say "no policy" — or an
+    older one — for its TTL after a provision, and a move observed then would go ungoverned."""
+    active = w.governing_policy()
     return active[1].labels if active is not None else None
 
 

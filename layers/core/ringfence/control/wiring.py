@@ -156,6 +156,8 @@ class BaseWiring:
         self._mapper: tuple[float, LabelMapper | None] | None = None
         # (account, region, instance) → (describe time, instance or None): valid for one batch
         self.prefetched: dict[tuple[str, str, str], tuple[float, dict[str, Any] | None]] = {}
+        # the governing policy, read once in a batch (begin_batch → end_batch); None: no batch open
+        self._batch_policy: list[tuple[PolicyVersion, Policy] | None] | None = None
 
     @property
     def signer(self) -> Any:
@@ -222,6 +224,26 @@ class BaseWiring:
     def active_policy(self) -> tuple[PolicyVersion, Policy] | None:
         pv = self.store.active_policy()
         return (pv, self.policy(pv)) if pv is not None else None
+
+    def begin_batch(self) -> None:
+        """A handler's batch begins: what is prefetched for it, and the policy governing its
+        label changes (:meth:`governing_policy`), hold until :meth:`end_batch`."""
+        self.prefetched.clear()
+        self._batch_policy = []
+
+    def end_batch(self) -> None:
+        self.prefetched.clear()
+        self._batch_policy = None
+
+    def governing_policy(self) -> tuple[PolicyVersion, Policy] | None:
+        """The active policy that decides governed labels: read when asked, or once per batch
+        inside :meth:`begin_batch` (a storm's batch of ten events made ten reads of it). Never
+        the :meth:`mapper` cache, which may say "no policy" for its TTL after a provision."""
+        if self._batch_policy is None:
+            return self.active_policy()
+        if not self._batch_policy:
+            self._batch_policy.append(self.active_policy())
+        return self._batch_policy[0]
 
     def mapper(self) -> LabelMapper | None:
         """The active policy's tag→label mapping, looked up at most every ``mapper_ttl`` seconds

@@ -23,9 +23,14 @@ def _launch(d: Live, n: int, timeout: float) -> None:
     before = set(d.asg_states())
     target = len(before) + n
 
+    published: set[str] = set()
+
     def ready() -> bool:
+        # each instance's pointer is read until it exists: the bench's own reads load the same
+        # moto the pipeline it times is waiting on
         fresh = [i for i in d.asg_states() if i not in before]
-        return len(fresh) >= n and all(d.store.bundle_pointer(i) is not None for i in fresh)
+        published.update(i for i in fresh if i not in published and d.store.bundle_pointer(i) is not None)
+        return len(fresh) >= n and published.issuperset(fresh)
 
     kind = "launch" if n == 1 else f"scale_out_{n}"
     s = d.measure(kind, f"{ASG_NAME} +{n}", lambda: d.scale(target), ready, timeout=timeout)

@@ -60,6 +60,10 @@ ALL_ADMIN_ROLES = ["policy-author", "incident-responder", "onboarding"]  # the d
 # (RINGFENCE_WAIT_POLL_INTERVAL; AWS default 1 s): one read per interval for all waiting agents
 WAIT_POLL_INTERVAL = "0.1"
 ENFORCE_TIMEOUT = 60.0
+# how often measure() asks whether the control plane has seen a change, and idle() whether the
+# queues are empty: each ask is AWS calls on the moto that the timed pipeline is waiting on
+READY_POLL = 0.2
+IDLE_POLL = 0.25
 GIL_SWITCH_INTERVAL = 0.0005  # s; the default 5 ms makes every in-process moto call wait (see _start_router)
 # a launch goes InService once the new instance's agent enforces (its first heartbeat), not once
 # its bundle is published (the AWS default, "publish")
@@ -192,7 +196,7 @@ class Live:
         booted, _ = self.fleet.sync()
         where = "in their own namespaces" if self.lab is not None else "in this namespace (dry-run)"
         r.say(f"booted {len(booted)} instances with one agent each {where} in {time.time() - t0:.1f}s")
-        self.fleet.follow()
+        self.fleet.follow(interval=0.05, changes=self.aws.changes_after)
         self.wait_all_enforcing(60)
 
     def _start(self, *cmd: str, **kw: Any) -> subprocess.Popen[Any]:
@@ -499,7 +503,7 @@ class Live:
                 quiet_since = now
             elif now - quiet_since >= settle:
                 return True
-            time.sleep(0.1)
+            time.sleep(IDLE_POLL)
         return False
 
     def wait_all_enforcing(self, timeout: float) -> None:
@@ -545,7 +549,7 @@ class Live:
         answered = time.time() if admin else None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not ready():
-            time.sleep(0.05)
+            time.sleep(READY_POLL)
         cost["ready"] = time.time() - t0
         self.idle(max(0.1, deadline - time.monotonic()))
         cost["idle"] = time.time() - t0

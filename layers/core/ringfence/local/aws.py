@@ -197,6 +197,13 @@ class EmbeddedAws:
         q = f"account={self.account}&region={self.region}&connection={connection_id}"
         return base64.b64decode(self._extension(f"/_ringfence/connection-data?{q}")["data"])
 
+    def changes_after(self, seq: int, wait: float = 0.0) -> int:
+        """How many calls so far changed instances, their tags or Auto Scaling groups
+        (:mod:`moto_changes`): answered once the count is above ``seq``, or after ``wait``
+        seconds (at most 5). A watcher looks at moto when this moves, not on a timer."""
+        got = self._extension(f"/_ringfence/changes?after={seq}&wait={wait}", timeout=wait + 30)
+        return int(got["seq"])
+
     def _extension(self, path: str, *, method: str = "GET", timeout: float = 30) -> Any:
         req = urllib.request.Request(self.url + path, method=method)  # noqa: S310 - http://127.0.0.1
         with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - our loopback moto

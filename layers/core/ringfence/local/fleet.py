@@ -130,15 +130,24 @@ class Fleet:
                 self._booting.difference_update(iid for iid, _, _ in new)
         return booted, destroyed
 
-    def follow(self, interval: float = 0.2) -> None:
-        """Run :meth:`sync` in the background until :meth:`stop`."""
+    def follow(self, interval: float = 0.2, changes: Callable[[int, float], int] | None = None) -> None:
+        """Run :meth:`sync` in the background until :meth:`stop`: every ``interval`` s, or, given
+        ``changes`` (:meth:`ringfence.local.aws.EmbeddedAws.changes_after`), when moto's change
+        count moves (at most every ``interval`` s, and once a second without news): describing
+        every instance on a timer was much of what moto did during a scale-out."""
 
         def loop() -> None:
-            while not self._stop.wait(interval):
+            seen = -1
+            while not self._stop.is_set():
                 try:
+                    seq = changes(seen, 1.0) if changes is not None else seen
+                    if self._stop.is_set():
+                        return
                     self.sync()
+                    seen = seq
                 except Exception as exc:  # moto busy or a boot failed: say so and keep going
                     self.log(f"fleet: {type(exc).__name__}: {exc}")
+                self._stop.wait(interval)
 
         self._thread = threading.Thread(target=loop, name="fleet", daemon=True)
         self._thread.start()

@@ -17,6 +17,9 @@ next to moto's own ``/moto-api/``:
 - ``GET /_ringfence/connection-data?account=A&region=R&connection=C`` → ``{"data": base64}``:
   what was posted to a WebSocket connection (``PostToConnection``), which AWS delivers to the
   client and moto keeps.
+- ``GET /_ringfence/changes?after=N&wait=S`` → ``{"seq": n}``: the count of calls that changed
+  instances, their tags or Auto Scaling groups (:mod:`moto_changes`), answered once it is above
+  ``N`` or after ``S`` seconds (at most 5), so a watcher looks when there is news.
 
 Run as ``python -m ringfence.local.motoproc [--host 127.0.0.1] [--port 0]``: it prints
 ``port <n>`` once serving and exits when its standard input closes (so it never outlives the
@@ -38,7 +41,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qs
 
-from . import moto_lifecycle, moto_trail
+from . import moto_changes, moto_lifecycle, moto_trail
 
 PREFIX = "/_ringfence/"
 
@@ -69,7 +72,12 @@ def _connection_data(q: dict[str, str]) -> dict[str, Any]:
     return {"data": base64.b64encode(conn.data).decode()}
 
 
+def _changes(q: dict[str, str]) -> dict[str, Any]:
+    return {"seq": moto_changes.wait_after(int(q.get("after", "-1")), min(float(q.get("wait", "0")), 5.0))}
+
+
 ROUTES: dict[str, Callable[[dict[str, str]], Any]] = {
+    "changes": _changes,
     "trail": _trail,
     "lifecycle-actions": _lifecycle_actions,
     "connection-data": _connection_data,
@@ -82,6 +90,11 @@ def with_extensions(moto_app: Wsgi) -> Wsgi:
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = str(environ.get("PATH_INFO", ""))
         if not path.startswith(PREFIX):
+            if path == "/moto-api/reset":  # every instance and group gone: news for the watchers
+                try:
+                    return moto_app(environ, start_response)
+                finally:
+                    moto_changes.bump()
             return moto_app(environ, start_response)
         route = ROUTES.get(path[len(PREFIX) :])
         q = {k: v[-1] for k, v in parse_qs(str(environ.get("QUERY_STRING", ""))).items()}
@@ -161,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
     moto_lifecycle.install()
     moto_trail.install()
+    moto_changes.install()
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     app = with_extensions(MemoizedDispatch(DomainDispatcherApplication(create_backend_app)))
     server = make_server(args.host, args.port, app, threaded=True, request_handler=MotoRequestHandler)

@@ -47,8 +47,9 @@ class Ingest:
     def prefetch_events(self, events: Iterable[DomainEvent]) -> int:
         """Describe every instance a batch of events names with one call per account/region
         (DescribeInstances is rate-limited: a storm must not cost one call per event).
-        Best effort: whatever fails here is described again per event. Returns ids described."""
-        self.w.prefetched.clear()
+        Best effort: whatever fails here is described again per event. Returns ids described.
+        Opens the batch (:meth:`BaseWiring.begin_batch`); :meth:`done` closes it."""
+        self.w.begin_batch()
         groups: dict[tuple[str, str], set[str]] = {}
         for ev in events:
             groups.setdefault((ev.account, ev.region), set()).update(ev.instance_ids)
@@ -66,7 +67,7 @@ class Ingest:
         return n
 
     def done(self) -> None:
-        self.w.prefetched.clear()
+        self.w.end_batch()
 
     def handle(self, raw: dict[str, Any]) -> IngestResult:
         ev = normalize(raw)  # MalformedEvent propagates: the handler sends it to the DLQ

@@ -35,7 +35,7 @@ class Lifecycle:
         return Ingest(self.w).prefetch_events(events)
 
     def done(self) -> None:
-        self.w.prefetched.clear()
+        self.w.end_batch()
 
     def handle(self, raw: dict[str, Any]) -> dict[str, Any]:
         return self.apply(normalize(raw))
