@@ -75,3 +75,41 @@ def test_requests_it_cannot_key_go_to_moto_every_time() -> None:
     memo.application(dict(unsigned))
     memo.application(dict(other))
     assert memo._chosen == {}
+
+
+def test_the_change_count_moves_for_what_the_watchers_compare_and_wakes_a_waiter(embedded: Any) -> None:
+    """``changes_after`` (moto_changes): reads and interface changes leave the count alone; tag,
+    launch and Auto Scaling changes move it; a watcher blocked on it wakes when it moves, not at
+    the end of its wait."""
+    import threading
+    import time
+
+    ec2 = embedded.client("ec2")
+    vpc = ec2.create_vpc(CidrBlock="10.99.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.99.1.0/24")["Subnet"]["SubnetId"]
+    before = embedded.changes_after(-1)
+    ec2.describe_instances()
+    ec2.describe_security_groups()
+    assert embedded.changes_after(before, 0.2) == before, "reads are no news"
+    (inst,) = ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1, SubnetId=subnet)["Instances"]
+    launched = embedded.changes_after(before, 0.2)
+    assert launched > before
+    eni = inst["NetworkInterfaces"][0]["NetworkInterfaceId"]
+    sg = ec2.create_security_group(GroupName="rf-changes-test", Description="t", VpcId=vpc)["GroupId"]
+    ec2.modify_network_interface_attribute(NetworkInterfaceId=eni, Groups=[sg])
+    assert embedded.changes_after(launched, 0.2) == launched, "interface groups are not what the watchers compare"
+    got: list[tuple[int, float]] = []
+
+    def wait() -> None:
+        t = time.monotonic()
+        got.append((embedded.changes_after(launched, 5.0), time.monotonic() - t))
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.3)
+    ec2.create_tags(Resources=[inst["InstanceId"]], Tags=[{"Key": "env", "Value": "prod"}])
+    waiter.join(10)
+    ((seq, waited),) = got
+    assert seq > launched and waited < 4.0, "woken by the tag change, not by the end of its wait"
+    ec2.terminate_instances(InstanceIds=[inst["InstanceId"]])
+    assert embedded.changes_after(seq, 0.2) > seq
