@@ -413,7 +413,7 @@ class ApiSource:
         nonce = self._nonce()
         body = TokenRequest(nonce=nonce, signature=self.key.prove("token", self.workload_id, nonce)).to_json()
         method, url = self._url("token")
-        status, _, payload = _http(url, self.timeout, method, body)
+        status, _, payload = _http(url, self.timeout, method, body, tls=self.tls)
         if status in (401, 403, 404):
             return False
         if status != 200:

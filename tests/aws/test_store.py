@@ -418,3 +418,14 @@ def test_address_history_keeps_every_owner_in_order(store: Store) -> None:
     assert list(hist) == ["10.0.0.9"]
     assert [(o.since, o.workload_id) for o in hist["10.0.0.9"]] == [(100.0, "i-a"), (150.0, ""), (200.0, "i-b")]
     assert hist["10.0.0.9"][0].workload == a
+
+
+def test_an_inventory_item_holding_its_key_alone_is_no_record(moto_url: str) -> None:
+    """moto's UpdateItem on a new key stores the key before its attributes: a read racing an
+    instance's first observation saw the key alone and failed with KeyError 'workload' (an agent's
+    enrollment answered 500). Such an item is no record, for every read."""
+    store = make_dynamo(moto_url)
+    boto3.resource("dynamodb").Table("rf-inventory").put_item(Item={"id": "i-0keyonly"})
+    assert store.get("i-0keyonly") is None
+    assert store.get_many(["i-0keyonly"]) == {}
+    assert all(r.id != "i-0keyonly" for r in store.all_records())

@@ -7,6 +7,7 @@ it holds and follows the next change."""
 from __future__ import annotations
 
 import signal
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import httpx
 import pytest
 
 from ringfence import serve
+from ringfence.local.tls import LabTls
 from tests.agentproc import BIN, POLL_INTERVAL, wait_until
 from tests.agentproc import agent_status as status
 from tests.onprem.conftest import ESTATE, policy_files
@@ -27,19 +29,22 @@ TOKEN = "onprem-admin-token-0123456789abcdef"
 class Server:
     """``ringfence serve`` on a fixed loopback port (the agent's api_url survives a restart)."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, tls: LabTls | None = None) -> None:
+        self.tls = tls  # HTTPS with a certificate of a private CA (tls.ca), as agents meet it
         self.db = tmp_path / "state" / "state.db"
         self.tokens = tmp_path / "admin-tokens"
         self.tokens.write_text(f"carol:{serve.token_hash(TOKEN)}:policy-author,incident-responder,onboarding\n")
         sock = serve.listen("127.0.0.1", 0)
         self.port = sock.getsockname()[1]
         sock.close()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.log = tmp_path / "serve.log"
         self.proc: subprocess.Popen[str] | None = None
 
     def start(self) -> None:
         cmd = [str(BIN / "ringfence"), "serve", "--port", str(self.port), "--store", f"sqlite:{self.db}"]
+        if self.tls is not None:
+            cmd += ["--tls-cert", str(self.tls.cert), "--tls-key", str(self.tls.key)]
         self.proc = subprocess.Popen(
             [*cmd, "--admin-tokens", str(self.tokens)], stdout=subprocess.PIPE, stderr=self.log.open("a"), text=True
         )
@@ -54,7 +59,11 @@ class Server:
 
     def admin(self, method: str, path: str, body: Any = None) -> httpx.Response:
         headers = {"Authorization": f"Bearer {TOKEN}"}
-        return httpx.request(method, f"{self.url}{path}", json=body, headers=headers, timeout=60)
+        return httpx.request(method, f"{self.url}{path}", json=body, headers=headers, timeout=60, verify=self.verify)
+
+    @property
+    def verify(self) -> Any:
+        return ssl.create_default_context(cafile=str(self.tls.ca)) if self.tls is not None else True
 
     def enroll(self, wid: str, key: str) -> httpx.Response:
         nonce = httpx.get(f"{self.url}/v1/nonce").json()["nonce"]

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from ringfence.control.api import secret_hash
+from ringfence.local.tls import lab_tls
 from ringfence.store.sqlite import SqliteStore
 from tests.onprem.conftest import ESTATE, policy_files
 from tests.onprem.test_serve_onprem import BIN, POLL_INTERVAL, Server, status, wait_until
@@ -23,10 +24,15 @@ from tests.onprem.test_serve_onprem import BIN, POLL_INTERVAL, Server, status, w
 TOKEN_TTL = 3
 
 
-@pytest.fixture
-def short_token_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
+@pytest.fixture(params=["http", "https"])
+def short_token_server(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Server]:
+    """Plain HTTP, and HTTPS with a certificate of a private CA the agent is given (tls_ca_file):
+    every request the agent makes, the token renewal included, must verify against that CA (the
+    renewal once went out with the system's trust store and failed forever)."""
     monkeypatch.setenv("RINGFENCE_TOKEN_TTL", str(TOKEN_TTL))  # the serve process inherits it
-    s = Server(tmp_path)
+    s = Server(tmp_path, lab_tls(tmp_path / "tls", "127.0.0.1") if request.param == "https" else None)
     s.start()
     yield s
     if s.proc is not None and s.proc.poll() is None:
@@ -57,6 +63,7 @@ def test_a_real_agent_renews_its_token_past_expiry_and_keeps_fetching(
         "heartbeat_interval": 1,
         "backoff_max": 1,
         "request_timeout": 5,
+        **({"tls_ca_file": str(server.tls.ca)} if server.tls is not None else {}),
     }
     (tmp_path / "agent.json").write_text(json.dumps(cfg))
     log = tmp_path / "agent.log"
@@ -75,7 +82,11 @@ def test_a_real_agent_renews_its_token_past_expiry_and_keeps_fetching(
 
         time.sleep(3 * TOKEN_TTL)  # several lifetimes of the first token
         assert store.token_workload(secret_hash(first_token)) is None, "the first token is long gone"
-        r = httpx.get(f"{server.url}/v1/agents/{proc}/bundle", headers={"Authorization": f"Bearer {first_token}"})
+        r = httpx.get(
+            f"{server.url}/v1/agents/{proc}/bundle",
+            headers={"Authorization": f"Bearer {first_token}"},
+            verify=server.verify,
+        )
         assert r.status_code == 401
 
         # a change after the first token expired still reaches the agent

@@ -88,7 +88,7 @@ class DynamoStore:
 
     def get(self, workload_id: str) -> InventoryRecord | None:
         item = self.inventory.get_item(Key={"id": workload_id}, ConsistentRead=True).get("Item")
-        return self._to_record(item) if item else None
+        return self._to_record(item) if _observed(item) else None
 
     def get_many(self, workload_ids: list[str]) -> dict[str, InventoryRecord]:
         out: dict[str, InventoryRecord] = {}
@@ -100,8 +100,9 @@ class DynamoStore:
             while request:
                 resp = self.ddb.batch_get_item(RequestItems=request)
                 for item in resp.get("Responses", {}).get(self.inventory.name, []):
-                    rec = self._to_record(item)
-                    out[rec.id] = rec
+                    if _observed(item):
+                        rec = self._to_record(item)
+                        out[rec.id] = rec
                 request = resp.get("UnprocessedKeys") or {}
         return out
 
@@ -149,7 +150,7 @@ class DynamoStore:
         kwargs: dict[str, Any] = {"ConsistentRead": True}
         while True:
             page = self.inventory.scan(**kwargs)
-            out.extend(self._to_record(i) for i in page.get("Items", []))
+            out.extend(self._to_record(i) for i in page.get("Items", []) if _observed(i))
             if "LastEvaluatedKey" not in page:
                 return out
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
@@ -598,3 +599,11 @@ class DynamoStore:
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
         recs = [AuditRecord.model_validate_json(i["doc"]) for i in items]
         return sorted(recs, key=lambda r: r.time)
+
+
+def _observed(item: dict[str, Any] | None) -> bool:
+    """An inventory item that holds an observation. moto's UpdateItem on a new key stores the key
+    before it sets the attributes, so a read racing the first observation of an instance (its
+    agent enrolling while ingest stores it) can see the key alone; DynamoDB's update is atomic.
+    Either way there is no record yet."""
+    return item is not None and "workload" in item
