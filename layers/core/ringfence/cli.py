@@ -403,6 +403,35 @@ def cmd_map(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_suggest(args: argparse.Namespace) -> int:
+    from ringfence.engine import Engine
+    from ringfence.flows.suggest import merged_policy, suggest
+    from ringfence.policy import load_policy
+    from ringfence.policytests import run_tests
+    from ringfence.store import open_store
+
+    policy = load_policy(Path(args.policy))
+    rows = open_store(args.flows).flow_rows()
+    sug = suggest(policy, rows, args.app, args.env, args.min_flows, args.include_allowed)
+    if args.json:
+        _emit(json.dumps(sug.doc(), indent=1, sort_keys=True) + "\n", args.out)
+    else:
+        _emit(sug.yaml, args.out)
+    print(sug.summary(), file=sys.stderr)
+    if args.inventory:  # the tests provisioning would run: the policy's own and the suggestion's
+        engine = Engine(merged := merged_policy(policy, sug))
+        engine.load(_inventory(args))
+        results = run_tests(merged, engine.workloads)
+        failed = [r for r in results if not r.passed]
+        for r in failed:
+            print(r.report(), file=sys.stderr)
+        print(
+            f"with the suggestion: {len(results) - len(failed)} policy tests pass, {len(failed)} fail", file=sys.stderr
+        )
+        return 1 if failed else 0
+    return 0
+
+
 def cmd_flows_ingest(args: argparse.Namespace) -> int:
     from ringfence.flows.ingest import FlowIngest
     from ringfence.flows.resolve import sync_addresses
@@ -696,6 +725,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="only edges with this decision",
     )
     p.add_argument("--min-flows", type=int, default=0, help="only edges with at least this many flows")
+    p.add_argument("--out", help="file to write (default: stdout)")
+
+    p = add(
+        "suggest",
+        cmd_suggest,
+        help="label-level rules (and the tests pinning them) allowing what an app's blocked flows show; "
+        "lateral movement flagged, not proposed",
+    )
+    _policy_args(p)
+    p.add_argument("--app", required=True, help="the app whose flows (either end) to suggest rules for")
+    p.add_argument("--env", help="only flows with this env at the app's end")
+    p.add_argument(
+        "--flows", required=True, help="the store holding flows: sqlite:PATH or dynamodb:INVENTORY,STATE,AUDIT"
+    )
+    p.add_argument("--min-flows", type=int, default=0, help="only flow rows with at least this many flows")
+    p.add_argument(
+        "--include-allowed", action="store_true", help="pin flows already allowed with tests too (no rules for them)"
+    )
+    p.add_argument("--json", action="store_true", help="the suggestion as JSON (rules, flagged, skipped, the YAML)")
     p.add_argument("--out", help="file to write (default: stdout)")
 
     flo = sub.add_parser("flows", help="flows in").add_subparsers(

@@ -183,3 +183,14 @@ class Admin:
         except ValueError as exc:
             return error(400, "bad map format", str(exc))
         return ("text/html; charset=utf-8" if fmt == "html" else "text/vnd.graphviz; charset=utf-8", text)
+
+    def suggest(self, app: str, env: str | None = None, min_flows: int = 0, include_allowed: bool = False) -> Response:
+        """Rule suggestions (``ringfence suggest``'s code) from the store's flow rows under the
+        active policy."""
+        from ringfence.flows.suggest import suggest
+
+        active = self.w.active_policy()
+        if active is None:
+            return error(409, "no active policy", "provision a policy version first")
+        sug = suggest(active[1], self.w.store.flow_rows(), app, env, min_flows, include_allowed)
+        return Response(200, sug.doc())
