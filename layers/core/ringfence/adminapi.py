@@ -39,6 +39,11 @@ class ProvisionResponse(_Body):
     version: int
     digest: str
     audit_id: str
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="file:line:column: warning: … — selectors matching no workload, rules that can never match "
+        "(never a refusal; audited with the version)",
+    )
 
 
 class SuggestedFlow(_Body):
