@@ -231,7 +231,14 @@ def cmd_labels_check(args: argparse.Namespace) -> int:
     engine.load(workloads)
     flagged = [ws for ws in engine.workloads.values() if ws.problems]
     # the policy over this estate: selectors it leaves matching nothing, rules pairing nobody
-    findings = [{**w.doc(), "kind": f"policy/{w.kind}"} for w in estate_warnings(policy, workloads)]
+    findings: list[dict[str, Any]] = [
+        {**w.doc(), "kind": f"policy/{w.kind}"} for w in estate_warnings(policy, workloads)
+    ]
+    if args.flows:  # what the wire showed: addresses nobody holds, traffic a role should not have
+        from ringfence.flows.hygiene import flow_findings
+        from ringfence.store import open_store
+
+        findings += flow_findings(policy, workloads, open_store(args.flows).flow_rows(), args.fanout)
     if args.json:
         _print_json(
             {
@@ -707,6 +714,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="the flagged workloads and their problems, and the findings, as JSON"
     )
     p.add_argument("--strict", action="store_true", help="exit 1 when any workload is unlabeled")
+    p.add_argument(
+        "--flows",
+        help="the store holding flows (sqlite:PATH or dynamodb:INVENTORY,STATE,AUDIT): also report unknown "
+        "addresses and traffic contradicting a role",
+    )
+    p.add_argument(
+        "--fanout",
+        type=int,
+        default=3,
+        help="a role connecting out to at least this many peers policy does not allow is a finding (default 3)",
+    )
 
     p = add("inventory", cmd_inventory_show, help="show workloads with their resolved labels and modes")
     _policy_args(p, inventory_required=True)
