@@ -126,3 +126,55 @@ def test_labels_check_finds_what_the_estate_made_moot(tmp_path: Path) -> None:
         [CLI, "labels", "check", "--policy", pol, "--inventory", INVENTORY], capture_output=True, text=True, check=True
     )
     assert "0 findings" in r.stdout
+
+
+def test_random_policies_warnings_hold_on_every_probed_pair(tmp_path: Path) -> None:
+    """An oracle for the exact selector reasoning: on random policies (tests/bench/random_estate),
+    a rule called contradictory matches no pair of label sets (the estate's and random ones), and
+    a rule called shadowed matches no pair its override-deny does not."""
+    import random
+
+    from ringfence.selectors import matcher
+    from tests.bench.random_estate import generate
+
+    generate(tmp_path, workloads=300, rules=250, seed=7)
+    policy = load_policy(tmp_path / "policy")
+    inv = load_inventory(tmp_path / "inventory.yaml")
+    probes = {tuple(sorted(policy.labels.resolve(w).labels.items())) for w in inv}
+    values: dict[str, set[str]] = {}
+    for p in probes:
+        for d, v in p:
+            values.setdefault(d, set()).add(v)
+    rng = random.Random(7)
+    for _ in range(150):  # label sets the estate lacks: other combinations, some dimensions unset
+        probes.add(tuple(sorted((d, rng.choice(sorted(vs))) for d, vs in values.items() if rng.random() < 0.85)))
+    sets = [dict(p) for p in sorted(probes)]
+    rules = {r.id: r for r in policy.rules}
+
+    def pairs(rule_id: str) -> set[tuple[int, int]]:
+        """The (consumer, provider) probe pairs the rule matches (-1: an IP-list side, never pinned)."""
+        r = rules[rule_id]
+        ends = []
+        for peer in (r.consumer, r.provider):
+            m = matcher(peer.selector) if peer.selector is not None else None
+            ends.append([i for i, s in enumerate(sets) if m(s)] if m is not None else [-1])
+        return {
+            (i, j)
+            for i in ends[0]
+            for j in ends[1]
+            if i < 0 or j < 0 or all(d in sets[i] and sets[i].get(d) == sets[j].get(d) for d in r.same)
+        }
+
+    found = policy_warnings(policy)
+    kinds = {w.kind for w in found}
+    assert {"contradiction", "shadowed"} <= kinds, kinds  # the oracle below has something to check
+    for w in found:
+        if w.kind == "contradiction":
+            assert not pairs(w.rule), w
+        elif w.kind == "shadowed":
+            over = w.message.split("override-deny ")[1].split(" ")[0]
+            assert pairs(w.rule) <= pairs(over), w
+            assert all(
+                any(o.proto == "any" or o.proto == s.proto for o in rules[over].services)
+                for s in rules[w.rule].services
+            )

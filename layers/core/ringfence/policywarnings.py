@@ -72,25 +72,38 @@ def _values(node: selectors.Node, out: dict[str, set[str]]) -> None:
 
 
 class _Space:
-    """The label values worth trying per dimension, for one policy."""
+    """The label values worth trying per dimension, for one policy.
+
+    Selectors only test values for membership, so the values two selectors do not name behave
+    alike for both: one of them (a legal one) stands for all, beside the named ones and "unset"."""
 
     def __init__(self, policy: Policy) -> None:
-        mentioned: dict[str, set[str]] = {}
-        for r in policy.rules:
-            for peer in (r.consumer, r.provider):
-                if peer.selector is not None:
-                    _values(peer.selector, mentioned)
-        self.domain: dict[str, tuple[str | None, ...]] = {}
+        self.legal: dict[str, frozenset[str] | None] = {}
         for dim, spec in policy.labels.dimensions.items():
-            if spec.allowed is not None:
-                vals = {policy.labels.canonical_value(dim, v) for v in spec.allowed}
-            else:
-                vals = mentioned.get(dim, set()) | {_OTHER}
-            self.domain[dim] = (None, *sorted(vals))
+            self.legal[dim] = (
+                frozenset(policy.labels.canonical_value(dim, v) for v in spec.allowed)
+                if spec.allowed is not None
+                else None
+            )
         self._match: dict[selectors.Node, selectors.Matcher] = {}
+        self._dims: dict[selectors.Node, dict[str, set[str]]] = {}
+        self._contains: dict[tuple[selectors.Node, selectors.Node], bool | None] = {}
 
-    def dom(self, dim: str) -> tuple[str | None, ...]:
-        return self.domain.get(dim, (None, _OTHER))
+    def named(self, node: selectors.Node) -> dict[str, set[str]]:
+        """The dimensions ``node`` tests, each with the values it names."""
+        got = self._dims.get(node)
+        if got is None:
+            got = {d: set() for d in _dims(node)}
+            _values(node, got)
+            self._dims[node] = got
+        return got
+
+    def dom(self, dim: str, named: set[str]) -> tuple[str | None, ...]:
+        legal = self.legal.get(dim)
+        if legal is None:
+            return (None, *sorted(named), _OTHER)
+        rest = sorted(legal - named)
+        return (None, *sorted(named & legal), *rest[:1])
 
     def match(self, node: selectors.Node) -> selectors.Matcher:
         m = self._match.get(node)
@@ -98,21 +111,23 @@ class _Space:
             m = self._match[node] = selectors.matcher(node)
         return m
 
-    def cases(self, dims: Iterable[str]) -> Iterator[dict[str, str]] | None:
-        """Every assignment of ``dims`` (None: too many to try)."""
-        ds = sorted(set(dims))
+    def cases(self, *nodes: selectors.Node, extra: Iterable[str] = ()) -> Iterator[dict[str, str]] | None:
+        """Every assignment of the dimensions ``nodes`` test (and ``extra``); None: too many to try."""
+        named: dict[str, set[str]] = {d: set() for d in extra}
+        for node in nodes:
+            for d, vs in self.named(node).items():
+                named.setdefault(d, set()).update(vs)
+        ds = sorted(named)
+        doms = [self.dom(d, named[d]) for d in ds]
         n = 1
-        for d in ds:
-            n *= len(self.dom(d))
+        for dom in doms:
+            n *= len(dom)
         if n > MAX_CASES:
             return None
-        return (
-            {d: v for d, v in zip(ds, combo, strict=True) if v is not None}
-            for combo in itertools.product(*(self.dom(d) for d in ds))
-        )
+        return ({d: v for d, v in zip(ds, combo, strict=True) if v is not None} for combo in itertools.product(*doms))
 
     def satisfiable(self, node: selectors.Node) -> bool | None:
-        cases = self.cases(_dims(node))
+        cases = self.cases(node)
         if cases is None:
             return None
         m = self.match(node)
@@ -122,15 +137,21 @@ class _Space:
         """Every workload ``inner`` matches, ``outer`` matches too."""
         if isinstance(outer, selectors.All) or outer == inner:
             return True
-        cases = self.cases(_dims(outer) | _dims(inner))
-        if cases is None:
-            return None
-        mo, mi = self.match(outer), self.match(inner)
-        return all(mo(c) for c in cases if mi(c))
+        key = (outer, inner)
+        if key in self._contains:
+            return self._contains[key]
+        cases = self.cases(outer, inner)
+        got = None
+        if cases is not None:
+            mo, mi = self.match(outer), self.match(inner)
+            got = all(mo(c) for c in cases if mi(c))
+        self._contains[key] = got
+        return got
 
-    def pinned(self, node: selectors.Node, same: tuple[str, ...]) -> set[tuple[str, ...]] | None:
-        """The values of ``same`` a workload matching ``node`` can hold (each set: unset shares nothing)."""
-        cases = self.cases(_dims(node) | set(same))
+    def pinned(self, node: selectors.Node, other: selectors.Node, same: tuple[str, ...]) -> set[tuple[str, ...]] | None:
+        """The values of ``same`` a workload matching ``node`` can hold (each set: unset shares
+        nothing), over the values ``other`` names too (the two sets are compared)."""
+        cases = self.cases(node, other, extra=same)
         if cases is None:
             return None
         m = self.match(node)
@@ -179,8 +200,8 @@ def policy_warnings(policy: Policy) -> list[PolicyWarning]:
         if dead:
             continue
         if r.same and r.consumer.selector is not None and r.provider.selector is not None:
-            cons = space.pinned(r.consumer.selector, r.same)
-            prov = space.pinned(r.provider.selector, r.same)
+            cons = space.pinned(r.consumer.selector, r.provider.selector, r.same)
+            prov = space.pinned(r.provider.selector, r.consumer.selector, r.same)
             if cons is not None and prov is not None and not (cons & prov):
                 out.append(
                     PolicyWarning(
@@ -213,28 +234,70 @@ def policy_warnings(policy: Policy) -> list[PolicyWarning]:
     return out
 
 
-def estate_warnings(policy: Policy, workloads: Iterable[Workload]) -> list[PolicyWarning]:
-    """What the estate makes moot: selectors matching no workload, rules that pair none."""
+class _Estate(selectors.BitsetIndex):
+    """The estate's distinct label sets as bit slots, for evaluating selectors over all at once."""
+
+    def __init__(self, label_sets: list[Mapping[str, str]]) -> None:
+        self.sets = label_sets
+        self._all = (1 << len(label_sets)) - 1
+        self._members: dict[tuple[str, str], int] = {}
+        self._having: dict[str, int] = {}
+        for i, labels in enumerate(label_sets):
+            bit = 1 << i
+            for d, v in labels.items():
+                self._members[(d, v)] = self._members.get((d, v), 0) | bit
+                self._having[d] = self._having.get(d, 0) | bit
+        self._keys: dict[tuple[str, ...], list[int]] = {}
+
+    def universe(self) -> int:
+        return self._all
+
+    def members(self, dim: str, value: str) -> int:
+        return self._members.get((dim, value), 0)
+
+    def having(self, dim: str) -> int:
+        return self._having.get(dim, 0)
+
+    def share_groups(self, same: tuple[str, ...]) -> list[int]:
+        """The label sets per value of ``same`` (those lacking one share nothing: left out)."""
+        got = self._keys.get(same)
+        if got is None:
+            by: dict[tuple[str, ...], int] = {}
+            for i, labels in enumerate(self.sets):
+                if all(d in labels for d in same):
+                    key = tuple(labels[d] for d in same)
+                    by[key] = by.get(key, 0) | (1 << i)
+            got = self._keys[same] = list(by.values())
+        return got
+
+
+def estate_warnings(
+    policy: Policy, workloads: Iterable[Workload], known: list[PolicyWarning] | None = None
+) -> list[PolicyWarning]:
+    """What the estate makes moot: selectors matching no workload, rules that pair none
+    (``known``: :func:`policy_warnings`, if already computed; rules they name are not checked)."""
     label_sets: dict[tuple[tuple[str, str], ...], Mapping[str, str]] = {}
     count = 0
     for w in workloads:
         count += 1
         labels = policy.labels.resolve(w).labels
         label_sets.setdefault(tuple(sorted(labels.items())), labels)
-    estate = list(label_sets.values())
-    space = _Space(policy)
+    estate = _Estate(list(label_sets.values()))
     out: list[PolicyWarning] = []
-    skip = {(w.rule, w.kind) for w in policy_warnings(policy)}
+    skip = {w.rule for w in (policy_warnings(policy) if known is None else known) if w.kind != "shadowed"}
+    hits: dict[selectors.Node, int] = {}
     for r in policy.rules:
-        if (r.id, "contradiction") in skip or (r.id, "no-ports") in skip:
+        if r.id in skip:
             continue
-        matched: dict[str, list[Mapping[str, str]]] = {}
+        matched: dict[str, int] = {}
         for peer in (r.consumer, r.provider):
             if peer.selector is None:
                 continue
-            m = space.match(peer.selector)
-            hits = matched[_side(r, peer)] = [ls for ls in estate if m(ls)]
-            if not hits:
+            bits = hits.get(peer.selector)
+            if bits is None:
+                bits = hits[peer.selector] = selectors.evaluate(peer.selector, estate)
+            matched[_side(r, peer)] = bits
+            if not bits:
                 out.append(
                     PolicyWarning(
                         r.location,
@@ -244,20 +307,17 @@ def estate_warnings(policy: Policy, workloads: Iterable[Workload]) -> list[Polic
                         f"estate ({count} workloads)",
                     )
                 )
-        if r.same and matched.get("from") and matched.get("to"):
-            keys = {tuple(ls.get(d) for d in r.same) for ls in matched["from"] if all(d in ls for d in r.same)}
-            if not any(
-                tuple(ls.get(d) for d in r.same) in keys for ls in matched["to"] if all(d in ls for d in r.same)
-            ):
-                out.append(
-                    PolicyWarning(
-                        r.location,
-                        r.id,
-                        "no-pair",
-                        f"rule {r.id}: no workload matching `from` shares {', '.join(r.same)} with one matching `to` "
-                        "in the estate: it allows nothing today",
-                    )
+        cons, prov = matched.get("from", 0), matched.get("to", 0)
+        if r.same and cons and prov and not any(g & cons and g & prov for g in estate.share_groups(r.same)):
+            out.append(
+                PolicyWarning(
+                    r.location,
+                    r.id,
+                    "no-pair",
+                    f"rule {r.id}: no workload matching `from` shares {', '.join(r.same)} with one matching `to` "
+                    "in the estate: it allows nothing today",
                 )
+            )
     return out
 
 
@@ -265,5 +325,5 @@ def warnings(policy: Policy, workloads: Iterable[Workload] | None = None) -> lis
     """Every warning, by file and line; the estate's too when ``workloads`` are given."""
     out = policy_warnings(policy)
     if workloads is not None:
-        out += estate_warnings(policy, workloads)
+        out = out + estate_warnings(policy, workloads, out)
     return sorted(out, key=lambda w: (w.location.file, w.location.line, w.location.column, w.rule, w.kind))
