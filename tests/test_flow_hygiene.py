@@ -90,3 +90,12 @@ def test_labels_check_reports_them_with_the_flows_store(flows: str) -> None:
         "flows/unknown-address",
     ]
     assert "0 findings" in subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+
+
+def test_labels_check_reads_the_estate_from_the_store(flows: str) -> None:
+    # no inventory file: the store's inventory (as reconcile and ingest keep it) is the estate
+    argv = [CLI, "labels", "check", "--policy", str(EXAMPLE / "policy"), "--flows", f"sqlite:{flows}"]
+    r = subprocess.run(argv, capture_output=True, text=True, check=True)
+    assert "ord-prod-web-9: UNLABELED" in r.stdout and "20 workloads" in r.stdout and "4 findings" in r.stdout
+    r = subprocess.run(argv[:5], capture_output=True, text=True, check=False)
+    assert r.returncode == 1 and "--inventory FILE, or --flows" in r.stderr

@@ -226,7 +226,17 @@ def cmd_labels_check(args: argparse.Namespace) -> int:
     from ringfence.policywarnings import estate_warnings
 
     policy = load_policy(Path(args.policy))
-    workloads = _inventory(args)
+    store = None
+    if args.flows:
+        from ringfence.store import open_store
+
+        store = open_store(args.flows)
+    if args.inventory:
+        workloads = _inventory(args)
+    elif store is not None:  # the estate as reconcile and ingest keep it
+        workloads = [r.effective() for r in store.all_records() if r.active]
+    else:
+        raise CliError("--inventory FILE, or --flows naming a store that holds the inventory")
     engine = Engine(policy)
     engine.load(workloads)
     flagged = [ws for ws in engine.workloads.values() if ws.problems]
@@ -234,11 +244,10 @@ def cmd_labels_check(args: argparse.Namespace) -> int:
     findings: list[dict[str, Any]] = [
         {**w.doc(), "kind": f"policy/{w.kind}"} for w in estate_warnings(policy, workloads)
     ]
-    if args.flows:  # what the wire showed: addresses nobody holds, traffic a role should not have
+    if store is not None:  # what the wire showed: addresses nobody holds, traffic a role should not have
         from ringfence.flows.hygiene import flow_findings
-        from ringfence.store import open_store
 
-        findings += flow_findings(policy, workloads, open_store(args.flows).flow_rows(), args.fanout)
+        findings += flow_findings(policy, workloads, store.flow_rows(), args.fanout)
     if args.json:
         _print_json(
             {
@@ -709,7 +718,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="sub", required=True, metavar="command", help="one of:"
     )
     p = add("check", cmd_labels_check, lab, help="report missing, unknown and conflicting labels")
-    _policy_args(p, inventory_required=True)
+    p.add_argument("--policy", required=True, help=POLICY_PATH_HELP)
+    p.add_argument("--inventory", help=INVENTORY_HELP + " (default: the inventory of the --flows store)")
     p.add_argument(
         "--json", action="store_true", help="the flagged workloads and their problems, and the findings, as JSON"
     )
