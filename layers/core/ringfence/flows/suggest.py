@@ -137,7 +137,8 @@ class ProposedRule:
             "to": self.to,
             "services": self.services,
             "same": self.same,
-            "description": f"observed {seen} flows {_when(first)} – {_when(last)}, {' / '.join(was)} then",
+            "description": f"observed {seen} flow{'s' if seen != 1 else ''} {_when(first)} – {_when(last)}, "
+            f"{' / '.join(was)} then",
         }
 
     def doc(self) -> dict[str, Any]:
@@ -362,11 +363,27 @@ def _build(
     sug.yaml = render_yaml(sug, candidates)
 
 
+class _Flow(dict[str, Any]):
+    """A mapping written on one line (``{labels: {app: ordering, role: web}}``), as the examples do."""
+
+
+class _FlowList(list[str]):
+    pass
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+_Dumper.add_representer(_Flow, lambda d, v: d.represent_mapping("tag:yaml.org,2002:map", v, flow_style=True))
+_Dumper.add_representer(_FlowList, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+
+
 def _test(o: Observation, s: Mapping[str, str], d: Mapping[str, str], why: str) -> dict[str, Any]:
     return {
         "name": f"{why}: {o.src} → {o.dst} {o.port_text}"[:200],
-        "from": {"labels": dict(s)},
-        "to": {"labels": dict(d)},
+        "from": _Flow(labels=_Flow(s)),
+        "to": _Flow(labels=_Flow(d)),
         "port": o.port_text,
         "expect": "allow",
     }
@@ -381,7 +398,9 @@ def render_yaml(sug: Suggestion, candidates: list[tuple[Observation, dict[str, s
                 "description": f"suggested from observed flows of app {sug.app}: review before merging",
                 "scope": "all()",
                 "same": [],
-                "rules": [r.rule_doc() for r in sug.rules],
+                "rules": [
+                    {**r.rule_doc(), "services": _FlowList(r.services), "same": _FlowList(r.same)} for r in sug.rules
+                ],
             }
         ]
     tests = [_test(o, s, d, "observed") for o, s, d in candidates]
@@ -397,7 +416,7 @@ def render_yaml(sug: Suggestion, candidates: list[tuple[Observation, dict[str, s
         + ", nothing broader, and the tests pinning it.",
         "# Review, then put this file in the policy directory.",
     ]
-    body = yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=120)
+    body = yaml.dump(doc, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=140)
     tail: list[str] = []
     for title, items in (
         ("FLAGGED, not proposed: these look like lateral movement; decide by hand", sug.flagged),
