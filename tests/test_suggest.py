@@ -195,3 +195,20 @@ def test_the_cli_writes_a_file_that_validates_tests_and_explains(
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     assert '"kind": "crown-jewel"' in js
+
+
+def test_a_flow_the_policy_allows_now_is_not_proposed_again(seen: tuple[Path, str, Policy], tmp_path: Path) -> None:
+    pdir, spec, _ = seen
+    # since the flows were seen, the owner opened prod web → processing on 8444-8445 by hand
+    (pdir / "opened.yaml").write_text(
+        "rulesets:\n  - name: opened\n    scope: app == ordering\n    rules:\n"
+        "      - {name: more-ports, from: role == web, to: role == processing, services: [tcp/8444-8445]}\n"
+    )
+    policy = load_policy(pdir)
+    rows = SqliteStore(Path(spec[7:])).flow_rows()
+    sug = suggest(policy, rows, "ordering")
+    (prod,) = [r for r in sug.rules if r.name == "web-to-processing-prod-ca-tcp"]
+    assert prod.services == ["tcp/8447"]
+    assert sorted(f.flow.port or 0 for f in sug.skipped if f.kind == "allowed-now") == [8444, 8445]
+    pinned = suggest(policy, rows, "ordering", include_allowed=True).pinned
+    assert sorted(p.port or 0 for p in pinned) == [8443, 8444, 8445]

@@ -69,7 +69,7 @@ class SuggestedRule(_Body):
 
 class FlaggedFlow(SuggestedFlow):
     kind: str = Field(description="env-crossing, crown-jewel, from-internet, from-unknown, override-deny; skipped: "
-                      "to-outside, unlabeled, no-port")  # fmt: skip
+                      "to-outside, unlabeled, no-port, allowed-now")  # fmt: skip
     reason: str
 
 

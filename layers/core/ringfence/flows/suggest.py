@@ -307,6 +307,15 @@ def suggest(
         assert s is not None and d is not None
         if r.decision == "allowed":
             sug.pinned.append(o)
+        elif (
+            decide(policy, labels_endpoint(policy, s), labels_endpoint(policy, d), o.proto, o.port).policy_verdict
+            == "allow"
+        ):
+            # decided when ingested, under the policy of that day: the policy given allows it now
+            if include_allowed:
+                sug.pinned.append(o)
+            else:
+                sug.skipped.append(Flagged("allowed-now", "the policy allows it now (it did not when it was seen)", o))
         else:
             candidates.append((o, s, d))
 
