@@ -10,7 +10,8 @@ range only where every port of it was seen). Each observed flow is pinned by a p
 Flows that look like lateral movement are **flagged**, never proposed: an env crossing
 (``dev → prod``, or an end without env), a flow into a crown-jewel app from outside its app group,
 a flow from the internet or from an address no workload holds. Flows no label rule can express
-(to the internet, an end without app or role, a port not recorded) are listed as skipped.
+(to the internet, an end without app or role, a port not recorded) are listed as skipped, and
+so are flows blocked when ingested that the policy given allows now.
 
 The suggestion is a policy file: it is loaded with the policy it extends by the real loader, and
 every proposed flow is decided again by :func:`ringfence.engine.explain.decide` under the merged
