@@ -75,3 +75,14 @@ def test_report_batches_and_flow_logs_in_s3_become_classified_rows(env: Env) -> 
     assert '"decision": "allowed"' not in body
     status, _, _ = env.rest("admin", "GET", "/admin/map", principal="arn:aws:iam::123456789012:user/mallory")
     assert status == 403
+
+    # rule suggestions from the same rows: dev web → prod processing is an env crossing, flagged
+    status, headers, body = env.rest("admin", "GET", "/admin/suggest", query={"app": "ordering"}, principal=reader)
+    assert status == 200, body
+    sug = body
+    assert sug["rules"] == [] and [f["kind"] for f in sug["flagged"]] == ["env-crossing"]
+    assert sug["flagged"][0]["port"] == "tcp/8443" and "rulesets: []" in sug["yaml"]
+    status, _, _ = env.rest(
+        "admin", "GET", "/admin/suggest", query={"app": "ordering"}, principal="arn:aws:iam::123456789012:user/mallory"
+    )
+    assert status == 403

@@ -85,3 +85,28 @@ def test_the_aws_admin_api_has_no_onprem_routes(wiring: LocalWiring) -> None:
         {"id": "x", "ips": ["10.0.0.1"]},
     )
     assert status == 404
+
+
+def test_provision_answers_and_audits_warnings_and_suggest_reads_the_flow_rows(wiring: LocalWiring) -> None:
+    from tests.onprem.conftest import policy_files
+
+    svc = boot(wiring)
+    app = admin_routes(lambda: svc, onprem=lambda: svc, roles_of=lambda _: frozenset(AdminRole))
+    moot = (
+        "rulesets:\n  - name: moot\n    scope: all()\n    same: []\n    rules:\n"
+        "      - {name: never, from: role == web, to: role == web && role == database, services: [tcp/80]}\n"
+        "      - {name: nobody, from: role == web, to: app == payroll && role == processing, services: [tcp/80]}\n"
+    )
+    status, body = call(app, "POST", "/admin/policies", {"files": {**policy_files(), "moot.yaml": moot}, "reason": "x"})
+    assert status == 201, body  # warnings never refuse a version
+    # (this small estate leaves many example rules matching nobody: those are warnings too)
+    mine = [w for w in body["warnings"] if w.startswith("moot.yaml")]
+    assert [w.split(": warning: ")[0] for w in mine] == ["moot.yaml:6:9", "moot.yaml:7:9"], body
+    assert "can never match any workload" in mine[0] and "matches no workload of the estate (3 workloads)" in mine[1]
+    (entry,) = [a for a in wiring.store.audit_log() if a.action == "policy.provision" and a.principal == OPERATOR]
+    assert entry.detail["warnings"] == body["warnings"]
+
+    status, _, body = rest_answer(
+        app.resolve(rest_event("GET", "/admin/suggest", query={"app": "ordering"}, principal=OPERATOR), LambdaContext())
+    )
+    assert status == 200 and body["rules"] == [] and body["file"] == "suggested-ordering.yaml", body

@@ -39,6 +39,51 @@ class ProvisionResponse(_Body):
     version: int
     digest: str
     audit_id: str
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="file:line:column: warning: … — selectors matching no workload, rules that can never match "
+        "(never a refusal; audited with the version)",
+    )
+
+
+class SuggestedFlow(_Body):
+    src: str = Field(description="the source end: its label set, internet or unknown")
+    dst: str
+    port: str = Field(description="proto/port")
+    decision: str = Field(description="as classified when ingested: blocked, potentially-blocked, allowed")
+    rule: str = Field(description="the rule that decided (file:line), or why it is blocked")
+    flows: int
+    first_seen: float
+    last_seen: float
+
+
+class SuggestedRule(_Body):
+    name: str
+    from_: str = Field(alias="from")
+    to: str
+    services: list[str]
+    same: list[str]
+    description: str
+    observed: list[SuggestedFlow]
+
+
+class FlaggedFlow(SuggestedFlow):
+    kind: str = Field(description="env-crossing, crown-jewel, from-internet, from-unknown, override-deny; skipped: "
+                      "to-outside, unlabeled, no-port, allowed-now")  # fmt: skip
+    reason: str
+
+
+class SuggestResponse(_Body):
+    app: str
+    env: str | None
+    file: str = Field(description="the policy file name the suggestion is meant to be saved as")
+    ruleset: str
+    rows: int = Field(description="flow rows considered")
+    rules: list[SuggestedRule]
+    pinned: list[SuggestedFlow] = Field(description="flows already allowed, pinned by tests (include_allowed)")
+    flagged: list[FlaggedFlow] = Field(description="look like lateral movement: not proposed")
+    skipped: list[FlaggedFlow] = Field(description="no label-level rule can express them")
+    yaml: str = Field(description="the policy file: the rules and the tests pinning every observed flow")
 
 
 class ModeResponse(_Body):

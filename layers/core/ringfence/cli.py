@@ -77,10 +77,23 @@ def _print_json(obj: object) -> None:
 # --- policy ------------------------------------------------------------------------------------
 
 
+def _print_warnings(policy: Policy, workloads: list[Workload] | None) -> list[str]:
+    """Warnings (never errors) on stderr, each with file:line:column; returned as text."""
+    from ringfence.policywarnings import warnings
+
+    found = [str(w) for w in warnings(policy, workloads)]
+    for w in found:
+        print(w, file=sys.stderr)
+    return found
+
+
 def cmd_policy_validate(args: argparse.Namespace) -> int:
     from ringfence.policy import load_policy
 
     policy = load_policy(Path(args.path))
+    found = _print_warnings(policy, _inventory(args) if args.inventory else None)
+    if found:
+        print(f"{len(found)} warning(s)", file=sys.stderr)
     print(
         f"ok: {len(policy.sources)} files, {len(policy.rules)} rules, {len(policy.services) - 1} services, "
         f"{len(policy.ip_lists) - 1} ip lists, {len(policy.label_groups)} label groups, {len(policy.tests)} tests"
@@ -134,9 +147,11 @@ def cmd_policy_provision(args: argparse.Namespace) -> int:
         raise CliError("--message must say why (it is kept with the version)")
     path = Path(args.path)
     draft = load_policy(path)
-    failures = _failing_tests(draft, _inventory(args))
+    workloads = _inventory(args)
+    failures = _failing_tests(draft, workloads)
     if failures:
         raise CliError(f"{failures} policy test(s) fail: nothing provisioned")
+    found = _print_warnings(draft, workloads if args.inventory else None)
     store = _store(args)
     base = path if path.is_dir() else path.parent
     files = relative_files(draft.sources, base)
@@ -144,9 +159,10 @@ def cmd_policy_provision(args: argparse.Namespace) -> int:
     if latest is not None and latest.digest == digest_of(files):
         print(f"draft is identical to active version {latest.number}: nothing to provision")
         return 0
-    version = record_version(
-        store, files, args.author or default_actor(), args.message, "policy.provision", {"rules": len(draft.rules)}
-    )
+    detail: dict[str, Any] = {"rules": len(draft.rules)}
+    if found:
+        detail["warnings"] = found
+    version = record_version(store, files, args.author or default_actor(), args.message, "policy.provision", detail)
     print(f"provisioned policy version {version.number} by {version.author}: {version.message}")
     return 0
 
@@ -205,22 +221,50 @@ def cmd_policy_versions(args: argparse.Namespace) -> int:
 
 
 def cmd_labels_check(args: argparse.Namespace) -> int:
-    _, engine = _engine(args)
+    from ringfence.engine import Engine
+    from ringfence.policy import load_policy
+    from ringfence.policywarnings import estate_warnings
+
+    policy = load_policy(Path(args.policy))
+    store = None
+    if args.flows:
+        from ringfence.store import open_store
+
+        store = open_store(args.flows)
+    if args.inventory:
+        workloads = _inventory(args)
+    elif store is not None:  # the estate as reconcile and ingest keep it
+        workloads = [r.effective() for r in store.all_records() if r.active]
+    else:
+        raise CliError("--inventory FILE, or --flows naming a store that holds the inventory")
+    engine = Engine(policy)
+    engine.load(workloads)
     flagged = [ws for ws in engine.workloads.values() if ws.problems]
+    # the policy over this estate: selectors it leaves matching nothing, rules pairing nobody
+    findings: list[dict[str, Any]] = [
+        {**w.doc(), "kind": f"policy/{w.kind}"} for w in estate_warnings(policy, workloads)
+    ]
+    if store is not None:  # what the wire showed: addresses nobody holds, traffic a role should not have
+        from ringfence.flows.hygiene import flow_findings
+
+        findings += flow_findings(policy, workloads, store.flow_rows(), args.fanout)
     if args.json:
         _print_json(
-            [
-                {
-                    "workload": ws.id,
-                    "unlabeled": ws.unlabeled,
-                    "labels": ws.labels,
-                    "problems": [
-                        {"kind": p.kind, "dimension": p.dimension, "message": p.message, "suggestion": p.suggestion}
-                        for p in ws.problems
-                    ],
-                }
-                for ws in flagged
-            ]
+            {
+                "workloads": [
+                    {
+                        "workload": ws.id,
+                        "unlabeled": ws.unlabeled,
+                        "labels": ws.labels,
+                        "problems": [
+                            {"kind": p.kind, "dimension": p.dimension, "message": p.message, "suggestion": p.suggestion}
+                            for p in ws.problems
+                        ],
+                    }
+                    for ws in flagged
+                ],
+                "findings": findings,
+            }
         )
     else:
         for ws in flagged:
@@ -228,9 +272,12 @@ def cmd_labels_check(args: argparse.Namespace) -> int:
             print(f"{ws.id}: {status}")
             for p in ws.problems:
                 print(f"  {p.kind:8} {p.message}")
+        for f in findings:
+            where = f" ({f['location']})" if f.get("location") else ""
+            print(f"finding {f['kind']}{where}: {f['message']}")
         print(
             f"{len(engine.workloads)} workloads, {sum(ws.unlabeled for ws in flagged)} unlabeled, "
-            f"{sum(not ws.unlabeled for ws in flagged)} with warnings"
+            f"{sum(not ws.unlabeled for ws in flagged)} with warnings, {len(findings)} findings"
         )
     return 1 if any(ws.unlabeled for ws in flagged) and args.strict else 0
 
@@ -400,6 +447,35 @@ def cmd_map(args: argparse.Namespace) -> int:
         print(f"{args.out}: {len(m.nodes)} nodes, {len(m.edges)} edges (from {m.source})", file=sys.stderr)
     else:
         sys.stdout.write(text)
+    return 0
+
+
+def cmd_suggest(args: argparse.Namespace) -> int:
+    from ringfence.engine import Engine
+    from ringfence.flows.suggest import merged_policy, suggest
+    from ringfence.policy import load_policy
+    from ringfence.policytests import run_tests
+    from ringfence.store import open_store
+
+    policy = load_policy(Path(args.policy))
+    rows = open_store(args.flows).flow_rows()
+    sug = suggest(policy, rows, args.app, args.env, args.min_flows, args.include_allowed)
+    if args.json:
+        _emit(json.dumps(sug.doc(), indent=1, sort_keys=True) + "\n", args.out)
+    else:
+        _emit(sug.yaml, args.out)
+    print(sug.summary(), file=sys.stderr)
+    if args.inventory:  # the tests provisioning would run: the policy's own and the suggestion's
+        engine = Engine(merged := merged_policy(policy, sug))
+        engine.load(_inventory(args))
+        results = run_tests(merged, engine.workloads)
+        failed = [r for r in results if not r.passed]
+        for r in failed:
+            print(r.report(), file=sys.stderr)
+        print(
+            f"with the suggestion: {len(results) - len(failed)} policy tests pass, {len(failed)} fail", file=sys.stderr
+        )
+        return 1 if failed else 0
     return 0
 
 
@@ -609,6 +685,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = add("validate", cmd_policy_validate, pol, help="check policy files; every problem with file:line:column")
     p.add_argument("path", help=POLICY_PATH_HELP)
+    p.add_argument(
+        "--inventory", help=INVENTORY_HELP + " (also warn of selectors matching no workload of it; never an error)"
+    )
     p = add("test", cmd_policy_test, pol, help="run the tests: blocks of the policy")
     p.add_argument("path", help=POLICY_PATH_HELP)
     p.add_argument("--inventory", help=INVENTORY_HELP + " the tests run against (default: none)")
@@ -639,9 +718,23 @@ def build_parser() -> argparse.ArgumentParser:
         dest="sub", required=True, metavar="command", help="one of:"
     )
     p = add("check", cmd_labels_check, lab, help="report missing, unknown and conflicting labels")
-    _policy_args(p, inventory_required=True)
-    p.add_argument("--json", action="store_true", help="the flagged workloads and their problems as JSON")
+    p.add_argument("--policy", required=True, help=POLICY_PATH_HELP)
+    p.add_argument("--inventory", help=INVENTORY_HELP + " (default: the inventory of the --flows store)")
+    p.add_argument(
+        "--json", action="store_true", help="the flagged workloads and their problems, and the findings, as JSON"
+    )
     p.add_argument("--strict", action="store_true", help="exit 1 when any workload is unlabeled")
+    p.add_argument(
+        "--flows",
+        help="the store holding flows (sqlite:PATH or dynamodb:INVENTORY,STATE,AUDIT): also report unknown "
+        "addresses and traffic contradicting a role",
+    )
+    p.add_argument(
+        "--fanout",
+        type=int,
+        default=3,
+        help="a role connecting out to at least this many peers policy does not allow is a finding (default 3)",
+    )
 
     p = add("inventory", cmd_inventory_show, help="show workloads with their resolved labels and modes")
     _policy_args(p, inventory_required=True)
@@ -696,6 +789,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="only edges with this decision",
     )
     p.add_argument("--min-flows", type=int, default=0, help="only edges with at least this many flows")
+    p.add_argument("--out", help="file to write (default: stdout)")
+
+    p = add(
+        "suggest",
+        cmd_suggest,
+        help="label-level rules (and the tests pinning them) allowing what an app's blocked flows show; "
+        "lateral movement flagged, not proposed",
+    )
+    _policy_args(p)
+    p.add_argument("--app", required=True, help="the app whose flows (either end) to suggest rules for")
+    p.add_argument("--env", help="only flows with this env at the app's end")
+    p.add_argument(
+        "--flows", required=True, help="the store holding flows: sqlite:PATH or dynamodb:INVENTORY,STATE,AUDIT"
+    )
+    p.add_argument("--min-flows", type=int, default=0, help="only flow rows with at least this many flows")
+    p.add_argument(
+        "--include-allowed", action="store_true", help="pin flows already allowed with tests too (no rules for them)"
+    )
+    p.add_argument("--json", action="store_true", help="the suggestion as JSON (rules, flagged, skipped, the YAML)")
     p.add_argument("--out", help="file to write (default: stdout)")
 
     flo = sub.add_parser("flows", help="flows in").add_subparsers(

@@ -10,6 +10,7 @@ from ringfence.model import Mode
 from ringfence.policy import PolicyError, load_policy_texts
 from ringfence.policydiff import failsafe_widening, newly_idle
 from ringfence.policytests import run_tests
+from ringfence.policywarnings import warnings
 from ringfence.store.base import (
     AuditRecord,
     PolicyVersion,
@@ -66,6 +67,8 @@ class Admin:
         failures = [t.report() for t in run_tests(policy, engine.workloads) if not t.passed]
         if failures:
             return error(422, "policy tests fail", "\n".join(failures))
+        # warnings never refuse a version: they are answered and audited
+        found = [str(w) for w in warnings(policy, live)]
         digest = digest_of(files)
         active = self.w.active_policy()
         widened = failsafe_widening(active[1].failsafes, policy.failsafes) if active else []
@@ -79,6 +82,8 @@ class Admin:
         pv = PolicyVersion(number=version, keys=keys, digest=digest, author=principal, message=reason)
         self.w.store.activate_policy(pv)
         detail: dict[str, Any] = {"digest": digest}
+        if found:
+            detail["warnings"] = found
         if widened:
             detail["widens_failsafes"] = widened
             self._lowered(principal, "fail-safes widened: " + "; ".join(widened), f"policy/v{version}")
@@ -87,7 +92,7 @@ class Admin:
             self._lowered(principal, f"{len(idle)} workload(s) newly idle", f"policy/v{version}")
         audit_id = self._audit(principal, "policy.provision", f"policy/v{version}", detail, reason)
         self.w.enqueue_compute(rebuild=True)
-        return Response(201, {"version": version, "digest": digest, "audit_id": audit_id})
+        return Response(201, {"version": version, "digest": digest, "audit_id": audit_id, "warnings": found})
 
     def set_mode(self, principal: str, workload_id: str, mode: Mode | None, reason: str = "") -> Response:
         try:
@@ -183,3 +188,14 @@ class Admin:
         except ValueError as exc:
             return error(400, "bad map format", str(exc))
         return ("text/html; charset=utf-8" if fmt == "html" else "text/vnd.graphviz; charset=utf-8", text)
+
+    def suggest(self, app: str, env: str | None = None, min_flows: int = 0, include_allowed: bool = False) -> Response:
+        """Rule suggestions (``ringfence suggest``'s code) from the store's flow rows under the
+        active policy."""
+        from ringfence.flows.suggest import suggest
+
+        active = self.w.active_policy()
+        if active is None:
+            return error(409, "no active policy", "provision a policy version first")
+        sug = suggest(active[1], self.w.store.flow_rows(), app, env, min_flows, include_allowed)
+        return Response(200, sug.doc())

@@ -4,5 +4,7 @@
 :mod:`.vpclogs` the VPC Flow Logs parser (v2 default, custom v3–v5 formats),
 :mod:`.resolve` addresses → workloads as of a flow's time, :mod:`.classify` the decision under
 the active and the draft policy, :mod:`.aggregate` the (source group/role, destination
-group/role, proto/port, decision) rows the store keeps and the map draws.
+group/role, proto/port, decision) rows the store keeps and the map draws; from those rows,
+:mod:`.suggest` the rules (and tests) an app's blocked flows call for, :mod:`.hygiene` what they
+reveal about labels.
 """

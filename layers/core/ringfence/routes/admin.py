@@ -102,6 +102,21 @@ def admin_routes(
             return http(out)
         return HttpResponse(status_code=200, content_type=out[0], body=out[1])
 
+    @app.get(
+        "/admin/suggest",
+        summary="rule suggestions from observed flows (as `ringfence suggest`): label-level rules, the tests "
+        "pinning them, lateral movement flagged — any role",
+        responses=answers(adminapi.SuggestResponse, errors=(400, 409)),
+        security=[{"sigv4": []}],
+    )
+    def suggest(
+        app_: Annotated[str, Query(alias="app", min_length=1, description="the app whose flows (either end) to read")],
+        env: Annotated[str | None, Query(description="only flows with this env at the app's end")] = None,
+        min_flows: Annotated[int, Query(ge=0, description="only flow rows with at least this many flows")] = 0,
+        include_allowed: Annotated[bool, Query(description="pin flows already allowed with tests too")] = False,
+    ) -> HttpResponse[str]:
+        return refused("suggest.read", app_) or http(service().suggest(app_, env, min_flows, include_allowed))
+
     @app.post(
         "/admin/policies",
         summary="provision a policy version (its tests must pass against the live inventory) — policy-author",
