@@ -468,6 +468,63 @@ def cmd_export_calico(args: argparse.Namespace) -> int:
 # --- keys and bundles --------------------------------------------------------------------------
 
 
+AUDIT_STORE_HELP = (
+    "where the audit chain is: sqlite:PATH (ringfence serve's state), dynamodb:INVENTORY,STATE,AUDIT "
+    "(table names; region and credentials as boto3 finds them), file:DIR or DIR (the CLI's version "
+    "store; default $RINGFENCE_STORE or .ringfence)"
+)
+
+
+def _audit_store(spec: str | None) -> Any:
+    spec = spec or os.environ.get("RINGFENCE_STORE", ".ringfence")
+    if spec.startswith(("sqlite:", "dynamodb:")):
+        from ringfence.store import open_store
+
+        return open_store(spec)
+    from ringfence.versions import FileVersionStore
+
+    root = Path(spec.removeprefix("file:"))
+    if not root.is_dir():
+        raise CliError(f"audit store {spec!r}: no such directory (expected sqlite:PATH, dynamodb:..., or file:DIR)")
+    return FileVersionStore(root)
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from ringfence.audit import verify
+
+    store = _audit_store(args.store)
+    verdict = verify(store.audit_log(), store.audit_head())
+    if args.json:
+        _print_json(
+            {
+                "ok": verdict.ok,
+                "records": verdict.records,
+                "unchained": verdict.unchained,
+                "first_bad_seq": verdict.first_bad_seq,
+                "problem": verdict.problem,
+            }
+        )
+    else:
+        print(verdict.report(), file=sys.stdout if verdict.ok else sys.stderr)
+    return 0 if verdict.ok else 1
+
+
+def cmd_audit_list(args: argparse.Namespace) -> int:
+    store = _audit_store(args.store)
+    recs = [r for r in store.audit_log() if not args.action or r.action.startswith(args.action)]
+    if args.limit:
+        recs = recs[-args.limit :]
+    for r in recs:
+        if args.json:
+            print(r.model_dump_json())
+        else:
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.time))
+            change = f" {r.before[:15] or '-'} -> {r.after[:15]}" if r.after else ""
+            why = f" ({r.reason})" if r.reason else ""
+            print(f"{r.seq or '-':>6} {when} {r.principal} {r.action} {r.target}{change}{why}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from ringfence import serve
 
@@ -742,6 +799,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("verify", cmd_bundle_verify, bun, help="verify a bundle's signature against a public key")
     p.add_argument("file", help="the bundle (JSON) to verify")
     p.add_argument("--public-key", required=True, help="the Ed25519 public key (PEM) agents pin")
+
+    aud = sub.add_parser("audit", help="the hash-chained audit trail").add_subparsers(
+        dest="sub", required=True, metavar="command", help="one of:"
+    )
+    p = add(
+        "verify",
+        cmd_audit_verify,
+        aud,
+        help="recompute the chain and compare it with its head: exit 1 naming the first bad seq if a "
+        "record was edited, deleted, reordered or inserted",
+    )
+    p.add_argument("--store", help=AUDIT_STORE_HELP)
+    p.add_argument("--json", action="store_true", help="the verdict as JSON")
+    p = add("list", cmd_audit_list, aud, help="the audit records in chain order")
+    p.add_argument("--store", help=AUDIT_STORE_HELP)
+    p.add_argument("--action", help="only actions starting with this (e.g. policy., workload.quarantine)")
+    p.add_argument("--limit", type=int, default=0, help="only the last N records")
+    p.add_argument("--json", action="store_true", help="one JSON record a line (with seq, prev, hash)")
 
     p = add(
         "serve",

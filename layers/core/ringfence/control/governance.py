@@ -8,10 +8,11 @@ from __future__ import annotations
 import json
 import logging
 
-from ringfence.audit import AuditRecord
+from ringfence.audit import AuditRecord, state_digest
 from ringfence.control.wiring import BaseWiring, Metric, log, no_metric
 from ringfence.governance import UNATTRIBUTED, Finding, TagChange, Verdict, bind, govern
 from ringfence.labels import LabelMapper
+from ringfence.model import Mode
 from ringfence.store.base import InventoryRecord
 
 findings_log = logging.getLogger("ringfence.findings")
@@ -58,6 +59,11 @@ def govern_record(
     changed = previous is not None and previous.held_labels != verdict.workload.held_labels
     quarantined = _report(w, rec, verdict, event_id, metric, mapper.config.on_privileged_change == "quarantine")
     return rec, changed or quarantined
+
+
+def _operator_state(mode: Mode | None, quarantined: bool) -> str:
+    # the same digest as the admin API's for a workload's operator state
+    return state_digest({"mode": mode.value if mode else None, "quarantined": quarantined})
 
 
 def _report(
@@ -111,6 +117,8 @@ def _report(
                 target=rec.id,
                 detail={"quarantined": True, "event_id": event_id},
                 reason=f"unapproved move into a privileged label value by {verdict.principal}",
+                before=_operator_state(rec.op_mode, rec.op_quarantined),
+                after=_operator_state(rec.op_mode, True),
             )
         )
     finding = Finding(
