@@ -540,6 +540,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             args.threads,
             announce=lambda line: print(line, flush=True),
             signing_key=Path(args.signing_key) if args.signing_key else None,
+            siem=args.siem,
         )
     except serve.ServeError as exc:
         raise CliError(str(exc)) from None
@@ -841,6 +842,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--admin-tokens",
         metavar="FILE",
         help="enables the admin API: lines of principal:sha256(token):roles (see `ringfence serve-token`)",
+    )
+    p.add_argument(
+        "--siem",
+        metavar="SPEC",
+        help="also send audit records, agents' drops and findings (OCSF 1.7.0 JSON, or CEF) to: file:PATH, "
+        "syslog://HOST:PORT (UDP), syslog+tcp://HOST:PORT, eventbridge:BUS, cloudwatch:LOG-GROUP; cef+ before "
+        "any for CEF; several with commas (default: $RINGFENCE_SIEM)",
     )
     p.add_argument("--tls-cert", metavar="PEM", help="TLS certificate chain (with --tls-key)")
     p.add_argument("--tls-key", metavar="PEM", help="TLS private key")

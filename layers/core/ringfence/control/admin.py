@@ -51,7 +51,7 @@ class Admin:
         rec = AuditRecord(
             principal=principal, action=action, target=target, detail=detail, reason=reason, before=before, after=after
         )
-        self.w.store.audit(rec)
+        self.w.audit(rec)
         return rec.id
 
     def _operator_state(self, workload_id: str) -> str:

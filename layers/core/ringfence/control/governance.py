@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 from ringfence.audit import AuditRecord, state_digest
 from ringfence.control.wiring import BaseWiring, Metric, log, no_metric
 from ringfence.governance import UNATTRIBUTED, Finding, TagChange, Verdict, bind, govern
 from ringfence.labels import LabelMapper
 from ringfence.model import Mode
+from ringfence.siem import ocsf
 from ringfence.store.base import InventoryRecord
 
 findings_log = logging.getLogger("ringfence.findings")
@@ -72,7 +74,7 @@ def _report(
     """Metrics, audit and the finding's log line; True if the workload was quarantined."""
     if verdict.approved:
         metric("PrivilegedLabelApproved", len(verdict.approved))
-        w.store.audit(
+        w.audit(
             AuditRecord(
                 principal=verdict.principal or "unknown",
                 action="label.approve",
@@ -95,7 +97,7 @@ def _report(
         )
         return False
     metric("PrivilegedLabelFindings", 1)
-    w.store.audit(
+    w.audit(
         AuditRecord(
             principal=verdict.principal or "unknown",
             action="label.held",
@@ -110,7 +112,7 @@ def _report(
     )
     if quarantine:
         w.store.set_operator(rec.id, quarantined=True)
-        w.store.audit(
+        w.audit(
             AuditRecord(
                 principal=GOVERNANCE_PRINCIPAL,
                 action="workload.quarantine",
@@ -130,7 +132,23 @@ def _report(
         action="quarantined" if quarantine else "held",
         time=rec.observed_at,
     )
-    findings_log.warning(json.dumps(finding.event(), sort_keys=True))
+    event = finding.event()
+    findings_log.warning(json.dumps(event, sort_keys=True))
+    if w.siem is not None:
+        w.siem.finding(
+            ocsf.detection_finding(
+                f"{event['type']}:{rec.id}:{event_id}",
+                title="Unapproved move into a privileged label value",
+                time=finding.time or time.time(),
+                severity_id=ocsf.HIGH,
+                resource=rec.id,
+                analytic=event["type"],
+                message=f"{rec.id}: {verdict.principal} moved it into "
+                + ", ".join(f"{m.dimension}={m.new}" for m in verdict.moves)
+                + f" ({event['action']})",
+                detail=event,
+            )
+        )
     return quarantine
 
 
@@ -154,7 +172,7 @@ def bind_labels(
         update={"workload": verdict.workload, "labels": res.labels, "problems": [p.message for p in res.problems]}
     )
     w.store.observe(rec)  # same observed_at: written unless a newer observation landed meanwhile
-    w.store.audit(
+    w.audit(
         AuditRecord(
             principal=principal,
             action="label.bind",
