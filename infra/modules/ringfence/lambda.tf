@@ -24,6 +24,7 @@ locals {
     RINGFENCE_TOKEN_TTL           = tostring(var.agent_token_ttl_seconds)
     RINGFENCE_STS_ENDPOINTS       = join(",", var.sts_endpoints)
     RINGFENCE_WEBSOCKET_ENDPOINT  = "https://${aws_apigatewayv2_api.nudge.id}.execute-api.${local.region}.amazonaws.com/v1"
+    RINGFENCE_SIEM                = local.siem_spec
   }
 
   functions = {
@@ -230,6 +231,24 @@ data "aws_iam_policy_document" "fn" {
     sid       = "Tracing"
     actions   = ["xray:PutTraceSegments", "xray:PutTelemetryRecords"]
     resources = ["*"]
+  }
+  # the functions that write audit records or receive agents' reports send them to the SIEM
+  # target too (siem.tf); no other function may
+  dynamic "statement" {
+    for_each = var.siem_target == "eventbridge" && contains(local.siem_writers, each.key) ? [1] : []
+    content {
+      sid       = "Siem"
+      actions   = ["events:PutEvents"]
+      resources = [aws_cloudwatch_event_bus.siem[0].arn]
+    }
+  }
+  dynamic "statement" {
+    for_each = var.siem_target == "cloudwatch" && contains(local.siem_writers, each.key) ? [1] : []
+    content {
+      sid       = "Siem"
+      actions   = ["logs:CreateLogStream", "logs:PutLogEvents"]
+      resources = ["${aws_cloudwatch_log_group.siem[0].arn}:*"]
+    }
   }
   dynamic "statement" {
     for_each = local.statements[each.key]
