@@ -318,3 +318,23 @@ def test_serve_refuses_a_bad_siem_spec(tmp_path: Path) -> None:
 
     with pytest.raises(serve.ServeError, match="SIEM spec"):
         serve.build_wiring(f"sqlite:{tmp_path / 'state.db'}", siem="syslog://nowhere")
+
+
+def test_labels_check_sends_label_hygiene_findings(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import EXAMPLE
+
+    out = tmp_path / "findings.jsonl"
+    run = subprocess.run(
+        [sys.executable, "-m", "ringfence.cli", "labels", "check", "--policy", str(EXAMPLE / "policy"),
+         "--inventory", str(EXAMPLE / "inventory.yaml"), "--siem", f"file:{out}"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    (finding,) = [json.loads(line) for line in out.read_text().splitlines()]
+    validate(finding)
+    assert finding["finding_info"]["uid"] == "label-hygiene:ord-prod-web-9:unknown:env"
+    assert finding["finding_info"]["analytic"]["name"] == "label-hygiene/unknown" and "prdo" in finding["message"]
+    assert finding["severity_id"] == ocsf.MEDIUM, "the workload is unlabeled"

@@ -232,7 +232,37 @@ def cmd_labels_check(args: argparse.Namespace) -> int:
             f"{len(engine.workloads)} workloads, {sum(ws.unlabeled for ws in flagged)} unlabeled, "
             f"{sum(not ws.unlabeled for ws in flagged)} with warnings"
         )
+    if args.siem:
+        _label_findings_to_siem(args.siem, flagged)
     return 1 if any(ws.unlabeled for ws in flagged) and args.strict else 0
+
+
+def _label_findings_to_siem(spec: str, flagged: list[Any]) -> None:
+    """Each label problem as an OCSF Detection Finding (uid stable across runs: a SIEM can dedupe)."""
+    from ringfence.siem import Siem, SiemSpecError, ocsf
+
+    try:
+        siem = Siem.from_spec(spec)
+    except SiemSpecError as exc:
+        raise CliError(str(exc)) from None
+    now = time.time()
+    siem.emit(
+        ocsf.detection_finding(
+            f"label-hygiene:{ws.id}:{p.kind}:{p.dimension or '-'}",
+            title=f"Label {p.kind}: {ws.id}",
+            time=now,
+            severity_id=ocsf.MEDIUM if ws.unlabeled else ocsf.LOW,
+            resource=ws.id,
+            analytic=f"label-hygiene/{p.kind}",
+            message=f"{ws.id}: {p.message}",
+            detail={"dimension": p.dimension, "suggestion": p.suggestion, "unlabeled": ws.unlabeled},
+        )
+        for ws in flagged
+        for p in ws.problems
+    )
+    siem.close()
+    if siem.failed:
+        raise CliError(f"{siem.failed} finding(s) not delivered to {spec} (see the log)")
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -700,6 +730,12 @@ def build_parser() -> argparse.ArgumentParser:
     _policy_args(p, inventory_required=True)
     p.add_argument("--json", action="store_true", help="the flagged workloads and their problems as JSON")
     p.add_argument("--strict", action="store_true", help="exit 1 when any workload is unlabeled")
+    p.add_argument(
+        "--siem",
+        metavar="SPEC",
+        help="also send each problem as an OCSF Detection Finding (as for serve --siem: file:PATH, "
+        "syslog://HOST:PORT, eventbridge:BUS, cloudwatch:LOG-GROUP, cef+…)",
+    )
 
     p = add("inventory", cmd_inventory_show, help="show workloads with their resolved labels and modes")
     _policy_args(p, inventory_required=True)
