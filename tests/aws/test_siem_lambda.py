@@ -39,3 +39,23 @@ def test_the_admin_function_sends_its_audit_records_to_eventbridge(env: Env, mon
     last = env.store.audit_log()[-1]
     assert detail["unmapped"]["audit"]["hash"] == last.hash and last.action == "workload.quarantine"
     assert detail["actor"]["user"]["name"] == OPERATOR and detail["resources"][0]["uid"] == db
+
+
+def test_a_governance_finding_reaches_the_siem_as_a_detection_finding(
+    env: Env, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    from tests.aws.test_governance import DEVELOPER, ESCALATION, governed_estate, retag
+
+    out = tmp_path / "siem.jsonl"
+    monkeypatch.setenv("RINGFENCE_SIEM", f"file:{out}")
+    env.load_functions()
+    est = governed_estate(env)
+    retag(env, est["dev"], ESCALATION, DEVELOPER)
+    events = [json.loads(line) for line in out.read_text().splitlines()]
+    for e in events:
+        validate(e)
+    (finding,) = [e for e in events if e["class_uid"] == 2004]
+    assert finding["resources"][0]["uid"] == est["dev"] and finding["severity_id"] == 4
+    assert finding["unmapped"]["ringfence"]["principal"] == DEVELOPER
+    held = [e for e in events if e["class_uid"] == 6003 and e["api"]["operation"] == "label.held"]
+    assert len(held) == 1, "the audit record of the hold is there too"
