@@ -184,7 +184,7 @@ def test_an_untouched_write_after_tampering_does_not_heal_the_chain(raw: Raw) ->
     assert verify(raw.store.audit_log(), raw.store.audit_head()).first_bad_seq == 3
 
 
-def test_what_the_chain_does_not_prove_a_rewritten_chain_and_head(raw: Raw) -> None:
+def test_what_the_chain_does_not_prove_a_rewritten_chain_and_head(raw: Raw, tmp_path: Path) -> None:
     """Someone who rewrites every record and the head builds a consistent chain: only a head
     anchored elsewhere (docs/visibility.md) shows it. This pins what the docs say."""
     recs = fill(raw, 3)
@@ -205,7 +205,11 @@ def test_what_the_chain_does_not_prove_a_rewritten_chain_and_head(raw: Raw) -> N
             Item={"pk": "head", "sk": "head", "seq": head.seq, "hash": head.hash}
         )
     assert verify(raw.store.audit_log(), raw.store.audit_head()).ok
-    assert raw.store.audit_head() != AuditHead(seq=3, hash=recs[-1].hash), "an anchored copy of the head differs"
+    # a head saved outside the store before the rewrite shows it
+    anchor = tmp_path / "anchors.jsonl"
+    anchor.write_text(AuditHead(seq=3, hash=recs[-1].hash).model_dump_json() + "\n")
+    out = cli("audit", "verify", "--store", raw.spec, "--anchor", str(anchor))
+    assert out.returncode == 1 and "BROKEN at seq 3" in out.stderr and "rewritten" in out.stderr, out.stderr
 
 
 def test_a_record_id_is_appended_once(raw: Raw) -> None:
@@ -308,3 +312,21 @@ def test_records_from_before_chaining_are_reported_not_protected(tmp_path: Path)
     assert verdict.ok and verdict.unchained == 1 and "1 earlier record(s) from before chaining" in verdict.report()
     raw.write([*raw.read(), old.model_copy(update={"id": "late"}).model_dump_json()])
     assert not verify(raw.store.audit_log(), raw.store.audit_head()).ok, "an unchained record after the chain"
+
+
+def test_anchors_saved_by_audit_head_hold_while_the_chain_grows(raw: Raw, tmp_path: Path) -> None:
+    fill(raw, 2)
+    anchors = tmp_path / "anchors.jsonl"
+    saved = cli("audit", "head", "--store", raw.spec)
+    assert saved.returncode == 0 and json.loads(saved.stdout)["seq"] == 2
+    anchors.write_text(saved.stdout)
+    fill(raw, 3)
+    anchors.write_text(anchors.read_text() + cli("audit", "head", "--store", raw.spec).stdout)
+    assert cli("audit", "verify", "--store", raw.spec, "--anchor", str(anchors)).returncode == 0
+    # truncated to before an anchor and rebuilt consistently: the anchor is missing
+    recs = raw.store.audit_log()
+    verdict = verify(recs[:3], AuditHead(seq=3, hash=recs[2].hash), [AuditHead(seq=5, hash=recs[4].hash)])
+    assert not verdict.ok and verdict.first_bad_seq == 5 and "ends before it" in verdict.problem
+    anchors.write_text("not json\n")
+    bad = cli("audit", "verify", "--store", raw.spec, "--anchor", str(anchors))
+    assert bad.returncode == 1 and f"{anchors}:1: not a saved audit head" in bad.stderr

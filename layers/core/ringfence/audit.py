@@ -14,8 +14,8 @@ without ``hash``, so ``prev`` is covered). The store writes its *head* (the last
 deleted, reordered or inserted record breaks it, and the first bad ``seq`` is named.
 
 What the chain does not prove: someone who can rewrite every record *and* the head (the database
-file, the table) can build a new, consistent chain. Anchoring the head outside the store's trust
-domain (see docs/visibility.md) closes that; records written before chaining existed (no ``hash``)
+file, the table) can build a new, consistent chain. A head kept outside the store's trust domain
+(``ringfence audit head`` saved elsewhere, then ``verify`` with it as an anchor) shows that; records written before chaining existed (no ``hash``)
 are reported as unchained and are not protected.
 """
 
@@ -100,12 +100,39 @@ class Verdict:
         return f"BROKEN at seq {self.first_bad_seq}: {self.problem}"
 
 
-def verify(log: list[AuditRecord], head: AuditHead | None) -> Verdict:
+def verify(log: list[AuditRecord], head: AuditHead | None, anchors: list[AuditHead] | None = None) -> Verdict:
     """Check ``log`` (in the store's order) against itself and the store's ``head``.
 
     Each record must hash to its ``hash``, carry the next ``seq`` and the previous ``hash`` as
     ``prev``; the last must be the head. Records without a hash are accepted only before the first
-    chained one (written before chaining existed)."""
+    chained one (written before chaining existed). ``anchors`` are heads kept outside the store
+    (``ringfence audit head`` saved elsewhere): the chain must still hold each one, which a
+    rewritten chain with a matching head does not."""
+    verdict = _verify_chain(log, head)
+    if not verdict.ok:
+        return verdict
+    by_seq = {r.seq: r.hash for r in log if r.hash}
+    for anchor in sorted(anchors or [], key=lambda a: a.seq):
+        if anchor.seq not in by_seq:
+            return Verdict(
+                False,
+                verdict.records,
+                verdict.unchained,
+                anchor.seq,
+                f"an anchored head is at seq {anchor.seq}: the chain ends before it (truncated and rebuilt)",
+            )
+        if by_seq[anchor.seq] != anchor.hash:
+            return Verdict(
+                False,
+                verdict.records,
+                verdict.unchained,
+                anchor.seq,
+                f"seq {anchor.seq} is not the record an anchored head names (the chain was rewritten)",
+            )
+    return verdict
+
+
+def _verify_chain(log: list[AuditRecord], head: AuditHead | None) -> Verdict:
     unchained = 0
     present = {r.seq for r in log if r.hash}
     expect = AuditHead()

@@ -519,11 +519,36 @@ def _audit_store(spec: str | None) -> Any:
     return FileVersionStore(root)
 
 
+def _anchors(paths: list[str]) -> list[Any]:
+    """Heads saved by ``audit head`` (one JSON object a line; several files)."""
+    from pydantic import ValidationError
+
+    from ringfence.audit import AuditHead
+
+    out = []
+    for path in paths:
+        for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    out.append(AuditHead.model_validate_json(line))
+                except ValidationError as exc:
+                    raise CliError(f"{path}:{n}: not a saved audit head ({exc.errors()[0]['msg']})") from None
+    return out
+
+
+def cmd_audit_head(args: argparse.Namespace) -> int:
+    head = _audit_store(args.store).audit_head()
+    if head is None:
+        raise CliError("the audit chain is empty: no head yet")
+    print(head.model_dump_json())
+    return 0
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from ringfence.audit import verify
 
     store = _audit_store(args.store)
-    verdict = verify(store.audit_log(), store.audit_head())
+    verdict = verify(store.audit_log(), store.audit_head(), _anchors(args.anchor))
     if args.json:
         _print_json(
             {
@@ -848,7 +873,22 @@ def build_parser() -> argparse.ArgumentParser:
         "record was edited, deleted, reordered or inserted",
     )
     p.add_argument("--store", help=AUDIT_STORE_HELP)
+    p.add_argument(
+        "--anchor",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="heads saved earlier by `audit head` (JSON lines), kept where the store's writers cannot "
+        "write: the chain must still hold each (repeatable)",
+    )
     p.add_argument("--json", action="store_true", help="the verdict as JSON")
+    p = add(
+        "head",
+        cmd_audit_head,
+        aud,
+        help="print the chain's head (seq and hash) as one JSON line, to keep outside the store as an anchor",
+    )
+    p.add_argument("--store", help=AUDIT_STORE_HELP)
     p = add("list", cmd_audit_list, aud, help="the audit records in chain order")
     p.add_argument("--store", help=AUDIT_STORE_HELP)
     p.add_argument("--action", help="only actions starting with this (e.g. policy., workload.quarantine)")
