@@ -261,11 +261,11 @@ def test_connections(store: Store) -> None:
 def test_audit_is_append_only(store: Store) -> None:
     first = AuditRecord(principal="arn:aws:iam::1:user/a", action="x", target="t", time=time.time() - 10)
     second = AuditRecord(principal="alice", action="y", target="t", detail={"k": [1, 2]})
-    store.audit(second)
-    store.audit(first)
+    sealed = [store.audit(second), store.audit(first)]
     with pytest.raises(ConflictError):
         store.audit(first.model_copy(update={"action": "rewritten"}))  # the same record can never be rewritten
-    assert store.audit_log() == [first, second]
+    assert store.audit_log() == sealed, "in the order written (the chain's), not by time"
+    assert [(r.seq, r.id) for r in sealed] == [(1, second.id), (2, first.id)] and sealed[1].prev == sealed[0].hash
 
 
 def test_a_store_opens_from_its_spec(tmp_path: Path, moto_url: str) -> None:

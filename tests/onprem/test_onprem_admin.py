@@ -160,3 +160,26 @@ def test_an_operator_registering_a_jumpbox_is_an_audited_binding_of_its_privileg
     # an ordinary workload grants nothing
     r = admin.import_cmdb("bob", GOOD, "cmdb.csv")
     assert r.status == 200 and "label_grants" not in wiring.store.audit_log()[-1].detail
+
+
+def test_state_changes_carry_before_and_after_digests_in_one_verified_chain(wiring: LocalWiring) -> None:
+    from ringfence.audit import state_digest, verify
+    from ringfence.model import Mode
+    from tests.onprem.conftest import policy_files
+
+    admin = boot(wiring)
+    first = wiring.store.audit_log()[-1]
+    assert first.action == "policy.provision" and first.before == "" and first.after == first.detail["digest"]
+    files = policy_files()
+    files["tests.yaml"] += "\n"
+    assert admin.provision("bob", files, "a second version").status == 201
+    second = wiring.store.audit_log()[-1]
+    assert (second.before, second.after) == (first.after, second.detail["digest"]) and second.after != first.after
+    assert admin.set_mode("bob", "dc1-web-1", Mode.OBSERVE, "try").status == 200
+    assert admin.quarantine("carol", "dc1-web-1", True, "IR-1").status == 200
+    mode, quar = wiring.store.audit_log()[-2:]
+    untouched = state_digest({"mode": None, "quarantined": False})
+    observing = state_digest({"mode": "observe", "quarantined": False})
+    assert (mode.before, mode.after) == (untouched, observing)
+    assert (quar.before, quar.after) == (observing, state_digest({"mode": "observe", "quarantined": True}))
+    assert verify(wiring.store.audit_log(), wiring.store.audit_head()).ok

@@ -24,6 +24,7 @@ locals {
     RINGFENCE_TOKEN_TTL           = tostring(var.agent_token_ttl_seconds)
     RINGFENCE_STS_ENDPOINTS       = join(",", var.sts_endpoints)
     RINGFENCE_WEBSOCKET_ENDPOINT  = "https://${aws_apigatewayv2_api.nudge.id}.execute-api.${local.region}.amazonaws.com/v1"
+    RINGFENCE_SIEM                = local.siem_spec
   }
 
   functions = {
@@ -81,7 +82,7 @@ locals {
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.inventory.arn, aws_dynamodb_table.idempotency.arn] },
       # DeleteItem: a terminated instance's agent token and key are revoked (audited)
       { actions = ["dynamodb:GetItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn] },
-      { actions = ["dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
+      { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.ingest.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.perimeter.arn, aws_sqs_queue.ingest_dlq.arn, aws_sqs_queue.async_dlq.arn] },
       local.policies_read, local.describe, local.asg_describe, local.assume, local.kms_use,
@@ -109,7 +110,7 @@ locals {
     reconcile = [
       { actions = ["dynamodb:GetItem", "dynamodb:UpdateItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
       { actions = ["dynamodb:GetItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn] },
-      { actions = ["dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
+      { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.perimeter.arn, aws_sqs_queue.async_dlq.arn] },
       local.policies_read, local.describe, local.asg_describe, local.assume, local.kms_use,
     ]
@@ -137,12 +138,12 @@ locals {
       { actions = ["s3:PutObject"], resources = ["${aws_s3_bucket.bundles.arn}/reports/*"] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
       # enrollments and token issuance are audited; aws-sts checks the instance profile's role
-      { actions = ["dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
+      { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["iam:GetInstanceProfile"], resources = ["arn:${local.partition}:iam::${local.account}:instance-profile/*"] },
       local.describe, local.assume, local.kms_use,
     ]
     admin = [
-      { actions = ["dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
+      { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"], resources = [aws_dynamodb_table.state.arn, aws_dynamodb_table.inventory.arn] },
       # an agent-key reset drops the key binding, the token and the nudge connection
       { actions = ["dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn] },
@@ -163,14 +164,14 @@ locals {
     gcpevents = [
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:Query", "dynamodb:Scan"], resources = [aws_dynamodb_table.state.arn, aws_dynamodb_table.inventory.arn] },
       # governance findings, approvals and retired credentials are audited
-      { actions = ["dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
+      { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
       local.policies_read, local.kms_use,
     ]
     wsconnect = [
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.state.arn] },
       { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.inventory.arn] },
-      { actions = ["dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
+      { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       local.async_dlq, local.kms_use,
     ]
   }
@@ -230,6 +231,24 @@ data "aws_iam_policy_document" "fn" {
     sid       = "Tracing"
     actions   = ["xray:PutTraceSegments", "xray:PutTelemetryRecords"]
     resources = ["*"]
+  }
+  # the functions that write audit records or receive agents' reports send them to the SIEM
+  # target too (siem.tf); no other function may
+  dynamic "statement" {
+    for_each = var.siem_target == "eventbridge" && contains(local.siem_writers, each.key) ? [1] : []
+    content {
+      sid       = "Siem"
+      actions   = ["events:PutEvents"]
+      resources = [aws_cloudwatch_event_bus.siem[0].arn]
+    }
+  }
+  dynamic "statement" {
+    for_each = var.siem_target == "cloudwatch" && contains(local.siem_writers, each.key) ? [1] : []
+    content {
+      sid       = "Siem"
+      actions   = ["logs:CreateLogStream", "logs:PutLogEvents"]
+      resources = ["${aws_cloudwatch_log_group.siem[0].arn}:*"]
+    }
   }
   dynamic "statement" {
     for_each = local.statements[each.key]

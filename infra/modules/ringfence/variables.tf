@@ -131,6 +131,16 @@ variable "perimeter_dry_run" {
   default = true
 }
 
+variable "siem_target" {
+  description = "Where audit records, agents' drops and findings also go as OCSF 1.7.0 JSON: none, eventbridge (the module's <name>-siem bus) or cloudwatch (the log group /ringfence/<name>/siem)."
+  type        = string
+  default     = "none"
+  validation {
+    condition     = contains(["none", "eventbridge", "cloudwatch"], var.siem_target)
+    error_message = "siem_target must be none, eventbridge or cloudwatch."
+  }
+}
+
 variable "log_retention_days" {
   type    = number
   default = 365

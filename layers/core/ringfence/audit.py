@@ -1,18 +1,37 @@
-"""The audit record: who did what to which target, when and why. Append-only, in every store.
+"""The audit record: who did what to which target, when and why. Append-only and hash-chained, in
+every store.
 
 Policy provisions and reverts, mode changes, quarantine and release, pairing keys: the local
-version store writes these to ``audit.jsonl``, the AWS store to its audit table. ``principal``
-is the IAM principal in AWS and the operator (``--author``, ``$RINGFENCE_ACTOR``, ``$USER``)
-locally.
+version store writes these to ``audit.jsonl``, the AWS store to its audit table, ``ringfence
+serve``'s SQLite store to its ``audit`` table. ``principal`` is the IAM principal in AWS and the
+operator (``--author``, ``$RINGFENCE_ACTOR``, ``$USER``) locally.
+
+The chain: each record a store appends gets ``seq`` (1, 2, …), ``prev`` (the previous record's
+``hash``; :data:`GENESIS` for the first) and ``hash`` (SHA-256 over the canonical JSON of the record
+without ``hash``, so ``prev`` is covered). The store writes its *head* (the last ``seq`` and
+``hash``) in the same atomic step as the record, and two writers can never both append the same
+``seq``. :func:`verify` recomputes the chain and compares its end with the head: an edited,
+deleted, reordered or inserted record breaks it, and the first bad ``seq`` is named.
+
+What the chain does not prove: someone who can rewrite every record *and* the head (the database
+file, the table) can build a new, consistent chain. A head kept outside the store's trust domain
+(``ringfence audit head`` saved elsewhere, then ``verify`` with it as an anchor) shows that; records written before chaining existed (no ``hash``)
+are reported as unchained and are not protected.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, Field
+
+GENESIS = "0" * 64
+"""``prev`` of the first record of a chain."""
 
 
 class AuditRecord(BaseModel):
@@ -23,3 +42,140 @@ class AuditRecord(BaseModel):
     target: str
     detail: dict[str, Any] = Field(default_factory=dict)
     reason: str = ""
+    before: str = Field("", description="digest of the state the action changed, as it was ('' if none)")
+    after: str = Field("", description="digest of that state as the action left it")
+    seq: int = Field(0, description="position in the chain, from 1; 0 until a store appends it")
+    prev: str = Field("", description="hash of the record before (GENESIS for the first)")
+    hash: str = Field("", description="SHA-256 of the canonical JSON of this record without 'hash'")
+
+
+class AuditHead(BaseModel):
+    """The chain's last ``seq`` and ``hash``, written with each record."""
+
+    seq: int = 0
+    hash: str = GENESIS
+
+
+def state_digest(value: Any) -> str:
+    """``sha256:<hex>`` of a value's canonical JSON: the before/after digest of a piece of state."""
+    return "sha256:" + hashlib.sha256(canonical(value)).hexdigest()
+
+
+def canonical(value: Any) -> bytes:
+    """Sorted keys, no whitespace, UTF-8: the same value, the same bytes, in every store."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def record_hash(rec: AuditRecord) -> str:
+    doc = rec.model_dump(mode="json")
+    del doc["hash"]
+    return hashlib.sha256(canonical(doc)).hexdigest()
+
+
+def seal(rec: AuditRecord, head: AuditHead) -> AuditRecord:
+    """``rec`` as the record after ``head``: its ``seq``, ``prev`` and ``hash`` set."""
+    linked = rec.model_copy(update={"seq": head.seq + 1, "prev": head.hash, "hash": ""})
+    linked.hash = record_hash(linked)
+    return linked
+
+
+def head_of(rec: AuditRecord) -> AuditHead:
+    return AuditHead(seq=rec.seq, hash=rec.hash)
+
+
+@dataclass(slots=True)
+class Verdict:
+    ok: bool
+    records: int  # chained records checked
+    unchained: int  # records from before chaining (no hash), at the start of the log
+    first_bad_seq: int | None = None
+    problem: str = ""
+
+    def report(self) -> str:
+        if self.ok:
+            extra = (
+                f"; {self.unchained} earlier record(s) from before chaining are not covered" if self.unchained else ""
+            )
+            return f"ok: {self.records} record(s) chained, the head matches{extra}"
+        return f"BROKEN at seq {self.first_bad_seq}: {self.problem}"
+
+
+def verify(log: list[AuditRecord], head: AuditHead | None, anchors: list[AuditHead] | None = None) -> Verdict:
+    """Check ``log`` (in the store's order) against itself and the store's ``head``.
+
+    Each record must hash to its ``hash``, carry the next ``seq`` and the previous ``hash`` as
+    ``prev``; the last must be the head. Records without a hash are accepted only before the first
+    chained one (written before chaining existed). ``anchors`` are heads kept outside the store
+    (``ringfence audit head`` saved elsewhere): the chain must still hold each one, which a
+    rewritten chain with a matching head does not."""
+    verdict = _verify_chain(log, head)
+    if not verdict.ok:
+        return verdict
+    by_seq = {r.seq: r.hash for r in log if r.hash}
+    for anchor in sorted(anchors or [], key=lambda a: a.seq):
+        if anchor.seq not in by_seq:
+            return Verdict(
+                False,
+                verdict.records,
+                verdict.unchained,
+                anchor.seq,
+                f"an anchored head is at seq {anchor.seq}: the chain ends before it (truncated and rebuilt)",
+            )
+        if by_seq[anchor.seq] != anchor.hash:
+            return Verdict(
+                False,
+                verdict.records,
+                verdict.unchained,
+                anchor.seq,
+                f"seq {anchor.seq} is not the record an anchored head names (the chain was rewritten)",
+            )
+    return verdict
+
+
+def _verify_chain(log: list[AuditRecord], head: AuditHead | None) -> Verdict:
+    unchained = 0
+    present = {r.seq for r in log if r.hash}
+    expect = AuditHead()
+    chained = 0
+    for rec in log:
+        if not rec.hash:
+            if chained:
+                return Verdict(False, chained, unchained, expect.seq + 1, f"record {rec.id} is not chained")
+            unchained += 1
+            continue
+        chained += 1
+        want = expect.seq + 1
+        if rec.seq != want:
+            kind = "missing (deleted)" if rec.seq > want and want not in present else "out of order or repeated"
+            return Verdict(False, chained, unchained, want, f"expected seq {want}, found {rec.seq}: a record is {kind}")
+        if record_hash(rec) != rec.hash:
+            return Verdict(False, chained, unchained, rec.seq, f"record {rec.id} does not match its hash (edited)")
+        if rec.prev != expect.hash:
+            return Verdict(
+                False,
+                chained,
+                unchained,
+                rec.seq,
+                f"record {rec.id} does not follow seq {expect.seq} (inserted or replaced)",
+            )
+        expect = head_of(rec)
+    head = head or AuditHead()
+    if head.seq != expect.seq or head.hash != expect.hash:
+        if head.seq > expect.seq:
+            return Verdict(
+                False,
+                chained,
+                unchained,
+                expect.seq + 1,
+                f"the head is at seq {head.seq}: the last record(s) are missing",
+            )
+        if head.seq < expect.seq:
+            return Verdict(
+                False,
+                chained,
+                unchained,
+                head.seq + 1,
+                f"the head is at seq {head.seq}: record(s) after it were appended without the head",
+            )
+        return Verdict(False, chained, unchained, head.seq, "the last record is not the one the head names (replaced)")
+    return Verdict(True, chained, unchained)

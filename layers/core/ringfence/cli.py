@@ -279,7 +279,37 @@ def cmd_labels_check(args: argparse.Namespace) -> int:
             f"{len(engine.workloads)} workloads, {sum(ws.unlabeled for ws in flagged)} unlabeled, "
             f"{sum(not ws.unlabeled for ws in flagged)} with warnings, {len(findings)} findings"
         )
+    if args.siem:
+        _label_findings_to_siem(args.siem, flagged)
     return 1 if any(ws.unlabeled for ws in flagged) and args.strict else 0
+
+
+def _label_findings_to_siem(spec: str, flagged: list[Any]) -> None:
+    """Each label problem as an OCSF Detection Finding (uid stable across runs: a SIEM can dedupe)."""
+    from ringfence.siem import Siem, SiemSpecError, ocsf
+
+    try:
+        siem = Siem.from_spec(spec)
+    except SiemSpecError as exc:
+        raise CliError(str(exc)) from None
+    now = time.time()
+    siem.emit(
+        ocsf.detection_finding(
+            f"label-hygiene:{ws.id}:{p.kind}:{p.dimension or '-'}",
+            title=f"Label {p.kind}: {ws.id}",
+            time=now,
+            severity_id=ocsf.MEDIUM if ws.unlabeled else ocsf.LOW,
+            resource=ws.id,
+            analytic=f"label-hygiene/{p.kind}",
+            message=f"{ws.id}: {p.message}",
+            detail={"dimension": p.dimension, "suggestion": p.suggestion, "unlabeled": ws.unlabeled},
+        )
+        for ws in flagged
+        for p in ws.problems
+    )
+    siem.close()
+    if siem.failed:
+        raise CliError(f"{siem.failed} finding(s) not delivered to {spec} (see the log)")
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -544,6 +574,88 @@ def cmd_export_calico(args: argparse.Namespace) -> int:
 # --- keys and bundles --------------------------------------------------------------------------
 
 
+AUDIT_STORE_HELP = (
+    "where the audit chain is: sqlite:PATH (ringfence serve's state), dynamodb:INVENTORY,STATE,AUDIT "
+    "(table names; region and credentials as boto3 finds them), file:DIR or DIR (the CLI's version "
+    "store; default $RINGFENCE_STORE or .ringfence)"
+)
+
+
+def _audit_store(spec: str | None) -> Any:
+    spec = spec or os.environ.get("RINGFENCE_STORE", ".ringfence")
+    if spec.startswith(("sqlite:", "dynamodb:")):
+        from ringfence.store import open_store
+
+        return open_store(spec)
+    from ringfence.versions import FileVersionStore
+
+    root = Path(spec.removeprefix("file:"))
+    if not root.is_dir():
+        raise CliError(f"audit store {spec!r}: no such directory (expected sqlite:PATH, dynamodb:..., or file:DIR)")
+    return FileVersionStore(root)
+
+
+def _anchors(paths: list[str]) -> list[Any]:
+    """Heads saved by ``audit head`` (one JSON object a line; several files)."""
+    from pydantic import ValidationError
+
+    from ringfence.audit import AuditHead
+
+    out = []
+    for path in paths:
+        for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    out.append(AuditHead.model_validate_json(line))
+                except ValidationError as exc:
+                    raise CliError(f"{path}:{n}: not a saved audit head ({exc.errors()[0]['msg']})") from None
+    return out
+
+
+def cmd_audit_head(args: argparse.Namespace) -> int:
+    head = _audit_store(args.store).audit_head()
+    if head is None:
+        raise CliError("the audit chain is empty: no head yet")
+    print(head.model_dump_json())
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from ringfence.audit import verify
+
+    store = _audit_store(args.store)
+    verdict = verify(store.audit_log(), store.audit_head(), _anchors(args.anchor))
+    if args.json:
+        _print_json(
+            {
+                "ok": verdict.ok,
+                "records": verdict.records,
+                "unchained": verdict.unchained,
+                "first_bad_seq": verdict.first_bad_seq,
+                "problem": verdict.problem,
+            }
+        )
+    else:
+        print(verdict.report(), file=sys.stdout if verdict.ok else sys.stderr)
+    return 0 if verdict.ok else 1
+
+
+def cmd_audit_list(args: argparse.Namespace) -> int:
+    store = _audit_store(args.store)
+    recs = [r for r in store.audit_log() if not args.action or r.action.startswith(args.action)]
+    if args.limit:
+        recs = recs[-args.limit :]
+    for r in recs:
+        if args.json:
+            print(r.model_dump_json())
+        else:
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.time))
+            change = f" {r.before[:15] or '-'} -> {r.after[:15]}" if r.after else ""
+            why = f" ({r.reason})" if r.reason else ""
+            print(f"{r.seq or '-':>6} {when} {r.principal} {r.action} {r.target}{change}{why}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from ringfence import serve
 
@@ -559,6 +671,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             args.threads,
             announce=lambda line: print(line, flush=True),
             signing_key=Path(args.signing_key) if args.signing_key else None,
+            siem=args.siem,
         )
     except serve.ServeError as exc:
         raise CliError(str(exc)) from None
@@ -735,6 +848,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=3,
         help="a role connecting out to at least this many peers policy does not allow is a finding (default 3)",
     )
+    p.add_argument(
+        "--siem",
+        metavar="SPEC",
+        help="also send each problem as an OCSF Detection Finding (as for serve --siem: file:PATH, "
+        "syslog://HOST:PORT, eventbridge:BUS, cloudwatch:LOG-GROUP, cef+…)",
+    )
 
     p = add("inventory", cmd_inventory_show, help="show workloads with their resolved labels and modes")
     _policy_args(p, inventory_required=True)
@@ -855,6 +974,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="the bundle (JSON) to verify")
     p.add_argument("--public-key", required=True, help="the Ed25519 public key (PEM) agents pin")
 
+    aud = sub.add_parser("audit", help="the hash-chained audit trail").add_subparsers(
+        dest="sub", required=True, metavar="command", help="one of:"
+    )
+    p = add(
+        "verify",
+        cmd_audit_verify,
+        aud,
+        help="recompute the chain and compare it with its head: exit 1 naming the first bad seq if a "
+        "record was edited, deleted, reordered or inserted",
+    )
+    p.add_argument("--store", help=AUDIT_STORE_HELP)
+    p.add_argument(
+        "--anchor",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="heads saved earlier by `audit head` (JSON lines), kept where the store's writers cannot "
+        "write: the chain must still hold each (repeatable)",
+    )
+    p.add_argument("--json", action="store_true", help="the verdict as JSON")
+    p = add(
+        "head",
+        cmd_audit_head,
+        aud,
+        help="print the chain's head (seq and hash) as one JSON line, to keep outside the store as an anchor",
+    )
+    p.add_argument("--store", help=AUDIT_STORE_HELP)
+    p = add("list", cmd_audit_list, aud, help="the audit records in chain order")
+    p.add_argument("--store", help=AUDIT_STORE_HELP)
+    p.add_argument("--action", help="only actions starting with this (e.g. policy., workload.quarantine)")
+    p.add_argument("--limit", type=int, default=0, help="only the last N records")
+    p.add_argument("--json", action="store_true", help="one JSON record a line (with seq, prev, hash)")
+
     p = add(
         "serve",
         cmd_serve,
@@ -878,6 +1030,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--admin-tokens",
         metavar="FILE",
         help="enables the admin API: lines of principal:sha256(token):roles (see `ringfence serve-token`)",
+    )
+    p.add_argument(
+        "--siem",
+        metavar="SPEC",
+        help="also send audit records, agents' drops and findings (OCSF 1.7.0 JSON, or CEF) to: file:PATH, "
+        "syslog://HOST:PORT (UDP), syslog+tcp://HOST:PORT, eventbridge:BUS, cloudwatch:LOG-GROUP; cef+ before "
+        "any for CEF; several with commas (default: $RINGFENCE_SIEM)",
     )
     p.add_argument("--tls-cert", metavar="PEM", help="TLS certificate chain (with --tls-key)")
     p.add_argument("--tls-key", metavar="PEM", help="TLS private key")

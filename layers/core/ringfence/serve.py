@@ -148,24 +148,38 @@ def new_admin_token(principal: str, roles: Iterable[str]) -> tuple[str, str]:
 # --- stores ----------------------------------------------------------------------------------------
 
 
-def build_wiring(store: str, signing_key: Path | None = None) -> Any:
+def build_wiring(store: str, signing_key: Path | None = None, siem: str | None = None) -> Any:
     """The services' wiring for a ``--store`` value: ``sqlite:PATH`` (the SQLite file ``PATH``; its
     directory holds the published objects and, unless ``signing_key`` is given, the signing key:
     :class:`ringfence.local.wiring.LocalWiring`, with its compute worker) or ``aws`` (DynamoDB, S3
     and SQS named by the RINGFENCE_* environment, endpoints by the AWS SDK's, e.g.
-    ``AWS_ENDPOINT_URL``; compute runs where the stack runs it)."""
+    ``AWS_ENDPOINT_URL``; compute runs where the stack runs it). ``siem`` (``--siem``) overrides
+    ``$RINGFENCE_SIEM``: where audit records, drops and findings also go (:mod:`ringfence.siem`)."""
+    import dataclasses
+
+    if siem:
+        from ringfence.siem import Siem, SiemSpecError
+
+        try:
+            Siem.from_spec(siem).close()  # a bad spec fails here, before anything starts
+        except SiemSpecError as exc:
+            raise ServeError(str(exc)) from None
     if store == "aws":
         if signing_key is not None:
             raise ServeError("--signing-key is for --store sqlite:PATH (on AWS: RINGFENCE_SIGNING_KEY)")
         from ringfence.clouds.aws.wiring import Wiring
         from ringfence.control.wiring import Config
 
-        return Wiring(Config.from_env())
+        cfg = Config.from_env()
+        return Wiring(dataclasses.replace(cfg, siem=siem) if siem else cfg)
     if store.startswith("sqlite:") and store.removeprefix("sqlite:"):
         from ringfence.local.wiring import LocalWiring, StateInUse
 
         try:
-            return LocalWiring(Path(store.removeprefix("sqlite:")), signing_key=signing_key)
+            from ringfence.local.wiring import local_config
+
+            local = dataclasses.replace(local_config(), siem=siem) if siem else None
+            return LocalWiring(Path(store.removeprefix("sqlite:")), signing_key=signing_key, cfg=local)
         except StateInUse as exc:
             raise ServeError(str(exc)) from None
     raise ServeError(f"--store {store!r}: expected sqlite:PATH or aws")
@@ -549,6 +563,7 @@ def run(
     threads: int = DEFAULT_THREADS,
     announce: Callable[[str], None] = print,
     signing_key: Path | None = None,
+    siem: str | None = None,
 ) -> int:
     """Serve until SIGINT/SIGTERM (what ``ringfence serve`` runs)."""
     if (tls_cert is None) != (tls_key is None):
@@ -559,7 +574,7 @@ def run(
     check_bind(host, tls_cert is not None, insecure)
     tokens = AdminTokens.load(admin_tokens) if admin_tokens is not None else None
     sock = listen(host, port)  # before the store: a taken port fails before anything starts
-    wiring = build_wiring(store, signing_key)
+    wiring = build_wiring(store, signing_key, siem)
     stop = threading.Event()
     try:
         app = ServeApp.over(wiring, tokens, threads)

@@ -10,16 +10,18 @@ names their keys.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ringfence.audit import AuditRecord
+from ringfence.audit import AuditHead, AuditRecord, seal
 
 
 def now() -> str:
@@ -84,9 +86,11 @@ class VersionStore(Protocol):
         """Store a new version; raise :class:`VersionConflict` if the number exists."""
         ...
 
-    def audit(self, record: AuditRecord) -> None: ...
+    def audit(self, record: AuditRecord) -> AuditRecord: ...
 
     def audit_log(self) -> list[AuditRecord]: ...
+
+    def audit_head(self) -> AuditHead | None: ...
 
 
 def default_actor() -> str:
@@ -94,7 +98,13 @@ def default_actor() -> str:
 
 
 class FileVersionStore:
-    """``<dir>/versions/000001.json`` (created exclusively, read-only) and ``<dir>/audit.jsonl``."""
+    """``<dir>/versions/000001.json`` (created exclusively, read-only), ``<dir>/audit.jsonl`` (the
+    hash chain, one record a line) and ``<dir>/audit.head`` (its head).
+
+    Writers of the chain take an exclusive ``flock`` on ``<dir>/audit.lock``, continue the chain
+    from the file's last line, append (fsynced) and then replace the head file atomically. A crash
+    between the two leaves the head one record behind, which ``audit verify`` reports; the next
+    write continues from the file and brings the head up to date."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -130,16 +140,56 @@ class FileVersionStore:
         with os.fdopen(fd, "w") as f:
             f.write(version.model_dump_json(indent=1))
 
-    def audit(self, record: AuditRecord) -> None:
+    @contextlib.contextmanager
+    def _audit_lock(self) -> Iterator[None]:
         self.root.mkdir(parents=True, exist_ok=True)
-        with (self.root / "audit.jsonl").open("a") as f:
-            f.write(record.model_dump_json() + "\n")
+        with (self.root / "audit.lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _last_record(self, path: Path) -> AuditRecord | None:
+        """The file's last line as a record, read from its end (the log is not read whole)."""
+        if not path.exists():
+            return None
+        with path.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            step = 4096
+            while True:
+                start = max(0, size - step)
+                f.seek(start)
+                lines = f.read().splitlines()
+                if start == 0 or len(lines) > 1:
+                    break
+                step *= 4
+        last = next((ln for ln in reversed(lines) if ln.strip()), None)
+        return AuditRecord.model_validate_json(last) if last else None
+
+    def audit(self, record: AuditRecord) -> AuditRecord:
+        path = self.root / "audit.jsonl"
+        with self._audit_lock():
+            last = self._last_record(path)
+            sealed = seal(record, AuditHead(seq=last.seq, hash=last.hash) if last and last.hash else AuditHead())
+            with path.open("a") as f:
+                f.write(sealed.model_dump_json() + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            tmp = self.root / "audit.head.tmp"
+            tmp.write_text(AuditHead(seq=sealed.seq, hash=sealed.hash).model_dump_json())
+            os.replace(tmp, self.root / "audit.head")
+        return sealed
 
     def audit_log(self) -> list[AuditRecord]:
         path = self.root / "audit.jsonl"
         if not path.exists():
             return []
         return [AuditRecord.model_validate_json(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def audit_head(self) -> AuditHead | None:
+        path = self.root / "audit.head"
+        return AuditHead.model_validate_json(path.read_text()) if path.exists() else None
 
 
 def relative_files(sources: dict[str, str], base: Path) -> dict[str, str]:
@@ -177,6 +227,7 @@ def record_version(
     store: VersionStore, files: dict[str, str], author: str, message: str, action: str, detail: dict[str, object]
 ) -> PolicyVersion:
     """Store ``files`` as the next numbered version and append the audit record that says so."""
+    before = store.latest()
     version = next_version(store, files, author, message)
     store.put(version)
     store.audit(
@@ -186,6 +237,8 @@ def record_version(
             target=f"policy/{version.number}",
             reason=message,
             detail={"digest": version.digest, **detail},
+            before=before.digest if before else "",
+            after=version.digest,
         )
     )
     return version

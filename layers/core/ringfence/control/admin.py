@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
+from ringfence.audit import state_digest
 from ringfence.engine import Engine
 from ringfence.model import Mode
 from ringfence.policy import PolicyError, load_policy_texts
@@ -38,10 +39,28 @@ class Admin:
         self.w = w
         self.metric = metric
 
-    def _audit(self, principal: str, action: str, target: str, detail: dict[str, Any], reason: str) -> str:
-        rec = AuditRecord(principal=principal, action=action, target=target, detail=detail, reason=reason)
-        self.w.store.audit(rec)
+    def _audit(
+        self,
+        principal: str,
+        action: str,
+        target: str,
+        detail: dict[str, Any],
+        reason: str,
+        before: str = "",
+        after: str = "",
+    ) -> str:
+        rec = AuditRecord(
+            principal=principal, action=action, target=target, detail=detail, reason=reason, before=before, after=after
+        )
+        self.w.audit(rec)
         return rec.id
+
+    def _operator_state(self, workload_id: str) -> str:
+        """The digest of a workload's operator state (mode, quarantine): an audit record's before/after."""
+        rec = self.w.store.get(workload_id)
+        if rec is None:
+            return ""
+        return state_digest({"mode": rec.op_mode.value if rec.op_mode else None, "quarantined": rec.op_quarantined})
 
     def _lowered(self, principal: str, what: str, target: str) -> None:
         log.warning("%s lowered a safeguard: %s (%s)", principal, what, target)
@@ -90,11 +109,20 @@ class Admin:
         if idle:
             detail["newly_idle"] = {"count": len(idle), "workloads": idle[:100]}
             self._lowered(principal, f"{len(idle)} workload(s) newly idle", f"policy/v{version}")
-        audit_id = self._audit(principal, "policy.provision", f"policy/v{version}", detail, reason)
+        audit_id = self._audit(
+            principal,
+            "policy.provision",
+            f"policy/v{version}",
+            detail,
+            reason,
+            before=active[0].digest if active else "",
+            after=digest,
+        )
         self.w.enqueue_compute(rebuild=True)
         return Response(201, {"version": version, "digest": digest, "audit_id": audit_id, "warnings": found})
 
     def set_mode(self, principal: str, workload_id: str, mode: Mode | None, reason: str = "") -> Response:
+        before = self._operator_state(workload_id)
         try:
             self.w.store.set_operator(workload_id, mode=mode)
         except KeyError:
@@ -102,11 +130,14 @@ class Admin:
         value = mode.value if mode else None
         if mode is Mode.IDLE:
             self._lowered(principal, "mode idle (its firewall left untouched)", workload_id)
-        audit_id = self._audit(principal, "workload.mode", workload_id, {"mode": value}, reason)
+        audit_id = self._audit(
+            principal, "workload.mode", workload_id, {"mode": value}, reason, before, self._operator_state(workload_id)
+        )
         self.w.enqueue_compute([workload_id])
         return Response(200, {"workload_id": workload_id, "mode": value, "audit_id": audit_id})
 
     def quarantine(self, principal: str, workload_id: str, on: bool, reason: str = "") -> Response:
+        before = self._operator_state(workload_id)
         try:
             self.w.store.set_operator(workload_id, quarantined=on)
         except KeyError:
@@ -114,7 +145,9 @@ class Admin:
         action = "workload.quarantine" if on else "workload.release"
         if not on:
             self._lowered(principal, "released from quarantine", workload_id)
-        audit_id = self._audit(principal, action, workload_id, {"quarantined": on}, reason)
+        audit_id = self._audit(
+            principal, action, workload_id, {"quarantined": on}, reason, before, self._operator_state(workload_id)
+        )
         self.w.enqueue_compute([workload_id])
         return Response(200, {"workload_id": workload_id, "quarantined": on, "audit_id": audit_id})
 

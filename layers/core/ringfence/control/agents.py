@@ -343,6 +343,8 @@ class AgentApi:
         self.w.publisher.put_json(key, doc)
         if self.w.flows_inline:
             self._ingest_flows(workload_id, doc)
+        if self.w.siem is not None and batch.drops:
+            self.w.siem.drops(workload_id, batch.drops)  # never raises: the batch is archived already
         return Response(202, {"accepted": len(batch.flows) + len(batch.drops)})
 
     def _ingest_flows(self, workload_id: str, doc: dict[str, Any]) -> None:

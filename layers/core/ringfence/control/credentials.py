@@ -49,7 +49,7 @@ def verify_proof(pem: str, signature_b64: str | None, purpose: str, workload_id:
 
 
 def audit(w: BaseWiring, action: str, workload_id: str, principal: str, **detail: object) -> None:
-    w.store.audit(AuditRecord(principal=principal, action=action, target=workload_id, detail=dict(detail)))
+    w.audit(AuditRecord(principal=principal, action=action, target=workload_id, detail=dict(detail)))
 
 
 def retire(w: BaseWiring, workload_id: str, why: str) -> None:

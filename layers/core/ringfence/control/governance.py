@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
-from ringfence.audit import AuditRecord
+from ringfence.audit import AuditRecord, state_digest
 from ringfence.control.wiring import BaseWiring, Metric, log, no_metric
 from ringfence.governance import UNATTRIBUTED, Finding, TagChange, Verdict, bind, govern
 from ringfence.labels import LabelMapper
+from ringfence.model import Mode
+from ringfence.siem import ocsf
 from ringfence.store.base import InventoryRecord
 
 findings_log = logging.getLogger("ringfence.findings")
@@ -60,13 +63,18 @@ def govern_record(
     return rec, changed or quarantined
 
 
+def _operator_state(mode: Mode | None, quarantined: bool) -> str:
+    # the same digest as the admin API's for a workload's operator state
+    return state_digest({"mode": mode.value if mode else None, "quarantined": quarantined})
+
+
 def _report(
     w: BaseWiring, rec: InventoryRecord, verdict: Verdict, event_id: str, metric: Metric, quarantine: bool
 ) -> bool:
     """Metrics, audit and the finding's log line; True if the workload was quarantined."""
     if verdict.approved:
         metric("PrivilegedLabelApproved", len(verdict.approved))
-        w.store.audit(
+        w.audit(
             AuditRecord(
                 principal=verdict.principal or "unknown",
                 action="label.approve",
@@ -89,7 +97,7 @@ def _report(
         )
         return False
     metric("PrivilegedLabelFindings", 1)
-    w.store.audit(
+    w.audit(
         AuditRecord(
             principal=verdict.principal or "unknown",
             action="label.held",
@@ -104,13 +112,15 @@ def _report(
     )
     if quarantine:
         w.store.set_operator(rec.id, quarantined=True)
-        w.store.audit(
+        w.audit(
             AuditRecord(
                 principal=GOVERNANCE_PRINCIPAL,
                 action="workload.quarantine",
                 target=rec.id,
                 detail={"quarantined": True, "event_id": event_id},
                 reason=f"unapproved move into a privileged label value by {verdict.principal}",
+                before=_operator_state(rec.op_mode, rec.op_quarantined),
+                after=_operator_state(rec.op_mode, True),
             )
         )
     finding = Finding(
@@ -122,7 +132,23 @@ def _report(
         action="quarantined" if quarantine else "held",
         time=rec.observed_at,
     )
-    findings_log.warning(json.dumps(finding.event(), sort_keys=True))
+    event = finding.event()
+    findings_log.warning(json.dumps(event, sort_keys=True))
+    if w.siem is not None:
+        w.siem.finding(
+            ocsf.detection_finding(
+                f"{event['type']}:{rec.id}:{event_id}",
+                title="Unapproved move into a privileged label value",
+                time=finding.time or time.time(),
+                severity_id=ocsf.HIGH,
+                resource=rec.id,
+                analytic=event["type"],
+                message=f"{rec.id}: {verdict.principal} moved it into "
+                + ", ".join(f"{m.dimension}={m.new}" for m in verdict.moves)
+                + f" ({event['action']})",
+                detail=event,
+            )
+        )
     return quarantine
 
 
@@ -146,7 +172,7 @@ def bind_labels(
         update={"workload": verdict.workload, "labels": res.labels, "problems": [p.message for p in res.problems]}
     )
     w.store.observe(rec)  # same observed_at: written unless a newer observation landed meanwhile
-    w.store.audit(
+    w.audit(
         AuditRecord(
             principal=principal,
             action="label.bind",

@@ -13,8 +13,10 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
+from ringfence.audit import AuditRecord
 from ringfence.labels import LabelMapper
 from ringfence.policy import Policy, load_policy_texts
+from ringfence.siem import Siem
 from ringfence.store.base import (
     PolicyVersion,
     Store,
@@ -94,6 +96,8 @@ class Config:
     sts_endpoints: list[str] = field(default_factory=list)
     account_roles: dict[str, str] = field(default_factory=dict)
     targets: list[Target] = field(default_factory=list)
+    # where audit records, agents' drops and findings also go (ringfence.siem): "" for nowhere
+    siem: str = ""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Config:
@@ -123,6 +127,7 @@ class Config:
             sts_endpoints=[u for u in e.get("RINGFENCE_STS_ENDPOINTS", "").split(",") if u],
             account_roles=json.loads(e.get("RINGFENCE_ACCOUNT_ROLES", "{}") or "{}"),
             targets=[Target(**t) for t in json.loads(e.get("RINGFENCE_RECONCILE_TARGETS", "[]") or "[]")],
+            siem=e.get("RINGFENCE_SIEM", ""),
         )
 
 
@@ -152,12 +157,21 @@ class BaseWiring:
         self.enrollers: dict[str, Enroller] = {"pairing": enroll_pairing}
         self.store = store
         self.publisher = publisher
+        self.siem: Siem | None = Siem.from_spec(cfg.siem) if cfg.siem else None
         self._policies: dict[int, Policy] = {}
         self._mapper: tuple[float, LabelMapper | None] | None = None
         # (account, region, instance) → (describe time, instance or None): valid for one batch
         self.prefetched: dict[tuple[str, str, str], tuple[float, dict[str, Any] | None]] = {}
         # the governing policy, read once in a batch (begin_batch → end_batch); None: no batch open
         self._batch_policy: list[tuple[PolicyVersion, Policy] | None] | None = None
+
+    def audit(self, rec: AuditRecord) -> AuditRecord:
+        """Append ``rec`` to the store's hash chain and send the sealed record to the SIEM (if one
+        is configured; a SIEM failure is logged, never the action's)."""
+        sealed = self.store.audit(rec)
+        if self.siem is not None:
+            self.siem.audit(sealed)
+        return sealed
 
     @property
     def signer(self) -> Any:

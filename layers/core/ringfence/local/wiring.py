@@ -185,7 +185,11 @@ class ComputeWorker(threading.Thread):
 def local_config() -> Config:
     """The local control plane's configuration: pairing only; the agent token's lifetime from
     ``RINGFENCE_TOKEN_TTL`` (seconds, default one hour), as on AWS."""
-    return Config(enroll_methods=["pairing"], token_ttl=int(os.environ.get("RINGFENCE_TOKEN_TTL", "3600")))
+    return Config(
+        enroll_methods=["pairing"],
+        token_ttl=int(os.environ.get("RINGFENCE_TOKEN_TTL", "3600")),
+        siem=os.environ.get("RINGFENCE_SIEM", ""),
+    )
 
 
 class LocalWiring(BaseWiring):
@@ -285,6 +289,8 @@ class LocalWiring(BaseWiring):
         close = getattr(self.store, "close", None)
         if close is not None:
             close()
+        if self.siem is not None:
+            self.siem.close()
         self._lock.close()
 
     def __enter__(self) -> LocalWiring:

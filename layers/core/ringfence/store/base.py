@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ringfence.audit import AuditRecord
+from ringfence.audit import AuditHead, AuditRecord
 from ringfence.flows.aggregate import FlowRow
 from ringfence.flows.resolve import AddressOwner
 from ringfence.model import Mode, Workload
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from ringfence.labels import LabelMapper
 
 # re-exported: the store persists the shared audit record and the one policy-version model
-__all__ = ["AuditRecord", "PolicyVersion"]
+__all__ = ["AuditHead", "AuditRecord", "PolicyVersion"]
 
 ACTIVE_STATES = frozenset({"pending", "running"})
 
@@ -245,11 +245,20 @@ class Store(Protocol):
     def launch_hold(self, instance_id: str) -> LaunchHold | None: ...
 
     # audit
-    def audit(self, rec: AuditRecord) -> None:
-        """Append the record; :class:`ConflictError` if a record with its id exists (never rewritten)."""
+    def audit(self, rec: AuditRecord) -> AuditRecord:
+        """Append the record to the hash chain and return it sealed (``seq``, ``prev``, ``hash``);
+        the chain's head is written in the same atomic step, and concurrent writers queue or retry
+        so that the chain never forks. :class:`ConflictError` if a record with its id exists (never
+        rewritten)."""
         ...
 
-    def audit_log(self) -> list[AuditRecord]: ...
+    def audit_log(self) -> list[AuditRecord]:
+        """Every record in chain order (records from before chaining first)."""
+        ...
+
+    def audit_head(self) -> AuditHead | None:
+        """The chain's head as stored (``None`` before the first chained record)."""
+        ...
 
     # flows (ringfence.flows): aggregate rows with a TTL, and the address → workload intervals
     def add_flows(self, rows: list[FlowRow], ttl: int) -> None:

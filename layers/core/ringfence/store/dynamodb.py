@@ -6,12 +6,16 @@ Tables (see template.yaml / infra/):
   ``observed_at`` so an older observation never overwrites a newer one;
 * state ``pk``/``sk`` with TTL on ``ttl`` — engine head, active policy, bundle and delta
   index, nonces, one-time claims, tokens, pairing keys, WebSocket connections;
-* audit ``pk``/``sk`` — append-only (conditional put, never updated or deleted by code).
+* audit ``pk``/``sk`` — the hash chain: ``chain``/``<seq, 12 digits>`` per record, ``head``/``head``
+  the chain's head, ``id#<id>``/``id`` a record id's claim; each record is one transaction of the
+  three, conditional on the seq and the id being new and the head being the one read (never
+  updated or deleted by code). Items keyed by day are records from before chaining.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import time
 from decimal import Decimal
 from typing import Any
@@ -20,6 +24,7 @@ import boto3
 from boto3.dynamodb.conditions import Key
 from botocore.exceptions import ClientError
 
+from ringfence.audit import seal
 from ringfence.flows.aggregate import DEFAULT_RETENTION_DAYS, FlowRow, day_of
 from ringfence.flows.resolve import AddressOwner
 from ringfence.model import Mode, Workload
@@ -28,6 +33,7 @@ from ringfence.store.base import (
     HOLD_FIRST_WINS,
     HOLD_TTL,
     MOVED_TTL,
+    AuditHead,
     AuditRecord,
     BundlePointer,
     ConflictError,
@@ -493,17 +499,67 @@ class DynamoStore:
 
     # --- audit ----------------------------------------------------------------------------------
 
-    def audit(self, rec: AuditRecord) -> None:
-        day = time.strftime("%Y-%m-%d", time.gmtime(rec.time))
-        try:
-            self.audit_table.put_item(
-                Item={"pk": day, "sk": f"{rec.time:017.6f}#{rec.id}", "doc": rec.model_dump_json()},
-                ConditionExpression="attribute_not_exists(pk)",
-            )
-        except ClientError as exc:
-            if _conditional_failed(exc):
-                raise ConflictError(f"audit record {rec.id} exists: the audit log is append-only") from None
-            raise
+    AUDIT_ATTEMPTS = 200
+
+    def audit(self, rec: AuditRecord) -> AuditRecord:
+        # the resource's client: it takes and returns plain Python values (boto3's serializer)
+        client = self.audit_table.meta.client
+        table = self.audit_table.name
+        for _ in range(self.AUDIT_ATTEMPTS):
+            head = self.audit_head() or AuditHead()
+            sealed = seal(rec, head)
+            if head.seq:
+                head_cond: dict[str, Any] = {
+                    "ConditionExpression": "#s = :s AND #h = :h",
+                    "ExpressionAttributeNames": {"#s": "seq", "#h": "hash"},
+                    "ExpressionAttributeValues": {":s": head.seq, ":h": head.hash},
+                }
+            else:
+                head_cond = {"ConditionExpression": "attribute_not_exists(pk)"}
+            new = {"ConditionExpression": "attribute_not_exists(pk)"}
+            try:
+                client.transact_write_items(
+                    TransactItems=[
+                        {
+                            "Put": {
+                                "TableName": table,
+                                "Item": {"pk": "chain", "sk": f"{sealed.seq:012d}", "doc": sealed.model_dump_json()},
+                                **new,
+                            }
+                        },
+                        {
+                            "Put": {
+                                "TableName": table,
+                                "Item": {"pk": "head", "sk": "head", "seq": sealed.seq, "hash": sealed.hash},
+                                **head_cond,
+                            }
+                        },
+                        {
+                            "Put": {
+                                "TableName": table,
+                                "Item": {"pk": f"id#{rec.id}", "sk": "id", "seq": sealed.seq},
+                                **new,
+                            }
+                        },
+                    ]
+                )
+                return sealed
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") != "TransactionCanceledException":
+                    raise
+                reasons = [r.get("Code", "None") for r in exc.response.get("CancellationReasons", [])]
+                if len(reasons) == 3 and reasons[2] == "ConditionalCheckFailed":
+                    raise ConflictError(f"audit record {rec.id} exists: the audit log is append-only") from None
+                if not set(reasons) <= {"None", "ConditionalCheckFailed", "TransactionConflict"}:
+                    raise
+                # another writer appended this seq first (or the transactions collided): read the
+                # new head and try again, after a short random pause so that the writers spread out
+                time.sleep(random.uniform(0, 0.02))  # noqa: S311 (jitter, not a secret)
+        raise ConflictError(f"audit record {rec.id}: the chain stayed contended for {self.AUDIT_ATTEMPTS} attempts")
+
+    def audit_head(self) -> AuditHead | None:
+        item = self.audit_table.get_item(Key={"pk": "head", "sk": "head"}, ConsistentRead=True).get("Item")
+        return AuditHead(seq=int(item["seq"]), hash=str(item["hash"])) if item else None
 
     # --- flows (ringfence.flows): rows per day ``flows#<day>``/key, owners ``addr#<ip>``/since ----
 
@@ -590,15 +646,19 @@ class DynamoStore:
 
     def audit_log(self) -> list[AuditRecord]:
         items: list[dict[str, Any]] = []
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {"ConsistentRead": True}
         while True:
             page = self.audit_table.scan(**kwargs)
             items.extend(page.get("Items", []))
             if "LastEvaluatedKey" not in page:
                 break
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
-        recs = [AuditRecord.model_validate_json(i["doc"]) for i in items]
-        return sorted(recs, key=lambda r: r.time)
+        # the chain in key order (not the documents' own seq: verify must see a reordering);
+        # records from before chaining (keyed by day) first, by time
+        chain = sorted((i for i in items if i["pk"] == "chain"), key=lambda i: str(i["sk"]))
+        legacy = [i for i in items if i["pk"] not in ("chain", "head") and not str(i["pk"]).startswith("id#")]
+        older = sorted((AuditRecord.model_validate_json(i["doc"]) for i in legacy), key=lambda r: r.time)
+        return older + [AuditRecord.model_validate_json(i["doc"]) for i in chain]
 
 
 def _observed(item: dict[str, Any] | None) -> bool:

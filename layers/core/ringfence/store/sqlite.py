@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+from ringfence.audit import seal
 from ringfence.flows.aggregate import FlowRow, day_of
 from ringfence.flows.resolve import AddressOwner
 from ringfence.model import Mode, Workload
@@ -45,6 +46,7 @@ from ringfence.store.base import (
     HOLD_FIRST_WINS,
     HOLD_TTL,
     MOVED_TTL,
+    AuditHead,
     AuditRecord,
     BundlePointer,
     ConflictError,
@@ -114,6 +116,11 @@ CREATE TABLE IF NOT EXISTS audit (
     id TEXT NOT NULL UNIQUE,
     time REAL NOT NULL,
     doc TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_head (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL,
+    hash TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS flow_row (
     day TEXT NOT NULL,
@@ -621,15 +628,33 @@ class SqliteStore:
 
     # --- audit ----------------------------------------------------------------------------------
 
-    def audit(self, rec: AuditRecord) -> None:
+    def audit(self, rec: AuditRecord) -> AuditRecord:
+        # BEGIN IMMEDIATE holds the write lock from the head's read to the commit: the record and
+        # the head it becomes are one transaction, and no other writer (thread or process) can
+        # read the same head in between
         try:
             with self._tx() as db:
+                row = db.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
+                sealed = seal(rec, AuditHead(seq=row[0], hash=row[1]) if row else AuditHead())
                 db.execute(
-                    "INSERT INTO audit (id, time, doc) VALUES (?, ?, ?)", (rec.id, rec.time, rec.model_dump_json())
+                    "INSERT INTO audit (id, time, doc) VALUES (?, ?, ?)",
+                    (sealed.id, sealed.time, sealed.model_dump_json()),
+                )
+                db.execute(
+                    "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?, ?) "
+                    "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+                    (sealed.seq, sealed.hash),
                 )
         except sqlite3.IntegrityError:
             raise ConflictError(f"audit record {rec.id} exists: the audit log is append-only") from None
+        return sealed
 
     def audit_log(self) -> list[AuditRecord]:
-        rows = self._db().execute("SELECT doc FROM audit ORDER BY time, seq")
+        # insertion order (the autoincrement column), not the documents' own seq: verify must see
+        # a reordering
+        rows = self._db().execute("SELECT doc FROM audit ORDER BY seq")
         return [AuditRecord.model_validate_json(r[0]) for r in rows]
+
+    def audit_head(self) -> AuditHead | None:
+        row = self._db().execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
+        return AuditHead(seq=row[0], hash=row[1]) if row else None

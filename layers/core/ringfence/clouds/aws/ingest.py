@@ -202,7 +202,7 @@ def mark_leaving(
             refused[iid] = why
             log.warning("terminate action %s for running %s refused: %s", event_id, iid, why)
             metric("UnconfirmedTerminations", 1)
-            w.store.audit(
+            w.audit(
                 AuditRecord(
                     principal="ringfence:lifecycle",
                     action="workload.terminate-refused",
