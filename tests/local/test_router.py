@@ -320,7 +320,11 @@ def test_timeline_compute_answering_an_event_whose_ingest_batch_is_still_running
     tl.began(["a", "b"], at=10.0)
     # the batch's first record went on to the perimeter and compute before the batch finished
     tl.perimeter(["i-1"], at=10.5, sent={"i-1": 10.2})
-    tl.computed(["i-1"], received_at=10.6, at=11.0, sent={"i-1": 10.55})
+    # the lifecycle handler's own message for i-1 (no action in it) does not answer a launch action
+    tl.computed(["i-1"], received_at=10.3, at=10.4, sent={"i-1": 10.25})
+    assert tl.get("a").computed is None  # type: ignore[union-attr]
+    # the perimeter's hand-off, carrying the action, does
+    tl.computed(["i-1"], received_at=10.6, at=11.0, sent={"i-1": 10.55}, lifecycles=["i-1"])
     a = tl.get("a")
     assert a is not None and (a.ingested, a.perimeter, a.computed) == (10.2, 10.5, 11.0)
     tl.ingested(["a", "b"], at=12.0, began=10.0)
@@ -334,13 +338,13 @@ def test_timeline_a_message_sent_before_the_ingest_began_does_not_answer_it() ->
     tl = rt.Timeline()
     tl.put([_entry("a", "i-1")])
     tl.began(["a"], at=10.0)
-    tl.computed(["i-1"], received_at=10.1, at=10.4, sent={"i-1": 9.9})  # an older change's message
+    tl.computed(["i-1"], received_at=10.1, at=10.4, sent={"i-1": 9.9}, lifecycles=["i-1"])  # an older change's message
     tl.ingested(["a"], at=10.5, began=10.0)
     a = tl.get("a")
     assert a is not None and a.computed is None
     tl.settle(before=10.4)  # idle since before the ingest finished: not settled
     assert tl.get("a").unchanged is False  # type: ignore[union-attr]
-    tl.computed(["i-1"], received_at=10.6, at=10.9, sent={"i-1": 10.3})
+    tl.computed(["i-1"], received_at=10.6, at=10.9, sent={"i-1": 10.3}, lifecycles=["i-1"])
     assert tl.get("a").computed == 10.9  # type: ignore[union-attr]
 
 

@@ -134,6 +134,8 @@ class EmbeddedAws:
     _saved_env: dict[str, str] | None = field(init=False, default=None, repr=False)
     _saved_compute_env: dict[str, str] | None = field(init=False, default=None, repr=False)
     _clients: dict[str, Any] = field(init=False, default_factory=dict, repr=False)
+    # instance → its identity document (every field is fixed at launch)
+    _documents: dict[str, str] = field(init=False, default_factory=dict, repr=False)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -175,6 +177,7 @@ class EmbeddedAws:
         # generous: on a starved machine (two test workers among other load) a reset of every
         # backend was seen to take over 30 s, failing the test that asked for a fresh moto
         self._extension("/moto-api/reset", method="POST", timeout=120)
+        self._documents.clear()
         self.build()
 
     # --- what AWS hands out only as events (the router reads them) ---------------------------
@@ -396,10 +399,14 @@ class EmbeddedAws:
 
     def identity_document(self, instance_id: str) -> str:
         """The instance identity document IMDS would serve to ``instance_id`` (sign it with
-        :attr:`iid`); ``pendingTime`` is the instance's launch time, so it is stable."""
+        :attr:`iid`); ``pendingTime`` is the instance's launch time, so it is stable. Every field
+        is fixed at launch: it is described once (an agent's enrollment asks for it several times,
+        a scale-out of 50 made 247 DescribeInstances calls of moto for it)."""
+        if (doc := self._documents.get(instance_id)) is not None:
+            return doc
         inst = self.client("ec2").describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
         launched = inst["LaunchTime"].astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        return json.dumps(
+        doc = json.dumps(
             {
                 "accountId": self.account,
                 "architecture": inst.get("Architecture", "x86_64"),
@@ -413,6 +420,8 @@ class EmbeddedAws:
                 "version": "2017-09-30",
             }
         )
+        self._documents[instance_id] = doc
+        return doc
 
 
 @dataclass

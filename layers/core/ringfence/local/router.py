@@ -104,7 +104,7 @@ API_CALL = "AWS API Call via CloudTrail"
 # perimeter (which hands launch actions on to compute), compute last
 QUEUES = (("lifecycle", "lifecycle"), ("ingest", "ingest"), ("perimeter", "perimeter"), ("compute", "compute"))
 STAGES = ("put", "ingested", "computed", "unchanged", "failed")
-SETTLE_EVERY = 0.5  # s between the schedule thread's checks that the queues went idle
+SETTLE_EVERY = 1.0  # s between the schedule thread's checks that the queues went idle
 LEAVING_LOOKS = 20  # looks to wait for an instance that left its group to be seen terminated
 
 # template.yaml's schedules (ReconcileSchedule's default, the perimeter's rate), for schedule=
@@ -264,20 +264,33 @@ class Timeline:
             self._cond.notify_all()
 
     def computed(
-        self, instance_ids: Iterable[str], received_at: float, at: float, sent: dict[str, float] | None = None
+        self,
+        instance_ids: Iterable[str],
+        received_at: float,
+        at: float,
+        sent: dict[str, float] | None = None,
+        lifecycles: Iterable[str] = (),
     ) -> None:
         """A compute batch received at ``received_at`` finished at ``at`` naming these instances:
         every event for them ingested before that batch was received is now computed, and so is
         one whose ingest began before the batch's message for its instance was sent (``sent``:
         instance → its latest message's ``SentTimestamp``, s): that message came from this
         ingest (or a later one), which had seen the event. Such an event still being ingested
-        is stamped ingested when that message was sent (its record was done then)."""
+        is stamped ingested when that message was sent (its record was done then). A launch
+        lifecycle action is computed only by a batch carrying the action itself (``lifecycles``:
+        the instances whose action the batch holds), the one that completes it: the lifecycle
+        handler also asks compute for the instance at once, and that message may be done while
+        the action still waits for the perimeter."""
         sent = sent or {}
+        actions = set(lifecycles)
         with self._cond:
             done = []
             for iid in instance_ids:
                 keep = []
                 for eid in self._awaiting.get(iid, []):
+                    if self._entries[eid].detail_type == LAUNCH_ACTION and iid not in actions:
+                        keep.append(eid)
+                        continue
                     e = self._answered(eid, sent.get(iid), received_at, at)
                     if e is not None and e.computed is None:
                         e = replace(e, computed=at)
@@ -757,7 +770,7 @@ class EventRouter:
         awaiting compute, changed nothing: their compute message (if any) was handled already."""
         if not self.timeline._has_awaiting():
             return
-        # asking every queue costs moto a call each: twice a second is soon enough to call
+        # asking every queue costs moto a call each: once a second is soon enough to call
         # events "unchanged" (nothing measured waits for it)
         now = time.monotonic()
         if now < self._next_settle:
@@ -853,6 +866,7 @@ class EventRouter:
             ids: list[str] = []
             sent: dict[str, float] = {}  # instance → its latest message's SentTimestamp (s)
             handed_on: dict[str, float] = {}  # instance → when the perimeter handed its launch on
+            actions: list[str] = []  # instances whose lifecycle action the batch holds
             for m in d.messages:
                 try:
                     body = json.loads(m["Body"])
@@ -862,6 +876,7 @@ class EventRouter:
                 lc = body.get("lifecycle") or {}
                 if lc.get("instance_id"):
                     named.append(lc["instance_id"])
+                    actions.append(lc["instance_id"])
                     if isinstance(lc.get("perimeter_at"), (int, float)):
                         handed_on[lc["instance_id"]] = float(lc["perimeter_at"])
                 ids.extend(named)
@@ -877,7 +892,7 @@ class EventRouter:
                 # hand-off's time is in the message
                 for iid, at in handed_on.items():
                     self.timeline.perimeter([iid], at, sent)
-                self.timeline.computed(dict.fromkeys(ids), d.received_at, d.done_at, sent)
+                self.timeline.computed(dict.fromkeys(ids), d.received_at, d.done_at, sent, actions)
             return
         ok: list[str] = []
         bad: list[str] = []
