@@ -42,9 +42,8 @@ locals {
     # wait long-polls ≤ 25 s; azure-attested / gcp-jwt enrollment where var.azure / var.gcp configure them
     agentapi = { memory = 512, timeout = 30, concurrency = 100, env = merge(
       var.azure == null ? {} : {
-        RINGFENCE_AZURE_SUBSCRIPTIONS          = var.azure.subscriptions
-        RINGFENCE_AZURE_CREDENTIALS_SECRET_ARN = var.azure.credentials_secret_arn
-        RINGFENCE_AZURE_ATTESTED_ROOTS         = var.azure.attested_roots
+        RINGFENCE_AZURE_SUBSCRIPTIONS  = var.azure.subscriptions
+        RINGFENCE_AZURE_ATTESTED_ROOTS = var.azure.attested_roots
       },
       var.gcp == null ? {} : {
         RINGFENCE_GCP_PROJECTS          = var.gcp.projects
@@ -88,7 +87,6 @@ locals {
   all_functions = merge(local.functions, local.gcp_functions, local.azure_functions)
   # the secrets each function reads (GetSecretValue on exactly these ARNs)
   azure_secrets = var.azure == null ? [] : compact([var.azure.eventgrid_secret_arn, var.azure.credentials_secret_arn])
-  azure_sp      = var.azure == null ? [] : compact([var.azure.credentials_secret_arn])
   # the dependency layers each function carries after the core layer
   cloud_layers = {
     azureevents = aws_lambda_layer_version.azure[*].arn
@@ -166,7 +164,7 @@ locals {
       { actions = ["ec2:ModifyNetworkInterfaceAttribute"], resources = ["arn:${local.partition}:ec2:${local.region}:${local.account}:network-interface/*", local.sg_arn], conditions = [local.in_vpcs] },
       local.assume, local.kms_use,
     ]
-    agentapi = concat([
+    agentapi = [
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn, aws_dynamodb_table.inventory.arn] },
       # reads what compute signed and stored; writes reports only (never a bundle; holds no key)
       { actions = ["s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/bundles/*", "${aws_s3_bucket.bundles.arn}/deltas/*", "${aws_s3_bucket.bundles.arn}/keys/*", "${aws_s3_bucket.bundles.arn}/policies/*", "${aws_s3_bucket.bundles.arn}/agent/*"] },
@@ -176,13 +174,7 @@ locals {
       { actions = ["dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["iam:GetInstanceProfile"], resources = ["arn:${local.partition}:iam::${local.account}:instance-profile/*"] },
       local.describe, local.assume, local.kms_use,
-      ], var.azure == null ? [] : [
-      # azure-attested reads a VM's subscription from ARM (and ends what ARM no longer lists) when
-      # the VM's event has not arrived yet
-      { actions = ["dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
-      ], length(local.azure_sp) == 0 ? [] : [
-      { actions = ["secretsmanager:GetSecretValue"], resources = local.azure_sp },
-    ])
+    ]
     admin = [
       { actions = ["dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"], resources = [aws_dynamodb_table.state.arn, aws_dynamodb_table.inventory.arn] },

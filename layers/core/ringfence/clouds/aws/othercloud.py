@@ -65,16 +65,19 @@ def azure_from_env(env: Mapping[str, str] | None = None) -> Azure:
 
 def cloud_enrollers(w: BaseWiring, env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Offer the other clouds' enrollments on the AWS agent API where the stack configures them:
-    ``azure-attested`` (on ``w``) when ``RINGFENCE_AZURE_SUBSCRIPTIONS`` is set and the method is
-    enabled; ``gcp-jwt`` (returned, for :class:`~ringfence.control.agents.AgentApi`) when
+    ``azure-attested`` (on ``w``; VMs already in the inventory only) when
+    ``RINGFENCE_AZURE_SUBSCRIPTIONS`` is set and the method is enabled; ``gcp-jwt`` (returned, for :class:`~ringfence.control.agents.AgentApi`) when
     ``RINGFENCE_GCP_PROJECTS`` and the identity token audience are set and the method is enabled."""
     e = os.environ if env is None else env
     methods = set(w.cfg.enroll_methods)
     given: dict[str, Any] = {}
     if e.get("RINGFENCE_AZURE_SUBSCRIPTIONS") and "azure-attested" in methods:
-        from ringfence.clouds.azure.wiring import attach
+        from ringfence.clouds.azure.wiring import Azure, AzureConfig, attach
 
-        attach(w, azure_from_env(e))
+        # the attested document is checked offline; the VM must be in the inventory already (its
+        # Event Grid event came through azureevents): the internet-facing agent API holds no Azure
+        # credentials and may read no secret (it shares the signing-key boundary: test_attack_signing)
+        attach(w, Azure(AzureConfig.from_env(e)), read_unseen=False)
     if e.get("RINGFENCE_GCP_PROJECTS") and "gcp-jwt" in methods:
         from ringfence.clouds.gcp.config import GcpConfig
         from ringfence.clouds.gcp.enroll import METHOD, GcpEnroller
