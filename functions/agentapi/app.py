@@ -7,6 +7,7 @@ from typing import Any
 from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.metrics import MetricUnit
 
+from ringfence.clouds.aws.othercloud import cloud_enrollers
 from ringfence.clouds.aws.wiring import Wiring
 from ringfence.control.agents import AgentApi
 from ringfence.control.wiring import Config
@@ -20,7 +21,9 @@ _svc: dict[str, AgentApi] = {}
 
 def api() -> AgentApi:
     if "api" not in _svc:
-        _svc["api"] = AgentApi(Wiring(Config.from_env()))
+        w = Wiring(Config.from_env())
+        # azure-attested / gcp-jwt where the stack configures them (their SDK layers are attached then)
+        _svc["api"] = AgentApi(w, cloud_enrollers(w))
     return _svc["api"]
 
 

@@ -203,3 +203,28 @@ def test_the_agents_prover_enrolls_through_the_local_imds(api: AgentApi, ca: Att
     assert r.status == 200 and r.body["workload_id"] == VM
     with pytest.raises(agent_enroll.ProofError, match="unavailable"):
         agent_enroll.azure_attested("http://127.0.0.1:9", timeout=1)(n)
+
+
+def test_without_arm_reads_an_unseen_vm_waits_for_its_event(
+    api: AgentApi, ca: AttestedCa, arm: ArmServer, azure: Azure, wiring: LocalWiring
+) -> None:
+    """As the AWS agent API enrolls (no Azure credentials there): a VM not in the inventory is
+    refused without any ARM call, and enrolls once its event has been taken."""
+    from ringfence.clouds.azure.events import WRITE
+    from ringfence.clouds.azure.ingest import AzureEvents
+
+    from .test_azure_events import arm_event
+
+    attach(wiring, azure, read_unseen=False)
+    n = nonce(api)
+    with arm.recording() as calls:
+        status, body = enroll(api, ca.document(VM, SUB, imds_nonce(n)), n, AgentKey())
+    assert status == 401 and "not a running VM" in str(body["detail"]) and calls == []
+    assert wiring.store.get(VM) is None and wiring.store.agent_key(VM) is None
+    headers = {SECRET_HEADER: SECRET, "aeg-event-type": "Notification"}
+    write = arm_event(WRITE, vm_id("web-1"), "Microsoft.Compute/virtualMachines/write")
+    assert AzureEvents(wiring, azure).handle(headers, json.dumps([write]).encode()).status == 200
+    n = nonce(api)
+    key = AgentKey()
+    status, body = enroll(api, ca.document(VM, SUB, imds_nonce(n)), n, key)
+    assert status == 200 and body["workload_id"] == VM and wiring.store.agent_key(VM) == key.pem

@@ -249,3 +249,16 @@ def test_arm_throttled_past_retries_answers_503_with_retry_after(
     r = deliver(events, arm_event(WRITE, vm_id("web-1"), "Microsoft.Compute/virtualMachines/write"))
     assert r.status == 503 and r.headers["Retry-After"] == "30"
     assert wiring.store.get(WEB) is None
+
+
+def test_a_throttled_arm_read_is_retried_and_the_delivery_taken(
+    arm: ArmServer, events: AzureEvents, wiring: LocalWiring
+) -> None:
+    seed_vm(arm, "web-1", WEB, "10.20.1.4", PROD_WEB)
+    arm.throttle(times=1, retry_after=1)
+    with arm.recording() as calls:
+        r = deliver(events, arm_event(WRITE, vm_id("web-1"), "Microsoft.Compute/virtualMachines/write"))
+    assert r.status == 200 and r.body["changed"] == [WEB], r.body
+    assert calls[0] == calls[1], "the throttled read was retried as it was"
+    rec = wiring.store.get(WEB)
+    assert rec is not None and rec.labels["role"] == "web"

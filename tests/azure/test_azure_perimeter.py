@@ -87,3 +87,14 @@ def test_limits_name_each_azure_limit() -> None:
     assert (
         rule["properties"]["sourceAddressPrefix"] == "10.0.0.0/8" and rule["properties"]["destinationPortRange"] == "22"
     )
+
+
+def test_a_throttled_arm_is_retried_and_the_perimeter_written(arm: ArmServer, azure: Azure) -> None:
+    seed_vm(arm, "web-1", WEB, "10.20.1.4", PROD_WEB)
+    arm.throttle(times=2, retry_after=1)
+    with arm.recording() as calls:
+        res = AzurePerimeter(azure.arm(SUB), CONFIG).reconcile({WEB: labels("prod", "web")})
+    assert calls[0] == calls[1] == calls[2], "the throttled request was retried as it was"
+    assert "PUT nsg rf-prod-nsg" in res.writes
+    nic = arm.get(nic_id("web-1-nic"))
+    assert nic is not None and nic["properties"]["networkSecurityGroup"]["id"].endswith("/rf-prod-nsg")

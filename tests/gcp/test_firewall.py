@@ -139,6 +139,17 @@ def test_a_plan_over_a_limit_changes_nothing(gcp: GcpApi) -> None:
         perimeter(gcp).reconcile(many, gcfg(limits=GcpLimits(rule_attributes_per_policy=50)), members)
 
 
+def test_a_throttled_firewall_api_is_retried(gcp: GcpApi) -> None:
+    members = [Member("30", "vpc-t", {"env": "prod", "role": "web"})]
+    calls = len(gcp.calls)
+    gcp.throttle(2, retry_after=1)
+    plans = perimeter(gcp).reconcile(CONFIG, gcfg(), members)
+    assert [p.policy for p in plans] == ["rf-vpc-t"]
+    assert "rf-vpc-t" in gcp.firewall_policies[PROJECT]
+    made = gcp.calls[calls:]
+    assert made[0] == made[1] == made[2], "the throttled request was retried as it was"
+
+
 def test_an_env_without_a_secure_tag_is_refused_by_name(gcp: GcpApi) -> None:
     with pytest.raises(PlanRefused, match="env 'qa' has no secure tag value"):
         perimeter(gcp).reconcile(CONFIG, gcfg(), [Member("30", "vpc-d", {"env": "qa"})])

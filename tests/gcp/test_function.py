@@ -3,6 +3,8 @@ pushed insert lands in the DynamoDB inventory and is queued for compute; no toke
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from ringfence.local.gcp_api import GcpApi
@@ -43,3 +45,49 @@ def test_the_gcpevents_function_ingests_a_pushed_insert_into_the_aws_inventory(
     rec = env.store.get(inst["id"])
     assert rec is not None and rec.workload.cloud == "gcp" and rec.labels["role"] == "web"
     assert any(inst["id"] in m["Body"] for m in env.receive("compute"))
+
+
+def test_the_aws_agent_api_function_enrolls_a_gcp_vm_with_gcp_jwt(
+    gcp: GcpApi, env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gcp-jwt on the AWS agent API (SAM/Terraform attach the GCP layer when configured): the token
+    verified, the VM read live from the local compute API, observed into DynamoDB, the key bound."""
+    from ringfence.local.gcp_api import identity_claims
+    from tests.aws.conftest import rest_event
+    from tests.aws.test_pipeline import AgentKey
+    from tests.gcp.conftest import IDENTITY_AUDIENCE, NUMBER, PROJECT
+
+    for k, v in gcp_environment(gcp).items():
+        monkeypatch.setenv(k, v)
+    env.provision_example_policy()
+    inst = web_vm(gcp, "10.50.0.9")
+    wid = inst["id"]
+    document = gcp.key.sign(identity_claims(inst, PROJECT, NUMBER, IDENTITY_AUDIENCE))
+
+    def enroll(fn: Any, key: AgentKey) -> tuple[int, Any]:
+        _, _, got = rest_answer(fn.handler(rest_event("GET", "/v1/nonce"), LambdaContext()))
+        nonce = got["nonce"]
+        body = {
+            "method": "gcp-jwt",
+            "nonce": nonce,
+            "document": document,
+            "agent_key": key.pem,
+            "agent_signature": key.prove("enroll", wid, nonce),
+        }
+        status, _, answer = rest_answer(fn.handler(rest_event("POST", "/v1/enroll", body), LambdaContext()))
+        return status, answer
+
+    monkeypatch.setenv("RINGFENCE_ENROLL_METHODS", "aws-iid,aws-sts")
+    off = load_functions(["agentapi"], ROOT / "functions")["agentapi"]
+    status, answer = enroll(off, AgentKey())
+    assert status == 400 and "gcp-jwt" in answer["detail"]  # not enabled: refused, nothing read
+    assert env.store.get(wid) is None
+
+    monkeypatch.setenv("RINGFENCE_ENROLL_METHODS", "aws-iid,aws-sts,gcp-jwt")
+    fn = load_functions(["agentapi"], ROOT / "functions")["agentapi"]
+    key = AgentKey()
+    status, answer = enroll(fn, key)
+    assert status == 200 and answer["workload_id"] == wid, answer
+    rec = env.store.get(wid)
+    assert rec is not None and rec.workload.cloud == "gcp" and rec.enrolled
+    assert env.store.agent_key(wid) == key.pem

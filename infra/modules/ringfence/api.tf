@@ -25,10 +25,15 @@ locals {
   gcp_routes = {
     "/gcp/events" = ["post"]
   }
+  # Azure Event Grid deliveries: their own API, only with var.azure
+  azure_routes = {
+    "/azure/events" = ["post"]
+  }
   apis = merge({
     agent = { routes = local.agent_routes, fn = "agentapi", auth = false, rate = 500, burst = 1000 }
     admin = { routes = local.admin_routes, fn = "admin", auth = true, rate = 10, burst = 20 }
-  }, var.gcp == null ? {} : { gcp = { routes = local.gcp_routes, fn = "gcpevents", auth = false, rate = 50, burst = 100 } })
+    }, var.gcp == null ? {} : { gcp = { routes = local.gcp_routes, fn = "gcpevents", auth = false, rate = 50, burst = 100 } },
+  var.azure == null ? {} : { azure = { routes = local.azure_routes, fn = "azureevents", auth = false, rate = 50, burst = 100 } })
 }
 
 resource "aws_api_gateway_rest_api" "this" {

@@ -40,7 +40,20 @@ locals {
         RINGFENCE_PERIMETER_DRY_RUN = var.perimeter_dry_run ? "true" : "false"
       }
     }
-    agentapi  = { memory = 512, timeout = 30, concurrency = 100, env = {} } # wait long-polls ≤ 25 s
+    # wait long-polls ≤ 25 s; azure-attested / gcp-jwt enrollment where var.azure / var.gcp configure them
+    agentapi = { memory = 512, timeout = 30, concurrency = 100, env = merge(
+      var.azure == null ? {} : {
+        RINGFENCE_AZURE_SUBSCRIPTIONS  = var.azure.subscriptions
+        RINGFENCE_AZURE_ATTESTED_ROOTS = var.azure.attested_roots
+      },
+      var.gcp == null ? {} : {
+        RINGFENCE_GCP_PROJECTS          = var.gcp.projects
+        RINGFENCE_GCP_TAG_PARENTS       = var.gcp.tag_parents
+        RINGFENCE_GCP_LABEL_SOURCE      = var.gcp.label_source
+        RINGFENCE_GCP_IDENTITY_AUDIENCE = var.gcp.identity_audience
+        RINGFENCE_GCP_CREDENTIALS       = var.gcp.credentials
+      },
+    ) }
     admin     = { memory = 512, timeout = 29, concurrency = 5, env = { RINGFENCE_ADMIN_ROLES = jsonencode(var.admin_roles) } }
     wsconnect = { memory = 256, timeout = 10, concurrency = 20, env = {} }
     flows     = { memory = 1024, timeout = 300, concurrency = 10, env = {} }
@@ -59,7 +72,28 @@ locals {
       }
     }
   }
-  all_functions = merge(local.functions, local.gcp_functions)
+  # the Azure events function exists only with var.azure; its secrets are read by ARN at cold start
+  azure_functions = var.azure == null ? {} : {
+    azureevents = {
+      memory = 512, timeout = 29, concurrency = 20,
+      env = {
+        RINGFENCE_AZURE_SUBSCRIPTIONS          = var.azure.subscriptions
+        RINGFENCE_EVENTGRID_SECRET_ARN         = var.azure.eventgrid_secret_arn
+        RINGFENCE_AZURE_CREDENTIALS_SECRET_ARN = var.azure.credentials_secret_arn
+        RINGFENCE_EVENTGRID_TENANT             = var.azure.eventgrid_tenant
+        RINGFENCE_EVENTGRID_AUDIENCE           = var.azure.eventgrid_audience
+      }
+    }
+  }
+  all_functions = merge(local.functions, local.gcp_functions, local.azure_functions)
+  # the secrets each function reads (GetSecretValue on exactly these ARNs)
+  azure_secrets = var.azure == null ? [] : compact([var.azure.eventgrid_secret_arn, var.azure.credentials_secret_arn])
+  # the dependency layers each function carries after the core layer
+  cloud_layers = {
+    azureevents = aws_lambda_layer_version.azure[*].arn
+    gcpevents   = aws_lambda_layer_version.gcp[*].arn
+    agentapi    = concat(aws_lambda_layer_version.azure[*].arn, aws_lambda_layer_version.gcp[*].arn)
+  }
 
   member_roles  = "arn:${local.partition}:iam::*:role/${var.member_role_name}"
   sg_arn        = "arn:${local.partition}:ec2:${local.region}:${local.account}:security-group/*"
@@ -168,6 +202,12 @@ locals {
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
       local.policies_read, local.kms_use,
     ]
+    azureevents = concat([
+      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:Query", "dynamodb:Scan"], resources = [aws_dynamodb_table.state.arn, aws_dynamodb_table.inventory.arn] },
+      { actions = ["dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
+      { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
+      local.policies_read, local.kms_use,
+    ], length(local.azure_secrets) == 0 ? [] : [{ actions = ["secretsmanager:GetSecretValue"], resources = local.azure_secrets }])
     wsconnect = [
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.state.arn] },
       { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.inventory.arn] },
@@ -182,6 +222,16 @@ resource "aws_lambda_layer_version" "core" {
   description              = "the ringfence library and its dependencies"
   filename                 = var.core_layer_zip
   source_code_hash         = filebase64sha256(var.core_layer_zip)
+  compatible_runtimes      = ["python3.11"]
+  compatible_architectures = ["arm64"]
+}
+
+resource "aws_lambda_layer_version" "azure" {
+  count                    = var.azure == null ? 0 : 1
+  layer_name               = "${var.name}-azure"
+  description              = "the Azure SDKs of the Azure events function and azure-attested enrollment (layers/azure)"
+  filename                 = var.azure.layer_zip
+  source_code_hash         = filebase64sha256(var.azure.layer_zip)
   compatible_runtimes      = ["python3.11"]
   compatible_architectures = ["arm64"]
 }
@@ -298,7 +348,7 @@ resource "aws_lambda_function" "fn" {
   memory_size                    = each.value.memory
   timeout                        = each.value.timeout
   reserved_concurrent_executions = each.value.concurrency
-  layers                         = concat([aws_lambda_layer_version.core.arn], each.key == "gcpevents" ? aws_lambda_layer_version.gcp[*].arn : [])
+  layers                         = concat([aws_lambda_layer_version.core.arn], lookup(local.cloud_layers, each.key, []))
   kms_key_arn                    = aws_kms_key.this.arn
   tracing_config {
     mode = "Active"

@@ -177,6 +177,30 @@ variable "gcp" {
     tag_parents           = optional(string, "")
     label_source          = optional(string, "secure-tags")
     credentials           = optional(string, "") # workload identity federation config (no secret)
+    identity_audience     = optional(string, "") # gcp-jwt on the agent API (enroll_methods lists it)
   })
   default = null
+}
+
+variable "azure" {
+  description = <<-EOT
+    Azure events (docs/deploy-azure.md): set it to deploy the azureevents function and its
+    POST /azure/events API with the Azure dependency layer (layer_zip, arm64), and to offer
+    azure-attested enrollment on the agent API (when enroll_methods lists it). Secrets are given by
+    Secrets Manager ARN, never by value. null: no Azure.
+  EOT
+  type = object({
+    layer_zip              = string
+    subscriptions          = string               # subscription ids governed, comma-separated
+    eventgrid_secret_arn   = optional(string, "") # the x-ringfence-eventgrid-secret delivery header's value
+    credentials_secret_arn = optional(string, "") # JSON {tenant_id, client_id, client_secret}
+    eventgrid_tenant       = optional(string, "") # Entra ID tokens on deliveries ("": not checked)
+    eventgrid_audience     = optional(string, "")
+    attested_roots         = optional(string, "") # PEM roots of the IMDS attested document's signer
+  })
+  default = null
+  validation {
+    condition     = var.azure == null || try(var.azure.eventgrid_secret_arn != "" || var.azure.eventgrid_audience != "", false)
+    error_message = "azure: set eventgrid_secret_arn or eventgrid_tenant/eventgrid_audience: deliveries must be authenticated."
+  }
 }

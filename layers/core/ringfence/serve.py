@@ -292,6 +292,7 @@ class ServeApp:
     cloud_events: dict[str, Callable[[Mapping[str, str], bytes], Any]] = field(default_factory=dict)
     azure: Any = None  # the ringfence.clouds.azure.wiring.Azure served, if any
     gcp: ResolverPool | None = None  # POST /gcp/events, when RINGFENCE_GCP_PROJECTS is set
+    azure_events: ResolverPool | None = None  # POST /azure/events, when Azure is configured
 
     @classmethod
     def over(
@@ -327,13 +328,16 @@ class ServeApp:
             from ringfence.clouds.azure.wiring import Azure, AzureConfig
 
             azure = Azure(AzureConfig.from_env())
+        azure_events = None
         if azure is not None:
             from ringfence.clouds.azure.ingest import AzureEvents
             from ringfence.clouds.azure.wiring import attach
+            from ringfence.routes.azure import azure_event_routes
 
             attach(wiring, azure)
-            events["azure"] = AzureEvents(wiring, azure).handle
-        return cls(agent, admin, tokens, threads, gcp=gcp, cloud_events=events, azure=azure)
+            ingest = AzureEvents(wiring, azure)
+            azure_events = ResolverPool(lambda: azure_event_routes(lambda: ingest))
+        return cls(agent, admin, tokens, threads, gcp=gcp, cloud_events=events, azure=azure, azure_events=azure_events)
 
     def __post_init__(self) -> None:
         import anyio
@@ -408,6 +412,11 @@ class ServeApp:
                 return error(404, "GCP events are off", "set RINGFENCE_GCP_PROJECTS (docs/deploy-gcp.md)")
             return await dispatch(request, self.gcp, MAX_AGENT_BODY, None)
 
+        async def azure_events(request: Request) -> Response:
+            if self.azure_events is None:
+                return error(404, "Azure events are off", "set RINGFENCE_AZURE_SUBSCRIPTIONS (docs/deploy-azure.md)")
+            return await dispatch(request, self.azure_events, MAX_EVENT_BODY, None)
+
         async def healthz(request: Request) -> Response:
             return JSONResponse({"ok": True})
 
@@ -417,7 +426,8 @@ class ServeApp:
                 Route(AGENT_PREFIX + "{rest:path}", agent, methods=methods),
                 Route(ADMIN_PREFIX + "{rest:path}", admin, methods=methods),
                 Route("/gcp/events", gcp, methods=["POST"]),
-                Route("/{cloud}/events", cloud_event, methods=["POST"]),  # after /gcp/events: Azure's
+                Route("/azure/events", azure_events, methods=["POST"]),
+                Route("/{cloud}/events", cloud_event, methods=["POST"]),  # after the clouds routed above
                 Route("/healthz", healthz, methods=["GET"]),
             ]
         )

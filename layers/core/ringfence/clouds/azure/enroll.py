@@ -22,8 +22,11 @@ if TYPE_CHECKING:
 class AzureAttested:
     method = "azure-attested"
 
-    def __init__(self, azure: Azure, signer_name: str | None = None) -> None:
+    def __init__(self, azure: Azure, signer_name: str | None = None, read_unseen: bool = True) -> None:
         self.azure = azure
+        # False: a VM not in the inventory yet is refused (the agent retries once its event has
+        # arrived) rather than read from ARM: the AWS agent API holds no Azure credentials
+        self.read_unseen = read_unseen
         self.signer_name = signer_name or os.environ.get("RINGFENCE_AZURE_ATTESTED_SIGNER") or DEFAULT_SIGNER
         self._roots = load_roots(azure.cfg.attested_roots_pem)
 
@@ -41,7 +44,7 @@ class AzureAttested:
             raise ProofError("nonce is unknown, expired or already used")
         credentials.verify_proof(req.agent_key, req.agent_signature, "enroll", doc.vm_id, req.nonce)
         rec = api.w.store.get(doc.vm_id)
-        if rec is None or not rec.active:
+        if (rec is None or not rec.active) and self.read_unseen:
             # a VM not seen yet (its event may still be on its way): read the subscription now
             observe_subscription(api.w, self.azure.arm(doc.subscription))
             rec = api.w.store.get(doc.vm_id)

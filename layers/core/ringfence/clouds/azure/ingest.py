@@ -2,7 +2,8 @@
 change read back from ARM and stored as the same governed workload records AWS ingest writes.
 
 One entry point, :meth:`AzureEvents.handle` (headers, body → :class:`~ringfence.control.api.Response`),
-served by ``ringfence serve`` (``POST /azure/events``); a Lambda function handler is planned.
+served by ``ringfence.routes.azure`` (``POST /azure/events``) in ``ringfence serve`` and in the
+``azureevents`` Lambda function.
 """
 
 from __future__ import annotations

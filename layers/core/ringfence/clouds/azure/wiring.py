@@ -64,8 +64,9 @@ class Azure:
         return self._arms[key]
 
 
-def attach(w: BaseWiring, azure: Azure) -> None:
-    """Offer the ``azure-attested`` enrollment on ``w`` (enabled where ``enroll_methods`` names it)."""
+def attach(w: BaseWiring, azure: Azure, read_unseen: bool = True) -> None:
+    """Offer the ``azure-attested`` enrollment on ``w`` (enabled where ``enroll_methods`` names it);
+    ``read_unseen``: a VM not in the inventory yet is read from ARM (else refused until its event)."""
     from .enroll import AzureAttested
 
-    w.enrollers["azure-attested"] = AzureAttested(azure)
+    w.enrollers["azure-attested"] = AzureAttested(azure, read_unseen=read_unseen)
