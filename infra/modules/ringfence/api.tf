@@ -15,6 +15,7 @@ locals {
   admin_routes = {
     "/admin/policies"                  = ["post"]
     "/admin/map"                       = ["get"]
+    "/admin/findings"                  = ["get"]
     "/admin/workloads/{id}/mode"       = ["put"]
     "/admin/workloads/{id}/quarantine" = ["post", "delete"]
     "/admin/workloads/{id}/agent-key"  = ["delete"]

@@ -165,6 +165,12 @@ class Admin:
             {"workload_id": workload_id, "agent_key_dropped": dropped, "token_revoked": revoked, "audit_id": audit_id},
         )
 
+    def findings(self, bound: float) -> Response:
+        """Effective policy, checked (``ringfence findings``' code, ringfence.control.findings)."""
+        from .findings import findings
+
+        return Response(200, findings(self.w.store, bound=bound).model_dump())
+
     def dependency_map(
         self, fmt: str, app: str | None = None, env: str | None = None, decision: str | None = None, min_flows: int = 0
     ) -> tuple[str, str] | Response:

@@ -23,6 +23,7 @@ from ringfence import adminapi
 from ringfence.adminroles import AdminRole, RoleBindings, may, parse_roles
 from ringfence.clouds.onprem import OnPremAdmin
 from ringfence.control.admin import Admin
+from ringfence.control.findings import DEFAULT_BOUND, FindingsResponse
 
 from .common import answers, http, resolver
 
@@ -101,6 +102,20 @@ def admin_routes(
         if not isinstance(out, tuple):
             return http(out)
         return HttpResponse(status_code=200, content_type=out[0], body=out[1])
+
+    @app.get(
+        "/admin/findings",
+        summary="effective policy, checked (as `ringfence findings`): agents silent, not enforcing the newest "
+        "bundle within the bound, or whose kernel holds something else — any role",
+        responses=answers(FindingsResponse),
+        security=[{"sigv4": []}],
+    )
+    def findings(
+        bound: Annotated[
+            float, Query(gt=0, le=86400, description="seconds allowed after a publish and between heartbeats")
+        ] = DEFAULT_BOUND,
+    ) -> HttpResponse[str]:
+        return refused("findings.read", "findings") or http(service().findings(bound))
 
     @app.post(
         "/admin/policies",
