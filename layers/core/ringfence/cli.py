@@ -716,9 +716,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="the findings as JSON")
 
-    p = add("map", cmd_map, help="the application dependency map (from flows, else from policy) as HTML or DOT")
+    p = add("map", cmd_map, help="the application dependency map (from flows, else from policy) as HTML, SVG or DOT")
     _policy_args(p)
-    p.add_argument("--format", choices=["html", "svg", "dot"], default="html", help="default: html (svg: planned)")
+    p.add_argument(
+        "--format",
+        choices=["html", "svg", "dot"],
+        default="html",
+        help="default: html (svg: static, laid out server-side)",
+    )
     p.add_argument("--flows", help="the store holding flows: sqlite:PATH or dynamodb:INVENTORY,STATE,AUDIT")
     p.add_argument("--draft", help="a draft policy: edges it would open or cut are marked")
     p.add_argument("--app", help="only edges with this app at either end")

@@ -188,4 +188,5 @@ class Admin:
             text = render(m, fmt)
         except ValueError as exc:
             return error(400, "bad map format", str(exc))
-        return ("text/html; charset=utf-8" if fmt == "html" else "text/vnd.graphviz; charset=utf-8", text)
+        kind = {"html": "text/html", "svg": "image/svg+xml"}.get(fmt, "text/vnd.graphviz")
+        return (f"{kind}; charset=utf-8", text)

@@ -79,15 +79,18 @@ def admin_routes(
 
     @app.get(
         "/admin/map",
-        summary="the application dependency map (as `ringfence map`): HTML (one self-contained file) or DOT — any role",
+        summary="the application dependency map (as `ringfence map`): HTML (one self-contained file), SVG or DOT — any role",
         responses={
             **answers(errors=(400, 409)),
-            200: {"description": "the map", "content": {"text/html": {}, "text/vnd.graphviz": {}}},
+            200: {"description": "the map", "content": {"text/html": {}, "image/svg+xml": {}, "text/vnd.graphviz": {}}},
         },
         security=[{"sigv4": []}],
     )
     def dependency_map(
-        format: Annotated[Literal["html", "svg", "dot"], Query(description="svg: planned")] = "html",
+        format: Annotated[
+            Literal["html", "svg", "dot"],
+            Query(description="html: interactive; svg: static, laid out server-side; dot: graphviz text"),
+        ] = "html",
         app_: Annotated[str | None, Query(alias="app", description="only edges with this app at either end")] = None,
         env: Annotated[str | None, Query(description="only edges with this env at either end")] = None,
         decision: Annotated[
