@@ -190,13 +190,17 @@ def _record(parts: list[str], at: tuple[int, ...], good: set[str]) -> Record | N
         return None
     if start == "-" or end == "-":
         raise ValueError("start or end is missing")
-    if src not in good and not _looks_like_address(src):
-        raise ValueError(f"address {src!r} or {dst!r} is not an IP address")
-    if dst not in good and not _looks_like_address(dst):
-        raise ValueError(f"address {src!r} or {dst!r} is not an IP address")
-    if len(good) < 100_000:  # addresses repeat: checked once each (bounded memory)
-        good.add(src)
-        good.add(dst)
+    # addresses repeat: each checked once (the set bounded: memory)
+    if src not in good:
+        if not _looks_like_address(src):
+            raise ValueError(f"address {src!r} or {dst!r} is not an IP address")
+        if len(good) < 100_000:
+            good.add(src)
+    if dst not in good:
+        if not _looks_like_address(dst):
+            raise ValueError(f"address {src!r} or {dst!r} is not an IP address")
+        if len(good) < 100_000:
+            good.add(dst)
     action = parts[i_action] if i_action >= 0 else "-"
     if action == "ACCEPT":
         observed = "accept"
@@ -224,8 +228,8 @@ def _record(parts: list[str], at: tuple[int, ...], good: set[str]) -> Record | N
     # str.isdecimal() is exactly what int() reads, never negative: the checked conversion
     # (_int) only for what fails it, which then says why
     return (
-        float(int(start) if start.isdecimal() else _int(start, "start")),
-        float(int(end) if end.isdecimal() else _int(end, "end")),
+        float(start) if start.isdecimal() else float(_int(start, "start")),  # float(): exact below 2**53
+        float(end) if end.isdecimal() else float(_int(end, "end")),
         src,
         dst,
         pname,
