@@ -251,14 +251,15 @@ class Agent:
     def enforced_state(self) -> tuple[int | None, str | None]:
         """(the applied revision, the enforced-policy digest of what the kernel holds, read back
         from it: not what this process meant to write). The digest is None when the backend
-        cannot tell (dry-run, windows-plan, iptables: not yet) or asking failed, or when an apply
+        cannot tell (dry-run, windows-plan) or asking failed, or when an apply
         moved the revision while the kernel was being read (the next heartbeat tells)."""
         probe = getattr(self.backend, "enforced", None)
         before = self.revision
         if probe is None:
             return before, None
         try:
-            digest = str(probe())
+            # the bundle's set names: iptables finds the ipsets named by a hash by them (contents: the kernel's)
+            digest = str(probe(list(self.bundle.sets) if self.bundle is not None else []))
         except (ApplyError, OSError, ValueError) as exc:
             self.log(f"reading the kernel's rules back failed: {exc}")
             return before, None

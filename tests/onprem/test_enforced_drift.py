@@ -49,23 +49,27 @@ def net() -> Iterator[NetLab]:
         lab.close()
 
 
-def _digest_in_kernel(net: NetLab, state: Path) -> str:
-    out = net.agent("h", "status", "--state-dir", str(state), "--backend", "nftables", "--json", check=True)
+def _digest_in_kernel(net: NetLab, state: Path, backend: str = "nftables") -> str:
+    out = net.agent("h", "status", "--state-dir", str(state), "--backend", backend, "--json", check=True)
     digest: str = json.loads(out.stdout)["kernel_digest"]
     return digest
 
 
-def _apply(net: NetLab, doc: wire.Bundle | Any, state: Path, tmp: Path) -> None:
+def _apply(net: NetLab, doc: wire.Bundle | Any, state: Path, tmp: Path, backend: str = "nftables") -> None:
     path = write(doc, tmp / f"bundle-{time.monotonic_ns()}.json")
     args = ["apply", "--bundle", str(path), "--public-key", str(PUBLIC_KEY), "--state-dir", str(state)]
-    r = net.agent("h", *args, "--backend", "nftables")
+    r = net.agent("h", *args, "--backend", backend)
     assert r.returncode == 0, r.stderr
 
 
 @needs_lab
-@pytest.mark.parametrize("bound", [None, "0"], ids=["concatenated-groups", "expanded-groups"])
+@pytest.mark.parametrize(
+    ("backend", "bound"),
+    [("nftables", None), ("nftables", "0"), ("iptables", None)],
+    ids=["nft-concatenated-groups", "nft-expanded-groups", "iptables"],
+)
 def test_the_kernel_read_back_matches_the_published_digest(
-    net: NetLab, tmp_path: Path, bound: str | None, monkeypatch: pytest.MonkeyPatch
+    net: NetLab, tmp_path: Path, backend: str, bound: str | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if bound is not None:
         monkeypatch.setenv("RINGFENCE_NFT_GROUP_BOUND", bound)
@@ -77,8 +81,8 @@ def test_the_kernel_read_back_matches_the_published_digest(
         "bundle-ord-prod-web-1-quarantined.json",
     ):
         doc = wire.load_bundle((GOLDEN / name).read_bytes())
-        _apply(net, doc, tmp_path / name, tmp_path)  # a state dir per workload
-        assert _digest_in_kernel(net, tmp_path / name) == enforced.expected(doc), name
+        _apply(net, doc, tmp_path / name, tmp_path, backend)  # a state dir per workload
+        assert _digest_in_kernel(net, tmp_path / name, backend) == enforced.expected(doc), name
     # grouped rules, then a set delta moving an address in and one out
     hosts = {
         "h1": ("10.77.0.11", "fd77::11", "client"),
@@ -88,22 +92,32 @@ def test_the_kernel_read_back_matches_the_published_digest(
     }
     lab = BundleLab(GROUP_POLICY, lab_workloads(hosts))
     doc = lab.bundle("h2")
-    _apply(net, doc, state, tmp_path)
+    _apply(net, doc, state, tmp_path, backend)
     wdoc = wire.load_bundle(write(doc, tmp_path / "g.json").read_bytes())
     assert any(r.members for r in wdoc.inbound)
-    assert _digest_in_kernel(net, state) == enforced.expected(wdoc)
+    assert _digest_in_kernel(net, state, backend) == enforced.expected(wdoc)
     ws = lab_workloads({**hosts, "h5": ("10.77.0.15", "fd77::15", "client")})
     deltas = lab.upsert(ws[-1])
     assert deltas
     paths = [write(d, tmp_path / f"delta-{i}.json") for i, d in enumerate(deltas)]
     args = ["apply-delta", *[x for p in paths for x in ("--delta", str(p))]]
-    r = net.agent("h", *args, "--public-key", str(PUBLIC_KEY), "--state-dir", str(state), "--backend", "nftables")
+    r = net.agent("h", *args, "--public-key", str(PUBLIC_KEY), "--state-dir", str(state), "--backend", backend)
     assert r.returncode == 0, r.stderr
     wdeltas = [wire.load_delta(p.read_bytes()) for p in paths]
-    after = _digest_in_kernel(net, state)
+    after = _digest_in_kernel(net, state, backend)
     assert after == enforced.expected(wdoc, wdeltas) != enforced.expected(wdoc)
+    # an address taken out of the kernel behind the agent's back: another digest
+    moved = next(d for d in wdeltas if any(x.startswith("10.77.0.15") for x in d.add))
+    if backend == "nftables":
+        net.exec(
+            "h", "nft", "delete", "element", "inet", "ringfence", f"s_{moved.set}_4h", "{ 10.77.0.15 }", check=True
+        )
+    else:
+        gone = [net.exec("h", "ipset", "del", f"rf-s-{moved.set}-4{g}", "10.77.0.15").returncode for g in "ab"]
+        assert 0 in gone
+    assert _digest_in_kernel(net, state, backend) != after
     net.reset("h")
-    assert _digest_in_kernel(net, state) == enforced.digest({}, {}) != after  # nothing held
+    assert _digest_in_kernel(net, state, backend) == enforced.digest({}, {}) != after  # nothing held
 
 
 class Serve:

@@ -539,11 +539,12 @@ class NftBackend(NftRenderer):
                         chains.append({k: v for k, v in item[kind].items() if k != "handle"})
         return hashlib.sha256(json.dumps(chains, sort_keys=True).encode()).hexdigest()
 
-    def enforced(self) -> str:
+    def enforced(self, set_names: Iterable[str] = ()) -> str:
         """The enforced-policy digest (:mod:`ringfence.enforced`) of what the kernel holds, read
         back with one ``nft list table``: the bundle rules' counters and verdicts in chain order,
         the defaults, and the bundle sets' addresses. What the agent meant to write plays no part;
-        the control plane compares it with the digest of the bundle it published."""
+        the control plane compares it with the digest of the bundle it published. ``set_names``:
+        unused (the kernel's set names carry the bundle's)."""
         chains: dict[str, list[tuple[str, str]]] = {}
         sets: dict[str, list[str]] = {}
         if not self.table_present():
