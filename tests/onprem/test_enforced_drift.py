@@ -269,9 +269,18 @@ def test_not_enforced_and_silent_from_stored_reports(tmp_path: Path) -> None:
         BundlePointer(workload_id="d", version=8, key="kd8", etag='"8"', rules_revision=8, published_at=now - 30)
     )
     store.put_enforcement(EnforcementReport(workload_id="d", time=now - 5, version=7, latest_version=8))
+    # e: moved on by a set delta after its last heartbeat (no publish time): the next heartbeat decides
+    rec = InventoryRecord(id="e", workload=Workload(id="e", ips=["10.0.0.2"], tags={}), state="running", observed_at=1)
+    store.observe(rec)
+    store.set_liveness("e", enrolled=True, heartbeat=now - 5)
+    store.put_bundle_pointer(
+        BundlePointer(workload_id="e", version=7, key="ke", etag='"7"', rules_revision=7, sets={"s": 7})
+    )
+    store.put_set_head("s", 9)
+    store.put_enforcement(EnforcementReport(workload_id="e", time=now - 100, version=7, latest_version=7))
     res = findings(store, bound=120, now=now)
     assert [(f.kind, f.workload_id) for f in res.findings] == [("not-enforced", "b"), ("silent", "c")]
-    assert res.checked == 4
+    assert res.checked == 5
     assert [(f.kind, f.workload_id) for f in findings(store, bound=20, now=now).findings] == [
         ("not-enforced", "b"),
         ("silent", "c"),

@@ -79,6 +79,8 @@ def findings(store: Store, bound: float = DEFAULT_BOUND, now: float | None = Non
         enforced = rep.version if rep else None
         if enforced is None or enforced < latest:
             published = ptr.published_at if latest == ptr.version else None
+            if published is None and rep is not None and rep.latest_version is not None and latest > rep.latest_version:
+                continue  # published after the last heartbeat, when unknown: the next one starts the clock
             since = published or (rep.behind_since if rep else None) or (rep.time if rep else last)
             if now - since > bound:
                 out.append(
