@@ -163,3 +163,70 @@ def test_agent_flows_reads_flow_records_and_folded_drops() -> None:
                     "dport": 53, "action": "drop", "rule_id": "r1", "count": 4}]},
     )  # fmt: skip
     assert [(f.count, f.observed, f.rule_id, f.reporter) for f in flows] == [(4, "drop", "r1", "w1")]
+
+
+def test_the_fast_ingest_path_gives_the_rows_of_deciding_every_flow(
+    estate: tuple[SqliteStore, FlowIngest],
+) -> None:
+    """The records path (plain tuples, a row cache per address pair, decisions cached per label
+    pair and address signature) against the Flow path with a fresh ``decide`` for every flow:
+    the same rows, counts and verdicts, a moved address included (its owner depends on the time)."""
+    import random
+
+    from ringfence.engine.explain import decide
+    from ringfence.flows.aggregate import Aggregator
+    from ringfence.flows.classify import Classified
+    from ringfence.flows.vpclogs import parse_gzip_records
+
+    store, ingest = estate
+    old = store.get("ord-prod-proc-1")
+    assert old is not None
+    store.observe(old.model_copy(update={"state": "terminated", "observed_at": 2.0}))
+    ingest.sync(at=2000.0)
+    (dev_db,) = [w for w in load_inventory(EXAMPLE / "inventory.yaml") if w.id == "ord-dev-db-1"]
+    store.observe(InventoryRecord(id="ord-dev-db-9", workload=dev_db.model_copy(update={"id": "ord-dev-db-9",
+                  "ips": ["10.1.2.10"]}), observed_at=3.0))  # fmt: skip
+    ingest.sync(at=3000.0)
+    ips = [ip for w in load_inventory(EXAMPLE / "inventory.yaml") for ip in w.ips if ":" not in ip]
+    rng = random.Random(7)
+    lines = ["version account-id interface-id srcaddr dstaddr srcport dstport protocol packets bytes start end "
+             "action log-status"]  # fmt: skip
+    for i in range(3000):
+        src, dst = rng.choice(ips), rng.choice([*ips, "93.184.216.34", "10.77.0.9", "10.0.0.2"])
+        port = rng.choice([8443, 5432, 53, 22, 443, 9100, 3389])
+        proto = rng.choice([6, 17, 1]) if port == 53 else 6
+        t = rng.choice([1000, 2500, 3500, 90000])
+        act = rng.choice(["ACCEPT", "REJECT", "-"])
+        lines.append(f"2 1 eni-{i % 5} {src} {dst} 40000 {port} {proto} 2 {i} {t} {t + 5} {act} OK")
+    lines += ["2 1 eni-1 - - - - - - - 1000 1060 - NODATA", "2 1 eni-1 10.1.1.10 x 1 2 6 1 1 1000 1001 ACCEPT OK"]
+    data = gzip.compress("\n".join(lines).encode())
+    wanted = sorted(set(ips) | {"93.184.216.34", "10.77.0.9", "10.0.0.2"})
+    book = AddressBook(store.address_history(wanted))
+    assert len(book.history["10.1.2.10"]) == 3
+
+    class Uncached(Classifier):
+        def classify(self, src: str, dst: str, proto: str, port: int | None, at: float):  # type: ignore[no-untyped-def]
+            s, d = self.endpoint(src, self.book.owner(src, at)), self.endpoint(dst, self.book.owner(dst, at))
+            return s, d, Classified.of(decide(self.policy, s, d, proto, port))
+
+    flows, report = parse_gzip("x.gz", data)
+    slow = Aggregator(Uncached(ingest.policy, book))
+    slow.add(flows)
+    records, report2 = parse_gzip_records("x.gz", data)
+    fast = Aggregator(Classifier(ingest.policy, AddressBook(store.address_history(wanted))))
+    fast.add_records(records, "vpc")
+    assert (report2.flows, report2.skipped, report2.malformed) == (report.flows, report.skipped, report.malformed)
+    assert (
+        [str(e) for e in report2.errors]
+        == [str(e) for e in report.errors]
+        == ["x.gz:3003: address '10.1.1.10' or 'x' is not an IP address"]
+    )
+    assert fast.seen == slow.seen == 3000
+
+    def verdicts(agg: Aggregator) -> dict[tuple[str, str], tuple[object, ...]]:
+        # the rule text of a default deny names one workload of the pair: compared without it
+        return {k: (r.flows, r.packets, r.bytes, r.first_seen, r.last_seen, r.decision, r.origins, r.sample_src, r.sample_dst,
+                    r.rule if "default deny" not in r.rule else "default deny") for k, r in agg.rows.items()}  # fmt: skip
+
+    assert verdicts(fast) == verdicts(slow)
+    assert {r.decision for r in fast.rows.values()} >= {"allowed", "blocked", "unknown"}

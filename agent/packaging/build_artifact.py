@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-WIRE_MODULES = ("__init__.py", "enums.py", "agentwire.py", "bundlewire.py", "staticlayout.py")
+WIRE_MODULES = ("__init__.py", "enums.py", "agentwire.py", "bundlewire.py", "enforced.py", "staticlayout.py")
 EPOCH = "315532800"  # 1980-01-01, the earliest a zip can say: same bytes from the same source
 
 PYPROJECT = """\

@@ -77,6 +77,17 @@ def _kernel_programmed(backend: str) -> bool | None:
         return None
 
 
+def _kernel_digest(backend: str, set_names: list[str]) -> str | None:
+    """The enforced-policy digest of what the kernel holds (what the heartbeat sends); None: this
+    backend cannot tell, or asking failed."""
+    try:
+        probe = getattr(make_backend(backend), "enforced", None)
+        # the bundle's set names: iptables finds the ipsets named by a hash by them
+        return str(probe(set_names)) if probe is not None else None
+    except (ApplyError, OSError, ValueError):
+        return None
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     state = StateDir(Path(args.state_dir))
     status = state.read_json("status.json")
@@ -101,6 +112,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "state_mode": state_mode,
         "posture": None if lost or bundle is not None else posture,
         "kernel_programmed": kernel,
+        "kernel_digest": _kernel_digest(args.backend, list(bundle.sets) if bundle else []),
         "quarantined": bundle.quarantined if bundle else None,
         "expires_at": bundle.expires_at if bundle else None,
         # the enforced bundle expired without a refresh: still enforced (never fails open)

@@ -248,6 +248,23 @@ class Agent:
             with contextlib.suppress(ApplyError, OSError):
                 self._baseline = probe()
 
+    def enforced_state(self) -> tuple[int | None, str | None]:
+        """(the applied revision, the enforced-policy digest of what the kernel holds, read back
+        from it: not what this process meant to write). The digest is None when the backend
+        cannot tell (dry-run, windows-plan) or asking failed, or when an apply
+        moved the revision while the kernel was being read (the next heartbeat tells)."""
+        probe = getattr(self.backend, "enforced", None)
+        before = self.revision
+        if probe is None:
+            return before, None
+        try:
+            # the bundle's set names: iptables finds the ipsets named by a hash by them (contents: the kernel's)
+            digest = str(probe(list(self.bundle.sets) if self.bundle is not None else []))
+        except (ApplyError, OSError, ValueError) as exc:
+            self.log(f"reading the kernel's rules back failed: {exc}")
+            return before, None
+        return (before, digest) if self.revision == before else (self.revision, None)
+
     def check_drift(self) -> Result:
         """Re-apply when the kernel no longer holds what this process applied last (a rule
         inserted, changed or deleted; the table flushed): tamper, reported. Set contents are not

@@ -502,12 +502,14 @@ class Daemon:
             message = f"stale: the enforced bundle expired at {_utc(applied.expires_at)}, still enforcing it" + (
                 f"; {message}" if message else ""
             )
+        revision, kernel_digest = self.agent.enforced_state()
         hb = Heartbeat(
-            applied_version=self.agent.revision,
+            applied_version=revision,
             mode=applied.mode if applied is not None else None,
             healthy=not message,
             message=message[:1000],
             counters=counters,
+            kernel_digest=kernel_digest,
         )
         return self.source.heartbeat(hb)
 

@@ -98,7 +98,11 @@ def test_heartbeats_validate(tmp_path: Path) -> None:
     first, second = (_server_reads(agentapi.Heartbeat, hb.to_json()) for hb in sent)
     assert first["applied_version"] is None and first["mode"] is None
     assert second["applied_version"] == 1 and second["mode"] == "enforce" and not second["healthy"]
-    assert second == sent[1].to_json() and second["counters"]["applied"] == 1
+    # a backend that cannot read its kernel back (dry-run) sends no digest: the field is left out
+    assert "kernel_digest" not in sent[1].to_json()
+    assert second == {"kernel_digest": None, **sent[1].to_json()} and second["counters"]["applied"] == 1
+    with_digest = dataclasses.replace(sent[1], kernel_digest="ab" * 32)
+    assert _server_reads(agentapi.Heartbeat, with_digest.to_json())["kernel_digest"] == "ab" * 32
 
 
 def test_report_batches_validate_and_spool_round_trips(tmp_path: Path) -> None:

@@ -576,3 +576,43 @@ def test_attack_a_bearer_token_in_the_websocket_url_is_refused(env: Env) -> None
     assert env.store.connection(proc) is None
     assert connect(None, {"authorization": f"Bearer {tok}"})["statusCode"] == 200
     assert env.store.connection(proc) == "conn-q"
+
+
+def test_heartbeats_with_the_kernels_digest_become_findings(env: Env) -> None:
+    """The AWS agent API (the Lambda handler against moto) keeps each heartbeat's claim with the
+    digest of the bundle it published; GET /admin/findings compares them (docs/visibility.md)."""
+    from ringfence import bundlewire, enforced
+
+    est = boot(env)
+    proc = est["ids"]["proc"][0]
+    tok = enroll_instance(env, proc)
+    status, _, body = env.rest("agentapi", "GET", f"/v1/agents/{proc}/bundle", headers=auth(tok))
+    assert status == 200
+    doc = bundlewire.bundle_from_json(body if isinstance(body, dict) else json.loads(body))
+    status, _, moved = env.rest(
+        "agentapi", "GET", f"/v1/agents/{proc}/deltas", headers=auth(tok), query={"since": str(doc.version)}
+    )
+    assert status == 200
+    deltas = [bundlewire.delta_from_json(d) for d in moved["deltas"]]
+    latest = moved["bundle_version"]
+    reader = "arn:aws:iam::123456789012:role/Readers"
+    env.bind(reader, ["reader"])
+
+    def beat(digest: str) -> list[tuple[str, str]]:
+        hb = {"applied_version": latest, "mode": doc.mode.value, "kernel_digest": digest}
+        status, _, _ = env.rest("agentapi", "POST", f"/v1/agents/{proc}/heartbeat", hb, headers=auth(tok))
+        assert status == 200
+        rep = env.store.enforcement(proc)
+        assert rep is not None and rep.expected_digest == enforced.expected(doc, deltas)
+        status, _, found = env.rest("admin", "GET", "/admin/findings", principal=reader)
+        assert status == 200, found
+        return [(f["kind"], f["workload_id"]) for f in found["findings"] if f["workload_id"] == proc]
+
+    assert beat(enforced.expected(doc, deltas)) == []
+    assert beat("0" * 64) == [("kernel-mismatch", proc)]
+    # a digest that is not one is refused (422), and stores nothing
+    status, _, _ = env.rest(
+        "agentapi", "POST", f"/v1/agents/{proc}/heartbeat",
+        {"applied_version": latest, "mode": "enforce", "kernel_digest": "x"}, headers=auth(tok),
+    )  # fmt: skip
+    assert status == 422

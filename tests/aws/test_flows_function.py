@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import time
+import xml.etree.ElementTree as ET
 from typing import Any
 
 from ringfence.flows.aggregate import merge
@@ -73,6 +74,13 @@ def test_report_batches_and_flow_logs_in_s3_become_classified_rows(env: Env) -> 
     status, headers, body = env.rest("admin", "GET", "/admin/map", query={"decision": "blocked"}, principal=reader)
     assert status == 200 and headers["content-type"].startswith("text/html") and "cytoscape" in body
     assert '"decision": "allowed"' not in body
+    status, headers, body = env.rest("admin", "GET", "/admin/map", query={"format": "svg"}, principal=reader)
+    assert status == 200 and headers["content-type"].startswith("image/svg+xml"), body
+    svg = ET.fromstring(body.encode())  # well-formed XML
+    assert any(g.get("data-decision") == "blocked" for g in svg.iter("{http://www.w3.org/2000/svg}g"))
+    # and the agents' effective policy, checked: nothing enrolled here, nothing found
+    status, _, body = env.rest("admin", "GET", "/admin/findings", principal=reader)
+    assert status == 200 and body["findings"] == [] and body["bound"] == 120, body
     status, _, _ = env.rest("admin", "GET", "/admin/map", principal="arn:aws:iam::123456789012:user/mallory")
     assert status == 403
 

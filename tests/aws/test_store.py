@@ -258,6 +258,19 @@ def test_connections(store: Store) -> None:
     assert store.connection("w") is None
 
 
+def test_enforcement_reports_replace_per_workload_and_list_all(store: Store) -> None:
+    from ringfence.store.base import EnforcementReport
+
+    assert store.enforcement("w1") is None and store.enforcement_reports() == []
+    first = EnforcementReport(workload_id="w1", time=1.0, version=3, kernel_digest="a" * 64, latest_version=4)
+    store.put_enforcement(first)
+    store.put_enforcement(EnforcementReport(workload_id="w2", time=2.0, version=None, behind_since=2.0))
+    later = first.model_copy(update={"time": 5.0, "version": 4, "expected_digest": "a" * 64})
+    store.put_enforcement(later)
+    assert store.enforcement("w1") == later
+    assert sorted((r.workload_id, r.time) for r in store.enforcement_reports()) == [("w1", 5.0), ("w2", 2.0)]
+
+
 def test_audit_is_append_only(store: Store) -> None:
     first = AuditRecord(principal="arn:aws:iam::1:user/a", action="x", target="t", time=time.time() - 10)
     second = AuditRecord(principal="alice", action="y", target="t", detail={"k": [1, 2]})

@@ -29,11 +29,23 @@ import re
 import threading
 from collections.abc import Iterable
 
+from ringfence import enforced
 from ringfence_agent.backends import TUPLE_LINGER_S, ApplyError, DropTuple, ElementChange, Observation, run
 from ringfence_agent.plan import METADATA_PORTS, Direction, Match, Plan, PlanRule, joined_ports, safe_comment
 
 CHAINS = {"inbound": ("RF-IN", "INPUT"), "outbound": ("RF-OUT", "OUTPUT")}
 _GEN = re.compile(r'--comment "?ringfence gen=([ab])')
+# a bundle rule or default as iptables-save prints it: chain, counter (from the comment), verdict
+_RULE = re.compile(r'^-A (RF-IN|RF-OUT) .*--comment "?(r_(?:in|out)_\d+|d_in|d_out)\b.* -j (ACCEPT|DROP)\b')
+_BUNDLE_IPSET = re.compile(r"rf-[sh]-(.+)-[46]([ab])")
+
+
+def _rule_order(item: tuple[str, str]) -> tuple[int, int]:
+    """Chain order: the rules by their position, the default last."""
+    counter = item[0]
+    return (1, 0) if counter.startswith("d_") else (0, int(counter.rsplit("_", 1)[1]))
+
+
 _COUNTER = re.compile(r"^\[(\d+):(\d+)\] -A (RF-IN|RF-OUT) .*--comment \"?(r_(?:in|out)_\d+|d_in|d_out)\b")
 
 
@@ -351,6 +363,40 @@ class IptablesBackend(IptablesRenderer):
                 if line.startswith(("-A RF-IN ", "-A RF-OUT ")) or line in ("-A INPUT -j RF-IN", "-A OUTPUT -j RF-OUT"):
                     lines.append(f"{family} {line}")
         return hashlib.sha256("\n".join(lines).encode()).hexdigest() if lines else None
+
+    def enforced(self, set_names: Iterable[str] = ()) -> str:
+        """The enforced-policy digest (:mod:`ringfence.enforced`) of what the kernel holds: the
+        counters and verdicts of the rules in ``RF-IN``/``RF-OUT`` (both families: a rule is held
+        if either family holds it, in rule order) and the members of the live generation's ipsets
+        of the bundle sets. ``set_names``: the bundle's set names, to find the sets whose ipset
+        name is a hash (``rf-h-…``); the contents are the kernel's."""
+        gen = self.active_gen()
+        if gen is None:
+            return enforced.digest({}, {})
+        held: dict[str, dict[str, str]] = {"inbound": {}, "outbound": {}}
+        for family in (4, 6):
+            for line in self._save(family).splitlines():
+                m = _RULE.match(line)
+                if m is not None:
+                    held["inbound" if m.group(1) == "RF-IN" else "outbound"].setdefault(m.group(2), m.group(3).lower())
+        chains = {d: sorted(c.items(), key=_rule_order) for d, c in held.items()}
+        by_ipset = {ipset_name(n, fam, gen): n for n in set_names for fam in (4, 6)}
+        sets: dict[str, list[str]] = {}
+        for name in self._ipsets():
+            m = _BUNDLE_IPSET.fullmatch(name)
+            if m is None or m.group(2) != gen:
+                continue
+            bundle_set = by_ipset.get(name) or (m.group(1) if name.startswith("rf-s-") else None)
+            if bundle_set is None:
+                continue
+            proc = run(["ipset", "list", name])
+            if proc.returncode != 0:
+                raise ApplyError(f"ipset list {name} failed: {proc.stderr.strip()[:200]}")
+            members = sets.setdefault(bundle_set, [])
+            for row in proc.stdout.split("Members:", 1)[-1].splitlines():
+                if row.strip():
+                    members.append(row.split()[0])
+        return enforced.digest(chains, sets)
 
     def programmed(self) -> bool:
         """Whether the kernel holds Ringfence's chains (what ``apply`` and ``status`` trust)."""

@@ -31,10 +31,12 @@ import ctypes.util
 import hashlib
 import json
 import os
+import re
 import threading
 from collections.abc import Iterable
 from typing import Any
 
+from ringfence import enforced
 from ringfence.bundlewire import span_whole
 from ringfence_agent.backends import TUPLE_LINGER_S, ApplyError, DropTuple, ElementChange, Observation, run
 from ringfence_agent.plan import (
@@ -54,6 +56,9 @@ from ringfence_agent.plan import (
 )
 
 TABLE = "ringfence"
+_BUNDLE_SET = re.compile(r"s_([A-Za-z0-9_]{1,24})_[46]h?")  # set_name(): a bundle set's four kernel sets
+_RULE_COUNTER = re.compile(r"r_(in|out)_\d+|d_(in|out)")  # bundle rules and defaults (fail-safes: none)
+_CHAIN_DIRECTION = {"input": "inbound", "output": "outbound"}
 FAMILY = "inet"
 # Group elements (per family) above which a grouped rule is expanded into plain rules. Measured
 # (docs/benchmarks.md, "Large grouped rules"; tests/bench/group_bound.py): one element deleted
@@ -533,6 +538,45 @@ class NftBackend(NftRenderer):
                     if kind in item:
                         chains.append({k: v for k, v in item[kind].items() if k != "handle"})
         return hashlib.sha256(json.dumps(chains, sort_keys=True).encode()).hexdigest()
+
+    def enforced(self, set_names: Iterable[str] = ()) -> str:
+        """The enforced-policy digest (:mod:`ringfence.enforced`) of what the kernel holds, read
+        back with one ``nft list table``: the bundle rules' counters and verdicts in chain order,
+        the defaults, and the bundle sets' addresses. What the agent meant to write plays no part;
+        the control plane compares it with the digest of the bundle it published. ``set_names``:
+        unused (the kernel's set names carry the bundle's)."""
+        chains: dict[str, list[tuple[str, str]]] = {}
+        sets: dict[str, list[str]] = {}
+        if not self.table_present():
+            return enforced.digest(chains, sets)
+        for item in self._json("table", FAMILY, TABLE):
+            if "set" in item:
+                s = item["set"]
+                m = _BUNDLE_SET.fullmatch(str(s.get("name", "")))
+                if m is None:
+                    continue
+                members = sets.setdefault(m.group(1), [])
+                for e in s.get("elem", []):
+                    if isinstance(e, dict) and "prefix" in e:
+                        members.append(f"{e['prefix']['addr']}/{e['prefix']['len']}")
+                    elif isinstance(e, dict) and "range" in e:
+                        members.append(f"{e['range'][0]}-{e['range'][1]}")
+                    elif isinstance(e, str):
+                        members.append(e)
+            elif "rule" in item:
+                r = item["rule"]
+                direction = _CHAIN_DIRECTION.get(str(r.get("chain")))
+                if direction is None:
+                    continue
+                counter = verdict = None
+                for x in r.get("expr", []):
+                    if isinstance(x, dict) and isinstance(x.get("counter"), str):
+                        counter = x["counter"]
+                    elif isinstance(x, dict) and ("accept" in x or "drop" in x):
+                        verdict = "accept" if "accept" in x else "drop"
+                if counter is not None and verdict is not None and _RULE_COUNTER.fullmatch(counter):
+                    chains.setdefault(direction, []).append((counter, verdict))
+        return enforced.digest(chains, sets)
 
     def programmed(self) -> bool:
         """Whether the kernel holds Ringfence's table (what ``apply`` and ``status`` trust)."""

@@ -16,6 +16,7 @@ locals {
     "/admin/policies"                  = ["post"]
     "/admin/map"                       = ["get"]
     "/admin/suggest"                   = ["get"]
+    "/admin/findings"                  = ["get"]
     "/admin/workloads/{id}/mode"       = ["put"]
     "/admin/workloads/{id}/quarantine" = ["post", "delete"]
     "/admin/workloads/{id}/agent-key"  = ["delete"]

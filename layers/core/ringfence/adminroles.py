@@ -43,7 +43,11 @@ ACTIONS: dict[str, frozenset[AdminRole]] = {
     "workload.deregister": frozenset({AdminRole.ONBOARDING}),
 }
 # the read routes: every role (reader is for these); nothing here changes anything
-READS: dict[str, frozenset[AdminRole]] = {"map.read": frozenset(AdminRole), "suggest.read": frozenset(AdminRole)}
+READS: dict[str, frozenset[AdminRole]] = {
+    "map.read": frozenset(AdminRole),
+    "suggest.read": frozenset(AdminRole),
+    "findings.read": frozenset(AdminRole),
+}
 
 ENV = "RINGFENCE_ADMIN_ROLES"
 

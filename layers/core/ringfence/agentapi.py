@@ -78,6 +78,12 @@ class Heartbeat(_Body):
     healthy: bool = True
     message: str = Field("", max_length=1024)
     counters: dict[str, int] = Field(default_factory=dict)
+    kernel_digest: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="sha256 of what the kernel holds of the applied bundle, read back after applying "
+        "(ringfence.enforced); compared with the published bundle's (GET /admin/findings)",
+    )
 
 
 class HeartbeatResponse(_Body):

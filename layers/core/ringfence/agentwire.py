@@ -92,15 +92,20 @@ class Heartbeat:
     healthy: bool = True
     message: str = ""  # at most 1,024 characters
     counters: dict[str, int] = field(default_factory=dict)
+    # the enforced-policy digest of what the kernel holds (ringfence.enforced); None: cannot tell
+    kernel_digest: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "applied_version": self.applied_version,
             "mode": None if self.mode is None else self.mode.value,
             "healthy": self.healthy,
             "message": self.message,
             "counters": self.counters,
         }
+        if self.kernel_digest is not None:  # only when known: a control plane without drift checks accepts it
+            out["kernel_digest"] = self.kernel_digest
+        return out
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -509,6 +509,24 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_findings(args: argparse.Namespace) -> int:
+    from ringfence.control.findings import findings
+    from ringfence.store import open_store
+
+    if args.bound <= 0:
+        raise CliError(f"--bound {args.bound}: must be a positive number of seconds")
+    res = findings(open_store(args.store), bound=args.bound)
+    if args.json:
+        print(res.model_dump_json(indent=1))
+        return 1 if res.findings else 0
+    for f in res.findings:
+        print(f"{f.kind:<16} {f.workload_id:<24} {f.detail}")
+    print(
+        f"{len(res.findings)} findings over {res.checked} enrolled workloads (bound {res.bound:.0f} s)", file=sys.stderr
+    )
+    return 1 if res.findings else 0
+
+
 def cmd_flows_ingest(args: argparse.Namespace) -> int:
     from ringfence.flows.ingest import FlowIngest
     from ringfence.flows.resolve import sync_addresses
@@ -895,9 +913,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--staged", action="store_true", help="include staged rulesets")
     p.add_argument("--json", action="store_true", help="the rows as JSON")
 
-    p = add("map", cmd_map, help="the application dependency map (from flows, else from policy) as HTML or DOT")
+    p = add(
+        "findings",
+        cmd_findings,
+        help="effective policy, checked: agents silent, not enforcing the newest bundle, or whose kernel holds "
+        "something else (exit 1 when any)",
+    )
+    p.add_argument("--store", required=True, help="sqlite:PATH or dynamodb:INVENTORY,STATE,AUDIT")
+    p.add_argument(
+        "--bound",
+        type=float,
+        default=120.0,
+        help="seconds allowed after a publish and between heartbeats (default 120)",
+    )
+    p.add_argument("--json", action="store_true", help="the findings as JSON")
+
+    p = add("map", cmd_map, help="the application dependency map (from flows, else from policy) as HTML, SVG or DOT")
     _policy_args(p)
-    p.add_argument("--format", choices=["html", "svg", "dot"], default="html", help="default: html (svg: planned)")
+    p.add_argument(
+        "--format",
+        choices=["html", "svg", "dot"],
+        default="html",
+        help="default: html (svg: static, laid out server-side)",
+    )
     p.add_argument("--flows", help="the store holding flows: sqlite:PATH or dynamodb:INVENTORY,STATE,AUDIT")
     p.add_argument("--draft", help="a draft policy: edges it would open or cut are marked")
     p.add_argument("--app", help="only edges with this app at either end")

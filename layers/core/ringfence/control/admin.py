@@ -203,6 +203,12 @@ class Admin:
             {"workload_id": workload_id, "agent_key_dropped": dropped, "token_revoked": revoked, "audit_id": audit_id},
         )
 
+    def findings(self, bound: float) -> Response:
+        """Effective policy, checked (``ringfence findings``' code, ringfence.control.findings)."""
+        from .findings import findings
+
+        return Response(200, findings(self.w.store, bound=bound).model_dump())
+
     def dependency_map(
         self, fmt: str, app: str | None = None, env: str | None = None, decision: str | None = None, min_flows: int = 0
     ) -> tuple[str, str] | Response:
@@ -220,7 +226,8 @@ class Admin:
             text = render(m, fmt)
         except ValueError as exc:
             return error(400, "bad map format", str(exc))
-        return ("text/html; charset=utf-8" if fmt == "html" else "text/vnd.graphviz; charset=utf-8", text)
+        kind = {"html": "text/html", "svg": "image/svg+xml"}.get(fmt, "text/vnd.graphviz")
+        return (f"{kind}; charset=utf-8", text)
 
     def suggest(self, app: str, env: str | None = None, min_flows: int = 0, include_allowed: bool = False) -> Response:
         """Rule suggestions (``ringfence suggest``'s code) from the store's flow rows under the

@@ -13,11 +13,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ringfence import agentapi
+from ringfence import agentapi, enforced
+from ringfence.bundlewire import BundleError, SetDelta, load_bundle, load_delta
 from ringfence.store.base import (
     ACTIVE_STATES,
     BundlePointer,
     DeltaPointer,
+    EnforcementReport,
     InventoryRecord,
 )
 
@@ -43,6 +45,7 @@ class AgentApi:
         self._documents: OrderedDict[str, bytes] = OrderedDict()  # key → stored bytes, least recent first
         self._documents_lock = threading.Lock()  # serve answers from a thread pool
         self._public_keys: str | None = None
+        self._expected: OrderedDict[tuple[str, int], str] = OrderedDict()  # (bundle key, version) → digest
         self._reported: set[str] = set()  # instances whose agent's enforcing is recorded (lifecycle gate "agent")
 
     def nonce(self) -> Response:
@@ -278,7 +281,63 @@ class AgentApi:
             self.w.enqueue_compute([workload_id])
         if self.w.cfg.lifecycle_gate == "agent" and hb.applied_version is not None:
             self._report_enforcing(rec, hb.applied_version)
-        return Response(200, agentapi.HeartbeatResponse(latest_version=self.latest_version(workload_id)).model_dump())
+        ptr = self.w.store.bundle_pointer(workload_id)
+        latest = self._latest(ptr)[0] if ptr is not None else None
+        self._record_enforcement(workload_id, hb, ptr, latest)
+        return Response(200, agentapi.HeartbeatResponse(latest_version=latest).model_dump())
+
+    def _record_enforcement(
+        self, workload_id: str, hb: agentapi.Heartbeat, ptr: BundlePointer | None, latest: int | None
+    ) -> None:
+        """What the agent says it enforces, kept for the findings (ringfence.control.findings):
+        with the published digest when it claims the newest version and read its kernel back."""
+        now = time.time()
+        behind = latest is not None and (hb.applied_version is None or hb.applied_version < latest)
+        before = self.w.store.enforcement(workload_id) if behind else None
+        expected = None
+        if hb.kernel_digest is not None and ptr is not None and latest is not None and hb.applied_version == latest:
+            try:
+                expected = self._expected_digest(ptr, latest)
+            except (BundleError, ValueError, KeyError) as exc:  # a stored document unreadable: no verdict
+                log.warning("expected digest of %s at %s not computed: %s", workload_id, latest, exc)
+        self.w.store.put_enforcement(
+            EnforcementReport(
+                workload_id=workload_id,
+                time=now,
+                version=hb.applied_version,
+                kernel_digest=hb.kernel_digest,
+                expected_digest=expected,
+                latest_version=latest,
+                behind_since=(before.behind_since if before and before.behind_since else now) if behind else None,
+            )
+        )
+
+    def _expected_digest(self, ptr: BundlePointer, latest: int) -> str | None:
+        """The enforced-policy digest of the stored bundle moved on by its deltas to ``latest``;
+        None when the deltas do not bridge (the agent fetches the whole bundle then anyway)."""
+        cache_key = (ptr.key, latest)
+        with self._documents_lock:
+            known = self._expected.get(cache_key)
+        if known is not None:
+            return known
+        doc = load_bundle(self._document(ptr.key))
+        _, sets = self._latest(ptr)
+        deltas: list[SetDelta] = []
+        for name, v in sets.items():
+            base = ptr.sets.get(name, v)
+            if v <= base:
+                continue
+            chain = self._chain(name, base, v)
+            if chain is None:
+                return None
+            deltas.extend(load_delta(self._document(d.key)) for d in chain)
+        deltas.sort(key=lambda d: (d.to_version, d.set))
+        digest = enforced.expected(doc, deltas)
+        with self._documents_lock:
+            self._expected[cache_key] = digest
+            while len(self._expected) > DOCUMENTS_KEPT:
+                self._expected.popitem(last=False)
+        return digest
 
     def _report_enforcing(self, rec: InventoryRecord, version: int) -> None:
         """The agent enforces a bundle: recorded for a launch its Auto Scaling group may hold

@@ -251,6 +251,7 @@ class Compute:
                 etag=f'"{doc.version}-{sha[:16]}"',
                 rules_revision=self.engine.workloads[wid].rules_revision,
                 sets={n: s.version for n, s in doc.sets.items()},
+                published_at=time.time(),  # the not-enforced bound counts from here (control.findings)
             )
             self.w.store.put_bundle_pointer(ptr)
             stats.bundles_published += 1

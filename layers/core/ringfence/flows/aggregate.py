@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 from ringfence.engine.explain import Endpoint
 from ringfence.flows.classify import Classifier, Outcome, outside_name
 from ringfence.flows.records import Flow
+from ringfence.flows.vpclogs import Record
 
 DEFAULT_RETENTION_DAYS = 30
 
@@ -120,6 +121,51 @@ class Aggregator:
                 a.last = f.end
             a.origins.add(f.origin)
             self.seen += 1
+
+    def add_records(self, records: Iterable[Record], origin: str = "vpc") -> None:
+        """:meth:`add` for parsed VPC records (:data:`~ringfence.flows.vpclogs.Record`). For
+        addresses whose owner cannot change with time (one interval recorded, or none) the row a
+        flow folds into is cached per (source, destination, proto, port, day): one look-up per
+        line, no resolution and no classifier call. An address with several intervals goes
+        through :meth:`Classifier.classify` with the flow's time on every line, as in :meth:`add`."""
+        c = self.classifier
+        history = c.book.history
+        acc = self._acc
+        days: dict[int, str] = {}
+        direct: dict[tuple[str, str, str, int | None, int], _Acc] = {}
+        moved: dict[str, bool] = {}
+        seen = 0
+        for start, end, src, dst, proto, dport, packets, nbytes, _, _ in records:
+            day_n = int(start // 86400)
+            k5 = (src, dst, proto, dport, day_n)
+            a = direct.get(k5)
+            if a is None:
+                s, d, why = c.classify(src, dst, proto, dport, start)
+                day = days.get(day_n)
+                if day is None:
+                    day = days[day_n] = day_of(start)
+                k = (day, self._end(s), self._end(d), proto, dport, why.outcome)
+                a = acc.get(k)
+                if a is None:
+                    a = acc[k] = _Acc(why.rule, src, dst)
+                a.origins.add(origin)
+                ms = moved.get(src)
+                if ms is None:
+                    ms = moved[src] = len(history.get(src) or ()) > 1
+                md = moved.get(dst)
+                if md is None:
+                    md = moved[dst] = len(history.get(dst) or ()) > 1
+                if not ms and not md:
+                    direct[k5] = a
+            a.flows += 1
+            a.packets += packets
+            a.bytes += nbytes
+            if start < a.first:
+                a.first = start
+            if end > a.last:
+                a.last = end
+            seen += 1
+        self.seen += seen
 
     @property
     def rows(self) -> dict[tuple[str, str], FlowRow]:

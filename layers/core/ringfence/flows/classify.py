@@ -58,14 +58,48 @@ def outside_name(address: str) -> str:
 
 
 class Classifier:
-    """Decides flows under one policy, resolving addresses with one address book; decisions are
-    memoised per (addresses, their owners' intervals, proto, port): a fleet's flows repeat."""
+    """Decides flows under one policy, resolving addresses with one address book.
+
+    Decisions are memoised twice: per (addresses, their owners' intervals, proto, port), and,
+    below that, per what :func:`decide` reads of the two ends — labels, mode, quarantine, and per
+    address its *signature* (which of the policy's prefixes, fail-safe ranges and resolvers hold
+    it: IP-list peers and fail-safes decide on the address) — with proto and port. A fleet's
+    flows repeat per label pair, not per address pair. The one thing not carried over is the
+    workload named in a "default deny" reason: it names the first workload of that label pair
+    (a row's reason is its first flow's anyway)."""
 
     def __init__(self, policy: Policy, book: AddressBook) -> None:
         self.policy = policy
         self.book = book
         self._labels: dict[tuple[str, float], Endpoint] = {}
         self._memo: dict[tuple[object, ...], tuple[Endpoint, Endpoint, Classified]] = {}
+        self._by_labels: dict[tuple[object, ...], Classified] = {}
+        self._label_keys: dict[int, tuple[tuple[str, str], ...]] = {}
+        self._sigs: dict[str, tuple[object, ...]] = {}
+        fs = policy.failsafes
+        peers = [p for r in policy.rules for peer in (r.consumer, r.provider) for p in peer.prefixes]
+        self._prefixes = tuple(dict.fromkeys([*peers, *fs.admin_cidrs, *fs.control_plane]))
+        self._resolvers = fs.dns_resolvers
+
+    def _sig(self, address: str, ep: Endpoint) -> tuple[object, ...]:
+        sig = self._sigs.get(address)
+        if sig is None:
+            a = ep.addrs[0] if ep.addrs else None
+            if a is None:
+                sig = ()
+            else:
+                held = tuple(i for i, p in enumerate(self._prefixes) if addresses.prefix_contains(p, a))
+                sig = (held, a in self._resolvers)
+            self._sigs[address] = sig
+        return sig
+
+    def _label_key(self, ep: Endpoint) -> object:
+        if ep.labels is None:
+            return None
+        k = self._label_keys.get(id(ep.labels))  # one mapping per (workload, interval), held in _labels
+        if k is None:
+            k = self._label_keys[id(ep.labels)] = tuple(sorted(ep.labels.items()))
+        return k
 
     def endpoint(self, address: str, owner: AddressOwner | None) -> Endpoint:
         addr = addresses.parse_address(address)
@@ -91,5 +125,13 @@ class Classifier:
         hit = self._memo.get(key)
         if hit is None:
             s, d = self.endpoint(src, so), self.endpoint(dst, do)
-            hit = self._memo[key] = (s, d, Classified.of(decide(self.policy, s, d, proto, port)))
+            lkey = (
+                self._label_key(s), s.mode, s.quarantined, self._sig(src, s),
+                self._label_key(d), d.mode, d.quarantined, self._sig(dst, d),
+                s.name == d.name, proto, port,
+            )  # fmt: skip
+            why = self._by_labels.get(lkey)
+            if why is None:
+                why = self._by_labels[lkey] = Classified.of(decide(self.policy, s, d, proto, port))
+            hit = self._memo[key] = (s, d, why)
         return hit

@@ -15,7 +15,7 @@ from ringfence.flows.aggregate import DEFAULT_RETENTION_DAYS, Aggregator, FlowRo
 from ringfence.flows.classify import Classifier
 from ringfence.flows.records import Flow
 from ringfence.flows.resolve import AddressBook, AddressOwner, sync_addresses
-from ringfence.flows.vpclogs import ParseReport, parse_gzip
+from ringfence.flows.vpclogs import ParseReport, parse_gzip_records
 from ringfence.model import Workload
 from ringfence.policy import Policy
 
@@ -123,8 +123,18 @@ class FlowIngest:
         return self.flows(agent_flows(workload_id, batch))
 
     def vpc_object(self, name: str, data: bytes, fields: list[str] | None = None) -> IngestResult:
-        flows, report = parse_gzip(name, data, fields)
+        records, report = parse_gzip_records(name, data, fields)
         for bad in report.errors:
             log.warning("flow log line malformed: %s", bad)
-        result = self.flows(flows, IngestResult(files=[report]))
+        result = IngestResult(files=[report])
+        if not records:
+            return result
+        # plain tuples folded with a decision cache per address pair (docs/benchmarks.md, Flows in)
+        wanted = sorted({r[2] for r in records} | {r[3] for r in records})
+        agg = Aggregator(Classifier(self.policy, AddressBook(self.store.address_history(wanted))))
+        agg.add_records(records, "vpc")
+        rows = list(agg.rows.values())
+        self.store.add_flows(rows, self.ttl)
+        result.flows += agg.seen
+        result.rows += len(rows)
         return result

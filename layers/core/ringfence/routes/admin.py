@@ -23,6 +23,7 @@ from ringfence import adminapi
 from ringfence.adminroles import AdminRole, RoleBindings, may, parse_roles
 from ringfence.clouds.onprem import OnPremAdmin
 from ringfence.control.admin import Admin
+from ringfence.control.findings import DEFAULT_BOUND, FindingsResponse
 
 from .common import answers, http, resolver
 
@@ -78,15 +79,18 @@ def admin_routes(
 
     @app.get(
         "/admin/map",
-        summary="the application dependency map (as `ringfence map`): HTML (one self-contained file) or DOT — any role",
+        summary="the application dependency map (as `ringfence map`): HTML (one self-contained file), SVG or DOT — any role",
         responses={
             **answers(errors=(400, 409)),
-            200: {"description": "the map", "content": {"text/html": {}, "text/vnd.graphviz": {}}},
+            200: {"description": "the map", "content": {"text/html": {}, "image/svg+xml": {}, "text/vnd.graphviz": {}}},
         },
         security=[{"sigv4": []}],
     )
     def dependency_map(
-        format: Annotated[Literal["html", "svg", "dot"], Query(description="svg: planned")] = "html",
+        format: Annotated[
+            Literal["html", "svg", "dot"],
+            Query(description="html: interactive; svg: static, laid out server-side; dot: graphviz text"),
+        ] = "html",
         app_: Annotated[str | None, Query(alias="app", description="only edges with this app at either end")] = None,
         env: Annotated[str | None, Query(description="only edges with this env at either end")] = None,
         decision: Annotated[
@@ -116,6 +120,20 @@ def admin_routes(
         include_allowed: Annotated[bool, Query(description="pin flows already allowed with tests too")] = False,
     ) -> HttpResponse[str]:
         return refused("suggest.read", app_) or http(service().suggest(app_, env, min_flows, include_allowed))
+
+    @app.get(
+        "/admin/findings",
+        summary="effective policy, checked (as `ringfence findings`): agents silent, not enforcing the newest "
+        "bundle within the bound, or whose kernel holds something else — any role",
+        responses=answers(FindingsResponse),
+        security=[{"sigv4": []}],
+    )
+    def findings(
+        bound: Annotated[
+            float, Query(gt=0, le=86400, description="seconds allowed after a publish and between heartbeats")
+        ] = DEFAULT_BOUND,
+    ) -> HttpResponse[str]:
+        return refused("findings.read", "findings") or http(service().findings(bound))
 
     @app.post(
         "/admin/policies",

@@ -97,6 +97,22 @@ class BundlePointer(BaseModel):
     etag: str
     rules_revision: int
     sets: dict[str, int] = Field(default_factory=dict, description="set name → set version in this bundle")
+    published_at: float | None = Field(None, description="when compute stored this bundle (unix seconds)")
+
+
+class EnforcementReport(BaseModel):
+    """What a workload's agent last said it enforces, as the agent API recorded it at a heartbeat
+    (ringfence.control.findings compares it with what was published)."""
+
+    workload_id: str
+    time: float = Field(description="the heartbeat's arrival")
+    version: int | None = Field(None, description="the revision the agent says it enforces")
+    kernel_digest: str | None = Field(None, description="what the kernel holds (ringfence.enforced), as read back")
+    expected_digest: str | None = Field(
+        None, description="the digest of the published bundle at that version; None: not the latest, or unknown"
+    )
+    latest_version: int | None = Field(None, description="the newest published version at that heartbeat")
+    behind_since: float | None = Field(None, description="first heartbeat at which the agent was behind the latest")
 
 
 class DeltaPointer(BaseModel):
@@ -197,6 +213,11 @@ class Store(Protocol):
     def moved_after(self, revision: int) -> list[MovedRecord]:
         """The moved records of commits after ``revision``, oldest first."""
         ...
+
+    # what agents report they enforce (ringfence.control.findings)
+    def put_enforcement(self, rep: EnforcementReport) -> None: ...
+    def enforcement(self, workload_id: str) -> EnforcementReport | None: ...
+    def enforcement_reports(self) -> list[EnforcementReport]: ...
 
     # agent auth
     def put_nonce(self, nonce: str, ttl: int) -> None: ...

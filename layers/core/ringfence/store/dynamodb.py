@@ -38,6 +38,7 @@ from ringfence.store.base import (
     BundlePointer,
     ConflictError,
     DeltaPointer,
+    EnforcementReport,
     EngineHead,
     InventoryRecord,
     LaunchHold,
@@ -635,6 +636,26 @@ class DynamoStore:
         with self.state.batch_writer() as batch:
             for o in owners:
                 batch.put_item(Item={"pk": f"addr#{o.address}", "sk": f"{o.since:020.6f}", "doc": o.model_dump_json()})
+
+    # one partition for every workload's report: a heartbeat a minute per agent stays far below a
+    # partition's 1,000 writes/s up to tens of thousands of agents, and findings read it in one query
+    def put_enforcement(self, rep: EnforcementReport) -> None:
+        self._put("enforcement", rep.workload_id, doc=rep.model_dump_json())
+
+    def enforcement(self, workload_id: str) -> EnforcementReport | None:
+        item = self._get("enforcement", workload_id)
+        return EnforcementReport.model_validate_json(item["doc"]) if item else None
+
+    def enforcement_reports(self) -> list[EnforcementReport]:
+        items: list[dict[str, Any]] = []
+        kwargs: dict[str, Any] = {"KeyConditionExpression": Key("pk").eq("enforcement"), "ConsistentRead": True}
+        while True:
+            page = self.state.query(**kwargs)
+            items.extend(page.get("Items", []))
+            if "LastEvaluatedKey" not in page:
+                break
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+        return [EnforcementReport.model_validate_json(i["doc"]) for i in items]
 
     def address_history(self, addresses: list[str]) -> dict[str, list[AddressOwner]]:
         out: dict[str, list[AddressOwner]] = {}

@@ -51,6 +51,7 @@ from ringfence.store.base import (
     BundlePointer,
     ConflictError,
     DeltaPointer,
+    EnforcementReport,
     EngineHead,
     InventoryRecord,
     LaunchHold,
@@ -110,6 +111,7 @@ CREATE TABLE IF NOT EXISTS pairing (
     expires REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS connection (workload_id TEXT PRIMARY KEY, connection_id TEXT NOT NULL, expires REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS enforcement (workload_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS launch_hold (instance_id TEXT PRIMARY KEY, doc TEXT NOT NULL, expires REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -555,6 +557,21 @@ class SqliteStore:
             db.execute("DELETE FROM connection WHERE workload_id = ?", (workload_id,))
 
     # --- launch holds -----------------------------------------------------------------------------
+
+    def put_enforcement(self, rep: EnforcementReport) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO enforcement (workload_id, doc) VALUES (?, ?)",
+                (rep.workload_id, rep.model_dump_json()),
+            )
+
+    def enforcement(self, workload_id: str) -> EnforcementReport | None:
+        row = self._db().execute("SELECT doc FROM enforcement WHERE workload_id = ?", (workload_id,)).fetchone()
+        return EnforcementReport.model_validate_json(row[0]) if row else None
+
+    def enforcement_reports(self) -> list[EnforcementReport]:
+        rows = self._db().execute("SELECT doc FROM enforcement ORDER BY workload_id").fetchall()
+        return [EnforcementReport.model_validate_json(r[0]) for r in rows]
 
     def hold_launch(self, instance_id: str, **fields: Any) -> LaunchHold:
         check_hold_fields(fields)

@@ -2,7 +2,7 @@
 
 The HTML inlines the vendored cytoscape.js and cytoscape-dagre (``vendor/``, versions and
 sha256 in ``vendor/VERSIONS``) and the map's data: no CDN, no request, it works offline.
-SVG is planned (the same layout run headless); DOT is written here (a text format, no graphviz
+SVG is laid out and drawn server-side by :mod:`ringfence.viz.svg` (no browser); DOT is written here (a text format, no graphviz
 needed to produce it; ``dot -Tsvg`` renders it where graphviz is installed).
 """
 
@@ -77,5 +77,7 @@ def render(m: DependencyMap, fmt: str) -> str:
     if fmt == "html":
         return to_html(m)
     if fmt == "svg":
-        raise ValueError("--format svg is planned (the map's layout rendered headless); use html, or dot | dot -Tsvg")
+        from ringfence.viz.svg import to_svg
+
+        return to_svg(m)
     raise ValueError(f"unknown map format {fmt!r}: expected html, svg or dot")

@@ -1,0 +1,288 @@
+"""Effective policy, checked (docs/visibility.md): a real agent programs nftables in its own network
+namespace, reports what it reads back out of the kernel with each heartbeat to ``ringfence serve``,
+and the control plane compares it with the bundle it published.
+
+- the digest the agent reads back equals the one the control plane computes from the bundle, for
+  enforce, observe, quarantine, grouped rules (concatenated and expanded) and after a set delta;
+- happy path: no finding; an element deleted from a set inside the namespace (which the agent's
+  own tamper check does not see) and a flushed chain are ``kernel-mismatch`` findings, in
+  ``ringfence findings`` and ``GET /admin/findings``; the agent stopped: ``silent``;
+- ``not-enforced`` and ``silent`` from stored reports (SQLite)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from ringfence import bundlewire as wire
+from ringfence import enforced, serve
+from ringfence.local.lab import Lab as NetLab
+from ringfence.local.lab import in_netns, prerequisites
+from ringfence.store.base import BundlePointer, EnforcementReport, InventoryRecord
+from ringfence.store.sqlite import SqliteStore
+from tests.agent.bundles import GOLDEN, GROUP_POLICY, PUBLIC_KEY, write
+from tests.agent.bundles import Lab as BundleLab
+from tests.agent.bundles import workloads as lab_workloads
+from tests.agentproc import BIN, wait_until
+from tests.onprem.conftest import ESTATE, policy_files
+
+TOKEN = "drift-admin-token-0123456789abcdef0"
+CP = "10.77.0.1"
+PORT = 8443
+
+needs_lab = pytest.mark.skipif(prerequisites() is not None, reason=str(prerequisites()))
+
+
+@pytest.fixture(scope="module")
+def net() -> Iterator[NetLab]:
+    lab = NetLab({"cp": 1, "h": 2})
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+def _digest_in_kernel(net: NetLab, state: Path, backend: str = "nftables") -> str:
+    out = net.agent("h", "status", "--state-dir", str(state), "--backend", backend, "--json", check=True)
+    digest: str = json.loads(out.stdout)["kernel_digest"]
+    return digest
+
+
+def _apply(net: NetLab, doc: wire.Bundle | Any, state: Path, tmp: Path, backend: str = "nftables") -> None:
+    path = write(doc, tmp / f"bundle-{time.monotonic_ns()}.json")
+    args = ["apply", "--bundle", str(path), "--public-key", str(PUBLIC_KEY), "--state-dir", str(state)]
+    r = net.agent("h", *args, "--backend", backend)
+    assert r.returncode == 0, r.stderr
+
+
+@needs_lab
+@pytest.mark.parametrize(
+    ("backend", "bound"),
+    [("nftables", None), ("nftables", "0"), ("iptables", None)],
+    ids=["nft-concatenated-groups", "nft-expanded-groups", "iptables"],
+)
+def test_the_kernel_read_back_matches_the_published_digest(
+    net: NetLab, tmp_path: Path, backend: str, bound: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if bound is not None:
+        monkeypatch.setenv("RINGFENCE_NFT_GROUP_BOUND", bound)
+    net.reset("h")
+    state = tmp_path / "state"
+    for name in (
+        "bundle-ord-prod-proc-1.json",  # enforce, override-deny and denies
+        "bundle-pay-dev-web-1-observe.json",  # observe: denies accept (counted)
+        "bundle-ord-prod-web-1-quarantined.json",
+    ):
+        doc = wire.load_bundle((GOLDEN / name).read_bytes())
+        _apply(net, doc, tmp_path / name, tmp_path, backend)  # a state dir per workload
+        assert _digest_in_kernel(net, tmp_path / name, backend) == enforced.expected(doc), name
+    # grouped rules, then a set delta moving an address in and one out
+    hosts = {
+        "h1": ("10.77.0.11", "fd77::11", "client"),
+        "h2": ("10.77.0.12", "fd77::12", "web"),
+        "h3": ("10.77.0.13", "fd77::13", "db"),
+        "h4": ("10.77.0.14", "fd77::14", "other"),
+    }
+    lab = BundleLab(GROUP_POLICY, lab_workloads(hosts))
+    doc = lab.bundle("h2")
+    _apply(net, doc, state, tmp_path, backend)
+    wdoc = wire.load_bundle(write(doc, tmp_path / "g.json").read_bytes())
+    assert any(r.members for r in wdoc.inbound)
+    assert _digest_in_kernel(net, state, backend) == enforced.expected(wdoc)
+    ws = lab_workloads({**hosts, "h5": ("10.77.0.15", "fd77::15", "client")})
+    deltas = lab.upsert(ws[-1])
+    assert deltas
+    paths = [write(d, tmp_path / f"delta-{i}.json") for i, d in enumerate(deltas)]
+    args = ["apply-delta", *[x for p in paths for x in ("--delta", str(p))]]
+    r = net.agent("h", *args, "--public-key", str(PUBLIC_KEY), "--state-dir", str(state), "--backend", backend)
+    assert r.returncode == 0, r.stderr
+    wdeltas = [wire.load_delta(p.read_bytes()) for p in paths]
+    after = _digest_in_kernel(net, state, backend)
+    assert after == enforced.expected(wdoc, wdeltas) != enforced.expected(wdoc)
+    # an address taken out of the kernel behind the agent's back: another digest
+    moved = next(d for d in wdeltas if any(x.startswith("10.77.0.15") for x in d.add))
+    if backend == "nftables":
+        net.exec(
+            "h", "nft", "delete", "element", "inet", "ringfence", f"s_{moved.set}_4h", "{ 10.77.0.15 }", check=True
+        )
+    else:
+        gone = [net.exec("h", "ipset", "del", f"rf-s-{moved.set}-4{g}", "10.77.0.15").returncode for g in "ab"]
+        assert 0 in gone
+    assert _digest_in_kernel(net, state, backend) != after
+    net.reset("h")
+    assert _digest_in_kernel(net, state, backend) == enforced.digest({}, {}) != after  # nothing held
+
+
+class Serve:
+    """``ringfence serve`` in the lab's control-plane namespace, the test's admin calls made from there."""
+
+    def __init__(self, net: NetLab, tmp: Path) -> None:
+        self.net, self.db = net, tmp / "state" / "state.db"
+        tokens = tmp / "admin-tokens"
+        tokens.write_text(f"carol:{serve.token_hash(TOKEN)}:policy-author,incident-responder,onboarding\n")
+        self.url = f"http://{CP}:{PORT}"
+        cmd = [str(BIN / "ringfence"), "serve", "--host", CP, "--port", str(PORT), "--insecure"]
+        self.log = tmp / "serve.log"
+        self.proc = net.spawn(
+            "cp", *cmd, "--store", f"sqlite:{self.db}", "--admin-tokens", str(tokens),
+            stdout=subprocess.PIPE, stderr=self.log.open("w"),
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert "listening on" in line, self.log.read_text()
+
+    def admin(self, method: str, path: str, body: Any = None) -> httpx.Response:
+        with in_netns(self.net.ns("cp")):
+            return httpx.request(
+                method, self.url + path, json=body, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60
+            )
+
+    def findings(self, bound: float = 120) -> dict[str, Any]:
+        """``ringfence findings`` on the server's store (exit 1 when any); the admin route agrees."""
+        r = subprocess.run(
+            [str(BIN / "ringfence"), "findings", "--store", f"sqlite:{self.db}", "--json", "--bound", str(bound)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        doc: dict[str, Any] = json.loads(r.stdout)
+        assert r.returncode == (1 if doc["findings"] else 0), r.stderr
+        api = self.admin("GET", f"/admin/findings?bound={bound}")
+        assert api.status_code == 200, api.text
+        assert [(f["kind"], f["workload_id"]) for f in api.json()["findings"]] == [
+            (f["kind"], f["workload_id"]) for f in doc["findings"]
+        ]
+        return doc
+
+
+def _kinds(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(f["kind"], f["workload_id"]) for f in doc["findings"]]
+
+
+@needs_lab
+def test_a_tampered_kernel_is_a_finding_and_a_silent_agent_too(net: NetLab, tmp_path: Path) -> None:
+    net.reset("h")
+    srv = Serve(net, tmp_path)
+    for spec in ESTATE:
+        assert srv.admin("POST", "/admin/workloads", {**spec, "reason": "rack 1"}).status_code == 201
+    r = srv.admin("POST", "/admin/policies", {"files": policy_files(), "reason": "initial"})
+    assert r.status_code == 201, r.text
+    wid = "dc1-proc-1"
+    key = srv.admin("POST", "/admin/pairing-keys", {"workload_id": wid, "uses": 1, "ttl": 600}).json()
+    (tmp_path / "pairing-key").write_text(key["pairing_key"])
+    work = tmp_path / "agent"
+    work.mkdir()
+    cfg = {
+        "workload_id": wid,
+        "public_key": str(srv.db.parent / "signing-key.pub.pem"),
+        "state_dir": str(work / "state"),
+        "backend": "nftables",
+        "api_url": srv.url,
+        "control_plane": [CP],
+        "insecure_http_lab_only": True,  # plain http inside the lab's own bridge
+        "enroll": {"method": "pairing", "pairing_key_file": str(tmp_path / "pairing-key")},
+        "heartbeat_interval": 1,
+        "wait_timeout": 5,
+        "request_timeout": 10,
+        "drift_interval": 0,  # the agent's own tamper repair off: the control plane must see it
+    }
+    (work / "agent.json").write_text(json.dumps(cfg))
+    log = work / "agent.log"
+    agent = net.spawn(
+        "h", str(BIN / "ringfence-agent"), "run", "--config", str(work / "agent.json"), stderr=log.open("w")
+    )
+    store = SqliteStore(srv.db)
+
+    def report() -> EnforcementReport | None:
+        rep = store.enforcement(wid)
+        return rep if rep is not None and rep.expected_digest is not None else None
+
+    def fresh(after: float) -> EnforcementReport | None:
+        rep = report()
+        return rep if rep is not None and rep.time > after else None
+
+    rep = wait_until(report, 60, "a heartbeat with the kernel's digest at the newest version", log)
+    assert rep.kernel_digest == rep.expected_digest and rep.version == rep.latest_version
+    assert srv.findings()["findings"] == [] and srv.findings()["checked"] == 1
+
+    # an address deleted from a bundle set inside the namespace: the agent's tamper check (chains
+    # and rules) would not see it; the digest does
+    sets = json.loads(net.exec("h", "nft", "-j", "list", "sets", "inet", check=True).stdout)["nftables"]
+    victim = next(s["set"] for s in sets if "set" in s and s["set"]["name"].startswith("s_") and s["set"].get("elem"))
+    elem = victim["elem"][0]
+    text = f"{elem['prefix']['addr']}/{elem['prefix']['len']}" if isinstance(elem, dict) else str(elem)
+    net.exec("h", "nft", "delete", "element", "inet", "ringfence", victim["name"], f"{{ {text} }}", check=True)
+    t = time.time()
+    rep = wait_until(lambda: fresh(t), 30, "a heartbeat after the tamper", log)
+    assert rep.kernel_digest != rep.expected_digest
+    assert _kinds(srv.findings()) == [("kernel-mismatch", wid)]
+
+    # put back: no finding; then the input chain flushed: a finding again
+    net.exec("h", "nft", "add", "element", "inet", "ringfence", victim["name"], f"{{ {text} }}", check=True)
+    t = time.time()
+    wait_until(lambda: fresh(t), 30, "a heartbeat after the repair", log)
+    assert srv.findings()["findings"] == []
+    net.exec("h", "nft", "flush", "chain", "inet", "ringfence", "input", check=True)
+    t = time.time()
+    wait_until(lambda: fresh(t), 30, "a heartbeat after the flush", log)
+    doc = srv.findings()
+    assert _kinds(doc) == [("kernel-mismatch", wid)] and "other rules" in doc["findings"][0]["detail"]
+
+    # the agent stopped: silent past the bound
+    net.kill(agent)
+    time.sleep(2.5)
+    assert _kinds(srv.findings(bound=2)) == [("silent", wid)]
+    net.kill(srv.proc)
+    net.reset("h")
+
+
+def test_not_enforced_and_silent_from_stored_reports(tmp_path: Path) -> None:
+    from ringfence.control.findings import findings
+    from ringfence.model import Workload
+
+    store = SqliteStore(tmp_path / "s.db")
+    now = 10_000.0
+    for wid in ("a", "b", "c", "d"):
+        rec = InventoryRecord(
+            id=wid, workload=Workload(id=wid, ips=["10.0.0.1"], tags={}), state="running", observed_at=1
+        )
+        store.observe(rec)
+        store.set_liveness(wid, enrolled=True, heartbeat=now - 5)
+        store.put_bundle_pointer(
+            BundlePointer(
+                workload_id=wid, version=7, key=f"k{wid}", etag='"7"', rules_revision=7, published_at=now - 300
+            )
+        )
+    store.put_enforcement(EnforcementReport(workload_id="a", time=now - 5, version=7, latest_version=7))
+    store.put_enforcement(EnforcementReport(workload_id="b", time=now - 5, version=6, latest_version=7))
+    store.put_enforcement(EnforcementReport(workload_id="c", time=now - 500, version=7, latest_version=7))
+    store.set_liveness("c", heartbeat=now - 500)
+    # d: a heartbeat, but published only 30 s ago and not applied yet: within the bound
+    store.put_bundle_pointer(
+        BundlePointer(workload_id="d", version=8, key="kd8", etag='"8"', rules_revision=8, published_at=now - 30)
+    )
+    store.put_enforcement(EnforcementReport(workload_id="d", time=now - 5, version=7, latest_version=8))
+    # e: moved on by a set delta after its last heartbeat (no publish time): the next heartbeat decides
+    rec = InventoryRecord(id="e", workload=Workload(id="e", ips=["10.0.0.2"], tags={}), state="running", observed_at=1)
+    store.observe(rec)
+    store.set_liveness("e", enrolled=True, heartbeat=now - 5)
+    store.put_bundle_pointer(
+        BundlePointer(workload_id="e", version=7, key="ke", etag='"7"', rules_revision=7, sets={"s": 7})
+    )
+    store.put_set_head("s", 9)
+    store.put_enforcement(EnforcementReport(workload_id="e", time=now - 100, version=7, latest_version=7))
+    res = findings(store, bound=120, now=now)
+    assert [(f.kind, f.workload_id) for f in res.findings] == [("not-enforced", "b"), ("silent", "c")]
+    assert res.checked == 5
+    assert [(f.kind, f.workload_id) for f in findings(store, bound=20, now=now).findings] == [
+        ("not-enforced", "b"),
+        ("silent", "c"),
+        ("not-enforced", "d"),
+    ]
