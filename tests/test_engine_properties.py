@@ -195,6 +195,12 @@ def test_incremental_equals_full_recompile(scenario: tuple[list[Workload], list[
         # address) are what deciding every entry afresh gives, for every workload
         for ws in inc.workloads.values():
             assert ws.dropped == inc._dropped(ws), f"{ws.id}: dropped denies out of step"
+        # a set's text, patched by each delta, is what rendering its cover afresh gives
+        for s in inc.sets.values():
+            if s.rendered is not None:
+                patched = (list(s.rendered[0]), list(s.rendered[1]))
+                s.rendered = None
+                assert s.cover_text() == patched, f"{s.name}: rendered text out of step with its cover"
         # every agent can follow by deltas alone unless told to rebuild; one not nudged decides
         # as its fresh bundle does, and catches up by walking the chain when nudged
         for wid in list(applied_sets):

@@ -25,6 +25,7 @@ group, a plain rule of its own.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 from collections.abc import Iterable
@@ -104,16 +105,48 @@ class AddressSetState:
     held: set[str] = field(default_factory=set)
     """workloads whose bundle holds this set: refs less those whose only entries on it are dropped"""
     static: bool = False  # IP-list sets never change with the inventory
-    rendered: tuple[list[str], list[str]] | None = None  # (v4, v6) text, until the content changes
+    rendered: tuple[list[str], list[str]] | None = None  # (v4, v6) text, kept in step by patch_text
+    rendered_at: tuple[list[Prefix], list[Prefix]] | None = None  # the prefixes behind ``rendered``
 
     def cover_text(self) -> tuple[list[str], list[str]]:
-        if self.rendered is None:
+        if self.rendered is None or self.rendered_at is None:
             v4: list[str] = []
             v6: list[str] = []
+            k4: list[Prefix] = []
+            k6: list[Prefix] = []
             for p in self.elements.elements():
-                (v4 if p[0] == addresses.V4 else v6).append(addresses.format_prefix(p))
-            self.rendered = (v4, v6)
+                if p[0] == addresses.V4:
+                    v4.append(addresses.format_prefix(p))
+                    k4.append(p)
+                else:
+                    v6.append(addresses.format_prefix(p))
+                    k6.append(p)
+            self.rendered, self.rendered_at = (v4, v6), (k4, k6)
         return self.rendered
+
+    def patch_text(self, added: list[Prefix], removed: list[Prefix]) -> None:
+        """Keep the rendered text in step with a delta of the cover, formatting only what
+        changed: at 100,000 workloads re-rendering a set of thousands of prefixes whole for one
+        address was most of a change's time. Anything unexpected drops the text (rendered anew)."""
+        if self.rendered is None or self.rendered_at is None:
+            return
+        for p in removed:
+            i = 0 if p[0] == addresses.V4 else 1
+            keys, text = self.rendered_at[i], self.rendered[i]
+            j = bisect.bisect_left(keys, p)
+            if j == len(keys) or keys[j] != p:
+                self.rendered = self.rendered_at = None
+                return
+            del keys[j], text[j]
+        for p in added:
+            i = 0 if p[0] == addresses.V4 else 1
+            keys, text = self.rendered_at[i], self.rendered[i]
+            j = bisect.bisect_left(keys, p)
+            if j < len(keys) and keys[j] == p:
+                self.rendered = self.rendered_at = None
+                return
+            keys.insert(j, p)
+            text.insert(j, addresses.format_prefix(p))
 
 
 @dataclass(slots=True)
@@ -457,7 +490,7 @@ class Engine:
                 continue  # the set died with its last reference in this same change
             upd.set_deltas[name] = (s.version, added, removed)
             s.version = self.revision
-            s.rendered = None
+            s.patch_text(added, removed)  # bundles copy the text (_set_json): patching in place is safe
         # 5. a deny dropped elsewhere comes back where this change lets an allow admit one of its
         # peers (and goes where none does any more): those bundles are rebuilt in this same update
         admitting: set[str] = set()
