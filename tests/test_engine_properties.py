@@ -191,6 +191,16 @@ def test_incremental_equals_full_recompile(scenario: tuple[list[Workload], list[
             state.pop(arg, None)
         for name, (from_v, added, removed) in upd.set_deltas.items():
             chain[(name, from_v)] = (upd.revision, added, removed)
+        # the dropped denies the change re-decided (only entries whose sets hold a changed
+        # address) are what deciding every entry afresh gives, for every workload
+        for ws in inc.workloads.values():
+            assert ws.dropped == inc._dropped(ws), f"{ws.id}: dropped denies out of step"
+        # a set's text, patched by each delta, is what rendering its cover afresh gives
+        for s in inc.sets.values():
+            if s.rendered is not None:
+                patched = (list(s.rendered[0]), list(s.rendered[1]))
+                s.rendered = None
+                assert s.cover_text() == patched, f"{s.name}: rendered text out of step with its cover"
         # every agent can follow by deltas alone unless told to rebuild; one not nudged decides
         # as its fresh bundle does, and catches up by walking the chain when nudged
         for wid in list(applied_sets):
@@ -341,6 +351,8 @@ def test_agents_follow_explain_through_changes(scenario: tuple[list[Workload], A
             upd = engine.remove(arg)
         for name, (from_v, added, removed) in upd.set_deltas.items():
             chain[(name, from_v)] = (upd.revision, added, removed)
+        for ws in engine.workloads.values():  # re-decided incrementally = decided afresh
+            assert ws.dropped == engine._dropped(ws), f"{ws.id}: dropped denies out of step"
         for wid in list(agent):
             if wid not in engine.workloads:
                 del agent[wid]

@@ -2,9 +2,9 @@
 
     python agent/packaging/build_artifact.py [OUT_DIR]     (make agent-artifact; default build/agent)
 
-The wheel (distribution ``ringfence-agent``) holds the ``ringfence_agent`` package and the four
+The wheel (distribution ``ringfence-agent``) holds the ``ringfence_agent`` package and the five
 wire modules it shares with the control plane (``ringfence.enums``, ``agentwire``,
-``bundlewire``, ``staticlayout``: standard library only) and declares no dependencies, so it
+``bundlewire``, ``failsafewire``, ``staticlayout``: standard library only) and declares no dependencies, so it
 installs with ``pip install --no-index --no-deps`` into an empty venv: no package index is
 consulted, and nobody's package called ``ringfence`` on a public index is ever installed as root.
 The agent's config is JSON (``/etc/ringfence/agent.json``, what install.sh writes); YAML configs
@@ -27,7 +27,15 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-WIRE_MODULES = ("__init__.py", "enums.py", "agentwire.py", "bundlewire.py", "enforced.py", "staticlayout.py")
+WIRE_MODULES = (
+    "__init__.py",
+    "enums.py",
+    "agentwire.py",
+    "bundlewire.py",
+    "enforced.py",
+    "failsafewire.py",
+    "staticlayout.py",
+)
 EPOCH = "315532800"  # 1980-01-01, the earliest a zip can say: same bytes from the same source
 
 PYPROJECT = """\

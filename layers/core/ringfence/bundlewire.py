@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, Self, TypeVar
 
 from ringfence.enums import Mode
+from ringfence.failsafewire import FAILSAFE_WIDEST as FAILSAFE_WIDEST
+from ringfence.failsafewire import failsafe_width_problem as failsafe_width_problem
 
 BUNDLE_FORMAT = "ringfence.bundle/v2"
 DELTA_FORMAT = "ringfence.delta/v2"
@@ -155,26 +157,8 @@ class AddressSetDoc:
     v6: list[str] = field(default_factory=list)
 
 
-# The widest prefix a fail-safe address list (``admin_cidrs``, ``control_plane``) may hold, per
-# address family. A fail-safe is what no bundle can remove: "everything" would make every bundle
-# moot, and so would halves or quarters of it (0.0.0.0/1 + 128.0.0.0/1), so the bound is a prefix
-# length, not a list of forbidden values. /8 still takes 10.0.0.0/8; /32 an IPv6 allocation.
-FAILSAFE_WIDEST = {4: 8, 6: 32}
-
 # The control-plane fail-safe admits this port only (HTTPS); an agent admits its api_url's port
 CONTROL_PLANE_PORT = 443
-
-
-def failsafe_width_problem(version: int, prefixlen: int) -> str | None:
-    """Why a fail-safe prefix of this family and length is refused, or None."""
-    widest = FAILSAFE_WIDEST[version]
-    if prefixlen >= widest:
-        return None
-    what = "every address" if prefixlen == 0 else f"a /{prefixlen}"
-    return (
-        f"a fail-safe may not open {what}: IPv{version} fail-safe prefixes must be /{widest} or longer "
-        "(a fail-safe is what no policy rule can remove)"
-    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from ringfence import addresses, selectors, yamlpos
 from ringfence.addresses import Address, Prefix
-from ringfence.bundlewire import failsafe_width_problem
+from ringfence.failsafewire import failsafe_width_problem
 from ringfence.labels import LabelMapper
 from ringfence.model import (
     Action,
@@ -659,7 +659,7 @@ class _Builder:
     def _failsafe_prefixes(
         self, cidrs: list[str], file: str, located: yamlpos.Located, path: tuple[Any, ...]
     ) -> list[Prefix]:
-        """Fail-safe prefixes, each no wider than :data:`~ringfence.bundlewire.FAILSAFE_WIDEST`."""
+        """Fail-safe prefixes, each no wider than :data:`~ringfence.failsafewire.FAILSAFE_WIDEST`."""
         out = self._prefixes(cidrs, file, located, path)
         for j, prefix in enumerate(out):
             why = failsafe_width_problem(prefix[0], prefix[2])

@@ -25,6 +25,7 @@ group, a plain rule of its own.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 from collections.abc import Iterable
@@ -104,16 +105,48 @@ class AddressSetState:
     held: set[str] = field(default_factory=set)
     """workloads whose bundle holds this set: refs less those whose only entries on it are dropped"""
     static: bool = False  # IP-list sets never change with the inventory
-    rendered: tuple[list[str], list[str]] | None = None  # (v4, v6) text, until the content changes
+    rendered: tuple[list[str], list[str]] | None = None  # (v4, v6) text, kept in step by patch_text
+    rendered_at: tuple[list[Prefix], list[Prefix]] | None = None  # the prefixes behind ``rendered``
 
     def cover_text(self) -> tuple[list[str], list[str]]:
-        if self.rendered is None:
+        if self.rendered is None or self.rendered_at is None:
             v4: list[str] = []
             v6: list[str] = []
+            k4: list[Prefix] = []
+            k6: list[Prefix] = []
             for p in self.elements.elements():
-                (v4 if p[0] == addresses.V4 else v6).append(addresses.format_prefix(p))
-            self.rendered = (v4, v6)
+                if p[0] == addresses.V4:
+                    v4.append(addresses.format_prefix(p))
+                    k4.append(p)
+                else:
+                    v6.append(addresses.format_prefix(p))
+                    k6.append(p)
+            self.rendered, self.rendered_at = (v4, v6), (k4, k6)
         return self.rendered
+
+    def patch_text(self, added: list[Prefix], removed: list[Prefix]) -> None:
+        """Keep the rendered text in step with a delta of the cover, formatting only what
+        changed: at 100,000 workloads re-rendering a set of thousands of prefixes whole for one
+        address was most of a change's time. Anything unexpected drops the text (rendered anew)."""
+        if self.rendered is None or self.rendered_at is None:
+            return
+        for p in removed:
+            i = 0 if p[0] == addresses.V4 else 1
+            keys, text = self.rendered_at[i], self.rendered[i]
+            j = bisect.bisect_left(keys, p)
+            if j == len(keys) or keys[j] != p:
+                self.rendered = self.rendered_at = None
+                return
+            del keys[j], text[j]
+        for p in added:
+            i = 0 if p[0] == addresses.V4 else 1
+            keys, text = self.rendered_at[i], self.rendered[i]
+            j = bisect.bisect_left(keys, p)
+            if j < len(keys) and keys[j] == p:
+                self.rendered = self.rendered_at = None
+                return
+            keys.insert(j, p)
+            text.insert(j, addresses.format_prefix(p))
 
 
 @dataclass(slots=True)
@@ -285,13 +318,16 @@ class Engine:
             ws.rules_revision = self.revision
             for key in _keys(ws.entries):
                 self._ref(key, wid)
-        # set contents are final now; workloads with the same entries drop the same ones
-        dropped: dict[tuple[tuple[int, str, SetKey | None], ...], frozenset[int]] = {}
+        # set contents are final now; workloads with the same entries drop the same ones, and
+        # share one entries tuple (a change re-decides its candidates once per shared tuple,
+        # by identity: hashing whole entries per candidate cost more than deciding them)
+        Entries = tuple[tuple[int, str, SetKey | None], ...]
+        dropped: dict[Entries, tuple[Entries, frozenset[int]]] = {}
         for wid, ws in self.workloads.items():
-            d = dropped.get(ws.entries)
-            if d is None:
-                d = dropped[ws.entries] = self._dropped(ws)
-            ws.dropped = d
+            shared = dropped.get(ws.entries)
+            if shared is None:
+                shared = dropped[ws.entries] = (ws.entries, self._dropped(ws))
+            ws.entries, ws.dropped = shared
             self._move_roles(wid, None, ws)
 
     # --- sets ----------------------------------------------------------------------------------
@@ -454,19 +490,22 @@ class Engine:
                 continue  # the set died with its last reference in this same change
             upd.set_deltas[name] = (s.version, added, removed)
             s.version = self.revision
-            s.rendered = None
+            s.patch_text(added, removed)  # bundles copy the text (_set_json): patching in place is safe
         # 5. a deny dropped elsewhere comes back where this change lets an allow admit one of its
         # peers (and goes where none does any more): those bundles are rebuilt in this same update
         admitting: set[str] = set()
         if upd.set_deltas:
             changed = (old.addrs if old is not None else ()) + (new.addrs if new is not None else ())
-            admitting, candidates = self._drop_candidates(wid, changed, old_in | new_in)
-            memo: dict[tuple[tuple[int, str, SetKey | None], ...], frozenset[int]] = {}
+            admitting, candidates, holding = self._drop_candidates(wid, changed, old_in | new_in)
+            # the same entries drop the same ones (contents are fixed now): keyed by the entries
+            # tuple's identity (shared since load, see load), alive in ``ws`` throughout the loop
+            memo: dict[int, frozenset[int]] = {}
+            meets: dict[tuple[SetKey | None, SetKey | None], bool] = {}
             for other in candidates:
                 ws = self.workloads[other]
-                dropped = memo.get(ws.entries)  # the same entries drop the same ones (contents are fixed now)
+                dropped = memo.get(id(ws.entries))
                 if dropped is None:
-                    dropped = memo[ws.entries] = self._dropped(ws)
+                    dropped = memo[id(ws.entries)] = self._dropped(ws, holding, meets)
                 if dropped != ws.dropped:
                     before = replace(ws)
                     ws.dropped = dropped
@@ -488,23 +527,45 @@ class Engine:
 
     # --- dropped denies -------------------------------------------------------------------------
 
-    def _dropped(self, ws: WorkloadState) -> frozenset[int]:
+    def _dropped(
+        self,
+        ws: WorkloadState,
+        holding: set[SetKey] | None = None,
+        meets: dict[tuple[SetKey | None, SetKey | None], bool] | None = None,
+    ) -> frozenset[int]:
         """The deny and override-deny entries of ``ws`` no allow entry of the same direction
         overlaps (on peer addresses and on services). Such an entry decides nothing: a flow it
         matches matches no allow, so the default deny decides it alike (and a plain deny, after
         the allows, only ever renames the default). Leaving it out keeps the big boundary sets
         (``non-prod ↛ prod``) out of bundles that allow nothing across the boundary anyway, and
-        keeps their holders from being nudged by every change on the other side."""
+        keeps their holders from being nudged by every change on the other side.
+
+        After one workload's change, ``holding`` (the keys of the sets that hold one of its
+        addresses now or held one before) limits the work to the deny entries that can flip: a
+        deny set that holds none of the changed addresses kept its content, and whatever an
+        allow set gained or lost is a changed address, so their overlap (and an any-address
+        allow's) is as it was and ``ws.dropped`` still says it. A deny on any address is always
+        rechecked (an allow set may have emptied or filled). ``meets`` memoises peer overlaps
+        across the workloads of that change (set contents are fixed while it is decided)."""
         if self.all_denies:
             return frozenset()
         entries = ws.entries
-        allows = [(pos, d, key) for pos, d, key in entries if self._groupable[pos]]
+        groupable = self._groupable
+        if holding is not None and not any(
+            not groupable[pos] and (key is None or key in holding) for pos, _, key in entries
+        ):
+            return ws.dropped  # no deny entry of it can flip
+        allows = [(pos, d, key) for pos, d, key in entries if groupable[pos]]
         out: list[int] = []
         for i, (pos, direction, key) in enumerate(entries):
-            if self._groupable[pos]:
+            if groupable[pos]:
+                continue
+            if holding is not None and key is not None and key not in holding:
+                if i in ws.dropped:
+                    out.append(i)
                 continue
             if not any(
-                d == direction and self._services_meet(pos, p) and self._peers_meet(key, k) for p, d, k in allows
+                d == direction and self._services_meet(pos, p) and self._peers_meet(key, k, meets) for p, d, k in allows
             ):
                 out.append(i)
         return frozenset(out)
@@ -515,16 +576,26 @@ class Engine:
             hit = self._service_overlap[(a, b)] = any(_spans_meet(x, y) for x in self._spans[a] for y in self._spans[b])
         return hit
 
-    def _peers_meet(self, a: SetKey | None, b: SetKey | None) -> bool:
+    def _peers_meet(
+        self, a: SetKey | None, b: SetKey | None, meets: dict[tuple[SetKey | None, SetKey | None], bool] | None = None
+    ) -> bool:
         """Whether two peers (sets by key, None: any address) share an address now."""
+        if meets is not None:
+            hit = meets.get((a, b))
+            if hit is None:
+                hit = meets[(a, b)] = self._peers_meet(a, b)
+            return hit
         if a is None or b is None:
             other = b if a is None else a
             return other is None or len(self.sets[other].elements) > 0
         return _contents_meet(self.sets[a].elements, self.sets[b].elements)
 
-    def _drop_candidates(self, wid: str, changed: tuple[Address, ...], touched: set[str]) -> tuple[set[str], set[str]]:
+    def _drop_candidates(
+        self, wid: str, changed: tuple[Address, ...], touched: set[str]
+    ) -> tuple[set[str], set[str], set[SetKey]]:
         """(the workloads with an allow entry admitting one of the ``changed`` addresses before
-        or after, the workloads besides ``wid`` whose dropped denies this change may flip). A flip
+        or after, the workloads besides ``wid`` whose dropped denies this change may flip, the
+        keys of the live sets that hold one of those addresses now or held one before). A flip
         needs a deny entry's set and an allow entry's set to come to share, or stop sharing, one
         of the ``changed`` addresses, so both sets hold it now or held it before. ``touched``: the
         names of the sets the changed workload is a member of, before and after."""
@@ -545,7 +616,7 @@ class Engine:
             denies.append(self._deny_any)
         out = {w for w in allow if any(w in d for d in denies)}
         out.discard(wid)
-        return allow, out
+        return allow, out, {s.key for s in holding}
 
     def _move_roles(self, wid: str, old: WorkloadState | None, new: WorkloadState | None) -> None:
         """Keep each set's ``allow_refs``, ``deny_refs`` and ``held`` (and the any-address
