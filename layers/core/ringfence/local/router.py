@@ -284,20 +284,36 @@ class Timeline:
             self._cond.notify_all()
 
     def computed(
-        self, instance_ids: Iterable[str], received_at: float, at: float, sent: dict[str, float] | None = None
+        self,
+        instance_ids: Iterable[str],
+        received_at: float,
+        at: float,
+        sent: dict[str, float] | None = None,
+        lifecycles: Iterable[str] | None = None,
     ) -> None:
         """A compute batch received at ``received_at`` finished at ``at`` naming these instances:
         every event for them ingested before that batch was received is now computed, and so is
         one whose ingest began before the batch's message for its instance was sent (``sent``:
         instance → its latest message's ``SentTimestamp``, s): that message came from this
         ingest (or a later one), which had seen the event. Such an event still being ingested
-        is stamped ingested when that message was sent (its record was done then)."""
+        is stamped ingested when that message was sent (its record was done then). A lifecycle
+        action is answered only by a batch carrying it (``lifecycles``: the instances whose
+        action the batch held, when given): a batch computing the same instance's other events
+        did not complete it, and the action's perimeter hand-off comes later."""
         sent = sent or {}
+        carried = None if lifecycles is None else set(lifecycles)
         with self._cond:
             done = []
             for iid in instance_ids:
                 keep = []
                 for eid in self._awaiting.get(iid, []):
+                    if (
+                        carried is not None
+                        and iid not in carried
+                        and self._entries[eid].detail_type in (LAUNCH_ACTION, TERMINATE_ACTION)
+                    ):
+                        keep.append(eid)
+                        continue
                     e = self._answered(eid, sent.get(iid), received_at, at)
                     if e is not None and e.computed is None:
                         e = replace(e, computed=at)
@@ -861,6 +877,7 @@ class EventRouter:
             ids: list[str] = []
             sent: dict[str, float] = {}  # instance → its latest message's SentTimestamp (s)
             handed_on: dict[str, float] = {}  # instance → when the perimeter handed its launch on
+            carried: list[str] = []  # instances whose lifecycle action the batch held
             for m in d.messages:
                 try:
                     body = json.loads(m["Body"])
@@ -870,6 +887,7 @@ class EventRouter:
                 lc = body.get("lifecycle") or {}
                 if lc.get("instance_id"):
                     named.append(lc["instance_id"])
+                    carried.append(lc["instance_id"])
                     if isinstance(lc.get("perimeter_at"), (int, float)):
                         handed_on[lc["instance_id"]] = float(lc["perimeter_at"])
                 ids.extend(named)
@@ -885,7 +903,7 @@ class EventRouter:
                 # hand-off's time is in the message
                 for iid, at in handed_on.items():
                     self.timeline.perimeter([iid], at, sent)
-                self.timeline.computed(dict.fromkeys(ids), d.received_at, d.done_at, sent)
+                self.timeline.computed(dict.fromkeys(ids), d.received_at, d.done_at, sent, lifecycles=carried)
             return
         ok: list[str] = []
         bad: list[str] = []
