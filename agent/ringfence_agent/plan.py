@@ -527,16 +527,36 @@ def service_covers(
     }
 
 
+def span_entries(span: Span) -> int:
+    """What one (address . service) element of this span weighs in a concatenated interval set:
+    a tcp/udp port range short of all ports as the aligned power-of-two blocks covering it (the
+    kernel's pipapo stores a range as such blocks, and a delta touching the element touches them
+    all: a wide range cut into pieces is many), anything else (one port, a whole protocol,
+    ``any``, an ICMP type) as one."""
+    proto, lo, hi = span
+    if proto not in ("tcp", "udp") or lo == hi or (lo, hi) == (0, 65535):
+        return 1
+    blocks = 0
+    while lo <= hi:
+        size = lo & -lo if lo else 1 << 16
+        while lo + size - 1 > hi:
+            size >>= 1
+        blocks += 1
+        lo += size
+    return blocks
+
+
 def group_load(rule: PlanRule, family: int, sets: Mapping[str, PlanSet]) -> int:
-    """An upper bound of the number of (address . service) elements a grouped rule's
-    concatenated sets hold for one family: per member, its services of that family times its
-    prefixes. :func:`service_covers` can only merge them (a cover of a union is never longer than
-    the parts), and this costs O(members), not O(elements): cheap enough to decide on every delta."""
+    """An upper bound of what a grouped rule's concatenated sets hold for one family, in kernel
+    entries: per member, its prefixes times the weight of its services of that family
+    (:func:`span_entries`: a single port or a whole protocol is one, a port range its blocks).
+    :func:`service_covers` can only merge elements (a cover of a union is never longer than the
+    parts), and this costs O(members), not O(elements): cheap enough to decide on every delta."""
     total = 0
     for m in dict.fromkeys(rule.members):
         spans = {match_span(svc) for svc in m.services if family in span_families(match_span(svc))}
         if spans:
-            total += len(spans) * len(_member_prefixes(m, family, sets))
+            total += sum(span_entries(s) for s in spans) * len(_member_prefixes(m, family, sets))
     return total
 
 

@@ -33,6 +33,7 @@ from ringfence_agent.plan import (
     group_load,
     joined_ports,
     service_covers,
+    span_entries,
 )
 from ringfence_agent.reports import (
     BoundedBuffer,
@@ -1262,6 +1263,22 @@ def _scanner_cut_plan() -> Plan:
     doc["outbound"] = []
     plan = compile_plan(load_bundle(json.dumps(doc)), LOCAL)
     return plan
+
+
+def test_group_load_weighs_a_port_range_by_the_blocks_the_kernel_stores() -> None:
+    """A delta on a concatenated group costs per kernel entry it touches: a wide port range cut
+    into pieces is many (24-56 ms deltas at 500-1,000 elements, docs/benchmarks.md), so the bound
+    counts them and such a group is expanded into member rules sooner."""
+    assert span_entries(("tcp", 9100, 9100)) == 1
+    assert span_entries(("tcp", 0, 65535)) == span_entries(("any", 0, 0)) == span_entries(("icmp", 8, 8)) == 1
+    assert span_entries(("tcp", 8, 15)) == 1  # one aligned block
+    assert span_entries(("tcp", 1024, 65535)) == 6  # 1024-2047, 2048-4095, ..., 32768-65535
+    assert span_entries(("udp", 1, 6)) == 4  # 1, 2-3, 4-5, 6
+    plan = _scanner_cut_plan()
+    weights = 1 + sum(span_entries(("tcp", lo, hi)) for lo, hi in ((1, 9099), (9100, 9100), (9101, 65535)))
+    assert group_load(plan.rules[0], 4, plan.sets) == weights > 4  # 4 elements, far more entries
+    assert NftRenderer(group_bound=weights - 1).concatenated(plan) == frozenset()
+    assert NftRenderer(group_bound=weights).concatenated(plan) == {"r_in_0"}
 
 
 def test_nft_expanded_group_joins_cut_pieces_back() -> None:

@@ -56,23 +56,28 @@ def test_attack_agent_api_function_holds_no_signing_key_in_sam() -> None:
     assert _resources(statements, "kms:Decrypt") == [json.dumps({"GetAtt": "Key.Arn"})]
     # it cannot plant a bundle or a delta of its own in the bucket agents are served from
     assert all("reports/" in r for r in _resources(statements, "s3:PutObject"))
-    # only compute is configured with the key, and only compute's role may use it
-    compute = res["ComputeFunction"]["Properties"]
-    assert "RINGFENCE_SIGNING_KEY" in compute["Environment"]["Variables"]
-    others = [n for n, r in res.items() if r["Type"] == "AWS::Serverless::Function" and n != "ComputeFunction"]
+    # only compute (set deltas) and publish (bundles) are configured with the key, and only their
+    # roles may use it; neither is behind an API
+    signers = ("ComputeFunction", "PublishFunction")
+    for name in signers:
+        fn = res[name]["Properties"]
+        assert "RINGFENCE_SIGNING_KEY" in fn["Environment"]["Variables"], name
+        assert {e["Type"] for e in fn["Events"].values()} == {"SQS"}, name
+    roles = [{"GetAtt": "ComputeFunctionRole.Arn"}, {"GetAtt": "PublishFunctionRole.Arn"}]
+    others = [n for n, r in res.items() if r["Type"] == "AWS::Serverless::Function" and n not in signers]
     for name in others:
         assert "RINGFENCE_SIGNING_KEY" not in res[name]["Properties"].get("Environment", {}).get("Variables", {})
     key = res["SigningKey"]["Properties"]
     assert key["KeySpec"] == "ECC_NIST_EDWARDS25519" and key["KeyUsage"] == "SIGN_VERIFY"
     policy = {s["Sid"]: s for s in key["KeyPolicy"]["Statement"]}
     assert policy["AccountAdministersButDoesNotSign"]["NotAction"] == "kms:Sign"
-    assert policy["OnlyComputeSigns"]["Principal"] == {"AWS": {"GetAtt": "ComputeFunctionRole.Arn"}}
+    assert policy["OnlyComputeAndPublishSign"]["Principal"] == {"AWS": roles}
     deny = policy["NoOneElseSigns"]
     assert deny["Effect"] == "Deny" and deny["Action"] == "kms:Sign" and deny["Principal"] == {"AWS": "*"}
-    assert deny["Condition"]["ArnNotEquals"]["aws:PrincipalArn"] == {"GetAtt": "ComputeFunctionRole.Arn"}
+    assert deny["Condition"]["ArnNotEquals"]["aws:PrincipalArn"] == roles
     secret = res["SigningSecretPolicy"]["Properties"]["ResourcePolicy"]["Statement"][0]
     assert secret["Effect"] == "Deny" and secret["Action"] == "secretsmanager:GetSecretValue"
-    assert secret["Condition"]["ArnNotEquals"]["aws:PrincipalArn"] == {"GetAtt": "ComputeFunctionRole.Arn"}
+    assert secret["Condition"]["ArnNotEquals"]["aws:PrincipalArn"] == roles
 
 
 def test_attack_agent_api_function_holds_no_signing_key_in_terraform() -> None:
@@ -87,10 +92,12 @@ def test_attack_agent_api_function_holds_no_signing_key_in_terraform() -> None:
         assert action not in agentapi, action
     assert '"s3:PutObject"], resources = ["${aws_s3_bucket.bundles.arn}/reports/*"]' in agentapi
     for name, fn in loc["functions"].items():
-        assert ("RINGFENCE_SIGNING_KEY" in json.dumps(fn["env"])) == (name == "compute"), name
+        assert ("RINGFENCE_SIGNING_KEY" in json.dumps(fn["env"])) == (name in ("compute", "publish")), name
     signing = (mod / "signing.tf").read_text()
     assert 'customer_master_key_spec = "ECC_NIST_EDWARDS25519"' in signing
-    assert 'not_actions = ["kms:Sign"]' in signing and 'identifiers = [aws_iam_role.fn["compute"].arn]' in signing
+    assert 'not_actions = ["kms:Sign"]' in signing
+    assert 'identifiers = [aws_iam_role.fn["compute"].arn, aws_iam_role.fn["publish"].arn]' in signing
+    assert signing.count("values   = [local.compute_role, local.publish_role]") == 2
     assert signing.count('variable = "aws:PrincipalArn"') == 2  # the key's and the secret's deny
 
 

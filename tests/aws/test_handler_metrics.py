@@ -37,17 +37,36 @@ def test_a_failed_computation_is_counted_and_its_batch_handed_back(
     capsys.readouterr()
 
     def fail(**_: Any) -> None:
-        raise RuntimeError("S3 is down")
+        raise RuntimeError("SQS is down")
 
-    env.load_functions()  # fresh containers, so their clients carry the hook
-    env.hook("before-call.s3.PutObject", fail)
     new = est["run"]("web", est["subnets"]["web"], 1)[0]
     env.put(env.state_event(new, "running"))
     env.drain("ingest", "ingest")
+    env.load_functions()  # fresh containers, so their clients carry the hook
+    env.hook("before-call.sqs.SendMessage", fail)  # compute cannot hand its bundles on
     (out,) = env.drain("compute", "compute")
     assert out["batchItemFailures"], "the whole batch goes back to the queue"
     assert emitted(capsys.readouterr().out).get("ComputeFailures") == 1
     assert env.count("compute") >= 1, "the failed messages wait for the retry"
+
+
+def test_a_failed_publish_job_is_counted_and_handed_back(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    est = boot(env)
+    new = est["run"]("web", est["subnets"]["web"], 1)[0]
+    env.put(env.state_event(new, "running"))
+    env.drain("ingest", "ingest")
+    env._drain("compute", "compute")  # compute fans the new bundle out
+    capsys.readouterr()
+
+    def fail(**_: Any) -> None:
+        raise RuntimeError("S3 is down")
+
+    env.load_functions()  # a fresh publish container, its clients made with the hook
+    env.hook("before-call.s3.PutObject", fail)
+    (out,) = env._drain("publish", "publish")
+    assert out["batchItemFailures"], "the job goes back to the queue"
+    assert emitted(capsys.readouterr().out).get("PublishFailures") == 1
+    assert env.count("publish") >= 1 and env.store.bundle_pointer(new) is None
 
 
 def test_a_successful_computation_counts_no_failure(env: Env, capsys: pytest.CaptureFixture[str]) -> None:

@@ -182,18 +182,26 @@ def test_every_sam_function_logs_to_a_kept_encrypted_group() -> None:
 
 
 def test_compute_failures_and_a_stuck_compute_queue_are_alarmed() -> None:
-    """compute hands failed batches back instead of failing (Lambda Errors cannot see that):
-    both stacks alarm on its ComputeFailures metric and on the compute queue's oldest message."""
+    """compute and publish hand failed batches back instead of failing (Lambda Errors cannot see
+    that): both stacks alarm on their failure metrics, their queues' oldest message and the
+    publish DLQ."""
     res = template()["Resources"]
     alarms = [r["Properties"] for r in res.values() if r["Type"] == "AWS::CloudWatch::Alarm"]
-    assert any(a["Namespace"] == "Ringfence" and a["MetricName"] == "ComputeFailures" for a in alarms)
-    (age,) = [a for a in alarms if a["MetricName"] == "ApproximateAgeOfOldestMessage"]
-    assert age["Dimensions"] == [{"Name": "QueueName", "Value": {"GetAtt": "ComputeQueue.QueueName"}}]
+    for metric in ("ComputeFailures", "PublishFailures"):
+        assert any(a["Namespace"] == "Ringfence" and a["MetricName"] == metric for a in alarms), metric
+    ages = [a for a in alarms if a["MetricName"] == "ApproximateAgeOfOldestMessage"]
+    assert sorted(str(a["Dimensions"][0]["Value"]) for a in ages) == [
+        str({"GetAtt": "ComputeQueue.QueueName"}),
+        str({"GetAtt": "PublishQueue.QueueName"}),
+    ]
+    assert any(a["Dimensions"] == [{"Name": "QueueName", "Value": {"GetAtt": "PublishDLQ.QueueName"}}] for a in alarms)
     tf = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/alarms.tf").read_text()))
     loc: dict[str, Any] = {}
     for block in tf.get("locals", []):
         loc.update(block)
     assert loc["alarms"]["compute-failures"]["metric"] == "ComputeFailures"
+    assert loc["alarms"]["publish-failures"]["metric"] == "PublishFailures"
+    assert "aws_sqs_queue.publish_dlq.name" in str(loc["alarms"]["publish-dlq"]["dims"])
     resources: dict[str, dict[str, Any]] = {}
     for block in tf["resource"]:
         for kind, named in block.items():
@@ -201,6 +209,8 @@ def test_compute_failures_and_a_stuck_compute_queue_are_alarmed() -> None:
     queue_age = resources["aws_cloudwatch_metric_alarm"]["compute_queue_age"]
     assert queue_age["metric_name"] == "ApproximateAgeOfOldestMessage"
     assert "aws_sqs_queue.compute.name" in str(queue_age["dimensions"])
+    publish_age = resources["aws_cloudwatch_metric_alarm"]["publish_queue_age"]
+    assert "aws_sqs_queue.publish.name" in str(publish_age["dimensions"])
 
 
 def test_perimeter_iam_changes_and_deletes_only_tagged_groups_in_both_deployments() -> None:

@@ -1,7 +1,7 @@
 """Issue 10, the signing key: in the demo, ``ringfence serve`` (the agent API) runs as a process of
 its own, started with the stack's environment — and, as the agent-API function in the stack, without
-``RINGFENCE_SIGNING_KEY``. Only compute holds it: the embedded AWS gives it to the compute
-function's invocations (``ringfence.local.lambdas.FUNCTION_ENVIRONMENT``), never to the process
+``RINGFENCE_SIGNING_KEY``. Only compute and publish hold it: the embedded AWS gives it to those
+functions' invocations (``ringfence.local.lambdas.FUNCTION_ENVIRONMENT``), never to the process
 environment that serve inherits."""
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ def test_attack_the_demos_serve_process_holds_no_signing_key(env: Env, tmp_path:
     est = boot(env)  # compute signs every bundle: it has the key, through its own environment
     web = est["ids"]["web"][0]
     assert KEY not in os.environ, "the shared process environment holds no signing key"
-    assert KEY in lambdas.FUNCTION_ENVIRONMENT["compute"] and set(lambdas.FUNCTION_ENVIRONMENT) == {"compute"}
+    assert KEY in lambdas.FUNCTION_ENVIRONMENT["compute"] and KEY in lambdas.FUNCTION_ENVIRONMENT["publish"]
+    assert set(lambdas.FUNCTION_ENVIRONMENT) == {"compute", "publish"}
     os.environ[KEY] = env.aws.compute_env()[KEY]  # even when the operator's shell had it set
     live = Live(example_dir(None), tmp_path, Report(tmp_path, "dry-run", quiet=True), dry_run=True)
     live.aws = env.aws

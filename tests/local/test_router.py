@@ -348,6 +348,21 @@ def test_timeline_a_message_sent_before_the_ingest_began_does_not_answer_it() ->
     assert tl.get("a").computed == 10.9  # type: ignore[union-attr]
 
 
+def test_timeline_a_lifecycle_action_is_answered_only_by_a_batch_carrying_it() -> None:
+    """A compute batch for the same instance's state change (its ids only) does not complete its
+    launch action: that comes with the perimeter's hand-off, in a later batch."""
+    tl = rt.Timeline()
+    tl.put([_entry("a", "i-1")])
+    tl.began(["a"], at=10.0)
+    tl.ingested(["a"], at=10.2, began=10.0)
+    tl.computed(["i-1"], received_at=10.3, at=10.5, sent={"i-1": 10.1}, lifecycles=[])
+    assert tl.get("a").computed is None  # type: ignore[union-attr]
+    tl.perimeter(["i-1"], at=10.6, sent={"i-1": 10.15})
+    tl.computed(["i-1"], received_at=10.7, at=10.9, sent={"i-1": 10.65}, lifecycles=["i-1"])
+    a = tl.get("a")
+    assert a is not None and (a.perimeter, a.computed) == (10.6, 10.9)
+
+
 def test_timeline_settles_what_compute_never_named() -> None:
     tl = rt.Timeline()
     tl.put([_entry("a", "i-1"), _entry("b", "i-2")])

@@ -17,7 +17,7 @@ protocol may overlap them because it lives in its own set, and so does ``any``.
 
 Only while it is small: concatenated interval sets (the kernel's pipapo) get slow to change as
 they grow, so a grouped rule whose element count (:func:`~ringfence_agent.plan.group_load`, per
-family) exceeds :attr:`NftRenderer.group_bound` is expanded like iptables does it: one plain rule
+family, weighted by kernel entries) exceeds :attr:`NftRenderer.group_bound` is expanded like iptables does it: one plain rule
 per member, family and joined service over the member's own ``s_<set>_*`` sets, under the group's
 counter. A set delta then moves the bundle sets' elements only. A delta that takes a concatenated
 group past the bound, or an expanded one below half of it (hysteresis), re-applies the whole plan
@@ -60,7 +60,8 @@ _BUNDLE_SET = re.compile(r"s_([A-Za-z0-9_]{1,24})_[46]h?")  # set_name(): a bund
 _RULE_COUNTER = re.compile(r"r_(in|out)_\d+|d_(in|out)")  # bundle rules and defaults (fail-safes: none)
 _CHAIN_DIRECTION = {"input": "inbound", "output": "outbound"}
 FAMILY = "inet"
-# Group elements (per family) above which a grouped rule is expanded into plain rules. Measured
+# Group load (per family, in kernel entries: plan.group_load weighs a port range by the blocks the
+# kernel stores it as) above which a grouped rule is expanded into plain rules. Measured
 # (docs/benchmarks.md, "Large grouped rules"; tests/bench/group_bound.py): one element deleted
 # from a concatenated interval set costs the commit floor (12-16 ms here, a hash set's too) up to
 # 50,000 elements, but a workload's delta deletes one element per service piece, and a wide port

@@ -9,6 +9,9 @@ locals {
     ingest-dlq         = { ns = "AWS/SQS", metric = "ApproximateNumberOfMessagesVisible", stat = "Maximum", dims = { QueueName = aws_sqs_queue.ingest_dlq.name }, what = "events ingest could not process are in the DLQ" }
     lifecycle-dlq      = { ns = "AWS/SQS", metric = "ApproximateNumberOfMessagesVisible", stat = "Maximum", dims = { QueueName = aws_sqs_queue.lifecycle_dlq.name }, what = "lifecycle actions failed repeatedly" }
     compute-dlq        = { ns = "AWS/SQS", metric = "ApproximateNumberOfMessagesVisible", stat = "Maximum", dims = { QueueName = aws_sqs_queue.compute_dlq.name }, what = "compute batches failed repeatedly" }
+    publish-dlq        = { ns = "AWS/SQS", metric = "ApproximateNumberOfMessagesVisible", stat = "Maximum", dims = { QueueName = aws_sqs_queue.publish_dlq.name }, what = "publish jobs failed repeatedly (those bundles are not signed or announced)" }
+    publish-errors     = { ns = "AWS/Lambda", metric = "Errors", stat = "Sum", dims = { FunctionName = aws_lambda_function.fn["publish"].function_name }, what = "publish crashed or timed out (handled failures: publish-failures)" }
+    publish-failures   = { ns = "Ringfence", metric = "PublishFailures", stat = "Sum", dims = { service = "ringfence" }, what = "publish failed a job and handed it back for a retry" }
     perimeter-dlq      = { ns = "AWS/SQS", metric = "ApproximateNumberOfMessagesVisible", stat = "Maximum", dims = { QueueName = aws_sqs_queue.perimeter_dlq.name }, what = "perimeter messages failed repeatedly (their launches time out)" }
     perimeter-refused  = { ns = "Ringfence", metric = "PerimeterPlanRefused", stat = "Sum", dims = { service = "ringfence" }, what = "a perimeter plan was refused (quota, or a name held by a foreign group): nothing changed" }
     async-dlq          = { ns = "AWS/SQS", metric = "ApproximateNumberOfMessagesVisible", stat = "Maximum", dims = { QueueName = aws_sqs_queue.async_dlq.name }, what = "scheduled runs failed" }
@@ -51,6 +54,23 @@ resource "aws_cloudwatch_metric_alarm" "compute_queue_age" {
   period              = 60
   evaluation_periods  = 3
   threshold           = 600
+  comparison_operator = "GreaterThanThreshold"
+  treat_missing_data  = "notBreaching"
+  alarm_actions       = [aws_sns_topic.alarms.arn]
+  tags                = var.tags
+}
+
+# the publish workers throttled or failing: their standard queue's oldest job keeps ageing
+resource "aws_cloudwatch_metric_alarm" "publish_queue_age" {
+  alarm_name          = "${var.name}-publish-queue-age"
+  alarm_description   = "the oldest publish job waited over 5 minutes (agents are late)"
+  namespace           = "AWS/SQS"
+  metric_name         = "ApproximateAgeOfOldestMessage"
+  statistic           = "Maximum"
+  dimensions          = { QueueName = aws_sqs_queue.publish.name }
+  period              = 60
+  evaluation_periods  = 3
+  threshold           = 300
   comparison_operator = "GreaterThanThreshold"
   treat_missing_data  = "notBreaching"
   alarm_actions       = [aws_sns_topic.alarms.arn]

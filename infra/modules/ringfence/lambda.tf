@@ -29,8 +29,13 @@ locals {
 
   functions = {
     ingest = { memory = 512, timeout = 60, concurrency = 20, env = {} }
-    # only compute holds (a reference to) the signing key; see signing.tf
-    compute   = { memory = 2048, timeout = 900, concurrency = 1, env = { RINGFENCE_SIGNING_KEY = local.signing_key_id } }
+    # only compute (set deltas) and publish (bundles) hold (a reference to) the signing key; see signing.tf
+    compute = {
+      memory = 2048, timeout = 900, concurrency = 1,
+      env    = { RINGFENCE_SIGNING_KEY = local.signing_key_id, RINGFENCE_PUBLISH_QUEUE_URL = aws_sqs_queue.publish.id }
+    }
+    # parallel workers (no reservation: the event source's maximum_concurrency bounds them)
+    publish   = { memory = 1024, timeout = 120, concurrency = -1, env = { RINGFENCE_SIGNING_KEY = local.signing_key_id } }
     lifecycle = { memory = 512, timeout = 60, concurrency = 10, env = {} }
     reconcile = { memory = 1024, timeout = 900, concurrency = 1, env = {} }
     perimeter = {
@@ -126,9 +131,24 @@ locals {
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:Query", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn] },
       { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.compute.arn] },
       { actions = ["s3:PutObject", "s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/bundles/*", "${aws_s3_bucket.bundles.arn}/deltas/*", "${aws_s3_bucket.bundles.arn}/keys/*", "${aws_s3_bucket.bundles.arn}/policies/*"] },
+      # the fan-out: jobs for the publish workers, unsigned bundles too big for a message staged
+      { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.publish.arn] },
+      { actions = ["s3:PutObject"], resources = ["${aws_s3_bucket.bundles.arn}/staging/*"] },
       # the only function that completes lifecycle actions (the agent API reports to it through
       # the compute queue: ringfence.control.launchgate)
       { actions = ["autoscaling:CompleteLifecycleAction"], resources = ["arn:${local.partition}:autoscaling:${local.region}:${local.account}:autoScalingGroup:*:autoScalingGroupName/${var.gated_group_names}"] },
+      { actions = ["execute-api:ManageConnections"], resources = ["${aws_apigatewayv2_api.nudge.execution_arn}/v1/POST/@connections/*"] },
+      local.async_dlq, local.kms_use,
+      ], local.signing_kms ? [] : [
+      { actions = ["secretsmanager:GetSecretValue"], resources = [var.signing_key_secret_arn] },
+    ])
+    publish = concat([
+      # bundle pointers (conditional: never backwards), the published count and its records,
+      # WebSocket connections (read; dropped when gone)
+      { actions = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn] },
+      { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.publish.arn] },
+      { actions = ["s3:PutObject"], resources = ["${aws_s3_bucket.bundles.arn}/bundles/*", "${aws_s3_bucket.bundles.arn}/keys/*"] },
+      { actions = ["s3:GetObject", "s3:DeleteObject"], resources = ["${aws_s3_bucket.bundles.arn}/staging/*"] },
       { actions = ["execute-api:ManageConnections"], resources = ["${aws_apigatewayv2_api.nudge.execution_arn}/v1/POST/@connections/*"] },
       local.async_dlq, local.kms_use,
       ], local.signing_kms ? [] : [
@@ -369,12 +389,20 @@ resource "aws_lambda_event_source_mapping" "sqs" {
     lifecycle = { queue = aws_sqs_queue.lifecycle.arn, window = 0 }
     compute   = { queue = aws_sqs_queue.compute.arn, window = 0 }
     perimeter = { queue = aws_sqs_queue.perimeter.arn, window = 0 }
+    publish   = { queue = aws_sqs_queue.publish.arn, window = 0 }
   }
   event_source_arn                   = each.value.queue
   function_name                      = aws_lambda_function.fn[each.key].arn
   batch_size                         = 10
   maximum_batching_window_in_seconds = each.key == "compute" ? null : each.value.window
   function_response_types            = ["ReportBatchItemFailures"]
+  # the publish workers share the WebSocket API's post rate and the bucket: bounded fan-out
+  dynamic "scaling_config" {
+    for_each = each.key == "publish" ? [50] : []
+    content {
+      maximum_concurrency = scaling_config.value
+    }
+  }
 }
 
 resource "aws_cloudwatch_event_rule" "schedule" {

@@ -331,6 +331,23 @@ resource "aws_sqs_queue" "compute" {
   tags                       = var.tags
 }
 
+resource "aws_sqs_queue" "publish_dlq" {
+  name                      = "${var.name}-publish-dlq"
+  message_retention_seconds = 1209600
+  kms_master_key_id         = aws_kms_key.this.arn
+  tags                      = var.tags
+}
+
+# compute's fan-out: rendered bundles and nudges for the publish workers (standard: jobs are
+# independent, a bundle pointer never moves backwards)
+resource "aws_sqs_queue" "publish" {
+  name                       = "${var.name}-publish"
+  visibility_timeout_seconds = 720 # 6 x the publish function's timeout
+  kms_master_key_id          = aws_kms_key.this.arn
+  redrive_policy             = jsonencode({ deadLetterTargetArn = aws_sqs_queue.publish_dlq.arn, maxReceiveCount = 5 })
+  tags                       = var.tags
+}
+
 resource "aws_sqs_queue" "perimeter_dlq" {
   name                      = "${var.name}-perimeter-dlq"
   message_retention_seconds = 1209600
@@ -420,14 +437,16 @@ locals {
   queue_senders = {
     compute    = { queue = aws_sqs_queue.compute.arn, roles = compact([local.fn_role["ingest"], local.fn_role["lifecycle"], local.fn_role["reconcile"], local.fn_role["perimeter"], local.fn_role["agentapi"], local.fn_role["admin"], try(local.fn_role["gcpevents"], ""), try(local.fn_role["azureevents"], "")]) }
     perimeter  = { queue = aws_sqs_queue.perimeter.arn, roles = [local.fn_role["ingest"], local.fn_role["lifecycle"], local.fn_role["reconcile"]] }
+    publish    = { queue = aws_sqs_queue.publish.arn, roles = [local.fn_role["compute"]] }
     ingest_dlq = { queue = aws_sqs_queue.ingest_dlq.arn, roles = [local.fn_role["ingest"]] }
     # Lambda sends a failed async invocation with the function's own role (every function has this DLQ)
-    async_dlq = { queue = aws_sqs_queue.async_dlq.arn, roles = compact([local.fn_role["ingest"], local.fn_role["compute"], local.fn_role["lifecycle"], local.fn_role["reconcile"], local.fn_role["perimeter"], local.fn_role["agentapi"], local.fn_role["admin"], local.fn_role["wsconnect"], local.fn_role["flows"], try(local.fn_role["gcpevents"], ""), try(local.fn_role["azureevents"], "")]) }
+    async_dlq = { queue = aws_sqs_queue.async_dlq.arn, roles = compact([local.fn_role["ingest"], local.fn_role["compute"], local.fn_role["publish"], local.fn_role["lifecycle"], local.fn_role["reconcile"], local.fn_role["perimeter"], local.fn_role["agentapi"], local.fn_role["admin"], local.fn_role["wsconnect"], local.fn_role["flows"], try(local.fn_role["gcpevents"], ""), try(local.fn_role["azureevents"], "")]) }
   }
   redrive_only_dlqs = {
     lifecycle_dlq = aws_sqs_queue.lifecycle_dlq
     compute_dlq   = aws_sqs_queue.compute_dlq
     perimeter_dlq = aws_sqs_queue.perimeter_dlq
+    publish_dlq   = aws_sqs_queue.publish_dlq
   }
 }
 
@@ -518,7 +537,7 @@ data "aws_iam_policy_document" "handoff_queues" {
 
 resource "aws_sqs_queue_policy" "handoff" {
   for_each  = local.queue_senders
-  queue_url = { compute = aws_sqs_queue.compute.id, perimeter = aws_sqs_queue.perimeter.id, ingest_dlq = aws_sqs_queue.ingest_dlq.id, async_dlq = aws_sqs_queue.async_dlq.id }[each.key]
+  queue_url = { compute = aws_sqs_queue.compute.id, perimeter = aws_sqs_queue.perimeter.id, publish = aws_sqs_queue.publish.id, ingest_dlq = aws_sqs_queue.ingest_dlq.id, async_dlq = aws_sqs_queue.async_dlq.id }[each.key]
   policy    = data.aws_iam_policy_document.handoff_queues[each.key].json
 }
 

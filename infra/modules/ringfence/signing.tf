@@ -1,14 +1,15 @@
-# --- the bundle signing key: only the compute function signs (docs/bundle.md, Keys and rotation) --
+# --- the bundle signing key: only compute (set deltas) and publish (bundles) sign (docs/bundle.md) --
 #
 # signing_key_source = "kms" (default): a non-exportable KMS key, ECC_NIST_EDWARDS25519, signing
-# ED25519_SHA_512 over each document's ≤4 KiB manifest. Its key policy lets the compute role, and no
-# one else, call kms:Sign (an explicit deny covers every other principal, account admins included).
+# ED25519_SHA_512 over each document's ≤4 KiB manifest. Its key policy lets the compute and publish
+# roles, and no one else, call kms:Sign (an explicit deny covers every other principal, account admins included).
 # signing_key_source = "secret": the Ed25519 PEM in the Secrets Manager secret signing_key_secret_arn,
-# with a resource policy that denies reading it to everyone but the compute role.
+# with a resource policy that denies reading it to everyone but the compute and publish roles.
 
 locals {
   signing_kms    = var.signing_key_source == "kms"
   compute_role   = "arn:${local.partition}:iam::${local.account}:role/${var.name}-compute"
+  publish_role   = "arn:${local.partition}:iam::${local.account}:role/${var.name}-publish"
   signing_key_id = local.signing_kms ? "kms-sign:${aws_kms_key.signing[0].arn}" : "secretsmanager:${var.signing_key_secret_arn}"
 }
 
@@ -29,12 +30,12 @@ data "aws_iam_policy_document" "signing_key" {
     }
   }
   statement {
-    sid       = "OnlyComputeSigns"
+    sid       = "OnlyComputeAndPublishSign"
     actions   = ["kms:Sign", "kms:GetPublicKey", "kms:DescribeKey"]
     resources = ["*"]
     principals {
       type        = "AWS"
-      identifiers = [aws_iam_role.fn["compute"].arn]
+      identifiers = [aws_iam_role.fn["compute"].arn, aws_iam_role.fn["publish"].arn]
     }
   }
   statement {
@@ -49,14 +50,14 @@ data "aws_iam_policy_document" "signing_key" {
     condition {
       test     = "ArnNotEquals"
       variable = "aws:PrincipalArn"
-      values   = [local.compute_role]
+      values   = [local.compute_role, local.publish_role]
     }
   }
 }
 
 resource "aws_kms_key" "signing" {
   count                    = local.signing_kms ? 1 : 0
-  description              = "${var.name} bundle signing key (Ed25519, non-exportable; kms:Sign for the compute role only)"
+  description              = "${var.name} bundle signing key (Ed25519, non-exportable; kms:Sign for the compute and publish roles only)"
   customer_master_key_spec = "ECC_NIST_EDWARDS25519"
   key_usage                = "SIGN_VERIFY"
   policy                   = data.aws_iam_policy_document.signing_key.json
@@ -65,7 +66,7 @@ resource "aws_kms_key" "signing" {
 
 data "aws_iam_policy_document" "signing_secret" {
   statement {
-    sid       = "OnlyComputeReadsTheSigningKey"
+    sid       = "OnlyComputeAndPublishReadTheSigningKey"
     effect    = "Deny"
     actions   = ["secretsmanager:GetSecretValue"]
     resources = ["*"]
@@ -76,7 +77,7 @@ data "aws_iam_policy_document" "signing_secret" {
     condition {
       test     = "ArnNotEquals"
       variable = "aws:PrincipalArn"
-      values   = [local.compute_role]
+      values   = [local.compute_role, local.publish_role]
     }
   }
 }

@@ -386,6 +386,8 @@ def run_bench(
     cpu_timings: list[float] = []  # this process's CPU time over the same window (a loaded box inflates wall)
     by_kind: dict[str, list[float]] = {k: [] for k in CHANGE_KINDS}
     rebuilt_total = notified_total = 0
+    # what a change costs to publish (untimed): signed set deltas, their elements, rebuilt bundles' bytes
+    deltas_total = delta_elements = rebuilt_bytes = 0
     reference = NecessaryFanout(policy, estate.workloads) if necessary_every else None
     necessary_total = notified_sampled = sampled = missed = 0
     t_reference = 0.0
@@ -399,9 +401,18 @@ def run_bench(
         # the change is done when its Update (bundles and all) is handed off and freed: freeing
         # thousands of rebuilt bundles is its own cost, not the next change's (it was timed there)
         rebuilt, notify = len(upd.rebuilt), upd.notify
+        # what the change costs to publish, counted here but taken out of its time
+        a0, ac0 = time.perf_counter(), time.process_time()
+        deltas_total += len(upd.set_deltas)
+        delta_elements += sum(len(a) + len(r) for _, a, r in upd.set_deltas.values())
+        for wid in upd.rebuilt:
+            if wid in engine.workloads:
+                doc = upd.bundles.get(wid) or engine.render(wid)
+                rebuilt_bytes += len(json.dumps(doc, separators=(",", ":")))
+        counting, counting_cpu = time.perf_counter() - a0, time.process_time() - ac0
         del upd
-        dt = time.perf_counter() - t0
-        cpu_timings.append(time.process_time() - c0)
+        dt = time.perf_counter() - t0 - counting
+        cpu_timings.append(time.process_time() - c0 - counting_cpu)
         timings.append(dt)
         by_kind[kind].append(dt)
         rebuilt_total += rebuilt
@@ -439,6 +450,9 @@ def run_bench(
         "incremental_speedup_p50": round(full_compile_s / p50, 1) if p50 else None,
         "avg_rebuilt_per_change": round(rebuilt_total / max(1, len(timings)), 2),
         "avg_notified_per_change": round(notified_total / max(1, len(timings)), 2),
+        "avg_set_deltas_per_change": round(deltas_total / max(1, len(timings)), 2),
+        "avg_delta_elements_per_change": round(delta_elements / max(1, len(timings)), 2),
+        "avg_rebuilt_bytes_per_change": round(rebuilt_bytes / max(1, len(timings))),
         "necessary_sampled_changes": sampled,
         "avg_necessary_per_change": round(necessary_total / sampled, 2) if sampled else None,
         "avg_notified_per_sampled_change": round(notified_sampled / sampled, 2) if sampled else None,

@@ -164,14 +164,49 @@ class MovedSince:
     Anything it cannot account for — the first look, a new policy, a rebuild, a commit without a
     record, a gap — concerns everyone. Called from the watch thread only."""
 
-    def __init__(self, moved_after: Callable[[int], list[MovedRecord]]) -> None:
+    def __init__(
+        self,
+        moved_after: Callable[[int], list[MovedRecord]],
+        published_after: Callable[[int], list[tuple[int, list[str] | None]]] | None = None,
+    ) -> None:
         self.moved_after = moved_after
+        # the publish workers' records (their bundle pointers moved after compute's commit)
+        self.published_after = published_after
         self._cursor: int | None = None  # the last committed revision accounted for
         self._policy: int | None = None
+        self._published: int | None = None  # the last publish workers' count accounted for
         self.reads = 0
 
     def __call__(self, mark: Any) -> frozenset[str] | None:
         head: EngineHead = mark
+        published = self._published_since(head)
+        moved = self._moved(head)
+        if published is None or moved is None:
+            return None
+        return moved | published
+
+    def _published_since(self, head: EngineHead) -> frozenset[str] | None:
+        """Whom the publish workers' records since the last look name (None: everyone). A count
+        seen before its record is readable (the worker counts, then writes the record), or a
+        record naming nobody in particular, wakes everyone: never a missed wake-up."""
+        seen, self._published = self._published, head.published
+        if seen is None or head.published < seen:  # the first look, or a count that went back
+            return frozenset() if head.published == seen == 0 else None
+        if head.published == seen or self.published_after is None:
+            return frozenset()
+        self.reads += 1
+        out: set[str] = set()
+        expected = seen + 1
+        for count, workloads in self.published_after(seen):
+            if count > head.published:
+                break
+            if count != expected or workloads is None:
+                return None
+            out.update(workloads)
+            expected += 1
+        return frozenset(out) if expected == head.published + 1 else None
+
+    def _moved(self, head: EngineHead) -> frozenset[str] | None:
         if self._cursor is None or head.policy_version != self._policy or head.revision < self._cursor:
             return self._anchor(head)
         if head.revision == self._cursor:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from ringfence import bundle
 from ringfence.addresses import Prefix, format_prefix
@@ -15,20 +14,25 @@ from ringfence.engine.compiler import Update
 from ringfence.policy import Policy
 from ringfence.store.base import (
     MOVED_MAX,
-    BundlePointer,
     DeltaPointer,
     EngineHead,
     MovedRecord,
     PolicyVersion,
 )
 
+from .fanout import (
+    MESSAGE_BUDGET,
+    STAGED_PREFIX,
+    BundleJob,
+    PublishWorker,
+    in_parallel,
+    pack,
+    rules_digest,
+    set_digest,
+)
 from .launchgate import LaunchGate
-from .publish import PUBLIC_KEYS_KEY, Notifier
+from .publish import Notifier
 from .wiring import BaseWiring, Metric, log, no_metric
-
-T = TypeVar("T")
-R = TypeVar("R")
-PUBLISH_THREADS = 8  # concurrent uploads of signed documents
 
 # --- compute --------------------------------------------------------------------------------------
 
@@ -40,10 +44,16 @@ class ComputeStats:
     updates: int = 0
     sets_touched: int = 0
     deltas_published: int = 0
-    bundles_published: int = 0
+    bundles_published: int = 0  # signed and pointed at by this invocation itself
+    bundles_queued: int = 0  # handed to the publish workers
+    bundles_adopted: int = 0  # a rebuild found them published already, unchanged
+    publish_messages: int = 0
     bundles_refreshed: int = 0
     nudged: int = 0
     bytes_published: int = 0
+    # where this invocation's time went (s): "rebuild", "engine" (apply), "deltas" (sign, store,
+    # index), "render" (bundles rendered, published in place), "enqueue" (jobs sent), "commit"
+    seconds: dict[str, float] = field(default_factory=dict)
     lifecycle_completed: list[str] = field(default_factory=list)
     lifecycle_abandoned_to_timeout: list[str] = field(default_factory=list)
     lifecycle_awaiting_agent: list[str] = field(default_factory=list)
@@ -56,11 +66,14 @@ class Compute:
         self.w = w
         self.metric = metric
         self.engine: Engine | None = None
-        # workload → expiry of the bundle this container signed last; a cold start rebuilds and
-        # re-signs every bundle, so a workload missing here is re-signed by the next refresh
+        # workload → expiry of its stored bundle (adopted by a rebuild from the pointers); a
+        # workload missing here is re-signed by the next refresh
         self.expiry: dict[str, int] = {}
-        self._published_key: str | None = None  # the key id whose public key is published
+        # set → the head version recorded in the store (with its content's digest)
+        self.heads: dict[str, int] = {}
         self.notifier = notifier if notifier is not None else w.default_notifier()
+        # signs, stores and nudges: in this process, or behind the publish queue (w.cfg)
+        self.worker = PublishWorker(w, metric, self.notifier)
         self.gate = LaunchGate(w, metric)
 
     def run(self, messages: list[dict[str, Any]]) -> ComputeStats:
@@ -73,15 +86,25 @@ class Compute:
                 self._lifecycles(messages, stats, ok=False)
                 return stats
             force = any(m.get("rebuild") for m in messages)
-            self._ensure(active, stats, force=force)
+            # a launch held by its lifecycle hook waits on its own bundle: published here, not queued
+            launching = {
+                m["lifecycle"]["instance_id"]
+                for m in messages
+                if m.get("lifecycle") and str(m["lifecycle"].get("transition", "")).endswith("LAUNCHING")
+            }
+            t = time.perf_counter()
+            self._ensure(active, stats, force=force, inline=launching)
             assert self.engine is not None
+            t = _lap(stats, "rebuild", t)
             ids = list(dict.fromkeys(i for m in messages for i in m.get("ids", [])))
             base = self.engine.revision  # == the stored head (checked by _ensure)
             updates = self._apply(ids)
+            t = _lap(stats, "engine", t)
             stats.updates = len(updates)
             if updates:
                 self._reserve(base)  # fails if another container moved the head meanwhile
-                moved = self._publish(updates, stats)
+                moved = self._publish(updates, stats, inline=launching)
+                t_commit = time.perf_counter()
                 # before the commit: a reader that sees the head at this revision finds the record
                 self.w.store.put_moved(
                     MovedRecord(
@@ -91,10 +114,10 @@ class Compute:
                     )
                 )
                 self._commit()
+                _lap(stats, "commit", t_commit)
             # explicit re-render requests (the agent API found a gap it cannot bridge)
-            for wid in dict.fromkeys(i for m in messages for i in m.get("publish", [])):
-                if wid in self.engine.workloads:
-                    self._publish_bundle(wid, stats)
+            wanted = dict.fromkeys(i for m in messages for i in m.get("publish", []))
+            self._publish_bundles([w for w in wanted if w in self.engine.workloads], stats, inline=launching)
             if any(m.get("refresh") for m in messages):
                 self._refresh(stats)
             stats.revision = self.engine.revision
@@ -111,7 +134,15 @@ class Compute:
 
     # engine lifecycle
 
-    def _ensure(self, active: tuple[PolicyVersion, Policy], stats: ComputeStats, force: bool = False) -> None:
+    def _ensure(
+        self,
+        active: tuple[PolicyVersion, Policy],
+        stats: ComputeStats,
+        force: bool = False,
+        inline: set[str] | frozenset[str] = frozenset(),
+    ) -> None:
+        """A warm engine at the stored head, or one rebuilt from the inventory that adopts what
+        is published already (:meth:`_adopt`) and republishes only the rest."""
         pv, policy = active
         head = self.w.store.head()
         e = self.engine
@@ -127,11 +158,57 @@ class Compute:
         engine = Engine(policy, policy_version=pv.number, revision=head.revision)
         engine.load(r.effective() for r in self.w.store.all_records() if r.active)
         self.engine = engine
+        self.expiry = {}
+        adopted = self._adopt(engine)
         self._reserve(head.revision)
-        for wid in sorted(engine.workloads):
-            self._publish_bundle(wid, stats)
+        self._publish_bundles([w for w in sorted(engine.workloads) if w not in adopted], stats, inline=inline)
         self._commit()
         stats.rebuilt_engine = True
+        stats.bundles_adopted = len(adopted)
+        self.metric("BundlesAdopted", len(adopted))
+
+    def _adopt(self, engine: Engine) -> set[str]:
+        """Take over the versions already published for what did not change: a set whose stored
+        head carries the digest of the rebuilt set's content keeps that head's version (agents
+        chain their deltas from it); a workload whose pointer names the same rules
+        (:func:`rules_digest`) over sets that were all adopted keeps its bundle (no re-render to
+        sign, store or announce). The rest gets the rebuild's fresh revision and is republished.
+        Returns the adopted workloads."""
+        self.heads = {}
+        states = self.w.store.set_states(list(engine.sets_by_name))
+        kept: set[str] = set()
+        for name, s in engine.sets_by_name.items():
+            st = states.get(name)
+            if st is None:
+                continue
+            self.heads[name] = st[0]  # a stale head stays recorded: see _note_heads
+            if st[1] is not None and st[1] == set_digest(*s.cover_text()):
+                s.version = st[0]
+                kept.add(name)
+        adopted: set[str] = set()
+        pointers = self.w.store.bundle_pointers(list(engine.workloads))
+        for wid, ws in engine.workloads.items():
+            ptr = pointers.get(wid)
+            if ptr is None or ptr.digest is None or not set(ptr.sets) <= kept:
+                continue
+            if any(v > engine.sets_by_name[n].version for n, v in ptr.sets.items()):
+                continue  # the pointer is ahead of the recorded head (a set made again since)
+            doc = engine.render(wid)
+            held: dict[str, Any] = doc["sets"]  # type: ignore[assignment]
+            if set(held) != set(ptr.sets) or rules_digest(doc) != ptr.digest:
+                continue
+            ws.rules_revision = ptr.rules_revision
+            adopted.add(wid)
+            if ptr.expires_at is not None:
+                self.expiry[wid] = ptr.expires_at
+        log.info(
+            "rebuild adopted %d of %d bundles and %d of %d sets",
+            len(adopted),
+            len(engine.workloads),
+            len(kept),
+            len(engine.sets_by_name),
+        )
+        return adopted
 
     def _reserve(self, expected: int) -> None:
         assert self.engine is not None
@@ -159,31 +236,26 @@ class Compute:
 
     # publication
 
-    def _signer(self) -> Any:
-        """The signing key (only compute signs), its public key published once per key for the
-        agent API to name at enrollment."""
-        signer = self.w.signer
-        if self._published_key != signer.key_id:
-            self.w.publisher.put_text(PUBLIC_KEYS_KEY, signer.public_pem().decode())
-            self._published_key = signer.key_id
-        return signer
-
     def _refresh(self, stats: ComputeStats) -> None:
         """Re-sign, at the same version, the bundles expiring within ``bundle_refresh_before``
         (the schedule asks; agents fetch a bundle whose expiry is near): a healthy control plane
         never lets an enforced bundle expire."""
         assert self.engine is not None
         soon = time.time() + self.w.cfg.bundle_refresh_before
-        for wid in sorted(self.engine.workloads):
-            if self.expiry.get(wid, 0) <= soon:
-                self._publish_bundle(wid, stats)
-                stats.bundles_refreshed += 1
+        due = [wid for wid in sorted(self.engine.workloads) if self.expiry.get(wid, 0) <= soon]
+        self._publish_bundles(due, stats)
+        stats.bundles_refreshed += len(due)
         self.metric("BundlesRefreshed", stats.bundles_refreshed)
 
-    def _publish(self, updates: list[Update], stats: ComputeStats) -> set[str]:
-        """Publish one batch; the workloads whose latest version it moved."""
+    def _publish(
+        self, updates: list[Update], stats: ComputeStats, inline: set[str] | frozenset[str] = frozenset()
+    ) -> set[str]:
+        """Publish one batch: the set deltas here, in order (each set's chain has no gap when
+        its head moves); whole bundles and nudges through the publish workers. The workloads
+        whose latest version it moved (or will, once the workers are through)."""
         assert self.engine is not None
-        signer = self._signer()
+        t_deltas = time.perf_counter()
+        signer = self.worker.signer()
         rebuilt: set[str] = set()
         notify: set[str] = set()
         # One delta per set for the whole batch (its first version → its last): a storm of
@@ -203,7 +275,7 @@ class Compute:
             )
             for name, (from_v, to_v, added, removed) in sorted(merged.items())
         ]
-        keys = self._in_parallel(self.w.publisher.put_delta, deltas)
+        keys = in_parallel(self.w.publisher.put_delta, deltas)
         for doc, key in zip(deltas, keys, strict=True):
             self.w.store.put_delta(
                 DeltaPointer(set=doc.set, from_version=doc.from_version, to_version=doc.to_version, key=key)
@@ -215,55 +287,90 @@ class Compute:
         for name in sorted(merged):
             s = self.engine.sets_by_name.get(name)
             if s is not None:
-                self.w.store.put_set_head(name, s.version)
+                self.w.store.put_set_head(name, s.version, set_digest(*s.cover_text()))
+                self.heads[name] = s.version
         stats.sets_touched += len(merged)
+        _lap(stats, "deltas", t_deltas)
         # Whole bundles only where a workload's own rules changed. Agents whose bundles merely
         # reference a changed set get the signed deltas; the agent API materializes their current
         # bundle on demand from the last full one plus those deltas (see AgentApi.current).
-        self._publish_bundles([w for w in sorted(rebuilt) if w in self.engine.workloads], stats)
-        for wid in sorted(notify - rebuilt):
-            if wid in self.engine.workloads:
-                self.notifier.nudge(wid, self.engine.bundle_version(wid))
-                stats.nudged += 1
+        nudges = [
+            (wid, self.engine.bundle_version(wid)) for wid in sorted(notify - rebuilt) if wid in self.engine.workloads
+        ]
+        self._publish_bundles([w for w in sorted(rebuilt) if w in self.engine.workloads], stats, nudges, inline)
         return notify | rebuilt
 
-    def _publish_bundle(self, wid: str, stats: ComputeStats) -> None:
-        self._publish_bundles([wid], stats)
-
-    def _publish_bundles(self, wids: list[str], stats: ComputeStats) -> None:
-        """Render and sign in turn (CPU), upload the documents in parallel (I/O), then point each
-        workload at its new bundle in order."""
+    def _publish_bundles(
+        self,
+        wids: list[str],
+        stats: ComputeStats,
+        nudges: list[tuple[str, int]] | None = None,
+        inline: set[str] | frozenset[str] = frozenset(),
+    ) -> None:
+        """Render these workloads' bundles (the engine's part: it lives here) and have them
+        signed, stored, pointed at and announced, with ``nudges`` for agents whose sets moved:
+        by the publish workers over the queue when one is configured, else (and for ``inline``
+        workloads, whose launch waits on them) right here."""
         assert self.engine is not None
-        expires_at = int(time.time()) + self.w.cfg.bundle_ttl
-        signer = self._signer()
-        docs = [
-            bundle.sign(bundle.Bundle.model_validate(self.engine.render(wid)), signer, expires_at=expires_at)
-            for wid in wids
-        ]
-        stored = self._in_parallel(self.w.publisher.put_bundle, docs)
-        for wid, doc, (key, sha) in zip(wids, docs, stored, strict=True):
-            self.expiry[wid] = expires_at
-            ptr = BundlePointer(
-                workload_id=wid,
-                version=doc.version,
-                key=key,
-                # the stored bytes: a refresh (same version, later expiry) is a new ETag
-                etag=f'"{doc.version}-{sha[:16]}"',
-                rules_revision=self.engine.workloads[wid].rules_revision,
-                sets={n: s.version for n, s in doc.sets.items()},
-                published_at=time.time(),  # the not-enforced bound counts from here (control.findings)
+        nudges = nudges or []
+        if not wids and not nudges:
+            return
+        t = time.perf_counter()
+        jobs: list[BundleJob] = []
+        for wid in wids:
+            doc = self.engine.render(wid)
+            self._note_heads(doc)
+            jobs.append(
+                BundleJob(
+                    workload_id=wid,
+                    bundle=doc,
+                    digest=rules_digest(doc),
+                    rules_revision=self.engine.workloads[wid].rules_revision,
+                )
             )
-            self.w.store.put_bundle_pointer(ptr)
-            stats.bundles_published += 1
-            self.notifier.nudge(wid, doc.version)
+        queued = bool(self.w.cfg.publish_queue_url)
+        here = [j for j in jobs if not queued or j.workload_id in inline]
+        if here:
+            # the head is committed after this: the workers' wake-up signal is not needed
+            done, expiry = self.worker.run(pack(here, [] if queued else nudges, self.engine.revision), signal=False)
+            stats.bundles_published += done.bundles_published
+            stats.nudged += done.nudged
+            self.expiry.update(expiry)
+        t = _lap(stats, "render", t)
+        if not queued:
+            return
+        away = [j for j in jobs if j.workload_id not in inline]
+        for job in away:
+            if len(job.model_dump_json()) > MESSAGE_BUDGET:  # too big for a message: staged in the bucket
+                body = json.dumps(job.bundle, separators=(",", ":")).encode()
+                job.staged = f"{STAGED_PREFIX}{job.workload_id}/{self.engine.revision:012d}.json"
+                self.w.publisher.put_bytes(job.staged, body, "application/json")
+                job.bundle = None
+        messages = pack(away, nudges, self.engine.revision)
+        for msg in messages:
+            self.w.send_publish(msg.model_dump(mode="json"))
+        expected = int(time.time()) + self.w.cfg.bundle_ttl
+        for job in away:
+            self.expiry[job.workload_id] = expected
+        _lap(stats, "enqueue", t)
+        stats.bundles_queued += len(away)
+        stats.nudged += len(nudges)
+        stats.publish_messages += len(messages)
 
-    def _in_parallel(self, fn: Callable[[T], R], items: list[T]) -> list[R]:
-        """``fn`` over ``items`` on up to ``PUBLISH_THREADS`` threads (the publisher's S3 client
-        is thread-safe; the store's writes stay on this thread), results in order."""
-        if len(items) <= 1:
-            return [fn(i) for i in items]
-        with ThreadPoolExecutor(min(PUBLISH_THREADS, len(items)), thread_name_prefix="publish") as pool:
-            return list(pool.map(fn, items))
+    def _note_heads(self, doc: dict[str, Any]) -> None:
+        """Record the head (with its content's digest) of a set a bundle holds at a version the
+        store has no head for yet (a new set; one a rebuild gave a fresh version), so that a cold
+        start can adopt it. A set whose stored head is older keeps it: its newer version came
+        from a rebuild, and moving the head without a delta chain would send the agents still on
+        the old bundle to fetch a whole one before the workers have published it."""
+        assert self.engine is not None
+        sets: dict[str, Any] = doc["sets"]
+        for name, body in sets.items():
+            version = int(body["version"])
+            if name in self.heads:
+                continue
+            self.w.store.put_set_head(name, version, set_digest(body.get("v4", []), body.get("v6", [])))
+            self.heads[name] = version
 
     # lifecycle hooks
 
@@ -315,6 +422,13 @@ class Compute:
                     exc,
                 )
                 stats.lifecycle_abandoned_to_timeout.append(iid)
+
+
+def _lap(stats: ComputeStats, phase: str, since: float) -> float:
+    """Add the time since ``since`` to ``phase``; now."""
+    now = time.perf_counter()
+    stats.seconds[phase] = stats.seconds.get(phase, 0.0) + now - since
+    return now
 
 
 def merge_set_deltas(updates: list[Update]) -> dict[str, tuple[int, int, set[Prefix], set[Prefix]]]:

@@ -33,6 +33,10 @@ class Publisher:
     def get(self, key: str) -> bytes:
         raise NotImplementedError
 
+    def delete(self, key: str) -> None:
+        """Remove a staged object (only ``staging/`` keys are ever deleted)."""
+        raise NotImplementedError
+
     def _put(self, key: str, body: bytes, content_type: str = "application/json") -> None:
         self._store(key, body, content_type)
         with self._count:

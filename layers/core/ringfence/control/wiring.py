@@ -62,6 +62,9 @@ class Config:
     audit_table: str = ""
     bucket: str = ""
     compute_queue_url: str = ""
+    # empty: compute signs, stores and nudges itself; else it fans that out over this queue to
+    # the publish function (ringfence.control.fanout)
+    publish_queue_url: str = ""
     perimeter_queue_url: str = ""  # empty: no event-path perimeter (the schedule alone reconciles)
     dlq_url: str = ""
     signing_key_ref: str = ""
@@ -108,6 +111,7 @@ class Config:
             audit_table=e.get("RINGFENCE_AUDIT_TABLE", ""),
             bucket=e.get("RINGFENCE_BUCKET", ""),
             compute_queue_url=e.get("RINGFENCE_COMPUTE_QUEUE_URL", ""),
+            publish_queue_url=e.get("RINGFENCE_PUBLISH_QUEUE_URL", ""),
             perimeter_queue_url=e.get("RINGFENCE_PERIMETER_QUEUE_URL", ""),
             dlq_url=e.get("RINGFENCE_DLQ_URL", ""),
             signing_key_ref=e.get("RINGFENCE_SIGNING_KEY", ""),
@@ -219,6 +223,11 @@ class BaseWiring:
     def send_compute(self, message: dict[str, Any]) -> None:
         """Deliver one compute message (the compute queue in AWS, the worker thread on one machine)."""
         raise NotImplementedError
+
+    def send_publish(self, message: dict[str, Any]) -> None:
+        """Deliver one publish job (:class:`ringfence.control.fanout.PublishJob` as JSON) to the
+        publish workers (the publish queue in AWS)."""
+        raise NotImplementedError("this control plane publishes in compute (no publish queue)")
 
     def wait_for_change(self, seconds: float, workload_id: str | None = None) -> None:
         """Return when published state may have changed (for ``workload_id``, or for anyone), or

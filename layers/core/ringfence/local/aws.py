@@ -9,11 +9,12 @@ standard endpoint variables — the same code paths as in AWS. Interface::
     with EmbeddedAws() as aws:          # server started, resources created, os.environ set
         aws.url                         # "http://127.0.0.1:<free port>"
         aws.env                         # every variable a handler process needs (AWS_* and RINGFENCE_*),
-                                        # except the signing key: only compute has it (aws.compute_env)
+                                        # except the signing key: only compute and publish have it
+                                        # (aws.compute_env, aws.publish_env)
         aws.client("ec2")               # a boto3 client bound to the server
         aws.client_as("ec2", "ringfence-tagging")  # …calling as that IAM role (assumed)
         aws.client_as("ec2", "developer", user=True)  # …calling as that IAM user
-        aws.queues["ingest"|"lifecycle"|"perimeter"|"compute"|"dlq"|"…_dlq"]  # queue URLs
+        aws.queues["ingest"|"lifecycle"|"perimeter"|"compute"|"publish"|"dlq"|"…_dlq"]  # queue URLs
         aws.queue_arn("compute")
         aws.bucket, aws.tables, aws.rules  # names, as RINGFENCE_* carry them
         aws.signing_key                 # ringfence.bundle.SigningKey in the signing-key secret
@@ -60,6 +61,7 @@ from . import lambdas, moto_lifecycle, moto_trail  # the extensions' record type
 
 REGION = "ca-central-1"
 ACCOUNT = "123456789012"  # moto's default account
+SIGNERS = ("compute", "publish")  # the functions with the signing key (template.yaml)
 
 # the handlers' tables and their keys (template.yaml)
 TABLES: dict[str, list[tuple[str, str]]] = {
@@ -132,7 +134,7 @@ class EmbeddedAws:
     signing_key: SigningKey = field(init=False)
     _server: _MotoProcess | None = field(init=False, default=None, repr=False)
     _saved_env: dict[str, str] | None = field(init=False, default=None, repr=False)
-    _saved_compute_env: dict[str, str] | None = field(init=False, default=None, repr=False)
+    _saved_function_env: dict[str, dict[str, str]] = field(init=False, default_factory=dict, repr=False)
     _clients: dict[str, Any] = field(init=False, default_factory=dict, repr=False)
     # instance → its identity document (every field is fixed at launch)
     _documents: dict[str, str] = field(init=False, default_factory=dict, repr=False)
@@ -153,7 +155,9 @@ class EmbeddedAws:
         self.url = f"http://127.0.0.1:{self._server.port}"
         if self.environ:
             self._saved_env = dict(os.environ)
-            self._saved_compute_env = lambdas.FUNCTION_ENVIRONMENT.get("compute")
+            self._saved_function_env = {
+                f: dict(e) for f in SIGNERS if (e := lambdas.FUNCTION_ENVIRONMENT.get(f)) is not None
+            }
             os.environ.update(self.base_env())
         if build:
             self.build()
@@ -166,9 +170,10 @@ class EmbeddedAws:
         if self._saved_env is not None:
             os.environ.clear()
             os.environ.update(self._saved_env)
-            lambdas.FUNCTION_ENVIRONMENT.pop("compute", None)
-            if self._saved_compute_env is not None:  # an enclosing embedded AWS's compute
-                lambdas.FUNCTION_ENVIRONMENT["compute"] = self._saved_compute_env
+            for f in SIGNERS:
+                lambdas.FUNCTION_ENVIRONMENT.pop(f, None)
+            # an enclosing embedded AWS's compute and publish
+            lambdas.FUNCTION_ENVIRONMENT.update(self._saved_function_env)
             self._saved_env = None
         self._clients.clear()
 
@@ -259,9 +264,18 @@ class EmbeddedAws:
 
     def compute_env(self) -> dict[str, str]:
         """What the compute function alone has beyond :attr:`env` (template.yaml gives
-        RINGFENCE_SIGNING_KEY to ComputeFunction only): never in the process environment, which
-        ``ringfence serve`` (the agent API) inherits; in-process compute gets it through
-        :data:`ringfence.local.lambdas.FUNCTION_ENVIRONMENT`."""
+        RINGFENCE_SIGNING_KEY to ComputeFunction and PublishFunction only, the publish queue's
+        URL to compute): never in the process environment, which ``ringfence serve`` (the agent
+        API) inherits; in-process compute gets it through
+        :data:`ringfence.local.lambdas.FUNCTION_ENVIRONMENT`. A ``Compute`` built on the process
+        environment (not through the handler) has no publish queue: it publishes itself."""
+        return {
+            "RINGFENCE_SIGNING_KEY": f"secretsmanager:{self.names.signing_secret}",
+            "RINGFENCE_PUBLISH_QUEUE_URL": self.queues["publish"],
+        }
+
+    def publish_env(self) -> dict[str, str]:
+        """What the publish function alone has beyond :attr:`env`: the signing key."""
         return {"RINGFENCE_SIGNING_KEY": f"secretsmanager:{self.names.signing_secret}"}
 
     @property
@@ -371,6 +385,11 @@ class EmbeddedAws:
         self.queues["compute"] = queue(
             f"{p}-compute.fifo", {**fifo, "VisibilityTimeout": "960", "RedrivePolicy": redrive("compute_dlq", 5)}
         )
+        # template.yaml: PublishQueue (standard, 5 receives into PublishDLQ)
+        self.queues["publish_dlq"] = queue(f"{p}-publish-dlq")
+        self.queues["publish"] = queue(
+            f"{p}-publish", {"VisibilityTimeout": "360", "RedrivePolicy": redrive("publish_dlq", 5)}
+        )
         # template.yaml: PerimeterQueue (3 receives into PerimeterDLQ)
         self.queues["perimeter_dlq"] = queue(f"{p}-perimeter-dlq")
         self.queues["perimeter"] = queue(
@@ -392,8 +411,9 @@ class EmbeddedAws:
         if self.environ:
             os.environ.update(self.ringfence_env())
             os.environ.pop("RINGFENCE_WEBSOCKET_ENDPOINT", None)  # no NudgeApi here: agents long-poll
-        # in-process compute (the router's, the tests') gets the signing key, nothing else does
+        # in-process compute and publish (the router's, the tests') get the signing key, nothing else does
         lambdas.FUNCTION_ENVIRONMENT["compute"] = self.compute_env()
+        lambdas.FUNCTION_ENVIRONMENT["publish"] = self.publish_env()
 
     # --- instances -----------------------------------------------------------------------------
 

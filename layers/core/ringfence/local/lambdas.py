@@ -32,11 +32,12 @@ from ringfence.control.wiring import FUNCTION_ENV
 
 log = logging.getLogger("ringfence.local")
 
-FUNCTIONS = ("ingest", "compute", "lifecycle", "reconcile", "agentapi", "admin", "wsconnect", "perimeter")
+FUNCTIONS = ("ingest", "compute", "publish", "lifecycle", "reconcile", "agentapi", "admin", "wsconnect", "perimeter")
 
 # function name → the variables only that function's invocations see (``ringfence.clouds.aws.
 # wiring.FUNCTION_ENV``), never put in the process environment. The embedded AWS registers
-# compute's RINGFENCE_SIGNING_KEY here (template.yaml gives it to ComputeFunction alone).
+# compute's and publish's RINGFENCE_SIGNING_KEY here (template.yaml gives it to ComputeFunction and
+# PublishFunction alone), and compute's RINGFENCE_PUBLISH_QUEUE_URL.
 FUNCTION_ENVIRONMENT: dict[str, dict[str, str]] = {}
 
 

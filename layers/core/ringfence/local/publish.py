@@ -64,3 +64,6 @@ class FilePublisher(Publisher):
 
     def get(self, key: str) -> bytes:
         return self.path(key).read_bytes()
+
+    def delete(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)

@@ -20,7 +20,8 @@ moto EventBridge (whose rules route them to the SQS queues), and runs the real h
         router.deliveries, router.errors      # every handler invocation; failures the router survived
 
 ``EventRouter(aws, watch_interval=0.05, watch_fallback=1.0, poll_interval=0.05, schedule=None,
-retry_after=1.0, batch_size=10, functions=None, announce_existing=False, cloudtrail=True, long_poll=1)``:
+retry_after=1.0, batch_size=10, functions=None, announce_existing=False, cloudtrail=True, long_poll=1,
+publish_pollers=3)``:
 
 - **watching** (a thread): ``DescribeInstances`` and ``DescribeAutoScalingGroups`` on the moto
   server, compared with the previous look, whenever moto's change count moves (a call that
@@ -46,6 +47,8 @@ retry_after=1.0, batch_size=10, functions=None, announce_existing=False, cloudtr
   visible again after ``retry_after`` s (AWS: the queue's visibility timeout, 360 s / 960 s), so the
   queue's redrive policy moves a poison message to its DLQ after its receive count. The compute
   queue is FIFO with one message group: its one thread takes batches in order, one at a time. The
+  publish queue compute fans bundles out to is standard: ``publish_pollers`` threads (default 3)
+  take its batches at once, as Lambda runs several batches of a standard queue concurrently. The
   handlers' boto3 clients are created up front in one thread (a session is not meant to create
   clients from many threads; made clients are thread-safe). Each poller long-polls its queue
   (``long_poll`` s, as Lambda's pollers do): moto answers the moment a message arrives, and an
@@ -60,7 +63,8 @@ retry_after=1.0, batch_size=10, functions=None, announce_existing=False, cloudtr
 :class:`Timeline` records, per event put: ``changed`` (the watcher saw the change in moto),
 ``put`` (``PutEvents`` returned), ``ingested`` (the ingest or lifecycle handler finished the batch
 holding it), ``computed`` (the compute handler finished a batch naming its instance with a message
-sent after that ingest began, or received after it finished) — all ``time.time()`` seconds; ``unchanged`` when the pipeline went idle after
+sent after that ingest began, or received after it finished), ``published`` (a publish batch
+holding its instance's bundle finished after that) — all ``time.time()`` seconds; ``unchanged`` when the pipeline went idle after
 its ingest with nothing to compute for it (ingest found the inventory already as the event says:
 the same change often arrives as several events, e.g. CloudTrail ``RunInstances`` and the state
 change). Lifecycle actions are completed by compute
@@ -101,8 +105,15 @@ TERMINATE_OK = "EC2 Instance Terminate Successful"
 API_CALL = "AWS API Call via CloudTrail"
 
 # delivery order per pass: lifecycle actions first (an instance waits on them), then ingest, the
-# perimeter (which hands launch actions on to compute), compute last
-QUEUES = (("lifecycle", "lifecycle"), ("ingest", "ingest"), ("perimeter", "perimeter"), ("compute", "compute"))
+# perimeter (which hands launch actions on to compute), compute, and the publish workers that
+# sign, store and announce what compute rendered
+QUEUES = (
+    ("lifecycle", "lifecycle"),
+    ("ingest", "ingest"),
+    ("perimeter", "perimeter"),
+    ("compute", "compute"),
+    ("publish", "publish"),
+)
 STAGES = ("put", "ingested", "computed", "unchanged", "failed")
 SETTLE_EVERY = 1.0  # s between the schedule thread's checks that the queues went idle
 LEAVING_LOOKS = 20  # looks to wait for an instance that left its group to be seen terminated
@@ -127,6 +138,8 @@ class TimelineEntry:
     ingested: float | None = None
     perimeter: float | None = None  # the perimeter handler finished a batch naming its instance
     computed: float | None = None
+    # a publish worker pointed at its instance's new bundle (compute fans bundles out to them)
+    published: float | None = None
     failed: str | None = None  # last handler failure for it (it stays queued and is retried)
     attempts: int = 0
     unchanged: bool = False  # ingested, and the pipeline went idle with nothing to compute for it
@@ -263,32 +276,47 @@ class Timeline:
                         self._entries[eid] = replace(e, perimeter=at)
             self._cond.notify_all()
 
+    def published(self, instance_ids: Iterable[str], at: float) -> None:
+        """A publish batch finished at ``at`` with these instances' bundles: each computed event
+        for them without a publish stamp gets one (not a stage listeners see)."""
+        ids = set(instance_ids)
+        if not ids:
+            return
+        with self._cond:
+            for eid, e in self._entries.items():
+                if e.computed is not None and e.published is None and ids.intersection(e.instance_ids):
+                    self._entries[eid] = replace(e, published=at)
+            self._cond.notify_all()
+
     def computed(
         self,
         instance_ids: Iterable[str],
         received_at: float,
         at: float,
         sent: dict[str, float] | None = None,
-        lifecycles: Iterable[str] = (),
+        lifecycles: Iterable[str] | None = None,
     ) -> None:
         """A compute batch received at ``received_at`` finished at ``at`` naming these instances:
         every event for them ingested before that batch was received is now computed, and so is
         one whose ingest began before the batch's message for its instance was sent (``sent``:
         instance → its latest message's ``SentTimestamp``, s): that message came from this
         ingest (or a later one), which had seen the event. Such an event still being ingested
-        is stamped ingested when that message was sent (its record was done then). A launch
-        lifecycle action is computed only by a batch carrying the action itself (``lifecycles``:
-        the instances whose action the batch holds), the one that completes it: the lifecycle
-        handler also asks compute for the instance at once, and that message may be done while
-        the action still waits for the perimeter."""
+        is stamped ingested when that message was sent (its record was done then). A lifecycle
+        action is answered only by a batch carrying it (``lifecycles``: the instances whose
+        action the batch held, when given): a batch computing the same instance's other events
+        did not complete it, and the action's perimeter hand-off comes later."""
         sent = sent or {}
-        actions = set(lifecycles)
+        carried = None if lifecycles is None else set(lifecycles)
         with self._cond:
             done = []
             for iid in instance_ids:
                 keep = []
                 for eid in self._awaiting.get(iid, []):
-                    if self._entries[eid].detail_type == LAUNCH_ACTION and iid not in actions:
+                    if (
+                        carried is not None
+                        and iid not in carried
+                        and self._entries[eid].detail_type in (LAUNCH_ACTION, TERMINATE_ACTION)
+                    ):
                         keep.append(eid)
                         continue
                     e = self._answered(eid, sent.get(iid), received_at, at)
@@ -426,8 +454,10 @@ class EventRouter:
         announce_existing: bool = False,
         cloudtrail: bool = True,
         long_poll: int = 1,
+        publish_pollers: int = 3,
     ) -> None:
         self.aws = aws
+        self.publish_pollers = max(1, publish_pollers)
         self.long_poll = long_poll
         self.watch_interval = watch_interval
         self.watch_fallback = watch_fallback
@@ -489,6 +519,11 @@ class EventRouter:
         self._look = first
         loops: list[tuple[str, Callable[[], None]]] = [("watch", self._watch_loop), ("schedule", self._schedule_loop)]
         loops += [(queue, functools.partial(self._poller_loop, queue, name)) for queue, name in QUEUES]
+        # the publish queue is standard: Lambda runs several batches of it at once (jobs are independent)
+        loops += [
+            (f"publish-{i}", functools.partial(self._poller_loop, "publish", "publish"))
+            for i in range(1, self.publish_pollers)
+        ]
         for name, target in loops:
             t = threading.Thread(target=target, name=f"ringfence-router-{name}", daemon=True)
             t.start()
@@ -832,7 +867,7 @@ class EventRouter:
         def invoke(event: dict[str, Any], context: Any) -> Any:
             with self._lock:
                 self._busy[queue] = self._busy.get(queue, 0) + 1
-            if queue not in ("compute", "perimeter"):
+            if queue not in ("compute", "perimeter", "publish"):
                 self.timeline.began(_event_ids(event), time.time())
             return self._profiled(name, fn, event, context)
 
@@ -860,13 +895,17 @@ class EventRouter:
                 stats.dump_stats(os.path.join(self._profile_dir, f"{name}.prof"))
 
     def _record(self, queue: str, d: Delivery) -> None:
+        if queue == "publish":
+            if not d.failed:
+                self.timeline.published(self._published_ids(d), d.done_at)
+            return
         if queue in ("compute", "perimeter"):
             if d.failed:
                 return
             ids: list[str] = []
             sent: dict[str, float] = {}  # instance → its latest message's SentTimestamp (s)
             handed_on: dict[str, float] = {}  # instance → when the perimeter handed its launch on
-            actions: list[str] = []  # instances whose lifecycle action the batch holds
+            carried: list[str] = []  # instances whose lifecycle action the batch held
             for m in d.messages:
                 try:
                     body = json.loads(m["Body"])
@@ -876,7 +915,7 @@ class EventRouter:
                 lc = body.get("lifecycle") or {}
                 if lc.get("instance_id"):
                     named.append(lc["instance_id"])
-                    actions.append(lc["instance_id"])
+                    carried.append(lc["instance_id"])
                     if isinstance(lc.get("perimeter_at"), (int, float)):
                         handed_on[lc["instance_id"]] = float(lc["perimeter_at"])
                 ids.extend(named)
@@ -892,7 +931,7 @@ class EventRouter:
                 # hand-off's time is in the message
                 for iid, at in handed_on.items():
                     self.timeline.perimeter([iid], at, sent)
-                self.timeline.computed(dict.fromkeys(ids), d.received_at, d.done_at, sent, actions)
+                self.timeline.computed(dict.fromkeys(ids), d.received_at, d.done_at, sent, lifecycles=carried)
             return
         ok: list[str] = []
         bad: list[str] = []
@@ -905,6 +944,18 @@ class EventRouter:
         self.timeline.ingested(ok, d.done_at, began=d.received_at)
         if bad:
             self.timeline.failed(bad, d.error or f"{queue} handler reported the record as failed")
+
+    @staticmethod
+    def _published_ids(d: Delivery) -> list[str]:
+        """The workloads whose bundles a publish batch published."""
+        out: list[str] = []
+        for m in d.messages:
+            try:
+                body = json.loads(m["Body"])
+            except ValueError:
+                continue
+            out.extend(str(b.get("workload_id")) for b in body.get("bundles") or [])
+        return out
 
     def run_scheduled(self, name: str) -> dict[str, Any]:
         """Invoke a scheduled handler (``reconcile``, ``perimeter``) with a ``Scheduled Event`` now.

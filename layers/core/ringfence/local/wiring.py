@@ -17,8 +17,9 @@
 
 Pending compute work lives in memory only. That loses nothing acknowledged: every request that
 enqueues work has written its change to the store first, and the worker's first computation after
-a start rebuilds the engine from the store and republishes every bundle at a fresh revision (the
-same recovery a cold compute container does), so work lost with a killed process is redone.
+a start rebuilds the engine from the store, adopts what is published unchanged and republishes
+the rest at a fresh revision (the same recovery a cold compute container does), so work lost with
+a killed process is redone.
 """
 
 from __future__ import annotations

@@ -88,6 +88,7 @@ class EngineHead(BaseModel):
     revision: int = 0
     policy_version: int = 0
     clean: bool = True
+    published: int = Field(0, description="publications by the publish workers (Store.bump_published)")
 
 
 class BundlePointer(BaseModel):
@@ -97,7 +98,11 @@ class BundlePointer(BaseModel):
     etag: str
     rules_revision: int
     sets: dict[str, int] = Field(default_factory=dict, description="set name → set version in this bundle")
-    published_at: float | None = Field(None, description="when compute stored this bundle (unix seconds)")
+    published_at: float | None = Field(None, description="when this bundle was stored and pointed at (unix seconds)")
+    digest: str | None = Field(
+        None, description="the bundle's rules (all but versions and set contents) hashed: a cold start adopts it"
+    )
+    expires_at: int | None = Field(None, description="when the stored bundle's signature expires")
 
 
 class EnforcementReport(BaseModel):
@@ -205,9 +210,27 @@ class Store(Protocol):
         over exactly that version); True if written."""
         ...
 
+    def bundle_pointers(self, workload_ids: list[str]) -> dict[str, BundlePointer]: ...
     def put_delta(self, ptr: DeltaPointer) -> None: ...
-    def put_set_head(self, set_name: str, version: int) -> None: ...
+    def put_set_head(self, set_name: str, version: int, digest: str | None = None) -> None:
+        """Move the set's head forward (never back), with a hash of its content at ``version``."""
+        ...
+
     def set_heads(self, set_names: list[str]) -> dict[str, int]: ...
+    def set_states(self, set_names: list[str]) -> dict[str, tuple[int, str | None]]:
+        """Head version and content hash per set (absent: never recorded)."""
+        ...
+
+    def bump_published(self, workloads: list[str] | None) -> int:
+        """A publish worker moved these workloads' pointers (None: too many to list): counted on
+        the engine head (``published``, which compute's writes leave alone) and recorded under
+        the new count, so that the agent API's change watch wakes exactly their long-polls."""
+        ...
+
+    def published_after(self, count: int) -> list[tuple[int, list[str] | None]]:
+        """The records of :meth:`bump_published` after ``count``, oldest first."""
+        ...
+
     def deltas_after(self, set_name: str, revision: int) -> list[DeltaPointer]: ...
     def put_moved(self, rec: MovedRecord) -> None: ...
     def moved_after(self, revision: int) -> list[MovedRecord]:

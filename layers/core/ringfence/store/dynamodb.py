@@ -32,6 +32,7 @@ from ringfence.store.base import (
     ACTIVE_STATES,
     HOLD_FIRST_WINS,
     HOLD_TTL,
+    MOVED_MAX,
     MOVED_TTL,
     AuditHead,
     AuditRecord,
@@ -243,21 +244,25 @@ class DynamoStore:
         if item is None:
             return EngineHead()
         return EngineHead(
-            revision=int(item["revision"]), policy_version=int(item["policy_version"]), clean=bool(item["clean"])
+            revision=int(item.get("revision", 0)),
+            policy_version=int(item.get("policy_version", 0)),
+            clean=bool(item.get("clean", True)),
+            published=int(item.get("published", 0)),
         )
 
     def put_head(self, new: EngineHead, expected_revision: int) -> None:
+        # an update, not a put: the publish workers' count (``published``) on the same item stays
         try:
-            self.state.put_item(
-                Item={
-                    "pk": "engine",
-                    "sk": "head",
-                    "revision": new.revision,
-                    "policy_version": new.policy_version,
-                    "clean": new.clean,
+            self.state.update_item(
+                Key={"pk": "engine", "sk": "head"},
+                UpdateExpression="SET revision = :n, policy_version = :p, clean = :c",
+                ConditionExpression="attribute_not_exists(revision) OR revision = :r",
+                ExpressionAttributeValues={
+                    ":n": new.revision,
+                    ":p": new.policy_version,
+                    ":c": new.clean,
+                    ":r": expected_revision,
                 },
-                ConditionExpression="attribute_not_exists(pk) OR revision = :r",
-                ExpressionAttributeValues={":r": expected_revision},
             )
         except ClientError as exc:
             if _conditional_failed(exc):
@@ -310,13 +315,68 @@ class DynamoStore:
             raise
         return True
 
-    def put_set_head(self, set_name: str, version: int) -> None:
+    def bundle_pointers(self, workload_ids: list[str]) -> dict[str, BundlePointer]:
+        out: dict[str, BundlePointer] = {}
+        for item in self._batch_get([(f"bundle#{w}", "latest") for w in sorted(set(workload_ids))]):
+            ptr = BundlePointer.model_validate_json(item["doc"])
+            out[ptr.workload_id] = ptr
+        return out
+
+    def _batch_get(self, keys: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for i in range(0, len(keys), 100):
+            chunk = [{"pk": pk, "sk": sk} for pk, sk in keys[i : i + 100]]
+            request: dict[str, Any] = {self.state.name: {"Keys": chunk, "ConsistentRead": True}}
+            while request:
+                resp = self.ddb.batch_get_item(RequestItems=request)
+                out.extend(resp.get("Responses", {}).get(self.state.name, []))
+                request = resp.get("UnprocessedKeys") or {}
+        return out
+
+    def set_states(self, set_names: list[str]) -> dict[str, tuple[int, str | None]]:
+        out: dict[str, tuple[int, str | None]] = {}
+        for item in self._batch_get([(f"sethead#{n}", "head") for n in sorted(set(set_names))]):
+            digest = item.get("digest")
+            out[str(item["pk"]).removeprefix("sethead#")] = (int(item["version"]), str(digest) if digest else None)
+        return out
+
+    def bump_published(self, workloads: list[str] | None) -> int:
+        out = self.state.update_item(
+            Key={"pk": "engine", "sk": "head"},
+            UpdateExpression="ADD published :one",
+            ExpressionAttributeValues={":one": 1},
+            ReturnValues="UPDATED_NEW",
+        )
+        count = int(out["Attributes"]["published"])
+        listed = workloads is not None and len(workloads) <= MOVED_MAX
+        self._put("published", f"{count:012d}", ttl=MOVED_TTL, doc=json.dumps(workloads if listed else None))
+        return count
+
+    def published_after(self, count: int) -> list[tuple[int, list[str] | None]]:
+        out: list[tuple[int, list[str] | None]] = []
+        kwargs: dict[str, Any] = {
+            "KeyConditionExpression": Key("pk").eq("published") & Key("sk").gt(f"{count:012d}"),
+            "ConsistentRead": True,
+        }
+        while True:
+            page = self.state.query(**kwargs)
+            out.extend((int(i["sk"]), json.loads(i["doc"])) for i in page.get("Items", []))
+            if "LastEvaluatedKey" not in page:
+                return out
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def put_set_head(self, set_name: str, version: int, digest: str | None = None) -> None:
+        values: dict[str, Any] = {":v": version}
+        expr = "SET version = :v"
+        if digest is not None:
+            expr += ", digest = :d"
+            values[":d"] = digest
         try:
             self.state.update_item(
                 Key={"pk": f"sethead#{set_name}", "sk": "head"},
-                UpdateExpression="SET version = :v",
+                UpdateExpression=expr,
                 ConditionExpression="attribute_not_exists(version) OR version < :v",
-                ExpressionAttributeValues={":v": version},
+                ExpressionAttributeValues=values,
             )
         except ClientError as exc:
             if not _conditional_failed(exc):

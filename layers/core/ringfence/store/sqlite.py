@@ -90,6 +90,8 @@ CREATE TABLE IF NOT EXISTS policy (number INTEGER PRIMARY KEY, doc TEXT NOT NULL
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS bundle (workload_id TEXT PRIMARY KEY, version INTEGER NOT NULL, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS set_head (name TEXT PRIMARY KEY, version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS set_digest (name TEXT PRIMARY KEY, version INTEGER NOT NULL, digest TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS published (count INTEGER PRIMARY KEY, doc TEXT NOT NULL, expires REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS delta (
     set_name TEXT NOT NULL,
     to_version INTEGER NOT NULL,
@@ -363,7 +365,10 @@ class SqliteStore:
         row = self._db().execute("SELECT revision, policy_version, clean FROM head WHERE id = 1").fetchone()
         if row is None:
             return EngineHead()
-        return EngineHead(revision=row[0], policy_version=row[1], clean=bool(row[2]))
+        count = self._db().execute("SELECT MAX(count) FROM published").fetchone()
+        return EngineHead(
+            revision=row[0], policy_version=row[1], clean=bool(row[2]), published=int(count[0] or 0) if count else 0
+        )
 
     def put_head(self, new: EngineHead, expected_revision: int) -> None:
         with self._tx() as db:
@@ -425,13 +430,59 @@ class SqliteStore:
                 (ptr.set, ptr.to_version, ptr.model_dump_json(), time.time() + DELTA_TTL),
             )
 
-    def put_set_head(self, set_name: str, version: int) -> None:
+    def put_set_head(self, set_name: str, version: int, digest: str | None = None) -> None:
         with self._tx() as db:
             db.execute(
                 "INSERT INTO set_head (name, version) VALUES (?, ?) ON CONFLICT (name) "
                 "DO UPDATE SET version = excluded.version WHERE excluded.version > set_head.version",
                 (set_name, version),
             )
+            if digest is not None:
+                db.execute(
+                    "INSERT INTO set_digest (name, version, digest) VALUES (?, ?, ?) ON CONFLICT (name) "
+                    "DO UPDATE SET version = excluded.version, digest = excluded.digest "
+                    "WHERE excluded.version > set_digest.version",
+                    (set_name, version, digest),
+                )
+
+    def set_states(self, set_names: list[str]) -> dict[str, tuple[int, str | None]]:
+        names = json.dumps(sorted(set(set_names)))
+        db = self._db()
+        out: dict[str, tuple[int, str | None]] = {
+            str(n): (int(v), None)
+            for n, v in db.execute(
+                "SELECT name, version FROM set_head WHERE name IN (SELECT value FROM json_each(?))", (names,)
+            )
+        }
+        for n, v, d in db.execute(
+            "SELECT name, version, digest FROM set_digest WHERE name IN (SELECT value FROM json_each(?))", (names,)
+        ):
+            if out.get(str(n), (None,))[0] == int(v):
+                out[str(n)] = (int(v), str(d))
+        return out
+
+    def bundle_pointers(self, workload_ids: list[str]) -> dict[str, BundlePointer]:
+        rows = self._db().execute(
+            "SELECT doc FROM bundle WHERE workload_id IN (SELECT value FROM json_each(?))",
+            (json.dumps(sorted(set(workload_ids))),),
+        )
+        ptrs = (BundlePointer.model_validate_json(r[0]) for r in rows)
+        return {p.workload_id: p for p in ptrs}
+
+    def bump_published(self, workloads: list[str] | None) -> int:
+        now = time.time()
+        with self._tx() as db:
+            db.execute("DELETE FROM published WHERE expires < ? AND count < (SELECT MAX(count) FROM published)", (now,))
+            row = db.execute("SELECT COALESCE(MAX(count), 0) + 1 FROM published").fetchone()
+            db.execute(
+                "INSERT INTO published (count, doc, expires) VALUES (?, ?, ?)",
+                (int(row[0]), json.dumps(workloads), now + MOVED_TTL),
+            )
+        return int(row[0])
+
+    def published_after(self, count: int) -> list[tuple[int, list[str] | None]]:
+        rows = self._db().execute("SELECT count, doc FROM published WHERE count > ? ORDER BY count", (count,))
+        return [(int(c), json.loads(d)) for c, d in rows]
 
     def set_heads(self, set_names: list[str]) -> dict[str, int]:
         rows = self._db().execute(

@@ -32,6 +32,9 @@ class S3Publisher(Publisher):
     def get(self, key: str) -> bytes:
         return bytes(self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read())
 
+    def delete(self, key: str) -> None:
+        self.s3.delete_object(Bucket=self.bucket, Key=key)
+
 
 class WebSocketNotifier:
     """Nudges connected agents over the API Gateway WebSocket API; agents without a live

@@ -29,7 +29,9 @@ class Wiring(BaseWiring):
         )
         self.sqs = clients.client("sqs")
         self._signer: Any = None
-        self.changes = StoreChanges(self.store.head, cfg.wait_poll_interval, MovedSince(self.store.moved_after))
+        self.changes = StoreChanges(
+            self.store.head, cfg.wait_poll_interval, MovedSince(self.store.moved_after, self.store.published_after)
+        )
         self.enrollers.update({"aws-iid": enroll_iid, "aws-sts": enroll_sts})
 
     @property
@@ -90,6 +92,11 @@ class Wiring(BaseWiring):
                 MessageGroupId="compute",  # one group: compute is serialized
                 MessageDeduplicationId=uuid.uuid4().hex,
             )
+
+    def send_publish(self, message: dict[str, Any]) -> None:
+        # a standard queue: jobs are independent (pointers never move backwards), any number of
+        # workers take them in parallel
+        self.sqs.send_message(QueueUrl=self.cfg.publish_queue_url, MessageBody=json.dumps(message))
 
     def enqueue_perimeter(self, ids: Iterable[str], *, lifecycle: dict[str, str] | None = None) -> bool:
         """Ask the perimeter function to give these workloads' interfaces their groups (and then

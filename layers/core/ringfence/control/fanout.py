@@ -1,0 +1,196 @@
+"""Publishing fanned out: compute (one ordered writer of the engine's state) hands the bundles it
+rendered and the nudges it owes to publish workers, which sign, store, point and nudge in
+parallel.
+
+A :class:`PublishJob` carries, per workload, the unsigned bundle compute rendered (or the key of
+a staged copy in the bucket when it is too big for a queue message), and the agents to nudge
+whose sets moved. :class:`PublishWorker` runs a batch of jobs: signs each bundle (the signing
+key: compute and the publish function only), stores it under its content-addressed key, moves
+the workload's pointer — never backwards: a later version already pointed at wins, and the older
+document is left unpointed and unannounced — then nudges, and finally counts the publication on
+the engine head (``Store.bump_published``) so that the agent API's long-polls for these
+workloads wake (:class:`ringfence.control.changes.MovedSince`).
+
+Jobs run in-process (:meth:`PublishWorker.run`, on one machine and for launches whose lifecycle
+hook waits) or go through the publish queue to the ``publish`` function (AWS: ``send_publish``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, Field
+
+from ringfence import bundle
+from ringfence.store.base import BundlePointer
+
+from .publish import PUBLIC_KEYS_KEY, Notifier
+from .wiring import BaseWiring, Metric, log, no_metric
+
+T = TypeVar("T")
+R = TypeVar("R")
+PUBLISH_THREADS = 8  # concurrent uploads of signed documents
+MESSAGE_BUDGET = 200_000  # bytes of JSON per queue message (SQS takes 256 KiB)
+NUDGES_PER_MESSAGE = 2000
+STAGED_PREFIX = "staging/"  # unsigned bundles too big for a message; the worker deletes them
+
+
+class BundleJob(BaseModel):
+    workload_id: str
+    bundle: dict[str, Any] | None = Field(None, description="the unsigned bundle as the engine rendered it")
+    staged: str | None = Field(None, description="or the key of its JSON in the bucket (too big for a message)")
+    digest: str = Field(description="rules_digest of the bundle (a cold start adopts what matches)")
+    rules_revision: int
+
+
+class PublishJob(BaseModel):
+    """One message of the publish queue."""
+
+    revision: int = Field(description="the engine revision compute was at (for logs and ordering checks)")
+    bundles: list[BundleJob] = Field(default_factory=list)
+    nudges: list[tuple[str, int]] = Field(default_factory=list, description="(workload, latest version)")
+
+
+@dataclass
+class PublishStats:
+    bundles_published: int = 0
+    superseded: int = 0  # a newer version was pointed at already: this one is not announced
+    nudged: int = 0
+    bytes_published: int = 0
+
+
+def rules_digest(doc: dict[str, Any]) -> str:
+    """What a bundle says apart from its versions and its sets' contents (those are the set
+    heads'): two renders with the same digest over sets of the same contents are the same bundle."""
+    body = {k: v for k, v in doc.items() if k not in ("version", "sets", "signature", "expires_at", "signed_at")}
+    body["sets"] = sorted(doc.get("sets") or {})
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def set_digest(v4: Iterable[str], v6: Iterable[str]) -> str:
+    """A set's content, hashed (its canonical cover, as the engine renders it)."""
+    h = hashlib.sha256()
+    for p in v4:
+        h.update(p.encode() + b"\n")
+    h.update(b"--\n")
+    for p in v6:
+        h.update(p.encode() + b"\n")
+    return h.hexdigest()
+
+
+def pack(bundles: list[BundleJob], nudges: list[tuple[str, int]], revision: int) -> list[PublishJob]:
+    """Jobs of at most ``MESSAGE_BUDGET`` bytes of bundles and ``NUDGES_PER_MESSAGE`` nudges each
+    (a bundle over the budget alone must be staged by the caller first)."""
+    out: list[PublishJob] = []
+    cur: list[BundleJob] = []
+    size = 0
+    for job in bundles:
+        n = len(job.model_dump_json())
+        if cur and size + n > MESSAGE_BUDGET:
+            out.append(PublishJob(revision=revision, bundles=cur))
+            cur, size = [], 0
+        cur.append(job)
+        size += n
+    if cur:
+        out.append(PublishJob(revision=revision, bundles=cur))
+    for i in range(0, len(nudges), NUDGES_PER_MESSAGE):
+        out.append(PublishJob(revision=revision, nudges=nudges[i : i + NUDGES_PER_MESSAGE]))
+    return out
+
+
+class PublishWorker:
+    """Sign, store, point, nudge (see the module doc). Stateless but for the published key id,
+    so any number run in parallel."""
+
+    def __init__(self, w: BaseWiring, metric: Metric = no_metric, notifier: Notifier | None = None) -> None:
+        self.w = w
+        self.metric = metric
+        self.notifier = notifier if notifier is not None else w.default_notifier()
+        self._published_key: str | None = None
+
+    def signer(self) -> Any:
+        """The signing key, its public key published once per key for the agent API to name."""
+        signer = self.w.signer
+        if self._published_key != signer.key_id:
+            self.w.publisher.put_text(PUBLIC_KEYS_KEY, signer.public_pem().decode())
+            self._published_key = signer.key_id
+        return signer
+
+    def run(self, jobs: list[PublishJob], *, signal: bool = True) -> tuple[PublishStats, dict[str, int]]:
+        """Publish these jobs; the stats and each pointed-at workload's bundle expiry.
+        ``signal``: count the publication on the engine head (the queued path; in-process callers
+        that commit the head themselves afterwards need not)."""
+        stats = PublishStats()
+        bytes0 = self.w.publisher.bytes_published
+        expiry: dict[str, int] = {}
+        moved: list[str] = []
+        wanted = [b for j in jobs for b in j.bundles]
+        if wanted:
+            signer = self.signer()
+            expires_at = int(time.time()) + self.w.cfg.bundle_ttl
+            docs = [
+                bundle.sign(bundle.Bundle.model_validate(self._doc(b)), signer, expires_at=expires_at) for b in wanted
+            ]
+            stored = in_parallel(self.w.publisher.put_bundle, docs)
+            for job, doc, (key, sha) in zip(wanted, docs, stored, strict=True):
+                ptr = BundlePointer(
+                    workload_id=job.workload_id,
+                    version=doc.version,
+                    key=key,
+                    # the stored bytes: a refresh (same version, later expiry) is a new ETag
+                    etag=f'"{doc.version}-{sha[:16]}"',
+                    rules_revision=job.rules_revision,
+                    sets={n: s.version for n, s in doc.sets.items()},
+                    digest=job.digest,
+                    expires_at=expires_at,
+                    published_at=time.time(),  # the not-enforced bound counts from here (control.findings)
+                )
+                # never backwards: a worker that took a later job first keeps its pointer
+                if not self.w.store.put_bundle_pointer(ptr):
+                    log.info("bundle v%s of %s superseded by a newer one: not announced", doc.version, job.workload_id)
+                    stats.superseded += 1
+                    continue
+                expiry[job.workload_id] = expires_at
+                stats.bundles_published += 1
+                moved.append(job.workload_id)
+                self.notifier.nudge(job.workload_id, doc.version)
+                stats.nudged += 1
+            for job in wanted:
+                if job.staged:
+                    self.w.publisher.delete(job.staged)
+        for j in jobs:
+            for wid, version in j.nudges:
+                self.notifier.nudge(wid, version)
+                stats.nudged += 1
+        if signal and moved:
+            self.w.store.bump_published(moved)
+        stats.bytes_published = self.w.publisher.bytes_published - bytes0
+        self.metric("BundlesPublished", stats.bundles_published)
+        self.metric("BundlesSuperseded", stats.superseded)
+        self.metric("Nudged", stats.nudged)
+        return stats, expiry
+
+    def _doc(self, job: BundleJob) -> dict[str, Any]:
+        if job.bundle is not None:
+            return job.bundle
+        if not job.staged or not job.staged.startswith(STAGED_PREFIX):
+            raise ValueError(
+                f"publish job for {job.workload_id}: neither a bundle nor a staged key under {STAGED_PREFIX}"
+            )
+        doc: dict[str, Any] = json.loads(self.w.publisher.get(job.staged))
+        return doc
+
+
+def in_parallel(fn: Callable[[T], R], items: list[T]) -> list[R]:
+    """``fn`` over ``items`` on up to ``PUBLISH_THREADS`` threads (the publisher's S3 client is
+    thread-safe; the store's writes stay on the caller's thread), results in order."""
+    if len(items) <= 1:
+        return [fn(i) for i in items]
+    with ThreadPoolExecutor(min(PUBLISH_THREADS, len(items)), thread_name_prefix="publish") as pool:
+        return list(pool.map(fn, items))
