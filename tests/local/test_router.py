@@ -321,7 +321,7 @@ def test_timeline_compute_answering_an_event_whose_ingest_batch_is_still_running
     # the batch's first record went on to the perimeter and compute before the batch finished
     tl.perimeter(["i-1"], at=10.5, sent={"i-1": 10.2})
     # the lifecycle handler's own message for i-1 (no action in it) does not answer a launch action
-    tl.computed(["i-1"], received_at=10.3, at=10.4, sent={"i-1": 10.25})
+    tl.computed(["i-1"], received_at=10.3, at=10.4, sent={"i-1": 10.25}, lifecycles=[])
     assert tl.get("a").computed is None  # type: ignore[union-attr]
     # the perimeter's hand-off, carrying the action, does
     tl.computed(["i-1"], received_at=10.6, at=11.0, sent={"i-1": 10.55}, lifecycles=["i-1"])
