@@ -236,28 +236,22 @@ def _write_many(spec: str, who: str, n: int, barrier: Any) -> None:
         store.audit(AuditRecord(principal=who, action="x", target=str(i)))
 
 
-def _one_request_at_a_time(client: Any) -> list[str]:
-    """DynamoDB applies each request (a transaction too) atomically; moto server does not isolate
-    concurrent TransactWriteItems (two racing writers both passed their conditions and one record
-    was lost, in this test without this). So the requests of this process go one at a time, as
-    DynamoDB's contract has it; a writer's head read and its transaction stay separate requests,
-    so writers still race between them. Returns the transactions' cancellation codes."""
-    lock = threading.Lock()
+def _cancellations(client: Any) -> list[str]:
+    """The errors the writers' transactions met (their requests go out concurrently: moto's
+    TransactWriteItems did not isolate concurrent transactions — two racing writers both passed
+    their conditions and one record was lost — until the embedded moto ran them one at a time,
+    ``ringfence.local.motoproc.serialise_transactions``, as DynamoDB isolates them)."""
     cancelled: list[str] = []
+    transact = client.transact_write_items
 
-    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        def call(**kw: Any) -> Any:
-            with lock:
-                try:
-                    return fn(**kw)
-                except Exception as exc:
-                    cancelled.append(type(exc).__name__)
-                    raise
+    def call(**kw: Any) -> Any:
+        try:
+            return transact(**kw)
+        except Exception as exc:
+            cancelled.append(type(exc).__name__)
+            raise
 
-        return call
-
-    for name in ("transact_write_items", "get_item"):
-        setattr(client, name, wrap(getattr(client, name)))
+    client.transact_write_items = call
     return cancelled
 
 
@@ -265,7 +259,7 @@ def test_concurrent_threads_keep_one_chain(raw: Raw) -> None:
     dynamo = raw.spec.startswith("dynamodb")
     writers, each = 4, 10 if dynamo else 25
     barrier = threading.Barrier(writers)
-    cancelled = _one_request_at_a_time(raw.store.audit_table.meta.client) if dynamo else []
+    cancelled = _cancellations(raw.store.audit_table.meta.client) if dynamo else []
 
     def run(who: str) -> None:
         barrier.wait(60)

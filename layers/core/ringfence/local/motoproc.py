@@ -163,6 +163,27 @@ class MemoizedDispatch:
         return self.application(environ)(environ, start_response)  # type: ignore[no-any-return]
 
 
+def serialise_transactions() -> None:
+    """Run moto's DynamoDB ``TransactWriteItems`` one at a time. moto snapshots every table a
+    transaction touches with ``copy.deepcopy`` (to roll back) while other request threads write
+    to it: under the lab's concurrency that raised "dictionary changed size during iteration"
+    (a 500 the caller retries) and could lose a write. DynamoDB isolates transactions itself;
+    the audit chain (:meth:`ringfence.store.dynamodb.DynamoStore.audit`) relies on it."""
+    from moto.dynamodb.models import DynamoDBBackend
+
+    orig = DynamoDBBackend.transact_write_items
+    if getattr(orig, "_ringfence_serialised", False):
+        return
+    lock = threading.Lock()
+
+    def transact_write_items(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with lock:
+            return orig(self, *args, **kwargs)
+
+    transact_write_items._ringfence_serialised = True  # type: ignore[attr-defined]
+    DynamoDBBackend.transact_write_items = transact_write_items  # type: ignore[method-assign]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ringfence.local.motoproc", description=__doc__.splitlines()[0])
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
@@ -175,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     moto_lifecycle.install()
     moto_trail.install()
     moto_changes.install()
+    serialise_transactions()
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     app = with_extensions(MemoizedDispatch(DomainDispatcherApplication(create_backend_app)))
     server = make_server(args.host, args.port, app, threaded=True, request_handler=MotoRequestHandler)
