@@ -113,3 +113,47 @@ def test_the_change_count_moves_for_what_the_watchers_compare_and_wakes_a_waiter
     assert seq > launched and waited < 4.0, "woken by the tag change, not by the end of its wait"
     ec2.terminate_instances(InstanceIds=[inst["InstanceId"]])
     assert embedded.changes_after(seq, 0.2) > seq
+
+
+def test_transactions_are_all_or_nothing_without_copying_tables(embedded: Any) -> None:
+    """``serialise_transactions``: a transaction whose conditions all hold is applied whole; one
+    with a failing condition changes nothing and names the failing operation, as DynamoDB does."""
+    import botocore.exceptions
+
+    ddb = embedded.client("dynamodb")
+    name = "rf-motoproc-tx"
+    ddb.create_table(
+        TableName=name,
+        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
+        AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    new = {"ConditionExpression": "attribute_not_exists(pk)"}
+
+    def put(pk: str, v: str) -> dict[str, Any]:
+        return {"Put": {"TableName": name, "Item": {"pk": {"S": pk}, "v": {"S": v}}, **new}}
+
+    ddb.transact_write_items(TransactItems=[put("a", "1"), put("b", "1")])
+    with pytest.raises(botocore.exceptions.ClientError) as err:
+        ddb.transact_write_items(TransactItems=[put("c", "2"), put("a", "2")])
+    reasons = [r.get("Code") for r in err.value.response["CancellationReasons"]]
+    assert reasons == ["None", "ConditionalCheckFailed"]
+    items = {i["pk"]["S"]: i["v"]["S"] for i in ddb.scan(TableName=name)["Items"]}
+    assert items == {"a": "1", "b": "1"}, "the failed transaction wrote nothing (not c, not a)"
+    ddb.transact_write_items(
+        TransactItems=[
+            {
+                "Update": {
+                    "TableName": name,
+                    "Key": {"pk": {"S": "b"}},
+                    "UpdateExpression": "SET v = :v",
+                    "ConditionExpression": "v = :old",
+                    "ExpressionAttributeValues": {":v": {"S": "3"}, ":old": {"S": "1"}},
+                }
+            },
+            {"Delete": {"TableName": name, "Key": {"pk": {"S": "a"}}}},
+        ]
+    )
+    items = {i["pk"]["S"]: i["v"]["S"] for i in ddb.scan(TableName=name)["Items"]}
+    assert items == {"b": "3"}
+    ddb.delete_table(TableName=name)
