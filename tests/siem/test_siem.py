@@ -21,7 +21,7 @@ import requests
 
 from ringfence.agentapi import DropEvent
 from ringfence.audit import AuditHead, AuditRecord, seal
-from ringfence.siem import Siem, SiemSpecError, ocsf, to_cef
+from ringfence.siem import Siem, SiemSpecError, drop_activity, ocsf, to_cef
 
 SCHEMA = json.loads((Path(__file__).parent / "ocsf-1.7.0-subset.schema.json").read_text())
 CLASS_DEF = {4001: "network_activity", 6003: "api_activity", 2004: "detection_finding"}
@@ -48,19 +48,7 @@ def drop(action: str = "drop", **kw: Any) -> DropEvent:
 
 
 def network(d: DropEvent) -> dict[str, Any]:
-    return ocsf.network_activity(
-        "i-0abc",
-        time=d.time,
-        direction=d.direction,
-        src=d.src,
-        dst=d.dst,
-        proto=d.proto,
-        sport=d.sport,
-        dport=d.dport,
-        rule_id=d.rule_id,
-        action=d.action,
-        count=d.count,
-    )
+    return drop_activity("i-0abc", d)
 
 
 FINDING = ocsf.detection_finding(

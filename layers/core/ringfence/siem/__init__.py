@@ -55,22 +55,7 @@ class Siem:
 
     def drops(self, workload_id: str, drops: Iterable[Any]) -> None:
         """An agent's reported drop events (``agentapi.DropEvent``) as Network Activity."""
-        self.emit(
-            ocsf.network_activity(
-                workload_id,
-                time=d.time,
-                direction=d.direction,
-                src=d.src,
-                dst=d.dst,
-                proto=d.proto,
-                sport=d.sport,
-                dport=d.dport,
-                rule_id=d.rule_id,
-                action=d.action,
-                count=d.count,
-            )
-            for d in drops
-        )
+        self.emit(drop_activity(workload_id, d) for d in drops)
 
     def finding(self, event: dict[str, Any]) -> None:
         self.emit([event])
@@ -78,3 +63,20 @@ class Siem:
     def close(self) -> None:
         for _, sink in self.sinks:
             sink.close()
+
+
+def drop_activity(workload_id: str, d: Any) -> dict[str, Any]:
+    """One of an agent's drop events (``agentapi.DropEvent``) as OCSF Network Activity."""
+    return ocsf.network_activity(
+        workload_id,
+        time=d.time,
+        direction=d.direction,
+        src=d.src,
+        dst=d.dst,
+        proto=d.proto,
+        sport=d.sport,
+        dport=d.dport,
+        rule_id=d.rule_id,
+        action=d.action,
+        count=d.count,
+    )
