@@ -594,6 +594,14 @@ def run(
             # Azure has no scheduled function here: serve converges each governed subscription itself
             interval = float(os.environ.get("RINGFENCE_AZURE_RECONCILE_INTERVAL", "900"))
             AzureReconcile(wiring, app.azure).every(interval, stop)
+        if app.gcp is not None:
+            from ringfence.clouds.gcp.config import GcpConfig
+            from ringfence.clouds.gcp.reconcile import GcpPerimeter, GcpReconcile
+
+            # as Azure's: the full aggregated list catches missed pushes; the firewall policy
+            # follows where RINGFENCE_GCP_PERIMETER is set
+            interval = float(os.environ.get("RINGFENCE_GCP_RECONCILE_INTERVAL", "900"))
+            GcpReconcile(wiring, GcpConfig.from_env(), GcpPerimeter.from_env()).every(interval, stop)
         server = uvicorn_server(app, tls_cert, tls_key)
         admin = f"admin API for {len(set(tokens.by_hash.values()))} principal(s)" if tokens else "admin API off"
         announce(f"ringfence serve: listening on {url_of(sock, tls_cert is not None)} (store {store}; {admin})")
