@@ -593,7 +593,12 @@ def run(
 
             # Azure has no scheduled function here: serve converges each governed subscription itself
             interval = float(os.environ.get("RINGFENCE_AZURE_RECONCILE_INTERVAL", "900"))
-            AzureReconcile(wiring, app.azure).every(interval, stop)
+            perimeter = None
+            if os.environ.get("RINGFENCE_AZURE_PERIMETER") == "true":  # as the scheduled function
+                from ringfence.perimeter import PerimeterConfig
+
+                perimeter = PerimeterConfig.model_validate_json(os.environ.get("RINGFENCE_PERIMETER_CONFIG") or "{}")
+            AzureReconcile(wiring, app.azure, perimeter).every(interval, stop)
         if app.gcp is not None:
             from ringfence.clouds.gcp.config import GcpConfig
             from ringfence.clouds.gcp.reconcile import GcpPerimeter, GcpReconcile
