@@ -67,3 +67,24 @@ def test_an_over_limit_plan_changes_nothing_and_says_which_limit(gcp: GcpApi, wi
     assert "rules per firewall policy" in res.failed[PROJECT]
     assert res.perimeter_writes == 0
     assert json.dumps(gcp.firewall_policies.get(PROJECT, {}), sort_keys=True) == before
+
+
+def test_a_new_env_adds_only_its_rules_and_the_existing_keep_their_priorities(gcp: GcpApi, wiring: LocalWiring) -> None:
+    from tests.gcp.conftest import ORG, ZONE, vm_name
+
+    both = GcpPerimeter(PERIMETER.config, GcpPerimeterConfig(env_tags={"prod": PROD, "dev": "tagValues/302"}))
+    web_vm(gcp, "10.30.0.8")
+    GcpReconcile(wiring, gcp_config(gcp), both).run()
+    policy = gcp.firewall_policies[PROJECT][policy_name("default")]
+    before = {int(r["priority"]): FwRule.from_resource(r)[1] for r in policy["rules"]}
+    dev = gcp.add_instance(PROJECT, ZONE, vm_name(), ["10.30.1.8"])
+    for k, v in {"ringfence-role": "web", "ringfence-app": "ordering", "ringfence-env": "dev"}.items():
+        gcp.bind_tag(PROJECT, ZONE, dev["id"], ORG, k, v)
+    res = GcpReconcile(wiring, gcp_config(gcp), both).run()
+    assert res.failed == {} and dev["id"] in res.changed
+    policy = gcp.firewall_policies[PROJECT][policy_name("default")]
+    after = {int(r["priority"]): FwRule.from_resource(r)[1] for r in policy["rules"]}
+    assert {p: after[p] for p in before} == before  # nothing moved or rewritten
+    added = [r for p, r in after.items() if p not in before]
+    assert added and all(r.target_tags == ("tagValues/302",) for r in added)
+    assert res.perimeter_writes == len(added)
