@@ -31,9 +31,10 @@ def reconcile(w: Wiring) -> dict[str, Any]:
         from ringfence.clouds.azure.reconcile import AzureReconcile
         from ringfence.perimeter import PerimeterConfig
 
-        raw = os.environ.get("RINGFENCE_AZURE_PERIMETER") == "true"
-        perimeter = PerimeterConfig.model_validate_json(os.environ.get("RINGFENCE_PERIMETER_CONFIG") or "{}")
-        out["azure"] = asdict(AzureReconcile(w, azure_from_env(), perimeter if raw else None, metric).run())
+        perimeter = None
+        if os.environ.get("RINGFENCE_AZURE_PERIMETER") == "true":  # NSGs/ASGs need network write rights
+            perimeter = PerimeterConfig.model_validate_json(os.environ.get("RINGFENCE_PERIMETER_CONFIG") or "{}")
+        out["azure"] = asdict(AzureReconcile(w, azure_from_env(), perimeter, metric).run())
     if os.environ.get("RINGFENCE_GCP_PROJECTS"):
         from ringfence.clouds.gcp.config import GcpConfig
         from ringfence.clouds.gcp.reconcile import GcpPerimeter, GcpReconcile
