@@ -127,3 +127,32 @@ def test_the_agent_api_offers_gcp_jwt_only_with_an_identity_audience() -> None:
     assert othercloud.cloud_enrollers(w, gcp) == {}  # no identity audience: gcp-jwt stays off
     given = othercloud.cloud_enrollers(w, {**gcp, "RINGFENCE_GCP_IDENTITY_AUDIENCE": "https://rf.example/v1/enroll"})
     assert isinstance(given["gcp-jwt"], GcpEnroller)
+
+
+def test_the_scheduled_cloudreconcile_function_reads_a_vm_missed_by_events_and_converges_the_nsgs(
+    arm: ArmServer, azure_env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SAM/Terraform's CloudReconcileFunction on the reconcile schedule: a VM no Event Grid delivery
+    announced lands in DynamoDB and is queued; with the Azure perimeter on, the NSGs/ASGs follow and
+    the second run only reads."""
+    from tests.aws.test_pipeline import _scheduled
+
+    env = azure_env
+    monkeypatch.delenv("RINGFENCE_GCP_PROJECTS", raising=False)
+    monkeypatch.setenv("RINGFENCE_AZURE_PERIMETER", "true")
+    monkeypatch.setenv("RINGFENCE_PERIMETER_CONFIG", json.dumps({"admin_cidrs": ["10.250.0.0/24"]}))
+    env.provision_example_policy()
+    fn = load_functions(["cloudreconcile"], ROOT / "functions")["cloudreconcile"]
+    missed = "6a000000-0000-4000-8000-00000000f0aa"
+    seed_vm(arm, "web-missed", missed, "10.20.1.40", PROD_WEB)
+    assert env.store.get(missed) is None
+    out = fn.handler(_scheduled(), LambdaContext())
+    assert out["azure"]["failed"] == {} and missed in out["azure"]["changed"], out
+    rec = env.store.get(missed)
+    assert rec is not None and rec.workload.cloud == "azure" and rec.labels["role"] == "web"
+    assert any(missed in m["Body"] for m in env.receive("compute"))
+    assert out["azure"]["perimeter_writes"] > 0
+    with arm.recording() as calls:
+        again = fn.handler(_scheduled(), LambdaContext())
+    assert again["azure"]["changed"] == [] and again["azure"]["perimeter_writes"] == 0, again
+    assert calls and all(method == "GET" for method, _ in calls), calls  # converged: only read

@@ -91,3 +91,35 @@ def test_the_aws_agent_api_function_enrolls_a_gcp_vm_with_gcp_jwt(
     rec = env.store.get(wid)
     assert rec is not None and rec.workload.cloud == "gcp" and rec.enrolled
     assert env.store.agent_key(wid) == key.pem
+
+
+def test_the_scheduled_cloudreconcile_function_inventories_a_missed_vm_and_converges_the_firewall_policy(
+    gcp: GcpApi, env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The schedule (SAM/Terraform: CloudReconcileFunction) over moto and the local compute API: a VM
+    no push announced lands in DynamoDB and is queued; the firewall policy follows its env; the
+    second run writes nothing."""
+    import json
+
+    from ringfence.clouds.gcp.firewall import policy_name
+    from tests.aws.test_pipeline import _scheduled
+    from tests.gcp.conftest import PROJECT
+
+    for k, v in gcp_environment(gcp).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("RINGFENCE_AZURE_SUBSCRIPTIONS", raising=False)
+    monkeypatch.setenv("RINGFENCE_PERIMETER_CONFIG", json.dumps({"admin_cidrs": ["10.255.0.0/24"]}))
+    monkeypatch.setenv("RINGFENCE_GCP_PERIMETER", json.dumps({"env_tags": {"prod": "tagValues/401"}}))
+    env.provision_example_policy()
+    fn = load_functions(["cloudreconcile"], ROOT / "functions")["cloudreconcile"]
+    inst = web_vm(gcp, "10.50.0.20")
+    out = fn.handler(_scheduled(), LambdaContext())
+    assert out["gcp"]["failed"] == {} and inst["id"] in out["gcp"]["changed"], out
+    rec = env.store.get(inst["id"])
+    assert rec is not None and rec.workload.cloud == "gcp" and rec.labels["env"] == "prod"
+    assert any(inst["id"] in m["Body"] for m in env.receive("compute"))
+    policy = gcp.firewall_policies[PROJECT][policy_name("default")]
+    assert out["gcp"]["perimeter_writes"] > 0 and policy["rules"]
+    assert any(r.get("targetSecureTags") == [{"name": "tagValues/401"}] for r in policy["rules"])
+    again = fn.handler(_scheduled(), LambdaContext())
+    assert again["gcp"] == {"changed": [], "failed": {}, "perimeter_writes": 0}, again

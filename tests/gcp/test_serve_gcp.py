@@ -50,3 +50,36 @@ def test_serve_takes_gcp_events_and_enrolls_gcp_agents(
         r = httpx.post(url + "/v1/enroll", json=req)
         assert r.status_code == 200, r.text
         assert r.json()["workload_id"] == inst["id"]
+
+
+def test_serve_reconciles_gcp_on_its_interval_and_converges_the_firewall_policy(
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What ``ringfence serve`` starts with GCP configured: a thread that lists the projects (a VM no
+    event announced is inventoried) and converges the firewall policy, now and every interval."""
+    import json
+    import threading
+
+    from ringfence.clouds.gcp.firewall import policy_name
+
+    env = {
+        **gcp_environment(gcp),
+        "RINGFENCE_GCP_RECONCILE_INTERVAL": "3600",
+        "RINGFENCE_GCP_PERIMETER": json.dumps({"env_tags": {"prod": "tagValues/501"}}),
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    inst = web_vm(gcp, "10.40.0.9")
+    stop = threading.Event()
+    threads = serve.reconciles(serve.ServeApp.over(wiring, None), wiring, stop, env)
+    try:
+        assert [t.name for t in threads] == ["gcp-reconcile"]
+        stop.set()  # the first pass runs at once; the set stop ends the loop after it
+        threads[0].join(timeout=60)
+        assert not threads[0].is_alive()
+    finally:
+        stop.set()
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.labels["env"] == "prod"
+    rules = gcp.firewall_policies[PROJECT][policy_name("default")]["rules"]
+    assert any(r.get("targetSecureTags") == [{"name": "tagValues/501"}] for r in rules)

@@ -90,14 +90,37 @@ locals {
       }
     }
   }
-  all_functions = merge(local.functions, local.gcp_functions, local.azure_functions)
+  # the other clouds' scheduled full pass (inventory missed by events, then their perimeters where
+  # configured), on the reconcile schedule; it exists with var.azure or var.gcp
+  cloud_functions = var.azure == null && var.gcp == null ? {} : {
+    cloudreconcile = {
+      memory = 1024, timeout = 900, concurrency = 1,
+      env = merge(
+        { RINGFENCE_PERIMETER_CONFIG = jsonencode(var.perimeter_config) },
+        var.azure == null ? {} : {
+          RINGFENCE_AZURE_SUBSCRIPTIONS          = var.azure.subscriptions
+          RINGFENCE_AZURE_PERIMETER              = var.azure.perimeter ? "true" : "false"
+          RINGFENCE_AZURE_CREDENTIALS_SECRET_ARN = var.azure.credentials_secret_arn
+        },
+        var.gcp == null ? {} : {
+          RINGFENCE_GCP_PROJECTS     = var.gcp.projects
+          RINGFENCE_GCP_TAG_PARENTS  = var.gcp.tag_parents
+          RINGFENCE_GCP_LABEL_SOURCE = var.gcp.label_source
+          RINGFENCE_GCP_CREDENTIALS  = var.gcp.credentials
+          RINGFENCE_GCP_PERIMETER    = var.gcp.perimeter
+        },
+      )
+    }
+  }
+  all_functions = merge(local.functions, local.gcp_functions, local.azure_functions, local.cloud_functions)
   # the secrets each function reads (GetSecretValue on exactly these ARNs)
   azure_secrets = var.azure == null ? [] : compact([var.azure.eventgrid_secret_arn, var.azure.credentials_secret_arn])
   # the dependency layers each function carries after the core layer
   cloud_layers = {
-    azureevents = aws_lambda_layer_version.azure[*].arn
-    gcpevents   = aws_lambda_layer_version.gcp[*].arn
-    agentapi    = concat(aws_lambda_layer_version.azure[*].arn, aws_lambda_layer_version.gcp[*].arn)
+    azureevents    = aws_lambda_layer_version.azure[*].arn
+    gcpevents      = aws_lambda_layer_version.gcp[*].arn
+    agentapi       = concat(aws_lambda_layer_version.azure[*].arn, aws_lambda_layer_version.gcp[*].arn)
+    cloudreconcile = concat(aws_lambda_layer_version.azure[*].arn, aws_lambda_layer_version.gcp[*].arn)
   }
 
   member_roles  = "arn:${local.partition}:iam::*:role/${var.member_role_name}"
@@ -228,6 +251,13 @@ locals {
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
       local.policies_read, local.kms_use,
     ], length(local.azure_secrets) == 0 ? [] : [{ actions = ["secretsmanager:GetSecretValue"], resources = local.azure_secrets }])
+    # reads only the credentials secret (never the Event Grid one: it takes no deliveries)
+    cloudreconcile = concat([
+      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:Query", "dynamodb:Scan"], resources = [aws_dynamodb_table.state.arn, aws_dynamodb_table.inventory.arn] },
+      { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
+      { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
+      local.policies_read, local.kms_use,
+    ], try(var.azure.credentials_secret_arn, "") == "" ? [] : [{ actions = ["secretsmanager:GetSecretValue"], resources = [var.azure.credentials_secret_arn] }])
     wsconnect = [
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.state.arn] },
       { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.inventory.arn] },
@@ -406,7 +436,10 @@ resource "aws_lambda_event_source_mapping" "sqs" {
 }
 
 resource "aws_cloudwatch_event_rule" "schedule" {
-  for_each            = { reconcile = var.reconcile_schedule, perimeter = "rate(30 minutes)" }
+  for_each = merge(
+    { reconcile = var.reconcile_schedule, perimeter = "rate(30 minutes)" },
+    { for k in keys(local.cloud_functions) : k => var.reconcile_schedule },
+  )
   name                = "${var.name}-${each.key}-schedule"
   schedule_expression = each.value
   tags                = var.tags

@@ -178,6 +178,9 @@ variable "gcp" {
     label_source          = optional(string, "secure-tags")
     credentials           = optional(string, "") # workload identity federation config (no secret)
     identity_audience     = optional(string, "") # gcp-jwt on the agent API (enroll_methods lists it)
+    # JSON GcpPerimeterConfig (env → secure tag value): the scheduled cloudreconcile converges an
+    # rf-<network> firewall policy per VPC network from perimeter_config; "": inventory only
+    perimeter = optional(string, "")
   })
   default = null
 }
@@ -196,7 +199,8 @@ variable "azure" {
     credentials_secret_arn = optional(string, "") # JSON {tenant_id, client_id, client_secret}
     eventgrid_tenant       = optional(string, "") # Entra ID tokens on deliveries ("": not checked)
     eventgrid_audience     = optional(string, "")
-    attested_roots         = optional(string, "") # PEM roots of the IMDS attested document's signer
+    attested_roots         = optional(string, "")  # PEM roots of the IMDS attested document's signer
+    perimeter              = optional(bool, false) # cloudreconcile converges NSGs/ASGs from perimeter_config
   })
   default = null
   validation {

@@ -562,6 +562,32 @@ def serving(
         sock.close()
 
 
+def reconciles(
+    app: ServeApp, wiring: Any, stop: threading.Event, env: Mapping[str, str] | None = None
+) -> list[threading.Thread]:
+    """The other clouds' scheduled full passes, in threads until ``stop`` (what the AWS stack's
+    scheduled cloudreconcile function runs): each configured cloud's inventory, then its perimeter
+    where switched on."""
+    e = os.environ if env is None else env
+    out: list[threading.Thread] = []
+    if app.azure is not None:
+        from ringfence.clouds.azure.reconcile import AzureReconcile
+        from ringfence.perimeter import PerimeterConfig
+
+        interval = float(e.get("RINGFENCE_AZURE_RECONCILE_INTERVAL", "900"))
+        perimeter = None
+        if e.get("RINGFENCE_AZURE_PERIMETER") == "true":
+            perimeter = PerimeterConfig.model_validate_json(e.get("RINGFENCE_PERIMETER_CONFIG") or "{}")
+        out.append(AzureReconcile(wiring, app.azure, perimeter).every(interval, stop))
+    if app.gcp is not None:
+        from ringfence.clouds.gcp.config import GcpConfig
+        from ringfence.clouds.gcp.reconcile import GcpPerimeter, GcpReconcile
+
+        interval = float(e.get("RINGFENCE_GCP_RECONCILE_INTERVAL", "900"))
+        out.append(GcpReconcile(wiring, GcpConfig.from_env(e), GcpPerimeter.from_env(e)).every(interval, stop))
+    return out
+
+
 def run(
     host: str,
     port: int,
@@ -588,12 +614,7 @@ def run(
     stop = threading.Event()
     try:
         app = ServeApp.over(wiring, tokens, threads)
-        if app.azure is not None:
-            from ringfence.clouds.azure.reconcile import AzureReconcile
-
-            # Azure has no scheduled function here: serve converges each governed subscription itself
-            interval = float(os.environ.get("RINGFENCE_AZURE_RECONCILE_INTERVAL", "900"))
-            AzureReconcile(wiring, app.azure).every(interval, stop)
+        reconciles(app, wiring, stop)
         server = uvicorn_server(app, tls_cert, tls_key)
         admin = f"admin API for {len(set(tokens.by_hash.values()))} principal(s)" if tokens else "admin API off"
         announce(f"ringfence serve: listening on {url_of(sock, tls_cert is not None)} (store {store}; {admin})")

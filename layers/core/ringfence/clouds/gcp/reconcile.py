@@ -1,0 +1,106 @@
+"""The scheduled full sync of every served project (converges lost or never-sent events: Pub/Sub
+delivers at least once, but a sink created late or a dead-lettered push leaves inventory behind),
+and each project's firewall-policy perimeter converged after it where one is configured
+(``ringfence serve`` runs it on an interval; in AWS the scheduled cloud-reconcile function)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from google.api_core.exceptions import GoogleAPICallError, RetryError
+
+from ringfence.control.wiring import BaseWiring, Metric, log, no_metric
+from ringfence.perimeter import PerimeterConfig, PlanRefused
+
+from .config import GcpConfig
+from .firewall import FirewallPolicyPerimeter, GcpPerimeterConfig, members
+from .ingest import GcpIngest
+
+
+@dataclass
+class GcpReconcileResult:
+    changed: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # project → why (the others still ran)
+    perimeter_writes: int = 0  # rules added or removed, plus policies created
+
+
+@dataclass(frozen=True)
+class GcpPerimeter:
+    """The neutral perimeter plan and its GCP translation (both needed: no env tags, no targets)."""
+
+    config: PerimeterConfig
+    gcp: GcpPerimeterConfig
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> GcpPerimeter | None:
+        """``RINGFENCE_PERIMETER_CONFIG`` (the neutral plan, as AWS's) and
+        ``RINGFENCE_GCP_PERIMETER`` (:class:`GcpPerimeterConfig`, JSON); None when the latter is
+        unset: the GCP perimeter is off, inventory still reconciled."""
+        e = os.environ if env is None else env
+        raw = e.get("RINGFENCE_GCP_PERIMETER", "").strip()
+        if not raw:
+            return None
+        try:
+            gcp = GcpPerimeterConfig.model_validate_json(raw)
+            config = PerimeterConfig.model_validate_json(e.get("RINGFENCE_PERIMETER_CONFIG") or "{}")
+        except ValueError as exc:
+            raise ValueError(f"RINGFENCE_GCP_PERIMETER / RINGFENCE_PERIMETER_CONFIG: {exc}") from None
+        return cls(config, gcp)
+
+
+class GcpReconcile:
+    def __init__(
+        self,
+        w: BaseWiring,
+        cfg: GcpConfig,
+        perimeter: GcpPerimeter | None = None,
+        metric: Metric = no_metric,
+        ingest: GcpIngest | None = None,
+    ) -> None:
+        self.w = w
+        self.cfg = cfg
+        self.perimeter = perimeter
+        self.metric = metric
+        self.ingest = ingest or GcpIngest(w, cfg, metric=metric)
+
+    def run(self) -> GcpReconcileResult:
+        res = GcpReconcileResult()
+        for project in sorted(self.cfg.projects):
+            try:
+                res.changed += sorted(self.ingest.sync(project))
+                if self.perimeter is not None:
+                    fw = FirewallPolicyPerimeter(self.cfg.endpoints, project)
+                    plans = fw.reconcile(
+                        self.perimeter.config, self.perimeter.gcp, members(self.w.store.all_records(), project)
+                    )
+                    writes = sum(len(p.add) + len(p.remove) + int(p.create) for p in plans)
+                    res.perimeter_writes += writes
+                    self.metric("GcpPerimeterWrites", writes)
+            except (GoogleAPICallError, RetryError, PlanRefused) as exc:
+                # one project's failure (throttled past the retry, over a limit) leaves the others
+                # converged; a refused plan changed nothing (limits are checked before any write)
+                log.error("gcp reconcile of %s failed: %s", project, exc)
+                res.failed[project] = str(exc)
+                self.metric("GcpReconcileFailed", 1)
+        log.info("gcp reconcile: %s", json.dumps({"changed": len(res.changed), "failed": sorted(res.failed)}))
+        return res
+
+    def every(self, seconds: float, stop: threading.Event) -> threading.Thread:
+        """Run now and then every ``seconds`` until ``stop`` is set (``ringfence serve``)."""
+
+        def loop() -> None:
+            while True:
+                try:
+                    self.run()
+                except Exception:  # a bug must not end the schedule: logged, retried next time
+                    log.exception("gcp reconcile failed")
+                if stop.wait(seconds):
+                    return
+
+        t = threading.Thread(target=loop, name="gcp-reconcile", daemon=True)
+        t.start()
+        return t
