@@ -26,8 +26,9 @@ from typing import Any
 import httpx
 
 from ringfence import serve
-from ringfence.bundle import Bundle, Verifier
+from ringfence.bundle import Bundle, SetDelta, Verifier
 from ringfence.control.api import secret_hash
+from ringfence.enforced import with_deltas
 from ringfence.store.sqlite import SqliteStore
 from tests.onprem.conftest import policy_files
 
@@ -211,7 +212,16 @@ def test_state_survives_kill_9(tmp_path: Path) -> None:
         doc = Bundle.model_validate(
             httpx.get(f"{url}/v1/agents/{proc_wid}/bundle", headers={"Authorization": f"Bearer {proc_token}"}).json()
         )
-        published = [ipaddress.ip_network(e) for s in doc.sets.values() for e in s.v4]
+        # what the agent enforces: the bundle moved on by the set deltas after it (a rebuild adopts
+        # a published bundle whose rules are unchanged; its sets then catch up by deltas)
+        got = httpx.get(
+            f"{url}/v1/agents/{proc_wid}/deltas",
+            params={"since": doc.version},
+            headers={"Authorization": f"Bearer {proc_token}"},
+        )
+        assert got.status_code == 200, got.text
+        deltas = [SetDelta.model_validate(d) for d in got.json()["deltas"]]
+        published = [ipaddress.ip_network(e) for v in with_deltas(doc, deltas).values() for e in v if ":" not in e]
         # (the store's quarantine, not only the acknowledged ones: one in flight at a kill may be committed)
         web = {a for w, a in registered.items() if int(w[1:]) % 2 and not store.get(w).op_quarantined}  # type: ignore[union-attr]
         missing = sorted(a for a in web if not any(ipaddress.ip_address(a) in net for net in published))
