@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from azure.core.exceptions import HttpResponseError
 
+from ringfence.clouds import every
 from ringfence.control.wiring import BaseWiring, Metric, log, no_metric
 from ringfence.perimeter import PerimeterConfig, PlanRefused
 
@@ -54,16 +55,4 @@ class AzureReconcile:
 
     def every(self, seconds: float, stop: threading.Event) -> threading.Thread:
         """Run now and then every ``seconds`` until ``stop`` is set (``ringfence serve``)."""
-
-        def loop() -> None:
-            while True:
-                try:
-                    self.run()
-                except Exception:  # a bug must not end the schedule: logged, retried next time
-                    log.exception("azure reconcile failed")
-                if stop.wait(seconds):
-                    return
-
-        t = threading.Thread(target=loop, name="azure-reconcile", daemon=True)
-        t.start()
-        return t
+        return every("azure-reconcile", self.run, seconds, stop)

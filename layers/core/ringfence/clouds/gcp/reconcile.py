@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from google.api_core.exceptions import GoogleAPICallError, RetryError
 
+from ringfence.clouds import every
 from ringfence.control.wiring import BaseWiring, Metric, log, no_metric
 from ringfence.perimeter import PerimeterConfig, PlanRefused
 
@@ -91,16 +92,4 @@ class GcpReconcile:
 
     def every(self, seconds: float, stop: threading.Event) -> threading.Thread:
         """Run now and then every ``seconds`` until ``stop`` is set (``ringfence serve``)."""
-
-        def loop() -> None:
-            while True:
-                try:
-                    self.run()
-                except Exception:  # a bug must not end the schedule: logged, retried next time
-                    log.exception("gcp reconcile failed")
-                if stop.wait(seconds):
-                    return
-
-        t = threading.Thread(target=loop, name="gcp-reconcile", daemon=True)
-        t.start()
-        return t
+        return every("gcp-reconcile", self.run, seconds, stop)
