@@ -332,8 +332,9 @@ class Timeline:
 
     def _answered(self, eid: str, sent: float | None, received_at: float, at: float) -> TimelineEntry | None:
         """The entry, if a downstream batch received at ``received_at`` (its message for the
-        instance sent at ``sent``) answered it; an answered entry still being ingested gets its
-        ingest time (and is announced ingested). ``None`` if the batch does not answer it."""
+        instance sent at ``sent``) answered it; an answered entry still being ingested, or whose
+        ingest batch finished after that message was sent, gets that time as its ingest time (and
+        is announced ingested the first time). ``None`` if the batch does not answer it."""
         e = self._entries[eid]
         began = self._ingest_began.get(eid)
         if e.ingested is not None and e.ingested <= received_at:
@@ -341,10 +342,16 @@ class Timeline:
         # SentTimestamp is whole milliseconds: a message sent in the ingest's first ms counts
         if began is None or sent is None or sent < began - 0.001:
             return None
+        # its record was done by the time the downstream message was sent, whenever the ingest
+        # batch holding it finished (a lifecycle batch returns after the perimeter handed it on)
+        done = min(max(sent, began), at)
         if e.ingested is None:
-            e = replace(e, ingested=min(max(sent, began), at), failed=None, attempts=e.attempts + 1)
+            e = replace(e, ingested=done, failed=None, attempts=e.attempts + 1)
             self._entries[eid] = e
             self._notify("ingested", [e])
+        elif e.ingested > done:
+            e = replace(e, ingested=done)
+            self._entries[eid] = e
         return e
 
     def settle(self, before: float) -> None:
