@@ -157,3 +157,18 @@ def test_transactions_are_all_or_nothing_without_copying_tables(embedded: Any) -
     items = {i["pk"]["S"]: i["v"]["S"] for i in ddb.scan(TableName=name)["Items"]}
     assert items == {"b": "3"}
     ddb.delete_table(TableName=name)
+
+
+def test_calls_are_counted_by_service_and_action(embedded: Any) -> None:
+    """``calls()`` (``/_ringfence/calls``): what a benchmark reads to say where a run's time went
+    — each call moto answered, by service and action, with the time moto spent on it."""
+    before = embedded.calls()
+    ec2 = embedded.client("ec2")
+    for _ in range(3):
+        ec2.describe_instances()
+    embedded.client("sqs").list_queues()
+    after = embedded.calls()
+    n0, t0 = before.get("ec2.DescribeInstances", (0, 0.0))
+    n1, t1 = after["ec2.DescribeInstances"]
+    assert n1 - n0 == 3 and t1 > t0
+    assert after["sqs.ListQueues"][0] - before.get("sqs.ListQueues", (0, 0.0))[0] == 1

@@ -544,6 +544,7 @@ class Live:
         base, base_revision = self.targets(), self.store.head().revision
         cost = {"targets_before": time.perf_counter() - m0}
         before = set(self.fleet.instances)
+        calls0 = self.aws.calls()
         t0 = time.time()
         action()
         answered = time.time() if admin else None
@@ -578,6 +579,7 @@ class Live:
         cost["enforced_seen"] = time.time() - t0
         s = Sample(kind, subject, round(enforced - t0, 3), len(affected), phases, t0)
         s.measuring = {k: round(v, 3) for k, v in cost.items()}
+        s.moto_calls = _busiest(calls0, self.aws.calls())
         self.r.sample(s)
         return s
 
@@ -712,6 +714,18 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _busiest(
+    before: dict[str, tuple[int, float]], after: dict[str, tuple[int, float]], top: int = 12
+) -> dict[str, list[float]]:
+    """The calls moto spent most time on between two of its counts (``EmbeddedAws.calls``)."""
+    moved = {
+        k: [n - before.get(k, (0, 0.0))[0], round(t - before.get(k, (0, 0.0))[1], 3)]
+        for k, (n, t) in after.items()
+        if n > before.get(k, (0, 0.0))[0]
+    }
+    return dict(sorted(moved.items(), key=lambda kv: -kv[1][1])[:top])
 
 
 def _applied(inst: Instance) -> int:

@@ -37,6 +37,9 @@ class Sample:
     phases: dict[str, float] = field(default_factory=dict)
     t0: float = 0.0  # wall clock of the change
     measuring: dict[str, float] = field(default_factory=dict)  # what measuring it cost (s)
+    # the embedded AWS's busiest calls from the change to enforcement: "service.Action" →
+    # [count, seconds moto spent answering them] (where a slow sample's time went)
+    moto_calls: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass

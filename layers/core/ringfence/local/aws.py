@@ -212,6 +212,10 @@ class EmbeddedAws:
         got = self._extension(f"/_ringfence/changes?after={seq}&wait={wait}", timeout=wait + 30)
         return int(got["seq"])
 
+    def calls(self) -> dict[str, tuple[int, float]]:
+        """Every call moto answered so far: ``"service.Action"`` → (count, seconds moto spent)."""
+        return {k: (int(v[0]), float(v[1])) for k, v in self._extension("/_ringfence/calls").items()}
+
     def _extension(self, path: str, *, method: str = "GET", timeout: float = 30) -> Any:
         req = urllib.request.Request(self.url + path, method=method)  # noqa: S310 - http://127.0.0.1
         with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - our loopback moto

@@ -20,6 +20,9 @@ next to moto's own ``/moto-api/``:
 - ``GET /_ringfence/changes?after=N&wait=S`` → ``{"seq": n}``: the count of calls that changed
   instances, their tags or Auto Scaling groups (:mod:`moto_changes`), answered once it is above
   ``N`` or after ``S`` seconds (at most 5), so a watcher looks when there is news.
+- ``GET /_ringfence/calls`` → ``{"service.Action": [count, seconds], ...}``: every call moto
+  answered so far and the time it spent in each (its own work, serialisation included), so a
+  benchmark can say which calls a run's time went to.
 
 Run as ``python -m ringfence.local.motoproc [--host 127.0.0.1] [--port 0]``: it prints
 ``port <n>`` once serving and exits when its standard input closes (so it never outlives the
@@ -76,7 +79,38 @@ def _changes(q: dict[str, str]) -> dict[str, Any]:
     return {"seq": moto_changes.wait_after(int(q.get("after", "-1")), min(float(q.get("wait", "0")), 5.0))}
 
 
+_calls: dict[str, list[float]] = {}  # "service.Action" → [count, seconds]
+_calls_lock = threading.Lock()
+
+
+def count_calls() -> None:
+    """Account every call moto's responses answer (see ``/_ringfence/calls``)."""
+    from moto.core.responses import BaseResponse
+
+    orig = BaseResponse.call_action
+
+    def call_action(self: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return orig(self)
+        finally:
+            key = f"{getattr(self, 'service_name', '?')}.{self._get_action()}"
+            spent = time.perf_counter() - t
+            with _calls_lock:
+                c = _calls.setdefault(key, [0, 0.0])
+                c[0] += 1
+                c[1] += spent
+
+    BaseResponse.call_action = call_action  # type: ignore[method-assign]
+
+
+def _calls_route(q: dict[str, str]) -> dict[str, list[float]]:
+    with _calls_lock:
+        return {k: [v[0], round(v[1], 4)] for k, v in _calls.items()}
+
+
 ROUTES: dict[str, Callable[[dict[str, str]], Any]] = {
+    "calls": _calls_route,
     "changes": _changes,
     "trail": _trail,
     "lifecycle-actions": _lifecycle_actions,
@@ -259,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
     from werkzeug.serving import make_server
 
+    count_calls()  # first: the other extensions wrap what it wraps, and are counted with it
     moto_lifecycle.install()
     moto_trail.install()
     moto_changes.install()

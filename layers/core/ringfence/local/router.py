@@ -894,12 +894,20 @@ class EventRouter:
                     self._profiles[name] = pstats.Stats(prof)
 
     def _write_profiles(self) -> None:
+        """Each function's merged profile, and every invocation's queue, size and times
+        (``deliveries.json``: where a run's time went, queue by queue)."""
         if self._profile_dir is None:
             return
         os.makedirs(self._profile_dir, exist_ok=True)
         with self._lock:
             for name, stats in self._profiles.items():
                 stats.dump_stats(os.path.join(self._profile_dir, f"{name}.prof"))
+            rows = [
+                {"queue": d.queue, "messages": len(d.messages), "received_at": d.received_at, "done_at": d.done_at}
+                for d in self.deliveries
+            ]
+        with open(os.path.join(self._profile_dir, "deliveries.json"), "w", encoding="utf-8") as f:
+            json.dump(rows, f)
 
     def _record(self, queue: str, d: Delivery) -> None:
         if queue == "publish":
