@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import random
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,6 +38,10 @@ SET = "rf_journal00000000000"
 PUB = Path(__file__).resolve().parents[1] / "golden" / "test-key.pub.pem"
 
 
+# one expiry for every bundle here: two signed a second apart would otherwise differ (a refresh)
+EXPIRES_AT = int(time.time()) + 3600
+
+
 def bundle(version: int, elements: list[str], port: int = 8080) -> wire.Bundle:
     doc = Bundle(
         workload_id="w",
@@ -47,7 +52,7 @@ def bundle(version: int, elements: list[str], port: int = 8080) -> wire.Bundle:
         inbound=[BundleRule(id="r", action="allow", set=SET, services=[ServiceMatch(proto="tcp", ports=(port, port))])],
         failsafes=FailsafeDoc(admin_cidrs=["192.0.2.1/32"]),
     )
-    return to_wire(sign(doc, key()))
+    return to_wire(sign(doc, key(), expires_at=EXPIRES_AT))
 
 
 def delta(v: int, add: list[str] = (), remove: list[str] = ()) -> wire.SetDelta:  # type: ignore[assignment]
@@ -324,7 +329,7 @@ def grouped(version: int, s_elems: list[str], s_version: int | None = None) -> w
         ],
         failsafes=FailsafeDoc(admin_cidrs=["192.0.2.1/32"]),
     )
-    return to_wire(sign(doc, key()))
+    return to_wire(sign(doc, key(), expires_at=EXPIRES_AT))
 
 
 def set_delta(name: str, v: int, add: tuple[str, ...] = (), remove: tuple[str, ...] = ()) -> wire.SetDelta:

@@ -570,6 +570,7 @@ class Live:
             time.sleep(0.05)
         else:
             s = Sample(kind, subject, None, len(affected), t0=t0)
+            s.moto_calls = _busiest(calls0, self.aws.calls())
             self.r.sample(s)
             return s
         done = [self.fleet.get(i).status() for i in affected if i in self.fleet.instances]
