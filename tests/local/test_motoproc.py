@@ -172,3 +172,62 @@ def test_calls_are_counted_by_service_and_action(embedded: Any) -> None:
     n1, t1 = after["ec2.DescribeInstances"]
     assert n1 - n0 == 3 and t1 > t0
     assert after["sqs.ListQueues"][0] - before.get("sqs.ListQueues", (0, 0.0))[0] == 1
+
+
+def test_the_estate_read_from_moto_is_what_describe_calls_answer(embedded: Any) -> None:
+    """``instances()`` (``/_ringfence/instances``), which the router and the lab's hypervisor read
+    instead of DescribeInstances: the same ids, states, addresses and tags as DescribeInstances,
+    and the same members and lifecycle states as DescribeAutoScalingGroups."""
+    ec2, asg = embedded.client("ec2"), embedded.client("autoscaling")
+    vpc = ec2.create_vpc(CidrBlock="10.98.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.98.1.0/24")["Subnet"]["SubnetId"]
+    (a, b) = ec2.run_instances(ImageId="ami-12c6146b", MinCount=2, MaxCount=2, SubnetId=subnet)["Instances"]
+    ec2.create_tags(
+        Resources=[a["InstanceId"]], Tags=[{"Key": "Name", "Value": "estate-a"}, {"Key": "env", "Value": "x"}]
+    )
+    ec2.terminate_instances(InstanceIds=[b["InstanceId"]])
+    asg.create_launch_configuration(
+        LaunchConfigurationName="estate-lc", ImageId="ami-12c6146b", InstanceType="t3.micro"
+    )
+    asg.create_auto_scaling_group(
+        AutoScalingGroupName="estate-asg", LaunchConfigurationName="estate-lc", MinSize=1, MaxSize=2,
+        DesiredCapacity=1, VPCZoneIdentifier=subnet,
+    )  # fmt: skip
+    got = embedded.instances()
+    described = {
+        i["InstanceId"]: i for page in ec2.get_paginator("describe_instances").paginate()
+        for r in page["Reservations"] for i in r["Instances"]
+    }  # fmt: skip
+    assert set(got.instances) == set(described) and {a["InstanceId"], b["InstanceId"]} <= set(got.instances)
+    for iid, inst in got.instances.items():
+        d = described[iid]
+        assert inst.state == d["State"]["Name"]
+        assert inst.private_ip == d.get("PrivateIpAddress")
+        assert inst.tags == {t["Key"]: t["Value"] for t in d.get("Tags", [])}
+    assert got.instances[b["InstanceId"]].state == "terminated"
+    assert got.instances[a["InstanceId"]].tags == {"Name": "estate-a", "env": "x"}
+    groups = {g["AutoScalingGroupName"]: g for g in asg.describe_auto_scaling_groups()["AutoScalingGroups"]}
+    assert set(got.groups) == set(groups)
+    for name, g in got.groups.items():
+        assert g.arn == groups[name]["AutoScalingGroupARN"]
+        assert g.members == {i["InstanceId"]: i["LifecycleState"] for i in groups[name]["Instances"]}
+    assert len(got.groups["estate-asg"].members) == 1
+
+
+def test_event_paths_are_parsed_once_and_find_what_a_fresh_parse_finds() -> None:
+    """``cache_event_paths``: moto's EventBridge gets one parse per JSONPath (it built a yacc parser
+    for every event and target), and a kept parse finds in each event what a fresh one does."""
+    import jsonpath_ng.ext as ext
+
+    from ringfence.local.motoproc import cache_event_paths
+
+    fresh = ext.parse
+    cache_event_paths()
+    cache_event_paths()  # a second install keeps the first
+    try:
+        assert ext.parse("$.detail") is ext.parse("$.detail")
+        for event in ({"detail": {"state": "running"}}, {"detail": {"state": "terminated"}}):
+            kept = [m.value for m in ext.parse("$.detail").find(event)]
+            assert kept == [m.value for m in fresh("$.detail").find(event)] == [event["detail"]]
+    finally:
+        ext.parse = fresh

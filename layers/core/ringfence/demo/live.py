@@ -191,7 +191,7 @@ class Live:
                 imds_url=f"http://127.0.0.1:{port}",
                 tls_ca_file=self.tls.ca,
             )
-        self.fleet = Fleet(cfg, self.aws.client("ec2"), self.lab, self.traffic, log=r.say, start_process=self._start)
+        self.fleet = Fleet(cfg, self.aws.instances, self.lab, self.traffic, log=r.say, start_process=self._start)
         t0 = time.time()
         booted, _ = self.fleet.sync()
         where = "in their own namespaces" if self.lab is not None else "in this namespace (dry-run)"
@@ -451,12 +451,10 @@ class Live:
     def targets(self, ids: list[str] | None = None) -> dict[str, int | None]:
         """Each agent's latest version as the agent API computes it (AgentApi.latest_version: the
         stored bundle moved on by set heads), read with one set-heads call for all."""
-        from concurrent.futures import ThreadPoolExecutor
-
         assert self.fleet is not None
         ids = list(self.fleet.instances) if ids is None else ids
-        with ThreadPoolExecutor(8) as pool:
-            ptrs = dict(zip(ids, pool.map(self.store.bundle_pointer, ids), strict=True))
+        found = self.store.bundle_pointers(ids) if ids else {}
+        ptrs = {i: found.get(i) for i in ids}
         names = sorted({n for p in ptrs.values() if p is not None for n in p.sets})
         heads = self.store.set_heads(names) if names else {}
         out: dict[str, int | None] = {}
@@ -766,7 +764,7 @@ def step_scale_out(d: Live, n: int = 3) -> list[str]:
         def ready() -> bool:
             states = d.asg_states()
             fresh = [i for i in states if i not in before]
-            return len(fresh) >= n and all(d.store.bundle_pointer(i) is not None for i in fresh)
+            return len(fresh) >= n and len(d.store.bundle_pointers(fresh)) == len(fresh)
 
         # what was in place at the moment each new instance went InService (the router's watcher
         # saw it and is putting its "Launch Successful" event): its agent's status, its ENIs' groups

@@ -116,6 +116,27 @@ class Names:
         return f"{self.prefix}-{what}"
 
 
+@dataclass(frozen=True, slots=True)
+class EstateInstance:
+    state: str
+    private_ip: str | None
+    tags: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class EstateGroup:
+    arn: str
+    members: dict[str, str]  # instance id → lifecycle state
+
+
+@dataclass(frozen=True, slots=True)
+class Estate:
+    """What moto holds now (:meth:`EmbeddedAws.instances`)."""
+
+    instances: dict[str, EstateInstance]
+    groups: dict[str, EstateGroup]
+
+
 @dataclass
 class EmbeddedAws:
     """moto server + the stack's resources + the environment the handlers read. See the module doc."""
@@ -211,6 +232,22 @@ class EmbeddedAws:
         seconds (at most 5). A watcher looks at moto when this moves, not on a timer."""
         got = self._extension(f"/_ringfence/changes?after={seq}&wait={wait}", timeout=wait + 30)
         return int(got["seq"])
+
+    def instances(self) -> Estate:
+        """Every instance (state, address, tags) and Auto Scaling group (its members' lifecycle
+        states), read from moto's models in one call: what the router and the lab's hypervisor
+        look at, without serialising DescribeInstances for every look."""
+        got = self._extension(f"/_ringfence/instances?account={self.account}&region={self.region}")
+        return Estate(
+            instances={
+                i["id"]: EstateInstance(i["state"], i.get("private_ip"), dict(i.get("tags") or {}))
+                for i in got["instances"]
+            },
+            groups={
+                g["name"]: EstateGroup(g["arn"], {m["id"]: m["lifecycle_state"] for m in g["members"]})
+                for g in got["groups"]
+            },
+        )
 
     def calls(self) -> dict[str, tuple[int, float]]:
         """Every call moto answered so far: ``"service.Action"`` → (count, seconds moto spent)."""

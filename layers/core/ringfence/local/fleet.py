@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ringfence.local.aws import Estate
 from ringfence.local.imds import IMDS_ADDRESS
 from ringfence.local.lab import AGENT, Lab
 from ringfence.local.traffic import Traffic
@@ -73,14 +74,14 @@ class Fleet:
     def __init__(
         self,
         cfg: FleetConfig,
-        ec2: Any,
+        look: Callable[[], Estate],
         lab: Lab | None,
         traffic: Traffic | None,
         log: Callable[[str], None] = lambda s: None,
         start_process: Callable[..., subprocess.Popen[Any]] | None = None,
     ) -> None:
         self.cfg = cfg
-        self.ec2 = ec2
+        self.look = look  # what moto holds (EmbeddedAws.instances)
         self.lab = lab
         self.traffic = traffic
         self.log = log
@@ -99,21 +100,11 @@ class Fleet:
     def sync(self) -> tuple[list[Instance], list[Instance]]:
         """Boot namespaces for new pending/running instances, destroy those of terminating ones."""
         seen: dict[str, tuple[str, str, str]] = {}
-        pages = self.ec2.get_paginator("describe_instances").paginate()
-        for page in pages:
-            for res in page["Reservations"]:
-                for inst in res["Instances"]:
-                    ip = inst.get("PrivateIpAddress")
-                    state = inst.get("State", {}).get("Name", "")
-                    if ip and state in ("pending", "running"):
-                        name = next(
-                            (t["Value"] for t in inst.get("Tags", []) if t["Key"] == "Name"), inst["InstanceId"]
-                        )
-                        seen[inst["InstanceId"]] = (ip, name, state)
-        destroyed = []
+        for iid, inst in self.look().instances.items():
+            if inst.private_ip and inst.state in ("pending", "running"):
+                seen[iid] = (inst.private_ip, inst.tags.get("Name", iid), inst.state)
         with self.lock:
-            for iid in [i for i in self.instances if i not in seen]:
-                destroyed.append(self.destroy(iid))
+            destroyed = [self._forget(iid) for iid in [i for i in self.instances if i not in seen]]
             new = [
                 (iid, ip, name)
                 for iid, (ip, name, _) in seen.items()
@@ -123,6 +114,8 @@ class Fleet:
         # booting is mostly waiting for `ip` and process starts: a scale-out of 50 boots in
         # parallel (not under the lock: boot takes it to register the instance)
         try:
+            # not under the lock; before the boots, as a new instance may take a gone one's address
+            self._power_off(destroyed)
             with ThreadPoolExecutor(max_workers=8) as pool:
                 booted = list(pool.map(lambda a: self.boot(*a), new))
         finally:
@@ -220,21 +213,35 @@ class Fleet:
         # without namespaces every agent calls from 127.0.0.1: the stand-in tells them apart by path
         return self.cfg.imds_url if self.lab is not None else f"{self.cfg.imds_url}/instance/{iid}"
 
-    def destroy(self, iid: str) -> Instance:
+    def _forget(self, iid: str) -> Instance:
         inst = self.instances.pop(iid)
         self.by_ip.pop(inst.ip, None)
         self.gone[iid] = inst
-        if inst.agent is not None and inst.agent.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(inst.agent.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                inst.agent.wait(timeout=5)
-        if self.lab is not None:
-            if self.traffic is not None:
-                with contextlib.suppress(Exception):
-                    self.traffic.unserve(self.lab.ns(inst.host))
-            self.lab.remove(inst.host)
         return inst
+
+    def _power_off(self, gone: list[Instance], grace: float = 1.0) -> None:
+        """Terminated instances: their agents get SIGTERM, ``grace`` seconds in all, then SIGKILL
+        (a terminated VM does not wait for its processes; one by one, each waiting out an agent's
+        long-poll with the fleet's lock held, kept a scale-out that followed a scale-in from
+        booting any agent), then the namespaces go."""
+        agents = [i.agent for i in gone if i.agent is not None and i.agent.poll() is None]
+        for p in agents:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for p in agents:
+            try:
+                p.wait(timeout=max(0.01, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        if self.lab is not None:
+            for inst in gone:
+                if self.traffic is not None:
+                    with contextlib.suppress(Exception):
+                        self.traffic.unserve(self.lab.ns(inst.host))
+                self.lab.remove(inst.host)
 
     # --- looking up ----------------------------------------------------------------------------
 
