@@ -84,6 +84,7 @@ def record_handler(record: SQSRecord) -> dict[str, Any] | None:
         svc["ingest"].ignored()
         return {"kind": "ignored"}
     result: dict[str, Any] = svc["process"](event=event)
+    svc["ingest"].hand_on(result.get("changed") or [])  # once per batch, replays included
     logger.info("ingested", extra=result)
     return result
 

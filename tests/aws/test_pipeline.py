@@ -6,6 +6,7 @@ import itertools
 import json
 from typing import Any
 
+import pytest
 from botocore.awsrequest import AWSResponse
 
 from tests.aws.conftest import ACCOUNT, REGION, Env, fixture, ip_of
@@ -468,6 +469,100 @@ def test_a_batch_of_events_costs_one_describe_call(env: Env) -> None:
     assert out == {"batchItemFailures": []}
     assert calls == ["d"]
     assert all(env.store.get(i) is not None for i in new)
+
+
+def test_a_batch_hands_its_changes_on_once_and_again_when_retried(env: Env, monkeypatch: Any) -> None:
+    """Ingest hands a batch's changed workloads to compute and the perimeter in one message each
+    (a scale-out's events were one message each, and the perimeter ran one tiny batch after
+    another). A hand-off that fails after the events were recorded as done fails the batch, and
+    its retry, answered from the idempotency table, still hands them on."""
+    est = boot(env)
+    env.pump()
+    new = est["run"]("web", est["subnets"]["web"], 4)
+    for iid in new:
+        env.put(env.state_event(iid, "running"))
+    msgs = env.receive("ingest")
+    assert len(msgs) == 4
+    svc = env.fn["ingest"]._setup()
+    real = svc["wiring"].sqs
+    failing = {"left": 1}
+
+    class FailsOnce:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def send_message(self, **kw: Any) -> Any:
+            if failing["left"]:
+                failing["left"] -= 1
+                raise RuntimeError("SQS unavailable")
+            return real.send_message(**kw)
+
+    monkeypatch.setattr(svc["wiring"], "sqs", FailsOnce())
+    with pytest.raises(RuntimeError, match="SQS unavailable"):
+        env.fn["ingest"].handler(env.sqs_event(msgs), _ctx())
+    assert env.count("compute") == 0 and env.count("perimeter") == 0
+    assert all(env.store.get(i) is not None for i in new), "the events themselves were recorded"
+    out = env.fn["ingest"].handler(env.sqs_event(msgs), _ctx())  # Lambda's retry of the batch
+    assert out == {"batchItemFailures": []}
+    (compute,) = env.receive("compute")
+    (perimeter,) = env.receive("perimeter")
+    assert sorted(json.loads(compute["Body"])["ids"]) == sorted(new)
+    assert sorted(json.loads(perimeter["Body"])["ids"]) == sorted(new)
+
+
+def test_a_batch_of_launch_actions_reaches_compute_in_two_messages_in_either_order(env: Env) -> None:
+    """Three launch actions in one lifecycle batch: one compute message from the lifecycle
+    handler (their instances), one from the perimeter once every ENI carries its groups (the
+    three actions, naming their instances). The hand-off alone is enough: compute publishes and
+    completes all three even when the lifecycle handler's message is lost."""
+    boot(env)
+    env.pump()
+    completed: list[tuple[str, bool]] = []
+
+    def complete(request: Any, **_: Any) -> AWSResponse:
+        raw = request.body.decode() if isinstance(request.body, bytes) else request.body
+        iid = dict(p.split("=", 1) for p in raw.split("&"))["InstanceId"]
+        completed.append((iid, env.store.bundle_pointer(iid) is not None))
+        return _xml(
+            200,
+            "<CompleteLifecycleActionResponse><CompleteLifecycleActionResult/><ResponseMetadata><RequestId>x</RequestId></ResponseMetadata></CompleteLifecycleActionResponse>",
+        )
+
+    env.hook("before-send.auto-scaling.CompleteLifecycleAction", complete)
+    env.asg.set_desired_capacity(AutoScalingGroupName="rf-web-asg", DesiredCapacity=3)
+    new = env.asg_instances()
+    for iid in new:
+        env.put(env.lifecycle_event(iid, launching=True))
+    (out,) = env.drain("lifecycle", "lifecycle")
+    assert out == {"batchItemFailures": []}
+    assert env.count("perimeter") == 3
+    (lost,) = env.receive("compute")
+    assert sorted(json.loads(lost["Body"])["ids"]) == sorted(new) and not json.loads(lost["Body"]).get("lifecycles")
+    env.sqs.delete_message(QueueUrl=env.queues["compute"], ReceiptHandle=lost["ReceiptHandle"])
+    env.drain("perimeter", "perimeter")
+    (handoff,) = env.receive("compute")
+    body = json.loads(handoff["Body"])
+    assert sorted(body["ids"]) == sorted(new)
+    assert sorted(lc["instance_id"] for lc in body["lifecycles"]) == sorted(new)
+    env.sqs.change_message_visibility(
+        QueueUrl=env.queues["compute"], ReceiptHandle=handoff["ReceiptHandle"], VisibilityTimeout=0
+    )
+    env.drain("compute", "compute")
+    assert sorted(completed) == sorted((iid, True) for iid in new), "each published, then completed"
+
+
+def test_one_action_each_splits_a_hand_off_into_the_messages_it_stands_for() -> None:
+    from ringfence.control.compute import one_action_each
+
+    a, b = {"instance_id": "i-a", "transition": "x"}, {"instance_id": "i-b", "transition": "x"}
+    plain = {"ids": ["i-c"], "lifecycle": None}
+    got = one_action_each([plain, {"ids": ["i-a", "i-b"], "lifecycle": None, "lifecycles": [a, b]}])
+    assert got == [
+        plain,
+        {"ids": ["i-a", "i-b"], "lifecycle": None},
+        {"ids": [], "lifecycle": a},
+        {"ids": [], "lifecycle": b},
+    ]
 
 
 def test_a_batch_of_launch_actions_is_described_once(env: Env) -> None:

@@ -59,6 +59,21 @@ class ComputeStats:
     lifecycle_awaiting_agent: list[str] = field(default_factory=list)
 
 
+def one_action_each(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages with each one that carries several lifecycle actions (``lifecycles``: a
+    lifecycle or perimeter batch hands its actions on in one message) split into one message per
+    action, as if each had come alone (``lifecycle``); the ids stay with the first."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        actions = m.get("lifecycles") or []
+        if not actions:
+            out.append(m)
+            continue
+        out.append({k: v for k, v in m.items() if k != "lifecycles"})
+        out.extend({"ids": [], "lifecycle": lc} for lc in actions)
+    return out
+
+
 class Compute:
     """Inventory changes → engine → signed deltas and bundles in S3 → nudges → lifecycle."""
 
@@ -77,6 +92,7 @@ class Compute:
         self.gate = LaunchGate(w, metric)
 
     def run(self, messages: list[dict[str, Any]]) -> ComputeStats:
+        messages = one_action_each(messages)
         stats = ComputeStats()
         bytes0 = self.w.publisher.bytes_published
         try:

@@ -205,15 +205,28 @@ class BaseWiring:
         publish: list[str] | None = None,
         enforced: list[str] | None = None,
         refresh: bool = False,
+        lifecycles: list[dict[str, Any]] | None = None,
     ) -> None:
         """Ask compute to take these workloads' inventory (and a lifecycle action, a rebuild,
         re-renders or a refresh of bundles near expiry) into the engine; nothing is sent when
         there is nothing to do. ``enforced``: instances whose agent now enforces (the agent API,
-        lifecycle gate "agent")."""
+        lifecycle gate "agent"). ``lifecycles``: several lifecycle actions in one message (a
+        batch's), each taken as if it came with ``lifecycle`` (:func:`ringfence.control.compute.
+        one_action_each`)."""
         ids = list(dict.fromkeys(ids))
-        if not ids and not rebuild and lifecycle is None and not publish and not enforced and not refresh:
+        if (
+            not ids
+            and not rebuild
+            and lifecycle is None
+            and not publish
+            and not enforced
+            and not refresh
+            and not lifecycles
+        ):
             return
         message: dict[str, Any] = {"ids": ids, "rebuild": rebuild, "lifecycle": lifecycle, "publish": publish or []}
+        if lifecycles:
+            message["lifecycles"] = list(lifecycles)
         if enforced:
             message["enforced"] = list(enforced)
         if refresh:

@@ -20,6 +20,9 @@ class Lifecycle:
     def __init__(self, w: Wiring, metric: Metric = no_metric) -> None:
         self.w = w
         self.metric = metric
+        # a batch's hand-off to compute, sent once when it ends (None: no batch open, each action
+        # sends its own): the instances, and the actions compute completes
+        self._batch: tuple[dict[str, None], list[dict[str, Any]]] | None = None
 
     def prefetch(self, bodies: list[str]) -> int:
         """Describe every instance a batch's actions name at once (:meth:`Ingest.prefetch_events`);
@@ -32,10 +35,27 @@ class Lifecycle:
                 continue
             if ev is not None and ev.lifecycle is not None:
                 events.append(ev)
-        return Ingest(self.w).prefetch_events(events)
+        n = Ingest(self.w).prefetch_events(events)
+        self._batch = ({}, [])
+        return n
 
     def done(self) -> None:
-        self.w.end_batch()
+        """The batch is over: its instances and actions go to compute in one message (a failure
+        here fails the batch, whose actions are then applied again and handed on again)."""
+        batch, self._batch = self._batch, None
+        try:
+            if batch is not None:
+                self.w.enqueue_compute(list(batch[0]), lifecycles=batch[1])
+        finally:
+            self.w.end_batch()
+
+    def _to_compute(self, ids: list[str], lifecycle: dict[str, Any] | None = None) -> None:
+        if self._batch is None:
+            self.w.enqueue_compute(ids, lifecycle=lifecycle)
+            return
+        self._batch[0].update(dict.fromkeys(ids))
+        if lifecycle is not None:
+            self._batch[1].append(lifecycle)
 
     def handle(self, raw: dict[str, Any]) -> dict[str, Any]:
         return self.apply(normalize(raw))
@@ -61,7 +81,7 @@ class Lifecycle:
             changed |= leaving
             if refused:
                 # not Auto Scaling's action (or not this group's): nothing to complete either
-                self.w.enqueue_compute(sorted(changed))
+                self._to_compute(sorted(changed))
                 return {
                     "instance": ev.lifecycle.instance_id,
                     "transition": ev.lifecycle.transition,
@@ -72,10 +92,10 @@ class Lifecycle:
         lc["region"] = ev.region
         if ev.kind is Kind.LIFECYCLE_LAUNCH and self.w.enqueue_perimeter(ids, lifecycle=lc):
             # the perimeter hands the action on to compute once the instance's ENIs carry their
-            # groups; compute publishes meanwhile and completes it (FIFO: after these ids)
-            self.w.enqueue_compute(sorted(changed) or ids)
+            # groups; compute publishes meanwhile and completes it
+            self._to_compute(sorted(changed) or ids)
         else:
-            self.w.enqueue_compute(sorted(changed) or ids, lifecycle=lc)
+            self._to_compute(sorted(changed) or ids, lc)
         self.metric("LifecycleActions", 1)
         self.metric("InventoryChanges", len(changed))
         return {"instance": ev.lifecycle.instance_id, "transition": ev.lifecycle.transition}

@@ -82,6 +82,7 @@ class Perimeter:
         ids = [i for m in messages for i in m.ids]
         out = Reaction(results=self.run_for(ids, dry_run))
         refused = {i for r in out.results if r.get("violations") for i in r["workloads"]}
+        handed: list[dict[str, Any]] = []
         for m in messages:
             lc = m.lifecycle
             if not lc:
@@ -99,11 +100,15 @@ class Perimeter:
                 self.metric("LifecycleLeftToTimeout", 1)
                 out.lifecycles_left_to_timeout.append(iid)
                 continue
-            # compute completes it once the bundle is published (FIFO: after the ids lifecycle queued)
-            # and, under the lifecycle gate "agent", once its agent enforces too: perimeter_at
-            # records the hand-off (every ENI carries its groups now)
-            self.w.enqueue_compute(lifecycle={**lc, "perimeter_at": time.time()})
+            # compute completes it once the bundle is published and, under the lifecycle gate
+            # "agent", once its agent enforces too: perimeter_at records the hand-off (every ENI
+            # carries its groups now)
+            handed.append({**lc, "perimeter_at": time.time()})
             out.lifecycles_forwarded.append(iid)
+        if handed:
+            # one message for the batch's actions, naming their instances: compute takes them
+            # into the engine first, whether or not the lifecycle handler's own message came yet
+            self.w.enqueue_compute([lc["instance_id"] for lc in handed], lifecycles=handed)
         return out
 
     def _reconcile(self, place: Place, recs: list[InventoryRecord], scope: Scope, dry_run: bool) -> dict[str, Any]:
