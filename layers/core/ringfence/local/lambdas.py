@@ -77,12 +77,16 @@ class LambdaContext:
         return max(int((self.timeout_s - (time.monotonic() - self.started)) * 1000), 0)
 
 
-def load_functions(names: Iterable[str] = FUNCTIONS, directory: Path | None = None) -> dict[str, ModuleType]:
+def load_functions(
+    names: Iterable[str] = FUNCTIONS, directory: Path | None = None, *, keep_clients: bool = False
+) -> dict[str, ModuleType]:
     """Import each ``functions/<name>/app.py`` as a new module (cold start). Reads the process
-    environment, so the embedded AWS must have set it; cached boto3 clients are dropped first."""
+    environment, so the embedded AWS must have set it; cached boto3 clients are dropped first
+    (kept with ``keep_clients``: another container of a function already loaded, same AWS)."""
     from ringfence.clouds.aws import clients
 
-    clients.reset()
+    if not keep_clients:
+        clients.reset()
     base = directory or functions_dir()
     out: dict[str, ModuleType] = {}
     for name in names:

@@ -21,9 +21,10 @@ moto EventBridge (whose rules route them to the SQS queues), and runs the real h
 
 ``EventRouter(aws, watch_interval=0.05, watch_fallback=1.0, poll_interval=0.05, schedule=None,
 retry_after=1.0, batch_size=10, functions=None, announce_existing=False, cloudtrail=True, long_poll=1,
-publish_pollers=3)``:
+pollers=POLLERS)``:
 
-- **watching** (a thread): ``DescribeInstances`` and ``DescribeAutoScalingGroups`` on the moto
+- **watching** (a thread): the instances and Auto Scaling groups moto holds
+  (:meth:`ringfence.local.aws.EmbeddedAws.instances`, read from moto's models) on the moto
   server, compared with the previous look, whenever moto's change count moves (a call that
   changed instances, their tags or Auto Scaling groups: :mod:`moto_changes`; looks at least
   ``watch_interval`` s apart, so a burst of calls costs one look) and every ``watch_fallback`` s
@@ -42,13 +43,13 @@ publish_pollers=3)``:
   announced unless ``announce_existing`` (in AWS, the scheduled reconcile finds them).
 - **delivering** (a poller thread per queue, as each function has its own event-source mapping
   in AWS): the lifecycle, ingest, perimeter and compute queues are each drained by their own
-  thread, concurrently with each other, each batch (``batch_size``) to ``functions/<name>/app.py``'s
+  pollers (``POLLERS``: several batches at once where AWS runs several invocations), concurrently
+  with each other, each batch (``batch_size``) to ``functions/<name>/app.py``'s
   handler (:func:`ringfence.local.lambdas.deliver_batch`): successes deleted, reported failures
   visible again after ``retry_after`` s (AWS: the queue's visibility timeout, 360 s / 960 s), so the
   queue's redrive policy moves a poison message to its DLQ after its receive count. The compute
-  queue is FIFO with one message group: its one thread takes batches in order, one at a time. The
-  publish queue compute fans bundles out to is standard: ``publish_pollers`` threads (default 3)
-  take its batches at once, as Lambda runs several batches of a standard queue concurrently. The
+  queue is FIFO with one message group: its one thread takes batches in order, one at a time; the
+  perimeter's one thread too (reserved concurrency 1). The
   handlers' boto3 clients are created up front in one thread (a session is not meant to create
   clients from many threads; made clients are thread-safe). Each poller long-polls its queue
   (``long_poll`` s, as Lambda's pollers do): moto answers the moment a message arrives, and an
@@ -120,6 +121,12 @@ LEAVING_LOOKS = 20  # looks to wait for an instance that left its group to be se
 
 # template.yaml's schedules (ReconcileSchedule's default, the perimeter's rate), for schedule=
 AWS_SCHEDULE = {"reconcile": 15 * 60.0, "perimeter": 30 * 60.0}
+# batches taken at once per queue (``pollers=``): AWS runs ingest at up to 20 concurrent
+# invocations, lifecycle 10 and publish 50 (template.yaml), the perimeter one (it writes an
+# interface's whole group list) and compute one (its FIFO queue has a single message group). The
+# lab takes a few ingest batches at once (one thread was a queue of its own behind a scale-out);
+# lifecycle batches, few and already batched, one at a time.
+POLLERS = {"lifecycle": 1, "ingest": 3, "perimeter": 1, "compute": 1, "publish": 3}
 
 
 # --- the timeline ----------------------------------------------------------------------------------
@@ -461,10 +468,10 @@ class EventRouter:
         announce_existing: bool = False,
         cloudtrail: bool = True,
         long_poll: int = 1,
-        publish_pollers: int = 3,
+        pollers: dict[str, int] | None = None,
     ) -> None:
         self.aws = aws
-        self.publish_pollers = max(1, publish_pollers)
+        self.pollers = {**POLLERS, **(pollers or {})}
         self.long_poll = long_poll
         self.watch_interval = watch_interval
         self.watch_fallback = watch_fallback
@@ -482,8 +489,6 @@ class EventRouter:
         self.deliveries: list[Delivery] = []  # every handler invocation (read under self._lock)
         self.errors: list[str] = []  # watcher/runtime failures the router survived
         # clients made here, in the caller's thread (creating clients is not thread-safe)
-        self._ec2 = aws.client("ec2")
-        self._asg = aws.client("autoscaling")
         self._events = aws.client("events")
         self._sqs = aws.client("sqs")
         self._lock = threading.Lock()
@@ -526,10 +531,12 @@ class EventRouter:
         self._look = first
         loops: list[tuple[str, Callable[[], None]]] = [("watch", self._watch_loop), ("schedule", self._schedule_loop)]
         loops += [(queue, functools.partial(self._poller_loop, queue, name)) for queue, name in QUEUES]
-        # the publish queue is standard: Lambda runs several batches of it at once (jobs are independent)
+        # standard queues: Lambda runs several batches of each at once (FIFO compute: one)
         loops += [
-            (f"publish-{i}", functools.partial(self._poller_loop, "publish", "publish"))
-            for i in range(1, self.publish_pollers)
+            (f"{queue}-{i}", functools.partial(self._poller_loop, queue, name, self._container(name, i)))
+            for queue, name in QUEUES
+            if queue != "compute"
+            for i in range(1, self.pollers.get(queue, 1))
         ]
         for name, target in loops:
             t = threading.Thread(target=target, name=f"ringfence-router-{name}", daemon=True)
@@ -625,17 +632,12 @@ class EventRouter:
 
     def _observe(self) -> _Look:
         look = _Look()
-        for page in self._ec2.get_paginator("describe_instances").paginate():
-            for res in page["Reservations"]:
-                for inst in res["Instances"]:
-                    tags = {t["Key"]: t["Value"] for t in inst.get("Tags", [])}
-                    look.instances[inst["InstanceId"]] = _Instance(inst["State"]["Name"], tags)
-        for page in self._asg.get_paginator("describe_auto_scaling_groups").paginate():
-            for g in page["AutoScalingGroups"]:
-                for i in g.get("Instances", []):
-                    look.members[i["InstanceId"]] = _Member(
-                        g["AutoScalingGroupName"], g["AutoScalingGroupARN"], i["LifecycleState"]
-                    )
+        estate = self.aws.instances()
+        for iid, inst in estate.instances.items():
+            look.instances[iid] = _Instance(inst.state, dict(inst.tags))
+        for name, g in estate.groups.items():
+            for iid, lifecycle_state in g.members.items():
+                look.members[iid] = _Member(name, g.arn, lifecycle_state)
         return look
 
     def _diff(self, old: _Look, new: _Look) -> list[_Event]:
@@ -783,12 +785,25 @@ class EventRouter:
 
     # --- the Lambda runtime ------------------------------------------------------------------------
 
-    def _poller_loop(self, queue: str, name: str) -> None:
+    def _container(self, name: str, i: int) -> str:
+        """The key in ``self.fn`` of the ``i``-th concurrent container of function ``name``: a
+        fresh module of its own (Lambda runs concurrent invocations in separate environments, and
+        ingest and lifecycle keep a batch's state at module level), or the one module, shared, when
+        the functions were handed in (its owner decides what is loaded) and for publish, whose
+        batches share nothing."""
+        if not self._own_functions or name == "publish":
+            return name
+        key = f"{name}#{i}"
+        if key not in self.fn:
+            self.fn[key] = load_functions([name], keep_clients=True)[name]
+        return key
+
+    def _poller_loop(self, queue: str, name: str, container: str | None = None) -> None:
         """One queue's event-source mapping: a batch at a time, as soon as there is one."""
         while not self._stop.is_set():
             worked = False
             try:
-                worked = self.deliver_from(queue, name, wait_seconds=self.long_poll)
+                worked = self.deliver_from(queue, name, wait_seconds=self.long_poll, container=container)
             except Exception as exc:
                 log.exception("router poller for %s failed", queue)
                 with self._lock:
@@ -837,10 +852,11 @@ class EventRouter:
             worked = self.deliver_from(queue, name) or worked
         return worked
 
-    def deliver_from(self, queue: str, name: str, wait_seconds: int = 0) -> bool:
+    def deliver_from(self, queue: str, name: str, wait_seconds: int = 0, container: str | None = None) -> bool:
         """Receive one batch from ``queue`` (waiting up to ``wait_seconds`` for one) and run
-        ``name``'s handler on it; ``True`` if it ran."""
-        handler = self._invoker(queue, name)
+        ``name``'s handler on it (in ``container``, a key of ``self.fn``); ``True`` if it ran."""
+        container = container or name
+        handler = self._invoker(queue, name, container)
         try:
             d = deliver_batch(
                 self._sqs,
@@ -859,17 +875,17 @@ class EventRouter:
                     del self.deliveries[:-10000]
                 self._record(queue, d)
         finally:
-            self._drop_disabled_metrics(name)
+            self._drop_disabled_metrics(container)
             with self._lock:
                 if self._busy.get(queue):
                     self._busy[queue] -= 1
                     self._invocations += 1
         return d is not None
 
-    def _invoker(self, queue: str, name: str) -> Callable[[dict[str, Any], Any], Any]:
+    def _invoker(self, queue: str, name: str, container: str) -> Callable[[dict[str, Any], Any], Any]:
         """The handler, marked busy from its call until its delivery is recorded (so that
         ``wait_idle`` and settling never see its messages gone and the timeline not yet told)."""
-        fn = self.fn[name].handler
+        fn = self.fn[container].handler
 
         def invoke(event: dict[str, Any], context: Any) -> Any:
             with self._lock:
@@ -927,12 +943,12 @@ class EventRouter:
                 except ValueError:
                     continue
                 named = list(body.get("ids") or [])
-                lc = body.get("lifecycle") or {}
-                if lc.get("instance_id"):
-                    named.append(lc["instance_id"])
-                    carried.append(lc["instance_id"])
-                    if isinstance(lc.get("perimeter_at"), (int, float)):
-                        handed_on[lc["instance_id"]] = float(lc["perimeter_at"])
+                for lc in [body.get("lifecycle") or {}, *(body.get("lifecycles") or [])]:
+                    if lc.get("instance_id"):
+                        named.append(lc["instance_id"])
+                        carried.append(lc["instance_id"])
+                        if isinstance(lc.get("perimeter_at"), (int, float)):
+                            handed_on[lc["instance_id"]] = float(lc["perimeter_at"])
                 ids.extend(named)
                 stamp = (m.get("Attributes") or {}).get("SentTimestamp")
                 if stamp:
