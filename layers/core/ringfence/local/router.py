@@ -41,7 +41,7 @@ pollers=POLLERS)``:
   the stack's ``CloudTrailEc2`` rule (:mod:`ringfence.local.moto_trail`); the other events carry
   no ``userIdentity`` in AWS either. Instances that exist when the router starts are not
   announced unless ``announce_existing`` (in AWS, the scheduled reconcile finds them).
-- **delivering** (a poller thread per queue, as each function has its own event-source mapping
+- **delivering** (pollers per queue, as each function has its own event-source mapping
   in AWS): the lifecycle, ingest, perimeter and compute queues are each drained by their own
   pollers (``POLLERS``: several batches at once where AWS runs several invocations), concurrently
   with each other, each batch (``batch_size``) to ``functions/<name>/app.py``'s
