@@ -1,4 +1,5 @@
-"""Reconcile: scheduled full sync of the configured accounts/regions; converges lost events."""
+"""Reconcile: scheduled full sync of the configured accounts/regions; converges lost events.
+Then the effective-policy findings not announced yet go to the SIEM (``RINGFENCE_SIEM``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from aws_lambda_powertools.utilities.data_classes import EventBridgeEvent, event
 
 from ringfence.clouds.aws.reconcile import Reconcile
 from ringfence.clouds.aws.wiring import Wiring
+from ringfence.control.findings import announce
 from ringfence.control.wiring import Config
 
 logger = Logger()
@@ -23,7 +25,13 @@ metrics = Metrics()
 @metrics.log_metrics
 @event_source(data_class=EventBridgeEvent)
 def handler(event: EventBridgeEvent, context: Any) -> dict[str, Any]:
-    svc = Reconcile(Wiring(Config.from_env()), lambda n, v: metrics.add_metric(name=n, unit=MetricUnit.Count, value=v))
+    w = Wiring(Config.from_env())
+    svc = Reconcile(w, lambda n, v: metrics.add_metric(name=n, unit=MetricUnit.Count, value=v))
     result = asdict(svc.run())
     logger.info("reconciled", extra={"seen": result["seen"], "changed": len(result["changed"])})
-    return result
+    # effective-policy findings (agents silent, behind or holding other rules) to the SIEM, once each
+    announced = announce(w)
+    if announced:
+        metrics.add_metric(name="FindingsAnnounced", unit=MetricUnit.Count, value=len(announced))
+        logger.warning("effective-policy findings", extra={"findings": [f.model_dump() for f in announced]})
+    return result | {"findings_announced": len(announced)}

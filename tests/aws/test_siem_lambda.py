@@ -59,3 +59,34 @@ def test_a_governance_finding_reaches_the_siem_as_a_detection_finding(
     assert finding["unmapped"]["ringfence"]["principal"] == DEVELOPER
     held = [e for e in events if e["class_uid"] == 6003 and e["api"]["operation"] == "label.held"]
     assert len(held) == 1, "the audit record of the hold is there too"
+
+
+def test_the_reconcile_function_announces_an_agent_behind_its_policy(
+    env: Env, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """The scheduled reconcile function sends effective-policy findings to the SIEM once each: an
+    enrolled agent whose heartbeat says it enforces an older version than the one published
+    longer than the bound ago."""
+    from ringfence.store.base import EnforcementReport
+    from tests.aws.test_pipeline import _ctx, _scheduled
+
+    out = tmp_path / "siem.jsonl"
+    monkeypatch.setenv("RINGFENCE_SIEM", f"file:{out}")
+    env.load_functions()
+    est = boot(env)
+    env.pump()
+    db = est["ids"]["db"][0]
+    ptr = env.store.bundle_pointer(db)
+    assert ptr is not None
+    env.store.set_liveness(db, enrolled=True, heartbeat=time.time())
+    env.store.put_enforcement(
+        EnforcementReport(workload_id=db, time=time.time(), version=ptr.version - 1, latest_version=ptr.version)
+    )
+    env.store.put_bundle_pointer(ptr.model_copy(update={"published_at": time.time() - 600}))
+    first = env.fn["reconcile"].handler(_scheduled(), _ctx())
+    again = env.fn["reconcile"].handler(_scheduled(), _ctx())
+    assert first["findings_announced"] == 1 and again["findings_announced"] == 0
+    (finding,) = [e for e in map(json.loads, out.read_text().splitlines()) if e["class_uid"] == 2004]
+    validate(finding)
+    assert finding["resources"][0]["uid"] == db
+    assert finding["finding_info"]["analytic"]["name"] == "effective-policy/not-enforced"

@@ -12,6 +12,7 @@ and the control plane compares it with the bundle it published.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -125,14 +126,15 @@ class Serve:
 
     def __init__(self, net: NetLab, tmp: Path) -> None:
         self.net, self.db = net, tmp / "state" / "state.db"
+        self.siem = tmp / "siem.jsonl"  # where serve's findings pass sends what it finds
         tokens = tmp / "admin-tokens"
         tokens.write_text(f"carol:{serve.token_hash(TOKEN)}:policy-author,incident-responder,onboarding\n")
         self.url = f"http://{CP}:{PORT}"
         cmd = [str(BIN / "ringfence"), "serve", "--host", CP, "--port", str(PORT), "--insecure"]
         self.log = tmp / "serve.log"
         self.proc = net.spawn(
-            "cp", *cmd, "--store", f"sqlite:{self.db}", "--admin-tokens", str(tokens),
-            stdout=subprocess.PIPE, stderr=self.log.open("w"),
+            "cp", *cmd, "--store", f"sqlite:{self.db}", "--admin-tokens", str(tokens), "--siem", f"file:{self.siem}",
+            env={**os.environ, "RINGFENCE_FINDINGS_INTERVAL": "0.5"}, stdout=subprocess.PIPE, stderr=self.log.open("w"),
         )  # fmt: skip
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -143,6 +145,13 @@ class Serve:
             return httpx.request(
                 method, self.url + path, json=body, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60
             )
+
+    def siem_findings(self) -> list[dict[str, Any]]:
+        """The Detection Findings serve's findings pass sent to its SIEM file so far."""
+        if not self.siem.exists():
+            return []
+        events = [json.loads(line) for line in self.siem.read_text().splitlines() if line.strip()]
+        return [e for e in events if e.get("class_uid") == 2004]
 
     def findings(self, bound: float = 120) -> dict[str, Any]:
         """``ringfence findings`` on the server's store (exit 1 when any); the admin route agrees."""
@@ -223,6 +232,13 @@ def test_a_tampered_kernel_is_a_finding_and_a_silent_agent_too(net: NetLab, tmp_
     rep = wait_until(lambda: fresh(t), 30, "a heartbeat after the tamper", log)
     assert rep.kernel_digest != rep.expected_digest
     assert _kinds(srv.findings()) == [("kernel-mismatch", wid)]
+    # and serve told its SIEM, once, as an OCSF Detection Finding
+    sent = wait_until(srv.siem_findings, 15, "the kernel-mismatch finding in the SIEM file", srv.log)
+    assert [(e["finding_info"]["analytic"]["name"], e["resources"][0]["uid"]) for e in sent] == [
+        ("effective-policy/kernel-mismatch", wid)
+    ], sent
+    time.sleep(1.5)  # three more passes
+    assert len(srv.siem_findings()) == 1, "announced once while the condition lasts"
 
     # put back: no finding; then the input chain flushed: a finding again
     net.exec("h", "nft", "add", "element", "inet", "ringfence", victim["name"], f"{{ {text} }}", check=True)
@@ -286,3 +302,50 @@ def test_not_enforced_and_silent_from_stored_reports(tmp_path: Path) -> None:
         ("silent", "c"),
         ("not-enforced", "d"),
     ]
+
+
+def test_findings_reach_the_siem_once_each_as_valid_ocsf(tmp_path: Path) -> None:
+    """``announce`` (serve's findings pass, the AWS reconcile function): each finding goes to the
+    SIEM once while its condition lasts, as a Detection Finding valid against the OCSF schema; a
+    new condition for the same workload (a newer version not enforced) is a new finding."""
+    from ringfence.control.findings import announce
+    from ringfence.model import Workload
+    from ringfence.serve import build_wiring
+    from tests.siem.test_siem import validate
+
+    siem = tmp_path / "siem.jsonl"
+    w = build_wiring(f"sqlite:{tmp_path / 'state' / 's.db'}", siem=f"file:{siem}")
+    try:
+        now = 10_000.0
+        for wid in ("a", "b"):
+            w.store.observe(
+                InventoryRecord(
+                    id=wid, workload=Workload(id=wid, ips=["10.0.0.1"], tags={}), state="running", observed_at=1
+                )
+            )
+            w.store.set_liveness(wid, enrolled=True, heartbeat=now - 5)
+            w.store.put_bundle_pointer(
+                BundlePointer(workload_id=wid, version=7, key=f"k{wid}", etag='"7"', rules_revision=7, published_at=1)
+            )
+        w.store.put_enforcement(EnforcementReport(workload_id="a", time=now - 5, version=7, latest_version=7))
+        w.store.put_enforcement(EnforcementReport(workload_id="b", time=now - 5, version=6, latest_version=7))
+
+        def sent() -> list[dict[str, Any]]:
+            w.siem.close()  # flushed to the file
+            return [json.loads(line) for line in siem.read_text().splitlines()] if siem.exists() else []
+
+        assert [(f.kind, f.workload_id) for f in announce(w, bound=120, now=now)] == [("not-enforced", "b")]
+        assert announce(w, bound=120, now=now + 30) == [], "the same condition: not announced again"
+        (event,) = sent()
+        validate(event)
+        assert event["class_uid"] == 2004 and event["resources"][0]["uid"] == "b"
+        assert event["finding_info"]["analytic"]["name"] == "effective-policy/not-enforced"
+        assert event["finding_info"]["uid"] == "drift:not-enforced:b:v7"
+        w.store.put_bundle_pointer(
+            BundlePointer(workload_id="b", version=8, key="kb8", etag='"8"', rules_revision=8, published_at=2)
+        )
+        got = announce(w, bound=120, now=now + 60)
+        assert [(f.workload_id, f.latest_version) for f in got] == [("b", 8)], got
+        assert [e["finding_info"]["uid"] for e in sent()] == ["drift:not-enforced:b:v7", "drift:not-enforced:b:v8"]
+    finally:
+        w.close()

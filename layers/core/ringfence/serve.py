@@ -588,6 +588,18 @@ def reconciles(
     return out
 
 
+def findings_pass(wiring: Any, stop: threading.Event, env: Mapping[str, str] | None = None) -> threading.Thread | None:
+    """With a SIEM (``--siem``): the effective-policy findings not announced yet go to it every
+    ``RINGFENCE_FINDINGS_INTERVAL`` seconds (default 60), in a thread until ``stop``."""
+    if getattr(wiring, "siem", None) is None:
+        return None
+    from ringfence.clouds import every
+    from ringfence.control.findings import announce
+
+    e = os.environ if env is None else env
+    return every("findings", lambda: announce(wiring), float(e.get("RINGFENCE_FINDINGS_INTERVAL", "60")), stop)
+
+
 def run(
     host: str,
     port: int,
@@ -615,6 +627,7 @@ def run(
     try:
         app = ServeApp.over(wiring, tokens, threads)
         reconciles(app, wiring, stop)
+        findings_pass(wiring, stop)
         server = uvicorn_server(app, tls_cert, tls_key)
         admin = f"admin API for {len(set(tokens.by_hash.values()))} principal(s)" if tokens else "admin API off"
         announce(f"ringfence serve: listening on {url_of(sock, tls_cert is not None)} (store {store}; {admin})")

@@ -11,6 +11,10 @@ the records into findings (``ringfence findings``, ``GET /admin/findings``):
   for a version moved on by set deltas, from the first heartbeat that found the agent behind);
 - ``kernel-mismatch``: the agent enforces the newest version, but its kernel holds something
   else (a rule or an address removed, a chain flushed, the table gone).
+
+:func:`announce` sends each finding to the SIEM once, as an OCSF Detection Finding, when a
+scheduled pass first sees it (the AWS reconcile function; ``ringfence serve`` every
+``RINGFENCE_FINDINGS_INTERVAL`` seconds).
 """
 
 from __future__ import annotations
@@ -20,9 +24,13 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from ringfence.siem import ocsf
 from ringfence.store.base import BundlePointer, Store
 
+from .wiring import BaseWiring
+
 DEFAULT_BOUND = 120.0  # seconds: two default heartbeats (60 s) and the publish → apply path
+ANNOUNCED_TTL = 30 * 24 * 3600  # an announced finding is not announced again for this long
 
 Kind = Literal["not-enforced", "kernel-mismatch", "silent"]
 
@@ -111,3 +119,59 @@ def findings(store: Store, bound: float = DEFAULT_BOUND, now: float | None = Non
                 )
             )
     return FindingsResponse(bound=bound, checked=checked, findings=out)
+
+
+_SEVERITY = {"kernel-mismatch": ocsf.HIGH, "not-enforced": ocsf.MEDIUM, "silent": ocsf.MEDIUM}
+_TITLE = {
+    "kernel-mismatch": "Kernel does not hold the published policy",
+    "not-enforced": "Published policy not enforced in time",
+    "silent": "Agent silent",
+}
+
+
+def finding_uid(f: Finding, rep_digests: tuple[str | None, str | None] = (None, None)) -> str:
+    """One uid per condition, the same in every pass while it lasts: a silent agent by its last
+    heartbeat, a version not enforced by that version, a kernel mismatch by what the kernel and
+    the bundle hold (a new mismatch, or one that came back, is a new finding)."""
+    if f.kind == "silent":
+        mark = "never" if f.since is None else f"{f.since:.0f}"
+    elif f.kind == "not-enforced":
+        mark = f"v{f.latest_version}"
+    else:
+        mark = f"{rep_digests[0] or 'none'}-{rep_digests[1] or 'none'}"
+    return f"drift:{f.kind}:{f.workload_id}:{mark}"
+
+
+def announce(w: BaseWiring, bound: float = DEFAULT_BOUND, now: float | None = None) -> list[Finding]:
+    """Send every finding not announced before to the SIEM as an OCSF Detection Finding (once per
+    condition across passes and processes: the store's ``claim_once``). Nothing without a SIEM.
+    Returns the findings announced now."""
+    if w.siem is None:
+        return []
+    now = time.time() if now is None else now
+    res = findings(w.store, bound, now)
+    out: list[Finding] = []
+    for f in res.findings:
+        rep = w.store.enforcement(f.workload_id) if f.kind == "kernel-mismatch" else None
+        uid = finding_uid(f, (rep.kernel_digest, rep.expected_digest) if rep else (None, None))
+        if not w.store.claim_once(f"announced#{uid}", ANNOUNCED_TTL):
+            continue
+        w.siem.finding(
+            ocsf.detection_finding(
+                uid,
+                title=f"{_TITLE[f.kind]}: {f.workload_id}",
+                time=now,
+                severity_id=_SEVERITY[f.kind],
+                resource=f.workload_id,
+                analytic=f"effective-policy/{f.kind}",
+                message=f"{f.workload_id}: {f.detail}",
+                detail={
+                    "since": f.since,
+                    "enforced_version": f.enforced_version,
+                    "latest_version": f.latest_version,
+                    "bound_s": bound,
+                },
+            )
+        )
+        out.append(f)
+    return out
