@@ -99,3 +99,27 @@ def test_labels_check_reads_the_estate_from_the_store(flows: str) -> None:
     assert "ord-prod-web-9: UNLABELED" in r.stdout and "20 workloads" in r.stdout and "4 findings" in r.stdout
     r = subprocess.run(argv[:5], capture_output=True, text=True, check=False)
     assert r.returncode == 1 and "--inventory FILE, or --flows" in r.stderr
+
+
+def test_labels_check_sends_the_flow_findings_to_the_siem(flows: str, tmp_path: Path) -> None:
+    """``labels check --flows --siem``: each finding from flows goes to the SIEM as a Detection
+    Finding valid against the OCSF schema, with a uid that a second run repeats (a SIEM dedupes)."""
+    from tests.siem.test_siem import validate
+
+    argv = [CLI, "labels", "check", "--policy", str(EXAMPLE / "policy"), "--inventory", str(EXAMPLE / "inventory.yaml")]
+    runs = []
+    for k in range(2):
+        out = tmp_path / f"siem-{k}.jsonl"
+        subprocess.run([*argv, "--flows", f"sqlite:{flows}", "--siem", f"file:{out}"], check=True, capture_output=True)
+        runs.append([json.loads(line) for line in out.read_text().splitlines()])
+    flows_sent = [e for e in runs[0] if e["finding_info"]["analytic"]["name"].startswith("flows/")]
+    for e in flows_sent:
+        validate(e)
+    assert sorted(e["finding_info"]["analytic"]["name"] for e in flows_sent) == [
+        "flows/outbound-fanout",
+        "flows/unexpected-port",
+        "flows/unknown-address",
+        "flows/unknown-address",
+    ]
+    assert {e["resources"][0]["uid"] for e in flows_sent} >= {"10.5.5.5", "10.5.5.6", DB}
+    assert [e["finding_info"]["uid"] for e in runs[0]] == [e["finding_info"]["uid"] for e in runs[1]]

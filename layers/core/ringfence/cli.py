@@ -280,12 +280,22 @@ def cmd_labels_check(args: argparse.Namespace) -> int:
             f"{sum(not ws.unlabeled for ws in flagged)} with warnings, {len(findings)} findings"
         )
     if args.siem:
-        _label_findings_to_siem(args.siem, flagged)
+        _label_findings_to_siem(args.siem, flagged, findings)
     return 1 if any(ws.unlabeled for ws in flagged) and args.strict else 0
 
 
-def _label_findings_to_siem(spec: str, flagged: list[Any]) -> None:
-    """Each label problem as an OCSF Detection Finding (uid stable across runs: a SIEM can dedupe)."""
+def _finding_subject(f: dict[str, Any]) -> str:
+    """What a policy or flow finding is about, for its stable uid and its resource: the rule and
+    file:line of a policy warning, the address or app group of a flow finding (and the port)."""
+    if f["kind"].startswith("policy/"):
+        return f"{f.get('rule') or '-'}@{f.get('location') or '-'}"
+    subject = str(f.get("address") or f.get("group") or "-")
+    return f"{subject}:{f['port']}:{f.get('peer', '-')}" if f.get("port") else subject
+
+
+def _label_findings_to_siem(spec: str, flagged: list[Any], findings: list[dict[str, Any]]) -> None:
+    """Each label problem, each policy warning over the estate and each finding from flows as an
+    OCSF Detection Finding (uid stable across runs: a SIEM can dedupe)."""
     from ringfence.siem import Siem, SiemSpecError, ocsf
 
     try:
@@ -306,6 +316,20 @@ def _label_findings_to_siem(spec: str, flagged: list[Any]) -> None:
         )
         for ws in flagged
         for p in ws.problems
+    )
+    siem.emit(
+        ocsf.detection_finding(
+            f"{f['kind']}:{_finding_subject(f)}",
+            title=f"{f['kind']}: {_finding_subject(f)}",
+            time=now,
+            # traffic no rule explains, or an address nobody holds, is worth a look; a policy warning less so
+            severity_id=ocsf.MEDIUM if f["kind"].startswith("flows/") else ocsf.LOW,
+            resource=_finding_subject(f),
+            analytic=f["kind"],
+            message=f["message"],
+            detail={k: v for k, v in f.items() if k not in ("kind", "message")},
+        )
+        for f in findings
     )
     siem.close()
     if siem.failed:
