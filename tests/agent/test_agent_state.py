@@ -15,6 +15,7 @@ import pytest
 
 from ringfence import bundlewire as wire
 from ringfence.bundle import (
+    DEFAULT_TTL,
     AddressSetDoc,
     Bundle,
     BundleRule,
@@ -38,8 +39,9 @@ SET = "rf_journal00000000000"
 PUB = Path(__file__).resolve().parents[1] / "golden" / "test-key.pub.pem"
 
 
-# one expiry for every bundle here: two signed a second apart would otherwise differ (a refresh)
-EXPIRES_AT = int(time.time()) + 3600
+# one expiry for every bundle here (the default TTL from now: an agent refreshes one near its
+# expiry): two signed a second apart would otherwise differ, which is a refresh, not a no-op
+EXPIRES_AT = int(time.time()) + DEFAULT_TTL
 
 
 def bundle(version: int, elements: list[str], port: int = 8080) -> wire.Bundle:
