@@ -86,7 +86,11 @@ def test_the_reconcile_function_announces_an_agent_behind_its_policy(
     first = env.fn["reconcile"].handler(_scheduled(), _ctx())
     again = env.fn["reconcile"].handler(_scheduled(), _ctx())
     assert first["findings_announced"] == 1 and again["findings_announced"] == 0
-    (finding,) = [e for e in map(json.loads, out.read_text().splitlines()) if e["class_uid"] == 2004]
+    (finding,) = [
+        e
+        for e in map(json.loads, out.read_text().splitlines())
+        if e["class_uid"] == 2004 and e["finding_info"]["analytic"]["name"].startswith("effective-policy/")
+    ]
     validate(finding)
     assert finding["resources"][0]["uid"] == db
     assert finding["finding_info"]["analytic"]["name"] == "effective-policy/not-enforced"

@@ -147,11 +147,16 @@ class Serve:
             )
 
     def siem_findings(self) -> list[dict[str, Any]]:
-        """The Detection Findings serve's findings pass sent to its SIEM file so far."""
+        """The effective-policy findings serve's findings pass sent to its SIEM file so far (the
+        policy's warnings over this small estate go there too)."""
         if not self.siem.exists():
             return []
         events = [json.loads(line) for line in self.siem.read_text().splitlines() if line.strip()]
-        return [e for e in events if e.get("class_uid") == 2004]
+        return [
+            e
+            for e in events
+            if e.get("class_uid") == 2004 and e["finding_info"]["analytic"]["name"].startswith("effective-policy/")
+        ]
 
     def findings(self, bound: float = 120) -> dict[str, Any]:
         """``ringfence findings`` on the server's store (exit 1 when any); the admin route agrees."""
@@ -347,5 +352,36 @@ def test_findings_reach_the_siem_once_each_as_valid_ocsf(tmp_path: Path) -> None
         got = announce(w, bound=120, now=now + 60)
         assert [(f.workload_id, f.latest_version) for f in got] == [("b", 8)], got
         assert [e["finding_info"]["uid"] for e in sent()] == ["drift:not-enforced:b:v7", "drift:not-enforced:b:v8"]
+    finally:
+        w.close()
+
+
+def test_policy_warnings_over_the_estate_reach_the_siem_as_it_changes(tmp_path: Path) -> None:
+    """The findings pass also sends the active policy's warnings over the estate (a selector that
+    matches no workload, a rule that pairs none), once each per policy version: those provisioning
+    warned of, then those a change of the estate makes (the only database decommissioned)."""
+    from ringfence.control.findings import announce_policy
+    from ringfence.local.wiring import LocalWiring
+    from ringfence.siem import Siem
+    from tests.onprem.conftest import boot, signing_key_file
+    from tests.siem.test_siem import validate
+
+    w = LocalWiring(tmp_path / "state" / "s.db", signing_key=signing_key_file(tmp_path))
+    out = tmp_path / "siem.jsonl"
+    w.siem = Siem.from_spec(f"file:{out}")
+    try:
+        admin = boot(w)
+        first = announce_policy(w)
+        assert ("core-services/dns", "no-workload") in {(d["rule"], d["kind"]) for d in first}
+        assert announce_policy(w) == [], "announced once per policy version"
+        assert admin.deregister_workload("alice", "dc1-db-1", "decommissioned").status == 200
+        later = announce_policy(w)
+        assert later and all("database" in d["message"] for d in later), later
+        w.siem.close()
+        events = [e for e in map(json.loads, out.read_text().splitlines()) if e["class_uid"] == 2004]
+        assert len(events) == len(first) + len(later)  # (the admin's audit records went there too)
+        for e in events:
+            validate(e)
+            assert e["finding_info"]["analytic"]["name"].startswith("policy/")
     finally:
         w.close()

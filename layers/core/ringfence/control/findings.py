@@ -142,13 +142,51 @@ def finding_uid(f: Finding, rep_digests: tuple[str | None, str | None] = (None, 
     return f"drift:{f.kind}:{f.workload_id}:{mark}"
 
 
+def announce_policy(w: BaseWiring, now: float | None = None) -> list[dict[str, str]]:
+    """The active policy's warnings over the estate as it is now (a selector that matches no
+    workload, a rule that pairs none: :func:`ringfence.policywarnings.estate_warnings`), each not
+    announced before for this policy version sent to the SIEM as a Detection Finding: what
+    provisioning warned of, and what the estate changing under the policy makes moot later.
+    Returns the warnings announced now (their ``doc()``)."""
+    from ringfence.policywarnings import estate_warnings
+
+    active = w.active_policy() if w.siem is not None else None
+    if active is None or w.siem is None:
+        return []
+    pv, policy = active
+    now = time.time() if now is None else now
+    workloads = [r.effective() for r in w.store.all_records() if r.active]
+    out: list[dict[str, str]] = []
+    for warning in estate_warnings(policy, workloads):
+        doc = warning.doc()
+        uid = f"policy/{doc['kind']}:{doc['rule']}@{doc['location']}:v{pv.number}"
+        if not w.store.claim_once(f"announced#{uid}", ANNOUNCED_TTL):
+            continue
+        w.siem.finding(
+            ocsf.detection_finding(
+                uid,
+                title=f"policy/{doc['kind']}: {doc['rule']}",
+                time=now,
+                severity_id=ocsf.LOW,
+                resource=f"{doc['rule']}@{doc['location']}",
+                analytic=f"policy/{doc['kind']}",
+                message=f"{doc['location']}: {doc['message']} (policy version {pv.number})",
+                detail={**doc, "policy_version": pv.number},
+            )
+        )
+        out.append(doc)
+    return out
+
+
 def announce(w: BaseWiring, bound: float = DEFAULT_BOUND, now: float | None = None) -> list[Finding]:
     """Send every finding not announced before to the SIEM as an OCSF Detection Finding (once per
-    condition across passes and processes: the store's ``claim_once``). Nothing without a SIEM.
-    Returns the findings announced now."""
+    condition across passes and processes: the store's ``claim_once``), the policy's warnings over
+    the estate too (:func:`announce_policy`). Nothing without a SIEM. Returns the effective-policy
+    findings announced now."""
     if w.siem is None:
         return []
     now = time.time() if now is None else now
+    announce_policy(w, now)
     res = findings(w.store, bound, now)
     out: list[Finding] = []
     for f in res.findings:
