@@ -531,12 +531,14 @@ class EventRouter:
         self._look = first
         loops: list[tuple[str, Callable[[], None]]] = [("watch", self._watch_loop), ("schedule", self._schedule_loop)]
         loops += [(queue, functools.partial(self._poller_loop, queue, name)) for queue, name in QUEUES]
-        # standard queues: Lambda runs several batches of each at once (FIFO compute: one)
+        # standard queues: Lambda runs several batches of each at once (FIFO compute: one), each
+        # extra poller in a container of its own where there can be one
         loops += [
-            (f"{queue}-{i}", functools.partial(self._poller_loop, queue, name, self._container(name, i)))
+            (f"{queue}-{i}", functools.partial(self._poller_loop, queue, name, container))
             for queue, name in QUEUES
             if queue != "compute"
             for i in range(1, self.pollers.get(queue, 1))
+            if (container := self._container(name, i)) is not None
         ]
         for name, target in loops:
             t = threading.Thread(target=target, name=f"ringfence-router-{name}", daemon=True)
@@ -785,14 +787,16 @@ class EventRouter:
 
     # --- the Lambda runtime ------------------------------------------------------------------------
 
-    def _container(self, name: str, i: int) -> str:
+    def _container(self, name: str, i: int) -> str | None:
         """The key in ``self.fn`` of the ``i``-th concurrent container of function ``name``: a
         fresh module of its own (Lambda runs concurrent invocations in separate environments, and
-        ingest and lifecycle keep a batch's state at module level), or the one module, shared, when
-        the functions were handed in (its owner decides what is loaded) and for publish, whose
-        batches share nothing."""
-        if not self._own_functions or name == "publish":
+        ingest and lifecycle keep a batch's state at module level); the one module, shared, for
+        publish, whose batches share nothing; ``None`` (no such poller) when the functions were
+        handed in (their owner loaded one module each)."""
+        if name == "publish":
             return name
+        if not self._own_functions:
+            return None
         key = f"{name}#{i}"
         if key not in self.fn:
             self.fn[key] = load_functions([name], keep_clients=True)[name]
