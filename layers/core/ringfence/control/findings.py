@@ -20,7 +20,7 @@ scheduled pass first sees it (the AWS reconcile function; ``ringfence serve`` ev
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -159,22 +159,18 @@ def announce_policy(w: BaseWiring, now: float | None = None) -> list[dict[str, s
     out: list[dict[str, str]] = []
     for warning in estate_warnings(policy, workloads):
         doc = warning.doc()
-        uid = f"policy/{doc['kind']}:{doc['rule']}@{doc['location']}:v{pv.number}"
-        if not w.store.claim_once(f"announced#{uid}", ANNOUNCED_TTL):
-            continue
-        w.siem.finding(
-            ocsf.detection_finding(
-                uid,
-                title=f"policy/{doc['kind']}: {doc['rule']}",
-                time=now,
-                severity_id=ocsf.LOW,
-                resource=f"{doc['rule']}@{doc['location']}",
-                analytic=f"policy/{doc['kind']}",
-                message=f"{doc['location']}: {doc['message']} (policy version {pv.number})",
-                detail={**doc, "policy_version": pv.number},
-            )
-        )
-        out.append(doc)
+        if _send_once(
+            w,
+            f"policy/{doc['kind']}:{doc['rule']}@{doc['location']}:v{pv.number}",
+            title=f"policy/{doc['kind']}: {doc['rule']}",
+            time=now,
+            severity_id=ocsf.LOW,
+            resource=f"{doc['rule']}@{doc['location']}",
+            analytic=f"policy/{doc['kind']}",
+            message=f"{doc['location']}: {doc['message']} (policy version {pv.number})",
+            detail={**doc, "policy_version": pv.number},
+        ):
+            out.append(doc)
     return out
 
 
@@ -191,25 +187,30 @@ def announce(w: BaseWiring, bound: float = DEFAULT_BOUND, now: float | None = No
     out: list[Finding] = []
     for f in res.findings:
         rep = w.store.enforcement(f.workload_id) if f.kind == "kernel-mismatch" else None
-        uid = finding_uid(f, (rep.kernel_digest, rep.expected_digest) if rep else (None, None))
-        if not w.store.claim_once(f"announced#{uid}", ANNOUNCED_TTL):
-            continue
-        w.siem.finding(
-            ocsf.detection_finding(
-                uid,
-                title=f"{_TITLE[f.kind]}: {f.workload_id}",
-                time=now,
-                severity_id=_SEVERITY[f.kind],
-                resource=f.workload_id,
-                analytic=f"effective-policy/{f.kind}",
-                message=f"{f.workload_id}: {f.detail}",
-                detail={
-                    "since": f.since,
-                    "enforced_version": f.enforced_version,
-                    "latest_version": f.latest_version,
-                    "bound_s": bound,
-                },
-            )
-        )
-        out.append(f)
+        if _send_once(
+            w,
+            finding_uid(f, (rep.kernel_digest, rep.expected_digest) if rep else (None, None)),
+            title=f"{_TITLE[f.kind]}: {f.workload_id}",
+            time=now,
+            severity_id=_SEVERITY[f.kind],
+            resource=f.workload_id,
+            analytic=f"effective-policy/{f.kind}",
+            message=f"{f.workload_id}: {f.detail}",
+            detail={
+                "since": f.since,
+                "enforced_version": f.enforced_version,
+                "latest_version": f.latest_version,
+                "bound_s": bound,
+            },
+        ):
+            out.append(f)
     return out
+
+
+def _send_once(w: BaseWiring, uid: str, **finding: Any) -> bool:
+    """The Detection Finding ``uid`` to the SIEM unless it was sent before (a store claim, so
+    once across passes and processes); True if sent now."""
+    if w.siem is None or not w.store.claim_once(f"announced#{uid}", ANNOUNCED_TTL):
+        return False
+    w.siem.finding(ocsf.detection_finding(uid, **finding))
+    return True
