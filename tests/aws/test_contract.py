@@ -92,3 +92,18 @@ def test_serve_routes_every_route_the_agent_calls() -> None:
             assert name == "nonce" or r.json().get("error"), (name, r.text)
         r = client.get(f"{API_PREFIX}/agents/i-0123/nothing")
         assert r.status_code == 404 and "error" not in r.json()  # what an unrouted path looks like
+
+
+def test_the_other_clouds_event_routes_are_routed_alike_everywhere() -> None:
+    """POST /azure/events and POST /gcp/events: what the library routes (and documents in
+    docs/openapi), what SAM and Terraform route to the azureevents / gcpevents functions, and what
+    ``ringfence serve`` answers (unconfigured: its own "events are off", not an unknown path)."""
+    for cloud, function in (("azure", "AzureEventsFunction"), ("gcp", "GcpEventsFunction")):
+        routes = library_routes(f"{cloud}-events-api.json")
+        assert routes == {("POST", f"/{cloud}/events")}
+        assert sam_routes(function) == routes == terraform_routes(f"{cloud}_routes")
+    with serve.serving(serve.ServeApp.over(_Wiring(), None)) as running:
+        client = httpx.Client(base_url=running.url)
+        for cloud, name in (("azure", "Azure"), ("gcp", "GCP")):
+            r = client.post(f"/{cloud}/events", content=b"[]")
+            assert r.status_code == 404 and r.json()["error"] == f"{name} events are off", r.text

@@ -1,7 +1,9 @@
 """The OpenAPI documents of the agent and admin APIs, from the routes themselves:
 ``python -m ringfence.routes.openapi [DIR]`` writes ``DIR/agent-api.json``, ``DIR/admin-api.json``
-(the AWS admin API) and ``DIR/serve-admin-api.json`` (``ringfence serve``'s, with the on-premise
-workload routes) (default ``docs/openapi``); a test checks that the committed ones are current."""
+(the AWS admin API), ``DIR/serve-admin-api.json`` (``ringfence serve``'s, with the on-premise
+workload routes), ``DIR/azure-events-api.json`` and ``DIR/gcp-events-api.json`` (the other clouds'
+event deliveries, served by ``ringfence serve`` and by the ``azureevents`` / ``gcpevents``
+functions) (default ``docs/openapi``); a test checks that the committed ones are current."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from typing import NoReturn
 
 from .admin import admin_routes, token_roles
 from .agent import agent_routes
+from .azure import azure_event_routes
+from .gcp import gcp_event_routes
 
 
 def _no_service() -> NoReturn:
@@ -27,6 +31,8 @@ def documents() -> dict[str, str]:
             "serve-admin-api.json",
             admin_routes(_no_service, onprem=_no_service, roles_of=token_roles),
         ),  # plus on-premise workloads
+        ("azure-events-api.json", azure_event_routes(_no_service)),
+        ("gcp-events-api.json", gcp_event_routes(_no_service)),
     ):
         out[name] = json.dumps(json.loads(app.get_openapi_json_schema()), indent=2, sort_keys=True) + "\n"
     return out
