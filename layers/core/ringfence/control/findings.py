@@ -151,7 +151,7 @@ def announce_policy(w: BaseWiring, now: float | None = None) -> list[dict[str, s
     from ringfence.policywarnings import estate_warnings
 
     active = w.active_policy() if w.siem is not None else None
-    if active is None or w.siem is None:
+    if active is None:
         return []
     pv, policy = active
     now = time.time() if now is None else now

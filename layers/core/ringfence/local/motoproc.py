@@ -85,6 +85,13 @@ def _changes(q: dict[str, str]) -> dict[str, Any]:
     return {"seq": moto_changes.wait_after(int(q.get("after", "-1")), min(float(q.get("wait", "0")), 5.0))}
 
 
+def _private_ip(instance: Any) -> str | None:
+    try:
+        return str(instance.private_ip_address) if instance.private_ip_address else None
+    except (LookupError, AttributeError):  # an instance whose primary interface is gone has none
+        return None
+
+
 def _instances(q: dict[str, str]) -> dict[str, Any]:
     from moto.autoscaling.models import autoscaling_backends
     from moto.ec2.models import ec2_backends
@@ -98,7 +105,7 @@ def _instances(q: dict[str, str]) -> dict[str, Any]:
             {
                 "id": i.id,
                 "state": i._state.name,
-                "private_ip": i.private_ip_address,
+                "private_ip": _private_ip(i),
                 "tags": dict(ec2.tags.get(i.id, {})),
             }
             for i in instances
