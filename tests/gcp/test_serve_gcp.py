@@ -28,17 +28,19 @@ def test_serve_takes_gcp_events_and_enrolls_gcp_agents(
     for k, v in gcp_environment(gcp).items():
         monkeypatch.setenv(k, v)
     inst = web_vm(gcp, "10.40.0.5")
-    with serve.serving(serve.ServeApp.over(wiring, None)) as running:
+    with serve.serving(serve.ServeApp.over(wiring, None)) as running, httpx.Client(timeout=60) as client:
+        # httpx's default 5 s timeout is what a starved CI machine exceeded (an event verifies a
+        # token and reads the VM through the Google SDK before it answers)
         url = running.url
         body = push_body(audit_entry("v1.compute.instances.insert", inst))
-        r = httpx.post(url + "/gcp/events", content=body)
+        r = client.post(url + "/gcp/events", content=body)
         assert r.status_code == 401
-        r = httpx.post(url + "/gcp/events", content=body, headers={"Authorization": f"Bearer {push_token(gcp)}"})
+        r = client.post(url + "/gcp/events", content=body, headers={"Authorization": f"Bearer {push_token(gcp)}"})
         assert r.status_code == 200 and r.json()["changed"] == [inst["id"]], r.text
         assert wiring.store.get(inst["id"]).labels["role"] == "web"  # type: ignore[union-attr]
 
         key = AgentKey()
-        nonce = httpx.get(url + "/v1/nonce").json()["nonce"]
+        nonce = client.get(url + "/v1/nonce").json()["nonce"]
         jwt = gcp.sign_token(identity_claims(inst, PROJECT, NUMBER, IDENTITY_AUDIENCE))
         req = {
             "method": "gcp-jwt",
@@ -47,7 +49,7 @@ def test_serve_takes_gcp_events_and_enrolls_gcp_agents(
             "agent_key": key.pem,
             "agent_signature": key.prove("enroll", inst["id"], nonce),
         }
-        r = httpx.post(url + "/v1/enroll", json=req)
+        r = client.post(url + "/v1/enroll", json=req)
         assert r.status_code == 200, r.text
         assert r.json()["workload_id"] == inst["id"]
 
