@@ -334,6 +334,20 @@ def test_timeline_compute_answering_an_event_whose_ingest_batch_is_still_running
     assert seen == [("put", "a"), ("put", "b"), ("ingested", "a"), ("computed", "a"), ("ingested", "b")]
 
 
+def test_timeline_a_handler_that_began_before_the_put_was_recorded_has_begun() -> None:
+    """SQS delivers an event while PutEvents is still answering the router: the lifecycle handler
+    can begin before the router records the put. The perimeter's answer while that batch runs
+    still gives the event its ingest time (it stayed the batch's end, after InService)."""
+    tl = rt.Timeline()
+    tl.began(["a"], at=10.0)  # before the put is recorded
+    tl.put([_entry("a", "i-1")])
+    tl.perimeter(["i-1"], at=10.5, sent={"i-1": 10.2})
+    tl.computed(["i-1"], received_at=10.6, at=11.0, sent={"i-1": 10.55}, lifecycles=["i-1"])
+    tl.ingested(["a"], at=12.0, began=10.0)
+    a = tl.get("a")
+    assert a is not None and (a.ingested, a.perimeter, a.computed) == (10.2, 10.5, 11.0)
+
+
 def test_timeline_a_message_sent_before_the_ingest_began_does_not_answer_it() -> None:
     tl = rt.Timeline()
     tl.put([_entry("a", "i-1")])

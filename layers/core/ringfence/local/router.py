@@ -169,6 +169,7 @@ class Timeline:
         self._entries: dict[str, TimelineEntry] = {}  # insertion order = put order
         self._awaiting: dict[str, list[str]] = {}  # instance → event ids ingested, not yet computed
         self._ingest_began: dict[str, float] = {}  # event id → when the ingest batch holding it was received
+        self._began_early: dict[str, float] = {}  # began before its put was recorded (see put)
         self._listeners: list[Callable[[str, TimelineEntry], None]] = []
 
     def entries(self) -> list[TimelineEntry]:
@@ -216,6 +217,11 @@ class Timeline:
         with self._cond:
             for e in entries:
                 self._entries[e.event_id] = e
+            # a handler that received an event before its put was recorded here (SQS delivers
+            # while PutEvents is still answering) began it all the same
+            early = {e.event_id: at for e in entries if (at := self._began_early.pop(e.event_id, None)) is not None}
+            for eid, at in early.items():
+                self._begin(eid, at)
             self._notify("put", entries)
 
     def began(self, event_ids: Iterable[str], at: float) -> None:
@@ -224,14 +230,20 @@ class Timeline:
         (the handlers run concurrently, and a batch's first record is sent on before its last)."""
         with self._cond:
             for eid in event_ids:
-                e = self._entries.get(eid)
-                if e is None or e.ingested is not None:
+                if eid not in self._entries:
+                    self._began_early[eid] = at
                     continue
-                self._ingest_began[eid] = at
-                for iid in e.instance_ids:
-                    waiting = self._awaiting.setdefault(iid, [])
-                    if eid not in waiting:
-                        waiting.append(eid)
+                self._begin(eid, at)
+
+    def _begin(self, eid: str, at: float) -> None:
+        e = self._entries[eid]
+        if e.ingested is not None:
+            return
+        self._ingest_began[eid] = at
+        for iid in e.instance_ids:
+            waiting = self._awaiting.setdefault(iid, [])
+            if eid not in waiting:
+                waiting.append(eid)
 
     def ingested(self, event_ids: Iterable[str], at: float, began: float | None = None) -> None:
         """The ingest (or lifecycle) batch holding these events, received at ``began``, finished at
