@@ -18,7 +18,12 @@ LOCK := requirements/dev.lock
 $(STAMP): $(LOCK) pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --require-hashes -r $(LOCK)
-	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=compat
+	@# compat mode's .pth names the project root; name the two package roots instead. The default
+	@# (finder) mode imports pathlib and importlib.util at every start: ~10 ms per process, for each
+	@# CLI call and each lab agent (docs/benchmarks.md).
+	for pth in "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"/__editable__.ringfence-*.pth; do \
+	  printf '%s\n' "$(CURDIR)/layers/core" "$(CURDIR)/agent" > "$$pth"; done
 	@touch $(STAMP)
 
 # Refresh the lock from pyproject.toml (newest versions that fit), with hashes for every platform.
