@@ -28,3 +28,5 @@ def test_matrix_agrees_with_nca(tmp_path: Path) -> None:
     result = run(workloads=60, apps=2, seed=2, keep=tmp_path)
     assert result["nca_pairs"] > 100
     assert result["agree"], result
+    # the floor (python + import yaml + parsing the same files) does a strict part of our CLI's work
+    assert 0 < result["floor_wall_median_s"] < result["ours_cli_wall_median_s"], result
