@@ -152,7 +152,7 @@ def test_scale_out_instances_get_their_groups_before_the_lifecycle_action_comple
     for iid in new:
         env.put(env.lifecycle_event(iid, launching=True))
     env.drain("lifecycle", "lifecycle")
-    assert env.count("perimeter") == len(new), "each launch is handed to the perimeter first"
+    assert env.count("perimeter") == 1, "the batch's launches are handed to the perimeter first, in one message"
     env.drain("compute", "compute")  # the bundles are published meanwhile ...
     assert completed == [], "... but nothing completes before the perimeter is in place"
     env.drain("perimeter", "perimeter")
@@ -455,3 +455,26 @@ def test_plan_scopes_and_the_rules_of_removal() -> None:
     # the other environment's boundary is referenced once it exists (event path) or is wanted
     both = desired_state(cfg, [Member("eni-1", "vpc-1", {"env": "prod"})], existing=[("vpc-1", "rf-shared-boundary")])
     assert any(r.peer == "rf-shared-boundary" for r in both.groups[("vpc-1", "rf-prod-boundary")].rules)
+
+
+def test_each_launch_action_travels_with_its_instance_and_old_messages_still_parse(env: Env) -> None:
+    """``enqueue_perimeter`` splits a long batch into messages of 500 instances: an action rides in
+    the message naming its instance (the perimeter hands it on after that instance's groups), and a
+    message of the previous shape (one ``lifecycle``) is still understood."""
+    import json
+
+    from ringfence.clouds.aws.perimeter import PerimeterMessage
+    from ringfence.clouds.aws.wiring import Wiring
+    from ringfence.control.wiring import Config
+
+    w = Wiring(Config.from_env())
+    ids = [f"i-{n:05d}" for n in range(1001)]
+    early, late = {"instance_id": "i-00007"}, {"instance_id": "i-01000"}
+    assert w.enqueue_perimeter(ids, lifecycles=[late, early])
+    bodies = [json.loads(m["Body"]) for m in env.receive("perimeter")]
+    placed = {lc["instance_id"]: len(b["ids"]) for b in bodies for lc in b["lifecycles"]}
+    assert sorted(len(b["ids"]) for b in bodies) == [1, 500, 500]
+    assert placed == {"i-00007": 500, "i-01000": 1}
+    assert all(lc["instance_id"] in b["ids"] for b in bodies for lc in b["lifecycles"])
+    old = PerimeterMessage.model_validate({"ids": ["i-a"], "lifecycle": {"instance_id": "i-a"}})
+    assert old.actions() == [{"instance_id": "i-a"}]

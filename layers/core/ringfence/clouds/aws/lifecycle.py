@@ -3,6 +3,7 @@ before it goes."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from ringfence.control.wiring import Metric, no_metric
@@ -14,15 +15,24 @@ from .wiring import Wiring
 # --- lifecycle --------------------------------------------------------------------------------------
 
 
+@dataclass(slots=True)
+class _Batch:
+    compute_ids: dict[str, None] = field(default_factory=dict)
+    compute_actions: list[dict[str, Any]] = field(default_factory=list)
+    perimeter_ids: dict[str, None] = field(default_factory=dict)
+    perimeter_actions: list[dict[str, Any]] = field(default_factory=list)
+
+
 class Lifecycle:
     """ASG lifecycle actions: update the inventory now, let compute publish, then complete."""
 
     def __init__(self, w: Wiring, metric: Metric = no_metric) -> None:
         self.w = w
         self.metric = metric
-        # a batch's hand-off to compute, sent once when it ends (None: no batch open, each action
-        # sends its own): the instances, and the actions compute completes
-        self._batch: tuple[dict[str, None], list[dict[str, Any]]] | None = None
+        # a batch's hand-offs, sent once when it ends (None: no batch open, each action sends its
+        # own): to compute, the instances and the actions compute completes; to the perimeter,
+        # the launching instances and their actions (one message, not one per action)
+        self._batch: _Batch | None = None
 
     def prefetch(self, bodies: list[str]) -> int:
         """Describe every instance a batch's actions name at once (:meth:`Ingest.prefetch_events`);
@@ -36,16 +46,20 @@ class Lifecycle:
             if ev is not None and ev.lifecycle is not None:
                 events.append(ev)
         n = Ingest(self.w).prefetch_events(events)
-        self._batch = ({}, [])
+        self._batch = _Batch()
         return n
 
     def done(self) -> None:
-        """The batch is over: its instances and actions go to compute in one message (a failure
-        here fails the batch, whose actions are then applied again and handed on again)."""
+        """The batch is over: its launches go to the perimeter in one message, then its instances
+        and actions to compute in one (a failure here fails the batch, whose actions are then
+        applied again and handed on again)."""
         batch, self._batch = self._batch, None
         try:
             if batch is not None:
-                self.w.enqueue_compute(list(batch[0]), lifecycles=batch[1])
+                if batch.perimeter_ids:
+                    self.w.enqueue_perimeter(list(batch.perimeter_ids), lifecycles=batch.perimeter_actions)
+                if batch.compute_ids or batch.compute_actions:
+                    self.w.enqueue_compute(list(batch.compute_ids), lifecycles=batch.compute_actions)
         finally:
             self.w.end_batch()
 
@@ -53,9 +67,19 @@ class Lifecycle:
         if self._batch is None:
             self.w.enqueue_compute(ids, lifecycle=lifecycle)
             return
-        self._batch[0].update(dict.fromkeys(ids))
+        self._batch.compute_ids.update(dict.fromkeys(ids))
         if lifecycle is not None:
-            self._batch[1].append(lifecycle)
+            self._batch.compute_actions.append(lifecycle)
+
+    def _to_perimeter(self, ids: list[str], lifecycle: dict[str, Any]) -> bool:
+        """Hand a launch to the perimeter (which hands it on to compute); False if there is none."""
+        if self._batch is None:
+            return self.w.enqueue_perimeter(ids, lifecycle=lifecycle)
+        if not self.w.has_perimeter:
+            return False
+        self._batch.perimeter_ids.update(dict.fromkeys(ids))
+        self._batch.perimeter_actions.append(lifecycle)
+        return True
 
     def handle(self, raw: dict[str, Any]) -> dict[str, Any]:
         return self.apply(normalize(raw))
@@ -90,7 +114,7 @@ class Lifecycle:
         lc = ev.lifecycle.model_dump()
         lc["hook_name"], lc["group_name"] = ev.lifecycle.hook_name, ev.lifecycle.group_name
         lc["region"] = ev.region
-        if ev.kind is Kind.LIFECYCLE_LAUNCH and self.w.enqueue_perimeter(ids, lifecycle=lc):
+        if ev.kind is Kind.LIFECYCLE_LAUNCH and self._to_perimeter(ids, lc):
             # the perimeter hands the action on to compute once the instance's ENIs carry their
             # groups; compute publishes meanwhile and completes it
             self._to_compute(sorted(changed) or ids)

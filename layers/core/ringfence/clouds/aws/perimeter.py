@@ -36,7 +36,15 @@ class PerimeterMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     ids: list[str] = Field(default_factory=list, description="workloads whose interfaces to reconcile")
-    lifecycle: dict[str, Any] | None = Field(None, description="a launch lifecycle action to hand on to compute")
+    lifecycles: list[dict[str, Any]] = Field(
+        default_factory=list, description="launch lifecycle actions to hand on to compute (for instances in ids)"
+    )
+    lifecycle: dict[str, Any] | None = Field(
+        None, description="one action (messages sent before lifecycles existed; still accepted)"
+    )
+
+    def actions(self) -> list[dict[str, Any]]:
+        return [*([self.lifecycle] if self.lifecycle else []), *self.lifecycles]
 
 
 @dataclass
@@ -75,7 +83,7 @@ class Perimeter:
         return [self._reconcile(place, recs, Scope.WORKLOADS, dry_run) for place, recs in sorted(by_place.items())]
 
     def react(self, messages: list[PerimeterMessage], dry_run: bool = False) -> Reaction:
-        """A batch from the perimeter queue: ``{"ids": [...], "lifecycle": {...} | null}`` each.
+        """A batch from the perimeter queue: ``{"ids": [...], "lifecycles": [{...}, ...]}`` each.
         An AWS error propagates (the batch is retried and its lifecycle actions wait); a refused
         plan (over quota, a group name taken) is final: those instances' lifecycle actions are not handed on and time out into
         the hook's default result."""
@@ -83,10 +91,7 @@ class Perimeter:
         out = Reaction(results=self.run_for(ids, dry_run))
         refused = {i for r in out.results if r.get("violations") for i in r["workloads"]}
         handed: list[dict[str, Any]] = []
-        for m in messages:
-            lc = m.lifecycle
-            if not lc:
-                continue
+        for lc in (lc for m in messages for lc in m.actions()):
             iid = lc["instance_id"]
             if iid in refused:
                 log.error(

@@ -98,14 +98,29 @@ class Wiring(BaseWiring):
         # workers take them in parallel
         self.sqs.send_message(QueueUrl=self.cfg.publish_queue_url, MessageBody=json.dumps(message))
 
-    def enqueue_perimeter(self, ids: Iterable[str], *, lifecycle: dict[str, str] | None = None) -> bool:
+    @property
+    def has_perimeter(self) -> bool:
+        """A perimeter queue is configured (else launch actions go straight to compute)."""
+        return bool(self.cfg.perimeter_queue_url)
+
+    def enqueue_perimeter(
+        self,
+        ids: Iterable[str],
+        *,
+        lifecycle: dict[str, str] | None = None,
+        lifecycles: list[dict[str, Any]] | None = None,
+    ) -> bool:
         """Ask the perimeter function to give these workloads' interfaces their groups (and then
-        hand ``lifecycle`` on to compute). False, and nothing sent, if no perimeter queue is
-        configured: callers then go straight to compute."""
+        hand ``lifecycle`` / ``lifecycles`` on to compute). False, and nothing sent, if no perimeter
+        queue is configured: callers then go straight to compute. Each action travels in the
+        message that names its instance, so it is handed on only after that instance's groups."""
         ids = list(dict.fromkeys(ids))
-        if not self.cfg.perimeter_queue_url or (not ids and lifecycle is None):
+        actions = [*([lifecycle] if lifecycle is not None else []), *(lifecycles or [])]
+        if not self.has_perimeter or (not ids and not actions):
             return False
-        for i in range(0, max(len(ids), 1), 500):
-            body = {"ids": ids[i : i + 500], "lifecycle": lifecycle}
+        chunk_of = {iid: n // 500 for n, iid in enumerate(ids)}  # keeps each message well under 256 KiB
+        for c in range(max(len(ids) - 1, 0) // 500 + 1):
+            mine = [lc for lc in actions if chunk_of.get(lc.get("instance_id", ""), 0) == c]
+            body: dict[str, Any] = {"ids": ids[c * 500 : (c + 1) * 500], "lifecycles": mine}
             self.sqs.send_message(QueueUrl=self.cfg.perimeter_queue_url, MessageBody=json.dumps(body))
         return True
