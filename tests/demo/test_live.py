@@ -133,3 +133,12 @@ def test_ctrl_c_half_way_leaves_no_namespace_and_no_process(tmp_path: Path) -> N
     assert _marked(mark) == []
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["passed"] is False and any("interrupted" in n for n in summary["notes"])
+
+
+def test_a_samples_moto_calls_name_the_busiest_and_count_all_but_the_long_polls() -> None:
+    from ringfence.demo.live import ALL_CALLS, _busiest
+
+    before = {"dynamodb.GetItem": (10, 0.5), "sqs.ReceiveMessage": (3, 40.0)}
+    after = {"dynamodb.GetItem": (14, 0.7), "sqs.ReceiveMessage": (9, 100.0), "ec2.DescribeInstances": (2, 0.05)}
+    got = _busiest(before, after, top=1)
+    assert got == {"sqs.ReceiveMessage": [6, 60.0], ALL_CALLS: [6, 0.25]}

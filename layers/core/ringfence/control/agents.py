@@ -153,23 +153,18 @@ class AgentApi:
 
     def _not_running(self, workload_id: str) -> str | None:
         """Why ``workload_id`` may hold no token (unknown, stopped, terminated), or None."""
-        rec = self.w.store.get(workload_id)
-        if rec is None:
-            return f"{workload_id} is not in inventory"
-        if rec.state not in (*ACTIVE_STATES, "terminating"):
-            return f"{workload_id} is {rec.state}: its token is revoked"
-        return None
+        return _not_running(workload_id, self.w.store.get(workload_id))
 
     def authorize(self, authorization: str | None, workload_id: str) -> Response | None:
         if not authorization or not authorization.startswith("Bearer "):
             return error(401, "missing bearer token")
-        owner = self.w.store.token_workload(secret_hash(authorization.removeprefix("Bearer ").strip()))
+        owner, rec = self.w.store.token_grant(secret_hash(authorization.removeprefix("Bearer ").strip()), workload_id)
         if owner is None:
             return error(401, "unknown, expired or revoked token")
         if owner != workload_id:
             log.warning("agent %s asked for workload %s: refused", owner, workload_id)
             return error(403, "forbidden", "an agent reads only its own bundle")
-        gone = self._not_running(owner)
+        gone = _not_running(owner, rec)
         if gone:
             return error(401, "token revoked", gone)
         return None
@@ -440,3 +435,13 @@ class AgentApi:
             log.warning("nudge connection of %s replaced: %s → %s", owner, old, connection_id)
             credentials.audit(self.w, "agent.connect", owner, f"agent:{owner}", connection=connection_id, replaced=old)
         return Response(200, {"workload_id": owner})
+
+
+def _not_running(workload_id: str, rec: InventoryRecord | None) -> str | None:
+    """Why the workload of this inventory record may hold no token (unknown, stopped,
+    terminated), or None."""
+    if rec is None:
+        return f"{workload_id} is not in inventory"
+    if rec.state not in (*ACTIVE_STATES, "terminating"):
+        return f"{workload_id} is {rec.state}: its token is revoked"
+    return None

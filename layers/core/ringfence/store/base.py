@@ -255,6 +255,12 @@ class Store(Protocol):
         """The workload whose current, unexpired token this is; None otherwise."""
         ...
 
+    def token_grant(self, token_hash: str, workload_id: str) -> tuple[str | None, InventoryRecord | None]:
+        """What an agent request for ``workload_id`` needs to be authorized, read together (every
+        agent request asks): :meth:`token_workload` of the token, and the inventory record of
+        ``workload_id`` when the token is that workload's (None otherwise)."""
+        ...
+
     def revoke_tokens(self, workload_id: str) -> bool:
         """No token of the workload authorizes any more; True if one was active."""
         ...

@@ -500,6 +500,36 @@ class DynamoStore:
         current = self._get(f"tokenof#{wid}", "token")
         return wid if current is not None and current.get("hash") == token_hash else None
 
+    def token_grant(self, token_hash: str, workload_id: str) -> tuple[str | None, InventoryRecord | None]:
+        # one BatchGetItem for the three items (the token, the workload's current token, its
+        # inventory record) instead of three GetItems: one round trip per agent request
+        request: dict[str, Any] = {
+            self.state.name: {
+                "Keys": [{"pk": f"token#{token_hash}", "sk": "token"}, {"pk": f"tokenof#{workload_id}", "sk": "token"}],
+                "ConsistentRead": True,
+            },
+            self.inventory.name: {"Keys": [{"id": workload_id}], "ConsistentRead": True},
+        }
+        state: dict[str, dict[str, Any]] = {}
+        inventory: list[dict[str, Any]] = []
+        while request:
+            resp = self.ddb.batch_get_item(RequestItems=request)
+            for item in resp.get("Responses", {}).get(self.state.name, []):
+                if "ttl" not in item or int(item["ttl"]) >= time.time():  # TTL deletion is lazy
+                    state[str(item["pk"])] = item
+            inventory.extend(resp.get("Responses", {}).get(self.inventory.name, []))
+            request = resp.get("UnprocessedKeys") or {}
+        token = state.get(f"token#{token_hash}")
+        if token is None:
+            return None, None
+        if str(token["workload_id"]) != workload_id:  # another workload's token: whose, if current
+            return self.token_workload(token_hash), None
+        current = state.get(f"tokenof#{workload_id}")
+        if current is None or current.get("hash") != token_hash:
+            return None, None
+        item = inventory[0] if inventory else None
+        return workload_id, self._to_record(item) if item is not None and _observed(item) else None
+
     def revoke_tokens(self, workload_id: str) -> bool:
         old = self.state.get_item(Key={"pk": f"tokenof#{workload_id}", "sk": "token"}, ConsistentRead=True).get("Item")
         if old is None:

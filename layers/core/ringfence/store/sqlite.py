@@ -548,6 +548,10 @@ class SqliteStore:
         )
         return str(row[0]) if row else None
 
+    def token_grant(self, token_hash: str, workload_id: str) -> tuple[str | None, InventoryRecord | None]:
+        owner = self.token_workload(token_hash)
+        return owner, self.get(workload_id) if owner == workload_id else None
+
     def revoke_tokens(self, workload_id: str) -> bool:
         with self._tx() as db:
             cur = db.execute("DELETE FROM token WHERE workload_id = ?", (workload_id,))

@@ -7,6 +7,7 @@ variables, so the same code talks to AWS or to a moto server.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from functools import cache
 from typing import Any
@@ -31,6 +32,10 @@ def session() -> boto3.Session:
 
 _clients: dict[tuple[str, str | None], Any] = {}
 _assumed: dict[tuple[str, str, str], tuple[float, Any]] = {}
+# A boto3 session is not safe to create clients from several threads at once (boto3's docs), and
+# serve's threads all want the same clients when a fleet enrolls together: each one built its own
+# (a service model load each, ~30 ms of CPU). One lock, taken only to make a client.
+_making = threading.RLock()
 
 
 def client(service: str, *, region: str | None = None, credentials: dict[str, str] | None = None) -> Any:
@@ -44,15 +49,21 @@ def client(service: str, *, region: str | None = None, credentials: dict[str, st
             aws_secret_access_key=credentials["SecretAccessKey"],
             aws_session_token=credentials["SessionToken"],
         )
-        return session().client(service, **kwargs)
+        with _making:
+            return session().client(service, **kwargs)
     key = (service, region)
-    if key not in _clients:
-        _clients[key] = session().client(service, **kwargs)
-    return _clients[key]
+    made = _clients.get(key)
+    if made is None:
+        with _making:
+            made = _clients.get(key)
+            if made is None:
+                made = _clients[key] = session().client(service, **kwargs)
+    return made
 
 
 def resource(service: str, *, region: str | None = None) -> Any:
-    return session().resource(service, config=RETRIES, region_name=region)
+    with _making:
+        return session().resource(service, config=RETRIES, region_name=region)
 
 
 def assumed_client(service: str, region: str, role_arn: str | None, session_name: str = "ringfence") -> Any:
@@ -64,11 +75,15 @@ def assumed_client(service: str, region: str, role_arn: str | None, session_name
     cached = _assumed.get(key)
     if cached is not None and cached[0] > time.time() + 300:
         return cached[1]
-    creds = client("sts", region=region).assume_role(RoleArn=role_arn, RoleSessionName=session_name)["Credentials"]
-    c = client(service, region=region, credentials=creds)
-    expires = creds["Expiration"].timestamp() if hasattr(creds["Expiration"], "timestamp") else time.time() + 900
-    _assumed[key] = (expires, c)
-    return c
+    with _making:  # one AssumeRole for the threads that all found the role's client missing
+        cached = _assumed.get(key)
+        if cached is not None and cached[0] > time.time() + 300:
+            return cached[1]
+        creds = client("sts", region=region).assume_role(RoleArn=role_arn, RoleSessionName=session_name)["Credentials"]
+        c = client(service, region=region, credentials=creds)
+        expires = creds["Expiration"].timestamp() if hasattr(creds["Expiration"], "timestamp") else time.time() + 900
+        _assumed[key] = (expires, c)
+        return c
 
 
 def reset() -> None:
