@@ -616,3 +616,18 @@ def test_heartbeats_with_the_kernels_digest_become_findings(env: Env) -> None:
         {"applied_version": latest, "mode": "enforce", "kernel_digest": "x"}, headers=auth(tok),
     )  # fmt: skip
     assert status == 422
+
+
+def test_an_agent_enrolling_before_its_launch_is_ingested_records_it_from_one_describe(env: Env) -> None:
+    """The agent often enrolls before the launch event reaches ingest: the instance goes into
+    the inventory from the DescribeInstances that verified the document, not a second one."""
+    env.provision_example_policy()
+    iid = env.estate()["ids"]["web"][0]  # running in EC2, no event pumped: unknown to the inventory
+    assert env.store.get(iid) is None
+    described: list[str] = []
+    env.hook("before-call.ec2.DescribeInstances", lambda **kw: described.append("x"))
+    status, body = enroll_iid(env, iid)
+    assert status == 200, body
+    assert described == ["x"], "one DescribeInstances per enrollment"
+    rec = env.store.get(iid)
+    assert rec is not None and rec.state == "running" and rec.labels.get("role") == "web"

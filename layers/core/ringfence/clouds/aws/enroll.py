@@ -233,7 +233,8 @@ def enroll_iid(api: AgentApi, req: agentapi.EnrollRequest) -> str:
         raise ProofError(f"instance {ident.instance_id} does not have the document's address")
     api.bind_key(req, ident.instance_id, required=True, replace=False)
     if api.w.store.get(ident.instance_id) is None:
-        observe_instances(api.w, ident.account, ident.region, [ident.instance_id])
+        # the instance as just described (the agent often enrolls before its launch is ingested)
+        observe_instances(api.w, ident.account, ident.region, [ident.instance_id], described={ident.instance_id: live})
         api.w.enqueue_compute([ident.instance_id])
     return ident.instance_id
 

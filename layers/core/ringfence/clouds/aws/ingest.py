@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -162,13 +162,18 @@ def observe_instances(
     change: TagChange | None = None,
     event_id: str = "",
     metric: Metric = no_metric,
+    described: Mapping[str, dict[str, Any]] | None = None,
 ) -> set[str]:
     """Describe the live instances and store what they are now; returns the ids that changed.
-    Instances the batch prefetched (:meth:`Ingest.prefetch`) are not described again. A tag
+    Instances the batch prefetched (:meth:`Ingest.prefetch`), or the caller has just described
+    (``described``: DescribeInstances items by id), are not described again. A tag
     event's ``tag_version`` is recorded only where the live instance carries the event's tags.
     Every observation is governed (:func:`govern_record`) against the stored record: ``change``
     says who made the change and what it set, when the event knows."""
     seen = {i: w.prefetched[(account, region, i)] for i in ids if (account, region, i) in w.prefetched}
+    if described:
+        t_given = ec2.now()
+        seen.update({i: (t_given, described[i]) for i in ids if i in described and i not in seen})
     missing = [i for i in ids if i not in seen]
     if missing:
         live = ec2.describe(w.ec2_for(account, region), missing)
