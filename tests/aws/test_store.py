@@ -464,3 +464,19 @@ def test_an_inventory_item_holding_its_key_alone_is_no_record(moto_url: str) -> 
     assert store.get("i-0keyonly") is None
     assert store.get_many(["i-0keyonly"]) == {}
     assert all(r.id != "i-0keyonly" for r in store.all_records())
+
+
+def test_observe_with_the_record_the_caller_read_decides_as_reading_it(store: Store) -> None:
+    """``previous``: the stored record as the caller just read it (observe_instances reads the
+    batch's records for governance anyway). The answer is the same as the store reading it, and a
+    newer stored observation still wins over a caller's stale view."""
+    first = rec(2.0, "prod")
+    assert store.observe(first, previous=None)
+    same = rec(3.0, "prod")
+    assert not store.observe(same, previous=store.get(WID)), "the cloud view did not change"
+    moved = rec(4.0, "dev")
+    assert store.observe(moved, previous=store.get(WID))
+    stale = rec(1.0, "staging")
+    assert not store.observe(stale, previous=None), "an older observation never wins, whatever the caller read"
+    got = store.get(WID)
+    assert got is not None and got.observed_at == 4.0 and got.workload.tags == moved.workload.tags

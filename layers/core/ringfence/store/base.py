@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -170,14 +171,31 @@ def check_hold_fields(fields: dict[str, Any]) -> None:
         raise ValueError(f"launch hold: unknown fields {sorted(unknown)}")
 
 
+class Unread(enum.Enum):
+    """``observe(previous=UNREAD)``: the store reads the stored record itself."""
+
+    UNREAD = "unread"
+
+
+UNREAD = Unread.UNREAD
+
+
 class Store(Protocol):
     # inventory
     def get(self, workload_id: str) -> InventoryRecord | None: ...
     def get_many(self, workload_ids: list[str]) -> dict[str, InventoryRecord]: ...
-    def observe(self, rec: InventoryRecord, *, release_terminating: bool = False) -> bool:
+    def observe(
+        self,
+        rec: InventoryRecord,
+        *,
+        release_terminating: bool = False,
+        previous: InventoryRecord | Unread | None = UNREAD,
+    ) -> bool:
         """Write cloud fields unless a newer observation is stored; True if the cloud view changed.
         A stored ``terminating`` stays while the instance still runs, unless ``release_terminating``
-        (reconcile found it running and Auto Scaling not terminating it)."""
+        (reconcile found it running and Auto Scaling not terminating it). ``previous``: the stored
+        record as the caller just read it (a store that reads it apart from the write may use it
+        instead of reading again; the write is conditional on the observation's time either way)."""
         ...
 
     def observe_many(self, recs: list[InventoryRecord]) -> set[str]:

@@ -36,6 +36,7 @@ from ringfence.store.base import (
     HOLD_TTL,
     MOVED_MAX,
     MOVED_TTL,
+    UNREAD,
     AuditHead,
     AuditRecord,
     BundlePointer,
@@ -47,6 +48,7 @@ from ringfence.store.base import (
     LaunchHold,
     MovedRecord,
     PolicyVersion,
+    Unread,
     check_hold_fields,
 )
 
@@ -137,8 +139,14 @@ class DynamoStore:
                 request = resp.get("UnprocessedKeys") or {}
         return out
 
-    def observe(self, rec: InventoryRecord, *, release_terminating: bool = False) -> bool:
-        old = self.get(rec.id)
+    def observe(
+        self,
+        rec: InventoryRecord,
+        *,
+        release_terminating: bool = False,
+        previous: InventoryRecord | Unread | None = UNREAD,
+    ) -> bool:
+        old = self.get(rec.id) if previous is UNREAD else previous
         if old is not None and old.observed_at > rec.observed_at:
             return False
         if old is not None and old.state == "terminating" and rec.state in ACTIVE_STATES and not release_terminating:

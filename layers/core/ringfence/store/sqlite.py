@@ -46,6 +46,7 @@ from ringfence.store.base import (
     HOLD_FIRST_WINS,
     HOLD_TTL,
     MOVED_TTL,
+    UNREAD,
     AuditHead,
     AuditRecord,
     BundlePointer,
@@ -57,6 +58,7 @@ from ringfence.store.base import (
     LaunchHold,
     MovedRecord,
     PolicyVersion,
+    Unread,
     check_hold_fields,
 )
 
@@ -287,7 +289,14 @@ class SqliteStore:
         rows = self._db().execute(_SELECT_MANY, (json.dumps(sorted(set(workload_ids))),))
         return {rec.id: rec for rec in map(self._to_record, rows)}
 
-    def observe(self, rec: InventoryRecord, *, release_terminating: bool = False) -> bool:
+    def observe(
+        self,
+        rec: InventoryRecord,
+        *,
+        release_terminating: bool = False,
+        previous: InventoryRecord | Unread | None = UNREAD,
+    ) -> bool:
+        # the stored record is read in the write's own transaction: ``previous`` is not needed
         with self._tx() as db:
             return self._observe(db, rec, release_terminating)
 

@@ -189,7 +189,7 @@ def observe_instances(
         if tag_version is not None and inst is not None and (tags is None or ec2.instance_tags(inst) == tags):
             rec.tag_version = tag_version
         rec, governed = govern_record(w, rec, stored.get(iid), change, event_id=event_id, metric=metric)
-        if w.store.observe(rec) or governed:
+        if w.store.observe(rec, previous=stored.get(iid)) or governed:
             changed.add(iid)
             if rec.state == "terminated":
                 credentials.retire(w, iid, "instance terminated")
