@@ -18,12 +18,13 @@ from ringfence.clouds.azure.events import WRITE
 from ringfence.clouds.azure.ingest import SECRET_HEADER
 from ringfence.clouds.azure.wiring import Azure
 from ringfence.local.azure_arm import ArmServer
+from ringfence.local.azure_estate import SUB, seed_vm, vm_id
+from ringfence.local.eventgrid import arm_event
 from ringfence.local.lambdas import load_functions
 from tests.aws.conftest import ROOT, Env, LambdaContext, rest_answer
 from tests.aws.conftest import env as env  # the fixture
 
-from .conftest import OTHER_SUB, PROD_WEB, SECRET, SUB, seed_vm, vm_id
-from .test_azure_events import arm_event
+from .conftest import OTHER_SUB, PROD_WEB, SECRET
 
 WEB = "6a000000-0000-4000-8000-00000000f001"
 
