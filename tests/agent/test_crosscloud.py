@@ -89,15 +89,16 @@ def test_an_azure_web_vm_reaches_an_ec2_db_and_a_gcp_vm_of_another_app_does_not(
     from ringfence import serve
     from ringfence.clouds.azure.arm import StaticTokenCredential
     from ringfence.clouds.azure.events import WRITE
-    from ringfence.clouds.azure.ingest import SECRET_HEADER
     from ringfence.clouds.azure.wiring import Azure, AzureConfig
     from ringfence.local.azure_arm import ArmServer
+    from ringfence.local.azure_estate import SUB, seed_vm, vm_id
+    from ringfence.local.eventgrid import arm_event, delivery_headers
+    from ringfence.local.gcp_events import audit_entry, push_body, push_token
+    from ringfence.local.gcp_project import ORG, PROJECT, ZONE, gcp_environment, vm_name
     from ringfence.local.tls import lab_tls
     from tests.agent.netns import listening_socket_in
     from tests.aws.imds import running_imds
-    from tests.azure.conftest import PROD_WEB, SECRET, SUB, seed_vm, vm_id
-    from tests.azure.test_azure_events import arm_event
-    from tests.gcp.conftest import ORG, PROJECT, ZONE, audit_entry, gcp_environment, push_body, push_token, vm_name
+    from tests.azure.conftest import PROD_WEB, SECRET
 
     aws = aws_env
     for k, v in gcp_environment(gcp).items():
@@ -138,7 +139,7 @@ def test_an_azure_web_vm_reaches_an_ec2_db_and_a_gcp_vm_of_another_app_does_not(
         return answer["status"], answer["body"]
 
     azweb_id = "6a000000-0000-4000-8000-00000000c001"
-    notif = {SECRET_HEADER: SECRET, "aeg-event-type": "Notification", "content-type": "application/json"}
+    notif = delivery_headers(SECRET)
     with ArmServer() as arm:
         azure = Azure(
             AzureConfig(subscriptions=[SUB], arm_url=arm.url, eventgrid_secret=SECRET), StaticTokenCredential("t")

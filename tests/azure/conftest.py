@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -13,61 +12,14 @@ from ringfence.clouds.azure.arm import StaticTokenCredential
 from ringfence.clouds.azure.wiring import Azure, AzureConfig, attach
 from ringfence.control.wiring import Config
 from ringfence.local.azure_arm import ArmServer
+from ringfence.local.azure_estate import SUB
 from ringfence.local.wiring import LocalWiring
 from tests.onprem.conftest import policy_files, signing_key_file
 
-SUB = "0b1f6471-1bf0-4dda-aec3-111122223333"
 OTHER_SUB = "9c2f0000-0000-4000-8000-000000000009"
-RG = "ordering-prod"
-VNET = f"/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.Network/virtualNetworks/prod-vnet"
-SUBNET = f"{VNET}/subnets/web"
 SECRET = "s3cret-delivery-value"
 
 PROD_WEB = {"ringfence:app": "ordering", "ringfence:role": "web", "ringfence:env": "prod"}
-
-
-def vm_id(name: str, group: str = RG, sub: str = SUB) -> str:
-    return f"/subscriptions/{sub}/resourceGroups/{group}/providers/Microsoft.Compute/virtualMachines/{name}"
-
-
-def nic_id(name: str, group: str = RG, sub: str = SUB) -> str:
-    return f"/subscriptions/{sub}/resourceGroups/{group}/providers/Microsoft.Network/networkInterfaces/{name}"
-
-
-def seed_vm(
-    arm: ArmServer, name: str, guid: str, ip: str, tags: dict[str, str] | None = None, sub: str = SUB
-) -> dict[str, Any]:
-    """A VM with one NIC in the prod VNet, as ARM holds them."""
-    nic = nic_id(f"{name}-nic", sub=sub)
-    vm = arm.put(
-        vm_id(name, sub=sub),
-        {
-            "location": "westeurope",
-            "zones": ["1"],
-            "tags": tags or {},
-            "properties": {
-                "vmId": guid,
-                "networkProfile": {"networkInterfaces": [{"id": nic, "properties": {"primary": True}}]},
-            },
-        },
-    )
-    arm.put(
-        nic,
-        {
-            "location": "westeurope",
-            "properties": {
-                "primary": True,
-                "virtualMachine": {"id": vm["id"]},
-                "ipConfigurations": [
-                    {
-                        "name": "ipconfig1",
-                        "properties": {"primary": True, "privateIPAddress": ip, "subnet": {"id": SUBNET}},
-                    }
-                ],
-            },
-        },
-    )
-    return vm
 
 
 @pytest.fixture(scope="module")

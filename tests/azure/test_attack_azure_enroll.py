@@ -17,11 +17,12 @@ from ringfence.clouds.azure.ingest import SECRET_HEADER
 from ringfence.clouds.azure.wiring import Azure, attach
 from ringfence.control.agents import AgentApi
 from ringfence.local.azure_arm import ArmServer
+from ringfence.local.azure_estate import SUB, seed_vm, vm_id
 from ringfence.local.azure_imds import AttestedCa
 from ringfence.local.wiring import LocalWiring
 from tests.aws.test_pipeline import AgentKey
 
-from .conftest import OTHER_SUB, PROD_WEB, SECRET, SUB, seed_vm, vm_id
+from .conftest import OTHER_SUB, PROD_WEB, SECRET
 
 VM = "7b000000-0000-4000-8000-00000000c001"
 
@@ -212,8 +213,7 @@ def test_without_arm_reads_an_unseen_vm_waits_for_its_event(
     refused without any ARM call, and enrolls once its event has been taken."""
     from ringfence.clouds.azure.events import WRITE
     from ringfence.clouds.azure.ingest import AzureEvents
-
-    from .test_azure_events import arm_event
+    from ringfence.local.eventgrid import arm_event
 
     attach(wiring, azure, read_unseen=False)
     n = nonce(api)

@@ -19,9 +19,10 @@ from ringfence.clouds.azure.entra import EVENT_GRID_ROLE
 from ringfence.clouds.azure.ingest import AzureEvents
 from ringfence.clouds.azure.wiring import Azure, AzureConfig
 from ringfence.local.azure_arm import ArmServer
+from ringfence.local.azure_estate import SUB, seed_vm, vm_id
 from ringfence.local.wiring import LocalWiring
 
-from .conftest import PROD_WEB, SUB, seed_vm, vm_id
+from .conftest import PROD_WEB
 
 TENANT = "72f988bf-0000-4000-8000-000000000001"
 AUDIENCE = "api://ringfence-events"

@@ -22,42 +22,15 @@ from ringfence.clouds.azure.events import (
 from ringfence.clouds.azure.ingest import SECRET_HEADER, AzureEvents
 from ringfence.clouds.azure.wiring import Azure
 from ringfence.local.azure_arm import ArmServer
+from ringfence.local.azure_estate import SUB, nic_id, seed_vm, vm_id
+from ringfence.local.eventgrid import OID, arm_event
 from ringfence.local.wiring import LocalWiring
 
-from .conftest import OTHER_SUB, PROD_WEB, SECRET, SUB, nic_id, seed_vm, vm_id
+from .conftest import OTHER_SUB, PROD_WEB, SECRET
 
 WEB = "6a000000-0000-4000-8000-00000000b001"
 DEV = "6a000000-0000-4000-8000-00000000b002"
 HEADERS = {SECRET_HEADER: SECRET, "aeg-event-type": "Notification"}
-OID = "11111111-2222-3333-4444-555555555555"
-
-
-def arm_event(event_type: str, resource: str, operation: str, subject: str | None = None) -> dict[str, Any]:
-    """The documented system-topic shape (event-schema-subscriptions)."""
-    sub = resource.split("/")[2]
-    return {
-        "subject": subject or resource,
-        "eventType": event_type,
-        "eventTime": "2026-12-02T14:00:00.0000000Z",
-        "id": f"ev-{abs(hash((event_type, resource, operation)))}",
-        "data": {
-            "authorization": {"scope": resource, "action": operation, "evidence": {"role": "Contributor"}},
-            "claims": {
-                "http://schemas.microsoft.com/identity/claims/objectidentifier": OID,
-                "http://schemas.microsoft.com/identity/claims/tenantid": "tenant-1",
-            },
-            "correlationId": "c1",
-            "resourceProvider": operation.split("/")[0],
-            "resourceUri": subject or resource,
-            "operationName": operation,
-            "status": "Succeeded",
-            "subscriptionId": sub,
-            "tenantId": "tenant-1",
-        },
-        "dataVersion": "2",
-        "metadataVersion": "1",
-        "topic": f"/subscriptions/{sub}",
-    }
 
 
 def deliver(events: AzureEvents, *items: dict[str, Any], headers: dict[str, str] | None = None) -> Any:

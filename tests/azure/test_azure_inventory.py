@@ -7,9 +7,10 @@ from ringfence.clouds.azure.inventory import observe_subscription
 from ringfence.clouds.azure.model import ArmId, vm_from_wire
 from ringfence.clouds.azure.wiring import Azure
 from ringfence.local.azure_arm import ArmServer
+from ringfence.local.azure_estate import RG, SUB, SUBNET, VNET, seed_vm
 from ringfence.local.wiring import LocalWiring
 
-from .conftest import PROD_WEB, RG, SUB, SUBNET, VNET, seed_vm
+from .conftest import PROD_WEB
 
 WEB = "5f0e1c2a-0000-4000-8000-00000000a001"
 DB = "5f0e1c2a-0000-4000-8000-00000000a002"

@@ -9,9 +9,10 @@ import pytest
 from ringfence.clouds.azure.perimeter import RULES_PER_NSG, AzurePerimeter, azure_limits, security_rule
 from ringfence.clouds.azure.wiring import Azure
 from ringfence.local.azure_arm import ArmServer
+from ringfence.local.azure_estate import SUB, nic_id, seed_vm
 from ringfence.perimeter import INGRESS, Member, PerimeterConfig, PerimeterRule, QuotaExceeded, desired_state
 
-from .conftest import PROD_WEB, SUB, nic_id, seed_vm
+from .conftest import PROD_WEB
 
 WEB, DB, DEV = (f"8c000000-0000-4000-8000-00000000d00{i}" for i in (1, 2, 3))
 CONFIG = PerimeterConfig(admin_cidrs=["10.250.0.0/24"], control_plane_cidrs=["10.9.0.0/24"])

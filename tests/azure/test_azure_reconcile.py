@@ -6,10 +6,11 @@ from __future__ import annotations
 from ringfence.clouds.azure.reconcile import AzureReconcile
 from ringfence.clouds.azure.wiring import Azure
 from ringfence.local.azure_arm import ArmServer
+from ringfence.local.azure_estate import SUB, seed_vm
 from ringfence.local.wiring import LocalWiring
 from ringfence.perimeter import PerimeterConfig
 
-from .conftest import OTHER_SUB, PROD_WEB, SUB, seed_vm
+from .conftest import OTHER_SUB, PROD_WEB
 
 WEB = "ab000000-0000-4000-8000-00000000f001"
 OTHER = "ab000000-0000-4000-8000-00000000f002"

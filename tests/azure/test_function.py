@@ -12,18 +12,17 @@ import boto3
 import pytest
 
 from ringfence.clouds.aws import othercloud
-from ringfence.clouds.azure import wiring as azure_wiring
-from ringfence.clouds.azure.arm import StaticTokenCredential
 from ringfence.clouds.azure.events import WRITE
 from ringfence.clouds.azure.ingest import SECRET_HEADER
 from ringfence.clouds.azure.wiring import Azure
 from ringfence.local.azure_arm import ArmServer
+from ringfence.local.azure_estate import SUB, seed_vm, vm_id
+from ringfence.local.eventgrid import arm_event
 from ringfence.local.lambdas import load_functions
 from tests.aws.conftest import ROOT, Env, LambdaContext, rest_answer
 from tests.aws.conftest import env as env  # the fixture
 
-from .conftest import OTHER_SUB, PROD_WEB, SECRET, SUB, seed_vm, vm_id
-from .test_azure_events import arm_event
+from .conftest import OTHER_SUB, PROD_WEB, SECRET
 
 WEB = "6a000000-0000-4000-8000-00000000f001"
 
@@ -39,9 +38,8 @@ def azure_env(arm: ArmServer, azure: Azure, env: Env, monkeypatch: pytest.Monkey
     monkeypatch.setenv("RINGFENCE_AZURE_ARM_URL", arm.url)
     monkeypatch.setenv(othercloud.EVENTGRID_SECRET_ARN, _secret(env, "ringfence/eventgrid", SECRET))
     monkeypatch.delenv("RINGFENCE_EVENTGRID_SECRET", raising=False)
-    # no Entra ID in the lab: the ARM clients' credential is the local server's token (in Azure,
+    # no Entra ID in the lab: a loopback ARM URL gets a fixed token (default_credential; in Azure,
     # the credentials secret or azure-identity's chain: test_credentials_secret_* below)
-    monkeypatch.setattr(azure_wiring, "default_credential", lambda: StaticTokenCredential("local-arm-token"))
     return env
 
 
@@ -102,6 +100,19 @@ def test_credentials_secret_makes_a_client_secret_credential_and_a_bad_one_is_na
     with pytest.raises(othercloud.SecretConfigError) as exc:
         othercloud.azure_from_env({"RINGFENCE_AZURE_SUBSCRIPTIONS": SUB, othercloud.AZURE_CREDENTIALS_ARN: bad})
     assert bad in str(exc.value) and "client_id" in str(exc.value) and "hunter2" not in str(exc.value)
+
+
+def test_without_a_credential_a_loopback_arm_gets_a_fixed_token_and_azure_the_identity_chain() -> None:
+    """``ringfence serve`` against the lab's ARM (the demo) needs no Entra ID, and a real token is
+    never fetched for a plain-http URL; any other ARM gets azure-identity's chain."""
+    from azure.identity import DefaultAzureCredential
+
+    from ringfence.clouds.azure.arm import LOCAL_ARM_TOKEN, StaticTokenCredential, default_credential
+
+    local = default_credential("http://127.0.0.1:8123")
+    assert isinstance(local, StaticTokenCredential) and local.get_token("x").token == LOCAL_ARM_TOKEN
+    assert isinstance(default_credential("http://arm.example.com:80"), DefaultAzureCredential)
+    assert isinstance(default_credential(None), DefaultAzureCredential)
 
 
 def test_the_agent_api_offers_azure_attested_only_when_configured(azure_env: Env) -> None:

@@ -28,7 +28,8 @@ def test_the_dry_run_demo_passes_on_the_agents_applied_bundles(tmp_path: Path) -
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert summary["passed"] is True and summary["mode"] == "dry-run"
     steps = {s["number"]: s for s in summary["steps"]}
-    assert set(steps) == {0, 1, 2, 3, 4, 5}
+    assert set(steps) == {0, 1, 2, 3, 4, 5, 6}
+    assert all(s["passed"] for s in steps.values()), [s for s in steps.values() if not s["passed"]]
     assert {c["got"] for c in steps[1]["checks"]} == {"allowed", "blocked"}
     assert any(c["what"] == "its agent applied the quarantine bundle" and c["passed"] for c in steps[4]["checks"])
     # the launch gate: at InService each new instance's agent enforced and its ENIs carried the
@@ -36,7 +37,11 @@ def test_the_dry_run_demo_passes_on_the_agents_applied_bundles(tmp_path: Path) -
     for v in steps[2]["timings"]["instances"].values():
         assert v["agent_enforcing_at_in_service"] and v["perimeter_at_in_service"] and v["release"] == "continue", v
     assert "rf-prod-boundary" in steps[2]["timings"]["perimeter"]["groups"]
-    for kind in ("launch", "tag_change", "quarantine"):
+    for kind in ("launch", "tag_change", "quarantine", "cross_cloud"):
         assert summary["time_to_policy"][kind]["not_enforced"] == 0
+    # step 6 runs dry, and says so in one line; its flows are judged on the EC2 ends' plans
+    assert "dry run: the Azure and GCP VMs get no namespace" in proc.stdout
+    assert {c["got"] for c in steps[6]["checks"] if " → " in c["what"]} == {"allowed", "blocked"}
+    assert steps[6]["timings"]["db_delta"]["delta"] is not None
     # dry-run agents see no packet: the map shows what policy allows
     assert (tmp_path / "map.html").is_file() and summary["dependency_map"]["edges"] > 0

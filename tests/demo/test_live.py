@@ -26,7 +26,7 @@ if _why is not None:
     pytest.skip(f"live demo skipped: {_why}", allow_module_level=True)
 
 RINGFENCE = Path(sys.executable).parent / "ringfence"
-STEPS = {0, 1, 2, 3, 4, 5}
+STEPS = {0, 1, 2, 3, 4, 5, 6}
 
 
 def _marked(mark: str) -> list[int]:
@@ -73,7 +73,7 @@ def test_the_live_demo_passes_and_writes_its_summary(tmp_path: Path) -> None:
     assert set(steps) == STEPS
     for s in steps.values():
         assert s["passed"] and s["error"] is None, s
-    for n in (1, 2, 3, 4, 5):
+    for n in (1, 2, 3, 4, 5, 6):
         assert steps[n]["checks"], f"step {n} checked nothing"
         assert all(c["passed"] for c in steps[n]["checks"])
     # step 1 is proved both ways: flows that must pass and flows that must not
@@ -95,7 +95,21 @@ def test_the_live_demo_passes_and_writes_its_summary(tmp_path: Path) -> None:
     # step 4: the open sessions were cut
     cut = [c for c in steps[4]["checks"] if c["what"].startswith("held session")]
     assert len(cut) == 2 and all(c["got"] == "no" for c in cut)
+    # step 6: the Azure and GCP VMs through their event routes, packets both ways, the tag change
+    # reaching the database's agent as a delta
+    xc = steps[6]
+    assert {c["got"] for c in xc["checks"] if c["what"].startswith(("az-", "gcp-"))} >= {"allowed", "blocked"}
+    flows = {c["what"]: c["got"] for c in xc["checks"]}
+    assert flows["az-ord-proc-1 → ord-prod-db-1 tcp/5432 (Azure processing → EC2 database)"] == "allowed"
+    assert flows["gcp-pay-web-1 → ord-prod-db-1 tcp/5432 (GCP VM of another app (payroll))"] == "blocked"
+    assert flows["az-ord-proc-1 → ord-prod-db-1 tcp/5432 (now web: web skips a tier, as on EC2)"] == "blocked"
+    assert xc["timings"]["azure_vm"]["labels"] == {"app": "ordering", "env": "prod", "loc": "ca", "role": "processing"}
+    assert xc["timings"]["gcp_vm"]["labels"]["app"] == "payroll"
+    delta = xc["timings"]["db_delta"]["delta"]
+    assert delta is not None and any(r.startswith("10.50.1.4") for r in delta["remove"]) and not delta["add"], delta
     ttp = summary["time_to_policy"]
+    assert ttp["cross_cloud"]["n"] == 3 and ttp["cross_cloud"]["not_enforced"] == 0
+    assert {"ingest", "push", "apply"} <= set(ttp["cross_cloud"]["phases_p50_s"])
     for kind in ("launch", "tag_change", "quarantine"):
         assert ttp[kind]["not_enforced"] == 0
         assert 0 < ttp[kind]["p50_s"] <= ttp[kind]["p95_s"]

@@ -12,9 +12,10 @@ from ringfence.agentapi import EnrollRequest
 from ringfence.clouds.gcp.enroll import METHOD, GcpEnroller
 from ringfence.control.agents import AgentApi
 from ringfence.local.gcp_api import GcpApi, SigningKey, identity_claims
+from ringfence.local.gcp_project import IDENTITY_AUDIENCE, NUMBER, PROJECT, ZONE, gcp_config
 from ringfence.local.wiring import LocalWiring
 from tests.aws.test_pipeline import AgentKey
-from tests.gcp.conftest import IDENTITY_AUDIENCE, NUMBER, PROJECT, ZONE, gcp_config, web_vm
+from tests.gcp.conftest import web_vm
 
 
 @pytest.fixture

@@ -8,16 +8,12 @@ from typing import Any
 import pytest
 
 from ringfence.local.gcp_api import GcpApi
+from ringfence.local.gcp_events import audit_entry, push_body, push_token
+from ringfence.local.gcp_project import gcp_environment
 from ringfence.local.lambdas import load_functions
 from tests.aws.conftest import ROOT, Env, LambdaContext, rest_answer
 from tests.aws.conftest import env as env  # the fixture
-from tests.gcp.conftest import (
-    audit_entry,
-    gcp_environment,
-    push_body,
-    push_token,
-    web_vm,
-)
+from tests.gcp.conftest import web_vm
 
 
 def test_the_gcpevents_function_ingests_a_pushed_insert_into_the_aws_inventory(
@@ -53,9 +49,9 @@ def test_the_aws_agent_api_function_enrolls_a_gcp_vm_with_gcp_jwt(
     """gcp-jwt on the AWS agent API (SAM/Terraform attach the GCP layer when configured): the token
     verified, the VM read live from the local compute API, observed into DynamoDB, the key bound."""
     from ringfence.local.gcp_api import identity_claims
+    from ringfence.local.gcp_project import IDENTITY_AUDIENCE, NUMBER, PROJECT
     from tests.aws.conftest import rest_event
     from tests.aws.test_pipeline import AgentKey
-    from tests.gcp.conftest import IDENTITY_AUDIENCE, NUMBER, PROJECT
 
     for k, v in gcp_environment(gcp).items():
         monkeypatch.setenv(k, v)
@@ -102,8 +98,8 @@ def test_the_scheduled_cloudreconcile_function_inventories_a_missed_vm_and_conve
     import json
 
     from ringfence.clouds.gcp.firewall import policy_name
+    from ringfence.local.gcp_project import PROJECT
     from tests.aws.test_pipeline import _scheduled
-    from tests.gcp.conftest import PROJECT
 
     for k, v in gcp_environment(gcp).items():
         monkeypatch.setenv(k, v)

@@ -11,21 +11,11 @@ import pytest
 from ringfence.clouds.gcp.ingest import GcpIngest
 from ringfence.clouds.gcp.instances import LabelSource
 from ringfence.local.gcp_api import GcpApi
+from ringfence.local.gcp_events import audit_entry, push_body, push_token
+from ringfence.local.gcp_project import NUMBER, ORG, PROJECT, TAGGER, ZONE, gcp_config, vm_name
 from ringfence.local.wiring import LocalWiring
 from ringfence.routes.gcp import EVENTS_PATH, gcp_event_routes
 from ringfence.serve import proxy_event
-from tests.gcp.conftest import (
-    NUMBER,
-    ORG,
-    PROJECT,
-    TAGGER,
-    ZONE,
-    audit_entry,
-    gcp_config,
-    push_body,
-    push_token,
-    vm_name,
-)
 
 PROD_WEB = {"ringfence-role": "web", "ringfence-app": "ordering", "ringfence-env": "prod"}
 

@@ -9,9 +9,10 @@ import json
 from ringfence.clouds.gcp.firewall import FwRule, GcpLimits, GcpPerimeterConfig, policy_name
 from ringfence.clouds.gcp.reconcile import GcpPerimeter, GcpReconcile
 from ringfence.local.gcp_api import GcpApi
+from ringfence.local.gcp_project import PROJECT, gcp_config
 from ringfence.local.wiring import LocalWiring
 from ringfence.perimeter import PerimeterConfig
-from tests.gcp.conftest import PROJECT, gcp_config, web_vm
+from tests.gcp.conftest import web_vm
 
 PROD = "tagValues/301"
 PERIMETER = GcpPerimeter(
@@ -70,7 +71,7 @@ def test_an_over_limit_plan_changes_nothing_and_says_which_limit(gcp: GcpApi, wi
 
 
 def test_a_new_env_adds_only_its_rules_and_the_existing_keep_their_priorities(gcp: GcpApi, wiring: LocalWiring) -> None:
-    from tests.gcp.conftest import ORG, ZONE, vm_name
+    from ringfence.local.gcp_project import ORG, ZONE, vm_name
 
     both = GcpPerimeter(PERIMETER.config, GcpPerimeterConfig(env_tags={"prod": PROD, "dev": "tagValues/302"}))
     web_vm(gcp, "10.30.0.8")

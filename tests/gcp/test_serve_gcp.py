@@ -8,18 +8,11 @@ import pytest
 
 from ringfence import serve
 from ringfence.local.gcp_api import GcpApi, identity_claims
+from ringfence.local.gcp_events import audit_entry, push_body, push_token
+from ringfence.local.gcp_project import IDENTITY_AUDIENCE, NUMBER, PROJECT, gcp_environment
 from ringfence.local.wiring import LocalWiring
 from tests.aws.test_pipeline import AgentKey
-from tests.gcp.conftest import (
-    IDENTITY_AUDIENCE,
-    NUMBER,
-    PROJECT,
-    audit_entry,
-    gcp_environment,
-    push_body,
-    push_token,
-    web_vm,
-)
+from tests.gcp.conftest import web_vm
 
 
 def test_serve_takes_gcp_events_and_enrolls_gcp_agents(

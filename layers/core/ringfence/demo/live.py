@@ -16,6 +16,9 @@ What runs (all real, nothing stubbed):
 - one namespace per instance with its moto private address, echo servers on the example's
   service ports and a real ``ringfence-agent`` (nftables) enrolled by its signed identity
   document, following by long-poll push and set deltas (:mod:`ringfence.local.fleet`).
+- a local Azure Resource Manager and the local Google APIs, which ``serve``'s ``POST /azure/events``
+  and ``POST /gcp/events`` read VMs from: step 6 (:mod:`ringfence.demo.crosscloud`) announces an
+  Azure VM and a GCP VM through those routes and proves the same labels and policy on them.
 
 Each step is proved by real packets between namespaces and timed; ``out/summary.json`` holds
 every check and the time-to-policy figures. Every exit (Ctrl-C and SIGTERM included) kills what
@@ -39,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ringfence.demo.offline import example_dir
 from ringfence.demo.report import Report, Sample
@@ -50,6 +53,9 @@ from ringfence.local.lab import Lab, enter_netns, prerequisites, sweep_stale
 from ringfence.local.router import LAUNCH_OK
 from ringfence.local.tls import LabTls, lab_tls
 from ringfence.local.traffic import Probe, Traffic
+
+if TYPE_CHECKING:
+    from ringfence.demo.crosscloud import OtherClouds
 
 CP_ADDRESS = "10.254.0.1"  # the control plane's namespace on the lab bridge
 OPS, OPS_ADDRESS = "ops", "10.99.0.200"  # an operator's console in the admin range (no agent)
@@ -118,6 +124,9 @@ class Live:
         self.admin_token = ""
         self.names: dict[str, str] = {}  # instance id → example name (or asg-N)
         self._asg_seq = 0
+        # hosts without an agent (their own namespace, or none in a dry run): name → address
+        self.agentless: dict[str, str] = {}
+        self.clouds: OtherClouds | None = None  # the local Azure Resource Manager and Google APIs
 
     # --- start and stop -------------------------------------------------------------------------
 
@@ -165,6 +174,11 @@ class Live:
         self.api = AgentApi(wiring)
         self.store = wiring.store
 
+        from ringfence.demo.crosscloud import OtherClouds
+
+        # before serve: it routes POST /azure/events and /gcp/events to them (step 6)
+        self.clouds = OtherClouds.start()
+        r.say(f"other clouds: {self.clouds.describe()}")
         self._start_serve()
         self._start_router()
         if not self.idle(60):
@@ -176,9 +190,6 @@ class Live:
         if self.lab is not None:
             self.imds = Imds(self._identify, self.aws.identity_document, self.aws.iid.sign).start()
             self.traffic = Traffic(self.lab.start)
-            # the operators' console on the bastion range (the policy's admin_cidrs), no agent: a
-            # quarantined host must still answer it over SSH
-            self.lab.add(OPS, [f"{OPS_ADDRESS}/8"])
             cfg = FleetConfig(api_url=api_url, public_key=pub, workdir=self.work, tls_ca_file=self.tls.ca)
         else:
             port = _free_port()
@@ -191,6 +202,9 @@ class Live:
                 imds_url=f"http://127.0.0.1:{port}",
                 tls_ca_file=self.tls.ca,
             )
+        # the operators' console on the bastion range (the policy's admin_cidrs), no agent: a
+        # quarantined host must still answer it over SSH
+        self.add_host(OPS, OPS_ADDRESS)
         self.fleet = Fleet(cfg, self.aws.instances, self.lab, self.traffic, log=r.say, start_process=self._start)
         t0 = time.time()
         booted, _ = self.fleet.sync()
@@ -215,6 +229,8 @@ class Live:
         """The environment ``ringfence serve`` (the agent API) starts with: the stack's, as the
         agent-API function has it — no signing key (only the in-process compute holds it)."""
         env = {**os.environ, **self.aws.env, "RINGFENCE_WAIT_POLL_INTERVAL": WAIT_POLL_INTERVAL, **GATE}
+        if self.clouds is not None:
+            env.update(self.clouds.env())
         env.pop("RINGFENCE_SIGNING_KEY", None)  # set by hand in the shell that started the demo, say
         return env
 
@@ -287,11 +303,17 @@ class Live:
         self.r.say("event router: moto changes → EventBridge rules → SQS → functions/{ingest,lifecycle,compute,...}")
 
     def admin(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+        return self.request(
+            method,
+            path,
+            json.dumps(body).encode() if body is not None else None,
+            {"Authorization": f"Bearer {self.admin_token}", "Content-Type": "application/json"},
+        )
+
+    def request(self, method: str, path: str, data: bytes | None, headers: dict[str, str]) -> tuple[int, Any]:
+        """One HTTPS call to ``ringfence serve`` (the lab's CA verified): status, JSON answer."""
         req = urllib.request.Request(  # noqa: S310 - the lab's own https URL
-            f"{self.api_base}{path}",
-            method=method,
-            data=json.dumps(body).encode() if body is not None else None,
-            headers={"Authorization": f"Bearer {self.admin_token}", "Content-Type": "application/json"},
+            f"{self.api_base}{path}", method=method, data=data, headers=headers
         )
         try:
             with urllib.request.urlopen(req, timeout=30, context=self.tls_context) as resp:  # noqa: S310
@@ -325,6 +347,8 @@ class Live:
             steps.append(self._stop_serve)  # before moto: its head watch would read a stopped server
         if self.aws is not None:
             steps.append(self.aws.stop)
+        if self.clouds is not None:
+            steps.append(self.clouds.stop)
         if self.lab is not None:
             steps.append(self.lab.close)  # kills serve, the probe processes, whatever is left inside
         steps.append(self._kill_own)
@@ -358,8 +382,17 @@ class Live:
         return self.names.get(iid, iid)
 
     def ip(self, name: str) -> str:
+        if name in self.agentless:
+            return self.agentless[name]
         assert self.fleet is not None
         return self.fleet.get(self.iid(name)).ip
+
+    def add_host(self, name: str, address: str) -> None:
+        """A host without an agent at ``address``: its own namespace on the lab bridge (none in a
+        dry run, where flows from it are judged on the other end's plan)."""
+        if self.lab is not None:
+            self.lab.add(name, [f"{address}/8"])
+        self.agentless[name] = address
 
     def probe_flows(self, flows: list[Flow]) -> list[bool]:
         if self.lab is None:
@@ -368,7 +401,7 @@ class Live:
         probes = []
         for f in flows:
             proto, _, port = f.service.partition("/")
-            src = self.lab.ns(OPS) if f.src == OPS else self.fleet.ns(self.iid(f.src))
+            src = self.lab.ns(f.src) if f.src in self.agentless else self.fleet.ns(self.iid(f.src))
             probes.append(Probe(src, self.ip(f.dst), int(port), proto))
         return self.traffic.probes(probes)
 
@@ -396,9 +429,10 @@ class Live:
         from ringfence_agent.plan import Flow as Packet
 
         proto, _, port = f.service.partition("/")
-        src_ip = OPS_ADDRESS if f.src == OPS else self.ip(f.src)
-        ends: list[tuple[str, Literal["inbound", "outbound"], str]] = [(f.dst, "inbound", src_ip)]
-        if f.src != OPS:  # the operators' console has no agent
+        ends: list[tuple[str, Literal["inbound", "outbound"], str]] = []
+        if f.dst not in self.agentless:
+            ends.append((f.dst, "inbound", self.ip(f.src)))
+        if f.src not in self.agentless:  # the operators' console, the other clouds' VMs: no agent
             ends.append((f.src, "outbound", self.ip(f.dst)))
         for name, direction, peer in ends:
             plan = self.plan(name)
@@ -533,10 +567,15 @@ class Live:
         subjects: tuple[str, ...] = (),
         admin: bool = False,
         timeout: float = ENFORCE_TIMEOUT,
+        answered_phase: str | None = None,
     ) -> Sample:
         """Time one cloud change: ``action`` at t0; ``ready()`` says the control plane has seen it
         (in its store); once the queues are idle, every agent whose latest version moved must
-        apply it; the sample is t0 → the last of those applies (the agents' own clock stamps)."""
+        apply it; the sample is t0 → the last of those applies (the agents' own clock stamps).
+        ``admin``: the action is an admin API call, its answer ends phase ``admin_api``;
+        ``answered_phase``: likewise, another phase (an event route that answers once it ingested)."""
+        if admin:
+            answered_phase = "admin_api"
         assert self.fleet is not None
         m0 = time.perf_counter()
         base, base_revision = self.targets(), self.store.head().revision
@@ -545,7 +584,7 @@ class Live:
         calls0 = self.aws.calls()
         t0 = time.time()
         action()
-        answered = time.time() if admin else None
+        answered = time.time() if answered_phase else None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not ready():
             time.sleep(READY_POLL)
@@ -574,7 +613,7 @@ class Live:
         done = [self.fleet.get(i).status() for i in affected if i in self.fleet.instances]
         subject_ids = list(subjects) + [i for i in self.fleet.instances if i not in before]
         enforced = max((float(st.get("applied_at", t0)) for st in done), default=t0)
-        phases = self._phases(t0, subject_ids, done, answered, enforced)
+        phases = self._phases(t0, subject_ids, done, answered, enforced, answered_phase or "admin_api")
         cost["enforced_seen"] = time.time() - t0
         s = Sample(kind, subject, round(enforced - t0, 3), len(affected), phases, t0)
         s.measuring = {k: round(v, 3) for k, v in cost.items()}
@@ -583,14 +622,20 @@ class Live:
         return s
 
     def _phases(
-        self, t0: float, subjects: list[str], done: list[dict[str, Any]], answered: float | None, enforced: float
+        self,
+        t0: float,
+        subjects: list[str],
+        done: list[dict[str, Any]],
+        answered: float | None,
+        enforced: float,
+        answered_phase: str = "admin_api",
     ) -> dict[str, float]:
         """Where the time went. Cloud events: the router's timeline of the first event about a
         subject after t0 (event_delivery: change → PutEvents returned, the watcher's look
         included; ingest: → the ingest/lifecycle handler finished; perimeter, for a launch: → the
         perimeter handler finished; compute: → the compute handler finished, publication
-        included). An admin call (``answered``): the API call, then compute and publication
-        together. Then the last agent's ``last_sync``: push (→ its wait
+        included). An admin call (``answered``): the API call (``answered_phase``: another cloud's
+        event route, which ingests before it answers), then compute and publication together. Then the last agent's ``last_sync``: push (→ its wait
         answered), fetch, apply."""
         phases: dict[str, float] = {}
         # the events that led to enforcement (not those that followed it, e.g. InService)
@@ -617,7 +662,7 @@ class Live:
                     cloud_done = max(computed)
                     phases["compute"] = max(0.0, cloud_done - start)
         elif answered is not None:
-            phases["admin_api"] = answered - t0
+            phases[answered_phase] = answered - t0
             cloud_done = answered
         syncs = [st.get("last_sync") or {} for st in done]
         syncs = [s for s in syncs if "done" in s]
@@ -1193,6 +1238,9 @@ def run(args: argparse.Namespace) -> int:
                     step_retag(demo, new)
                     step_quarantine(demo)
                     step_release_and_scale_in(demo, new)
+                    from ringfence.demo.crosscloud import step_cross_cloud
+
+                    step_cross_cloud(demo)
                     try:
                         dependency_map = write_map(demo)
                     except Exception as exc:  # the map is a view: its failure is noted, not the demo's

@@ -49,8 +49,15 @@ def _is_loopback(url: str) -> bool:
     return url.startswith(("http://127.0.0.1:", "http://localhost:", "http://[::1]:"))
 
 
-def default_credential() -> TokenCredential:
-    """In Azure: the managed identity (or whatever azure-identity's chain finds)."""
+LOCAL_ARM_TOKEN = "local-arm"  # noqa: S105 (what a local ARM gets: not a secret, and no real token)
+
+
+def default_credential(base_url: str | None = None) -> TokenCredential:
+    """In Azure: the managed identity (or whatever azure-identity's chain finds). For a local ARM
+    on loopback over http (``RINGFENCE_AZURE_ARM_URL`` of the lab, ``ringfence serve`` in the demo):
+    a fixed token — a real one must never go out over plain http."""
+    if base_url is not None and _is_loopback(base_url):
+        return StaticTokenCredential(LOCAL_ARM_TOKEN)
     from azure.identity import DefaultAzureCredential
 
     return DefaultAzureCredential()

@@ -59,7 +59,7 @@ class Azure:
         key = subscription.lower()
         if key not in self._arms:
             if self.credential is None:
-                self.credential = default_credential()
+                self.credential = default_credential(self.cfg.arm_url)
             self._arms[key] = Arm(self.credential, subscription, self.cfg.arm_url)
         return self._arms[key]
 
