@@ -41,6 +41,8 @@ from ringfence.perimeter import (
 from .arm import Arm, wire
 from .model import ArmId, vnet_of
 
+# every rule names one ASG or one address prefix per side (security_rule), so the per-rule limits
+# on prefixes and ASGs are never approached: a CIDR list costs one rule each, counted here
 RULES_PER_NSG = 1000
 PRIORITY_FIRST, PRIORITY_LAST = 100, 4096
 ASGS_PER_RULE = 10
