@@ -620,3 +620,27 @@ def test_moved_records_name_every_workload_whose_latest_version_moved(env: Env) 
     assert all(a.revision == b.previous for a, b in itertools.pairwise(recs))
     named = {w for r in recs for w in (everyone if r.workloads is None else r.workloads)}
     assert moved <= named, f"moved but not named: {sorted(moved - named)}"
+
+
+def test_a_lifecycle_batch_reads_its_instances_inventory_records_once(env: Env) -> None:
+    """Three launch actions in one batch: one DescribeInstances and one read of the stored records
+    for all three (not one per action), and each is recorded as launching."""
+    boot(env)
+    env.asg.set_desired_capacity(AutoScalingGroupName="rf-web-asg", DesiredCapacity=3)
+    new = env.asg_instances()
+    calls: list[str] = []
+
+    def count(params: dict[str, Any], **_: Any) -> None:
+        tables = params.get("RequestItems") or {params.get("TableName"): None}
+        calls.extend(str(t) for t in tables if "inventory" in str(t).lower())
+
+    env.hook("before-parameter-build.dynamodb.BatchGetItem", count)
+    env.hook("before-parameter-build.dynamodb.GetItem", count)
+    described: list[str] = []
+    env.hook("before-call.ec2.DescribeInstances", lambda **kw: described.append("x"))
+    for iid in new:
+        env.put(env.lifecycle_event(iid, launching=True))
+    (out,) = env.drain("lifecycle", "lifecycle")
+    assert out == {"batchItemFailures": []}
+    assert described == ["x"] and len(calls) == 1, (described, calls)
+    assert all((rec := env.store.get(iid)) is not None and rec.state in ("pending", "running") for iid in new)

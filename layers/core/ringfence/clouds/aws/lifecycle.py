@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ringfence.control.wiring import Metric, no_metric
+from ringfence.control.wiring import Metric, log, no_metric
 from ringfence.events import DomainEvent, Kind, MalformedEvent, normalize, normalize_json
 
 from .ingest import Ingest, mark_leaving, observe_instances
@@ -21,6 +21,8 @@ class _Batch:
     compute_actions: list[dict[str, Any]] = field(default_factory=list)
     perimeter_ids: dict[str, None] = field(default_factory=dict)
     perimeter_actions: list[dict[str, Any]] = field(default_factory=list)
+    # (account, region, instance) → whether the batch's observation changed its inventory record
+    observed: dict[tuple[str, str, str], bool] = field(default_factory=dict)
 
 
 class Lifecycle:
@@ -47,6 +49,20 @@ class Lifecycle:
                 events.append(ev)
         n = Ingest(self.w).prefetch_events(events)
         self._batch = _Batch()
+        # and record them in the inventory together: one read of the stored records for the batch
+        # instead of one per action (each action's own observation finds nothing new after this)
+        places: dict[tuple[str, str], dict[str, None]] = {}
+        for ev in events:
+            places.setdefault((ev.account, ev.region), {}).update(dict.fromkeys(ev.instance_ids))
+        for (account, region), ids in sorted(places.items()):
+            try:
+                changed = observe_instances(self.w, account, region, list(ids))
+            except Exception as exc:  # best effort, as the describe: each action observes for itself
+                log.warning(
+                    "lifecycle batch observation in %s/%s failed (%s): observing per action", account, region, exc
+                )
+                continue
+            self._batch.observed.update({(account, region, i): i in changed for i in ids})
         return n
 
     def done(self) -> None:
@@ -71,6 +87,13 @@ class Lifecycle:
         if lifecycle is not None:
             self._batch.compute_actions.append(lifecycle)
 
+    def _observe(self, account: str, region: str, ids: list[str]) -> set[str]:
+        """:func:`observe_instances`, or what the batch's observation of these instances found."""
+        seen = self._batch.observed if self._batch is not None else {}
+        if ids and all((account, region, i) in seen for i in ids):
+            return {i for i in ids if seen[(account, region, i)]}
+        return observe_instances(self.w, account, region, ids)
+
     def _to_perimeter(self, ids: list[str], lifecycle: dict[str, Any]) -> bool:
         """Hand a launch to the perimeter (which hands it on to compute); False if there is none."""
         if self._batch is None:
@@ -91,7 +114,7 @@ class Lifecycle:
             what = "an event that is not ours" if ev is None else f"{ev.kind.value} event {ev.event_id}"
             raise MalformedEvent(f"not a lifecycle action event: {what}")
         ids = list(ev.instance_ids)
-        changed = observe_instances(self.w, ev.account, ev.region, ids)
+        changed = self._observe(ev.account, ev.region, ids)
         if ev.kind is Kind.LIFECYCLE_TERMINATE:
             leaving, refused = mark_leaving(
                 self.w,
