@@ -8,6 +8,7 @@ import ssl
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import replace
@@ -117,6 +118,119 @@ def _http(
         raise Unreachable(f"{where}: {_http_problem(exc)}") from None
     except (urllib.error.URLError, OSError) as exc:  # TimeoutError is an OSError
         raise Unreachable(f"{where}: {getattr(exc, 'reason', exc)}") from None
+
+
+class Connections:
+    """Requests to one agent API over kept-alive connections, with :func:`_http`'s answers and
+    errors. The agent asks every few seconds (long-poll, heartbeat, reports) and a TLS handshake
+    per request cost it and the API ~10 ms of CPU each. A connection serves one request at a time
+    (taken from the pool, given back once its answer was read whole); one idle longer than
+    ``IDLE_REUSE`` is not reused (servers close idle ones: uvicorn after 5 s), and a reused one
+    found closed before it answered is retried once on a new connection. Through an HTTP proxy
+    (the environment's), every request goes by :func:`_http`, as before."""
+
+    IDLE_REUSE = 4.0
+
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls
+        self._idle: dict[tuple[str, str, int | None], list[tuple[float, http.client.HTTPConnection]]] = {}
+        self._lock = threading.Lock()
+        self.opened = 0  # connections made (what keep-alive saves)
+
+    def request(
+        self,
+        url: str,
+        timeout: float,
+        method: str = "GET",
+        body: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+        limit: int = MAX_ANSWER_BYTES,
+    ) -> tuple[int, dict[str, str], bytes]:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or _proxied(parts.scheme, parts.hostname):
+            return _http(url, timeout, method, body, headers, limit, self.tls)
+        where = f"{method} {url}"
+        key = (parts.scheme, parts.hostname, parts.port)
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        h = dict(headers or {})
+        data = json.dumps(body).encode() if body is not None else None
+        if data is not None:
+            h["Content-Type"] = "application/json"
+        try:
+            for attempt in (0, 1):
+                conn, reused = self._take(key, timeout)
+                try:
+                    conn.request(method, target, body=data, headers=h)
+                    resp = conn.getresponse()
+                except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                    conn.close()
+                    if reused and attempt == 0:
+                        continue  # the server had closed it while idle: once more on a new one
+                    raise
+                except BaseException:
+                    conn.close()
+                    raise
+                return self._answer(key, conn, resp, limit, where)
+            raise AssertionError("unreachable")  # pragma: no cover
+        except http.client.HTTPException as exc:  # first: RemoteDisconnected is an OSError too
+            raise Unreachable(f"{where}: {_http_problem(exc)}") from None
+        except OSError as exc:  # TimeoutError, refused, TLS verification (ssl.SSLError)
+            raise Unreachable(f"{where}: {getattr(exc, 'reason', None) or exc}") from None
+
+    def _answer(
+        self,
+        key: tuple[str, str, int | None],
+        conn: http.client.HTTPConnection,
+        resp: http.client.HTTPResponse,
+        limit: int,
+        where: str,
+    ) -> tuple[int, dict[str, str], bytes]:
+        status, hdrs = resp.status, dict(resp.headers.items())
+        try:
+            if status >= 500 or status == 429:
+                raise Unreachable(f"{where}: HTTP {status}")
+            # an answer in full, or what is kept of another (304, 404, 409…) for messages
+            payload = _read_body(resp, limit, where) if 200 <= status < 300 else resp.read(MAX_ERROR_BYTES)
+        except BaseException:
+            conn.close()
+            raise
+        if resp.will_close or not resp.isclosed():  # closing, or a body left unread: done with it
+            conn.close()
+        else:
+            with self._lock:
+                self._idle.setdefault(key, []).append((time.monotonic(), conn))
+        return status, hdrs, payload
+
+    def _take(self, key: tuple[str, str, int | None], timeout: float) -> tuple[http.client.HTTPConnection, bool]:
+        """An idle connection to ``key`` (True) or a new one (False), with ``timeout``."""
+        now = time.monotonic()
+        with self._lock:
+            idle = self._idle.get(key, [])
+            while idle:
+                since, conn = idle.pop()
+                if now - since < self.IDLE_REUSE:
+                    conn.timeout = timeout
+                    if conn.sock is not None:
+                        conn.sock.settimeout(timeout)
+                    return conn, True
+                conn.close()
+        scheme, host, port = key
+        self.opened += 1
+        if scheme == "https":
+            return http.client.HTTPSConnection(host, port, timeout=timeout, context=self.tls), False
+        return http.client.HTTPConnection(host, port, timeout=timeout), False
+
+    def close(self) -> None:
+        with self._lock:
+            for conns in self._idle.values():
+                for _, conn in conns:
+                    conn.close()
+            self._idle.clear()
+
+
+def _proxied(scheme: str, host: str) -> bool:
+    """Would urllib send a request to ``host`` through the environment's proxy?"""
+    return scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(host)
 
 
 def _read_body(resp: http.client.HTTPResponse, limit: int, where: str) -> bytes:
@@ -339,6 +453,7 @@ class ApiSource:
     ) -> None:
         self.base = base.rstrip("/") + API_PREFIX
         self.tls = tls
+        self.http = Connections(tls)
         self.max_answer_bytes = max_answer_bytes  # nonce, enroll, wait, heartbeat, reports
         self.max_bundle_bytes = max_bundle_bytes  # the bundle, and the deltas answer (as much as a bundle)
         self.workload_id = workload_id
@@ -375,7 +490,7 @@ class ApiSource:
 
     def _nonce(self) -> str:
         method, url = self._url("nonce")
-        status, _, body = _http(url, self.timeout, method, limit=self.max_answer_bytes, tls=self.tls)
+        status, _, body = self.http.request(url, self.timeout, method, limit=self.max_answer_bytes)
         if status != 200:
             raise SourceError(f"nonce: HTTP {status} {body[:200]!r}")
         nonce: str = _answer(body, "nonce", nonce=str)["nonce"]
@@ -399,7 +514,7 @@ class ApiSource:
             req, agent_key=self.key.public_pem, agent_signature=self.key.prove("enroll", self.workload_id, nonce)
         )
         method, url = self._url("enroll")
-        status, _, body = _http(url, self.timeout, method, req.to_json(), limit=self.max_answer_bytes, tls=self.tls)
+        status, _, body = self.http.request(url, self.timeout, method, req.to_json(), limit=self.max_answer_bytes)
         if status != 200:
             raise SourceError(f"enroll refused: HTTP {status} {body[:300]!r}")
         resp = _answer(body, "enroll", workload_id=str, token=str)
@@ -413,7 +528,7 @@ class ApiSource:
         nonce = self._nonce()
         body = TokenRequest(nonce=nonce, signature=self.key.prove("token", self.workload_id, nonce)).to_json()
         method, url = self._url("token")
-        status, _, payload = _http(url, self.timeout, method, body, tls=self.tls)
+        status, _, payload = self.http.request(url, self.timeout, method, body)
         if status in (401, 403, 404):
             return False
         if status != 200:
@@ -447,7 +562,7 @@ class ApiSource:
                 self._renew()  # renewed before it expires: the agent is never locked out
             h = {"Authorization": f"Bearer {self.token}", **(headers or {})}
             method, url = self._url(route, query)
-            status, hdrs, payload = _http(url, timeout or self.timeout, method, body, h, limit, self.tls)
+            status, hdrs, payload = self.http.request(url, timeout or self.timeout, method, body, h, limit)
             if status == 401 and attempt == 0:
                 self.token = None  # expired or revoked: renew with the key, else enroll again
                 continue
