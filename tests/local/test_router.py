@@ -387,20 +387,22 @@ def test_timeline_settles_what_compute_never_named() -> None:
     assert a is not None and a.unchanged and b is not None and not b.unchanged
 
 
-def test_ingest_batches_run_at_once_each_in_a_container_of_its_own(env: Env, make_router: Any) -> None:
-    """A router that loads the handlers itself takes several ingest batches at once, each extra
-    poller with a module of its own (ingest keeps a batch's state at module level, as a Lambda
-    container does); handed one module per function, it runs one ingest poller, as before."""
+def test_ingest_and_lifecycle_batches_run_at_once_each_in_a_container_of_its_own(env: Env, make_router: Any) -> None:
+    """A router that loads the handlers itself takes several ingest and lifecycle batches at once,
+    each extra poller with a module of its own (both keep a batch's state at module level, as a
+    Lambda container does); handed one module per function, it runs one poller each, as before."""
     shared = make_router()
-    assert not [k for k in shared.fn if k.startswith("ingest#")]
-    assert len([t for t in shared._threads if t.name.startswith("ringfence-router-ingest")]) == 1
     own = EventRouter(env.aws)
     own.start()
     try:
-        extra = [k for k in own.fn if k.startswith("ingest#")]
-        assert len(extra) == rt.POLLERS["ingest"] - 1
-        modules = [own.fn["ingest"], *(own.fn[k] for k in extra)]
-        assert len({id(m) for m in modules}) == len(modules), "a module each"
-        assert len([t for t in own._threads if t.name.startswith("ringfence-router-ingest")]) == rt.POLLERS["ingest"]
+        for name in ("ingest", "lifecycle"):
+            assert not [k for k in shared.fn if k.startswith(f"{name}#")]
+            assert len([t for t in shared._threads if t.name.startswith(f"ringfence-router-{name}")]) == 1
+            extra = [k for k in own.fn if k.startswith(f"{name}#")]
+            assert rt.POLLERS[name] > 1 and len(extra) == rt.POLLERS[name] - 1
+            modules = [own.fn[name], *(own.fn[k] for k in extra)]
+            assert len({id(m) for m in modules}) == len(modules), "a module each"
+            threads = [t for t in own._threads if t.name.startswith(f"ringfence-router-{name}")]
+            assert len(threads) == rt.POLLERS[name]
     finally:
         own.stop()

@@ -124,9 +124,9 @@ AWS_SCHEDULE = {"reconcile": 15 * 60.0, "perimeter": 30 * 60.0}
 # batches taken at once per queue (``pollers=``): AWS runs ingest at up to 20 concurrent
 # invocations, lifecycle 10 and publish 50 (template.yaml), the perimeter one (it writes an
 # interface's whole group list) and compute one (its FIFO queue has a single message group). The
-# lab takes a few ingest batches at once (one thread was a queue of its own behind a scale-out);
-# lifecycle batches, few and already batched, one at a time.
-POLLERS = {"lifecycle": 1, "ingest": 3, "perimeter": 1, "compute": 1, "publish": 3}
+# lab takes a few ingest and lifecycle batches at once (one thread was a queue of its own behind a
+# scale-out: three lifecycle batches at once took a 50-instance scale-out from 16.2 to 14.9 s).
+POLLERS = {"lifecycle": 3, "ingest": 3, "perimeter": 1, "compute": 1, "publish": 3}
 
 
 # --- the timeline ----------------------------------------------------------------------------------
