@@ -175,7 +175,7 @@ class Connections:
         except http.client.HTTPException as exc:  # first: RemoteDisconnected is an OSError too
             raise Unreachable(f"{where}: {_http_problem(exc)}") from None
         except OSError as exc:  # TimeoutError, refused, TLS verification (ssl.SSLError)
-            raise Unreachable(f"{where}: {getattr(exc, 'reason', None) or exc}") from None
+            raise Unreachable(f"{where}: {exc}") from None
 
     def _answer(
         self,
