@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
@@ -86,6 +87,9 @@ def test_a_connection_the_server_closed_while_idle_is_retried_on_a_new_one(
 
 
 def test_through_the_environments_proxy_requests_go_as_before(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # urlopen builds its process-wide opener, with the proxies of that moment, on first use: the
+    # one built here (with the dead proxy) must not outlive the test
+    monkeypatch.setattr(urllib.request, "_opener", None)
     monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
@@ -93,3 +97,4 @@ def test_through_the_environments_proxy_requests_go_as_before(server: str, monke
     with pytest.raises(Unreachable):
         c.request(f"{server}/a", 2)
     assert c.opened == 0 and _Handler.connections == [], "no direct connection around the proxy"
+    assert urllib.request._opener is not None, "the fallback went through urlopen's opener"
