@@ -100,10 +100,8 @@ def _http(
     naming the URL and the problem; a body over ``limit`` bytes is a :class:`SourceError` (read in
     chunks: never more than the limit in memory). Error bodies are cut at MAX_ERROR_BYTES."""
     where = f"{method} {url}"
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))  # noqa: S310
-    if data is not None:
-        req.add_header("Content-Type", "application/json")
+    data, h = _json_request(body, headers)
+    req = urllib.request.Request(url, data=data, method=method, headers=h)  # noqa: S310
     try:
         try:
             with urllib.request.urlopen(req, timeout=timeout, context=tls) as resp:  # noqa: S310 - http(s) only, validated in config
@@ -152,10 +150,7 @@ class Connections:
         where = f"{method} {url}"
         key = (parts.scheme, parts.hostname, parts.port)
         target = parts.path + (f"?{parts.query}" if parts.query else "")
-        h = dict(headers or {})
-        data = json.dumps(body).encode() if body is not None else None
-        if data is not None:
-            h["Content-Type"] = "application/json"
+        data, h = _json_request(body, headers)
         try:
             for attempt in (0, 1):
                 conn, reused = self._take(key, timeout)
@@ -220,12 +215,14 @@ class Connections:
             return http.client.HTTPSConnection(host, port, timeout=timeout, context=self.tls), False
         return http.client.HTTPConnection(host, port, timeout=timeout), False
 
-    def close(self) -> None:
-        with self._lock:
-            for conns in self._idle.values():
-                for _, conn in conns:
-                    conn.close()
-            self._idle.clear()
+
+def _json_request(body: dict[str, Any] | None, headers: dict[str, str] | None) -> tuple[bytes | None, dict[str, str]]:
+    """A request's body as JSON and its headers (with the content type when there is a body)."""
+    h = dict(headers or {})
+    if body is None:
+        return None, h
+    h["Content-Type"] = "application/json"
+    return json.dumps(body).encode(), h
 
 
 def _proxied(scheme: str, host: str) -> bool:
