@@ -11,6 +11,7 @@
 ``launchgate``     a held launch released once its perimeter and its agent are in place
 ``publish``        the content-addressed documents for agents (the store of bytes is a subclass's)
 ``changes``        long-poll wake-ups from the engine head
+``groupsend``      concurrent compute messages of one process sent together (group commit)
 ``artifact``       the agent wheel and installer as published
 ``wiring``         :class:`~ringfence.control.wiring.Config` and
                    :class:`~ringfence.control.wiring.BaseWiring`, which each cloud extends

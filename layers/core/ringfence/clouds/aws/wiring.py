@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ringfence.control.changes import MovedSince, StoreChanges
+from ringfence.control.groupsend import GroupSend, merge_compute
 from ringfence.control.publish import Notifier
 from ringfence.control.wiring import BaseWiring, Config, NoSigningKey
 
@@ -33,6 +34,8 @@ class Wiring(BaseWiring):
             self.store.head, cfg.wait_poll_interval, MovedSince(self.store.moved_after, self.store.published_after)
         )
         self.enrollers.update({"aws-iid": enroll_iid, "aws-sts": enroll_sts})
+        # concurrent requests of one process (serve's threads) share their compute messages
+        self._compute_sends = GroupSend(self._deliver_compute, merge_compute)
 
     @property
     def signer(self) -> Any:
@@ -84,14 +87,18 @@ class Wiring(BaseWiring):
         self.changes.close()
 
     def send_compute(self, message: dict[str, Any]) -> None:
-        ids = message["ids"]
-        for i in range(0, max(len(ids), 1), 500):  # keeps each message well under SQS's 256 KiB
-            self.sqs.send_message(
-                QueueUrl=self.cfg.compute_queue_url,
-                MessageBody=json.dumps({**message, "ids": ids[i : i + 500]}),
-                MessageGroupId="compute",  # one group: compute is serialized
-                MessageDeduplicationId=uuid.uuid4().hex,
-            )
+        self._compute_sends.send(message)
+
+    def _deliver_compute(self, messages: list[dict[str, Any]]) -> None:
+        for message in messages:
+            ids = message["ids"]
+            for i in range(0, max(len(ids), 1), 500):  # keeps each message well under SQS's 256 KiB
+                self.sqs.send_message(
+                    QueueUrl=self.cfg.compute_queue_url,
+                    MessageBody=json.dumps({**message, "ids": ids[i : i + 500]}),
+                    MessageGroupId="compute",  # one group: compute is serialized
+                    MessageDeduplicationId=uuid.uuid4().hex,
+                )
 
     def send_publish(self, message: dict[str, Any]) -> None:
         # a standard queue: jobs are independent (pointers never move backwards), any number of

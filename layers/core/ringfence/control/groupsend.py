@@ -1,0 +1,97 @@
+"""Group commit for queue messages: threads that send at the same time share one send.
+
+Why: the compute queue is FIFO with one message group, and Lambda hands compute at most ten
+messages per invocation, so every message is a slice of one serialized worker's time. When a
+fleet enrolls at once, each of ``ringfence serve``'s request threads asked compute for its own
+instance: 49 one-id messages in a 50-instance scale-out, five compute runs of queueing. With
+:class:`GroupSend`, a thread whose message finds a send in flight waits for it, and the next
+send carries every message that queued meanwhile, merged where they can be. Nothing is delayed
+when nobody else sends (the first sender sends at once), and nothing is lost: each caller
+returns only once a send that carried its message succeeded, and gets that send's error if it
+failed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+Message = dict[str, Any]
+
+
+class GroupSend:
+    """``send(message)`` from any thread: ``deliver`` is called with ``merge(queued messages)``
+    (one list, in the order the messages came) by one thread at a time."""
+
+    def __init__(self, deliver: Callable[[list[Message]], None], merge: Callable[[list[Message]], list[Message]]):
+        self.deliver = deliver
+        self.merge = merge
+        self._cond = threading.Condition()
+        self._queued: list[_Ticket] = []
+        self._sending = False
+        self.sends = 0  # deliveries made (what grouping saved: messages sent minus this)
+
+    def send(self, message: Message) -> None:
+        ticket = _Ticket(message)
+        with self._cond:
+            self._queued.append(ticket)
+            while self._sending and not ticket.done:
+                self._cond.wait()
+            if ticket.done:  # another thread's send carried it
+                ticket.raise_error()
+                return
+            # this thread sends whatever queued up, its own message included
+            self._sending = True
+            group, self._queued = self._queued, []
+        error: BaseException | None = None
+        try:
+            self.deliver(self.merge([t.message for t in group]))
+        except BaseException as exc:  # every caller in the group gets it, as if it had sent alone
+            error = exc
+        with self._cond:
+            self.sends += 1
+            for t in group:
+                t.done, t.error = True, error
+            self._sending = False
+            self._cond.notify_all()
+        ticket.raise_error()
+
+
+class _Ticket:
+    __slots__ = ("done", "error", "message")
+
+    def __init__(self, message: Message) -> None:
+        self.message = message
+        self.done = False
+        self.error: BaseException | None = None
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+# the fields of a compute message that merge by union; any other field set makes a message
+# travel alone (a lifecycle action, a rebuild, a refresh: each keeps its own message and place)
+_UNION = ("ids", "publish", "enforced")
+_QUIET: dict[str, Any] = {"rebuild": False, "lifecycle": None, "refresh": False, "lifecycles": []}
+
+
+def merge_compute(messages: list[Message]) -> list[Message]:
+    """Compute messages as fewer: consecutive plain ones (workloads to take in, bundles to
+    re-render, agents that now enforce) become one with the union of each list, in order; any
+    other message stays whole and keeps its place among them. Compute takes a batch's messages
+    together, so the merged message asks exactly what the separate ones did."""
+    out: list[Message] = []
+    for m in messages:
+        plain = all(m.get(k, v) == v for k, v in _QUIET.items()) and set(m) <= set(_UNION) | set(_QUIET)
+        last = out[-1] if out else None
+        if plain and last is not None and last.get("_plain"):
+            for k in _UNION:
+                if m.get(k):
+                    last[k] = list(dict.fromkeys([*last.get(k, []), *m[k]]))
+            continue
+        out.append({**m, "_plain": True} if plain else dict(m))
+    for m in out:
+        m.pop("_plain", None)
+    return out
