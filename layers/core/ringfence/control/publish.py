@@ -33,6 +33,10 @@ class Publisher:
     def get(self, key: str) -> bytes:
         raise NotImplementedError
 
+    def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        """Several documents by key (a policy version's files); a subclass may read them at once."""
+        return {k: self.get(k) for k in dict.fromkeys(keys)}
+
     def delete(self, key: str) -> None:
         """Remove a staged object (only ``staging/`` keys are ever deleted)."""
         raise NotImplementedError

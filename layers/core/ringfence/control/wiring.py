@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
@@ -164,6 +165,10 @@ class BaseWiring:
         self.siem: Siem | None = Siem.from_spec(cfg.siem) if cfg.siem else None
         self._policies: dict[int, Policy] = {}
         self._mapper: tuple[float, LabelMapper | None] | None = None
+        # one load of a policy (or the mapper) however many threads ask at once: when a fleet
+        # enrolled together, each of serve's threads read the same seven files from the bucket
+        self._policy_lock = threading.Lock()
+        self._mapper_lock = threading.Lock()
         # (account, region, instance) → (describe time, instance or None): valid for one batch
         self.prefetched: dict[tuple[str, str, str], tuple[float, dict[str, Any] | None]] = {}
         # the governing policy, read once in a batch (begin_batch → end_batch); None: no batch open
@@ -253,9 +258,14 @@ class BaseWiring:
         return False
 
     def policy(self, pv: PolicyVersion) -> Policy:
-        if pv.number not in self._policies:
-            self._policies[pv.number] = load_policy_texts(pv.texts(self.publisher.get))
-        return self._policies[pv.number]
+        known = self._policies.get(pv.number)
+        if known is not None:
+            return known
+        with self._policy_lock:
+            if pv.number not in self._policies:
+                bodies = self.publisher.get_many(list(pv.keys.values()))
+                self._policies[pv.number] = load_policy_texts(pv.texts(bodies.__getitem__))
+            return self._policies[pv.number]
 
     def active_policy(self) -> tuple[PolicyVersion, Policy] | None:
         pv = self.store.active_policy()
@@ -281,14 +291,20 @@ class BaseWiring:
             self._batch_policy.append(self.active_policy())
         return self._batch_policy[0]
 
+    def _mapper_stale(self) -> bool:
+        # "no policy yet" is never kept: the first events after provisioning get their labels
+        # (the perimeter places a launching instance by them)
+        m = self._mapper
+        return m is None or m[1] is None or time.monotonic() - m[0] > self.mapper_ttl
+
     def mapper(self) -> LabelMapper | None:
         """The active policy's tag→label mapping, looked up at most every ``mapper_ttl`` seconds
         (for the inventory's hygiene view only: compute always resolves labels with the exact
         policy it compiles)."""
-        now = time.monotonic()
-        # "no policy yet" is never kept: the first events after provisioning get their labels
-        # (the perimeter places a launching instance by them)
-        if self._mapper is None or self._mapper[1] is None or now - self._mapper[0] > self.mapper_ttl:
-            active = self.active_policy()
-            self._mapper = (now, active[1].labels if active else None)
+        if self._mapper_stale():
+            with self._mapper_lock:
+                if self._mapper_stale():
+                    active = self.active_policy()
+                    self._mapper = (time.monotonic(), active[1].labels if active else None)
+        assert self._mapper is not None
         return self._mapper[1]
