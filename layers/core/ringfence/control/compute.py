@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,7 +80,7 @@ class Compute:
 
     def __init__(self, w: BaseWiring, metric: Metric = no_metric, notifier: Notifier | None = None) -> None:
         self.w = w
-        self.metric = metric
+        self.metric = _one_at_a_time(metric)  # lifecycle actions are handled on several threads
         self.engine: Engine | None = None
         # workload → expiry of its stored bundle (adopted by a rebuild from the pointers); a
         # workload missing here is re-signed by the next refresh
@@ -89,7 +90,7 @@ class Compute:
         self.notifier = notifier if notifier is not None else w.default_notifier()
         # signs, stores and nudges: in this process, or behind the publish queue (w.cfg)
         self.worker = PublishWorker(w, metric, self.notifier)
-        self.gate = LaunchGate(w, metric)
+        self.gate = LaunchGate(w, self.metric)
 
     def run(self, messages: list[dict[str, Any]]) -> ComputeStats:
         messages = one_action_each(messages)
@@ -391,53 +392,71 @@ class Compute:
     # lifecycle hooks
 
     def _lifecycles(self, messages: list[dict[str, Any]], stats: ComputeStats, ok: bool) -> None:
-        for iid in dict.fromkeys(i for m in messages for i in m.get("enforced") or []):
-            # the agent API: this instance's agent enforces (lifecycle gate "agent")
-            if self.gate.enforced(iid) == "completed":
+        """Complete (or hold, or leave to time out) the batch's lifecycle actions. Each action's
+        reads and writes concern its own instance only (its hold, its bundle pointer, its
+        CompleteLifecycleAction), so they run side by side: a scale-out's batch of ten launch
+        actions was thirty-odd round trips one after another while the compute queue waited."""
+        enforced = list(dict.fromkeys(i for m in messages for i in m.get("enforced") or []))
+        # the agent API: these instances' agents enforce (lifecycle gate "agent")
+        for iid, outcome in zip(enforced, in_parallel(self.gate.enforced, enforced), strict=True):
+            if outcome == "completed":
                 stats.lifecycle_completed.append(iid)
-        for m in messages:
-            lc = m.get("lifecycle")
-            if not lc:
-                continue
-            iid = lc["instance_id"]
-            launching = lc["transition"].endswith("LAUNCHING")
-            ready = ok and self.engine is not None
-            if ready and launching:
-                ptr = self.w.store.bundle_pointer(iid)
-                ready = iid in self.engine.workloads and ptr is not None  # type: ignore[union-attr]
-            if ready and not launching:
-                ready = iid not in self.engine.workloads  # type: ignore[union-attr]
-            if not ready:
-                log.error(
-                    "lifecycle %s for %s: policy not published; NOT completing — the hook %s of %s will time out "
-                    "into its configured default result",
-                    lc["transition"],
-                    iid,
-                    lc["hook_name"],
-                    lc["group_name"],
-                )
-                stats.lifecycle_abandoned_to_timeout.append(iid)
-                self.metric("LifecycleLeftToTimeout", 1)
-                continue
-            if launching and self.w.cfg.lifecycle_gate == "agent":
-                # completed only once its agent enforces too (ringfence.control.launchgate)
-                outcome = self.gate.handed_on(lc)
-                if outcome == "completed":
-                    stats.lifecycle_completed.append(iid)
-                else:
-                    log.info("launch of %s published, perimeter in place: %s", iid, outcome)
-                    stats.lifecycle_awaiting_agent.append(iid)
-                continue
-            try:
-                self.w.complete_lifecycle(lc, iid)
-                stats.lifecycle_completed.append(iid)
-            except Exception as exc:
-                log.error(
-                    "CompleteLifecycleAction for %s failed (%s): the hook will time out into its default result",
-                    iid,
-                    exc,
-                )
-                stats.lifecycle_abandoned_to_timeout.append(iid)
+        actions = [m["lifecycle"] for m in messages if m.get("lifecycle")]
+        for lc, outcome in zip(actions, in_parallel(lambda lc: self._lifecycle(lc, ok), actions), strict=True):
+            {
+                "completed": stats.lifecycle_completed,
+                "awaiting agent": stats.lifecycle_awaiting_agent,
+                "left to time out": stats.lifecycle_abandoned_to_timeout,
+            }[outcome].append(lc["instance_id"])
+
+    def _lifecycle(self, lc: dict[str, Any], ok: bool) -> str:
+        """One action: "completed", "awaiting agent" or "left to time out" (logged here)."""
+        iid = lc["instance_id"]
+        launching = lc["transition"].endswith("LAUNCHING")
+        ready = ok and self.engine is not None
+        if ready and launching:
+            ptr = self.w.store.bundle_pointer(iid)
+            ready = iid in self.engine.workloads and ptr is not None  # type: ignore[union-attr]
+        if ready and not launching:
+            ready = iid not in self.engine.workloads  # type: ignore[union-attr]
+        if not ready:
+            log.error(
+                "lifecycle %s for %s: policy not published; NOT completing — the hook %s of %s will time out "
+                "into its configured default result",
+                lc["transition"],
+                iid,
+                lc["hook_name"],
+                lc["group_name"],
+            )
+            self.metric("LifecycleLeftToTimeout", 1)
+            return "left to time out"
+        if launching and self.w.cfg.lifecycle_gate == "agent":
+            # completed only once its agent enforces too (ringfence.control.launchgate)
+            outcome = self.gate.handed_on(lc)
+            if outcome == "completed":
+                return "completed"
+            log.info("launch of %s published, perimeter in place: %s", iid, outcome)
+            return "awaiting agent"
+        try:
+            self.w.complete_lifecycle(lc, iid)
+        except Exception as exc:
+            log.error(
+                "CompleteLifecycleAction for %s failed (%s): the hook will time out into its default result",
+                iid,
+                exc,
+            )
+            return "left to time out"
+        return "completed"
+
+
+def _one_at_a_time(metric: Metric) -> Metric:
+    lock = threading.Lock()
+
+    def counted(name: str, value: float) -> None:
+        with lock:
+            metric(name, value)
+
+    return counted
 
 
 def _lap(stats: ComputeStats, phase: str, since: float) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,7 @@ log = logging.getLogger("ringfence.aws.perimeter")
 TAG = "ringfence:perimeter"
 OUR_NAME = re.compile(r"^rf-[A-Za-z0-9_.:+=@-]+-(boundary|mgmt|published)$")
 GONE_STATES = frozenset({"shutting-down", "terminated"})
+MODIFY_THREADS = 8  # interfaces modified at once: EC2 throttles each API per account (the clients retry it)
 
 
 def _rules_of(sg: dict[str, Any], names_by_id: dict[str, str]) -> set[PerimeterRule]:
@@ -278,8 +280,11 @@ class SecurityGroupPerimeter:
         for key, rules in p.authorize.items():
             names = {n: gid for (net, n), gid in ids.items() if net == key[0]}
             self._change(ids[key], rules, names, revoke=False)
-        # interfaces: one call each, foreign groups written back unchanged and in their order
-        for iid in sorted(set(p.attach) | set(p.detach)):
+
+        # interfaces: one call each, foreign groups written back unchanged and in their order;
+        # several at once (each writes another interface's list, so their order does not matter,
+        # and a scale-out's batch was one EC2 round trip per ENI after another)
+        def modify(iid: str) -> None:
             e = enis[iid]
             drop = {ids[(e.network, n)] for n in p.detach.get(iid, set())}
             add = [ids[(e.network, n)] for n in sorted(p.attach.get(iid, set()))]
@@ -292,6 +297,14 @@ class SecurityGroupPerimeter:
                 if exc.response.get("Error", {}).get("Code") != "InvalidNetworkInterfaceID.NotFound":
                     raise
                 log.info("%s vanished before its groups changed", iid)
+
+        changing = sorted(set(p.attach) | set(p.detach))
+        if len(changing) > 1:
+            with ThreadPoolExecutor(min(MODIFY_THREADS, len(changing)), thread_name_prefix="perimeter") as pool:
+                list(pool.map(modify, changing))  # the first error raises, after the others finished
+        else:
+            for iid in changing:
+                modify(iid)
         # groups without purpose, now on no interface: re-checked live just before each delete
         pending: list[tuple[str, str]] = []
         for key in p.delete:
