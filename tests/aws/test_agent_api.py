@@ -631,3 +631,39 @@ def test_an_agent_enrolling_before_its_launch_is_ingested_records_it_from_one_de
     assert described == ["x"], "one DescribeInstances per enrollment"
     rec = env.store.get(iid)
     assert rec is not None and rec.state == "running" and rec.labels.get("role") == "web"
+
+
+def test_an_agent_request_reads_its_record_and_bundle_pointer_with_its_token(env: Env) -> None:
+    """Authorizing a request reads the token, the workload's record and its bundle pointer in
+    one BatchGetItem; the heartbeat, the wait and the bundle fetch answer from what it read
+    instead of reading the record or the pointer again (in AWS, a round trip each)."""
+    reads: list[str] = []
+    watching = [False]
+
+    def single_reads(params: dict[str, Any], **_: Any) -> None:
+        if watching[0]:
+            body = params.get("body", b"")
+            reads.append(body.decode() if isinstance(body, bytes) else str(body))
+
+    env.hook("before-call.dynamodb.GetItem", single_reads)
+    est = boot(env)
+    proc = est["ids"]["proc"][0]
+    tok = enroll_instance(env, proc)
+    status, _, doc = env.rest("agentapi", "GET", f"/v1/agents/{proc}/bundle", headers=auth(tok))
+    assert status == 200
+    version = int(doc["version"])
+    watching[0] = True
+    hb = {"applied_version": version, "mode": "enforce"}
+    status, _, body = env.rest("agentapi", "POST", f"/v1/agents/{proc}/heartbeat", hb, headers=auth(tok))
+    assert status == 200 and body["latest_version"] == version
+    status, _, body = env.rest(
+        "agentapi", "GET", f"/v1/agents/{proc}/wait", headers=auth(tok), query={"version": "0", "timeout": "0"}
+    )
+    assert status == 200 and body["latest_version"] == version, "behind: answered at once"
+    status, _, _ = env.rest("agentapi", "GET", f"/v1/agents/{proc}/bundle", headers=auth(tok))
+    assert status == 200
+    watching[0] = False
+    assert not [r for r in reads if proc in r], "no GetItem of its record or pointer after the grant"
+    # a token that is not the workload's grants nothing, and nothing of its grant is reused
+    status, _, _ = env.rest("agentapi", "POST", f"/v1/agents/{proc}/heartbeat", hb, headers=auth("forged"))
+    assert status == 401

@@ -230,24 +230,30 @@ def test_one_active_token_per_workload_and_revocation(store: Store) -> None:
 
 def test_a_token_grant_reads_the_token_and_the_workload_it_is_for_together(store: Store) -> None:
     """What every agent request is authorized with: the token's current owner, and that
-    workload's record only when the token is the requested workload's own."""
+    workload's record and bundle pointer only when the token is the requested workload's own."""
     store.observe(rec(1.0, "prod"))
     other = "i-other"
     store.observe(rec(1.0, "prod", wid=other))
     store.put_token("mine", WID, 60)
     store.put_token("theirs", other, 60)
-    owner, found = store.token_grant("mine", WID)
+    owner, found, ptr = store.token_grant("mine", WID)
     assert owner == WID and found is not None and found.id == WID and found.state == "running"
-    assert store.token_grant("theirs", WID) == (other, None), "another workload's token: its owner, no record"
-    assert store.token_grant("nope", WID) == (None, None)
+    assert ptr is None, "nothing published for it yet"
+    published = BundlePointer(
+        workload_id=WID, version=7, key="bundles/k", etag='"7"', rules_revision=7, sets={"web": 7}
+    )
+    assert store.put_bundle_pointer(published)
+    assert store.token_grant("mine", WID).pointer == published
+    assert store.token_grant("theirs", WID) == (other, None, None), "another workload's token: its owner only"
+    assert store.token_grant("nope", WID) == (None, None, None)
     store.put_token("newer", WID, 60)
-    assert store.token_grant("mine", WID) == (None, None), "a replaced token grants nothing"
+    assert store.token_grant("mine", WID) == (None, None, None), "a replaced token grants nothing"
     store.put_token("expired", other, -1)
-    assert store.token_grant("expired", other) == (None, None)
+    assert store.token_grant("expired", other) == (None, None, None)
     store.put_token("ghost", "w-unknown", 60)
-    assert store.token_grant("ghost", "w-unknown") == ("w-unknown", None), "no record: the API refuses it"
+    assert store.token_grant("ghost", "w-unknown") == ("w-unknown", None, None), "no record: the API refuses it"
     store.revoke_tokens(WID)
-    assert store.token_grant("newer", WID) == (None, None)
+    assert store.token_grant("newer", WID) == (None, None, None)
 
 
 def test_agent_key_first_binding_wins_unless_replaced(store: Store) -> None:

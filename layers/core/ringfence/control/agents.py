@@ -11,6 +11,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 from ringfence import agentapi, enforced
@@ -20,6 +21,7 @@ from ringfence.store.base import (
     BundlePointer,
     DeltaPointer,
     EnforcementReport,
+    Grant,
     InventoryRecord,
 )
 
@@ -36,6 +38,12 @@ DOCUMENTS_KEPT = 256  # signed bundle and delta documents an agent API process k
 # the request's proof, calls bind(req, workload_id) to bind the agent key (required, first binding
 # wins) and returns the workload id (ProofError: refused)
 BindingEnroller = Callable[[agentapi.EnrollRequest, Callable[[agentapi.EnrollRequest, str], None]], str]
+
+
+# the grant :meth:`AgentApi.authorize` read for the request being answered (a request is answered
+# in one context: a Lambda invocation, one of serve's worker calls): the record and the bundle
+# pointer it read with the token are what the request's own handler would read next
+_GRANT: ContextVar[Grant | None] = ContextVar("ringfence_agent_grant", default=None)
 
 
 class AgentApi:
@@ -158,7 +166,9 @@ class AgentApi:
     def authorize(self, authorization: str | None, workload_id: str) -> Response | None:
         if not authorization or not authorization.startswith("Bearer "):
             return error(401, "missing bearer token")
-        owner, rec = self.w.store.token_grant(secret_hash(authorization.removeprefix("Bearer ").strip()), workload_id)
+        _GRANT.set(None)
+        grant = self.w.store.token_grant(secret_hash(authorization.removeprefix("Bearer ").strip()), workload_id)
+        owner, rec = grant.workload_id, grant.record
         if owner is None:
             return error(401, "unknown, expired or revoked token")
         if owner != workload_id:
@@ -167,7 +177,19 @@ class AgentApi:
         gone = _not_running(owner, rec)
         if gone:
             return error(401, "token revoked", gone)
+        _GRANT.set(grant)
         return None
+
+    @staticmethod
+    def _granted(workload_id: str) -> Grant | None:
+        """The grant this request was authorized with, once (a later read goes to the store)."""
+        grant = _GRANT.get()
+        _GRANT.set(None)
+        return grant if grant is not None and grant.workload_id == workload_id else None
+
+    def _pointer(self, workload_id: str) -> BundlePointer | None:
+        grant = self._granted(workload_id)
+        return grant.pointer if grant is not None else self.w.store.bundle_pointer(workload_id)
 
     def _latest(self, ptr: BundlePointer) -> tuple[int, dict[str, int]]:
         """The workload's newest version and set versions: the stored bundle's, moved on by set heads."""
@@ -187,7 +209,7 @@ class AgentApi:
         """The workload's last full bundle, byte for byte as compute signed and stored it. This
         function holds no signing key and never re-signs: set changes since that bundle reach the
         agent as the signed deltas compute published (:meth:`deltas`)."""
-        ptr = self.w.store.bundle_pointer(workload_id)
+        ptr = self._pointer(workload_id)
         if ptr is None:
             return error(404, "no bundle published for this workload yet")
         return ptr, self._document(ptr.key)
@@ -237,7 +259,7 @@ class AgentApi:
     def deltas(self, workload_id: str, since: int) -> Response:
         """The signed set deltas from revision ``since`` to the newest, each document byte for byte
         as compute stored it; 409 when they cannot bridge (the agent fetches the whole bundle)."""
-        ptr = self.w.store.bundle_pointer(workload_id)
+        ptr = self._pointer(workload_id)
         if ptr is None:
             return error(404, "no bundle published for this workload yet")
         return self._deltas(workload_id, ptr, since, repair=True)
@@ -267,7 +289,8 @@ class AgentApi:
         return Response(200, b'{"bundle_version": %d, "deltas": [%s]}' % (version, docs))
 
     def heartbeat(self, workload_id: str, hb: agentapi.Heartbeat) -> Response:
-        rec = self.w.store.get(workload_id)
+        grant = self._granted(workload_id)
+        rec = grant.record if grant is not None else self.w.store.get(workload_id)
         if rec is None:
             return error(404, "unknown workload")
         self.w.store.set_liveness(workload_id, heartbeat=time.time(), offline=False if rec.offline else None)
@@ -276,7 +299,7 @@ class AgentApi:
             self.w.enqueue_compute([workload_id])
         if self.w.cfg.lifecycle_gate == "agent" and hb.applied_version is not None:
             self._report_enforcing(rec, hb.applied_version)
-        ptr = self.w.store.bundle_pointer(workload_id)
+        ptr = grant.pointer if grant is not None else self.w.store.bundle_pointer(workload_id)
         latest = self._latest(ptr)[0] if ptr is not None else None
         self._record_enforcement(workload_id, hb, ptr, latest)
         return Response(200, agentapi.HeartbeatResponse(latest_version=latest).model_dump())
@@ -359,8 +382,8 @@ class AgentApi:
         ``with_bundle``, the stored bundle when it is newer than ``version`` (as a string, byte
         for byte), with its ETag and the deltas since it when there are any."""
         deadline = time.monotonic() + max(0.0, min(timeout, self.w.cfg.max_wait))
+        ptr = self._pointer(workload_id)  # the grant's at first, the store's after each wake-up
         while True:
-            ptr = self.w.store.bundle_pointer(workload_id)
             latest = self._latest(ptr)[0] if ptr is not None else None
             left = deadline - time.monotonic()
             if ptr is not None and latest is not None and latest > version:
@@ -370,6 +393,7 @@ class AgentApi:
             if (latest is not None and latest > version) or left <= 0:
                 return Response(200, agentapi.WaitResponse(latest_version=latest).model_dump(exclude_unset=True))
             self.w.wait_for_change(left, workload_id)
+            ptr = self.w.store.bundle_pointer(workload_id)
 
     def _update(
         self, workload_id: str, ptr: BundlePointer, version: int, latest: int, with_deltas: bool, with_bundle: bool

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -171,6 +171,16 @@ def check_hold_fields(fields: dict[str, Any]) -> None:
         raise ValueError(f"launch hold: unknown fields {sorted(unknown)}")
 
 
+class Grant(NamedTuple):
+    """What an agent request's token grants (:meth:`Store.token_grant`): the workload the token
+    is current for (None: unknown, expired or replaced), and, when that is the workload asked
+    for, its inventory record and bundle pointer as read in the same step (None if absent)."""
+
+    workload_id: str | None
+    record: InventoryRecord | None = None
+    pointer: BundlePointer | None = None
+
+
 class Unread(enum.Enum):
     """``observe(previous=UNREAD)``: the store reads the stored record itself."""
 
@@ -273,10 +283,10 @@ class Store(Protocol):
         """The workload whose current, unexpired token this is; None otherwise."""
         ...
 
-    def token_grant(self, token_hash: str, workload_id: str) -> tuple[str | None, InventoryRecord | None]:
+    def token_grant(self, token_hash: str, workload_id: str) -> Grant:
         """What an agent request for ``workload_id`` needs to be authorized, read together (every
-        agent request asks): :meth:`token_workload` of the token, and the inventory record of
-        ``workload_id`` when the token is that workload's (None otherwise)."""
+        agent request asks): :meth:`token_workload` of the token and, when the token is that
+        workload's, its inventory record and bundle pointer (what most requests read next)."""
         ...
 
     def revoke_tokens(self, workload_id: str) -> bool:

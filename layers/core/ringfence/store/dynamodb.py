@@ -44,6 +44,7 @@ from ringfence.store.base import (
     DeltaPointer,
     EnforcementReport,
     EngineHead,
+    Grant,
     InventoryRecord,
     LaunchHold,
     MovedRecord,
@@ -508,12 +509,17 @@ class DynamoStore:
         current = self._get(f"tokenof#{wid}", "token")
         return wid if current is not None and current.get("hash") == token_hash else None
 
-    def token_grant(self, token_hash: str, workload_id: str) -> tuple[str | None, InventoryRecord | None]:
-        # one BatchGetItem for the three items (the token, the workload's current token, its
-        # inventory record) instead of three GetItems: one round trip per agent request
+    def token_grant(self, token_hash: str, workload_id: str) -> Grant:
+        # one BatchGetItem for the four items (the token, the workload's current token, its
+        # bundle pointer, its inventory record) instead of four GetItems: one round trip per
+        # agent request, and the pointer is what a wait, a heartbeat or a bundle fetch reads next
         request: dict[str, Any] = {
             self.state.name: {
-                "Keys": [{"pk": f"token#{token_hash}", "sk": "token"}, {"pk": f"tokenof#{workload_id}", "sk": "token"}],
+                "Keys": [
+                    {"pk": f"token#{token_hash}", "sk": "token"},
+                    {"pk": f"tokenof#{workload_id}", "sk": "token"},
+                    {"pk": f"bundle#{workload_id}", "sk": "latest"},
+                ],
                 "ConsistentRead": True,
             },
             self.inventory.name: {"Keys": [{"id": workload_id}], "ConsistentRead": True},
@@ -529,14 +535,19 @@ class DynamoStore:
             request = resp.get("UnprocessedKeys") or {}
         token = state.get(f"token#{token_hash}")
         if token is None:
-            return None, None
+            return Grant(None)
         if str(token["workload_id"]) != workload_id:  # another workload's token: whose, if current
-            return self.token_workload(token_hash), None
+            return Grant(self.token_workload(token_hash))
         current = state.get(f"tokenof#{workload_id}")
         if current is None or current.get("hash") != token_hash:
-            return None, None
+            return Grant(None)
         item = inventory[0] if inventory else None
-        return workload_id, self._to_record(item) if item is not None and _observed(item) else None
+        ptr = state.get(f"bundle#{workload_id}")
+        return Grant(
+            workload_id,
+            self._to_record(item) if item is not None and _observed(item) else None,
+            BundlePointer.model_validate_json(ptr["doc"]) if ptr is not None else None,
+        )
 
     def revoke_tokens(self, workload_id: str) -> bool:
         old = self.state.get_item(Key={"pk": f"tokenof#{workload_id}", "sk": "token"}, ConsistentRead=True).get("Item")

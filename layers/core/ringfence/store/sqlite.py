@@ -54,6 +54,7 @@ from ringfence.store.base import (
     DeltaPointer,
     EnforcementReport,
     EngineHead,
+    Grant,
     InventoryRecord,
     LaunchHold,
     MovedRecord,
@@ -557,9 +558,11 @@ class SqliteStore:
         )
         return str(row[0]) if row else None
 
-    def token_grant(self, token_hash: str, workload_id: str) -> tuple[str | None, InventoryRecord | None]:
+    def token_grant(self, token_hash: str, workload_id: str) -> Grant:
         owner = self.token_workload(token_hash)
-        return owner, self.get(workload_id) if owner == workload_id else None
+        if owner != workload_id:
+            return Grant(owner)
+        return Grant(owner, self.get(workload_id), self.bundle_pointer(workload_id))
 
     def revoke_tokens(self, workload_id: str) -> bool:
         with self._tx() as db:
