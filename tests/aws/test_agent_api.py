@@ -667,3 +667,65 @@ def test_an_agent_request_reads_its_record_and_bundle_pointer_with_its_token(env
     # a token that is not the workload's grants nothing, and nothing of its grant is reused
     status, _, _ = env.rest("agentapi", "POST", f"/v1/agents/{proc}/heartbeat", hb, headers=auth("forged"))
     assert status == 401
+
+
+def test_set_heads_are_read_once_per_change_the_watch_sees(env: Env, monkeypatch: Any) -> None:
+    """While the change watch runs (an agent waits), the set heads every heartbeat and wait asks
+    for are read from the store once per change it sees, not once per request; a publication
+    moves the watch's mark, and the next request reads the new heads and answers the new version."""
+    import threading
+
+    from ringfence.routes.agent import agent_routes
+
+    monkeypatch.setenv("RINGFENCE_WAIT_POLL_INTERVAL", "0.1")
+    env.load_functions()
+    head_reads: list[str] = []
+
+    def count(params: dict[str, Any], **_: Any) -> None:
+        body = params.get("body", b"")
+        # the requests made here only: the waiter's thread reads too when a change wakes it
+        mine = threading.current_thread() is threading.main_thread()
+        if mine and b"sethead#" in (body if isinstance(body, bytes) else str(body).encode()):
+            head_reads.append("x")
+
+    env.hook("before-call.dynamodb.BatchGetItem", count)
+    est = boot(env)
+    proc = est["ids"]["proc"][0]
+    tok = enroll_instance(env, proc)
+    v = env.bundle(proc).version
+    api = env.fn["agentapi"].api()
+    assert api.w.change_mark() is None, "no watch yet: nothing is kept"
+    # a waiting agent keeps the watch looking
+    waiter = agent_routes(env.fn["agentapi"].api)
+    path = f"/v1/agents/{proc}/wait"
+    done: dict[str, Any] = {}
+
+    def long_poll() -> None:
+        event = rest_event("GET", path, headers=auth(tok), query={"version": str(v + 1000), "timeout": "4"})
+        done["status"] = rest_answer(waiter.resolve(event, LambdaContext()))[0]
+
+    t = threading.Thread(target=long_poll)
+    t.start()
+    deadline = time.monotonic() + 5
+    while api.w.change_mark() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert api.w.change_mark() is not None
+    hb = {"applied_version": v, "mode": "enforce"}
+    head_reads.clear()
+    for _ in range(3):
+        status, _, body = env.rest("agentapi", "POST", f"/v1/agents/{proc}/heartbeat", hb, headers=auth(tok))
+        assert status == 200 and body["latest_version"] == v
+    assert len(head_reads) <= 1, "three heartbeats, one read of the heads"
+    # a change: a new web instance joins the sets proc's bundle holds
+    mark = api.w.change_mark()
+    new = est["run"]("web", est["subnets"]["web"], 1)[0]
+    env.put(env.state_event(new, "running"))
+    env.pump()
+    newer = env.bundle(proc).version
+    assert newer > v
+    while api.w.change_mark() == mark and time.monotonic() < deadline + 5:
+        time.sleep(0.02)
+    status, _, body = env.rest("agentapi", "POST", f"/v1/agents/{proc}/heartbeat", hb, headers=auth(tok))
+    assert status == 200 and body["latest_version"] == newer, "the heads kept before the change are not used"
+    t.join(15)
+    assert done["status"] == 200

@@ -250,3 +250,42 @@ def test_a_read_failing_after_close_is_not_reported(caplog: pytest.LogCaptureFix
     t.join(30)
     assert not watcher.is_alive() and not t.is_alive()
     assert "reading the store for changes failed" not in caplog.text
+
+
+def test_the_mark_holds_while_nothing_moved_and_is_withheld_when_the_watch_is_not_looking(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What a cache may be kept on: equal while the head stays, different once the watch sees it
+    move, and None whenever a move could go unseen (no watch, a watch gone quiet, closed)."""
+    import ringfence.control.changes as changes_mod
+
+    head = Head()
+    changes = StoreChanges(head, interval=0.02)
+    assert changes.mark() is None, "no watch yet"
+    stop = threading.Event()
+
+    def agent() -> None:  # waits again after each answer, as an agent's long-polls do
+        while not stop.is_set():
+            changes.wait(0.2)
+
+    waiting = threading.Thread(target=agent)
+    waiting.start()
+    deadline = time.monotonic() + 5
+    while changes.mark() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    first = changes.mark()
+    assert first is not None
+    time.sleep(0.1)
+    assert changes.mark() == first, "nothing moved: the same mark"
+    head.value = 2
+    while changes.mark() == first and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert changes.mark() not in (None, first), "the head moved: a new mark"
+    # a watch that has not looked for longer than its interval and the grace: no mark
+    monkeypatch.setattr(changes_mod, "LOOK_GRACE", -1.0)
+    assert changes.mark() is None
+    monkeypatch.setattr(changes_mod, "LOOK_GRACE", 1.0)
+    stop.set()
+    waiting.join(5)
+    changes.close()
+    assert changes.mark() is None, "closed"

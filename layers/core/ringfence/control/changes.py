@@ -29,6 +29,7 @@ from typing import Any
 from ringfence.store.base import EngineHead, MovedRecord
 
 log = logging.getLogger("ringfence.aws")
+LOOK_GRACE = 1.0  # s a look may take beyond the interval before the watch's mark is not trusted
 
 
 class StoreChanges:
@@ -58,6 +59,7 @@ class StoreChanges:
         self._waiters = 0
         self._last: Hashable = None
         self._looked = False
+        self._looked_at = 0.0  # time.monotonic() at the end of the last look
         self._watcher: threading.Thread | None = None
         self._seen = threading.local()
         self._closed = threading.Event()
@@ -92,6 +94,22 @@ class StoreChanges:
                 self._waiters -= 1
             self._seen.generation = self._generation
             return changed
+
+    def mark(self) -> int | None:
+        """Something that stays equal while the watch has seen no change, for a cache of what a
+        change would move (:meth:`ringfence.control.agents.AgentApi`'s set heads); None while
+        the watch is not looking (stopped, not yet looked, its last look failed or is older than
+        the interval and :data:`LOOK_GRACE`, closed): then a change could go unseen, and nothing
+        may be kept on it. What is read after taking the mark is at least that fresh; a change
+        after the read moves the mark at the next look."""
+        with self._cond:
+            if self._watcher is None or not self._looked or self._closed.is_set():
+                return None
+            # a watch that has not looked for a while (a frozen Lambda container thawed, a
+            # starved thread) may have missed a change: no mark until it looks again
+            if time.monotonic() - self._looked_at > self.interval + LOOK_GRACE:
+                return None
+            return self._generation
 
     def close(self) -> None:
         """Stop the watch (at once, also in the middle of its pause) and wake every waiter; later
@@ -134,6 +152,7 @@ class StoreChanges:
                     self.reads += 1
                     first, changed = not self._looked, now != self._last
                     self._last, self._looked = now, True
+                    self._looked_at = time.monotonic()
                 if first or changed:
                     target = self._target(now)
                     with self._cond:

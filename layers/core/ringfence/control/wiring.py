@@ -252,6 +252,11 @@ class BaseWiring:
         after ``seconds``."""
         raise NotImplementedError
 
+    def change_mark(self) -> int | None:
+        """A mark that stays equal while no published change was seen (None: no watch to tell,
+        keep nothing): :meth:`ringfence.control.changes.StoreChanges.mark`."""
+        return None
+
     def enqueue_perimeter(self, ids: Iterable[str], *, lifecycle: dict[str, str] | None = None) -> bool:
         """Hand changed workloads to the perimeter step; False where there is none (on one machine
         no cloud perimeter is managed), so launches go straight to compute."""

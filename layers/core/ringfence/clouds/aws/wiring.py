@@ -74,6 +74,9 @@ class Wiring(BaseWiring):
             )
         return WebSocketNotifier(ws, self.store)
 
+    def change_mark(self) -> int | None:
+        return self.changes.mark()
+
     def wait_for_change(self, seconds: float, workload_id: str | None = None) -> None:
         """Block until the store may hold something new (for ``workload_id``, when given), at
         most ``seconds``. Nothing in AWS tells a running function of a change: the engine head,
