@@ -103,12 +103,17 @@ class Compute:
                 self._lifecycles(messages, stats, ok=False)
                 return stats
             force = any(m.get("rebuild") for m in messages)
-            # a launch held by its lifecycle hook waits on its own bundle: published here, not queued
+            # a launch held by its lifecycle hook waits on its own bundle: published here, not
+            # queued — unless the hook waits on the agent (lifecycle gate "agent"): an agent that
+            # enforces its bundle proves it published, and the publish workers, side by side, are
+            # faster than this one serialized function (a scale-out's launches were published here)
             launching = {
                 m["lifecycle"]["instance_id"]
                 for m in messages
                 if m.get("lifecycle") and str(m["lifecycle"].get("transition", "")).endswith("LAUNCHING")
             }
+            if self.w.cfg.lifecycle_gate == "agent":
+                launching = set()
             t = time.perf_counter()
             self._ensure(active, stats, force=force, inline=launching)
             assert self.engine is not None
@@ -293,19 +298,23 @@ class Compute:
             for name, (from_v, to_v, added, removed) in sorted(merged.items())
         ]
         keys = in_parallel(self.w.publisher.put_delta, deltas)
-        for doc, key in zip(deltas, keys, strict=True):
-            self.w.store.put_delta(
+        # each set's pointer and head are its own items: written side by side, every delta
+        # pointer before any head moves (a reader that sees a head finds its delta)
+        in_parallel(
+            self.w.store.put_delta,
+            [
                 DeltaPointer(set=doc.set, from_version=doc.from_version, to_version=doc.to_version, key=key)
-            )
-            stats.deltas_published += 1
+                for doc, key in zip(deltas, keys, strict=True)
+            ],
+        )
+        stats.deltas_published += len(deltas)
         for upd in updates:
             rebuilt |= upd.rebuilt
             notify |= upd.notify
-        for name in sorted(merged):
-            s = self.engine.sets_by_name.get(name)
-            if s is not None:
-                self.w.store.put_set_head(name, s.version, set_digest(*s.cover_text()))
-                self.heads[name] = s.version
+        moved = [(name, s) for name in sorted(merged) if (s := self.engine.sets_by_name.get(name)) is not None]
+        in_parallel(lambda ns: self.w.store.put_set_head(ns[0], ns[1].version, set_digest(*ns[1].cover_text())), moved)
+        for name, s in moved:
+            self.heads[name] = s.version
         stats.sets_touched += len(merged)
         _lap(stats, "deltas", t_deltas)
         # Whole bundles only where a workload's own rules changed. Agents whose bundles merely
@@ -415,8 +424,9 @@ class Compute:
         launching = lc["transition"].endswith("LAUNCHING")
         ready = ok and self.engine is not None
         if ready and launching:
-            ptr = self.w.store.bundle_pointer(iid)
-            ready = iid in self.engine.workloads and ptr is not None  # type: ignore[union-attr]
+            ready = iid in self.engine.workloads  # type: ignore[union-attr]
+            if ready and self.w.cfg.lifecycle_gate != "agent":  # gate "agent": its agent's report proves it
+                ready = self.w.store.bundle_pointer(iid) is not None
         if ready and not launching:
             ready = iid not in self.engine.workloads  # type: ignore[union-attr]
         if not ready:

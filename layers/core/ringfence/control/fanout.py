@@ -138,8 +138,8 @@ class PublishWorker:
                 bundle.sign(bundle.Bundle.model_validate(self._doc(b)), signer, expires_at=expires_at) for b in wanted
             ]
             stored = in_parallel(self.w.publisher.put_bundle, docs)
-            for job, doc, (key, sha) in zip(wanted, docs, stored, strict=True):
-                ptr = BundlePointer(
+            pointers = [
+                BundlePointer(
                     workload_id=job.workload_id,
                     version=doc.version,
                     key=key,
@@ -151,15 +151,20 @@ class PublishWorker:
                     expires_at=expires_at,
                     published_at=time.time(),  # the not-enforced bound counts from here (control.findings)
                 )
-                # never backwards: a worker that took a later job first keeps its pointer
-                if not self.w.store.put_bundle_pointer(ptr):
-                    log.info("bundle v%s of %s superseded by a newer one: not announced", doc.version, job.workload_id)
+                for job, doc, (key, sha) in zip(wanted, docs, stored, strict=True)
+            ]
+            # never backwards: a worker that took a later job first keeps its pointer. Each
+            # pointer is its workload's own item: written side by side (a scale-out's job of
+            # twenty bundles was twenty round trips one after another before any agent heard)
+            for ptr, pointed in zip(pointers, in_parallel(self.w.store.put_bundle_pointer, pointers), strict=True):
+                if not pointed:
+                    log.info("bundle v%s of %s superseded by a newer one: not announced", ptr.version, ptr.workload_id)
                     stats.superseded += 1
                     continue
-                expiry[job.workload_id] = expires_at
+                expiry[ptr.workload_id] = expires_at
                 stats.bundles_published += 1
-                moved.append(job.workload_id)
-                self.notifier.nudge(job.workload_id, doc.version)
+                moved.append(ptr.workload_id)
+                self.notifier.nudge(ptr.workload_id, ptr.version)
                 stats.nudged += 1
             for job in wanted:
                 if job.staged:
@@ -188,8 +193,8 @@ class PublishWorker:
 
 
 def in_parallel(fn: Callable[[T], R], items: list[T]) -> list[R]:
-    """``fn`` over ``items`` on up to ``PUBLISH_THREADS`` threads (the publisher's S3 client is
-    thread-safe; the store's writes stay on the caller's thread), results in order."""
+    """``fn`` over ``items`` on up to ``PUBLISH_THREADS`` threads, results in order (the S3
+    and DynamoDB clients are thread-safe; the SQLite store opens a connection per thread)."""
     if len(items) <= 1:
         return [fn(i) for i in items]
     with ThreadPoolExecutor(min(PUBLISH_THREADS, len(items)), thread_name_prefix="publish") as pool:

@@ -8,11 +8,12 @@ from typing import Any
 
 from ringfence.audit import AuditRecord
 from ringfence.control import credentials
+from ringfence.control.fanout import in_parallel
 from ringfence.control.governance import govern_record
 from ringfence.control.wiring import BaseWiring, Metric, log, no_metric
 from ringfence.events import DomainEvent, Kind, MalformedEvent, normalize
 from ringfence.governance import TagChange
-from ringfence.store.base import ACTIVE_STATES
+from ringfence.store.base import ACTIVE_STATES, InventoryRecord
 
 from . import ec2
 
@@ -182,17 +183,22 @@ def observe_instances(
     mapper = w.mapper()
     # governance compares with the stored record (also to lift a hold a new policy no longer asks for)
     stored = w.store.get_many(ids)
-    changed: set[str] = set()
+    observed: list[tuple[InventoryRecord, bool]] = []
     for iid in ids:
         t, inst = seen[iid]
         rec = ec2.to_record(inst, account, region, t, mapper) if inst else ec2.tombstone(iid, account, region, t)
         if tag_version is not None and inst is not None and (tags is None or ec2.instance_tags(inst) == tags):
             rec.tag_version = tag_version
-        rec, governed = govern_record(w, rec, stored.get(iid), change, event_id=event_id, metric=metric)
-        if w.store.observe(rec, previous=stored.get(iid)) or governed:
-            changed.add(iid)
+        observed.append(govern_record(w, rec, stored.get(iid), change, event_id=event_id, metric=metric))
+    # each record's conditional write is its own item's: side by side (a scale-out's batch of ten
+    # launches was ten round trips one after another, each waiting on a busy store)
+    written = in_parallel(lambda og: w.store.observe(og[0], previous=stored.get(og[0].id)), observed)
+    changed: set[str] = set()
+    for (rec, governed), moved in zip(observed, written, strict=True):
+        if moved or governed:
+            changed.add(rec.id)
             if rec.state == "terminated":
-                credentials.retire(w, iid, "instance terminated")
+                credentials.retire(w, rec.id, "instance terminated")
     return changed
 
 
