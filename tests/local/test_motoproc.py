@@ -5,6 +5,7 @@ not share an entry."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -231,3 +232,32 @@ def test_event_paths_are_parsed_once_and_find_what_a_fresh_parse_finds() -> None
             assert kept == [m.value for m in fresh("$.detail").find(event)] == [event["detail"]]
     finally:
         ext.parse = fresh
+
+
+def test_cheap_bookkeeping_answers_what_moto_answers() -> None:
+    """``cheap_bookkeeping``: SQS's retention check reads the one attribute (moto computed every
+    attribute of the queue per message handed out) and says what moto's own check says; a
+    response class's method names are looked up once and are moto's list."""
+    import moto.core.responses as responses
+    from moto.core.utils import method_names_from_class
+    from moto.sqs.models import Message, SQSBackend
+
+    from ringfence.local.motoproc import cheap_bookkeeping
+
+    original_check, original_names = SQSBackend.is_message_valid_based_on_retention_period, method_names_from_class
+    backend = SQSBackend("us-east-1", "123456789012")
+    backend.create_queue("kept-a-minute", MessageRetentionPeriod="60")
+    now_ms = time.time() * 1000
+    messages = [Message("m1", "fresh"), Message("m2", "old")]
+    messages[0].sent_timestamp, messages[1].sent_timestamp = int(now_ms - 1000), int(now_ms - 120_000)
+    expected = [original_check(backend, "kept-a-minute", m) for m in messages]
+    assert expected == [True, False]
+    try:
+        cheap_bookkeeping()
+        assert [backend.is_message_valid_based_on_retention_period("kept-a-minute", m) for m in messages] == expected
+        names = responses.method_names_from_class(responses.BaseResponse)
+        assert names == original_names(responses.BaseResponse) and "call_action" in names
+        assert responses.method_names_from_class(responses.BaseResponse) is names, "looked up once"
+    finally:
+        SQSBackend.is_message_valid_based_on_retention_period = original_check  # type: ignore[method-assign]
+        responses.method_names_from_class = original_names  # type: ignore[attr-defined]
