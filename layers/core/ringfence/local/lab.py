@@ -157,9 +157,9 @@ class Lab:
             ns = f"{self.prefix}-{host}"
             port = f"p{self._ports}"
             self._ports += 1
-            sh("ip", "netns", "add", ns)
-            self.created.append(ns)
+            self.created.append(ns)  # deleted on close() even if what follows fails
             self.hosts[host] = Host(host, ns, list(v4), list(v6), port)
+        sh("ip", "netns", "add", ns)  # not under the lock: a fleet's boots run side by side
         # one `ip` process per namespace (its -batch), not one per command: a scale-out of 50 booted
         # ~450 `ip` processes on the lab's two cores, most of the 3.5 s its last VM took to start
         switch = [f"link add {port} type veth peer name eth0 netns {ns}", f"link set {port} master br0 up"]
