@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ from ringfence.store.base import (
     MOVED_MAX,
     DeltaPointer,
     EngineHead,
+    InventoryRecord,
     MovedRecord,
     PolicyVersion,
 )
@@ -96,8 +98,13 @@ class Compute:
         messages = one_action_each(messages)
         stats = ComputeStats()
         bytes0 = self.w.publisher.bytes_published
+        ids = list(dict.fromkeys(i for m in messages for i in m.get("ids", [])))
         try:
-            active = self.w.active_policy()
+            # a run starts with three reads that do not depend on one another: one round trip
+            # of waiting, not three (compute is the one serialized stage of a scale-out)
+            active, head, recs = _together(
+                self.w.active_policy, self.w.store.head, lambda: self.w.store.get_many(ids) if ids else {}
+            )
             if active is None:
                 log.warning("no active policy: nothing to compute (provision one with the admin API)")
                 self._lifecycles(messages, stats, ok=False)
@@ -115,12 +122,12 @@ class Compute:
             if self.w.cfg.lifecycle_gate == "agent":
                 launching = set()
             t = time.perf_counter()
-            self._ensure(active, stats, force=force, inline=launching)
+            rebuilt = self._ensure(active, head, stats, force=force, inline=launching)
             assert self.engine is not None
             t = _lap(stats, "rebuild", t)
-            ids = list(dict.fromkeys(i for m in messages for i in m.get("ids", [])))
             base = self.engine.revision  # == the stored head (checked by _ensure)
-            updates = self._apply(ids)
+            # a rebuild loaded every record after the batch's were read: read them again
+            updates = self._apply(ids, self.w.store.get_many(ids) if rebuilt and ids else recs)
             t = _lap(stats, "engine", t)
             stats.updates = len(updates)
             if updates:
@@ -159,14 +166,14 @@ class Compute:
     def _ensure(
         self,
         active: tuple[PolicyVersion, Policy],
+        head: EngineHead,
         stats: ComputeStats,
         force: bool = False,
         inline: set[str] | frozenset[str] = frozenset(),
-    ) -> None:
-        """A warm engine at the stored head, or one rebuilt from the inventory that adopts what
-        is published already (:meth:`_adopt`) and republishes only the rest."""
+    ) -> bool:
+        """A warm engine at the stored ``head``, or one rebuilt from the inventory that adopts
+        what is published already (:meth:`_adopt`) and republishes only the rest (True)."""
         pv, policy = active
-        head = self.w.store.head()
         e = self.engine
         if (
             not force
@@ -175,7 +182,7 @@ class Compute:
             and e.revision == head.revision
             and e.policy_version == pv.number == head.policy_version
         ):
-            return
+            return False
         log.info("rebuilding engine at head %s (policy v%s)", head.revision, pv.number)
         engine = Engine(policy, policy_version=pv.number, revision=head.revision)
         engine.load(r.effective() for r in self.w.store.all_records() if r.active)
@@ -188,6 +195,7 @@ class Compute:
         stats.rebuilt_engine = True
         stats.bundles_adopted = len(adopted)
         self.metric("BundlesAdopted", len(adopted))
+        return True
 
     def _adopt(self, engine: Engine) -> set[str]:
         """Take over the versions already published for what did not change: a set whose stored
@@ -245,10 +253,9 @@ class Compute:
             self.engine.revision,
         )
 
-    def _apply(self, ids: list[str]) -> list[Update]:
+    def _apply(self, ids: list[str], recs: Mapping[str, InventoryRecord]) -> list[Update]:
         assert self.engine is not None
         out = []
-        recs = self.w.store.get_many(ids)
         for wid in ids:
             rec = recs.get(wid)
             upd = self.engine.upsert(rec.effective()) if rec is not None and rec.active else self.engine.remove(wid)
@@ -457,6 +464,11 @@ class Compute:
             )
             return "left to time out"
         return "completed"
+
+
+def _together(*reads: Callable[[], Any]) -> list[Any]:
+    """Independent reads side by side, their results in order."""
+    return in_parallel(lambda read: read(), list(reads))
 
 
 def _one_at_a_time(metric: Metric) -> Metric:
