@@ -644,3 +644,28 @@ def test_a_lifecycle_batch_reads_its_instances_inventory_records_once(env: Env) 
     assert out == {"batchItemFailures": []}
     assert described == ["x"] and len(calls) == 1, (described, calls)
     assert all((rec := env.store.get(iid)) is not None and rec.state in ("pending", "running") for iid in new)
+
+
+def test_a_change_that_moves_no_policy_is_not_handed_to_compute(env: Env) -> None:
+    """An instance going from pending to running is recorded, but it is in peers' sets either way
+    and nothing about it changed: no compute message (compute is one serialized queue). A tag
+    change that relabels it is handed on."""
+    est = boot(env)
+    env.drain("compute", "compute")
+    web = est["ids"]["web"][0]
+    rec = env.store.get(web)
+    assert rec is not None and rec.state == "running"
+    t = rec.observed_at + 0.001
+    pending = rec.model_copy(
+        update={"state": "pending", "observed_at": t, "workload": rec.workload.model_copy(update={"observed_at": t})}
+    )
+    assert env.store.observe(pending)
+    env.put(env.state_event(web, "running"))
+    env.drain("ingest", "ingest")
+    assert env.store.get(web).state == "running", "the state change is recorded"
+    assert env.count("compute") == 0 and env.count("perimeter") == 0, "and not handed on"
+    env.ec2.create_tags(Resources=[web], Tags=[{"Key": "ringfence:role", "Value": "processing"}])
+    env.put(env.tag_event(web, {"ringfence:role": "processing"}, 2))
+    env.drain("ingest", "ingest")
+    (msg,) = env.receive("compute")
+    assert web in json.loads(msg["Body"])["ids"]

@@ -195,11 +195,24 @@ def observe_instances(
     written = in_parallel(lambda og: w.store.observe(og[0], previous=stored.get(og[0].id)), observed)
     changed: set[str] = set()
     for (rec, governed), moved in zip(observed, written, strict=True):
-        if moved or governed:
+        if governed or (moved and _matters(stored.get(rec.id), rec)):
             changed.add(rec.id)
-            if rec.state == "terminated":
-                credentials.retire(w, rec.id, "instance terminated")
+        if (moved or governed) and rec.state == "terminated":
+            credentials.retire(w, rec.id, "instance terminated")
     return changed
+
+
+def _matters(before: InventoryRecord | None, after: InventoryRecord) -> bool:
+    """Whether a stored change concerns compute or the perimeter: the workload itself (addresses,
+    tags, labels, place) or whether it is in peers' sets at all. An instance going from pending to
+    running changes neither (both are active): a 50-instance scale-out's state changes put a
+    compute message per ingest batch on the one serialized queue, for nothing."""
+    if before is None or (before.state in ACTIVE_STATES) != (after.state in ACTIVE_STATES):
+        return True
+    return before.workload.model_dump(exclude=_WHEN) != after.workload.model_dump(exclude=_WHEN)
+
+
+_WHEN = {"observed_at"}  # when it was seen: every observation has its own
 
 
 def mark_leaving(
