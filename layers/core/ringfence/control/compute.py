@@ -98,8 +98,8 @@ class Compute:
         messages = one_action_each(messages)
         stats = ComputeStats()
         bytes0 = self.w.publisher.bytes_published
-        ids = list(dict.fromkeys(i for m in messages for i in m.get("ids", [])))
         try:
+            ids = list(dict.fromkeys(i for m in messages for i in m.get("ids", [])))
             # a run starts with three reads that do not depend on one another: one round trip
             # of waiting, not three (compute is the one serialized stage of a scale-out)
             active, head, recs = _together(
