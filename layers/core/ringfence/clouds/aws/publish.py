@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from botocore.exceptions import ClientError
 
+from ringfence.control.fanout import in_parallel
 from ringfence.control.publish import Publisher
 
 log = logging.getLogger(__name__)
-READ_THREADS = 8
 
 
 class S3Publisher(Publisher):
@@ -38,10 +37,7 @@ class S3Publisher(Publisher):
         """At once (S3 clients are thread-safe): a cold function read a policy's seven files one
         round trip after another before its first batch."""
         unique = list(dict.fromkeys(keys))
-        if len(unique) <= 1:
-            return {k: self.get(k) for k in unique}
-        with ThreadPoolExecutor(min(READ_THREADS, len(unique)), thread_name_prefix="s3-read") as pool:
-            return dict(zip(unique, pool.map(self.get, unique), strict=True))
+        return dict(zip(unique, in_parallel(self.get, unique), strict=True))
 
     def delete(self, key: str) -> None:
         self.s3.delete_object(Bucket=self.bucket, Key=key)

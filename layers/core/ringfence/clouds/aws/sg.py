@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from botocore.exceptions import ClientError
 
+from ringfence.control.fanout import in_parallel
 from ringfence.perimeter import (
     EGRESS,
     INGRESS,
@@ -40,7 +40,6 @@ log = logging.getLogger("ringfence.aws.perimeter")
 TAG = "ringfence:perimeter"
 OUR_NAME = re.compile(r"^rf-[A-Za-z0-9_.:+=@-]+-(boundary|mgmt|published)$")
 GONE_STATES = frozenset({"shutting-down", "terminated"})
-MODIFY_THREADS = 8  # interfaces modified at once: EC2 throttles each API per account (the clients retry it)
 
 
 def _rules_of(sg: dict[str, Any], names_by_id: dict[str, str]) -> set[PerimeterRule]:
@@ -298,13 +297,8 @@ class SecurityGroupPerimeter:
                     raise
                 log.info("%s vanished before its groups changed", iid)
 
-        changing = sorted(set(p.attach) | set(p.detach))
-        if len(changing) > 1:
-            with ThreadPoolExecutor(min(MODIFY_THREADS, len(changing)), thread_name_prefix="perimeter") as pool:
-                list(pool.map(modify, changing))  # the first error raises, after the others finished
-        else:
-            for iid in changing:
-                modify(iid)
+        # a few at once: EC2 throttles each API per account (the clients retry it)
+        in_parallel(modify, sorted(set(p.attach) | set(p.detach)))
         # groups without purpose, now on no interface: re-checked live just before each delete
         pending: list[tuple[str, str]] = []
         for key in p.delete:
