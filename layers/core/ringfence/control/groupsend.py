@@ -83,15 +83,14 @@ def merge_compute(messages: list[Message]) -> list[Message]:
     other message stays whole and keeps its place among them. Compute takes a batch's messages
     together, so the merged message asks exactly what the separate ones did."""
     out: list[Message] = []
+    last_plain = False
     for m in messages:
         plain = all(m.get(k, v) == v for k, v in _QUIET.items()) and set(m) <= set(_UNION) | set(_QUIET)
-        last = out[-1] if out else None
-        if plain and last is not None and last.get("_plain"):
+        if plain and last_plain:
             for k in _UNION:
                 if m.get(k):
-                    last[k] = list(dict.fromkeys([*last.get(k, []), *m[k]]))
+                    out[-1][k] = list(dict.fromkeys([*out[-1].get(k, []), *m[k]]))
             continue
-        out.append({**m, "_plain": True} if plain else dict(m))
-    for m in out:
-        m.pop("_plain", None)
+        out.append(dict(m))
+        last_plain = plain
     return out
