@@ -3,6 +3,7 @@ against the moto server: instances wait in Pending:Wait / Terminating:Wait for C
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -101,6 +102,33 @@ def test_launch_hook_holds_pending_wait_until_continue_or_abandon(aws: EmbeddedA
     assert b not in after and ec2_state(aws, b) == "terminated"
     (replacement,) = set(after) - {a}
     assert after[replacement] == "Pending:Wait", "the group replaces an abandoned launch, which waits again"
+
+
+def test_a_hooked_launch_is_never_seen_in_service_before_its_action_completes(aws: EmbeddedAws) -> None:
+    """Readers that do not take the extension's lock (moto's describe responses, the router's
+    estate read) once saw a new member InService for an instant: moto adds members InService and
+    the hook moved them to Pending:Wait afterwards, and the router announced a launch success."""
+    asg = group(aws, hooks={"rf-hook": launching()})
+    seen_in_service: set[str] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            for g in aws.instances().groups.values():
+                seen_in_service.update(i for i, s in g.members.items() if s == "InService")
+
+    readers = [threading.Thread(target=watch) for _ in range(2)]
+    for t in readers:
+        t.start()
+    try:
+        for size in (20, 40, 60):
+            asg.set_desired_capacity(AutoScalingGroupName=GROUP, DesiredCapacity=size)
+    finally:
+        done.set()
+        for t in readers:
+            t.join()
+    assert len(states(asg)) == 60 and set(states(asg).values()) == {"Pending:Wait"}
+    assert seen_in_service == set(), "members seen InService while their launch hook was waiting"
 
 
 def test_every_launch_hook_must_continue(aws: EmbeddedAws) -> None:

@@ -39,6 +39,10 @@ TERMINATING = "autoscaling:EC2_INSTANCE_TERMINATING"
 IN_CAPACITY = ("Pending", "Pending:Wait", "Pending:Proceed", "InService")
 
 _lock = threading.RLock()  # moto's server handles requests on many threads
+# the lifecycle state moto's next new group members start in, while a hooked launch runs on this
+# thread (moto creates them InService; setting Pending:Wait afterwards let a reader that does not
+# take ``_lock``, moto's describe responses or the lab's estate read, see them InService first)
+_new_members = threading.local()
 _installed = False
 _ATTR = "_ringfence_lifecycle_actions"  # on the region's backend: moto's reset drops it with the backend
 
@@ -77,7 +81,7 @@ def install() -> None:
     with _lock:
         if _installed:
             return
-        from moto.autoscaling.models import AutoScalingBackend, FakeAutoScalingGroup
+        from moto.autoscaling.models import AutoScalingBackend, FakeAutoScalingGroup, InstanceState
         from moto.autoscaling.responses import AutoScalingResponse
 
         orig_launch = FakeAutoScalingGroup.replace_autoscaling_group_instances
@@ -86,17 +90,28 @@ def install() -> None:
         orig_describe_instances = AutoScalingBackend.describe_auto_scaling_instances
         orig_terminate = AutoScalingBackend.terminate_instance
         orig_target_groups = AutoScalingBackend.update_attached_target_groups
+        orig_member_init = InstanceState.__init__
+
+        def member_init(self: Any, *args: Any, **kwargs: Any) -> None:
+            starts_in = getattr(_new_members, "state", None)
+            if starts_in is not None and len(args) < 2 and "lifecycle_state" not in kwargs:
+                kwargs["lifecycle_state"] = starts_in
+            orig_member_init(self, *args, **kwargs)
 
         def replace_autoscaling_group_instances(self: Any, count_needed: int, propagated_tags: dict[str, str]) -> None:
             with _lock:
-                before = {s.instance.id for s in self.instance_states}
-                orig_launch(self, count_needed, propagated_tags)
                 hooks = _hooks(self.autoscaling_backend, self.name, LAUNCHING)
                 if not hooks:
+                    orig_launch(self, count_needed, propagated_tags)
                     return
+                before = {s.instance.id for s in self.instance_states}
+                _new_members.state = "Pending:Wait"
+                try:
+                    orig_launch(self, count_needed, propagated_tags)
+                finally:
+                    _new_members.state = None
                 for state in self.instance_states:
                     if state.instance.id not in before:
-                        state.lifecycle_state = "Pending:Wait"
                         _begin(self.autoscaling_backend, self.name, state.instance.id, hooks)
 
         def set_desired_capacity(self: Any, new_capacity: int | None) -> None:
@@ -201,6 +216,7 @@ def install() -> None:
             return EmptyResult()
 
         FakeAutoScalingGroup.replace_autoscaling_group_instances = replace_autoscaling_group_instances  # type: ignore[method-assign]
+        InstanceState.__init__ = member_init  # type: ignore[method-assign]
         FakeAutoScalingGroup.set_desired_capacity = set_desired_capacity  # type: ignore[method-assign]
         AutoScalingBackend.describe_auto_scaling_groups = describe_auto_scaling_groups  # type: ignore[method-assign]
         AutoScalingBackend.describe_auto_scaling_instances = describe_auto_scaling_instances  # type: ignore[method-assign]
