@@ -13,62 +13,35 @@ failed.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Any
+
+from ringfence.groupcommit import GroupCommit
 
 Message = dict[str, Any]
 
 
 class GroupSend:
     """``send(message)`` from any thread: ``deliver`` is called with ``merge(queued messages)``
-    (one list, in the order the messages came) by one thread at a time."""
+    (one list, in the order the messages came) by one thread at a time (a
+    :class:`~ringfence.groupcommit.GroupCommit` of messages)."""
 
     def __init__(self, deliver: Callable[[list[Message]], None], merge: Callable[[list[Message]], list[Message]]):
         self.deliver = deliver
         self.merge = merge
-        self._cond = threading.Condition()
-        self._queued: list[_Ticket] = []
-        self._sending = False
-        self.sends = 0  # deliveries made (what grouping saved: messages sent minus this)
+        self._group: GroupCommit[Message, None] = GroupCommit(self._write)
+
+    def _write(self, messages: list[Message]) -> list[None]:
+        self.deliver(self.merge(messages))
+        return [None] * len(messages)
+
+    @property
+    def sends(self) -> int:
+        """Deliveries made (what grouping saved: messages sent minus this)."""
+        return self._group.writes
 
     def send(self, message: Message) -> None:
-        ticket = _Ticket(message)
-        with self._cond:
-            self._queued.append(ticket)
-            while self._sending and not ticket.done:
-                self._cond.wait()
-            if ticket.done:  # another thread's send carried it
-                ticket.raise_error()
-                return
-            # this thread sends whatever queued up, its own message included
-            self._sending = True
-            group, self._queued = self._queued, []
-        error: BaseException | None = None
-        try:
-            self.deliver(self.merge([t.message for t in group]))
-        except BaseException as exc:  # every caller in the group gets it, as if it had sent alone
-            error = exc
-        with self._cond:
-            self.sends += 1
-            for t in group:
-                t.done, t.error = True, error
-            self._sending = False
-            self._cond.notify_all()
-        ticket.raise_error()
-
-
-class _Ticket:
-    __slots__ = ("done", "error", "message")
-
-    def __init__(self, message: Message) -> None:
-        self.message = message
-        self.done = False
-        self.error: BaseException | None = None
-
-    def raise_error(self) -> None:
-        if self.error is not None:
-            raise self.error
+        self._group.commit(message)
 
 
 # the fields of a compute message that merge by union; any other field set makes a message
