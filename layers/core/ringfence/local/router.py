@@ -56,7 +56,8 @@ pollers=POLLERS)``:
   idle lab does not send moto a ``ReceiveMessage`` per queue every ``poll_interval`` (a
   10-instance scale-out made 1,454 of them, 37 % of the lab's AWS calls). AWS's batching window (2 s for
   ingest) is not waited for: delivery is immediate. ``RINGFENCE_ROUTER_PROFILE=<dir>`` profiles
-  every invocation (cProfile, per function) and writes ``<dir>/<function>.prof`` on ``stop()``.
+  every invocation (cProfile, per function) and writes ``<dir>/<function>.prof``,
+  ``deliveries.json`` and ``timeline.json`` on ``stop()``.
 - **schedule** (a thread of its own): ``{"reconcile": 300.0, "perimeter": 1800.0}`` runs those
   handlers with a ``Scheduled Event`` every so many seconds, first after one period (off when
   ``None``, the default; ``AWS_SCHEDULE`` is the stack's own).
@@ -90,6 +91,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from types import ModuleType
 from typing import Any
+
+from ringfence.control.fanout import in_parallel
 
 from . import moto_lifecycle
 from .aws import EmbeddedAws
@@ -772,30 +775,39 @@ class EventRouter:
         return _Event(entry, (iid,), f"{iid} {'in service' if launching else 'terminated'} ({m.group})", now)
 
     def _put(self, events: list[_Event]) -> None:
-        for i in range(0, len(events), 10):  # PutEvents takes at most 10 entries
-            chunk = events[i : i + 10]
-            now = dt.datetime.now(dt.UTC)
-            out = self._events.put_events(Entries=[{**e.entry, "Time": now} for e in chunk])
-            put_at = time.time()
-            entries = []
-            for e, res in zip(chunk, out["Entries"], strict=True):
-                if "EventId" not in res:
-                    log.error("PutEvents refused %s: %s", e.summary, res)
-                    with self._lock:
-                        self.errors.append(f"put: {e.summary}: {res.get('ErrorMessage')}")
-                    continue
-                entries.append(
-                    TimelineEntry(
-                        event_id=res["EventId"],
-                        detail_type=e.entry["DetailType"],
-                        instance_ids=e.instance_ids,
-                        summary=e.summary,
-                        changed=e.changed,
-                        put=put_at,
-                        detail=json.loads(e.entry["Detail"]),
-                    )
+        """Put a look's events, each kind in its own PutEvents calls (at most 10 entries each), the
+        calls side by side: on AWS each service emits its own events, and none waits behind
+        another's (one after another, a 50-instance scale-out's launch actions were put 1–2.5 s
+        after the change, behind a hundred state changes)."""
+        kinds: dict[str, list[_Event]] = {}
+        for e in events:
+            kinds.setdefault(e.entry["DetailType"], []).append(e)
+        chunks = [same[i : i + 10] for same in kinds.values() for i in range(0, len(same), 10)]
+        in_parallel(self._put_chunk, chunks)
+
+    def _put_chunk(self, chunk: list[_Event]) -> None:
+        now = dt.datetime.now(dt.UTC)
+        out = self._events.put_events(Entries=[{**e.entry, "Time": now} for e in chunk])
+        put_at = time.time()
+        entries = []
+        for e, res in zip(chunk, out["Entries"], strict=True):
+            if "EventId" not in res:
+                log.error("PutEvents refused %s: %s", e.summary, res)
+                with self._lock:
+                    self.errors.append(f"put: {e.summary}: {res.get('ErrorMessage')}")
+                continue
+            entries.append(
+                TimelineEntry(
+                    event_id=res["EventId"],
+                    detail_type=e.entry["DetailType"],
+                    instance_ids=e.instance_ids,
+                    summary=e.summary,
+                    changed=e.changed,
+                    put=put_at,
+                    detail=json.loads(e.entry["Detail"]),
                 )
-            self.timeline.put(entries)
+            )
+        self.timeline.put(entries)
 
     # --- the Lambda runtime ------------------------------------------------------------------------
 
@@ -926,8 +938,9 @@ class EventRouter:
                     self._profiles[name] = pstats.Stats(prof)
 
     def _write_profiles(self) -> None:
-        """Each function's merged profile, and every invocation's queue, size and times
-        (``deliveries.json``: where a run's time went, queue by queue)."""
+        """Each function's merged profile, every invocation's queue, size and times
+        (``deliveries.json``: where a run's time went, queue by queue) and every event's stamps
+        (``timeline.json``)."""
         if self._profile_dir is None:
             return
         os.makedirs(self._profile_dir, exist_ok=True)
@@ -940,6 +953,13 @@ class EventRouter:
             ]
         with open(os.path.join(self._profile_dir, "deliveries.json"), "w", encoding="utf-8") as f:
             json.dump(rows, f)
+        stamps = ("changed", "put", "ingested", "perimeter", "computed", "published")
+        events = [
+            {"type": e.detail_type, "ids": list(e.instance_ids), **{k: getattr(e, k) for k in stamps}}
+            for e in self.timeline.entries()
+        ]
+        with open(os.path.join(self._profile_dir, "timeline.json"), "w", encoding="utf-8") as f:
+            json.dump(events, f)
 
     def _record(self, queue: str, d: Delivery) -> None:
         if queue == "publish":
