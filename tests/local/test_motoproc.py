@@ -240,11 +240,13 @@ def test_cheap_bookkeeping_answers_what_moto_answers() -> None:
     response class's method names are looked up once and are moto's list."""
     import moto.core.responses as responses
     from moto.core.utils import method_names_from_class
-    from moto.sqs.models import Message, SQSBackend
+    from moto.sqs.models import Message, Queue, SQSBackend
 
+    from ringfence.local import motoproc
     from ringfence.local.motoproc import cheap_bookkeeping
 
     original_check, original_names = SQSBackend.is_message_valid_based_on_retention_period, method_names_from_class
+    original_attributes = Queue.__dict__["attributes"]
     backend = SQSBackend("us-east-1", "123456789012")
     backend.create_queue("kept-a-minute", MessageRetentionPeriod="60")
     now_ms = time.time() * 1000
@@ -258,6 +260,57 @@ def test_cheap_bookkeeping_answers_what_moto_answers() -> None:
         names = responses.method_names_from_class(responses.BaseResponse)
         assert names == original_names(responses.BaseResponse) and "call_action" in names
         assert responses.method_names_from_class(responses.BaseResponse) is names, "looked up once"
+        assert motoproc.MOTO_QUEUE_ATTRIBUTES is original_attributes
     finally:
         SQSBackend.is_message_valid_based_on_retention_period = original_check  # type: ignore[method-assign]
         responses.method_names_from_class = original_names  # type: ignore[attr-defined]
+        Queue.attributes = original_attributes  # type: ignore[method-assign]
+
+
+def test_queue_attributes_read_one_by_one_are_what_moto_builds_whole() -> None:
+    """``cheap_bookkeeping``: a queue's attributes are computed as they are read (SendMessage read
+    one from a dict of all of them, counting the queue's messages each time), the same keys and
+    values as moto's dict, for plain, FIFO, dead-letter, encrypted and policied queues."""
+    from moto.sqs.models import Queue, sqs_backends
+
+    from ringfence.local.motoproc import cheap_bookkeeping
+
+    original = Queue.__dict__["attributes"]
+    backend = sqs_backends["210987654321"]["us-east-1"]  # registered: the dead-letter queue is looked up there
+    dlq = backend.create_queue("dead")
+    queues = [
+        backend.create_queue("plain"),
+        backend.create_queue("ordered.fifo", FifoQueue="true", ContentBasedDeduplication="true"),
+        backend.create_queue("plain-fifo.fifo", FifoQueue="true"),
+        backend.create_queue(
+            "guarded",
+            RedrivePolicy=f'{{"deadLetterTargetArn": "{dlq.queue_arn}", "maxReceiveCount": 3}}',
+            KmsMasterKeyId="alias/rf",
+            Policy='{"Version": "2012-10-17", "Statement": []}',
+        ),
+    ]
+    for q in queues:
+        fifo = {"group_id": "g", "deduplication_id": "d"} if q.fifo_queue else {}
+        backend.send_message(q.name, "now", **fifo)
+        if not q.fifo_queue:
+            backend.send_message(q.name, "later", delay_seconds=30)
+    backend.receive_message("plain", 1, 0, 30)  # one in flight
+    try:
+        expected = {q.name: dict(original.fget(q)) for q in [dlq, *queues]}
+        asked = {
+            q.name: backend.get_queue_attributes(q.name, ["QueueArn", "ContentBasedDeduplication"]) for q in queues
+        }
+        cheap_bookkeeping()
+        assert {q.name: dict(q.attributes) for q in [dlq, *queues]} == expected
+        assert {q.name: list(q.attributes) for q in queues} == {q.name: list(expected[q.name]) for q in queues}
+        assert expected["plain"]["ApproximateNumberOfMessagesNotVisible"] == 1
+        assert expected["plain"]["ApproximateNumberOfMessagesDelayed"] == 1
+        assert [q.attributes.get("ContentBasedDeduplication") for q in queues] == [None, "true", "false", None]
+        assert "RedrivePolicy" in queues[3].attributes and "KmsMasterKeyId" not in queues[0].attributes
+        assert {
+            q.name: backend.get_queue_attributes(q.name, ["QueueArn", "ContentBasedDeduplication"]) for q in queues
+        } == asked
+        assert dict(backend.get_queue_attributes("guarded", ["All"])) == expected["guarded"]
+    finally:
+        Queue.attributes = original  # type: ignore[method-assign]
+        backend.reset()

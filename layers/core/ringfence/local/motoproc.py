@@ -46,7 +46,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -261,13 +261,18 @@ def cache_event_paths() -> None:
 
 
 def cheap_bookkeeping() -> None:
-    """Three per-request costs of moto's that scale with nothing a test needs, found in a py-spy
-    profile of the moto process during a 50-instance scale-out (its one core was the lab's limit):
+    """Per-request costs of moto's that scale with nothing a test needs, found in py-spy profiles
+    of the moto process during a 50-instance scale-out (its one core was the lab's limit):
 
     * SQS checked each message it hands out against the queue's retention period by computing
       *every* attribute of the queue — counting its in-flight messages among them — once per
       message and per attribute: a quarter of moto's CPU went to ``ReceiveMessage`` and
       ``GetQueueAttributes``. The check reads the one attribute here (the same rule).
+    * SQS's ``SendMessage`` read ``ContentBasedDeduplication`` from that same whole-queue
+      attribute dict, up to three times per message: three quarters of ``PutEvents``' time
+      (each event sent to its queue target) went to counting queues' messages. A queue's
+      attributes are now a read-only mapping that computes each attribute when it is read
+      (:class:`_QueueAttributes`, the same values).
     * Every response looked up its handler class's method names with ``inspect.getmembers``;
       a class's methods do not change while the server runs, so they are looked up once.
     The third (the request log line werkzeug formats before it drops it) is :class:`_QuietHandler`."""
@@ -275,14 +280,54 @@ def cheap_bookkeeping() -> None:
 
     import moto.core.responses as responses
     from moto.core.utils import method_names_from_class, unix_time
-    from moto.sqs.models import Message, SQSBackend
+    from moto.sqs.models import Message, Queue, SQSBackend
 
     def within_retention(self: Any, queue_name: str, message: Message) -> bool:
         retention = int(self.get_queue(queue_name).message_retention_period)
         return bool(retention + message.sent_timestamp / 1000 > unix_time())  # type: ignore[operator]
 
     SQSBackend.is_message_valid_based_on_retention_period = within_retention  # type: ignore[method-assign]
+    if not isinstance(Queue.__dict__["attributes"].fget, type):  # once
+        global MOTO_QUEUE_ATTRIBUTES
+        MOTO_QUEUE_ATTRIBUTES = Queue.__dict__["attributes"]
+        Queue.attributes = property(_QueueAttributes)  # type: ignore[assignment,method-assign]
     responses.method_names_from_class = functools.lru_cache(maxsize=None)(method_names_from_class)  # type: ignore[attr-defined]
+
+
+MOTO_QUEUE_ATTRIBUTES: Any = None  # moto's own property, once replaced (a test compares them)
+
+
+class _QueueAttributes(Mapping[str, Any]):
+    """moto's ``Queue.attributes`` (the same keys and values), each computed when read: moto
+    builds the whole dict, message counts included, where it reads one attribute."""
+
+    def __init__(self, queue: Any) -> None:
+        self._q = queue
+
+    def _names(self) -> list[str]:
+        q = self._q
+        names = list(q.BASE_ATTRIBUTES)
+        if q.fifo_queue:
+            names += q.FIFO_ATTRIBUTES
+        if q.kms_master_key_id:
+            names += q.KMS_ATTRIBUTES
+        return names
+
+    def __getitem__(self, name: str) -> Any:
+        from moto.core.utils import camelcase_to_underscores
+
+        if name not in self._names():
+            raise KeyError(name)
+        value = getattr(self._q, camelcase_to_underscores(name))
+        if name == "RedrivePolicy" and value:
+            return json.dumps(value)
+        return str(value).lower() if isinstance(value, bool) else value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
 
 
 def serialise_transactions() -> None:
