@@ -330,9 +330,10 @@ def test_one_process_groups_its_records_without_racing_itself(request: pytest.Fi
     assert len(calls) <= writers * each
 
 
-def _held_transactions(client: Any) -> tuple[threading.Event, threading.Event, list[int]]:
-    """The first transaction waits for ``release``; ``entered`` is set when it is held. Returns
-    (entered, release, the item counts of every transaction)."""
+def _held_transactions(client: Any, fail: int = 0) -> tuple[threading.Event, threading.Event, list[int]]:
+    """The first transaction waits for ``release``; ``entered`` is set when it is held; the
+    ``fail``-th (from 1; 0: none) fails as an unreachable endpoint would. Returns (entered,
+    release, the item counts of every transaction)."""
     transact = client.transact_write_items
     entered, release = threading.Event(), threading.Event()
     sizes: list[int] = []
@@ -342,6 +343,8 @@ def _held_transactions(client: Any) -> tuple[threading.Event, threading.Event, l
         if len(sizes) == 1:
             entered.set()
             assert release.wait(30)
+        if len(sizes) == fail:
+            raise ConnectionError("DynamoDB unreachable")
         return transact(**kw)
 
     client.transact_write_items = held
@@ -349,7 +352,7 @@ def _held_transactions(client: Any) -> tuple[threading.Event, threading.Event, l
 
 
 def _audit_behind_a_held_write(
-    raw: Raw, recs: list[AuditRecord]
+    raw: Raw, recs: list[AuditRecord], fail: int = 0
 ) -> tuple[dict[str, AuditRecord | Exception], list[int]]:
     """``recs[0]`` written by one thread while its transaction is held, the rest queued behind it
     from threads of their own. Returns each record's id → what its caller got, and the item
@@ -357,7 +360,7 @@ def _audit_behind_a_held_write(
     from ringfence.store import dynamodb
 
     dynamodb._CHAIN_WRITERS.clear()
-    entered, release, sizes = _held_transactions(raw.store.audit_table.meta.client)
+    entered, release, sizes = _held_transactions(raw.store.audit_table.meta.client, fail)
     got: dict[str, AuditRecord | Exception] = {}
 
     def one(rec: AuditRecord) -> None:
@@ -391,6 +394,23 @@ def test_records_queued_behind_a_write_go_together_within_the_transaction_limit(
     assert [r.seq for r in log] == list(range(1, 62)) and verify(log, raw.store.audit_head()).ok
     assert {r.id: r for r in log} == got, "every caller got its record as stored"
     assert log[0].id == recs[0].id, "the held write went first"
+
+
+def test_a_failed_transaction_fails_only_the_records_it_carried(request: pytest.FixtureRequest) -> None:
+    """A group too large for one transaction: when the second of its transactions fails, the
+    callers whose records the first wrote get them, the others the error; the chain holds."""
+    raw = _dynamodb(request.getfixturevalue("moto_url"))
+    recs = [AuditRecord(principal="agent", action="agent.enroll", target=f"i-{n}") for n in range(61)]
+    got, sizes = _audit_behind_a_held_write(raw, recs, fail=3)
+    assert sizes == [3, 2 * 49 + 1, 2 * 11 + 1]
+    log = raw.store.audit_log()
+    assert [r.seq for r in log] == list(range(1, 51)) and verify(log, raw.store.audit_head()).ok
+    written = {r.id for r in log}
+    assert all(got[i] == r for r in log for i in [r.id]), "the written ones got their records"
+    failed = [v for k, v in got.items() if k not in written]
+    assert len(failed) == 11 and all(isinstance(v, ConnectionError) for v in failed)
+    after = raw.store.audit(AuditRecord(principal="next", action="x", target="t"))
+    assert after.seq == 51 and verify(raw.store.audit_log(), raw.store.audit_head()).ok
 
 
 def test_a_record_whose_id_exists_is_refused_alone_and_its_group_is_written(request: pytest.FixtureRequest) -> None:

@@ -665,10 +665,22 @@ class DynamoStore:
         (each record is its chain item and its id item, conditional on neither existing; the head
         moves once, conditional on the head the first one follows). A record whose id exists is
         refused alone (the log is append-only); the others are sealed again and retried."""
+        out: list[AuditRecord | BaseException | None] = [None] * len(recs)
+        try:
+            self._append_into(recs, writer, out)
+        except Exception as exc:  # the records not yet written get it; those written keep theirs
+            writer.head = None
+            return [r if r is not None else exc for r in out]
+        return [
+            r if r is not None else ConflictError(f"audit record {recs[i].id} not written") for i, r in enumerate(out)
+        ]
+
+    def _append_into(
+        self, recs: list[AuditRecord], writer: _ChainWriter, out: list[AuditRecord | BaseException | None]
+    ) -> None:
         # the resource's client: it takes and returns plain Python values (boto3's serializer)
         client = self.audit_table.meta.client
         table = self.audit_table.name
-        out: list[AuditRecord | BaseException | None] = [None] * len(recs)
         pending = list(range(len(recs)))
         losses = 0
         new = {"ConditionExpression": "attribute_not_exists(pk)"}
@@ -732,7 +744,6 @@ class DynamoStore:
             for i, rec in zip(chunk, sealed, strict=True):
                 out[i] = rec
             pending = pending[len(chunk) :]
-        return [r if r is not None else ConflictError("audit record not written") for r in out]
 
     def audit_head(self) -> AuditHead | None:
         item = self.audit_table.get_item(Key={"pk": "head", "sk": "head"}, ConsistentRead=True).get("Item")
