@@ -215,6 +215,38 @@ def test_the_estate_read_from_moto_is_what_describe_calls_answer(embedded: Any) 
     assert len(got.groups["estate-asg"].members) == 1
 
 
+def test_identity_documents_asked_at_once_cost_one_describe(embedded: Any) -> None:
+    """The lab's IMDS documents (``EmbeddedAws.identity_document``): instances whose agents ask at
+    once are described in one call, and each document names its own instance as DescribeInstances
+    does; a stopped instance's is described alone."""
+    import json
+    import threading
+
+    embedded.reset()
+    ec2 = embedded.client("ec2")
+    vpc = ec2.create_vpc(CidrBlock="10.97.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.97.1.0/24")["Subnet"]["SubnetId"]
+    launched = ec2.run_instances(ImageId="ami-12c6146b", MinCount=6, MaxCount=6, SubnetId=subnet)["Instances"]
+    ids = [i["InstanceId"] for i in launched]
+    ec2.stop_instances(InstanceIds=[ids[-1]])
+    before = embedded.calls().get("ec2.DescribeInstances", (0, 0.0))[0]
+    docs: dict[str, str] = {}
+    threads = [threading.Thread(target=lambda i=i: docs.update({i: embedded.identity_document(i)})) for i in ids[:-1]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert embedded.calls()["ec2.DescribeInstances"][0] - before == 1, "five agents, one describe"
+    for inst in launched[:-1]:
+        doc = json.loads(docs[inst["InstanceId"]])
+        assert doc["instanceId"] == inst["InstanceId"] and doc["privateIp"] == inst["PrivateIpAddress"]
+        assert doc["availabilityZone"] == inst["Placement"]["AvailabilityZone"]
+    assert json.loads(embedded.identity_document(ids[-1]))["instanceId"] == ids[-1]
+    assert embedded.calls()["ec2.DescribeInstances"][0] - before == 3, "a stopped one: found by id"
+    assert embedded.identity_document(ids[0]) == docs[ids[0]]
+    assert embedded.calls()["ec2.DescribeInstances"][0] - before == 3, "described once"
+
+
 def test_event_paths_are_parsed_once_and_find_what_a_fresh_parse_finds() -> None:
     """``cache_event_paths``: moto's EventBridge gets one parse per JSONPath (it built a yacc parser
     for every event and target), and a kept parse finds in each event what a fresh one does."""

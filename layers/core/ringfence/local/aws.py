@@ -44,6 +44,7 @@ import os
 import select
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -161,6 +162,7 @@ class EmbeddedAws:
     _pool_url: str = field(init=False, default="", repr=False)
     # instance → its identity document (every field is fixed at launch)
     _documents: dict[str, str] = field(init=False, default_factory=dict, repr=False)
+    _documents_lock: threading.Lock = field(init=False, default_factory=threading.Lock, repr=False)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -468,19 +470,35 @@ class EmbeddedAws:
     def identity_document(self, instance_id: str) -> str:
         """The instance identity document IMDS would serve to ``instance_id`` (sign it with
         :attr:`iid`); ``pendingTime`` is the instance's launch time, so it is stable. Every field
-        is fixed at launch: it is described once (an agent's enrollment asks for it several times,
-        a scale-out of 50 made 247 DescribeInstances calls of moto for it)."""
+        is fixed at launch, so each instance is described once: on a miss, every pending or
+        running instance without a document is, in one call, by one thread (a scale-out's 50
+        agents enroll at once: 50 DescribeInstances calls of moto before, 247 before that)."""
         if (doc := self._documents.get(instance_id)) is not None:
             return doc
-        inst = self.client("ec2").describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
+        with self._documents_lock:
+            if instance_id not in self._documents:
+                live = [{"Name": "instance-state-name", "Values": ["pending", "running"]}]
+                for inst in self._described(Filters=live):
+                    with contextlib.suppress(KeyError):  # no address yet: asked for alone, later
+                        self._documents.setdefault(inst["InstanceId"], self._document(inst))
+            if instance_id not in self._documents:  # stopped, or gone already: asked for by id
+                (inst,) = self._described(InstanceIds=[instance_id])
+                self._documents[instance_id] = self._document(inst)
+            return self._documents[instance_id]
+
+    def _described(self, **query: Any) -> list[dict[str, Any]]:
+        got = self.client("ec2").describe_instances(**query)["Reservations"]
+        return [inst for r in got for inst in r["Instances"]]
+
+    def _document(self, inst: dict[str, Any]) -> str:
         launched = inst["LaunchTime"].astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        doc = json.dumps(
+        return json.dumps(
             {
                 "accountId": self.account,
                 "architecture": inst.get("Architecture", "x86_64"),
                 "availabilityZone": inst["Placement"]["AvailabilityZone"],
                 "imageId": inst["ImageId"],
-                "instanceId": instance_id,
+                "instanceId": inst["InstanceId"],
                 "instanceType": inst["InstanceType"],
                 "pendingTime": launched,
                 "privateIp": inst["PrivateIpAddress"],
@@ -488,8 +506,6 @@ class EmbeddedAws:
                 "version": "2017-09-30",
             }
         )
-        self._documents[instance_id] = doc
-        return doc
 
 
 @dataclass
