@@ -43,7 +43,7 @@ def _behind_a_held_write(writes: _HeldWrites, items: list[int]) -> dict[int, int
     others = [threading.Thread(target=one, args=(i,)) for i in items[1:]]
     for t in others:
         t.start()
-    while len(group._queued) < len(others):
+    while group.queued < len(others):
         threading.Event().wait(0.01)
     writes.release.set()
     for t in [first, *others]:

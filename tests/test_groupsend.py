@@ -61,7 +61,7 @@ def test_senders_that_queue_behind_a_send_go_out_together_and_return_only_once_s
     for t in others:
         t.start()
     # every other sender is queued behind the first delivery, none has returned
-    while len(group._group._queued) < 5:
+    while group.queued < 5:
         threading.Event().wait(0.01)
     assert returned == {}
     rec.release.set()

@@ -376,7 +376,7 @@ def _audit_behind_a_held_write(
     for t in others:
         t.start()
     writer = dynamodb._CHAIN_WRITERS[next(iter(dynamodb._CHAIN_WRITERS))]
-    while len(writer.group._queued) < len(others):
+    while writer.group.queued < len(others):
         threading.Event().wait(0.01)
     release.set()
     for t in [first, *others]:

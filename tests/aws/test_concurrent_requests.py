@@ -31,7 +31,7 @@ def test_compute_messages_sent_while_one_is_in_flight_reach_the_queue_together(e
     assert first_in.wait(10)
     for t in threads[1:]:
         t.start()
-    while len(w._compute_sends._queued) < 11:
+    while w._compute_sends.queued < 11:
         threading.Event().wait(0.01)
     release.set()
     for t in threads:

@@ -31,6 +31,12 @@ class GroupCommit(Generic[T, R]):
         self._writing = False
         self.writes = 0  # writes made (what grouping saved: items committed minus this)
 
+    @property
+    def queued(self) -> int:
+        """Items waiting for the write in flight to finish (a test's way to know they queued)."""
+        with self._cond:
+            return len(self._queued)
+
     def commit(self, item: T) -> R:
         ticket: _Ticket[T, R] = _Ticket(item)
         with self._cond:

@@ -40,6 +40,11 @@ class GroupSend:
         """Deliveries made (what grouping saved: messages sent minus this)."""
         return self._group.writes
 
+    @property
+    def queued(self) -> int:
+        """Messages waiting for the send in flight to finish."""
+        return self._group.queued
+
     def send(self, message: Message) -> None:
         self._group.commit(message)
 
