@@ -275,7 +275,7 @@ def cheap_bookkeeping() -> None:
       (:class:`_QueueAttributes`, the same values).
     * Every response looked up its handler class's method names with ``inspect.getmembers``;
       a class's methods do not change while the server runs, so they are looked up once.
-    The third (the request log line werkzeug formats before it drops it) is :class:`_QuietHandler`."""
+    The last (the request log line werkzeug formats before it drops it) is :class:`_QuietHandler`."""
     import functools
 
     import moto.core.responses as responses
@@ -287,14 +287,8 @@ def cheap_bookkeeping() -> None:
         return bool(retention + message.sent_timestamp / 1000 > unix_time())  # type: ignore[operator]
 
     SQSBackend.is_message_valid_based_on_retention_period = within_retention  # type: ignore[method-assign]
-    if not isinstance(Queue.__dict__["attributes"].fget, type):  # once
-        global MOTO_QUEUE_ATTRIBUTES
-        MOTO_QUEUE_ATTRIBUTES = Queue.__dict__["attributes"]
-        Queue.attributes = property(_QueueAttributes)  # type: ignore[assignment,method-assign]
+    Queue.attributes = property(_QueueAttributes)  # type: ignore[assignment,method-assign]
     responses.method_names_from_class = functools.lru_cache(maxsize=None)(method_names_from_class)  # type: ignore[attr-defined]
-
-
-MOTO_QUEUE_ATTRIBUTES: Any = None  # moto's own property, once replaced (a test compares them)
 
 
 class _QueueAttributes(Mapping[str, Any]):
