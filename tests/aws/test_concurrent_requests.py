@@ -1,6 +1,7 @@
 """What a process's concurrent requests share (``ringfence serve`` answers a fleet from a thread
 pool): compute messages sent together go as one (real SQS), a policy is read from the bucket once
-however many threads ask for it first (real S3)."""
+however many threads ask for it first (real S3), enrollments that come together are checked
+with EC2 in one DescribeInstances call (real EC2 API)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import json
 import threading
 from typing import Any
 
+from ringfence import agentapi
 from ringfence.clouds.aws.wiring import Wiring
+from ringfence.control.agents import AgentApi
 from ringfence.control.wiring import Config
 
-from .conftest import Env
+from .conftest import ACCOUNT, REGION, Env
+from .test_pipeline import agent_key, boot, iid_document
 
 
 def test_compute_messages_sent_while_one_is_in_flight_reach_the_queue_together(env: Env) -> None:
@@ -63,3 +67,58 @@ def test_a_policy_is_read_from_the_bucket_once_however_many_threads_ask_first(en
     assert sorted(reads) == sorted(active.keys.values()), "each policy file read once"
     assert len({id(policy) for _, policy in got}) == 1, "every thread got the one loaded policy"
     assert w.mapper() is got[0][1].labels
+
+
+def test_enrollments_that_come_while_ec2_is_asked_share_the_next_describe(env: Env) -> None:
+    est = boot(env)
+    ids = [i for tier in est["ids"].values() for i in tier]
+    gone = ids.pop()
+    env.ec2.terminate_instances(InstanceIds=[gone])
+    w = Wiring(Config.from_env())
+    api = AgentApi(w)
+
+    def request(iid: str) -> agentapi.EnrollRequest:
+        doc, nonce, key = iid_document(env, iid), api.nonce().body["nonce"], agent_key(iid)
+        return agentapi.EnrollRequest(
+            method="aws-iid",
+            nonce=nonce,
+            document=doc,
+            document_signature=env.iid.sign(doc),
+            agent_key=key.pem,
+            agent_signature=key.prove("enroll", iid, nonce),
+        )
+
+    requests = {iid: request(iid) for iid in [*ids, gone]}
+    asked: list[list[str]] = []
+    first_in, release = threading.Event(), threading.Event()
+
+    def hold_the_first(params: dict[str, Any], **_: Any) -> None:
+        asked.append(list(params.get("InstanceIds", [])))
+        if not first_in.is_set():
+            first_in.set()
+            assert release.wait(10)
+
+    events = w.ec2_for(ACCOUNT, REGION).meta.events
+    events.register("before-parameter-build.ec2.DescribeInstances", hold_the_first)
+    answers: dict[str, Any] = {}
+    try:
+        threads = {
+            iid: threading.Thread(target=lambda i=iid: answers.__setitem__(i, api.enroll(requests[i])))
+            for iid in requests
+        }
+        first, *rest = requests
+        threads[first].start()
+        assert first_in.wait(10)
+        for iid in rest:
+            threads[iid].start()
+        while w.live.queued < len(rest):
+            threading.Event().wait(0.01)
+        release.set()
+        for t in threads.values():
+            t.join(10)
+    finally:
+        events.unregister("before-parameter-build.ec2.DescribeInstances", hold_the_first)
+    assert asked == [[first], sorted(rest)], "the first alone, then every enrollment that came meanwhile in one call"
+    assert {iid: a.status for iid, a in answers.items()} == {**dict.fromkeys(ids, 200), gone: 401}
+    assert "not running" in answers[gone].body["detail"], "each answer is its own instance's"
+    assert {a.body["workload_id"] for a in answers.values() if a.status == 200} == set(ids)

@@ -215,10 +215,11 @@ def test_the_estate_read_from_moto_is_what_describe_calls_answer(embedded: Any) 
     assert len(got.groups["estate-asg"].members) == 1
 
 
-def test_identity_documents_asked_at_once_cost_one_describe(embedded: Any) -> None:
-    """The lab's IMDS documents (``EmbeddedAws.identity_document``): instances whose agents ask at
-    once are described in one call, and each document names its own instance as DescribeInstances
-    does; a stopped instance's is described alone."""
+def test_identity_documents_asked_while_one_is_described_share_the_next_describe(embedded: Any) -> None:
+    """The lab's IMDS documents (``EmbeddedAws.identity_document``): instances whose agents ask
+    while a describe is in flight are described together in the next call, by id (never every
+    live instance: moto renders each one it answers with); each document names its own instance
+    as DescribeInstances does; a stopped instance has one too, an unknown one none."""
     import json
     import threading
 
@@ -227,24 +228,44 @@ def test_identity_documents_asked_at_once_cost_one_describe(embedded: Any) -> No
     vpc = ec2.create_vpc(CidrBlock="10.97.0.0/16")["Vpc"]["VpcId"]
     subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.97.1.0/24")["Subnet"]["SubnetId"]
     launched = ec2.run_instances(ImageId="ami-12c6146b", MinCount=6, MaxCount=6, SubnetId=subnet)["Instances"]
+    bystanders = ec2.run_instances(ImageId="ami-12c6146b", MinCount=3, MaxCount=3, SubnetId=subnet)["Instances"]
     ids = [i["InstanceId"] for i in launched]
     ec2.stop_instances(InstanceIds=[ids[-1]])
-    before = embedded.calls().get("ec2.DescribeInstances", (0, 0.0))[0]
+    asked: list[list[str]] = []
+    first_in, release = threading.Event(), threading.Event()
+
+    def hold_the_first(params: dict[str, Any], **_: Any) -> None:
+        asked.append(sorted(params.get("InstanceIds", [])))
+        if not first_in.is_set():
+            first_in.set()
+            assert release.wait(10)
+
+    ec2.meta.events.register("before-parameter-build.ec2.DescribeInstances", hold_the_first)
     docs: dict[str, str] = {}
-    threads = [threading.Thread(target=lambda i=i: docs.update({i: embedded.identity_document(i)})) for i in ids[:-1]]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert embedded.calls()["ec2.DescribeInstances"][0] - before == 1, "five agents, one describe"
-    for inst in launched[:-1]:
+    try:
+        threads = [threading.Thread(target=lambda i=i: docs.update({i: embedded.identity_document(i)})) for i in ids]
+        threads[0].start()
+        assert first_in.wait(10)
+        for t in threads[1:]:
+            t.start()
+        while embedded.documents_queued < len(ids) - 1:
+            threading.Event().wait(0.01)
+        release.set()
+        for t in threads:
+            t.join(30)
+    finally:
+        ec2.meta.events.unregister("before-parameter-build.ec2.DescribeInstances", hold_the_first)
+    assert asked == [[ids[0]], sorted(ids[1:])], "the first alone, the five that asked meanwhile in one call, by id"
+    assert not {b["InstanceId"] for b in bystanders} & {i for call in asked for i in call}
+    for inst in launched:
         doc = json.loads(docs[inst["InstanceId"]])
         assert doc["instanceId"] == inst["InstanceId"] and doc["privateIp"] == inst["PrivateIpAddress"]
         assert doc["availabilityZone"] == inst["Placement"]["AvailabilityZone"]
-    assert json.loads(embedded.identity_document(ids[-1]))["instanceId"] == ids[-1]
-    assert embedded.calls()["ec2.DescribeInstances"][0] - before == 3, "a stopped one: found by id"
+    before = embedded.calls()["ec2.DescribeInstances"][0]
     assert embedded.identity_document(ids[0]) == docs[ids[0]]
-    assert embedded.calls()["ec2.DescribeInstances"][0] - before == 3, "described once"
+    assert embedded.calls()["ec2.DescribeInstances"][0] == before, "described once"
+    with pytest.raises(LookupError, match="i-0123456789abcdef0"):
+        embedded.identity_document("i-0123456789abcdef0")
 
 
 def test_event_paths_are_parsed_once_and_find_what_a_fresh_parse_finds() -> None:

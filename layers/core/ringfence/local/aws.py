@@ -44,7 +44,6 @@ import os
 import select
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,7 +55,9 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
 from ringfence.bundle import SigningKey
+from ringfence.clouds.aws.ec2 import describe as describe_instances
 from ringfence.clouds.aws.patterns import INGEST_RULES, LIFECYCLE_RULES
+from ringfence.groupcommit import GroupCommit
 
 from . import lambdas, moto_lifecycle, moto_trail  # the extensions' record types; they run in moto's process
 
@@ -162,7 +163,10 @@ class EmbeddedAws:
     _pool_url: str = field(init=False, default="", repr=False)
     # instance → its identity document (every field is fixed at launch)
     _documents: dict[str, str] = field(init=False, default_factory=dict, repr=False)
-    _documents_lock: threading.Lock = field(init=False, default_factory=threading.Lock, repr=False)
+    _document_group: GroupCommit[str, str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._document_group = GroupCommit(self._describe_documents)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -470,25 +474,35 @@ class EmbeddedAws:
     def identity_document(self, instance_id: str) -> str:
         """The instance identity document IMDS would serve to ``instance_id`` (sign it with
         :attr:`iid`); ``pendingTime`` is the instance's launch time, so it is stable. Every field
-        is fixed at launch, so each instance is described once: on a miss, every pending or
-        running instance without a document is, in one call, by one thread (a scale-out's 50
-        agents enroll at once: 50 DescribeInstances calls of moto before, 247 before that)."""
+        is fixed at launch, so each instance is described once, and the instances whose agents ask
+        while a describe is in flight share the next (a scale-out's 50 agents ask at once: 50
+        DescribeInstances calls of moto before, 247 before that). By id, never every live
+        instance: moto renders each instance it answers with, and one describe of a whole
+        estate took two of moto's seconds while the agents it answered were booting."""
         if (doc := self._documents.get(instance_id)) is not None:
             return doc
-        with self._documents_lock:
-            if instance_id not in self._documents:
-                live = [{"Name": "instance-state-name", "Values": ["pending", "running"]}]
-                for inst in self._described(Filters=live):
-                    with contextlib.suppress(KeyError):  # no address yet: asked for alone, later
-                        self._documents.setdefault(inst["InstanceId"], self._document(inst))
-            if instance_id not in self._documents:  # stopped, or gone already: asked for by id
-                (inst,) = self._described(InstanceIds=[instance_id])
-                self._documents[instance_id] = self._document(inst)
-            return self._documents[instance_id]
+        return self._document_group.commit(instance_id)
 
-    def _described(self, **query: Any) -> list[dict[str, Any]]:
-        got = self.client("ec2").describe_instances(**query)["Reservations"]
-        return [inst for r in got for inst in r["Instances"]]
+    @property
+    def documents_queued(self) -> int:
+        """Identity documents asked for while a describe is in flight (waiting for the next)."""
+        return self._document_group.queued
+
+    def _describe_documents(self, ids: list[str]) -> list[str | BaseException]:
+        wanted = [i for i in dict.fromkeys(ids) if i not in self._documents]
+        live = describe_instances(self.client("ec2"), wanted) if wanted else {}
+        out: list[str | BaseException] = []
+        for iid in ids:
+            if iid in self._documents:
+                out.append(self._documents[iid])
+            elif (inst := live.get(iid)) is None:
+                out.append(LookupError(f"no instance {iid} in the embedded EC2"))
+            else:
+                try:
+                    out.append(self._documents.setdefault(iid, self._document(inst)))
+                except KeyError as exc:  # no address yet: asked again by the next request
+                    out.append(exc)
+        return out
 
     def _document(self, inst: dict[str, Any]) -> str:
         launched = inst["LaunchTime"].astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

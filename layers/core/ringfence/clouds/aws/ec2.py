@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from botocore.exceptions import ClientError
 
+from ringfence.groupcommit import GroupCommit
 from ringfence.labels import LabelMapper
 from ringfence.model import Workload
 from ringfence.store.base import InventoryRecord
@@ -85,6 +87,48 @@ def describe(ec2: Any, instance_ids: list[str]) -> dict[str, dict[str, Any]]:
                     if exc2.response.get("Error", {}).get("Code") != "InvalidInstanceID.NotFound":
                         raise
     return out
+
+
+class LiveInstances:
+    """One live instance at a time (``one``), as of a DescribeInstances call made after the
+    question was asked; the questions that come while a call is in flight share the next call
+    (a :class:`~ringfence.groupcommit.GroupCommit` per account and Region).
+
+    Why: every enrollment checks with EC2 that its instance runs with the document's address, and
+    a scale-out's agents enroll together. One call each was 50 DescribeInstances calls in a
+    50-instance scale-out: the API is rate-limited per account (a storm's enrollments throttled
+    each other), and in the lab it was half of moto's time. No answer is older than its question:
+    a call that began before a thread asked never answers it."""
+
+    def __init__(self, client_for: Callable[[str, str], Any]) -> None:
+        self.client_for = client_for
+        self._groups: dict[tuple[str, str], GroupCommit[str, dict[str, Any] | None]] = {}
+        self._lock = threading.Lock()
+
+    def one(self, account: str, region: str, instance_id: str) -> dict[str, Any] | None:
+        """The DescribeInstances item of ``instance_id`` (None: EC2 does not know it any more)."""
+        key = (account, region)
+        with self._lock:
+            group = self._groups.get(key)
+            if group is None:
+                group = self._groups[key] = GroupCommit(lambda ids: self._describe(key, ids))
+        return group.commit(instance_id)
+
+    @property
+    def calls(self) -> int:
+        """Describe calls made (questions asked minus this is what sharing saved)."""
+        with self._lock:
+            return sum(g.writes for g in self._groups.values())
+
+    @property
+    def queued(self) -> int:
+        """Questions waiting for the call in flight to end."""
+        with self._lock:
+            return sum(g.queued for g in self._groups.values())
+
+    def _describe(self, key: tuple[str, str], ids: list[str]) -> list[dict[str, Any] | None]:
+        live = describe(self.client_for(*key), sorted(set(ids)))
+        return [live.get(i) for i in ids]
 
 
 def all_instances(ec2: Any) -> Iterator[dict[str, Any]]:

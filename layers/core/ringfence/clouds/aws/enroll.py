@@ -212,8 +212,9 @@ def _iid_key(pem: str) -> rsa.RSAPublicKey:
     return load_public_key(pem.encode())
 
 
-def enroll_iid(api: AgentApi, req: agentapi.EnrollRequest) -> str:
-    """aws-iid: the instance identity document and its signature, bound to the agent's key."""
+def enroll_iid(api: AgentApi, req: agentapi.EnrollRequest, *, live: ec2.LiveInstances) -> str:
+    """aws-iid: the instance identity document and its signature, bound to the agent's key.
+    ``live``: the wiring's EC2 questions (concurrent enrollments share DescribeInstances calls)."""
     if not req.document or not req.document_signature:
         raise ProofError("aws-iid needs document and document_signature")
     ident = verify_iid(req.document, req.document_signature, _iid_key(api.w.cfg.iid_cert_pem))
@@ -226,20 +227,20 @@ def enroll_iid(api: AgentApi, req: agentapi.EnrollRequest) -> str:
     # the document is public to anything on the instance and may be captured: it names the
     # instance, the agent's key (signing this nonce) is what a second claimant lacks
     credentials.verify_proof(req.agent_key, req.agent_signature, "enroll", ident.instance_id, req.nonce)
-    live = ec2.describe(api.w.ec2_for(ident.account, ident.region), [ident.instance_id]).get(ident.instance_id)
-    if live is None or live.get("State", {}).get("Name") not in ("pending", "running"):
+    inst = live.one(ident.account, ident.region, ident.instance_id)
+    if inst is None or inst.get("State", {}).get("Name") not in ("pending", "running"):
         raise ProofError(f"instance {ident.instance_id} is not running")
-    if ident.private_ip and ident.private_ip not in ec2.instance_ips(live):
+    if ident.private_ip and ident.private_ip not in ec2.instance_ips(inst):
         raise ProofError(f"instance {ident.instance_id} does not have the document's address")
     api.bind_key(req, ident.instance_id, required=True, replace=False)
     if api.w.store.get(ident.instance_id) is None:
         # the instance as just described (the agent often enrolls before its launch is ingested)
-        observe_instances(api.w, ident.account, ident.region, [ident.instance_id], described={ident.instance_id: live})
+        observe_instances(api.w, ident.account, ident.region, [ident.instance_id], described={ident.instance_id: inst})
         api.w.enqueue_compute([ident.instance_id])
     return ident.instance_id
 
 
-def enroll_sts(api: AgentApi, req: agentapi.EnrollRequest) -> str:
+def enroll_sts(api: AgentApi, req: agentapi.EnrollRequest, *, live: ec2.LiveInstances) -> str:
     """aws-sts: a presigned GetCallerIdentity of the instance profile role, replayed."""
     if not req.sts_url or not req.sts_headers:
         raise ProofError("aws-sts needs sts_url and sts_headers")
@@ -254,11 +255,11 @@ def enroll_sts(api: AgentApi, req: agentapi.EnrollRequest) -> str:
         raise ProofError(f"{ident.instance_id} is not a running instance of account {ident.account} in inventory")
     # the session name is the caller's choice: the role must be the one EC2 hands this instance
     region = rec.workload.region or ""
-    live = ec2.describe(api.w.ec2_for(ident.account, region), [ident.instance_id]).get(ident.instance_id)
-    if live is None or live.get("State", {}).get("Name") != "running":
+    inst = live.one(ident.account, region, ident.instance_id)
+    if inst is None or inst.get("State", {}).get("Name") != "running":
         raise ProofError(f"instance {ident.instance_id} is not running")
     iam = clients.assumed_client("iam", region, api.w.cfg.account_roles.get(ident.account))
-    if ident.role not in instance_profile_roles(iam, live):
+    if ident.role not in instance_profile_roles(iam, inst):
         raise ProofError(f"role {ident.role} is not the instance profile role of {ident.instance_id}")
     # a live proof of the instance's credentials: it may (re)bind the agent's key
     api.bind_key(req, ident.instance_id, required=False, replace=True)

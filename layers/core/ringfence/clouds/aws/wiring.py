@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 from ringfence.control.changes import MovedSince, StoreChanges
@@ -33,7 +34,11 @@ class Wiring(BaseWiring):
         self.changes = StoreChanges(
             self.store.head, cfg.wait_poll_interval, MovedSince(self.store.moved_after, self.store.published_after)
         )
-        self.enrollers.update({"aws-iid": enroll_iid, "aws-sts": enroll_sts})
+        # what enrollments ask EC2, shared by the concurrent ones (serve's threads, a fleet booting)
+        self.live = ec2.LiveInstances(self.ec2_for)
+        self.enrollers.update(
+            {"aws-iid": partial(enroll_iid, live=self.live), "aws-sts": partial(enroll_sts, live=self.live)}
+        )
         # concurrent requests of one process (serve's threads) share their compute messages
         self._compute_sends = GroupSend(self._deliver_compute, merge_compute)
 
