@@ -365,6 +365,9 @@ def env(embedded: EmbeddedAws) -> Iterator[Env]:
     e.build()
     yield e
     e.retire()
+    # moto keeps connections alive: a test's clients close theirs rather than wait for the GC
+    for c in (e.ec2, e.asg, e.sqs, e.s3, e.events, e.ddb.meta.client):
+        c.close()
 
 
 def ip_of(env: Env, iid: str) -> str:

@@ -160,6 +160,32 @@ def test_transactions_are_all_or_nothing_without_copying_tables(embedded: Any) -
     ddb.delete_table(TableName=name)
 
 
+def test_a_client_connection_stays_open_across_calls(embedded: Any) -> None:
+    """moto's werkzeug server closed every connection after its answer: each AWS call of the lab
+    was a new TCP connection and a new thread of moto's. Three signed calls on one connection."""
+    import http.client
+    import json
+    from urllib.parse import urlsplit
+
+    url = urlsplit(embedded.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    sockets = set()
+    for _ in range(3):
+        headers = {
+            "X-Amz-Target": "DynamoDB_20120810.ListTables",
+            "Content-Type": "application/x-amz-json-1.0",
+            "Authorization": "AWS4-HMAC-SHA256 Credential=a/20260101/ca-central-1/dynamodb/aws4_request, "
+            "SignedHeaders=host, Signature=x",
+        }
+        conn.request("POST", "/", body=b"{}", headers=headers)
+        answer = conn.getresponse()
+        assert answer.status == 200 and "TableNames" in json.loads(answer.read())
+        assert answer.getheader("Connection", "").lower() != "close"
+        sockets.add(id(conn.sock))
+    conn.close()
+    assert len(sockets) == 1, "one connection for the three calls"
+
+
 def test_calls_are_counted_by_service_and_action(embedded: Any) -> None:
     """``calls()`` (``/_ringfence/calls``): what a benchmark reads to say where a run's time went
     — each call moto answered, by service and action, with the time moto spent on it."""

@@ -41,7 +41,7 @@ import contextlib
 import datetime as dt
 import json
 import os
-import select
+import selectors
 import subprocess
 import sys
 import time
@@ -204,7 +204,12 @@ class EmbeddedAws:
             # an enclosing embedded AWS's compute and publish
             lambdas.FUNCTION_ENVIRONMENT.update(self._saved_function_env)
             self._saved_env = None
+        for c in self._clients.values():
+            c.close()  # its pooled keep-alive connections (moto keeps them open until closed)
         self._clients.clear()
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     def reset(self) -> None:
         """Empty every moto backend and create the resources again (a new signing key)."""
@@ -546,7 +551,10 @@ def _start_moto(timeout: float = 60.0) -> _MotoProcess:
         stdout=subprocess.PIPE,
     )
     assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    # a selector, not select(): a long-lived process (a test worker) may hold over 1024 descriptors
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        ready = sel.select(timeout)
     line = proc.stdout.readline().decode() if ready else ""
     if not line.startswith("port "):
         proc.kill()

@@ -42,6 +42,7 @@ import base64
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -53,6 +54,7 @@ from urllib.parse import parse_qs
 from . import moto_changes, moto_lifecycle, moto_trail
 
 PREFIX = "/_ringfence/"
+WORKER_THREADS = 128  # waitress's pool: every long-poll holds one while it waits
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 Wsgi = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
@@ -161,6 +163,35 @@ ROUTES: dict[str, Callable[[dict[str, str]], Any]] = {
     "connection-data": _connection_data,
     "instances": _instances,
 }
+
+
+def with_length(moto_app: Wsgi) -> Wsgi:
+    """moto's answers with a Content-Length: some come without one, and an HTTP/1.1 server must
+    then end the body by closing the connection (waitress does), leaving the client's pooled
+    connection half-closed. moto builds every answer in memory, so nothing streams here."""
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        answered: list[tuple[str, list[tuple[str, str]]]] = []
+
+        def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            answered[:] = [(status, list(headers))]
+            return lambda data: (_ for _ in ()).throw(NotImplementedError("write() of a WSGI answer"))
+
+        chunks = moto_app(environ, capture)
+        try:
+            body = b"".join(chunks)
+        finally:
+            if hasattr(chunks, "close"):
+                chunks.close()
+        status, headers = answered[0]
+        code = int(status.split()[0])
+        bodiless = environ.get("REQUEST_METHOD") == "HEAD" or code < 200 or code in (204, 304)
+        if not bodiless and not any(k.lower() == "content-length" for k, _ in headers):
+            headers.append(("Content-Length", str(len(body))))
+        start_response(status, headers)
+        return [body]
+
+    return app
 
 
 def with_extensions(moto_app: Wsgi) -> Wsgi:
@@ -417,8 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=0, help="port to bind (default: 0, a free one)")
     args = ap.parse_args(argv)
 
-    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
-    from werkzeug.serving import make_server
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+    from waitress.server import create_server
 
     count_calls()  # first: the other extensions wrap what it wraps, and are counted with it
     moto_lifecycle.install()
@@ -427,28 +458,37 @@ def main(argv: list[str] | None = None) -> int:
     serialise_transactions()
     cache_event_paths()
     cheap_bookkeeping()
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
 
-    class _QuietHandler(MotoRequestHandler):
-        def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-            """Not formatted at all: werkzeug builds each request's line (a date string among it)
-            before the logger's level drops it, 6 % of moto's CPU in a scale-out."""
-
-    app = with_extensions(MemoizedDispatch(DomainDispatcherApplication(create_backend_app)))
-    server = make_server(args.host, args.port, app, threaded=True, request_handler=_QuietHandler)
+    app = with_extensions(with_length(MemoizedDispatch(DomainDispatcherApplication(create_backend_app))))
+    # waitress, not moto's werkzeug server: werkzeug closes every connection after its answer
+    # ("Connection: close" always), so each AWS call of the lab was a TCP connection and a new
+    # thread of moto's; waitress keeps clients' connections alive and answers from a pool. The
+    # pool outnumbers the long-polls that hold a thread each (SQS ReceiveMessage, the changes
+    # path); clients' pools (64 connections per botocore client) fit the connection limit.
+    server = create_server(
+        app,
+        host=args.host,
+        port=args.port,
+        threads=WORKER_THREADS,
+        connection_limit=4096,
+        asyncore_use_poll=True,  # select() stops at descriptor 1024
+        channel_timeout=600,
+        ident="moto",
+    )
+    logging.getLogger("waitress").setLevel(logging.ERROR)  # "task queue depth" warnings under a storm
 
     def stop(*_: object) -> None:
-        threading.Thread(target=server.shutdown, daemon=True).start()  # shutdown waits for serve_forever
+        raise SystemExit(0)  # in the main thread: waitress's loop ends and stops its workers
 
     signal.signal(signal.SIGTERM, stop)
 
     def watch_parent() -> None:
         sys.stdin.buffer.read()  # returns at EOF: the parent closed the pipe, or died
-        stop()
+        os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
-    print(f"port {server.server_address[1]}", flush=True)
-    server.serve_forever()
+    print(f"port {server.effective_port}", flush=True)
+    server.run()
     return 0
 
 

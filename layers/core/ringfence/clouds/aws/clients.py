@@ -87,7 +87,10 @@ def assumed_client(service: str, region: str, role_arn: str | None, session_name
 
 
 def reset() -> None:
-    """Forget cached clients (tests; a new endpoint or new credentials)."""
+    """Forget cached clients (tests; a new endpoint or new credentials), closing their pooled
+    connections: a server that keeps connections alive keeps them until the client closes."""
+    for c in [*_clients.values(), *(made for _, made in _assumed.values())]:
+        c.close()
     _clients.clear()
     _assumed.clear()
     session.cache_clear()

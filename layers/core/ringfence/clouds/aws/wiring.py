@@ -24,9 +24,10 @@ class Wiring(BaseWiring):
     def __init__(self, cfg: Config) -> None:
         from ringfence.store.dynamodb import DynamoStore
 
+        self._ddb = clients.resource("dynamodb")
         super().__init__(
             cfg,
-            DynamoStore(cfg.inventory_table, cfg.state_table, cfg.audit_table, resource=clients.resource("dynamodb")),
+            DynamoStore(cfg.inventory_table, cfg.state_table, cfg.audit_table, resource=self._ddb),
             S3Publisher(clients.client("s3"), cfg.bucket, cfg.kms_key_id),
         )
         self.sqs = clients.client("sqs")
@@ -91,8 +92,10 @@ class Wiring(BaseWiring):
 
     def close(self) -> None:
         """Done with this wiring (serve shutting down, a test's AWS going away): its change watch
-        stops instead of polling a store that may no longer exist."""
+        stops instead of polling a store that may no longer exist, and the store's own client
+        closes its pooled connections."""
         self.changes.close()
+        self._ddb.meta.client.close()
 
     def send_compute(self, message: dict[str, Any]) -> None:
         self._compute_sends.send(message)
