@@ -305,8 +305,7 @@ def cheap_bookkeeping() -> None:
       attributes are now a read-only mapping that computes each attribute when it is read
       (:class:`_QueueAttributes`, the same values).
     * Every response looked up its handler class's method names with ``inspect.getmembers``;
-      a class's methods do not change while the server runs, so they are looked up once.
-    The last (the request log line werkzeug formats before it drops it) is :class:`_QuietHandler`."""
+      a class's methods do not change while the server runs, so they are looked up once."""
     import functools
 
     import moto.core.responses as responses
