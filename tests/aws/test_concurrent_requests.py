@@ -13,6 +13,7 @@ from ringfence import agentapi
 from ringfence.clouds.aws.wiring import Wiring
 from ringfence.control.agents import AgentApi
 from ringfence.control.wiring import Config
+from tests.describes import HeldDescribes
 
 from .conftest import ACCOUNT, REGION, Env
 from .test_pipeline import agent_key, boot, iid_document
@@ -89,36 +90,24 @@ def test_enrollments_that_come_while_ec2_is_asked_share_the_next_describe(env: E
         )
 
     requests = {iid: request(iid) for iid in [*ids, gone]}
-    asked: list[list[str]] = []
-    first_in, release = threading.Event(), threading.Event()
-
-    def hold_the_first(params: dict[str, Any], **_: Any) -> None:
-        asked.append(list(params.get("InstanceIds", [])))
-        if not first_in.is_set():
-            first_in.set()
-            assert release.wait(10)
-
-    events = w.ec2_for(ACCOUNT, REGION).meta.events
-    events.register("before-parameter-build.ec2.DescribeInstances", hold_the_first)
     answers: dict[str, Any] = {}
-    try:
-        threads = {
-            iid: threading.Thread(target=lambda i=iid: answers.__setitem__(i, api.enroll(requests[i])))
-            for iid in requests
-        }
-        first, *rest = requests
+    threads = {
+        iid: threading.Thread(target=lambda i=iid: answers.__setitem__(i, api.enroll(requests[i]))) for iid in requests
+    }
+    first, *rest = requests
+    with HeldDescribes(w.ec2_for(ACCOUNT, REGION)) as held:
         threads[first].start()
-        assert first_in.wait(10)
+        assert held.first_in.wait(10)
         for iid in rest:
             threads[iid].start()
         while w.live.queued < len(rest):
             threading.Event().wait(0.01)
-        release.set()
+        held.release()
         for t in threads.values():
             t.join(10)
-    finally:
-        events.unregister("before-parameter-build.ec2.DescribeInstances", hold_the_first)
-    assert asked == [[first], sorted(rest)], "the first alone, then every enrollment that came meanwhile in one call"
+    assert held.asked == [[first], sorted(rest)], (
+        "the first alone, then every enrollment that came meanwhile in one call"
+    )
     assert {iid: a.status for iid, a in answers.items()} == {**dict.fromkeys(ids, 200), gone: 401}
     assert "not running" in answers[gone].body["detail"], "each answer is its own instance's"
     assert {a.body["workload_id"] for a in answers.values() if a.status == 200} == set(ids)

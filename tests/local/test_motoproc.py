@@ -13,6 +13,7 @@ from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_ba
 from werkzeug.test import EnvironBuilder
 
 from ringfence.local.motoproc import MemoizedDispatch, _dispatch_key
+from tests.describes import HeldDescribes
 
 
 def _environ(service: str, path: str = "/", target: str | None = None, host: str = "127.0.0.1:5000",
@@ -257,32 +258,22 @@ def test_identity_documents_asked_while_one_is_described_share_the_next_describe
     bystanders = ec2.run_instances(ImageId="ami-12c6146b", MinCount=3, MaxCount=3, SubnetId=subnet)["Instances"]
     ids = [i["InstanceId"] for i in launched]
     ec2.stop_instances(InstanceIds=[ids[-1]])
-    asked: list[list[str]] = []
-    first_in, release = threading.Event(), threading.Event()
-
-    def hold_the_first(params: dict[str, Any], **_: Any) -> None:
-        asked.append(sorted(params.get("InstanceIds", [])))
-        if not first_in.is_set():
-            first_in.set()
-            assert release.wait(10)
-
-    ec2.meta.events.register("before-parameter-build.ec2.DescribeInstances", hold_the_first)
     docs: dict[str, str] = {}
-    try:
-        threads = [threading.Thread(target=lambda i=i: docs.update({i: embedded.identity_document(i)})) for i in ids]
+    threads = [threading.Thread(target=lambda i=i: docs.update({i: embedded.identity_document(i)})) for i in ids]
+    with HeldDescribes(ec2) as held:
         threads[0].start()
-        assert first_in.wait(10)
+        assert held.first_in.wait(10)
         for t in threads[1:]:
             t.start()
         while embedded.documents_queued < len(ids) - 1:
             threading.Event().wait(0.01)
-        release.set()
+        held.release()
         for t in threads:
             t.join(30)
-    finally:
-        ec2.meta.events.unregister("before-parameter-build.ec2.DescribeInstances", hold_the_first)
-    assert asked == [[ids[0]], sorted(ids[1:])], "the first alone, the five that asked meanwhile in one call, by id"
-    assert not {b["InstanceId"] for b in bystanders} & {i for call in asked for i in call}
+    assert held.asked == [[ids[0]], sorted(ids[1:])], (
+        "the first alone, the five that asked meanwhile in one call, by id"
+    )
+    assert not {b["InstanceId"] for b in bystanders} & {i for call in held.asked for i in call}
     for inst in launched:
         doc = json.loads(docs[inst["InstanceId"]])
         assert doc["instanceId"] == inst["InstanceId"] and doc["privateIp"] == inst["PrivateIpAddress"]

@@ -173,9 +173,12 @@ def with_length(moto_app: Wsgi) -> Wsgi:
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         answered: list[tuple[str, list[tuple[str, str]]]] = []
 
+        def write(data: bytes) -> None:  # WSGI's legacy write(): Flask (moto) never uses it
+            raise NotImplementedError("write() of a WSGI answer")
+
         def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             answered[:] = [(status, list(headers))]
-            return lambda data: (_ for _ in ()).throw(NotImplementedError("write() of a WSGI answer"))
+            return write
 
         chunks = moto_app(environ, capture)
         try:

@@ -96,8 +96,8 @@ class LiveInstances:
 
     Why: every enrollment checks with EC2 that its instance runs with the document's address, and
     a scale-out's agents enroll together. One call each was 50 DescribeInstances calls in a
-    50-instance scale-out: the API is rate-limited per account (a storm's enrollments throttled
-    each other), and in the lab it was half of moto's time. No answer is older than its question:
+    50-instance scale-out, and EC2 rate-limits the API per account: a storm's enrollments would
+    throttle each other and the functions' own describes. No answer is older than its question:
     a call that began before a thread asked never answers it."""
 
     def __init__(self, client_for: Callable[[str, str], Any]) -> None:
