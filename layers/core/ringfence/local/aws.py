@@ -55,9 +55,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
 from ringfence.bundle import SigningKey
-from ringfence.clouds.aws.ec2 import describe as describe_instances
+from ringfence.clouds.aws.ec2 import LiveInstances
 from ringfence.clouds.aws.patterns import INGEST_RULES, LIFECYCLE_RULES
-from ringfence.groupcommit import GroupCommit
 
 from . import lambdas, moto_lifecycle, moto_trail  # the extensions' record types; they run in moto's process
 
@@ -163,10 +162,11 @@ class EmbeddedAws:
     _pool_url: str = field(init=False, default="", repr=False)
     # instance → its identity document (every field is fixed at launch)
     _documents: dict[str, str] = field(init=False, default_factory=dict, repr=False)
-    _document_group: GroupCommit[str, str] = field(init=False, repr=False)
+    # the instances asked about while a describe is in flight share the next (by id)
+    _live: LiveInstances = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._document_group = GroupCommit(self._describe_documents)
+        self._live = LiveInstances(lambda account, region: self.client("ec2"))
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -486,28 +486,15 @@ class EmbeddedAws:
         estate took two of moto's seconds while the agents it answered were booting."""
         if (doc := self._documents.get(instance_id)) is not None:
             return doc
-        return self._document_group.commit(instance_id)
+        inst = self._live.one(self.account, self.region, instance_id)
+        if inst is None:
+            raise LookupError(f"no instance {instance_id} in the embedded EC2")
+        return self._documents.setdefault(instance_id, self._document(inst))  # KeyError: no address yet
 
     @property
     def documents_queued(self) -> int:
         """Identity documents asked for while a describe is in flight (waiting for the next)."""
-        return self._document_group.queued
-
-    def _describe_documents(self, ids: list[str]) -> list[str | BaseException]:
-        wanted = [i for i in dict.fromkeys(ids) if i not in self._documents]
-        live = describe_instances(self.client("ec2"), wanted) if wanted else {}
-        out: list[str | BaseException] = []
-        for iid in ids:
-            if iid in self._documents:
-                out.append(self._documents[iid])
-            elif (inst := live.get(iid)) is None:
-                out.append(LookupError(f"no instance {iid} in the embedded EC2"))
-            else:
-                try:
-                    out.append(self._documents.setdefault(iid, self._document(inst)))
-                except KeyError as exc:  # no address yet: asked again by the next request
-                    out.append(exc)
-        return out
+        return self._live.queued
 
     def _document(self, inst: dict[str, Any]) -> str:
         launched = inst["LaunchTime"].astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
