@@ -9,6 +9,8 @@ import time
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 from werkzeug.test import EnvironBuilder
 
@@ -382,3 +384,100 @@ def test_queue_attributes_read_one_by_one_are_what_moto_builds_whole() -> None:
     finally:
         Queue.attributes = original  # type: ignore[method-assign]
         backend.reset()
+
+
+_SCALARS = st.one_of(
+    st.builds(lambda s: {"S": s}, st.text(max_size=8)),
+    st.builds(lambda n: {"N": str(n)}, st.integers(-(10**6), 10**6)),
+    st.builds(lambda b: {"BOOL": b}, st.booleans()),
+    st.just({"NULL": True}),
+    st.builds(lambda ss: {"SS": sorted(ss)}, st.sets(st.text(min_size=1, max_size=4), min_size=1, max_size=3)),
+    st.builds(lambda ns: {"NS": [str(n) for n in sorted(ns)]}, st.sets(st.integers(0, 99), min_size=1, max_size=3)),
+    st.builds(lambda b: {"B": b}, st.binary(max_size=6)),
+    st.builds(lambda bs: {"BS": sorted(bs)}, st.sets(st.binary(min_size=1, max_size=4), min_size=1, max_size=2)),
+)
+_ATTRIBUTE_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: st.one_of(
+        st.builds(lambda m: {"M": m}, st.dictionaries(st.text(min_size=1, max_size=5), inner, max_size=4)),
+        st.builds(lambda items: {"L": items}, st.lists(inner, max_size=4)),
+    ),
+    max_leaves=12,
+)
+_ITEMS = st.dictionaries(st.text(min_size=1, max_size=6), _ATTRIBUTE_VALUES, min_size=1, max_size=5)
+
+
+@settings(max_examples=150, deadline=None)
+@given(items=st.lists(_ITEMS, min_size=1, max_size=3))
+def test_attribute_values_in_wire_form_serialise_as_moto_walks_them(items: list[dict[str, Any]]) -> None:
+    """``plain_attribute_values``: DynamoDB answers holding items of every attribute type (binary
+    ones, which still take moto's walk, among them) serialise to the JSON moto's own serialiser
+    writes, for the operations that answer with items."""
+    from moto.core.serialize import JSONSerializer, XFormedAttributePicker
+    from moto.core.utils import get_service_model
+
+    from ringfence.local.motoproc import plain_attribute_values
+
+    model = get_service_model("dynamodb")  # moto's own, as its responses use it
+    answers = {
+        "GetItem": {"Item": items[0]},
+        "UpdateItem": {"Attributes": items[0]},
+        "BatchGetItem": {"Responses": {"t": items}, "UnprocessedKeys": {}},
+        "Query": {"Items": items, "Count": len(items), "ScannedCount": len(items)},
+    }
+
+    def serialise() -> dict[str, str]:
+        return {
+            op: JSONSerializer(
+                operation_model=model.operation_model(op), value_picker=XFormedAttributePicker()
+            ).serialize(answer)["body"]
+            for op, answer in answers.items()
+        }
+
+    original = JSONSerializer._serialize_type_structure
+    expected = serialise()
+    try:
+        plain_attribute_values()
+        plain_attribute_values()  # a second install keeps the first
+        assert serialise() == expected
+    finally:
+        JSONSerializer._serialize_type_structure = original  # type: ignore[method-assign]
+
+
+def test_items_of_every_attribute_type_come_back_from_the_lab_as_written(embedded: Any) -> None:
+    """The lab's moto (with ``plain_attribute_values``) answers GetItem, UpdateItem and Query
+    with the items written, every attribute type included."""
+    ddb = embedded.client("dynamodb")
+    ddb.create_table(
+        TableName="rf-wire-form",
+        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
+        AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    item = {
+        "pk": {"S": "w-1"},
+        "empty": {"S": ""},
+        "n": {"N": "42"},
+        "flag": {"BOOL": False},
+        "none": {"NULL": True},
+        "ss": {"SS": ["a", "b"]},
+        "ns": {"NS": ["1", "2"]},
+        "b": {"B": b"\x00\xff"},
+        "nested": {"M": {"l": {"L": [{"S": "x"}, {"M": {"bs": {"BS": [b"\x01"]}}}, {"N": "7"}]}}},
+    }
+    ddb.put_item(TableName="rf-wire-form", Item=item)
+    assert ddb.get_item(TableName="rf-wire-form", Key={"pk": {"S": "w-1"}})["Item"] == item
+    updated = ddb.update_item(
+        TableName="rf-wire-form",
+        Key={"pk": {"S": "w-1"}},
+        UpdateExpression="SET n = :n",
+        ExpressionAttributeValues={":n": {"N": "43"}},
+        ReturnValues="ALL_NEW",
+    )["Attributes"]
+    assert updated == {**item, "n": {"N": "43"}}
+    queried = ddb.query(
+        TableName="rf-wire-form",
+        KeyConditionExpression="pk = :k",
+        ExpressionAttributeValues={":k": {"S": "w-1"}},
+    )["Items"]
+    assert queried == [updated]
