@@ -228,6 +228,24 @@ def test_one_active_token_per_workload_and_revocation(store: Store) -> None:
     assert store.token_workload("new") is None and store.token_workload("other") == "w2"
 
 
+def test_a_new_token_deletes_the_one_it_replaces_without_reading_first(moto_url: str) -> None:
+    """DynamoDB: the put of a workload's ``tokenof`` item hands back the one it replaced, so an
+    enrollment or renewal writes its token in two puts and deletes the old one, no read first."""
+    store = make_dynamo(moto_url)
+    store.put_token("old", "w1", 60)
+    calls: list[str] = []
+    events = store.state.meta.client.meta.events  # type: ignore[attr-defined]
+    events.register("before-call.dynamodb", lambda model, **_: calls.append(model.name))
+    store.put_token("new", "w1", 60)
+    assert calls == ["PutItem", "PutItem", "DeleteItem"]
+    assert store.state.get_item(Key={"pk": "token#old", "sk": "token"}).get("Item") is None  # type: ignore[attr-defined]
+    assert store.token_workload("old") is None and store.token_workload("new") == "w1"
+    calls.clear()
+    store.put_token("first", "w2", 60)
+    assert calls == ["PutItem", "PutItem"], "nothing replaced: nothing to delete"
+    assert store.token_workload("first") == "w2" and store.token_workload("new") == "w1"
+
+
 def test_a_token_grant_reads_the_token_and_the_workload_it_is_for_together(store: Store) -> None:
     """What every agent request is authorized with: the token's current owner, and that
     workload's record and bundle pointer only when the token is the requested workload's own."""
