@@ -232,6 +232,34 @@ def test_heartbeat_offline_after_timeout_leaves_peer_sets(env: Env) -> None:
     assert in_set(env.bundle(db), ip_of(env, proc))
 
 
+def test_heartbeats_rewrite_the_inventory_liveness_only_once_it_is_stale(env: Env) -> None:
+    """A heartbeat right after the enrollment (which recorded the agent's liveness) writes only
+    what the agent says it enforces; once the recorded heartbeat is older than a tenth of the
+    offline bound (at most a minute), the next heartbeat records it again."""
+    est = boot(env)
+    proc = est["ids"]["proc"][0]
+    tok = enroll_instance(env, proc)
+    enrolled_at = env.store.get(proc).last_heartbeat
+    assert enrolled_at is not None
+    writes: list[str] = []
+    events = env.store.inventory.meta.client.meta.events  # type: ignore[attr-defined]
+    events.register(
+        "before-parameter-build.dynamodb.UpdateItem", lambda params, **_: writes.append(params["TableName"])
+    )
+    hb = {"applied_version": 1, "mode": "enforce"}
+    status, _, _ = env.rest("agentapi", "POST", f"/v1/agents/{proc}/heartbeat", hb, headers=auth(tok))
+    assert status == 200
+    assert env.store.get(proc).last_heartbeat == enrolled_at
+    assert env.store.inventory.name not in writes, "no liveness write while the recorded one is fresh"
+    report = env.store.enforcement(proc)
+    assert report is not None and report.time > enrolled_at and report.version == 1, "what it says is kept"
+    env.store.set_liveness(proc, heartbeat=time.time() - 61)
+    before = time.time()
+    status, _, _ = env.rest("agentapi", "POST", f"/v1/agents/{proc}/heartbeat", hb, headers=auth(tok))
+    assert status == 200
+    assert (env.store.get(proc).last_heartbeat or 0) >= before, "stale: recorded again"
+
+
 def test_reports_validated_and_size_limited(env: Env) -> None:
     est = boot(env)
     web = est["ids"]["web"][0]

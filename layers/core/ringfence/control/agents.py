@@ -320,7 +320,9 @@ class AgentApi:
         rec = grant.record if grant is not None else self.w.store.get(workload_id)
         if rec is None:
             return error(404, "unknown workload")
-        self.w.store.set_liveness(workload_id, heartbeat=time.time(), offline=False if rec.offline else None)
+        now = time.time()
+        if rec.offline or rec.last_heartbeat is None or now - rec.last_heartbeat >= self._liveness_resolution():
+            self.w.store.set_liveness(workload_id, heartbeat=now, offline=False if rec.offline else None)
         if rec.offline:
             log.info("agent %s is back online: rejoining peers' sets", workload_id)
             self.w.enqueue_compute([workload_id])
@@ -330,6 +332,14 @@ class AgentApi:
         latest = self._latest(ptr)[0] if ptr is not None else None
         self._record_enforcement(workload_id, hb, ptr, latest)
         return Response(200, agentapi.HeartbeatResponse(latest_version=latest).model_dump())
+
+    def _liveness_resolution(self) -> float:
+        """How stale the inventory's ``last_heartbeat`` may grow before a heartbeat rewrites it: a
+        tenth of the offline bound, at most a minute. Enough for reconcile's offline check, and it
+        spares a write on most heartbeats (the first after an enrollment above all, which the
+        enrollment has just recorded). What each heartbeat says is written whatever this is: the
+        enforcement report, whose time the findings read."""
+        return min(60.0, self.w.cfg.offline_after / 10)
 
     def _record_enforcement(
         self, workload_id: str, hb: agentapi.Heartbeat, ptr: BundlePointer | None, latest: int | None
