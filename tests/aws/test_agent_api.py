@@ -236,27 +236,26 @@ def test_heartbeats_rewrite_the_inventory_liveness_only_once_it_is_stale(env: En
     """A heartbeat right after the enrollment (which recorded the agent's liveness) writes only
     what the agent says it enforces; once the recorded heartbeat is older than a tenth of the
     offline bound (at most a minute), the next heartbeat records it again."""
+    writes: list[str] = []  # the tables the control plane's UpdateItem calls name
+    env.hook("before-parameter-build.dynamodb.UpdateItem", lambda params, **_: writes.append(params["TableName"]))
     est = boot(env)
     proc = est["ids"]["proc"][0]
     tok = enroll_instance(env, proc)
     enrolled_at = env.store.get(proc).last_heartbeat
     assert enrolled_at is not None
-    writes: list[str] = []
-    events = env.store.inventory.meta.client.meta.events  # type: ignore[attr-defined]
-    events.register(
-        "before-parameter-build.dynamodb.UpdateItem", lambda params, **_: writes.append(params["TableName"])
-    )
+    writes.clear()
     hb = {"applied_version": 1, "mode": "enforce"}
     status, _, _ = env.rest("agentapi", "POST", f"/v1/agents/{proc}/heartbeat", hb, headers=auth(tok))
     assert status == 200
-    assert env.store.get(proc).last_heartbeat == enrolled_at
     assert env.store.inventory.name not in writes, "no liveness write while the recorded one is fresh"
+    assert env.store.get(proc).last_heartbeat == enrolled_at
     report = env.store.enforcement(proc)
     assert report is not None and report.time > enrolled_at and report.version == 1, "what it says is kept"
     env.store.set_liveness(proc, heartbeat=time.time() - 61)
     before = time.time()
     status, _, _ = env.rest("agentapi", "POST", f"/v1/agents/{proc}/heartbeat", hb, headers=auth(tok))
     assert status == 200
+    assert env.store.inventory.name in writes, "the hook sees the handler's writes"
     assert (env.store.get(proc).last_heartbeat or 0) >= before, "stale: recorded again"
 
 
