@@ -26,6 +26,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="live loop without namespaces or nftables (what runs without root): dry-run agents, checks judged "
         "on the bundles they applied",
     )
+    p.add_argument(
+        "--agent-start",
+        choices=("fork", "exec"),
+        default="fork",
+        help="live, with namespaces: fork each instance's agent from one process that has imported the agent "
+        "(default; a VM starts its agent on its own CPU, the lab on two shared cores), or exec "
+        "`ringfence-agent` through `ip netns exec` for each",
+    )
     p.add_argument("--repeat", type=int, default=5, help="--bench: samples per single-event kind (default 5)")
     p.add_argument(
         "--bench-only",

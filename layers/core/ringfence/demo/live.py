@@ -97,8 +97,11 @@ class Flow:
 
 
 class Live:
-    def __init__(self, example: Path, out: Path, report: Report, dry_run: bool = False) -> None:
+    def __init__(
+        self, example: Path, out: Path, report: Report, dry_run: bool = False, agent_start: str = "fork"
+    ) -> None:
         self.dry_run = dry_run  # no namespaces, no firewall: agents in this namespace, checks on bundles
+        self.agent_start = agent_start  # lab agents: "fork" (ringfence.local.agentfork) or "exec"
         self.cp_host = "127.0.0.1" if dry_run else CP_ADDRESS
         self.serve_port = _free_port() if dry_run else SERVE_PORT
         # serve speaks HTTPS with a certificate of the lab's own CA, which agents and the demo verify
@@ -190,7 +193,13 @@ class Live:
         if self.lab is not None:
             self.imds = Imds(self._identify, self.aws.identity_document, self.aws.iid.sign).start()
             self.traffic = Traffic(self.lab.start)
-            cfg = FleetConfig(api_url=api_url, public_key=pub, workdir=self.work, tls_ca_file=self.tls.ca)
+            cfg = FleetConfig(
+                api_url=api_url,
+                public_key=pub,
+                workdir=self.work,
+                tls_ca_file=self.tls.ca,
+                fork_agents=self.agent_start == "fork",
+            )
         else:
             port = _free_port()
             self.imds = Imds(self._identify, self.aws.identity_document, self.aws.iid.sign, "127.0.0.1", port).start()
@@ -1222,9 +1231,10 @@ def run(args: argparse.Namespace) -> int:
             "sent; each check is judged on the bundles the agents applied (root with nftables runs it for real)",
             flush=True,
         )
-    report = Report(out, "dry-run" if why_not else "nftables")
+    agent_start = getattr(args, "agent_start", "fork")
+    report = Report(out, "dry-run" if why_not else "nftables", agent_start=None if why_not else agent_start)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    demo = Live(example_dir(args.example), out, report, dry_run=why_not is not None)
+    demo = Live(example_dir(args.example), out, report, dry_run=why_not is not None, agent_start=agent_start)
     dependency_map: dict[str, Any] | None = None
     try:
         try:

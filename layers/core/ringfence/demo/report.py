@@ -61,9 +61,10 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class Report:
-    def __init__(self, out: Path, mode: str, quiet: bool = False) -> None:
+    def __init__(self, out: Path, mode: str, quiet: bool = False, agent_start: str | None = None) -> None:
         self.out = out
         self.mode = mode
+        self.agent_start = agent_start  # how lab agents were started: "fork", "exec"; None without a lab
         self.started = time.time()
         self.steps: list[Step] = []
         self.samples: list[Sample] = []
@@ -149,6 +150,7 @@ class Report:
         doc = {
             "passed": self.passed,
             "mode": self.mode,
+            "agent_start": self.agent_start,
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
             "seconds": round(time.time() - self.started, 3),
             "steps": [asdict(s) for s in self.steps],

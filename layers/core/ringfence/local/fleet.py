@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ringfence.local.agentfork import AgentForks, AgentProcess
 from ringfence.local.aws import Estate
 from ringfence.local.imds import IMDS_ADDRESS
 from ringfence.local.lab import AGENT, Lab
@@ -41,7 +42,7 @@ class Instance:
     name: str
     host: str  # lab host name
     booted_at: float  # wall clock, when its namespace and agent were started
-    agent: subprocess.Popen[Any] | None = None
+    agent: AgentProcess | None = None
     dir: Path = field(default_factory=Path)
 
     @property
@@ -68,6 +69,10 @@ class FleetConfig:
     wait_timeout: float = 25.0
     extra_routes: tuple[str, ...] = (f"{IMDS_ADDRESS}/32",)
     tls_ca_file: Path | None = None  # the CA the control plane's certificate chains to (a lab's own)
+    # lab agents forked from one process that has imported the agent (ringfence.local.agentfork)
+    # rather than each exec'd through `ip netns exec`: the same agent, without 50 interpreter
+    # starts on the lab's cores during a scale-out
+    fork_agents: bool = True
 
 
 class Fleet:
@@ -94,6 +99,7 @@ class Fleet:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.on_boot: list[Callable[[Instance], None]] = []
+        self._forks: AgentForks | None = None
 
     # --- the hypervisor loop -----------------------------------------------------------------
 
@@ -195,19 +201,29 @@ class Fleet:
             "dhcp": False,
         }
         (d / "agent.json").write_text(json.dumps(cfg, indent=1))
-        cmd = [str(AGENT), "run", "--config", str(d / "agent.json")]
-        logf = (d / "agent.log").open("w")
-        if self.lab is not None:
-            inst.agent = self.lab.spawn(host, *cmd, stdout=logf, stderr=subprocess.STDOUT)
+        args = ["run", "--config", str(d / "agent.json")]
+        if self.lab is not None and self.cfg.fork_agents:
+            inst.agent = self._agent_forks().spawn(args, self.lab.ns(host), d / "agent.log")
         else:
-            inst.agent = self.start_process(*cmd, stdout=logf, stderr=subprocess.STDOUT)
-        logf.close()
+            logf = (d / "agent.log").open("w")
+            if self.lab is not None:
+                inst.agent = self.lab.spawn(host, str(AGENT), *args, stdout=logf, stderr=subprocess.STDOUT)
+            else:
+                inst.agent = self.start_process(str(AGENT), *args, stdout=logf, stderr=subprocess.STDOUT)
+            logf.close()
         with self.lock:
             self.instances[iid] = inst
             self.by_ip[ip] = iid
         for hook in self.on_boot:
             hook(inst)
         return inst
+
+    def _agent_forks(self) -> AgentForks:
+        assert self.lab is not None
+        with self.lock:
+            if self._forks is None:
+                self._forks = AgentForks(self.lab.start)
+            return self._forks
 
     def _imds_url(self, iid: str) -> str:
         # without namespaces every agent calls from 127.0.0.1: the stand-in tells them apart by path

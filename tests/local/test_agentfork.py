@@ -1,0 +1,138 @@
+"""Lab agents forked from a template (``ringfence.local.agentfork``) against the exec'd
+``ringfence-agent``: the same output and exit codes for the same command lines, and, in a lab
+namespace, the same place to live (its namespace, its own session, its nft children inside it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ringfence.local.agentfork import AgentForks
+from ringfence.local.lab import AGENT, NETNS_DIR, Lab, prerequisites, sh
+from tests.agent.bundles import PUBLIC_KEY
+
+
+def _start(*cmd: str, **kw: Any) -> subprocess.Popen[Any]:
+    return subprocess.Popen(list(cmd), start_new_session=True, **kw)
+
+
+@pytest.fixture
+def forks() -> Any:
+    f = AgentForks(_start)
+    yield f
+    f.proc.kill()
+    f.proc.wait()
+
+
+COMMAND_LINES = [
+    [],  # a usage error: argparse's message and exit code 2
+    ["apply"],  # a required option missing
+    ["status", "--state-dir", "{tmp}/state", "--backend", "dry-run", "--json"],
+    ["status", "--state-dir", "{tmp}/state", "--backend", "dry-run"],
+    ["run", "--config", "{tmp}/missing.json"],  # a config error, said by the daemon's entry
+    ["apply", "--bundle", "{tmp}/missing.json", "--public-key", str(PUBLIC_KEY), "--state-dir", "{tmp}/s2"],
+]
+
+
+@pytest.mark.parametrize("line", COMMAND_LINES, ids=lambda a: " ".join(a[:2]) or "(none)")
+def test_a_forked_agent_says_and_returns_what_the_execd_one_does(
+    forks: AgentForks, tmp_path: Path, line: list[str]
+) -> None:
+    args = [a.replace("{tmp}", str(tmp_path)) for a in line]
+    execd = subprocess.run([str(AGENT), *args], capture_output=True, text=True, timeout=60, check=False)
+    log = tmp_path / "forked.log"
+    forked = forks.spawn(args, None, log)
+    code = forked.wait(timeout=60)
+    assert code == execd.returncode
+    assert forked.poll() == code
+    said = log.read_text()
+    assert said == execd.stdout + execd.stderr, "the same words, in the same log"
+
+
+def test_a_spawn_answers_each_caller_with_its_own_child(forks: AgentForks, tmp_path: Path) -> None:
+    """Requests from the fleet's boot threads are answered in order: each gets the pid of the
+    child that wrote its own log."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(k: int) -> tuple[int, int, str]:
+        log = tmp_path / f"{k}.log"
+        p = forks.spawn(["status", "--state-dir", str(tmp_path / f"s{k}"), "--backend", "dry-run"], None, log)
+        return k, p.wait(timeout=60), log.read_text()
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(one, range(16)))
+    assert [code for _, code, _ in results] == [0] * 16
+    assert all("workload_id: None" in said for _, _, said in results)
+
+
+def test_a_template_that_is_gone_is_said_not_waited_for(forks: AgentForks, tmp_path: Path) -> None:
+    forks.proc.kill()
+    forks.proc.wait()
+    with pytest.raises(RuntimeError, match="template exited"):
+        forks.spawn(["status", "--state-dir", str(tmp_path)], None, tmp_path / "x.log")
+
+
+@pytest.mark.dataplane
+def test_a_forked_agent_lives_in_its_namespace_and_session_as_the_execd_one_does(tmp_path: Path) -> None:
+    """Two agents with the same config (a control plane that never answers), one forked, one
+    exec'd through ``ip netns exec``, each in a lab namespace: each sits in its namespace and its
+    own session, programs its boot posture into its namespace's kernel (the fork's nft children
+    inherit the namespace), and a SIGTERM to its process group ends both with the same code."""
+    why = prerequisites()
+    if why is not None:
+        pytest.skip(why)
+    lab = Lab()
+    try:
+        agents = {}
+        forks = AgentForks(lab.start)
+        for way in ("fork", "exec"):
+            d = tmp_path / way
+            (d / "state").mkdir(parents=True)
+            cfg = {
+                "workload_id": f"i-{way}",
+                "public_key": str(PUBLIC_KEY),
+                "state_dir": str(d / "state"),
+                "backend": "nftables",
+                "api_url": "http://10.9.0.250:9",  # on the bridge, nobody there
+                "insecure_http_lab_only": True,
+                "enroll": {"method": "pairing", "pairing_key": "rfpk_none"},
+                "backoff_max": 1,
+                "request_timeout": 1,
+                "dhcp": False,
+            }
+            (d / "agent.json").write_text(json.dumps(cfg))
+            lab.add(way, ["10.9.0.1/24" if way == "fork" else "10.9.0.2/24"])
+            args = ["run", "--config", str(d / "agent.json")]
+            if way == "fork":
+                agents[way] = forks.spawn(args, lab.ns(way), d / "agent.log")
+            else:
+                with (d / "agent.log").open("w") as log:
+                    agents[way] = lab.spawn(way, str(AGENT), *args, stdout=log, stderr=subprocess.STDOUT)
+
+        def posture(way: str) -> bool:
+            return "table inet ringfence" in sh("ip", "netns", "exec", lab.ns(way), "nft", "list", "tables").stdout
+
+        deadline = time.monotonic() + 30
+        while not all(posture(w) or p.poll() is not None for w, p in agents.items()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for way, p in agents.items():
+            assert posture(way), (
+                f"{way}: the boot posture is in its namespace ({(tmp_path / way / 'agent.log').read_text()})"
+            )
+            assert p.poll() is None, f"{way}: still trying to reach its control plane"
+            assert os.stat(f"/proc/{p.pid}/ns/net").st_ino == os.stat(NETNS_DIR / lab.ns(way)).st_ino
+            assert os.getsid(p.pid) == p.pid, f"{way}: its own session, signalled as one group"
+        for p in agents.values():
+            os.killpg(p.pid, signal.SIGTERM)
+        codes = {way: p.wait(timeout=30) for way, p in agents.items()}
+        assert codes["fork"] == codes["exec"]
+        assert agents["fork"].poll() == codes["fork"]
+    finally:
+        lab.close()
