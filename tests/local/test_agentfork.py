@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from ringfence.local.agentfork import AgentForks
+from ringfence.local.agentfork import LOST, AgentForks
 from ringfence.local.lab import AGENT, NETNS_DIR, Lab, prerequisites, sh
 from tests.agent.bundles import PUBLIC_KEY
 
@@ -27,8 +27,8 @@ def _start(*cmd: str, **kw: Any) -> subprocess.Popen[Any]:
 def forks() -> Any:
     f = AgentForks(_start)
     yield f
-    f.proc.kill()
-    f.proc.wait()
+    f.template.proc.kill()
+    f.template.proc.wait()
 
 
 COMMAND_LINES = [
@@ -72,11 +72,46 @@ def test_a_spawn_answers_each_caller_with_its_own_child(forks: AgentForks, tmp_p
     assert all("workload_id: None" in said for _, _, said in results)
 
 
-def test_a_template_that_is_gone_is_said_not_waited_for(forks: AgentForks, tmp_path: Path) -> None:
-    forks.proc.kill()
-    forks.proc.wait()
-    with pytest.raises(RuntimeError, match="template exited"):
-        forks.spawn(["status", "--state-dir", str(tmp_path)], None, tmp_path / "x.log")
+def _run_config(d: Path, backend: str, api_url: str) -> Path:
+    """An agent that keeps trying a control plane that never answers."""
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "workload_id": f"i-{d.name}",
+        "public_key": str(PUBLIC_KEY),
+        "state_dir": str(d / "state"),
+        "backend": backend,
+        "api_url": api_url,
+        "insecure_http_lab_only": True,
+        "enroll": {"method": "pairing", "pairing_key": "rfpk_none"},
+        "backoff_max": 1,
+        "request_timeout": 1,
+        "dhcp": False,
+    }
+    (d / "agent.json").write_text(json.dumps(cfg))
+    return d / "agent.json"
+
+
+def test_an_agent_outliving_its_template_is_still_waited_for_and_a_new_template_takes_over(
+    forks: AgentForks, tmp_path: Path
+) -> None:
+    """The template dies while an agent runs: the agent keeps running, a wait for it ends when it
+    does (its code unknown, :data:`LOST`) instead of hanging the scale-in that waits for it, and
+    the next agent is forked by a new template."""
+    cfg = _run_config(tmp_path / "a", "dry-run", "http://127.0.0.1:9")
+    agent = forks.spawn(["run", "--config", str(cfg)], None, tmp_path / "a.log")
+    old = forks.template
+    old.proc.kill()
+    old.proc.wait()
+    with pytest.raises(subprocess.TimeoutExpired):
+        agent.wait(timeout=0.5)
+    assert agent.poll() is None, "the agent outlives the template"
+    os.killpg(agent.pid, signal.SIGKILL)
+    assert agent.wait(timeout=30) == LOST
+    after = forks.spawn(
+        ["status", "--state-dir", str(tmp_path / "s"), "--backend", "dry-run"], None, tmp_path / "b.log"
+    )
+    assert forks.template is not old
+    assert after.wait(timeout=60) == 0 and "workload_id: None" in (tmp_path / "b.log").read_text()
 
 
 @pytest.mark.dataplane
@@ -94,22 +129,9 @@ def test_a_forked_agent_lives_in_its_namespace_and_session_as_the_execd_one_does
         forks = AgentForks(lab.start)
         for way in ("fork", "exec"):
             d = tmp_path / way
-            (d / "state").mkdir(parents=True)
-            cfg = {
-                "workload_id": f"i-{way}",
-                "public_key": str(PUBLIC_KEY),
-                "state_dir": str(d / "state"),
-                "backend": "nftables",
-                "api_url": "http://10.9.0.250:9",  # on the bridge, nobody there
-                "insecure_http_lab_only": True,
-                "enroll": {"method": "pairing", "pairing_key": "rfpk_none"},
-                "backoff_max": 1,
-                "request_timeout": 1,
-                "dhcp": False,
-            }
-            (d / "agent.json").write_text(json.dumps(cfg))
+            cfg = _run_config(d, "nftables", "http://10.9.0.250:9")  # on the bridge, nobody there
             lab.add(way, ["10.9.0.1/24" if way == "fork" else "10.9.0.2/24"])
-            args = ["run", "--config", str(d / "agent.json")]
+            args = ["run", "--config", str(cfg)]
             if way == "fork":
                 agents[way] = forks.spawn(args, lab.ns(way), d / "agent.log")
             else:

@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -44,27 +45,51 @@ class AgentProcess(Protocol):
     def wait(self, timeout: float | None = None) -> int: ...
 
 
+LOST = -1  # an agent's exit code when the template that reaped it is gone: it is gone, how is unknown
+
+
 class Forked:
     """An agent forked by the template: its process group is its pid (it called setsid), its exit
-    code arrives from the template, which reaps it."""
+    code arrives from the template, which reaps it. Should the template die first, the agent is
+    looked for in /proc instead (its code is then :data:`LOST`): a wait never outlives it."""
 
-    def __init__(self, pid: int, forks: AgentForks) -> None:
+    def __init__(self, pid: int, template: _Template) -> None:
         self.pid = pid
-        self._forks = forks
+        self._t = template
 
     def poll(self) -> int | None:
-        return self._forks.exits.get(self.pid)
+        code = self._t.exits.get(self.pid)
+        if code is None and self._t.gone and not _running(self.pid):
+            return LOST
+        return code
 
     def wait(self, timeout: float | None = None) -> int:
-        with self._forks.changed:
-            if not self._forks.changed.wait_for(lambda: self.pid in self._forks.exits, timeout):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        t = self._t
+        with t.changed:
+            t.changed.wait_for(lambda: self.pid in t.exits or t.gone, timeout)
+        while True:
+            code = self.poll()
+            if code is not None:
+                return code
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
                 raise subprocess.TimeoutExpired(f"agent {self.pid}", timeout or 0)
-            return self._forks.exits[self.pid]
+            time.sleep(0.05 if left is None else min(0.05, left))
 
 
-class AgentForks:
-    """The fleet's side: starts the template (through ``start``, so the lab kills it on close)
-    and asks it for agents."""
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not exited (a zombie has)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+class _Template:
+    """One template process and what it has said: the pids it forked, the exits it reaped."""
 
     def __init__(self, start: Callable[..., subprocess.Popen[Any]]) -> None:
         self.proc = start(
@@ -77,47 +102,60 @@ class AgentForks:
             bufsize=1,
         )
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self._in, self._out = self.proc.stdin, self.proc.stdout
+        self.stdin, self._out = self.proc.stdin, self.proc.stdout
         ready = self._out.readline().strip()
         if ready != "ready":
             raise RuntimeError(f"the agent template did not start: {ready!r}")
         self.exits: dict[int, int] = {}
+        self.pids: list[int] = []  # answers to requests, in order
+        self.gone = False  # its stdout closed: it exited
         self.changed = threading.Condition()
-        self._pids: list[int] = []
-        self._send = threading.Lock()  # one request and its answer at a time
-        self._reader = threading.Thread(target=self._read, name="agent-forks", daemon=True)
-        self._reader.start()
-
-    def spawn(self, args: list[str], netns: str | None, log: Path) -> Forked:
-        """``ringfence-agent args`` inside ``netns`` (None: the template's), output to ``log``."""
-        with self._send:
-            try:
-                self._in.write(json.dumps({"args": args, "netns": netns, "log": str(log)}) + "\n")
-                self._in.flush()
-            except BrokenPipeError:
-                pass  # the template is gone: said below, as when it dies before answering
-            with self.changed:
-                if not self.changed.wait_for(lambda: self._pids or self.proc.poll() is not None, 30):
-                    raise RuntimeError("the agent template did not answer within 30 s")
-                if not self._pids:
-                    raise RuntimeError(f"the agent template exited ({self.proc.poll()})")
-                pid = self._pids.pop(0)
-        if pid < 0:
-            raise RuntimeError(f"the agent template could not fork: see {log}")
-        return Forked(pid, self)
+        threading.Thread(target=self._read, name="agent-forks", daemon=True).start()
 
     def _read(self) -> None:
         for line in self._out:
             kind, _, rest = line.strip().partition(" ")
             with self.changed:
                 if kind == "pid":
-                    self._pids.append(int(rest))
+                    self.pids.append(int(rest))
                 elif kind == "exit":
                     pid, code = rest.split()
                     self.exits[int(pid)] = int(code)
                 self.changed.notify_all()
-        with self.changed:  # the template is gone: wake anyone waiting for an answer
+        with self.changed:  # wake anyone waiting for an answer or an exit
+            self.gone = True
             self.changed.notify_all()
+
+
+class AgentForks:
+    """The fleet's side: starts the template (through ``start``, so the lab kills it on close)
+    and asks it for agents; a template that has died is replaced at the next request."""
+
+    def __init__(self, start: Callable[..., subprocess.Popen[Any]]) -> None:
+        self._start = start
+        self._send = threading.Lock()  # one request and its answer at a time
+        self.template = _Template(start)
+
+    def spawn(self, args: list[str], netns: str | None, log: Path) -> Forked:
+        """``ringfence-agent args`` inside ``netns`` (None: the template's), output to ``log``."""
+        with self._send:
+            if self.template.gone or self.template.proc.poll() is not None:
+                self.template = _Template(self._start)
+            t = self.template
+            try:
+                t.stdin.write(json.dumps({"args": args, "netns": netns, "log": str(log)}) + "\n")
+                t.stdin.flush()
+            except BrokenPipeError:
+                pass  # it died just now: said below, as when it dies before answering
+            with t.changed:
+                if not t.changed.wait_for(lambda: t.pids or t.gone, 30):
+                    raise RuntimeError("the agent template did not answer within 30 s")
+                if not t.pids:
+                    raise RuntimeError(f"the agent template exited ({t.proc.poll()}) before answering")
+                pid = t.pids.pop(0)
+        if pid < 0:
+            raise RuntimeError(f"the agent template could not fork: see {log}")
+        return Forked(pid, t)
 
 
 # --- the template ------------------------------------------------------------------------------
