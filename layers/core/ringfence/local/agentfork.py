@@ -8,12 +8,18 @@ hosts. The fleet instead asks one template process, started once per lab, to for
 leaves the template's session, enters its instance's network namespace, points its output at the
 instance's log and runs the real ``ringfence-agent`` command line (:func:`ringfence_agent.cli.main`)
 with the same arguments it would be exec'd with. From then on it is the same agent, code and
-process tree alike (its ``nft`` and ``conntrack`` children run inside its namespace).
+process tree alike (its ``nft`` and ``conntrack`` children run inside its namespace). One thing
+``ip netns exec`` gives an exec'd agent and a fork does not: a mount namespace with the network
+namespace's own ``/sys``; the agent reads nothing there (``/proc/self/net`` and ``/proc/sys/net``
+follow the process's network namespace).
 
 The wire between the fleet and the template is one JSON request per line on the template's stdin
 and one line per answer or exit on its stdout (``pid N``, ``exit N CODE``). Written here rather
-than with :mod:`multiprocessing`'s forkserver, whose children cannot be given a namespace, a
-session or a log before they start, and whose exit codes reach only the process that started them.
+than with :mod:`multiprocessing`'s forkserver: when that server dies it reports every child it
+started as exited (code 255) at once, though the agents still run, and a scale-in would stop
+waiting for agents it still has to stop; here a wait then looks for the agent itself. And a child
+of ours runs nothing before the agent's ``main`` but what an exec'd agent's start does (its
+session, its namespace, its output), not multiprocessing's bootstrap.
 """
 
 from __future__ import annotations
