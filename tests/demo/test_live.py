@@ -48,9 +48,17 @@ def _namespaces(pid: int) -> list[str]:
     return [line.split()[0] for line in out.splitlines() if line.startswith(f"rf{pid}x")]
 
 
+# Ctrl-C as a terminal delivers it: a suite started in the background of a non-interactive shell
+# (`make test &`) ignores SIGINT, every process it starts inherits that, and Python keeps an
+# ignored SIGINT ignored; the demo is exec'd with the default disposition back
+_WITH_SIGINT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
 def _start(out: Path, mark: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [str(RINGFENCE), "demo", "--out", str(out)],
+        [sys.executable, "-c", _WITH_SIGINT, str(RINGFENCE), "demo", "--out", str(out)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
