@@ -220,8 +220,7 @@ def serve() -> int:
     out.flush()
     pending = b""
     while True:
-        with contextlib.suppress(InterruptedError):
-            readable, _, _ = select.select([0, wake_r], [], [])
+        readable, _, _ = select.select([0, wake_r], [], [])  # retried on EINTR (PEP 475)
         if wake_r in readable:
             with contextlib.suppress(BlockingIOError):
                 os.read(wake_r, 4096)
