@@ -4,6 +4,7 @@ namespace, the same place to live (its namespace, its own session, its nft child
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from ringfence.local.agentfork import LOST, AgentForks
+from ringfence.local.agentfork import LOST, AgentForks, Forked
 from ringfence.local.lab import AGENT, NETNS_DIR, Lab, prerequisites, sh
 from tests.agent.bundles import PUBLIC_KEY
 
@@ -57,19 +58,31 @@ def test_a_forked_agent_says_and_returns_what_the_execd_one_does(
 
 
 def test_a_spawn_answers_each_caller_with_its_own_child(forks: AgentForks, tmp_path: Path) -> None:
-    """Requests from the fleet's boot threads are answered in order: each gets the pid of the
-    child that wrote its own log."""
+    """Requests from the fleet's boot threads are answered in order: each caller gets the pid of
+    the child writing its own log (the child's stdout is that file), and that child's exit."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def one(k: int) -> tuple[int, int, str]:
-        log = tmp_path / f"{k}.log"
-        p = forks.spawn(["status", "--state-dir", str(tmp_path / f"s{k}"), "--backend", "dry-run"], None, log)
-        return k, p.wait(timeout=60), log.read_text()
+    def one(k: int) -> Forked:
+        cfg = _run_config(tmp_path / f"a{k}", "dry-run", "http://127.0.0.1:9")  # runs until stopped
+        return forks.spawn(["run", "--config", str(cfg)], None, tmp_path / f"{k}.log")
 
     with ThreadPoolExecutor(max_workers=8) as pool:
-        results = list(pool.map(one, range(16)))
-    assert [code for _, code, _ in results] == [0] * 16
-    assert all("workload_id: None" in said for _, _, said in results)
+        agents = list(pool.map(one, range(16)))
+    try:
+        assert len({p.pid for p in agents}) == 16
+        for k, p in enumerate(agents):
+            # the fork has answered; the child points its output at its log right after
+            deadline, out = time.monotonic() + 20, ""
+            while out != str(tmp_path / f"{k}.log") and time.monotonic() < deadline:
+                out = os.readlink(f"/proc/{p.pid}/fd/1")
+                time.sleep(0.02)
+            assert out == str(tmp_path / f"{k}.log")
+            assert p.poll() is None
+    finally:
+        for p in agents:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+    assert [p.wait(timeout=30) for p in agents] == [-signal.SIGKILL] * 16
 
 
 def _run_config(d: Path, backend: str, api_url: str) -> Path:
