@@ -3,8 +3,11 @@ batch failures kept on the queue, FIFO order across batches, a raising handler, 
 
 from __future__ import annotations
 
+import gc
 import json
+import sys
 import uuid
+import weakref
 from typing import Any
 
 from ringfence.local.aws import EmbeddedAws
@@ -98,3 +101,19 @@ def test_retired_containers_stop_their_agent_api_change_watch(aws: EmbeddedAws) 
     retire_functions(fns.values())
     watcher.join(10)
     assert not watcher.is_alive() and changes._watcher is None
+
+
+def test_a_retired_container_is_garbage(aws: EmbeddedAws) -> None:
+    """Retired containers leave nothing that keeps them alive: a process that cold-starts handlers
+    again and again (the router's containers, the test suite) does not grow with each one."""
+    fns = load_functions(["agentapi", "ingest", "compute", "publish"])
+    fns["agentapi"].api().w.changes.wait(0)  # a used wiring, as a served container holds
+    fns["ingest"]._setup()
+    names = [m.__name__ for m in fns.values()]
+    refs = [weakref.ref(m) for m in fns.values()]
+    assert all(n in sys.modules for n in names)
+    retire_functions(fns.values())
+    del fns
+    gc.collect()
+    assert not any(n in sys.modules for n in names)
+    assert [r() for r in refs] == [None] * len(refs)

@@ -109,13 +109,17 @@ def load_functions(
 def retire_functions(functions: Iterable[ModuleType]) -> None:
     """The containers of :func:`load_functions` are done (their AWS is reset or stopping): every
     wiring their services hold (``_svc``) is closed, so nothing of theirs keeps polling the store
-    in the background (the agent API's change watch)."""
+    in the background (the agent API's change watch), and each module leaves ``sys.modules``, so
+    the container (its engine, caches and clients) is garbage once the caller lets go of it. A
+    process that cold-starts containers again and again (the test suite) grew by ~3 GB without."""
     for mod in functions:
         for svc in list(getattr(mod, "_svc", {}).values()):
             wiring = getattr(svc, "w", svc)  # the services keep theirs as ``w``; ingest keeps it bare
             close = getattr(wiring, "close", None)
             if callable(close):
                 close()
+        if sys.modules.get(mod.__name__) is mod:
+            del sys.modules[mod.__name__]
 
 
 def sqs_event(messages: list[dict[str, Any]], arn: str, region: str) -> dict[str, Any]:
