@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ringfence.bundlewire import Verifier, check_acceptable, load_bundle
+import pytest
+
+from ringfence.bundlewire import BundleError, Verifier, check_acceptable, load_bundle
 from ringfence.local.lambdas import deliver_batch
 from ringfence.model import Mode
 
@@ -92,6 +94,41 @@ def test_a_cold_start_adopts_what_is_published_and_republishes_nothing_unchanged
     assert bundles == [k for k in bundles if k.startswith(f"bundles/{web}/")] and len(bundles) == 1, bundles
     for w in after:
         env.bundle(w)  # every agent's view verifies and its deltas bridge from its stored bundle
+
+
+def test_a_cold_start_after_a_key_rotation_re_signs_every_bundle_with_the_new_key(env: Env) -> None:
+    """docs/bundle.md's rotation: the signing secret gets a new key, the next cold start re-signs
+    (never adopts) what the old key signed, so the old key can be revoked without an agent left
+    on a bundle it would refuse."""
+    from ringfence.bundle import SigningKey
+
+    boot(env)
+    wids = sorted(env.fn["compute"].service().engine.workloads)
+    old = {w: env.store.bundle_pointer(w) for w in wids}
+    assert all(p is not None and p.key_id == env.signing_key.key_id for p in old.values())
+    new_key = SigningKey.generate()
+    sm = env.aws.client("secretsmanager")
+    sm.put_secret_value(SecretId=env.aws.names.signing_secret, SecretString=new_key.private_pem().decode())
+    env.load_functions()
+    env.fn["compute"].handler(env.sqs_event([_message({"ids": [], "rebuild": True})]), LambdaContext())
+    env._drain("publish", "publish")
+    only_new = Verifier.from_pem(new_key.public_pem())
+    only_old = Verifier.from_pem(env.signing_key.public_pem())
+    for w in wids:
+        ptr = env.store.bundle_pointer(w)
+        before = old[w]
+        assert ptr is not None and before is not None and ptr.key_id == new_key.key_id, w
+        assert ptr.version > before.version, "a new version: the agent fetches it"
+        doc = load_bundle(env.s3.get_object(Bucket=env.bucket, Key=ptr.key)["Body"].read())
+        only_new.verify(doc)
+        with pytest.raises(BundleError, match="not a pinned key"):
+            only_old.verify(doc)  # what an agent that revoked the old key still accepts
+    # and the next cold start under the same key adopts them again
+    env.load_functions()
+    keys = puts(env)
+    env.fn["compute"].handler(env.sqs_event([_message({"ids": [], "rebuild": True})]), LambdaContext())
+    env._drain("publish", "publish")
+    assert [k for k in keys if k.startswith("bundles/")] == []
 
 
 def test_a_cold_start_republishes_what_changed_while_compute_was_down(env: Env) -> None:

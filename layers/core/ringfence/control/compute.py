@@ -202,8 +202,10 @@ class Compute:
         head carries the digest of the rebuilt set's content keeps that head's version (agents
         chain their deltas from it); a workload whose pointer names the same rules
         (:func:`rules_digest`) over sets that were all adopted keeps its bundle (no re-render to
-        sign, store or announce). The rest gets the rebuild's fresh revision and is republished.
-        Returns the adopted workloads."""
+        sign, store or announce), if the signing key in use signed it: after a key rotation a cold
+        start re-signs every bundle, so the old key can be revoked once agents hold the new ones.
+        The rest gets the rebuild's fresh revision and is republished. Returns the adopted
+        workloads."""
         self.heads = {}
         states = self.w.store.set_states(list(engine.sets_by_name))
         kept: set[str] = set()
@@ -216,10 +218,11 @@ class Compute:
                 s.version = st[0]
                 kept.add(name)
         adopted: set[str] = set()
+        key_id = self.w.signer.key_id
         pointers = self.w.store.bundle_pointers(list(engine.workloads))
         for wid, ws in engine.workloads.items():
             ptr = pointers.get(wid)
-            if ptr is None or ptr.digest is None or not set(ptr.sets) <= kept:
+            if ptr is None or ptr.digest is None or ptr.key_id != key_id or not set(ptr.sets) <= kept:
                 continue
             if any(v > engine.sets_by_name[n].version for n, v in ptr.sets.items()):
                 continue  # the pointer is ahead of the recorded head (a set made again since)

@@ -149,6 +149,7 @@ class PublishWorker:
                     sets={n: s.version for n, s in doc.sets.items()},
                     digest=job.digest,
                     expires_at=expires_at,
+                    key_id=doc.signature.key_id if doc.signature else None,
                     published_at=time.time(),  # the not-enforced bound counts from here (control.findings)
                 )
                 for job, doc, (key, sha) in zip(wanted, docs, stored, strict=True)

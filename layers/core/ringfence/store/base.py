@@ -104,6 +104,10 @@ class BundlePointer(BaseModel):
         None, description="the bundle's rules (all but versions and set contents) hashed: a cold start adopts it"
     )
     expires_at: int | None = Field(None, description="when the stored bundle's signature expires")
+    key_id: str | None = Field(
+        None,
+        description="the key that signed the stored bundle: a rebuild under another key re-signs, never adopts, it",
+    )
 
 
 class EnforcementReport(BaseModel):
