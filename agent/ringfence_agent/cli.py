@@ -122,6 +122,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "last_error": status.get("last_error"),
         "last_rejected": status.get("last_rejected"),
         "last_cut": status.get("last_cut"),
+        "last_tamper": status.get("last_tamper"),  # the drift check's last re-apply: what it found
         "last_sync": status.get("last_sync"),  # the last change applied: where its time went
         "counters": status.get("counters", {}),
         "daemon": status.get("daemon"),

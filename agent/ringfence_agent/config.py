@@ -369,9 +369,13 @@ def load_config(path: Path) -> AgentConfig:
     except _Invalid as exc:
         raise ConfigError(f"{path}: invalid configuration\n  {exc.loc}: {exc.msg}") from None
     base = path.parent
-    updates = {}
+    updates: dict[str, Any] = {}
     for name in ("public_key", "state_dir", "tls_ca_file"):
         p = getattr(cfg, name)
         if p is not None and not p.is_absolute():
             updates[name] = (base / p).resolve()
+    # relative to the file too: under systemd the working directory is /
+    key_file = cfg.enroll.pairing_key_file if cfg.enroll is not None else None
+    if cfg.enroll is not None and key_file is not None and not key_file.is_absolute():
+        updates["enroll"] = dataclasses.replace(cfg.enroll, pairing_key_file=(base / key_file).resolve())
     return dataclasses.replace(cfg, **updates) if updates else cfg

@@ -1496,6 +1496,7 @@ def test_the_daemon_repairs_and_reports_a_table_removed_or_changed_behind_its_ba
         enforced_baseline(net)
         status = _status(net, backend, tmp_path / "state")
         assert status["counters"]["tamper_reapplied"] == 2 and status["kernel_programmed"] is True
+        assert status["last_tamper"]["what"] == "changed", status  # the last: the inserted accept
     finally:
         net.kill(daemon, 15)
 

@@ -381,6 +381,21 @@ def test_config_valid_yaml(tmp_path: Path) -> None:
     assert cfg.local_failsafes().admin_cidrs == ("10.0.0.0/8",)
 
 
+def test_config_pairing_key_file_is_relative_to_the_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "pairing.key").write_text("k-123\n")
+    p = tmp_path / "etc" / "agent.yaml"
+    p.write_text(
+        "workload_id: w1\npublic_key: key.pem\napi_url: https://rf.example.com\nenroll: {pairing_key_file: pairing.key}\n"
+    )
+    monkeypatch.chdir("/")  # as under systemd
+    cfg = load_config(p)
+    assert cfg.enroll is not None and cfg.enroll.pairing_key_file == tmp_path / "etc" / "pairing.key"
+    assert cfg.enroll.key() == "k-123"
+
+
 def test_config_api_url_ip_is_a_failsafe(tmp_path: Path) -> None:
     p = tmp_path / "agent.json"
     p.write_text(
