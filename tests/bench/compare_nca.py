@@ -33,6 +33,8 @@ What is timed on each side:
 
 Before each of our timed calls the garbage the harness left behind is collected (outside the
 timer; the garbage collector stays on, so collections our own allocations trigger are timed).
+What existed before the run (the harness, a test worker's heap) is frozen out of the collector
+(``gc.freeze``): collections scan what the run made, as they would in the CLI's own process.
 Ratios are NCA's time over ours, each named by what the two sides include.
 
 ``tests/bench/test_compare_nca.py`` runs this at a small size when ``/tmp/nca`` exists and skips
