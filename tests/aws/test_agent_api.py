@@ -432,7 +432,15 @@ def sts_request(
     ).add_auth(req)
     headers = dict(req.headers.items())
     headers["X-Ringfence-Nonce"] = nonce
-    return {"method": "aws-sts", "nonce": nonce, "sts_url": url, "sts_headers": headers}
+    key = agent_key(iid)  # the agent's own key, bound at the first enrollment
+    return {
+        "method": "aws-sts",
+        "nonce": nonce,
+        "sts_url": url,
+        "sts_headers": headers,
+        "agent_key": key.pem,
+        "agent_signature": key.prove("enroll", iid, nonce),
+    }
 
 
 @pytest.fixture

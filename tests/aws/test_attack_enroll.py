@@ -87,6 +87,38 @@ def test_attack_sts_role_that_is_not_the_instance_profile_role_is_refused(sts_en
     assert status == 200 and body["workload_id"] == web, body
 
 
+def test_attack_sts_with_the_instance_role_cannot_rebind_a_bound_agent_key(sts_env: Env) -> None:
+    """Whoever can read the instance role's credentials (any local user, an SSRF to the metadata
+    service) proves aws-sts as well as the agent does: with a key of its own it must not take the
+    workload's identity over from the agent that enrolled first (which would then never receive
+    another bundle, a quarantine included)."""
+    env = sts_env
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    give_instance_profile(env, web)
+    status, body = enroll_iid(env, web)  # the real agent, with its key
+    assert status == 200, body
+    token = body["token"]
+    thief = AgentKey()
+    n = nonce(env)
+    req = dict(sts_request(env, web, n), agent_key=thief.pem, agent_signature=thief.prove("enroll", web, n))
+    status, body = enroll(env, req)
+    assert status == 401 and "another agent key" in body["detail"], body
+    assert env.store.agent_key(web) == agent_key(web).pem, "the first binding holds"
+    assert bundle_status(env, web, token) == 200, "the real agent's token still works"
+    status, body = refresh(env, web, agent_key(web))
+    assert status == 200, "and it still renews with its key"
+    token = body["token"]  # the renewal revoked the previous one
+    assert len(audits(env, "agent.enroll.refused", web)) == 1
+    # without a key at all: refused too (its token would have revoked the bound agent's)
+    bare = {k: v for k, v in sts_request(env, web, nonce(env)).items() if not k.startswith("agent_")}
+    status, body = enroll(env, bare)
+    assert status == 401 and "needs agent_key" in body["detail"], body
+    assert bundle_status(env, web, token) == 200
+    # the same proof with the bound key is a renewal, as before
+    assert enroll(env, sts_request(env, web, nonce(env)))[0] == 200
+
+
 def test_attack_sts_for_a_stopped_instance_is_refused(sts_env: Env) -> None:
     env = sts_env
     est = boot(env)

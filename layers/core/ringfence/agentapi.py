@@ -41,7 +41,7 @@ class EnrollRequest(_Body):
     pairing_key: str | None = None
     agent_key: str | None = Field(
         None,
-        description="the agent's own Ed25519 public key (PEM); required for aws-iid: the first enrollment binds "
+        description="the agent's own Ed25519 public key (PEM); required but for pairing: the first enrollment binds "
         "it to the workload, and token refresh and re-enrollment are signatures by it",
     )
     agent_signature: str | None = Field(

@@ -261,6 +261,9 @@ def enroll_sts(api: AgentApi, req: agentapi.EnrollRequest, *, live: ec2.LiveInst
     iam = clients.assumed_client("iam", region, api.w.cfg.account_roles.get(ident.account))
     if ident.role not in instance_profile_roles(iam, inst):
         raise ProofError(f"role {ident.role} is not the instance profile role of {ident.instance_id}")
-    # a live proof of the instance's credentials: it may (re)bind the agent's key
-    api.bind_key(req, ident.instance_id, required=False, replace=True)
+    # The instance role's credentials are readable by anything on the host that reaches the
+    # metadata service (a local user, an SSRF): they prove the instance, not the agent. So the
+    # first binding holds and a key is required, as for aws-iid (a token without one would revoke
+    # the bound agent's); a lost key is reset by an onboarding operator.
+    api.bind_key(req, ident.instance_id, required=True, replace=False)
     return ident.instance_id
