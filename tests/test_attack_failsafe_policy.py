@@ -84,3 +84,27 @@ def test_explain_admits_the_control_plane_on_its_port_only(tmp_path: Path) -> No
     assert verdict("role=web,app=shop", "198.51.100.10", "tcp/443") == ("allow", ["the control-plane endpoint"])
     assert verdict("role=web,app=shop", "198.51.100.10", "tcp/22")[0] == "deny"
     assert verdict("198.51.100.10", "role=web,app=shop", "tcp/443")[0] == "deny"
+
+
+def test_attack_failsafes_as_many_slash_8s_are_refused_as_one_list() -> None:
+    """Each /8 passes the per-prefix bound; all 256 are 0.0.0.0/0 and every other one is half of
+    it. A list may open four /8s' worth in all (overlaps counted once)."""
+    for admin, about in (
+        (", ".join(f"{i}.0.0.0/8" for i in range(256)), 256),
+        (", ".join(f"{i}.0.0.0/8" for i in range(0, 256, 2)), 128),
+    ):
+        msgs = problems(admin, "192.0.2.10")
+        assert len(msgs) == 1 and msgs[0].startswith("p.yaml:3:"), msgs
+        assert f"open more than 4 /8s' worth of addresses (about {about}" in msgs[0]
+    v6 = ", ".join(f"'2001:{i:x}::/32'" for i in range(5))
+    assert "IPv6 fail-safe prefixes open more than 4 /32s' worth" in problems("10.0.0.0/8", v6)[0]
+    # RFC 1918 in all, and four /8s with overlaps inside them, still load
+    policy = load_policy_texts(
+        {
+            "p.yaml": POLICY.format(
+                admin="10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 10.1.0.0/16",
+                control="11.0.0.0/8, 12.0.0.0/8, 13.0.0.0/8, 14.0.0.0/8",
+            )
+        }
+    )
+    assert len(policy.failsafes.admin_cidrs) == 4 and len(policy.failsafes.control_plane) == 4

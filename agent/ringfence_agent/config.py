@@ -226,6 +226,10 @@ class AgentConfig:
                     bounded_cidrs([x], name)  # a local fail-safe is bounded as the policy's are
                 except ValueError as exc:
                     raise _Invalid(name, str(exc)) from None
+            try:
+                bounded_cidrs(list(getattr(self, name)), name)  # and the list as a whole
+            except ValueError as exc:
+                raise _Invalid(name, str(exc)) from None
         for x in self.admin_ports:
             try:
                 parse_port_spec(x)

@@ -26,7 +26,14 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ringfence.bundlewire import CONTROL_PLANE_PORT, Bundle, FailsafeDoc, ServiceMatch, failsafe_width_problem
+from ringfence.bundlewire import (
+    CONTROL_PLANE_PORT,
+    Bundle,
+    FailsafeDoc,
+    ServiceMatch,
+    failsafe_total_problem,
+    failsafe_width_problem,
+)
 from ringfence.enums import Mode
 
 Direction = Literal["inbound", "outbound"]
@@ -298,6 +305,10 @@ def bounded_cidrs(items: list[str], what: str) -> tuple[tuple[str, ...], tuple[s
             why = failsafe_width_problem(family, int(cidr.partition("/")[2]))
             if why is not None:
                 raise PlanError(f"{what}: {cidr}: {why}")
+        nets = [ipaddress.ip_network(c, strict=False) for c in cidrs]
+        why = failsafe_total_problem(family, [(int(n.network_address), n.prefixlen) for n in nets])
+        if why is not None:  # the bundle's and the local list together: many /8s are everything
+            raise PlanError(f"{what}: {why}")
     return v4, v6
 
 

@@ -149,8 +149,14 @@ def test_attack_a_bundle_widening_failsafes_to_everything_is_refused_by_the_agen
     from ringfence import bundle as lib
 
     doc = lib.load_bundle((GOLDEN / "bundle-ord-prod-proc-1.json").read_bytes())
-    for i, change in enumerate(
-        [{"admin_cidrs": ["0.0.0.0/0"]}, {"control_plane": ["0.0.0.0/1", "128.0.0.0/1"]}, {"admin_cidrs": ["::/0"]}]
+    halves = [f"{i}.0.0.0/8" for i in range(0, 256, 2)]  # each /8 passes alone: half of everything
+    for i, (change, why) in enumerate(
+        [
+            ({"admin_cidrs": ["0.0.0.0/0"]}, "a fail-safe may not open"),
+            ({"control_plane": ["0.0.0.0/1", "128.0.0.0/1"]}, "a fail-safe may not open"),
+            ({"admin_cidrs": ["::/0"]}, "a fail-safe may not open"),
+            ({"admin_cidrs": halves}, "open more than 4 /8s' worth"),
+        ]
     ):
         wide = resign(doc, failsafes=doc.failsafes.model_copy(update=change))
         path = write(wide, tmp_path / f"wide-{i}.json")
@@ -171,7 +177,7 @@ def test_attack_a_bundle_widening_failsafes_to_everything_is_refused_by_the_agen
             text=True,
             timeout=60,
         )
-        assert proc.returncode != 0 and "a fail-safe may not open" in proc.stderr, proc.stderr
+        assert proc.returncode != 0 and why in proc.stderr, proc.stderr
         assert not (tmp_path / f"st-{i}" / "bundle.json").exists()
 
 
@@ -186,6 +192,9 @@ def test_attack_local_failsafes_cannot_be_everything_either(tmp_path: Path) -> N
     for name, value in (("admin_cidrs", ["0.0.0.0/0"]), ("control_plane", ["::/0"]), ("admin_cidrs", ["0.0.0.0/1"])):
         with pytest.raises(ConfigError, match=f"{name}: .*a fail-safe may not open"):
             load_config(config_text(tmp_path, source="/x", **{name: value}))
+    every_8 = [f"{i}.0.0.0/8" for i in range(256)]
+    with pytest.raises(ConfigError, match=r"admin_cidrs: .*open more than 4 /8s' worth"):
+        load_config(config_text(tmp_path, source="/x", admin_cidrs=every_8))
     assert load_config(config_text(tmp_path, source="/x", admin_cidrs=["10.0.0.0/8"])).admin_cidrs == ["10.0.0.0/8"]
 
 

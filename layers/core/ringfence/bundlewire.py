@@ -30,6 +30,7 @@ from typing import Any, Literal, Protocol, Self, TypeVar
 
 from ringfence.enums import Mode
 from ringfence.failsafewire import FAILSAFE_WIDEST as FAILSAFE_WIDEST
+from ringfence.failsafewire import failsafe_total_problem as failsafe_total_problem
 from ringfence.failsafewire import failsafe_width_problem as failsafe_width_problem
 
 BUNDLE_FORMAT = "ringfence.bundle/v2"

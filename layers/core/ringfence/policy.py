@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from ringfence import addresses, selectors, yamlpos
 from ringfence.addresses import Address, Prefix
-from ringfence.failsafewire import failsafe_width_problem
+from ringfence.failsafewire import failsafe_total_problem, failsafe_width_problem
 from ringfence.labels import LabelMapper
 from ringfence.model import (
     Action,
@@ -659,11 +659,14 @@ class _Builder:
     def _failsafe_prefixes(
         self, cidrs: list[str], file: str, located: yamlpos.Located, path: tuple[Any, ...]
     ) -> list[Prefix]:
-        """Fail-safe prefixes, each no wider than :data:`~ringfence.failsafewire.FAILSAFE_WIDEST`."""
+        """Fail-safe prefixes, each no wider than :data:`~ringfence.failsafewire.FAILSAFE_WIDEST` and
+        together no more than :data:`~ringfence.failsafewire.FAILSAFE_MOST`."""
         out = self._prefixes(cidrs, file, located, path)
+        too_wide = False
         for j, prefix in enumerate(out):
             why = failsafe_width_problem(prefix[0], prefix[2])
             if why is not None:
+                too_wide = True
                 self.problem(
                     file,
                     located,
@@ -671,6 +674,10 @@ class _Builder:
                     f"{addresses.format_prefix(prefix)}: {why}",
                     "list the management networks themselves, e.g. 10.20.0.0/16",
                 )
+        for family in (4, 6) if not too_wide else ():  # else that entry is the one to fix first
+            why = failsafe_total_problem(family, [(p[1], p[2]) for p in out if p[0] == family])
+            if why is not None:
+                self.problem(file, located, path, why, "list the management networks themselves, e.g. 10.20.0.0/16")
         return out
 
     def _prefixes(self, cidrs: list[str], file: str, located: yamlpos.Located, path: tuple[Any, ...]) -> list[Prefix]:
