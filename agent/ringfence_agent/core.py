@@ -577,7 +577,16 @@ class Agent:
                 self._reset_cache(None)
             self._set_aside(f"does not verify: {exc}")
             raise Rejected(f"last known good in {self.state.path} is unusable: {exc}") from None
-        self._apply(plan)
+        try:
+            self._apply(plan)
+        except ApplyError:
+            # the kernel refused it (a lock held, a module missing): the file stays for the next
+            # start, but nothing is held in memory, so the daemon holds the fail-safe posture and
+            # fetches the bundle whole instead of believing it enforces what the kernel lacks
+            with self._lock:
+                self.bundle, self.deltas = None, []
+                self._reset_cache(None)
+            raise
         self.plan = plan
         self.state.update_status(
             applied_version=self.revision,

@@ -358,6 +358,49 @@ def test_last_known_good_is_reverified_and_reapplied(tmp_path: Path) -> None:
     assert backend3.applied == []
 
 
+def test_a_last_known_good_the_kernel_refuses_at_boot_leaves_the_failsafe_posture_not_an_open_host(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The kernel refuses the re-apply at start (a transient error, a lock held) and the control
+    plane is out of reach: the daemon holds the fail-safe posture instead of leaving the host as
+    it booted, keeps the file for the next start, and the next start re-applies it."""
+    from ringfence_agent.config import AgentConfig
+    from ringfence_agent.daemon import Daemon
+
+    agent, _ = make_agent(tmp_path)
+    agent.apply_bundle(golden(PROC))
+    cfg = AgentConfig(
+        workload_id="ord-prod-proc-1",
+        public_key=PUBLIC_KEY,
+        state_dir=tmp_path / "state",
+        backend="dry-run",
+        source="http://127.0.0.1:9",
+        admin_cidrs=["192.0.2.0/24"],
+    )
+
+    class RefusesOnce(FakeBackend):
+        def apply(self, plan: object) -> None:
+            try:
+                super().apply(plan)
+            finally:
+                self.fail = False
+
+    refused_once = RefusesOnce()
+    refused_once.fail = True  # the first apply: the last known good
+    daemon = Daemon(cfg)
+    daemon.agent.backend = refused_once
+    daemon.start_enforcing()
+    err = capsys.readouterr().err
+    assert "boom" in err and "holding the fail-safe posture" in err, err
+    held = refused_once.applied[-1]
+    assert len(refused_once.applied) == 1 and held.version == 0 and held.failsafes.admin_v4 == ("192.0.2.0/24",)  # type: ignore[attr-defined]
+    assert daemon.agent.bundle is None, "nothing held in memory: the next fetch is the whole bundle"
+    assert StateDir(tmp_path / "state").read_json("status.json")["posture"] == "failsafe"
+    assert StateDir(tmp_path / "state").load_bundle() == golden(PROC), "kept for the next start"
+    again, backend = make_agent(tmp_path)
+    assert again.reapply_last_known_good().changed and backend.applied[0].version == golden(PROC).version  # type: ignore[attr-defined]
+
+
 def test_first_bundle_pins_identity(tmp_path: Path) -> None:
     agent, _ = make_agent(tmp_path, wid=None)
     agent.apply_bundle(golden(PROC))
