@@ -253,3 +253,32 @@ def test_perimeter_iam_changes_and_deletes_only_tagged_groups_in_both_deployment
         assert cond in tf[action], action
     assert birth_cond in tf["ec2:CreateSecurityGroup"]
     assert "RINGFENCE_PERIMETER_QUEUE_URL" in loc["common_env"]
+
+
+def test_every_function_that_audits_may_read_the_chain_head_and_the_lifecycle_one_audits() -> None:
+    """An audit record is written after the chain head is read (GetItem, then PutItem): a role
+    with PutItem alone fails at its first record in AWS (moto does not check IAM, so only this
+    test can say). The lifecycle function audits a refused terminate and retires the credentials
+    of an instance it sees terminated: both deployments let it."""
+    res = template()["Resources"]
+    cfn: dict[str, dict[str, set[str]]] = {}
+    for name, r in res.items():
+        if r.get("Type") != "AWS::Serverless::Function":
+            continue
+        for st in r["Properties"].get("Policies", [{}])[0].get("Statement", []):
+            res_ = st.get("Resource", [])  # a statement with NotResource names no table
+            targets = res_ if isinstance(res_, list) else [res_]
+            for t in targets:
+                if isinstance(t, dict) and "GetAtt" in t:
+                    cfn.setdefault(name, {}).setdefault(t["GetAtt"], set()).update(st["Action"])
+    auditing = {n: a["AuditTable.Arn"] for n, a in cfn.items() if "AuditTable.Arn" in a}
+    assert auditing and all({"dynamodb:GetItem", "dynamodb:PutItem"} <= a for a in auditing.values()), auditing
+    assert "LifecycleFunction" in auditing
+    assert "dynamodb:DeleteItem" in cfn["LifecycleFunction"]["StateTable.Arn"]
+
+    tf = (ROOT / "infra/modules/ringfence/lambda.tf").read_text()
+    audit_lines = [line for line in tf.splitlines() if "aws_dynamodb_table.audit.arn" in line]
+    assert audit_lines and all('"dynamodb:GetItem", "dynamodb:PutItem"' in line for line in audit_lines), audit_lines
+    lifecycle = tf[tf.index("    lifecycle = [") : tf.index("    reconcile = [")]
+    assert "aws_dynamodb_table.audit.arn" in lifecycle
+    assert '"dynamodb:GetItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn]' in lifecycle

@@ -179,7 +179,10 @@ locals {
     ])
     lifecycle = [
       { actions = ["dynamodb:GetItem", "dynamodb:UpdateItem"], resources = [aws_dynamodb_table.inventory.arn] },
-      { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.state.arn] },
+      # an instance seen terminated: its token, agent key and connection go
+      { actions = ["dynamodb:GetItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn] },
+      # a refused terminate and governance findings are audited (the chain head read, then the record)
+      { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.lifecycle.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.perimeter.arn, aws_sqs_queue.async_dlq.arn] },
       local.policies_read, local.describe, local.asg_describe, local.assume, local.kms_use,
@@ -250,7 +253,7 @@ locals {
     ]
     azureevents = concat([
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:Query", "dynamodb:Scan"], resources = [aws_dynamodb_table.state.arn, aws_dynamodb_table.inventory.arn] },
-      { actions = ["dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
+      { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
       local.policies_read, local.kms_use,
     ], length(local.azure_secrets) == 0 ? [] : [{ actions = ["secretsmanager:GetSecretValue"], resources = local.azure_secrets }])
