@@ -275,6 +275,8 @@ def test_every_function_that_audits_may_read_the_chain_head_and_the_lifecycle_on
     assert auditing and all({"dynamodb:GetItem", "dynamodb:PutItem"} <= a for a in auditing.values()), auditing
     assert "LifecycleFunction" in auditing
     assert "dynamodb:DeleteItem" in cfn["LifecycleFunction"]["StateTable.Arn"]
+    # GET /admin/findings reads set heads with BatchGetItem (ringfence.control.findings)
+    assert "dynamodb:BatchGetItem" in cfn["AdminFunction"]["StateTable.Arn"]
 
     tf = (ROOT / "infra/modules/ringfence/lambda.tf").read_text()
     audit_lines = [line for line in tf.splitlines() if "aws_dynamodb_table.audit.arn" in line]
@@ -282,3 +284,6 @@ def test_every_function_that_audits_may_read_the_chain_head_and_the_lifecycle_on
     lifecycle = tf[tf.index("    lifecycle = [") : tf.index("    reconcile = [")]
     assert "aws_dynamodb_table.audit.arn" in lifecycle
     assert '"dynamodb:GetItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn]' in lifecycle
+    admin_tf = tf[tf.index("    admin = [") :]
+    admin_tf = admin_tf[: admin_tf.index("\n    ]")]
+    assert '"dynamodb:BatchGetItem"], resources = [aws_dynamodb_table.state.arn]' in admin_tf

@@ -232,7 +232,8 @@ locals {
       { actions = ["dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn] },
       # the dependency map: the running inventory and the flow rows
       { actions = ["dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
-      { actions = ["dynamodb:Query"], resources = [aws_dynamodb_table.state.arn] },
+      # BatchGetItem: GET /admin/findings reads the bundles' set heads
+      { actions = ["dynamodb:Query", "dynamodb:BatchGetItem"], resources = [aws_dynamodb_table.state.arn] },
       { actions = ["s3:PutObject", "s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/policies/*"] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
       local.kms_use,
