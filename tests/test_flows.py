@@ -4,6 +4,7 @@ the same rows: tests/aws/test_store.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 from pathlib import Path
 
@@ -113,7 +114,10 @@ def test_flows_are_classified_allowed_blocked_potentially_blocked_and_unknown(
              "dport": 443, "action": "would-drop"},
         ],
     }  # fmt: skip
-    ingest.agent_batch("ord-prod-web-1", batch)
+    # each reported by the agent of its source (an agent's flows must have an end of its own)
+    reporter = {"10.1.1.10": "ord-prod-web-1", "10.1.1.11": "ord-prod-web-2", "10.2.1.10": "ord-dev-web-1"}
+    reporter["10.2.10.10"] = "pay-dev-web-1"
+    ingest.flows(dataclasses.replace(f, reporter=reporter[f.src]) for f in agent_flows("", batch))
     ingest.vpc_object("v.gz", gzip.compress(b"2 1 eni-9 192.0.2.1 192.0.2.2 5 22 6 1 1 1060 1070 ACCEPT OK\n"))
     rows = {(r.src, r.dst, r.port): r for r in merge(store.flow_rows())}
     web = "app=ordering,env=prod,loc=ca,role=web"

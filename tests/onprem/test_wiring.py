@@ -244,6 +244,37 @@ def test_agent_reports_become_flow_rows_on_one_machine(wiring: LocalWiring) -> N
     assert rows[("database", "blocked")].flows == 2
 
 
+def test_attack_an_agent_inventing_flows_between_other_workloads_is_not_taken(wiring: LocalWiring) -> None:
+    """Root on one host could report a flow between two others (processing → database): it
+    would steer the dependency map and rule suggestions. Only flows with an end that is the
+    reporter's own address are taken."""
+    from ringfence.agentapi import ReportBatch
+
+    boot(wiring)
+    now = time.time()
+    flow = {"start": now, "end": now + 1, "proto": "tcp", "packets": 3, "bytes": 90, "direction": "outbound"}
+    batch = ReportBatch.model_validate(
+        {
+            "flows": [
+                {**flow, "src": "192.168.10.21", "dst": "192.168.10.31", "dport": 5432},  # proc → db: not its own
+                {**flow, "src": "192.168.10.11", "dst": "192.168.10.21", "dport": 8443},  # its own
+                {**flow, "src": "192.168.10.21", "dst": "192.168.10.11", "dport": 22},  # its own, inbound
+            ]
+        }
+    )
+    assert AgentApi(wiring).reports("dc1-web-1", batch).status == 202
+    rows = wiring.store.flow_rows()
+    assert rows and not any("role=database" in r.dst for r in rows), rows
+    assert sum(r.flows for r in rows) == 2
+    # the batch itself is still archived as sent (a later ingest applies the same rule)
+    from ringfence.flows.ingest import FlowIngest
+
+    policy = wiring.active_policy()
+    assert policy is not None
+    result = FlowIngest(wiring.store, policy[1]).agent_batch("dc1-web-1", batch.model_dump(mode="json"))
+    assert result.foreign == 1 and result.flows == 2
+
+
 def test_the_governing_policy_is_read_once_per_batch_and_fresh_outside_one(wiring: LocalWiring) -> None:
     """Inside begin_batch/end_batch the store's active policy is read once (a batch of ten events
     made ten reads of it); outside a batch, and in the next batch, it is read when asked, so a

@@ -83,6 +83,7 @@ def agent_flows(workload_id: str, batch: dict[str, Any]) -> list[Flow]:
 class IngestResult:
     flows: int = 0
     rows: int = 0
+    foreign: int = 0  # agent flows with neither end the reporter's: not taken
     files: list[ParseReport] = field(default_factory=list)
 
     @property
@@ -106,12 +107,30 @@ class FlowIngest:
         return sync_addresses(self.store, active, released, time.time() if at is None else at)
 
     def flows(self, flows: Iterable[Flow], result: IngestResult | None = None) -> IngestResult:
+        """Classify and store ``flows``. An agent's flow is taken only if one end was its
+        reporter's address (when the flow started, or now): a host's agent sees its own traffic
+        only, and flows it invents between other workloads would steer the dependency map and
+        rule suggestions. VPC Flow Logs come from AWS and are taken as they are."""
         result = result or IngestResult()
         flows = list(flows)
         if not flows:
             return result
         wanted = sorted({f.src for f in flows} | {f.dst for f in flows})
-        agg = Aggregator(Classifier(self.policy, AddressBook(self.store.address_history(wanted))))
+        book = AddressBook(self.store.address_history(wanted))
+        now = time.time()
+
+        def own(f: Flow, address: str) -> bool:
+            return any(
+                (o := book.owner(address, t)) is not None and o.workload_id == f.reporter for t in (f.start, now)
+            )
+
+        kept = [f for f in flows if f.origin != "agent" or own(f, f.src) or own(f, f.dst)]
+        if len(kept) < len(flows):
+            result.foreign += len(flows) - len(kept)
+            by = sorted({f.reporter for f in flows if f.origin == "agent"} - {f.reporter for f in kept})
+            log.warning("%d agent flows name neither end their reporter's (%s): not taken", len(flows) - len(kept), by)
+        flows = kept
+        agg = Aggregator(Classifier(self.policy, book))
         agg.add(flows)
         rows = list(agg.rows.values())
         self.store.add_flows(rows, self.ttl)
