@@ -662,6 +662,7 @@ class _Builder:
         """Fail-safe prefixes, each no wider than :data:`~ringfence.failsafewire.FAILSAFE_WIDEST` and
         together no more than :data:`~ringfence.failsafewire.FAILSAFE_MOST`."""
         out = self._prefixes(cidrs, file, located, path)
+        hint = "list the management networks themselves, e.g. 10.20.0.0/16"
         too_wide = False
         for j, prefix in enumerate(out):
             why = failsafe_width_problem(prefix[0], prefix[2])
@@ -672,12 +673,12 @@ class _Builder:
                     located,
                     (*path, j),
                     f"{addresses.format_prefix(prefix)}: {why}",
-                    "list the management networks themselves, e.g. 10.20.0.0/16",
+                    hint,
                 )
         for family in (4, 6) if not too_wide else ():  # else that entry is the one to fix first
             why = failsafe_total_problem(family, [(p[1], p[2]) for p in out if p[0] == family])
             if why is not None:
-                self.problem(file, located, path, why, "list the management networks themselves, e.g. 10.20.0.0/16")
+                self.problem(file, located, path, why, hint)
         return out
 
     def _prefixes(self, cidrs: list[str], file: str, located: yamlpos.Located, path: tuple[Any, ...]) -> list[Prefix]:
