@@ -1,6 +1,7 @@
 """Event Grid deliveries over HTTPS: the handshake, the delivery secret, the documented event shapes
-(ResourceWriteSuccess / ResourceDeleteSuccess routed on operationName and read back from ARM;
-Resource Notifications carrying tags), refused deliveries changing nothing."""
+(ResourceWriteSuccess / ResourceDeleteSuccess routed on operationName; Resource Notifications
+carrying the resource), each read back from ARM (a delivery's body is never the authority on a
+VM), refused deliveries changing nothing."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from .conftest import OTHER_SUB, PROD_WEB, SECRET
 
 WEB = "6a000000-0000-4000-8000-00000000b001"
 DEV = "6a000000-0000-4000-8000-00000000b002"
+GHOST = "6a000000-0000-4000-8000-00000000b0ff"
 HEADERS = {SECRET_HEADER: SECRET, "aeg-event-type": "Notification"}
 
 
@@ -71,7 +73,7 @@ def test_write_events_route_on_operation_name_and_tag_writes_name_the_resource()
     )
 
 
-def test_resource_notifications_carry_the_resource_with_its_tags() -> None:
+def test_resource_notifications_name_the_resource_and_nothing_of_it_is_taken() -> None:
     vm = vm_id("web-1")
     body = {
         "id": "4eef929a-0001",
@@ -95,7 +97,7 @@ def test_resource_notifications_carry_the_resource_with_its_tags() -> None:
         "eventTime": "2026-12-02T14:00:00Z",
     }
     c = change_of(parse_delivery(json.dumps([body]))[0])
-    assert c is not None and c.resource_info is not None and c.resource_info["tags"] == PROD_WEB
+    assert c is not None and c.kind == "write" and c.resource.id == vm and c.principal is None
     gone = {
         **body,
         "eventType": NOTIFIED_DELETE,
@@ -170,22 +172,70 @@ def test_a_delete_re_reads_the_subscription_and_ends_the_workload(
     assert kept is not None and kept.state == "running"
 
 
-def test_a_notification_with_tags_needs_no_arm_read(arm: ArmServer, events: AzureEvents, wiring: LocalWiring) -> None:
-    vm = seed_vm(arm, "web-1", WEB, "10.20.1.4", PROD_WEB)
-    body = {
-        "id": "n1",
+def notification(resource_info: dict[str, Any], event_id: str = "n1") -> dict[str, Any]:
+    """A Resource Notifications CreatedOrUpdated event (the documented shape) carrying ``resource_info``."""
+    return {
+        "id": event_id,
         "topic": f"/subscriptions/{SUB}",
-        "subject": vm["id"],
+        "subject": resource_info["id"],
         "eventType": NOTIFIED,
         "eventTime": "2026-12-02T14:00:00Z",
         "dataVersion": "1",
         "metadataVersion": "1",
-        "data": {"resourceInfo": vm},
+        "data": {
+            "resourceInfo": resource_info,
+            "apiVersion": "2024-07-01",
+            "operationalInfo": {"resourceEventTime": "2026-12-02T14:00:00Z"},
+        },
     }
-    with arm.recording() as calls:
-        r = deliver(events, body)
+
+
+def test_a_notification_is_read_back_from_arm_with_the_reads_of_a_write_event(
+    arm: ArmServer, events: AzureEvents, wiring: LocalWiring
+) -> None:
+    """A notification is a trigger: the VM and its NIC are read from ARM, exactly the reads the
+    system topic's write event makes (no more)."""
+    vm = seed_vm(arm, "web-1", WEB, "10.20.1.4", PROD_WEB)
+    with arm.recording() as by_notification:
+        r = deliver(events, notification(vm))
     assert r.status == 200 and r.body["changed"] == [WEB]
-    assert not any("virtualMachines/web-1?" in p for _, p in calls), "the VM came with the event"
+    with arm.recording() as by_write_event:
+        deliver(events, arm_event(WRITE, vm_id("web-1"), "Microsoft.Compute/virtualMachines/write"))
+    assert by_notification == by_write_event
+    assert any("virtualMachines/web-1?" in p for _, p in by_notification), "the VM is read from ARM"
+    rec = wiring.store.get(WEB)
+    assert rec is not None and rec.workload.ips == ["10.20.1.4"] and rec.labels["role"] == "web"
+
+
+def test_attack_resource_notification_body_cannot_set_labels_or_addresses(
+    arm: ArmServer, events: AzureEvents, wiring: LocalWiring
+) -> None:
+    """Whoever gets a delivery accepted (or replays a stale one) writes resourceInfo: other tags,
+    another VM's NIC (its address), another workload's vmId, a VM that does not exist. ARM's
+    values win and a VM ARM does not hold is not created."""
+    seed_vm(arm, "web-1", WEB, "10.20.1.4", PROD_WEB)
+    seed_vm(arm, "dev-1", DEV, "10.20.1.9", {**PROD_WEB, "ringfence:env": "dev"})
+    forged = json.loads(json.dumps(arm.get(vm_id("web-1"))))
+    forged["tags"] = {**PROD_WEB, "ringfence:role": "database"}
+    forged["properties"]["networkProfile"]["networkInterfaces"] = [{"id": nic_id("dev-1-nic")}]
+    r = deliver(events, notification(forged))
+    assert r.status == 200 and r.body["changed"] == [WEB], r.body
+    rec = wiring.store.get(WEB)
+    assert rec is not None and rec.labels["role"] == "web" and rec.workload.ips == ["10.20.1.4"]
+    # web-1 as ARM holds it, but claiming dev-1's vmId: dev-1's record is not written from it
+    forged["properties"]["vmId"] = DEV
+    r = deliver(events, notification(forged, "n2"))
+    assert r.status == 200 and DEV not in r.body["changed"] and wiring.store.get(DEV) is None
+    # a VM ARM does not hold, complete with tags, vmId and a NIC: nothing is created for it
+    ghost = json.loads(json.dumps(forged))
+    ghost["id"] = vm_id("ghost-1")
+    ghost["properties"]["vmId"] = GHOST
+    ghost["properties"]["networkProfile"]["networkInterfaces"] = [{"id": nic_id("web-1-nic")}]
+    r = deliver(events, notification(ghost, "n3"))
+    assert r.status == 200 and GHOST not in r.body["changed"], r.body
+    assert wiring.store.get(GHOST) is None
+    rec = wiring.store.get(WEB)
+    assert rec is not None and rec.labels["role"] == "web" and rec.workload.ips == ["10.20.1.4"]
 
 
 def test_a_privileged_value_set_through_azure_is_held(arm: ArmServer, events: AzureEvents, wiring: LocalWiring) -> None:

@@ -4,7 +4,7 @@ Every ARM call goes through here, so tests run the same code against
 :class:`ringfence.local.azure_arm.ArmServer`: ``base_url`` names it, and a plain ``http://`` loopback
 URL gets a bearer policy that allows http (azure-core refuses bearer tokens over http, rightly,
 everywhere else). Results leave this module in ARM's wire format (``as_dict()``: camelCase, as
-Event Grid and Resource Notifications carry them), so one parser (:mod:`.model`) reads both.
+ARM's REST API returns them), so one parser (:mod:`.model`) reads lists and single reads alike.
 """
 
 from __future__ import annotations

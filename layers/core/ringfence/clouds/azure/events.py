@@ -8,7 +8,10 @@ Two kinds of source feed it (docs/deploy-azure.md):
   and no tags, so the VM is read back from ARM (:mod:`.ingest`). They name the caller
   (``data.claims``), which is kept as the change's principal;
 * Azure Resource Notifications (``Microsoft.ResourceNotifications.Resources.CreatedOrUpdated`` /
-  ``Deleted``): ``data.resourceInfo`` is the resource itself, tags included; no caller.
+  ``Deleted``): ``data.resourceInfo`` carries the resource, tags included, but only its id is
+  taken: the notification is a trigger and the VM is read back from ARM as for the system topic.
+  A delivery's body is not the authority on a resource (whoever gets one accepted, or replays a
+  stale one, would set its labels, addresses and ``vmId``); ARM is. No caller is named.
 
 A Tags API write (``Microsoft.Resources/tags/write``) names the tagged resource either directly
 or as its ``/providers/Microsoft.Resources/tags/default`` child (both are accepted: which one
@@ -91,13 +94,12 @@ def validation_code(events: list[GridEvent]) -> str | None:
 @dataclass(frozen=True)
 class Change:
     """What one event says: ``resource`` (an ARM id) was written or deleted, by ``principal`` when
-    the event names one; ``resource_info``: the resource as it is now (Resource Notifications)."""
+    the event names one. Nothing of the resource itself: what it is now is read from ARM."""
 
     event_id: str
     kind: Literal["write", "delete"]
     resource: ArmId
     principal: str | None = None
-    resource_info: dict[str, Any] | None = None
 
 
 def principal_of(data: dict[str, Any]) -> str | None:
@@ -141,11 +143,10 @@ def change_of(ev: GridEvent) -> Change | None:
             return None
         return Change(ev.id, kind, target, principal_of(ev.data))
     if ev.event_type in (NOTIFIED, NOTIFIED_DELETE):
+        # only which resource: its tags, vmId and NICs in resourceInfo are the sender's word
         info = ev.data.get("resourceInfo") or {}
         target = _resource_of(str(info.get("id") or ev.subject))
         if target is None or target.type not in WATCHED:
             return None
-        if ev.event_type == NOTIFIED_DELETE:
-            return Change(ev.id, "delete", target)
-        return Change(ev.id, "write", target, resource_info=info if info.get("properties") else None)
+        return Change(ev.id, "delete" if ev.event_type == NOTIFIED_DELETE else "write", target)
     return None

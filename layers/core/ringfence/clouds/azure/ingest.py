@@ -1,5 +1,6 @@
-"""Event Grid deliveries over HTTPS → the handshake, the delivery's secret checked, and each
-change read back from ARM and stored as the same governed workload records AWS ingest writes.
+"""Event Grid deliveries over HTTPS → the handshake, the delivery's secret and/or Entra ID token
+checked, and each change read back from ARM (whatever the event carries: a delivery only says
+which resource to read) and stored as the same governed workload records AWS ingest writes.
 
 One entry point, :meth:`AzureEvents.handle` (headers, body → :class:`~ringfence.control.api.Response`),
 served by ``ringfence.routes.azure`` (``POST /azure/events``) in ``ringfence serve`` and in the
@@ -43,7 +44,7 @@ class AzureEvents:
         self.metric = metric
         cfg = azure.cfg
         self.entra = (
-            EntraVerifier(cfg.eventgrid_tenant, cfg.eventgrid_audience, cfg.eventgrid_jwks_url)
+            EntraVerifier(cfg.eventgrid_tenant, cfg.eventgrid_audience, cfg.eventgrid_jwks_url, cfg.eventgrid_app_id)
             if cfg.eventgrid_tenant and cfg.eventgrid_audience
             else None
         )
@@ -124,11 +125,7 @@ class AzureEvents:
         r = c.resource
         if c.kind == "delete":
             return None
-        if c.resource_info is not None and r.type in (VM, SCALE_SET_VM):
-            try:
-                return vm_from_wire(c.resource_info)
-            except ValueError as exc:  # a notification without vmId: read it from ARM
-                log.info("azure: %s", exc)
+        # always ARM's word, never the delivery's: a Resource Notification's resourceInfo is not read
         raw = None
         if r.type == VM:
             raw = arm.vm(r.group, r.names[0])

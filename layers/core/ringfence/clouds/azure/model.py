@@ -1,6 +1,6 @@
 """Azure VMs and NICs as Ringfence sees them, apart from ARM's wire format (:func:`vm_from_wire`,
-:func:`nic_from_wire` read it; the same shapes arrive from ARM reads and in Resource Notifications'
-``resourceInfo``) → inventory records.
+:func:`nic_from_wire` read it, as ARM returns it; Resource Notifications' ``resourceInfo`` has the
+same shape but is never read: a delivery is not the authority on a VM, ARM is) → inventory records.
 
 A workload's id is the VM's ``vmId`` (a GUID, lower case): it is what the IMDS attested document
 names (as an EC2 identity document names the instance id), it is stable for the VM's life, and it

@@ -11,6 +11,7 @@ from azure.core.credentials import TokenCredential
 from ringfence.control.wiring import BaseWiring
 
 from .arm import Arm, default_credential
+from .entra import EVENT_GRID_APP_ID
 
 
 @dataclass
@@ -27,6 +28,8 @@ class AzureConfig:
     eventgrid_tenant: str = ""
     eventgrid_audience: str = ""
     eventgrid_jwks_url: str | None = None
+    # the application that must have obtained the token (appid / azp): Event Grid's service principal
+    eventgrid_app_id: str = EVENT_GRID_APP_ID
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> AzureConfig:
@@ -41,6 +44,7 @@ class AzureConfig:
             eventgrid_tenant=e.get("RINGFENCE_EVENTGRID_TENANT", ""),
             eventgrid_audience=e.get("RINGFENCE_EVENTGRID_AUDIENCE", ""),
             eventgrid_jwks_url=e.get("RINGFENCE_EVENTGRID_JWKS_URL") or None,
+            eventgrid_app_id=e.get("RINGFENCE_EVENTGRID_APP_ID") or EVENT_GRID_APP_ID,
         )
 
     def governs(self, subscription: str) -> bool:
