@@ -448,6 +448,7 @@ def sts_env(env: Env, monkeypatch: pytest.MonkeyPatch) -> Env:
     """The agent API allowing exactly the loopback moto server as its STS endpoint (production:
     AWS's STS host names only)."""
     monkeypatch.setenv("RINGFENCE_STS_ENDPOINTS", env.url)
+    monkeypatch.setenv("RINGFENCE_ENROLL_METHODS", "aws-iid,aws-sts")  # off by default
     env.load_functions()
     return env
 

@@ -47,9 +47,27 @@ def audits(env: Env, action: str, wid: str) -> list[Any]:
 # --- aws-sts ---------------------------------------------------------------------------------------
 
 
-def test_attack_sts_endpoint_sts_s3_amazonaws_com_is_refused(env: Env) -> None:
+def sts_on(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Enable aws-sts (off by default) and reload the functions."""
+    monkeypatch.setenv("RINGFENCE_ENROLL_METHODS", "aws-iid,aws-sts")
+    env.load_functions()
+
+
+def test_attack_sts_on_a_default_stack_is_refused(env: Env) -> None:
+    """The agent sends aws-iid only: a default stack does not accept aws-sts at all, so instance-role
+    credentials (readable by any local user, or through an SSRF) prove nothing there."""
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    give_instance_profile(env, web)
+    status, body = enroll(env, sts_request(env, web, nonce(env)))
+    assert status == 400 and "aws-sts" in body["detail"], body
+    assert not audits(env, "agent.enroll", web)
+
+
+def test_attack_sts_endpoint_sts_s3_amazonaws_com_is_refused(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     """An S3 bucket named "sts" answers at sts.s3.amazonaws.com: the default allow-list (AWS's STS
     host names, parsed) refuses it before anything is sent."""
+    sts_on(env, monkeypatch)
     est = boot(env)
     web = est["ids"]["web"][0]
     n = nonce(env)
@@ -158,7 +176,7 @@ def redirector(env: Env) -> Iterator[str]:
 def test_attack_sts_redirect_is_not_followed(env: Env, redirector: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """An allowed endpoint that redirects (to an STS that would answer) is refused, not followed."""
     monkeypatch.setenv("RINGFENCE_STS_ENDPOINTS", redirector)
-    env.load_functions()
+    sts_on(env, monkeypatch)
     est = boot(env)
     web = est["ids"]["web"][0]
     give_instance_profile(env, web)

@@ -82,12 +82,12 @@ variable "gated_group_names" {
 }
 
 variable "enroll_methods" {
-  description = "Enrollment methods the agent API accepts. Pairing (on-premise hosts) is off unless listed; its keys go out of band (an SSM SecureString), never in user data."
+  description = "Enrollment methods the agent API accepts. EC2 agents send aws-iid; aws-sts (server side only), azure-attested, gcp-jwt (with var.azure / var.gcp) and pairing (on-premise hosts; keys go out of band, never in user data) are off unless listed."
   type        = list(string)
-  default     = ["aws-iid", "aws-sts"]
+  default     = ["aws-iid"]
   validation {
-    condition     = alltrue([for m in var.enroll_methods : contains(["aws-iid", "aws-sts", "pairing"], m)])
-    error_message = "enroll_methods: each of aws-iid, aws-sts, pairing."
+    condition     = alltrue([for m in var.enroll_methods : contains(["aws-iid", "aws-sts", "azure-attested", "gcp-jwt", "pairing"], m)])
+    error_message = "enroll_methods: each of aws-iid, aws-sts, azure-attested, gcp-jwt, pairing."
   }
 }
 

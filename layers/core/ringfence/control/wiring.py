@@ -91,9 +91,10 @@ class Config:
     # InService; without an agent the hook times out into its default result). Only compute
     # completes lifecycle actions (ringfence.control.launchgate).
     lifecycle_gate: str = "publish"
-    # enrollment methods the agent API accepts: the AWS stack's instances prove their identity
-    # (pairing is off unless the stack enables it; the local control plane: pairing only)
-    enroll_methods: list[str] = field(default_factory=lambda: ["aws-iid", "aws-sts"])
+    # enrollment methods the agent API accepts: EC2 agents send aws-iid; aws-sts (server side only),
+    # azure-attested, gcp-jwt and pairing are off unless the stack lists them (fewer doors to
+    # guard); the local control plane: pairing only
+    enroll_methods: list[str] = field(default_factory=lambda: ["aws-iid"])
     allowed_accounts: list[str] = field(default_factory=list)
     # aws-sts: the STS origins replayed to (exact scheme, host and port); empty: AWS's STS host
     # names over https only (sts.amazonaws.com, sts.<region>.amazonaws.com[.cn])
@@ -127,7 +128,7 @@ class Config:
             max_wait=min(25.0, float(e.get("RINGFENCE_MAX_WAIT", "25"))),
             wait_poll_interval=max(0.05, float(e.get("RINGFENCE_WAIT_POLL_INTERVAL", "1"))),
             lifecycle_gate=_gate(e.get("RINGFENCE_LIFECYCLE_GATE", "publish")),
-            enroll_methods=[m for m in e.get("RINGFENCE_ENROLL_METHODS", "aws-iid,aws-sts").split(",") if m],
+            enroll_methods=[m for m in e.get("RINGFENCE_ENROLL_METHODS", "aws-iid").split(",") if m],
             allowed_accounts=[a for a in e.get("RINGFENCE_ALLOWED_ACCOUNTS", "").split(",") if a],
             sts_endpoints=[u for u in e.get("RINGFENCE_STS_ENDPOINTS", "").split(",") if u],
             account_roles=json.loads(e.get("RINGFENCE_ACCOUNT_ROLES", "{}") or "{}"),
