@@ -1,0 +1,269 @@
+"""The agent API's DynamoDB permissions, in template.yaml and in infra/ alike: every write the real
+agent-API function makes while agents enroll, renew, heartbeat, report and hold a launch is allowed,
+and the writes a compromised agent API would need to steer policy are not (a bundle pointer, the
+active policy, the engine head, a workload's labels, mode or quarantine).
+
+moto checks no IAM, so the writes are recorded from the real handler over moto and judged against
+the deployed statements by :func:`allowed`, which evaluates only what these statements use (Allow,
+actions, table resources, ``ForAllValues:StringLike`` / ``StringEquals`` on ``dynamodb:LeadingKeys``
+and ``dynamodb:Attributes``) and refuses any other condition rather than guess. No maintained
+library evaluates DynamoDB condition keys offline (moto's IAM ignores conditions), hence this one.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import hcl2
+import pytest
+
+from tests.aws.conftest import Env
+from tests.aws.test_agent_api import give_instance_profile, sts_request
+from tests.aws.test_lifecycle_gate import heartbeat, launch
+from tests.aws.test_pipeline import enroll_instance
+from tests.aws.test_static import template, unquote
+
+ROOT = Path(__file__).resolve().parents[2]
+TABLES = {"rf-state": "state", "rf-inventory": "inventory", "rf-audit": "audit"}
+PARTITION_KEY = {"state": "pk", "inventory": "id", "audit": "pk"}
+WRITES = {"PutItem", "UpdateItem", "DeleteItem", "BatchWriteItem", "TransactWriteItems"}
+# what an expression names that is not an attribute
+_WORDS = {"SET", "REMOVE", "ADD", "DELETE", "AND", "OR", "NOT", "BETWEEN", "IN"}
+_FUNCTIONS = {"attribute_exists", "attribute_not_exists", "attribute_type", "begins_with", "contains", "size"}
+_FUNCTIONS |= {"if_not_exists", "list_append"}
+
+Statement = tuple[set[str], set[str], list[tuple[str, str, list[str]]]]  # actions, tables, conditions
+Request = tuple[str, str, dict[str, list[str]]]  # action, table, condition context
+
+
+# --- the deployed statements ---------------------------------------------------------------------
+
+
+def sam_statements() -> list[Statement]:
+    res = template()["Resources"]
+    out: list[Statement] = []
+    for st in res["AgentApiFunction"]["Properties"]["Policies"][0]["Statement"]:
+        if not isinstance(st, dict) or st.get("Effect") != "Allow":
+            continue  # an !If (SIEM) names no table
+        targets = st["Resource"] if isinstance(st["Resource"], list) else [st["Resource"]]
+        tables = {
+            t["GetAtt"].removesuffix("Table.Arn").lower() for t in targets if isinstance(t, dict) and "GetAtt" in t
+        }
+        conds = [
+            (op, key, v if isinstance(v, list) else [v])
+            for op, kv in st.get("Condition", {}).items()
+            for key, v in kv.items()
+        ]
+        out.append((set(st["Action"]), tables, conds))
+    return out
+
+
+def terraform_statements() -> list[Statement]:
+    lam = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/lambda.tf").read_text()))
+    loc: dict[str, Any] = {}
+    for block in lam.get("locals", []):
+        loc.update(block)
+    out: list[Statement] = []
+    for st in loc["statements"]["agentapi"]:
+        if not isinstance(st, dict):
+            continue  # a shared local (describe, assume, kms)
+        tables = {m for r in st["resources"] for m in re.findall(r"aws_dynamodb_table\.(\w+)\.arn", str(r))}
+        conds = [(c["test"], c["variable"], list(c["values"])) for c in st.get("conditions", [])]
+        out.append((set(st["actions"]), tables, conds))
+    return out
+
+
+def allowed(statements: list[Statement], request: Request) -> bool:
+    action, table, context = request
+    for actions, tables, conds in statements:
+        if f"dynamodb:{action}" not in actions or table not in tables:
+            continue
+        if all(_holds(op, key, values, context) for op, key, values in conds):
+            return True
+    return False
+
+
+def _holds(op: str, key: str, values: list[str], context: dict[str, list[str]]) -> bool:
+    given = context.get(key, [])
+    if op == "ForAllValues:StringLike":
+        return all(any(fnmatch.fnmatchcase(g, v) for v in values) for g in given)
+    if op == "ForAllValues:StringEquals":
+        return all(g in values for g in given)
+    raise AssertionError(f"condition {op} on {key}: not evaluated here, so not judged")
+
+
+# --- requests, as DynamoDB sees them -------------------------------------------------------------
+
+
+def _plain(v: Any) -> str:
+    """A key value as the condition key holds it (typed {'S': ...} or plain, by handler order)."""
+    if isinstance(v, dict) and len(v) == 1:
+        return str(next(iter(v.values())))
+    return str(v)
+
+
+def _names(expr: str | None, aliases: dict[str, str]) -> set[str]:
+    out = set()
+    for tok in re.findall(r"[#:]?[A-Za-z_][A-Za-z0-9_]*", expr or ""):
+        if tok.startswith(":") or tok.upper() in _WORDS or tok in _FUNCTIONS:
+            continue
+        out.add(aliases.get(tok, tok))
+    return out
+
+
+def requests_of(op: str, params: dict[str, Any]) -> list[Request]:
+    """The (action, table, context) of one call: per item for batches and transactions."""
+    if op == "BatchWriteItem":
+        out: list[Request] = []
+        for name, reqs in params["RequestItems"].items():
+            for r in reqs:
+                if "PutRequest" in r:
+                    out += requests_of("PutItem", {"TableName": name, "Item": r["PutRequest"]["Item"]})
+                else:
+                    out += requests_of("DeleteItem", {"TableName": name, "Key": r["DeleteRequest"]["Key"]})
+        return [("BatchWriteItem", t, c) for _, t, c in out]
+    if op == "TransactWriteItems":
+        out = []
+        for item in params["TransactItems"]:
+            (kind, body), *_ = item.items()
+            action = {"Put": "PutItem", "Update": "UpdateItem", "Delete": "DeleteItem"}.get(kind, "ConditionCheckItem")
+            out += requests_of(action, body)
+        return out
+    table = TABLES.get(params["TableName"], params["TableName"])
+    key = params.get("Item") if op == "PutItem" else params.get("Key", {})
+    assert key is not None
+    aliases = params.get("ExpressionAttributeNames", {})
+    attrs = (
+        set(key) | _names(params.get("UpdateExpression"), aliases) | _names(params.get("ConditionExpression"), aliases)
+    )
+    pk = PARTITION_KEY.get(table, "pk")
+    return [(op, table, {"dynamodb:LeadingKeys": [_plain(key[pk])], "dynamodb:Attributes": sorted(attrs)})]
+
+
+class Recorder:
+    """Every DynamoDB write made while the agent-API function handles a request."""
+
+    def __init__(self, env: Env) -> None:
+        self.on = False
+        self.writes: list[Request] = []
+        env.hook("before-parameter-build.dynamodb", self._seen)
+        handler = env.fn["agentapi"].handler
+
+        def recorded(event: Any, context: Any) -> Any:
+            self.on = True
+            try:
+                return handler(event, context)
+            finally:
+                self.on = False
+
+        env.fn["agentapi"].handler = recorded
+
+    def _seen(self, model: Any, params: dict[str, Any], **_: Any) -> None:
+        if self.on and model.name in WRITES:
+            self.writes += requests_of(model.name, params)
+
+
+@pytest.fixture
+def agent_stack(env: Env, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
+    """Launch gate "agent" and aws-sts on, so the launch hold and both enrollments are written."""
+    monkeypatch.setenv("RINGFENCE_LIFECYCLE_GATE", "agent")
+    monkeypatch.setenv("RINGFENCE_ENROLL_METHODS", "aws-iid,aws-sts")
+    monkeypatch.setenv("RINGFENCE_STS_ENDPOINTS", env.url)
+    env.load_functions()
+    yield env
+    os.environ.pop("RINGFENCE_LIFECYCLE_GATE", None)
+
+
+def test_every_write_the_agent_api_makes_is_allowed_and_steering_writes_are_not(agent_stack: Env) -> None:
+    env = agent_stack
+    new = launch(env)
+    env.pump()
+    rec = Recorder(env)
+    token = enroll_instance(env, new)  # nonce, enroll, key binding, token, audit
+    heartbeat(env, new, token, None)
+    ptr = env.store.bundle_pointer(new)
+    assert ptr is not None
+    heartbeat(env, new, token, ptr.version)  # enforces: the launch hold records it
+    auth = {"Authorization": f"Bearer {token}"}
+    body = {"applied_version": ptr.version, "mode": "enforce", "kernel_digest": "0" * 64}
+    assert env.rest("agentapi", "POST", f"/v1/agents/{new}/heartbeat", body, headers=auth)[0] == 200
+    assert env.rest("agentapi", "GET", f"/v1/agents/{new}/bundle", headers=auth)[0] == 200
+    assert env.rest("agentapi", "POST", f"/v1/agents/{new}/reports", {"flows": [], "drops": []}, headers=auth)[0] == 202
+    env.store.set_liveness(new, offline=True)
+    heartbeat(env, new, token, ptr.version)  # back online
+    running = env.ec2.describe_instances(Filters=[{"Name": "instance-state-name", "Values": ["running"]}])
+    web = next(i["InstanceId"] for r in running["Reservations"] for i in r["Instances"] if i["InstanceId"] != new)
+    give_instance_profile(env, web)
+    _, _, n = env.rest("agentapi", "GET", "/v1/nonce")
+    status, _, answer = env.rest("agentapi", "POST", "/v1/enroll", sts_request(env, web, n["nonce"]))
+    assert status == 200, answer
+
+    kinds = {(a, t, c["dynamodb:LeadingKeys"][0].split("#")[0]) for a, t, c in rec.writes}
+    for expected in (
+        ("PutItem", "state", "nonce"),
+        ("DeleteItem", "state", "nonce"),
+        ("PutItem", "state", "token"),
+        ("PutItem", "state", "agentkey"),
+        ("UpdateItem", "state", "launch"),
+        ("PutItem", "state", "enforcement"),
+        ("UpdateItem", "inventory", new),
+    ):
+        assert expected in kinds, (expected, sorted(kinds))
+    deployments = {"template.yaml": sam_statements(), "infra/": terraform_statements()}
+    for where, statements in deployments.items():
+        refused = [w for w in rec.writes if w[1] != "audit" and not allowed(statements, w)]
+        assert not refused, (where, refused)
+        for attack in (
+            ("UpdateItem", "inventory", {"dynamodb:LeadingKeys": [new], "dynamodb:Attributes": ["id", "op_mode"]}),
+            (
+                "UpdateItem",
+                "inventory",
+                {"dynamodb:LeadingKeys": [new], "dynamodb:Attributes": ["id", "op_quarantined"]},
+            ),
+            ("UpdateItem", "inventory", {"dynamodb:LeadingKeys": [new], "dynamodb:Attributes": ["id", "doc"]}),
+            ("PutItem", "inventory", {"dynamodb:LeadingKeys": [new], "dynamodb:Attributes": ["id"]}),
+            ("DeleteItem", "inventory", {"dynamodb:LeadingKeys": [new], "dynamodb:Attributes": ["id"]}),
+            ("PutItem", "state", {"dynamodb:LeadingKeys": ["policy"], "dynamodb:Attributes": ["pk", "sk", "doc"]}),
+            ("PutItem", "state", {"dynamodb:LeadingKeys": [f"bundle#{new}"], "dynamodb:Attributes": ["pk", "sk"]}),
+            ("UpdateItem", "state", {"dynamodb:LeadingKeys": ["engine"], "dynamodb:Attributes": ["pk", "sk"]}),
+            ("DeleteItem", "state", {"dynamodb:LeadingKeys": [f"sethead#{new}"], "dynamodb:Attributes": ["pk", "sk"]}),
+            ("PutItem", "state", {"dynamodb:LeadingKeys": ["once#announced#x"], "dynamodb:Attributes": ["pk", "sk"]}),
+        ):
+            assert not allowed(statements, attack), (where, attack)
+
+
+def test_the_evaluator_reads_the_keys_of_each_kind_of_write() -> None:
+    """The context :func:`requests_of` builds is what IAM is given: the partition key's value and
+    every top-level attribute named (aliases resolved, values and functions left out)."""
+    got = requests_of(
+        "UpdateItem",
+        {
+            "TableName": "rf-inventory",
+            "Key": {"id": {"S": "i-1"}},
+            "UpdateExpression": "SET enrolled = :e, #offline = :o",
+            "ConditionExpression": "attribute_exists(id)",
+            "ExpressionAttributeNames": {"#offline": "offline"},
+        },
+    )
+    assert got == [
+        (
+            "UpdateItem",
+            "inventory",
+            {"dynamodb:LeadingKeys": ["i-1"], "dynamodb:Attributes": ["enrolled", "id", "offline"]},
+        )
+    ]
+    batch = requests_of(
+        "BatchWriteItem", {"RequestItems": {"rf-state": [{"PutRequest": {"Item": {"pk": "a#1", "sk": "x"}}}]}}
+    )
+    assert batch == [
+        ("BatchWriteItem", "state", {"dynamodb:LeadingKeys": ["a#1"], "dynamodb:Attributes": ["pk", "sk"]})
+    ]
+    with pytest.raises(AssertionError, match="not evaluated"):
+        allowed(
+            [({"dynamodb:BatchWriteItem"}, {"state"}, [("StringEqualsIfExists", "dynamodb:Select", ["x"])])], batch[0]
+        )
