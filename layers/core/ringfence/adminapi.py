@@ -1,6 +1,6 @@
 """The admin API's request bodies (server side, pydantic): what an operator sends to provision
-policy, set modes, quarantine and release, mint pairing keys, and register on-premise workloads
-(one at a time or from a CMDB export). Every action is audited."""
+policy, set modes, quarantine and release, bind privileged label values, mint pairing keys, and
+register on-premise workloads (one at a time or from a CMDB export). Every action is audited."""
 
 from __future__ import annotations
 
@@ -27,6 +27,16 @@ class ProvisionRequest(Reason):
 
 class ModeRequest(Reason):
     mode: Mode | None = Field(description="the operator's mode for the workload; null: the policy's")
+
+
+class BindLabelsRequest(_Body):
+    labels: dict[str, str] = Field(
+        min_length=1,
+        max_length=64,
+        description="the privileged values to grant, dimension → value (each one the policy lists under "
+        "`privileged:`); merged into the workload's grants, a dimension's earlier grant replaced",
+    )
+    reason: str = Field(max_length=2048, description="why (required, not blank): kept in the audit log")
 
 
 class PairingKeyRequest(Reason):
@@ -95,6 +105,14 @@ class ModeResponse(_Body):
 class QuarantineResponse(_Body):
     workload_id: str
     quarantined: bool
+    audit_id: str
+
+
+class BindLabelsResponse(_Body):
+    workload_id: str
+    label_grants: dict[str, str] = Field(description="every privileged value the workload is now granted")
+    labels: dict[str, str] = Field(description="the labels in force after the binding (compute is queued)")
+    held: bool = Field(description="a move into a privileged value this binding did not grant is still held")
     audit_id: str
 
 

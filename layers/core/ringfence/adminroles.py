@@ -1,6 +1,7 @@
 """Who may do what through the admin API: four admin roles, each admin action open to some.
 
-- ``policy-author``: provision policy versions and set workload modes (``idle`` among them);
+- ``policy-author``: provision policy versions, set workload modes (``idle`` among them) and bind
+  privileged label values to a workload (an admin binding);
 - ``incident-responder``: quarantine and release workloads;
 - ``onboarding``: register, import and deregister on-premise workloads, mint pairing keys, reset
   a workload's agent key (an agent that lost its state directory enrolls again);
@@ -34,6 +35,11 @@ class AdminRole(enum.StrEnum):
 ACTIONS: dict[str, frozenset[AdminRole]] = {
     "policy.provision": frozenset({AdminRole.POLICY_AUTHOR}),
     "workload.mode": frozenset({AdminRole.POLICY_AUTHOR}),
+    # an admin binding grants one workload a privileged label value (the example's role=jumpbox
+    # makes it an SSH peer of every production host): it widens who reaches what, as a policy
+    # version does, and the policy author already decides which values are privileged and who
+    # may tag them (`taggers`). Incident responders contain (quarantine) rather than widen access.
+    "label.bind": frozenset({AdminRole.POLICY_AUTHOR}),
     "workload.quarantine": frozenset({AdminRole.INCIDENT_RESPONDER}),
     "workload.release": frozenset({AdminRole.INCIDENT_RESPONDER}),
     "pairing.create": frozenset({AdminRole.ONBOARDING}),

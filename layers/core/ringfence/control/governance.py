@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from typing import NamedTuple
 
 from ringfence.audit import AuditRecord, state_digest
 from ringfence.control.wiring import BaseWiring, Metric, log, no_metric
@@ -152,34 +153,52 @@ def _report(
     return quarantine
 
 
-def bind_labels(
-    w: BaseWiring, workload_id: str, labels: dict[str, str], principal: str, reason: str
-) -> InventoryRecord:
+class Binding(NamedTuple):
+    """What :func:`bind_labels` wrote: the workload's record and the binding's audit record id."""
+
+    record: InventoryRecord
+    audit_id: str
+
+
+def _privileged_hint(mapper: LabelMapper) -> str:
+    values = "; ".join(
+        f"{dim}: {', '.join(sorted(mapper.privileged_values(dim)))}"
+        for dim in mapper.dimensions
+        if mapper.privileged_values(dim)
+    )
+    return f"the policy's privileged values: {values}" if values else "the policy declares no privileged values"
+
+
+def bind_labels(w: BaseWiring, workload_id: str, labels: dict[str, str], principal: str, reason: str) -> Binding:
     """An audited admin binding: grant privileged label values to one workload, lift a hold they
-    clear, and queue the change for compute. Raises KeyError (unknown workload) or ValueError."""
+    clear, and queue the change for compute. Raises KeyError (an unknown or terminated workload)
+    or ValueError (no active policy, a blank reason, a dimension or value that cannot be granted)
+    before changing anything."""
     mapper = _governing_mapper(w)
     if mapper is None:
-        raise ValueError("no active policy: nothing declares privileged values")
+        raise ValueError("no active policy: nothing declares privileged values (provision a policy version first)")
     if not reason.strip():
         raise ValueError("a binding needs a reason (it is audited)")
     old = w.store.get(workload_id)
     if old is None or old.state == "terminated":
         raise KeyError(workload_id)
-    granted = bind(mapper, old.workload, labels)
+    try:
+        granted = bind(mapper, old.workload, labels)
+    except ValueError as exc:
+        raise ValueError(f"{exc} ({_privileged_hint(mapper)})") from None
     verdict = govern(mapper, old.workload, granted.model_copy(update={"held_labels": None}))
     res = mapper.resolve(verdict.workload)
     rec = old.model_copy(
         update={"workload": verdict.workload, "labels": res.labels, "problems": [p.message for p in res.problems]}
     )
     w.store.observe(rec)  # same observed_at: written unless a newer observation landed meanwhile
-    w.audit(
-        AuditRecord(
-            principal=principal,
-            action="label.bind",
-            target=workload_id,
-            detail={"labels": dict(verdict.workload.label_grants), "in_force": res.labels},
-            reason=reason,
-        )
+    audit = AuditRecord(
+        principal=principal,
+        action="label.bind",
+        target=workload_id,
+        detail={"labels": dict(verdict.workload.label_grants), "in_force": res.labels},
+        reason=reason,
     )
+    w.audit(audit)
     w.enqueue_compute([workload_id])
-    return rec
+    return Binding(rec, audit.id)

@@ -1,5 +1,5 @@
-"""The admin API's routes: provision policy, set modes, quarantine/release, mint pairing keys,
-reset an agent key —
+"""The admin API's routes: provision policy, set modes, quarantine/release, bind privileged label
+values, mint pairing keys, reset an agent key —
 over an :class:`Admin` service, for every host; with an ``onprem`` service (``ringfence serve``)
 also register, import (CMDB CSV) and deregister on-premise workloads. Each action is audited with the caller's
 principal, read from ``requestContext.identity.userArn``: API Gateway puts the IAM caller there
@@ -23,7 +23,9 @@ from ringfence import adminapi
 from ringfence.adminroles import AdminRole, RoleBindings, may, parse_roles
 from ringfence.clouds.onprem import OnPremAdmin
 from ringfence.control.admin import Admin
+from ringfence.control.api import Response, error
 from ringfence.control.findings import DEFAULT_BOUND, FindingsResponse
+from ringfence.control.governance import bind_labels
 
 from .common import answers, http, resolver
 
@@ -152,6 +154,32 @@ def admin_routes(
     )
     def set_mode(wid: str, req: adminapi.ModeRequest) -> HttpResponse[str]:
         return refused("workload.mode", wid) or http(service().set_mode(principal(), wid, req.mode, req.reason))
+
+    @app.put(
+        "/admin/workloads/<wid>/labels",
+        summary="bind privileged label values to a workload (an audited admin binding: the values need no "
+        "tagger, a hold they clear is lifted, compute is queued); reason required — policy-author",
+        responses=answers(adminapi.BindLabelsResponse, errors=(400, 404)),
+        security=[{"sigv4": []}],
+    )
+    def bind_workload_labels(wid: str, req: adminapi.BindLabelsRequest) -> HttpResponse[str]:
+        denied = refused("label.bind", wid)
+        if denied:
+            return denied
+        try:  # every refusal below is raised before anything is written
+            rec, audit_id = bind_labels(service().w, wid, req.labels, principal(), req.reason)
+        except KeyError:
+            return http(error(404, "unknown workload", wid))
+        except ValueError as exc:
+            return http(error(400, "binding refused", str(exc)))
+        body = {
+            "workload_id": wid,
+            "label_grants": dict(rec.workload.label_grants),
+            "labels": rec.labels,
+            "held": rec.workload.held_labels is not None,
+            "audit_id": audit_id,
+        }
+        return http(Response(200, body))
 
     @app.post(
         "/admin/workloads/<wid>/quarantine",

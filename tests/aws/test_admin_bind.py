@@ -1,0 +1,183 @@
+"""Admin bindings through the admin API: ``PUT /admin/workloads/{id}/labels`` grants privileged
+label values to one workload (``ringfence.control.governance.bind_labels``), audited as
+``label.bind`` and open to policy authors only.
+
+Against the real admin function (moto server behind it, API Gateway's IAM caller in the event)
+and against ``ringfence serve`` over HTTP with role-carrying admin tokens: the same routes. A
+developer's retag into ``role=jumpbox, app=admin`` is held (tests/aws/test_governance.py); a
+binding is how an administrator approves it when no tagger made the change."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from ringfence import serve
+from tests.aws.conftest import OPERATOR, Env
+from tests.aws.test_governance import DEVELOPER, ESCALATION, governed_estate, retag, ssh_peers
+
+AUTHORS = "arn:aws:iam::123456789012:role/PolicyAuthors"
+PAT = "arn:aws:sts::123456789012:assumed-role/PolicyAuthors/pat"  # a session of that role
+RESPONDERS = "arn:aws:iam::123456789012:role/IncidentResponders"
+JANE = "arn:aws:sts::123456789012:assumed-role/IncidentResponders/jane"
+READER = "arn:aws:iam::123456789012:user/rita"
+ONBOARDER = "arn:aws:iam::123456789012:user/otto"
+PREVIOUS = {"role": "web", "app": "ordering", "env": "dev", "loc": "ca"}
+GRANT = {"role": "jumpbox", "app": "admin"}
+
+
+def held_estate(env: Env) -> dict[str, Any]:
+    """The example estate, and a dev box its developer retagged into role=jumpbox, app=admin:
+    held (its previous labels in force), in no production host's SSH peer set, compute quiet."""
+    est = governed_estate(env)
+    retag(env, est["dev"], ESCALATION, DEVELOPER)
+    rec = env.store.get(est["dev"])
+    assert rec.workload.held_labels is not None and rec.labels == PREVIOUS
+    assert not any(ssh_peers(env, est).values())
+    assert env.count("compute") == 0
+    return est
+
+
+def bind(env: Env, wid: str, body: Any, principal: str = PAT) -> tuple[int, Any]:
+    status, _, answer = env.rest("admin", "PUT", f"/admin/workloads/{wid}/labels", body, principal=principal)
+    return status, answer
+
+
+def bindings(env: Env) -> list[Any]:
+    return [a for a in env.store.audit_log() if a.action == "label.bind"]
+
+
+def test_policy_author_binding_lifts_the_hold_audits_and_recomputes(env: Env) -> None:
+    est = held_estate(env)
+    dev = est["dev"]
+    env.bind(AUTHORS, ["policy-author"])
+
+    # one of the two values: the other move is still held, so nothing in force changes yet
+    status, body = bind(env, dev, {"labels": {"role": "jumpbox"}, "reason": "CHG-7 bastion"})
+    assert status == 200, body
+    assert body["held"] is True and body["labels"] == PREVIOUS and body["label_grants"] == {"role": "jumpbox"}
+    assert env.store.get(dev).labels == PREVIOUS
+
+    status, body = bind(env, dev, {"labels": {"app": "admin"}, "reason": "CHG-7 bastion"})
+    assert status == 200, body
+    assert body["held"] is False and body["label_grants"] == GRANT
+    assert body["labels"] == {"role": "jumpbox", "app": "admin", "env": "shared", "loc": "ca"}
+    rec = env.store.get(dev)
+    assert rec.workload.held_labels is None and rec.workload.label_grants == GRANT
+    assert rec.labels == body["labels"]
+
+    audited = bindings(env)
+    assert [(a.principal, a.target, a.reason) for a in audited] == [(PAT, dev, "CHG-7 bastion")] * 2
+    assert audited[-1].id == body["audit_id"] and audited[-1].detail["labels"] == GRANT
+    assert env.count("compute") >= 1, "the binding is queued for compute"
+    env.pump()
+    assert all(ssh_peers(env, est).values()), "the bound jumpbox is every production host's SSH peer"
+
+
+def test_attack_only_policy_authors_may_bind(env: Env) -> None:
+    est = held_estate(env)
+    dev = est["dev"]
+    before = env.store.get(dev)
+    env.bind(RESPONDERS, ["incident-responder"])
+    env.bind(READER, ["reader"])
+    env.bind(ONBOARDER, ["onboarding"])
+    for who in (READER, JANE, ONBOARDER):
+        status, body = bind(env, dev, {"labels": GRANT, "reason": "let me in"}, principal=who)
+        assert status == 403 and "label.bind" in body["detail"], body
+    assert env.store.get(dev) == before and not bindings(env) and env.count("compute") == 0
+    denied = [(a.principal, a.target, a.detail["action"]) for a in env.store.audit_log() if a.action == "admin.denied"]
+    assert denied == [(READER, dev, "label.bind"), (JANE, dev, "label.bind"), (ONBOARDER, dev, "label.bind")]
+    env.pump()
+    assert not any(ssh_peers(env, est).values())
+
+
+def test_bad_bindings_are_refused_and_change_nothing(env: Env) -> None:
+    est = held_estate(env)
+    dev = est["dev"]
+    env.bind(AUTHORS, ["policy-author"])
+    [gone] = est["run"]("web", est["subnets"]["web"], 1, env="dev")
+    env.put(env.state_event(gone, "running"))
+    env.pump()
+    env.ec2.terminate_instances(InstanceIds=[gone])
+    env.put(env.state_event(gone, "terminated"))
+    env.pump()
+    assert env.store.get(gone).state == "terminated" and env.count("compute") == 0
+    before = env.store.get(dev)
+    reason = "CHG-7"
+    cases: list[tuple[str, Any, int, str]] = [
+        (dev, {"labels": {"rank": "admin"}, "reason": reason}, 400, "unknown label dimension 'rank'"),
+        (dev, {"labels": {"role": "superuser"}, "reason": reason}, 400, "role='superuser' is not a privileged value"),
+        (dev, {"labels": {"role": "web"}, "reason": reason}, 400, "role='web' is not a privileged value"),
+        # one bad value refuses the whole binding
+        (dev, {"labels": {"role": "jumpbox", "app": "payroll"}, "reason": reason}, 400, "app='payroll'"),
+        (dev, {"labels": GRANT, "reason": "   "}, 400, "needs a reason"),
+        (dev, {"labels": GRANT}, 422, "body.reason"),
+        (dev, {"labels": {}, "reason": reason}, 422, "body.labels"),
+        ("i-0123456789abcdef0", {"labels": GRANT, "reason": reason}, 404, "i-0123456789abcdef0"),
+        (gone, {"labels": GRANT, "reason": reason}, 404, gone),
+    ]
+    for wid, body, want, says in cases:
+        status, answer = bind(env, wid, body)
+        assert (status, says in answer["detail"]) == (want, True), (body, answer)
+    # the 400s say what the policy would grant
+    _, answer = bind(env, dev, {"labels": {"role": "superuser"}, "reason": reason})
+    assert "privileged values: role: jumpbox; app: admin" in answer["detail"]
+    assert env.store.get(dev) == before and env.store.get(gone).workload.label_grants == {}
+    assert not bindings(env) and env.count("compute") == 0
+
+
+def test_no_active_policy_refuses_a_binding(env: Env) -> None:
+    est = env.estate()
+    web = est["ids"]["web"][0]
+    env.put(env.state_event(web, "running"))
+    env.pump()
+    before = env.store.get(web)
+    assert before is not None and env.store.active_policy() is None
+    status, body = bind(env, web, {"labels": {"role": "jumpbox"}, "reason": "CHG-7"}, principal=OPERATOR)
+    assert status == 400 and "no active policy" in body["detail"], body
+    assert env.store.get(web) == before and not bindings(env) and env.count("compute") == 0
+
+
+# --- ringfence serve: the same route, roles on admin tokens ---------------------------------------
+
+
+@pytest.fixture
+def served(env: Env, tmp_path: Path, aws_wiring: Callable[[], Any]) -> Iterator[tuple[str, dict[str, str]]]:
+    tokens, lines = {}, []
+    for who, roles in {"ann": ["policy-author"], "ivan": ["incident-responder"], "rita": ["reader"]}.items():
+        tokens[who], line = serve.new_admin_token(who, roles)
+        lines.append(line)
+    path = tmp_path / "admin-tokens"
+    path.write_text("\n".join(lines) + "\n")
+    with serve.serving(serve.ServeApp.over(aws_wiring(), serve.AdminTokens.load(path))) as running:
+        yield running.url, tokens
+
+
+def test_serve_binds_for_a_policy_author_token_only(env: Env, served: tuple[str, dict[str, str]]) -> None:
+    url, tok = served
+    est = held_estate(env)
+    dev = est["dev"]
+    before = env.store.get(dev)
+
+    def put(who: str, body: Any) -> httpx.Response:
+        return httpx.put(
+            f"{url}/admin/workloads/{dev}/labels", json=body, headers={"Authorization": f"Bearer {tok[who]}"}
+        )
+
+    for who in ("rita", "ivan"):
+        r = put(who, {"labels": GRANT, "reason": "let me in"})
+        assert r.status_code == 403 and "label.bind" in r.json()["detail"], r.text
+    assert put("ann", {"labels": {"role": "nope"}, "reason": "CHG-9"}).status_code == 400
+    assert env.store.get(dev) == before and not bindings(env) and env.count("compute") == 0
+
+    r = put("ann", {"labels": GRANT, "reason": "CHG-9"})
+    assert r.status_code == 200 and r.json()["held"] is False, r.text
+    [bound] = bindings(env)
+    assert (bound.principal, bound.reason, bound.id) == ("ann", "CHG-9", r.json()["audit_id"])
+    env.pump()
+    assert env.store.get(dev).labels["role"] == "jumpbox"
+    assert all(ssh_peers(env, est).values())
