@@ -13,6 +13,9 @@ from ringfence.model import DEFAULT_KEY_PREFIX, LabelsConfig
 from tests.aws.test_static import ROOT, _CfnLoader, unquote
 
 TAG_WRITES = {"ec2:CreateTags", "ec2:DeleteTags", "ec2:RunInstances"}
+# a tagger pattern with * for the account trusts a role of that name in every account: making one,
+# or changing who may assume it, must be as guarded as the label keys
+ROLE_CHANGES = {"iam:CreateRole", "iam:UpdateAssumeRolePolicy", "iam:AttachRolePolicy", "iam:PutRolePolicy"}
 
 
 def cfn() -> dict[str, Any]:
@@ -28,7 +31,12 @@ def test_cloudformation_denies_label_key_writes_but_to_taggers() -> None:
         res = doc["Resources"][name]
         content = res["Properties"].get("Content") or res["Properties"]["PolicyDocument"]
         actions: set[str] = set()
-        for st in content["Statement"]:
+        tag_statements = [st for st in content["Statement"] if st["Sid"] != "DenyTaggerRoleChanges"]
+        (roles,) = [st for st in content["Statement"] if st["Sid"] == "DenyTaggerRoleChanges"]
+        assert roles["Effect"] == "Deny" and roles["Resource"] == {"Ref": "TaggerPrincipalArns"}
+        assert roles["Condition"] == {"ArnNotLike": {"aws:PrincipalArn": {"Ref": "TaggerRoleAdminArns"}}}
+        assert ROLE_CHANGES <= set(roles["Action"]), name
+        for st in tag_statements:
             assert st["Effect"] == "Deny" and st["Resource"] == "*"
             cond = st["Condition"]
             assert cond["ForAnyValue:StringLike"]["aws:TagKeys"] == {"Sub": "${LabelKeyPrefix}*"}
@@ -45,7 +53,16 @@ def test_terraform_module_denies_the_same_actions() -> None:
     cfn_actions = set(cfn()["Resources"]["LabelGuardPolicy"]["Properties"]["PolicyDocument"]["Statement"][0]["Action"])
     assert tf_actions == cfn_actions
     [data] = doc["data"]
-    [statement] = data["aws_iam_policy_document"]["guard"]["statement"]
+    statement, roles = data["aws_iam_policy_document"]["guard"]["statement"]
     tests = {c["test"]: c["variable"] for c in statement["condition"]}
     assert tests == {"ForAnyValue:StringLike": "aws:TagKeys", "ArnNotLike": "aws:PrincipalArn"}
     assert statement["effect"] == "Deny"
+    cfn_roles = cfn()["Resources"]["LabelGuardPolicy"]["Properties"]["PolicyDocument"]["Statement"][1]
+    assert roles["effect"] == "Deny" and set(local["role_actions"]) == set(cfn_roles["Action"]) >= ROLE_CHANGES
+    assert roles["resources"] == "${var.tagger_principal_arns}"
+    [cond] = roles["condition"]
+    assert (cond["test"], cond["variable"], cond["values"]) == (
+        "ArnNotLike",
+        "aws:PrincipalArn",
+        "${var.tagger_role_admin_arns}",
+    )

@@ -14,7 +14,8 @@ provider "aws" {
 }
 
 module "label_guard" {
-  source                = "../../modules/label-guard"
-  tagger_principal_arns = ["arn:aws:iam::*:role/ringfence-tagging"]
-  scp_target_ids        = ["ou-abcd-11111111", "ou-abcd-22222222"]
+  source                 = "../../modules/label-guard"
+  tagger_principal_arns  = ["arn:aws:iam::*:role/ringfence-tagging"]
+  tagger_role_admin_arns = ["arn:aws:iam::*:role/AWSControlTowerExecution"]
+  scp_target_ids         = ["ou-abcd-11111111", "ou-abcd-22222222"]
 }

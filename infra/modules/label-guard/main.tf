@@ -1,5 +1,6 @@
 # Ringfence label guard: only the tagging principals may write the tag keys that carry labels
-# (the policy's labels.key_prefix). One statement set, used twice: a service control policy for
+# (the policy's labels.key_prefix), and only the named administrators may create or change the
+# tagging roles themselves. One statement set, used twice: a service control policy for
 # the given OUs/accounts (apply in the Organizations management account or a delegated
 # administrator), and a deny-only managed policy to attach, or copy into a permission boundary,
 # where there is no organization. See docs/deploy-aws.md, "Guard the label keys".
@@ -27,6 +28,16 @@ variable "tagger_principal_arns" {
   validation {
     condition     = length(var.tagger_principal_arns) > 0
     error_message = "Name at least one tagging principal."
+  }
+}
+
+variable "tagger_role_admin_arns" {
+  description = "Principal ARNs that alone may create, change or delete the tagging roles (their trust and permissions), e.g. AWSControlTowerExecution, or another role your landing zone already guards. A tagger pattern with * for the account trusts a role of that name in every account: this keeps anyone else from making one."
+  type        = list(string)
+
+  validation {
+    condition     = length(var.tagger_role_admin_arns) > 0
+    error_message = "Name at least one principal that administers the tagging roles."
   }
 }
 
@@ -59,6 +70,21 @@ locals {
     "autoscaling:CreateOrUpdateTags",
     "autoscaling:DeleteTags",
   ]
+  # who a tagging role is, and who may assume it, is as sensitive as the label keys themselves
+  role_actions = [
+    "iam:CreateRole",
+    "iam:DeleteRole",
+    "iam:UpdateRole",
+    "iam:UpdateAssumeRolePolicy",
+    "iam:PutRolePolicy",
+    "iam:DeleteRolePolicy",
+    "iam:AttachRolePolicy",
+    "iam:DetachRolePolicy",
+    "iam:PutRolePermissionsBoundary",
+    "iam:DeleteRolePermissionsBoundary",
+    "iam:TagRole",
+    "iam:UntagRole",
+  ]
 }
 
 data "aws_iam_policy_document" "guard" {
@@ -76,6 +102,17 @@ data "aws_iam_policy_document" "guard" {
       test     = "ArnNotLike"
       variable = "aws:PrincipalArn"
       values   = local.condition.principals
+    }
+  }
+  statement {
+    sid       = "DenyTaggerRoleChanges"
+    effect    = "Deny"
+    actions   = local.role_actions
+    resources = var.tagger_principal_arns
+    condition {
+      test     = "ArnNotLike"
+      variable = "aws:PrincipalArn"
+      values   = var.tagger_role_admin_arns
     }
   }
 }
