@@ -17,6 +17,9 @@ from ringfence.routes.gcp import gcp_event_routes
 logger = Logger()
 tracer = Tracer()
 metrics = Metrics()
+# read at cold start: a configuration that would fail open (secure tags trusted under any parent)
+# fails the function's initialization, before any event is taken
+_gcp = GcpConfig.from_env()
 _svc: dict[str, GcpIngest] = {}
 
 
@@ -26,7 +29,7 @@ def metric(name: str, value: float) -> None:
 
 def ingest() -> GcpIngest:
     if "ingest" not in _svc:
-        _svc["ingest"] = GcpIngest(Wiring(Config.from_env()), GcpConfig.from_env(), metric=metric)
+        _svc["ingest"] = GcpIngest(Wiring(Config.from_env()), _gcp, metric=metric)
     return _svc["ingest"]
 
 

@@ -3,15 +3,20 @@ per test module, through the real SDK clients; the control plane is the local wi
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from ringfence.clouds.gcp.ingest import GcpIngest
 from ringfence.clouds.onprem import OnPremAdmin
 from ringfence.local.gcp_api import GcpApi
+from ringfence.local.gcp_events import logged, push_body, push_token
 from ringfence.local.gcp_project import NUMBER, PROJECT, TAGGER, tagged_vm
 from ringfence.local.wiring import LocalWiring
+from ringfence.routes.gcp import EVENTS_PATH, gcp_event_routes
+from ringfence.serve import proxy_event
 from tests.onprem.conftest import policy_files, signing_key_file
 
 
@@ -25,6 +30,21 @@ def gcp() -> Iterator[GcpApi]:
 def web_vm(api: GcpApi, ip: str) -> dict[str, Any]:
     """A VM with the secure tags of an ordering web server in prod."""
     return tagged_vm(api, [ip], {"ringfence-role": "web", "ringfence-app": "ordering", "ringfence-env": "prod"})
+
+
+def post(ingest: GcpIngest, body: bytes, token: str | None) -> tuple[int, Any]:
+    headers = [("Authorization", f"Bearer {token}")] if token else []
+    event = proxy_event("POST", EVENTS_PATH, headers, [], body, "127.0.0.1")
+    out = gcp_event_routes(lambda: ingest).resolve(event, None)
+    return out["statusCode"], json.loads(out["body"])
+
+
+def deliver(gcp: GcpApi, ingest: GcpIngest, entry: dict[str, Any]) -> dict[str, Any]:
+    """A genuine entry: written to Cloud Logging (the local API's), then pushed by the sink."""
+    logged(gcp, entry)
+    status, body = post(ingest, push_body(entry), push_token(gcp))
+    assert status == 200, body
+    return body
 
 
 def gcp_policy_files() -> dict[str, str]:

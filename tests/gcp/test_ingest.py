@@ -14,23 +14,9 @@ from ringfence.local.gcp_api import GcpApi
 from ringfence.local.gcp_events import audit_entry, push_body, push_token
 from ringfence.local.gcp_project import NUMBER, ORG, PROJECT, TAGGER, ZONE, gcp_config, vm_name
 from ringfence.local.wiring import LocalWiring
-from ringfence.routes.gcp import EVENTS_PATH, gcp_event_routes
-from ringfence.serve import proxy_event
+from tests.gcp.conftest import deliver, post
 
 PROD_WEB = {"ringfence-role": "web", "ringfence-app": "ordering", "ringfence-env": "prod"}
-
-
-def post(ingest: GcpIngest, body: bytes, token: str | None) -> tuple[int, Any]:
-    headers = [("Authorization", f"Bearer {token}")] if token else []
-    event = proxy_event("POST", EVENTS_PATH, headers, [], body, "127.0.0.1")
-    out = gcp_event_routes(lambda: ingest).resolve(event, None)
-    return out["statusCode"], json.loads(out["body"])
-
-
-def deliver(gcp: GcpApi, ingest: GcpIngest, entry: dict[str, Any]) -> dict[str, Any]:
-    status, body = post(ingest, push_body(entry), push_token(gcp))
-    assert status == 200, body
-    return body
 
 
 def bind(gcp: GcpApi, inst: dict[str, Any], tags: dict[str, str]) -> None:

@@ -445,7 +445,10 @@ def gcp_services(wiring: Any, env: Mapping[str, str] | None = None) -> tuple[Res
     from ringfence.clouds.gcp.ingest import GcpIngest
     from ringfence.routes.gcp import gcp_event_routes
 
-    cfg = GcpConfig.from_env(e)
+    try:
+        cfg = GcpConfig.from_env(e)
+    except ValueError as exc:  # e.g. secure tags trusted under any parent: refuse to start
+        raise ServeError(f"GCP configuration: {exc}") from None
     ingest = GcpIngest(wiring, cfg)
     enrollers: dict[str, Any] = {}
     if cfg.identity_audience:

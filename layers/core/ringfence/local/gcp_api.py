@@ -8,6 +8,10 @@ what is tested is the SDK's wire format, not a mock of it. It implements only wh
   global ``operations`` get; network ``firewallPolicies`` list/get/insert/addRule/patchRule/removeRule
   (every mutation answers a finished operation);
 * Resource Manager v3: ``tagBindings`` and ``effectiveTags`` list by ``parent``;
+* Cloud Logging v2: ``entries:list`` over the entries written with :meth:`GcpApi.write_log` (the
+  audit entries :mod:`ringfence.local.gcp_events` builds for the changes made here), for
+  ``resourceNames`` ``projects/P`` and a filter of ``AND``-joined comparisons of ``logName``,
+  ``insertId`` and ``timestamp`` (what Ringfence sends; anything else is refused with 400);
 * the GCE metadata server's identity token path, for one VM (:meth:`GcpApi.serve_metadata_as`);
 * Google's OAuth2 certificate endpoint (``/oauth2/v3/certs``, a JWKS) for a local signing key,
   with :meth:`GcpApi.sign_token` minting RS256 tokens shaped like Google's (instance identity
@@ -28,6 +32,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -108,6 +113,7 @@ class GcpApi:
         # full resource name (//compute.googleapis.com/projects/NUM/zones/Z/instances/ID) → effective tags
         self.tags: dict[str, list[dict[str, Any]]] = {}
         self.tag_values: dict[str, tuple[str, str]] = {}  # tagValues/N → (namespaced key, namespaced value)
+        self.log_entries: list[dict[str, Any]] = []  # Cloud Logging: what write_log stored, oldest first
         # project → policy name → policy JSON (with "rules")
         self.firewall_policies: dict[str, dict[str, dict[str, Any]]] = {}
         self.key = SigningKey()
@@ -226,8 +232,12 @@ class GcpApi:
             self.tag_values[name] = (f"{org}/{key}", f"{org}/{key}/{value}")
             return name
 
-    def bind_tag(self, project: str, zone: str, instance_id: str, org: str, key: str, value: str) -> str:
-        """Bind the secure tag ``key=value`` to the VM (replacing its value of ``key``)."""
+    def bind_tag(
+        self, project: str, zone: str, instance_id: str, org: str, key: str, value: str, *, parent: str | None = None
+    ) -> str:
+        """Bind the secure tag ``key=value`` to the VM (replacing its value of ``key``). The key is
+        ``org``'s (namespace ``org/key``, parent ``organizations/org``), or, with ``parent``
+        (``projects/NUMBER``), a project's key (``org`` is then its namespace, the project id)."""
         tv = self.tag_value(org, key, value)
         nk, nv = self.tag_values[tv]
         with self.lock:
@@ -239,11 +249,18 @@ class GcpApi:
                     "namespacedTagValue": nv,
                     "tagKey": f"tagKeys/{abs(hash(nk)) % 10**12}",
                     "namespacedTagKey": nk,
-                    "tagKeyParentName": f"organizations/{org}",
+                    "tagKeyParentName": parent or f"organizations/{org}",
                     "inherited": False,
                 }
             )
         return tv
+
+    def write_log(self, entry: Mapping[str, Any]) -> dict[str, Any]:
+        """Store a log entry as Cloud Logging does (what ``entries:list`` reads); returns it."""
+        stored: dict[str, Any] = json.loads(json.dumps(dict(entry)))
+        with self.lock:
+            self.log_entries.append(stored)
+        return stored
 
     def throttle(self, calls: int, retry_after: int = 1) -> None:
         """Answer the next ``calls`` requests with 429 Too Many Requests and ``Retry-After``."""
@@ -337,6 +354,8 @@ class GcpApi:
             return 200, self.sign_token(claims)
         if path in ("/v3/effectiveTags", "/v3/tagBindings"):
             return 200, self._tags(path.endswith("effectiveTags"), query)
+        if path == "/v2/entries:list" and method == "POST":
+            return 200, self._entries(body)
         m = _COMPUTE.match(path)
         if not m:
             raise _HttpError(404, f"no such API path {path}", "notFound")
@@ -393,6 +412,33 @@ class GcpApi:
                 for t in tags
             ]
         }
+
+    def _entries(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``entries:list``: the stored entries of the named projects that match the filter."""
+        names = body.get("resourceNames")
+        if not isinstance(names, list) or not names:
+            raise _HttpError(400, "resourceNames is required", "INVALID_ARGUMENT")
+        prefixes = []
+        for name in names:
+            m = re.fullmatch(r"projects/([^/]+)", str(name))
+            if not m or m[1] not in self.projects:
+                raise _HttpError(403, f"The caller does not have permission on {name}", "PERMISSION_DENIED")
+            prefixes.append(f"projects/{m[1]}/logs/")
+        terms = _log_filter(str(body.get("filter") or ""))
+        with self.lock:
+            found = [
+                e
+                for e in self.log_entries
+                if any(str(e.get("logName", "")).startswith(p) for p in prefixes)
+                and all(_matches(e, name, op, value) for name, op, value in terms)
+            ]
+        found.sort(key=lambda e: str(e.get("timestamp", "")), reverse=body.get("orderBy") == "timestamp desc")
+        size = min(int(body.get("pageSize") or 50), 1000)
+        start = int(body.get("pageToken") or 0)
+        out: dict[str, Any] = {"entries": found[start : start + size]}
+        if start + size < len(found):
+            out["nextPageToken"] = str(start + size)
+        return out
 
     def _firewall(
         self, method: str, project: str, rest: str, query: dict[str, str], body: dict[str, Any]
@@ -455,6 +501,54 @@ class GcpApi:
 
 IDENTITY_PATH = "/computeMetadata/v1/instance/service-accounts/default/identity"
 _COMPUTE = re.compile(r"^/compute/v1/projects/(?P<project>[^/]+)/(?P<rest>.+)$")
+
+
+_TERM = re.compile(r'\s*(logName|insertId|timestamp)\s*(>=|<=|=|>|<)\s*"((?:[^"\\]|\\.)*)"\s*')
+_AND = re.compile(r"AND\b")
+
+
+def _log_filter(text: str) -> list[tuple[str, str, str]]:
+    """The filter's comparisons (``name op "value"``, joined by ``AND``); 400 for anything else."""
+    terms: list[tuple[str, str, str]] = []
+    pos = 0
+    while pos < len(text) and text[pos:].strip():
+        if terms:
+            m = _AND.match(text, pos)
+            if not m:
+                raise _HttpError(
+                    400, f"unsupported filter at {text[pos:]!r} (terms are joined by AND)", "INVALID_ARGUMENT"
+                )
+            pos = m.end()
+        t = _TERM.match(text, pos)
+        if not t:
+            raise _HttpError(
+                400,
+                f"unsupported filter at {text[pos:]!r} (the stand-in knows logName, insertId, timestamp)",
+                "INVALID_ARGUMENT",
+            )
+        terms.append((t[1], t[2], re.sub(r"\\(.)", r"\1", t[3])))
+        pos = t.end()
+    return terms
+
+
+def _when(value: str) -> datetime:
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise _HttpError(400, f"not an RFC 3339 timestamp: {value!r}", "INVALID_ARGUMENT") from None
+
+
+def _matches(entry: Mapping[str, Any], name: str, op: str, value: str) -> bool:
+    if name == "timestamp":
+        want = _when(value)
+        try:
+            have = _when(str(entry.get("timestamp", "")))
+        except _HttpError:
+            return False  # a stored entry without a time matches no time
+        return {"=": have == want, ">=": have >= want, "<=": have <= want, ">": have > want, "<": have < want}[op]
+    if op != "=":
+        raise _HttpError(400, f"{name} is compared with = only here", "INVALID_ARGUMENT")
+    return str(entry.get(name, "")) == value
 
 
 class _HttpError(Exception):

@@ -1,7 +1,12 @@
 """GCP events as Ringfence receives them (tests and the demo): Cloud Audit Logs entries of Compute
 Engine calls, shaped as ``cloud_events.md`` §3.2/§3.3, delivered by a Pub/Sub push subscription
 with the OIDC token Google signs for it (here signed by the local API's key, whose JWKS the
-control plane is configured with: :func:`ringfence.local.gcp_project.gcp_environment`)."""
+control plane is configured with: :func:`ringfence.local.gcp_project.gcp_environment`).
+
+An entry Google wrote is in Cloud Logging before a sink publishes it: :func:`logged` stores an
+entry in the local API's log (what its ``entries:list`` reads), and :func:`bind_tag_as` makes a
+tag binding on the local API and logs its audit entry, as a caller's real change does. An entry
+built and pushed without being logged is one somebody published to the topic themselves."""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import uuid
 from typing import Any
 
 from ringfence.local.gcp_api import GOOGLE_ISSUER, GcpApi
-from ringfence.local.gcp_project import EVENTS_AUDIENCE, PROJECT, PUSHER, TAGGER
+from ringfence.local.gcp_project import EVENTS_AUDIENCE, ORG, PROJECT, PUSHER, TAGGER
 
 
 def _now(fraction: bool = True) -> str:
@@ -60,6 +65,53 @@ def audit_entry(
     if operation is not None:
         entry["operation"] = {"id": operation, "producer": "compute.googleapis.com", "first": first, "last": last}
     return entry
+
+
+def tag_binding_entry(
+    api: GcpApi,
+    inst: dict[str, Any],
+    key: str,
+    value: str,
+    *,
+    principal: str = TAGGER,
+    namespace: str = ORG,
+    method: str = "CreateTagBinding",
+) -> dict[str, Any]:
+    """The audit entry of a ``TagBindings.CreateTagBinding`` (or ``DeleteTagBinding``) of the tag
+    ``namespace/key/value`` on the VM ``inst`` by ``principal``, logged in the VM's project."""
+    zone = inst["zone"].rsplit("/", 1)[-1]
+    project = inst["selfLink"].split("/projects/", 1)[1].split("/", 1)[0]
+    parent = api.full_name(project, zone, inst["id"])
+    return {
+        "protoPayload": {
+            "@type": "type.googleapis.com/google.cloud.audit.AuditLog",
+            "serviceName": "cloudresourcemanager.googleapis.com",
+            "methodName": f"TagBindings.{method}",
+            "resourceName": parent,
+            "request": {"tagBinding": {"parent": parent, "tagValueNamespacedName": f"{namespace}/{key}/{value}"}},
+            "authenticationInfo": {"principalEmail": principal},
+        },
+        "insertId": uuid.uuid4().hex[:12],
+        "resource": {"type": "audited_resource", "labels": {"service": "cloudresourcemanager.googleapis.com"}},
+        "timestamp": _now(),
+        "severity": "NOTICE",
+        "logName": f"projects/{project}/logs/cloudaudit.googleapis.com%2Factivity",
+    }
+
+
+def logged(api: GcpApi, entry: dict[str, Any]) -> dict[str, Any]:
+    """``entry`` written to the local API's Cloud Logging (what a log sink then publishes)."""
+    api.write_log(entry)
+    return entry
+
+
+def bind_tag_as(api: GcpApi, principal: str, inst: dict[str, Any], key: str, value: str) -> dict[str, Any]:
+    """``principal`` binds the organization's tag ``key=value`` to the VM ``inst``: the binding is
+    made on the local API and its audit entry logged there; returns the entry (to push)."""
+    zone = inst["zone"].rsplit("/", 1)[-1]
+    project = inst["selfLink"].split("/projects/", 1)[1].split("/", 1)[0]
+    api.bind_tag(project, zone, inst["id"], ORG, key, value)
+    return logged(api, tag_binding_entry(api, inst, key, value, principal=principal))
 
 
 def push_body(entry: dict[str, Any], project: str = PROJECT) -> bytes:

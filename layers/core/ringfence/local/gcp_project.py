@@ -21,7 +21,8 @@ IDENTITY_AUDIENCE = "ringfence-agent-api"
 
 
 def gcp_config(api: GcpApi, source: LabelSource = LabelSource.SECURE_TAGS) -> GcpConfig:
-    """The control plane's GCP configuration for :data:`PROJECT` served by ``api``."""
+    """The control plane's GCP configuration for :data:`PROJECT` served by ``api`` (secure tag keys
+    trusted under :data:`ORG` only)."""
     return GcpConfig(
         projects={PROJECT: NUMBER},
         label_source=source,
@@ -30,7 +31,7 @@ def gcp_config(api: GcpApi, source: LabelSource = LabelSource.SECURE_TAGS) -> Gc
         events_audience=EVENTS_AUDIENCE,
         push_service_accounts=[PUSHER],
         jwks_url=api.jwks_url,
-        endpoints=Endpoints(compute=api.url, resource_manager=api.url, anonymous=True),
+        endpoints=Endpoints(compute=api.url, resource_manager=api.url, logging=api.url, anonymous=True),
     )
 
 
@@ -45,6 +46,7 @@ def gcp_environment(api: GcpApi) -> dict[str, str]:
         "RINGFENCE_GCP_JWKS_URL": api.jwks_url,
         "RINGFENCE_GCP_COMPUTE_ENDPOINT": api.url,
         "RINGFENCE_GCP_RESOURCE_MANAGER_ENDPOINT": api.url,
+        "RINGFENCE_GCP_LOGGING_ENDPOINT": api.url,
         "RINGFENCE_GCP_ANONYMOUS": "1",
     }
 

@@ -54,7 +54,8 @@ class GcpEvent(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    event_id: str
+    event_id: str = Field(description="the entry's insertId")
+    log_name: str | None = Field(None, description="the log it was written to (projects/P/logs/…)")
     action: Action
     method: str
     project: str = Field(description="the project id, or its number when only the number is logged")
@@ -109,6 +110,7 @@ class _Operation(_Wire):
 
 class LogEntry(_Wire):
     insert_id: str = Field(alias="insertId")
+    log_name: str | None = Field(None, alias="logName")
     proto_payload: _Payload = Field(alias="protoPayload")
     resource: _Resource = Field(default_factory=_Resource)
     timestamp: datetime | None = None
@@ -160,6 +162,7 @@ def parse(entry: dict[str, Any]) -> GcpEvent | None:
     op = e.operation
     base: dict[str, Any] = {
         "event_id": e.insert_id,
+        "log_name": e.log_name,
         "method": method,
         "time": e.timestamp,
         "principal": p.authentication_info.principal_email if p.authentication_info else None,

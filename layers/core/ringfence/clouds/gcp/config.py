@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .clients import Endpoints
@@ -17,7 +18,9 @@ class GcpConfig:
     # of any other project are refused); the number names the VM in tag bindings
     projects: dict[str, int] = field(default_factory=dict)
     label_source: LabelSource = LabelSource.SECURE_TAGS
-    # secure tag keys are trusted only under these parents (organizations/N); empty: any parent
+    # secure tag keys are trusted only under these parents (organizations/N, projects/NUMBER):
+    # required where secure tags are a label source (a project owner can create a key of the same
+    # short name in their project); checked when the configuration is made
     tag_parents: list[str] = field(default_factory=list)
     # the audience of instance identity tokens (agents request it); empty: gcp-jwt is off
     identity_audience: str = ""
@@ -27,6 +30,9 @@ class GcpConfig:
     jwks_url: str = GOOGLE_JWKS
     endpoints: Endpoints = field(default_factory=Endpoints)
     identity_token_ttl: int = 3600  # how long a used token is remembered (Google's tokens last 1 h)
+
+    def __post_init__(self) -> None:
+        check_tag_parents(self.tag_parents, self.label_source)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> GcpConfig:
@@ -57,6 +63,7 @@ class GcpConfig:
             endpoints=Endpoints(
                 compute=e.get("RINGFENCE_GCP_COMPUTE_ENDPOINT") or None,
                 resource_manager=e.get("RINGFENCE_GCP_RESOURCE_MANAGER_ENDPOINT") or None,
+                logging=e.get("RINGFENCE_GCP_LOGGING_ENDPOINT") or None,
                 anonymous=e.get("RINGFENCE_GCP_ANONYMOUS", "") == "1",
                 credentials_config=e.get("RINGFENCE_GCP_CREDENTIALS") or None,
             ),
@@ -68,3 +75,31 @@ class GcpConfig:
 
 def _list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
+
+
+# what Resource Manager names a tag key's parent (EffectiveTag.tagKeyParentName, which
+# secure_tags() compares): an organization by its id, a project by its number; never a folder
+_TAG_PARENT = re.compile(r"(organizations|projects)/[0-9]+")
+
+
+def check_tag_parents(parents: Sequence[str], source: LabelSource) -> None:
+    """Refuse a configuration that would trust secure tag keys of any parent, or name a parent in a
+    form no tag key's parent ever has (it would match nothing, silently). Raises ValueError."""
+    for p in parents:
+        if _TAG_PARENT.fullmatch(p):
+            continue
+        if p.startswith("folders/"):
+            hint = "tag keys are created under an organization or a project, never a folder"
+        elif p.startswith("projects/"):
+            hint = "a project is named by its number here (projects/123456789012), as tagKeyParentName names it"
+        else:
+            hint = "write organizations/ORGANIZATION_ID (or projects/PROJECT_NUMBER)"
+        raise ValueError(f"RINGFENCE_GCP_TAG_PARENTS: {p!r} is not a tag key parent: {hint}")
+    if not parents and source is not LabelSource.LABELS:
+        raise ValueError(
+            f"RINGFENCE_GCP_TAG_PARENTS is empty, and secure tags are a label source "
+            f"(RINGFENCE_GCP_LABEL_SOURCE={source.value}): a tag key would be trusted under any parent, "
+            "and any project owner can create one named like ours (ringfence-role) in their project. "
+            "Set it to the organization that holds the ringfence-* tag keys, organizations/ORGANIZATION_ID "
+            "(`gcloud organizations list`), comma-separated if there are several"
+        )

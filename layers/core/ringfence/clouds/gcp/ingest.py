@@ -8,22 +8,31 @@ same as AWS): the principal is ``protoPayload.authenticationInfo.principalEmail`
 Long-running operations log a first entry (with the request) and a last one (done): the first is
 remembered by operation id, the last acts. When the first was never seen by this process (another
 function instance took it), the change is unattributed: a privileged move is held, never approved.
+
+A pushed entry is only as good as whoever published it: the push token proves the subscription, not
+the message, and anyone who may publish to the topic can put any principal in it. So an entry that
+would approve a move (an allowed tagger's call setting a privileged value) is read back from Cloud
+Logging (:meth:`GcpIngest.confirm`) and the caller and request *as logged* decide; an entry that
+cannot be confirmed approves nothing (the move is held) and is audited (``label.unconfirmed``).
+Every other entry approves nothing anyway and is not read back.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ringfence.audit import AuditRecord
 from ringfence.control import credentials
-from ringfence.control.governance import govern_record
+from ringfence.control.governance import GOVERNANCE_PRINCIPAL, govern_record
 from ringfence.control.wiring import BaseWiring, Metric, no_metric
 from ringfence.events import MalformedEvent
-from ringfence.governance import TagChange
+from ringfence.governance import TagChange, is_tagger
 from ringfence.labels import LabelMapper
 from ringfence.store.base import InventoryRecord
 
@@ -31,10 +40,14 @@ from .auditlog import Action, GcpEvent, log_entry, parse
 from .config import GcpConfig
 from .instances import DEFAULT_PREFIX, SOURCE_TAG, Instances, LabelSource, SecureTag, canonical_tags, now, tombstone
 from .instances import to_record as instance_record
+from .logread import AuditLogReader, activity_log_project
 from .oidc import OidcVerifier, TokenError
 
 log = logging.getLogger("ringfence.gcp")
 PENDING_KEPT = 4096  # first entries remembered, waiting for their last
+# an entry logged longer ago than this approves nothing, even when Cloud Logging has it: a genuine
+# tagger's entry published again later (a replay) must not approve a move made since
+CONFIRM_MAX_AGE = 3600.0
 
 
 class UnknownProject(MalformedEvent):
@@ -56,9 +69,10 @@ class GcpIngest:
         self.cfg = cfg
         self.instances = instances or Instances(cfg.endpoints, cfg.tag_parents)
         self.metric = metric
-        self.pending: OrderedDict[str, tuple[str | None, dict[str, str] | None]] = OrderedDict()
+        self.pending: OrderedDict[str, GcpEvent] = OrderedDict()  # first entries by operation id
         self._pending_lock = threading.Lock()  # serve handles events on a thread pool
         self._verifier = OidcVerifier(cfg.events_audience, cfg.jwks_url) if cfg.events_audience else None
+        self.logs = AuditLogReader(cfg.endpoints)
 
     # --- the push's caller -----------------------------------------------------------------------
 
@@ -108,18 +122,24 @@ class GcpIngest:
         if not ev.last:
             if ev.operation:
                 with self._pending_lock:
-                    self.pending[ev.operation] = (ev.principal, ev.requested)
+                    self.pending[ev.operation] = ev
                     while len(self.pending) > PENDING_KEPT:
                         self.pending.popitem(last=False)
             return res
-        principal, requested = ev.principal, ev.requested
+        # the entry that says who called and what the call set: this one, or its operation's first
+        said: GcpEvent | None = ev
         if ev.operation and not ev.first:
             with self._pending_lock:
-                principal, requested = self.pending.pop(ev.operation, (principal, None))
+                said = self.pending.pop(ev.operation, None)
         if ev.group:
             self.metric("GroupLaunches", 1)
             log.info("%s %s/%s: made by managed instance group %s", ev.action.value, ev.zone, ev.instance, ev.group)
-        change = TagChange(principal, self.requested_tags(ev.action, requested))
+        if said is None:
+            change = TagChange(ev.principal, None)  # unattributed: approves nothing
+        else:
+            change = TagChange(said.principal, self.requested_tags(said.action, said.requested))
+            if self.would_approve(change):
+                change = self.confirm(project, said, change)
         names = {ev.instance: ev.instance_name} if ev.instance_name else None
         changed = self.observe(project, ev.zone, [ev.instance], names=names, change=change, event_id=ev.event_id)
         res.changed = sorted(changed)
@@ -127,6 +147,94 @@ class GcpIngest:
             self.w.enqueue_compute(res.changed)
         self.metric("InventoryChanges", len(changed))
         return res
+
+    # --- approvals confirmed with Cloud Logging ----------------------------------------------------
+
+    def would_approve(self, change: TagChange) -> bool:
+        """The change could approve a move: an allowed tagger (of the policy governing now) set a
+        privileged value. Only then does who called matter, and only then is the entry read back."""
+        if not change.principal or not change.requested:
+            return False
+        active = self.w.governing_policy()
+        mapper = active[1].labels if active is not None else None
+        if mapper is None or not mapper.governed or not is_tagger(mapper.config.taggers, change.principal):
+            return False
+        for dim, keys in mapper.keys.items():
+            for key in keys:
+                raw = change.requested.get(key)
+                if raw is not None and mapper.is_privileged(dim, mapper.canonical_value(dim, raw)):
+                    return True
+        return False
+
+    def confirm(self, project: str, said: GcpEvent, claimed: TagChange) -> TagChange:
+        """The change as Cloud Logging has it: the entry ``said`` (pushed, its principal a tagger's)
+        read back by its log, ``insertId`` and time, and the caller and request *as logged* returned.
+        An entry that cannot be confirmed (not logged, another call, too old) approves nothing: the
+        returned change names no principal, and an audit record says why. A Logging API that cannot
+        be read raises (the push is answered 503 and redelivered)."""
+        logged, why = self._read_back(project, said)
+        if logged is not None:
+            change = TagChange(logged.principal, self.requested_tags(logged.action, logged.requested))
+            if logged.principal == claimed.principal and change.requested == claimed.requested:
+                self.metric("ApprovalsConfirmed", 1)
+                return change
+            why = (
+                f"Cloud Logging has this entry by {logged.principal!r} setting {change.requested}, "
+                f"not by {claimed.principal!r} setting {claimed.requested}"
+            )
+        else:
+            change = TagChange(None, None)
+        log.warning("%s/%s: audit entry %s not confirmed: %s", said.zone, said.instance, said.event_id, why)
+        self.metric("UnconfirmedApprovals", 1)
+        self.w.audit(
+            AuditRecord(
+                principal=GOVERNANCE_PRINCIPAL,
+                action="label.unconfirmed",
+                target=said.instance,
+                detail={
+                    "claimed_principal": claimed.principal,
+                    "requested": dict(claimed.requested or {}),
+                    "event_id": said.event_id,
+                    "log_name": said.log_name,
+                    "time": said.time.isoformat() if said.time else None,
+                    "project": project,
+                },
+                reason=f"the pushed audit entry approves nothing: {why}",
+            )
+        )
+        return change
+
+    def _read_back(self, project: str, said: GcpEvent) -> tuple[GcpEvent | None, str]:
+        """The entry as logged (and ""), or None and why it is not confirmed."""
+        logged_in = activity_log_project(said.log_name)
+        if logged_in is None or logged_in not in self.cfg.projects:
+            return None, f"it names no Admin Activity audit log of a served project (logName {said.log_name!r})"
+        if said.time is None:
+            return None, "it has no timestamp"
+        entry = self.logs.find(logged_in, str(said.log_name), said.event_id, said.time)
+        if entry is None:
+            return None, f"Cloud Logging has no entry {said.event_id!r} in {said.log_name} at {said.time.isoformat()}"
+        try:
+            logged = parse(entry)
+        except MalformedEvent as exc:
+            return None, f"the logged entry is not an audit entry: {exc}"
+        if logged is None or (logged.action, logged.zone, logged.instance, logged.operation, logged.first) != (
+            said.action,
+            said.zone,
+            said.instance,
+            said.operation,
+            said.first,
+        ):
+            return None, "the logged entry is about another call or VM"
+        if logged.failed:
+            return None, "the logged call failed"
+        age = time.time() - logged.time.timestamp() if logged.time else float("inf")
+        if age > CONFIRM_MAX_AGE:
+            return (
+                None,
+                f"it was logged {int(age)} s ago, more than {int(CONFIRM_MAX_AGE)} s: a replay approves nothing",
+            )
+        return logged, ""
 
     def requested_tags(self, action: Action, requested: dict[str, str] | None) -> dict[str, str] | None:
         """What the call set, in the policy's key form, from the configured label source only

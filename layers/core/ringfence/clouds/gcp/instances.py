@@ -95,15 +95,16 @@ def canonical_tags(
     return out
 
 
-def secure_tags(effective: Sequence[Any], parents: Sequence[str] = ()) -> list[SecureTag]:
-    """Effective tags (``EffectiveTag`` messages or dicts) → :class:`SecureTag`; with ``parents``,
-    only tag keys defined under one of them (a project owner can create a key of the same short
-    name in their own project: only the organization's keys are trusted)."""
+def secure_tags(effective: Sequence[Any], parents: Sequence[str]) -> list[SecureTag]:
+    """Effective tags (``EffectiveTag`` messages or dicts) → :class:`SecureTag`, only those whose
+    tag key is defined under one of ``parents`` (``tagKeyParentName``: ``organizations/N`` or
+    ``projects/NUMBER``); none without parents. A project owner can create a key of the same short
+    name in their own project: only the configured parents' keys are trusted."""
     out = []
     for e in effective:
         get = e.get if isinstance(e, Mapping) else lambda k, _e=e: getattr(_e, _snake(k))
         nk, nv, parent = str(get("namespacedTagKey")), str(get("namespacedTagValue")), str(get("tagKeyParentName"))
-        if parents and parent not in parents:
+        if parent not in parents:
             continue
         key = nk.rsplit("/", 1)[-1]
         value = nv.rsplit("/", 1)[-1]
@@ -195,7 +196,8 @@ def as_dict(message: Any) -> dict[str, Any]:
 
 
 class Instances:
-    """Reads instances and their secure tags through the real SDK clients."""
+    """Reads instances and their secure tags through the real SDK clients (secure tags only of tag
+    keys under ``tag_parents``: none without)."""
 
     def __init__(self, endpoints: Endpoints, tag_parents: Sequence[str] = ()) -> None:
         self.endpoints = endpoints

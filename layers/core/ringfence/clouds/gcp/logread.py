@@ -1,0 +1,83 @@
+"""One audit log entry read back from Cloud Logging (``POST /v2/entries:list``), by the log it was
+written to, its ``insertId`` and its time: what a pushed entry claims is checked against the
+entry Google wrote. Read only where an entry would approve a move into a privileged label value
+(:meth:`ringfence.clouds.gcp.ingest.GcpIngest.confirm`): the API's read quota is low (60
+``entries.list`` requests a minute per project by default), so ordinary events never come here.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from google.api_core.exceptions import ServiceUnavailable, from_http_response
+
+from .clients import RETRY, Endpoints
+
+ACTIVITY_LOG = "cloudaudit.googleapis.com%2Factivity"
+_ACTIVITY = re.compile(r"^projects/([a-z0-9][a-z0-9.:-]{0,99})/logs/cloudaudit\.googleapis\.com%2Factivity$")
+WINDOW = timedelta(seconds=1)  # the read asks for entries this close to the claimed time
+TIMEOUT = 10.0
+
+
+def activity_log_project(log_name: str | None) -> str | None:
+    """The project id of a project's Admin Activity audit log name, else None."""
+    m = _ACTIVITY.match(log_name or "")
+    return m[1] if m else None
+
+
+def quoted(value: str) -> str:
+    """A string literal of the Logging query language (backslash and double quote escaped)."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def rfc3339(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class AuditLogReader:
+    """Reads log entries back through the Logging API v2 (``entries:list``), with the endpoints'
+    credentials (the identity needs ``roles/logging.viewer`` on the served projects)."""
+
+    def __init__(self, endpoints: Endpoints) -> None:
+        self.endpoints = endpoints
+        self._session: Any = None
+
+    @property
+    def session(self) -> Any:
+        if self._session is None:
+            self._session = self.endpoints.logging_session()
+        return self._session
+
+    def find(self, project: str, log_name: str, insert_id: str, at: datetime) -> dict[str, Any] | None:
+        """The entry ``insert_id`` of ``log_name`` (a log of ``project``) written within a second of
+        ``at``, or None when Cloud Logging has no such entry. Throttling and 503 are retried (as the
+        SDK clients' calls are); any other failure raises a ``GoogleAPICallError``."""
+        flt = " AND ".join(
+            [
+                f"logName={quoted(log_name)}",
+                f"insertId={quoted(insert_id)}",
+                f"timestamp>={quoted(rfc3339(at - WINDOW))}",
+                f"timestamp<={quoted(rfc3339(at + WINDOW))}",
+            ]
+        )
+        body = {"resourceNames": [f"projects/{project}"], "filter": flt, "orderBy": "timestamp desc", "pageSize": 10}
+        doc = RETRY(self._list)(body)
+        for entry in doc.get("entries") or []:
+            if isinstance(entry, dict) and entry.get("insertId") == insert_id and entry.get("logName") == log_name:
+                return entry
+        return None
+
+    def _list(self, body: dict[str, Any]) -> dict[str, Any]:
+        import requests  # google-auth's transport (a google-api-core dependency)
+
+        url = self.endpoints.logging_url + "/v2/entries:list"
+        try:
+            r = self.session.post(url, json=body, timeout=TIMEOUT)
+        except requests.RequestException as exc:
+            raise ServiceUnavailable(f"Cloud Logging entries:list: {exc}") from exc  # type: ignore[no-untyped-call]
+        if r.status_code >= 400:
+            raise from_http_response(r)  # type: ignore[no-untyped-call]
+        doc = r.json()
+        return doc if isinstance(doc, dict) else {}

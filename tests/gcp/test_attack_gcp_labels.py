@@ -1,0 +1,234 @@
+"""Who decides a GCP VM's labels: secure tag keys only under the configured parents (a project
+owner's key of the same name carries nothing, and a configuration trusting any parent does not
+load), and a privileged move approved only by a tagger's call that Cloud Logging has (a message
+published to the topic naming a tagger approves nothing). Against the local Google APIs through
+the real SDK clients and the real Logging HTTP path."""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import pytest
+
+from ringfence import serve
+from ringfence.clouds.gcp.config import GcpConfig
+from ringfence.clouds.gcp.ingest import GcpIngest
+from ringfence.clouds.gcp.instances import Instances, LabelSource
+from ringfence.local.gcp_api import GcpApi
+from ringfence.local.gcp_events import audit_entry, bind_tag_as, logged, push_body, push_token, tag_binding_entry
+from ringfence.local.gcp_project import NUMBER, ORG, PROJECT, TAGGER, ZONE, gcp_config, gcp_environment, vm_name
+from ringfence.local.wiring import LocalWiring
+from tests.gcp.conftest import deliver, post, web_vm
+
+MALLORY = "mallory@shop-prod.iam.gserviceaccount.com"  # may bind tags on her VMs; not a tagger
+ENTRIES_LIST = "/v2/entries:list"
+
+
+def reads(gcp: GcpApi, since: int) -> int:
+    """How many Cloud Logging reads the control plane made since call ``since``."""
+    return sum(1 for _, path in gcp.calls[since:] if path == ENTRIES_LIST)
+
+
+def audits(w: LocalWiring, action: str, target: str) -> list[Any]:
+    return [a for a in w.store.audit_log() if a.action == action and a.target == target]
+
+
+# --- 1. secure tag keys: the configured parents only, and a configuration must name them -----------
+
+
+def test_attack_gcp_tag_key_created_under_a_project_grants_no_label(
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A project owner creates a tag key ``ringfence-role`` in their project (parent
+    ``projects/NUMBER``, namespace the project id) and binds ``role=database`` to their VM."""
+    # the configuration that trusted every parent (RINGFENCE_GCP_TAG_PARENTS left unset, the old
+    # default) does not load: not in the function, not in serve
+    env = gcp_environment(gcp)
+    del env["RINGFENCE_GCP_TAG_PARENTS"]
+    with pytest.raises(ValueError, match="RINGFENCE_GCP_TAG_PARENTS"):
+        GcpConfig.from_env(env)
+    with pytest.raises(serve.ServeError, match="RINGFENCE_GCP_TAG_PARENTS"):
+        serve.gcp_services(wiring, env)
+    from ringfence.local.lambdas import load_functions
+    from tests.aws.conftest import ROOT
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("RINGFENCE_GCP_TAG_PARENTS", raising=False)
+    with pytest.raises(ValueError, match="RINGFENCE_GCP_TAG_PARENTS"):
+        load_functions(["gcpevents"], ROOT / "functions")
+
+    # the VM: the organization's app and env, and the project owner's own role key
+    inst = gcp.add_instance(PROJECT, ZONE, vm_name(), ["10.20.2.1"])
+    for k, v in {"ringfence-app": "ordering", "ringfence-env": "prod"}.items():
+        gcp.bind_tag(PROJECT, ZONE, inst["id"], ORG, k, v)
+    gcp.bind_tag(PROJECT, ZONE, inst["id"], PROJECT, "ringfence-role", "database", parent=f"projects/{NUMBER}")
+    effective = gcp.tags[gcp.full_name(PROJECT, ZONE, inst["id"])]
+    assert {
+        "namespacedTagValue": f"{PROJECT}/ringfence-role/database",
+        "tagKeyParentName": f"projects/{NUMBER}",
+    }.items() <= next(t for t in effective if t["namespacedTagKey"] == f"{PROJECT}/ringfence-role").items()
+
+    # configured with the organization (the lab's configuration): the project's key carries nothing
+    cfg = GcpConfig.from_env(gcp_environment(gcp))
+    assert cfg.tag_parents == [f"organizations/{ORG}"]
+    deliver(gcp, GcpIngest(wiring, cfg), audit_entry("v1.compute.instances.insert", inst))
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.labels.get("app") == "ordering" and rec.labels.get("env") == "prod"
+    assert "role" not in rec.labels, rec.labels
+    assert "ringfence:role" not in rec.workload.tags and "gcp:source:ringfence:role" not in rec.workload.tags
+
+    # and a reader given no parents trusts no tag at all (it never trusts any parent)
+    assert Instances(cfg.endpoints, ()).secure_tags(NUMBER, inst) == []
+    assert {t.key for t in Instances(cfg.endpoints, cfg.tag_parents).secure_tags(NUMBER, inst)} == {
+        "ringfence-app",
+        "ringfence-env",
+    }
+
+
+@pytest.mark.parametrize("source", ["secure-tags", "both", None])
+@pytest.mark.parametrize("parents", [None, "", " , "])
+def test_an_empty_tag_parents_setting_is_refused_with_a_clear_error(
+    gcp: GcpApi, source: str | None, parents: str | None
+) -> None:
+    env = gcp_environment(gcp)
+    env.pop("RINGFENCE_GCP_TAG_PARENTS")
+    if parents is not None:
+        env["RINGFENCE_GCP_TAG_PARENTS"] = parents
+    if source is not None:
+        env["RINGFENCE_GCP_LABEL_SOURCE"] = source
+    with pytest.raises(ValueError) as err:
+        GcpConfig.from_env(env)
+    message = str(err.value)
+    assert "RINGFENCE_GCP_TAG_PARENTS is empty" in message
+    assert "organizations/ORGANIZATION_ID" in message and "any parent" in message, message
+    # built in code, the same refusal
+    with pytest.raises(ValueError, match="RINGFENCE_GCP_TAG_PARENTS is empty"):
+        GcpConfig(projects={PROJECT: NUMBER}, label_source=LabelSource(source or "secure-tags"))
+
+
+@pytest.mark.parametrize(
+    ("parent", "hint"),
+    [
+        ("organizations/acme", "organizations/ORGANIZATION_ID"),
+        ("987654", "organizations/ORGANIZATION_ID"),
+        ("folders/123", "never a folder"),
+        (f"projects/{PROJECT}", "by its number"),
+        ("organizations/987654/", "organizations/ORGANIZATION_ID"),
+    ],
+)
+def test_a_malformed_tag_parent_is_refused_naming_it(gcp: GcpApi, parent: str, hint: str) -> None:
+    env = {**gcp_environment(gcp), "RINGFENCE_GCP_TAG_PARENTS": f"organizations/{ORG},{parent}"}
+    with pytest.raises(ValueError) as err:
+        GcpConfig.from_env(env)
+    assert f"RINGFENCE_GCP_TAG_PARENTS: {parent!r} is not a tag key parent" in str(err.value)
+    assert hint in str(err.value)
+
+
+def test_tag_parents_take_organizations_and_project_numbers_and_labels_need_none(gcp: GcpApi) -> None:
+    env = {**gcp_environment(gcp), "RINGFENCE_GCP_TAG_PARENTS": f"organizations/{ORG}, projects/{NUMBER}"}
+    assert GcpConfig.from_env(env).tag_parents == [f"organizations/{ORG}", f"projects/{NUMBER}"]
+    labels = {**gcp_environment(gcp), "RINGFENCE_GCP_TAG_PARENTS": "", "RINGFENCE_GCP_LABEL_SOURCE": "labels"}
+    assert GcpConfig.from_env(labels).tag_parents == []
+
+
+# --- 2. approvals: confirmed with Cloud Logging ---------------------------------------------------
+
+
+def test_attack_gcp_forged_audit_entry_naming_a_tagger_approves_nothing(gcp: GcpApi, wiring: LocalWiring) -> None:
+    """Mallory may bind tags on her VM and publish to the audit topic (a valid push follows). She
+    binds ``role=jumpbox`` and publishes an entry naming the tagging service account as caller."""
+    ingest = GcpIngest(wiring, gcp_config(gcp))
+    inst = web_vm(gcp, "10.20.2.10")
+    deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", inst))
+    assert wiring.store.get(inst["id"]).labels["role"] == "web"  # type: ignore[union-attr]
+
+    genuine = bind_tag_as(gcp, MALLORY, inst, "ringfence-role", "jumpbox")  # logged by Google
+    # a fabricated entry: the tagger as caller, an insertId Cloud Logging never wrote
+    forged = tag_binding_entry(gcp, inst, "ringfence-role", "jumpbox", principal=TAGGER)
+    calls = len(gcp.calls)
+    status, body = post(ingest, push_body(forged), push_token(gcp))
+    assert status == 200 and body["changed"] == [inst["id"]], body
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.labels["role"] == "web", rec.labels
+    assert rec.workload.held_labels is not None  # held, not approved
+    assert not audits(wiring, "label.approve", inst["id"])
+    assert reads(gcp, calls) == 1  # a tagger's approval was read back, once
+    [unconfirmed] = audits(wiring, "label.unconfirmed", inst["id"])
+    assert unconfirmed.detail["claimed_principal"] == TAGGER and unconfirmed.detail["event_id"] == forged["insertId"]
+    assert "Cloud Logging has no entry" in unconfirmed.reason
+
+    # her real entry with the principal swapped: Cloud Logging names her, and she is not a tagger
+    swapped = copy.deepcopy(genuine)
+    swapped["protoPayload"]["authenticationInfo"]["principalEmail"] = TAGGER
+    status, body = post(ingest, push_body(swapped), push_token(gcp))
+    assert status == 200, body
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.labels["role"] == "web" and rec.workload.held_labels is not None
+    assert not audits(wiring, "label.approve", inst["id"])
+    assert any(MALLORY in a.reason for a in audits(wiring, "label.unconfirmed", inst["id"]))
+    assert [a.principal for a in audits(wiring, "label.held", inst["id"])] == [MALLORY]  # the finding names her
+
+    # her genuine entry as Google published it: a non-tagger's, never read back (no Logging quota)
+    calls = len(gcp.calls)
+    deliver(gcp, ingest, genuine)
+    assert reads(gcp, calls) == 0
+    assert wiring.store.get(inst["id"]).labels["role"] == "web"  # type: ignore[union-attr]
+
+    # the tagger's own change to another VM, logged by Google and pushed: confirmed and approved
+    other = web_vm(gcp, "10.20.2.11")
+    deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", other))
+    real = bind_tag_as(gcp, TAGGER, other, "ringfence-role", "jumpbox")
+    calls = len(gcp.calls)
+    gcp.throttle(1)  # the Logging read is throttled once: retried, as the SDK clients' calls are
+    status, body = post(ingest, push_body(real), push_token(gcp))
+    assert status == 200 and body["changed"] == [other["id"]], body
+    assert reads(gcp, calls) == 2
+    rec = wiring.store.get(other["id"])
+    assert rec is not None and rec.labels["role"] == "jumpbox" and rec.workload.held_labels is None
+    assert [a.principal for a in audits(wiring, "label.approve", other["id"])] == [TAGGER]
+    assert not audits(wiring, "label.unconfirmed", other["id"])
+
+
+def test_a_tagger_entry_cloud_logging_has_but_logged_long_ago_approves_nothing(
+    gcp: GcpApi, wiring: LocalWiring
+) -> None:
+    """A genuine tagger's entry published again later (a replay) approves no move made since."""
+    ingest = GcpIngest(wiring, gcp_config(gcp))
+    inst = web_vm(gcp, "10.20.2.20")
+    deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", inst))
+    gcp.bind_tag(PROJECT, ZONE, inst["id"], ORG, "ringfence-role", "jumpbox")
+    old = tag_binding_entry(gcp, inst, "ringfence-role", "jumpbox", principal=TAGGER)
+    old["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(time.time() - 7200))
+    deliver(gcp, ingest, old)  # logged (two hours ago), then pushed
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.labels["role"] == "web" and rec.workload.held_labels is not None
+    [unconfirmed] = audits(wiring, "label.unconfirmed", inst["id"])
+    assert "replay" in unconfirmed.reason
+
+
+def test_labels_as_source_a_forged_first_entry_of_an_operation_approves_nothing(
+    gcp: GcpApi, wiring: LocalWiring
+) -> None:
+    """setLabels logs its request on the operation's first entry: a forged first entry naming the
+    tagger, then the genuine last entry of Mallory's call, approves nothing."""
+    ingest = GcpIngest(wiring, gcp_config(gcp, LabelSource.LABELS))
+    prod_web = {"ringfence-role": "web", "ringfence-app": "ordering", "ringfence-env": "prod"}
+    inst = gcp.add_instance(PROJECT, ZONE, vm_name(), ["10.20.2.30"], labels=prod_web)
+    deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", inst))
+    jump = {**prod_web, "ringfence-role": "jumpbox"}
+    gcp.set_labels(PROJECT, ZONE, inst["name"], jump)
+    request = {"labels": [{"key": k, "value": v} for k, v in jump.items()]}
+    op = "operation-setlabels-forged"
+    method = "v1.compute.instances.setLabels"
+    logged(gcp, audit_entry(method, inst, principal=MALLORY, request=request, operation=op, last=False))
+    forged_first = audit_entry(method, inst, principal=TAGGER, request=request, operation=op, last=False)
+    status, body = post(ingest, push_body(forged_first), push_token(gcp))
+    assert status == 200 and body["changed"] == [], body
+    deliver(gcp, ingest, audit_entry(method, inst, principal=MALLORY, operation=op, first=False))
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.labels["role"] == "web" and rec.workload.held_labels is not None
+    assert not audits(wiring, "label.approve", inst["id"])
+    assert audits(wiring, "label.unconfirmed", inst["id"])
