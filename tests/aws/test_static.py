@@ -287,3 +287,26 @@ def test_every_function_that_audits_may_read_the_chain_head_and_the_lifecycle_on
     admin_tf = tf[tf.index("    admin = [") :]
     admin_tf = admin_tf[: admin_tf.index("\n    ]")]
     assert '"dynamodb:BatchGetItem"], resources = [aws_dynamodb_table.state.arn]' in admin_tf
+
+
+def test_both_deployments_refuse_gcp_secure_tags_trusted_under_any_parent() -> None:
+    """Secure tags as a label source with no tag parents would trust a key of our name under any
+    project: the function refuses to start (tests/gcp/test_attack_gcp_labels.py), and both
+    deployments refuse it before that, with the same form of parent the function accepts."""
+    import re
+
+    from ringfence.clouds.gcp.config import _TAG_PARENT
+
+    doc = template()
+    rule = doc["Rules"]["GcpTagParentsWithSecureTags"]
+    assert rule["Assertions"][0]["Assert"] == {"Not": [{"Equals": [{"Ref": "GcpTagParents"}, ""]}]}
+    pattern = re.compile(doc["Parameters"]["GcpTagParents"]["AllowedPattern"])
+    for ok in ("", "organizations/123", "organizations/1,projects/22"):
+        assert pattern.fullmatch(ok), ok
+    for bad in ("organizations/1,", ",organizations/1", "organizations/1 projects/2"):
+        assert not pattern.fullmatch(bad), bad
+    for one in ("organizations/1", "projects/22", "folders/1", "projects/my-project", "organizations/abc"):
+        assert bool(pattern.fullmatch(one)) == bool(_TAG_PARENT.fullmatch(one)), one
+    tf = (ROOT / "infra/modules/ringfence/variables.tf").read_text()
+    gcp = tf[tf.index('variable "gcp"') : tf.index('variable "azure"')]
+    assert 'var.gcp.label_source == "labels"' in gcp and "var.gcp.tag_parents" in gcp and "validation" in gcp
