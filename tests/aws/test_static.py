@@ -3,6 +3,7 @@ infra/ match the library's patterns. (cfn-lint and checkov run in `make static-a
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -310,3 +311,41 @@ def test_both_deployments_refuse_gcp_secure_tags_trusted_under_any_parent() -> N
     tf = (ROOT / "infra/modules/ringfence/variables.tf").read_text()
     gcp = tf[tf.index('variable "gcp"') : tf.index('variable "azure"')]
     assert 'var.gcp.label_source == "labels"' in gcp and "var.gcp.tag_parents" in gcp and "validation" in gcp
+
+
+def test_no_function_may_put_delete_or_query_inventory_records_or_scan_the_state_table() -> None:
+    """The store updates inventory records in place, reads and lists them, and never scans the
+    state table: a grant beyond that is privilege nobody uses (a role that may PutItem an
+    inventory record may write one whole, labels and all). Checked against the store's code, so a
+    store that starts to need one fails here first."""
+    src = (ROOT / "layers/core/ringfence/store/dynamodb.py").read_text()
+    for call in ("self.inventory.put_item", "self.inventory.delete_item", "self.inventory.query", "self.state.scan"):
+        assert call not in src, call
+    assert "self.inventory.update_item" in src and "self.inventory.scan" in src
+    unused = {
+        "InventoryTable": {"dynamodb:PutItem", "dynamodb:DeleteItem", "dynamodb:Query"},
+        "StateTable": {"dynamodb:Scan"},
+    }
+    for name, r in template()["Resources"].items():
+        if r.get("Type") != "AWS::Serverless::Function":
+            continue
+        for st in r["Properties"].get("Policies", [{}])[0].get("Statement", []):
+            if not isinstance(st, dict) or "Action" not in st:
+                continue
+            targets = st["Resource"] if isinstance(st["Resource"], list) else [st["Resource"]]
+            for t in targets:
+                table = t.get("GetAtt", "").removesuffix(".Arn") if isinstance(t, dict) else ""
+                assert not (set(st["Action"]) & unused.get(table, set())), (name, table, st["Action"])
+    lam = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/lambda.tf").read_text()))
+    loc: dict[str, Any] = {}
+    for block in lam.get("locals", []):
+        loc.update(block)
+    tf_unused = {"inventory": unused["InventoryTable"], "state": unused["StateTable"]}
+    for fn, statements in loc["statements"].items():
+        for st in statements if isinstance(statements, list) else []:
+            if not isinstance(st, dict):
+                continue
+            for r in st["resources"]:
+                m = re.search(r"aws_dynamodb_table\.(\w+)\.arn", str(r))
+                if m:
+                    assert not (set(st["actions"]) & tf_unused.get(m.group(1), set())), (fn, m.group(1), st["actions"])

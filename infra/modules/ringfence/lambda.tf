@@ -141,7 +141,8 @@ locals {
   # least privilege, per function
   statements = {
     ingest = [
-      { actions = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.inventory.arn, aws_dynamodb_table.idempotency.arn] },
+      { actions = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.idempotency.arn] },
+      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem"], resources = [aws_dynamodb_table.inventory.arn] },
       # DeleteItem: a terminated instance's agent token and key are revoked (audited)
       { actions = ["dynamodb:GetItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn] },
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
@@ -150,8 +151,8 @@ locals {
       local.policies_read, local.describe, local.asg_describe, local.assume, local.kms_use,
     ]
     compute = concat([
-      { actions = ["dynamodb:GetItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
-      { actions = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:Query", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn] },
+      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
+      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:Query", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn] },
       { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.compute.arn] },
       { actions = ["s3:PutObject", "s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/bundles/*", "${aws_s3_bucket.bundles.arn}/deltas/*", "${aws_s3_bucket.bundles.arn}/keys/*", "${aws_s3_bucket.bundles.arn}/policies/*"] },
       # the fan-out: jobs for the publish workers, unsigned bundles too big for a message staged
@@ -178,7 +179,7 @@ locals {
       { actions = ["secretsmanager:GetSecretValue"], resources = [var.signing_key_secret_arn] },
     ])
     lifecycle = [
-      { actions = ["dynamodb:GetItem", "dynamodb:UpdateItem"], resources = [aws_dynamodb_table.inventory.arn] },
+      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem"], resources = [aws_dynamodb_table.inventory.arn] },
       # an instance seen terminated: its token, agent key and connection go
       { actions = ["dynamodb:GetItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn] },
       # a refused terminate and governance findings are audited (the chain head read, then the record)
@@ -215,7 +216,8 @@ locals {
       local.assume, local.kms_use,
     ]
     agentapi = [
-      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn, aws_dynamodb_table.inventory.arn] },
+      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn] },
+      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem"], resources = [aws_dynamodb_table.inventory.arn] },
       # writes only the agents' own items: never a bundle pointer, the active policy or the engine
       # head; on inventory an agent's liveness only, never its labels, mode or quarantine
       { actions = ["dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["nonce#*", "token#*", "tokenof#*", "agentkey#*", "conn#*", "pairing#*", "launch#*", "enforcement", "once#gcp-jwt:*"] }] },
@@ -231,7 +233,8 @@ locals {
     ]
     admin = [
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
-      { actions = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"], resources = [aws_dynamodb_table.state.arn, aws_dynamodb_table.inventory.arn] },
+      { actions = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"], resources = [aws_dynamodb_table.state.arn] },
+      { actions = ["dynamodb:GetItem", "dynamodb:UpdateItem"], resources = [aws_dynamodb_table.inventory.arn] },
       # an agent-key reset drops the key binding, the token and the nudge connection
       { actions = ["dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn] },
       # the dependency map: the running inventory and the flow rows
@@ -250,21 +253,24 @@ locals {
       local.async_dlq, local.kms_use,
     ]
     gcpevents = [
-      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:Query", "dynamodb:Scan"], resources = [aws_dynamodb_table.state.arn, aws_dynamodb_table.inventory.arn] },
+      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn] },
+      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
       # governance findings, approvals and retired credentials are audited
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
       local.policies_read, local.kms_use,
     ]
     azureevents = concat([
-      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:Query", "dynamodb:Scan"], resources = [aws_dynamodb_table.state.arn, aws_dynamodb_table.inventory.arn] },
+      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn] },
+      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
       local.policies_read, local.kms_use,
     ], length(local.azure_secrets) == 0 ? [] : [{ actions = ["secretsmanager:GetSecretValue"], resources = local.azure_secrets }])
     # reads only the credentials secret (never the Event Grid one: it takes no deliveries)
     cloudreconcile = concat([
-      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:Query", "dynamodb:Scan"], resources = [aws_dynamodb_table.state.arn, aws_dynamodb_table.inventory.arn] },
+      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn] },
+      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
       local.policies_read, local.kms_use,

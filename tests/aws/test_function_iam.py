@@ -1,18 +1,21 @@
-"""The agent API's DynamoDB permissions, in template.yaml and in infra/ alike: every write the real
-agent-API function makes while agents enroll, renew, heartbeat, report and hold a launch is allowed,
-and the writes a compromised agent API would need to steer policy are not (a bundle pointer, the
-active policy, the engine head, a workload's labels, mode or quarantine).
+"""Every function's DynamoDB permissions, in template.yaml and in infra/ alike, judged against what
+the real functions do over moto: each call a function makes while the estate boots, scales out,
+enrolls agents, takes admin actions and reconciles is granted to its role; and the agent API's
+writes are narrow enough that it cannot steer policy (a bundle pointer, the active policy, the
+engine head, a workload's labels, mode or quarantine).
 
-moto checks no IAM, so the writes are recorded from the real handler over moto and judged against
-the deployed statements by :func:`allowed`, which evaluates only what these statements use (Allow,
-actions, table resources, ``ForAllValues:StringLike`` / ``StringEquals`` on ``dynamodb:LeadingKeys``
-and ``dynamodb:Attributes``) and refuses any other condition rather than guess. No maintained
-library evaluates DynamoDB condition keys offline (moto's IAM ignores conditions), hence this one.
+moto checks no IAM (a missing grant showed only in AWS, as AccessDenied), so calls are recorded
+from the real handlers and judged against the deployed statements by :func:`allowed`, which
+evaluates only what these statements use (Allow, actions, table resources,
+``ForAllValues:StringLike`` / ``StringEquals`` on ``dynamodb:LeadingKeys`` and
+``dynamodb:Attributes``) and refuses any other condition rather than guess. No maintained library
+evaluates DynamoDB condition keys offline (moto's IAM ignores conditions), hence this one.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -22,16 +25,28 @@ from typing import Any
 import hcl2
 import pytest
 
-from tests.aws.conftest import Env
+from tests.aws.conftest import Env, LambdaContext
 from tests.aws.test_agent_api import give_instance_profile, sts_request
 from tests.aws.test_lifecycle_gate import heartbeat, launch
-from tests.aws.test_pipeline import enroll_instance
+from tests.aws.test_pipeline import _scheduled, enroll_instance
 from tests.aws.test_static import template, unquote
 
 ROOT = Path(__file__).resolve().parents[2]
-TABLES = {"rf-state": "state", "rf-inventory": "inventory", "rf-audit": "audit"}
-PARTITION_KEY = {"state": "pk", "inventory": "id", "audit": "pk"}
+TABLES = {f"rf-{t}": t for t in ("state", "inventory", "audit", "idempotency")}
+PARTITION_KEY = {"state": "pk", "inventory": "id", "audit": "pk", "idempotency": "id"}
 WRITES = {"PutItem", "UpdateItem", "DeleteItem", "BatchWriteItem", "TransactWriteItems"}
+# the test estate's function → its SAM resource (the Terraform statements are keyed by the former)
+SAM = {
+    "ingest": "IngestFunction",
+    "compute": "ComputeFunction",
+    "publish": "PublishFunction",
+    "lifecycle": "LifecycleFunction",
+    "reconcile": "ReconcileFunction",
+    "agentapi": "AgentApiFunction",
+    "admin": "AdminFunction",
+    "wsconnect": "NudgeConnectFunction",
+    "perimeter": "PerimeterFunction",
+}
 # what an expression names that is not an attribute
 _WORDS = {"SET", "REMOVE", "ADD", "DELETE", "AND", "OR", "NOT", "BETWEEN", "IN"}
 _FUNCTIONS = {"attribute_exists", "attribute_not_exists", "attribute_type", "begins_with", "contains", "size"}
@@ -44,36 +59,50 @@ Request = tuple[str, str, dict[str, list[str]]]  # action, table, condition cont
 # --- the deployed statements ---------------------------------------------------------------------
 
 
-def sam_statements() -> list[Statement]:
+def sam_statements(fn: str = "agentapi") -> list[Statement]:
     res = template()["Resources"]
     out: list[Statement] = []
-    for st in res["AgentApiFunction"]["Properties"]["Policies"][0]["Statement"]:
-        if not isinstance(st, dict) or st.get("Effect") != "Allow":
-            continue  # an !If (SIEM) names no table
-        targets = st["Resource"] if isinstance(st["Resource"], list) else [st["Resource"]]
-        tables = {
-            t["GetAtt"].removesuffix("Table.Arn").lower() for t in targets if isinstance(t, dict) and "GetAtt" in t
-        }
-        conds = [
-            (op, key, v if isinstance(v, list) else [v])
-            for op, kv in st.get("Condition", {}).items()
-            for key, v in kv.items()
-        ]
-        out.append((set(st["Action"]), tables, conds))
+    for policy in res[SAM[fn]]["Properties"].get("Policies", []):
+        for st in policy.get("Statement", []) if isinstance(policy, dict) else []:
+            if not isinstance(st, dict) or st.get("Effect") != "Allow":
+                continue  # an !If (SIEM) names no table
+            targets = st["Resource"] if isinstance(st["Resource"], list) else [st["Resource"]]
+            tables = {
+                t["GetAtt"].removesuffix("Table.Arn").lower() for t in targets if isinstance(t, dict) and "GetAtt" in t
+            }
+            conds = [
+                (op, key, v if isinstance(v, list) else [v])
+                for op, kv in st.get("Condition", {}).items()
+                for key, v in kv.items()
+            ]
+            out.append((set(st["Action"]), tables, conds))
     return out
 
 
-def terraform_statements() -> list[Statement]:
+_TF_STATEMENT = re.compile(r"\{actions = (\[[^\]]*\]), resources = (\[[^\]]*\])(?:, conditions = (\[.*?\]))?\}")
+_TF_CONDITION = re.compile(r'test = "([^"]+)", variable = "([^"]+)", values = (\[[^\]]*\])')
+
+
+def terraform_statements(fn: str = "agentapi") -> list[Statement]:
     lam = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/lambda.tf").read_text()))
     loc: dict[str, Any] = {}
     for block in lam.get("locals", []):
         loc.update(block)
     out: list[Statement] = []
-    for st in loc["statements"]["agentapi"]:
+    listed = loc["statements"][fn]
+    if isinstance(listed, str):  # concat([...], ...): python-hcl2 keeps the expression's text
+        for actions, resources, conditions in _TF_STATEMENT.findall(listed):
+            conds = [(t, v, json.loads(vals)) for t, v, vals in _TF_CONDITION.findall(conditions or "")]
+            tables = set(re.findall(r"aws_dynamodb_table\.(\w+)\.arn", resources))
+            out.append((set(json.loads(actions)), tables, conds))
+        assert out, f"no statement read from {fn}'s concat"
+        return out
+    for st in listed:
         if not isinstance(st, dict):
             continue  # a shared local (describe, assume, kms)
         tables = {m for r in st["resources"] for m in re.findall(r"aws_dynamodb_table\.(\w+)\.arn", str(r))}
-        conds = [(c["test"], c["variable"], list(c["values"])) for c in st.get("conditions", [])]
+        given = [loc[c[2:-1].removeprefix("local.")] if isinstance(c, str) else c for c in st.get("conditions", [])]
+        conds = [(c["test"], c["variable"], list(c["values"])) for c in given]
         out.append((set(st["actions"]), tables, conds))
     return out
 
@@ -134,7 +163,14 @@ def requests_of(op: str, params: dict[str, Any]) -> list[Request]:
             action = {"Put": "PutItem", "Update": "UpdateItem", "Delete": "DeleteItem"}.get(kind, "ConditionCheckItem")
             out += requests_of(action, body)
         return out
+    if op in ("BatchGetItem", "TransactGetItems"):
+        names = (
+            params["RequestItems"] if op == "BatchGetItem" else [i["Get"]["TableName"] for i in params["TransactItems"]]
+        )
+        return [(op, TABLES.get(n, n), {}) for n in names]
     table = TABLES.get(params["TableName"], params["TableName"])
+    if op in ("Query", "Scan", "DescribeTable"):
+        return [(op, table, {})]  # reads: no statement here conditions them
     key = params.get("Item") if op == "PutItem" else params.get("Key", {})
     assert key is not None
     aliases = params.get("ExpressionAttributeNames", {})
@@ -146,26 +182,32 @@ def requests_of(op: str, params: dict[str, Any]) -> list[Request]:
 
 
 class Recorder:
-    """Every DynamoDB write made while the agent-API function handles a request."""
+    """Every DynamoDB call made while a function handles an event, by function."""
 
     def __init__(self, env: Env) -> None:
-        self.on = False
-        self.writes: list[Request] = []
+        self.current: str | None = None
+        self.calls: dict[str, list[Request]] = {}
         env.hook("before-parameter-build.dynamodb", self._seen)
-        handler = env.fn["agentapi"].handler
+        for name, fn in env.fn.items():
+            fn.handler = self._recorded(name, fn.handler)
 
+    def _recorded(self, name: str, handler: Any) -> Any:
         def recorded(event: Any, context: Any) -> Any:
-            self.on = True
+            self.current = name
             try:
                 return handler(event, context)
             finally:
-                self.on = False
+                self.current = None
 
-        env.fn["agentapi"].handler = recorded
+        return recorded
 
     def _seen(self, model: Any, params: dict[str, Any], **_: Any) -> None:
-        if self.on and model.name in WRITES:
-            self.writes += requests_of(model.name, params)
+        if self.current is not None:
+            self.calls.setdefault(self.current, []).extend(requests_of(model.name, params))
+
+    @property
+    def writes(self) -> list[Request]:
+        return [c for c in self.calls.get("agentapi", []) if c[0] in WRITES]
 
 
 @pytest.fixture
@@ -267,3 +309,54 @@ def test_the_evaluator_reads_the_keys_of_each_kind_of_write() -> None:
         allowed(
             [({"dynamodb:BatchWriteItem"}, {"state"}, [("StringEqualsIfExists", "dynamodb:Select", ["x"])])], batch[0]
         )
+
+
+def test_every_dynamodb_call_every_function_makes_is_granted_in_both_deployments(agent_stack: Env) -> None:
+    """The estate boots, scales out behind the agent launch gate, agents enroll and report, an
+    administrator acts, reconcile runs, an instance terminates: every DynamoDB call each function
+    made is one its role is granted, in template.yaml and in infra/ alike."""
+    env = agent_stack
+    rec = Recorder(env)
+    new = launch(env)  # boot: the estate's events through ingest, perimeter, compute and publish
+    env.pump()
+    token = enroll_instance(env, new)
+    ptr = env.store.bundle_pointer(new)
+    assert ptr is not None
+    heartbeat(env, new, token, ptr.version)
+    env.pump()  # compute completes the launch
+    auth = {"Authorization": f"Bearer {token}"}
+    assert env.rest("agentapi", "GET", f"/v1/agents/{new}/deltas", headers=auth, query={"after": "0"})[0] in (200, 409)
+    connect = {
+        "requestContext": {"routeKey": "$connect", "connectionId": "c-1", "eventType": "CONNECT", "stage": "v1"},
+        "queryStringParameters": None,
+        "headers": {"Authorization": f"Bearer {token}"},
+        "isBase64Encoded": False,
+    }
+    assert env.fn["wsconnect"].handler(connect, LambdaContext())["statusCode"] == 200
+    for method, path, body in (
+        ("PUT", f"/admin/workloads/{new}/mode", {"mode": "observe"}),
+        ("POST", f"/admin/workloads/{new}/quarantine", {"reason": "ir-1"}),
+        ("DELETE", f"/admin/workloads/{new}/quarantine", {"reason": "ir-1 closed"}),
+        ("POST", "/admin/pairing-keys", {"workload_id": new, "uses": 1, "ttl": 600}),
+        ("DELETE", f"/admin/workloads/{new}/agent-key", {"reason": "rotated"}),
+        ("GET", "/admin/findings", None),
+        ("GET", "/admin/map", None),
+    ):
+        status, _, answer = env.rest("admin", method, path, body)
+        assert status in (200, 201, 409), (path, status, answer)
+    env.pump()
+    assert "offline" in env.fn["reconcile"].handler(_scheduled(), LambdaContext())
+    env.ec2.terminate_instances(InstanceIds=[new])
+    env.put(env.state_event(new, "terminated"))
+    env.pump()
+
+    judged = {"template.yaml": sam_statements, "infra/": terraform_statements}
+    refused: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for fn in ("ingest", "compute", "publish", "lifecycle", "perimeter", "agentapi", "admin", "wsconnect", "reconcile"):
+        assert rec.calls.get(fn), f"{fn} made no DynamoDB call: the scenario misses it"
+        for where, statements_of in judged.items():
+            statements = statements_of(fn)
+            denied = sorted({(a, t) for a, t, c in rec.calls[fn] if not allowed(statements, (a, t, c))})
+            if denied:
+                refused[(where, fn)] = denied
+    assert not refused, refused
