@@ -654,9 +654,11 @@ def test_heartbeats_with_the_kernels_digest_become_findings(env: Env) -> None:
     assert status == 422
 
 
-def test_an_agent_enrolling_before_its_launch_is_ingested_records_it_from_one_describe(env: Env) -> None:
-    """The agent often enrolls before the launch event reaches ingest: the instance goes into
-    the inventory from the DescribeInstances that verified the document, not a second one."""
+def test_an_agent_enrolling_before_its_launch_is_ingested_gets_its_bundle_once_ingest_records_it(env: Env) -> None:
+    """The agent often enrolls before the launch event reaches ingest: it is enrolled at once
+    (one DescribeInstances verifies the document), but the agent API writes no inventory record
+    (its role may not: a compromised agent API must not write labels); the launch event records
+    the instance, and the agent's token then reads its bundle."""
     env.provision_example_policy()
     iid = env.estate()["ids"]["web"][0]  # running in EC2, no event pumped: unknown to the inventory
     assert env.store.get(iid) is None
@@ -665,8 +667,15 @@ def test_an_agent_enrolling_before_its_launch_is_ingested_records_it_from_one_de
     status, body = enroll_iid(env, iid)
     assert status == 200, body
     assert described == ["x"], "one DescribeInstances per enrollment"
+    assert env.store.get(iid) is None, "the agent API recorded nothing"
+    token = str(body["token"])
+    # not yet in the inventory: its token opens nothing (the agent retries, holding its fail-safes)
+    assert env.rest("agentapi", "GET", f"/v1/agents/{iid}/bundle", headers=auth(token))[0] == 401
+    env.put(env.state_event(iid, "running"))
+    env.pump()  # its launch event: ingest records it, compute publishes its bundle
     rec = env.store.get(iid)
     assert rec is not None and rec.state == "running" and rec.labels.get("role") == "web"
+    assert env.rest("agentapi", "GET", f"/v1/agents/{iid}/bundle", headers=auth(token))[0] == 200
 
 
 def test_an_agent_request_reads_its_record_and_bundle_pointer_with_its_token(env: Env) -> None:

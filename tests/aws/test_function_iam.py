@@ -318,8 +318,8 @@ def test_every_dynamodb_call_every_function_makes_is_granted_in_both_deployments
     env = agent_stack
     rec = Recorder(env)
     new = launch(env)  # boot: the estate's events through ingest, perimeter, compute and publish
+    token = enroll_instance(env, new)  # before its launch is ingested (the agent often is first)
     env.pump()
-    token = enroll_instance(env, new)
     ptr = env.store.bundle_pointer(new)
     assert ptr is not None
     heartbeat(env, new, token, ptr.version)

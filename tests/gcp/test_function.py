@@ -47,7 +47,7 @@ def test_the_aws_agent_api_function_enrolls_a_gcp_vm_with_gcp_jwt(
     gcp: GcpApi, env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """gcp-jwt on the AWS agent API (SAM/Terraform attach the GCP layer when configured): the token
-    verified, the VM read live from the local compute API, observed into DynamoDB, the key bound."""
+    verified, the VM read live from the local compute API, the key bound."""
     from ringfence.local.gcp_api import identity_claims
     from ringfence.local.gcp_project import IDENTITY_AUDIENCE, NUMBER, PROJECT
     from tests.aws.conftest import rest_event
@@ -58,9 +58,10 @@ def test_the_aws_agent_api_function_enrolls_a_gcp_vm_with_gcp_jwt(
     env.provision_example_policy()
     inst = web_vm(gcp, "10.50.0.9")
     wid = inst["id"]
-    document = gcp.key.sign(identity_claims(inst, PROJECT, NUMBER, IDENTITY_AUDIENCE))
 
-    def enroll(fn: Any, key: AgentKey) -> tuple[int, Any]:
+    def enroll(fn: Any, key: AgentKey, iat_shift: int = 0) -> tuple[int, Any]:
+        claims = identity_claims(inst, PROJECT, NUMBER, IDENTITY_AUDIENCE)
+        document = gcp.key.sign({**claims, "iat": claims["iat"] - iat_shift})  # a fresh token: another iat
         _, _, got = rest_answer(fn.handler(rest_event("GET", "/v1/nonce"), LambdaContext()))
         nonce = got["nonce"]
         body = {
@@ -84,9 +85,18 @@ def test_the_aws_agent_api_function_enrolls_a_gcp_vm_with_gcp_jwt(
     key = AgentKey()
     status, answer = enroll(fn, key)
     assert status == 200 and answer["workload_id"] == wid, answer
+    assert env.store.agent_key(wid) == key.pem
+    # the AWS agent API writes no inventory record (its role may not): the VM is recorded by the
+    # GCP side (here the scheduled cloudreconcile; a push in production), and its agent, retrying,
+    # is then enrolled in it
+    assert env.store.get(wid) is None
+    from tests.aws.test_pipeline import _scheduled
+
+    load_functions(["cloudreconcile"], ROOT / "functions")["cloudreconcile"].handler(_scheduled(), LambdaContext())
+    status, answer = enroll(fn, key, iat_shift=5)
+    assert status == 200, answer
     rec = env.store.get(wid)
     assert rec is not None and rec.workload.cloud == "gcp" and rec.enrolled
-    assert env.store.agent_key(wid) == key.pem
 
 
 def test_the_scheduled_cloudreconcile_function_inventories_a_missed_vm_and_converges_the_firewall_policy(

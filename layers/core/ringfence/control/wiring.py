@@ -156,6 +156,11 @@ class BaseWiring:
     # agents' reports folded into flow rows as they arrive (on one machine: no S3 event to do it;
     # on AWS the flows function does it on the reports/ object's event)
     flows_inline = False
+    # an enrollment may record its instance, as the enroller just read it from the cloud, when no
+    # event has yet: not on AWS, whose agent-API role writes no inventory record beyond an agent's
+    # liveness (a compromised agent API must not rewrite labels); there the launch event, or
+    # reconcile, records it a moment later
+    enroll_records_instance = True
 
     def __init__(self, cfg: Config, store: Store, publisher: Publisher) -> None:
         self.cfg = cfg

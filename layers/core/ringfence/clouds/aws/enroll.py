@@ -233,7 +233,7 @@ def enroll_iid(api: AgentApi, req: agentapi.EnrollRequest, *, live: ec2.LiveInst
     if ident.private_ip and ident.private_ip not in ec2.instance_ips(inst):
         raise ProofError(f"instance {ident.instance_id} does not have the document's address")
     api.bind_key(req, ident.instance_id, required=True, replace=False)
-    if api.w.store.get(ident.instance_id) is None:
+    if api.w.enroll_records_instance and api.w.store.get(ident.instance_id) is None:
         # the instance as just described (the agent often enrolls before its launch is ingested)
         observe_instances(api.w, ident.account, ident.region, [ident.instance_id], described={ident.instance_id: inst})
         api.w.enqueue_compute([ident.instance_id])

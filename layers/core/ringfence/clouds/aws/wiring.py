@@ -21,6 +21,8 @@ from .publish import S3Publisher, WebSocketNotifier
 class Wiring(BaseWiring):
     """Shared clients and adapters, built once per container."""
 
+    enroll_records_instance = False  # the agent-API role may not (tests/aws/test_function_iam.py)
+
     def __init__(self, cfg: Config) -> None:
         from ringfence.store.dynamodb import DynamoStore
 

@@ -107,7 +107,7 @@ class GcpEnroller:
                 f"instance {wid} ({ident.instance_name}) is not running in {ident.project_id}/{ident.zone}"
             )
         bind(req, wid)
-        if self.w.store.get(wid) is None:
+        if self.w.enroll_records_instance and self.w.store.get(wid) is None:
             self.ingest.observe(ident.project_id, ident.zone, [wid], names={wid: ident.instance_name})
             self.w.enqueue_compute([wid])
         return wid
