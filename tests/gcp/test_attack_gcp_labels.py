@@ -232,3 +232,44 @@ def test_labels_as_source_a_forged_first_entry_of_an_operation_approves_nothing(
     assert rec is not None and rec.labels["role"] == "web" and rec.workload.held_labels is not None
     assert not audits(wiring, "label.approve", inst["id"])
     assert audits(wiring, "label.unconfirmed", inst["id"])
+
+
+def test_attack_gcp_forged_last_entry_cannot_carry_a_taggers_call_to_another_vm(
+    gcp: GcpApi, wiring: LocalWiring
+) -> None:
+    """Labels as the source: the tagger's genuine setLabels on one VM is in flight (its first
+    entry, logged and pushed, waits for the operation's last). Mallory, who set role=jumpbox on her
+    own VM (held), publishes a "last" entry of that operation naming her VM, then a "first" one
+    naming herself. Neither moves the tagger's call onto her VM nor replaces it: her VM stays held,
+    and the genuine last entry still approves the tagger's VM."""
+    ingest = GcpIngest(wiring, gcp_config(gcp, LabelSource.LABELS))
+    prod_web = {"ringfence-role": "web", "ringfence-app": "ordering", "ringfence-env": "prod"}
+    jump = {**prod_web, "ringfence-role": "jumpbox"}
+    request = {"labels": [{"key": k, "value": v} for k, v in jump.items()]}
+    method = "v1.compute.instances.setLabels"
+    evil = gcp.add_instance(PROJECT, ZONE, vm_name(), ["10.20.9.1"], labels=prod_web)
+    deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", evil))
+    gcp.set_labels(PROJECT, ZONE, evil["name"], jump)
+    deliver(gcp, ingest, audit_entry(method, evil, principal=MALLORY, request=request))
+    held = wiring.store.get(evil["id"])
+    assert held is not None and held.labels["role"] == "web" and held.workload.held_labels is not None
+
+    good = gcp.add_instance(PROJECT, ZONE, vm_name(), ["10.20.9.2"], labels=prod_web)
+    deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", good))
+    gcp.set_labels(PROJECT, ZONE, good["name"], jump)
+    op = "operation-genuine-tagger"
+    deliver(gcp, ingest, audit_entry(method, good, principal=TAGGER, request=request, operation=op, last=False))
+    for forged in (
+        audit_entry(method, evil, principal=TAGGER, operation=op, first=False),
+        audit_entry(method, good, principal=MALLORY, request=request, operation=op, last=False),
+    ):
+        status, body = post(ingest, push_body(forged), push_token(gcp))
+        assert status == 200, body
+    rec = wiring.store.get(evil["id"])
+    assert rec is not None and rec.labels["role"] == "web" and rec.workload.held_labels is not None
+    assert not audits(wiring, "label.approve", evil["id"])
+
+    deliver(gcp, ingest, audit_entry(method, good, principal=TAGGER, operation=op, first=False))
+    rec = wiring.store.get(good["id"])
+    assert rec is not None and rec.labels["role"] == "jumpbox", "the tagger's own call still approves"
+    assert audits(wiring, "label.approve", good["id"])

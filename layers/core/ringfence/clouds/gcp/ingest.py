@@ -122,15 +122,21 @@ class GcpIngest:
         if not ev.last:
             if ev.operation:
                 with self._pending_lock:
-                    self.pending[ev.operation] = ev
+                    # the first seen stays: a later "first" of the same operation (a redelivery, or
+                    # a forgery by someone who listed the operation) replaces nothing
+                    self.pending.setdefault(ev.operation, ev)
                     while len(self.pending) > PENDING_KEPT:
                         self.pending.popitem(last=False)
             return res
-        # the entry that says who called and what the call set: this one, or its operation's first
+        # the entry that says who called and what the call set: this one, or its operation's first,
+        # which must name the same call on the same VM (else a forged "last" entry could carry a
+        # tagger's confirmed call on one VM over to another)
         said: GcpEvent | None = ev
         if ev.operation and not ev.first:
             with self._pending_lock:
-                said = self.pending.pop(ev.operation, None)
+                first = self.pending.get(ev.operation)
+                matched = first is not None and self._same_call(first, ev)
+                said = self.pending.pop(ev.operation) if matched else None
         if ev.group:
             self.metric("GroupLaunches", 1)
             log.info("%s %s/%s: made by managed instance group %s", ev.action.value, ev.zone, ev.instance, ev.group)
@@ -147,6 +153,19 @@ class GcpIngest:
             self.w.enqueue_compute(res.changed)
         self.metric("InventoryChanges", len(changed))
         return res
+
+    def _same_call(self, first: GcpEvent, last: GcpEvent) -> bool:
+        """An operation's first and last entries name the same call on the same VM (by its id, or
+        by its name where one entry logged only that)."""
+        same_vm = first.instance == last.instance or (
+            first.instance_name is not None and first.instance_name == last.instance_name
+        )
+        return (
+            same_vm
+            and first.action == last.action
+            and first.zone == last.zone
+            and self.project_id(first.project) == self.project_id(last.project)
+        )
 
     # --- approvals confirmed with Cloud Logging ----------------------------------------------------
 
