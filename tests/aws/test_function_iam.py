@@ -251,7 +251,7 @@ def test_every_write_the_agent_api_makes_is_allowed_and_steering_writes_are_not(
         ("DeleteItem", "state", "nonce"),
         ("PutItem", "state", "token"),
         ("PutItem", "state", "agentkey"),
-        ("UpdateItem", "state", "launch"),
+        ("UpdateItem", "state", "enforcing"),
         ("PutItem", "state", "enforcement"),
         ("UpdateItem", "inventory", new),
     ):
@@ -275,6 +275,8 @@ def test_every_write_the_agent_api_makes_is_allowed_and_steering_writes_are_not(
             ("UpdateItem", "state", {"dynamodb:LeadingKeys": ["engine"], "dynamodb:Attributes": ["pk", "sk"]}),
             ("DeleteItem", "state", {"dynamodb:LeadingKeys": [f"sethead#{new}"], "dynamodb:Attributes": ["pk", "sk"]}),
             ("PutItem", "state", {"dynamodb:LeadingKeys": ["once#announced#x"], "dynamodb:Attributes": ["pk", "sk"]}),
+            # compute's half of a launch hold: a written released_at would leave the launch to ABANDON
+            ("UpdateItem", "state", {"dynamodb:LeadingKeys": [f"launch#{new}"], "dynamodb:Attributes": ["pk", "sk"]}),
         ):
             assert not allowed(statements, attack), (where, attack)
 

@@ -439,6 +439,25 @@ def test_launch_hold_merges_both_facts_and_the_first_report_wins(store: Store) -
         store.hold_launch("i-1", nonsense=1)
 
 
+def test_dynamodb_keeps_the_agents_fact_apart_from_computes_hold(moto_url: str) -> None:
+    """In DynamoDB the agent API's fact is an item under a partition of its own (enforcing#), the
+    only launch item its role may write; compute's facts are the hold (launch#). (SQLite keeps
+    one row: the split is for IAM.)"""
+    from ringfence.store.dynamodb import DynamoStore
+
+    store = make_dynamo(moto_url)
+    assert isinstance(store, DynamoStore)
+    store.hold_launch("i-2", lifecycle={"hook_name": "h", "token": "t"}, perimeter_at=1.0, perimeter="attached")
+    got = store.hold_launch("i-2", enforced_version=3, enforced_at=2.0)
+    assert got.lifecycle == {"hook_name": "h", "token": "t"}, "the agent's write reads compute's back"
+    agent = store.state.get_item(Key={"pk": "enforcing#i-2", "sk": "agent"})["Item"]
+    hold = store.state.get_item(Key={"pk": "launch#i-2", "sk": "hold"})["Item"]
+    assert "enforced_version" in agent and "lifecycle" not in agent
+    assert "enforced_version" not in hold and "lifecycle" in hold
+    with pytest.raises(ValueError, match="written apart"):
+        store.hold_launch("i-2", enforced_version=4, released_at=5.0)
+
+
 def test_flow_rows_fold_per_day_and_key_and_expire(store: Store) -> None:
     from ringfence.flows.aggregate import FlowRow
 

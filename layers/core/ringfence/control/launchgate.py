@@ -12,8 +12,9 @@ Two facts, from two functions, arriving in either order:
 
 Compute (the one function allowed ``autoscaling:CompleteLifecycleAction``; serialized by its FIFO
 queue) completes the action with CONTINUE once the hold has both (:meth:`LaunchGate.release`).
-Each writer merges its fact into the hold atomically and reads the hold back in the same step, so
-whichever of the two comes second sees the first: nothing is lost between them. A duplicate or a
+Each writer records its fact, then reads the other's (consistently), so whichever of the two comes
+second sees the first: nothing is lost between them. (In DynamoDB the agent's fact is an item of
+its own, the one launch item the agent-API role may write: it cannot fake compute's release.) A duplicate or a
 late message finds the hold released and does nothing; an instance terminated meanwhile is not
 completed (its action is gone with it). Whatever never completes times out into the hook's default
 result (ABANDON: an instance that was not segmented in time never serves).

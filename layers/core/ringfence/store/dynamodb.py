@@ -633,8 +633,22 @@ class DynamoStore:
 
     # --- launch holds -----------------------------------------------------------------------------
 
+    # The agent API's fact (its agent enforces: HOLD_FIRST_WINS) is an item of its own, under a
+    # partition the agent-API role may write; compute's facts (the lifecycle action, the perimeter,
+    # the release) are the hold item, which that role may not touch (an agent API that could write
+    # released_at would leave every launch to time out into ABANDON). Each writer writes its own
+    # item, then reads the other's with a consistent read, so whichever comes second sees the first.
+
     def hold_launch(self, instance_id: str, **fields: Any) -> LaunchHold:
         check_hold_fields(fields)
+        agent = set(fields) <= HOLD_FIRST_WINS
+        if not agent and set(fields) & HOLD_FIRST_WINS:
+            raise ValueError(f"launch hold: {sorted(HOLD_FIRST_WINS)} are written apart from {sorted(fields)}")
+        key = (
+            {"pk": f"enforcing#{instance_id}", "sk": "agent"}
+            if agent
+            else {"pk": f"launch#{instance_id}", "sk": "hold"}
+        )
         sets, names = ["#ttl = :ttl"], {"#ttl": "ttl"}
         values: dict[str, Any] = {":ttl": int(time.time()) + HOLD_TTL}
         for i, (k, v) in enumerate(sorted(fields.items())):
@@ -642,17 +656,23 @@ class DynamoStore:
             values[f":f{i}"] = json.dumps(v)  # JSON text: floats and dicts without Decimal conversion
             sets.append(f"#f{i} = if_not_exists(#f{i}, :f{i})" if k in HOLD_FIRST_WINS else f"#f{i} = :f{i}")
         out = self.state.update_item(
-            Key={"pk": f"launch#{instance_id}", "sk": "hold"},
+            Key=key,
             UpdateExpression="SET " + ", ".join(sets),
             ExpressionAttributeNames=names,
             ExpressionAttributeValues=values,
             ReturnValues="ALL_NEW",
         )
-        return _to_hold(instance_id, out["Attributes"])
+        other = self._get(f"launch#{instance_id}", "hold") if agent else self._get(f"enforcing#{instance_id}", "agent")
+        return _to_hold(instance_id, {**(other or {}), **out["Attributes"]})
 
     def launch_hold(self, instance_id: str) -> LaunchHold | None:
-        item = self._get(f"launch#{instance_id}", "hold")
-        return _to_hold(instance_id, item) if item else None
+        items = self._batch_get([(f"launch#{instance_id}", "hold"), (f"enforcing#{instance_id}", "agent")])
+        if not items:
+            return None
+        merged: dict[str, Any] = {}
+        for item in items:
+            merged.update(item)
+        return _to_hold(instance_id, merged)
 
     # --- audit ----------------------------------------------------------------------------------
 
