@@ -181,3 +181,43 @@ def test_serve_binds_for_a_policy_author_token_only(env: Env, served: tuple[str,
     env.pump()
     assert env.store.get(dev).labels["role"] == "jumpbox"
     assert all(ssh_peers(env, est).values())
+
+
+def test_a_binding_racing_newer_observations_is_reapplied_or_refused_never_lost(env: Env) -> None:
+    """An observation that lands between the binding's read and its write wins the conditional
+    write: the binding reads the record again and re-applies itself; when newer observations keep
+    landing it answers 409, audits nothing and leaves the hold, rather than answering a binding
+    that was never stored."""
+    est = held_estate(env)
+    dev = est["dev"]
+    env.bind(AUTHORS, ["policy-author"])
+    budget, inside = [1], [False]
+
+    def newer_observation_first(params: dict[str, Any], **_: Any) -> None:
+        key = params.get("Key", {}).get("id")
+        if inside[0] or budget[0] <= 0 or params.get("TableName") != "rf-inventory" or key not in (dev, {"S": dev}):
+            return
+        if "workload = :w" not in str(params.get("UpdateExpression")):
+            return
+        budget[0] -= 1
+        inside[0] = True
+        try:  # ingest, meanwhile, records a newer observation (no grants: it read before the binding)
+            rec = env.store.get(dev)
+            env.store.observe(rec.model_copy(update={"observed_at": rec.observed_at + 1}))
+        finally:
+            inside[0] = False
+
+    env.load_functions()  # cold starts: the handlers' clients, made after the hook, carry it
+    env.hook("before-parameter-build.dynamodb.UpdateItem", newer_observation_first)
+    status, body = bind(env, dev, {"labels": {"role": "jumpbox"}, "reason": "CHG-8"})
+    assert status == 200 and body["label_grants"] == {"role": "jumpbox"}, body
+    assert env.store.get(dev).workload.label_grants == {"role": "jumpbox"}, "stored, not just answered"
+    assert budget[0] == 0, "the race happened"
+
+    budget[0] = 100  # a newer observation before every attempt
+    audited = len(bindings(env))
+    status, body = bind(env, dev, {"labels": {"app": "admin"}, "reason": "CHG-9"})
+    assert status == 409, body
+    assert len(bindings(env)) == audited, "nothing audited as bound"
+    rec = env.store.get(dev)
+    assert rec.workload.label_grants == {"role": "jumpbox"} and rec.workload.held_labels is not None

@@ -16,12 +16,13 @@ from ringfence.governance import UNATTRIBUTED, Finding, TagChange, Verdict, bind
 from ringfence.labels import LabelMapper
 from ringfence.model import Mode
 from ringfence.siem import ocsf
-from ringfence.store.base import InventoryRecord
+from ringfence.store.base import ConflictError, InventoryRecord
 
 findings_log = logging.getLogger("ringfence.findings")
 """One JSON document per finding (schema ``ringfence.finding/v1``): subscribe the SIEM to it."""
 
 GOVERNANCE_PRINCIPAL = "ringfence:governance"
+BIND_ATTEMPTS = 3  # a binding re-read and re-applied when an observation landed in between
 
 
 def _governing_mapper(w: BaseWiring) -> LabelMapper | None:
@@ -173,25 +174,36 @@ def bind_labels(w: BaseWiring, workload_id: str, labels: dict[str, str], princip
     """An audited admin binding: grant privileged label values to one workload, lift a hold they
     clear, and queue the change for compute. Raises KeyError (an unknown or terminated workload)
     or ValueError (no active policy, a blank reason, a dimension or value that cannot be granted)
-    before changing anything."""
+    before changing anything, and ConflictError when newer observations kept landing in between
+    (nothing is audited or answered as bound then)."""
     mapper = _governing_mapper(w)
     if mapper is None:
         raise ValueError("no active policy: nothing declares privileged values (provision a policy version first)")
     if not reason.strip():
         raise ValueError("a binding needs a reason (it is audited)")
-    old = w.store.get(workload_id)
-    if old is None or old.state == "terminated":
-        raise KeyError(workload_id)
-    try:
-        granted = bind(mapper, old.workload, labels)
-    except ValueError as exc:
-        raise ValueError(f"{exc} ({_privileged_hint(mapper)})") from None
-    verdict = govern(mapper, old.workload, granted.model_copy(update={"held_labels": None}))
-    res = mapper.resolve(verdict.workload)
-    rec = old.model_copy(
-        update={"workload": verdict.workload, "labels": res.labels, "problems": [p.message for p in res.problems]}
-    )
-    w.store.observe(rec)  # same observed_at: written unless a newer observation landed meanwhile
+    for _ in range(BIND_ATTEMPTS):
+        old = w.store.get(workload_id)
+        if old is None or old.state == "terminated":
+            raise KeyError(workload_id)
+        try:
+            granted = bind(mapper, old.workload, labels)
+        except ValueError as exc:
+            raise ValueError(f"{exc} ({_privileged_hint(mapper)})") from None
+        verdict = govern(mapper, old.workload, granted.model_copy(update={"held_labels": None}))
+        res = mapper.resolve(verdict.workload)
+        rec = old.model_copy(
+            update={"workload": verdict.workload, "labels": res.labels, "problems": [p.message for p in res.problems]}
+        )
+        # same observed_at: written unless a newer observation landed meanwhile; observe() cannot
+        # tell that from "nothing changed", so the record is read back: a binding is answered only
+        # once it is stored
+        w.store.observe(rec)
+        now = w.store.get(workload_id)
+        if now is not None and all(now.workload.label_grants.get(d) == v for d, v in granted.label_grants.items()):
+            rec = now
+            break
+    else:
+        raise ConflictError(f"{workload_id} changed under {BIND_ATTEMPTS} attempts to bind it: try again")
     audit = AuditRecord(
         principal=principal,
         action="label.bind",

@@ -26,6 +26,7 @@ from ringfence.control.admin import Admin
 from ringfence.control.api import Response, error
 from ringfence.control.findings import DEFAULT_BOUND, FindingsResponse
 from ringfence.control.governance import bind_labels
+from ringfence.store.base import ConflictError
 
 from .common import answers, http, resolver
 
@@ -159,7 +160,7 @@ def admin_routes(
         "/admin/workloads/<wid>/labels",
         summary="bind privileged label values to a workload (an audited admin binding: the values need no "
         "tagger, a hold they clear is lifted, compute is queued); reason required — policy-author",
-        responses=answers(adminapi.BindLabelsResponse, errors=(400, 404)),
+        responses=answers(adminapi.BindLabelsResponse, errors=(400, 404, 409)),
         security=[{"sigv4": []}],
     )
     def bind_workload_labels(wid: str, req: adminapi.BindLabelsRequest) -> HttpResponse[str]:
@@ -172,6 +173,8 @@ def admin_routes(
             return http(error(404, "unknown workload", wid))
         except ValueError as exc:
             return http(error(400, "binding refused", str(exc)))
+        except ConflictError as exc:
+            return http(error(409, "workload changed meanwhile", str(exc)))
         body = {
             "workload_id": wid,
             "label_grants": dict(rec.workload.label_grants),
