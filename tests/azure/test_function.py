@@ -134,7 +134,7 @@ def test_the_agent_api_offers_gcp_jwt_only_with_an_identity_audience() -> None:
     from ringfence.control.wiring import Config
 
     w = Wiring(Config(enroll_methods=["aws-iid", "gcp-jwt"]))
-    gcp = {"RINGFENCE_GCP_PROJECTS": "ordering-prod=123456789012"}
+    gcp = {"RINGFENCE_GCP_PROJECTS": "ordering-prod=123456789012", "RINGFENCE_GCP_TAG_PARENTS": "organizations/1"}
     assert othercloud.cloud_enrollers(w, gcp) == {}  # no identity audience: gcp-jwt stays off
     given = othercloud.cloud_enrollers(w, {**gcp, "RINGFENCE_GCP_IDENTITY_AUDIENCE": "https://rf.example/v1/enroll"})
     assert isinstance(given["gcp-jwt"], GcpEnroller)

@@ -18,6 +18,7 @@ locals {
     "/admin/suggest"                   = ["get"]
     "/admin/findings"                  = ["get"]
     "/admin/workloads/{id}/mode"       = ["put"]
+    "/admin/workloads/{id}/labels"     = ["put"]
     "/admin/workloads/{id}/quarantine" = ["post", "delete"]
     "/admin/workloads/{id}/agent-key"  = ["delete"]
     "/admin/pairing-keys"              = ["post"]
