@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from ringfence import serve
+from ringfence.clouds.gcp import ingest as ingest_module
 from ringfence.clouds.gcp.config import GcpConfig
 from ringfence.clouds.gcp.ingest import GcpIngest
 from ringfence.clouds.gcp.instances import Instances, LabelSource
@@ -137,7 +138,9 @@ def test_tag_parents_take_organizations_and_project_numbers_and_labels_need_none
 # --- 2. approvals: confirmed with Cloud Logging ---------------------------------------------------
 
 
-def test_attack_gcp_forged_audit_entry_naming_a_tagger_approves_nothing(gcp: GcpApi, wiring: LocalWiring) -> None:
+def test_attack_gcp_forged_audit_entry_naming_a_tagger_approves_nothing(
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Mallory may bind tags on her VM and publish to the audit topic (a valid push follows). She
     binds ``role=jumpbox`` and publishes an entry naming the tagging service account as caller."""
     ingest = GcpIngest(wiring, gcp_config(gcp))
@@ -148,6 +151,13 @@ def test_attack_gcp_forged_audit_entry_naming_a_tagger_approves_nothing(gcp: Gcp
     genuine = bind_tag_as(gcp, MALLORY, inst, "ringfence-role", "jumpbox")  # logged by Google
     # a fabricated entry: the tagger as caller, an insertId Cloud Logging never wrote
     forged = tag_binding_entry(gcp, inst, "ringfence-role", "jumpbox", principal=TAGGER)
+    calls = len(gcp.calls)
+    # fresh: Cloud Logging may not list it yet, so the push is answered 503 (Pub/Sub redelivers)
+    status, body = post(ingest, push_body(forged), push_token(gcp))
+    assert status == 503, body
+    assert wiring.store.get(inst["id"]).labels["role"] == "web"  # type: ignore[union-attr]
+    assert not audits(wiring, "label.approve", inst["id"])
+    monkeypatch.setattr(ingest_module, "LOGGING_LAG", 0.0)  # redelivered once it should be listed
     calls = len(gcp.calls)
     status, body = post(ingest, push_body(forged), push_token(gcp))
     assert status == 200 and body["changed"] == [inst["id"]], body
@@ -210,10 +220,11 @@ def test_a_tagger_entry_cloud_logging_has_but_logged_long_ago_approves_nothing(
 
 
 def test_labels_as_source_a_forged_first_entry_of_an_operation_approves_nothing(
-    gcp: GcpApi, wiring: LocalWiring
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """setLabels logs its request on the operation's first entry: a forged first entry naming the
     tagger, then the genuine last entry of Mallory's call, approves nothing."""
+    monkeypatch.setattr(ingest_module, "LOGGING_LAG", 0.0)  # past the wait for Logging to list it
     ingest = GcpIngest(wiring, gcp_config(gcp, LabelSource.LABELS))
     prod_web = {"ringfence-role": "web", "ringfence-app": "ordering", "ringfence-env": "prod"}
     inst = gcp.add_instance(PROJECT, ZONE, vm_name(), ["10.20.2.30"], labels=prod_web)
@@ -273,3 +284,45 @@ def test_attack_gcp_forged_last_entry_cannot_carry_a_taggers_call_to_another_vm(
     rec = wiring.store.get(good["id"])
     assert rec is not None and rec.labels["role"] == "jumpbox", "the tagger's own call still approves"
     assert audits(wiring, "label.approve", good["id"])
+
+
+def test_a_taggers_entry_logging_does_not_list_yet_is_retried_then_approved(gcp: GcpApi, wiring: LocalWiring) -> None:
+    """The sink may publish an entry before entries:list shows it: the push is answered 503 and
+    Pub/Sub redelivers it; once Cloud Logging lists it, the tagger's change is approved."""
+    ingest = GcpIngest(wiring, gcp_config(gcp))
+    inst = web_vm(gcp, "10.20.2.40")
+    deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", inst))
+    zone = inst["zone"].rsplit("/", 1)[-1]
+    gcp.bind_tag(PROJECT, zone, inst["id"], ORG, "ringfence-role", "jumpbox")
+    entry = tag_binding_entry(gcp, inst, "ringfence-role", "jumpbox", principal=TAGGER)
+    status, body = post(ingest, push_body(entry), push_token(gcp))
+    assert status == 503, body
+    assert wiring.store.get(inst["id"]).labels["role"] == "web"  # type: ignore[union-attr]
+    assert not audits(wiring, "label.unconfirmed", inst["id"]), "not held for Logging's lag"
+    logged(gcp, entry)  # now listed
+    status, body = post(ingest, push_body(entry), push_token(gcp))
+    assert status == 200, body
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.labels["role"] == "jumpbox" and rec.workload.held_labels is None
+
+
+def test_attack_gcp_a_taggers_entry_replayed_approves_once(gcp: GcpApi, wiring: LocalWiring) -> None:
+    """The tagger's genuine, confirmed entry approves its move. Mallory later holds the same
+    privileged value on that VM again (its labels were moved back, then she bound it): replaying
+    the tagger's entry, within the hour, approves nothing."""
+    ingest = GcpIngest(wiring, gcp_config(gcp))
+    inst = web_vm(gcp, "10.20.2.41")
+    deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", inst))
+    genuine = bind_tag_as(gcp, TAGGER, inst, "ringfence-role", "jumpbox")
+    deliver(gcp, ingest, genuine)
+    assert wiring.store.get(inst["id"]).labels["role"] == "jumpbox"  # type: ignore[union-attr]
+    deliver(gcp, ingest, bind_tag_as(gcp, TAGGER, inst, "ringfence-role", "web"))  # moved back
+    assert wiring.store.get(inst["id"]).labels["role"] == "web"  # type: ignore[union-attr]
+    deliver(gcp, ingest, bind_tag_as(gcp, MALLORY, inst, "ringfence-role", "jumpbox"))
+    held = wiring.store.get(inst["id"])
+    assert held is not None and held.labels["role"] == "web" and held.workload.held_labels is not None
+    status, body = post(ingest, push_body(genuine), push_token(gcp))
+    assert status == 200, body
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.labels["role"] == "web" and rec.workload.held_labels is not None
+    assert any("approved a move already" in a.reason for a in audits(wiring, "label.unconfirmed", inst["id"]))

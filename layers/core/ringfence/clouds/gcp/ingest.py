@@ -27,6 +27,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from google.api_core.exceptions import ServiceUnavailable
+
 from ringfence.audit import AuditRecord
 from ringfence.control import credentials
 from ringfence.control.governance import GOVERNANCE_PRINCIPAL, govern_record
@@ -48,6 +50,9 @@ PENDING_KEPT = 4096  # first entries remembered, waiting for their last
 # an entry logged longer ago than this approves nothing, even when Cloud Logging has it: a genuine
 # tagger's entry published again later (a replay) must not approve a move made since
 CONFIRM_MAX_AGE = 3600.0
+# how long an entry Cloud Logging does not list yet is asked for again (the push answered 503)
+# before it counts as not logged
+LOGGING_LAG = 120.0
 
 
 class UnknownProject(MalformedEvent):
@@ -145,7 +150,13 @@ class GcpIngest:
         else:
             change = TagChange(said.principal, self.requested_tags(said.action, said.requested))
             if self.would_approve(change):
-                change = self.confirm(project, said, change)
+                try:
+                    change = self.confirm(project, said, change)
+                except Exception:
+                    if said is not ev and ev.operation:  # the redelivered last entry finds it again
+                        with self._pending_lock:
+                            self.pending.setdefault(ev.operation, said)
+                    raise
         names = {ev.instance: ev.instance_name} if ev.instance_name else None
         changed = self.observe(project, ev.zone, [ev.instance], names=names, change=change, event_id=ev.event_id)
         res.changed = sorted(changed)
@@ -195,13 +206,19 @@ class GcpIngest:
         if logged is not None:
             change = TagChange(logged.principal, self.requested_tags(logged.action, logged.requested))
             if logged.principal == claimed.principal and change.requested == claimed.requested:
-                self.metric("ApprovalsConfirmed", 1)
-                return change
-            why = (
-                f"Cloud Logging has this entry by {logged.principal!r} setting {change.requested}, "
-                f"not by {claimed.principal!r} setting {claimed.requested}"
-            )
-        else:
+                # one entry approves once: replayed within the hour (after its move was undone and
+                # the value set again by someone else) it is what a replay is, and approves nothing
+                if self.w.store.claim_once(f"confirmed#{logged.event_id}", int(CONFIRM_MAX_AGE) + 60):
+                    self.metric("ApprovalsConfirmed", 1)
+                    return change
+                why = "this entry has approved a move already: a replay approves nothing"
+                logged = None
+            else:
+                why = (
+                    f"Cloud Logging has this entry by {logged.principal!r} setting {change.requested}, "
+                    f"not by {claimed.principal!r} setting {claimed.requested}"
+                )
+        if logged is None:
             change = TagChange(None, None)
         log.warning("%s/%s: audit entry %s not confirmed: %s", said.zone, said.instance, said.event_id, why)
         self.metric("UnconfirmedApprovals", 1)
@@ -232,6 +249,10 @@ class GcpIngest:
             return None, "it has no timestamp"
         entry = self.logs.find(logged_in, str(said.log_name), said.event_id, said.time)
         if entry is None:
+            if time.time() - said.time.timestamp() < LOGGING_LAG:
+                # the sink may publish before entries:list shows the entry: asked again on the
+                # redelivery (a 503), held only once it should have been there for a while
+                raise ServiceUnavailable(f"Cloud Logging has no entry {said.event_id!r} yet: retried")  # type: ignore[no-untyped-call]
             return None, f"Cloud Logging has no entry {said.event_id!r} in {said.log_name} at {said.time.isoformat()}"
         try:
             logged = parse(entry)
