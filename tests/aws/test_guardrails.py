@@ -15,7 +15,13 @@ from tests.aws.test_static import ROOT, _CfnLoader, unquote
 TAG_WRITES = {"ec2:CreateTags", "ec2:DeleteTags", "ec2:RunInstances"}
 # a tagger pattern with * for the account trusts a role of that name in every account: making one,
 # or changing who may assume it, must be as guarded as the label keys
-ROLE_CHANGES = {"iam:CreateRole", "iam:UpdateAssumeRolePolicy", "iam:AttachRolePolicy", "iam:PutRolePolicy"}
+ROLE_CHANGES = {
+    "iam:CreateRole",
+    "iam:UpdateAssumeRolePolicy",
+    "iam:AttachRolePolicy",
+    "iam:PutRolePolicy",
+    "iam:PassRole",
+}
 
 
 def cfn() -> dict[str, Any]:

@@ -84,6 +84,7 @@ locals {
     "iam:DeleteRolePermissionsBoundary",
     "iam:TagRole",
     "iam:UntagRole",
+    "iam:PassRole", # handing it to a service (a build, a function) runs code as it
   ]
 }
 
