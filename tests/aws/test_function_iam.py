@@ -1,5 +1,5 @@
-"""Every function's DynamoDB permissions, in template.yaml and in infra/ alike, judged against what
-the real functions do over moto: each call a function makes while the estate boots, scales out,
+"""Every function's permissions, in template.yaml and in infra/ alike, judged against what the real
+functions do over moto: each call a function makes while the estate boots, scales out,
 enrolls agents, takes admin actions and reconciles is granted to its role; and the agent API's
 writes are narrow enough that it cannot steer policy (a bundle pointer, the active policy, the
 engine head, a workload's labels, mode or quarantine).
@@ -107,6 +107,103 @@ def terraform_statements(fn: str = "agentapi") -> list[Statement]:
     return out
 
 
+# --- every service: the actions granted, and on which of the bucket's prefixes --------------------
+
+Grant = tuple[set[str], set[str]]  # action patterns, resources ("*", "s3:<key pattern>", "s3bucket", other)
+
+
+def _sam_resource(t: Any) -> str:
+    if t == "*":
+        return "*"
+    sub = t.get("Sub") if isinstance(t, dict) else None
+    if isinstance(sub, str) and sub.startswith("${BundleBucket.Arn}"):
+        key = sub.removeprefix("${BundleBucket.Arn}")
+        return "s3:" + key.removeprefix("/") if key else "s3bucket"
+    return f"other:{t}"
+
+
+def sam_grants(fn: str) -> list[Grant]:
+    """Every Allow statement of the function's role (both branches of an !If)."""
+    out: list[Grant] = []
+    for policy in template()["Resources"][SAM[fn]]["Properties"].get("Policies", []):
+        for st in policy.get("Statement", []) if isinstance(policy, dict) else []:
+            if isinstance(st, dict) and "If" in st:
+                st = st["If"][1]
+            if not isinstance(st, dict) or st.get("Effect") != "Allow":
+                continue
+            actions = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
+            targets = st["Resource"] if isinstance(st["Resource"], list) else [st["Resource"]]
+            out.append((set(actions), {_sam_resource(t) for t in targets}))
+    return out
+
+
+def _tf_resource(r: str) -> str:
+    r = r.strip().strip('"')
+    if r == "*":
+        return "*"
+    m = re.fullmatch(r"\$?\{?aws_s3_bucket\.bundles\.arn\}?(/.*)?", r)
+    if m:
+        return "s3:" + m[1][1:] if m[1] else "s3bucket"
+    return f"other:{r}"
+
+
+def terraform_grants(fn: str) -> list[Grant]:
+    """Every statement of the function's role in infra/ (shared locals resolved)."""
+    lam = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/lambda.tf").read_text()))
+    loc: dict[str, Any] = {}
+    for block in lam.get("locals", []):
+        loc.update(block)
+    listed = loc["statements"][fn]
+    blocks: list[dict[str, Any]] = []
+    if isinstance(listed, str):  # concat([...], ...): python-hcl2 keeps the expression's text
+        for actions, resources, _ in _TF_STATEMENT.findall(listed):
+            blocks.append(
+                {"actions": json.loads(actions), "resources": re.findall(r'"[^"]*"|[\w.${}/*-]+', resources[1:-1])}
+            )
+        blocks += [loc[name] for name in re.findall(r"local\.(\w+)", listed) if isinstance(loc.get(name), dict)]
+    else:
+        for st in listed:
+            if isinstance(st, str) and st.startswith("${local."):
+                st = loc[st[2:-1].removeprefix("local.")]
+            if isinstance(st, dict):
+                blocks.append(st)
+    return [(set(b["actions"]), {_tf_resource(str(r)) for r in b["resources"]}) for b in blocks]
+
+
+def granted(grants: list[Grant], action: str, resource: str | None) -> bool:
+    """Some statement grants the action (patterns as IAM matches them) on the resource; None: the
+    resource is not judged here (queues, instances, keys: their ARNs are the deployment's)."""
+    for actions, resources in grants:
+        if not any(fnmatch.fnmatchcase(action, a) for a in actions):
+            continue
+        if resource is None or "*" in resources or any(fnmatch.fnmatchcase(resource, r) for r in resources):
+            return True
+    return False
+
+
+# the API operation → the IAM action it needs, where the names differ
+_ACTION = {
+    ("s3", "HeadObject"): "s3:GetObject",
+    ("s3", "ListObjectsV2"): "s3:ListBucket",
+    ("s3", "ListObjects"): "s3:ListBucket",
+    ("sqs", "SendMessageBatch"): "sqs:SendMessage",
+    ("sqs", "DeleteMessageBatch"): "sqs:DeleteMessage",
+    ("sqs", "ChangeMessageVisibilityBatch"): "sqs:ChangeMessageVisibility",
+    ("execute-api", "PostToConnection"): "execute-api:ManageConnections",
+    ("execute-api", "GetConnection"): "execute-api:ManageConnections",
+    ("execute-api", "DeleteConnection"): "execute-api:ManageConnections",
+}
+
+
+def action_of(service: str, op: str, params: dict[str, Any], bucket: str) -> tuple[str, str | None]:
+    action = _ACTION.get((service, op), f"{service}:{op}")
+    if service == "s3":
+        if params.get("Bucket") != bucket:
+            return action, f"other-bucket:{params.get('Bucket')}"
+        return action, ("s3bucket" if action == "s3:ListBucket" else "s3:" + str(params.get("Key", "")))
+    return action, None
+
+
 def allowed(statements: list[Statement], request: Request) -> bool:
     action, table, context = request
     for actions, tables, conds in statements:
@@ -187,7 +284,9 @@ class Recorder:
     def __init__(self, env: Env) -> None:
         self.current: str | None = None
         self.calls: dict[str, list[Request]] = {}
-        env.hook("before-parameter-build.dynamodb", self._seen)
+        self.other: dict[str, list[tuple[str, str | None]]] = {}  # every other service's calls
+        self.bucket = env.bucket
+        env.hook("before-parameter-build", self._seen)
         for name, fn in env.fn.items():
             fn.handler = self._recorded(name, fn.handler)
 
@@ -202,8 +301,13 @@ class Recorder:
         return recorded
 
     def _seen(self, model: Any, params: dict[str, Any], **_: Any) -> None:
-        if self.current is not None:
+        if self.current is None:
+            return
+        service = model.service_model.signing_name
+        if service == "dynamodb":
             self.calls.setdefault(self.current, []).extend(requests_of(model.name, params))
+        else:
+            self.other.setdefault(self.current, []).append(action_of(service, model.name, params, self.bucket))
 
     @property
     def writes(self) -> list[Request]:
@@ -307,16 +411,27 @@ def test_the_evaluator_reads_the_keys_of_each_kind_of_write() -> None:
     assert batch == [
         ("BatchWriteItem", "state", {"dynamodb:LeadingKeys": ["a#1"], "dynamodb:Attributes": ["pk", "sk"]})
     ]
+    # grants by action and the bucket's prefix: the agent API reads the key, never writes a bundle
+    for grants_of in (sam_grants, terraform_grants):
+        api = grants_of("agentapi")
+        assert granted(api, "s3:GetObject", "s3:keys/bundle-signing.pub.pem")
+        assert granted(api, "s3:PutObject", "s3:reports/i-1/x.json")
+        assert not granted(api, "s3:PutObject", "s3:bundles/i-1/1.json")
+        assert not granted(api, "kms:Sign", None) and not granted(api, "autoscaling:CompleteLifecycleAction", None)
+        assert granted(grants_of("compute"), "autoscaling:CompleteLifecycleAction", None)
+    assert action_of("s3", "HeadObject", {"Bucket": "b", "Key": "k"}, "b") == ("s3:GetObject", "s3:k")
+    assert action_of("s3", "GetObject", {"Bucket": "logs", "Key": "k"}, "b")[1] == "other-bucket:logs"
     with pytest.raises(AssertionError, match="not evaluated"):
         allowed(
             [({"dynamodb:BatchWriteItem"}, {"state"}, [("StringEqualsIfExists", "dynamodb:Select", ["x"])])], batch[0]
         )
 
 
-def test_every_dynamodb_call_every_function_makes_is_granted_in_both_deployments(agent_stack: Env) -> None:
+def test_every_call_every_function_makes_is_granted_in_both_deployments(agent_stack: Env) -> None:
     """The estate boots, scales out behind the agent launch gate, agents enroll and report, an
-    administrator acts, reconcile runs, an instance terminates: every DynamoDB call each function
-    made is one its role is granted, in template.yaml and in infra/ alike."""
+    administrator acts, reconcile runs, an instance terminates: every AWS call each function made
+    is one its role is granted, in template.yaml and in infra/ alike (DynamoDB by table and
+    condition keys, S3 by the bucket's prefix, the rest by action)."""
     env = agent_stack
     rec = Recorder(env)
     new = launch(env)  # boot: the estate's events through ingest, perimeter, compute and publish
@@ -362,3 +477,15 @@ def test_every_dynamodb_call_every_function_makes_is_granted_in_both_deployments
             if denied:
                 refused[(where, fn)] = denied
     assert not refused, refused
+
+    grants = {"template.yaml": sam_grants, "infra/": terraform_grants}
+    seen = {a.split(":")[0] for calls in rec.other.values() for a, _ in calls}
+    assert {"s3", "sqs", "ec2", "autoscaling"} <= seen, seen
+    missing: dict[tuple[str, str], list[tuple[str, str | None]]] = {}
+    for fn, calls in rec.other.items():
+        for where, grants_of in grants.items():
+            g = grants_of(fn)
+            denied = sorted({(a, r) for a, r in calls if not granted(g, a, r)}, key=str)
+            if denied:
+                missing[(where, fn)] = denied
+    assert not missing, missing
