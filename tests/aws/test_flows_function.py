@@ -13,6 +13,7 @@ from typing import Any
 from ringfence.flows.aggregate import merge
 from ringfence.local.lambdas import load_functions
 from tests.aws.conftest import ROOT, Env, LambdaContext, ip_of
+from tests.aws.test_function_iam import Recorder, refusals
 from tests.aws.test_pipeline import boot
 
 FIELDS = "version srcaddr dstaddr srcport dstport protocol start end packets bytes action flow-direction log-status"
@@ -48,7 +49,9 @@ def test_report_batches_and_flow_logs_in_s3_become_classified_rows(env: Env) -> 
     key = "AWSLogs/123456789012/vpcflowlogs/ca-central-1/2026/12/02/x.log.gz"
     env.s3.put_object(Bucket=logs, Key=key, Body=gzip.compress("\n".join(lines).encode()))
 
-    fn = load_functions(["flows"], ROOT / "functions")["flows"]
+    env.fn["flows"] = load_functions(["flows"], ROOT / "functions")["flows"]
+    recorded = Recorder(env, flow_logs=[logs])  # every AWS call it makes, judged against its role below
+    fn = env.fn["flows"]
     # S3 → EventBridge "Object Created" (how the stacks wire it) and a plain S3 notification
     first = fn.handler(
         {"source": "aws.s3", "detail-type": "Object Created",
@@ -64,6 +67,7 @@ def test_report_batches_and_flow_logs_in_s3_become_classified_rows(env: Env) -> 
     ok = rows[("web", "prod", "allowed")]
     assert ok.flows == 2 and ok.origins == ["agent", "vpc"] and "web-to-processing" in ok.rule
     assert rows[("web", "dev,", "blocked")].flows == 1
+    assert recorded.calls["flows"] and not refusals(recorded, ["flows"])
 
     # the admin API draws the same map (ringfence map's code), to any bound role, a reader too
     reader = "arn:aws:iam::123456789012:role/Readers"

@@ -18,7 +18,7 @@ import fnmatch
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,10 @@ SAM = {
     "admin": "AdminFunction",
     "wsconnect": "NudgeConnectFunction",
     "perimeter": "PerimeterFunction",
+    "flows": "FlowsFunction",
+    "gcpevents": "GcpEventsFunction",
+    "azureevents": "AzureEventsFunction",
+    "cloudreconcile": "CloudReconcileFunction",
 }
 # what an expression names that is not an attribute
 _WORDS = {"SET", "REMOVE", "ADD", "DELETE", "AND", "OR", "NOT", "BETWEEN", "IN"}
@@ -79,7 +83,9 @@ def sam_statements(fn: str = "agentapi") -> list[Statement]:
     return out
 
 
-_TF_STATEMENT = re.compile(r"\{actions = (\[[^\]]*\]), resources = (\[[^\]]*\])(?:, conditions = (\[.*?\]))?\}")
+_TF_STATEMENT = re.compile(
+    r"\{actions = (\[[^\]]*\]), resources = (\[[^\]]*\]|local\.\w+)(?:, conditions = (\[.*?\]))?\}"
+)
 _TF_CONDITION = re.compile(r'test = "([^"]+)", variable = "([^"]+)", values = (\[[^\]]*\])')
 
 
@@ -115,7 +121,11 @@ Grant = tuple[set[str], set[str]]  # action patterns, resources ("*", "s3:<key p
 def _sam_resource(t: Any) -> str:
     if t == "*":
         return "*"
+    if isinstance(t, dict) and "If" in t:  # a resource only under a condition: its Then branch
+        t = t["If"][1]
     sub = t.get("Sub") if isinstance(t, dict) else None
+    if isinstance(sub, str) and "${FlowLogBucketName}/" in sub:
+        return "flowlogs:" + sub.split("${FlowLogBucketName}/", 1)[1]
     if isinstance(sub, str) and sub.startswith("${BundleBucket.Arn}"):
         key = sub.removeprefix("${BundleBucket.Arn}")
         return "s3:" + key.removeprefix("/") if key else "s3bucket"
@@ -141,6 +151,8 @@ def _tf_resource(r: str) -> str:
     r = r.strip().strip('"')
     if r == "*":
         return "*"
+    if "${var.flow_log_bucket_name}/" in r:
+        return "flowlogs:" + r.split("${var.flow_log_bucket_name}/", 1)[1]
     m = re.fullmatch(r"\$?\{?aws_s3_bucket\.bundles\.arn\}?(/.*)?", r)
     if m:
         return "s3:" + m[1][1:] if m[1] else "s3bucket"
@@ -167,7 +179,12 @@ def terraform_grants(fn: str) -> list[Grant]:
                 st = loc[st[2:-1].removeprefix("local.")]
             if isinstance(st, dict):
                 blocks.append(st)
-    return [(set(b["actions"]), {_tf_resource(str(r)) for r in b["resources"]}) for b in blocks]
+    out: list[Grant] = []
+    for b in blocks:
+        res = b["resources"]  # a list, or a concat(...) expression's text: its quoted ARNs
+        items = res if isinstance(res, list) else re.findall(r'"([^"]*)"', res)
+        out.append((set(b["actions"]), {_tf_resource(str(r)) for r in items}))
+    return out
 
 
 def granted(grants: list[Grant], action: str, resource: str | None) -> bool:
@@ -195,9 +212,13 @@ _ACTION = {
 }
 
 
-def action_of(service: str, op: str, params: dict[str, Any], bucket: str) -> tuple[str, str | None]:
+def action_of(
+    service: str, op: str, params: dict[str, Any], bucket: str, flow_logs: Iterable[str] = ()
+) -> tuple[str, str | None]:
     action = _ACTION.get((service, op), f"{service}:{op}")
     if service == "s3":
+        if params.get("Bucket") in flow_logs:
+            return action, "flowlogs:" + str(params.get("Key", ""))
         if params.get("Bucket") != bucket:
             return action, f"other-bucket:{params.get('Bucket')}"
         return action, ("s3bucket" if action == "s3:ListBucket" else "s3:" + str(params.get("Key", "")))
@@ -281,7 +302,8 @@ def requests_of(op: str, params: dict[str, Any]) -> list[Request]:
 class Recorder:
     """Every DynamoDB call made while a function handles an event, by function."""
 
-    def __init__(self, env: Env) -> None:
+    def __init__(self, env: Env, flow_logs: Iterable[str] = ()) -> None:
+        self.flow_logs = tuple(flow_logs)  # buckets where VPC Flow Logs are delivered
         self.current: str | None = None
         self.calls: dict[str, list[Request]] = {}
         self.other: dict[str, list[tuple[str, str | None]]] = {}  # every other service's calls
@@ -307,11 +329,28 @@ class Recorder:
         if service == "dynamodb":
             self.calls.setdefault(self.current, []).extend(requests_of(model.name, params))
         else:
-            self.other.setdefault(self.current, []).append(action_of(service, model.name, params, self.bucket))
+            call = action_of(service, model.name, params, self.bucket, self.flow_logs)
+            self.other.setdefault(self.current, []).append(call)
 
     @property
     def writes(self) -> list[Request]:
         return [c for c in self.calls.get("agentapi", []) if c[0] in WRITES]
+
+
+def refusals(rec: Recorder, fns: Iterable[str]) -> dict[tuple[str, str], list[Any]]:
+    """What each function called that its role is not granted, per deployment (empty: all granted)."""
+    out: dict[tuple[str, str], list[Any]] = {}
+    for fn in fns:
+        for where, statements_of, grants_of in (
+            ("template.yaml", sam_statements, sam_grants),
+            ("infra/", terraform_statements, terraform_grants),
+        ):
+            statements, grants = statements_of(fn), grants_of(fn)
+            denied: set[Any] = {(a, t) for a, t, c in rec.calls.get(fn, []) if not allowed(statements, (a, t, c))}
+            denied |= {(a, r) for a, r in rec.other.get(fn, []) if not granted(grants, a, r)}
+            if denied:
+                out[(where, fn)] = sorted(denied, key=str)
+    return out
 
 
 @pytest.fixture
@@ -467,25 +506,9 @@ def test_every_call_every_function_makes_is_granted_in_both_deployments(agent_st
     env.put(env.state_event(new, "terminated"))
     env.pump()
 
-    judged = {"template.yaml": sam_statements, "infra/": terraform_statements}
-    refused: dict[tuple[str, str], list[tuple[str, str]]] = {}
-    for fn in ("ingest", "compute", "publish", "lifecycle", "perimeter", "agentapi", "admin", "wsconnect", "reconcile"):
+    fns = ("ingest", "compute", "publish", "lifecycle", "perimeter", "agentapi", "admin", "wsconnect", "reconcile")
+    for fn in fns:
         assert rec.calls.get(fn), f"{fn} made no DynamoDB call: the scenario misses it"
-        for where, statements_of in judged.items():
-            statements = statements_of(fn)
-            denied = sorted({(a, t) for a, t, c in rec.calls[fn] if not allowed(statements, (a, t, c))})
-            if denied:
-                refused[(where, fn)] = denied
-    assert not refused, refused
-
-    grants = {"template.yaml": sam_grants, "infra/": terraform_grants}
     seen = {a.split(":")[0] for calls in rec.other.values() for a, _ in calls}
     assert {"s3", "sqs", "ec2", "autoscaling"} <= seen, seen
-    missing: dict[tuple[str, str], list[tuple[str, str | None]]] = {}
-    for fn, calls in rec.other.items():
-        for where, grants_of in grants.items():
-            g = grants_of(fn)
-            denied = sorted({(a, r) for a, r in calls if not granted(g, a, r)}, key=str)
-            if denied:
-                missing[(where, fn)] = denied
-    assert not missing, missing
+    assert not refusals(rec, fns)

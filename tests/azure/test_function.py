@@ -21,6 +21,7 @@ from ringfence.local.eventgrid import arm_event
 from ringfence.local.lambdas import load_functions
 from tests.aws.conftest import ROOT, Env, LambdaContext, rest_answer
 from tests.aws.conftest import env as env  # the fixture
+from tests.aws.test_function_iam import Recorder, refusals
 
 from .conftest import OTHER_SUB, PROD_WEB, SECRET
 
@@ -53,7 +54,9 @@ def _call(fn: Any, body: list[dict[str, Any]], headers: list[tuple[str, str]]) -
 def test_the_azureevents_function_ingests_a_vm_write_into_the_aws_inventory(arm: ArmServer, azure_env: Env) -> None:
     env = azure_env
     env.provision_example_policy()
-    fn = load_functions(["azureevents"], ROOT / "functions")["azureevents"]
+    env.fn["azureevents"] = load_functions(["azureevents"], ROOT / "functions")["azureevents"]
+    recorded = Recorder(env)  # every AWS call it makes, judged against its role below
+    fn = env.fn["azureevents"]
     seed_vm(arm, "web-1", WEB, "10.20.1.4", PROD_WEB)
     write = arm_event(WRITE, vm_id("web-1"), "Microsoft.Compute/virtualMachines/write")
     notif = [("aeg-event-type", "Notification")]
@@ -72,6 +75,7 @@ def test_the_azureevents_function_ingests_a_vm_write_into_the_aws_inventory(arm:
     rec = env.store.get(WEB)
     assert rec is not None and rec.workload.cloud == "azure" and rec.labels["role"] == "web"
     assert any(WEB in m["Body"] for m in env.receive("compute"))
+    assert recorded.calls["azureevents"] and not refusals(recorded, ["azureevents"])
 
 
 def test_the_validation_handshake_answers_through_the_function(azure_env: Env) -> None:

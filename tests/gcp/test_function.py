@@ -13,6 +13,7 @@ from ringfence.local.gcp_project import gcp_environment
 from ringfence.local.lambdas import load_functions
 from tests.aws.conftest import ROOT, Env, LambdaContext, rest_answer
 from tests.aws.conftest import env as env  # the fixture
+from tests.aws.test_function_iam import Recorder, refusals
 from tests.gcp.conftest import web_vm
 
 
@@ -24,7 +25,9 @@ def test_the_gcpevents_function_ingests_a_pushed_insert_into_the_aws_inventory(
     for k, v in gcp_environment(gcp).items():
         monkeypatch.setenv(k, v)
     env.provision_example_policy()
-    fn = load_functions(["gcpevents"], ROOT / "functions")["gcpevents"]
+    env.fn["gcpevents"] = load_functions(["gcpevents"], ROOT / "functions")["gcpevents"]
+    rec = Recorder(env)  # every AWS call it makes, judged against its role below
+    fn = env.fn["gcpevents"]
     inst = web_vm(gcp, "10.50.0.5")
     body = push_body(audit_entry("v1.compute.instances.insert", inst))
 
@@ -38,9 +41,10 @@ def test_the_gcpevents_function_ingests_a_pushed_insert_into_the_aws_inventory(
     assert env.store.get(inst["id"]) is None
     status, answer = call([("Authorization", f"Bearer {push_token(gcp)}")])
     assert status == 200, answer
-    rec = env.store.get(inst["id"])
-    assert rec is not None and rec.workload.cloud == "gcp" and rec.labels["role"] == "web"
+    got = env.store.get(inst["id"])
+    assert got is not None and got.workload.cloud == "gcp" and got.labels["role"] == "web"
     assert any(inst["id"] in m["Body"] for m in env.receive("compute"))
+    assert rec.calls["gcpevents"] and not refusals(rec, ["gcpevents"])
 
 
 def test_the_aws_agent_api_function_enrolls_a_gcp_vm_with_gcp_jwt(
@@ -117,7 +121,9 @@ def test_the_scheduled_cloudreconcile_function_inventories_a_missed_vm_and_conve
     monkeypatch.setenv("RINGFENCE_PERIMETER_CONFIG", json.dumps({"admin_cidrs": ["10.255.0.0/24"]}))
     monkeypatch.setenv("RINGFENCE_GCP_PERIMETER", json.dumps({"env_tags": {"prod": "tagValues/401"}}))
     env.provision_example_policy()
-    fn = load_functions(["cloudreconcile"], ROOT / "functions")["cloudreconcile"]
+    env.fn["cloudreconcile"] = load_functions(["cloudreconcile"], ROOT / "functions")["cloudreconcile"]
+    recorded = Recorder(env)  # every AWS call it makes, judged against its role below
+    fn = env.fn["cloudreconcile"]
     inst = web_vm(gcp, "10.50.0.20")
     out = fn.handler(_scheduled(), LambdaContext())
     assert out["gcp"]["failed"] == {} and inst["id"] in out["gcp"]["changed"], out
@@ -129,3 +135,4 @@ def test_the_scheduled_cloudreconcile_function_inventories_a_missed_vm_and_conve
     assert any(r.get("targetSecureTags") == [{"name": "tagValues/401"}] for r in policy["rules"])
     again = fn.handler(_scheduled(), LambdaContext())
     assert again["gcp"] == {"changed": [], "failed": {}, "perimeter_writes": 0}, again
+    assert recorded.calls["cloudreconcile"] and not refusals(recorded, ["cloudreconcile"])
