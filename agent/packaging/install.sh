@@ -5,7 +5,8 @@
 #   sh install.sh --api-url https://rf.example.com --pairing-key-file /run/rf-pairing-key \
 #     --artifact-url https://rf.example.com/v1/agent/ringfence_agent-0.1.0-py3-none-any.whl \
 #     --artifact-sha256 <the sha256 `ringfence publish-agent` printed> \
-#     --public-key-url https://rf.example.com/agent/signing-key.pem
+#     --public-key-file /opt/ringfence/signing-key.pub.pem  # baked into the image (or --public-key-url
+#                                                          # of a copy you host: no agent-API route serves it)
 #
 # The agent comes from the artifact the stack publishes (`make agent-artifact`: a wheel of the
 # agent alone, no dependencies) and nowhere else: it is refused unless its SHA-256 is the one
