@@ -302,7 +302,7 @@ def test_both_deployments_refuse_gcp_secure_tags_trusted_under_any_parent() -> N
     rule = doc["Rules"]["GcpTagParentsWithSecureTags"]
     assert rule["Assertions"][0]["Assert"] == {"Not": [{"Equals": [{"Ref": "GcpTagParents"}, ""]}]}
     pattern = re.compile(doc["Parameters"]["GcpTagParents"]["AllowedPattern"])
-    for ok in ("", "organizations/123", "organizations/1,projects/22"):
+    for ok in ("", "organizations/123", "organizations/1,projects/22", "organizations/1, organizations/2"):
         assert pattern.fullmatch(ok), ok
     for bad in ("organizations/1,", ",organizations/1", "organizations/1 projects/2"):
         assert not pattern.fullmatch(bad), bad
@@ -310,7 +310,9 @@ def test_both_deployments_refuse_gcp_secure_tags_trusted_under_any_parent() -> N
         assert bool(pattern.fullmatch(one)) == bool(_TAG_PARENT.fullmatch(one)), one
     tf = (ROOT / "infra/modules/ringfence/variables.tf").read_text()
     gcp = tf[tf.index('variable "gcp"') : tf.index('variable "azure"')]
-    assert 'var.gcp.label_source == "labels"' in gcp and "var.gcp.tag_parents" in gcp and "validation" in gcp
+    assert 'var.gcp.label_source == "labels" && var.gcp.tag_parents == ""' in gcp and "validation" in gcp
+    form = "(organizations|projects)/[0-9]+(, ?(organizations|projects)/[0-9]+)*"
+    assert form in pattern.pattern and form in gcp, "both deployments check the same form"
 
 
 def test_no_function_may_put_delete_or_query_inventory_records_or_scan_the_state_table() -> None:

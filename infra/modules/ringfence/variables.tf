@@ -185,7 +185,7 @@ variable "gcp" {
   default = null
   validation {
     # secure tag keys under any parent would be trusted: a project owner can create one named like ours
-    condition     = var.gcp == null ? true : (var.gcp.label_source == "labels" || can(regex("^(organizations|projects)/[0-9]+(,(organizations|projects)/[0-9]+)*$", var.gcp.tag_parents)))
+    condition     = var.gcp == null ? true : ((var.gcp.label_source == "labels" && var.gcp.tag_parents == "") || can(regex("^(organizations|projects)/[0-9]+(, ?(organizations|projects)/[0-9]+)*$", var.gcp.tag_parents)))
     error_message = "gcp.tag_parents: organizations/ORGANIZATION_ID (or projects/NUMBER), comma-separated; required unless gcp.label_source is labels."
   }
 }
