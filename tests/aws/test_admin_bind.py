@@ -9,16 +9,15 @@ binding is how an administrator approves it when no tagger made the change."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
-from ringfence import serve
 from tests.aws.conftest import OPERATOR, Env
+from tests.aws.test_admin_authz import served_roles
 from tests.aws.test_governance import DEVELOPER, ESCALATION, governed_estate, retag, ssh_peers
+
+__all__ = ["served_roles"]  # the fixture, used by name
 
 AUTHORS = "arn:aws:iam::123456789012:role/PolicyAuthors"
 PAT = "arn:aws:sts::123456789012:assumed-role/PolicyAuthors/pat"  # a session of that role
@@ -145,20 +144,8 @@ def test_no_active_policy_refuses_a_binding(env: Env) -> None:
 # --- ringfence serve: the same route, roles on admin tokens ---------------------------------------
 
 
-@pytest.fixture
-def served(env: Env, tmp_path: Path, aws_wiring: Callable[[], Any]) -> Iterator[tuple[str, dict[str, str]]]:
-    tokens, lines = {}, []
-    for who, roles in {"ann": ["policy-author"], "ivan": ["incident-responder"], "rita": ["reader"]}.items():
-        tokens[who], line = serve.new_admin_token(who, roles)
-        lines.append(line)
-    path = tmp_path / "admin-tokens"
-    path.write_text("\n".join(lines) + "\n")
-    with serve.serving(serve.ServeApp.over(aws_wiring(), serve.AdminTokens.load(path))) as running:
-        yield running.url, tokens
-
-
-def test_serve_binds_for_a_policy_author_token_only(env: Env, served: tuple[str, dict[str, str]]) -> None:
-    url, tok = served
+def test_serve_binds_for_a_policy_author_token_only(env: Env, served_roles: tuple[str, dict[str, str]]) -> None:
+    url, tok = served_roles
     est = held_estate(env)
     dev = est["dev"]
     before = env.store.get(dev)
