@@ -351,3 +351,30 @@ def test_no_function_may_put_delete_or_query_inventory_records_or_scan_the_state
                 m = re.search(r"aws_dynamodb_table\.(\w+)\.arn", str(r))
                 if m:
                     assert not (set(st["actions"]) & tf_unused.get(m.group(1), set())), (fn, m.group(1), st["actions"])
+
+
+def test_member_roles_are_assumed_only_in_the_named_organization_in_both_deployments() -> None:
+    """With the members' organization named, every function that may assume the member role may
+    assume it only in that organization's accounts (aws:ResourceOrgID), in SAM and Terraform."""
+    doc = template()
+    assert re.fullmatch(doc["Parameters"]["MemberOrganizationId"]["AllowedPattern"], "o-abcdefghij12")
+    assert not re.fullmatch(doc["Parameters"]["MemberOrganizationId"]["AllowedPattern"], "123456789012")
+    assuming = 0
+    for name, r in doc["Resources"].items():
+        if r.get("Type") != "AWS::Serverless::Function":
+            continue
+        for st in r["Properties"].get("Policies", [{}])[0].get("Statement", []):
+            if isinstance(st, dict) and st.get("Action") == ["sts:AssumeRole"]:
+                assuming += 1
+                cond = {"StringEquals": {"aws:ResourceOrgID": {"Ref": "MemberOrganizationId"}}}
+                assert st.get("Condition") == {"If": ["WithMemberOrg", cond, {"Ref": "AWS::NoValue"}]}, name
+    assert assuming == 5
+    lam = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/lambda.tf").read_text()))
+    loc: dict[str, Any] = {}
+    for block in lam.get("locals", []):
+        loc.update(block)
+    assume = loc["assume"]
+    assert assume["actions"] == ["sts:AssumeRole"]
+    assert "aws:ResourceOrgID" in str(assume["conditions"]) and "var.member_organization_id" in str(
+        assume["conditions"]
+    )

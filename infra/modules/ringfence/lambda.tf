@@ -123,11 +123,16 @@ locals {
     cloudreconcile = concat(aws_lambda_layer_version.azure[*].arn, aws_lambda_layer_version.gcp[*].arn)
   }
 
-  member_roles  = "arn:${local.partition}:iam::*:role/${var.member_role_name}"
-  sg_arn        = "arn:${local.partition}:ec2:${local.region}:${local.account}:security-group/*"
-  kms_use       = { actions = ["kms:Decrypt", "kms:GenerateDataKey"], resources = [aws_kms_key.this.arn] }
-  describe      = { actions = ["ec2:DescribeInstances"], resources = ["*"] }
-  assume        = { actions = ["sts:AssumeRole"], resources = [local.member_roles] }
+  member_roles = "arn:${local.partition}:iam::*:role/${var.member_role_name}"
+  sg_arn       = "arn:${local.partition}:ec2:${local.region}:${local.account}:security-group/*"
+  kms_use      = { actions = ["kms:Decrypt", "kms:GenerateDataKey"], resources = [aws_kms_key.this.arn] }
+  describe     = { actions = ["ec2:DescribeInstances"], resources = ["*"] }
+  assume = {
+    actions   = ["sts:AssumeRole"]
+    resources = [local.member_roles]
+    # with the members' organization named: its accounts' roles only
+    conditions = var.member_organization_id == "" ? [] : [{ test = "StringEquals", variable = "aws:ResourceOrgID", values = [var.member_organization_id] }]
+  }
   policies_read = { actions = ["s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/policies/*"] }
   async_dlq     = { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.async_dlq.arn] }
 

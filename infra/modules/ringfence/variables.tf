@@ -59,6 +59,16 @@ variable "member_role_name" {
   default     = "ringfence-member-readonly"
 }
 
+variable "member_organization_id" {
+  description = "The AWS Organizations id (o-...) of the member accounts: the functions may then assume member_role_name only in that organization's accounts (aws:ResourceOrgID); empty: in any account whose role trusts them."
+  type        = string
+  default     = ""
+  validation {
+    condition     = can(regex("^(o-[a-z0-9]{10,32})?$", var.member_organization_id))
+    error_message = "member_organization_id: an organization id, o- and 10 to 32 lower-case letters or digits, or empty."
+  }
+}
+
 variable "offline_after_seconds" {
   description = "Agent silence after which a workload leaves its peers' sets."
   type        = number
