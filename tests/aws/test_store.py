@@ -207,8 +207,11 @@ def test_nonces_and_claims_are_single_use(store: Store) -> None:
     assert store.burn_nonce("n1") and not store.burn_nonce("n1") and not store.burn_nonce("never-issued")
     store.put_nonce("old", -1)
     assert not store.burn_nonce("old")
+    assert not store.claimed("iid#i-1#t")
     assert store.claim_once("iid#i-1#t", 60) and not store.claim_once("iid#i-1#t", 60)
+    assert store.claimed("iid#i-1#t") and not store.claimed("iid#i-3#t"), "a read, claiming nothing"
     assert store.claim_once("iid#i-2#t", 60)
+    assert store.claim_once("spent", -1) and not store.claimed("spent"), "an expired claim is no claim"
 
 
 def test_tokens_name_their_workload_until_they_expire(store: Store) -> None:

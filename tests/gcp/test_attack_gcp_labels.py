@@ -326,3 +326,32 @@ def test_attack_gcp_a_taggers_entry_replayed_approves_once(gcp: GcpApi, wiring: 
     rec = wiring.store.get(inst["id"])
     assert rec is not None and rec.labels["role"] == "web" and rec.workload.held_labels is not None
     assert any("approved a move already" in a.reason for a in audits(wiring, "label.unconfirmed", inst["id"]))
+
+
+def test_a_taggers_approval_that_failed_to_be_stored_is_approved_when_redelivered(
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An entry is spent only once its approval is stored: when recording the VM fails after the
+    entry was confirmed (the compute API unavailable: 503), Pub/Sub's redelivery still approves."""
+    from google.api_core.exceptions import ServiceUnavailable
+
+    ingest = GcpIngest(wiring, gcp_config(gcp))
+    inst = web_vm(gcp, "10.20.2.42")
+    deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", inst))
+    entry = bind_tag_as(gcp, TAGGER, inst, "ringfence-role", "jumpbox")
+    real, failures = ingest.observe, [1]
+
+    def unavailable_once(*args: Any, **kwargs: Any) -> Any:
+        if failures[0]:
+            failures[0] -= 1
+            raise ServiceUnavailable("compute API: 503")  # type: ignore[no-untyped-call]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ingest, "observe", unavailable_once)
+    status, body = post(ingest, push_body(entry), push_token(gcp))
+    assert status == 503, body
+    status, body = post(ingest, push_body(entry), push_token(gcp))  # the redelivery
+    assert status == 200, body
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.labels["role"] == "jumpbox" and rec.workload.held_labels is None
+    assert not audits(wiring, "label.unconfirmed", inst["id"])

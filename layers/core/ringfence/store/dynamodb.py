@@ -503,6 +503,10 @@ class DynamoStore:
             raise
         return True
 
+    def claimed(self, key: str) -> bool:
+        item = self._get(f"once#{key}", "once")
+        return item is not None and int(item.get("ttl", 0)) >= time.time()  # TTL deletion lags
+
     def claim_once(self, key: str, ttl: int) -> bool:
         try:
             self.state.put_item(

@@ -534,6 +534,10 @@ class SqliteStore:
             cur = db.execute("DELETE FROM nonce WHERE nonce = ? AND expires >= ?", (nonce, time.time()))
             return cur.rowcount == 1
 
+    def claimed(self, key: str) -> bool:
+        row = self._db().execute("SELECT 1 FROM claim WHERE key = ? AND expires >= ?", (key, time.time())).fetchone()
+        return row is not None
+
     def claim_once(self, key: str, ttl: int) -> bool:
         now = time.time()
         with self._tx() as db:

@@ -145,13 +145,14 @@ class GcpIngest:
         if ev.group:
             self.metric("GroupLaunches", 1)
             log.info("%s %s/%s: made by managed instance group %s", ev.action.value, ev.zone, ev.instance, ev.group)
+        confirmed = False
         if said is None:
             change = TagChange(ev.principal, None)  # unattributed: approves nothing
         else:
             change = TagChange(said.principal, self.requested_tags(said.action, said.requested))
             if self.would_approve(change):
                 try:
-                    change = self.confirm(project, said, change)
+                    change, confirmed = self.confirm(project, said, change)
                 except Exception:
                     if said is not ev and ev.operation:  # the redelivered last entry finds it again
                         with self._pending_lock:
@@ -159,6 +160,10 @@ class GcpIngest:
                     raise
         names = {ev.instance: ev.instance_name} if ev.instance_name else None
         changed = self.observe(project, ev.zone, [ev.instance], names=names, change=change, event_id=ev.event_id)
+        if confirmed and said is not None:
+            # spent only once its approval is stored: a delivery that failed before is redelivered
+            # and approves; a replay (the entry published again later) finds it spent
+            self.w.store.claim_once(_spent(said), int(CONFIRM_MAX_AGE) + 60)
         res.changed = sorted(changed)
         if changed:
             self.w.enqueue_compute(res.changed)
@@ -196,21 +201,23 @@ class GcpIngest:
                     return True
         return False
 
-    def confirm(self, project: str, said: GcpEvent, claimed: TagChange) -> TagChange:
+    def confirm(self, project: str, said: GcpEvent, claimed: TagChange) -> tuple[TagChange, bool]:
         """The change as Cloud Logging has it: the entry ``said`` (pushed, its principal a tagger's)
         read back by its log, ``insertId`` and time, and the caller and request *as logged* returned.
-        An entry that cannot be confirmed (not logged, another call, too old) approves nothing: the
-        returned change names no principal, and an audit record says why. A Logging API that cannot
-        be read raises (the push is answered 503 and redelivered)."""
+        An entry that cannot be confirmed (not logged, too old, spent by an approval already)
+        approves nothing: the returned change names no principal, and an audit record says why; one
+        logged as another caller's call is returned as that (governed as theirs). True with the
+        change only when the entry is confirmed as claimed. A Logging API that cannot be read
+        raises (the push is answered 503 and redelivered)."""
         logged, why = self._read_back(project, said)
         if logged is not None:
             change = TagChange(logged.principal, self.requested_tags(logged.action, logged.requested))
             if logged.principal == claimed.principal and change.requested == claimed.requested:
                 # one entry approves once: replayed within the hour (after its move was undone and
                 # the value set again by someone else) it is what a replay is, and approves nothing
-                if self.w.store.claim_once(f"confirmed#{logged.event_id}", int(CONFIRM_MAX_AGE) + 60):
+                if not self.w.store.claimed(_spent(said)):
                     self.metric("ApprovalsConfirmed", 1)
-                    return change
+                    return change, True
                 why = "this entry has approved a move already: a replay approves nothing"
                 logged = None
             else:
@@ -238,7 +245,7 @@ class GcpIngest:
                 reason=f"the pushed audit entry approves nothing: {why}",
             )
         )
-        return change
+        return change, False
 
     def _read_back(self, project: str, said: GcpEvent) -> tuple[GcpEvent | None, str]:
         """The entry as logged (and ""), or None and why it is not confirmed."""
@@ -366,3 +373,8 @@ class GcpIngest:
         if changed:
             self.w.enqueue_compute(sorted(changed))
         return changed
+
+
+def _spent(entry: GcpEvent) -> str:
+    """The claim an audit entry's approval leaves (:meth:`GcpIngest.apply`)."""
+    return f"confirmed#{entry.event_id}"
