@@ -29,7 +29,7 @@ from tests.aws.conftest import Env, LambdaContext
 from tests.aws.test_agent_api import give_instance_profile, sts_request
 from tests.aws.test_lifecycle_gate import heartbeat, launch
 from tests.aws.test_pipeline import _scheduled, enroll_instance
-from tests.aws.test_static import template, unquote
+from tests.aws.test_static import cfn_conditions, template, tf_conditions, unquote
 
 ROOT = Path(__file__).resolve().parents[2]
 TABLES = {f"rf-{t}": t for t in ("state", "inventory", "audit", "idempotency")}
@@ -76,7 +76,7 @@ def sam_statements(fn: str = "agentapi") -> list[Statement]:
             }
             conds = [
                 (op, key, v if isinstance(v, list) else [v])
-                for op, kv in st.get("Condition", {}).items()
+                for op, kv in cfn_conditions(st).items()
                 for key, v in kv.items()
             ]
             out.append((set(st["Action"]), tables, conds))
@@ -107,7 +107,7 @@ def terraform_statements(fn: str = "agentapi") -> list[Statement]:
         if not isinstance(st, dict):
             continue  # a shared local (describe, assume, kms)
         tables = {m for r in st["resources"] for m in re.findall(r"aws_dynamodb_table\.(\w+)\.arn", str(r))}
-        given = [loc[c[2:-1].removeprefix("local.")] if isinstance(c, str) else c for c in st.get("conditions", [])]
+        given = [loc[c[2:-1].removeprefix("local.")] if isinstance(c, str) else c for c in tf_conditions(st)]
         conds = [(c["test"], c["variable"], list(c["values"])) for c in given]
         out.append((set(st["actions"]), tables, conds))
     return out

@@ -16,7 +16,7 @@ from typing import Any
 import hcl2
 
 from ringfence.clouds.aws.sg import TAG
-from tests.aws.test_static import ROOT, template, unquote
+from tests.aws.test_static import ROOT, cfn_conditions, template, tf_conditions, unquote
 
 ACCOUNT, REGION = "123456789012", "ca-central-1"
 MANAGED = f"arn:aws:ec2:{REGION}:{ACCOUNT}:vpc/vpc-managed"
@@ -80,9 +80,7 @@ def sam_role() -> list[Statement]:
     out = []
     for st in fn["Policies"][0]["Statement"]:
         conds = [
-            (op, key, _cfn_value(vals))
-            for op, clauses in st.get("Condition", {}).items()
-            for key, vals in clauses.items()
+            (op, key, _cfn_value(vals)) for op, clauses in cfn_conditions(st).items() for key, vals in clauses.items()
         ]
         out.append(Statement(_cfn_value(st["Action"]), _cfn_value(st["Resource"]), conds))
     return out
@@ -115,7 +113,7 @@ def terraform_role() -> list[Statement]:
     for st in loc["statements"]["perimeter"]:
         st = resolve(st)
         resources = st["resources"] if isinstance(st["resources"], list) else [st["resources"]]
-        conds = [(c["test"], c["variable"], c["values"]) for c in st.get("conditions", [])]
+        conds = [(c["test"], c["variable"], c["values"]) for c in tf_conditions(st)]
         out.append(Statement(st["actions"], resources, conds))
     return out
 
