@@ -135,3 +135,41 @@ def _allowed_in(doc: dict[str, Any], ip: str) -> bool:
     rules = [r for r in doc["inbound"] if r["action"] == "allow"]
     names = {r["set"] for r in rules} | {m["set"] for r in rules for m in r.get("members") or []}
     return any(f"{ip}/32" in s["v4"] for n, s in doc["sets"].items() if n in names)
+
+
+def test_an_agent_enrolling_before_its_launch_is_ingested_enforces_once_ingest_records_it(
+    env: Env, control_plane: str, imds: tuple[str, dict[str, str]], tmp_path: Path, agent_process: Any
+) -> None:
+    """The AWS agent API writes no inventory record (its role may not): an agent whose instance's
+    launch event has not reached ingest yet is enrolled, but its token opens nothing, so it keeps
+    retrying (fail-safe posture, no bundle). Once the event is ingested it gets its bundle."""
+    est = boot(env)
+    new = est["run"]("processing", est["subnets"]["app"], 1)[0]  # running in EC2, its event not yet sent
+    assert env.store.get(new) is None
+    imds_url, instance_at = imds
+    instance_at["127.0.0.1"] = new
+    pub = tmp_path / "signing.pub.pem"
+    pub.write_bytes(env.signing_key.public_pem())
+    agent = agent_process(
+        tmp_path,
+        workload_id=new,
+        public_key=pub,
+        api_url=control_plane,
+        enroll={"method": "aws-iid", "imds_url": imds_url},
+        clean_env=True,
+        report_interval=60,
+        backoff_max=2,
+    )
+    state, log = agent.state, agent.log
+    try:
+        wait_until(lambda: env.store.agent_key(new), 20, "the agent enrolled (its key bound)", log)
+        time.sleep(2)
+        assert agent_status(state).get("applied_revision") is None, "no bundle before it is recorded"
+        assert env.store.get(new) is None, "the agent API recorded nothing"
+        env.put(env.state_event(new, "running"))
+        env.pump()
+        version = env.bundle(new).version
+        wait_until(lambda: agent_status(state).get("applied_revision") == version, 30, "its bundle", log)
+        assert agent.poll() is None, log.read_text()
+    finally:
+        agent.stop()
