@@ -56,66 +56,13 @@ _WORDS = {"SET", "REMOVE", "ADD", "DELETE", "AND", "OR", "NOT", "BETWEEN", "IN"}
 _FUNCTIONS = {"attribute_exists", "attribute_not_exists", "attribute_type", "begins_with", "contains", "size"}
 _FUNCTIONS |= {"if_not_exists", "list_append"}
 
-Statement = tuple[set[str], set[str], list[tuple[str, str, list[str]]]]  # actions, tables, conditions
+# action patterns, resources ("*", "table:<name>", "s3:<key pattern>", "s3bucket", "flowlogs:<key
+# pattern>", other), conditions
+Statement = tuple[set[str], set[str], list[tuple[str, str, list[str]]]]
 Request = tuple[str, str, dict[str, list[str]]]  # action, table, condition context
 
 
 # --- the deployed statements ---------------------------------------------------------------------
-
-
-def sam_statements(fn: str = "agentapi") -> list[Statement]:
-    res = template()["Resources"]
-    out: list[Statement] = []
-    for policy in res[SAM[fn]]["Properties"].get("Policies", []):
-        for st in policy.get("Statement", []) if isinstance(policy, dict) else []:
-            if not isinstance(st, dict) or st.get("Effect") != "Allow":
-                continue  # an !If (SIEM) names no table
-            targets = st["Resource"] if isinstance(st["Resource"], list) else [st["Resource"]]
-            tables = {
-                t["GetAtt"].removesuffix("Table.Arn").lower() for t in targets if isinstance(t, dict) and "GetAtt" in t
-            }
-            conds = [
-                (op, key, v if isinstance(v, list) else [v])
-                for op, kv in cfn_conditions(st).items()
-                for key, v in kv.items()
-            ]
-            out.append((set(st["Action"]), tables, conds))
-    return out
-
-
-_TF_STATEMENT = re.compile(
-    r"\{actions = (\[[^\]]*\]), resources = (\[[^\]]*\]|local\.\w+)(?:, conditions = (\[.*?\]))?\}"
-)
-_TF_CONDITION = re.compile(r'test = "([^"]+)", variable = "([^"]+)", values = (\[[^\]]*\])')
-
-
-def terraform_statements(fn: str = "agentapi") -> list[Statement]:
-    lam = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/lambda.tf").read_text()))
-    loc: dict[str, Any] = {}
-    for block in lam.get("locals", []):
-        loc.update(block)
-    out: list[Statement] = []
-    listed = loc["statements"][fn]
-    if isinstance(listed, str):  # concat([...], ...): python-hcl2 keeps the expression's text
-        for actions, resources, conditions in _TF_STATEMENT.findall(listed):
-            conds = [(t, v, json.loads(vals)) for t, v, vals in _TF_CONDITION.findall(conditions or "")]
-            tables = set(re.findall(r"aws_dynamodb_table\.(\w+)\.arn", resources))
-            out.append((set(json.loads(actions)), tables, conds))
-        assert out, f"no statement read from {fn}'s concat"
-        return out
-    for st in listed:
-        if not isinstance(st, dict):
-            continue  # a shared local (describe, assume, kms)
-        tables = {m for r in st["resources"] for m in re.findall(r"aws_dynamodb_table\.(\w+)\.arn", str(r))}
-        given = [loc[c[2:-1].removeprefix("local.")] if isinstance(c, str) else c for c in tf_conditions(st)]
-        conds = [(c["test"], c["variable"], list(c["values"])) for c in given]
-        out.append((set(st["actions"]), tables, conds))
-    return out
-
-
-# --- every service: the actions granted, and on which of the bucket's prefixes --------------------
-
-Grant = tuple[set[str], set[str]]  # action patterns, resources ("*", "s3:<key pattern>", "s3bucket", other)
 
 
 def _sam_resource(t: Any) -> str:
@@ -123,6 +70,9 @@ def _sam_resource(t: Any) -> str:
         return "*"
     if isinstance(t, dict) and "If" in t:  # a resource only under a condition: its Then branch
         t = t["If"][1]
+    att = t.get("GetAtt") if isinstance(t, dict) else None
+    if isinstance(att, str) and att.endswith("Table.Arn"):
+        return "table:" + att.removesuffix("Table.Arn").lower()
     sub = t.get("Sub") if isinstance(t, dict) else None
     if isinstance(sub, str) and "${FlowLogBucketName}/" in sub:
         return "flowlogs:" + sub.split("${FlowLogBucketName}/", 1)[1]
@@ -132,9 +82,10 @@ def _sam_resource(t: Any) -> str:
     return f"other:{t}"
 
 
-def sam_grants(fn: str) -> list[Grant]:
-    """Every Allow statement of the function's role (both branches of an !If)."""
-    out: list[Grant] = []
+def sam_statements(fn: str = "agentapi") -> list[Statement]:
+    """Every Allow statement of the function's role (an !If's Then branch: as deployed with its
+    parameter set)."""
+    out: list[Statement] = []
     for policy in template()["Resources"][SAM[fn]]["Properties"].get("Policies", []):
         for st in policy.get("Statement", []) if isinstance(policy, dict) else []:
             if isinstance(st, dict) and "If" in st:
@@ -143,14 +94,28 @@ def sam_grants(fn: str) -> list[Grant]:
                 continue
             actions = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
             targets = st["Resource"] if isinstance(st["Resource"], list) else [st["Resource"]]
-            out.append((set(actions), {_sam_resource(t) for t in targets}))
+            conds = [
+                (op, key, v if isinstance(v, list) else [v])
+                for op, kv in cfn_conditions(st).items()
+                for key, v in kv.items()
+            ]
+            out.append((set(actions), {_sam_resource(t) for t in targets}, conds))
     return out
+
+
+_TF_STATEMENT = re.compile(
+    r"\{actions = (\[[^\]]*\]), resources = (\[[^\]]*\]|local\.\w+)(?:, conditions = (\[.*?\]))?\}"
+)
+_TF_CONDITION = re.compile(r'test = "([^"]+)", variable = "([^"]+)", values = (\[[^\]]*\])')
 
 
 def _tf_resource(r: str) -> str:
     r = r.strip().strip('"')
     if r == "*":
         return "*"
+    table = re.search(r"aws_dynamodb_table\.(\w+)\.arn", r)
+    if table:
+        return "table:" + table[1]
     if "${var.flow_log_bucket_name}/" in r:
         return "flowlogs:" + r.split("${var.flow_log_bucket_name}/", 1)[1]
     m = re.fullmatch(r"\$?\{?aws_s3_bucket\.bundles\.arn\}?(/.*)?", r)
@@ -159,38 +124,40 @@ def _tf_resource(r: str) -> str:
     return f"other:{r}"
 
 
-def terraform_grants(fn: str) -> list[Grant]:
+def terraform_statements(fn: str = "agentapi") -> list[Statement]:
     """Every statement of the function's role in infra/ (shared locals resolved)."""
     lam = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/lambda.tf").read_text()))
     loc: dict[str, Any] = {}
     for block in lam.get("locals", []):
         loc.update(block)
+
+    def local(ref: Any) -> Any:
+        return loc[ref[2:-1].removeprefix("local.")] if isinstance(ref, str) and ref.startswith("${local.") else ref
+
     listed = loc["statements"][fn]
+    out: list[Statement] = []
     blocks: list[dict[str, Any]] = []
     if isinstance(listed, str):  # concat([...], ...): python-hcl2 keeps the expression's text
-        for actions, resources, _ in _TF_STATEMENT.findall(listed):
-            blocks.append(
-                {"actions": json.loads(actions), "resources": re.findall(r'"[^"]*"|[\w.${}/*-]+', resources[1:-1])}
-            )
-        blocks += [loc[name] for name in re.findall(r"local\.(\w+)", listed) if isinstance(loc.get(name), dict)]
+        for actions, resources, conditions in _TF_STATEMENT.findall(listed):
+            conds = [(t, v, json.loads(vals)) for t, v, vals in _TF_CONDITION.findall(conditions or "")]
+            items = re.findall(r'"[^"]*"|[\w.${}/*-]+', resources[1:-1]) if resources.startswith("[") else []
+            out.append((set(json.loads(actions)), {_tf_resource(r) for r in items}, conds))
+        assert out, f"no statement read from {fn}'s concat"
+        blocks = [loc[name] for name in re.findall(r"local\.(\w+)", listed) if isinstance(loc.get(name), dict)]
     else:
-        for st in listed:
-            if isinstance(st, str) and st.startswith("${local."):
-                st = loc[st[2:-1].removeprefix("local.")]
-            if isinstance(st, dict):
-                blocks.append(st)
-    out: list[Grant] = []
+        blocks = [b for b in map(local, listed) if isinstance(b, dict)]
     for b in blocks:
         res = b["resources"]  # a list, or a concat(...) expression's text: its quoted ARNs
         items = res if isinstance(res, list) else re.findall(r'"([^"]*)"', res)
-        out.append((set(b["actions"]), {_tf_resource(str(r)) for r in items}))
+        conds = [(c["test"], c["variable"], list(c["values"])) for c in map(local, tf_conditions(b))]
+        out.append((set(b["actions"]), {_tf_resource(str(r)) for r in items}, conds))
     return out
 
 
-def granted(grants: list[Grant], action: str, resource: str | None) -> bool:
+def granted(statements: list[Statement], action: str, resource: str | None) -> bool:
     """Some statement grants the action (patterns as IAM matches them) on the resource; None: the
     resource is not judged here (queues, instances, keys: their ARNs are the deployment's)."""
-    for actions, resources in grants:
+    for actions, resources, _ in statements:
         if not any(fnmatch.fnmatchcase(action, a) for a in actions):
             continue
         if resource is None or "*" in resources or any(fnmatch.fnmatchcase(resource, r) for r in resources):
@@ -226,9 +193,10 @@ def action_of(
 
 
 def allowed(statements: list[Statement], request: Request) -> bool:
+    """A DynamoDB request is granted on its table, its conditions holding for its context."""
     action, table, context = request
-    for actions, tables, conds in statements:
-        if f"dynamodb:{action}" not in actions or table not in tables:
+    for actions, resources, conds in statements:
+        if f"dynamodb:{action}" not in actions or f"table:{table}" not in resources:
             continue
         if all(_holds(op, key, values, context) for op, key, values in conds):
             return True
@@ -341,13 +309,10 @@ def refusals(rec: Recorder, fns: Iterable[str]) -> dict[tuple[str, str], list[An
     """What each function called that its role is not granted, per deployment (empty: all granted)."""
     out: dict[tuple[str, str], list[Any]] = {}
     for fn in fns:
-        for where, statements_of, grants_of in (
-            ("template.yaml", sam_statements, sam_grants),
-            ("infra/", terraform_statements, terraform_grants),
-        ):
-            statements, grants = statements_of(fn), grants_of(fn)
+        for where, statements_of in (("template.yaml", sam_statements), ("infra/", terraform_statements)):
+            statements = statements_of(fn)
             denied: set[Any] = {(a, t) for a, t, c in rec.calls.get(fn, []) if not allowed(statements, (a, t, c))}
-            denied |= {(a, r) for a, r in rec.other.get(fn, []) if not granted(grants, a, r)}
+            denied |= {(a, r) for a, r in rec.other.get(fn, []) if not granted(statements, a, r)}
             if denied:
                 out[(where, fn)] = sorted(denied, key=str)
     return out
@@ -451,18 +416,19 @@ def test_the_evaluator_reads_the_keys_of_each_kind_of_write() -> None:
         ("BatchWriteItem", "state", {"dynamodb:LeadingKeys": ["a#1"], "dynamodb:Attributes": ["pk", "sk"]})
     ]
     # grants by action and the bucket's prefix: the agent API reads the key, never writes a bundle
-    for grants_of in (sam_grants, terraform_grants):
-        api = grants_of("agentapi")
+    for statements_of in (sam_statements, terraform_statements):
+        api = statements_of("agentapi")
         assert granted(api, "s3:GetObject", "s3:keys/bundle-signing.pub.pem")
         assert granted(api, "s3:PutObject", "s3:reports/i-1/x.json")
         assert not granted(api, "s3:PutObject", "s3:bundles/i-1/1.json")
         assert not granted(api, "kms:Sign", None) and not granted(api, "autoscaling:CompleteLifecycleAction", None)
-        assert granted(grants_of("compute"), "autoscaling:CompleteLifecycleAction", None)
+        assert granted(statements_of("compute"), "autoscaling:CompleteLifecycleAction", None)
     assert action_of("s3", "HeadObject", {"Bucket": "b", "Key": "k"}, "b") == ("s3:GetObject", "s3:k")
     assert action_of("s3", "GetObject", {"Bucket": "logs", "Key": "k"}, "b")[1] == "other-bucket:logs"
     with pytest.raises(AssertionError, match="not evaluated"):
         allowed(
-            [({"dynamodb:BatchWriteItem"}, {"state"}, [("StringEqualsIfExists", "dynamodb:Select", ["x"])])], batch[0]
+            [({"dynamodb:BatchWriteItem"}, {"table:state"}, [("StringEqualsIfExists", "dynamodb:Select", ["x"])])],
+            batch[0],
         )
 
 
