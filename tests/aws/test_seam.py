@@ -57,6 +57,33 @@ def imds(env: Env) -> Iterator[tuple[str, dict[str, str]]]:
         yield url, instance_at
 
 
+def seam_agent(
+    env: Env,
+    agent_process: Any,
+    tmp_path: Path,
+    url: str,
+    imds: tuple[str, dict[str, str]],
+    instance: str,
+    **overrides: Any,
+) -> Any:
+    """The real agent of ``instance`` (its IMDS stand-in says so to loopback callers), pinning the
+    stack's signing key, enrolling with aws-iid against ``url``."""
+    imds_url, instance_at = imds
+    instance_at["127.0.0.1"] = instance
+    pub = tmp_path / "signing.pub.pem"
+    pub.write_bytes(env.signing_key.public_pem())
+    return agent_process(
+        tmp_path,
+        workload_id=instance,
+        public_key=pub,
+        api_url=url,
+        enroll={"method": "aws-iid", "imds_url": imds_url},
+        clean_env=True,
+        report_interval=60,
+        **overrides,
+    )
+
+
 def test_agent_enrolls_follows_a_tag_change_by_delta_and_a_quarantine_by_push(
     env: Env, control_plane: str, imds: tuple[str, dict[str, str]], tmp_path: Path, agent_process: Any
 ) -> None:
@@ -69,19 +96,7 @@ def test_agent_enrolls_follows_a_tag_change_by_delta_and_a_quarantine_by_push(
     env.pump()
     assert not _allowed_in(env.bundle(proc).model_dump(mode="json"), ip_of(env, typo))
 
-    imds_url, instance_at = imds
-    instance_at["127.0.0.1"] = proc  # the agent below is this instance: its IMDS tells it so
-    pub = tmp_path / "signing.pub.pem"
-    pub.write_bytes(env.signing_key.public_pem())
-    agent = agent_process(
-        tmp_path,
-        workload_id=proc,
-        public_key=pub,
-        api_url=url,
-        enroll={"method": "aws-iid", "imds_url": imds_url},
-        clean_env=True,
-        report_interval=60,
-    )
+    agent = seam_agent(env, agent_process, tmp_path, url, imds, proc)
     state, log = agent.state, agent.log
     try:
         # enrollment and the first bundle
@@ -146,20 +161,7 @@ def test_an_agent_enrolling_before_its_launch_is_ingested_enforces_once_ingest_r
     est = boot(env)
     new = est["run"]("processing", est["subnets"]["app"], 1)[0]  # running in EC2, its event not yet sent
     assert env.store.get(new) is None
-    imds_url, instance_at = imds
-    instance_at["127.0.0.1"] = new
-    pub = tmp_path / "signing.pub.pem"
-    pub.write_bytes(env.signing_key.public_pem())
-    agent = agent_process(
-        tmp_path,
-        workload_id=new,
-        public_key=pub,
-        api_url=control_plane,
-        enroll={"method": "aws-iid", "imds_url": imds_url},
-        clean_env=True,
-        report_interval=60,
-        backoff_max=2,
-    )
+    agent = seam_agent(env, agent_process, tmp_path, control_plane, imds, new, backoff_max=2)
     state, log = agent.state, agent.log
     try:
         wait_until(lambda: env.store.agent_key(new), 20, "the agent enrolled (its key bound)", log)
