@@ -15,7 +15,6 @@ from google.api_core.exceptions import ServiceUnavailable, from_http_response
 
 from .clients import RETRY, Endpoints
 
-ACTIVITY_LOG = "cloudaudit.googleapis.com%2Factivity"
 _ACTIVITY = re.compile(r"^projects/([a-z0-9][a-z0-9.:-]{0,99})/logs/cloudaudit\.googleapis\.com%2Factivity$")
 WINDOW = timedelta(seconds=1)  # the read asks for entries this close to the claimed time
 TIMEOUT = 10.0
