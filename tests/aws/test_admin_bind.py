@@ -12,10 +12,12 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.aws.conftest import OPERATOR, Env
 from tests.aws.test_admin_authz import served_roles
 from tests.aws.test_governance import DEVELOPER, ESCALATION, governed_estate, retag, ssh_peers
+from tests.aws.test_pipeline import _ctx, _scheduled
 
 __all__ = ["served_roles"]  # the fixture, used by name
 
@@ -208,3 +210,45 @@ def test_a_binding_racing_newer_observations_is_reapplied_or_refused_never_lost(
     assert len(bindings(env)) == audited, "nothing audited as bound"
     rec = env.store.get(dev)
     assert rec.workload.label_grants == {"role": "jumpbox"} and rec.workload.held_labels is not None
+
+
+@pytest.mark.parametrize("writer", ["ingest", "reconcile"])
+def test_a_binding_landing_while_ingest_or_reconcile_decides_is_kept(env: Env, writer: str) -> None:
+    """The opposite order: ingest (an instance event) or a reconcile pass reads the held record,
+    an administrator's binding lands, then the function writes its newer observation, decided
+    without the grant. That write is refused (the record's governance moved), read again and
+    decided again: the grant stays, the hold it cleared stays lifted, and compute gives the
+    bound jumpbox its SSH access. Before, the observation overwrote the grant and the hold came
+    back, with the binding audited and answered as done."""
+    est = held_estate(env)
+    dev = est["dev"]
+    env.bind(AUTHORS, ["policy-author"])
+    answers: list[tuple[int, Any]] = []
+    inside = [False]
+
+    def bind_first(params: dict[str, Any], **_: Any) -> None:
+        key = params.get("Key", {}).get("id")
+        if inside[0] or answers or params.get("TableName") != "rf-inventory" or key not in (dev, {"S": dev}):
+            return
+        if "workload = :w" not in str(params.get("UpdateExpression")):
+            return
+        inside[0] = True
+        try:  # the function has read the record and decided: now the administrator binds
+            answers.append(bind(env, dev, {"labels": GRANT, "reason": "CHG-10 bastion"}))
+        finally:
+            inside[0] = False
+
+    env.load_functions()  # cold starts: the handlers' clients, made after the hook, carry it
+    env.hook("before-parameter-build.dynamodb.UpdateItem", bind_first)
+    if writer == "ingest":
+        env.put(env.state_event(dev, "running"))
+        env.drain("ingest", "ingest")
+    else:
+        env.fn["reconcile"].handler(_scheduled(), _ctx())
+    assert [status for status, _ in answers] == [200], answers
+    rec = env.store.get(dev)
+    assert rec.workload.label_grants == GRANT, "the grant survived the observation"
+    assert rec.workload.held_labels is None
+    assert rec.labels == {"role": "jumpbox", "app": "admin", "env": "shared", "loc": "ca"}
+    env.pump()
+    assert all(ssh_peers(env, est).values()), "the bound jumpbox is every production host's SSH peer"

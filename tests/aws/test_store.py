@@ -20,11 +20,13 @@ import requests
 
 from ringfence.model import Mode, Workload
 from ringfence.store.base import (
+    UNREAD,
     AuditRecord,
     BundlePointer,
     ConflictError,
     DeltaPointer,
     EngineHead,
+    GovernanceMoved,
     InventoryRecord,
     PolicyVersion,
     Store,
@@ -526,3 +528,76 @@ def test_observe_with_the_record_the_caller_read_decides_as_reading_it(store: St
     assert not store.observe(stale, previous=None), "an older observation never wins, whatever the caller read"
     got = store.get(WID)
     assert got is not None and got.observed_at == 4.0 and got.workload.tags == moved.workload.tags
+
+
+def _granted(t: float, grants: dict[str, str], base: InventoryRecord | None) -> InventoryRecord:
+    """An observation at ``t`` decided from ``base`` (its governance version), with these grants."""
+    r = rec(t, "prod")
+    return r.model_copy(
+        update={
+            "workload": r.workload.model_copy(update={"label_grants": grants}),
+            "governed_rev": base.governed_rev if base is not None else 0,
+        }
+    )
+
+
+def test_a_decision_landing_between_read_and_write_refuses_the_write(store: Store) -> None:
+    """The lost update: a writer reads a record, a binding stores a grant, then the writer stores
+    its newer observation decided without it. The store refuses that write (GovernanceMoved,
+    nothing written); a write decided from the current version goes through, and the version
+    moves only when the held labels or grants change."""
+    store.observe(rec(1.0, "prod"))
+    read = store.get(WID)
+    assert read is not None and read.governed_rev == 0
+    # the binding, decided from what it read
+    assert store.observe(_granted(1.0, {"role": "jumpbox"}, read), previous=read) is False
+    bound = store.get(WID)
+    assert bound is not None and bound.governed_rev == 1 and bound.workload.label_grants == {"role": "jumpbox"}
+    # the writer that read before the binding: refused, whether it hands over its read or not
+    for previous in (read, UNREAD):
+        with pytest.raises(GovernanceMoved):
+            store.observe(_granted(2.0, {}, read), previous=previous)
+    got = store.get(WID)
+    assert got is not None and got.observed_at == 1.0 and got.workload.label_grants == {"role": "jumpbox"}
+    # decided again from the stored version: written, the grant kept, the version unchanged
+    store.observe(_granted(2.0, {"role": "jumpbox"}, bound), previous=bound)
+    got = store.get(WID)
+    assert got is not None and got.observed_at == 2.0 and got.governed_rev == 1
+    # an older observation is dropped as before (no error), and a tombstone needs no version
+    assert store.observe(_granted(0.5, {}, read), previous=read) is False
+    assert store.observe(rec(3.0, "prod", state="terminated"))
+    got = store.get(WID)
+    assert got is not None and got.state == "terminated" and got.governed_rev == 2
+
+
+def test_a_version_1_sqlite_file_gains_the_governance_version(tmp_path: Path) -> None:
+    """A file written by the previous release (schema 1, no ``governed_rev``) opens, keeps its
+    records (at version 0) and takes the new conditional writes."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    st = SqliteStore(path)
+    st.observe(rec(1.0, "prod"))
+    st.close()
+    db = sqlite3.connect(path)
+    cols = "id, workload, state, observed_at, tag_version, labels, problems, op_mode, op_quarantined, enrolled, "
+    cols += "last_heartbeat, offline"
+    db.executescript(
+        "BEGIN; ALTER TABLE inventory RENAME TO inv2; CREATE TABLE inventory (id TEXT PRIMARY KEY,"
+        " workload TEXT NOT NULL, state TEXT NOT NULL, observed_at REAL NOT NULL, tag_version INTEGER,"
+        " labels TEXT NOT NULL DEFAULT '{}', problems TEXT NOT NULL DEFAULT '[]', op_mode TEXT,"
+        " op_quarantined INTEGER NOT NULL DEFAULT 0, enrolled INTEGER NOT NULL DEFAULT 0, last_heartbeat REAL,"
+        f" offline INTEGER NOT NULL DEFAULT 0); INSERT INTO inventory SELECT {cols} FROM inv2; DROP TABLE inv2;"
+        " PRAGMA user_version = 1; COMMIT;"
+    )
+    db.close()
+    st = SqliteStore(path)
+    try:
+        got = st.get(WID)
+        assert got is not None and got.governed_rev == 0 and got.workload.tags == {"ringfence:env": "prod"}
+        assert st.observe(_granted(2.0, {"role": "jumpbox"}, got), previous=got) is False
+        assert st.get(WID).governed_rev == 1  # type: ignore[union-attr]
+        assert st._db().execute("PRAGMA user_version").fetchone()[0] == 2
+        assert st.integrity_check() == "ok"
+    finally:
+        st.close()

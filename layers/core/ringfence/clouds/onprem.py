@@ -20,17 +20,21 @@ from ringfence.control import credentials
 from ringfence.control.admin import Admin
 from ringfence.control.api import Response, error
 from ringfence.model import Workload
-from ringfence.store.base import InventoryRecord
+from ringfence.store.base import GovernanceMoved, InventoryRecord
 
 
 class OnPremAdmin(Admin):
     """:class:`~ringfence.control.admin.Admin` (policy, modes, quarantine, pairing keys) plus
     registering, importing and deregistering on-premise workloads."""
 
-    def _record(self, w: Workload, observed_at: float, state: str = "running") -> InventoryRecord:
-        """The inventory record of an operator-given workload. Its label tags (reserved keys, as in
-        a cloud) come from an operator through this audited service, so privileged values are an
-        audited admin binding: never held, and kept as ``label_grants`` (in the audit detail too)."""
+    def _record(
+        self, w: Workload, observed_at: float, state: str = "running", stored: InventoryRecord | None = None
+    ) -> InventoryRecord:
+        """The inventory record of an operator-given workload, over ``stored`` (what it replaces).
+        Its label tags (reserved keys, as in a cloud) come from an operator through this audited
+        service, so privileged values are an audited admin binding: never held, and kept as
+        ``label_grants`` (in the audit detail too). The registration decides them anew, so it is
+        decided from the stored record's governance: one that changes meanwhile refuses it (409)."""
         labels: dict[str, str] = {}
         problems: list[str] = []
         mapper = self.w.mapper()
@@ -41,7 +45,13 @@ class OnPremAdmin(Admin):
             labels, problems = res.labels, [p.message for p in res.problems]
         w = w.model_copy(update={"observed_at": observed_at})
         return InventoryRecord(
-            id=w.id, workload=w, state=state, observed_at=observed_at, labels=labels, problems=problems
+            id=w.id,
+            workload=w,
+            state=state,
+            observed_at=observed_at,
+            labels=labels,
+            problems=problems,
+            governed_rev=stored.governed_rev if stored is not None else 0,
         )
 
     def _cloud_owned(self, ids: list[str]) -> dict[str, str]:
@@ -60,9 +70,13 @@ class OnPremAdmin(Admin):
         owned = self._cloud_owned([spec.id])
         if owned:
             return error(409, "not an on-premise workload", f"{spec.id} is a {owned[spec.id]} instance in inventory")
-        existed = self.w.store.get(spec.id) is not None
-        rec = self._record(spec.workload(), time.time())
-        self.w.store.observe(rec)
+        stored = self.w.store.get(spec.id)
+        existed = stored is not None
+        rec = self._record(spec.workload(), time.time(), stored=stored)
+        try:
+            self.w.store.observe(rec)
+        except GovernanceMoved as exc:
+            return error(409, "workload changed meanwhile: nothing registered", str(exc))
         detail = spec.model_dump(include=set(OnPremWorkload.model_fields) - {"id"}, exclude_none=True)
         if rec.workload.label_grants:
             detail["label_grants"] = dict(rec.workload.label_grants)
@@ -81,10 +95,14 @@ class OnPremAdmin(Admin):
         if owned:
             problems = [f"{source}: {wid} is a {cloud} instance in inventory" for wid, cloud in sorted(owned.items())]
             return error(409, "CMDB file rejected: nothing imported", "\n".join(problems))
-        existing = set(self.w.store.get_many([w.id for w in workloads]))
+        stored = self.w.store.get_many([w.id for w in workloads])
+        existing = set(stored)
         t = time.time()
-        recs = [self._record(w, t) for w in workloads]
-        self.w.store.observe_many(recs)  # SQLite: one transaction
+        recs = [self._record(w, t, stored=stored.get(w.id)) for w in workloads]
+        try:
+            self.w.store.observe_many(recs)  # SQLite: one transaction
+        except GovernanceMoved as exc:
+            return error(409, "a workload changed meanwhile: import the file again", str(exc))
         ids = [w.id for w in workloads]
         detail: dict[str, Any] = {
             "sha256": hashlib.sha256(text.encode()).hexdigest(),

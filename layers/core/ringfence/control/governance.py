@@ -8,21 +8,24 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from typing import NamedTuple
 
 from ringfence.audit import AuditRecord, state_digest
+from ringfence.control.fanout import in_parallel
 from ringfence.control.wiring import BaseWiring, Metric, log, no_metric
 from ringfence.governance import UNATTRIBUTED, Finding, TagChange, Verdict, bind, govern
 from ringfence.labels import LabelMapper
 from ringfence.model import Mode
 from ringfence.siem import ocsf
-from ringfence.store.base import ConflictError, InventoryRecord
+from ringfence.store.base import ConflictError, GovernanceMoved, InventoryRecord
 
 findings_log = logging.getLogger("ringfence.findings")
 """One JSON document per finding (schema ``ringfence.finding/v1``): subscribe the SIEM to it."""
 
 GOVERNANCE_PRINCIPAL = "ringfence:governance"
 BIND_ATTEMPTS = 3  # a binding re-read and re-applied when an observation landed in between
+GOVERN_ATTEMPTS = 5  # an observation decided again when another decision landed in between
 
 
 def _governing_mapper(w: BaseWiring) -> LabelMapper | None:
@@ -33,36 +36,95 @@ def _governing_mapper(w: BaseWiring) -> LabelMapper | None:
     return active[1].labels if active is not None else None
 
 
-def govern_record(
+class Stored(NamedTuple):
+    """One observation as :func:`store_governed` decided and wrote it."""
+
+    record: InventoryRecord
+    """as decided (held labels, grants, labels in force) and written, unless a newer one was stored"""
+    written: bool
+    """the store's answer (:meth:`Store.observe`): the cloud view changed"""
+    governed: bool
+    """the decision changed what is in force without the tags changing (an approval arriving after
+    the tag change it approves, a grant, a hold lifted), or quarantined the workload"""
+
+
+def store_governed(
     w: BaseWiring,
-    rec: InventoryRecord,
-    old: InventoryRecord | None,
+    recs: list[InventoryRecord],
+    stored: Mapping[str, InventoryRecord],
     change: TagChange | None = None,
     *,
     event_id: str = "",
     metric: Metric = no_metric,
-) -> tuple[InventoryRecord, bool]:
-    """``rec`` (a fresh observation) with its held labels and grants decided against ``old`` (the
-    stored record); True when that decision changed what is in force without the tags changing
-    (an approval arriving after the tag change it approves, a grant, a hold lifted)."""
-    previous = old.workload if old is not None and old.state != "terminated" else None
-    if rec.state == "terminated":
-        return rec, False
+    release: frozenset[str] = frozenset(),
+    parallel: bool = False,
+) -> list[Stored]:
+    """Decide each fresh observation's held labels and grants against its stored record (``stored``,
+    as the caller read it) and write it (``release``: ids whose stored ``terminating`` to lift;
+    ``parallel``: the writes side by side). Where a binding, an approval or another observation's
+    hold lands between that read and the write (:class:`GovernanceMoved`), the record is read
+    again and decided again, so no decision is lost. Held moves are reported once, for the
+    decision that was stored. Raises ConflictError when decisions kept landing in between."""
     mapper = _governing_mapper(w)
+    base: dict[str, InventoryRecord | None] = {r.id: stored.get(r.id) for r in recs}
+    done: dict[str, tuple[InventoryRecord, Verdict | None, bool]] = {}
+
+    def write(item: tuple[InventoryRecord, Verdict | None]) -> bool | None:
+        rec = item[0]
+        try:
+            return w.store.observe(rec, previous=base[rec.id], release_terminating=rec.id in release)
+        except GovernanceMoved:
+            return None
+
+    pending = recs
+    for _ in range(GOVERN_ATTEMPTS):
+        decided = [_decide(mapper, raw, base[raw.id], change) for raw in pending]
+        results = in_parallel(write, decided) if parallel else [write(d) for d in decided]
+        retry: list[InventoryRecord] = []
+        for raw, (rec, verdict), written in zip(pending, decided, results, strict=True):
+            if written is None:
+                retry.append(raw)
+                base[raw.id] = w.store.get(raw.id)
+            else:
+                done[raw.id] = (rec, verdict, written)
+        if not retry:
+            break
+        pending = retry
+    else:
+        raise ConflictError(f"{', '.join(r.id for r in pending)}: governance changed under {GOVERN_ATTEMPTS} writes")
+    out: list[Stored] = []
+    for raw in recs:
+        rec, verdict, written = done[raw.id]
+        governed = False
+        if verdict is not None and mapper is not None:
+            old = base[raw.id]
+            previous = old.workload if old is not None and old.state != "terminated" else None
+            changed = previous is not None and previous.held_labels != verdict.workload.held_labels
+            quarantine = mapper.config.on_privileged_change == "quarantine"
+            governed = _report(w, rec, verdict, event_id, metric, quarantine) or changed
+        out.append(Stored(rec, written, governed))
+    return out
+
+
+def _decide(
+    mapper: LabelMapper | None, rec: InventoryRecord, old: InventoryRecord | None, change: TagChange | None
+) -> tuple[InventoryRecord, Verdict | None]:
+    """``rec`` (a fresh observation) with its held labels and grants decided against ``old`` (the
+    stored record), and the verdict (None: a tombstone, or no policy to decide with)."""
+    if rec.state == "terminated":
+        return rec, None
+    previous = old.workload if old is not None and old.state != "terminated" else None
+    update: dict[str, object] = {"governed_rev": old.governed_rev if old is not None else 0}
     if mapper is None:
         # no active policy: keep whatever was decided until there is one to decide with
         if previous is not None:
             carried = {"held_labels": previous.held_labels, "label_grants": previous.label_grants}
-            rec = rec.model_copy(update={"workload": rec.workload.model_copy(update=carried)})
-        return rec, False
+            update["workload"] = rec.workload.model_copy(update=carried)
+        return rec.model_copy(update=update), None
     verdict = govern(mapper, previous, rec.workload, change)
     res = mapper.resolve(verdict.workload)
-    rec = rec.model_copy(
-        update={"workload": verdict.workload, "labels": res.labels, "problems": [p.message for p in res.problems]}
-    )
-    changed = previous is not None and previous.held_labels != verdict.workload.held_labels
-    quarantined = _report(w, rec, verdict, event_id, metric, mapper.config.on_privileged_change == "quarantine")
-    return rec, changed or quarantined
+    update |= {"workload": verdict.workload, "labels": res.labels, "problems": [p.message for p in res.problems]}
+    return rec.model_copy(update=update), verdict
 
 
 def _operator_state(mode: Mode | None, quarantined: bool) -> str:
@@ -196,8 +258,12 @@ def bind_labels(w: BaseWiring, workload_id: str, labels: dict[str, str], princip
         )
         # same observed_at: written unless a newer observation landed meanwhile; observe() cannot
         # tell that from "nothing changed", so the record is read back: a binding is answered only
-        # once it is stored
-        w.store.observe(rec)
+        # once it is stored. Another decision landing meanwhile (a binding, an approval) refuses
+        # the write instead of being overwritten: bind again on top of it.
+        try:
+            w.store.observe(rec, previous=old)
+        except GovernanceMoved:
+            continue
         now = w.store.get(workload_id)
         if now is not None and all(now.workload.label_grants.get(d) == v for d, v in granted.label_grants.items()):
             rec = now

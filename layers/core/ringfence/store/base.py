@@ -26,6 +26,12 @@ class ConflictError(RuntimeError):
     """An optimistic-concurrency condition failed (another writer won): retry."""
 
 
+class GovernanceMoved(ConflictError):
+    """:meth:`Store.observe`: the stored record's held labels or grants changed after the record
+    being written was decided from it (a binding, an approval, another observation's hold landed
+    in between). Writing it would drop that decision: re-read the record and decide again."""
+
+
 class InventoryRecord(BaseModel):
     """What the cloud says about one workload, plus operator overrides and agent liveness.
 
@@ -48,6 +54,11 @@ class InventoryRecord(BaseModel):
     enrolled: bool = False
     last_heartbeat: float | None = None
     offline: bool = False
+    governed_rev: int = Field(
+        0,
+        description="the version of the governance decision (held labels, grants) this record was decided from; "
+        "the store bumps it whenever a write changes them",
+    )
 
     @classmethod
     def observed(
@@ -70,6 +81,10 @@ class InventoryRecord(BaseModel):
 
     def effective(self) -> Workload:
         return self.workload.model_copy(update={"mode": self.op_mode, "quarantined": self.op_quarantined})
+
+    def governance(self) -> tuple[Any, ...]:
+        """What governance decided for the workload: its held labels and its grants."""
+        return (self.workload.held_labels, self.workload.label_grants)
 
     def cloud_view(self) -> tuple[Any, ...]:
         """What decides whether an observation changed anything."""
@@ -194,6 +209,21 @@ class Unread(enum.Enum):
 UNREAD = Unread.UNREAD
 
 
+def next_governed_rev(old: InventoryRecord | None, rec: InventoryRecord) -> int:
+    """The ``governed_rev`` to store with ``rec`` over ``old`` (the stored record): the same while
+    the held labels and grants stay, one more when they change. Raises :class:`GovernanceMoved`
+    when ``rec`` was decided from another version than the stored one (tombstones excepted: a
+    terminated workload holds nothing)."""
+    stored = old.governed_rev if old is not None else 0
+    if rec.state != "terminated" and rec.governed_rev != stored:
+        raise GovernanceMoved(
+            f"{rec.id}: its held labels or grants changed (version {stored}) after this record was decided "
+            f"from version {rec.governed_rev}"
+        )
+    before = old.governance() if old is not None else (None, {})
+    return stored if rec.governance() == before else stored + 1
+
+
 class Store(Protocol):
     # inventory
     def get(self, workload_id: str) -> InventoryRecord | None: ...
@@ -209,7 +239,13 @@ class Store(Protocol):
         A stored ``terminating`` stays while the instance still runs, unless ``release_terminating``
         (reconcile found it running and Auto Scaling not terminating it). ``previous``: the stored
         record as the caller just read it (a store that reads it apart from the write may use it
-        instead of reading again; the write is conditional on the observation's time either way)."""
+        instead of reading again; the write is conditional on the observation's time either way).
+
+        Unless ``rec`` is a tombstone, the write is also conditional on the stored governance
+        decision being the one ``rec`` was decided from (``rec.governed_rev``, see
+        :func:`next_governed_rev`): otherwise :class:`GovernanceMoved` is raised and nothing is
+        written, so a binding or an approval landing between a caller's read and its write is
+        never overwritten by a record decided without it."""
         ...
 
     def observe_many(self, recs: list[InventoryRecord]) -> set[str]:

@@ -44,6 +44,7 @@ from ringfence.store.base import (
     DeltaPointer,
     EnforcementReport,
     EngineHead,
+    GovernanceMoved,
     Grant,
     InventoryRecord,
     LaunchHold,
@@ -51,6 +52,7 @@ from ringfence.store.base import (
     PolicyVersion,
     Unread,
     check_hold_fields,
+    next_governed_rev,
 )
 
 _UNSET: Any = object()
@@ -134,6 +136,7 @@ class DynamoStore:
             enrolled=bool(item.get("enrolled", False)),
             last_heartbeat=float(item["last_heartbeat"]) if item.get("last_heartbeat") is not None else None,
             offline=bool(item.get("offline", False)),
+            governed_rev=int(item.get("governed_rev", 0)),
         )
 
     def get(self, workload_id: str) -> InventoryRecord | None:
@@ -173,14 +176,21 @@ class DynamoStore:
         tag_version = rec.tag_version
         if old is not None and old.tag_version is not None:
             tag_version = max(old.tag_version, tag_version or 0)
+        governed_rev = next_governed_rev(old, rec)
         values: dict[str, Any] = {
             ":w": rec.workload.model_dump_json(exclude={"mode", "quarantined"}),
             ":s": rec.state,
             ":t": Decimal(str(rec.observed_at)),
             ":l": json.dumps(rec.labels, sort_keys=True),
             ":p": json.dumps(rec.problems),
+            ":g": governed_rev,
         }
-        expr = "SET workload = :w, #st = :s, observed_at = :t, labels = :l, problems = :p"
+        expr = "SET workload = :w, #st = :s, observed_at = :t, labels = :l, problems = :p, governed_rev = :g"
+        condition = "(attribute_not_exists(observed_at) OR observed_at <= :t)"
+        if rec.state != "terminated":
+            # the governance decision this record was derived from is still the stored one
+            condition += " AND (attribute_not_exists(governed_rev) OR governed_rev = :r)"
+            values[":r"] = rec.governed_rev
         if tag_version is not None:
             expr += ", tag_version = :v"
             values[":v"] = tag_version
@@ -188,14 +198,21 @@ class DynamoStore:
             self.inventory.update_item(
                 Key={"id": rec.id},
                 UpdateExpression=expr,
-                ConditionExpression="attribute_not_exists(observed_at) OR observed_at <= :t",
+                ConditionExpression=condition,
                 ExpressionAttributeNames={"#st": "state"},
                 ExpressionAttributeValues=values,
             )
         except ClientError as exc:
-            if _conditional_failed(exc):
-                return False  # a newer observation landed between our read and write
-            raise
+            if not _conditional_failed(exc):
+                raise
+            # another writer landed between our read and write: a newer observation (ours is
+            # stale: dropped), or a new governance decision (ours must be decided again)
+            now = self.get(rec.id)
+            if now is not None and now.observed_at > rec.observed_at:
+                return False
+            raise GovernanceMoved(
+                f"{rec.id}: its held labels or grants changed while this record was decided"
+            ) from None
         return old is None or old.cloud_view() != rec.cloud_view()
 
     def observe_many(self, recs: list[InventoryRecord]) -> set[str]:

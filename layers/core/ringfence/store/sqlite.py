@@ -61,12 +61,13 @@ from ringfence.store.base import (
     PolicyVersion,
     Unread,
     check_hold_fields,
+    next_governed_rev,
 )
 
 _UNSET: Any = object()
 DELTA_TTL = 14 * 86400
 CONNECTION_TTL = 2 * 3600
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: inventory.governed_rev
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS inventory (
@@ -81,7 +82,8 @@ CREATE TABLE IF NOT EXISTS inventory (
     op_quarantined INTEGER NOT NULL DEFAULT 0,
     enrolled INTEGER NOT NULL DEFAULT 0,
     last_heartbeat REAL,
-    offline INTEGER NOT NULL DEFAULT 0
+    offline INTEGER NOT NULL DEFAULT 0,
+    governed_rev INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS head (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -152,15 +154,15 @@ BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 
 _SELECT_ONE = (
     "SELECT id, workload, state, observed_at, tag_version, labels, problems, op_mode, op_quarantined, "
-    "enrolled, last_heartbeat, offline FROM inventory WHERE id = ?"
+    "enrolled, last_heartbeat, offline, governed_rev FROM inventory WHERE id = ?"
 )
 _SELECT_MANY = (
     "SELECT id, workload, state, observed_at, tag_version, labels, problems, op_mode, op_quarantined, "
-    "enrolled, last_heartbeat, offline FROM inventory WHERE id IN (SELECT value FROM json_each(?))"
+    "enrolled, last_heartbeat, offline, governed_rev FROM inventory WHERE id IN (SELECT value FROM json_each(?))"
 )
 _SELECT_ALL = (
     "SELECT id, workload, state, observed_at, tag_version, labels, problems, op_mode, op_quarantined, "
-    "enrolled, last_heartbeat, offline FROM inventory ORDER BY id"
+    "enrolled, last_heartbeat, offline, governed_rev FROM inventory ORDER BY id"
 )
 # one statement per operator/liveness field: no statement is assembled from parts
 _UPDATES = {
@@ -196,8 +198,19 @@ class SqliteStore:
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise RuntimeError(f"{self.path}: schema version {version} is newer than this ringfence knows")
+        if version == 1:
+            self._migrate_to_2()
         # idempotent (IF NOT EXISTS): processes opening the same new file at once all succeed
         db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version = {SCHEMA_VERSION};COMMIT;")
+
+    def _migrate_to_2(self) -> None:
+        """A version-1 file gains ``inventory.governed_rev`` (every record at version 0), once even
+        when several processes open it at the same moment: the version is read again under the
+        write lock."""
+        with self._tx() as db:
+            if db.execute("PRAGMA user_version").fetchone()[0] == 1:
+                db.execute("ALTER TABLE inventory ADD COLUMN governed_rev INTEGER NOT NULL DEFAULT 0")
+                db.execute("PRAGMA user_version = 2")
 
     # --- connections and transactions -----------------------------------------------------------
 
@@ -266,7 +279,21 @@ class SqliteStore:
 
     @staticmethod
     def _to_record(row: tuple[Any, ...]) -> InventoryRecord:
-        (wid, workload, state, observed_at, tag_version, labels, problems, op_mode, op_q, enrolled, hb, offline) = row
+        (
+            wid,
+            workload,
+            state,
+            observed_at,
+            tag_version,
+            labels,
+            problems,
+            op_mode,
+            op_q,
+            enrolled,
+            hb,
+            offline,
+            gov,
+        ) = row
         return InventoryRecord(
             id=wid,
             workload=Workload.model_validate_json(workload),
@@ -280,6 +307,7 @@ class SqliteStore:
             enrolled=bool(enrolled),
             last_heartbeat=hb,
             offline=bool(offline),
+            governed_rev=gov,
         )
 
     def get(self, workload_id: str) -> InventoryRecord | None:
@@ -316,11 +344,14 @@ class SqliteStore:
         tag_version = rec.tag_version
         if old is not None and old.tag_version is not None:
             tag_version = max(old.tag_version, tag_version or 0)
+        # decided from the stored governance (held labels, grants), or GovernanceMoved: the check
+        # and the write are in one transaction
+        governed_rev = next_governed_rev(old, rec)
         db.execute(
-            "INSERT INTO inventory (id, workload, state, observed_at, tag_version, labels, problems) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET workload = excluded.workload, "
+            "INSERT INTO inventory (id, workload, state, observed_at, tag_version, labels, problems, governed_rev) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET workload = excluded.workload, "
             "state = excluded.state, observed_at = excluded.observed_at, tag_version = excluded.tag_version, "
-            "labels = excluded.labels, problems = excluded.problems",
+            "labels = excluded.labels, problems = excluded.problems, governed_rev = excluded.governed_rev",
             (
                 rec.id,
                 rec.workload.model_dump_json(exclude={"mode", "quarantined"}),
@@ -329,6 +360,7 @@ class SqliteStore:
                 tag_version,
                 json.dumps(rec.labels, sort_keys=True),
                 json.dumps(rec.problems),
+                governed_rev,
             ),
         )
         return old is None or old.cloud_view() != rec.cloud_view()

@@ -8,12 +8,11 @@ from typing import Any
 
 from ringfence.audit import AuditRecord
 from ringfence.control import credentials
-from ringfence.control.fanout import in_parallel
-from ringfence.control.governance import govern_record
+from ringfence.control.governance import GOVERN_ATTEMPTS, store_governed
 from ringfence.control.wiring import BaseWiring, Metric, log, no_metric
 from ringfence.events import DomainEvent, Kind, MalformedEvent, normalize
 from ringfence.governance import TagChange
-from ringfence.store.base import ACTIVE_STATES, InventoryRecord
+from ringfence.store.base import ACTIVE_STATES, ConflictError, GovernanceMoved, InventoryRecord
 
 from . import ec2
 
@@ -169,7 +168,7 @@ def observe_instances(
     Instances the batch prefetched (:meth:`Ingest.prefetch`), or the caller has just described
     (``described``: DescribeInstances items by id), are not described again. A tag
     event's ``tag_version`` is recorded only where the live instance carries the event's tags.
-    Every observation is governed (:func:`govern_record`) against the stored record: ``change``
+    Every observation is governed (:func:`store_governed`) against the stored record: ``change``
     says who made the change and what it set, when the event knows."""
     seen = {i: w.prefetched[(account, region, i)] for i in ids if (account, region, i) in w.prefetched}
     if described:
@@ -183,23 +182,37 @@ def observe_instances(
     mapper = w.mapper()
     # governance compares with the stored record (also to lift a hold a new policy no longer asks for)
     stored = w.store.get_many(ids)
-    observed: list[tuple[InventoryRecord, bool]] = []
+    observed: list[InventoryRecord] = []
     for iid in ids:
         t, inst = seen[iid]
         rec = ec2.to_record(inst, account, region, t, mapper) if inst else ec2.tombstone(iid, account, region, t)
         if tag_version is not None and inst is not None and (tags is None or ec2.instance_tags(inst) == tags):
             rec.tag_version = tag_version
-        observed.append(govern_record(w, rec, stored.get(iid), change, event_id=event_id, metric=metric))
+        observed.append(rec)
     # each record's conditional write is its own item's: side by side (a scale-out's batch of ten
     # launches was ten round trips one after another, each waiting on a busy store)
-    written = in_parallel(lambda og: w.store.observe(og[0], previous=stored.get(og[0].id)), observed)
+    results = store_governed(w, observed, stored, change, event_id=event_id, metric=metric, parallel=True)
     changed: set[str] = set()
-    for (rec, governed), moved in zip(observed, written, strict=True):
+    for rec, moved, governed in results:
         if governed or (moved and _matters(stored.get(rec.id), rec)):
             changed.add(rec.id)
         if (moved or governed) and rec.state == "terminated":
             credentials.retire(w, rec.id, "instance terminated")
     return changed
+
+
+def _store_leaving(w: BaseWiring, rec: InventoryRecord, t: float) -> bool:
+    """Store ``rec`` as terminating at ``t``, as it is stored now: a binding or an approval that
+    lands in between is kept (the write is refused and made again on the record read anew)."""
+    for _ in range(GOVERN_ATTEMPTS):
+        try:
+            return w.store.observe(rec.model_copy(update={"state": "terminating", "observed_at": t}))
+        except GovernanceMoved:
+            now = w.store.get(rec.id)
+            if now is None:
+                return False
+            rec = now
+    raise ConflictError(f"{rec.id}: governance changed under {GOVERN_ATTEMPTS} writes")
 
 
 def _matters(before: InventoryRecord | None, after: InventoryRecord) -> bool:
@@ -260,7 +273,6 @@ def mark_leaving(
                 )
             )
             continue
-        rec = known[iid].model_copy(update={"state": "terminating", "observed_at": t})
-        if w.store.observe(rec):
+        if _store_leaving(w, known[iid], t):
             changed.add(iid)
     return changed, refused

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ringfence.control import credentials
-from ringfence.control.governance import govern_record
+from ringfence.control.governance import store_governed
 from ringfence.control.wiring import Metric, no_metric
 from ringfence.store.base import ACTIVE_STATES, InventoryRecord
 
@@ -38,34 +38,33 @@ class Reconcile:
             client = clients.assumed_client("ec2", t.region, t.role_arn, "ringfence-reconcile")
             t0 = ec2.now()
             live_ids = set()
-            held: dict[str, InventoryRecord] = {}  # stored as terminating, running now
+            observed: list[InventoryRecord] = []
+            held: set[str] = set()  # stored as terminating, running now
             for inst in ec2.all_instances(client):
                 res.seen += 1
                 live_ids.add(inst["InstanceId"])
-                # reconcile names no principal: it never approves a move into a privileged value
-                old = records.get(inst["InstanceId"])
-                rec, governed = govern_record(
-                    self.w,
-                    ec2.to_record(inst, t.account, t.region, t0, mapper),
-                    old,
-                    metric=self.metric,
-                )
+                rec = ec2.to_record(inst, t.account, t.region, t0, mapper)
+                old = records.get(rec.id)
                 if old is not None and old.state == "terminating" and rec.state in ACTIVE_STATES:
-                    held[rec.id] = rec
-                if self.w.store.observe(rec) or governed:
-                    changed.add(inst["InstanceId"])
-                    if rec.state == "terminated":
-                        credentials.retire(self.w, rec.id, "instance terminated (reconcile)")
+                    held.add(rec.id)
+                observed.append(rec)
+            release: frozenset[str] = frozenset()
             if held:
                 # a terminate that Auto Scaling is not (or no longer) carrying out — a forged or
                 # abandoned action — must not keep a running instance out of its peers' sets
                 asg = clients.assumed_client("autoscaling", t.region, t.role_arn, "ringfence-reconcile")
-                leaving = ec2.leaving_groups(asg, sorted(held))
-                for iid, rec in sorted(held.items()):
-                    if iid not in leaving and self.w.store.observe(rec, release_terminating=True):
-                        changed.add(iid)
-                        res.restored.append(iid)
-                        self.metric("StaleTerminatingCleared", 1)
+                release = frozenset(held - set(ec2.leaving_groups(asg, sorted(held))))
+            # reconcile names no principal: it never approves a move into a privileged value
+            for rec, written, governed in store_governed(
+                self.w, observed, records, metric=self.metric, release=release
+            ):
+                if written or governed:
+                    changed.add(rec.id)
+                    if rec.state == "terminated":
+                        credentials.retire(self.w, rec.id, "instance terminated (reconcile)")
+                if written and rec.id in release:
+                    res.restored.append(rec.id)
+                    self.metric("StaleTerminatingCleared", 1)
             for rec in records.values():
                 w = rec.workload
                 mine = w.cloud == "aws" and w.account == t.account and w.region == t.region

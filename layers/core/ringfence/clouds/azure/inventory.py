@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ringfence.control import credentials
-from ringfence.control.governance import govern_record
+from ringfence.control.governance import store_governed
 from ringfence.control.wiring import BaseWiring, Metric, log, no_metric
 from ringfence.governance import TagChange
 
@@ -49,13 +49,12 @@ def observe(
     stored = w.store.get_many([v.vm_id for v in vms])
     t0 = time.time()
     changed: set[str] = set()
-    for vm in vms:
-        rec = to_record(vm, nics, t0, mapper)
-        rec, governed = govern_record(w, rec, stored.get(vm.vm_id), change, event_id=event_id, metric=metric)
-        if w.store.observe(rec) or governed:
-            changed.add(vm.vm_id)
+    observed = [to_record(vm, nics, t0, mapper) for vm in vms]
+    for rec, written, governed in store_governed(w, observed, stored, change, event_id=event_id, metric=metric):
+        if written or governed:
+            changed.add(rec.id)
             if rec.state == "terminated":
-                credentials.retire(w, vm.vm_id, "VM deleted")
+                credentials.retire(w, rec.id, "VM deleted")
     return changed
 
 

@@ -31,7 +31,7 @@ from google.api_core.exceptions import ServiceUnavailable
 
 from ringfence.audit import AuditRecord
 from ringfence.control import credentials
-from ringfence.control.governance import GOVERNANCE_PRINCIPAL, govern_record
+from ringfence.control.governance import GOVERNANCE_PRINCIPAL, store_governed
 from ringfence.control.wiring import BaseWiring, Metric, no_metric
 from ringfence.events import MalformedEvent
 from ringfence.governance import TagChange, is_tagger
@@ -330,7 +330,7 @@ class GcpIngest:
     ) -> set[str]:
         """Read the VMs live and store what they are now (governed); the ids that changed."""
         mapper = self.w.mapper()
-        changed: set[str] = set()
+        observed: list[InventoryRecord] = []
         for name_or_id in instances:
             inst = self.read(project, zone, name_or_id, (names or {}).get(name_or_id))
             t = now()
@@ -338,13 +338,19 @@ class GcpIngest:
                 if not name_or_id.isdigit():
                     log.warning("%s/%s is gone and was never known by id: nothing to remove", zone, name_or_id)
                     continue
-                rec = tombstone(name_or_id, project, zone, t)
+                observed.append(tombstone(name_or_id, project, zone, t))
             else:
-                rec = self.record(project, inst, t, mapper)
-            rec, governed = govern_record(
-                self.w, rec, self.w.store.get(rec.id), change, event_id=event_id, metric=self.metric
-            )
-            if self.w.store.observe(rec) or governed:
+                observed.append(self.record(project, inst, t, mapper))
+        return self._store(observed, change, event_id)
+
+    def _store(self, observed: list[InventoryRecord], change: TagChange | None, event_id: str = "") -> set[str]:
+        """Store these observations, governed against the stored records; the ids that changed."""
+        stored = self.w.store.get_many([r.id for r in observed])
+        changed: set[str] = set()
+        for rec, written, governed in store_governed(
+            self.w, observed, stored, change, event_id=event_id, metric=self.metric
+        ):
+            if written or governed:
                 changed.add(rec.id)
                 if rec.state == "terminated":
                     credentials.retire(self.w, rec.id, "instance deleted")
@@ -354,15 +360,9 @@ class GcpIngest:
         """The full inventory of a project (aggregated list): every VM stored as it is now, and
         the project's stored VMs that no longer exist tombstoned. Returns the ids that changed."""
         mapper = self.w.mapper()
-        changed: set[str] = set()
-        seen: set[str] = set()
-        for inst in self.instances.all(project):
-            t = now()
-            rec = self.record(project, inst, t, mapper)
-            seen.add(rec.id)
-            rec, governed = govern_record(self.w, rec, self.w.store.get(rec.id), None, metric=self.metric)
-            if self.w.store.observe(rec) or governed:
-                changed.add(rec.id)
+        observed = [self.record(project, inst, now(), mapper) for inst in self.instances.all(project)]
+        seen = {rec.id for rec in observed}
+        changed = self._store(observed, None)
         for stored in self.w.store.all_records():
             wl = stored.workload
             if wl.cloud != "gcp" or wl.account != project or stored.id in seen or stored.state == "terminated":
