@@ -285,3 +285,30 @@ def test_a_throttled_arm_read_is_retried_and_the_delivery_taken(
     assert calls[0] == calls[1], "the throttled read was retried as it was"
     rec = wiring.store.get(WEB)
     assert rec is not None and rec.labels["role"] == "web"
+
+
+def test_attack_custom_topic_event_names_nobody(arm: ArmServer, events: AzureEvents, wiring: LocalWiring) -> None:
+    """Anyone who owns an Event Grid topic can subscribe the route to it and publish ARM-shaped
+    events, their ``data.claims`` naming whom they like; Event Grid's token on the delivery is
+    genuine. Event Grid stamps such an event's ``topic`` with the custom topic's path, so its
+    caller is not taken: a privileged move it points at is held, unattributed, and blames nobody
+    (no ``label.held`` finding, no quarantine). The same move from the subscription's system topic
+    names its caller in the finding."""
+    seed_vm(arm, "web-1", WEB, "10.20.1.4", PROD_WEB)
+    deliver(events, arm_event(WRITE, vm_id("web-1"), "Microsoft.Compute/virtualMachines/write"))
+    arm.get(vm_id("web-1"))["tags"]["ringfence:role"] = "jumpbox"  # type: ignore[index]
+    forged = arm_event(
+        WRITE, vm_id("web-1"), "Microsoft.Resources/tags/write", oid="00000000-0000-4000-8000-0000000b1a3e"
+    )
+    forged["topic"] = f"/subscriptions/{SUB}/resourceGroups/rg/providers/Microsoft.EventGrid/topics/mine"
+    assert change_of(parse_delivery(json.dumps([forged]))[0]).principal is None  # type: ignore[union-attr]
+    assert deliver(events, forged).status == 200
+    rec = wiring.store.get(WEB)
+    assert rec is not None and rec.workload.held_labels is not None and rec.labels["role"] == "web"
+    assert [a for a in wiring.store.audit_log() if a.action == "label.held"] == []
+    # the genuine event (system topic, Event Grid's stamp, either case) names its caller
+    genuine = arm_event(WRITE, vm_id("web-1"), "Microsoft.Resources/tags/write")
+    genuine["topic"] = genuine["topic"].upper()
+    deliver(events, genuine)
+    [held] = [a for a in wiring.store.audit_log() if a.action == "label.held"]
+    assert held.principal.endswith(OID) and held.target == WEB

@@ -6,7 +6,8 @@ Two kinds of source feed it (docs/deploy-azure.md):
 * the subscription's system topic (``Microsoft.Resources.ResourceWriteSuccess`` /
   ``ResourceDeleteSuccess``): routed on ``data.operationName``; these carry no resource payload
   and no tags, so the VM is read back from ARM (:mod:`.ingest`). They name the caller
-  (``data.claims``), which is kept as the change's principal;
+  (``data.claims``), which is kept as the change's principal when the event's ``topic`` (which
+  Event Grid stamps) is that system topic (:func:`from_system_topic`);
 * Azure Resource Notifications (``Microsoft.ResourceNotifications.Resources.CreatedOrUpdated`` /
   ``Deleted``): ``data.resourceInfo`` carries the resource, tags included, but only its id is
   taken: the notification is a trigger and the VM is read back from ARM as for the system topic.
@@ -114,6 +115,17 @@ def principal_of(data: dict[str, Any]) -> str | None:
     return f"azure:{tid}/{oid}" if tid else f"azure:{oid}"
 
 
+def from_system_topic(ev: GridEvent, target: ArmId) -> bool:
+    """The event came from Azure itself: the system topic of the target's subscription (or of its
+    resource group). Event Grid stamps ``topic`` with the source's resource path and refuses a
+    publisher's own value for it, so an event published to a custom topic (anyone with a topic
+    can create one and subscribe the route) carries that topic's path. Only then is the caller
+    in ``data.claims`` Azure's word; otherwise it is the publisher's, and names nobody."""
+    topic = ev.topic.strip().rstrip("/").lower()
+    sub = f"/subscriptions/{target.subscription}".lower()
+    return topic == sub or topic == f"{sub}/resourcegroups/{target.group}".lower()
+
+
 def _resource_of(resource_id: str) -> ArmId | None:
     rid = resource_id.strip()
     if rid.lower().endswith(_TAGS_CHILD):
@@ -141,7 +153,7 @@ def change_of(ev: GridEvent) -> Change | None:
             return None  # an action (start, restart…) or another resource's operation
         if target.type not in WATCHED:
             return None
-        return Change(ev.id, kind, target, principal_of(ev.data))
+        return Change(ev.id, kind, target, principal_of(ev.data) if from_system_topic(ev, target) else None)
     if ev.event_type in (NOTIFIED, NOTIFIED_DELETE):
         # only which resource: its tags, vmId and NICs in resourceInfo are the sender's word
         info = ev.data.get("resourceInfo") or {}
