@@ -17,13 +17,15 @@ from ringfence.clouds.gcp import ingest as ingest_module
 from ringfence.clouds.gcp.config import GcpConfig
 from ringfence.clouds.gcp.ingest import GcpIngest
 from ringfence.clouds.gcp.instances import Instances, LabelSource
+from ringfence.clouds.onprem import OnPremAdmin
 from ringfence.local.gcp_api import GcpApi
 from ringfence.local.gcp_events import audit_entry, bind_tag_as, logged, push_body, push_token, tag_binding_entry
 from ringfence.local.gcp_project import NUMBER, ORG, PROJECT, TAGGER, ZONE, gcp_config, gcp_environment, vm_name
 from ringfence.local.wiring import LocalWiring
-from tests.gcp.conftest import deliver, post, web_vm
+from tests.gcp.conftest import deliver, gcp_policy_files, post, web_vm
 
 MALLORY = "mallory@shop-prod.iam.gserviceaccount.com"  # may bind tags on her VMs; not a tagger
+BOB = "bob@shop-prod.iam.gserviceaccount.com"  # her colleague, not a tagger
 ENTRIES_LIST = "/v2/entries:list"
 
 
@@ -181,11 +183,13 @@ def test_attack_gcp_forged_audit_entry_naming_a_tagger_approves_nothing(
     assert any(MALLORY in a.reason for a in audits(wiring, "label.unconfirmed", inst["id"]))
     assert [a.principal for a in audits(wiring, "label.held", inst["id"])] == [MALLORY]  # the finding names her
 
-    # her genuine entry as Google published it: a non-tagger's, never read back (no Logging quota)
+    # her genuine entry as Google published it: a non-tagger setting a privileged value, read back
+    # once before it names her, and then it does
     calls = len(gcp.calls)
     deliver(gcp, ingest, genuine)
-    assert reads(gcp, calls) == 0
+    assert reads(gcp, calls) == 1
     assert wiring.store.get(inst["id"]).labels["role"] == "web"  # type: ignore[union-attr]
+    assert [a.principal for a in audits(wiring, "label.held", inst["id"])] == [MALLORY, MALLORY]
 
     # the tagger's own change to another VM, logged by Google and pushed: confirmed and approved
     other = web_vm(gcp, "10.20.2.11")
@@ -355,3 +359,54 @@ def test_a_taggers_approval_that_failed_to_be_stored_is_approved_when_redelivere
     rec = wiring.store.get(inst["id"])
     assert rec is not None and rec.labels["role"] == "jumpbox" and rec.workload.held_labels is None
     assert not audits(wiring, "label.unconfirmed", inst["id"])
+
+
+def test_attack_gcp_forged_entry_framing_a_colleague_blames_and_quarantines_nobody(
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mallory binds ``role=jumpbox`` on a VM and publishes an entry naming a colleague (not a
+    tagger) as caller, under a policy that quarantines on such a finding: the colleague would be
+    blamed, and the VM quarantined, so that a tagger's genuine approval later still leaves it cut
+    off. Cloud Logging has no such entry: the move is held, nobody is named, nothing is
+    quarantined, and the unconfirmed entry is audited. Entries that set no privileged value name
+    nobody and cost no read."""
+    policy = gcp_policy_files()
+    policy["labels.yaml"] = policy["labels.yaml"].replace(
+        "on_privileged_change: hold", "on_privileged_change: quarantine"
+    )
+    assert "on_privileged_change: quarantine" in policy["labels.yaml"]
+    admin = OnPremAdmin(wiring)
+    assert admin.provision("alice", policy, "quarantine on findings").status == 201
+    try:
+        _framing(gcp, wiring, monkeypatch)
+    finally:  # the module's control plane goes on with its own policy
+        assert admin.provision("alice", gcp_policy_files(), "back").status == 201
+
+
+def _framing(gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch) -> None:
+    ingest = GcpIngest(wiring, gcp_config(gcp))
+    inst = web_vm(gcp, "10.20.2.12")
+    calls = len(gcp.calls)
+    deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", inst))  # no privileged value
+    assert reads(gcp, calls) == 0
+
+    bind_tag_as(gcp, MALLORY, inst, "ringfence-role", "jumpbox")
+    framed = tag_binding_entry(gcp, inst, "ringfence-role", "jumpbox", principal=BOB)
+    monkeypatch.setattr(ingest_module, "LOGGING_LAG", 0.0)
+    calls = len(gcp.calls)
+    status, body = post(ingest, push_body(framed), push_token(gcp))
+    assert status == 200, body
+    assert reads(gcp, calls) == 1
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.workload.held_labels is not None and rec.labels["role"] == "web"
+    assert not rec.op_quarantined, "a forged entry quarantines nothing"
+    assert not audits(wiring, "label.held", inst["id"]), "and blames nobody"
+    [unconfirmed] = audits(wiring, "label.unconfirmed", inst["id"])
+    assert unconfirmed.detail["claimed_principal"] == BOB and "names nobody" in unconfirmed.reason
+
+    # the tagger's genuine change approves the move: in force, and nothing left cut off
+    real = bind_tag_as(gcp, TAGGER, inst, "ringfence-role", "jumpbox")
+    deliver(gcp, ingest, real)
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.labels["role"] == "jumpbox" and rec.workload.held_labels is None
+    assert not rec.op_quarantined

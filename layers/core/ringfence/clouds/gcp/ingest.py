@@ -147,12 +147,16 @@ class GcpIngest:
             log.info("%s %s/%s: made by managed instance group %s", ev.action.value, ev.zone, ev.instance, ev.group)
         confirmed = False
         if said is None:
-            change = TagChange(ev.principal, None)  # unattributed: approves nothing
+            change = TagChange(None, None)  # unattributed: approves nothing and blames nobody
         else:
             change = TagChange(said.principal, self.requested_tags(said.action, said.requested))
-            if self.would_approve(change):
+            approving = self.would_approve(change)
+            if not approving and not self.would_blame(change):
+                # it set no privileged value: whoever called, a move it did not make is not theirs
+                change = TagChange(None, change.requested)
+            else:
                 try:
-                    change, confirmed = self.confirm(project, said, change)
+                    change, confirmed = self.confirm(project, said, change, approving=approving)
                 except Exception:
                     if said is not ev and ev.operation:  # the redelivered last entry finds it again
                         with self._pending_lock:
@@ -187,32 +191,60 @@ class GcpIngest:
 
     def would_approve(self, change: TagChange) -> bool:
         """The change could approve a move: an allowed tagger (of the policy governing now) set a
-        privileged value. Only then does who called matter, and only then is the entry read back."""
-        if not change.principal or not change.requested:
-            return False
+        privileged value. The entry is then read back before it approves."""
+        mapper = self._governed_mapper()
+        return (
+            mapper is not None
+            and bool(change.requested)
+            and is_tagger(mapper.config.taggers, change.principal)
+            and self._sets_privileged(mapper, change.requested or {})
+        )
+
+    def would_blame(self, change: TagChange) -> bool:
+        """The change could raise a finding naming its caller (and quarantine, with
+        ``on_privileged_change: quarantine``): someone who is not a tagger set a privileged value.
+        The entry is then read back before it names anyone, so a forged entry blames nobody. An
+        entry that set no privileged value names nobody either (:meth:`apply`) and costs no read."""
+        mapper = self._governed_mapper()
+        return (
+            mapper is not None
+            and bool(change.requested)
+            and bool(change.principal)
+            and not is_tagger(mapper.config.taggers, change.principal)
+            and self._sets_privileged(mapper, change.requested or {})
+        )
+
+    def _governed_mapper(self) -> LabelMapper | None:
         active = self.w.governing_policy()
         mapper = active[1].labels if active is not None else None
-        if mapper is None or not mapper.governed or not is_tagger(mapper.config.taggers, change.principal):
-            return False
-        for dim, keys in mapper.keys.items():
-            for key in keys:
-                raw = change.requested.get(key)
-                if raw is not None and mapper.is_privileged(dim, mapper.canonical_value(dim, raw)):
-                    return True
-        return False
+        return mapper if mapper is not None and mapper.governed else None
 
-    def confirm(self, project: str, said: GcpEvent, claimed: TagChange) -> tuple[TagChange, bool]:
-        """The change as Cloud Logging has it: the entry ``said`` (pushed, its principal a tagger's)
-        read back by its log, ``insertId`` and time, and the caller and request *as logged* returned.
-        An entry that cannot be confirmed (not logged, too old, spent by an approval already)
-        approves nothing: the returned change names no principal, and an audit record says why; one
-        logged as another caller's call is returned as that (governed as theirs). True with the
-        change only when the entry is confirmed as claimed. A Logging API that cannot be read
-        raises (the push is answered 503 and redelivered)."""
+    @staticmethod
+    def _sets_privileged(mapper: LabelMapper, requested: Mapping[str, str]) -> bool:
+        return any(
+            (raw := requested.get(key)) is not None and mapper.is_privileged(dim, mapper.canonical_value(dim, raw))
+            for dim, keys in mapper.keys.items()
+            for key in keys
+        )
+
+    def confirm(
+        self, project: str, said: GcpEvent, claimed: TagChange, *, approving: bool = True
+    ) -> tuple[TagChange, bool]:
+        """The change as Cloud Logging has it: the entry ``said`` (pushed, its principal a tagger's,
+        or with ``approving`` False one :meth:`would_blame`) read back by its log, ``insertId`` and
+        time, and the caller and request *as logged* returned. An entry that cannot be confirmed
+        (not logged, too old, spent by an approval already) approves nothing and blames nobody: the
+        returned change names no principal, and an audit record says why; one logged as another
+        caller's call is returned as that (governed as theirs). True with the change only when an
+        approving entry is confirmed as claimed (its claim is then taken once the approval is
+        stored). A Logging API that cannot be read raises (the push is answered 503 and redelivered)."""
         logged, why = self._read_back(project, said)
         if logged is not None:
             change = TagChange(logged.principal, self.requested_tags(logged.action, logged.requested))
             if logged.principal == claimed.principal and change.requested == claimed.requested:
+                if not approving:
+                    self.metric("AttributionsConfirmed", 1)
+                    return change, False
                 # one entry approves once: replayed within the hour (after its move was undone and
                 # the value set again by someone else) it is what a replay is, and approves nothing
                 if not self.w.store.claimed(_spent(said)):
@@ -228,7 +260,7 @@ class GcpIngest:
         if logged is None:
             change = TagChange(None, None)
         log.warning("%s/%s: audit entry %s not confirmed: %s", said.zone, said.instance, said.event_id, why)
-        self.metric("UnconfirmedApprovals", 1)
+        self.metric("UnconfirmedApprovals" if approving else "UnconfirmedAttributions", 1)
         self.w.audit(
             AuditRecord(
                 principal=GOVERNANCE_PRINCIPAL,
@@ -242,9 +274,14 @@ class GcpIngest:
                     "time": said.time.isoformat() if said.time else None,
                     "project": project,
                 },
-                reason=f"the pushed audit entry approves nothing: {why}",
+                reason=f"the pushed audit entry {'approves nothing' if approving else 'names nobody'}: {why}",
             )
         )
+        if logged is not None and self.would_approve(change):
+            # logged as a tagger's call after all: it approves as logged, and only once, like any
+            if self.w.store.claimed(_spent(said)):
+                return TagChange(None, None), False
+            return change, True
         return change, False
 
     def _read_back(self, project: str, said: GcpEvent) -> tuple[GcpEvent | None, str]:
