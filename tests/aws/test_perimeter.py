@@ -20,7 +20,7 @@ from ringfence.perimeter import (
     desired_state,
     plan,
 )
-from tests.aws.conftest import Env
+from tests.aws.conftest import REGION, Env
 from tests.aws.test_pipeline import _ctx, _scheduled, _xml
 
 CONFIG = {
@@ -478,3 +478,28 @@ def test_each_launch_action_travels_with_its_instance_and_old_messages_still_par
     assert all(lc["instance_id"] in b["ids"] for b in bodies for lc in b["lifecycles"])
     old = PerimeterMessage.model_validate({"ids": ["i-a"], "lifecycle": {"instance_id": "i-a"}})
     assert old.actions() == [{"instance_id": "i-a"}]
+
+
+def test_a_member_accounts_perimeter_goes_through_its_own_role_only(
+    configured: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Security-group writes in a member account are made with the perimeter's role there
+    (``RINGFENCE_PERIMETER_ACCOUNT_ROLES``), never with the read-only member role that ingest,
+    reconcile and the internet-facing agent API assume: the real perimeter function's schedule,
+    over moto, assumes the perimeter role alone, and works in the member account with it."""
+    import json
+
+    member = "210987654321"
+    read_only = f"arn:aws:iam::{member}:role/ringfence-member-readonly"
+    perimeter_role = f"arn:aws:iam::{member}:role/ringfence-member-perimeter"
+    monkeypatch.setenv("RINGFENCE_ACCOUNT_ROLES", json.dumps({member: read_only}))
+    monkeypatch.setenv("RINGFENCE_PERIMETER_ACCOUNT_ROLES", json.dumps({member: perimeter_role}))
+    targets = [{"account": member, "region": REGION, "role_arn": read_only}]
+    monkeypatch.setenv("RINGFENCE_RECONCILE_TARGETS", json.dumps(targets))
+    configured.load_functions()  # cold starts read the environment; their clients carry the hook
+    assumed: list[str] = []
+    configured.hook("before-parameter-build.sts.AssumeRole", lambda params, **_: assumed.append(params["RoleArn"]))
+    results = schedule(configured)
+    assert assumed == [perimeter_role]
+    [in_member] = [r for r in results if r["account"] == member]
+    assert in_member["region"] == REGION and in_member.get("violations") is None, in_member

@@ -382,13 +382,48 @@ def test_member_roles_are_assumed_only_in_the_named_organization_in_both_deploym
                 assuming += 1
                 cond = {"StringEquals": {"aws:ResourceOrgID": {"Ref": "MemberOrganizationId"}}}
                 assert st.get("Condition") == {"If": ["WithMemberOrg", cond, {"Ref": "AWS::NoValue"}]}, name
-    assert assuming == 5
+    assert assuming == 5  # four read-only, one the perimeter's
     lam = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/lambda.tf").read_text()))
     loc: dict[str, Any] = {}
     for block in lam.get("locals", []):
         loc.update(block)
-    assume = loc["assume"]
-    assert assume["actions"] == ["sts:AssumeRole"]
-    assert "aws:ResourceOrgID" in str(assume["conditions"]) and "var.member_organization_id" in str(
-        assume["conditions"]
-    )
+    for name in ("assume", "assume_perimeter"):
+        assert loc[name]["actions"] == ["sts:AssumeRole"] and loc[name]["conditions"] == "${local.member_org}"
+    assert "aws:ResourceOrgID" in str(loc["member_org"]) and "var.member_organization_id" in str(loc["member_org"])
+
+
+def test_only_the_perimeter_may_assume_the_perimeter_role_and_no_read_only_one() -> None:
+    """Security-group writes in member accounts live in a role of their own that only the
+    perimeter function may assume; every other function (the internet-facing agent API among
+    them) may assume only the read-only member role, in SAM and in Terraform."""
+    assumed: dict[str, list[Any]] = {}
+    for name, r in template()["Resources"].items():
+        if r.get("Type") != "AWS::Serverless::Function":
+            continue
+        for st in r["Properties"].get("Policies", [{}])[0].get("Statement", []):
+            if isinstance(st, dict) and "sts:AssumeRole" in st.get("Action", []):
+                assumed.setdefault(name, []).append(st["Resource"])
+    perimeter_role = {"Sub": "arn:${AWS::Partition}:iam::*:role/${MemberPerimeterRoleName}"}
+    read_only = {"Sub": "arn:${AWS::Partition}:iam::*:role/${MemberRoleName}"}
+    assert assumed.pop("PerimeterFunction") == [perimeter_role]
+    assert sorted(assumed) == ["AgentApiFunction", "IngestFunction", "LifecycleFunction", "ReconcileFunction"]
+    assert all(resources == [read_only] for resources in assumed.values()), assumed
+    env = template()["Resources"]["PerimeterFunction"]["Properties"]["Environment"]["Variables"]
+    assert env["RINGFENCE_PERIMETER_ACCOUNT_ROLES"] == {"Ref": "PerimeterAccountRoles"}
+
+    lam = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/lambda.tf").read_text()))
+    loc: dict[str, Any] = {}
+    for block in lam.get("locals", []):
+        loc.update(block)
+    assert loc["assume"]["resources"] == ["${local.member_roles}"]
+    assert loc["assume_perimeter"]["resources"] == ["${local.perimeter_roles}"]
+    assert "var.member_perimeter_role_name" in loc["perimeter_roles"]
+    uses = {
+        fn: {x for x in statements if x in ("${local.assume}", "${local.assume_perimeter}")}
+        for fn, statements in loc["statements"].items()
+        if isinstance(statements, list)
+    }
+    assert uses.pop("perimeter") == {"${local.assume_perimeter}"}
+    assert {fn for fn, u in uses.items() if u} == {"ingest", "lifecycle", "reconcile", "agentapi"}
+    assert all(u <= {"${local.assume}"} for u in uses.values()), uses
+    assert "RINGFENCE_PERIMETER_ACCOUNT_ROLES" in loc["functions"]["perimeter"]["env"]

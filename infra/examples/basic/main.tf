@@ -29,6 +29,10 @@ locals {
   member_role_arns = {
     for account in var.member_accounts : account => "arn:aws:iam::${account}:role/${var.member_role_name}"
   }
+  # the perimeter's own role in each member account (security-group writes), apart from the read-only one
+  member_perimeter_role_arns = {
+    for account in var.member_accounts : account => "arn:aws:iam::${account}:role/${var.member_perimeter_role_name}"
+  }
   # the Region's RSA certificate for the base64 IID signature (README.md, step 2)
   iid_certificate_file = coalesce(var.iid_certificate_file, "${path.root}/aws-iid-${var.region}.pem")
 }
@@ -47,9 +51,11 @@ module "ringfence" {
     [{ account = var.control_account, region = var.region, role_arn = null }],
     [for account, arn in local.member_role_arns : { account = account, region = var.region, role_arn = arn }],
   )
-  account_roles    = local.member_role_arns
-  admin_roles      = var.admin_roles
-  member_role_name = var.member_role_name
+  account_roles              = local.member_role_arns
+  admin_roles                = var.admin_roles
+  member_role_name           = var.member_role_name
+  perimeter_account_roles    = local.member_perimeter_role_arns
+  member_perimeter_role_name = var.member_perimeter_role_name
   perimeter_config = {
     admin_cidrs         = var.admin_cidrs
     control_plane_cidrs = var.control_plane_cidrs

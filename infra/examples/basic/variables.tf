@@ -37,6 +37,12 @@ variable "member_role_name" {
   default     = "ringfence-member-readonly"
 }
 
+variable "member_perimeter_role_name" {
+  description = "Name of the perimeter's role in every member account (security-group writes; only the perimeter function may assume it)."
+  type        = string
+  default     = "ringfence-member-perimeter"
+}
+
 variable "signing_key_source" {
   description = "kms (default: a non-exportable Ed25519 KMS key the module creates) or secret (signing_key_secret_arn)."
   type        = string

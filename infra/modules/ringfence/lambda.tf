@@ -41,8 +41,9 @@ locals {
     perimeter = {
       memory = 512, timeout = 900, concurrency = 1,
       env = {
-        RINGFENCE_PERIMETER_CONFIG  = jsonencode(var.perimeter_config)
-        RINGFENCE_PERIMETER_DRY_RUN = var.perimeter_dry_run ? "true" : "false"
+        RINGFENCE_PERIMETER_CONFIG        = jsonencode(var.perimeter_config)
+        RINGFENCE_PERIMETER_DRY_RUN       = var.perimeter_dry_run ? "true" : "false"
+        RINGFENCE_PERIMETER_ACCOUNT_ROLES = jsonencode(var.perimeter_account_roles)
       }
     }
     # wait long-polls ≤ 25 s; azure-attested / gcp-jwt enrollment where var.azure / var.gcp configure them
@@ -123,18 +124,18 @@ locals {
     cloudreconcile = concat(aws_lambda_layer_version.azure[*].arn, aws_lambda_layer_version.gcp[*].arn)
   }
 
-  member_roles = "arn:${local.partition}:iam::*:role/${var.member_role_name}"
-  sg_arn       = "arn:${local.partition}:ec2:${local.region}:${local.account}:security-group/*"
-  kms_use      = { actions = ["kms:Decrypt", "kms:GenerateDataKey"], resources = [aws_kms_key.this.arn] }
-  describe     = { actions = ["ec2:DescribeInstances"], resources = ["*"] }
-  assume = {
-    actions   = ["sts:AssumeRole"]
-    resources = [local.member_roles]
-    # with the members' organization named: its accounts' roles only
-    conditions = var.member_organization_id == "" ? [] : [{ test = "StringEquals", variable = "aws:ResourceOrgID", values = [var.member_organization_id] }]
-  }
-  policies_read = { actions = ["s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/policies/*"] }
-  async_dlq     = { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.async_dlq.arn] }
+  member_roles    = "arn:${local.partition}:iam::*:role/${var.member_role_name}"
+  perimeter_roles = "arn:${local.partition}:iam::*:role/${var.member_perimeter_role_name}"
+  sg_arn          = "arn:${local.partition}:ec2:${local.region}:${local.account}:security-group/*"
+  kms_use         = { actions = ["kms:Decrypt", "kms:GenerateDataKey"], resources = [aws_kms_key.this.arn] }
+  describe        = { actions = ["ec2:DescribeInstances"], resources = ["*"] }
+  # with the members' organization named: its accounts' roles only
+  member_org = var.member_organization_id == "" ? [] : [{ test = "StringEquals", variable = "aws:ResourceOrgID", values = [var.member_organization_id] }]
+  assume     = { actions = ["sts:AssumeRole"], resources = [local.member_roles], conditions = local.member_org }
+  # the perimeter's writes in member accounts: a role of its own, assumed by the perimeter only
+  assume_perimeter = { actions = ["sts:AssumeRole"], resources = [local.perimeter_roles], conditions = local.member_org }
+  policies_read    = { actions = ["s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/policies/*"] }
+  async_dlq        = { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.async_dlq.arn] }
 
   # a terminate lifecycle action is confirmed with Auto Scaling (no resource-level permissions)
   asg_describe = { actions = ["autoscaling:DescribeAutoScalingInstances"], resources = ["*"] }
@@ -218,7 +219,7 @@ locals {
       # too, so a tag condition would refuse them; the code adds/removes only its own groups.
       # What holds here: interfaces and groups of the managed VPCs only
       { actions = ["ec2:ModifyNetworkInterfaceAttribute"], resources = ["arn:${local.partition}:ec2:${local.region}:${local.account}:network-interface/*", local.sg_arn], conditions = [local.in_vpcs] },
-      local.assume, local.kms_use,
+      local.assume_perimeter, local.kms_use,
     ]
     agentapi = [
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn] },

@@ -54,9 +54,21 @@ variable "account_roles" {
 }
 
 variable "member_role_name" {
-  description = "Name of the read-only role in member accounts."
+  description = "Name of the read-only role in member accounts that ingest, lifecycle, reconcile and the agent API may assume (describe only: never the perimeter's writes)."
   type        = string
   default     = "ringfence-member-readonly"
+}
+
+variable "perimeter_account_roles" {
+  description = "account id -> the perimeter's role ARN in each member account whose perimeter Ringfence manages (security-group writes); only the perimeter function may assume it."
+  type        = map(string)
+  default     = {}
+}
+
+variable "member_perimeter_role_name" {
+  description = "Name of the perimeter's role in member accounts (only the perimeter function may assume it)."
+  type        = string
+  default     = "ringfence-member-perimeter"
 }
 
 variable "member_organization_id" {

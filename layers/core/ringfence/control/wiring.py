@@ -100,6 +100,9 @@ class Config:
     # names over https only (sts.amazonaws.com, sts.<region>.amazonaws.com[.cn])
     sts_endpoints: list[str] = field(default_factory=list)
     account_roles: dict[str, str] = field(default_factory=dict)
+    # the perimeter's own roles in member accounts (security-group writes): apart from the read-only
+    # ones above, which the internet-facing agent API may assume too
+    perimeter_account_roles: dict[str, str] = field(default_factory=dict)
     targets: list[Target] = field(default_factory=list)
     # where audit records, agents' drops and findings also go (ringfence.siem): "" for nowhere
     siem: str = ""
@@ -132,6 +135,7 @@ class Config:
             allowed_accounts=[a for a in e.get("RINGFENCE_ALLOWED_ACCOUNTS", "").split(",") if a],
             sts_endpoints=[u for u in e.get("RINGFENCE_STS_ENDPOINTS", "").split(",") if u],
             account_roles=json.loads(e.get("RINGFENCE_ACCOUNT_ROLES", "{}") or "{}"),
+            perimeter_account_roles=json.loads(e.get("RINGFENCE_PERIMETER_ACCOUNT_ROLES", "{}") or "{}"),
             targets=[Target(**t) for t in json.loads(e.get("RINGFENCE_RECONCILE_TARGETS", "[]") or "[]")],
             siem=e.get("RINGFENCE_SIEM", ""),
         )

@@ -60,6 +60,13 @@ class Wiring(BaseWiring):
     def ec2_for(self, account: str, region: str) -> Any:
         return clients.assumed_client("ec2", region, self.cfg.account_roles.get(account))
 
+    def perimeter_ec2_for(self, account: str, region: str) -> Any:
+        """EC2 in ``account`` with the perimeter's own role there (``perimeter_account_roles``): the
+        read-only member role (``account_roles``) never carries security-group writes."""
+        return clients.assumed_client(
+            "ec2", region, self.cfg.perimeter_account_roles.get(account), "ringfence-perimeter"
+        )
+
     def autoscaling_for(self, account: str, region: str) -> Any:
         return clients.assumed_client("autoscaling", region, self.cfg.account_roles.get(account))
 
