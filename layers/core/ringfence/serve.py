@@ -39,6 +39,8 @@ from typing import Any, Protocol
 from starlette.responses import Response
 
 from ringfence.adminroles import AdminRole, AdminRolesError, parse_roles
+from ringfence.control.wiring import Metric, no_metric
+from ringfence.metrics import CONTENT_TYPE_LATEST, Counters
 
 log = logging.getLogger("ringfence.serve")
 
@@ -253,11 +255,17 @@ def proxy_event(
     }
 
 
-class ResolverPool:
-    """Resolvers built by ``build`` on demand and reused: one per concurrent request."""
+Outcome = Callable[[str, int], "str | None"]
+"""(path, status) → the metric an answer counts toward, or None (the routes' ``outcome``)."""
 
-    def __init__(self, build: Callable[[], Resolver]) -> None:
+
+class ResolverPool:
+    """Resolvers built by ``build`` on demand and reused: one per concurrent request. ``outcome``:
+    what each answer counts toward in ``GET /metrics`` (as the Lambda function publishes it)."""
+
+    def __init__(self, build: Callable[[], Resolver], outcome: Outcome | None = None) -> None:
         self.build = build
+        self.outcome = outcome
         self._idle: queue.SimpleQueue[Resolver] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self.built = 0
@@ -293,6 +301,8 @@ class ServeApp:
     azure: Any = None  # the ringfence.clouds.azure.wiring.Azure served, if any
     gcp: ResolverPool | None = None  # POST /gcp/events, when RINGFENCE_GCP_PROJECTS is set
     azure_events: ResolverPool | None = None  # POST /azure/events, when Azure is configured
+    # what the services count (the Lambda functions' CloudWatch metrics): GET /metrics, admin token
+    metrics: Counters = field(default_factory=Counters)
 
     @classmethod
     def over(
@@ -310,18 +320,22 @@ class ServeApp:
         ``azure-attested`` enrollment."""
         from ringfence.clouds.onprem import OnPremAdmin
         from ringfence.control.agents import AgentApi
-        from ringfence.routes.admin import admin_routes, token_roles
-        from ringfence.routes.agent import agent_routes
+        from ringfence.routes import admin as admin_api
+        from ringfence.routes import agent as agent_api
 
-        gcp, enrollers = gcp_services(wiring)
+        counters = Counters()
+        gcp, enrollers = gcp_services(wiring, metric=counters)
         api = AgentApi(wiring, enrollers)
-        adm = OnPremAdmin(wiring)
+        adm = OnPremAdmin(wiring, counters)
         local = is_onprem(wiring) if onprem is None else onprem
-        agent = ResolverPool(lambda: agent_routes(lambda: api))
+        agent = ResolverPool(lambda: agent_api.agent_routes(lambda: api), agent_api.outcome)
         admin = None
         if tokens is not None:
             admin = ResolverPool(
-                lambda: admin_routes(lambda: adm, onprem=(lambda: adm) if local else None, roles_of=token_roles)
+                lambda: admin_api.admin_routes(
+                    lambda: adm, onprem=(lambda: adm) if local else None, roles_of=admin_api.token_roles
+                ),
+                lambda _path, status: admin_api.outcome(status),
             )
         events: dict[str, Callable[[Mapping[str, str], bytes], Any]] = {}
         if azure is None and os.environ.get("RINGFENCE_AZURE_SUBSCRIPTIONS"):
@@ -335,9 +349,19 @@ class ServeApp:
             from ringfence.routes.azure import azure_event_routes
 
             attach(wiring, azure)
-            ingest = AzureEvents(wiring, azure)
+            ingest = AzureEvents(wiring, azure, counters)
             azure_events = ResolverPool(lambda: azure_event_routes(lambda: ingest))
-        return cls(agent, admin, tokens, threads, gcp=gcp, cloud_events=events, azure=azure, azure_events=azure_events)
+        return cls(
+            agent,
+            admin,
+            tokens,
+            threads,
+            gcp=gcp,
+            cloud_events=events,
+            azure=azure,
+            azure_events=azure_events,
+            metrics=counters,
+        )
 
     def __post_init__(self) -> None:
         import anyio
@@ -381,6 +405,9 @@ class ServeApp:
                 roles,
             )
             out = await anyio.to_thread.run_sync(pool.resolve, event, limiter=limiter)
+            counted = pool.outcome(request.url.path, int(out["statusCode"])) if pool.outcome else None
+            if counted is not None:
+                self.metrics(counted, 1)
             return to_response(out)
 
         async def agent(request: Request) -> Response:
@@ -420,6 +447,16 @@ class ServeApp:
         async def healthz(request: Request) -> Response:
             return JSONResponse({"ok": True})
 
+        async def metrics(request: Request) -> Response:
+            # the counts say what administrators and agents do: any admin token (reader too) reads them
+            if self.tokens is None:
+                return error(404, "metrics need the admin API", "start ringfence serve with --admin-tokens FILE")
+            if self.tokens.holder(request.headers.get("authorization")) is None:
+                return error(
+                    401, "admin token required", "Authorization: Bearer <admin token>", {"WWW-Authenticate": "Bearer"}
+                )
+            return Response(self.metrics.exposition(), 200, media_type=CONTENT_TYPE_LATEST)
+
         methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
         self.asgi = Starlette(
             routes=[
@@ -429,11 +466,14 @@ class ServeApp:
                 Route("/azure/events", azure_events, methods=["POST"]),
                 Route("/{cloud}/events", cloud_event, methods=["POST"]),  # after the clouds routed above
                 Route("/healthz", healthz, methods=["GET"]),
+                Route("/metrics", metrics, methods=["GET"]),
             ]
         )
 
 
-def gcp_services(wiring: Any, env: Mapping[str, str] | None = None) -> tuple[ResolverPool | None, dict[str, Any]]:
+def gcp_services(
+    wiring: Any, env: Mapping[str, str] | None = None, metric: Metric = no_metric
+) -> tuple[ResolverPool | None, dict[str, Any]]:
     """The GCP events route and the ``gcp-jwt`` enroller over ``wiring``, when the environment
     configures GCP (``RINGFENCE_GCP_PROJECTS``; the audiences turn each on): (None, {}) otherwise,
     and the Google SDKs are never imported."""
@@ -449,7 +489,7 @@ def gcp_services(wiring: Any, env: Mapping[str, str] | None = None) -> tuple[Res
         cfg = GcpConfig.from_env(e)
     except ValueError as exc:  # e.g. secure tags trusted under any parent: refuse to start
         raise ServeError(f"GCP configuration: {exc}") from None
-    ingest = GcpIngest(wiring, cfg)
+    ingest = GcpIngest(wiring, cfg, metric=metric)
     enrollers: dict[str, Any] = {}
     if cfg.identity_audience:
         enrollers[METHOD] = GcpEnroller(wiring, cfg, ingest)
@@ -581,13 +621,14 @@ def reconciles(
         perimeter = None
         if e.get("RINGFENCE_AZURE_PERIMETER") == "true":
             perimeter = PerimeterConfig.model_validate_json(e.get("RINGFENCE_PERIMETER_CONFIG") or "{}")
-        out.append(AzureReconcile(wiring, app.azure, perimeter).every(interval, stop))
+        out.append(AzureReconcile(wiring, app.azure, perimeter, metric=app.metrics).every(interval, stop))
     if app.gcp is not None:
         from ringfence.clouds.gcp.config import GcpConfig
         from ringfence.clouds.gcp.reconcile import GcpPerimeter, GcpReconcile
 
         interval = float(e.get("RINGFENCE_GCP_RECONCILE_INTERVAL", "900"))
-        out.append(GcpReconcile(wiring, GcpConfig.from_env(e), GcpPerimeter.from_env(e)).every(interval, stop))
+        gcp_reconcile = GcpReconcile(wiring, GcpConfig.from_env(e), GcpPerimeter.from_env(e), metric=app.metrics)
+        out.append(gcp_reconcile.every(interval, stop))
     return out
 
 

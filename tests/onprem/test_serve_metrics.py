@@ -1,0 +1,75 @@
+"""``GET /metrics`` of ``ringfence serve`` as a process: what the services count (the names the
+Lambda functions publish to CloudWatch) in Prometheus' text format, for an admin token only.
+Before, every count under ``serve`` went nowhere, `SafeguardsLowered` included, which the docs
+say an alarm watches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from ringfence import serve
+from tests.onprem.conftest import ESTATE, policy_files
+from tests.onprem.test_serve_onprem import Server
+
+READER = "metrics-reader-token-0123456789abcdef"
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    s = Server(tmp_path)
+    with s.tokens.open("a") as f:  # a scraper's token: the reader role, which may change nothing
+        f.write(f"prometheus:{serve.token_hash(READER)}:reader\n")
+    s.start()
+    yield s
+    if s.proc is not None and s.proc.poll() is None:
+        s.proc.terminate()
+        s.proc.wait(15)
+
+
+def scrape(server: Server, token: str | None = READER) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.get(f"{server.url}/metrics", headers=headers, timeout=30)
+
+
+def counts(text: str) -> dict[str, float]:
+    """Counter samples by name (``…_total``), parsed as Prometheus parses them."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if family.type == "counter" and sample.name.endswith("_total"):
+                out[sample.name] = sample.value
+    return out
+
+
+def test_serve_counts_what_admins_and_agents_do_for_an_admin_token_only(server: Server) -> None:
+    assert scrape(server, None).status_code == 401
+    assert scrape(server, "not-a-token").status_code == 401
+    for spec in ESTATE:
+        assert server.admin("POST", "/admin/workloads", {**spec, "reason": "rack 1"}).status_code == 201
+    assert server.admin("POST", "/admin/policies", {"files": policy_files(), "reason": "initial"}).status_code == 201
+    wid = ESTATE[0]["id"]
+    assert server.admin("POST", f"/admin/workloads/{wid}/quarantine", {"reason": "IR-1"}).status_code == 200
+    assert server.admin("DELETE", f"/admin/workloads/{wid}/quarantine", {"reason": "IR-1 closed"}).status_code == 200
+    # refused: a reader may not quarantine; an enrollment with a key nobody issued
+    r = httpx.post(
+        f"{server.url}/admin/workloads/{wid}/quarantine",
+        json={"reason": "x"},
+        headers={"Authorization": f"Bearer {READER}"},
+        timeout=30,
+    )
+    assert r.status_code == 403
+    assert server.enroll(wid, "a-key-nobody-issued").status_code == 401
+
+    got = scrape(server)
+    assert got.status_code == 200 and got.headers["content-type"].startswith("text/plain")
+    c = counts(got.text)
+    assert c["ringfence_safeguards_lowered_total"] == 1  # the release
+    assert c["ringfence_admin_actions_total"] == len(ESTATE) + 3
+    assert c["ringfence_admin_requests_refused_total"] == 1
+    assert c["ringfence_enrollments_refused_total"] == 1
+    assert "ringfence_enrollments_total" not in c, "nothing was enrolled"
