@@ -1,5 +1,6 @@
 """``GET /metrics`` of ``ringfence serve`` as a process: what the services count (the names the
-Lambda functions publish to CloudWatch) in Prometheus' text format, for an admin token only.
+Lambda functions publish to CloudWatch, the compute worker's among them) in Prometheus' text
+format, for an admin token only.
 Before, every count under ``serve`` went nowhere, `SafeguardsLowered` included, which the docs
 say an alarm watches."""
 
@@ -13,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ringfence import serve
+from tests.agentproc import wait_until
 from tests.onprem.conftest import ESTATE, policy_files
 from tests.onprem.test_serve_onprem import Server
 
@@ -73,3 +75,10 @@ def test_serve_counts_what_admins_and_agents_do_for_an_admin_token_only(server: 
     assert c["ringfence_admin_requests_refused_total"] == 1
     assert c["ringfence_enrollments_refused_total"] == 1
     assert "ringfence_enrollments_total" not in c, "nothing was enrolled"
+    # the compute worker's counts too: every registered workload's bundle published
+    wait_until(
+        lambda: counts(scrape(server).text).get("ringfence_bundles_published_total", 0) >= len(ESTATE),
+        30,
+        "compute's publications counted",
+        server.log,
+    )

@@ -150,13 +150,16 @@ def new_admin_token(principal: str, roles: Iterable[str]) -> tuple[str, str]:
 # --- stores ----------------------------------------------------------------------------------------
 
 
-def build_wiring(store: str, signing_key: Path | None = None, siem: str | None = None) -> Any:
+def build_wiring(
+    store: str, signing_key: Path | None = None, siem: str | None = None, metric: Metric = no_metric
+) -> Any:
     """The services' wiring for a ``--store`` value: ``sqlite:PATH`` (the SQLite file ``PATH``; its
     directory holds the published objects and, unless ``signing_key`` is given, the signing key:
     :class:`ringfence.local.wiring.LocalWiring`, with its compute worker) or ``aws`` (DynamoDB, S3
     and SQS named by the RINGFENCE_* environment, endpoints by the AWS SDK's, e.g.
     ``AWS_ENDPOINT_URL``; compute runs where the stack runs it). ``siem`` (``--siem``) overrides
-    ``$RINGFENCE_SIEM``: where audit records, drops and findings also go (:mod:`ringfence.siem`)."""
+    ``$RINGFENCE_SIEM``: where audit records, drops and findings also go (:mod:`ringfence.siem`).
+    ``metric``: what the compute worker counts (``sqlite:``; :class:`ringfence.metrics.Counters`)."""
     import dataclasses
 
     if siem:
@@ -181,7 +184,7 @@ def build_wiring(store: str, signing_key: Path | None = None, siem: str | None =
             from ringfence.local.wiring import local_config
 
             local = dataclasses.replace(local_config(), siem=siem) if siem else None
-            return LocalWiring(Path(store.removeprefix("sqlite:")), signing_key=signing_key, cfg=local)
+            return LocalWiring(Path(store.removeprefix("sqlite:")), signing_key=signing_key, cfg=local, metric=metric)
         except StateInUse as exc:
             raise ServeError(str(exc)) from None
     raise ServeError(f"--store {store!r}: expected sqlite:PATH or aws")
@@ -312,18 +315,20 @@ class ServeApp:
         threads: int = DEFAULT_THREADS,
         onprem: bool | None = None,
         azure: Any = None,
+        metrics: Counters | None = None,
     ) -> ServeApp:
         """The APIs over ``wiring``; ``onprem`` (default: whether it is the local wiring) adds the
         admin routes of on-premise workloads (register, CMDB import, deregister). ``azure`` (a
         :class:`ringfence.clouds.azure.wiring.Azure`; default: one from the environment when
         ``RINGFENCE_AZURE_SUBSCRIPTIONS`` is set) adds ``POST /azure/events`` (Event Grid) and the
-        ``azure-attested`` enrollment."""
+        ``azure-attested`` enrollment. ``metrics``: the counters ``GET /metrics`` shows (the ones
+        the wiring's compute counts into, when it was built with them)."""
         from ringfence.clouds.onprem import OnPremAdmin
         from ringfence.control.agents import AgentApi
         from ringfence.routes import admin as admin_api
         from ringfence.routes import agent as agent_api
 
-        counters = Counters()
+        counters = metrics if metrics is not None else Counters()
         gcp, enrollers = gcp_services(wiring, metric=counters)
         api = AgentApi(wiring, enrollers)
         adm = OnPremAdmin(wiring, counters)
@@ -666,10 +671,11 @@ def run(
     check_bind(host, tls_cert is not None, insecure)
     tokens = AdminTokens.load(admin_tokens) if admin_tokens is not None else None
     sock = listen(host, port)  # before the store: a taken port fails before anything starts
-    wiring = build_wiring(store, signing_key, siem)
+    counters = Counters()
+    wiring = build_wiring(store, signing_key, siem, counters)
     stop = threading.Event()
     try:
-        app = ServeApp.over(wiring, tokens, threads)
+        app = ServeApp.over(wiring, tokens, threads, metrics=counters)
         reconciles(app, wiring, stop)
         findings_pass(wiring, stop)
         server = uvicorn_server(app, tls_cert, tls_key)
