@@ -234,3 +234,12 @@ def test_the_fast_ingest_path_gives_the_rows_of_deciding_every_flow(
 
     assert verdicts(fast) == verdicts(slow)
     assert {r.decision for r in fast.rows.values()} >= {"allowed", "blocked", "unknown"}
+
+
+def test_agent_reports_bench_runs_small() -> None:
+    """The inline-reports benchmark (docs/benchmarks.md) runs, and the steady state reads less
+    than the whole-inventory pass even at 300 workloads."""
+    from tests.bench.agent_reports_bench import run
+
+    got = run(300, 3)
+    assert got["workloads"] == 300 and got["now_ms"] > 0 and got["before_ms"] > got["now_ms"], got

@@ -19,7 +19,7 @@ from ringfence.local.wiring import LocalWiring, StateInUse
 from ringfence.model import Workload
 from ringfence.store.base import InventoryRecord
 from ringfence.store.sqlite import SqliteStore
-from tests.onprem.conftest import boot, signing_key_file
+from tests.onprem.conftest import ESTATE, boot, signing_key_file
 
 
 def served(w: LocalWiring, wid: str) -> bundle.Bundle:
@@ -299,3 +299,55 @@ def test_the_governing_policy_is_read_once_per_batch_and_fresh_outside_one(wirin
     wiring.governing_policy()
     assert len(reads) == 4, "a new batch reads again"
     wiring.end_batch()
+
+
+def test_reports_read_the_whole_inventory_only_when_it_may_have_changed(
+    wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each report used to note every workload's addresses (a read of the whole inventory: 45 ms
+    at 1,000 workloads, 316 ms at 5,000, per report). Now the agent API does that pass only when
+    compute moved the engine head since the last one, or once it is FLOW_SYNC_MAX_AGE old; in
+    between, the reporter's own addresses are noted, so a workload the inventory holds but compute
+    has not reached yet still has its own flows taken."""
+    from ringfence.agentapi import ReportBatch
+    from ringfence.control import agents
+
+    admin = boot(wiring)
+    passes = [0]
+    whole = wiring.store.all_records
+
+    def counted() -> list[InventoryRecord]:
+        passes[0] += 1
+        return whole()
+
+    monkeypatch.setattr(wiring.store, "all_records", counted)
+    api = AgentApi(wiring)
+
+    def report(wid: str, src: str) -> None:
+        now = time.time()
+        flow = {"start": now, "end": now + 1, "src": src, "dst": "192.168.10.21", "proto": "tcp", "dport": 8443}
+        batch = ReportBatch.model_validate({"flows": [{**flow, "packets": 1, "bytes": 60, "direction": "outbound"}]})
+        assert api.reports(wid, batch).status == 202
+
+    def taken_from(src_labels: str) -> int:
+        return sum(r.flows for r in wiring.store.flow_rows() if src_labels in r.src)
+
+    report("dc1-web-1", "192.168.10.11")
+    report("dc1-web-1", "192.168.10.11")
+    assert passes[0] == 1, "the second report, with nothing changed, read no whole inventory"
+    # a workload stored (say, an observation) that compute has not reached: its own flows count
+    new = Workload(id="dc1-web-9", ips=["192.168.10.19"], tags={"ringfence:role": "web", "ringfence:app": "ordering",
+                   "ringfence:env": "prod", "ringfence:loc": "dc1"}, cloud="onprem")  # fmt: skip
+    wiring.store.observe(InventoryRecord(id=new.id, workload=new, observed_at=time.time()))
+    before = taken_from("role=web")
+    report("dc1-web-9", "192.168.10.19")
+    assert passes[0] == 1 and taken_from("role=web") == before + 1
+    # compute moved the head: the next report makes the pass; so does its age
+    revision = wiring.store.head().revision
+    assert admin.register_workload("alice", {**ESTATE[0], "id": "dc1-web-8", "ips": ["192.168.10.18"]}).status == 201
+    assert wiring.settle(60) and wiring.store.head().revision > revision
+    report("dc1-web-1", "192.168.10.11")
+    assert passes[0] == 2
+    monkeypatch.setattr(agents, "FLOW_SYNC_MAX_AGE", 0.0)
+    report("dc1-web-1", "192.168.10.11")
+    assert passes[0] == 3

@@ -35,6 +35,7 @@ class FlowStore(Protocol):
     """The store's flow part (SQLite and DynamoDB, one contract test: tests/aws/test_store.py)."""
 
     def all_records(self) -> Sequence[InventoryView]: ...
+    def get(self, workload_id: str) -> InventoryView | None: ...
     def note_addresses(self, owners: list[AddressOwner]) -> None: ...
     def address_history(self, addresses: list[str]) -> dict[str, list[AddressOwner]]: ...
     def add_flows(self, rows: list[FlowRow], ttl: int) -> None: ...
@@ -105,6 +106,14 @@ class FlowIngest:
         active = [r.effective() for r in recs if r.active]
         released = [ip for r in recs if not r.active for ip in r.workload.ips]
         return sync_addresses(self.store, active, released, time.time() if at is None else at)
+
+    def sync_workload(self, workload_id: str, at: float | None = None) -> int:
+        """Note one running workload's current addresses (a reporter's, between full
+        :meth:`sync` passes); nothing for one unknown or not running (the full pass releases)."""
+        rec = self.store.get(workload_id)
+        if rec is None or not rec.active:
+            return 0
+        return sync_addresses(self.store, [rec.effective()], [], time.time() if at is None else at)
 
     def flows(self, flows: Iterable[Flow], result: IngestResult | None = None) -> IngestResult:
         """Classify and store ``flows``. An agent's flow is taken only if one end was its
