@@ -18,7 +18,7 @@ from ringfence.governance import UNATTRIBUTED, Finding, TagChange, Verdict, bind
 from ringfence.labels import LabelMapper
 from ringfence.model import Mode
 from ringfence.siem import ocsf
-from ringfence.store.base import ConflictError, GovernanceMoved, InventoryRecord
+from ringfence.store.base import UNREAD, ConflictError, GovernanceMoved, InventoryRecord
 
 findings_log = logging.getLogger("ringfence.findings")
 """One JSON document per finding (schema ``ringfence.finding/v1``): subscribe the SIEM to it."""
@@ -58,10 +58,13 @@ def store_governed(
     metric: Metric = no_metric,
     release: frozenset[str] = frozenset(),
     parallel: bool = False,
+    fresh: bool = False,
 ) -> list[Stored]:
     """Decide each fresh observation's held labels and grants against its stored record (``stored``,
     as the caller read it) and write it (``release``: ids whose stored ``terminating`` to lift;
-    ``parallel``: the writes side by side). Where a binding, an approval or another observation's
+    ``parallel``: the writes side by side; ``fresh``: ``stored`` may be old, e.g. a reconcile
+    pass's snapshot, so the store reads each record again for what only it decides: a sticky
+    ``terminating``, the tag version). Where a binding, an approval or another observation's
     hold lands between that read and the write (:class:`GovernanceMoved`), the record is read
     again and decided again, so no decision is lost. Held moves are reported once, for the
     decision that was stored. Raises ConflictError when decisions kept landing in between."""
@@ -72,7 +75,8 @@ def store_governed(
     def write(item: tuple[InventoryRecord, Verdict | None]) -> bool | None:
         rec = item[0]
         try:
-            return w.store.observe(rec, previous=base[rec.id], release_terminating=rec.id in release)
+            previous = UNREAD if fresh else base[rec.id]
+            return w.store.observe(rec, previous=previous, release_terminating=rec.id in release)
         except GovernanceMoved:
             return None
 

@@ -56,7 +56,7 @@ class Reconcile:
                 release = frozenset(held - set(ec2.leaving_groups(asg, sorted(held))))
             # reconcile names no principal: it never approves a move into a privileged value
             for rec, written, governed in store_governed(
-                self.w, observed, records, metric=self.metric, release=release
+                self.w, observed, records, metric=self.metric, release=release, fresh=True
             ):
                 if written or governed:
                     changed.add(rec.id)
