@@ -50,7 +50,7 @@ def _log(results: list[dict[str, Any]]) -> None:
     for r in results:
         summary = {k: r.get(k) for k in ("account", "region", "scope", "applied", "plan", "violations")}
         if r.get("violations"):
-            logger.error("perimeter plan over quota: nothing changed", extra=summary)
+            logger.error("perimeter plan refused: nothing changed", extra=summary)
         else:
             logger.info("perimeter reconciled", extra=summary | {"changes": [c["text"] for c in r["changes"]]})
 

@@ -503,3 +503,41 @@ def test_a_member_accounts_perimeter_goes_through_its_own_role_only(
     assert assumed == [perimeter_role]
     [in_member] = [r for r in results if r["account"] == member]
     assert in_member["region"] == REGION and in_member.get("violations") is None, in_member
+
+
+def test_a_member_account_without_a_perimeter_role_is_refused_not_managed_as_this_account(
+    configured: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An upgrade that lists a member account in ``AccountRoles`` but not yet in
+    ``PerimeterAccountRoles``: the perimeter must not manage it with the control account's own
+    credentials (it would describe the wrong account, take the member's instances for gone and hand
+    their launches on without groups). The real perimeter function refuses that place's plan: no
+    role assumed, no group made, and the launch's lifecycle action is left to time out."""
+    import json
+
+    from ringfence.model import Workload
+    from ringfence.store.base import InventoryRecord
+
+    member = "210987654321"
+    read_only = f"arn:aws:iam::{member}:role/ringfence-member-readonly"
+    monkeypatch.setenv("RINGFENCE_ACCOUNT_ROLES", json.dumps({member: read_only}))
+    monkeypatch.setenv("RINGFENCE_RECONCILE_TARGETS", json.dumps([{"account": member, "region": REGION}]))
+    configured.load_functions()
+    assumed: list[str] = []
+    configured.hook("before-parameter-build.sts.AssumeRole", lambda params, **_: assumed.append(params["RoleArn"]))
+    iid = "i-0123456789abcdef0"
+    w = Workload(id=iid, ips=["10.1.0.5"], tags={"ringfence:env": "prod"}, cloud="aws", account=member, region=REGION)
+    configured.store.observe(InventoryRecord(id=iid, workload=w, state="pending", observed_at=1.0))
+    groups_before = configured.ec2.describe_security_groups()["SecurityGroups"]
+    lc = {"instance_id": iid, "transition": "autoscaling:EC2_INSTANCE_LAUNCHING", "hook_name": "h", "group_name": "g"}
+    configured.sqs.send_message(
+        QueueUrl=configured.queues["perimeter"], MessageBody=json.dumps({"ids": [iid], "lifecycles": [lc]})
+    )
+    configured.drain("perimeter", "perimeter")
+    [in_member] = [r for r in schedule(configured) if r["account"] == member]
+    assert assumed == [], "no role of the member account's was assumed for security-group work"
+    assert in_member["applied"] is False
+    assert "no perimeter role in PerimeterAccountRoles" in in_member["violations"][0], in_member
+    assert configured.ec2.describe_security_groups()["SecurityGroups"] == groups_before, "nothing made here instead"
+    assert configured.receive("compute") == [], "the launch is not handed on without its groups"
+    assert "will time out into its configured default result" in caplog.text

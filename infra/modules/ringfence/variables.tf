@@ -235,3 +235,13 @@ variable "azure" {
     error_message = "azure: set eventgrid_secret_arn or eventgrid_tenant/eventgrid_audience: deliveries must be authenticated."
   }
 }
+
+# A member account listed for reads but not for the perimeter: the perimeter refuses its plans (its
+# security groups are not managed and its launches' lifecycle actions time out into their default
+# result). A warning, not an error: leaving a member's perimeter unmanaged may be deliberate.
+check "member_accounts_have_a_perimeter_role" {
+  assert {
+    condition     = length(setsubtract(keys(var.account_roles), keys(var.perimeter_account_roles))) == 0
+    error_message = "account_roles lists accounts without a perimeter role in perimeter_account_roles: ${join(", ", setsubtract(keys(var.account_roles), keys(var.perimeter_account_roles)))}. Their perimeters are not managed and their launch lifecycle actions time out."
+  }
+}

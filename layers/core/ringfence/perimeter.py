@@ -51,6 +51,12 @@ class PlanRefused(PerimeterError):
         self.violations = violations
 
 
+class PerimeterRoleMissing(PlanRefused):
+    """The place has no role the perimeter may manage it with: nothing was changed."""
+
+    what = "perimeter not managed here"
+
+
 class QuotaExceeded(PlanRefused):
     """The plan would exceed a provider quota: nothing was changed."""
 

@@ -121,8 +121,8 @@ class Perimeter:
         workloads = {r.id: dict(r.labels) for r in recs if r.state not in GONE_STATES}
         base: dict[str, Any] = {"account": account, "region": region, "scope": scope.value}
         base["workloads"] = sorted(workloads)
-        sgp = SecurityGroupPerimeter(self.w.perimeter_ec2_for(account, region))
         try:
+            sgp = SecurityGroupPerimeter(self.w.perimeter_ec2_for(account, region))
             res = sgp.reconcile(self.config, workloads, scope, dry_run=dry_run, gone=[r.id for r in recs])
         except PlanRefused as exc:
             self.metric("PerimeterPlanRefused", 1)

@@ -12,6 +12,7 @@ from ringfence.control.changes import MovedSince, StoreChanges
 from ringfence.control.groupsend import GroupSend, merge_compute
 from ringfence.control.publish import Notifier
 from ringfence.control.wiring import BaseWiring, Config, NoSigningKey
+from ringfence.perimeter import PerimeterRoleMissing
 
 from . import clients, ec2
 from .enroll import enroll_iid, enroll_sts
@@ -34,6 +35,7 @@ class Wiring(BaseWiring):
         )
         self.sqs = clients.client("sqs")
         self._signer: Any = None
+        self._home_account: str | None = None
         self.changes = StoreChanges(
             self.store.head, cfg.wait_poll_interval, MovedSince(self.store.moved_after, self.store.published_after)
         )
@@ -62,10 +64,26 @@ class Wiring(BaseWiring):
 
     def perimeter_ec2_for(self, account: str, region: str) -> Any:
         """EC2 in ``account`` with the perimeter's own role there (``perimeter_account_roles``): the
-        read-only member role (``account_roles``) never carries security-group writes."""
-        return clients.assumed_client(
-            "ec2", region, self.cfg.perimeter_account_roles.get(account), "ringfence-perimeter"
-        )
+        read-only member role (``account_roles``) never carries security-group writes. A member
+        account without a perimeter role is refused, never served with this account's own
+        credentials: those would describe the wrong account, take its instances for gone and hand
+        their launches on without groups."""
+        role = self.cfg.perimeter_account_roles.get(account)
+        if not role and account != self.home_account:
+            raise PerimeterRoleMissing(
+                [
+                    f"account {account}: no perimeter role in PerimeterAccountRoles (perimeter_account_roles), so "
+                    "its security groups are not managed; add the account's ringfence-member-perimeter role"
+                ]
+            )
+        return clients.assumed_client("ec2", region, role, "ringfence-perimeter")
+
+    @property
+    def home_account(self) -> str:
+        """The account these functions run in (asked of STS once per process)."""
+        if self._home_account is None:
+            self._home_account = str(clients.client("sts").get_caller_identity()["Account"])
+        return self._home_account
 
     def autoscaling_for(self, account: str, region: str) -> Any:
         return clients.assumed_client("autoscaling", region, self.cfg.account_roles.get(account))
