@@ -237,9 +237,11 @@ def test_the_fast_ingest_path_gives_the_rows_of_deciding_every_flow(
 
 
 def test_agent_reports_bench_runs_small() -> None:
-    """The inline-reports benchmark (docs/benchmarks.md) runs, and the steady state reads less
-    than the whole-inventory pass even at 300 workloads."""
+    """The inline-reports benchmark (docs/benchmarks.md) runs, and the steady state reads one
+    record where the whole-inventory pass reads all 300 (work, not the clock: no flake on a busy
+    machine)."""
     from tests.bench.agent_reports_bench import run
 
     got = run(300, 3)
-    assert got["workloads"] == 300 and got["now_ms"] > 0 and got["before_ms"] > got["now_ms"], got
+    assert got["workloads"] == 300 and got["now_ms"] > 0 and got["before_ms"] > 0, got
+    assert got["before_records"] == 300 and got["now_records"] == 1, got

@@ -83,6 +83,32 @@ def test_older_observation_never_wins(store: Store) -> None:
     assert store.observe(rec(12, "dev")) is True
 
 
+def test_the_inventory_generation_moves_with_records_not_with_liveness(store: Store) -> None:
+    """A reader that would otherwise read every record (inline flow reports) asks this first."""
+    from ringfence.store.dynamodb import DynamoStore
+
+    gen = store.inventory_generation
+    if isinstance(store, DynamoStore):
+        assert gen() is None, "DynamoDB keeps none"
+        return
+    seen = [gen()]
+
+    def moved() -> bool:
+        seen.append(gen())
+        return seen[-1] != seen[-2]
+
+    store.observe(rec(10, "prod"))
+    assert moved(), "a new record"
+    store.set_liveness(WID, heartbeat=11.0, enrolled=True)
+    assert not moved(), "liveness is not the inventory's"
+    store.observe(rec(12, "dev"))
+    assert moved(), "new tags"
+    store.set_operator(WID, quarantined=True)
+    assert moved(), "an operator's quarantine"
+    store.observe(rec(13, "dev", state="terminated"))
+    assert moved(), "gone"
+
+
 def test_terminating_is_sticky_while_the_instance_still_runs(store: Store) -> None:
     store.observe(rec(10, "prod"))
     store.observe(rec(11, "prod", state="terminating"))

@@ -54,18 +54,37 @@ def run(n: int, reports: int) -> dict[str, float]:
 
         def now_() -> None:
             store.head()
+            store.inventory_generation()
             ingest.sync_workload("w1")
             ingest.agent_batch("w1", batch)
 
+        # inventory records each variant reads per report: the work, apart from the clock
+        read = [0]
+        whole, one = store.all_records, store.get
+
+        def all_records() -> list[InventoryRecord]:
+            got = whole()
+            read[0] += len(got)
+            return got
+
+        def get(workload_id: str) -> InventoryRecord | None:
+            got = one(workload_id)
+            read[0] += got is not None
+            return got
+
+        store.all_records, store.get = all_records, get  # type: ignore[method-assign]
         out: dict[str, list[float]] = {"before_ms": [], "now_ms": []}
+        records: dict[str, int] = {}
         for _ in range(reports):  # interleaved, each timed alone
             for name, fn in (("before_ms", before), ("now_ms", now_)):
+                read[0] = 0
                 t0 = time.perf_counter()
                 fn()
                 out[name].append((time.perf_counter() - t0) * 1e3)
+                records[name.replace("_ms", "_records")] = read[0]
         store.close()
     med = {k: round(statistics.median(v), 2) for k, v in out.items()}
-    return {"workloads": n, **med, "ratio": round(med["before_ms"] / med["now_ms"], 1)}
+    return {"workloads": n, **med, "ratio": round(med["before_ms"] / med["now_ms"], 1), **records}
 
 
 def main() -> None:

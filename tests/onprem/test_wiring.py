@@ -306,9 +306,9 @@ def test_reports_read_the_whole_inventory_only_when_it_may_have_changed(
 ) -> None:
     """Each report used to note every workload's addresses (a read of the whole inventory: 45 ms
     at 1,000 workloads, 316 ms at 5,000, per report). Now the agent API does that pass only when
-    compute moved the engine head since the last one, or once it is FLOW_SYNC_MAX_AGE old; in
-    between, the reporter's own addresses are noted, so a workload the inventory holds but compute
-    has not reached yet still has its own flows taken."""
+    compute moved the engine head or an inventory record changed since the last one, or once it
+    is FLOW_SYNC_MAX_AGE old; in between, the reporter's own addresses are noted. An agent's
+    heartbeat is no change of the inventory's; a pass that failed is tried again at the next report."""
     from ringfence.agentapi import ReportBatch
     from ringfence.control import agents
 
@@ -333,21 +333,68 @@ def test_reports_read_the_whole_inventory_only_when_it_may_have_changed(
         return sum(r.flows for r in wiring.store.flow_rows() if src_labels in r.src)
 
     report("dc1-web-1", "192.168.10.11")
+    wiring.store.set_liveness("dc1-web-1", heartbeat=time.time())
     report("dc1-web-1", "192.168.10.11")
-    assert passes[0] == 1, "the second report, with nothing changed, read no whole inventory"
-    # a workload stored (say, an observation) that compute has not reached: its own flows count
+    assert passes[0] == 1, "the second report, after only a heartbeat, read no whole inventory"
+    # a workload stored (say, an observation) that compute has not reached: the next report
+    # notes it with the rest, so its flows and its peers' flows to it count at once
     new = Workload(id="dc1-web-9", ips=["192.168.10.19"], tags={"ringfence:role": "web", "ringfence:app": "ordering",
                    "ringfence:env": "prod", "ringfence:loc": "dc1"}, cloud="onprem")  # fmt: skip
     wiring.store.observe(InventoryRecord(id=new.id, workload=new, observed_at=time.time()))
     before = taken_from("role=web")
     report("dc1-web-9", "192.168.10.19")
-    assert passes[0] == 1 and taken_from("role=web") == before + 1
+    assert passes[0] == 2 and taken_from("role=web") == before + 1
     # compute moved the head: the next report makes the pass; so does its age
     revision = wiring.store.head().revision
     assert admin.register_workload("alice", {**ESTATE[0], "id": "dc1-web-8", "ips": ["192.168.10.18"]}).status == 201
     assert wiring.settle(60) and wiring.store.head().revision > revision
     report("dc1-web-1", "192.168.10.11")
-    assert passes[0] == 2
-    monkeypatch.setattr(agents, "FLOW_SYNC_MAX_AGE", 0.0)
+    assert passes[0] == 3
     report("dc1-web-1", "192.168.10.11")
     assert passes[0] == 3
+    monkeypatch.setattr(agents, "FLOW_SYNC_MAX_AGE", 0.0)
+    report("dc1-web-1", "192.168.10.11")
+    assert passes[0] == 4
+    monkeypatch.setattr(agents, "FLOW_SYNC_MAX_AGE", 30.0)
+    # a pass that fails (the store busy, say) is not taken for done: the next report tries again
+    wiring.store.set_operator("dc1-web-8", quarantined=True)
+    failing = [True]
+
+    def flaky() -> list[InventoryRecord]:
+        passes[0] += 1
+        if failing.pop() if failing else False:
+            raise RuntimeError("database is locked")
+        return whole()
+
+    monkeypatch.setattr(wiring.store, "all_records", flaky)
+    report("dc1-web-1", "192.168.10.11")
+    report("dc1-web-1", "192.168.10.11")
+    assert passes[0] == 6, "the failed pass was made again"
+    report("dc1-web-1", "192.168.10.11")
+    assert passes[0] == 6
+
+
+def test_a_shared_address_does_not_change_hands_at_every_report(wiring: LocalWiring) -> None:
+    """Two running workloads with the same private address (two sites, two VPCs): the full pass
+    names one owner; reports of the other must not take the address back at each report (each
+    flip opened an interval in the address history, without end)."""
+    from ringfence.agentapi import ReportBatch
+
+    boot(wiring)
+    api = AgentApi(wiring)
+    twin = Workload(id="dc2-web-1", ips=["192.168.10.11"], tags={"ringfence:role": "web", "ringfence:app": "ordering",
+                    "ringfence:env": "prod", "ringfence:loc": "dc2"}, cloud="onprem")  # fmt: skip
+    wiring.store.observe(InventoryRecord(id=twin.id, workload=twin, observed_at=time.time()))
+
+    def report(wid: str) -> None:
+        now = time.time()
+        flow = {"start": now, "end": now + 1, "src": "192.168.10.11", "dst": "192.168.10.21", "proto": "tcp"}
+        batch = ReportBatch.model_validate({"flows": [{**flow, "dport": 8443, "packets": 1, "bytes": 60,
+                                                      "direction": "outbound"}]})  # fmt: skip
+        assert api.reports(wid, batch).status == 202
+
+    for _ in range(3):
+        report("dc1-web-1")
+        report("dc2-web-1")
+    history = wiring.store.address_history(["192.168.10.11"])["192.168.10.11"]
+    assert len(history) == 1, [(o.since, o.workload_id) for o in history]

@@ -64,7 +64,7 @@ class AgentApi:
         self._heads_lock = threading.Lock()
         # the last full pass over the inventory's address owners for inline flows: (engine head
         # revision, when); see _ingest_flows
-        self._flows_synced: tuple[int, float] | None = None
+        self._flows_synced: tuple[tuple[int, int | None], float] | None = None
         self._flows_lock = threading.Lock()
 
     def nonce(self) -> Response:
@@ -474,8 +474,9 @@ class AgentApi:
         agent's: the batch is archived already and a later ingest can read it again.
 
         Address owners are noted from the whole inventory only when compute moved the engine
-        head since the last such pass, or ``FLOW_SYNC_MAX_AGE`` seconds went by; in between, the
-        reporter's own addresses alone (its flows are taken by them). A full pass reads every
+        head or an inventory record changed (:meth:`Store.inventory_generation`) since the last
+        such pass, or ``FLOW_SYNC_MAX_AGE`` seconds went by; in between, the reporter's own
+        addresses alone (its flows are taken by them). A full pass reads every
         record: once per report it cost 45 ms at 1,000 workloads and 316 ms at 5,000
         (docs/benchmarks.md, "Flows in")."""
         from ringfence.flows.ingest import FlowIngest
@@ -486,14 +487,16 @@ class AgentApi:
         try:
             ingest = FlowIngest(self.w.store, active[1])
             now = time.time()
-            revision = self.w.store.head().revision
+            # what moves address owners: compute's head, and any inventory write compute has not
+            # reached yet (an observation, an operator's quarantine) where the store counts them
+            moved = (self.w.store.head().revision, self.w.store.inventory_generation())
             with self._flows_lock:
                 last = self._flows_synced
-                full = last is None or last[0] != revision or now - last[1] > FLOW_SYNC_MAX_AGE
-                if full:
-                    self._flows_synced = (revision, now)
+                full = last is None or last[0] != moved or now - last[1] > FLOW_SYNC_MAX_AGE
             if full:
                 ingest.sync(now)
+                with self._flows_lock:  # only a pass that succeeded spares the next reports one
+                    self._flows_synced = (moved, now)
             else:
                 ingest.sync_workload(workload_id, now)
             ingest.agent_batch(workload_id, doc)

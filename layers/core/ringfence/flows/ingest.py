@@ -14,7 +14,15 @@ from typing import Any, Protocol
 from ringfence.flows.aggregate import DEFAULT_RETENTION_DAYS, Aggregator, FlowRow
 from ringfence.flows.classify import Classifier
 from ringfence.flows.records import Flow
-from ringfence.flows.resolve import AddressBook, AddressOwner, sync_addresses
+from ringfence.flows.resolve import (
+    NOBODY,
+    AddressBook,
+    AddressOwner,
+    changed_owners,
+    current_owners,
+    latest_owners,
+    sync_addresses,
+)
 from ringfence.flows.vpclogs import ParseReport, parse_gzip_records
 from ringfence.model import Workload
 from ringfence.policy import Policy
@@ -109,11 +117,26 @@ class FlowIngest:
 
     def sync_workload(self, workload_id: str, at: float | None = None) -> int:
         """Note one running workload's current addresses (a reporter's, between full
-        :meth:`sync` passes); nothing for one unknown or not running (the full pass releases)."""
+        :meth:`sync` passes); nothing for one unknown or not running (the full pass releases).
+        An address another running workload holds too (the same private range in two VPCs or
+        sites) is left as the full pass noted it: taking it here would open a new interval at
+        every report, and give it back at every pass."""
         rec = self.store.get(workload_id)
         if rec is None or not rec.active:
             return 0
-        return sync_addresses(self.store, [rec.effective()], [], time.time() if at is None else at)
+        current = current_owners([rec.effective()])
+        latest = latest_owners(self.store, sorted(current))
+        for address, last in latest.items():
+            if last.workload_id not in (NOBODY, workload_id):
+                other = self.store.get(last.workload_id)
+                if other is not None and other.active and address in other.workload.ips:
+                    del current[address]
+        opened = changed_owners(
+            current, {a: o for a, o in latest.items() if a in current}, time.time() if at is None else at
+        )
+        if opened:
+            self.store.note_addresses(opened)
+        return len(opened)
 
     def flows(self, flows: Iterable[Flow], result: IngestResult | None = None) -> IngestResult:
         """Classify and store ``flows``. An agent's flow is taken only if one end was its

@@ -69,13 +69,17 @@ def sync_addresses(store: AddressHistoryStore, active: Iterable[Workload], relea
     their addresses, and that ``released`` addresses (of workloads gone) are nobody's unless an
     active one holds them; the number of intervals opened."""
     current = current_owners(active)
-    asked = sorted(set(current) | set(released))
-    history = store.address_history(asked)
-    latest = {a: max(h, key=lambda o: o.since) for a, h in history.items() if h}
+    latest = latest_owners(store, sorted(set(current) | set(released)))
     opened = changed_owners(current, latest, at)
     if opened:
         store.note_addresses(opened)
     return len(opened)
+
+
+def latest_owners(store: AddressHistoryStore, addresses: list[str]) -> dict[str, AddressOwner]:
+    """The interval each of ``addresses`` is in now (those never recorded: absent)."""
+    history = store.address_history(addresses)
+    return {a: max(h, key=lambda o: o.since) for a, h in history.items() if h}
 
 
 @dataclass(slots=True)

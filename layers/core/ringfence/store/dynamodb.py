@@ -311,6 +311,9 @@ class DynamoStore:
 
     # --- engine head and policy -----------------------------------------------------------------
 
+    def inventory_generation(self) -> int | None:
+        return None  # none kept: on AWS the flows function, not each report, notes address owners
+
     def head(self) -> EngineHead:
         item = self._get("engine", "head")
         if item is None:

@@ -85,6 +85,18 @@ CREATE TABLE IF NOT EXISTS inventory (
     offline INTEGER NOT NULL DEFAULT 0,
     governed_rev INTEGER NOT NULL DEFAULT 0
 );
+-- inventory_generation(): moved by triggers, so that every write path counts, in its own
+-- transaction (additive: version-2 readers without it are unaffected)
+CREATE TABLE IF NOT EXISTS inventory_gen (id INTEGER PRIMARY KEY CHECK (id = 1), gen INTEGER NOT NULL);
+INSERT OR IGNORE INTO inventory_gen VALUES (1, 0);
+CREATE TRIGGER IF NOT EXISTS inventory_gen_insert AFTER INSERT ON inventory
+BEGIN UPDATE inventory_gen SET gen = gen + 1; END;
+CREATE TRIGGER IF NOT EXISTS inventory_gen_delete AFTER DELETE ON inventory
+BEGIN UPDATE inventory_gen SET gen = gen + 1; END;
+CREATE TRIGGER IF NOT EXISTS inventory_gen_update AFTER UPDATE OF workload, state, op_mode, op_quarantined ON inventory
+WHEN OLD.workload IS NOT NEW.workload OR OLD.state IS NOT NEW.state
+  OR OLD.op_mode IS NOT NEW.op_mode OR OLD.op_quarantined IS NOT NEW.op_quarantined
+BEGIN UPDATE inventory_gen SET gen = gen + 1; END;
 CREATE TABLE IF NOT EXISTS head (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     revision INTEGER NOT NULL,
@@ -402,6 +414,9 @@ class SqliteStore:
                     raise KeyError(workload_id)  # rolls back: nothing written
 
     # --- engine head and policy -----------------------------------------------------------------
+
+    def inventory_generation(self) -> int | None:
+        return int(self._db().execute("SELECT gen FROM inventory_gen").fetchone()[0])
 
     def head(self) -> EngineHead:
         row = self._db().execute("SELECT revision, policy_version, clean FROM head WHERE id = 1").fetchone()
