@@ -398,3 +398,37 @@ def test_a_shared_address_does_not_change_hands_at_every_report(wiring: LocalWir
         report("dc2-web-1")
     history = wiring.store.address_history(["192.168.10.11"])["192.168.10.11"]
     assert len(history) == 1, [(o.since, o.workload_id) for o in history]
+
+
+def test_a_rewrite_refused_by_a_newer_decision_is_made_on_the_record_as_it_is_now(wiring: LocalWiring) -> None:
+    """A terminate lifecycle action's write (``rewrite_governed``): a binding landing after the
+    caller's read refuses the write, which is made again on the record read anew, so the binding
+    stays; and when the record meanwhile left (EC2 said terminated), nothing is written over it."""
+    from ringfence.clouds.aws.ingest import _store_leaving
+
+    w = Workload(id="i-1", ips=["10.0.0.1"], tags={"ringfence:env": "prod"}, cloud="aws")
+    wiring.store.observe(InventoryRecord(id="i-1", workload=w, observed_at=10.0))
+
+    def bind(grants: dict[str, str], t: float) -> None:
+        now = wiring.store.get("i-1")
+        assert now is not None
+        granted = now.workload.model_copy(update={"label_grants": grants})
+        wiring.store.observe(now.model_copy(update={"workload": granted, "observed_at": t}))
+
+    stale = wiring.store.get("i-1")
+    assert stale is not None
+    bind({"role": "jumpbox"}, 11.0)
+    assert _store_leaving(wiring, stale, 20.0) is True
+    now = wiring.store.get("i-1")
+    assert now is not None and now.state == "terminating" and now.workload.label_grants == {"role": "jumpbox"}
+
+    wiring.store.observe(InventoryRecord(id="i-2", workload=w.model_copy(update={"id": "i-2"}), observed_at=10.0))
+    stale = wiring.store.get("i-2")
+    assert stale is not None
+    gone = stale.model_copy(update={"state": "terminated", "observed_at": 12.0})
+    grant = stale.workload.model_copy(update={"label_grants": {"role": "jumpbox"}})
+    wiring.store.observe(stale.model_copy(update={"workload": grant, "observed_at": 11.0}))
+    wiring.store.observe(gone)
+    assert _store_leaving(wiring, stale, 20.0) is False
+    after = wiring.store.get("i-2")
+    assert after is not None and after.state == "terminated", "a terminated record is not made terminating again"

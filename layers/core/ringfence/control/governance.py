@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 from ringfence.audit import AuditRecord, state_digest
@@ -108,6 +108,27 @@ def store_governed(
             governed = _report(w, rec, verdict, event_id, metric, quarantine) or changed
         out.append(Stored(rec, written, governed))
     return out
+
+
+def rewrite_governed(
+    w: BaseWiring, rec: InventoryRecord, change: Callable[[InventoryRecord], InventoryRecord | None]
+) -> bool:
+    """Write ``change(rec)`` (``rec``: the record as the caller read it). Where another decision
+    lands in between (:class:`GovernanceMoved`), the record is read again and changed again, so
+    that decision is kept; ``change`` returning None (the record is no longer one to change) or
+    the record gone ends it with nothing written. What :meth:`Store.observe` returns; raises
+    ConflictError when decisions kept landing in between. One record's write, for the changes
+    that decide nothing themselves (a terminate): :func:`store_governed` decides, in batches."""
+    current: InventoryRecord | None = rec
+    for _ in range(GOVERN_ATTEMPTS):
+        new = change(current) if current is not None else None
+        if new is None:
+            return False
+        try:
+            return w.store.observe(new)  # the store reads what it decides itself: no stale `previous`
+        except GovernanceMoved:
+            current = w.store.get(rec.id)
+    raise ConflictError(f"{rec.id}: governance changed under {GOVERN_ATTEMPTS} writes")
 
 
 def _decide(

@@ -8,11 +8,11 @@ from typing import Any
 
 from ringfence.audit import AuditRecord
 from ringfence.control import credentials
-from ringfence.control.governance import GOVERN_ATTEMPTS, store_governed
+from ringfence.control.governance import rewrite_governed, store_governed
 from ringfence.control.wiring import BaseWiring, Metric, log, no_metric
 from ringfence.events import DomainEvent, Kind, MalformedEvent, normalize
 from ringfence.governance import TagChange
-from ringfence.store.base import ACTIVE_STATES, ConflictError, GovernanceMoved, InventoryRecord
+from ringfence.store.base import ACTIVE_STATES, InventoryRecord
 
 from . import ec2
 
@@ -203,16 +203,14 @@ def observe_instances(
 
 def _store_leaving(w: BaseWiring, rec: InventoryRecord, t: float) -> bool:
     """Store ``rec`` as terminating at ``t``, as it is stored now: a binding or an approval that
-    lands in between is kept (the write is refused and made again on the record read anew)."""
-    for _ in range(GOVERN_ATTEMPTS):
-        try:
-            return w.store.observe(rec.model_copy(update={"state": "terminating", "observed_at": t}))
-        except GovernanceMoved:
-            now = w.store.get(rec.id)
-            if now is None:
-                return False
-            rec = now
-    raise ConflictError(f"{rec.id}: governance changed under {GOVERN_ATTEMPTS} writes")
+    lands in between is kept, and a record that meanwhile left (terminated, terminating) is left."""
+
+    def leaving(now: InventoryRecord) -> InventoryRecord | None:
+        if now.state not in ACTIVE_STATES:
+            return None
+        return now.model_copy(update={"state": "terminating", "observed_at": t})
+
+    return rewrite_governed(w, rec, leaving)
 
 
 def _matters(before: InventoryRecord | None, after: InventoryRecord) -> bool:
