@@ -410,3 +410,48 @@ def _framing(gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch) 
     rec = wiring.store.get(inst["id"])
     assert rec is not None and rec.labels["role"] == "jumpbox" and rec.workload.held_labels is None
     assert not rec.op_quarantined
+
+
+def test_a_non_taggers_binding_named_by_id_only_is_read_back_and_then_names_them(
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resource Manager may log a binding by its tag value's id alone (``tagValues/…``): what it
+    set is not in the entry. A genuine non-tagger's such binding of a privileged value must still
+    be a finding naming them (read back first, as any blame), and a forged one of the same shape
+    names nobody. So must an insert binding secure tags by id (``params.resourceManagerTags``)."""
+    from ringfence.clouds.gcp.auditlog import parse
+
+    ingest = GcpIngest(wiring, gcp_config(gcp))
+    inst = web_vm(gcp, "10.20.2.13")
+    deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", inst))
+    zone = inst["zone"].rsplit("/", 1)[-1]
+    gcp.bind_tag(PROJECT, zone, inst["id"], ORG, "ringfence-role", "jumpbox")
+    genuine = tag_binding_entry(gcp, inst, "ringfence-role", "jumpbox", principal=MALLORY)
+    binding = genuine["protoPayload"]["request"]["tagBinding"]
+    del binding["tagValueNamespacedName"]
+    binding["tagValue"] = "tagValues/281484"
+    forged = copy.deepcopy(genuine)
+    forged["insertId"], forged["protoPayload"]["authenticationInfo"]["principalEmail"] = "forged-1", BOB
+    monkeypatch.setattr(ingest_module, "LOGGING_LAG", 0.0)
+
+    calls = len(gcp.calls)
+    status, body = post(ingest, push_body(forged), push_token(gcp))
+    assert status == 200, body
+    assert reads(gcp, calls) == 1
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.workload.held_labels is not None and rec.labels["role"] == "web"
+    assert not audits(wiring, "label.held", inst["id"]), "a forged entry blames nobody"
+    [unconfirmed] = audits(wiring, "label.unconfirmed", inst["id"])
+    assert unconfirmed.detail["claimed_principal"] == BOB
+
+    calls = len(gcp.calls)
+    deliver(gcp, ingest, genuine)
+    assert reads(gcp, calls) == 1
+    assert wiring.store.get(inst["id"]).labels["role"] == "web"  # type: ignore[union-attr]
+    assert [a.principal for a in audits(wiring, "label.held", inst["id"])] == [MALLORY], "her finding is not lost"
+
+    by_id = {"name": inst["name"], "params": {"resourceManagerTags": {"tagKeys/1": "tagValues/281484"}}}
+    event = parse(audit_entry("v1.compute.instances.insert", inst, principal=MALLORY, request=by_id))
+    assert event is not None and event.binds_tag_ids
+    plain = parse(audit_entry("v1.compute.instances.insert", inst, principal=MALLORY, request={"name": "x"}))
+    assert plain is not None and not plain.binds_tag_ids, "an ordinary insert costs no read"

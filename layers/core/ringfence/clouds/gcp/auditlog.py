@@ -70,6 +70,11 @@ class GcpEvent(BaseModel):
     last: bool = True
     failed: bool = False
     group: str | None = Field(None, description="the managed instance group that made the call")
+    binds_tag_ids: bool = Field(
+        False,
+        description="the call binds secure tags the entry names by id only (tagValues/…, an insert's "
+        "params.resourceManagerTags): which values it set is not known from the entry",
+    )
 
 
 # --- wire models (only the fields used) -------------------------------------------------------
@@ -209,6 +214,8 @@ def _compute(e: LogEntry, action: Action, base: dict[str, Any]) -> GcpEvent:
     if group is None and action is Action.INSERT and _SERVICE_AGENT.match(base["principal"] or ""):
         group = "?"  # the Google APIs service agent launches for MIGs; which one, the instance says
     name = req.get("name") if isinstance(req.get("name"), str) else (m[3] if m else None)
+    params = req.get("params")
+    by_id = action is Action.INSERT and isinstance(params, dict) and bool(params.get("resourceManagerTags"))
     return GcpEvent(
         action=action,
         project=project,
@@ -217,6 +224,7 @@ def _compute(e: LogEntry, action: Action, base: dict[str, Any]) -> GcpEvent:
         instance_name=name,
         requested=requested,
         group=group,
+        binds_tag_ids=by_id,
         **base,
     )
 
@@ -231,8 +239,12 @@ def _tag_binding(e: LogEntry, base: dict[str, Any]) -> GcpEvent | None:
     if not m:
         return None  # a binding on a project, a bucket, …: not a VM
     requested = None
+    creates = base["first"] and p.method_name.endswith("CreateTagBinding")
     nv = binding.get("tagValueNamespacedName")
-    if isinstance(nv, str) and nv.count("/") >= 2 and base["first"] and p.method_name.endswith("CreateTagBinding"):
+    if isinstance(nv, str) and nv.count("/") >= 2 and creates:
         _, key, value = nv.rsplit("/", 2)
         requested = {key: value}
-    return GcpEvent(action=Action.TAGS, project=m[1], zone=m[2], instance=m[3], requested=requested, **base)
+    by_id = creates and requested is None and bool(binding.get("tagValue"))
+    return GcpEvent(
+        action=Action.TAGS, project=m[1], zone=m[2], instance=m[3], requested=requested, binds_tag_ids=by_id, **base
+    )

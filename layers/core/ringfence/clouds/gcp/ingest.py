@@ -151,7 +151,8 @@ class GcpIngest:
         else:
             change = TagChange(said.principal, self.requested_tags(said.action, said.requested))
             approving = self.would_approve(change)
-            if not approving and not self.would_blame(change):
+            unknown = said.binds_tag_ids and self.cfg.label_source is not LabelSource.LABELS
+            if not approving and not self.would_blame(change, unknown_request=unknown):
                 # it set no privileged value: whoever called, a move it did not make is not theirs
                 change = TagChange(None, change.requested)
             else:
@@ -192,27 +193,26 @@ class GcpIngest:
     def would_approve(self, change: TagChange) -> bool:
         """The change could approve a move: an allowed tagger (of the policy governing now) set a
         privileged value. The entry is then read back before it approves."""
-        mapper = self._governed_mapper()
-        return (
-            mapper is not None
-            and bool(change.requested)
-            and is_tagger(mapper.config.taggers, change.principal)
-            and self._sets_privileged(mapper, change.requested or {})
-        )
+        mapper = self._caller_governed(change, tagger=True)
+        return mapper is not None and self._sets_privileged(mapper, change.requested or {})
 
-    def would_blame(self, change: TagChange) -> bool:
+    def would_blame(self, change: TagChange, *, unknown_request: bool = False) -> bool:
         """The change could raise a finding naming its caller (and quarantine, with
-        ``on_privileged_change: quarantine``): someone who is not a tagger set a privileged value.
-        The entry is then read back before it names anyone, so a forged entry blames nobody. An
-        entry that set no privileged value names nobody either (:meth:`apply`) and costs no read."""
+        ``on_privileged_change: quarantine``): someone who is not a tagger set a privileged value,
+        or bound secure tags the entry names by id only (``unknown_request``: what they set is not
+        known, so a genuine finding must not be lost). The entry is then read back before it names
+        anyone, so a forged entry blames nobody. An entry that set no privileged value names
+        nobody either (:meth:`apply`) and costs no read."""
+        mapper = self._caller_governed(change, tagger=False)
+        return mapper is not None and (unknown_request or self._sets_privileged(mapper, change.requested or {}))
+
+    def _caller_governed(self, change: TagChange, *, tagger: bool) -> LabelMapper | None:
+        """The governing mapper, when labels are governed and the change names a caller who is (or,
+        ``tagger`` False, is not) an allowed tagger."""
         mapper = self._governed_mapper()
-        return (
-            mapper is not None
-            and bool(change.requested)
-            and bool(change.principal)
-            and not is_tagger(mapper.config.taggers, change.principal)
-            and self._sets_privileged(mapper, change.requested or {})
-        )
+        if mapper is None or not change.principal:
+            return None
+        return mapper if is_tagger(mapper.config.taggers, change.principal) == tagger else None
 
     def _governed_mapper(self) -> LabelMapper | None:
         active = self.w.governing_policy()
