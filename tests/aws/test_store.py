@@ -596,6 +596,23 @@ def test_a_decision_landing_between_read_and_write_refuses_the_write(store: Stor
     assert got is not None and got.state == "terminated" and got.governed_rev == 2
 
 
+def test_a_tombstone_written_from_an_old_read_still_moves_the_version(store: Store) -> None:
+    """A tombstone is written whatever governance was decided meanwhile, so its version cannot be
+    one computed from the caller's read: a binding landing in between would share it, and a record
+    decided from the binding's state would then pass the version check over the tombstone."""
+    store.observe(rec(1.0, "prod"))
+    read = store.get(WID)
+    assert read is not None
+    store.observe(_granted(1.0, {"role": "jumpbox"}, read), previous=read)
+    bound = store.get(WID)
+    assert bound is not None and bound.governed_rev == 1
+    store.observe(rec(2.0, "prod", state="terminated"), previous=read)  # read before the binding
+    gone = store.get(WID)
+    assert gone is not None and gone.state == "terminated" and gone.governed_rev > bound.governed_rev
+    with pytest.raises(GovernanceMoved):
+        store.observe(_granted(3.0, {"role": "jumpbox"}, bound), previous=bound)
+
+
 def test_a_version_1_sqlite_file_gains_the_governance_version(tmp_path: Path) -> None:
     """A file written by the previous release (schema 1, no ``governed_rev``) opens, keeps its
     records (at version 0) and takes the new conditional writes."""

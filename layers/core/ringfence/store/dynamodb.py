@@ -176,21 +176,26 @@ class DynamoStore:
         tag_version = rec.tag_version
         if old is not None and old.tag_version is not None:
             tag_version = max(old.tag_version, tag_version or 0)
-        governed_rev = next_governed_rev(old, rec)
         values: dict[str, Any] = {
             ":w": rec.workload.model_dump_json(exclude={"mode", "quarantined"}),
             ":s": rec.state,
             ":t": Decimal(str(rec.observed_at)),
             ":l": json.dumps(rec.labels, sort_keys=True),
             ":p": json.dumps(rec.problems),
-            ":g": governed_rev,
         }
-        expr = "SET workload = :w, #st = :s, observed_at = :t, labels = :l, problems = :p, governed_rev = :g"
+        expr = "SET workload = :w, #st = :s, observed_at = :t, labels = :l, problems = :p, "
         condition = "(attribute_not_exists(observed_at) OR observed_at <= :t)"
         if rec.state != "terminated":
             # the governance decision this record was derived from is still the stored one
+            expr += "governed_rev = :g"
+            values[":g"] = next_governed_rev(old, rec)
             condition += " AND (attribute_not_exists(governed_rev) OR governed_rev = :r)"
             values[":r"] = rec.governed_rev
+        else:
+            # written whatever was decided since the caller's read: one more than what is stored
+            # then, never a number computed from that read (a binding in between would share it)
+            expr += "governed_rev = if_not_exists(governed_rev, :zero) + :one"
+            values |= {":zero": 0, ":one": 1}
         if tag_version is not None:
             expr += ", tag_version = :v"
             values[":v"] = tag_version
