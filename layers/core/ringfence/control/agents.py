@@ -62,8 +62,8 @@ class AgentApi:
         # without a head is absent from the heads): see _set_heads
         self._heads: tuple[int, dict[str, int], set[str]] | None = None
         self._heads_lock = threading.Lock()
-        # the last full pass over the inventory's address owners for inline flows: (engine head
-        # revision, when); see _ingest_flows
+        # the last full pass over the inventory's address owners for inline flows: ((engine head
+        # revision, inventory generation), when); see _ingest_flows
         self._flows_synced: tuple[tuple[int, int | None], float] | None = None
         self._flows_lock = threading.Lock()
 
