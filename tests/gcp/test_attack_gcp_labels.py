@@ -425,11 +425,8 @@ def test_a_non_taggers_binding_named_by_id_only_is_read_back_and_then_names_them
     inst = web_vm(gcp, "10.20.2.13")
     deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", inst))
     zone = inst["zone"].rsplit("/", 1)[-1]
-    gcp.bind_tag(PROJECT, zone, inst["id"], ORG, "ringfence-role", "jumpbox")
-    genuine = tag_binding_entry(gcp, inst, "ringfence-role", "jumpbox", principal=MALLORY)
-    binding = genuine["protoPayload"]["request"]["tagBinding"]
-    del binding["tagValueNamespacedName"]
-    binding["tagValue"] = "tagValues/281484"
+    jumpbox = gcp.bind_tag(PROJECT, zone, inst["id"], ORG, "ringfence-role", "jumpbox")
+    genuine = by_id(tag_binding_entry(gcp, inst, "ringfence-role", "jumpbox", principal=MALLORY), jumpbox)
     forged = copy.deepcopy(genuine)
     forged["insertId"], forged["protoPayload"]["authenticationInfo"]["principalEmail"] = "forged-1", BOB
     monkeypatch.setattr(ingest_module, "LOGGING_LAG", 0.0)
@@ -450,8 +447,59 @@ def test_a_non_taggers_binding_named_by_id_only_is_read_back_and_then_names_them
     assert wiring.store.get(inst["id"]).labels["role"] == "web"  # type: ignore[union-attr]
     assert [a.principal for a in audits(wiring, "label.held", inst["id"])] == [MALLORY], "her finding is not lost"
 
-    by_id = {"name": inst["name"], "params": {"resourceManagerTags": {"tagKeys/1": "tagValues/281484"}}}
-    event = parse(audit_entry("v1.compute.instances.insert", inst, principal=MALLORY, request=by_id))
-    assert event is not None and event.binds_tag_ids
+    tags = {"name": inst["name"], "params": {"resourceManagerTags": {"tagKeys/1": jumpbox}}}
+    event = parse(audit_entry("v1.compute.instances.insert", inst, principal=MALLORY, request=tags))
+    assert event is not None and event.tag_value_ids == (jumpbox,)
     plain = parse(audit_entry("v1.compute.instances.insert", inst, principal=MALLORY, request={"name": "x"}))
-    assert plain is not None and not plain.binds_tag_ids, "an ordinary insert costs no read"
+    assert plain is not None and not plain.tag_value_ids, "an ordinary insert costs no read"
+
+
+def by_id(entry: dict[str, Any], tag_value: str) -> dict[str, Any]:
+    """A CreateTagBinding entry as Resource Manager may log it: the value by its id only."""
+    binding = entry["protoPayload"]["request"]["tagBinding"]
+    del binding["tagValueNamespacedName"]
+    binding["tagValue"] = tag_value
+    return entry
+
+
+def test_a_binding_named_by_id_blames_only_for_the_value_it_bound(
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tagger has bound ``role=jumpbox`` and its entry is not delivered yet, when a non-tagger
+    CI account binds an unrelated tag (not a label key) by id. That entry's delivery sees the move
+    and holds it, but the CI account did not make it: under a policy that quarantines on findings
+    nobody is named and nothing is quarantined, and it costs no Logging read. The tagger's own
+    binding, named by id too, is resolved to what it set and approves the move."""
+    policy = gcp_policy_files()
+    policy["labels.yaml"] = policy["labels.yaml"].replace(
+        "on_privileged_change: hold", "on_privileged_change: quarantine"
+    )
+    admin = OnPremAdmin(wiring)
+    assert admin.provision("alice", policy, "quarantine on findings").status == 201
+    try:
+        ingest = GcpIngest(wiring, gcp_config(gcp))
+        inst = web_vm(gcp, "10.20.2.14")
+        deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", inst))
+        zone = inst["zone"].rsplit("/", 1)[-1]
+        jumpbox = gcp.bind_tag(PROJECT, zone, inst["id"], ORG, "ringfence-role", "jumpbox")
+        tagger = logged(gcp, by_id(tag_binding_entry(gcp, inst, "ringfence-role", "jumpbox"), jumpbox))
+        cost = gcp.bind_tag(PROJECT, zone, inst["id"], ORG, "cost-center", "cc-7")
+        ci = logged(gcp, by_id(tag_binding_entry(gcp, inst, "cost-center", "cc-7", principal=MALLORY), cost))
+        monkeypatch.setattr(ingest_module, "LOGGING_LAG", 0.0)
+
+        calls = len(gcp.calls)
+        deliver(gcp, ingest, ci)
+        assert reads(gcp, calls) == 0, "it set no privileged value: nothing to read back"
+        rec = wiring.store.get(inst["id"])
+        assert rec is not None and rec.workload.held_labels is not None and rec.labels["role"] == "web"
+        assert not rec.op_quarantined, "a binding of another tag quarantines nothing"
+        assert not audits(wiring, "label.held", inst["id"]), "and names nobody"
+
+        calls = len(gcp.calls)
+        deliver(gcp, ingest, tagger)
+        assert reads(gcp, calls) == 1
+        rec = wiring.store.get(inst["id"])
+        assert rec is not None and rec.labels["role"] == "jumpbox" and rec.workload.held_labels is None
+        assert not rec.op_quarantined
+    finally:  # the module's control plane goes on with its own policy
+        assert admin.provision("alice", gcp_policy_files(), "back").status == 201

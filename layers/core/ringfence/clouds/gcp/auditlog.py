@@ -70,10 +70,10 @@ class GcpEvent(BaseModel):
     last: bool = True
     failed: bool = False
     group: str | None = Field(None, description="the managed instance group that made the call")
-    binds_tag_ids: bool = Field(
-        False,
-        description="the call binds secure tags the entry names by id only (tagValues/…, an insert's "
-        "params.resourceManagerTags): which values it set is not known from the entry",
+    tag_value_ids: tuple[str, ...] = Field(
+        (),
+        description="secure tag values the call binds that the entry names by id only (tagValues/…, "
+        "an insert's params.resourceManagerTags): which key and value each is, the entry does not say",
     )
 
 
@@ -215,7 +215,8 @@ def _compute(e: LogEntry, action: Action, base: dict[str, Any]) -> GcpEvent:
         group = "?"  # the Google APIs service agent launches for MIGs; which one, the instance says
     name = req.get("name") if isinstance(req.get("name"), str) else (m[3] if m else None)
     params = req.get("params")
-    by_id = action is Action.INSERT and isinstance(params, dict) and bool(params.get("resourceManagerTags"))
+    rm_tags = params.get("resourceManagerTags") if action is Action.INSERT and isinstance(params, dict) else None
+    by_id = tuple(sorted(str(v) for v in rm_tags.values())) if isinstance(rm_tags, dict) else ()
     return GcpEvent(
         action=action,
         project=project,
@@ -224,7 +225,7 @@ def _compute(e: LogEntry, action: Action, base: dict[str, Any]) -> GcpEvent:
         instance_name=name,
         requested=requested,
         group=group,
-        binds_tag_ids=by_id,
+        tag_value_ids=by_id,
         **base,
     )
 
@@ -244,7 +245,8 @@ def _tag_binding(e: LogEntry, base: dict[str, Any]) -> GcpEvent | None:
     if isinstance(nv, str) and nv.count("/") >= 2 and creates:
         _, key, value = nv.rsplit("/", 2)
         requested = {key: value}
-    by_id = creates and requested is None and bool(binding.get("tagValue"))
+    tv = binding.get("tagValue")
+    by_id = (str(tv),) if creates and requested is None and isinstance(tv, str) and tv else ()
     return GcpEvent(
-        action=Action.TAGS, project=m[1], zone=m[2], instance=m[3], requested=requested, binds_tag_ids=by_id, **base
+        action=Action.TAGS, project=m[1], zone=m[2], instance=m[3], requested=requested, tag_value_ids=by_id, **base
     )

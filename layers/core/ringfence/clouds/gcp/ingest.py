@@ -149,10 +149,9 @@ class GcpIngest:
         if said is None:
             change = TagChange(None, None)  # unattributed: approves nothing and blames nobody
         else:
-            change = TagChange(said.principal, self.requested_tags(said.action, said.requested))
+            change = TagChange(said.principal, self.said_tags(project, said))
             approving = self.would_approve(change)
-            unknown = said.binds_tag_ids and self.cfg.label_source is not LabelSource.LABELS
-            if not approving and not self.would_blame(change, unknown_request=unknown):
+            if not approving and not self.would_blame(change):
                 # it set no privileged value: whoever called, a move it did not make is not theirs
                 change = TagChange(None, change.requested)
             else:
@@ -196,15 +195,13 @@ class GcpIngest:
         mapper = self._caller_governed(change, tagger=True)
         return mapper is not None and self._sets_privileged(mapper, change.requested or {})
 
-    def would_blame(self, change: TagChange, *, unknown_request: bool = False) -> bool:
+    def would_blame(self, change: TagChange) -> bool:
         """The change could raise a finding naming its caller (and quarantine, with
-        ``on_privileged_change: quarantine``): someone who is not a tagger set a privileged value,
-        or bound secure tags the entry names by id only (``unknown_request``: what they set is not
-        known, so a genuine finding must not be lost). The entry is then read back before it names
-        anyone, so a forged entry blames nobody. An entry that set no privileged value names
-        nobody either (:meth:`apply`) and costs no read."""
+        ``on_privileged_change: quarantine``): someone who is not a tagger set a privileged value.
+        The entry is then read back before it names anyone, so a forged entry blames nobody. An
+        entry that set no privileged value names nobody either (:meth:`apply`) and costs no read."""
         mapper = self._caller_governed(change, tagger=False)
-        return mapper is not None and (unknown_request or self._sets_privileged(mapper, change.requested or {}))
+        return mapper is not None and self._sets_privileged(mapper, change.requested or {})
 
     def _caller_governed(self, change: TagChange, *, tagger: bool) -> LabelMapper | None:
         """The governing mapper, when labels are governed and the change names a caller who is (or,
@@ -240,7 +237,8 @@ class GcpIngest:
         stored). A Logging API that cannot be read raises (the push is answered 503 and redelivered)."""
         logged, why = self._read_back(project, said)
         if logged is not None:
-            change = TagChange(logged.principal, self.requested_tags(logged.action, logged.requested))
+            same = (logged.requested, logged.tag_value_ids) == (said.requested, said.tag_value_ids)
+            change = TagChange(logged.principal, claimed.requested if same else self.said_tags(project, logged))
             if logged.principal == claimed.principal and change.requested == claimed.requested:
                 if not approving:
                     self.metric("AttributionsConfirmed", 1)
@@ -319,6 +317,26 @@ class GcpIngest:
                 f"it was logged {int(age)} s ago, more than {int(CONFIRM_MAX_AGE)} s: a replay approves nothing",
             )
         return logged, ""
+
+    def said_tags(self, project: str, ev: GcpEvent) -> dict[str, str] | None:
+        """What the call set, in the policy's key form (:meth:`requested_tags`), with the secure
+        tag values it names by id only resolved (:meth:`bound_by_id`)."""
+        out = self.requested_tags(ev.action, ev.requested)
+        if ev.tag_value_ids and self.cfg.label_source is not LabelSource.LABELS and self._governed_mapper():
+            # read only where it could approve or blame: governed labels, secure tags a source
+            out = {**(out or {}), **(self.requested_tags(Action.TAGS, self.bound_by_id(project, ev)) or {})}
+        return out
+
+    def bound_by_id(self, project: str, ev: GcpEvent) -> dict[str, str]:
+        """The secure tags (short key → value) among ``ev.tag_value_ids`` that the VM now carries
+        under a trusted parent, read from its effective tags. A value it no longer carries made no
+        move that could be held now, and one under an untrusted parent is no label: neither is
+        anything the call set, so neither approves or blames."""
+        ids = set(ev.tag_value_ids)
+        vm = {"zone": ev.zone, "id": ev.instance} if ev.instance.isdigit() else self.read(project, ev.zone, ev.instance)
+        if vm is None:  # logged by name (tags are bound to the VM's id), and the VM is gone
+            return {}
+        return {t.key: t.value for t in self.instances.secure_tags(self.cfg.projects[project], vm) if t.value_id in ids}
 
     def requested_tags(self, action: Action, requested: dict[str, str] | None) -> dict[str, str] | None:
         """What the call set, in the policy's key form, from the configured label source only

@@ -60,6 +60,7 @@ class SecureTag:
     value: str  # short name of the tag value (web)
     namespaced: str  # ORG_OR_PROJECT/key/value
     parent: str  # the tag key's parent (organizations/123, projects/p)
+    value_id: str = ""  # tagValues/N: how an audit entry may name the value
 
 
 def gcp_prefix(prefix: str) -> str:
@@ -108,7 +109,7 @@ def secure_tags(effective: Sequence[Any], parents: Sequence[str]) -> list[Secure
             continue
         key = nk.rsplit("/", 1)[-1]
         value = nv.rsplit("/", 1)[-1]
-        out.append(SecureTag(key, value, nv, parent))
+        out.append(SecureTag(key, value, nv, parent, str(get("tagValue") or "")))
     return out
 
 
