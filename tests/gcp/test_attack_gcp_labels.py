@@ -6,8 +6,10 @@ the real SDK clients and the real Logging HTTP path."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -184,12 +186,12 @@ def test_attack_gcp_forged_audit_entry_naming_a_tagger_approves_nothing(
     assert [a.principal for a in audits(wiring, "label.held", inst["id"])] == [MALLORY]  # the finding names her
 
     # her genuine entry as Google published it: a non-tagger setting a privileged value, read back
-    # once before it names her, and then it does
+    # once before it could name her; the swapped push (the same entry as logged) named her already
     calls = len(gcp.calls)
     deliver(gcp, ingest, genuine)
     assert reads(gcp, calls) == 1
     assert wiring.store.get(inst["id"]).labels["role"] == "web"  # type: ignore[union-attr]
-    assert [a.principal for a in audits(wiring, "label.held", inst["id"])] == [MALLORY, MALLORY]
+    assert [a.principal for a in audits(wiring, "label.held", inst["id"])] == [MALLORY], "one entry, one finding"
 
     # the tagger's own change to another VM, logged by Google and pushed: confirmed and approved
     other = web_vm(gcp, "10.20.2.11")
@@ -370,6 +372,14 @@ def test_attack_gcp_forged_entry_framing_a_colleague_blames_and_quarantines_nobo
     off. Cloud Logging has no such entry: the move is held, nobody is named, nothing is
     quarantined, and the unconfirmed entry is audited. Entries that set no privileged value name
     nobody and cost no read."""
+    with quarantining(wiring):
+        _framing(gcp, wiring, monkeypatch)
+
+
+@contextlib.contextmanager
+def quarantining(wiring: LocalWiring) -> Iterator[OnPremAdmin]:
+    """The lab's policy with ``on_privileged_change: quarantine``, for the block only (the
+    module's control plane goes on with its own policy after)."""
     policy = gcp_policy_files()
     policy["labels.yaml"] = policy["labels.yaml"].replace(
         "on_privileged_change: hold", "on_privileged_change: quarantine"
@@ -378,8 +388,8 @@ def test_attack_gcp_forged_entry_framing_a_colleague_blames_and_quarantines_nobo
     admin = OnPremAdmin(wiring)
     assert admin.provision("alice", policy, "quarantine on findings").status == 201
     try:
-        _framing(gcp, wiring, monkeypatch)
-    finally:  # the module's control plane goes on with its own policy
+        yield admin
+    finally:
         assert admin.provision("alice", gcp_policy_files(), "back").status == 201
 
 
@@ -470,13 +480,7 @@ def test_a_binding_named_by_id_blames_only_for_the_value_it_bound(
     and holds it, but the CI account did not make it: under a policy that quarantines on findings
     nobody is named and nothing is quarantined, and it costs no Logging read. The tagger's own
     binding, named by id too, is resolved to what it set and approves the move."""
-    policy = gcp_policy_files()
-    policy["labels.yaml"] = policy["labels.yaml"].replace(
-        "on_privileged_change: hold", "on_privileged_change: quarantine"
-    )
-    admin = OnPremAdmin(wiring)
-    assert admin.provision("alice", policy, "quarantine on findings").status == 201
-    try:
+    with quarantining(wiring):
         ingest = GcpIngest(wiring, gcp_config(gcp))
         inst = web_vm(gcp, "10.20.2.14")
         deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", inst))
@@ -501,5 +505,35 @@ def test_a_binding_named_by_id_blames_only_for_the_value_it_bound(
         rec = wiring.store.get(inst["id"])
         assert rec is not None and rec.labels["role"] == "jumpbox" and rec.workload.held_labels is None
         assert not rec.op_quarantined
-    finally:  # the module's control plane goes on with its own policy
-        assert admin.provision("alice", gcp_policy_files(), "back").status == 201
+
+
+def test_attack_gcp_a_genuine_finding_replayed_quarantines_once(
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mallory (not a tagger) binds ``role=jumpbox``: Cloud Logging has her entry, the finding
+    names her and the VM is quarantined. An operator looks into it and releases the VM while the
+    move is still held. Whoever may publish to the topic then pushes her genuine entry again,
+    within the hour: it must not quarantine the VM again, nor name her a second time; the replay
+    is audited as such."""
+    with quarantining(wiring) as admin:
+        monkeypatch.setattr(ingest_module, "LOGGING_LAG", 0.0)
+        ingest = GcpIngest(wiring, gcp_config(gcp))
+        inst = web_vm(gcp, "10.20.2.15")
+        deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", inst))
+        genuine = bind_tag_as(gcp, MALLORY, inst, "ringfence-role", "jumpbox")
+        deliver(gcp, ingest, genuine)
+        rec = wiring.store.get(inst["id"])
+        assert rec is not None and rec.op_quarantined and rec.workload.held_labels is not None
+        assert [a.principal for a in audits(wiring, "label.held", inst["id"])] == [MALLORY]
+
+        assert admin.quarantine("oscar", inst["id"], False, "looked into it").status == 200
+        calls = len(gcp.calls)
+        status, body = post(ingest, push_body(genuine), push_token(gcp))
+        assert status == 200, body
+        assert reads(gcp, calls) == 1
+        rec = wiring.store.get(inst["id"])
+        assert rec is not None and rec.workload.held_labels is not None and rec.labels["role"] == "web"
+        assert not rec.op_quarantined, "a replayed finding quarantines nothing"
+        assert [a.principal for a in audits(wiring, "label.held", inst["id"])] == [MALLORY]
+        [replay] = audits(wiring, "label.unconfirmed", inst["id"])
+        assert "named its caller already" in replay.reason

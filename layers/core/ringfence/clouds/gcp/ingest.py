@@ -145,7 +145,7 @@ class GcpIngest:
         if ev.group:
             self.metric("GroupLaunches", 1)
             log.info("%s %s/%s: made by managed instance group %s", ev.action.value, ev.zone, ev.instance, ev.group)
-        confirmed = False
+        spend: str | None = None
         if said is None:
             change = TagChange(None, None)  # unattributed: approves nothing and blames nobody
         else:
@@ -156,7 +156,7 @@ class GcpIngest:
                 change = TagChange(None, change.requested)
             else:
                 try:
-                    change, confirmed = self.confirm(project, said, change, approving=approving)
+                    change, spend = self.confirm(project, said, change, approving=approving)
                 except Exception:
                     if said is not ev and ev.operation:  # the redelivered last entry finds it again
                         with self._pending_lock:
@@ -164,10 +164,10 @@ class GcpIngest:
                     raise
         names = {ev.instance: ev.instance_name} if ev.instance_name else None
         changed = self.observe(project, ev.zone, [ev.instance], names=names, change=change, event_id=ev.event_id)
-        if confirmed and said is not None:
-            # spent only once its approval is stored: a delivery that failed before is redelivered
-            # and approves; a replay (the entry published again later) finds it spent
-            self.w.store.claim_once(_spent(said), int(CONFIRM_MAX_AGE) + 60)
+        if spend is not None:
+            # spent only once its approval or finding is stored: a delivery that failed before is
+            # redelivered and decides again; a replay (the entry published again later) finds it spent
+            self.w.store.claim_once(spend, int(CONFIRM_MAX_AGE) + 60)
         res.changed = sorted(changed)
         if changed:
             self.w.enqueue_compute(res.changed)
@@ -226,29 +226,29 @@ class GcpIngest:
 
     def confirm(
         self, project: str, said: GcpEvent, claimed: TagChange, *, approving: bool = True
-    ) -> tuple[TagChange, bool]:
+    ) -> tuple[TagChange, str | None]:
         """The change as Cloud Logging has it: the entry ``said`` (pushed, its principal a tagger's,
         or with ``approving`` False one :meth:`would_blame`) read back by its log, ``insertId`` and
         time, and the caller and request *as logged* returned. An entry that cannot be confirmed
-        (not logged, too old, spent by an approval already) approves nothing and blames nobody: the
-        returned change names no principal, and an audit record says why; one logged as another
-        caller's call is returned as that (governed as theirs). True with the change only when an
-        approving entry is confirmed as claimed (its claim is then taken once the approval is
-        stored). A Logging API that cannot be read raises (the push is answered 503 and redelivered)."""
+        (not logged, too old, spent already) approves nothing and blames nobody: the returned change
+        names no principal, and an audit record says why; one logged as another caller's call is
+        returned as that (governed as theirs). With the change, the claim to take once what it
+        decides is stored (:func:`_spent`, :func:`_blamed`), so that one entry approves once and
+        names its caller once (replayed within the hour while the move is still held, it would
+        quarantine again a VM an operator has released). A Logging API that cannot be read raises
+        (the push is answered 503 and redelivered)."""
         logged, why = self._read_back(project, said)
         if logged is not None:
             same = (logged.requested, logged.tag_value_ids) == (said.requested, said.tag_value_ids)
             change = TagChange(logged.principal, claimed.requested if same else self.said_tags(project, logged))
             if logged.principal == claimed.principal and change.requested == claimed.requested:
-                if not approving:
-                    self.metric("AttributionsConfirmed", 1)
-                    return change, False
-                # one entry approves once: replayed within the hour (after its move was undone and
-                # the value set again by someone else) it is what a replay is, and approves nothing
-                if not self.w.store.claimed(_spent(said)):
-                    self.metric("ApprovalsConfirmed", 1)
-                    return change, True
-                why = "this entry has approved a move already: a replay approves nothing"
+                # one entry decides once: replayed within the hour (after its move was undone and
+                # the value set again by someone else) it is what a replay is, and decides nothing
+                spend = _spent(said) if approving else _blamed(said)
+                if not self.w.store.claimed(spend):
+                    self.metric("ApprovalsConfirmed" if approving else "AttributionsConfirmed", 1)
+                    return change, spend
+                why = f"this entry has {'approved a move' if approving else 'named its caller'} already: a replay decides nothing"
                 logged = None
             else:
                 why = (
@@ -275,12 +275,11 @@ class GcpIngest:
                 reason=f"the pushed audit entry {'approves nothing' if approving else 'names nobody'}: {why}",
             )
         )
-        if logged is not None and self.would_approve(change):
-            # logged as a tagger's call after all: it approves as logged, and only once, like any
-            if self.w.store.claimed(_spent(said)):
-                return TagChange(None, None), False
-            return change, True
-        return change, False
+        if logged is not None and (self.would_approve(change) or self.would_blame(change)):
+            # logged as another's call after all: it decides as logged, and only once, like any
+            spend = _spent(said) if self.would_approve(change) else _blamed(said)
+            return (TagChange(None, None), None) if self.w.store.claimed(spend) else (change, spend)
+        return change, None
 
     def _read_back(self, project: str, said: GcpEvent) -> tuple[GcpEvent | None, str]:
         """The entry as logged (and ""), or None and why it is not confirmed."""
@@ -433,3 +432,8 @@ class GcpIngest:
 def _spent(entry: GcpEvent) -> str:
     """The claim an audit entry's approval leaves (:meth:`GcpIngest.apply`)."""
     return f"confirmed#{entry.event_id}"
+
+
+def _blamed(entry: GcpEvent) -> str:
+    """The claim an audit entry's finding leaves (:meth:`GcpIngest.apply`)."""
+    return f"blamed#{entry.event_id}"
