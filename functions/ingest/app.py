@@ -26,7 +26,7 @@ from ringfence.clouds.aws import clients
 from ringfence.clouds.aws.ingest import Ingest
 from ringfence.clouds.aws.wiring import Wiring
 from ringfence.control.wiring import Config
-from ringfence.events import DomainEvent, MalformedEvent, normalize_json
+from ringfence.events import DomainEvent, MalformedEvent, UnservedAccount, normalize_json
 
 logger = Logger()
 tracer = Tracer()
@@ -83,7 +83,11 @@ def record_handler(record: SQSRecord) -> dict[str, Any] | None:
     if event is None:
         svc["ingest"].ignored()
         return {"kind": "ignored"}
-    result: dict[str, Any] = svc["process"](event=event)
+    try:
+        result: dict[str, Any] = svc["process"](event=event)
+    except UnservedAccount as exc:  # kept for a redrive once the account is listed
+        _dead_letter(record, str(exc))
+        return None
     svc["ingest"].hand_on(result.get("changed") or [])  # once per batch, replays included
     logger.info("ingested", extra=result)
     return result

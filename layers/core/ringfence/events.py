@@ -31,6 +31,20 @@ class MalformedEvent(ValueError):
     """An event that can never be processed (goes to the DLQ, with this message)."""
 
 
+class UnservedAccount(MalformedEvent):
+    """About an AWS account that is neither this control plane's own nor listed with a role
+    (``AccountRoles``). It is never read with this account's own credentials instead: those would
+    describe another account, record its instances under the wrong account and take the member's
+    for gone. Its events go to the DLQ (redrive them once the account is listed)."""
+
+    def __init__(self, account: str) -> None:
+        super().__init__(
+            f"account {account} is not served: it is not in AccountRoles (account_roles) and is not this "
+            "control plane's own account; list its ringfence-member role to serve it"
+        )
+        self.account = account
+
+
 class Kind(enum.StrEnum):
     STATE = "state"  # EC2 state change
     TAGS = "tags"  # tag change (aws.tag or CloudTrail Create/DeleteTags)

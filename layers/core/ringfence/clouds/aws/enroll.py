@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from ringfence import agentapi
 from ringfence.control import credentials
 from ringfence.control.enroll import ProofError
+from ringfence.events import UnservedAccount
 
 from . import clients, ec2
 from .ingest import observe_instances
@@ -212,6 +213,13 @@ def _iid_key(pem: str) -> rsa.RSAPublicKey:
     return load_public_key(pem.encode())
 
 
+def _live_one(live: ec2.LiveInstances, account: str, region: str, instance_id: str) -> dict[str, Any] | None:
+    try:
+        return live.one(account, region, instance_id)
+    except UnservedAccount as exc:  # never looked up with this account's credentials instead
+        raise ProofError(str(exc)) from None
+
+
 def enroll_iid(api: AgentApi, req: agentapi.EnrollRequest, *, live: ec2.LiveInstances) -> str:
     """aws-iid: the instance identity document and its signature, bound to the agent's key.
     ``live``: the wiring's EC2 questions (concurrent enrollments share DescribeInstances calls)."""
@@ -227,7 +235,7 @@ def enroll_iid(api: AgentApi, req: agentapi.EnrollRequest, *, live: ec2.LiveInst
     # the document is public to anything on the instance and may be captured: it names the
     # instance, the agent's key (signing this nonce) is what a second claimant lacks
     credentials.verify_proof(req.agent_key, req.agent_signature, "enroll", ident.instance_id, req.nonce)
-    inst = live.one(ident.account, ident.region, ident.instance_id)
+    inst = _live_one(live, ident.account, ident.region, ident.instance_id)
     if inst is None or inst.get("State", {}).get("Name") not in ("pending", "running"):
         raise ProofError(f"instance {ident.instance_id} is not running")
     if ident.private_ip and ident.private_ip not in ec2.instance_ips(inst):
@@ -255,7 +263,7 @@ def enroll_sts(api: AgentApi, req: agentapi.EnrollRequest, *, live: ec2.LiveInst
         raise ProofError(f"{ident.instance_id} is not a running instance of account {ident.account} in inventory")
     # the session name is the caller's choice: the role must be the one EC2 hands this instance
     region = rec.workload.region or ""
-    inst = live.one(ident.account, region, ident.instance_id)
+    inst = _live_one(live, ident.account, region, ident.instance_id)
     if inst is None or inst.get("State", {}).get("Name") != "running":
         raise ProofError(f"instance {ident.instance_id} is not running")
     iam = clients.assumed_client("iam", region, api.w.cfg.account_roles.get(ident.account))

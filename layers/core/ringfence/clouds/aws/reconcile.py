@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from ringfence.control import credentials
 from ringfence.control.governance import store_governed
 from ringfence.control.wiring import Metric, no_metric
+from ringfence.events import UnservedAccount
 from ringfence.store.base import ACTIVE_STATES, InventoryRecord
 
 from . import clients, ec2
 from .wiring import Wiring
+
+log = logging.getLogger(__name__)
 
 # --- reconcile --------------------------------------------------------------------------------------
 
@@ -22,6 +26,7 @@ class ReconcileResult:
     gone: list[str] = field(default_factory=list)
     offline: list[str] = field(default_factory=list)
     restored: list[str] = field(default_factory=list)  # a stale `terminating` cleared
+    refused: list[str] = field(default_factory=list)  # account/region targets not served (no role)
 
 
 class Reconcile:
@@ -35,7 +40,16 @@ class Reconcile:
         records = {r.id: r for r in self.w.store.all_records()}
         changed: set[str] = set()
         for t in self.w.cfg.targets:
-            client = clients.assumed_client("ec2", t.region, t.role_arn, "ringfence-reconcile")
+            try:
+                # a target without its own role takes the account's member role: never this
+                # account's credentials for another account (its instances would be taken for gone)
+                role = t.role_arn or self.w.member_role(t.account)
+            except UnservedAccount as exc:
+                log.error("reconcile target %s/%s refused: %s", t.account, t.region, exc)
+                self.metric("ReconcileTargetsRefused", 1)
+                res.refused.append(f"{t.account}/{t.region}")
+                continue
+            client = clients.assumed_client("ec2", t.region, role, "ringfence-reconcile")
             t0 = ec2.now()
             live_ids = set()
             observed: list[InventoryRecord] = []
@@ -52,7 +66,7 @@ class Reconcile:
             if held:
                 # a terminate that Auto Scaling is not (or no longer) carrying out — a forged or
                 # abandoned action — must not keep a running instance out of its peers' sets
-                asg = clients.assumed_client("autoscaling", t.region, t.role_arn, "ringfence-reconcile")
+                asg = clients.assumed_client("autoscaling", t.region, role, "ringfence-reconcile")
                 release = frozenset(held - set(ec2.leaving_groups(asg, sorted(held))))
             # reconcile names no principal: it never approves a move into a privileged value
             for rec, written, governed in store_governed(

@@ -12,6 +12,7 @@ from ringfence.control.changes import MovedSince, StoreChanges
 from ringfence.control.groupsend import GroupSend, merge_compute
 from ringfence.control.publish import Notifier
 from ringfence.control.wiring import BaseWiring, Config, NoSigningKey
+from ringfence.events import UnservedAccount
 from ringfence.perimeter import PerimeterRoleMissing
 
 from . import clients, ec2
@@ -59,8 +60,17 @@ class Wiring(BaseWiring):
             self._signer = from_reference(self.cfg.signing_key_ref, lambda n: clients.client(n))
         return self._signer
 
+    def member_role(self, account: str) -> str | None:
+        """The read-only role to assume in ``account`` (``account_roles``), or None for this
+        control plane's own account. Any other account raises :class:`UnservedAccount`: its own
+        credentials would read this account in its place."""
+        role = self.cfg.account_roles.get(account)
+        if not role and account != self.home_account:
+            raise UnservedAccount(account)
+        return role
+
     def ec2_for(self, account: str, region: str) -> Any:
-        return clients.assumed_client("ec2", region, self.cfg.account_roles.get(account))
+        return clients.assumed_client("ec2", region, self.member_role(account))
 
     def perimeter_ec2_for(self, account: str, region: str) -> Any:
         """EC2 in ``account`` with the perimeter's own role there (``perimeter_account_roles``): the
@@ -86,7 +96,7 @@ class Wiring(BaseWiring):
         return self._home_account
 
     def autoscaling_for(self, account: str, region: str) -> Any:
-        return clients.assumed_client("autoscaling", region, self.cfg.account_roles.get(account))
+        return clients.assumed_client("autoscaling", region, self.member_role(account))
 
     def complete_lifecycle(self, lc: dict[str, Any], instance_id: str) -> None:
         ec2.complete_lifecycle(

@@ -1,0 +1,91 @@
+"""An AWS account the control plane has no role in (not in ``AccountRoles``, not its own) is never
+read with the control account's own credentials: those describe the control account instead, so
+its instances would be recorded under the other account's name and the member's own taken for
+gone. Ingest dead-letters such an event naming the account, reconcile refuses such a target
+(and a target without its own role reads through the account's member role), and an enrollment
+from such an account is refused. The real functions over moto."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ringfence.model import Workload
+from ringfence.store.base import InventoryRecord
+from tests.aws.conftest import ACCOUNT, REGION, Env
+from tests.aws.test_pipeline import _ctx, _scheduled, enroll_iid, iid_document
+
+UNLISTED = "222233334444"
+MEMBER = "210987654321"
+READ_ONLY = f"arn:aws:iam::{MEMBER}:role/ringfence-member-readonly"
+
+
+def run_here(env: Env) -> str:
+    """One instance in the control account (moto's), as a member's instance id would look."""
+    ami = env.ec2.describe_images()["Images"][0]["ImageId"]
+    return str(env.ec2.run_instances(ImageId=ami, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"])
+
+
+def test_an_event_from_an_unlisted_account_is_dead_lettered_not_read_as_this_account(env: Env) -> None:
+    iid = run_here(env)
+    ev = env.state_event(iid, "running")
+    ev["account"] = UNLISTED
+    ev["resources"] = [f"arn:aws:ec2:{REGION}:{UNLISTED}:instance/{iid}"]
+    # as a member account's rule forwards it (EventBridge keeps its account): moto's PutEvents
+    # would stamp its own, so the event goes on the queue as the rule's target delivers it
+    env.sqs.send_message(QueueUrl=env.queues["ingest"], MessageBody=json.dumps(ev))
+    msgs = env.receive("ingest")
+    assert len(msgs) == 1
+    out = env.fn["ingest"].handler(env.sqs_event(msgs), _ctx())
+    assert out == {"batchItemFailures": []}
+    assert env.store.get(iid) is None, "the control account's instance is not recorded as the other account's"
+    [dead] = env.receive("dlq")
+    reason = dead["MessageAttributes"]["reason"]["StringValue"]
+    assert f"account {UNLISTED} is not served" in reason and "AccountRoles" in reason, reason
+    assert json.loads(dead["Body"])["account"] == UNLISTED, "kept whole for a redrive"
+
+    # the same event from this account is ingested as ever
+    env.put(env.state_event(iid, "running"))
+    env.drain("ingest", "ingest")
+    rec = env.store.get(iid)
+    assert rec is not None and rec.workload.account == ACCOUNT and rec.state == "running"
+
+
+def test_reconcile_reads_a_target_through_its_member_role_and_refuses_an_unlisted_one(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Targets without a role of their own: the listed member's is read through its member role;
+    an unlisted account's is refused (its stored workloads are not taken for gone, the control
+    account's instances not recorded under its name) while this account's target still runs."""
+    iid = run_here(env)
+    member_wl = "i-0feedfacefeedface"
+    w = Workload(id=member_wl, ips=["10.9.0.5"], cloud="aws", account=UNLISTED, region=REGION)
+    env.store.observe(InventoryRecord(id=member_wl, workload=w, state="running", observed_at=1.0))
+    targets = [{"account": UNLISTED, "region": REGION}, {"account": ACCOUNT, "region": REGION}]
+    monkeypatch.setenv("RINGFENCE_RECONCILE_TARGETS", json.dumps(targets))
+    env.load_functions()
+    out = env.fn["reconcile"].handler(_scheduled(), _ctx())
+    assert out["refused"] == [f"{UNLISTED}/{REGION}"]
+    assert member_wl not in out["gone"] and env.store.get(member_wl).state == "running"  # type: ignore[union-attr]
+    rec = env.store.get(iid)
+    assert rec is not None and rec.workload.account == ACCOUNT, "this account's target still reconciled"
+
+    # listed with a member role: the target without one of its own reads through it
+    monkeypatch.setenv("RINGFENCE_ACCOUNT_ROLES", json.dumps({MEMBER: READ_ONLY}))
+    monkeypatch.setenv("RINGFENCE_RECONCILE_TARGETS", json.dumps([{"account": MEMBER, "region": REGION}]))
+    env.load_functions()
+    assumed: list[str] = []
+    env.hook("before-parameter-build.sts.AssumeRole", lambda params, **_: assumed.append(params["RoleArn"]))
+    out = env.fn["reconcile"].handler(_scheduled(), _ctx())
+    assert out["refused"] == [] and assumed == [READ_ONLY], assumed
+
+
+def test_an_enrollment_from_an_unlisted_account_is_refused_naming_it(env: Env) -> None:
+    """An identity document (signed as AWS signs every account's) of an account that is not
+    served: the agent API does not look the instance up in the control account instead."""
+    iid = run_here(env)
+    doc = json.loads(iid_document(env, iid))
+    status, body = enroll_iid(env, iid, document=json.dumps({**doc, "accountId": UNLISTED}))
+    assert status == 401 and f"account {UNLISTED} is not served" in json.dumps(body), (status, body)
+    assert enroll_iid(env, iid)[0] == 200, "this account's own document enrolls"
