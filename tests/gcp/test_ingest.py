@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from ringfence.clouds.gcp import ingest as ingest_module
 from ringfence.clouds.gcp.ingest import GcpIngest
 from ringfence.clouds.gcp.instances import LabelSource
 from ringfence.local.gcp_api import GcpApi
@@ -93,14 +94,53 @@ def test_labels_as_source_an_allowed_tagger_moves_it_across_first_and_last_entri
     assert any(a.action == "label.approve" and a.principal == TAGGER for a in wiring.store.audit_log())
 
 
-def test_the_last_entry_alone_names_no_request_and_approves_nothing(gcp: GcpApi, wiring: LocalWiring) -> None:
+def test_the_last_entry_alone_names_no_request_and_approves_nothing(
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A last entry whose first entry Cloud Logging does not have: asked again while Logging may
+    still be catching up (503, Pub/Sub redelivers), then unattributed (the move is held)."""
     ingest = GcpIngest(wiring, gcp_config(gcp, LabelSource.LABELS))
     inst = gcp.add_instance(PROJECT, ZONE, vm_name(), ["10.20.0.9"], labels=PROD_WEB)
     deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", inst))
     gcp.set_labels(PROJECT, ZONE, inst["name"], {**PROD_WEB, "ringfence-role": "jumpbox"})
-    deliver(gcp, ingest, audit_entry("v1.compute.instances.setLabels", inst, operation="op-lost", first=False))
+    last = audit_entry("v1.compute.instances.setLabels", inst, operation="op-lost", first=False)
+    status, body = post(ingest, push_body(last), push_token(gcp))
+    assert status == 503 and "no first entry" in body["detail"], body
+    monkeypatch.setattr(ingest_module, "LOGGING_LAG", 0.0)
+    deliver(gcp, ingest, last)
     rec = wiring.store.get(inst["id"])
     assert rec is not None and rec.labels["role"] == "web" and rec.workload.held_labels is not None
+
+
+@pytest.mark.parametrize("caller", [TAGGER, "mallory@shop-prod.iam.gserviceaccount.com"])
+def test_a_last_entry_whose_first_went_to_another_process_is_decided_by_the_logged_first(
+    gcp: GcpApi, wiring: LocalWiring, caller: str
+) -> None:
+    """A long-running setLabels logs a first entry (with the request) and a last one; pushed to a
+    function's concurrent instances, they may reach different processes. The last entry's process
+    reads the operation's first entry from Cloud Logging (one read, and no second to confirm it):
+    a tagger's change is approved, not held; a non-tagger's is a finding naming them."""
+    ingest = GcpIngest(wiring, gcp_config(gcp, LabelSource.LABELS))
+    inst = gcp.add_instance(PROJECT, ZONE, vm_name(), ["10.20.0.19"], labels=PROD_WEB)
+    deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", inst))
+    jump = {**PROD_WEB, "ringfence-role": "jumpbox"}
+    gcp.set_labels(PROJECT, ZONE, inst["name"], jump)
+    method, op = "v1.compute.instances.setLabels", f"operation-split-{inst['id']}"
+    request = {"labels": [{"key": k, "value": v} for k, v in jump.items()]}
+    gcp.write_log(audit_entry(method, inst, principal=caller, request=request, operation=op, last=False))
+    last = gcp.write_log(audit_entry(method, inst, principal=caller, operation=op, first=False))
+    calls = len(gcp.calls)
+    deliver(gcp, ingest, last)
+    assert sum(1 for _, path in gcp.calls[calls:] if path == "/v2/entries:list") == 1
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None
+    held = [a.principal for a in wiring.store.audit_log() if a.action == "label.held" and a.target == inst["id"]]
+    if caller == TAGGER:
+        assert rec.labels["role"] == "jumpbox" and rec.workload.held_labels is None
+        assert not held
+    else:
+        assert rec.labels["role"] == "web" and rec.workload.held_labels is not None
+        assert held == [caller]
 
 
 def test_delete_tombstones_and_a_mig_launch_is_recognised(gcp: GcpApi, wiring: LocalWiring) -> None:

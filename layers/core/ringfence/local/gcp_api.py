@@ -503,7 +503,7 @@ IDENTITY_PATH = "/computeMetadata/v1/instance/service-accounts/default/identity"
 _COMPUTE = re.compile(r"^/compute/v1/projects/(?P<project>[^/]+)/(?P<rest>.+)$")
 
 
-_TERM = re.compile(r'\s*(logName|insertId|timestamp)\s*(>=|<=|=|>|<)\s*"((?:[^"\\]|\\.)*)"\s*')
+_TERM = re.compile(r'\s*(logName|insertId|timestamp|operation\.id)\s*(>=|<=|=|>|<)\s*"((?:[^"\\]|\\.)*)"\s*')
 _AND = re.compile(r"AND\b")
 
 
@@ -523,7 +523,7 @@ def _log_filter(text: str) -> list[tuple[str, str, str]]:
         if not t:
             raise _HttpError(
                 400,
-                f"unsupported filter at {text[pos:]!r} (the stand-in knows logName, insertId, timestamp)",
+                f"unsupported filter at {text[pos:]!r} (the stand-in knows logName, insertId, timestamp, operation.id)",
                 "INVALID_ARGUMENT",
             )
         terms.append((t[1], t[2], re.sub(r"\\(.)", r"\1", t[3])))
@@ -548,6 +548,9 @@ def _matches(entry: Mapping[str, Any], name: str, op: str, value: str) -> bool:
         return {"=": have == want, ">=": have >= want, "<=": have <= want, ">": have > want, "<": have < want}[op]
     if op != "=":
         raise _HttpError(400, f"{name} is compared with = only here", "INVALID_ARGUMENT")
+    if name == "operation.id":
+        operation = entry.get("operation")
+        return isinstance(operation, Mapping) and str(operation.get("id", "")) == value
     return str(entry.get(name, "")) == value
 
 

@@ -25,6 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from google.api_core.exceptions import ServiceUnavailable
@@ -142,6 +143,9 @@ class GcpIngest:
                 first = self.pending.get(ev.operation)
                 matched = first is not None and self._same_call(first, ev)
                 said = self.pending.pop(ev.operation) if matched else None
+        first_logged: dict[str, Any] | None = None
+        if said is None and ev.operation and not ev.first:
+            said, first_logged = self._first_from_log(project, ev)
         if ev.group:
             self.metric("GroupLaunches", 1)
             log.info("%s %s/%s: made by managed instance group %s", ev.action.value, ev.zone, ev.instance, ev.group)
@@ -156,7 +160,7 @@ class GcpIngest:
                 change = TagChange(None, change.requested)
             else:
                 try:
-                    change, spend = self.confirm(project, said, change, approving=approving)
+                    change, spend = self.confirm(project, said, change, approving=approving, entry=first_logged)
                 except Exception:
                     if said is not ev and ev.operation:  # the redelivered last entry finds it again
                         with self._pending_lock:
@@ -225,7 +229,13 @@ class GcpIngest:
         )
 
     def confirm(
-        self, project: str, said: GcpEvent, claimed: TagChange, *, approving: bool = True
+        self,
+        project: str,
+        said: GcpEvent,
+        claimed: TagChange,
+        *,
+        approving: bool = True,
+        entry: dict[str, Any] | None = None,
     ) -> tuple[TagChange, str | None]:
         """The change as Cloud Logging has it: the entry ``said`` (pushed, its principal a tagger's,
         or with ``approving`` False one :meth:`would_blame`) read back by its log, ``insertId`` and
@@ -236,8 +246,9 @@ class GcpIngest:
         decides is stored (:func:`_spent`, :func:`_blamed`), so that one entry approves once and
         names its caller once (replayed within the hour while the move is still held, it would
         quarantine again a VM an operator has released). A Logging API that cannot be read raises
-        (the push is answered 503 and redelivered)."""
-        logged, why = self._read_back(project, said)
+        (the push is answered 503 and redelivered). ``entry``: ``said`` as Cloud Logging has it,
+        read already (:meth:`_first_from_log`), so not read again."""
+        logged, why = self._read_back(project, said, entry)
         if logged is not None:
             same = (logged.requested, logged.tag_value_ids) == (said.requested, said.tag_value_ids)
             change = TagChange(logged.principal, claimed.requested if same else self.said_tags(project, logged))
@@ -281,14 +292,49 @@ class GcpIngest:
             return (TagChange(None, None), None) if self.w.store.claimed(spend) else (change, spend)
         return change, None
 
-    def _read_back(self, project: str, said: GcpEvent) -> tuple[GcpEvent | None, str]:
+    def _first_from_log(self, project: str, last: GcpEvent) -> tuple[GcpEvent | None, dict[str, Any] | None]:
+        """The first entry of ``last``'s operation as Cloud Logging has it (parsed, and as read),
+        when it went to another process (a function's concurrent instances) and what it set could
+        approve or blame: a tagger's change is then approved, not held. Read only for label and
+        tag changes where they are a label source under governed labels (a scale-out's inserts
+        would spend the Logging read quota); None otherwise, or when no such first entry names
+        the same call on the same VM."""
+        src = self.cfg.label_source
+        could_matter = (last.action is Action.LABELS and src is not LabelSource.SECURE_TAGS) or (
+            last.action is Action.TAGS and src is not LabelSource.LABELS
+        )
+        logged_in = activity_log_project(last.log_name)
+        if not could_matter or logged_in not in self.cfg.projects or last.time is None or not last.operation:
+            return None, None
+        if self._governed_mapper() is None:
+            return None, None
+        entry = self.logs.find_first(
+            logged_in, str(last.log_name), last.operation, last.time, timedelta(seconds=CONFIRM_MAX_AGE)
+        )
+        if entry is None:
+            if time.time() - last.time.timestamp() < LOGGING_LAG:
+                raise ServiceUnavailable(f"Cloud Logging has no first entry of {last.operation!r} yet: retried")  # type: ignore[no-untyped-call]
+            return None, None
+        try:
+            first = parse(entry)
+        except MalformedEvent:
+            return None, None
+        if first is None or not first.first or first.failed or not self._same_call(first, last):
+            return None, None
+        self.metric("FirstEntriesReadBack", 1)
+        return first, entry
+
+    def _read_back(
+        self, project: str, said: GcpEvent, entry: dict[str, Any] | None = None
+    ) -> tuple[GcpEvent | None, str]:
         """The entry as logged (and ""), or None and why it is not confirmed."""
         logged_in = activity_log_project(said.log_name)
         if logged_in is None or logged_in not in self.cfg.projects:
             return None, f"it names no Admin Activity audit log of a served project (logName {said.log_name!r})"
         if said.time is None:
             return None, "it has no timestamp"
-        entry = self.logs.find(logged_in, str(said.log_name), said.event_id, said.time)
+        if entry is None:
+            entry = self.logs.find(logged_in, str(said.log_name), said.event_id, said.time)
         if entry is None:
             if time.time() - said.time.timestamp() < LOGGING_LAG:
                 # the sink may publish before entries:list shows the entry: asked again on the

@@ -1,7 +1,8 @@
 """One audit log entry read back from Cloud Logging (``POST /v2/entries:list``), by the log it was
 written to, its ``insertId`` and its time: what a pushed entry claims is checked against the
-entry Google wrote. Read only where an entry would approve a move into a privileged label value
-(:meth:`ringfence.clouds.gcp.ingest.GcpIngest.confirm`): the API's read quota is low (60
+entry Google wrote. Read only where an entry would approve a move into a privileged label value or
+name a caller in a finding (:meth:`ringfence.clouds.gcp.ingest.GcpIngest.confirm`), or to find a
+label change's first entry that went to another process: the API's read quota is low (60
 ``entries.list`` requests a minute per project by default), so ordinary events never come here.
 """
 
@@ -66,6 +67,28 @@ class AuditLogReader:
         for entry in doc.get("entries") or []:
             if isinstance(entry, dict) and entry.get("insertId") == insert_id and entry.get("logName") == log_name:
                 return entry
+        return None
+
+    def find_first(
+        self, project: str, log_name: str, operation: str, at: datetime, since: timedelta
+    ) -> dict[str, Any] | None:
+        """The first entry (``operation.first``) of the long-running ``operation`` in ``log_name``,
+        written at most ``since`` before ``at`` (its last entry's time), or None. For a last entry
+        whose first reached another process: what the call set is in the first entry alone."""
+        flt = " AND ".join(
+            [
+                f"logName={quoted(log_name)}",
+                f"operation.id={quoted(operation)}",
+                f"timestamp>={quoted(rfc3339(at - since))}",
+                f"timestamp<={quoted(rfc3339(at + WINDOW))}",
+            ]
+        )
+        body = {"resourceNames": [f"projects/{project}"], "filter": flt, "orderBy": "timestamp asc", "pageSize": 10}
+        doc = RETRY(self._list)(body)
+        for entry in doc.get("entries") or []:
+            op = entry.get("operation") if isinstance(entry, dict) else None
+            if isinstance(op, dict) and op.get("id") == operation and op.get("first") is True:
+                return dict(entry)
         return None
 
     def _list(self, body: dict[str, Any]) -> dict[str, Any]:
