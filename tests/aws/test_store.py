@@ -613,6 +613,32 @@ def test_a_tombstone_written_from_an_old_read_still_moves_the_version(store: Sto
         store.observe(_granted(3.0, {"role": "jumpbox"}, bound), previous=bound)
 
 
+def test_a_leaving_write_from_a_read_older_than_the_tombstone_is_refused(store: Store, tmp_path: Path) -> None:
+    """A terminate lifecycle action's write (``_store_leaving``) made from a read taken before the
+    instance's tombstone, with no grant or hold in between: the tombstone moved the version, so
+    the write is refused, read again and dropped. A record that left never comes back as leaving."""
+    from ringfence.clouds.aws import ec2
+    from ringfence.clouds.aws.ingest import _store_leaving
+    from ringfence.control.governance import store_governed
+    from ringfence.local.wiring import LocalWiring
+
+    w = LocalWiring(tmp_path / "wiring" / "state.db", store=store, start=False)
+    try:
+        store.observe(rec(1.0, "prod"))
+        stale = store.get(WID)
+        assert stale is not None and stale.state == "running"
+        gone = ec2.tombstone(WID, "111111111111", "us-east-1", 2.0)
+        assert gone.governance() == stale.governance(), "no governance change: only the tombstone moves it"
+        store_governed(w, [gone], {WID: stale})  # ingest's write, from the same read
+        assert _store_leaving(w, stale, 3.0) is False
+        got = store.get(WID)
+        assert got is not None and got.state == "terminated" and got.observed_at == 2.0
+        with pytest.raises(GovernanceMoved):
+            store.observe(stale.model_copy(update={"state": "terminating", "observed_at": 3.0}))
+    finally:
+        w.close()
+
+
 def test_a_version_1_sqlite_file_gains_the_governance_version(tmp_path: Path) -> None:
     """A file written by the previous release (schema 1, no ``governed_rev``) opens, keeps its
     records (at version 0) and takes the new conditional writes."""

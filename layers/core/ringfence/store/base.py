@@ -213,9 +213,13 @@ def next_governed_rev(old: InventoryRecord | None, rec: InventoryRecord) -> int:
     """The ``governed_rev`` to store with ``rec`` over ``old`` (the stored record): the same while
     the held labels and grants stay, one more when they change. Raises :class:`GovernanceMoved`
     when ``rec`` was decided from another version than the stored one (tombstones excepted: a
-    terminated workload holds nothing)."""
+    terminated workload holds nothing). A tombstone always moves it, as DynamoStore's does: a
+    record decided from a read taken before the tombstone (a terminate action's ``terminating``)
+    must fail the check, or a workload that left would come back as leaving."""
     stored = old.governed_rev if old is not None else 0
-    if rec.state != "terminated" and rec.governed_rev != stored:
+    if rec.state == "terminated":
+        return stored + 1
+    if rec.governed_rev != stored:
         raise GovernanceMoved(
             f"{rec.id}: its held labels or grants changed (version {stored}) after this record was decided "
             f"from version {rec.governed_rev}"
@@ -245,7 +249,8 @@ class Store(Protocol):
         decision being the one ``rec`` was decided from (``rec.governed_rev``, see
         :func:`next_governed_rev`): otherwise :class:`GovernanceMoved` is raised and nothing is
         written, so a binding or an approval landing between a caller's read and its write is
-        never overwritten by a record decided without it."""
+        never overwritten by a record decided without it. A tombstone moves that version, whatever
+        was stored."""
         ...
 
     def observe_many(self, recs: list[InventoryRecord]) -> set[str]:
