@@ -109,6 +109,54 @@ def test_the_inventory_generation_moves_with_records_not_with_liveness(store: St
     assert moved(), "gone"
 
 
+def test_the_inventory_generation_moves_when_an_agent_goes_offline_or_comes_back(store: Store) -> None:
+    """``offline`` takes a record out of peers' sets (:attr:`InventoryRecord.active`) as much as its
+    state does: a reader that skips its pass while the generation stands would miss it."""
+    from ringfence.store.dynamodb import DynamoStore
+
+    if isinstance(store, DynamoStore):
+        return  # keeps none (the test above)
+    store.observe(rec(10, "prod"))
+    before = store.inventory_generation()
+    store.set_liveness(WID, offline=True)
+    offline = store.inventory_generation()
+    assert offline != before, "gone offline: out of peers' sets"
+    store.set_liveness(WID, offline=True)
+    store.set_liveness(WID, heartbeat=11.0)
+    assert store.inventory_generation() == offline, "no flip, or a heartbeat alone: nothing moved"
+    store.set_liveness(WID, offline=False, heartbeat=12.0)
+    assert store.inventory_generation() != offline, "back online"
+
+
+def test_a_file_opened_by_this_release_counts_offline_flips_whatever_trigger_it_had(tmp_path: Path) -> None:
+    """A file written by a release whose update trigger did not watch ``offline`` gets this
+    release's trigger when opened (same schema version: only a trigger changed)."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    st = SqliteStore(path)
+    st.observe(rec(1.0, "prod"))
+    st.close()
+    db = sqlite3.connect(path)
+    db.executescript(
+        "BEGIN; DROP TRIGGER inventory_gen_update;"
+        " CREATE TRIGGER inventory_gen_update AFTER UPDATE OF workload, state, op_mode, op_quarantined ON inventory"
+        " WHEN OLD.workload IS NOT NEW.workload OR OLD.state IS NOT NEW.state"
+        " OR OLD.op_mode IS NOT NEW.op_mode OR OLD.op_quarantined IS NOT NEW.op_quarantined"
+        " BEGIN UPDATE inventory_gen SET gen = gen + 1; END; COMMIT;"
+    )
+    db.close()
+    st = SqliteStore(path)
+    try:
+        before = st.inventory_generation()
+        st.set_liveness(WID, offline=True)
+        assert st.inventory_generation() != before
+        assert st._db().execute("PRAGMA user_version").fetchone()[0] == 2
+        assert st.integrity_check() == "ok"
+    finally:
+        st.close()
+
+
 def test_terminating_is_sticky_while_the_instance_still_runs(store: Store) -> None:
     store.observe(rec(10, "prod"))
     store.observe(rec(11, "prod", state="terminating"))

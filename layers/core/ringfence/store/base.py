@@ -260,9 +260,10 @@ class Store(Protocol):
 
     def all_records(self) -> list[InventoryRecord]: ...
     def inventory_generation(self) -> int | None:
-        """A number that changes whenever a record is added or removed, or its workload, state or
-        operator fields change (not liveness): a cheap "did the inventory move" for readers that
-        would otherwise read every record. None: this store keeps no such number."""
+        """A number that changes whenever a record is added or removed, or its workload, state,
+        operator fields or ``offline`` flag change (what :attr:`InventoryRecord.active` and peers'
+        sets depend on; not heartbeats or enrollment): a cheap "did the inventory move" for readers
+        that would otherwise read every record. None: this store keeps no such number."""
         ...
 
     def set_operator(self, workload_id: str, *, mode: Mode | None = ..., quarantined: bool | None = None) -> None: ...

@@ -93,9 +93,14 @@ CREATE TRIGGER IF NOT EXISTS inventory_gen_insert AFTER INSERT ON inventory
 BEGIN UPDATE inventory_gen SET gen = gen + 1; END;
 CREATE TRIGGER IF NOT EXISTS inventory_gen_delete AFTER DELETE ON inventory
 BEGIN UPDATE inventory_gen SET gen = gen + 1; END;
-CREATE TRIGGER IF NOT EXISTS inventory_gen_update AFTER UPDATE OF workload, state, op_mode, op_quarantined ON inventory
+-- offline counts (it decides InventoryRecord.active); heartbeats and enrollment do not. Dropped
+-- and made again at every open, so a file whose trigger an earlier release made gets this one
+-- (only a trigger changed: no schema version, and older readers are unaffected)
+DROP TRIGGER IF EXISTS inventory_gen_update;
+CREATE TRIGGER inventory_gen_update AFTER UPDATE OF workload, state, op_mode, op_quarantined, offline ON inventory
 WHEN OLD.workload IS NOT NEW.workload OR OLD.state IS NOT NEW.state
   OR OLD.op_mode IS NOT NEW.op_mode OR OLD.op_quarantined IS NOT NEW.op_quarantined
+  OR OLD.offline IS NOT NEW.offline
 BEGIN UPDATE inventory_gen SET gen = gen + 1; END;
 CREATE TABLE IF NOT EXISTS head (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -212,7 +217,8 @@ class SqliteStore:
             raise RuntimeError(f"{self.path}: schema version {version} is newer than this ringfence knows")
         if version == 1:
             self._migrate_to_2()
-        # idempotent (IF NOT EXISTS): processes opening the same new file at once all succeed
+        # idempotent (IF NOT EXISTS, the one trigger dropped and made again in the same
+        # transaction): processes opening the same file at once all succeed
         db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version = {SCHEMA_VERSION};COMMIT;")
 
     def _migrate_to_2(self) -> None:
