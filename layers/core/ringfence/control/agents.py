@@ -65,6 +65,9 @@ class AgentApi:
         # the last full pass over the inventory's address owners for inline flows: ((engine head
         # revision, inventory generation), when); see _ingest_flows
         self._flows_synced: tuple[tuple[int, int | None], float] | None = None
+        # a report is making that pass now: the others take the fast path meanwhile, else each
+        # report arriving during a pass would start one of its own (under _flows_lock)
+        self._flows_passing = False
         self._flows_lock = threading.Lock()
 
     def nonce(self) -> Response:
@@ -475,10 +478,10 @@ class AgentApi:
 
         Address owners are noted from the whole inventory only when compute moved the engine
         head or an inventory record changed (:meth:`Store.inventory_generation`) since the last
-        such pass, or ``FLOW_SYNC_MAX_AGE`` seconds went by; in between, the reporter's own
-        addresses alone (its flows are taken by them). A full pass reads every
-        record: once per report it cost 45 ms at 1,000 workloads and 316 ms at 5,000
-        (docs/benchmarks.md, "Flows in")."""
+        such pass, or ``FLOW_SYNC_MAX_AGE`` seconds went by; in between, and while another
+        report is making that pass, the reporter's own addresses alone (its flows are taken by
+        them). A full pass reads every record: once per report it cost 45 ms at 1,000 workloads
+        and 316 ms at 5,000 (docs/benchmarks.md, "Flows in")."""
         from ringfence.flows.ingest import FlowIngest
 
         active = self.w.active_policy()
@@ -492,11 +495,20 @@ class AgentApi:
             moved = (self.w.store.head().revision, self.w.store.inventory_generation())
             with self._flows_lock:
                 last = self._flows_synced
-                full = last is None or last[0] != moved or now - last[1] > FLOW_SYNC_MAX_AGE
+                due = last is None or last[0] != moved or now - last[1] > FLOW_SYNC_MAX_AGE
+                full = due and not self._flows_passing
+                if full:
+                    self._flows_passing = True
             if full:
-                ingest.sync(now)
-                with self._flows_lock:  # only a pass that succeeded spares the next reports one
-                    self._flows_synced = (moved, now)
+                done = False
+                try:
+                    ingest.sync(now)
+                    done = True
+                finally:  # a pass that failed is not recorded: the next report makes it again
+                    with self._flows_lock:
+                        self._flows_passing = False
+                        if done:
+                            self._flows_synced = (moved, now)
             else:
                 ingest.sync_workload(workload_id, now)
             ingest.agent_batch(workload_id, doc)
