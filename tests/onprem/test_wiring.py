@@ -444,25 +444,43 @@ def test_reports_during_a_full_address_pass_take_the_fast_path(
 def test_a_shared_address_does_not_change_hands_at_every_report(wiring: LocalWiring) -> None:
     """Two running workloads with the same private address (two sites, two VPCs): the full pass
     names one owner; reports of the other must not take the address back at each report (each
-    flip opened an interval in the address history, without end)."""
+    flip opened an interval in the address history, without end). The other's flows are its own
+    all the same: they are taken, under its labels, not dropped as foreign (they were, at every
+    report). A workload that does not hold the address (any more) still cannot report for it."""
     from ringfence.agentapi import ReportBatch
+    from ringfence.flows.aggregate import merge
 
     boot(wiring)
     api = AgentApi(wiring)
     twin = Workload(id="dc2-web-1", ips=["192.168.10.11"], tags={"ringfence:role": "web", "ringfence:app": "ordering",
                     "ringfence:env": "prod", "ringfence:loc": "dc2"}, cloud="onprem")  # fmt: skip
     wiring.store.observe(InventoryRecord(id=twin.id, workload=twin, observed_at=time.time()))
+    # a third that had the address once and stopped: its record lists it, it holds it no more
+    gone = twin.model_copy(update={"id": "dc3-web-1"})
+    wiring.store.observe(InventoryRecord(id=gone.id, workload=gone, observed_at=time.time(), state="stopped"))
 
-    def report(wid: str) -> None:
+    def report(wid: str, src: str = "192.168.10.11", dport: int = 8443) -> None:
         now = time.time()
-        flow = {"start": now, "end": now + 1, "src": "192.168.10.11", "dst": "192.168.10.21", "proto": "tcp"}
-        batch = ReportBatch.model_validate({"flows": [{**flow, "dport": 8443, "packets": 1, "bytes": 60,
+        flow = {"start": now, "end": now + 1, "src": src, "dst": "192.168.10.21", "proto": "tcp"}
+        batch = ReportBatch.model_validate({"flows": [{**flow, "dport": dport, "packets": 1, "bytes": 60,
                                                       "direction": "outbound"}]})  # fmt: skip
         assert api.reports(wid, batch).status == 202
 
     for _ in range(3):
         report("dc1-web-1")
         report("dc2-web-1")
+    history = wiring.store.address_history(["192.168.10.11"])["192.168.10.11"]
+    assert len(history) == 1, [(o.since, o.workload_id) for o in history]
+    # each twin's flows under its own labels (dc2's loc is no allowed value: no loc label)
+    rows = {(r.src, r.port): r.flows for r in merge(wiring.store.flow_rows())}
+    assert rows.pop(("app=ordering,env=prod,loc=ca,role=web", 8443)) == 3, rows
+    assert rows.pop(("app=ordering,env=prod,role=web", 8443)) == 3, rows
+    assert not rows, rows
+    # the stopped one, and a running one that never had the address, report for it: not taken
+    report("dc3-web-1", dport=9000)
+    report("dc1-db-1", dport=9001)
+    report("dc1-db-1", src="192.168.10.99", dport=9002)  # nobody's address
+    assert not [r for r in wiring.store.flow_rows() if r.port in (9000, 9001, 9002)]
     history = wiring.store.address_history(["192.168.10.11"])["192.168.10.11"]
     assert len(history) == 1, [(o.since, o.workload_id) for o in history]
 

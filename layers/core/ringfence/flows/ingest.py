@@ -140,9 +140,14 @@ class FlowIngest:
 
     def flows(self, flows: Iterable[Flow], result: IngestResult | None = None) -> IngestResult:
         """Classify and store ``flows``. An agent's flow is taken only if one end was its
-        reporter's address (when the flow started, or now): a host's agent sees its own traffic
-        only, and flows it invents between other workloads would steer the dependency map and
-        rule suggestions. VPC Flow Logs come from AWS and are taken as they are."""
+        reporter's address (when the flow started, or now), or is an address the reporter's
+        running inventory record holds now: a host's agent sees its own traffic only, and flows
+        it invents between other workloads would steer the dependency map and rule suggestions.
+        VPC Flow Logs come from AWS and are taken as they are.
+
+        The second case is an address two running workloads share (one private range in two
+        VPCs or sites): the address history names one of them, and the other's flows are its
+        own all the same; its end of them is resolved to it, not to its twin."""
         result = result or IngestResult()
         flows = list(flows)
         if not flows:
@@ -150,23 +155,52 @@ class FlowIngest:
         wanted = sorted({f.src for f in flows} | {f.dst for f in flows})
         book = AddressBook(self.store.address_history(wanted))
         now = time.time()
+        holding: dict[str, dict[str, Workload]] = {}
 
         def own(f: Flow, address: str) -> bool:
             return any(
                 (o := book.owner(address, t)) is not None and o.workload_id == f.reporter for t in (f.start, now)
             )
 
-        kept = [f for f in flows if f.origin != "agent" or own(f, f.src) or own(f, f.dst)]
-        if len(kept) < len(flows):
-            result.foreign += len(flows) - len(kept)
-            by = sorted({f.reporter for f in flows if f.origin == "agent"} - {f.reporter for f in kept})
-            log.warning("%d agent flows name neither end their reporter's (%s): not taken", len(flows) - len(kept), by)
-        flows = kept
+        def held(reporter: str) -> dict[str, Workload]:
+            """The reporter's addresses now, by its inventory record (read once per reporter,
+            and only for flows the history does not give it): none unless it is running."""
+            if reporter not in holding:
+                rec = self.store.get(reporter) if reporter else None
+                holding[reporter] = current_owners([rec.effective()]) if rec is not None and rec.active else {}
+            return holding[reporter]
+
+        kept: list[Flow] = []
+        twins: dict[str, list[Flow]] = {}  # reporter → its flows by an address the history gives another
+        for f in flows:
+            if f.origin != "agent" or own(f, f.src) or own(f, f.dst):
+                kept.append(f)
+            elif f.src in held(f.reporter) or f.dst in held(f.reporter):
+                twins.setdefault(f.reporter, []).append(f)
+        taken = len(kept) + sum(len(t) for t in twins.values())
+        if taken < len(flows):
+            result.foreign += len(flows) - taken
+            by = sorted({f.reporter for f in flows if f.origin == "agent"} - {f.reporter for f in kept} - set(twins))
+            log.warning("%d agent flows name neither end their reporter's (%s): not taken", len(flows) - taken, by)
         agg = Aggregator(Classifier(self.policy, book))
-        agg.add(flows)
-        rows = list(agg.rows.values())
-        self.store.add_flows(rows, self.ttl)
-        result.flows += agg.seen
+        agg.add(kept)
+        rows = agg.rows
+        seen = agg.seen
+        for reporter, theirs in twins.items():
+            # the same history but for the reporter's own addresses, which are the reporter's
+            mine = {
+                a: [AddressOwner(address=a, since=now, workload_id=w.id, workload=w)] for a, w in held(reporter).items()
+            }
+            twin = Aggregator(Classifier(self.policy, AddressBook({**book.history, **mine})))
+            twin.add(theirs)
+            for key, row in twin.rows.items():
+                if key in rows:
+                    rows[key].add(row)
+                else:
+                    rows[key] = row
+            seen += twin.seen
+        self.store.add_flows(list(rows.values()), self.ttl)
+        result.flows += seen
         result.rows += len(rows)
         return result
 
