@@ -252,7 +252,7 @@ def test_labels_as_source_a_forged_first_entry_of_an_operation_approves_nothing(
 
 
 def test_attack_gcp_forged_last_entry_cannot_carry_a_taggers_call_to_another_vm(
-    gcp: GcpApi, wiring: LocalWiring
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Labels as the source: the tagger's genuine setLabels on one VM is in flight (its first
     entry, logged and pushed, waits for the operation's last). Mallory, who set role=jumpbox on her
@@ -276,8 +276,12 @@ def test_attack_gcp_forged_last_entry_cannot_carry_a_taggers_call_to_another_vm(
     gcp.set_labels(PROJECT, ZONE, good["name"], jump)
     op = "operation-genuine-tagger"
     deliver(gcp, ingest, audit_entry(method, good, principal=TAGGER, request=request, operation=op, last=False))
+    forged_last = audit_entry(method, evil, principal=TAGGER, operation=op, first=False)
+    status, body = post(ingest, push_body(forged_last), push_token(gcp))
+    assert status == 503 and "not this last one" in body["detail"], "Logging never lists it: asked again"
+    monkeypatch.setattr(ingest_module, "LOGGING_LAG", 0.0)  # redelivered past the wait: ignored
     for forged in (
-        audit_entry(method, evil, principal=TAGGER, operation=op, first=False),
+        forged_last,
         audit_entry(method, good, principal=MALLORY, request=request, operation=op, last=False),
     ):
         status, body = post(ingest, push_body(forged), push_token(gcp))
@@ -537,3 +541,56 @@ def test_attack_gcp_a_genuine_finding_replayed_quarantines_once(
         assert [a.principal for a in audits(wiring, "label.held", inst["id"])] == [MALLORY]
         [replay] = audits(wiring, "label.unconfirmed", inst["id"])
         assert "named its caller already" in replay.reason
+
+
+def test_a_binding_by_id_on_a_vm_that_is_gone_is_taken_not_redelivered_forever(
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resource Manager refuses the effective tags of a VM that no longer exists (403): an entry
+    binding by id on such a VM (a scale-in, a backlog) is taken like any event about a gone VM
+    (its record tombstoned), not answered 503 at every redelivery."""
+    ingest = GcpIngest(wiring, gcp_config(gcp))
+    inst = web_vm(gcp, "10.20.2.16")
+    deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", inst))
+    zone = inst["zone"].rsplit("/", 1)[-1]
+    jumpbox = gcp.bind_tag(PROJECT, zone, inst["id"], ORG, "ringfence-role", "jumpbox")
+    entry = logged(gcp, by_id(tag_binding_entry(gcp, inst, "ringfence-role", "jumpbox", principal=MALLORY), jumpbox))
+    gcp.delete_instance(PROJECT, zone, inst["name"])
+    monkeypatch.setattr(ingest_module, "LOGGING_LAG", 0.0)
+    status, body = post(ingest, push_body(entry), push_token(gcp))
+    assert status == 200, body
+    assert wiring.store.get(inst["id"]).state == "terminated"  # type: ignore[union-attr]
+
+
+def test_a_failure_after_the_first_entry_is_taken_keeps_it_for_the_redelivery(
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tagger's insert binding ``role=jumpbox`` by id logs a first and a last entry. Storing
+    the last one's observation fails once (503): the redelivered last entry must still find the
+    first and approve, not hold the tagger's labels as unattributed."""
+    monkeypatch.setattr(ingest_module, "LOGGING_LAG", 0.0)
+    ingest = GcpIngest(wiring, gcp_config(gcp))
+    inst = gcp.add_instance(PROJECT, ZONE, vm_name(), ["10.20.2.17"])
+    ids = {k: gcp.bind_tag(PROJECT, ZONE, inst["id"], ORG, f"ringfence-{k}", v) for k, v in PRIVILEGED_WEB.items()}
+    request = {"name": inst["name"], "params": {"resourceManagerTags": {f"tagKeys/{k}": v for k, v in ids.items()}}}
+    method, op = "v1.compute.instances.insert", f"operation-insert-{inst['id']}"
+    deliver(gcp, ingest, audit_entry(method, inst, request=request, operation=op, last=False))
+    last = logged(gcp, audit_entry(method, inst, operation=op, first=False))
+    real_observe = GcpIngest.observe
+    failures = [1]
+
+    def observe_failing_once(self: GcpIngest, *a: Any, **kw: Any) -> set[str]:
+        if failures:
+            failures.pop()
+            raise ingest_module.ServiceUnavailable("the store is busy")  # type: ignore[no-untyped-call]
+        return real_observe(self, *a, **kw)
+
+    monkeypatch.setattr(GcpIngest, "observe", observe_failing_once)
+    status, body = post(ingest, push_body(last), push_token(gcp))
+    assert status == 503, body
+    deliver(gcp, ingest, last)
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.labels.get("role") == "jumpbox" and rec.workload.held_labels is None, rec
+
+
+PRIVILEGED_WEB = {"role": "jumpbox", "app": "ordering", "env": "prod"}

@@ -265,3 +265,26 @@ def test_attack_gcp_push_signed_by_a_foreign_key_is_refused(gcp: GcpApi, wiring:
     status, body = post(ingest, push_body(audit_entry("v1.compute.instances.insert", inst)), foreign.sign(good))
     assert status == 401 and "invalid" in body["detail"].lower()
     assert wiring.store.get(inst["id"]) is None
+
+
+def test_a_forged_last_entry_of_a_taggers_operation_spends_nothing(
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Someone who learnt a tagger's operation id pushes a "last" entry of it for the same VM
+    before the genuine one: Logging does not list that last entry, so it is asked again (503)
+    and then ignored; it does not use up the call's approval, and the genuine last approves."""
+    monkeypatch.setattr(ingest_module, "LOGGING_LAG", 0.0)
+    ingest = GcpIngest(wiring, gcp_config(gcp, LabelSource.LABELS))
+    inst = gcp.add_instance(PROJECT, ZONE, vm_name(), ["10.20.0.29"], labels=PROD_WEB)
+    deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", inst))
+    jump = {**PROD_WEB, "ringfence-role": "jumpbox"}
+    method, op = "v1.compute.instances.setLabels", f"operation-forged-last-{inst['id']}"
+    request = {"labels": [{"key": k, "value": v} for k, v in jump.items()]}
+    gcp.write_log(audit_entry(method, inst, request=request, operation=op, last=False))
+    forged = audit_entry(method, inst, operation=op, first=False)
+    status, body = post(ingest, push_body(forged), push_token(gcp))
+    assert status == 200, body
+    gcp.set_labels(PROJECT, ZONE, inst["name"], jump)
+    deliver(gcp, ingest, gcp.write_log(audit_entry(method, inst, operation=op, first=False)))
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.labels["role"] == "jumpbox" and rec.workload.held_labels is None

@@ -398,6 +398,20 @@ class GcpApi:
         if not parent.startswith("//"):
             raise _HttpError(400, "parent must be a full resource name", "badRequest")
         with self.lock:
+            known = {
+                self.full_name(p, z, str(i["id"]))
+                for p, zones in self.instances.items()
+                for z, items in zones.items()
+                for i in items.values()
+            }
+        if parent not in known:
+            # what Resource Manager answers for a resource that does not exist (or is not visible)
+            raise _HttpError(
+                403,
+                "The caller does not have permission or the resource may not exist in this location",
+                "PERMISSION_DENIED",
+            )
+        with self.lock:
             tags = list(self.tags.get(parent, []))
         if effective:
             return {"effectiveTags": tags}

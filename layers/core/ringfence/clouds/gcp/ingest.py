@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from google.api_core.exceptions import ServiceUnavailable
+from google.api_core.exceptions import Forbidden, NotFound, ServiceUnavailable
 
 from ringfence.audit import AuditRecord
 from ringfence.control import credentials
@@ -143,12 +143,28 @@ class GcpIngest:
                 first = self.pending.get(ev.operation)
                 matched = first is not None and self._same_call(first, ev)
                 said = self.pending.pop(ev.operation) if matched else None
-        first_logged: dict[str, Any] | None = None
-        if said is None and ev.operation and not ev.first:
-            said, first_logged = self._first_from_log(project, ev)
         if ev.group:
             self.metric("GroupLaunches", 1)
             log.info("%s %s/%s: made by managed instance group %s", ev.action.value, ev.zone, ev.instance, ev.group)
+        try:
+            changed = self._decide_and_observe(project, ev, said)
+        except Exception:
+            if said is not None and said is not ev and ev.operation:  # the redelivery finds it again
+                with self._pending_lock:
+                    self.pending.setdefault(ev.operation, said)
+            raise
+        res.changed = sorted(changed)
+        if changed:
+            self.w.enqueue_compute(res.changed)
+        self.metric("InventoryChanges", len(changed))
+        return res
+
+    def _decide_and_observe(self, project: str, ev: GcpEvent, said: GcpEvent | None) -> set[str]:
+        """Who made the change ``ev`` ends and what it set (``said``: its first entry when held in
+        this process), decided and stored: the VM observed and governed with it."""
+        first_logged: dict[str, Any] | None = None
+        if said is None and ev.operation and not ev.first:
+            said, first_logged = self._first_from_log(project, ev)
         spend: str | None = None
         if said is None:
             change = TagChange(None, None)  # unattributed: approves nothing and blames nobody
@@ -159,24 +175,14 @@ class GcpIngest:
                 # it set no privileged value: whoever called, a move it did not make is not theirs
                 change = TagChange(None, change.requested)
             else:
-                try:
-                    change, spend = self.confirm(project, said, change, approving=approving, entry=first_logged)
-                except Exception:
-                    if said is not ev and ev.operation:  # the redelivered last entry finds it again
-                        with self._pending_lock:
-                            self.pending.setdefault(ev.operation, said)
-                    raise
+                change, spend = self.confirm(project, said, change, approving=approving, entry=first_logged)
         names = {ev.instance: ev.instance_name} if ev.instance_name else None
         changed = self.observe(project, ev.zone, [ev.instance], names=names, change=change, event_id=ev.event_id)
         if spend is not None:
             # spent only once its approval or finding is stored: a delivery that failed before is
             # redelivered and decides again; a replay (the entry published again later) finds it spent
             self.w.store.claim_once(spend, int(CONFIRM_MAX_AGE) + 60)
-        res.changed = sorted(changed)
-        if changed:
-            self.w.enqueue_compute(res.changed)
-        self.metric("InventoryChanges", len(changed))
-        return res
+        return changed
 
     def _same_call(self, first: GcpEvent, last: GcpEvent) -> bool:
         """An operation's first and last entries name the same call on the same VM (by its id, or
@@ -309,11 +315,18 @@ class GcpIngest:
         if self._governed_mapper() is None:
             return None, None
         entry = self.logs.find_first(
-            logged_in, str(last.log_name), last.operation, last.time, timedelta(seconds=CONFIRM_MAX_AGE)
+            logged_in,
+            str(last.log_name),
+            last.operation,
+            last.event_id,
+            last.time,
+            timedelta(seconds=CONFIRM_MAX_AGE),
         )
         if entry is None:
             if time.time() - last.time.timestamp() < LOGGING_LAG:
-                raise ServiceUnavailable(f"Cloud Logging has no first entry of {last.operation!r} yet: retried")  # type: ignore[no-untyped-call]
+                raise ServiceUnavailable(  # type: ignore[no-untyped-call]
+                    f"Cloud Logging has no first entry of {last.operation!r}, or not this last one, yet: retried"
+                )
             return None, None
         try:
             first = parse(entry)
@@ -381,7 +394,15 @@ class GcpIngest:
         vm = {"zone": ev.zone, "id": ev.instance} if ev.instance.isdigit() else self.read(project, ev.zone, ev.instance)
         if vm is None:  # logged by name (tags are bound to the VM's id), and the VM is gone
             return {}
-        return {t.key: t.value for t in self.instances.secure_tags(self.cfg.projects[project], vm) if t.value_id in ids}
+        try:
+            tags = self.instances.secure_tags(self.cfg.projects[project], vm)
+        except (NotFound, Forbidden):  # PermissionDenied is a Forbidden
+            # Resource Manager answers a VM that is gone so: it bound nothing held now (observe
+            # tombstones it); a VM still there raises (503: redelivered)
+            if self.read(project, ev.zone, ev.instance, ev.instance_name) is None:
+                return {}
+            raise
+        return {t.key: t.value for t in tags if t.value_id in ids}
 
     def requested_tags(self, action: Action, requested: dict[str, str] | None) -> dict[str, str] | None:
         """What the call set, in the policy's key form, from the configured label source only

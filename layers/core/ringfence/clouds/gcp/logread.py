@@ -70,11 +70,14 @@ class AuditLogReader:
         return None
 
     def find_first(
-        self, project: str, log_name: str, operation: str, at: datetime, since: timedelta
+        self, project: str, log_name: str, operation: str, last_insert_id: str, at: datetime, since: timedelta
     ) -> dict[str, Any] | None:
         """The first entry (``operation.first``) of the long-running ``operation`` in ``log_name``,
-        written at most ``since`` before ``at`` (its last entry's time), or None. For a last entry
-        whose first reached another process: what the call set is in the first entry alone."""
+        written at most ``since`` before ``at`` (its last entry's time), or None; and only when the
+        same listing has the last entry ``last_insert_id`` (``operation.last``) too, so a pushed
+        "last" entry Google did not write cannot spend the call's approval or finding before the
+        genuine one arrives. For a last entry whose first reached another process: what the call
+        set is in the first entry alone."""
         flt = " AND ".join(
             [
                 f"logName={quoted(log_name)}",
@@ -85,11 +88,16 @@ class AuditLogReader:
         )
         body = {"resourceNames": [f"projects/{project}"], "filter": flt, "orderBy": "timestamp asc", "pageSize": 10}
         doc = RETRY(self._list)(body)
+        first: dict[str, Any] | None = None
+        last_logged = False
         for entry in doc.get("entries") or []:
             op = entry.get("operation") if isinstance(entry, dict) else None
-            if isinstance(op, dict) and op.get("id") == operation and op.get("first") is True:
-                return dict(entry)
-        return None
+            if not isinstance(op, dict) or op.get("id") != operation:
+                continue
+            if op.get("first") is True and first is None:
+                first = dict(entry)
+            last_logged |= op.get("last") is True and entry.get("insertId") == last_insert_id
+        return first if last_logged else None
 
     def _list(self, body: dict[str, Any]) -> dict[str, Any]:
         import requests  # google-auth's transport (a google-api-core dependency)
