@@ -54,16 +54,7 @@ class AuditLogReader:
         """The entry ``insert_id`` of ``log_name`` (a log of ``project``) written within a second of
         ``at``, or None when Cloud Logging has no such entry. Throttling and 503 are retried (as the
         SDK clients' calls are); any other failure raises a ``GoogleAPICallError``."""
-        flt = " AND ".join(
-            [
-                f"logName={quoted(log_name)}",
-                f"insertId={quoted(insert_id)}",
-                f"timestamp>={quoted(rfc3339(at - WINDOW))}",
-                f"timestamp<={quoted(rfc3339(at + WINDOW))}",
-            ]
-        )
-        body = {"resourceNames": [f"projects/{project}"], "filter": flt, "orderBy": "timestamp desc", "pageSize": 10}
-        doc = RETRY(self._list)(body)
+        doc = self._entries(project, log_name, f"insertId={quoted(insert_id)}", at - WINDOW, at, "desc")
         for entry in doc.get("entries") or []:
             if isinstance(entry, dict) and entry.get("insertId") == insert_id and entry.get("logName") == log_name:
                 return entry
@@ -78,16 +69,7 @@ class AuditLogReader:
         "last" entry Google did not write cannot spend the call's approval or finding before the
         genuine one arrives. For a last entry whose first reached another process: what the call
         set is in the first entry alone."""
-        flt = " AND ".join(
-            [
-                f"logName={quoted(log_name)}",
-                f"operation.id={quoted(operation)}",
-                f"timestamp>={quoted(rfc3339(at - since))}",
-                f"timestamp<={quoted(rfc3339(at + WINDOW))}",
-            ]
-        )
-        body = {"resourceNames": [f"projects/{project}"], "filter": flt, "orderBy": "timestamp asc", "pageSize": 10}
-        doc = RETRY(self._list)(body)
+        doc = self._entries(project, log_name, f"operation.id={quoted(operation)}", at - since, at, "asc")
         first: dict[str, Any] | None = None
         last_logged = False
         for entry in doc.get("entries") or []:
@@ -98,6 +80,27 @@ class AuditLogReader:
                 first = dict(entry)
             last_logged |= op.get("last") is True and entry.get("insertId") == last_insert_id
         return first if last_logged else None
+
+    def _entries(
+        self, project: str, log_name: str, term: str, since: datetime, until: datetime, order: str
+    ) -> dict[str, Any]:
+        """One page of ``log_name``'s entries matching ``term``, written from ``since`` to a
+        second after ``until``."""
+        flt = " AND ".join(
+            [
+                f"logName={quoted(log_name)}",
+                term,
+                f"timestamp>={quoted(rfc3339(since))}",
+                f"timestamp<={quoted(rfc3339(until + WINDOW))}",
+            ]
+        )
+        body = {
+            "resourceNames": [f"projects/{project}"],
+            "filter": flt,
+            "orderBy": f"timestamp {order}",
+            "pageSize": 10,
+        }
+        return RETRY(self._list)(body)
 
     def _list(self, body: dict[str, Any]) -> dict[str, Any]:
         import requests  # google-auth's transport (a google-api-core dependency)
