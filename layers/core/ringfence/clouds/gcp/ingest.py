@@ -292,11 +292,16 @@ class GcpIngest:
                 reason=f"the pushed audit entry {'approves nothing' if approving else 'names nobody'}: {why}",
             )
         )
-        if logged is not None and (self.would_approve(change) or self.would_blame(change)):
-            # logged as another's call after all: it decides as logged, and only once, like any
-            spend = _spent(said) if self.would_approve(change) else _blamed(said)
-            return (TagChange(None, None), None) if self.w.store.claimed(spend) else (change, spend)
-        return change, None
+        if logged is None:
+            return change, None
+        # logged as another's call after all: it decides as logged, and only once, like any
+        if self.would_approve(change):
+            spend = _spent(said)
+        elif self.would_blame(change):
+            spend = _blamed(said)
+        else:
+            return change, None
+        return (TagChange(None, None), None) if self.w.store.claimed(spend) else (change, spend)
 
     def _first_from_log(self, project: str, last: GcpEvent) -> tuple[GcpEvent | None, dict[str, Any] | None]:
         """The first entry of ``last``'s operation as Cloud Logging has it (parsed, and as read),
