@@ -198,11 +198,11 @@ def test_every_sam_function_logs_to_a_kept_encrypted_group() -> None:
 
 def test_compute_failures_and_a_stuck_compute_queue_are_alarmed() -> None:
     """compute and publish hand failed batches back instead of failing (Lambda Errors cannot see
-    that): both stacks alarm on their failure metrics, their queues' oldest message and the
-    publish DLQ."""
+    that), nor reconcile a target it could not read: both stacks alarm on their failure metrics,
+    their queues' oldest message and the publish DLQ."""
     res = template()["Resources"]
     alarms = [r["Properties"] for r in res.values() if r["Type"] == "AWS::CloudWatch::Alarm"]
-    for metric in ("ComputeFailures", "PublishFailures"):
+    for metric in ("ComputeFailures", "PublishFailures", "ReconcileTargetsFailed", "ReconcileTargetsRefused"):
         assert any(a["Namespace"] == "Ringfence" and a["MetricName"] == metric for a in alarms), metric
     ages = [a for a in alarms if a["MetricName"] == "ApproximateAgeOfOldestMessage"]
     assert sorted(str(a["Dimensions"][0]["Value"]) for a in ages) == [
@@ -216,6 +216,8 @@ def test_compute_failures_and_a_stuck_compute_queue_are_alarmed() -> None:
         loc.update(block)
     assert loc["alarms"]["compute-failures"]["metric"] == "ComputeFailures"
     assert loc["alarms"]["publish-failures"]["metric"] == "PublishFailures"
+    assert loc["alarms"]["reconcile-failed"]["metric"] == "ReconcileTargetsFailed"
+    assert loc["alarms"]["reconcile-refused"]["metric"] == "ReconcileTargetsRefused"
     assert "aws_sqs_queue.publish_dlq.name" in str(loc["alarms"]["publish-dlq"]["dims"])
     resources: dict[str, dict[str, Any]] = {}
     for block in tf["resource"]:

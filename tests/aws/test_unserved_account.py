@@ -8,12 +8,15 @@ from such an account is refused. The real functions over moto."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
+from botocore.exceptions import ClientError
 
 from ringfence.model import Workload
 from ringfence.store.base import InventoryRecord
 from tests.aws.conftest import ACCOUNT, REGION, Env
+from tests.aws.test_handler_metrics import emitted
 from tests.aws.test_pipeline import _ctx, _scheduled, enroll_iid, iid_document
 
 UNLISTED = "222233334444"
@@ -89,3 +92,60 @@ def test_an_enrollment_from_an_unlisted_account_is_refused_naming_it(env: Env) -
     status, body = enroll_iid(env, iid, document=json.dumps({**doc, "accountId": UNLISTED}))
     assert status == 401 and f"account {UNLISTED} is not served" in json.dumps(body), (status, body)
     assert enroll_iid(env, iid)[0] == 200, "this account's own document enrolls"
+
+
+def _denied(operation: str) -> Any:
+    def deny(**_: Any) -> None:
+        raise ClientError({"Error": {"Code": "AccessDenied", "Message": "not authorized"}}, operation)
+
+    return deny
+
+
+def test_a_target_that_cannot_be_read_fails_alone_and_the_others_still_reach_compute(
+    env: Env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A member role that cannot be assumed (a trust policy broken in one account): that target is
+    reported and counted, its stored workloads are not taken for gone, and every other target is
+    still reconciled and its changes handed to compute (before, the run stopped at the first such
+    target: later targets were never read, and earlier targets' changes were written to the
+    store without reaching compute, so the next run saw no drift and their bundles stayed stale)."""
+    iid = run_here(env)
+    member_wl = "i-0feedfacefeedface"
+    w = Workload(id=member_wl, ips=["10.9.0.5"], cloud="aws", account=MEMBER, region=REGION)
+    env.store.observe(InventoryRecord(id=member_wl, workload=w, state="running", observed_at=1.0))
+    monkeypatch.setenv("RINGFENCE_ACCOUNT_ROLES", json.dumps({MEMBER: READ_ONLY}))
+    targets = [{"account": MEMBER, "region": REGION}, {"account": ACCOUNT, "region": REGION}]
+    monkeypatch.setenv("RINGFENCE_RECONCILE_TARGETS", json.dumps(targets))
+    env.load_functions()
+    env.hook("before-call.sts.AssumeRole", _denied("AssumeRole"))
+    capsys.readouterr()
+    out = env.fn["reconcile"].handler(_scheduled(), _ctx())
+    assert out["failed"] == [f"{MEMBER}/{REGION}"], out
+    assert emitted(capsys.readouterr().out).get("ReconcileTargetsFailed") == 1
+    assert member_wl not in out["gone"] and env.store.get(member_wl).state == "running"  # type: ignore[union-attr]
+    rec = env.store.get(iid)
+    assert rec is not None and rec.state == "running", "the next target was still reconciled"
+    sent = [json.loads(m["Body"]) for m in env.receive("compute")]
+    assert any(iid in json.dumps(body) for body in sent), ("its change reached compute", sent)
+
+
+def test_this_accounts_identity_unknown_fails_only_the_targets_that_need_it(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """STS GetCallerIdentity failing (throttled, an outage) leaves only the targets that need this
+    account's identity unread; a target with its own role is still reconciled."""
+    monkeypatch.setenv(
+        "RINGFENCE_RECONCILE_TARGETS",
+        json.dumps(
+            [
+                {"account": ACCOUNT, "region": REGION},
+                {"account": MEMBER, "region": REGION, "role_arn": READ_ONLY},
+            ]
+        ),
+    )
+    env.load_functions()
+    env.hook("before-call.sts.GetCallerIdentity", _denied("GetCallerIdentity"))
+    assumed: list[str] = []
+    env.hook("before-parameter-build.sts.AssumeRole", lambda params, **_: assumed.append(params["RoleArn"]))
+    out = env.fn["reconcile"].handler(_scheduled(), _ctx())
+    assert out["failed"] == [f"{ACCOUNT}/{REGION}"] and assumed == [READ_ONLY], (out, assumed)

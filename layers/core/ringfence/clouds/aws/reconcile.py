@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 
 from ringfence.control import credentials
 from ringfence.control.governance import store_governed
-from ringfence.control.wiring import Metric, no_metric
+from ringfence.control.wiring import Metric, Target, no_metric
 from ringfence.events import UnservedAccount
+from ringfence.labels import LabelMapper
 from ringfence.store.base import ACTIVE_STATES, InventoryRecord
 
 from . import clients, ec2
@@ -27,6 +28,7 @@ class ReconcileResult:
     offline: list[str] = field(default_factory=list)
     restored: list[str] = field(default_factory=list)  # a stale `terminating` cleared
     refused: list[str] = field(default_factory=list)  # account/region targets not served (no role)
+    failed: list[str] = field(default_factory=list)  # account/region targets that could not be read
 
 
 class Reconcile:
@@ -41,56 +43,18 @@ class Reconcile:
         changed: set[str] = set()
         for t in self.w.cfg.targets:
             try:
-                # a target without its own role takes the account's member role: never this
-                # account's credentials for another account (its instances would be taken for gone)
-                role = t.role_arn or self.w.member_role(t.account)
+                self._target(t, mapper, records, res, changed)
             except UnservedAccount as exc:
                 log.error("reconcile target %s/%s refused: %s", t.account, t.region, exc)
                 self.metric("ReconcileTargetsRefused", 1)
                 res.refused.append(f"{t.account}/{t.region}")
-                continue
-            client = clients.assumed_client("ec2", t.region, role, "ringfence-reconcile")
-            t0 = ec2.now()
-            live_ids = set()
-            observed: list[InventoryRecord] = []
-            held: set[str] = set()  # stored as terminating, running now
-            for inst in ec2.all_instances(client):
-                res.seen += 1
-                live_ids.add(inst["InstanceId"])
-                rec = ec2.to_record(inst, t.account, t.region, t0, mapper)
-                old = records.get(rec.id)
-                if old is not None and old.state == "terminating" and rec.state in ACTIVE_STATES:
-                    held.add(rec.id)
-                observed.append(rec)
-            release: frozenset[str] = frozenset()
-            if held:
-                # a terminate that Auto Scaling is not (or no longer) carrying out — a forged or
-                # abandoned action — must not keep a running instance out of its peers' sets
-                asg = clients.assumed_client("autoscaling", t.region, role, "ringfence-reconcile")
-                release = frozenset(held - set(ec2.leaving_groups(asg, sorted(held))))
-            # reconcile names no principal: it never approves a move into a privileged value
-            for rec, written, governed in store_governed(
-                self.w, observed, records, metric=self.metric, release=release, fresh=True
-            ):
-                if written or governed:
-                    changed.add(rec.id)
-                    if rec.state == "terminated":
-                        credentials.retire(self.w, rec.id, "instance terminated (reconcile)")
-                if written and rec.id in release:
-                    res.restored.append(rec.id)
-                    self.metric("StaleTerminatingCleared", 1)
-            for rec in records.values():
-                w = rec.workload
-                mine = w.cloud == "aws" and w.account == t.account and w.region == t.region
-                if (
-                    mine
-                    and rec.id not in live_ids
-                    and rec.state != "terminated"
-                    and self.w.store.observe(ec2.tombstone(rec.id, t.account, t.region, t0))
-                ):
-                    changed.add(rec.id)
-                    res.gone.append(rec.id)
-                    credentials.retire(self.w, rec.id, "instance gone (reconcile)")
+            except Exception:
+                # one account's broken trust policy or an STS/EC2 outage in one region must not
+                # stop the run: the other targets converge, and what they changed still reaches
+                # compute below (the store already holds it: a later run would see no drift)
+                log.exception("reconcile target %s/%s failed", t.account, t.region)
+                self.metric("ReconcileTargetsFailed", 1)
+                res.failed.append(f"{t.account}/{t.region}")
         # agents silent for longer than offline_after leave their peers' sets (only then)
         now = ec2.now() if now is None else now
         for rec in records.values():
@@ -105,3 +69,58 @@ class Reconcile:
         self.w.enqueue_perimeter(res.changed)  # repaired drift reaches the perimeter as events do
         self.metric("ReconcileDrift", len(res.changed))
         return res
+
+    def _target(
+        self,
+        t: Target,
+        mapper: LabelMapper | None,
+        records: dict[str, InventoryRecord],
+        res: ReconcileResult,
+        changed: set[str],
+    ) -> None:
+        """Converge one account/region: nothing is taken for gone unless its listing completed."""
+        # a target without its own role takes the account's member role: never this
+        # account's credentials for another account (its instances would be taken for gone)
+        role = t.role_arn or self.w.member_role(t.account)
+        client = clients.assumed_client("ec2", t.region, role, "ringfence-reconcile")
+        t0 = ec2.now()
+        live_ids = set()
+        observed: list[InventoryRecord] = []
+        held: set[str] = set()  # stored as terminating, running now
+        for inst in ec2.all_instances(client):
+            res.seen += 1
+            live_ids.add(inst["InstanceId"])
+            rec = ec2.to_record(inst, t.account, t.region, t0, mapper)
+            old = records.get(rec.id)
+            if old is not None and old.state == "terminating" and rec.state in ACTIVE_STATES:
+                held.add(rec.id)
+            observed.append(rec)
+        release: frozenset[str] = frozenset()
+        if held:
+            # a terminate that Auto Scaling is not (or no longer) carrying out — a forged or
+            # abandoned action — must not keep a running instance out of its peers' sets
+            asg = clients.assumed_client("autoscaling", t.region, role, "ringfence-reconcile")
+            release = frozenset(held - set(ec2.leaving_groups(asg, sorted(held))))
+        # reconcile names no principal: it never approves a move into a privileged value
+        for rec, written, governed in store_governed(
+            self.w, observed, records, metric=self.metric, release=release, fresh=True
+        ):
+            if written or governed:
+                changed.add(rec.id)
+                if rec.state == "terminated":
+                    credentials.retire(self.w, rec.id, "instance terminated (reconcile)")
+            if written and rec.id in release:
+                res.restored.append(rec.id)
+                self.metric("StaleTerminatingCleared", 1)
+        for rec in records.values():
+            w = rec.workload
+            mine = w.cloud == "aws" and w.account == t.account and w.region == t.region
+            if (
+                mine
+                and rec.id not in live_ids
+                and rec.state != "terminated"
+                and self.w.store.observe(ec2.tombstone(rec.id, t.account, t.region, t0))
+            ):
+                changed.add(rec.id)
+                res.gone.append(rec.id)
+                credentials.retire(self.w, rec.id, "instance gone (reconcile)")
