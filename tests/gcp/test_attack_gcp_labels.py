@@ -198,7 +198,7 @@ def test_attack_gcp_forged_audit_entry_naming_a_tagger_approves_nothing(
     deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", other))
     real = bind_tag_as(gcp, TAGGER, other, "ringfence-role", "jumpbox")
     calls = len(gcp.calls)
-    gcp.throttle(1)  # the Logging read is throttled once: retried, as the SDK clients' calls are
+    gcp.throttle(1, path=ENTRIES_LIST)  # the Logging read is throttled once: retried, as the SDK clients' calls are
     status, body = post(ingest, push_body(real), push_token(gcp))
     assert status == 200 and body["changed"] == [other["id"]], body
     assert reads(gcp, calls) == 2
@@ -341,25 +341,28 @@ def test_attack_gcp_a_taggers_entry_replayed_approves_once(gcp: GcpApi, wiring: 
 def test_a_taggers_approval_that_failed_to_be_stored_is_approved_when_redelivered(
     gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An entry is spent only once its approval is stored: when recording the VM fails after the
-    entry was confirmed (the compute API unavailable: 503), Pub/Sub's redelivery still approves."""
-    from google.api_core.exceptions import ServiceUnavailable
+    """An entry is spent only once its approval is stored: when storing the VM fails after the
+    entry was confirmed (the store unavailable), the push fails and Pub/Sub's redelivery still
+    approves."""
+    import sqlite3
 
     ingest = GcpIngest(wiring, gcp_config(gcp))
     inst = web_vm(gcp, "10.20.2.42")
     deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", inst))
     entry = bind_tag_as(gcp, TAGGER, inst, "ringfence-role", "jumpbox")
-    real, failures = ingest.observe, [1]
+    real, failures = ingest._store, [1]
 
     def unavailable_once(*args: Any, **kwargs: Any) -> Any:
         if failures[0]:
             failures[0] -= 1
-            raise ServiceUnavailable("compute API: 503")  # type: ignore[no-untyped-call]
+            raise sqlite3.OperationalError("database is locked")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ingest, "observe", unavailable_once)
-    status, body = post(ingest, push_body(entry), push_token(gcp))
-    assert status == 503, body
+    monkeypatch.setattr(ingest, "_store", unavailable_once)
+    calls = len(gcp.calls)
+    with pytest.raises(sqlite3.OperationalError):  # the push fails (500): Pub/Sub redelivers
+        post(ingest, push_body(entry), push_token(gcp))
+    assert not failures[0] and reads(gcp, calls) == 1, "it failed after the entry was read back"
     status, body = post(ingest, push_body(entry), push_token(gcp))  # the redelivery
     assert status == 200, body
     rec = wiring.store.get(inst["id"])
@@ -576,16 +579,16 @@ def test_a_failure_after_the_first_entry_is_taken_keeps_it_for_the_redelivery(
     method, op = "v1.compute.instances.insert", f"operation-insert-{inst['id']}"
     deliver(gcp, ingest, audit_entry(method, inst, request=request, operation=op, last=False))
     last = logged(gcp, audit_entry(method, inst, operation=op, first=False))
-    real_observe = GcpIngest.observe
+    real_store = GcpIngest._store
     failures = [1]
 
-    def observe_failing_once(self: GcpIngest, *a: Any, **kw: Any) -> set[str]:
+    def store_failing_once(self: GcpIngest, *a: Any, **kw: Any) -> set[str]:
         if failures:
             failures.pop()
             raise ingest_module.ServiceUnavailable("the store is busy")  # type: ignore[no-untyped-call]
-        return real_observe(self, *a, **kw)
+        return real_store(self, *a, **kw)
 
-    monkeypatch.setattr(GcpIngest, "observe", observe_failing_once)
+    monkeypatch.setattr(GcpIngest, "_store", store_failing_once)
     status, body = post(ingest, push_body(last), push_token(gcp))
     assert status == 503, body
     deliver(gcp, ingest, last)

@@ -143,6 +143,50 @@ def test_a_last_entry_whose_first_went_to_another_process_is_decided_by_the_logg
         assert held == [caller]
 
 
+def test_a_label_change_that_moves_nothing_privileged_costs_no_logging_read(gcp: GcpApi, wiring: LocalWiring) -> None:
+    """Who made a change matters only where it moves a label into a privileged value: a setLabels
+    that moves nothing privileged is stored without reading Cloud Logging, whether its first
+    entry went to another process (or never existed: a fabricated "last" entry) or a tagger's
+    call re-sends a privileged value already in force (setLabels sends every label)."""
+    ingest = GcpIngest(wiring, gcp_config(gcp, LabelSource.LABELS))
+    inst = gcp.add_instance(PROJECT, ZONE, vm_name(), ["10.20.0.20"], labels=PROD_WEB)
+    deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", inst))
+    method = "v1.compute.instances.setLabels"
+
+    def set_labels(labels: dict[str, str], **how: Any) -> dict[str, Any]:
+        gcp.set_labels(PROJECT, ZONE, inst["name"], labels)
+        request = {"labels": [{"key": k, "value": v} for k, v in labels.items()]}
+        return audit_entry(method, inst, request=request, **how)
+
+    # a split change of app (not privileged): its first entry elsewhere, then only a last one
+    op = f"operation-app-{inst['id']}"
+    gcp.write_log(set_labels({**PROD_WEB, "ringfence-app": "payroll"}, operation=op, last=False))
+    calls = len(gcp.calls)
+    deliver(gcp, ingest, audit_entry(method, inst, operation=op, first=False))
+    assert sum(1 for _, path in gcp.calls[calls:] if path == "/v2/entries:list") == 0
+    assert wiring.store.get(inst["id"]).labels["app"] == "payroll"  # type: ignore[union-attr]
+
+    # a fabricated last entry of an operation Cloud Logging never had: no read, no 503
+    calls = len(gcp.calls)
+    deliver(gcp, ingest, audit_entry(method, inst, operation="op-never", first=False))
+    assert sum(1 for _, path in gcp.calls[calls:] if path == "/v2/entries:list") == 0
+
+    # the tagger moves role to jumpbox (privileged): read back once and approved
+    jump = {**PROD_WEB, "ringfence-app": "payroll", "ringfence-role": "jumpbox"}
+    calls = len(gcp.calls)
+    deliver(gcp, ingest, set_labels(jump))
+    assert sum(1 for _, path in gcp.calls[calls:] if path == "/v2/entries:list") == 1
+    assert wiring.store.get(inst["id"]).labels["role"] == "jumpbox"  # type: ignore[union-attr]
+
+    # then changes app again, re-sending role=jumpbox, which is in force already: no read
+    calls = len(gcp.calls)
+    deliver(gcp, ingest, set_labels({**jump, "ringfence-app": "core"}))
+    assert sum(1 for _, path in gcp.calls[calls:] if path == "/v2/entries:list") == 0
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.labels["role"] == "jumpbox" and rec.labels["app"] == "core"
+    assert rec.workload.held_labels is None
+
+
 def test_delete_tombstones_and_a_mig_launch_is_recognised(gcp: GcpApi, wiring: LocalWiring) -> None:
     ingest = GcpIngest(wiring, gcp_config(gcp))
     mig = f"projects/{NUMBER}/zones/{ZONE}/instanceGroupManagers/web-mig"

@@ -120,7 +120,7 @@ class GcpApi:
         self.page_size = page_size
         self.metadata_instance: tuple[str, dict[str, Any]] | None = None
         self.calls: list[tuple[str, str]] = []  # (method, path) of every request, for the tests
-        self._throttle: list[int] = [0, 1]  # [calls left to refuse, Retry-After seconds]
+        self._throttle: tuple[int, int, str | None] = (0, 1, None)  # calls left to refuse, Retry-After, path
         self._server = ThreadingHTTPServer((host, port), self._handler())
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -262,10 +262,11 @@ class GcpApi:
             self.log_entries.append(stored)
         return stored
 
-    def throttle(self, calls: int, retry_after: int = 1) -> None:
-        """Answer the next ``calls`` requests with 429 Too Many Requests and ``Retry-After``."""
+    def throttle(self, calls: int, retry_after: int = 1, path: str | None = None) -> None:
+        """Answer the next ``calls`` requests (to ``path`` only, if given) with 429 Too Many
+        Requests and ``Retry-After``."""
         with self.lock:
-            self._throttle = [calls, retry_after]
+            self._throttle = (calls, retry_after, path)
 
     def sign_token(self, claims: Mapping[str, Any]) -> str:
         return self.key.sign(claims)
@@ -298,12 +299,13 @@ class GcpApi:
                 query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
                 with api.lock:
                     api.calls.append((method, parts.path))
-                    if api._throttle[0] > 0 and not parts.path.startswith("/oauth2/"):
-                        api._throttle[0] -= 1
+                    left, retry_after, only = api._throttle
+                    if left > 0 and not parts.path.startswith("/oauth2/") and only in (None, parts.path):
+                        api._throttle = (left - 1, retry_after, only)
                         self._send(
                             429,
                             _error(429, "Rate Limit Exceeded", "rateLimitExceeded"),
-                            {"Retry-After": str(api._throttle[1])},
+                            {"Retry-After": str(retry_after)},
                         )
                         return
                 if parts.path == IDENTITY_PATH and self.headers.get("Metadata-Flavor") != "Google":

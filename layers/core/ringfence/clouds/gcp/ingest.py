@@ -35,7 +35,7 @@ from ringfence.control import credentials
 from ringfence.control.governance import GOVERNANCE_PRINCIPAL, store_governed
 from ringfence.control.wiring import BaseWiring, Metric, no_metric
 from ringfence.events import MalformedEvent
-from ringfence.governance import TagChange, is_tagger
+from ringfence.governance import TagChange, govern, is_tagger
 from ringfence.labels import LabelMapper
 from ringfence.store.base import InventoryRecord
 
@@ -162,6 +162,15 @@ class GcpIngest:
     def _decide_and_observe(self, project: str, ev: GcpEvent, said: GcpEvent | None) -> set[str]:
         """Who made the change ``ev`` ends and what it set (``said``: its first entry when held in
         this process), decided and stored: the VM observed and governed with it."""
+        names = {ev.instance: ev.instance_name} if ev.instance_name else None
+        observed = self.observations(project, ev.zone, [ev.instance], names)
+        stored = self.w.store.get_many([r.id for r in observed])
+        if not self._moves_privileged(observed, stored):
+            # who called decides only a move into a privileged value: with none on the VM, no
+            # Cloud Logging read (a split change, a fabricated "last" entry, a tagger's setLabels
+            # re-sending a privileged value in force). Should a move land between this read and
+            # the write, it is decided unattributed: held, never approved.
+            return self._store(observed, TagChange(None, None), ev.event_id, stored)
         first_logged: dict[str, Any] | None = None
         if said is None and ev.operation and not ev.first:
             said, first_logged = self._first_from_log(project, ev)
@@ -176,13 +185,27 @@ class GcpIngest:
                 change = TagChange(None, change.requested)
             else:
                 change, spend = self.confirm(project, said, change, approving=approving, entry=first_logged)
-        names = {ev.instance: ev.instance_name} if ev.instance_name else None
-        changed = self.observe(project, ev.zone, [ev.instance], names=names, change=change, event_id=ev.event_id)
+        changed = self._store(observed, change, ev.event_id, stored)
         if spend is not None:
             # spent only once its approval or finding is stored: a delivery that failed before is
             # redelivered and decides again; a replay (the entry published again later) finds it spent
             self.w.store.claim_once(spend, int(CONFIRM_MAX_AGE) + 60)
         return changed
+
+    def _moves_privileged(self, observed: list[InventoryRecord], stored: Mapping[str, InventoryRecord]) -> bool:
+        """Some VM observed moves a label into a privileged value not in force (under governed
+        labels): what governance holds unless a tagger's call is shown to have made it."""
+        mapper = self._governed_mapper()
+        if mapper is None:
+            return False
+        for rec in observed:
+            if rec.state == "terminated":
+                continue
+            old = stored.get(rec.id)
+            previous = old.workload if old is not None and old.state != "terminated" else None
+            if govern(mapper, previous, rec.workload).moves:
+                return True
+        return False
 
     def _same_call(self, first: GcpEvent, last: GcpEvent) -> bool:
         """An operation's first and last entries name the same call on the same VM (by its id, or
@@ -455,6 +478,12 @@ class GcpIngest:
         event_id: str = "",
     ) -> set[str]:
         """Read the VMs live and store what they are now (governed); the ids that changed."""
+        return self._store(self.observations(project, zone, instances, names), change, event_id)
+
+    def observations(
+        self, project: str, zone: str, instances: Iterable[str], names: Mapping[str, str] | None = None
+    ) -> list[InventoryRecord]:
+        """The VMs (ids or names) as read live now: a record each, a tombstone for one gone."""
         mapper = self.w.mapper()
         observed: list[InventoryRecord] = []
         for name_or_id in instances:
@@ -467,11 +496,19 @@ class GcpIngest:
                 observed.append(tombstone(name_or_id, project, zone, t))
             else:
                 observed.append(self.record(project, inst, t, mapper))
-        return self._store(observed, change, event_id)
+        return observed
 
-    def _store(self, observed: list[InventoryRecord], change: TagChange | None, event_id: str = "") -> set[str]:
-        """Store these observations, governed against the stored records; the ids that changed."""
-        stored = self.w.store.get_many([r.id for r in observed])
+    def _store(
+        self,
+        observed: list[InventoryRecord],
+        change: TagChange | None,
+        event_id: str = "",
+        stored: Mapping[str, InventoryRecord] | None = None,
+    ) -> set[str]:
+        """Store these observations, governed against the stored records (``stored``: as read
+        already); the ids that changed."""
+        if stored is None:
+            stored = self.w.store.get_many([r.id for r in observed])
         changed: set[str] = set()
         for rec, written, governed in store_governed(
             self.w, observed, stored, change, event_id=event_id, metric=self.metric
