@@ -29,9 +29,13 @@ TOKEN = "onprem-admin-token-0123456789abcdef"
 class Server:
     """``ringfence serve`` on a fixed loopback port (the agent's api_url survives a restart)."""
 
-    def __init__(self, tmp_path: Path, tls: LabTls | None = None) -> None:
+    def __init__(
+        self, tmp_path: Path, tls: LabTls | None = None, db: Path | None = None, extra: list[str] | None = None
+    ) -> None:
         self.tls = tls  # HTTPS with a certificate of a private CA (tls.ca), as agents meet it
-        self.db = tmp_path / "state" / "state.db"
+        self.db = db or tmp_path / "state" / "state.db"
+        self.extra = extra or []  # more `ringfence serve` arguments
+        self.launcher: list[str] = []  # what starts the command (e.g. in a namespace of its own)
         self.tokens = tmp_path / "admin-tokens"
         self.tokens.write_text(f"carol:{serve.token_hash(TOKEN)}:policy-author,incident-responder,onboarding\n")
         sock = serve.listen("127.0.0.1", 0)
@@ -45,8 +49,12 @@ class Server:
         cmd = [str(BIN / "ringfence"), "serve", "--port", str(self.port), "--store", f"sqlite:{self.db}"]
         if self.tls is not None:
             cmd += ["--tls-cert", str(self.tls.cert), "--tls-key", str(self.tls.key)]
+        cmd += self.extra
         self.proc = subprocess.Popen(
-            [*cmd, "--admin-tokens", str(self.tokens)], stdout=subprocess.PIPE, stderr=self.log.open("a"), text=True
+            [*self.launcher, *cmd, "--admin-tokens", str(self.tokens)],
+            stdout=subprocess.PIPE,
+            stderr=self.log.open("a"),
+            text=True,
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()

@@ -714,6 +714,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             announce=lambda line: print(line, flush=True),
             signing_key=Path(args.signing_key) if args.signing_key else None,
             siem=args.siem,
+            user=args.user,
         )
     except serve.ServeError as exc:
         raise CliError(str(exc)) from None
@@ -1087,6 +1088,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--signing-key",
         metavar="PEM",
         help="with sqlite: the bundle signing key (default: generated beside the database on first start)",
+    )
+    p.add_argument(
+        "--user",
+        metavar="NAME",
+        help="with sqlite: (started as root) keep the signing key in a signer process of its own and answer "
+        "requests as the user NAME, who cannot read the key; needs --signing-key, a root-owned file of mode 600",
     )
     p.add_argument(
         "--admin-tokens",

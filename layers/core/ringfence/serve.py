@@ -34,13 +34,16 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from starlette.responses import Response
 
 from ringfence.adminroles import AdminRole, AdminRolesError, parse_roles
 from ringfence.control.wiring import Metric, no_metric
 from ringfence.metrics import CONTENT_TYPE_LATEST, Counters
+
+if TYPE_CHECKING:
+    from ringfence.bundlewire import Signer
 
 log = logging.getLogger("ringfence.serve")
 
@@ -151,7 +154,7 @@ def new_admin_token(principal: str, roles: Iterable[str]) -> tuple[str, str]:
 
 
 def build_wiring(
-    store: str, signing_key: Path | None = None, siem: str | None = None, metric: Metric = no_metric
+    store: str, signing_key: Path | Signer | None = None, siem: str | None = None, metric: Metric = no_metric
 ) -> Any:
     """The services' wiring for a ``--store`` value: ``sqlite:PATH`` (the SQLite file ``PATH``; its
     directory holds the published objects and, unless ``signing_key`` is given, the signing key:
@@ -188,6 +191,46 @@ def build_wiring(
         except StateInUse as exc:
             raise ServeError(str(exc)) from None
     raise ServeError(f"--store {store!r}: expected sqlite:PATH or aws")
+
+
+def separate_signer(store: str, signing_key: Path | None, user: str) -> Any:
+    """``--user``: spawn the signer on ``signing_key`` (it alone loads the key), then drop this
+    process to ``user`` for good; the signer (:mod:`ringfence.local.signer_process`). The
+    state directory is made for ``user`` when missing, and must be writable by it."""
+    from ringfence.local.signer_process import SignerError, SignerProcess, drop_privileges
+
+    if not (store.startswith("sqlite:") and store.removeprefix("sqlite:")):
+        raise ServeError("--user is for --store sqlite:PATH (on AWS the signing key is compute's alone)")
+    if signing_key is None:
+        raise ServeError("--user needs --signing-key: a root-owned key file (mode 600) that the user cannot read")
+    if os.geteuid() != 0:
+        raise ServeError("--user: start ringfence serve as root (it drops to the user after spawning the signer)")
+    state = Path(store.removeprefix("sqlite:")).parent
+    try:
+        import pwd
+
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise ServeError(f"--user {user}: no such user") from None
+    if pw.pw_uid == 0:
+        raise ServeError(f"--user {user}: is root; name the unprivileged user to answer requests as")
+    if not state.exists():
+        state.mkdir(parents=True, mode=0o750)
+        os.chown(state, pw.pw_uid, pw.pw_gid)
+    try:
+        signer = SignerProcess.spawn(signing_key.resolve())
+    except SignerError as exc:
+        raise ServeError(str(exc)) from None
+    try:
+        drop_privileges(user)
+        if not os.access(state, os.W_OK | os.X_OK):
+            raise ServeError(f"state directory {state} is not writable by {user}: chown -R {user} {state}")
+    except BaseException as exc:
+        signer.close()
+        if isinstance(exc, SignerError):
+            raise ServeError(str(exc)) from None
+        raise
+    return signer
 
 
 def is_onprem(wiring: Any) -> bool:
@@ -661,8 +704,11 @@ def run(
     announce: Callable[[str], None] = print,
     signing_key: Path | None = None,
     siem: str | None = None,
+    user: str | None = None,
 ) -> int:
-    """Serve until SIGINT/SIGTERM (what ``ringfence serve`` runs)."""
+    """Serve until SIGINT/SIGTERM (what ``ringfence serve`` runs). ``user`` (``--user``, started
+    as root): the signing key goes to a signer process of its own and everything else runs as
+    that user (:func:`separate_signer`)."""
     if (tls_cert is None) != (tls_key is None):
         raise ServeError("give both --tls-cert and --tls-key, or neither")
     for p in (tls_cert, tls_key):
@@ -672,7 +718,13 @@ def run(
     tokens = AdminTokens.load(admin_tokens) if admin_tokens is not None else None
     sock = listen(host, port)  # before the store: a taken port fails before anything starts
     counters = Counters()
-    wiring = build_wiring(store, signing_key, siem, counters)
+    signer = separate_signer(store, signing_key, user) if user is not None else None
+    try:
+        wiring = build_wiring(store, signer or signing_key, siem, counters)
+    except BaseException:
+        if signer is not None:
+            signer.close()
+        raise
     stop = threading.Event()
     try:
         app = ServeApp.over(wiring, tokens, threads, metrics=counters)

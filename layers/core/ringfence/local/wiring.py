@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from ringfence.bundle import SigningKey
+from ringfence.bundle import Signer, SigningKey
 from ringfence.control.compute import Compute, ComputeStats
 from ringfence.control.wiring import BaseWiring, Config, Metric, no_metric
 from ringfence.local.publish import FilePublisher
@@ -208,7 +208,7 @@ class LocalWiring(BaseWiring):
         self,
         database: Path | str,
         *,
-        signing_key: Path | str | SigningKey | None = None,
+        signing_key: Path | str | Signer | None = None,
         cfg: Config | None = None,
         store: Store | None = None,
         metric: Metric = no_metric,
@@ -225,10 +225,11 @@ class LocalWiring(BaseWiring):
                 store if store is not None else SqliteStore(self.database),
                 FilePublisher(self.state_dir / "objects", fsync=fsync),
             )
-            if isinstance(signing_key, SigningKey):
-                self._signer = signing_key
-            elif signing_key is not None:
+            self._signer: Signer
+            if isinstance(signing_key, (str, Path)):
                 self._signer = load_signing_key(Path(signing_key))
+            elif signing_key is not None:
+                self._signer = signing_key  # a key, or a signer process holding one (serve --user)
             else:
                 self._signer = own_signing_key(self.state_dir)
         except BaseException:
@@ -287,6 +288,9 @@ class LocalWiring(BaseWiring):
     def close(self) -> None:
         if self._started and self.worker.is_alive():
             self.worker.stop()
+        close_signer = getattr(self._signer, "close", None)
+        if close_signer is not None:
+            close_signer()  # a signer process: its pipe closes and it exits
         close = getattr(self.store, "close", None)
         if close is not None:
             close()

@@ -1,0 +1,229 @@
+"""The bundle signing key in a process of its own: ``ringfence serve --user USER``.
+
+``serve`` started as root spawns this signer first, then drops to USER for everything else: the
+process that answers agents and admins never loads the key. The signer stays root, loads the key
+(a root-owned file of mode 600 in a root-owned directory: USER can neither read it nor swap it)
+and does one thing: sign a bundle or delta manifest (:func:`ringfence.bundlewire.manifest`) that
+names its own key, logging what it signed. So the internet-facing process, even taken over, can
+neither copy the key (not the file, nor the signer's memory, another user's process) nor have
+anything but a Ringfence manifest signed with it; it can still ask for manifests while it runs,
+as on AWS a compromised compute function could call KMS Sign.
+
+The protocol, over the child's stdin/stdout: the signer's first line is JSON (``key_id``,
+``public_pem``, or ``error``); then each request is a 4-byte big-endian length and a manifest,
+each answer a 4-byte length and a signature (empty: refused, with the reason on the signer's
+stderr). Hand-written because it is this small: a library for a pipe between two processes we
+start ourselves would be more code to read than the protocol.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import pwd
+import stat
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import IO
+
+from ringfence.bundlewire import MANIFEST_FORMAT, MAX_MANIFEST_BYTES
+
+log = logging.getLogger("ringfence.signer")
+
+_LEN = struct.Struct(">I")
+
+
+class SignerError(RuntimeError):
+    """The signer refused a request, would not start, or is gone."""
+
+
+def check_key_file(path: Path) -> None:
+    """Refuse a key that anyone but root could read or replace: the file (mode 600 or stricter)
+    and its directory (not writable by group or others) owned by root."""
+    d = path.parent
+    try:
+        ds = d.stat()
+    except OSError as exc:
+        raise SignerError(f"signing key directory {d}: {exc.strerror}") from None
+    if ds.st_uid != 0 or ds.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise SignerError(
+            f"signing key directory {d} must be owned by root and writable by root only "
+            f"(owner uid {ds.st_uid}, mode {stat.S_IMODE(ds.st_mode):o}): another user could replace the key"
+        )
+    try:
+        fs = path.lstat()
+    except FileNotFoundError:
+        raise SignerError(f"signing key {path}: no such file (make one with `ringfence keygen --out {d}`)") from None
+    if not stat.S_ISREG(fs.st_mode) or fs.st_uid != 0 or fs.st_mode & 0o077:
+        raise SignerError(
+            f"signing key {path} must be a regular file owned by root, mode 600 "
+            f"(owner uid {fs.st_uid}, mode {stat.S_IMODE(fs.st_mode):o})"
+        )
+
+
+# --- the signer (child) ----------------------------------------------------------------------------
+
+
+def _read_exact(stream: IO[bytes], n: int) -> bytes | None:
+    data = stream.read(n)
+    return data if data is not None and len(data) == n else None
+
+
+def _refusal(message: bytes, key_id: str) -> str | None:
+    """Why ``message`` is not a manifest of this key (None: it is one)."""
+    head, sep, body = message.partition(b"\n")
+    if not sep or head != MANIFEST_FORMAT.encode():
+        return f"not a {MANIFEST_FORMAT} manifest"
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return "manifest body is not JSON"
+    if not isinstance(doc, dict) or doc.get("key_id") != key_id:
+        return f"manifest does not name this key ({key_id})"
+    return None
+
+
+def serve_signatures(key_path: Path, stdin: IO[bytes], stdout: IO[bytes]) -> int:
+    """The signer's loop (``python -m ringfence.local.signer_process KEY``): until stdin closes."""
+    from ringfence.bundle import SigningKey
+
+    try:
+        check_key_file(key_path)
+        key = SigningKey.from_file(key_path)
+    except Exception as exc:  # the parent shows it: this process has no one else to tell
+        stdout.write(json.dumps({"error": str(exc)}).encode() + b"\n")
+        stdout.flush()
+        return 2
+    stdout.write(json.dumps({"key_id": key.key_id, "public_pem": key.public_pem().decode()}).encode() + b"\n")
+    stdout.flush()
+    signed = 0
+    while (head := _read_exact(stdin, _LEN.size)) is not None:
+        (n,) = _LEN.unpack(head)
+        if n > MAX_MANIFEST_BYTES:
+            log.error("signer: a request of %s bytes (manifests are at most %s): closing", n, MAX_MANIFEST_BYTES)
+            return 2
+        message = _read_exact(stdin, n)
+        if message is None:
+            break
+        why = _refusal(message, key.key_id)
+        if why is not None:
+            log.warning("signer: refused to sign: %s", why)
+            stdout.write(_LEN.pack(0))
+        else:
+            signature = key.sign(message)
+            signed += 1
+            log.info("signer: signed %s", message.partition(b"\n")[2].decode("utf-8", "replace"))
+            stdout.write(_LEN.pack(len(signature)) + signature)
+        stdout.flush()
+    log.info("signer: the serving process closed the pipe after %s signature(s): exiting", signed)
+    return 0
+
+
+# --- the client (serve) ----------------------------------------------------------------------------
+
+
+class SignerProcess:
+    """A :class:`ringfence.bundlewire.Signer` whose key is held by a child process (the signer)."""
+
+    alg = "ed25519"
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdin is not None and proc.stdout is not None
+        self._proc = proc
+        self._in, self._out = proc.stdin, proc.stdout
+        self._lock = threading.Lock()
+        hello = self._out.readline()
+        try:
+            info = json.loads(hello)
+        except ValueError:
+            info = {"error": f"the signer exited ({proc.wait(10)}) before it said which key it holds"}
+        if "error" in info:
+            self.close()
+            raise SignerError(str(info["error"]))
+        self._key_id: str = info["key_id"]
+        self._public_pem: bytes = info["public_pem"].encode()
+
+    @classmethod
+    def spawn(cls, key_path: Path) -> SignerProcess:
+        """Start the signer on ``key_path`` (it checks the file, then loads it): this process
+        never reads the key."""
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ringfence.local.signer_process", str(key_path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            close_fds=True,
+        )
+        return cls(proc)
+
+    @property
+    def key_id(self) -> str:
+        return self._key_id
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def public_pem(self) -> bytes:
+        return self._public_pem
+
+    def sign(self, message: bytes) -> bytes:
+        with self._lock:
+            try:
+                self._in.write(_LEN.pack(len(message)) + message)
+                self._in.flush()
+                head = _read_exact(self._out, _LEN.size)
+                (n,) = _LEN.unpack(head) if head is not None else (None,)
+                signature = _read_exact(self._out, n) if n else None
+            except (BrokenPipeError, ValueError):
+                head, signature = None, None
+        if head is None:
+            raise SignerError(f"the signer (pid {self._proc.pid}) is gone: nothing can be signed")
+        if not signature:
+            raise SignerError("the signer refused to sign: not a manifest of its key (see its log)")
+        return signature
+
+    def close(self) -> None:
+        """Close the pipe: the signer exits (this process may not signal it: it is root's)."""
+        for stream in (self._in, self._out):
+            with contextlib.suppress(OSError):  # already broken: the signer is gone
+                stream.close()
+        try:
+            self._proc.wait(10)
+        except subprocess.TimeoutExpired:
+            log.warning("the signer (pid %s) did not exit after its pipe closed", self._proc.pid)
+
+
+def drop_privileges(user: str) -> pwd.struct_passwd:
+    """Become ``user`` (its groups too) for good: root's uid, gids and capabilities are gone."""
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise SignerError(f"--user {user}: no such user") from None
+    if pw.pw_uid == 0:
+        raise SignerError(f"--user {user}: is root; name the unprivileged user to serve requests as")
+    os.initgroups(pw.pw_name, pw.pw_gid)
+    os.setgid(pw.pw_gid)
+    os.setuid(pw.pw_uid)
+    try:
+        os.setuid(0)
+    except PermissionError:
+        return pw
+    raise SignerError(f"--user {user}: root privileges could not be dropped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m ringfence.local.signer_process KEY.pem", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return serve_signatures(Path(args[0]), sys.stdin.buffer, sys.stdout.buffer)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,194 @@
+"""``ringfence serve --user USER``: the bundle signing key in a signer process of its own. The
+serving process, started as root, spawns the signer and drops to USER before it opens the store
+or answers anything; it never loads the key. Against the real CLI, a real (dry-run) agent and the
+kernel's own checks (file modes, another user's process memory)."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from ringfence import bundle
+from ringfence.bundlewire import manifest_message
+from ringfence.local.signer_process import SignerError, SignerProcess
+from tests.agentproc import agent_status as status
+from tests.agentproc import wait_until
+from tests.onprem.conftest import ESTATE, policy_files
+from tests.onprem.test_serve_onprem import Server
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="a root-owned key and dropping to another user need root")
+USER = "nobody"
+
+
+def key_in(d: Path, mode: int = 0o700) -> tuple[Path, bundle.SigningKey]:
+    d.mkdir(mode=mode)
+    d.chmod(mode)
+    key = bundle.SigningKey.generate()
+    key.write(d / "signing.pem", d / "signing.pub.pem")
+    return d / "signing.pem", key
+
+
+def test_the_signer_signs_manifests_of_its_key_and_refuses_anything_else(tmp_path: Path) -> None:
+    path, key = key_in(tmp_path / "signer")
+    signer = SignerProcess.spawn(path)
+    try:
+        assert signer.key_id == key.key_id and signer.public_pem() == key.public_pem()
+        verifier = bundle.Verifier.from_file(path.with_name("signing.pub.pem"))
+        delta = bundle.sign(bundle.SetDelta(set="rf_web", from_version=1, to_version=2), signer)
+        verifier.verify(delta)
+        with pytest.raises(SignerError, match="refused"):
+            signer.sign(b"GET /admin HTTP/1.1\r\n")  # any other protocol's message
+        other = bundle.SigningKey.generate().key_id
+        with pytest.raises(SignerError, match="refused"):
+            signer.sign(manifest_message("ringfence.delta/v2", other, {"set": "rf_web"}, b"x"))
+        verifier.verify(bundle.sign(bundle.SetDelta(set="rf_web", from_version=2, to_version=3), signer))
+    finally:
+        signer.close()
+    assert signer._proc.poll() == 0, "the pipe closed: the signer exited"
+    with pytest.raises(SignerError, match="gone"):
+        signer.sign(bundle.manifest(delta, key.key_id))
+
+
+@pytest.mark.parametrize(
+    ("why", "arrange", "says"),
+    [
+        ("readable by others", lambda p: p.chmod(0o644), "mode 600"),
+        ("a directory others may write", lambda p: p.parent.chmod(0o777), "writable by root only"),
+        ("a directory of another user", lambda p: os.chown(p.parent, pwd.getpwnam(USER).pw_uid, 0), "owned by root"),
+        ("missing", lambda p: p.unlink(), "ringfence keygen"),
+    ],
+)
+def test_a_signing_key_another_user_could_read_or_replace_is_refused(
+    tmp_path: Path, why: str, arrange: Any, says: str
+) -> None:
+    path, _ = key_in(tmp_path / "signer")
+    arrange(path)
+    with pytest.raises(SignerError, match=says) as err:
+        SignerProcess.spawn(path)
+    assert str(path.parent) in str(err.value), (why, err.value)
+
+
+def uids(pid: int) -> set[int]:
+    line = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("Uid:"))
+    return {int(u) for u in line.split()[1:]}
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def memory_holds(pid: int, needle: bytes) -> bool:
+    """Whether the process's readable memory holds ``needle`` (read as root, through /proc)."""
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for line in maps:
+            span, perms = line.split()[:2]
+            if not perms.startswith("r"):
+                continue
+            start, end = (int(x, 16) for x in span.split("-"))
+            try:
+                mem.seek(start)
+                if needle in mem.read(end - start):
+                    return True
+            except (OSError, OverflowError, ValueError):
+                continue  # [vvar] and the like
+    return False
+
+
+def python_for_other_users(scratch: Path) -> list[str]:
+    """A launcher under which other users can read this machine's Python. Here CPython lives under
+    /root (mode 700), where no other user may look; a packaged Python lives under /usr. So the
+    server starts in a mount namespace of its own where /root is an empty directory holding only
+    that installation: the host is left as it is, and nothing else of root's home is shown."""
+    prefix = Path(sys.base_prefix).resolve()
+    if not prefix.is_relative_to("/root"):
+        return []
+    top = prefix.relative_to("/root").parts[0]
+    script = (
+        f"mount --bind /root {scratch} && mount -t tmpfs -o mode=755 tmpfs /root && "
+        f'mkdir /root/{top} && mount --bind {scratch}/{top} /root/{top} && exec "$@"'
+    )
+    return ["unshare", "--mount", "bash", "-c", script, "ringfence-serve"]
+
+
+@pytest.fixture
+def state_dir() -> Iterator[Path]:
+    """Somewhere USER can reach (pytest's own temporary directories are root's alone)."""
+    base = Path(tempfile.mkdtemp(prefix="rf-signer-", dir="/tmp"))
+    base.chmod(0o755)
+    yield base
+    subprocess.run(["rm", "-rf", str(base)], check=False)
+
+
+def test_attack_serve_the_process_answering_requests_cannot_read_or_copy_the_signing_key(
+    tmp_path: Path, state_dir: Path, agent_process: Any
+) -> None:
+    """Whoever takes over the process that answers agents and admins (a request-handling bug)
+    goes after the bundle signing key, to sign bundles for any agent long after: the key file is
+    root's, the signer is another user's process, and the key was never in this process."""
+    try:
+        nobody = pwd.getpwnam(USER)
+    except KeyError:
+        pytest.skip(f"no user {USER!r} here")
+    path, key = key_in(tmp_path / "signer")
+    server = Server(tmp_path, db=state_dir / "state" / "state.db", extra=["--user", USER, "--signing-key", str(path)])
+    (tmp_path / "root").mkdir()
+    server.launcher = python_for_other_users(tmp_path / "root")
+    server.start()
+    assert server.proc is not None
+    try:
+        for spec in ESTATE:
+            assert server.admin("POST", "/admin/workloads", {**spec, "reason": "rack 1"}).status_code == 201
+        assert server.admin("POST", "/admin/policies", {"files": policy_files(), "reason": "v1"}).status_code == 201
+        wid = "dc1-proc-1"
+        pairing = server.admin("POST", "/admin/pairing-keys", {"workload_id": wid, "uses": 1, "ttl": 600}).json()
+        (tmp_path / "pairing-key").write_text(pairing["pairing_key"])
+        (tmp_path / "agent").mkdir()
+        agent = agent_process(
+            tmp_path / "agent",
+            workload_id=wid,
+            public_key=path.with_name("signing.pub.pem"),  # the agent pins the signer's key
+            api_url=server.url,
+            enroll={"method": "pairing", "pairing_key_file": str(tmp_path / "pairing-key")},
+            backoff_max=2,
+            request_timeout=5,
+        )
+        wait_until(lambda: status(agent.state).get("applied_revision"), 30, "a bundle the signer signed", agent.log)
+
+        serving = server.proc.pid
+        assert uids(serving) == {nobody.pw_uid}, "the serving process runs as the user, every uid of it"
+        [signer] = [c for c in children(serving) if b"signer_process" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert uids(signer) == {0}
+        assert (state_dir / "state" / "state.db").stat().st_uid == nobody.pw_uid
+
+        # as the serving process's user: neither the key file nor the signer's memory
+        for target in (str(path), f"/proc/{signer}/mem"):
+            took = subprocess.run(["head", "-c", "64", target], user=USER, capture_output=True, text=True)
+            assert took.returncode != 0 and "Permission denied" in took.stderr, (target, took.stderr)
+
+        # and the key was never loaded there: its raw bytes are in the signer's memory only
+        seed = serialization.load_pem_private_key(path.read_bytes(), None).private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
+        pem_body = re.sub(rb"-----[^-]+-----|\s", b"", path.read_bytes())
+        assert memory_holds(signer, seed), "the scan finds the key where it is"
+        assert not memory_holds(serving, seed) and not memory_holds(serving, pem_body[:40])
+        assert key.key_id in Path(server.log).read_text(), "the signer logs what it signs, by key"
+    finally:
+        server.proc.terminate()
+        server.proc.wait(15)
+    time.sleep(0.5)
+    assert not Path(f"/proc/{signer}").exists() or Path(f"/proc/{signer}/stat").read_text().split()[2] == "Z"
