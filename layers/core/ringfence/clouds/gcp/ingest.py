@@ -329,13 +329,16 @@ class GcpIngest:
     def _first_from_log(self, project: str, last: GcpEvent) -> tuple[GcpEvent | None, dict[str, Any] | None]:
         """The first entry of ``last``'s operation as Cloud Logging has it (parsed, and as read),
         when it went to another process (a function's concurrent instances) and what it set could
-        approve or blame: a tagger's change is then approved, not held. Read only for label and
-        tag changes where they are a label source under governed labels (a scale-out's inserts
-        would spend the Logging read quota); None otherwise, or when no such first entry names
-        the same call on the same VM."""
+        approve or blame: a tagger's change is then approved, not held. Read only for inserts and
+        for label and tag changes where they are a label source, under governed labels, and (the
+        caller's check) only when the VM moves a label into a privileged value, so a scale-out
+        without privileged values reads nothing; None otherwise, or when no such first entry
+        names the same call on the same VM."""
         src = self.cfg.label_source
-        could_matter = (last.action is Action.LABELS and src is not LabelSource.SECURE_TAGS) or (
-            last.action is Action.TAGS and src is not LabelSource.LABELS
+        could_matter = (
+            last.action is Action.INSERT
+            or (last.action is Action.LABELS and src is not LabelSource.SECURE_TAGS)
+            or (last.action is Action.TAGS and src is not LabelSource.LABELS)
         )
         logged_in = activity_log_project(last.log_name)
         if not could_matter or logged_in not in self.cfg.projects or last.time is None or not last.operation:
