@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives import serialization
 from ringfence import bundle
 from ringfence.bundlewire import manifest_message
 from ringfence.local.signer_process import SignerError, SignerProcess
+from tests.agentproc import BIN, wait_until
 from tests.agentproc import agent_status as status
-from tests.agentproc import wait_until
 from tests.onprem.conftest import ESTATE, policy_files
 from tests.onprem.test_serve_onprem import Server
 
@@ -192,3 +192,20 @@ def test_attack_serve_the_process_answering_requests_cannot_read_or_copy_the_sig
         server.proc.wait(15)
     time.sleep(0.5)
     assert not Path(f"/proc/{signer}").exists() or Path(f"/proc/{signer}/stat").read_text().split()[2] == "Z"
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--user", USER], "--user needs --signing-key"),
+        (["--user", "root", "--signing-key", "{key}"], "is root"),
+        (["--user", "no-such-user-here", "--signing-key", "{key}"], "no such user"),
+        (["--user", USER, "--signing-key", "{key}", "--store", "aws"], "--user is for --store sqlite:PATH"),
+    ],
+)
+def test_serve_user_misused_says_what_and_starts_nothing(tmp_path: Path, args: list[str], says: str) -> None:
+    path, _ = key_in(tmp_path / "signer")
+    cmd = [str(BIN / "ringfence"), "serve", "--port", "0", "--store", f"sqlite:{tmp_path / 'state' / 'state.db'}"]
+    out = subprocess.run([*cmd, *(a.format(key=path) for a in args)], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and says in out.stderr, out.stderr
+    assert "listening" not in out.stdout and not (tmp_path / "state").exists()

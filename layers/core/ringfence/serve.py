@@ -197,7 +197,7 @@ def separate_signer(store: str, signing_key: Path | None, user: str) -> Any:
     """``--user``: spawn the signer on ``signing_key`` (it alone loads the key), then drop this
     process to ``user`` for good; the signer (:mod:`ringfence.local.signer_process`). The
     state directory is made for ``user`` when missing, and must be writable by it."""
-    from ringfence.local.signer_process import SignerError, SignerProcess, drop_privileges
+    from ringfence.local.signer_process import SignerError, SignerProcess, drop_privileges, service_user
 
     if not (store.startswith("sqlite:") and store.removeprefix("sqlite:")):
         raise ServeError("--user is for --store sqlite:PATH (on AWS the signing key is compute's alone)")
@@ -207,22 +207,15 @@ def separate_signer(store: str, signing_key: Path | None, user: str) -> Any:
         raise ServeError("--user: start ringfence serve as root (it drops to the user after spawning the signer)")
     state = Path(store.removeprefix("sqlite:")).parent
     try:
-        import pwd
-
-        pw = pwd.getpwnam(user)
-    except KeyError:
-        raise ServeError(f"--user {user}: no such user") from None
-    if pw.pw_uid == 0:
-        raise ServeError(f"--user {user}: is root; name the unprivileged user to answer requests as")
-    if not state.exists():
-        state.mkdir(parents=True, mode=0o750)
-        os.chown(state, pw.pw_uid, pw.pw_gid)
-    try:
+        pw = service_user(user)
+        if not state.exists():
+            state.mkdir(parents=True, mode=0o750)
+            os.chown(state, pw.pw_uid, pw.pw_gid)
         signer = SignerProcess.spawn(signing_key.resolve())
     except SignerError as exc:
         raise ServeError(str(exc)) from None
     try:
-        drop_privileges(user)
+        drop_privileges(pw)
         if not os.access(state, os.W_OK | os.X_OK):
             raise ServeError(f"state directory {state} is not writable by {user}: chown -R {user} {state}")
     except BaseException as exc:

@@ -198,22 +198,27 @@ class SignerProcess:
             log.warning("the signer (pid %s) did not exit after its pipe closed", self._proc.pid)
 
 
-def drop_privileges(user: str) -> pwd.struct_passwd:
-    """Become ``user`` (its groups too) for good: root's uid, gids and capabilities are gone."""
+def service_user(name: str) -> pwd.struct_passwd:
+    """The unprivileged user ``--user`` names."""
     try:
-        pw = pwd.getpwnam(user)
+        pw = pwd.getpwnam(name)
     except KeyError:
-        raise SignerError(f"--user {user}: no such user") from None
+        raise SignerError(f"--user {name}: no such user") from None
     if pw.pw_uid == 0:
-        raise SignerError(f"--user {user}: is root; name the unprivileged user to serve requests as")
+        raise SignerError(f"--user {name}: is root; name the unprivileged user to answer requests as")
+    return pw
+
+
+def drop_privileges(pw: pwd.struct_passwd) -> None:
+    """Become ``pw``'s user (its groups too) for good: root's uid, gids and capabilities are gone."""
     os.initgroups(pw.pw_name, pw.pw_gid)
     os.setgid(pw.pw_gid)
     os.setuid(pw.pw_uid)
     try:
         os.setuid(0)
     except PermissionError:
-        return pw
-    raise SignerError(f"--user {user}: root privileges could not be dropped")
+        return
+    raise SignerError(f"--user {pw.pw_name}: root privileges could not be dropped")
 
 
 def main(argv: list[str] | None = None) -> int:
