@@ -514,6 +514,63 @@ def test_a_binding_named_by_id_blames_only_for_the_value_it_bound(
         assert not rec.op_quarantined
 
 
+def test_a_colleagues_set_labels_resending_a_held_value_names_only_who_moved_it(
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """setLabels sends a VM's whole label set. Mallory (not a tagger) moves ``role`` to jumpbox:
+    held, the finding names her and the VM is quarantined; an operator releases it while the move
+    stays held. Bob (not a tagger either) then changes ``app`` in the console, which re-sends
+    ``role=jumpbox`` as the VM already carried it: his call moved nothing privileged, so it names
+    nobody and quarantines nothing (before, every colleague's label edit re-quarantined the VM
+    in his name). A value he did change, though, is his; and an observation made after a call
+    (a sync between the call and its entry's delivery) does not excuse the caller."""
+    with quarantining(wiring) as admin:
+        monkeypatch.setattr(ingest_module, "LOGGING_LAG", 0.0)
+        # the calls here are milliseconds apart, not seconds: no margin for the clocks' skew
+        monkeypatch.setattr(ingest_module, "CLOCK_SKEW", 0.0)
+        ingest = GcpIngest(wiring, gcp_config(gcp, LabelSource.LABELS))
+        prod_web = {"ringfence-role": "web", "ringfence-app": "ordering", "ringfence-env": "prod"}
+        inst = gcp.add_instance(PROJECT, ZONE, vm_name(), ["10.20.2.31"], labels=prod_web)
+        deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", inst))
+        method = "v1.compute.instances.setLabels"
+
+        def set_labels(principal: str, labels: dict[str, str]) -> None:
+            gcp.set_labels(PROJECT, ZONE, inst["name"], labels)
+            request = {"labels": [{"key": k, "value": v} for k, v in labels.items()]}
+            deliver(gcp, ingest, audit_entry(method, inst, principal=principal, request=request))
+
+        jump = {**prod_web, "ringfence-role": "jumpbox"}
+        set_labels(MALLORY, jump)
+        rec = wiring.store.get(inst["id"])
+        assert rec is not None and rec.op_quarantined and rec.workload.held_labels is not None
+        assert [a.principal for a in audits(wiring, "label.held", inst["id"])] == [MALLORY]
+        assert admin.quarantine("oscar", inst["id"], False, "looked into it").status == 200
+
+        set_labels(BOB, {**jump, "ringfence-app": "payroll"})
+        rec = wiring.store.get(inst["id"])
+        assert rec is not None and rec.labels["role"] == "web"
+        assert rec.workload.held_labels is not None, "the move is still held (and the labels with it)"
+        assert not rec.op_quarantined, "a colleague's unrelated edit quarantines nothing"
+        assert [a.principal for a in audits(wiring, "label.held", inst["id"])] == [MALLORY]
+
+        set_labels(BOB, {**jump, "ringfence-app": "admin"})  # app=admin is privileged: his move
+        rec = wiring.store.get(inst["id"])
+        assert rec is not None and rec.op_quarantined
+        assert [a.principal for a in audits(wiring, "label.held", inst["id"])][-1] == BOB
+
+        # Mallory again, on another VM: a sync observes her change before her entry arrives
+        other = gcp.add_instance(PROJECT, ZONE, vm_name(), ["10.20.2.32"], labels=prod_web)
+        deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", other))
+        gcp.set_labels(PROJECT, ZONE, other["name"], jump)
+        request = {"labels": [{"key": k, "value": v} for k, v in jump.items()]}
+        entry = audit_entry(method, other, principal=MALLORY, request=request)
+        ingest.sync(PROJECT)
+        assert not wiring.store.get(other["id"]).op_quarantined  # type: ignore[union-attr]
+        deliver(gcp, ingest, entry)
+        assert wiring.store.get(other["id"]).op_quarantined  # type: ignore[union-attr]
+        assert [a.principal for a in audits(wiring, "label.held", other["id"])] == [MALLORY]
+
+
 def test_attack_gcp_a_genuine_finding_replayed_quarantines_once(
     gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
 ) -> None:

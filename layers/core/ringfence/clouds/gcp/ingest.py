@@ -25,7 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from google.api_core.exceptions import Forbidden, NotFound, ServiceUnavailable
@@ -54,6 +54,9 @@ CONFIRM_MAX_AGE = 3600.0
 # how long an entry Cloud Logging does not list yet is asked for again (the push answered 503)
 # before it counts as not logged
 LOGGING_LAG = 120.0
+# between Google's entry timestamps and this clock: an observation closer to a call than this may
+# already show what the call set
+CLOCK_SKEW = 5.0
 
 
 class UnknownProject(MalformedEvent):
@@ -180,6 +183,12 @@ class GcpIngest:
         else:
             change = TagChange(said.principal, self.said_tags(project, said))
             approving = self.would_approve(change)
+            if not approving and said.action is Action.LABELS and observed:
+                # setLabels sends the whole label set: a non-tagger answers only for the values
+                # the call changed from what the VM was seen with before it (a privileged value
+                # held there already, re-sent with an unrelated edit, is not their move)
+                before = stored.get(observed[0].id)
+                change = TagChange(change.principal, _changed(change.requested, before, said.time))
             if not approving and not self.would_blame(change):
                 # it set no privileged value: whoever called, a move it did not make is not theirs
                 change = TagChange(None, change.requested)
@@ -539,6 +548,22 @@ class GcpIngest:
         if changed:
             self.w.enqueue_compute(sorted(changed))
         return changed
+
+
+def _changed(
+    requested: Mapping[str, str] | None, stored: InventoryRecord | None, call: datetime | None
+) -> dict[str, str] | None:
+    """What of ``requested`` differs from the tags ``stored`` was observed with, where that
+    observation predates the ``call`` (by more than :data:`CLOCK_SKEW`); else all of it: an
+    observation made after the call may hold the call's own values, which are then its moves."""
+    if requested is None:
+        return None
+    if stored is None or stored.state == "terminated" or call is None:
+        return dict(requested)
+    if stored.observed_at >= call.timestamp() - CLOCK_SKEW:
+        return dict(requested)
+    seen = stored.workload.tags
+    return {k: v for k, v in requested.items() if seen.get(k) != v}
 
 
 def _spent(entry: GcpEvent) -> str:
