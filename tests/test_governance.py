@@ -98,6 +98,18 @@ def test_a_developer_moving_into_privileged_values_is_held_with_a_finding() -> N
     assert {(m.dimension, m.old, m.new) for m in v.moves} == {("role", "web", "jumpbox"), ("app", "shop", "admin")}
 
 
+def test_a_developer_whose_call_set_none_of_the_held_moves_is_not_named() -> None:
+    """Another's move is held on the workload; this developer's call set only an unrelated tag:
+    held still, and no finding names them. An event that does not say what it set (a DeleteTags)
+    still names its caller."""
+    v = govern(
+        MAPPER, DEV_BOX, JUMP.model_copy(update={"tags": {**JUMP_TAGS, "team": "x"}}), TagChange(DEV, {"team": "x"})
+    )
+    assert v.held and not v.finding and v.reason == NOT_SET_BY_CALL
+    v = govern(MAPPER, DEV_BOX, JUMP, TagChange(DEV, None))
+    assert v.held and v.finding and v.reason == NOT_A_TAGGER
+
+
 def test_the_tagger_setting_those_values_is_approved() -> None:
     v = govern(MAPPER, DEV_BOX, JUMP, TagChange(TAGGER, JUMP_TAGS))
     assert not v.held and len(v.approved) == 2

@@ -130,6 +130,25 @@ def test_developer_retagging_own_box_as_jumpbox_is_held_and_raises_a_finding(env
     assert rec.workload.held_labels is None and rec.labels["env"] == "dev"
 
 
+def test_a_colleagues_unrelated_tag_names_nobody_for_a_move_held_on_the_instance(env: Env) -> None:
+    """The developer's escalation is seen (the aws.tag event) before its CloudTrail call: held,
+    nobody named yet. A colleague (not a tagger either) then tags the same instance ``team``: the
+    call set nothing that is held, so it names nobody (before, the colleague was named, and under
+    ``on_privileged_change: quarantine`` the instance quarantined in their name). The developer's
+    own call, when it arrives, names the developer."""
+    est = governed_estate(env)
+    dev = est["dev"]
+    retag(env, dev, ESCALATION, None)
+    assert env.store.get(dev).workload.held_labels is not None
+    colleague = f"arn:aws:iam::{ACCOUNT}:user/colleague"
+    retag(env, dev, {"team": "payments"}, colleague, version=3)
+    assert not [a for a in env.store.audit_log() if a.action == "label.held"], "the colleague set nothing held"
+    env.put(create_tags_event(dev, ESCALATION, DEVELOPER))
+    env.pump()
+    assert [a.principal for a in env.store.audit_log() if a.action == "label.held"] == [DEVELOPER]
+    assert env.store.get(dev).labels["role"] == "web"
+
+
 def test_the_same_change_by_the_tagging_role_is_approved(env: Env) -> None:
     est = governed_estate(env)
     dev = est["dev"]

@@ -107,7 +107,12 @@ def govern(
     if principal is None:
         reason = UNATTRIBUTED
     elif not is_tagger(mapper.config.taggers, principal):
-        reason = NOT_A_TAGGER
+        # a non-tagger answers for the moves their call made, where the event says what it set
+        # (CloudTrail's CreateTags, a GCP setLabels): a colleague's unrelated tag on a workload
+        # whose move is held names nobody. An event that says who only (a DeleteTags, Azure's)
+        # still names its caller.
+        mine = change is None or change.requested is None or any(_set_by_call(mapper, m, change) for m in moves)
+        reason = NOT_A_TAGGER if mine else NOT_SET_BY_CALL
     else:
         reason = NOT_SET_BY_CALL
     held = current.model_copy(update={"held_labels": dict(before)})
@@ -117,7 +122,14 @@ def govern(
 def _set_by_tagger(mapper: LabelMapper, move: Move, change: TagChange | None) -> bool:
     """An allowed tagger's call set the dimension's key to exactly this value (the event attests
     only to what its own request set: a later change by someone else is not approved by it)."""
-    if change is None or change.requested is None or not is_tagger(mapper.config.taggers, change.principal):
+    return (
+        change is not None and is_tagger(mapper.config.taggers, change.principal) and _set_by_call(mapper, move, change)
+    )
+
+
+def _set_by_call(mapper: LabelMapper, move: Move, change: TagChange) -> bool:
+    """The call's request set the dimension's key to exactly this value."""
+    if change.requested is None:
         return False
     for key in mapper.keys[move.dimension]:
         raw = change.requested.get(key)
