@@ -209,3 +209,14 @@ def test_serve_user_misused_says_what_and_starts_nothing(tmp_path: Path, args: l
     out = subprocess.run([*cmd, *(a.format(key=path) for a in args)], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and says in out.stderr, out.stderr
     assert "listening" not in out.stdout and not (tmp_path / "state").exists()
+
+
+def test_serving_as_root_without_user_says_so(tmp_path: Path) -> None:
+    server = Server(tmp_path)
+    server.start()
+    assert server.proc is not None
+    try:
+        assert "serving as root, the signing key in this process" in server.log.read_text()
+    finally:
+        server.proc.terminate()
+        server.proc.wait(15)

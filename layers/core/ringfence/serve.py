@@ -712,6 +712,11 @@ def run(
     sock = listen(host, port)  # before the store: a taken port fails before anything starts
     counters = Counters()
     signer = separate_signer(store, signing_key, user) if user is not None else None
+    if signer is None and store.startswith("sqlite:") and os.geteuid() == 0:
+        log.warning(
+            "serving as root, the signing key in this process: whoever takes over a request handler "
+            "is root and can copy the key; give --user NAME (docs/serve.md)"
+        )
     try:
         wiring = build_wiring(store, signer or signing_key, siem, counters)
     except BaseException:
