@@ -164,10 +164,6 @@ class SignerProcess:
     def key_id(self) -> str:
         return self._key_id
 
-    @property
-    def pid(self) -> int:
-        return self._proc.pid
-
     def public_pem(self) -> bytes:
         return self._public_pem
 
