@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -53,6 +54,9 @@ def test_the_signer_signs_manifests_of_its_key_and_refuses_anything_else(tmp_pat
         with pytest.raises(SignerError, match="refused"):
             signer.sign(manifest_message("ringfence.delta/v2", other, {"set": "rf_web"}, b"x"))
         verifier.verify(bundle.sign(bundle.SetDelta(set="rf_web", from_version=2, to_version=3), signer))
+        os.kill(signer._proc.pid, signal.SIGINT)  # Ctrl-C in serve's terminal: serve shuts down, still signing
+        time.sleep(0.2)
+        verifier.verify(bundle.sign(bundle.SetDelta(set="rf_web", from_version=3, to_version=4), signer))
     finally:
         signer.close()
     assert signer._proc.poll() == 0, "the pipe closed: the signer exited"

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import pwd
+import signal
 import stat
 import struct
 import subprocess
@@ -222,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m ringfence.local.signer_process KEY.pem", file=sys.stderr)
         return 2
+    # Ctrl-C in serve's terminal reaches the whole process group: the signer outlives serve's own
+    # shutdown (compute may still sign) and leaves when its pipe closes
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return serve_signatures(Path(args[0]), sys.stdin.buffer, sys.stdout.buffer)
 
