@@ -64,6 +64,26 @@ def test_the_signer_signs_manifests_of_its_key_and_refuses_anything_else(tmp_pat
         signer.sign(bundle.manifest(delta, key.key_id))
 
 
+def test_the_signer_imports_nothing_from_where_serve_was_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """serve started from a directory the user may write (the state directory, /tmp): a
+    ``struct.py`` planted there must not run as root in the signer, nor one on PYTHONPATH."""
+    path, _ = key_in(tmp_path / "signer")
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    marker = tmp_path / "ran-as-root"
+    (planted / "struct.py").write_text(f"open({str(marker)!r}, 'w').write('pwned')\n")
+    monkeypatch.chdir(planted)
+    monkeypatch.setenv("PYTHONPATH", str(planted))
+    signer = SignerProcess.spawn(Path("..") / path.parent.name / path.name)
+    try:
+        bundle.sign(bundle.SetDelta(set="rf_web", from_version=1, to_version=2), signer)
+    finally:
+        signer.close()
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize(
     ("why", "arrange", "says"),
     [
@@ -213,6 +233,17 @@ def test_serve_user_misused_says_what_and_starts_nothing(tmp_path: Path, args: l
     out = subprocess.run([*cmd, *(a.format(key=path) for a in args)], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and says in out.stderr, out.stderr
     assert "listening" not in out.stdout and not (tmp_path / "state").exists()
+
+
+def test_serve_user_refuses_a_state_directory_still_holding_the_old_key(tmp_path: Path) -> None:
+    """Moving to --user: a key left in the state directory (which the user will own) was
+    copied, not moved; the user could read it."""
+    path, _ = key_in(tmp_path / "signer")
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "signing-key.pem").write_bytes(path.read_bytes())
+    cmd = [str(BIN / "ringfence"), "serve", "--port", "0", "--store", f"sqlite:{tmp_path / 'state' / 'state.db'}"]
+    out = subprocess.run([*cmd, "--user", USER, "--signing-key", str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "move it (do not copy it)" in out.stderr, out.stderr
 
 
 def test_serving_as_root_without_user_says_so(tmp_path: Path) -> None:

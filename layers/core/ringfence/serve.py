@@ -206,6 +206,11 @@ def separate_signer(store: str, signing_key: Path | None, user: str) -> Any:
     if os.geteuid() != 0:
         raise ServeError("--user: start ringfence serve as root (it drops to the user after spawning the signer)")
     state = Path(store.removeprefix("sqlite:")).parent
+    if (state / "signing-key.pem").exists():
+        raise ServeError(
+            f"{state / 'signing-key.pem'}: a signing key in the state directory, which {user} owns and can read: "
+            "move it (do not copy it) to a root-only directory and give that path with --signing-key"
+        )
     try:
         pw = service_user(user)
         if not state.exists():
@@ -217,7 +222,7 @@ def separate_signer(store: str, signing_key: Path | None, user: str) -> Any:
     try:
         drop_privileges(pw)
         if not os.access(state, os.W_OK | os.X_OK):
-            raise ServeError(f"state directory {state} is not writable by {user}: chown -R {user} {state}")
+            raise ServeError(f"state directory {state} is not writable by {user}: give it (and its files) to {user}")
     except BaseException as exc:
         signer.close()
         if isinstance(exc, SignerError):

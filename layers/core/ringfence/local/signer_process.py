@@ -153,11 +153,14 @@ class SignerProcess:
     def spawn(cls, key_path: Path) -> SignerProcess:
         """Start the signer on ``key_path`` (it checks the file, then loads it): this process
         never reads the key."""
+        # -I and cwd "/": root's Python must not import from where serve was started (the state
+        # directory, a home, /tmp: places the user may write), nor from PYTHONPATH
         proc = subprocess.Popen(
-            [sys.executable, "-m", "ringfence.local.signer_process", str(key_path)],
+            [sys.executable, "-I", "-m", "ringfence.local.signer_process", str(key_path.resolve())],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             close_fds=True,
+            cwd="/",
         )
         return cls(proc)
 
