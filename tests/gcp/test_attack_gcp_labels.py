@@ -571,6 +571,46 @@ def test_a_colleagues_set_labels_resending_a_held_value_names_only_who_moved_it(
         assert [a.principal for a in audits(wiring, "label.held", other["id"])] == [MALLORY]
 
 
+def test_attack_gcp_a_taggers_entry_that_moved_nothing_replayed_approves_nothing(
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tagger's setLabels that changed ``app`` re-sent ``role=jumpbox``, in force already, so
+    it was stored without a Logging read. Later Mallory moves the VM back to web and then to
+    jumpbox (held). Whoever may publish to the topic pushes the tagger's genuine entry again,
+    within the hour: it approves nothing. Nor does a split call's last entry, replayed."""
+    monkeypatch.setattr(ingest_module, "LOGGING_LAG", 0.0)
+    ingest = GcpIngest(wiring, gcp_config(gcp, LabelSource.LABELS))
+    prod_web = {"ringfence-role": "web", "ringfence-app": "ordering", "ringfence-env": "prod"}
+    inst = gcp.add_instance(PROJECT, ZONE, vm_name(), ["10.20.2.33"], labels=prod_web)
+    deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", inst))
+    method = "v1.compute.instances.setLabels"
+
+    def set_labels(labels: dict[str, str], **how: Any) -> dict[str, Any]:
+        gcp.set_labels(PROJECT, ZONE, inst["name"], labels)
+        request = {"labels": [{"key": k, "value": v} for k, v in labels.items()]}
+        return audit_entry(method, inst, request=request, **how)
+
+    jump = {**prod_web, "ringfence-role": "jumpbox"}
+    deliver(gcp, ingest, set_labels(jump))  # the tagger: approved
+    resend = set_labels({**jump, "ringfence-app": "core"})
+    deliver(gcp, ingest, resend)
+    op = f"operation-resend-{inst['id']}"
+    gcp.write_log(set_labels({**jump, "ringfence-app": "payroll"}, operation=op, last=False))
+    split_last = logged(gcp, audit_entry(method, inst, operation=op, first=False))
+    deliver(gcp, ingest, split_last)  # its first went elsewhere; nothing privileged moved
+    deliver(gcp, ingest, set_labels({**jump, "ringfence-role": "web"}, principal=MALLORY))
+    deliver(gcp, ingest, set_labels({**jump, "ringfence-app": "payroll"}, principal=MALLORY))
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.labels["role"] == "web" and rec.workload.held_labels is not None
+
+    for replay in (resend, split_last):
+        status, body = post(ingest, push_body(replay), push_token(gcp))
+        assert status == 200, body
+        rec = wiring.store.get(inst["id"])
+        assert rec is not None and rec.labels["role"] == "web", "a replayed entry approved Mallory's move"
+    assert [a.principal for a in audits(wiring, "label.held", inst["id"])] == [MALLORY]
+
+
 def test_attack_gcp_a_genuine_finding_replayed_quarantines_once(
     gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -193,6 +193,32 @@ def test_a_label_change_that_moves_nothing_privileged_costs_no_logging_read(gcp:
     assert rec.workload.held_labels is None
 
 
+def test_a_taggers_approval_survives_an_observation_stored_during_its_logging_read(
+    gcp: GcpApi, wiring: LocalWiring
+) -> None:
+    """While the tagger's entry is read back from Cloud Logging (with retries, maybe), another
+    process (a sync, a reconcile) stores a newer observation of the VM: the approval is still
+    stored, since the VM is read again after the Logging read (an observation from before it
+    would be dropped as older, its approval with it, and the entry spent)."""
+    ingest = GcpIngest(wiring, gcp_config(gcp, LabelSource.LABELS))
+    other = GcpIngest(wiring, gcp_config(gcp, LabelSource.LABELS))  # another worker
+    inst = gcp.add_instance(PROJECT, ZONE, vm_name(), ["10.20.0.22"], labels=PROD_WEB)
+    deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", inst))
+    jump = {**PROD_WEB, "ringfence-role": "jumpbox"}
+    gcp.set_labels(PROJECT, ZONE, inst["name"], jump)
+    request = {"labels": [{"key": k, "value": v} for k, v in jump.items()]}
+    real = ingest.logs.find
+
+    def find_while_another_syncs(*a: Any, **kw: Any) -> Any:
+        other.sync(PROJECT)
+        return real(*a, **kw)
+
+    ingest.logs.find = find_while_another_syncs  # type: ignore[method-assign]
+    deliver(gcp, ingest, audit_entry("v1.compute.instances.setLabels", inst, request=request))
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.labels["role"] == "jumpbox" and rec.workload.held_labels is None
+
+
 def test_delete_tombstones_and_a_mig_launch_is_recognised(gcp: GcpApi, wiring: LocalWiring) -> None:
     ingest = GcpIngest(wiring, gcp_config(gcp))
     mig = f"projects/{NUMBER}/zones/{ZONE}/instanceGroupManagers/web-mig"

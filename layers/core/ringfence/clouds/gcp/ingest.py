@@ -173,9 +173,12 @@ class GcpIngest:
             # Cloud Logging read (a split change, a fabricated "last" entry, a tagger's setLabels
             # re-sending a privileged value in force). Should a move land between this read and
             # the write, it is decided unattributed: held, never approved.
-            return self._store(observed, TagChange(None, None), ev.event_id, stored)
+            changed = self._store(observed, TagChange(None, None), ev.event_id, stored)
+            self._spend_unread(ev, said)
+            return changed
         first_logged: dict[str, Any] | None = None
-        if said is None and ev.operation and not ev.first:
+        read_log = said is None and bool(ev.operation) and not ev.first
+        if read_log:
             said, first_logged = self._first_from_log(project, ev)
         spend: str | None = None
         if said is None:
@@ -194,12 +197,31 @@ class GcpIngest:
                 change = TagChange(None, change.requested)
             else:
                 change, spend = self.confirm(project, said, change, approving=approving, entry=first_logged)
+                read_log = True
+        if read_log:
+            # Cloud Logging was read (with retries, maybe): an observation from before the read
+            # could be older than one another process stored meanwhile, and be dropped as stale
+            # with the decision it carries; the VM is read again for the write
+            observed = self.observations(project, ev.zone, [ev.instance], names)
+            stored = self.w.store.get_many([r.id for r in observed])
         changed = self._store(observed, change, ev.event_id, stored)
         if spend is not None:
             # spent only once its approval or finding is stored: a delivery that failed before is
             # redelivered and decides again; a replay (the entry published again later) finds it spent
             self.w.store.claim_once(spend, int(CONFIRM_MAX_AGE) + 60)
         return changed
+
+    def _spend_unread(self, ev: GcpEvent, said: GcpEvent | None) -> None:
+        """An entry decided without a read (nothing privileged moved) is spent as a read-back
+        would have spent it: replayed within the hour, when a move is pending, it must approve
+        or name nobody. The entry that says what the call set is spent for both; a split call's
+        last entry spends itself (its first entry is then not read for it again)."""
+        ttl = int(CONFIRM_MAX_AGE) + 60
+        if said is not None and said.principal and (said.requested or said.tag_value_ids):
+            self.w.store.claim_once(_spent(said), ttl)
+            self.w.store.claim_once(_blamed(said), ttl)
+        if said is None and ev.operation and not ev.first:
+            self.w.store.claim_once(_decided(ev), ttl)
 
     def _moves_privileged(self, observed: list[InventoryRecord], stored: Mapping[str, InventoryRecord]) -> bool:
         """Some VM observed moves a label into a privileged value not in force (under governed
@@ -354,6 +376,8 @@ class GcpIngest:
             return None, None
         if self._governed_mapper() is None:
             return None, None
+        if self.w.store.claimed(_decided(last)):
+            return None, None  # this last entry decided already: replayed, it decides nothing
         entry = self.logs.find_first(
             logged_in,
             str(last.log_name),
@@ -564,6 +588,12 @@ def _changed(
         return dict(requested)
     seen = stored.workload.tags
     return {k: v for k, v in requested.items() if seen.get(k) != v}
+
+
+def _decided(last: GcpEvent) -> str:
+    """The claim a split call's last entry leaves when it decided without reading its first (by
+    its own insertId: a forged "last" entry of the operation spends nothing of the genuine one)."""
+    return f"decided-last#{last.event_id}"
 
 
 def _spent(entry: GcpEvent) -> str:
