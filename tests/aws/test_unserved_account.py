@@ -8,6 +8,7 @@ from such an account is refused. The real functions over moto."""
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import pytest
@@ -149,3 +150,29 @@ def test_this_accounts_identity_unknown_fails_only_the_targets_that_need_it(
     env.hook("before-parameter-build.sts.AssumeRole", lambda params, **_: assumed.append(params["RoleArn"]))
     out = env.fn["reconcile"].handler(_scheduled(), _ctx())
     assert out["failed"] == [f"{ACCOUNT}/{REGION}"] and assumed == [READ_ONLY], (out, assumed)
+
+
+def test_a_target_failing_halfway_through_its_writes_still_hands_them_to_compute(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two instances new to the store; the inventory write of the second fails (DynamoDB
+    throttled past its retries): the first one, written already, still reaches compute (else the
+    next run would see no drift for it and its peers' bundles would stay without it)."""
+    first, second = run_here(env), run_here(env)
+    monkeypatch.setenv("RINGFENCE_RECONCILE_TARGETS", json.dumps([{"account": ACCOUNT, "region": REGION}]))
+    env.load_functions()
+    inventory = os.environ["RINGFENCE_INVENTORY_TABLE"]
+    writes: list[str] = []
+
+    def second_write_throttled(params: dict[str, Any], **_: Any) -> None:
+        if params.get("TableName") == inventory:
+            writes.append(params["Key"]["id"])
+            if len(writes) == 2:
+                raise ClientError({"Error": {"Code": "ProvisionedThroughputExceededException"}}, "UpdateItem")
+
+    env.hook("before-parameter-build.dynamodb.UpdateItem", second_write_throttled)
+    out = env.fn["reconcile"].handler(_scheduled(), _ctx())
+    assert out["failed"] == [f"{ACCOUNT}/{REGION}"]
+    written = next(i for i in (first, second) if env.store.get(i) is not None)
+    sent = json.dumps([json.loads(m["Body"]) for m in env.receive("compute")])
+    assert written in sent, ("the written instance reached compute", sent)

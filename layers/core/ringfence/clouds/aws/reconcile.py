@@ -102,9 +102,14 @@ class Reconcile:
             asg = clients.assumed_client("autoscaling", t.region, role, "ringfence-reconcile")
             release = frozenset(held - set(ec2.leaving_groups(asg, sorted(held))))
         # reconcile names no principal: it never approves a move into a privileged value
-        for rec, written, governed in store_governed(
-            self.w, observed, records, metric=self.metric, release=release, fresh=True
-        ):
+        try:
+            stored = store_governed(self.w, observed, records, metric=self.metric, release=release, fresh=True)
+        except Exception:
+            # some of them may be written already (the results come at the end): all go to compute,
+            # which finds nothing to do for the rest, or the next run would see no drift for them
+            changed.update(rec.id for rec in observed)
+            raise
+        for rec, written, governed in stored:
             if written or governed:
                 changed.add(rec.id)
                 if rec.state == "terminated":
