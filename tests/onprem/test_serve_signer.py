@@ -53,6 +53,13 @@ def test_the_signer_signs_manifests_of_its_key_and_refuses_anything_else(tmp_pat
         other = bundle.SigningKey.generate().key_id
         with pytest.raises(SignerError, match="refused"):
             signer.sign(manifest_message("ringfence.delta/v2", other, {"set": "rf_web"}, b"x"))
+        with pytest.raises(SignerError, match="refused"):  # another document kind under this key
+            signer.sign(manifest_message("ringfence.token/v1", key.key_id, {"sub": "x"}, b"x"))
+        # a bundle valid for ten years: what a taken-over serving process would stock up on
+        doc = bundle.load_bundle((Path(__file__).parents[1] / "golden" / "bundle-ord-prod-db-1.json").read_text())
+        with pytest.raises(SignerError, match="refused"):
+            bundle.sign(doc, signer, expires_at=int(time.time()) + 10 * 365 * 86400)
+        verifier.verify(bundle.sign(doc, signer, expires_at=int(time.time()) + 86400))
         verifier.verify(bundle.sign(bundle.SetDelta(set="rf_web", from_version=2, to_version=3), signer))
         os.kill(signer._proc.pid, signal.SIGINT)  # Ctrl-C in serve's terminal: serve shuts down, still signing
         time.sleep(0.2)

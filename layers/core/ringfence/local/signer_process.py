@@ -29,10 +29,14 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import IO
 
-from ringfence.bundlewire import MANIFEST_FORMAT, MAX_MANIFEST_BYTES
+from ringfence.bundlewire import BUNDLE_FORMAT, DELTA_FORMAT, MANIFEST_FORMAT, MAX_MANIFEST_BYTES
+
+DEFAULT_BUNDLE_TTL = 7 * 86400  # the control plane's default bundle_ttl (RINGFENCE_BUNDLE_TTL)
+TTL_SLACK = 300  # between serve computing an expiry and the signer reading its clock
 
 log = logging.getLogger("ringfence.signer")
 
@@ -75,8 +79,9 @@ def _read_exact(stream: IO[bytes], n: int) -> bytes | None:
     return data if data is not None and len(data) == n else None
 
 
-def _refusal(message: bytes, key_id: str) -> str | None:
-    """Why ``message`` is not a manifest of this key (None: it is one)."""
+def _refusal(message: bytes, key_id: str, max_ttl: int, now: float) -> str | None:
+    """Why ``message`` is not a manifest of this key for a bundle or delta, or (a bundle) expires
+    later than ``max_ttl`` seconds from ``now``; None: it may be signed."""
     head, sep, body = message.partition(b"\n")
     if not sep or head != MANIFEST_FORMAT.encode():
         return f"not a {MANIFEST_FORMAT} manifest"
@@ -86,6 +91,12 @@ def _refusal(message: bytes, key_id: str) -> str | None:
         return "manifest body is not JSON"
     if not isinstance(doc, dict) or doc.get("key_id") != key_id:
         return f"manifest does not name this key ({key_id})"
+    if doc.get("format") not in (BUNDLE_FORMAT, DELTA_FORMAT):
+        return f"manifest of {doc.get('format')!r}: only bundles and deltas are signed"
+    expires = doc.get("expires_at")
+    if doc["format"] == BUNDLE_FORMAT and not (isinstance(expires, int) and expires <= now + max_ttl + TTL_SLACK):
+        # a taken-over serving process must not stock up bundles valid for years
+        return f"bundle expiry {expires!r} is more than {max_ttl} s (RINGFENCE_BUNDLE_TTL) away"
     return None
 
 
@@ -103,6 +114,7 @@ def serve_signatures(key_path: Path, stdin: IO[bytes], stdout: IO[bytes]) -> int
     stdout.write(json.dumps({"key_id": key.key_id, "public_pem": key.public_pem().decode()}).encode() + b"\n")
     stdout.flush()
     signed = 0
+    max_ttl = int(os.environ.get("RINGFENCE_BUNDLE_TTL", str(DEFAULT_BUNDLE_TTL)))
     while (head := _read_exact(stdin, _LEN.size)) is not None:
         (n,) = _LEN.unpack(head)
         if n > MAX_MANIFEST_BYTES:
@@ -111,14 +123,15 @@ def serve_signatures(key_path: Path, stdin: IO[bytes], stdout: IO[bytes]) -> int
         message = _read_exact(stdin, n)
         if message is None:
             break
-        why = _refusal(message, key.key_id)
+        why = _refusal(message, key.key_id, max_ttl, time.time())
         if why is not None:
             log.warning("signer: refused to sign: %s", why)
             stdout.write(_LEN.pack(0))
         else:
             signature = key.sign(message)
             signed += 1
-            log.info("signer: signed %s", message.partition(b"\n")[2].decode("utf-8", "replace"))
+            # %a: ids are the serving process's words; escaped, they cannot forge a log line
+            log.info("signer: signed %a", message.partition(b"\n")[2].decode("utf-8", "replace"))
             stdout.write(_LEN.pack(len(signature)) + signature)
         stdout.flush()
     log.info("signer: the serving process closed the pipe after %s signature(s): exiting", signed)
@@ -184,7 +197,7 @@ class SignerProcess:
         if head is None:
             raise SignerError(f"the signer (pid {self._proc.pid}) is gone: nothing can be signed")
         if not signature:
-            raise SignerError("the signer refused to sign: not a manifest of its key (see its log)")
+            raise SignerError("the signer refused to sign (its log on serve's standard error says why)")
         return signature
 
     def close(self) -> None:
