@@ -185,10 +185,13 @@ class ComputeWorker(threading.Thread):
 
 def local_config() -> Config:
     """The local control plane's configuration: pairing only; the agent token's lifetime from
-    ``RINGFENCE_TOKEN_TTL`` (seconds, default one hour), as on AWS."""
+    ``RINGFENCE_TOKEN_TTL`` (seconds, default one hour) and the bundles' from
+    ``RINGFENCE_BUNDLE_TTL`` (default 7 days), as on AWS."""
     return Config(
         enroll_methods=["pairing"],
         token_ttl=int(os.environ.get("RINGFENCE_TOKEN_TTL", "3600")),
+        # read by the signer process too (serve --user): it refuses bundles expiring later
+        bundle_ttl=int(os.environ.get("RINGFENCE_BUNDLE_TTL", str(7 * 86400))),
         siem=os.environ.get("RINGFENCE_SIEM", ""),
     )
 
