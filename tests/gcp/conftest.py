@@ -12,8 +12,8 @@ import pytest
 from ringfence.clouds.gcp.ingest import GcpIngest
 from ringfence.clouds.onprem import OnPremAdmin
 from ringfence.local.gcp_api import GcpApi
-from ringfence.local.gcp_events import logged, push_body, push_token
-from ringfence.local.gcp_project import NUMBER, PROJECT, TAGGER, tagged_vm
+from ringfence.local.gcp_events import audit_entry, logged, push_body, push_token
+from ringfence.local.gcp_project import NUMBER, PROJECT, TAGGER, ZONE, tagged_vm
 from ringfence.local.wiring import LocalWiring
 from ringfence.routes.gcp import EVENTS_PATH, gcp_event_routes
 from ringfence.serve import proxy_event
@@ -45,6 +45,14 @@ def deliver(gcp: GcpApi, ingest: GcpIngest, entry: dict[str, Any]) -> dict[str, 
     status, body = post(ingest, push_body(entry), push_token(gcp))
     assert status == 200, body
     return body
+
+
+def set_labels(gcp: GcpApi, inst: dict[str, Any], labels: dict[str, str], **how: Any) -> dict[str, Any]:
+    """Set the VM's whole label set (in ZONE) and return the setLabels audit entry of that call
+    (``how``: :func:`audit_entry`'s principal, operation, first/last), to deliver or replay."""
+    gcp.set_labels(PROJECT, ZONE, inst["name"], labels)
+    request = {"labels": [{"key": k, "value": v} for k, v in labels.items()]}
+    return audit_entry("v1.compute.instances.setLabels", inst, request=request, **how)
 
 
 def gcp_policy_files() -> dict[str, str]:

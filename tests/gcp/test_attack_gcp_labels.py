@@ -24,7 +24,7 @@ from ringfence.local.gcp_api import GcpApi
 from ringfence.local.gcp_events import audit_entry, bind_tag_as, logged, push_body, push_token, tag_binding_entry
 from ringfence.local.gcp_project import NUMBER, ORG, PROJECT, TAGGER, ZONE, gcp_config, gcp_environment, vm_name
 from ringfence.local.wiring import LocalWiring
-from tests.gcp.conftest import deliver, gcp_policy_files, post, web_vm
+from tests.gcp.conftest import deliver, gcp_policy_files, post, set_labels, web_vm
 
 MALLORY = "mallory@shop-prod.iam.gserviceaccount.com"  # may bind tags on her VMs; not a tagger
 BOB = "bob@shop-prod.iam.gserviceaccount.com"  # her colleague, not a tagger
@@ -534,26 +534,22 @@ def test_a_colleagues_set_labels_resending_a_held_value_names_only_who_moved_it(
         deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", inst))
         method = "v1.compute.instances.setLabels"
 
-        def set_labels(principal: str, labels: dict[str, str]) -> None:
-            gcp.set_labels(PROJECT, ZONE, inst["name"], labels)
-            request = {"labels": [{"key": k, "value": v} for k, v in labels.items()]}
-            deliver(gcp, ingest, audit_entry(method, inst, principal=principal, request=request))
-
         jump = {**prod_web, "ringfence-role": "jumpbox"}
-        set_labels(MALLORY, jump)
+        deliver(gcp, ingest, set_labels(gcp, inst, jump, principal=MALLORY))
         rec = wiring.store.get(inst["id"])
         assert rec is not None and rec.op_quarantined and rec.workload.held_labels is not None
         assert [a.principal for a in audits(wiring, "label.held", inst["id"])] == [MALLORY]
         assert admin.quarantine("oscar", inst["id"], False, "looked into it").status == 200
 
-        set_labels(BOB, {**jump, "ringfence-app": "payroll"})
+        deliver(gcp, ingest, set_labels(gcp, inst, {**jump, "ringfence-app": "payroll"}, principal=BOB))
         rec = wiring.store.get(inst["id"])
         assert rec is not None and rec.labels["role"] == "web"
         assert rec.workload.held_labels is not None, "the move is still held (and the labels with it)"
         assert not rec.op_quarantined, "a colleague's unrelated edit quarantines nothing"
         assert [a.principal for a in audits(wiring, "label.held", inst["id"])] == [MALLORY]
 
-        set_labels(BOB, {**jump, "ringfence-app": "admin"})  # app=admin is privileged: his move
+        app_admin = {**jump, "ringfence-app": "admin"}  # app=admin is privileged: his move
+        deliver(gcp, ingest, set_labels(gcp, inst, app_admin, principal=BOB))
         rec = wiring.store.get(inst["id"])
         assert rec is not None and rec.op_quarantined
         assert [a.principal for a in audits(wiring, "label.held", inst["id"])][-1] == BOB
@@ -584,22 +580,16 @@ def test_attack_gcp_a_taggers_entry_that_moved_nothing_replayed_approves_nothing
     inst = gcp.add_instance(PROJECT, ZONE, vm_name(), ["10.20.2.33"], labels=prod_web)
     deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", inst))
     method = "v1.compute.instances.setLabels"
-
-    def set_labels(labels: dict[str, str], **how: Any) -> dict[str, Any]:
-        gcp.set_labels(PROJECT, ZONE, inst["name"], labels)
-        request = {"labels": [{"key": k, "value": v} for k, v in labels.items()]}
-        return audit_entry(method, inst, request=request, **how)
-
     jump = {**prod_web, "ringfence-role": "jumpbox"}
-    deliver(gcp, ingest, set_labels(jump))  # the tagger: approved
-    resend = set_labels({**jump, "ringfence-app": "core"})
+    deliver(gcp, ingest, set_labels(gcp, inst, jump))  # the tagger: approved
+    resend = set_labels(gcp, inst, {**jump, "ringfence-app": "core"})
     deliver(gcp, ingest, resend)
     op = f"operation-resend-{inst['id']}"
-    gcp.write_log(set_labels({**jump, "ringfence-app": "payroll"}, operation=op, last=False))
+    gcp.write_log(set_labels(gcp, inst, {**jump, "ringfence-app": "payroll"}, operation=op, last=False))
     split_last = logged(gcp, audit_entry(method, inst, operation=op, first=False))
     deliver(gcp, ingest, split_last)  # its first went elsewhere; nothing privileged moved
-    deliver(gcp, ingest, set_labels({**jump, "ringfence-role": "web"}, principal=MALLORY))
-    deliver(gcp, ingest, set_labels({**jump, "ringfence-app": "payroll"}, principal=MALLORY))
+    deliver(gcp, ingest, set_labels(gcp, inst, {**jump, "ringfence-role": "web"}, principal=MALLORY))
+    deliver(gcp, ingest, set_labels(gcp, inst, {**jump, "ringfence-app": "payroll"}, principal=MALLORY))
     rec = wiring.store.get(inst["id"])
     assert rec is not None and rec.labels["role"] == "web" and rec.workload.held_labels is not None
 

@@ -15,7 +15,7 @@ from ringfence.local.gcp_api import GcpApi
 from ringfence.local.gcp_events import audit_entry, push_body, push_token
 from ringfence.local.gcp_project import NUMBER, ORG, PROJECT, TAGGER, ZONE, gcp_config, vm_name
 from ringfence.local.wiring import LocalWiring
-from tests.gcp.conftest import deliver, post
+from tests.gcp.conftest import deliver, post, set_labels
 
 PROD_WEB = {"ringfence-role": "web", "ringfence-app": "ordering", "ringfence-env": "prod"}
 
@@ -159,14 +159,9 @@ def test_a_label_change_that_moves_nothing_privileged_costs_no_logging_read(gcp:
     deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", inst))
     method = "v1.compute.instances.setLabels"
 
-    def set_labels(labels: dict[str, str], **how: Any) -> dict[str, Any]:
-        gcp.set_labels(PROJECT, ZONE, inst["name"], labels)
-        request = {"labels": [{"key": k, "value": v} for k, v in labels.items()]}
-        return audit_entry(method, inst, request=request, **how)
-
     # a split change of app (not privileged): its first entry elsewhere, then only a last one
     op = f"operation-app-{inst['id']}"
-    gcp.write_log(set_labels({**PROD_WEB, "ringfence-app": "payroll"}, operation=op, last=False))
+    gcp.write_log(set_labels(gcp, inst, {**PROD_WEB, "ringfence-app": "payroll"}, operation=op, last=False))
     calls = len(gcp.calls)
     deliver(gcp, ingest, audit_entry(method, inst, operation=op, first=False))
     assert sum(1 for _, path in gcp.calls[calls:] if path == "/v2/entries:list") == 0
@@ -180,13 +175,13 @@ def test_a_label_change_that_moves_nothing_privileged_costs_no_logging_read(gcp:
     # the tagger moves role to jumpbox (privileged): read back once and approved
     jump = {**PROD_WEB, "ringfence-app": "payroll", "ringfence-role": "jumpbox"}
     calls = len(gcp.calls)
-    deliver(gcp, ingest, set_labels(jump))
+    deliver(gcp, ingest, set_labels(gcp, inst, jump))
     assert sum(1 for _, path in gcp.calls[calls:] if path == "/v2/entries:list") == 1
     assert wiring.store.get(inst["id"]).labels["role"] == "jumpbox"  # type: ignore[union-attr]
 
     # then changes app again, re-sending role=jumpbox, which is in force already: no read
     calls = len(gcp.calls)
-    deliver(gcp, ingest, set_labels({**jump, "ringfence-app": "core"}))
+    deliver(gcp, ingest, set_labels(gcp, inst, {**jump, "ringfence-app": "core"}))
     assert sum(1 for _, path in gcp.calls[calls:] if path == "/v2/entries:list") == 0
     rec = wiring.store.get(inst["id"])
     assert rec is not None and rec.labels["role"] == "jumpbox" and rec.labels["app"] == "core"
