@@ -21,7 +21,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from ringfence import bundle
-from ringfence.bundlewire import manifest_message
+from ringfence.bundlewire import MAX_MANIFEST_BYTES, manifest_message
 from ringfence.local.signer_process import SignerError, SignerProcess
 from tests.agentproc import BIN, wait_until
 from tests.agentproc import agent_status as status
@@ -50,6 +50,9 @@ def test_the_signer_signs_manifests_of_its_key_and_refuses_anything_else(tmp_pat
         verifier.verify(delta)
         with pytest.raises(SignerError, match="refused"):
             signer.sign(b"GET /admin HTTP/1.1\r\n")  # any other protocol's message
+        for size in (MAX_MANIFEST_BYTES + 1, 300_000):  # refused, and the signer reads on from the next request
+            with pytest.raises(SignerError, match="refused"):
+                signer.sign(b"x" * size)
         other = bundle.SigningKey.generate().key_id
         with pytest.raises(SignerError, match="refused"):
             signer.sign(manifest_message("ringfence.delta/v2", other, {"set": "rf_web"}, b"x"))
@@ -91,23 +94,77 @@ def test_the_signer_imports_nothing_from_where_serve_was_started(
     assert not marker.exists()
 
 
+def nobody() -> int:
+    return pwd.getpwnam(USER).pw_uid
+
+
 @pytest.mark.parametrize(
-    ("why", "arrange", "says"),
+    ("why", "arrange", "says", "names"),
     [
-        ("readable by others", lambda p: p.chmod(0o644), "mode 600"),
-        ("a directory others may write", lambda p: p.parent.chmod(0o777), "writable by root only"),
-        ("a directory of another user", lambda p: os.chown(p.parent, pwd.getpwnam(USER).pw_uid, 0), "owned by root"),
-        ("missing", lambda p: p.unlink(), "ringfence keygen"),
+        ("readable by others", lambda p: p.chmod(0o644), "mode 600", lambda p: p),
+        ("a directory others may write", lambda p: p.parent.chmod(0o777), "writable by root only", lambda p: p.parent),
+        ("a directory of another user", lambda p: os.chown(p.parent, nobody(), 0), "owned by root", lambda p: p.parent),
+        ("missing", lambda p: p.unlink(), "ringfence keygen", lambda p: p.parent),
+        (
+            "a directory above of another user",
+            lambda p: os.chown(p.parent.parent, nobody(), 0),
+            "owned by root",
+            lambda p: p.parent.parent,
+        ),
+        (
+            "a directory above others may write",
+            lambda p: p.parent.parent.chmod(0o777),
+            "writable by root only",
+            lambda p: p.parent.parent,
+        ),
     ],
 )
 def test_a_signing_key_another_user_could_read_or_replace_is_refused(
-    tmp_path: Path, why: str, arrange: Any, says: str
+    tmp_path: Path, why: str, arrange: Any, says: str, names: Any
 ) -> None:
     path, _ = key_in(tmp_path / "signer")
     arrange(path)
     with pytest.raises(SignerError, match=says) as err:
         SignerProcess.spawn(path)
-    assert str(path.parent) in str(err.value), (why, err.value)
+    assert str(names(path)) in str(err.value), (why, err.value)
+
+
+def test_a_signing_key_under_a_sticky_directory_or_through_roots_links_is_used(tmp_path: Path) -> None:
+    """/tmp-like sticky directories above the key are fine (another user cannot rename root's
+    entry there), and so is a symbolic link only root could change: the key is read where it is."""
+    path, key = key_in(tmp_path / "signer")
+    tmp_path.chmod(0o1777)
+    (tmp_path / "link").symlink_to("signer")
+    for given in (path, tmp_path / "link" / "signing.pem"):
+        signer = SignerProcess.spawn(given)
+        try:
+            assert signer.key_id == key.key_id
+        finally:
+            signer.close()
+    (tmp_path / "signer" / "alias.pem").symlink_to("signing.pem")
+    with pytest.raises(SignerError, match="not a link"):
+        SignerProcess.spawn(tmp_path / "signer" / "alias.pem")
+
+
+def test_attack_signer_another_user_who_owns_a_directory_above_the_key_cannot_swap_in_another_key(
+    state_dir: Path,
+) -> None:
+    """The key's own directory is root's, but one above it is USER's: USER moves root's directory
+    aside and puts a link to another root-owned key in its place (here an old key, revoked, that
+    root kept in a safe place). The signer must refuse the set-up, not load the key it is shown."""
+    outer = state_dir / "outer"
+    outer.mkdir(mode=0o755)
+    os.chown(outer, nobody(), 0)
+    path, _ = key_in(outer / "keys")
+    _, old = key_in(state_dir / "old-keys")
+    for cmd in (
+        ["mv", str(outer / "keys"), str(outer / "moved")],
+        ["ln", "-s", str(state_dir / "old-keys"), str(outer / "keys")],
+    ):
+        subprocess.run(cmd, user=USER, check=True, capture_output=True)
+    assert bundle.SigningKey.from_file(path).key_id == old.key_id  # the swap worked: the path now leads there
+    with pytest.raises(SignerError, match=rf"{re.escape(str(outer))} must be owned by root"):
+        SignerProcess.spawn(path)
 
 
 def uids(pid: int) -> set[int]:

@@ -2,9 +2,9 @@
 
 ``serve`` started as root spawns this signer first, then drops to USER for everything else: the
 process that answers agents and admins never loads the key. The signer stays root, loads the key
-(a root-owned file of mode 600 in a root-owned directory: USER can neither read it nor swap it)
-and does one thing: sign a bundle or delta manifest (:func:`ringfence.bundlewire.manifest`) that
-names its own key, logging what it signed. So the internet-facing process, even taken over, can
+(a root-owned file of mode 600 in, and under, directories that only root may change: USER can
+neither read it nor swap it) and does one thing: sign a bundle or delta manifest
+(:func:`ringfence.bundlewire.manifest`) that names its own key, logging what it signed. So the internet-facing process, even taken over, can
 neither copy the key (not the file, nor the signer's memory, another user's process) nor have
 anything but a Ringfence manifest signed with it; it can still ask for manifests while it runs,
 as on AWS a compromised compute function could call KMS Sign.
@@ -47,28 +47,56 @@ class SignerError(RuntimeError):
     """The signer refused a request, would not start, or is gone."""
 
 
-def check_key_file(path: Path) -> None:
-    """Refuse a key that anyone but root could read or replace: the file (mode 600 or stricter)
-    and its directory (not writable by group or others) owned by root."""
-    d = path.parent
-    try:
-        ds = d.stat()
-    except OSError as exc:
-        raise SignerError(f"signing key directory {d}: {exc.strerror}") from None
-    if ds.st_uid != 0 or ds.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise SignerError(
-            f"signing key directory {d} must be owned by root and writable by root only "
-            f"(owner uid {ds.st_uid}, mode {stat.S_IMODE(ds.st_mode):o}): another user could replace the key"
+def _unsafe_directory(d: Path, st: os.stat_result, *, sticky_ok: bool) -> str | None:
+    """Why another user could swap what ``d`` holds, or None."""
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{d} is not a directory"
+    writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    if st.st_uid != 0 or (writable and not (sticky_ok and st.st_mode & stat.S_ISVTX)):
+        return (
+            f"{d} must be owned by root and writable by root only "
+            f"(owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}): another user could replace the key"
         )
+    return None
+
+
+def read_key_file(path: Path) -> bytes:
+    """The key's bytes, refused if anyone but root could read or replace it: the file a regular
+    file of mode 600 (or stricter) owned by root, its directory writable by root only, and every
+    directory above owned by root and writable by root only, or sticky (as /tmp is: there another
+    user cannot rename root's entry). Checked along the path as given (a symbolic link on the way
+    is fine where root alone could change it) and along the path it resolves to, so a directory
+    another user controls can redirect neither. The file is opened without following a symbolic
+    link and checked on the descriptor it is read from, so nothing can be swapped in between."""
+    given = Path(os.path.abspath(path))
+    for chain in (given, Path(os.path.realpath(given))):
+        for d in reversed(chain.parents):
+            try:
+                ds = d.lstat()
+            except OSError as exc:
+                raise SignerError(f"signing key directory {d}: {exc.strerror}") from None
+            if stat.S_ISLNK(ds.st_mode):
+                continue  # in a directory already found safe; its target is on the resolved chain
+            why = _unsafe_directory(d, ds, sticky_ok=d != chain.parent)
+            if why is not None:
+                raise SignerError(f"signing key directory {why}")
+    path = given
     try:
-        fs = path.lstat()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
-        raise SignerError(f"signing key {path}: no such file (make one with `ringfence keygen --out {d}`)") from None
-    if not stat.S_ISREG(fs.st_mode) or fs.st_uid != 0 or fs.st_mode & 0o077:
         raise SignerError(
-            f"signing key {path} must be a regular file owned by root, mode 600 "
-            f"(owner uid {fs.st_uid}, mode {stat.S_IMODE(fs.st_mode):o})"
-        )
+            f"signing key {path}: no such file (make one with `ringfence keygen --out {path.parent}`)"
+        ) from None
+    except OSError as exc:  # ELOOP: the last component is a symbolic link
+        raise SignerError(f"signing key {path}: {exc.strerror} (give the key file itself, not a link)") from None
+    with os.fdopen(fd, "rb") as f:
+        fs = os.fstat(f.fileno())
+        if not stat.S_ISREG(fs.st_mode) or fs.st_uid != 0 or fs.st_mode & 0o077:
+            raise SignerError(
+                f"signing key {path} must be a regular file owned by root, mode 600 "
+                f"(owner uid {fs.st_uid}, mode {stat.S_IMODE(fs.st_mode):o})"
+            )
+        return f.read()
 
 
 # --- the signer (child) ----------------------------------------------------------------------------
@@ -77,6 +105,14 @@ def check_key_file(path: Path) -> None:
 def _read_exact(stream: IO[bytes], n: int) -> bytes | None:
     data = stream.read(n)
     return data if data is not None and len(data) == n else None
+
+
+def _skip(stream: IO[bytes], n: int) -> bytes | None:
+    """Read past ``n`` bytes in pieces, never holding them whole, so the next request is read from
+    its start: b"" once done, None if the stream ended first."""
+    while n and (piece := stream.read(min(n, 1 << 16))):
+        n -= len(piece)
+    return None if n else b""
 
 
 def _refusal(message: bytes, key_id: str, max_ttl: int, now: float) -> str | None:
@@ -105,8 +141,7 @@ def serve_signatures(key_path: Path, stdin: IO[bytes], stdout: IO[bytes]) -> int
     from ringfence.bundle import SigningKey
 
     try:
-        check_key_file(key_path)
-        key = SigningKey.from_file(key_path)
+        key = SigningKey.from_pem(read_key_file(key_path))
     except Exception as exc:  # the parent shows it: this process has no one else to tell
         stdout.write(json.dumps({"error": str(exc)}).encode() + b"\n")
         stdout.flush()
@@ -117,13 +152,13 @@ def serve_signatures(key_path: Path, stdin: IO[bytes], stdout: IO[bytes]) -> int
     max_ttl = int(os.environ.get("RINGFENCE_BUNDLE_TTL", str(DEFAULT_BUNDLE_TTL)))
     while (head := _read_exact(stdin, _LEN.size)) is not None:
         (n,) = _LEN.unpack(head)
-        if n > MAX_MANIFEST_BYTES:
-            log.error("signer: a request of %s bytes (manifests are at most %s): closing", n, MAX_MANIFEST_BYTES)
-            return 2
-        message = _read_exact(stdin, n)
+        message = _read_exact(stdin, n) if n <= MAX_MANIFEST_BYTES else _skip(stdin, n)
         if message is None:
             break
-        why = _refusal(message, key.key_id, max_ttl, time.time())
+        if n > MAX_MANIFEST_BYTES:
+            why: str | None = f"a request of {n} bytes: manifests are at most {MAX_MANIFEST_BYTES}"
+        else:
+            why = _refusal(message, key.key_id, max_ttl, time.time())
         if why is not None:
             log.warning("signer: refused to sign: %s", why)
             stdout.write(_LEN.pack(0))
@@ -169,7 +204,7 @@ class SignerProcess:
         # -I and cwd "/": root's Python must not import from where serve was started (the state
         # directory, a home, /tmp: places the user may write), nor from PYTHONPATH
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-m", "ringfence.local.signer_process", str(key_path.resolve())],
+            [sys.executable, "-I", "-m", "ringfence.local.signer_process", os.path.abspath(key_path)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             close_fds=True,
