@@ -319,3 +319,20 @@ def test_serving_as_root_without_user_says_so(tmp_path: Path) -> None:
     finally:
         server.proc.terminate()
         server.proc.wait(15)
+
+
+def test_serve_user_refuses_a_key_reached_through_a_directory_the_user_owns(state_dir: Path) -> None:
+    """The path is checked as the administrator gave it, not only where it leads today: a link in
+    a directory the user owns could lead elsewhere at the next start."""
+    outer = state_dir / "outer"
+    outer.mkdir(mode=0o755)
+    os.chown(outer, nobody(), 0)
+    path, _ = key_in(state_dir / "keys")
+    (outer / "keys").symlink_to(path.parent)
+    db = state_dir / "state" / "state.db"
+    cmd = [str(BIN / "ringfence"), "serve", "--port", "0", "--store", f"sqlite:{db}", "--user", USER]
+    out = subprocess.run(
+        [*cmd, "--signing-key", str(outer / "keys" / path.name)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode != 0 and f"{outer} must be owned by root" in out.stderr, out.stderr
+    assert "listening" not in out.stdout

@@ -193,6 +193,21 @@ def build_wiring(
     raise ServeError(f"--store {store!r}: expected sqlite:PATH or aws")
 
 
+def _refuse_key_left_in(state: Path, user: str) -> None:
+    """A key left in the state directory (copied there, not moved, when moving to --user) is one
+    the user can read. Looked for as root and again as the user: root bounded as the systemd unit
+    bounds it (no CAP_DAC_OVERRIDE) cannot look into the user's directory, nor the user into root's."""
+    try:
+        left = (state / "signing-key.pem").exists()
+    except PermissionError:
+        return
+    if left:
+        raise ServeError(
+            f"{state / 'signing-key.pem'}: a signing key in the state directory, which {user} owns and can read: "
+            "move it (do not copy it) to a root-only directory and give that path with --signing-key"
+        )
+
+
 def separate_signer(store: str, signing_key: Path | None, user: str) -> Any:
     """``--user``: spawn the signer on ``signing_key`` (it alone loads the key), then drop this
     process to ``user`` for good; the signer (:mod:`ringfence.local.signer_process`). The
@@ -206,21 +221,18 @@ def separate_signer(store: str, signing_key: Path | None, user: str) -> Any:
     if os.geteuid() != 0:
         raise ServeError("--user: start ringfence serve as root (it drops to the user after spawning the signer)")
     state = Path(store.removeprefix("sqlite:")).parent
-    if (state / "signing-key.pem").exists():
-        raise ServeError(
-            f"{state / 'signing-key.pem'}: a signing key in the state directory, which {user} owns and can read: "
-            "move it (do not copy it) to a root-only directory and give that path with --signing-key"
-        )
+    _refuse_key_left_in(state, user)
     try:
         pw = service_user(user)
         if not state.exists():
             state.mkdir(parents=True, mode=0o750)
             os.chown(state, pw.pw_uid, pw.pw_gid)
-        signer = SignerProcess.spawn(signing_key.resolve())
+        signer = SignerProcess.spawn(signing_key)  # as given: the signer checks the path and where it leads
     except SignerError as exc:
         raise ServeError(str(exc)) from None
     try:
         drop_privileges(pw)
+        _refuse_key_left_in(state, user)  # again as the user, in the directory root may not look into
         if not os.access(state, os.W_OK | os.X_OK):
             raise ServeError(f"state directory {state} is not writable by {user}: give it (and its files) to {user}")
     except BaseException as exc:

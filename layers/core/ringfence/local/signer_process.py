@@ -259,9 +259,15 @@ def service_user(name: str) -> pwd.struct_passwd:
 
 def drop_privileges(pw: pwd.struct_passwd) -> None:
     """Become ``pw``'s user (its groups too) for good: root's uid, gids and capabilities are gone."""
-    os.initgroups(pw.pw_name, pw.pw_gid)
-    os.setgid(pw.pw_gid)
-    os.setuid(pw.pw_uid)
+    try:
+        os.initgroups(pw.pw_name, pw.pw_gid)
+        os.setgid(pw.pw_gid)
+        os.setuid(pw.pw_uid)
+    except PermissionError as exc:  # a capability bounding set without them (a unit's, a container's)
+        raise SignerError(
+            f"--user {pw.pw_name}: cannot switch to that user ({exc.strerror}): "
+            "serve needs CAP_SETUID and CAP_SETGID for it"
+        ) from None
     try:
         os.setuid(0)
     except PermissionError:
