@@ -67,14 +67,15 @@ def test_attack_agent_api_function_holds_no_signing_key_in_sam() -> None:
     others = [n for n, r in res.items() if r["Type"] == "AWS::Serverless::Function" and n not in signers]
     for name in others:
         assert "RINGFENCE_SIGNING_KEY" not in res[name]["Properties"].get("Environment", {}).get("Variables", {})
-    key = res["SigningKey"]["Properties"]
-    assert key["KeySpec"] == "ECC_NIST_EDWARDS25519" and key["KeyUsage"] == "SIGN_VERIFY"
-    policy = {s["Sid"]: s for s in key["KeyPolicy"]["Statement"]}
-    assert policy["AccountAdministersButDoesNotSign"]["NotAction"] == "kms:Sign"
-    assert policy["OnlyComputeAndPublishSign"]["Principal"] == {"AWS": roles}
-    deny = policy["NoOneElseSigns"]
-    assert deny["Effect"] == "Deny" and deny["Action"] == "kms:Sign" and deny["Principal"] == {"AWS": "*"}
-    assert deny["Condition"]["ArnNotEquals"]["aws:PrincipalArn"] == roles
+    for slot in ("SigningKey", "SigningKeyB"):  # the two slots a rotation goes through
+        key = res[slot]["Properties"]
+        assert key["KeySpec"] == "ECC_NIST_EDWARDS25519" and key["KeyUsage"] == "SIGN_VERIFY"
+        policy = {s["Sid"]: s for s in key["KeyPolicy"]["Statement"]}
+        assert policy["AccountAdministersButDoesNotSign"]["NotAction"] == "kms:Sign"
+        assert policy["OnlyComputeAndPublishSign"]["Principal"] == {"AWS": roles}
+        deny = policy["NoOneElseSigns"]
+        assert deny["Effect"] == "Deny" and deny["Action"] == "kms:Sign" and deny["Principal"] == {"AWS": "*"}
+        assert deny["Condition"]["ArnNotEquals"]["aws:PrincipalArn"] == roles
     secret = res["SigningSecretPolicy"]["Properties"]["ResourcePolicy"]["Statement"][0]
     assert secret["Effect"] == "Deny" and secret["Action"] == "secretsmanager:GetSecretValue"
     assert secret["Condition"]["ArnNotEquals"]["aws:PrincipalArn"] == roles

@@ -429,3 +429,74 @@ def test_only_the_perimeter_may_assume_the_perimeter_role_and_no_read_only_one()
     assert {fn for fn, u in uses.items() if u} == {"ingest", "lifecycle", "reconcile", "agentapi"}
     assert all(u <= {"${local.assume}"} for u in uses.values()), uses
     assert "RINGFENCE_PERIMETER_ACCOUNT_ROLES" in loc["functions"]["perimeter"]["env"]
+
+
+def _cfn_value(expr: Any, params: dict[str, str], conditions: dict[str, Any]) -> Any:
+    """The value of a template expression under ``params``: the intrinsics the signing-key wiring
+    uses (Ref to a parameter, Equals, Not, And, Or, Condition, If); anything else as written."""
+    if not (isinstance(expr, dict) and len(expr) == 1):
+        return expr
+    ((fn, arg),) = expr.items()
+    value = lambda e: _cfn_value(e, params, conditions)  # noqa: E731
+    if fn == "Ref" and arg in params:
+        return params[arg]
+    if fn == "Equals":
+        return value(arg[0]) == value(arg[1])
+    if fn == "Not":
+        return not value(arg[0])
+    if fn in ("And", "Or"):
+        return (all if fn == "And" else any)(value(a) for a in arg)
+    if fn == "Condition":
+        return value(conditions[arg])
+    if fn == "If":
+        return value(arg[1] if value(conditions[arg[0]]) else arg[2])
+    return expr
+
+
+def test_the_signing_key_rotates_through_two_slots_in_both_deployments() -> None:
+    """docs/bundle.md's rotation on the stack's own KMS key: every choice of slots and active slot
+    the template accepts has compute and publish sign with a key that exists under it, the same one
+    the ActiveSigningKey output names; a choice dropping the active slot is refused by a rule. The
+    Terraform module keeps its existing key as slot a and checks the same."""
+    doc = template()
+    conditions, res = doc["Conditions"], doc["Resources"]
+    slots = {"A": "SigningKey", "B": "SigningKeyB"}
+    rule = doc["Rules"]["ActiveSigningKmsKeyKept"]
+    defaults = {name: p.get("Default", "") for name, p in doc["Parameters"].items()}
+    assert (defaults["SigningKmsKeys"], defaults["ActiveSigningKmsKey"]) == ("A", "A")
+    accepted = []
+    for keys in doc["Parameters"]["SigningKmsKeys"]["AllowedValues"]:
+        for active in doc["Parameters"]["ActiveSigningKmsKey"]["AllowedValues"]:
+            params = {**defaults, "SigningKeySource": "kms", "SigningKmsKeys": keys, "ActiveSigningKmsKey": active}
+            assert _cfn_value(rule["RuleCondition"], params, conditions) is True
+            if not _cfn_value(rule["Assertions"][0]["Assert"], params, conditions):
+                assert active not in keys.split("+"), (keys, active)
+                continue
+            accepted.append((keys, active))
+            present = {
+                s for s, r in slots.items() if _cfn_value({"Condition": res[r]["Condition"]}, params, conditions)
+            }
+            assert present == set(keys.split("+")), (keys, present)
+            signs_with = {
+                _cfn_value(
+                    res[fn]["Properties"]["Environment"]["Variables"]["RINGFENCE_SIGNING_KEY"], params, conditions
+                )["Sub"]
+                for fn in ("ComputeFunction", "PublishFunction")
+            }
+            assert signs_with == {f"kms-sign:${{{slots[active]}.Arn}}"}, (keys, active, signs_with)
+            output = _cfn_value(doc["Outputs"]["ActiveSigningKey"]["Value"], params, conditions)
+            assert output == {"Sub": f"kms-sign:${{{slots[active]}.Arn}}"}
+    assert accepted == [("A", "A"), ("A+B", "A"), ("A+B", "B"), ("B", "B")]
+    # with the key in Secrets Manager, no KMS key is made
+    params = {**defaults, "SigningKeySource": "secret", "SigningKmsKeys": "A+B"}
+    assert not any(_cfn_value({"Condition": res[r]["Condition"]}, params, conditions) for r in slots.values())
+
+    signing = (ROOT / "infra/modules/ringfence/signing.tf").read_text()
+    tf = unquote(hcl2.loads(signing))
+    (key,) = [b["aws_kms_key"]["signing"] for b in tf["resource"] if "aws_kms_key" in b]
+    assert "var.signing_kms_keys" in key["for_each"]
+    assert [(m["from"], m["to"]) for m in tf["moved"]] == [("${aws_kms_key.signing[0]}", '${aws_kms_key.signing["a"]}')]
+    assert "aws_kms_key.signing[var.active_signing_kms_key].arn" in signing
+    assert "condition     = contains(var.signing_kms_keys, var.active_signing_kms_key)" in signing
+    declared = _variables(ROOT / "infra/modules/ringfence")
+    assert declared["signing_kms_keys"]["default"] == ["a"] and declared["active_signing_kms_key"]["default"] == "a"

@@ -42,6 +42,8 @@ module "ringfence" {
   name                   = var.name
   signing_key_source     = var.signing_key_source
   signing_key_secret_arn = var.signing_key_secret_arn
+  signing_kms_keys       = var.signing_kms_keys
+  active_signing_kms_key = var.active_signing_kms_key
   core_layer_zip         = coalesce(var.core_layer_zip, "${path.root}/../../../build/core-layer.zip")
   iid_certificate        = file(local.iid_certificate_file)
   # only instances of our own accounts may enroll

@@ -21,3 +21,8 @@ output "alarm_topic_arn" {
   description = "Subscribe to this SNS topic to receive the stack's alarms."
   value       = module.ringfence.alarm_topic_arn
 }
+
+output "signing_key_arns" {
+  description = "The bundle signing key of each slot: fetch its public key for the agents' key set (README.md)."
+  value       = module.ringfence.signing_key_arns
+}

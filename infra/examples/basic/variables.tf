@@ -55,6 +55,18 @@ variable "signing_key_secret_arn" {
   default     = ""
 }
 
+variable "signing_kms_keys" {
+  description = "With signing_key_source = kms: the signing-key slots that hold a key (rotation: docs/bundle.md, Keys and rotation)."
+  type        = set(string)
+  default     = ["a"]
+}
+
+variable "active_signing_kms_key" {
+  description = "With signing_key_source = kms: the slot compute and publish sign with."
+  type        = string
+  default     = "a"
+}
+
 variable "iid_certificate_file" {
   description = "PEM file of the Region's RSA certificate for the base64 instance identity document signature (default: aws-iid-<region>.pem beside this file)."
   type        = string

@@ -17,3 +17,13 @@ output "bundle_bucket" {
 output "alarm_topic_arn" {
   value = aws_sns_topic.alarms.arn
 }
+
+output "signing_key_arns" {
+  description = "The signing key of each slot (aws kms get-public-key for the agents' key set); empty with signing_key_source = secret."
+  value       = { for slot, key in aws_kms_key.signing : slot => key.arn }
+}
+
+output "active_signing_key" {
+  description = "The key compute and publish sign with (RINGFENCE_SIGNING_KEY)."
+  value       = local.signing_key_id
+}

@@ -10,7 +10,18 @@ locals {
   signing_kms    = var.signing_key_source == "kms"
   compute_role   = "arn:${local.partition}:iam::${local.account}:role/${var.name}-compute"
   publish_role   = "arn:${local.partition}:iam::${local.account}:role/${var.name}-publish"
-  signing_key_id = local.signing_kms ? "kms-sign:${aws_kms_key.signing[0].arn}" : "secretsmanager:${var.signing_key_secret_arn}"
+  signing_key_id = local.signing_kms ? "kms-sign:${aws_kms_key.signing[var.active_signing_kms_key].arn}" : "secretsmanager:${var.signing_key_secret_arn}"
+}
+
+# two slots, a and b, so that a key can be replaced without a moment unsigned (docs/bundle.md)
+resource "terraform_data" "active_signing_key_kept" {
+  count = local.signing_kms ? 1 : 0
+  lifecycle {
+    precondition {
+      condition     = contains(var.signing_kms_keys, var.active_signing_kms_key)
+      error_message = "active_signing_kms_key (${var.active_signing_kms_key}) must be one of signing_kms_keys: keep both while switching."
+    }
+  }
 }
 
 data "aws_iam_policy_document" "signing_key" {
@@ -56,12 +67,17 @@ data "aws_iam_policy_document" "signing_key" {
 }
 
 resource "aws_kms_key" "signing" {
-  count                    = local.signing_kms ? 1 : 0
-  description              = "${var.name} bundle signing key (Ed25519, non-exportable; kms:Sign for the compute and publish roles only)"
+  for_each                 = local.signing_kms ? var.signing_kms_keys : toset([])
+  description              = "${var.name} bundle signing key ${each.key} (Ed25519, non-exportable; kms:Sign for the compute and publish roles only)"
   customer_master_key_spec = "ECC_NIST_EDWARDS25519"
   key_usage                = "SIGN_VERIFY"
   policy                   = data.aws_iam_policy_document.signing_key.json
   tags                     = var.tags
+}
+
+moved { # the single key of earlier versions is slot a
+  from = aws_kms_key.signing[0]
+  to   = aws_kms_key.signing["a"]
 }
 
 data "aws_iam_policy_document" "signing_secret" {

@@ -14,6 +14,26 @@ variable "signing_key_source" {
   }
 }
 
+variable "signing_kms_keys" {
+  description = "With signing_key_source = kms: which of the module's two signing-key slots hold a key. Rotation (docs/bundle.md, Keys and rotation): [\"a\"], then [\"a\", \"b\"] (pin b's public key in every agent), then active_signing_kms_key = \"b\", then [\"b\"] (a's deletion is scheduled); the next rotation goes back through both to a, a new key."
+  type        = set(string)
+  default     = ["a"]
+  validation {
+    condition     = length(var.signing_kms_keys) > 0 && alltrue([for k in var.signing_kms_keys : contains(["a", "b"], k)])
+    error_message = "signing_kms_keys must hold a, b or both."
+  }
+}
+
+variable "active_signing_kms_key" {
+  description = "With signing_key_source = kms: the slot whose key compute and publish sign with; signing_kms_keys must hold it."
+  type        = string
+  default     = "a"
+  validation {
+    condition     = contains(["a", "b"], var.active_signing_kms_key)
+    error_message = "active_signing_kms_key must be a or b."
+  }
+}
+
 variable "signing_key_secret_arn" {
   description = "With signing_key_source = secret: the Secrets Manager secret holding the Ed25519 bundle signing key (PKCS#8 PEM); it gets a resource policy denying everyone but the compute role."
   type        = string
