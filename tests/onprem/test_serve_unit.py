@@ -6,7 +6,6 @@ the user."""
 
 from __future__ import annotations
 
-import configparser
 import os
 import pwd
 import shlex
@@ -22,45 +21,27 @@ from tests.conftest import ROOT
 from tests.onprem.conftest import ESTATE, policy_files
 from tests.onprem.test_serve_onprem import Server
 from tests.onprem.test_serve_signer import USER, key_in, python_for_other_users, state_dir, uids, wait_until
+from tests.systemdunit import service, setpriv, verify
 
 UNIT = ROOT / "infra" / "onprem" / "ringfence-serve.service"
 __all__ = ["state_dir"]  # the fixture, used by name
 
 
-def service() -> configparser.SectionProxy:
-    unit = configparser.ConfigParser(interpolation=None, strict=False)
-    unit.optionxform = str  # type: ignore[assignment,method-assign]  # systemd keys are case-sensitive
-    unit.read_string(UNIT.read_text())
-    return unit["Service"]
-
-
-def setpriv(capabilities: list[str]) -> list[str]:
-    """Start a command as systemd starts the unit: root, bounded to ``capabilities``, no new privileges."""
-    bounds = ",".join(["-all", *(f"+{c.removeprefix('CAP_').lower()}" for c in capabilities)])
-    return ["setpriv", f"--bounding-set={bounds}", "--no-new-privs"]
-
-
 def test_the_serve_unit_is_one_systemd_accepts_and_its_command_the_cli_takes(tmp_path: Path) -> None:
-    exec_start = shlex.split(service()["ExecStart"])
+    exec_start = shlex.split(service(UNIT)["ExecStart"])
     assert exec_start[0].endswith("/ringfence") and exec_start[1] == "serve"
     args = build_parser().parse_args(exec_start[1:])
     assert args.user == "ringfence" and args.signing_key and args.store.startswith("sqlite:/var/lib/ringfence/")
     assert Path(args.signing_key).parent != Path(args.store.removeprefix("sqlite:")).parent
-    if shutil.which("systemd-analyze") is None:
-        pytest.skip("systemd-analyze is not installed here")
-    # systemd checks the command exists: point it at this installation's
-    local = tmp_path / UNIT.name
-    local.write_text(UNIT.read_text().replace(exec_start[0], str(BIN / "ringfence")))
-    out = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0 and not out.stderr.strip(), out.stderr
+    verify(UNIT, BIN / "ringfence", tmp_path)
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
 def test_serve_user_runs_within_the_units_capabilities_and_says_which_are_missing(
     tmp_path: Path, state_dir: Path
 ) -> None:
-    capabilities = service()["CapabilityBoundingSet"].split()
-    assert service()["NoNewPrivileges"] == "yes"
+    capabilities = service(UNIT)["CapabilityBoundingSet"].split()
+    assert service(UNIT)["NoNewPrivileges"] == "yes"
     path, key = key_in(tmp_path / "signer")
     (tmp_path / "root").mkdir()
     launcher = python_for_other_users(tmp_path / "root")
