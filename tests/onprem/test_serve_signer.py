@@ -144,6 +144,10 @@ def test_a_signing_key_under_a_sticky_directory_or_through_roots_links_is_used(t
     (tmp_path / "signer" / "alias.pem").symlink_to("signing.pem")
     with pytest.raises(SignerError, match="not a link"):
         SignerProcess.spawn(tmp_path / "signer" / "alias.pem")
+    # a link another user owns in the sticky directory: they may point it elsewhere at any time
+    os.lchown(tmp_path / "link", nobody(), 0)
+    with pytest.raises(SignerError, match=rf"{re.escape(str(tmp_path / 'link'))} is a link owned by uid"):
+        SignerProcess.spawn(tmp_path / "link" / "signing.pem")
 
 
 def test_attack_signer_another_user_who_owns_a_directory_above_the_key_cannot_swap_in_another_key(

@@ -4,10 +4,11 @@
 process that answers agents and admins never loads the key. The signer stays root, loads the key
 (a root-owned file of mode 600 in, and under, directories that only root may change: USER can
 neither read it nor swap it) and does one thing: sign a bundle or delta manifest
-(:func:`ringfence.bundlewire.manifest`) that names its own key, logging what it signed. So the internet-facing process, even taken over, can
-neither copy the key (not the file, nor the signer's memory, another user's process) nor have
-anything but a Ringfence manifest signed with it; it can still ask for manifests while it runs,
-as on AWS a compromised compute function could call KMS Sign.
+(:func:`ringfence.bundlewire.manifest`) that names its own key, logging what it signed. So the
+internet-facing process, even taken over, can neither copy the key (not the file, nor the
+signer's memory, another user's process) nor have anything but a Ringfence manifest signed with
+it; it can still ask for manifests while it runs, as on AWS a compromised compute function could
+call KMS Sign.
 
 The protocol, over the child's stdin/stdout: the signer's first line is JSON (``key_id``,
 ``public_pem``, or ``error``); then each request is a 4-byte big-endian length and a manifest,
@@ -75,8 +76,10 @@ def read_key_file(path: Path) -> bytes:
                 ds = d.lstat()
             except OSError as exc:
                 raise SignerError(f"signing key directory {d}: {exc.strerror}") from None
-            if stat.S_ISLNK(ds.st_mode):
-                continue  # in a directory already found safe; its target is on the resolved chain
+            if stat.S_ISLNK(ds.st_mode) and ds.st_uid == 0:
+                continue  # root's, in a directory already found safe; its target is on the resolved chain
+            if stat.S_ISLNK(ds.st_mode):  # in a sticky directory: its owner may point it elsewhere
+                raise SignerError(f"signing key path {d} is a link owned by uid {ds.st_uid}: it must be root's")
             why = _unsafe_directory(d, ds, sticky_ok=d != chain.parent)
             if why is not None:
                 raise SignerError(f"signing key directory {why}")
