@@ -21,7 +21,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from ringfence import bundle
-from ringfence.bundlewire import MAX_MANIFEST_BYTES, manifest_message
+from ringfence.bundlewire import MANIFEST_FORMAT, MAX_MANIFEST_BYTES, manifest_message
 from ringfence.local.signer_process import SignerError, SignerProcess
 from tests.agentproc import BIN, wait_until
 from tests.agentproc import agent_status as status
@@ -53,6 +53,8 @@ def test_the_signer_signs_manifests_of_its_key_and_refuses_anything_else(tmp_pat
         for size in (MAX_MANIFEST_BYTES + 1, 300_000):  # refused, and the signer reads on from the next request
             with pytest.raises(SignerError, match="refused"):
                 signer.sign(b"x" * size)
+        with pytest.raises(SignerError, match="refused"):  # JSON nested past Python's recursion limit
+            signer.sign(b"%s\n%s%s" % (MANIFEST_FORMAT.encode(), b"[" * 2000, b"]" * 2000))
         other = bundle.SigningKey.generate().key_id
         with pytest.raises(SignerError, match="refused"):
             signer.sign(manifest_message("ringfence.delta/v2", other, {"set": "rf_web"}, b"x"))

@@ -126,7 +126,7 @@ def _refusal(message: bytes, key_id: str, max_ttl: int, now: float) -> str | Non
         return f"not a {MANIFEST_FORMAT} manifest"
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # nested past the recursion limit: refused, not fatal
         return "manifest body is not JSON"
     if not isinstance(doc, dict) or doc.get("key_id") != key_id:
         return f"manifest does not name this key ({key_id})"
