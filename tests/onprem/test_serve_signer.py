@@ -342,3 +342,29 @@ def test_serve_user_refuses_a_key_reached_through_a_directory_the_user_owns(stat
     )
     assert out.returncode != 0 and f"{outer} must be owned by root" in out.stderr, out.stderr
     assert "listening" not in out.stdout
+
+
+def test_attack_serve_user_a_link_swapped_in_for_the_new_state_directory_is_not_handed_over(
+    state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The user owns the state directory's parent: right after root makes the directory, the
+    user moves it aside and puts a link to a directory of root's in its place. Root must not hand
+    that directory to the user (the race is made certain by doing the swap inside mkdir)."""
+    from ringfence import serve
+
+    parent = state_dir / "home"
+    parent.mkdir()
+    os.chown(parent, nobody(), 0)
+    victim = state_dir / "victim"
+    victim.mkdir(mode=0o700)
+    real_mkdir = os.mkdir
+
+    def mkdir_then_the_user_swaps(path: Any, mode: int = 0o777) -> None:
+        real_mkdir(path, mode)
+        script = f"mv {parent / 'state'} {parent / 'moved'} && ln -s {victim} {parent / 'state'}"
+        subprocess.run(["sh", "-c", script], user=USER, check=True)
+
+    monkeypatch.setattr(os, "mkdir", mkdir_then_the_user_swaps)
+    with pytest.raises(serve.ServeError, match="replaced while it was being made"):
+        serve.make_state_dir(parent / "state", nobody(), 0)
+    assert victim.stat().st_uid == 0

@@ -208,6 +208,22 @@ def _refuse_key_left_in(state: Path, user: str) -> None:
         )
 
 
+def make_state_dir(state: Path, uid: int, gid: int) -> None:
+    """Create the state directory as root and hand it to the user through a descriptor opened
+    without following links: where the user owns its parent, they could otherwise swap in a link
+    between the mkdir and a chown by path, and root would hand them whatever it points at."""
+    state.parent.mkdir(parents=True, exist_ok=True)
+    os.mkdir(state, 0o750)
+    try:
+        fd = os.open(state, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise ServeError(f"state directory {state}: replaced while it was being made ({exc.strerror})") from None
+    try:
+        os.fchown(fd, uid, gid)
+    finally:
+        os.close(fd)
+
+
 def separate_signer(store: str, signing_key: Path | None, user: str) -> Any:
     """``--user``: spawn the signer on ``signing_key`` (it alone loads the key), then drop this
     process to ``user`` for good; the signer (:mod:`ringfence.local.signer_process`). The
@@ -225,8 +241,7 @@ def separate_signer(store: str, signing_key: Path | None, user: str) -> Any:
     try:
         pw = service_user(user)
         if not state.exists():
-            state.mkdir(parents=True, mode=0o750)
-            os.chown(state, pw.pw_uid, pw.pw_gid)
+            make_state_dir(state, pw.pw_uid, pw.pw_gid)
         signer = SignerProcess.spawn(signing_key)  # as given: the signer checks the path and where it leads
     except SignerError as exc:
         raise ServeError(str(exc)) from None
