@@ -211,6 +211,33 @@ def test_launch_with_privileged_tags_by_a_developer_is_unlabeled(env: Env) -> No
     assert [a.principal for a in env.store.audit_log() if a.action == "label.held"] == [DEVELOPER]
 
 
+def test_attack_launch_from_a_launch_template_with_privileged_tags_names_the_developer(env: Env) -> None:
+    """The privileged tags come from a launch template the developer launches: the request shows no
+    tags, which must not read as "the call set nothing" (no finding, nobody named)."""
+    est = governed_estate(env)
+    [box] = est["run"]("jumpbox", est["subnets"]["web"], 1, env="shared", app="admin")
+    env.put(env.state_event(box, "running"))
+    ev = run_instances_event(box, {}, DEVELOPER)
+    ev["detail"]["requestParameters"] = {
+        "launchTemplate": {"launchTemplateId": "lt-0abc1234def567890", "version": "$Latest"},
+        "instancesSet": {"items": [{"minCount": 1, "maxCount": 1}]},
+    }
+    env.put(ev)
+    env.pump()
+    rec = env.store.get(box)
+    assert rec.labels == {} and rec.workload.held_labels == {}
+    assert [a.principal for a in env.store.audit_log() if a.action == "label.held"] == [DEVELOPER]
+    # the tagging role's own launch from a template: the request does not show the template's
+    # tags either, so it approves nothing (an admin binding or a CreateTags of its own does)
+    [other] = est["run"]("jumpbox", est["subnets"]["web"], 1, env="shared", app="admin")
+    env.put(env.state_event(other, "running"))
+    ev = run_instances_event(other, {}, TAGGER_ROLE)
+    ev["detail"]["requestParameters"] = {"launchTemplate": {"launchTemplateName": "jump"}}
+    env.put(ev)
+    env.pump()
+    assert env.store.get(other).labels == {}
+
+
 def test_launch_by_the_tagging_role_is_labeled(env: Env) -> None:
     est = governed_estate(env)
     [box] = est["run"]("jumpbox", est["subnets"]["web"], 1, env="shared", app="admin")

@@ -133,6 +133,7 @@ class TrailRequest(_Detail):
     resources_set: _Items = Field(default_factory=_Items, alias="resourcesSet")
     tag_set: _Items = Field(default_factory=_Items, alias="tagSet")
     tag_specification_set: _Items = Field(default_factory=_Items, alias="tagSpecificationSet")
+    launch_template: dict[str, Any] | None = Field(None, alias="launchTemplate")
 
 
 class SessionIssuer(_Detail):
@@ -277,7 +278,10 @@ def _normalize(env: Envelope, base: dict[str, Any]) -> DomainEvent | None:
         items = cd.response_elements.instances_set.items if cd.response_elements else []
         ids = instance_ids([str(i.get("instanceId", "")) for i in items])
         kind = Kind.LAUNCH
-        if req is not None:
+        # from a launch template the instance also gets the template's tags, which the request
+        # does not show: what the call set is then unknown (None: it approves nothing, and a
+        # non-tagger answers for every held move), never "nothing"
+        if req is not None and req.launch_template is None:
             tag_request = {}
             for spec in req.tag_specification_set.items:
                 if spec.get("resourceType") == "instance":
