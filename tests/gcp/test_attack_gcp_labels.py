@@ -296,6 +296,41 @@ def test_attack_gcp_forged_last_entry_cannot_carry_a_taggers_call_to_another_vm(
     assert audits(wiring, "label.approve", good["id"])
 
 
+@pytest.mark.parametrize("failed_last_first", [True, False], ids=["after-the-failed-end", "before-it"])
+def test_attack_gcp_a_taggers_failed_call_with_a_forged_end_approves_nothing(
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch, failed_last_first: bool
+) -> None:
+    """The tagger's setLabels to jumpbox is accepted (its first entry logged and pushed) but the
+    operation fails: the labels never change. Mallory then sets jumpbox herself (held, named) and
+    publishes a "last" entry of the tagger's operation with no error, which Cloud Logging never
+    had, after the genuine failed end or before it arrives. The tagger's first entry must not
+    approve her move."""
+    monkeypatch.setattr(ingest_module, "LOGGING_LAG", 0.0)
+    ingest = GcpIngest(wiring, gcp_config(gcp, LabelSource.LABELS))
+    prod_web = {"ringfence-role": "web", "ringfence-app": "ordering", "ringfence-env": "prod"}
+    jump = {**prod_web, "ringfence-role": "jumpbox"}
+    request = {"labels": [{"key": k, "value": v} for k, v in jump.items()]}
+    method = "v1.compute.instances.setLabels"
+    inst = gcp.add_instance(PROJECT, ZONE, vm_name(), ["10.20.9.41"], labels=prod_web)
+    deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", inst))
+    op = f"operation-failed-{inst['id']}"
+    deliver(gcp, ingest, audit_entry(method, inst, principal=TAGGER, request=request, operation=op, last=False))
+    failed_last = logged(gcp, audit_entry(method, inst, operation=op, first=False, severity="ERROR"))
+    forged_last = {**copy.deepcopy(failed_last), "severity": "NOTICE", "insertId": "forged0000001"}
+    if failed_last_first:
+        assert post(ingest, push_body(failed_last), push_token(gcp))[0] == 200
+    gcp.set_labels(PROJECT, ZONE, inst["name"], jump)
+    deliver(gcp, ingest, audit_entry(method, inst, principal=MALLORY, request=request))
+    assert audits(wiring, "label.held", inst["id"])
+    status, body = post(ingest, push_body(forged_last), push_token(gcp))
+    assert status == 200, body
+    if not failed_last_first:
+        assert post(ingest, push_body(failed_last), push_token(gcp))[0] == 200
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.labels["role"] == "web" and rec.workload.held_labels is not None
+    assert not audits(wiring, "label.approve", inst["id"])
+
+
 def test_a_taggers_entry_logging_does_not_list_yet_is_retried_then_approved(gcp: GcpApi, wiring: LocalWiring) -> None:
     """The sink may publish an entry before entries:list shows it: the push is answered 503 and
     Pub/Sub redelivers it; once Cloud Logging lists it, the tagger's change is approved."""

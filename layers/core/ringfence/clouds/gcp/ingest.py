@@ -125,6 +125,9 @@ class GcpIngest:
         res = GcpIngestResult(ev.event_id, kind=f"{ev.action.value}:{'last' if ev.last else 'first'}")
         project = self.project_id(ev.project)
         if ev.failed:
+            if ev.last and ev.operation:
+                with self._pending_lock:  # the call failed: its first entry approves or blames nothing
+                    self.pending.pop(ev.operation, None)
             self.metric("EventsIgnored", 1)
             res.kind = "failed-call"
             return res
@@ -186,6 +189,10 @@ class GcpIngest:
         else:
             change = TagChange(said.principal, self.said_tags(project, said))
             approving = self.would_approve(change)
+            if approving and said is not ev and first_logged is None and not self._last_logged(project, ev):
+                # the first entry held here says a tagger's call, but this "last" one was pushed:
+                # only a logged, successful end of that call lets the first approve anything
+                change, approving = TagChange(None, None), False
             if not approving and said.action is Action.LABELS and observed:
                 # setLabels sends the whole label set: a non-tagger answers only for the values
                 # the call changed from what the VM was seen with before it (a privileged value
@@ -222,6 +229,16 @@ class GcpIngest:
             self.w.store.claim_once(_blamed(said), ttl)
         if said is None and ev.operation and not ev.first:
             self.w.store.claim_once(_decided(ev), ttl)
+
+    def _last_logged(self, project: str, last: GcpEvent) -> bool:
+        """Cloud Logging has ``last`` as pushed: the successful end of its operation (a Logging
+        API that cannot be read raises, and the push is redelivered)."""
+        logged, why = self._read_back(project, last)
+        if logged is None or not logged.last:
+            log.warning("%s/%s: last entry %s not confirmed: %s", last.zone, last.instance, last.event_id, why)
+            self.metric("UnconfirmedApprovals", 1)
+            return False
+        return True
 
     def _moves_privileged(self, observed: list[InventoryRecord], stored: Mapping[str, InventoryRecord]) -> bool:
         """Some VM observed moves a label into a privileged value not in force (under governed
