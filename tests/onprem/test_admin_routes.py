@@ -76,6 +76,30 @@ def test_register_import_pair_and_deregister_through_the_routes(wiring: LocalWir
     ]
 
 
+def test_a_pairing_key_left_over_enrolls_no_deregistered_workload_and_bad_strings_are_400(wiring: LocalWiring) -> None:
+    svc = boot(wiring)
+    app = admin_routes(lambda: svc, onprem=lambda: svc, roles_of=lambda _: frozenset(AdminRole))
+    spec = {"id": "dc3-app-1", "ips": ["192.168.30.41"], "tags": {"ringfence:role": "web"}}
+    assert call(app, "POST", "/admin/workloads", {**spec, "reason": "rack"})[0] == 201
+    _, key = call(app, "POST", "/admin/pairing-keys", {"workload_id": "dc3-app-1", "uses": 5, "ttl": 600})
+    agents = agent_routes(lambda: AgentApi(wiring))
+
+    def enroll(**fields: Any) -> tuple[int, Any]:
+        nonce = call(agents, "GET", "/v1/nonce")[1]["nonce"]
+        body = {"method": "pairing", "nonce": nonce, "workload_id": "dc3-app-1", "pairing_key": key["pairing_key"]}
+        return call(agents, "POST", "/v1/enroll", {**body, **fields})
+
+    # a lone UTF-16 surrogate ("\ud800" in the JSON) in any field: the request's fault
+    for field in ("pairing_key", "nonce", "workload_id"):
+        status, body = enroll(**{field: "\ud800"})
+        assert status == 400 and "surrogate" in body["detail"], (field, status, body)
+    assert call(app, "DELETE", "/admin/workloads/dc3-app-1", {"reason": "decommissioned"})[0] == 200
+    status, body = enroll()  # the key has uses left: the deregistered id is not enrolled with it
+    assert status == 401 and "not a registered workload" in body["detail"], body
+    status, body = enroll(workload_id="dc3-never-registered")
+    assert status == 401
+
+
 def test_the_aws_admin_api_has_no_onprem_routes(wiring: LocalWiring) -> None:
     svc = OnPremAdmin(wiring)
     status, _ = call(

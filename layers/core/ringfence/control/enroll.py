@@ -42,7 +42,11 @@ def enroll_pairing(api: AgentApi, req: agentapi.EnrollRequest) -> str:
     if not store.burn_nonce(req.nonce):
         raise ProofError("nonce is unknown, expired or already used")
     rec = store.get(req.workload_id)
-    if rec is not None and rec.workload.cloud != "onprem":
+    if rec is None or rec.state == "terminated":
+        # deregistered (or never registered): a leftover key must not bind an agent key to the
+        # id, to be used once the id is registered again for another host
+        raise ProofError(f"{req.workload_id} is not a registered workload: pairing enrolls registered ones only")
+    if rec.workload.cloud != "onprem":
         # a cloud instance proves its identity with the cloud's document, never with a key
         raise ProofError(f"{req.workload_id} is a {rec.workload.cloud} instance: pairing is for on-premise workloads")
     if req.agent_key is not None:

@@ -112,5 +112,12 @@ def resolver(
 
     app.exception_handler(RequestValidationError)(invalid)
 
+    def unencodable(exc: UnicodeEncodeError) -> HttpResponse[str]:
+        # JSON may carry "\ud800", a lone UTF-16 surrogate no UTF-8 can hold: the request's
+        # fault (a 400), not the server's, wherever a field of it was encoded (a hash, the store)
+        return http(error(400, "invalid request", "a string holds an unpaired UTF-16 surrogate"))
+
+    app.exception_handler(UnicodeEncodeError)(unencodable)
+
     app.configure_openapi(title=title, version="1", description=description, security_schemes=security_schemes)
     return app
