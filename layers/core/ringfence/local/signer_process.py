@@ -83,20 +83,19 @@ def read_key_file(path: Path) -> bytes:
             why = _unsafe_directory(d, ds, sticky_ok=d != chain.parent)
             if why is not None:
                 raise SignerError(f"signing key directory {why}")
-    path = given
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        fd = os.open(given, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise SignerError(
-            f"signing key {path}: no such file (make one with `ringfence keygen --out {path.parent}`)"
+            f"signing key {given}: no such file (make one with `ringfence keygen --out {given.parent}`)"
         ) from None
     except OSError as exc:  # ELOOP: the last component is a symbolic link
-        raise SignerError(f"signing key {path}: {exc.strerror} (give the key file itself, not a link)") from None
+        raise SignerError(f"signing key {given}: {exc.strerror} (give the key file itself, not a link)") from None
     with os.fdopen(fd, "rb") as f:
         fs = os.fstat(f.fileno())
         if not stat.S_ISREG(fs.st_mode) or fs.st_uid != 0 or fs.st_mode & 0o077:
             raise SignerError(
-                f"signing key {path} must be a regular file owned by root, mode 600 "
+                f"signing key {given} must be a regular file owned by root, mode 600 "
                 f"(owner uid {fs.st_uid}, mode {stat.S_IMODE(fs.st_mode):o})"
             )
         return f.read()
