@@ -169,7 +169,9 @@ def test_attack_gcp_forged_audit_entry_naming_a_tagger_approves_nothing(
     assert rec is not None and rec.labels["role"] == "web", rec.labels
     assert rec.workload.held_labels is not None  # held, not approved
     assert not audits(wiring, "label.approve", inst["id"])
-    assert reads(gcp, calls) == 1  # a tagger's approval was read back, once
+    # a tagger's approval is read back with one listing of the VM's entries, and, not in it, by
+    # its insertId
+    assert reads(gcp, calls) == 2
     [unconfirmed] = audits(wiring, "label.unconfirmed", inst["id"])
     assert unconfirmed.detail["claimed_principal"] == TAGGER and unconfirmed.detail["event_id"] == forged["insertId"]
     assert "Cloud Logging has no entry" in unconfirmed.reason
@@ -634,6 +636,60 @@ def test_attack_gcp_a_taggers_entry_that_moved_nothing_replayed_approves_nothing
         rec = wiring.store.get(inst["id"])
         assert rec is not None and rec.labels["role"] == "web", "a replayed entry approved Mallory's move"
     assert [a.principal for a in audits(wiring, "label.held", inst["id"])] == [MALLORY]
+
+
+def test_attack_gcp_a_taggers_late_entry_approves_no_later_move_by_another(
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pub/Sub does not order deliveries, and a 503 while Cloud Logging lags puts an entry minutes
+    behind later calls. The tagger sets ``role=jumpbox`` (its entry delivered late), then moves
+    the VM back to web; Mallory (not a tagger) then sets jumpbox: held, and she is named. The
+    tagger's genuine, unspent entry arriving last approves nothing: Cloud Logging lists a later
+    call on the VM that set another role. So on a second VM, where the late entry arrives before
+    Mallory's; and with secure tags. The tagger's own later call still approves."""
+    monkeypatch.setattr(ingest_module, "LOGGING_LAG", 0.0)
+    ingest = GcpIngest(wiring, gcp_config(gcp, LabelSource.LABELS))
+    prod_web = {"ringfence-role": "web", "ringfence-app": "ordering", "ringfence-env": "prod"}
+    jump = {**prod_web, "ringfence-role": "jumpbox"}
+
+    def held_and_named(inst: dict[str, Any]) -> None:
+        rec = wiring.store.get(inst["id"])
+        assert rec is not None and rec.labels["role"] == "web", "Mallory's move approved by the tagger's undone call"
+        assert rec.workload.held_labels is not None
+        assert [a.principal for a in audits(wiring, "label.held", inst["id"])] == [MALLORY]
+        assert not audits(wiring, "label.approve", inst["id"])
+
+    for ip, late_first in (("10.20.2.50", False), ("10.20.2.51", True)):
+        inst = gcp.add_instance(PROJECT, ZONE, vm_name(), [ip], labels=prod_web)
+        deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", inst))
+        late = logged(gcp, set_labels(gcp, inst, jump))  # the tagger; its delivery is delayed
+        undo = logged(gcp, set_labels(gcp, inst, prod_web))  # the tagger moves it back
+        mallory = logged(gcp, set_labels(gcp, inst, jump, principal=MALLORY))
+        order = [late, mallory, undo] if late_first else [mallory, undo, late]
+        for entry in order:
+            status, body = post(ingest, push_body(entry), push_token(gcp))
+            assert status == 200, body
+        held_and_named(inst)
+        [stale] = [
+            a for a in audits(wiring, "label.unconfirmed", inst["id"]) if a.detail["event_id"] == late["insertId"]
+        ]
+        assert "later call on the VM" in stale.reason and undo["insertId"] in stale.reason
+
+    # secure tags: the tagger binds jumpbox, then web; Mallory binds jumpbox; the first arrives last
+    ingest = GcpIngest(wiring, gcp_config(gcp))
+    inst = web_vm(gcp, "10.20.2.52")
+    deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", inst))
+    late = bind_tag_as(gcp, TAGGER, inst, "ringfence-role", "jumpbox")
+    undo = bind_tag_as(gcp, TAGGER, inst, "ringfence-role", "web")
+    for entry in (bind_tag_as(gcp, MALLORY, inst, "ringfence-role", "jumpbox"), undo, late):
+        status, body = post(ingest, push_body(entry), push_token(gcp))
+        assert status == 200, body
+    held_and_named(inst)
+
+    # the tagger's own call after Mallory's (binding the value again) is what the VM carries: approved
+    deliver(gcp, ingest, bind_tag_as(gcp, TAGGER, inst, "ringfence-role", "jumpbox"))
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.labels["role"] == "jumpbox" and rec.workload.held_labels is None
 
 
 def test_attack_gcp_a_genuine_finding_replayed_quarantines_once(

@@ -11,7 +11,9 @@ what is tested is the SDK's wire format, not a mock of it. It implements only wh
 * Cloud Logging v2: ``entries:list`` over the entries written with :meth:`GcpApi.write_log` (the
   audit entries :mod:`ringfence.local.gcp_events` builds for the changes made here), for
   ``resourceNames`` ``projects/P`` and a filter of ``AND``-joined comparisons of ``logName``,
-  ``insertId`` and ``timestamp`` (what Ringfence sends; anything else is refused with 400);
+  ``insertId``, ``timestamp``, ``operation.id``, ``resource.labels.instance_id`` and
+  ``protoPayload.resourceName`` (``:``, has-substring, for the last) (what Ringfence sends;
+  anything else is refused with 400);
 * the GCE metadata server's identity token path, for one VM (:meth:`GcpApi.serve_metadata_as`);
 * Google's OAuth2 certificate endpoint (``/oauth2/v3/certs``, a JWKS) for a local signing key,
   with :meth:`GcpApi.sign_token` minting RS256 tokens shaped like Google's (instance identity
@@ -519,7 +521,10 @@ IDENTITY_PATH = "/computeMetadata/v1/instance/service-accounts/default/identity"
 _COMPUTE = re.compile(r"^/compute/v1/projects/(?P<project>[^/]+)/(?P<rest>.+)$")
 
 
-_TERM = re.compile(r'\s*(logName|insertId|timestamp|operation\.id)\s*(>=|<=|=|>|<)\s*"((?:[^"\\]|\\.)*)"\s*')
+_TERM = re.compile(
+    r"\s*(logName|insertId|timestamp|operation\.id|resource\.labels\.instance_id|protoPayload\.resourceName)"
+    r'\s*(>=|<=|=|>|<|:)\s*"((?:[^"\\]|\\.)*)"\s*'
+)
 _AND = re.compile(r"AND\b")
 
 
@@ -539,7 +544,8 @@ def _log_filter(text: str) -> list[tuple[str, str, str]]:
         if not t:
             raise _HttpError(
                 400,
-                f"unsupported filter at {text[pos:]!r} (the stand-in knows logName, insertId, timestamp, operation.id)",
+                f"unsupported filter at {text[pos:]!r} (the stand-in knows logName, insertId, timestamp, operation.id, "
+                "resource.labels.instance_id, protoPayload.resourceName)",
                 "INVALID_ARGUMENT",
             )
         terms.append((t[1], t[2], re.sub(r"\\(.)", r"\1", t[3])))
@@ -561,13 +567,18 @@ def _matches(entry: Mapping[str, Any], name: str, op: str, value: str) -> bool:
             have = _when(str(entry.get("timestamp", "")))
         except _HttpError:
             return False  # a stored entry without a time matches no time
+        if op == ":":
+            raise _HttpError(400, "timestamp is not compared with : here", "INVALID_ARGUMENT")
         return {"=": have == want, ">=": have >= want, "<=": have <= want, ">": have > want, "<": have < want}[op]
+    have_field: Any = entry
+    for part in name.split("."):  # a dotted path into the entry (operation.id, resource.labels.…)
+        have_field = have_field.get(part) if isinstance(have_field, Mapping) else None
+    text = "" if have_field is None or isinstance(have_field, Mapping | list) else str(have_field)
+    if op == ":" and name == "protoPayload.resourceName":
+        return value in text
     if op != "=":
         raise _HttpError(400, f"{name} is compared with = only here", "INVALID_ARGUMENT")
-    if name == "operation.id":
-        operation = entry.get("operation")
-        return isinstance(operation, Mapping) and str(operation.get("id", "")) == value
-    return str(entry.get(name, "")) == value
+    return text == value
 
 
 class _HttpError(Exception):

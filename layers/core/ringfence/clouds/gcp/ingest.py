@@ -14,7 +14,9 @@ the message, and anyone who may publish to the topic can put any principal in it
 would approve a move (an allowed tagger's call setting a privileged value) is read back from Cloud
 Logging (:meth:`GcpIngest.confirm`) and the caller and request *as logged* decide; an entry that
 cannot be confirmed approves nothing (the move is held) and is audited (``label.unconfirmed``).
-Every other entry approves nothing anyway and is not read back.
+Every other entry approves nothing anyway and is not read back. Deliveries are not ordered: a
+tagger's entry approves only while Cloud Logging lists no later call on the VM that may have
+undone its move (:meth:`GcpIngest._changed_since`), read in the same listing as the entry.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from .auditlog import Action, GcpEvent, log_entry, parse
 from .config import GcpConfig
 from .instances import DEFAULT_PREFIX, SOURCE_TAG, Instances, LabelSource, SecureTag, canonical_tags, now, tombstone
 from .instances import to_record as instance_record
-from .logread import AuditLogReader, activity_log_project
+from .logread import WINDOW, AuditLogReader, activity_log_project
 from .oidc import OidcVerifier, TokenError
 
 log = logging.getLogger("ringfence.gcp")
@@ -57,6 +59,9 @@ LOGGING_LAG = 120.0
 # between Google's entry timestamps and this clock: an observation closer to a call than this may
 # already show what the call set
 CLOCK_SKEW = 5.0
+
+
+Listing = tuple[list[dict[str, Any]], bool]  # log entries about a VM, and whether that is all of them
 
 
 class UnknownProject(MalformedEvent):
@@ -203,7 +208,8 @@ class GcpIngest:
                 # it set no privileged value: whoever called, a move it did not make is not theirs
                 change = TagChange(None, change.requested)
             else:
-                change, spend = self.confirm(project, said, change, approving=approving, entry=first_logged)
+                vm = observed[0].id if observed else None
+                change, spend = self.confirm(project, said, change, approving=approving, entry=first_logged, vm=vm)
                 read_log = True
         if read_log:
             # Cloud Logging was read (with retries, maybe): an observation from before the read
@@ -313,6 +319,7 @@ class GcpIngest:
         *,
         approving: bool = True,
         entry: dict[str, Any] | None = None,
+        vm: str | None = None,
     ) -> tuple[TagChange, str | None]:
         """The change as Cloud Logging has it: the entry ``said`` (pushed, its principal a tagger's,
         or with ``approving`` False one :meth:`would_blame`) read back by its log, ``insertId`` and
@@ -324,7 +331,13 @@ class GcpIngest:
         names its caller once (replayed within the hour while the move is still held, it would
         quarantine again a VM an operator has released). A Logging API that cannot be read raises
         (the push is answered 503 and redelivered). ``entry``: ``said`` as Cloud Logging has it,
-        read already (:meth:`_first_from_log`), so not read again."""
+        read already (:meth:`_first_from_log`), so not read again. An approval is confirmed only
+        while Cloud Logging has no later change of the VM ``vm`` (its id) that may have undone
+        it (:meth:`_changed_since`)."""
+        listing: Listing | None = None
+        if approving and entry is None and (listing := self._about_vm(project, said, vm)) is not None:
+            # one read for both: the entry itself, and what was done to the VM since
+            entry = next((e for e in listing[0] if e.get("insertId") == said.event_id), None)
         logged, why = self._read_back(project, said, entry)
         if logged is not None:
             same = (logged.requested, logged.tag_value_ids) == (said.requested, said.tag_value_ids)
@@ -333,11 +346,14 @@ class GcpIngest:
                 # one entry decides once: replayed within the hour (after its move was undone and
                 # the value set again by someone else) it is what a replay is, and decides nothing
                 spend = _spent(said) if approving else _blamed(said)
-                if not self.w.store.claimed(spend):
+                if self.w.store.claimed(spend):
+                    why = f"this entry has {'approved a move' if approving else 'named its caller'} already: a replay decides nothing"
+                    logged = None
+                elif approving and (why := self._changed_since(project, said, change, vm, listing)):
+                    logged = None
+                else:
                     self.metric("ApprovalsConfirmed" if approving else "AttributionsConfirmed", 1)
                     return change, spend
-                why = f"this entry has {'approved a move' if approving else 'named its caller'} already: a replay decides nothing"
-                logged = None
             else:
                 why = (
                     f"Cloud Logging has this entry by {logged.principal!r} setting {change.requested}, "
@@ -367,12 +383,114 @@ class GcpIngest:
             return change, None
         # logged as another's call after all: it decides as logged, and only once, like any
         if self.would_approve(change):
+            if self._changed_since(project, said, change, vm, listing):
+                return TagChange(None, None), None
             spend = _spent(said)
         elif self.would_blame(change):
             spend = _blamed(said)
         else:
             return change, None
         return (TagChange(None, None), None) if self.w.store.claimed(spend) else (change, spend)
+
+    def _about_vm(self, project: str, said: GcpEvent, vm: str | None) -> Listing | None:
+        """Cloud Logging's entries about the VM ``vm`` (its id) from ``said``'s time on, in the log
+        ``said`` names (:meth:`AuditLogReader.about_vm`); None where that cannot be asked."""
+        logged_in = activity_log_project(said.log_name)
+        if vm is None or not vm.isdigit() or logged_in is None or logged_in not in self.cfg.projects:
+            return None
+        if said.time is None:
+            return None
+        src = self.cfg.label_source
+        return self.logs.about_vm(
+            logged_in,
+            str(said.log_name),
+            vm,
+            compute=src is not LabelSource.SECURE_TAGS,
+            tags=src is not LabelSource.LABELS,
+            since=said.time - WINDOW,
+        )
+
+    def _changed_since(
+        self, project: str, said: GcpEvent, change: TagChange, vm: str | None, listing: Listing | None = None
+    ) -> str:
+        """Why the tagger's call ``said`` (logged, confirmed) may not be what set the privileged
+        values ``change`` approves, now on the VM ``vm``: Cloud Logging lists a later call on the
+        VM (not of ``said``'s own operation) that set another value of one of those keys, or that
+        may have (its request not logged, a binding named by id, ``instances.update``), or more
+        entries than one page. Pub/Sub does not order deliveries and a 503 while Logging lags
+        delays an entry by minutes: a tagger's move, undone and made again by someone else
+        meanwhile, must not be approved by the tagger's late entry. "" when there is none. A call
+        Logging does not list yet (made within its own lag before this read) is not seen.
+        ``listing``: :meth:`_about_vm`, read already."""
+        if listing is None:
+            listing = self._about_vm(project, said, vm)
+        mapper = self._governed_mapper()
+        if listing is None or mapper is None or vm is None:
+            return "the VM, or the entry's log and time, are not known: a later change cannot be ruled out"
+        # only the privileged values it approves: a later edit of another label undoes nothing
+        moved = {k: v for k, v in (change.requested or {}).items() if self._sets_privileged(mapper, {k: v})}
+        entries, complete = listing
+        firsts = {
+            str(op.get("id")) for e in entries if isinstance(op := e.get("operation"), dict) and op.get("first") is True
+        }
+        for entry in entries:
+            if later := self._later_change(project, entry, said, moved, vm, firsts):
+                return (
+                    f"Cloud Logging has a later call on the VM, {later}: the tagger's call may not be what set it now"
+                )
+        if not complete:
+            return "Cloud Logging has more calls on the VM since than one page: one may have undone this call"
+        return ""
+
+    def _later_change(
+        self, project: str, entry: dict[str, Any], said: GcpEvent, moved: Mapping[str, str], vm: str, firsts: set[str]
+    ) -> str:
+        """What ``entry`` (listed after ``said``) did to the values ``moved`` on the VM ``vm``, when
+        it may have changed one (else "")."""
+        if entry.get("insertId") == said.event_id:
+            return ""
+        payload = entry.get("protoPayload")
+        method = str(payload.get("methodName", "")) if isinstance(payload, dict) else ""
+        try:
+            ev = parse(entry)
+        except MalformedEvent:
+            return f"{entry.get('insertId')!r}, not an audit entry Ringfence reads"
+        if ev is None:
+            # instances.update replaces the whole VM, labels too; other calls (start, stop,
+            # setMetadata, …) change no label
+            return f"{entry.get('insertId')!r} ({method})" if method.endswith("compute.instances.update") else ""
+        if ev.failed or (said.operation and ev.operation == said.operation):
+            return ""  # changed nothing / the tagger's own call
+        if ev.time is not None and said.time is not None and ev.time < said.time:
+            return ""  # before it (the listing starts a little earlier); one at the same time counts
+        if ev.instance != vm:
+            return ""  # another VM, whose id has this one's in it (the listing matches a substring)
+        src = self.cfg.label_source
+        if (ev.action is Action.LABELS and src is LabelSource.SECURE_TAGS) or (
+            ev.action is Action.TAGS and src is LabelSource.LABELS
+        ):
+            return ""  # not a label source here
+        what = f"{ev.event_id!r} by {ev.principal!r} ({ev.method})"
+        requested = ev.requested
+        if ev.action is Action.TAGS and ev.tag_value_ids:
+            # a binding named by id: which key and value, the VM's effective tags say, for a value
+            # it still carries; one it does not is unknown (it may have been the move's undoing)
+            bound = self.bound_by_id(project, ev)
+            if len(bound) < len(ev.tag_value_ids):
+                return what
+            requested = {**(requested or {}), **bound}
+        elif ev.tag_value_ids:
+            return what
+        if requested is None:
+            if not ev.first and ev.operation in firsts:
+                return ""  # the end of a call whose first entry (with its request) is listed too
+            return what  # what it set is not logged here: it may have undone the move
+        tags = self.requested_tags(ev.action, requested) or {}
+        if ev.action is Action.TAGS:  # one binding: only its own key
+            undone = any(k in tags and tags[k] != v for k, v in moved.items())
+        else:  # setLabels (or insert) sends the whole label set
+            undone = any(tags.get(k) != v for k, v in moved.items())
+        return what if undone else ""
 
     def _first_from_log(self, project: str, last: GcpEvent) -> tuple[GcpEvent | None, dict[str, Any] | None]:
         """The first entry of ``last``'s operation as Cloud Logging has it (parsed, and as read),

@@ -19,6 +19,7 @@ from .clients import RETRY, Endpoints
 _ACTIVITY = re.compile(r"^projects/([a-z0-9][a-z0-9.:-]{0,99})/logs/cloudaudit\.googleapis\.com%2Factivity$")
 WINDOW = timedelta(seconds=1)  # the read asks for entries this close to the claimed time
 TIMEOUT = 10.0
+PAGE = 50  # entries about one VM read in one request (:meth:`AuditLogReader.about_vm`)
 
 
 def activity_log_project(log_name: str | None) -> str | None:
@@ -81,8 +82,31 @@ class AuditLogReader:
             last_logged |= op.get("last") is True and entry.get("insertId") == last_insert_id
         return first if last_logged else None
 
+    def about_vm(
+        self, project: str, log_name: str, instance_id: str, *, compute: bool, tags: bool, since: datetime
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """The entries of ``log_name`` about the VM ``instance_id`` written from ``since`` to now,
+        oldest first (with ``compute``, its compute calls, by ``resource.labels.instance_id``; with
+        ``tags``, its Resource Manager tag bindings, whose resource name holds the VM's id), and
+        whether that is all of them (one page each: the caller takes a longer listing as holding
+        a change it cannot see)."""
+        until = datetime.now(UTC)
+        terms = []
+        if compute:
+            terms.append(f"resource.labels.instance_id={quoted(instance_id)}")
+        if tags:
+            terms.append(f"protoPayload.resourceName:{quoted('/instances/' + instance_id)}")
+        found: list[dict[str, Any]] = []
+        complete = True
+        for term in terms:
+            doc = self._entries(project, log_name, term, since, until, "asc", page=PAGE)
+            found += [e for e in doc.get("entries") or [] if isinstance(e, dict)]
+            complete &= not doc.get("nextPageToken")
+        found.sort(key=lambda e: str(e.get("timestamp", "")))
+        return found, complete
+
     def _entries(
-        self, project: str, log_name: str, term: str, since: datetime, until: datetime, order: str
+        self, project: str, log_name: str, term: str, since: datetime, until: datetime, order: str, page: int = 10
     ) -> dict[str, Any]:
         """One page of ``log_name``'s entries matching ``term``, written from ``since`` to a
         second after ``until``."""
@@ -98,7 +122,7 @@ class AuditLogReader:
             "resourceNames": [f"projects/{project}"],
             "filter": flt,
             "orderBy": f"timestamp {order}",
-            "pageSize": 10,
+            "pageSize": page,
         }
         return RETRY(self._list)(body)
 
