@@ -692,6 +692,66 @@ def test_attack_gcp_a_taggers_late_entry_approves_no_later_move_by_another(
     assert rec is not None and rec.labels["role"] == "jumpbox" and rec.workload.held_labels is None
 
 
+def test_attack_gcp_a_published_copy_of_an_entry_on_another_vm_spends_nothing_of_it(
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An entry decided without a Logging read (nothing privileged moves on its VM) is spent, so
+    that replayed later it decides nothing. Whoever may publish copies a genuine entry, its
+    insertId kept, onto a decoy VM where nothing moves, before the sink's push (or its
+    redelivery) arrives: the copy must spend nothing of the genuine entry. Mallory's own move
+    is still a finding naming her, the tagger's move is still approved, and a split call's last
+    entry still reads its first from Cloud Logging."""
+    monkeypatch.setattr(ingest_module, "LOGGING_LAG", 0.0)
+    ingest = GcpIngest(wiring, gcp_config(gcp, LabelSource.LABELS))
+    prod_web = {"ringfence-role": "web", "ringfence-app": "ordering", "ringfence-env": "prod"}
+    jump = {**prod_web, "ringfence-role": "jumpbox"}
+    method = "v1.compute.instances.setLabels"
+
+    def vm(ip: str) -> dict[str, Any]:
+        inst = gcp.add_instance(PROJECT, ZONE, vm_name(), [ip], labels=prod_web)
+        deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", inst))
+        return inst
+
+    def copy_onto(entry: dict[str, Any], target: dict[str, Any], decoy: dict[str, Any]) -> None:
+        forged = copy.deepcopy(entry)  # published to the topic, not logged
+        forged["resource"]["labels"]["instance_id"] = decoy["id"]
+        payload = forged["protoPayload"]
+        payload["resourceName"] = payload["resourceName"].replace(target["name"], decoy["name"])
+        payload["response"]["targetId"] = decoy["id"]
+        status, body = post(ingest, push_body(forged), push_token(gcp))
+        assert status == 200, body
+
+    def held_by(inst: dict[str, Any]) -> list[str | None]:
+        return [a.principal for a in audits(wiring, "label.held", inst["id"])]
+
+    # Mallory's move: her genuine entry, pre-empted by a copy on her decoy, still names her
+    target, decoy = vm("10.20.2.60"), vm("10.20.2.61")
+    genuine = logged(gcp, set_labels(gcp, target, jump, principal=MALLORY))
+    copy_onto(genuine, target, decoy)
+    deliver(gcp, ingest, genuine)
+    rec = wiring.store.get(target["id"])
+    assert rec is not None and rec.workload.held_labels is not None
+    assert held_by(target) == [MALLORY], "Mallory's finding was spent by a copy on another VM"
+
+    # the tagger's move: still approved
+    target, decoy = vm("10.20.2.62"), vm("10.20.2.63")
+    genuine = logged(gcp, set_labels(gcp, target, jump))
+    copy_onto(genuine, target, decoy)
+    deliver(gcp, ingest, genuine)
+    rec = wiring.store.get(target["id"])
+    assert rec is not None and rec.labels["role"] == "jumpbox" and rec.workload.held_labels is None
+
+    # a split call whose first entry went to another process: its last, copied first, still
+    # reads the first from Cloud Logging and names her
+    target, decoy = vm("10.20.2.64"), vm("10.20.2.65")
+    op = f"operation-split-{target['id']}"
+    gcp.write_log(set_labels(gcp, target, jump, principal=MALLORY, operation=op, last=False))
+    last = logged(gcp, audit_entry(method, target, principal=MALLORY, operation=op, first=False))
+    copy_onto(last, target, decoy)
+    deliver(gcp, ingest, last)
+    assert held_by(target) == [MALLORY], "the split call's last entry was spent by a copy on another VM"
+
+
 def test_attack_gcp_a_genuine_finding_replayed_quarantines_once(
     gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -21,6 +21,8 @@ undone its move (:meth:`GcpIngest._changed_since`), read in the same listing as 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
 import time
@@ -725,17 +727,28 @@ def _changed(
     return {k: v for k, v in requested.items() if seen.get(k) != v}
 
 
+def _entry_key(entry: GcpEvent) -> str:
+    """An entry as a claim names it: its log and ``insertId`` with the VM and operation it is
+    about, hashed (all of it pushed, of any length). An entry decided without a read spends
+    claims from what was pushed: by ``insertId`` alone, a published copy of a genuine entry naming
+    another VM, where nothing moves, spent the genuine one's decision before it arrived. A copy
+    that names the genuine entry's VM and operation is the genuine entry; one that names others
+    is not what Cloud Logging has, so it confirms nothing when read back."""
+    about = [entry.log_name, entry.event_id, entry.instance, entry.operation]
+    return hashlib.sha256(json.dumps(about).encode()).hexdigest()
+
+
 def _decided(last: GcpEvent) -> str:
     """The claim a split call's last entry leaves when it decided without reading its first (by
     its own insertId: a forged "last" entry of the operation spends nothing of the genuine one)."""
-    return f"decided-last#{last.event_id}"
+    return f"decided-last#{_entry_key(last)}"
 
 
 def _spent(entry: GcpEvent) -> str:
     """The claim an audit entry's approval leaves (:meth:`GcpIngest.apply`)."""
-    return f"confirmed#{entry.event_id}"
+    return f"confirmed#{_entry_key(entry)}"
 
 
 def _blamed(entry: GcpEvent) -> str:
     """The claim an audit entry's finding leaves (:meth:`GcpIngest.apply`)."""
-    return f"blamed#{entry.event_id}"
+    return f"blamed#{_entry_key(entry)}"
