@@ -231,7 +231,8 @@ def test_labels_as_source_a_forged_first_entry_of_an_operation_approves_nothing(
     gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """setLabels logs its request on the operation's first entry: a forged first entry naming the
-    tagger, then the genuine last entry of Mallory's call, approves nothing."""
+    tagger, then the genuine last entry of Mallory's call, approves nothing: the first entry as
+    logged decides, and names her."""
     monkeypatch.setattr(ingest_module, "LOGGING_LAG", 0.0)  # past the wait for Logging to list it
     ingest = GcpIngest(wiring, gcp_config(gcp, LabelSource.LABELS))
     prod_web = {"ringfence-role": "web", "ringfence-app": "ordering", "ringfence-env": "prod"}
@@ -250,7 +251,37 @@ def test_labels_as_source_a_forged_first_entry_of_an_operation_approves_nothing(
     rec = wiring.store.get(inst["id"])
     assert rec is not None and rec.labels["role"] == "web" and rec.workload.held_labels is not None
     assert not audits(wiring, "label.approve", inst["id"])
-    assert audits(wiring, "label.unconfirmed", inst["id"])
+    [unconfirmed] = audits(wiring, "label.unconfirmed", inst["id"])
+    assert unconfirmed.detail["event_id"] == forged_first["insertId"]
+    assert [a.principal for a in audits(wiring, "label.held", inst["id"])] == [MALLORY]
+
+
+def test_attack_gcp_a_forged_first_entry_of_her_own_call_does_not_stand_for_the_genuine_one(
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mallory's setLabels returns her its operation id. Before the sink's push she publishes a
+    "first" entry of that operation saying she re-sent the labels unchanged; the first entry seen
+    stays, so Google's first, arriving next, is ignored. When her call's last entry arrives, the
+    VM moves into jumpbox: the first entry as Cloud Logging has it decides, and names her."""
+    monkeypatch.setattr(ingest_module, "LOGGING_LAG", 0.0)
+    ingest = GcpIngest(wiring, gcp_config(gcp, LabelSource.LABELS))
+    prod_web = {"ringfence-role": "web", "ringfence-app": "ordering", "ringfence-env": "prod"}
+    inst = gcp.add_instance(PROJECT, ZONE, vm_name(), ["10.20.2.66"], labels=prod_web)
+    deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", inst))
+    op, method = f"operation-mallory-{inst['id']}", "v1.compute.instances.setLabels"
+    jump = {**prod_web, "ringfence-role": "jumpbox"}
+    genuine_first = logged(gcp, set_labels(gcp, inst, jump, principal=MALLORY, operation=op, last=False))
+    genuine_last = logged(gcp, audit_entry(method, inst, principal=MALLORY, operation=op, first=False))
+    unchanged = {"labels": [{"key": k, "value": v} for k, v in prod_web.items()]}
+    forged_first = audit_entry(method, inst, principal=MALLORY, operation=op, last=False, request=unchanged)
+    for entry in (forged_first, genuine_first, genuine_last):
+        status, body = post(ingest, push_body(entry), push_token(gcp))
+        assert status == 200, body
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.labels["role"] == "web" and rec.workload.held_labels is not None
+    assert [a.principal for a in audits(wiring, "label.held", inst["id"])] == [MALLORY], "her forged first hid her"
+    [unconfirmed] = audits(wiring, "label.unconfirmed", inst["id"])
+    assert unconfirmed.detail["event_id"] == forged_first["insertId"]
 
 
 def test_attack_gcp_forged_last_entry_cannot_carry_a_taggers_call_to_another_vm(

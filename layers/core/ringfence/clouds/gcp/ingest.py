@@ -6,8 +6,10 @@ call set, which decide a move into a privileged label value (:mod:`ringfence.gov
 same as AWS): the principal is ``protoPayload.authenticationInfo.principalEmail``.
 
 Long-running operations log a first entry (with the request) and a last one (done): the first is
-remembered by operation id, the last acts. When the first was never seen by this process (another
-function instance took it), the change is unattributed: a privileged move is held, never approved.
+remembered by operation id, the last acts. Where a privileged move on the VM makes who called
+matter, the operation's first entry as Cloud Logging has it decides (the one remembered is only
+what was pushed, and another function instance may have taken it); without one, the change is
+unattributed: a privileged move is held, never approved.
 
 A pushed entry is only as good as whoever published it: the push token proves the subscription, not
 the message, and anyone who may publish to the topic can put any principal in it. So an entry that
@@ -187,19 +189,25 @@ class GcpIngest:
             self._spend_unread(ev, said)
             return changed
         first_logged: dict[str, Any] | None = None
-        read_log = said is None and bool(ev.operation) and not ev.first
+        read_log = said is not ev  # a split call's last entry
         if read_log:
-            said, first_logged = self._first_from_log(project, ev)
+            # a first entry held here is only what was pushed: whoever may publish can push a
+            # "first" of their own operation (its id is what their call returned) saying it set
+            # nothing privileged, or naming another caller, before Google's arrives, and the first
+            # seen stays. Where a privileged move makes who called matter, the operation's first
+            # entry as logged decides (one read, which lists this last entry as logged too, so a
+            # forged successful end of a failed call decides nothing either)
+            pushed, (said, first_logged) = said, self._first_from_log(project, ev)
+            if pushed is not None and (said is None or _said(pushed) != _said(said)):
+                why = "Cloud Logging has another first entry of the operation" if said else "it is not logged"
+                claimed = TagChange(pushed.principal, self.requested_tags(pushed.action, pushed.requested))
+                self._unconfirmed(project, pushed, claimed, f"the pushed first entry decides nothing: {why}")
         spend: str | None = None
         if said is None:
             change = TagChange(None, None)  # unattributed: approves nothing and blames nobody
         else:
             change = TagChange(said.principal, self.said_tags(project, said))
             approving = self.would_approve(change)
-            if approving and said is not ev and first_logged is None and not self._last_logged(project, ev):
-                # the first entry held here says a tagger's call, but this "last" one was pushed:
-                # only a logged, successful end of that call lets the first approve anything
-                change, approving = TagChange(None, None), False
             if not approving and said.action is Action.LABELS and observed:
                 # setLabels sends the whole label set: a non-tagger answers only for the values
                 # the call changed from what the VM was seen with before it (a privileged value
@@ -237,16 +245,6 @@ class GcpIngest:
             self.w.store.claim_once(_blamed(said), ttl)
         if said is None and ev.operation and not ev.first:
             self.w.store.claim_once(_decided(ev), ttl)
-
-    def _last_logged(self, project: str, last: GcpEvent) -> bool:
-        """Cloud Logging has ``last`` as pushed: the successful end of its operation (a Logging
-        API that cannot be read raises, and the push is redelivered)."""
-        logged, why = self._read_back(project, last)
-        if logged is None or not logged.last:
-            log.warning("%s/%s: last entry %s not confirmed: %s", last.zone, last.instance, last.event_id, why)
-            self.metric("UnconfirmedApprovals", 1)
-            return False
-        return True
 
     def _moves_privileged(self, observed: list[InventoryRecord], stored: Mapping[str, InventoryRecord]) -> bool:
         """Some VM observed moves a label into a privileged value not in force (under governed
@@ -363,23 +361,12 @@ class GcpIngest:
                 )
         if logged is None:
             change = TagChange(None, None)
-        log.warning("%s/%s: audit entry %s not confirmed: %s", said.zone, said.instance, said.event_id, why)
         self.metric("UnconfirmedApprovals" if approving else "UnconfirmedAttributions", 1)
-        self.w.audit(
-            AuditRecord(
-                principal=GOVERNANCE_PRINCIPAL,
-                action="label.unconfirmed",
-                target=said.instance,
-                detail={
-                    "claimed_principal": claimed.principal,
-                    "requested": dict(claimed.requested or {}),
-                    "event_id": said.event_id,
-                    "log_name": said.log_name,
-                    "time": said.time.isoformat() if said.time else None,
-                    "project": project,
-                },
-                reason=f"the pushed audit entry {'approves nothing' if approving else 'names nobody'}: {why}",
-            )
+        self._unconfirmed(
+            project,
+            said,
+            claimed,
+            f"the pushed audit entry {'approves nothing' if approving else 'names nobody'}: {why}",
         )
         if logged is None:
             return change, None
@@ -393,6 +380,26 @@ class GcpIngest:
         else:
             return change, None
         return (TagChange(None, None), None) if self.w.store.claimed(spend) else (change, spend)
+
+    def _unconfirmed(self, project: str, said: GcpEvent, claimed: TagChange, reason: str) -> None:
+        """Audit (``label.unconfirmed``) a pushed entry that decides nothing as pushed."""
+        log.warning("%s/%s: audit entry %s not confirmed: %s", said.zone, said.instance, said.event_id, reason)
+        self.w.audit(
+            AuditRecord(
+                principal=GOVERNANCE_PRINCIPAL,
+                action="label.unconfirmed",
+                target=said.instance,
+                detail={
+                    "claimed_principal": claimed.principal,
+                    "requested": dict(claimed.requested or {}),
+                    "event_id": said.event_id,
+                    "log_name": said.log_name,
+                    "time": said.time.isoformat() if said.time else None,
+                    "project": project,
+                },
+                reason=reason,
+            )
+        )
 
     def _about_vm(self, project: str, said: GcpEvent, vm: str | None) -> Listing | None:
         """Cloud Logging's entries about the VM ``vm`` (its id) from ``said``'s time on, in the log
@@ -725,6 +732,11 @@ def _changed(
         return dict(requested)
     seen = stored.workload.tags
     return {k: v for k, v in requested.items() if seen.get(k) != v}
+
+
+def _said(entry: GcpEvent) -> tuple[object, ...]:
+    """What an entry says decides: which entry, who called and what the call set."""
+    return (entry.log_name, entry.event_id, entry.principal, entry.requested, entry.tag_value_ids)
 
 
 def _entry_key(entry: GcpEvent) -> str:
