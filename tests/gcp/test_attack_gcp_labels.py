@@ -211,9 +211,12 @@ def test_attack_gcp_forged_audit_entry_naming_a_tagger_approves_nothing(
 
 
 def test_a_tagger_entry_cloud_logging_has_but_logged_long_ago_approves_nothing(
-    gcp: GcpApi, wiring: LocalWiring
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A genuine tagger's entry published again later (a replay) approves no move made since."""
+    # the VM, observed at its insert now without the value, says so too: left aside, to show the
+    # age rule on its own
+    monkeypatch.setattr(ingest_module, "SETTLED", 10.0**9)
     ingest = GcpIngest(wiring, gcp_config(gcp))
     inst = web_vm(gcp, "10.20.2.20")
     deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", inst))
@@ -721,6 +724,39 @@ def test_attack_gcp_a_taggers_late_entry_approves_no_later_move_by_another(
     deliver(gcp, ingest, bind_tag_as(gcp, TAGGER, inst, "ringfence-role", "jumpbox"))
     rec = wiring.store.get(inst["id"])
     assert rec is not None and rec.labels["role"] == "jumpbox" and rec.workload.held_labels is None
+
+
+def test_attack_gcp_a_taggers_late_entry_approves_nothing_where_the_vm_was_seen_undone(
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cloud Logging may not list the calls made since a late entry yet (its own lag): the VM as
+    Ringfence last saw it says something too. The tagger sets ``role=jumpbox`` (its entry
+    delivered late) and moves the VM back to web, which a scheduled pass sees; Mallory then sets
+    jumpbox, and neither call is listed yet. The tagger's late entry approves nothing, with no
+    Logging read; Mallory's entry, once listed, names her."""
+    monkeypatch.setattr(ingest_module, "LOGGING_LAG", 0.0)
+    monkeypatch.setattr(ingest_module, "SETTLED", 0.0)  # the pass runs well after the call
+    ingest = GcpIngest(wiring, gcp_config(gcp, LabelSource.LABELS))
+    prod_web = {"ringfence-role": "web", "ringfence-app": "ordering", "ringfence-env": "prod"}
+    jump = {**prod_web, "ringfence-role": "jumpbox"}
+    inst = gcp.add_instance(PROJECT, ZONE, vm_name(), ["10.20.2.53"], labels=prod_web)
+    deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", inst))
+    late = logged(gcp, set_labels(gcp, inst, jump))
+    undo = set_labels(gcp, inst, prod_web)  # not listed yet
+    ingest.sync(PROJECT)
+    mallory = set_labels(gcp, inst, jump, principal=MALLORY)  # not listed yet
+    calls = len(gcp.calls)
+    status, body = post(ingest, push_body(late), push_token(gcp))
+    assert status == 200, body
+    assert reads(gcp, calls) == 0
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.labels["role"] == "web" and rec.workload.held_labels is not None
+    assert not audits(wiring, "label.approve", inst["id"])
+    [stale] = audits(wiring, "label.unconfirmed", inst["id"])
+    assert stale.detail["event_id"] == late["insertId"] and "seen without" in stale.reason
+    logged(gcp, undo)
+    deliver(gcp, ingest, mallory)
+    assert [a.principal for a in audits(wiring, "label.held", inst["id"])] == [MALLORY]
 
 
 def test_attack_gcp_a_published_copy_of_an_entry_on_another_vm_spends_nothing_of_it(

@@ -63,6 +63,9 @@ LOGGING_LAG = 120.0
 # between Google's entry timestamps and this clock: an observation closer to a call than this may
 # already show what the call set
 CLOCK_SKEW = 5.0
+# an observation this long after a call ended shows what the call set (labels and secure tags
+# applied, clocks apart): one without a value the call set then says the call was undone
+SETTLED = 60.0
 
 
 Listing = tuple[list[dict[str, Any]], bool]  # log entries about a VM, and whether that is all of them
@@ -208,11 +211,17 @@ class GcpIngest:
         else:
             change = TagChange(said.principal, self.said_tags(project, said))
             approving = self.would_approve(change)
+            before = stored.get(observed[0].id) if observed else None
+            if approving and (why := self._seen_undone(said, ev, change, before)):
+                # no Logging read: this process saw the call undone itself (what Logging may not
+                # list yet, if the value was set again since)
+                self.metric("UnconfirmedApprovals", 1)
+                self._unconfirmed(project, said, change, f"the pushed audit entry approves nothing: {why}")
+                change, approving = TagChange(None, None), False
             if not approving and said.action is Action.LABELS and observed:
                 # setLabels sends the whole label set: a non-tagger answers only for the values
                 # the call changed from what the VM was seen with before it (a privileged value
                 # held there already, re-sent with an unrelated edit, is not their move)
-                before = stored.get(observed[0].id)
                 change = TagChange(change.principal, _changed(change.requested, before, said.time))
             if not approving and not self.would_blame(change):
                 # it set no privileged value: whoever called, a move it did not make is not theirs
@@ -380,6 +389,28 @@ class GcpIngest:
         else:
             return change, None
         return (TagChange(None, None), None) if self.w.store.claimed(spend) else (change, spend)
+
+    def _seen_undone(self, said: GcpEvent, ev: GcpEvent, change: TagChange, before: InventoryRecord | None) -> str:
+        """Why the tagger's call ``said`` (ended by ``ev``) is not what set the privileged values
+        ``change`` would approve, from the VM as stored (``before``): observed without one of them
+        :data:`SETTLED` s or more after the call ended, so it was undone, and what the VM carries
+        now was set again since. "" when that is not known."""
+        end = ev.time if said is not ev and ev.time is not None else said.time
+        mapper = self._governed_mapper()
+        if end is None or mapper is None or before is None or before.state == "terminated":
+            return ""
+        if before.observed_at < end.timestamp() + SETTLED:
+            return ""  # it may not have shown the call's values yet
+        seen = before.workload.tags
+        missing = {
+            k: v
+            for k, v in (change.requested or {}).items()
+            if self._sets_privileged(mapper, {k: v}) and seen.get(k) != v
+        }
+        if not missing:
+            return ""
+        after = int(before.observed_at - end.timestamp())
+        return f"the VM was seen without {missing} {after} s after the call: it was undone, and set again since"
 
     def _unconfirmed(self, project: str, said: GcpEvent, claimed: TagChange, reason: str) -> None:
         """Audit (``label.unconfirmed``) a pushed entry that decides nothing as pushed."""
