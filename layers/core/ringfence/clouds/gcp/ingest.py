@@ -201,9 +201,9 @@ class GcpIngest:
             # entry as logged decides (one read, which lists this last entry as logged too, so a
             # forged successful end of a failed call decides nothing either)
             pushed, (said, first_logged) = said, self._first_from_log(project, ev)
-            if pushed is not None and (said is None or _said(pushed) != _said(said)):
-                why = "Cloud Logging has another first entry of the operation" if said else "it is not logged"
+            if pushed is not None and said is not None and _said(pushed) != _said(said):
                 claimed = TagChange(pushed.principal, self.requested_tags(pushed.action, pushed.requested))
+                why = "Cloud Logging has another first entry of the operation"
                 self._unconfirmed(project, pushed, claimed, f"the pushed first entry decides nothing: {why}")
         spend: str | None = None
         if said is None:
