@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ringfence.agentwire import proof_message
-from ringfence.bundlewire import loaded_libcrypto
+from ringfence.bundlewire import key_id_of_raw, loaded_libcrypto
 
 KEY_FILE = "agent-key.pem"
 # DER of an Ed25519 PKCS#8 private key before its 32-byte seed, and of a SubjectPublicKeyInfo
@@ -112,6 +112,17 @@ class AgentKey:
     def __init__(self, seed: bytes) -> None:
         public, self._sign = _signer(seed)
         self.public_pem = _pem("PUBLIC KEY", _SPKI_PREFIX + public)
+        # the id the control plane gives this key: audited with each enrollment, and what an
+        # operator's agent-key reset names (``next_agent_key``) so that only this key binds next
+        self.key_id = key_id_of_raw(public)
+
+    @classmethod
+    def load(cls, state_dir: Path) -> AgentKey | None:
+        """The key in ``state_dir``, None when there is none (never creates one)."""
+        try:
+            return cls(_seed_from_pem((state_dir / KEY_FILE).read_bytes()))
+        except FileNotFoundError:
+            return None
 
     @classmethod
     def load_or_create(cls, state_dir: Path) -> AgentKey:

@@ -88,6 +88,16 @@ def _kernel_digest(backend: str, set_names: list[str]) -> str | None:
         return None
 
 
+def _agent_key_id(state_dir: Path) -> str | None:
+    from ringfence_agent.agentkey import AgentKey
+
+    try:
+        key = AgentKey.load(state_dir)
+    except (ValueError, OSError) as exc:
+        return f"unreadable: {exc}"
+    return key.key_id if key is not None else None
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     state = StateDir(Path(args.state_dir))
     status = state.read_json("status.json")
@@ -105,6 +115,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     lost = kernel is False and expect
     out = {
         "workload_id": state.identity(),
+        "agent_key": _agent_key_id(Path(args.state_dir)),  # its id: what an operator's reset names
         "bundle_version": bundle.version if bundle else None,
         "applied_revision": max([bundle.version, *(d.to_version for d in deltas)]) if bundle else None,
         "policy_version": bundle.policy_version if bundle else None,

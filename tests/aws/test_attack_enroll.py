@@ -373,6 +373,84 @@ def test_attack_agent_key_reset_revokes_the_old_token_and_lets_a_new_key_enroll(
     assert status == 401 and "another agent key" in body["detail"]
 
 
+def test_attack_an_identity_document_replayed_after_a_reset_binds_only_the_key_the_operator_named(env: Env) -> None:
+    """An instance identity document never expires and has no nonce; copies sit in logs and
+    backups. After a reset, whoever first presents one binds their key, unless the operator names
+    the reinstalled agent's key (its id, as audited when that agent's first try was refused)."""
+    from ringfence.control.credentials import agent_key_id
+
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    env.bind(ONBOARDING, ["onboarding"])
+    assert enroll_iid(env, web)[0] == 200
+    copied = iid_document(env, web)  # the document as a log or a backup kept it
+    fresh = AgentKey()  # the reinstalled agent: its first try is refused, and audited with its key id
+    assert enroll_iid(env, web, key=fresh)[0] == 401
+    (refused,) = audits(env, "agent.enroll.refused", web)
+    named = refused.principal.removeprefix("agent-key:")
+    assert named == agent_key_id(fresh.pem)
+    path = f"/admin/workloads/{web}/agent-key"
+    status, _, out = env.rest("admin", "DELETE", path, {"next_agent_key": "not-a-key-id"}, principal=ONBOARDING)
+    assert status == 422 and "next_agent_key" in out["detail"], out
+    assert env.store.agent_key(web) is not None, "a bad request resets nothing"
+    body = {"reason": "CHG-12 root volume replaced", "next_agent_key": named}
+    status, _, out = env.rest("admin", "DELETE", path, body, principal=ONBOARDING)
+    assert status == 200 and out["next_agent_key"] == named, out
+    thief = AgentKey()
+    status, body = enroll_iid(env, web, copied, key=thief)
+    assert status == 401 and "not the one named" in body["detail"], body
+    assert env.store.agent_key(web) is None, "the replayed document bound nothing"
+    assert [r.detail["reason"] for r in audits(env, "agent.enroll.refused", web)][-1] == (
+        "not the agent key the operator's reset named"
+    )
+    status, again = enroll_iid(env, web, key=fresh)
+    assert status == 200 and bundle_status(env, web, again["token"]) == 200, again
+    status, body = enroll_iid(env, web, copied, key=thief)
+    assert status == 401, "and after it, the first binding holds as before"
+    (reset,) = audits(env, "agent-key.reset", web)
+    assert reset.detail["next_agent_key"] == named
+
+
+def test_attack_a_token_renewal_racing_an_agent_key_reset_authorizes_nothing(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent key was stolen; the operator resets it while the thief's renewal is in flight
+    (the renewal checked the key before the reset and writes its token after). Before, that token
+    authorized for its whole lifetime (an independent review won this race 15 times in 20); a
+    token now holds only while the key it was issued under is bound (DynamoDB, as deployed)."""
+    from ringfence.control.agents import AgentApi
+
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    env.bind(ONBOARDING, ["onboarding"])
+    assert enroll_iid(env, web)[0] == 200
+    stolen = agent_key(web)
+    checked, go = threading.Event(), threading.Event()
+    real = AgentApi._not_running
+
+    def paused(self: AgentApi, workload_id: str) -> str | None:
+        checked.set()
+        assert go.wait(30)
+        return real(self, workload_id)
+
+    monkeypatch.setattr(AgentApi, "_not_running", paused)
+    out: dict[str, tuple[int, Any]] = {}
+    renewal = threading.Thread(target=lambda: out.update(renewed=refresh(env, web, stolen)))
+    renewal.start()
+    assert checked.wait(30), "the renewal checked the stolen key"
+    path = f"/admin/workloads/{web}/agent-key"
+    status, _, reset = env.rest("admin", "DELETE", path, {"reason": "key stolen"}, principal=ONBOARDING)
+    assert status == 200 and reset["agent_key_dropped"], reset
+    go.set()
+    renewal.join(30)
+    status, body = out["renewed"]
+    assert status == 401 and "was reset" in body["detail"], body
+    assert not audits(env, "token.refresh", web), "no token issued"
+    fresh = AgentKey()  # the instance's agent, reinstalled
+    status, again = enroll_iid(env, web, key=fresh)
+    assert status == 200 and bundle_status(env, web, again["token"]) == 200, again
+
+
 def test_attack_reader_or_incident_responder_cannot_reset_an_agent_key(env: Env) -> None:
     est = boot(env)
     web = est["ids"]["web"][0]

@@ -27,6 +27,7 @@ from ringfence.store.base import (
     DeltaPointer,
     EngineHead,
     GovernanceMoved,
+    Grant,
     InventoryRecord,
     PolicyVersion,
     Store,
@@ -151,7 +152,7 @@ def test_a_file_opened_by_this_release_counts_offline_flips_whatever_trigger_it_
         before = st.inventory_generation()
         st.set_liveness(WID, offline=True)
         assert st.inventory_generation() != before
-        assert st._db().execute("PRAGMA user_version").fetchone()[0] == 2
+        assert st._db().execute("PRAGMA user_version").fetchone()[0] == 3
         assert st.integrity_check() == "ok"
     finally:
         st.close()
@@ -361,6 +362,69 @@ def test_agent_key_first_binding_wins_unless_replaced(store: Store) -> None:
     assert store.bind_agent_key("w", "K3", replace=True) == "K3"
     store.drop_agent_key("w")
     assert store.agent_key("w") is None
+
+
+def test_a_token_holds_only_while_the_agent_key_it_was_issued_under_is_bound(store: Store) -> None:
+    """An operator's reset (the key dropped) or a rebinding ends every token issued under the old
+    key, including one written after the reset by a renewal that checked the key before it."""
+    from ringfence.control.credentials import agent_key_id
+    from tests.aws.test_pipeline import AgentKey
+
+    first, second = AgentKey(), AgentKey()
+    store.bind_agent_key("w1", first.pem)
+    store.put_token("t1", "w1", 60, agent_key=agent_key_id(first.pem))
+    assert store.token_workload("t1") == "w1" and store.token_grant("t1", "w1").workload_id == "w1"
+    store.drop_agent_key("w1")  # the reset
+    store.put_token("t2", "w1", 60, agent_key=agent_key_id(first.pem))  # the renewal in flight
+    assert store.token_workload("t2") is None and store.token_grant("t2", "w1") == Grant(None)
+    store.bind_agent_key("w1", second.pem)  # the reinstalled agent enrolls
+    assert store.token_workload("t2") is None, "nor under the next key"
+    store.put_token("t3", "w1", 60, agent_key=agent_key_id(second.pem))
+    assert store.token_grant("t3", "w1").workload_id == "w1"
+    store.bind_agent_key("w1", first.pem, replace=True)  # an operator-issued pairing rebinds
+    assert store.token_workload("t3") is None
+    # issued without a key (a pairing without one): good only while no key is bound
+    store.put_token("t4", "w2", 60)
+    assert store.token_workload("t4") == "w2"
+    store.bind_agent_key("w2", second.pem)
+    assert store.token_workload("t4") is None and store.token_grant("t4", "w2") == Grant(None)
+
+
+def test_drop_pairings_revokes_every_key_of_that_workload_only(store: Store) -> None:
+    store.put_pairing("a", "w", uses=2, ttl=60)
+    store.put_pairing("b", "w", uses=1, ttl=60)
+    store.put_pairing("spent", "w", uses=1, ttl=60)
+    assert store.use_pairing("spent", "w")
+    store.put_pairing("gone", "w", uses=1, ttl=-1)
+    store.put_pairing("theirs", "other", uses=1, ttl=60)
+    assert store.drop_pairings("w") == 2, "the keys that could still enroll"
+    assert not any(store.use_pairing(k, "w") for k in ("a", "b", "spent", "gone"))
+    assert store.drop_pairings("w") == 0
+    assert store.use_pairing("theirs", "other"), "another workload's key is untouched"
+
+
+def test_a_version_2_sqlite_token_holds_until_it_expires(tmp_path: Path) -> None:
+    """A token written by the previous release (schema 2: tokens record no agent key) still
+    authorizes after the upgrade, until it expires: agents are not all sent to renew at once."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    SqliteStore(path).close()
+    db = sqlite3.connect(path)
+    db.executescript(
+        "BEGIN; DROP TABLE token; CREATE TABLE token (hash TEXT PRIMARY KEY, workload_id TEXT NOT NULL,"
+        " expires REAL NOT NULL); INSERT INTO token VALUES ('old', 'w1', 9e12); PRAGMA user_version = 2; COMMIT;"
+    )
+    db.close()
+    st = SqliteStore(path)
+    try:
+        assert st._db().execute("PRAGMA user_version").fetchone()[0] == 3
+        assert st.token_workload("old") == "w1"
+        st.put_token("new", "w1", 60, agent_key="")
+        assert st.token_workload("new") == "w1" and st.token_workload("old") is None
+        assert st.integrity_check() == "ok"
+    finally:
+        st.close()
 
 
 def test_pairing_key_enrolls_only_its_workload_a_limited_number_of_times(store: Store) -> None:
@@ -714,7 +778,7 @@ def test_a_version_1_sqlite_file_gains_the_governance_version(tmp_path: Path) ->
         assert got is not None and got.governed_rev == 0 and got.workload.tags == {"ringfence:env": "prod"}
         assert st.observe(_granted(2.0, {"role": "jumpbox"}, got), previous=got) is False
         assert st.get(WID).governed_rev == 1  # type: ignore[union-attr]
-        assert st._db().execute("PRAGMA user_version").fetchone()[0] == 2
+        assert st._db().execute("PRAGMA user_version").fetchone()[0] == 3
         assert st.integrity_check() == "ok"
     finally:
         st.close()

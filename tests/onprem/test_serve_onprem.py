@@ -132,6 +132,11 @@ def test_pairing_push_and_a_restart_after_kill_9(server: Server, tmp_path: Path,
         wait_until(lambda: status(state).get("applied_revision"), 30, "the first bundle", log)
         first = status(state)["applied_revision"]
         assert status(state)["workload_id"] == proc
+        # the agent's status names the key the control plane bound (what a reset's next_agent_key names)
+        from ringfence.control.credentials import agent_key_id
+
+        bound = side.agent_key(proc)
+        assert bound is not None and status(state)["agent_key"] == agent_key_id(bound)
         time.sleep(1)  # in its long-poll now
 
         # a change (a new web server registered: a peer of the processing tier) is pushed

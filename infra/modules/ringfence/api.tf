@@ -13,15 +13,16 @@ locals {
     "/v1/agent/{name}"          = ["get"]
   }
   admin_routes = {
-    "/admin/policies"                  = ["post"]
-    "/admin/map"                       = ["get"]
-    "/admin/suggest"                   = ["get"]
-    "/admin/findings"                  = ["get"]
-    "/admin/workloads/{id}/mode"       = ["put"]
-    "/admin/workloads/{id}/labels"     = ["put"]
-    "/admin/workloads/{id}/quarantine" = ["post", "delete"]
-    "/admin/workloads/{id}/agent-key"  = ["delete"]
-    "/admin/pairing-keys"              = ["post"]
+    "/admin/policies"                    = ["post"]
+    "/admin/map"                         = ["get"]
+    "/admin/suggest"                     = ["get"]
+    "/admin/findings"                    = ["get"]
+    "/admin/workloads/{id}/mode"         = ["put"]
+    "/admin/workloads/{id}/labels"       = ["put"]
+    "/admin/workloads/{id}/quarantine"   = ["post", "delete"]
+    "/admin/workloads/{id}/agent-key"    = ["delete"]
+    "/admin/workloads/{id}/pairing-keys" = ["delete"]
+    "/admin/pairing-keys"                = ["post"]
   }
   # GCP audit-log events (Pub/Sub push, Eventarc): their own API, only with var.gcp
   gcp_routes = {

@@ -241,7 +241,8 @@ locals {
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"], resources = [aws_dynamodb_table.state.arn] },
       { actions = ["dynamodb:GetItem", "dynamodb:UpdateItem"], resources = [aws_dynamodb_table.inventory.arn] },
-      # an agent-key reset drops the key binding, the token and the nudge connection
+      # an agent-key reset drops the key binding, the token, the nudge connection and the
+      # workload's pairing keys (found by the Query below)
       { actions = ["dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn] },
       # the dependency map: the running inventory and the flow rows
       { actions = ["dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },

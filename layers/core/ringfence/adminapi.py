@@ -21,6 +21,18 @@ class Reason(_Body):
     reason: str = Field("", max_length=2048, description="why: kept in the audit log")
 
 
+class AgentKeyResetRequest(Reason):
+    next_agent_key: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{16}$",
+        description=(
+            "the key id of the reinstalled agent's new key (its `status`, or the `agent.enroll.refused` "
+            "audit record of its first try): only that key may bind next. Without it, the first "
+            "enrollment that proves the workload's identity binds its key"
+        ),
+    )
+
+
 class ProvisionRequest(Reason):
     files: dict[str, str] = Field(description="policy files: name → YAML text", min_length=1)
 
@@ -120,6 +132,14 @@ class AgentKeyResetResponse(_Body):
     workload_id: str
     agent_key_dropped: str | None = Field(description="the key id of the agent key unbound; null: none was bound")
     token_revoked: bool = Field(description="an active access token was revoked")
+    pairing_keys_revoked: int = Field(description="pairing keys of the workload with uses left, now revoked")
+    next_agent_key: str | None = Field(description="the only key id the next enrollment may bind; null: any")
+    audit_id: str
+
+
+class PairingKeysRevokedResponse(_Body):
+    workload_id: str
+    pairing_keys_revoked: int = Field(description="pairing keys of the workload with uses left, now revoked")
     audit_id: str
 
 

@@ -43,6 +43,7 @@ ACTIONS: dict[str, frozenset[AdminRole]] = {
     "workload.quarantine": frozenset({AdminRole.INCIDENT_RESPONDER}),
     "workload.release": frozenset({AdminRole.INCIDENT_RESPONDER}),
     "pairing.create": frozenset({AdminRole.ONBOARDING}),
+    "pairing.revoke": frozenset({AdminRole.ONBOARDING}),
     "agent-key.reset": frozenset({AdminRole.ONBOARDING}),
     "workload.register": frozenset({AdminRole.ONBOARDING}),
     "workload.import": frozenset({AdminRole.ONBOARDING}),

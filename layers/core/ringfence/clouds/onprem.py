@@ -73,6 +73,7 @@ class OnPremAdmin(Admin):
         stored = self.w.store.get(spec.id)
         existed = stored is not None
         rec = self._record(spec.workload(), time.time(), stored=stored)
+        self._registered_anew([stored] if stored is not None else [])
         try:
             self.w.store.observe(rec)
         except GovernanceMoved as exc:
@@ -99,6 +100,7 @@ class OnPremAdmin(Admin):
         existing = set(stored)
         t = time.time()
         recs = [self._record(w, t, stored=stored.get(w.id)) for w in workloads]
+        self._registered_anew(list(stored.values()))
         try:
             self.w.store.observe_many(recs)  # SQLite: one transaction
         except GovernanceMoved as exc:
@@ -124,6 +126,16 @@ class OnPremAdmin(Admin):
             },
         )
 
+    def _registered_anew(self, stored: list[InventoryRecord]) -> None:
+        """Ids about to be registered again after a deregistration name a new host: nothing the
+        old one (or a pairing that raced its deregistration) bound may carry over (agent key,
+        token, pairing keys), else that agent would receive the new host's bundle."""
+        for old in stored:
+            if old.state == "terminated":
+                credentials.retire(self.w, old.id, "workload registered again")
+                self.w.store.drop_pairings(old.id)
+                self.w.store.expect_agent_key(old.id, None)
+
     def deregister_workload(self, principal: str, workload_id: str, reason: str = "") -> Response:
         """The workload is gone (decommissioned): it leaves every peer's sets."""
         rec = self.w.store.get(workload_id)
@@ -135,5 +147,6 @@ class OnPremAdmin(Admin):
         self.w.store.observe(self._record(gone, max(time.time(), rec.observed_at), state="terminated"))
         audit_id = self._audit(principal, "workload.deregister", workload_id, {}, reason)
         credentials.retire(self.w, workload_id, "workload deregistered")
+        self.w.store.drop_pairings(workload_id)
         self.w.enqueue_compute([workload_id])
         return Response(200, {"workload_id": workload_id, "audit_id": audit_id})

@@ -181,26 +181,64 @@ class Admin:
             201, {"pairing_key": key, "workload_id": workload_id, "uses": uses, "expires_in": ttl, "audit_id": audit_id}
         )
 
-    def reset_agent_key(self, principal: str, workload_id: str, reason: str = "") -> Response:
-        """Unbind ``workload_id``'s agent key and revoke its token (and nudge connection): an agent
-        that lost its state directory (its key with it) can then enroll again, with a new key, by
-        its identity (the instance's document, STS, or a pairing key). Until it does, no token and
-        no key renew anything for the workload."""
+    def revoke_pairing_keys(self, principal: str, workload_id: str, reason: str = "") -> Response:
+        """Revoke every pairing key issued for ``workload_id``: a key that leaked before it was
+        used (or with uses left) enrolls nothing any more. The agent key it bound stays bound."""
+        if self.w.store.get(workload_id) is None:
+            return error(404, "unknown workload", workload_id)
+        revoked = self.w.store.drop_pairings(workload_id)
+        audit_id = self._audit(principal, "pairing.revoke", workload_id, {"pairing_keys_revoked": revoked}, reason)
+        return Response(200, {"workload_id": workload_id, "pairing_keys_revoked": revoked, "audit_id": audit_id})
+
+    def reset_agent_key(
+        self, principal: str, workload_id: str, reason: str = "", next_agent_key: str | None = None
+    ) -> Response:
+        """Unbind ``workload_id``'s agent key and revoke its token (and nudge connection) and its
+        pairing keys: an agent that lost its state directory (its key with it) can then enroll
+        again, with a new key, by its identity (the instance's document, STS, or a pairing key
+        issued after the reset). Until it does, no token and no key renew anything for the
+        workload. A token whose issue raced the reset authorizes nothing either: tokens hold
+        only while the key they were issued under is bound (store.base.token_key_holds).
+
+        ``next_agent_key``: the id of the reinstalled agent's key, the only one the next enrollment
+        may bind. An identity proof without freshness (an EC2 instance identity document never
+        expires, and copies of it sit in logs and backups) would otherwise let whoever presents
+        one first after the reset bind their own key."""
         if self.w.store.get(workload_id) is None:
             return error(404, "unknown workload", workload_id)
         pem = self.w.store.agent_key(workload_id)
-        revoked = self.w.store.revoke_tokens(workload_id)
+        # the expectation first: no enrollment between the two binds a key the operator did not name
+        self.w.store.expect_agent_key(workload_id, next_agent_key)
         self.w.store.drop_agent_key(workload_id)
+        revoked = self.w.store.revoke_tokens(workload_id)
         self.w.store.drop_connection(workload_id)
+        # a pairing key issued before the reset (leaked, with uses left) must not claim the workload
+        pairings = self.w.store.drop_pairings(workload_id)
         dropped = credentials.agent_key_id(pem) if pem else None
         log.warning("%s reset the agent key of %s (was %s)", principal, workload_id, dropped or "none")
         self.metric(AGENT_KEY_RESETS, 1)
         audit_id = self._audit(
-            principal, "agent-key.reset", workload_id, {"agent_key": dropped, "token_revoked": revoked}, reason
+            principal,
+            "agent-key.reset",
+            workload_id,
+            {
+                "agent_key": dropped,
+                "token_revoked": revoked,
+                "pairing_keys_revoked": pairings,
+                "next_agent_key": next_agent_key,
+            },
+            reason,
         )
         return Response(
             200,
-            {"workload_id": workload_id, "agent_key_dropped": dropped, "token_revoked": revoked, "audit_id": audit_id},
+            {
+                "workload_id": workload_id,
+                "agent_key_dropped": dropped,
+                "token_revoked": revoked,
+                "pairing_keys_revoked": pairings,
+                "next_agent_key": next_agent_key,
+                "audit_id": audit_id,
+            },
         )
 
     def findings(self, bound: float) -> Response:

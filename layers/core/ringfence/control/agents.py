@@ -91,7 +91,10 @@ class AgentApi:
         except ProofError as exc:
             log.warning("enrollment refused: %s", exc)
             return error(401, "enrollment refused", str(exc))
-        token = self._issue(wid, "agent.enroll", method=req.method, agent_key=self._key_id(req.agent_key))
+        key_id = self._key_id(req.agent_key)
+        token = self._issue(wid, "agent.enroll", key_id or "", method=req.method, agent_key=key_id)
+        if token is None:
+            return error(401, "enrollment refused", f"the agent key of {wid} was reset meanwhile: enroll again")
         with contextlib.suppress(KeyError):
             self.w.store.set_liveness(wid, enrolled=True, heartbeat=time.time(), offline=False)
         return Response(
@@ -118,12 +121,18 @@ class AgentApi:
     def _key_id(pem: str | None) -> str | None:
         return credentials.agent_key_id(pem) if pem else None
 
-    def _issue(self, wid: str, action: str, **detail: object) -> str:
-        """A fresh access token for ``wid``: the workload's one active token (the store revokes the
-        previous one; a nudge connection opened with it is dropped). Audited."""
+    def _issue(self, wid: str, action: str, key_id: str, **detail: object) -> str | None:
+        """A fresh access token for ``wid``, issued under the agent key ``key_id`` (``""``: none):
+        the workload's one active token (the store revokes the previous one; a nudge connection
+        opened with it is dropped). Audited. None if that key is no longer the bound one once the
+        token is written: an operator's reset raced this request (the token would authorize
+        nothing, :func:`~ringfence.store.base.token_key_holds`)."""
         token = secrets.token_urlsafe(32)
-        self.w.store.put_token(secret_hash(token), wid, self.w.cfg.token_ttl)
+        self.w.store.put_token(secret_hash(token), wid, self.w.cfg.token_ttl, agent_key=key_id)
         self.w.store.drop_connection(wid)
+        if self.w.store.token_workload(secret_hash(token)) != wid:
+            log.warning("token for %s not issued: its agent key %s was reset meanwhile", wid, key_id or "(none)")
+            return None
         credentials.audit(self.w, action, wid, f"agent:{wid}", expires_in=self.w.cfg.token_ttl, **detail)
         return token
 
@@ -133,8 +142,27 @@ class AgentApi:
         if req.agent_key is None:
             if required:
                 raise ProofError(f"{req.method} needs agent_key and agent_signature (the agent's own key)")
+            if self.w.store.expected_agent_key(wid) is not None:
+                raise ProofError(f"{wid}'s agent key was reset for a named key: enroll with that key")
+            if replace:  # an operator-issued proof without a key: no earlier key stays bound
+                self.w.store.drop_agent_key(wid)
             return
         credentials.verify_proof(req.agent_key, req.agent_signature, "enroll", wid, req.nonce)
+        offered = credentials.agent_key_id(req.agent_key)
+        expected = self.w.store.expected_agent_key(wid)
+        if expected is not None and offered != expected:
+            # an operator's reset named the reinstalled agent's key: a replayed identity
+            # document (or a leaked pairing key) presented with another key binds nothing
+            credentials.audit(
+                self.w,
+                "agent.enroll.refused",
+                wid,
+                f"agent-key:{offered}",
+                method=req.method,
+                reason="not the agent key the operator's reset named",
+                expected_key=expected,
+            )
+            raise ProofError(f"{wid}'s agent key was reset for another key: this key is not the one named")
         bound = self.w.store.bind_agent_key(wid, req.agent_key, replace=replace)
         if credentials.agent_key_id(bound) != credentials.agent_key_id(req.agent_key):
             credentials.audit(
@@ -167,7 +195,10 @@ class AgentApi:
         gone = self._not_running(workload_id)
         if gone:
             return error(401, "token refused", gone)
-        token = self._issue(workload_id, "token.refresh", agent_key=credentials.agent_key_id(pem))
+        key_id = credentials.agent_key_id(pem)
+        token = self._issue(workload_id, "token.refresh", key_id, agent_key=key_id)
+        if token is None:
+            return error(401, "token refused", f"the agent key of {workload_id} was reset: enroll again")
         return Response(
             200,
             agentapi.TokenResponse(workload_id=workload_id, token=token, expires_in=self.w.cfg.token_ttl).model_dump(),

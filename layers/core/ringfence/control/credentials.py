@@ -55,8 +55,8 @@ def audit(w: BaseWiring, action: str, workload_id: str, principal: str, **detail
 def retire(w: BaseWiring, workload_id: str, why: str) -> None:
     """The workload left (terminated, tombstoned, deregistered): its token stops authorizing, its
     agent key is unbound and its nudge connection dropped. Audited when a token was active."""
-    had = w.store.revoke_tokens(workload_id)
     w.store.drop_agent_key(workload_id)
+    had = w.store.revoke_tokens(workload_id)
     w.store.drop_connection(workload_id)
     if had:
         log.info("token of %s revoked: %s", workload_id, why)

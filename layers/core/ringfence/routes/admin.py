@@ -218,14 +218,28 @@ def admin_routes(
         )
 
     @app.delete(
+        "/admin/workloads/<wid>/pairing-keys",
+        summary="revoke every pairing key issued for a workload, used up or not — onboarding",
+        responses=answers(adminapi.PairingKeysRevokedResponse, errors=(404,)),
+        security=[{"sigv4": []}],
+    )
+    def revoke_pairing_keys(wid: str, req: Annotated[adminapi.Reason | None, Body()] = None) -> HttpResponse[str]:
+        return refused("pairing.revoke", wid) or http(
+            service().revoke_pairing_keys(principal(), wid, (req or _NO_BODY).reason)
+        )
+
+    @app.delete(
         "/admin/workloads/<wid>/agent-key",
         summary="reset a workload's agent key and revoke its token: an agent that lost its key enrolls again — onboarding",
         responses=answers(adminapi.AgentKeyResetResponse, errors=(404,)),
         security=[{"sigv4": []}],
     )
-    def reset_agent_key(wid: str, req: Annotated[adminapi.Reason | None, Body()] = None) -> HttpResponse[str]:
+    def reset_agent_key(
+        wid: str, req: Annotated[adminapi.AgentKeyResetRequest | None, Body()] = None
+    ) -> HttpResponse[str]:
+        body = req or adminapi.AgentKeyResetRequest()
         return refused("agent-key.reset", wid) or http(
-            service().reset_agent_key(principal(), wid, (req or _NO_BODY).reason)
+            service().reset_agent_key(principal(), wid, body.reason, body.next_agent_key)
         )
 
     if onprem is None:

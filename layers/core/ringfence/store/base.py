@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import enum
+import functools
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ringfence.audit import AuditHead, AuditRecord
+from ringfence.bundlewire import BundleError, ed25519_public_from_pem, key_id_of_raw
 from ringfence.flows.aggregate import FlowRow
 from ringfence.flows.resolve import AddressOwner
 from ringfence.model import Mode, Workload
@@ -190,6 +192,30 @@ def check_hold_fields(fields: dict[str, Any]) -> None:
         raise ValueError(f"launch hold: unknown fields {sorted(unknown)}")
 
 
+@functools.lru_cache(maxsize=4096)
+def agent_key_id_of(pem: str) -> str | None:
+    """The id of an agent's bound public key (as ``credentials.agent_key_id`` gives it), None if
+    the PEM is not an Ed25519 key. Cached: every agent request compares it (:func:`token_key_holds`)."""
+    try:
+        return key_id_of_raw(ed25519_public_from_pem(pem.encode()))
+    except BundleError:
+        return None
+
+
+def token_key_holds(token_key: str | None, bound_pem: str | None) -> bool:
+    """Whether a token issued under the agent key ``token_key`` (its id; ``""``: issued without
+    one) may still authorize, with ``bound_pem`` the workload's key bound now. A token is good only
+    while the key it was issued under is the bound one, so that a token whose issue raced an
+    operator's key reset (the refresh checked the stolen key, the reset dropped it, then the
+    token was written) authorizes nothing. ``None``: a token written before tokens recorded their
+    key (an upgrade) holds until it expires."""
+    if token_key is None:
+        return True
+    if token_key == "":
+        return bound_pem is None
+    return bound_pem is not None and agent_key_id_of(bound_pem) == token_key
+
+
 class Grant(NamedTuple):
     """What an agent request's token grants (:meth:`Store.token_grant`): the workload the token
     is current for (None: unknown, expired or replaced), and, when that is the workload asked
@@ -330,13 +356,16 @@ class Store(Protocol):
         """Whether ``key`` is claimed (by :meth:`claim_once`) and not expired: a read, no claim."""
         ...
 
-    def put_token(self, token_hash: str, workload_id: str, ttl: int) -> None:
+    def put_token(self, token_hash: str, workload_id: str, ttl: int, agent_key: str = "") -> None:
         """The workload's one active token (by hash), for ``ttl`` s: the token it had before stops
-        authorizing (re-enrollment and refresh revoke the previous token)."""
+        authorizing (re-enrollment and refresh revoke the previous token). ``agent_key``: the id
+        of the agent key the token was issued under (``""``: none); the token authorizes only
+        while that key is bound (:func:`token_key_holds`)."""
         ...
 
     def token_workload(self, token_hash: str) -> str | None:
-        """The workload whose current, unexpired token this is; None otherwise."""
+        """The workload whose current, unexpired token this is, while the agent key it was issued
+        under is still bound; None otherwise."""
         ...
 
     def token_grant(self, token_hash: str, workload_id: str) -> Grant:
@@ -356,6 +385,15 @@ class Store(Protocol):
 
     def agent_key(self, workload_id: str) -> str | None: ...
     def drop_agent_key(self, workload_id: str) -> None: ...
+    def expect_agent_key(self, workload_id: str, key_id: str | None) -> None:
+        """Only the agent key with this id may be bound to the workload next (an operator's reset
+        names the reinstalled agent's key); None: any (the first proof of identity binds)."""
+        ...
+
+    def expected_agent_key(self, workload_id: str) -> str | None:
+        """The key id :meth:`expect_agent_key` named for the workload, or None."""
+        ...
+
     def put_pairing(self, key_hash: str, workload_id: str, uses: int, ttl: int) -> None:
         """A pairing key (by hash) that enrolls only ``workload_id``, at most ``uses`` times, for ``ttl`` s."""
         ...
@@ -363,6 +401,11 @@ class Store(Protocol):
     def use_pairing(self, key_hash: str, workload_id: str) -> bool:
         """Spend one use of the key for ``workload_id``; False (and nothing spent) if the key is
         unknown, expired, used up or was issued for another workload."""
+        ...
+
+    def drop_pairings(self, workload_id: str) -> int:
+        """Revoke every pairing key issued for ``workload_id`` (used up or not); how many were
+        unexpired with uses left."""
         ...
 
     def put_connection(self, workload_id: str, connection_id: str) -> None: ...

@@ -53,6 +53,7 @@ from ringfence.store.base import (
     Unread,
     check_hold_fields,
     next_governed_rev,
+    token_key_holds,
 )
 
 _UNSET: Any = object()
@@ -93,6 +94,12 @@ _CHAIN_WRITERS_LOCK = threading.Lock()
 
 def _conditional_failed(exc: ClientError) -> bool:
     return bool(exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException")
+
+
+def _token_key(item: dict[str, Any]) -> str | None:
+    """The agent key a token item was issued under (None: written before tokens recorded it)."""
+    key = item.get("agent_key")
+    return None if key is None else str(key)
 
 
 def _to_hold(instance_id: str, item: dict[str, Any]) -> LaunchHold:
@@ -544,12 +551,13 @@ class DynamoStore:
             raise
         return True
 
-    def put_token(self, token_hash: str, workload_id: str, ttl: int) -> None:
-        # the token item maps hash → workload; the workload's ``tokenof`` item names its one
-        # current token, so a token replaced (even by a racing writer) never authorizes again.
-        # The put hands back the ``tokenof`` item it replaced: the previous token, deleted
-        # without a read first (one round trip less per enrollment and renewal)
-        self._put(f"token#{token_hash}", "token", ttl=ttl, workload_id=workload_id)
+    def put_token(self, token_hash: str, workload_id: str, ttl: int, agent_key: str = "") -> None:
+        # the token item maps hash → workload (and the agent key it was issued under); the
+        # workload's ``tokenof`` item names its one current token, so a token replaced (even by a
+        # racing writer) never authorizes again. The put hands back the ``tokenof`` item it
+        # replaced: the previous token, deleted without a read first (one round trip less per
+        # enrollment and renewal)
+        self._put(f"token#{token_hash}", "token", ttl=ttl, workload_id=workload_id, agent_key=agent_key)
         old = self._put(f"tokenof#{workload_id}", "token", ttl=ttl, replaced=True, hash=token_hash)
         if old is not None and old.get("hash") != token_hash:
             self.state.delete_item(Key={"pk": f"token#{old['hash']}", "sk": "token"})
@@ -560,17 +568,21 @@ class DynamoStore:
             return None
         wid = str(item["workload_id"])
         current = self._get(f"tokenof#{wid}", "token")
-        return wid if current is not None and current.get("hash") == token_hash else None
+        if current is None or current.get("hash") != token_hash:
+            return None
+        return wid if token_key_holds(_token_key(item), self.agent_key(wid)) else None
 
     def token_grant(self, token_hash: str, workload_id: str) -> Grant:
-        # one BatchGetItem for the four items (the token, the workload's current token, its
-        # bundle pointer, its inventory record) instead of four GetItems: one round trip per
-        # agent request, and the pointer is what a wait, a heartbeat or a bundle fetch reads next
+        # one BatchGetItem for the five items (the token, the workload's current token, its bound
+        # agent key, its bundle pointer, its inventory record) instead of five GetItems: one round
+        # trip per agent request, and the pointer is what a wait, a heartbeat or a bundle fetch
+        # reads next
         request: dict[str, Any] = {
             self.state.name: {
                 "Keys": [
                     {"pk": f"token#{token_hash}", "sk": "token"},
                     {"pk": f"tokenof#{workload_id}", "sk": "token"},
+                    {"pk": f"agentkey#{workload_id}", "sk": "key"},
                     {"pk": f"bundle#{workload_id}", "sk": "latest"},
                 ],
                 "ConsistentRead": True,
@@ -593,6 +605,9 @@ class DynamoStore:
             return Grant(self.token_workload(token_hash))
         current = state.get(f"tokenof#{workload_id}")
         if current is None or current.get("hash") != token_hash:
+            return Grant(None)
+        bound = state.get(f"agentkey#{workload_id}")
+        if not token_key_holds(_token_key(token), str(bound["public_key"]) if bound else None):
             return Grant(None)
         item = inventory[0] if inventory else None
         ptr = state.get(f"bundle#{workload_id}")
@@ -630,9 +645,22 @@ class DynamoStore:
     def drop_agent_key(self, workload_id: str) -> None:
         self.state.delete_item(Key={"pk": f"agentkey#{workload_id}", "sk": "key"})
 
+    def expect_agent_key(self, workload_id: str, key_id: str | None) -> None:
+        if key_id is None:
+            self.state.delete_item(Key={"pk": f"nextkey#{workload_id}", "sk": "key"})
+        else:
+            self._put(f"nextkey#{workload_id}", "key", key_id=key_id)
+
+    def expected_agent_key(self, workload_id: str) -> str | None:
+        item = self._get(f"nextkey#{workload_id}", "key")
+        return str(item["key_id"]) if item else None
+
     def put_pairing(self, key_hash: str, workload_id: str, uses: int, ttl: int) -> None:
         if not workload_id:
             raise ValueError("a pairing key is issued for one workload")
+        # indexed by workload first (pairingof#<id>, one item per key), so that no key exists
+        # that drop_pairings cannot find
+        self._put(f"pairingof#{workload_id}", key_hash, ttl=ttl)
         self._put(f"pairing#{key_hash}", "pairing", ttl=ttl, uses=uses, workload_id=workload_id)
 
     def use_pairing(self, key_hash: str, workload_id: str) -> bool:
@@ -649,6 +677,25 @@ class DynamoStore:
                 return False
             raise
         return True
+
+    def drop_pairings(self, workload_id: str) -> int:
+        index: list[dict[str, Any]] = []
+        kwargs: dict[str, Any] = {"KeyConditionExpression": Key("pk").eq(f"pairingof#{workload_id}")}
+        while True:
+            page = self.state.query(ConsistentRead=True, **kwargs)
+            index.extend(page.get("Items", []))
+            if "LastEvaluatedKey" not in page:
+                break
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+        live = 0
+        for entry in index:
+            old = self.state.delete_item(
+                Key={"pk": f"pairing#{entry['sk']}", "sk": "pairing"}, ReturnValues="ALL_OLD"
+            ).get("Attributes")
+            if old is not None and int(old.get("uses", 0)) > 0 and int(old.get("ttl", 0)) >= time.time():
+                live += 1
+            self.state.delete_item(Key={"pk": entry["pk"], "sk": entry["sk"]})
+        return live
 
     def put_connection(self, workload_id: str, connection_id: str) -> None:
         self._put(f"conn#{workload_id}", "conn", ttl=2 * 3600, connection_id=connection_id)

@@ -62,12 +62,13 @@ from ringfence.store.base import (
     Unread,
     check_hold_fields,
     next_governed_rev,
+    token_key_holds,
 )
 
 _UNSET: Any = object()
 DELTA_TTL = 14 * 86400
 CONNECTION_TTL = 2 * 3600
-SCHEMA_VERSION = 2  # 2: inventory.governed_rev
+SCHEMA_VERSION = 3  # 2: inventory.governed_rev; 3: token.agent_key
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS inventory (
@@ -125,15 +126,21 @@ CREATE TABLE IF NOT EXISTS moved (revision INTEGER PRIMARY KEY, doc TEXT NOT NUL
 CREATE TABLE IF NOT EXISTS nonce (nonce TEXT PRIMARY KEY, expires REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS nonce_expires ON nonce (expires);
 CREATE TABLE IF NOT EXISTS claim (key TEXT PRIMARY KEY, expires REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS token (hash TEXT PRIMARY KEY, workload_id TEXT NOT NULL, expires REAL NOT NULL);
+-- agent_key: the id of the agent key the token was issued under ('' none; NULL before version 3)
+CREATE TABLE IF NOT EXISTS token (
+    hash TEXT PRIMARY KEY, workload_id TEXT NOT NULL, expires REAL NOT NULL, agent_key TEXT
+);
 CREATE INDEX IF NOT EXISTS token_workload ON token (workload_id);
 CREATE TABLE IF NOT EXISTS agent_key (workload_id TEXT PRIMARY KEY, public_key TEXT NOT NULL);
+-- the only agent key (its id) an operator's reset lets bind next (additive: older readers ignore it)
+CREATE TABLE IF NOT EXISTS next_agent_key (workload_id TEXT PRIMARY KEY, key_id TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS pairing (
     hash TEXT PRIMARY KEY,
     workload_id TEXT NOT NULL,
     uses INTEGER NOT NULL,
     expires REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS pairing_workload ON pairing (workload_id);
 CREATE TABLE IF NOT EXISTS connection (workload_id TEXT PRIMARY KEY, connection_id TEXT NOT NULL, expires REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS enforcement (workload_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS launch_hold (instance_id TEXT PRIMARY KEY, doc TEXT NOT NULL, expires REAL NOT NULL);
@@ -217,6 +224,8 @@ class SqliteStore:
             raise RuntimeError(f"{self.path}: schema version {version} is newer than this ringfence knows")
         if version == 1:
             self._migrate_to_2()
+        if version in (1, 2):
+            self._migrate_to_3()
         # idempotent (IF NOT EXISTS, the one trigger dropped and made again in the same
         # transaction): processes opening the same file at once all succeed
         db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version = {SCHEMA_VERSION};COMMIT;")
@@ -229,6 +238,14 @@ class SqliteStore:
             if db.execute("PRAGMA user_version").fetchone()[0] == 1:
                 db.execute("ALTER TABLE inventory ADD COLUMN governed_rev INTEGER NOT NULL DEFAULT 0")
                 db.execute("PRAGMA user_version = 2")
+
+    def _migrate_to_3(self) -> None:
+        """``token.agent_key`` (the tokens already issued keep NULL: good until they expire)."""
+        with self._tx() as db:
+            if db.execute("PRAGMA user_version").fetchone()[0] == 2:
+                if "agent_key" not in {r[1] for r in db.execute("PRAGMA table_info(token)")}:
+                    db.execute("ALTER TABLE token ADD COLUMN agent_key TEXT")
+                db.execute("PRAGMA user_version = 3")
 
     # --- connections and transactions -----------------------------------------------------------
 
@@ -598,22 +615,26 @@ class SqliteStore:
             cur = db.execute("INSERT OR IGNORE INTO claim (key, expires) VALUES (?, ?)", (key, now + ttl))
             return cur.rowcount == 1
 
-    def put_token(self, token_hash: str, workload_id: str, ttl: int) -> None:
+    def put_token(self, token_hash: str, workload_id: str, ttl: int, agent_key: str = "") -> None:
         now = time.time()
         with self._tx() as db:
             db.execute("DELETE FROM token WHERE expires < ? OR workload_id = ?", (now, workload_id))
             db.execute(
-                "INSERT OR REPLACE INTO token (hash, workload_id, expires) VALUES (?, ?, ?)",
-                (token_hash, workload_id, now + ttl),
+                "INSERT OR REPLACE INTO token (hash, workload_id, expires, agent_key) VALUES (?, ?, ?, ?)",
+                (token_hash, workload_id, now + ttl, agent_key),
             )
 
     def token_workload(self, token_hash: str) -> str | None:
         row = (
             self._db()
-            .execute("SELECT workload_id FROM token WHERE hash = ? AND expires >= ?", (token_hash, time.time()))
+            .execute(
+                "SELECT t.workload_id, t.agent_key, k.public_key FROM token t"
+                " LEFT JOIN agent_key k ON k.workload_id = t.workload_id WHERE t.hash = ? AND t.expires >= ?",
+                (token_hash, time.time()),
+            )
             .fetchone()
         )
-        return str(row[0]) if row else None
+        return str(row[0]) if row and token_key_holds(row[1], row[2]) else None
 
     def token_grant(self, token_hash: str, workload_id: str) -> Grant:
         owner = self.token_workload(token_hash)
@@ -641,6 +662,19 @@ class SqliteStore:
         with self._tx() as db:
             db.execute("DELETE FROM agent_key WHERE workload_id = ?", (workload_id,))
 
+    def expect_agent_key(self, workload_id: str, key_id: str | None) -> None:
+        with self._tx() as db:
+            if key_id is None:
+                db.execute("DELETE FROM next_agent_key WHERE workload_id = ?", (workload_id,))
+            else:
+                db.execute(
+                    "INSERT OR REPLACE INTO next_agent_key (workload_id, key_id) VALUES (?, ?)", (workload_id, key_id)
+                )
+
+    def expected_agent_key(self, workload_id: str) -> str | None:
+        row = self._db().execute("SELECT key_id FROM next_agent_key WHERE workload_id = ?", (workload_id,)).fetchone()
+        return str(row[0]) if row else None
+
     def put_pairing(self, key_hash: str, workload_id: str, uses: int, ttl: int) -> None:
         if not workload_id:
             raise ValueError("a pairing key is issued for one workload")
@@ -657,6 +691,15 @@ class SqliteStore:
                 (key_hash, workload_id, time.time()),
             )
             return cur.rowcount == 1
+
+    def drop_pairings(self, workload_id: str) -> int:
+        with self._tx() as db:
+            live = db.execute(
+                "SELECT COUNT(*) FROM pairing WHERE workload_id = ? AND uses > 0 AND expires >= ?",
+                (workload_id, time.time()),
+            ).fetchone()[0]
+            db.execute("DELETE FROM pairing WHERE workload_id = ?", (workload_id,))
+            return int(live)
 
     def put_connection(self, workload_id: str, connection_id: str) -> None:
         with self._tx() as db:

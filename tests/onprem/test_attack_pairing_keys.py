@@ -1,0 +1,200 @@
+"""Attacks on pairing keys, agent-key resets and re-registration, performed through the real admin
+and agent-API routes (as ``ringfence serve`` runs them) over LocalWiring and its SQLite store."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+from aws_lambda_powertools.event_handler import APIGatewayRestResolver
+
+from ringfence.adminroles import AdminRole
+from ringfence.clouds.onprem import OnPremAdmin
+from ringfence.control.agents import AgentApi
+from ringfence.local.wiring import LocalWiring
+from ringfence.routes.admin import admin_routes
+from ringfence.routes.agent import agent_routes
+from tests.aws.conftest import LambdaContext, rest_answer, rest_event
+from tests.aws.test_pipeline import AgentKey
+from tests.onprem.conftest import boot
+
+OPERATOR = "arn:aws:iam::123456789012:user/carol"
+WID = "dc3-app-1"
+
+
+class Plane:
+    """The admin and agent routes over one wiring, and an agent's calls."""
+
+    def __init__(self, wiring: LocalWiring, roles: frozenset[AdminRole] = frozenset(AdminRole)) -> None:
+        self.wiring = wiring
+        svc: OnPremAdmin = boot(wiring)
+        self.admin = admin_routes(lambda: svc, onprem=lambda: svc, roles_of=lambda _: roles)
+        api = AgentApi(wiring)
+        self.agents = agent_routes(lambda: api)
+
+    @staticmethod
+    def call(app: APIGatewayRestResolver, method: str, path: str, body: Any = None, **kw: Any) -> tuple[int, Any]:
+        event = rest_event(method, path, body, principal=OPERATOR, **kw)
+        status, _, answer = rest_answer(app.resolve(event, LambdaContext()))
+        return status, answer
+
+    def register(self) -> None:
+        spec = {"id": WID, "ips": ["192.168.30.41"], "tags": {"ringfence:role": "web"}}
+        status, body = self.call(self.admin, "POST", "/admin/workloads", {**spec, "reason": "rack 3"})
+        assert status in (200, 201), body
+
+    def mint(self, uses: int = 5) -> str:
+        status, body = self.call(
+            self.admin, "POST", "/admin/pairing-keys", {"workload_id": WID, "uses": uses, "ttl": 600}
+        )
+        assert status == 201, body
+        return str(body["pairing_key"])
+
+    def nonce(self) -> str:
+        return str(self.call(self.agents, "GET", "/v1/nonce")[1]["nonce"])
+
+    def pair(self, pairing_key: str, key: AgentKey) -> tuple[int, Any]:
+        n = self.nonce()
+        body = {
+            "method": "pairing",
+            "nonce": n,
+            "workload_id": WID,
+            "pairing_key": pairing_key,
+            "agent_key": key.pem,
+            "agent_signature": key.prove("enroll", WID, n),
+        }
+        return self.call(self.agents, "POST", "/v1/enroll", body)
+
+    def refresh(self, key: AgentKey) -> tuple[int, Any]:
+        n = self.nonce()
+        body = {"nonce": n, "signature": key.prove("token", WID, n)}
+        return self.call(self.agents, "POST", f"/v1/agents/{WID}/token", body)
+
+    def bundle(self, token: str) -> int:
+        headers = {"Authorization": f"Bearer {token}"}
+        return self.call(self.agents, "GET", f"/v1/agents/{WID}/bundle", headers=headers)[0]
+
+
+@pytest.fixture
+def plane(wiring: LocalWiring) -> Plane:
+    p = Plane(wiring)
+    p.register()
+    assert wiring.settle(60)
+    return p
+
+
+def test_attack_a_pairing_key_minted_before_an_agent_key_reset_enrolls_nothing_after_it(plane: Plane) -> None:
+    """The host's disk was replaced and the operator resets its agent key. The pairing key first
+    used to enroll it had uses left and leaked (a ticket, a shell history): before, whoever held
+    it bound their own key after the reset and received the workload's bundle."""
+    leaked = plane.mint(uses=5)
+    status, body = plane.pair(leaked, AgentKey())
+    assert status == 200, body
+    status, out = plane.call(plane.admin, "DELETE", f"/admin/workloads/{WID}/agent-key", {"reason": "disk replaced"})
+    assert status == 200 and out["pairing_keys_revoked"] == 1, out
+    status, body = plane.pair(leaked, AgentKey())
+    assert status == 401 and "unknown, expired, used up" in body["detail"], body
+    assert plane.wiring.store.agent_key(WID) is None, "nothing bound by the leaked key"
+    # the operator's way back: a key minted after the reset enrolls the reinstalled host
+    status, body = plane.pair(plane.mint(uses=1), AgentKey())
+    assert status == 200 and plane.bundle(body["token"]) == 200, body
+    (reset,) = [a for a in plane.wiring.store.audit_log() if a.action == "agent-key.reset"]
+    assert reset.detail["pairing_keys_revoked"] == 1
+
+
+def test_attack_a_revoked_pairing_key_enrolls_nothing(plane: Plane, wiring: LocalWiring) -> None:
+    """A pairing key leaked before its host was installed: the operator revokes it."""
+    leaked = plane.mint(uses=3)
+    also = plane.mint(uses=1)
+    readers = admin_routes(lambda: OnPremAdmin(wiring), roles_of=lambda _: frozenset({AdminRole.READER}))
+    status, body = Plane.call(readers, "DELETE", f"/admin/workloads/{WID}/pairing-keys", {})
+    assert status == 403 and "pairing.revoke" in body["detail"], body
+    status, body = plane.call(plane.admin, "DELETE", f"/admin/workloads/{WID}/pairing-keys", {"reason": "leaked"})
+    assert status == 200 and body["pairing_keys_revoked"] == 2, body
+    for key in (leaked, also):
+        status, body = plane.pair(key, AgentKey())
+        assert status == 401 and "unknown, expired, used up" in body["detail"], body
+    assert plane.call(plane.admin, "DELETE", "/admin/workloads/dc9-nothere/pairing-keys", {})[0] == 404
+    (rec,) = [a for a in wiring.store.audit_log() if a.action == "pairing.revoke"]
+    assert rec.principal == OPERATOR and rec.reason == "leaked" and rec.detail == {"pairing_keys_revoked": 2}
+
+
+def test_attack_a_reregistered_id_keeps_nothing_of_the_old_hosts_agent(plane: Plane, wiring: LocalWiring) -> None:
+    """The id is deregistered, and registered again later for another host. A pairing that raced
+    the deregistration bound the old host's key after it; that key, its token and the pairing
+    keys of the old host must not carry over to the new host (they would receive its bundle)."""
+    old = AgentKey()
+    leftover = plane.mint(uses=5)
+    status, body = plane.pair(leftover, old)
+    assert status == 200, body
+    token = body["token"]
+    assert plane.call(plane.admin, "DELETE", f"/admin/workloads/{WID}", {"reason": "decommissioned"})[0] == 200
+    # what a pairing in flight across the deregistration leaves: its key bound, its token written
+    wiring.store.bind_agent_key(WID, old.pem, replace=True)
+    wiring.store.put_pairing("leftover-hash", WID, uses=2, ttl=600)
+    plane.register()
+    assert wiring.settle(60)
+    assert wiring.store.agent_key(WID) is None
+    assert plane.refresh(old)[0] == 401, "the old host's key renews nothing"
+    assert plane.bundle(token) == 401
+    assert not wiring.store.use_pairing("leftover-hash", WID), "the old host's pairing keys are gone"
+    status, body = plane.pair(plane.mint(uses=1), AgentKey())
+    assert status == 200 and plane.bundle(body["token"]) == 200, body
+
+
+def test_attack_a_token_renewal_racing_an_agent_key_reset_authorizes_nothing(
+    plane: Plane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent key was stolen and the operator resets it while the thief's renewal is in flight:
+    the renewal checked the stolen key before the reset and writes its token after. Before, that
+    token authorized for its whole lifetime; a token now holds only while the key it was issued
+    under is bound."""
+    stolen = AgentKey()
+    status, body = plane.pair(plane.mint(uses=1), stolen)
+    assert status == 200, body
+    checked, go = threading.Event(), threading.Event()
+    real = AgentApi._not_running
+
+    def paused(self: AgentApi, workload_id: str) -> str | None:
+        checked.set()
+        assert go.wait(30)
+        return real(self, workload_id)
+
+    monkeypatch.setattr(AgentApi, "_not_running", paused)
+    out: dict[str, tuple[int, Any]] = {}
+    renewal = threading.Thread(target=lambda: out.update(renewed=plane.refresh(stolen)))
+    renewal.start()
+    assert checked.wait(30), "the renewal checked the key"
+    status, reset = plane.call(plane.admin, "DELETE", f"/admin/workloads/{WID}/agent-key", {"reason": "key stolen"})
+    assert status == 200 and reset["agent_key_dropped"], reset
+    go.set()
+    renewal.join(30)
+    status, body = out["renewed"]
+    assert status == 401 and "was reset" in body["detail"], body
+    assert not [a for a in plane.wiring.store.audit_log() if a.action == "token.refresh"], "no token issued"
+    # the legitimate host enrolls again with a key minted after the reset
+    status, body = plane.pair(plane.mint(uses=1), AgentKey())
+    assert status == 200 and plane.bundle(body["token"]) == 200, body
+
+
+def test_attack_after_a_reset_that_names_the_next_key_no_other_key_binds(plane: Plane) -> None:
+    """A pairing key minted for the reinstalled host leaks on its way there: with the reset naming
+    the new agent's key, the leaked key binds no other key and issues no keyless token."""
+    from ringfence.control.credentials import agent_key_id
+
+    assert plane.pair(plane.mint(uses=1), AgentKey())[0] == 200
+    reinstalled = AgentKey()
+    body = {"reason": "disk replaced", "next_agent_key": agent_key_id(reinstalled.pem)}
+    status, out = plane.call(plane.admin, "DELETE", f"/admin/workloads/{WID}/agent-key", body)
+    assert status == 200 and out["next_agent_key"] == body["next_agent_key"], out
+    leaked = plane.mint(uses=5)
+    status, answer = plane.pair(leaked, AgentKey())
+    assert status == 401 and "not the one named" in answer["detail"], answer
+    n = plane.nonce()
+    keyless = {"method": "pairing", "nonce": n, "workload_id": WID, "pairing_key": leaked}
+    status, answer = plane.call(plane.agents, "POST", "/v1/enroll", keyless)
+    assert status == 401 and "named key" in answer["detail"], answer
+    assert plane.wiring.store.agent_key(WID) is None
+    status, answer = plane.pair(leaked, reinstalled)
+    assert status == 200 and plane.bundle(answer["token"]) == 200, answer
