@@ -390,6 +390,15 @@ def test_a_token_holds_only_while_the_agent_key_it_was_issued_under_is_bound(sto
     assert store.token_workload("t4") is None and store.token_grant("t4", "w2") == Grant(None)
 
 
+def test_a_pairing_use_binds_its_agent_key_in_the_same_step(store: Store) -> None:
+    store.bind_agent_key("w", "OLD")
+    store.put_pairing("k", "w", uses=1, ttl=60)
+    assert not store.use_pairing("k", "other", agent_key="THEIRS"), "not issued for it"
+    assert store.agent_key("other") is None and store.agent_key("w") == "OLD", "a refused use binds nothing"
+    assert store.use_pairing("k", "w", agent_key="NEW") and store.agent_key("w") == "NEW"
+    assert not store.use_pairing("k", "w", agent_key="LATER") and store.agent_key("w") == "NEW", "used up"
+
+
 def test_drop_pairings_revokes_every_key_of_that_workload_only(store: Store) -> None:
     store.put_pairing("a", "w", uses=2, ttl=60)
     store.put_pairing("b", "w", uses=1, ttl=60)

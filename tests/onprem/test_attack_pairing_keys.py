@@ -198,3 +198,30 @@ def test_attack_after_a_reset_that_names_the_next_key_no_other_key_binds(plane: 
     assert plane.wiring.store.agent_key(WID) is None
     status, answer = plane.pair(leaked, reinstalled)
     assert status == 200 and plane.bundle(answer["token"]) == 200, answer
+
+
+def test_attack_a_pairing_racing_an_agent_key_reset_binds_nothing(
+    plane: Plane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A leaked pairing key is used while the operator resets the workload: its use was checked
+    before the reset revoked the pairing keys, its key bound after the reset dropped the old one.
+    Before, that key stayed bound (and its token worked); the use and the binding are now one
+    atomic step, which the reset's revocation either precedes or undoes."""
+    leaked = plane.mint(uses=5)
+    assert plane.pair(leaked, AgentKey())[0] == 200
+    store = plane.wiring.store
+    real = type(store).use_pairing
+    resets: list[int] = []
+
+    def then_reset(self: Any, *args: Any, **kwargs: Any) -> bool:
+        spent = bool(real(self, *args, **kwargs))
+        if spent and not resets:  # the operator's reset lands right after the use
+            reset = plane.call(plane.admin, "DELETE", f"/admin/workloads/{WID}/agent-key", {"reason": "leak"})
+            resets.append(reset[0])
+        return spent
+
+    monkeypatch.setattr(type(store), "use_pairing", then_reset)
+    status, body = plane.pair(leaked, AgentKey())
+    assert resets == [200]
+    assert status == 401 and "was reset" in body["detail"], body
+    assert store.agent_key(WID) is None, "the thief's key is not bound after the reset"

@@ -209,11 +209,13 @@ class Admin:
         pem = self.w.store.agent_key(workload_id)
         # the expectation first: no enrollment between the two binds a key the operator did not name
         self.w.store.expect_agent_key(workload_id, next_agent_key)
+        # then the pairing keys: one issued before the reset (leaked, with uses left) must not
+        # claim the workload, and a pairing spends its use and binds its key in one step, so one
+        # that beat this revocation has bound before the key is dropped below
+        pairings = self.w.store.drop_pairings(workload_id)
         self.w.store.drop_agent_key(workload_id)
         revoked = self.w.store.revoke_tokens(workload_id)
         self.w.store.drop_connection(workload_id)
-        # a pairing key issued before the reset (leaked, with uses left) must not claim the workload
-        pairings = self.w.store.drop_pairings(workload_id)
         dropped = credentials.agent_key_id(pem) if pem else None
         log.warning("%s reset the agent key of %s (was %s)", principal, workload_id, dropped or "none")
         self.metric(AGENT_KEY_RESETS, 1)

@@ -87,7 +87,7 @@ class AgentApi:
                 wid = enroller(self, req)
             else:
                 assert given is not None
-                wid = given(req, lambda r, w: self.bind_key(r, w, required=True, replace=False))
+                wid = given(req, self.bind_key)
         except ProofError as exc:
             log.warning("enrollment refused: %s", exc)
             return error(401, "enrollment refused", str(exc))
@@ -136,16 +136,35 @@ class AgentApi:
         credentials.audit(self.w, action, wid, f"agent:{wid}", expires_in=self.w.cfg.token_ttl, **detail)
         return token
 
-    def bind_key(self, req: agentapi.EnrollRequest, wid: str, *, required: bool, replace: bool) -> None:
-        """Check the agent's signature over the nonce with the key it presents and bind that key to
-        ``wid``. Without ``replace`` the first binding wins: another key is refused (and audited)."""
+    def bind_key(self, req: agentapi.EnrollRequest, wid: str) -> None:
+        """Check the agent's signature over the nonce with the key it presents (required) and bind
+        that key to ``wid``. The first binding wins: another key is refused (and audited)."""
         if req.agent_key is None:
-            if required:
-                raise ProofError(f"{req.method} needs agent_key and agent_signature (the agent's own key)")
+            raise ProofError(f"{req.method} needs agent_key and agent_signature (the agent's own key)")
+        self.check_key(req, wid)
+        bound = self.w.store.bind_agent_key(wid, req.agent_key)
+        if credentials.agent_key_id(bound) != credentials.agent_key_id(req.agent_key):
+            credentials.audit(
+                self.w,
+                "agent.enroll.refused",
+                wid,
+                f"agent-key:{credentials.agent_key_id(req.agent_key)}",
+                method=req.method,
+                reason="identity already claimed by another agent key",
+                bound_key=credentials.agent_key_id(bound),
+            )
+            raise ProofError(
+                f"{wid} is enrolled with another agent key: a second claim of its identity is refused "
+                "(the bound agent renews with its key; an operator resets a lost one)"
+            )
+
+    def check_key(self, req: agentapi.EnrollRequest, wid: str) -> None:
+        """The agent's signature over the nonce verifies with the key it presents, and that key is
+        the one an operator's reset named, if it named one (:class:`ProofError`, audited, if not).
+        Binds nothing."""
+        if req.agent_key is None:
             if self.w.store.expected_agent_key(wid) is not None:
                 raise ProofError(f"{wid}'s agent key was reset for a named key: enroll with that key")
-            if replace:  # an operator-issued proof without a key: no earlier key stays bound
-                self.w.store.drop_agent_key(wid)
             return
         credentials.verify_proof(req.agent_key, req.agent_signature, "enroll", wid, req.nonce)
         offered = credentials.agent_key_id(req.agent_key)
@@ -163,21 +182,6 @@ class AgentApi:
                 expected_key=expected,
             )
             raise ProofError(f"{wid}'s agent key was reset for another key: this key is not the one named")
-        bound = self.w.store.bind_agent_key(wid, req.agent_key, replace=replace)
-        if credentials.agent_key_id(bound) != credentials.agent_key_id(req.agent_key):
-            credentials.audit(
-                self.w,
-                "agent.enroll.refused",
-                wid,
-                f"agent-key:{credentials.agent_key_id(req.agent_key)}",
-                method=req.method,
-                reason="identity already claimed by another agent key",
-                bound_key=credentials.agent_key_id(bound),
-            )
-            raise ProofError(
-                f"{wid} is enrolled with another agent key: a second claim of its identity is refused "
-                "(the bound agent renews with its key; an operator resets a lost one)"
-            )
 
     def refresh(self, workload_id: str, req: agentapi.TokenRequest) -> Response:
         """A new access token for an enrolled agent: a signature by its bound key over a fresh

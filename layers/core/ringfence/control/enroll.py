@@ -34,8 +34,6 @@ class Enroller(Protocol):
 
 def enroll_pairing(api: AgentApi, req: agentapi.EnrollRequest) -> str:
     """An operator-issued one-time pairing key for an on-premise workload."""
-    from . import credentials
-
     if not req.pairing_key or not req.workload_id:
         raise ProofError("pairing needs pairing_key and workload_id")
     store = api.w.store
@@ -49,11 +47,12 @@ def enroll_pairing(api: AgentApi, req: agentapi.EnrollRequest) -> str:
     if rec.workload.cloud != "onprem":
         # a cloud instance proves its identity with the cloud's document, never with a key
         raise ProofError(f"{req.workload_id} is a {rec.workload.cloud} instance: pairing is for on-premise workloads")
-    if req.agent_key is not None:
-        credentials.verify_proof(req.agent_key, req.agent_signature, "enroll", req.workload_id, req.nonce)
-    # the key is spent only by the workload it was issued for (checked and spent atomically)
-    if not store.use_pairing(secret_hash(req.pairing_key), req.workload_id):
+    api.check_key(req, req.workload_id)
+    # the key is spent only by the workload it was issued for, and an operator-issued key rebinds
+    # the agent key (a reinstalled host) in the same atomic step: a use checked before an
+    # operator's reset (which revokes the pairing keys first) cannot bind after it
+    if not store.use_pairing(secret_hash(req.pairing_key), req.workload_id, agent_key=req.agent_key):
         raise ProofError(f"pairing key is unknown, expired, used up or not issued for {req.workload_id}")
-    # an operator-issued key may rebind the agent key (a reinstalled host)
-    api.bind_key(req, req.workload_id, required=False, replace=True)
+    if req.agent_key is None:  # without a key of its own: no earlier key stays bound
+        store.drop_agent_key(req.workload_id)
     return req.workload_id

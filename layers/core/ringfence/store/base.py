@@ -398,9 +398,10 @@ class Store(Protocol):
         """A pairing key (by hash) that enrolls only ``workload_id``, at most ``uses`` times, for ``ttl`` s."""
         ...
 
-    def use_pairing(self, key_hash: str, workload_id: str) -> bool:
+    def use_pairing(self, key_hash: str, workload_id: str, agent_key: str | None = None) -> bool:
         """Spend one use of the key for ``workload_id``; False (and nothing spent) if the key is
-        unknown, expired, used up or was issued for another workload."""
+        unknown, expired, used up or was issued for another workload. ``agent_key`` (PEM): bound
+        to the workload, over any earlier key, in the same atomic step as the use."""
         ...
 
     def drop_pairings(self, workload_id: str) -> int:

@@ -663,17 +663,36 @@ class DynamoStore:
         self._put(f"pairingof#{workload_id}", key_hash, ttl=ttl)
         self._put(f"pairing#{key_hash}", "pairing", ttl=ttl, uses=uses, workload_id=workload_id)
 
-    def use_pairing(self, key_hash: str, workload_id: str) -> bool:
+    def use_pairing(self, key_hash: str, workload_id: str, agent_key: str | None = None) -> bool:
+        use: dict[str, Any] = {
+            "Key": {"pk": f"pairing#{key_hash}", "sk": "pairing"},
+            "UpdateExpression": "SET uses = uses - :one",
+            "ConditionExpression": "attribute_exists(pk) AND workload_id = :w AND uses > :zero AND #t >= :now",
+            "ExpressionAttributeNames": {"#t": "ttl"},
+            "ExpressionAttributeValues": {":one": 1, ":zero": 0, ":now": int(time.time()), ":w": workload_id},
+        }
+        if agent_key is None:
+            try:
+                self.state.update_item(**use)
+            except ClientError as exc:
+                if _conditional_failed(exc):
+                    return False
+                raise
+            return True
+        # the use and the binding in one transaction (the resource's client: plain values)
+        bind = {"pk": f"agentkey#{workload_id}", "sk": "key", "public_key": agent_key}
         try:
-            self.state.update_item(
-                Key={"pk": f"pairing#{key_hash}", "sk": "pairing"},
-                UpdateExpression="SET uses = uses - :one",
-                ConditionExpression="attribute_exists(pk) AND workload_id = :w AND uses > :zero AND #t >= :now",
-                ExpressionAttributeNames={"#t": "ttl"},
-                ExpressionAttributeValues={":one": 1, ":zero": 0, ":now": int(time.time()), ":w": workload_id},
+            self.state.meta.client.transact_write_items(
+                TransactItems=[
+                    {"Update": {"TableName": self.state.name, **use}},
+                    {"Put": {"TableName": self.state.name, "Item": bind}},
+                ]
             )
         except ClientError as exc:
-            if _conditional_failed(exc):
+            reasons = [r.get("Code") for r in exc.response.get("CancellationReasons", [])]
+            if exc.response.get("Error", {}).get("Code") == "TransactionCanceledException" and reasons[:1] == [
+                "ConditionalCheckFailed"
+            ]:
                 return False
             raise
         return True

@@ -684,13 +684,19 @@ class SqliteStore:
                 (key_hash, workload_id, uses, time.time() + ttl),
             )
 
-    def use_pairing(self, key_hash: str, workload_id: str) -> bool:
+    def use_pairing(self, key_hash: str, workload_id: str, agent_key: str | None = None) -> bool:
         with self._tx() as db:
             cur = db.execute(
                 "UPDATE pairing SET uses = uses - 1 WHERE hash = ? AND workload_id = ? AND uses > 0 AND expires >= ?",
                 (key_hash, workload_id, time.time()),
             )
-            return cur.rowcount == 1
+            if cur.rowcount != 1:
+                return False
+            if agent_key is not None:
+                db.execute(
+                    "INSERT OR REPLACE INTO agent_key (workload_id, public_key) VALUES (?, ?)", (workload_id, agent_key)
+                )
+            return True
 
     def drop_pairings(self, workload_id: str) -> int:
         with self._tx() as db:

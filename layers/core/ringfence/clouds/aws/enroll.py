@@ -240,7 +240,7 @@ def enroll_iid(api: AgentApi, req: agentapi.EnrollRequest, *, live: ec2.LiveInst
         raise ProofError(f"instance {ident.instance_id} is not running")
     if ident.private_ip and ident.private_ip not in ec2.instance_ips(inst):
         raise ProofError(f"instance {ident.instance_id} does not have the document's address")
-    api.bind_key(req, ident.instance_id, required=True, replace=False)
+    api.bind_key(req, ident.instance_id)
     if api.w.enroll_records_instance and api.w.store.get(ident.instance_id) is None:
         # the instance as just described (the agent often enrolls before its launch is ingested)
         observe_instances(api.w, ident.account, ident.region, [ident.instance_id], described={ident.instance_id: inst})
@@ -273,5 +273,5 @@ def enroll_sts(api: AgentApi, req: agentapi.EnrollRequest, *, live: ec2.LiveInst
     # metadata service (a local user, an SSRF): they prove the instance, not the agent. So the
     # first binding holds and a key is required, as for aws-iid (a token without one would revoke
     # the bound agent's); a lost key is reset by an onboarding operator.
-    api.bind_key(req, ident.instance_id, required=True, replace=False)
+    api.bind_key(req, ident.instance_id)
     return ident.instance_id

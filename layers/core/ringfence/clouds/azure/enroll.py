@@ -50,5 +50,5 @@ class AzureAttested:
             rec = api.w.store.get(doc.vm_id)
         if rec is None or not rec.active or (rec.workload.account or "").lower() != doc.subscription:
             raise ProofError(f"VM {doc.vm_id} is not a running VM of subscription {doc.subscription}")
-        api.bind_key(req, doc.vm_id, required=True, replace=False)
+        api.bind_key(req, doc.vm_id)
         return doc.vm_id
