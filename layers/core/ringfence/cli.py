@@ -638,13 +638,17 @@ def _audit_store(spec: str | None) -> Any:
 
 
 def _anchors(paths: list[str]) -> list[Any]:
-    """Heads saved by ``audit head`` (one JSON object a line; several files)."""
+    """Heads saved by ``audit head`` (one JSON object a line; several files), or every head the
+    anchor function wrote under ``s3://BUCKET/PREFIX``."""
     from pydantic import ValidationError
 
     from ringfence.audit import AuditHead
 
     out = []
     for path in paths:
+        if path.startswith("s3://"):
+            out += _s3_anchors(path)
+            continue
         for n, line in enumerate(Path(path).read_text().splitlines(), 1):
             if line.strip():
                 try:
@@ -652,6 +656,21 @@ def _anchors(paths: list[str]) -> list[Any]:
                 except ValidationError as exc:
                     raise CliError(f"{path}:{n}: not a saved audit head ({exc.errors()[0]['msg']})") from None
     return out
+
+
+def _s3_anchors(url: str) -> list[Any]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from ringfence.clouds.aws import clients
+    from ringfence.clouds.aws.anchor import AnchorError, parse_s3_url, read_anchors
+
+    try:
+        bucket, prefix = parse_s3_url(url)
+        return read_anchors(clients.client("s3"), bucket, prefix)
+    except AnchorError as exc:
+        raise CliError(str(exc)) from None
+    except (BotoCoreError, ClientError) as exc:
+        raise CliError(f"{url}: the anchors could not be read ({exc})") from None
 
 
 def cmd_audit_head(args: argparse.Namespace) -> int:
@@ -666,7 +685,9 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     from ringfence.audit import verify
 
     store = _audit_store(args.store)
-    verdict = verify(store.audit_log(), store.audit_head(), _anchors(args.anchor))
+    # the anchors first: one written while the chain is read is then never beyond the chain read
+    anchors = _anchors(args.anchor)
+    verdict = verify(store.audit_log(), store.audit_head(), anchors)
     if args.json:
         _print_json(
             {
@@ -1052,9 +1073,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--anchor",
         action="append",
         default=[],
-        metavar="FILE",
+        metavar="FILE|s3://BUCKET/PREFIX",
         help="heads saved earlier by `audit head` (JSON lines), kept where the store's writers cannot "
-        "write: the chain must still hold each (repeatable)",
+        "write, or every head the AWS anchor function wrote under an S3 prefix (each version of "
+        "each object): the chain must still hold each (repeatable)",
     )
     p.add_argument("--json", action="store_true", help="the verdict as JSON")
     p = add(

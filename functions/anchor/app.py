@@ -1,0 +1,40 @@
+"""Anchor: on a schedule, the audit chain's head written to the anchor bucket (Object Lock,
+compliance mode), outside the audit table's trust domain. Its role reads the head item and writes
+that bucket's ``anchors/`` prefix, nothing else; no other function may write the bucket.
+``ringfence audit verify --anchor s3://BUCKET/anchors/`` then requires the chain to hold every
+anchored head (docs/visibility.md)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.metrics import MetricUnit
+
+from ringfence.clouds.aws import clients
+from ringfence.clouds.aws.anchor import Anchorer
+from ringfence.control.wiring import Config
+from ringfence.store.dynamodb import DynamoStore
+
+logger = Logger()
+tracer = Tracer()
+metrics = Metrics()
+_svc: dict[str, Anchorer] = {}
+
+
+@logger.inject_lambda_context
+@tracer.capture_lambda_handler
+@metrics.log_metrics
+def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    if "anchor" not in _svc:
+        cfg = Config.from_env()
+        store = DynamoStore(
+            cfg.inventory_table, cfg.state_table, cfg.audit_table, resource=clients.resource("dynamodb")
+        )
+        _svc["anchor"] = Anchorer(store, clients.client("s3"), os.environ["RINGFENCE_ANCHOR_BUCKET"])
+    done = _svc["anchor"].run()
+    if done.key:
+        metrics.add_metric(name="AuditHeadAnchored", unit=MetricUnit.Count, value=1)
+        logger.info("audit head anchored", extra={"seq": done.head and done.head.seq, "key": done.key})
+    return {"seq": done.head.seq if done.head else 0, "key": done.key}

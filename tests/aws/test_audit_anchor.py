@@ -1,0 +1,144 @@
+"""The audit chain's head anchored on a schedule (``functions/anchor``) in an Object Lock bucket,
+and ``ringfence audit verify --anchor s3://…`` (the real CLI, in a subprocess) reading it back, over
+the moto server.
+
+moto (5.2) applies the bucket's default retention to each put and refuses deleting a locked
+version; it does not refuse shortening a COMPLIANCE retention (``PutObjectRetention`` overwrites
+it), so that part of Object Lock is AWS's to enforce and is not tested here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+
+from ringfence.audit import AuditHead, AuditRecord, seal, verify
+from ringfence.clouds.aws.anchor import anchor_key
+from ringfence.local.lambdas import load_functions
+from tests.aws.conftest import REGION, Env, LambdaContext
+from tests.aws.test_audit_chain import cli
+from tests.aws.test_pipeline import _scheduled
+
+ROOT = Path(__file__).resolve().parents[2]
+BUCKET = "rf-audit-anchors"
+SPEC = "dynamodb:rf-inventory,rf-state,rf-audit"
+
+
+@pytest.fixture
+def anchored(env: Env, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
+    """The stack with template.yaml's AuditAnchorBucket (Object Lock, a COMPLIANCE default
+    retention) and the anchor function loaded against it."""
+    env.s3.create_bucket(
+        Bucket=BUCKET, ObjectLockEnabledForBucket=True, CreateBucketConfiguration={"LocationConstraint": REGION}
+    )
+    env.s3.put_object_lock_configuration(
+        Bucket=BUCKET,
+        ObjectLockConfiguration={
+            "ObjectLockEnabled": "Enabled",
+            "Rule": {"DefaultRetention": {"Mode": "COMPLIANCE", "Days": 1}},
+        },
+    )
+    monkeypatch.setenv("RINGFENCE_ANCHOR_BUCKET", BUCKET)
+    env.fn.update(load_functions(["anchor"], ROOT / "functions", keep_clients=True))
+    yield env
+
+
+def run_anchor(env: Env) -> dict[str, Any]:
+    out: dict[str, Any] = env.fn["anchor"].handler(_scheduled(), LambdaContext())
+    return out
+
+
+def append(env: Env, n: int, who: str = "alice") -> list[AuditRecord]:
+    return [env.store.audit(AuditRecord(principal=who, action="workload.mode", target=f"w{i}")) for i in range(n)]
+
+
+def versions(env: Env) -> list[dict[str, Any]]:
+    return list(env.s3.list_object_versions(Bucket=BUCKET, Prefix="anchors/").get("Versions", []))
+
+
+def rewrite_chain_and_head(records: list[AuditRecord]) -> AuditHead:
+    """What a principal with PutItem on the audit table (six functions' roles) can do: every
+    record re-sealed with another principal, the head set to match (as in
+    test_what_the_chain_does_not_prove_a_rewritten_chain_and_head)."""
+    table = boto3.resource("dynamodb").Table("rf-audit")
+    head = AuditHead()
+    for r in records:
+        f = seal(r.model_copy(update={"principal": "mallory"}), head)
+        table.put_item(Item={"pk": "chain", "sk": f"{f.seq:012d}", "doc": f.model_dump_json()})
+        head = AuditHead(seq=f.seq, hash=f.hash)
+    table.put_item(Item={"pk": "head", "sk": "head", "seq": head.seq, "hash": head.hash})
+    return head
+
+
+def test_the_scheduled_anchor_writes_the_head_when_it_moved_and_the_object_is_locked(anchored: Env) -> None:
+    env = anchored
+    assert run_anchor(env) == {"seq": 0, "key": None}, "an empty chain: nothing to anchor"
+    recs = append(env, 2)
+    head = AuditHead(seq=2, hash=recs[-1].hash)
+    assert run_anchor(env) == {"seq": 2, "key": anchor_key(head)}
+    obj = env.s3.get_object(Bucket=BUCKET, Key=anchor_key(head))
+    body = json.loads(obj["Body"].read())
+    assert (body["seq"], body["hash"]) == (2, recs[-1].hash) and body["time"] > 0
+    assert obj["ObjectLockMode"] == "COMPLIANCE" and obj["ObjectLockRetainUntilDate"] > dt.datetime.now(dt.UTC)
+    with pytest.raises(ClientError) as refused:  # the locked version outlives a delete
+        env.s3.delete_object(Bucket=BUCKET, Key=anchor_key(head), VersionId=obj["VersionId"])
+    assert refused.value.response["Error"]["Code"] == "AccessDenied"
+
+    assert run_anchor(env)["key"] is None and len(versions(env)) == 1, "the head did not move: nothing written"
+    later = append(env, 1)
+    assert run_anchor(env)["key"] == anchor_key(AuditHead(seq=3, hash=later[-1].hash))
+    assert [v["Key"] for v in versions(env)] == [anchor_key(head), anchor_key(AuditHead(seq=3, hash=later[-1].hash))]
+
+
+def test_a_genuine_chain_passes_every_anchor_the_schedule_wrote(anchored: Env) -> None:
+    env = anchored
+    for n in (2, 3, 1):
+        append(env, n)
+        run_anchor(env)
+    # a cold container anchors the same head again: another locked version of the same content
+    env.fn.update(load_functions(["anchor"], ROOT / "functions", keep_clients=True))
+    run_anchor(env)
+    assert len(versions(env)) == 4
+    append(env, 2)  # written since the last anchor: the chain is ahead of every anchor
+    out = cli("audit", "verify", "--store", SPEC, "--anchor", f"s3://{BUCKET}/anchors/")
+    assert out.returncode == 0 and "ok: 8 record(s) chained" in out.stdout, out.stderr
+    # no anchor there: a wrong prefix is an error, never a pass
+    wrong = cli("audit", "verify", "--store", SPEC, "--anchor", f"s3://{BUCKET}/elsewhere/")
+    assert wrong.returncode == 1 and "no anchor under" in wrong.stderr, wrong.stderr
+
+
+def test_attack_a_rewritten_chain_and_head_is_caught_by_the_scheduled_anchor(anchored: Env) -> None:
+    env = anchored
+    append(env, 3)
+    run_anchor(env)  # seq 3 anchored
+    recs = [*env.store.audit_log(), *append(env, 2)]
+    rewrite_chain_and_head(recs)
+    assert verify(env.store.audit_log(), env.store.audit_head()).ok, "self-consistent: the chain alone passes it"
+    assert cli("audit", "verify", "--store", SPEC).returncode == 0
+    # the next scheduled run anchors the forged head too: the earlier, locked anchor still holds
+    assert run_anchor(env)["seq"] == 5
+    out = cli("audit", "verify", "--store", SPEC, "--anchor", f"s3://{BUCKET}/anchors/")
+    assert out.returncode == 1 and "BROKEN at seq 3" in out.stderr and "rewritten" in out.stderr, out.stderr
+    as_json = json.loads(cli("audit", "verify", "--store", SPEC, "--anchor", f"s3://{BUCKET}", "--json").stdout)
+    assert as_json["ok"] is False and as_json["first_bad_seq"] == 3
+
+
+def test_a_later_put_to_an_anchors_key_hides_nothing(anchored: Env) -> None:
+    """Every version counts: a forged body put over an anchor's key (by whoever could) leaves the
+    locked version in place, and verify reads it too."""
+    env = anchored
+    recs = append(env, 2)
+    run_anchor(env)
+    key = anchor_key(AuditHead(seq=2, hash=recs[-1].hash))
+    forged = rewrite_chain_and_head(recs)
+    env.s3.put_object(Bucket=BUCKET, Key=key, Body=forged.model_dump_json().encode(), ChecksumAlgorithm="SHA256")
+    env.s3.delete_object(Bucket=BUCKET, Key=key)  # a delete marker on top, too
+    out = cli("audit", "verify", "--store", SPEC, "--anchor", f"s3://{BUCKET}/anchors/")
+    assert out.returncode == 1 and "BROKEN at seq 2" in out.stderr, out.stderr
