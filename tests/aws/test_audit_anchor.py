@@ -10,12 +10,14 @@ it), so that part of Object Lock is AWS's to enforce and is not tested here.
 from __future__ import annotations
 
 import datetime as dt
+import fnmatch
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import boto3
+import hcl2
 import pytest
 from botocore.exceptions import ClientError
 
@@ -24,7 +26,19 @@ from ringfence.clouds.aws.anchor import anchor_key
 from ringfence.local.lambdas import load_functions
 from tests.aws.conftest import REGION, Env, LambdaContext
 from tests.aws.test_audit_chain import cli
+from tests.aws.test_function_iam import (
+    SAM,
+    WRITES,
+    Recorder,
+    Statement,
+    allowed,
+    granted,
+    refusals,
+    sam_statements,
+    terraform_statements,
+)
 from tests.aws.test_pipeline import _scheduled
+from tests.aws.test_static import template, unquote
 
 ROOT = Path(__file__).resolve().parents[2]
 BUCKET = "rf-audit-anchors"
@@ -142,3 +156,115 @@ def test_a_later_put_to_an_anchors_key_hides_nothing(anchored: Env) -> None:
     env.s3.delete_object(Bucket=BUCKET, Key=key)  # a delete marker on top, too
     out = cli("audit", "verify", "--store", SPEC, "--anchor", f"s3://{BUCKET}/anchors/")
     assert out.returncode == 1 and "BROKEN at seq 2" in out.stderr, out.stderr
+
+
+# --- the deployments ---------------------------------------------------------------------------------
+
+# what would let a role add, replace, hide or unlock an anchor (or the bucket's lock and policy)
+S3_WRITES = [
+    "s3:PutObject",
+    "s3:DeleteObject",
+    "s3:DeleteObjectVersion",
+    "s3:PutObjectRetention",
+    "s3:PutObjectLegalHold",
+    "s3:BypassGovernanceRetention",
+    "s3:PutBucketObjectLockConfiguration",
+    "s3:PutBucketPolicy",
+    "s3:PutBucketVersioning",
+    "s3:PutLifecycleConfiguration",
+    "s3:DeleteBucket",
+]
+
+
+def _covers_anchors(resource: str) -> bool:
+    """A statement resource that includes the anchor bucket or its objects: the bucket itself, or a
+    wildcard no narrower than every bucket."""
+    if resource == "*" or resource.startswith(("anchors:", "anchorsbucket")):
+        return True
+    return resource.startswith("other:") and ("AuditAnchorBucket" in resource or ":s3:::*" in resource)
+
+
+def anchor_writers(statements_of: Any, fns: list[str]) -> dict[str, list[Statement]]:
+    out: dict[str, list[Statement]] = {}
+    for fn in fns:
+        for st in statements_of(fn):
+            actions, resources, _ = st
+            writes = any(fnmatch.fnmatchcase(w, a) for a in actions for w in S3_WRITES)
+            if writes and any(_covers_anchors(r) for r in resources):
+                out.setdefault(fn, []).append(st)
+    return out
+
+
+def test_the_anchor_bucket_locks_in_compliance_mode_and_only_the_anchor_function_writes_it() -> None:
+    res = template()["Resources"]
+    bucket = res["AuditAnchorBucket"]
+    props = bucket["Properties"]
+    assert props["ObjectLockEnabled"] is True and props["VersioningConfiguration"] == {"Status": "Enabled"}
+    lock = props["ObjectLockConfiguration"]
+    assert lock["ObjectLockEnabled"] == "Enabled"
+    assert lock["Rule"]["DefaultRetention"] == {"Mode": "COMPLIANCE", "Days": {"Ref": "AuditAnchorRetentionDays"}}
+    assert all(props["PublicAccessBlockConfiguration"].values()) and bucket["DeletionPolicy"] == "Retain"
+    assert props["BucketEncryption"] == res["BundleBucket"]["Properties"]["BucketEncryption"]
+    (tls,) = res["AuditAnchorBucketPolicy"]["Properties"]["PolicyDocument"]["Statement"]
+    assert tls["Effect"] == "Deny" and tls["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    fn = res["AnchorFunction"]["Properties"]
+    assert fn["Events"]["Schedule"]["Properties"]["ScheduleExpression"] == {"Ref": "AuditAnchorSchedule"}
+    assert fn["Environment"]["Variables"]["RINGFENCE_ANCHOR_BUCKET"] == {"Ref": "AuditAnchorBucket"}
+    assert template()["Outputs"]["AuditAnchorBucket"]["Value"] == {"Ref": "AuditAnchorBucket"}
+
+    main = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/main.tf").read_text()))
+    resources: dict[str, dict[str, Any]] = {}
+    for block in main["resource"]:
+        for kind, named in block.items():
+            resources.update({f"{kind}.{n}": v for n, v in named.items()})
+    assert resources["aws_s3_bucket.anchors"]["object_lock_enabled"] is True
+    assert resources["aws_s3_bucket_versioning.anchors"]["versioning_configuration"][0]["status"] == "Enabled"
+    (rule,) = resources["aws_s3_bucket_object_lock_configuration.anchors"]["rule"]
+    retention = rule["default_retention"][0]
+    assert (retention["mode"], retention["days"]) == ("COMPLIANCE", "${var.audit_anchor_retention_days}")
+    block = resources["aws_s3_bucket_public_access_block.anchors"]
+    assert all(block[k] is True for k in ("block_public_acls", "block_public_policy", "ignore_public_acls"))
+    assert block["restrict_public_buckets"] is True
+    assert "aws_s3_bucket_server_side_encryption_configuration.anchors" in resources
+    assert "aws_s3_bucket_policy.anchors" in resources
+    tf_fns = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/lambda.tf").read_text()))
+    loc: dict[str, Any] = {}
+    for block in tf_fns["locals"]:
+        loc.update(block)
+    assert loc["functions"]["anchor"]["env"] == {"RINGFENCE_ANCHOR_BUCKET": "${aws_s3_bucket.anchors.id}"}
+    outputs = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/outputs.tf").read_text()))
+    assert any(
+        o.get("audit_anchor_bucket", {}).get("value") == "${aws_s3_bucket.anchors.id}" for o in outputs["output"]
+    )
+
+    # every function of each deployment is judged, and only the anchor function may write the bucket
+    sam_fns = {n for n, r in res.items() if r["Type"] == "AWS::Serverless::Function"}
+    assert set(SAM.values()) == sam_fns, sam_fns ^ set(SAM.values())
+    assert anchor_writers(sam_statements, list(SAM)).keys() == {"anchor"}
+    assert anchor_writers(terraform_statements, list(loc["statements"])).keys() == {"anchor"}
+
+
+def test_the_anchor_function_reads_only_the_head_and_writes_nothing_in_the_audit_table(anchored: Env) -> None:
+    """Its calls as made over moto are granted in both deployments; any write to the audit table,
+    or a read of a record, is not."""
+    env = anchored
+    rec = Recorder(env, anchors=BUCKET)
+    append(env, 2)
+    run_anchor(env)
+    assert [(a, t) for a, t, _ in rec.calls["anchor"]] == [("GetItem", "audit")]
+    assert [a for a, _ in rec.other["anchor"]] == ["s3:PutObject"]
+    assert not refusals(rec, ["anchor"])
+    for where, statements_of in (("template.yaml", sam_statements), ("infra/", terraform_statements)):
+        statements = statements_of("anchor")
+        for action in sorted(WRITES):
+            for key in ("head", "chain", "id#x"):
+                attack = (action, "audit", {"dynamodb:LeadingKeys": [key], "dynamodb:Attributes": ["pk", "sk"]})
+                assert not allowed(statements, attack), (where, attack)
+        record = ("GetItem", "audit", {"dynamodb:LeadingKeys": ["chain"], "dynamodb:Attributes": ["pk", "sk"]})
+        assert not allowed(statements, record), where
+        for other in ("state", "inventory", "idempotency"):
+            assert not allowed(statements, ("GetItem", other, {"dynamodb:LeadingKeys": ["x"]})), (where, other)
+        assert not granted(statements, "s3:PutObject", "s3:bundles/i-1/1.json"), where
+        assert not granted(statements, "s3:PutObject", "anchors:elsewhere/x.json"), where
+        assert not granted(statements, "s3:DeleteObject", "anchors:anchors/x.json"), where
+        assert not granted(statements, "s3:PutObjectRetention", "anchors:anchors/x.json"), where

@@ -50,6 +50,7 @@ SAM = {
     "gcpevents": "GcpEventsFunction",
     "azureevents": "AzureEventsFunction",
     "cloudreconcile": "CloudReconcileFunction",
+    "anchor": "AnchorFunction",
 }
 # what an expression names that is not an attribute
 _WORDS = {"SET", "REMOVE", "ADD", "DELETE", "AND", "OR", "NOT", "BETWEEN", "IN"}
@@ -57,7 +58,7 @@ _FUNCTIONS = {"attribute_exists", "attribute_not_exists", "attribute_type", "beg
 _FUNCTIONS |= {"if_not_exists", "list_append"}
 
 # action patterns, resources ("*", "table:<name>", "s3:<key pattern>", "s3bucket", "flowlogs:<key
-# pattern>", other), conditions
+# pattern>", "anchors:<key pattern>" and "anchorsbucket" (the audit anchor bucket), other), conditions
 Statement = tuple[set[str], set[str], list[tuple[str, str, list[str]]]]
 Request = tuple[str, str, dict[str, list[str]]]  # action, table, condition context
 
@@ -79,6 +80,11 @@ def _sam_resource(t: Any) -> str:
     if isinstance(sub, str) and sub.startswith("${BundleBucket.Arn}"):
         key = sub.removeprefix("${BundleBucket.Arn}")
         return "s3:" + key.removeprefix("/") if key else "s3bucket"
+    if isinstance(sub, str) and sub.startswith("${AuditAnchorBucket.Arn}"):
+        key = sub.removeprefix("${AuditAnchorBucket.Arn}")
+        return "anchors:" + key.removeprefix("/") if key else "anchorsbucket"
+    if att == "AuditAnchorBucket.Arn":
+        return "anchorsbucket"
     return f"other:{t}"
 
 
@@ -121,6 +127,9 @@ def _tf_resource(r: str) -> str:
     m = re.fullmatch(r"\$?\{?aws_s3_bucket\.bundles\.arn\}?(/.*)?", r)
     if m:
         return "s3:" + m[1][1:] if m[1] else "s3bucket"
+    m = re.fullmatch(r"\$?\{?aws_s3_bucket\.anchors\.arn\}?(/.*)?", r)
+    if m:
+        return "anchors:" + m[1][1:] if m[1] else "anchorsbucket"
     return f"other:{r}"
 
 
@@ -187,12 +196,14 @@ _ACTION = {
 
 
 def action_of(
-    service: str, op: str, params: dict[str, Any], bucket: str, flow_logs: Iterable[str] = ()
+    service: str, op: str, params: dict[str, Any], bucket: str, flow_logs: Iterable[str] = (), anchors: str = ""
 ) -> tuple[str, str | None]:
     action = _ACTION.get((service, op), f"{service}:{op}")
     if service == "s3":
         if params.get("Bucket") in flow_logs:
             return action, "flowlogs:" + str(params.get("Key", ""))
+        if anchors and params.get("Bucket") == anchors:
+            return action, ("anchorsbucket" if action == "s3:ListBucket" else "anchors:" + str(params.get("Key", "")))
         if params.get("Bucket") != bucket:
             return action, f"other-bucket:{params.get('Bucket')}"
         return action, ("s3bucket" if action == "s3:ListBucket" else "s3:" + str(params.get("Key", "")))
@@ -277,8 +288,9 @@ def requests_of(op: str, params: dict[str, Any]) -> list[Request]:
 class Recorder:
     """Every DynamoDB call made while a function handles an event, by function."""
 
-    def __init__(self, env: Env, flow_logs: Iterable[str] = ()) -> None:
+    def __init__(self, env: Env, flow_logs: Iterable[str] = (), anchors: str = "") -> None:
         self.flow_logs = tuple(flow_logs)  # buckets where VPC Flow Logs are delivered
+        self.anchors = anchors  # the audit anchor bucket
         self.current: str | None = None
         self.calls: dict[str, list[Request]] = {}
         self.other: dict[str, list[tuple[str, str | None]]] = {}  # every other service's calls
@@ -304,7 +316,7 @@ class Recorder:
         if service == "dynamodb":
             self.calls.setdefault(self.current, []).extend(requests_of(model.name, params))
         else:
-            call = action_of(service, model.name, params, self.bucket, self.flow_logs)
+            call = action_of(service, model.name, params, self.bucket, self.flow_logs, self.anchors)
             self.other.setdefault(self.current, []).append(call)
 
     @property

@@ -276,7 +276,8 @@ def test_every_function_that_audits_may_read_the_chain_head_and_the_lifecycle_on
     """An audit record is written after the chain head is read (GetItem, then PutItem): a role
     with PutItem alone fails at its first record in AWS (moto does not check IAM, so only this
     test can say). The lifecycle function audits a refused terminate and retires the credentials
-    of an instance it sees terminated: both deployments let it."""
+    of an instance it sees terminated: both deployments let it. (The anchor function reads the
+    head and writes no record: tests/aws/test_audit_anchor.py.)"""
     res = template()["Resources"]
     cfn: dict[str, dict[str, set[str]]] = {}
     for name, r in res.items():
@@ -288,15 +289,15 @@ def test_every_function_that_audits_may_read_the_chain_head_and_the_lifecycle_on
             for t in targets:
                 if isinstance(t, dict) and "GetAtt" in t:
                     cfn.setdefault(name, {}).setdefault(t["GetAtt"], set()).update(st["Action"])
-    auditing = {n: a["AuditTable.Arn"] for n, a in cfn.items() if "AuditTable.Arn" in a}
-    assert auditing and all({"dynamodb:GetItem", "dynamodb:PutItem"} <= a for a in auditing.values()), auditing
+    auditing = {n: a["AuditTable.Arn"] for n, a in cfn.items() if "dynamodb:PutItem" in a.get("AuditTable.Arn", ())}
+    assert auditing and all("dynamodb:GetItem" in a for a in auditing.values()), auditing
     assert "LifecycleFunction" in auditing
     assert "dynamodb:DeleteItem" in cfn["LifecycleFunction"]["StateTable.Arn"]
     # GET /admin/findings reads set heads with BatchGetItem (ringfence.control.findings)
     assert "dynamodb:BatchGetItem" in cfn["AdminFunction"]["StateTable.Arn"]
 
     tf = (ROOT / "infra/modules/ringfence/lambda.tf").read_text()
-    audit_lines = [line for line in tf.splitlines() if "aws_dynamodb_table.audit.arn" in line]
+    audit_lines = [line for line in tf.splitlines() if "aws_dynamodb_table.audit.arn" in line and "PutItem" in line]
     assert audit_lines and all('"dynamodb:GetItem", "dynamodb:PutItem"' in line for line in audit_lines), audit_lines
     lifecycle = tf[tf.index("    lifecycle = [") : tf.index("    reconcile = [")]
     assert "aws_dynamodb_table.audit.arn" in lifecycle

@@ -63,6 +63,8 @@ locals {
     admin     = { memory = 512, timeout = 29, concurrency = 5, env = { RINGFENCE_ADMIN_ROLES = jsonencode(var.admin_roles) } }
     wsconnect = { memory = 256, timeout = 10, concurrency = 20, env = {} }
     flows     = { memory = 1024, timeout = 300, concurrency = 10, env = {} }
+    # the audit chain's head to the anchor bucket, on var.audit_anchor_schedule (docs/visibility.md)
+    anchor = { memory = 256, timeout = 30, concurrency = 1, env = { RINGFENCE_ANCHOR_BUCKET = aws_s3_bucket.anchors.id } }
   }
   # the GCP events function exists only with var.gcp (its layer carries the Google SDKs)
   gcp_functions = var.gcp == null ? {} : {
@@ -282,6 +284,12 @@ locals {
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
       local.policies_read, local.kms_use,
     ], try(var.azure.credentials_secret_arn, "") == "" ? [] : [{ actions = ["secretsmanager:GetSecretValue"], resources = [var.azure.credentials_secret_arn] }])
+    # the chain's head item only (no record, no write in the audit table); the anchors' prefix only
+    anchor = [
+      { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.audit.arn], conditions = [{ test = "ForAllValues:StringEquals", variable = "dynamodb:LeadingKeys", values = ["head"] }] },
+      { actions = ["s3:PutObject"], resources = ["${aws_s3_bucket.anchors.arn}/anchors/*"] },
+      local.async_dlq, local.kms_use,
+    ]
     wsconnect = [
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.state.arn] },
       { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.inventory.arn] },
@@ -461,7 +469,7 @@ resource "aws_lambda_event_source_mapping" "sqs" {
 
 resource "aws_cloudwatch_event_rule" "schedule" {
   for_each = merge(
-    { reconcile = var.reconcile_schedule, perimeter = "rate(30 minutes)" },
+    { reconcile = var.reconcile_schedule, perimeter = "rate(30 minutes)", anchor = var.audit_anchor_schedule },
     { for k in keys(local.cloud_functions) : k => var.reconcile_schedule },
   )
   name                = "${var.name}-${each.key}-schedule"

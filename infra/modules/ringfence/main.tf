@@ -231,6 +231,90 @@ resource "aws_s3_bucket_policy" "bundles" {
   policy = data.aws_iam_policy_document.bundles_tls.json
 }
 
+# the audit chain's head, anchored outside the audit table's trust domain (docs/visibility.md):
+# only the anchor function may write it, and Object Lock keeps every version it wrote
+resource "aws_s3_bucket" "anchors" {
+  #checkov:skip=CKV_AWS_144:cross-region replication is a deployment choice
+  #checkov:skip=CKV2_AWS_62:nothing consumes its event notifications
+  #checkov:skip=CKV2_AWS_61:no lifecycle: Object Lock keeps each anchor for its retention, and they stay after it
+  bucket_prefix       = "${var.name}-audit-anchors-"
+  object_lock_enabled = true
+  tags                = var.tags
+}
+
+resource "aws_s3_bucket_versioning" "anchors" {
+  bucket = aws_s3_bucket.anchors.id
+  versioning_configuration {
+    status = "Enabled"
+  }
+}
+
+resource "aws_s3_bucket_object_lock_configuration" "anchors" {
+  bucket = aws_s3_bucket.anchors.id
+  rule {
+    default_retention {
+      mode = "COMPLIANCE"
+      days = var.audit_anchor_retention_days
+    }
+  }
+  depends_on = [aws_s3_bucket_versioning.anchors]
+}
+
+resource "aws_s3_bucket_server_side_encryption_configuration" "anchors" {
+  bucket = aws_s3_bucket.anchors.id
+  rule {
+    apply_server_side_encryption_by_default {
+      sse_algorithm     = "aws:kms"
+      kms_master_key_id = aws_kms_key.this.arn
+    }
+    bucket_key_enabled = true
+  }
+}
+
+resource "aws_s3_bucket_public_access_block" "anchors" {
+  bucket                  = aws_s3_bucket.anchors.id
+  block_public_acls       = true
+  block_public_policy     = true
+  ignore_public_acls      = true
+  restrict_public_buckets = true
+}
+
+resource "aws_s3_bucket_ownership_controls" "anchors" {
+  bucket = aws_s3_bucket.anchors.id
+  rule {
+    object_ownership = "BucketOwnerEnforced"
+  }
+}
+
+resource "aws_s3_bucket_logging" "anchors" {
+  bucket        = aws_s3_bucket.anchors.id
+  target_bucket = aws_s3_bucket.logs.id
+  target_prefix = "anchors/"
+}
+
+data "aws_iam_policy_document" "anchors_tls" {
+  statement {
+    sid       = "TlsOnly"
+    effect    = "Deny"
+    actions   = ["s3:*"]
+    resources = [aws_s3_bucket.anchors.arn, "${aws_s3_bucket.anchors.arn}/*"]
+    principals {
+      type        = "*"
+      identifiers = ["*"]
+    }
+    condition {
+      test     = "Bool"
+      variable = "aws:SecureTransport"
+      values   = ["false"]
+    }
+  }
+}
+
+resource "aws_s3_bucket_policy" "anchors" {
+  bucket = aws_s3_bucket.anchors.id
+  policy = data.aws_iam_policy_document.anchors_tls.json
+}
+
 resource "aws_s3_bucket" "logs" {
   #checkov:skip=CKV_AWS_18:this is the access-log bucket itself
   #checkov:skip=CKV_AWS_144:cross-region replication of access logs is a deployment choice
@@ -440,7 +524,7 @@ locals {
     publish    = { queue = aws_sqs_queue.publish.arn, roles = [local.fn_role["compute"]] }
     ingest_dlq = { queue = aws_sqs_queue.ingest_dlq.arn, roles = [local.fn_role["ingest"]] }
     # Lambda sends a failed async invocation with the function's own role (every function has this DLQ)
-    async_dlq = { queue = aws_sqs_queue.async_dlq.arn, roles = compact([local.fn_role["ingest"], local.fn_role["compute"], local.fn_role["publish"], local.fn_role["lifecycle"], local.fn_role["reconcile"], local.fn_role["perimeter"], local.fn_role["agentapi"], local.fn_role["admin"], local.fn_role["wsconnect"], local.fn_role["flows"], try(local.fn_role["gcpevents"], ""), try(local.fn_role["azureevents"], ""), try(local.fn_role["cloudreconcile"], "")]) }
+    async_dlq = { queue = aws_sqs_queue.async_dlq.arn, roles = compact([local.fn_role["ingest"], local.fn_role["compute"], local.fn_role["publish"], local.fn_role["lifecycle"], local.fn_role["reconcile"], local.fn_role["perimeter"], local.fn_role["agentapi"], local.fn_role["admin"], local.fn_role["wsconnect"], local.fn_role["flows"], local.fn_role["anchor"], try(local.fn_role["gcpevents"], ""), try(local.fn_role["azureevents"], ""), try(local.fn_role["cloudreconcile"], "")]) }
   }
   redrive_only_dlqs = {
     lifecycle_dlq = aws_sqs_queue.lifecycle_dlq

@@ -14,6 +14,11 @@ output "bundle_bucket" {
   value = aws_s3_bucket.bundles.id
 }
 
+output "audit_anchor_bucket" {
+  description = "Where the anchor function writes the audit chain's head (ringfence audit verify --anchor s3://BUCKET/anchors/)."
+  value       = aws_s3_bucket.anchors.id
+}
+
 output "alarm_topic_arn" {
   value = aws_sns_topic.alarms.arn
 }

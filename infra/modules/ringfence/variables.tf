@@ -156,6 +156,22 @@ variable "reconcile_schedule" {
   default = "rate(15 minutes)"
 }
 
+variable "audit_anchor_schedule" {
+  description = "How often the anchor function copies the audit chain's head to the anchor bucket (docs/visibility.md): a rewrite of records newer than the last anchor is not caught."
+  type        = string
+  default     = "rate(1 hour)"
+}
+
+variable "audit_anchor_retention_days" {
+  description = "Object Lock default retention (COMPLIANCE mode) of each anchored head: until then no one, the account's root included, can delete or overwrite it."
+  type        = number
+  default     = 365
+  validation {
+    condition     = var.audit_anchor_retention_days >= 1
+    error_message = "audit_anchor_retention_days: at least 1."
+  }
+}
+
 variable "perimeter_config" {
   description = "ringfence.perimeter.PerimeterConfig as an object (JSON-encoded into the function)."
   type        = any
