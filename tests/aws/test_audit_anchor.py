@@ -211,6 +211,15 @@ def test_the_anchor_bucket_locks_in_compliance_mode_and_only_the_anchor_function
     assert fn["Events"]["Schedule"]["Properties"]["ScheduleExpression"] == {"Ref": "AuditAnchorSchedule"}
     assert fn["Environment"]["Variables"]["RINGFENCE_ANCHOR_BUCKET"] == {"Ref": "AuditAnchorBucket"}
     assert template()["Outputs"]["AuditAnchorBucket"]["Value"] == {"Ref": "AuditAnchorBucket"}
+    alarm = res["AuditAnchorErrorsAlarm"]["Properties"]  # a failing anchor is seen, not silent
+    assert alarm["Dimensions"] == [{"Name": "FunctionName", "Value": {"Ref": "AnchorFunction"}}]
+    assert alarm["MetricName"] == "Errors" and alarm["AlarmActions"] == [{"Ref": "AlarmTopic"}]
+    alarms = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/alarms.tf").read_text()))
+    tf_alarm = next(b for b in alarms["locals"] if "alarms" in b)["alarms"]["anchor-errors"]
+    assert (tf_alarm["metric"], tf_alarm["dims"]) == (
+        "Errors",
+        {"FunctionName": '${aws_lambda_function.fn["anchor"].function_name}'},
+    )
 
     main = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/main.tf").read_text()))
     resources: dict[str, dict[str, Any]] = {}

@@ -19,6 +19,7 @@ locals {
     gcp-reconcile      = { ns = "Ringfence", metric = "GcpReconcileFailed", stat = "Sum", dims = { service = "ringfence" }, what = "a scheduled GCP reconcile failed for a project: its inventory or firewall policy not brought up to date (never without GCP)" }
     azure-reconcile    = { ns = "Ringfence", metric = "AzureReconcileFailed", stat = "Sum", dims = { service = "ringfence" }, what = "a scheduled Azure reconcile failed for a subscription: its inventory or NSGs not brought up to date (never without Azure)" }
     async-dlq          = { ns = "AWS/SQS", metric = "ApproximateNumberOfMessagesVisible", stat = "Maximum", dims = { QueueName = aws_sqs_queue.async_dlq.name }, what = "scheduled runs failed" }
+    anchor-errors      = { ns = "AWS/Lambda", metric = "Errors", stat = "Sum", dims = { FunctionName = aws_lambda_function.fn["anchor"].function_name }, what = "the anchor function failed: the audit chain's head is not being anchored" }
     ingest-errors      = { ns = "AWS/Lambda", metric = "Errors", stat = "Sum", dims = { FunctionName = aws_lambda_function.fn["ingest"].function_name }, what = "ingest errors" }
     compute-errors     = { ns = "AWS/Lambda", metric = "Errors", stat = "Sum", dims = { FunctionName = aws_lambda_function.fn["compute"].function_name }, what = "compute crashed or timed out (handled failures: compute-failures)" }
     compute-failures   = { ns = "Ringfence", metric = "ComputeFailures", stat = "Sum", dims = { service = "ringfence" }, what = "compute failed a batch and handed it back for a retry" }
