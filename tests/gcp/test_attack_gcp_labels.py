@@ -759,6 +759,54 @@ def test_attack_gcp_a_taggers_late_entry_approves_nothing_where_the_vm_was_seen_
     assert [a.principal for a in audits(wiring, "label.held", inst["id"])] == [MALLORY]
 
 
+def test_attack_gcp_a_split_calls_last_entry_pushed_with_a_later_time_approves_nothing_seen_undone(
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same for a split setLabels (first and last entries, both late), where when the call
+    ended is its last entry's time: Mallory, who may publish to the topic, pushes the tagger's
+    genuine last entry again with a timestamp 30 s later (Cloud Logging's read still finds it by
+    insertId), to date the call after the pass that saw the VM back on web. The end is the last
+    entry's time as Cloud Logging has it: the entry approves nothing, as the genuine one does."""
+    monkeypatch.setattr(ingest_module, "LOGGING_LAG", 0.0)
+    monkeypatch.setattr(ingest_module, "SETTLED", 0.0)  # the pass runs well after the call
+    ingest = GcpIngest(wiring, gcp_config(gcp, LabelSource.LABELS))
+    prod_web = {"ringfence-role": "web", "ringfence-app": "ordering", "ringfence-env": "prod"}
+    jump = {**prod_web, "ringfence-role": "jumpbox"}
+    method = "v1.compute.instances.setLabels"
+
+    def scenario(ip: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        inst = gcp.add_instance(PROJECT, ZONE, vm_name(), [ip], labels=prod_web)
+        deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", inst))
+        gcp.set_labels(PROJECT, ZONE, inst["name"], jump)  # the tagger's split call, logged
+        op = f"operation-late-{inst['id']}"
+        request = {"labels": [{"key": k, "value": v} for k, v in jump.items()]}
+        logged(gcp, audit_entry(method, inst, request=request, operation=op, last=False))
+        last = logged(gcp, audit_entry(method, inst, operation=op, first=False))
+        set_labels(gcp, inst, prod_web)  # undone; not listed yet
+        time.sleep(0.05)
+        ingest.sync(PROJECT)  # seen back on web after the call
+        set_labels(gcp, inst, jump, principal=MALLORY)  # re-made; not listed yet
+        return inst, last
+
+    def held_unconfirmed(inst: dict[str, Any]) -> None:
+        rec = wiring.store.get(inst["id"])
+        assert rec is not None and rec.labels["role"] == "web" and rec.workload.held_labels is not None
+        assert not audits(wiring, "label.approve", inst["id"])
+        [stale] = audits(wiring, "label.unconfirmed", inst["id"])
+        assert "seen without" in stale.reason
+
+    inst, last = scenario("10.20.2.64")  # the genuine last entry, late
+    assert post(ingest, push_body(last), push_token(gcp))[0] == 200
+    held_unconfirmed(inst)
+
+    inst, last = scenario("10.20.2.65")
+    forged = copy.deepcopy(last)
+    later = time.time() + 30
+    forged["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(later)) + f".{int(later % 1 * 1e6):06d}Z"
+    assert post(ingest, push_body(forged), push_token(gcp))[0] == 200
+    held_unconfirmed(inst)
+
+
 def test_attack_gcp_a_published_copy_of_an_entry_on_another_vm_spends_nothing_of_it(
     gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -200,11 +200,13 @@ class GcpIngest:
             # seen stays. Where a privileged move makes who called matter, the operation's first
             # entry as logged decides (one read, which lists this last entry as logged too, so a
             # forged successful end of a failed call decides nothing either)
-            pushed, (said, first_logged) = said, self._first_from_log(project, ev)
+            pushed, (said, first_logged, ended) = said, self._first_from_log(project, ev)
             if pushed is not None and said is not None and _said(pushed) != _said(said):
                 claimed = TagChange(pushed.principal, self.requested_tags(pushed.action, pushed.requested))
                 why = "Cloud Logging has another first entry of the operation"
                 self._unconfirmed(project, pushed, claimed, f"the pushed first entry decides nothing: {why}")
+        else:
+            ended = ev.time  # a call logged in one entry: confirmed by its time (:meth:`confirm`)
         spend: str | None = None
         if said is None:
             change = TagChange(None, None)  # unattributed: approves nothing and blames nobody
@@ -212,7 +214,7 @@ class GcpIngest:
             change = TagChange(said.principal, self.said_tags(project, said))
             approving = self.would_approve(change)
             before = stored.get(observed[0].id) if observed else None
-            if approving and (why := self._seen_undone(said, ev, change, before)):
+            if approving and (why := self._seen_undone(said, ended, change, before)):
                 # no Logging read: this process saw the call undone itself (what Logging may not
                 # list yet, if the value was set again since)
                 self.metric("UnconfirmedApprovals", 1)
@@ -390,12 +392,16 @@ class GcpIngest:
             return change, None
         return (TagChange(None, None), None) if self.w.store.claimed(spend) else (change, spend)
 
-    def _seen_undone(self, said: GcpEvent, ev: GcpEvent, change: TagChange, before: InventoryRecord | None) -> str:
-        """Why the tagger's call ``said`` (ended by ``ev``) is not what set the privileged values
-        ``change`` would approve, from the VM as stored (``before``): observed without one of them
+    def _seen_undone(
+        self, said: GcpEvent, ended: datetime | None, change: TagChange, before: InventoryRecord | None
+    ) -> str:
+        """Why the tagger's call ``said`` (ended at ``ended``: a split call's last entry as Cloud
+        Logging has it, :meth:`_first_from_log`) is not what set the privileged values ``change``
+        would approve, from the VM as stored (``before``): observed without one of them
         :data:`SETTLED` s or more after the call ended, so it was undone, and what the VM carries
-        now was set again since. "" when that is not known."""
-        end = ev.time if said is not ev and ev.time is not None else said.time
+        now was set again since. "" when that is not known. Without an end, the call's first entry
+        (as logged) dates it: earlier, never later, than it ended."""
+        end = ended or said.time
         mapper = self._governed_mapper()
         if end is None or mapper is None or before is None or before.state == "terminated":
             return ""
@@ -532,9 +538,13 @@ class GcpIngest:
             undone = any(tags.get(k) != v for k, v in moved.items())
         return what if undone else ""
 
-    def _first_from_log(self, project: str, last: GcpEvent) -> tuple[GcpEvent | None, dict[str, Any] | None]:
+    def _first_from_log(
+        self, project: str, last: GcpEvent
+    ) -> tuple[GcpEvent | None, dict[str, Any] | None, datetime | None]:
         """The first entry of ``last``'s operation as Cloud Logging has it (parsed, and as read),
-        when it went to another process (a function's concurrent instances) and what it set could
+        with when the call ended (the earlier of ``last``'s pushed time and its time as logged: a
+        publisher may push the genuine last entry with a later timestamp, which the read still
+        finds, to date the call after an observation that saw it undone), when it went to another process (a function's concurrent instances) and what it set could
         approve or blame: a tagger's change is then approved, not held. Read only for inserts and
         for label and tag changes where they are a label source, under governed labels, and (the
         caller's check) only when the VM moves a label into a privileged value, so a scale-out
@@ -548,12 +558,12 @@ class GcpIngest:
         )
         logged_in = activity_log_project(last.log_name)
         if not could_matter or logged_in not in self.cfg.projects or last.time is None or not last.operation:
-            return None, None
+            return None, None, None
         if self._governed_mapper() is None:
-            return None, None
+            return None, None, None
         if self.w.store.claimed(_decided(last)):
-            return None, None  # this last entry decided already: replayed, it decides nothing
-        entry = self.logs.find_first(
+            return None, None, None  # this last entry decided already: replayed, it decides nothing
+        both = self.logs.find_first(
             logged_in,
             str(last.log_name),
             last.operation,
@@ -561,20 +571,24 @@ class GcpIngest:
             last.time,
             timedelta(seconds=CONFIRM_MAX_AGE),
         )
-        if entry is None:
+        if both is None:
             if time.time() - last.time.timestamp() < LOGGING_LAG:
                 raise ServiceUnavailable(  # type: ignore[no-untyped-call]
                     f"Cloud Logging has no first entry of {last.operation!r}, or not this last one, yet: retried"
                 )
-            return None, None
+            return None, None, None
+        entry, last_entry = both
         try:
             first = parse(entry)
+            last_logged = parse(last_entry)
         except MalformedEvent:
-            return None, None
+            return None, None, None
         if first is None or not first.first or first.failed or not self._same_call(first, last):
-            return None, None
+            return None, None, None
         self.metric("FirstEntriesReadBack", 1)
-        return first, entry
+        # a logged end without a time: the first entry's (earlier) dates the call (_seen_undone)
+        ended = min(last.time, last_logged.time) if last_logged is not None and last_logged.time else None
+        return first, entry, ended
 
     def _read_back(
         self, project: str, said: GcpEvent, entry: dict[str, Any] | None = None

@@ -63,24 +63,27 @@ class AuditLogReader:
 
     def find_first(
         self, project: str, log_name: str, operation: str, last_insert_id: str, at: datetime, since: timedelta
-    ) -> dict[str, Any] | None:
+    ) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """The first entry (``operation.first``) of the long-running ``operation`` in ``log_name``,
-        written at most ``since`` before ``at`` (its last entry's time), or None; and only when the
-        same listing has the last entry ``last_insert_id`` (``operation.last``) too, so a pushed
-        "last" entry Google did not write cannot spend the call's approval or finding before the
-        genuine one arrives. For a last entry whose first reached another process: what the call
-        set is in the first entry alone."""
+        written at most ``since`` before ``at`` (its last entry's time), with the last entry
+        ``last_insert_id`` (``operation.last``) as the same listing has it; None unless both are
+        listed, so a pushed "last" entry Google did not write cannot spend the call's approval or
+        finding before the genuine one arrives. For a last entry whose first reached another
+        process: what the call set is in the first entry alone. The last entry as logged says when
+        the call ended: the pushed one's timestamp is only what its publisher wrote (the window
+        finds the genuine entry under a later pushed time too)."""
         doc = self._entries(project, log_name, f"operation.id={quoted(operation)}", at - since, at, "asc")
         first: dict[str, Any] | None = None
-        last_logged = False
+        last: dict[str, Any] | None = None
         for entry in doc.get("entries") or []:
             op = entry.get("operation") if isinstance(entry, dict) else None
             if not isinstance(op, dict) or op.get("id") != operation:
                 continue
             if op.get("first") is True and first is None:
                 first = dict(entry)
-            last_logged |= op.get("last") is True and entry.get("insertId") == last_insert_id
-        return first if last_logged else None
+            if op.get("last") is True and entry.get("insertId") == last_insert_id and last is None:
+                last = dict(entry)
+        return (first, last) if first is not None and last is not None else None
 
     def about_vm(
         self, project: str, log_name: str, instance_id: str, *, compute: bool, tags: bool, since: datetime
