@@ -384,11 +384,9 @@ def test_attack_an_identity_document_replayed_after_a_reset_binds_only_the_key_t
     env.bind(ONBOARDING, ["onboarding"])
     assert enroll_iid(env, web)[0] == 200
     copied = iid_document(env, web)  # the document as a log or a backup kept it
-    fresh = AgentKey()  # the reinstalled agent: its first try is refused, and audited with its key id
+    fresh = AgentKey()  # the reinstalled agent: its first try is refused
     assert enroll_iid(env, web, key=fresh)[0] == 401
-    (refused,) = audits(env, "agent.enroll.refused", web)
-    named = refused.principal.removeprefix("agent-key:")
-    assert named == agent_key_id(fresh.pem)
+    named = agent_key_id(fresh.pem)  # as its `ringfence-agent status` shows it on the host
     path = f"/admin/workloads/{web}/agent-key"
     status, _, out = env.rest("admin", "DELETE", path, {"next_agent_key": "not-a-key-id"}, principal=ONBOARDING)
     assert status == 422 and "next_agent_key" in out["detail"], out
@@ -409,6 +407,41 @@ def test_attack_an_identity_document_replayed_after_a_reset_binds_only_the_key_t
     assert status == 401, "and after it, the first binding holds as before"
     (reset,) = audits(env, "agent-key.reset", web)
     assert reset.detail["next_agent_key"] == named
+
+
+def test_attack_a_replayed_document_racing_a_reset_that_names_the_next_key_binds_nothing(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The thief's enrollment with a copied identity document read "no key named" just before the
+    operator's reset named the reinstalled agent's key, and binds after the reset dropped the old
+    one. The store checks the named key in the same atomic step as the binding: the thief binds
+    nothing, and the named agent enrolls (an independent review won this race before)."""
+    from ringfence.control.credentials import agent_key_id
+
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    env.bind(ONBOARDING, ["onboarding"])
+    assert enroll_iid(env, web)[0] == 200
+    copied = iid_document(env, web)
+    fresh, thief = AgentKey(), AgentKey()
+    store_cls = type(env.store)
+    real_bind = store_cls.bind_agent_key
+    resets: list[int] = []
+
+    def reset_then_bind(self: Any, wid: str, pem: str, *args: Any, **kwargs: Any) -> str:
+        if not resets and pem == thief.pem:  # the reset lands between the check and the binding
+            body = {"reason": "disk replaced", "next_agent_key": agent_key_id(fresh.pem)}
+            path = f"/admin/workloads/{wid}/agent-key"
+            resets.append(env.rest("admin", "DELETE", path, body, principal=ONBOARDING)[0])
+        return str(real_bind(self, wid, pem, *args, **kwargs))
+
+    monkeypatch.setattr(store_cls, "bind_agent_key", reset_then_bind)
+    status, body = enroll_iid(env, web, copied, key=thief)
+    assert resets == [200]
+    assert status == 401 and "not the one named" in body["detail"], body
+    assert env.store.agent_key(web) is None, "the thief's key is not bound"
+    status, again = enroll_iid(env, web, key=fresh)
+    assert status == 200 and bundle_status(env, web, again["token"]) == 200, again
 
 
 def test_attack_a_token_renewal_racing_an_agent_key_reset_authorizes_nothing(

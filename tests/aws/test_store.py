@@ -399,6 +399,26 @@ def test_a_pairing_use_binds_its_agent_key_in_the_same_step(store: Store) -> Non
     assert not store.use_pairing("k", "w", agent_key="LATER") and store.agent_key("w") == "NEW", "used up"
 
 
+def test_a_named_key_alone_binds_after_a_reset_and_binding_it_ends_the_expectation(store: Store) -> None:
+    from ringfence.control.credentials import agent_key_id
+    from ringfence.store.base import NotTheNamedKey
+    from tests.aws.test_pipeline import AgentKey
+
+    named, thief, later = AgentKey(), AgentKey(), AgentKey()
+    store.expect_agent_key("w", agent_key_id(named.pem))
+    with pytest.raises(NotTheNamedKey):
+        store.bind_agent_key("w", thief.pem)
+    store.put_pairing("k", "w", uses=2, ttl=60)
+    with pytest.raises(NotTheNamedKey):
+        store.use_pairing("k", "w", agent_key=thief.pem)
+    assert store.agent_key("w") is None, "nothing bound"
+    assert store.expected_agent_key("w") == agent_key_id(named.pem)
+    assert store.use_pairing("k", "w", agent_key=named.pem) and store.agent_key("w") == named.pem
+    assert store.expected_agent_key("w") is None, "the named key bound: the expectation is met"
+    assert store.use_pairing("k", "w", agent_key=later.pem), "a later rebinding is not held to it"
+    assert store.agent_key("w") == later.pem
+
+
 def test_drop_pairings_revokes_every_key_of_that_workload_only(store: Store) -> None:
     store.put_pairing("a", "w", uses=2, ttl=60)
     store.put_pairing("b", "w", uses=1, ttl=60)

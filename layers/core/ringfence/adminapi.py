@@ -26,9 +26,9 @@ class AgentKeyResetRequest(Reason):
         None,
         pattern=r"^[0-9a-f]{16}$",
         description=(
-            "the key id of the reinstalled agent's new key (its `status`, or the `agent.enroll.refused` "
-            "audit record of its first try): only that key may bind next. Without it, the first "
-            "enrollment that proves the workload's identity binds its key"
+            "the key id of the reinstalled agent's new key, read on the host (`ringfence-agent status`, "
+            "`agent_key`): only that key may bind next. Without it, the first enrollment that proves "
+            "the workload's identity binds its key"
         ),
     )
 

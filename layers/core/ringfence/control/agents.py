@@ -23,6 +23,7 @@ from ringfence.store.base import (
     EnforcementReport,
     Grant,
     InventoryRecord,
+    NotTheNamedKey,
 )
 
 from . import artifact, credentials
@@ -142,7 +143,10 @@ class AgentApi:
         if req.agent_key is None:
             raise ProofError(f"{req.method} needs agent_key and agent_signature (the agent's own key)")
         self.check_key(req, wid)
-        bound = self.w.store.bind_agent_key(wid, req.agent_key)
+        try:
+            bound = self.w.store.bind_agent_key(wid, req.agent_key)
+        except NotTheNamedKey as exc:  # a reset naming another key landed since check_key
+            raise self.not_named(req, wid, str(exc)) from None
         if credentials.agent_key_id(bound) != credentials.agent_key_id(req.agent_key):
             credentials.audit(
                 self.w,
@@ -167,21 +171,25 @@ class AgentApi:
                 raise ProofError(f"{wid}'s agent key was reset for a named key: enroll with that key")
             return
         credentials.verify_proof(req.agent_key, req.agent_signature, "enroll", wid, req.nonce)
-        offered = credentials.agent_key_id(req.agent_key)
         expected = self.w.store.expected_agent_key(wid)
-        if expected is not None and offered != expected:
-            # an operator's reset named the reinstalled agent's key: a replayed identity
-            # document (or a leaked pairing key) presented with another key binds nothing
-            credentials.audit(
-                self.w,
-                "agent.enroll.refused",
-                wid,
-                f"agent-key:{offered}",
-                method=req.method,
-                reason="not the agent key the operator's reset named",
-                expected_key=expected,
-            )
-            raise ProofError(f"{wid}'s agent key was reset for another key: this key is not the one named")
+        if expected is not None and credentials.agent_key_id(req.agent_key) != expected:
+            raise self.not_named(req, wid, expected)
+
+    def not_named(self, req: agentapi.EnrollRequest, wid: str, expected: str) -> ProofError:
+        """The refusal (audited) of a key an operator's reset did not name: a replayed identity
+        document (or a leaked pairing key) presented with another key binds nothing. The store
+        checks this again where it binds (NotTheNamedKey), against a reset landing meanwhile."""
+        assert req.agent_key is not None
+        credentials.audit(
+            self.w,
+            "agent.enroll.refused",
+            wid,
+            f"agent-key:{credentials.agent_key_id(req.agent_key)}",
+            method=req.method,
+            reason="not the agent key the operator's reset named",
+            expected_key=expected,
+        )
+        return ProofError(f"{wid}'s agent key was reset for another key: this key is not the one named")
 
     def refresh(self, workload_id: str, req: agentapi.TokenRequest) -> Response:
         """A new access token for an enrolled agent: a signature by its bound key over a fresh

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 from ringfence import agentapi
+from ringfence.store.base import NotTheNamedKey
 
 from .api import secret_hash
 
@@ -51,7 +52,11 @@ def enroll_pairing(api: AgentApi, req: agentapi.EnrollRequest) -> str:
     # the key is spent only by the workload it was issued for, and an operator-issued key rebinds
     # the agent key (a reinstalled host) in the same atomic step: a use checked before an
     # operator's reset (which revokes the pairing keys first) cannot bind after it
-    if not store.use_pairing(secret_hash(req.pairing_key), req.workload_id, agent_key=req.agent_key):
+    try:
+        used = store.use_pairing(secret_hash(req.pairing_key), req.workload_id, agent_key=req.agent_key)
+    except NotTheNamedKey as exc:  # a reset naming another key landed since check_key
+        raise api.not_named(req, req.workload_id, str(exc)) from None
+    if not used:
         raise ProofError(f"pairing key is unknown, expired, used up or not issued for {req.workload_id}")
     if req.agent_key is None:  # without a key of its own: no earlier key stays bound
         store.drop_agent_key(req.workload_id)

@@ -28,6 +28,11 @@ class ConflictError(RuntimeError):
     """An optimistic-concurrency condition failed (another writer won): retry."""
 
 
+class NotTheNamedKey(Exception):
+    """An operator's agent-key reset named another key (its id is the argument) for the workload:
+    nothing was bound or spent (:meth:`Store.bind_agent_key`, :meth:`Store.use_pairing`)."""
+
+
 class GovernanceMoved(ConflictError):
     """:meth:`Store.observe`: the stored record's held labels or grants changed after the record
     being written was decided from it (a binding, an approval, another observation's hold landed
@@ -380,7 +385,10 @@ class Store(Protocol):
 
     def bind_agent_key(self, workload_id: str, public_key: str, *, replace: bool = False) -> str:
         """Bind the agent's public key (PEM) to the workload unless one is bound already (atomic:
-        the first binding wins), or over any earlier one with ``replace``; the key bound now."""
+        the first binding wins), or over any earlier one with ``replace``; the key bound now.
+        :class:`NotTheNamedKey` (nothing bound) if a reset named another key
+        (:meth:`expect_agent_key`), checked in the same atomic step; binding the named key ends
+        the expectation (a later rebinding, e.g. by a new pairing key, is not held to it)."""
         ...
 
     def agent_key(self, workload_id: str) -> str | None: ...
@@ -401,7 +409,8 @@ class Store(Protocol):
     def use_pairing(self, key_hash: str, workload_id: str, agent_key: str | None = None) -> bool:
         """Spend one use of the key for ``workload_id``; False (and nothing spent) if the key is
         unknown, expired, used up or was issued for another workload. ``agent_key`` (PEM): bound
-        to the workload, over any earlier key, in the same atomic step as the use."""
+        to the workload, over any earlier key, in the same atomic step as the use, as
+        :meth:`bind_agent_key` binds it (:class:`NotTheNamedKey`: nothing spent or bound)."""
         ...
 
     def drop_pairings(self, workload_id: str) -> int:

@@ -49,8 +49,10 @@ from ringfence.store.base import (
     InventoryRecord,
     LaunchHold,
     MovedRecord,
+    NotTheNamedKey,
     PolicyVersion,
     Unread,
+    agent_key_id_of,
     check_hold_fields,
     next_governed_rev,
     token_key_holds,
@@ -625,17 +627,43 @@ class DynamoStore:
         self.state.delete_item(Key={"pk": f"token#{old['hash']}", "sk": "token"})
         return int(old.get("ttl", 0)) >= time.time()
 
-    def bind_agent_key(self, workload_id: str, public_key: str, *, replace: bool = False) -> str:
-        item = {"pk": f"agentkey#{workload_id}", "sk": "key", "public_key": public_key}
-        if replace:
-            self.state.put_item(Item=item)
-            return public_key
+    def _bind_items(self, workload_id: str, public_key: str, replace: bool) -> list[dict[str, Any]]:
+        """The transaction items binding ``public_key``: the named-key expectation ended (deleted
+        on condition that it names this key, or is absent), then the key put."""
+        named = {
+            "TableName": self.state.name,
+            "Key": {"pk": f"nextkey#{workload_id}", "sk": "key"},
+            "ConditionExpression": "attribute_not_exists(pk) OR key_id = :k",
+            "ExpressionAttributeValues": {":k": agent_key_id_of(public_key) or ""},
+        }
+        put: dict[str, Any] = {
+            "TableName": self.state.name,
+            "Item": {"pk": f"agentkey#{workload_id}", "sk": "key", "public_key": public_key},
+        }
+        if not replace:
+            put["ConditionExpression"] = "attribute_not_exists(pk)"
+        return [{"Delete": named}, {"Put": put}]
+
+    def _transact(self, workload_id: str, items: list[dict[str, Any]], named_at: int) -> list[str]:
+        """Write ``items`` in one transaction (the resource's client: plain values):
+        :class:`NotTheNamedKey` if the condition of item ``named_at`` (:meth:`_bind_items`'
+        first) failed; else the cancellation reasons, one per item ([] when it went through)."""
         try:
-            self.state.put_item(Item=item, ConditionExpression="attribute_not_exists(pk)")
+            self.state.meta.client.transact_write_items(TransactItems=items)
         except ClientError as exc:
-            if not _conditional_failed(exc):
+            if exc.response.get("Error", {}).get("Code") != "TransactionCanceledException":
                 raise
-            return self.agent_key(workload_id) or public_key
+            reasons = [str(r.get("Code", "None")) for r in exc.response.get("CancellationReasons", [])]
+            if not set(reasons) <= {"None", "ConditionalCheckFailed"}:
+                raise
+            if named_at < len(reasons) and reasons[named_at] == "ConditionalCheckFailed":
+                raise NotTheNamedKey(self.expected_agent_key(workload_id) or "") from None
+            return reasons
+        return []
+
+    def bind_agent_key(self, workload_id: str, public_key: str, *, replace: bool = False) -> str:
+        if self._transact(workload_id, self._bind_items(workload_id, public_key, replace), named_at=0):
+            return self.agent_key(workload_id) or public_key  # another key was bound first
         return public_key
 
     def agent_key(self, workload_id: str) -> str | None:
@@ -679,23 +707,9 @@ class DynamoStore:
                     return False
                 raise
             return True
-        # the use and the binding in one transaction (the resource's client: plain values)
-        bind = {"pk": f"agentkey#{workload_id}", "sk": "key", "public_key": agent_key}
-        try:
-            self.state.meta.client.transact_write_items(
-                TransactItems=[
-                    {"Update": {"TableName": self.state.name, **use}},
-                    {"Put": {"TableName": self.state.name, "Item": bind}},
-                ]
-            )
-        except ClientError as exc:
-            reasons = [r.get("Code") for r in exc.response.get("CancellationReasons", [])]
-            if exc.response.get("Error", {}).get("Code") == "TransactionCanceledException" and reasons[:1] == [
-                "ConditionalCheckFailed"
-            ]:
-                return False
-            raise
-        return True
+        # the use and the binding in one transaction
+        items = [{"Update": {"TableName": self.state.name, **use}}, *self._bind_items(workload_id, agent_key, True)]
+        return not self._transact(workload_id, items, named_at=1)
 
     def drop_pairings(self, workload_id: str) -> int:
         index: list[dict[str, Any]] = []

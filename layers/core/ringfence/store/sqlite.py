@@ -58,8 +58,10 @@ from ringfence.store.base import (
     InventoryRecord,
     LaunchHold,
     MovedRecord,
+    NotTheNamedKey,
     PolicyVersion,
     Unread,
+    agent_key_id_of,
     check_hold_fields,
     next_governed_rev,
     token_key_holds,
@@ -649,10 +651,20 @@ class SqliteStore:
 
     def bind_agent_key(self, workload_id: str, public_key: str, *, replace: bool = False) -> str:
         with self._tx() as db:
-            verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
-            db.execute(f"{verb} INTO agent_key (workload_id, public_key) VALUES (?, ?)", (workload_id, public_key))
-            row = db.execute("SELECT public_key FROM agent_key WHERE workload_id = ?", (workload_id,)).fetchone()
-            return str(row[0])
+            return self._bind_agent_key(db, workload_id, public_key, replace)
+
+    @staticmethod
+    def _bind_agent_key(db: sqlite3.Connection, workload_id: str, public_key: str, replace: bool) -> str:
+        """bind_agent_key inside the caller's transaction (the named-key check included)."""
+        named = db.execute("SELECT key_id FROM next_agent_key WHERE workload_id = ?", (workload_id,)).fetchone()
+        if named is not None and named[0] != agent_key_id_of(public_key):
+            raise NotTheNamedKey(str(named[0]))
+        verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+        db.execute(f"{verb} INTO agent_key (workload_id, public_key) VALUES (?, ?)", (workload_id, public_key))
+        bound = str(db.execute("SELECT public_key FROM agent_key WHERE workload_id = ?", (workload_id,)).fetchone()[0])
+        if named is not None and bound == public_key:  # the named key is bound: the expectation is met
+            db.execute("DELETE FROM next_agent_key WHERE workload_id = ?", (workload_id,))
+        return bound
 
     def agent_key(self, workload_id: str) -> str | None:
         row = self._db().execute("SELECT public_key FROM agent_key WHERE workload_id = ?", (workload_id,)).fetchone()
@@ -692,10 +704,8 @@ class SqliteStore:
             )
             if cur.rowcount != 1:
                 return False
-            if agent_key is not None:
-                db.execute(
-                    "INSERT OR REPLACE INTO agent_key (workload_id, public_key) VALUES (?, ?)", (workload_id, agent_key)
-                )
+            if agent_key is not None:  # NotTheNamedKey rolls the use back with the rest
+                self._bind_agent_key(db, workload_id, agent_key, replace=True)
             return True
 
     def drop_pairings(self, workload_id: str) -> int:
