@@ -686,10 +686,14 @@ class DynamoStore:
     def put_pairing(self, key_hash: str, workload_id: str, uses: int, ttl: int) -> None:
         if not workload_id:
             raise ValueError("a pairing key is issued for one workload")
-        # indexed by workload first (pairingof#<id>, one item per key), so that no key exists
-        # that drop_pairings cannot find
-        self._put(f"pairingof#{workload_id}", key_hash, ttl=ttl)
-        self._put(f"pairing#{key_hash}", "pairing", ttl=ttl, uses=uses, workload_id=workload_id)
+        # indexed by workload (pairingof#<id>, one item per key) in the same transaction, so that
+        # no key exists that drop_pairings cannot find, even one minted while it runs
+        expires = int(time.time()) + ttl
+        index = {"pk": f"pairingof#{workload_id}", "sk": key_hash, "ttl": expires}
+        key = {"pk": f"pairing#{key_hash}", "sk": "pairing", "ttl": expires, "uses": uses, "workload_id": workload_id}
+        self.state.meta.client.transact_write_items(
+            TransactItems=[{"Put": {"TableName": self.state.name, "Item": item}} for item in (index, key)]
+        )
 
     def use_pairing(self, key_hash: str, workload_id: str, agent_key: str | None = None) -> bool:
         use: dict[str, Any] = {
