@@ -21,7 +21,15 @@ from ringfence.clouds.gcp.ingest import GcpIngest
 from ringfence.clouds.gcp.instances import Instances, LabelSource
 from ringfence.clouds.onprem import OnPremAdmin
 from ringfence.local.gcp_api import GcpApi
-from ringfence.local.gcp_events import audit_entry, bind_tag_as, logged, push_body, push_token, tag_binding_entry
+from ringfence.local.gcp_events import (
+    audit_entry,
+    bind_tag_as,
+    logged,
+    push_body,
+    push_token,
+    tag_binding_entry,
+    unbind_tag_as,
+)
 from ringfence.local.gcp_project import NUMBER, ORG, PROJECT, TAGGER, ZONE, gcp_config, gcp_environment, vm_name
 from ringfence.local.wiring import LocalWiring
 from tests.gcp.conftest import deliver, gcp_policy_files, post, set_labels, web_vm
@@ -724,6 +732,37 @@ def test_attack_gcp_a_taggers_late_entry_approves_no_later_move_by_another(
     deliver(gcp, ingest, bind_tag_as(gcp, TAGGER, inst, "ringfence-role", "jumpbox"))
     rec = wiring.store.get(inst["id"])
     assert rec is not None and rec.labels["role"] == "jumpbox" and rec.workload.held_labels is None
+
+
+def test_attack_gcp_a_taggers_late_binding_approves_nothing_after_a_delete_of_it(
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same with secure tags, the tagger's move undone by deleting its binding: the tagger
+    binds ``role=jumpbox`` (its entry delivered late), the binding is deleted, and Mallory binds
+    jumpbox again. A ``DeleteTagBinding`` names the binding only (``tagBindings/{the VM's full
+    resource name, percent-encoded}/tagValues/N``, no parent): Ringfence must still read it as a
+    call on the VM, and find it among the VM's calls in Cloud Logging, so the tagger's late entry
+    approves nothing and Mallory stays named."""
+    monkeypatch.setattr(ingest_module, "LOGGING_LAG", 0.0)
+    ingest = GcpIngest(wiring, gcp_config(gcp))
+    inst = web_vm(gcp, "10.20.2.54")
+    deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", inst))
+    late = bind_tag_as(gcp, TAGGER, inst, "ringfence-role", "jumpbox")
+    undo = unbind_tag_as(gcp, TAGGER, inst, "ringfence-role", "jumpbox")
+    assert (
+        "parent" not in str(undo["protoPayload"]["request"])
+        and "%2Finstances%2F" in undo["protoPayload"]["resourceName"]
+    )
+    for entry in (bind_tag_as(gcp, MALLORY, inst, "ringfence-role", "jumpbox"), undo, late):
+        status, body = post(ingest, push_body(entry), push_token(gcp))
+        assert status == 200, body
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.labels["role"] == "web", "Mallory's move approved by the tagger's undone binding"
+    assert rec.workload.held_labels is not None
+    assert [a.principal for a in audits(wiring, "label.held", inst["id"])] == [MALLORY]
+    assert not audits(wiring, "label.approve", inst["id"])
+    [stale] = [a for a in audits(wiring, "label.unconfirmed", inst["id"]) if a.detail["event_id"] == late["insertId"]]
+    assert "later call on the VM" in stale.reason and undo["insertId"] in stale.reason
 
 
 def test_attack_gcp_a_taggers_late_entry_approves_nothing_where_the_vm_was_seen_undone(

@@ -148,6 +148,42 @@ def test_a_tag_binding_on_a_vm_and_one_on_a_project() -> None:
     assert parse(entry) is None
 
 
+def test_a_tag_binding_delete_names_its_vm_by_the_binding_name_alone() -> None:
+    """``DeleteTagBindingRequest`` has only ``name``: ``tagBindings/{full resource name,
+    percent-encoded}/tagValues/N`` (the API reference; not checked against a live log). It is a
+    tag change of the VM that name holds, which set nothing; one of a project's binding is not."""
+    parent = "//compute.googleapis.com/projects/4711/zones/europe-west1-b/instances/123456789"
+    name = "tagBindings/" + parent.replace("/", "%2F") + "/tagValues/281479"
+    entry = {
+        "protoPayload": {
+            "serviceName": "cloudresourcemanager.googleapis.com",
+            "methodName": "google.cloud.resourcemanager.v3.TagBindings.DeleteTagBinding",
+            "resourceName": name,
+            "request": {
+                "@type": "type.googleapis.com/google.cloud.resourcemanager.v3.DeleteTagBindingRequest",
+                "name": name,
+            },
+            "authenticationInfo": {"principalEmail": "mallory@x.iam.gserviceaccount.com"},
+        },
+        "insertId": "d1",
+    }
+    ev = parse(entry)
+    assert ev is not None and ev.action is Action.TAGS
+    assert (ev.project, ev.zone, ev.instance, ev.requested, ev.tag_value_ids) == (
+        "4711",
+        "europe-west1-b",
+        "123456789",
+        None,
+        (),
+    )
+    entry["protoPayload"]["resourceName"] = "//cloudresourcemanager.googleapis.com/projects/4711"  # by request alone
+    assert parse(entry) is not None
+    project = "tagBindings/%2F%2Fcloudresourcemanager.googleapis.com%2Fprojects%2F4711/tagValues/281479"
+    entry["protoPayload"]["request"] = {"name": project}
+    entry["protoPayload"]["resourceName"] = project
+    assert parse(entry) is None
+
+
 def test_pubsub_push_envelope_and_eventarc_body_carry_the_same_entry() -> None:
     data = base64.b64encode(json.dumps(SET_LABELS).encode()).decode()
     push = json.dumps({"message": {"data": data, "messageId": "1"}, "subscription": "s"})

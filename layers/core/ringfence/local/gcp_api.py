@@ -12,8 +12,8 @@ what is tested is the SDK's wire format, not a mock of it. It implements only wh
   audit entries :mod:`ringfence.local.gcp_events` builds for the changes made here), for
   ``resourceNames`` ``projects/P`` and a filter of ``AND``-joined comparisons of ``logName``,
   ``insertId``, ``timestamp``, ``operation.id``, ``resource.labels.instance_id`` and
-  ``protoPayload.resourceName`` (``:``, has-substring, for the last) (what Ringfence sends;
-  anything else is refused with 400);
+  ``protoPayload.resourceName`` (``:``, has-substring, for the last), a term also a parenthesized
+  ``OR`` of such comparisons (what Ringfence sends; anything else is refused with 400);
 * the GCE metadata server's identity token path, for one VM (:meth:`GcpApi.serve_metadata_as`);
 * Google's OAuth2 certificate endpoint (``/oauth2/v3/certs``, a JWKS) for a local signing key,
   with :meth:`GcpApi.sign_token` minting RS256 tokens shaped like Google's (instance identity
@@ -257,6 +257,12 @@ class GcpApi:
             )
         return tv
 
+    def unbind_tag(self, project: str, zone: str, instance_id: str, org: str, key: str, value: str) -> None:
+        """Delete the VM's binding of the secure tag ``org/key/value`` (none: nothing changes)."""
+        with self.lock:
+            tags = self.tags.setdefault(self.full_name(project, zone, instance_id), [])
+            tags[:] = [t for t in tags if t["namespacedTagValue"] != f"{org}/{key}/{value}"]
+
     def write_log(self, entry: Mapping[str, Any]) -> dict[str, Any]:
         """Store a log entry as Cloud Logging does (what ``entries:list`` reads); returns it."""
         stored: dict[str, Any] = json.loads(json.dumps(dict(entry)))
@@ -448,7 +454,7 @@ class GcpApi:
                 e
                 for e in self.log_entries
                 if any(str(e.get("logName", "")).startswith(p) for p in prefixes)
-                and all(_matches(e, name, op, value) for name, op, value in terms)
+                and all(any(_matches(e, name, op, value) for name, op, value in group) for group in terms)
             ]
         found.sort(key=lambda e: str(e.get("timestamp", "")), reverse=body.get("orderBy") == "timestamp desc")
         size = min(int(body.get("pageSize") or 50), 1000)
@@ -526,11 +532,16 @@ _TERM = re.compile(
     r'\s*(>=|<=|=|>|<|:)\s*"((?:[^"\\]|\\.)*)"\s*'
 )
 _AND = re.compile(r"AND\b")
+_OR = re.compile(r"OR\b")
+_OPEN = re.compile(r"\s*\(")
+_CLOSE = re.compile(r"\)\s*")
 
 
-def _log_filter(text: str) -> list[tuple[str, str, str]]:
-    """The filter's comparisons (``name op "value"``, joined by ``AND``); 400 for anything else."""
-    terms: list[tuple[str, str, str]] = []
+def _log_filter(text: str) -> list[list[tuple[str, str, str]]]:
+    """The filter's terms, joined by ``AND``: each a comparison (``name op "value"``) or a
+    parenthesized ``OR`` of comparisons, as the alternatives of which one must match; 400 for
+    anything else."""
+    terms: list[list[tuple[str, str, str]]] = []
     pos = 0
     while pos < len(text) and text[pos:].strip():
         if terms:
@@ -540,16 +551,30 @@ def _log_filter(text: str) -> list[tuple[str, str, str]]:
                     400, f"unsupported filter at {text[pos:]!r} (terms are joined by AND)", "INVALID_ARGUMENT"
                 )
             pos = m.end()
-        t = _TERM.match(text, pos)
-        if not t:
-            raise _HttpError(
-                400,
-                f"unsupported filter at {text[pos:]!r} (the stand-in knows logName, insertId, timestamp, operation.id, "
-                "resource.labels.instance_id, protoPayload.resourceName)",
-                "INVALID_ARGUMENT",
-            )
-        terms.append((t[1], t[2], re.sub(r"\\(.)", r"\1", t[3])))
-        pos = t.end()
+        group: list[tuple[str, str, str]] = []
+        opened = _OPEN.match(text, pos)
+        if opened:
+            pos = opened.end()
+        while True:
+            t = _TERM.match(text, pos)
+            if not t:
+                raise _HttpError(
+                    400,
+                    f"unsupported filter at {text[pos:]!r} (the stand-in knows logName, insertId, timestamp, "
+                    "operation.id, resource.labels.instance_id, protoPayload.resourceName)",
+                    "INVALID_ARGUMENT",
+                )
+            group.append((t[1], t[2], re.sub(r"\\(.)", r"\1", t[3])))
+            pos = t.end()
+            if not opened or not (alt := _OR.match(text, pos)):
+                break
+            pos = alt.end()
+        if opened:
+            closed = _CLOSE.match(text, pos)
+            if not closed:
+                raise _HttpError(400, f"unsupported filter at {text[pos:]!r} (an unclosed group)", "INVALID_ARGUMENT")
+            pos = closed.end()
+        terms.append(group)
     return terms
 
 

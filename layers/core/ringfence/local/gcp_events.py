@@ -15,6 +15,7 @@ import json
 import time
 import uuid
 from typing import Any
+from urllib.parse import quote
 
 from ringfence.local.gcp_api import GOOGLE_ISSUER, GcpApi
 from ringfence.local.gcp_project import EVENTS_AUDIENCE, ORG, PROJECT, PUSHER, TAGGER
@@ -78,17 +79,28 @@ def tag_binding_entry(
     method: str = "CreateTagBinding",
 ) -> dict[str, Any]:
     """The audit entry of a ``TagBindings.CreateTagBinding`` (or ``DeleteTagBinding``) of the tag
-    ``namespace/key/value`` on the VM ``inst`` by ``principal``, logged in the VM's project."""
+    ``namespace/key/value`` on the VM ``inst`` by ``principal``, logged in the VM's project. A
+    delete names the binding only, as the API's ``DeleteTagBindingRequest`` has it (``name``:
+    ``tagBindings/{the VM's full resource name, percent-encoded}/tagValues/N``; no ``parent``), and
+    that name as its resource name: the shape of the API reference, not one seen in a live log."""
     zone = inst["zone"].rsplit("/", 1)[-1]
     project = inst["selfLink"].split("/projects/", 1)[1].split("/", 1)[0]
     parent = api.full_name(project, zone, inst["id"])
+    request: dict[str, Any] = {"tagBinding": {"parent": parent, "tagValueNamespacedName": f"{namespace}/{key}/{value}"}}
+    resource = parent
+    if method == "DeleteTagBinding":
+        resource = f"tagBindings/{quote(parent, safe='')}/{api.tag_value(namespace, key, value)}"
+        request = {
+            "@type": "type.googleapis.com/google.cloud.resourcemanager.v3.DeleteTagBindingRequest",
+            "name": resource,
+        }
     return {
         "protoPayload": {
             "@type": "type.googleapis.com/google.cloud.audit.AuditLog",
             "serviceName": "cloudresourcemanager.googleapis.com",
             "methodName": f"TagBindings.{method}",
-            "resourceName": parent,
-            "request": {"tagBinding": {"parent": parent, "tagValueNamespacedName": f"{namespace}/{key}/{value}"}},
+            "resourceName": resource,
+            "request": request,
             "authenticationInfo": {"principalEmail": principal},
         },
         "insertId": uuid.uuid4().hex[:12],
@@ -112,6 +124,15 @@ def bind_tag_as(api: GcpApi, principal: str, inst: dict[str, Any], key: str, val
     project = inst["selfLink"].split("/projects/", 1)[1].split("/", 1)[0]
     api.bind_tag(project, zone, inst["id"], ORG, key, value)
     return logged(api, tag_binding_entry(api, inst, key, value, principal=principal))
+
+
+def unbind_tag_as(api: GcpApi, principal: str, inst: dict[str, Any], key: str, value: str) -> dict[str, Any]:
+    """``principal`` deletes the binding of the organization's tag ``key=value`` from the VM
+    ``inst``: removed on the local API and its audit entry logged there; returns the entry."""
+    zone = inst["zone"].rsplit("/", 1)[-1]
+    project = inst["selfLink"].split("/projects/", 1)[1].split("/", 1)[0]
+    api.unbind_tag(project, zone, inst["id"], ORG, key, value)
+    return logged(api, tag_binding_entry(api, inst, key, value, principal=principal, method="DeleteTagBinding"))
 
 
 def push_body(entry: dict[str, Any], project: str = PROJECT) -> bytes:

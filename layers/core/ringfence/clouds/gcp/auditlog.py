@@ -4,7 +4,8 @@ Two deliveries carry the same LogEntry JSON (cloud_events.md §3.1): a log sink 
 (``{"message": {"data": base64(LogEntry), "messageId": …}, "subscription": …}``) and Eventarc
 (``google.cloud.audit.log.v1.written`` CloudEvents in binary mode: the body is the LogEntry).
 
-What we take from an entry: which VM (``resource.labels`` or the resource name), what method
+What we take from an entry: which VM (``resource.labels`` or the resource name; for a tag binding
+its ``parent``, or the full resource name its binding name holds percent-encoded), what method
 (``v1.``/``beta.`` ``compute.instances.insert|delete|setLabels``, and Resource Manager's
 ``CreateTagBinding``/``DeleteTagBinding`` on a VM), who called
 (``protoPayload.authenticationInfo.principalEmail``), what the call asked for (the complete new
@@ -23,6 +24,7 @@ import json
 import re
 from datetime import datetime
 from typing import Any
+from urllib.parse import unquote
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -38,6 +40,9 @@ COMPUTE_METHODS = {
 TAG_METHODS = {"CreateTagBinding": "tags", "DeleteTagBinding": "tags"}
 _INSTANCE_NAME = re.compile(r"projects/([^/]+)/zones/([^/]+)/instances/([^/]+)$")
 _TAG_PARENT = re.compile(r"^//compute\.googleapis\.com/projects/([^/]+)/zones/([^/]+)/instances/([^/]+)$")
+# a binding's name: tagBindings/{the resource's full name, percent-encoded}/tagValues/N (the API
+# reference's form; what DeleteTagBinding's request and resource name hold, with no parent)
+_BINDING_NAME = re.compile(r"(?:^|/)tagBindings/([^/]+)/tagValues/[^/]+$")
 _MIG = re.compile(r"instanceGroupManagers/([^/@]+)")
 _SERVICE_AGENT = re.compile(r"^\d+@cloudservices\.gserviceaccount\.com$")
 
@@ -236,7 +241,12 @@ def _tag_binding(e: LogEntry, base: dict[str, Any]) -> GcpEvent | None:
     raw = req.get("tagBinding")
     binding: dict[str, Any] = raw if isinstance(raw, dict) else {}
     parent = str(binding.get("parent") or req.get("parent") or "")
-    m = _TAG_PARENT.match(parent) or _TAG_PARENT.match(p.resource_name)
+    m = (
+        _TAG_PARENT.match(parent)
+        or _TAG_PARENT.match(p.resource_name)
+        or _TAG_PARENT.match(_bound_to(req.get("name")))
+        or _TAG_PARENT.match(_bound_to(p.resource_name))
+    )
     if not m:
         return None  # a binding on a project, a bucket, …: not a VM
     requested = None
@@ -250,3 +260,10 @@ def _tag_binding(e: LogEntry, base: dict[str, Any]) -> GcpEvent | None:
     return GcpEvent(
         action=Action.TAGS, project=m[1], zone=m[2], instance=m[3], requested=requested, tag_value_ids=by_id, **base
     )
+
+
+def _bound_to(name: object) -> str:
+    """The full resource name a binding's name (``tagBindings/…/tagValues/N``) holds, decoded, else
+    "". A ``DeleteTagBinding`` names the binding only (``DeleteTagBindingRequest.name``)."""
+    m = _BINDING_NAME.search(name) if isinstance(name, str) else None
+    return unquote(m[1]) if m else ""

@@ -90,7 +90,9 @@ class AuditLogReader:
     ) -> tuple[list[dict[str, Any]], bool]:
         """The entries of ``log_name`` about the VM ``instance_id`` written from ``since`` to now,
         oldest first (with ``compute``, its compute calls, by ``resource.labels.instance_id``; with
-        ``tags``, its Resource Manager tag bindings, whose resource name holds the VM's id), and
+        ``tags``, its Resource Manager tag bindings, whose resource name holds the VM's id: as the
+        binding's parent, ``…/instances/ID``, or in a binding's name, where the VM's full resource
+        name is percent-encoded, ``…%2Finstances%2FID``, as a ``DeleteTagBinding`` names it), and
         whether that is all of them (one page each: the caller takes a longer listing as holding
         a change it cannot see)."""
         until = datetime.now(UTC)
@@ -98,7 +100,9 @@ class AuditLogReader:
         if compute:
             terms.append(f"resource.labels.instance_id={quoted(instance_id)}")
         if tags:
-            terms.append(f"protoPayload.resourceName:{quoted('/instances/' + instance_id)}")
+            by_parent = f"protoPayload.resourceName:{quoted('/instances/' + instance_id)}"
+            by_name = f"protoPayload.resourceName:{quoted('%2Finstances%2F' + instance_id)}"
+            terms.append(f"({by_parent} OR {by_name})")
         found: list[dict[str, Any]] = []
         complete = True
         for term in terms:
