@@ -444,20 +444,11 @@ def test_attack_a_replayed_document_racing_a_reset_that_names_the_next_key_binds
     assert status == 200 and bundle_status(env, web, again["token"]) == 200, again
 
 
-def test_attack_a_token_renewal_racing_an_agent_key_reset_authorizes_nothing(
-    env: Env, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The agent key was stolen; the operator resets it while the thief's renewal is in flight
-    (the renewal checked the key before the reset and writes its token after). Before, that token
-    authorized for its whole lifetime (an independent review won this race 15 times in 20); a
-    token now holds only while the key it was issued under is bound (DynamoDB, as deployed)."""
+def pause_after_the_key_check(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """A token renewal stops after it checked the agent key, before it issues its token: the
+    first event is set once it has checked, and it goes on once the second is set."""
     from ringfence.control.agents import AgentApi
 
-    est = boot(env)
-    web = est["ids"]["web"][0]
-    env.bind(ONBOARDING, ["onboarding"])
-    assert enroll_iid(env, web)[0] == 200
-    stolen = agent_key(web)
     checked, go = threading.Event(), threading.Event()
     real = AgentApi._not_running
 
@@ -467,6 +458,22 @@ def test_attack_a_token_renewal_racing_an_agent_key_reset_authorizes_nothing(
         return real(self, workload_id)
 
     monkeypatch.setattr(AgentApi, "_not_running", paused)
+    return checked, go
+
+
+def test_attack_a_token_renewal_racing_an_agent_key_reset_authorizes_nothing(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent key was stolen; the operator resets it while the thief's renewal is in flight
+    (the renewal checked the key before the reset and writes its token after). Before, that token
+    authorized for its whole lifetime (an independent review won this race 15 times in 20); a
+    token now holds only while the key it was issued under is bound (DynamoDB, as deployed)."""
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    env.bind(ONBOARDING, ["onboarding"])
+    assert enroll_iid(env, web)[0] == 200
+    stolen = agent_key(web)
+    checked, go = pause_after_the_key_check(monkeypatch)
     out: dict[str, tuple[int, Any]] = {}
     renewal = threading.Thread(target=lambda: out.update(renewed=refresh(env, web, stolen)))
     renewal.start()

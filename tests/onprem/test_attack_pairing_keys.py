@@ -16,6 +16,7 @@ from ringfence.local.wiring import LocalWiring
 from ringfence.routes.admin import admin_routes
 from ringfence.routes.agent import agent_routes
 from tests.aws.conftest import LambdaContext, rest_answer, rest_event
+from tests.aws.test_attack_enroll import pause_after_the_key_check
 from tests.aws.test_pipeline import AgentKey
 from tests.onprem.conftest import boot
 
@@ -153,15 +154,7 @@ def test_attack_a_token_renewal_racing_an_agent_key_reset_authorizes_nothing(
     stolen = AgentKey()
     status, body = plane.pair(plane.mint(uses=1), stolen)
     assert status == 200, body
-    checked, go = threading.Event(), threading.Event()
-    real = AgentApi._not_running
-
-    def paused(self: AgentApi, workload_id: str) -> str | None:
-        checked.set()
-        assert go.wait(30)
-        return real(self, workload_id)
-
-    monkeypatch.setattr(AgentApi, "_not_running", paused)
+    checked, go = pause_after_the_key_check(monkeypatch)
     out: dict[str, tuple[int, Any]] = {}
     renewal = threading.Thread(target=lambda: out.update(renewed=plane.refresh(stolen)))
     renewal.start()

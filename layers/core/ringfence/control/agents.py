@@ -148,18 +148,13 @@ class AgentApi:
         except NotTheNamedKey as exc:  # a reset naming another key landed since check_key
             raise self.not_named(req, wid, str(exc)) from None
         if credentials.agent_key_id(bound) != credentials.agent_key_id(req.agent_key):
-            credentials.audit(
-                self.w,
-                "agent.enroll.refused",
+            raise self._refused(
+                req,
                 wid,
-                f"agent-key:{credentials.agent_key_id(req.agent_key)}",
-                method=req.method,
+                f"{wid} is enrolled with another agent key: a second claim of its identity is refused "
+                "(the bound agent renews with its key; an operator resets a lost one)",
                 reason="identity already claimed by another agent key",
                 bound_key=credentials.agent_key_id(bound),
-            )
-            raise ProofError(
-                f"{wid} is enrolled with another agent key: a second claim of its identity is refused "
-                "(the bound agent renews with its key; an operator resets a lost one)"
             )
 
     def check_key(self, req: agentapi.EnrollRequest, wid: str) -> None:
@@ -179,17 +174,20 @@ class AgentApi:
         """The refusal (audited) of a key an operator's reset did not name: a replayed identity
         document (or a leaked pairing key) presented with another key binds nothing. The store
         checks this again where it binds (NotTheNamedKey), against a reset landing meanwhile."""
-        assert req.agent_key is not None
-        credentials.audit(
-            self.w,
-            "agent.enroll.refused",
+        return self._refused(
+            req,
             wid,
-            f"agent-key:{credentials.agent_key_id(req.agent_key)}",
-            method=req.method,
+            f"{wid}'s agent key was reset for another key: this key is not the one named",
             reason="not the agent key the operator's reset named",
             expected_key=expected,
         )
-        return ProofError(f"{wid}'s agent key was reset for another key: this key is not the one named")
+
+    def _refused(self, req: agentapi.EnrollRequest, wid: str, message: str, **detail: object) -> ProofError:
+        """An enrollment refused for the key it presents: audited under that key's id."""
+        assert req.agent_key is not None
+        offered = credentials.agent_key_id(req.agent_key)
+        credentials.audit(self.w, "agent.enroll.refused", wid, f"agent-key:{offered}", method=req.method, **detail)
+        return ProofError(message)
 
     def refresh(self, workload_id: str, req: agentapi.TokenRequest) -> Response:
         """A new access token for an enrolled agent: a signature by its bound key over a fresh
