@@ -1013,8 +1013,16 @@ def test_daemon_enrolls_follows_pushes_and_reports_against_the_real_control_plan
 _HTTP_IN_LAB = """
 import json, sys, httpx
 method, url, token, body = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-if url.endswith("/v1/enroll"):  # an enrollment: fetch a nonce first
+if url.endswith("/v1/enroll"):  # an enrollment: fetch a nonce first, and sign it with the agent's key
     body["nonce"] = httpx.get(url.replace("/enroll", "/nonce"), timeout=10).json()["nonce"]
+    import base64
+    from cryptography.hazmat.primitives import serialization as s
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from ringfence.agentwire import proof_message
+    key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(body.pop("agent_seed")))
+    body["agent_key"] = key.public_key().public_bytes(s.Encoding.PEM, s.PublicFormat.SubjectPublicKeyInfo).decode()
+    proof = key.sign(proof_message("enroll", body["workload_id"], body["nonce"]))
+    body["agent_signature"] = base64.b64encode(proof).decode()
 headers = {"Authorization": f"Bearer {token}"} if token else {}
 r = httpx.request(method, url, json=body, headers=headers, timeout=60)
 print(json.dumps({"status": r.status_code, "body": r.json()}))
@@ -1064,7 +1072,7 @@ def test_onprem_serve_pairs_pushes_and_survives_kill_9(net: NetLab, backend: str
         status, body = call(
             "POST",
             "/v1/enroll",
-            {"method": "pairing", "workload_id": "h2", "pairing_key": h3_key["pairing_key"]},
+            {"method": "pairing", "workload_id": "h2", "pairing_key": h3_key["pairing_key"], "agent_seed": "11" * 32},
             auth=None,
         )
         assert status == 401, "another workload's key is refused"
@@ -1086,7 +1094,7 @@ def test_onprem_serve_pairs_pushes_and_survives_kill_9(net: NetLab, backend: str
         status, body = call(
             "POST",
             "/v1/enroll",
-            {"method": "pairing", "workload_id": "h2", "pairing_key": key["pairing_key"]},
+            {"method": "pairing", "workload_id": "h2", "pairing_key": key["pairing_key"], "agent_seed": "22" * 32},
             auth=None,
         )
         assert status == 401 and "used up" in body["detail"], body

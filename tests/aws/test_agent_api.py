@@ -128,6 +128,7 @@ def register_onprem(env: Env, wid: str, ip: str) -> None:
 def enroll_pairing(env: Env, wid: str, key: str) -> tuple[int, Any]:
     _, _, n = env.rest("agentapi", "GET", "/v1/nonce")
     req = {"method": "pairing", "nonce": n["nonce"], "workload_id": wid, "pairing_key": key}
+    req.update(AgentKey().enroll_fields(wid, n["nonce"]))
     status, _, body = env.rest("agentapi", "POST", "/v1/enroll", json.dumps(req))
     return status, body
 

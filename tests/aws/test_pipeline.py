@@ -313,6 +313,10 @@ class AgentKey:
 
         return base64.b64encode(self.private.sign(proof_message(purpose, wid, nonce))).decode()
 
+    def enroll_fields(self, wid: str, nonce: str) -> dict[str, str]:
+        """What an enrollment request carries of the agent's key: the key and its proof."""
+        return {"agent_key": self.pem, "agent_signature": self.prove("enroll", wid, nonce)}
+
 
 AGENT_KEYS: dict[str, AgentKey] = {}
 

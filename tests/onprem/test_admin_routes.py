@@ -14,6 +14,7 @@ from ringfence.local.wiring import LocalWiring
 from ringfence.routes.admin import admin_routes
 from ringfence.routes.agent import agent_routes
 from tests.aws.conftest import LambdaContext, rest_answer, rest_event
+from tests.aws.test_pipeline import AgentKey
 from tests.onprem.conftest import boot
 
 OPERATOR = "arn:aws:iam::123456789012:user/carol"
@@ -51,17 +52,25 @@ def test_register_import_pair_and_deregister_through_the_routes(wiring: LocalWir
     assert status == 201 and key["workload_id"] == "dc3-db-1"
     agents = agent_routes(lambda: AgentApi(wiring))
     _, nonce = call(agents, "GET", "/v1/nonce")
+    agent = AgentKey()
     enroll = {
         "method": "pairing",
         "nonce": nonce["nonce"],
         "workload_id": "dc3-db-2",
         "pairing_key": key["pairing_key"],
+        **agent.enroll_fields("dc3-db-2", nonce["nonce"]),
     }
     status, body = call(agents, "POST", "/v1/enroll", enroll)
     assert status == 401 and "not issued for dc3-db-2" in body["detail"]
     _, nonce = call(agents, "GET", "/v1/nonce")
-    status, body = call(agents, "POST", "/v1/enroll", {**enroll, "nonce": nonce["nonce"], "workload_id": "dc3-db-1"})
+    again = {**enroll, "nonce": nonce["nonce"], "workload_id": "dc3-db-1"}
+    status, body = call(agents, "POST", "/v1/enroll", {**again, **agent.enroll_fields("dc3-db-1", nonce["nonce"])})
     assert status == 200 and body["workload_id"] == "dc3-db-1"
+    # a pairing without the agent's own key is refused, and spends nothing
+    _, nonce = call(agents, "GET", "/v1/nonce")
+    keyless = {k: v for k, v in again.items() if k not in ("agent_key", "agent_signature")}
+    status, body = call(agents, "POST", "/v1/enroll", {**keyless, "nonce": nonce["nonce"]})
+    assert status == 401 and "needs agent_key" in body["detail"], body
 
     status, body = call(app, "DELETE", "/admin/workloads/dc3-web-1", {"reason": "decommissioned"})
     assert status == 200
@@ -87,7 +96,7 @@ def test_a_pairing_key_left_over_enrolls_no_deregistered_workload_and_bad_string
     def enroll(**fields: Any) -> tuple[int, Any]:
         nonce = call(agents, "GET", "/v1/nonce")[1]["nonce"]
         body = {"method": "pairing", "nonce": nonce, "workload_id": "dc3-app-1", "pairing_key": key["pairing_key"]}
-        return call(agents, "POST", "/v1/enroll", {**body, **fields})
+        return call(agents, "POST", "/v1/enroll", {**body, **AgentKey().enroll_fields("dc3-app-1", nonce), **fields})
 
     # a lone UTF-16 surrogate ("\ud800" in the JSON) in any field: the request's fault
     for field in ("pairing_key", "nonce", "workload_id"):

@@ -30,6 +30,7 @@ from ringfence.bundle import Bundle, SetDelta, Verifier
 from ringfence.control.api import secret_hash
 from ringfence.enforced import with_deltas
 from ringfence.store.sqlite import SqliteStore
+from tests.aws.test_pipeline import AgentKey
 from tests.onprem.conftest import policy_files
 
 BIN = Path(sys.executable).parent
@@ -100,6 +101,7 @@ def work(url: str, ids: Iterator[int], acks: list[tuple[str, ...]], stop: thread
                     "nonce": nonce,
                     "workload_id": wid,
                     "pairing_key": key.json()["pairing_key"],
+                    **AgentKey().enroll_fields(wid, nonce),
                 }
                 r = c.post("/v1/enroll", json=body)
                 assert r.status_code == 200, r.text

@@ -21,6 +21,7 @@ from ringfence import serve
 from ringfence.local.tls import LabTls
 from tests.agentproc import BIN, POLL_INTERVAL, wait_until
 from tests.agentproc import agent_status as status
+from tests.aws.test_pipeline import AgentKey
 from tests.onprem.conftest import ESTATE, policy_files
 
 TOKEN = "onprem-admin-token-0123456789abcdef"
@@ -76,6 +77,7 @@ class Server:
     def enroll(self, wid: str, key: str) -> httpx.Response:
         nonce = httpx.get(f"{self.url}/v1/nonce").json()["nonce"]
         req = {"method": "pairing", "nonce": nonce, "workload_id": wid, "pairing_key": key}
+        req.update(AgentKey().enroll_fields(wid, nonce))
         return httpx.post(f"{self.url}/v1/enroll", json=req)
 
 

@@ -19,6 +19,7 @@ from ringfence.local.wiring import LocalWiring, StateInUse
 from ringfence.model import Workload
 from ringfence.store.base import InventoryRecord
 from ringfence.store.sqlite import SqliteStore
+from tests.aws.test_pipeline import AgentKey
 from tests.onprem.conftest import ESTATE, boot, signing_key_file
 
 
@@ -96,7 +97,8 @@ def test_wait_for_change_times_out_without_a_change(wiring: LocalWiring) -> None
 def enroll(w: LocalWiring, wid: str, key: str) -> tuple[int, dict[str, str]]:
     api = AgentApi(w)
     nonce = api.nonce().body["nonce"]
-    r = api.enroll(EnrollRequest(method="pairing", nonce=nonce, workload_id=wid, pairing_key=key))
+    fields = AgentKey().enroll_fields(wid, nonce)
+    r = api.enroll(EnrollRequest(method="pairing", nonce=nonce, workload_id=wid, pairing_key=key, **fields))
     return r.status, r.body
 
 

@@ -140,9 +140,8 @@ class AgentApi:
     def bind_key(self, req: agentapi.EnrollRequest, wid: str) -> None:
         """Check the agent's signature over the nonce with the key it presents (required) and bind
         that key to ``wid``. The first binding wins: another key is refused (and audited)."""
-        if req.agent_key is None:
-            raise ProofError(f"{req.method} needs agent_key and agent_signature (the agent's own key)")
         self.check_key(req, wid)
+        assert req.agent_key is not None  # check_key refuses a request without one
         try:
             bound = self.w.store.bind_agent_key(wid, req.agent_key)
         except NotTheNamedKey as exc:  # a reset naming another key landed since check_key
@@ -160,11 +159,10 @@ class AgentApi:
     def check_key(self, req: agentapi.EnrollRequest, wid: str) -> None:
         """The agent's signature over the nonce verifies with the key it presents, and that key is
         the one an operator's reset named, if it named one (:class:`ProofError`, audited, if not).
-        Binds nothing."""
+        Binds nothing. Every method needs the key, pairing too: a token issued without one would be
+        bound to no key, so that no reset could end it."""
         if req.agent_key is None:
-            if self.w.store.expected_agent_key(wid) is not None:
-                raise ProofError(f"{wid}'s agent key was reset for a named key: enroll with that key")
-            return
+            raise ProofError(f"{req.method} needs agent_key and agent_signature (the agent's own key)")
         credentials.verify_proof(req.agent_key, req.agent_signature, "enroll", wid, req.nonce)
         expected = self.w.store.expected_agent_key(wid)
         if expected is not None and credentials.agent_key_id(req.agent_key) != expected:

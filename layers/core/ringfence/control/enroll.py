@@ -58,6 +58,4 @@ def enroll_pairing(api: AgentApi, req: agentapi.EnrollRequest) -> str:
         raise api.not_named(req, req.workload_id, str(exc)) from None
     if not used:
         raise ProofError(f"pairing key is unknown, expired, used up or not issued for {req.workload_id}")
-    if req.agent_key is None:  # without a key of its own: no earlier key stays bound
-        store.drop_agent_key(req.workload_id)
     return req.workload_id
