@@ -128,13 +128,18 @@ class OnPremAdmin(Admin):
 
     def _registered_anew(self, stored: list[InventoryRecord]) -> None:
         """Ids about to be registered again after a deregistration name a new host: nothing the
-        old one (or a pairing that raced its deregistration) bound may carry over (agent key,
-        token, pairing keys), else that agent would receive the new host's bundle."""
+        old one (or a pairing that raced its deregistration) bound may carry over, else that
+        agent would receive the new host's bundle."""
         for old in stored:
             if old.state == "terminated":
-                credentials.retire(self.w, old.id, "workload registered again")
-                self.w.store.drop_pairings(old.id)
-                self.w.store.expect_agent_key(old.id, None)
+                self._drop_credentials(old.id, "workload registered again")
+
+    def _drop_credentials(self, workload_id: str, why: str) -> None:
+        """Everything that lets an agent act as ``workload_id`` goes: its token, agent key and
+        nudge connection (credentials.retire), its pairing keys and a reset's named next key."""
+        credentials.retire(self.w, workload_id, why)
+        self.w.store.drop_pairings(workload_id)
+        self.w.store.expect_agent_key(workload_id, None)
 
     def deregister_workload(self, principal: str, workload_id: str, reason: str = "") -> Response:
         """The workload is gone (decommissioned): it leaves every peer's sets."""
@@ -146,7 +151,6 @@ class OnPremAdmin(Admin):
         gone = rec.workload.model_copy(update={"ips": []})
         self.w.store.observe(self._record(gone, max(time.time(), rec.observed_at), state="terminated"))
         audit_id = self._audit(principal, "workload.deregister", workload_id, {}, reason)
-        credentials.retire(self.w, workload_id, "workload deregistered")
-        self.w.store.drop_pairings(workload_id)
+        self._drop_credentials(workload_id, "workload deregistered")
         self.w.enqueue_compute([workload_id])
         return Response(200, {"workload_id": workload_id, "audit_id": audit_id})
