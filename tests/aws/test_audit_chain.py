@@ -177,6 +177,56 @@ def test_attack_tampered_audit_records_fail_verify_at_the_first_bad_seq(raw: Raw
     assert as_json["ok"] is False and as_json["first_bad_seq"] == bad_seq
 
 
+def test_a_record_appended_while_verify_reads_the_log_is_not_a_false_broken(
+    raw: Raw, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The store is written while ``audit verify`` reads it (no snapshot of log and head): a
+    record appended after the log is read, before the head is, used to show as BROKEN."""
+    from ringfence import cli as ringfence_cli
+
+    fill(raw)
+    cls = type(raw.store)
+    read_log = cls.audit_log
+
+    def log_then_append(store: Any) -> list[AuditRecord]:
+        log = read_log(store)
+        raw.store.audit(AuditRecord(principal="alice", action="workload.release", target="w1"))
+        return log
+
+    monkeypatch.setattr(cls, "audit_log", log_then_append)
+    assert ringfence_cli.main(["audit", "verify", "--store", raw.spec]) == 0
+    assert "ok: 5 record(s) chained" in capsys.readouterr().out
+    # the next run reads the record it missed
+    assert ringfence_cli.main(["audit", "verify", "--store", raw.spec]) == 0
+    assert "ok: 6 record(s) chained" in capsys.readouterr().out
+
+
+def test_the_heads_read_around_the_log_still_catch_tampering() -> None:
+    """With a head read before the log and one after, what verify lets pass is only a log that
+    ends between them and holds what it has of them."""
+    recs, head = [], AuditHead()
+    for i in range(5):
+        rec = seal(AuditRecord(principal=f"p{i}", action="x", target="t"), head)
+        recs.append(rec)
+        head = AuditHead(seq=rec.seq, hash=rec.hash)
+    at = {r.seq: AuditHead(seq=r.seq, hash=r.hash) for r in recs}
+    assert verify(recs[:4], at[5], head_before=at[3]).ok
+    assert verify(recs, at[5], head_before=at[5]).ok
+    # the last records gone before the first read of the head
+    gone = verify(recs[:2], at[5], head_before=at[3])
+    assert not gone.ok and gone.first_bad_seq == 3 and "missing" in gone.problem
+    # appended without the head, even the one read after the log
+    extra = verify(recs, at[4], head_before=at[3])
+    assert not extra.ok and extra.first_bad_seq == 5 and "appended without the head" in extra.problem
+    # a record the first head names replaced by one that chains
+    other = seal(AuditRecord(principal="mallory", action="x", target="t"), at[2])
+    replaced = verify([*recs[:2], other], at[5], head_before=at[3])
+    assert not replaced.ok and replaced.first_bad_seq == 3 and "replaced" in replaced.problem
+    # the head rolled back between the reads
+    back = verify(recs[:3], at[3], head_before=at[4])
+    assert not back.ok and "went back" in back.problem
+
+
 def test_an_untouched_write_after_tampering_does_not_heal_the_chain(raw: Raw) -> None:
     fill(raw)
     raw.write(edited(raw.read()))

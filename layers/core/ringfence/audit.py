@@ -100,15 +100,26 @@ class Verdict:
         return f"BROKEN at seq {self.first_bad_seq}: {self.problem}"
 
 
-def verify(log: list[AuditRecord], head: AuditHead | None, anchors: list[AuditHead] | None = None) -> Verdict:
+def verify(
+    log: list[AuditRecord],
+    head: AuditHead | None,
+    anchors: list[AuditHead] | None = None,
+    *,
+    head_before: AuditHead | None = None,
+) -> Verdict:
     """Check ``log`` (in the store's order) against itself and the store's ``head``.
 
     Each record must hash to its ``hash``, carry the next ``seq`` and the previous ``hash`` as
     ``prev``; the last must be the head. Records without a hash are accepted only before the first
     chained one (written before chaining existed). ``anchors`` are heads kept outside the store
     (``ringfence audit head`` saved elsewhere): the chain must still hold each one, which a
-    rewritten chain with a matching head does not."""
-    verdict = _verify_chain(log, head)
+    rewritten chain with a matching head does not.
+
+    A store that is written while it is read (no snapshot of log and head together): pass the head
+    read before the log as ``head_before`` and the one read after it as ``head``. The log must then
+    hold ``head_before`` and end no later than ``head``; records appended between the reads may be
+    in it or not, so a record appended meanwhile is not a false BROKEN."""
+    verdict = _verify_chain(log, head, head if head_before is None else head_before)
     if not verdict.ok:
         return verdict
     by_seq = {r.seq: r.hash for r in log if r.hash}
@@ -132,11 +143,12 @@ def verify(log: list[AuditRecord], head: AuditHead | None, anchors: list[AuditHe
     return verdict
 
 
-def _verify_chain(log: list[AuditRecord], head: AuditHead | None) -> Verdict:
+def _verify_chain(log: list[AuditRecord], head: AuditHead | None, head_before: AuditHead | None) -> Verdict:
     unchained = 0
     present = {r.seq for r in log if r.hash}
     expect = AuditHead()
     chained = 0
+    by_seq: dict[int, str] = {}
     for rec in log:
         if not rec.hash:
             if chained:
@@ -159,23 +171,21 @@ def _verify_chain(log: list[AuditRecord], head: AuditHead | None) -> Verdict:
                 f"record {rec.id} does not follow seq {expect.seq} (inserted or replaced)",
             )
         expect = head_of(rec)
-    head = head or AuditHead()
-    if head.seq != expect.seq or head.hash != expect.hash:
-        if head.seq > expect.seq:
-            return Verdict(
-                False,
-                chained,
-                unchained,
-                expect.seq + 1,
-                f"the head is at seq {head.seq}: the last record(s) are missing",
-            )
-        if head.seq < expect.seq:
-            return Verdict(
-                False,
-                chained,
-                unchained,
-                head.seq + 1,
-                f"the head is at seq {head.seq}: record(s) after it were appended without the head",
-            )
-        return Verdict(False, chained, unchained, head.seq, "the last record is not the one the head names (replaced)")
+        by_seq[rec.seq] = rec.hash
+    hi = head or AuditHead()
+    lo = head_before or AuditHead()
+
+    def broken(seq: int, problem: str) -> Verdict:
+        return Verdict(False, chained, unchained, seq, problem)
+
+    if hi.seq < lo.seq:
+        return broken(hi.seq + 1, f"the head went back from seq {lo.seq} to {hi.seq} while the log was read")
+    if expect.seq > hi.seq:
+        return broken(hi.seq + 1, f"the head is at seq {hi.seq}: record(s) after it were appended without the head")
+    if expect.seq < lo.seq:
+        return broken(expect.seq + 1, f"the head is at seq {lo.seq}: the last record(s) are missing")
+    # the log ends between the two reads of the head: what it holds of them must be theirs
+    for end in (lo, hi):
+        if end.seq and end.seq <= expect.seq and by_seq.get(end.seq) != end.hash:
+            return broken(end.seq, "the last record is not the one the head names (replaced)")
     return Verdict(True, chained, unchained)

@@ -685,9 +685,12 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     from ringfence.audit import verify
 
     store = _audit_store(args.store)
-    # the anchors first: one written while the chain is read is then never beyond the chain read
+    # the anchors first: one written while the chain is read is then never beyond the chain read;
+    # the head before and after the log, as the store may be appended to while it is read
     anchors = _anchors(args.anchor)
-    verdict = verify(store.audit_log(), store.audit_head(), anchors)
+    head_before = store.audit_head()
+    log = store.audit_log()
+    verdict = verify(log, store.audit_head(), anchors, head_before=head_before)
     if args.json:
         _print_json(
             {
