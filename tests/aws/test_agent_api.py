@@ -178,7 +178,7 @@ def test_pairing_is_refused_for_cloud_instances(pairing_on: Env) -> None:
     env.store.put_pairing(secret_hash("k"), web, uses=1, ttl=600)
     status, body = enroll_pairing(env, web, "k")
     assert status == 401 and "aws instance" in body["detail"]
-    assert env.store.use_pairing(secret_hash("k"), web), "the refused attempt spent nothing"
+    assert env.store.use_pairing(secret_hash("k"), web, agent_key=AgentKey().pem), "the refused attempt spent nothing"
 
 
 def test_deltas_since_and_409_when_rules_changed(env: Env) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -13,10 +14,18 @@ import pytest
 
 from ringfence.clouds.aws.enroll import sts_endpoint_allowed
 from tests.aws.conftest import Env
-from tests.aws.test_agent_api import auth, give_instance_profile, sts_env, sts_request
+from tests.aws.test_agent_api import (
+    auth,
+    enroll_pairing,
+    give_instance_profile,
+    pairing_on,
+    register_onprem,
+    sts_env,
+    sts_request,
+)
 from tests.aws.test_pipeline import AgentKey, agent_key, boot, enroll_iid, iid_document
 
-__all__ = ["sts_env"]  # the fixture, used by name
+__all__ = ["pairing_on", "sts_env"]  # the fixtures, used by name
 
 
 def nonce(env: Env) -> str:
@@ -507,3 +516,34 @@ def test_attack_reader_or_incident_responder_cannot_reset_an_agent_key(env: Env)
     # an unknown workload: 404 for who may reset
     env.bind(ONBOARDING, ["onboarding"])
     assert env.rest("admin", "DELETE", "/admin/workloads/i-0nothere/agent-key", {}, principal=ONBOARDING)[0] == 404
+
+
+def test_attack_a_pairing_key_minted_before_the_index_enrolls_nothing(pairing_on: Env) -> None:
+    """A pairing key minted before the ``pairingof#<workload>`` index existed (its ``pairing#``
+    item alone, as the old code wrote it) is one no revocation finds: before, it still enrolled
+    after the operator revoked the workload's pairing keys, until its TTL. Now a key enrolls only
+    if its index item exists, so such a key spends nothing, binds nothing and issues no token."""
+    from ringfence.control.api import secret_hash
+
+    env = pairing_on
+    wid = "dc1-db-1"
+    register_onprem(env, wid, "192.168.10.5")
+    state = env.ddb.Table("rf-state")
+    legacy = f"pairing#{secret_hash('leaked-legacy-key')}"
+    ttl = int(time.time()) + 3600
+    state.put_item(Item={"pk": legacy, "sk": "pairing", "ttl": ttl, "uses": 3, "workload_id": wid})
+    env.bind(ONBOARDING, ["onboarding"])
+    path = f"/admin/workloads/{wid}/pairing-keys"
+    status, _, out = env.rest("admin", "DELETE", path, {"reason": "key leaked"}, principal=ONBOARDING)
+    assert status == 200, out
+    status, body = enroll_pairing(env, wid, "leaked-legacy-key")
+    assert status == 401 and "pairing key" in body["detail"], body
+    assert env.store.agent_key(wid) is None, "nothing bound"
+    assert "Item" not in state.get_item(Key={"pk": f"tokenof#{wid}", "sk": "token"}), "no token issued"
+    assert state.get_item(Key={"pk": legacy, "sk": "pairing"}).get("Item", {}).get("uses", 3) == 3, "nothing spent"
+    # a key minted now (indexed) still enrolls
+    status, _, key = env.rest("admin", "POST", "/admin/pairing-keys", {"workload_id": wid, "uses": 1, "ttl": 600})
+    assert status == 201, key
+    status, body = enroll_pairing(env, wid, key["pairing_key"])
+    assert status == 200, body
+    assert bundle_status(env, wid, body["token"]) == 404, "its token authorizes (no bundle computed yet)"

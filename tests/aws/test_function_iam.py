@@ -26,7 +26,7 @@ import hcl2
 import pytest
 
 from tests.aws.conftest import Env, LambdaContext
-from tests.aws.test_agent_api import give_instance_profile, sts_request
+from tests.aws.test_agent_api import enroll_pairing, give_instance_profile, register_onprem, sts_request
 from tests.aws.test_lifecycle_gate import heartbeat, launch
 from tests.aws.test_pipeline import _scheduled, enroll_instance
 from tests.aws.test_static import cfn_conditions, template, tf_conditions, unquote
@@ -497,3 +497,23 @@ def test_every_call_every_function_makes_is_granted_in_both_deployments(agent_st
     seen = {a.split(":")[0] for calls in rec.other.values() for a, _ in calls}
     assert {"s3", "sqs", "ec2", "autoscaling"} <= seen, seen
     assert not refusals(rec, fns)
+
+
+def test_a_pairing_enrollment_is_granted_in_both_deployments(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pairing spends its use, checks that the key's workload index item exists (a key that no
+    revocation finds enrolls nothing) and binds the agent key in one transaction: each item is
+    granted to the agent API, the index check on ``pairingof#`` items only."""
+    monkeypatch.setenv("RINGFENCE_ENROLL_METHODS", "aws-iid,pairing")
+    env.load_functions()
+    register_onprem(env, "dc1-db-1", "192.168.10.5")
+    status, _, key = env.rest("admin", "POST", "/admin/pairing-keys", {"workload_id": "dc1-db-1", "uses": 1, "ttl": 60})
+    assert status == 201, key
+    rec = Recorder(env)
+    status, body = enroll_pairing(env, "dc1-db-1", key["pairing_key"])
+    assert status == 200, body
+    checks = [c for c in rec.calls.get("agentapi", []) if c[0] == "ConditionCheckItem"]
+    assert [c["dynamodb:LeadingKeys"][0].split("#")[0] for _, _, c in checks] == ["pairingof"], checks
+    assert not refusals(rec, ("agentapi",))
+    for statements_of in (sam_statements, terraform_statements):
+        check = ("ConditionCheckItem", "state", {"dynamodb:LeadingKeys": ["policy"], "dynamodb:Attributes": ["pk"]})
+        assert not allowed(statements_of("agentapi"), check), "the check is granted on the index only"

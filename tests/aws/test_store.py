@@ -423,13 +423,13 @@ def test_drop_pairings_revokes_every_key_of_that_workload_only(store: Store) -> 
     store.put_pairing("a", "w", uses=2, ttl=60)
     store.put_pairing("b", "w", uses=1, ttl=60)
     store.put_pairing("spent", "w", uses=1, ttl=60)
-    assert store.use_pairing("spent", "w")
+    assert store.use_pairing("spent", "w", agent_key="K")
     store.put_pairing("gone", "w", uses=1, ttl=-1)
     store.put_pairing("theirs", "other", uses=1, ttl=60)
     assert store.drop_pairings("w") == 2, "the keys that could still enroll"
-    assert not any(store.use_pairing(k, "w") for k in ("a", "b", "spent", "gone"))
+    assert not any(store.use_pairing(k, "w", agent_key="K") for k in ("a", "b", "spent", "gone"))
     assert store.drop_pairings("w") == 0
-    assert store.use_pairing("theirs", "other"), "another workload's key is untouched"
+    assert store.use_pairing("theirs", "other", agent_key="K"), "another workload's key is untouched"
 
 
 def test_a_version_2_sqlite_token_holds_until_it_expires(tmp_path: Path) -> None:
@@ -458,11 +458,11 @@ def test_a_version_2_sqlite_token_holds_until_it_expires(tmp_path: Path) -> None
 
 def test_pairing_key_enrolls_only_its_workload_a_limited_number_of_times(store: Store) -> None:
     store.put_pairing("h", "w", uses=2, ttl=60)
-    assert not store.use_pairing("h", "other"), "a key issued for w never enrolls another id"
-    assert [store.use_pairing("h", "w") for _ in range(3)] == [True, True, False]
-    assert not store.use_pairing("unknown", "w")
+    assert not store.use_pairing("h", "other", agent_key="K"), "a key issued for w never enrolls another id"
+    assert [store.use_pairing("h", "w", agent_key="K") for _ in range(3)] == [True, True, False]
+    assert not store.use_pairing("unknown", "w", agent_key="K")
     store.put_pairing("h2", "w", uses=5, ttl=-1)
-    assert not store.use_pairing("h2", "w"), "expired"
+    assert not store.use_pairing("h2", "w", agent_key="K"), "expired"
     with pytest.raises(ValueError):
         store.put_pairing("h3", "", uses=1, ttl=60)
 
@@ -556,7 +556,7 @@ def _race(path: str, start: Any, out: Any) -> None:
     except ConflictError:
         out.put(("head", False))
     start.wait()
-    out.put(("pairing", sum(st.use_pairing("h", "w") for _ in range(3))))
+    out.put(("pairing", sum(st.use_pairing("h", "w", agent_key="K") for _ in range(3))))
     start.wait()
     out.put(("nonce", st.burn_nonce("n")))
     st.close()

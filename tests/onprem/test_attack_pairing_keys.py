@@ -139,7 +139,9 @@ def test_attack_a_reregistered_id_keeps_nothing_of_the_old_hosts_agent(plane: Pl
     assert wiring.store.agent_key(WID) is None
     assert plane.refresh(old)[0] == 401, "the old host's key renews nothing"
     assert plane.bundle(token) == 401
-    assert not wiring.store.use_pairing("leftover-hash", WID), "the old host's pairing keys are gone"
+    assert not wiring.store.use_pairing("leftover-hash", WID, agent_key=AgentKey().pem), (
+        "the old host's pairing keys are gone"
+    )
     status, body = plane.pair(plane.mint(uses=1), AgentKey())
     assert status == 200 and plane.bundle(body["token"]) == 200, body
 

@@ -229,6 +229,8 @@ locals {
       # writes only the agents' own items: never a bundle pointer, the active policy or the engine
       # head; on inventory an agent's liveness only, never its labels, mode or quarantine
       { actions = ["dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["nonce#*", "token#*", "tokenof#*", "agentkey#*", "nextkey#*", "conn#*", "pairing#*", "enforcing#*", "enforcement", "once#gcp-jwt:*"] }] },
+      # a pairing use checks, in its transaction, that the key's workload index item exists
+      { actions = ["dynamodb:ConditionCheckItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["pairingof#*"] }] },
       { actions = ["dynamodb:UpdateItem"], resources = [aws_dynamodb_table.inventory.arn], conditions = [{ test = "ForAllValues:StringEquals", variable = "dynamodb:Attributes", values = ["id", "enrolled", "last_heartbeat", "offline"] }] },
       # reads what compute signed and stored; writes reports only (never a bundle; holds no key)
       { actions = ["s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/bundles/*", "${aws_s3_bucket.bundles.arn}/deltas/*", "${aws_s3_bucket.bundles.arn}/keys/*", "${aws_s3_bucket.bundles.arn}/policies/*", "${aws_s3_bucket.bundles.arn}/agent/*"] },

@@ -49,6 +49,7 @@ def enroll_pairing(api: AgentApi, req: agentapi.EnrollRequest) -> str:
         # a cloud instance proves its identity with the cloud's document, never with a key
         raise ProofError(f"{req.workload_id} is a {rec.workload.cloud} instance: pairing is for on-premise workloads")
     api.check_key(req, req.workload_id)
+    assert req.agent_key is not None  # check_key refuses a request without one
     # the key is spent only by the workload it was issued for, and an operator-issued key rebinds
     # the agent key (a reinstalled host) in the same atomic step: a use checked before an
     # operator's reset (which revokes the pairing keys first) cannot bind after it
@@ -57,5 +58,5 @@ def enroll_pairing(api: AgentApi, req: agentapi.EnrollRequest) -> str:
     except NotTheNamedKey as exc:  # a reset naming another key landed since check_key
         raise api.not_named(req, req.workload_id, str(exc)) from None
     if not used:
-        raise ProofError(f"pairing key is unknown, expired, used up or not issued for {req.workload_id}")
+        raise ProofError(f"pairing key is unknown, expired, used up, revoked or not issued for {req.workload_id}")
     return req.workload_id

@@ -406,11 +406,12 @@ class Store(Protocol):
         """A pairing key (by hash) that enrolls only ``workload_id``, at most ``uses`` times, for ``ttl`` s."""
         ...
 
-    def use_pairing(self, key_hash: str, workload_id: str, agent_key: str | None = None) -> bool:
-        """Spend one use of the key for ``workload_id``; False (and nothing spent) if the key is
-        unknown, expired, used up or was issued for another workload. ``agent_key`` (PEM): bound
-        to the workload, over any earlier key, in the same atomic step as the use, as
-        :meth:`bind_agent_key` binds it (:class:`NotTheNamedKey`: nothing spent or bound)."""
+    def use_pairing(self, key_hash: str, workload_id: str, agent_key: str) -> bool:
+        """Spend one use of the key for ``workload_id`` and bind ``agent_key`` (PEM) to the
+        workload, over any earlier key, in the same atomic step, as :meth:`bind_agent_key` binds it
+        (:class:`NotTheNamedKey`: nothing spent or bound). False (nothing spent or bound) if the
+        key is unknown, expired, used up, issued for another workload, or one that
+        :meth:`drop_pairings` could not revoke (DynamoDB: minted before the workload index)."""
         ...
 
     def drop_pairings(self, workload_id: str) -> int:

@@ -695,25 +695,25 @@ class DynamoStore:
             TransactItems=[{"Put": {"TableName": self.state.name, "Item": item}} for item in (index, key)]
         )
 
-    def use_pairing(self, key_hash: str, workload_id: str, agent_key: str | None = None) -> bool:
+    def use_pairing(self, key_hash: str, workload_id: str, agent_key: str) -> bool:
         use: dict[str, Any] = {
+            "TableName": self.state.name,
             "Key": {"pk": f"pairing#{key_hash}", "sk": "pairing"},
             "UpdateExpression": "SET uses = uses - :one",
             "ConditionExpression": "attribute_exists(pk) AND workload_id = :w AND uses > :zero AND #t >= :now",
             "ExpressionAttributeNames": {"#t": "ttl"},
             "ExpressionAttributeValues": {":one": 1, ":zero": 0, ":now": int(time.time()), ":w": workload_id},
         }
-        if agent_key is None:
-            try:
-                self.state.update_item(**use)
-            except ClientError as exc:
-                if _conditional_failed(exc):
-                    return False
-                raise
-            return True
-        # the use and the binding in one transaction
-        items = [{"Update": {"TableName": self.state.name, **use}}, *self._bind_items(workload_id, agent_key, True)]
-        return not self._transact(workload_id, items, named_at=1)
+        # only a key drop_pairings can find enrolls: one minted before the pairingof# index existed
+        # (no index item) would outlive every revocation, so it is refused (fail closed)
+        indexed = {
+            "TableName": self.state.name,
+            "Key": {"pk": f"pairingof#{workload_id}", "sk": key_hash},
+            "ConditionExpression": "attribute_exists(pk)",
+        }
+        # the use and the binding in one transaction ([use, index, named-key expectation, key])
+        items = [{"Update": use}, {"ConditionCheck": indexed}, *self._bind_items(workload_id, agent_key, True)]
+        return not self._transact(workload_id, items, named_at=2)
 
     def drop_pairings(self, workload_id: str) -> int:
         index: list[dict[str, Any]] = []

@@ -696,7 +696,7 @@ class SqliteStore:
                 (key_hash, workload_id, uses, time.time() + ttl),
             )
 
-    def use_pairing(self, key_hash: str, workload_id: str, agent_key: str | None = None) -> bool:
+    def use_pairing(self, key_hash: str, workload_id: str, agent_key: str) -> bool:
         with self._tx() as db:
             cur = db.execute(
                 "UPDATE pairing SET uses = uses - 1 WHERE hash = ? AND workload_id = ? AND uses > 0 AND expires >= ?",
@@ -704,8 +704,7 @@ class SqliteStore:
             )
             if cur.rowcount != 1:
                 return False
-            if agent_key is not None:  # NotTheNamedKey rolls the use back with the rest
-                self._bind_agent_key(db, workload_id, agent_key, replace=True)
+            self._bind_agent_key(db, workload_id, agent_key, replace=True)  # NotTheNamedKey rolls the use back
             return True
 
     def drop_pairings(self, workload_id: str) -> int:
