@@ -22,7 +22,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from ringfence.audit import AuditHead, AuditRecord, seal, verify
-from ringfence.clouds.aws.anchor import anchor_key
+from ringfence.clouds.aws.anchor import AnchorRefused, anchor_key
 from ringfence.local.lambdas import load_functions
 from tests.aws.conftest import REGION, Env, LambdaContext
 from tests.aws.test_audit_chain import cli
@@ -116,13 +116,16 @@ def test_a_genuine_chain_passes_every_anchor_the_schedule_wrote(anchored: Env) -
     for n in (2, 3, 1):
         append(env, n)
         run_anchor(env)
-    # a cold container anchors the same head again: another locked version of the same content
+    # a cold container finds the head anchored already (the bucket's last key): nothing written
     env.fn.update(load_functions(["anchor"], ROOT / "functions", keep_clients=True))
-    run_anchor(env)
-    assert len(versions(env)) == 4
+    assert run_anchor(env)["key"] is None and len(versions(env)) == 3
     append(env, 2)  # written since the last anchor: the chain is ahead of every anchor
     out = cli("audit", "verify", "--store", SPEC, "--anchor", f"s3://{BUCKET}/anchors/")
     assert out.returncode == 0 and "ok: 8 record(s) chained" in out.stdout, out.stderr
+    assert "3 anchored head(s) held, the newest at seq 6" in out.stdout
+    # a cold container after more records checks them from the last anchor and anchors the head
+    env.fn.update(load_functions(["anchor"], ROOT / "functions", keep_clients=True))
+    assert run_anchor(env)["seq"] == 8 and len(versions(env)) == 4
     # no anchor there: a wrong prefix is an error, never a pass
     wrong = cli("audit", "verify", "--store", SPEC, "--anchor", f"s3://{BUCKET}/elsewhere/")
     assert wrong.returncode == 1 and "no anchor under" in wrong.stderr, wrong.stderr
@@ -136,12 +139,67 @@ def test_attack_a_rewritten_chain_and_head_is_caught_by_the_scheduled_anchor(anc
     rewrite_chain_and_head(recs)
     assert verify(env.store.audit_log(), env.store.audit_head()).ok, "self-consistent: the chain alone passes it"
     assert cli("audit", "verify", "--store", SPEC).returncode == 0
-    # the next scheduled run anchors the forged head too: the earlier, locked anchor still holds
-    assert run_anchor(env)["seq"] == 5
+    # the next scheduled run refuses the forged head (it does not extend the anchored one): the
+    # function fails, so its alarm fires, and nothing is anchored
+    with pytest.raises(AnchorRefused, match="does not follow seq 3"):
+        run_anchor(env)
+    assert len(versions(env)) == 1
     out = cli("audit", "verify", "--store", SPEC, "--anchor", f"s3://{BUCKET}/anchors/")
     assert out.returncode == 1 and "BROKEN at seq 3" in out.stderr and "rewritten" in out.stderr, out.stderr
+    assert f"anchored by s3://{BUCKET}/anchors/000000000003-" in out.stderr, "the anchor it rests on is named"
     as_json = json.loads(cli("audit", "verify", "--store", SPEC, "--anchor", f"s3://{BUCKET}", "--json").stdout)
     assert as_json["ok"] is False and as_json["first_bad_seq"] == 3
+
+
+def _put_head(head: AuditHead) -> None:
+    boto3.resource("dynamodb").Table("rf-audit").put_item(
+        Item={"pk": "head", "sk": "head", "seq": head.seq, "hash": head.hash}
+    )
+
+
+@pytest.mark.parametrize(
+    "fake",
+    [
+        pytest.param(lambda real: AuditHead(seq=1, hash="e" * 64), id="back-to-a-made-up-seq-1"),
+        pytest.param(lambda real: AuditHead(seq=real.seq + 40, hash="e" * 64), id="a-made-up-seq-ahead"),
+        pytest.param(lambda real: AuditHead(seq=real.seq, hash="e" * 64), id="the-same-seq-another-hash"),
+        pytest.param(lambda real: AuditHead(seq=0, hash="nonsense"), id="malformed"),
+    ],
+)
+def test_attack_a_made_up_head_put_for_one_schedule_is_never_anchored(anchored: Env, fake: Any) -> None:
+    """Whoever may write the audit table (six functions' roles) puts a made-up head, waits for
+    the schedule and puts the real one back: anchored (locked for years), it would make every later
+    verify of the genuine chain fail, alike to a rewritten one. The function anchors only a head
+    the chain holds after the last anchor."""
+    env = anchored
+    append(env, 3)
+    run_anchor(env)
+    real = env.store.audit_head()
+    assert real is not None
+    append(env, 1)
+    _put_head(fake(real))
+    with pytest.raises(AnchorRefused):
+        run_anchor(env)
+    assert [v["Key"] for v in versions(env)] == [anchor_key(real)], "nothing anchored"
+    # a cold container, which reads the last anchor from the bucket, refuses it too
+    env.fn.update(load_functions(["anchor"], ROOT / "functions", keep_clients=True))
+    with pytest.raises(AnchorRefused):
+        run_anchor(env)
+    log = env.store.audit_log()
+    _put_head(AuditHead(seq=log[-1].seq, hash=log[-1].hash))  # the real head back
+    assert run_anchor(env)["seq"] == 4
+    out = cli("audit", "verify", "--store", SPEC, "--anchor", f"s3://{BUCKET}/anchors/")
+    assert out.returncode == 0 and "2 anchored head(s) held, the newest at seq 4" in out.stdout, out.stderr
+
+
+def test_attack_a_first_anchor_of_a_made_up_head_is_refused(anchored: Env) -> None:
+    """No anchor yet: the head's own record must be in the chain, hashing to it."""
+    env = anchored
+    append(env, 2)
+    _put_head(AuditHead(seq=2, hash="e" * 64))
+    with pytest.raises(AnchorRefused, match="does not hold the head"):
+        run_anchor(env)
+    assert versions(env) == []
 
 
 def test_a_later_put_to_an_anchors_key_hides_nothing(anchored: Env) -> None:
@@ -205,8 +263,12 @@ def test_the_anchor_bucket_locks_in_compliance_mode_and_only_the_anchor_function
     assert lock["Rule"]["DefaultRetention"] == {"Mode": "COMPLIANCE", "Days": {"Ref": "AuditAnchorRetentionDays"}}
     assert all(props["PublicAccessBlockConfiguration"].values()) and bucket["DeletionPolicy"] == "Retain"
     assert props["BucketEncryption"] == res["BundleBucket"]["Properties"]["BucketEncryption"]
-    (tls,) = res["AuditAnchorBucketPolicy"]["Properties"]["PolicyDocument"]["Statement"]
+    tls, writers = res["AuditAnchorBucketPolicy"]["Properties"]["PolicyDocument"]["Statement"]
     assert tls["Effect"] == "Deny" and tls["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    # nobody but the anchor function's role adds, or re-locks, an object: not even an admin
+    assert (writers["Effect"], writers["Principal"]) == ("Deny", "*")
+    assert {"s3:PutObject", "s3:PutObjectRetention", "s3:PutObjectLegalHold"} <= set(writers["Action"])
+    assert writers["Condition"] == {"ArnNotEquals": {"aws:PrincipalArn": {"GetAtt": "AnchorFunctionRole.Arn"}}}
     fn = res["AnchorFunction"]["Properties"]
     assert fn["Events"]["Schedule"]["Properties"]["ScheduleExpression"] == {"Ref": "AuditAnchorSchedule"}
     assert fn["Environment"]["Variables"]["RINGFENCE_ANCHOR_BUCKET"] == {"Ref": "AuditAnchorBucket"}
@@ -236,6 +298,16 @@ def test_the_anchor_bucket_locks_in_compliance_mode_and_only_the_anchor_function
     assert block["restrict_public_buckets"] is True
     assert "aws_s3_bucket_server_side_encryption_configuration.anchors" in resources
     assert "aws_s3_bucket_policy.anchors" in resources
+    docs = {n: v for block in main["data"] for named in block.values() for n, v in named.items()}
+    (tf_writers,) = [st for st in docs["anchors_tls"]["statement"] if st.get("sid") == "OnlyTheAnchorFunctionWrites"]
+    assert (tf_writers["effect"], tf_writers["resources"]) == ("Deny", ["${aws_s3_bucket.anchors.arn}/*"])
+    assert {"s3:PutObject", "s3:PutObjectRetention", "s3:PutObjectLegalHold"} <= set(tf_writers["actions"])
+    (cond,) = tf_writers["condition"]
+    assert (cond["test"], cond["variable"], cond["values"]) == (
+        "ArnNotEquals",
+        "aws:PrincipalArn",
+        ['${aws_iam_role.fn["anchor"].arn}'],
+    )
     tf_fns = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/lambda.tf").read_text()))
     loc: dict[str, Any] = {}
     for block in tf_fns["locals"]:
@@ -253,15 +325,17 @@ def test_the_anchor_bucket_locks_in_compliance_mode_and_only_the_anchor_function
     assert anchor_writers(terraform_statements, list(loc["statements"])).keys() == {"anchor"}
 
 
-def test_the_anchor_function_reads_only_the_head_and_writes_nothing_in_the_audit_table(anchored: Env) -> None:
+def test_the_anchor_function_reads_the_head_and_the_records_since_and_writes_nothing_in_the_audit_table(
+    anchored: Env,
+) -> None:
     """Its calls as made over moto are granted in both deployments; any write to the audit table,
-    or a read of a record, is not."""
+    or a read of anything there but the head and the chain's records, is not."""
     env = anchored
     rec = Recorder(env, anchors=BUCKET)
     append(env, 2)
     run_anchor(env)
-    assert [(a, t) for a, t, _ in rec.calls["anchor"]] == [("GetItem", "audit")]
-    assert [a for a, _ in rec.other["anchor"]] == ["s3:PutObject"]
+    assert [(a, t) for a, t, _ in rec.calls["anchor"]] == [("GetItem", "audit"), ("Query", "audit")]
+    assert [a for a, _ in rec.other["anchor"]] == ["s3:ListBucket", "s3:PutObject"]
     assert not refusals(rec, ["anchor"])
     for where, statements_of in (("template.yaml", sam_statements), ("infra/", terraform_statements)):
         statements = statements_of("anchor")

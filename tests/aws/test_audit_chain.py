@@ -516,16 +516,84 @@ def test_concurrent_processes_keep_one_chain(tmp_path: Path, kind: str) -> None:
     assert verify(log, raw.store.audit_head()).ok
 
 
-def test_records_from_before_chaining_are_reported_not_protected(tmp_path: Path) -> None:
+def test_records_from_before_chaining_pass_only_in_the_number_allowed(tmp_path: Path) -> None:
     raw = _file(tmp_path)
-    old = AuditRecord(principal="a", action="policy.provision", target="policy/1")
+    old = AuditRecord(principal="a", action="policy.provision", target="policy/1", time=1000.0)
     (raw.store.root / "audit.jsonl").write_text(old.model_dump_json() + "\n")
     new = raw.store.audit(AuditRecord(principal="b", action="policy.provision", target="policy/2"))
     assert new.seq == 1 and new.prev == GENESIS
-    verdict = verify(raw.store.audit_log(), raw.store.audit_head())
+    verdict = verify(raw.store.audit_log(), raw.store.audit_head(), allow_unchained=1)
     assert verdict.ok and verdict.unchained == 1 and "1 earlier record(s) from before chaining" in verdict.report()
+    out = cli("audit", "verify", "--store", raw.spec)
+    assert out.returncode == 1 and "BROKEN before the chain: 1 record(s) without a hash" in out.stderr, out.stderr
+    assert cli("audit", "verify", "--store", raw.spec, "--allow-unchained", "1").returncode == 0
+    listed = cli("audit", "list", "--store", raw.spec).stdout.splitlines()
+    assert listed[0].split()[0] == "-" and listed[1].split()[0] == "1"
     raw.write([*raw.read(), old.model_copy(update={"id": "late"}).model_dump_json()])
-    assert not verify(raw.store.audit_log(), raw.store.audit_head()).ok, "an unchained record after the chain"
+    assert not verify(raw.store.audit_log(), raw.store.audit_head(), allow_unchained=1).ok, "one after the chain"
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        pytest.param({"time": 1000.0}, id="back-dated"),
+        pytest.param({"seq": 2}, id="claiming-a-seq"),
+        pytest.param({"time": 9e9}, id="dated-after-the-chain-began"),
+    ],
+)
+def test_attack_a_record_without_a_hash_added_to_the_log_fails_verify(
+    raw: Raw, forged: dict[str, Any], request: pytest.FixtureRequest
+) -> None:
+    """Whoever may write the store adds a record with no hash, which would read as history from
+    before chaining ("bob provisioned policy/allow-any-any"): nothing covers such records, so
+    verify passes them only in the number the operator allowed, and never one that claims a seq
+    or is dated after the chain began."""
+    fill(raw, 3)
+    fake = AuditRecord(principal="bob", action="policy.provision", target="policy/allow-any-any", **forged)
+    if isinstance(raw.store, FileVersionStore):
+        raw.write([fake.model_dump_json(), *raw.read()])
+    elif isinstance(raw.store, SqliteStore):
+        with sqlite3.connect(raw.store.path) as db:  # the triggers stop UPDATE and DELETE, not this
+            db.execute(
+                "INSERT INTO audit (seq, id, time, doc) VALUES (0, ?, ?, ?)",
+                (fake.id, fake.time, fake.model_dump_json()),
+            )
+    else:
+        boto3.resource("dynamodb").Table("rf-audit").put_item(
+            Item={"pk": "2026-01-01", "sk": fake.id, "doc": fake.model_dump_json()}
+        )
+    out = cli("audit", "verify", "--store", raw.spec)
+    assert out.returncode == 1 and "BROKEN before the chain" in out.stderr, (out.stdout, out.stderr)
+    assert as_json(raw)["ok"] is False
+
+
+def as_json(raw: Raw) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(cli("audit", "verify", "--store", raw.spec, "--json").stdout)
+    return out
+
+
+def test_verify_that_would_check_nothing_is_an_error(tmp_path: Path) -> None:
+    """A mistyped database path, an empty anchor file: errors naming them, never "ok"."""
+    missing = tmp_path / "typo" / "state.db"
+    out = cli("audit", "verify", "--store", f"sqlite:{missing}")
+    assert out.returncode != 0 and "no such database file" in out.stderr and not missing.parent.exists()
+    raw = _sqlite(tmp_path)
+    fill(raw, 2)
+    empty = tmp_path / "heads.jsonl"
+    empty.write_text("\n")
+    out = cli("audit", "verify", "--store", raw.spec, "--anchor", str(empty))
+    assert out.returncode != 0 and f"{empty}: no saved audit head in it" in out.stderr, out.stderr
+    raw.store.close()
+
+
+def test_a_table_item_that_is_no_record_and_a_wrong_table_are_named(request: pytest.FixtureRequest) -> None:
+    raw = _dynamodb(request.getfixturevalue("moto_url"))
+    fill(raw, 2)
+    boto3.resource("dynamodb").Table("rf-audit").put_item(Item={"pk": "note", "sk": "x"})
+    out = cli("audit", "verify", "--store", raw.spec)
+    assert out.returncode != 0 and "item note/x is no audit record" in out.stderr, out.stderr
+    wrong = cli("audit", "verify", "--store", "dynamodb:rf-inventory,rf-state,rf-nope")
+    assert wrong.returncode != 0 and "could not be read" in wrong.stderr and "Traceback" not in wrong.stderr
 
 
 def test_anchors_saved_by_audit_head_hold_while_the_chain_grows(raw: Raw, tmp_path: Path) -> None:

@@ -64,7 +64,7 @@ locals {
     wsconnect = { memory = 256, timeout = 10, concurrency = 20, env = {} }
     flows     = { memory = 1024, timeout = 300, concurrency = 10, env = {} }
     # the audit chain's head to the anchor bucket, on var.audit_anchor_schedule (docs/visibility.md)
-    anchor = { memory = 256, timeout = 30, concurrency = 1, env = { RINGFENCE_ANCHOR_BUCKET = aws_s3_bucket.anchors.id } }
+    anchor = { memory = 256, timeout = 120, concurrency = 1, env = { RINGFENCE_ANCHOR_BUCKET = aws_s3_bucket.anchors.id } }
   }
   # the GCP events function exists only with var.gcp (its layer carries the Google SDKs)
   gcp_functions = var.gcp == null ? {} : {
@@ -286,9 +286,12 @@ locals {
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
       local.policies_read, local.kms_use,
     ], try(var.azure.credentials_secret_arn, "") == "" ? [] : [{ actions = ["secretsmanager:GetSecretValue"], resources = [var.azure.credentials_secret_arn] }])
-    # the chain's head item only (no record, no write in the audit table); the anchors' prefix only
+    # the chain's head item and the records since the last anchor (no write in the audit table);
+    # the anchors' prefix only
     anchor = [
       { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.audit.arn], conditions = [{ test = "ForAllValues:StringEquals", variable = "dynamodb:LeadingKeys", values = ["head"] }] },
+      { actions = ["dynamodb:Query"], resources = [aws_dynamodb_table.audit.arn], conditions = [{ test = "ForAllValues:StringEquals", variable = "dynamodb:LeadingKeys", values = ["chain"] }] },
+      { actions = ["s3:ListBucket"], resources = [aws_s3_bucket.anchors.arn], conditions = [{ test = "StringLike", variable = "s3:prefix", values = ["anchors/*"] }] },
       { actions = ["s3:PutObject"], resources = ["${aws_s3_bucket.anchors.arn}/anchors/*"] },
       local.async_dlq, local.kms_use,
     ]

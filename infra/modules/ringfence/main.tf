@@ -308,6 +308,23 @@ data "aws_iam_policy_document" "anchors_tls" {
       values   = ["false"]
     }
   }
+  # an object here is locked for years, and verify reads every one: nobody but the anchor function
+  # (an account admin, a deploy role) may add one
+  statement {
+    sid       = "OnlyTheAnchorFunctionWrites"
+    effect    = "Deny"
+    actions   = ["s3:PutObject", "s3:PutObjectRetention", "s3:PutObjectLegalHold"]
+    resources = ["${aws_s3_bucket.anchors.arn}/*"]
+    principals {
+      type        = "*"
+      identifiers = ["*"]
+    }
+    condition {
+      test     = "ArnNotEquals"
+      variable = "aws:PrincipalArn"
+      values   = [aws_iam_role.fn["anchor"].arn]
+    }
+  }
 }
 
 resource "aws_s3_bucket_policy" "anchors" {

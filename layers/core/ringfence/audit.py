@@ -15,8 +15,9 @@ deleted, reordered or inserted record breaks it, and the first bad ``seq`` is na
 
 What the chain does not prove: someone who can rewrite every record *and* the head (the database
 file, the table) can build a new, consistent chain. A head kept outside the store's trust domain
-(``ringfence audit head`` saved elsewhere, then ``verify`` with it as an anchor) shows that; records written before chaining existed (no ``hash``)
-are reported as unchained and are not protected.
+(``ringfence audit head`` saved elsewhere, then ``verify`` with it as an anchor) shows that. Records
+written before chaining existed (no ``hash``) are not protected: ``verify`` passes them only in the
+number the operator allows.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ class Verdict:
                 f"; {self.unchained} earlier record(s) from before chaining are not covered" if self.unchained else ""
             )
             return f"ok: {self.records} record(s) chained, the head matches{extra}"
-        return f"BROKEN at seq {self.first_bad_seq}: {self.problem}"
+        where = "before the chain" if self.first_bad_seq == 0 else f"at seq {self.first_bad_seq}"
+        return f"BROKEN {where}: {self.problem}"
 
 
 def verify(
@@ -106,14 +108,17 @@ def verify(
     anchors: list[AuditHead] | None = None,
     *,
     head_before: AuditHead | None = None,
+    allow_unchained: int = 0,
 ) -> Verdict:
     """Check ``log`` (in the store's order) against itself and the store's ``head``.
 
     Each record must hash to its ``hash``, carry the next ``seq`` and the previous ``hash`` as
-    ``prev``; the last must be the head. Records without a hash are accepted only before the first
-    chained one (written before chaining existed). ``anchors`` are heads kept outside the store
-    (``ringfence audit head`` saved elsewhere): the chain must still hold each one, which a
-    rewritten chain with a matching head does not.
+    ``prev``; the last must be the head. Records without a hash (written before chaining existed)
+    are accepted only before the first chained one, dated before it, and only as many as
+    ``allow_unchained`` says: nothing covers them, so anyone who may write the store could add one
+    that reads as history; the operator, having checked them, names their number once.
+    ``anchors`` are heads kept outside the store (``ringfence audit head`` saved elsewhere): the
+    chain must still hold each one, which a rewritten chain with a matching head does not.
 
     A store that is written while it is read (no snapshot of log and head together): pass the head
     read before the log as ``head_before`` and the one read after it as ``head``. The log must then
@@ -140,6 +145,15 @@ def verify(
                 anchor.seq,
                 f"seq {anchor.seq} is not the record an anchored head names (the chain was rewritten)",
             )
+    if verdict.unchained != allow_unchained:
+        return Verdict(
+            False,
+            verdict.records,
+            verdict.unchained,
+            0,
+            f"{verdict.unchained} record(s) without a hash (from before chaining, or added since) where "
+            f"{allow_unchained} were allowed: nothing covers them; check them, then allow that number",
+        )
     return verdict
 
 
@@ -149,10 +163,16 @@ def _verify_chain(log: list[AuditRecord], head: AuditHead | None, head_before: A
     expect = AuditHead()
     chained = 0
     by_seq: dict[int, str] = {}
+    first_chained = next((r.time for r in log if r.hash), None)
     for rec in log:
         if not rec.hash:
             if chained:
                 return Verdict(False, chained, unchained, expect.seq + 1, f"record {rec.id} is not chained")
+            # a record from before chaining has no place in it, and is older than its first record
+            if rec.seq or rec.prev or (first_chained is not None and rec.time > first_chained):
+                return Verdict(
+                    False, chained, unchained, 0, f"record {rec.id} has no hash but a seq, a prev or a later time"
+                )
             unchained += 1
             continue
         chained += 1

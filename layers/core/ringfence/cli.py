@@ -625,6 +625,9 @@ AUDIT_STORE_HELP = (
 
 def _audit_store(spec: str | None) -> Any:
     spec = spec or os.environ.get("RINGFENCE_STORE", ".ringfence")
+    if spec.startswith("sqlite:") and not Path(spec.removeprefix("sqlite:")).is_file():
+        # opening would create an empty database, whose empty chain verifies
+        raise CliError(f"audit store {spec!r}: no such database file")
     if spec.startswith(("sqlite:", "dynamodb:")):
         from ringfence.store import open_store
 
@@ -637,9 +640,10 @@ def _audit_store(spec: str | None) -> Any:
     return FileVersionStore(root)
 
 
-def _anchors(paths: list[str]) -> list[Any]:
+def _anchors(paths: list[str]) -> list[tuple[Any, str]]:
     """Heads saved by ``audit head`` (one JSON object a line; several files), or every head the
-    anchor function wrote under ``s3://BUCKET/PREFIX``."""
+    anchor function wrote under ``s3://BUCKET/PREFIX``; each with where it was read. A source with
+    none is an error: a wrong path must not verify as "no anchor broken"."""
     from pydantic import ValidationError
 
     from ringfence.audit import AuditHead
@@ -649,16 +653,24 @@ def _anchors(paths: list[str]) -> list[Any]:
         if path.startswith("s3://"):
             out += _s3_anchors(path)
             continue
-        for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError as exc:
+            raise CliError(f"{path}: the saved heads could not be read ({exc.strerror})") from None
+        found = 0
+        for n, line in enumerate(lines, 1):
             if line.strip():
                 try:
-                    out.append(AuditHead.model_validate_json(line))
+                    out.append((AuditHead.model_validate_json(line), f"{path}:{n}"))
                 except ValidationError as exc:
                     raise CliError(f"{path}:{n}: not a saved audit head ({exc.errors()[0]['msg']})") from None
+                found += 1
+        if not found:
+            raise CliError(f"{path}: no saved audit head in it")
     return out
 
 
-def _s3_anchors(url: str) -> list[Any]:
+def _s3_anchors(url: str) -> list[tuple[Any, str]]:
     from botocore.exceptions import BotoCoreError, ClientError
 
     from ringfence.clouds.aws import clients
@@ -688,9 +700,12 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     # the anchors first: one written while the chain is read is then never beyond the chain read;
     # the head before and after the log, as the store may be appended to while it is read
     anchors = _anchors(args.anchor)
-    head_before = store.audit_head()
-    log = store.audit_log()
-    verdict = verify(log, store.audit_head(), anchors, head_before=head_before)
+    heads = [a for a, _ in anchors]
+    head_before, log, head = _read_chain(args.store, store)
+    verdict = verify(log, head, heads, head_before=head_before, allow_unchained=args.allow_unchained)
+    newest = max((a.seq for a in heads), default=None)
+    # which anchors a BROKEN verdict rests on: a rewritten chain, or an anchor to look into
+    by = [where for a, where in anchors if not verdict.ok and a.seq == verdict.first_bad_seq]
     if args.json:
         _print_json(
             {
@@ -699,11 +714,30 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
                 "unchained": verdict.unchained,
                 "first_bad_seq": verdict.first_bad_seq,
                 "problem": verdict.problem,
+                "anchors": len(heads),
+                "newest_anchored_seq": newest,
+                "anchored_by": by,
             }
         )
+    elif verdict.ok:
+        held = f"; {len(heads)} anchored head(s) held, the newest at seq {newest}" if heads else ""
+        print(verdict.report() + held)
     else:
-        print(verdict.report(), file=sys.stdout if verdict.ok else sys.stderr)
+        print(verdict.report() + (f" (anchored by {', '.join(by)})" if by else ""), file=sys.stderr)
     return 0 if verdict.ok else 1
+
+
+def _read_chain(spec: str | None, store: Any) -> tuple[Any, list[Any], Any]:
+    """The head, the log, the head again; a store that cannot be read, or holds an item that is
+    no audit record, is an error naming it."""
+    try:
+        return store.audit_head(), store.audit_log(), store.audit_head()
+    except ValueError as exc:  # a stored item that is not a record (pydantic's error is one too)
+        raise CliError(f"audit store {spec!r}: {exc}") from None
+    except Exception as exc:
+        if type(exc).__module__.startswith("botocore"):  # a wrong table, no credentials: named
+            raise CliError(f"audit store {spec!r}: could not be read ({exc})") from None
+        raise
 
 
 def cmd_audit_list(args: argparse.Namespace) -> int:
@@ -718,7 +752,8 @@ def cmd_audit_list(args: argparse.Namespace) -> int:
             when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.time))
             change = f" {r.before[:15] or '-'} -> {r.after[:15]}" if r.after else ""
             why = f" ({r.reason})" if r.reason else ""
-            print(f"{r.seq or '-':>6} {when} {r.principal} {r.action} {r.target}{change}{why}")
+            seq = r.seq if r.hash else "-"  # unchained: its own seq, if it claims one, means nothing
+            print(f"{seq:>6} {when} {r.principal} {r.action} {r.target}{change}{why}")
     return 0
 
 
@@ -1080,6 +1115,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="heads saved earlier by `audit head` (JSON lines), kept where the store's writers cannot "
         "write, or every head the AWS anchor function wrote under an S3 prefix (each version of "
         "each object): the chain must still hold each (repeatable)",
+    )
+    p.add_argument(
+        "--allow-unchained",
+        type=int,
+        default=0,
+        metavar="N",
+        help="records from before chaining existed (no hash) that you have checked: exactly N pass; "
+        "nothing covers them, so any other number is BROKEN (default 0)",
     )
     p.add_argument("--json", action="store_true", help="the verdict as JSON")
     p = add(

@@ -993,6 +993,19 @@ class DynamoStore:
                 out[a] = [AddressOwner.model_validate_json(i["doc"]) for i in items]
         return out
 
+    def audit_segment(self, after: int, upto: int) -> list[AuditRecord]:
+        """The chain's records ``after`` < seq <= ``upto``, in key order (one paged ``Query`` of the
+        ``chain`` partition): what the anchor function checks a head against."""
+        key = Key("pk").eq("chain") & Key("sk").between(f"{after + 1:012d}", f"{upto:012d}")
+        out: list[AuditRecord] = []
+        kwargs: dict[str, Any] = {"KeyConditionExpression": key, "ConsistentRead": True}
+        while True:
+            page = self.audit_table.query(**kwargs)
+            out += [AuditRecord.model_validate_json(i["doc"]) for i in page.get("Items", [])]
+            if "LastEvaluatedKey" not in page:
+                return out
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
     def audit_log(self) -> list[AuditRecord]:
         items: list[dict[str, Any]] = []
         kwargs: dict[str, Any] = {"ConsistentRead": True}
@@ -1006,6 +1019,11 @@ class DynamoStore:
         # records from before chaining (keyed by day) first, by time
         chain = sorted((i for i in items if i["pk"] == "chain"), key=lambda i: str(i["sk"]))
         legacy = [i for i in items if i["pk"] not in ("chain", "head") and not str(i["pk"]).startswith("id#")]
+        for i in legacy:
+            if "doc" not in i:
+                raise ValueError(
+                    f"audit table {self.audit_table.name}: item {i['pk']}/{i.get('sk')} is no audit record"
+                )
         older = sorted((AuditRecord.model_validate_json(i["doc"]) for i in legacy), key=lambda r: r.time)
         return older + [AuditRecord.model_validate_json(i["doc"]) for i in chain]
 

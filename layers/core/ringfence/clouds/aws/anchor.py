@@ -8,11 +8,19 @@ anchored. ``ringfence audit verify --anchor s3://BUCKET/PREFIX`` reads every anc
 
 Keys are ``<prefix><seq, 12 digits>-<hash>.json``: S3 lists them in chain order, and writing the same
 head again only adds a version of the same content.
+
+An anchor is locked for years, so a false one would make every later ``verify`` fail: whoever may
+write the audit table (six function roles) could otherwise put a made-up head, wait for the
+schedule and put the real one back. So the function anchors a head only where the chain holds it:
+the records since the last anchor (one ``Query`` of the ``chain`` items) must each hash right and
+link from the anchored head to the new one. A head that does not is refused (the function fails,
+its alarm fires) and nothing is written.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +29,7 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from ringfence.audit import AuditHead
+from ringfence.audit import AuditHead, AuditRecord, record_hash
 
 PREFIX = "anchors/"
 
@@ -30,12 +38,51 @@ class AnchorError(Exception):
     """An anchor could not be read (not an anchor, or none where one was expected)."""
 
 
-class HeadSource(Protocol):
+class AnchorRefused(Exception):
+    """The head read is not one the chain holds after the last anchor: nothing was anchored."""
+
+
+class ChainSource(Protocol):
     def audit_head(self) -> AuditHead | None: ...
+
+    def audit_segment(self, after: int, upto: int) -> list[AuditRecord]: ...
 
 
 def anchor_key(head: AuditHead, prefix: str = PREFIX) -> str:
     return f"{prefix}{head.seq:012d}-{head.hash}.json"
+
+
+def _key_pattern(prefix: str) -> re.Pattern[str]:
+    return re.compile(re.escape(prefix) + r"(\d{12})-([0-9a-f]{64})\.json")
+
+
+_HASH = re.compile(r"[0-9a-f]{64}")
+
+
+def check_extends(head: AuditHead, last: AuditHead | None, segment: list[AuditRecord]) -> None:
+    """``segment`` (the chain's records after ``last``, up to ``head``) links the last anchored
+    head to ``head``, each record hashing to its ``hash``; without a last anchor, the head's own
+    record is all there is to check. :class:`AnchorRefused` naming why, otherwise."""
+    if head.seq < 1 or not _HASH.fullmatch(head.hash):
+        raise AnchorRefused(f"the head {head.seq}/{head.hash[:16]} is not one a chain has")
+    if last is not None and head.seq < last.seq:
+        raise AnchorRefused(f"the head went back to seq {head.seq} from the anchored seq {last.seq}")
+    if last is not None and head.seq == last.seq:
+        if head.hash != last.hash:
+            raise AnchorRefused(f"the head at seq {head.seq} names another record than the anchored one")
+        return
+    want_seq = last.seq + 1 if last is not None else head.seq
+    prev = last.hash if last is not None else None
+    for rec in segment:
+        if rec.seq != want_seq:
+            raise AnchorRefused(f"the chain has seq {rec.seq} where seq {want_seq} was expected")
+        if not rec.hash or record_hash(rec) != rec.hash:
+            raise AnchorRefused(f"the chain's record at seq {rec.seq} does not match its hash")
+        if prev is not None and rec.prev != prev:
+            raise AnchorRefused(f"the chain's record at seq {rec.seq} does not follow seq {rec.seq - 1}")
+        prev, want_seq = rec.hash, want_seq + 1
+    if want_seq != head.seq + 1 or prev != head.hash:
+        raise AnchorRefused(f"the chain does not hold the head {head.seq}/{head.hash[:16]}")
 
 
 @dataclass(slots=True)
@@ -46,12 +93,12 @@ class Anchored:
 
 class Anchorer:
     """One container's anchoring: the head as read, written when it moved since this container
-    last wrote it (a new container writes once more: the same key, another locked version of the
-    same head, which costs one PutObject and needs no read access to the bucket)."""
+    last wrote it, and only where the chain holds it after the last anchor (:func:`check_extends`;
+    a new container lists the bucket's keys for the last one)."""
 
     def __init__(
         self,
-        store: HeadSource,
+        store: ChainSource,
         s3: Any,
         bucket: str,
         prefix: str = PREFIX,
@@ -64,6 +111,13 @@ class Anchorer:
         head = self.store.audit_head()
         if head is None or head == self.last:
             return Anchored(head, None)
+        last = self.last or self.last_anchored()
+        start = last.seq if last is not None else head.seq - 1
+        segment = self.store.audit_segment(start, head.seq) if head.seq > start >= 0 else []
+        check_extends(head, last, segment)
+        if head == last:  # a new container: anchored already
+            self.last = head
+            return Anchored(head, None)
         key = anchor_key(head, self.prefix)
         body = json.dumps({"seq": head.seq, "hash": head.hash, "time": self.clock()}, sort_keys=True)
         # the bucket's default retention locks the object; a put to a bucket with Object Lock must
@@ -73,6 +127,15 @@ class Anchorer:
         )
         self.last = head
         return Anchored(head, key)
+
+    def last_anchored(self) -> AuditHead | None:
+        """The highest head anchored under the prefix, by its key (keys sort in chain order)."""
+        pattern, last = _key_pattern(self.prefix), None
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix):
+            for obj in page.get("Contents", []):
+                if m := pattern.fullmatch(obj["Key"]):
+                    last = AuditHead(seq=int(m[1]), hash=m[2])
+        return last
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -84,29 +147,32 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return bucket, prefix or PREFIX
 
 
-def read_anchors(s3: Any, bucket: str, prefix: str = PREFIX, workers: int = 16) -> list[AuditHead]:
-    """Every version of every object under ``prefix``, each an anchored head. Versions, not just
-    the current objects: a later put to an anchor's key (or a delete marker) hides nothing, since
-    the locked versions stay and each one counts. An empty listing is an error: a wrong bucket or
-    prefix must not verify as "no anchor broken"."""
+def read_anchors(s3: Any, bucket: str, prefix: str = PREFIX, workers: int = 16) -> list[tuple[AuditHead, str]]:
+    """Every version of every object under ``prefix``, each an anchored head, with where it was
+    read (``s3://bucket/key (version …)``). Versions, not just the current objects: a later put to
+    an anchor's key (or a delete marker) hides nothing, since the locked versions stay and each one
+    counts. An empty listing is an error: a wrong bucket or prefix must not verify as "no anchor
+    broken"."""
     versions: list[tuple[str, str]] = []
     for page in s3.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=prefix):
         versions += [(v["Key"], v["VersionId"]) for v in page.get("Versions", [])]
     if not versions:
         raise AnchorError(f"no anchor under s3://{bucket}/{prefix}: a wrong bucket or prefix, or none written yet")
 
-    def one(kv: tuple[str, str]) -> AuditHead:
+    def one(kv: tuple[str, str]) -> tuple[AuditHead, str]:
         key, version = kv
+        where = f"s3://{bucket}/{key} (version {version})"
         body = s3.get_object(Bucket=bucket, Key=key, VersionId=version)["Body"].read()
         try:
             doc = json.loads(body)
             # both named: AuditHead's defaults (seq 0, the genesis hash) are no anchor
             if not isinstance(doc, dict) or not {"seq", "hash"} <= doc.keys():
                 raise ValueError("seq and hash are required")
-            return AuditHead.model_validate(doc)
+            head = AuditHead.model_validate(doc)
         except ValueError as exc:  # JSON and pydantic's errors alike
             reason = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
-            raise AnchorError(f"s3://{bucket}/{key} (version {version}): not an anchored head ({reason})") from None
+            raise AnchorError(f"{where}: not an anchored head ({reason})") from None
+        return head, where
 
     # thousands of hourly anchors a year: fetched in parallel (boto3 clients are thread-safe)
     with ThreadPoolExecutor(max_workers=workers) as pool:
