@@ -135,19 +135,20 @@ def test_register_update_and_deregister(wiring: LocalWiring) -> None:
     ]
 
 
-def test_an_operator_registering_a_jumpbox_is_an_audited_binding_of_its_privileged_values(
+def test_an_operator_who_may_bind_registering_a_jumpbox_is_an_audited_binding_of_its_privileged_values(
     wiring: LocalWiring,
 ) -> None:
-    """On premise no cloud event names a tagger: the operator's registration (audited) is what
-    grants ``role: jumpbox`` and ``app: admin``, so the jumpbox is never held and its SSH rule
-    reaches the database; the audit record names the grant."""
+    """On premise no cloud event names a tagger: the registration (audited) of an operator who may
+    bind privileged values (``label.bind``: a policy author) is what grants ``role: jumpbox`` and
+    ``app: admin``, so the jumpbox is never held and its SSH rule reaches the database; the audit
+    record names the grant. Anyone else's is held (tests/onprem/test_attack_admin_roles.py)."""
     admin = boot(wiring)
     jump = {
         "id": "dc1-jump-1",
         "ips": ["192.168.99.5"],
         "tags": {"ringfence:role": "jumpbox", "ringfence:app": "admin", "ringfence:env": "shared"},
     }
-    assert admin.register_workload("alice", jump, reason="CHG-7").status == 201
+    assert admin.register_workload("alice", jump, reason="CHG-7", may_bind=True).status == 201
     assert wiring.settle(60)
     rec = wiring.store.get("dc1-jump-1")
     assert rec is not None and rec.workload.held_labels is None

@@ -201,6 +201,11 @@ class RegisterWorkloadResponse(_Body):
     workload_id: str
     created: bool
     audit_id: str
+    held: dict[str, str] | None = Field(
+        None,
+        description="privileged label values (dimension → value) the tags set but the caller may not bind: held, "
+        "the previous labels stay in force until a policy author binds them; absent when none",
+    )
 
 
 class CmdbImportResponse(_Body):
@@ -208,6 +213,9 @@ class CmdbImportResponse(_Body):
     created: int
     updated: int
     audit_id: str
+    held: dict[str, dict[str, str]] | None = Field(
+        None, description="workload id → the privileged values held for it (as for one registration); absent when none"
+    )
 
 
 class DeregisterResponse(_Body):

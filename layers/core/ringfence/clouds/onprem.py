@@ -19,6 +19,8 @@ from ringfence.cmdb import CmdbError, parse_cmdb_csv
 from ringfence.control import credentials
 from ringfence.control.admin import Admin
 from ringfence.control.api import Response, error
+from ringfence.governance import govern
+from ringfence.labels import LabelMapper
 from ringfence.model import Workload
 from ringfence.store.base import GovernanceMoved, InventoryRecord
 
@@ -28,19 +30,33 @@ class OnPremAdmin(Admin):
     registering, importing and deregistering on-premise workloads."""
 
     def _record(
-        self, w: Workload, observed_at: float, state: str = "running", stored: InventoryRecord | None = None
+        self,
+        w: Workload,
+        observed_at: float,
+        state: str = "running",
+        stored: InventoryRecord | None = None,
+        *,
+        mapper: LabelMapper | None,
+        may_bind: bool = False,
     ) -> InventoryRecord:
         """The inventory record of an operator-given workload, over ``stored`` (what it replaces).
-        Its label tags (reserved keys, as in a cloud) come from an operator through this audited
-        service, so privileged values are an audited admin binding: never held, and kept as
-        ``label_grants`` (in the audit detail too). The registration decides them anew, so it is
-        decided from the stored record's governance: one that changes meanwhile refuses it (409)."""
+        Its label tags (reserved keys, as in a cloud) are governed as a cloud's are: a privileged
+        value they set (``role: jumpbox``) is an admin binding only when the caller may bind one
+        (``may_bind``: ``label.bind``, a policy author), then kept as ``label_grants`` (in the
+        audit detail too); otherwise the move is *held*, as one by any unapproved source — the
+        workload keeps its previous labels (a new one gets none) until a policy author binds the
+        value (``PUT /admin/workloads/{id}/labels``). Grants a binding made stand; a host
+        registered again after a deregistration starts from none. The decision is made from the
+        stored record's governance: one that changes meanwhile refuses the write (409). ``mapper``:
+        the active policy's labels (:meth:`_governing`), None when there is none."""
         labels: dict[str, str] = {}
         problems: list[str] = []
-        mapper = self.w.mapper()
-        if mapper is not None:  # the hygiene view, as ingest gives cloud records
-            grants = {d: v for d, v in mapper.resolve_tags(w).labels.items() if mapper.is_privileged(d, v)}
-            w = w.model_copy(update={"label_grants": grants, "held_labels": None})
+        if mapper is not None and state != "terminated":  # the hygiene view, as ingest gives cloud records
+            asked = {d: v for d, v in mapper.resolve_tags(w).labels.items() if mapper.is_privileged(d, v)}
+            w = w.model_copy(update={"label_grants": asked if may_bind else {}, "held_labels": None})
+            previous = stored.workload if stored is not None and stored.state != "terminated" else None
+            w = govern(mapper, previous, w).workload
+        if mapper is not None:  # a deregistered workload keeps what was decided (its ips gone)
             res = mapper.resolve(w)
             labels, problems = res.labels, [p.message for p in res.problems]
         w = w.model_copy(update={"observed_at": observed_at})
@@ -54,14 +70,33 @@ class OnPremAdmin(Admin):
             governed_rev=stored.governed_rev if stored is not None else 0,
         )
 
+    def _governing(self) -> LabelMapper | None:
+        """The active policy's labels, read now (not the hygiene view's cache, which may still say
+        "no policy" after a provision: a privileged value registered then would go ungoverned)."""
+        active = self.w.governing_policy()
+        return active[1].labels if active is not None else None
+
+    @staticmethod
+    def _held(mapper: LabelMapper | None, rec: InventoryRecord) -> dict[str, str]:
+        """The privileged values ``rec``'s tags ask for that it is not granted: held."""
+        if mapper is None or rec.workload.held_labels is None:
+            return {}
+        wanted = mapper.resolve_tags(rec.workload).labels
+        grants = rec.workload.label_grants
+        return {d: v for d, v in wanted.items() if mapper.is_privileged(d, v) and grants.get(d) != v}
+
     def _cloud_owned(self, ids: list[str]) -> dict[str, str]:
         """Ids that inventory holds as cloud instances → their cloud."""
         return {
             wid: rec.workload.cloud for wid, rec in self.w.store.get_many(ids).items() if rec.workload.cloud != "onprem"
         }
 
-    def register_workload(self, principal: str, body: dict[str, Any] | OnPremWorkload, reason: str = "") -> Response:
-        """Create or update one on-premise workload (201 when new, 200 when updated)."""
+    def register_workload(
+        self, principal: str, body: dict[str, Any] | OnPremWorkload, reason: str = "", *, may_bind: bool = False
+    ) -> Response:
+        """Create or update one on-premise workload (201 when new, 200 when updated). A privileged
+        value its tags set is granted only when ``may_bind`` (the caller holds ``label.bind``),
+        else held (:meth:`_record`); the answer and the audit record name what is held."""
         try:
             spec = body if isinstance(body, OnPremWorkload) else OnPremWorkload.model_validate(body)
         except ValidationError as exc:
@@ -72,7 +107,8 @@ class OnPremAdmin(Admin):
             return error(409, "not an on-premise workload", f"{spec.id} is a {owned[spec.id]} instance in inventory")
         stored = self.w.store.get(spec.id)
         existed = stored is not None
-        rec = self._record(spec.workload(), time.time(), stored=stored)
+        mapper = self._governing()
+        rec = self._record(spec.workload(), time.time(), stored=stored, mapper=mapper, may_bind=may_bind)
         self._registered_anew([stored] if stored is not None else [])
         try:
             self.w.store.observe(rec)
@@ -81,13 +117,22 @@ class OnPremAdmin(Admin):
         detail = spec.model_dump(include=set(OnPremWorkload.model_fields) - {"id"}, exclude_none=True)
         if rec.workload.label_grants:
             detail["label_grants"] = dict(rec.workload.label_grants)
+        held = self._held(mapper, rec)
+        if held:
+            detail["held"] = held
         audit_id = self._audit(principal, "workload.register", spec.id, detail, reason)
         self.w.enqueue_compute([spec.id])
-        return Response(200 if existed else 201, {"workload_id": spec.id, "created": not existed, "audit_id": audit_id})
+        answer: dict[str, Any] = {"workload_id": spec.id, "created": not existed, "audit_id": audit_id}
+        if held:
+            answer["held"] = held
+        return Response(200 if existed else 201, answer)
 
-    def import_cmdb(self, principal: str, text: str, source: str = "cmdb.csv", reason: str = "") -> Response:
+    def import_cmdb(
+        self, principal: str, text: str, source: str = "cmdb.csv", reason: str = "", *, may_bind: bool = False
+    ) -> Response:
         """Register every workload of a CMDB CSV export, or none: any bad row (or a row naming a
-        cloud instance) refuses the whole file with every problem as ``file:line:column``."""
+        cloud instance) refuses the whole file with every problem as ``file:line:column``.
+        Privileged values are granted only when ``may_bind``, else held, as for one registration."""
         try:
             workloads = parse_cmdb_csv(text, source)
         except CmdbError as exc:
@@ -99,7 +144,8 @@ class OnPremAdmin(Admin):
         stored = self.w.store.get_many([w.id for w in workloads])
         existing = set(stored)
         t = time.time()
-        recs = [self._record(w, t, stored=stored.get(w.id)) for w in workloads]
+        mapper = self._governing()
+        recs = [self._record(w, t, stored=stored.get(w.id), mapper=mapper, may_bind=may_bind) for w in workloads]
         self._registered_anew(list(stored.values()))
         try:
             self.w.store.observe_many(recs)  # SQLite: one transaction
@@ -114,22 +160,29 @@ class OnPremAdmin(Admin):
         grants = {r.id: dict(r.workload.label_grants) for r in recs if r.workload.label_grants}
         if grants:
             detail["label_grants"] = grants
+        held = {r.id: h for r in recs if (h := self._held(mapper, r))}
+        if held:
+            detail["held"] = held
         audit_id = self._audit(principal, "workload.import", source, detail, reason)
         self.w.enqueue_compute(ids)
-        return Response(
-            200,
-            {
-                "imported": len(ids),
-                "created": len(set(ids) - existing),
-                "updated": len(set(ids) & existing),
-                "audit_id": audit_id,
-            },
-        )
+        answer: dict[str, Any] = {
+            "imported": len(ids),
+            "created": len(set(ids) - existing),
+            "updated": len(set(ids) & existing),
+            "audit_id": audit_id,
+        }
+        if held:
+            answer["held"] = held
+        return Response(200, answer)
 
     def _registered_anew(self, stored: list[InventoryRecord]) -> None:
         """Ids about to be registered again after a deregistration name a new host: nothing the
         old one (or a pairing that raced its deregistration) bound may carry over, else that
-        agent would receive the new host's bundle."""
+        agent would receive the new host's bundle. Called before the record is written, on
+        purpose: written first, the old agent could fetch the new host's bundle until the drop.
+        A write then refused (409) has lost nothing: a deregistered id's credentials are dropped
+        at deregistration already, so only a racing pairing's can be left, and those must go
+        whatever happens (``token.revoke`` is audited when a token was active)."""
         for old in stored:
             if old.state == "terminated":
                 self._drop_credentials(old.id, "workload registered again")
@@ -149,7 +202,8 @@ class OnPremAdmin(Admin):
         if rec.workload.cloud != "onprem":
             return error(409, "not an on-premise workload", f"{workload_id} is a {rec.workload.cloud} instance")
         gone = rec.workload.model_copy(update={"ips": []})
-        self.w.store.observe(self._record(gone, max(time.time(), rec.observed_at), state="terminated"))
+        when = max(time.time(), rec.observed_at)
+        self.w.store.observe(self._record(gone, when, state="terminated", mapper=self._governing()))
         audit_id = self._audit(principal, "workload.deregister", workload_id, {}, reason)
         self._drop_credentials(workload_id, "workload deregistered")
         self.w.enqueue_compute([workload_id])

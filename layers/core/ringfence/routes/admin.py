@@ -80,6 +80,11 @@ def admin_routes(
             return None
         return http(service().denied(principal(), action, target, sorted(r.value for r in held)))
 
+    def may_bind() -> bool:
+        """The caller may bind privileged label values (a policy author): a registration's tags
+        that set one grant it; anyone else's are held until a policy author binds them."""
+        return may(roles_of(app.current_event), "label.bind")
+
     @app.get(
         "/admin/map",
         summary="the application dependency map (as `ringfence map`): HTML (one self-contained file), SVG or DOT — any role",
@@ -247,12 +252,15 @@ def admin_routes(
 
     @app.post(
         "/admin/workloads",
-        summary="register (or update) an on-premise workload — onboarding, ringfence serve",
+        summary="register (or update) an on-premise workload — onboarding, ringfence serve; a privileged "
+        "label value its tags set is held (answered under `held`) unless the caller may bind it (policy-author)",
         responses=answers(adminapi.RegisterWorkloadResponse, 201, errors=(400, 409)),
         security=[{"sigv4": []}],
     )
     def register_workload(req: adminapi.RegisterWorkloadRequest) -> HttpResponse[str]:
-        return refused("workload.register", req.id) or http(onprem().register_workload(principal(), req, req.reason))
+        return refused("workload.register", req.id) or http(
+            onprem().register_workload(principal(), req, req.reason, may_bind=may_bind())
+        )
 
     @app.post(
         "/admin/workloads/import",
@@ -262,7 +270,7 @@ def admin_routes(
     )
     def import_cmdb(req: adminapi.CmdbImportRequest) -> HttpResponse[str]:
         return refused("workload.import", req.source or "cmdb") or http(
-            onprem().import_cmdb(principal(), req.csv, req.source, req.reason)
+            onprem().import_cmdb(principal(), req.csv, req.source, req.reason, may_bind=may_bind())
         )
 
     @app.delete(

@@ -1,0 +1,112 @@
+"""Admin roles under ``ringfence serve`` over SQLite (the real HTTP server, the library's routes,
+LocalWiring): what an admin token of one role can and cannot do through the on-premise routes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from ringfence import serve
+from ringfence.local.wiring import LocalWiring
+from tests.onprem.conftest import ESTATE, policy_files
+
+ROLES = {
+    "paula": ["policy-author"],
+    "otto": ["onboarding"],
+    "rita": ["reader"],
+    "pat": ["onboarding", "policy-author"],
+}
+
+
+class Served:
+    def __init__(self, url: str, tokens: dict[str, str], wiring: LocalWiring) -> None:
+        self.url, self.tokens, self.wiring = url, tokens, wiring
+
+    def call(self, who: str, method: str, path: str, body: Any = None) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {self.tokens[who]}"}
+        return httpx.request(method, self.url + path, json=body, headers=headers, timeout=60)
+
+    def audit(self, action: str) -> list[Any]:
+        return [r for r in self.wiring.store.audit_log() if r.action == action]
+
+
+@pytest.fixture
+def served(wiring: LocalWiring, tmp_path: Path) -> Iterator[Served]:
+    tokens, lines = {}, []
+    for who, roles in ROLES.items():
+        tokens[who], line = serve.new_admin_token(who, roles)
+        lines.append(line)
+    path = tmp_path / "admin-tokens"
+    path.write_text("\n".join(lines) + "\n")
+    app = serve.ServeApp.over(wiring, serve.AdminTokens.load(path))
+    with serve.serving(app) as running:
+        s = Served(running.url, tokens, wiring)
+        for spec in ESTATE:
+            assert s.call("otto", "POST", "/admin/workloads", spec).status_code == 201
+        r = s.call("paula", "POST", "/admin/policies", {"files": policy_files(), "reason": "v1"})
+        assert r.status_code == 201, r.text
+        yield s
+
+
+PRIVILEGED = {"ringfence:role": "jumpbox", "ringfence:app": "admin"}
+
+
+def test_attack_onboarding_cannot_grant_a_privileged_label_by_registering_or_importing(served: Served) -> None:
+    """Only a policy author may bind a privileged label value. An ``onboarding`` token that
+    registers (or re-registers) a workload, or imports a CMDB file, whose tags set ``role:
+    jumpbox`` / ``app: admin`` gets the registration, but the move is held (previous labels in
+    force; a new workload none), answered and audited as held, and granted nothing; a policy
+    author then approves it by binding, and a policy author's own registration grants it."""
+    store = served.wiring.store
+    db = dict(ESTATE[2], tags={**ESTATE[2]["tags"], **PRIVILEGED})  # type: ignore[dict-item]
+    r = served.call("otto", "POST", "/admin/workloads", {**db, "reason": "routine CMDB sync"})
+    assert r.status_code == 200 and r.json()["held"] == {"role": "jumpbox", "app": "admin"}, r.text
+    rec = store.get("dc1-db-1")
+    assert rec is not None and rec.workload.label_grants == {}
+    assert rec.labels["role"] == "database" and rec.labels["app"] == "ordering", "the previous labels stay in force"
+    last = served.audit("workload.register")[-1]
+    assert last.principal == "otto" and "label_grants" not in last.detail
+    assert last.detail["held"] == {"role": "jumpbox", "app": "admin"}
+
+    csv = "id,ips,ringfence:role,ringfence:app,ringfence:env,ringfence:loc\nevil-jump-1,192.168.10.99,jumpbox,admin,prod,ca\n"
+    r = served.call("otto", "POST", "/admin/workloads/import", {"csv": csv, "source": "cmdb.csv"})
+    assert r.status_code == 200 and r.json()["held"] == {"evil-jump-1": {"role": "jumpbox", "app": "admin"}}, r.text
+    rec = store.get("evil-jump-1")
+    assert rec is not None and rec.workload.label_grants == {} and rec.labels == {}, "new: nothing to keep, unlabeled"
+    imported = served.audit("workload.import")[-1]
+    assert "label_grants" not in imported.detail and imported.detail["held"] == {
+        "evil-jump-1": r.json()["held"]["evil-jump-1"]
+    }
+
+    # the privileged route stays refused to onboarding (and is audited)
+    r = served.call(
+        "otto", "PUT", "/admin/workloads/evil-jump-1/labels", {"labels": {"role": "jumpbox"}, "reason": "x"}
+    )
+    assert r.status_code == 403 and served.audit("admin.denied")[-1].principal == "otto"
+    # a policy author approves the held move by binding it
+    r = served.call(
+        "paula",
+        "PUT",
+        "/admin/workloads/dc1-db-1/labels",
+        {"labels": {"role": "jumpbox", "app": "admin"}, "reason": "CHG-9"},
+    )
+    assert r.status_code == 200 and r.json()["held"] is False, r.text
+    rec = store.get("dc1-db-1")
+    assert rec is not None and rec.labels["role"] == "jumpbox" and rec.workload.held_labels is None
+    # a re-registration by onboarding keeps a grant a policy author made
+    r = served.call("otto", "POST", "/admin/workloads", {**db, "reason": "routine CMDB sync"})
+    assert r.status_code == 200 and "held" not in r.json(), r.text
+    assert (rec := store.get("dc1-db-1")) is not None and rec.labels["role"] == "jumpbox"
+    # registering is onboarding's; a caller who may also bind (a policy author) grants by registering
+    jump = {"id": "dc1-jump-1", "ips": ["192.168.99.5"], "tags": {**PRIVILEGED, "ringfence:env": "shared"}}
+    assert served.call("paula", "POST", "/admin/workloads", jump).status_code == 403
+    r = served.call("pat", "POST", "/admin/workloads", {**jump, "reason": "CHG-10"})
+    assert r.status_code == 201 and "held" not in r.json(), r.text
+    rec = store.get("dc1-jump-1")
+    assert rec is not None and rec.workload.label_grants == {"role": "jumpbox", "app": "admin"}
+    assert rec.labels["role"] == "jumpbox" and rec.workload.held_labels is None
+    assert served.audit("workload.register")[-1].detail["label_grants"] == {"role": "jumpbox", "app": "admin"}
