@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from ringfence import agentapi
 from ringfence.bundle import Bundle
+from ringfence.control.admin import Admin
 from tests.aws.conftest import ACCOUNT, REGION, Env, LambdaContext, ip_of, rest_answer, rest_event
 from tests.aws.test_pipeline import (
     AgentKey,
@@ -325,6 +327,22 @@ def test_bad_policy_is_rejected_and_not_provisioned(env: Env) -> None:
     )
     assert status == 400 and body["error"] == "policy rejected"
     assert env.store.active_policy() is None and env.store.audit_log() == []
+
+
+def test_policy_file_names_that_are_not_their_own_normal_form_are_refused_and_not_provisioned(
+    env: Env, aws_wiring: Callable[[], Any]
+) -> None:
+    """The Lambda answers as ``ringfence serve`` does (the same request model): 422 naming the
+    file, nothing published or numbered; the service refuses them too (400), for any caller."""
+    files = {"boundaries.yaml": "rulesets: []\n", "/boundaries.yaml": "rulesets: []\n"}
+    status, _, body = env.rest("admin", "POST", "/admin/policies", {"files": files})
+    assert status == 422 and "'/boundaries.yaml'" in body["detail"], body
+    r = Admin(aws_wiring()).provision("alice", {"a.yaml": "rulesets: []\n", "A.yaml": "rulesets: []\n"})
+    assert r.status == 400 and "'A.yaml' differs from 'a.yaml' only in case" in str(r.body), r.body
+    listed = env.s3.list_objects_v2(Bucket=env.bucket, Prefix="policies/")
+    assert listed.get("KeyCount", 0) == 0
+    assert env.store.active_policy() is None and env.store.audit_log() == []
+    assert env.rest("admin", "POST", "/admin/policies", {"files": {"p.yaml": "rulesets: []\n"}})[2]["version"] == 1
 
 
 def test_cold_start_keeps_versions_monotonic(env: Env) -> None:

@@ -110,3 +110,28 @@ def test_attack_onboarding_cannot_grant_a_privileged_label_by_registering_or_imp
     assert rec is not None and rec.workload.label_grants == {"role": "jumpbox", "app": "admin"}
     assert rec.labels["role"] == "jumpbox" and rec.workload.held_labels is None
     assert served.audit("workload.register")[-1].detail["label_grants"] == {"role": "jumpbox", "app": "admin"}
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["/boundaries.yaml", "../escape.yaml", ".hidden.yaml", "zz/../../x.yaml", "a\\b.yaml", "", "a\0.yaml", "x//y.yaml"],
+)
+def test_attack_policy_file_names_that_alias_or_leave_the_version_are_refused_before_anything_is_written(
+    served: Served, name: str
+) -> None:
+    """A file name that is not its own normal form would be one file on disk with another name
+    (``/boundaries.yaml`` over ``boundaries.yaml``: the enforced policy not the tested, audited
+    one), or leave the version's directory. Refused with 422 naming the file, before a version
+    number is taken or anything is written: the next good provision is the next version."""
+    files = policy_files()
+    state = served.wiring.state_dir
+    before = sorted(state.rglob("policies/**/*"))
+    audited = len(served.wiring.store.audit_log())
+    r = served.call("paula", "POST", "/admin/policies", {"files": {**files, name: "rulesets: []\n"}, "reason": "x"})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"].startswith("body.files:") and repr(name) in r.json()["detail"], r.text
+    assert before and sorted(state.rglob("policies/**/*")) == before, "nothing written"
+    assert not (served.wiring.state_dir / "escape.yaml").exists()
+    assert len(served.wiring.store.audit_log()) == audited
+    r = served.call("paula", "POST", "/admin/policies", {"files": files, "reason": "v2"})
+    assert r.status_code == 201 and r.json()["version"] == 2, r.text

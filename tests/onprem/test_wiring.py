@@ -165,8 +165,9 @@ def test_a_failed_start_leaves_the_state_directory_free(tmp_path: Path) -> None:
 
 
 def test_published_keys_never_leave_the_directory(tmp_path: Path) -> None:
+    """Nor alias another key: a key that is not its own normal form (``a//b``, ``a/``) is refused."""
     pub = FilePublisher(tmp_path / "objects")
-    for key in ("../x", "/etc/passwd", "a/../../b", ".hidden", "a\\b", ""):
+    for key in ("../x", "/etc/passwd", "a/../../b", ".hidden", "a\\b", "", "policies/v000001//p.yaml", "a/"):
         with pytest.raises(BadKey):
             pub.put_text(key, "x")
     pub.put_text("policies/v000001/p.yaml", "rules: []\n")

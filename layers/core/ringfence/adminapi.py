@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ringfence.cmdb import parse_ips, valid_workload_id
 from ringfence.enums import Mode
 from ringfence.model import Workload
+from ringfence.policy import file_name_problems
 
 MAX_CMDB_BYTES = 8 * 1024 * 1024
 
@@ -34,7 +35,20 @@ class AgentKeyResetRequest(Reason):
 
 
 class ProvisionRequest(Reason):
-    files: dict[str, str] = Field(description="policy files: name → YAML text", min_length=1)
+    files: dict[str, str] = Field(
+        description="policy files: name → YAML text. A name is a relative path of segments of letters, digits, "
+        "_ . - (none starting with a dot) ending .yaml or .yml, e.g. `boundaries.yaml`, `apps/ordering.yaml`; "
+        "no two may differ only in case",
+        min_length=1,
+    )
+
+    @field_validator("files")
+    @classmethod
+    def _names(cls, files: dict[str, str]) -> dict[str, str]:
+        problems = file_name_problems(files)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return files
 
 
 class ModeRequest(Reason):

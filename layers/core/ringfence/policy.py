@@ -8,6 +8,7 @@ half-valid policy.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,6 +172,39 @@ def policy_files(path: Path) -> list[Path]:
     if path.is_dir():
         return sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
     return [path]
+
+
+FILE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)*\.ya?ml")
+"""A policy file's name as the admin API takes it: a relative path of plain segments (letters,
+digits, ``_ . -``, none starting with a dot), ending ``.yaml`` or ``.yml``. Each version's files
+are published under ``policies/v<N>/<name>``: a name that is not its own normal form (``/a.yaml``,
+``x//a.yaml``, ``../a.yaml``) would alias another file or leave the version's directory."""
+MAX_FILE_NAME = 255
+
+
+def file_name_problems(names: Iterable[str]) -> list[str]:
+    """Why each of ``names`` cannot name a policy file of a version (:data:`FILE_NAME`), and
+    names two of which would be one file on a case-insensitive disk, or a file and a directory
+    (``a.yaml``, ``a.yaml/b.yaml``); [] when all can."""
+    problems: list[str] = []
+    seen: dict[str, str] = {}
+    names = list(names)
+    dirs = {"/".join(n.casefold().split("/")[:i]): n for n in names for i in range(1, n.count("/") + 1)}
+    for name in names:
+        if not name:
+            problems.append("policy file name '' is empty")
+        elif len(name) > MAX_FILE_NAME:
+            problems.append(f"policy file name {name[:40]!r}… is longer than {MAX_FILE_NAME} characters")
+        elif not FILE_NAME.fullmatch(name):
+            problems.append(
+                f"policy file name {name!r}: use a relative path of segments of letters, digits, _ . - "
+                "(none starting with a dot; no leading /, no \\, no . or .. segment) ending .yaml or .yml"
+            )
+        elif (other := seen.setdefault(name.casefold(), name)) != name:
+            problems.append(f"policy file name {name!r} differs from {other!r} only in case: they would be one file")
+        elif (parent := dirs.get(name.casefold())) is not None:
+            problems.append(f"policy file name {name!r} is a directory of {parent!r}: they cannot both be files")
+    return problems
 
 
 def load_policy(paths: Iterable[Path] | Path) -> Policy:

@@ -8,7 +8,7 @@ from typing import Any
 from ringfence.audit import state_digest
 from ringfence.engine import Engine
 from ringfence.model import Mode
-from ringfence.policy import PolicyError, load_policy_texts
+from ringfence.policy import PolicyError, file_name_problems, load_policy_texts
 from ringfence.policydiff import failsafe_widening, newly_idle
 from ringfence.policytests import run_tests
 from ringfence.policywarnings import warnings
@@ -75,6 +75,10 @@ class Admin:
     def provision(self, principal: str, files: dict[str, str], reason: str = "") -> Response:
         if not files:
             return error(400, "no policy files")
+        # before anything is read, numbered or written (the routes' request model refuses these too)
+        bad = file_name_problems(files)
+        if bad:
+            return error(400, "policy rejected: nothing provisioned", "\n".join(bad))
         try:
             policy = load_policy_texts(files)
         except PolicyError as exc:

@@ -36,6 +36,7 @@ class FilePublisher(Publisher):
             or "\\" in key
             or "\0" in key
             or any(p in (".", "..") or p.startswith(".") for p in parts)
+            or str(PurePosixPath(key)) != key  # `a//b`, `a/`: one file under two keys
         ):
             raise BadKey(f"{key!r} cannot be used as a published key")
         return self.root.joinpath(*parts)
