@@ -265,6 +265,29 @@ def test_attack_terminated_workloads_token_is_refused(env: Env) -> None:
     assert audits(env, "token.revoke", web), "the revocation is audited"
 
 
+def test_a_terminated_instance_leaves_no_named_next_key(env: Env) -> None:
+    """An agent-key reset that names the next key leaves a ``nextkey#`` item until that key binds;
+    when the instance terminates first, ingest retires its credentials and the expectation with
+    them, instead of leaving the item in the state table for good."""
+    from ringfence.control.credentials import agent_key_id
+
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    assert enroll_iid(env, web)[0] == 200
+    env.bind(ONBOARDING, ["onboarding"])
+    body = {"reason": "disk replaced", "next_agent_key": agent_key_id(AgentKey().pem)}
+    status, _, out = env.rest("admin", "DELETE", f"/admin/workloads/{web}/agent-key", body, principal=ONBOARDING)
+    assert status == 200, out
+    state = env.ddb.Table("rf-state")
+    assert "Item" in state.get_item(Key={"pk": f"nextkey#{web}", "sk": "key"}), "the reset named the next key"
+    env.ec2.terminate_instances(InstanceIds=[web])
+    env.put(env.state_event(web, "terminated"))
+    env.pump()
+    assert env.store.get(web).state == "terminated"
+    assert "Item" not in state.get_item(Key={"pk": f"nextkey#{web}", "sk": "key"}), "the expectation ended"
+    assert env.store.expected_agent_key(web) is None
+
+
 def test_attack_stopped_workloads_token_is_refused_until_it_runs(env: Env) -> None:
     """Even before ingest revokes (an event still queued), a token of a workload inventory no
     longer has running authorizes nothing."""

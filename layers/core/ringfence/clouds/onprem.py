@@ -188,11 +188,10 @@ class OnPremAdmin(Admin):
                 self._drop_credentials(old.id, "workload registered again")
 
     def _drop_credentials(self, workload_id: str, why: str) -> None:
-        """Everything that lets an agent act as ``workload_id`` goes: its token, agent key and
-        nudge connection (credentials.retire), its pairing keys and a reset's named next key."""
+        """Everything that lets an agent act as ``workload_id`` goes: its token, agent key, nudge
+        connection and a reset's named next key (credentials.retire), and its pairing keys."""
         credentials.retire(self.w, workload_id, why)
         self.w.store.drop_pairings(workload_id)
-        self.w.store.expect_agent_key(workload_id, None)
 
     def deregister_workload(self, principal: str, workload_id: str, reason: str = "") -> Response:
         """The workload is gone (decommissioned): it leaves every peer's sets."""

@@ -54,8 +54,11 @@ def audit(w: BaseWiring, action: str, workload_id: str, principal: str, **detail
 
 def retire(w: BaseWiring, workload_id: str, why: str) -> None:
     """The workload left (terminated, tombstoned, deregistered): its token stops authorizing, its
-    agent key is unbound and its nudge connection dropped. Audited when a token was active."""
+    agent key is unbound, an operator's reset's named next key is forgotten (nothing is left for
+    the id: DynamoDB kept the ``nextkey#`` item for good) and its nudge connection dropped.
+    Audited when a token was active."""
     w.store.drop_agent_key(workload_id)
+    w.store.expect_agent_key(workload_id, None)
     had = w.store.revoke_tokens(workload_id)
     w.store.drop_connection(workload_id)
     if had:
