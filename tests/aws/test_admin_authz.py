@@ -70,6 +70,10 @@ def test_attack_unbound_caller_is_refused_every_action(env: Env) -> None:
         ("POST", f"/admin/workloads/{web}/quarantine", {}),
         ("DELETE", f"/admin/workloads/{web}/quarantine", {}),
         ("POST", "/admin/pairing-keys", {"workload_id": web}),
+        # a body that does not validate is refused (audited) for the role first, not answered 422
+        ("POST", "/admin/policies", {"files": {"/boundaries.yaml": ""}}),
+        ("PUT", f"/admin/workloads/{web}/mode", {"mode": "bogus"}),
+        ("PUT", f"/admin/workloads/{web}/labels", {}),
     ]
     for method, path, body in calls:
         assert env.rest("admin", method, path, body, principal=MALLORY)[0] == 403, path

@@ -135,3 +135,47 @@ def test_attack_policy_file_names_that_alias_or_leave_the_version_are_refused_be
     assert len(served.wiring.store.audit_log()) == audited
     r = served.call("paula", "POST", "/admin/policies", {"files": files, "reason": "v2"})
     assert r.status_code == 201 and r.json()["version"] == 2, r.text
+
+
+def test_attack_a_caller_without_the_role_gets_the_audited_refusal_even_for_a_body_that_does_not_validate(
+    served: Served,
+) -> None:
+    """The role is checked before the body: a caller without it learns nothing of what the route
+    takes (no 422 naming its fields) and the attempt is audited as ``admin.denied``; a caller
+    with the role still gets the 422."""
+    calls: list[tuple[str, str, Any, str, str]] = [
+        ("POST", "/admin/policies", {"files": {}}, "policy.provision", "policy"),
+        ("PUT", "/admin/workloads/dc1-db-1/mode", {"mode": "bogus"}, "workload.mode", "dc1-db-1"),
+        ("PUT", "/admin/workloads/dc1-db-1/labels", {"labels": {}}, "label.bind", "dc1-db-1"),
+        ("POST", "/admin/pairing-keys", {"uses": "many"}, "pairing.create", ""),
+        ("POST", "/admin/workloads", {"ips": []}, "workload.register", ""),
+        ("POST", "/admin/workloads/import", {}, "workload.import", "cmdb"),
+        ("DELETE", "/admin/workloads/dc1-db-1/agent-key", {"next_agent_key": "x"}, "agent-key.reset", "dc1-db-1"),
+    ]
+    for method, path, body, action, target in calls:
+        before = len(served.audit("admin.denied"))
+        r = served.call("rita", method, path, body)
+        assert r.status_code == 403 and action in r.json()["detail"], (path, r.text)
+        denied = served.audit("admin.denied")
+        assert len(denied) == before + 1, path
+        assert (denied[-1].principal, denied[-1].detail["action"], denied[-1].target) == ("rita", action, target)
+    # the role's holder is told what is wrong with the body, and nothing is audited as denied
+    before = len(served.audit("admin.denied"))
+    r = served.call("paula", "PUT", "/admin/workloads/dc1-db-1/mode", {"mode": "bogus"})
+    assert r.status_code == 422 and r.json()["detail"].startswith("body.mode:"), r.text
+    r = served.call("otto", "POST", "/admin/pairing-keys", {"uses": "many"})
+    assert r.status_code == 422, r.text
+    assert len(served.audit("admin.denied")) == before
+
+
+def test_every_admin_route_names_the_action_checked_before_its_body(wiring: LocalWiring) -> None:
+    """A route missing from ROUTE_ACTIONS would answer a bad body with 422 before its role."""
+    from ringfence.adminroles import ACTIONS, READS, AdminRole
+    from ringfence.clouds.onprem import OnPremAdmin
+    from ringfence.routes.admin import ROUTE_ACTIONS, admin_routes
+
+    svc = OnPremAdmin(wiring)
+    app = admin_routes(lambda: svc, onprem=lambda: svc, roles_of=lambda _: frozenset(AdminRole))
+    routes = {(r.method, r.path) for r in [*app._static_routes, *app._dynamic_routes] if r.path.startswith("/admin")}
+    assert routes == set(ROUTE_ACTIONS)
+    assert all(action in ACTIONS or action in READS for action, _ in ROUTE_ACTIONS.values())

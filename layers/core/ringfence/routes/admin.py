@@ -38,6 +38,27 @@ def outcome(status: int) -> str:
     return "AdminActions" if status < 400 else "AdminRequestsRefused"
 
 
+# each route's action and the target its refusal is audited against ("<wid>": the path's):
+# checked before a body or query that does not validate is answered, so a caller without the
+# role gets the audited 403, never a 422 describing what the route would take
+ROUTE_ACTIONS: dict[tuple[str, str], tuple[str, str]] = {
+    ("GET", "/admin/map"): ("map.read", "map"),
+    ("GET", "/admin/suggest"): ("suggest.read", "suggest"),
+    ("GET", "/admin/findings"): ("findings.read", "findings"),
+    ("POST", "/admin/policies"): ("policy.provision", "policy"),
+    ("PUT", "/admin/workloads/<wid>/mode"): ("workload.mode", "<wid>"),
+    ("PUT", "/admin/workloads/<wid>/labels"): ("label.bind", "<wid>"),
+    ("POST", "/admin/workloads/<wid>/quarantine"): ("workload.quarantine", "<wid>"),
+    ("DELETE", "/admin/workloads/<wid>/quarantine"): ("workload.release", "<wid>"),
+    ("POST", "/admin/pairing-keys"): ("pairing.create", ""),
+    ("DELETE", "/admin/workloads/<wid>/pairing-keys"): ("pairing.revoke", "<wid>"),
+    ("DELETE", "/admin/workloads/<wid>/agent-key"): ("agent-key.reset", "<wid>"),
+    ("POST", "/admin/workloads"): ("workload.register", ""),
+    ("POST", "/admin/workloads/import"): ("workload.import", "cmdb"),
+    ("DELETE", "/admin/workloads/<wid>"): ("workload.deregister", "<wid>"),
+}
+
+
 RolesOf = Callable[[APIGatewayProxyEvent], frozenset[AdminRole]]
 # where ``ringfence serve`` puts the roles of the admin token (as a Lambda authorizer's context
 # would be): never from anything the client sent
@@ -79,6 +100,18 @@ def admin_routes(
         if may(held, action):
             return None
         return http(service().denied(principal(), action, target, sorted(r.value for r in held)))
+
+    def refused_before_validation() -> HttpResponse[str] | None:
+        route = app.context.get("_route")
+        gate = ROUTE_ACTIONS.get((route.method, route.path)) if route is not None else None
+        if gate is None:
+            return None
+        action, target = gate
+        if target == "<wid>":
+            target = str(app.context.get("_route_args", {}).get("wid", ""))
+        return refused(action, target)
+
+    app.before_invalid = refused_before_validation
 
     def may_bind() -> bool:
         """The caller may bind privileged label values (a policy author): a registration's tags
