@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from ringfence.bundlewire import BundleError, Verifier, load_bundle, load_delta
-from ringfence_agent.backends import BACKENDS, ApplyError, make_backend
+from ringfence_agent.backends import ABSENT, BACKENDS, ApplyError, make_backend
 from ringfence_agent.core import Agent, Rejected
 from ringfence_agent.plan import LocalFailsafes, PlanError
 from ringfence_agent.sessions import session_cutter
@@ -68,13 +68,20 @@ def cmd_apply_delta(args: argparse.Namespace) -> int:
     return 0
 
 
-def _kernel_programmed(backend: str) -> bool | None:
-    """Whether the kernel holds Ringfence's rules (None: this backend cannot tell, or asking failed)."""
+def _kernel_programmed(backend: str) -> tuple[bool | None, str | None]:
+    """Whether the kernel holds Ringfence's rules as the agent applied them (None: this backend
+    cannot tell, or asking failed), and when not, what the backend found wrong: no table, or rules
+    changed since the agent applied them (``kernel_problem``)."""
     try:
-        probe = getattr(make_backend(backend), "programmed", None)
-        return bool(probe()) if probe is not None else None
+        b = make_backend(backend)
+        problem = getattr(b, "kernel_problem", None)
+        if problem is not None:
+            why = problem()
+            return why is None, (str(why) if why is not None else None)
+        probe = getattr(b, "programmed", None)
+        return (bool(probe()), None) if probe is not None else (None, None)
     except (ApplyError, OSError):
-        return None
+        return None, None
 
 
 def _kernel_digest(backend: str, set_names: list[str]) -> str | None:
@@ -108,7 +115,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     except (BundleError, ValueError, OSError) as exc:
         bundle, deltas, unreadable = None, [], str(exc)
     # the kernel, not the state directory, says what is enforced
-    kernel = _kernel_programmed(args.backend)
+    kernel, problem = _kernel_programmed(args.backend)
     state_mode = bundle.mode.value if bundle else None
     posture = status.get("posture")
     expect = state_mode not in (None, "idle") or (bundle is None and posture is not None)
@@ -140,10 +147,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     }
     if lost:
         what = f"mode {state_mode}" if state_mode else f"the {posture} posture"
-        out["warning"] = (
-            f"the kernel holds no Ringfence rules although the state directory says {what}: "
-            "nothing is enforced; run apply (or restart the daemon)"
-        )
+        if problem is None or problem == ABSENT:
+            out["warning"] = (
+                f"the kernel holds no Ringfence rules although the state directory says {what}: "
+                "nothing is enforced; run apply (or restart the daemon)"
+            )
+        else:  # the rules are there, but not as the agent applied them: what is enforced is unknown
+            out["warning"] = (
+                f"the kernel does not hold the rules of {what} as the agent applied them ({problem}): "
+                "what is enforced is not the policy; run apply (or restart the daemon)"
+            )
     if unreadable:
         out["warning"] = f"the last known good is unreadable ({unreadable}); the agent sets it aside at start"
     if args.json:

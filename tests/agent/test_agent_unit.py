@@ -148,7 +148,7 @@ def test_nft_text_failsafes_first_rules_in_order_default_last() -> None:
     assert f"ip6 saddr @s_{DB}_6" not in text  # outbound uses daddr
     assert f"ip6 daddr @s_{DB}_6 tcp dport 5432 counter name r_out_1 accept" in text
     assert "ip saddr @fs_admin_4 tcp dport 22 accept" in text
-    assert "ip daddr @fs_cp_4 tcp dport 443 accept" in text  # the control plane's port only
+    assert "ip daddr @fs_cp_4 tcp dport 443 meta skuid 0 accept" in text  # the control plane's port only, root only
     # the metadata endpoint: its service ports only (the lab proves another port is dropped)
     meta = [line for line in text.splitlines() if "@fs_meta_4" in line]
     assert [m.split("@fs_meta_4 ")[1].split(" accept")[0] for m in meta] == [

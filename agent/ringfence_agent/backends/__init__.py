@@ -15,6 +15,10 @@ BACKENDS = ("nftables", "iptables", "windows-plan", "dry-run")
 TUPLE_LINGER_S = 60
 
 
+# what ``kernel_problem()`` answers when the kernel holds nothing of Ringfence's (no table, no chains)
+ABSENT = "the kernel holds no Ringfence rules"
+
+
 class ApplyError(RuntimeError):
     """The backend refused the change; the previous state is still in force."""
 

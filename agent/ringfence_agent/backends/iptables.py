@@ -30,14 +30,28 @@ import threading
 from collections.abc import Iterable
 
 from ringfence import enforced
-from ringfence_agent.backends import TUPLE_LINGER_S, ApplyError, DropTuple, ElementChange, Observation, run
+from ringfence_agent.backends import ABSENT, TUPLE_LINGER_S, ApplyError, DropTuple, ElementChange, Observation, run
 from ringfence_agent.plan import METADATA_PORTS, Direction, Match, Plan, PlanRule, joined_ports, safe_comment
 
 CHAINS = {"inbound": ("RF-IN", "INPUT"), "outbound": ("RF-OUT", "OUTPUT")}
+AGENT_UID = 0  # the control-plane fail-safe admits sockets of this user only (nft.AGENT_UID)
 _GEN = re.compile(r'--comment "?ringfence gen=([ab])')
 # a bundle rule or default as iptables-save prints it: chain, counter (from the comment), verdict
 _RULE = re.compile(r'^-A (RF-IN|RF-OUT) .*--comment "?(r_(?:in|out)_\d+|d_in|d_out)\b.* -j (ACCEPT|DROP)\b')
 _BUNDLE_IPSET = re.compile(r"rf-[sh]-(.+)-[46]([ab])")
+
+
+def _first(lines: Iterable[str], parent: str) -> str | None:
+    """The first rule of a built-in chain in an ``iptables-save`` (``-c`` counters stripped)."""
+    for line in lines:
+        line = re.sub(r"^\[\d+:\d+\] ", "", line)
+        if line.startswith(f"-A {parent} "):
+            return line
+    return None
+
+
+def _chain_rules(lines: Iterable[str], chain: str) -> list[str]:
+    return [x for x in lines if x.startswith(f"-A {chain} ")]
 
 
 def _rule_order(item: tuple[str, str]) -> tuple[int, int]:
@@ -159,11 +173,17 @@ class IptablesRenderer:
     def drop_points(plan: Plan) -> list[str]:
         return [r.counter for r in plan.rules if r.drops] + ["d_in", "d_out"]
 
-    def rules_script(self, plan: Plan, family: int, gen: str, add_jumps: Iterable[str]) -> str:
+    def rules_script(
+        self, plan: Plan, family: int, gen: str, add_jumps: Iterable[str], move_jumps: Iterable[str] = ()
+    ) -> str:
+        """``move_jumps``: parents whose jump into our chain is not their first rule: moved first
+        (a rule before it would decide before Ringfence's chain does)."""
         out = ["*filter"]
         for chain, _ in CHAINS.values():
             out.append(f":{chain} - [0:0]")
-        for parent in add_jumps:
+        for parent in move_jumps:
+            out.append(f"-D {parent} -j {'RF-IN' if parent == 'INPUT' else 'RF-OUT'}")
+        for parent in [*add_jumps, *move_jumps]:
             chain = "RF-IN" if parent == "INPUT" else "RF-OUT"
             out.append(f"-I {parent} 1 -j {chain}")
         for direction in ("inbound", "outbound"):
@@ -214,7 +234,8 @@ class IptablesRenderer:
             lines.append(f"-p tcp --dport 53 -m set --match-set {dns} dst -j ACCEPT")
             meta = f"-m set --match-set rf-fs-meta-{family}{gen} dst"
             lines.extend(f"{_svc(m, family)} {meta} -j ACCEPT" for m in METADATA_PORTS)
-            cp = f"-m set --match-set rf-fs-cp-{family}{gen} dst"
+            # the agent's own connection only: a socket of root (the agent runs as root)
+            cp = f"-m set --match-set rf-fs-cp-{family}{gen} dst -m owner --uid-owner {AGENT_UID}"
             lines.extend(f"{_svc(m, family)} {cp} -j ACCEPT" for m in fs.control_ports if family in _fams(m))
         return lines
 
@@ -353,7 +374,8 @@ class IptablesBackend(IptablesRenderer):
 
     def fingerprint(self) -> str | None:
         """A digest of Ringfence's chains and the jumps into them, both families, as the kernel
-        holds them (no counters; ipset contents left out: deltas change them); None when absent."""
+        holds them, and of the first rule of INPUT/OUTPUT (no counters; ipset contents left out:
+        deltas change them); None when absent."""
         lines: list[str] = []
         for family in (4, 6):
             proc = run(["iptables-save" if family == 4 else "ip6tables-save", "-t", "filter"])
@@ -362,24 +384,86 @@ class IptablesBackend(IptablesRenderer):
             for line in proc.stdout.splitlines():
                 if line.startswith(("-A RF-IN ", "-A RF-OUT ")) or line in ("-A INPUT -j RF-IN", "-A OUTPUT -j RF-OUT"):
                     lines.append(f"{family} {line}")
+            if lines:  # a rule put before a jump decides before Ringfence's chain does
+                lines += [
+                    f"{family} first {parent}: {_first(proc.stdout.splitlines(), parent)}"
+                    for _, parent in CHAINS.values()
+                ]
         return hashlib.sha256("\n".join(lines).encode()).hexdigest() if lines else None
+
+    def _family_problem(self, family: int, text: str) -> str | None:
+        """None when one family holds Ringfence's chains as the agent applies them: the jumps
+        into RF-IN/RF-OUT are the first rules of INPUT/OUTPUT, each chain starts with the marker of
+        one generation and ends with its default."""
+        lines = text.splitlines()
+        name = "IPv4" if family == 4 else "IPv6"
+        gens = set()
+        for direction, (chain, parent) in CHAINS.items():
+            if _first(lines, parent) != f"-A {parent} -j {chain}":
+                return f"{name}: the first rule of {parent} is not the jump to {chain}"
+            rules = _chain_rules(lines, chain)
+            m = _GEN.search(rules[0]) if rules else None
+            if m is None:
+                return f"{name}: {chain} does not start with Ringfence's marker"
+            gens.add(m.group(1))
+            point = "d_in" if direction == "inbound" else "d_out"
+            if f'--comment "{point} default' not in rules[-1]:
+                return f"{name}: {chain} does not end with its default ({point})"
+        return None if len(gens) == 1 else f"{name}: RF-IN and RF-OUT are of different generations"
+
+    def kernel_problem(self) -> str | None:
+        """None when both families hold Ringfence's chains as the agent applies them
+        (:meth:`_family_problem`), of one generation; :data:`ABSENT` when neither holds any of
+        them; else what is wrong, in words (``status`` shows it). Rules inside the chains are
+        compared by :meth:`enforced` (and the daemon's drift check), not here."""
+        texts = {family: self._save(family) for family in (4, 6)}
+        if not any(re.search(r"^(:RF-(IN|OUT) |-A \w+ -j RF-(IN|OUT)$)", t, re.M) for t in texts.values()):
+            return ABSENT
+        problems = [p for p in (self._family_problem(f, texts[f]) for f in (4, 6)) if p is not None]
+        if problems:
+            return "; ".join(problems)
+        gens = {m.group(1) for m in (_GEN.search(texts[f]) for f in (4, 6)) if m is not None}
+        return None if len(gens) == 1 else "IPv4 and IPv6 run different generations"
 
     def enforced(self, set_names: Iterable[str] = ()) -> str:
         """The enforced-policy digest (:mod:`ringfence.enforced`) of what the kernel holds: the
-        counters and verdicts of the rules in ``RF-IN``/``RF-OUT`` (both families: a rule is held
-        if either family holds it, in rule order) and the members of the live generation's ipsets
-        of the bundle sets. ``set_names``: the bundle's set names, to find the sets whose ipset
-        name is a hash (``rf-h-…``); the contents are the kernel's."""
-        gen = self.active_gen()
-        if gen is None:
+        counters and verdicts of the rules in ``RF-IN``/``RF-OUT``, in rule order, and the members
+        of the live generation's ipsets of the bundle sets. A family whose chains are not reached
+        first, or lack their marker (:meth:`_family_problem`), holds nothing; a rule counts only if
+        every family that should hold it does (both, unless all its lines are ICMP of one family),
+        and any such problem makes the document ``altered``. ``set_names``: the bundle's set
+        names, to find the sets whose ipset name is a hash (``rf-h-…``); the contents are the
+        kernel's."""
+        texts = {family: self._save(family) for family in (4, 6)}
+        found = [m.group(1) for m in (_GEN.search(texts[f]) for f in (4, 6)) if m is not None]
+        if not found:
             return enforced.digest({}, {})
-        held: dict[str, dict[str, str]] = {"inbound": {}, "outbound": {}}
+        gen = found[0]
+        problem = self.kernel_problem()
+        # counter → (verdicts, whether some line of it is not ICMP of this family only), per family
+        held: dict[int, dict[str, dict[str, tuple[set[str], bool]]]] = {}
         for family in (4, 6):
-            for line in self._save(family).splitlines():
+            held[family] = {"inbound": {}, "outbound": {}}
+            if self._family_problem(family, texts[family]) is not None:
+                continue  # not reached, or not ours: this family holds none of the rules
+            icmp = " -p icmp " if family == 4 else " -p ipv6-icmp "
+            for line in texts[family].splitlines():
                 m = _RULE.match(line)
                 if m is not None:
-                    held["inbound" if m.group(1) == "RF-IN" else "outbound"].setdefault(m.group(2), m.group(3).lower())
-        chains = {d: sorted(c.items(), key=_rule_order) for d, c in held.items()}
+                    direction = "inbound" if m.group(1) == "RF-IN" else "outbound"
+                    verdicts, both = held[family][direction].get(m.group(2), (set(), False))
+                    verdicts.add(m.group(3).lower())
+                    held[family][direction][m.group(2)] = (verdicts, both or icmp not in f" {line} ")
+        chains: dict[str, list[tuple[str, str]]] = {}
+        for direction in ("inbound", "outbound"):
+            rules: dict[str, str] = {}
+            for counter in {*held[4][direction], *held[6][direction]}:
+                in4, in6 = held[4][direction].get(counter), held[6][direction].get(counter)
+                if (in4 is not None and in4[1] and in6 is None) or (in6 is not None and in6[1] and in4 is None):
+                    continue  # one family should hold it and does not: the rule is not enforced
+                verdicts = (in4[0] if in4 else set()) | (in6[0] if in6 else set())
+                rules[counter] = verdicts.pop() if len(verdicts) == 1 else "mixed"
+            chains[direction] = sorted(rules.items(), key=_rule_order)
         by_ipset = {ipset_name(n, fam, gen): n for n in set_names for fam in (4, 6)}
         sets: dict[str, list[str]] = {}
         for name in self._ipsets():
@@ -396,11 +480,13 @@ class IptablesBackend(IptablesRenderer):
             for row in proc.stdout.split("Members:", 1)[-1].splitlines():
                 if row.strip():
                     members.append(row.split()[0])
-        return enforced.digest(chains, sets)
+        return enforced.digest(chains, sets, altered=problem is not None)
 
     def programmed(self) -> bool:
-        """Whether the kernel holds Ringfence's chains (what ``apply`` and ``status`` trust)."""
-        return self.active_gen() is not None
+        """Whether the kernel holds Ringfence's chains as the agent applies them, in both families
+        (what ``apply`` and ``status`` trust): a jump removed or not first, one family flushed,
+        and it is not programmed, so ``apply`` programs it again."""
+        return self.kernel_problem() is None
 
     def active_gen(self) -> str | None:
         m = _GEN.search(self._save(4))
@@ -437,7 +523,9 @@ class IptablesBackend(IptablesRenderer):
             tool = "iptables" if family == 4 else "ip6tables"
             lines = saved[family].splitlines()
             added[family] = [p for c, p in CHAINS.values() if not any(x.endswith(f"-A {p} -j {c}") for x in lines)]
-            proc = run([f"{tool}-restore", "--noflush"], stdin=self.rules_script(plan, family, gen, added[family]))
+            moved = [p for c, p in CHAINS.values() if p not in added[family] and _first(lines, p) != f"-A {p} -j {c}"]
+            script = self.rules_script(plan, family, gen, added[family], moved)
+            proc = run([f"{tool}-restore", "--noflush"], stdin=script)
             if proc.returncode == 0:
                 continue
             why = f"{tool}-restore failed: {proc.stderr.strip()[:400]}"

@@ -38,7 +38,7 @@ from typing import Any
 
 from ringfence import enforced
 from ringfence.bundlewire import span_whole
-from ringfence_agent.backends import TUPLE_LINGER_S, ApplyError, DropTuple, ElementChange, Observation, run
+from ringfence_agent.backends import ABSENT, TUPLE_LINGER_S, ApplyError, DropTuple, ElementChange, Observation, run
 from ringfence_agent.plan import (
     METADATA_PORTS,
     Direction,
@@ -60,6 +60,12 @@ _BUNDLE_SET = re.compile(r"s_([A-Za-z0-9_]{1,24})_[46]h?")  # set_name(): a bund
 _RULE_COUNTER = re.compile(r"r_(in|out)_\d+|d_(in|out)")  # bundle rules and defaults (fail-safes: none)
 _CHAIN_DIRECTION = {"input": "inbound", "output": "outbound"}
 FAMILY = "inet"
+AGENT_UID = 0  # the control-plane fail-safe admits sockets of this user only: the agent runs as root
+# After every whole apply the agent adds an empty chain ``seal_<sha256>`` naming the digest of what
+# the kernel then holds of its own rules (see NftBackend.held): the table alone no longer says that
+# the agent's rules are in force (``nft flush table`` keeps it and every set, removes every rule).
+SEAL = "seal_"
+_FAILSAFE_SETS = tuple(f"{name}_{fam}" for name in ("fs_admin", "fs_dns", "fs_cp", "fs_meta") for fam in (4, 6))
 # Group load (per family, in kernel entries: plan.group_load weighs a port range by the blocks the
 # kernel stores it as) above which a grouped rule is expanded into plain rules. Measured
 # (docs/benchmarks.md, "Large grouped rules"; tests/bench/group_bound.py): one element deleted
@@ -297,9 +303,11 @@ class NftRenderer:
                 lines.append(f'{a} @fs_dns_{fam} udp dport 53 accept comment "failsafe dns"')
                 lines.append(f'{a} @fs_dns_{fam} tcp dport 53 accept comment "failsafe dns"')
                 lines.extend(f'{a} @fs_meta_{fam} {_svc(m)} accept comment "failsafe metadata"' for m in METADATA_PORTS)
-                # the control plane on its port(s) only, and only this host's own connection to it
+                # the control plane on its port(s) only, and only the agent's own connection to it:
+                # a socket of root (the agent runs as root; another local user is not admitted)
                 lines.extend(
-                    f'{a} @fs_cp_{fam} {_svc(m)} accept comment "failsafe control-plane"' for m in fs.control_ports
+                    f'{a} @fs_cp_{fam} {_svc(m)} meta skuid {AGENT_UID} accept comment "failsafe control-plane"'
+                    for m in fs.control_ports
                 )
         return lines
 
@@ -483,6 +491,17 @@ class NftBackend(NftRenderer):
         concat = self.concatenated(plan)
         self._exec(self._render(plan, concat), "bundle")
         self.realised = {r.counter: r.counter in concat for r in plan.rules if r.members}
+        if plan.mode != "idle":
+            self._seal()
+
+    def _seal(self) -> None:
+        """Name what the kernel holds right after the apply: ``seal_<digest>`` (:meth:`held`).
+        A second transaction (the digest is of the kernel's own rendering of the rules, known only
+        once they are in); should it fail, the table reads as altered and the next apply, or the
+        daemon's drift check, programs it again: never reported as intact when it is not."""
+        held, _ = self.held()
+        if held is not None:
+            self._run(f"add chain {FAMILY} {TABLE} {SEAL}{held}\n")
 
     def group_delta(self, plan: Plan, set_name: str, new: PlanSet) -> frozenset[str] | None:
         """For a delta taking ``set_name`` from ``plan.sets[set_name]`` to ``new``: the counters of
@@ -524,33 +543,79 @@ class NftBackend(NftRenderer):
         self.realised = None
         return present
 
+    def held(self, items: list[dict[str, Any]] | None = None) -> tuple[str | None, str | None]:
+        """(the digest of what the kernel holds of Ringfence's own rules, the seal the agent wrote
+        after its last apply): (None, None) when the table holds no chain (or is absent).
+
+        The digest covers the base chains ``input``/``output`` (type, hook, priority, policy) and
+        every rule in them, in order, with all its expressions (fail-safe rules, tuple updates and
+        bundle rules alike; handles left out), and the fail-safe sets ``fs_*`` with their
+        elements. It leaves out the bundle sets and group sets (deltas change them; the
+        enforced-policy digest covers the bundle sets against the control plane's) and the
+        drop-tuple sets (traffic). ``items``: a ``list table`` already read (:meth:`enforced`);
+        else two ``list chain`` and eight small ``list set`` (each ``list chain`` costs ~0.5 s
+        at 100,000 bundle set elements: nft fetches the sets its rules name)."""
+        chains = [c["chain"] for c in self._json("chains", FAMILY) if "chain" in c and c["chain"].get("table") == TABLE]
+        if not chains:
+            return None, None
+        seals = [str(c.get("name"))[len(SEAL) :] for c in chains if str(c.get("name", "")).startswith(SEAL)]
+        if items is None:
+            items = [x for chain in ("input", "output") for x in self._json("chain", FAMILY, TABLE, chain)]
+            items += [x for name in _FAILSAFE_SETS for x in self._json("set", FAMILY, TABLE, name)]
+        content: dict[str, dict[str, Any]] = {"chain": {}, "rule": {}, "set": {}}
+        for item in items:
+            if "chain" in item and item["chain"].get("name") in ("input", "output"):
+                content["chain"][item["chain"]["name"]] = {k: v for k, v in item["chain"].items() if k != "handle"}
+            elif "rule" in item and item["rule"].get("chain") in ("input", "output"):
+                rule = {k: v for k, v in item["rule"].items() if k != "handle"}
+                content["rule"].setdefault(str(rule["chain"]), []).append(rule)
+            elif "set" in item and item["set"].get("name") in _FAILSAFE_SETS:
+                fs = {k: v for k, v in item["set"].items() if k not in ("handle", "elem")}
+                fs["elem"] = sorted(json.dumps(e, sort_keys=True) for e in item["set"].get("elem", []))
+                content["set"][str(fs["name"])] = fs
+        digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+        return digest, (seals[0] if len(seals) == 1 else None)
+
+    def kernel_problem(self) -> str | None:
+        """None when the kernel holds Ringfence's rules as the agent applied them; else what is
+        wrong, in words (``status`` shows it)."""
+        held, seal = self.held()
+        if held is None:
+            return ABSENT
+        if seal is None:
+            return "Ringfence's table carries no seal of the agent's (not programmed by it, or changed since)"
+        if seal != held:
+            return (
+                "Ringfence's rules were changed in the kernel since the agent applied them "
+                "(a rule inserted, changed or removed, the chains flushed, or a fail-safe address added or removed)"
+            )
+        return None
+
     def fingerprint(self) -> str | None:
-        """A digest of the table's chains and rules as the kernel holds them (handles, counters
-        and set contents left out: deltas change elements, traffic changes counters); None when
-        the table is absent. Compared with the one taken after the agent's own apply, it shows a
-        rule inserted, changed or deleted, a chain policy changed, the table deleted."""
-        if not self.table_present():
+        """A digest of the table's chains and rules and the fail-safe sets as the kernel holds
+        them, and of the seal (:meth:`held`); None when the table is absent. Compared with the one
+        taken after the agent's own apply, it shows a rule inserted, changed or deleted, a chain
+        policy changed, a fail-safe address added or removed, the table flushed or deleted."""
+        held, seal = self.held()
+        if held is None:
             return None
-        chains = []
-        for chain in ("input", "output"):
-            items = self._json("chain", FAMILY, TABLE, chain)
-            for item in items:
-                for kind in ("chain", "rule"):
-                    if kind in item:
-                        chains.append({k: v for k, v in item[kind].items() if k != "handle"})
-        return hashlib.sha256(json.dumps(chains, sort_keys=True).encode()).hexdigest()
+        return hashlib.sha256(f"{held} {seal}".encode()).hexdigest()
 
     def enforced(self, set_names: Iterable[str] = ()) -> str:
         """The enforced-policy digest (:mod:`ringfence.enforced`) of what the kernel holds, read
         back with one ``nft list table``: the bundle rules' counters and verdicts in chain order,
         the defaults, and the bundle sets' addresses. What the agent meant to write plays no part;
-        the control plane compares it with the digest of the bundle it published. ``set_names``:
+        the control plane compares it with the digest of the bundle it published. Anything else in
+        the chains or the fail-safe sets that differs from what the agent applied (its seal,
+        :meth:`kernel_problem`) makes the document ``altered``: it never matches then. ``set_names``:
         unused (the kernel's set names carry the bundle's)."""
         chains: dict[str, list[tuple[str, str]]] = {}
         sets: dict[str, list[str]] = {}
         if not self.table_present():
             return enforced.digest(chains, sets)
-        for item in self._json("table", FAMILY, TABLE):
+        items = self._json("table", FAMILY, TABLE)
+        held, seal = self.held(items)
+        for item in items:
             if "set" in item:
                 s = item["set"]
                 m = _BUNDLE_SET.fullmatch(str(s.get("name", "")))
@@ -577,11 +642,14 @@ class NftBackend(NftRenderer):
                         verdict = "accept" if "accept" in x else "drop"
                 if counter is not None and verdict is not None and _RULE_COUNTER.fullmatch(counter):
                     chains.setdefault(direction, []).append((counter, verdict))
-        return enforced.digest(chains, sets)
+        return enforced.digest(chains, sets, altered=seal != held)
 
     def programmed(self) -> bool:
-        """Whether the kernel holds Ringfence's table (what ``apply`` and ``status`` trust)."""
-        return self.table_present()
+        """Whether the kernel holds Ringfence's rules as the agent applied them (what ``apply``
+        and ``status`` trust): the table, its chains and rules and fail-safe sets matching the
+        seal written after the apply. A flushed table, an inserted or deleted rule, a fail-safe
+        address added: not programmed, so ``apply`` programs it again."""
+        return self.kernel_problem() is None
 
     def table_present(self) -> bool:
         return self._run(f"list tables {FAMILY}\n", json_output=True)[1].find(f'"name": "{TABLE}"') >= 0

@@ -15,9 +15,17 @@ What the document holds, and why only that:
 - per bundle address set, its addresses as a collapsed CIDR cover (how nft stores them, as
   prefixes, ranges or single hosts, does not matter).
 
+- ``altered: true``, only when the agent finds its own rules changed in the kernel since it
+  applied them: a rule inserted, changed or deleted in its chains (fail-safe rules included), an
+  element added to or removed from a fail-safe set, a chain's hook or policy changed, the table
+  flushed (nftables: the seal the agent writes after each apply no longer matches; iptables: a
+  jump into its chains that is not the first rule, or a family without its chains). The control
+  plane's :func:`expected` never has it, so such a kernel never matches the published digest.
+
 Left out: the local fail-safes (the agent's own configuration: the control plane cannot know
-them), counters (traffic), and the elements of concatenated group sets (derived from the bundle
-sets by the agent's plan; the group's rules are covered).
+them; the agent checks them itself, ``altered``), counters (traffic), and the elements of
+concatenated group sets (derived from the bundle sets by the agent's plan; the group's rules are
+covered).
 """
 
 from __future__ import annotations
@@ -51,7 +59,9 @@ def cover(items: Iterable[str]) -> list[str]:
     return [str(n) for n in ipaddress.collapse_addresses(v4)] + [str(n) for n in ipaddress.collapse_addresses(v6)]
 
 
-def document(chains: Mapping[str, Chain], sets: Mapping[str, Iterable[str]]) -> dict[str, object]:
+def document(
+    chains: Mapping[str, Chain], sets: Mapping[str, Iterable[str]], altered: bool = False
+) -> dict[str, object]:
     """The canonical document (an absent table: no chains, no sets)."""
     out_chains: dict[str, list[list[str]]] = {}
     for direction, rules in chains.items():
@@ -60,11 +70,18 @@ def document(chains: Mapping[str, Chain], sets: Mapping[str, Iterable[str]]) -> 
             if not seq or seq[-1] != [counter, verdict]:  # one rule per family/service: one entry
                 seq.append([counter, verdict])
         out_chains[direction] = seq
-    return {"format": FORMAT, "chains": out_chains, "sets": {name: cover(items) for name, items in sets.items()}}
+    doc: dict[str, object] = {
+        "format": FORMAT,
+        "chains": out_chains,
+        "sets": {name: cover(items) for name, items in sets.items()},
+    }
+    if altered:
+        doc["altered"] = True
+    return doc
 
 
-def digest(chains: Mapping[str, Chain], sets: Mapping[str, Iterable[str]]) -> str:
-    doc = document(chains, sets)
+def digest(chains: Mapping[str, Chain], sets: Mapping[str, Iterable[str]], altered: bool = False) -> str:
+    doc = document(chains, sets, altered)
     return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 

@@ -1,0 +1,173 @@
+"""The agent reports what the kernel really holds, and never takes a loosened firewall for its own
+(review: status, the heartbeat's digest and ``apply`` were blind to rules flushed or inserted
+inside Ringfence's nftables table, to a fail-safe address added, to an iptables jump removed or
+one family flushed); and the control-plane fail-safe admits the agent (root), not any local user.
+Real agent, real nftables and iptables/ipset in network namespaces."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ringfence import enforced
+from ringfence.bundle import Bundle
+from ringfence.local.lab import PROBE
+from ringfence.local.lab import Lab as NetLab
+from tests.agent import dataplane
+from tests.agent.bundles import DENY_ALL_POLICY, LAB_POLICY, PUBLIC_KEY, Lab, workloads, write
+
+pytestmark = pytest.mark.dataplane
+
+dataplane.require()
+
+HOSTS = {"h1": 1, "h2": 2, "h4": 4, "adm": 250, "cp": 100}
+ROLES = {"h1": "client", "h2": "web", "h4": "other"}
+
+
+@pytest.fixture(scope="module")
+def net() -> Iterator[NetLab]:
+    lab = NetLab(HOSTS)
+    try:
+        lab.serve("h2", tcp=[22, 8080])
+        lab.serve("cp", tcp=[443, 8080])
+        yield lab
+    finally:
+        lab.close()
+
+
+def _iptables_or_skip() -> None:
+    if shutil.which("iptables-restore") is None or shutil.which("ipset") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("iptables/ipset missing in CI (make sysdeps)")
+        pytest.skip("iptables-restore / ipset not installed")
+
+
+@pytest.fixture(autouse=True)
+def clean(net: NetLab) -> Iterator[None]:
+    net.reset("h2")
+    yield
+    net.reset("h2")
+
+
+def _engine(net: NetLab, policy: str = LAB_POLICY) -> Lab:
+    return Lab(policy, workloads({h: (net.v4(h), net.v6(h), role) for h, role in ROLES.items()}))
+
+
+def _apply(net: NetLab, backend: str, doc: Bundle, state: Path, *extra: str) -> str:
+    path = write(doc, state.parent / f"bundle-{time.monotonic_ns()}.json")
+    common = ["--public-key", str(PUBLIC_KEY), "--backend", backend, "--state-dir", str(state)]
+    proc = net.agent("h2", "apply", "--bundle", str(path), *common, *extra)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def _status(net: NetLab, backend: str, state: Path) -> dict[str, Any]:
+    proc = net.agent("h2", "status", "--state-dir", str(state), "--backend", backend, "--json")
+    assert proc.returncode == 0, proc.stderr
+    out: dict[str, Any] = json.loads(proc.stdout)
+    return out
+
+
+def _intact(net: NetLab, backend: str, state: Path, doc: Bundle) -> None:
+    status = _status(net, backend, state)
+    assert status["kernel_programmed"] is True and status["mode"] == "enforce" and "warning" not in status, status
+    assert status["kernel_digest"] == enforced.expected(doc)  # what the control plane compares with
+
+
+def _reported_and_reapplied(net: NetLab, backend: str, state: Path, doc: Bundle, hole: Any) -> None:
+    """The kernel was loosened (``hole()`` is True): status says so, the digest no longer matches
+    the published one, and ``apply`` of the same bundle programs it again."""
+    assert hole(), "the tamper did not open anything: the test proves nothing"
+    status = _status(net, backend, state)
+    assert status["kernel_programmed"] is False and status["mode"] is None, status
+    assert status["state_mode"] == "enforce" and "run apply" in status["warning"], status
+    assert status["kernel_digest"] != enforced.expected(doc)
+    out = _apply(net, backend, doc, state)
+    assert "already applied" not in out and "applied again" in out, out
+    assert not hole()
+    _intact(net, backend, state, doc)
+
+
+NFT_TAMPERS = {
+    "flush-table": (["nft", "flush", "table", "inet", "ringfence"], "h4", 8080),
+    "inserted-accept": (["nft", "insert", "rule", "inet", "ringfence", "input", "accept"], "h4", 8080),
+    "failsafe-address-added": (["nft", "add", "element", "inet", "ringfence", "fs_admin_4", "{ 10.77.0.4 }"], "h4", 22),
+}
+
+
+@pytest.mark.parametrize("tamper", sorted(NFT_TAMPERS))
+def test_attack_rules_flushed_or_loosened_inside_ringfences_nft_table_are_reported_and_reapplied(
+    net: NetLab, tmp_path: Path, tamper: str
+) -> None:
+    """``nft flush table inet ringfence`` (the table and its sets stay, every rule goes), an
+    ``accept`` inserted at the top of its input chain, h4's address added to the admin fail-safe
+    set: each used to leave ``status`` at enforce, ``kernel_programmed`` true and the same
+    ``kernel_digest``, and ``apply`` said "already applied: no change" with the hole open."""
+    cmd, src, port = NFT_TAMPERS[tamper]
+    doc = _engine(net).bundle("h2")
+    state = tmp_path / "state"
+    _apply(net, "nftables", doc, state)
+    assert not net.tcp("h4", "h2", 8080) and not net.tcp("h4", "h2", 22) and net.tcp("h1", "h2", 8080)
+    _intact(net, "nftables", state, doc)
+    net.exec("h2", *cmd, check=True)
+    _reported_and_reapplied(net, "nftables", state, doc, lambda: net.tcp(src, "h2", port))
+
+
+IPT_TAMPERS = {
+    "ipv4-jump-deleted": (["iptables", "-D", "INPUT", "-j", "RF-IN"], False),
+    "ipv4-accept-before-the-jump": (["iptables", "-I", "INPUT", "1", "-j", "ACCEPT"], False),
+    "ipv6-flushed": (["ip6tables", "-F"], True),
+}
+
+
+@pytest.mark.parametrize("tamper", sorted(IPT_TAMPERS))
+def test_attack_iptables_jump_removed_or_one_family_flushed_is_reported_and_reapplied(
+    net: NetLab, tmp_path: Path, tamper: str
+) -> None:
+    """``iptables -D INPUT -j RF-IN`` (IPv4 open), an ACCEPT put before the jump, ``ip6tables -F``
+    (IPv6 open): each used to leave ``kernel_programmed`` true and the digest unchanged, and
+    ``apply`` a no-op. The jump must be the first rule of INPUT/OUTPUT in both families, and a
+    rule counts only if every family that should hold it does."""
+    _iptables_or_skip()
+    cmd, v6 = IPT_TAMPERS[tamper]
+    doc = _engine(net).bundle("h2")
+    state = tmp_path / "state"
+    _apply(net, "iptables", doc, state)
+    assert not net.tcp("h4", "h2", 8080) and not net.tcp("h4", "h2", 8080, v6=True)
+    _intact(net, "iptables", state, doc)
+    net.exec("h2", *cmd, check=True)
+    try:
+        _reported_and_reapplied(net, "iptables", state, doc, lambda: net.tcp("h4", "h2", 8080, v6=v6))
+        assert not net.tcp("h4", "h2", 8080, v6=not v6)
+    finally:
+        net.exec("h2", "iptables", "-D", "INPUT", "-j", "ACCEPT")  # left by one tamper
+
+
+def _tcp_as(net: NetLab, uid: int, dst: str, port: int) -> bool:
+    """A TCP connect from h2 by a process of ``uid``."""
+    ids = ["setpriv", "--reuid", str(uid), "--regid", str(uid), "--clear-groups"] if uid else []
+    proc = net.exec("h2", *ids, *PROBE, "tcp", net.v4(dst), str(port), "--timeout", "0.8")
+    return proc.returncode == 0
+
+
+@pytest.mark.parametrize("backend", ["nftables", "iptables"])
+def test_attack_a_local_user_cannot_reach_the_control_plane_through_its_failsafe(
+    net: NetLab, tmp_path: Path, backend: str
+) -> None:
+    """Under a deny-everything bundle the control-plane fail-safe admitted any local user (nobody
+    reached cp:443): the threat model promises the agent's path only. Now only sockets of root
+    (the agent's user) match it; nobody's connection is dropped like any other."""
+    if backend == "iptables":
+        _iptables_or_skip()
+    doc = _engine(net, DENY_ALL_POLICY).bundle("h2")
+    _apply(net, backend, doc, tmp_path / "state", "--control-plane", net.v4("cp"))
+    assert _tcp_as(net, 0, "cp", 443), "the agent (root) lost its control plane"
+    assert not _tcp_as(net, 65534, "cp", 443), "a local user (nobody) reaches the control plane"
+    assert not _tcp_as(net, 0, "cp", 8080)  # its port only
