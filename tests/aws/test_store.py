@@ -250,6 +250,34 @@ def test_policy_versions_are_numbered_and_one_is_active(store: Store) -> None:
     assert store.active_policy() == pv
 
 
+def test_activating_a_policy_over_the_version_read_is_a_compare_and_swap(store: Store) -> None:
+    """Two provisions race: each activates only over the version it read as active. The loser
+    gets ConflictError and records nothing (neither active nor in the history)."""
+
+    def pv(n: int) -> PolicyVersion:
+        return PolicyVersion(
+            number=n, author="a", message="m", digest=f"d{n}", keys={"p.yaml": f"policies/v{n}/p.yaml"}
+        )
+
+    store.activate_policy(pv(1), expected_active=None)
+    with pytest.raises(ConflictError, match="version 1 became active meanwhile"):
+        store.activate_policy(pv(2), expected_active=None)  # read "no policy" before v1 landed
+    store.activate_policy(pv(3), expected_active=1)
+    with pytest.raises(ConflictError, match="version 3 became active meanwhile"):
+        store.activate_policy(pv(2), expected_active=1)  # the older one finishing last
+    assert store.active_policy() == pv(3)
+    if isinstance(store, SqliteStore):
+        assert [v.number for v in store.policy_versions()] == [1, 3]
+    else:
+        from ringfence.store.dynamodb import DynamoStore
+
+        assert isinstance(store, DynamoStore)
+        assert "Item" not in store.state.get_item(Key={"pk": "policy", "sk": "v00000002"})
+        assert "Item" in store.state.get_item(Key={"pk": "policy", "sk": "v00000003"})
+    store.activate_policy(pv(4))  # unconditional, as before
+    assert store.active_policy() == pv(4)
+
+
 def test_set_heads_move_forward_and_deltas_are_listed_in_order(store: Store) -> None:
     store.put_set_head("s", 5)
     store.put_set_head("s", 3)

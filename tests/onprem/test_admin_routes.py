@@ -143,3 +143,50 @@ def test_provision_answers_and_audits_warnings_and_suggest_reads_the_flow_rows(w
         app.resolve(rest_event("GET", "/admin/suggest", query={"app": "ordering"}, principal=OPERATOR), LambdaContext())
     )
     assert status == 200 and body["rules"] == [] and body["file"] == "suggested-ordering.yaml", body
+
+
+def test_of_two_concurrent_provisions_the_one_that_activates_over_a_version_that_moved_is_refused(
+    wiring: LocalWiring,
+) -> None:
+    """Provision A reads v1 as active and takes number 2; B, meanwhile, provisions 3 over v1.
+    A's activation is a compare-and-swap over v1: refused (409), nothing of it active, audited
+    or left published; before, the slower one (the older number) overwrote the newer."""
+    import threading
+
+    from tests.onprem.conftest import policy_files
+
+    svc = boot(wiring)
+    old, new = policy_files(), policy_files()
+    new["tests.yaml"] += "# tightened\n"
+    a_publishing, b_done = threading.Event(), threading.Event()
+    put = wiring.publisher.put_text
+
+    def paused_put(key: str, text: str) -> None:
+        if key.startswith("policies/v000002/"):
+            a_publishing.set()
+            assert b_done.wait(60)
+        put(key, text)
+
+    wiring.publisher.put_text = paused_put  # type: ignore[method-assign]
+    answers: dict[str, tuple[int, Any]] = {}
+
+    def provision(who: str, files: dict[str, str]) -> None:
+        app = admin_routes(lambda: svc, onprem=lambda: svc, roles_of=lambda _: frozenset(AdminRole))
+        answers[who] = call(app, "POST", "/admin/policies", {"files": files, "reason": who})
+
+    a = threading.Thread(target=provision, args=("a", old))
+    a.start()
+    assert a_publishing.wait(60)
+    provision("b", new)
+    b_done.set()
+    a.join(60)
+    assert answers["b"][0] == 201 and answers["b"][1]["version"] == 3, answers
+    status, body = answers["a"]
+    assert status == 409 and body["error"] == "policy changed meanwhile: nothing provisioned", body
+    assert "version 3 became active" in body["detail"]
+    active = wiring.store.active_policy()
+    assert active is not None and active.number == 3
+    assert [v.number for v in wiring.store.policy_versions()] == [1, 3]
+    provisions = [a.target for a in wiring.store.audit_log() if a.action == "policy.provision"]
+    assert provisions == ["policy/v1", "policy/v3"]
+    assert not list((wiring.state_dir / "objects" / "policies").glob("v000002/*")), "the loser's files are removed"

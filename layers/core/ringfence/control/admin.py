@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from typing import Any
 
@@ -14,6 +15,7 @@ from ringfence.policytests import run_tests
 from ringfence.policywarnings import warnings
 from ringfence.store.base import (
     AuditRecord,
+    ConflictError,
     PolicyVersion,
 )
 from ringfence.versions import digest_of
@@ -103,7 +105,15 @@ class Admin:
             self.w.publisher.put_text(key, text)
             keys[name] = key
         pv = PolicyVersion(number=version, keys=keys, digest=digest, author=principal, message=reason)
-        self.w.store.activate_policy(pv)
+        try:  # only over the version this one was tested and compared against
+            self.w.store.activate_policy(pv, expected_active=active[0].number if active else None)
+        except ConflictError as exc:
+            # a concurrent provision won: this version never becomes active, so it is neither
+            # audited nor kept (its number stays unused); provision again over the one that won
+            for key in keys.values():
+                with contextlib.suppress(Exception):
+                    self.w.publisher.delete(key)
+            return error(409, "policy changed meanwhile: nothing provisioned", str(exc))
         detail: dict[str, Any] = {"digest": digest}
         if found:
             detail["warnings"] = found

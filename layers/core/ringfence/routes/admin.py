@@ -179,7 +179,7 @@ def admin_routes(
     @app.post(
         "/admin/policies",
         summary="provision a policy version (its tests must pass against the live inventory) — policy-author",
-        responses=answers(adminapi.ProvisionResponse, 201, errors=(400,)),
+        responses=answers(adminapi.ProvisionResponse, 201, errors=(400, 409)),
         security=[{"sigv4": []}],
     )
     def provision(req: adminapi.ProvisionRequest) -> HttpResponse[str]:

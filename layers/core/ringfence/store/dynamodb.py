@@ -372,9 +372,34 @@ class DynamoStore:
         )
         return int(out["Attributes"]["value"])
 
-    def activate_policy(self, pv: PolicyVersion) -> None:
-        self._put("policy", f"v{pv.number:08d}", doc=pv.model_dump_json())
-        self._put("policy", "active", doc=pv.model_dump_json())
+    def activate_policy(self, pv: PolicyVersion, expected_active: int | Unread | None = UNREAD) -> None:
+        doc = pv.model_dump_json()
+        # the history item and the active one in one transaction; the active item carries its
+        # number for the compare-and-swap (one written before it did matches a caller that read
+        # it: the first activation after an upgrade adds the number, so the next race is caught)
+        active: dict[str, Any] = {
+            "TableName": self.state.name,
+            "Item": {"pk": "policy", "sk": "active", "doc": doc, "number": pv.number},
+        }
+        if expected_active is None:
+            active["ConditionExpression"] = "attribute_not_exists(pk)"
+        elif expected_active is not UNREAD:
+            active["ConditionExpression"] = "#n = :n OR (attribute_exists(pk) AND attribute_not_exists(#n))"
+            active["ExpressionAttributeNames"] = {"#n": "number"}
+            active["ExpressionAttributeValues"] = {":n": expected_active}
+        history = {"TableName": self.state.name, "Item": {"pk": "policy", "sk": f"v{pv.number:08d}", "doc": doc}}
+        try:
+            self.state.meta.client.transact_write_items(TransactItems=[{"Put": history}, {"Put": active}])
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "TransactionCanceledException":
+                raise
+            reasons = [str(r.get("Code", "None")) for r in exc.response.get("CancellationReasons", [])]
+            if reasons[1:2] != ["ConditionalCheckFailed"]:
+                raise
+            now = self.active_policy()
+            raise ConflictError(
+                f"policy version {now.number if now else None} became active meanwhile (read: {expected_active})"
+            ) from None
 
     # --- published artifacts --------------------------------------------------------------------
 

@@ -474,9 +474,14 @@ class SqliteStore:
             ).fetchone()
         return int(row[0])
 
-    def activate_policy(self, pv: PolicyVersion) -> None:
+    def activate_policy(self, pv: PolicyVersion, expected_active: int | Unread | None = UNREAD) -> None:
         doc = pv.model_dump_json()
         with self._tx() as db:
+            if expected_active is not UNREAD:
+                row = db.execute("SELECT value FROM meta WHERE key = 'policy.active'").fetchone()
+                now = PolicyVersion.model_validate_json(row[0]).number if row else None
+                if now != expected_active:
+                    raise ConflictError(f"policy version {now} became active meanwhile (read: {expected_active})")
             db.execute("INSERT OR REPLACE INTO policy (number, doc) VALUES (?, ?)", (pv.number, doc))
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('policy.active', ?)", (doc,))
 
