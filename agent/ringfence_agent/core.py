@@ -159,6 +159,9 @@ class Agent:
         self.sessions = sessions
         # why the last known good was set aside at start (None: it was usable, or there was none)
         self.set_aside: str | None = None
+        # a verified last known good the kernel refused at start (a table held by another
+        # process, a lock, a module missing): kept so that the daemon can try it again
+        self.refused_lkg: tuple[Bundle, list[SetDelta]] | None = None
         try:
             self.bundle = state.load_bundle()
             self.deltas = state.load_deltas(self.bundle)
@@ -181,6 +184,12 @@ class Agent:
         self._versions: dict[str, int] | None = None
         self._members: dict[str, set[str]] = {}
         self._stale: set[str] = set()
+
+    @property
+    def kernel_plan(self) -> Plan | None:
+        """What this process last programmed as a whole (a bundle's plan, or the posture); None
+        before the kernel took anything."""
+        return self._kernel_plan
 
     @property
     def revision(self) -> int | None:
@@ -292,10 +301,12 @@ class Agent:
         return Result(True, lines + self.cut_sessions(plan))
 
     def _set_aside(self, reason: str) -> None:
-        where = self.state.set_aside(reason)
-        self.set_aside = f"last known good in {self.state.path} set aside ({reason})" + (
-            f": moved to {where}" if where is not None else ""
-        )
+        try:
+            where = self.state.set_aside(reason)
+            moved = f": moved to {where}" if where is not None else ""
+        except OSError as exc:  # a read-only or full filesystem: never trusted all the same
+            moved = f"; it could not be moved aside ({exc}): ignored by this process"
+        self.set_aside = f"last known good in {self.state.path} set aside ({reason}){moved}"
         self.state.update_status(last_error=self.set_aside, incr={"lkg_set_aside": 1})
         self.log(self.set_aside)
 
@@ -582,11 +593,14 @@ class Agent:
         except ApplyError:
             # the kernel refused it (a lock held, a module missing): the file stays for the next
             # start, but nothing is held in memory, so the daemon holds the fail-safe posture and
-            # fetches the bundle whole instead of believing it enforces what the kernel lacks
+            # fetches the bundle whole instead of believing it enforces what the kernel lacks;
+            # the daemon tries it again (retry_last_known_good) until something is enforced
             with self._lock:
+                self.refused_lkg = (self.bundle, self.deltas)
                 self.bundle, self.deltas = None, []
                 self._reset_cache(None)
             raise
+        self.refused_lkg = None
         self.plan = plan
         self.state.update_status(
             applied_version=self.revision,
@@ -599,6 +613,26 @@ class Agent:
         )
         lines = [f"re-applied last known good: {eff.workload_id} revision {self.revision}, mode {eff.mode.value}"]
         return Result(True, lines + self.cut_sessions(plan))
+
+    def retry_last_known_good(self) -> Result:
+        """The last known good the kernel refused at start, tried again — unless a bundle applied
+        since (then it is no longer the last known good). Raises like
+        :meth:`reapply_last_known_good`; a Result(False) when there is nothing to try."""
+        with self._lock:
+            if self.refused_lkg is None or self.bundle is not None:
+                self.refused_lkg = None
+                return Result(False)
+            self.bundle, self.deltas = self.refused_lkg
+            self._reset_cache(None)
+        return self.reapply_last_known_good()
+
+    def forget_last_known_good(self) -> None:
+        """Hold nothing from the state directory in memory, and leave it on disk: for a start
+        with no usable pinned key, where nothing can be verified (a restored key finds it
+        again at the next start)."""
+        with self._lock:
+            self.bundle, self.deltas, self.refused_lkg = None, [], None
+            self._reset_cache(None)
 
     def follow_control_plane(self, addresses: tuple[str, ...], apply: bool = True) -> Result:
         """The control plane's addresses resolved from its host name (API Gateway's change over
@@ -675,7 +709,12 @@ class Agent:
                 versions[d.set] = d.to_version
         if len(kept) != len(self.deltas):
             self.deltas = kept
-            self.state.save_deltas(self.bundle, kept)
+            try:
+                self.state.save_deltas(self.bundle, kept)
+            except OSError as exc:
+                # best effort: what was verified is enforced all the same; the journal on disk
+                # still holds the stale deltas, cut again at the next start
+                self.log(f"could not rewrite the delta journal in {self.state.path} (enforcing anyway): {exc}")
         return effective_bundle(self.bundle, kept)
 
     def ensure_plan(self) -> Plan | None:

@@ -23,11 +23,11 @@ from types import FrameType
 from typing import TypeVar
 
 from ringfence.agentwire import Heartbeat
-from ringfence.bundlewire import BundleError, SetDelta, Verifier
+from ringfence.bundlewire import BundleError, SetDelta, SignatureLike, Verifier, key_id_of_raw
 from ringfence_agent import enroll
 from ringfence_agent.backends import ApplyError, make_backend
 from ringfence_agent.config import AgentConfig
-from ringfence_agent.core import Agent, Rejected
+from ringfence_agent.core import Agent, Rejected, Result
 from ringfence_agent.plan import PlanError
 from ringfence_agent.reports import (
     BoundedBuffer,
@@ -82,6 +82,25 @@ def _utc(t: float | None) -> str:
     return "-" if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
+ENFORCE_RETRY_MAX = 30.0  # at most this long between two tries to program the kernel at all
+
+# the Ed25519 base point: a well-formed public key no one holds the private key of
+_NOBODYS_KEY = bytes.fromhex("58" + "66" * 31)
+
+
+class NoPinnedKey(Verifier):
+    """The pinned key file is missing, empty or not an Ed25519 key: a key set whose every key
+    is revoked (a valid, if unusable, state: the agent keeps its fail-safe posture rather than
+    exiting, which would fail open), refusing every document with the reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(_NOBODYS_KEY, revoked=[key_id_of_raw(_NOBODYS_KEY)])
+        self.reason = reason
+
+    def verify_signed(self, what: str, signature: SignatureLike | None, message_for: Callable[[str], bytes]) -> None:
+        raise BundleError(f"{what} refused: {self.reason}")
+
+
 def backoff_delay(failures: int, cap: float, rng: random.Random) -> float:
     """Full-jitter exponential backoff: uniform(0.5, 1) × min(cap, 2^failures) seconds."""
     base = min(cap, float(2 ** min(failures, 30)))
@@ -91,9 +110,17 @@ def backoff_delay(failures: int, cap: float, rng: random.Random) -> float:
 class Daemon:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
-        self.state = StateDir(cfg.state_dir)
+        self.state = StateDir(cfg.state_dir, cfg.max_bundle_bytes)
+        self.state.on_status_error = log
         self.state.ensure()
-        self.verifier = Verifier.from_file(cfg.public_key, cfg.revoked_keys)
+        # no usable pinned key: nothing can be verified, so the fail-safe posture is held and
+        # every document refused until the key file is fixed and the agent restarted
+        self.key_error: str | None = None
+        try:
+            self.verifier = Verifier.from_file(cfg.public_key, cfg.revoked_keys)
+        except (OSError, BundleError, ValueError) as exc:
+            self.key_error = f"no usable pinned key in {cfg.public_key}: {exc}"
+            self.verifier = NoPinnedKey(self.key_error)
         self.backend = make_backend(cfg.backend)
         local = cfg.local_failsafes()
         from_host = [r for r in local.dns_resolvers if r not in cfg.dns_resolvers]
@@ -131,6 +158,12 @@ class Daemon:
         self._cp_seen: dict[str, float] = {}  # control-plane address → when its name last resolved to it
         self._fetch_s = self._apply_s = 0.0
         self._refresh_tried = 0.0  # when the bundle was last fetched because its expiry is near
+        # the kernel refused what start_enforcing meant to program (the last known good, or the
+        # posture): tried again from the observer thread until it takes
+        self.enforce_pending = False
+        self._enforce_tries = 0
+        self._enforce_next = 0.0  # monotonic time of the next try
+        self._enforce_logged = ""
 
     def _source(self) -> Source:
         cfg = self.cfg
@@ -179,8 +212,16 @@ class Daemon:
     def run(self, once: bool = False) -> int:
         if threading.current_thread() is threading.main_thread():
             self._signals()
+        # enforce first: nothing before it may fail (status.json on a full disk used to stop the
+        # daemon here, the host open)
+        self.start_enforcing()
         self.state.update_status(
-            daemon={"pid": os.getpid(), "started": time.time(), "source": self.source.kind},
+            daemon={
+                "pid": os.getpid(),
+                "started": time.time(),
+                "source": self.source.kind,
+                "key_error": self.key_error,
+            },
             flows_source=self.flow_source.kind,
         )
         if self.cfg.insecure_http_lab_only and (self.cfg.api_url or "").startswith("http://"):
@@ -190,7 +231,6 @@ class Daemon:
             )
         if self.flow_source.kind == "unavailable":
             log("no /proc/net/nf_conntrack and no conntrack tool: flow reports are disabled (drops still reported)")
-        self.start_enforcing()
         observer = threading.Thread(target=self._observe_loop, name="observer", daemon=True)
         observer.start()
         failures = 0
@@ -253,7 +293,10 @@ class Daemon:
                 self.stop.wait(delay)
         self.stop.set()
         observer.join(timeout=5)
-        self._spool_buffers()
+        try:
+            self._spool_buffers()
+        except OSError as exc:  # a full or read-only state filesystem: the records are lost, not the firewall
+            log(f"reports not spooled: {exc}")
         self.state.update_status(daemon={"pid": None, "stopped": time.time(), "source": self.source.kind})
         log(f"stopped; the firewall keeps enforcing revision {self.agent.revision}")
         return 0
@@ -264,26 +307,80 @@ class Daemon:
     def start_enforcing(self) -> None:
         """Re-apply the last known good before any contact; without one (none yet, or set aside
         as unusable) hold the boot posture until a verified bundle applies. Either admits the
-        control plane's addresses, resolved first."""
+        control plane's addresses, resolved first. What the kernel refuses is tried again
+        (:meth:`retry_enforcing`) until it takes: a refusal at boot never leaves the host open."""
         if self.cfg.source_hosts():
             self.follow_control_plane(apply=False)
+        if self.key_error is not None:
+            # nothing verifies: the last known good stays on disk for a start with the key
+            log(f"{self.key_error}; every bundle and delta is refused until the key file is fixed")
+            self.last_message = self.key_error
+            self.state.update_status(last_error=self.key_error, incr={"key_errors": 1})
+            self.agent.forget_last_known_good()
+        with self.apply_lock:
+            self._enforce(self.agent.reapply_last_known_good if self.key_error is None else lambda: Result(False))
+        release_memory()
+
+    def _enforce(self, reapply: Callable[[], Result]) -> None:
+        """``reapply`` (the last known good, or its retry), else the boot posture; sets
+        ``enforce_pending`` when the kernel refused what is wanted. Caller holds apply_lock."""
         try:
-            for line in self.agent.reapply_last_known_good().lines:
+            for line in reapply().lines:
                 log(line)
         except (Rejected, ApplyError) as exc:
-            self.last_message = str(exc)
-            log(f"{exc}")
+            self._enforce_failed(str(exc))
         except Exception as exc:  # the state directory's documents came from the network too
-            self.last_message = f"last known good not re-applied: unexpected {type(exc).__name__}: {exc}"
-            log(f"{self.last_message}{_where(exc)}")
-        if self.agent.bundle is None and self.cfg.boot_posture == "failsafe":
+            self._enforce_failed(f"last known good not re-applied: unexpected {type(exc).__name__}: {exc}", exc)
+            if self.agent.kernel_plan is None:
+                # never believe a bundle is enforced that the kernel never took: the posture instead
+                self.agent.forget_last_known_good()
+        posture_wanted = self.agent.bundle is None and self.cfg.boot_posture == "failsafe"
+        if posture_wanted and self.agent.kernel_plan is None:
             try:
                 for line in self.agent.hold_failsafe_posture(self._control_plane_addresses()).lines:
                     log(line)
-            except ApplyError as exc:
-                self.last_message = f"fail-safe posture not applied: {exc}"
-                log(self.last_message)
-        release_memory()
+            except (ApplyError, PlanError) as exc:
+                self._enforce_failed(f"fail-safe posture not applied: {exc}")
+        posture_missing = posture_wanted and self.agent.kernel_plan is None
+        self.enforce_pending = self.agent.refused_lkg is not None or posture_missing
+        if self.enforce_pending:
+            self._enforce_tries += 1
+            delay = min(ENFORCE_RETRY_MAX, 0.5 * 2.0**self._enforce_tries)
+            self._enforce_next = time.monotonic() + delay
+            if posture_missing:
+                self.last_message = f"nothing enforced: the kernel refused the rules; retrying; {self._enforce_logged}"
+        elif self._enforce_tries:
+            log(f"enforcing after {self._enforce_tries} refused tries: {self._enforcing()}")
+            self._enforce_tries, self._enforce_logged = 0, ""
+            if self.last_message.startswith("nothing enforced"):
+                self.last_message = ""
+
+    def _enforce_failed(self, msg: str, exc: Exception | None = None) -> None:
+        self.last_message = msg
+        if msg != self._enforce_logged:  # a refusal that repeats is logged once
+            self._enforce_logged = msg
+            log(msg + (_where(exc) if exc is not None else ""))
+
+    def retry_enforcing(self, now: float | None = None) -> None:
+        """Program again what the kernel refused at start (the observer thread calls it): the
+        last known good unless a bundle applied since, else the posture."""
+        if not self.enforce_pending or (now if now is not None else time.monotonic()) < self._enforce_next:
+            return
+        with self.apply_lock:
+            if self.agent.revision is not None and self.agent.refused_lkg is None:
+                self.enforce_pending = False  # a bundle from the source applied meanwhile
+                return
+            self._enforce(self.agent.retry_last_known_good)
+
+    def _enforcing(self) -> str:
+        """What this process has programmed, in a few words (for systemd's STATUS=)."""
+        if self.agent.revision is not None:
+            return f"enforcing revision {self.agent.revision}"
+        if self.agent.kernel_plan is not None:
+            return "holding the fail-safe posture"
+        if self.enforce_pending:
+            return "nothing enforced yet: the kernel refused the rules; retrying"
+        return "no bundle (boot_posture open)"
 
     def follow_control_plane(self, apply: bool = True) -> None:
         """Re-resolve the control plane's host name (every sync, before any fetch and apply) and
@@ -549,8 +646,12 @@ class Daemon:
         if self.cfg.drift_interval > 0:
             interval = min(interval, self.cfg.drift_interval)
         last_observe = 0.0
-        while not self.stop.wait(interval):
+        while not self.stop.wait(min(interval, 0.5) if self.enforce_pending else interval):
             now = time.monotonic()
+            try:
+                self.retry_enforcing(now)
+            except Exception as exc:
+                log(f"programming the kernel again failed: {exc}{_where(exc)}")
             if self.cfg.drift_interval > 0 and now - last_drift >= self.cfg.drift_interval:
                 last_drift = now
                 try:

@@ -18,14 +18,42 @@ import contextlib
 import fcntl
 import json
 import os
+import stat
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ringfence.bundlewire import Bundle, BundleError, SetDelta, delta_from_json, load_bundle, load_delta, to_json
 
 JOURNAL_FORMAT = "ringfence.delta-journal/v1"
+DEFAULT_MAX_BUNDLE_BYTES = 16 * 1024 * 1024  # the configuration's max_bundle_bytes default
+SMALL_DOC_BYTES = 1024 * 1024  # status.json, identity.json, token.json and the like
+
+
+def read_regular(path: Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes, read without following a symlink
+    and without blocking: a FIFO would hang the reader for good, a symlink to /dev/zero would
+    grow it without bound. FileNotFoundError when absent; OSError or ValueError otherwise."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path} is not a regular file (mode {stat.filemode(st.st_mode)})")
+        if st.st_size > limit:
+            raise ValueError(f"{path} holds {st.st_size} bytes, more than the {limit} allowed")
+        chunks: list[bytes] = []
+        left = limit + 1
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks)
+        if len(data) > limit:
+            raise ValueError(f"{path} grew past the {limit} bytes allowed while read")
+        return data
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: Path, data: str | bytes, mode: int = 0o600, durable: bool = True) -> None:
@@ -67,13 +95,23 @@ class StateLocked(RuntimeError):
 
 
 class StateDir:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES) -> None:
         self.path = path
+        self.max_bundle_bytes = max_bundle_bytes
         # what this process knows the journal on disk holds: (header, deltas, valid bytes)
         self._journal: tuple[bytes, int, int] | None = None
+        # status.json is best effort (a full or read-only filesystem must not stop enforcement):
+        # failed writes are counted here, and the first of a run is told to ``on_status_error``
+        self.status_write_failures = 0
+        self._status_failing = False
+        self.on_status_error: Callable[[str], None] | None = None
 
     def ensure(self) -> None:
-        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError:
+            if not self.path.is_dir():
+                raise  # a read-only filesystem still holds the directory: reading it goes on
 
     def lock(self) -> None:
         """Exclusive, non-blocking, for the life of the process (released by the kernel on exit,
@@ -82,7 +120,15 @@ class StateDir:
         key = str(self.path.resolve())
         if key in _HELD:  # this process already owns it
             return
-        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            # a read-only (or full) filesystem: flock needs no write access, so the lock file
+            # read-only, else the directory itself (the daemon must still start and enforce)
+            try:
+                fd = os.open(self.path / ".lock", os.O_RDONLY | os.O_NOFOLLOW)
+            except OSError:
+                fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -102,9 +148,15 @@ class StateDir:
 
     def load_bundle(self) -> Bundle | None:
         try:
-            return load_bundle(self.bundle_path.read_bytes())
+            raw = read_regular(self.bundle_path, self.max_bundle_bytes)
         except FileNotFoundError:
             return None
+        return load_bundle(raw)
+
+    @property
+    def max_journal_bytes(self) -> int:
+        # deltas pile up until the next whole bundle: room for several bundles' worth of them
+        return 4 * self.max_bundle_bytes
 
     @property
     def journal_path(self) -> Path:
@@ -126,7 +178,7 @@ class StateDir:
         bundle = bundle if bundle is not None else self.load_bundle()
         self._journal = None
         try:
-            raw = self.journal_path.read_bytes()
+            raw = read_regular(self.journal_path, self.max_journal_bytes)
         except FileNotFoundError:
             return self._load_legacy_deltas()
         if bundle is None:
@@ -148,7 +200,7 @@ class StateDir:
     def _load_legacy_deltas(self) -> list[SetDelta]:
         """``deltas.json`` (a JSON list), written by agents before the journal; replaced on the next write."""
         try:
-            raw = json.loads((self.path / "deltas.json").read_text())
+            raw = json.loads(read_regular(self.path / "deltas.json", self.max_journal_bytes))
         except FileNotFoundError:
             return []
         return [delta_from_json(d) for d in raw]
@@ -203,7 +255,7 @@ class StateDir:
     def set_aside(self, reason: str) -> Path | None:
         """Move an unusable last known good (bundle and journals) to ``rejected/<time>-…`` with the
         reason next to it: kept for inspection, never read again. None when there was nothing."""
-        names = [n for n in ("bundle.json", "deltas.jsonl", "deltas.json") if (self.path / n).exists()]
+        names = [n for n in ("bundle.json", "deltas.jsonl", "deltas.json") if os.path.lexists(self.path / n)]
         self._journal = None
         if not names:
             return None
@@ -224,9 +276,12 @@ class StateDir:
     # --- small JSON documents ----------------------------------------------------------------
 
     def read_json(self, name: str) -> dict[str, Any]:
+        """A small JSON document; {} when absent or unusable (not JSON, not a regular file, too large)."""
         try:
-            data = json.loads((self.path / name).read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            data = json.loads(read_regular(self.path / name, SMALL_DOC_BYTES))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
             return {}
         return data if isinstance(data, dict) else {}
 
@@ -242,6 +297,9 @@ class StateDir:
         self.write_json("identity.json", {"workload_id": workload_id})
 
     def update_status(self, **fields: Any) -> dict[str, Any]:
+        """Best effort: status.json describes the agent, it is not the firewall. A write that fails
+        (a full or read-only filesystem) is counted in ``status_write_failures`` and the first
+        of a series told to ``on_status_error``; it never raises."""
         status = self.read_json("status.json")
         counters = status.setdefault("counters", {})
         for key, value in fields.items():
@@ -250,5 +308,13 @@ class StateDir:
                     counters[name] = int(counters.get(name, 0)) + int(n)
             else:
                 status[key] = value
-        self.write_json("status.json", status, durable=False)
+        try:
+            self.write_json("status.json", status, durable=False)
+        except OSError as exc:
+            self.status_write_failures += 1
+            if not self._status_failing and self.on_status_error is not None:
+                self.on_status_error(f"status not written to {self.path / 'status.json'} (still enforcing): {exc}")
+            self._status_failing = True
+        else:
+            self._status_failing = False
         return status
