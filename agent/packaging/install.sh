@@ -161,7 +161,10 @@ After=local-fs.target
 Conflicts=shutdown.target
 
 [Service]
-Type=simple
+# notify: the agent says READY=1 only once the kernel holds its last known good (or the
+# fail-safe posture), so network-pre.target, and the interfaces after it, wait for that
+Type=notify
+NotifyAccess=main
 ExecStart=/opt/ringfence-agent/bin/ringfence-agent run --config /etc/ringfence/agent.json
 Restart=always
 RestartSec=2

@@ -101,6 +101,21 @@ class NoPinnedKey(Verifier):
         raise BundleError(f"{what} refused: {self.reason}")
 
 
+def notify_systemd(message: str) -> bool:
+    """sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET (Type=notify units).
+    False when there is no socket to tell, or telling failed."""
+    where = os.environ.get("NOTIFY_SOCKET", "")
+    if not where or where[0] not in "/@":
+        return False
+    addr = "\0" + where[1:] if where[0] == "@" else where
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.sendto(message.encode(), addr)
+    except OSError:
+        return False
+    return True
+
+
 def backoff_delay(failures: int, cap: float, rng: random.Random) -> float:
     """Full-jitter exponential backoff: uniform(0.5, 1) × min(cap, 2^failures) seconds."""
     base = min(cap, float(2 ** min(failures, 30)))
@@ -215,6 +230,8 @@ class Daemon:
         # enforce first: nothing before it may fail (status.json on a full disk used to stop the
         # daemon here, the host open)
         self.start_enforcing()
+        # Type=notify: systemd holds network-pre.target (and interfaces) until now
+        notify_systemd(f"READY=1\nSTATUS={self._enforcing()}")
         self.state.update_status(
             daemon={
                 "pid": os.getpid(),

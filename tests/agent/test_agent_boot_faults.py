@@ -3,7 +3,8 @@
 forgot its rules, the state directory did not), facing one fault at a time — the kernel refusing
 its table for a while, a full or read-only state filesystem, an unusable pinned key, a state file
 that is a FIFO or a symlink to /dev/zero. Each ends enforcing the last known good or the fail-safe
-posture, and the daemon keeps running.
+posture, and the daemon keeps running. Under ``Type=notify`` it tells systemd it is ready only
+once the kernel holds its rules.
 
 h2 is the protected workload ("web", tcp/8080 from clients); h1 a client, h3 the database (no
 access to h2:8080), h4 a stranger made a client by a delta, adm the admin host (tcp/22)."""
@@ -14,7 +15,9 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +30,7 @@ from ringfence.local.lab import Lab as NetLab
 from ringfence.model import Workload
 from tests.agent import dataplane
 from tests.agent.bundles import LAB_POLICY, PUBLIC_KEY, Lab, workloads, write
+from tests.systemdunit import service
 
 pytestmark = pytest.mark.dataplane
 
@@ -34,6 +38,7 @@ dataplane.require()
 
 HOSTS = {"h1": 1, "h2": 2, "h3": 3, "h4": 4, "adm": 250}
 ROLES = {"h1": "client", "h2": "web", "h3": "db", "h4": "other"}
+UNIT = Path(__file__).resolve().parents[2] / "agent" / "packaging" / "ringfence-agent.service"
 
 
 @pytest.fixture(scope="module")
@@ -273,3 +278,33 @@ def test_a_state_file_that_is_no_regular_file_is_set_aside(net: NetLab, tmp_path
         assert len(list((state / "rejected").glob("*-bundle.json"))) == 1
     finally:
         stop(net, daemon)
+
+
+def test_the_unit_waits_for_the_agent_to_say_it_is_ready() -> None:
+    """Type=simple counted the agent started at fork, interfaces coming up before its rules."""
+    assert service(UNIT)["Type"] == "notify"
+
+
+def test_the_daemon_says_ready_only_once_the_kernel_holds_its_rules(net: NetLab, tmp_path: Path) -> None:
+    """As systemd does for a Type=notify unit: a datagram socket in $NOTIFY_SOCKET; READY=1
+    arrives, and at that moment the kernel already enforces the last known good."""
+    state = tmp_path / "state"
+    seed(net, state, tmp_path)
+    sockdir = Path(tempfile.mkdtemp(prefix="rfn-", dir="/tmp"))  # AF_UNIX paths are short
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    daemon = None
+    try:
+        sock.bind(str(sockdir / "notify"))
+        sock.settimeout(20)
+        daemon, log = start(net, tmp_path, state, env={"NOTIFY_SOCKET": str(sockdir / "notify")})
+        message = sock.recv(4096).decode()
+        ruleset = net.exec("h2", "nft", "list", "table", "inet", "ringfence")
+        assert "READY=1" in message.splitlines(), message
+        assert ruleset.returncode == 0 and "drop" in ruleset.stdout, (message, log.read_text())
+        assert "STATUS=enforcing revision" in message, message
+        assert lkg_enforced(net)
+    finally:
+        sock.close()
+        shutil.rmtree(sockdir, ignore_errors=True)
+        if daemon is not None:
+            stop(net, daemon)
