@@ -22,8 +22,8 @@ from collections.abc import Callable
 from types import FrameType
 from typing import TypeVar
 
-from ringfence.agentwire import Heartbeat
-from ringfence.bundlewire import BundleError, SetDelta, SignatureLike, Verifier, key_id_of_raw
+from ringfence.agentwire import Heartbeat, ReportBatch
+from ringfence.bundlewire import Bundle, BundleError, SetDelta, SignatureLike, Verifier, key_id_of_raw
 from ringfence_agent import enroll
 from ringfence_agent.backends import ApplyError, make_backend
 from ringfence_agent.config import AgentConfig
@@ -101,6 +101,59 @@ class NoPinnedKey(Verifier):
         raise BundleError(f"{what} refused: {self.reason}")
 
 
+class LateSource:
+    """A source that could not be set up at start (the pairing key file or the CA file missing
+    or unreadable): every call tries again and, until it can, fails like an unreachable source —
+    the daemon enforces and backs off meanwhile; it never exits for it (which would fail open)."""
+
+    def __init__(self, kind: str, build: Callable[[], Source], reason: str) -> None:
+        self.kind = kind
+        self._build = build
+        self._real: Source | None = None
+        self.reason = reason
+
+    @property
+    def fetches(self) -> int:
+        return self._real.fetches if self._real is not None else 0
+
+    @fetches.setter
+    def fetches(self, value: int) -> None:
+        if self._real is not None:
+            self._real.fetches = value
+
+    def _get(self) -> Source:
+        if self._real is None:
+            try:
+                self._real = self._build()
+            except Exception as exc:
+                self.reason = f"source not set up: {type(exc).__name__}: {exc}"
+                raise Unreachable(self.reason) from None
+            log("source set up")
+        return self._real
+
+    def wait(self, version: int | None, timeout: float, stop: threading.Event) -> int | None:
+        return self._get().wait(version, timeout, stop)
+
+    def announced(self) -> int | None:
+        return self._get().announced()
+
+    def bundle(self) -> Bundle | None:
+        return self._get().bundle()
+
+    def settled(self) -> None:
+        if self._real is not None:
+            self._real.settled()
+
+    def deltas(self, since: int, sets: dict[str, int], bundle_version: int) -> list[SetDelta] | None:
+        return self._get().deltas(since, sets, bundle_version)
+
+    def heartbeat(self, hb: Heartbeat) -> int | None:
+        return self._get().heartbeat(hb)
+
+    def report(self, batch: ReportBatch) -> None:
+        self._get().report(batch)
+
+
 def notify_systemd(message: str) -> bool:
     """sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET (Type=notify units).
     False when there is no socket to tell, or telling failed."""
@@ -168,7 +221,13 @@ class Daemon:
         self.flow_source = FlowSource()
         self.last_message = ""
         self.contact_error = ""
-        self.source: Source = self._source()
+        try:
+            self.source: Source = self._source()
+        except Exception as exc:  # a file it reads is missing or unreadable: enforce, retry later
+            late = LateSource("api" if cfg.api_url is not None else "static", self._source, "")
+            late.reason = f"source not set up: {type(exc).__name__}: {exc}"
+            log(f"{late.reason}; enforcing first, retried with the backoff")
+            self.source = late
         self._woke = time.time()  # when the last wait answered (the push arrived)
         self._cp_seen: dict[str, float] = {}  # control-plane address → when its name last resolved to it
         self._fetch_s = self._apply_s = 0.0

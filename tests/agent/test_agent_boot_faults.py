@@ -104,6 +104,8 @@ def start(net: NetLab, work: Path, state: Path, env: dict[str, str] | None = Non
         "admin_ports": ["tcp/22"],
         **extra,
     }
+    if "api_url" in extra:
+        del cfg["source"]
     (work / "agent.json").write_text(json.dumps(cfg))
     log = work / "agent.log"
     daemon = net.spawn("h2", str(AGENT), "run", "--config", str(work / "agent.json"), stderr=log.open("w"), env=env)
@@ -200,6 +202,26 @@ def test_a_full_or_read_only_state_filesystem_does_not_stop_enforcement(
         text = log.read_text()
         assert "status not written" in text and "could not rewrite the delta journal" in text, text
         assert "re-applied last known good" in text and "Traceback" not in text, text
+    finally:
+        stop(net, daemon)
+
+
+def test_a_missing_pairing_key_file_does_not_stop_enforcement(net: NetLab, tmp_path: Path) -> None:
+    """The agent API's pairing key file (or the CA file) is not there yet at boot: the daemon
+    exited setting up its source, before enforcing anything. Now it enforces the last known good,
+    retries the source with its backoff, and sets it up once the file appears."""
+    state = tmp_path / "state"
+    seed(net, state, tmp_path)
+    key = tmp_path / "pairing-key"
+    api = {"api_url": "http://10.77.0.9:8443", "insecure_http_lab_only": True, "request_timeout": 1}
+    daemon, log = start(net, tmp_path, state, enroll={"method": "pairing", "pairing_key_file": str(key)}, **api)
+    try:
+        assert wait_until(lambda: lkg_enforced(net), 15), log.read_text()
+        assert wait_until(lambda: "source not set up" in log.read_text(), 10), log.read_text()
+        assert daemon.poll() is None
+        key.write_text("k" * 32 + "\n")
+        assert wait_until(lambda: "source set up" in log.read_text().replace("not set up", ""), 15), log.read_text()
+        assert daemon.poll() is None and lkg_enforced(net)
     finally:
         stop(net, daemon)
 
