@@ -32,7 +32,7 @@ from ringfence_agent.backends.nft import NftBackend, NftRenderer
 from ringfence_agent.core import Agent, Rejected, effective_bundle, fold_delta, same_firewall
 from ringfence_agent.plan import GroupChange, compile_plan
 from ringfence_agent.state import StateDir
-from tests.agent.bundles import key
+from tests.agent.bundles import PUBLIC_KEY, key
 from tests.agent.test_agent_unit import LOCAL, FakeBackend, Verifier
 
 SET = "rf_journal00000000000"
@@ -433,3 +433,59 @@ def test_a_re_applying_delta_that_cannot_be_recorded_re_applies_the_plan_before_
         agent.apply_delta(set_delta("S", 1, add=("10.0.0.9/32",)))  # 3 > 2: re-applies
     assert "10.0.0.9" in backend.scripts[-2] and backend.scripts[-1] == before
     assert backend.realised == {"r_in_0": True} and agent.revision == 1
+
+
+def test_state_files_are_read_as_bounded_regular_files_only(tmp_path: Path) -> None:
+    """bundle.json or the journal as a FIFO (a read that never ends), a symlink (to /dev/zero:
+    one that never stops), or larger than max_bundle_bytes: refused at once, and the agent sets
+    the last known good aside instead of hanging or exhausting its memory."""
+    from tests.agent.test_agent_unit import PROC, golden
+
+    state = StateDir(tmp_path / "s", max_bundle_bytes=65536)
+    state.save_applied(golden(PROC), [])
+    assert state.load_bundle() == golden(PROC)
+    bundle = state.bundle_path
+    for make, error in (
+        (lambda: os.mkfifo(bundle), ValueError),
+        (lambda: os.symlink("/dev/zero", bundle), OSError),
+        (lambda: bundle.write_bytes(b" " * 65537), ValueError),
+    ):
+        bundle.unlink()
+        make()
+        t = time.monotonic()
+        with pytest.raises(error):
+            state.load_bundle()
+        assert time.monotonic() - t < 1
+    journal = state.journal_path
+    journal.unlink()
+    os.mkfifo(journal)
+    with pytest.raises(ValueError, match="not a regular file"):
+        state.load_deltas(golden(PROC))
+    journal.unlink()
+    os.symlink("/dev/zero", bundle.with_name("deltas.json"))  # the legacy list
+    with pytest.raises(OSError):
+        state.load_deltas(golden(PROC))
+    # the agent: set aside (the special file moved, not followed), nothing held
+    agent = Agent("ord-prod-proc-1", Verifier.from_file(PUBLIC_KEY), FakeBackend(), state, LOCAL, log=lambda m: None)
+    assert agent.bundle is None and agent.set_aside is not None and not os.path.lexists(bundle)
+    assert list((state.path / "rejected").glob("*-bundle.json"))
+
+
+def test_status_is_best_effort_on_a_filesystem_that_refuses_writes(tmp_path: Path) -> None:
+    """status.json is not the firewall: a write that fails is counted and told once, never raised."""
+    state = StateDir(tmp_path / "s")
+    state.ensure()
+    state.update_status(applied_version=1)
+    told: list[str] = []
+    state.on_status_error = told.append
+    os.chmod(state.path, 0o500)
+    try:
+        if os.access(state.path, os.W_OK):  # root ignores the mode: a status.json that is a directory
+            os.chmod(state.path, 0o700)
+            (state.path / "status.json").unlink()
+            (state.path / "status.json").mkdir()
+        state.update_status(applied_version=2)
+        state.update_status(applied_version=3)
+    finally:
+        os.chmod(state.path, 0o700)
+    assert state.status_write_failures == 2 and len(told) == 1 and "still enforcing" in told[0]
