@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from ringfence import enforced
 from ringfence.bundlewire import BundleError, Verifier, load_bundle, load_delta
 from ringfence_agent.backends import ABSENT, BACKENDS, ApplyError, make_backend
 from ringfence_agent.core import Agent, Rejected
@@ -116,21 +117,30 @@ def cmd_status(args: argparse.Namespace) -> int:
         bundle, deltas, unreadable = None, [], str(exc)
     # the kernel, not the state directory, says what is enforced
     kernel, problem = _kernel_programmed(args.backend)
+    kernel_digest = _kernel_digest(args.backend, list(bundle.sets) if bundle else [])
     state_mode = bundle.mode.value if bundle else None
     posture = status.get("posture")
     expect = state_mode not in (None, "idle") or (bundle is None and posture is not None)
     lost = kernel is False and expect
+    # the rules in the kernel are whole, but not the last known good's: the daemon holds the
+    # posture (an unusable pinned key), or another bundle was applied from elsewhere
+    other = (
+        bundle is not None
+        and not lost
+        and kernel_digest is not None
+        and kernel_digest != enforced.expected(bundle, deltas)
+    )
     out = {
         "workload_id": state.identity(),
         "agent_key": _agent_key_id(Path(args.state_dir)),  # its id: what an operator's reset names
         "bundle_version": bundle.version if bundle else None,
         "applied_revision": max([bundle.version, *(d.to_version for d in deltas)]) if bundle else None,
         "policy_version": bundle.policy_version if bundle else None,
-        "mode": None if lost else state_mode,
+        "mode": None if lost or other else state_mode,
         "state_mode": state_mode,
-        "posture": None if lost or bundle is not None else posture,
+        "posture": None if lost or (bundle is not None and not other) else posture,
         "kernel_programmed": kernel,
-        "kernel_digest": _kernel_digest(args.backend, list(bundle.sets) if bundle else []),
+        "kernel_digest": kernel_digest,
         "quarantined": bundle.quarantined if bundle else None,
         "expires_at": bundle.expires_at if bundle else None,
         # the enforced bundle expired without a refresh: still enforced (never fails open)
@@ -157,6 +167,12 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"the kernel does not hold the rules of {what} as the agent applied them ({problem}): "
                 "what is enforced is not the policy; run apply (or restart the daemon)"
             )
+    if other and bundle is not None:
+        holds = f"the {posture} posture" if posture else "other rules"
+        out["warning"] = (
+            f"the kernel does not enforce the last known good in the state directory (version {bundle.version}, "
+            f"mode {state_mode}): it holds {holds}; see last_error"
+        )
     if unreadable:
         out["warning"] = f"the last known good is unreadable ({unreadable}); the agent sets it aside at start"
     if args.json:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from ringfence import enforced
 from ringfence.bundlewire import (
     Bundle,
     BundleError,
@@ -310,15 +311,20 @@ class Agent:
         self.state.update_status(last_error=self.set_aside, incr={"lkg_set_aside": 1})
         self.log(self.set_aside)
 
-    def kernel_holds(self, mode: str) -> bool:
-        """Whether the kernel holds what a bundle of ``mode`` programs (a table, or none for
-        ``idle``), as far as the backend can tell: the state directory is not the firewall."""
+    def kernel_holds(self, bundle: Bundle) -> bool:
+        """Whether the kernel holds what ``bundle`` programs (its rules as applied, or no table
+        for ``idle``), as far as the backend can tell: the state directory is not the firewall,
+        and whole rules in the kernel may be another bundle's (applied from another state
+        directory), so what the kernel enforces is compared with the bundle's digest."""
         probe = getattr(self.backend, "programmed", None)
         if probe is None:
             return True  # dry-run, windows-plan: nothing to ask
         try:
-            return bool(probe()) == (mode != "idle")
-        except (ApplyError, OSError):
+            if bool(probe()) != (bundle.mode.value != "idle"):
+                return False
+            read = getattr(self.backend, "enforced", None)
+            return read is None or read(list(bundle.sets)) == enforced.expected(bundle)
+        except (ApplyError, OSError, ValueError):
             return False  # cannot tell: apply again (and report what the kernel says then)
 
     def _local_key(self) -> str:
@@ -347,7 +353,7 @@ class Agent:
         current = self.effective()
         same_local = self.state.read_json("status.json").get("local_failsafes") == self._local_key()
         unchanged = current is not None and new.version == self.revision and same_local and same_firewall(new, current)
-        if unchanged and self.kernel_holds(new.mode.value):  # flushed or lost since: applied again
+        if unchanged and self.kernel_holds(new):  # flushed or lost since: applied again
             # the same firewall, now as one bundle (the delta chain can go), or re-signed with a
             # later expiry (compute's refresh): kept as the last known good, nothing re-applied
             refreshed = self.bundle is not None and (new.expires_at or 0) > (self.bundle.expires_at or 0)
@@ -384,7 +390,9 @@ class Agent:
         )
         lines = describe_change(old, new)
         if unchanged:
-            lines.append("  the kernel no longer held these rules (removed behind the agent's back): applied again")
+            lines.append(
+                "  the kernel no longer held these rules (removed, changed or replaced behind the agent's back): applied again"
+            )
             self.state.update_status(incr={"tamper_reapplied": 1})
         return Result(True, lines + self.cut_sessions(plan))
 

@@ -1421,6 +1421,26 @@ def test_apply_after_flush_reapplies_and_status_says_what_the_kernel_holds(
     assert "already applied" in ok(apply(net, backend, doc, state))  # the kernel holds it now: no change
 
 
+def test_status_says_when_the_kernel_holds_whole_rules_other_than_the_last_known_goods(
+    net: NetLab, backend: str, tmp_path: Path
+) -> None:
+    """The rules in the kernel are intact (sealed, as applied) but another bundle's: status must not
+    report the state directory's mode as enforced (as with the posture held for an unusable
+    pinned key, while the last known good stays on disk)."""
+    lab = lab_engine(net)
+    state, elsewhere = tmp_path / "state", tmp_path / "elsewhere"
+    ok(apply(net, backend, lab.bundle("h2"), state))
+    first = _status(net, backend, state)
+    assert first["mode"] == "enforce", json.dumps(first)
+    ok(apply(net, backend, lab.bundle("h1"), elsewhere))  # h1's rules now in this kernel
+    status = _status(net, backend, state)
+    assert status["kernel_programmed"] is True and status["state_mode"] == "enforce", status
+    assert status["mode"] is None and "does not enforce the last known good" in status["warning"], status
+    ok(apply(net, backend, lab.bundle("h2"), state))
+    status = _status(net, backend, state)
+    assert status["mode"] == "enforce" and "warning" not in status, status
+
+
 @pytest.mark.parametrize("corruption", ["invalid-json", "bad-signature"])
 def test_a_corrupt_last_known_good_holds_the_failsafe_posture_until_a_verified_bundle_applies(
     net: NetLab, backend: str, tmp_path: Path, corruption: str
