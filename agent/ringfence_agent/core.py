@@ -254,9 +254,11 @@ class Agent:
         self.backend.apply(plan)
         self._kernel_plan = plan
         probe = getattr(self.backend, "fingerprint", None) if self.track_drift else None
+        # nftables read the kernel back to seal the apply: that read is the baseline, not a second
+        known = getattr(self.backend, "applied_fingerprint", None)
         if probe is not None:
             with contextlib.suppress(ApplyError, OSError):
-                self._baseline = probe()
+                self._baseline = known if known is not None else probe()
 
     def enforced_state(self) -> tuple[int | None, str | None]:
         """(the applied revision, the enforced-policy digest of what the kernel holds, read back
