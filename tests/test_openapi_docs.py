@@ -26,3 +26,19 @@ def test_agent_document_has_every_route_the_agent_calls() -> None:
     # bodies are the agent API's models: the event handler validates them
     enroll = doc["paths"]["/v1/enroll"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert enroll["$ref"].endswith("/EnrollRequest")
+
+
+def test_admin_conflicts_are_described_as_the_admin_api_means_them() -> None:
+    """A 409 on the admin API is a conflict with state (review: every 409 read "deltas cannot
+    bridge", the agent API's meaning)."""
+    import json
+
+    for name in ("admin-api.json", "serve-admin-api.json"):
+        doc = json.loads(documents()[name])
+        conflicts = [
+            ops["responses"]["409"]["description"]
+            for ops_by in doc["paths"].values()
+            for ops in ops_by.values()
+            if "409" in ops.get("responses", {})
+        ]
+        assert conflicts and all("nothing was done" in c and "bridge" not in c for c in conflicts), (name, conflicts)

@@ -31,6 +31,11 @@ from ringfence.store.base import ConflictError
 from .common import answers, http, resolver
 
 _NO_BODY = adminapi.Reason()
+# what a status means on the admin API where the agent API's wording does not fit
+ADMIN_ERRORS = {
+    409: "nothing was done: what the request depends on changed meanwhile, or does not allow it "
+    "(no active policy, a workload of another source, a CMDB file with errors); detail says which",
+}
 
 
 def outcome(status: int) -> str:
@@ -122,7 +127,7 @@ def admin_routes(
         "/admin/map",
         summary="the application dependency map (as `ringfence map`): HTML (one self-contained file), SVG or DOT — any role",
         responses={
-            **answers(errors=(400, 409)),
+            **answers(errors=(400, 409), meaning=ADMIN_ERRORS),
             200: {"description": "the map", "content": {"text/html": {}, "image/svg+xml": {}, "text/vnd.graphviz": {}}},
         },
         security=[{"sigv4": []}],
@@ -151,7 +156,7 @@ def admin_routes(
         "/admin/suggest",
         summary="rule suggestions from observed flows (as `ringfence suggest`): label-level rules, the tests "
         "pinning them, lateral movement flagged — any role",
-        responses=answers(adminapi.SuggestResponse, errors=(400, 409)),
+        responses=answers(adminapi.SuggestResponse, errors=(400, 409), meaning=ADMIN_ERRORS),
         security=[{"sigv4": []}],
     )
     def suggest(
@@ -179,7 +184,7 @@ def admin_routes(
     @app.post(
         "/admin/policies",
         summary="provision a policy version (its tests must pass against the live inventory) — policy-author",
-        responses=answers(adminapi.ProvisionResponse, 201, errors=(400, 409)),
+        responses=answers(adminapi.ProvisionResponse, 201, errors=(400, 409), meaning=ADMIN_ERRORS),
         security=[{"sigv4": []}],
     )
     def provision(req: adminapi.ProvisionRequest) -> HttpResponse[str]:
@@ -198,7 +203,7 @@ def admin_routes(
         "/admin/workloads/<wid>/labels",
         summary="bind privileged label values to a workload (an audited admin binding: the values need no "
         "tagger, a hold they clear is lifted, compute is queued); reason required — policy-author",
-        responses=answers(adminapi.BindLabelsResponse, errors=(400, 404, 409)),
+        responses=answers(adminapi.BindLabelsResponse, errors=(400, 404, 409), meaning=ADMIN_ERRORS),
         security=[{"sigv4": []}],
     )
     def bind_workload_labels(wid: str, req: adminapi.BindLabelsRequest) -> HttpResponse[str]:
@@ -287,7 +292,7 @@ def admin_routes(
         "/admin/workloads",
         summary="register (or update) an on-premise workload — onboarding, ringfence serve; a privileged "
         "label value its tags set is held (answered under `held`) unless the caller may bind it (policy-author)",
-        responses=answers(adminapi.RegisterWorkloadResponse, 201, errors=(400, 409)),
+        responses=answers(adminapi.RegisterWorkloadResponse, 201, errors=(400, 409), meaning=ADMIN_ERRORS),
         security=[{"sigv4": []}],
     )
     def register_workload(req: adminapi.RegisterWorkloadRequest) -> HttpResponse[str]:
@@ -298,7 +303,7 @@ def admin_routes(
     @app.post(
         "/admin/workloads/import",
         summary="register every workload of a CMDB CSV export, or none (errors as file:line:column) — onboarding, ringfence serve",
-        responses=answers(adminapi.CmdbImportResponse, errors=(400, 409)),
+        responses=answers(adminapi.CmdbImportResponse, errors=(400, 409), meaning=ADMIN_ERRORS),
         security=[{"sigv4": []}],
     )
     def import_cmdb(req: adminapi.CmdbImportRequest) -> HttpResponse[str]:
@@ -309,7 +314,7 @@ def admin_routes(
     @app.delete(
         "/admin/workloads/<wid>",
         summary="deregister an on-premise workload: it leaves every peer's sets — onboarding, ringfence serve",
-        responses=answers(adminapi.DeregisterResponse, errors=(404, 409)),
+        responses=answers(adminapi.DeregisterResponse, errors=(404, 409), meaning=ADMIN_ERRORS),
         security=[{"sigv4": []}],
     )
     def deregister_workload(wid: str, req: Annotated[adminapi.Reason | None, Body()] = None) -> HttpResponse[str]:

@@ -41,8 +41,15 @@ def validation_detail(exc: RequestValidationError) -> str:
     return "; ".join(parts)
 
 
-def answers(model: Any = None, status: int = 200, description: str = "", errors: tuple[int, ...] = ()) -> Any:
-    """The OpenAPI ``responses`` of a route: its answer's model and the errors it may give."""
+def answers(
+    model: Any = None,
+    status: int = 200,
+    description: str = "",
+    errors: tuple[int, ...] = (),
+    meaning: dict[int, str] | None = None,
+) -> Any:
+    """The OpenAPI ``responses`` of a route: its answer's model and the errors it may give
+    (``meaning``: what a status means on this API, where not what it means on the agent API)."""
     meanings = {
         400: "the request is well-formed but refused (detail says why)",
         401: "no, an unknown or an expired bearer token",
@@ -52,6 +59,7 @@ def answers(model: Any = None, status: int = 200, description: str = "", errors:
         413: "the body is over the size limit",
         422: "a field of the request is missing or invalid (detail names each, dotted: body.flows.0.end)",
         503: "being re-rendered: retry after Retry-After seconds",
+        **(meaning or {}),
     }
     err = {"application/json": {"model": agentapi.ErrorBody}}
     out: dict[int, Any] = {s: {"description": meanings[s], "content": err} for s in (422, *errors)}
