@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ringfence.agentwire import proof_message
-from ringfence.bundlewire import key_id_of_raw, loaded_libcrypto
+from ringfence.bundlewire import fingerprint_of_raw, key_id_of_raw, loaded_libcrypto
 
 KEY_FILE = "agent-key.pem"
 # DER of an Ed25519 PKCS#8 private key before its 32-byte seed, and of a SubjectPublicKeyInfo
@@ -112,9 +112,11 @@ class AgentKey:
     def __init__(self, seed: bytes) -> None:
         public, self._sign = _signer(seed)
         self.public_pem = _pem("PUBLIC KEY", _SPKI_PREFIX + public)
-        # the id the control plane gives this key: audited with each enrollment, and what an
-        # operator's agent-key reset names (``next_agent_key``) so that only this key binds next
+        # the id the control plane gives this key (audited with each enrollment), and its whole
+        # fingerprint, what an operator's agent-key reset names (``next_agent_key``) so that only
+        # this key binds next
         self.key_id = key_id_of_raw(public)
+        self.fingerprint = fingerprint_of_raw(public)
 
     @classmethod
     def load(cls, state_dir: Path) -> AgentKey | None:

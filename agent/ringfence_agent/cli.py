@@ -96,14 +96,15 @@ def _kernel_digest(backend: str, set_names: list[str]) -> str | None:
         return None
 
 
-def _agent_key_id(state_dir: Path) -> str | None:
+def _agent_key(state_dir: Path) -> tuple[str | None, str | None]:
+    """(its id, its fingerprint) of the agent's own key; None before it has one."""
     from ringfence_agent.agentkey import AgentKey
 
     try:
         key = AgentKey.load(state_dir)
     except (ValueError, OSError) as exc:
-        return f"unreadable: {exc}"
-    return key.key_id if key is not None else None
+        return f"unreadable: {exc}", None
+    return (key.key_id, key.fingerprint) if key is not None else (None, None)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -117,6 +118,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         bundle, deltas, unreadable = None, [], str(exc)
     # the kernel, not the state directory, says what is enforced
     kernel, problem = _kernel_programmed(args.backend)
+    key_id, key_fingerprint = _agent_key(Path(args.state_dir))
     kernel_digest = _kernel_digest(args.backend, list(bundle.sets) if bundle else [])
     state_mode = bundle.mode.value if bundle else None
     posture = status.get("posture")
@@ -132,7 +134,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
     out = {
         "workload_id": state.identity(),
-        "agent_key": _agent_key_id(Path(args.state_dir)),  # its id: what an operator's reset names
+        "agent_key": key_id,  # its id, as audit records name it
+        "agent_key_fingerprint": key_fingerprint,  # what an operator's reset names as the next key
         "bundle_version": bundle.version if bundle else None,
         "applied_revision": max([bundle.version, *(d.to_version for d in deltas)]) if bundle else None,
         "policy_version": bundle.policy_version if bundle else None,

@@ -269,13 +269,13 @@ def test_a_terminated_instance_leaves_no_named_next_key(env: Env) -> None:
     """An agent-key reset that names the next key leaves a ``nextkey#`` item until that key binds;
     when the instance terminates first, ingest retires its credentials and the expectation with
     them, instead of leaving the item in the state table for good."""
-    from ringfence.control.credentials import agent_key_id
+    from ringfence.control.credentials import agent_key_fingerprint
 
     est = boot(env)
     web = est["ids"]["web"][0]
     assert enroll_iid(env, web)[0] == 200
     env.bind(ONBOARDING, ["onboarding"])
-    body = {"reason": "disk replaced", "next_agent_key": agent_key_id(AgentKey().pem)}
+    body = {"reason": "disk replaced", "next_agent_key": agent_key_fingerprint(AgentKey().pem)}
     status, _, out = env.rest("admin", "DELETE", f"/admin/workloads/{web}/agent-key", body, principal=ONBOARDING)
     assert status == 200, out
     state = env.ddb.Table("rf-state")
@@ -408,8 +408,8 @@ def test_attack_agent_key_reset_revokes_the_old_token_and_lets_a_new_key_enroll(
 def test_attack_an_identity_document_replayed_after_a_reset_binds_only_the_key_the_operator_named(env: Env) -> None:
     """An instance identity document never expires and has no nonce; copies sit in logs and
     backups. After a reset, whoever first presents one binds their key, unless the operator names
-    the reinstalled agent's key (its id, as audited when that agent's first try was refused)."""
-    from ringfence.control.credentials import agent_key_id
+    the reinstalled agent's key (its whole fingerprint, read on the host)."""
+    from ringfence.control.credentials import agent_key_fingerprint, agent_key_id
 
     est = boot(env)
     web = est["ids"]["web"][0]
@@ -418,10 +418,11 @@ def test_attack_an_identity_document_replayed_after_a_reset_binds_only_the_key_t
     copied = iid_document(env, web)  # the document as a log or a backup kept it
     fresh = AgentKey()  # the reinstalled agent: its first try is refused
     assert enroll_iid(env, web, key=fresh)[0] == 401
-    named = agent_key_id(fresh.pem)  # as its `ringfence-agent status` shows it on the host
+    named = agent_key_fingerprint(fresh.pem)  # as its `ringfence-agent status` shows it on the host
     path = f"/admin/workloads/{web}/agent-key"
-    status, _, out = env.rest("admin", "DELETE", path, {"next_agent_key": "not-a-key-id"}, principal=ONBOARDING)
-    assert status == 422 and "next_agent_key" in out["detail"], out
+    for bad in ("not-a-key-id", agent_key_id(fresh.pem)):  # the 64-bit id is no longer enough to name a key
+        status, _, out = env.rest("admin", "DELETE", path, {"next_agent_key": bad}, principal=ONBOARDING)
+        assert status == 422 and "next_agent_key" in out["detail"], out
     assert env.store.agent_key(web) is not None, "a bad request resets nothing"
     body = {"reason": "CHG-12 root volume replaced", "next_agent_key": named}
     status, _, out = env.rest("admin", "DELETE", path, body, principal=ONBOARDING)
@@ -448,7 +449,7 @@ def test_attack_a_replayed_document_racing_a_reset_that_names_the_next_key_binds
     operator's reset named the reinstalled agent's key, and binds after the reset dropped the old
     one. The store checks the named key in the same atomic step as the binding: the thief binds
     nothing, and the named agent enrolls (an independent review won this race before)."""
-    from ringfence.control.credentials import agent_key_id
+    from ringfence.control.credentials import agent_key_fingerprint
 
     est = boot(env)
     web = est["ids"]["web"][0]
@@ -462,7 +463,7 @@ def test_attack_a_replayed_document_racing_a_reset_that_names_the_next_key_binds
 
     def reset_then_bind(self: Any, wid: str, pem: str, *args: Any, **kwargs: Any) -> str:
         if not resets and pem == thief.pem:  # the reset lands between the check and the binding
-            body = {"reason": "disk replaced", "next_agent_key": agent_key_id(fresh.pem)}
+            body = {"reason": "disk replaced", "next_agent_key": agent_key_fingerprint(fresh.pem)}
             path = f"/admin/workloads/{wid}/agent-key"
             resets.append(env.rest("admin", "DELETE", path, body, principal=ONBOARDING)[0])
         return str(real_bind(self, wid, pem, *args, **kwargs))

@@ -428,19 +428,19 @@ def test_a_pairing_use_binds_its_agent_key_in_the_same_step(store: Store) -> Non
 
 
 def test_a_named_key_alone_binds_after_a_reset_and_binding_it_ends_the_expectation(store: Store) -> None:
-    from ringfence.control.credentials import agent_key_id
+    from ringfence.control.credentials import agent_key_fingerprint
     from ringfence.store.base import NotTheNamedKey
     from tests.aws.test_pipeline import AgentKey
 
     named, thief, later = AgentKey(), AgentKey(), AgentKey()
-    store.expect_agent_key("w", agent_key_id(named.pem))
+    store.expect_agent_key("w", agent_key_fingerprint(named.pem))
     with pytest.raises(NotTheNamedKey):
         store.bind_agent_key("w", thief.pem)
     store.put_pairing("k", "w", uses=2, ttl=60)
     with pytest.raises(NotTheNamedKey):
         store.use_pairing("k", "w", agent_key=thief.pem)
     assert store.agent_key("w") is None, "nothing bound"
-    assert store.expected_agent_key("w") == agent_key_id(named.pem)
+    assert store.expected_agent_key("w") == agent_key_fingerprint(named.pem)
     assert store.use_pairing("k", "w", agent_key=named.pem) and store.agent_key("w") == named.pem
     assert store.expected_agent_key("w") is None, "the named key bound: the expectation is met"
     assert store.use_pairing("k", "w", agent_key=later.pem), "a later rebinding is not held to it"
@@ -839,3 +839,17 @@ def test_a_version_1_sqlite_file_gains_the_governance_version(tmp_path: Path) ->
         assert st.integrity_check() == "ok"
     finally:
         st.close()
+
+
+def test_an_expectation_stored_as_a_64_bit_key_id_binds_no_key(store: Store) -> None:
+    """Resets made before keys were named by their whole fingerprint stored the 64-bit id: after
+    the upgrade it matches no key (fail closed), the named one included; the operator resets again."""
+    from ringfence.control.credentials import agent_key_id
+    from ringfence.store.base import NotTheNamedKey
+    from tests.aws.test_pipeline import AgentKey
+
+    named = AgentKey()
+    store.expect_agent_key("w", agent_key_id(named.pem))
+    with pytest.raises(NotTheNamedKey):
+        store.bind_agent_key("w", named.pem)
+    assert store.agent_key("w") is None

@@ -176,11 +176,11 @@ def test_attack_a_token_renewal_racing_an_agent_key_reset_authorizes_nothing(
 def test_attack_after_a_reset_that_names_the_next_key_no_other_key_binds(plane: Plane) -> None:
     """A pairing key minted for the reinstalled host leaks on its way there: with the reset naming
     the new agent's key, the leaked key binds no other key and issues no keyless token."""
-    from ringfence.control.credentials import agent_key_id
+    from ringfence.control.credentials import agent_key_fingerprint
 
     assert plane.pair(plane.mint(uses=1), AgentKey())[0] == 200
     reinstalled = AgentKey()
-    body = {"reason": "disk replaced", "next_agent_key": agent_key_id(reinstalled.pem)}
+    body = {"reason": "disk replaced", "next_agent_key": agent_key_fingerprint(reinstalled.pem)}
     status, out = plane.call(plane.admin, "DELETE", f"/admin/workloads/{WID}/agent-key", body)
     assert status == 200 and out["next_agent_key"] == body["next_agent_key"], out
     leaked = plane.mint(uses=5)

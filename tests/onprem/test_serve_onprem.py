@@ -135,10 +135,11 @@ def test_pairing_push_and_a_restart_after_kill_9(server: Server, tmp_path: Path,
         first = status(state)["applied_revision"]
         assert status(state)["workload_id"] == proc
         # the agent's status names the key the control plane bound (what a reset's next_agent_key names)
-        from ringfence.control.credentials import agent_key_id
+        from ringfence.control.credentials import agent_key_fingerprint, agent_key_id
 
         bound = side.agent_key(proc)
         assert bound is not None and status(state)["agent_key"] == agent_key_id(bound)
+        assert status(state)["agent_key_fingerprint"] == agent_key_fingerprint(bound)
         time.sleep(1)  # in its long-poll now
 
         # a change (a new web server registered: a peer of the processing tier) is pushed

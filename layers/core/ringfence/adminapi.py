@@ -25,11 +25,11 @@ class Reason(_Body):
 class AgentKeyResetRequest(Reason):
     next_agent_key: str | None = Field(
         None,
-        pattern=r"^[0-9a-f]{16}$",
+        pattern=r"^[0-9a-f]{64}$",
         description=(
-            "the key id of the reinstalled agent's new key, read on the host (`ringfence-agent status`, "
-            "`agent_key`): only that key may bind next. Without it, the first enrollment that proves "
-            "the workload's identity binds its key"
+            "the fingerprint (SHA-256, 64 hex digits) of the reinstalled agent's new key, read on the host "
+            "(`ringfence-agent status`, `agent_key_fingerprint`): only that key may bind next. Without it, "
+            "the first enrollment that proves the workload's identity binds its key"
         ),
     )
 
@@ -147,7 +147,9 @@ class AgentKeyResetResponse(_Body):
     agent_key_dropped: str | None = Field(description="the key id of the agent key unbound; null: none was bound")
     token_revoked: bool = Field(description="an active access token was revoked")
     pairing_keys_revoked: int = Field(description="pairing keys of the workload with uses left, now revoked")
-    next_agent_key: str | None = Field(description="the only key id the next enrollment may bind; null: any")
+    next_agent_key: str | None = Field(
+        description="the fingerprint of the only key the next enrollment may bind; null: any"
+    )
     audit_id: str
 
 

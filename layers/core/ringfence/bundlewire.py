@@ -590,7 +590,13 @@ class Signer(Protocol):
 
 def key_id_of_raw(raw: bytes) -> str:
     """First 16 hex digits of SHA-256 over the raw 32-byte public key."""
-    return hashlib.sha256(raw).hexdigest()[:16]
+    return fingerprint_of_raw(raw)[:16]
+
+
+def fingerprint_of_raw(raw: bytes) -> str:
+    """SHA-256 over the raw 32-byte public key, 64 hex digits: where a key is named so that only
+    it may do something (an agent-key reset's next key), the whole digest, not the 64-bit id."""
+    return hashlib.sha256(raw).hexdigest()
 
 
 def ed25519_public_from_pem(data: bytes) -> bytes:

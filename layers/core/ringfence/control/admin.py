@@ -214,7 +214,7 @@ class Admin:
         workload. A token whose issue raced the reset authorizes nothing either: tokens hold
         only while the key they were issued under is bound (store.base.token_key_holds).
 
-        ``next_agent_key``: the id of the reinstalled agent's key, the only one the next enrollment
+        ``next_agent_key``: the fingerprint of the reinstalled agent's key, the only one the next enrollment
         may bind. An identity proof without freshness (an EC2 instance identity document never
         expires, and copies of it sit in logs and backups) would otherwise let whoever presents
         one first after the reset bind their own key."""

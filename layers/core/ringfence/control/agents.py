@@ -165,7 +165,7 @@ class AgentApi:
             raise ProofError(f"{req.method} needs agent_key and agent_signature (the agent's own key)")
         credentials.verify_proof(req.agent_key, req.agent_signature, "enroll", wid, req.nonce)
         expected = self.w.store.expected_agent_key(wid)
-        if expected is not None and credentials.agent_key_id(req.agent_key) != expected:
+        if expected is not None and credentials.agent_key_fingerprint(req.agent_key) != expected:
             raise self.not_named(req, wid, expected)
 
     def not_named(self, req: agentapi.EnrollRequest, wid: str, expected: str) -> ProofError:

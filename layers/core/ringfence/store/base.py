@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from ringfence.audit import AuditHead, AuditRecord
-from ringfence.bundlewire import BundleError, ed25519_public_from_pem, key_id_of_raw
+from ringfence.bundlewire import BundleError, ed25519_public_from_pem, fingerprint_of_raw, key_id_of_raw
 from ringfence.flows.aggregate import FlowRow
 from ringfence.flows.resolve import AddressOwner
 from ringfence.model import Mode, Workload
@@ -207,6 +207,16 @@ def agent_key_id_of(pem: str) -> str | None:
         return None
 
 
+@functools.lru_cache(maxsize=4096)
+def agent_key_fingerprint_of(pem: str) -> str | None:
+    """The fingerprint (SHA-256, 64 hex digits) of an agent's public key: what an operator's
+    reset names as the next key (:meth:`Store.expect_agent_key`); None if not an Ed25519 key."""
+    try:
+        return fingerprint_of_raw(ed25519_public_from_pem(pem.encode()))
+    except BundleError:
+        return None
+
+
 def token_key_holds(token_key: str | None, bound_pem: str | None) -> bool:
     """Whether a token issued under the agent key ``token_key`` (its id; ``""``: issued without
     one) may still authorize, with ``bound_pem`` the workload's key bound now. A token is good only
@@ -399,13 +409,13 @@ class Store(Protocol):
 
     def agent_key(self, workload_id: str) -> str | None: ...
     def drop_agent_key(self, workload_id: str) -> None: ...
-    def expect_agent_key(self, workload_id: str, key_id: str | None) -> None:
+    def expect_agent_key(self, workload_id: str, fingerprint: str | None) -> None:
         """Only the agent key with this id may be bound to the workload next (an operator's reset
         names the reinstalled agent's key); None: any (the first proof of identity binds)."""
         ...
 
     def expected_agent_key(self, workload_id: str) -> str | None:
-        """The key id :meth:`expect_agent_key` named for the workload, or None."""
+        """The key fingerprint :meth:`expect_agent_key` named for the workload, or None."""
         ...
 
     def put_pairing(self, key_hash: str, workload_id: str, uses: int, ttl: int) -> None:

@@ -52,7 +52,7 @@ from ringfence.store.base import (
     NotTheNamedKey,
     PolicyVersion,
     Unread,
-    agent_key_id_of,
+    agent_key_fingerprint_of,
     check_hold_fields,
     next_governed_rev,
     token_key_holds,
@@ -659,7 +659,7 @@ class DynamoStore:
             "TableName": self.state.name,
             "Key": {"pk": f"nextkey#{workload_id}", "sk": "key"},
             "ConditionExpression": "attribute_not_exists(pk) OR key_id = :k",
-            "ExpressionAttributeValues": {":k": agent_key_id_of(public_key) or ""},
+            "ExpressionAttributeValues": {":k": agent_key_fingerprint_of(public_key) or ""},
         }
         put: dict[str, Any] = {
             "TableName": self.state.name,
@@ -698,11 +698,12 @@ class DynamoStore:
     def drop_agent_key(self, workload_id: str) -> None:
         self.state.delete_item(Key={"pk": f"agentkey#{workload_id}", "sk": "key"})
 
-    def expect_agent_key(self, workload_id: str, key_id: str | None) -> None:
-        if key_id is None:
+    def expect_agent_key(self, workload_id: str, fingerprint: str | None) -> None:
+        # the attribute keeps its name: it held a 64-bit key id before, which now matches no key
+        if fingerprint is None:
             self.state.delete_item(Key={"pk": f"nextkey#{workload_id}", "sk": "key"})
         else:
-            self._put(f"nextkey#{workload_id}", "key", key_id=key_id)
+            self._put(f"nextkey#{workload_id}", "key", key_id=fingerprint)
 
     def expected_agent_key(self, workload_id: str) -> str | None:
         item = self._get(f"nextkey#{workload_id}", "key")

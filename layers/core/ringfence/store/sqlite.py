@@ -61,7 +61,7 @@ from ringfence.store.base import (
     NotTheNamedKey,
     PolicyVersion,
     Unread,
-    agent_key_id_of,
+    agent_key_fingerprint_of,
     check_hold_fields,
     next_governed_rev,
     token_key_holds,
@@ -662,7 +662,7 @@ class SqliteStore:
     def _bind_agent_key(db: sqlite3.Connection, workload_id: str, public_key: str, replace: bool) -> str:
         """bind_agent_key inside the caller's transaction (the named-key check included)."""
         named = db.execute("SELECT key_id FROM next_agent_key WHERE workload_id = ?", (workload_id,)).fetchone()
-        if named is not None and named[0] != agent_key_id_of(public_key):
+        if named is not None and named[0] != agent_key_fingerprint_of(public_key):
             raise NotTheNamedKey(str(named[0]))
         verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
         db.execute(f"{verb} INTO agent_key (workload_id, public_key) VALUES (?, ?)", (workload_id, public_key))
@@ -679,13 +679,15 @@ class SqliteStore:
         with self._tx() as db:
             db.execute("DELETE FROM agent_key WHERE workload_id = ?", (workload_id,))
 
-    def expect_agent_key(self, workload_id: str, key_id: str | None) -> None:
+    def expect_agent_key(self, workload_id: str, fingerprint: str | None) -> None:
+        # the column keeps its name: it held a 64-bit key id before, which now matches no key
         with self._tx() as db:
-            if key_id is None:
+            if fingerprint is None:
                 db.execute("DELETE FROM next_agent_key WHERE workload_id = ?", (workload_id,))
             else:
                 db.execute(
-                    "INSERT OR REPLACE INTO next_agent_key (workload_id, key_id) VALUES (?, ?)", (workload_id, key_id)
+                    "INSERT OR REPLACE INTO next_agent_key (workload_id, key_id) VALUES (?, ?)",
+                    (workload_id, fingerprint),
                 )
 
     def expected_agent_key(self, workload_id: str) -> str | None:
