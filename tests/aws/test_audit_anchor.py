@@ -276,7 +276,20 @@ def test_the_anchor_bucket_locks_in_compliance_mode_and_only_the_anchor_function
     alarm = res["AuditAnchorErrorsAlarm"]["Properties"]  # a failing anchor is seen, not silent
     assert alarm["Dimensions"] == [{"Name": "FunctionName", "Value": {"Ref": "AnchorFunction"}}]
     assert alarm["MetricName"] == "Errors" and alarm["AlarmActions"] == [{"Ref": "AlarmTopic"}]
+    # a schedule that stopped fails nothing: no invocation for 3 hours is an alarm too
+    stopped = res["AuditAnchorStoppedAlarm"]["Properties"]
+    assert (stopped["MetricName"], stopped["ComparisonOperator"], stopped["Threshold"]) == (
+        "Invocations",
+        "LessThanThreshold",
+        1,
+    )
+    assert stopped["TreatMissingData"] == "breaching" and stopped["Dimensions"] == alarm["Dimensions"]
     alarms = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/alarms.tf").read_text()))
+    (tf_stopped_alarm,) = [
+        v for b in alarms["resource"] for named in b.values() for n, v in named.items() if n == "anchor_stopped"
+    ]
+    assert (tf_stopped_alarm["metric_name"], tf_stopped_alarm["treat_missing_data"]) == ("Invocations", "breaching")
+    assert tf_stopped_alarm["comparison_operator"] == "LessThanThreshold" and tf_stopped_alarm["threshold"] == 1
     tf_alarm = next(b for b in alarms["locals"] if "alarms" in b)["alarms"]["anchor-errors"]
     assert (tf_alarm["metric"], tf_alarm["dims"]) == (
         "Errors",

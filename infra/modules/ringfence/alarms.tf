@@ -48,6 +48,24 @@ resource "aws_cloudwatch_metric_alarm" "this" {
   tags                = var.tags
 }
 
+# a schedule that stopped (disabled, deleted, the function's concurrency set to 0) fails nothing:
+# no invocation of the anchor function for 3 hours is the alarm (missing data breaches)
+resource "aws_cloudwatch_metric_alarm" "anchor_stopped" {
+  alarm_name          = "${var.name}-anchor-stopped"
+  alarm_description   = "the anchor function has not run for 3 hours: the audit chain's head is not being anchored"
+  namespace           = "AWS/Lambda"
+  metric_name         = "Invocations"
+  statistic           = "Sum"
+  dimensions          = { FunctionName = aws_lambda_function.fn["anchor"].function_name }
+  period              = 3600
+  evaluation_periods  = 3
+  threshold           = 1
+  comparison_operator = "LessThanThreshold"
+  treat_missing_data  = "breaching"
+  alarm_actions       = [aws_sns_topic.alarms.arn]
+  tags                = var.tags
+}
+
 # compute stuck or failing: the FIFO queue's oldest message keeps ageing (updates are late)
 resource "aws_cloudwatch_metric_alarm" "compute_queue_age" {
   alarm_name          = "${var.name}-compute-queue-age"
