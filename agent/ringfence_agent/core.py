@@ -318,16 +318,18 @@ class Agent:
         for ``idle``), as far as the backend can tell: the state directory is not the firewall,
         and whole rules in the kernel may be another bundle's (applied from another state
         directory), so what the kernel enforces is compared with the bundle's digest."""
+        # one read: the enforced digest is marked altered when the rules are not as applied
+        # (the nftables seal, the iptables jumps), and an idle bundle's is that of no table
+        read = getattr(self.backend, "enforced", None)
         probe = getattr(self.backend, "programmed", None)
-        if probe is None:
-            return True  # dry-run, windows-plan: nothing to ask
         try:
-            if bool(probe()) != (bundle.mode.value != "idle"):
-                return False
-            read = getattr(self.backend, "enforced", None)
-            return read is None or read(list(bundle.sets)) == enforced.expected(bundle)
+            if read is not None:
+                return bool(read(list(bundle.sets)) == enforced.expected(bundle))
+            if probe is not None:
+                return bool(probe()) == (bundle.mode.value != "idle")
         except (ApplyError, OSError, ValueError):
             return False  # cannot tell: apply again (and report what the kernel says then)
+        return True  # dry-run, windows-plan: nothing to ask
 
     def _local_key(self) -> str:
         """Fingerprint of the local fail-safes: a config change re-applies an unchanged bundle."""
