@@ -20,29 +20,26 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ringfence.agentwire import proof_message
 from ringfence.audit import AuditRecord
-from ringfence.bundlewire import BundleError, ed25519_public_from_pem, fingerprint_of_raw, key_id_of_raw
+from ringfence.store.base import agent_key_fingerprint_of
 
 from .enroll import ProofError
 from .wiring import BaseWiring, log
-
-
-def agent_key_id(pem: str) -> str:
-    """The key id (as bundle keys have) of an agent's public key; :class:`ProofError` if it is not
-    an Ed25519 public key in PEM."""
-    try:
-        return key_id_of_raw(ed25519_public_from_pem(pem.encode()))
-    except BundleError:
-        raise ProofError("agent_key must be an Ed25519 public key (PEM SubjectPublicKeyInfo)") from None
 
 
 def agent_key_fingerprint(pem: str) -> str:
     """The whole SHA-256 fingerprint of an agent's public key (what a reset names as the next key:
     ``ringfence-agent status`` shows it as ``agent_key_fingerprint``); :class:`ProofError` if it
     is not an Ed25519 public key in PEM."""
-    try:
-        return fingerprint_of_raw(ed25519_public_from_pem(pem.encode()))
-    except BundleError:
-        raise ProofError("agent_key must be an Ed25519 public key (PEM SubjectPublicKeyInfo)") from None
+    fingerprint = agent_key_fingerprint_of(pem)
+    if fingerprint is None:
+        raise ProofError("agent_key must be an Ed25519 public key (PEM SubjectPublicKeyInfo)")
+    return fingerprint
+
+
+def agent_key_id(pem: str) -> str:
+    """The key id (as bundle keys have) of an agent's public key; :class:`ProofError` if it is not
+    an Ed25519 public key in PEM."""
+    return agent_key_fingerprint(pem)[:16]
 
 
 def verify_proof(pem: str, signature_b64: str | None, purpose: str, workload_id: str, nonce: str) -> None:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from ringfence.audit import AuditHead, AuditRecord
-from ringfence.bundlewire import BundleError, ed25519_public_from_pem, fingerprint_of_raw, key_id_of_raw
+from ringfence.bundlewire import BundleError, ed25519_public_from_pem, fingerprint_of_raw
 from ringfence.flows.aggregate import FlowRow
 from ringfence.flows.resolve import AddressOwner
 from ringfence.model import Mode, Workload
@@ -198,23 +198,21 @@ def check_hold_fields(fields: dict[str, Any]) -> None:
 
 
 @functools.lru_cache(maxsize=4096)
-def agent_key_id_of(pem: str) -> str | None:
-    """The id of an agent's bound public key (as ``credentials.agent_key_id`` gives it), None if
-    the PEM is not an Ed25519 key. Cached: every agent request compares it (:func:`token_key_holds`)."""
-    try:
-        return key_id_of_raw(ed25519_public_from_pem(pem.encode()))
-    except BundleError:
-        return None
-
-
-@functools.lru_cache(maxsize=4096)
 def agent_key_fingerprint_of(pem: str) -> str | None:
     """The fingerprint (SHA-256, 64 hex digits) of an agent's public key: what an operator's
-    reset names as the next key (:meth:`Store.expect_agent_key`); None if not an Ed25519 key."""
+    reset names as the next key (:meth:`Store.expect_agent_key`); None if not an Ed25519 key.
+    Cached: every agent request compares its id (:func:`token_key_holds`)."""
     try:
         return fingerprint_of_raw(ed25519_public_from_pem(pem.encode()))
     except BundleError:
         return None
+
+
+def agent_key_id_of(pem: str) -> str | None:
+    """The id of an agent's public key (the fingerprint's first 16 hex digits, as bundle keys'
+    ids are), None if the PEM is not an Ed25519 key."""
+    fingerprint = agent_key_fingerprint_of(pem)
+    return fingerprint[:16] if fingerprint is not None else None
 
 
 def token_key_holds(token_key: str | None, bound_pem: str | None) -> bool:
