@@ -281,7 +281,8 @@ def _write_many(spec: str, who: str, n: int, barrier: Any) -> None:
         store: Any = FileVersionStore(Path(spec[5:]))
     else:
         store = SqliteStore(spec[7:])
-    barrier.wait(60)
+    # generous: four spawned interpreters importing boto3 on a loaded 2-core CI machine
+    barrier.wait(240)
     for i in range(n):
         store.audit(AuditRecord(principal=who, action="x", target=str(i)))
 
@@ -508,8 +509,8 @@ def test_concurrent_processes_keep_one_chain(tmp_path: Path, kind: str) -> None:
     for p in procs:
         p.start()
     for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
+        p.join(300)
+    assert [p.exitcode for p in procs] == [0] * writers
     log = raw.store.audit_log()
     assert [r.seq for r in log] == list(range(1, writers * each + 1))
     assert sorted(r.principal for r in log) == sorted(f"p{k}" for k in range(writers) for _ in range(each))
