@@ -44,13 +44,33 @@ from ringfence_agent.reports import (
 )
 from ringfence_agent.resolvers import RESOLV_CONF
 from ringfence_agent.sessions import session_cutter
-from ringfence_agent.sources import ApiSource, Source, SourceError, StaticSource, Unreachable, tls_context
+from ringfence_agent.sources import (
+    ApiSource,
+    Source,
+    SourceError,
+    StaticSource,
+    Unreachable,
+    tls_context,
+    verified_peers,
+)
 from ringfence_agent.state import StateDir
 
 T = TypeVar("T")
 
-CONTROL_PLANE_RETAIN_S = 24 * 3600.0  # how long an address the control plane's name resolved to stays admitted
-CONTROL_PLANE_MAX = 64  # at most this many of them (the newest)
+# The control-plane fail-safe admits the configured addresses, what the control plane's name
+# resolves to NOW (the last answer while lookups fail), and an address it resolved to before only
+# when a TLS handshake there verified the control plane's certificate, for CONTROL_PLANE_RETAIN_S
+# after the last one. An hour outlives DNS rotation and caching (API Gateway's answers live 60 s,
+# a stub resolver or nscd keeps them minutes; a kept-alive connection may still use the old
+# address) and bounds the time a proved address stays open after it may have been handed to
+# someone else (cloud addresses are reused). An address only ever seen in a DNS answer drops out
+# at the next answer without it: a spoofed answer opens tcp/443 until the next lookup, not a day.
+CONTROL_PLANE_RETAIN_S = 3600.0
+CONTROL_PLANE_MAX = 64  # at most this many of them (the current answer first, then the newest proved)
+# at start the name's lookup must not hold READY=1 (systemd's start timeout, network-pre.target)
+# behind a slow or silent resolver: after this long the daemon enforces with what it has (the
+# configured addresses) and the lookup goes on in the background, for the next sync
+BOOT_RESOLVE_S = 2.5
 
 
 def log(msg: str) -> None:
@@ -154,6 +174,15 @@ class LateSource:
         self._get().report(batch)
 
 
+def _lookup(host: str) -> tuple[str, ...] | None:
+    """What ``host`` resolves to (for TCP), or None when it does not."""
+    try:
+        found = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return None
+    return tuple(dict.fromkeys(str(ai[4][0]).split("%")[0] for ai in found)) or None
+
+
 def notify_systemd(message: str) -> bool:
     """sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET (Type=notify units).
     False when there is no socket to tell, or telling failed."""
@@ -229,7 +258,9 @@ class Daemon:
             log(f"{late.reason}; enforcing first, retried with the backoff")
             self.source = late
         self._woke = time.time()  # when the last wait answered (the push arrived)
-        self._cp_seen: dict[str, float] = {}  # control-plane address → when its name last resolved to it
+        self._cp_answer: dict[str, tuple[str, ...]] = {}  # control-plane host name → its last DNS answer
+        self._lookups: dict[str, tuple[threading.Thread, list[tuple[str, ...] | None]]] = {}
+        self._lookup_lock = threading.Lock()
         self._fetch_s = self._apply_s = 0.0
         self._refresh_tried = 0.0  # when the bundle was last fetched because its expiry is near
         # the kernel refused what start_enforcing meant to program (the last known good, or the
@@ -386,7 +417,7 @@ class Daemon:
         control plane's addresses, resolved first. What the kernel refuses is tried again
         (:meth:`retry_enforcing`) until it takes: a refusal at boot never leaves the host open."""
         if self.cfg.source_hosts():
-            self.follow_control_plane(apply=False)
+            self.follow_control_plane(apply=False, within=BOOT_RESOLVE_S)
         if self.key_error is not None:
             # nothing verifies: the last known good stays on disk for a start with the key
             log(f"{self.key_error}; every bundle and delta is refused until the key file is fixed")
@@ -413,7 +444,8 @@ class Daemon:
         posture_wanted = self.agent.bundle is None and self.cfg.boot_posture == "failsafe"
         if posture_wanted and self.agent.kernel_plan is None:
             try:
-                for line in self.agent.hold_failsafe_posture(self._control_plane_addresses()).lines:
+                # the control plane's addresses: those follow_control_plane put in agent.local
+                for line in self.agent.hold_failsafe_posture().lines:
                     log(line)
             except (ApplyError, PlanError) as exc:
                 self._enforce_failed(f"fail-safe posture not applied: {exc}")
@@ -458,20 +490,30 @@ class Daemon:
             return "nothing enforced yet: the kernel refused the rules; retrying"
         return "no bundle (boot_posture open)"
 
-    def follow_control_plane(self, apply: bool = True) -> None:
+    def follow_control_plane(self, apply: bool = True, within: float | None = None) -> None:
         """Re-resolve the control plane's host name (every sync, before any fetch and apply) and
         let the control-plane fail-safe follow it: API Gateway's addresses change, and a bundle
-        must never cut the agent off its own control plane. Addresses seen within
-        CONTROL_PLANE_RETAIN_S stay admitted (a resolver answers with a few of a pool at a time),
-        at most CONTROL_PLANE_MAX of them; when the name does not resolve, the last ones stay."""
-        now = time.time()
-        for address in self._control_plane_addresses():
-            self._cp_seen[address] = now
-        kept = sorted(
-            (a for a, t in self._cp_seen.items() if now - t <= CONTROL_PLANE_RETAIN_S),
-            key=lambda a: -self._cp_seen[a],
-        )[:CONTROL_PLANE_MAX]
-        self._cp_seen = {a: self._cp_seen[a] for a in kept}
+        must never cut the agent off its own control plane. Admitted: the current answer (the
+        last one while the name does not resolve), and addresses a verified TLS handshake
+        reached within CONTROL_PLANE_RETAIN_S (see there), at most CONTROL_PLANE_MAX. ``within``:
+        how long the lookups may take in all (default ``request_timeout``); one still running
+        then is left to finish in the background and its answer used by the next call."""
+        hosts = self.cfg.source_hosts()
+        deadline = time.monotonic() + (self.cfg.request_timeout if within is None else within)
+        for host in hosts:
+            answer = self._resolve(host, max(0.0, deadline - time.monotonic()))
+            if answer:
+                self._cp_answer[host] = answer
+            elif host not in self._cp_answer:
+                log(f"control plane {host} did not resolve (yet): its fail-safe admits only addresses proved before")
+        now = time.monotonic()
+        proved: dict[str, float] = {}
+        for host in hosts:
+            for address, t in verified_peers(host, CONTROL_PLANE_RETAIN_S).items():
+                proved[address] = max(t, proved.get(address, t))
+        current = [a for host in hosts for a in self._cp_answer.get(host, ())]
+        newest = sorted((a for a in proved if now - proved[a] <= CONTROL_PLANE_RETAIN_S), key=lambda a: -proved[a])
+        kept = list(dict.fromkeys((*current, *newest)))[:CONTROL_PLANE_MAX]
         try:
             with self.apply_lock:
                 result = self.agent.follow_control_plane(tuple(sorted(kept)), apply)
@@ -481,14 +523,26 @@ class Daemon:
         for line in result.lines:
             log(line)
 
-    def _control_plane_addresses(self) -> tuple[str, ...]:
-        """The addresses of a control plane named by host name, resolved now: the posture must
-        not cut the agent off the source that ends it (``control_plane`` lists them for good)."""
-        out: list[str] = []
-        for host in self.cfg.source_hosts():
-            with contextlib.suppress(OSError, UnicodeError):
-                out += [str(ai[4][0]).split("%")[0] for ai in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)]
-        return tuple(dict.fromkeys(out))
+    def _resolve(self, host: str, timeout: float) -> tuple[str, ...] | None:
+        """``host``'s addresses (getaddrinfo, the system's resolver), or None when it does not
+        resolve within ``timeout`` seconds or at all. A lookup is not cancellable: one that
+        outlives ``timeout`` runs on in a daemon thread, and the next call for ``host`` waits for
+        it rather than start another (at most one per host at a time)."""
+        with self._lookup_lock:
+            running = self._lookups.get(host)
+            if running is None:
+                box: list[tuple[str, ...] | None] = []
+                thread = threading.Thread(target=lambda: box.append(_lookup(host)), name=f"resolve {host}", daemon=True)
+                thread.start()
+                running = self._lookups[host] = (thread, box)
+        thread, box = running
+        thread.join(timeout)
+        if thread.is_alive():
+            return None
+        with self._lookup_lock:
+            if self._lookups.get(host) is running:
+                del self._lookups[host]
+        return box[0] if box else None
 
     # --- sync --------------------------------------------------------------------------------
 

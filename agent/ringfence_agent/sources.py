@@ -32,6 +32,67 @@ MAX_ERROR_BYTES = 64 * 1024  # what is kept of an error answer's body (for messa
 MAX_CHAIN_LINKS = 64  # deltas a static source walks per poll; further behind, the whole bundle
 
 
+# The control plane's addresses that a TLS handshake proved: the peer of a connection to a host
+# name whose certificate verified for that name (CERT_REQUIRED, hostname checked), not through a
+# proxy. host name → {address: time.monotonic() of the last such handshake}. The daemon keeps an
+# address it resolved earlier in the control-plane fail-safe only when it is here (a DNS answer
+# alone is trusted until the next answer: whoever spoofs it once would otherwise open a port).
+_verified_lock = threading.Lock()
+_verified: dict[str, dict[str, float]] = {}
+MAX_VERIFIED_PER_HOST = 256  # a bound on memory, not a policy (the daemon keeps the newest 64)
+
+
+def note_verified_peer(host: str, sock: object) -> None:
+    """Record ``sock``'s peer address for ``host`` when ``sock`` is a TLS socket whose handshake
+    verified the certificate against ``host`` (what http.client's HTTPS connections do with a
+    default or ``tls_context`` context)."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return
+    ctx = sock.context
+    if ctx.verify_mode != ssl.CERT_REQUIRED or not ctx.check_hostname or sock.server_hostname != host:
+        return
+    try:
+        address = str(sock.getpeername()[0]).split("%")[0]
+    except (OSError, IndexError):
+        return
+    with _verified_lock:
+        seen = _verified.setdefault(host.lower(), {})
+        seen[address] = time.monotonic()
+        if len(seen) > MAX_VERIFIED_PER_HOST:
+            for old in sorted(seen, key=seen.__getitem__)[: len(seen) - MAX_VERIFIED_PER_HOST]:
+                del seen[old]
+
+
+def verified_peers(host: str, within: float) -> dict[str, float]:
+    """The addresses a verified TLS handshake to ``host`` reached in the last ``within`` seconds,
+    with the monotonic time of the last one (older ones are forgotten)."""
+    now = time.monotonic()
+    with _verified_lock:
+        seen = _verified.get(host.lower(), {})
+        for a in [a for a, t in seen.items() if now - t > within]:
+            del seen[a]
+        return dict(seen)
+
+
+class _VerifiedHTTPSConnection(http.client.HTTPSConnection):
+    """An HTTPS connection that records its peer once the handshake verified the certificate
+    (:func:`note_verified_peer`); through a proxy's tunnel the peer is the proxy: not recorded."""
+
+    def connect(self) -> None:
+        super().connect()
+        if getattr(self, "_tunnel_host", None) is None:
+            note_verified_peer(self.host, self.sock)
+
+
+class _VerifiedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, context: ssl.SSLContext | None) -> None:
+        super().__init__(context=context)
+        self._ctx = context
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_VerifiedHTTPSConnection, req, context=self._ctx)
+
+
 class Unreachable(Exception):
     """The source cannot be reached now (network, 5xx, 429): back off and keep enforcing."""
 
@@ -104,7 +165,8 @@ def _http(
     req = urllib.request.Request(url, data=data, method=method, headers=h)  # noqa: S310
     try:
         try:
-            with urllib.request.urlopen(req, timeout=timeout, context=tls) as resp:  # noqa: S310 - http(s) only, validated in config
+            opener = urllib.request.build_opener(_VerifiedHTTPSHandler(tls))
+            with opener.open(req, timeout=timeout) as resp:  # http(s) only, validated in config
                 return resp.status, dict(resp.headers.items()), _read_body(resp, limit, where)
         except urllib.error.HTTPError as exc:
             status = exc.code
@@ -212,7 +274,7 @@ class Connections:
         scheme, host, port = key
         self.opened += 1
         if scheme == "https":
-            return http.client.HTTPSConnection(host, port, timeout=timeout, context=self.tls), False
+            return _VerifiedHTTPSConnection(host, port, timeout=timeout, context=self.tls), False
         return http.client.HTTPConnection(host, port, timeout=timeout), False
 
 
