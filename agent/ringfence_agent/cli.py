@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -226,17 +227,72 @@ def cmd_flush(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ringfence_agent.config import ConfigError, load_config
+    """A config file that does not load never leaves the host open (it used to exit before
+    programming anything): the daemon runs on the last configuration that loaded (kept in the
+    state directory, ``--state-dir``), which re-applies its last known good, or without one
+    holds the fail-safe posture; it says why in its log and status, loads the file again every
+    few seconds, and once it loads starts over with it (the same process: exec). Not an exit for
+    systemd to restart: the unit's Restart=always with RestartSec=2 would hit systemd's start rate
+    limit within seconds and then stop restarting it for good, and outside systemd nothing would.
+    With ``--once`` (a script, a test) the file's error is the exit status, as before."""
+    from ringfence_agent.config import ConfigError, load_config, save_last_good
     from ringfence_agent.daemon import Daemon
 
+    path = Path(args.config)
     try:
-        cfg = load_config(Path(args.config))
+        cfg = load_config(path)
     except ConfigError as exc:
-        return _err(str(exc))
+        if args.once:  # one round for a script or a test: its exit status says the file is wrong
+            return _err(str(exc))
+        return _run_without_config(args, path, " ".join(str(exc).split()))
+    try:
+        save_last_good(cfg, path)
+    except OSError as exc:  # best effort: the firewall does not depend on it
+        print(f"ringfence-agent: last good configuration not kept in {cfg.state_dir}: {exc}", file=sys.stderr)
     try:
         return Daemon(cfg).run(once=args.once)
     except (BundleError, StateLocked, OSError) as exc:
         return _err(str(exc))
+
+
+def _run_without_config(args: argparse.Namespace, path: Path, problem: str) -> int:
+    from ringfence_agent.config import AgentConfig, ConfigError, load_last_good
+    from ringfence_agent.daemon import Daemon
+
+    state_dir = Path(args.state_dir)
+    posture_only = False
+    try:
+        cfg, origin = load_last_good(state_dir)
+        print(
+            f"ringfence-agent: ERROR: config {path} not loaded: {problem}; running on the last configuration "
+            f"that loaded (from {origin}, kept in {state_dir}) until it loads",
+            file=sys.stderr,
+        )
+    except ConfigError as why:
+        posture_only = True
+        cfg = AgentConfig(
+            workload_id=StateDir(state_dir).identity() or "unconfigured",
+            public_key=state_dir / "no-configuration",
+            state_dir=state_dir,
+            backend=args.backend,
+            source=str(state_dir / "no-configuration"),
+            observe_interval=5.0,
+        )
+        print(
+            f"ringfence-agent: ERROR: config {path} not loaded: {problem}; {why}: holding the fail-safe "
+            "posture (no admin range is known: only DHCP and the metadata endpoint pass) until it loads",
+            file=sys.stderr,
+        )
+    try:
+        daemon = Daemon(cfg, config_error=problem, config_path=path, posture_only=posture_only)
+        rc = daemon.run(once=args.once)
+    except (BundleError, StateLocked, OSError) as exc:
+        return _err(str(exc))
+    if daemon.reload:
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os.execv(sys.executable, sys.orig_argv)  # noqa: S606 - this very command again, the file loaded this time
+    return rc
 
 
 def _common(p: argparse.ArgumentParser, key: bool = True) -> None:
@@ -275,6 +331,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="daemon: last known good, then follow the control plane or a static source")
     p.add_argument("--config", required=True)
     p.add_argument("--once", action="store_true", help="one sync round, then exit (for tests and cron)")
+    p.add_argument(
+        "--state-dir",
+        default=str(DEFAULT_STATE),
+        help="only when --config does not load: where the last configuration that loaded is kept",
+    )
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="nftables",
+        help="only when --config does not load and no configuration ever did: the fail-safe posture's backend",
+    )
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("status", help="applied versions, mode, last contact, counters, what the kernel holds")
     p.add_argument("--state-dir", default=str(DEFAULT_STATE))

@@ -383,3 +383,37 @@ def load_config(path: Path) -> AgentConfig:
     if cfg.enroll is not None and key_file is not None and not key_file.is_absolute():
         updates["enroll"] = dataclasses.replace(cfg.enroll, pairing_key_file=(base / key_file).resolve())
     return dataclasses.replace(cfg, **updates) if updates else cfg
+
+
+# The last configuration that loaded, kept in its state directory: what the daemon runs on when
+# the file cannot be loaded at a later start (docs/agent.md, "A config file that does not load")
+LAST_GOOD_CONFIG = "config.last-good.json"
+
+
+def save_last_good(cfg: AgentConfig, path: Path) -> None:
+    """Keep ``cfg`` (loaded from ``path``; its paths made absolute) in its state directory, mode
+    0600 (it may hold an inline pairing key, as the state directory holds the token). Raises
+    OSError."""
+    from ringfence_agent.state import atomic_write
+
+    doc = {"from": str(path), "config": dataclasses.asdict(cfg)}
+    text = json.dumps(doc, indent=1, sort_keys=True, default=str) + "\n"
+    target = cfg.state_dir / LAST_GOOD_CONFIG
+    with contextlib.suppress(OSError):
+        if target.read_text() == text:
+            return
+    atomic_write(target, text)
+
+
+def load_last_good(state_dir: Path) -> tuple[AgentConfig, str]:
+    """The configuration :func:`save_last_good` kept in ``state_dir``, validated as a file's
+    is, and the file it came from; ConfigError when there is none or it does not load."""
+    where = state_dir / LAST_GOOD_CONFIG
+    try:
+        doc = json.loads(where.read_text())
+        cfg = AgentConfig.from_mapping(doc["config"])
+    except OSError as exc:
+        raise ConfigError(f"no last good configuration in {state_dir}: {exc.strerror}") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # _Invalid is a ValueError
+        raise ConfigError(f"{where} does not load: {exc}") from None
+    return cfg, str(doc.get("from", "?"))

@@ -19,6 +19,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 from typing import TypeVar
 
@@ -174,6 +175,45 @@ class LateSource:
         self._get().report(batch)
 
 
+CONFIG_RETRY_S = 5.0  # how often a config file that did not load is tried again
+
+
+class NoSource:
+    """No configuration loaded and none kept: nothing to contact. Every call fails like an
+    unreachable source, so the daemon holds the posture and backs off."""
+
+    kind = "none"
+    fetches = 0
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def _fail(self) -> Unreachable:
+        return Unreachable(self.reason)
+
+    def wait(self, version: int | None, timeout: float, stop: threading.Event) -> int | None:
+        stop.wait(timeout)
+        return None
+
+    def announced(self) -> int | None:
+        raise self._fail()
+
+    def bundle(self) -> Bundle | None:
+        raise self._fail()
+
+    def settled(self) -> None:
+        return None
+
+    def deltas(self, since: int, sets: dict[str, int], bundle_version: int) -> list[SetDelta] | None:
+        raise self._fail()
+
+    def heartbeat(self, hb: Heartbeat) -> int | None:
+        raise self._fail()
+
+    def report(self, batch: ReportBatch) -> None:
+        raise self._fail()
+
+
 def _lookup(host: str) -> tuple[str, ...] | None:
     """What ``host`` resolves to (for TCP), or None when it does not."""
     try:
@@ -205,8 +245,22 @@ def backoff_delay(failures: int, cap: float, rng: random.Random) -> float:
 
 
 class Daemon:
-    def __init__(self, cfg: AgentConfig) -> None:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        config_error: str | None = None,
+        config_path: Path | None = None,
+        posture_only: bool = False,
+    ) -> None:
+        """``config_error``: the config file at ``config_path`` did not load, and ``cfg`` is the
+        last configuration that did (or, ``posture_only``, a stand-in that holds the fail-safe
+        posture, refuses every document and contacts no one). The file is loaded again every
+        CONFIG_RETRY_S; once it loads, :attr:`reload` is set and the daemon stops (``run``'s
+        caller starts over with it)."""
         self.cfg = cfg
+        self.config_error = config_error
+        self.config_path = config_path
+        self.reload = False
         self.state = StateDir(cfg.state_dir, cfg.max_bundle_bytes)
         self.state.on_status_error = log
         self.state.ensure()
@@ -217,6 +271,9 @@ class Daemon:
             self.verifier = Verifier.from_file(cfg.public_key, cfg.revoked_keys)
         except (OSError, BundleError, ValueError) as exc:
             self.key_error = f"no usable pinned key in {cfg.public_key}: {exc}"
+            self.verifier = NoPinnedKey(self.key_error)
+        if posture_only:
+            self.key_error = f"config {config_path} not loaded ({config_error}); no last good configuration either"
             self.verifier = NoPinnedKey(self.key_error)
         self.backend = make_backend(cfg.backend)
         local = cfg.local_failsafes()
@@ -251,7 +308,7 @@ class Daemon:
         self.last_message = ""
         self.contact_error = ""
         try:
-            self.source: Source = self._source()
+            self.source: Source = NoSource(self.key_error or "") if posture_only else self._source()
         except Exception as exc:  # a file it reads is missing or unreadable: enforce, retry later
             late = LateSource("api" if cfg.api_url is not None else "static", self._source, "")
             late.reason = f"source not set up: {type(exc).__name__}: {exc}"
@@ -328,6 +385,7 @@ class Daemon:
                 "started": time.time(),
                 "source": self.source.kind,
                 "key_error": self.key_error,
+                "config_error": self.config_error,
             },
             flows_source=self.flow_source.kind,
         )
@@ -336,6 +394,8 @@ class Daemon:
                 f"WARNING: insecure_http_lab_only: api_url {self.cfg.api_url} is plain http; the bearer token "
                 "and enrollment proofs cross the network in the clear (a lab setting, never production)"
             )
+        if self.config_error is not None:
+            self.state.update_status(last_error=self._config_problem(), incr={"config_errors": 1})
         if self.flow_source.kind == "unavailable":
             log("no /proc/net/nf_conntrack and no conntrack tool: flow reports are disabled (drops still reported)")
         observer = threading.Thread(target=self._observe_loop, name="observer", daemon=True)
@@ -420,7 +480,8 @@ class Daemon:
             self.follow_control_plane(apply=False, within=BOOT_RESOLVE_S)
         if self.key_error is not None:
             # nothing verifies: the last known good stays on disk for a start with the key
-            log(f"{self.key_error}; every bundle and delta is refused until the key file is fixed")
+            fix = "the config file" if self.config_error is not None else "the key file"
+            log(f"{self.key_error}; every bundle and delta is refused until {fix} is fixed")
             self.last_message = self.key_error
             self.state.update_status(last_error=self.key_error, incr={"key_errors": 1})
             self.agent.forget_last_known_good()
@@ -729,6 +790,8 @@ class Daemon:
             message = f"stale: the enforced bundle expired at {_utc(applied.expires_at)}, still enforcing it" + (
                 f"; {message}" if message else ""
             )
+        if self.config_error is not None:
+            message = self._config_problem() + (f"; {message}" if message else "")
         revision, kernel_digest = self.agent.enforced_state()
         hb = Heartbeat(
             applied_version=revision,
@@ -776,8 +839,14 @@ class Daemon:
         if self.cfg.drift_interval > 0:
             interval = min(interval, self.cfg.drift_interval)
         last_observe = 0.0
+        last_config = time.monotonic()
+        if self.config_error is not None:
+            interval = min(interval, CONFIG_RETRY_S)
         while not self.stop.wait(min(interval, 0.5) if self.enforce_pending else interval):
             now = time.monotonic()
+            if self.config_error is not None and now - last_config >= CONFIG_RETRY_S:
+                last_config = now
+                self.try_config()
             try:
                 self.retry_enforcing(now)
             except Exception as exc:
@@ -797,6 +866,33 @@ class Daemon:
                     local, last_local = local_addresses(), time.monotonic()
             except Exception as exc:
                 log(f"observation failed: {exc}")
+
+    def _config_problem(self) -> str:
+        held = "the fail-safe posture" if isinstance(self.source, NoSource) else "the last configuration that loaded"
+        return f"config {self.config_path} not loaded ({self.config_error}): running on {held}; retried every {CONFIG_RETRY_S:g}s"
+
+    def try_config(self) -> bool:
+        """Load the config file that did not load at start; once it does, stop for a start over
+        with it (:attr:`reload`). What is enforced stays in the kernel meanwhile."""
+        from ringfence_agent.config import ConfigError, load_config
+
+        assert self.config_path is not None
+        try:
+            load_config(self.config_path)
+        except ConfigError as exc:
+            problem = str(exc).replace("\n", " ")
+            if problem != self.config_error:
+                self.config_error = problem
+                log(f"config {self.config_path} still does not load: {problem}")
+                self.state.update_status(last_error=self._config_problem())
+            return False
+        except Exception as exc:  # nothing in a file may stop the daemon
+            log(f"config {self.config_path}: unexpected {type(exc).__name__}: {exc}{_where(exc)}")
+            return False
+        log(f"config {self.config_path} loads now: starting over with it (the kernel keeps what it enforces)")
+        self.reload = True
+        self.stop.set()
+        return True
 
     def check_drift(self) -> None:
         """The kernel compared with what was applied; tamper repaired and reported."""

@@ -28,10 +28,10 @@ from typing import Any
 
 import pytest
 
-from ringfence.local.lab import AGENT
+from ringfence.local.lab import AGENT, wait_until
 from ringfence.local.lab import Lab as NetLab
 from tests.agent import dataplane
-from tests.agent.bundles import PUBLIC_KEY
+from tests.agent.bundles import LAB_POLICY, PUBLIC_KEY, Lab, workloads, write
 
 pytestmark = pytest.mark.dataplane
 
@@ -146,3 +146,99 @@ def test_a_resolver_that_never_answers_does_not_hold_ready_or_the_rules(net: Net
         shutil.rmtree(sockdir, ignore_errors=True)
         if daemon is not None:
             stop(net, daemon)
+
+
+BROKEN = {
+    "missing": None,
+    "garbage": "{not json",
+    "invalid": json.dumps({"workload_id": "h2", "public_key": str(PUBLIC_KEY), "poll_interval": -5}),
+}
+
+
+def lab_engine(net: NetLab) -> Lab:
+    return Lab(LAB_POLICY, workloads({h: (net.v4(h), net.v6(h), role) for h, role in ROLES.items()}))
+
+
+def break_config(cfg_file: Path, broken: str) -> None:
+    content = BROKEN[broken]
+    if content is None:
+        cfg_file.unlink()
+    else:
+        cfg_file.write_text(content)
+
+
+def daemon_status(state: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads((state / "status.json").read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+@pytest.mark.parametrize("broken", list(BROKEN))
+def test_a_config_that_does_not_load_enforces_the_last_good_and_starts_over_once_it_loads(
+    net: NetLab, tmp_path: Path, broken: str
+) -> None:
+    """A host that ran with a good config (its last known good and the config kept in the state
+    directory), rebooted (the kernel forgot its rules) with the config file missing, not JSON, or
+    with an invalid value: the daemon used to exit before programming anything — the host open.
+    Now the kernel holds the last known good, the log and status name the file and the problem,
+    the daemon keeps running, and once the file loads again it starts over with it (same pid)."""
+    state = tmp_path / "state"
+    cfg_file = tmp_path / "agent.json"
+    good = json.dumps(config(net, tmp_path, state))
+    cfg_file.write_text(good)
+    write(lab_engine(net).bundle("h2"), tmp_path / "src" / "bundles" / "h2.json")
+    daemon, log = spawn(net, tmp_path, cfg_file)
+    try:
+        assert wait_until(lambda: lkg_enforced(net), 15), log.read_text()
+    finally:
+        stop(net, daemon)
+    assert (state / "config.last-good.json").is_file()
+    net.reset("h2")  # the reboot
+    assert net.tcp("h3", "h2", 8080), "the reboot left rules behind"
+    break_config(cfg_file, broken)
+    daemon, log = spawn(net, tmp_path, cfg_file, "--state-dir", str(state))
+    try:
+        assert wait_until(lambda: "re-applied last known good" in log.read_text(), 15), log.read_text()
+        assert lkg_enforced(net) and net.tcp("adm", "h2", 22), log.read_text()
+        text = log.read_text()
+        assert f"ERROR: config {cfg_file} not loaded" in text and "last configuration that loaded" in text, text
+        status = daemon_status(state)
+        assert status["daemon"]["config_error"] and f"config {cfg_file} not loaded" in status["last_error"], status
+        time.sleep(2)
+        assert daemon.poll() is None, log.read_text()
+        # the file fixed: loaded within CONFIG_RETRY_S, the daemon starts over with it, same pid
+        cfg_file.write_text(good)
+        assert wait_until(lambda: "loads now: starting over" in log.read_text(), 15), log.read_text()
+        assert wait_until(lambda: log.read_text().count("re-applied last known good") == 2, 15), log.read_text()
+        assert wait_until(lambda: daemon_status(state).get("daemon", {}).get("config_error", 1) is None, 10)
+        assert daemon.poll() is None and lkg_enforced(net), log.read_text()
+    finally:
+        stop(net, daemon)
+
+
+@pytest.mark.parametrize("broken", list(BROKEN))
+def test_a_config_that_never_loaded_holds_the_failsafe_posture(net: NetLab, tmp_path: Path, broken: str) -> None:
+    """A first boot with a broken config file (no configuration ever loaded): the daemon holds the
+    fail-safe posture — nothing reaches h2, h2 reaches nothing — and says why; not the open host
+    it used to leave."""
+    state = tmp_path / "state"
+    cfg_file = tmp_path / "agent.json"
+    cfg_file.write_text("{}")
+    break_config(cfg_file, broken)
+    assert net.tcp("h3", "h2", 8080), "open before the agent starts"
+    daemon, log = spawn(net, tmp_path, cfg_file, "--state-dir", str(state))
+    try:
+        assert wait_until(lambda: "holding the fail-safe posture" in log.read_text(), 15), log.read_text()
+        assert posture_held(net), log.read_text()
+        ruleset = net.exec("h2", "nft", "list", "table", "inet", "ringfence")
+        assert ruleset.returncode == 0 and "drop" in ruleset.stdout
+        text = log.read_text()
+        assert f"ERROR: config {cfg_file} not loaded" in text and "no last good configuration" in text, text
+        status = daemon_status(state)
+        assert status["posture"] == "failsafe" and status["daemon"]["config_error"], status
+        assert f"config {cfg_file} not loaded" in status["last_error"], status
+        time.sleep(2)
+        assert daemon.poll() is None, log.read_text()
+    finally:
+        stop(net, daemon)
