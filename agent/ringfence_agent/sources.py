@@ -165,8 +165,10 @@ def _http(
     req = urllib.request.Request(url, data=data, method=method, headers=h)  # noqa: S310
     try:
         try:
-            opener = urllib.request.build_opener(_VerifiedHTTPSHandler(tls))
-            with opener.open(req, timeout=timeout) as resp:  # http(s) only, validated in config
+            # https: an opener whose connections record a verified peer (note_verified_peer)
+            opener = urllib.request.build_opener(_VerifiedHTTPSHandler(tls)) if req.type == "https" else None
+            opened = opener.open(req, timeout=timeout) if opener else urllib.request.urlopen(req, timeout=timeout)  # noqa: S310 - http(s) only, validated in config
+            with opened as resp:
                 return resp.status, dict(resp.headers.items()), _read_body(resp, limit, where)
         except urllib.error.HTTPError as exc:
             status = exc.code
