@@ -93,6 +93,14 @@ class _VerifiedHTTPSHandler(urllib.request.HTTPSHandler):
         return self.do_open(_VerifiedHTTPSConnection, req, context=self._ctx)
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A 3xx is the answer: urllib would follow it with the request's headers, bearer token
+    included, to wherever the ``Location`` names."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
 class Unreachable(Exception):
     """The source cannot be reached now (network, 5xx, 429): back off and keep enforcing."""
 
@@ -165,8 +173,12 @@ def _http(
     req = urllib.request.Request(url, data=data, method=method, headers=h)  # noqa: S310
     try:
         try:
-            # https: an opener whose connections record a verified peer (note_verified_peer)
-            opener = urllib.request.build_opener(_VerifiedHTTPSHandler(tls)) if req.type == "https" else None
+            # https: an opener whose connections record a verified peer (note_verified_peer); a
+            # request that carries a credential never follows a redirect
+            handlers: list[urllib.request.BaseHandler] = [_VerifiedHTTPSHandler(tls)] if req.type == "https" else []
+            if req.has_header("Authorization"):
+                handlers.append(_NoRedirect())
+            opener = urllib.request.build_opener(*handlers) if handlers else None
             opened = opener.open(req, timeout=timeout) if opener else urllib.request.urlopen(req, timeout=timeout)  # noqa: S310 - http(s) only, validated in config
             with opened as resp:
                 return resp.status, dict(resp.headers.items()), _read_body(resp, limit, where)

@@ -14,19 +14,28 @@ from typing import Any, ClassVar
 
 import pytest
 
-from ringfence_agent.sources import Connections, Unreachable
+from ringfence_agent.sources import Connections, Unreachable, _http
 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = 0.5  # an idle connection is closed after this, as uvicorn's keep-alive does after 5 s
     connections: ClassVar[list[int]] = []
+    reached: ClassVar[list[str | None]] = []  # /target's requests: their Authorization headers
 
     def setup(self) -> None:
         super().setup()
         self.connections.append(1)
 
     def do_GET(self) -> None:
+        if self.path == "/moved":
+            self.send_response(302)
+            self.send_header("Location", "/target")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if self.path == "/target":
+            self.reached.append(self.headers.get("Authorization"))
         status = {"/gone": 404, "/broken": 503}.get(self.path, 200)
         body = b'{"ok": true}' if status == 200 else b'{"error": "x"}'
         self.send_response(status)
@@ -49,6 +58,7 @@ class _Handler(BaseHTTPRequestHandler):
 @pytest.fixture
 def server() -> Iterator[str]:
     _Handler.connections = []
+    _Handler.reached = []
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
@@ -97,4 +107,13 @@ def test_through_the_environments_proxy_requests_go_as_before(server: str, monke
     with pytest.raises(Unreachable):
         c.request(f"{server}/a", 2)
     assert c.opened == 0 and _Handler.connections == [], "no direct connection around the proxy"
-    assert urllib.request._opener is not None, "the fallback went through urlopen's opener"
+
+
+def test_a_request_with_a_token_does_not_follow_a_redirect(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """urllib follows a 3xx with the request's headers, the bearer token included, to wherever
+    the Location names (the agent API's requests take that path through the environment's proxy)."""
+    monkeypatch.delenv("http_proxy", raising=False)
+    monkeypatch.delenv("HTTP_PROXY", raising=False)
+    status, _, _ = _http(f"{server}/moved", 5, headers={"Authorization": "Bearer SECRET"})
+    assert status == 302 and _Handler.reached == [], "the redirect was not followed: no token sent on"
+    assert _http(f"{server}/moved", 5)[0] == 200 and _Handler.reached == [None], "without one it is followed"
