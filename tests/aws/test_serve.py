@@ -71,7 +71,9 @@ def test_admin_api_needs_a_token_and_audits_its_principal_never_a_client_supplie
     assert r.status_code == 422 and "body.uses" in r.json()["detail"]
 
 
-def test_agent_api_over_http_enroll_bundle_and_concurrent_long_polls(env: Env, served: str) -> None:
+def test_agent_api_over_http_enroll_bundle_and_concurrent_long_polls(
+    env: Env, served: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     est = boot(env)
     procs = est["ids"]["proc"]
     tokens = {}
@@ -136,6 +138,8 @@ def test_agent_api_over_http_enroll_bundle_and_concurrent_long_polls(env: Env, s
         if r.status_code != 200:
             errors.append(f"{w}: {r.status_code} {r.text}")
 
+    # 60 waits by two tokens stand for 60 agents: lift the per-token limit (tests/local/test_serve_abuse.py)
+    monkeypatch.setattr(serve, "WAITS_PER_TOKEN", 30)
     waiters = [threading.Thread(target=long_poll, args=(procs[i % 2],)) for i in range(60)]
     for t in waiters:
         t.start()

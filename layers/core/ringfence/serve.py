@@ -49,7 +49,14 @@ log = logging.getLogger("ringfence.serve")
 
 AGENT_PREFIX = "/v1/"
 ADMIN_PREFIX = "/admin/"
-DEFAULT_THREADS = 512  # concurrent requests in resolvers: each waiting agent holds one
+DEFAULT_THREADS = 512  # concurrent long-polls (each waiting agent holds one), and other agent requests
+ADMIN_THREADS = 32  # the admin API's own: no agent traffic queues an operator's quarantine
+ENROLL_THREADS = 64  # nonce, enroll, token refresh, artifacts: unauthenticated, their own
+EVENT_THREADS = 64  # cloud event deliveries
+WAITS_PER_TOKEN = 2  # long-polls one bearer token keeps open at once (2: an agent's reconnect overlaps its old wait)
+WAIT_RETRY_AFTER = 5  # seconds: the Retry-After of a wait refused for that
+_WAIT_PATH = re.compile(r"^/v1/agents/[^/]+/wait$")
+_TOKEN_PATH = re.compile(r"^/v1/agents/[^/]+/")
 MAX_EVENT_BODY = 1024 * 1024  # an Event Grid delivery is at most 1 MB
 MAX_AGENT_BODY = 1024 * 1024  # the largest agent body is a report batch (256 KiB): some headroom
 MAX_ADMIN_BODY = 16 * 1024 * 1024  # policy files
@@ -443,7 +450,17 @@ class ServeApp:
         from starlette.responses import JSONResponse
         from starlette.routing import Route
 
-        limiter = anyio.CapacityLimiter(self.threads)
+        # each kind of request its own threads: long-polls hold theirs for up to max_wait, and
+        # however many an agent opens, other agents' heartbeats, enrollment and the admin API
+        # (an operator's quarantine) keep threads of their own
+        waits = anyio.CapacityLimiter(self.threads)
+        agents = anyio.CapacityLimiter(self.threads)
+        enrolls = anyio.CapacityLimiter(ENROLL_THREADS)
+        admins = anyio.CapacityLimiter(ADMIN_THREADS)
+        events = anyio.CapacityLimiter(EVENT_THREADS)
+        # long-polls open per bearer token (its SHA-256): one enrolled host cannot take the wait
+        # threads of every other (asyncio: read and written on the event loop only)
+        open_waits: dict[str, int] = {}
 
         def error(status: int, msg: str, detail: str = "", headers: dict[str, str] | None = None) -> Response:
             return JSONResponse({"error": msg, "detail": detail}, status, headers=headers)
@@ -463,6 +480,7 @@ class ServeApp:
             limit: int,
             principal: str | None,
             roles: frozenset[AdminRole] | None = None,
+            limiter: Any = None,
         ) -> Response:
             body = await read_body(request, limit)
             if body is None:
@@ -477,14 +495,34 @@ class ServeApp:
                 principal,
                 roles,
             )
-            out = await anyio.to_thread.run_sync(pool.resolve, event, limiter=limiter)
+            out = await anyio.to_thread.run_sync(pool.resolve, event, limiter=limiter or agents)
             counted = pool.outcome(request.url.path, int(out["statusCode"])) if pool.outcome else None
             if counted is not None:
                 self.metrics(counted, 1)
             return to_response(out)
 
         async def agent(request: Request) -> Response:
-            return await dispatch(request, self.agent, MAX_AGENT_BODY, None)
+            path = re.sub("/+", "/", request.url.path).rstrip("/")  # the resolver routes …/wait/ as …/wait
+            if not _WAIT_PATH.match(path):
+                limiter = agents if _TOKEN_PATH.match(path) else enrolls
+                return await dispatch(request, self.agent, MAX_AGENT_BODY, None, None, limiter)
+            key = token_hash(request.headers.get("authorization") or "")
+            if open_waits.get(key, 0) >= WAITS_PER_TOKEN:
+                return error(
+                    429,
+                    "too many waits",
+                    f"this token keeps {WAITS_PER_TOKEN} long-polls open already: wait for one to answer",
+                    {"Retry-After": str(WAIT_RETRY_AFTER)},
+                )
+            open_waits[key] = open_waits.get(key, 0) + 1
+            try:
+                return await dispatch(request, self.agent, MAX_AGENT_BODY, None, None, waits)
+            finally:
+                left = open_waits[key] - 1
+                if left:
+                    open_waits[key] = left
+                else:
+                    del open_waits[key]
 
         async def admin(request: Request) -> Response:
             if self.admin is None or self.tokens is None:
@@ -494,7 +532,7 @@ class ServeApp:
                 return error(
                     401, "admin token required", "Authorization: Bearer <admin token>", {"WWW-Authenticate": "Bearer"}
                 )
-            return await dispatch(request, self.admin, MAX_ADMIN_BODY, *held)
+            return await dispatch(request, self.admin, MAX_ADMIN_BODY, *held, admins)
 
         async def cloud_event(request: Request) -> Response:
             handle = self.cloud_events.get(request.path_params["cloud"])
@@ -504,18 +542,18 @@ class ServeApp:
             if body is None:
                 return error(413, "request too large", f"over {MAX_EVENT_BODY} bytes")
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers.raw}
-            out = await anyio.to_thread.run_sync(handle, headers, body, limiter=limiter)
+            out = await anyio.to_thread.run_sync(handle, headers, body, limiter=events)
             return JSONResponse(out.body, out.status, headers=out.headers)
 
         async def gcp(request: Request) -> Response:
             if self.gcp is None:
                 return error(404, "GCP events are off", "set RINGFENCE_GCP_PROJECTS (docs/deploy-gcp.md)")
-            return await dispatch(request, self.gcp, MAX_AGENT_BODY, None)
+            return await dispatch(request, self.gcp, MAX_AGENT_BODY, None, None, events)
 
         async def azure_events(request: Request) -> Response:
             if self.azure_events is None:
                 return error(404, "Azure events are off", "set RINGFENCE_AZURE_SUBSCRIPTIONS (docs/deploy-azure.md)")
-            return await dispatch(request, self.azure_events, MAX_EVENT_BODY, None)
+            return await dispatch(request, self.azure_events, MAX_EVENT_BODY, None, None, events)
 
         async def healthz(request: Request) -> Response:
             return JSONResponse({"ok": True})

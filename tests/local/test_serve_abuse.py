@@ -1,0 +1,130 @@
+"""What one enrolled host can do to a real ``ringfence serve`` (uvicorn, LocalWiring over SQLite)
+with its own agent token, over HTTP: nothing that keeps other agents, enrollment or the admin
+API from being answered."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ringfence import serve
+from ringfence.clouds.onprem import OnPremAdmin
+from ringfence.local.wiring import LocalWiring
+from tests.aws.test_pipeline import AgentKey
+from tests.onprem.conftest import boot, signing_key_file
+
+WEB, DB = "dc1-web-1", "dc1-db-1"
+ADMIN = "admin-token-0123456789abcdef0123"
+PROMPT = 8.0  # seconds: generous; before the fix these timed out (10 s) behind the attacker's waits
+
+
+@dataclass
+class Plane:
+    url: str
+    w: LocalWiring
+    admin: OnPremAdmin
+    app: serve.ServeApp
+
+    def enroll(self, wid: str) -> dict[str, str]:
+        key = AgentKey()
+        r = self.admin.pairing_key("alice", wid, 1, 600, "test")
+        assert r.status == 201, r.body
+        nonce = httpx.get(f"{self.url}/v1/nonce").json()["nonce"]
+        req = {"method": "pairing", "nonce": nonce, "workload_id": wid, "pairing_key": r.body["pairing_key"]}
+        req.update(key.enroll_fields(wid, nonce))
+        got = httpx.post(f"{self.url}/v1/enroll", json=req)
+        assert got.status_code == 200, got.text
+        return {"Authorization": f"Bearer {got.json()['token']}"}
+
+
+@pytest.fixture
+def plane(tmp_path: Path) -> Iterator[Plane]:
+    w = LocalWiring(tmp_path / "state" / "state.db", signing_key=signing_key_file(tmp_path))
+    admin = boot(w)
+    tokfile = tmp_path / "admin-tokens"
+    tokfile.write_text(f"alice:{serve.token_hash(ADMIN)}:incident-responder,onboarding\n")
+    app = serve.ServeApp.over(w, serve.AdminTokens.load(tokfile), threads=32)  # few: the attack is cheap to run
+    with serve.serving(app) as running:
+        yield Plane(running.url, w, admin, app)
+    w.close()
+
+
+def test_attack_one_token_opening_many_long_polls_starves_no_one(plane: Plane) -> None:
+    """Root on one enrolled host opens three times as many long-polls as serve has wait threads,
+    with its own token. Before: every thread was held for the whole wait, and GET /v1/nonce and
+    another agent's heartbeat timed out behind them. Now a token keeps WAITS_PER_TOKEN waits
+    open (the rest are 429 at once, no thread taken), and waits, other agent requests,
+    enrollment and the admin API each have threads of their own."""
+    url = plane.url
+    evil = plane.enroll(WEB)
+    good = plane.enroll(DB)
+    latest = httpx.get(f"{url}/v1/agents/{WEB}/bundle", headers=evil).json()["version"]
+    n = plane.app.threads * 3
+    wait_paths = [f"/v1/agents/{WEB}/wait?version={latest}&timeout=6"] * n
+
+    async def attack() -> None:
+        limits = httpx.Limits(max_connections=n + 50, max_keepalive_connections=n + 50)
+        async with httpx.AsyncClient(limits=limits, timeout=60) as c:
+            waits = [asyncio.create_task(c.get(url + p, headers=evil)) for p in wait_paths]
+            await asyncio.sleep(2)  # the attacker's waits are in by now
+            t0 = time.monotonic()
+            nonce = await c.get(f"{url}/v1/nonce", timeout=PROMPT)
+            assert nonce.status_code == 200 and nonce.json()["nonce"]
+            hb = await c.post(
+                f"{url}/v1/agents/{DB}/heartbeat", headers=good, json={"applied_version": None, "mode": None}
+            )
+            assert hb.status_code == 200, hb.text
+            # the other agent's own long-poll is served too (it times out: nothing new)
+            other = await c.get(f"{url}/v1/agents/{DB}/wait?version={latest + 100}&timeout=0", headers=good)
+            assert other.status_code == 200, other.text
+            q = await c.post(
+                f"{url}/admin/workloads/{WEB}/quarantine",
+                headers={"Authorization": f"Bearer {ADMIN}"},
+                json={"reason": "incident"},
+                timeout=PROMPT,
+            )
+            assert q.status_code == 200, q.text
+            assert time.monotonic() - t0 < 3 * PROMPT
+            done = await asyncio.gather(*waits)
+            statuses = [r.status_code for r in done]
+            # at most WAITS_PER_TOKEN of them held a thread; the rest were told to come back later
+            assert statuses.count(429) >= n - serve.WAITS_PER_TOKEN, sorted(set(statuses))
+            assert set(statuses) <= {200, 401, 429}  # 401: the quarantine ended the attacker's token
+            refused = next(r for r in done if r.status_code == 429)
+            assert refused.headers["Retry-After"] == str(serve.WAIT_RETRY_AFTER)
+
+    asyncio.run(attack())
+    assert plane.w.store.get(WEB).op_quarantined  # type: ignore[union-attr]
+
+
+def test_wait_limit_is_per_token_and_not_fooled_by_path_variants(plane: Plane) -> None:
+    """Another agent's waits are not counted against the attacker's limit, and spellings of the
+    wait route that the resolver routes the same way are counted as waits."""
+    url = plane.url
+    evil = plane.enroll(WEB)
+    good = plane.enroll(DB)
+
+    async def run() -> None:
+        async with httpx.AsyncClient(timeout=30) as c:
+            held = [
+                asyncio.create_task(c.get(f"{url}/v1/agents/{WEB}/wait?version=999999&timeout=4", headers=evil))
+                for _ in range(serve.WAITS_PER_TOKEN)
+            ]
+            await asyncio.sleep(1)
+            for path in (f"/v1/agents/{WEB}/wait", f"/v1/agents/{WEB}/wait/", f"/v1//agents/{WEB}/wait"):
+                r = await c.get(f"{url}{path}?version=999999&timeout=4", headers=evil)
+                assert r.status_code in (404, 429), (path, r.status_code, r.text)
+            r = await c.get(f"{url}/v1/agents/{DB}/wait?version=999999&timeout=0", headers=good)
+            assert r.status_code == 200, r.text
+            assert {x.status_code for x in await asyncio.gather(*held)} == {200}
+            # answered: the token may wait again
+            r = await c.get(f"{url}/v1/agents/{WEB}/wait?version=999999&timeout=0", headers=evil)
+            assert r.status_code == 200, r.text
+
+    asyncio.run(run())
