@@ -315,7 +315,8 @@ class Daemon:
             log(f"{late.reason}; enforcing first, retried with the backoff")
             self.source = late
         self._woke = time.time()  # when the last wait answered (the push arrived)
-        self._cp_answer: dict[str, tuple[str, ...]] = {}  # control-plane host name → its last DNS answer
+        # control-plane host name → its last DNS answer and when (monotonic) it was given
+        self._cp_answer: dict[str, tuple[tuple[str, ...], float]] = {}
         self._lookups: dict[str, tuple[threading.Thread, list[tuple[str, ...] | None]]] = {}
         self._lookup_lock = threading.Lock()
         self._fetch_s = self._apply_s = 0.0
@@ -555,7 +556,7 @@ class Daemon:
         """Re-resolve the control plane's host name (every sync, before any fetch and apply) and
         let the control-plane fail-safe follow it: API Gateway's addresses change, and a bundle
         must never cut the agent off its own control plane. Admitted: the current answer (the
-        last one while the name does not resolve), and addresses a verified TLS handshake
+        last one while the name does not resolve, up to CONTROL_PLANE_RETAIN_S), and addresses a verified TLS handshake
         reached within CONTROL_PLANE_RETAIN_S (see there), at most CONTROL_PLANE_MAX. ``within``:
         how long the lookups may take in all (default ``request_timeout``); one still running
         then is left to finish in the background and its answer used by the next call."""
@@ -564,15 +565,21 @@ class Daemon:
         for host in hosts:
             answer = self._resolve(host, max(0.0, deadline - time.monotonic()))
             if answer:
-                self._cp_answer[host] = answer
+                self._cp_answer[host] = (answer, time.monotonic())
             elif host not in self._cp_answer:
                 log(f"control plane {host} did not resolve (yet): its fail-safe admits only addresses proved before")
         now = time.monotonic()
+        for host, (_, seen) in list(self._cp_answer.items()):
+            # a stale answer is no better than an old one: one spoofed answer followed by blocked
+            # DNS must not keep its address admitted for longer than a proved one would be
+            if now - seen > CONTROL_PLANE_RETAIN_S:
+                log(f"control plane {host}: its last DNS answer is over {int(CONTROL_PLANE_RETAIN_S)} s old, dropped")
+                del self._cp_answer[host]
         proved: dict[str, float] = {}
         for host in hosts:
             for address, t in verified_peers(host, CONTROL_PLANE_RETAIN_S).items():
                 proved[address] = max(t, proved.get(address, t))
-        current = [a for host in hosts for a in self._cp_answer.get(host, ())]
+        current = [a for host in hosts for a in self._cp_answer.get(host, ((), 0.0))[0]]
         newest = sorted((a for a in proved if now - proved[a] <= CONTROL_PLANE_RETAIN_S), key=lambda a: -proved[a])
         kept = list(dict.fromkeys((*current, *newest)))[:CONTROL_PLANE_MAX]
         try:

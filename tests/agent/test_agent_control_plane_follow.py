@@ -66,6 +66,20 @@ def test_the_last_answer_stays_while_the_name_does_not_resolve(
     assert admitted(daemon) == ("192.0.2.7", "203.0.113.10")
 
 
+def test_the_last_answer_is_dropped_once_older_than_the_retention(
+    daemon: daemon_mod.Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One spoofed answer, then DNS blocked: the address goes once the answer is as old as a
+    proved address may be."""
+    answer(monkeypatch, "203.0.113.66")
+    daemon.follow_control_plane(apply=False)
+    answer(monkeypatch)
+    later = time.monotonic() + daemon_mod.CONTROL_PLANE_RETAIN_S + 1
+    monkeypatch.setattr(daemon_mod.time, "monotonic", lambda: later)
+    daemon.follow_control_plane(apply=False)
+    assert admitted(daemon) == ("192.0.2.7",)
+
+
 def test_a_proved_address_stays_within_retention_only(
     daemon: daemon_mod.Daemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
