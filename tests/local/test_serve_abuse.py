@@ -128,3 +128,38 @@ def test_wait_limit_is_per_token_and_not_fooled_by_path_variants(plane: Plane) -
             assert r.status_code == 200, r.text
 
     asyncio.run(run())
+
+
+def test_malformed_bodies_are_400_and_a_bearer_route_checks_the_token_before_the_body(
+    plane: Plane, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """JSON nested deeper than the parser recurses and a body that is not UTF-8 were 500s with a
+    traceback on stderr; a bearer route answered 422 about the body of a caller without a token."""
+    url = plane.url
+    deep = b"[" * 200_000 + b"]" * 200_000
+    json_type = {"Content-Type": "application/json"}
+    for body in (deep, b"\xff\xfe\x00"):
+        r = httpx.post(f"{url}/v1/enroll", content=body, headers=json_type, timeout=30)
+        assert r.status_code == 400 and r.json()["error"] == "invalid request", r.text
+    # without a token: 401 whatever the body or query holds
+    for method, path, body in (
+        ("POST", f"/v1/agents/{DB}/heartbeat", deep),
+        ("POST", f"/v1/agents/{DB}/heartbeat", b"\xff"),
+        ("POST", f"/v1/agents/{DB}/heartbeat", b'{"applied_version": "x"}'),
+        ("POST", f"/v1/agents/{DB}/reports", b'{"flows": [{"x": 1}]}'),
+        ("GET", f"/v1/agents/{DB}/wait?version=abc", b""),
+        ("GET", f"/v1/agents/{DB}/deltas?since=" + "9" * 5000, b""),
+    ):
+        r = httpx.request(method, url + path, content=body, headers=json_type, timeout=30)
+        assert r.status_code == 401, (path, r.status_code, r.text)
+    # another workload's token: 403 before the body too
+    web = plane.enroll(WEB)
+    r = httpx.post(f"{url}/v1/agents/{DB}/heartbeat", json={"applied_version": "x"}, headers=web)
+    assert r.status_code == 403, r.text
+    # with the workload's own token the body is judged as before: 422 naming the field, 400 for the rest
+    r = httpx.post(f"{url}/v1/agents/{WEB}/heartbeat", json={"applied_version": "x", "mode": None}, headers=web)
+    assert r.status_code == 422 and "body.applied_version" in r.json()["detail"], r.text
+    r = httpx.post(f"{url}/v1/agents/{WEB}/heartbeat", content=deep, headers={**web, **json_type}, timeout=30)
+    assert r.status_code == 400, r.text
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "RecursionError" not in err and "UnicodeDecodeError" not in err

@@ -6,6 +6,7 @@ Bodies and query parameters are validated by the event handler against :mod:`rin
 """
 
 # no `from __future__ import annotations`: the event handler reads the route signatures' types
+import re
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -22,6 +23,10 @@ from ringfence.control.agents import AgentApi
 from .common import answers, http, resolver, too_large
 
 _TOKEN: list[dict[str, list[str]]] = [{"agentToken": []}]
+# the routes that need the workload's bearer token (token refresh is signed by the agent key instead)
+_BEARER_ROUTE = re.compile(
+    "^" + API_PREFIX.replace("/", "/+") + r"/+agents/+([^/]+)/+(?:bundle|deltas|wait|heartbeat|reports)/*$"
+)
 _AUTH = (401, 403)
 
 
@@ -55,6 +60,14 @@ def agent_routes(service: Callable[[], AgentApi]) -> APIGatewayRestResolver:
     def authorized(wid: str) -> HttpResponse[str] | None:
         denied = service().authorize(app.current_event.headers.get("Authorization"), wid)
         return http(denied) if denied else None
+
+    def token_first() -> HttpResponse[str] | None:
+        """A request to a bearer route whose body or query does not validate: its token is
+        checked first (401/403), so nothing about the body is answered to a caller without one."""
+        m = _BEARER_ROUTE.match(app.current_event.path or "")
+        return authorized(m.group(1)) if m else None
+
+    app.before_invalid = token_first
 
     @app.get(route_path("nonce"), summary="a single-use enrollment nonce", responses=answers(agentapi.NonceResponse))
     def nonce() -> HttpResponse[str]:

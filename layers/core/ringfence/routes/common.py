@@ -133,5 +133,19 @@ def resolver(
 
     app.exception_handler(UnicodeEncodeError)(unencodable)
 
+    def undecodable(exc: UnicodeDecodeError) -> HttpResponse[str]:
+        # a body that is not UTF-8 (ringfence serve hands it on base64-encoded, as API Gateway does)
+        first = app.before_invalid() if app.before_invalid is not None else None
+        return first or http(error(400, "invalid request", "the body is not UTF-8 JSON"))
+
+    app.exception_handler(UnicodeDecodeError)(undecodable)
+
+    def too_deep(exc: RecursionError) -> HttpResponse[str]:
+        # JSON nested deeper than the parser recurses ([[[[…]]]]): no body of this API nests so
+        first = app.before_invalid() if app.before_invalid is not None else None
+        return first or http(error(400, "invalid request", "the body's JSON is nested too deeply"))
+
+    app.exception_handler(RecursionError)(too_deep)
+
     app.configure_openapi(title=title, version="1", description=description, security_schemes=security_schemes)
     return app
