@@ -494,11 +494,19 @@ def _lap(stats: ComputeStats, phase: str, since: float) -> float:
 def merge_set_deltas(updates: list[Update]) -> dict[str, tuple[int, int, set[Prefix], set[Prefix]]]:
     """The set deltas of consecutive updates as one per set: name → (from_version, to_version,
     added, removed), the net element edits from the set's version before the first update that
-    touched it to the last one's revision (an element added then removed is neither)."""
+    touched it to the last one's revision (an element added then removed is neither). A set that
+    died and was made again under its name within the updates: its new copy's edits only, from
+    that copy's first version."""
     out: dict[str, tuple[int, int, set[Prefix], set[Prefix]]] = {}
     for upd in updates:
         for name, (from_v, added, removed) in upd.set_deltas.items():
-            first, _, add, rem = out.get(name, (from_v, from_v, set(), set()))
+            first, last, add, rem = out.get(name, (from_v, from_v, set(), set()))
+            if from_v != last:
+                # not where the set's last delta left it: the set died and was made again under
+                # its name in between (a new copy starts at its creation's version). No delta
+                # spans both copies: the new one's starts afresh; an agent holding the old copy
+                # gets a whole bundle (its bundle was rebuilt when the set it held went away)
+                first, add, rem = from_v, set(), set()
             for p in removed:
                 if p in add:
                     add.discard(p)
