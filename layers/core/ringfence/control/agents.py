@@ -249,7 +249,16 @@ class AgentApi:
         heads (``fresh``: read now, not kept ones — an agent asks for deltas when it knows of a
         change, e.g. a WebSocket nudge that can arrive before the watch sees the publication)."""
         heads = self.w.store.set_heads(list(ptr.sets)) if fresh else self._set_heads(list(ptr.sets))
-        sets = {n: max(v, heads.get(n, v)) for n, v in ptr.sets.items()}
+        # a bundle of this workload is on its way (compute marked its version before moving any
+        # set head): a set head at or past that version is not served over this older bundle.
+        # The agent would take the deltas, move past the new bundle's version with its old rules,
+        # and refuse the new bundle (a replay or a rollback) for good; the long-poll waits for
+        # the bundle instead, which carries those sets, and the deltas since it follow.
+        cap = ptr.in_flight
+        sets: dict[str, int] = {}
+        for n, v in ptr.sets.items():
+            h = heads.get(n, v)
+            sets[n] = max(v, h) if cap is None or h < cap else v
         return max([ptr.version, ptr.rules_revision, *sets.values()]), sets
 
     def _set_heads(self, names: list[str]) -> dict[str, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -224,6 +225,12 @@ class Compute:
             ptr = pointers.get(wid)
             if ptr is None or ptr.digest is None or ptr.key_id != key_id or not set(ptr.sets) <= kept:
                 continue
+            if ptr.in_flight is not None:
+                # a newer bundle was handed to the publish workers (by a run that failed before
+                # its commit, say): adopting the older pointer would let that job, rendered from
+                # an inventory that may have changed since, land over this rebuild's view. The
+                # workload gets the rebuild's fresh revision, above every version handed on.
+                continue
             if any(v > engine.sets_by_name[n].version for n, v in ptr.sets.items()):
                 continue  # the pointer is ahead of the recorded head (a set made again since)
             doc = engine.render(wid)
@@ -275,7 +282,7 @@ class Compute:
         assert self.engine is not None
         soon = time.time() + self.w.cfg.bundle_refresh_before
         due = [wid for wid in sorted(self.engine.workloads) if self.expiry.get(wid, 0) <= soon]
-        self._publish_bundles(due, stats)
+        self._publish_bundles(due, stats, refresh=True)
         stats.bundles_refreshed += len(due)
         self.metric("BundlesRefreshed", stats.bundles_refreshed)
 
@@ -286,10 +293,17 @@ class Compute:
         its head moves); whole bundles and nudges through the publish workers. The workloads
         whose latest version it moved (or will, once the workers are through)."""
         assert self.engine is not None
-        t_deltas = time.perf_counter()
         signer = self.worker.signer()
         rebuilt: set[str] = set()
         notify: set[str] = set()
+        for upd in updates:
+            rebuilt |= upd.rebuilt
+            notify |= upd.notify
+        # the whole bundles first rendered and their versions marked pending, before any set head
+        # moves: the agent API serves no deltas past a bundle on its way (an agent moved past its
+        # new bundle's version with its old rules would refuse that bundle as a replay or rollback)
+        jobs = self._render([w for w in sorted(rebuilt) if w in self.engine.workloads], stats)
+        t_deltas = time.perf_counter()
         # One delta per set for the whole batch (its first version → its last): a storm of
         # launches is one publication, not one per instance. Versions in between were never
         # published (compute holds the head reserved meanwhile), so no agent can be at one.
@@ -318,9 +332,6 @@ class Compute:
             ],
         )
         stats.deltas_published += len(deltas)
-        for upd in updates:
-            rebuilt |= upd.rebuilt
-            notify |= upd.notify
         moved = [(name, s) for name in sorted(merged) if (s := self.engine.sets_by_name.get(name)) is not None]
         in_parallel(lambda ns: self.w.store.put_set_head(ns[0], ns[1].version, set_digest(*ns[1].cover_text())), moved)
         for name, s in moved:
@@ -333,7 +344,7 @@ class Compute:
         nudges = [
             (wid, self.engine.bundle_version(wid)) for wid in sorted(notify - rebuilt) if wid in self.engine.workloads
         ]
-        self._publish_bundles([w for w in sorted(rebuilt) if w in self.engine.workloads], stats, nudges, inline)
+        self._dispatch(jobs, stats, nudges, inline)
         return notify | rebuilt
 
     def _publish_bundles(
@@ -342,28 +353,58 @@ class Compute:
         stats: ComputeStats,
         nudges: list[tuple[str, int]] | None = None,
         inline: set[str] | frozenset[str] = frozenset(),
+        refresh: bool = False,
     ) -> None:
         """Render these workloads' bundles (the engine's part: it lives here) and have them
         signed, stored, pointed at and announced, with ``nudges`` for agents whose sets moved:
         by the publish workers over the queue when one is configured, else (and for ``inline``
         workloads, whose launch waits on them) right here."""
+        self._dispatch(self._render(wids, stats, mark=not refresh), stats, nudges, inline)
+
+    def _render(self, wids: list[str], stats: ComputeStats, mark: bool = True) -> list[BundleJob]:
+        """These workloads' bundles rendered as publish jobs; with ``mark``, each one's version
+        recorded as pending on its pointer (:meth:`Store.mark_bundle_pending`) before it is
+        handed on: the agent API holds back set deltas past it, a rebuild adopts no older
+        pointer. (A refresh re-signs the versions already handed on: nothing to mark.)"""
         assert self.engine is not None
-        nudges = nudges or []
-        if not wids and not nudges:
-            return
         t = time.perf_counter()
         jobs: list[BundleJob] = []
+        marks: list[tuple[str, int]] = []
         for wid in wids:
             doc = self.engine.render(wid)
-            self._note_heads(doc)
+            version = self.engine.bundle_version(wid)
             jobs.append(
                 BundleJob(
                     workload_id=wid,
                     bundle=doc,
                     digest=rules_digest(doc),
                     rules_revision=self.engine.workloads[wid].rules_revision,
+                    version=version,
                 )
             )
+            marks.append((wid, version))
+        if mark:
+            in_parallel(lambda m: self.w.store.mark_bundle_pending(*m), marks)
+        _lap(stats, "render", t)
+        return jobs
+
+    def _dispatch(
+        self,
+        jobs: list[BundleJob],
+        stats: ComputeStats,
+        nudges: list[tuple[str, int]] | None = None,
+        inline: set[str] | frozenset[str] = frozenset(),
+    ) -> None:
+        """Rendered jobs (and ``nudges``) signed, stored, pointed at and announced: see
+        :meth:`_publish_bundles`."""
+        assert self.engine is not None
+        nudges = nudges or []
+        if not jobs and not nudges:
+            return
+        t = time.perf_counter()
+        for job in jobs:  # after this batch's set heads moved (see _note_heads)
+            assert job.bundle is not None
+            self._note_heads(job.bundle)
         queued = bool(self.w.cfg.publish_queue_url)
         here = [j for j in jobs if not queued or j.workload_id in inline]
         if here:
@@ -379,7 +420,10 @@ class Compute:
         for job in away:
             if len(job.model_dump_json()) > MESSAGE_BUDGET:  # too big for a message: staged in the bucket
                 body = json.dumps(job.bundle, separators=(",", ":")).encode()
-                job.staged = f"{STAGED_PREFIX}{job.workload_id}/{self.engine.revision:012d}.json"
+                # named by its content: two jobs of one workload at one revision (a change and a
+                # repair request in one batch) are two objects unless they are the same bytes,
+                # and then the worker that finds it gone counts it done (PublishWorker._doc)
+                job.staged = f"{STAGED_PREFIX}{job.workload_id}/{hashlib.sha256(body).hexdigest()[:32]}.json"
                 self.w.publisher.put_bytes(job.staged, body, "application/json")
                 job.bundle = None
         messages = pack(away, nudges, self.engine.revision)

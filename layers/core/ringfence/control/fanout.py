@@ -47,6 +47,9 @@ class BundleJob(BaseModel):
     staged: str | None = Field(None, description="or the key of its JSON in the bucket (too big for a message)")
     digest: str = Field(description="rules_digest of the bundle (a cold start adopts what matches)")
     rules_revision: int
+    version: int | None = Field(
+        None, description="the bundle's version (a job whose staged copy is gone is done once it is pointed at)"
+    )
 
 
 class PublishJob(BaseModel):
@@ -131,11 +134,21 @@ class PublishWorker:
         expiry: dict[str, int] = {}
         moved: list[str] = []
         wanted = [b for j in jobs for b in j.bundles]
+        # a staged copy gone with its version pointed at: the job was done by a run that deleted
+        # the copy (a redelivery, a batch retried job by job); counted again below, since that
+        # run may have failed before its count woke the long-polls
+        found = [(b, self._doc(b)) for b in wanted]
+        for b, body in found:
+            if body is None:
+                moved.append(b.workload_id)
+        wanted = [b for b, body in found if body is not None]
         if wanted:
             signer = self.signer()
             expires_at = int(time.time()) + self.w.cfg.bundle_ttl
             docs = [
-                bundle.sign(bundle.Bundle.model_validate(self._doc(b)), signer, expires_at=expires_at) for b in wanted
+                bundle.sign(bundle.Bundle.model_validate(body), signer, expires_at=expires_at)
+                for _, body in found
+                if body is not None
             ]
             stored = in_parallel(self.w.publisher.put_bundle, docs)
             pointers = [
@@ -167,29 +180,44 @@ class PublishWorker:
                 moved.append(ptr.workload_id)
                 self.notifier.nudge(ptr.workload_id, ptr.version)
                 stats.nudged += 1
-            for job in wanted:
-                if job.staged:
-                    self.w.publisher.delete(job.staged)
         for j in jobs:
             for wid, version in j.nudges:
                 self.notifier.nudge(wid, version)
                 stats.nudged += 1
         if signal and moved:
             self.w.store.bump_published(moved)
+        # last: a staged copy goes once its job is done and counted (a copy left behind is
+        # harmless; a job whose copy went before it was done could never be done)
+        for job in wanted:
+            if job.staged:
+                try:
+                    self.w.publisher.delete(job.staged)
+                except Exception as exc:
+                    log.warning("staged bundle %s not deleted: %s", job.staged, exc)
         stats.bytes_published = self.w.publisher.bytes_published - bytes0
         self.metric("BundlesPublished", stats.bundles_published)
         self.metric("BundlesSuperseded", stats.superseded)
         self.metric("Nudged", stats.nudged)
         return stats, expiry
 
-    def _doc(self, job: BundleJob) -> dict[str, Any]:
+    def _doc(self, job: BundleJob) -> dict[str, Any] | None:
+        """The job's unsigned bundle; None when its staged copy is gone and the workload's
+        pointer is at its version or past it (the job is done)."""
         if job.bundle is not None:
             return job.bundle
         if not job.staged or not job.staged.startswith(STAGED_PREFIX):
             raise ValueError(
                 f"publish job for {job.workload_id}: neither a bundle nor a staged key under {STAGED_PREFIX}"
             )
-        doc: dict[str, Any] = json.loads(self.w.publisher.get(job.staged))
+        try:
+            raw = self.w.publisher.get(job.staged)
+        except Exception:
+            ptr = self.w.store.bundle_pointer(job.workload_id) if job.version is not None else None
+            if ptr is None or job.version is None or ptr.version < job.version:
+                raise  # not done: redelivered until it is (or the DLQ)
+            log.info("staged bundle v%s of %s gone, pointer at v%s: done", job.version, job.workload_id, ptr.version)
+            return None
+        doc: dict[str, Any] = json.loads(raw)
         return doc
 
 

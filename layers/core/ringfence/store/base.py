@@ -130,6 +130,19 @@ class BundlePointer(BaseModel):
         None,
         description="the key that signed the stored bundle: a rebuild under another key re-signs, never adopts, it",
     )
+    pending: int | None = Field(
+        None,
+        exclude=True,  # the store's mark beside the pointer (Store.mark_bundle_pending), not in its doc
+        description="the highest bundle version compute handed on for publication (None: never marked)",
+    )
+
+    @property
+    def in_flight(self) -> int | None:
+        """The version of a bundle compute rendered for this workload that is not pointed at yet
+        (its rules changed at that version), or None. Set heads at or past it must not reach
+        the agent as deltas over this (older) bundle: the agent would move past the version of
+        the bundle that carries its new rules and refuse it (``AgentApi._latest``)."""
+        return self.pending if self.pending is not None and self.pending > self.version else None
 
 
 class EnforcementReport(BaseModel):
@@ -336,6 +349,14 @@ class Store(Protocol):
         ...
 
     def bundle_pointers(self, workload_ids: list[str]) -> dict[str, BundlePointer]: ...
+    def mark_bundle_pending(self, workload_id: str, version: int) -> None:
+        """Record that compute handed on a bundle of ``workload_id`` at ``version`` for publication
+        (the mark never goes down; a pointer at or past it satisfies it). Written before any set
+        head moves and before the job is sent: read back as :attr:`BundlePointer.pending`, by the
+        agent API (no deltas past a bundle on its way) and by a rebuild (no adopting a pointer
+        older than a bundle on its way). A workload with a mark and no pointer has none (None)."""
+        ...
+
     def put_delta(self, ptr: DeltaPointer) -> None: ...
     def put_set_head(self, set_name: str, version: int, digest: str | None = None) -> None:
         """Move the set's head forward (never back), with a hash of its content at ``version``."""

@@ -404,24 +404,21 @@ class DynamoStore:
     # --- published artifacts --------------------------------------------------------------------
 
     def bundle_pointer(self, workload_id: str) -> BundlePointer | None:
-        item = self._get(f"bundle#{workload_id}", "latest")
-        return BundlePointer.model_validate_json(item["doc"]) if item else None
+        return _pointer_of(self._get(f"bundle#{workload_id}", "latest"))
 
     def put_bundle_pointer(self, ptr: BundlePointer, expected_version: int | None = None) -> bool:
-        if expected_version is None:
-            cond, values = "attribute_not_exists(pk) OR version <= :v", {":v": ptr.version}
+        if expected_version is None:  # an item holding only compute's pending mark has no version yet
+            cond, values = "attribute_not_exists(version) OR version <= :v", {":v": ptr.version}
         else:  # compare-and-swap: only over the pointer the new one was derived from
             cond, values = "version = :e", {":e": expected_version}
         try:
-            self.state.put_item(
-                Item={
-                    "pk": f"bundle#{ptr.workload_id}",
-                    "sk": "latest",
-                    "version": ptr.version,
-                    "doc": ptr.model_dump_json(),
-                },
+            # an update, not a put: compute's pending mark on the same item stays (one older than
+            # this version is satisfied by it; a newer one still holds the agent API back)
+            self.state.update_item(
+                Key={"pk": f"bundle#{ptr.workload_id}", "sk": "latest"},
+                UpdateExpression="SET version = :n, doc = :d",
                 ConditionExpression=cond,
-                ExpressionAttributeValues=values,
+                ExpressionAttributeValues={**values, ":n": ptr.version, ":d": ptr.model_dump_json()},
             )
         except ClientError as exc:
             if _conditional_failed(exc):
@@ -432,9 +429,22 @@ class DynamoStore:
     def bundle_pointers(self, workload_ids: list[str]) -> dict[str, BundlePointer]:
         out: dict[str, BundlePointer] = {}
         for item in self._batch_get([(f"bundle#{w}", "latest") for w in sorted(set(workload_ids))]):
-            ptr = BundlePointer.model_validate_json(item["doc"])
-            out[ptr.workload_id] = ptr
+            ptr = _pointer_of(item)
+            if ptr is not None:
+                out[ptr.workload_id] = ptr
         return out
+
+    def mark_bundle_pending(self, workload_id: str, version: int) -> None:
+        try:
+            self.state.update_item(
+                Key={"pk": f"bundle#{workload_id}", "sk": "latest"},
+                UpdateExpression="SET pending = :p",
+                ConditionExpression="attribute_not_exists(pending) OR pending < :p",
+                ExpressionAttributeValues={":p": version},
+            )
+        except ClientError as exc:
+            if not _conditional_failed(exc):  # a higher mark stands: nothing to do
+                raise
 
     def _batch_get(self, keys: list[tuple[str, str]]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -637,11 +647,10 @@ class DynamoStore:
         if not token_key_holds(_token_key(token), str(bound["public_key"]) if bound else None):
             return Grant(None)
         item = inventory[0] if inventory else None
-        ptr = state.get(f"bundle#{workload_id}")
         return Grant(
             workload_id,
             self._to_record(item) if item is not None and _observed(item) else None,
-            BundlePointer.model_validate_json(ptr["doc"]) if ptr is not None else None,
+            _pointer_of(state.get(f"bundle#{workload_id}")),
         )
 
     def revoke_tokens(self, workload_id: str) -> bool:
@@ -1052,6 +1061,17 @@ class DynamoStore:
                 )
         older = sorted((AuditRecord.model_validate_json(i["doc"]) for i in legacy), key=lambda r: r.time)
         return older + [AuditRecord.model_validate_json(i["doc"]) for i in chain]
+
+
+def _pointer_of(item: dict[str, Any] | None) -> BundlePointer | None:
+    """The bundle pointer of a ``bundle#`` item, with compute's pending mark beside it; None when
+    the item holds only the mark (nothing published yet)."""
+    if item is None or "doc" not in item:
+        return None
+    ptr = BundlePointer.model_validate_json(item["doc"])
+    if "pending" in item:
+        ptr.pending = int(item["pending"])
+    return ptr
 
 
 def _observed(item: dict[str, Any] | None) -> bool:

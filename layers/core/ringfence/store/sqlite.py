@@ -114,6 +114,9 @@ CREATE TABLE IF NOT EXISTS head (
 CREATE TABLE IF NOT EXISTS policy (number INTEGER PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS bundle (workload_id TEXT PRIMARY KEY, version INTEGER NOT NULL, doc TEXT NOT NULL);
+-- compute's mark: the highest bundle version it handed on for publication (Store.mark_bundle_pending);
+-- a table of its own, so that a file of an earlier release gains it without a schema version
+CREATE TABLE IF NOT EXISTS bundle_pending (workload_id TEXT PRIMARY KEY, version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS set_head (name TEXT PRIMARY KEY, version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS set_digest (name TEXT PRIMARY KEY, version INTEGER NOT NULL, digest TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS published (count INTEGER PRIMARY KEY, doc TEXT NOT NULL, expires REAL NOT NULL);
@@ -493,8 +496,16 @@ class SqliteStore:
     # --- published artifacts --------------------------------------------------------------------
 
     def bundle_pointer(self, workload_id: str) -> BundlePointer | None:
-        row = self._db().execute("SELECT doc FROM bundle WHERE workload_id = ?", (workload_id,)).fetchone()
-        return BundlePointer.model_validate_json(row[0]) if row else None
+        row = (
+            self._db()
+            .execute(
+                "SELECT b.doc, p.version FROM bundle b LEFT JOIN bundle_pending p USING (workload_id) "
+                "WHERE b.workload_id = ?",
+                (workload_id,),
+            )
+            .fetchone()
+        )
+        return _pointer_of(row) if row else None
 
     def put_bundle_pointer(self, ptr: BundlePointer, expected_version: int | None = None) -> bool:
         with self._tx() as db:
@@ -550,11 +561,20 @@ class SqliteStore:
 
     def bundle_pointers(self, workload_ids: list[str]) -> dict[str, BundlePointer]:
         rows = self._db().execute(
-            "SELECT doc FROM bundle WHERE workload_id IN (SELECT value FROM json_each(?))",
+            "SELECT b.doc, p.version FROM bundle b LEFT JOIN bundle_pending p USING (workload_id) "
+            "WHERE b.workload_id IN (SELECT value FROM json_each(?))",
             (json.dumps(sorted(set(workload_ids))),),
         )
-        ptrs = (BundlePointer.model_validate_json(r[0]) for r in rows)
+        ptrs = (_pointer_of(r) for r in rows)
         return {p.workload_id: p for p in ptrs}
+
+    def mark_bundle_pending(self, workload_id: str, version: int) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO bundle_pending (workload_id, version) VALUES (?, ?) ON CONFLICT (workload_id) "
+                "DO UPDATE SET version = excluded.version WHERE excluded.version > bundle_pending.version",
+                (workload_id, version),
+            )
 
     def bump_published(self, workloads: list[str] | None) -> int:
         now = time.time()
@@ -864,3 +884,11 @@ class SqliteStore:
     def audit_head(self) -> AuditHead | None:
         row = self._db().execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
         return AuditHead(seq=row[0], hash=row[1]) if row else None
+
+
+def _pointer_of(row: tuple[str, int | None]) -> BundlePointer:
+    """A bundle pointer row with compute's pending mark beside it (NULL: never marked)."""
+    ptr = BundlePointer.model_validate_json(row[0])
+    if row[1] is not None:
+        ptr.pending = int(row[1])
+    return ptr

@@ -1,0 +1,242 @@
+"""A workload's rebuilt bundle on its way to the publish workers, and everything that may happen
+meanwhile: set deltas moving its sets past it, a rebuild that finds an older pointer, a job taken
+twice. Compute marks each bundle it hands on as pending on the workload's pointer before any set
+head moves (``Store.mark_bundle_pending``); the agent API serves no set delta at or past that
+mark over the older bundle, a rebuild adopts no pointer below it, and the workers' pointer write
+keeps it. Each test drives the real handlers (moto) and the real agent core (dry-run backend),
+and checks what the agent ends up enforcing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ringfence.bundlewire import Verifier, load_bundle, load_delta
+from ringfence.model import Mode
+from ringfence_agent.core import Agent
+from ringfence_agent.plan import LocalFailsafes
+from ringfence_agent.state import StateDir
+from tests.agent.test_agent_unit import FakeBackend
+from tests.aws.conftest import Env, LambdaContext, ip_of
+from tests.aws.test_fanout import _message, publish_messages
+from tests.aws.test_pipeline import boot
+
+
+def _agent(env: Env, wid: str, tmp: Path) -> Agent:
+    """The workload's agent (the real core, a backend that programs nothing), enforcing what the
+    agent API serves now."""
+    state = StateDir(tmp / wid)
+    state.ensure()
+    verifier = Verifier.from_pem(env.signing_key.public_pem())
+    agent = Agent(wid, verifier, FakeBackend(), state, LocalFailsafes(), log=lambda s: None)  # type: ignore[arg-type]
+    _sync(env, agent)
+    assert agent.revision is not None
+    return agent
+
+
+def _sync(env: Env, agent: Agent, timeout: float = 0.0) -> int | None:
+    """One round of the daemon's sync (ringfence_agent.daemon): the long-poll's answer from the
+    applied revision, with the deltas or the bundle it carries applied; else deltas since the
+    applied revision, else the whole bundle and the deltas after it. The latest version the
+    agent API announced."""
+    api = env.fn["agentapi"].api()
+    wid = agent.workload_id
+    assert wid is not None
+    rev = agent.revision
+    if rev is not None:
+        got = api.wait(wid, rev, timeout, with_deltas=True, with_bundle=True)
+        body = json.loads(got.body) if isinstance(got.body, bytes) else got.body
+        latest = body.get("latest_version")
+        if latest is None or latest <= rev:
+            return latest
+        if "bundle" in body:
+            agent.apply_bundle(load_bundle(body["bundle"]))
+        for d in (body.get("deltas") or {}).get("deltas", []):
+            agent.apply_delta(load_delta(json.dumps(d)))
+        if (agent.revision or 0) >= latest:
+            return latest
+        found = api.deltas(wid, agent.revision or 0)
+        if found.status == 200:
+            for d in json.loads(found.body)["deltas"]:
+                agent.apply_delta(load_delta(json.dumps(d)))
+            if (agent.revision or 0) >= latest:
+                return latest
+    cur = api.current(wid)
+    assert isinstance(cur, tuple), cur
+    doc = load_bundle(cur[1])
+    if agent.revision is None or doc.version > agent.revision:
+        agent.apply_bundle(doc)
+    after = api.deltas(wid, agent.revision or 0)
+    assert after.status == 200, after
+    for d in json.loads(after.body)["deltas"]:
+        agent.apply_delta(load_delta(json.dumps(d)))
+    return api.latest_version(wid)
+
+
+def _compute(env: Env, body: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = env.fn["compute"].handler(env.sqs_event([_message(body)]), LambdaContext())
+    return out
+
+
+def _enforced(agent: Agent) -> Any:
+    eff = agent.effective()
+    assert eff is not None
+    return eff
+
+
+def _holds(agent: Agent, ip: str) -> bool:
+    return any(f"{ip}/32" in s.v4 for s in _enforced(agent).sets.values())
+
+
+def test_deltas_never_carry_an_agent_past_its_rebuilt_bundle_still_on_the_publish_queue(
+    env: Env, tmp_path: Path
+) -> None:
+    """One compute batch changes the db's own rules (mode → observe: a whole bundle, queued) and
+    adds a peer to a set the db holds (a delta, written by compute itself). Before the fix the
+    db agent's long-poll was answered with that delta while the bundle was still queued: the
+    agent moved to the bundle's version with its old rules and refused the bundle (a replay)."""
+    est = boot(env)
+    db = est["ids"]["db"][0]
+    agent = _agent(env, db, tmp_path)
+    before = agent.revision
+    assert _enforced(agent).mode == Mode.ENFORCE
+    new_proc = est["run"]("processing", est["subnets"]["app"], 1)[0]
+    env.put(env.state_event(new_proc, "running"))
+    env.drain("ingest", "ingest")  # the inventory record; compute not run yet
+    env.store.set_operator(db, mode=Mode.OBSERVE)
+    assert _compute(env, {"ids": [db, new_proc]}) == {"batchItemFailures": []}
+    svc = env.fn["compute"].service()
+    assert svc.engine is not None
+    pending = svc.engine.bundle_version(db)  # the version of the bundle the workers have not published yet
+    assert env.store.bundle_pointer(db).version < pending
+    # the agent's long-poll, and a deltas request of its own, meanwhile: nothing past the bundle
+    _sync(env, agent)
+    assert agent.revision is not None and agent.revision < pending, (agent.revision, pending)
+    got = env.fn["agentapi"].api().deltas(db, before or 0)
+    assert got.status == 200
+    assert all(d["to_version"] < pending for d in json.loads(got.body)["deltas"])
+    # the workers publish: the agent takes the bundle (its new rules) and the peer with it
+    env._drain("publish", "publish")
+    _sync(env, agent)
+    assert _enforced(agent).mode == Mode.OBSERVE
+    assert _holds(agent, ip_of(env, new_proc))
+    assert agent.revision == env.fn["agentapi"].api().latest_version(db)
+
+
+def test_a_quarantine_on_the_publish_queue_reaches_the_agent_when_a_later_batch_moves_its_sets(
+    env: Env, tmp_path: Path
+) -> None:
+    """Batch 1 quarantines the db (its bundle queued), batch 2 adds a peer to a set the db holds
+    (a delta). Before the fix the db agent took the delta first and then refused the quarantine
+    bundle as a rollback: an incident quarantine that never reached the agent."""
+    est = boot(env)
+    db = est["ids"]["db"][0]
+    agent = _agent(env, db, tmp_path)
+    env.store.set_operator(db, quarantined=True)
+    assert _compute(env, {"ids": [db]}) == {"batchItemFailures": []}
+    new_proc = est["run"]("processing", est["subnets"]["app"], 1)[0]
+    env.put(env.state_event(new_proc, "running"))
+    env.drain("ingest", "ingest")
+    assert _compute(env, {"ids": [new_proc]}) == {"batchItemFailures": []}
+    _sync(env, agent)  # the workers lag: the agent is answered, but not moved past the quarantine
+    assert not _enforced(agent).quarantined
+    env._drain("publish", "publish")
+    latest = _sync(env, agent)
+    assert _enforced(agent).quarantined
+    assert agent.revision == latest
+
+
+def test_a_rebuild_does_not_adopt_a_pointer_older_than_a_bundle_on_the_publish_queue(
+    env: Env, monkeypatch: Any
+) -> None:
+    """A compute run lifts a quarantine, hands the bundle to the workers, fails before its commit;
+    the quarantine is put back; the retry rebuilds. Before the fix the rebuild adopted the older
+    (quarantined) pointer, at a version below the job in flight, which then landed: the agent was
+    served the un-quarantined bundle for good while inventory and engine said quarantined."""
+    est = boot(env)
+    db = est["ids"]["db"][0]
+    env.store.set_operator(db, quarantined=True)
+    assert _compute(env, {"ids": [db]}) == {"batchItemFailures": []}
+    env._drain("publish", "publish")
+    assert env.bundle(db).quarantined
+    env.store.set_operator(db, quarantined=False)
+    svc = env.fn["compute"].service()
+    real = svc.w.store.put_moved
+    calls = {"n": 0}
+
+    def flaky(rec: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("throttled (simulated): the run ends before its commit")
+        real(rec)
+
+    monkeypatch.setattr(svc.w.store, "put_moved", flaky)
+    first = _message({"ids": [db]})
+    assert env.fn["compute"].handler(env.sqs_event([first]), LambdaContext())["batchItemFailures"]
+    env.store.set_operator(db, quarantined=True)  # the lift was a mistake
+    again = env.fn["compute"].handler(env.sqs_event([first, _message({"ids": [db]})]), LambdaContext())
+    assert again == {"batchItemFailures": []}
+    env._drain("publish", "publish")  # the failed run's job and the rebuild's, in that order
+    ptr = env.store.bundle_pointer(db)
+    assert ptr is not None
+    assert env.bundle(db).quarantined
+    assert svc.engine is not None and svc.engine.bundle_version(db) == ptr.version
+
+
+def test_two_staged_jobs_of_one_workload_at_one_revision_both_succeed(env: Env, monkeypatch: Any) -> None:
+    """A change and the agent API's repair request for the same workload in one batch: two staged
+    jobs at one revision. Before the fix they shared the staged key, the first worker deleted it
+    and the second job failed on every redelivery (the publish DLQ, its alarm)."""
+    from ringfence.control import compute as compute_mod
+
+    est = boot(env)
+    monkeypatch.setattr(compute_mod, "MESSAGE_BUDGET", 100)  # every bundle "too big": staged
+    web = est["ids"]["web"][0]
+    env.store.set_operator(web, quarantined=True)
+    out = env.fn["compute"].handler(
+        env.sqs_event([_message({"ids": [web]}), _message({"ids": [], "publish": [web]})]), LambdaContext()
+    )
+    assert out == {"batchItemFailures": []}
+    jobs = publish_messages(env)
+    staged = [b["staged"] for m in jobs for b in json.loads(m["Body"])["bundles"]]
+    assert len(staged) == 2
+    for m in jobs:  # one at a time, as two workers would
+        got = env.fn["publish"].handler(env.sqs_event([m], env.aws.queue_arn("publish")), LambdaContext())
+        assert got == {"batchItemFailures": []}
+    # a redelivery of a job done already (its copy deleted) is done, and wakes the long-polls again
+    count = env.store.head().published
+    got = env.fn["publish"].handler(env.sqs_event([jobs[0]], env.aws.queue_arn("publish")), LambdaContext())
+    assert got == {"batchItemFailures": []}
+    assert env.store.head().published == count + 1
+    assert env.bundle(web).quarantined
+    left = env.s3.list_objects_v2(Bucket=env.bucket, Prefix="staging/").get("KeyCount", 0)
+    assert left == 0
+
+
+def test_a_staged_job_whose_copy_is_gone_before_it_was_pointed_at_still_fails(env: Env, monkeypatch: Any) -> None:
+    """The other side of counting a missing copy as done: only when the pointer is at the job's
+    version or past it. A copy gone with the pointer behind is a failure (redelivered)."""
+    from ringfence.control import compute as compute_mod
+
+    est = boot(env)
+    monkeypatch.setattr(compute_mod, "MESSAGE_BUDGET", 100)
+    web = est["ids"]["web"][0]
+    env.store.set_operator(web, quarantined=True)
+    assert _compute(env, {"ids": [web]}) == {"batchItemFailures": []}
+    jobs = publish_messages(env)
+    for m in jobs:
+        for b in json.loads(m["Body"])["bundles"]:
+            env.s3.delete_object(Bucket=env.bucket, Key=b["staged"])
+    got = env.fn["publish"].handler(env.sqs_event(jobs, env.aws.queue_arn("publish")), LambdaContext())
+    staged = {m["MessageId"] for m in jobs if json.loads(m["Body"])["bundles"]}
+    assert staged and {f["itemIdentifier"] for f in got["batchItemFailures"]} == staged
+    assert not env.bundle(web).quarantined
+
+
+def test_the_dynamodb_store_keeps_the_pending_mark_beside_the_pointer(env: Env) -> None:
+    from tests.test_publish_pending_sqlite import check_pending_mark
+
+    check_pending_mark(env.store)
+    # the agent's grant reads the pointer with the mark too (one BatchGetItem)
+    assert env.store.bundle_pointer("w-1").pending == 7
