@@ -271,7 +271,7 @@ def test_reports_validated_and_size_limited(env: Env) -> None:
             {
                 "start": 1,
                 "end": 2,
-                "src": "10.1.1.1",
+                "src": ip_of(env, web),  # its own address: records with neither end its own are not kept
                 "dst": "10.1.2.1",
                 "proto": "tcp",
                 "dport": 443,

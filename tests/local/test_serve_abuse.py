@@ -163,3 +163,96 @@ def test_malformed_bodies_are_400_and_a_bearer_route_checks_the_token_before_the
     assert r.status_code == 400, r.text
     err = capfd.readouterr().err
     assert "Traceback" not in err and "RecursionError" not in err and "UnicodeDecodeError" not in err
+
+
+def _archived(w: LocalWiring) -> list[Path]:
+    root = w.state_dir / "objects" / "reports"
+    return [p for p in root.rglob("*.json")] if root.exists() else []
+
+
+def _drop(src: str, dst: str) -> dict[str, object]:
+    return {
+        "time": time.time(),
+        "direction": "inbound",
+        "src": src,
+        "dst": dst,
+        "proto": "tcp",
+        "sport": 40000,
+        "dport": 443,
+        "rule_id": "x" * 40,
+        "action": "drop",
+        "count": 1,
+    }
+
+
+def test_attack_one_token_cannot_fill_the_disk_with_report_batches(plane: Plane) -> None:
+    """Root on one enrolled host posts report batches as fast as it can (before: each archived,
+    foreign records and all, ~200 GB a day from one connection, kept forever). Records with
+    neither end its address are not archived; what it may write is a byte quota per workload
+    (429 with Retry-After once spent), and the retention sweep deletes batches past 90 days."""
+    from ringfence.local.retention import ReportQuota
+
+    url, w = plane.url, plane.w
+    web = plane.enroll(WEB)
+    foreign = {"flows": [], "drops": [_drop("203.0.113.9", "203.0.113.10")] * 1000, "dropped_records": 0}
+    for _ in range(5):
+        r = httpx.post(f"{url}/v1/agents/{WEB}/reports", headers=web, json=foreign)
+        assert r.status_code == 202 and r.json()["accepted"] == 0, r.text
+    assert _archived(w) == []
+    # its own address at one end: archived, until its quota is spent (a small one here)
+    w.report_quota = ReportQuota(rate=16 * 1024, burst=1024 * 1024)
+    own = {"flows": [], "drops": [_drop("203.0.113.9", "192.168.10.11")] * 1000, "dropped_records": 0}
+    statuses = []
+    with httpx.Client(timeout=30) as c:
+        for _ in range(30):
+            r = c.post(f"{url}/v1/agents/{WEB}/reports", headers=web, json=own)
+            statuses.append(r.status_code)
+            if r.status_code == 429:
+                assert int(r.headers["Retry-After"]) >= 1
+                break
+    assert statuses[0] == 202 and statuses[-1] == 429, statuses
+    size = sum(p.stat().st_size for p in _archived(w))
+    assert 0 < size <= 1024 * 1024 + 300 * 1024  # the burst, and at most one batch's worth more
+    # another workload's quota is its own
+    db = plane.enroll(DB)
+    mine = {"flows": [], "drops": [_drop("192.168.10.31", "192.168.10.11")] * 10, "dropped_records": 0}
+    assert httpx.post(f"{url}/v1/agents/{DB}/reports", headers=db, json=mine).status_code == 202
+    # retention: batches of days older than RINGFENCE_REPORT_RETENTION_DAYS (90) go
+    old = w.state_dir / "objects" / "reports" / WEB / "2020" / "01" / "02" / "x.json"
+    old.parent.mkdir(parents=True)
+    old.write_text("{}")
+    kept = len(_archived(w))
+    assert w.sweep_reports() == 1
+    assert not old.exists() and not (w.state_dir / "objects" / "reports" / WEB / "2020").exists()
+    assert len(_archived(w)) == kept - 1
+    assert w.sweep_reports(now=time.time() + 91 * 86400) == kept - 1
+
+
+def test_an_honest_agents_reports_fit_the_default_quota(plane: Plane) -> None:
+    """The agent's defaults at their worst: both buffers full (10,000 drops and 10,000 flows, in
+    batches of 500 + 500) every 30 s, with a full 4 MiB spool flushed at once after an outage."""
+    from ringfence.local.retention import ReportQuota
+
+    url, w = plane.url, plane.w
+    clock = [0.0]
+    w.report_quota = ReportQuota(clock=lambda: clock[0])
+    web = plane.enroll(WEB)
+    flow = {
+        "start": time.time(),
+        "end": time.time(),
+        "src": "192.168.10.11",
+        "dst": "2001:db8:1234:5678:9abc:def0:1234:5678",
+        "proto": "tcp",
+        "sport": 54321,
+        "dport": 5432,
+        "packets": 123456,
+        "bytes": 123456789,
+        "direction": "outbound",
+    }
+    batch = {"flows": [flow] * 500, "drops": [_drop("2001:db8:1234:5678:9abc:def0:1234:5679", "192.168.10.11")] * 500}
+    with httpx.Client(timeout=30) as c:
+        for interval in range(6):
+            clock[0] = interval * 30.0
+            for _ in range(20 + (10 if interval == 0 else 0)):  # the first: a spool flush on top
+                r = c.post(f"{url}/v1/agents/{WEB}/reports", headers=web, json=batch)
+                assert r.status_code == 202 and r.json()["accepted"] == 1000, (interval, r.status_code, r.text)

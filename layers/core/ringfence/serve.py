@@ -755,6 +755,17 @@ def findings_pass(wiring: Any, stop: threading.Event, env: Mapping[str, str] | N
     return every("findings", lambda: announce(wiring), float(e.get("RINGFENCE_FINDINGS_INTERVAL", "60")), stop)
 
 
+def retention_pass(wiring: Any, stop: threading.Event, seconds: float = 3600) -> threading.Thread | None:
+    """With the local wiring: agents' report batches older than the retention are deleted now and
+    every ``seconds`` (on AWS the bucket's lifecycle rule does it), in a thread until ``stop``."""
+    sweep = getattr(wiring, "sweep_reports", None)
+    if sweep is None:
+        return None
+    from ringfence.clouds import every
+
+    return every("reports-retention", sweep, seconds, stop)
+
+
 def run(
     host: str,
     port: int,
@@ -798,6 +809,7 @@ def run(
         app = ServeApp.over(wiring, tokens, threads, metrics=counters)
         reconciles(app, wiring, stop)
         findings_pass(wiring, stop)
+        retention_pass(wiring, stop)
         server = uvicorn_server(app, tls_cert, tls_key)
         admin = f"admin API for {len(set(tokens.by_hash.values()))} principal(s)" if tokens else "admin API off"
         announce(f"ringfence serve: listening on {url_of(sock, tls_cert is not None)} (store {store}; {admin})")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import ipaddress
 import itertools
 import json
 import secrets
@@ -34,6 +36,7 @@ from .publish import PUBLIC_KEYS_KEY
 from .wiring import BaseWiring, log
 
 DOCUMENTS_KEPT = 256  # signed bundle and delta documents an agent API process keeps in memory
+HISTORY_LOOKUPS = 8  # addresses of a report batch looked up in the address history, at most
 
 # an enrollment method given to this API alone (beside the wiring's, ringfence.control.enroll): checks
 # the request's proof, calls bind(req, workload_id) to bind the agent key (required, first binding
@@ -511,14 +514,74 @@ class AgentApi:
         return out
 
     def reports(self, workload_id: str, batch: agentapi.ReportBatch) -> Response:
-        key = f"reports/{workload_id}/{time.strftime('%Y/%m/%d', time.gmtime())}/{uuid.uuid4().hex}.json"
+        grant = self._granted(workload_id)
         doc = batch.model_dump(mode="json")
-        self.w.publisher.put_json(key, doc)
-        if self.w.flows_inline:
-            self._ingest_flows(workload_id, doc)
-        if self.w.siem is not None and batch.drops:
-            self.w.siem.drops(workload_id, batch.drops)  # never raises: the batch is archived already
-        return Response(202, {"accepted": len(batch.flows) + len(batch.drops)})
+        # what one workload's token may write (the local wiring's; on AWS API Gateway throttles)
+        quota = getattr(self.w, "report_quota", None)
+        if quota is not None:
+            retry = quota.take(workload_id, len(json.dumps(doc)))
+            if retry is not None:
+                r = error(429, "report quota exceeded", f"{workload_id} sent more report bytes than its quota")
+                r.headers["Retry-After"] = str(retry)
+                return r
+        # a host's agent sees its own traffic: records with neither end its address are not kept
+        rec = grant.record if grant is not None else self.w.store.get(workload_id)
+        kept = self._own_records(workload_id, rec, batch)
+        foreign = len(batch.flows) + len(batch.drops) - len(kept.flows) - len(kept.drops)
+        if foreign:
+            log.warning("%d report records of %s name neither end its address: not kept", foreign, workload_id)
+        if kept.flows or kept.drops or kept.dropped_records:
+            key = f"reports/{workload_id}/{time.strftime('%Y/%m/%d', time.gmtime())}/{uuid.uuid4().hex}.json"
+            doc = kept.model_dump(mode="json")
+            self.w.publisher.put_json(key, doc)
+            if self.w.flows_inline:
+                self._ingest_flows(workload_id, doc)
+            if self.w.siem is not None and kept.drops:
+                self.w.siem.drops(workload_id, kept.drops)  # never raises: the batch is archived already
+        return Response(202, {"accepted": len(kept.flows) + len(kept.drops)})
+
+    def _own_records(
+        self, workload_id: str, rec: InventoryRecord | None, batch: agentapi.ReportBatch
+    ) -> agentapi.ReportBatch:
+        """The batch's records with one end the reporter's address: one its inventory record
+        holds now, or one the address history gives it when the record was seen (or now)."""
+        from ringfence.flows.resolve import AddressBook
+
+        def norm(address: str) -> str:
+            try:
+                return ipaddress.ip_address(address).compressed
+            except ValueError:
+                return address
+
+        mine = {norm(a) for a in rec.workload.ips} if rec is not None else set()
+
+        def at_home(src: str, dst: str) -> bool:
+            return norm(src) in mine or norm(dst) in mine
+
+        flows = [f for f in batch.flows if at_home(f.src, f.dst)]
+        drops = [d for d in batch.drops if at_home(d.src, d.dst)]
+        rest = [(f.src, f.dst, f.start) for f in batch.flows if not at_home(f.src, f.dst)]
+        rest += [(d.src, d.dst, d.time) for d in batch.drops if not at_home(d.src, d.dst)]
+        if rest:  # an address it held when the record was seen, by the history
+            # its former address is at one end of each of its records: the most frequent ones are
+            # looked up, a bounded number (DynamoDB reads one per address)
+            counts = collections.Counter(a for src, dst, _ in rest for a in {src, dst})
+            asked = sorted(a for a, _ in counts.most_common(HISTORY_LOOKUPS))
+            book = AddressBook(self.w.store.address_history(asked))
+            now = time.time()
+
+            def held(address: str, t: float) -> bool:
+                return any(
+                    (o := book.owner(address, at)) is not None and o.workload_id == workload_id for at in (t, now)
+                )
+
+            flows += [
+                f for f in batch.flows if not at_home(f.src, f.dst) and (held(f.src, f.start) or held(f.dst, f.start))
+            ]
+            drops += [
+                d for d in batch.drops if not at_home(d.src, d.dst) and (held(d.src, d.time) or held(d.dst, d.time))
+            ]
+        return agentapi.ReportBatch(flows=flows, drops=drops, dropped_records=batch.dropped_records)
 
     def _ingest_flows(self, workload_id: str, doc: dict[str, Any]) -> None:
         """Fold the batch into flow rows (docs/visibility.md); a failure is logged, never the

@@ -37,6 +37,7 @@ from ringfence.bundle import Signer, SigningKey
 from ringfence.control.compute import Compute, ComputeStats
 from ringfence.control.wiring import BaseWiring, Config, Metric, no_metric
 from ringfence.local.publish import FilePublisher
+from ringfence.local.retention import ReportQuota, retention_days, sweep_reports
 from ringfence.store.base import Store
 from ringfence.store.sqlite import SqliteStore
 
@@ -235,6 +236,9 @@ class LocalWiring(BaseWiring):
                 self._signer = signing_key  # a key, or a signer process holding one (serve --user)
             else:
                 self._signer = own_signing_key(self.state_dir)
+            # what one workload's token may write into objects/reports/, and for how long it stays
+            self.report_quota: ReportQuota | None = ReportQuota.from_env()
+            self.report_retention_days = retention_days()
         except BaseException:
             self._lock.close()  # a bad key or database leaves the directory free for the next try
             raise
@@ -269,6 +273,11 @@ class LocalWiring(BaseWiring):
 
     def send_compute(self, message: dict[str, Any]) -> None:
         self.worker.submit(message)
+
+    def sweep_reports(self, now: float | None = None) -> int:
+        """Delete the agents' report batches older than the retention (``RINGFENCE_REPORT_RETENTION_DAYS``,
+        default 90 as on AWS); ``ringfence serve`` runs it hourly."""
+        return sweep_reports(self.state_dir / "objects", self.report_retention_days, now)
 
     def wait_for_change(self, seconds: float, workload_id: str | None = None) -> None:
         self.notifier.wait(seconds)  # compute runs in this process: it wakes every waiter at once
