@@ -240,3 +240,39 @@ def test_the_dynamodb_store_keeps_the_pending_mark_beside_the_pointer(env: Env) 
     check_pending_mark(env.store)
     # the agent's grant reads the pointer with the mark too (one BatchGetItem)
     assert env.store.bundle_pointer("w-1").pending == 7
+
+
+def test_a_batch_that_failed_after_pointing_is_done_job_by_job_and_wakes_the_long_polls(
+    env: Env, monkeypatch: Any
+) -> None:
+    """A batch of staged jobs fails after its pointers moved (its count on the engine head
+    throttled): the handler runs the jobs again one by one. Each is done (its copy is still
+    there: the copies go last) and counted, so the long-polls of those workloads wake."""
+    from ringfence.control import compute as compute_mod
+
+    est = boot(env)
+    monkeypatch.setattr(compute_mod, "MESSAGE_BUDGET", 100)
+    web, db = est["ids"]["web"][0], est["ids"]["db"][0]
+    for wid in (web, db):
+        env.store.set_operator(wid, quarantined=True)
+    assert _compute(env, {"ids": [web, db]}) == {"batchItemFailures": []}
+    jobs = publish_messages(env)
+    worker = env.fn["publish"].service()
+    real = worker.w.store.bump_published
+    calls: list[Any] = []
+
+    def throttled(workloads: Any) -> int:
+        calls.append(workloads)
+        if len(calls) == 1:
+            raise RuntimeError("ProvisionedThroughputExceededException (simulated)")
+        return int(real(workloads))
+
+    monkeypatch.setattr(worker.w.store, "bump_published", throttled)
+    count = env.store.head().published
+    got = env.fn["publish"].handler(env.sqs_event(jobs, env.aws.queue_arn("publish")), LambdaContext())
+    assert got == {"batchItemFailures": []}
+    counted = {w for c in calls[1:] for w in c or ()}
+    assert {web, db} <= counted
+    assert env.store.head().published > count
+    assert env.bundle(web).quarantined and env.bundle(db).quarantined
+    assert env.s3.list_objects_v2(Bucket=env.bucket, Prefix="staging/").get("KeyCount", 0) == 0
