@@ -110,7 +110,8 @@ def sam_statements(fn: str = "agentapi") -> list[Statement]:
 
 
 _TF_STATEMENT = re.compile(
-    r"\{actions = (\[[^\]]*\]), resources = (\[[^\]]*\]|local\.\w+)(?:, conditions = (\[.*?\]))?\}"
+    # conditions: a list of {…} whose values are lists (several conditions read, not the first)
+    r"\{actions = (\[[^\]]*\]), resources = (\[[^\]]*\]|local\.\w+)(?:, conditions = (\[(?:[^\[\]]|\[[^\]]*\])*\]))?\}"
 )
 _TF_CONDITION = re.compile(r'test = "([^"]+)", variable = "([^"]+)", values = (\[[^\]]*\])')
 

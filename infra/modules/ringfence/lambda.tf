@@ -176,8 +176,11 @@ locals {
     ])
     publish = concat([
       # bundle pointers (conditional: never backwards), the published count and its records,
-      # WebSocket connections (read; dropped when gone)
-      { actions = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn] },
+      # WebSocket connections (read; dropped when gone). Writes only those items: never compute's
+      # pending mark beside a pointer, the engine head's revision, a set head, a delta or the policy
+      { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.state.arn] },
+      { actions = ["dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["bundle#*", "published", "conn#*"] }, { test = "ForAllValues:StringEquals", variable = "dynamodb:Attributes", values = ["pk", "sk", "version", "doc", "ttl"] }] },
+      { actions = ["dynamodb:UpdateItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringEquals", variable = "dynamodb:LeadingKeys", values = ["engine"] }, { test = "ForAllValues:StringEquals", variable = "dynamodb:Attributes", values = ["pk", "sk", "published"] }] },
       { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.publish.arn] },
       { actions = ["s3:PutObject"], resources = ["${aws_s3_bucket.bundles.arn}/bundles/*", "${aws_s3_bucket.bundles.arn}/keys/*"] },
       { actions = ["s3:GetObject", "s3:DeleteObject"], resources = ["${aws_s3_bucket.bundles.arn}/staging/*"] },
