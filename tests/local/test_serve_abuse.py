@@ -256,3 +256,38 @@ def test_an_honest_agents_reports_fit_the_default_quota(plane: Plane) -> None:
             for _ in range(20 + (10 if interval == 0 else 0)):  # the first: a spool flush on top
                 r = c.post(f"{url}/v1/agents/{WEB}/reports", headers=web, json=batch)
                 assert r.status_code == 202 and r.json()["accepted"] == 1000, (interval, r.status_code, r.text)
+
+
+def _pair(url: str, wid: str, pairing_key: str, key: AgentKey | None = None) -> httpx.Response:
+    key = key or AgentKey()
+    nonce = httpx.get(f"{url}/v1/nonce").json()["nonce"]
+    body = {"method": "pairing", "nonce": nonce, "workload_id": wid, "pairing_key": pairing_key}
+    return httpx.post(f"{url}/v1/enroll", json={**body, **key.enroll_fields(wid, nonce)})
+
+
+def test_attack_pairing_without_a_valid_key_learns_nothing_and_writes_no_audit_record(plane: Plane) -> None:
+    """Without a valid pairing key, an enrollment told whether the id was registered, of which
+    cloud, and whether an agent-key reset was pending; while one was, each try wrote an audit
+    record. Now every such refusal is the same 401 and writes nothing; a valid key for another
+    agent key than the reset named is still refused and audited."""
+    from ringfence.control.credentials import agent_key_fingerprint
+
+    url, w = plane.url, plane.w
+    named = AgentKey()
+    w.store.expect_agent_key(DB, agent_key_fingerprint(named.pem))  # an operator's reset names the next key
+    before = len(w.store.audit_log())
+    details = set()
+    for wid in (WEB, "dc9-nope-1", DB):
+        for _ in range(3):
+            r = _pair(url, wid, "no-such-key")
+            assert r.status_code == 401, r.text
+            details.add(r.json()["detail"].replace(wid, "<id>"))
+    assert details == {"pairing key is unknown, expired, used up, revoked or not issued for <id>"}
+    assert len(w.store.audit_log()) == before
+    # a valid key shown with another key than the one named: refused, audited, the key not spent
+    good = plane.admin.pairing_key("alice", DB, 1, 600, "reinstall").body["pairing_key"]
+    after_mint = len(w.store.audit_log())
+    r = _pair(url, DB, good)
+    assert r.status_code == 401 and "reset for another key" in r.json()["detail"], r.text
+    assert w.store.audit_log()[-1].action == "agent.enroll.refused" and len(w.store.audit_log()) == after_mint + 1
+    assert _pair(url, DB, good, named).status_code == 200  # the named key, with the same key: bound

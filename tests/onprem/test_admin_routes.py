@@ -104,7 +104,7 @@ def test_a_pairing_key_left_over_enrolls_no_deregistered_workload_and_bad_string
         assert status == 400 and "surrogate" in body["detail"], (field, status, body)
     assert call(app, "DELETE", "/admin/workloads/dc3-app-1", {"reason": "decommissioned"})[0] == 200
     status, body = enroll()  # the key has uses left: the deregistered id is not enrolled with it
-    assert status == 401 and "not a registered workload" in body["detail"], body
+    assert status == 401 and "pairing key is unknown" in body["detail"], body
     status, body = enroll(workload_id="dc3-never-registered")
     assert status == 401
 

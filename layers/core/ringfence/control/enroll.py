@@ -34,29 +34,39 @@ class Enroller(Protocol):
 
 
 def enroll_pairing(api: AgentApi, req: agentapi.EnrollRequest) -> str:
-    """An operator-issued one-time pairing key for an on-premise workload."""
+    """An operator-issued one-time pairing key for an on-premise workload.
+
+    Until a valid pairing key is shown, a refusal says nothing about the workload and writes no
+    audit record: an unknown or terminated id, a cloud instance and a bad key get the same
+    answer, and the check of the key an operator's reset named (audited) is made only by the
+    store's pairing use, which finds a valid key first."""
+    from . import credentials  # it imports this module (ProofError)
+
     if not req.pairing_key or not req.workload_id:
         raise ProofError("pairing needs pairing_key and workload_id")
+    refused = ProofError(f"pairing key is unknown, expired, used up, revoked or not issued for {req.workload_id}")
     store = api.w.store
     if not store.burn_nonce(req.nonce):
         raise ProofError("nonce is unknown, expired or already used")
+    if req.agent_key is None:
+        raise ProofError(f"{req.method} needs agent_key and agent_signature (the agent's own key)")
     rec = store.get(req.workload_id)
-    if rec is None or rec.state == "terminated":
-        # deregistered (or never registered): a leftover key must not bind an agent key to the
-        # id, to be used once the id is registered again for another host
-        raise ProofError(f"{req.workload_id} is not a registered workload: pairing enrolls registered ones only")
-    if rec.workload.cloud != "onprem":
-        # a cloud instance proves its identity with the cloud's document, never with a key
-        raise ProofError(f"{req.workload_id} is a {rec.workload.cloud} instance: pairing is for on-premise workloads")
-    api.check_key(req, req.workload_id)
-    assert req.agent_key is not None  # check_key refuses a request without one
+    # the agent's signature over this nonce with the key it presents: checks the caller's own key only
+    credentials.verify_proof(req.agent_key, req.agent_signature, "enroll", req.workload_id, req.nonce)
+    # deregistered (or never registered): a leftover key must not bind an agent key to the id, to
+    # be used once the id is registered again for another host; a cloud instance proves its
+    # identity with the cloud's document, never with a key. No key is issued for either: the
+    # answer is the unknown key's
+    if rec is None or rec.state == "terminated" or rec.workload.cloud != "onprem":
+        raise refused
     # the key is spent only by the workload it was issued for, and an operator-issued key rebinds
-    # the agent key (a reinstalled host) in the same atomic step: a use checked before an
-    # operator's reset (which revokes the pairing keys first) cannot bind after it
+    # the agent key (a reinstalled host) in the same atomic step, refusing a key other than the one
+    # a reset named (the use rolled back): a use checked before an operator's reset (which
+    # revokes the pairing keys first) cannot bind after it
     try:
         used = store.use_pairing(secret_hash(req.pairing_key), req.workload_id, agent_key=req.agent_key)
-    except NotTheNamedKey as exc:  # a reset naming another key landed since check_key
+    except NotTheNamedKey as exc:  # a valid key, but a reset names another agent key: audited
         raise api.not_named(req, req.workload_id, str(exc)) from None
     if not used:
-        raise ProofError(f"pairing key is unknown, expired, used up, revoked or not issued for {req.workload_id}")
+        raise refused
     return req.workload_id
