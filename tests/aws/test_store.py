@@ -32,7 +32,7 @@ from ringfence.store.base import (
     PolicyVersion,
     Store,
 )
-from ringfence.store.sqlite import SqliteStore
+from ringfence.store.sqlite import SCHEMA_VERSION, SqliteStore
 
 WID = "i-0123456789abcdef0"
 
@@ -152,7 +152,7 @@ def test_a_file_opened_by_this_release_counts_offline_flips_whatever_trigger_it_
         before = st.inventory_generation()
         st.set_liveness(WID, offline=True)
         assert st.inventory_generation() != before
-        assert st._db().execute("PRAGMA user_version").fetchone()[0] == 3
+        assert st._db().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert st.integrity_check() == "ok"
     finally:
         st.close()
@@ -475,7 +475,7 @@ def test_a_version_2_sqlite_token_holds_until_it_expires(tmp_path: Path) -> None
     db.close()
     st = SqliteStore(path)
     try:
-        assert st._db().execute("PRAGMA user_version").fetchone()[0] == 3
+        assert st._db().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert st.token_workload("old") == "w1"
         st.put_token("new", "w1", 60, agent_key="")
         assert st.token_workload("new") == "w1" and st.token_workload("old") is None
@@ -835,7 +835,7 @@ def test_a_version_1_sqlite_file_gains_the_governance_version(tmp_path: Path) ->
         assert got is not None and got.governed_rev == 0 and got.workload.tags == {"ringfence:env": "prod"}
         assert st.observe(_granted(2.0, {"role": "jumpbox"}, got), previous=got) is False
         assert st.get(WID).governed_rev == 1  # type: ignore[union-attr]
-        assert st._db().execute("PRAGMA user_version").fetchone()[0] == 3
+        assert st._db().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert st.integrity_check() == "ok"
     finally:
         st.close()

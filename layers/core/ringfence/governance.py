@@ -21,10 +21,13 @@ Pure functions over :mod:`ringfence.labels` and :mod:`ringfence.model`; the clou
 from __future__ import annotations
 
 import fnmatch
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
 
 from ringfence.labels import LabelMapper
 from ringfence.model import Workload
@@ -37,10 +40,39 @@ NOT_SET_BY_CALL = "the call did not set this value"
 
 @dataclass(frozen=True, slots=True)
 class TagChange:
-    """What an event says about the change: who made it and which tags it set (None: not said)."""
+    """What an event says about the change: who made it, which tags it set (None: not said) and
+    when (the call's own time, unix seconds; None: not said, taken as the observation's)."""
 
     principal: str | None = None
     requested: Mapping[str, str] | None = None
+    time: float | None = None
+
+
+SKEW = 5.0
+"""Seconds an attributed write may predate the last observation of another value and still be
+the write that observation missed: CloudTrail's ``eventTime`` is truncated to the second, and
+clocks and DescribeInstances lag a little. Between two attributed writes (one clock) there is none."""
+
+APPROVED_BY = frozenset({"tagger", "grant", "kept"})
+
+
+class LabelWrite(BaseModel):
+    """The last write of a governed dimension that governance knows of: when, which value, by whom.
+
+    ``by``: ``tagger`` (an allowed tagger's call), ``other`` (anyone else's call), ``grant`` (an
+    admin binding; it stands while the dimension stays at its value), ``unseen`` (an observation saw
+    the value change and no call has said who changed it yet; ``at`` is the last observation of the
+    value before), ``kept`` (in force before writes were recorded: an upgrade)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    at: float
+    value: str | None
+    by: Literal["tagger", "other", "grant", "unseen", "kept"]
+
+    @property
+    def approves(self) -> bool:
+        return self.by in APPROVED_BY
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +97,8 @@ class Verdict:
     reason: str = ""
     """why a move is held ("" when nothing is)"""
     principal: str | None = None
+    writes: dict[str, LabelWrite] | None = None
+    """the governed dimensions' last known writes after this decision (None: not tracked)"""
 
     @property
     def held(self) -> bool:
@@ -81,11 +115,33 @@ def is_tagger(patterns: Iterable[str], principal: str | None) -> bool:
     return principal is not None and any(fnmatch.fnmatchcase(principal, p) for p in patterns)
 
 
+class _Untracked:
+    pass
+
+
+UNTRACKED: Any = _Untracked()
+"""``govern(writes=UNTRACKED)``: the caller keeps no record of writes (the rule by state alone)."""
+
+
 def govern(
-    mapper: LabelMapper, previous: Workload | None, current: Workload, change: TagChange | None = None
+    mapper: LabelMapper,
+    previous: Workload | None,
+    current: Workload,
+    change: TagChange | None = None,
+    *,
+    writes: Mapping[str, LabelWrite] | None = UNTRACKED,
+    previous_at: float = 0.0,
+    now: float | None = None,
 ) -> Verdict:
     """Decide the labels in force for ``current`` (a fresh observation) after ``previous`` (the
-    stored workload, or None for a new one)."""
+    stored workload, or None for a new one).
+
+    ``writes``: the stored record's last known writes of the governed dimensions (None: none were
+    recorded yet, an upgrade: what was in force is kept), observed last at ``previous_at``; the
+    decision then follows :func:`govern_writes` (by the time of each write). Left out, the older
+    rule by state alone (the call's request set the value that is live now; grants stand)."""
+    if writes is not UNTRACKED:
+        return govern_writes(mapper, previous, current, change, writes=writes, previous_at=previous_at, now=now)
     # grants stand across observations (a fresh observation carries none); a binding adds to them
     grants = {**(previous.label_grants if previous is not None else {}), **current.label_grants}
     current = current.model_copy(update={"label_grants": grants, "held_labels": None})
@@ -117,6 +173,150 @@ def govern(
         reason = NOT_SET_BY_CALL
     held = current.model_copy(update={"held_labels": dict(before)})
     return Verdict(held, mapper.resolve(held).labels, moves, (), reason, principal)
+
+
+def govern_writes(
+    mapper: LabelMapper,
+    previous: Workload | None,
+    current: Workload,
+    change: TagChange | None = None,
+    *,
+    writes: Mapping[str, LabelWrite] | None,
+    previous_at: float = 0.0,
+    now: float | None = None,
+) -> Verdict:
+    """The rule by time: a privileged value is in force only while the *last* write of its
+    dimension that governance knows of set exactly that value and was an allowed tagger's call or
+    an admin grant that still stands.
+
+    * An observation that sees a dimension's value change records an ``unseen`` write (after
+      ``previous_at``, the last observation of the value before): nobody is known to have made it.
+    * A call (``change``, with its time) that set a dimension's key is that dimension's last write
+      unless a later write is known: an attributed write at or after it (one clock: CloudTrail's),
+      or an observation of another value more than :data:`SKEW` seconds after it. A stale call (a
+      late or redriven event) approves nothing and takes nothing back.
+    * A grant (a value in ``current.label_grants`` not granted before; ``bind``) is a write at
+      ``now``; it stands until a later write or an observation moves the dimension off its value
+      (a write of the granted value by anyone keeps it).
+
+    So a non-tagger's call setting a privileged value after an approval takes the approval back
+    even when the stored value does not change, and a tagger's approval delayed past a revocation
+    and someone else's re-escalation approves nothing."""
+    t_now = time.time() if now is None else now
+    before = mapper.resolve(previous).labels if previous is not None else {}
+    if not mapper.governed:
+        grants = {**(previous.label_grants if previous is not None else {}), **current.label_grants}
+        current = current.model_copy(update={"label_grants": grants, "held_labels": None})
+        principal = change.principal if change is not None else None
+        return Verdict(current, mapper.resolve(current).labels, principal=principal, writes=dict(writes or {}))
+    dims = [d for d in mapper.dimensions if mapper.privileged_values(d)]
+    wanted = mapper.resolve_tags(current).labels
+    known: dict[str, LabelWrite]
+    if previous is None:
+        known = {}
+    elif writes is None:
+        known = _carried(mapper, previous, previous_at)
+    else:
+        known = {d: w for d, w in writes.items() if d in dims}
+    # grants a binding adds: writes by an administrator, now
+    old_grants = previous.label_grants if previous is not None else {}
+    for d, v in current.label_grants.items():
+        w = known.get(d)
+        if d in dims and (old_grants.get(d) != v or w is None or w.by != "grant" or w.value != v):
+            known[d] = LabelWrite(at=max(t_now, w.at if w is not None else 0.0), value=v, by="grant")
+    # what the observation saw change
+    prior = mapper.resolve_tags(previous).labels if previous is not None else None
+    for d in dims:
+        seen = wanted.get(d)
+        if prior is not None and prior.get(d) == seen:
+            continue
+        w = known.get(d)
+        if w is not None and w.value == seen and (w.by == "grant" or (w.by != "unseen" and w.at >= previous_at)):
+            continue  # a known write explains it (or a grant made for this value)
+        if w is None and seen is None:
+            continue
+        known[d] = LabelWrite(at=previous_at if prior is not None else 0.0, value=seen, by="unseen")
+    # what the call set, when
+    principal = change.principal if change is not None else None
+    if change is not None and change.principal is not None and change.requested is not None:
+        by: Literal["tagger", "other"] = "tagger" if is_tagger(mapper.config.taggers, change.principal) else "other"
+        t = change.time if change.time is not None else (current.observed_at or t_now)
+        for d in dims:
+            r = _requested(mapper, d, change)
+            if r is None:
+                continue
+            w = known.get(d)
+            if w is not None:
+                if w.by == "unseen":
+                    stale = t < w.at - SKEW
+                else:
+                    # the same second: a tagger's call never outranks another principal's (fail closed)
+                    stale = t < w.at or (t == w.at and by == "tagger" and w.by != "tagger")
+                if stale or (w.by == "grant" and w.value == r):
+                    continue
+            # at the call's own time (CloudTrail's second), even where it predates the observation
+            # it follows (within SKEW): a later call in that second must not look older than it
+            known[d] = LabelWrite(at=t, value=r, by=by)
+
+    def in_force(d: str, v: str) -> bool:
+        w = known.get(d)
+        return w is not None and w.value == v and w.approves
+
+    grants = {d: w.value for d, w in known.items() if w.by == "grant" and w.value is not None}
+    current = current.model_copy(update={"label_grants": grants, "held_labels": None})
+    held_moves: list[Move] = []
+    approved: list[Move] = []
+    for d, v in sorted(wanted.items()):
+        if not mapper.is_privileged(d, v):
+            continue
+        if not in_force(d, v):
+            held_moves.append(Move(d, before.get(d), v))
+        elif before.get(d) != v and known[d].by == "tagger":
+            approved.append(Move(d, before.get(d), v))
+    if not held_moves:
+        return Verdict(current, wanted, tuple(approved), tuple(approved), principal=principal, writes=known)
+    moves = tuple(sorted(held_moves + approved, key=lambda m: m.dimension))
+    if principal is None:
+        reason = UNATTRIBUTED
+    elif not is_tagger(mapper.config.taggers, principal):
+        mine = change is None or change.requested is None or any(_set_by_call(mapper, m, change) for m in held_moves)
+        reason = NOT_A_TAGGER if mine else NOT_SET_BY_CALL
+    else:
+        reason = NOT_SET_BY_CALL
+    # the labels it had, less a privileged value no longer approved (an approval taken back)
+    kept = {d: v for d, v in before.items() if not mapper.is_privileged(d, v) or in_force(d, v)}
+    held = current.model_copy(update={"held_labels": kept})
+    return Verdict(held, mapper.resolve(held).labels, moves, (), reason, principal, writes=known)
+
+
+def _carried(mapper: LabelMapper, previous: Workload, previous_at: float) -> dict[str, LabelWrite]:
+    """Writes for a record stored before they were recorded: a grant stands, a privileged value in
+    force stays so (``kept``), a held move waits for its call (which may be older than the record)."""
+    in_force = mapper.resolve(previous).labels
+    tags = mapper.resolve_tags(previous).labels
+    out: dict[str, LabelWrite] = {}
+    for d in mapper.dimensions:
+        if not mapper.privileged_values(d):
+            continue
+        v = tags.get(d)
+        if d in previous.label_grants:
+            out[d] = LabelWrite(at=previous_at, value=previous.label_grants[d], by="grant")
+        elif mapper.is_privileged(d, v) and in_force.get(d) == v:
+            out[d] = LabelWrite(at=previous_at, value=v, by="kept")
+        elif mapper.is_privileged(d, v):
+            out[d] = LabelWrite(at=0.0, value=v, by="unseen")
+        elif v is not None:
+            out[d] = LabelWrite(at=previous_at, value=v, by="unseen")
+    return out
+
+
+def _requested(mapper: LabelMapper, dim: str, change: TagChange) -> str | None:
+    """The value the call's request set the dimension's key to (None: it set no key of it)."""
+    for key in mapper.keys[dim]:
+        raw = (change.requested or {}).get(key)
+        if raw is not None:
+            return mapper.canonical_value(dim, raw)
+    return None
 
 
 def _set_by_tagger(mapper: LabelMapper, move: Move, change: TagChange | None) -> bool:

@@ -18,7 +18,7 @@ from ringfence.governance import UNATTRIBUTED, Finding, TagChange, Verdict, bind
 from ringfence.labels import LabelMapper
 from ringfence.model import Mode
 from ringfence.siem import ocsf
-from ringfence.store.base import UNREAD, ConflictError, GovernanceMoved, InventoryRecord
+from ringfence.store.base import ConflictError, GovernanceMoved, InventoryRecord
 
 findings_log = logging.getLogger("ringfence.findings")
 """One JSON document per finding (schema ``ringfence.finding/v1``): subscribe the SIEM to it."""
@@ -63,25 +63,42 @@ def store_governed(
     """Decide each fresh observation's held labels and grants against its stored record (``stored``,
     as the caller read it) and write it (``release``: ids whose stored ``terminating`` to lift;
     ``parallel``: the writes side by side; ``fresh``: ``stored`` may be old, e.g. a reconcile
-    pass's snapshot, so the store reads each record again for what only it decides: a sticky
-    ``terminating``, the tag version). Where a binding, an approval or another observation's
-    hold lands between that read and the write (:class:`GovernanceMoved`), the record is read
-    again and decided again, so no decision is lost. Held moves are reported once, for the
-    decision that was stored. Raises ConflictError when decisions kept landing in between."""
+    pass's snapshot, so the records are read again just before deciding). Each write is
+    conditional on the stored record being exactly the one decided from; where a binding, an
+    approval or another observation lands between that read and the write
+    (:class:`GovernanceMoved`), the record is read again and decided again, so no decision is
+    lost. An attributed call's write that comes with an observation older than the stored one is
+    decided again on top of the stored one (:func:`_on_newer`), not dropped with it. Held moves
+    are reported once, for the decision that was stored. Raises ConflictError when decisions
+    kept landing in between."""
     mapper = _governing_mapper(w)
-    base: dict[str, InventoryRecord | None] = {r.id: stored.get(r.id) for r in recs}
+    if fresh:
+        # decided from the records as stored now, never from an old snapshot: one decided from a
+        # record another writer has since replaced would put back what that writer took away
+        again = w.store.get_many([r.id for r in recs])
+        base: dict[str, InventoryRecord | None] = {r.id: again.get(r.id) for r in recs}
+    else:
+        base = {r.id: stored.get(r.id) for r in recs}
     done: dict[str, tuple[InventoryRecord, Verdict | None, bool]] = {}
+    attributed = change is not None and change.principal is not None and change.requested is not None
 
     def write(item: tuple[InventoryRecord, Verdict | None]) -> bool | None:
         rec = item[0]
         try:
-            previous = UNREAD if fresh else base[rec.id]
-            return w.store.observe(rec, previous=previous, release_terminating=rec.id in release)
+            written = w.store.observe(rec, previous=base[rec.id], release_terminating=rec.id in release)
         except GovernanceMoved:
             return None
+        if not written and attributed and rec.state != "terminated":
+            # a newer observation was stored meanwhile: the call's write is recorded on top of it,
+            # not dropped with this older observation (a take-back or an approval would be lost)
+            now = w.store.get(rec.id)
+            if now is not None and now.observed_at > rec.observed_at:
+                return None
+        return written
 
     pending = recs
     for _ in range(GOVERN_ATTEMPTS):
+        pending = [_on_newer(raw, base[raw.id]) if attributed else raw for raw in pending]
         decided = [_decide(mapper, raw, base[raw.id], change) for raw in pending]
         results = in_parallel(write, decided) if parallel else [write(d) for d in decided]
         retry: list[InventoryRecord] = []
@@ -131,6 +148,15 @@ def rewrite_governed(
     raise ConflictError(f"{rec.id}: governance changed under {GOVERN_ATTEMPTS} writes")
 
 
+def _on_newer(raw: InventoryRecord, old: InventoryRecord | None) -> InventoryRecord:
+    """``raw`` (an observation made for an attributed call), or, when a newer observation is stored,
+    that one observed again: the call's write is decided on top of it (what the cloud says now)."""
+    if old is None or old.observed_at <= raw.observed_at or old.state == "terminated" or raw.state == "terminated":
+        return raw
+    seen = old.workload.model_copy(update={"held_labels": None, "label_grants": {}})
+    return old.model_copy(update={"workload": seen})
+
+
 def _decide(
     mapper: LabelMapper | None, rec: InventoryRecord, old: InventoryRecord | None, change: TagChange | None
 ) -> tuple[InventoryRecord, Verdict | None]:
@@ -145,10 +171,23 @@ def _decide(
         if previous is not None:
             carried = {"held_labels": previous.held_labels, "label_grants": previous.label_grants}
             update["workload"] = rec.workload.model_copy(update=carried)
+            update["label_writes"] = old.label_writes if old is not None else None
         return rec.model_copy(update=update), None
-    verdict = govern(mapper, previous, rec.workload, change)
+    verdict = govern(
+        mapper,
+        previous,
+        rec.workload,
+        change,
+        writes=old.label_writes if old is not None else None,
+        previous_at=old.observed_at if old is not None else 0.0,
+    )
     res = mapper.resolve(verdict.workload)
-    update |= {"workload": verdict.workload, "labels": res.labels, "problems": [p.message for p in res.problems]}
+    update |= {
+        "workload": verdict.workload,
+        "labels": res.labels,
+        "problems": [p.message for p in res.problems],
+        "label_writes": verdict.writes,
+    }
     return rec.model_copy(update=update), verdict
 
 
@@ -276,10 +315,23 @@ def bind_labels(w: BaseWiring, workload_id: str, labels: dict[str, str], princip
             granted = bind(mapper, old.workload, labels)
         except ValueError as exc:
             raise ValueError(f"{exc} ({_privileged_hint(mapper)})") from None
-        verdict = govern(mapper, old.workload, granted.model_copy(update={"held_labels": None}))
+        # the grant is a write of each dimension by an administrator, now: it stands until the
+        # dimension moves off the value (a later write or observation of another value)
+        verdict = govern(
+            mapper,
+            old.workload,
+            granted.model_copy(update={"held_labels": None}),
+            writes=old.label_writes,
+            previous_at=old.observed_at,
+        )
         res = mapper.resolve(verdict.workload)
         rec = old.model_copy(
-            update={"workload": verdict.workload, "labels": res.labels, "problems": [p.message for p in res.problems]}
+            update={
+                "workload": verdict.workload,
+                "labels": res.labels,
+                "problems": [p.message for p in res.problems],
+                "label_writes": verdict.writes,
+            }
         )
         # same observed_at: written unless a newer observation landed meanwhile; observe() cannot
         # tell that from "nothing changed", so the record is read back: a binding is answered only

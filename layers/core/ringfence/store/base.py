@@ -12,6 +12,7 @@ from ringfence.audit import AuditHead, AuditRecord
 from ringfence.bundlewire import BundleError, ed25519_public_from_pem, fingerprint_of_raw
 from ringfence.flows.aggregate import FlowRow
 from ringfence.flows.resolve import AddressOwner
+from ringfence.governance import LabelWrite
 from ringfence.model import Mode, Workload
 from ringfence.versions import PolicyVersion
 
@@ -34,9 +35,9 @@ class NotTheNamedKey(Exception):
 
 
 class GovernanceMoved(ConflictError):
-    """:meth:`Store.observe`: the stored record's held labels or grants changed after the record
-    being written was decided from it (a binding, an approval, another observation's hold landed
-    in between). Writing it would drop that decision: re-read the record and decide again."""
+    """:meth:`Store.observe`: the stored record changed after the record being written was decided
+    from it (a binding, an approval, another observation landed in between). Writing it would drop
+    that decision: re-read the record and decide again."""
 
 
 class InventoryRecord(BaseModel):
@@ -63,8 +64,13 @@ class InventoryRecord(BaseModel):
     offline: bool = False
     governed_rev: int = Field(
         0,
-        description="the version of the governance decision (held labels, grants) this record was decided from; "
-        "the store bumps it whenever a write changes them",
+        description="the version of the governance decision (held labels, grants, known writes) this record was "
+        "decided from; the store bumps it whenever a write changes them",
+    )
+    label_writes: dict[str, LabelWrite] | None = Field(
+        None,
+        description="the governed dimensions' last known writes (ringfence.governance.govern_writes); "
+        "None: not recorded yet (a record stored before they were)",
     )
 
     @classmethod
@@ -90,8 +96,10 @@ class InventoryRecord(BaseModel):
         return self.workload.model_copy(update={"mode": self.op_mode, "quarantined": self.op_quarantined})
 
     def governance(self) -> tuple[Any, ...]:
-        """What governance decided for the workload: its held labels and its grants."""
-        return (self.workload.held_labels, self.workload.label_grants)
+        """What governance decided for the workload: its held labels, its grants and the last known
+        writes of its governed dimensions."""
+        writes = {d: w.model_dump() for d, w in self.label_writes.items()} if self.label_writes is not None else None
+        return (self.workload.held_labels, self.workload.label_grants, writes)
 
     def cloud_view(self) -> tuple[Any, ...]:
         """What decides whether an observation changed anything."""
@@ -263,21 +271,37 @@ UNREAD = Unread.UNREAD
 
 def next_governed_rev(old: InventoryRecord | None, rec: InventoryRecord) -> int:
     """The ``governed_rev`` to store with ``rec`` over ``old`` (the stored record): the same while
-    the held labels and grants stay, one more when they change. Raises :class:`GovernanceMoved`
-    when ``rec`` was decided from another version than the stored one (tombstones excepted: a
-    terminated workload holds nothing). A tombstone always moves it, as DynamoStore's does: a
-    record decided from a read taken before the tombstone (a terminate action's ``terminating``)
-    must fail the check, or a workload that left would come back as leaving."""
+    the held labels, grants and known writes (:meth:`InventoryRecord.governance`) stay, one more
+    when they change. Raises :class:`GovernanceMoved` when ``rec`` was decided from another version
+    than the stored one (tombstones excepted: a terminated workload holds nothing). A tombstone
+    always moves it, as DynamoStore's does: a record decided from a read taken before the tombstone
+    (a terminate action's ``terminating``) must fail the check, or a workload that left would come
+    back as leaving."""
     stored = old.governed_rev if old is not None else 0
     if rec.state == "terminated":
         return stored + 1
     if rec.governed_rev != stored:
         raise GovernanceMoved(
-            f"{rec.id}: its held labels or grants changed (version {stored}) after this record was decided "
+            f"{rec.id}: its governance changed (version {stored}) after this record was decided "
             f"from version {rec.governed_rev}"
         )
-    before = old.governance() if old is not None else (None, {})
+    before = old.governance() if old is not None else (None, {}, None)
     return stored if rec.governance() == before else stored + 1
+
+
+def check_read(old: InventoryRecord | None, rec: InventoryRecord, previous: InventoryRecord | Unread | None) -> None:
+    """``rec`` decided from ``previous`` (the record as the caller read it; UNREAD: not said) is
+    written only over exactly that record: raises :class:`GovernanceMoved` when ``old`` (the stored
+    one, no newer than ``rec``) is another observation than the one read. Two observations of one
+    instance decided side by side (two ingest invocations, a reconcile pass) must not both be
+    written, the later over the earlier's decision: it is decided again from it. A tombstone is
+    written whatever was read."""
+    if previous is UNREAD or rec.state == "terminated":
+        return
+    read = previous.observed_at if previous is not None else None
+    stored = old.observed_at if old is not None else None
+    if read != stored:
+        raise GovernanceMoved(f"{rec.id}: another observation was stored after the one this record was decided from")
 
 
 class Store(Protocol):
@@ -297,8 +321,9 @@ class Store(Protocol):
         record as the caller just read it (a store that reads it apart from the write may use it
         instead of reading again; the write is conditional on the observation's time either way).
 
-        Unless ``rec`` is a tombstone, the write is also conditional on the stored governance
-        decision being the one ``rec`` was decided from (``rec.governed_rev``, see
+        Unless ``rec`` is a tombstone, the write is also conditional on the stored record being
+        the one ``previous`` says was read (its observation, :func:`check_read`; not checked when
+        UNREAD) and on its governance being the version ``rec`` was decided from (``rec.governed_rev``, see
         :func:`next_governed_rev`): otherwise :class:`GovernanceMoved` is raised and nothing is
         written, so a binding or an approval landing between a caller's read and its write is
         never overwritten by a record decided without it. A tombstone moves that version, whatever

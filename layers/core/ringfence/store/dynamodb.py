@@ -146,6 +146,7 @@ class DynamoStore:
             last_heartbeat=float(item["last_heartbeat"]) if item.get("last_heartbeat") is not None else None,
             offline=bool(item.get("offline", False)),
             governed_rev=int(item.get("governed_rev", 0)),
+            label_writes=json.loads(item["label_writes"]) if item.get("label_writes") else None,
         )
 
     def get(self, workload_id: str) -> InventoryRecord | None:
@@ -195,11 +196,21 @@ class DynamoStore:
         expr = "SET workload = :w, #st = :s, observed_at = :t, labels = :l, problems = :p, "
         condition = "(attribute_not_exists(observed_at) OR observed_at <= :t)"
         if rec.state != "terminated":
-            # the governance decision this record was derived from is still the stored one
+            # the stored record is still the version this record was decided from
             expr += "governed_rev = :g"
             values[":g"] = next_governed_rev(old, rec)
+            if rec.label_writes is not None:
+                expr += ", label_writes = :lw"
+                values[":lw"] = json.dumps({d: w.model_dump() for d, w in sorted(rec.label_writes.items())})
             condition += " AND (attribute_not_exists(governed_rev) OR governed_rev = :r)"
             values[":r"] = rec.governed_rev
+            if previous is not UNREAD:
+                # and over exactly the observation the caller decided from (check_read)
+                if previous is None:
+                    condition += " AND attribute_not_exists(observed_at)"
+                else:
+                    condition += " AND observed_at = :pt"
+                    values[":pt"] = Decimal(str(previous.observed_at))
         else:
             # written whatever was decided since the caller's read: one more than what is stored
             # then, never a number computed from that read (a binding in between would share it)
@@ -224,9 +235,7 @@ class DynamoStore:
             now = self.get(rec.id)
             if now is not None and now.observed_at > rec.observed_at:
                 return False
-            raise GovernanceMoved(
-                f"{rec.id}: its held labels or grants changed while this record was decided"
-            ) from None
+            raise GovernanceMoved(f"{rec.id}: the record changed while this record was decided") from None
         return old is None or old.cloud_view() != rec.cloud_view()
 
     def observe_many(self, recs: list[InventoryRecord]) -> set[str]:

@@ -63,6 +63,7 @@ from ringfence.store.base import (
     Unread,
     agent_key_fingerprint_of,
     check_hold_fields,
+    check_read,
     next_governed_rev,
     token_key_holds,
 )
@@ -70,7 +71,7 @@ from ringfence.store.base import (
 _UNSET: Any = object()
 DELTA_TTL = 14 * 86400
 CONNECTION_TTL = 2 * 3600
-SCHEMA_VERSION = 3  # 2: inventory.governed_rev; 3: token.agent_key
+SCHEMA_VERSION = 4  # 2: inventory.governed_rev; 3: token.agent_key; 4: inventory.label_writes
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS inventory (
@@ -86,7 +87,8 @@ CREATE TABLE IF NOT EXISTS inventory (
     enrolled INTEGER NOT NULL DEFAULT 0,
     last_heartbeat REAL,
     offline INTEGER NOT NULL DEFAULT 0,
-    governed_rev INTEGER NOT NULL DEFAULT 0
+    governed_rev INTEGER NOT NULL DEFAULT 0,
+    label_writes TEXT
 );
 -- inventory_generation(): moved by triggers, so that every write path counts, in its own
 -- transaction (additive: version-2 readers without it are unaffected)
@@ -183,15 +185,15 @@ BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 
 _SELECT_ONE = (
     "SELECT id, workload, state, observed_at, tag_version, labels, problems, op_mode, op_quarantined, "
-    "enrolled, last_heartbeat, offline, governed_rev FROM inventory WHERE id = ?"
+    "enrolled, last_heartbeat, offline, governed_rev, label_writes FROM inventory WHERE id = ?"
 )
 _SELECT_MANY = (
     "SELECT id, workload, state, observed_at, tag_version, labels, problems, op_mode, op_quarantined, "
-    "enrolled, last_heartbeat, offline, governed_rev FROM inventory WHERE id IN (SELECT value FROM json_each(?))"
+    "enrolled, last_heartbeat, offline, governed_rev, label_writes FROM inventory WHERE id IN (SELECT value FROM json_each(?))"
 )
 _SELECT_ALL = (
     "SELECT id, workload, state, observed_at, tag_version, labels, problems, op_mode, op_quarantined, "
-    "enrolled, last_heartbeat, offline, governed_rev FROM inventory ORDER BY id"
+    "enrolled, last_heartbeat, offline, governed_rev, label_writes FROM inventory ORDER BY id"
 )
 # one statement per operator/liveness field: no statement is assembled from parts
 _UPDATES = {
@@ -231,6 +233,8 @@ class SqliteStore:
             self._migrate_to_2()
         if version in (1, 2):
             self._migrate_to_3()
+        if version in (1, 2, 3):
+            self._migrate_to_4()
         # idempotent (IF NOT EXISTS, the one trigger dropped and made again in the same
         # transaction): processes opening the same file at once all succeed
         db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version = {SCHEMA_VERSION};COMMIT;")
@@ -251,6 +255,14 @@ class SqliteStore:
                 if "agent_key" not in {r[1] for r in db.execute("PRAGMA table_info(token)")}:
                     db.execute("ALTER TABLE token ADD COLUMN agent_key TEXT")
                 db.execute("PRAGMA user_version = 3")
+
+    def _migrate_to_4(self) -> None:
+        """``inventory.label_writes`` (NULL: not recorded yet; governance carries what is in force)."""
+        with self._tx() as db:
+            if db.execute("PRAGMA user_version").fetchone()[0] == 3:
+                if "label_writes" not in {r[1] for r in db.execute("PRAGMA table_info(inventory)")}:
+                    db.execute("ALTER TABLE inventory ADD COLUMN label_writes TEXT")
+                db.execute("PRAGMA user_version = 4")
 
     # --- connections and transactions -----------------------------------------------------------
 
@@ -333,6 +345,7 @@ class SqliteStore:
             hb,
             offline,
             gov,
+            label_writes,
         ) = row
         return InventoryRecord(
             id=wid,
@@ -348,6 +361,7 @@ class SqliteStore:
             last_heartbeat=hb,
             offline=bool(offline),
             governed_rev=gov,
+            label_writes=json.loads(label_writes) if label_writes else None,
         )
 
     def get(self, workload_id: str) -> InventoryRecord | None:
@@ -365,33 +379,42 @@ class SqliteStore:
         release_terminating: bool = False,
         previous: InventoryRecord | Unread | None = UNREAD,
     ) -> bool:
-        # the stored record is read in the write's own transaction: ``previous`` is not needed
+        # the stored record is read in the write's own transaction (``previous``: only to check
+        # that it is the one the caller decided from)
         with self._tx() as db:
-            return self._observe(db, rec, release_terminating)
+            return self._observe(db, rec, release_terminating, previous)
 
     def observe_many(self, recs: list[InventoryRecord]) -> set[str]:
         with self._tx() as db:
             return {rec.id for rec in recs if self._observe(db, rec)}
 
-    def _observe(self, db: sqlite3.Connection, rec: InventoryRecord, release_terminating: bool = False) -> bool:
+    def _observe(
+        self,
+        db: sqlite3.Connection,
+        rec: InventoryRecord,
+        release_terminating: bool = False,
+        previous: InventoryRecord | Unread | None = UNREAD,
+    ) -> bool:
         row = db.execute(_SELECT_ONE, (rec.id,)).fetchone()
         old = self._to_record(row) if row else None
         if old is not None and old.observed_at > rec.observed_at:
             return False
+        check_read(old, rec, previous)
         if old is not None and old.state == "terminating" and rec.state in ACTIVE_STATES and not release_terminating:
             # as DynamoStore: once a terminate lifecycle action is seen, termination is final
             rec = rec.model_copy(update={"state": "terminating"})
         tag_version = rec.tag_version
         if old is not None and old.tag_version is not None:
             tag_version = max(old.tag_version, tag_version or 0)
-        # decided from the stored governance (held labels, grants), or GovernanceMoved: the check
-        # and the write are in one transaction
+        # decided from the stored version of the record, or GovernanceMoved: the check and the
+        # write are in one transaction
         governed_rev = next_governed_rev(old, rec)
         db.execute(
-            "INSERT INTO inventory (id, workload, state, observed_at, tag_version, labels, problems, governed_rev) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET workload = excluded.workload, "
-            "state = excluded.state, observed_at = excluded.observed_at, tag_version = excluded.tag_version, "
-            "labels = excluded.labels, problems = excluded.problems, governed_rev = excluded.governed_rev",
+            "INSERT INTO inventory (id, workload, state, observed_at, tag_version, labels, problems, governed_rev, "
+            "label_writes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+            "workload = excluded.workload, state = excluded.state, observed_at = excluded.observed_at, "
+            "tag_version = excluded.tag_version, labels = excluded.labels, problems = excluded.problems, "
+            "governed_rev = excluded.governed_rev, label_writes = coalesce(excluded.label_writes, label_writes)",
             (
                 rec.id,
                 rec.workload.model_dump_json(exclude={"mode", "quarantined"}),
@@ -401,6 +424,7 @@ class SqliteStore:
                 json.dumps(rec.labels, sort_keys=True),
                 json.dumps(rec.problems),
                 governed_rev,
+                _label_writes(rec),
             ),
         )
         return old is None or old.cloud_view() != rec.cloud_view()
@@ -884,6 +908,13 @@ class SqliteStore:
     def audit_head(self) -> AuditHead | None:
         row = self._db().execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
         return AuditHead(seq=row[0], hash=row[1]) if row else None
+
+
+def _label_writes(rec: InventoryRecord) -> str | None:
+    """The record's known writes as stored (None: a tombstone's, or none recorded: the stored ones stay)."""
+    if rec.state == "terminated" or rec.label_writes is None:
+        return None
+    return json.dumps({d: w.model_dump() for d, w in sorted(rec.label_writes.items())})
 
 
 def _pointer_of(row: tuple[str, int | None]) -> BundlePointer:

@@ -126,7 +126,8 @@ class Ingest:
                     self.metric("StaleEvents", 1)
         if not ids:
             return res
-        change = TagChange(ev.principal, ev.tag_request)
+        # the call's own time: a late or redriven event is placed among the writes it came between
+        change = TagChange(ev.principal, ev.tag_request, ev.observed_at if ev.principal is not None else None)
         changed = observe_instances(
             self.w,
             ev.account,

@@ -1,0 +1,131 @@
+"""Governed labels decided by the time of each write (ringfence.governance.govern_writes), without
+a cloud: which write is the last one, and when a privileged value is in force."""
+
+from __future__ import annotations
+
+from ringfence.governance import NOT_A_TAGGER, SKEW, UNATTRIBUTED, LabelWrite, TagChange, bind, govern
+from ringfence.model import Workload
+from tests.test_governance import DEV, DEV_BOX, JUMP, JUMP_TAGS, MAPPER, TAGGER
+
+WEB_TAGS = dict(DEV_BOX.tags)
+
+
+def box(tags: dict[str, str], at: float) -> Workload:
+    return DEV_BOX.model_copy(update={"tags": tags, "observed_at": at})
+
+
+def step(
+    previous: Workload | None,
+    writes: dict[str, LabelWrite] | None,
+    previous_at: float,
+    current: Workload,
+    change: TagChange | None = None,
+    now: float = 1000.0,
+) -> tuple[Workload, dict[str, LabelWrite], object]:
+    v = govern(MAPPER, previous, current, change, writes=writes, previous_at=previous_at, now=now)
+    assert v.writes is not None
+    return v.workload, v.writes, v
+
+
+def approved_jumpbox() -> tuple[Workload, dict[str, LabelWrite]]:
+    w, writes, _ = step(None, {}, 0.0, box(WEB_TAGS, 10.0))
+    w, writes, v = step(w, writes, 10.0, box(JUMP_TAGS, 20.0), TagChange(TAGGER, JUMP_TAGS, 15.0))
+    assert MAPPER.resolve(w).labels["role"] == "jumpbox" and v.approved  # type: ignore[attr-defined]
+    return w, writes
+
+
+def test_the_last_write_decides_not_the_state() -> None:
+    w, writes = approved_jumpbox()
+    # the developer writes jumpbox again (no observation sees a change): the approval is taken back
+    w2, writes2, v = step(w, writes, 20.0, box(JUMP_TAGS, 30.0), TagChange(DEV, JUMP_TAGS, 25.0))
+    assert MAPPER.resolve(w2).labels.get("role") is None, "the approval is taken back"
+    assert v.finding and v.reason == NOT_A_TAGGER  # type: ignore[attr-defined]
+    assert writes2["role"] == LabelWrite(at=25.0, value="jumpbox", by="other")
+
+
+def test_a_call_older_than_a_later_write_changes_nothing() -> None:
+    w, writes = approved_jumpbox()
+    w2, writes2, _ = step(w, writes, 20.0, box(JUMP_TAGS, 30.0), TagChange(DEV, JUMP_TAGS, 14.0))
+    assert MAPPER.resolve(w2).labels["role"] == "jumpbox" and writes2 == writes, "a stale call takes nothing back"
+
+
+def test_a_call_older_than_an_observation_of_another_value_approves_nothing() -> None:
+    w, writes, _ = step(None, {}, 0.0, box(WEB_TAGS, 10.0))
+    w, writes, _ = step(w, writes, 10.0, box(JUMP_TAGS, 100.0))  # unattributed: held
+    assert writes["role"] == LabelWrite(at=10.0, value="jumpbox", by="unseen")
+    # a tagger's call made before the last observation of web (more than SKEW before it)
+    late = TagChange(TAGGER, JUMP_TAGS, 10.0 - SKEW - 1)
+    w2, _, v = step(w, writes, 100.0, box(JUMP_TAGS, 110.0), late)
+    assert MAPPER.resolve(w2).labels["role"] == "web" and v.held  # type: ignore[attr-defined]
+    # within SKEW (CloudTrail's second, a describe's lag): the call the observation missed
+    w3, _, _ = step(w, writes, 100.0, box(JUMP_TAGS, 110.0), TagChange(TAGGER, JUMP_TAGS, 10.0 - SKEW + 1))
+    assert MAPPER.resolve(w3).labels["role"] == "jumpbox"
+
+
+def test_in_the_same_second_a_taggers_call_never_outranks_anothers() -> None:
+    w, writes, _ = step(None, {}, 0.0, box(WEB_TAGS, 10.0))
+    w, writes, _ = step(w, writes, 10.0, box(JUMP_TAGS, 20.0), TagChange(DEV, JUMP_TAGS, 15.0))
+    w2, _, _ = step(w, writes, 20.0, box(JUMP_TAGS, 30.0), TagChange(TAGGER, JUMP_TAGS, 15.0))
+    assert MAPPER.resolve(w2).labels["role"] == "web"
+    w3, _, _ = step(w, writes, 20.0, box(JUMP_TAGS, 30.0), TagChange(TAGGER, JUMP_TAGS, 16.0))
+    assert MAPPER.resolve(w3).labels["role"] == "jumpbox"
+
+
+def test_a_revocation_the_observations_missed_holds_the_value_unattributed() -> None:
+    w, writes = approved_jumpbox()
+    w2, _, v = step(w, writes, 20.0, box(JUMP_TAGS, 30.0), TagChange(TAGGER, WEB_TAGS, 25.0))
+    assert MAPPER.resolve(w2).labels.get("role") is None and v.held  # type: ignore[attr-defined]
+    assert v.reason != NOT_A_TAGGER  # type: ignore[attr-defined]
+
+
+def test_a_grant_stands_while_the_value_does_and_ends_when_it_moves() -> None:
+    w, writes, _ = step(None, {}, 0.0, box(WEB_TAGS, 10.0))
+    w, writes, _ = step(w, writes, 10.0, box(JUMP_TAGS, 20.0), TagChange(DEV, JUMP_TAGS, 15.0))
+    granted = bind(MAPPER, w, {"role": "jumpbox", "app": "admin"})
+    w, writes, _ = step(w, writes, 20.0, granted.model_copy(update={"held_labels": None}), now=21.0)
+    assert MAPPER.resolve(w).labels["role"] == "jumpbox" and w.label_grants == {"role": "jumpbox", "app": "admin"}
+    # anyone writing the granted value keeps it; a stale call of another value does not end it
+    w, writes, _ = step(w, writes, 20.0, box(JUMP_TAGS, 30.0), TagChange(DEV, JUMP_TAGS, 25.0))
+    w, writes, _ = step(w, writes, 30.0, box(JUMP_TAGS, 31.0), TagChange(TAGGER, WEB_TAGS, 19.0))
+    assert MAPPER.resolve(w).labels["role"] == "jumpbox"
+    # the value moves off it: the grant ends, and moving back is a move like any other
+    w, writes, _ = step(w, writes, 31.0, box(WEB_TAGS, 40.0))
+    assert w.label_grants == {}
+    w, writes, v = step(w, writes, 40.0, box(JUMP_TAGS, 50.0), TagChange(DEV, JUMP_TAGS, 45.0))
+    assert MAPPER.resolve(w).labels["role"] == "web" and v.finding  # type: ignore[attr-defined]
+
+
+def test_a_grant_made_before_the_move_approves_it() -> None:
+    w, writes, _ = step(None, {}, 0.0, box(WEB_TAGS, 10.0))
+    granted = bind(MAPPER, w, {"role": "jumpbox", "app": "admin"})
+    w, writes, _ = step(w, writes, 10.0, granted, now=11.0)
+    w, writes, v = step(w, writes, 10.0, box(JUMP_TAGS, 20.0), TagChange(DEV, JUMP_TAGS, 15.0))
+    assert MAPPER.resolve(w).labels["role"] == "jumpbox" and not v.held  # type: ignore[attr-defined]
+
+
+def test_records_stored_before_writes_were_recorded_keep_what_is_in_force() -> None:
+    """An upgrade: an approved value stays approved, a grant stands, a held move waits for its call."""
+    approved = JUMP.model_copy(update={"observed_at": 20.0})
+    w, writes, _ = step(approved, None, 20.0, box(JUMP_TAGS, 30.0))
+    assert MAPPER.resolve(w).labels["role"] == "jumpbox" and writes["role"].by == "kept"
+    held = JUMP.model_copy(update={"held_labels": {"role": "web", "app": "shop", "env": "dev"}, "observed_at": 20.0})
+    w, writes, v = step(held, None, 20.0, box(JUMP_TAGS, 30.0))
+    assert v.reason == UNATTRIBUTED and MAPPER.resolve(w).labels["role"] == "web"  # type: ignore[attr-defined]
+    w, _, _ = step(held, None, 20.0, box(JUMP_TAGS, 30.0), TagChange(TAGGER, JUMP_TAGS, 12.0))
+    assert MAPPER.resolve(w).labels["role"] == "jumpbox", "its call, older than the record, still approves it"
+
+
+def test_without_writes_the_rule_by_state_is_unchanged() -> None:
+    """Callers that keep no writes (on premise, GCP's check) keep the older rule."""
+    v = govern(MAPPER, DEV_BOX, JUMP, TagChange(TAGGER, JUMP_TAGS))
+    assert v.writes is None and not v.held
+
+
+def test_a_call_in_the_second_of_an_approval_that_predates_its_observation_still_takes_it_back() -> None:
+    """CloudTrail's times are whole seconds: a tagger's call at 10 (made at 10.9) approves the move
+    seen at 10.5; the developer's call at 10 (made at 10.95) must not look older than that approval."""
+    w, writes, _ = step(None, {}, 0.0, box(WEB_TAGS, 10.5))
+    w, writes, _ = step(w, writes, 10.5, box(JUMP_TAGS, 11.0), TagChange(TAGGER, JUMP_TAGS, 10.0))
+    assert MAPPER.resolve(w).labels["role"] == "jumpbox"
+    w, _, v = step(w, writes, 11.0, box(JUMP_TAGS, 12.0), TagChange(DEV, JUMP_TAGS, 10.0))
+    assert MAPPER.resolve(w).labels.get("role") is None and v.finding  # type: ignore[attr-defined]
