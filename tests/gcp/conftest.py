@@ -59,8 +59,8 @@ def gcp_policy_files() -> dict[str, str]:
     """The example policy, with a GCP service account among the allowed taggers."""
     files = policy_files()
     files["labels.yaml"] = files["labels.yaml"].replace(
-        'taggers: ["arn:aws:iam::*:role/ringfence-tagging"]',
-        f'taggers: ["arn:aws:iam::*:role/ringfence-tagging", "{TAGGER}"]',
+        'taggers: ["arn:aws:iam::123456789012:role/ringfence-tagging"]',
+        f'taggers: ["arn:aws:iam::123456789012:role/ringfence-tagging", "{TAGGER}"]',
     )
     assert TAGGER in files["labels.yaml"]
     return files
