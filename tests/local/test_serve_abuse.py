@@ -291,3 +291,29 @@ def test_attack_pairing_without_a_valid_key_learns_nothing_and_writes_no_audit_r
     assert r.status_code == 401 and "reset for another key" in r.json()["detail"], r.text
     assert w.store.audit_log()[-1].action == "agent.enroll.refused" and len(w.store.audit_log()) == after_mint + 1
     assert _pair(url, DB, good, named).status_code == 200  # the named key, with the same key: bound
+
+
+def test_attack_a_heartbeat_claiming_a_version_never_published_is_a_finding(plane: Plane) -> None:
+    """A heartbeat claiming a version far above the newest cleared the agent's not-enforced
+    finding; a negative one was taken too. Now a negative version is 422 and one never published
+    is a not-enforced finding at once."""
+    from ringfence.control.findings import findings
+
+    url, w = plane.url, plane.w
+    web = plane.enroll(WEB)
+    latest = httpx.get(f"{url}/v1/agents/{WEB}/bundle", headers=web).json()["version"]
+    r = httpx.post(f"{url}/v1/agents/{WEB}/heartbeat", headers=web, json={"applied_version": -42, "mode": "enforce"})
+    assert r.status_code == 422 and "body.applied_version" in r.json()["detail"], r.text
+
+    def mine() -> list[tuple[str, str]]:
+        return [(f.kind, f.detail) for f in findings(w.store, bound=100).findings if f.workload_id == WEB]
+
+    body = {"applied_version": latest + 10**9, "mode": "enforce", "kernel_digest": "0" * 64}
+    r = httpx.post(f"{url}/v1/agents/{WEB}/heartbeat", headers=web, json=body)
+    assert r.status_code == 200 and r.json()["latest_version"] == latest, r.text
+    assert mine() == [
+        ("not-enforced", f"the agent claims version {latest + 10**9}, which was never published (newest {latest})")
+    ]
+    # the version it was given: no finding
+    r = httpx.post(f"{url}/v1/agents/{WEB}/heartbeat", headers=web, json={"applied_version": latest, "mode": "enforce"})
+    assert r.status_code == 200 and mine() == []

@@ -73,7 +73,9 @@ class TokenResponse(_Body):
 
 
 class Heartbeat(_Body):
-    applied_version: int | None
+    applied_version: int | None = Field(
+        ge=0, description="the bundle version the agent enforces (null: none yet); never above what was published"
+    )
     mode: Mode | None
     healthy: bool = True
     message: str = Field("", max_length=1024)

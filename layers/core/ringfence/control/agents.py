@@ -387,10 +387,16 @@ class AgentApi:
         if rec.offline:
             log.info("agent %s is back online: rejoining peers' sets", workload_id)
             self.w.enqueue_compute([workload_id])
-        if self.w.cfg.lifecycle_gate == "agent" and hb.applied_version is not None:
-            self._report_enforcing(rec, hb.applied_version)
         ptr = grant.pointer if grant is not None else self.w.store.bundle_pointer(workload_id)
         latest = self._latest(ptr)[0] if ptr is not None else None
+        claimed = hb.applied_version
+        if claimed is not None and (latest is None or claimed > latest):
+            # a version never published for this workload: enforcing nothing we know of (a finding)
+            log.warning("agent %s claims version %s; the newest published is %s", workload_id, claimed, latest)
+        elif (
+            self.w.cfg.lifecycle_gate == "agent" and claimed is not None and ptr is not None and claimed >= ptr.version
+        ):
+            self._report_enforcing(rec, claimed)  # its stored bundle, or deltas past it: what the launch waits for
         self._record_enforcement(workload_id, hb, ptr, latest)
         return Response(200, agentapi.HeartbeatResponse(latest_version=latest).model_dump())
 
@@ -408,7 +414,8 @@ class AgentApi:
         """What the agent says it enforces, kept for the findings (ringfence.control.findings):
         with the published digest when it claims the newest version and read its kernel back."""
         now = time.time()
-        behind = latest is not None and (hb.applied_version is None or hb.applied_version < latest)
+        # not at the newest version: behind it, or claiming one never published (the same clock)
+        behind = latest is not None and hb.applied_version != latest
         before = self.w.store.enforcement(workload_id) if behind else None
         expected = None
         if hb.kernel_digest is not None and ptr is not None and latest is not None and hb.applied_version == latest:

@@ -9,8 +9,14 @@ the records into findings (``ringfence findings``, ``GET /admin/findings``):
 - ``not-enforced``: the workload's newest published version is not the one its agent enforces,
   longer than the bound after it was published (counted from the bundle's ``published_at``, or,
   for a version moved on by set deltas, from the first heartbeat that found the agent behind);
+  at once when the agent claims a version never published for the workload;
 - ``kernel-mismatch``: the agent enforces the newest version, but its kernel holds something
   else (a rule or an address removed, a chain flushed, the table gone).
+
+A heartbeat without a kernel digest is no finding: backends that cannot read the kernel back
+(dry-run, windows-plan) and a read racing an apply send none. Nor is the digest a check against
+root on the host, who can compute the expected one from its own bundle: it catches drift and
+tamper by anything short of that.
 
 :func:`announce` sends each finding to the SIEM once, as an OCSF Detection Finding, when a
 scheduled pass first sees it (the AWS reconcile function; ``ringfence serve`` every
@@ -85,6 +91,19 @@ def findings(store: Store, bound: float = DEFAULT_BOUND, now: float | None = Non
             )
             continue
         enforced = rep.version if rep else None
+        if rep is not None and enforced is not None and enforced > latest:
+            # a version never published for this workload: whatever it enforces, not the policy
+            out.append(
+                Finding(
+                    kind="not-enforced",
+                    workload_id=rec.id,
+                    detail=f"the agent claims version {enforced}, which was never published (newest {latest})",
+                    since=rep.time,
+                    enforced_version=enforced,
+                    latest_version=latest,
+                )
+            )
+            continue
         if enforced is None or enforced < latest:
             published = ptr.published_at if latest == ptr.version else None
             if published is None and rep is not None and rep.latest_version is not None and latest > rep.latest_version:
@@ -109,9 +128,8 @@ def findings(store: Store, bound: float = DEFAULT_BOUND, now: float | None = Non
                     kind="kernel-mismatch",
                     workload_id=rec.id,
                     detail=(
-                        f"the agent claims version {enforced}, but its kernel holds "
-                        + ("nothing it could read back" if rep.kernel_digest is None else "other rules or addresses")
-                        + f" (kernel {str(rep.kernel_digest)[:12]}, published {rep.expected_digest[:12]})"
+                        f"the agent claims version {enforced}, but its kernel holds other rules or addresses"
+                        f" (kernel {str(rep.kernel_digest)[:12]}, published {rep.expected_digest[:12]})"
                     ),
                     since=rep.time,
                     enforced_version=enforced,
