@@ -129,3 +129,16 @@ def test_a_call_in_the_second_of_an_approval_that_predates_its_observation_still
     assert MAPPER.resolve(w).labels["role"] == "jumpbox"
     w, _, v = step(w, writes, 11.0, box(JUMP_TAGS, 12.0), TagChange(DEV, JUMP_TAGS, 10.0))
     assert MAPPER.resolve(w).labels.get("role") is None and v.finding  # type: ignore[attr-defined]
+
+
+def test_tagger_patterns_whose_account_is_a_wildcard_are_named() -> None:
+    from ringfence.governance import any_account_taggers
+
+    patterns = [
+        "arn:aws:iam::*:role/ringfence-tagging",
+        "arn:aws:iam::12345678901?:role/x",
+        "arn:aws:iam::123456789012:role/ringfence-tagging",
+        "arn:aws:iam::123456789012:role/*",
+        "tagger@shop-prod.iam.gserviceaccount.com",
+    ]
+    assert any_account_taggers(patterns) == patterns[:2]

@@ -5,6 +5,7 @@ optional quarantine). Admin bindings (:func:`bind_labels`) are audited grants of
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -14,7 +15,7 @@ from typing import NamedTuple
 from ringfence.audit import AuditRecord, state_digest
 from ringfence.control.fanout import in_parallel
 from ringfence.control.wiring import BaseWiring, Metric, log, no_metric
-from ringfence.governance import UNATTRIBUTED, Finding, TagChange, Verdict, bind, govern
+from ringfence.governance import UNATTRIBUTED, Finding, TagChange, Verdict, any_account_taggers, bind, govern
 from ringfence.labels import LabelMapper
 from ringfence.model import Mode
 from ringfence.siem import ocsf
@@ -33,7 +34,22 @@ def _governing_mapper(w: BaseWiring) -> LabelMapper | None:
     not ``w.mapper()``, whose cache (for the hygiene view) could still say "no policy" — or an
     older one — for its TTL after a provision, and a move observed then would go ungoverned."""
     active = w.governing_policy()
-    return active[1].labels if active is not None else None
+    if active is None:
+        return None
+    _warn_any_account(tuple(active[1].labels.config.taggers))
+    return active[1].labels
+
+
+@functools.lru_cache(maxsize=16)
+def _warn_any_account(taggers: tuple[str, ...]) -> None:
+    """Once per process and allow-list: a tagger pattern whose account is a wildcard."""
+    wide = any_account_taggers(taggers)
+    if wide:
+        log.warning(
+            "labels.taggers %s match a role of that name in any account: a member account's administrator "
+            "who creates it may approve privileged labels; pin the account id",
+            ", ".join(wide),
+        )
 
 
 class Stored(NamedTuple):
