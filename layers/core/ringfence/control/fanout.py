@@ -11,6 +11,11 @@ document is left unpointed and unannounced — then nudges, and finally counts t
 the engine head (``Store.bump_published``) so that the agent API's long-polls for these
 workloads wake (:class:`ringfence.control.changes.MovedSince`).
 
+Compute marks each bundle's version as pending on its workload's pointer before it hands the job
+on and before any set head moves (``Store.mark_bundle_pending``); the pointer write here keeps
+that mark. Until a pointer reaches it, the agent API serves the workload no set delta at or past
+it, and a rebuild does not adopt the older pointer.
+
 Jobs run in-process (:meth:`PublishWorker.run`, on one machine and for launches whose lifecycle
 hook waits) or go through the publish queue to the ``publish`` function (AWS: ``send_publish``).
 """
