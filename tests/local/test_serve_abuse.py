@@ -120,6 +120,13 @@ def test_wait_limit_is_per_token_and_not_fooled_by_path_variants(plane: Plane) -
             for path in (f"/v1/agents/{WEB}/wait", f"/v1/agents/{WEB}/wait/", f"/v1//agents/{WEB}/wait"):
                 r = await c.get(f"{url}{path}?version=999999&timeout=4", headers=evil)
                 assert r.status_code in (404, 429), (path, r.status_code, r.text)
+            # the same token spelled with other spacing is the same token
+            token = evil["Authorization"].removeprefix("Bearer ")
+            for spelled in (f"Bearer  {token}", f"Bearer \t{token}"):
+                r = await c.get(
+                    f"{url}/v1/agents/{WEB}/wait?version=999999&timeout=4", headers={"Authorization": spelled}
+                )
+                assert r.status_code == 429, (spelled, r.status_code, r.text)
             r = await c.get(f"{url}/v1/agents/{DB}/wait?version=999999&timeout=0", headers=good)
             assert r.status_code == 200, r.text
             assert {x.status_code for x in await asyncio.gather(*held)} == {200}

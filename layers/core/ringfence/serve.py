@@ -506,7 +506,8 @@ class ServeApp:
             if not _WAIT_PATH.match(path):
                 limiter = agents if _TOKEN_PATH.match(path) else enrolls
                 return await dispatch(request, self.agent, MAX_AGENT_BODY, None, None, limiter)
-            key = token_hash(request.headers.get("authorization") or "")
+            # the token as the agent API reads it (spacing around it changes nothing)
+            key = token_hash((request.headers.get("authorization") or "").removeprefix("Bearer ").strip())
             if open_waits.get(key, 0) >= WAITS_PER_TOKEN:
                 return error(
                     429,
