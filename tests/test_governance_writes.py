@@ -142,3 +142,12 @@ def test_tagger_patterns_whose_account_is_a_wildcard_are_named() -> None:
         "tagger@shop-prod.iam.gserviceaccount.com",
     ]
     assert any_account_taggers(patterns) == patterns[:2]
+
+
+def test_a_call_claiming_a_future_time_is_taken_as_made_now() -> None:
+    """A message on the queue claiming a time far ahead would otherwise outrank every real call."""
+    w, writes, _ = step(None, {}, 0.0, box(WEB_TAGS, 10.0))
+    w, writes, _ = step(w, writes, 10.0, box(JUMP_TAGS, 20.0), TagChange(DEV, JUMP_TAGS, 1e12), now=30.0)
+    assert writes["role"].at == 30.0 + SKEW
+    w, _, _ = step(w, writes, 20.0, box(JUMP_TAGS, 40.0), TagChange(TAGGER, JUMP_TAGS, 36.0), now=40.0)
+    assert MAPPER.resolve(w).labels["role"] == "jumpbox"

@@ -253,6 +253,8 @@ def govern_writes(
     if change is not None and change.principal is not None and change.requested is not None:
         by: Literal["tagger", "other"] = "tagger" if is_tagger(mapper.config.taggers, change.principal) else "other"
         t = change.time if change.time is not None else (current.observed_at or t_now)
+        # never later than now: a message claiming a future time would outrank every real call
+        t = min(t, t_now + SKEW)
         for d in dims:
             r = _requested(mapper, d, change)
             if r is None:
