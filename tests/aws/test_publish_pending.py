@@ -8,6 +8,7 @@ and checks what the agent ends up enforcing."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,9 @@ def _enforced(agent: Agent) -> Any:
 
 
 def _holds(agent: Agent, ip: str) -> bool:
-    return any(f"{ip}/32" in s.v4 for s in _enforced(agent).sets.values())
+    """Some set of what the agent enforces covers the address (a set's cover may merge neighbours)."""
+    addr = ipaddress.ip_address(ip)
+    return any(addr in ipaddress.ip_network(p) for s in _enforced(agent).sets.values() for p in s.v4)
 
 
 def test_deltas_never_carry_an_agent_past_its_rebuilt_bundle_still_on_the_publish_queue(
@@ -276,3 +279,36 @@ def test_a_batch_that_failed_after_pointing_is_done_job_by_job_and_wakes_the_lon
     assert env.store.head().published > count
     assert env.bundle(web).quarantined and env.bundle(db).quarantined
     assert env.s3.list_objects_v2(Bucket=env.bucket, Prefix="staging/").get("KeyCount", 0) == 0
+
+
+def test_an_agent_that_took_deltas_below_the_mark_is_not_told_of_an_older_newest_version(
+    env: Env, tmp_path: Path
+) -> None:
+    """The agent took a set's delta (batch 1); batch 2 changes the db's own rules and moves that
+    set again. While the db's bundle is on its way the agent API counts the set's chain only
+    below the bundle's version: as far as the agent already is, never below it (a newest version
+    below the one the agent holds reads as a version never published: a finding, no launch)."""
+    est = boot(env)
+    db = est["ids"]["db"][0]
+    agent = _agent(env, db, tmp_path)
+    api = env.fn["agentapi"].api()
+    first = est["run"]("processing", est["subnets"]["app"], 1)[0]
+    env.put(env.state_event(first, "running"))
+    env.drain("ingest", "ingest")
+    assert _compute(env, {"ids": [first]}) == {"batchItemFailures": []}
+    env._drain("publish", "publish")
+    _sync(env, agent)
+    took = agent.revision
+    assert took is not None and _holds(agent, ip_of(env, first))
+    second = est["run"]("processing", est["subnets"]["app"], 1)[0]
+    env.put(env.state_event(second, "running"))
+    env.drain("ingest", "ingest")
+    env.store.set_operator(db, mode=Mode.OBSERVE)
+    assert _compute(env, {"ids": [db, second]}) == {"batchItemFailures": []}
+    assert api.latest_version(db) == took  # the bundle is on its way: nothing past it, nothing below the agent
+    _sync(env, agent)
+    assert agent.revision == took
+    env._drain("publish", "publish")
+    latest = _sync(env, agent)
+    assert _enforced(agent).mode == Mode.OBSERVE and _holds(agent, ip_of(env, second))
+    assert agent.revision == latest

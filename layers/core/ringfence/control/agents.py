@@ -261,8 +261,24 @@ class AgentApi:
         sets: dict[str, int] = {}
         for n, v in ptr.sets.items():
             h = heads.get(n, v)
-            sets[n] = max(v, h) if cap is None or h < cap else v
+            if cap is not None and h >= cap:
+                # as far as the set's chain goes below the mark: an agent may hold those deltas
+                # already (taken before the set moved on), and is not told of a newest version
+                # below the one it holds
+                h = self._chain_below(n, v, cap)
+            sets[n] = max(v, h)
         return max([ptr.version, ptr.rules_revision, *sets.values()]), sets
+
+    def _chain_below(self, set_name: str, from_version: int, cap: int) -> int:
+        """The newest version the set's delta chain reaches from ``from_version`` without
+        reaching ``cap`` (``from_version`` when none)."""
+        cur = from_version
+        for d in self.w.store.deltas_after(set_name, from_version):
+            if d.to_version >= cap:
+                break
+            if d.from_version == cur:
+                cur = d.to_version
+        return cur
 
     def _set_heads(self, names: list[str]) -> dict[str, int]:
         """The sets' head versions, kept while the change watch sees no change (its mark). Every
