@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from ringfence import serve
+from ringfence.control import agents
 from tests.aws.conftest import POLICY_DIR, Env
 from tests.aws.test_pipeline import agent_key, boot, iid_document
 
@@ -140,6 +141,7 @@ def test_agent_api_over_http_enroll_bundle_and_concurrent_long_polls(
 
     # 60 waits by two tokens stand for 60 agents: lift the per-token limit (tests/local/test_serve_abuse.py)
     monkeypatch.setattr(serve, "WAITS_PER_TOKEN", 30)
+    monkeypatch.setattr(agents, "WAITS_PER_WORKLOAD", 30)
     waiters = [threading.Thread(target=long_poll, args=(procs[i % 2],)) for i in range(60)]
     for t in waiters:
         t.start()

@@ -31,14 +31,24 @@ class Plane:
     admin: OnPremAdmin
     app: serve.ServeApp
 
+    keys: dict[str, AgentKey]
+
     def enroll(self, wid: str) -> dict[str, str]:
-        key = AgentKey()
+        key = self.keys[wid] = AgentKey()
         r = self.admin.pairing_key("alice", wid, 1, 600, "test")
         assert r.status == 201, r.body
         nonce = httpx.get(f"{self.url}/v1/nonce").json()["nonce"]
         req = {"method": "pairing", "nonce": nonce, "workload_id": wid, "pairing_key": r.body["pairing_key"]}
         req.update(key.enroll_fields(wid, nonce))
         got = httpx.post(f"{self.url}/v1/enroll", json=req)
+        assert got.status_code == 200, got.text
+        return {"Authorization": f"Bearer {got.json()['token']}"}
+
+    def renew(self, wid: str) -> dict[str, str]:
+        """A fresh token signed for by the workload's agent key (the previous one is revoked)."""
+        nonce = httpx.get(f"{self.url}/v1/nonce").json()["nonce"]
+        body = {"nonce": nonce, "signature": self.keys[wid].prove("token", wid, nonce)}
+        got = httpx.post(f"{self.url}/v1/agents/{wid}/token", json=body)
         assert got.status_code == 200, got.text
         return {"Authorization": f"Bearer {got.json()['token']}"}
 
@@ -51,7 +61,7 @@ def plane(tmp_path: Path) -> Iterator[Plane]:
     tokfile.write_text(f"alice:{serve.token_hash(ADMIN)}:incident-responder,onboarding\n")
     app = serve.ServeApp.over(w, serve.AdminTokens.load(tokfile), threads=32)  # few: the attack is cheap to run
     with serve.serving(app) as running:
-        yield Plane(running.url, w, admin, app)
+        yield Plane(running.url, w, admin, app, {})
     w.close()
 
 
@@ -324,3 +334,39 @@ def test_attack_a_heartbeat_claiming_a_version_never_published_is_a_finding(plan
     # the version it was given: no finding
     r = httpx.post(f"{url}/v1/agents/{WEB}/heartbeat", headers=web, json={"applied_version": latest, "mode": "enforce"})
     assert r.status_code == 200 and mine() == []
+
+
+def test_attack_renewing_the_token_between_long_polls_opens_no_more_of_them(plane: Plane) -> None:
+    """Root on the host holds the agent key: it renews its token as often as it likes, and each
+    new token was a fresh per-token limit while the waits opened with the revoked ones went on.
+    A workload keeps WAITS_PER_WORKLOAD waits open, whatever tokens they came with."""
+    from ringfence.control import agents
+
+    url = plane.url
+    plane.enroll(WEB)
+    good = plane.enroll(DB)
+    rounds = plane.app.threads
+
+    async def run() -> None:
+        limits = httpx.Limits(max_connections=3 * rounds + 50, max_keepalive_connections=3 * rounds + 50)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as c:
+            held = []
+            for _ in range(rounds):
+                auth = await asyncio.to_thread(plane.renew, WEB)
+                for _ in range(2):
+                    get = c.get(f"{url}/v1/agents/{WEB}/wait?version=999999&timeout=8", headers=auth)
+                    held.append(asyncio.create_task(get))
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(1)
+            hb = await c.post(
+                f"{url}/v1/agents/{DB}/heartbeat", headers=good, json={"applied_version": None, "mode": None}
+            )
+            assert hb.status_code == 200, hb.text
+            other = await c.get(f"{url}/v1/agents/{DB}/wait?version=999999&timeout=0", headers=good, timeout=PROMPT)
+            assert other.status_code == 200, other.text
+            statuses = [r.status_code for r in await asyncio.gather(*held)]
+            # 401: a wait whose token was renewed before it was read
+            assert statuses.count(200) <= agents.WAITS_PER_WORKLOAD, statuses
+            assert statuses.count(429) >= rounds, statuses
+
+    asyncio.run(run())

@@ -37,6 +37,7 @@ from .wiring import BaseWiring, log
 
 DOCUMENTS_KEPT = 256  # signed bundle and delta documents an agent API process keeps in memory
 HISTORY_LOOKUPS = 8  # addresses of a report batch looked up in the address history, at most
+WAITS_PER_WORKLOAD = 2  # long-polls of one workload a process answers at once (a reconnect overlaps one)
 
 # an enrollment method given to this API alone (beside the wiring's, ringfence.control.enroll): checks
 # the request's proof, calls bind(req, workload_id) to bind the agent key (required, first binding
@@ -62,6 +63,8 @@ class AgentApi:
         self._public_keys: str | None = None
         self._expected: OrderedDict[tuple[str, int], str] = OrderedDict()  # (bundle key, version) → digest
         self._reported: set[str] = set()  # instances whose agent's enforcing is recorded (lifecycle gate "agent")
+        self._open_waits: dict[str, int] = {}  # workload → its long-polls being answered in this process
+        self._open_waits_lock = threading.Lock()
         # set name → head version, as read under one change mark, and the names read (a set
         # without a head is absent from the heads): see _set_heads
         self._heads: tuple[int, dict[str, int], set[str]] | None = None
@@ -502,6 +505,26 @@ class AgentApi:
         request: ``with_deltas``, the deltas since ``version`` when they bridge; else
         ``with_bundle``, the stored bundle when it is newer than ``version`` (as a string, byte
         for byte), with its ETag and the deltas since it when there are any."""
+        with self._open_waits_lock:
+            # a workload's waits, whatever token each came with (an agent renewing its token
+            # again and again keeps no more open): the others' threads are not its to hold
+            open_now = self._open_waits.get(workload_id, 0)
+            if open_now >= WAITS_PER_WORKLOAD:
+                refused = error(429, "too many waits", f"{workload_id} has {open_now} long-polls open: wait for one")
+                refused.headers["Retry-After"] = "5"
+                return refused
+            self._open_waits[workload_id] = open_now + 1
+        try:
+            return self._wait(workload_id, version, timeout, with_deltas, with_bundle)
+        finally:
+            with self._open_waits_lock:
+                left = self._open_waits[workload_id] - 1
+                if left:
+                    self._open_waits[workload_id] = left
+                else:
+                    del self._open_waits[workload_id]
+
+    def _wait(self, workload_id: str, version: int, timeout: float, with_deltas: bool, with_bundle: bool) -> Response:
         deadline = time.monotonic() + max(0.0, min(timeout, self.w.cfg.max_wait))
         ptr = self._pointer(workload_id)  # the grant's at first, the store's after each wake-up
         while True:
