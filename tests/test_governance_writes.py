@@ -132,7 +132,7 @@ def test_a_call_in_the_second_of_an_approval_that_predates_its_observation_still
 
 
 def test_tagger_patterns_whose_account_is_a_wildcard_are_named() -> None:
-    from ringfence.governance import any_account_taggers
+    from ringfence.labels import any_account_taggers
 
     patterns = [
         "arn:aws:iam::*:role/ringfence-tagging",

@@ -178,3 +178,18 @@ def test_random_policies_warnings_hold_on_every_probed_pair(tmp_path: Path) -> N
                 any(o.proto == "any" or o.proto == s.proto for o in rules[over].services)
                 for s in rules[w.rule].services
             )
+
+
+def test_a_tagger_of_any_account_is_a_warning_at_its_line(tmp_path: Path) -> None:
+    """``arn:aws:iam::*:role/ringfence-tagging`` trusts a role of that name in any account, a
+    member account's too: ``policy validate`` (and provision) name it where it is written."""
+    pol = tmp_path / "policy"
+    shutil.copytree(EXAMPLE / "policy", pol)
+    labels = pol / "labels.yaml"
+    pinned = labels.read_text()
+    assert not [w for w in policy_warnings(load_policy(pol)) if w.kind == "any-account-tagger"]
+    labels.write_text(pinned.replace("arn:aws:iam::123456789012:role/", "arn:aws:iam::*:role/"))
+    r = subprocess.run([CLI, "policy", "validate", str(pol)], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    line = next(i for i, ln in enumerate(labels.read_text().splitlines(), 1) if "taggers:" in ln)
+    assert f"labels.yaml:{line}:" in r.stderr and "names any AWS account" in r.stderr, r.stderr

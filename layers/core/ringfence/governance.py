@@ -110,18 +110,6 @@ class Verdict:
         return self.held and self.reason == NOT_A_TAGGER
 
 
-def any_account_taggers(patterns: Iterable[str]) -> list[str]:
-    """The AWS ARN patterns among ``patterns`` whose account is not pinned (``arn:aws:iam::*:role/x``
-    or any account field with a wildcard): each trusts a principal of that name created by any
-    account's administrator, e.g. a member account's, to approve privileged values."""
-    out = []
-    for p in patterns:
-        parts = p.split(":", 5)
-        if len(parts) == 6 and parts[0] == "arn" and any(c in parts[4] for c in "*?["):
-            out.append(p)
-    return out
-
-
 def is_tagger(patterns: Iterable[str], principal: str | None) -> bool:
     """``principal`` matches one of the allow-list's patterns (``*`` matches any run of characters)."""
     return principal is not None and any(fnmatch.fnmatchcase(principal, p) for p in patterns)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ringfence.model import Dimension, LabelsConfig, Workload
@@ -55,6 +55,18 @@ def normalize(value: str, how: str) -> str:
     if how == "slug":
         value = _SLUG.sub("-", value).strip("-")
     return value
+
+
+def any_account_taggers(patterns: Iterable[str]) -> list[str]:
+    """The AWS ARN patterns among ``patterns`` whose account is not pinned (``arn:aws:iam::*:role/x``
+    or any account field with a wildcard): each trusts a principal of that name created by any
+    account's administrator, e.g. a member account's, to approve privileged values."""
+    out = []
+    for p in patterns:
+        parts = p.split(":", 5)
+        if len(parts) == 6 and parts[0] == "arn" and any(c in parts[4] for c in "*?["):
+            out.append(p)
+    return out
 
 
 class LabelMapper:

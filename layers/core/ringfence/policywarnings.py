@@ -8,6 +8,9 @@ About the policy alone (:func:`policy_warnings`):
   (``from: env == dev``, ``to: env == prod``, ``same: [env]``).
 - ``shadowed``: an allow an override-deny covers entirely (its consumers, providers, ports and
   pinning all inside the override-deny's): no flow it allows can pass.
+- ``any-account-tagger``: a ``labels.taggers`` pattern whose AWS account is a wildcard
+  (``arn:aws:iam::*:role/x``): a role of that name created by any account's administrator, a
+  member account's included, may approve privileged values.
 
 About the policy over an estate (:func:`estate_warnings`): the estate moves, so these are
 re-checked when it does (``ringfence labels check``):
@@ -28,7 +31,8 @@ import itertools
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
-from ringfence import selectors
+from ringfence import selectors, yamlpos
+from ringfence.labels import any_account_taggers
 from ringfence.model import Action, Workload
 from ringfence.policy import CompiledRule, Location, Peer, Policy
 from ringfence.services import PortRange
@@ -41,7 +45,7 @@ _OTHER = "\x00other"  # a value no selector names
 class PolicyWarning:
     location: Location
     rule: str
-    kind: str  # no-ports | contradiction | shadowed | no-workload | no-pair
+    kind: str  # no-ports | contradiction | shadowed | any-account-tagger | no-workload | no-pair
     message: str
 
     def __str__(self) -> str:
@@ -177,9 +181,38 @@ def _side(rule: CompiledRule, peer: Peer) -> str:
     return "from" if peer is rule.consumer else "to"
 
 
+def _tagger_warnings(policy: Policy) -> list[PolicyWarning]:
+    wide = any_account_taggers(policy.labels.config.taggers)
+    if not wide:
+        return []
+    where = Location("labels", 0, 0)
+    for file, text in policy.sources.items():  # the file that holds them (one: a policy error else)
+        if "taggers" not in text:
+            continue
+        try:
+            located = yamlpos.load(text)
+            taggers = located.data["labels"]["taggers"]
+        except (yamlpos.YamlError, KeyError, TypeError):
+            continue
+        if isinstance(taggers, list):
+            pos = located.position(("labels", "taggers", taggers.index(wide[0]) if wide[0] in taggers else 0))
+            where = Location(file, pos.line, pos.column)
+            break
+    return [
+        PolicyWarning(
+            where,
+            "",
+            "any-account-tagger",
+            f"tagger {p!r} names any AWS account: a role of that name created by any account's administrator "
+            "(a member account's too) may approve privileged values; name the account that owns the tagging role",
+        )
+        for p in wide
+    ]
+
+
 def policy_warnings(policy: Policy) -> list[PolicyWarning]:
     space = _Space(policy)
-    out: list[PolicyWarning] = []
+    out: list[PolicyWarning] = _tagger_warnings(policy)
     overrides = [r for r in policy.rules if r.action is Action.OVERRIDE_DENY and not r.staged]
     for r in policy.rules:
         if not r.services:

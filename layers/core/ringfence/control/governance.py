@@ -15,8 +15,8 @@ from typing import NamedTuple
 from ringfence.audit import AuditRecord, state_digest
 from ringfence.control.fanout import in_parallel
 from ringfence.control.wiring import BaseWiring, Metric, log, no_metric
-from ringfence.governance import UNATTRIBUTED, Finding, TagChange, Verdict, any_account_taggers, bind, govern
-from ringfence.labels import LabelMapper
+from ringfence.governance import UNATTRIBUTED, Finding, TagChange, Verdict, bind, govern
+from ringfence.labels import LabelMapper, any_account_taggers
 from ringfence.model import Mode
 from ringfence.siem import ocsf
 from ringfence.store.base import ConflictError, GovernanceMoved, InventoryRecord
