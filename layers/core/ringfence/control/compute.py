@@ -302,7 +302,8 @@ class Compute:
         # the whole bundles first rendered and their versions marked pending, before any set head
         # moves: the agent API serves no deltas past a bundle on its way (an agent moved past its
         # new bundle's version with its old rules would refuse that bundle as a replay or rollback)
-        jobs = self._render([w for w in sorted(rebuilt) if w in self.engine.workloads], stats)
+        wids = [w for w in sorted(rebuilt) if w in self.engine.workloads]
+        jobs = self._render(wids, stats, mark=set(wids))  # published here too: the heads move first
         t_deltas = time.perf_counter()
         # One delta per set for the whole batch (its first version → its last): a storm of
         # launches is one publication, not one per instance. Versions in between were never
@@ -359,13 +360,18 @@ class Compute:
         signed, stored, pointed at and announced, with ``nudges`` for agents whose sets moved:
         by the publish workers over the queue when one is configured, else (and for ``inline``
         workloads, whose launch waits on them) right here."""
-        self._dispatch(self._render(wids, stats, mark=not refresh), stats, nudges, inline)
+        # marked: the jobs handed to the publish workers (no set head moves here, and a bundle
+        # published in this process is pointed at before the head is committed). A refresh
+        # re-signs the versions already handed on: nothing to mark
+        queued = bool(self.w.cfg.publish_queue_url)
+        mark = set() if refresh or not queued else {w for w in wids if w not in inline}
+        self._dispatch(self._render(wids, stats, mark), stats, nudges, inline)
 
-    def _render(self, wids: list[str], stats: ComputeStats, mark: bool = True) -> list[BundleJob]:
-        """These workloads' bundles rendered as publish jobs; with ``mark``, each one's version
+    def _render(self, wids: list[str], stats: ComputeStats, mark: set[str]) -> list[BundleJob]:
+        """These workloads' bundles rendered as publish jobs; the version of each one in ``mark``
         recorded as pending on its pointer (:meth:`Store.mark_bundle_pending`) before it is
         handed on: the agent API holds back set deltas past it, a rebuild adopts no older
-        pointer. (A refresh re-signs the versions already handed on: nothing to mark.)"""
+        pointer."""
         assert self.engine is not None
         t = time.perf_counter()
         jobs: list[BundleJob] = []
@@ -382,9 +388,9 @@ class Compute:
                     version=version,
                 )
             )
-            marks.append((wid, version))
-        if mark:
-            in_parallel(lambda m: self.w.store.mark_bundle_pending(*m), marks)
+            if wid in mark:
+                marks.append((wid, version))
+        in_parallel(lambda m: self.w.store.mark_bundle_pending(*m), marks)
         _lap(stats, "render", t)
         return jobs
 
