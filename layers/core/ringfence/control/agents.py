@@ -409,6 +409,8 @@ class AgentApi:
         ptr = grant.pointer if grant is not None else self.w.store.bundle_pointer(workload_id)
         latest = self._latest(ptr)[0] if ptr is not None else None
         claimed = hb.applied_version
+        if claimed is not None and ptr is not None and latest is not None and claimed > latest:
+            latest = self._latest(ptr, fresh=True)[0]  # set heads kept a moment too long: read them now
         if claimed is not None and (latest is None or claimed > latest):
             # a version never published for this workload: enforcing nothing we know of (a finding)
             log.warning("agent %s claims version %s; the newest published is %s", workload_id, claimed, latest)
