@@ -183,7 +183,7 @@ class GcpIngest:
         names = {ev.instance: ev.instance_name} if ev.instance_name else None
         observed = self.observations(project, ev.zone, [ev.instance], names)
         stored = self.w.store.get_many([r.id for r in observed])
-        if not self._moves_privileged(observed, stored):
+        if not self._moves_privileged(observed, stored) and not self._may_take_back(said, stored):
             # who called decides only a move into a privileged value: with none on the VM, no
             # Cloud Logging read (a split change, a fabricated "last" entry, a tagger's setLabels
             # re-sending a privileged value in force). Should a move land between this read and
@@ -224,10 +224,17 @@ class GcpIngest:
                 # setLabels sends the whole label set: a non-tagger answers only for the values
                 # the call changed from what the VM was seen with before it (a privileged value
                 # held there already, re-sent with an unrelated edit, is not their move)
-                change = TagChange(change.principal, _changed(change.requested, before, said.time))
+                change = TagChange(
+                    change.principal, _changed(change.requested, before, said.time, self._governed_mapper())
+                )
             if not approving and not self.would_blame(change):
-                # it set no privileged value: whoever called, a move it did not make is not theirs
-                change = TagChange(None, change.requested)
+                # it set no privileged value: whoever called, a move it did not make is not theirs;
+                # but a non-tagger's call writing over a privileged value in force stays attributed
+                # (a write by someone other than a tagger, at its time: it takes the approval back,
+                # even where no observation saw the value change). It names nobody: it set no
+                # privileged value, so no move held is theirs (unconfirmed, it can only hold)
+                if not self._takes_back(change, before):
+                    change = TagChange(None, change.requested)
             else:
                 vm = observed[0].id if observed else None
                 change, spend = self.confirm(project, said, change, approving=approving, entry=first_logged, vm=vm)
@@ -238,7 +245,7 @@ class GcpIngest:
             # with the decision it carries; the VM is read again for the write
             observed = self.observations(project, ev.zone, [ev.instance], names)
             stored = self.w.store.get_many([r.id for r in observed])
-        changed = self._store(observed, change, ev.event_id, stored)
+        changed = self._store(observed, _at_call(change, said), ev.event_id, stored)
         if spend is not None:
             # spent only once its approval or finding is stored: a delivery that failed before is
             # redelivered and decides again; a replay (the entry published again later) finds it spent
@@ -269,6 +276,36 @@ class GcpIngest:
             old = stored.get(rec.id)
             previous = old.workload if old is not None and old.state != "terminated" else None
             if govern(mapper, previous, rec.workload).moves:
+                return True
+        return False
+
+    def _may_take_back(self, said: GcpEvent | None, stored: Mapping[str, InventoryRecord]) -> bool:
+        """The entry ``said`` (as pushed) names a non-tagger whose call set a key of a dimension
+        whose value in force on a stored VM is privileged: a write that takes an approval back
+        (:meth:`_takes_back`), even when no read sees the value move (a revocation and a
+        re-escalation made between two reads). Decided with its caller, not unattributed."""
+        if said is None or not said.principal or self._governed_mapper() is None:
+            return False
+        change = TagChange(said.principal, self.requested_tags(said.action, said.requested))
+        if said.action is Action.LABELS:
+            return any(
+                self._takes_back(
+                    TagChange(said.principal, _changed(change.requested, old, said.time, self._governed_mapper())), old
+                )
+                for old in stored.values()
+            )
+        return any(self._takes_back(change, old) for old in stored.values())
+
+    def _takes_back(self, change: TagChange, before: InventoryRecord | None) -> bool:
+        """``change`` is a call by someone who is not an allowed tagger that set a key of a
+        governed dimension whose value in force on ``before`` (the VM as stored) is privileged."""
+        mapper = self._caller_governed(change, tagger=False)
+        if mapper is None or before is None or before.state == "terminated" or not change.requested:
+            return False
+        for dim, keys in mapper.keys.items():
+            if not mapper.is_privileged(dim, before.labels.get(dim)):
+                continue
+            if any(change.requested.get(k) is not None for k in keys):
                 return True
         return False
 
@@ -763,12 +800,27 @@ class GcpIngest:
         return changed
 
 
+def _at_call(change: TagChange | None, said: GcpEvent | None) -> TagChange | None:
+    """``change`` placed at its call's time (the audit entry's ``timestamp``, never later than
+    now: a pushed entry dated ahead would outrank every later write), so a late or redelivered
+    entry is decided among the writes it came between (``govern_writes``), not as the newest."""
+    if change is None or change.principal is None or change.requested is None or said is None or said.time is None:
+        return change
+    return TagChange(change.principal, change.requested, min(said.time.timestamp(), time.time()))
+
+
 def _changed(
-    requested: Mapping[str, str] | None, stored: InventoryRecord | None, call: datetime | None
+    requested: Mapping[str, str] | None,
+    stored: InventoryRecord | None,
+    call: datetime | None,
+    mapper: LabelMapper | None = None,
 ) -> dict[str, str] | None:
     """What of ``requested`` differs from the tags ``stored`` was observed with, where that
     observation predates the ``call`` (by more than :data:`CLOCK_SKEW`); else all of it: an
-    observation made after the call may hold the call's own values, which are then its moves."""
+    observation made after the call may hold the call's own values, which are then its moves.
+    A value the VM was seen with counts as set by the call too where the last known write of its
+    dimension (``stored.label_writes``, ``mapper`` governing) set another one: the value was
+    written over and set again between two reads (a revocation and a re-escalation)."""
     if requested is None:
         return None
     if stored is None or stored.state == "terminated" or call is None:
@@ -776,7 +828,17 @@ def _changed(
     if stored.observed_at >= call.timestamp() - CLOCK_SKEW:
         return dict(requested)
     seen = stored.workload.tags
-    return {k: v for k, v in requested.items() if seen.get(k) != v}
+    writes = stored.label_writes or {}
+    dims = mapper.label_keys() if mapper is not None else {}
+
+    def overwritten(key: str, value: str) -> bool:
+        dim = dims.get(key)
+        w = writes.get(dim) if dim is not None else None
+        return (
+            mapper is not None and dim is not None and w is not None and w.value != mapper.canonical_value(dim, value)
+        )
+
+    return {k: v for k, v in requested.items() if seen.get(k) != v or overwritten(k, v)}
 
 
 def _said(entry: GcpEvent) -> tuple[object, ...]:

@@ -1,0 +1,96 @@
+"""GCP: a privileged value is in force only while the last known write of its dimension (by the
+audit entry's ``timestamp``, the call's own time) was an allowed tagger's call or an admin grant
+that still stands (``ringfence.governance.govern_writes``). Against the local Google APIs, through
+the real ingest (push → Cloud Logging read-back → instances.get → store)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from ringfence.clouds.gcp import ingest as ingest_module
+from ringfence.clouds.gcp.ingest import GcpIngest
+from ringfence.clouds.gcp.instances import LabelSource
+from ringfence.local.gcp_api import GcpApi
+from ringfence.local.gcp_events import audit_entry, logged, push_body, push_token
+from ringfence.local.gcp_project import PROJECT, ZONE, gcp_config, vm_name
+from ringfence.local.wiring import LocalWiring
+from tests.gcp.conftest import deliver, post, set_labels
+
+MALLORY = "mallory@shop-prod.iam.gserviceaccount.com"  # may set labels on her VMs; not a tagger
+WEB = {"ringfence-role": "web", "ringfence-app": "ordering", "ringfence-env": "prod"}
+JUMP = {**WEB, "ringfence-role": "jumpbox"}
+
+
+def audits(w: LocalWiring, action: str, target: str) -> list[Any]:
+    return [a for a in w.store.audit_log() if a.action == action and a.target == target]
+
+
+def _vm(gcp: GcpApi, ingest: GcpIngest, ip: str) -> dict[str, Any]:
+    inst = gcp.add_instance(PROJECT, ZONE, vm_name(), [ip], labels=WEB)
+    deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", inst))
+    return inst
+
+
+def _push(gcp: GcpApi, ingest: GcpIngest, entry: dict[str, Any]) -> None:
+    status, body = post(ingest, push_body(entry), push_token(gcp))
+    assert status == 200, body
+
+
+def _held_and_named(wiring: LocalWiring, inst: dict[str, Any]) -> None:
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.labels.get("role") != "jumpbox", f"jumpbox in force: {rec.labels if rec else None}"
+    assert rec.workload.held_labels is not None
+    assert MALLORY in [a.principal for a in audits(wiring, "label.held", inst["id"])]
+
+
+@pytest.mark.parametrize("seen_long_before", [False, True], ids=["seen-just-before", "seen-long-before"])
+def test_attack_gcp_revocation_coalesced_with_a_reescalation_is_held_and_names_her(
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch, seen_long_before: bool
+) -> None:
+    """The tagger set ``role=jumpbox`` (approved). Mallory moves the VM to web and back to jumpbox
+    before either of her entries is processed: every read shows jumpbox, no observation sees the
+    value change. Her calls, after the approval, take it back: held, and she is named, also where
+    the VM was last seen (with jumpbox) well before her calls (``seen_long_before``: her
+    ``setLabels`` re-sending jumpbox is still her move, the value having been written over)."""
+    monkeypatch.setattr(ingest_module, "LOGGING_LAG", 0.0)
+    if seen_long_before:
+        monkeypatch.setattr(ingest_module, "CLOCK_SKEW", -60.0)  # as if each read were a minute older
+    ingest = GcpIngest(wiring, gcp_config(gcp, LabelSource.LABELS))
+    inst = _vm(gcp, ingest, "10.20.7.12" if seen_long_before else "10.20.7.10")
+    deliver(gcp, ingest, set_labels(gcp, inst, JUMP))
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.labels["role"] == "jumpbox" and rec.workload.held_labels is None
+    revoke = logged(gcp, set_labels(gcp, inst, WEB, principal=MALLORY))
+    again = logged(gcp, set_labels(gcp, inst, JUMP, principal=MALLORY))
+    for entry in (revoke, again):
+        _push(gcp, ingest, entry)
+    _held_and_named(wiring, inst)
+
+
+def test_attack_gcp_a_taggers_late_entry_older_than_a_revocation_approves_nothing(
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tagger sets ``role=jumpbox`` (its entry delivered late); Mallory moves the VM back to
+    web (an entry Cloud Logging does not list yet: its own lag, so the tagger's read-back finds
+    no later call that set another role) and sets jumpbox again (held, she is named). The
+    tagger's genuine entry, older than her call, approves nothing: a write is placed by the
+    call's time, not by when its entry happened to be processed. The tagger's own later call
+    still approves."""
+    monkeypatch.setattr(ingest_module, "LOGGING_LAG", 0.0)
+    ingest = GcpIngest(wiring, gcp_config(gcp, LabelSource.LABELS))
+    inst = _vm(gcp, ingest, "10.20.7.11")
+    late = logged(gcp, set_labels(gcp, inst, JUMP))  # the tagger; its delivery is delayed
+    undo = set_labels(gcp, inst, WEB, principal=MALLORY)  # not listed by Cloud Logging yet
+    mallory = logged(gcp, set_labels(gcp, inst, JUMP, principal=MALLORY))
+    for entry in (undo, mallory):
+        _push(gcp, ingest, entry)
+    _held_and_named(wiring, inst)
+    _push(gcp, ingest, late)
+    _held_and_named(wiring, inst)
+    assert not audits(wiring, "label.approve", inst["id"])
+    # the tagger's call after hers is the last write: approved
+    deliver(gcp, ingest, set_labels(gcp, inst, JUMP))
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.labels["role"] == "jumpbox" and rec.workload.held_labels is None
