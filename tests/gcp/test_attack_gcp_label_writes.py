@@ -94,3 +94,30 @@ def test_attack_gcp_a_taggers_late_entry_older_than_a_revocation_approves_nothin
     deliver(gcp, ingest, set_labels(gcp, inst, JUMP))
     rec = wiring.store.get(inst["id"])
     assert rec is not None and rec.labels["role"] == "jumpbox" and rec.workload.held_labels is None
+
+
+def test_attack_gcp_reconcile_listing_does_not_restore_a_revoked_privilege(
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scheduled pass lists the project while the tagger's jumpbox is approved; before it
+    writes, Mallory moves the VM to web (her entry stored). The pass's listing, stale by then, is
+    decided against the record as stored when it writes: jumpbox is not put back in force."""
+    monkeypatch.setattr(ingest_module, "LOGGING_LAG", 0.0)
+    ingest = GcpIngest(wiring, gcp_config(gcp, LabelSource.LABELS))
+    inst = _vm(gcp, ingest, "10.20.7.13")
+    deliver(gcp, ingest, set_labels(gcp, inst, JUMP))
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.labels["role"] == "jumpbox"
+    real = ingest.instances.all
+
+    def listed_then_revoked(project: str) -> list[dict[str, Any]]:
+        listing = list(real(project))
+        deliver(gcp, ingest, set_labels(gcp, inst, WEB, principal=MALLORY))
+        now = wiring.store.get(inst["id"])
+        assert now is not None and now.labels["role"] == "web"
+        return listing
+
+    monkeypatch.setattr(ingest.instances, "all", listed_then_revoked)
+    ingest.sync(PROJECT)
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.labels.get("role") != "jumpbox", rec.labels
