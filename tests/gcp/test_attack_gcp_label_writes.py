@@ -14,7 +14,7 @@ from ringfence.clouds.gcp.ingest import GcpIngest
 from ringfence.clouds.gcp.instances import LabelSource
 from ringfence.local.gcp_api import GcpApi
 from ringfence.local.gcp_events import audit_entry, logged, push_body, push_token
-from ringfence.local.gcp_project import PROJECT, ZONE, gcp_config, vm_name
+from ringfence.local.gcp_project import PROJECT, TAGGER, ZONE, gcp_config, vm_name
 from ringfence.local.wiring import LocalWiring
 from tests.gcp.conftest import deliver, post, set_labels
 
@@ -45,24 +45,26 @@ def _held_and_named(wiring: LocalWiring, inst: dict[str, Any]) -> None:
     assert MALLORY in [a.principal for a in audits(wiring, "label.held", inst["id"])]
 
 
+@pytest.mark.parametrize("revoker", [MALLORY, TAGGER], ids=["revoked-by-her", "revoked-by-the-tagger"])
 @pytest.mark.parametrize("seen_long_before", [False, True], ids=["seen-just-before", "seen-long-before"])
 def test_attack_gcp_revocation_coalesced_with_a_reescalation_is_held_and_names_her(
-    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch, seen_long_before: bool
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch, seen_long_before: bool, revoker: str
 ) -> None:
-    """The tagger set ``role=jumpbox`` (approved). Mallory moves the VM to web and back to jumpbox
-    before either of her entries is processed: every read shows jumpbox, no observation sees the
-    value change. Her calls, after the approval, take it back: held, and she is named, also where
+    """The tagger set ``role=jumpbox`` (approved). Mallory (or the tagger: ``revoker``) moves the
+    VM to web and Mallory back to jumpbox before either entry is processed: every read shows
+    jumpbox, no observation sees the value change. The calls, after the approval, take it back:
+    held, and she is named, also where
     the VM was last seen (with jumpbox) well before her calls (``seen_long_before``: her
     ``setLabels`` re-sending jumpbox is still her move, the value having been written over)."""
     monkeypatch.setattr(ingest_module, "LOGGING_LAG", 0.0)
     if seen_long_before:
         monkeypatch.setattr(ingest_module, "CLOCK_SKEW", -60.0)  # as if each read were a minute older
     ingest = GcpIngest(wiring, gcp_config(gcp, LabelSource.LABELS))
-    inst = _vm(gcp, ingest, "10.20.7.12" if seen_long_before else "10.20.7.10")
+    inst = _vm(gcp, ingest, f"10.20.{8 if revoker == TAGGER else 7}.{12 if seen_long_before else 10}")
     deliver(gcp, ingest, set_labels(gcp, inst, JUMP))
     rec = wiring.store.get(inst["id"])
     assert rec is not None and rec.labels["role"] == "jumpbox" and rec.workload.held_labels is None
-    revoke = logged(gcp, set_labels(gcp, inst, WEB, principal=MALLORY))
+    revoke = logged(gcp, set_labels(gcp, inst, WEB, principal=revoker))
     again = logged(gcp, set_labels(gcp, inst, JUMP, principal=MALLORY))
     for entry in (revoke, again):
         _push(gcp, ingest, entry)

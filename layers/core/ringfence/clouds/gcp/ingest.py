@@ -229,10 +229,10 @@ class GcpIngest:
                 )
             if not approving and not self.would_blame(change):
                 # it set no privileged value: whoever called, a move it did not make is not theirs;
-                # but a non-tagger's call writing over a privileged value in force stays attributed
-                # (a write by someone other than a tagger, at its time: it takes the approval back,
-                # even where no observation saw the value change). It names nobody: it set no
-                # privileged value, so no move held is theirs (unconfirmed, it can only hold)
+                # but a call writing over a privileged value in force stays attributed (a write at
+                # its time: it takes the approval back, even where no observation saw the value
+                # change). It names nobody: it set no privileged value, so no move held is theirs
+                # (unconfirmed, it can only hold)
                 if not self._takes_back(change, before):
                     change = TagChange(None, change.requested)
             else:
@@ -280,7 +280,7 @@ class GcpIngest:
         return False
 
     def _may_take_back(self, said: GcpEvent | None, stored: Mapping[str, InventoryRecord]) -> bool:
-        """The entry ``said`` (as pushed) names a non-tagger whose call set a key of a dimension
+        """The entry ``said`` (as pushed) names a caller whose call set a key of a dimension
         whose value in force on a stored VM is privileged: a write that takes an approval back
         (:meth:`_takes_back`), even when no read sees the value move (a revocation and a
         re-escalation made between two reads). Decided with its caller, not unattributed."""
@@ -297,16 +297,23 @@ class GcpIngest:
         return any(self._takes_back(change, old) for old in stored.values())
 
     def _takes_back(self, change: TagChange, before: InventoryRecord | None) -> bool:
-        """``change`` is a call by someone who is not an allowed tagger that set a key of a
-        governed dimension whose value in force on ``before`` (the VM as stored) is privileged."""
-        mapper = self._caller_governed(change, tagger=False)
-        if mapper is None or before is None or before.state == "terminated" or not change.requested:
+        """``change`` is a call that set a key of a governed dimension whose value in force on
+        ``before`` (the VM as stored) is privileged: by someone who is not an allowed tagger, to
+        any value; by a tagger, to another value (a revocation: a non-tagger setting the value
+        again after it is then theirs, :func:`_changed`). A tagger re-sending the value in force
+        takes nothing back (and costs no Logging read)."""
+        mapper = self._governed_mapper()
+        if mapper is None or not change.principal or before is None or before.state == "terminated":
             return False
+        tagger = is_tagger(mapper.config.taggers, change.principal)
         for dim, keys in mapper.keys.items():
-            if not mapper.is_privileged(dim, before.labels.get(dim)):
+            v = before.labels.get(dim)
+            if not mapper.is_privileged(dim, v):
                 continue
-            if any(change.requested.get(k) is not None for k in keys):
-                return True
+            for k in keys:
+                r = (change.requested or {}).get(k)
+                if r is not None and (not tagger or mapper.canonical_value(dim, r) != v):
+                    return True
         return False
 
     def _same_call(self, first: GcpEvent, last: GcpEvent) -> bool:
