@@ -37,7 +37,9 @@ COMMAND_LINES = [
     ["apply"],  # a required option missing
     ["status", "--state-dir", "{tmp}/state", "--backend", "dry-run", "--json"],
     ["status", "--state-dir", "{tmp}/state", "--backend", "dry-run"],
-    ["run", "--config", "{tmp}/missing.json"],  # a config error, said by the daemon's entry
+    # a config error, said by the daemon's entry; --once: a daemon without one holds the fail-safe
+    # posture (here, the test machine's own namespace) and runs on until the file loads
+    ["run", "--config", "{tmp}/missing.json", "--once"],
     ["apply", "--bundle", "{tmp}/missing.json", "--public-key", str(PUBLIC_KEY), "--state-dir", "{tmp}/s2"],
 ]
 

@@ -200,7 +200,8 @@ locals {
       local.policies_read, local.describe, local.asg_describe, local.assume, local.kms_use,
     ]
     reconcile = [
-      { actions = ["dynamodb:GetItem", "dynamodb:UpdateItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
+      # BatchGetItem: each record read again just before it is decided (governance)
+      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
       # Query, BatchGetItem: the effective-policy findings (enforcement reports, set heads)
       { actions = ["dynamodb:GetItem", "dynamodb:DeleteItem", "dynamodb:Query", "dynamodb:BatchGetItem"], resources = [aws_dynamodb_table.state.arn] },
       # a finding announced to the SIEM is claimed once, in its own items only
