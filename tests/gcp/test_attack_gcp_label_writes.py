@@ -5,6 +5,7 @@ the real ingest (push → Cloud Logging read-back → instances.get → store)."
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -123,3 +124,32 @@ def test_attack_gcp_reconcile_listing_does_not_restore_a_revoked_privilege(
     ingest.sync(PROJECT)
     rec = wiring.store.get(inst["id"])
     assert rec is not None and rec.labels.get("role") != "jumpbox", rec.labels
+
+
+def test_a_taggers_long_running_call_is_placed_at_its_end_not_its_start(
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A split call (first entry when requested, last when done): a read made while it ran, still
+    without its value, is no later write than the call. The tagger's setLabels, requested 20 s
+    before a scheduled pass saw the VM at web and done after it, approves jumpbox."""
+    monkeypatch.setattr(ingest_module, "LOGGING_LAG", 0.0)
+    ingest = GcpIngest(wiring, gcp_config(gcp, LabelSource.LABELS))
+    inst = gcp.add_instance(PROJECT, ZONE, vm_name(), ["10.20.7.14"], labels=WEB)
+    deliver(gcp, ingest, _before(audit_entry("v1.compute.instances.insert", inst), 60))
+    request = {"labels": [{"key": k, "value": v} for k, v in JUMP.items()]}
+    method = "v1.compute.instances.setLabels"
+    first = _before(audit_entry(method, inst, request=request, operation="op-long-1", last=False), 20)
+    ingest.sync(PROJECT)  # the VM seen at web while the call runs
+    gcp.set_labels(PROJECT, ZONE, inst["name"], JUMP)
+    last = audit_entry(method, inst, operation="op-long-1", first=False)
+    deliver(gcp, ingest, first)
+    deliver(gcp, ingest, last)
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.labels["role"] == "jumpbox" and rec.workload.held_labels is None
+
+
+def _before(entry: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """``entry`` logged ``seconds`` earlier than now."""
+    at = datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00")) - timedelta(seconds=seconds)
+    entry["timestamp"] = at.isoformat().replace("+00:00", "Z")
+    return entry

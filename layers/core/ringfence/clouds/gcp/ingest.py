@@ -245,7 +245,9 @@ class GcpIngest:
             # with the decision it carries; the VM is read again for the write
             observed = self.observations(project, ev.zone, [ev.instance], names)
             stored = self.w.store.get_many([r.id for r in observed])
-        changed = self._store(observed, _at_call(change, said), ev.event_id, stored)
+        # placed at the call's end (its last entry's time, as Cloud Logging has it for a split call):
+        # by then the VM shows what it set, so a read after it without the value is a later write
+        changed = self._store(observed, _at_call(change, ended or (said.time if said else None)), ev.event_id, stored)
         if spend is not None:
             # spent only once its approval or finding is stored: a delivery that failed before is
             # redelivered and decides again; a replay (the entry published again later) finds it spent
@@ -807,13 +809,14 @@ class GcpIngest:
         return changed
 
 
-def _at_call(change: TagChange | None, said: GcpEvent | None) -> TagChange | None:
-    """``change`` placed at its call's time (the audit entry's ``timestamp``, never later than
-    now: a pushed entry dated ahead would outrank every later write), so a late or redelivered
-    entry is decided among the writes it came between (``govern_writes``), not as the newest."""
-    if change is None or change.principal is None or change.requested is None or said is None or said.time is None:
+def _at_call(change: TagChange | None, at: datetime | None) -> TagChange | None:
+    """``change`` placed at its call's time ``at`` (an audit entry's ``timestamp``), never later
+    than now (a pushed entry dated ahead would outrank every later write), so a late or
+    redelivered entry is decided among the writes it came between (``govern_writes``), not as the
+    newest."""
+    if change is None or change.principal is None or change.requested is None or at is None:
         return change
-    return TagChange(change.principal, change.requested, min(said.time.timestamp(), time.time()))
+    return TagChange(change.principal, change.requested, min(at.timestamp(), time.time()))
 
 
 def _changed(
