@@ -123,6 +123,19 @@ UNTRACKED: Any = _Untracked()
 """``govern(writes=UNTRACKED)``: the caller keeps no record of writes (the rule by state alone)."""
 
 
+def _held_reason(mapper: LabelMapper, principal: str | None, change: TagChange | None, held: Iterable[Move]) -> str:
+    """Why ``held`` moves are held. A non-tagger answers for the moves their call made, where the
+    event says what it set (CloudTrail's CreateTags, a GCP setLabels): a colleague's unrelated tag
+    on a workload whose move is held names nobody. An event that says who only (a DeleteTags,
+    Azure's) still names its caller."""
+    if principal is None:
+        return UNATTRIBUTED
+    if is_tagger(mapper.config.taggers, principal):
+        return NOT_SET_BY_CALL
+    mine = change is None or change.requested is None or any(_set_by_call(mapper, m, change) for m in held)
+    return NOT_A_TAGGER if mine else NOT_SET_BY_CALL
+
+
 def govern(
     mapper: LabelMapper,
     previous: Workload | None,
@@ -160,17 +173,7 @@ def govern(
     approved = tuple(m for m in moves if _set_by_tagger(mapper, m, change))
     if len(approved) == len(moves):
         return Verdict(current, wanted, moves, approved, principal=principal)
-    if principal is None:
-        reason = UNATTRIBUTED
-    elif not is_tagger(mapper.config.taggers, principal):
-        # a non-tagger answers for the moves their call made, where the event says what it set
-        # (CloudTrail's CreateTags, a GCP setLabels): a colleague's unrelated tag on a workload
-        # whose move is held names nobody. An event that says who only (a DeleteTags, Azure's)
-        # still names its caller.
-        mine = change is None or change.requested is None or any(_set_by_call(mapper, m, change) for m in moves)
-        reason = NOT_A_TAGGER if mine else NOT_SET_BY_CALL
-    else:
-        reason = NOT_SET_BY_CALL
+    reason = _held_reason(mapper, principal, change, moves)
     held = current.model_copy(update={"held_labels": dict(before)})
     return Verdict(held, mapper.resolve(held).labels, moves, (), reason, principal)
 
@@ -278,13 +281,7 @@ def govern_writes(
     if not held_moves:
         return Verdict(current, wanted, tuple(approved), tuple(approved), principal=principal, writes=known)
     moves = tuple(sorted(held_moves + approved, key=lambda m: m.dimension))
-    if principal is None:
-        reason = UNATTRIBUTED
-    elif not is_tagger(mapper.config.taggers, principal):
-        mine = change is None or change.requested is None or any(_set_by_call(mapper, m, change) for m in held_moves)
-        reason = NOT_A_TAGGER if mine else NOT_SET_BY_CALL
-    else:
-        reason = NOT_SET_BY_CALL
+    reason = _held_reason(mapper, principal, change, held_moves)
     # the labels it had, less a privileged value no longer approved (an approval taken back)
     kept = {d: v for d, v in before.items() if not mapper.is_privileged(d, v) or in_force(d, v)}
     held = current.model_copy(update={"held_labels": kept})
