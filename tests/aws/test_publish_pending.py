@@ -312,3 +312,47 @@ def test_an_agent_that_took_deltas_below_the_mark_is_not_told_of_an_older_newest
     latest = _sync(env, agent)
     assert _enforced(agent).mode == Mode.OBSERVE and _holds(agent, ip_of(env, second))
     assert agent.revision == latest
+
+
+def test_a_publish_job_lost_on_the_way_is_rendered_again_once_its_mark_is_stale(
+    env: Env, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """The db's rules change (a bundle marked pending and queued) and the job is lost (five failed
+    receives: the publish DLQ; here, purged). Peers then join a set the db holds: those deltas
+    are held back behind the mark, so the agent would miss every set change until something
+    re-rendered the db (the refresh, three days on). A heartbeat that finds the mark older than
+    PENDING_STALE_S asks compute to render the db again, and the agent catches up."""
+    from ringfence.agentapi import Heartbeat
+    from ringfence.control import agents
+
+    est = boot(env)
+    db = est["ids"]["db"][0]
+    agent = _agent(env, db, tmp_path)
+    api = env.fn["agentapi"].api()
+    env.store.set_operator(db, mode=Mode.OBSERVE)
+    assert _compute(env, {"ids": [db]}) == {"batchItemFailures": []}
+    marked = env.store.bundle_pointer(db)
+    assert marked.in_flight is not None and marked.pending_at is not None
+    env.sqs.purge_queue(QueueUrl=env.queues["publish"])  # the job is lost
+    peer = est["run"]("processing", est["subnets"]["app"], 1)[0]
+    env.put(env.state_event(peer, "running"))
+    env.drain("ingest", "ingest")
+    assert _compute(env, {"ids": [peer]}) == {"batchItemFailures": []}
+    env._drain("publish", "publish")
+    _sync(env, agent)
+    assert not _holds(agent, ip_of(env, peer)), "held back behind the lost bundle's mark"
+
+    def heartbeat() -> None:
+        assert api.heartbeat(db, Heartbeat(applied_version=agent.revision, mode=Mode.ENFORCE)).status == 200
+
+    env._drain("compute", "compute")  # what ingest queued (compute was run directly above)
+    heartbeat()
+    assert env._drain("compute", "compute") == [], "a fresh mark asks for nothing"
+    monkeypatch.setattr(agents, "PENDING_STALE_S", 0.0)  # as if the mark had stood that long
+    heartbeat()
+    env._drain("compute", "compute")
+    env._drain("publish", "publish")
+    _sync(env, agent)
+    assert _enforced(agent).mode == Mode.OBSERVE and _holds(agent, ip_of(env, peer))
+    ptr = env.store.bundle_pointer(db)
+    assert ptr.in_flight is None and agent.revision == api.latest_version(db)

@@ -38,6 +38,11 @@ from .wiring import BaseWiring, log
 DOCUMENTS_KEPT = 256  # signed bundle and delta documents an agent API process keeps in memory
 HISTORY_LOOKUPS = 8  # addresses of a report batch looked up in the address history, at most
 WAITS_PER_WORKLOAD = 2  # long-polls of one workload a process answers at once (a reconnect overlaps one)
+# a bundle marked pending this long (s) and still not pointed at is a job lost on the way (its
+# message in the publish DLQ): its agent gets no set deltas past the mark until it lands, so a
+# heartbeat asks compute to render it again. Publication takes seconds; one failed receive
+# (the publish queue's visibility timeout) is 12 minutes.
+PENDING_STALE_S = 900.0
 
 # an enrollment method given to this API alone (beside the wiring's, ringfence.control.enroll): checks
 # the request's proof, calls bind(req, workload_id) to bind the agent key (required, first binding
@@ -407,6 +412,14 @@ class AgentApi:
             log.info("agent %s is back online: rejoining peers' sets", workload_id)
             self.w.enqueue_compute([workload_id])
         ptr = grant.pointer if grant is not None else self.w.store.bundle_pointer(workload_id)
+        stale = ptr is not None and ptr.in_flight is not None and now - (ptr.pending_at or now) > PENDING_STALE_S
+        if stale and ptr is not None:
+            # compute re-marks it as it hands the new render on: asked again only once that one
+            # is as old
+            log.warning(
+                "bundle %s of %s marked pending long ago, not published: re-rendering", ptr.in_flight, workload_id
+            )
+            self.w.enqueue_compute(publish=[workload_id])
         latest = self._latest(ptr)[0] if ptr is not None else None
         claimed = hb.applied_version
         if claimed is not None and ptr is not None and latest is not None and claimed > latest:

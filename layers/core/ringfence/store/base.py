@@ -143,6 +143,11 @@ class BundlePointer(BaseModel):
         exclude=True,  # the store's mark beside the pointer (Store.mark_bundle_pending), not in its doc
         description="the highest bundle version compute handed on for publication (None: never marked)",
     )
+    pending_at: float | None = Field(
+        None,
+        exclude=True,
+        description="when compute last marked it (unix seconds; None where publication is in process)",
+    )
 
     @property
     def in_flight(self) -> int | None:
@@ -379,7 +384,10 @@ class Store(Protocol):
         (the mark never goes down; a pointer at or past it satisfies it). Written before any set
         head moves and before the job is sent: read back as :attr:`BundlePointer.pending`, by the
         agent API (no deltas past a bundle on its way) and by a rebuild (no adopting a pointer
-        older than a bundle on its way). A workload with a mark and no pointer has none (None)."""
+        older than a bundle on its way). A workload with a mark and no pointer has none (None).
+        Where workers publish (DynamoDB), marking the same version again renews
+        :attr:`BundlePointer.pending_at`: a mark left standing that long is a job lost on the
+        way, which the agent API asks compute to render again (``AgentApi.heartbeat``)."""
         ...
 
     def put_delta(self, ptr: DeltaPointer) -> None: ...

@@ -447,9 +447,10 @@ class DynamoStore:
         try:
             self.state.update_item(
                 Key={"pk": f"bundle#{workload_id}", "sk": "latest"},
-                UpdateExpression="SET pending = :p",
-                ConditionExpression="attribute_not_exists(pending) OR pending < :p",
-                ExpressionAttributeValues={":p": version},
+                UpdateExpression="SET pending = :p, pending_at = :t",
+                # the same version again renews when: a repair of a lost job re-marks it
+                ConditionExpression="attribute_not_exists(pending) OR pending <= :p",
+                ExpressionAttributeValues={":p": version, ":t": Decimal(str(round(time.time(), 3)))},
             )
         except ClientError as exc:
             if not _conditional_failed(exc):  # a higher mark stands: nothing to do
@@ -1080,6 +1081,7 @@ def _pointer_of(item: dict[str, Any] | None) -> BundlePointer | None:
     ptr = BundlePointer.model_validate_json(item["doc"])
     if "pending" in item:
         ptr.pending = int(item["pending"])
+        ptr.pending_at = float(item["pending_at"]) if "pending_at" in item else None
     return ptr
 
 
