@@ -1,7 +1,7 @@
 """The publish function's DynamoDB rights, in template.yaml and infra/ alike: the writes it makes
-(bundle pointers, its published count and records, dropped connections) and nothing else of the
-state table (compute's pending mark beside a pointer, the engine head's revision, set heads,
-deltas, the policy). Evaluated by tests/aws/test_function_iam.py's reading of both deployments."""
+(bundle pointers by UpdateItem only, its published count and records, dropped connections) and
+nothing else of the state table (compute's pending mark beside a pointer, the engine head's
+revision, set heads, deltas, the policy). Evaluated by tests/aws/test_function_iam.py's reading of both deployments."""
 
 from __future__ import annotations
 
@@ -68,5 +68,53 @@ def test_the_publish_role_writes_pointers_and_its_count_only(env: Env) -> None:
             ),
             ("PutItem", "state", {"dynamodb:LeadingKeys": ["policy"], "dynamodb:Attributes": ["doc", "pk", "sk"]}),
             ("DeleteItem", "state", {"dynamodb:LeadingKeys": ["tokenof#i-1"], "dynamodb:Attributes": ["pk", "sk"]}),
+        ):
+            assert not allowed(statements, attack), (where, attack)
+
+
+def test_the_publish_role_may_only_update_a_pointer() -> None:
+    """A pointer is written with UpdateItem (its fields only). A PutItem replaces the whole item,
+    so it drops compute's pending mark without naming it, and a DeleteItem removes it with the
+    item: neither is granted on bundle#*. The published records and the connections get only
+    the one write each needs."""
+    pointer = ["doc", "pk", "sk", "version"]
+    for where, statements in (
+        ("template.yaml", sam_statements("publish")),
+        ("infra/", terraform_statements("publish")),
+    ):
+        for needed in (
+            ("UpdateItem", "state", {"dynamodb:LeadingKeys": ["bundle#i-1"], "dynamodb:Attributes": pointer}),
+            (
+                "PutItem",
+                "state",
+                {"dynamodb:LeadingKeys": ["published"], "dynamodb:Attributes": ["doc", "pk", "sk", "ttl"]},
+            ),
+            ("DeleteItem", "state", {"dynamodb:LeadingKeys": ["conn#i-1"], "dynamodb:Attributes": ["pk", "sk"]}),
+        ):
+            assert allowed(statements, needed), (where, needed)
+        for attack in (
+            # the pointer's own attributes only, yet the pending mark goes with the old item
+            ("PutItem", "state", {"dynamodb:LeadingKeys": ["bundle#i-1"], "dynamodb:Attributes": pointer}),
+            ("PutItem", "state", {"dynamodb:LeadingKeys": ["bundle#i-1"], "dynamodb:Attributes": ["pk", "sk"]}),
+            ("DeleteItem", "state", {"dynamodb:LeadingKeys": ["bundle#i-1"], "dynamodb:Attributes": ["pk", "sk"]}),
+            # the published records: written once, never changed or removed
+            (
+                "UpdateItem",
+                "state",
+                {"dynamodb:LeadingKeys": ["published"], "dynamodb:Attributes": ["doc", "pk", "sk"]},
+            ),
+            ("DeleteItem", "state", {"dynamodb:LeadingKeys": ["published"], "dynamodb:Attributes": ["pk", "sk"]}),
+            (
+                "PutItem",
+                "state",
+                {"dynamodb:LeadingKeys": ["published"], "dynamodb:Attributes": ["doc", "pk", "sk", "version"]},
+            ),
+            # a connection is the agent API's to record: the publish role only drops one gone
+            (
+                "PutItem",
+                "state",
+                {"dynamodb:LeadingKeys": ["conn#i-1"], "dynamodb:Attributes": ["connection_id", "pk", "sk", "ttl"]},
+            ),
+            ("UpdateItem", "state", {"dynamodb:LeadingKeys": ["conn#i-1"], "dynamodb:Attributes": ["pk", "sk", "ttl"]}),
         ):
             assert not allowed(statements, attack), (where, attack)

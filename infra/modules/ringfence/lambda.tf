@@ -179,7 +179,13 @@ locals {
       # WebSocket connections (read; dropped when gone). Writes only those items: never compute's
       # pending mark beside a pointer, the engine head's revision, a set head, a delta or the policy
       { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.state.arn] },
-      { actions = ["dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["bundle#*", "published", "conn#*"] }, { test = "ForAllValues:StringEquals", variable = "dynamodb:Attributes", values = ["pk", "sk", "version", "doc", "ttl"] }] },
+      # a pointer is an update of its fields only: a PutItem would replace the item and a
+      # DeleteItem remove it, either dropping compute's pending mark without naming it
+      { actions = ["dynamodb:UpdateItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["bundle#*"] }, { test = "ForAllValues:StringEquals", variable = "dynamodb:Attributes", values = ["pk", "sk", "version", "doc"] }] },
+      # the published records (one new item per count)
+      { actions = ["dynamodb:PutItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringEquals", variable = "dynamodb:LeadingKeys", values = ["published"] }, { test = "ForAllValues:StringEquals", variable = "dynamodb:Attributes", values = ["pk", "sk", "doc", "ttl"] }] },
+      # a connection gone (the nudge's GoneException) is dropped
+      { actions = ["dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["conn#*"] }, { test = "ForAllValues:StringEquals", variable = "dynamodb:Attributes", values = ["pk", "sk"] }] },
       { actions = ["dynamodb:UpdateItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringEquals", variable = "dynamodb:LeadingKeys", values = ["engine"] }, { test = "ForAllValues:StringEquals", variable = "dynamodb:Attributes", values = ["pk", "sk", "published"] }] },
       { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.publish.arn] },
       { actions = ["s3:PutObject"], resources = ["${aws_s3_bucket.bundles.arn}/bundles/*", "${aws_s3_bucket.bundles.arn}/keys/*"] },
