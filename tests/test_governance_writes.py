@@ -140,8 +140,14 @@ def test_tagger_patterns_whose_account_is_a_wildcard_are_named() -> None:
         "arn:aws:iam::123456789012:role/ringfence-tagging",
         "arn:aws:iam::123456789012:role/*",
         "tagger@shop-prod.iam.gserviceaccount.com",
+        # a wildcard spanning the account field, or before it: each matches a role of any account
+        "arn:*:role/ringfence-tagging",
+        "*:role/ringfence-tagging",
+        "arn:aws:iam::*",
+        "*",
+        "*@shop-prod.iam.gserviceaccount.com",  # a role name may hold '@'
     ]
-    assert any_account_taggers(patterns) == patterns[:2]
+    assert any_account_taggers(patterns) == patterns[:2] + patterns[5:]
 
 
 def test_a_call_claiming_a_future_time_is_taken_as_made_now() -> None:

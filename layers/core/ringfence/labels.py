@@ -58,13 +58,16 @@ def normalize(value: str, how: str) -> str:
 
 
 def any_account_taggers(patterns: Iterable[str]) -> list[str]:
-    """The AWS ARN patterns among ``patterns`` whose account is not pinned (``arn:aws:iam::*:role/x``
-    or any account field with a wildcard): each trusts a principal of that name created by any
-    account's administrator, e.g. a member account's, to approve privileged values."""
+    """The patterns among ``patterns`` that match an AWS role ARN of any account: a wildcard in or
+    before the account field (``arn:aws:iam::*:role/x``, ``arn:*:role/x``), or, with fewer fields,
+    anywhere (``*:role/x``, ``*@p.iam.gserviceaccount.com``: ``*`` matches ``:`` too, and a role
+    name may hold ``@``). Each trusts a principal of that name created by any account's
+    administrator, e.g. a member account's, to approve privileged values."""
     out = []
     for p in patterns:
         parts = p.split(":", 5)
-        if len(parts) == 6 and parts[0] == "arn" and any(c in parts[4] for c in "*?["):
+        pinned_by = ":".join(parts[:5]) if len(parts) == 6 else p
+        if any(c in pinned_by for c in "*?["):
             out.append(p)
     return out
 
