@@ -222,8 +222,9 @@ class GcpIngest:
                 change, approving = TagChange(None, None), False
             if not approving and said.action is Action.LABELS and observed:
                 # setLabels sends the whole label set: a non-tagger answers only for the values
-                # the call changed from what the VM was seen with before it (a privileged value
-                # held there already, re-sent with an unrelated edit, is not their move)
+                # the call set, not re-sent (a governed value: the last known write of its
+                # dimension, made before the call, wrote it; else the VM was seen with it before
+                # the call). A privileged value re-sent with an unrelated edit is not their move
                 change = TagChange(
                     change.principal, _changed(change.requested, before, said.time, self._governed_mapper())
                 )
@@ -825,30 +826,35 @@ def _changed(
     call: datetime | None,
     mapper: LabelMapper | None = None,
 ) -> dict[str, str] | None:
-    """What of ``requested`` differs from the tags ``stored`` was observed with, where that
-    observation predates the ``call`` (by more than :data:`CLOCK_SKEW`); else all of it: an
-    observation made after the call may hold the call's own values, which are then its moves.
-    A value the VM was seen with counts as set by the call too where the last known write of its
-    dimension (``stored.label_writes``, ``mapper`` governing) set another one: the value was
-    written over and set again between two reads (a revocation and a re-escalation)."""
+    """What of ``requested`` the call set, rather than re-sent (setLabels sends the whole set).
+
+    A key of a governed dimension with an attributed last known write (``stored.label_writes``,
+    ``mapper`` governing; any but ``unseen``) is decided by that write, not by an observation
+    that may be newer than the call: the value it wrote, written before the ``call``, is re-sent
+    (an unrelated edit by someone else keeps a tagger's approval, even where a read made after
+    the call is stored before its entry is processed); another value, or one written at or after
+    the call, is the call's move (a revocation and a re-escalation between two reads: the value
+    written over and set again). Any other key: what differs from the tags ``stored`` was
+    observed with, where that observation predates the call (by more than :data:`CLOCK_SKEW`);
+    else it counts as set by the call (an observation made after the call may hold the call's
+    own values)."""
     if requested is None:
         return None
     if stored is None or stored.state == "terminated" or call is None:
         return dict(requested)
-    if stored.observed_at >= call.timestamp() - CLOCK_SKEW:
-        return dict(requested)
+    fresh = stored.observed_at >= call.timestamp() - CLOCK_SKEW
     seen = stored.workload.tags
     writes = stored.label_writes or {}
     dims = mapper.label_keys() if mapper is not None else {}
 
-    def overwritten(key: str, value: str) -> bool:
+    def sets(key: str, value: str) -> bool:
         dim = dims.get(key)
         w = writes.get(dim) if dim is not None else None
-        return (
-            mapper is not None and dim is not None and w is not None and w.value != mapper.canonical_value(dim, value)
-        )
+        if mapper is not None and dim is not None and w is not None and w.by != "unseen":
+            return w.value != mapper.canonical_value(dim, value) or w.at >= call.timestamp()
+        return fresh or seen.get(key) != value
 
-    return {k: v for k, v in requested.items() if seen.get(k) != v or overwritten(k, v)}
+    return {k: v for k, v in requested.items() if sets(k, v)}
 
 
 def _said(entry: GcpEvent) -> tuple[object, ...]:
