@@ -221,6 +221,7 @@ def govern_writes(
         known = _carried(mapper, previous, previous_at)
     else:
         known = {d: w for d, w in writes.items() if d in dims}
+        known.update(_newly_privileged(mapper, previous, known, previous_at))
     # grants a binding adds: writes by an administrator, now
     old_grants = previous.label_grants if previous is not None else {}
     for d, v in current.label_grants.items():
@@ -306,6 +307,32 @@ def _carried(mapper: LabelMapper, previous: Workload, previous_at: float) -> dic
             out[d] = LabelWrite(at=0.0, value=v, by="unseen")
         elif v is not None:
             out[d] = LabelWrite(at=previous_at, value=v, by="unseen")
+    return out
+
+
+def _newly_privileged(
+    mapper: LabelMapper, previous: Workload, stored: Mapping[str, LabelWrite], previous_at: float
+) -> dict[str, LabelWrite]:
+    """``kept`` writes for values in force in ``previous`` that were not privileged when it was
+    decided (a policy version made them so, or turned governance on): a workload already holding a
+    value when it becomes privileged keeps it. Decided from the *stored* writes, before this
+    decision's observation and call (a non-tagger's call after ``previous_at`` still takes it back).
+
+    Only a value in force (the stored labels, ``held_labels`` when held) that is also the one the
+    tags set: a held move is never kept. And only where the stored writes do not already decide the
+    dimension: none known, one of this value that does not approve it (it was not privileged then),
+    or one of another value that the observation at ``previous_at`` overtook (older by more than
+    :data:`SKEW`); a later write of another value (a call the observations have not caught up
+    with) stays the last write."""
+    in_force = mapper.resolve(previous).labels
+    tags = mapper.resolve_tags(previous).labels
+    out: dict[str, LabelWrite] = {}
+    for d, v in in_force.items():
+        if not mapper.is_privileged(d, v) or tags.get(d) != v:
+            continue
+        w = stored.get(d)
+        if w is None or (w.value == v and not w.approves) or (w.value != v and w.at + SKEW < previous_at):
+            out[d] = LabelWrite(at=previous_at, value=v, by="kept")
     return out
 
 

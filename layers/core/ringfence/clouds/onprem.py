@@ -68,6 +68,9 @@ class OnPremAdmin(Admin):
             labels=labels,
             problems=problems,
             governed_rev=stored.governed_rev if stored is not None else 0,
+            # registered again after a deregistration: no write of the host's earlier life stands
+            # (a tombstone stored before tombstones cleared them may still hold some)
+            label_writes={} if stored is not None and stored.state == "terminated" and state != "terminated" else None,
         )
 
     def _governing(self) -> LabelMapper | None:

@@ -219,6 +219,9 @@ class DynamoStore:
         if tag_version is not None:
             expr += ", tag_version = :v"
             values[":v"] = tag_version
+        if rec.state == "terminated":
+            # a tombstone clears the known writes: a grant or approval does not outlive the workload
+            expr += " REMOVE label_writes"
         try:
             self.inventory.update_item(
                 Key={"id": rec.id},

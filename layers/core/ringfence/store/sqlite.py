@@ -414,7 +414,8 @@ class SqliteStore:
             "label_writes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
             "workload = excluded.workload, state = excluded.state, observed_at = excluded.observed_at, "
             "tag_version = excluded.tag_version, labels = excluded.labels, problems = excluded.problems, "
-            "governed_rev = excluded.governed_rev, label_writes = coalesce(excluded.label_writes, label_writes)",
+            "governed_rev = excluded.governed_rev, label_writes = CASE WHEN excluded.state = 'terminated' THEN NULL "
+            "ELSE coalesce(excluded.label_writes, label_writes) END",
             (
                 rec.id,
                 rec.workload.model_dump_json(exclude={"mode", "quarantined"}),
@@ -911,7 +912,9 @@ class SqliteStore:
 
 
 def _label_writes(rec: InventoryRecord) -> str | None:
-    """The record's known writes as stored (None: a tombstone's, or none recorded: the stored ones stay)."""
+    """The record's known writes as stored (None: none recorded, the stored ones stay; a tombstone
+    clears them: a grant or approval must not outlive the workload, an id registered again starts
+    from none)."""
     if rec.state == "terminated" or rec.label_writes is None:
         return None
     return json.dumps({d: w.model_dump() for d, w in sorted(rec.label_writes.items())})
