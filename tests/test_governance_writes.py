@@ -4,7 +4,8 @@ a cloud: which write is the last one, and when a privileged value is in force.""
 from __future__ import annotations
 
 from ringfence.governance import NOT_A_TAGGER, SKEW, UNATTRIBUTED, LabelWrite, TagChange, bind, govern
-from ringfence.model import Workload
+from ringfence.labels import LabelMapper
+from ringfence.model import LabelsConfig, Workload
 from tests.test_governance import DEV, DEV_BOX, JUMP, JUMP_TAGS, MAPPER, TAGGER
 
 WEB_TAGS = dict(DEV_BOX.tags)
@@ -157,3 +158,68 @@ def test_a_call_claiming_a_future_time_is_taken_as_made_now() -> None:
     assert writes["role"].at == 30.0 + SKEW
     w, _, _ = step(w, writes, 20.0, box(JUMP_TAGS, 40.0), TagChange(TAGGER, JUMP_TAGS, 36.0), now=40.0)
     assert MAPPER.resolve(w).labels["role"] == "jumpbox"
+
+
+# --- a value in force that a policy version makes privileged ---------------------------------------
+
+UNGOVERNED_ROLE = LabelMapper(
+    LabelsConfig.model_validate(
+        {
+            "taggers": MAPPER.config.taggers,
+            "dimensions": {
+                "role": {"allowed": ["web", "jumpbox"]},
+                "app": {"allowed": ["shop", "admin"], "privileged": ["admin"]},
+                "env": {"keys": ["ringfence:env", "ringfence:environment"]},
+            },
+        }
+    )
+)
+DEV_JUMP_TAGS = {**WEB_TAGS, "ringfence:role": "jumpbox"}
+
+
+def jumpbox_before_it_was_privileged() -> tuple[Workload, dict[str, LabelWrite]]:
+    """A developer made the host a jumpbox while ``role`` was not governed: in force, no write kept."""
+    v = govern(UNGOVERNED_ROLE, None, box(WEB_TAGS, 10.0), writes={}, previous_at=0.0, now=10.0)
+    assert v.writes is not None
+    v = govern(
+        UNGOVERNED_ROLE, v.workload, box(DEV_JUMP_TAGS, 20.0), TagChange(DEV, DEV_JUMP_TAGS, 15.0),
+        writes=v.writes, previous_at=10.0, now=20.0,
+    )  # fmt: skip
+    assert (
+        v.writes is not None
+        and "role" not in v.writes
+        and UNGOVERNED_ROLE.resolve(v.workload).labels["role"] == "jumpbox"
+    )
+    return v.workload, v.writes
+
+
+def test_a_value_in_force_that_becomes_privileged_is_kept() -> None:
+    w, writes = jumpbox_before_it_was_privileged()
+    w2, writes2, v = step(w, writes, 20.0, box(DEV_JUMP_TAGS, 30.0), now=30.0)
+    assert MAPPER.resolve(w2).labels["role"] == "jumpbox" and not v.held  # type: ignore[attr-defined]
+    assert writes2["role"] == LabelWrite(at=20.0, value="jumpbox", by="kept")
+    # and it stays kept on the next observation: the stored kept write decides it
+    w3, _, _ = step(w2, writes2, 30.0, box(DEV_JUMP_TAGS, 40.0), now=40.0)
+    assert MAPPER.resolve(w3).labels["role"] == "jumpbox"
+
+
+def test_a_kept_value_is_taken_back_by_a_later_call_of_a_non_tagger() -> None:
+    w, writes = jumpbox_before_it_was_privileged()
+    w2, writes2, v = step(w, writes, 20.0, box(DEV_JUMP_TAGS, 30.0), TagChange(DEV, DEV_JUMP_TAGS, 25.0), now=30.0)
+    assert MAPPER.resolve(w2).labels.get("role") is None and v.finding  # type: ignore[attr-defined]
+    assert writes2["role"] == LabelWrite(at=25.0, value="jumpbox", by="other")
+    # the developer's call before the policy took effect (older than the last observation) takes nothing back
+    w3, _, _ = step(w, writes, 20.0, box(DEV_JUMP_TAGS, 30.0), TagChange(DEV, DEV_JUMP_TAGS, 15.0), now=30.0)
+    assert MAPPER.resolve(w3).labels["role"] == "jumpbox"
+
+
+def test_a_held_move_is_never_kept() -> None:
+    """A developer's jumpbox held under governance stays held however often it is decided again
+    (a new policy version re-deciding it must not take the held tag for a value in force)."""
+    w, writes, _ = step(None, {}, 0.0, box(WEB_TAGS, 10.0))
+    w, writes, v = step(w, writes, 10.0, box(JUMP_TAGS, 20.0), TagChange(DEV, JUMP_TAGS, 15.0))
+    assert v.held  # type: ignore[attr-defined]
+    for at in (30.0, 40.0):
+        w, writes, v = step(w, writes, at - 10.0, box(JUMP_TAGS, at), now=at)
+        assert v.held and MAPPER.resolve(w).labels["role"] == "web"  # type: ignore[attr-defined]
+        assert writes["role"].by == "other"
