@@ -181,10 +181,10 @@ rulesets:
 
 
 def spawn_following_agent(
-    net: Any, tmp_path: Path, backend: str, source: str
+    net: Any, tmp_path: Path, backend: str, source: str, **config: Any
 ) -> tuple[subprocess.Popen[str], Path, Path]:
-    """The real agent daemon in lab host h2, following ``source`` (an HTTP static layout), quick
-    to poll and back off: (process, state directory, log file)."""
+    """The real agent daemon in lab host h2, following ``source`` (a static layout over HTTP(S)),
+    quick to poll and back off, with ``config`` on top: (process, state directory, log file)."""
     from ringfence.local.lab import AGENT
 
     state = tmp_path / "state"
@@ -201,6 +201,7 @@ def spawn_following_agent(
         "backoff_max": 1,
         "request_timeout": 2,
         "dhcp": False,
+        **config,
     }
     (tmp_path / "agent.json").write_text(json.dumps(cfg))
     log = tmp_path / "agent.log"

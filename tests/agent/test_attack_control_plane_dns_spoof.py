@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,7 +23,8 @@ from ringfence.local.lab import wait_until
 from ringfence.local.tls import lab_tls
 from ringfence.staticlayout import bundle_path
 from tests.agent import dataplane
-from tests.agent.bundles import DENY_ALL_POLICY, PUBLIC_KEY, Lab, resign, workloads, write
+from tests.agent.bundles import DENY_ALL_POLICY, Lab, resign, spawn_following_agent, workloads, write
+from tests.agent.dnslab import CP_MOVED, applied, resolving_lab
 
 pytestmark = pytest.mark.dataplane
 
@@ -32,8 +32,6 @@ dataplane.require()
 
 HOSTS = {"h2": 2, "cp": 100, "dns": 53, "evil": 66}
 CP_NAME = "cp.ringfence-spoof-lab.test"
-CP_MOVED = "10.77.0.101"  # the control plane's second address (held by cp too, same certificate)
-RESPONDER = Path(__file__).with_name("dnsresponder.py")
 
 HTTPS_SERVER = """
 import functools, http.server, ssl, sys
@@ -52,30 +50,8 @@ server.serve_forever()
 def net(tmp_path: Path) -> Iterator[tuple[NetLab, Path]]:
     """The lab: h2 resolves through ``dns`` (its resolv.conf) whose answer is the file yielded;
     ``evil`` listens on tcp/443 (an echo server: a reply means the packet got through)."""
-    lab = NetLab(HOSTS)
-    etc = Path("/etc/netns") / lab.ns("h2")
-    try:
-        lab.serve("evil", tcp=[443])
-        address = tmp_path / "cp-address"
-        address.write_text(lab.v4("cp"))
-        resolver = lab.spawn("dns", sys.executable, str(RESPONDER), str(address), stdout=subprocess.PIPE)
-        assert resolver.stdout is not None and resolver.stdout.readline().strip() == "ready"
-        etc.mkdir(parents=True, exist_ok=True)
-        (etc / "hosts").write_text("127.0.0.1 localhost\n")  # the name is in DNS only
-        (etc / "resolv.conf").write_text(f"nameserver {lab.v4('dns')}\noptions timeout:1 attempts:2\n")
-        subprocess.run(["ip", "-n", lab.ns("cp"), "addr", "add", f"{CP_MOVED}/24", "dev", "eth0"], check=True)
-        yield lab, address
-    finally:
-        lab.close()
-        shutil.rmtree(etc, ignore_errors=True)
-
-
-def applied(state: Path) -> int | None:
-    try:
-        version = json.loads((state / "status.json").read_text()).get("applied_version")
-    except (OSError, ValueError):
-        return None
-    return version if isinstance(version, int) else None
+    with resolving_lab(HOSTS, tmp_path, lambda lab: lab.serve("evil", tcp=[443])) as net:
+        yield net
 
 
 def kernel_cp(lab: NetLab) -> list[ipaddress.IPv4Network]:
@@ -129,27 +105,7 @@ def test_attack_one_spoofed_dns_answer_does_not_keep_the_control_plane_failsafe_
         "cp", sys.executable, "-c", HTTPS_SERVER, str(www), str(tls.cert), str(tls.key), stdout=subprocess.PIPE
     )
     assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-    state = tmp_path / "state"
-    cfg = {
-        "workload_id": "h2",
-        "public_key": str(PUBLIC_KEY),
-        "state_dir": str(state),
-        "backend": "nftables",
-        "source": f"https://{CP_NAME}",
-        "tls_ca_file": str(tls.ca),
-        "poll_interval": 1,
-        "observe_interval": 5,
-        "heartbeat_interval": 60,
-        "report_interval": 60,
-        "backoff_max": 1,
-        "request_timeout": 2,
-        "dhcp": False,
-    }
-    (tmp_path / "agent.json").write_text(json.dumps(cfg))
-    log = tmp_path / "agent.log"
-    from ringfence.local.lab import AGENT
-
-    daemon = lab.spawn("h2", str(AGENT), "run", "--config", str(tmp_path / "agent.json"), stderr=log.open("w"))
+    daemon, state, log = spawn_following_agent(lab, tmp_path, "nftables", f"https://{CP_NAME}", tls_ca_file=str(tls.ca))
     try:
         # enforced, fetched over verified TLS from cp: nothing but the fail-safes
         assert wait_until(lambda: applied(state) == first.version, 20), log.read_text()

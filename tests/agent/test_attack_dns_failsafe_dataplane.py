@@ -6,8 +6,6 @@ DNS server in the lab (``ip netns exec`` binds /etc/netns/<ns>/resolv.conf over 
 
 from __future__ import annotations
 
-import json
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,6 +18,7 @@ from ringfence.local.lab import wait_until
 from ringfence.staticlayout import bundle_path
 from tests.agent import dataplane
 from tests.agent.bundles import DENY_ALL_POLICY, Lab, resign, spawn_following_agent, workloads, write
+from tests.agent.dnslab import CP_MOVED, RESPONDER, applied, resolving_lab
 
 pytestmark = pytest.mark.dataplane
 
@@ -27,8 +26,6 @@ dataplane.require()
 
 HOSTS = {"h2": 2, "cp": 100, "dns": 53, "other": 54}
 CP_NAME = "cp.ringfence-dns-lab.test"
-CP_MOVED = "10.77.0.101"
-RESPONDER = Path(__file__).with_name("dnsresponder.py")
 
 
 @pytest.fixture
@@ -36,23 +33,13 @@ def net(tmp_path: Path) -> Iterator[tuple[NetLab, Path]]:
     """The lab; h2 resolves through ``dns`` (its resolv.conf), ``other`` answers DNS too (a port
     53 elsewhere), ``cp`` serves the bundles over HTTP on 443. Yields the lab and the file whose
     address the resolver answers for every name."""
-    lab = NetLab(HOSTS)
-    etc = Path("/etc/netns") / lab.ns("h2")
-    try:
+
+    def serve(lab: NetLab) -> None:
         lab.serve("h2", tcp=[8080])
         lab.serve("other", tcp=[53], udp=[53])  # echo servers: a reply means the packet got through
-        address = tmp_path / "cp-address"
-        address.write_text(lab.v4("cp"))
-        resolver = lab.spawn("dns", sys.executable, str(RESPONDER), str(address), stdout=subprocess.PIPE)
-        assert resolver.stdout is not None and resolver.stdout.readline().strip() == "ready"
-        etc.mkdir(parents=True, exist_ok=True)
-        (etc / "hosts").write_text("127.0.0.1 localhost\n")  # the name is in DNS only
-        (etc / "resolv.conf").write_text(f"nameserver {lab.v4('dns')}\noptions timeout:1 attempts:2\n")
-        subprocess.run(["ip", "-n", lab.ns("cp"), "addr", "add", f"{CP_MOVED}/24", "dev", "eth0"], check=True)
-        yield lab, address
-    finally:
-        lab.close()
-        shutil.rmtree(etc, ignore_errors=True)
+
+    with resolving_lab(HOSTS, tmp_path, serve) as net:
+        yield net
 
 
 def resolves(lab: NetLab, name: str = CP_NAME) -> str | None:
@@ -66,14 +53,6 @@ def dns_query(lab: NetLab, server: str, tcp: bool = False) -> bool:
     """A DNS query from h2 straight to ``server`` (UDP, or TCP) is answered."""
     cmd = [sys.executable, str(RESPONDER), "query", server, *(["tcp"] if tcp else [])]
     return lab.exec("h2", *cmd, timeout=20).returncode == 0
-
-
-def applied(state: Path) -> int | None:
-    try:
-        version = json.loads((state / "status.json").read_text()).get("applied_version")
-    except (OSError, ValueError):
-        return None
-    return version if isinstance(version, int) else None
 
 
 def test_attack_deny_everything_bundle_keeps_the_agents_resolver_and_no_other_dns(
