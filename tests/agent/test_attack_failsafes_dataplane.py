@@ -20,6 +20,7 @@ from ringfence.local.lab import sh, wait_until
 from ringfence.staticlayout import bundle_path
 from tests.agent import dataplane
 from tests.agent.bundles import DENY_ALL_POLICY, PUBLIC_KEY, Lab, resign, spawn_following_agent, workloads, write
+from tests.agent.dnslab import CP_MOVED, applied
 
 pytestmark = pytest.mark.dataplane
 
@@ -29,7 +30,6 @@ HOSTS = {"h1": 1, "h2": 2, "adm": 250, "cp": 100}
 ROLES = {"h1": "client", "h2": "web", "adm": "admin"}
 RINGFENCE = str(Path(sys.executable).parent / "ringfence")
 CP_NAME = "cp.ringfence-lab.test"  # the control plane's host name, as API Gateway's is one
-CP_MOVED = "10.77.0.101"  # where the control plane's name resolves later
 
 
 @pytest.fixture(scope="module")
@@ -130,14 +130,6 @@ def http_ok(net: NetLab, src: str, addr: str, port: int = 443) -> bool:
     """An HTTP GET from ``src`` to ``addr:port`` is answered (any status)."""
     code = f"import urllib.request as u, urllib.error as e\ntry: u.urlopen('http://{addr}:{port}/', timeout=1)\nexcept e.HTTPError: pass"
     return net.exec(src, sys.executable, "-c", code, timeout=10).returncode == 0
-
-
-def applied(state: Path) -> int | None:
-    try:
-        version = json.loads((state / "status.json").read_text()).get("applied_version")
-    except (OSError, ValueError):
-        return None
-    return version if isinstance(version, int) else None
 
 
 def test_attack_an_enforce_bundle_cannot_cut_the_agent_off_its_named_control_plane(
