@@ -646,17 +646,26 @@ class Agent:
             self.bundle, self.deltas, self.refused_lkg = None, [], None
             self._reset_cache(None)
 
-    def follow_control_plane(self, addresses: tuple[str, ...], apply: bool = True) -> Result:
+    def follow_control_plane(
+        self, addresses: tuple[str, ...], apply: bool = True, dns_resolvers: tuple[str, ...] | None = None
+    ) -> Result:
         """The control plane's addresses resolved from its host name (API Gateway's change over
-        time): the control-plane fail-safe becomes the configured ones plus ``addresses``. A
-        change re-applies what is enforced (the bundle, or the boot posture) with them; open
-        connections survive it (established flows pass first). ``apply`` False: only remembered,
-        for the first apply (before the last known good is re-applied)."""
+        time): the control-plane fail-safe becomes the configured ones plus ``addresses``, and
+        (when given) the DNS fail-safe ``dns_resolvers`` (the host's resolv.conf, which DHCP
+        rewrites). A change re-applies what is enforced (the bundle, or the boot posture) with
+        them; open connections survive it (established flows pass first). ``apply`` False: only
+        remembered, for the first apply (before the last known good is re-applied)."""
         with self._lock:
             wanted = tuple(dict.fromkeys((*self.configured_control_plane, *addresses)))
-            if wanted == self.local.control_plane:
+            dns = self.local.dns_resolvers if dns_resolvers is None else dns_resolvers
+            if wanted == self.local.control_plane and dns == self.local.dns_resolvers:
                 return Result(False)
-            before, self.local = self.local, replace(self.local, control_plane=wanted)
+            lines = []
+            if wanted != self.local.control_plane:
+                lines.append(f"control-plane fail-safe now admits {', '.join(wanted) or 'nothing'}")
+            if dns != self.local.dns_resolvers:
+                lines.append(f"DNS fail-safe now admits {', '.join(dns) or 'nothing'}")
+            before, self.local = self.local, replace(self.local, control_plane=wanted, dns_resolvers=dns)
             eff = self.effective()
         if not apply:
             return Result(False)
@@ -675,7 +684,7 @@ class Agent:
             with self._lock:
                 self.local = before  # not in the kernel: the next call tries again
             raise
-        return Result(True, [f"control-plane fail-safe now admits {', '.join(wanted) or 'nothing'}"])
+        return Result(True, lines)
 
     def hold_failsafe_posture(self, control_plane: tuple[str, ...] = ()) -> Result:
         """Fail-safes plus default deny, until a verified bundle applies: what a host enforces

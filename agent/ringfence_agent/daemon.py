@@ -43,7 +43,7 @@ from ringfence_agent.reports import (
     parse_conntrack,
     summarize_flows,
 )
-from ringfence_agent.resolvers import RESOLV_CONF
+from ringfence_agent.resolvers import RESOLV_CONF, system_resolvers
 from ringfence_agent.sessions import session_cutter
 from ringfence_agent.sources import (
     ApiSource,
@@ -584,12 +584,21 @@ class Daemon:
         kept = list(dict.fromkeys((*current, *newest)))[:CONTROL_PLANE_MAX]
         try:
             with self.apply_lock:
-                result = self.agent.follow_control_plane(tuple(sorted(kept)), apply)
+                result = self.agent.follow_control_plane(tuple(sorted(kept)), apply, self._host_resolvers())
         except (ApplyError, PlanError) as exc:
             log(f"control-plane fail-safe not updated: {exc}")
             return
         for line in result.lines:
             log(line)
+
+    def _host_resolvers(self) -> tuple[str, ...] | None:
+        """The DNS fail-safe's servers with the host's read again (DHCP rewrites resolv.conf, and
+        glibc follows it: the agent must let it reach the new server), or None to keep what is
+        admitted: a file naming none (caught mid-rewrite, or unreadable) admits no fewer than before."""
+        if not (self.cfg.system_resolvers and self.cfg.source_hosts()):
+            return None
+        found = system_resolvers()
+        return tuple(dict.fromkeys((*self.cfg.dns_resolvers, *found))) if found else None
 
     def _resolve(self, host: str, timeout: float) -> tuple[str, ...] | None:
         """``host``'s addresses (getaddrinfo, the system's resolver), or None when it does not

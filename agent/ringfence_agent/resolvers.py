@@ -1,4 +1,4 @@
-"""The name servers this host resolves through, read from ``/etc/resolv.conf`` at start: the
+"""The name servers this host resolves through, read from ``/etc/resolv.conf`` (at start and before every sync): the
 agent admits them (udp/tcp 53, outbound only) beside the configured ``dns_resolvers``, so that it
 can keep resolving its control plane's host name (API Gateway's) under a bundle that admits
 nothing — without the operator listing the VPC resolver by hand.

@@ -1,7 +1,7 @@
 """DNS under an enforce bundle (issue 10, fail-safes): the agent re-resolves its control plane's
 host name (API Gateway's) before every sync, so it needs DNS even when a bundle admits nothing.
-It admits the name servers of its host's /etc/resolv.conf (read at start), udp/tcp 53 outbound,
-and nothing else on port 53. Real agent, real nftables, in network namespaces; the resolver is a
+It admits the name servers of its host's /etc/resolv.conf (read again at every sync: DHCP
+rewrites it), udp/tcp 53 outbound, and nothing else on port 53. Real agent, real nftables, in network namespaces; the resolver is a
 DNS server in the lab (``ip netns exec`` binds /etc/netns/<ns>/resolv.conf over /etc/resolv.conf)."""
 
 from __future__ import annotations
@@ -96,6 +96,21 @@ def test_attack_deny_everything_bundle_keeps_the_agents_resolver_and_no_other_dn
         # (test_attack_control_plane_dns_spoof.py)
         follows = f"control-plane fail-safe now admits {CP_MOVED}\n"
         assert wait_until(lambda: follows in log.read_text(), 30), log.read_text()
+        # DHCP names another resolver: glibc reads resolv.conf again, and so does the fail-safe
+        # (the name now comes from /etc/hosts: ``other`` only echoes)
+        etc = Path("/etc/netns") / lab.ns("h2")
+        (etc / "hosts").write_text(f"127.0.0.1 localhost\n{CP_MOVED} {CP_NAME}\n")
+        (etc / "resolv.conf").write_text(f"nameserver {lab.v4('other')}\n")
+        moved = f"DNS fail-safe now admits {lab.v4('other')}\n"
+        assert wait_until(lambda: moved in log.read_text(), 30), log.read_text()
+        assert lab.udp("h2", "other", 53) and lab.tcp("h2", "other", 53)
+        assert not dns_query(lab, lab.v4("dns")), "a resolver resolv.conf no longer names stays admitted"
+        # a file caught mid-rewrite names none: what is admitted stays (a sync has read it since)
+        (etc / "resolv.conf").write_text("")
+        third = resign(first, version=first.version + 2)
+        write(third, www / bundle_path("h2"))
+        assert wait_until(lambda: applied(state) == third.version, 30), log.read_text()
+        assert lab.udp("h2", "other", 53), "an empty resolv.conf took the host's resolver away"
     finally:
         daemon.terminate()
         daemon.wait(10)
