@@ -571,3 +571,93 @@ def test_attack_a_pairing_key_minted_before_the_index_enrolls_nothing(pairing_on
     status, body = enroll_pairing(env, wid, key["pairing_key"])
     assert status == 200, body
     assert bundle_status(env, wid, body["token"]) == 404, "its token authorizes (no bundle computed yet)"
+
+
+# --- the agent key's text: one key, read one way -----------------------------------------------------
+
+
+def two_keys(signer: AgentKey, named: str, header: str = "Proc-Type: 4,ENCRYPTED") -> str:
+    """``signer``'s key in a block with an RFC 1421 header line (cryptography reads it, a reader of
+    the first plain block skips it), then the ``named`` key: which key is this text?"""
+    return signer.pem.replace("-----BEGIN PUBLIC KEY-----\n", f"-----BEGIN PUBLIC KEY-----\n{header}\n\n") + named
+
+
+def test_attack_a_key_text_holding_the_bound_key_and_the_attackers_does_not_take_over_the_workload(env: Env) -> None:
+    """A captured identity document and the enrolled agent's public key (no secret) used to take
+    the workload over: the signature was checked with the attacker's block, the binding, token
+    and audit with the victim's. Now a text with anything but one key is refused before any check."""
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    doc = iid_document(env, web)
+    status, body = enroll_iid(env, web, doc)
+    assert status == 200, body
+    victim_token = body["token"]
+    attacker = AgentKey()
+    n = nonce(env)
+    forged = {
+        "method": "aws-iid",
+        "nonce": n,
+        "document": doc,
+        "document_signature": env.iid.sign(doc),
+        "agent_key": two_keys(attacker, agent_key(web).pem),
+        "agent_signature": attacker.prove("enroll", web, n),
+    }
+    status, answer = enroll(env, forged)
+    assert status in (400, 422) and "one Ed25519 public key" in json.dumps(answer), (status, answer)
+    # either order, a comment line around it, another key type: one key and nothing else
+    for text in (
+        agent_key(web).pem + attacker.pem,
+        "note\n" + agent_key(web).pem,
+        two_keys(attacker, agent_key(web).pem, header="X-Y: z"),
+    ):
+        n = nonce(env)
+        status, answer = enroll(
+            env, dict(forged, nonce=n, agent_key=text, agent_signature=attacker.prove("enroll", web, n))
+        )
+        assert status in (400, 422), (status, answer)
+    assert bundle_status(env, web, victim_token) == 200, "the enrolled agent's token was revoked"
+    assert len(audits(env, "agent.enroll", web)) == 1
+    # the agent's own key, written with other line breaks, is the same key (one text per key)
+    crlf = agent_key(web).pem.replace("\n", "\r\n")
+    status, body = enroll_iid(env, web, doc)
+    assert status == 200, body
+    n = nonce(env)
+    again = dict(forged, nonce=n, agent_key=crlf, agent_signature=agent_key(web).prove("enroll", web, n))
+    status, body = enroll(env, again)
+    assert status == 200, body
+    assert env.store.agent_key(web) == agent_key(web).pem
+
+
+def test_attack_an_agent_key_of_another_type_is_refused_not_an_error(env: Env) -> None:
+    """An RSA block (with a header line) before an Ed25519 one, or a block that is no key at all:
+    a clear refusal, never an exception escaping the unauthenticated enroll route."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    doc = iid_document(env, web)
+    rsa_pem = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    mine = AgentKey()
+    for text in (
+        rsa_pem,
+        rsa_pem.replace("-----BEGIN PUBLIC KEY-----\n", "-----BEGIN PUBLIC KEY-----\nX-Y: z\n\n") + mine.pem,
+        "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n",
+    ):
+        n = nonce(env)
+        req = {
+            "method": "aws-iid",
+            "nonce": n,
+            "document": doc,
+            "document_signature": env.iid.sign(doc),
+            "agent_key": text,
+            "agent_signature": mine.prove("enroll", web, n),
+        }
+        status, answer = enroll(env, req)
+        assert status in (400, 422) and "one Ed25519 public key" in json.dumps(answer), (status, answer)
+    assert env.store.agent_key(web) is None

@@ -396,7 +396,7 @@ def test_agent_key_first_binding_wins_unless_replaced(store: Store) -> None:
 def test_a_token_holds_only_while_the_agent_key_it_was_issued_under_is_bound(store: Store) -> None:
     """An operator's reset (the key dropped) or a rebinding ends every token issued under the old
     key, including one written after the reset by a renewal that checked the key before it."""
-    from ringfence.control.credentials import agent_key_id
+    from ringfence.control.credentials import agent_key_fingerprint, agent_key_id
     from tests.aws.test_pipeline import AgentKey
 
     first, second = AgentKey(), AgentKey()
@@ -410,6 +410,12 @@ def test_a_token_holds_only_while_the_agent_key_it_was_issued_under_is_bound(sto
     assert store.token_workload("t2") is None, "nor under the next key"
     store.put_token("t3", "w1", 60, agent_key=agent_key_id(second.pem))
     assert store.token_grant("t3", "w1").workload_id == "w1"
+    # tokens are issued under the whole fingerprint now (a 64-bit id could be searched to match)
+    whole = agent_key_fingerprint(second.pem)
+    store.put_token("t5", "w1", 60, agent_key=whole)
+    assert store.token_grant("t5", "w1").workload_id == "w1"
+    store.put_token("t6", "w1", 60, agent_key=whole[:16] + "0" * 48)  # the id matches, the key does not
+    assert store.token_workload("t6") is None
     store.bind_agent_key("w1", first.pem, replace=True)  # an operator-issued pairing rebinds
     assert store.token_workload("t3") is None
     # issued without a key (a pairing without one): good only while no key is bound

@@ -224,3 +224,33 @@ def test_attack_a_pairing_racing_an_agent_key_reset_binds_nothing(
     assert resets == [200]
     assert status == 401 and "was reset" in body["detail"], body
     assert store.agent_key(WID) is None, "the thief's key is not bound after the reset"
+
+
+def test_attack_a_key_text_holding_the_named_key_and_the_attackers_does_not_pass_the_reset(plane: Plane) -> None:
+    """After a reset naming the reinstalled agent's key, a leaked pairing key and that key's public
+    half (no secret) behind the attacker's own block (with a header line) used to bind a text the
+    attacker's key verifies: it renewed tokens for good, the named agent could not."""
+    from ringfence.control.credentials import agent_key_fingerprint
+    from tests.aws.test_attack_enroll import two_keys
+
+    assert plane.pair(plane.mint(uses=1), AgentKey())[0] == 200
+    reinstalled = AgentKey()
+    body = {"reason": "disk replaced", "next_agent_key": agent_key_fingerprint(reinstalled.pem)}
+    assert plane.call(plane.admin, "DELETE", f"/admin/workloads/{WID}/agent-key", body)[0] == 200
+    leaked = plane.mint(uses=5)
+    attacker = AgentKey()
+    n = plane.nonce()
+    req = {
+        "method": "pairing",
+        "nonce": n,
+        "workload_id": WID,
+        "pairing_key": leaked,
+        "agent_key": two_keys(attacker, reinstalled.pem, header="X-Y: z"),
+        "agent_signature": attacker.prove("enroll", WID, n),
+    }
+    status, answer = plane.call(plane.agents, "POST", "/v1/enroll", req)
+    assert status in (400, 422) and "one Ed25519 public key" in str(answer), (status, answer)
+    assert plane.wiring.store.agent_key(WID) is None
+    status, answer = plane.pair(leaked, reinstalled)
+    assert status == 200 and plane.bundle(answer["token"]) == 200, answer
+    assert plane.refresh(reinstalled)[0] == 200

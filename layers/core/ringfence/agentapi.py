@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ringfence.agentwire import API_PREFIX as API_PREFIX
 from ringfence.agentwire import MAX_REPORT_BYTES as MAX_REPORT_BYTES
 from ringfence.agentwire import MAX_REPORT_RECORDS as MAX_REPORT_RECORDS
+from ringfence.bundlewire import BundleError, ed25519_pem_of_raw, ed25519_public_from_one_pem
 from ringfence.enums import Mode
 
 
@@ -47,6 +48,18 @@ class EnrollRequest(_Body):
     agent_signature: str | None = Field(
         None, description="base64 Ed25519 signature by agent_key over the proof message (purpose enroll)"
     )
+
+    @field_validator("agent_key")
+    @classmethod
+    def _one_key(cls, v: str | None) -> str | None:
+        """One text per key from here on (the bound key, its id, the signature check all read it):
+        exactly one Ed25519 ``PUBLIC KEY`` block, written back canonically."""
+        if v is None:
+            return None
+        try:
+            return ed25519_pem_of_raw(ed25519_public_from_one_pem(v.encode())).decode()
+        except (BundleError, UnicodeEncodeError) as exc:
+            raise ValueError(f"agent_key {exc}") from None
 
 
 class EnrollResponse(_Body):

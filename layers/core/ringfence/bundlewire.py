@@ -577,6 +577,7 @@ def load_delta(text: str | bytes) -> SetDelta:
 # read without cryptography's serialization package (~3 MB of imports)
 _ED25519_SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
 _PEM_PUBLIC = re.compile(rb"-----BEGIN PUBLIC KEY-----([A-Za-z0-9+/=\s]*)-----END PUBLIC KEY-----")
+_PEM_ONE_PUBLIC = re.compile(rb"\s*-----BEGIN PUBLIC KEY-----([A-Za-z0-9+/=\s]*)-----END PUBLIC KEY-----\s*")
 
 
 class Signer(Protocol):
@@ -619,6 +620,22 @@ def ed25519_publics_from_pem(data: bytes) -> list[bytes]:
     if not out:
         raise BundleError("pinned key must be an Ed25519 public key (PEM)")
     return out
+
+
+def ed25519_public_from_one_pem(data: bytes) -> bytes:
+    """The raw key of an agent's Ed25519 public key: exactly one ``PUBLIC KEY`` block and nothing
+    else (no second block, no RFC 1421 header line, no text around it). Strict because two readers
+    of a looser text disagree on which key it holds (cryptography reads a block with a header
+    line that a first-block reader skips): the key a signature is checked with must be the key
+    that is bound and named."""
+    m = _PEM_ONE_PUBLIC.fullmatch(data)
+    try:
+        der = base64.b64decode(b"".join(m.group(1).split()), validate=True) if m else b""
+    except binascii.Error:
+        der = b""
+    if len(der) != len(_ED25519_SPKI_PREFIX) + 32 or not der.startswith(_ED25519_SPKI_PREFIX):
+        raise BundleError("must be one Ed25519 public key in PEM (a PUBLIC KEY block and nothing else)")
+    return der[len(_ED25519_SPKI_PREFIX) :]
 
 
 def ed25519_raw_from_spki_der(der: bytes) -> bytes:

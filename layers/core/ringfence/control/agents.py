@@ -26,6 +26,7 @@ from ringfence.store.base import (
     Grant,
     InventoryRecord,
     NotTheNamedKey,
+    agent_key_fingerprint_of,
 )
 
 from . import artifact, credentials
@@ -104,7 +105,8 @@ class AgentApi:
             log.warning("enrollment refused: %s", exc)
             return error(401, "enrollment refused", str(exc))
         key_id = self._key_id(req.agent_key)
-        token = self._issue(wid, "agent.enroll", key_id or "", method=req.method, agent_key=key_id)
+        fingerprint = credentials.agent_key_fingerprint(req.agent_key) if req.agent_key else ""
+        token = self._issue(wid, "agent.enroll", fingerprint, method=req.method, agent_key=key_id)
         if token is None:
             return error(401, "enrollment refused", f"the agent key of {wid} was reset meanwhile: enroll again")
         with contextlib.suppress(KeyError):
@@ -133,17 +135,17 @@ class AgentApi:
     def _key_id(pem: str | None) -> str | None:
         return credentials.agent_key_id(pem) if pem else None
 
-    def _issue(self, wid: str, action: str, key_id: str, **detail: object) -> str | None:
-        """A fresh access token for ``wid``, issued under the agent key ``key_id`` (``""``: none):
+    def _issue(self, wid: str, action: str, key: str, **detail: object) -> str | None:
+        """A fresh access token for ``wid``, issued under the agent key of fingerprint ``key`` (``""``: none):
         the workload's one active token (the store revokes the previous one; a nudge connection
         opened with it is dropped). Audited. None if that key is no longer the bound one once the
         token is written: an operator's reset raced this request (the token would authorize
         nothing, :func:`~ringfence.store.base.token_key_holds`)."""
         token = secrets.token_urlsafe(32)
-        self.w.store.put_token(secret_hash(token), wid, self.w.cfg.token_ttl, agent_key=key_id)
+        self.w.store.put_token(secret_hash(token), wid, self.w.cfg.token_ttl, agent_key=key)
         self.w.store.drop_connection(wid)
         if self.w.store.token_workload(secret_hash(token)) != wid:
-            log.warning("token for %s not issued: its agent key %s was reset meanwhile", wid, key_id or "(none)")
+            log.warning("token for %s not issued: its agent key %s was reset meanwhile", wid, key[:16] or "(none)")
             return None
         credentials.audit(self.w, action, wid, f"agent:{wid}", expires_in=self.w.cfg.token_ttl, **detail)
         return token
@@ -157,7 +159,8 @@ class AgentApi:
             bound = self.w.store.bind_agent_key(wid, req.agent_key)
         except NotTheNamedKey as exc:  # a reset naming another key landed since check_key
             raise self.not_named(req, wid, str(exc)) from None
-        if credentials.agent_key_id(bound) != credentials.agent_key_id(req.agent_key):
+        # the whole fingerprint: a key whose 64-bit id matches the bound one's could be searched for
+        if agent_key_fingerprint_of(bound) != credentials.agent_key_fingerprint(req.agent_key):
             raise self._refused(
                 req,
                 wid,
@@ -215,7 +218,7 @@ class AgentApi:
         if gone:
             return error(401, "token refused", gone)
         key_id = credentials.agent_key_id(pem)
-        token = self._issue(workload_id, "token.refresh", key_id, agent_key=key_id)
+        token = self._issue(workload_id, "token.refresh", credentials.agent_key_fingerprint(pem), agent_key=key_id)
         if token is None:
             return error(401, "token refused", f"the agent key of {workload_id} was reset: enroll again")
         return Response(

@@ -15,11 +15,11 @@ import base64
 import binascii
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ringfence.agentwire import proof_message
 from ringfence.audit import AuditRecord
+from ringfence.bundlewire import BundleError, ed25519_public_from_one_pem
 from ringfence.store.base import agent_key_fingerprint_of
 
 from .enroll import ProofError
@@ -32,7 +32,7 @@ def agent_key_fingerprint(pem: str) -> str:
     is not an Ed25519 public key in PEM."""
     fingerprint = agent_key_fingerprint_of(pem)
     if fingerprint is None:
-        raise ProofError("agent_key must be an Ed25519 public key (PEM SubjectPublicKeyInfo)")
+        raise ProofError("agent_key must be one Ed25519 public key in PEM (a PUBLIC KEY block and nothing else)")
     return fingerprint
 
 
@@ -46,9 +46,11 @@ def verify_proof(pem: str, signature_b64: str | None, purpose: str, workload_id:
     """The agent signed ``purpose``/``workload_id``/``nonce`` with the key ``pem``, or :class:`ProofError`."""
     if not signature_b64:
         raise ProofError("agent_signature is missing: the agent signs the nonce with its key")
-    agent_key_id(pem)
-    key = serialization.load_pem_public_key(pem.encode())
-    assert isinstance(key, Ed25519PublicKey)  # agent_key_id checked the algorithm
+    try:
+        # the very key the id and fingerprint are of (one parser): never another block of the text
+        key = Ed25519PublicKey.from_public_bytes(ed25519_public_from_one_pem(pem.encode()))
+    except BundleError as exc:
+        raise ProofError(f"agent_key {exc}") from None
     try:
         key.verify(base64.b64decode(signature_b64, validate=True), proof_message(purpose, workload_id, nonce))
     except (InvalidSignature, binascii.Error, ValueError):

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from ringfence.audit import AuditHead, AuditRecord
-from ringfence.bundlewire import BundleError, ed25519_public_from_pem, fingerprint_of_raw
+from ringfence.bundlewire import BundleError, ed25519_public_from_one_pem, fingerprint_of_raw
 from ringfence.flows.aggregate import FlowRow
 from ringfence.flows.resolve import AddressOwner
 from ringfence.governance import LabelWrite
@@ -226,10 +226,11 @@ def check_hold_fields(fields: dict[str, Any]) -> None:
 @functools.lru_cache(maxsize=4096)
 def agent_key_fingerprint_of(pem: str) -> str | None:
     """The fingerprint (SHA-256, 64 hex digits) of an agent's public key: what an operator's
-    reset names as the next key (:meth:`Store.expect_agent_key`); None if not an Ed25519 key.
-    Cached: every agent request compares its id (:func:`token_key_holds`)."""
+    reset names as the next key (:meth:`Store.expect_agent_key`); None if not exactly one Ed25519
+    key (:func:`~ringfence.bundlewire.ed25519_public_from_one_pem`). Cached: every agent request
+    compares it (:func:`token_key_holds`)."""
     try:
-        return fingerprint_of_raw(ed25519_public_from_pem(pem.encode()))
+        return fingerprint_of_raw(ed25519_public_from_one_pem(pem.encode()))
     except BundleError:
         return None
 
@@ -252,7 +253,12 @@ def token_key_holds(token_key: str | None, bound_pem: str | None) -> bool:
         return True
     if token_key == "":
         return bound_pem is None
-    return bound_pem is not None and agent_key_id_of(bound_pem) == token_key
+    if bound_pem is None:
+        return False
+    if len(token_key) == 64:  # the whole fingerprint: a 64-bit id could be searched to match
+        return agent_key_fingerprint_of(bound_pem) == token_key
+    # a token issued under the 64-bit id (before tokens recorded the fingerprint) expires within its ttl
+    return agent_key_id_of(bound_pem) == token_key
 
 
 class Grant(NamedTuple):
