@@ -49,8 +49,13 @@ def _dry_run() -> bool:
 def _log(results: list[dict[str, Any]]) -> None:
     for r in results:
         summary = {k: r.get(k) for k in ("account", "region", "scope", "applied", "plan", "violations")}
-        if r.get("violations"):
+        if r.get("violations") and "plan" not in r:
             logger.error("perimeter plan refused: nothing changed", extra=summary)
+        elif r.get("violations"):
+            logger.error(
+                "perimeter reconciled but for what breaks a limit (left as it was)",
+                extra=summary | {"refused": r.get("refused"), "changes": [c["text"] for c in r["changes"]]},
+            )
         else:
             logger.info("perimeter reconciled", extra=summary | {"changes": [c["text"] for c in r["changes"]]})
 

@@ -323,7 +323,7 @@ def test_foreign_groups_are_never_touched(configured: Env, caplog: Any) -> None:
     names = enis(env, proc)[eni]
     assert names[0] == "ops-monitoring" and "legacy-fw" in names, "foreign attachments stay, in their order"
     assert {"rf-dev-boundary", "rf-dev-mgmt"} <= set(names) and not {"rf-prod-boundary", "rf-prod-mgmt"} & set(names)
-    # a workload whose group name a foreign group holds: refused whole, the name never taken over
+    # a workload whose group name a foreign group holds: left as it is, the name never taken over
     db = est["ids"]["db"][0]
     db_before = enis(env, db)
     env.ec2.create_tags(Resources=[db], Tags=[{"Key": "ringfence:env", "Value": "shared"}])

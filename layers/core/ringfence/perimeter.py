@@ -233,20 +233,15 @@ def desired_state(
     return ds
 
 
-def check_quotas(
-    ds: DesiredState,
-    config: PerimeterConfig,
-    foreign_groups: Mapping[str, int] | None = None,
-) -> list[str]:
-    """Every quota the desired state would exceed (empty: fits). ``foreign_groups``: how many
-    groups that are not ours each attachment point already has (they stay attached)."""
+def group_quota_violations(ds: DesiredState, config: PerimeterConfig) -> dict[tuple[str, str], list[str]]:
+    """The groups of ``ds`` whose rules would exceed the rules-per-group quota, each with why."""
     q = config.quotas
     pls = (
         {config.control_plane_prefix_list.id: config.control_plane_prefix_list}
         if config.control_plane_prefix_list
         else {}
     )
-    out: list[str] = []
+    out: dict[tuple[str, str], list[str]] = {}
     for (net, name), g in sorted(ds.groups.items()):
         used: dict[tuple[str, str], int] = defaultdict(int)
         for r in g.rules:
@@ -255,18 +250,39 @@ def check_quotas(
         for (direction, fam), n in sorted(used.items()):
             if n > q.rules_per_group:
                 way = "inbound" if direction == INGRESS else "outbound"
-                out.append(
+                out.setdefault((net, name), []).append(
                     f"{name} in {net}: {n} {way} {fam} rules > {q.rules_per_group} "
                     f"(limit: rules per security group per direction per IP family)"
                 )
+    return out
+
+
+def interface_quota_violations(
+    ds: DesiredState, config: PerimeterConfig, foreign_groups: Mapping[str, int] | None = None
+) -> dict[str, str]:
+    """The attachment points whose groups (ours wanted + ``foreign_groups`` staying) would exceed
+    the groups-per-interface quota, each with why."""
+    q = config.quotas
+    out: dict[str, str] = {}
     for point, names in sorted(ds.attachments.items()):
         total = len(names) + (foreign_groups or {}).get(point, 0)
         if total > q.groups_per_interface:
-            out.append(
+            out[point] = (
                 f"{point}: {total} security groups > {q.groups_per_interface} "
                 f"(limit: security groups per network interface)"
             )
     return out
+
+
+def check_quotas(
+    ds: DesiredState,
+    config: PerimeterConfig,
+    foreign_groups: Mapping[str, int] | None = None,
+) -> list[str]:
+    """Every quota the desired state would exceed (empty: fits). ``foreign_groups``: how many
+    groups that are not ours each attachment point already has (they stay attached)."""
+    out = [v for vs in group_quota_violations(ds, config).values() for v in vs]
+    return out + list(interface_quota_violations(ds, config, foreign_groups).values())
 
 
 # --- the diff ------------------------------------------------------------------------------------
@@ -287,6 +303,7 @@ class Interface:
     ours: frozenset[str]  # names of our groups attached
     foreign: int  # how many attached groups are not ours (they stay)
     fixed: bool = False  # cannot be modified by us (e.g. requester-managed by another service)
+    held: str | None = None  # left exactly as it is this run, and why (e.g. it would break a quota)
 
 
 @dataclass
@@ -319,15 +336,19 @@ def plan(
     actual_rules: Mapping[tuple[str, str], set[PerimeterRule]],
     interfaces: Mapping[str, Interface],
     scope: Scope = Scope.FULL,
+    placeholder: str | None = None,
 ) -> Plan:
     """The smallest diff from what is (``actual_rules`` of our groups, ``interfaces``) to ``ds``.
 
     An interface that belongs to a workload (``workload`` set) gets exactly the groups ``ds``
     wants for it (none if it wants none), except that an interface is never left without any
-    group (EC2 requires one): then ours stay. Under :attr:`Scope.WORKLOADS` rules are only
-    added. Under :attr:`Scope.FULL` extra rules are revoked and a group that exists but is not
-    wanted is deleted once no interface carries it after this plan; a group still on an
-    interface we must not judge or change (``workload`` None, ``fixed``) is kept, with the reason."""
+    group (EC2 requires one). There, with a ``placeholder`` (the name of a group of ours without
+    any rule), that group replaces ours: it is created in that network where missing, kept while
+    an interface carries it, and deleted (full run) once none does; without one, ours stay. Under
+    :attr:`Scope.WORKLOADS` rules are only added. Under :attr:`Scope.FULL` extra rules are revoked
+    and a group that exists but is not wanted is deleted once no interface carries it after this
+    plan; a group still on an interface we must not judge or change (``workload`` None, ``fixed``,
+    ``held``) is kept, with the reason."""
     p = Plan()
     for key, g in sorted(ds.groups.items()):
         have = actual_rules.get(key)
@@ -343,20 +364,32 @@ def plan(
     after: dict[str, frozenset[str]] = {}
     for iid, itf in sorted(interfaces.items()):
         after[iid] = itf.ours
-        if itf.workload is None or itf.fixed:
+        if itf.workload is None or itf.fixed or itf.held:
             continue
         want = frozenset(ds.attachments.get(iid, set()))
+        if not want and not itf.foreign and itf.ours:
+            # the interface's only groups: EC2 needs one, so the rule-less placeholder replaces
+            # ours (one write) — or, without a placeholder, ours stay
+            want = frozenset({placeholder}) if placeholder else itf.ours
         on = want - itf.ours
         off = itf.ours - want
-        if not want and not itf.foreign:
-            off = frozenset()  # the interface's only groups: EC2 needs one, ours stay
         if on:
             p.attach[iid] = set(on)
         if off:
             p.detach[iid] = set(off)
         after[iid] = (itf.ours | on) - off
+    wanted = set(ds.groups)
+    if placeholder:
+        for net in sorted({interfaces[iid].network for iid, names in after.items() if placeholder in names}):
+            key = (net, placeholder)
+            wanted.add(key)
+            have = actual_rules.get(key)
+            if have is None:
+                p.create.append(GroupSpec(placeholder, net, "", "Ringfence: no access (an interface's only group)"))
+            elif have and scope is Scope.FULL:
+                p.revoke[key] = set(have)
     if scope is Scope.FULL:
-        for key in sorted(set(actual_rules) - set(ds.groups)):
+        for key in sorted(set(actual_rules) - wanted):
             net, name = key
             holders = sorted(iid for iid, names in after.items() if name in names and interfaces[iid].network == net)
             if not holders:
@@ -369,6 +402,8 @@ def plan(
                     why.append(f"{iid} belongs to no workload Ringfence knows")
                 elif itf.fixed:
                     why.append(f"{iid} is managed by another service")
+                elif itf.held:
+                    why.append(f"{iid} ({itf.workload}) is left as it is: {itf.held}")
                 else:
                     why.append(f"{iid} ({itf.workload}) has no other security group")
             p.kept[key] = "still attached: " + "; ".join(why)

@@ -89,7 +89,8 @@ class Perimeter:
         the hook's default result."""
         ids = [i for m in messages for i in m.ids]
         out = Reaction(results=self.run_for(ids, dry_run))
-        refused = {i for r in out.results if r.get("violations") for i in r["workloads"]}
+        # a plan refused whole refuses all its workloads; otherwise only those left as they were
+        refused = {i for r in out.results for i in r.get("refused", r["workloads"] if r.get("violations") else [])}
         handed: list[dict[str, Any]] = []
         for lc in (lc for m in messages for lc in m.actions()):
             iid = lc["instance_id"]
@@ -140,7 +141,13 @@ class Perimeter:
             log.info("%s%s", "(dry run) " if not res.applied else "", c["text"], extra={"perimeter_change": c})
         for k in res.kept:
             log.warning("perimeter: kept %s (%s) without purpose: %s", k["group"], k["name"], k["reason"])
-        return base | {"applied": res.applied, "plan": res.plan, "changes": res.changes, "kept": res.kept}
+        out = base | {"applied": res.applied, "plan": res.plan, "changes": res.changes, "kept": res.kept}
+        if res.violations:  # applied but for what breaks a limit: left as it was, named here
+            self.metric("PerimeterPlanRefused", 1)
+            if any("limit:" in v for v in res.violations):
+                self.metric("PerimeterOverQuota", 1)
+            out |= {"violations": res.violations, "refused": res.refused}
+        return out
 
 
 def _place(rec: InventoryRecord) -> Place | None:

@@ -2,9 +2,16 @@
 
 Every network interface of a workload carries its groups (not only the primary one). A group is
 ours only if it carries the ``ringfence:perimeter`` tag *and* has one of the names Ringfence
-gives (``rf-<env>-boundary|mgmt|published``); anything else is foreign and never changed, detached
-or deleted. Interfaces are modified with their whole group list (that is how EC2 takes it), so
-foreign groups are always written back in their order."""
+gives (``rf-<env>-boundary|mgmt|published``, and ``rf-empty``: no rule at all, what replaces ours on
+an interface that needs none of them and has no other group, as EC2 needs one); anything else is
+foreign and never changed, detached or deleted. Interfaces are modified with their whole group list
+(that is how EC2 takes it), read again just before each write, so foreign groups are always written
+back as they are then, in their order.
+
+What breaks a limit is skipped, not the whole plan: an interface over the groups-per-interface
+quota, one whose workload's env cannot name a group, or one that needs a group that cannot be made
+(its rules over quota, its name held by a group that is not ours) is left exactly as it is, with a
+violation naming it; everything else — revokes of drift on our groups first of all — is applied."""
 
 from __future__ import annotations
 
@@ -23,14 +30,13 @@ from ringfence.perimeter import (
     DesiredState,
     Interface,
     Member,
-    NameTaken,
     PerimeterConfig,
     PerimeterRule,
     Plan,
-    QuotaExceeded,
     Scope,
-    check_quotas,
     desired_state,
+    group_quota_violations,
+    interface_quota_violations,
     plan,
 )
 
@@ -38,7 +44,11 @@ from . import ec2 as ec2mod
 
 log = logging.getLogger("ringfence.aws.perimeter")
 TAG = "ringfence:perimeter"
-OUR_NAME = re.compile(r"^rf-[A-Za-z0-9_.:+=@-]+-(boundary|mgmt|published)$")
+ENV_CHARS = "A-Za-z0-9_.:+=@-"
+OUR_NAME = re.compile(rf"^rf-(?:[{ENV_CHARS}]+-(boundary|mgmt|published)|empty)$")
+EMPTY = "rf-empty"  # no rule in either direction: the closed stand-in for "none of ours"
+# an env must give names OUR_NAME recognises, within EC2's 255 characters ("rf-" + env + "-published")
+ENV_OK = re.compile(rf"^[{ENV_CHARS}]{{1,242}}$")
 GONE_STATES = frozenset({"shutting-down", "terminated"})
 
 
@@ -90,6 +100,7 @@ class PerimeterResult:
     violations: list[str] = field(default_factory=list)
     changes: list[dict[str, Any]] = field(default_factory=list)  # what was (or, dry run, would be) done
     kept: list[dict[str, str]] = field(default_factory=list)  # groups without purpose kept, and why
+    refused: list[str] = field(default_factory=list)  # workloads with an interface left as it was (violations)
 
 
 @dataclass
@@ -163,25 +174,24 @@ class SecurityGroupPerimeter:
                     seen.setdefault(e["NetworkInterfaceId"], self._eni(e, None))
         return list(seen.values())
 
-    def _names_taken(self, p: Plan) -> list[str]:
-        """Groups the plan creates whose name a group that is not ours already holds in that VPC
-        (names are unique per VPC): refused before anything changes, never taken over."""
-        want = {(g.network, g.name) for g in p.create}
+    def _names_taken(self, want: set[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        """Of the (network, name) groups to create, those whose name a group that is not ours
+        already holds in that VPC (names are unique per VPC), with why: never taken over."""
         if not want:
-            return []
+            return {}
         pages = self.ec2.get_paginator("describe_security_groups").paginate(
             Filters=[
                 {"Name": "vpc-id", "Values": sorted({n for n, _ in want})},
                 {"Name": "group-name", "Values": sorted({g for _, g in want})},
             ]
         )
-        return [
-            f"{g['GroupName']} in {g['VpcId']}: the name is held by {g['GroupId']}, which Ringfence did not create "
-            f"(rename it, or delete it if it is unused)"
+        return {
+            (g["VpcId"], g["GroupName"]): f"{g['GroupName']} in {g['VpcId']}: the name is held by {g['GroupId']}, "
+            f"which Ringfence did not create (rename it, or delete it if it is unused)"
             for page in pages
             for g in page.get("SecurityGroups", [])
             if (g.get("VpcId"), g.get("GroupName")) in want and not is_ours(g)
-        ]
+        }
 
     # --- reconcile -----------------------------------------------------------------------------
 
@@ -196,12 +206,39 @@ class SecurityGroupPerimeter:
         """Bring the interfaces of ``workloads`` (instance id → labels; every live workload of the
         account/region under :attr:`Scope.FULL`) and our groups to the desired state. ``gone``:
         workloads the inventory knows have terminated; an interface still attached to one needs
-        none of our groups. Raises :class:`QuotaExceeded` (the result would not fit) or
-        :class:`NameTaken` (a foreign group holds a name we must create) before changing anything."""
+        none of our groups. What would break a limit (a quota, a name taken by a group that is not
+        ours, an env no group can be named after) is left as it is and listed in ``violations``
+        (its workloads in ``refused``); the rest is applied."""
         ended = set(gone) - set(workloads)
         by_instance = self._instance_enis(sorted(workloads))
         enis: dict[str, _Eni] = {e.id: e for lst in by_instance.values() for e in lst}
-        members = [Member(e.id, e.network, workloads[iid]) for iid, lst in sorted(by_instance.items()) for e in lst]
+        violations: list[str] = []
+        held: dict[str, str] = {}  # interface → why it is left exactly as it is this run
+
+        def hold(iid: str, why: str) -> None:
+            held.setdefault(iid, why)
+
+        def violation(why: str) -> None:
+            if why not in violations:
+                log.warning("perimeter: skipped: %s", why)
+                violations.append(why)
+
+        for iid, labels in sorted(workloads.items()):
+            env = labels.get("env")
+            if env and not ENV_OK.match(env):
+                why = (
+                    f"{iid}: env {env!r} cannot name a security group (only letters, digits and {ENV_CHARS[9:]}, "
+                    f"at most 242 characters): its interfaces are left as they are"
+                )
+                violation(why)
+                for e in by_instance.get(iid, []):
+                    hold(e.id, why)
+        members = [
+            Member(e.id, e.network, workloads[iid])
+            for iid, lst in sorted(by_instance.items())
+            for e in lst
+            if e.id not in held
+        ]
         groups = self._groups(None if scope is Scope.FULL else {e.network for e in enis.values()})
         key_of = {g["GroupId"]: (g["VpcId"], g["GroupName"]) for g in groups}
         names_by_id = {gid: key[1] for gid, key in key_of.items()}
@@ -213,28 +250,63 @@ class SecurityGroupPerimeter:
             for e in self._carriers(sorted(key_of)):
                 if e.id not in enis:  # not an interface of a live workload
                     enis[e.id] = e
+
+        def judged(e: _Eni) -> bool:
+            return bool(e.instance in by_instance or e.instance in ended) and not e.fixed and e.id not in held
+
+        foreign = {e.id: len([g for g in e.groups if g not in key_of]) for e in enis.values()}
+        # limits: an interface over the groups-per-interface quota is left as it is
+        for iid, why in interface_quota_violations(ds, config, foreign).items():
+            violation(why)
+            hold(iid, why)
+        # groups that cannot be made: rules over quota, or a name held by a group that is not ours;
+        # the rule-less stand-in where an interface needs none of ours and has no other group
+        over = group_quota_violations(ds, config)
+        for why in (w for ws in over.values() for w in ws):
+            violation(why)
+        missing = {key for key in ds.groups if key not in actual_rules}
+        stand_in = {
+            (e.network, EMPTY)
+            for e in enis.values()
+            if judged(e) and not ds.attachments.get(e.id) and not foreign[e.id] and e.groups
+        } - set(actual_rules)
+        taken = self._names_taken(missing | stand_in)
+        for why in taken.values():
+            violation(why)
+        unmakeable = (missing & set(over)) | set(taken)
+        for iid, names in sorted(ds.attachments.items()):
+            need = sorted(n for n in names if (ds.networks[iid], n) in unmakeable)
+            if need and iid not in held:
+                hold(iid, f"{iid}: needs {', '.join(need)}, which cannot be created (see above)")
+        for e in enis.values():
+            if (e.network, EMPTY) in taken and judged(e) and not ds.attachments.get(e.id) and not foreign[e.id]:
+                hold(e.id, taken[(e.network, EMPTY)])
+        # a group not there yet is made only for an interface that gets it
+        used = {(ds.networks[i], n) for i, names in ds.attachments.items() if i not in held for n in names}
+        dropped = {key for key in missing if key in unmakeable or key not in used}
+        for key in dropped:
+            del ds.groups[key]
+        for (net, _name), g in ds.groups.items():  # no reference to a group that will not be there
+            g.rules = {r for r in g.rules if not (r.peer_kind == "group" and (net, r.peer) in dropped)}
+        for iid in held:
+            if iid in enis and iid in ds.attachments:
+                log.warning("perimeter: %s left as it is: %s", iid, held[iid])
         interfaces = {
             e.id: Interface(
                 id=e.id,
                 network=e.network,
                 workload=e.instance if e.instance in by_instance or e.instance in ended else None,
                 ours=frozenset(names_by_id[g] for g in e.groups if g in key_of),
-                foreign=len([g for g in e.groups if g not in key_of]),
+                foreign=foreign[e.id],
                 fixed=e.fixed,
+                held=held.get(e.id),
             )
             for e in enis.values()
         }
-        violations = check_quotas(ds, config, {i: itf.foreign for i, itf in interfaces.items()})
-        if violations:
-            for v in violations:
-                log.error("perimeter quota: %s", v)
-            raise QuotaExceeded(violations)
-        p = plan(ds, actual_rules, interfaces, scope)
-        taken = self._names_taken(p)
-        if taken:
-            for v in taken:
-                log.error("perimeter: %s", v)
-            raise NameTaken(taken)
+        p = plan(ds, actual_rules, interfaces, scope, placeholder=EMPTY)
+        for key in over:  # an existing group over quota: its revokes apply, not its additions
+            p.authorize.pop(key, None)
+        refused = sorted({str(e.instance) for e in enis.values() if e.id in held and e.instance in workloads})
         summary = p.summary()  # what the plan asks; ``changes`` says what was done
 
         def kept() -> list[dict[str, str]]:
@@ -242,16 +314,24 @@ class SecurityGroupPerimeter:
 
         if dry_run or p.empty:
             return PerimeterResult(
-                applied=False, plan=summary, changes=self._describe(p, key_of, enis, {}), kept=kept()
+                applied=False,
+                plan=summary,
+                violations=violations,
+                changes=self._describe(p, key_of, enis, {}),
+                kept=kept(),
+                refused=refused,
             )
-        created = self._apply(p, ds, key_of, enis)
+        created = self._apply(p, key_of, enis)
         return PerimeterResult(
-            applied=True, plan=summary, changes=self._describe(p, key_of, enis, created), kept=kept()
+            applied=True,
+            plan=summary,
+            violations=violations,
+            changes=self._describe(p, key_of, enis, created),
+            kept=kept(),
+            refused=refused,
         )
 
-    def _apply(
-        self, p: Plan, ds: DesiredState, key_of: dict[str, tuple[str, str]], enis: dict[str, _Eni]
-    ) -> dict[tuple[str, str], str]:
+    def _apply(self, p: Plan, key_of: dict[str, tuple[str, str]], enis: dict[str, _Eni]) -> dict[tuple[str, str], str]:
         ids: dict[tuple[str, str], str] = {key: gid for gid, key in key_of.items()}
         created: dict[tuple[str, str], str] = {}
         for g in p.create:
@@ -262,14 +342,14 @@ class SecurityGroupPerimeter:
                 TagSpecifications=[
                     {
                         "ResourceType": "security-group",
-                        "Tags": [{"Key": TAG, "Value": g.env}, {"Key": "Name", "Value": g.name}],
+                        "Tags": [{"Key": TAG, "Value": g.env or "-"}, {"Key": "Name", "Value": g.name}],
                     }
                 ],
             )["GroupId"]
             ids[(g.network, g.name)] = created[(g.network, g.name)] = gid
             # a new group starts with "all outbound": that rule is now actual state for the diff
             default = {PerimeterRule(EGRESS, "-1", -1, -1, "cidr", "0.0.0.0/0")}
-            want = ds.groups[(g.network, g.name)].rules
+            want = g.rules
             p.authorize[(g.network, g.name)] = want - default
             if default - want:
                 p.revoke.setdefault((g.network, g.name), set()).update(default - want)
@@ -287,9 +367,17 @@ class SecurityGroupPerimeter:
             e = enis[iid]
             drop = {ids[(e.network, n)] for n in p.detach.get(iid, set())}
             add = [ids[(e.network, n)] for n in sorted(p.attach.get(iid, set()))]
-            new = list(dict.fromkeys([g for g in e.groups if g not in drop] + add))
-            assert new, f"{iid} would be left without a security group"  # plan() never asks for that
             try:
+                # the list as it is now, not as it was read at the start: a group someone else
+                # removed (or added) meanwhile stays removed (or added); only ours change
+                cur = self.ec2.describe_network_interfaces(NetworkInterfaceIds=[iid])["NetworkInterfaces"]
+                now = [g["GroupId"] for g in cur[0].get("Groups", [])] if cur else []
+                new = list(dict.fromkeys([g for g in now if g not in drop] + add))
+                if not cur or new == now:
+                    return
+                if not new:  # its other groups went meanwhile: EC2 needs one, the next run decides
+                    log.warning("%s: left as it is, it would have no security group left", iid)
+                    return
                 self.ec2.modify_network_interface_attribute(NetworkInterfaceId=iid, Groups=new)
             except ClientError as exc:
                 # gone with its terminated instance: nothing left to guard (a delete re-checks)

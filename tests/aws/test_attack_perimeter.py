@@ -1,0 +1,169 @@
+"""Attacks on the security-group perimeter: the real SecurityGroupPerimeter against moto (server
+mode), driven directly (the function around it: tests/aws/test_perimeter.py).
+
+moto merges an instance's launch groups into its primary ENI's list, so where an interface's exact
+list matters these tests use a secondary ENI (moto keeps its list exact)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import pytest
+
+from ringfence.clouds.aws.sg import EMPTY, SecurityGroupPerimeter
+from ringfence.perimeter import PerimeterConfig, Scope
+from tests.aws.conftest import Env
+
+CFG = PerimeterConfig.model_validate(
+    {
+        "admin_cidrs": ["10.99.0.0/24"],
+        "control_plane_cidrs": ["10.200.0.0/24"],
+        "published": [{"name": "web", "match": {"role": "web"}, "ports": ["tcp/443"]}],
+    }
+)
+WORLD_SSH = [{"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}]
+
+
+class Vpc:
+    def __init__(self, env: Env) -> None:
+        self.ec2 = env.ec2
+        self.ami = self.ec2.describe_images()["Images"][0]["ImageId"]
+        self.id = self.ec2.create_vpc(CidrBlock="10.7.0.0/16")["Vpc"]["VpcId"]
+        self.subnet = self.ec2.create_subnet(VpcId=self.id, CidrBlock="10.7.1.0/24")["Subnet"]["SubnetId"]
+
+    def launch(self, groups: list[str] | None = None) -> str:
+        kw: dict[str, Any] = {"SecurityGroupIds": groups} if groups else {}
+        inst = self.ec2.run_instances(ImageId=self.ami, MinCount=1, MaxCount=1, SubnetId=self.subnet, **kw)
+        return str(inst["Instances"][0]["InstanceId"])
+
+    def second_eni(self, iid: str, groups: list[str]) -> str:
+        eni = self.ec2.create_network_interface(SubnetId=self.subnet, Groups=groups)["NetworkInterface"]
+        self.ec2.attach_network_interface(NetworkInterfaceId=eni["NetworkInterfaceId"], InstanceId=iid, DeviceIndex=1)
+        return str(eni["NetworkInterfaceId"])
+
+    def group(self, name: str) -> dict[str, Any]:
+        f = [{"Name": "vpc-id", "Values": [self.id]}, {"Name": "group-name", "Values": [name]}]
+        sgs = self.ec2.describe_security_groups(Filters=f)["SecurityGroups"]
+        return sgs[0] if sgs else {}
+
+    def foreign(self, name: str, perms: list[dict[str, Any]] | None = None) -> str:
+        gid = str(
+            self.ec2.create_security_group(GroupName=name, Description="not Ringfence's", VpcId=self.id)["GroupId"]
+        )
+        if perms:
+            self.ec2.authorize_security_group_ingress(GroupId=gid, IpPermissions=perms)
+        return gid
+
+    def names_on(self, eni: str) -> list[str]:
+        e = self.ec2.describe_network_interfaces(NetworkInterfaceIds=[eni])["NetworkInterfaces"][0]
+        return [g["GroupName"] for g in e["Groups"]]
+
+    def world_ssh_on(self, name: str) -> bool:
+        perms = self.group(name)["IpPermissions"]
+        return any(p.get("FromPort") == 22 and {"CidrIp": "0.0.0.0/0"} in p.get("IpRanges", []) for p in perms)
+
+
+@pytest.fixture
+def vpc(env: Env) -> Iterator[Vpc]:
+    yield Vpc(env)
+
+
+@pytest.fixture
+def sgp() -> Iterator[SecurityGroupPerimeter]:
+    client = boto3.client("ec2")  # its own client: a test may hook its calls
+    yield SecurityGroupPerimeter(client)
+    client.close()
+
+
+def test_attack_a_workload_that_loses_its_env_loses_prod_and_internet_ingress_even_as_its_only_groups(
+    vpc: Vpc, sgp: SecurityGroupPerimeter
+) -> None:
+    web = vpc.launch()
+    wl: dict[str, dict[str, str]] = {web: {"env": "prod", "role": "web"}}
+    sgp.reconcile(CFG, wl, Scope.FULL)
+    ours = [vpc.group(n)["GroupId"] for n in ("rf-prod-boundary", "rf-prod-mgmt", "rf-prod-published")]
+    # an interface whose only groups are ours (a launch template naming them, its own group removed)
+    lone = vpc.second_eni(web, ours)
+    assert sgp.reconcile(CFG, wl, Scope.FULL).plan["attach"] == 0
+    wl[web] = {"role": "web"}  # the env label is withdrawn
+    res = sgp.reconcile(CFG, wl, Scope.WORKLOADS)
+    assert vpc.names_on(lone) == [EMPTY], "prod boundary and 0.0.0.0/0 ingress gone, a rule-less group instead"
+    empty = vpc.group(EMPTY)
+    assert empty["IpPermissions"] == [] and empty["IpPermissionsEgress"] == [], "closed: no rule either way"
+    assert res.violations == []
+    full = sgp.reconcile(CFG, wl, Scope.FULL)
+    assert full.kept == [] and vpc.names_on(lone) == [EMPTY]
+    # drift on the stand-in is revoked like on any group of ours
+    vpc.ec2.authorize_security_group_ingress(GroupId=empty["GroupId"], IpPermissions=WORLD_SSH)
+    sgp.reconcile(CFG, wl, Scope.FULL)
+    assert vpc.group(EMPTY)["IpPermissions"] == []
+    # back in prod: ours return, the stand-in goes, and with no interface left on it the full run deletes it
+    wl[web] = {"env": "prod", "role": "web"}
+    sgp.reconcile(CFG, wl, Scope.WORKLOADS)
+    assert sorted(vpc.names_on(lone)) == ["rf-prod-boundary", "rf-prod-mgmt", "rf-prod-published"]
+    assert sgp.reconcile(CFG, wl, Scope.FULL).plan["delete"] == 1 and vpc.group(EMPTY) == {}
+
+
+def test_attack_drift_is_revoked_although_another_teams_interface_is_over_the_group_quota(
+    vpc: Vpc, sgp: SecurityGroupPerimeter
+) -> None:
+    web = vpc.launch()
+    wl = {web: {"env": "prod"}}
+    sgp.reconcile(CFG, wl, Scope.FULL)
+    vpc.ec2.authorize_security_group_ingress(GroupId=vpc.group("rf-prod-mgmt")["GroupId"], IpPermissions=WORLD_SSH)
+    crowd = [vpc.foreign(f"team-{i}") for i in range(4)]
+    other = vpc.launch(crowd)  # 4 groups of its own + 2 of ours = 6 > 5
+    other_eni = vpc.ec2.describe_instances(InstanceIds=[other])["Reservations"][0]["Instances"][0]["NetworkInterfaces"][
+        0
+    ]["NetworkInterfaceId"]
+    wl[other] = {"env": "dev"}
+    res = sgp.reconcile(CFG, wl, Scope.FULL)
+    assert not vpc.world_ssh_on("rf-prod-mgmt"), "the hand-added 0.0.0.0/0 is revoked"
+    assert res.applied and res.refused == [other]
+    assert any(v.startswith(f"{other_eni}: 6 security groups > 5") for v in res.violations), res.violations
+    assert sorted(vpc.names_on(other_eni)) == [f"team-{i}" for i in range(4)], "left exactly as it was"
+    assert vpc.group("rf-dev-boundary") == {}, "no group made for an interface that cannot take it"
+
+
+def test_attack_an_env_no_group_can_be_named_after_or_a_taken_name_does_not_stop_the_run(
+    vpc: Vpc, sgp: SecurityGroupPerimeter
+) -> None:
+    web = vpc.launch()
+    wl = {web: {"env": "prod"}}
+    sgp.reconcile(CFG, wl, Scope.FULL)
+    odd, dev = vpc.launch(), vpc.launch()
+    lookalike = vpc.foreign("rf-dev-boundary")
+    wl |= {odd: {"env": "team a"}, dev: {"env": "dev"}}
+    first = sgp.reconcile(CFG, wl, Scope.FULL)
+    assert not [g for g in vpc.ec2.describe_security_groups()["SecurityGroups"] if "team" in g["GroupName"]]
+    vpc.ec2.authorize_security_group_ingress(GroupId=vpc.group("rf-prod-mgmt")["GroupId"], IpPermissions=WORLD_SSH)
+    res = sgp.reconcile(CFG, wl, Scope.FULL)
+    assert not vpc.world_ssh_on("rf-prod-mgmt"), "the full run still revokes drift"
+    for r in (first, res):
+        assert r.refused == sorted([odd, dev])
+        assert any(v.startswith(f"{odd}: env 'team a' cannot name a security group") for v in r.violations)
+        assert any(f"rf-dev-boundary in {vpc.id}: the name is held by {lookalike}" in v for v in r.violations)
+    assert vpc.group("rf-dev-mgmt") == {}, "the env's other group is not made for nobody"
+    assert vpc.group("rf-dev-boundary")["GroupId"] == lookalike, "never taken over"
+
+
+def test_attack_a_foreign_group_removed_during_a_run_is_not_written_back(vpc: Vpc, sgp: SecurityGroupPerimeter) -> None:
+    debug = vpc.foreign("debug-allow-all", [{"IpProtocol": "-1", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}])
+    default = vpc.group("default")["GroupId"]
+    victim = vpc.launch()
+    eni = vpc.second_eni(victim, [debug])
+    pulled: list[str] = []
+
+    def responder(**_: Any) -> None:
+        # an incident responder pulls the allow-all group after the perimeter read the interface,
+        # before it writes it (the perimeter is creating the groups it will attach)
+        if not pulled:
+            vpc.ec2.modify_network_interface_attribute(NetworkInterfaceId=eni, Groups=[default])
+            pulled.append(eni)
+
+    sgp.ec2.meta.events.register("before-call.ec2.CreateSecurityGroup", responder)
+    sgp.reconcile(CFG, {victim: {"env": "prod"}}, Scope.WORKLOADS)
+    assert pulled == [eni]
+    assert vpc.names_on(eni) == ["default", "rf-prod-boundary", "rf-prod-mgmt"], "debug-allow-all stays removed"
