@@ -6,14 +6,26 @@ the environment's boundary (Azure's default rules would allow the whole VNet in)
 
 Azure's limits are checked before anything changes (:func:`azure_limits`): 1,000 rules per NSG,
 priorities 100–4096, 10 ASGs per rule, 100 ASGs across one NSG's rules, 4,000 IP configurations
-per ASG, 20 ASGs per IP configuration; over one, nothing is applied (QuotaExceeded). Changes are
-the smallest diff: a rule is named by a digest of what it says, so only added and removed rules
-are written, and only NICs whose ASGs change are written.
+per ASG, 20 ASGs per IP configuration; over one, nothing is applied (QuotaExceeded). So are the
+configured CIDRs (CidrInvalid) and the names to create (NameTaken: an rf-* ASG or NSG without our
+tag is another team's, never taken over).
+
+Ours are only what we write: ASGs tagged ``ringfence: perimeter`` and named
+``rf-<env>-(boundary|mgmt|published)``, NSGs tagged so and named ``rf-<env>-nsg``, each kept by
+(resource group, name). Every run compares each of our NSGs whole, by what its rules say (protocol,
+ports, prefixes, ASGs, access, direction, priority; not the description): a missing or changed rule
+of ours is written again, the boundary's deny among them; a full run also deletes every other rule
+in it (the event path deletes nothing, and picks priorities no rule in the NSG holds). A NIC gets exactly
+its environment's ASGs (none when it has no environment: Azure needs none) and its environment's
+NSG where it has none or another environment's of ours. Changes are the smallest diff: a rule is
+named by a digest of what it says, and only rules and NICs that differ are written.
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
+import re
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -22,15 +34,16 @@ from typing import Any
 from azure.mgmt.network.models import ApplicationSecurityGroup, NetworkInterface, NetworkSecurityGroup, SecurityRule
 
 from ringfence.perimeter import (
-    EGRESS,
     INGRESS,
     DesiredState,
     GroupSpec,
     Interface,
     Member,
+    NameTaken,
     PerimeterConfig,
     PerimeterRule,
     Plan,
+    PlanRefused,
     QuotaExceeded,
     Scope,
     boundary_name,
@@ -145,6 +158,63 @@ class AzurePerimeterResult:
     warnings: list[str] = field(default_factory=list)
 
 
+class CidrInvalid(PlanRefused):
+    """A configured address range is not one: nothing was changed."""
+
+    what = "perimeter CIDRs invalid"
+
+
+DENY_NAME = "rf-boundary-deny"
+TAG = {"ringfence": "perimeter"}
+_OUR_ASG = re.compile(r"^rf-.+-(boundary|mgmt|published)$")
+_OUR_NSG = re.compile(r"^rf-.+-nsg$")
+# the properties that decide what a security rule lets through (description and state do not)
+_RULE_FIELDS = (
+    "protocol",
+    "access",
+    "direction",
+    "sourcePortRange",
+    "sourcePortRanges",
+    "destinationPortRange",
+    "destinationPortRanges",
+    "sourceAddressPrefix",
+    "sourceAddressPrefixes",
+    "destinationAddressPrefix",
+    "destinationAddressPrefixes",
+    "sourceApplicationSecurityGroups",
+    "destinationApplicationSecurityGroups",
+)
+
+
+def _rule_key(props: dict[str, Any]) -> tuple[Any, ...]:
+    """What a rule says, comparable: absent, empty and None are the same; ids and cases as ARM compares."""
+    out: list[Any] = []
+    for f in _RULE_FIELDS:
+        v = props.get(f)
+        if f.endswith("ApplicationSecurityGroups"):
+            v = tuple(sorted(str(a.get("id", "")).lower() for a in v or []))
+        elif isinstance(v, list):
+            v = tuple(sorted(str(x).lower() for x in v))
+        elif isinstance(v, str):
+            v = v.lower()
+        out.append(v or None)
+    return tuple(out)
+
+
+def check_cidrs(config: PerimeterConfig) -> list[str]:
+    """Every configured address range that is not a CIDR (empty: all parse)."""
+    out = []
+    named = [("admin_cidrs", c) for c in config.admin_cidrs]
+    named += [("control_plane_cidrs", c) for c in config.control_plane_cidrs]
+    named += [(f"published {s.name} sources", c) for s in config.published for c in s.sources]
+    for where, cidr in named:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            out.append(f"{where}: {cidr!r} is not a CIDR")
+    return out
+
+
 class AzurePerimeter:
     """One subscription's perimeter, kept in the resource group of each VNet."""
 
@@ -153,15 +223,21 @@ class AzurePerimeter:
         self.config = config
 
     def reconcile(self, labels_of: dict[str, dict[str, str]], scope: Scope = Scope.FULL) -> AzurePerimeterResult:
-        """``labels_of``: vmId → labels (the inventory's). Reads NICs, VMs, our ASGs and NSG rules,
-        plans, checks limits (QuotaExceeded: nothing written), applies the smallest diff."""
+        """``labels_of``: vmId → labels (the inventory's). Reads NICs, VMs, our ASGs and NSGs with all
+        their rules, plans, checks CIDRs, names and limits (PlanRefused: nothing written), applies the
+        smallest diff. Every run compares each of our NSGs whole (the boundary's deny included) by what
+        its rules say; a full run also deletes every rule in them Ringfence does not want."""
+        bad = check_cidrs(self.config)
+        if bad:
+            raise CidrInvalid(bad)
         vm_ids = {v["id"].lower(): str(v.get("properties", {}).get("vmId", "")).lower() for v in self.arm.vms()}
         nics = self.arm.nics()
         members: list[Member] = []
         locations: dict[str, str] = {}
         by_nic: dict[str, dict[str, Any]] = {}
-        asgs = self._asgs()
+        asgs, taken = self._asgs()
         interfaces: dict[str, Interface] = {}
+        planned: dict[str, Interface] = {}
         for nic in nics:
             props = nic.get("properties", {})
             configs = props.get("ipConfigurations") or []
@@ -175,52 +251,107 @@ class AzurePerimeter:
                 for c in configs
                 for a in (c.get("properties") or {}).get("applicationSecurityGroups") or []
             }
-            ours = frozenset(n for n, aid in asgs.items() if aid.lower() in on)
-            interfaces[nic["id"]] = Interface(
-                nic["id"], net, owner if owner in labels_of else None, ours, len(on) - len(ours)
-            )
+            rg = _rg(net)
+            ours = frozenset(n for (g, n), aid in asgs.items() if g == rg and aid.lower() in on)
+            itf = Interface(nic["id"], net, owner if owner in labels_of else None, ours, len(on) - len(ours))
+            interfaces[nic["id"]] = itf
+            # Azure needs no ASG on a NIC (EC2 needs a group: the plan keeps ours on an interface that
+            # wants none and has nothing else); the plan sees one foreign ASG so ours come off
+            planned[nic["id"]] = Interface(itf.id, net, itf.workload, ours, max(itf.foreign, 1), itf.fixed)
             by_nic[nic["id"]] = nic
             locations[net] = nic.get("location") or locations.get(net, "")
             if owner in labels_of:
                 members.append(Member(nic["id"], net, labels_of[owner]))
-        existing_rules = self._rules()
-        ds = desired_state(self.config, members, existing=[(net, n) for net in locations for n in asgs])
-        actual = {key: {r for r, _ in rules.values()} for key, rules in existing_rules.items()}
-        for name in asgs:  # an ASG of ours without rules yet is still ours
-            for net in locations:
-                actual.setdefault((net, name), set())
-        p = plan(ds, actual, interfaces, scope)
+        nsgs, rules = self._nsgs(taken)
+        ours_in = [(net, n) for net in locations for (g, n) in asgs if g == _rg(net)]
+        ds = desired_state(self.config, members, existing=ours_in)
+        want = self._want(ds, asgs, locations)
+        actual: dict[tuple[str, str], set[PerimeterRule]] = {key: set() for key in ours_in}
+        for (net, env), wanted in want.items():
+            have = rules.get((_rg(net), nsg_name(env)), {})
+            for rname, (gname, r, body) in wanted.items():
+                if r is not None and rname in have and _rule_key(have[rname]) == _rule_key(body["properties"]):
+                    actual.setdefault((net, gname), set()).add(r)
+        p = plan(ds, actual, planned, scope)
         violations = azure_limits(ds, interfaces)
         if violations:
             raise QuotaExceeded(violations)
+        clash = [
+            f"ASG {g.name} in {_rg(g.network)}" for g in p.create if g.name in taken.get(_rg(g.network), set())
+        ] + [
+            f"NSG {nsg_name(env)} in {_rg(net)}"
+            for net, env in want
+            if nsg_name(env) in taken.get(_rg(net), set()) and (_rg(net), nsg_name(env)) not in nsgs
+        ]
+        if clash:
+            raise NameTaken([f"{c} is held by a resource without the ringfence=perimeter tag" for c in clash])
         res = AzurePerimeterResult(p)
-        self._apply(p, ds, asgs, existing_rules, by_nic, locations, res)
+        self._apply(p, ds, asgs, nsgs, rules, want, by_nic, interfaces, locations, scope, res)
         return res
 
     # --- reads
 
-    def _asgs(self) -> dict[str, str]:
-        """Our ASGs by name → id."""
-        ops = self.arm.network.application_security_groups
-        return {a.name: a.id for a in ops.list_all() if a.name and a.id and a.name.startswith(PREFIX)}
+    def _asgs(self) -> tuple[dict[tuple[str, str], str], dict[str, set[str]]]:
+        """Our ASGs, (resource group, name) → id: tagged ``ringfence: perimeter`` (what we write) and
+        named as the plan names groups. And the names of the rf-* ASGs and NSGs that are not ours, by
+        resource group (we must not take them over)."""
+        ours: dict[tuple[str, str], str] = {}
+        taken: dict[str, set[str]] = defaultdict(set)
+        for a in self.arm.network.application_security_groups.list_all():
+            if not (a.name and a.id and a.name.startswith(PREFIX)):
+                continue
+            rg = ArmId.parse(a.id).group.lower()
+            if (a.tags or {}).get("ringfence") == "perimeter" and _OUR_ASG.match(a.name):
+                ours[(rg, a.name)] = a.id
+            else:
+                taken[rg].add(a.name)
+        return ours, taken
 
-    def _rules(self) -> dict[tuple[str, str], dict[str, tuple[PerimeterRule, int]]]:
-        """Our rules as the plan knows them: (network, group) → rule name → (rule, priority).
-        Read back from the rules' names via the NSGs' tags (each NSG says which network it is for)."""
-        out: dict[tuple[str, str], dict[str, tuple[PerimeterRule, int]]] = defaultdict(dict)
+    def _nsgs(
+        self, taken: dict[str, set[str]]
+    ) -> tuple[dict[tuple[str, str], str], dict[tuple[str, str], dict[str, dict[str, Any]]]]:
+        """Our NSGs, (resource group, name) → id (tagged and named ``rf-<env>-nsg``), and every rule
+        in each, rule name → properties as stored."""
+        nsgs: dict[tuple[str, str], str] = {}
+        rules: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
         for nsg in self.arm.network.network_security_groups.list_all():
             data = wire(nsg)
-            tags = data.get("tags") or {}
-            if not str(data.get("name", "")).startswith(PREFIX) or "ringfence-network" not in tags:
+            name = str(data.get("name", ""))
+            if not name.startswith(PREFIX):
                 continue
             rid = ArmId.parse(data["id"])
-            for rule in self.arm.network.security_rules.list(rid.group, rid.names[0]):
-                rw = wire(rule)
-                key = (rw.get("properties") or {}).get("description", "")
-                parsed = _parse_description(str(key))
-                if parsed is not None:
-                    group, r = parsed
-                    out[(tags["ringfence-network"], group)][rw["name"]] = (r, int(rw["properties"]["priority"]))
+            rg = rid.group.lower()
+            tags = data.get("tags") or {}
+            if tags.get("ringfence") != "perimeter" or not _OUR_NSG.match(name):
+                taken[rg].add(name)
+                continue
+            nsgs[(rg, name)] = data["id"]
+            rules[(rg, name)] = {
+                str(rw["name"]): rw.get("properties") or {}
+                for rw in (wire(r) for r in self.arm.network.security_rules.list(rid.group, name))
+            }
+        return nsgs, rules
+
+    def _want(
+        self, ds: DesiredState, asgs: dict[tuple[str, str], str], locations: dict[str, str]
+    ) -> dict[tuple[str, str], dict[str, tuple[str, PerimeterRule | None, dict[str, Any]]]]:
+        """Per (network, env): the NSG's rules as they must be, name → (group, plan rule, body without
+        priority); the boundary's deny is one of them (group "")."""
+        out: dict[tuple[str, str], dict[str, tuple[str, PerimeterRule | None, dict[str, Any]]]] = defaultdict(dict)
+        for (net, gname), g in sorted(ds.groups.items()):
+            # ARM ids are known before a resource exists: those of ASGs this run creates too (in this
+            # subscription, in the VNet's resource group)
+            ids = {n: f"{_asg_prefix(self.arm.subscription, net)}{n}" for (nn, n) in ds.groups if nn == net}
+            ids.update({n: aid for (rg, n), aid in asgs.items() if rg == _rg(net)})
+            for r in sorted(g.rules):
+                body = security_rule(ids[gname], r, ids, 0)
+                del body["properties"]["priority"]
+                body["properties"]["description"] = _describe(gname, r)
+                out[(net, g.env)][rule_name(gname, r)] = (gname, r, body)
+            if gname == boundary_name(g.env):
+                deny = deny_rule(ids[gname])
+                del deny["properties"]["priority"]
+                out[(net, g.env)][DENY_NAME] = ("", None, deny)
         return out
 
     # --- writes
@@ -229,129 +360,148 @@ class AzurePerimeter:
         self,
         p: Plan,
         ds: DesiredState,
-        asgs: dict[str, str],
-        existing: dict[tuple[str, str], dict[str, tuple[PerimeterRule, int]]],
+        asgs: dict[tuple[str, str], str],
+        nsgs: dict[tuple[str, str], str],
+        rules: dict[tuple[str, str], dict[str, dict[str, Any]]],
+        want: dict[tuple[str, str], dict[str, tuple[str, PerimeterRule | None, dict[str, Any]]]],
         nics: dict[str, dict[str, Any]],
+        interfaces: dict[str, Interface],
         locations: dict[str, str],
+        scope: Scope,
         res: AzurePerimeterResult,
     ) -> None:
         net_ops = self.arm.network
         for g in p.create:
-            if g.name not in asgs:
-                group = ArmId.parse(g.network).group
+            key = (_rg(g.network), g.name)
+            if key not in asgs:
                 made = net_ops.application_security_groups.begin_create_or_update(
-                    group,
+                    ArmId.parse(g.network).group,
                     g.name,
-                    ApplicationSecurityGroup({"location": locations[g.network], "tags": {"ringfence": "perimeter"}}),
+                    ApplicationSecurityGroup({"location": locations[g.network], "tags": dict(TAG)}),
                 ).result()
-                asgs[g.name] = str(made.id)
+                asgs[key] = str(made.id)
                 res.writes.append(f"PUT asg {g.name}")
-        touched = {g.network for g in p.create} | {net for net, _ in p.authorize} | {net for net, _ in p.revoke}
-        for net in sorted(touched):
-            envs = {g.env for (n, _), g in ds.groups.items() if n == net}
-            for env in sorted(envs):
-                self._nsg(net, env, ds, asgs, existing, p, locations[net], res)
-        for iid in sorted(set(p.attach) | set(p.detach)):
-            self._nic(nics[iid], p.attach.get(iid, set()), p.detach.get(iid, set()), asgs, ds, res)
-        for _net, name in p.delete:
-            if name in asgs:
-                net_ops.application_security_groups.begin_delete(ArmId.parse(asgs[name]).group, name).result()
+        for net, env in sorted(want):
+            self._nsg(net, env, nsgs, rules, want[(net, env)], locations[net], scope, res)
+        for iid, itf in sorted(interfaces.items()):
+            if itf.workload is None or itf.fixed:
+                continue
+            on, off = p.attach.get(iid, set()), p.detach.get(iid, set())
+            self._nic(nics[iid], itf.network, on, off, asgs, nsgs, ds, res)
+        for net, name in p.delete:
+            key = (_rg(net), name)
+            if key in asgs:
+                net_ops.application_security_groups.begin_delete(ArmId.parse(net).group, name).result()
+                del asgs[key]
                 res.writes.append(f"DELETE asg {name}")
 
     def _nsg(
         self,
         net: str,
         env: str,
-        ds: DesiredState,
-        asgs: dict[str, str],
-        existing: dict[tuple[str, str], dict[str, tuple[PerimeterRule, int]]],
-        p: Plan,
+        nsgs: dict[tuple[str, str], str],
+        rules: dict[tuple[str, str], dict[str, dict[str, Any]]],
+        wanted: dict[str, tuple[str, PerimeterRule | None, dict[str, Any]]],
         location: str,
+        scope: Scope,
         res: AzurePerimeterResult,
     ) -> None:
+        """The NSG of ``env`` in ``net`` exactly as wanted: missing or changed rules (the deny among them)
+        written, and under a full run every other rule deleted."""
         ops = self.arm.network
         group = ArmId.parse(net).group
         name = nsg_name(env)
-        if not any(key[0] == net and key[1].startswith(f"{PREFIX}{env}-") for key in existing):
-            ops.network_security_groups.begin_create_or_update(
-                group,
-                name,
-                NetworkSecurityGroup(
-                    {"location": location, "tags": {"ringfence": "perimeter", "ringfence-network": net}}
-                ),
+        key = (group.lower(), name)
+        if key not in nsgs:
+            made = ops.network_security_groups.begin_create_or_update(
+                group, name, NetworkSecurityGroup({"location": location, "tags": {**TAG, "ringfence-network": net}})
             ).result()
+            nsgs[key] = str(made.id)
+            rules[key] = {}
             res.writes.append(f"PUT nsg {name}")
-            ops.security_rules.begin_create_or_update(
-                group, name, "rf-boundary-deny", SecurityRule(deny_rule(asgs[boundary_name(env)]))
-            ).result()
-            res.writes.append(f"PUT rule {name}/rf-boundary-deny")
-        used = {prio for key, rules in existing.items() if key[0] == net for _, prio in rules.values()} | {
-            DENY_PRIORITY
-        }
-        free = (n for n in range(PRIORITY_FIRST, PRIORITY_LAST) if n not in used)
-        for (n, gname), rules in sorted(p.authorize.items()):
-            if n != net or ds.groups[(n, gname)].env != env:
+        have = dict(rules.get(key, {}))
+        if scope is Scope.FULL:
+            for rname in sorted(set(have) - set(wanted)):
+                ops.security_rules.begin_delete(group, name, rname).result()
+                del have[rname]
+                res.writes.append(f"DELETE rule {name}/{rname}")
+        used: dict[int, int] = defaultdict(int)
+        for props in have.values():
+            used[int(props.get("priority") or 0)] += 1
+        for rname, (_, _, body) in sorted(wanted.items(), key=lambda kv: kv[0] != DENY_NAME):
+            current = have.get(rname)
+            prio = int((current or {}).get("priority") or 0)
+            right = DENY_PRIORITY if rname == DENY_NAME else None
+            ok_prio = prio == right if right else PRIORITY_FIRST <= prio < DENY_PRIORITY and used[prio] == 1
+            if current is not None and ok_prio and _rule_key(current) == _rule_key(body["properties"]):
                 continue
-            for r in sorted(rules):
-                body = security_rule(asgs[gname], r, asgs, next(free))
-                body["properties"]["description"] = _describe(gname, r)
-                ops.security_rules.begin_create_or_update(group, name, rule_name(gname, r), SecurityRule(body)).result()
-                res.writes.append(f"PUT rule {name}/{rule_name(gname, r)}")
-        for (n, gname), rules in sorted(p.revoke.items()):
-            if n != net or not gname.startswith(f"{PREFIX}{env}-"):
-                continue
-            for r in sorted(rules):
-                ops.security_rules.begin_delete(group, name, rule_name(gname, r)).result()
-                res.writes.append(f"DELETE rule {name}/{rule_name(gname, r)}")
+            if current is not None:
+                used[prio] -= 1
+            if right is None:
+                right = next(n for n in range(PRIORITY_FIRST, DENY_PRIORITY) if not used[n])
+            used[right] += 1
+            full = {"properties": {**body["properties"], "priority": right}}
+            ops.security_rules.begin_create_or_update(group, name, rname, SecurityRule(full)).result()
+            res.writes.append(f"PUT rule {name}/{rname}")
 
     def _nic(
         self,
         nic: dict[str, Any],
+        net: str,
         on: set[str],
         off: set[str],
-        asgs: dict[str, str],
+        asgs: dict[tuple[str, str], str],
+        nsgs: dict[tuple[str, str], str],
         ds: DesiredState,
         res: AzurePerimeterResult,
     ) -> None:
+        """The NIC's ASGs as planned, and the NSG of its environment where it has none or another
+        environment's of ours (whose deny would name an ASG the NIC no longer has)."""
         rid = ArmId.parse(nic["id"])
         body = {k: v for k, v in nic.items() if k in ("location", "tags", "properties")}
         props = body.setdefault("properties", {})
-        drop = {asgs[n].lower() for n in off if n in asgs}
+        rg = _rg(net)
+        drop = {asgs[(rg, n)].lower() for n in off if (rg, n) in asgs}
+        changed = bool(on or drop)
         for c in props.get("ipConfigurations") or []:
             cp = c.setdefault("properties", {})
             keep = [a for a in cp.get("applicationSecurityGroups") or [] if a["id"].lower() not in drop]
             have = {a["id"].lower() for a in keep}
-            keep += [{"id": asgs[n]} for n in sorted(on) if asgs[n].lower() not in have]
+            keep += [{"id": asgs[(rg, n)]} for n in sorted(on) if asgs[(rg, n)].lower() not in have]
             cp["applicationSecurityGroups"] = keep
-        env = next((g.env for (_, gname), g in ds.groups.items() if gname in on), None)
+        names = ds.attachments.get(nic["id"], set())
+        env = next((ds.groups[(net, n)].env for n in sorted(names) if (net, n) in ds.groups), None)
         current = (props.get("networkSecurityGroup") or {}).get("id")
-        if env is not None and current is None:
-            props["networkSecurityGroup"] = {
-                "id": f"/subscriptions/{rid.subscription}/resourceGroups/"
-                f"{ArmId.parse(ds.networks[nic['id']]).group}/providers/"
-                f"Microsoft.Network/networkSecurityGroups/{nsg_name(env)}"
-            }
-        elif env is not None and not ArmId.parse(str(current)).names[0].startswith(PREFIX):
-            res.warnings.append(f"{nic['id']} has the NSG {current}: the {nsg_name(env)} rules do not apply to it")
+        if env is not None:
+            target = nsgs[(rg, nsg_name(env))]
+            ours = {v.lower() for v in nsgs.values()}
+            if current is None or (str(current).lower() in ours and str(current).lower() != target.lower()):
+                props["networkSecurityGroup"] = {"id": target}
+                changed = True
+            elif str(current).lower() != target.lower():
+                res.warnings.append(f"{nic['id']} has the NSG {current}: the {nsg_name(env)} rules do not apply to it")
+        if not changed:
+            return
         self.arm.network.network_interfaces.begin_create_or_update(
             rid.group, rid.names[0], NetworkInterface(body)
         ).result()
         res.writes.append(f"PUT nic {rid.names[0]}")
 
 
+def _rg(net: str) -> str:
+    return ArmId.parse(net).group.lower()
+
+
+def _asg_prefix(subscription: str, net: str) -> str:
+    group = ArmId.parse(net).group
+    return (
+        f"/subscriptions/{subscription}/resourceGroups/{group}/providers/Microsoft.Network/applicationSecurityGroups/"
+    )
+
+
 def _describe(group: str, r: PerimeterRule) -> str:
     """The rule as the plan states it, kept in the rule's description (read back on the next run)."""
     return "|".join(["ringfence", group, r.direction, r.proto, str(r.from_port), str(r.to_port), r.peer_kind, r.peer])
-
-
-def _parse_description(text: str) -> tuple[str, PerimeterRule] | None:
-    parts = text.split("|")
-    if len(parts) != 8 or parts[0] != "ringfence":
-        return None
-    _, group, direction, proto, lo, hi, kind, peer = parts
-    if direction not in (INGRESS, EGRESS):
-        return None
-    return group, PerimeterRule(direction, proto, int(lo), int(hi), kind, peer)
 
 
 def members_of(records: Iterable[Any]) -> dict[str, dict[str, str]]:

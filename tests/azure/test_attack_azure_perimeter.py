@@ -1,0 +1,247 @@
+"""Attacks on the Azure perimeter, the real AzurePerimeter against the local ARM server: drift in our
+NSGs (a deleted deny, a hand-added rule, an edited rule), a VM moving or leaving its environment,
+ASGs and NSGs of other teams that share our prefix, environments whose names share a prefix, and a
+bad CIDR in the configuration."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from ringfence.clouds.azure.perimeter import DENY_PRIORITY, AzurePerimeter, CidrInvalid
+from ringfence.clouds.azure.wiring import Azure
+from ringfence.local.azure_arm import ArmServer
+from ringfence.local.azure_estate import RG, SUB, nic_id, seed_vm
+from ringfence.perimeter import NameTaken, PerimeterConfig, PublishedService, Scope
+
+WEB, DB, OTHER = (f"8c000000-0000-4000-8000-00000000a00{i}" for i in (1, 2, 3))
+CONFIG = PerimeterConfig(admin_cidrs=["10.250.0.0/24"], control_plane_cidrs=["10.9.0.0/24"])
+NET = f"/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.Network"
+NSGS = f"{NET}/networkSecurityGroups"
+ASGS = f"{NET}/applicationSecurityGroups"
+
+
+def env(e: str, role: str = "web") -> dict[str, str]:
+    return {"app": "ordering", "role": role, "env": e}
+
+
+def nic_asgs(arm: ArmServer, name: str) -> list[str]:
+    nic = arm.get(nic_id(name))
+    assert nic is not None
+    return sorted(
+        a["id"] for a in nic["properties"]["ipConfigurations"][0]["properties"].get("applicationSecurityGroups") or []
+    )
+
+
+def nic_nsg(arm: ArmServer, name: str) -> str:
+    nic = arm.get(nic_id(name))
+    assert nic is not None
+    return str((nic["properties"].get("networkSecurityGroup") or {}).get("id", "")).rsplit("/", 1)[-1]
+
+
+def rules(arm: ArmServer, nsg: str) -> dict[str, dict[str, Any]]:
+    """The NSG's security rules as ARM holds them, name → properties."""
+    head = f"{NSGS}/{nsg}/securityRules/".lower()
+    return {r["name"]: dict(r["properties"]) for k, r in arm.resources.items() if k.startswith(head)}
+
+
+def inbound_from_the_vnet(arm: ArmServer, nic: str, port: int) -> str:
+    """Azure's verdict on VNet traffic to ``nic``'s port from an address in no ASG: its NSG's inbound
+    rules by priority, then the default AllowVnetInBound."""
+    on = {a.lower() for a in nic_asgs(arm, nic)}
+    nsg = nic_nsg(arm, nic)
+    for name, p in sorted(rules(arm, nsg).items(), key=lambda kv: kv[1]["priority"]):
+        dst = {a["id"].lower() for a in p.get("destinationApplicationSecurityGroups") or []}
+        if p["direction"] != "Inbound" or (dst and not dst & on):
+            continue
+        if p.get("sourceAddressPrefix") not in ("*", "VirtualNetwork") or p.get("sourceApplicationSecurityGroups"):
+            continue
+        if p.get("destinationPortRange") not in ("*", str(port)):
+            continue
+        return f"{p['access']} {nsg}/{name}"
+    return "Allow AllowVnetInBound"
+
+
+def hand_rule(arm: ArmServer, nsg: str, name: str, priority: int, access: str = "Allow") -> None:
+    arm.put(
+        f"{NSGS}/{nsg}/securityRules/{name}",
+        {
+            "properties": {
+                "protocol": "*",
+                "access": access,
+                "priority": priority,
+                "direction": "Inbound",
+                "sourcePortRange": "*",
+                "destinationPortRange": "*",
+                "sourceAddressPrefix": "*",
+                "destinationAddressPrefix": "*",
+            }
+        },
+    )
+
+
+def test_attack_azure_a_vm_moved_to_another_env_gets_that_envs_nsg_and_deny(arm: ArmServer, azure: Azure) -> None:
+    seed_vm(arm, "web-1", WEB, "10.20.1.4")
+    seed_vm(arm, "db-1", DB, "10.20.1.5")
+    per = AzurePerimeter(azure.arm(SUB), CONFIG)
+    per.reconcile({WEB: env("prod"), DB: env("prod", "database")})
+    assert inbound_from_the_vnet(arm, "db-1-nic", 5432) == "Deny rf-prod-nsg/rf-boundary-deny"
+    per.reconcile({WEB: env("prod"), DB: env("dev", "database")})
+    # rf-prod-nsg's deny names rf-prod-boundary, which the NIC no longer has: it must leave that NSG
+    assert nic_nsg(arm, "db-1-nic") == "rf-dev-nsg"
+    assert inbound_from_the_vnet(arm, "db-1-nic", 5432) == "Deny rf-dev-nsg/rf-boundary-deny"
+    assert per.reconcile({WEB: env("prod"), DB: env("dev", "database")}).writes == []
+
+
+def test_attack_azure_a_nic_put_back_on_another_envs_nsg_is_moved_again(arm: ArmServer, azure: Azure) -> None:
+    seed_vm(arm, "web-1", WEB, "10.20.1.4")
+    seed_vm(arm, "db-1", DB, "10.20.1.5")
+    per = AzurePerimeter(azure.arm(SUB), CONFIG)
+    per.reconcile({WEB: env("prod"), DB: env("dev")})
+    nic = arm.get(nic_id("db-1-nic"))
+    assert nic is not None
+    nic["properties"]["networkSecurityGroup"] = {"id": f"{NSGS}/rf-prod-nsg"}
+    arm.put(nic["id"], nic)
+    res = per.reconcile({WEB: env("prod"), DB: env("dev")}, Scope.WORKLOADS)
+    assert res.writes == ["PUT nic db-1-nic"] and nic_nsg(arm, "db-1-nic") == "rf-dev-nsg"
+
+
+@pytest.mark.parametrize("scope", [Scope.FULL, Scope.WORKLOADS])
+def test_attack_azure_a_deleted_or_edited_boundary_deny_is_restored(arm: ArmServer, azure: Azure, scope: Scope) -> None:
+    seed_vm(arm, "web-1", WEB, "10.20.1.4")
+    per = AzurePerimeter(azure.arm(SUB), CONFIG)
+    per.reconcile({WEB: env("prod")})
+    arm.delete(f"{NSGS}/rf-prod-nsg/securityRules/rf-boundary-deny")
+    assert inbound_from_the_vnet(arm, "web-1-nic", 5432) == "Allow AllowVnetInBound"
+    assert per.reconcile({WEB: env("prod")}, scope).writes == ["PUT rule rf-prod-nsg/rf-boundary-deny"]
+    assert inbound_from_the_vnet(arm, "web-1-nic", 5432) == "Deny rf-prod-nsg/rf-boundary-deny"
+    deny = arm.get(f"{NSGS}/rf-prod-nsg/securityRules/rf-boundary-deny")
+    assert deny is not None
+    deny["properties"]["access"] = "Allow"
+    arm.put(deny["id"], deny)
+    assert per.reconcile({WEB: env("prod")}, scope).writes == ["PUT rule rf-prod-nsg/rf-boundary-deny"]
+    restored = rules(arm, "rf-prod-nsg")["rf-boundary-deny"]
+    assert restored["access"] == "Deny" and restored["priority"] == DENY_PRIORITY
+
+
+def test_attack_azure_hand_added_and_edited_rules_in_our_nsg_are_undone(arm: ArmServer, azure: Azure) -> None:
+    seed_vm(arm, "web-1", WEB, "10.20.1.4")
+    per = AzurePerimeter(azure.arm(SUB), CONFIG)
+    per.reconcile({WEB: env("prod")})
+    before = rules(arm, "rf-prod-nsg")
+    hand_rule(arm, "rf-prod-nsg", "temp-debug", 150)
+    # the admin rule opened to everyone, its description (what the old code read) kept
+    ssh = next(n for n, p in before.items() if p.get("destinationPortRange") == "22")
+    edited = arm.get(f"{NSGS}/rf-prod-nsg/securityRules/{ssh}")
+    assert edited is not None
+    edited["properties"]["sourceAddressPrefix"] = "*"
+    arm.put(edited["id"], edited)
+    assert inbound_from_the_vnet(arm, "web-1-nic", 5432) == "Allow rf-prod-nsg/temp-debug"
+    # the event path repairs what is ours but deletes nothing
+    res = per.reconcile({WEB: env("prod")}, Scope.WORKLOADS)
+    assert res.writes == [f"PUT rule rf-prod-nsg/{ssh}"]
+    assert rules(arm, "rf-prod-nsg")[ssh]["sourceAddressPrefix"] == "10.250.0.0/24"
+    # the full run removes every rule Ringfence does not want
+    res = per.reconcile({WEB: env("prod")})
+    assert res.writes == ["DELETE rule rf-prod-nsg/temp-debug"]
+    after = rules(arm, "rf-prod-nsg")
+    assert {n: p.get("sourceAddressPrefix") for n, p in before.items()} == {
+        n: p.get("sourceAddressPrefix") for n, p in after.items()
+    }
+    assert inbound_from_the_vnet(arm, "web-1-nic", 5432) == "Deny rf-prod-nsg/rf-boundary-deny"
+    assert per.reconcile({WEB: env("prod")}).writes == []
+
+
+def test_attack_azure_another_teams_rf_named_asg_is_not_ours(arm: ArmServer, azure: Azure) -> None:
+    seed_vm(arm, "web-1", WEB, "10.20.1.4")
+    seed_vm(arm, "db-1", DB, "10.20.1.5")
+    pci = arm.put(f"{ASGS}/rf-payments-pci", {"location": "westeurope", "tags": {"owner": "payments"}})
+    # tagged as ours but not a name the plan gives: not ours either
+    odd = arm.put(f"{ASGS}/rf-payments-vault", {"location": "westeurope", "tags": {"ringfence": "perimeter"}})
+    nic = arm.get(nic_id("db-1-nic"))
+    assert nic is not None
+    nic["properties"]["ipConfigurations"][0]["properties"]["applicationSecurityGroups"] = [
+        {"id": pci["id"]},
+        {"id": odd["id"]},
+    ]
+    arm.put(nic["id"], nic)
+    res = AzurePerimeter(azure.arm(SUB), CONFIG).reconcile({WEB: env("prod"), DB: env("prod")})
+    assert not [w for w in res.writes if "payments" in w]
+    assert arm.get(pci["id"]) is not None and arm.get(odd["id"]) is not None
+    assert nic_asgs(arm, "db-1-nic") == sorted(
+        [pci["id"], odd["id"], f"{ASGS}/rf-prod-boundary", f"{ASGS}/rf-prod-mgmt"]
+    )
+
+
+def test_attack_azure_an_untagged_asg_holding_our_name_is_refused_not_taken_over(arm: ArmServer, azure: Azure) -> None:
+    seed_vm(arm, "web-1", WEB, "10.20.1.4")
+    arm.put(f"{ASGS}/rf-prod-boundary", {"location": "westeurope", "tags": {"owner": "payments"}})
+    with arm.recording() as calls, pytest.raises(NameTaken, match="rf-prod-boundary"):
+        AzurePerimeter(azure.arm(SUB), CONFIG).reconcile({WEB: env("prod")})
+    assert not [c for c in calls if c[0] != "GET"]
+
+
+def test_attack_azure_our_asg_of_the_same_name_in_another_group_is_not_used(arm: ArmServer, azure: Azure) -> None:
+    seed_vm(arm, "web-1", WEB, "10.20.1.4")
+    elsewhere = f"/subscriptions/{SUB}/resourceGroups/shared-rg/providers/Microsoft.Network/applicationSecurityGroups"
+    theirs = arm.put(f"{elsewhere}/rf-prod-boundary", {"location": "westeurope", "tags": {"ringfence": "perimeter"}})
+    res = AzurePerimeter(azure.arm(SUB), CONFIG).reconcile({WEB: env("prod")})
+    assert "PUT asg rf-prod-boundary" in res.writes
+    assert nic_asgs(arm, "web-1-nic") == [f"{ASGS}/rf-prod-boundary", f"{ASGS}/rf-prod-mgmt"]
+    assert arm.get(theirs["id"]) is not None
+
+
+def test_attack_azure_an_env_sharing_a_prefix_does_not_hide_a_missing_nsg(arm: ArmServer, azure: Azure) -> None:
+    seed_vm(arm, "eu-1", WEB, "10.20.1.4")
+    seed_vm(arm, "p-1", DB, "10.20.1.5")
+    per = AzurePerimeter(azure.arm(SUB), CONFIG)
+    per.reconcile({WEB: env("prod-eu")})
+    res = per.reconcile({WEB: env("prod-eu"), DB: env("prod")})
+    assert "PUT nsg rf-prod-nsg" in res.writes and arm.get(f"{NSGS}/rf-prod-nsg") is not None
+    assert nic_nsg(arm, "p-1-nic") == "rf-prod-nsg"
+    assert inbound_from_the_vnet(arm, "p-1-nic", 5432) == "Deny rf-prod-nsg/rf-boundary-deny"
+
+
+def test_attack_azure_the_event_path_does_not_take_a_hand_rules_priority(arm: ArmServer, azure: Azure) -> None:
+    seed_vm(arm, "web-1", WEB, "10.20.1.4")
+    AzurePerimeter(azure.arm(SUB), CONFIG).reconcile({WEB: env("prod")})
+    taken = sorted(p["priority"] for p in rules(arm, "rf-prod-nsg").values())
+    free = next(n for n in range(100, 4096) if n not in taken)
+    hand_rule(arm, "rf-prod-nsg", "ops-deny-telnet", free, "Deny")
+    wider = PerimeterConfig(admin_cidrs=["10.250.0.0/24", "10.251.0.0/24"], control_plane_cidrs=["10.9.0.0/24"])
+    res = AzurePerimeter(azure.arm(SUB), wider).reconcile({WEB: env("prod")}, Scope.WORKLOADS)
+    assert len([w for w in res.writes if w.startswith("PUT rule")]) == 2  # tcp/22 and tcp/3389 from the new range
+    prios = [p["priority"] for p in rules(arm, "rf-prod-nsg").values()]
+    assert len(prios) == len(set(prios)), "two rules of one NSG share a priority"
+
+
+def test_attack_azure_a_vm_that_loses_its_env_label_loses_our_asgs(arm: ArmServer, azure: Azure) -> None:
+    published = PerimeterConfig(
+        admin_cidrs=["10.250.0.0/24"],
+        published=[PublishedService(name="web", match={"role": "web"}, ports=["tcp/443"])],
+    )
+    seed_vm(arm, "web-1", WEB, "10.20.1.4")
+    seed_vm(arm, "web-2", DB, "10.20.1.5")
+    per = AzurePerimeter(azure.arm(SUB), published)
+    per.reconcile({WEB: env("prod"), DB: env("prod")})
+    assert f"{ASGS}/rf-prod-published" in nic_asgs(arm, "web-2-nic")
+    res = per.reconcile({WEB: env("prod"), DB: {"app": "ordering", "role": "web"}})
+    assert res.writes == ["PUT nic web-2-nic"]
+    assert nic_asgs(arm, "web-2-nic") == []  # Azure needs no ASG on a NIC: no internet 443, not in prod
+
+
+def test_a_bad_cidr_fails_the_whole_run_before_any_write(arm: ArmServer, azure: Azure) -> None:
+    seed_vm(arm, "web-1", WEB, "10.20.1.4")
+    for bad in (
+        PerimeterConfig(admin_cidrs=["10.250.0.0/24", "10.250.0/33"]),
+        PerimeterConfig(control_plane_cidrs=["cp.example.com"]),
+        PerimeterConfig(
+            published=[PublishedService(name="web", match={"role": "web"}, ports=["tcp/443"], sources=["300.0.0.0/8"])]
+        ),
+    ):
+        with arm.recording() as calls, pytest.raises(CidrInvalid) as err:
+            AzurePerimeter(azure.arm(SUB), bad).reconcile({WEB: env("prod")})
+        named = [*bad.admin_cidrs[1:], *bad.control_plane_cidrs, *(s for p in bad.published for s in p.sources)]
+        assert repr(named[0]) in str(err.value)
+        assert not [c for c in calls if c[0] != "GET"]
