@@ -3,6 +3,7 @@ the real agent-API handler over moto server, and shown to fail."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import threading
 import time
@@ -661,3 +662,21 @@ def test_attack_an_agent_key_of_another_type_is_refused_not_an_error(env: Env) -
         status, answer = enroll(env, req)
         assert status in (400, 422) and "one Ed25519 public key" in json.dumps(answer), (status, answer)
     assert env.store.agent_key(web) is None
+
+
+def test_attack_an_identity_document_from_an_earlier_run_of_the_instance_enrolls_nothing(env: Env) -> None:
+    """A copy of the document saved before the instance was stopped and started (from a backup,
+    a log, an AMI built from it) names a start that is no longer the instance's: it binds no key,
+    even to an instance whose agent has not enrolled yet. The document of this run enrolls."""
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    inst = env.ec2.describe_instances(InstanceIds=[web])["Reservations"][0]["Instances"][0]
+    earlier = (inst["LaunchTime"] - datetime.timedelta(days=3)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    thief = AgentKey()
+    status, body = enroll_iid(env, web, iid_document(env, web, pending=earlier), key=thief)
+    assert status == 401 and "from an earlier run" in body["detail"], body
+    assert env.store.agent_key(web) is None
+    # a few seconds apart (EC2 stamps the two in different places): the same start
+    close = (inst["LaunchTime"] - datetime.timedelta(seconds=20)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    status, body = enroll_iid(env, web, iid_document(env, web, pending=close))
+    assert status == 200, body

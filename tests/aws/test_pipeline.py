@@ -275,7 +275,12 @@ def _scheduled() -> dict[str, Any]:
     }
 
 
-def iid_document(env: Env, iid: str, pending: str = "2026-11-21T10:00:00Z") -> str:
+def iid_document(env: Env, iid: str, pending: str | None = None) -> str:
+    """The instance's identity document as EC2 issues it; ``pending``: its pendingTime (default:
+    the instance's LaunchTime, the start this document is of)."""
+    if pending is None:
+        inst = env.ec2.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"][0]
+        pending = inst["LaunchTime"].strftime("%Y-%m-%dT%H:%M:%SZ")
     return json.dumps(
         {
             "accountId": ACCOUNT,

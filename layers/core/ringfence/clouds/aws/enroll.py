@@ -16,7 +16,9 @@ import json
 import re
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 from xml.etree import ElementTree
@@ -220,6 +222,30 @@ def _live_one(live: ec2.LiveInstances, account: str, region: str, instance_id: s
         raise ProofError(str(exc)) from None
 
 
+LAUNCH_SKEW_S = 300.0
+"""How much earlier than the instance's LaunchTime a document's pendingTime may be and still be
+this run's (the two are the same start, stamped by different parts of EC2)."""
+
+
+def _from_an_earlier_run(ident: Identity, inst: Mapping[str, Any]) -> str | None:
+    """Why the document is a copy from before the instance last started, or None. EC2 issues a new
+    document (with a new pendingTime) at every start: one captured before a stop and start, or
+    saved from an earlier run, names a start that is no longer the instance's LaunchTime."""
+    launched = inst.get("LaunchTime")
+    try:
+        pending = datetime.fromisoformat(ident.pending_time)
+    except ValueError:
+        return None  # not said (a document of an older format): the address and state checks stand
+    if not isinstance(launched, datetime) or pending.tzinfo is None or launched.tzinfo is None:
+        return None
+    if (launched - pending).total_seconds() > LAUNCH_SKEW_S:
+        return (
+            f"instance {ident.instance_id}'s identity document is from an earlier run (pendingTime "
+            f"{ident.pending_time}, the instance started at {launched.isoformat()}): a copy, not the instance's own"
+        )
+    return None
+
+
 def enroll_iid(api: AgentApi, req: agentapi.EnrollRequest, *, live: ec2.LiveInstances) -> str:
     """aws-iid: the instance identity document and its signature, bound to the agent's key.
     ``live``: the wiring's EC2 questions (concurrent enrollments share DescribeInstances calls)."""
@@ -240,6 +266,9 @@ def enroll_iid(api: AgentApi, req: agentapi.EnrollRequest, *, live: ec2.LiveInst
         raise ProofError(f"instance {ident.instance_id} is not running")
     if ident.private_ip and ident.private_ip not in ec2.instance_ips(inst):
         raise ProofError(f"instance {ident.instance_id} does not have the document's address")
+    stale = _from_an_earlier_run(ident, inst)
+    if stale:
+        raise ProofError(stale)
     api.bind_key(req, ident.instance_id)
     if api.w.enroll_records_instance and api.w.store.get(ident.instance_id) is None:
         # the instance as just described (the agent often enrolls before its launch is ingested)
