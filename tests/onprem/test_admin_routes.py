@@ -149,8 +149,9 @@ def test_of_two_concurrent_provisions_the_one_that_activates_over_a_version_that
     wiring: LocalWiring,
 ) -> None:
     """Provision A reads v1 as active and takes number 2; B, meanwhile, provisions 3 over v1.
-    A's activation is a compare-and-swap over v1: refused (409), nothing of it active, audited
-    or left published; before, the slower one (the older number) overwrote the newer."""
+    A's activation is a compare-and-swap over v1: refused (409), nothing of it active or left
+    published, its record followed by one that says so; before, the slower one (the older number)
+    overwrote the newer."""
     import threading
 
     from tests.onprem.conftest import policy_files
@@ -187,6 +188,12 @@ def test_of_two_concurrent_provisions_the_one_that_activates_over_a_version_that
     active = wiring.store.active_policy()
     assert active is not None and active.number == 3
     assert [v.number for v in wiring.store.policy_versions()] == [1, 3]
-    provisions = [a.target for a in wiring.store.audit_log() if a.action == "policy.provision"]
-    assert provisions == ["policy/v1", "policy/v3"]
+    # each provision is audited before its activation; the loser's record is followed by one
+    # that says it was not activated (the store's history holds only what was)
+    log = wiring.store.audit_log()
+    provisions = {a.target: a.id for a in log if a.action == "policy.provision"}
+    assert sorted(provisions) == ["policy/v1", "policy/v2", "policy/v3"]
+    (abandoned,) = [a for a in log if a.action == "policy.provision.abandoned"]
+    assert abandoned.target == "policy/v2" and abandoned.detail["audit_id"] == provisions["policy/v2"]
+    assert "version 3 became active" in abandoned.detail["why"]
     assert not list((wiring.state_dir / "objects" / "policies").glob("v000002/*")), "the loser's files are removed"

@@ -73,9 +73,58 @@ def record_hash(rec: AuditRecord) -> str:
     return hashlib.sha256(canonical(doc)).hexdigest()
 
 
+MAX_RECORD_BYTES = 64 * 1024
+"""The most a sealed record's canonical JSON may take: far under every store's limit (DynamoDB's
+400 KB item), so a record's size is never what makes an audited change lose its record."""
+
+# a text field (reason, target, principal, …) past this many characters is cut, should the record
+# be over the limit still with its whole detail summarized
+_MAX_FIELD_CHARS = 1024
+
+
+def _summary(value: Any) -> dict[str, Any]:
+    """What stands for a value that did not fit: ``truncated``, its size and its digest (SHA-256
+    of a text's UTF-8, of any other value's canonical JSON)."""
+    data = value.encode() if isinstance(value, str) else canonical(value)
+    out: dict[str, Any] = {"truncated": True, "sha256": hashlib.sha256(data).hexdigest()}
+    if isinstance(value, list | dict | str):
+        out["count"] = len(value)
+    return out
+
+
+def _size(rec: AuditRecord) -> int:
+    return len(canonical(rec.model_dump(mode="json")))
+
+
+def bounded(rec: AuditRecord, limit: int = MAX_RECORD_BYTES) -> AuditRecord:
+    """``rec`` if its canonical JSON fits in ``limit`` bytes. Otherwise a copy whose largest
+    ``detail`` fields are replaced, one by one, by ``{"truncated": true, "count": …, "sha256": …}``
+    until it fits; then, if need be, the whole ``detail`` by one such summary and the text fields
+    longer than 1024 characters cut, each named in ``detail["truncated_fields"]`` with its length
+    and digest. Every store seals through this (:func:`seal`): an action's record is always one
+    its store can hold."""
+    if _size(rec) <= limit:
+        return rec
+    detail = dict(rec.detail)
+    for key in sorted(detail, key=lambda k: len(canonical(detail[k])), reverse=True):
+        detail[key] = _summary(detail[key])
+        fitted = rec.model_copy(update={"detail": detail})
+        if _size(fitted) <= limit:
+            return fitted
+    detail = {"truncated": True, "detail": _summary(rec.detail)}
+    update: dict[str, Any] = {"detail": detail}
+    for name in ("principal", "action", "target", "reason", "before", "after"):
+        text = getattr(rec, name)
+        if len(text) > _MAX_FIELD_CHARS:
+            update[name] = text[:_MAX_FIELD_CHARS]
+            detail.setdefault("truncated_fields", {})[name] = _summary(text)
+    return rec.model_copy(update=update)
+
+
 def seal(rec: AuditRecord, head: AuditHead) -> AuditRecord:
-    """``rec`` as the record after ``head``: its ``seq``, ``prev`` and ``hash`` set."""
-    linked = rec.model_copy(update={"seq": head.seq + 1, "prev": head.hash, "hash": ""})
+    """``rec`` as the record after ``head``: its ``seq``, ``prev`` and ``hash`` set, its size
+    :func:`bounded`."""
+    linked = bounded(rec).model_copy(update={"seq": head.seq + 1, "prev": head.hash, "hash": ""})
     linked.hash = record_hash(linked)
     return linked
 

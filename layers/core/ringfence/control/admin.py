@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import secrets
 from typing import Any
 
-from ringfence.audit import state_digest
+from ringfence.audit import canonical, state_digest
 from ringfence.engine import Engine
 from ringfence.model import Mode
 from ringfence.policy import PolicyError, file_name_problems, load_policy_texts
@@ -30,6 +31,9 @@ SAFEGUARDS_LOWERED = "SafeguardsLowered"
 # the metric an operator's reset of an agent key counts toward: each one lets a new key claim a
 # workload's identity, so an alarm on it catches a reset nobody asked for
 AGENT_KEY_RESETS = "AgentKeyResets"
+# how many of a list (warnings, newly idle workloads) a provision's audit record names: the count
+# and, for warnings, a digest of the whole list stand for the rest
+LISTED = 100
 
 # --- admin API --------------------------------------------------------------------------------------
 
@@ -92,48 +96,82 @@ class Admin:
         failures = [t.report() for t in run_tests(policy, engine.workloads) if not t.passed]
         if failures:
             return error(422, "policy tests fail", "\n".join(failures))
-        # warnings never refuse a version: they are answered and audited
+        # warnings never refuse a version: they are answered and audited (the record holds the
+        # first ones, their number and the digest of them all: thousands made the record too large
+        # for the audit table, and the version was active with no record)
         found = [str(w) for w in warnings(policy, live)]
         digest = digest_of(files)
         active = self.w.active_policy()
         widened = failsafe_widening(active[1].failsafes, policy.failsafes) if active else []
         idle = newly_idle(active[1], policy, live) if active else []
         version = self.w.store.next_policy_version()
+        target = f"policy/v{version}"
+        detail: dict[str, Any] = {"digest": digest}
+        if found:
+            detail["warnings"] = found[:LISTED]
+            detail["warning_count"] = len(found)
+            detail["warnings_sha256"] = hashlib.sha256(canonical(found)).hexdigest()
+        if widened:
+            detail["widens_failsafes"] = widened
+        if idle:
+            detail["newly_idle"] = {"count": len(idle), "workloads": idle[:LISTED]}
         keys = {}
         for name, text in sorted(files.items()):
             key = f"policies/v{version:06d}/{name}"
             self.w.publisher.put_text(key, text)
             keys[name] = key
         pv = PolicyVersion(number=version, keys=keys, digest=digest, author=principal, message=reason)
+        # the record before the activation: a version is never active without its record. Should
+        # the activation then lose (below), a second record says so; the store's version history
+        # (written with the activation, in one step) is what became active
+        try:
+            audit_id = self._audit(
+                principal,
+                "policy.provision",
+                target,
+                detail,
+                reason,
+                before=active[0].digest if active else "",
+                after=digest,
+            )
+        except Exception:
+            # nothing activated: the call fails (the function's error alarm), its files are removed
+            log.error("the audit record of %s could not be written: nothing provisioned", target)
+            self._unpublish(keys)
+            raise
         try:  # only over the version this one was tested and compared against
             self.w.store.activate_policy(pv, expected_active=active[0].number if active else None)
         except ConflictError as exc:
-            # a concurrent provision won: this version never becomes active, so it is neither
-            # audited nor kept (its number stays unused); provision again over the one that won
-            for key in keys.values():
-                with contextlib.suppress(Exception):
-                    self.w.publisher.delete(key)
+            # a concurrent provision won: this version never becomes active, nor is it kept (its
+            # number stays unused); provision again over the one that won
+            self._unpublish(keys)
+            self._abandoned(principal, target, audit_id, str(exc), reason)
             return error(409, "policy changed meanwhile: nothing provisioned", str(exc))
-        detail: dict[str, Any] = {"digest": digest}
-        if found:
-            detail["warnings"] = found
+        except Exception as exc:
+            # the store failed (throttled, unreachable): active or not, as the store now says
+            now = self.w.store.active_policy()
+            if now is None or now.number != version:
+                self._abandoned(principal, target, audit_id, f"{type(exc).__name__}: {exc}", reason)
+                raise
+            log.warning("activating %s raised %s, but it is active", target, exc)
         if widened:
-            detail["widens_failsafes"] = widened
-            self._lowered(principal, "fail-safes widened: " + "; ".join(widened), f"policy/v{version}")
+            self._lowered(principal, "fail-safes widened: " + "; ".join(widened), target)
         if idle:
-            detail["newly_idle"] = {"count": len(idle), "workloads": idle[:100]}
-            self._lowered(principal, f"{len(idle)} workload(s) newly idle", f"policy/v{version}")
-        audit_id = self._audit(
-            principal,
-            "policy.provision",
-            f"policy/v{version}",
-            detail,
-            reason,
-            before=active[0].digest if active else "",
-            after=digest,
-        )
+            self._lowered(principal, f"{len(idle)} workload(s) newly idle", target)
         self.w.enqueue_compute(rebuild=True)
         return Response(201, {"version": version, "digest": digest, "audit_id": audit_id, "warnings": found})
+
+    def _unpublish(self, keys: dict[str, str]) -> None:
+        for key in keys.values():
+            with contextlib.suppress(Exception):
+                self.w.publisher.delete(key)
+
+    def _abandoned(self, principal: str, target: str, audit_id: str, why: str, reason: str) -> None:
+        """The record that a provision audited before its activation did not become active."""
+        try:
+            self._audit(principal, "policy.provision.abandoned", target, {"audit_id": audit_id, "why": why}, reason)
+        except Exception:
+            log.exception("%s (audit record %s) was not activated; that could not be recorded", target, audit_id)
 
     def set_mode(self, principal: str, workload_id: str, mode: Mode | None, reason: str = "") -> Response:
         before = self._operator_state(workload_id)
