@@ -21,7 +21,7 @@ import hcl2
 import pytest
 from botocore.exceptions import ClientError
 
-from ringfence.audit import AuditHead, AuditRecord, seal, verify
+from ringfence.audit import AuditHead, AuditRecord, record_hash, seal, verify
 from ringfence.clouds.aws.anchor import AnchorRefused, anchor_key
 from ringfence.local.lambdas import load_functions
 from tests.aws.conftest import REGION, Env, LambdaContext
@@ -198,6 +198,45 @@ def test_attack_a_first_anchor_of_a_made_up_head_is_refused(anchored: Env) -> No
     append(env, 2)
     _put_head(AuditHead(seq=2, hash="e" * 64))
     with pytest.raises(AnchorRefused, match="does not hold the head"):
+        run_anchor(env)
+    assert versions(env) == []
+
+
+def test_attack_a_forged_record_and_head_far_ahead_are_never_the_first_anchor(anchored: Env) -> None:
+    """No anchor yet, and whoever may write the audit table puts a record sealed over a made-up
+    head at seq 1,000,000 and a head naming it: self-consistent, it was anchored (locked for
+    years), the genuine chain then verified BROKEN against it and every later run was refused.
+    With no anchor, the whole chain from genesis must lead to the head."""
+    env = anchored
+    recs = append(env, 3)
+    table = boto3.resource("dynamodb").Table("rf-audit")
+    forged = seal(
+        AuditRecord(principal="mallory", action="workload.mode", target="x"), AuditHead(seq=999_999, hash="a" * 64)
+    )
+    table.put_item(Item={"pk": "chain", "sk": f"{forged.seq:012d}", "doc": forged.model_dump_json()})
+    _put_head(AuditHead(seq=forged.seq, hash=forged.hash))
+    with pytest.raises(AnchorRefused, match="seq 1000000 where seq 4 was expected"):
+        run_anchor(env)
+    assert versions(env) == [], "nothing anchored"
+    # the forger puts the real head back: the genuine chain anchors and verifies
+    table.delete_item(Key={"pk": "chain", "sk": f"{forged.seq:012d}"})
+    _put_head(AuditHead(seq=3, hash=recs[-1].hash))
+    append(env, 1)
+    assert run_anchor(env)["seq"] == 4
+    out = cli("audit", "verify", "--store", SPEC, "--anchor", f"s3://{BUCKET}/anchors/")
+    assert out.returncode == 0 and "1 anchored head(s) held, the newest at seq 4" in out.stdout, out.stderr
+
+
+def test_a_first_anchor_checks_the_chain_from_genesis(anchored: Env) -> None:
+    """A chain whose first record does not follow genesis (replaced, before any anchor) is never
+    anchored, though every later record links and the head is its last."""
+    env = anchored
+    recs = append(env, 3)
+    table = boto3.resource("dynamodb").Table("rf-audit")
+    first = recs[0].model_copy(update={"prev": "b" * 64, "hash": ""})
+    first.hash = record_hash(first)
+    table.put_item(Item={"pk": "chain", "sk": f"{1:012d}", "doc": first.model_dump_json()})
+    with pytest.raises(AnchorRefused, match="record at seq 1 does not follow seq 0"):
         run_anchor(env)
     assert versions(env) == []
 

@@ -12,9 +12,11 @@ head again only adds a version of the same content.
 An anchor is locked for years, so a false one would make every later ``verify`` fail: whoever may
 write the audit table (six function roles) could otherwise put a made-up head, wait for the
 schedule and put the real one back. So the function anchors a head only where the chain holds it:
-the records since the last anchor (one ``Query`` of the ``chain`` items) must each hash right and
-link from the anchored head to the new one. A head that does not is refused (the function fails,
-its alarm fires) and nothing is written.
+the records since the last anchor (one paged ``Query`` of the ``chain`` items) must each hash right
+and link from the anchored head to the new one. With no anchor yet, that is the whole chain from
+genesis (seq 1, ``prev`` :data:`~ringfence.audit.GENESIS`): a forged record sealed over any head at
+seq 1,000,000, and a head naming it, would otherwise be anchored on the first run. A head that does
+not is refused (the function fails, its alarm fires) and nothing is written.
 """
 
 from __future__ import annotations
@@ -61,24 +63,25 @@ _HASH = re.compile(r"[0-9a-f]{64}")
 
 def check_extends(head: AuditHead, last: AuditHead | None, segment: list[AuditRecord]) -> None:
     """``segment`` (the chain's records after ``last``, up to ``head``) links the last anchored
-    head to ``head``, each record hashing to its ``hash``; without a last anchor, the head's own
-    record is all there is to check. :class:`AnchorRefused` naming why, otherwise."""
+    head to ``head``, each record hashing to its ``hash``; without a last anchor, ``last`` is the
+    genesis head (seq 0) and ``segment`` the whole chain from seq 1. :class:`AnchorRefused` naming
+    why, otherwise."""
     if head.seq < 1 or not _HASH.fullmatch(head.hash):
         raise AnchorRefused(f"the head {head.seq}/{head.hash[:16]} is not one a chain has")
-    if last is not None and head.seq < last.seq:
+    last = last if last is not None else AuditHead()
+    if head.seq < last.seq:
         raise AnchorRefused(f"the head went back to seq {head.seq} from the anchored seq {last.seq}")
-    if last is not None and head.seq == last.seq:
+    if head.seq == last.seq:
         if head.hash != last.hash:
             raise AnchorRefused(f"the head at seq {head.seq} names another record than the anchored one")
         return
-    want_seq = last.seq + 1 if last is not None else head.seq
-    prev = last.hash if last is not None else None
+    want_seq, prev = last.seq + 1, last.hash
     for rec in segment:
         if rec.seq != want_seq:
             raise AnchorRefused(f"the chain has seq {rec.seq} where seq {want_seq} was expected")
         if not rec.hash or record_hash(rec) != rec.hash:
             raise AnchorRefused(f"the chain's record at seq {rec.seq} does not match its hash")
-        if prev is not None and rec.prev != prev:
+        if rec.prev != prev:
             raise AnchorRefused(f"the chain's record at seq {rec.seq} does not follow seq {rec.seq - 1}")
         prev, want_seq = rec.hash, want_seq + 1
     if want_seq != head.seq + 1 or prev != head.hash:
@@ -112,7 +115,8 @@ class Anchorer:
         if head is None or head == self.last:
             return Anchored(head, None)
         last = self.last or self.last_anchored()
-        start = last.seq if last is not None else head.seq - 1
+        # no anchor yet: from genesis, the whole chain (never the head's own record alone)
+        start = last.seq if last is not None else 0
         segment = self.store.audit_segment(start, head.seq) if head.seq > start >= 0 else []
         check_extends(head, last, segment)
         if head == last:  # a new container: anchored already
