@@ -22,6 +22,7 @@ from ringfence.store.base import (
     PolicyVersion,
     Store,
 )
+from ringfence.versions import digest_of
 
 from .enroll import Enroller, enroll_pairing
 from .publish import NoNotifier, Notifier, Publisher
@@ -44,6 +45,11 @@ def no_metric(name: str, value: float) -> None:
 
 class NoSigningKey(RuntimeError):
     """A function without the signing key was asked to sign."""
+
+
+class PolicyTampered(RuntimeError):
+    """A policy version's files, as read, are not the ones its recorded digest names (changed in
+    the bucket after provisioning): never compiled, never enforced."""
 
 
 # --- configuration ------------------------------------------------------------------------------
@@ -279,7 +285,15 @@ class BaseWiring:
         with self._policy_lock:
             if pv.number not in self._policies:
                 bodies = self.publisher.get_many(list(pv.keys.values()))
-                self._policies[pv.number] = load_policy_texts(pv.texts(bodies.__getitem__))
+                texts = pv.texts(bodies.__getitem__)
+                # the texts provisioned (and audited, by this digest), or nothing: a file rewritten
+                # in the bucket fails every caller (compute's batch is retried, then alarmed)
+                if digest_of(texts) != pv.digest:
+                    raise PolicyTampered(
+                        f"policy version {pv.number}: its files do not match its digest {pv.digest[:16]}… "
+                        f"(read {digest_of(texts)[:16]}…): changed since provisioning; not loaded"
+                    )
+                self._policies[pv.number] = load_policy_texts(texts)
             return self._policies[pv.number]
 
     def active_policy(self) -> tuple[PolicyVersion, Policy] | None:
