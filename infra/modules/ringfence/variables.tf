@@ -281,3 +281,10 @@ check "member_accounts_have_a_perimeter_role" {
     error_message = "account_roles lists accounts without a perimeter role in perimeter_account_roles: ${join(", ", setsubtract(keys(var.account_roles), keys(var.perimeter_account_roles)))}. Their perimeters are not managed and their launch lifecycle actions time out."
   }
 }
+
+check "perimeter_writes_name_their_vpcs" {
+  assert {
+    condition     = var.perimeter_dry_run || var.perimeter_vpc_arns != null
+    error_message = "perimeter_dry_run is false and perimeter_vpc_arns is null: ec2:ModifyNetworkInterfaceAttribute cannot carry a tag condition, so the perimeter role may put any security group (a foreign one included) on any interface of every VPC of this account and Region. Name the VPCs the perimeter manages."
+  }
+}
