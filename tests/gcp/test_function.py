@@ -132,7 +132,7 @@ def test_the_scheduled_cloudreconcile_function_inventories_a_missed_vm_and_conve
     assert any(inst["id"] in m["Body"] for m in env.receive("compute"))
     policy = gcp.firewall_policies[PROJECT][policy_name("default")]
     assert out["gcp"]["perimeter_writes"] > 0 and policy["rules"]
-    assert any(r.get("targetSecureTags") == [{"name": "tagValues/401"}] for r in policy["rules"])
+    assert any([t["name"] for t in r.get("targetSecureTags", [])] == ["tagValues/401"] for r in policy["rules"])
     again = fn.handler(_scheduled(), LambdaContext())
     assert again["gcp"] == {"changed": [], "failed": {}, "perimeter_writes": 0}, again
     assert recorded.calls["cloudreconcile"] and not refusals(recorded, ["cloudreconcile"])

@@ -77,4 +77,4 @@ def test_serve_reconciles_gcp_on_its_interval_and_converges_the_firewall_policy(
     rec = wiring.store.get(inst["id"])
     assert rec is not None and rec.labels["env"] == "prod"
     rules = gcp.firewall_policies[PROJECT][policy_name("default")]["rules"]
-    assert any(r.get("targetSecureTags") == [{"name": "tagValues/501"}] for r in rules)
+    assert any([t["name"] for t in r.get("targetSecureTags", [])] == ["tagValues/501"] for r in rules)

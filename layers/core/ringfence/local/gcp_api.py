@@ -6,7 +6,8 @@ what is tested is the SDK's wire format, not a mock of it. It implements only wh
 
 * compute v1: ``instances`` aggregatedList (paged) and get (by name); zone and
   global ``operations`` get; network ``firewallPolicies`` list/get/insert/addRule/patchRule/removeRule
-  (every mutation answers a finished operation);
+  (every mutation answers a finished operation; a rule is answered with the output-only
+  ``ruleTupleCount`` and secure tag ``state`` Google adds);
 * Resource Manager v3: ``tagBindings`` and ``effectiveTags`` list by ``parent``;
 * Cloud Logging v2: ``entries:list`` over the entries written with :meth:`GcpApi.write_log` (the
   audit entries :mod:`ringfence.local.gcp_events` builds for the changes made here), for
@@ -503,13 +504,13 @@ class GcpApi:
         if verb == "addRule":
             if any(r["priority"] == body.get("priority") for r in rules):
                 raise _HttpError(400, f"a rule with priority {body.get('priority')} already exists", "invalid")
-            rules.append({"kind": "compute#firewallPolicyRule", **body})
+            rules.append(_stored_rule(body))
         elif verb == "patchRule":
             prio = int(query.get("priority", -1))
             idx = next((i for i, r in enumerate(rules) if r["priority"] == prio), None)
             if idx is None:
                 raise _HttpError(404, f"no rule at priority {prio}")
-            rules[idx] = {"kind": "compute#firewallPolicyRule", **body, "priority": prio}
+            rules[idx] = _stored_rule({**body, "priority": prio})
         elif verb == "removeRule":
             prio = int(query.get("priority", -1))
             if not any(r["priority"] == prio for r in rules):
@@ -521,6 +522,17 @@ class GcpApi:
             raise _HttpError(405, f"{method} not supported on {rest}")
         policy["fingerprint"] = _b64(uuid.uuid4().bytes[:8])
         return 200, _operation(project, f"operation-{uuid.uuid4().hex}", done=True)
+
+
+def _stored_rule(body: dict[str, Any]) -> dict[str, Any]:
+    """A firewall policy rule as the API answers it: with the output-only fields Google adds (the
+    rule's ``ruleTupleCount``, each secure tag's ``state``), so a reader must tell them apart."""
+    rule: dict[str, Any] = {"kind": "compute#firewallPolicyRule", **json.loads(json.dumps(body))}
+    match = rule.get("match") or {}
+    for tag in [*match.get("srcSecureTags", []), *rule.get("targetSecureTags", [])]:
+        tag.setdefault("state", "EFFECTIVE")
+    rule["ruleTupleCount"] = 1 + sum(len(v) for v in match.values() if isinstance(v, list))
+    return rule
 
 
 IDENTITY_PATH = "/computeMetadata/v1/instance/service-accounts/default/identity"

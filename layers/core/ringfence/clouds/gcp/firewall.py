@@ -17,9 +17,11 @@ perimeter its env tag says. Per environment:
 
 A rule's identity is its content (direction, action, matches, targets): what exists and is
 wanted keeps its priority; only the missing is added (lowest free priority of its band) and, in a
-full run, the unwanted removed. Limits (:class:`GcpLimits`) are checked on the whole plan first:
-over one, nothing is changed and the error names it. The defaults are placeholders to be set
-from https://cloud.google.com/firewall/docs/quotas for the organization (not verified here).
+full run, the unwanted removed. A rule read back is compared whole: disabled, a second
+layer4Config or any field Ringfence does not write makes it equal to no wanted rule (replaced).
+Limits (:class:`GcpLimits`) are checked on the whole plan first: over one, nothing is changed
+and the error names it. The defaults are placeholders to be set from
+https://cloud.google.com/firewall/docs/quotas for the organization (not verified here).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from __future__ import annotations
 import ipaddress
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from google.api_core.exceptions import NotFound
@@ -89,6 +91,10 @@ class FwRule:
     src_tags: tuple[str, ...] = ()
     target_tags: tuple[str, ...] = ()
     group: str = ""  # the perimeter group it serves (its description)
+    # the rule as read, when it is not exactly what :meth:`resource` writes (disabled, a second
+    # layer4Config, any match or target field Ringfence does not write): equal to no wanted rule,
+    # so a full run replaces it
+    foreign: str = ""
 
     def attributes(self) -> int:
         """This rule's share of the policy's attribute ("tuple") count, as an estimate."""
@@ -126,7 +132,8 @@ class FwRule:
     def from_resource(cls, r: Mapping[str, Any]) -> tuple[int, FwRule]:
         m = r.get("match", {}) or {}
         l4 = (m.get("layer4Configs") or [{}])[0]
-        return int(r["priority"]), cls(
+        prio = int(r["priority"])
+        rule = cls(
             direction=str(r.get("direction", "")),
             action=str(r.get("action", "")),
             protocol=str(l4.get("ipProtocol", "all")),
@@ -137,6 +144,26 @@ class FwRule:
             target_tags=tuple(t["name"] for t in r.get("targetSecureTags", []) or []),
             group=str(r.get("description", "")),
         )
+        read = _written(r)
+        if read != _written(rule.resource(prio)):
+            rule = replace(rule, foreign=json.dumps(read, sort_keys=True))
+        return prio, rule
+
+
+# what the API adds to a rule and Ringfence does not write (a secure tag's ``state``: EFFECTIVE
+# or INEFFECTIVE); ``priority`` is where a rule is, compared apart
+_OUTPUT_ONLY = frozenset({"kind", "ruleTupleCount", "state", "priority"})
+
+
+def _written(value: Any) -> Any:
+    """A rule resource as it was written: output-only fields and unset (empty, false) values
+    dropped, so what the API or the SDK adds or leaves at its default compares equal."""
+    if isinstance(value, Mapping):
+        out = {k: _written(v) for k, v in value.items() if k not in _OUTPUT_ONLY}
+        return {k: v for k, v in out.items() if v not in (None, False, "", [], {})}
+    if isinstance(value, list | tuple):
+        return [_written(v) for v in value]
+    return value
 
 
 def members(records: Iterable[InventoryRecord], project: str) -> list[Member]:

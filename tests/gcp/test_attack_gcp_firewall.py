@@ -1,0 +1,115 @@
+"""Attacks on the GCP coarse perimeter (``rf-<network>`` network firewall policies): the real
+FirewallPolicyPerimeter, through the real compute client, against the local Google API stand-in.
+Each test works in a project of its own (a full run reconciles every policy of its project)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from ringfence.clouds.gcp.clients import Endpoints
+from ringfence.clouds.gcp.firewall import FirewallPolicyPerimeter, GcpPerimeterConfig, policy_name
+from ringfence.local.gcp_api import GcpApi
+from ringfence.perimeter import Member, PerimeterConfig, PublishedService, Scope
+
+ENV_TAGS = {"prod": "tagValues/101", "dev": "tagValues/102"}
+SHOP, SSH = "tagValues/200", "tagValues/300"
+CONFIG = PerimeterConfig(
+    admin_cidrs=["10.255.0.0/24"],
+    control_plane_cidrs=["10.254.0.0/24"],
+    published=[
+        PublishedService(name="shop", match={"role": "lb"}, ports=["tcp/443"], sources=["0.0.0.0/0"]),
+        PublishedService(name="ssh", match={"role": "jumpbox"}, ports=["tcp/22"], sources=["0.0.0.0/0"]),
+    ],
+)
+GCFG = GcpPerimeterConfig(env_tags=ENV_TAGS, published_tags={"shop": SHOP, "ssh": SSH})
+MEMBERS = [
+    Member("1", "vpc-a", {"env": "prod", "role": "lb"}),
+    Member("2", "vpc-a", {"env": "prod", "role": "jumpbox"}),
+    Member("3", "vpc-a", {"env": "prod", "role": "db"}),
+]
+
+
+@pytest.fixture(scope="module")
+def gcp() -> Iterator[GcpApi]:
+    with GcpApi() as api:
+        yield api
+
+
+def project_of(gcp: GcpApi, name: str) -> str:
+    gcp.add_project(name, 6000 + len(gcp.projects))
+    return name
+
+
+def perimeter(gcp: GcpApi, project: str) -> FirewallPolicyPerimeter:
+    return FirewallPolicyPerimeter(Endpoints(compute=gcp.url, anonymous=True), project)
+
+
+def rules(gcp: GcpApi, project: str, network: str = "vpc-a") -> list[dict[str, Any]]:
+    return sorted(gcp.firewall_policies[project][policy_name(network)]["rules"], key=lambda r: r["priority"])
+
+
+def internet_ingress(gcp: GcpApi, project: str) -> dict[str, set[str]]:
+    """Secure tag value → the tcp ports the internet may reach on it."""
+    out: dict[str, set[str]] = {}
+    for r in rules(gcp, project):
+        if r["direction"] == "INGRESS" and r["action"] == "allow" and "0.0.0.0/0" in r["match"].get("srcIpRanges", []):
+            for t in r.get("targetSecureTags", []):
+                for l4 in r["match"]["layer4Configs"]:
+                    out.setdefault(t["name"], set()).update(l4.get("ports", [l4["ipProtocol"]]))
+    return out
+
+
+def _disable_deny(r: dict[str, Any]) -> bool:
+    if r["action"] == "deny":
+        r["disabled"] = True
+        return True
+    return False
+
+
+def _mgmt(change: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], bool]:
+    def alter(r: dict[str, Any]) -> bool:
+        if r["description"] == "rf-prod-mgmt" and r["direction"] == "INGRESS":
+            change(r)
+            return True
+        return False
+
+    return alter
+
+
+ALTERATIONS: dict[str, Callable[[dict[str, Any]], bool]] = {
+    "boundary deny disabled": _disable_deny,
+    "second layer4Config (all)": _mgmt(lambda r: r["match"]["layer4Configs"].append({"ipProtocol": "all"})),
+    "srcFqdns added": _mgmt(lambda r: r["match"].update(srcFqdns=["evil.example.com"])),
+    "srcRegionCodes added": _mgmt(lambda r: r["match"].update(srcRegionCodes=["KP"])),
+    "srcAddressGroups added": _mgmt(
+        lambda r: r["match"].update(srcAddressGroups=["projects/x/locations/global/addressGroups/all"])
+    ),
+    "srcSecureTags added": _mgmt(lambda r: r["match"].update(srcSecureTags=[{"name": "tagValues/102"}])),
+    "targetServiceAccounts added": _mgmt(lambda r: r.update(targetServiceAccounts=["x@y.iam.gserviceaccount.com"])),
+    "enableLogging": _mgmt(lambda r: r.update(enableLogging=True)),
+    "securityProfileGroup": _mgmt(lambda r: r.update(securityProfileGroup="//networksecurity/x")),
+}
+
+
+@pytest.mark.parametrize("how", sorted(ALTERATIONS))
+def test_attack_gcp_a_perimeter_rule_altered_by_hand_is_replaced_in_a_full_run(gcp: GcpApi, how: str) -> None:
+    """A boundary deny disabled by hand, an admin allow widened by a second layer4Config or given a
+    match or target field Ringfence does not write: the full run replaces each such rule with the
+    rule as planned (it used to compare equal, read by its first layer4Config and a few fields)."""
+    project = project_of(gcp, f"fw-altered-{sorted(ALTERATIONS).index(how)}")
+    perimeter(gcp, project).reconcile(CONFIG, GCFG, MEMBERS)
+    planned = [{k: v for k, v in copy.deepcopy(r).items() if k != "priority"} for r in rules(gcp, project)]
+    altered = [r["priority"] for r in rules(gcp, project) if ALTERATIONS[how](r)]
+    assert altered
+    plans = perimeter(gcp, project).reconcile(CONFIG, GCFG, MEMBERS, Scope.FULL)
+    assert sorted(p for p, _ in plans[0].remove) == altered
+    now = rules(gcp, project)
+    assert not set(altered) & {r["priority"] for r in now}
+    assert sorted(map(repr, ({k: v for k, v in r.items() if k != "priority"} for r in now))) == sorted(
+        map(repr, planned)
+    )
+    assert all(p.empty for p in perimeter(gcp, project).reconcile(CONFIG, GCFG, MEMBERS, Scope.FULL))
