@@ -552,7 +552,7 @@ def cmd_findings(args: argparse.Namespace) -> int:
 
 
 def cmd_flows_ingest(args: argparse.Namespace) -> int:
-    from ringfence.flows.ingest import FlowIngest
+    from ringfence.flows.ingest import FlowIngest, reporter_of
     from ringfence.flows.resolve import sync_addresses
     from ringfence.policy import load_policy
     from ringfence.store import open_store
@@ -567,7 +567,7 @@ def cmd_flows_ingest(args: argparse.Namespace) -> int:
     for name in args.files:
         data = Path(name).read_bytes()
         if name.endswith(".json"):  # an agent's report batch, as the agent API stores it
-            r = ingest.agent_batch(Path(name).parent.name, json.loads(data))
+            r = ingest.agent_batch(reporter_of(str(Path(name).resolve())), json.loads(data))
         else:
             r = ingest.vpc_object(name, data)
             for e in r.files[0].errors:

@@ -608,7 +608,9 @@ class AgentApi:
         self, workload_id: str, rec: InventoryRecord | None, batch: agentapi.ReportBatch
     ) -> agentapi.ReportBatch:
         """The batch's records with one end the reporter's address: one its inventory record
-        holds now, or one the address history gives it when the record was seen (or now)."""
+        holds now, or one the address history gives it when the record was seen. The ingest
+        (:meth:`ringfence.flows.ingest.FlowIngest.flows`) decides again by the time the record
+        was seen: a record dated into another workload's interval of the address is not taken."""
         from ringfence.flows.resolve import AddressBook
 
         def norm(address: str) -> str:
@@ -632,12 +634,12 @@ class AgentApi:
             counts = collections.Counter(a for src, dst, _ in rest for a in {src, dst})
             asked = sorted(a for a, _ in counts.most_common(HISTORY_LOOKUPS))
             book = AddressBook(self.w.store.address_history(asked))
-            now = time.time()
 
             def held(address: str, t: float) -> bool:
-                return any(
-                    (o := book.owner(address, at)) is not None and o.workload_id == workload_id for at in (t, now)
-                )
+                # when the record was seen, never "or now": a host that took over an address
+                # reports no flows dated into its previous owner's interval
+                o = book.interval(address, t)
+                return o is not None and o.workload_id == workload_id
 
             flows += [
                 f for f in batch.flows if not at_home(f.src, f.dst) and (held(f.src, f.start) or held(f.dst, f.start))

@@ -29,6 +29,8 @@ from ringfence.policy import Policy
 
 log = logging.getLogger(__name__)
 
+MAX_SKEW = 300.0  # seconds an agent's flow may start after the ingest's now (clock skew)
+
 
 class InventoryView(Protocol):
     id: str
@@ -48,6 +50,16 @@ class FlowStore(Protocol):
     def address_history(self, addresses: list[str]) -> dict[str, list[AddressOwner]]: ...
     def add_flows(self, rows: list[FlowRow], ttl: int) -> None: ...
     def flow_rows(self, days: int = ...) -> list[FlowRow]: ...
+
+
+def reporter_of(path: str) -> str:
+    """The reporting workload of an archived batch: ``<wid>`` of ``…/reports/<wid>/<Y>/<M>/<D>/<uuid>.json``
+    (how the agent API archives them); for a file outside that layout, its directory's name."""
+    parts = path.replace("\\", "/").split("/")
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i] == "reports" and i + 1 < len(parts) - 1:
+            return parts[i + 1]
+    return parts[-2] if len(parts) > 1 else ""
 
 
 def agent_flows(workload_id: str, batch: dict[str, Any]) -> list[Flow]:
@@ -107,10 +119,16 @@ class FlowIngest:
         self.store = store
         self.policy = policy
         self.ttl = retention_days * 86400
+        self._records: dict[str, InventoryView] | None = None
+
+    def _get(self, workload_id: str) -> InventoryView | None:
+        """A workload's record: as the last :meth:`sync` read them all, else from the store."""
+        return self._records.get(workload_id) if self._records is not None else self.store.get(workload_id)
 
     def sync(self, at: float | None = None) -> int:
         """Note the inventory's current address owners (:mod:`ringfence.flows.resolve`)."""
         recs = self.store.all_records()
+        self._records = {r.id: r for r in recs}  # read again by the flows' check, not per workload
         active = [r.effective() for r in recs if r.active]
         released = [ip for r in recs if not r.active for ip in r.workload.ips]
         return sync_addresses(self.store, active, released, time.time() if at is None else at)
@@ -139,15 +157,22 @@ class FlowIngest:
         return len(opened)
 
     def flows(self, flows: Iterable[Flow], result: IngestResult | None = None) -> IngestResult:
-        """Classify and store ``flows``. An agent's flow is taken only if one end was its
-        reporter's address (when the flow started, or now), or is an address the reporter's
-        running inventory record holds now: a host's agent sees its own traffic only, and flows
-        it invents between other workloads would steer the dependency map and rule suggestions.
-        VPC Flow Logs come from AWS and are taken as they are.
+        """Classify and store ``flows``. An agent's flow is taken only if one end is the
+        reporter's own, *when the flow started*: a host's agent sees its own traffic only, and
+        flows it invents between other workloads (or dates back into the time another workload
+        held its address) would steer the dependency map and rule suggestions. VPC Flow Logs come
+        from AWS and are taken as they are.
 
-        The second case is an address two running workloads share (one private range in two
-        VPCs or sites): the address history names one of them, and the other's flows are its
-        own all the same; its end of them is resolved to it, not to its twin."""
+        An end is the reporter's at the flow's start when the address history gives it the
+        address then; or when the reporter's running inventory record holds the address now and,
+        at the start, the history gives it nobody (not recorded yet, released: an interval is
+        opened only when an ingest pass notes the owner, so a new host's first flows precede its
+        interval) or a workload that is running and holds it now too (one private range in two
+        VPCs or sites: the history names one of the twins). In the latter cases the reporter's end
+        is resolved to the reporter itself, never to the history's owner. A start in another
+        workload's interval (an address taken over after its owner went: the old owner's flows
+        are not the new host's to report), or later than ``MAX_SKEW`` seconds from now, is
+        refused (counted in ``foreign``)."""
         result = result or IngestResult()
         flows = list(flows)
         if not flows:
@@ -156,32 +181,56 @@ class FlowIngest:
         book = AddressBook(self.store.address_history(wanted))
         now = time.time()
         holding: dict[str, dict[str, Workload]] = {}
-
-        def own(f: Flow, address: str) -> bool:
-            return any(
-                (o := book.owner(address, t)) is not None and o.workload_id == f.reporter for t in (f.start, now)
-            )
+        running: dict[str, bool] = {}
 
         def held(reporter: str) -> dict[str, Workload]:
             """The reporter's addresses now, by its inventory record (read once per reporter,
             and only for flows the history does not give it): none unless it is running."""
             if reporter not in holding:
-                rec = self.store.get(reporter) if reporter else None
+                rec = self._get(reporter) if reporter else None
                 holding[reporter] = current_owners([rec.effective()]) if rec is not None and rec.active else {}
             return holding[reporter]
 
+        def holds_now(workload_id: str, address: str) -> bool:
+            k = f"{workload_id}\0{address}"
+            if k not in running:
+                rec = self._get(workload_id)
+                running[k] = rec is not None and rec.active and address in current_owners([rec.effective()])
+            return running[k]
+
+        def own(f: Flow, address: str) -> bool:
+            o = book.interval(address, f.start)
+            return o is not None and o.workload_id == f.reporter
+
+        def twin(f: Flow, address: str) -> bool:
+            if address not in held(f.reporter):
+                return False
+            o = book.interval(address, f.start)
+            return o is None or o.workload_id in (NOBODY, f.reporter) or holds_now(o.workload_id, address)
+
         kept: list[Flow] = []
-        twins: dict[str, list[Flow]] = {}  # reporter → its flows by an address the history gives another
+        twins: dict[str, list[Flow]] = {}  # reporter → its flows resolved by its own record
+        late = 0
         for f in flows:
-            if f.origin != "agent" or own(f, f.src) or own(f, f.dst):
+            if f.origin != "agent":
                 kept.append(f)
-            elif f.src in held(f.reporter) or f.dst in held(f.reporter):
+            elif not f.start <= now + MAX_SKEW:
+                late += 1
+            elif own(f, f.src) or own(f, f.dst):
+                kept.append(f)
+            elif twin(f, f.src) or twin(f, f.dst):
                 twins.setdefault(f.reporter, []).append(f)
         taken = len(kept) + sum(len(t) for t in twins.values())
         if taken < len(flows):
             result.foreign += len(flows) - taken
             by = sorted({f.reporter for f in flows if f.origin == "agent"} - {f.reporter for f in kept} - set(twins))
-            log.warning("%d agent flows name neither end their reporter's (%s): not taken", len(flows) - taken, by)
+            log.warning(
+                "%d agent flows name neither end their reporter's when they started (%d start in the future): "
+                "not taken (%s)",
+                len(flows) - taken,
+                late,
+                by,
+            )
         agg = Aggregator(Classifier(self.policy, book))
         agg.add(kept)
         rows = agg.rows
@@ -191,14 +240,14 @@ class FlowIngest:
             mine = {
                 a: [AddressOwner(address=a, since=now, workload_id=w.id, workload=w)] for a, w in held(reporter).items()
             }
-            twin = Aggregator(Classifier(self.policy, AddressBook({**book.history, **mine})))
-            twin.add(theirs)
-            for key, row in twin.rows.items():
+            tagg = Aggregator(Classifier(self.policy, AddressBook({**book.history, **mine})))
+            tagg.add(theirs)
+            for key, row in tagg.rows.items():
                 if key in rows:
                     rows[key].add(row)
                 else:
                     rows[key] = row
-            seen += twin.seen
+            seen += tagg.seen
         self.store.add_flows(list(rows.values()), self.ttl)
         result.flows += seen
         result.rows += len(rows)

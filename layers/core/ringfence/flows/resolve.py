@@ -94,6 +94,15 @@ class AddressBook:
             owners.sort(key=lambda o: o.since)
         self._since = {a: [o.since for o in owners] for a, owners in self.history.items()}
 
+    def interval(self, address: str, at: float) -> AddressOwner | None:
+        """The interval holding ``at`` exactly (the owner then, or a nobody's interval); None for
+        an address never recorded, or ``at`` before its first interval (not known then)."""
+        owners = self.history.get(address)
+        if not owners:
+            return None
+        i = bisect.bisect_right(self._since[address], at) - 1
+        return owners[i] if i >= 0 else None
+
     def owner(self, address: str, at: float) -> AddressOwner | None:
         """The interval holding ``at``; before the first recorded one, that first one; None for
         an address never recorded or held by nobody then."""

@@ -1,0 +1,111 @@
+"""Attacks on flow visibility through an enrolled agent's reports, performed through the real
+admin and agent-API routes (as ``ringfence serve`` runs them) over LocalWiring, its SQLite store
+and its inline flow ingest."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ringfence.flows.aggregate import merge
+from ringfence.flows.ingest import FlowIngest
+from ringfence.local.wiring import LocalWiring
+from tests.aws.test_pipeline import AgentKey
+from tests.onprem.conftest import policy_files
+from tests.onprem.test_attack_pairing_keys import WID, Plane
+
+NEW = "dc3-new-1"
+
+
+def _enroll(plane: Plane, wid: str) -> dict[str, str]:
+    st, b = plane.call(plane.admin, "POST", "/admin/pairing-keys", {"workload_id": wid, "uses": 1, "ttl": 600})
+    assert st == 201, b
+    key, n = AgentKey(), plane.nonce()
+    body = {
+        "method": "pairing",
+        "nonce": n,
+        "workload_id": wid,
+        "pairing_key": b["pairing_key"],
+        "agent_key": key.pem,
+        "agent_signature": key.prove("enroll", wid, n),
+    }
+    st, b = plane.call(plane.agents, "POST", "/v1/enroll", body)
+    assert st == 200, b
+    return {"Authorization": f"Bearer {b['token']}"}
+
+
+def _flow(start: float, src: str, dst: str, dport: int = 22) -> dict[str, Any]:
+    return {"start": start, "end": start + 1, "src": src, "dst": dst, "proto": "tcp", "dport": dport,
+            "packets": 5, "bytes": 500, "direction": "outbound"}  # fmt: skip
+
+
+def test_attack_a_new_host_backdating_flows_into_its_address_previous_owner(wiring: LocalWiring) -> None:
+    """db-1 held 192.168.10.31 and is decommissioned; a new web host (app shop) gets the address.
+    Its agent reports flows from .31 dated when db-1 held it: they were taken (one end is the
+    reporter's address now) and resolved by the history to db-1, so the store showed database →
+    web flows and ``ringfence suggest`` proposed allowing them for the old owner's role. Now a
+    flow is taken only if the reporter held its end when the flow started, and its end is
+    resolved to the reporter itself; a start in the future is refused too."""
+    plane = Plane(wiring)  # web-1 .11, proc-1 .21, db-1 .31 (ordering, prod, ca)
+    FlowIngest(wiring.store, wiring.active_policy()[1]).sync()  # db-1 holds .31 in the history
+    t_db = time.time() - 5
+    time.sleep(1.1)
+    st, b = plane.call(plane.admin, "DELETE", "/admin/workloads/dc1-db-1", {"reason": "decommissioned"})
+    assert st == 200, b
+    tags = {"ringfence:role": "web", "ringfence:app": "shop", "ringfence:env": "prod", "ringfence:loc": "ca"}
+    spec = {"id": NEW, "ips": ["192.168.10.31"], "reason": "new", "tags": tags}
+    st, b = plane.call(plane.admin, "POST", "/admin/workloads", spec)
+    assert st in (200, 201), b
+    assert wiring.settle(60)
+    hdr = _enroll(plane, NEW)
+    path = f"/v1/agents/{NEW}/reports"
+    st, b = plane.call(
+        plane.agents, "POST", path, {"flows": [_flow(t_db, "192.168.10.31", "192.168.10.11")]}, headers=hdr
+    )
+    assert st == 202, b
+    st, b = plane.call(
+        plane.agents, "POST", path, {"flows": [_flow(time.time() + 3600, "192.168.10.31", "192.168.10.11", 23)]},
+        headers=hdr,
+    )  # fmt: skip
+    assert st == 202, b
+    rows = merge(wiring.store.flow_rows())
+    assert not [r for r in rows if "role=database" in r.src or "role=database" in r.dst], rows
+    assert not [r for r in rows if r.port == 23], rows
+    # its own flows, now, are taken and its end is itself (role web)
+    st, b = plane.call(
+        plane.agents, "POST", path, {"flows": [_flow(time.time(), "192.168.10.31", "192.168.10.11", 8080)]}, headers=hdr
+    )
+    assert st == 202, b
+    (row,) = [r for r in merge(wiring.store.flow_rows()) if r.port == 8080]
+    assert row.src == "env=prod,loc=ca,role=web" and row.flows == 1, row  # (shop: no value of the policy)
+
+
+def test_flows_ingest_cli_reads_an_archived_batch_as_its_workloads(wiring: LocalWiring, tmp_path: Path) -> None:
+    """``ringfence flows ingest`` took the reporter from the file's directory, but the agent API
+    archives batches as ``reports/<workload>/<Y>/<M>/<D>/<uuid>.json``: the reporter was the day
+    of the month and every flow of the batch was refused as foreign."""
+    plane = Plane(wiring)
+    plane.register()
+    assert wiring.settle(60)
+    st, b = plane.pair(plane.mint(uses=1), AgentKey())
+    assert st == 200, b
+    hdr = {"Authorization": f"Bearer {b['token']}"}
+    st, b = plane.call(plane.agents, "POST", f"/v1/agents/{WID}/reports",
+                       {"flows": [_flow(time.time(), "192.168.30.41", "192.168.10.21", 8443)]}, headers=hdr)  # fmt: skip
+    assert st == 202, b
+    (archived,) = sorted((wiring.state_dir / "objects" / "reports").rglob("*.json"))
+    assert archived.parent.name != WID
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    for name, text in policy_files().items():
+        (policy / name).write_text(text)
+    before = sum(r.flows for r in wiring.store.flow_rows())
+    store = f"sqlite:{wiring.state_dir / 'state.db'}"
+    out = subprocess.run([sys.executable, "-m", "ringfence.cli", "flows", "ingest", "--store", store,
+                          "--policy", str(policy), str(archived)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert ": 1 flows → 1 rows" in out.stdout, (out.stdout, out.stderr)
+    assert sum(r.flows for r in wiring.store.flow_rows()) == before + 1
