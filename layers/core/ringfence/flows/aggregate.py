@@ -9,6 +9,7 @@ days back together for reading.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from ringfence.engine.explain import Endpoint
 from ringfence.flows.classify import Classifier, Outcome, outside_name
 from ringfence.flows.records import Flow
 from ringfence.flows.vpclogs import Record
+
+log = logging.getLogger(__name__)
 
 DEFAULT_RETENTION_DAYS = 30
 
@@ -86,8 +89,16 @@ class Aggregator:
 
     classifier: Classifier
     seen: int = 0
+    failed: int = 0  # records that could not be resolved or classified: counted, never the batch's end
     _acc: dict[tuple[str, str, str, str, int | None, Outcome], _Acc] = field(default_factory=dict)
     _names: dict[tuple[str, object], str] = field(default_factory=dict)
+
+    def _failed(self, what: object) -> None:
+        """A record the parser or the report model should have refused (a backstop: one record
+        never loses the others of its object or batch)."""
+        if not self.failed:
+            log.exception("a flow record could not be classified, not counted: %r", what)
+        self.failed += 1
 
     def _end(self, ep: Endpoint) -> str:
         # the classifier hands out one labels mapping per (workload, interval): its identity is
@@ -103,12 +114,16 @@ class Aggregator:
         acc = self._acc
         days: dict[int, str] = {}
         for f in flows:
-            s, d, why = c.classify(f.src, f.dst, f.proto, f.dport, f.start)
-            day_n = int(f.start // 86400)
-            day = days.get(day_n)
-            if day is None:
-                day = days[day_n] = day_of(f.start)
-            k = (day, self._end(s), self._end(d), f.proto, f.dport, why.outcome)
+            try:
+                s, d, why = c.classify(f.src, f.dst, f.proto, f.dport, f.start)
+                day_n = int(f.start // 86400)
+                day = days.get(day_n)
+                if day is None:
+                    day = days[day_n] = day_of(f.start)
+                k = (day, self._end(s), self._end(d), f.proto, f.dport, why.outcome)
+            except Exception:
+                self._failed(f)
+                continue
             a = acc.get(k)
             if a is None:
                 a = acc[k] = _Acc(why.rule, f.src, f.dst)
@@ -135,16 +150,25 @@ class Aggregator:
         direct: dict[tuple[str, str, str, int | None, int], _Acc] = {}
         moved: dict[str, bool] = {}
         seen = 0
-        for start, end, src, dst, proto, dport, packets, nbytes, _, _ in records:
-            day_n = int(start // 86400)
+        for rec in records:
+            start, end, src, dst, proto, dport, packets, nbytes, _, _ = rec
+            try:
+                day_n = int(start // 86400)
+            except (ValueError, OverflowError):
+                self._failed(rec)
+                continue
             k5 = (src, dst, proto, dport, day_n)
             a = direct.get(k5)
             if a is None:
-                s, d, why = c.classify(src, dst, proto, dport, start)
-                day = days.get(day_n)
-                if day is None:
-                    day = days[day_n] = day_of(start)
-                k = (day, self._end(s), self._end(d), proto, dport, why.outcome)
+                try:
+                    s, d, why = c.classify(src, dst, proto, dport, start)
+                    day = days.get(day_n)
+                    if day is None:
+                        day = days[day_n] = day_of(start)
+                    k = (day, self._end(s), self._end(d), proto, dport, why.outcome)
+                except Exception:
+                    self._failed(rec)
+                    continue
                 a = acc.get(k)
                 if a is None:
                     a = acc[k] = _Acc(why.rule, src, dst)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import gzip
 import io
+import ipaddress
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO
@@ -57,6 +59,7 @@ KNOWN = frozenset(
     ]
 )
 MAX_REPORTED = 100  # malformed lines named one by one, per file; the rest only counted
+MAX_AHEAD = 86400  # seconds a record's start or end may lie after the parse's now (later: malformed)
 
 
 @dataclass(slots=True)
@@ -120,6 +123,7 @@ class Parser:
             )
         )  # fmt: skip
         self._good: set[str] = set()
+        self._limit = int(time.time()) + MAX_AHEAD
 
     def lines(self, lines: Iterable[str]) -> Iterator[Flow]:
         for r in self.records(lines):
@@ -151,7 +155,7 @@ class Parser:
                 report.bad(n, f"{len(parts)} fields, the format has {self._width}")
                 continue
             try:
-                rec = _record(parts, at, good)
+                rec = _record(parts, at, good, self._limit)
             except ValueError as exc:
                 report.bad(n, str(exc))
                 continue
@@ -168,7 +172,7 @@ Record = tuple[float, float, str, str, str, int | None, int, int, str, str]
 _PROTO = {"1": "icmp", "6": "tcp", "17": "udp", "58": "icmpv6"}
 
 
-def _record(parts: list[str], at: tuple[int, ...], good: set[str]) -> Record | None:
+def _record(parts: list[str], at: tuple[int, ...], good: set[str], limit: int) -> Record | None:
     # field positions looked up once per format (-1: absent), not by name per line
     i_status, i_psrc, i_src, i_pdst, i_dst, i_proto, i_start, i_end, i_action, i_dport, i_pk, i_by, i_if, i_inst = at
     status = parts[i_status] if i_status >= 0 else "-"
@@ -227,9 +231,15 @@ def _record(parts: list[str], at: tuple[int, ...], good: set[str]) -> Record | N
         reporter = parts[i_inst] if i_inst >= 0 else "-"
     # str.isdecimal() is exactly what int() reads, never negative: the checked conversion
     # (_int) only for what fails it, which then says why
+    t0 = int(start) if start.isdecimal() else _int(start, "start")
+    t1 = int(end) if end.isdecimal() else _int(end, "end")
+    if t0 > limit or t1 > limit:
+        raise ValueError(f"start {start} or end {end} is more than a day ahead")
+    if t1 < t0:
+        raise ValueError(f"end {end} is before start {start}")
     return (
-        float(start) if start.isdecimal() else float(_int(start, "start")),  # float(): exact below 2**53
-        float(end) if end.isdecimal() else float(_int(end, "end")),
+        float(t0),  # exact: below the limit, far below 2**53
+        float(t1),
         src,
         dst,
         pname,
@@ -242,7 +252,12 @@ def _record(parts: list[str], at: tuple[int, ...], good: set[str]) -> Record | N
 
 
 def _looks_like_address(v: str) -> bool:
-    return ("." in v or ":" in v) and not v.strip("0123456789abcdefABCDEF.:")
+    """An IPv4 or IPv6 address as the classifier reads it (no zone index)."""
+    try:
+        ipaddress.ip_address(v)
+    except ValueError:
+        return False
+    return "%" not in v
 
 
 def parse_text(
