@@ -63,6 +63,21 @@ def internet_ingress(gcp: GcpApi, project: str) -> dict[str, set[str]]:
     return out
 
 
+def test_attack_gcp_two_published_services_each_open_only_their_own_tag(gcp: GcpApi) -> None:
+    """Two published services in one env: the shop LBs' tag gets 443 from the internet, the
+    jumpboxes' tag 22, neither the other's port (each used to get the last service's tag)."""
+    project = project_of(gcp, "fw-published")
+    perimeter(gcp, project).reconcile(CONFIG, GCFG, MEMBERS)
+    assert internet_ingress(gcp, project) == {SHOP: {"443"}, SSH: {"22"}}
+    # a service nobody matches opens nothing, and one matched without a tag value is refused whole
+    perimeter(gcp, project).reconcile(CONFIG, GCFG, MEMBERS[:1])
+    assert internet_ingress(gcp, project) == {SHOP: {"443"}}
+    untagged = GcpPerimeterConfig(env_tags=ENV_TAGS, published_tags={"shop": SHOP})
+    with pytest.raises(Exception, match="published service 'ssh' has no secure tag value"):
+        perimeter(gcp, project).reconcile(CONFIG, untagged, MEMBERS)
+    assert internet_ingress(gcp, project) == {SHOP: {"443"}}
+
+
 def _disable_deny(r: dict[str, Any]) -> bool:
     if r["action"] == "deny":
         r["disabled"] = True

@@ -193,7 +193,8 @@ def translate(
     groups: Iterable[GroupSpec], gcfg: GcpPerimeterConfig, published: Mapping[str, str]
 ) -> tuple[dict[str, set[FwRule]], list[str]]:
     """The neutral groups → wanted rules per network, and what cannot be expressed (refusals).
-    ``published``: group name → the service tag for ``rf-<env>-published`` groups."""
+    ``published``: group name → the service tag for ``rf-<env>-published`` groups (one service's
+    rules: the groups of :func:`desired_state` with that service alone published)."""
     wanted: dict[str, set[FwRule]] = {}
     problems: list[str] = []
     for g in groups:
@@ -204,7 +205,14 @@ def translate(
                 f"env {g.env!r} has no secure tag value (gcp perimeter env_tags): {g.name} cannot target it"
             )
             continue
-        target = published.get(g.name, env_tag) if g.name.endswith("-published") else env_tag
+        if g.name.endswith("-published"):
+            # internet ingress goes to the service's own tag only, never to the whole env
+            if g.name not in published:
+                problems.append(f"{g.name}: no published service's secure tag value to target")
+                continue
+            target = published[g.name]
+        else:
+            target = env_tag
         for r in sorted(g.rules):
             proto, ports = _protocol(r)
             base: dict[str, Any] = {"protocol": proto, "ports": ports, "target_tags": (target,), "group": g.name}
@@ -312,21 +320,27 @@ class FirewallPolicyPerimeter:
         :class:`PlanRefused` / :class:`QuotaExceeded` with nothing changed."""
         members = list(members)
         ds = desired_state(config, members)
-        published = {
-            g.name: gcfg.published_tags[svc.name]
-            for g in ds.groups.values()
-            if g.name.endswith("-published")
-            for svc in config.published
-            if svc.name in gcfg.published_tags
-        }
-        missing = [
-            f"published service {svc.name!r} has no secure tag value (gcp perimeter published_tags)"
-            for svc in config.published
-            if svc.name not in gcfg.published_tags and any(g.name.endswith("-published") for g in ds.groups.values())
-        ]
-        wanted, problems = translate(ds.groups.values(), gcfg, published)
-        if problems or missing:
-            raise PlanRefused(problems + missing)
+        # the neutral plan merges every published service of an env into one group: GCP targets
+        # each service's rules at that service's own secure tag, so each is planned on its own
+        groups = [g for g in ds.groups.values() if not g.name.endswith("-published")]
+        wanted, problems = translate(groups, gcfg, {})
+        for svc in config.published:
+            alone = config.model_copy(update={"published": [svc]})
+            mine = [g for g in desired_state(alone, members).groups.values() if g.name.endswith("-published")]
+            if not mine:
+                continue
+            tag = gcfg.published_tags.get(svc.name)
+            if tag is None:
+                problems.append(
+                    f"published service {svc.name!r} has no secure tag value (gcp perimeter published_tags)"
+                )
+                continue
+            more, why = translate(mine, gcfg, {g.name: tag for g in mine})
+            problems += [p for p in why if p not in problems]
+            for network, rules in more.items():
+                wanted.setdefault(network, set()).update(rules)
+        if problems:
+            raise PlanRefused(problems)
         plans: list[PolicyPlan] = []
         over: list[str] = []
         for network in sorted(wanted):
