@@ -245,3 +245,27 @@ def test_a_bad_cidr_fails_the_whole_run_before_any_write(arm: ArmServer, azure: 
         named = [*bad.admin_cidrs[1:], *bad.control_plane_cidrs, *(s for p in bad.published for s in p.sources)]
         assert repr(named[0]) in str(err.value)
         assert not [c for c in calls if c[0] != "GET"]
+
+
+@pytest.mark.parametrize("reachable", [{}, {"prod": ["dev"]}])
+def test_an_asg_is_deleted_only_once_no_rule_of_ours_names_it(
+    arm: ArmServer, azure: Azure, reachable: dict[str, list[str]]
+) -> None:
+    seed_vm(arm, "web-1", WEB, "10.20.1.4")
+    seed_vm(arm, "dev-1", DB, "10.20.1.5")
+    per = AzurePerimeter(azure.arm(SUB), CONFIG.model_copy(update={"reachable_from": reachable}))
+    per.reconcile({WEB: env("prod"), DB: env("dev")})
+    res = per.reconcile({WEB: env("prod"), DB: env("prod")})
+    assert "DELETE asg rf-dev-boundary" in res.writes and "DELETE asg rf-dev-mgmt" in res.writes
+    # ARM refuses to delete an ASG a security rule names: the rules naming it went first
+    first_asg = min(i for i, w in enumerate(res.writes) if w.startswith("DELETE asg"))
+    assert all(i < first_asg for i, w in enumerate(res.writes) if w.startswith("DELETE rule"))
+    named = {
+        a["id"].lower()
+        for r in arm.resources.values()
+        if r["type"].endswith("securityRules")
+        for side in ("source", "destination")
+        for a in r["properties"].get(f"{side}ApplicationSecurityGroups") or []
+    }
+    assert not [n for n in named if arm.get(n) is None], "a rule names a deleted ASG"
+    assert per.reconcile({WEB: env("prod"), DB: env("prod")}).writes == []

@@ -264,15 +264,11 @@ class AzurePerimeter:
                 members.append(Member(nic["id"], net, labels_of[owner]))
         nsgs, rules = self._nsgs(taken)
         ours_in = [(net, n) for net in locations for (g, n) in asgs if g == _rg(net)]
-        ds = desired_state(self.config, members, existing=ours_in)
-        want = self._want(ds, asgs, locations)
-        actual: dict[tuple[str, str], set[PerimeterRule]] = {key: set() for key in ours_in}
-        for (net, env), wanted in want.items():
-            have = rules.get((_rg(net), nsg_name(env)), {})
-            for rname, (gname, r, body) in wanted.items():
-                if r is not None and rname in have and _rule_key(have[rname]) == _rule_key(body["properties"]):
-                    actual.setdefault((net, gname), set()).add(r)
-        p = plan(ds, actual, planned, scope)
+        ds, want, p = self._plan(members, ours_in, asgs, rules, planned, locations, scope)
+        if p.delete:  # an ASG about to go must not be named by a rule this run writes (reachable_from)
+            ds, want, p = self._plan(
+                members, [k for k in ours_in if k not in set(p.delete)], asgs, rules, planned, locations, scope
+            )
         violations = azure_limits(ds, interfaces)
         if violations:
             raise QuotaExceeded(violations)
@@ -288,6 +284,30 @@ class AzurePerimeter:
         res = AzurePerimeterResult(p)
         self._apply(p, ds, asgs, nsgs, rules, want, by_nic, interfaces, locations, scope, res)
         return res
+
+    def _plan(
+        self,
+        members: list[Member],
+        existing: list[tuple[str, str]],
+        asgs: dict[tuple[str, str], str],
+        rules: dict[tuple[str, str], dict[str, dict[str, Any]]],
+        planned: dict[str, Interface],
+        locations: dict[str, str],
+        scope: Scope,
+    ) -> tuple[DesiredState, dict[tuple[str, str], dict[str, tuple[str, PerimeterRule | None, dict[str, Any]]]], Plan]:
+        """The desired state, each NSG's rules as wanted, and the plan: a plan rule exists when the
+        NSG holds a rule of its name that says what it should."""
+        ds = desired_state(self.config, members, existing=existing)
+        want = self._want(ds, asgs, locations)
+        actual: dict[tuple[str, str], set[PerimeterRule]] = {
+            (net, n): set() for net in locations for (g, n) in asgs if g == _rg(net)
+        }
+        for (net, env), wanted in want.items():
+            have = rules.get((_rg(net), nsg_name(env)), {})
+            for rname, (gname, r, body) in wanted.items():
+                if r is not None and rname in have and _rule_key(have[rname]) == _rule_key(body["properties"]):
+                    actual.setdefault((net, gname), set()).add(r)
+        return ds, want, plan(ds, actual, planned, scope)
 
     # --- reads
 
@@ -388,12 +408,41 @@ class AzurePerimeter:
                 continue
             on, off = p.attach.get(iid, set()), p.detach.get(iid, set())
             self._nic(nics[iid], itf.network, on, off, asgs, nsgs, ds, res)
+        if p.delete:
+            self._unreference(p, asgs, nsgs, rules, want, res)
         for net, name in p.delete:
             key = (_rg(net), name)
             if key in asgs:
                 net_ops.application_security_groups.begin_delete(ArmId.parse(net).group, name).result()
                 del asgs[key]
                 res.writes.append(f"DELETE asg {name}")
+
+    def _unreference(
+        self,
+        p: Plan,
+        asgs: dict[tuple[str, str], str],
+        nsgs: dict[tuple[str, str], str],
+        rules: dict[tuple[str, str], dict[str, dict[str, Any]]],
+        want: dict[tuple[str, str], dict[str, tuple[str, PerimeterRule | None, dict[str, Any]]]],
+        res: AzurePerimeterResult,
+    ) -> None:
+        """Before ASGs are deleted, the rules of our NSGs no environment wants any more that name them
+        go (ARM refuses to delete an ASG a security rule names)."""
+        gone = {asgs[(_rg(net), name)].lower() for net, name in p.delete if (_rg(net), name) in asgs}
+        kept = {(_rg(net), nsg_name(env)) for net, env in want}
+        for key, nid in sorted(nsgs.items()):
+            if key in kept:
+                continue
+            rid = ArmId.parse(nid)
+            for rname, props in sorted(rules.get(key, {}).items()):
+                named = {
+                    str(a.get("id", "")).lower()
+                    for side in ("source", "destination")
+                    for a in props.get(f"{side}ApplicationSecurityGroups") or []
+                }
+                if named & gone:
+                    self.arm.network.security_rules.begin_delete(rid.group, rid.names[0], rname).result()
+                    res.writes.append(f"DELETE rule {rid.names[0]}/{rname}")
 
     def _nsg(
         self,
