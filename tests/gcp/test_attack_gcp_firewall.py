@@ -128,3 +128,49 @@ def test_attack_gcp_a_perimeter_rule_altered_by_hand_is_replaced_in_a_full_run(g
         map(repr, planned)
     )
     assert all(p.empty for p in perimeter(gcp, project).reconcile(CONFIG, GCFG, MEMBERS, Scope.FULL))
+
+
+def test_attack_gcp_a_network_left_by_its_last_member_keeps_no_allow(gcp: GcpApi) -> None:
+    """The last member leaves vpc-a: the full run empties rf-vpc-a of its allows (internet, admin,
+    env) and keeps its boundary denies (a VM tagged into prod later is closed, not open), re-enabling
+    one disabled by hand; a policy named rf-* that Ringfence did not make is not touched, and the
+    event path (WORKLOADS) removes nothing."""
+    project = project_of(gcp, "fw-orphan")
+    perimeter(gcp, project).reconcile(CONFIG, GCFG, MEMBERS)
+    denies = {
+        (r["match"]["srcIpRanges"][0], r["targetSecureTags"][0]["name"])
+        for r in rules(gcp, project)
+        if r["action"] == "deny"
+    }
+    assert denies == {("0.0.0.0/0", "tagValues/101"), ("::/0", "tagValues/101")}
+    foreign_rule = {
+        "priority": 1000,
+        "direction": "INGRESS",
+        "action": "allow",
+        "description": "team's own",
+        "match": {"srcIpRanges": ["0.0.0.0/0"], "layer4Configs": [{"ipProtocol": "tcp", "ports": ["80"]}]},
+    }
+    gcp.firewall_policies[project]["rf-legacy"] = {
+        "kind": "compute#firewallPolicy",
+        "id": "1",
+        "name": "rf-legacy",
+        "description": "the web team's policy",
+        "rules": [dict(foreign_rule)],
+        "associations": [],
+        "fingerprint": "x",
+    }
+    other = [Member("9", "vpc-b", {"env": "dev"})]
+    assert not [
+        p for p in perimeter(gcp, project).reconcile(CONFIG, GCFG, other, Scope.WORKLOADS) if p.network == "vpc-a"
+    ]
+    assert any(r["action"] == "allow" for r in rules(gcp, project))
+    rules(gcp, project)[-1]["disabled"] = True  # the last word: a boundary deny, disabled by hand
+    perimeter(gcp, project).reconcile(CONFIG, GCFG, other, Scope.FULL)
+    left = rules(gcp, project)
+    assert {r["action"] for r in left} == {"deny"} and not any(r.get("disabled") for r in left)
+    assert {(r["match"]["srcIpRanges"][0], r["targetSecureTags"][0]["name"]) for r in left} == denies
+    assert gcp.firewall_policies[project]["rf-legacy"]["rules"] == [foreign_rule]
+    assert all(p.empty for p in perimeter(gcp, project).reconcile(CONFIG, GCFG, other, Scope.FULL))
+    # a member coming back gets its allows again beside the kept denies
+    perimeter(gcp, project).reconcile(CONFIG, GCFG, MEMBERS + other, Scope.FULL)
+    assert internet_ingress(gcp, project) == {SHOP: {"443"}, SSH: {"22"}}

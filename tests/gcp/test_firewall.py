@@ -143,7 +143,7 @@ def test_a_throttled_firewall_api_is_retried(gcp: GcpApi) -> None:
     members = [Member("30", "vpc-t", {"env": "prod", "role": "web"})]
     calls = len(gcp.calls)
     gcp.throttle(2, retry_after=1)
-    plans = perimeter(gcp).reconcile(CONFIG, gcfg(), members)
+    plans = perimeter(gcp).reconcile(CONFIG, gcfg(), members, Scope.WORKLOADS)
     assert [p.policy for p in plans] == ["rf-vpc-t"]
     assert "rf-vpc-t" in gcp.firewall_policies[PROJECT]
     made = gcp.calls[calls:]

@@ -19,9 +19,11 @@ A rule's identity is its content (direction, action, matches, targets): what exi
 wanted keeps its priority; only the missing is added (lowest free priority of its band) and, in a
 full run, the unwanted removed. A rule read back is compared whole: disabled, a second
 layer4Config or any field Ringfence does not write makes it equal to no wanted rule (replaced).
-Limits (:class:`GcpLimits`) are checked on the whole plan first: over one, nothing is changed
-and the error names it. The defaults are placeholders to be set from
-https://cloud.google.com/firewall/docs/quotas for the organization (not verified here).
+A full run also empties of allows every policy Ringfence made (name and description) whose
+network has no member left, keeping its boundary denies. Limits (:class:`GcpLimits`) are checked
+on the whole plan first: over one, nothing is changed and the error names it. The defaults are
+placeholders to be set from https://cloud.google.com/firewall/docs/quotas for the organization
+(not verified here).
 """
 
 from __future__ import annotations
@@ -179,6 +181,32 @@ def policy_name(network: str) -> str:
     return f"rf-{network}"
 
 
+def policy_description(network: str) -> str:
+    """What Ringfence writes as its policy's description: with the name, how it knows a policy is
+    its own (network firewall policies carry no labels)."""
+    return f"Ringfence perimeter of network {network}"
+
+
+def owned_network(policy: Mapping[str, Any]) -> str | None:
+    """The network of a policy Ringfence made (``rf-<network>`` with its description), else None."""
+    name = str(policy.get("name", ""))
+    network = name.removeprefix("rf-")
+    if network == name or not network or policy.get("description") != policy_description(network):
+        return None
+    return network
+
+
+def closed(existing: Mapping[int, FwRule]) -> set[FwRule]:
+    """What an owned policy of a network without members keeps: its boundary denies (as Ringfence
+    writes them: a disabled or altered one comes back whole), no allow — a VM tagged into the env
+    later is closed until the next pass plans its perimeter."""
+    return {
+        replace(r, foreign="")
+        for r in existing.values()
+        if r.action == "deny" and r.direction == "INGRESS" and r.group.endswith("-boundary") and r.target_tags
+    }
+
+
 def _protocol(rule: PerimeterRule) -> tuple[str, tuple[str, ...]]:
     if rule.proto == "-1":
         return "all", ()
@@ -308,6 +336,15 @@ class FirewallPolicyPerimeter:
             return None
         return dict(FwRule.from_resource(r) for r in policy.get("rules", []) or [])
 
+    def owned(self) -> set[str]:
+        """The networks of the project's policies Ringfence made."""
+        out: set[str] = set()
+        for policy in self.client.list(project=self.project, retry=RETRY):
+            network = owned_network(as_dict(policy))
+            if network is not None:
+                out.add(network)
+        return out
+
     def reconcile(
         self,
         config: PerimeterConfig,
@@ -349,6 +386,16 @@ class FirewallPolicyPerimeter:
             after = set((existing or {}).values()) - {r for _, r in plan.remove} | {r for _, r in plan.add}
             over += check_limits(plan.policy, after, gcfg.limits)
             plans.append(plan)
+        if scope is Scope.FULL:
+            # a network whose last member left keeps no allow (they target secure tags: a VM
+            # tagged later would get them); only policies Ringfence made, known by name and description
+            for network in sorted(self.owned() - set(wanted)):
+                existing = self.existing(network)
+                if existing is None:
+                    continue
+                plan = diff(network, closed(existing), existing, scope)
+                if not plan.empty:
+                    plans.append(plan)
         if over:
             raise QuotaExceeded(over)
         if not dry_run:
@@ -364,7 +411,7 @@ class FirewallPolicyPerimeter:
             self.client.insert(
                 project=self.project,
                 firewall_policy_resource=compute_v1.FirewallPolicy(
-                    name=fp, description=f"Ringfence perimeter of network {plan.network}"
+                    name=fp, description=policy_description(plan.network)
                 ),
                 retry=RETRY,
             ).result()
