@@ -83,7 +83,7 @@ def test_attack_a_workload_that_loses_its_env_loses_prod_and_internet_ingress_ev
     web = vpc.launch()
     wl: dict[str, dict[str, str]] = {web: {"env": "prod", "role": "web"}}
     sgp.reconcile(CFG, wl, Scope.FULL)
-    ours = [vpc.group(n)["GroupId"] for n in ("rf-prod-boundary", "rf-prod-mgmt", "rf-prod-published")]
+    ours = [vpc.group(n)["GroupId"] for n in ("rf-prod-boundary", "rf-prod-mgmt", "rf-prod-published.web")]
     # an interface whose only groups are ours (a launch template naming them, its own group removed)
     lone = vpc.second_eni(web, ours)
     assert sgp.reconcile(CFG, wl, Scope.FULL).plan["attach"] == 0
@@ -102,7 +102,7 @@ def test_attack_a_workload_that_loses_its_env_loses_prod_and_internet_ingress_ev
     # back in prod: ours return, the stand-in goes, and with no interface left on it the full run deletes it
     wl[web] = {"env": "prod", "role": "web"}
     sgp.reconcile(CFG, wl, Scope.WORKLOADS)
-    assert sorted(vpc.names_on(lone)) == ["rf-prod-boundary", "rf-prod-mgmt", "rf-prod-published"]
+    assert sorted(vpc.names_on(lone)) == ["rf-prod-boundary", "rf-prod-mgmt", "rf-prod-published.web"]
     assert sgp.reconcile(CFG, wl, Scope.FULL).plan["delete"] == 1 and vpc.group(EMPTY) == {}
 
 
@@ -167,3 +167,50 @@ def test_attack_a_foreign_group_removed_during_a_run_is_not_written_back(vpc: Vp
     sgp.reconcile(CFG, {victim: {"env": "prod"}}, Scope.WORKLOADS)
     assert pulled == [eni]
     assert vpc.names_on(eni) == ["default", "rf-prod-boundary", "rf-prod-mgmt"], "debug-allow-all stays removed"
+
+
+def test_attack_a_published_service_does_not_get_another_services_ports(vpc: Vpc, sgp: SecurityGroupPerimeter) -> None:
+    cfg = CFG.model_copy(
+        update={
+            "published": [
+                *CFG.published,
+                PerimeterConfig.model_validate(
+                    {"published": [{"name": "bastion", "match": {"role": "jumpbox"}, "ports": ["tcp/22"]}]}
+                ).published[0],
+            ]
+        }
+    )
+    web, jump = vpc.launch(), vpc.launch()
+    # the older shared group, as a previous version made it, on an interface of the web tier
+    old = vpc.ec2.create_security_group(
+        GroupName="rf-prod-published",
+        Description="Ringfence prod published services",
+        VpcId=vpc.id,
+        TagSpecifications=[
+            {"ResourceType": "security-group", "Tags": [{"Key": "ringfence:perimeter", "Value": "prod"}]}
+        ],
+    )["GroupId"]
+    vpc.ec2.authorize_security_group_ingress(GroupId=old, IpPermissions=WORLD_SSH)
+    web_eni = vpc.second_eni(web, [vpc.group("default")["GroupId"], old])
+    jump_eni = vpc.second_eni(jump, [vpc.group("default")["GroupId"]])
+    wl = {web: {"env": "prod", "role": "web"}, jump: {"env": "prod", "role": "jumpbox"}}
+    sgp.reconcile(cfg, wl, Scope.FULL)
+
+    def ports(eni: str) -> set[int]:
+        e = vpc.ec2.describe_network_interfaces(NetworkInterfaceIds=[eni])["NetworkInterfaces"][0]
+        gids = [g["GroupId"] for g in e["Groups"]]
+        sgs = vpc.ec2.describe_security_groups(GroupIds=gids)["SecurityGroups"]
+        return {
+            p["FromPort"]
+            for g in sgs
+            for p in g["IpPermissions"]
+            if any(r["CidrIp"] == "0.0.0.0/0" for r in p.get("IpRanges", []))
+        }
+
+    assert ports(web_eni) == {443}, "the web tier is not open on the bastion's tcp/22"
+    assert ports(jump_eni) == {22}
+    assert "rf-prod-published.web" in vpc.names_on(web_eni) and "rf-prod-published.bastion" in vpc.names_on(jump_eni)
+    assert vpc.group("rf-prod-published") == {}, "the older shared group: detached, then deleted"
+    assert sgp.reconcile(cfg, wl, Scope.FULL).plan == dict.fromkeys(
+        ("create", "authorize", "revoke", "attach", "detach", "delete"), 0
+    )

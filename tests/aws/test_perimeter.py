@@ -101,23 +101,25 @@ def test_events_give_every_eni_its_groups_and_the_schedule_is_then_a_no_op(
     with recorded_changes() as changes:
         env.pump()  # ingest → perimeter queue → perimeter, no schedule involved
     groups = rf_groups(env)
-    assert set(groups) == PROD | {"rf-prod-published"}
-    pub = groups["rf-prod-published"]["IpPermissions"]
+    assert set(groups) == PROD | {"rf-prod-published.web"}
+    pub = groups["rf-prod-published.web"]["IpPermissions"]
     assert {(p["FromPort"], r["CidrIp"]) for p in pub for r in p.get("IpRanges", [])} == {(443, "0.0.0.0/0")}
     web_enis = enis(env, web)
     assert len(web_enis) == 2 and extra in web_enis
     for names in web_enis.values():
-        assert PROD | {"rf-prod-published"} <= set(names), "every ENI, not only the primary one"
+        assert PROD | {"rf-prod-published.web"} <= set(names), "every ENI, not only the primary one"
         assert names[0] == "default", "the groups already there stay, first"
     db = est["ids"]["db"][0]
     for names in enis(env, db).values():
-        assert set(names) >= PROD and "rf-prod-published" not in names, "internet ingress only to published services"
+        assert set(names) >= PROD and "rf-prod-published.web" not in names, (
+            "internet ingress only to published services"
+        )
     # what changed, as the demo shows it
     line = next(r.getMessage() for r in caplog.records if f"attached to {web}" in r.getMessage())
     assert line.startswith("perimeter: sg-") and "(rf-prod-boundary)" in line and line.endswith("(2 ENIs)")
     web_change = next(c for c in changes if c["action"] == "attach" and c["workload"] == web)
     assert sorted(web_change["interfaces"]) == sorted(web_enis) and len(web_change["groups"]) == 3
-    assert [c["name"] for c in changes if c["action"] == "create"] == sorted(PROD | {"rf-prod-published"})
+    assert [c["name"] for c in changes if c["action"] == "create"] == sorted(PROD | {"rf-prod-published.web"})
     out = schedule(env)
     assert len(out) == 1 and out[0]["scope"] == "full"
     assert out[0]["applied"] is False and out[0]["plan"] == NO_CHANGE, out[0]
@@ -161,7 +163,7 @@ def test_scale_out_instances_get_their_groups_before_the_lifecycle_action_comple
     for c in completed:
         assert c["ptr"] is not None, "the bundle was published before CONTINUE"
         for names in c["enis"].values():
-            assert PROD | {"rf-prod-published"} <= set(names), f"{c['instance']} had its groups before CONTINUE"
+            assert PROD | {"rf-prod-published.web"} <= set(names), f"{c['instance']} had its groups before CONTINUE"
 
 
 def test_without_a_perimeter_queue_launches_go_straight_to_compute(

@@ -8,7 +8,8 @@ Per network (VPC) and environment, a handful of groups:
 * ``rf-<env>-mgmt`` — control-plane access: admin ports from the admin ranges, outbound HTTPS to
   the control plane (CIDRs or a managed prefix list);
 * ``rf-<env>-published`` — internet ingress, only to workloads whose labels match a published
-  service, only on its ports.
+  service, only on its ports (on AWS one such group per service, ``rf-<env>-published.<service>``,
+  so a workload gets only the ports of the services it matches).
 
 Everything per workload stays in the agent. The plan is checked against the provider's quotas
 *before* anything is changed (:func:`check_quotas`); over a quota, nothing is applied and the
@@ -179,13 +180,24 @@ def boundary_name(env: str) -> str:
     return f"rf-{env}-boundary"
 
 
+def published_name(env: str, service: str | None = None) -> str:
+    """``rf-<env>-published``, or per service ``rf-<env>-published.<service>``."""
+    return f"rf-{env}-published" + (f".{service}" if service is not None else "")
+
+
 def desired_state(
-    config: PerimeterConfig, members: Iterable[Member], existing: Iterable[tuple[str, str]] = ()
+    config: PerimeterConfig,
+    members: Iterable[Member],
+    existing: Iterable[tuple[str, str]] = (),
+    per_service: bool = False,
 ) -> DesiredState:
     """The groups and attachments ``members`` need. A boundary references another environment's
     boundary only where that group is wanted too or in ``existing`` ((network, name) pairs): a
     reference to a group that does not exist cannot be written, and a group kept alive only by
-    a reference would never lose its purpose."""
+    a reference would never lose its purpose. ``per_service``: one published group per
+    environment and service (:func:`published_name`), each on the workloads that service
+    matches only; otherwise one per environment, with every published service's ports, on every
+    workload any of them matches."""
     ds = DesiredState()
     by_net_env: dict[tuple[str, str], list[Member]] = defaultdict(list)
     for m in members:
@@ -211,23 +223,26 @@ def desired_state(
         if config.control_plane_prefix_list:
             mgmt.rules.add(PerimeterRule(EGRESS, "tcp", 443, 443, "prefix-list", config.control_plane_prefix_list.id))
         groups = [boundary, mgmt]
-        published = GroupSpec(f"rf-{env}-published", net, env, f"Ringfence {env} published services")
-        publishers: set[str] = set()
+        published: dict[str, GroupSpec] = {}
+        publishers: dict[str, set[str]] = defaultdict(set)  # member → published group names
         for svc in config.published:
             matched = [m for m in ms if all(m.labels.get(k) == v for k, v in svc.match.items())]
             if not matched:
                 continue
-            publishers.update(m.id for m in matched)
+            name = published_name(env, svc.name if per_service else None)
+            what = f"published service {svc.name}" if per_service else "published services"
+            pub = published.setdefault(name, GroupSpec(name, net, env, f"Ringfence {env} {what}"))
+            for m in matched:
+                publishers[m.id].add(name)
             for spec in svc.ports:
                 proto, lo, hi = _ports(spec)
                 for src in svc.sources:
-                    published.rules.add(PerimeterRule(INGRESS, proto, lo, hi, "cidr", src))
-        if published.rules:
-            groups.append(published)
+                    pub.rules.add(PerimeterRule(INGRESS, proto, lo, hi, "cidr", src))
+        groups += [g for g in published.values() if g.rules]
         for g in groups:
             ds.groups[(net, g.name)] = g
         for m in ms:
-            names = {boundary.name, mgmt.name} | ({published.name} if m.id in publishers else set())
+            names = {boundary.name, mgmt.name} | {n for n in publishers.get(m.id, ()) if published[n].rules}
             ds.attachments[m.id] = names
             ds.networks[m.id] = net
     return ds

@@ -2,7 +2,9 @@
 
 Every network interface of a workload carries its groups (not only the primary one). A group is
 ours only if it carries the ``ringfence:perimeter`` tag *and* has one of the names Ringfence
-gives (``rf-<env>-boundary|mgmt|published``, and ``rf-empty``: no rule at all, what replaces ours on
+gives (``rf-<env>-boundary|mgmt``, ``rf-<env>-published.<service>`` — one per published service,
+so a workload gets only the ports of the services it matches; ``rf-<env>-published``, the older
+shared one, is still recognised and so detached and deleted — and ``rf-empty``: no rule at all, what replaces ours on
 an interface that needs none of them and has no other group, as EC2 needs one); anything else is
 foreign and never changed, detached or deleted. Interfaces are modified with their whole group list
 (that is how EC2 takes it), read again just before each write, so foreign groups are always written
@@ -45,7 +47,12 @@ from . import ec2 as ec2mod
 log = logging.getLogger("ringfence.aws.perimeter")
 TAG = "ringfence:perimeter"
 ENV_CHARS = "A-Za-z0-9_.:+=@-"
-OUR_NAME = re.compile(rf"^rf-(?:[{ENV_CHARS}]+-(boundary|mgmt|published)|empty)$")
+SERVICE_CHARS = "A-Za-z0-9_"  # no "-" or ".": rf-<env>-published.<service> is no other env's name
+OUR_NAME = re.compile(
+    rf"^rf-(?:[{ENV_CHARS}]+-(?:boundary|mgmt|published)|[{ENV_CHARS}]+-published\.[{SERVICE_CHARS}]+|empty)$"
+)
+SERVICE_OK = re.compile(rf"^[{SERVICE_CHARS}]+$")
+MAX_NAME = 255  # EC2's limit on a group name
 EMPTY = "rf-empty"  # no rule in either direction: the closed stand-in for "none of ours"
 # an env must give names OUR_NAME recognises, within EC2's 255 characters ("rf-" + env + "-published")
 ENV_OK = re.compile(rf"^[{ENV_CHARS}]{{1,242}}$")
@@ -233,6 +240,16 @@ class SecurityGroupPerimeter:
                 violation(why)
                 for e in by_instance.get(iid, []):
                     hold(e.id, why)
+        bad_services = [svc.name for svc in config.published if not SERVICE_OK.match(svc.name)]
+        for name in bad_services:
+            violation(
+                f"published service {name!r} cannot name a security group (only letters, digits and _): "
+                f"no workload gets its ports"
+            )
+        if bad_services:
+            config = config.model_copy(
+                update={"published": [s for s in config.published if s.name not in bad_services]}
+            )
         members = [
             Member(e.id, e.network, workloads[iid])
             for iid, lst in sorted(by_instance.items())
@@ -245,7 +262,9 @@ class SecurityGroupPerimeter:
         actual_rules = {key_of[g["GroupId"]]: _rules_of(g, names_by_id) for g in groups}
         # the event path may reference existing groups it does not itself need; the full run
         # references only wanted ones, so a group without members loses its references too
-        ds: DesiredState = desired_state(config, members, existing=actual_rules if scope is Scope.WORKLOADS else ())
+        ds: DesiredState = desired_state(
+            config, members, existing=actual_rules if scope is Scope.WORKLOADS else (), per_service=True
+        )
         if scope is Scope.FULL and key_of:
             for e in self._carriers(sorted(key_of)):
                 if e.id not in enis:  # not an interface of a live workload
@@ -265,6 +284,9 @@ class SecurityGroupPerimeter:
         for why in (w for ws in over.values() for w in ws):
             violation(why)
         missing = {key for key in ds.groups if key not in actual_rules}
+        for net, name in sorted(key for key in missing if len(key[1]) > MAX_NAME):
+            over.setdefault((net, name), []).append(f"{name[:40]}… in {net}: name longer than {MAX_NAME} characters")
+            violation(over[(net, name)][-1])
         stand_in = {
             (e.network, EMPTY)
             for e in enis.values()
