@@ -5,6 +5,7 @@ write to the flow-log bucket (or a compromised log source)."""
 from __future__ import annotations
 
 import gzip
+import json
 import time
 
 from ringfence.flows.aggregate import merge
@@ -43,3 +44,33 @@ def test_attack_one_crafted_line_does_not_lose_the_flow_log_object(env: Env) -> 
     out = fn.handler(_event(LOGS, KEY), LambdaContext("flows"))
     assert out["flows"] == 10 and out["malformed"] == 4, out
     assert sum(r.flows for r in merge(env.store.flow_rows())) == 10
+
+
+def test_attack_objects_of_the_flow_log_bucket_are_read_by_bucket_and_key(env: Env) -> None:
+    """Whoever may write some prefix of the flow-log bucket put ``reports/<db>/….json`` there:
+    it was read as that workload's agent batch (drops counted 50 times, origin agent), and any
+    other key (an upload) as a VPC Flow Log. Now only the bundle bucket holds agents' batches and
+    only ``AWSLogs/<account>/vpcflowlogs/`` of the flow-log bucket holds flow logs; the rest is
+    skipped and named."""
+    est = boot(env)
+    web, db = est["ids"]["web"][0], est["ids"]["db"][0]
+    w, d = ip_of(env, web), ip_of(env, db)
+    now = int(time.time())
+    env.s3.create_bucket(Bucket=LOGS, CreateBucketConfiguration={"LocationConstraint": "ca-central-1"})
+    batch = {"drops": [{"time": now, "direction": "inbound", "src": w, "dst": d, "proto": "tcp", "dport": 5432,
+                        "action": "would-drop", "rule_id": "x", "count": 50}]}  # fmt: skip
+    forged = f"reports/{db}/2026/12/06/forged.json"
+    upload = "app-uploads/tmp/readme.txt"
+    line = f"2 1 eni-1 {w} {d} 1 5432 6 1 1 {now} {now} ACCEPT OK\n"
+    env.s3.put_object(Bucket=LOGS, Key=forged, Body=json.dumps(batch).encode())
+    env.s3.put_object(Bucket=LOGS, Key=upload, Body=line.encode())
+    env.s3.put_object(Bucket=LOGS, Key=f"team/{KEY}", Body=gzip.compress(line.encode()))  # a delivery prefix
+    fn = load_functions(["flows"], ROOT / "functions")["flows"]
+    for key in (forged, upload):
+        out = fn.handler(_event(LOGS, key), LambdaContext("flows"))
+        assert out["objects"] == 0 and out["flows"] == 0 and out["skipped"] == [f"s3://{LOGS}/{key}"], out
+    assert not env.store.flow_rows()
+    out = fn.handler(_event(LOGS, f"team/{KEY}"), LambdaContext("flows"))
+    assert out["objects"] == 1 and out["flows"] == 1, out
+    (row,) = merge(env.store.flow_rows())
+    assert row.origins == ["vpc"] and row.flows == 1
