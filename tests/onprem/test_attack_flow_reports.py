@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ringfence import __version__
 from ringfence.flows.aggregate import merge
 from ringfence.flows.ingest import FlowIngest
 from ringfence.local.wiring import LocalWiring
+from ringfence.siem import Siem
 from tests.aws.test_pipeline import AgentKey
 from tests.onprem.conftest import policy_files
 from tests.onprem.test_attack_pairing_keys import WID, Plane
@@ -109,3 +111,61 @@ def test_flows_ingest_cli_reads_an_archived_batch_as_its_workloads(wiring: Local
     assert out.returncode == 0, out.stderr
     assert ": 1 flows → 1 rows" in out.stdout, (out.stdout, out.stderr)
     assert sum(r.flows for r in wiring.store.flow_rows()) == before + 1
+
+
+def _siem_plane(wiring: LocalWiring, tmp_path: Path) -> tuple[Plane, dict[str, str]]:
+    wiring.siem = Siem.from_spec(f"file:{tmp_path}/siem.jsonl,cef+file:{tmp_path}/siem.cef")
+    plane = Plane(wiring)
+    plane.register()
+    assert wiring.settle(60)
+    st, b = plane.pair(plane.mint(uses=1), AgentKey())
+    assert st == 200, b
+    return plane, {"Authorization": f"Bearer {b['token']}"}
+
+
+def test_attack_report_values_out_of_range_are_refused_before_anything_is_kept(
+    wiring: LocalWiring, tmp_path: Path
+) -> None:
+    """A drop time NaN, Infinity or 1e20, a count of 10**30, packets of 10**40, a port 70000 or
+    free text as an address were accepted: the batch was archived and ingested, then the SIEM
+    mapping raised out of the route (NaN), or the rows carried absurd counts. Now such a batch is
+    refused (422) and nothing of it is archived, ingested or sent."""
+    plane, hdr = _siem_plane(wiring, tmp_path)
+    me, now = "192.168.30.41", time.time()
+    good = {"time": now, "direction": "inbound", "src": "192.168.10.11", "dst": me, "proto": "tcp", "dport": 22,
+            "action": "drop"}  # fmt: skip
+    bad_drops = [{"time": float("nan")}, {"time": float("inf")}, {"time": 1e20}, {"time": -1.0}, {"count": 10**30},
+                 {"dport": 70000}, {"src": "10.9.9.9\u2028CEF:0|x"}, {"src": "1.2.3"}]  # fmt: skip
+    bad_flows = [{"packets": 10**40}, {"bytes": -1}, {"start": float("nan")}, {"dst": "fe80::1%eth0"}]
+    path = f"/v1/agents/{WID}/reports"
+    for change in bad_drops:
+        st, b = plane.call(plane.agents, "POST", path, {"drops": [good, {**good, **change}]}, headers=hdr)
+        assert st == 422, (change, st, b)
+    for change in bad_flows:
+        flow = {**_flow(now, me, "192.168.10.31", 5432), **change}
+        st, b = plane.call(plane.agents, "POST", path, {"flows": [flow]}, headers=hdr)
+        assert st == 422, (change, st, b)
+    assert not list((wiring.state_dir / "objects" / "reports").rglob("*.json"))
+    assert not wiring.store.flow_rows()
+    sent = (tmp_path / "siem.jsonl").read_text()
+    assert '"class_uid":4001' not in sent and wiring.siem.failed == 0
+    st, b = plane.call(plane.agents, "POST", path, {"drops": [good]}, headers=hdr)
+    assert st == 202 and wiring.siem.failed == 0, b
+    assert (tmp_path / "siem.jsonl").read_text().count('"class_uid":4001') == 1
+
+
+def test_attack_a_rule_id_with_line_separators_stays_one_cef_line(wiring: LocalWiring, tmp_path: Path) -> None:
+    """A drop's rule id is the agent's text: U+2028, U+0085, NUL, a vertical tab passed into the
+    CEF line, which a SIEM splitting lines as str.splitlines() does read as a second, forged
+    event. Now every control character and line separator is escaped or a space."""
+    plane, hdr = _siem_plane(wiring, tmp_path)
+    evil = "r1\u2028CEF:0|Ringfence|Ringfence|1|400105|Network Activity: Refuse|3|act=Allowed\x85\x00\x0b\u2029x"
+    drop = {"time": time.time(), "direction": "inbound", "src": "192.168.10.11", "dst": "192.168.30.41",
+            "proto": "tcp", "dport": 22, "action": "drop", "rule_id": evil}  # fmt: skip
+    st, b = plane.call(plane.agents, "POST", f"/v1/agents/{WID}/reports", {"drops": [drop]}, headers=hdr)
+    assert st == 202, b
+    cef = (tmp_path / "siem.cef").read_text()
+    lines = cef.splitlines()
+    assert len(lines) == len(cef.split("\n")) - 1, lines
+    assert all(line.startswith(f"CEF:0|Ringfence|Ringfence|{__version__}|") for line in lines), lines
+    assert "cs4=r1 CEF:0|Ringfence" in lines[-1]

@@ -169,6 +169,26 @@ def test_syslog_over_udp_to_a_real_server() -> None:
     assert siem.sent == 3 and siem.failed == 0
 
 
+def test_one_event_that_cannot_be_written_costs_itself_not_the_batch() -> None:
+    """A drop dated 1e20 (a time no syslog timestamp can say) made the syslog sink raise for
+    the whole batch, and one event CEF could not format lost every other: now the first is sent
+    with a NILVALUE timestamp, the second alone is counted as failed, the rest is delivered."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+    server.settimeout(10)
+    port = server.getsockname()[1]
+    siem = Siem.from_spec(f"cef+syslog://127.0.0.1:{port}")
+    far = drop_activity("i-0abc", drop().model_copy(update={"time": 1e20}))
+    broken = {"class_uid": 4001}  # no type_uid, no time: to_cef cannot write it
+    siem.emit([network(drop()), far, broken, network(drop("would-drop"))])
+    got = [server.recvfrom(65535)[0] for _ in range(3)]
+    server.close()
+    siem.close()
+    assert all(g.startswith(b"<") and b"CEF:0|Ringfence|" in g for g in got), got
+    assert b">1 - " in got[1]  # the NILVALUE timestamp
+    assert siem.sent == 3 and siem.failed == 1
+
+
 def test_cef_over_syslog_tcp_with_octet_counting() -> None:
     server = socket.create_server(("127.0.0.1", 0))
     port = server.getsockname()[1]

@@ -7,9 +7,10 @@ check that they validate against these models.
 
 from __future__ import annotations
 
-from typing import Literal
+import ipaddress
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from ringfence.agentwire import API_PREFIX as API_PREFIX
 from ringfence.agentwire import MAX_REPORT_BYTES as MAX_REPORT_BYTES
@@ -105,32 +106,52 @@ class HeartbeatResponse(_Body):
     latest_version: int | None = Field(description="the newest bundle version for this workload")
 
 
+MAX_TIME = 4_102_444_800.0  # 2100-01-01T00:00Z: a report's times are epoch seconds below it
+MAX_COUNT = 2**53  # packets, bytes and folded counts: exact as a float and in DynamoDB
+
+
+def _address(v: str) -> str:
+    """An IPv4 or IPv6 address (no zone index), kept as written."""
+    if "%" in v:
+        raise ValueError("an address with a zone index")
+    ipaddress.ip_address(v)
+    return v
+
+
+Address = Annotated[str, Field(max_length=45, description="an IPv4 or IPv6 address"), AfterValidator(_address)]
+Time = Annotated[float, Field(ge=0, le=MAX_TIME, allow_inf_nan=False, description="epoch seconds")]
+Port = Annotated[int, Field(ge=0, le=65535)]
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+
+
 class FlowRecord(_Body):
-    start: float
-    end: float
-    src: str
-    dst: str
+    start: Time
+    end: Time
+    src: Address
+    dst: Address
     proto: Literal["tcp", "udp", "icmp", "icmpv6", "other"]
-    sport: int | None = None
-    dport: int | None = None
-    packets: int = 0
-    bytes: int = 0
+    sport: Port | None = None
+    dport: Port | None = None
+    packets: Count = 0
+    bytes: Count = 0
     direction: Literal["inbound", "outbound"]
 
 
 class DropEvent(_Body):
-    time: float
+    time: Time
     direction: Literal["inbound", "outbound"]
-    src: str
-    dst: str
+    src: Address
+    dst: Address
     proto: Literal["tcp", "udp", "icmp", "icmpv6", "other"]
-    sport: int | None = Field(
+    sport: Port | None = Field(
         None, description="source port; null without ports, or when folded drops came from several (retries)"
     )
-    dport: int | None = None
-    rule_id: str | None = Field(None, description="the deny rule that matched; null for the default action")
+    dport: Port | None = None
+    rule_id: str | None = Field(
+        None, max_length=256, description="the deny rule that matched; null for the default action"
+    )
     action: Literal["drop", "would-drop"]
-    count: int = Field(1, ge=1, description="identical events folded together")
+    count: int = Field(1, ge=1, le=MAX_COUNT, description="identical events folded together")
 
 
 class ReportBatch(_Body):

@@ -40,9 +40,17 @@ class Siem:
         if not batch:
             return
         for fmt, sink in self.sinks:
-            lines = [
-                (to_cef(e) if fmt == "cef" else json.dumps(e, separators=(",", ":"), sort_keys=True), e) for e in batch
-            ]
+            lines = []
+            for e in batch:  # one event that cannot be written costs itself, not the batch
+                try:
+                    lines.append(
+                        (to_cef(e) if fmt == "cef" else json.dumps(e, separators=(",", ":"), sort_keys=True), e)
+                    )
+                except Exception:
+                    self.failed += 1
+                    log.exception("SIEM sink %s: an event not formatted, not delivered", type(sink).__name__)
+            if not lines:
+                continue
             try:
                 sink.send(lines)
                 self.sent += len(lines)
@@ -54,8 +62,16 @@ class Siem:
         self.emit([ocsf.api_activity(rec)])
 
     def drops(self, workload_id: str, drops: Iterable[Any]) -> None:
-        """An agent's reported drop events (``agentapi.DropEvent``) as Network Activity."""
-        self.emit(drop_activity(workload_id, d) for d in drops)
+        """An agent's reported drop events (``agentapi.DropEvent``) as Network Activity; one that
+        cannot be mapped is counted in :attr:`failed` (this never raises: the batch is stored)."""
+        events = []
+        for d in drops:
+            try:
+                events.append(drop_activity(workload_id, d))
+            except Exception:
+                self.failed += len(self.sinks)
+                log.exception("SIEM: a drop event of %s not mapped, not delivered", workload_id)
+        self.emit(events)
 
     def finding(self, event: dict[str, Any]) -> None:
         self.emit([event])

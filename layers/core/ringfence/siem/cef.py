@@ -2,11 +2,13 @@
 version 0): ``CEF:0|Ringfence|Ringfence|<version>|<type_uid>|<name>|<severity 0-10>|<extension>``.
 
 Header fields escape ``\\`` and ``|``; extension values escape ``\\``, ``=`` and line breaks, as
-the format requires. The full OCSF event stays the authority: CEF carries the fields SIEMs index.
+the format requires; any other control character or Unicode line separator becomes a space, so
+an event is always one line however its reader splits lines. The full OCSF event stays the authority: CEF carries the fields SIEMs index.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from ringfence.siem.ocsf import PRODUCT
@@ -15,19 +17,24 @@ from ringfence.siem.ocsf import PRODUCT
 _SEVERITY = {0: 0, 1: 1, 2: 3, 3: 5, 4: 7, 5: 9, 6: 10, 99: 5}
 
 
+# every character a reader may take for a line break or that is not text: C0 and C1 controls
+# (NUL, U+0085 NEL), DEL and the Unicode line and paragraph separators (str.splitlines() splits
+# at \v, \f, \x1c-\x1e, U+0085, U+2028, U+2029 too)
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
 def _header(value: object) -> str:
-    return str(value).replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+    return _CONTROL.sub(" ", str(value).replace("\\", "\\\\").replace("|", "\\|"))
 
 
 def _ext(value: object) -> str:
-    return (
-        str(value)
-        .replace("\\", "\\\\")
-        .replace("=", "\\=")
-        .replace("\r\n", "\\n")
-        .replace("\n", "\\n")
-        .replace("\r", "\\r")
-    )
+    text = str(value).replace("\\", "\\\\").replace("=", "\\=").replace("\r\n", "\\n")
+    return _CONTROL.sub(_escape, text)
+
+
+def _escape(m: re.Match[str]) -> str:
+    c = m.group()
+    return "\\n" if c == "\n" else "\\r" if c == "\r" else " "
 
 
 def to_cef(event: dict[str, Any]) -> str:

@@ -64,10 +64,14 @@ FACILITY_LOG_AUDIT = 13  # RFC 5424 facility 13: log audit
 def rfc5424(line: str, event: dict[str, Any], hostname: str, app: str = "ringfence") -> bytes:
     """``<PRI>1 TIMESTAMP HOSTNAME APP-NAME PROCID MSGID - MSG`` (no structured data; MSG is the line)."""
     pri = FACILITY_LOG_AUDIT * 8 + _SYSLOG_SEVERITY.get(int(event.get("severity_id", 1)), 6)
-    when = dt.datetime.fromtimestamp(event["time"] / 1000, dt.UTC).isoformat(timespec="milliseconds")
+    try:
+        when = dt.datetime.fromtimestamp(event["time"] / 1000, dt.UTC).isoformat(timespec="milliseconds")
+        when = when.replace("+00:00", "Z")
+    except (KeyError, TypeError, ValueError, OverflowError, OSError):
+        when = "-"  # RFC 5424 NILVALUE: a time no timestamp can say costs the timestamp, not the message
     msgid = str(event.get("class_uid", "-"))
     host = "".join(c for c in hostname if 33 <= ord(c) <= 126)[:255] or "-"
-    return f"<{pri}>1 {when.replace('+00:00', 'Z')} {host} {app} {os.getpid()} {msgid} - {line}".encode()
+    return f"<{pri}>1 {when} {host} {app} {os.getpid()} {msgid} - {line}".encode()
 
 
 class SyslogSink:
