@@ -278,11 +278,12 @@ def test_daemon_takes_a_refreshed_bundle_before_expiry_and_reports_stale_after(t
     # a bundle that expires while enforced, and no compile after it
     out2 = tmp_path / "out2"
     args2 = [*args[:5], str(out2), *args[6:]]
-    assert ringfence(["compile", *args2, "--revision", "30", "--expires-in", "2"]) == 0
+    # long enough to apply on a loaded machine (a 2 s bundle expired before its first apply in CI)
+    assert ringfence(["compile", *args2, "--revision", "30", "--expires-in", "8"]) == 0
     cfg2 = dataclasses.replace(cfg, source=str(out2), state_dir=tmp_path / "state2")
     applied = run_once(cfg2).agent.bundle
-    assert applied is not None
-    time.sleep(2.5)
+    assert applied is not None and applied.expires_at is not None
+    time.sleep(max(0.0, applied.expires_at - time.time()) + 0.5)
     daemon = run_once(cfg2)  # fetches it again (expiry near): refused as expired, still enforced
     assert daemon.agent.bundle == applied and daemon.agent.stale()
     status = StateDir(cfg2.state_dir).read_json("status.json")

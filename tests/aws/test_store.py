@@ -275,8 +275,9 @@ def test_activating_a_policy_over_the_version_read_is_a_compare_and_swap(store: 
         assert isinstance(store, DynamoStore)
         assert "Item" not in store.state.get_item(Key={"pk": "policy", "sk": "v00000002"})
         assert "Item" in store.state.get_item(Key={"pk": "policy", "sk": "v00000003"})
-    store.activate_policy(pv(4))  # unconditional, as before
-    assert store.active_policy() == pv(4)
+    v4 = pv(4)
+    store.activate_policy(v4)  # unconditional, as before
+    assert store.active_policy() == v4
 
 
 def test_set_heads_move_forward_and_deltas_are_listed_in_order(store: Store) -> None:
