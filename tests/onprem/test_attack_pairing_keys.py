@@ -254,3 +254,20 @@ def test_attack_a_key_text_holding_the_named_key_and_the_attackers_does_not_pass
     status, answer = plane.pair(leaked, reinstalled)
     assert status == 200 and plane.bundle(answer["token"]) == 200, answer
     assert plane.refresh(reinstalled)[0] == 200
+
+
+def test_a_pairing_that_takes_the_identity_from_a_bound_agent_key_is_audited_as_a_replacement(plane: Plane) -> None:
+    """A pairing key with uses left rebinds (a reinstalled host, or a key that leaked): the audit
+    log says which key it replaced, apart from a first binding and from the same agent pairing again."""
+    from ringfence.control.credentials import agent_key_id
+
+    first, second = AgentKey(), AgentKey()
+    key = plane.mint(uses=3)
+    assert plane.pair(key, first)[0] == 200
+    assert plane.pair(key, first)[0] == 200  # the same agent again: no replacement
+    assert plane.pair(key, second)[0] == 200
+    replaced = [r for r in plane.wiring.store.audit_log() if r.action == "agent.key.replaced" and r.target == WID]
+    assert len(replaced) == 1, replaced
+    assert replaced[0].detail["replaced_key"] == agent_key_id(first.pem)
+    assert replaced[0].principal == f"agent-key:{agent_key_id(second.pem)}"
+    assert plane.refresh(first)[0] == 401 and plane.refresh(second)[0] == 200

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 from ringfence import agentapi
-from ringfence.store.base import NotTheNamedKey
+from ringfence.store.base import NotTheNamedKey, agent_key_fingerprint_of, agent_key_id_of
 
 from .api import secret_hash
 
@@ -63,10 +63,22 @@ def enroll_pairing(api: AgentApi, req: agentapi.EnrollRequest) -> str:
     # the agent key (a reinstalled host) in the same atomic step, refusing a key other than the one
     # a reset named (the use rolled back): a use checked before an operator's reset (which
     # revokes the pairing keys first) cannot bind after it
+    before = store.agent_key(req.workload_id)
     try:
         used = store.use_pairing(secret_hash(req.pairing_key), req.workload_id, agent_key=req.agent_key)
     except NotTheNamedKey as exc:  # a valid key, but a reset names another agent key: audited
         raise api.not_named(req, req.workload_id, str(exc)) from None
     if not used:
         raise refused
+    if before is not None and agent_key_fingerprint_of(before) != credentials.agent_key_fingerprint(req.agent_key):
+        # an operator-issued key took the identity from the agent bound before (a reinstall, or a
+        # leaked key with uses left): said apart from a first binding, with both keys
+        credentials.audit(
+            api.w,
+            "agent.key.replaced",
+            req.workload_id,
+            f"agent-key:{credentials.agent_key_id(req.agent_key)}",
+            method="pairing",
+            replaced_key=agent_key_id_of(before) or "(not one Ed25519 key)",
+        )
     return req.workload_id
