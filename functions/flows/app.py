@@ -21,6 +21,7 @@ from ringfence.clouds.aws import clients
 from ringfence.clouds.aws.flowlogs import FlowObjects, FlowsResult
 from ringfence.clouds.aws.wiring import Wiring
 from ringfence.control.wiring import Config
+from ringfence.flows.ingest import FlowIngest
 
 logger = Logger()
 tracer = Tracer()
@@ -43,13 +44,52 @@ def _records(event: dict[str, Any]) -> list[dict[str, Any]]:
 
 def admitted(records: list[dict[str, Any]], bundle_bucket: str) -> tuple[list[dict[str, Any]], list[str]]:
     """The records to read, and the ``s3://`` names of those skipped (by bucket and key)."""
-    keep, skipped = [], []
+    keep: list[dict[str, Any]] = []
+    skipped: list[str] = []
     for r in records:
         bucket = r["s3"]["bucket"]["name"]
         key = urllib.parse.unquote_plus(r["s3"]["object"]["key"])
-        ok = REPORT_KEY.fullmatch(key) if bucket == bundle_bucket else VPC_LOG_KEY.fullmatch(key)
-        (keep if ok else skipped).append(r if ok else f"s3://{bucket}/{key}")
+        if (REPORT_KEY if bucket == bundle_bucket else VPC_LOG_KEY).fullmatch(key):
+            keep.append(r)
+        else:
+            skipped.append(f"s3://{bucket}/{key}")
     return keep, skipped
+
+
+def _vpc_objects(w: Wiring, records: list[dict[str, Any]], out: FlowsResult) -> int:
+    """VPC Flow Log objects, each read and folded a chunk of lines at a time
+    (:meth:`FlowIngest.vpc_object`: memory bounded whatever the object's size, not a list of
+    every flow of it)."""
+    active = w.active_policy()
+    if active is None:
+        out.skipped.extend(f"s3://{r['s3']['bucket']['name']}/{r['s3']['object']['key']}" for r in records)
+        logger.warning("no active policy: flow log objects not classified", extra={"objects": len(records)})
+        return 0
+    ingest = FlowIngest(w.store, active[1])
+    ingest.sync()
+    s3 = clients.client("s3")
+    flows = malformed = overflow = 0
+    for r in records:
+        bucket = r["s3"]["bucket"]["name"]
+        key = urllib.parse.unquote_plus(r["s3"]["object"]["key"])
+        body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        res = ingest.vpc_object(f"s3://{bucket}/{key}", body)
+        del body
+        out.objects += 1
+        out.flows += res.flows
+        out.rows += res.rows
+        flows += res.flows
+        malformed += res.malformed
+        overflow += res.overflow
+        out.malformed += res.malformed
+        room = max(0, 20 - len(out.malformed_lines))
+        out.malformed_lines.extend(str(e) for e in res.files[0].errors[:room])
+    metrics.add_metric(name="FlowsIngested", unit=MetricUnit.Count, value=flows)
+    if malformed:
+        metrics.add_metric(name="FlowLogLinesMalformed", unit=MetricUnit.Count, value=malformed)
+    if overflow:
+        metrics.add_metric(name="FlowsOverRowLimit", unit=MetricUnit.Count, value=overflow)
+    return overflow
 
 
 @logger.inject_lambda_context
@@ -68,9 +108,13 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     if skipped:
         logger.warning("objects neither agents' batches nor VPC Flow Logs: not read", extra={"objects": skipped})
         metrics.add_metric(name="FlowObjectsSkipped", unit=MetricUnit.Count, value=len(skipped))
-    result = svc.handle(records) if records else FlowsResult()
+    bundle = _wiring.cfg.bucket
+    reports = [r for r in records if r["s3"]["bucket"]["name"] == bundle]
+    result = svc.handle(reports) if reports else FlowsResult()
     result.skipped.extend(skipped)
+    logs = [r for r in records if r["s3"]["bucket"]["name"] != bundle]
+    over = _vpc_objects(_wiring, logs, result) if logs else 0
     if result.malformed:
         # counted and named, never fatal: the rest of each file was read
         logger.warning("malformed flow log lines", extra={"count": result.malformed, "lines": result.malformed_lines})
-    return asdict(result)
+    return {**asdict(result), "flows_over_row_limit": over}

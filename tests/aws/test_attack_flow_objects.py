@@ -7,7 +7,10 @@ from __future__ import annotations
 import gzip
 import json
 import time
+import tracemalloc
+from typing import Any
 
+from ringfence.flows import ingest, vpclogs
 from ringfence.flows.aggregate import merge
 from ringfence.local.lambdas import load_functions
 from tests.aws.conftest import ROOT, Env, LambdaContext, ip_of
@@ -74,3 +77,42 @@ def test_attack_objects_of_the_flow_log_bucket_are_read_by_bucket_and_key(env: E
     assert out["objects"] == 1 and out["flows"] == 1, out
     (row,) = merge(env.store.flow_rows())
     assert row.origins == ["vpc"] and row.flows == 1
+
+
+def test_attack_a_small_flow_log_object_cannot_take_the_functions_memory(env: Env, monkeypatch: Any) -> None:
+    """~100 KiB of gzip held one 96 MiB line: it was decompressed and decoded whole (~500 MiB
+    for 100 MiB of text, a 1024 MB function gone), every flow of an object was a list, and the
+    per-address memos and rows grew with each distinct pair. Now an object is decompressed a line
+    at a time (a longer line is malformed, and so is what lies past the decompressed limit), its
+    flows are folded a chunk at a time, and the rows of one object are bounded, what is dropped
+    counted."""
+    est = boot(env)
+    web, proc = est["ids"]["web"][0], est["ids"]["proc"][0]
+    w, p = ip_of(env, web), ip_of(env, proc)
+    now = int(time.time())
+    env.s3.create_bucket(Bucket=LOGS, CreateBucketConfiguration={"LocationConstraint": "ca-central-1"})
+    good = [f"5 {w} {p} {40000 + i} 8443 6 {now} {now + 60} 2 100 ACCEPT egress OK" for i in range(5)]
+    bomb = gzip.compress(("\n".join([FIELDS, *good, "x" * (96 << 20), *good]) + "\n").encode(), 9)
+    assert len(bomb) < 200 << 10
+    env.s3.put_object(Bucket=LOGS, Key=KEY, Body=bomb)
+    fn = load_functions(["flows"], ROOT / "functions")["flows"]
+    tracemalloc.start()
+    try:
+        out = fn.handler(_event(LOGS, KEY), LambdaContext("flows"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 << 20, f"{peak >> 20} MiB at the peak"
+    assert out["flows"] == 10 and out["malformed"] == 1, out
+    assert "longer than 8192 bytes" in out["malformed_lines"][0]
+
+    # distinct rows and the decompressed bytes of one object are bounded (limits made small here)
+    monkeypatch.setattr(ingest, "MAX_ROWS", 3)
+    monkeypatch.setattr(vpclogs, "MAX_OBJECT_BYTES", 64 << 10)
+    many = [f"5 10.{i >> 8}.{i & 255}.9 {p} 40000 {1000 + i} 6 {now} {now} 1 1 ACCEPT egress OK" for i in range(3000)]
+    key = KEY.replace("x.log.gz", "y.log.gz")
+    env.s3.put_object(Bucket=LOGS, Key=key, Body=gzip.compress("\n".join([FIELDS, *many]).encode()))
+    out = fn.handler(_event(LOGS, key), LambdaContext("flows"))
+    assert out["rows"] == 3 and out["malformed"] == 1 and out["flows_over_row_limit"] > 0, out
+    assert out["malformed_lines"][0].endswith(f"more than {64 << 10} bytes decompressed: the rest is not read")
+    assert 3 <= out["flows"] + out["flows_over_row_limit"] < 3000, out

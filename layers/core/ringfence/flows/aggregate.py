@@ -90,6 +90,8 @@ class Aggregator:
     classifier: Classifier
     seen: int = 0
     failed: int = 0  # records that could not be resolved or classified: counted, never the batch's end
+    max_rows: int | None = None  # distinct rows kept at most; flows of any further row are dropped
+    overflow: int = 0  # flows dropped because they would have made a row past max_rows
     _acc: dict[tuple[str, str, str, str, int | None, Outcome], _Acc] = field(default_factory=dict)
     _names: dict[tuple[str, object], str] = field(default_factory=dict)
 
@@ -99,6 +101,13 @@ class Aggregator:
         if not self.failed:
             log.exception("a flow record could not be classified, not counted: %r", what)
         self.failed += 1
+
+    def trim(self, most: int) -> None:
+        """Forget memos past ``most`` entries (:meth:`Classifier.trim`, and the end names, one per
+        address for an end no workload holds)."""
+        self.classifier.trim(most)
+        if len(self._names) > most:
+            self._names.clear()
 
     def _end(self, ep: Endpoint) -> str:
         # the classifier hands out one labels mapping per (workload, interval): its identity is
@@ -126,6 +135,9 @@ class Aggregator:
                 continue
             a = acc.get(k)
             if a is None:
+                if self.max_rows is not None and len(acc) >= self.max_rows:
+                    self.overflow += 1
+                    continue
                 a = acc[k] = _Acc(why.rule, f.src, f.dst)
             a.flows += f.count
             a.packets += f.packets
@@ -171,6 +183,9 @@ class Aggregator:
                     continue
                 a = acc.get(k)
                 if a is None:
+                    if self.max_rows is not None and len(acc) >= self.max_rows:
+                        self.overflow += 1
+                        continue
                     a = acc[k] = _Acc(why.rule, src, dst)
                 a.origins.add(origin)
                 ms = moved.get(src)

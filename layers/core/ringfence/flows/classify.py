@@ -81,6 +81,13 @@ class Classifier:
         self._prefixes = tuple(dict.fromkeys([*peers, *fs.admin_cidrs, *fs.control_plane]))
         self._resolvers = fs.dns_resolvers
 
+    def trim(self, most: int) -> None:
+        """Forget the per-address memos past ``most`` entries each (memory: an object of many
+        distinct addresses); what decides stays (the endpoints per interval, label pairs)."""
+        for memo in (self._memo, self._sigs, self._by_labels):
+            if len(memo) > most:
+                memo.clear()
+
     def _sig(self, address: str, ep: Endpoint) -> tuple[object, ...]:
         sig = self._sigs.get(address)
         if sig is None:

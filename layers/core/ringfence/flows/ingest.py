@@ -5,6 +5,7 @@ function ``functions/flows``.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -23,13 +24,18 @@ from ringfence.flows.resolve import (
     latest_owners,
     sync_addresses,
 )
-from ringfence.flows.vpclogs import ParseReport, parse_gzip_records
+from ringfence.flows.vpclogs import Parser, ParseReport, Record
 from ringfence.model import Workload
 from ringfence.policy import Policy
 
 log = logging.getLogger(__name__)
 
 MAX_SKEW = 300.0  # seconds an agent's flow may start after the ingest's now (clock skew)
+# memory per VPC Flow Log object (vpc_object)
+CHUNK = 20_000  # records parsed, then resolved and folded, at a time
+MEMO = 50_000  # entries of each per-address memo kept (past it, forgotten)
+ADDRESSES = 200_000  # distinct addresses whose history is held (past it, forgotten and looked up again)
+MAX_ROWS = 50_000  # distinct rows per object; flows that would make a further row are dropped and counted
 
 
 class InventoryView(Protocol):
@@ -105,6 +111,7 @@ class IngestResult:
     flows: int = 0
     rows: int = 0
     foreign: int = 0  # agent flows with neither end the reporter's: not taken
+    overflow: int = 0  # flows of an object dropped: they would have made more than MAX_ROWS rows
     files: list[ParseReport] = field(default_factory=list)
 
     @property
@@ -257,18 +264,46 @@ class FlowIngest:
         return self.flows(agent_flows(workload_id, batch))
 
     def vpc_object(self, name: str, data: bytes, fields: list[str] | None = None) -> IngestResult:
-        records, report = parse_gzip_records(name, data, fields)
+        """One VPC Flow Log object, read and folded a chunk of lines at a time: the memory it
+        takes is bounded whatever its size (:data:`~ringfence.flows.vpclogs.MAX_OBJECT_BYTES`
+        decompressed are read, lines of at most ``MAX_LINE`` bytes), by ``CHUNK`` records, the
+        memos (``MEMO``, forgotten past it), the addresses looked up (``ADDRESSES``, looked up
+        again past it) and the rows (``MAX_ROWS``: flows that would make a further row are
+        dropped and counted in ``overflow``)."""
+        parser = Parser(name, fields)
+        report = parser.report
+        result = IngestResult(files=[report])
+        book = AddressBook({})
+        # plain tuples folded with a decision cache per address pair (docs/benchmarks.md, Flows in)
+        agg = Aggregator(Classifier(self.policy, book), max_rows=MAX_ROWS)
+        known: set[str] = set()
+        chunk: list[Record] = []
+        records = parser.object_records(data)
+        while True:
+            chunk = list(itertools.islice(records, CHUNK))
+            if not chunk:
+                break
+            new = ({r[2] for r in chunk} | {r[3] for r in chunk}) - known
+            if len(known) + len(new) > ADDRESSES:
+                known.clear()
+                book.clear()
+                agg.trim(0)  # the memos name intervals of the histories forgotten
+                new = {r[2] for r in chunk} | {r[3] for r in chunk}
+            if new:
+                book.add(self.store.address_history(sorted(new)))
+                known |= new
+            agg.add_records(chunk, "vpc")
+            agg.trim(MEMO)
         for bad in report.errors:
             log.warning("flow log line malformed: %s", bad)
-        result = IngestResult(files=[report])
-        if not records:
-            return result
-        # plain tuples folded with a decision cache per address pair (docs/benchmarks.md, Flows in)
-        wanted = sorted({r[2] for r in records} | {r[3] for r in records})
-        agg = Aggregator(Classifier(self.policy, AddressBook(self.store.address_history(wanted))))
-        agg.add_records(records, "vpc")
+        if agg.overflow:
+            log.warning("%s: %d flows not stored: they would make more than %d rows", name, agg.overflow, MAX_ROWS)
+        if agg.failed:
+            log.warning("%s: %d flows could not be classified", name, agg.failed)
+        result.overflow += agg.overflow
         rows = list(agg.rows.values())
-        self.store.add_flows(rows, self.ttl)
+        if rows:
+            self.store.add_flows(rows, self.ttl)
         result.flows += agg.seen
         result.rows += len(rows)
         return result

@@ -94,6 +94,17 @@ class AddressBook:
             owners.sort(key=lambda o: o.since)
         self._since = {a: [o.since for o in owners] for a, owners in self.history.items()}
 
+    def add(self, history: dict[str, list[AddressOwner]]) -> None:
+        """More addresses' histories (an object read in chunks looks up each chunk's new ones)."""
+        for address, owners in history.items():
+            owners.sort(key=lambda o: o.since)
+            self.history[address] = owners
+            self._since[address] = [o.since for o in owners]
+
+    def clear(self) -> None:
+        self.history.clear()
+        self._since.clear()
+
     def interval(self, address: str, at: float) -> AddressOwner | None:
         """The interval holding ``at`` exactly (the owner then, or a nobody's interval); None for
         an address never recorded, or ``at`` before its first interval (not known then)."""

@@ -13,6 +13,7 @@ import gzip
 import io
 import ipaddress
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO
@@ -60,6 +61,9 @@ KNOWN = frozenset(
 )
 MAX_REPORTED = 100  # malformed lines named one by one, per file; the rest only counted
 MAX_AHEAD = 86400  # seconds a record's start or end may lie after the parse's now (later: malformed)
+# memory: an object is decompressed and read a line at a time, never whole
+MAX_LINE = 8192  # bytes of one line (a v5 line with every field is under 1 KiB); longer: malformed
+MAX_OBJECT_BYTES = 512 << 20  # decompressed bytes read of one object; the rest is not read (malformed)
 
 
 @dataclass(slots=True)
@@ -125,20 +129,30 @@ class Parser:
         self._good: set[str] = set()
         self._limit = int(time.time()) + MAX_AHEAD
 
-    def lines(self, lines: Iterable[str]) -> Iterator[Flow]:
+    def lines(self, lines: Iterable[str | None]) -> Iterator[Flow]:
         for r in self.records(lines):
             yield Flow(
                 start=r[0], end=r[1], src=r[2], dst=r[3], proto=r[4], dport=r[5], packets=r[6], bytes=r[7],
                 origin="vpc", observed=r[8], reporter=r[9],
             )  # fmt: skip
 
-    def records(self, lines: Iterable[str]) -> Iterator[Record]:
+    def object_records(self, data: bytes) -> Iterator[Record]:
+        """:meth:`records` of a delivered object's bytes (gzip, or plain text), decompressed and
+        read a line at a time (:data:`MAX_LINE`, :data:`MAX_OBJECT_BYTES`)."""
+        return self.records(_lines(data, self.report))
+
+    def records(self, lines: Iterable[str | None]) -> Iterator[Record]:
         """The flows as plain tuples (:data:`Record`): what the ingest folds, without a ``Flow``
-        object per line (building one cost more than parsing the line)."""
+        object per line (building one cost more than parsing the line). A line given as None
+        was longer than :data:`MAX_LINE` (malformed)."""
         report = self.report
         good = self._good
         at = self._at
         for n, raw in enumerate(lines, 1):
+            if raw is None:
+                report.lines += 1
+                report.bad(n, f"the line is longer than {MAX_LINE} bytes")
+                continue
             parts = raw.split()
             if not parts:
                 continue
@@ -268,19 +282,48 @@ def parse_text(
     return flows, p.report
 
 
-def _text(data: bytes) -> io.StringIO:
-    raw = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
-    return io.StringIO(raw.decode("utf-8", errors="replace"))
+def _lines(data: bytes, report: ParseReport) -> Iterator[str | None]:
+    """An object's lines (gzip when it starts with gzip's magic, else plain text), decompressed
+    as they are read; None for a line longer than :data:`MAX_LINE` (the rest of it read in
+    bounded pieces and dropped). Past :data:`MAX_OBJECT_BYTES` decompressed, or where the gzip
+    stream breaks, reading stops and the reason is a malformed line."""
+    f: io.BufferedIOBase = gzip.GzipFile(fileobj=io.BytesIO(data)) if data[:2] == b"\x1f\x8b" else io.BytesIO(data)
+    total = n = 0
+    try:
+        with f:
+            while True:
+                line = f.readline(MAX_LINE + 1)
+                if not line:
+                    return
+                n += 1
+                total += len(line)
+                if len(line) > MAX_LINE and not line.endswith(b"\n"):
+                    while total <= MAX_OBJECT_BYTES:
+                        more = f.readline(1 << 16)
+                        total += len(more)
+                        if not more or more.endswith(b"\n"):
+                            break
+                    yield None
+                elif total <= MAX_OBJECT_BYTES:
+                    yield line.decode("utf-8", errors="replace")
+                if total > MAX_OBJECT_BYTES:
+                    report.bad(
+                        n, f"the object is more than {MAX_OBJECT_BYTES} bytes decompressed: the rest is not read"
+                    )
+                    return
+    except (OSError, EOFError, zlib.error) as exc:
+        report.bad(n + 1, f"the gzip stream breaks after {total} bytes ({exc}): the rest is not read")
 
 
 def parse_gzip_records(file: str, data: bytes, fields: list[str] | None = None) -> tuple[list[Record], ParseReport]:
     """:func:`parse_gzip` as plain tuples (what the ingest folds)."""
     p = Parser(file, fields)
-    records = list(p.records(_text(data)))
+    records = list(p.object_records(data))
     return records, p.report
 
 
 def parse_gzip(file: str, data: bytes, fields: list[str] | None = None) -> tuple[list[Flow], ParseReport]:
     """A delivered object's bytes (gzip; plain text is read as it is)."""
-    raw = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
-    return parse_text(file, io.StringIO(raw.decode("utf-8", errors="replace")), fields)
+    p = Parser(file, fields)
+    flows = list(p.lines(_lines(data, p.report)))
+    return flows, p.report
