@@ -225,7 +225,7 @@ def test_attack_azure_a_vm_that_loses_its_env_label_loses_our_asgs(arm: ArmServe
     seed_vm(arm, "web-2", DB, "10.20.1.5")
     per = AzurePerimeter(azure.arm(SUB), published)
     per.reconcile({WEB: env("prod"), DB: env("prod")})
-    assert f"{ASGS}/rf-prod-published" in nic_asgs(arm, "web-2-nic")
+    assert f"{ASGS}/rf-prod-published.web" in nic_asgs(arm, "web-2-nic")
     res = per.reconcile({WEB: env("prod"), DB: {"app": "ordering", "role": "web"}})
     assert res.writes == ["PUT nic web-2-nic"]
     assert nic_asgs(arm, "web-2-nic") == []  # Azure needs no ASG on a NIC: no internet 443, not in prod
@@ -269,3 +269,82 @@ def test_an_asg_is_deleted_only_once_no_rule_of_ours_names_it(
     }
     assert not [n for n in named if arm.get(n) is None], "a rule names a deleted ASG"
     assert per.reconcile({WEB: env("prod"), DB: env("prod")}).writes == []
+
+
+def internet_ports(arm: ArmServer, nic: str) -> set[str]:
+    """The ports ``nic`` is open on from 0.0.0.0/0: the inbound Allow rules of its NSG whose source
+    is the internet and whose destination is an ASG the NIC carries."""
+    on = {a.lower() for a in nic_asgs(arm, nic)}
+    return {
+        str(p["destinationPortRange"])
+        for p in rules(arm, nic_nsg(arm, nic)).values()
+        if p["direction"] == "Inbound" and p["access"] == "Allow" and p.get("sourceAddressPrefix") == "0.0.0.0/0"
+        if {a["id"].lower() for a in p.get("destinationApplicationSecurityGroups") or []} & on
+    }
+
+
+def test_attack_azure_a_published_service_does_not_get_another_services_ports(arm: ArmServer, azure: Azure) -> None:
+    cfg = CONFIG.model_copy(
+        update={
+            "published": [
+                PublishedService(name="web", match={"role": "web"}, ports=["tcp/443"]),
+                PublishedService(name="bastion", match={"role": "jumpbox"}, ports=["tcp/22"]),
+            ]
+        }
+    )
+    seed_vm(arm, "web-1", WEB, "10.20.1.4")
+    seed_vm(arm, "jump-1", DB, "10.20.1.5")
+    wl = {WEB: env("prod"), DB: env("prod", "jumpbox")}
+    # what the previous version made: one shared rf-prod-published with the union of the ports
+    AzurePerimeter(azure.arm(SUB), cfg).reconcile(wl)
+    old = arm.put(f"{ASGS}/rf-prod-published", {"location": "westeurope", "tags": {"ringfence": "perimeter"}})
+    for name in ("web-1-nic", "jump-1-nic"):
+        nic = arm.get(nic_id(name))
+        assert nic is not None
+        nic["properties"]["ipConfigurations"][0]["properties"]["applicationSecurityGroups"] = [
+            {"id": f"{ASGS}/rf-prod-boundary"},
+            {"id": f"{ASGS}/rf-prod-mgmt"},
+            {"id": old["id"]},
+        ]
+        arm.put(nic["id"], nic)
+    for port in ("22", "443"):
+        arm.put(
+            f"{NSGS}/rf-prod-nsg/securityRules/old-{port}",
+            {
+                "properties": {
+                    "protocol": "Tcp",
+                    "access": "Allow",
+                    "priority": 3000 + int(port),
+                    "direction": "Inbound",
+                    "sourcePortRange": "*",
+                    "destinationPortRange": port,
+                    "sourceAddressPrefix": "0.0.0.0/0",
+                    "destinationApplicationSecurityGroups": [{"id": old["id"]}],
+                }
+            },
+        )
+    assert internet_ports(arm, "web-1-nic") == {"22", "443"}
+    res = AzurePerimeter(azure.arm(SUB), cfg).reconcile(wl)
+    assert internet_ports(arm, "web-1-nic") == {"443"}, "the web tier is not open on the bastion's tcp/22"
+    assert internet_ports(arm, "jump-1-nic") == {"22"}
+    assert f"{ASGS}/rf-prod-published.web" in nic_asgs(arm, "web-1-nic")
+    assert f"{ASGS}/rf-prod-published.bastion" in nic_asgs(arm, "jump-1-nic")
+    # the older shared ASG: its rules deleted, taken off every NIC, then deleted itself
+    assert arm.get(old["id"]) is None and "DELETE asg rf-prod-published" in res.writes
+    assert res.writes.index("DELETE asg rf-prod-published") > max(
+        i for i, w in enumerate(res.writes) if w.startswith(("DELETE rule", "PUT nic"))
+    )
+    assert AzurePerimeter(azure.arm(SUB), cfg).reconcile(wl).writes == []
+
+
+def test_a_published_service_whose_name_cannot_name_an_asg_is_skipped_with_a_warning(
+    arm: ArmServer, azure: Azure
+) -> None:
+    cfg = CONFIG.model_copy(
+        update={"published": [PublishedService(name="web-tier", match={"role": "web"}, ports=["tcp/443"])]}
+    )
+    seed_vm(arm, "web-1", WEB, "10.20.1.4")
+    res = AzurePerimeter(azure.arm(SUB), cfg).reconcile({WEB: env("prod")})
+    assert any("'web-tier'" in w for w in res.warnings)
+    assert internet_ports(arm, "web-1-nic") == set()
+    assert nic_asgs(arm, "web-1-nic") == [f"{ASGS}/rf-prod-boundary", f"{ASGS}/rf-prod-mgmt"]

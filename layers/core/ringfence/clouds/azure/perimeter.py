@@ -11,7 +11,9 @@ configured CIDRs (CidrInvalid) and the names to create (NameTaken: an rf-* ASG o
 tag is another team's, never taken over).
 
 Ours are only what we write: ASGs tagged ``ringfence: perimeter`` and named
-``rf-<env>-(boundary|mgmt|published)``, NSGs tagged so and named ``rf-<env>-nsg``, each kept by
+``rf-<env>-(boundary|mgmt)`` or ``rf-<env>-published.<service>`` (one per published service, on
+the NICs of the VMs it matches only; the older shared ``rf-<env>-published`` is still recognised, so
+the full run swaps it out and deletes it), NSGs tagged so and named ``rf-<env>-nsg``, each kept by
 (resource group, name). Every run compares each of our NSGs whole, by what its rules say (protocol,
 ports, prefixes, ASGs, access, direction, priority; not the description): a missing or changed rule
 of ours is written again, the boundary's deny among them; a full run also deletes every other rule
@@ -166,7 +168,11 @@ class CidrInvalid(PlanRefused):
 
 DENY_NAME = "rf-boundary-deny"
 TAG = {"ringfence": "perimeter"}
-_OUR_ASG = re.compile(r"^rf-.+-(boundary|mgmt|published)$")
+SERVICE_CHARS = "A-Za-z0-9_"  # no "-" or ".": rf-<env>-published.<service> is no other env's name
+SERVICE_OK = re.compile(rf"^[{SERVICE_CHARS}]+$")
+# rf-<env>-published.<service>: one per published service; rf-<env>-published, the older shared one,
+# is still recognised as ours, so the full run swaps it out on each NIC and deletes it
+_OUR_ASG = re.compile(rf"^rf-.+-(boundary|mgmt|published|published\.[{SERVICE_CHARS}]+)$")
 _OUR_NSG = re.compile(r"^rf-.+-nsg$")
 # the properties that decide what a security rule lets through (description and state do not)
 _RULE_FIELDS = (
@@ -230,6 +236,15 @@ class AzurePerimeter:
         bad = check_cidrs(self.config)
         if bad:
             raise CidrInvalid(bad)
+        warnings: list[str] = []
+        cfg = self.config
+        bad_services = [s.name for s in cfg.published if not SERVICE_OK.match(s.name)]
+        for name in bad_services:
+            warnings.append(
+                f"published service {name!r} cannot name an ASG (only letters, digits and _): no workload gets its ports"
+            )
+        if bad_services:
+            cfg = cfg.model_copy(update={"published": [s for s in cfg.published if s.name not in bad_services]})
         vm_ids = {v["id"].lower(): str(v.get("properties", {}).get("vmId", "")).lower() for v in self.arm.vms()}
         nics = self.arm.nics()
         members: list[Member] = []
@@ -264,10 +279,10 @@ class AzurePerimeter:
                 members.append(Member(nic["id"], net, labels_of[owner]))
         nsgs, rules = self._nsgs(taken)
         ours_in = [(net, n) for net in locations for (g, n) in asgs if g == _rg(net)]
-        ds, want, p = self._plan(members, ours_in, asgs, rules, planned, locations, scope)
+        ds, want, p = self._plan(cfg, members, ours_in, asgs, rules, planned, locations, scope)
         if p.delete:  # an ASG about to go must not be named by a rule this run writes (reachable_from)
             ds, want, p = self._plan(
-                members, [k for k in ours_in if k not in set(p.delete)], asgs, rules, planned, locations, scope
+                cfg, members, [k for k in ours_in if k not in set(p.delete)], asgs, rules, planned, locations, scope
             )
         violations = azure_limits(ds, interfaces)
         if violations:
@@ -281,12 +296,13 @@ class AzurePerimeter:
         ]
         if clash:
             raise NameTaken([f"{c} is held by a resource without the ringfence=perimeter tag" for c in clash])
-        res = AzurePerimeterResult(p)
+        res = AzurePerimeterResult(p, warnings=warnings)
         self._apply(p, ds, asgs, nsgs, rules, want, by_nic, interfaces, locations, scope, res)
         return res
 
     def _plan(
         self,
+        cfg: PerimeterConfig,
         members: list[Member],
         existing: list[tuple[str, str]],
         asgs: dict[tuple[str, str], str],
@@ -297,7 +313,7 @@ class AzurePerimeter:
     ) -> tuple[DesiredState, dict[tuple[str, str], dict[str, tuple[str, PerimeterRule | None, dict[str, Any]]]], Plan]:
         """The desired state, each NSG's rules as wanted, and the plan: a plan rule exists when the
         NSG holds a rule of its name that says what it should."""
-        ds = desired_state(self.config, members, existing=existing)
+        ds = desired_state(cfg, members, existing=existing, per_service=True)
         want = self._want(ds, asgs, locations)
         actual: dict[tuple[str, str], set[PerimeterRule]] = {
             (net, n): set() for net in locations for (g, n) in asgs if g == _rg(net)
