@@ -172,14 +172,15 @@ class FlowIngest:
 
         An end is the reporter's at the flow's start when the address history gives it the
         address then; or when the reporter's running inventory record holds the address now and,
-        at the start, the history gives it nobody (not recorded yet, released: an interval is
-        opened only when an ingest pass notes the owner, so a new host's first flows precede its
-        interval) or a workload that is running and holds it now too (one private range in two
-        VPCs or sites: the history names one of the twins). In the latter cases the reporter's end
-        is resolved to the reporter itself, never to the history's owner. A start in another
-        workload's interval (an address taken over after its owner went: the old owner's flows
-        are not the new host's to report), or later than ``MAX_SKEW`` seconds from now, is
-        refused (counted in ``foreign``)."""
+        at the start, the history gives it nobody (released, or never noted) or a workload that
+        is running and holds it now too (one private range in two VPCs or sites: the history
+        names one of the twins); a start before the address's first interval is judged by that
+        first interval (one is opened only when an ingest pass notes the owner, so a new host's
+        first flows precede it). In the latter cases the reporter's end is resolved to the
+        reporter itself, never to the history's owner. A start in (or before) the interval of
+        another workload that no longer holds the address (an address taken over after its owner
+        went: the old owner's flows are not the new host's to report), or later than
+        ``MAX_SKEW`` seconds from now, is refused (counted in ``foreign``)."""
         result = result or IngestResult()
         flows = list(flows)
         if not flows:
@@ -213,7 +214,12 @@ class FlowIngest:
             if address not in held(f.reporter):
                 return False
             o = book.interval(address, f.start)
-            return o is None or o.workload_id in (NOBODY, f.reporter) or holds_now(o.workload_id, address)
+            if o is None:  # before the first interval noted: as its owner (none at all: nobody)
+                first = book.history.get(address)
+                if not first:
+                    return True
+                o = first[0]
+            return o.workload_id in (NOBODY, f.reporter) or holds_now(o.workload_id, address)
 
         kept: list[Flow] = []
         twins: dict[str, list[Flow]] = {}  # reporter → its flows resolved by its own record
