@@ -13,7 +13,7 @@ import pytest
 from ringfence.clouds.gcp.clients import Endpoints
 from ringfence.clouds.gcp.firewall import FirewallPolicyPerimeter, GcpPerimeterConfig, policy_name
 from ringfence.local.gcp_api import GcpApi
-from ringfence.perimeter import Member, PerimeterConfig, PublishedService, Scope
+from ringfence.perimeter import Member, NameTaken, PerimeterConfig, PlanRefused, PublishedService, Scope
 
 ENV_TAGS = {"prod": "tagValues/101", "dev": "tagValues/102"}
 SHOP, SSH = "tagValues/200", "tagValues/300"
@@ -174,3 +174,114 @@ def test_attack_gcp_a_network_left_by_its_last_member_keeps_no_allow(gcp: GcpApi
     # a member coming back gets its allows again beside the kept denies
     perimeter(gcp, project).reconcile(CONFIG, GCFG, MEMBERS + other, Scope.FULL)
     assert internet_ingress(gcp, project) == {SHOP: {"443"}, SSH: {"22"}}
+
+
+@pytest.fixture
+def fail_once(gcp: GcpApi, monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+    """fail_once("addRule"): the local API refuses the next firewall policy call with that verb (400)."""
+    from ringfence.local import gcp_api
+
+    pending: list[str] = []
+    real = GcpApi._firewall
+
+    def _firewall(self: GcpApi, method: str, project: str, rest: str, query: Any, body: Any) -> Any:
+        if pending and rest.endswith("/" + pending[0]):
+            pending.pop(0)
+            raise gcp_api._HttpError(400, "simulated refusal", "invalid")
+        return real(self, method, project, rest, query, body)
+
+    monkeypatch.setattr(GcpApi, "_firewall", _firewall)
+    return pending.append
+
+
+def _policy(name: str, description: str, network: str | None, project: str) -> dict[str, Any]:
+    return {
+        "kind": "compute#firewallPolicy",
+        "id": "77",
+        "name": name,
+        "description": description,
+        "rules": [
+            {
+                "priority": 1000,
+                "direction": "INGRESS",
+                "action": "allow",
+                "description": "team X partner feed",
+                "match": {
+                    "layer4Configs": [{"ipProtocol": "tcp", "ports": ["8443"]}],
+                    "srcIpRanges": ["198.51.100.0/24"],
+                },
+            }
+        ],
+        "associations": []
+        if network is None
+        else [{"name": "x", "attachmentTarget": f"projects/{project}/global/networks/{network}"}],
+        "fingerprint": "AA==",
+    }
+
+
+def test_attack_gcp_a_foreign_policy_named_rf_network_is_refused_not_taken_over(gcp: GcpApi) -> None:
+    """Another team's policy named rf-vpc-a (its own description, associated with vpc-b): the run
+    is refused naming it, and its rules and association are left as they are (it used to be read as
+    Ringfence's: its rule removed, the perimeter written into a policy not on vpc-a)."""
+    project = project_of(gcp, "fw-foreign-name")
+    theirs = _policy("rf-vpc-a", "restricted firewall of team X", "vpc-b", project)
+    gcp.firewall_policies[project]["rf-vpc-a"] = copy.deepcopy(theirs)
+    for scope in (Scope.FULL, Scope.WORKLOADS):
+        with pytest.raises(NameTaken, match=r"rf-vpc-a \(project fw-foreign-name\) is held by a firewall policy"):
+            perimeter(gcp, project).reconcile(CONFIG, GCFG, MEMBERS, scope)
+    assert gcp.firewall_policies[project]["rf-vpc-a"] == theirs
+
+
+def test_attack_gcp_a_policy_left_unassociated_is_associated_or_refused_by_name(
+    gcp: GcpApi, fail_once: Callable[[str], None]
+) -> None:
+    """addAssociation fails once after rf-vpc-a is made: the next run associates it (it used to add
+    the rules, report converged and never associate it: a perimeter that enforces nothing). A network
+    that already has another firewall policy (GCP allows one per network) is refused by name, with
+    nothing written."""
+    project = project_of(gcp, "fw-association")
+    fail_once("addAssociation")
+    with pytest.raises(Exception, match="simulated refusal"):
+        perimeter(gcp, project).reconcile(CONFIG, GCFG, MEMBERS)
+    assert gcp.firewall_policies[project]["rf-vpc-a"]["associations"] == []
+    plans = perimeter(gcp, project).reconcile(CONFIG, GCFG, MEMBERS, Scope.WORKLOADS)
+    assert [p.associate for p in plans] == [True]
+    targets = [a["attachmentTarget"] for a in gcp.firewall_policies[project]["rf-vpc-a"]["associations"]]
+    assert targets == [f"projects/{project}/global/networks/vpc-a"]
+    assert all(p.empty for p in perimeter(gcp, project).reconcile(CONFIG, GCFG, MEMBERS))
+    # the association removed by hand and the network given the team's policy: refused by name
+    gcp.firewall_policies[project]["rf-vpc-a"]["associations"] = []
+    gcp.firewall_policies[project]["team-fw"] = _policy("team-fw", "team X", "vpc-a", project)
+    before = copy.deepcopy(gcp.firewall_policies[project])
+    with pytest.raises(PlanRefused, match=r"network vpc-a .* has firewall policy 'team-fw' associated"):
+        perimeter(gcp, project).reconcile(CONFIG, GCFG, MEMBERS, Scope.WORKLOADS)
+    assert gcp.firewall_policies[project] == before
+    # the same for a network that never had rf-<network>: nothing is created
+    gcp.firewall_policies[project]["team-fw-b"] = _policy("team-fw-b", "team X", "vpc-b", project)
+    del gcp.firewall_policies[project]["team-fw"]
+    with pytest.raises(PlanRefused, match=r"network vpc-b .* has firewall policy 'team-fw-b' associated"):
+        perimeter(gcp, project).reconcile(CONFIG, GCFG, [*MEMBERS, Member("4", "vpc-b", {"env": "dev"})])
+    assert "rf-vpc-b" not in gcp.firewall_policies[project]
+
+
+def test_attack_gcp_a_failed_add_leaves_the_replaced_deny_in_place(
+    gcp: GcpApi, fail_once: Callable[[str], None]
+) -> None:
+    """A boundary deny altered by hand is replaced by a full run, and the add of its replacement
+    fails: the altered deny is still there (the removal used to come first, leaving the network
+    without its deny); the next run converges."""
+    project = project_of(gcp, "fw-add-first")
+    perimeter(gcp, project).reconcile(CONFIG, GCFG, MEMBERS)
+    for r in rules(gcp, project):
+        if r["action"] == "deny":
+            r["enableLogging"] = True
+    denies = [r["priority"] for r in rules(gcp, project) if r["action"] == "deny"]
+    assert len(denies) == 2
+    fail_once("addRule")
+    with pytest.raises(Exception, match="simulated refusal"):
+        perimeter(gcp, project).reconcile(CONFIG, GCFG, MEMBERS, Scope.FULL)
+    assert set(denies) <= {r["priority"] for r in rules(gcp, project) if r["action"] == "deny"}
+    perimeter(gcp, project).reconcile(CONFIG, GCFG, MEMBERS, Scope.FULL)
+    now = [r for r in rules(gcp, project) if r["action"] == "deny"]
+    assert len(now) == 2 and not any(r.get("enableLogging") for r in now)
+    assert all(p.empty for p in perimeter(gcp, project).reconcile(CONFIG, GCFG, MEMBERS, Scope.FULL))

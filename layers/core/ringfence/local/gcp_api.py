@@ -5,9 +5,11 @@ The real SDK clients (``google-cloud-compute``, ``google-cloud-resource-manager`
 what is tested is the SDK's wire format, not a mock of it. It implements only what Ringfence uses:
 
 * compute v1: ``instances`` aggregatedList (paged) and get (by name); zone and
-  global ``operations`` get; network ``firewallPolicies`` list/get/insert/addRule/patchRule/removeRule
-  (every mutation answers a finished operation; a rule is answered with the output-only
-  ``ruleTupleCount`` and secure tag ``state`` Google adds);
+  global ``operations`` get; network ``firewallPolicies`` list/get/insert/addRule/patchRule/removeRule/
+  addAssociation (every mutation answers a finished operation; a rule is answered with the
+  output-only ``ruleTupleCount`` and secure tag ``state`` Google adds; as on GCP, a network is
+  associated with at most one global network firewall policy: a second ``addAssociation`` of it is
+  an error unless ``replaceExistingAssociation=true``);
 * Resource Manager v3: ``tagBindings`` and ``effectiveTags`` list by ``parent``;
 * Cloud Logging v2: ``entries:list`` over the entries written with :meth:`GcpApi.write_log` (the
   audit entries :mod:`ringfence.local.gcp_events` builds for the changes made here), for
@@ -517,7 +519,23 @@ class GcpApi:
                 raise _HttpError(404, f"no rule at priority {prio}")
             policy["rules"] = [r for r in rules if r["priority"] != prio]
         elif verb == "addAssociation":
-            policy["associations"].append(body)
+            # as GCP: a network has at most one global network firewall policy; a second
+            # association of it is an error unless replaceExistingAssociation is set
+            target = body.get("attachmentTarget", "")
+            holder = next(
+                (p for p in policies.values() if any(a.get("attachmentTarget") == target for a in p["associations"])),
+                None,
+            )
+            if holder is not None:
+                if query.get("replaceExistingAssociation") != "true":
+                    raise _HttpError(
+                        400,
+                        f"An association with the attachment target {target} already exists"
+                        f" (firewall policy {holder['name']})",
+                        "invalid",
+                    )
+                holder["associations"] = [a for a in holder["associations"] if a.get("attachmentTarget") != target]
+            policy["associations"].append({**body, "firewallPolicyId": policy["id"], "shortName": policy["name"]})
         else:
             raise _HttpError(405, f"{method} not supported on {rest}")
         policy["fingerprint"] = _b64(uuid.uuid4().bytes[:8])

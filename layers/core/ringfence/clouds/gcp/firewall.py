@@ -44,6 +44,7 @@ from ringfence.perimeter import (
     INGRESS,
     GroupSpec,
     Member,
+    NameTaken,
     PerimeterConfig,
     PerimeterRule,
     PlanRefused,
@@ -296,10 +297,12 @@ class PolicyPlan:
     create: bool = False
     add: list[tuple[int, FwRule]] = field(default_factory=list)
     remove: list[tuple[int, FwRule]] = field(default_factory=list)
+    # the policy is not (or not yet) associated with its network: an unassociated policy enforces nothing
+    associate: bool = False
 
     @property
     def empty(self) -> bool:
-        return not (self.create or self.add or self.remove)
+        return not (self.create or self.associate or self.add or self.remove)
 
 
 def diff(
@@ -322,6 +325,13 @@ def diff(
     return p
 
 
+def _network_ref(target: Any) -> str:
+    """An association's ``attachmentTarget`` (a full URL or a relative name) as
+    ``projects/P/global/networks/N``."""
+    text = str(target or "")
+    return text[text.find("projects/") :] if "projects/" in text else text
+
+
 class FirewallPolicyPerimeter:
     """Reads and applies ``rf-<network>`` network firewall policies through the SDK client."""
 
@@ -329,12 +339,44 @@ class FirewallPolicyPerimeter:
         self.project = project
         self.client = endpoints.firewall_policies()
 
+    def target(self, network: str) -> str:
+        return f"projects/{self.project}/global/networks/{network}"
+
     def existing(self, network: str) -> dict[int, FwRule] | None:
+        return self.read(network)[0]
+
+    def read(self, network: str) -> tuple[dict[int, FwRule] | None, bool]:
+        """``rf-<network>``'s rules (None: no such policy) and whether it is associated with the
+        network. Raises :class:`NameTaken` if a policy of that name is not Ringfence's (its
+        description is not :func:`policy_description`): it is never read as ours nor changed."""
+        name = policy_name(network)
         try:
-            policy = as_dict(self.client.get(project=self.project, firewall_policy=policy_name(network), retry=RETRY))
+            policy = as_dict(self.client.get(project=self.project, firewall_policy=name, retry=RETRY))
         except NotFound:
-            return None
-        return dict(FwRule.from_resource(r) for r in policy.get("rules", []) or [])
+            return None, False
+        if owned_network(policy) != network:
+            raise NameTaken(
+                [
+                    f"{name} (project {self.project}) is held by a firewall policy Ringfence did not make "
+                    f"(description {policy.get('description', '')!r}, not {policy_description(network)!r}); "
+                    f"network {network} has no Ringfence perimeter until it is renamed or removed"
+                ]
+            )
+        associated = any(
+            _network_ref(a.get("attachmentTarget")) == self.target(network)
+            for a in policy.get("associations", []) or []
+        )
+        return dict(FwRule.from_resource(r) for r in policy.get("rules", []) or []), associated
+
+    def holders(self) -> dict[str, str]:
+        """Network resource name (projects/P/global/networks/N) → the name of the project's global
+        network firewall policy associated with it (GCP allows one per network)."""
+        out: dict[str, str] = {}
+        for policy in self.client.list(project=self.project, retry=RETRY):
+            p = as_dict(policy)
+            for a in p.get("associations", []) or []:
+                out[_network_ref(a.get("attachmentTarget"))] = str(p.get("name", ""))
+        return out
 
     def owned(self) -> set[str]:
         """The networks of the project's policies Ringfence made."""
@@ -380,17 +422,33 @@ class FirewallPolicyPerimeter:
             raise PlanRefused(problems)
         plans: list[PolicyPlan] = []
         over: list[str] = []
+        held: dict[str, str] | None = None
         for network in sorted(wanted):
-            existing = self.existing(network)
+            existing, associated = self.read(network)
             plan = diff(network, wanted[network], existing, scope)
-            after = set((existing or {}).values()) - {r for _, r in plan.remove} | {r for _, r in plan.add}
-            over += check_limits(plan.policy, after, gcfg.limits)
+            if not associated:
+                # checked on every run: a policy whose association failed (or was removed) would
+                # otherwise be converged forever and enforce nothing
+                plan.associate = True
+                held = self.holders() if held is None else held
+                other = held.get(self.target(network))
+                if other is not None and other != plan.policy:
+                    problems.append(
+                        f"network {network} (project {self.project}) has firewall policy {other!r} associated: "
+                        f"{plan.policy} cannot be associated (GCP allows one global network firewall policy "
+                        "per network), so it would enforce nothing"
+                    )
+            # the additions are made before the removals: the policy is at its largest in between
+            largest = set((existing or {}).values()) | {r for _, r in plan.add}
+            over += check_limits(plan.policy, largest, gcfg.limits)
             plans.append(plan)
+        if problems:
+            raise PlanRefused(problems)
         if scope is Scope.FULL:
             # a network whose last member left keeps no allow (they target secure tags: a VM
             # tagged later would get them); only policies Ringfence made, known by name and description
             for network in sorted(self.owned() - set(wanted)):
-                existing = self.existing(network)
+                existing, _ = self.read(network)
                 if existing is None:
                     continue
                 plan = diff(network, closed(existing), existing, scope)
@@ -415,24 +473,25 @@ class FirewallPolicyPerimeter:
                 ),
                 retry=RETRY,
             ).result()
+        if plan.associate:
             self.client.add_association(
                 project=self.project,
                 firewall_policy=fp,
                 firewall_policy_association_resource=compute_v1.FirewallPolicyAssociation(
-                    name=f"{fp}-{plan.network}",
-                    attachment_target=f"projects/{self.project}/global/networks/{plan.network}",
+                    name=f"{fp}-{plan.network}", attachment_target=self.target(plan.network)
                 ),
                 retry=RETRY,
             ).result()
-        # removals first: a rule moving bands never collides with itself
-        for prio, _ in plan.remove:
-            self.client.remove_rule(
-                request={"project": self.project, "firewall_policy": fp, "priority": prio}, retry=RETRY
-            ).result()
+        # additions first (diff never gives an add the priority of a rule still there): a failed add
+        # leaves the rule it replaces in place, never a network without its boundary deny
         for prio, rule in plan.add:
             self.client.add_rule(
                 project=self.project,
                 firewall_policy=fp,
                 firewall_policy_rule_resource=compute_v1.FirewallPolicyRule.from_json(json.dumps(rule.resource(prio))),
                 retry=RETRY,
+            ).result()
+        for prio, _ in plan.remove:
+            self.client.remove_rule(
+                request={"project": self.project, "firewall_policy": fp, "priority": prio}, retry=RETRY
             ).result()
