@@ -245,3 +245,17 @@ def test_agent_reports_bench_runs_small() -> None:
     got = run(300, 3)
     assert got["workloads"] == 300 and got["now_ms"] > 0 and got["before_ms"] > 0, got
     assert got["before_records"] == 300 and got["now_records"] == 1, got
+
+
+def test_an_object_is_read_in_chunks_with_long_lines_dropped_whole() -> None:
+    """The chunked reader: a line over MAX_LINE is one malformed line however many chunks it
+    spans, a line of exactly MAX_LINE is read, and the last line needs no newline (gzip or not)."""
+    import gzip
+
+    from ringfence.flows.vpclogs import MAX_LINE, ParseReport, _lines
+
+    exact = "a" * MAX_LINE
+    text = "\n".join(["first", "x" * (3 << 20), exact, "y" * (MAX_LINE + 1), "last"]).encode()
+    for data in (text, gzip.compress(text)):
+        got = list(_lines(data, ParseReport("f", [])))
+        assert got == ["first", None, exact, None, "last"]
