@@ -271,3 +271,31 @@ def test_a_pairing_that_takes_the_identity_from_a_bound_agent_key_is_audited_as_
     assert replaced[0].detail["replaced_key"] == agent_key_id(first.pem)
     assert replaced[0].principal == f"agent-key:{agent_key_id(second.pem)}"
     assert plane.refresh(first)[0] == 401 and plane.refresh(second)[0] == 200
+
+
+def test_a_key_bound_before_keys_were_read_strictly_is_reset_and_refused_with_a_record(plane: Plane) -> None:
+    """A text holding two keys, bound before the strict read (the attack's own, or a key with a
+    comment line): it renews nothing now, and the operator's reset that clears it, and a later
+    claim refused against it, are audited like any other (they had raised before their record)."""
+    from ringfence.agentapi import EnrollRequest
+    from ringfence.control.agents import AgentApi
+    from ringfence.control.enroll import ProofError
+    from tests.aws.test_attack_enroll import two_keys
+
+    victim, attacker, newcomer = AgentKey(), AgentKey(), AgentKey()
+    store = plane.wiring.store
+    store.bind_agent_key(WID, two_keys(attacker, victim.pem, header="X-Y: z"))
+    assert plane.refresh(attacker)[0] == 401 and plane.refresh(victim)[0] == 401
+    req = EnrollRequest(
+        method="aws-iid", nonce="n", agent_key=newcomer.pem, agent_signature=newcomer.prove("enroll", WID, "n")
+    )
+    with pytest.raises(ProofError, match="another agent key"):
+        AgentApi(plane.wiring).bind_key(req, WID)
+    [refused] = [r for r in store.audit_log() if r.action == "agent.enroll.refused" and r.target == WID]
+    assert refused.detail["bound_key"] == "(not one Ed25519 key)"
+    status, out = plane.call(plane.admin, "DELETE", f"/admin/workloads/{WID}/agent-key", {"reason": "pre-upgrade key"})
+    assert status == 200, out
+    [reset] = [r for r in store.audit_log() if r.action == "agent-key.reset" and r.target == WID]
+    assert reset.detail["agent_key"] == "(not one Ed25519 key)" and store.agent_key(WID) is None
+    status, answer = plane.pair(plane.mint(uses=1), newcomer)
+    assert status == 200 and plane.bundle(answer["token"]) == 200, answer

@@ -18,10 +18,10 @@ from ringfence.store.base import (
     AuditRecord,
     ConflictError,
     PolicyVersion,
+    agent_key_id_of,
 )
 from ringfence.versions import digest_of
 
-from . import credentials
 from .api import Response, error, secret_hash
 from .wiring import BaseWiring, Metric, log, no_metric
 
@@ -259,6 +259,9 @@ class Admin:
         if self.w.store.get(workload_id) is None:
             return error(404, "unknown workload", workload_id)
         pem = self.w.store.agent_key(workload_id)
+        # named before anything changes; a key bound before agent keys were read strictly (a text
+        # holding more than one key) is still named: the reset is how an operator clears it
+        dropped = (agent_key_id_of(pem) or "(not one Ed25519 key)") if pem else None
         # the expectation first: no enrollment between the two binds a key the operator did not name
         self.w.store.expect_agent_key(workload_id, next_agent_key)
         # then the pairing keys: one issued before the reset (leaked, with uses left) must not
@@ -268,7 +271,6 @@ class Admin:
         self.w.store.drop_agent_key(workload_id)
         revoked = self.w.store.revoke_tokens(workload_id)
         self.w.store.drop_connection(workload_id)
-        dropped = credentials.agent_key_id(pem) if pem else None
         log.warning("%s reset the agent key of %s (was %s)", principal, workload_id, dropped or "none")
         self.metric(AGENT_KEY_RESETS, 1)
         audit_id = self._audit(

@@ -27,6 +27,7 @@ from ringfence.store.base import (
     InventoryRecord,
     NotTheNamedKey,
     agent_key_fingerprint_of,
+    agent_key_id_of,
 )
 
 from . import artifact, credentials
@@ -167,7 +168,7 @@ class AgentApi:
                 f"{wid} is enrolled with another agent key: a second claim of its identity is refused "
                 "(the bound agent renews with its key; an operator resets a lost one)",
                 reason="identity already claimed by another agent key",
-                bound_key=credentials.agent_key_id(bound),
+                bound_key=agent_key_id_of(bound) or "(not one Ed25519 key)",
             )
 
     def check_key(self, req: agentapi.EnrollRequest, wid: str) -> None:
