@@ -8,8 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from azure.core.exceptions import HttpResponseError
+from azure.mgmt.network.models import ApplicationSecurityGroup, NetworkSecurityGroup
 
-from ringfence.clouds.azure.perimeter import DENY_PRIORITY, AzurePerimeter, CidrInvalid
+from ringfence.clouds.azure.perimeter import DENY_ALL_NAME, DENY_PRIORITY, NONE_NSG, AzurePerimeter, CidrInvalid
 from ringfence.clouds.azure.wiring import Azure
 from ringfence.local.azure_arm import ArmServer
 from ringfence.local.azure_estate import RG, SUB, nic_id, seed_vm
@@ -226,9 +228,30 @@ def test_attack_azure_a_vm_that_loses_its_env_label_loses_our_asgs(arm: ArmServe
     per = AzurePerimeter(azure.arm(SUB), published)
     per.reconcile({WEB: env("prod"), DB: env("prod")})
     assert f"{ASGS}/rf-prod-published.web" in nic_asgs(arm, "web-2-nic")
-    res = per.reconcile({WEB: env("prod"), DB: {"app": "ordering", "role": "web"}})
-    assert res.writes == ["PUT nic web-2-nic"]
+    assert inbound_from_the_vnet(arm, "web-2-nic", 5432) == "Deny rf-prod-nsg/rf-boundary-deny"
+    envless = {WEB: env("prod"), DB: {"app": "ordering", "role": "web"}}
+    res = per.reconcile(envless)
+    # our ASGs off and rf-none on, in one PUT: rf-prod-nsg's deny names an ASG the NIC no longer has
+    assert res.writes == ["PUT nsg rf-none", f"PUT rule rf-none/{DENY_ALL_NAME}", "PUT nic web-2-nic"]
     assert nic_asgs(arm, "web-2-nic") == []  # Azure needs no ASG on a NIC: no internet 443, not in prod
+    assert nic_nsg(arm, "web-2-nic") == NONE_NSG
+    for port in (22, 443, 5432):  # the VNet is not let in by Azure's default AllowVnetInBound
+        assert inbound_from_the_vnet(arm, "web-2-nic", port) == f"Deny {NONE_NSG}/{DENY_ALL_NAME}"
+    assert per.reconcile(envless).writes == []
+    # rf-none is kept closed, by the event path too
+    arm.delete(f"{NSGS}/{NONE_NSG}/securityRules/{DENY_ALL_NAME}")
+    assert per.reconcile(envless, Scope.WORKLOADS).writes == [f"PUT rule rf-none/{DENY_ALL_NAME}"]
+    # back in prod: off rf-none, onto rf-prod-nsg
+    per.reconcile({WEB: env("prod"), DB: env("prod")})
+    assert nic_nsg(arm, "web-2-nic") == "rf-prod-nsg"
+    assert inbound_from_the_vnet(arm, "web-2-nic", 5432) == "Deny rf-prod-nsg/rf-boundary-deny"
+
+
+def test_a_vm_ringfence_never_segmented_is_not_closed(arm: ArmServer, azure: Azure) -> None:
+    seed_vm(arm, "web-1", WEB, "10.20.1.4")
+    seed_vm(arm, "legacy-1", DB, "10.20.1.5")
+    res = AzurePerimeter(azure.arm(SUB), CONFIG).reconcile({WEB: env("prod"), DB: {"app": "legacy"}})
+    assert "PUT nic legacy-1-nic" not in res.writes and nic_nsg(arm, "legacy-1-nic") == ""
 
 
 def test_a_bad_cidr_fails_the_whole_run_before_any_write(arm: ArmServer, azure: Azure) -> None:
@@ -348,3 +371,56 @@ def test_a_published_service_whose_name_cannot_name_an_asg_is_skipped_with_a_war
     assert any("'web-tier'" in w for w in res.warnings)
     assert internet_ports(arm, "web-1-nic") == set()
     assert nic_asgs(arm, "web-1-nic") == [f"{ASGS}/rf-prod-boundary", f"{ASGS}/rf-prod-mgmt"]
+
+
+@pytest.mark.parametrize("bad", ["a b", "x" * 90, "team#1"])
+def test_attack_azure_an_env_no_asg_can_be_named_after_does_not_stop_the_run(
+    arm: ArmServer, azure: Azure, bad: str
+) -> None:
+    seed_vm(arm, "web-1", WEB, "10.20.1.4")
+    seed_vm(arm, "oddball", DB, "10.20.1.5")
+    per = AzurePerimeter(azure.arm(SUB), CONFIG)
+    per.reconcile({WEB: env("prod")})
+    arm.delete(f"{NSGS}/rf-prod-nsg/securityRules/rf-boundary-deny")  # drift the run must still repair
+    with arm.recording() as calls:
+        res = per.reconcile({WEB: env("prod"), DB: env(bad)})
+    assert res.writes == ["PUT rule rf-prod-nsg/rf-boundary-deny"]
+    assert inbound_from_the_vnet(arm, "web-1-nic", 5432) == "Deny rf-prod-nsg/rf-boundary-deny"
+    assert any(DB in w and "left as they are" in w for w in res.warnings)
+    assert nic_asgs(arm, "oddball-nic") == [] and not [c for c in calls if "oddball" in c[1] and c[0] != "GET"]
+
+
+def test_the_local_arm_refuses_asg_and_nsg_names_arm_refuses(arm: ArmServer, azure: Azure) -> None:
+    ops = azure.arm(SUB).network
+    for bad in ("rf-a b-boundary", "rf-team#1-nsg", "rf-" + "x" * 78, "rf-x-", ".rf-x"):
+        with pytest.raises(HttpResponseError, match="InvalidResourceName"):
+            ops.application_security_groups.begin_create_or_update(
+                RG, bad, ApplicationSecurityGroup(location="westeurope")
+            ).result()
+    made = ops.network_security_groups.begin_create_or_update(
+        RG, "rf-prod-published.web_", NetworkSecurityGroup(location="westeurope")
+    ).result()
+    assert made.name == "rf-prod-published.web_"
+
+
+def test_attack_azure_two_vnets_of_one_resource_group_share_their_envs_nsg_and_converge(
+    arm: ArmServer, azure: Azure
+) -> None:
+    cfg = CONFIG.model_copy(
+        update={"published": [PublishedService(name="web", match={"role": "web"}, ports=["tcp/443"])]}
+    )
+    seed_vm(arm, "web-1", WEB, "10.20.1.4")
+    seed_vm(arm, "db-9", DB, "10.30.1.4")
+    nic = arm.get(nic_id("db-9-nic"))
+    assert nic is not None
+    nic["properties"]["ipConfigurations"][0]["properties"]["subnet"]["id"] = f"{NET}/virtualNetworks/zz-vnet/subnets/s1"
+    arm.put(nic["id"], nic)
+    wl = {WEB: env("prod"), DB: env("prod", "database")}
+    per = AzurePerimeter(azure.arm(SUB), cfg)
+    per.reconcile(wl)
+    for run in range(3):
+        assert per.reconcile(wl).writes == [], f"full run {run + 2} writes again"
+    assert internet_ports(arm, "web-1-nic") == {"443"} and internet_ports(arm, "db-9-nic") == set()
+    for nic_name in ("web-1-nic", "db-9-nic"):
+        assert inbound_from_the_vnet(arm, nic_name, 5432) == "Deny rf-prod-nsg/rf-boundary-deny"
+    assert arm.get(f"{ASGS}/rf-prod-published.web") is not None

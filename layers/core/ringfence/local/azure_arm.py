@@ -19,15 +19,20 @@ This is not a model of Azure: it stores what it is given and fills in ``id``, ``
 from __future__ import annotations
 
 import json
+import re
 import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 PAGE_SIZE = 50
+# ARM's rule for ASG and NSG names (1-80 characters; alphanumerics, _ . -; starting alphanumeric,
+# ending alphanumeric or _): another is refused with InvalidResourceName, as ARM does
+ARM_NETWORK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,78}[A-Za-z0-9_]$")
+NAME_RULED = ("applicationsecuritygroups", "networksecuritygroups")
 # read-only properties ARM keeps across a PUT that leaves them out (the SDK drops read-only fields)
 PLATFORM_SET = ("virtualMachine", "vmId", "macAddress", "virtualMachineScaleSet")
 
@@ -202,6 +207,8 @@ class ArmServer:
             if method == "PUT":
                 if not isinstance(body, dict):
                     return 400, _error("InvalidRequestContent", "a JSON object is required"), {}
+                if len(names) == 3 and names[1].lower() in NAME_RULED and not ARM_NETWORK_NAME.match(unquote(names[2])):
+                    return 400, _error("InvalidResourceName", f"Resource name {unquote(names[2])} is invalid."), {}
                 created = key not in self.resources
                 if not created:  # what the platform sets is not the caller's to drop (ARM ignores it in a PUT)
                     old = self.resources[key].get("properties") or {}

@@ -19,7 +19,11 @@ ports, prefixes, ASGs, access, direction, priority; not the description): a miss
 of ours is written again, the boundary's deny among them; a full run also deletes every other rule
 in it (the event path deletes nothing, and picks priorities no rule in the NSG holds). A NIC gets exactly
 its environment's ASGs (none when it has no environment: Azure needs none) and its environment's
-NSG where it has none or another environment's of ours. Changes are the smallest diff: a rule is
+NSG where it has none or another environment's of ours; a NIC of a known VM without an environment
+loses our ASGs and, where its NSG is ours (or none while it had our ASGs), gets ``rf-none`` (every
+inbound denied: the env NSG's deny names an ASG it no longer has). An env that gives a name ARM
+refuses leaves that VM's NICs as they are (a warning), the run goes on. The NSG is per resource
+group and env: the VNets of one resource group share it, their rules merged. Changes are the smallest diff: a rule is
 named by a digest of what it says, and only rules and NICs that differ are written.
 """
 
@@ -38,7 +42,6 @@ from azure.mgmt.network.models import ApplicationSecurityGroup, NetworkInterface
 from ringfence.perimeter import (
     INGRESS,
     DesiredState,
-    GroupSpec,
     Interface,
     Member,
     NameTaken,
@@ -51,6 +54,7 @@ from ringfence.perimeter import (
     boundary_name,
     desired_state,
     plan,
+    published_name,
 )
 
 from .arm import Arm, wire
@@ -106,6 +110,15 @@ def security_rule(group_id: str, r: PerimeterRule, asg_ids: dict[str, str], prio
     return {"properties": props}
 
 
+def deny_all_rule() -> dict[str, Any]:
+    """rf-none's only rule: every inbound denied (Azure's default AllowVnetInBound comes after it)."""
+    deny = deny_rule("")
+    props = deny["properties"]
+    del props["destinationApplicationSecurityGroups"]
+    props["destinationAddressPrefix"] = "*"
+    return deny
+
+
 def deny_rule(boundary_id: str) -> dict[str, Any]:
     return {
         "properties": {
@@ -124,10 +137,11 @@ def deny_rule(boundary_id: str) -> dict[str, Any]:
 def azure_limits(ds: DesiredState, interfaces: dict[str, Interface], members_per_ipconfig: int = 1) -> list[str]:
     """Every Azure limit the desired state would exceed (empty: fits)."""
     out: list[str] = []
-    per_nsg: dict[tuple[str, str], list[tuple[GroupSpec, PerimeterRule]]] = defaultdict(list)
+    # one NSG per resource group and env: the VNets of one resource group share it
+    per_nsg: dict[tuple[str, str], set[tuple[str, PerimeterRule]]] = defaultdict(set)
     for (net, _), g in sorted(ds.groups.items()):
         for r in sorted(g.rules):
-            per_nsg[(net, g.env)].append((g, r))
+            per_nsg[(_nsg_place(net), g.env)].add((g.name, r))
             if r.peer_kind == "prefix-list":
                 out.append(f"{g.name} in {net}: prefix list {r.peer} (Azure has none; use CIDRs)")
     for (net, env), rules in sorted(per_nsg.items()):
@@ -136,7 +150,7 @@ def azure_limits(ds: DesiredState, interfaces: dict[str, Interface], members_per
             out.append(f"{nsg_name(env)} in {net}: {n} rules > {RULES_PER_NSG} (limit: rules per NSG)")
         if n > PRIORITY_LAST - PRIORITY_FIRST + 1:
             out.append(f"{nsg_name(env)} in {net}: {n} rules > the {PRIORITY_FIRST}–{PRIORITY_LAST} priorities")
-        asgs = {g.name for g, _ in rules} | {r.peer for _, r in rules if r.peer_kind == "group"}
+        asgs = {g for g, _ in rules} | {r.peer for _, r in rules if r.peer_kind == "group"}
         if len(asgs) > ASGS_PER_NSG:
             out.append(f"{nsg_name(env)} in {net}: {len(asgs)} ASGs referenced > {ASGS_PER_NSG} (limit: ASGs per NSG)")
     members: dict[tuple[str, str], int] = defaultdict(int)
@@ -167,6 +181,13 @@ class CidrInvalid(PlanRefused):
 
 
 DENY_NAME = "rf-boundary-deny"
+# the NSG of a known VM's NIC that has no env (any more): every inbound denied, no ASG needed. Not
+# rf-<something>-nsg, so no env's NSG can have its name
+NONE_NSG = "rf-none"
+DENY_ALL_NAME = "rf-deny-all"
+# ARM's rule for ASG and NSG names: 1-80 characters, alphanumerics, _ . -, starting alphanumeric,
+# ending alphanumeric or _ (ARM refuses another with InvalidResourceName)
+ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,78}[A-Za-z0-9_]$")
 TAG = {"ringfence": "perimeter"}
 SERVICE_CHARS = "A-Za-z0-9_"  # no "-" or ".": rf-<env>-published.<service> is no other env's name
 SERVICE_OK = re.compile(rf"^[{SERVICE_CHARS}]+$")
@@ -253,6 +274,9 @@ class AzurePerimeter:
         asgs, taken = self._asgs()
         interfaces: dict[str, Interface] = {}
         planned: dict[str, Interface] = {}
+        unnamable = {owner: why for owner, labels in labels_of.items() if (why := _unnamable(cfg, labels))}
+        for vm, why in sorted(unnamable.items()):
+            warnings.append(f"VM {vm}: its NICs are left as they are: {why}")
         for nic in nics:
             props = nic.get("properties", {})
             configs = props.get("ipConfigurations") or []
@@ -268,14 +292,17 @@ class AzurePerimeter:
             }
             rg = _rg(net)
             ours = frozenset(n for (g, n), aid in asgs.items() if g == rg and aid.lower() in on)
-            itf = Interface(nic["id"], net, owner if owner in labels_of else None, ours, len(on) - len(ours))
+            held = unnamable.get(owner) if owner else None
+            itf = Interface(nic["id"], net, owner if owner in labels_of else None, ours, len(on) - len(ours), held=held)
             interfaces[nic["id"]] = itf
             # Azure needs no ASG on a NIC (EC2 needs a group: the plan keeps ours on an interface that
             # wants none and has nothing else); the plan sees one foreign ASG so ours come off
-            planned[nic["id"]] = Interface(itf.id, net, itf.workload, ours, max(itf.foreign, 1), itf.fixed)
+            planned[nic["id"]] = Interface(
+                itf.id, net, itf.workload, ours, max(itf.foreign, 1), itf.fixed, held=itf.held
+            )
             by_nic[nic["id"]] = nic
             locations[net] = nic.get("location") or locations.get(net, "")
-            if owner in labels_of:
+            if owner in labels_of and not held:
                 members.append(Member(nic["id"], net, labels_of[owner]))
         nsgs, rules = self._nsgs(taken)
         ours_in = [(net, n) for net in locations for (g, n) in asgs if g == _rg(net)]
@@ -287,17 +314,20 @@ class AzurePerimeter:
         violations = azure_limits(ds, interfaces)
         if violations:
             raise QuotaExceeded(violations)
+        closing = self._closing(ds, interfaces, by_nic, nsgs)
+        for iid in sorted(closing):
+            net = interfaces[iid].network
+            want.setdefault((_rg(net), NONE_NSG), ({DENY_ALL_NAME: ("", None, _no_priority(deny_all_rule()))}, net))
+        for rg, name in nsgs:  # an rf-none no NIC needs now is still kept closed
+            if name == NONE_NSG and (rg, name) not in want:
+                want[(rg, name)] = ({DENY_ALL_NAME: ("", None, _no_priority(deny_all_rule()))}, "")
         clash = [
             f"ASG {g.name} in {_rg(g.network)}" for g in p.create if g.name in taken.get(_rg(g.network), set())
-        ] + [
-            f"NSG {nsg_name(env)} in {_rg(net)}"
-            for net, env in want
-            if nsg_name(env) in taken.get(_rg(net), set()) and (_rg(net), nsg_name(env)) not in nsgs
-        ]
+        ] + [f"NSG {name} in {rg}" for rg, name in want if name in taken.get(rg, set()) and (rg, name) not in nsgs]
         if clash:
             raise NameTaken([f"{c} is held by a resource without the ringfence=perimeter tag" for c in clash])
         res = AzurePerimeterResult(p, warnings=warnings)
-        self._apply(p, ds, asgs, nsgs, rules, want, by_nic, interfaces, locations, scope, res)
+        self._apply(p, ds, asgs, nsgs, rules, want, by_nic, interfaces, closing, locations, scope, res)
         return res
 
     def _plan(
@@ -310,7 +340,7 @@ class AzurePerimeter:
         planned: dict[str, Interface],
         locations: dict[str, str],
         scope: Scope,
-    ) -> tuple[DesiredState, dict[tuple[str, str], dict[str, tuple[str, PerimeterRule | None, dict[str, Any]]]], Plan]:
+    ) -> tuple[DesiredState, Want, Plan]:
         """The desired state, each NSG's rules as wanted, and the plan: a plan rule exists when the
         NSG holds a rule of its name that says what it should."""
         ds = desired_state(cfg, members, existing=existing, per_service=True)
@@ -318,12 +348,21 @@ class AzurePerimeter:
         actual: dict[tuple[str, str], set[PerimeterRule]] = {
             (net, n): set() for net in locations for (g, n) in asgs if g == _rg(net)
         }
-        for (net, env), wanted in want.items():
-            have = rules.get((_rg(net), nsg_name(env)), {})
-            for rname, (gname, r, body) in wanted.items():
-                if r is not None and rname in have and _rule_key(have[rname]) == _rule_key(body["properties"]):
+        for (net, gname), g in ds.groups.items():
+            key = (_rg(net), nsg_name(g.env))
+            have, wanted = rules.get(key, {}), want[key][0]
+            for r in g.rules:
+                rname = rule_name(gname, r)
+                if rname in have and _rule_key(have[rname]) == _rule_key(wanted[rname][2]["properties"]):
                     actual.setdefault((net, gname), set()).add(r)
-        return ds, want, plan(ds, actual, planned, scope)
+        p = plan(ds, actual, planned, scope)
+        # an ASG is one per resource group, the plan's groups are per VNet: one that another VNet of
+        # its resource group still wants, or whose NICs still carry it, has a purpose
+        used = {(_rg(net), n) for net, n in ds.groups}
+        for iid, itf in planned.items():
+            used |= {(_rg(itf.network), n) for n in (itf.ours | p.attach.get(iid, set())) - p.detach.get(iid, set())}
+        p.delete = [(net, n) for net, n in p.delete if (_rg(net), n) not in used]
+        return ds, want, p
 
     # --- reads
 
@@ -358,7 +397,7 @@ class AzurePerimeter:
             rid = ArmId.parse(data["id"])
             rg = rid.group.lower()
             tags = data.get("tags") or {}
-            if tags.get("ringfence") != "perimeter" or not _OUR_NSG.match(name):
+            if tags.get("ringfence") != "perimeter" or not (_OUR_NSG.match(name) or name == NONE_NSG):
                 taken[rg].add(name)
                 continue
             nsgs[(rg, name)] = data["id"]
@@ -368,12 +407,12 @@ class AzurePerimeter:
             }
         return nsgs, rules
 
-    def _want(
-        self, ds: DesiredState, asgs: dict[tuple[str, str], str], locations: dict[str, str]
-    ) -> dict[tuple[str, str], dict[str, tuple[str, PerimeterRule | None, dict[str, Any]]]]:
-        """Per (network, env): the NSG's rules as they must be, name → (group, plan rule, body without
-        priority); the boundary's deny is one of them (group "")."""
-        out: dict[tuple[str, str], dict[str, tuple[str, PerimeterRule | None, dict[str, Any]]]] = defaultdict(dict)
+    def _want(self, ds: DesiredState, asgs: dict[tuple[str, str], str], locations: dict[str, str]) -> Want:
+        """Per (resource group, NSG name): the NSG's rules as they must be, name → (group, plan rule,
+        body without priority), the boundary's deny among them (group ""), and a network of it. The
+        VNets of one resource group with the same env share its NSG: their rules are merged (a rule
+        is named by what it says, and an ASG is the same one in every VNet of the resource group)."""
+        out: Want = {}
         for (net, gname), g in sorted(ds.groups.items()):
             # ARM ids are known before a resource exists: those of ASGs this run creates too (in this
             # subscription, in the VNet's resource group)
@@ -383,11 +422,33 @@ class AzurePerimeter:
                 body = security_rule(ids[gname], r, ids, 0)
                 del body["properties"]["priority"]
                 body["properties"]["description"] = _describe(gname, r)
-                out[(net, g.env)][rule_name(gname, r)] = (gname, r, body)
+                out.setdefault((_rg(net), nsg_name(g.env)), ({}, net))[0][rule_name(gname, r)] = (gname, r, body)
             if gname == boundary_name(g.env):
-                deny = deny_rule(ids[gname])
-                del deny["properties"]["priority"]
-                out[(net, g.env)][DENY_NAME] = ("", None, deny)
+                out.setdefault((_rg(net), nsg_name(g.env)), ({}, net))[0][DENY_NAME] = (
+                    "",
+                    None,
+                    _no_priority(deny_rule(ids[gname])),
+                )
+        return out
+
+    def _closing(
+        self,
+        ds: DesiredState,
+        interfaces: dict[str, Interface],
+        nics: dict[str, dict[str, Any]],
+        nsgs: dict[tuple[str, str], str],
+    ) -> set[str]:
+        """The NICs that get rf-none: of a known VM without an env, whose NSG is one of ours (an env's,
+        whose deny names an ASG the NIC no longer has, so Azure's AllowVnetInBound would admit the
+        VNet), or none while it still carries ASGs of ours. A VM Ringfence never segmented is left."""
+        ours = {v.lower() for v in nsgs.values()}
+        out = set()
+        for iid, itf in interfaces.items():
+            if itf.workload is None or itf.fixed or itf.held or iid in ds.attachments:
+                continue
+            current = ((nics[iid].get("properties") or {}).get("networkSecurityGroup") or {}).get("id")
+            if (current is None and itf.ours) or (current is not None and str(current).lower() in ours):
+                out.add(iid)
         return out
 
     # --- writes
@@ -399,9 +460,10 @@ class AzurePerimeter:
         asgs: dict[tuple[str, str], str],
         nsgs: dict[tuple[str, str], str],
         rules: dict[tuple[str, str], dict[str, dict[str, Any]]],
-        want: dict[tuple[str, str], dict[str, tuple[str, PerimeterRule | None, dict[str, Any]]]],
+        want: Want,
         nics: dict[str, dict[str, Any]],
         interfaces: dict[str, Interface],
+        closing: set[str],
         locations: dict[str, str],
         scope: Scope,
         res: AzurePerimeterResult,
@@ -417,13 +479,13 @@ class AzurePerimeter:
                 ).result()
                 asgs[key] = str(made.id)
                 res.writes.append(f"PUT asg {g.name}")
-        for net, env in sorted(want):
-            self._nsg(net, env, nsgs, rules, want[(net, env)], locations[net], scope, res)
+        for key, (wanted, net) in sorted(want.items()):
+            self._nsg(key, net, nsgs, rules, wanted, locations.get(net, ""), scope, res)
         for iid, itf in sorted(interfaces.items()):
-            if itf.workload is None or itf.fixed:
+            if itf.workload is None or itf.fixed or itf.held:
                 continue
             on, off = p.attach.get(iid, set()), p.detach.get(iid, set())
-            self._nic(nics[iid], itf.network, on, off, asgs, nsgs, ds, res)
+            self._nic(nics[iid], itf.network, on, off, asgs, nsgs, ds, iid in closing, res)
         if p.delete:
             self._unreference(p, asgs, nsgs, rules, want, res)
         for net, name in p.delete:
@@ -439,13 +501,13 @@ class AzurePerimeter:
         asgs: dict[tuple[str, str], str],
         nsgs: dict[tuple[str, str], str],
         rules: dict[tuple[str, str], dict[str, dict[str, Any]]],
-        want: dict[tuple[str, str], dict[str, tuple[str, PerimeterRule | None, dict[str, Any]]]],
+        want: Want,
         res: AzurePerimeterResult,
     ) -> None:
         """Before ASGs are deleted, the rules of our NSGs no environment wants any more that name them
         go (ARM refuses to delete an ASG a security rule names)."""
         gone = {asgs[(_rg(net), name)].lower() for net, name in p.delete if (_rg(net), name) in asgs}
-        kept = {(_rg(net), nsg_name(env)) for net, env in want}
+        kept = set(want)
         for key, nid in sorted(nsgs.items()):
             if key in kept:
                 continue
@@ -462,8 +524,8 @@ class AzurePerimeter:
 
     def _nsg(
         self,
+        key: tuple[str, str],
         net: str,
-        env: str,
         nsgs: dict[tuple[str, str], str],
         rules: dict[tuple[str, str], dict[str, dict[str, Any]]],
         wanted: dict[str, tuple[str, PerimeterRule | None, dict[str, Any]]],
@@ -471,12 +533,11 @@ class AzurePerimeter:
         scope: Scope,
         res: AzurePerimeterResult,
     ) -> None:
-        """The NSG of ``env`` in ``net`` exactly as wanted: missing or changed rules (the deny among them)
-        written, and under a full run every other rule deleted."""
+        """The NSG ``key`` (resource group, name; ``net``: a network of it) exactly as wanted: missing
+        or changed rules (the deny among them) written, and under a full run every other rule deleted."""
         ops = self.arm.network
-        group = ArmId.parse(net).group
-        name = nsg_name(env)
-        key = (group.lower(), name)
+        name = key[1]
+        group = ArmId.parse(nsgs.get(key, net)).group
         if key not in nsgs:
             made = ops.network_security_groups.begin_create_or_update(
                 group, name, NetworkSecurityGroup({"location": location, "tags": {**TAG, "ringfence-network": net}})
@@ -493,10 +554,10 @@ class AzurePerimeter:
         used: dict[int, int] = defaultdict(int)
         for props in have.values():
             used[int(props.get("priority") or 0)] += 1
-        for rname, (_, _, body) in sorted(wanted.items(), key=lambda kv: kv[0] != DENY_NAME):
+        for rname, (_, _, body) in sorted(wanted.items(), key=lambda kv: kv[0] not in (DENY_NAME, DENY_ALL_NAME)):
             current = have.get(rname)
             prio = int((current or {}).get("priority") or 0)
-            right = DENY_PRIORITY if rname == DENY_NAME else None
+            right = DENY_PRIORITY if rname in (DENY_NAME, DENY_ALL_NAME) else None
             ok_prio = prio == right if right else PRIORITY_FIRST <= prio < DENY_PRIORITY and used[prio] == 1
             if current is not None and ok_prio and _rule_key(current) == _rule_key(body["properties"]):
                 continue
@@ -518,10 +579,12 @@ class AzurePerimeter:
         asgs: dict[tuple[str, str], str],
         nsgs: dict[tuple[str, str], str],
         ds: DesiredState,
+        close: bool,
         res: AzurePerimeterResult,
     ) -> None:
         """The NIC's ASGs as planned, and the NSG of its environment where it has none or another
-        environment's of ours (whose deny would name an ASG the NIC no longer has)."""
+        environment's of ours (whose deny would name an ASG the NIC no longer has); ``close``: no
+        env, rf-none (in the same PUT that takes our ASGs off)."""
         rid = ArmId.parse(nic["id"])
         body = {k: v for k, v in nic.items() if k in ("location", "tags", "properties")}
         props = body.setdefault("properties", {})
@@ -545,12 +608,52 @@ class AzurePerimeter:
                 changed = True
             elif str(current).lower() != target.lower():
                 res.warnings.append(f"{nic['id']} has the NSG {current}: the {nsg_name(env)} rules do not apply to it")
+        elif close:
+            target = nsgs[(rg, NONE_NSG)]
+            if str(current or "").lower() != target.lower():
+                props["networkSecurityGroup"] = {"id": target}
+                changed = True
         if not changed:
             return
         self.arm.network.network_interfaces.begin_create_or_update(
             rid.group, rid.names[0], NetworkInterface(body)
         ).result()
         res.writes.append(f"PUT nic {rid.names[0]}")
+
+
+Wanted = dict[str, tuple[str, PerimeterRule | None, dict[str, Any]]]
+Want = dict[tuple[str, str], tuple[Wanted, str]]  # (resource group, NSG name) → (rules, a network of it)
+
+
+def _no_priority(rule: dict[str, Any]) -> dict[str, Any]:
+    del rule["properties"]["priority"]
+    return rule
+
+
+def _unnamable(config: PerimeterConfig, labels: dict[str, str]) -> str | None:
+    """Why a VM with ``labels`` cannot be given its ASGs and NSG (a name ARM refuses), or None."""
+    env = labels.get("env")
+    if not env:
+        return None
+    names = [boundary_name(env), f"{PREFIX}{env}-mgmt", nsg_name(env)]
+    names += [
+        published_name(env, s.name) for s in config.published if all(labels.get(k) == v for k, v in s.match.items())
+    ]
+    bad = [n for n in names if not ARM_NAME.match(n)]
+    if not bad:
+        return None
+    return (
+        f"env {env[:40]!r} gives {bad[0][:60]!r}, not an ASG/NSG name Azure takes "
+        f"(1-80 of letters, digits, _ . -, starting alphanumeric, ending alphanumeric or _)"
+    )
+
+
+def _nsg_place(net: str) -> str:
+    """Where a network's NSGs are: its resource group (a network not named by an ARM id: itself)."""
+    try:
+        return _rg(net)
+    except ValueError:
+        return net
 
 
 def _rg(net: str) -> str:
