@@ -6,11 +6,13 @@ list matters these tests use a secondary ENI (moto keeps its list exact)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import boto3
 import pytest
+from pydantic import ValidationError
 
 from ringfence.clouds.aws.sg import EMPTY, SecurityGroupPerimeter
 from ringfence.perimeter import PerimeterConfig, Scope
@@ -214,3 +216,83 @@ def test_attack_a_published_service_does_not_get_another_services_ports(vpc: Vpc
     assert sgp.reconcile(cfg, wl, Scope.FULL).plan == dict.fromkeys(
         ("create", "authorize", "revoke", "attach", "detach", "delete"), 0
     )
+
+
+def test_attack_an_interface_over_the_group_quota_still_sheds_the_older_shared_published_group(
+    vpc: Vpc, sgp: SecurityGroupPerimeter
+) -> None:
+    """A web interface that matches two services carries two groups of another team and the older
+    shared rf-prod-published (every service's ports, the bastion's tcp/22 included, from 0.0.0.0/0).
+    Its per-service groups would make 6 > 5: it is still reported and refused, but it sheds the old
+    shared group (one wanted group in its place, never more groups than it had), which is then
+    deleted (it used to be left as it was, keeping tcp/22 from the internet for good)."""
+    cfg = PerimeterConfig.model_validate(
+        {
+            "admin_cidrs": ["10.99.0.0/24"],
+            "published": [
+                {"name": "web", "match": {"role": "web"}, "ports": ["tcp/443"]},
+                {"name": "api", "match": {"tier": "edge"}, "ports": ["tcp/8443"]},
+                {"name": "bastion", "match": {"role": "jumpbox"}, "ports": ["tcp/22"]},
+            ],
+        }
+    )
+    old = vpc.ec2.create_security_group(
+        GroupName="rf-prod-published",
+        Description="Ringfence prod published services",
+        VpcId=vpc.id,
+        TagSpecifications=[
+            {"ResourceType": "security-group", "Tags": [{"Key": "ringfence:perimeter", "Value": "prod"}]}
+        ],
+    )["GroupId"]
+    for port in (443, 8443, 22):
+        vpc.ec2.authorize_security_group_ingress(
+            GroupId=old,
+            IpPermissions=[
+                {"IpProtocol": "tcp", "FromPort": port, "ToPort": port, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}
+            ],
+        )
+    web, jump = vpc.launch(), vpc.launch()
+    eni = vpc.second_eni(web, [vpc.foreign("app-sg"), vpc.foreign("monitoring-sg"), old])
+    wl = {web: {"env": "prod", "role": "web", "tier": "edge"}, jump: {"env": "prod", "role": "jumpbox"}}
+    for _ in range(2):
+        res = sgp.reconcile(cfg, wl, Scope.FULL)
+        assert res.refused == [web]
+        assert any(v.startswith(f"{eni}: 6 security groups > 5") for v in res.violations), res.violations
+    on = vpc.names_on(eni)
+    assert "rf-prod-published" not in on and len(on) == 3, on
+    assert sorted(on) == ["app-sg", "monitoring-sg", "rf-prod-boundary"], "in its place: a group it wants"
+    assert vpc.group("rf-prod-published") == {}, "the older shared group: detached, then deleted"
+    assert res.plan == dict.fromkeys(("create", "authorize", "revoke", "attach", "detach", "delete"), 0)
+
+
+def test_attack_two_published_services_of_one_name_are_refused_by_name(
+    vpc: Vpc, sgp: SecurityGroupPerimeter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two published services named 'public' (the LBs on tcp/443, the jumpboxes on tcp/22) would
+    share rf-<env>-published.public and each other's ports: the configuration is refused, naming the
+    name, where every perimeter loads it (RINGFENCE_PERIMETER_CONFIG as the functions and serve
+    read it, and the GCP perimeter's from_env), and nothing is planned from it."""
+    raw = json.dumps(
+        {
+            "published": [
+                {"name": "public", "match": {"role": "web"}, "ports": ["tcp/443"]},
+                {"name": "api", "match": {"role": "api"}, "ports": ["tcp/8443"]},
+                {"name": "public", "match": {"role": "jumpbox"}, "ports": ["tcp/22"]},
+            ]
+        }
+    )
+    with pytest.raises(ValidationError, match=r"service names must be unique.*'public' given more than once"):
+        PerimeterConfig.model_validate_json(raw)
+    from ringfence.clouds.gcp.reconcile import GcpPerimeter
+
+    env = {"RINGFENCE_PERIMETER_CONFIG": raw, "RINGFENCE_GCP_PERIMETER": "{}"}
+    with pytest.raises(ValueError, match=r"(?s)RINGFENCE_PERIMETER_CONFIG: .*'public' given more than once"):
+        GcpPerimeter.from_env(env)
+    # the same services with names of their own: each its own group, its own port
+    fixed = PerimeterConfig.model_validate_json(
+        raw.replace('"public", "match": {"role": "jumpbox"}', '"ssh", "match": {"role": "jumpbox"}')
+    )
+    web, jump = vpc.launch(), vpc.launch()
+    web_eni = vpc.second_eni(web, [vpc.group("default")["GroupId"]])
+    sgp.reconcile(fixed, {web: {"env": "prod", "role": "web"}, jump: {"env": "prod", "role": "jumpbox"}}, Scope.FULL)
+    assert not vpc.world_ssh_on("rf-prod-published.public") and "rf-prod-published.public" in vpc.names_on(web_eni)

@@ -25,7 +25,7 @@ it or cannot be judged.
 from __future__ import annotations
 
 import ipaddress
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -117,6 +117,20 @@ class PerimeterConfig(_Cfg):
         default_factory=dict, description="env → other envs allowed into its boundary (e.g. shared: [prod, dev])"
     )
     quotas: Quotas = Field(default_factory=Quotas)
+
+    @model_validator(mode="after")
+    def _unique_services(self) -> PerimeterConfig:
+        # a published service's name names its group (AWS rf-<env>-published.<name>, Azure's ASG)
+        # and its secure tag (GCP published_tags): two of one name would share one, and its ports
+        counts = Counter(s.name for s in self.published)
+        dup = sorted(name for name, n in counts.items() if n > 1)
+        if dup:
+            raise ValueError(
+                "published: service names must be unique (a name is its group and its tag; two services "
+                f"of one name would share them and each other's ports): {', '.join(map(repr, dup))} "
+                "given more than once"
+            )
+        return self
 
 
 # --- desired state -------------------------------------------------------------------------------
@@ -319,6 +333,10 @@ class Interface:
     foreign: int  # how many attached groups are not ours (they stay)
     fixed: bool = False  # cannot be modified by us (e.g. requester-managed by another service)
     held: str | None = None  # left exactly as it is this run, and why (e.g. it would break a quota)
+    # held for the groups-per-interface quota only: how many of our groups it may carry. It still
+    # loses the groups of ours it must not carry (e.g. an older, wider group), each replaced by one
+    # it wants, by name, while there is room: never more groups than it has, nothing it does not want
+    room: int | None = None
 
 
 @dataclass
@@ -360,7 +378,10 @@ def plan(
     group (EC2 requires one). There, with a ``placeholder`` (the name of a group of ours without
     any rule), that group replaces ours: it is created in that network where missing, kept while
     an interface carries it, and deleted (full run) once none does; without one, ours stay. Under
-    :attr:`Scope.WORKLOADS` rules are only added. Under :attr:`Scope.FULL` extra rules are revoked
+    :attr:`Scope.WORKLOADS` rules are only added. An interface ``held`` with a ``room`` (over the
+    groups-per-interface quota) loses the groups of ours it does not want, each replaced by one it
+    wants (name order, within ``room``), so it never has more groups nor any access the plan does not
+    give it. Under :attr:`Scope.FULL` extra rules are revoked
     and a group that exists but is not wanted is deleted once no interface carries it after this
     plan; a group still on an interface we must not judge or change (``workload`` None, ``fixed``,
     ``held``) is kept, with the reason."""
@@ -379,6 +400,20 @@ def plan(
     after: dict[str, frozenset[str]] = {}
     for iid, itf in sorted(interfaces.items()):
         after[iid] = itf.ours
+        if itf.held and itf.room is not None and itf.workload is not None and not itf.fixed:
+            want = frozenset(ds.attachments.get(iid, set()))
+            off = itf.ours - want
+            keep = itf.ours & want
+            candidates = sorted(n for n in want - itf.ours if (ds.networks.get(iid, itf.network), n) in ds.groups)
+            on = frozenset(candidates[: max(0, min(len(off), itf.room - len(keep)))])
+            if not (keep or on or itf.foreign):
+                continue  # EC2 needs one group: as it is
+            if on:
+                p.attach[iid] = set(on)
+            if off:
+                p.detach[iid] = set(off)
+            after[iid] = (itf.ours | on) - off
+            continue
         if itf.workload is None or itf.fixed or itf.held:
             continue
         want = frozenset(ds.attachments.get(iid, set()))

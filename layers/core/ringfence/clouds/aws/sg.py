@@ -278,6 +278,13 @@ class SecurityGroupPerimeter:
         for iid, why in interface_quota_violations(ds, config, foreign).items():
             violation(why)
             hold(iid, why)
+        # held for this quota only: it still sheds the groups of ours it must not carry (the older
+        # shared rf-<env>-published, every service's ports from the internet, was kept for good)
+        quota_held = {
+            iid: config.quotas.groups_per_interface - foreign[iid]
+            for iid, why in held.items()
+            if iid in enis and why == interface_quota_violations(ds, config, foreign).get(iid)
+        }
         # groups that cannot be made: rules over quota, or a name held by a group that is not ours;
         # the rule-less stand-in where an interface needs none of ours and has no other group
         over = group_quota_violations(ds, config)
@@ -312,7 +319,8 @@ class SecurityGroupPerimeter:
             g.rules = {r for r in g.rules if not (r.peer_kind == "group" and (net, r.peer) in dropped)}
         for iid in held:
             if iid in enis and iid in ds.attachments:
-                log.warning("perimeter: %s left as it is: %s", iid, held[iid])
+                how = "sheds what it must not carry, gets no more groups" if iid in quota_held else "left as it is"
+                log.warning("perimeter: %s %s: %s", iid, how, held[iid])
         interfaces = {
             e.id: Interface(
                 id=e.id,
@@ -322,6 +330,7 @@ class SecurityGroupPerimeter:
                 foreign=foreign[e.id],
                 fixed=e.fixed,
                 held=held.get(e.id),
+                room=quota_held.get(e.id),
             )
             for e in enis.values()
         }
