@@ -583,6 +583,19 @@ def two_keys(signer: AgentKey, named: str, header: str = "Proc-Type: 4,ENCRYPTED
     return signer.pem.replace("-----BEGIN PUBLIC KEY-----\n", f"-----BEGIN PUBLIC KEY-----\n{header}\n\n") + named
 
 
+def iid_request(env: Env, wid: str, doc: str, signer: AgentKey, text: str) -> dict[str, Any]:
+    """An aws-iid enrollment with a fresh nonce presenting the key text ``text``, signed by ``signer``."""
+    n = nonce(env)
+    return {
+        "method": "aws-iid",
+        "nonce": n,
+        "document": doc,
+        "document_signature": env.iid.sign(doc),
+        "agent_key": text,
+        "agent_signature": signer.prove("enroll", wid, n),
+    }
+
+
 def test_attack_a_key_text_holding_the_bound_key_and_the_attackers_does_not_take_over_the_workload(env: Env) -> None:
     """A captured identity document and the enrolled agent's public key (no secret) used to take
     the workload over: the signature was checked with the attacker's block, the binding, token
@@ -594,16 +607,7 @@ def test_attack_a_key_text_holding_the_bound_key_and_the_attackers_does_not_take
     assert status == 200, body
     victim_token = body["token"]
     attacker = AgentKey()
-    n = nonce(env)
-    forged = {
-        "method": "aws-iid",
-        "nonce": n,
-        "document": doc,
-        "document_signature": env.iid.sign(doc),
-        "agent_key": two_keys(attacker, agent_key(web).pem),
-        "agent_signature": attacker.prove("enroll", web, n),
-    }
-    status, answer = enroll(env, forged)
+    status, answer = enroll(env, iid_request(env, web, doc, attacker, two_keys(attacker, agent_key(web).pem)))
     assert status in (400, 422) and "one Ed25519 public key" in json.dumps(answer), (status, answer)
     # either order, a comment line around it, another key type: one key and nothing else
     for text in (
@@ -611,10 +615,7 @@ def test_attack_a_key_text_holding_the_bound_key_and_the_attackers_does_not_take
         "note\n" + agent_key(web).pem,
         two_keys(attacker, agent_key(web).pem, header="X-Y: z"),
     ):
-        n = nonce(env)
-        status, answer = enroll(
-            env, dict(forged, nonce=n, agent_key=text, agent_signature=attacker.prove("enroll", web, n))
-        )
+        status, answer = enroll(env, iid_request(env, web, doc, attacker, text))
         assert status in (400, 422), (status, answer)
     assert bundle_status(env, web, victim_token) == 200, "the enrolled agent's token was revoked"
     assert len(audits(env, "agent.enroll", web)) == 1
@@ -622,9 +623,7 @@ def test_attack_a_key_text_holding_the_bound_key_and_the_attackers_does_not_take
     crlf = agent_key(web).pem.replace("\n", "\r\n")
     status, body = enroll_iid(env, web, doc)
     assert status == 200, body
-    n = nonce(env)
-    again = dict(forged, nonce=n, agent_key=crlf, agent_signature=agent_key(web).prove("enroll", web, n))
-    status, body = enroll(env, again)
+    status, body = enroll(env, iid_request(env, web, doc, agent_key(web), crlf))
     assert status == 200, body
     assert env.store.agent_key(web) == agent_key(web).pem
 
@@ -650,16 +649,7 @@ def test_attack_an_agent_key_of_another_type_is_refused_not_an_error(env: Env) -
         rsa_pem.replace("-----BEGIN PUBLIC KEY-----\n", "-----BEGIN PUBLIC KEY-----\nX-Y: z\n\n") + mine.pem,
         "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n",
     ):
-        n = nonce(env)
-        req = {
-            "method": "aws-iid",
-            "nonce": n,
-            "document": doc,
-            "document_signature": env.iid.sign(doc),
-            "agent_key": text,
-            "agent_signature": mine.prove("enroll", web, n),
-        }
-        status, answer = enroll(env, req)
+        status, answer = enroll(env, iid_request(env, web, doc, mine, text))
         assert status in (400, 422) and "one Ed25519 public key" in json.dumps(answer), (status, answer)
     assert env.store.agent_key(web) is None
 

@@ -55,14 +55,15 @@ class Plane:
     def nonce(self) -> str:
         return str(self.call(self.agents, "GET", "/v1/nonce")[1]["nonce"])
 
-    def pair(self, pairing_key: str, key: AgentKey) -> tuple[int, Any]:
+    def pair(self, pairing_key: str, key: AgentKey, text: str | None = None) -> tuple[int, Any]:
+        """Enroll by pairing, signed by ``key``, presenting its key (or the key text ``text``)."""
         n = self.nonce()
         body = {
             "method": "pairing",
             "nonce": n,
             "workload_id": WID,
             "pairing_key": pairing_key,
-            "agent_key": key.pem,
+            "agent_key": key.pem if text is None else text,
             "agent_signature": key.prove("enroll", WID, n),
         }
         return self.call(self.agents, "POST", "/v1/enroll", body)
@@ -239,16 +240,7 @@ def test_attack_a_key_text_holding_the_named_key_and_the_attackers_does_not_pass
     assert plane.call(plane.admin, "DELETE", f"/admin/workloads/{WID}/agent-key", body)[0] == 200
     leaked = plane.mint(uses=5)
     attacker = AgentKey()
-    n = plane.nonce()
-    req = {
-        "method": "pairing",
-        "nonce": n,
-        "workload_id": WID,
-        "pairing_key": leaked,
-        "agent_key": two_keys(attacker, reinstalled.pem, header="X-Y: z"),
-        "agent_signature": attacker.prove("enroll", WID, n),
-    }
-    status, answer = plane.call(plane.agents, "POST", "/v1/enroll", req)
+    status, answer = plane.pair(leaked, attacker, two_keys(attacker, reinstalled.pem, header="X-Y: z"))
     assert status in (400, 422) and "one Ed25519 public key" in str(answer), (status, answer)
     assert plane.wiring.store.agent_key(WID) is None
     status, answer = plane.pair(leaked, reinstalled)
