@@ -23,7 +23,7 @@ from ringfence.store.base import (
 from ringfence.versions import digest_of
 
 from .api import Response, error, secret_hash
-from .wiring import BaseWiring, Metric, log, no_metric
+from .wiring import BaseWiring, Metric, PolicyTampered, log, no_metric
 
 # the metric every action that lowers a safeguard counts toward (a CloudWatch alarm watches it):
 # a workload set to idle (its firewall untouched), a release from quarantine, fail-safes widened
@@ -101,12 +101,26 @@ class Admin:
         # for the audit table, and the version was active with no record)
         found = [str(w) for w in warnings(policy, live)]
         digest = digest_of(files)
-        active = self.w.active_policy()
-        widened = failsafe_widening(active[1].failsafes, policy.failsafes) if active else []
-        idle = newly_idle(active[1], policy, live) if active else []
+        # the active version: the compare-and-swap is over its number, and its policy is the base
+        # the fail-safe widening and newly idle workloads are judged against. Should its files no
+        # longer be its own (rewritten or removed in the bucket), there is no comparable base: the
+        # version replacing it is how an operator repairs that, so it goes ahead, uncompared, and
+        # says so (in its record and as a lowered safeguard), rather than failing until someone
+        # restores the object by hand
+        active_pv = self.w.store.active_policy()
+        base, unverifiable = None, ""
+        if active_pv is not None:
+            try:
+                base = self.w.policy(active_pv)
+            except PolicyTampered as exc:
+                unverifiable = str(exc)
+        widened = failsafe_widening(base.failsafes, policy.failsafes) if base else []
+        idle = newly_idle(base, policy, live) if base else []
         version = self.w.store.next_policy_version()
         target = f"policy/v{version}"
         detail: dict[str, Any] = {"digest": digest}
+        if active_pv is not None and unverifiable:
+            detail["replaces_unverifiable"] = {"version": active_pv.number, "why": unverifiable}
         if found:
             detail["warnings"] = found[:LISTED]
             detail["warning_count"] = len(found)
@@ -131,7 +145,7 @@ class Admin:
                 target,
                 detail,
                 reason,
-                before=active[0].digest if active else "",
+                before=active_pv.digest if active_pv else "",
                 after=digest,
             )
         except Exception:
@@ -140,7 +154,7 @@ class Admin:
             self._unpublish(keys)
             raise
         try:  # only over the version this one was tested and compared against
-            self.w.store.activate_policy(pv, expected_active=active[0].number if active else None)
+            self.w.store.activate_policy(pv, expected_active=active_pv.number if active_pv else None)
         except ConflictError as exc:
             # a concurrent provision won: this version never becomes active, nor is it kept (its
             # number stays unused); provision again over the one that won
@@ -158,6 +172,9 @@ class Admin:
             self._lowered(principal, "fail-safes widened: " + "; ".join(widened), target)
         if idle:
             self._lowered(principal, f"{len(idle)} workload(s) newly idle", target)
+        if active_pv is not None and unverifiable:
+            why = f"replaces version {active_pv.number}, whose files are not its own: fail-safes and idle not compared"
+            self._lowered(principal, why, target)
         self.w.enqueue_compute(rebuild=True)
         return Response(201, {"version": version, "digest": digest, "audit_id": audit_id, "warnings": found})
 
@@ -311,7 +328,10 @@ class Admin:
         from ringfence.viz.depmap import MapFilter, build_map
         from ringfence.viz.render import render
 
-        active = self.w.active_policy()
+        try:
+            active = self.w.active_policy()
+        except PolicyTampered as exc:
+            return error(409, "active policy unverifiable", f"{exc}: provision a good version")
         if active is None:
             return error(409, "no active policy", "provision a policy version first")
         inventory = [r.effective() for r in self.w.store.all_records() if r.active]
@@ -328,7 +348,10 @@ class Admin:
         active policy."""
         from ringfence.flows.suggest import suggest
 
-        active = self.w.active_policy()
+        try:
+            active = self.w.active_policy()
+        except PolicyTampered as exc:
+            return error(409, "active policy unverifiable", f"{exc}: provision a good version")
         if active is None:
             return error(409, "no active policy", "provision a policy version first")
         sug = suggest(active[1], self.w.store.flow_rows(), app, env, min_flows, include_allowed)

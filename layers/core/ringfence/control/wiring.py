@@ -49,7 +49,16 @@ class NoSigningKey(RuntimeError):
 
 class PolicyTampered(RuntimeError):
     """A policy version's files, as read, are not the ones its recorded digest names (changed in
-    the bucket after provisioning): never compiled, never enforced."""
+    the bucket after provisioning), or one of them is gone: never compiled, never enforced."""
+
+
+def _object_missing(exc: BaseException) -> bool:
+    """``exc`` says the object is not there (removed from the bucket), not that it could not be
+    read now (throttled, unreachable): only the first is a version's files no longer being its own."""
+    if isinstance(exc, FileNotFoundError):
+        return True
+    code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+    return code in {"NoSuchKey", "404", "NotFound"}
 
 
 # --- configuration ------------------------------------------------------------------------------
@@ -284,7 +293,14 @@ class BaseWiring:
             return known
         with self._policy_lock:
             if pv.number not in self._policies:
-                bodies = self.publisher.get_many(list(pv.keys.values()))
+                try:
+                    bodies = self.publisher.get_many(list(pv.keys.values()))
+                except Exception as exc:
+                    if not _object_missing(exc):
+                        raise
+                    raise PolicyTampered(
+                        f"policy version {pv.number}: a file of it is gone from the bucket ({exc}); not loaded"
+                    ) from exc
                 texts = pv.texts(bodies.__getitem__)
                 # the texts provisioned (and audited, by this digest), or nothing: a file rewritten
                 # in the bucket fails every caller (compute's batch is retried, then alarmed)
