@@ -8,15 +8,19 @@ check that they validate against these models.
 from __future__ import annotations
 
 import ipaddress
+import logging
+import time
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ringfence.agentwire import API_PREFIX as API_PREFIX
 from ringfence.agentwire import MAX_REPORT_BYTES as MAX_REPORT_BYTES
 from ringfence.agentwire import MAX_REPORT_RECORDS as MAX_REPORT_RECORDS
 from ringfence.bundlewire import BundleError, ed25519_pem_of_raw, ed25519_public_from_one_pem
 from ringfence.enums import Mode
+
+log = logging.getLogger(__name__)
 
 
 class _Body(BaseModel):
@@ -108,14 +112,16 @@ class HeartbeatResponse(_Body):
 
 MAX_TIME = 4_102_444_800.0  # 2100-01-01T00:00Z: a report's times are epoch seconds below it
 MAX_COUNT = 2**53  # packets, bytes and folded counts: exact as a float and in DynamoDB
+MAX_SPAN = 86400.0  # a flow record's end is at most this long after its start (as a VPC Flow Log line's)
+MAX_AHEAD = 300.0  # a record's time is at most this far ahead of the control plane's clock (the agent's skew)
 
 
 def _address(v: str) -> str:
-    """An IPv4 or IPv6 address (no zone index), kept as written."""
+    """An IPv4 or IPv6 address (no zone index), in its one canonical spelling (``FD00::31`` and
+    ``fd00:0:0:0:0:0:0:31`` are ``fd00::31``, as inventory addresses are written)."""
     if "%" in v:
         raise ValueError("an address with a zone index")
-    ipaddress.ip_address(v)
-    return v
+    return ipaddress.ip_address(v).compressed
 
 
 Address = Annotated[str, Field(max_length=45, description="an IPv4 or IPv6 address"), AfterValidator(_address)]
@@ -135,6 +141,12 @@ class FlowRecord(_Body):
     packets: Count = 0
     bytes: Count = 0
     direction: Literal["inbound", "outbound"]
+
+    @model_validator(mode="after")
+    def _span(self) -> FlowRecord:
+        if not self.start <= self.end <= self.start + MAX_SPAN:
+            raise ValueError(f"end must be from start to {MAX_SPAN:.0f} s after it")
+        return self
 
 
 class DropEvent(_Body):
@@ -158,6 +170,21 @@ class ReportBatch(_Body):
     flows: list[FlowRecord] = Field(default_factory=list, max_length=MAX_REPORT_RECORDS)
     drops: list[DropEvent] = Field(default_factory=list, max_length=MAX_REPORT_RECORDS)
     dropped_records: int = Field(0, ge=0, description="records the agent discarded because its buffer was full")
+
+    @model_validator(mode="after")
+    def _clock(self) -> ReportBatch:
+        """A record dated more than ``MAX_AHEAD`` s after this clock: the agent's clock runs
+        ahead (its flows would be dated where they were not seen). The batch is refused naming
+        the skew, so the agent logs it, rather than accepted and its records not taken."""
+        times = [t for f in self.flows for t in (f.start, f.end)] + [d.time for d in self.drops]
+        ahead = max(times, default=0.0) - time.time()
+        if ahead > MAX_AHEAD:
+            log.warning("a report batch's newest record is %.0f s ahead of this clock: refused", ahead)
+            raise ValueError(
+                f"the newest record is {ahead:.0f} s ahead of the control plane's clock (at most {MAX_AHEAD:.0f} s): "
+                "the agent's clock runs fast; set it right (NTP), the batch is not kept"
+            )
+        return self
 
 
 class ReportsResponse(_Body):

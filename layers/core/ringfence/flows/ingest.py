@@ -5,13 +5,15 @@ function ``functions/flows``.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ringfence.agentapi import MAX_AHEAD
 from ringfence.flows.aggregate import DEFAULT_RETENTION_DAYS, Aggregator, FlowRow
 from ringfence.flows.classify import Classifier
 from ringfence.flows.records import Flow
@@ -27,10 +29,11 @@ from ringfence.flows.resolve import (
 from ringfence.flows.vpclogs import Parser, ParseReport, Record
 from ringfence.model import Workload
 from ringfence.policy import Policy
+from ringfence.store.base import ACTIVE_STATES
 
 log = logging.getLogger(__name__)
 
-MAX_SKEW = 300.0  # seconds an agent's flow may start after the ingest's now (clock skew)
+MAX_SKEW = MAX_AHEAD  # seconds an agent's flow may end after the ingest's now (clock skew; the report route's)
 # memory per VPC Flow Log object (vpc_object)
 CHUNK = 20_000  # records parsed, then resolved and folded, at a time
 MEMO = 50_000  # entries of each per-address memo kept (past it, forgotten)
@@ -41,6 +44,8 @@ MAX_ROWS = 50_000  # distinct rows per object; flows that would make a further r
 class InventoryView(Protocol):
     id: str
     workload: Workload
+    state: str
+    observed_at: float
 
     @property
     def active(self) -> bool: ...
@@ -68,6 +73,15 @@ def reporter_of(path: str) -> str:
     return parts[-2] if len(parts) > 1 else ""
 
 
+def _spelled(address: str) -> str:
+    """An address as inventory addresses and the history are written (a batch archived before
+    the agent API wrote them so may spell one otherwise)."""
+    try:
+        return ipaddress.ip_address(address).compressed
+    except ValueError:
+        return address
+
+
 def agent_flows(workload_id: str, batch: dict[str, Any]) -> list[Flow]:
     """An agent's report batch (:class:`ringfence.agentapi.ReportBatch`, as JSON) as flows."""
     out = []
@@ -76,8 +90,8 @@ def agent_flows(workload_id: str, batch: dict[str, Any]) -> list[Flow]:
             Flow(
                 start=float(r["start"]),
                 end=float(r["end"]),
-                src=r["src"],
-                dst=r["dst"],
+                src=_spelled(r["src"]),
+                dst=_spelled(r["dst"]),
                 proto=r["proto"],
                 dport=r.get("dport"),
                 packets=int(r.get("packets", 0)),
@@ -92,8 +106,8 @@ def agent_flows(workload_id: str, batch: dict[str, Any]) -> list[Flow]:
             Flow(
                 start=float(d["time"]),
                 end=float(d["time"]),
-                src=d["src"],
-                dst=d["dst"],
+                src=_spelled(d["src"]),
+                dst=_spelled(d["dst"]),
                 proto=d["proto"],
                 dport=d.get("dport"),
                 origin="agent",
@@ -119,6 +133,31 @@ class IngestResult:
         return sum(f.malformed for f in self.files)
 
 
+def handed_at(get: Callable[[str], InventoryView | None]) -> Callable[[AddressOwner, Workload], float | None]:
+    """When an address passed from its latest interval's owner to ``new``, by the inventory (or
+    None: not known, the interval opens when the pass sees it). The new owner's record says it
+    holds the address since its last observation (``observed_at``: the control plane's, never
+    the host's); the old owner's says it no longer does since its own, once it is terminated or
+    stopped (a deregistered or terminated record) or lists the address no more. A nobody's
+    interval ended no owner's time. The handover is the later of the two: never before the old
+    owner let the address go, so a new host still dates no flow into its predecessor's time."""
+
+    def at(last: AddressOwner, new: Workload) -> float | None:
+        rec = get(new.id)
+        if rec is None:
+            return None
+        if last.workload_id == NOBODY:
+            gone = last.since
+        else:
+            old = get(last.workload_id)
+            if old is None or (old.state in ACTIVE_STATES and last.address in old.workload.ips):
+                return None  # its end is not known (an offline twin may still hold it)
+            gone = old.observed_at
+        return max(rec.observed_at, gone)
+
+    return at
+
+
 class FlowIngest:
     """Ingest into ``store`` under ``policy`` (the active one), keeping rows ``retention_days``."""
 
@@ -133,12 +172,16 @@ class FlowIngest:
         return self._records.get(workload_id) if self._records is not None else self.store.get(workload_id)
 
     def sync(self, at: float | None = None) -> int:
-        """Note the inventory's current address owners (:mod:`ringfence.flows.resolve`)."""
+        """Note the inventory's current address owners (:mod:`ringfence.flows.resolve`). An
+        address that changed hands since the last pass opens its new owner's interval when the
+        inventory shows the handover (:func:`handed_at`), not at this pass: a new host's flows
+        before the first pass that sees it are its own, not its address's previous owner's."""
         recs = self.store.all_records()
         self._records = {r.id: r for r in recs}  # read again by the flows' check, not per workload
         active = [r.effective() for r in recs if r.active]
         released = [ip for r in recs if not r.active for ip in r.workload.ips]
-        return sync_addresses(self.store, active, released, time.time() if at is None else at)
+        now = time.time() if at is None else at
+        return sync_addresses(self.store, active, released, now, handed_at(self._records.get))
 
     def sync_workload(self, workload_id: str, at: float | None = None) -> int:
         """Note one running workload's current addresses (a reporter's, between full
@@ -157,7 +200,10 @@ class FlowIngest:
                 if other is not None and other.active and address in other.workload.ips:
                     del current[address]
         opened = changed_owners(
-            current, {a: o for a, o in latest.items() if a in current}, time.time() if at is None else at
+            current,
+            {a: o for a, o in latest.items() if a in current},
+            time.time() if at is None else at,
+            handed_at(self.store.get),
         )
         if opened:
             self.store.note_addresses(opened)
@@ -179,8 +225,8 @@ class FlowIngest:
         first flows precede it). In the latter cases the reporter's end is resolved to the
         reporter itself, never to the history's owner. A start in (or before) the interval of
         another workload that no longer holds the address (an address taken over after its owner
-        went: the old owner's flows are not the new host's to report), or later than
-        ``MAX_SKEW`` seconds from now, is refused (counted in ``foreign``)."""
+        went: the old owner's flows are not the new host's to report), or a flow ending later
+        than ``MAX_SKEW`` seconds from now (or before it starts), is refused (counted in ``foreign``)."""
         result = result or IngestResult()
         flows = list(flows)
         if not flows:
@@ -227,7 +273,7 @@ class FlowIngest:
         for f in flows:
             if f.origin != "agent":
                 kept.append(f)
-            elif not f.start <= now + MAX_SKEW:
+            elif not f.start <= f.end <= now + MAX_SKEW:
                 late += 1
             elif own(f, f.src) or own(f, f.dst):
                 kept.append(f)
@@ -238,7 +284,7 @@ class FlowIngest:
             result.foreign += len(flows) - taken
             by = sorted({f.reporter for f in flows if f.origin == "agent"} - {f.reporter for f in kept} - set(twins))
             log.warning(
-                "%d agent flows name neither end their reporter's when they started (%d start in the future): "
+                "%d agent flows name neither end their reporter's when they started (%d end in the future): "
                 "not taken (%s)",
                 len(flows) - taken,
                 late,

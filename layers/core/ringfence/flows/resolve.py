@@ -12,7 +12,7 @@ Ringfence first saw the address).
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from ringfence.model import Workload
 
 NOBODY = ""  # an interval in which no active workload held the address
+STEP = 0.001  # a backdated interval opens at least this long after the one it follows (DynamoDB keys: µs)
 
 
 class AddressOwner(BaseModel):
@@ -39,16 +40,27 @@ class AddressHistoryStore(Protocol):
     def address_history(self, addresses: list[str]) -> dict[str, list[AddressOwner]]: ...
 
 
+Handed = Callable[[AddressOwner, Workload], float | None]
+
+
 def changed_owners(
-    current: Mapping[str, Workload], latest: Mapping[str, AddressOwner], at: float
+    current: Mapping[str, Workload], latest: Mapping[str, AddressOwner], at: float, handed: Handed | None = None
 ) -> list[AddressOwner]:
     """The intervals to open at ``at``: addresses whose owner (or its record) differs from the
-    latest interval, and addresses no active workload holds any more."""
+    latest interval, and addresses no active workload holds any more. An address that changed
+    hands opens its new owner's interval at ``handed(latest interval, new owner)`` instead, when
+    that is a time (when the inventory says the new owner held it and the old one no longer
+    did) between the latest interval's start and ``at``."""
     out = []
     for addr, w in current.items():
         last = latest.get(addr)
         if last is None or last.workload_id != w.id or last.workload != w:
-            out.append(AddressOwner(address=addr, since=at, workload_id=w.id, workload=w))
+            since = at
+            if last is not None and last.workload_id != w.id and handed is not None:
+                t = handed(last, w)
+                if t is not None and last.since + STEP <= t < at:
+                    since = t
+            out.append(AddressOwner(address=addr, since=since, workload_id=w.id, workload=w))
     for addr, last in latest.items():
         if addr not in current and last.workload_id != NOBODY:
             out.append(AddressOwner(address=addr, since=at))
@@ -64,13 +76,19 @@ def current_owners(workloads: Iterable[Workload]) -> dict[str, Workload]:
     return out
 
 
-def sync_addresses(store: AddressHistoryStore, active: Iterable[Workload], released: Iterable[str], at: float) -> int:
+def sync_addresses(
+    store: AddressHistoryStore,
+    active: Iterable[Workload],
+    released: Iterable[str],
+    at: float,
+    handed: Handed | None = None,
+) -> int:
     """Note at ``at`` the owners that ``active`` (the running inventory, effective records) give
     their addresses, and that ``released`` addresses (of workloads gone) are nobody's unless an
-    active one holds them; the number of intervals opened."""
+    active one holds them (``handed``: :func:`changed_owners`); the number of intervals opened."""
     current = current_owners(active)
     latest = latest_owners(store, sorted(set(current) | set(released)))
-    opened = changed_owners(current, latest, at)
+    opened = changed_owners(current, latest, at, handed)
     if opened:
         store.note_addresses(opened)
     return len(opened)

@@ -127,7 +127,7 @@ class Parser:
                 "action", "dstport", "packets", "bytes", "interface-id", "instance-id",
             )
         )  # fmt: skip
-        self._good: set[str] = set()
+        self._good: dict[str, str] = {}  # address as written → canonical (as inventory addresses)
         self._limit = int(time.time()) + MAX_AHEAD
 
     def lines(self, lines: Iterable[str | None]) -> Iterator[Flow]:
@@ -187,7 +187,7 @@ Record = tuple[float, float, str, str, str, int | None, int, int, str, str]
 _PROTO = {"1": "icmp", "6": "tcp", "17": "udp", "58": "icmpv6"}
 
 
-def _record(parts: list[str], at: tuple[int, ...], good: set[str], limit: int) -> Record | None:
+def _record(parts: list[str], at: tuple[int, ...], good: dict[str, str], limit: int) -> Record | None:
     # field positions looked up once per format (-1: absent), not by name per line
     i_status, i_psrc, i_src, i_pdst, i_dst, i_proto, i_start, i_end, i_action, i_dport, i_pk, i_by, i_if, i_inst = at
     status = parts[i_status] if i_status >= 0 else "-"
@@ -209,17 +209,15 @@ def _record(parts: list[str], at: tuple[int, ...], good: set[str], limit: int) -
         return None
     if start == "-" or end == "-":
         raise ValueError("start or end is missing")
-    # addresses repeat: each checked once (the set bounded: memory)
-    if src not in good:
-        if not _looks_like_address(src):
+    # addresses repeat: each checked and written canonically once (the memo bounded: memory)
+    s, d = good.get(src), good.get(dst)
+    if s is None or d is None:
+        s, d = _canonical(src), _canonical(dst)
+        if s is None or d is None:
             raise ValueError(f"address {src!r} or {dst!r} is not an IP address")
         if len(good) < 100_000:
-            good.add(src)
-    if dst not in good:
-        if not _looks_like_address(dst):
-            raise ValueError(f"address {src!r} or {dst!r} is not an IP address")
-        if len(good) < 100_000:
-            good.add(dst)
+            good[src], good[dst] = s, d
+    src, dst = s, d
     action = parts[i_action] if i_action >= 0 else "-"
     if action == "ACCEPT":
         observed = "accept"
@@ -266,13 +264,15 @@ def _record(parts: list[str], at: tuple[int, ...], good: set[str], limit: int) -
     )
 
 
-def _looks_like_address(v: str) -> bool:
-    """An IPv4 or IPv6 address as the classifier reads it (no zone index)."""
+def _canonical(v: str) -> str | None:
+    """An IPv4 or IPv6 address (no zone index) as inventory addresses are written (``FD00::31``
+    is ``fd00::31``), or None."""
+    if "%" in v:
+        return None
     try:
-        ipaddress.ip_address(v)
+        return ipaddress.ip_address(v).compressed
     except ValueError:
-        return False
-    return "%" not in v
+        return None
 
 
 def parse_text(
