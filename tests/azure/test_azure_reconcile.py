@@ -3,12 +3,15 @@ one subscription's failure leaving the others converged."""
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from ringfence.clouds.azure.reconcile import AzureReconcile
 from ringfence.clouds.azure.wiring import Azure
 from ringfence.local.azure_arm import ArmServer
 from ringfence.local.azure_estate import SUB, seed_vm
 from ringfence.local.wiring import LocalWiring
-from ringfence.perimeter import PerimeterConfig
+from ringfence.perimeter import PerimeterConfig, PublishedService
 
 from .conftest import OTHER_SUB, PROD_WEB
 
@@ -38,3 +41,21 @@ def test_a_throttled_subscription_fails_alone(arm: ArmServer, azure: Azure, wiri
     res = AzureReconcile(wiring, azure).run()
     assert list(res.failed) == [OTHER_SUB] and "TooManyRequests" in res.failed[OTHER_SUB]
     assert res.changed == [WEB]
+
+
+def test_what_the_perimeter_sets_aside_is_logged_and_counted(
+    arm: ArmServer, azure: Azure, wiring: LocalWiring, caplog: Any
+) -> None:
+    """A published service no ASG can be named after is set aside (the run goes on for the rest):
+    the scheduled sync says so in its log and a metric, not only in a result it dropped."""
+    seed_vm(arm, "web-1", WEB, "10.20.1.4", PROD_WEB)
+    cfg = PerimeterConfig(
+        admin_cidrs=["10.250.0.0/24"],
+        published=[PublishedService(name="web-tier", match={"role": "web"}, ports=["tcp/443"])],
+    )
+    metrics: list[tuple[str, float]] = []
+    with caplog.at_level(logging.WARNING):
+        res = AzureReconcile(wiring, azure, cfg, metric=lambda n, v: metrics.append((n, v))).run()
+    assert res.failed == {} and res.perimeter_writes > 0 and res.warnings >= 1
+    assert any("web-tier" in r.getMessage() and "azure perimeter of" in r.getMessage() for r in caplog.records)
+    assert ("AzurePerimeterWarnings", res.warnings) in metrics

@@ -285,3 +285,26 @@ def test_attack_gcp_a_failed_add_leaves_the_replaced_deny_in_place(
     now = [r for r in rules(gcp, project) if r["action"] == "deny"]
     assert len(now) == 2 and not any(r.get("enableLogging") for r in now)
     assert all(p.empty for p in perimeter(gcp, project).reconcile(CONFIG, GCFG, MEMBERS, Scope.FULL))
+
+
+def test_attack_gcp_a_stale_allow_in_an_unassociated_policy_is_never_enforced(
+    gcp: GcpApi, fail_once: Callable[[str], None]
+) -> None:
+    """rf-vpc-a lost its association while the config dropped the ssh service (tcp/22 from the
+    internet): a run that finds it unassociated makes its rules what the plan says and associates
+    it last. An add failing on the way leaves it unassociated, so the stale internet allow is
+    enforced nowhere (it used to be associated first: that run enforced tcp/22 from anywhere)."""
+    project = project_of(gcp, "fw-associate-last")
+    perimeter(gcp, project).reconcile(CONFIG, GCFG, MEMBERS)
+    assert internet_ingress(gcp, project) == {SHOP: {"443"}, SSH: {"22"}}
+    policy = gcp.firewall_policies[project]["rf-vpc-a"]
+    policy["associations"] = []
+    moved_on = CONFIG.model_copy(update={"published": [CONFIG.published[0]], "admin_cidrs": ["10.255.1.0/24"]})
+    fail_once("addRule")
+    with pytest.raises(Exception, match="simulated refusal"):
+        perimeter(gcp, project).reconcile(moved_on, GCFG, MEMBERS)
+    assert policy["associations"] == [], "a policy holding a stale internet allow was associated"
+    perimeter(gcp, project).reconcile(moved_on, GCFG, MEMBERS)
+    assert [a["attachmentTarget"] for a in policy["associations"]] == [f"projects/{project}/global/networks/vpc-a"]
+    assert internet_ingress(gcp, project) == {SHOP: {"443"}}
+    assert all(p.empty for p in perimeter(gcp, project).reconcile(moved_on, GCFG, MEMBERS))

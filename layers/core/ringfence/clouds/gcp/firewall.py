@@ -473,15 +473,6 @@ class FirewallPolicyPerimeter:
                 ),
                 retry=RETRY,
             ).result()
-        if plan.associate:
-            self.client.add_association(
-                project=self.project,
-                firewall_policy=fp,
-                firewall_policy_association_resource=compute_v1.FirewallPolicyAssociation(
-                    name=f"{fp}-{plan.network}", attachment_target=self.target(plan.network)
-                ),
-                retry=RETRY,
-            ).result()
         # additions first (diff never gives an add the priority of a rule still there): a failed add
         # leaves the rule it replaces in place, never a network without its boundary deny
         for prio, rule in plan.add:
@@ -494,4 +485,15 @@ class FirewallPolicyPerimeter:
         for prio, _ in plan.remove:
             self.client.remove_rule(
                 request={"project": self.project, "firewall_policy": fp, "priority": prio}, retry=RETRY
+            ).result()
+        # associated last: an unassociated policy enforces nothing, so its rules are made what
+        # the plan says first (a stale allow it still held, or a failed add, is never enforced)
+        if plan.associate:
+            self.client.add_association(
+                project=self.project,
+                firewall_policy=fp,
+                firewall_policy_association_resource=compute_v1.FirewallPolicyAssociation(
+                    name=f"{fp}-{plan.network}", attachment_target=self.target(plan.network)
+                ),
+                retry=RETRY,
             ).result()

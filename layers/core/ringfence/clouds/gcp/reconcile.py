@@ -78,7 +78,7 @@ class GcpReconcile:
                     plans = fw.reconcile(
                         self.perimeter.config, self.perimeter.gcp, members(self.w.store.all_records(), project)
                     )
-                    writes = sum(len(p.add) + len(p.remove) + int(p.create) for p in plans)
+                    writes = sum(len(p.add) + len(p.remove) + int(p.create) + int(p.associate) for p in plans)
                     res.perimeter_writes += writes
                     self.metric("GcpPerimeterWrites", writes)
             except (GoogleAPICallError, RetryError, PlanRefused) as exc:
