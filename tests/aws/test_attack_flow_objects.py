@@ -116,3 +116,26 @@ def test_attack_a_small_flow_log_object_cannot_take_the_functions_memory(env: En
     assert out["rows"] == 3 and out["malformed"] == 1 and out["flows_over_row_limit"] > 0, out
     assert out["malformed_lines"][0].endswith(f"more than {64 << 10} bytes decompressed: the rest is not read")
     assert 3 <= out["flows"] + out["flows_over_row_limit"] < 3000, out
+
+
+def test_a_flow_log_object_whose_gzip_breaks_keeps_what_was_read_before(env: Env) -> None:
+    """Where an object's gzip stream broke (a member cut short, bytes after the last member that
+    are not gzip), GzipFile raised out of the read of the chunk it was decompressing: the lines
+    of that chunk (up to 1 MiB, all of a small object) were lost though decompressed. Now every
+    line before the break is stored and the break is one malformed line (docs/visibility.md:
+    an object is counted for what was read of it)."""
+    est = boot(env)
+    web, proc = est["ids"]["web"][0], est["ids"]["proc"][0]
+    w, p = ip_of(env, web), ip_of(env, proc)
+    now = int(time.time())
+    env.s3.create_bucket(Bucket=LOGS, CreateBucketConfiguration={"LocationConstraint": "ca-central-1"})
+    text = "\n".join(
+        [FIELDS, *(f"5 {w} {p} {40000 + i} 8443 6 {now} {now + 60} 2 100 ACCEPT egress OK" for i in range(10))]
+    )
+    member = gzip.compress((text + "\n").encode())
+    fn = load_functions(["flows"], ROOT / "functions")["flows"]
+    for key, body in ((KEY, member + b"garbage!"), (KEY.replace("x.log", "y.log"), member[:-8])):
+        env.s3.put_object(Bucket=LOGS, Key=key, Body=body)
+        out = fn.handler(_event(LOGS, key), LambdaContext("flows"))
+        assert out["flows"] == 10 and out["malformed"] == 1, (key, out)
+    assert sum(r.flows for r in merge(env.store.flow_rows())) == 20
