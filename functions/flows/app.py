@@ -4,11 +4,15 @@ the bundle bucket, VPC Flow Logs in the flow-log bucket) → resolved, classifie
 What an object is read as follows from its bucket, not its key alone: ``reports/<workload>/…json``
 of the bundle bucket is an agent's batch (the agent API writes it there); in any other bucket (the
 flow-log bucket) only ``[prefix/]AWSLogs/<account>/vpcflowlogs/…`` is a VPC Flow Log, as AWS
-delivers them. Anything else is skipped and counted (``FlowObjectsSkipped``): a ``reports/`` key
-written into the flow-log bucket is no agent's batch, an unrelated upload no flow log."""
+delivers them, and only for an account allowed (``FLOW_LOG_ACCOUNTS``: account ids, comma
+separated, or ``*`` for any; unset, the function's own account, from its ARN). Anything else is
+skipped and counted (``FlowObjectsSkipped``): a ``reports/`` key written into the flow-log bucket
+is no agent's batch, an unrelated upload no flow log, another account's logs (a bucket policy
+that lets another account's log delivery write there) none of this deployment's."""
 
 from __future__ import annotations
 
+import os
 import re
 import urllib.parse
 from dataclasses import asdict
@@ -29,7 +33,19 @@ metrics = Metrics()
 _wiring: Wiring | None = None
 
 REPORT_KEY = re.compile(r"reports/[^/]+/.+\.json")
-VPC_LOG_KEY = re.compile(r"(?:.+/)?AWSLogs/\d{12}/vpcflowlogs/.+")
+VPC_LOG_KEY = re.compile(r"(?:.+/)?AWSLogs/(\d{12})/vpcflowlogs/.+")
+
+
+def allowed_accounts(context: Any) -> frozenset[str] | None:
+    """The accounts whose VPC Flow Logs are read (None: any): ``FLOW_LOG_ACCOUNTS``, else the
+    function's own account (none known: none)."""
+    raw = os.environ.get("FLOW_LOG_ACCOUNTS", "").strip()
+    if raw == "*":
+        return None
+    if raw:
+        return frozenset(a.strip() for a in raw.split(",") if a.strip())
+    arn = str(getattr(context, "invoked_function_arn", "") or "").split(":")
+    return frozenset(arn[4:5]) if len(arn) > 4 and re.fullmatch(r"\d{12}", arn[4]) else frozenset()
 
 
 def _records(event: dict[str, Any]) -> list[dict[str, Any]]:
@@ -42,14 +58,22 @@ def _records(event: dict[str, Any]) -> list[dict[str, Any]]:
     raise ValueError(f"not an S3 object-created event: {sorted(event)}")
 
 
-def admitted(records: list[dict[str, Any]], bundle_bucket: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """The records to read, and the ``s3://`` names of those skipped (by bucket and key)."""
+def admitted(
+    records: list[dict[str, Any]], bundle_bucket: str, accounts: frozenset[str] | None = None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The records to read, and the ``s3://`` names of those skipped (by bucket and key; a flow
+    log's account in ``accounts``, None: any)."""
     keep: list[dict[str, Any]] = []
     skipped: list[str] = []
     for r in records:
         bucket = r["s3"]["bucket"]["name"]
         key = urllib.parse.unquote_plus(r["s3"]["object"]["key"])
-        if (REPORT_KEY if bucket == bundle_bucket else VPC_LOG_KEY).fullmatch(key):
+        if bucket == bundle_bucket:
+            ok = REPORT_KEY.fullmatch(key) is not None
+        else:
+            m = VPC_LOG_KEY.fullmatch(key)
+            ok = m is not None and (accounts is None or m.group(1) in accounts)
+        if ok:
             keep.append(r)
         else:
             skipped.append(f"s3://{bucket}/{key}")
@@ -104,7 +128,7 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
         clients.client("s3"),
         lambda n, v: metrics.add_metric(name=n, unit=MetricUnit.Count, value=v),
     )
-    records, skipped = admitted(_records(event), _wiring.cfg.bucket)
+    records, skipped = admitted(_records(event), _wiring.cfg.bucket, allowed_accounts(context))
     if skipped:
         logger.warning("objects neither agents' batches nor VPC Flow Logs: not read", extra={"objects": skipped})
         metrics.add_metric(name="FlowObjectsSkipped", unit=MetricUnit.Count, value=len(skipped))

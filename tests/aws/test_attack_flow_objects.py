@@ -139,3 +139,34 @@ def test_a_flow_log_object_whose_gzip_breaks_keeps_what_was_read_before(env: Env
         out = fn.handler(_event(LOGS, key), LambdaContext("flows"))
         assert out["flows"] == 10 and out["malformed"] == 1, (key, out)
     assert sum(r.flows for r in merge(env.store.flow_rows())) == 20
+
+
+def test_attack_another_accounts_flow_logs_in_the_bucket_are_not_read(env: Env, monkeypatch: Any) -> None:
+    """Any ``AWSLogs/<account>/vpcflowlogs/`` key was read: where the flow-log bucket's policy
+    lets another account's log delivery write (or a writer of the bucket copies its logs there),
+    that account's flows (its own addresses overlapping ours, or forged) were stored and
+    suggested as ours. Now only the accounts allowed are read: FLOW_LOG_ACCOUNTS, by default the
+    function's own account (its ARN's); the rest is skipped and named."""
+    est = boot(env)
+    web, db = est["ids"]["web"][0], est["ids"]["db"][0]
+    w, d = ip_of(env, web), ip_of(env, db)
+    now = int(time.time())
+    env.s3.create_bucket(Bucket=LOGS, CreateBucketConfiguration={"LocationConstraint": "ca-central-1"})
+    line = f"2 999999999999 eni-1 {w} {d} 1 5432 6 1 1 {now} {now} ACCEPT OK\n"
+    other = KEY.replace("123456789012", "999999999999")
+    for key in (other, KEY):
+        env.s3.put_object(Bucket=LOGS, Key=key, Body=gzip.compress(line.encode()))
+    fn = load_functions(["flows"], ROOT / "functions")["flows"]
+    ctx = LambdaContext("flows")
+    assert ":123456789012:" in ctx.invoked_function_arn
+    out = fn.handler(_event(LOGS, other), ctx)
+    assert out["objects"] == 0 and out["skipped"] == [f"s3://{LOGS}/{other}"], out
+    assert not env.store.flow_rows()
+    out = fn.handler(_event(LOGS, KEY), ctx)  # its own account's
+    assert out["objects"] == 1 and out["flows"] == 1, out
+    monkeypatch.setenv("FLOW_LOG_ACCOUNTS", "999999999999, 111111111111")  # allowed by the operator
+    out = fn.handler(_event(LOGS, other), ctx)
+    assert out["objects"] == 1 and out["flows"] == 1, out
+    out = fn.handler(_event(LOGS, KEY), ctx)  # no longer listed
+    assert out["objects"] == 0 and out["skipped"] == [f"s3://{LOGS}/{KEY}"], out
+    assert sum(r.flows for r in merge(env.store.flow_rows())) == 2
