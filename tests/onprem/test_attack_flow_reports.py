@@ -266,3 +266,34 @@ def test_an_agents_own_ipv6_address_spelled_otherwise_is_its_own(wiring: LocalWi
         assert st == 202 and b == {"accepted": 1}, b
     rows = {r.port: r for r in merge(wiring.store.flow_rows())}
     assert all(p in rows and rows[p].src == "env=prod,loc=ca,role=web" for p in (9001, 9002, 9003)), rows
+
+
+def test_attack_a_host_registered_before_its_address_owner_left_dates_no_flow_into_that_owners_time(
+    wiring: LocalWiring,
+) -> None:
+    """The new host is registered with .31 while db-1 still holds it, and db-1 is deregistered
+    later: its interval opens when db-1 let the address go, never at its own (earlier)
+    registration, so a flow it dates between the two is refused, one after db-1 left is its own."""
+    plane = Plane(wiring)
+    FlowIngest(wiring.store, wiring.active_policy()[1]).sync()  # db-1 holds .31 in the history
+    time.sleep(1.1)
+    tags = {"ringfence:role": "web", "ringfence:app": "shop", "ringfence:env": "prod", "ringfence:loc": "ca"}
+    spec = {"id": NEW, "ips": ["192.168.10.31"], "reason": "new", "tags": tags}
+    st, b = plane.call(plane.admin, "POST", "/admin/workloads", spec)
+    assert st in (200, 201), b
+    t_both = time.time() + 0.5  # both records list .31: db-1's time still
+    time.sleep(1.1)
+    st, b = plane.call(plane.admin, "DELETE", "/admin/workloads/dc1-db-1", {"reason": "decommissioned"})
+    assert st == 200, b
+    t_gone = time.time() + 0.5
+    assert wiring.settle(60)
+    hdr = _enroll(plane, NEW)
+    time.sleep(1.1)
+    flows = [
+        _flow(t_both, "192.168.10.31", "192.168.10.11", 8091),
+        _flow(t_gone, "192.168.10.31", "192.168.10.11", 8092),
+    ]
+    st, b = plane.call(plane.agents, "POST", f"/v1/agents/{NEW}/reports", {"flows": flows}, headers=hdr)
+    assert st == 202, b
+    rows = {r.port: r for r in merge(wiring.store.flow_rows())}
+    assert 8091 not in rows and rows[8092].src == "env=prod,loc=ca,role=web", rows
