@@ -18,6 +18,7 @@ import json
 import random
 import threading
 import time
+from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -1041,18 +1042,25 @@ class DynamoStore:
                 out[a] = [AddressOwner.model_validate_json(i["doc"]) for i in items]
         return out
 
-    def audit_segment(self, after: int, upto: int) -> list[AuditRecord]:
-        """The chain's records ``after`` < seq <= ``upto``, in key order (one paged ``Query`` of the
-        ``chain`` partition): what the anchor function checks a head against."""
+    def audit_pages(self, after: int, upto: int) -> Iterator[list[AuditRecord]]:
+        """The chain's records ``after`` < seq <= ``upto``, in key order, one ``Query`` page (at
+        most 1 MB read) at a time, each read only when the one before is consumed: what the
+        anchor function checks a head against, in memory that does not grow with the chain."""
         key = Key("pk").eq("chain") & Key("sk").between(f"{after + 1:012d}", f"{upto:012d}")
-        out: list[AuditRecord] = []
         kwargs: dict[str, Any] = {"KeyConditionExpression": key, "ConsistentRead": True}
         while True:
             page = self.audit_table.query(**kwargs)
-            out += [AuditRecord.model_validate_json(i["doc"]) for i in page.get("Items", [])]
-            if "LastEvaluatedKey" not in page:
-                return out
-            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+            more = page.get("LastEvaluatedKey")
+            records = [AuditRecord.model_validate_json(i["doc"]) for i in page.get("Items", [])]
+            del page  # the raw page is not held while its records are checked
+            yield records
+            if more is None:
+                return
+            kwargs["ExclusiveStartKey"] = more
+
+    def audit_segment(self, after: int, upto: int) -> list[AuditRecord]:
+        """:meth:`audit_pages` as one list (a short segment)."""
+        return [rec for page in self.audit_pages(after, upto) for rec in page]
 
     def audit_log(self) -> list[AuditRecord]:
         items: list[dict[str, Any]] = []

@@ -17,6 +17,13 @@ and link from the anchored head to the new one. With no anchor yet, that is the 
 genesis (seq 1, ``prev`` :data:`~ringfence.audit.GENESIS`): a forged record sealed over any head at
 seq 1,000,000, and a head naming it, would otherwise be anchored on the first run. A head that does
 not is refused (the function fails, its alarm fires) and nothing is written.
+
+The records are checked as the ``Query`` pages arrive, keeping only the last one's ``seq`` and
+``hash``: memory does not grow with the chain (a first anchor of a deployment that has audited
+for months reads millions). Should the run's time end before the head (``budget``), the last
+record verified is anchored instead: a head the chain holds, linked from the last anchor, so an
+anchor like any other, and the next run continues from it. No other state is kept: the progress
+is in the bucket only this function may write.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -47,7 +54,7 @@ class AnchorRefused(Exception):
 class ChainSource(Protocol):
     def audit_head(self) -> AuditHead | None: ...
 
-    def audit_segment(self, after: int, upto: int) -> list[AuditRecord]: ...
+    def audit_pages(self, after: int, upto: int) -> Iterator[list[AuditRecord]]: ...
 
 
 def anchor_key(head: AuditHead, prefix: str = PREFIX) -> str:
@@ -61,11 +68,18 @@ def _key_pattern(prefix: str) -> re.Pattern[str]:
 _HASH = re.compile(r"[0-9a-f]{64}")
 
 
-def check_extends(head: AuditHead, last: AuditHead | None, segment: list[AuditRecord]) -> None:
-    """``segment`` (the chain's records after ``last``, up to ``head``) links the last anchored
-    head to ``head``, each record hashing to its ``hash``; without a last anchor, ``last`` is the
-    genesis head (seq 0) and ``segment`` the whole chain from seq 1. :class:`AnchorRefused` naming
-    why, otherwise."""
+def check_extends(
+    head: AuditHead,
+    last: AuditHead | None,
+    segment: Iterable[AuditRecord],
+    out_of_time: Callable[[], bool] | None = None,
+) -> AuditHead:
+    """``segment`` (the chain's records after ``last``, up to ``head``, read as it is consumed)
+    links the last anchored head to ``head``, each record hashing to its ``hash``; without a last
+    anchor, ``last`` is the genesis head (seq 0) and ``segment`` the whole chain from seq 1.
+    Returns ``head``; or, should ``out_of_time()`` say so after a record short of the head, that
+    record's head (verified from ``last``: the progress to anchor). Only the last record is kept.
+    :class:`AnchorRefused` naming why, otherwise."""
     if head.seq < 1 or not _HASH.fullmatch(head.hash):
         raise AnchorRefused(f"the head {head.seq}/{head.hash[:16]} is not one a chain has")
     last = last if last is not None else AuditHead()
@@ -74,7 +88,7 @@ def check_extends(head: AuditHead, last: AuditHead | None, segment: list[AuditRe
     if head.seq == last.seq:
         if head.hash != last.hash:
             raise AnchorRefused(f"the head at seq {head.seq} names another record than the anchored one")
-        return
+        return head
     want_seq, prev = last.seq + 1, last.hash
     for rec in segment:
         if rec.seq != want_seq:
@@ -84,14 +98,30 @@ def check_extends(head: AuditHead, last: AuditHead | None, segment: list[AuditRe
         if rec.prev != prev:
             raise AnchorRefused(f"the chain's record at seq {rec.seq} does not follow seq {rec.seq - 1}")
         prev, want_seq = rec.hash, want_seq + 1
+        if rec.seq < head.seq and out_of_time is not None and out_of_time():
+            return AuditHead(seq=rec.seq, hash=rec.hash)
     if want_seq != head.seq + 1 or prev != head.hash:
         raise AnchorRefused(f"the chain does not hold the head {head.seq}/{head.hash[:16]}")
+    return head
+
+
+def _drained(pages: Iterable[list[AuditRecord]]) -> Iterator[AuditRecord]:
+    """The pages' records in order, each page emptied as it is read: no page is still held while
+    the next one is fetched."""
+    for page in pages:
+        page.reverse()
+        while page:
+            yield page.pop()
 
 
 @dataclass(slots=True)
 class Anchored:
     head: AuditHead | None  # None: the chain is empty
     key: str | None  # the object written, None when nothing was
+    # False: the run's time ended first; ``head`` is the last record verified (anchored as
+    # progress), short of the chain's head, and the next run continues from it
+    complete: bool = True
+    behind: int = 0  # how many records the chain's head is past ``head`` then
 
 
 class Anchorer:
@@ -110,27 +140,37 @@ class Anchorer:
         self.store, self.s3, self.bucket, self.prefix, self.clock = store, s3, bucket, prefix, clock
         self.last: AuditHead | None = None
 
-    def run(self) -> Anchored:
+    def run(self, budget: float | None = None) -> Anchored:
+        """Anchor the head, if the chain holds it after the last anchor. ``budget``: the seconds
+        this run may spend reading and checking records; past them, the last record verified is
+        anchored instead (``Anchored.complete`` False) and the next run continues from it."""
         head = self.store.audit_head()
         if head is None or head == self.last:
             return Anchored(head, None)
         last = self.last or self.last_anchored()
         # no anchor yet: from genesis, the whole chain (never the head's own record alone)
         start = last.seq if last is not None else 0
-        segment = self.store.audit_segment(start, head.seq) if head.seq > start >= 0 else []
-        check_extends(head, last, segment)
-        if head == last:  # a new container: anchored already
-            self.last = head
-            return Anchored(head, None)
-        key = anchor_key(head, self.prefix)
-        body = json.dumps({"seq": head.seq, "hash": head.hash, "time": self.clock()}, sort_keys=True)
+        records: Iterable[AuditRecord] = ()
+        if head.seq > start >= 0:
+            records = _drained(self.store.audit_pages(start, head.seq))
+        out_of_time = None
+        if budget is not None:
+            ends = time.monotonic() + budget
+            out_of_time = lambda: time.monotonic() >= ends  # noqa: E731
+        held = check_extends(head, last, records, out_of_time)
+        behind = head.seq - held.seq
+        if held == last:  # a new container: anchored already
+            self.last = held
+            return Anchored(held, None)
+        key = anchor_key(held, self.prefix)
+        body = json.dumps({"seq": held.seq, "hash": held.hash, "time": self.clock()}, sort_keys=True)
         # the bucket's default retention locks the object; a put to a bucket with Object Lock must
         # carry a checksum (Content-MD5 or a flexible checksum), hence the explicit algorithm
         self.s3.put_object(
             Bucket=self.bucket, Key=key, Body=body.encode(), ContentType="application/json", ChecksumAlgorithm="SHA256"
         )
-        self.last = head
-        return Anchored(head, key)
+        self.last = held
+        return Anchored(held, key, complete=behind == 0, behind=behind)
 
     def last_anchored(self) -> AuditHead | None:
         """The highest head anchored under the prefix, by its key (keys sort in chain order)."""
