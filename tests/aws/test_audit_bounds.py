@@ -96,14 +96,63 @@ def test_a_record_over_the_bound_keeps_its_small_fields_and_summarizes_the_large
     )
     (rec,) = store.audit_log()
     assert rec == sealed and rec.detail["n"] == 5000
-    assert rec.detail["created"] == {
-        "truncated": True,
-        "count": 5000,
-        "sha256": hashlib.sha256(canonical(ids)).hexdigest(),
-    }
+    assert MAX_RECORD_BYTES - 1024 < len(canonical(rec.model_dump(mode="json"))) <= MAX_RECORD_BYTES
+    created = dict(rec.detail["created"])
+    kept = created.pop("first")
+    assert created == {"truncated": True, "count": 5000, "sha256": hashlib.sha256(canonical(ids)).hexdigest()}
+    assert 300 < len(kept) < 5000 and kept == ids[: len(kept)], "the list keeps its first ids"
     assert verify(store.audit_log(), store.audit_head()).ok
     # a record past the bound in its text fields too: the detail whole, then the long texts cut
     huge = store.audit(AuditRecord(principal="p" * 200_000, action="x", target="t", detail={"a": "b" * 200_000}))
     assert len(canonical(huge.model_dump(mode="json"))) <= MAX_RECORD_BYTES
     assert huge.detail["truncated"] is True and huge.detail["truncated_fields"]["principal"]["count"] == 200_000
+    assert verify(store.audit_log(), store.audit_head()).ok
+
+
+def test_attack_a_long_failsafe_widening_is_kept_over_warnings_in_a_provision_record(env: Env) -> None:
+    """A version widening the fail-safes by thousands of entries, with its 100 warnings: the
+    bound summarised the largest field first, whatever it was, so the widening (what an auditor
+    looks for) became a count and a digest while 100 warnings stayed. Now the security-relevant
+    fields are shortened last, and a list keeps its first items (with the count and digest of
+    the whole)."""
+    store = env.store
+    widened = [f"admin_cidrs: 10.{i // 256}.{i % 256}.0/24" for i in range(4000)]  # ~110 KB
+    warned = [f"warning {i}: " + "w" * 300 for i in range(100)]  # ~31 KB
+    detail: dict[str, Any] = {
+        "digest": "d" * 64,
+        "warnings": warned,
+        "warning_count": 100,
+        "warnings_sha256": hashlib.sha256(canonical(warned)).hexdigest(),
+        "widens_failsafes": widened,
+    }
+    store.audit(
+        AuditRecord(principal="alice", action="policy.provision", target="policy/v7", detail=detail, reason="wider")
+    )
+    (rec,) = store.audit_log()
+    assert len(canonical(rec.model_dump(mode="json"))) <= MAX_RECORD_BYTES
+    widening = rec.detail["widens_failsafes"]
+    assert widening["count"] == 4000 and widening["sha256"] == hashlib.sha256(canonical(widened)).hexdigest()
+    assert len(widening["first"]) > 1500 and widening["first"] == widened[: len(widening["first"])]
+    assert rec.detail["warnings"]["count"] == 100 and "first" not in rec.detail["warnings"], "warnings go first"
+    assert rec.detail["digest"] == "d" * 64 and rec.detail["warning_count"] == 100 and rec.reason == "wider"
+    assert verify(store.audit_log(), store.audit_head()).ok
+    out = cli("audit", "verify", "--store", SPEC)
+    assert out.returncode == 0 and "ok: 1 record(s) chained" in out.stdout, (out.stdout, out.stderr)
+
+
+def test_an_over_long_reason_is_cut_before_small_detail_fields_are_summarized(env: Env) -> None:
+    """A record over the bound by its reason alone: the bound summarised every detail field
+    (small ones too) and then the whole detail before it cut the reason. Now the reason is cut
+    (to 1024 characters, its length and digest named) and the detail stays whole."""
+    store = env.store
+    reason = "because " * 9000  # 72,000 characters
+    detail = {"mode": "idle", "quarantined": False, "widens_failsafes": ["admin_cidrs: 10.0.0.0/8"], "n": 3}
+    store.audit(AuditRecord(principal="alice", action="workload.mode", target="w-1", detail=detail, reason=reason))
+    (rec,) = store.audit_log()
+    assert rec.reason == reason[:1024]
+    cut = rec.detail.pop("truncated_fields")
+    assert cut == {
+        "reason": {"truncated": True, "count": len(reason), "sha256": hashlib.sha256(reason.encode()).hexdigest()}
+    }
+    assert rec.detail == detail
     assert verify(store.audit_log(), store.audit_head()).ok

@@ -26,6 +26,7 @@ import hashlib
 import json
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +83,32 @@ MAX_RECORD_BYTES = 64 * 1024
 _MAX_FIELD_CHARS = 1024
 
 
+# detail fields that say what a change did to a safeguard, or what it was judged against: kept
+# whole longest, shortened only after every other field (and the reason) has been
+SECURITY_FIELDS = frozenset(
+    {
+        "widens_failsafes",
+        "newly_idle",
+        "replaces_unverifiable",
+        "held",
+        "label_grants",
+        "labels",
+        "labels_in_force",
+        "requested",
+        "previous",
+        "new",
+        "old",
+        "mode",
+        "quarantined",
+        "agent_key",
+        "next_agent_key",
+        "digest",
+        "audit_id",
+        "forced_past_failing_tests",
+    }
+)
+
+
 def _summary(value: Any) -> dict[str, Any]:
     """What stands for a value that did not fit: ``truncated``, its size and its digest (SHA-256
     of a text's UTF-8, of any other value's canonical JSON)."""
@@ -96,35 +123,113 @@ def _size(rec: AuditRecord) -> int:
     return len(canonical(rec.model_dump(mode="json")))
 
 
+def _most(hi: int, fits: Callable[[int], bool]) -> int:
+    """The largest n in 0..hi for which ``fits(n)`` (``fits`` holds for every n below one it holds
+    for); -1 if not even 0 fits."""
+    lo, best = 0, -1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
+def _shortened(value: Any, n: int, cut: int) -> Any:
+    """``value``'s summary with, for a list, its first ``n`` items (and, where ``cut`` > 0, the
+    next one's first ``cut`` characters as ``"cut_item"``); for a text, its first ``n`` characters."""
+    out = _summary(value)
+    if isinstance(value, list):
+        out["first"] = value[:n]
+        if cut > 0:
+            out["cut_item"] = value[n][:cut]
+    elif isinstance(value, str):
+        out["first"] = value[:n]
+    return out
+
+
+def _shorten_field(rec: AuditRecord, detail: dict[str, Any], key: str, limit: int) -> bool:
+    """Shorten ``detail[key]`` (in place) to as much of it as lets ``rec`` fit in ``limit``: a
+    list its first items, a text its first characters, anything else its summary alone. True if
+    the record now fits."""
+    value = detail[key]
+
+    def fits(candidate: Any) -> bool:
+        return _size(rec.model_copy(update={"detail": {**detail, key: candidate}})) <= limit
+
+    n = -1
+    if isinstance(value, list | str):
+        n = _most(len(value), lambda k: fits(_shortened(value, k, 0)))
+    if n < 0:
+        detail[key] = _summary(value)
+        return fits(detail[key])
+    cut = 0  # a list whose first item alone is too long: that item's beginning
+    if isinstance(value, list) and n == 0 and value and isinstance(value[0], str):
+        cut = max(_most(len(value[n]), lambda c: fits(_shortened(value, n, c))), 0)
+    detail[key] = _shortened(value, n, cut)
+    return True
+
+
 def bounded(rec: AuditRecord, limit: int = MAX_RECORD_BYTES) -> AuditRecord:
-    """``rec`` if its canonical JSON fits in ``limit`` bytes. Otherwise a copy whose largest
-    ``detail`` fields are replaced, one by one, by ``{"truncated": true, "count": …, "sha256": …}``
-    until it fits; then, if need be, the whole ``detail`` by one such summary and the text fields
-    longer than 1024 characters cut, each named in ``detail["truncated_fields"]`` with its length
-    and digest. Every store seals through this (:func:`seal`): an action's record is always one
-    its store can hold."""
+    """``rec`` if its canonical JSON fits in ``limit`` bytes. Otherwise a copy shortened, the
+    largest part first, until it fits:
+
+    1. the ``detail`` fields over 1 KiB other than :data:`SECURITY_FIELDS`, and a ``reason``
+       over 1024 characters (cut to them), by size: a list keeps its first items, a text its
+       first characters, each as ``{"truncated": true, "count": …, "sha256": … (of the whole),
+       "first": …}`` (a list whose first item is too long: ``cut_item``, that item's beginning;
+       anything else: the summary alone);
+    2. then the security fields over 1 KiB, the same way (what a change did to a safeguard is
+       the last to go); then the small fields;
+    3. then, if need be, the whole ``detail`` by one summary and the text fields longer than 1024
+       characters cut.
+
+    Each text cut is named in ``detail["truncated_fields"]`` with its length and digest. Every
+    store seals through this (:func:`seal`): an action's record is always one its store can hold."""
     if _size(rec) <= limit:
         return rec
     detail = dict(rec.detail)
-    for key in sorted(detail, key=lambda k: len(canonical(detail[k])), reverse=True):
-        detail[key] = _summary(detail[key])
-        fitted = rec.model_copy(update={"detail": detail})
-        if _size(fitted) <= limit:
-            return fitted
-    detail = {"truncated": True, "detail": _summary(rec.detail)}
-    update: dict[str, Any] = {"detail": detail}
+    work = rec
+    sized = {k: len(canonical(detail[k])) for k in detail}
+
+    def by_size(keys: Iterable[str]) -> list[str]:
+        return sorted(keys, key=lambda k: sized[k], reverse=True)
+
+    large = {k for k in detail if sized[k] > _MAX_FIELD_CHARS}
+    # the large ordinary fields, and an over-long reason among them by its size; then the large
+    # security fields; the small fields only after all of them (shortening one gains little)
+    steps = by_size(large - SECURITY_FIELDS)
+    if len(rec.reason) > _MAX_FIELD_CHARS:
+        at = next((i for i, k in enumerate(steps) if sized[k] < len(rec.reason.encode())), len(steps))
+        steps.insert(at, "\0reason")
+    steps += by_size(large & SECURITY_FIELDS)
+    steps += by_size(set(detail) - large - SECURITY_FIELDS) + by_size((set(detail) - large) & SECURITY_FIELDS)
+    for key in steps:
+        if key == "\0reason":
+            detail.setdefault("truncated_fields", {})["reason"] = _summary(rec.reason)
+            work = work.model_copy(update={"reason": rec.reason[:_MAX_FIELD_CHARS]})
+            if _size(work.model_copy(update={"detail": detail})) <= limit:
+                return work.model_copy(update={"detail": detail})
+            continue
+        if _shorten_field(work, detail, key, limit):
+            return work.model_copy(update={"detail": detail})
+    summary: dict[str, Any] = {"truncated": True, "detail": _summary(rec.detail)}
+    update: dict[str, Any] = {"detail": summary}
     for name in ("principal", "action", "target", "reason", "before", "after"):
         text = getattr(rec, name)
         if len(text) > _MAX_FIELD_CHARS:
             update[name] = text[:_MAX_FIELD_CHARS]
-            detail.setdefault("truncated_fields", {})[name] = _summary(text)
+            summary.setdefault("truncated_fields", {})[name] = _summary(text)
     return rec.model_copy(update=update)
 
 
 def seal(rec: AuditRecord, head: AuditHead) -> AuditRecord:
     """``rec`` as the record after ``head``: its ``seq``, ``prev`` and ``hash`` set, its size
     :func:`bounded`."""
-    linked = bounded(rec).model_copy(update={"seq": head.seq + 1, "prev": head.hash, "hash": ""})
+    # bounded as sealed: its seq, prev and a hash's 64 characters counted
+    placed = rec.model_copy(update={"seq": head.seq + 1, "prev": head.hash, "hash": "0" * 64})
+    linked = bounded(placed).model_copy(update={"hash": ""})
     linked.hash = record_hash(linked)
     return linked
 
