@@ -501,3 +501,24 @@ def test_the_signing_key_rotates_through_two_slots_in_both_deployments() -> None
     assert "condition     = contains(var.signing_kms_keys, var.active_signing_kms_key)" in signing
     declared = _variables(ROOT / "infra/modules/ringfence")
     assert declared["signing_kms_keys"]["default"] == ["a"] and declared["active_signing_kms_key"]["default"] == "a"
+
+
+def test_both_deployments_say_whose_flow_logs_the_flows_function_reads() -> None:
+    """FLOW_LOG_ACCOUNTS (functions/flows): a SAM parameter and a Terraform variable, checked alike;
+    unset, the function reads its own account's logs only."""
+    doc = template()
+    flows = doc["Resources"]["FlowsFunction"]["Properties"]
+    assert flows["Environment"]["Variables"]["FLOW_LOG_ACCOUNTS"] == {"Ref": "FlowLogAccounts"}
+    param = doc["Parameters"]["FlowLogAccounts"]
+    assert param["Default"] == ""
+    pattern = re.compile(param["AllowedPattern"])
+    for ok in ("", "*", "123456789012", "123456789012,210987654321"):
+        assert pattern.fullmatch(ok), ok
+    for bad in ("123", "123456789012,", "*,123456789012", "123456789012 210987654321"):
+        assert not pattern.fullmatch(bad), bad
+    lam = (ROOT / "infra/modules/ringfence/lambda.tf").read_text()
+    assert 'FLOW_LOG_ACCOUNTS = join(",", var.flow_log_accounts)' in lam
+    tf = (ROOT / "infra/modules/ringfence/variables.tf").read_text()
+    var = tf[tf.index('variable "flow_log_accounts"') :]
+    var = var[: var.index("\n}\n")]
+    assert "default     = []" in var and 'regex("^([0-9]{12}|\\\\*)$", a)' in var

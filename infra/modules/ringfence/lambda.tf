@@ -62,7 +62,7 @@ locals {
     ) }
     admin     = { memory = 512, timeout = 29, concurrency = 5, env = { RINGFENCE_ADMIN_ROLES = jsonencode(var.admin_roles) } }
     wsconnect = { memory = 256, timeout = 10, concurrency = 20, env = {} }
-    flows     = { memory = 1024, timeout = 300, concurrency = 10, env = {} }
+    flows     = { memory = 1024, timeout = 300, concurrency = 10, env = { FLOW_LOG_ACCOUNTS = join(",", var.flow_log_accounts) } }
     # the audit chain's head to the anchor bucket, on var.audit_anchor_schedule (docs/visibility.md)
     anchor = { memory = 256, timeout = 120, concurrency = 1, env = { RINGFENCE_ANCHOR_BUCKET = aws_s3_bucket.anchors.id } }
   }

@@ -151,6 +151,16 @@ variable "flow_log_bucket_name" {
   default     = ""
 }
 
+variable "flow_log_accounts" {
+  description = "The accounts whose VPC Flow Logs in flow_log_bucket_name are read (12-digit ids, or [\"*\"] for any); empty: this deployment's own account. Set it where other accounts' VPCs deliver into the bucket."
+  type        = list(string)
+  default     = []
+  validation {
+    condition     = alltrue([for a in var.flow_log_accounts : can(regex("^([0-9]{12}|\\*)$", a))])
+    error_message = "flow_log_accounts: 12-digit account ids, or \"*\" for any."
+  }
+}
+
 variable "reconcile_schedule" {
   type    = string
   default = "rate(15 minutes)"
