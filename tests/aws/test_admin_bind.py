@@ -175,8 +175,8 @@ def test_serve_binds_for_a_policy_author_token_only(env: Env, served_roles: tupl
 def test_a_binding_racing_newer_observations_is_reapplied_or_refused_never_lost(env: Env) -> None:
     """An observation that lands between the binding's read and its write wins the conditional
     write: the binding reads the record again and re-applies itself; when newer observations keep
-    landing it answers 409, audits nothing and leaves the hold, rather than answering a binding
-    that was never stored."""
+    landing it answers 409, records that its audited binding failed (label.bind.failed) and leaves
+    the hold, rather than answering a binding that was never stored."""
     est = held_estate(env)
     dev = est["dev"]
     env.bind(AUTHORS, ["policy-author"])
@@ -207,7 +207,11 @@ def test_a_binding_racing_newer_observations_is_reapplied_or_refused_never_lost(
     audited = len(bindings(env))
     status, body = bind(env, dev, {"labels": {"app": "admin"}, "reason": "CHG-9"})
     assert status == 409, body
-    assert len(bindings(env)) == audited, "nothing audited as bound"
+    # the binding was audited before its first write (a grant is never in force without its
+    # record); the record of one that never landed is followed by one that says so
+    assert len(bindings(env)) == audited + 1
+    (failed,) = [a for a in env.store.audit_log() if a.action == "label.bind.failed"]
+    assert failed.detail["audit_id"] == bindings(env)[-1].id and "ConflictError" in failed.detail["why"]
     rec = env.store.get(dev)
     assert rec.workload.label_grants == {"role": "jumpbox"} and rec.workload.held_labels is not None
 
@@ -252,3 +256,34 @@ def test_a_binding_landing_while_ingest_or_reconcile_decides_is_kept(env: Env, w
     assert rec.labels == {"role": "jumpbox", "app": "admin", "env": "shared", "loc": "ca"}
     env.pump()
     assert all(ssh_peers(env, est).values()), "the bound jumpbox is every production host's SSH peer"
+
+
+def test_attack_a_label_bind_whose_audit_write_fails_changes_nothing(env: Env) -> None:
+    """The audit table refuses the binding's record (throttled): the grant was stored, and a
+    jumpbox in force, before the write was tried. Now the record comes first: no record, no
+    grant, the hold stands and the function fails (its error alarm)."""
+    from botocore.exceptions import ClientError
+
+    est = held_estate(env)
+    dev = est["dev"]
+    env.bind(AUTHORS, ["policy-author"])
+    before, log = env.store.get(dev), env.store.audit_log()
+    refused: list[str] = []
+
+    def refuse_audit(params: dict[str, Any], **_: Any) -> None:
+        tables = {next(iter(i.values()))["TableName"] for i in params.get("TransactItems", [])}
+        if "rf-audit" in tables:
+            refused.append("audit")
+            raise ClientError(
+                {"Error": {"Code": "ProvisionedThroughputExceededException", "Message": "throttled"}},
+                "TransactWriteItems",
+            )
+
+    env.load_functions()  # a cold admin container, whose clients carry the hook
+    env.hook("before-parameter-build.dynamodb.TransactWriteItems", refuse_audit)
+    with pytest.raises(ClientError, match="throttled"):
+        bind(env, dev, {"labels": GRANT, "reason": "CHG-10 bastion"})
+    assert refused
+    assert env.store.get(dev) == before, "no grant in force without its record"
+    assert env.store.get(dev).workload.held_labels is not None
+    assert env.store.audit_log() == log and env.count("compute") == 0

@@ -112,18 +112,25 @@ class OnPremAdmin(Admin):
         existed = stored is not None
         mapper = self._governing()
         rec = self._record(spec.workload(), time.time(), stored=stored, mapper=mapper, may_bind=may_bind)
-        self._registered_anew([stored] if stored is not None else [])
-        try:
-            self.w.store.observe(rec)
-        except GovernanceMoved as exc:
-            return error(409, "workload changed meanwhile: nothing registered", str(exc))
         detail = spec.model_dump(include=set(OnPremWorkload.model_fields) - {"id"}, exclude_none=True)
         if rec.workload.label_grants:
             detail["label_grants"] = dict(rec.workload.label_grants)
         held = self._held(mapper, rec)
         if held:
             detail["held"] = held
+        # the record before anything is written (as a provision's): a registration (its labels,
+        # its grants) is never in force without its record; one then refused or failed gets a
+        # second record, workload.register.failed
         audit_id = self._audit(principal, "workload.register", spec.id, detail, reason)
+        try:
+            self._registered_anew([stored] if stored is not None else [])
+            self.w.store.observe(rec)
+        except GovernanceMoved as exc:
+            self._failed(principal, "workload.register", spec.id, audit_id, str(exc), reason)
+            return error(409, "workload changed meanwhile: nothing registered", str(exc))
+        except Exception as exc:
+            self._failed(principal, "workload.register", spec.id, audit_id, f"{type(exc).__name__}: {exc}", reason)
+            raise
         self.w.enqueue_compute([spec.id])
         answer: dict[str, Any] = {"workload_id": spec.id, "created": not existed, "audit_id": audit_id}
         if held:
@@ -149,11 +156,6 @@ class OnPremAdmin(Admin):
         t = time.time()
         mapper = self._governing()
         recs = [self._record(w, t, stored=stored.get(w.id), mapper=mapper, may_bind=may_bind) for w in workloads]
-        self._registered_anew(list(stored.values()))
-        try:
-            self.w.store.observe_many(recs)  # SQLite: one transaction
-        except GovernanceMoved as exc:
-            return error(409, "a workload changed meanwhile: import the file again", str(exc))
         ids = [w.id for w in workloads]
         detail: dict[str, Any] = {
             "sha256": hashlib.sha256(text.encode()).hexdigest(),
@@ -166,7 +168,17 @@ class OnPremAdmin(Admin):
         held = {r.id: h for r in recs if (h := self._held(mapper, r))}
         if held:
             detail["held"] = held
+        # the record before anything is written, as for one registration
         audit_id = self._audit(principal, "workload.import", source, detail, reason)
+        try:
+            self._registered_anew(list(stored.values()))
+            self.w.store.observe_many(recs)  # SQLite: one transaction
+        except GovernanceMoved as exc:
+            self._failed(principal, "workload.import", source, audit_id, str(exc), reason)
+            return error(409, "a workload changed meanwhile: import the file again", str(exc))
+        except Exception as exc:
+            self._failed(principal, "workload.import", source, audit_id, f"{type(exc).__name__}: {exc}", reason)
+            raise
         self.w.enqueue_compute(ids)
         answer: dict[str, Any] = {
             "imported": len(ids),
@@ -205,8 +217,16 @@ class OnPremAdmin(Admin):
             return error(409, "not an on-premise workload", f"{workload_id} is a {rec.workload.cloud} instance")
         gone = rec.workload.model_copy(update={"ips": []})
         when = max(time.time(), rec.observed_at)
-        self.w.store.observe(self._record(gone, when, state="terminated", mapper=self._governing()))
+        tombstone = self._record(gone, when, state="terminated", mapper=self._governing())
+        # the record before the workload leaves (as a registration's); one whose write then fails
+        # gets a second record, workload.deregister.failed
         audit_id = self._audit(principal, "workload.deregister", workload_id, {}, reason)
+        try:
+            self.w.store.observe(tombstone)
+        except Exception as exc:
+            why = f"{type(exc).__name__}: {exc}"
+            self._failed(principal, "workload.deregister", workload_id, audit_id, why, reason)
+            raise
         self._drop_credentials(workload_id, "workload deregistered")
         self.w.enqueue_compute([workload_id])
         return Response(200, {"workload_id": workload_id, "audit_id": audit_id})

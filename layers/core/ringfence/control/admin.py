@@ -190,33 +190,64 @@ class Admin:
         except Exception:
             log.exception("%s (audit record %s) was not activated; that could not be recorded", target, audit_id)
 
+    def _failed(self, principal: str, action: str, target: str, audit_id: str, why: str, reason: str) -> None:
+        """The record that a change audited before it was made (``audit_id``) did not happen:
+        ``<action>.failed``, naming the first record and why."""
+        try:
+            self._audit(principal, f"{action}.failed", target, {"audit_id": audit_id, "why": why}, reason)
+        except Exception:
+            log.exception("%s of %s (audit record %s) failed; that could not be recorded", action, target, audit_id)
+
+    @staticmethod
+    def _op_digest(mode: str | None, quarantined: bool) -> str:
+        return state_digest({"mode": mode, "quarantined": quarantined})
+
+    # Every change below is audited BEFORE it is made (as provision is): a store failure between the
+    # two must leave a record whose change did not happen (followed by ``<action>.failed`` when the
+    # change is refused or raises), never a change in force without its record. A failed audit
+    # write changes nothing and the call fails (the function's error alarm).
+
     def set_mode(self, principal: str, workload_id: str, mode: Mode | None, reason: str = "") -> Response:
-        before = self._operator_state(workload_id)
+        rec = self.w.store.get(workload_id)
+        if rec is None:
+            return error(404, "unknown workload", workload_id)
+        value = mode.value if mode else None
+        before = self._op_digest(rec.op_mode.value if rec.op_mode else None, rec.op_quarantined)
+        after = self._op_digest(value, rec.op_quarantined)
+        # the record first (see above): a mode is never in force without its record
+        audit_id = self._audit(principal, "workload.mode", workload_id, {"mode": value}, reason, before, after)
         try:
             self.w.store.set_operator(workload_id, mode=mode)
         except KeyError:
+            self._failed(principal, "workload.mode", workload_id, audit_id, "unknown workload", reason)
             return error(404, "unknown workload", workload_id)
-        value = mode.value if mode else None
+        except Exception as exc:
+            self._failed(principal, "workload.mode", workload_id, audit_id, f"{type(exc).__name__}: {exc}", reason)
+            raise
         if mode is Mode.IDLE:
             self._lowered(principal, "mode idle (its firewall left untouched)", workload_id)
-        audit_id = self._audit(
-            principal, "workload.mode", workload_id, {"mode": value}, reason, before, self._operator_state(workload_id)
-        )
         self.w.enqueue_compute([workload_id])
         return Response(200, {"workload_id": workload_id, "mode": value, "audit_id": audit_id})
 
     def quarantine(self, principal: str, workload_id: str, on: bool, reason: str = "") -> Response:
-        before = self._operator_state(workload_id)
+        rec = self.w.store.get(workload_id)
+        if rec is None:
+            return error(404, "unknown workload", workload_id)
+        mode = rec.op_mode.value if rec.op_mode else None
+        before, after = self._op_digest(mode, rec.op_quarantined), self._op_digest(mode, on)
+        action = "workload.quarantine" if on else "workload.release"
+        # the record first (see above): a release is never in force without its record
+        audit_id = self._audit(principal, action, workload_id, {"quarantined": on}, reason, before, after)
         try:
             self.w.store.set_operator(workload_id, quarantined=on)
         except KeyError:
+            self._failed(principal, action, workload_id, audit_id, "unknown workload", reason)
             return error(404, "unknown workload", workload_id)
-        action = "workload.quarantine" if on else "workload.release"
+        except Exception as exc:
+            self._failed(principal, action, workload_id, audit_id, f"{type(exc).__name__}: {exc}", reason)
+            raise
         if not on:
             self._lowered(principal, "released from quarantine", workload_id)
-        audit_id = self._audit(
-            principal, action, workload_id, {"quarantined": on}, reason, before, self._operator_state(workload_id)
-        )
         self.w.enqueue_compute([workload_id])
         return Response(200, {"workload_id": workload_id, "quarantined": on, "audit_id": audit_id})
 
@@ -238,7 +269,7 @@ class Admin:
                 f"{workload_id} is a {rec.workload.cloud} instance: it enrolls with its cloud identity",
             )
         key = secrets.token_urlsafe(24)
-        self.w.store.put_pairing(secret_hash(key), workload_id, uses, ttl)
+        # the record first: no pairing key enrolls anything without its record
         audit_id = self._audit(
             principal,
             "pairing.create",
@@ -246,6 +277,11 @@ class Admin:
             {"uses": uses, "ttl": ttl, "key_sha256": secret_hash(key)},
             reason,
         )
+        try:
+            self.w.store.put_pairing(secret_hash(key), workload_id, uses, ttl)
+        except Exception as exc:
+            self._failed(principal, "pairing.create", workload_id, audit_id, f"{type(exc).__name__}: {exc}", reason)
+            raise
         return Response(
             201, {"pairing_key": key, "workload_id": workload_id, "uses": uses, "expires_in": ttl, "audit_id": audit_id}
         )

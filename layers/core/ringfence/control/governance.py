@@ -317,59 +317,89 @@ def bind_labels(w: BaseWiring, workload_id: str, labels: dict[str, str], princip
     clear, and queue the change for compute. Raises KeyError (an unknown or terminated workload)
     or ValueError (no active policy, a blank reason, a dimension or value that cannot be granted)
     before changing anything, and ConflictError when newer observations kept landing in between
-    (nothing is audited or answered as bound then)."""
+    (nothing is answered as bound then, and its record is followed by ``label.bind.failed``).
+    The record is written before the binding: a failed audit write binds nothing."""
     mapper = _governing_mapper(w)
     if mapper is None:
         raise ValueError("no active policy: nothing declares privileged values (provision a policy version first)")
     if not reason.strip():
         raise ValueError("a binding needs a reason (it is audited)")
-    for _ in range(BIND_ATTEMPTS):
-        old = w.store.get(workload_id)
-        if old is None or old.state == "terminated":
-            raise KeyError(workload_id)
+    # the record is written before the binding is (as a provision's): a grant is never in force
+    # without its record. An attempt whose write is then refused keeps its record unless the next
+    # attempt would record something else; a record whose binding did not happen (superseded,
+    # refused, failed) is followed by label.bind.failed naming it and why
+    audit: AuditRecord | None = None
+
+    def failed(why: str) -> None:
+        if audit is None:
+            return
         try:
-            granted = bind(mapper, old.workload, labels)
-        except ValueError as exc:
-            raise ValueError(f"{exc} ({_privileged_hint(mapper)})") from None
-        # the grant is a write of each dimension by an administrator, now: it stands until the
-        # dimension moves off the value (a later write or observation of another value)
-        verdict = govern(
-            mapper,
-            old.workload,
-            granted.model_copy(update={"held_labels": None}),
-            writes=old.label_writes,
-            previous_at=old.observed_at,
-        )
-        res = mapper.resolve(verdict.workload)
-        rec = old.model_copy(
-            update={
-                "workload": verdict.workload,
-                "labels": res.labels,
-                "problems": [p.message for p in res.problems],
-                "label_writes": verdict.writes,
-            }
-        )
-        # same observed_at: written unless a newer observation landed meanwhile; observe() cannot
-        # tell that from "nothing changed", so the record is read back: a binding is answered only
-        # once it is stored. Another decision landing meanwhile (a binding, an approval) refuses
-        # the write instead of being overwritten: bind again on top of it.
-        try:
-            w.store.observe(rec, previous=old)
-        except GovernanceMoved:
-            continue
-        now = w.store.get(workload_id)
-        if now is not None and all(now.workload.label_grants.get(d) == v for d, v in granted.label_grants.items()):
-            rec = now
-            break
-    else:
-        raise ConflictError(f"{workload_id} changed under {BIND_ATTEMPTS} attempts to bind it: try again")
-    audit = AuditRecord(
-        principal=principal,
-        action="label.bind",
-        target=workload_id,
-        detail={"labels": dict(verdict.workload.label_grants), "in_force": res.labels},
-        reason=reason,
-    )
-    w.audit(audit)
+            w.audit(
+                AuditRecord(
+                    principal=principal,
+                    action="label.bind.failed",
+                    target=workload_id,
+                    detail={"audit_id": audit.id, "why": why},
+                    reason=reason,
+                )
+            )
+        except Exception:
+            log.exception(
+                "label.bind of %s (audit record %s) failed; that could not be recorded", workload_id, audit.id
+            )
+
+    try:
+        for _ in range(BIND_ATTEMPTS):
+            old = w.store.get(workload_id)
+            if old is None or old.state == "terminated":
+                raise KeyError(workload_id)
+            try:
+                granted = bind(mapper, old.workload, labels)
+            except ValueError as exc:
+                raise ValueError(f"{exc} ({_privileged_hint(mapper)})") from None
+            # the grant is a write of each dimension by an administrator, now: it stands until the
+            # dimension moves off the value (a later write or observation of another value)
+            verdict = govern(
+                mapper,
+                old.workload,
+                granted.model_copy(update={"held_labels": None}),
+                writes=old.label_writes,
+                previous_at=old.observed_at,
+            )
+            res = mapper.resolve(verdict.workload)
+            rec = old.model_copy(
+                update={
+                    "workload": verdict.workload,
+                    "labels": res.labels,
+                    "problems": [p.message for p in res.problems],
+                    "label_writes": verdict.writes,
+                }
+            )
+            detail = {"labels": dict(verdict.workload.label_grants), "in_force": res.labels}
+            if audit is None or audit.detail != detail:
+                nxt = AuditRecord(
+                    principal=principal, action="label.bind", target=workload_id, detail=detail, reason=reason
+                )
+                w.audit(nxt)  # fails: nothing (more) written, the call fails
+                failed(f"changed meanwhile: bound as recorded in {nxt.id}")
+                audit = nxt
+            # same observed_at: written unless a newer observation landed meanwhile; observe() cannot
+            # tell that from "nothing changed", so the record is read back: a binding is answered only
+            # once it is stored. Another decision landing meanwhile (a binding, an approval) refuses
+            # the write instead of being overwritten: bind again on top of it.
+            try:
+                w.store.observe(rec, previous=old)
+            except GovernanceMoved:
+                continue
+            now = w.store.get(workload_id)
+            if now is not None and all(now.workload.label_grants.get(d) == v for d, v in granted.label_grants.items()):
+                rec = now
+                break
+        else:
+            raise ConflictError(f"{workload_id} changed under {BIND_ATTEMPTS} attempts to bind it: try again")
+    except Exception as exc:
+        failed(f"{type(exc).__name__}: {exc}")
+        raise
+    assert audit is not None
     w.enqueue_compute([workload_id])
     return Binding(rec, audit.id)

@@ -1,0 +1,121 @@
+"""Every admin change is audited before it is made (as a provision is, tests/aws/test_audit_bounds.py):
+a store that refuses the audit write leaves the change undone and the call failing, never a
+change in force without its record.
+
+Through the admin routes ``ringfence serve`` runs, over OnPremAdmin and the real LocalWiring
+(SQLite store); only the store's audit append is made to fail."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from aws_lambda_powertools.event_handler import APIGatewayRestResolver
+
+from ringfence.adminroles import AdminRole
+from ringfence.local.wiring import LocalWiring
+from ringfence.routes.admin import admin_routes
+from ringfence.store.base import AuditRecord
+from tests.onprem.conftest import boot
+from tests.onprem.test_admin_routes import call
+
+
+class AuditDown(Exception):
+    """The audit table refusing a write (throttled, unreachable)."""
+
+
+def routes(wiring: LocalWiring) -> APIGatewayRestResolver:
+    svc = boot(wiring)
+    return admin_routes(lambda: svc, onprem=lambda: svc, roles_of=lambda _: frozenset(AdminRole))
+
+
+def state(wiring: LocalWiring) -> list[dict[str, Any]]:
+    return [r.model_dump(mode="json") for r in sorted(wiring.store.all_records(), key=lambda r: r.id)]
+
+
+def refuse_audits(wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    refused: list[str] = []
+
+    def down(rec: AuditRecord) -> AuditRecord:
+        refused.append(rec.action)
+        raise AuditDown(rec.action)
+
+    monkeypatch.setattr(wiring.store, "audit", down)
+    return refused
+
+
+def test_attack_admin_actions_whose_audit_write_fails_changes_nothing(
+    wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mode (idle: the firewall left alone), release from quarantine, quarantine and a pairing
+    key: each was in force before its record was tried, so a failed audit write left it in force
+    unaudited. Now none changes anything, and each call fails."""
+    app = routes(wiring)
+    assert call(app, "POST", "/admin/workloads/dc1-web-1/quarantine", {"reason": "incident"})[0] == 200
+    log = wiring.store.audit_log()
+    before = state(wiring)
+    refused = refuse_audits(wiring, monkeypatch)
+    attempts = [
+        ("PUT", "/admin/workloads/dc1-proc-1/mode", {"mode": "idle", "reason": "quiet"}),
+        ("DELETE", "/admin/workloads/dc1-web-1/quarantine", {"reason": "over"}),
+        ("POST", "/admin/workloads/dc1-proc-1/quarantine", {"reason": "incident"}),
+        ("POST", "/admin/pairing-keys", {"workload_id": "dc1-proc-1", "uses": 1, "ttl": 600}),
+    ]
+    for method, path, body in attempts:
+        with pytest.raises(AuditDown):  # the call fails (serve answers 500; the function's alarm)
+            call(app, method, path, body)
+    assert refused == ["workload.mode", "workload.release", "workload.quarantine", "pairing.create"]
+    monkeypatch.undo()
+    assert state(wiring) == before, "no mode, quarantine or release in force without its record"
+    web, proc = wiring.store.get("dc1-web-1"), wiring.store.get("dc1-proc-1")
+    assert web is not None and web.op_quarantined and proc is not None and proc.op_mode is None
+    assert wiring.store.drop_pairings("dc1-proc-1") == 0, "no pairing key minted without its record"
+    assert wiring.store.audit_log() == log
+
+
+def test_attack_onprem_registrations_whose_audit_write_fails_changes_nothing(
+    wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Registering a host (its labels in force), importing a CMDB file, deregistering one: each
+    was written before its record was tried. Now a failed audit write writes none of them."""
+    app = routes(wiring)
+    log = wiring.store.audit_log()
+    before = state(wiring)
+    refused = refuse_audits(wiring, monkeypatch)
+    spec = {"id": "dc3-web-1", "ips": ["192.168.30.11"], "tags": {"ringfence:role": "web"}, "reason": "rack"}
+    attempts = [
+        ("POST", "/admin/workloads", spec),
+        ("POST", "/admin/workloads", {**spec, "id": "dc1-web-1", "ips": ["192.168.10.99"]}),
+        ("POST", "/admin/workloads/import", {"csv": "id,ips,role\ndc3-db-1,192.168.30.31,database\n"}),
+        ("DELETE", "/admin/workloads/dc1-proc-1", {"reason": "decommissioned"}),
+    ]
+    for method, path, body in attempts:
+        with pytest.raises(AuditDown):
+            call(app, method, path, body)
+    assert refused == ["workload.register", "workload.register", "workload.import", "workload.deregister"]
+    monkeypatch.undo()
+    assert state(wiring) == before, "nothing registered, updated, imported or deregistered without its record"
+    assert wiring.store.get("dc3-web-1") is None and wiring.store.get("dc3-db-1") is None
+    proc = wiring.store.get("dc1-proc-1")
+    assert proc is not None and proc.state == "running"
+    assert wiring.store.audit_log() == log
+
+
+def test_a_change_refused_after_its_record_gets_a_failed_record(wiring: LocalWiring) -> None:
+    """The record comes first, so a change then refused (the workload deregistered meanwhile)
+    is followed by ``<action>.failed`` naming it: the log never claims a change that did not happen."""
+    svc = boot(wiring)
+    gone = wiring.store.set_operator
+
+    def deregistered_meanwhile(workload_id: str, **_: Any) -> None:
+        raise KeyError(workload_id)
+
+    wiring.store.set_operator = deregistered_meanwhile  # type: ignore[method-assign]
+    try:
+        r = svc.quarantine("carol", "dc1-web-1", True, "incident")
+    finally:
+        wiring.store.set_operator = gone  # type: ignore[method-assign]
+    assert r.status == 404
+    first, failed = wiring.store.audit_log()[-2:]
+    assert first.action == "workload.quarantine" and failed.action == "workload.quarantine.failed"
+    assert failed.detail == {"audit_id": first.id, "why": "unknown workload"}
