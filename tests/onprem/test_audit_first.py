@@ -13,9 +13,12 @@ import pytest
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver
 
 from ringfence.adminroles import AdminRole
+from ringfence.control.api import secret_hash
+from ringfence.control.credentials import agent_key_fingerprint
 from ringfence.local.wiring import LocalWiring
 from ringfence.routes.admin import admin_routes
-from ringfence.store.base import AuditRecord
+from ringfence.store.base import AuditRecord, agent_key_id_of
+from tests.aws.test_pipeline import AgentKey
 from tests.onprem.conftest import boot
 from tests.onprem.test_admin_routes import call
 
@@ -47,11 +50,18 @@ def refuse_audits(wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch) -> list[
 def test_attack_admin_actions_whose_audit_write_fails_changes_nothing(
     wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Mode (idle: the firewall left alone), release from quarantine, quarantine and a pairing
-    key: each was in force before its record was tried, so a failed audit write left it in force
-    unaudited. Now none changes anything, and each call fails."""
+    """Mode (idle: the firewall left alone), release from quarantine, quarantine, a pairing key
+    minted or revoked, an agent key reset (which lets a new key claim the workload): each was in
+    force before its record was tried, so a failed audit write left it in force unaudited. Now
+    none changes anything, and each call fails."""
     app = routes(wiring)
     assert call(app, "POST", "/admin/workloads/dc1-web-1/quarantine", {"reason": "incident"})[0] == 200
+    assert call(app, "POST", "/admin/pairing-keys", {"workload_id": "dc1-proc-1", "uses": 1, "ttl": 600})[0] == 201
+    agent = AgentKey()  # dc1-proc-1's agent: its key bound, its token current
+    wiring.store.bind_agent_key("dc1-proc-1", agent.pem)
+    token = secret_hash("the agent's token")
+    wiring.store.put_token(token, "dc1-proc-1", 600, agent_key_id_of(agent.pem) or "")
+    assert wiring.store.token_workload(token) == "dc1-proc-1"
     log = wiring.store.audit_log()
     before = state(wiring)
     refused = refuse_audits(wiring, monkeypatch)
@@ -60,16 +70,33 @@ def test_attack_admin_actions_whose_audit_write_fails_changes_nothing(
         ("DELETE", "/admin/workloads/dc1-web-1/quarantine", {"reason": "over"}),
         ("POST", "/admin/workloads/dc1-proc-1/quarantine", {"reason": "incident"}),
         ("POST", "/admin/pairing-keys", {"workload_id": "dc1-proc-1", "uses": 1, "ttl": 600}),
+        ("DELETE", "/admin/workloads/dc1-proc-1/pairing-keys", {"reason": "leaked"}),
+        (
+            "DELETE",
+            "/admin/workloads/dc1-proc-1/agent-key",
+            {"reason": "lost", "next_agent_key": agent_key_fingerprint(AgentKey().pem)},
+        ),
     ]
     for method, path, body in attempts:
         with pytest.raises(AuditDown):  # the call fails (serve answers 500; the function's alarm)
             call(app, method, path, body)
-    assert refused == ["workload.mode", "workload.release", "workload.quarantine", "pairing.create"]
+    assert refused == [
+        "workload.mode",
+        "workload.release",
+        "workload.quarantine",
+        "pairing.create",
+        "pairing.revoke.requested",
+        "agent-key.reset.requested",
+    ]
     monkeypatch.undo()
     assert state(wiring) == before, "no mode, quarantine or release in force without its record"
     web, proc = wiring.store.get("dc1-web-1"), wiring.store.get("dc1-proc-1")
     assert web is not None and web.op_quarantined and proc is not None and proc.op_mode is None
-    assert wiring.store.drop_pairings("dc1-proc-1") == 0, "no pairing key minted without its record"
+    assert wiring.store.agent_key("dc1-proc-1") == agent.pem, "no agent key dropped without its record"
+    assert wiring.store.expected_agent_key("dc1-proc-1") is None, "nor a next key named"
+    assert wiring.store.token_workload(token) == "dc1-proc-1", "nor its token revoked"
+    # the one key minted before: none minted, none revoked without its record
+    assert wiring.store.drop_pairings("dc1-proc-1") == 1
     assert wiring.store.audit_log() == log
 
 

@@ -291,7 +291,14 @@ class Admin:
         used (or with uses left) enrolls nothing any more. The agent key it bound stays bound."""
         if self.w.store.get(workload_id) is None:
             return error(404, "unknown workload", workload_id)
-        revoked = self.w.store.drop_pairings(workload_id)
+        # the request is recorded before anything is revoked (see above); how many keys it revoked
+        # is known only after, so the pairing.revoke record that counts them follows the change
+        requested = self._audit(principal, "pairing.revoke.requested", workload_id, {}, reason)
+        try:
+            revoked = self.w.store.drop_pairings(workload_id)
+        except Exception as exc:
+            self._failed(principal, "pairing.revoke", workload_id, requested, f"{type(exc).__name__}: {exc}", reason)
+            raise
         audit_id = self._audit(principal, "pairing.revoke", workload_id, {"pairing_keys_revoked": revoked}, reason)
         return Response(200, {"workload_id": workload_id, "pairing_keys_revoked": revoked, "audit_id": audit_id})
 
@@ -315,15 +322,30 @@ class Admin:
         # named before anything changes; a key bound before agent keys were read strictly (a text
         # holding more than one key) is still named: the reset is how an operator clears it
         dropped = (agent_key_id_of(pem) or "(not one Ed25519 key)") if pem else None
-        # the expectation first: no enrollment between the two binds a key the operator did not name
-        self.w.store.expect_agent_key(workload_id, next_agent_key)
-        # then the pairing keys: one issued before the reset (leaked, with uses left) must not
-        # claim the workload, and a pairing spends its use and binds its key in one step, so one
-        # that beat this revocation has bound before the key is dropped below
-        pairings = self.w.store.drop_pairings(workload_id)
-        self.w.store.drop_agent_key(workload_id)
-        revoked = self.w.store.revoke_tokens(workload_id)
-        self.w.store.drop_connection(workload_id)
+        # the request is recorded before anything changes (see above): a reset lets a new key claim
+        # the workload, and is never made without its record. What it revoked (a token, pairing
+        # keys) is known only after, so the agent-key.reset record that counts it follows
+        requested = self._audit(
+            principal,
+            "agent-key.reset.requested",
+            workload_id,
+            {"agent_key": dropped, "next_agent_key": next_agent_key},
+            reason,
+        )
+        try:
+            # the expectation first: no enrollment between the two binds a key the operator did not name
+            self.w.store.expect_agent_key(workload_id, next_agent_key)
+            # then the pairing keys: one issued before the reset (leaked, with uses left) must not
+            # claim the workload, and a pairing spends its use and binds its key in one step, so one
+            # that beat this revocation has bound before the key is dropped below
+            pairings = self.w.store.drop_pairings(workload_id)
+            self.w.store.drop_agent_key(workload_id)
+            revoked = self.w.store.revoke_tokens(workload_id)
+            self.w.store.drop_connection(workload_id)
+        except Exception as exc:
+            why = f"{type(exc).__name__}: {exc} (the steps before it stand)"
+            self._failed(principal, "agent-key.reset", workload_id, requested, why, reason)
+            raise
         log.warning("%s reset the agent key of %s (was %s)", principal, workload_id, dropped or "none")
         self.metric(AGENT_KEY_RESETS, 1)
         audit_id = self._audit(
