@@ -103,6 +103,26 @@ class Env:
         clients._clients.clear()
         clients._assumed.clear()
 
+    def refuse_audit_writes(self) -> list[str]:
+        """From now on the audit table refuses every write (throttled), in freshly loaded
+        functions: the list returned gets an entry per refusal."""
+        from botocore.exceptions import ClientError
+
+        refused: list[str] = []
+
+        def refuse(params: dict[str, Any], **_: Any) -> None:
+            tables = {next(iter(i.values()))["TableName"] for i in params.get("TransactItems", [])}
+            if "rf-audit" in tables:
+                refused.append("audit")
+                raise ClientError(
+                    {"Error": {"Code": "ProvisionedThroughputExceededException", "Message": "throttled"}},
+                    "TransactWriteItems",
+                )
+
+        self.load_functions()  # a cold container, whose clients carry the hook
+        self.hook("before-parameter-build.dynamodb.TransactWriteItems", refuse)
+        return refused
+
     def bind(self, principal: str, roles: list[str]) -> None:
         """Give an IAM principal admin roles (``RINGFENCE_ADMIN_ROLES``, read per request)."""
         bindings = json.loads(os.environ.get(ADMIN_ROLES_ENV, "{}"))

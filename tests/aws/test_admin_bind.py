@@ -268,19 +268,7 @@ def test_attack_a_label_bind_whose_audit_write_fails_changes_nothing(env: Env) -
     dev = est["dev"]
     env.bind(AUTHORS, ["policy-author"])
     before, log = env.store.get(dev), env.store.audit_log()
-    refused: list[str] = []
-
-    def refuse_audit(params: dict[str, Any], **_: Any) -> None:
-        tables = {next(iter(i.values()))["TableName"] for i in params.get("TransactItems", [])}
-        if "rf-audit" in tables:
-            refused.append("audit")
-            raise ClientError(
-                {"Error": {"Code": "ProvisionedThroughputExceededException", "Message": "throttled"}},
-                "TransactWriteItems",
-            )
-
-    env.load_functions()  # a cold admin container, whose clients carry the hook
-    env.hook("before-parameter-build.dynamodb.TransactWriteItems", refuse_audit)
+    refused = env.refuse_audit_writes()
     with pytest.raises(ClientError, match="throttled"):
         bind(env, dev, {"labels": GRANT, "reason": "CHG-10 bastion"})
     assert refused

@@ -61,19 +61,7 @@ def test_attack_a_provision_whose_audit_write_fails_activates_nothing(env: Env) 
     active before the write was tried. Now the record comes first: no record, no activation, and
     the version's files are removed."""
     assert env.provision_example_policy() == 1
-    refused: list[str] = []
-
-    def refuse_audit(params: dict[str, Any], **_: Any) -> None:
-        tables = {next(iter(i.values()))["TableName"] for i in params.get("TransactItems", [])}
-        if "rf-audit" in tables:
-            refused.append("audit")
-            raise ClientError(
-                {"Error": {"Code": "ProvisionedThroughputExceededException", "Message": "throttled"}},
-                "TransactWriteItems",
-            )
-
-    env.load_functions()  # a cold admin container, whose clients carry the hook
-    env.hook("before-parameter-build.dynamodb.TransactWriteItems", refuse_audit)
+    refused = env.refuse_audit_writes()
     with pytest.raises(ClientError, match="throttled"):  # the function fails: its error alarm
         env.rest("admin", "POST", "/admin/policies", {"files": noisy_policy(1), "reason": "unaudited?"})
     assert refused
