@@ -58,6 +58,19 @@ class Vpc:
             self.ec2.authorize_security_group_ingress(GroupId=gid, IpPermissions=perms)
         return gid
 
+    def legacy_published(self) -> str:
+        """The one published group per env an earlier version made (``rf-prod-published``, ours by tag)."""
+        return str(
+            self.ec2.create_security_group(
+                GroupName="rf-prod-published",
+                Description="Ringfence prod published services",
+                VpcId=self.id,
+                TagSpecifications=[
+                    {"ResourceType": "security-group", "Tags": [{"Key": "ringfence:perimeter", "Value": "prod"}]}
+                ],
+            )["GroupId"]
+        )
+
     def names_on(self, eni: str) -> list[str]:
         e = self.ec2.describe_network_interfaces(NetworkInterfaceIds=[eni])["NetworkInterfaces"][0]
         return [g["GroupName"] for g in e["Groups"]]
@@ -184,14 +197,7 @@ def test_attack_a_published_service_does_not_get_another_services_ports(vpc: Vpc
     )
     web, jump = vpc.launch(), vpc.launch()
     # the older shared group, as a previous version made it, on an interface of the web tier
-    old = vpc.ec2.create_security_group(
-        GroupName="rf-prod-published",
-        Description="Ringfence prod published services",
-        VpcId=vpc.id,
-        TagSpecifications=[
-            {"ResourceType": "security-group", "Tags": [{"Key": "ringfence:perimeter", "Value": "prod"}]}
-        ],
-    )["GroupId"]
+    old = vpc.legacy_published()
     vpc.ec2.authorize_security_group_ingress(GroupId=old, IpPermissions=WORLD_SSH)
     web_eni = vpc.second_eni(web, [vpc.group("default")["GroupId"], old])
     jump_eni = vpc.second_eni(jump, [vpc.group("default")["GroupId"]])
@@ -236,14 +242,7 @@ def test_attack_an_interface_over_the_group_quota_still_sheds_the_older_shared_p
             ],
         }
     )
-    old = vpc.ec2.create_security_group(
-        GroupName="rf-prod-published",
-        Description="Ringfence prod published services",
-        VpcId=vpc.id,
-        TagSpecifications=[
-            {"ResourceType": "security-group", "Tags": [{"Key": "ringfence:perimeter", "Value": "prod"}]}
-        ],
-    )["GroupId"]
+    old = vpc.legacy_published()
     for port in (443, 8443, 22):
         vpc.ec2.authorize_security_group_ingress(
             GroupId=old,

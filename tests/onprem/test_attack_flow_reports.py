@@ -94,12 +94,7 @@ def test_flows_ingest_cli_reads_an_archived_batch_as_its_workloads(wiring: Local
     """``ringfence flows ingest`` took the reporter from the file's directory, but the agent API
     archives batches as ``reports/<workload>/<Y>/<M>/<D>/<uuid>.json``: the reporter was the day
     of the month and every flow of the batch was refused as foreign."""
-    plane = Plane(wiring)
-    plane.register()
-    assert wiring.settle(60)
-    st, b = plane.pair(plane.mint(uses=1), AgentKey())
-    assert st == 200, b
-    hdr = {"Authorization": f"Bearer {b['token']}"}
+    plane, hdr = _paired_plane(wiring)
     st, b = plane.call(plane.agents, "POST", f"/v1/agents/{WID}/reports",
                        {"flows": [_flow(time.time(), "192.168.30.41", "192.168.10.21", 8443)]}, headers=hdr)  # fmt: skip
     assert st == 202, b
@@ -118,14 +113,19 @@ def test_flows_ingest_cli_reads_an_archived_batch_as_its_workloads(wiring: Local
     assert sum(r.flows for r in wiring.store.flow_rows()) == before + 1
 
 
-def _siem_plane(wiring: LocalWiring, tmp_path: Path) -> tuple[Plane, dict[str, str]]:
-    wiring.siem = Siem.from_spec(f"file:{tmp_path}/siem.jsonl,cef+file:{tmp_path}/siem.cef")
+def _paired_plane(wiring: LocalWiring) -> tuple[Plane, dict[str, str]]:
+    """The host WID registered and its agent paired: the plane and the agent's bearer header."""
     plane = Plane(wiring)
     plane.register()
     assert wiring.settle(60)
     st, b = plane.pair(plane.mint(uses=1), AgentKey())
     assert st == 200, b
     return plane, {"Authorization": f"Bearer {b['token']}"}
+
+
+def _siem_plane(wiring: LocalWiring, tmp_path: Path) -> tuple[Plane, dict[str, str]]:
+    wiring.siem = Siem.from_spec(f"file:{tmp_path}/siem.jsonl,cef+file:{tmp_path}/siem.cef")
+    return _paired_plane(wiring)
 
 
 def test_attack_report_values_out_of_range_are_refused_before_anything_is_kept(
@@ -219,12 +219,7 @@ def test_attack_a_flow_end_far_ahead_or_before_its_start_is_refused(wiring: Loca
     stored as the row's last_seen. Now the report route refuses an end before the start or more
     than a day after it (422), and the ingest (``ringfence flows ingest`` of an archived batch,
     the flows function) takes no agent flow ending more than MAX_SKEW after its now."""
-    plane = Plane(wiring)
-    plane.register()
-    assert wiring.settle(60)
-    st, b = plane.pair(plane.mint(uses=1), AgentKey())
-    assert st == 200, b
-    hdr = {"Authorization": f"Bearer {b['token']}"}
+    plane, hdr = _paired_plane(wiring)
     now, path = time.time(), f"/v1/agents/{WID}/reports"
     for end in (4_102_000_000.0, 1.0, now - 10, now + 2 * 86400):
         flow = {**_flow(now, "192.168.30.41", "192.168.10.21", 8443), "end": end}
