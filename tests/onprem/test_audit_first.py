@@ -146,3 +146,71 @@ def test_a_change_refused_after_its_record_gets_a_failed_record(wiring: LocalWir
     first, failed = wiring.store.audit_log()[-2:]
     assert first.action == "workload.quarantine" and failed.action == "workload.quarantine.failed"
     assert failed.detail == {"audit_id": first.id, "why": "unknown workload"}
+
+
+def test_a_change_whose_write_landed_before_the_call_raised_is_not_recorded_as_failed(wiring: LocalWiring) -> None:
+    """A write can land and its answer still fail (a timeout after the commit): the release is in
+    force, so its record stands, with no ``.failed`` saying otherwise, and the lowered safeguard
+    is still counted; a write that did not land gets ``.failed``; a store that cannot say gets
+    ``.unconfirmed``."""
+    from ringfence.control.governance import bind_labels
+    from tests.onprem.conftest import policy_files
+
+    svc = boot(wiring)
+    lowered: list[str] = []
+    svc.metric = lambda name, n: lowered.append(name)
+    assert svc.quarantine("carol", "dc1-web-1", True, "incident").status == 200
+    real = wiring.store.set_operator
+
+    def lands_then_raises(workload_id: str, **kw: Any) -> None:
+        real(workload_id, **kw)
+        raise TimeoutError("read timeout after the update landed")
+
+    wiring.store.set_operator = lands_then_raises  # type: ignore[method-assign]
+    try:
+        with pytest.raises(TimeoutError):
+            svc.quarantine("carol", "dc1-web-1", False, "over")
+    finally:
+        wiring.store.set_operator = real  # type: ignore[method-assign]
+    rec = wiring.store.get("dc1-web-1")
+    assert rec is not None and not rec.op_quarantined
+    assert [a.action for a in wiring.store.audit_log()[-1:]] == ["workload.release"]
+    assert "SafeguardsLowered" in lowered
+
+    def never_lands(workload_id: str, **kw: Any) -> None:
+        raise TimeoutError("unreachable")
+
+    wiring.store.set_operator = never_lands  # type: ignore[method-assign]
+    try:
+        with pytest.raises(TimeoutError):
+            svc.quarantine("carol", "dc1-web-1", True, "again")
+    finally:
+        wiring.store.set_operator = real  # type: ignore[method-assign]
+    assert [a.action for a in wiring.store.audit_log()[-2:]] == ["workload.quarantine", "workload.quarantine.failed"]
+
+    # a binding whose grant was stored, then the read-back failed: in force, its record stands
+    assert svc.provision("alice", policy_files(), "again").status == 201
+    host = {
+        "id": "bastion-1",
+        "ips": ["10.20.0.5"],
+        "tags": {"ringfence:role": "jumpbox", "ringfence:app": "admin", "ringfence:env": "prod"},
+    }
+    assert svc.register_workload("ops", host, "rack", may_bind=False).status == 201
+    real_get, calls = wiring.store.get, {"n": 0}
+
+    def read_back_fails(workload_id: str) -> Any:
+        if workload_id == "bastion-1":
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise TimeoutError("throttled")
+        return real_get(workload_id)
+
+    wiring.store.get = read_back_fails  # type: ignore[method-assign]
+    try:
+        with pytest.raises(TimeoutError):
+            bind_labels(wiring, "bastion-1", {"role": "jumpbox", "app": "admin"}, "alice", "CHG-9")
+    finally:
+        wiring.store.get = real_get  # type: ignore[method-assign]
+    bound = wiring.store.get("bastion-1")
+    assert bound is not None and bound.workload.label_grants == {"role": "jumpbox", "app": "admin"}
+    assert [a.action for a in wiring.store.audit_log()[-1:]] == ["label.bind"]

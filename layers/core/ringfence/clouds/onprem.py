@@ -129,7 +129,12 @@ class OnPremAdmin(Admin):
             self._failed(principal, "workload.register", spec.id, audit_id, str(exc), reason)
             return error(409, "workload changed meanwhile: nothing registered", str(exc))
         except Exception as exc:
-            self._failed(principal, "workload.register", spec.id, audit_id, f"{type(exc).__name__}: {exc}", reason)
+
+            def registered() -> bool:
+                now = self.w.store.get(spec.id)
+                return now is not None and now.observed_at == rec.observed_at and now.workload == rec.workload
+
+            self._raised(principal, "workload.register", spec.id, audit_id, exc, reason, registered)
             raise
         self.w.enqueue_compute([spec.id])
         answer: dict[str, Any] = {"workload_id": spec.id, "created": not existed, "audit_id": audit_id}
@@ -224,8 +229,12 @@ class OnPremAdmin(Admin):
         try:
             self.w.store.observe(tombstone)
         except Exception as exc:
-            why = f"{type(exc).__name__}: {exc}"
-            self._failed(principal, "workload.deregister", workload_id, audit_id, why, reason)
+
+            def deregistered() -> bool:
+                now = self.w.store.get(workload_id)
+                return now is not None and now.state == "terminated"
+
+            self._raised(principal, "workload.deregister", workload_id, audit_id, exc, reason, deregistered)
             raise
         self._drop_credentials(workload_id, "workload deregistered")
         self.w.enqueue_compute([workload_id])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 from ringfence.audit import canonical, state_digest
@@ -190,13 +191,43 @@ class Admin:
         except Exception:
             log.exception("%s (audit record %s) was not activated; that could not be recorded", target, audit_id)
 
-    def _failed(self, principal: str, action: str, target: str, audit_id: str, why: str, reason: str) -> None:
+    def _failed(
+        self, principal: str, action: str, target: str, audit_id: str, why: str, reason: str, outcome: str = "failed"
+    ) -> None:
         """The record that a change audited before it was made (``audit_id``) did not happen:
-        ``<action>.failed``, naming the first record and why."""
+        ``<action>.failed`` (or ``.unconfirmed``: not known), naming the first record and why."""
         try:
-            self._audit(principal, f"{action}.failed", target, {"audit_id": audit_id, "why": why}, reason)
+            self._audit(principal, f"{action}.{outcome}", target, {"audit_id": audit_id, "why": why}, reason)
         except Exception:
             log.exception("%s of %s (audit record %s) failed; that could not be recorded", action, target, audit_id)
+
+    def _raised(
+        self,
+        principal: str,
+        action: str,
+        target: str,
+        audit_id: str,
+        exc: Exception,
+        reason: str,
+        in_force: Callable[[], bool],
+    ) -> bool:
+        """After a change audited first raised: ``<action>.failed`` only where the store shows it
+        did not happen (a write can land and its answer still fail); where it did, the first record
+        is true and stands (logged); where the store cannot say, ``<action>.unconfirmed``. True
+        when the change is in force."""
+        why = f"{type(exc).__name__}: {exc}"
+        try:
+            done = in_force()
+        except Exception:
+            self._failed(principal, action, target, audit_id, why, reason, outcome="unconfirmed")
+            return False
+        if done:
+            log.warning(
+                "%s of %s (audit record %s) is in force although the call raised: %s", action, target, audit_id, why
+            )
+            return True
+        self._failed(principal, action, target, audit_id, why, reason)
+        return False
 
     @staticmethod
     def _op_digest(mode: str | None, quarantined: bool) -> str:
@@ -222,7 +253,16 @@ class Admin:
             self._failed(principal, "workload.mode", workload_id, audit_id, "unknown workload", reason)
             return error(404, "unknown workload", workload_id)
         except Exception as exc:
-            self._failed(principal, "workload.mode", workload_id, audit_id, f"{type(exc).__name__}: {exc}", reason)
+
+            def moded() -> bool:
+                now = self.w.store.get(workload_id)
+                return now is not None and (now.op_mode.value if now.op_mode else None) == value
+
+            if (
+                self._raised(principal, "workload.mode", workload_id, audit_id, exc, reason, moded)
+                and mode is Mode.IDLE
+            ):
+                self._lowered(principal, "mode idle (its firewall left untouched)", workload_id)
             raise
         if mode is Mode.IDLE:
             self._lowered(principal, "mode idle (its firewall left untouched)", workload_id)
@@ -244,7 +284,13 @@ class Admin:
             self._failed(principal, action, workload_id, audit_id, "unknown workload", reason)
             return error(404, "unknown workload", workload_id)
         except Exception as exc:
-            self._failed(principal, action, workload_id, audit_id, f"{type(exc).__name__}: {exc}", reason)
+
+            def made() -> bool:
+                now = self.w.store.get(workload_id)
+                return now is not None and now.op_quarantined == on
+
+            if self._raised(principal, action, workload_id, audit_id, exc, reason, made) and not on:
+                self._lowered(principal, "released from quarantine", workload_id)  # its alarm, all the same
             raise
         if not on:
             self._lowered(principal, "released from quarantine", workload_id)

@@ -329,15 +329,16 @@ def bind_labels(w: BaseWiring, workload_id: str, labels: dict[str, str], princip
     # attempt would record something else; a record whose binding did not happen (superseded,
     # refused, failed) is followed by label.bind.failed naming it and why
     audit: AuditRecord | None = None
+    stored = False  # an attempt's write returned: the grant may be in force although a later step raised
 
-    def failed(why: str) -> None:
+    def failed(why: str, outcome: str = "failed") -> None:
         if audit is None:
             return
         try:
             w.audit(
                 AuditRecord(
                     principal=principal,
-                    action="label.bind.failed",
+                    action=f"label.bind.{outcome}",
                     target=workload_id,
                     detail={"audit_id": audit.id, "why": why},
                     reason=reason,
@@ -391,6 +392,7 @@ def bind_labels(w: BaseWiring, workload_id: str, labels: dict[str, str], princip
                 w.store.observe(rec, previous=old)
             except GovernanceMoved:
                 continue
+            stored = True
             now = w.store.get(workload_id)
             if now is not None and all(now.workload.label_grants.get(d) == v for d, v in granted.label_grants.items()):
                 rec = now
@@ -398,7 +400,26 @@ def bind_labels(w: BaseWiring, workload_id: str, labels: dict[str, str], princip
         else:
             raise ConflictError(f"{workload_id} changed under {BIND_ATTEMPTS} attempts to bind it: try again")
     except Exception as exc:
-        failed(f"{type(exc).__name__}: {exc}")
+        why = f"{type(exc).__name__}: {exc}"
+        if not stored:
+            failed(why)
+            raise
+        # a write landed before the error: .failed only where the store shows the grant is not in force
+        try:
+            now = w.store.get(workload_id)
+            bound = (
+                now is not None
+                and audit is not None
+                and all(now.workload.label_grants.get(d) == v for d, v in audit.detail["labels"].items())
+            )
+        except Exception:
+            failed(why, outcome="unconfirmed")
+            raise
+        if bound:
+            log.warning("label.bind of %s is in force although the call raised: %s", workload_id, why)
+            w.enqueue_compute([workload_id])
+        else:
+            failed(why)
         raise
     assert audit is not None
     w.enqueue_compute([workload_id])
