@@ -279,8 +279,10 @@ class Agent:
 
     def check_drift(self) -> Result:
         """Re-apply when the kernel no longer holds what this process applied last (a rule
-        inserted, changed or deleted; the table flushed): tamper, reported. Set contents are not
-        compared (listing 100,000 elements costs up to 1.4 s); another table or chain cannot
+        inserted, changed or deleted; the table flushed), or a group set ``g_*`` no longer holds
+        what this process last wrote to it (nftables; small sets): tamper, reported. Bundle set
+        contents are not compared (listing 100,000 elements costs up to 1.4 s; the enforced
+        digest covers them against the control plane's); another table or chain cannot
         undo a drop of ours (a packet must pass every base chain), an iptables rule placed before
         our jump can (not checked)."""
         probe = getattr(self.backend, "fingerprint", None) if self.track_drift else None
@@ -290,17 +292,28 @@ class Agent:
             now = probe()
         except (ApplyError, OSError):
             return Result(False)
+        groups = None
         if now == self._baseline:
-            return Result(False)
+            # group sets (nftables ``g_*``): small, compared with what this process last wrote
+            group_probe = getattr(self.backend, "group_problem", None)
+            try:
+                groups = group_probe() if group_probe is not None else None
+            except (ApplyError, OSError, ValueError):
+                groups = None  # cannot tell: the next check asks again (enforcement untouched)
+            if groups is None:
+                return Result(False)
         plan = self.ensure_plan() if self.bundle is not None else self._kernel_plan
         if plan is None:
             return Result(False)
-        what = "removed" if now is None else "changed"
+        what = "removed" if now is None else "group set altered" if groups is not None else "changed"
         self._apply(plan)
         self.state.update_status(
             last_tamper={"time": time.time(), "what": what, "revision": self.revision}, incr={"tamper_reapplied": 1}
         )
-        lines = [f"tamper: Ringfence's rules were {what} in the kernel; re-applied revision {self.revision}"]
+        if groups is not None:
+            lines = [f"tamper: {groups}; re-applied revision {self.revision}"]
+        else:
+            lines = [f"tamper: Ringfence's rules were {what} in the kernel; re-applied revision {self.revision}"]
         return Result(True, lines + self.cut_sessions(plan))
 
     def _set_aside(self, reason: str) -> None:

@@ -21,8 +21,9 @@ from ringfence import enforced
 from ringfence.bundle import Bundle
 from ringfence.local.lab import PROBE
 from ringfence.local.lab import Lab as NetLab
+from ringfence.model import Workload
 from tests.agent import dataplane
-from tests.agent.bundles import DENY_ALL_POLICY, LAB_POLICY, PUBLIC_KEY, Lab, workloads, write
+from tests.agent.bundles import DENY_ALL_POLICY, GROUP_POLICY, LAB_POLICY, PUBLIC_KEY, Lab, workloads, write
 
 pytestmark = pytest.mark.dataplane
 
@@ -194,3 +195,100 @@ def test_the_seal_read_is_the_drift_baseline_without_a_second_read(net: NetLab, 
     assert proc.returncode == 0, proc.stderr
     applied, fresh = json.loads(proc.stdout)
     assert applied is not None and applied == fresh
+
+
+def _grouped_bundle(net: NetLab) -> Bundle:
+    """h2 (web) under GROUP_POLICY: one grouped inbound rule (h1 → tcp/8080 among its members),
+    realised as concatenated sets ``g_*``; h4 (other) reaches nothing on h2."""
+    wls = [
+        Workload(id=h, ips=[net.v4(h), net.v6(h)], tags={"ringfence:app": "lab", "ringfence:role": role})
+        for h, role in ROLES.items()
+    ]
+    doc = Lab(GROUP_POLICY, wls).bundle("h2")
+    assert doc.inbound[0].members, "no grouped rule: the test proves nothing"
+    return doc
+
+
+def _group_set(net: NetLab, kind: str = "4p") -> str:
+    out = net.exec("h2", "nft", "-j", "list", "sets", "inet", check=True).stdout
+    names = [x["set"]["name"] for x in json.loads(out)["nftables"] if "set" in x]
+    ours = [n for n in names if n.startswith("g_r_in_") and n.endswith(f"_{kind}")]
+    assert len(ours) == 1, names
+    return ours[0]
+
+
+def test_attack_an_element_added_to_a_group_set_is_reported_and_repaired_by_the_daemon(
+    net: NetLab, tmp_path: Path
+) -> None:
+    """``nft add element inet ringfence g_r_in_0_4p { <h4> . tcp . 22 }`` opened SSH to h4 and
+    neither the seal (rules and fail-safe sets only) nor the enforced digest (bundle sets) saw it:
+    no report, no repair. The daemon's drift check now compares each group set with what it last
+    wrote, re-applies within drift_interval and records the tamper; SSH from h4 is closed again."""
+    from ringfence.local.lab import AGENT, wait_until
+
+    src = tmp_path / "src"
+    write(_grouped_bundle(net), src / "bundles" / "h2.json")
+    cfg = tmp_path / "agent.json"
+    cfg.write_text(
+        json.dumps(
+            {
+                "workload_id": "h2",
+                "public_key": str(PUBLIC_KEY),
+                "state_dir": str(tmp_path / "state"),
+                "backend": "nftables",
+                "source": str(src),
+                "poll_interval": 300,  # polled once, at start: only the drift check can notice
+                "observe_interval": 0.3,
+                "heartbeat_interval": 1,
+                "report_interval": 1,
+                "drift_interval": 3,
+            }
+        )
+    )
+    run_log = tmp_path / "run.log"
+    daemon = net.spawn("h2", str(AGENT), "run", "--config", str(cfg), stderr=run_log.open("w"))
+    try:
+        assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 15), run_log.read_text()
+        assert not net.tcp("h4", "h2", 22) and net.tcp("h1", "h2", 8080)
+        element = f"{{ {net.v4('h4')} . tcp . 22 }}"
+        net.exec("h2", "nft", "add", "element", "inet", "ringfence", _group_set(net), element, check=True)
+        assert net.tcp("h4", "h2", 22), "the tamper did not open anything: the test proves nothing"
+        assert wait_until(lambda: "holds elements the agent did not put there" in run_log.read_text(), 10), (
+            run_log.read_text()
+        )
+        assert not net.tcp("h4", "h2", 22) and net.tcp("h1", "h2", 8080)
+        status = _status(net, "nftables", tmp_path / "state")
+        assert status["counters"]["tamper_reapplied"] == 1, status
+        assert status["last_tamper"]["what"] == "group set altered", status
+    finally:
+        net.kill(daemon, 15)
+
+
+GROUP_TAMPER = """
+import json, subprocess, sys
+from ringfence import enforced
+from ringfence.bundlewire import load_bundle
+from ringfence_agent.backends.nft import NftBackend
+from ringfence_agent.plan import LocalFailsafes, compile_plan
+doc = load_bundle(open(sys.argv[1], "rb").read())
+backend = NftBackend()
+backend.apply(compile_plan(doc, LocalFailsafes()))
+sets = json.loads(subprocess.run(["nft", "-j", "list", "sets", "inet"], capture_output=True).stdout)["nftables"]
+group = next(x["set"]["name"] for x in sets if x.get("set", {}).get("name", "").startswith("g_") and x["set"]["name"].endswith("_4p"))
+problem = getattr(backend, "group_problem", lambda: None)
+before = [problem(), backend.enforced() == enforced.expected(doc)]
+subprocess.run(["nft", "add", "element", "inet", "ringfence", group, sys.argv[2]], check=True)
+print(json.dumps([group, *before, problem(), backend.enforced() == enforced.expected(doc)]))
+"""
+
+
+def test_attack_a_group_set_element_added_marks_the_enforced_digest_altered(net: NetLab, tmp_path: Path) -> None:
+    """The heartbeat's enforced digest, read by the process that applied: a group set element it
+    did not write makes it ``altered`` (never the published digest), as the seal does for rules."""
+    path = write(_grouped_bundle(net), tmp_path / "bundle.json")
+    proc = net.exec("h2", sys.executable, "-c", GROUP_TAMPER, str(path), f"{{ {net.v4('h4')} . tcp . 22 }}")
+    assert proc.returncode == 0, proc.stderr
+    group, problem_before, intact_before, problem_after, intact_after = json.loads(proc.stdout)
+    assert problem_before is None and intact_before is True
+    assert intact_after is False, "the enforced digest still matches the published one"
+    assert problem_after is not None and group in problem_after

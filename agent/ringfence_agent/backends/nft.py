@@ -474,6 +474,10 @@ class NftBackend(NftRenderer):
         # the fingerprint of what the last apply's seal read back (:meth:`fingerprint` without
         # another read, which costs ~0.5 s at 100,000 set elements); None when not sealed
         self.applied_fingerprint: str | None = None
+        # each concatenated group set ``g_*`` → the digest of its elements as the kernel listed them
+        # right after this process last wrote it (whole apply or delta; None: that read failed);
+        # None when this process applied nothing (see :meth:`group_problem`)
+        self.group_held: dict[str, str | None] | None = None
 
     def _run(self, script: str, json_output: bool = False) -> tuple[int, str, str]:
         if self.lib is not None:
@@ -495,8 +499,50 @@ class NftBackend(NftRenderer):
         concat = self.concatenated(plan)
         self._exec(self._render(plan, concat), "bundle")
         self.realised = {r.counter: r.counter in concat for r in plan.rules if r.members}
+        names = [
+            group_set_name(r.counter, fam, kind)
+            for r in plan.rules
+            if r.counter in concat
+            for fam in (4, 6)
+            for kind in _group_kinds(r, fam)
+        ]
+        self.group_held = {name: self._group_digest(name) for name in names} if plan.mode != "idle" else {}
         if plan.mode != "idle":
             self._seal()
+
+    def _group_digest(self, name: str, items: list[dict[str, Any]] | None = None) -> str | None:
+        """The digest of group set ``name``'s elements as the kernel lists them (one small
+        ``list set``: a group set is concatenated only while within the group bound), or as
+        ``items`` (a ``list table`` already read) hold them; None when it cannot be read."""
+        if items is None:
+            rc, out, _ = self._run(f"list set {FAMILY} {TABLE} {name}\n", json_output=True)
+            if rc != 0:
+                return None
+            try:
+                items = json.loads(out or "{}").get("nftables", [])
+            except ValueError:
+                return None
+        for item in items or []:
+            s = item.get("set") if isinstance(item, dict) else None
+            if isinstance(s, dict) and s.get("name") == name:
+                elems = sorted(json.dumps(e, sort_keys=True) for e in s.get("elem", []))
+                return hashlib.sha256(json.dumps(elems).encode()).hexdigest()
+        return None
+
+    def group_problem(self, items: list[dict[str, Any]] | None = None) -> str | None:
+        """None when every group set ``g_*`` holds what this process last wrote to it (or this
+        process applied nothing: it cannot tell); else what is wrong, in words. Neither the seal
+        nor the enforced digest covers group sets (deltas change them), so an element added by
+        another tool (``nft add element ... g_r_in_0_4p { 10.0.0.9 . tcp . 22 }``) is found here:
+        the daemon's drift check asks and re-applies. A set that cannot be read now is skipped
+        (the next check asks again); one whose baseline read failed counts as altered."""
+        if not self.group_held:
+            return None
+        for name, want in sorted(self.group_held.items()):
+            now = self._group_digest(name, items)
+            if want is None or (now is not None and now != want) or (now is None and items is not None):
+                return f"group set {name} holds elements the agent did not put there (or lost some of its own)"
+        return None
 
     def _seal(self) -> None:
         """Name what the kernel holds right after the apply: ``seal_<digest>`` (:meth:`held`).
@@ -539,12 +585,18 @@ class NftBackend(NftRenderer):
     def apply_delta(self, change: ElementChange) -> None:
         if change.add_v4 or change.add_v6 or change.remove_v4 or change.remove_v6 or change.groups:
             self._exec(self.render_delta(change), f"delta for set {change.set}")
+        if self.group_held is not None:  # the new baseline of the group sets it moved (small reads)
+            for g in change.groups:
+                name = group_set_name(g.counter, g.family, span_kind(g.span))
+                if name in self.group_held and (g.add or g.remove):
+                    self.group_held[name] = self._group_digest(name)
 
     def flush(self) -> bool:
         present = self.table_present()
         if present:
             self._exec(f"delete table {FAMILY} {TABLE}\n", "flush")
         self.realised = None
+        self.group_held = None
         return present
 
     def held(self, items: list[dict[str, Any]] | None = None) -> tuple[str | None, str | None]:
@@ -650,7 +702,7 @@ class NftBackend(NftRenderer):
                         verdict = "accept" if "accept" in x else "drop"
                 if counter is not None and verdict is not None and _RULE_COUNTER.fullmatch(counter):
                     chains.setdefault(direction, []).append((counter, verdict))
-        return enforced.digest(chains, sets, altered=seal != held)
+        return enforced.digest(chains, sets, altered=seal != held or self.group_problem(items) is not None)
 
     def programmed(self) -> bool:
         """Whether the kernel holds Ringfence's rules as the agent applied them (what ``apply``
