@@ -160,13 +160,21 @@ class Admin:
             # a concurrent provision won: this version never becomes active, nor is it kept (its
             # number stays unused); provision again over the one that won
             self._unpublish(keys)
-            self._abandoned(principal, target, audit_id, str(exc), reason)
+            self._failed(principal, "policy.provision", target, audit_id, str(exc), reason, outcome="abandoned")
             return error(409, "policy changed meanwhile: nothing provisioned", str(exc))
         except Exception as exc:
             # the store failed (throttled, unreachable): active or not, as the store now says
             now = self.w.store.active_policy()
             if now is None or now.number != version:
-                self._abandoned(principal, target, audit_id, f"{type(exc).__name__}: {exc}", reason)
+                self._failed(
+                    principal,
+                    "policy.provision",
+                    target,
+                    audit_id,
+                    f"{type(exc).__name__}: {exc}",
+                    reason,
+                    outcome="abandoned",
+                )
                 raise
             log.warning("activating %s raised %s, but it is active", target, exc)
         if widened:
@@ -184,18 +192,12 @@ class Admin:
             with contextlib.suppress(Exception):
                 self.w.publisher.delete(key)
 
-    def _abandoned(self, principal: str, target: str, audit_id: str, why: str, reason: str) -> None:
-        """The record that a provision audited before its activation did not become active."""
-        try:
-            self._audit(principal, "policy.provision.abandoned", target, {"audit_id": audit_id, "why": why}, reason)
-        except Exception:
-            log.exception("%s (audit record %s) was not activated; that could not be recorded", target, audit_id)
-
     def _failed(
         self, principal: str, action: str, target: str, audit_id: str, why: str, reason: str, outcome: str = "failed"
     ) -> None:
         """The record that a change audited before it was made (``audit_id``) did not happen:
-        ``<action>.failed`` (or ``.unconfirmed``: not known), naming the first record and why."""
+        ``<action>.failed`` (``.unconfirmed``: not known; ``.abandoned``: a provision that lost
+        its race), naming the first record and why."""
         try:
             self._audit(principal, f"{action}.{outcome}", target, {"audit_id": audit_id, "why": why}, reason)
         except Exception:

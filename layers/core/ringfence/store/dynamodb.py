@@ -1058,10 +1058,6 @@ class DynamoStore:
                 return
             kwargs["ExclusiveStartKey"] = more
 
-    def audit_segment(self, after: int, upto: int) -> list[AuditRecord]:
-        """:meth:`audit_pages` as one list (a short segment)."""
-        return [rec for page in self.audit_pages(after, upto) for rec in page]
-
     def audit_log(self) -> list[AuditRecord]:
         items: list[dict[str, Any]] = []
         kwargs: dict[str, Any] = {"ConsistentRead": True}
