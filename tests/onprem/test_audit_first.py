@@ -148,7 +148,9 @@ def test_a_change_refused_after_its_record_gets_a_failed_record(wiring: LocalWir
     assert failed.detail == {"audit_id": first.id, "why": "unknown workload"}
 
 
-def test_a_change_whose_write_landed_before_the_call_raised_is_not_recorded_as_failed(wiring: LocalWiring) -> None:
+def test_a_change_whose_write_landed_before_the_call_raised_is_not_recorded_as_failed(
+    wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A write can land and its answer still fail (a timeout after the commit): the release is in
     force, so its record stands, with no ``.failed`` saying otherwise, and the lowered safeguard
     is still counted; a write that did not land gets ``.failed``; a store that cannot say gets
@@ -160,33 +162,44 @@ def test_a_change_whose_write_landed_before_the_call_raised_is_not_recorded_as_f
     lowered: list[str] = []
     svc.metric = lambda name, n: lowered.append(name)
     assert svc.quarantine("carol", "dc1-web-1", True, "incident").status == 200
-    real = wiring.store.set_operator
+    real_set, real_get = wiring.store.set_operator, wiring.store.get
 
     def lands_then_raises(workload_id: str, **kw: Any) -> None:
-        real(workload_id, **kw)
+        real_set(workload_id, **kw)
         raise TimeoutError("read timeout after the update landed")
-
-    wiring.store.set_operator = lands_then_raises  # type: ignore[method-assign]
-    try:
-        with pytest.raises(TimeoutError):
-            svc.quarantine("carol", "dc1-web-1", False, "over")
-    finally:
-        wiring.store.set_operator = real  # type: ignore[method-assign]
-    rec = wiring.store.get("dc1-web-1")
-    assert rec is not None and not rec.op_quarantined
-    assert [a.action for a in wiring.store.audit_log()[-1:]] == ["workload.release"]
-    assert "SafeguardsLowered" in lowered
 
     def never_lands(workload_id: str, **kw: Any) -> None:
         raise TimeoutError("unreachable")
 
-    wiring.store.set_operator = never_lands  # type: ignore[method-assign]
-    try:
-        with pytest.raises(TimeoutError):
-            svc.quarantine("carol", "dc1-web-1", True, "again")
-    finally:
-        wiring.store.set_operator = real  # type: ignore[method-assign]
+    def quarantine_raising(set_operator: Any, on: bool, get: Any = real_get) -> None:
+        with monkeypatch.context() as m:
+            m.setattr(wiring.store, "set_operator", set_operator)
+            m.setattr(wiring.store, "get", get)
+            with pytest.raises(TimeoutError):
+                svc.quarantine("carol", "dc1-web-1", on, "over" if not on else "again")
+
+    quarantine_raising(lands_then_raises, False)
+    rec = wiring.store.get("dc1-web-1")
+    assert rec is not None and not rec.op_quarantined
+    assert [a.action for a in wiring.store.audit_log()[-1:]] == ["workload.release"]
+    assert "SafeguardsLowered" in lowered
+    quarantine_raising(never_lands, True)
     assert [a.action for a in wiring.store.audit_log()[-2:]] == ["workload.quarantine", "workload.quarantine.failed"]
+
+    # the store cannot say either: .unconfirmed (its first read answers, the read-back does not)
+    reads = {"n": 0}
+
+    def second_read_fails(workload_id: str) -> Any:
+        reads["n"] += 1
+        if reads["n"] > 1:
+            raise TimeoutError("throttled")
+        return real_get(workload_id)
+
+    quarantine_raising(never_lands, True, get=second_read_fails)
+    assert [a.action for a in wiring.store.audit_log()[-2:]] == [
+        "workload.quarantine",
+        "workload.quarantine.unconfirmed",
+    ]
 
     # a binding whose grant was stored, then the read-back failed: in force, its record stands
     assert svc.provision("alice", policy_files(), "again").status == 201
@@ -196,7 +209,7 @@ def test_a_change_whose_write_landed_before_the_call_raised_is_not_recorded_as_f
         "tags": {"ringfence:role": "jumpbox", "ringfence:app": "admin", "ringfence:env": "prod"},
     }
     assert svc.register_workload("ops", host, "rack", may_bind=False).status == 201
-    real_get, calls = wiring.store.get, {"n": 0}
+    calls = {"n": 0}
 
     def read_back_fails(workload_id: str) -> Any:
         if workload_id == "bastion-1":
@@ -205,12 +218,10 @@ def test_a_change_whose_write_landed_before_the_call_raised_is_not_recorded_as_f
                 raise TimeoutError("throttled")
         return real_get(workload_id)
 
-    wiring.store.get = read_back_fails  # type: ignore[method-assign]
-    try:
+    with monkeypatch.context() as m:
+        m.setattr(wiring.store, "get", read_back_fails)
         with pytest.raises(TimeoutError):
             bind_labels(wiring, "bastion-1", {"role": "jumpbox", "app": "admin"}, "alice", "CHG-9")
-    finally:
-        wiring.store.get = real_get  # type: ignore[method-assign]
     bound = wiring.store.get("bastion-1")
     assert bound is not None and bound.workload.label_grants == {"role": "jumpbox", "app": "admin"}
     assert [a.action for a in wiring.store.audit_log()[-1:]] == ["label.bind"]
