@@ -185,6 +185,9 @@ class Agent:
         self._versions: dict[str, int] | None = None
         self._members: dict[str, set[str]] = {}
         self._stale: set[str] = set()
+        # (id of the bundle, deltas applied) → the enforced digest they program (check_sets)
+        self._expected: tuple[tuple[int, int], str] | None = None
+        self._posture = False  # the last whole apply of this process was the fail-safe posture
 
     @property
     def kernel_plan(self) -> Plan | None:
@@ -253,6 +256,7 @@ class Agent:
         """Every whole-plan apply: then the kernel's fingerprint, the baseline drift is judged by."""
         self.backend.apply(plan)
         self._kernel_plan = plan
+        self._posture = False
         probe = getattr(self.backend, "fingerprint", None) if self.track_drift else None
         # nftables read the kernel back to seal the apply: that read is the baseline, not a second
         known = getattr(self.backend, "applied_fingerprint", None)
@@ -314,6 +318,42 @@ class Agent:
             lines = [f"tamper: {groups}; re-applied revision {self.revision}"]
         else:
             lines = [f"tamper: Ringfence's rules were {what} in the kernel; re-applied revision {self.revision}"]
+        return Result(True, lines + self.cut_sessions(plan))
+
+    def check_sets(self, revision: int | None, kernel_digest: str | None) -> Result:
+        """Re-apply when the enforced digest the heartbeat just read from the kernel
+        (:meth:`enforced_state`) is not this bundle's and deltas': an address added to or removed
+        from a bundle set ``s_*`` by another tool (``nft add element inet ringfence s_... { ip }``)
+        is covered by neither the seal nor the group-set check, and listing 100,000 elements just
+        for the drift check would cost up to 1.4 s; the heartbeat reads them anyway. Only while
+        this process enforces the bundle at that revision (not the posture, not mid-apply)."""
+        with self._lock:
+            if (
+                kernel_digest is None
+                or self.bundle is None
+                or revision is None
+                or revision != self.revision
+                or self._kernel_plan is None
+                or self._posture  # the fail-safe posture is held, not the bundle
+            ):
+                return Result(False)
+            key = (id(self.bundle), len(self.deltas))
+            if self._expected is None or self._expected[0] != key:
+                self._expected = (key, enforced.expected(self.bundle, self.deltas))
+            if kernel_digest == self._expected[1]:
+                return Result(False)
+        plan = self.ensure_plan()
+        if plan is None:
+            return Result(False)
+        self._apply(plan)
+        self.state.update_status(
+            last_tamper={"time": time.time(), "what": "set altered", "revision": self.revision},
+            incr={"tamper_reapplied": 1},
+        )
+        lines = [
+            "tamper: the kernel's rules or sets are not those of the enforced bundle (an address added to or "
+            f"removed from a set by another tool?); re-applied revision {self.revision}"
+        ]
         return Result(True, lines + self.cut_sessions(plan))
 
     def _set_aside(self, reason: str) -> None:
@@ -716,6 +756,7 @@ class Agent:
             failsafes=merge_failsafes(FailsafeDoc(), local),
         )
         self._apply(plan)
+        self._posture = True
         self.state.update_status(posture="failsafe", posture_since=time.time(), incr={"failsafe_postures": 1})
         fs = plan.failsafes
         reach = [

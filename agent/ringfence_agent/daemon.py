@@ -809,6 +809,18 @@ class Daemon:
         if self.config_error is not None:
             message = self._config_problem() + (f"; {message}" if message else "")
         revision, kernel_digest = self.agent.enforced_state()
+        try:
+            # what the kernel holds, just read whole: a bundle set changed by another tool is repaired here
+            with self.apply_lock:
+                repaired = self.agent.check_sets(revision, kernel_digest)
+        except (ApplyError, PlanError, OSError) as exc:
+            log(f"re-applying the bundle after its sets were found altered failed: {exc}")
+            repaired = None
+        if repaired is not None and repaired.changed:
+            self.collector.reset()
+            for line in repaired.lines:
+                log(line)
+            revision, kernel_digest = self.agent.enforced_state()  # what the kernel holds now
         hb = Heartbeat(
             applied_version=revision,
             mode=applied.mode if applied is not None else None,

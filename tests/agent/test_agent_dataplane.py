@@ -1029,37 +1029,60 @@ print(json.dumps({"status": r.status_code, "body": r.json()}))
 """
 
 
+class _OnPremControlPlane:
+    """``ringfence serve --store sqlite:`` in cp (plain HTTP in the lab), called from inside the
+    lab with an admin token that may author policy, respond to incidents and onboard."""
+
+    TOKEN = "lab-admin-token-0123456789abcdef"
+
+    def __init__(self, net: NetLab, tmp_path: Path) -> None:
+        from ringfence import serve
+
+        self.net, self.tmp_path = net, tmp_path
+        (tmp_path / "admin-tokens").write_text(
+            f"carol:{serve.token_hash(self.TOKEN)}:policy-author,incident-responder,onboarding\n"
+        )
+        self.db = tmp_path / "cp-state" / "state.db"
+        self.url = f"http://{net.v4('cp')}:8443"
+
+    def start(self) -> subprocess.Popen[str]:
+        cmd = [str(RINGFENCE), "serve", "--host", self.net.v4("cp"), "--port", "8443", "--insecure"]
+        cmd += ["--store", f"sqlite:{self.db}", "--admin-tokens", str(self.tmp_path / "admin-tokens")]
+        log = self.tmp_path / "serve.log"
+        proc = self.net.spawn("cp", *cmd, stdout=subprocess.PIPE, stderr=log.open("a"))
+        assert proc.stdout is not None and "listening on" in proc.stdout.readline(), log.read_text()
+        return proc
+
+    def call(
+        self, method: str, path: str, body: dict[str, Any] | None = None, auth: str | None = TOKEN
+    ) -> tuple[int, Any]:
+        args = (method, self.url + path, auth or "", json.dumps(body or {}))
+        answer = json.loads(ok(self.net.exec("cp", PY, "-c", _HTTP_IN_LAB, *args)))
+        return answer["status"], answer["body"]
+
+    def register(self, host: str, role: str) -> int:
+        spec = {"id": host, "ips": [self.net.v4(host)], "tags": _tags(role)}
+        return self.call("POST", "/admin/workloads", spec)[0]
+
+    def agent_config(self, backend: str, pairing_key: str, **extra: object) -> Path:
+        return config(
+            self.tmp_path,
+            backend,
+            public_key=str(self.db.parent / "signing-key.pub.pem"),
+            api_url=self.url,
+            insecure_http_lab_only=True,  # the lab's control plane listens without TLS
+            enroll={"pairing_key": pairing_key},
+            **extra,
+        )
+
+
 def test_onprem_serve_pairs_pushes_and_survives_kill_9(net: NetLab, backend: str, tmp_path: Path) -> None:
     """``ringfence serve --store sqlite:`` in cp and the agent in h2 with a real firewall:
     workloads registered and a key minted through the admin API, enrollment with it (a used-up or
     another workload's key refused), a registration change pushed, the server SIGKILLed and
     restarted on the same state, and the agent following the next change with the token it holds."""
-    from ringfence import serve
-
-    token = "lab-admin-token-0123456789abcdef"
-    (tmp_path / "admin-tokens").write_text(
-        f"carol:{serve.token_hash(token)}:policy-author,incident-responder,onboarding\n"
-    )
-    db = tmp_path / "cp-state" / "state.db"
-    url = f"http://{net.v4('cp')}:8443"
-
-    def start() -> subprocess.Popen[str]:
-        cmd = [str(RINGFENCE), "serve", "--host", net.v4("cp"), "--port", "8443", "--insecure"]
-        cmd += ["--store", f"sqlite:{db}", "--admin-tokens", str(tmp_path / "admin-tokens")]
-        proc = net.spawn("cp", *cmd, stdout=subprocess.PIPE, stderr=(tmp_path / "serve.log").open("a"))
-        assert proc.stdout is not None and "listening on" in proc.stdout.readline(), (
-            tmp_path / "serve.log"
-        ).read_text()
-        return proc
-
-    def call(method: str, path: str, body: dict[str, Any] | None = None, auth: str | None = token) -> tuple[int, Any]:
-        out = ok(net.exec("cp", PY, "-c", _HTTP_IN_LAB, method, url + path, auth or "", json.dumps(body or {})))
-        answer = json.loads(out)
-        return answer["status"], answer["body"]
-
-    def register(host: str, role: str) -> int:
-        spec = {"id": host, "ips": [net.v4(host)], "tags": _tags(role)}
-        return call("POST", "/admin/workloads", spec)[0]
+    cp = _OnPremControlPlane(net, tmp_path)
+    start, call, register = cp.start, cp.call, cp.register
 
     server = start()
     daemon = None
@@ -1076,13 +1099,9 @@ def test_onprem_serve_pairs_pushes_and_survives_kill_9(net: NetLab, backend: str
             auth=None,
         )
         assert status == 401, "another workload's key is refused"
-        cfg = config(
-            tmp_path,
+        cfg = cp.agent_config(
             backend,
-            public_key=str(db.parent / "signing-key.pub.pem"),
-            api_url=url,
-            insecure_http_lab_only=True,  # the lab's control plane listens without TLS
-            enroll={"pairing_key": key["pairing_key"]},
+            key["pairing_key"],
             poll_interval=120,  # a change seen sooner came by the long-poll
             wait_timeout=10,
             request_timeout=5,
@@ -1146,6 +1165,63 @@ def _lab_estate(net: NetLab, aws: Any, policy: str) -> dict[str, str]:
         aws.put(aws.state_event(ids[host], "running"))
     aws.pump()
     return ids
+
+
+def _set_holding(net: NetLab, backend: str, address: str) -> str:
+    """The kernel set (nft ``s_*``, or the ipset of a bundle set) in h2 that holds ``address``."""
+    if backend == "iptables":
+        names = ok(net.exec("h2", "ipset", "list", "-n")).split()
+        bundle_sets = [n for n in names if n.startswith(("rf-s-", "rf-h-"))]  # not the fail-safe or tracking sets
+        held = [n for n in bundle_sets if address in ok(net.exec("h2", "ipset", "list", n))]
+    else:
+        tables = json.loads(ok(net.exec("h2", "nft", "-j", "list", "table", "inet", "ringfence")))["nftables"]
+        held = [
+            x["set"]["name"]
+            for x in tables
+            if x.get("set", {}).get("name", "").startswith("s_") and address in json.dumps(x["set"].get("elem", []))
+        ]
+    assert held, f"no set in h2's kernel holds {address}"
+    return held[0]
+
+
+def test_attack_an_address_added_to_a_bundle_set_is_repaired_by_the_daemons_heartbeat(
+    net: NetLab, backend: str, tmp_path: Path
+) -> None:
+    """Another tool adds h4 to the kernel set of h2's allowed clients (``nft add element inet
+    ringfence s_... { h4 }``, or ``ipset add``): h4 reaches h2:8080. The heartbeat's enforced
+    digest told the control plane, but nothing on the host repaired it (the drift check compares
+    rules and group sets; an API-sourced agent fetches only a new version). The daemon now
+    compares the digest it reads for the heartbeat with its bundle's and re-applies."""
+    cp = _OnPremControlPlane(net, tmp_path)
+    server = cp.start()
+    daemon = None
+    try:
+        assert [cp.register(h, role) for h, role in ROLES.items()] == [201] * len(ROLES)
+        assert cp.call("POST", "/admin/policies", {"files": {"lab.yaml": LAB_POLICY}, "reason": "lab"})[0] == 201
+        _, key = cp.call("POST", "/admin/pairing-keys", {"workload_id": "h2", "uses": 1, "ttl": 600})
+        # no drift check: the heartbeat's read alone finds it (every long-poll round, 1 s here)
+        cfg = cp.agent_config(backend, key["pairing_key"], wait_timeout=1, drift_interval=0)
+        log = tmp_path / "run.log"
+        daemon = net.spawn("h2", str(net_agent()), "run", "--config", str(cfg), stderr=log.open("w"))
+        assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 30), log.read_text()
+        assert net.tcp("h1", "h2", 8080)
+        clients = _set_holding(net, backend, net.v4("h1"))
+        if backend == "iptables":
+            ok(net.exec("h2", "ipset", "add", clients, net.v4("h4")))
+        else:
+            ok(net.exec("h2", "nft", "add", "element", "inet", "ringfence", clients, f"{{ {net.v4('h4')} }}"))
+        assert net.tcp("h4", "h2", 8080), "the tamper did not open anything: the test proves nothing"
+        assert wait_until(lambda: "not those of the enforced bundle" in log.read_text(), 15), log.read_text()
+        assert not net.tcp("h4", "h2", 8080) and net.tcp("h1", "h2", 8080)
+        status = json.loads(
+            ok(net.agent("h2", "status", "--state-dir", str(tmp_path / "state"), "--backend", backend, "--json"))
+        )
+        assert status["counters"]["tamper_reapplied"] == 1 and status["last_tamper"]["what"] == "set altered", status
+        assert "warning" not in status, status
+    finally:
+        if daemon is not None:
+            net.kill(daemon, 15)
+        net.kill(server)
 
 
 def net_agent() -> Path:
