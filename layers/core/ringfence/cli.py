@@ -28,9 +28,34 @@ class CliError(Exception):
 
 
 def _store(args: argparse.Namespace) -> FileVersionStore:
+    """The CLI's version store; a version file that does not read as a version is named on stderr
+    (it is skipped, never the active version, and its number is not given out again)."""
     from ringfence.versions import FileVersionStore
 
-    return FileVersionStore(Path(args.store or os.environ.get("RINGFENCE_STORE", ".ringfence")))
+    store = FileVersionStore(Path(args.store or os.environ.get("RINGFENCE_STORE", ".ringfence")))
+    for problem in store.unreadable():
+        print(f"warning: {problem}: skipped (set it aside once looked at)", file=sys.stderr)
+    return store
+
+
+def _record_version(
+    store: FileVersionStore, files: dict[str, str], author: str, message: str, action: str, detail: dict[str, Any]
+) -> Any:
+    """``record_version``, its failures as errors naming the store: nothing is half-written."""
+    from ringfence.versions import VersionConflict, record_version
+
+    if skipped := store.unreadable():  # the audit record says which files the number went past
+        detail = {**detail, "skipped_unreadable_versions": skipped}
+    try:
+        return record_version(store, files, author, message, action, detail)
+    except VersionConflict as exc:
+        raise CliError(
+            f"{store.dir}: {exc} (provisioned by someone else meanwhile): nothing written; run again"
+        ) from None
+    except OSError as exc:
+        raise CliError(
+            f"{store.root}: the version could not be written ({exc.strerror or exc}): nothing provisioned"
+        ) from None
 
 
 def _inventory(args: argparse.Namespace) -> list[Workload]:
@@ -141,7 +166,7 @@ def cmd_policy_diff(args: argparse.Namespace) -> int:
 
 def cmd_policy_provision(args: argparse.Namespace) -> int:
     from ringfence.policy import load_policy
-    from ringfence.versions import default_actor, digest_of, record_version, relative_files
+    from ringfence.versions import default_actor, digest_of, relative_files
 
     if not args.message.strip():
         raise CliError("--message must say why (it is kept with the version)")
@@ -162,7 +187,7 @@ def cmd_policy_provision(args: argparse.Namespace) -> int:
     detail: dict[str, Any] = {"rules": len(draft.rules)}
     if found:
         detail["warnings"] = found
-    version = record_version(store, files, args.author or default_actor(), args.message, "policy.provision", detail)
+    version = _record_version(store, files, args.author or default_actor(), args.message, "policy.provision", detail)
     print(f"provisioned policy version {version.number} by {version.author}: {version.message}")
     return 0
 
@@ -186,12 +211,15 @@ def cmd_policy_revert(args: argparse.Namespace) -> int:
     The old version's tests passed against the estate of its day; the estate has moved since, so
     they run again, and a failure stops the revert unless ``--force`` (an emergency) says to go on."""
     from ringfence.policy import load_policy_texts
-    from ringfence.versions import default_actor, record_version
+    from ringfence.versions import VersionUnreadable, default_actor
 
     if not args.message.strip():
         raise CliError("--message must say why")
     store = _store(args)
-    old = store.get(args.number)
+    try:
+        old = store.get(args.number)
+    except VersionUnreadable as exc:
+        raise CliError(f"{exc}: cannot revert to it") from None
     policy = load_policy_texts(old.files)
     latest = store.latest()
     if latest is not None and latest.digest == old.digest:
@@ -206,7 +234,7 @@ def cmd_policy_revert(args: argparse.Namespace) -> int:
     if failures:
         detail["forced_past_failing_tests"] = failures
         print(f"warning: reverting although {failures} policy test(s) fail (--force)", file=sys.stderr)
-    version = record_version(store, old.files, args.author or default_actor(), args.message, "policy.revert", detail)
+    version = _record_version(store, old.files, args.author or default_actor(), args.message, "policy.revert", detail)
     print(f"provisioned policy version {version.number} with the content of version {old.number}: {version.message}")
     return 0
 

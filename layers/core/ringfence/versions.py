@@ -75,6 +75,11 @@ class VersionConflict(RuntimeError):
     """Someone else provisioned that number first; nothing was written."""
 
 
+class VersionUnreadable(ValueError):
+    """A version file that is no version (empty or torn: written by a release before versions were
+    written atomically, or damaged on disk). The message names the file."""
+
+
 class VersionStore(Protocol):
     def latest(self) -> PolicyVersion | None: ...
 
@@ -101,6 +106,12 @@ class FileVersionStore:
     """``<dir>/versions/000001.json`` (created exclusively, read-only), ``<dir>/audit.jsonl`` (the
     hash chain, one record a line) and ``<dir>/audit.head`` (its head).
 
+    A version is written to a temporary file, fsynced, and then linked to its number (a link never
+    replaces: two provisioners of one number, one wins), and the directory is fsynced: a version
+    file is there whole or not at all, whatever the disk or a kill does meanwhile. A file that does
+    not read as a version (an empty or torn one left by an earlier release, or damage) is skipped
+    and named by :meth:`unreadable`, never taken for the active version; its number is not reused.
+
     Writers of the chain take an exclusive ``flock`` on ``<dir>/audit.lock``, continue the chain
     from the file's last line, append (fsynced) and then replace the head file atomically. A crash
     between the two leaves the head one record behind, which ``audit verify`` reports; the next
@@ -113,32 +124,84 @@ class FileVersionStore:
     def _path(self, number: int) -> Path:
         return self.dir / f"{number:06d}.json"
 
-    def versions(self) -> list[PolicyVersion]:
+    def _paths(self) -> list[Path]:
         if not self.dir.exists():
             return []
-        return [PolicyVersion.model_validate_json(p.read_text()) for p in sorted(self.dir.glob("*.json"))]
+        return sorted(p for p in self.dir.glob("[0-9]*.json") if p.stem.isdigit())
+
+    def _read(self, path: Path) -> PolicyVersion:
+        from pydantic import ValidationError
+
+        try:
+            return PolicyVersion.model_validate_json(path.read_bytes())
+        except ValidationError as exc:
+            why = exc.errors()[0]["msg"] if exc.errors() else str(exc)
+            empty = " (empty)" if path.stat().st_size == 0 else ""
+            raise VersionUnreadable(f"{path}: not a policy version{empty}: {why}") from None
+
+    def _readable(self) -> tuple[list[PolicyVersion], list[str]]:
+        good, bad = [], []
+        for p in self._paths():
+            try:
+                good.append(self._read(p))
+            except VersionUnreadable as exc:
+                bad.append(str(exc))
+        return good, bad
+
+    def versions(self) -> list[PolicyVersion]:
+        """Every readable version, oldest first (see :meth:`unreadable` for the others)."""
+        return self._readable()[0]
+
+    def unreadable(self) -> list[str]:
+        """One message per version file that does not read as a version, naming it."""
+        return self._readable()[1]
+
+    def highest_number(self) -> int:
+        """The highest number a version file holds, readable or not (never given out again)."""
+        paths = self._paths()
+        return int(paths[-1].stem) if paths else 0
 
     def latest(self) -> PolicyVersion | None:
-        if not self.dir.exists():
-            return None
-        paths = sorted(self.dir.glob("*.json"))
-        return PolicyVersion.model_validate_json(paths[-1].read_text()) if paths else None
+        """The newest readable version: an unreadable file is never the active version."""
+        for p in reversed(self._paths()):
+            try:
+                return self._read(p)
+            except VersionUnreadable:
+                continue
+        return None
 
     def get(self, number: int) -> PolicyVersion:
         path = self._path(number)
         if not path.exists():
             raise KeyError(f"no policy version {number} in {self.dir}")
-        return PolicyVersion.model_validate_json(path.read_text())
+        return self._read(path)
 
     def put(self, version: PolicyVersion) -> None:
+        """Write ``version`` whole or not at all; :class:`VersionConflict` if its number exists.
+        An ``OSError`` (a full disk) leaves nothing behind."""
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self._path(version.number)
+        if path.exists():
+            raise VersionConflict(f"policy version {version.number} already exists")
+        tmp = self.dir / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
-        except FileExistsError:
-            raise VersionConflict(f"policy version {version.number} already exists") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(version.model_dump_json(indent=1))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+            with os.fdopen(fd, "wb") as f:
+                f.write(version.model_dump_json(indent=1).encode())
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)  # exclusive: never replaces a version someone else wrote
+            except FileExistsError:
+                raise VersionConflict(f"policy version {version.number} already exists") from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
     @contextlib.contextmanager
     def _audit_lock(self) -> Iterator[None]:
@@ -213,8 +276,11 @@ def digest_of(files: dict[str, str]) -> str:
 
 def next_version(store: VersionStore, files: dict[str, str], author: str, message: str) -> PolicyVersion:
     latest = store.latest()
+    number = latest.number if latest else 0
+    if isinstance(store, FileVersionStore):  # past an unreadable file too: a number is never reused
+        number = max(number, store.highest_number())
     return PolicyVersion(
-        number=(latest.number + 1) if latest else 1,
+        number=number + 1,
         author=author,
         message=message,
         created_at=now(),
