@@ -860,9 +860,12 @@ def cmd_serve_token(args: argparse.Namespace) -> int:
     except serve.ServeError as exc:
         raise CliError(str(exc)) from None
     path = Path(args.file)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    with os.fdopen(fd, "a") as f:
-        f.write(line + "\n")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "r+b") as f:
+        size = os.fstat(fd).st_size
+        # a hand-written last line without its newline would run into this one
+        lead = b"\n" if size and os.pread(fd, 1, size - 1) != b"\n" else b""
+        f.write(lead + line.encode() + b"\n")
     print(f"added {args.principal} to {path}; the token (shown once, only its hash is kept):")
     print(token)
     return 0

@@ -109,6 +109,13 @@ class AdminTokens:
                     f"{path}:{n}: no admin roles: append :ROLE[,ROLE…] ({', '.join(r.value for r in AdminRole)});"
                     " `ringfence serve-token --role` writes it"
                 )
+            if sep and any(_SHA256.match(part.lower()) for part in principal.split(":")):
+                # two entries run together (a line written without its newline): the principal
+                # would carry the earlier entry's hash, its holder locked out
+                raise ServeError(
+                    f"{path}:{n}: the principal {principal.split(':')[0]!r} runs into another entry (a token"
+                    " hash in the principal): one principal:sha256hex:roles a line"
+                )
             if not sep or not _PRINCIPAL.match(principal) or not _SHA256.match(digest.lower()):
                 raise ServeError(
                     f"{path}:{n}: expected principal:sha256hex:roles (64 hex digits; principal of letters,"
