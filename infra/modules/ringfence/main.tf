@@ -224,6 +224,40 @@ data "aws_iam_policy_document" "bundles_tls" {
       values   = ["false"]
     }
   }
+  # staged unsigned bundles (staging/, docs/deploy-aws.md): compute alone writes them, and
+  # compute and the publish workers alone remove them. The worker signs only the bytes whose
+  # SHA-256 compute put in the job; this keeps anyone else who may write the bucket from even
+  # delaying a bundle by replacing or deleting its staged copy
+  statement {
+    sid       = "OnlyComputeStages"
+    effect    = "Deny"
+    actions   = ["s3:PutObject"]
+    resources = ["${aws_s3_bucket.bundles.arn}/staging/*"]
+    principals {
+      type        = "*"
+      identifiers = ["*"]
+    }
+    condition {
+      test     = "ArnNotEquals"
+      variable = "aws:PrincipalArn"
+      values   = [local.fn_role["compute"]]
+    }
+  }
+  statement {
+    sid       = "OnlyComputeAndPublishUnstage"
+    effect    = "Deny"
+    actions   = ["s3:DeleteObject", "s3:DeleteObjectVersion"]
+    resources = ["${aws_s3_bucket.bundles.arn}/staging/*"]
+    principals {
+      type        = "*"
+      identifiers = ["*"]
+    }
+    condition {
+      test     = "ArnNotEquals"
+      variable = "aws:PrincipalArn"
+      values   = [local.fn_role["compute"], local.fn_role["publish"]]
+    }
+  }
 }
 
 resource "aws_s3_bucket_policy" "bundles" {

@@ -429,7 +429,11 @@ class Compute:
                 # named by its content: two jobs of one workload at one revision (a change and a
                 # repair request in one batch) are two objects unless they are the same bytes,
                 # and then the worker that finds it gone counts it done (PublishWorker._doc)
-                job.staged = f"{STAGED_PREFIX}{job.workload_id}/{hashlib.sha256(body).hexdigest()[:32]}.json"
+                sha = hashlib.sha256(body).hexdigest()
+                job.staged = f"{STAGED_PREFIX}{job.workload_id}/{sha[:32]}.json"
+                # the worker signs these bytes only (PublishWorker._doc): a copy replaced in the
+                # bucket before it reads it is refused, never signed
+                job.staged_sha256 = sha
                 self.w.publisher.put_bytes(job.staged, body, "application/json")
                 job.bundle = None
         messages = pack(away, nudges, self.engine.revision)

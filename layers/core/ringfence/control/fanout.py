@@ -16,6 +16,17 @@ on and before any set head moves (``Store.mark_bundle_pending``); the pointer wr
 that mark. Until a pointer reaches it, the agent API serves the workload no set delta at or past
 it, and a rebuild does not adopt the older pointer.
 
+A staged copy is signed only if it is the very bytes compute staged: the job carries their
+SHA-256 (``BundleJob.staged_sha256``, written by compute as it stages them), and a body whose hash
+differs, or that is not the job's workload, version and rules digest, is refused
+(:class:`StagedBundleRefused`): never signed, counted (``StagedBundlesRefused``), logged naming
+the key and the workload, and the job fails (retried, then the publish DLQ) after the message's
+other bundles are published. Whoever may write the bucket can thus delay a workload's bundle, not
+choose it: its pointer stays on its previous good bundle, and once the pending mark is
+``PENDING_STALE_S`` old the agent API asks compute to render it again (a fresh staged copy, a
+fresh hash). A job queued before the field existed (``staged_sha256`` None) is refused alike:
+never signed blindly, and the same stale-mark re-render replaces it.
+
 Jobs run in-process (:meth:`PublishWorker.run`, on one machine and for launches whose lifecycle
 hook waits) or go through the publish queue to the ``publish`` function (AWS: ``send_publish``).
 """
@@ -23,6 +34,7 @@ hook waits) or go through the publish queue to the ``publish`` function (AWS: ``
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import time
 from collections.abc import Callable, Iterable
@@ -46,10 +58,20 @@ NUDGES_PER_MESSAGE = 2000
 STAGED_PREFIX = "staging/"  # unsigned bundles too big for a message; the worker deletes them
 
 
+class StagedBundleRefused(Exception):
+    """A job's bundle is not what compute rendered for it (a staged copy replaced in the bucket, a
+    job from before staged copies were hashed): the worker does not sign it."""
+
+
 class BundleJob(BaseModel):
     workload_id: str
     bundle: dict[str, Any] | None = Field(None, description="the unsigned bundle as the engine rendered it")
     staged: str | None = Field(None, description="or the key of its JSON in the bucket (too big for a message)")
+    staged_sha256: str | None = Field(
+        None,
+        description="SHA-256 (hex) of the staged copy's exact bytes, set by compute as it stages them: the"
+        " worker signs those bytes only (a job without it is refused)",
+    )
     digest: str = Field(description="rules_digest of the bundle (a cold start adopts what matches)")
     rules_revision: int
     version: int | None = Field(
@@ -142,7 +164,15 @@ class PublishWorker:
         # a staged copy gone with its version pointed at: the job was done by a run that deleted
         # the copy (a redelivery, a batch retried job by job); counted again below, since that
         # run may have failed before its count woke the long-polls
-        found = [(b, self._doc(b)) for b in wanted]
+        found: list[tuple[BundleJob, dict[str, Any] | None]] = []
+        refused: list[BundleJob] = []
+        for b in wanted:
+            try:
+                found.append((b, self._doc(b)))
+            except StagedBundleRefused as exc:
+                # never signed; the message's other bundles are published, then the job fails
+                log.error("bundle of %s refused (staged at %s), not signed: %s", b.workload_id, b.staged, exc)
+                refused.append(b)
         for b, body in found:
             if body is None:
                 moved.append(b.workload_id)
@@ -194,7 +224,7 @@ class PublishWorker:
         # last: a staged copy goes once its job is done and counted (a copy left behind is
         # harmless; a job whose copy went before it was done could never be done)
         for job in wanted:
-            if job.staged:
+            if job.staged and not any(job is r for r in refused):
                 try:
                     self.w.publisher.delete(job.staged)
                 except Exception as exc:
@@ -203,13 +233,21 @@ class PublishWorker:
         self.metric("BundlesPublished", stats.bundles_published)
         self.metric("BundlesSuperseded", stats.superseded)
         self.metric("Nudged", stats.nudged)
+        if refused:
+            # the staged copy stays (evidence: the bucket's access log names its writer); the
+            # workload keeps its pointer, and its stale pending mark has it rendered again
+            self.metric("StagedBundlesRefused", len(refused))
+            raise StagedBundleRefused(
+                "not signed: " + ", ".join(f"{b.workload_id} ({b.staged or 'inline'})" for b in refused)
+            )
         return stats, expiry
 
     def _doc(self, job: BundleJob) -> dict[str, Any] | None:
         """The job's unsigned bundle; None when its staged copy is gone and the workload's
-        pointer is at its version or past it (the job is done)."""
+        pointer is at its version or past it (the job is done). :class:`StagedBundleRefused` when
+        a staged copy is not the bytes compute staged, or a bundle is not the job's."""
         if job.bundle is not None:
-            return job.bundle
+            return self._checked(job, job.bundle)
         if not job.staged or not job.staged.startswith(STAGED_PREFIX):
             raise ValueError(
                 f"publish job for {job.workload_id}: neither a bundle nor a staged key under {STAGED_PREFIX}"
@@ -222,7 +260,28 @@ class PublishWorker:
                 raise  # not done: redelivered until it is (or the DLQ)
             log.info("staged bundle v%s of %s gone, pointer at v%s: done", job.version, job.workload_id, ptr.version)
             return None
-        doc: dict[str, Any] = json.loads(raw)
+        if job.staged_sha256 is None:
+            raise StagedBundleRefused(
+                "the job names no SHA-256 of the staged bytes (queued before they were hashed): "
+                "its workload is rendered again once its pending mark is stale"
+            )
+        got = hashlib.sha256(raw).hexdigest()
+        if not hmac.compare_digest(got, job.staged_sha256.lower()):
+            raise StagedBundleRefused(f"staged bytes hash {got}, the job says {job.staged_sha256}: replaced")
+        doc = json.loads(raw)
+        if not isinstance(doc, dict):
+            raise StagedBundleRefused("the staged copy is not a bundle object")
+        return self._checked(job, doc)
+
+    @staticmethod
+    def _checked(job: BundleJob, doc: dict[str, Any]) -> dict[str, Any]:
+        """``doc`` if it is the job's bundle: its workload, its version and its rules digest."""
+        if doc.get("workload_id") != job.workload_id:
+            raise StagedBundleRefused(f"the bundle is of workload {doc.get('workload_id')!r}")
+        if job.version is not None and doc.get("version") != job.version:
+            raise StagedBundleRefused(f"the bundle is version {doc.get('version')!r}, the job's is {job.version}")
+        if rules_digest(doc) != job.digest:
+            raise StagedBundleRefused("the bundle's rules digest is not the job's")
         return doc
 
 
