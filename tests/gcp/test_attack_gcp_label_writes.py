@@ -111,16 +111,16 @@ def test_attack_gcp_reconcile_listing_does_not_restore_a_revoked_privilege(
     deliver(gcp, ingest, set_labels(gcp, inst, JUMP))
     rec = wiring.store.get(inst["id"])
     assert rec is not None and rec.labels["role"] == "jumpbox"
-    real = ingest.instances.all
+    real = ingest.instances.listing
 
-    def listed_then_revoked(project: str) -> list[dict[str, Any]]:
-        listing = list(real(project))
+    def listed_then_revoked(project: str) -> tuple[list[dict[str, Any]], set[str] | None]:
+        listing = real(project)
         deliver(gcp, ingest, set_labels(gcp, inst, WEB, principal=MALLORY))
         now = wiring.store.get(inst["id"])
         assert now is not None and now.labels["role"] == "web"
         return listing
 
-    monkeypatch.setattr(ingest.instances, "all", listed_then_revoked)
+    monkeypatch.setattr(ingest.instances, "listing", listed_then_revoked)
     ingest.sync(PROJECT)
     rec = wiring.store.get(inst["id"])
     assert rec is not None and rec.labels.get("role") != "jumpbox", rec.labels

@@ -288,7 +288,7 @@ def test_a_throttled_api_is_retried(gcp: GcpApi, wiring: LocalWiring) -> None:
     calls = len(gcp.calls)
     out = deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", inst))
     assert out["changed"] == [inst["id"]]
-    gets = [p for _, p in gcp.calls[calls:] if p.endswith("/instances/" + inst["name"])]
+    gets = [p for _, p in gcp.calls[calls:] if p.endswith(f"/zones/{ZONE}/instances")]  # looked up by id
     assert len(gets) == 3  # refused twice (429), answered the third time
 
 

@@ -4,7 +4,11 @@ The real SDK clients (``google-cloud-compute``, ``google-cloud-resource-manager`
 ``AnonymousCredentials``) talk to it on loopback (``client_options={"api_endpoint": url}``), so
 what is tested is the SDK's wire format, not a mock of it. It implements only what Ringfence uses:
 
-* compute v1: ``instances`` aggregatedList (paged) and get (by name); zone and
+* compute v1: ``instances`` aggregatedList (paged; a zone made unreachable with
+  :meth:`GcpApi.unreachable` answers the ``UNREACHABLE`` scope warning, "A given scope cannot be
+  reached", without its VMs, and is listed in ``unreachables`` with ``returnPartialSuccess=true``), get (by name), and list of
+  one zone (paged) with a ``filter`` of one AIP-160 comparison ``id = N`` (the numeric id: how
+  Ringfence finds a VM by id; anything else is refused with 400); zone and
   global ``operations`` get; network ``firewallPolicies`` list/get/insert/addRule/patchRule/removeRule/
   addAssociation (every mutation answers a finished operation; a rule is answered with the
   output-only ``ruleTupleCount`` and secure tag ``state`` Google adds; as on GCP, a network is
@@ -126,6 +130,7 @@ class GcpApi:
         self.metadata_instance: tuple[str, dict[str, Any]] | None = None
         self.calls: list[tuple[str, str]] = []  # (method, path) of every request, for the tests
         self._throttle: tuple[int, int, str | None] = (0, 1, None)  # calls left to refuse, Retry-After, path
+        self.unreachable_zones: set[str] = set()  # zones the aggregated list cannot reach (a fault)
         self._server = ThreadingHTTPServer((host, port), self._handler())
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -218,6 +223,20 @@ class GcpApi:
             inst = self.instances[project][zone][name]
             inst["labels"] = dict(labels)
             inst["labelFingerprint"] = _b64(uuid.uuid4().bytes[:8])
+
+    def rename(self, project: str, zone: str, name: str, new_name: str) -> dict[str, Any]:
+        """``instances.setName``: the same VM (its id, tags, everything) under ``new_name``."""
+        with self.lock:
+            inst = self.instances[project][zone].pop(name)
+            inst["name"] = new_name
+            inst["selfLink"] = inst["selfLink"].rsplit("/", 1)[0] + "/" + new_name
+            self.instances[project][zone][new_name] = inst
+            return inst
+
+    def unreachable(self, *zones: str) -> None:
+        """The aggregated list cannot reach ``zones`` (none: every zone answers again)."""
+        with self.lock:
+            self.unreachable_zones = set(zones)
 
     def delete_instance(self, project: str, zone: str, name: str) -> None:
         with self.lock:
@@ -378,6 +397,8 @@ class GcpApi:
                 raise _HttpError(404, f"The resource 'projects/{project}' was not found", "notFound")
             if method == "GET" and rest == "aggregated/instances":
                 return 200, self._aggregated(project, query)
+            if method == "GET" and (z := re.fullmatch(r"zones/([^/]+)/instances", rest)):
+                return 200, self._list(project, z[1], query)
             if method == "GET" and (z := re.fullmatch(r"zones/([^/]+)/instances/([^/]+)", rest)):
                 found = self.find(project, z[1], unquote(z[2]))
                 if found is None:
@@ -391,8 +412,28 @@ class GcpApi:
                 return self._firewall(method, project, rest.removeprefix("global/firewallPolicies"), query, body)
         raise _HttpError(404, f"no such API path {path}", "notFound")
 
+    def _list(self, project: str, zone: str, query: dict[str, str]) -> dict[str, Any]:
+        """``instances.list`` of one zone, filtered by ``id = N`` (AIP-160; the id a number)."""
+        text = query.get("filter", "").strip()
+        m = re.fullmatch(r"\(?\s*id\s*=\s*\"?(\d+)\"?\s*\)?", text)
+        if text and m is None:
+            raise _HttpError(400, f"the local API filters instances by 'id = N' only, not {text!r}", "badRequest")
+        found = [i for _, i in sorted(self.instances[project].get(zone, {}).items()) if m is None or i["id"] == m[1]]
+        size = int(query.get("maxResults") or self.page_size)
+        start = int(query.get("pageToken") or 0)
+        out: dict[str, Any] = {"kind": "compute#instanceList", "items": found[start : start + size]}
+        if start + size < len(found):
+            out["nextPageToken"] = str(start + size)
+        return out
+
     def _aggregated(self, project: str, query: dict[str, str]) -> dict[str, Any]:
-        flat = [(z, i) for z, items in sorted(self.instances[project].items()) for _, i in sorted(items.items())]
+        gone = self.unreachable_zones
+        flat = [
+            (z, i)
+            for z, items in sorted(self.instances[project].items())
+            if z not in gone
+            for _, i in sorted(items.items())
+        ]
         size = int(query.get("maxResults") or self.page_size)
         start = int(query.get("pageToken") or 0)
         page = flat[start : start + size]
@@ -401,7 +442,11 @@ class GcpApi:
             items.setdefault(f"zones/{z}", {"instances": []})["instances"].append(inst)
         # zones without instances answer a warning, as GCE does
         items.setdefault("zones/europe-west1-b", {"warning": {"code": "NO_RESULTS_ON_PAGE", "message": "none"}})
+        for z in sorted(gone):  # a scope that could not be reached answers a warning, not its VMs
+            items[f"zones/{z}"] = {"warning": {"code": "UNREACHABLE", "message": f"zones/{z} is unreachable"}}
         out: dict[str, Any] = {"kind": "compute#instanceAggregatedList", "items": items}
+        if gone and query.get("returnPartialSuccess") == "true":
+            out["unreachables"] = [f"zones/{z}" for z in sorted(gone)]
         if start + size < len(flat):
             out["nextPageToken"] = str(start + size)
         return out

@@ -6,7 +6,7 @@ Two deliveries carry the same LogEntry JSON (cloud_events.md §3.1): a log sink 
 
 What we take from an entry: which VM (``resource.labels`` or the resource name; for a tag binding
 its ``parent``, or the full resource name its binding name holds percent-encoded), what method
-(``v1.``/``beta.`` ``compute.instances.insert|delete|setLabels``, and Resource Manager's
+(``v1.``/``beta.`` ``compute.instances.insert|delete|setLabels|setName``, and Resource Manager's
 ``CreateTagBinding``/``DeleteTagBinding`` on a VM), who called
 (``protoPayload.authenticationInfo.principalEmail``), what the call asked for (the complete new
 label set of ``setLabels``, the labels of ``insert``, the tag value of a binding), whether a managed
@@ -36,6 +36,8 @@ COMPUTE_METHODS = {
     "compute.instances.insert": "insert",
     "compute.instances.delete": "delete",
     "compute.instances.setLabels": "labels",
+    # followed so the inventory's name of the VM is its name now (a VM is looked up by its id)
+    "compute.instances.setName": "rename",
 }
 TAG_METHODS = {"CreateTagBinding": "tags", "DeleteTagBinding": "tags"}
 _INSTANCE_NAME = re.compile(r"projects/([^/]+)/zones/([^/]+)/instances/([^/]+)$")
@@ -52,6 +54,7 @@ class Action(enum.StrEnum):
     DELETE = "delete"
     LABELS = "labels"
     TAGS = "tags"
+    RENAME = "rename"
 
 
 class GcpEvent(BaseModel):
@@ -198,16 +201,16 @@ def _compute(e: LogEntry, action: Action, base: dict[str, Any]) -> GcpEvent:
     project = labels.get("project_id") or (m[1] if m else "")
     zone = labels.get("zone") or (m[2] if m else "")
     resp = p.response or {}
-    instance = labels.get("instance_id") or str(resp.get("targetId") or "") or (m[3] if m else "")
+    target = resp.get("targetId")
+    if target is not None and not (isinstance(target, (str, int)) and not isinstance(target, bool)):
+        raise MalformedEvent(f"audit entry {e.insert_id}: protoPayload.response.targetId is not an instance id")
+    instance = labels.get("instance_id") or str(target or "") or (m[3] if m else "")
     if not (project and zone and instance):
         raise MalformedEvent(f"audit entry {e.insert_id}: {p.method_name} names no instance (project, zone, id)")
     req = p.request or {}
     requested: dict[str, str] | None = None
-    if action is Action.LABELS and base["first"]:
-        requested = _label_items(req.get("labels"))
-    elif action is Action.INSERT and "labels" in req:
-        raw = req["labels"]
-        requested = _label_items(raw) if isinstance(raw, list) else {str(k): str(v) for k, v in dict(raw).items()}
+    if (action is Action.LABELS and base["first"]) or (action is Action.INSERT and "labels" in req):
+        requested = _labels(e.insert_id, req.get("labels"))
     group = None
     for link in req.get("links", []) if isinstance(req.get("links"), list) else []:
         if (
@@ -233,6 +236,26 @@ def _compute(e: LogEntry, action: Action, base: dict[str, Any]) -> GcpEvent:
         tag_value_ids=by_id,
         **base,
     )
+
+
+def _labels(insert_id: str, raw: object) -> dict[str, str]:
+    """A call's labels as logged: ``[{"key": k, "value": v}]`` (a missing value is ""), or a map of
+    strings; none for a request without them. Anything else is a malformed entry, named."""
+    where = f"audit entry {insert_id}: protoPayload.request.labels"
+    if raw is None:
+        return {}
+    if isinstance(raw, dict):
+        if not all(isinstance(v, str) for v in raw.values()):
+            raise MalformedEvent(f"{where}: a label value is not a string")
+        return {str(k): v for k, v in raw.items()}
+    if not isinstance(raw, list):
+        raise MalformedEvent(f"{where}: neither a list of key/value items nor a map (a {type(raw).__name__})")
+    for item in raw:
+        if not isinstance(item, dict) or not isinstance(item.get("key"), str):
+            raise MalformedEvent(f'{where}: an item is not {{"key": string, "value": string}}')
+        if not isinstance(item.get("value", ""), str):
+            raise MalformedEvent(f"{where}: the value of {item['key']!r} is not a string")
+    return _label_items(raw)
 
 
 def _tag_binding(e: LogEntry, base: dict[str, Any]) -> GcpEvent | None:

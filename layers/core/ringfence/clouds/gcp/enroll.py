@@ -9,7 +9,7 @@ id (as ``aws-iid``). We check (cloud_events.md §7.4):
   identity audience, not expired (:mod:`.oidc`); the ``google.compute_engine`` claims present
   (``format=full``); the project one we serve;
 * each token once: a token is remembered (instance id + ``iat``) for its lifetime, a replay refused;
-* the VM lives: ``instances.get`` of the token's name in its project and zone answers it running,
+* the VM lives: the token's instance id is listed in its project and zone, running and of its name,
   with the token's id (a recreated VM of the same name has another id);
 * the nonce single-use, the agent's signature over it by the key it presents, and that key bound
   to the instance on first enrollment (a second key claiming the identity is refused).
@@ -100,8 +100,11 @@ class GcpEnroller:
         ttl = max(60, ident.expires_at - ident.issued_at + 120)
         if not self.w.store.claim_once(f"gcp-jwt:{wid}:{ident.issued_at}", ttl):
             raise ProofError("this identity token was already used: request a fresh one")
-        # by the token's name, then its id: a VM of that name with another id is not the token's
-        live = self.ingest.read(ident.project_id, ident.zone, wid, ident.instance_name)
+        # by the token's id, in its zone, and of its name: a VM of that name with another id, or
+        # of that id with another name, is not the token's
+        live = self.ingest.instances.by_id(ident.project_id, ident.zone, wid)
+        if live is not None and live.get("name") != ident.instance_name:
+            live = None
         if live is None or STATES.get(str(live.get("status"))) not in ("pending", "running"):
             raise ProofError(
                 f"instance {wid} ({ident.instance_name}) is not running in {ident.project_id}/{ident.zone}"

@@ -1,7 +1,10 @@
 """GCP ingest: authenticated audit-log events → the VM described again → governed inventory.
 
-As on AWS, an event is a trigger: the VM is read live (``instances.get`` and its effective secure
-tags) and the newest observation wins. What an event adds is *who* made the change and what the
+As on AWS, an event is a trigger: the VM is read live (by its numeric id, in the zone it is stored
+in, and its effective secure tags) and the newest observation wins. What an entry says of the VM's
+name or zone is only what whoever published it wrote: a VM is recorded deleted only when a lookup
+by its id where it is stored finds none (:meth:`GcpIngest.observations`), or the full sync's
+complete listing no longer has it. What an event adds is *who* made the change and what the
 call set, which decide a move into a privileged label value (:mod:`ringfence.governance`, the
 same as AWS): the principal is ``protoPayload.authenticationInfo.principalEmail``.
 
@@ -558,6 +561,8 @@ class GcpIngest:
             return ""  # before it (the listing starts a little earlier); one at the same time counts
         if ev.instance != vm:
             return ""  # another VM, whose id has this one's in it (the listing matches a substring)
+        if ev.action is Action.RENAME:
+            return ""  # instances.setName changes no label
         src = self.cfg.label_source
         if (ev.action is Action.LABELS and src is LabelSource.SECURE_TAGS) or (
             ev.action is Action.TAGS and src is LabelSource.LABELS
@@ -691,7 +696,11 @@ class GcpIngest:
         move that could be held now, and one under an untrusted parent is no label: neither is
         anything the call set, so neither approves or blames."""
         ids = set(ev.tag_value_ids)
-        vm = {"zone": ev.zone, "id": ev.instance} if ev.instance.isdigit() else self.read(project, ev.zone, ev.instance)
+        if ev.instance.isdigit():  # where the VM is stored, not where the entry says it is
+            project, zone = self.locate(project, ev.zone, ev.instance)
+            vm: dict[str, Any] | None = {"zone": zone, "id": ev.instance}
+        else:
+            vm = self.read(project, ev.zone, ev.instance)
         if vm is None:  # logged by name (tags are bound to the VM's id), and the VM is gone
             return {}
         try:
@@ -728,16 +737,32 @@ class GcpIngest:
             secure = self.instances.secure_tags(self.cfg.projects[project], inst)
         return instance_record(inst, project, t, secure=secure, source=self.cfg.label_source, mapper=mapper)
 
-    def read(self, project: str, zone: str, ref: str, name: str | None = None) -> dict[str, Any] | None:
-        """The VM ``ref`` (its numeric id, or a name) names, or None when it is gone. Read by name
-        (what instances.get documents; the event's, else the stored record's), and a VM of that
-        name with another id is a new VM, not this one."""
-        if ref.isdigit() and name is None and (stored := self.w.store.get(ref)) is not None:
-            name = stored.workload.name
-        inst = self.instances.get(project, zone, name or ref)
-        if inst is not None and ref.isdigit() and str(inst.get("id")) != ref:
+    def locate(self, project: str, zone: str, instance_id: str) -> tuple[str, str]:
+        """Where the VM ``instance_id`` is: the project and zone of its stored record (a live one,
+        of a served project), else the ``project`` and ``zone`` given (an event's). A VM's id and
+        zone never change; what a pushed entry says of its zone (or name) is only what whoever
+        published it wrote, and a VM looked up where it is not would be taken for deleted."""
+        return self._stored_at(instance_id) or (project, zone)
+
+    def _stored_at(self, instance_id: str) -> tuple[str, str] | None:
+        """The project and zone of ``instance_id``'s stored record, a live VM of a served project;
+        else None."""
+        stored = self.w.store.get(instance_id) if instance_id.isdigit() else None
+        if stored is None or stored.state == "terminated" or stored.workload.cloud != "gcp":
             return None
-        return inst
+        wl = stored.workload
+        return (wl.account, wl.zone) if wl.account in self.cfg.projects and wl.zone else None
+
+    def read(self, project: str, zone: str, ref: str, name: str | None = None) -> dict[str, Any] | None:
+        """The VM ``ref`` names, or None when it is gone. A numeric id is looked up by id
+        (:meth:`Instances.by_id`) where the VM is stored (:meth:`locate`), else in ``zone``: never
+        by a name, which a rename (``instances.setName``) moves to nothing and a VM created since
+        takes over. Only an entry that logged no id names the VM by name (``name``, else ``ref``),
+        in ``zone``."""
+        if ref.isdigit():
+            project, zone = self.locate(project, zone, ref)
+            return self.instances.by_id(project, zone, ref)
+        return self.instances.get(project, zone, name or ref)
 
     def observe(
         self,
@@ -755,19 +780,29 @@ class GcpIngest:
     def observations(
         self, project: str, zone: str, instances: Iterable[str], names: Mapping[str, str] | None = None
     ) -> list[InventoryRecord]:
-        """The VMs (ids or names) as read live now: a record each, a tombstone for one gone."""
+        """The VMs (ids or names) as read live now: a record each, a tombstone for one stored
+        that is gone. A VM is gone only when looked up by its id where it is stored
+        (:meth:`read`): an event's zone or name that misses says nothing about a stored VM (a
+        forged or stale entry, a VM renamed since). One not stored (or stored deleted) that is
+        not found is left alone: nothing of it to remove (the full sync converges a race)."""
         mapper = self.w.mapper()
         observed: list[InventoryRecord] = []
         for name_or_id in instances:
-            inst = self.read(project, zone, name_or_id, (names or {}).get(name_or_id))
+            stored_at = self._stored_at(name_or_id)
+            p, z = stored_at or (project, zone)
+            inst = (
+                self.instances.by_id(p, z, name_or_id)
+                if name_or_id.isdigit()
+                else self.read(p, z, name_or_id, (names or {}).get(name_or_id))
+            )
             t = now()
             if inst is None:
-                if not name_or_id.isdigit():
-                    log.warning("%s/%s is gone and was never known by id: nothing to remove", zone, name_or_id)
+                if stored_at is None:
+                    log.warning("%s/%s is not found and is not stored: nothing to remove", zone, name_or_id)
                     continue
-                observed.append(tombstone(name_or_id, project, zone, t))
+                observed.append(tombstone(name_or_id, p, z, t))
             else:
-                observed.append(self.record(project, inst, t, mapper))
+                observed.append(self.record(p, inst, t, mapper))
         return observed
 
     def _store(
@@ -793,14 +828,23 @@ class GcpIngest:
 
     def sync(self, project: str) -> set[str]:
         """The full inventory of a project (aggregated list): every VM stored as it is now, and
-        the project's stored VMs that no longer exist tombstoned. Returns the ids that changed."""
+        the project's stored VMs that no longer exist tombstoned. Returns the ids that changed.
+        A stored VM of a zone the list could not reach (``unreachables``, an ``UNREACHABLE``
+        scope) is left as it is: it is missing from a partial answer, not deleted; where which
+        zones were left out is not known, no stored VM is tombstoned."""
         mapper = self.w.mapper()
-        observed = [self.record(project, inst, now(), mapper) for inst in self.instances.all(project)]
+        listed, unreachable = self.instances.listing(project)
+        observed = [self.record(project, inst, now(), mapper) for inst in listed]
         seen = {rec.id for rec in observed}
         changed = self._store(observed, None)
+        if unreachable is None or unreachable:
+            self.metric("GcpZonesUnreachable", len(unreachable) if unreachable is not None else 1)
+            log.warning("gcp sync of %s: unreachable zones %s: their VMs are left as stored", project, unreachable)
         for stored in self.w.store.all_records():
             wl = stored.workload
             if wl.cloud != "gcp" or wl.account != project or stored.id in seen or stored.state == "terminated":
+                continue
+            if unreachable is None or not wl.zone or wl.zone in unreachable:
                 continue
             if self.w.store.observe(tombstone(stored.id, project, wl.zone, now())):
                 changed.add(stored.id)

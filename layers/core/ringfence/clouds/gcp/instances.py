@@ -213,17 +213,55 @@ class Instances:
         return self._instances
 
     def get(self, project: str, zone: str, instance: str) -> dict[str, Any] | None:
-        """The instance by name or id, or None when it does not exist (deleted)."""
+        """The instance by name, or None when no VM of that name is in the zone (a name is not a
+        VM: one renamed or deleted, a VM created since under it; :meth:`by_id` names one VM)."""
         try:
             return as_dict(self.client.get(project=project, zone=zone, instance=instance, retry=RETRY))
         except NotFound:
             return None
 
+    def by_id(self, project: str, zone: str, instance_id: str) -> dict[str, Any] | None:
+        """The instance of numeric id ``instance_id`` in ``zone``, or None when the zone has none
+        (the VM was deleted: an id is never reused, nor does a VM change zone). ``instances.get``
+        documents a name, so the zone is listed with the AIP-160 filter ``id = N``
+        (https://cloud.google.com/compute/docs/reference/rest/v1/instances/list, ``filter``). A
+        zone that does not exist answers 404, raised: it says nothing about the VM."""
+        if not instance_id.isdigit():
+            raise ValueError(f"not a numeric instance id: {instance_id!r}")
+        query = {"project": project, "zone": zone, "filter": f"id = {instance_id}"}
+        for inst in self.client.list(request=query, retry=RETRY):
+            found = as_dict(inst)
+            if str(found.get("id")) == instance_id:
+                return found
+        return None
+
     def all(self, project: str) -> Iterator[dict[str, Any]]:
         """Every instance of the project (aggregated list over all zones, every page)."""
-        for _scope, scoped in self.client.aggregated_list(project=project, retry=RETRY):
-            for inst in scoped.instances:
-                yield as_dict(inst)
+        yield from self.listing(project)[0]
+
+    def listing(self, project: str) -> tuple[list[dict[str, Any]], set[str] | None]:
+        """Every instance the project's aggregated list answers (every page), and the zones it
+        could not reach (``unreachables``, a scope's ``UNREACHABLE`` warning, or any warning other
+        than an empty page's): their VMs are not in the list and say nothing about being deleted.
+        None instead of zones where an unreachable scope names no zone (a region, global…): which
+        VMs were left out is then unknown."""
+        pager = self.client.aggregated_list(project=project, retry=RETRY)
+        found: list[dict[str, Any]] = []
+        unreachable: set[str] | None = set()
+        for page in pager.pages:
+            scopes = [str(s) for s in page.unreachables]
+            for scope, scoped in page.items.items():
+                found += [as_dict(inst) for inst in scoped.instances]
+                warning = scoped.warning if "warning" in scoped else None
+                if not scoped.instances and warning is not None and warning.code != "NO_RESULTS_ON_PAGE":
+                    scopes.append(str(scope))
+            for scope in scopes:
+                zone = re.fullmatch(r"(?:.*/)?zones/([^/]+)", scope)
+                if zone is None:
+                    unreachable = None
+                elif unreachable is not None:
+                    unreachable.add(zone[1])
+        return found, unreachable
 
     def secure_tags(self, project_number: int, inst: Mapping[str, Any]) -> list[SecureTag]:
         """The VM's effective secure tags (bound to it or inherited), from its zone's endpoint."""
