@@ -204,7 +204,7 @@ def test_the_cli_ingests_a_flow_log_and_draws_the_map(tmp_path: Path) -> None:
     store = f"sqlite:{tmp_path / 'flows.db'}"
     pol, inv = str(EXAMPLE / "policy"), str(EXAMPLE / "inventory.yaml")
     ing = subprocess.run(
-        [cli, "flows", "ingest", "--store", store, "--policy", pol, "--inventory", inv, str(log)],
+        [cli, "flows", "ingest", "--create", "--store", store, "--policy", pol, "--inventory", inv, str(log)],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert ing.returncode == 0, ing.stderr

@@ -256,9 +256,7 @@ def cmd_labels_check(args: argparse.Namespace) -> int:
     policy = load_policy(Path(args.policy))
     store = None
     if args.flows:
-        from ringfence.store import open_store
-
-        store = open_store(args.flows)
+        store = _reading_store(args.flows)
     if args.inventory:
         workloads = _inventory(args)
     elif store is not None:  # the estate as reconcile and ingest keep it
@@ -512,11 +510,10 @@ def cmd_connectivity(args: argparse.Namespace) -> int:
 
 def cmd_map(args: argparse.Namespace) -> int:
     from ringfence.policy import load_policy
-    from ringfence.store import open_store
     from ringfence.viz.depmap import MapFilter, build_map
     from ringfence.viz.render import render
 
-    rows = open_store(args.flows).flow_rows() if args.flows else []
+    rows = _reading_store(args.flows).flow_rows() if args.flows else []
     draft = load_policy(Path(args.draft)) if args.draft else None
     f = MapFilter(app=args.app, env=args.env, decision=args.decision, min_flows=args.min_flows)
     m = build_map(load_policy(Path(args.policy)), _inventory(args), rows, f, draft)
@@ -537,10 +534,9 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     from ringfence.flows.suggest import merged_policy, suggest
     from ringfence.policy import load_policy
     from ringfence.policytests import run_tests
-    from ringfence.store import open_store
 
     policy = load_policy(Path(args.policy))
-    rows = open_store(args.flows).flow_rows()
+    rows = _reading_store(args.flows).flow_rows()
     sug = suggest(policy, rows, args.app, args.env, args.min_flows, args.include_allowed)
     if args.json:
         _emit(json.dumps(sug.doc(), indent=1, sort_keys=True) + "\n", args.out)
@@ -563,11 +559,10 @@ def cmd_suggest(args: argparse.Namespace) -> int:
 
 def cmd_findings(args: argparse.Namespace) -> int:
     from ringfence.control.findings import findings
-    from ringfence.store import open_store
 
     if args.bound <= 0:
         raise CliError(f"--bound {args.bound}: must be a positive number of seconds")
-    res = findings(open_store(args.store), bound=args.bound)
+    res = findings(_reading_store(args.store), bound=args.bound)
     if args.json:
         print(res.model_dump_json(indent=1))
         return 1 if res.findings else 0
@@ -585,7 +580,12 @@ def cmd_flows_ingest(args: argparse.Namespace) -> int:
     from ringfence.policy import load_policy
     from ringfence.store import open_store
 
-    store = open_store(args.store)
+    if args.store.startswith("sqlite:") and not args.create and not Path(args.store.removeprefix("sqlite:")).is_file():
+        raise CliError(f"store {args.store!r}: no such database file (--create to start one)")
+    try:
+        store = open_store(args.store)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     ingest = FlowIngest(store, load_policy(Path(args.policy)), args.retention_days)
     if args.inventory:  # an estate from a file: its owners noted as of now
         sync_addresses(store, _inventory(args), [], time.time())
@@ -651,15 +651,23 @@ AUDIT_STORE_HELP = (
 )
 
 
+def _reading_store(spec: str, what: str = "store") -> Any:
+    """A store a command only reads: a SQLite file must exist (opening would create an empty one,
+    whose nothing reads as "0 findings" or an empty chain that verifies) and is opened read-only."""
+    from ringfence.store import open_store
+
+    if spec.startswith("sqlite:") and not Path(spec.removeprefix("sqlite:")).is_file():
+        raise CliError(f"{what} {spec!r}: no such database file")
+    try:
+        return open_store(spec, read_only=True)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
 def _audit_store(spec: str | None) -> Any:
     spec = spec or os.environ.get("RINGFENCE_STORE", ".ringfence")
-    if spec.startswith("sqlite:") and not Path(spec.removeprefix("sqlite:")).is_file():
-        # opening would create an empty database, whose empty chain verifies
-        raise CliError(f"audit store {spec!r}: no such database file")
     if spec.startswith(("sqlite:", "dynamodb:")):
-        from ringfence.store import open_store
-
-        return open_store(spec)
+        return _reading_store(spec, "audit store")
     from ringfence.versions import FileVersionStore
 
     root = Path(spec.removeprefix("file:"))
@@ -1092,6 +1100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inventory", help="resolve addresses with this estate (default: the store's inventory)")
     p.add_argument("--retention-days", type=int, default=30, help="rows expire this long after their last flow")
     p.add_argument("--strict", action="store_true", help="exit 1 when any line was malformed")
+    p.add_argument("--create", action="store_true", help="start a new sqlite:PATH store if there is none")
 
     p = add("bench", cmd_bench, help="compile a synthetic estate: full vs incremental, compiled vs naive rules")
     p.add_argument("--workloads", type=int, default=10_000, help="size of the synthetic estate (default 10000)")
@@ -1267,6 +1276,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, CliError | FileNotFoundError | KeyError) or _is_error(
             exc, ("ringfence.bundle", "BundleError")
         ):
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        if _is_error(exc, ("sqlite3", "Error")):  # a store that cannot be read: locked, unreadable, damaged
+            spec = getattr(args, "store", None) or getattr(args, "flows", None) or "the store"
+            print(f"error: {str(spec).removeprefix('sqlite:')}: {exc}", file=sys.stderr)
+            return 1
+        if _is_error(exc, ("ringfence.store.sqlite", "StoreOpenError")):
             print(f"error: {exc}", file=sys.stderr)
             return 1
         raise

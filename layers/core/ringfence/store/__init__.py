@@ -28,14 +28,15 @@ __all__ = [
 ]
 
 
-def open_store(spec: str) -> Store:
-    """``sqlite:PATH`` (a file, created if missing) or ``dynamodb:INVENTORY,STATE,AUDIT`` (table
-    names; region and credentials as boto3 finds them)."""
+def open_store(spec: str, *, read_only: bool = False) -> Store:
+    """``sqlite:PATH`` (a file, created if missing; with ``read_only`` it must exist and is opened
+    read-only: see :class:`~ringfence.store.sqlite.SqliteStore`) or ``dynamodb:INVENTORY,STATE,AUDIT``
+    (table names; region and credentials as boto3 finds them)."""
     kind, sep, rest = spec.partition(":")
     if kind == "sqlite" and sep and rest:
         from ringfence.store.sqlite import SqliteStore
 
-        return SqliteStore(rest)
+        return SqliteStore(rest, read_only=read_only)
     if kind == "dynamodb" and sep:
         tables = rest.split(",")
         if len(tables) == 3 and all(tables):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -205,8 +206,17 @@ _UPDATES = {
 }
 
 
+class StoreOpenError(RuntimeError):
+    """The file cannot be opened as this release's store (the message starts with its path)."""
+
+
 class SqliteStore:
-    """The :class:`~ringfence.store.base.Store` in one SQLite file (created if missing)."""
+    """The :class:`~ringfence.store.base.Store` in one SQLite file (created if missing).
+
+    ``read_only``: for those who only read (the CLI's ``audit``, ``findings``, ``map``,
+    ``suggest``): the file must exist and be of this release's schema; it is opened ``mode=ro``,
+    with no schema statement and no journal-mode change, so a read-only copy, a file of another
+    release or one a writer holds are read (or refused) without being touched."""
 
     def __init__(
         self,
@@ -214,21 +224,41 @@ class SqliteStore:
         *,
         synchronous: Literal["FULL", "NORMAL"] = "FULL",
         busy_timeout: float = 30.0,
+        read_only: bool = False,
     ) -> None:
         self.path = Path(path)
         if str(path) == ":memory:" or str(path).startswith("file:"):
             raise ValueError("SqliteStore needs a file path (every thread opens its own connection to it)")
         self.synchronous = synchronous
         self.busy_timeout = busy_timeout
+        self.read_only = read_only
         self._local = threading.local()
         self._all: list[tuple[weakref.ref[threading.Thread], sqlite3.Connection]] = []
         self._lock = threading.Lock()
         self._writer = threading.Lock()
+        if read_only and not self.path.is_file():
+            raise StoreOpenError(f"{self.path}: no such database file")
+        # the version before anything writes (a journal-mode change is a write): a file of a newer
+        # release is refused untouched
+        version = self._schema_version() if self.path.is_file() else 0
+        if version > SCHEMA_VERSION:
+            raise StoreOpenError(
+                f"{self.path}: schema version {version} is newer than this ringfence knows ({SCHEMA_VERSION})"
+            )
+        if read_only:
+            if version < SCHEMA_VERSION:
+                what = (
+                    "not a ringfence store"
+                    if version == 0
+                    else f"schema version {version}, older than {SCHEMA_VERSION}"
+                )
+                raise StoreOpenError(f"{self.path}: {what} (`ringfence serve` on it migrates a ringfence store)")
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = self._db()
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise RuntimeError(f"{self.path}: schema version {version} is newer than this ringfence knows")
+            raise StoreOpenError(f"{self.path}: schema version {version} is newer than this ringfence knows")
         if version == 1:
             self._migrate_to_2()
         if version in (1, 2):
@@ -238,6 +268,35 @@ class SqliteStore:
         # idempotent (IF NOT EXISTS, the one trigger dropped and made again in the same
         # transaction): processes opening the same file at once all succeed
         db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version = {SCHEMA_VERSION};COMMIT;")
+
+    def _connect_ro(self) -> sqlite3.Connection:
+        uri = f"{self.path.resolve().as_uri()}?mode=ro"
+        db = sqlite3.connect(uri, uri=True, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.OperationalError:
+            # A WAL file read by one who may not write its directory (an auditor's read-only
+            # copy): SQLite cannot make the -shm index. With no -wal file every commit is in the
+            # file itself, which is then read as it is (immutable); otherwise the error stands.
+            wal = self.path.with_name(self.path.name + "-wal")
+            if wal.exists() or os.access(self.path.parent, os.W_OK):
+                db.close()
+                raise
+            db.close()
+            db = sqlite3.connect(
+                uri + "&immutable=1", uri=True, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
+            )
+        return db
+
+    def _schema_version(self) -> int:
+        try:
+            db = self._connect_ro()
+            try:
+                return int(db.execute("PRAGMA user_version").fetchone()[0])
+            finally:
+                db.close()
+        except sqlite3.Error as exc:
+            raise StoreOpenError(f"{self.path}: {exc}") from None
 
     def _migrate_to_2(self) -> None:
         """A version-1 file gains ``inventory.governed_rev`` (every record at version 0), once even
@@ -272,10 +331,17 @@ class SqliteStore:
             # isolation_level=None: no implicit transactions; every write path says BEGIN IMMEDIATE.
             # Only this thread uses the connection; check_same_thread=False lets _reap close it
             # once the thread has ended (a server's worker threads come and go).
-            db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
-            db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-            db.execute("PRAGMA journal_mode = WAL")
-            db.execute(f"PRAGMA synchronous = {self.synchronous}")
+            if self.read_only:  # no journal-mode change, no write of any kind
+                db = self._connect_ro()
+                db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+                db.execute("PRAGMA query_only = 1")
+            else:
+                db = sqlite3.connect(
+                    self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
+                )
+                db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+                db.execute("PRAGMA journal_mode = WAL")
+                db.execute(f"PRAGMA synchronous = {self.synchronous}")
             self._local.db = db
             with self._lock:
                 self._reap()
