@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from azure.core.exceptions import HttpResponseError
+from azure.core.exceptions import AzureError
 
 from ringfence.clouds import every
 from ringfence.control.wiring import BaseWiring, Metric, log, no_metric
@@ -39,8 +39,8 @@ class AzureReconcile:
     def run(self) -> AzureReconcileResult:
         res = AzureReconcileResult()
         for sub in self.azure.cfg.subscriptions:
-            arm = self.azure.arm(sub)
             try:
+                arm = self.azure.arm(sub)
                 inv = observe_subscription(self.w, arm, self.metric)
                 res.changed += inv.changed
                 res.gone += inv.gone
@@ -55,8 +55,10 @@ class AzureReconcile:
                     res.warnings += len(result.warnings)
                     if result.warnings:
                         self.metric("AzurePerimeterWarnings", len(result.warnings))
-            except (HttpResponseError, PlanRefused) as exc:
-                # one subscription's failure (throttled, over a limit) leaves the others converged
+            except (AzureError, PlanRefused) as exc:
+                # one subscription's failure (throttled, over a limit, ARM or Entra ID unreachable:
+                # azure-core's AzureError covers HttpResponseError and the ServiceRequestError of a
+                # connection that failed) leaves the others converged
                 log.error("azure reconcile of %s failed: %s", sub, exc)
                 res.failed[sub] = str(exc)
                 self.metric("AzureReconcileFailed", 1)
