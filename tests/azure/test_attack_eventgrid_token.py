@@ -167,3 +167,26 @@ def test_event_grids_application_id_is_configured_by_environment(
     assert deliver(events, token()).status == 401
     assert wiring.store.get(VM) is None
     assert deliver(events, token(appid=sovereign.upper())).status == 200
+
+
+def test_entra_keys_unreachable_answers_503_so_event_grid_retries(
+    arm: ArmServer, azure: Azure, wiring: LocalWiring, jwks_url: str
+) -> None:
+    """The tenant's signing keys cannot be fetched (Entra ID unreachable): Event Grid's genuine
+    token is neither taken nor refused. The delivery is answered 503 with Retry-After (Event Grid
+    retries it; a 401 it would drop), nothing is stored, and once the keys are reachable the same
+    delivery is taken."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    down = f"http://127.0.0.1:{s.getsockname()[1]}/{TENANT}/discovery/v2.0/keys"
+    s.close()
+    r = deliver(events_with(arm, azure, wiring, {"RINGFENCE_EVENTGRID_JWKS_URL": down}), token())
+    assert r.status == 503 and r.headers["Retry-After"] == "30", r.body
+    assert "keys unavailable" in str(r.body["detail"]).lower()
+    assert wiring.store.get(VM) is None
+    # a forged token still gets its 401 from the keys once they are reachable, and the genuine one is taken
+    up = events_with(arm, azure, wiring, {"RINGFENCE_EVENTGRID_JWKS_URL": jwks_url})
+    assert deliver(up, token(OTHER_KEY)).status == 401
+    assert deliver(up, token()).status == 200

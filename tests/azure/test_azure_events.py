@@ -114,6 +114,26 @@ def test_malformed_deliveries_are_named() -> None:
         parse_delivery(json.dumps([{"id": "x"}]))
 
 
+def test_event_fields_of_the_wrong_type_are_malformed_naming_the_field() -> None:
+    """``data.claims`` / ``data.resourceInfo`` that are not objects (and their ids not strings):
+    MalformedDelivery naming the field, not an AttributeError out of the route."""
+    vm = vm_id("web-1")
+    bad_claims = arm_event(WRITE, vm, "Microsoft.Compute/virtualMachines/write")
+    bad_claims["data"]["claims"] = "oid=1"
+    with pytest.raises(MalformedDelivery, match=r"data\.claims must be an object"):
+        change_of(parse_delivery(json.dumps([bad_claims]))[0])
+    bad_oid = arm_event(WRITE, vm, "Microsoft.Compute/virtualMachines/write")
+    bad_oid["data"]["claims"] = {"oid": 5}
+    with pytest.raises(MalformedDelivery, match=r"data\.claims\.oid must be a string"):
+        change_of(parse_delivery(json.dumps([bad_oid]))[0])
+    info = {"id": "x", "eventType": NOTIFIED, "subject": vm, "data": {"resourceInfo": "x"}}
+    with pytest.raises(MalformedDelivery, match=r"data\.resourceInfo must be an object"):
+        change_of(parse_delivery(json.dumps([info]))[0])
+    info["data"] = {"resourceInfo": {"id": ["x"]}}
+    with pytest.raises(MalformedDelivery, match=r"data\.resourceInfo\.id must be a string"):
+        change_of(parse_delivery(json.dumps([info]))[0])
+
+
 # --- the service over the local ARM server -------------------------------------------------------
 
 
@@ -312,3 +332,45 @@ def test_attack_custom_topic_event_names_nobody(arm: ArmServer, events: AzureEve
     deliver(events, genuine)
     [held] = [a for a in wiring.store.audit_log() if a.action == "label.held"]
     assert held.principal.endswith(OID) and held.target == WEB
+
+
+def test_a_malformed_event_in_a_batch_loses_no_good_event(arm: ArmServer, wiring: LocalWiring, azure: Azure) -> None:
+    """Event Grid batches events (up to 10, infra/azure/eventgrid.json) and does not retry a 400:
+    through the real route, the good events of a delivery are applied and it is answered 200; each
+    malformed one is listed by index in the answer, logged and counted (AzureEventsMalformed). A
+    delivery with nothing readable in it is answered 400."""
+    from ringfence.routes.azure import EVENTS_PATH, azure_event_routes
+    from ringfence.serve import proxy_event
+
+    seed_vm(arm, "web-1", WEB, "10.20.1.4", PROD_WEB)
+    seed_vm(arm, "dev-1", DEV, "10.20.2.4", {**PROD_WEB, "ringfence:env": "dev"})
+    counted: list[tuple[str, float]] = []
+
+    def post(items: list[Any]) -> tuple[int, Any]:
+        event = proxy_event("POST", EVENTS_PATH, list(HEADERS.items()), [], json.dumps(items).encode(), "127.0.0.1")
+        out = azure_event_routes(lambda: AzureEvents(wiring, azure, lambda n, v: counted.append((n, v)))).resolve(
+            event, None
+        )
+        return out["statusCode"], json.loads(out["body"])
+
+    claims = arm_event(WRITE, vm_id("web-1"), "Microsoft.Compute/virtualMachines/write")
+    claims["data"]["claims"] = "oid=1"
+    info = {"id": "n1", "eventType": NOTIFIED, "subject": vm_id("web-1"), "data": {"resourceInfo": "x"}}
+    cloudevent = {"id": "c1", "type": WRITE, "source": f"/subscriptions/{SUB}", "specversion": "1.0", "data": {}}
+    validation = {"id": "v1", "eventType": VALIDATION, "data": {"validationCode": 5}}
+    good = [
+        arm_event(WRITE, vm_id("web-1"), "Microsoft.Compute/virtualMachines/write"),
+        arm_event(WRITE, vm_id("dev-1"), "Microsoft.Compute/virtualMachines/write"),
+    ]
+    status, body = post([claims, good[0], info, cloudevent, good[1], validation, [1]])
+    assert status == 200, body
+    assert body["changed"] == sorted([WEB, DEV])
+    assert [m["index"] for m in body["malformed"]] == [0, 2, 3, 5, 6]
+    assert "data.claims must be an object" in body["malformed"][0]["error"]
+    assert "data.resourceInfo must be an object" in body["malformed"][1]["error"]
+    assert ("AzureEventsMalformed", 5) in counted
+    web, dev = wiring.store.get(WEB), wiring.store.get(DEV)
+    assert web is not None and dev is not None and dev.labels["env"] == "dev"
+    # nothing readable at all: refused as a whole, nothing stored
+    status, body = post([claims, cloudevent])
+    assert status == 400 and "data.claims" in body["detail"], body

@@ -26,6 +26,12 @@ class TokenRefused(ValueError):
     """The delivery's bearer token does not hold (401)."""
 
 
+class KeysUnavailable(RuntimeError):
+    """The tenant's signing keys could not be fetched (Entra ID unreachable or throttled): the
+    token is neither accepted nor refused; the delivery is answered 503 so Event Grid retries it
+    (a 401 is not retried: the delivery would be lost)."""
+
+
 class EntraVerifier:
     def __init__(
         self, tenant: str, audience: str, jwks_url: str | None = None, app_id: str = EVENT_GRID_APP_ID
@@ -54,6 +60,8 @@ class EntraVerifier:
                 issuer=self.issuers,
                 options={"require": ["exp", "iat", "aud", "iss"]},
             )
+        except jwt.PyJWKClientConnectionError as exc:
+            raise KeysUnavailable(f"signing keys unavailable: {exc}") from None
         except jwt.PyJWTError as exc:
             raise TokenRefused(f"bearer token refused: {exc}") from None
         if EVENT_GRID_ROLE not in (claims.get("roles") or []):

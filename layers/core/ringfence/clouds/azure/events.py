@@ -61,8 +61,10 @@ class GridEvent(BaseModel):
     data: dict[str, Any] = Field(default_factory=dict)
 
 
-def parse_delivery(body: bytes | str) -> list[GridEvent]:
-    """A delivery: a JSON array of events (Event Grid schema). MalformedDelivery naming the index."""
+def read_delivery(body: bytes | str) -> tuple[list[tuple[int, GridEvent]], dict[int, str]]:
+    """A delivery (a JSON array of events, Event Grid schema) → its well-formed events with their
+    index, and why each other one is malformed (by index). MalformedDelivery only when the body
+    itself is not a delivery (not JSON, not an array or object)."""
     try:
         raw = json.loads(body)
     except ValueError as exc:
@@ -71,14 +73,24 @@ def parse_delivery(body: bytes | str) -> list[GridEvent]:
         raw = [raw]
     if not isinstance(raw, list):
         raise MalformedDelivery("body must be a JSON array of Event Grid events")
-    out = []
+    good: list[tuple[int, GridEvent]] = []
+    bad: dict[int, str] = {}
     for i, item in enumerate(raw):
         try:
-            out.append(GridEvent.model_validate(item))
+            good.append((i, GridEvent.model_validate(item)))
         except ValidationError as exc:
             where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise MalformedDelivery(f"event [{i}]: {where}") from None
-    return out
+            bad[i] = f"event [{i}]: {where}"
+    return good, bad
+
+
+def parse_delivery(body: bytes | str) -> list[GridEvent]:
+    """A delivery: a JSON array of events (Event Grid schema). MalformedDelivery naming the index
+    of the first malformed event (:func:`read_delivery` keeps the others)."""
+    good, bad = read_delivery(body)
+    if bad:
+        raise MalformedDelivery(bad[min(bad)])
+    return [ev for _, ev in good]
 
 
 def validation_code(events: list[GridEvent]) -> str | None:
@@ -101,15 +113,40 @@ class Change:
     kind: Literal["write", "delete"]
     resource: ArmId
     principal: str | None = None
+    tags_write: bool = False
+    """the operation was a Tags API write (``Microsoft.Resources/tags/*``): it wrote tags only"""
+
+
+def _object(data: dict[str, Any], name: str) -> dict[str, Any]:
+    """``data[name]`` when it is an object (absent or null: empty); MalformedDelivery naming it."""
+    value = data.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise MalformedDelivery(f"data.{name} must be an object, not {type(value).__name__}")
+    return value
+
+
+def _text(obj: dict[str, Any], name: str, where: str) -> str | None:
+    value = obj.get(name)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise MalformedDelivery(f"{where}.{name} must be a string, not {type(value).__name__}")
+    return value
 
 
 def principal_of(data: dict[str, Any]) -> str | None:
     """The caller an ARM event names: ``azure:<tenant>/<object id>`` (the object id is the one
     identifier of a user, group member or service principal that cannot be renamed or reused;
     allow-list taggers by it)."""
-    claims = data.get("claims") or {}
-    oid = claims.get(OID_CLAIM) or claims.get("oid")
-    tid = claims.get(TID_CLAIM) or claims.get("tid") or data.get("tenantId")
+    claims = _object(data, "claims")
+    oid = _text(claims, OID_CLAIM, "data.claims") or _text(claims, "oid", "data.claims")
+    tid = (
+        _text(claims, TID_CLAIM, "data.claims")
+        or _text(claims, "tid", "data.claims")
+        or _text(data, "tenantId", "data")
+    )
     if not oid:
         return None
     return f"azure:{tid}/{oid}" if tid else f"azure:{oid}"
@@ -137,7 +174,8 @@ def _resource_of(resource_id: str) -> ArmId | None:
 
 
 def change_of(ev: GridEvent) -> Change | None:
-    """The workload-relevant change of one event; None for events of other resources or types."""
+    """The workload-relevant change of one event; None for events of other resources or types.
+    MalformedDelivery naming the field where one the event is read by has the wrong type."""
     if ev.event_type in (WRITE, DELETE):
         op = str(ev.data.get("operationName", "")).lower()
         target = _resource_of(str(ev.data.get("resourceUri") or ev.subject))
@@ -153,11 +191,12 @@ def change_of(ev: GridEvent) -> Change | None:
             return None  # an action (start, restart…) or another resource's operation
         if target.type not in WATCHED:
             return None
-        return Change(ev.id, kind, target, principal_of(ev.data) if from_system_topic(ev, target) else None)
+        principal = principal_of(ev.data) if from_system_topic(ev, target) else None
+        return Change(ev.id, kind, target, principal, tags_write=op.startswith("microsoft.resources/tags/"))
     if ev.event_type in (NOTIFIED, NOTIFIED_DELETE):
         # only which resource: its tags, vmId and NICs in resourceInfo are the sender's word
-        info = ev.data.get("resourceInfo") or {}
-        target = _resource_of(str(info.get("id") or ev.subject))
+        info = _object(ev.data, "resourceInfo")
+        target = _resource_of(_text(info, "id", "data.resourceInfo") or ev.subject)
         if target is None or target.type not in WATCHED:
             return None
         return Change(ev.id, "delete" if ev.event_type == NOTIFIED_DELETE else "write", target)

@@ -10,6 +10,7 @@ served by ``ringfence.routes.azure`` (``POST /azure/events``) in ``ringfence ser
 from __future__ import annotations
 
 import hmac
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -17,13 +18,14 @@ from azure.core.exceptions import HttpResponseError
 
 from ringfence.control.api import Response, error
 from ringfence.control.wiring import BaseWiring, Metric, log, no_metric
-from ringfence.governance import TagChange
+from ringfence.governance import LabelWrite, TagChange, is_tagger
+from ringfence.labels import LabelMapper
 
 from .arm import Arm
-from .entra import EntraVerifier, TokenRefused
-from .events import SCALE_SET, Change, MalformedDelivery, change_of, parse_delivery, validation_code
+from .entra import EntraVerifier, KeysUnavailable, TokenRefused
+from .events import SCALE_SET, Change, GridEvent, MalformedDelivery, change_of, read_delivery, validation_code
 from .inventory import InventoryResult, nics_by_id, observe, observe_subscription
-from .model import NIC, SCALE_SET_VM, SCALE_SET_VM_NIC, VM, ArmId, AzureNic, AzureVm, vm_from_wire
+from .model import NIC, SCALE_SET_VM, SCALE_SET_VM_NIC, VM, ArmId, AzureNic, AzureVm, to_record, vm_from_wire
 from .wiring import Azure
 
 SECRET_HEADER = "x-ringfence-eventgrid-secret"  # noqa: S105 (a header name, not a secret)
@@ -35,6 +37,11 @@ class DeliveryResult:
     changed: set[str] = field(default_factory=set)
     ignored: int = 0
     synced: list[str] = field(default_factory=list)  # subscriptions fully re-read (a delete)
+
+
+def _named(write: LabelWrite | None, value: str) -> bool:
+    """The dimension's last known write set ``value`` and was a named caller's (or approved)."""
+    return write is not None and write.value == value and write.by != "unseen"
 
 
 class AzureEvents:
@@ -63,6 +70,13 @@ class AzureEvents:
             except TokenRefused as exc:
                 self.metric("AzureDeliveriesRefused", 1)
                 return error(401, "delivery refused", str(exc))
+            except KeysUnavailable as exc:
+                # neither accepted nor refused: Event Grid retries a 503 (it drops a 401)
+                log.warning("azure: %s: Event Grid retries the delivery", exc)
+                self.metric("AzureDeliveriesDeferred", 1)
+                out = error(503, "Entra ID keys unavailable", str(exc))
+                out.headers["Retry-After"] = RETRY_AFTER
+                return out
         return None
 
     def handle(self, headers: Mapping[str, str], body: bytes) -> Response:
@@ -71,16 +85,36 @@ class AzureEvents:
         if refused is not None:
             return refused
         try:
-            events = parse_delivery(body)
-            code = validation_code(events)
+            parsed, bad = read_delivery(body)
         except MalformedDelivery as exc:
             return error(400, "not an Event Grid delivery", str(exc))
+        total = len(parsed) + len(bad)
+        events: list[tuple[int, GridEvent]] = []
+        for i, ev in parsed:
+            try:
+                validation_code([ev])
+                events.append((i, ev))
+            except MalformedDelivery as exc:
+                bad[i] = f"event [{i}]: {exc}"
+        code = validation_code([ev for _, ev in events])
         if code is not None:
             if h.get("aeg-event-type", "").lower() != "subscriptionvalidation":
                 return error(400, "validation event without aeg-event-type: SubscriptionValidation")
             log.info("azure: Event Grid subscription %s validated", h.get("aeg-subscription-name", "?"))
             return Response(200, {"validationResponse": code})
-        changes = [c for c in (change_of(ev) for ev in events) if c is not None]
+        changes: list[Change] = []
+        for i, ev in events:
+            try:
+                c = change_of(ev)
+            except MalformedDelivery as exc:
+                bad[i] = f"event [{i}]: {exc}"
+                continue
+            if c is not None:
+                changes.append(c)
+        if bad and len(bad) == total:
+            # nothing in the delivery is an event we can read: refused as a whole (Event Grid does
+            # not retry a 400; its dead-letter, where configured, keeps it)
+            return error(400, "not an Event Grid delivery", "; ".join(bad[i] for i in sorted(bad)))
         foreign = sorted(
             {c.resource.subscription for c in changes if not self.azure.cfg.governs(c.resource.subscription)}
         )
@@ -95,9 +129,18 @@ class AzureEvents:
             out = error(503, "ARM unavailable", str(exc.message or exc))
             out.headers["Retry-After"] = RETRY_AFTER
             return out
-        res.ignored = len(events) - len(changes)
+        res.ignored = len(events) - len(changes) - len([i for i, _ in events if i in bad])
         self.metric("AzureEvents", len(events))
-        return Response(200, {"changed": sorted(res.changed), "ignored": res.ignored, "synced": res.synced})
+        body_out: dict[str, object] = {"changed": sorted(res.changed), "ignored": res.ignored, "synced": res.synced}
+        if bad:
+            # the delivery's good events are applied and it is answered 200 (a 400 is not retried
+            # and would dead-letter the good events with the bad); each bad one is logged by index,
+            # counted and listed in the answer
+            for i in sorted(bad):
+                log.warning("azure: malformed event in a delivery, skipped: %s", bad[i])
+            self.metric("AzureEventsMalformed", len(bad))
+            body_out["malformed"] = [{"index": i, "error": bad[i]} for i in sorted(bad)]
+        return Response(200, body_out)
 
     def apply(self, changes: list[Change]) -> DeliveryResult:
         res = DeliveryResult()
@@ -112,7 +155,9 @@ class AzureEvents:
                     full.add(c.resource.subscription)
                 continue
             nics = self._nics(arm, vm)
-            change = TagChange(c.principal, None)  # the event attests who, not which tags were set
+            # the event attests who, not which tags were set: its caller is named only where the
+            # write may have made a held move nobody has been named for yet (:meth:`_change`)
+            change = self._change(c, vm, nics)
             res.changed |= observe(self.w, [vm], nics, change, event_id=c.event_id, metric=self.metric)
         for sub in sorted(full):
             inv: InventoryResult = observe_subscription(self.w, self.azure.arm(sub), self.metric)
@@ -120,6 +165,48 @@ class AzureEvents:
             res.synced.append(sub)
         self.w.enqueue_compute(sorted(res.changed))
         return res
+
+    def _mapper(self) -> LabelMapper | None:
+        active = self.w.governing_policy()
+        return active[1].labels if active is not None else None
+
+    def _change(self, c: Change, vm: AzureVm, nics: dict[str, AzureNic]) -> TagChange:
+        """What the event says about the change: its caller where the caller is to be named for a
+        held move (a finding; quarantine where the policy says so), else nobody (the move stays
+        held, unattributed). An Azure event does not say what the call set, so its caller is named
+        only
+
+        * for a write of the VM itself (a NIC's caller never changed the VM's tags),
+        * that changed the VM's governed tags from those stored, or that was a Tags API write,
+        * for a held move no event has named anyone for yet: the move is then recorded as that
+          caller's write (the record's ``label_writes``, ``by: other``), so each move names one
+          caller once and a release by an operator stands against later writes and redeliveries.
+
+        Never which tags an allowed tagger set: no Azure event approves a privileged value."""
+        principal = c.principal
+        if principal is None or c.kind != "write" or c.resource.type not in (VM, SCALE_SET_VM):
+            return TagChange(None, None)
+        mapper = self._mapper()
+        if mapper is None or not mapper.governed:
+            return TagChange(principal, None)
+        if is_tagger(mapper.config.taggers, principal):
+            return TagChange(principal, None)  # held, not set by the call: no finding, no approval
+        old = self.w.store.get(vm.vm_id)
+        if old is not None and old.state == "terminated":
+            old = None
+        now = to_record(vm, nics, time.time(), mapper).workload
+        wanted = mapper.resolve_tags(now).labels
+        before = mapper.resolve_tags(old.workload).labels if old is not None else None
+        in_force = old.labels if old is not None else {}
+        moves = {d: v for d, v in wanted.items() if mapper.is_privileged(d, v) and in_force.get(d) != v}
+        changed = before is None or any(before.get(d) != v for d, v in moves.items())
+        if not moves or not (changed or c.tags_write):
+            return TagChange(None, None)  # a resize, a disk, a NIC: the VM's governed tags as stored
+        writes = (old.label_writes if old is not None else None) or {}
+        fresh = {d: v for d, v in moves.items() if before is None or before.get(d) != v or not _named(writes.get(d), v)}
+        if not fresh:
+            return TagChange(None, None)  # each held move names one caller, once
+        return TagChange(principal, {mapper.keys[d][0]: v for d, v in fresh.items()})
 
     def _vm_now(self, arm: Arm, c: Change) -> AzureVm | None:
         r = c.resource
