@@ -132,11 +132,14 @@ def test_the_agent_api_offers_azure_attested_only_when_configured(azure_env: Env
     assert "azure-attested" not in off.enrollers
 
 
-def test_the_agent_api_offers_gcp_jwt_only_with_an_identity_audience() -> None:
+def test_the_agent_api_offers_gcp_jwt_only_with_an_identity_audience(monkeypatch: pytest.MonkeyPatch) -> None:
     from ringfence.clouds.aws.wiring import Wiring
     from ringfence.clouds.gcp.enroll import GcpEnroller
     from ringfence.control.wiring import Config
 
+    # the AWS wiring builds its boto3 clients (no call made): a region, as Lambda always has one,
+    # whatever test ran before this one
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     w = Wiring(Config(enroll_methods=["aws-iid", "gcp-jwt"]))
     gcp = {"RINGFENCE_GCP_PROJECTS": "ordering-prod=123456789012", "RINGFENCE_GCP_TAG_PARENTS": "organizations/1"}
     assert othercloud.cloud_enrollers(w, gcp) == {}  # no identity audience: gcp-jwt stays off
