@@ -150,6 +150,51 @@ class AdminTokens:
         return held[0] if held else None
 
 
+class AdminTokenFile:
+    """The ``--admin-tokens`` file as ``serve`` holds it: read again when it changes (its size,
+    mtime or inode), at the next admin request, so removing a line revokes that token without a
+    restart. A file that no longer reads (a typo, a half-written edit) refuses every admin token
+    until it reads again, and says so in the log: a revocation never silently fails to apply."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._seen = self._stamp()
+        self._tokens: AdminTokens | None = AdminTokens.load(path)  # at start a bad file is an error
+
+    @property
+    def by_hash(self) -> dict[str, str]:
+        return self._tokens.by_hash if self._tokens else {}
+
+    def _stamp(self) -> tuple[int, int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def current(self) -> AdminTokens | None:
+        stamp = self._stamp()
+        with self._lock:
+            if stamp != self._seen:
+                self._seen = stamp
+                try:
+                    self._tokens = AdminTokens.load(self.path)
+                    log.warning("admin tokens read again from %s (it changed)", self.path)
+                except ServeError as exc:
+                    self._tokens = None
+                    log.error("admin tokens: %s: every admin token is refused until the file reads again", exc)
+            return self._tokens
+
+    def holder(self, authorization: str | None) -> tuple[str, frozenset[AdminRole]] | None:
+        tokens = self.current()
+        return tokens.holder(authorization) if tokens else None
+
+    def principal(self, authorization: str | None) -> str | None:
+        held = self.holder(authorization)
+        return held[0] if held else None
+
+
 def new_admin_token(principal: str, roles: Iterable[str]) -> tuple[str, str]:
     """(token, the line for the tokens file)."""
     if not _PRINCIPAL.match(principal):
@@ -378,7 +423,7 @@ class ServeApp:
 
     agent: ResolverPool
     admin: ResolverPool | None
-    tokens: AdminTokens | None
+    tokens: AdminTokens | AdminTokenFile | None
     threads: int = DEFAULT_THREADS
     asgi: Any = None
     # cloud name → the handler of its event deliveries (``POST /<cloud>/events``): headers, body → answer
@@ -393,7 +438,7 @@ class ServeApp:
     def over(
         cls,
         wiring: Any,
-        tokens: AdminTokens | None,
+        tokens: AdminTokens | AdminTokenFile | None,
         threads: int = DEFAULT_THREADS,
         onprem: bool | None = None,
         azure: Any = None,
@@ -797,7 +842,7 @@ def run(
         if p is not None and not Path(p).is_file():
             raise ServeError(f"{p}: no such file")
     check_bind(host, tls_cert is not None, insecure)
-    tokens = AdminTokens.load(admin_tokens) if admin_tokens is not None else None
+    tokens = AdminTokenFile(admin_tokens) if admin_tokens is not None else None
     sock = listen(host, port)  # before the store: a taken port fails before anything starts
     counters = Counters()
     signer = separate_signer(store, signing_key, user) if user is not None else None
