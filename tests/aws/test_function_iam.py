@@ -18,6 +18,7 @@ import fnmatch
 import json
 import os
 import re
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,8 @@ from typing import Any
 import hcl2
 import pytest
 
-from tests.aws.conftest import Env, LambdaContext
+from ringfence.local.lambdas import load_functions
+from tests.aws.conftest import Env, LambdaContext, ip_of
 from tests.aws.test_agent_api import enroll_pairing, give_instance_profile, register_onprem, sts_request
 from tests.aws.test_lifecycle_gate import heartbeat, launch
 from tests.aws.test_pipeline import _scheduled, enroll_instance
@@ -383,7 +385,7 @@ def test_every_write_the_agent_api_makes_is_allowed_and_steering_writes_are_not(
         ("PutItem", "state", "enforcement"),
         ("UpdateItem", "inventory", new),
     ):
-        assert expected in kinds, (expected, sorted(kinds))
+        assert expected in kinds, (expected, sorted(k for k in kinds if not k[2].startswith("i-")))
     deployments = {"template.yaml": sam_statements(), "infra/": terraform_statements()}
     for where, statements in deployments.items():
         refused = [w for w in rec.writes if w[1] != "audit" and not allowed(statements, w)]
@@ -518,3 +520,177 @@ def test_a_pairing_enrollment_is_granted_in_both_deployments(env: Env, monkeypat
     for statements_of in (sam_statements, terraform_statements):
         check = ("ConditionCheckItem", "state", {"dynamodb:LeadingKeys": ["policy"], "dynamodb:Attributes": ["pk"]})
         assert not allowed(statements_of("agentapi"), check), "the check is granted on the index only"
+
+
+# --- the functions an outsider can reach or feed ---------------------------------------------------
+# wsconnect: the WebSocket $connect route (no authorizer); gcpevents / azureevents: POST
+# /gcp|azure/events on the agent API; flows: agents' report objects; ingest, lifecycle: cloud
+# events; reconcile, cloudreconcile, perimeter: what the clouds' APIs answer; anchor: the audit
+# chain. Code running in any of them must not steer what compute signs (the agent API, which
+# enrolls and so writes tokens and keys, has its own test above).
+ATTACKER_FED = (
+    "ingest",
+    "lifecycle",
+    "reconcile",
+    "perimeter",
+    "flows",
+    "wsconnect",
+    "gcpevents",
+    "azureevents",
+    "cloudreconcile",
+    "anchor",
+)
+# the state items a retirement removes (control/credentials.py retire): the only deletions there
+RETIRES = {"ingest", "lifecycle", "reconcile", "gcpevents", "azureevents", "cloudreconcile"}
+
+
+def _steering(fn: str) -> Iterator[Request]:
+    """Writes that would steer signing or impersonate an agent: the active policy (its item and
+    counter), a bundle pointer, an agent token and a key binding, in every write form."""
+    wid = "i-0123456789abcdef0"
+    for action in ("PutItem", "UpdateItem", "DeleteItem", "BatchWriteItem"):
+        for pk, attrs in (
+            ("policy", ["pk", "sk", "doc", "number"]),
+            (f"bundle#{wid}", ["pk", "sk", "version", "doc"]),
+            ("engine", ["pk", "sk", "policy_version"]),
+            (f"token#{'0' * 64}", ["pk", "sk", "workload_id", "agent_key", "ttl"]),
+            (f"tokenof#{wid}", ["pk", "sk", "hash", "ttl"]),
+            (f"agentkey#{wid}", ["pk", "sk", "public_key"]),
+        ):
+            if action == "DeleteItem" and fn in RETIRES and pk.split("#")[0] in ("token", "tokenof", "agentkey"):
+                continue  # a retirement drops these; it writes none
+            yield (action, "state", {"dynamodb:LeadingKeys": [pk], "dynamodb:Attributes": attrs})
+
+
+@pytest.mark.parametrize("fn", ATTACKER_FED)
+def test_attack_an_internet_fed_role_cannot_write_the_active_policy_a_bundle_pointer_a_token_or_a_key(fn: str) -> None:
+    """In template.yaml and in infra/ alike: each such role's state-table writes are conditioned on
+    the partition keys its code writes, so none of the steering writes is granted (before: wsconnect,
+    gcpevents, azureevents and cloudreconcile held unconditional PutItem, flows UpdateItem)."""
+    for where, statements_of in (("template.yaml", sam_statements), ("infra/", terraform_statements)):
+        statements = statements_of(fn)
+        granted_ = [w for w in _steering(fn) if allowed(statements, w)]
+        assert not granted_, (where, fn, granted_)
+
+
+def test_attack_a_policy_item_forged_in_the_wsconnect_and_flows_roles_is_refused_and_their_own_writes_are_not(
+    agent_stack: Env,
+) -> None:
+    """The real handlers over moto, recorded: an agent's $connect (wsconnect), its report object
+    (flows), its instance terminated (ingest retires its token and key) and reconcile each make
+    writes that their roles grant, in both deployments. The forged active-policy item the review
+    wrote with the wsconnect role (PutItem ``policy/active`` with inline files and a matching
+    digest), and the same written by flows as an update, are calls those roles are refused."""
+    env = agent_stack
+    env.fn["flows"] = load_functions(["flows"], ROOT / "functions")["flows"]
+    rec = Recorder(env)  # before the first call: the functions keep the clients they made
+    new = launch(env)
+    token = enroll_instance(env, new)
+    env.pump()
+    ptr = env.store.bundle_pointer(new)
+    assert ptr is not None
+    heartbeat(env, new, token, ptr.version)
+    env.pump()  # compute completes the launch
+    connect = {
+        "requestContext": {"routeKey": "$connect", "connectionId": "c-1", "eventType": "CONNECT", "stage": "v1"},
+        "queryStringParameters": None,
+        "headers": {"Authorization": f"Bearer {token}"},
+        "isBase64Encoded": False,
+    }
+    assert env.fn["wsconnect"].handler(connect, LambdaContext())["statusCode"] == 200
+    now = int(time.time())
+    batch = {"flows": [{"start": now, "end": now + 5, "src": ip_of(env, new), "dst": "10.0.0.2", "proto": "tcp",
+                        "dport": 443, "packets": 1, "bytes": 60, "direction": "outbound"}]}  # fmt: skip
+    key = f"reports/{new}/2026/12/06/a.json"
+    env.s3.put_object(Bucket=env.bucket, Key=key, Body=json.dumps(batch).encode())
+    detail = {"bucket": {"name": env.bucket}, "object": {"key": key}}
+    env.fn["flows"].handler({"source": "aws.s3", "detail-type": "Object Created", "detail": detail}, LambdaContext())
+    env.ec2.terminate_instances(InstanceIds=[new])
+    env.put(env.state_event(new, "terminated"))
+    env.pump()
+    env.fn["reconcile"].handler(_scheduled(), LambdaContext())
+
+    kinds = {
+        (fn, a, c["dynamodb:LeadingKeys"][0].split("#")[0])
+        for fn, calls in rec.calls.items()
+        for a, t, c in calls
+        if a in WRITES
+    }
+    for expected in (
+        ("wsconnect", "PutItem", "conn"),
+        ("flows", "UpdateItem", "flows"),
+        ("ingest", "DeleteItem", "agentkey"),
+        ("ingest", "DeleteItem", "conn"),
+    ):
+        assert expected in kinds, (expected, sorted(k for k in kinds if not k[2].startswith("i-")))
+    fns = ("wsconnect", "flows", "ingest", "lifecycle", "reconcile")
+    assert not refusals(rec, fns)
+
+    # code running in those functions: the review's forged item, judged as DynamoDB would be
+    # given it by that role (and, in moto, accepted: moto checks no IAM)
+    active = env.store.active_policy()
+    assert active is not None
+    forged = {"pk": "policy", "sk": "active", "doc": active.model_dump_json(), "number": active.number + 1}
+    put = {"TableName": "rf-state", "Item": forged}
+    update = {
+        "TableName": "rf-state",
+        "Key": {"pk": "policy", "sk": "active"},
+        "UpdateExpression": "SET doc = :d, #n = :n",
+        "ExpressionAttributeNames": {"#n": "number"},
+        "ExpressionAttributeValues": {":d": forged["doc"], ":n": forged["number"]},
+    }
+    env.ddb.meta.client.put_item(**put)
+    env.ddb.meta.client.update_item(**update)
+    for fn in ("wsconnect", "flows"):
+        rec.calls[fn] += requests_of("PutItem", put) + requests_of("UpdateItem", update)
+    refused = refusals(rec, ("wsconnect", "flows"))
+    for where in ("template.yaml", "infra/"):
+        for fn in ("wsconnect", "flows"):
+            assert refused.get((where, fn)) == [("PutItem", "state"), ("UpdateItem", "state")], (where, fn, refused)
+
+
+# --- the SIEM copy ---------------------------------------------------------------------------------
+
+
+def _audit_writers(statements_of: Any) -> set[str]:
+    """The functions whose role may write an audit record (PutItem on the audit table)."""
+    return {fn for fn in SAM if allowed(statements_of(fn), ("PutItem", "audit", {}))}
+
+
+def _sam_siem(fn: str) -> set[str]:
+    """The SIEM targets the function's SAM role may send to (both given their SiemTarget)."""
+    out = set()
+    for policy in template()["Resources"][SAM[fn]]["Properties"].get("Policies", []):
+        for st in policy.get("Statement", []) if isinstance(policy, dict) else []:
+            if not (isinstance(st, dict) and "If" in st and st["If"][0] in ("SiemToEventBridge", "SiemToCloudWatch")):
+                continue
+            then = st["If"][1]
+            actions = set(then["Action"])
+            target = json.dumps(then["Resource"])
+            if "events:PutEvents" in actions and "SiemBus" in target:
+                out.add("eventbridge")
+            if {"logs:CreateLogStream", "logs:PutLogEvents"} <= actions and "SiemLogGroup" in target:
+                out.add("cloudwatch")
+    return out
+
+
+def _tf_siem_writers() -> set[str]:
+    siem = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/siem.tf").read_text()))
+    writers = next(b["siem_writers"] for b in siem["locals"] if "siem_writers" in b)
+    lam = (ROOT / "infra/modules/ringfence/lambda.tf").read_text()
+    # the role's Siem statements are given to exactly these (eventbridge and cloudwatch alike)
+    assert lam.count("contains(local.siem_writers, each.key)") == 2
+    return set(writers)
+
+
+def test_every_function_that_writes_audit_records_may_send_them_to_the_siem() -> None:
+    """RINGFENCE_SIEM is in every function's environment and each audit record is also sent to
+    the SIEM target; a role without the grant has its records refused there (AccessDenied, only
+    logged). The audit writers are read from the roles (PutItem on the audit table, as the
+    recorded calls in the tests above show them), not listed here: before, lifecycle and
+    azureevents wrote records that never reached the SIEM."""
+    sam, tf = _audit_writers(sam_statements), _audit_writers(terraform_statements)
+    assert sam == tf and {"ingest", "lifecycle", "azureevents", "admin", "wsconnect"} <= sam, (sam, tf)
+    missing = {fn: _sam_siem(fn) for fn in sam if _sam_siem(fn) != {"eventbridge", "cloudwatch"}}
+    assert not missing, ("template.yaml", missing)
+    assert sam <= _tf_siem_writers(), ("infra/", sam - _tf_siem_writers())

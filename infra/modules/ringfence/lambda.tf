@@ -146,13 +146,23 @@ locals {
   in_vpcs      = { test = "ArnLike", variable = "ec2:Vpc", values = coalesce(var.perimeter_vpc_arns, ["arn:${local.partition}:ec2:${local.region}:${local.account}:vpc/*"]) }
   our_tag_keys = { test = "ForAllValues:StringEquals", variable = "aws:TagKeys", values = ["ringfence:perimeter", "Name"] }
 
+  # the state items a retirement deletes (control/credentials.py retire: token, key binding, named
+  # next key, nudge connection): the only state writes of the functions fed by cloud events
+  retire_keys = { test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["token#*", "tokenof#*", "agentkey#*", "nextkey#*", "conn#*"] }
+  # a GCP audit entry's approval, finding or split-call decision, claimed once (clouds/gcp/ingest.py)
+  gcp_once_keys = { test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["once#confirmed#*", "once#blamed#*", "once#decided-last#*"] }
+  retire        = { actions = ["dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn], conditions = [local.retire_keys] }
+  gcp_once      = { actions = ["dynamodb:PutItem"], resources = [aws_dynamodb_table.state.arn], conditions = [local.gcp_once_keys] }
+
   # least privilege, per function
   statements = {
     ingest = [
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.idempotency.arn] },
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem"], resources = [aws_dynamodb_table.inventory.arn] },
-      # DeleteItem: a terminated instance's agent token and key are revoked (audited)
-      { actions = ["dynamodb:GetItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn] },
+      # a terminated instance's agent token, key and connection are revoked (audited): those items
+      # only, never the active policy, a bundle pointer or the engine head
+      { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.state.arn] },
+      local.retire,
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.ingest.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.perimeter.arn, aws_sqs_queue.ingest_dlq.arn, aws_sqs_queue.async_dlq.arn] },
@@ -197,8 +207,9 @@ locals {
     ])
     lifecycle = [
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem"], resources = [aws_dynamodb_table.inventory.arn] },
-      # an instance seen terminated: its token, agent key and connection go
-      { actions = ["dynamodb:GetItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn] },
+      # an instance seen terminated: its token, agent key and connection go (those items only)
+      { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.state.arn] },
+      local.retire,
       # a refused terminate and governance findings are audited (the chain head read, then the record)
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.lifecycle.arn] },
@@ -208,8 +219,10 @@ locals {
     reconcile = [
       # BatchGetItem: each record read again just before it is decided (governance)
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
-      # Query, BatchGetItem: the effective-policy findings (enforcement reports, set heads)
-      { actions = ["dynamodb:GetItem", "dynamodb:DeleteItem", "dynamodb:Query", "dynamodb:BatchGetItem"], resources = [aws_dynamodb_table.state.arn] },
+      # Query, BatchGetItem: the effective-policy findings (enforcement reports, set heads); a
+      # vanished instance's token, key and connection deleted (those items only)
+      { actions = ["dynamodb:GetItem", "dynamodb:Query", "dynamodb:BatchGetItem"], resources = [aws_dynamodb_table.state.arn] },
+      local.retire,
       # a finding announced to the SIEM is claimed once, in its own items only
       { actions = ["dynamodb:PutItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["once#announced#*"] }] },
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
@@ -269,12 +282,18 @@ locals {
     # agents' report batches (reports/) and VPC Flow Logs → classified flow rows (docs/visibility.md)
     flows = [
       { actions = ["dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
-      { actions = ["dynamodb:GetItem", "dynamodb:Query", "dynamodb:UpdateItem", "dynamodb:BatchWriteItem"], resources = [aws_dynamodb_table.state.arn] },
+      { actions = ["dynamodb:GetItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn] },
+      # fed by agents' report objects: writes its flow rows and address history only (never the
+      # active policy, a bundle pointer, a token or an agent key)
+      { actions = ["dynamodb:UpdateItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["flows#*"] }] },
+      { actions = ["dynamodb:BatchWriteItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["addr#*"] }] },
       { actions = ["s3:GetObject"], resources = concat(["${aws_s3_bucket.bundles.arn}/reports/*", "${aws_s3_bucket.bundles.arn}/policies/*"], var.flow_log_bucket_name == "" ? [] : ["arn:${local.partition}:s3:::${var.flow_log_bucket_name}/*"]) },
       local.async_dlq, local.kms_use,
     ]
     gcpevents = [
-      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn] },
+      # fed by Pub/Sub pushes: never the active policy, a bundle pointer, a token or an agent key
+      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn] },
+      local.retire, local.gcp_once,
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
       # governance findings, approvals and retired credentials are audited
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
@@ -282,7 +301,9 @@ locals {
       local.policies_read, local.kms_use,
     ]
     azureevents = concat([
-      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn] },
+      # fed by Event Grid: never the active policy, a bundle pointer, a token or an agent key
+      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn] },
+      local.retire,
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
@@ -290,7 +311,8 @@ locals {
     ], length(local.azure_secrets) == 0 ? [] : [{ actions = ["secretsmanager:GetSecretValue"], resources = local.azure_secrets }])
     # reads only the credentials secret (never the Event Grid one: it takes no deliveries)
     cloudreconcile = concat([
-      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn] },
+      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn] },
+      local.retire, local.gcp_once,
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
@@ -306,7 +328,9 @@ locals {
       local.async_dlq, local.kms_use,
     ]
     wsconnect = [
-      { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.state.arn] },
+      # no authorizer in front of $connect: writes its connection item only
+      { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.state.arn] },
+      { actions = ["dynamodb:PutItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["conn#*"] }] },
       { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.inventory.arn] },
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       local.async_dlq, local.kms_use,

@@ -139,7 +139,7 @@ resource "aws_dynamodb_table" "idempotency" {
 
 resource "aws_s3_bucket" "bundles" {
   #checkov:skip=CKV_AWS_144:cross-region replication is a deployment choice; bundles are re-rendered from the inventory
-  #checkov:skip=CKV2_AWS_62:nothing consumes bucket event notifications; compute nudges agents directly
+  #checkov:skip=CKV2_AWS_62:notifications are on (aws_s3_bucket_notification.bundles, EventBridge: the flows function takes reports/); checkov does not link that resource
   bucket_prefix = "${var.name}-bundles-"
   tags          = var.tags
 }

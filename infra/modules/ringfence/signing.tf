@@ -3,6 +3,9 @@
 # signing_key_source = "kms" (default): a non-exportable KMS key, ECC_NIST_EDWARDS25519, signing
 # ED25519_SHA_512 over each document's ≤4 KiB manifest. Its key policy lets the compute and publish
 # roles, and no one else, call kms:Sign (an explicit deny covers every other principal, account admins included).
+# Every other key action, kms:PutKeyPolicy included, stays with the account's IAM: a principal IAM
+# allows kms:PutKeyPolicy on this key can rewrite the policy and sign (docs/deploy-aws.md, hardening
+# checklist item 1; docs/threat-model.md, out of scope).
 # signing_key_source = "secret": the Ed25519 PEM in the Secrets Manager secret signing_key_secret_arn,
 # with a resource policy that denies reading it to everyone but the compute and publish roles.
 
@@ -28,9 +31,9 @@ data "aws_iam_policy_document" "signing_key" {
   #checkov:skip=CKV_AWS_111:in a key policy "*" means this key only
   #checkov:skip=CKV_AWS_356:in a key policy "*" means this key only
   #checkov:skip=CKV_AWS_109:in a key policy "*" means this key only; the account root administers it
-  #checkov:skip=CKV_AWS_107:a key policy; the root statement administers this key (NotAction kms:Sign), it grants no credentials
+  #checkov:skip=CKV_AWS_107:a key policy; the root statement delegates this key to the account's IAM (NotAction kms:Sign), it grants no credentials
   #checkov:skip=CKV_AWS_108:a key policy; the root statement administers this key (NotAction kms:Sign), it reads no data
-  #checkov:skip=CKV_AWS_110:a key policy; the root statement administers this key only, not IAM (no privilege escalation)
+  #checkov:skip=CKV_AWS_110:a key policy on this key only, no IAM rights; kms:PutKeyPolicy stays with the account's IAM (whoever holds it can grant signing: docs/deploy-aws.md)
   statement {
     sid         = "AccountAdministersButDoesNotSign"
     not_actions = ["kms:Sign"]
@@ -102,4 +105,6 @@ resource "aws_secretsmanager_secret_policy" "signing" {
   count      = local.signing_kms ? 0 : 1
   secret_arn = var.signing_key_secret_arn
   policy     = data.aws_iam_policy_document.signing_secret.json
+  # as SAM's BlockPublicPolicy: Secrets Manager refuses a policy that would open the secret to the world
+  block_public_policy = true
 }
