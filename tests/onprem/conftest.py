@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
+from ringfence import serve
 from ringfence.bundle import SigningKey
 from ringfence.clouds.onprem import OnPremAdmin
 from ringfence.local.wiring import LocalWiring
@@ -69,3 +72,45 @@ def boot(w: LocalWiring) -> OnPremAdmin:
     assert r.status == 201, r.body
     assert w.settle(60)
     return admin
+
+
+ROLES = {
+    "paula": ["policy-author"],
+    "otto": ["onboarding"],
+    "rita": ["reader"],
+    "pat": ["onboarding", "policy-author"],
+}
+
+
+class Served:
+    """``ringfence serve`` (the real HTTP server, the library's routes) over a LocalWiring, with
+    an admin token for each of ROLES."""
+
+    def __init__(self, url: str, tokens: dict[str, str], wiring: LocalWiring) -> None:
+        self.url, self.tokens, self.wiring = url, tokens, wiring
+
+    def call(self, who: str, method: str, path: str, body: Any = None) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {self.tokens[who]}"}
+        return httpx.request(method, self.url + path, json=body, headers=headers, timeout=60)
+
+    def audit(self, action: str) -> list[Any]:
+        return [r for r in self.wiring.store.audit_log() if r.action == action]
+
+
+@pytest.fixture
+def served(wiring: LocalWiring, tmp_path: Path) -> Iterator[Served]:
+    """ESTATE registered by onboarding, then the example policy provisioned by a policy author."""
+    tokens, lines = {}, []
+    for who, roles in ROLES.items():
+        tokens[who], line = serve.new_admin_token(who, roles)
+        lines.append(line)
+    path = tmp_path / "admin-tokens"
+    path.write_text("\n".join(lines) + "\n")
+    app = serve.ServeApp.over(wiring, serve.AdminTokens.load(path))
+    with serve.serving(app) as running:
+        s = Served(running.url, tokens, wiring)
+        for spec in ESTATE:
+            assert s.call("otto", "POST", "/admin/workloads", spec).status_code == 201
+        r = s.call("paula", "POST", "/admin/policies", {"files": policy_files(), "reason": "v1"})
+        assert r.status_code == 201, r.text
+        yield s

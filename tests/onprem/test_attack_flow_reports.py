@@ -11,7 +11,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from ringfence import __version__
+from ringfence.clouds.onprem import OnPremAdmin
 from ringfence.flows.aggregate import merge
 from ringfence.flows.ingest import FlowIngest
 from ringfence.local.wiring import LocalWiring
@@ -264,17 +267,24 @@ def test_an_agents_own_ipv6_address_spelled_otherwise_is_its_own(wiring: LocalWi
 
 
 def test_attack_a_host_registered_before_its_address_owner_left_dates_no_flow_into_that_owners_time(
-    wiring: LocalWiring,
+    wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The new host is registered with .31 while db-1 still holds it, and db-1 is deregistered
     later: its interval opens when db-1 let the address go, never at its own (earlier)
-    registration, so a flow it dates between the two is refused, one after db-1 left is its own."""
+    registration, so a flow it dates between the two is refused, one after db-1 left is its own.
+    A registration now refuses an address another workload holds (409); the overlap can still
+    arise where that check does not stand (a cloud observation, two registrations racing), so
+    here it is made with the check skipped."""
     plane = Plane(wiring)
     FlowIngest(wiring.store, wiring.active_policy()[1]).sync()  # db-1 holds .31 in the history
     time.sleep(1.1)
     tags = {"ringfence:role": "web", "ringfence:app": "shop", "ringfence:env": "prod", "ringfence:loc": "ca"}
     spec = {"id": NEW, "ips": ["192.168.10.31"], "reason": "new", "tags": tags}
     st, b = plane.call(plane.admin, "POST", "/admin/workloads", spec)
+    assert st == 409 and "dc1-db-1" in b["detail"], b
+    with monkeypatch.context() as m:
+        m.setattr(OnPremAdmin, "_address_owners", lambda self: {})
+        st, b = plane.call(plane.admin, "POST", "/admin/workloads", spec)
     assert st in (200, 201), b
     t_both = time.time() + 0.5  # both records list .31: db-1's time still
     time.sleep(1.1)

@@ -205,12 +205,21 @@ class OnPremWorkload(_Body):
 
 
 class RegisterWorkloadRequest(OnPremWorkload, Reason):
-    pass
+    strict: bool = Field(
+        False,
+        description="refuse (400, nothing written) when the data has a label problem (a value the policy does not "
+        "allow, a required label missing); by default registered all the same and answered under `problems`",
+    )
 
 
 class CmdbImportRequest(Reason):
     csv: str = Field(max_length=MAX_CMDB_BYTES, description="the CMDB export: CSV with a header row (id, ips, …)")
     source: str = Field("cmdb.csv", max_length=512, description="the file's name, used in error locations")
+    strict: bool = Field(
+        False,
+        description="refuse (400, nothing written) when the data has a label problem (a value the policy does not "
+        "allow, a required label missing); by default registered all the same and answered under `problems`",
+    )
 
 
 class RegisterWorkloadResponse(_Body):
@@ -220,7 +229,13 @@ class RegisterWorkloadResponse(_Body):
     held: dict[str, str] | None = Field(
         None,
         description="privileged label values (dimension → value) the tags set but the caller may not bind: held, "
-        "the previous labels stay in force until a policy author binds them; absent when none",
+        "the previous labels stay in force until a policy author binds them (less any privileged value when the "
+        "registration gives a privileged workload a new address); absent when none",
+    )
+    problems: list[str] | None = Field(
+        None,
+        description="the active policy's label problems with this workload's data (registered all the same); "
+        "absent when none",
     )
 
 
@@ -231,6 +246,11 @@ class CmdbImportResponse(_Body):
     audit_id: str
     held: dict[str, dict[str, str]] | None = Field(
         None, description="workload id → the privileged values held for it (as for one registration); absent when none"
+    )
+    problems: dict[str, list[str]] | None = Field(
+        None,
+        description="workload id → the active policy's label problems with its row (imported all the same); "
+        "absent when none",
     )
 
 

@@ -6,7 +6,9 @@ fields; ``label:<dimension>`` gives a label directly; ``tag:<key>`` or any other
 holds one or more addresses separated by ``;``, ``|`` or spaces. Empty cells are absent values.
 
 Every problem is reported as ``file:line:column: message`` (the column of the cell, counted in
-characters from 1), all of them at once; a file with any problem yields no workload.
+characters from 1), all of them at once; a file with any problem yields no workload. An address
+given to two rows is a problem, and so is one another workload holds (``held_by``): peers' sets
+would give it one workload's access or the other's, whichever was written last.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import csv
 import io
 import ipaddress
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
 from ringfence.model import Workload
 
@@ -84,8 +87,23 @@ def _cell_positions(raw: str, first_line: int) -> list[tuple[int, int]]:
     return positions
 
 
+@dataclass(frozen=True, slots=True)
+class CmdbRow:
+    """One workload of a CMDB export and where its row starts."""
+
+    workload: Workload
+    line: int
+
+
 def parse_cmdb_csv(text: str, source: str = "cmdb.csv") -> list[Workload]:
     """The workloads of a CMDB export; :class:`CmdbError` with every problem if any row is bad."""
+    return [r.workload for r in parse_cmdb_rows(text, source)]
+
+
+def parse_cmdb_rows(text: str, source: str = "cmdb.csv", held_by: Mapping[str, str] | None = None) -> list[CmdbRow]:
+    """The rows of a CMDB export; :class:`CmdbError` with every problem if any row is bad.
+    ``held_by``: address → the workload holding it now; a row giving such an address to another
+    workload is a problem unless the file also registers that holder (which then gives it up)."""
     text = text.removeprefix("\ufeff")  # spreadsheet exports often start with a BOM
     lines = _Lines(text)
     reader = csv.reader(lines, strict=True)
@@ -128,8 +146,10 @@ def parse_cmdb_csv(text: str, source: str = "cmdb.csv") -> list[Workload]:
     if errors:
         raise CmdbError(errors)
 
-    out: list[Workload] = []
+    out: list[CmdbRow] = []
     first_seen: dict[str, int] = {}
+    address_rows: dict[str, tuple[str, int]] = {}  # address → (workload, line) that gives it first
+    addressed: list[tuple[str, str, int, int]] = []  # (workload, address, line, column) in the file
     for line, row, pos in records[1:]:
         if len(errors) >= MAX_ERRORS:
             errors.append(f"{source}: more problems not shown (first {MAX_ERRORS} above)")
@@ -156,6 +176,13 @@ def parse_cmdb_csv(text: str, source: str = "cmdb.csv") -> list[Workload]:
         if not ips:
             err(ip_line, ip_col, f"workload {wid} has no address")
             continue
+        for ip in dict.fromkeys(ips):
+            if ip in address_rows:
+                other, other_line = address_rows[ip]
+                err(ip_line, ip_col, f"address {ip} is also {other}'s (line {other_line})")
+            else:
+                address_rows[ip] = (wid, line)
+                addressed.append((wid, ip, ip_line, ip_col))
         tags: dict[str, str] = {}
         labels: dict[str, str] = {}
         fields: dict[str, str] = {}
@@ -169,17 +196,24 @@ def parse_cmdb_csv(text: str, source: str = "cmdb.csv") -> list[Workload]:
             else:
                 tags[name.removeprefix("tag:")] = value
         out.append(
-            Workload(
-                id=wid,
-                ips=ips,
-                tags=tags,
-                labels=labels,
-                cloud="onprem",
-                name=fields.get("name"),
-                site=fields.get("site"),
-                zone=fields.get("zone"),
+            CmdbRow(
+                Workload(
+                    id=wid,
+                    ips=ips,
+                    tags=tags,
+                    labels=labels,
+                    cloud="onprem",
+                    name=fields.get("name"),
+                    site=fields.get("site"),
+                    zone=fields.get("zone"),
+                ),
+                line,
             )
         )
+    for wid, ip, ip_line, ip_col in addressed:
+        owner = (held_by or {}).get(ip)
+        if owner is not None and owner != wid and owner not in first_seen and len(errors) < MAX_ERRORS:
+            err(ip_line, ip_col, f"address {ip} is held by workload {owner} (deregister it or give it another first)")
     if errors:
         raise CmdbError(errors)
     return out

@@ -15,14 +15,17 @@ from typing import Any
 from pydantic import ValidationError
 
 from ringfence.adminapi import OnPremWorkload
-from ringfence.cmdb import CmdbError, parse_cmdb_csv
+from ringfence.cmdb import CmdbError, parse_cmdb_rows
 from ringfence.control import credentials
 from ringfence.control.admin import Admin
 from ringfence.control.api import Response, error
 from ringfence.governance import govern
 from ringfence.labels import LabelMapper
 from ringfence.model import Workload
-from ringfence.store.base import GovernanceMoved, InventoryRecord
+from ringfence.store.base import ACTIVE_STATES, GovernanceMoved, InventoryRecord
+
+HOLD_KINDS = frozenset({"held", "ungranted"})
+"""Label problems that are governance's decision (answered as ``held``), not the operator's data."""
 
 
 class OnPremAdmin(Admin):
@@ -46,15 +49,24 @@ class OnPremAdmin(Admin):
         audit detail too); otherwise the move is *held*, as one by any unapproved source — the
         workload keeps its previous labels (a new one gets none) until a policy author binds the
         value (``PUT /admin/workloads/{id}/labels``). Grants a binding made stand; a host
-        registered again after a deregistration starts from none. The decision is made from the
-        stored record's governance: one that changes meanwhile refuses the write (409). ``mapper``:
-        the active policy's labels (:meth:`_governing`), None when there is none."""
+        registered again after a deregistration starts from none, and so does one given an address
+        it did not have by a caller who may not bind (:meth:`_readdressed`): the grant was for the
+        host at its addresses, and the new address would carry it (the workload keeps its other
+        labels, no privileged one). The decision is made from the stored record's governance: one
+        that changes meanwhile refuses the write (409). ``mapper``: the active policy's labels
+        (:meth:`_governing`), None when there is none."""
         labels: dict[str, str] = {}
         problems: list[str] = []
+        anew = False
         if mapper is not None and state != "terminated":  # the hygiene view, as ingest gives cloud records
             asked = {d: v for d, v in mapper.resolve_tags(w).labels.items() if mapper.is_privileged(d, v)}
             w = w.model_copy(update={"label_grants": asked if may_bind else {}, "held_labels": None})
             previous = stored.workload if stored is not None and stored.state != "terminated" else None
+            if previous is not None and not may_bind and self._readdressed(mapper, previous, w):
+                # as a host with its labels but no privileged value: nothing granted carries over
+                kept = {d: v for d, v in mapper.resolve(previous).labels.items() if not mapper.is_privileged(d, v)}
+                previous = previous.model_copy(update={"label_grants": {}, "held_labels": kept})
+                anew = True
             w = govern(mapper, previous, w).workload
         if mapper is not None:  # a deregistered workload keeps what was decided (its ips gone)
             res = mapper.resolve(w)
@@ -70,8 +82,38 @@ class OnPremAdmin(Admin):
             governed_rev=stored.governed_rev if stored is not None else 0,
             # registered again after a deregistration: no write of the host's earlier life stands
             # (a tombstone stored before tombstones cleared them may still hold some)
-            label_writes={} if stored is not None and stored.state == "terminated" and state != "terminated" else None,
+            label_writes={}
+            if anew or (stored is not None and stored.state == "terminated" and state != "terminated")
+            else None,
         )
+
+    @staticmethod
+    def _readdressed(mapper: LabelMapper, previous: Workload, w: Workload) -> bool:
+        """``w`` gives the workload an address ``previous`` did not have while ``previous`` holds a
+        privileged value (a grant, or one in force): the value would follow the id to that address.
+        Dropping an address moves nothing; the tags, labels and site are governed per value."""
+        privileged = bool(previous.label_grants) or any(
+            mapper.is_privileged(d, v) for d, v in mapper.resolve(previous).labels.items()
+        )
+        return privileged and bool(set(w.ips) - set(previous.ips))
+
+    def _address_owners(self) -> dict[str, str]:
+        """Address → the workload (on-premise or cloud, pending or running) holding it now."""
+        owners: dict[str, str] = {}
+        for rec in self.w.store.all_records():
+            if rec.state in ACTIVE_STATES:
+                for ip in rec.workload.ips:
+                    owners.setdefault(ip, rec.id)
+        return owners
+
+    @staticmethod
+    def _problems(mapper: LabelMapper | None, rec: InventoryRecord) -> list[str]:
+        """The label problems of the operator's data (a value the policy does not allow, a required
+        label missing, a conflict), as its tags and labels resolve whatever is held: a hold is
+        governance's, answered as ``held``."""
+        if mapper is None:
+            return []
+        return [p.message for p in mapper.resolve_tags(rec.workload).problems if p.kind not in HOLD_KINDS]
 
     def _governing(self) -> LabelMapper | None:
         """The active policy's labels, read now (not the hygiene view's cache, which may still say
@@ -88,6 +130,14 @@ class OnPremAdmin(Admin):
         grants = rec.workload.label_grants
         return {d: v for d, v in wanted.items() if mapper.is_privileged(d, v) and grants.get(d) != v}
 
+    @staticmethod
+    def _dropped(stored: InventoryRecord | None, rec: InventoryRecord) -> dict[str, str]:
+        """Grants the stored (active) record held that ``rec`` no longer does."""
+        if stored is None or stored.state == "terminated":
+            return {}
+        now = rec.workload.label_grants
+        return {d: v for d, v in stored.workload.label_grants.items() if now.get(d) != v}
+
     def _cloud_owned(self, ids: list[str]) -> dict[str, str]:
         """Ids that inventory holds as cloud instances → their cloud."""
         return {
@@ -95,11 +145,19 @@ class OnPremAdmin(Admin):
         }
 
     def register_workload(
-        self, principal: str, body: dict[str, Any] | OnPremWorkload, reason: str = "", *, may_bind: bool = False
+        self,
+        principal: str,
+        body: dict[str, Any] | OnPremWorkload,
+        reason: str = "",
+        *,
+        may_bind: bool = False,
+        strict: bool = False,
     ) -> Response:
         """Create or update one on-premise workload (201 when new, 200 when updated). A privileged
         value its tags set is granted only when ``may_bind`` (the caller holds ``label.bind``),
-        else held (:meth:`_record`); the answer and the audit record name what is held."""
+        else held (:meth:`_record`); the answer and the audit record name what is held, and the
+        label problems of its data (``problems``: registered all the same unless ``strict``, 400).
+        An address another active workload holds is refused (409)."""
         try:
             spec = body if isinstance(body, OnPremWorkload) else OnPremWorkload.model_validate(body)
         except ValidationError as exc:
@@ -108,16 +166,29 @@ class OnPremAdmin(Admin):
         owned = self._cloud_owned([spec.id])
         if owned:
             return error(409, "not an on-premise workload", f"{spec.id} is a {owned[spec.id]} instance in inventory")
+        owners = self._address_owners()
+        taken = {ip: owner for ip in spec.ips if (owner := owners.get(ip)) not in (None, spec.id)}
+        if taken:
+            why = "; ".join(f"{ip} is held by workload {owner}" for ip, owner in taken.items())
+            return error(409, "address in use: nothing registered", f"{why} (deregister it or give it another first)")
         stored = self.w.store.get(spec.id)
         existed = stored is not None
         mapper = self._governing()
         rec = self._record(spec.workload(), time.time(), stored=stored, mapper=mapper, may_bind=may_bind)
+        problems = self._problems(mapper, rec)
+        if strict and problems:
+            return error(400, "label problems: nothing registered", "\n".join(f"{spec.id}: {p}" for p in problems))
         detail = spec.model_dump(include=set(OnPremWorkload.model_fields) - {"id"}, exclude_none=True)
         if rec.workload.label_grants:
             detail["label_grants"] = dict(rec.workload.label_grants)
+        dropped = self._dropped(stored, rec)
+        if dropped:
+            detail["grants_dropped"] = dropped
         held = self._held(mapper, rec)
         if held:
             detail["held"] = held
+        if problems:
+            detail["problems"] = problems
         # the record before anything is written (as a provision's): a registration (its labels,
         # its grants) is never in force without its record; one then refused or failed gets a
         # second record, workload.register.failed
@@ -140,27 +211,47 @@ class OnPremAdmin(Admin):
         answer: dict[str, Any] = {"workload_id": spec.id, "created": not existed, "audit_id": audit_id}
         if held:
             answer["held"] = held
+        if problems:
+            answer["problems"] = problems
         return Response(200 if existed else 201, answer)
 
     def import_cmdb(
-        self, principal: str, text: str, source: str = "cmdb.csv", reason: str = "", *, may_bind: bool = False
+        self,
+        principal: str,
+        text: str,
+        source: str = "cmdb.csv",
+        reason: str = "",
+        *,
+        may_bind: bool = False,
+        strict: bool = False,
     ) -> Response:
-        """Register every workload of a CMDB CSV export, or none: any bad row (or a row naming a
-        cloud instance) refuses the whole file with every problem as ``file:line:column``.
-        Privileged values are granted only when ``may_bind``, else held, as for one registration."""
+        """Register every workload of a CMDB CSV export, or none: any bad row (an address given
+        twice, or one another workload holds, among them; or a row naming a cloud instance)
+        refuses the whole file with every problem as ``file:line:column``. Privileged values are
+        granted only when ``may_bind``, else held, as for one registration. Label problems are
+        answered per workload (``problems``); ``strict`` refuses the file for any (400)."""
         try:
-            workloads = parse_cmdb_csv(text, source)
+            rows = parse_cmdb_rows(text, source, held_by=self._address_owners())
         except CmdbError as exc:
             return error(400, "CMDB file rejected: nothing imported", str(exc))
+        workloads = [r.workload for r in rows]
         owned = self._cloud_owned([w.id for w in workloads])
         if owned:
-            problems = [f"{source}: {wid} is a {cloud} instance in inventory" for wid, cloud in sorted(owned.items())]
-            return error(409, "CMDB file rejected: nothing imported", "\n".join(problems))
+            refusals = [f"{source}: {wid} is a {cloud} instance in inventory" for wid, cloud in sorted(owned.items())]
+            return error(409, "CMDB file rejected: nothing imported", "\n".join(refusals))
         stored = self.w.store.get_many([w.id for w in workloads])
         existing = set(stored)
         t = time.time()
         mapper = self._governing()
         recs = [self._record(w, t, stored=stored.get(w.id), mapper=mapper, may_bind=may_bind) for w in workloads]
+        problems = {r.id: p for r in recs if (p := self._problems(mapper, r))}
+        if strict and problems:
+            where = [
+                f"{source}:{row.line}:1: {row.workload.id}: {p}"
+                for row in rows
+                for p in problems.get(row.workload.id, [])
+            ]
+            return error(400, "CMDB file rejected: nothing imported", "\n".join(where))
         ids = [w.id for w in workloads]
         detail: dict[str, Any] = {
             "sha256": hashlib.sha256(text.encode()).hexdigest(),
@@ -170,9 +261,14 @@ class OnPremAdmin(Admin):
         grants = {r.id: dict(r.workload.label_grants) for r in recs if r.workload.label_grants}
         if grants:
             detail["label_grants"] = grants
+        dropped = {r.id: d for r in recs if (d := self._dropped(stored.get(r.id), r))}
+        if dropped:
+            detail["grants_dropped"] = dropped
         held = {r.id: h for r in recs if (h := self._held(mapper, r))}
         if held:
             detail["held"] = held
+        if problems:
+            detail["problems"] = problems
         # the record before anything is written, as for one registration
         audit_id = self._audit(principal, "workload.import", source, detail, reason)
         try:
@@ -193,6 +289,8 @@ class OnPremAdmin(Admin):
         }
         if held:
             answer["held"] = held
+        if problems:
+            answer["problems"] = problems
         return Response(200, answer)
 
     def _registered_anew(self, stored: list[InventoryRecord]) -> None:

@@ -297,7 +297,7 @@ def admin_routes(
     )
     def register_workload(req: adminapi.RegisterWorkloadRequest) -> HttpResponse[str]:
         return refused("workload.register", req.id) or http(
-            onprem().register_workload(principal(), req, req.reason, may_bind=may_bind())
+            onprem().register_workload(principal(), req, req.reason, may_bind=may_bind(), strict=req.strict)
         )
 
     @app.post(
@@ -308,7 +308,7 @@ def admin_routes(
     )
     def import_cmdb(req: adminapi.CmdbImportRequest) -> HttpResponse[str]:
         return refused("workload.import", req.source or "cmdb") or http(
-            onprem().import_cmdb(principal(), req.csv, req.source, req.reason, may_bind=may_bind())
+            onprem().import_cmdb(principal(), req.csv, req.source, req.reason, may_bind=may_bind(), strict=req.strict)
         )
 
     @app.delete(
