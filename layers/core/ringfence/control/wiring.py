@@ -291,6 +291,14 @@ class BaseWiring:
         known = self._policies.get(pv.number)
         if known is not None:
             return known
+        if pv.files:
+            # the control plane provisions a version's files as published objects only (the admin
+            # provision path, control/admin.py): inline texts in a store's item were written there
+            # by someone else, with a digest of their own choosing, so they are never compiled
+            raise PolicyTampered(
+                f"policy version {pv.number}: its files are inline in the store's item, which no provision "
+                "writes; not loaded"
+            )
         with self._policy_lock:
             if pv.number not in self._policies:
                 try:
