@@ -329,7 +329,8 @@ class Agent:
         this process enforces the bundle at that revision (not the posture, not mid-apply)."""
         with self._lock:
             if (
-                kernel_digest is None
+                not self.track_drift  # drift_interval 0: no tamper repair at all (the control plane sees it)
+                or kernel_digest is None
                 or self.bundle is None
                 or revision is None
                 or revision != self.revision

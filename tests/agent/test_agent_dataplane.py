@@ -1199,8 +1199,9 @@ def test_attack_an_address_added_to_a_bundle_set_is_repaired_by_the_daemons_hear
         assert [cp.register(h, role) for h, role in ROLES.items()] == [201] * len(ROLES)
         assert cp.call("POST", "/admin/policies", {"files": {"lab.yaml": LAB_POLICY}, "reason": "lab"})[0] == 201
         _, key = cp.call("POST", "/admin/pairing-keys", {"workload_id": "h2", "uses": 1, "ttl": 600})
-        # no drift check: the heartbeat's read alone finds it (every long-poll round, 1 s here)
-        cfg = cp.agent_config(backend, key["pairing_key"], wait_timeout=1, drift_interval=0)
+        # no drift check within the test: the heartbeat's read alone finds it (every long-poll
+        # round, 1 s here); drift_interval 0 would turn tamper repair off altogether
+        cfg = cp.agent_config(backend, key["pairing_key"], wait_timeout=1, drift_interval=3600)
         log = tmp_path / "run.log"
         daemon = net.spawn("h2", str(net_agent()), "run", "--config", str(cfg), stderr=log.open("w"))
         assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 30), log.read_text()
