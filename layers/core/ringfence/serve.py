@@ -161,14 +161,17 @@ class AdminTokenFile:
         self._lock = threading.Lock()
         self._seen = self._stamp()
         self._tokens: AdminTokens | None = AdminTokens.load(path)  # at start a bad file is an error
+        self._blind = False  # this process may not look at the file (serve --user, a root-only file)
 
     @property
     def by_hash(self) -> dict[str, str]:
         return self._tokens.by_hash if self._tokens else {}
 
-    def _stamp(self) -> tuple[int, int, int, int] | None:
+    def _stamp(self) -> tuple[int, int, int, int] | PermissionError | None:
         try:
             st = os.stat(self.path)
+        except PermissionError as exc:
+            return exc
         except OSError:
             return None
         return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
@@ -176,6 +179,18 @@ class AdminTokenFile:
     def current(self) -> AdminTokens | None:
         stamp = self._stamp()
         with self._lock:
+            if isinstance(stamp, PermissionError):
+                # read before serve --user dropped to its user (docs/serve.md: it may stay root's):
+                # the set read at start stands, and a revocation needs a restart; said once
+                if not self._blind:
+                    self._blind = True
+                    log.warning(
+                        "admin tokens: %s cannot be looked at by this process (%s): the tokens read at start "
+                        "stand until a restart (make the file readable by the serving user to revoke without one)",
+                        self.path,
+                        stamp.strerror,
+                    )
+                return self._tokens
             if stamp != self._seen:
                 self._seen = stamp
                 try:
