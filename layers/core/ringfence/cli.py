@@ -465,9 +465,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
                     {
                         "from": format_address(sa) if sa is not None else None,
                         "to": format_address(da) if da is not None else None,
-                        "verdict": v,
+                        "verdict": p.verdict,
+                        "policy_verdict": p.policy_verdict,
                     }
-                    for sa, da, v in d.by_address
+                    for sa, da, p in (d.pairs if d.by_address else [])
                 ],
                 "sides": [
                     {

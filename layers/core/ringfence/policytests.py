@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ringfence.addresses import format_address
 from ringfence.engine.compiler import WorkloadState
 from ringfence.engine.explain import (
     Decision,
@@ -31,13 +32,28 @@ class TestResult:
         t = self.test
         if self.error:
             return f"ERROR {t.name} ({t.location}): {self.error}"
-        assert self.decision is not None
+        d = self.decision
+        assert d is not None
+        allowing = _pairs(d, "allow")
         if self.passed:
+            if t.spec.expect == "allow" and len(allowing) < len(d.pairs):  # some address pairs denied
+                return f"ok    {t.name} (allowed for {', '.join(allowing)} only)"
             return f"ok    {t.name}"
-        got = self.decision.policy_verdict
+        got: str = d.policy_verdict
+        if d.pairs:
+            got += f" for {', '.join(allowing)}" if got == "allow" else " for every address pair"
         return f"FAIL  {t.name} ({t.location})\n      expected {t.spec.expect}, policy says {got}\n" + "\n".join(
-            "      " + line for line in format_decision(self.decision).splitlines()
+            "      " + line for line in format_decision(d).splitlines()
         )
+
+
+def _pairs(d: Decision, verdict: str) -> list[str]:
+    return [
+        f"{format_address(sa) if sa is not None else d.source.name} → "
+        f"{format_address(da) if da is not None else d.destination.name}"
+        for sa, da, p in d.pairs
+        if p.policy_verdict == verdict
+    ]
 
 
 def _endpoint(spec: TestEndpoint, policy: Policy, workloads: Mapping[str, WorkloadState]) -> Endpoint:
@@ -52,7 +68,13 @@ def _endpoint(spec: TestEndpoint, policy: Policy, workloads: Mapping[str, Worklo
 
 
 def run_tests(policy: Policy, workloads: Mapping[str, WorkloadState]) -> list[TestResult]:
-    """Tests assert *policy*: a side in observe or idle mode still counts as denying."""
+    """Tests assert *policy*: a side in observe or idle mode still counts as denying.
+
+    A packet carries one address of each end, so with several addresses every (source address,
+    destination address) pair of one family is decided: ``expect: deny`` holds only when every
+    pair is denied (a boundary no address gets across), ``expect: allow`` when some pair is
+    allowed (the source can reach the destination, as the connectivity matrix says); a test
+    that must hold for one address names it (``from: {ip: ...}``)."""
     results = []
     for t in policy.tests:
         try:

@@ -81,6 +81,10 @@ class Decision:
     # when the endpoints' addresses are not all decided alike (an IP-list peer or fail-safe range
     # covers some of them): (source address, destination address, verdict) for each pair
     by_address: list[tuple[Address | None, Address | None, Verdict]] = field(default_factory=list)
+    # an end with several addresses: each pair of one family and its own decision (a packet carries
+    # one address of each end); ``sides`` are then the pair's that decides the verdict (``shown``)
+    pairs: list[tuple[Address | None, Address | None, Decision]] = field(default_factory=list, repr=False)
+    shown: tuple[Address | None, Address | None] | None = None
 
     @property
     def policy_verdict(self) -> Literal["allow", "deny"]:
@@ -186,19 +190,42 @@ def _combine(sides: list[Side]) -> Verdict:
 
 
 def decide(policy: Policy, src: Endpoint, dst: Endpoint, proto: str, port: int | None) -> Decision:
-    """The decision for the flow; ``verdict`` holds for some pair of the endpoints' addresses, and
-    ``by_address`` says which pairs when they differ (a packet carries one address, not a workload)."""
-    decision = _decide(policy, src, dst, proto, port)
-    if len(src.addrs) > 1 or len(dst.addrs) > 1:
-        pairs = [
-            (sa, da, _decide(policy, _only(src, sa), _only(dst, da), proto, port).verdict)
-            for sa in src.addrs or (None,)
-            for da in dst.addrs or (None,)
-            if sa is None or da is None or sa[0] == da[0]  # one packet, one family
-        ]
-        if len({v for _, _, v in pairs}) > 1:
-            decision.by_address = pairs
+    """The decision for the flow. A packet carries one address of each end, so when an end has
+    several, each (source address, destination address) pair of one family is decided on its own:
+    ``verdict`` is the best any pair gets (allow > would-deny > deny), ``policy_verdict`` is allow
+    iff some pair's is (what the connectivity matrix and the kernel let through), ``sides`` are the
+    sides of the first pair that decides both (``shown``), and ``by_address`` lists every pair when
+    some pair is decided otherwise. Ends without a pair of one family are judged whole."""
+    if len(src.addrs) <= 1 and len(dst.addrs) <= 1:
+        return _decide(policy, src, dst, proto, port)
+    pairs = [
+        (sa, da, _decide(policy, _only(src, sa), _only(dst, da), proto, port))
+        for sa in src.addrs or (None,)
+        for da in dst.addrs or (None,)
+        if sa is None or da is None or sa[0] == da[0]  # one packet, one family
+    ]
+    if not pairs:
+        return _decide(policy, src, dst, proto, port)
+    sa, da, best = max(pairs, key=lambda p: (_RANK[p[2].verdict], p[2].policy_verdict == "allow"))  # first of the best
+    staged = max((p.staged_verdict or p.verdict for _, _, p in pairs), key=_RANK.__getitem__)
+    decision = Decision(
+        src,
+        dst,
+        proto,
+        port,
+        best.verdict,
+        best.sides,
+        staged if staged != best.verdict else None,
+        pairs=pairs,
+        shown=(sa, da),
+    )
+    top = (decision.verdict, decision.policy_verdict)
+    if any((p.verdict, p.policy_verdict) != top for _, _, p in pairs):
+        decision.by_address = [(a, b, p.verdict) for a, b, p in pairs]
     return decision
+
+
+_RANK: dict[Verdict, int] = {"deny": 0, "would-deny": 1, "allow": 2}
 
 
 def _only(ep: Endpoint, addr: Address | None) -> Endpoint:
@@ -243,15 +270,50 @@ def format_decision(d: Decision) -> str:
                 f"from {r.consumer.describe()} to {r.provider.describe()} "
                 f"on {', '.join(r.service_names)}"
             )
-    if d.by_address:
-        lines.append("  differs by address (each packet carries one):")
-        for sa, da, v in d.by_address:
-            src = format_address(sa) if sa is not None else d.source.name
-            dst = format_address(da) if da is not None else d.destination.name
-            lines.append(f"      {src} → {dst}: {v.upper()}")
+    # several addresses: per pair when the pairs' verdicts differ, or their sides do (then the
+    # sides above, one pair's, do not tell the others')
+    if d.by_address or (d.shown is not None and len({_sides_key(p) for _, _, p in d.pairs}) > 1):
+        head = "differs by address" if d.by_address else "alike for every address pair"
+        shown = f"; the sides above are {_pair_name(d, *d.shown)}'s" if d.shown is not None else ""
+        lines.append(f"  {head} (each packet carries one{shown}):")
+        if d.pairs:
+            for sa, da, p in d.pairs:
+                line = f"      {_pair_name(d, sa, da)}: {p.verdict.upper()}"
+                if p.policy_verdict == "deny" and p.verdict != "deny":
+                    line += " (policy: DENY)"
+                why = _why_denied(p)
+                lines.append(line + (f" — {why}" if why else ""))
+        else:
+            for sa, da, v in d.by_address:
+                lines.append(f"      {_pair_name(d, sa, da)}: {v.upper()}")
     if d.staged_verdict is not None:
         lines.append(f"  staged rulesets would make this: {d.staged_verdict.upper()}")
     return "\n".join(lines)
+
+
+def _pair_name(d: Decision, sa: Address | None, da: Address | None) -> str:
+    src = format_address(sa) if sa is not None else d.source.name
+    dst = format_address(da) if da is not None else d.destination.name
+    return f"{src} → {dst}"
+
+
+def _why_denied(d: Decision) -> str:
+    """The sides that deny this (one pair's) flow, as policy: the rule or the default deny."""
+    why = []
+    for s in d.sides:
+        if s.decision == "deny":
+            if s.deciding is not None:
+                why.append(f"{s.direction}: {s.deciding.action.value} {s.deciding.id} ({s.deciding.location})")
+            else:
+                why.append(f"{s.direction} on {s.endpoint.name}: no rule allows it (default deny)")
+    return "; ".join(why)
+
+
+def _sides_key(d: Decision) -> tuple[object, ...]:
+    return tuple(
+        (s.direction, s.decision, s.deciding.id if s.deciding else None, s.failsafe, tuple(r.id for r in s.matched))
+        for s in d.sides
+    )
 
 
 # --- naming endpoints (CLI arguments, policy tests) ---------------------------------------------
