@@ -130,6 +130,7 @@ def test_cli_one_address_pair_open_is_allow_and_expect_deny_fails(tmp_path: Path
     assert "10.9.0.5 → 10.1.0.2: DENY — inbound: override-deny r/no-quarantine-net" in out
     doc = json.loads(rf(*args, "--json").stdout)
     assert doc["policy_verdict"] == "allow"
+    assert doc["sides_for"] == {"from": "10.1.0.5", "to": "10.1.0.2"}
     assert sorted((p["from"], p["policy_verdict"]) for p in doc["by_address"]) == [
         ("10.1.0.5", "allow"),
         ("10.9.0.5", "deny"),

@@ -470,6 +470,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
                     }
                     for sa, da, p in (d.pairs if d.by_address else [])
                 ],
+                # several addresses: the (source, destination) address pair the sides are for
+                "sides_for": None
+                if d.shown is None
+                else {
+                    "from": format_address(d.shown[0]) if d.shown[0] is not None else None,
+                    "to": format_address(d.shown[1]) if d.shown[1] is not None else None,
+                },
                 "sides": [
                     {
                         "direction": s.direction,
