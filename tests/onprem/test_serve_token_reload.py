@@ -42,6 +42,13 @@ def test_removing_a_line_revokes_that_token_without_a_restart(tmp_path: Path) ->
         assert "every admin token is refused until the file reads again" in log.read_text()
         tokens.write_text(alice)
         assert status(ALICE) == 200
+        # a line removed while a byte that is not UTF-8 came in (a Latin-1 comment): the reload
+        # raised what it did not catch, its stamp already taken, and the revoked token worked on
+        tokens.write_text(alice + f"ivan:{token_hash(IVAN)}:incident-responder\n")
+        assert status(IVAN) == 200
+        tokens.write_bytes(alice.encode() + b"# ivan revoked (d\xe9part)\n")
+        assert [status(IVAN) for _ in range(3)] == [401] * 3 and status(ALICE) == 401
+        assert "not UTF-8" in log.read_text()
         assert proc.poll() is None
     finally:
         proc.kill()

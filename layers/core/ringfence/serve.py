@@ -93,9 +93,11 @@ class AdminTokens:
     @classmethod
     def load(cls, path: Path) -> AdminTokens:
         try:
-            text = path.read_text()
+            text = path.read_bytes().decode("utf-8")
         except OSError as exc:
             raise ServeError(f"--admin-tokens {path}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ServeError(f"--admin-tokens {path}: not UTF-8 text (byte {exc.start})") from None
         by_hash: dict[str, str] = {}
         roles_by_hash: dict[str, frozenset[AdminRole]] = {}
         for n, raw in enumerate(text.splitlines(), 1):
@@ -193,12 +195,19 @@ class AdminTokenFile:
                 return self._tokens
             if stamp != self._seen:
                 self._seen = stamp
+                # whatever goes wrong, the old set never stands: a revocation must not fail silently
+                self._tokens = None
                 try:
                     self._tokens = AdminTokens.load(self.path)
                     log.warning("admin tokens read again from %s (it changed)", self.path)
                 except ServeError as exc:
-                    self._tokens = None
                     log.error("admin tokens: %s: every admin token is refused until the file reads again", exc)
+                except Exception as exc:  # nothing in the file may keep a revoked token working
+                    log.error(
+                        "admin tokens: %s: unexpected %s: every admin token is refused until the file reads again",
+                        self.path,
+                        type(exc).__name__,
+                    )
             return self._tokens
 
     def holder(self, authorization: str | None) -> tuple[str, frozenset[AdminRole]] | None:
