@@ -123,6 +123,30 @@ def test_attack_an_address_another_workload_holds_is_refused(served: Served) -> 
     assert r.status_code == 201, r.text
 
 
+def test_attack_an_address_with_a_zone_index_is_not_a_second_owner(served: Served) -> None:
+    """``2001:db8::31%1`` is not the string ``2001:db8::31`` (the one-owner check compared
+    strings), but the firewall drops the zone index: both workloads' sets carried
+    ``2001:db8::31/128``. An address with a zone index is refused at registration and import,
+    naming it; a record holding one (stored before) is read without it."""
+    store = served.wiring.store
+    db6 = {"ringfence:role": "database", "ringfence:app": "ordering", "ringfence:env": "prod", "ringfence:loc": "ca"}
+    web = {**db6, "ringfence:role": "web"}
+    assert (
+        served.call("otto", "POST", "/admin/workloads", {"id": "db6", "ips": ["2001:db8::31"], "tags": db6}).status_code
+        == 201
+    )
+    for scoped in ("2001:db8::31%1", "2001:db8::31%eth0"):
+        r = served.call("otto", "POST", "/admin/workloads", {"id": "evil", "ips": [scoped], "tags": web})
+        assert r.status_code in (400, 422) and "zone index" in r.text, r.text
+        r = served.call(
+            "otto", "POST", "/admin/workloads/import",
+            {"csv": HEADER + f"evil2,{scoped},web,ordering,prod,ca\n", "source": "z.csv"},
+        )  # fmt: skip
+        assert r.status_code == 400 and "z.csv:2:" in r.text and "zone index" in r.text, r.text
+    assert store.get("evil") is None and store.get("evil2") is None
+    assert Workload(id="old", ips=["fe80::1%eth0"]).ips == ["fe80::1"]
+
+
 def test_a_label_problem_in_the_data_is_answered_and_strict_refuses_it(served: Served) -> None:
     """A label typo (role=databse) left the workload under-labelled behind a plain success. The
     answer and the audit record now carry each workload's label problems; ``strict: true``

@@ -49,9 +49,14 @@ def parse_ips(cell: str) -> list[str]:
     for part in _SEPARATORS.split(cell.strip()):
         if part:
             try:
-                out.append(str(ipaddress.ip_address(part)))
+                addr = ipaddress.ip_address(part)
             except ValueError:
                 raise ValueError(f"not an IP address: {part!r}") from None
+            if getattr(addr, "scope_id", None) is not None:
+                # a zone index names a link, not another address: the firewall drops it, so
+                # fe80::1%eth0 would pass the one-owner check as a second owner of fe80::1
+                raise ValueError(f"{part!r}: an address with a zone index (%…) is not a workload address")
+            out.append(str(addr))
     return out
 
 

@@ -259,9 +259,12 @@ class Workload(_Strict):
         out = []
         for ip in ips:
             try:
-                out.append(str(ipaddress.ip_address(ip.strip())))
+                addr = ipaddress.ip_address(ip.strip())
             except ValueError:
                 raise ValueError(f"not an IP address: {ip!r}") from None
+            # without its zone index (%…), as the firewall and every comparison see it; input
+            # boundaries (cmdb.parse_ips) refuse one, a record stored before still loads
+            out.append(str(addr).split("%", 1)[0])
         return out
 
 
