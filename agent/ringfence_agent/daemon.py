@@ -821,6 +821,9 @@ class Daemon:
             for line in repaired.lines:
                 log(line)
             revision, kernel_digest = self.agent.enforced_state()  # what the kernel holds now
+            # the repair counted: this heartbeat tells the control plane of it (a finding), not the next
+            repaired_status = self.state.read_json("status.json").get("counters", {})
+            counters.update({k: int(v) for k, v in repaired_status.items()})
         hb = Heartbeat(
             applied_version=revision,
             mode=applied.mode if applied is not None else None,

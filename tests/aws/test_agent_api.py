@@ -674,6 +674,42 @@ def test_heartbeats_with_the_kernels_digest_become_findings(env: Env) -> None:
     assert status == 422
 
 
+def test_a_rising_tamper_counter_in_heartbeats_is_a_tampered_finding_a_falling_one_is_not(env: Env) -> None:
+    """The AWS agent API (DynamoDB) keeps the agent's ``tamper_reapplied`` counter with each
+    heartbeat's report: the first heartbeat's count is history (a baseline), a heartbeat without
+    counters (an old agent) is 0, a rise is a ``tampered`` finding in GET /admin/findings, a fall
+    (the agent's state dir reset) is no new one and keeps the one seen."""
+    est = boot(env)
+    proc = est["ids"]["proc"][0]
+    tok = enroll_instance(env, proc)
+    reader = "arn:aws:iam::123456789012:role/Readers"
+    env.bind(reader, ["reader"])
+
+    def beat(counters: dict[str, int] | None) -> list[dict[str, Any]]:
+        hb: dict[str, Any] = {"applied_version": 1, "mode": "enforce"}
+        if counters is not None:
+            hb["counters"] = counters
+        status, _, _ = env.rest("agentapi", "POST", f"/v1/agents/{proc}/heartbeat", hb, headers=auth(tok))
+        assert status == 200
+        status, _, found = env.rest("admin", "GET", "/admin/findings", principal=reader)
+        assert status == 200, found
+        return [f for f in found["findings"] if f["workload_id"] == proc and f["kind"] == "tampered"]
+
+    assert beat({"tamper_reapplied": 5, "applied": 1}) == [], "counted before this control plane heard: history"
+    assert beat(None) == [], "no counter: 0, a fall"
+    rep = env.store.enforcement(proc)
+    assert rep is not None and rep.tamper_reapplied == 0 and rep.tampered_at is None
+    before = time.time()
+    (f,) = beat({"tamper_reapplied": 2})
+    assert f["repairs"] == 2 and f["since"] >= before and "re-applied them 2 times" in f["detail"]
+    (same,) = beat({"tamper_reapplied": 2})
+    assert same["since"] == f["since"], "no rise: the same finding"
+    (kept,) = beat({})  # the agent's state dir reset
+    assert kept["since"] == f["since"] and kept["repairs"] == 2
+    (again,) = beat({"tamper_reapplied": 1})
+    assert again["since"] > f["since"] and again["repairs"] == 3
+
+
 def test_an_agent_enrolling_before_its_launch_is_ingested_gets_its_bundle_once_ingest_records_it(env: Env) -> None:
     """The agent often enrolls before the launch event reaches ingest: it is enrolled at once
     (one DescribeInstances verifies the document), but the agent API writes no inventory record

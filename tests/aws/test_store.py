@@ -364,7 +364,7 @@ def test_a_token_grant_reads_the_token_and_the_workload_it_is_for_together(store
     store.observe(rec(1.0, "prod", wid=other))
     store.put_token("mine", WID, 60)
     store.put_token("theirs", other, 60)
-    owner, found, ptr = store.token_grant("mine", WID)
+    owner, found, ptr = store.token_grant("mine", WID)[:3]
     assert owner == WID and found is not None and found.id == WID and found.state == "running"
     assert ptr is None, "nothing published for it yet"
     published = BundlePointer(
@@ -372,16 +372,16 @@ def test_a_token_grant_reads_the_token_and_the_workload_it_is_for_together(store
     )
     assert store.put_bundle_pointer(published)
     assert store.token_grant("mine", WID).pointer == published
-    assert store.token_grant("theirs", WID) == (other, None, None), "another workload's token: its owner only"
-    assert store.token_grant("nope", WID) == (None, None, None)
+    assert store.token_grant("theirs", WID)[:3] == (other, None, None), "another workload's token: its owner only"
+    assert store.token_grant("nope", WID)[:3] == (None, None, None)
     store.put_token("newer", WID, 60)
-    assert store.token_grant("mine", WID) == (None, None, None), "a replaced token grants nothing"
+    assert store.token_grant("mine", WID)[:3] == (None, None, None), "a replaced token grants nothing"
     store.put_token("expired", other, -1)
-    assert store.token_grant("expired", other) == (None, None, None)
+    assert store.token_grant("expired", other)[:3] == (None, None, None)
     store.put_token("ghost", "w-unknown", 60)
-    assert store.token_grant("ghost", "w-unknown") == ("w-unknown", None, None), "no record: the API refuses it"
+    assert store.token_grant("ghost", "w-unknown")[:3] == ("w-unknown", None, None), "no record: the API refuses it"
     store.revoke_tokens(WID)
-    assert store.token_grant("newer", WID) == (None, None, None)
+    assert store.token_grant("newer", WID)[:3] == (None, None, None)
 
 
 def test_agent_key_first_binding_wins_unless_replaced(store: Store) -> None:
@@ -523,6 +523,16 @@ def test_enforcement_reports_replace_per_workload_and_list_all(store: Store) -> 
     store.put_enforcement(later)
     assert store.enforcement("w1") == later
     assert sorted((r.workload_id, r.time) for r in store.enforcement_reports()) == [("w1", 5.0), ("w2", 2.0)]
+    # the tamper bookkeeping round-trips, and a heartbeat's grant reads the report with the token
+    tampered = later.model_copy(update={"tamper_reapplied": 3, "tampered_at": 5.0, "tamper_repairs": 2})
+    store.put_enforcement(tampered)
+    assert store.enforcement("w1") == tampered
+    store.put_token("tw1", "w1", 60)
+    store.put_token("tw3", "w3", 60)
+    grant = store.token_grant("tw1", "w1", with_enforcement=True)
+    assert grant.workload_id == "w1" and grant.enforcement_read and grant.enforcement == tampered
+    assert store.token_grant("tw3", "w3", with_enforcement=True)[3:] == (None, True), "read, none"
+    assert store.token_grant("tw1", "w1")[3:] == (None, False), "not asked for: not read"
 
 
 def test_audit_is_append_only(store: Store) -> None:

@@ -180,15 +180,10 @@ def _kinds(doc: dict[str, Any]) -> list[tuple[str, str]]:
     return [(f["kind"], f["workload_id"]) for f in doc["findings"]]
 
 
-@needs_lab
-def test_a_tampered_kernel_is_a_finding_and_a_silent_agent_too(net: NetLab, tmp_path: Path) -> None:
-    net.reset("h")
-    srv = Serve(net, tmp_path)
-    for spec in ESTATE:
-        assert srv.admin("POST", "/admin/workloads", {**spec, "reason": "rack 1"}).status_code == 201
-    r = srv.admin("POST", "/admin/policies", {"files": policy_files(), "reason": "initial"})
-    assert r.status_code == 201, r.text
-    wid = "dc1-proc-1"
+def _start_agent(
+    net: NetLab, srv: Serve, tmp_path: Path, wid: str, drift_interval: float
+) -> tuple[subprocess.Popen[Any], Path]:
+    """A real ``ringfence-agent run`` in the lab's ``h``, enrolling as ``wid`` with a pairing key."""
     key = srv.admin("POST", "/admin/pairing-keys", {"workload_id": wid, "uses": 1, "ttl": 600}).json()
     (tmp_path / "pairing-key").write_text(key["pairing_key"])
     work = tmp_path / "agent"
@@ -205,13 +200,32 @@ def test_a_tampered_kernel_is_a_finding_and_a_silent_agent_too(net: NetLab, tmp_
         "heartbeat_interval": 1,
         "wait_timeout": 5,
         "request_timeout": 10,
-        "drift_interval": 0,  # the agent's own tamper repair off: the control plane must see it
+        "drift_interval": drift_interval,
     }
     (work / "agent.json").write_text(json.dumps(cfg))
     log = work / "agent.log"
     agent = net.spawn(
         "h", str(BIN / "ringfence-agent"), "run", "--config", str(work / "agent.json"), stderr=log.open("w")
     )
+    return agent, log
+
+
+def _elements(elem: list[Any]) -> list[str]:
+    """The elements of an ``nft -j`` set, as nft takes them back."""
+    return [f"{e['prefix']['addr']}/{e['prefix']['len']}" if isinstance(e, dict) else str(e) for e in elem]
+
+
+@needs_lab
+def test_a_tampered_kernel_is_a_finding_and_a_silent_agent_too(net: NetLab, tmp_path: Path) -> None:
+    net.reset("h")
+    srv = Serve(net, tmp_path)
+    for spec in ESTATE:
+        assert srv.admin("POST", "/admin/workloads", {**spec, "reason": "rack 1"}).status_code == 201
+    r = srv.admin("POST", "/admin/policies", {"files": policy_files(), "reason": "initial"})
+    assert r.status_code == 201, r.text
+    wid = "dc1-proc-1"
+    # the agent's own tamper repair off: the control plane must see it
+    agent, log = _start_agent(net, srv, tmp_path, wid, drift_interval=0)
     store = SqliteStore(srv.db)
 
     def report() -> EnforcementReport | None:
@@ -262,6 +276,81 @@ def test_a_tampered_kernel_is_a_finding_and_a_silent_agent_too(net: NetLab, tmp_
     assert _kinds(srv.findings(bound=2)) == [("silent", wid)]
     net.kill(srv.proc)
     net.reset("h")
+
+
+@needs_lab
+def test_attack_an_address_added_to_a_bundle_set_and_repaired_by_the_agent_is_a_tampered_finding(
+    net: NetLab, tmp_path: Path
+) -> None:
+    """Root on one workload adds an address to a bundle set (``nft add element ... s_...``): the
+    real daemon (drift_interval > 0) repairs it at its next heartbeat and reports the repaired
+    kernel digest, so no ``kernel-mismatch``; its ``tamper_reapplied`` counter rose, and the
+    control plane makes that a ``tampered`` finding (``ringfence findings``, GET /admin/findings)
+    and sends it to the SIEM once. The allowed flow keeps working, the attacker's address is gone."""
+    net.reset("h")
+    srv = Serve(net, tmp_path)
+    wid = "dc1-proc-1"
+    lab_ips = {"dc1-web-1": [net.v4("cp")], wid: [net.v4("h")]}  # web (cp) may reach processing (h) on 8443
+    for spec in ESTATE:
+        body = {**spec, "ips": lab_ips.get(spec["id"], spec["ips"]), "reason": "rack 1"}
+        assert srv.admin("POST", "/admin/workloads", body).status_code == 201
+    r = srv.admin("POST", "/admin/policies", {"files": policy_files(), "reason": "initial"})
+    assert r.status_code == 201, r.text
+    agent, log = _start_agent(net, srv, tmp_path, wid, drift_interval=1)
+    store = SqliteStore(srv.db)
+
+    def fresh(after: float) -> EnforcementReport | None:
+        rep = store.enforcement(wid)
+        return rep if rep is not None and rep.expected_digest is not None and rep.time > after else None
+
+    rep = wait_until(lambda: fresh(0), 60, "a heartbeat with the kernel's digest at the newest version", log)
+    assert rep.kernel_digest == rep.expected_digest and not rep.tamper_reapplied and rep.tampered_at is None
+    probe = net.serve("h", tcp=[8443])  # processing-api (serve itself listens in cp)
+    try:
+        assert net.tcp("cp", "h", 8443), "web → processing on 8443 before the tamper"
+        assert srv.findings()["findings"] == []
+
+        # the attacker adds an address of its own to the set that lets web in
+        sets = json.loads(net.exec("h", "nft", "-j", "list", "sets", "inet", check=True).stdout)["nftables"]
+        victim = next(
+            s["set"]
+            for s in sets
+            if "set" in s and s["set"]["name"].startswith("s_") and net.v4("cp") in str(s["set"].get("elem"))
+        )
+        intruder = "10.77.0.99"
+        net.exec("h", "nft", "add", "element", "inet", "ringfence", victim["name"], f"{{ {intruder} }}", check=True)
+        t = time.time()
+
+        def tampered() -> dict[str, Any] | None:
+            got = fresh(t)
+            return srv.findings() if got is not None and got.tampered_at is not None else None
+
+        doc = wait_until(tampered, 30, "a heartbeat reporting the repair", log)
+        assert _kinds(doc) == [("tampered", wid)], doc  # repaired: no kernel-mismatch
+        (f,) = doc["findings"]
+        assert f["repairs"] == 1 and f["since"] >= t and "re-applied them 1 time" in f["detail"], f
+        rep = store.enforcement(wid)
+        assert rep is not None and rep.kernel_digest == rep.expected_digest and rep.tamper_reapplied == 1
+        listed = json.loads(
+            net.exec("h", "nft", "-j", "list", "set", "inet", "ringfence", victim["name"], check=True).stdout
+        )
+        elems = next(x["set"] for x in listed["nftables"] if "set" in x).get("elem", [])
+        assert intruder not in _elements(elems) and f"{net.v4('cp')}" in str(elems)
+
+        # the SIEM hears of it once, as an OCSF Detection Finding, while it lasts
+        sent = wait_until(srv.siem_findings, 15, "the tampered finding in the SIEM file", srv.log)
+        assert [(e["finding_info"]["analytic"]["name"], e["resources"][0]["uid"]) for e in sent] == [
+            ("effective-policy/tampered", wid)
+        ], sent
+        time.sleep(2)  # more heartbeats (the counter unchanged) and findings passes
+        assert len(srv.siem_findings()) == 1, "announced once per rise"
+        assert _kinds(srv.findings()) == [("tampered", wid)], "lasts after the repair (a day)"
+        assert net.tcp("cp", "h", 8443), "the allowed flow keeps working after the repair"
+    finally:
+        net.kill(probe)
+        net.kill(agent)
+        net.kill(srv.proc)
+        net.reset("h")
 
 
 def test_not_enforced_and_silent_from_stored_reports(tmp_path: Path) -> None:
@@ -383,5 +472,115 @@ def test_policy_warnings_over_the_estate_reach_the_siem_as_it_changes(tmp_path: 
         for e in events:
             validate(e)
             assert e["finding_info"]["analytic"]["name"].startswith("policy/")
+    finally:
+        w.close()
+
+
+def test_the_tamper_counter_rises_falls_and_is_missing_from_old_agents() -> None:
+    """The agent API's bookkeeping of ``tamper_reapplied`` (``tamper_progress``): a rise between
+    two heartbeats is a repaired tamper; a fall is the agent's state dir reset (a new baseline,
+    not a tamper, and a tamper already seen stays); no counter (an old agent, or one that never
+    repaired) is 0; the first report, or one an older control plane wrote, is only a baseline."""
+    from ringfence.control.findings import TAMPER_WINDOW, tamper_progress
+
+    def rep(**kw: Any) -> EnforcementReport:
+        return EnforcementReport(workload_id="w", time=1, version=1, **kw)
+
+    def step(before: EnforcementReport | None, counter: int | None, now: float) -> EnforcementReport:
+        counters = {} if counter is None else {"tamper_reapplied": counter, "applied": 3}
+        return rep(**tamper_progress(before, counters, now))
+
+    first = step(None, 4, 100)  # history this control plane did not see
+    assert (first.tamper_reapplied, first.tampered_at, first.tamper_repairs) == (4, None, 0)
+    older = step(rep(), 9, 150)  # a report written before the control plane kept the counter
+    assert (older.tamper_reapplied, older.tampered_at) == (9, None)
+    rose = step(first, 6, 200)
+    assert (rose.tamper_reapplied, rose.tampered_at, rose.tamper_repairs) == (6, 200, 2)
+    same = step(rose, 6, 260)
+    assert (same.tampered_at, same.tamper_repairs) == (200, 2)
+    fell = step(same, 0, 300)  # the daemon's state dir reset: status.json's counters start again
+    assert (fell.tamper_reapplied, fell.tampered_at, fell.tamper_repairs) == (0, 200, 2)
+    again = step(fell, 1, 400)
+    assert (again.tampered_at, again.tamper_repairs) == (400, 3)
+    later = step(again, 2, 400 + TAMPER_WINDOW + 1)  # the last one out of the window: a new episode
+    assert (later.tampered_at, later.tamper_repairs) == (400 + TAMPER_WINDOW + 1, 1)
+    old_agent = step(step(None, None, 100), None, 200)
+    assert (old_agent.tamper_reapplied, old_agent.tampered_at) == (0, None)
+    assert step(old_agent, 1, 300).tampered_at == 300, "an absent counter is 0: its first repair rises"
+    assert step(step(None, 3, 100), -5, 200).tamper_reapplied == 0
+
+
+def test_a_repaired_tamper_is_a_finding_for_a_day_and_reaches_the_siem_once_per_rise(tmp_path: Path) -> None:
+    """``tampered`` from stored reports: alongside another finding of the workload, gone once
+    the window has passed since the last rise; announced once per rise, valid OCSF."""
+    from ringfence.control.findings import TAMPER_WINDOW, announce, findings
+    from ringfence.model import Workload
+    from ringfence.serve import build_wiring
+    from tests.siem.test_siem import validate
+
+    siem = tmp_path / "siem.jsonl"
+    w = build_wiring(f"sqlite:{tmp_path / 'state' / 's.db'}", siem=f"file:{siem}")
+    try:
+        now = 100_000.0
+        for wid in ("a", "b"):
+            w.store.observe(
+                InventoryRecord(
+                    id=wid, workload=Workload(id=wid, ips=["10.0.0.1"], tags={}), state="running", observed_at=1
+                )
+            )
+            w.store.set_liveness(wid, enrolled=True, heartbeat=now - 5)
+            w.store.put_bundle_pointer(
+                BundlePointer(workload_id=wid, version=7, key=f"k{wid}", etag='"7"', rules_revision=7, published_at=1)
+            )
+        w.store.put_enforcement(
+            EnforcementReport(
+                workload_id="a", time=now - 5, version=7, latest_version=7, tamper_reapplied=2,
+                tampered_at=now - 3600, tamper_repairs=2,
+            )
+        )  # fmt: skip
+        w.store.put_enforcement(
+            EnforcementReport(
+                workload_id="b", time=now - 5, version=7, latest_version=7, kernel_digest="0" * 64,
+                expected_digest="1" * 64, tamper_reapplied=1, tampered_at=now - 60, tamper_repairs=1,
+            )
+        )  # fmt: skip
+        res = findings(w.store, bound=120, now=now)
+        assert [(f.kind, f.workload_id) for f in res.findings] == [
+            ("tampered", "a"),
+            ("tampered", "b"),
+            ("kernel-mismatch", "b"),
+        ]
+        assert res.findings[0].repairs == 2 and "re-applied them 2 times" in res.findings[0].detail
+        assert res.findings[0].since == now - 3600 and res.tamper_window == TAMPER_WINDOW
+
+        def tampered_at(t: float) -> list[str]:  # (both silent by then too)
+            return [f.workload_id for f in findings(w.store, 120, t).findings if f.kind == "tampered"]
+
+        assert tampered_at(now + TAMPER_WINDOW - 3600) == ["a", "b"]
+        assert tampered_at(now + TAMPER_WINDOW - 3599) == ["b"], "a day after the last rise: no longer"
+        assert tampered_at(now + TAMPER_WINDOW) == []
+
+        def sent() -> list[dict[str, Any]]:
+            w.siem.close()  # flushed to the file
+            return [json.loads(line) for line in siem.read_text().splitlines()] if siem.exists() else []
+
+        def tampered() -> list[dict[str, Any]]:
+            return [e for e in sent() if e["finding_info"]["analytic"]["name"] == "effective-policy/tampered"]
+
+        assert len(announce(w, bound=120, now=now)) == 3
+        assert announce(w, bound=120, now=now + 30) == [], "the same rise: not announced again"
+        assert [e["resources"][0]["uid"] for e in tampered()] == ["a", "b"]
+        for e in tampered():
+            validate(e)
+            assert e["severity_id"] == 4 and e["finding_info"]["uid"].startswith(
+                f"drift:tampered:{e['resources'][0]['uid']}:"
+            )
+        rep = w.store.enforcement("a")
+        assert rep is not None
+        w.store.put_enforcement(
+            rep.model_copy(update={"tamper_reapplied": 3, "tampered_at": now + 40, "tamper_repairs": 3})
+        )
+        assert [(f.kind, f.workload_id) for f in announce(w, bound=120, now=now + 60)] == [("tampered", "a")]
+        assert [e["resources"][0]["uid"] for e in tampered()] == ["a", "b", "a"], "a new rise: a new finding"
     finally:
         w.close()

@@ -1047,8 +1047,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "findings",
         cmd_findings,
-        help="effective policy, checked: agents silent, not enforcing the newest bundle, or whose kernel holds "
-        "something else (exit 1 when any)",
+        help="effective policy, checked: agents silent, not enforcing the newest bundle, whose kernel holds "
+        "something else, or that repaired a tamper within a day (exit 1 when any)",
     )
     p.add_argument("--store", required=True, help="sqlite:PATH or dynamodb:INVENTORY,STATE,AUDIT")
     p.add_argument(

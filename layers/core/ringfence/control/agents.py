@@ -33,6 +33,7 @@ from ringfence.store.base import (
 from . import artifact, credentials
 from .api import Response, error, secret_hash
 from .enroll import ProofError
+from .findings import tamper_progress
 from .launchgate import report_enforcing
 from .publish import PUBLIC_KEYS_KEY
 from .wiring import BaseWiring, log
@@ -231,11 +232,15 @@ class AgentApi:
         """Why ``workload_id`` may hold no token (unknown, stopped, terminated), or None."""
         return _not_running(workload_id, self.w.store.get(workload_id))
 
-    def authorize(self, authorization: str | None, workload_id: str) -> Response | None:
+    def authorize(self, authorization: str | None, workload_id: str, heartbeat: bool = False) -> Response | None:
+        """``heartbeat``: the workload's last enforcement report read with the grant (what the
+        heartbeat compares the tamper counter with), in the same round trip."""
         if not authorization or not authorization.startswith("Bearer "):
             return error(401, "missing bearer token")
         _GRANT.set(None)
-        grant = self.w.store.token_grant(secret_hash(authorization.removeprefix("Bearer ").strip()), workload_id)
+        grant = self.w.store.token_grant(
+            secret_hash(authorization.removeprefix("Bearer ").strip()), workload_id, with_enforcement=heartbeat
+        )
         owner, rec = grant.workload_id, grant.record
         if owner is None:
             return error(401, "unknown, expired or revoked token")
@@ -435,7 +440,10 @@ class AgentApi:
             self.w.cfg.lifecycle_gate == "agent" and claimed is not None and ptr is not None and claimed >= ptr.version
         ):
             self._report_enforcing(rec, claimed)  # its stored bundle, or deltas past it: what the launch waits for
-        self._record_enforcement(workload_id, hb, ptr, latest)
+        before = grant.enforcement if grant is not None and grant.enforcement_read else None
+        if grant is None or not grant.enforcement_read:
+            before = self.w.store.enforcement(workload_id)
+        self._record_enforcement(workload_id, hb, ptr, latest, before)
         return Response(200, agentapi.HeartbeatResponse(latest_version=latest).model_dump())
 
     def _liveness_resolution(self) -> float:
@@ -447,20 +455,29 @@ class AgentApi:
         return min(60.0, self.w.cfg.offline_after / 10)
 
     def _record_enforcement(
-        self, workload_id: str, hb: agentapi.Heartbeat, ptr: BundlePointer | None, latest: int | None
+        self,
+        workload_id: str,
+        hb: agentapi.Heartbeat,
+        ptr: BundlePointer | None,
+        latest: int | None,
+        before: EnforcementReport | None,
     ) -> None:
         """What the agent says it enforces, kept for the findings (ringfence.control.findings):
-        with the published digest when it claims the newest version and read its kernel back."""
+        with the published digest when it claims the newest version and read its kernel back.
+        ``before``: the previous report (read with the token's grant): where the tamper counter's
+        last value, its last rise and the clock of an agent behind carry over from."""
         now = time.time()
         # not at the newest version: behind it, or claiming one never published (the same clock)
         behind = latest is not None and hb.applied_version != latest
-        before = self.w.store.enforcement(workload_id) if behind else None
         expected = None
         if hb.kernel_digest is not None and ptr is not None and latest is not None and hb.applied_version == latest:
             try:
                 expected = self._expected_digest(ptr, latest)
             except (BundleError, ValueError, KeyError) as exc:  # a stored document unreadable: no verdict
                 log.warning("expected digest of %s at %s not computed: %s", workload_id, latest, exc)
+        tamper = tamper_progress(before, hb.counters, now)
+        if tamper["tampered_at"] == now:
+            log.warning("agent %s re-applied its rules or sets after another tool changed them", workload_id)
         self.w.store.put_enforcement(
             EnforcementReport(
                 workload_id=workload_id,
@@ -470,6 +487,7 @@ class AgentApi:
                 expected_digest=expected,
                 latest_version=latest,
                 behind_since=(before.behind_since if before and before.behind_since else now) if behind else None,
+                **tamper,
             )
         )
 

@@ -11,7 +11,11 @@ the records into findings (``ringfence findings``, ``GET /admin/findings``):
   for a version moved on by set deltas, from the first heartbeat that found the agent behind);
   at once when the agent claims a version never published for the workload;
 - ``kernel-mismatch``: the agent enforces the newest version, but its kernel holds something
-  else (a rule or an address removed, a chain flushed, the table gone).
+  else (a rule or an address removed, a chain flushed, the table gone);
+- ``tampered``: the agent found its rules or sets changed by another tool and re-applied them
+  (its ``tamper_reapplied`` heartbeat counter rose), within :data:`TAMPER_WINDOW` of the last
+  rise. A repaired tamper leaves the kernel digest matching, so without this the control plane
+  would never hear of it; it is reported alongside any other finding of the workload.
 
 A heartbeat without a kernel digest is no finding: backends that cannot read the kernel back
 (dry-run, windows-plan) and a read racing an apply send none. Nor is the digest a check against
@@ -26,32 +30,45 @@ scheduled pass first sees it (the AWS reconcile function; ``ringfence serve`` ev
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from ringfence.siem import ocsf
-from ringfence.store.base import BundlePointer, Store
+from ringfence.store.base import BundlePointer, EnforcementReport, Store
 
 from .wiring import BaseWiring
 
 DEFAULT_BOUND = 120.0  # seconds: two default heartbeats (60 s) and the publish → apply path
 ANNOUNCED_TTL = 30 * 24 * 3600  # an announced finding is not announced again for this long
+TAMPER_WINDOW = 24 * 3600.0  # a repaired tamper stays a finding this long after the last one seen
+MAX_COUNTER = 2**53
 
-Kind = Literal["not-enforced", "kernel-mismatch", "silent"]
+Kind = Literal["not-enforced", "kernel-mismatch", "silent", "tampered"]
 
 
 class Finding(BaseModel):
     kind: Kind
     workload_id: str
     detail: str
-    since: float | None = Field(None, description="when the condition began, as far as the control plane knows")
+    since: float | None = Field(
+        None,
+        description="when the condition began, as far as the control plane knows (tampered: the last repair seen)",
+    )
     enforced_version: int | None = None
     latest_version: int | None = None
+    repairs: int | None = Field(
+        None, description="tampered: re-applies the control plane counted since the window opened"
+    )
 
 
 class FindingsResponse(BaseModel):
     bound: float = Field(description="seconds allowed after a publish, and between heartbeats")
+    tamper_window: float = Field(
+        TAMPER_WINDOW, description="seconds a repaired tamper stays a finding after the last one seen"
+    )
     checked: int = Field(description="enrolled workloads checked")
     findings: list[Finding]
 
@@ -62,7 +79,57 @@ def latest_version(store: Store, ptr: BundlePointer) -> int:
     return max([ptr.version, ptr.rules_revision, *(max(v, heads.get(n, v)) for n, v in ptr.sets.items())])
 
 
-def findings(store: Store, bound: float = DEFAULT_BOUND, now: float | None = None) -> FindingsResponse:
+def tamper_progress(
+    before: EnforcementReport | None, counters: Mapping[str, int], now: float, window: float = TAMPER_WINDOW
+) -> dict[str, Any]:
+    """The tamper fields of the report a heartbeat writes (``EnforcementReport``), from the agent's
+    ``tamper_reapplied`` counter and the workload's previous report. The agent keeps its counters
+    in ``status.json`` in its state dir, so they survive daemon restarts and reboots; it counts a
+    re-apply after finding its rules or sets changed (drift check, heartbeat set check, an apply
+    that found the kernel no longer held the bundle).
+
+    - a rise since the previous heartbeat: a repaired tamper, seen now (``tampered_at``), its
+      increase added to ``tamper_repairs`` (restarted from 0 when the last one is older than the
+      window: a new episode);
+    - a fall: the agent's state dir was reset (a reinstall, a wiped disk): a new baseline, not a
+      tamper; a tamper seen before stays a finding until the window ends;
+    - no counter: 0 (an agent sends it once it has counted one; an agent too old to count repairs
+      never rises); no previous report, or one written before the control plane kept the counter:
+      a baseline only (what it counted before is history this control plane did not see)."""
+    counter = min(max(int(counters.get("tamper_reapplied", 0)), 0), MAX_COUNTER)
+    at = before.tampered_at if before is not None else None
+    repairs = before.tamper_repairs if before is not None else 0
+    prev = before.tamper_reapplied if before is not None else None
+    if prev is not None and counter > prev:
+        if at is None or now - at > window:
+            repairs = 0
+        repairs = min(repairs + counter - prev, MAX_COUNTER)
+        at = now
+    return {"tamper_reapplied": counter, "tampered_at": at, "tamper_repairs": repairs}
+
+
+def _tampered(rec_id: str, rep: EnforcementReport | None, latest: int, now: float, window: float) -> Finding | None:
+    if rep is None or rep.tampered_at is None or now - rep.tampered_at > window:
+        return None
+    at = datetime.fromtimestamp(rep.tampered_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    n = rep.tamper_repairs
+    return Finding(
+        kind="tampered",
+        workload_id=rec_id,
+        detail=(
+            "the agent found its rules or sets changed by another tool and re-applied them "
+            f"{n} time{'s' if n != 1 else ''} within {window / 3600:g} h; last seen at {at}"
+        ),
+        since=rep.tampered_at,
+        enforced_version=rep.version,
+        latest_version=latest,
+        repairs=n,
+    )
+
+
+def findings(
+    store: Store, bound: float = DEFAULT_BOUND, now: float | None = None, tamper_window: float = TAMPER_WINDOW
+) -> FindingsResponse:
     now = time.time() if now is None else now
     out: list[Finding] = []
     checked = 0
@@ -76,6 +143,9 @@ def findings(store: Store, bound: float = DEFAULT_BOUND, now: float | None = Non
         checked += 1
         rep = reports.get(rec.id)
         latest = latest_version(store, ptr)
+        tampered = _tampered(rec.id, rep, latest, now, tamper_window)
+        if tampered is not None:
+            out.append(tampered)  # whatever holds now: the kernel was changed by someone else
         last = rec.last_heartbeat if rep is None else max(rep.time, rec.last_heartbeat or 0)
         if last is None or now - last > bound:
             ago = "never" if last is None else f"{now - last:.0f} s ago"
@@ -136,12 +206,13 @@ def findings(store: Store, bound: float = DEFAULT_BOUND, now: float | None = Non
                     latest_version=latest,
                 )
             )
-    return FindingsResponse(bound=bound, checked=checked, findings=out)
+    return FindingsResponse(bound=bound, checked=checked, findings=out, tamper_window=tamper_window)
 
 
-_SEVERITY = {"kernel-mismatch": ocsf.HIGH, "not-enforced": ocsf.MEDIUM, "silent": ocsf.MEDIUM}
+_SEVERITY = {"kernel-mismatch": ocsf.HIGH, "not-enforced": ocsf.MEDIUM, "silent": ocsf.MEDIUM, "tampered": ocsf.HIGH}
 _TITLE = {
     "kernel-mismatch": "Kernel does not hold the published policy",
+    "tampered": "Firewall changed by another tool on the host (repaired by the agent)",
     "not-enforced": "Published policy not enforced in time",
     "silent": "Agent silent",
 }
@@ -150,9 +221,12 @@ _TITLE = {
 def finding_uid(f: Finding, rep_digests: tuple[str | None, str | None] = (None, None)) -> str:
     """One uid per condition, the same in every pass while it lasts: a silent agent by its last
     heartbeat, a version not enforced by that version, a kernel mismatch by what the kernel and
-    the bundle hold (a new mismatch, or one that came back, is a new finding)."""
+    the bundle hold (a new mismatch, or one that came back, is a new finding), a tamper by the
+    heartbeat that saw the counter rise (each rise is a new finding)."""
     if f.kind == "silent":
         mark = "never" if f.since is None else f"{f.since:.0f}"
+    elif f.kind == "tampered":
+        mark = f"{f.since or 0:.3f}"
     elif f.kind == "not-enforced":
         mark = f"v{f.latest_version}"
     else:
@@ -219,6 +293,7 @@ def announce(w: BaseWiring, bound: float = DEFAULT_BOUND, now: float | None = No
                 "enforced_version": f.enforced_version,
                 "latest_version": f.latest_version,
                 "bound_s": bound,
+                **({"repairs": f.repairs} if f.repairs is not None else {}),
             },
         ):
             out.append(f)

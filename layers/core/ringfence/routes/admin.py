@@ -170,7 +170,7 @@ def admin_routes(
     @app.get(
         "/admin/findings",
         summary="effective policy, checked (as `ringfence findings`): agents silent, not enforcing the newest "
-        "bundle within the bound, or whose kernel holds something else — any role",
+        "bundle within the bound, whose kernel holds something else, or that repaired a tamper within a day — any role",
         responses=answers(FindingsResponse),
         security=[{"sigv4": []}],
     )

@@ -57,8 +57,8 @@ def agent_routes(service: Callable[[], AgentApi]) -> APIGatewayRestResolver:
         max_body=agentapi.MAX_REPORT_BYTES,
     )
 
-    def authorized(wid: str) -> HttpResponse[str] | None:
-        denied = service().authorize(app.current_event.headers.get("Authorization"), wid)
+    def authorized(wid: str, heartbeat: bool = False) -> HttpResponse[str] | None:
+        denied = service().authorize(app.current_event.headers.get("Authorization"), wid, heartbeat)
         return http(denied) if denied else None
 
     def token_first() -> HttpResponse[str] | None:
@@ -137,7 +137,7 @@ def agent_routes(service: Callable[[], AgentApi]) -> APIGatewayRestResolver:
         security=_TOKEN,
     )
     def heartbeat(wid: str, hb: agentapi.Heartbeat) -> HttpResponse[str]:
-        return authorized(wid) or http(service().heartbeat(wid, hb))
+        return authorized(wid, heartbeat=True) or http(service().heartbeat(wid, hb))
 
     @app.post(
         route_path("reports"),

@@ -171,6 +171,17 @@ class EnforcementReport(BaseModel):
     )
     latest_version: int | None = Field(None, description="the newest published version at that heartbeat")
     behind_since: float | None = Field(None, description="first heartbeat at which the agent was behind the latest")
+    tamper_reapplied: int | None = Field(
+        None,
+        description="the agent's tamper_reapplied counter at that heartbeat (0 when it sends none); None: "
+        "recorded before the control plane kept it",
+    )
+    tampered_at: float | None = Field(
+        None, description="the heartbeat at which the counter was last seen to rise (a repaired tamper)"
+    )
+    tamper_repairs: int = Field(
+        0, description="re-applies counted in rises since the first rise of the current tamper window"
+    )
 
 
 class DeltaPointer(BaseModel):
@@ -269,6 +280,10 @@ class Grant(NamedTuple):
     workload_id: str | None
     record: InventoryRecord | None = None
     pointer: BundlePointer | None = None
+    # asked for (``with_enforcement``, a heartbeat): the workload's last enforcement report, read
+    # in the same step (None if none); not asked for: ``enforcement_read`` False
+    enforcement: EnforcementReport | None = None
+    enforcement_read: bool = False
 
 
 class Unread(enum.Enum):
@@ -447,10 +462,11 @@ class Store(Protocol):
         under is still bound; None otherwise."""
         ...
 
-    def token_grant(self, token_hash: str, workload_id: str) -> Grant:
+    def token_grant(self, token_hash: str, workload_id: str, with_enforcement: bool = False) -> Grant:
         """What an agent request for ``workload_id`` needs to be authorized, read together (every
         agent request asks): :meth:`token_workload` of the token and, when the token is that
-        workload's, its inventory record and bundle pointer (what most requests read next)."""
+        workload's, its inventory record and bundle pointer (what most requests read next), and
+        with ``with_enforcement`` its last enforcement report (what a heartbeat reads next)."""
         ...
 
     def revoke_tokens(self, workload_id: str) -> bool:

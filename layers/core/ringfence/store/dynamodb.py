@@ -623,21 +623,21 @@ class DynamoStore:
             return None
         return wid if token_key_holds(_token_key(item), self.agent_key(wid)) else None
 
-    def token_grant(self, token_hash: str, workload_id: str) -> Grant:
+    def token_grant(self, token_hash: str, workload_id: str, with_enforcement: bool = False) -> Grant:
         # one BatchGetItem for the five items (the token, the workload's current token, its bound
         # agent key, its bundle pointer, its inventory record) instead of five GetItems: one round
         # trip per agent request, and the pointer is what a wait, a heartbeat or a bundle fetch
-        # reads next
+        # reads next; a heartbeat's adds its last enforcement report (what it writes anew)
+        keys = [
+            {"pk": f"token#{token_hash}", "sk": "token"},
+            {"pk": f"tokenof#{workload_id}", "sk": "token"},
+            {"pk": f"agentkey#{workload_id}", "sk": "key"},
+            {"pk": f"bundle#{workload_id}", "sk": "latest"},
+        ]
+        if with_enforcement:
+            keys.append({"pk": "enforcement", "sk": workload_id})
         request: dict[str, Any] = {
-            self.state.name: {
-                "Keys": [
-                    {"pk": f"token#{token_hash}", "sk": "token"},
-                    {"pk": f"tokenof#{workload_id}", "sk": "token"},
-                    {"pk": f"agentkey#{workload_id}", "sk": "key"},
-                    {"pk": f"bundle#{workload_id}", "sk": "latest"},
-                ],
-                "ConsistentRead": True,
-            },
+            self.state.name: {"Keys": keys, "ConsistentRead": True},
             self.inventory.name: {"Keys": [{"id": workload_id}], "ConsistentRead": True},
         }
         state: dict[str, dict[str, Any]] = {}
@@ -661,10 +661,13 @@ class DynamoStore:
         if not token_key_holds(_token_key(token), str(bound["public_key"]) if bound else None):
             return Grant(None)
         item = inventory[0] if inventory else None
+        report = state.get("enforcement")
         return Grant(
             workload_id,
             self._to_record(item) if item is not None and _observed(item) else None,
             _pointer_of(state.get(f"bundle#{workload_id}")),
+            EnforcementReport.model_validate_json(report["doc"]) if report is not None else None,
+            with_enforcement,
         )
 
     def revoke_tokens(self, workload_id: str) -> bool:

@@ -754,10 +754,12 @@ class SqliteStore:
         )
         return str(row[0]) if row and token_key_holds(row[1], row[2]) else None
 
-    def token_grant(self, token_hash: str, workload_id: str) -> Grant:
+    def token_grant(self, token_hash: str, workload_id: str, with_enforcement: bool = False) -> Grant:
         owner = self.token_workload(token_hash)
         if owner != workload_id:
             return Grant(owner)
+        if with_enforcement:
+            return Grant(owner, self.get(workload_id), self.bundle_pointer(workload_id), self.enforcement(owner), True)
         return Grant(owner, self.get(workload_id), self.bundle_pointer(workload_id))
 
     def revoke_tokens(self, workload_id: str) -> bool:
