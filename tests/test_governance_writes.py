@@ -53,7 +53,7 @@ def test_a_call_older_than_a_later_write_changes_nothing() -> None:
 def test_a_call_older_than_an_observation_of_another_value_approves_nothing() -> None:
     w, writes, _ = step(None, {}, 0.0, box(WEB_TAGS, 10.0))
     w, writes, _ = step(w, writes, 10.0, box(JUMP_TAGS, 100.0))  # unattributed: held
-    assert writes["role"] == LabelWrite(at=10.0, value="jumpbox", by="unseen")
+    assert writes["role"] == LabelWrite(at=10.0, value="jumpbox", by="unseen", seen=100.0)
     # a tagger's call made before the last observation of web (more than SKEW before it)
     late = TagChange(TAGGER, JUMP_TAGS, 10.0 - SKEW - 1)
     w2, _, v = step(w, writes, 100.0, box(JUMP_TAGS, 110.0), late)

@@ -8,6 +8,7 @@ caller is never named for the VM's tags."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 
 from ringfence.clouds.azure.events import WRITE
 from ringfence.clouds.azure.ingest import SECRET_HEADER, AzureEvents
+from ringfence.clouds.azure.reconcile import AzureReconcile
 from ringfence.clouds.azure.wiring import Azure
 from ringfence.clouds.onprem import OnPremAdmin
 from ringfence.control.wiring import Config
@@ -132,3 +134,67 @@ def test_attack_azure_nic_write_names_nobody_for_the_vms_tags(
     rec = w.store.get(WEB)
     assert rec is not None and not rec.op_quarantined and rec.workload.held_labels is not None
     assert findings(w) == [MALLORY] and quarantines(w) == 1
+
+
+NIC_WRITE = "Microsoft.Network/networkInterfaces/write"
+
+
+def _web_vm(arm: ArmServer, azure: Azure, w: LocalWiring, name: str) -> None:
+    seed_vm(arm, name, WEB, "10.20.1.41", PROD_WEB)
+    post(w, azure, arm_event(WRITE, vm_id(name), VM_WRITE))
+    rec = w.store.get(WEB)
+    assert rec is not None and rec.labels["role"] == "web" and findings(w) == []
+
+
+def _named_and_quarantined_once(w: LocalWiring) -> None:
+    rec = w.store.get(WEB)
+    assert rec is not None and rec.workload.held_labels is not None and rec.labels["role"] == "web"
+    assert rec.op_quarantined and findings(w) == [MALLORY] and quarantines(w) == 1
+
+
+def test_attack_azure_nic_write_first_in_the_delivery_does_not_hide_the_vm_write(
+    arm: ArmServer, azure: Azure, quarantining: LocalWiring
+) -> None:
+    """Mallory writes the VM's NIC, then PUTs the VM with role=jumpbox; Event Grid delivers both in
+    one delivery, the NIC's first. The NIC event reads the VM (already jumpbox) and stores the move
+    held with nobody named; her VM write, made before that sighting, is still named and the VM
+    quarantined, once (a redelivery of both changes nothing)."""
+    w = quarantining
+    _web_vm(arm, azure, w, "web-3")
+    nic = arm_event(WRITE, nic_id("web-3-nic"), NIC_WRITE, oid=MALLORY)
+    arm.get(vm_id("web-3"))["tags"]["ringfence:role"] = "jumpbox"  # type: ignore[index]
+    put = arm_event(WRITE, vm_id("web-3"), VM_WRITE, oid=MALLORY)
+    post(w, azure, nic, put)
+    _named_and_quarantined_once(w)
+    assert OnPremAdmin(w).quarantine("operator", WEB, False, "held until a binding; release").status == 200
+    post(w, azure, nic, put)
+    rec = w.store.get(WEB)
+    assert rec is not None and not rec.op_quarantined and findings(w) == [MALLORY] and quarantines(w) == 1
+
+
+def test_attack_azure_reconcile_before_her_event_does_not_hide_the_vm_write(
+    arm: ArmServer, azure: Azure, quarantining: LocalWiring
+) -> None:
+    """Mallory PUTs the VM with role=jumpbox and the scheduled reconcile stores the move (held,
+    nobody named) before Event Grid's delivery of her write is processed (a delivery retried after
+    a 503). Her VM write, made before the reconcile saw the move, is named and the VM quarantined.
+    A write by Bob made after that sighting (a resize, an unrelated Tags API write) names nobody."""
+    w = quarantining
+    _web_vm(arm, azure, w, "web-4")
+    arm.get(vm_id("web-4"))["tags"]["ringfence:role"] = "jumpbox"  # type: ignore[index]
+    put = arm_event(WRITE, vm_id("web-4"), VM_WRITE, oid=MALLORY)
+    AzureReconcile(w, azure).run()
+    rec = w.store.get(WEB)
+    assert rec is not None and rec.workload.held_labels is not None and findings(w) == []
+    # Bob's writes a minute after the reconcile saw the move (Mallory's event not processed yet)
+    later = time.strftime("%Y-%m-%dT%H:%M:%S.0000000Z", time.gmtime(time.time() + 60))
+    resize = arm_event(WRITE, vm_id("web-4"), VM_WRITE, oid=BOB) | {"eventTime": later}
+    post(w, azure, resize)
+    arm.get(vm_id("web-4"))["tags"]["owner"] = "bob"  # type: ignore[index]
+    tag = arm_event(WRITE, vm_id("web-4"), TAGS_WRITE, oid=BOB) | {"eventTime": later}
+    post(w, azure, tag)
+    assert findings(w) == [] and quarantines(w) == 0
+    post(w, azure, put)
+    _named_and_quarantined_once(w)
+    post(w, azure, put, resize, tag)  # redelivered
+    _named_and_quarantined_once(w)

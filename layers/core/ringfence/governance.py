@@ -69,6 +69,10 @@ class LabelWrite(BaseModel):
     at: float
     value: str | None
     by: Literal["tagger", "other", "grant", "unseen", "kept"]
+    seen: float | None = None
+    """``unseen`` only: when an observation first saw the value (None: not recorded). A cloud whose
+    events name a caller but not what the call set (Azure's) names a caller for a held move only
+    for a call made by then (:mod:`ringfence.clouds.azure.ingest`)."""
 
     @property
     def approves(self) -> bool:
@@ -239,7 +243,9 @@ def govern_writes(
             continue  # a known write explains it (or a grant made for this value)
         if w is None and seen is None:
             continue
-        known[d] = LabelWrite(at=previous_at if prior is not None else 0.0, value=seen, by="unseen")
+        known[d] = LabelWrite(
+            at=previous_at if prior is not None else 0.0, value=seen, by="unseen", seen=current.observed_at or t_now
+        )
     # what the call set, when
     principal = change.principal if change is not None else None
     if change is not None and change.principal is not None and change.requested is not None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -115,6 +116,20 @@ class Change:
     principal: str | None = None
     tags_write: bool = False
     """the operation was a Tags API write (``Microsoft.Resources/tags/*``): it wrote tags only"""
+    time: float | None = None
+    """the event's ``eventTime`` (unix seconds; None: absent or not a time)"""
+
+
+def event_time(ev: GridEvent) -> float | None:
+    """``eventTime`` (ISO 8601, Event Grid writes seven fractional digits) as unix seconds."""
+    raw = ev.event_time.strip()
+    if not raw:
+        return None
+    try:
+        at = datetime.fromisoformat(raw)
+    except ValueError:
+        return None
+    return at.timestamp() if at.tzinfo is not None else at.replace(tzinfo=UTC).timestamp()
 
 
 def _object(data: dict[str, Any], name: str) -> dict[str, Any]:
@@ -192,7 +207,8 @@ def change_of(ev: GridEvent) -> Change | None:
         if target.type not in WATCHED:
             return None
         principal = principal_of(ev.data) if from_system_topic(ev, target) else None
-        return Change(ev.id, kind, target, principal, tags_write=op.startswith("microsoft.resources/tags/"))
+        tags = op.startswith("microsoft.resources/tags/")
+        return Change(ev.id, kind, target, principal, tags_write=tags, time=event_time(ev))
     if ev.event_type in (NOTIFIED, NOTIFIED_DELETE):
         # only which resource: its tags, vmId and NICs in resourceInfo are the sender's word
         info = _object(ev.data, "resourceInfo")

@@ -18,7 +18,7 @@ from azure.core.exceptions import HttpResponseError
 
 from ringfence.control.api import Response, error
 from ringfence.control.wiring import BaseWiring, Metric, log, no_metric
-from ringfence.governance import LabelWrite, TagChange, is_tagger
+from ringfence.governance import SKEW, LabelWrite, TagChange, is_tagger
 from ringfence.labels import LabelMapper
 
 from .arm import Arm
@@ -177,12 +177,20 @@ class AzureEvents:
         only
 
         * for a write of the VM itself (a NIC's caller never changed the VM's tags),
-        * that changed the VM's governed tags from those stored, or that was a Tags API write,
+        * that may have made the move: this event's read of ARM is the first to see it (the VM's
+          governed tags changed from those stored), or it was first seen by an observation that
+          named nobody (the scheduled reconcile, another event of the VM such as a NIC write in the
+          same delivery, a subscription sync: an ``unseen`` write) and the call's ``eventTime`` is
+          no later than that first sighting and no earlier than the last observation of the value
+          before (each within :data:`~ringfence.governance.SKEW`); a record with no first sighting
+          stored (written before it was recorded) names the caller of a Tags API write only,
         * for a held move no event has named anyone for yet: the move is then recorded as that
           caller's write (the record's ``label_writes``, ``by: other``), so each move names one
           caller once and a release by an operator stands against later writes and redeliveries.
 
-        Never which tags an allowed tagger set: no Azure event approves a privileged value."""
+        So the order in which events and observations are processed does not decide who is named;
+        when the calls were made does. Never which tags an allowed tagger set: no Azure event
+        approves a privileged value."""
         principal = c.principal
         if principal is None or c.kind != "write" or c.resource.type not in (VM, SCALE_SET_VM):
             return TagChange(None, None)
@@ -199,14 +207,26 @@ class AzureEvents:
         before = mapper.resolve_tags(old.workload).labels if old is not None else None
         in_force = old.labels if old is not None else {}
         moves = {d: v for d, v in wanted.items() if mapper.is_privileged(d, v) and in_force.get(d) != v}
-        changed = before is None or any(before.get(d) != v for d, v in moves.items())
-        if not moves or not (changed or c.tags_write):
-            return TagChange(None, None)  # a resize, a disk, a NIC: the VM's governed tags as stored
         writes = (old.label_writes if old is not None else None) or {}
-        fresh = {d: v for d, v in moves.items() if before is None or before.get(d) != v or not _named(writes.get(d), v)}
+        fresh = {d: v for d, v in moves.items() if self._may_have_made(c, v, before, writes.get(d), d)}
         if not fresh:
-            return TagChange(None, None)  # each held move names one caller, once
+            return TagChange(None, None)  # a resize, a disk, a later write: each held move names one caller, once
         return TagChange(principal, {mapper.keys[d][0]: v for d, v in fresh.items()})
+
+    @staticmethod
+    def _may_have_made(
+        c: Change, value: str, before: Mapping[str, str] | None, write: LabelWrite | None, dim: str
+    ) -> bool:
+        """The call of ``c`` may have set ``dim`` to the held ``value`` and nobody has been named for it."""
+        if before is None or before.get(dim) != value:
+            return True  # this read of ARM is the first to see the value
+        if _named(write, value):
+            return False  # named (or approved) already: a release stands
+        if write is None or write.by != "unseen" or write.value != value or write.seen is None:
+            return c.tags_write  # no first sighting recorded: as before it was
+        if c.time is None:
+            return False  # a call of unknown time is not taken for the one an observation saw
+        return write.at - SKEW <= c.time <= write.seen + SKEW
 
     def _vm_now(self, arm: Arm, c: Change) -> AzureVm | None:
         r = c.resource
