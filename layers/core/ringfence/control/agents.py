@@ -421,13 +421,16 @@ class AgentApi:
             log.info("agent %s is back online: rejoining peers' sets", workload_id)
             self.w.enqueue_compute([workload_id])
         ptr = grant.pointer if grant is not None else self.w.store.bundle_pointer(workload_id)
-        stale = ptr is not None and ptr.in_flight is not None and now - (ptr.pending_at or now) > PENDING_STALE_S
-        if stale and ptr is not None:
+        if ptr is not None:
+            in_flight, pending_at = ptr.in_flight, ptr.pending_at
+        else:
+            # no bundle pointed at yet: its first one on its way, or that job lost or refused
+            # by the publish workers (nothing else renders it again until the workload changes)
+            in_flight, pending_at = self.w.store.bundle_pending(workload_id) or (None, None)
+        if in_flight is not None and now - (pending_at or now) > PENDING_STALE_S:
             # compute re-marks it as it hands the new render on: asked again only once that one
             # is as old
-            log.warning(
-                "bundle %s of %s marked pending long ago, not published: re-rendering", ptr.in_flight, workload_id
-            )
+            log.warning("bundle %s of %s marked pending long ago, not published: re-rendering", in_flight, workload_id)
             self.w.enqueue_compute(publish=[workload_id])
         latest = self._latest(ptr)[0] if ptr is not None else None
         claimed = hb.applied_version

@@ -22,10 +22,12 @@ differs, or that is not the job's workload, version and rules digest, is refused
 (:class:`StagedBundleRefused`): never signed, counted (``StagedBundlesRefused``), logged naming
 the key and the workload, and the job fails (retried, then the publish DLQ) after the message's
 other bundles are published. Whoever may write the bucket can thus delay a workload's bundle, not
-choose it: its pointer stays on its previous good bundle, and once the pending mark is
-``PENDING_STALE_S`` old the agent API asks compute to render it again (a fresh staged copy, a
-fresh hash). A job queued before the field existed (``staged_sha256`` None) is refused alike:
-never signed blindly, and the same stale-mark re-render replaces it.
+choose it: its pointer stays on its previous good bundle (a new workload has none yet: its agent
+gets 404 meanwhile), and once the pending mark is ``PENDING_STALE_S`` old the agent's heartbeat
+has the agent API ask compute to render it again (a fresh staged copy, a fresh hash), a first
+bundle too (the mark read alone, ``Store.bundle_pending``). A job queued before the field existed
+(``staged_sha256`` None) is refused alike: never signed blindly, and the same stale-mark
+re-render replaces it.
 
 Jobs run in-process (:meth:`PublishWorker.run`, on one machine and for launches whose lifecycle
 hook waits) or go through the publish queue to the ``publish`` function (AWS: ``send_publish``).

@@ -411,6 +411,13 @@ class Store(Protocol):
         way, which the agent API asks compute to render again (``AgentApi.heartbeat``)."""
         ...
 
+    def bundle_pending(self, workload_id: str) -> tuple[int, float | None] | None:
+        """Compute's mark of ``workload_id`` read alone (:meth:`mark_bundle_pending`): the version
+        and when it was last marked (None where publication is in process), None if never marked.
+        What the agent API reads for a workload with no pointer yet: its first bundle on its way,
+        or that job lost or refused (a mark left standing :attr:`BundlePointer.pending_at`-old)."""
+        ...
+
     def put_delta(self, ptr: DeltaPointer) -> None: ...
     def put_set_head(self, set_name: str, version: int, digest: str | None = None) -> None:
         """Move the set's head forward (never back), with a hash of its content at ``version``."""

@@ -460,6 +460,12 @@ class DynamoStore:
             if not _conditional_failed(exc):  # a higher mark stands: nothing to do
                 raise
 
+    def bundle_pending(self, workload_id: str) -> tuple[int, float | None] | None:
+        item = self._get(f"bundle#{workload_id}", "latest")
+        if item is None or "pending" not in item:
+            return None
+        return int(item["pending"]), float(item["pending_at"]) if "pending_at" in item else None
+
     def _batch_get(self, keys: list[tuple[str, str]]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         for i in range(0, len(keys), 100):

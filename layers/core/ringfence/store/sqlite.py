@@ -667,6 +667,11 @@ class SqliteStore:
                 (workload_id, version),
             )
 
+    def bundle_pending(self, workload_id: str) -> tuple[int, float | None] | None:
+        # published in process: no time kept (no job can be lost on a queue)
+        row = self._db().execute("SELECT version FROM bundle_pending WHERE workload_id = ?", (workload_id,)).fetchone()
+        return (int(row[0]), None) if row else None
+
     def bump_published(self, workloads: list[str] | None) -> int:
         now = time.time()
         with self._tx() as db:
