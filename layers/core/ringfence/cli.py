@@ -41,20 +41,44 @@ def _store(args: argparse.Namespace) -> FileVersionStore:
 def _record_version(
     store: FileVersionStore, files: dict[str, str], author: str, message: str, action: str, detail: dict[str, Any]
 ) -> Any:
-    """``record_version``, its failures as errors naming the store: nothing is half-written."""
-    from ringfence.versions import VersionConflict, record_version
+    """``record_version`` (its audit record first, then the version), its failures as errors
+    naming the store and saying truthfully what was written."""
+    from ringfence.versions import AuditNotWritten, VersionConflict, VersionNotWritten, record_version
+
+    def warn(text: str) -> None:
+        print(f"warning: {store.root}: {text}", file=sys.stderr)
 
     if skipped := store.unreadable():  # the audit record says which files the number went past
         detail = {**detail, "skipped_unreadable_versions": skipped}
     try:
-        return record_version(store, files, author, message, action, detail)
-    except VersionConflict as exc:
+        return record_version(store, files, author, message, action, detail, warn=warn)
+    except AuditNotWritten as exc:
+        why = exc.cause.strerror or str(exc.cause)
         raise CliError(
-            f"{store.dir}: {exc} (provisioned by someone else meanwhile): nothing written; run again"
+            f"{store.root}: the audit record of policy version {exc.version.number} could not be written ({why}): "
+            "nothing provisioned (no version written)"
         ) from None
-    except OSError as exc:
+    except VersionNotWritten as exc:
+        n, cause = exc.version.number, exc.cause
+        why = (cause.strerror if isinstance(cause, OSError) else None) or str(cause)
+        said = (
+            f"recorded as {action}.{exc.outcome}"
+            if exc.followed
+            else f"the {action}.{exc.outcome} record could not be written either: audit record {exc.audit_id} "
+            "names a version that is not there"
+        )
+        if isinstance(cause, VersionConflict):
+            raise CliError(
+                f"{store.dir}: {cause} (provisioned by someone else meanwhile): nothing written of this one, "
+                f"{said}; run again"
+            ) from None
+        if exc.outcome == "unconfirmed":
+            raise CliError(
+                f"{store.root}: writing policy version {n} failed ({why}) and whether it is there cannot be told; "
+                f"{said}: look at {store.dir}"
+            ) from None
         raise CliError(
-            f"{store.root}: the version could not be written ({exc.strerror or exc}): nothing provisioned"
+            f"{store.root}: policy version {n} could not be written ({why}): nothing provisioned; {said}"
         ) from None
 
 

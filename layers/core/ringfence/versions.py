@@ -231,17 +231,33 @@ class FileVersionStore:
         return AuditRecord.model_validate_json(last) if last else None
 
     def audit(self, record: AuditRecord) -> AuditRecord:
+        """Append ``record`` (sealed) whole or not at all: should the append or the head's update
+        fail (a full disk), the log is cut back to its length before and the error raised, so no
+        torn line breaks the chain and the head still matches it."""
         path = self.root / "audit.jsonl"
         with self._audit_lock():
             last = self._last_record(path)
             sealed = seal(record, AuditHead(seq=last.seq, hash=last.hash) if last and last.hash else AuditHead())
-            with path.open("a") as f:
-                f.write(sealed.model_dump_json() + "\n")
-                f.flush()
-                os.fsync(f.fileno())
             tmp = self.root / "audit.head.tmp"
-            tmp.write_text(AuditHead(seq=sealed.seq, hash=sealed.hash).model_dump_json())
-            os.replace(tmp, self.root / "audit.head")
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                size = os.lseek(fd, 0, os.SEEK_END)
+                try:
+                    data = (sealed.model_dump_json() + "\n").encode()
+                    while data:
+                        data = data[os.write(fd, data) :]
+                    os.fsync(fd)
+                    tmp.write_text(AuditHead(seq=sealed.seq, hash=sealed.hash).model_dump_json())
+                    os.replace(tmp, self.root / "audit.head")
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        tmp.unlink(missing_ok=True)
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, size)
+                        os.fsync(fd)
+                    raise
+            finally:
+                os.close(fd)
         return sealed
 
     def audit_log(self) -> list[AuditRecord]:
@@ -290,21 +306,100 @@ def next_version(store: VersionStore, files: dict[str, str], author: str, messag
 
 
 def record_version(
-    store: VersionStore, files: dict[str, str], author: str, message: str, action: str, detail: dict[str, object]
+    store: VersionStore,
+    files: dict[str, str],
+    author: str,
+    message: str,
+    action: str,
+    detail: dict[str, object],
+    warn: Callable[[str], None] | None = None,
 ) -> PolicyVersion:
-    """Store ``files`` as the next numbered version and append the audit record that says so."""
+    """Append the audit record naming the next version (its number and digest), then store
+    ``files`` as that version: a version is never written without its record (as the control
+    plane's provision does).
+
+    - the record cannot be appended (``OSError``): :class:`AuditNotWritten`, nothing written;
+    - the version then cannot be written: :class:`VersionNotWritten`, after a second record,
+      ``<action>.failed`` where the store shows the version file absent, ``<action>.abandoned``
+      where someone else's version holds the number (a lost race, :class:`VersionConflict`),
+      ``<action>.unconfirmed`` where the store cannot say; each names the first record's id;
+    - the write raised but the store holds this very version: it stands with its record (true);
+      ``warn`` is told why."""
     before = store.latest()
     version = next_version(store, files, author, message)
-    store.put(version)
-    store.audit(
-        AuditRecord(
-            principal=author,
-            action=action,
-            target=f"policy/{version.number}",
-            reason=message,
-            detail={"digest": version.digest, **detail},
-            before=before.digest if before else "",
-            after=version.digest,
-        )
+    target = f"policy/{version.number}"
+    record = AuditRecord(
+        principal=author,
+        action=action,
+        target=target,
+        reason=message,
+        detail={"digest": version.digest, **detail},
+        before=before.digest if before else "",
+        after=version.digest,
     )
-    return version
+    try:
+        store.audit(record)
+    except OSError as exc:
+        raise AuditNotWritten(version, exc) from exc
+    try:
+        store.put(version)
+        return version
+    except Exception as exc:
+        why = f"{type(exc).__name__}: {exc}"
+        cause = exc
+    outcome = "abandoned" if isinstance(cause, VersionConflict) else _outcome(store, version)
+    if outcome == "written":
+        if warn is not None:
+            warn(f"writing policy version {version.number} raised ({why}), but the store holds it: it is active")
+        return version
+    try:
+        store.audit(
+            AuditRecord(
+                principal=author,
+                action=f"{action}.{outcome}",
+                target=target,
+                reason=message,
+                detail={"audit_id": record.id, "digest": version.digest, "why": why},
+            )
+        )
+        followed = True
+    except OSError:
+        followed = False
+    raise VersionNotWritten(version, record.id, outcome, followed, cause) from cause
+
+
+def _outcome(store: VersionStore, version: PolicyVersion) -> str:
+    """After ``put`` raised: ``written`` (the store holds this version), ``abandoned`` (another
+    version holds its number), ``failed`` (no version holds it) or ``unconfirmed`` (cannot say)."""
+    try:
+        there = store.get(version.number)
+    except KeyError:
+        return "failed"
+    except Exception:
+        return "unconfirmed"
+    return "written" if there == version else "abandoned"
+
+
+class AuditNotWritten(RuntimeError):
+    """The audit record of a version could not be appended: neither it nor the version was written."""
+
+    def __init__(self, version: PolicyVersion, cause: OSError) -> None:
+        super().__init__(f"the audit record of policy version {version.number} could not be written: {cause}")
+        self.version = version
+        self.cause = cause
+
+
+class VersionNotWritten(RuntimeError):
+    """The audit record naming a version was written, the version was not (or not surely:
+    ``outcome`` ``unconfirmed``); ``followed`` says whether the ``<action>.<outcome>`` record
+    saying so was written too."""
+
+    def __init__(
+        self, version: PolicyVersion, audit_id: str, outcome: str, followed: bool, cause: BaseException
+    ) -> None:
+        super().__init__(f"policy version {version.number} {outcome}: {cause}")
+        self.version = version
+        self.audit_id = audit_id
+        self.outcome = outcome
+        self.followed = followed
+        self.cause = cause
