@@ -8,7 +8,9 @@ what is tested is the SDK's wire format, not a mock of it. It implements only wh
   :meth:`GcpApi.unreachable` answers the ``UNREACHABLE`` scope warning, "A given scope cannot be
   reached", without its VMs, and is listed in ``unreachables`` with ``returnPartialSuccess=true``), get (by name), and list of
   one zone (paged) with a ``filter`` of one AIP-160 comparison ``id = N`` (the numeric id: how
-  Ringfence finds a VM by id; anything else is refused with 400); zone and
+  Ringfence finds a VM by id; anything else is refused with 400; a zone that does not exist,
+  not in :data:`ZONES` nor given a VM, answers 404 as on GCE; one made unreachable with
+  ``lookups=True`` answers 500); zone and
   global ``operations`` get; network ``firewallPolicies`` list/get/insert/addRule/patchRule/removeRule/
   addAssociation (every mutation answers a finished operation; a rule is answered with the
   output-only ``ruleTupleCount`` and secure tag ``state`` Google adds; as on GCP, a network is
@@ -50,6 +52,12 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 GOOGLE_ISSUER = "https://accounts.google.com"
+# the zones the local API has (GCE's, of the regions the tests use): any other zone answers 404
+ZONES = frozenset(
+    f"{region}-{z}"
+    for region, zs in {"europe-west1": "bcd", "us-central1": "abcf", "asia-southeast1": "abc"}.items()
+    for z in zs
+)
 
 
 def _b64(data: bytes) -> str:
@@ -131,6 +139,9 @@ class GcpApi:
         self.calls: list[tuple[str, str]] = []  # (method, path) of every request, for the tests
         self._throttle: tuple[int, int, str | None] = (0, 1, None)  # calls left to refuse, Retry-After, path
         self.unreachable_zones: set[str] = set()  # zones the aggregated list cannot reach (a fault)
+        self.down_zones: set[str] = set()  # zones whose own instances.list fails too (500)
+        # the zones that exist (a zone a VM is added to exists too): any other answers 404
+        self.zones: set[str] = set(ZONES)
         self._server = ThreadingHTTPServer((host, port), self._handler())
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -209,6 +220,7 @@ class GcpApi:
         if created_by:
             inst["metadata"] = {"items": [{"key": "created-by", "value": created_by}]}
         with self.lock:
+            self.zones.add(zone)
             self.instances[project].setdefault(zone, {})[name] = inst
         return inst
 
@@ -233,10 +245,12 @@ class GcpApi:
             self.instances[project][zone][new_name] = inst
             return inst
 
-    def unreachable(self, *zones: str) -> None:
-        """The aggregated list cannot reach ``zones`` (none: every zone answers again)."""
+    def unreachable(self, *zones: str, lookups: bool = False) -> None:
+        """The aggregated list cannot reach ``zones`` (none: every zone answers again);
+        ``lookups``: nor can a zone's own ``instances.list`` (it answers 500)."""
         with self.lock:
             self.unreachable_zones = set(zones)
+            self.down_zones = set(zones) if lookups else set()
 
     def delete_instance(self, project: str, zone: str, name: str) -> None:
         with self.lock:
@@ -414,6 +428,10 @@ class GcpApi:
 
     def _list(self, project: str, zone: str, query: dict[str, str]) -> dict[str, Any]:
         """``instances.list`` of one zone, filtered by ``id = N`` (AIP-160; the id a number)."""
+        if zone not in self.zones:  # as GCE answers a zone that does not exist
+            raise _HttpError(404, f"The resource 'projects/{project}/zones/{zone}' was not found", "notFound")
+        if zone in self.down_zones:
+            raise _HttpError(500, f"zones/{zone} is unreachable", "backendError")
         text = query.get("filter", "").strip()
         m = re.fullmatch(r"\(?\s*id\s*=\s*\"?(\d+)\"?\s*\)?", text)
         if text and m is None:

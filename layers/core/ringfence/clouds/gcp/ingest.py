@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from google.api_core.exceptions import Forbidden, NotFound, ServiceUnavailable
+from google.api_core.exceptions import Forbidden, GoogleAPICallError, NotFound, RetryError, ServiceUnavailable
 
 from ringfence.audit import AuditRecord
 from ringfence.control import credentials
@@ -69,6 +69,9 @@ CLOCK_SKEW = 5.0
 # an observation this long after a call ended shows what the call set (labels and secure tags
 # applied, clocks apart): one without a value the call set then says the call was undone
 SETTLED = 60.0
+# how long a stored VM may go unconfirmed (its zone missing from the full sync's listing, and a
+# lookup by its id in its zone failing too) before the sync fails closed and records it deleted
+UNCONFIRMED_MAX = 3600.0
 
 
 Listing = tuple[list[dict[str, Any]], bool]  # log entries about a VM, and whether that is all of them
@@ -790,11 +793,18 @@ class GcpIngest:
         for name_or_id in instances:
             stored_at = self._stored_at(name_or_id)
             p, z = stored_at or (project, zone)
-            inst = (
-                self.instances.by_id(p, z, name_or_id)
-                if name_or_id.isdigit()
-                else self.read(p, z, name_or_id, (names or {}).get(name_or_id))
-            )
+            try:
+                inst = (
+                    self.instances.by_id(p, z, name_or_id)
+                    if name_or_id.isdigit()
+                    else self.read(p, z, name_or_id, (names or {}).get(name_or_id))
+                )
+            except NotFound as exc:
+                if stored_at is not None or not name_or_id.isdigit():
+                    raise  # where a VM is stored: Google's answer, redelivered (503)
+                # the zone (or project) the entry names does not exist and no stored record says
+                # where the VM is: redelivering it would never answer otherwise (400, not 503)
+                raise MalformedEvent(f"zone {z!r} of project {p!r} does not exist: {exc.message}") from None
             t = now()
             if inst is None:
                 if stored_at is None:
@@ -830,21 +840,26 @@ class GcpIngest:
         """The full inventory of a project (aggregated list): every VM stored as it is now, and
         the project's stored VMs that no longer exist tombstoned. Returns the ids that changed.
         A stored VM of a zone the list could not reach (``unreachables``, an ``UNREACHABLE``
-        scope) is left as it is: it is missing from a partial answer, not deleted; where which
-        zones were left out is not known, no stored VM is tombstoned."""
+        scope; every zone where an unreachable scope names none) is missing from a partial answer,
+        not deleted: it is looked up by its id in its zone (:meth:`_unlisted`)."""
         mapper = self.w.mapper()
         listed, unreachable = self.instances.listing(project)
         observed = [self.record(project, inst, now(), mapper) for inst in listed]
         seen = {rec.id for rec in observed}
+        # GCP gives an internal address to one VM of a network at a time (a stopped VM keeps its own)
+        held = {(rec.workload.vpc, ip) for rec in observed for ip in rec.workload.ips}
         changed = self._store(observed, None)
         if unreachable is None or unreachable:
             self.metric("GcpZonesUnreachable", len(unreachable) if unreachable is not None else 1)
-            log.warning("gcp sync of %s: unreachable zones %s: their VMs are left as stored", project, unreachable)
+            log.warning("gcp sync of %s: unreachable zones %s: their VMs are looked up by id", project, unreachable)
         for stored in self.w.store.all_records():
             wl = stored.workload
             if wl.cloud != "gcp" or wl.account != project or stored.id in seen or stored.state == "terminated":
                 continue
-            if unreachable is None or not wl.zone or wl.zone in unreachable:
+            if not wl.zone:
+                continue
+            if unreachable is None or wl.zone in unreachable:
+                changed |= self._unlisted(project, stored, held, mapper)
                 continue
             if self.w.store.observe(tombstone(stored.id, project, wl.zone, now())):
                 changed.add(stored.id)
@@ -852,6 +867,45 @@ class GcpIngest:
         if changed:
             self.w.enqueue_compute(sorted(changed))
         return changed
+
+    def _unlisted(
+        self, project: str, stored: InventoryRecord, held: set[tuple[str | None, str]], mapper: LabelMapper | None
+    ) -> set[str]:
+        """A stored VM of a zone the aggregated list could not reach: looked up by its id in its
+        zone (``instances.list`` of that zone, filtered by id), which decides when it answers
+        (none: deleted). Where that fails too, the VM stays as stored, unconfirmed, unless it
+        fails closed and is recorded deleted (agent key and tokens retired, logged, counted
+        ``GcpVmsFailedClosed``): an address of it is held by a VM of its network this listing
+        has (the stored VM no longer has it), or it has not been confirmed (``observed_at``) for
+        :data:`UNCONFIRMED_MAX` seconds. A VM that was alive after all is brought back as a new one
+        by the first pass that reaches it: its agent enrols again, its privileged values are
+        approved again."""
+        wl = stored.workload
+        zone = str(wl.zone)
+        try:
+            inst = self.instances.by_id(project, zone, stored.id)
+            rec = self.record(project, inst, now(), mapper) if inst is not None else None
+        except (GoogleAPICallError, RetryError) as exc:
+            taken = sorted(ip for ip in wl.ips if (wl.vpc, ip) in held)
+            age = now() - stored.observed_at
+            if taken:
+                why = f"its address {', '.join(taken)} is held by a VM of network {wl.vpc} listed now"
+            elif age > UNCONFIRMED_MAX:
+                why = f"it has not been confirmed for {int(age)} s (more than {int(UNCONFIRMED_MAX)} s)"
+            else:
+                log.warning("gcp sync of %s: %s/%s not confirmed (%s): left as stored", project, zone, stored.id, exc)
+                return set()
+            log.warning(
+                "gcp sync of %s: %s/%s recorded deleted: its zone cannot be read and %s", project, zone, stored.id, why
+            )
+            self.metric("GcpVmsFailedClosed", 1)
+            rec = None
+        if rec is not None:
+            return self._store([rec], None)
+        if self.w.store.observe(tombstone(stored.id, project, zone, now())):
+            credentials.retire(self.w, stored.id, "instance deleted")
+            return {stored.id}
+        return set()
 
 
 def _at_call(change: TagChange | None, at: datetime | None) -> TagChange | None:

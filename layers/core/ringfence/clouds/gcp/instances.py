@@ -241,10 +241,12 @@ class Instances:
 
     def listing(self, project: str) -> tuple[list[dict[str, Any]], set[str] | None]:
         """Every instance the project's aggregated list answers (every page), and the zones it
-        could not reach (``unreachables``, a scope's ``UNREACHABLE`` warning, or any warning other
-        than an empty page's): their VMs are not in the list and say nothing about being deleted.
-        None instead of zones where an unreachable scope names no zone (a region, global…): which
-        VMs were left out is then unknown."""
+        could not reach (``unreachables``, or a scope's ``UNREACHABLE`` warning): their VMs are not
+        in the list and say nothing about being deleted. Only those: the other warnings a scope
+        answers (``NO_RESULTS_ON_PAGE``, ``DEPRECATED_RESOURCE_USED``…) come with the scope's VMs,
+        or say it has none, so a VM missing from such a scope is deleted. None instead of zones
+        where an unreachable scope names no zone (a region, global…): which VMs were left out is
+        then unknown."""
         pager = self.client.aggregated_list(project=project, retry=RETRY)
         found: list[dict[str, Any]] = []
         unreachable: set[str] | None = set()
@@ -253,7 +255,7 @@ class Instances:
             for scope, scoped in page.items.items():
                 found += [as_dict(inst) for inst in scoped.instances]
                 warning = scoped.warning if "warning" in scoped else None
-                if not scoped.instances and warning is not None and warning.code != "NO_RESULTS_ON_PAGE":
+                if warning is not None and warning.code == "UNREACHABLE":
                     scopes.append(str(scope))
             for scope in scopes:
                 zone = re.fullmatch(r"(?:.*/)?zones/([^/]+)", scope)
