@@ -266,10 +266,12 @@ def test_attack_terminated_workloads_token_is_refused(env: Env) -> None:
     assert audits(env, "token.revoke", web), "the revocation is audited"
 
 
-def test_a_terminated_instance_leaves_no_named_next_key(env: Env) -> None:
+def test_a_terminated_instance_keeps_its_named_next_key(env: Env) -> None:
     """An agent-key reset that names the next key leaves a ``nextkey#`` item until that key binds;
-    when the instance terminates first, ingest retires its credentials and the expectation with
-    them, instead of leaving the item in the state table for good."""
+    when the instance terminates first, ingest revokes its token but leaves the expectation (and
+    the key binding): the functions fed by cloud events may not delete them, else code there could
+    drop a running workload's pin (docs/threat-model.md). The instance id is never reused, so the
+    item, left in the state table for good, pins nothing else."""
     from ringfence.control.credentials import agent_key_fingerprint
 
     est = boot(env)
@@ -285,8 +287,9 @@ def test_a_terminated_instance_leaves_no_named_next_key(env: Env) -> None:
     env.put(env.state_event(web, "terminated"))
     env.pump()
     assert env.store.get(web).state == "terminated"
-    assert "Item" not in state.get_item(Key={"pk": f"nextkey#{web}", "sk": "key"}), "the expectation ended"
-    assert env.store.expected_agent_key(web) is None
+    assert "Item" in state.get_item(Key={"pk": f"nextkey#{web}", "sk": "key"}), "the expectation stays"
+    assert env.store.expected_agent_key(web) == body["next_agent_key"]
+    assert "Item" not in state.get_item(Key={"pk": f"tokenof#{web}", "sk": "token"}), "the token is revoked"
 
 
 def test_attack_stopped_workloads_token_is_refused_until_it_runs(env: Env) -> None:

@@ -30,7 +30,7 @@ from ringfence.local.lambdas import load_functions
 from tests.aws.conftest import Env, LambdaContext, ip_of
 from tests.aws.test_agent_api import enroll_pairing, give_instance_profile, register_onprem, sts_request
 from tests.aws.test_lifecycle_gate import heartbeat, launch
-from tests.aws.test_pipeline import _scheduled, enroll_instance
+from tests.aws.test_pipeline import AgentKey, _scheduled, boot, enroll_iid, enroll_instance, iid_document
 from tests.aws.test_static import cfn_conditions, template, tf_conditions, unquote
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -540,7 +540,8 @@ ATTACKER_FED = (
     "cloudreconcile",
     "anchor",
 )
-# the state items a retirement removes (control/credentials.py retire): the only deletions there
+# the state items a retirement removes (control/credentials.py retire: tokens and the connection,
+# never the agent key binding or a reset's named next key): the only deletions there
 RETIRES = {"ingest", "lifecycle", "reconcile", "gcpevents", "azureevents", "cloudreconcile"}
 
 
@@ -556,9 +557,10 @@ def _steering(fn: str) -> Iterator[Request]:
             (f"token#{'0' * 64}", ["pk", "sk", "workload_id", "agent_key", "ttl"]),
             (f"tokenof#{wid}", ["pk", "sk", "hash", "ttl"]),
             (f"agentkey#{wid}", ["pk", "sk", "public_key"]),
+            (f"nextkey#{wid}", ["pk", "sk", "key_id"]),
         ):
-            if action == "DeleteItem" and fn in RETIRES and pk.split("#")[0] in ("token", "tokenof", "agentkey"):
-                continue  # a retirement drops these; it writes none
+            if action == "DeleteItem" and fn in RETIRES and pk.split("#")[0] in ("token", "tokenof"):
+                continue  # a retirement revokes tokens; it writes none, and never unbinds a key
             yield (action, "state", {"dynamodb:LeadingKeys": [pk], "dynamodb:Attributes": attrs})
 
 
@@ -566,18 +568,80 @@ def _steering(fn: str) -> Iterator[Request]:
 def test_attack_an_internet_fed_role_cannot_write_the_active_policy_a_bundle_pointer_a_token_or_a_key(fn: str) -> None:
     """In template.yaml and in infra/ alike: each such role's state-table writes are conditioned on
     the partition keys its code writes, so none of the steering writes is granted (before: wsconnect,
-    gcpevents, azureevents and cloudreconcile held unconditional PutItem, flows UpdateItem)."""
+    gcpevents, azureevents and cloudreconcile held unconditional PutItem, flows UpdateItem; the
+    retiring roles could delete any workload's ``agentkey#`` and ``nextkey#``, so that a copied
+    identity document bound another key to a running workload). Nor may any of them set a
+    workload's operator mode (``op_mode``) on its inventory record (before: unconditioned UpdateItem)."""
+    mode = ("UpdateItem", "inventory", {"dynamodb:LeadingKeys": ["i-1"], "dynamodb:Attributes": ["id", "op_mode"]})
     for where, statements_of in (("template.yaml", sam_statements), ("infra/", terraform_statements)):
         statements = statements_of(fn)
         granted_ = [w for w in _steering(fn) if allowed(statements, w)]
         assert not granted_, (where, fn, granted_)
+        assert not allowed(statements, mode), (where, fn, "op_mode")
+
+
+def test_attack_a_retire_path_cannot_unbind_an_agent_key_so_a_copied_identity_document_binds_no_other_key(
+    env: Env,
+) -> None:
+    """Real handlers over moto. A departed instance's retirement (ingest, lifecycle, reconcile)
+    revokes its token and drops its connection, all granted, and deletes no ``agentkey#`` or
+    ``nextkey#`` item: its key binding stays. A running workload retired by code in a retiring role
+    (credentials.retire, as a forged deletion event would drive it) keeps its key, and the
+    deletions that would unbind it are refused to every retiring role in both deployments. So an
+    enrollment with a copy of the instance's identity document (they never expire) and another
+    key is refused, while the genuine agent re-enrolls with its own key (before: the retire path
+    deleted both items and was granted to do so for any workload; the copy then bound the holder's
+    key to the running workload)."""
+    from ringfence.clouds.aws.wiring import Wiring
+    from ringfence.control import credentials
+    from ringfence.control.wiring import Config
+
+    rec = Recorder(env)  # before the first call: the functions keep the clients they made
+    est = boot(env)
+    gone, running = est["ids"]["web"][0], est["ids"]["db"][0]
+    copies = {}
+    for wid in (gone, running):
+        enroll_instance(env, wid)
+        copies[wid] = iid_document(env, wid)  # a copy of the document: a log, a backup
+    keys = {wid: env.store.agent_key(wid) for wid in (gone, running)}
+    assert all(keys.values())
+    env.ec2.terminate_instances(InstanceIds=[gone])
+    env.put(env.state_event(gone, "terminated"))
+    env.pump()
+    env.fn["reconcile"].handler(_scheduled(), LambdaContext())
+    assert env.store.get(gone).state == "terminated"
+    assert env.ddb.Table("rf-state").get_item(Key={"pk": f"tokenof#{gone}", "sk": "token"}).get("Item") is None
+    assert env.store.agent_key(gone) == keys[gone]  # the binding stays: the id is never reused
+    deleted = {
+        c["dynamodb:LeadingKeys"][0].split("#")[0]
+        for fn in RETIRES
+        for a, t, c in rec.calls.get(fn, [])
+        if a == "DeleteItem" and t == "state"
+    }
+    assert "tokenof" in deleted and not deleted & {"agentkey", "nextkey"}, deleted
+    assert not refusals(rec, ("ingest", "lifecycle", "reconcile"))
+
+    # the running workload, retired as code in such a role could: its token goes, its key stays
+    credentials.retire(Wiring(Config.from_env()), running, "forged deletion")
+    assert env.store.agent_key(running) == keys[running]
+    for fn in sorted(RETIRES):
+        for statements_of in (sam_statements, terraform_statements):
+            for pk in (f"agentkey#{running}", f"nextkey#{running}"):
+                req = ("DeleteItem", "state", {"dynamodb:LeadingKeys": [pk], "dynamodb:Attributes": ["pk", "sk"]})
+                assert not allowed(statements_of(fn), req), (fn, pk)
+    for wid in (gone, running):
+        status, body = enroll_iid(env, wid, document=copies[wid], key=AgentKey())
+        assert status != 200, (wid, body)
+        assert env.store.agent_key(wid) == keys[wid]
+    status, body = enroll_iid(env, running, document=copies[running])  # the genuine agent's key
+    assert status == 200, body
 
 
 def test_attack_a_policy_item_forged_in_the_wsconnect_and_flows_roles_is_refused_and_their_own_writes_are_not(
     agent_stack: Env,
 ) -> None:
     """The real handlers over moto, recorded: an agent's $connect (wsconnect), its report object
-    (flows), its instance terminated (ingest retires its token and key) and reconcile each make
+    (flows), its instance terminated (ingest revokes its token) and reconcile each make
     writes that their roles grant, in both deployments. The forged active-policy item the review
     wrote with the wsconnect role (PutItem ``policy/active`` with inline files and a matching
     digest), and the same written by flows as an update, are calls those roles are refused."""
@@ -619,10 +683,12 @@ def test_attack_a_policy_item_forged_in_the_wsconnect_and_flows_roles_is_refused
     for expected in (
         ("wsconnect", "PutItem", "conn"),
         ("flows", "UpdateItem", "flows"),
-        ("ingest", "DeleteItem", "agentkey"),
+        ("ingest", "DeleteItem", "tokenof"),
         ("ingest", "DeleteItem", "conn"),
     ):
         assert expected in kinds, (expected, sorted(k for k in kinds if not k[2].startswith("i-")))
+    unbinds = {k for k in kinds if k[0] in RETIRES and k[1] == "DeleteItem" and k[2] in ("agentkey", "nextkey")}
+    assert not unbinds, unbinds
     fns = ("wsconnect", "flows", "ingest", "lifecycle", "reconcile")
     assert not refusals(rec, fns)
 

@@ -146,9 +146,17 @@ locals {
   in_vpcs      = { test = "ArnLike", variable = "ec2:Vpc", values = coalesce(var.perimeter_vpc_arns, ["arn:${local.partition}:ec2:${local.region}:${local.account}:vpc/*"]) }
   our_tag_keys = { test = "ForAllValues:StringEquals", variable = "aws:TagKeys", values = ["ringfence:perimeter", "Name"] }
 
-  # the state items a retirement deletes (control/credentials.py retire: token, key binding, named
-  # next key, nudge connection): the only state writes of the functions fed by cloud events
-  retire_keys = { test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["token#*", "tokenof#*", "agentkey#*", "nextkey#*", "conn#*"] }
+  # the state items a retirement deletes (control/credentials.py retire: token, nudge connection):
+  # the only state deletions of the functions fed by cloud events. Never a key binding or a
+  # reset's named next key: deleting those of a running workload would let a copied identity
+  # document bind another key (the administrator unbinds keys)
+  retire_keys = { test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["token#*", "tokenof#*", "conn#*"] }
+  # the inventory attributes those functions write (DynamoStore.observe; governance's quarantine;
+  # reconcile's offline mark): never op_mode, the administrator's. op_quarantined, labels and
+  # label_writes IAM cannot hold to safe values (docs/threat-model.md)
+  observed_attrs   = { test = "ForAllValues:StringEquals", variable = "dynamodb:Attributes", values = ["id", "workload", "state", "observed_at", "labels", "problems", "governed_rev", "label_writes", "tag_version", "op_quarantined"] }
+  observed_offline = { test = "ForAllValues:StringEquals", variable = "dynamodb:Attributes", values = ["id", "workload", "state", "observed_at", "labels", "problems", "governed_rev", "label_writes", "tag_version", "op_quarantined", "offline"] }
+  observe          = { actions = ["dynamodb:UpdateItem"], resources = [aws_dynamodb_table.inventory.arn], conditions = [local.observed_attrs] }
   # a GCP audit entry's approval, finding or split-call decision, claimed once (clouds/gcp/ingest.py)
   gcp_once_keys = { test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["once#confirmed#*", "once#blamed#*", "once#decided-last#*"] }
   retire        = { actions = ["dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn], conditions = [local.retire_keys] }
@@ -158,8 +166,9 @@ locals {
   statements = {
     ingest = [
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.idempotency.arn] },
-      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem"], resources = [aws_dynamodb_table.inventory.arn] },
-      # a terminated instance's agent token, key and connection are revoked (audited): those items
+      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem"], resources = [aws_dynamodb_table.inventory.arn] },
+      local.observe,
+      # a terminated instance's agent token and connection are revoked (audited): those items
       # only, never the active policy, a bundle pointer or the engine head
       { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.state.arn] },
       local.retire,
@@ -206,8 +215,9 @@ locals {
       { actions = ["secretsmanager:GetSecretValue"], resources = [var.signing_key_secret_arn] },
     ])
     lifecycle = [
-      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem"], resources = [aws_dynamodb_table.inventory.arn] },
-      # an instance seen terminated: its token, agent key and connection go (those items only)
+      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem"], resources = [aws_dynamodb_table.inventory.arn] },
+      local.observe,
+      # an instance seen terminated: its token and connection go (those items only)
       { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.state.arn] },
       local.retire,
       # a refused terminate and governance findings are audited (the chain head read, then the record)
@@ -218,9 +228,11 @@ locals {
     ]
     reconcile = [
       # BatchGetItem: each record read again just before it is decided (governance)
-      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
+      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
+      # a missed heartbeat marks the workload offline
+      { actions = ["dynamodb:UpdateItem"], resources = [aws_dynamodb_table.inventory.arn], conditions = [local.observed_offline] },
       # Query, BatchGetItem: the effective-policy findings (enforcement reports, set heads); a
-      # vanished instance's token, key and connection deleted (those items only)
+      # vanished instance's token and connection deleted (those items only)
       { actions = ["dynamodb:GetItem", "dynamodb:Query", "dynamodb:BatchGetItem"], resources = [aws_dynamodb_table.state.arn] },
       local.retire,
       # a finding announced to the SIEM is claimed once, in its own items only
@@ -294,7 +306,8 @@ locals {
       # fed by Pub/Sub pushes: never the active policy, a bundle pointer, a token or an agent key
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn] },
       local.retire, local.gcp_once,
-      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
+      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
+      local.observe,
       # governance findings, approvals and retired credentials are audited
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
@@ -304,7 +317,8 @@ locals {
       # fed by Event Grid: never the active policy, a bundle pointer, a token or an agent key
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn] },
       local.retire,
-      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
+      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
+      local.observe,
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
       local.policies_read, local.kms_use,
@@ -313,7 +327,8 @@ locals {
     cloudreconcile = concat([
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn] },
       local.retire, local.gcp_once,
-      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
+      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
+      local.observe,
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
       local.policies_read, local.kms_use,

@@ -307,8 +307,9 @@ class OnPremAdmin(Admin):
 
     def _drop_credentials(self, workload_id: str, why: str) -> None:
         """Everything that lets an agent act as ``workload_id`` goes: its token, agent key, nudge
-        connection and a reset's named next key (credentials.retire), and its pairing keys."""
-        credentials.retire(self.w, workload_id, why)
+        connection and a reset's named next key (credentials.retire_and_unbind: an on-premise id
+        may name another host when registered again), and its pairing keys."""
+        credentials.retire_and_unbind(self.w, workload_id, why)
         self.w.store.drop_pairings(workload_id)
 
     def deregister_workload(self, principal: str, workload_id: str, reason: str = "") -> Response:

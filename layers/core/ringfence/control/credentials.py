@@ -6,7 +6,8 @@ leaves the host) and at most one active access token. The first enrollment binds
 refresh and re-enrollment are signatures by that key over a single-use server nonce
 (:func:`ringfence.agentwire.proof_message`), so a captured identity document or an old token is
 worth nothing on its own. A new token revokes the previous one; a workload that leaves (terminated,
-tombstoned, deregistered) has its token and key dropped.
+tombstoned, deregistered) has its token revoked, and its key dropped when an administrator
+deregisters an on-premise id (which may name another host later).
 """
 
 from __future__ import annotations
@@ -62,14 +63,26 @@ def audit(w: BaseWiring, action: str, workload_id: str, principal: str, **detail
 
 
 def retire(w: BaseWiring, workload_id: str, why: str) -> None:
-    """The workload left (terminated, tombstoned, deregistered): its token stops authorizing, its
-    agent key is unbound, an operator's reset's named next key is forgotten (nothing is left for
-    the id: DynamoDB kept the ``nextkey#`` item for good) and its nudge connection dropped.
-    Audited when a token was active."""
-    w.store.drop_agent_key(workload_id)
-    w.store.expect_agent_key(workload_id, None)
+    """The workload left (terminated, deleted, tombstoned): its token stops authorizing and its
+    nudge connection is dropped, which cuts its agent off. Audited when a token was active.
+
+    Its agent key binding and a reset's named next key stay: the cloud never gives the id to
+    another machine (AWS instance ids, Azure vmIds and GCP numeric instance ids are not reused),
+    so a left-over binding authorizes nothing, while it keeps an identity document copied from
+    the host (they do not expire) from binding another key. Deleting them is not granted to the
+    functions fed by cloud events that call this (docs/threat-model.md): code there could
+    otherwise unbind a running workload's key. :func:`retire_and_unbind` is the administrator's."""
     had = w.store.revoke_tokens(workload_id)
     w.store.drop_connection(workload_id)
     if had:
         log.info("token of %s revoked: %s", workload_id, why)
         audit(w, "token.revoke", workload_id, "ringfence", reason=why)
+
+
+def retire_and_unbind(w: BaseWiring, workload_id: str, why: str) -> None:
+    """:func:`retire`, and the agent key unbound and a reset's named next key forgotten (nothing
+    is left for the id: DynamoDB kept the ``nextkey#`` item for good): for ids that name another
+    host when registered again (on-premise deregistration, an administrator's action)."""
+    w.store.drop_agent_key(workload_id)
+    w.store.expect_agent_key(workload_id, None)
+    retire(w, workload_id, why)
