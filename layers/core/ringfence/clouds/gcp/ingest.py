@@ -70,8 +70,11 @@ CLOCK_SKEW = 5.0
 # applied, clocks apart): one without a value the call set then says the call was undone
 SETTLED = 60.0
 # how long a stored VM may go unconfirmed (its zone missing from the full sync's listing, and a
-# lookup by its id in its zone failing too) before the sync fails closed and records it deleted
-UNCONFIRMED_MAX = 3600.0
+# lookup by its id in its zone failing too) before the sync fails closed and records it deleted.
+# A day, not an hour: a deleted VM's reused address is caught at once (a listed VM holding it), so
+# the bound is for what nothing else can see, and an hour-long Compute API outage in one zone must
+# not take that zone's live VMs out of every policy (and revoke their agents' tokens)
+UNCONFIRMED_MAX = 24 * 3600.0
 
 
 Listing = tuple[list[dict[str, Any]], bool]  # log entries about a VM, and whether that is all of them
