@@ -108,7 +108,12 @@ def test_cli_no_address_pair_gets_through_is_deny_and_expect_allow_fails(tmp_pat
     assert "10.1.0.1 → 10.1.0.2: DENY — inbound on s: no rule allows it (default deny)" in out
     assert "fd01::1 → fd01::2: DENY — outbound on c: no rule allows it (default deny)" in out
     doc = json.loads(rf(*args, "--json").stdout)
-    assert (doc["verdict"], doc["policy_verdict"], doc["by_address"]) == ("deny", "deny", [])
+    assert (doc["verdict"], doc["policy_verdict"]) == ("deny", "deny")
+    # alike by verdict, denied by different sides: each pair with what denies it, as the text says
+    assert [(p["from"], p["verdict"], p["denied_by"]) for p in doc["by_address"]] == [
+        ("10.1.0.1", "deny", "inbound on s: no rule allows it (default deny)"),
+        ("fd01::1", "deny", "outbound on c: no rule allows it (default deny)"),
+    ]
 
     test = rf("policy", "test", pol_dir, "--inventory", inv, ok=False).stdout
     assert "FAIL  client reaches server" in test and "expected allow, policy says deny for every address pair" in test
@@ -166,6 +171,42 @@ def test_cli_expect_allow_holds_for_some_pair_and_says_which(tmp_path: Path) -> 
 _RANK = {"deny": 0, "would-deny": 1, "allow": 2}
 
 
+STAGED_ON_ONE_PAIR = (
+    HEAD
+    + """ip_lists:
+  - {name: v6net, cidrs: ["fd01::/64"]}
+rulesets:
+  - name: r
+    scope: all()
+    same: []
+    rules:
+      - {name: out-any, from: role == client, to: {ip_list: any}, services: [tcp/80]}
+  - name: st
+    scope: all()
+    same: []
+    staged: true
+    rules:
+      - {name: in-v6-staged, from: {ip_list: v6net}, to: role == server, services: [tcp/80]}
+"""
+)
+
+
+def test_cli_a_staged_verdict_of_one_pair_shows_that_pairs_sides(tmp_path: Path) -> None:
+    """Every pair denied live, a staged rule would open the v6 pair: the sides shown were the v4
+    pair's (the first of the live best), so "staged rulesets would make this: ALLOW" came with no
+    staged rule anywhere in the text or the JSON. The pair deciding the staged verdict is shown."""
+    _, pol, inv = estate(tmp_path, STAGED_ON_ONE_PAIR, CROSS_INV)
+    args = ("explain", "--policy", pol, "--inventory", inv, "--from", "c", "--to", "s", "--port", "tcp/80")
+    out = rf(*args).stdout
+    assert "st/in-v6-staged [staged]" in out and "staged rulesets would make this: ALLOW" in out, out
+    assert "fd01::1 → fd01::2: DENY (staged: ALLOW)" in out, out
+    doc = json.loads(rf(*args, "--json").stdout)
+    assert (doc["verdict"], doc["staged_verdict"]) == ("deny", "allow")
+    assert doc["sides_for"] == {"from": "fd01::1", "to": "fd01::2"}
+    assert [[r["id"] for r in s["rules"]] for s in doc["sides"]] == [["r/out-any"], ["st/in-v6-staged"]]
+    assert [(p["from"], p["staged_verdict"]) for p in doc["by_address"]] == [("10.1.0.1", None), ("fd01::1", "allow")]
+
+
 def _pairs(src: Endpoint, dst: Endpoint) -> list[tuple[Address | None, Address | None]]:
     return [
         (sa, da)
@@ -185,7 +226,10 @@ def _check(top: Decision, per: list[tuple[Address | None, Address | None, Decisi
     policy = [p.policy_verdict for _, _, p in per]
     assert top.policy_verdict == ("allow" if "allow" in policy else "deny"), (top, policy)
     assert top.verdict == max((p.verdict for _, _, p in per), key=_RANK.__getitem__)
-    differs = any((p.verdict, p.policy_verdict) != (top.verdict, top.policy_verdict) for _, _, p in per)
+    staged = max((p.staged_verdict or p.verdict for _, _, p in per), key=_RANK.__getitem__)
+    assert (top.staged_verdict or top.verdict) == staged
+    top_key = (top.verdict, top.policy_verdict, staged)
+    differs = any((p.verdict, p.policy_verdict, p.staged_verdict or p.verdict) != top_key for _, _, p in per)
     assert bool(top.by_address) == differs
     if top.by_address:
         assert [(a, b, v) for a, b, v in top.by_address] == [(a, b, p.verdict) for a, b, p in per]

@@ -464,7 +464,7 @@ def _previous_compile(out: Path) -> tuple[dict[str, bundle_mod.Bundle], dict[str
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from ringfence.addresses import format_address
-    from ringfence.engine.explain import EndpointError, decide, format_decision, parse_endpoint
+    from ringfence.engine.explain import EndpointError, decide, format_decision, parse_endpoint, per_pair, why_denied
     from ringfence.services import PortSpecError, parse_flow_port
 
     policy, engine = _engine(args)
@@ -491,8 +491,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
                         "to": format_address(da) if da is not None else None,
                         "verdict": p.verdict,
                         "policy_verdict": p.policy_verdict,
+                        "staged_verdict": p.staged_verdict,
+                        "denied_by": why_denied(p),
                     }
-                    for sa, da, p in (d.pairs if d.by_address else [])
+                    for sa, da, p in per_pair(d)
                 ],
                 # several addresses: the (source, destination) address pair the sides are for
                 "sides_for": None

@@ -206,7 +206,12 @@ def decide(policy: Policy, src: Endpoint, dst: Endpoint, proto: str, port: int |
     ]
     if not pairs:
         return _decide(policy, src, dst, proto, port)
-    sa, da, best = max(pairs, key=lambda p: (_RANK[p[2].verdict], p[2].policy_verdict == "allow"))  # first of the best
+    # the first of the best, by verdict, then policy verdict, then staged verdict: the sides shown
+    # are those of a pair that decides all three whenever one does (a staged rule is seen)
+    sa, da, best = max(
+        pairs,
+        key=lambda p: (_RANK[p[2].verdict], p[2].policy_verdict == "allow", _RANK[p[2].staged_verdict or p[2].verdict]),
+    )
     staged = max((p.staged_verdict or p.verdict for _, _, p in pairs), key=_RANK.__getitem__)
     decision = Decision(
         src,
@@ -219,8 +224,8 @@ def decide(policy: Policy, src: Endpoint, dst: Endpoint, proto: str, port: int |
         pairs=pairs,
         shown=(sa, da),
     )
-    top = (decision.verdict, decision.policy_verdict)
-    if any((p.verdict, p.policy_verdict) != top for _, _, p in pairs):
+    top = (decision.verdict, decision.policy_verdict, staged)
+    if any((p.verdict, p.policy_verdict, p.staged_verdict or p.verdict) != top for _, _, p in pairs):
         decision.by_address = [(a, b, p.verdict) for a, b, p in pairs]
     return decision
 
@@ -272,7 +277,7 @@ def format_decision(d: Decision) -> str:
             )
     # several addresses: per pair when the pairs' verdicts differ, or their sides do (then the
     # sides above, one pair's, do not tell the others')
-    if d.by_address or (d.shown is not None and len({_sides_key(p) for _, _, p in d.pairs}) > 1):
+    if d.by_address or per_pair(d):
         head = "differs by address" if d.by_address else "alike for every address pair"
         shown = f"; the sides above are {_pair_name(d, *d.shown)}'s" if d.shown is not None else ""
         lines.append(f"  {head} (each packet carries one{shown}):")
@@ -281,6 +286,8 @@ def format_decision(d: Decision) -> str:
                 line = f"      {_pair_name(d, sa, da)}: {p.verdict.upper()}"
                 if p.policy_verdict == "deny" and p.verdict != "deny":
                     line += " (policy: DENY)"
+                if p.staged_verdict is not None:
+                    line += f" (staged: {p.staged_verdict.upper()})"
                 why = _why_denied(p)
                 lines.append(line + (f" — {why}" if why else ""))
         else:
@@ -289,6 +296,19 @@ def format_decision(d: Decision) -> str:
     if d.staged_verdict is not None:
         lines.append(f"  staged rulesets would make this: {d.staged_verdict.upper()}")
     return "\n".join(lines)
+
+
+def per_pair(d: Decision) -> list[tuple[Address | None, Address | None, Decision]]:
+    """Every address pair's own decision when the pairs are not all told by the sides shown (their
+    verdicts differ, or the rules deciding them do); else none."""
+    if d.shown is None or not (d.by_address or len({_sides_key(p) for _, _, p in d.pairs}) > 1):
+        return []
+    return list(d.pairs)
+
+
+def why_denied(d: Decision) -> str | None:
+    """What denies ``d`` (a rule, a side's default deny), in words; None when it is allowed."""
+    return _why_denied(d) or None
 
 
 def _pair_name(d: Decision, sa: Address | None, da: Address | None) -> str:
