@@ -454,22 +454,17 @@ def test_the_evaluator_reads_the_keys_of_each_kind_of_write() -> None:
         )
 
 
-def test_every_call_every_function_makes_is_granted_in_both_deployments(agent_stack: Env) -> None:
-    """The estate boots, scales out behind the agent launch gate, agents enroll and report, an
-    administrator acts, reconcile runs, an instance terminates: every AWS call each function made
-    is one its role is granted, in template.yaml and in infra/ alike (DynamoDB by table and
-    condition keys, S3 by the bucket's prefix, the rest by action)."""
-    env = agent_stack
-    rec = Recorder(env)
-    new = launch(env)  # boot: the estate's events through ingest, perimeter, compute and publish
-    token = enroll_instance(env, new)  # before its launch is ingested (the agent often is first)
+def _launched_enrolled_connected(env: Env) -> tuple[str, str]:
+    """An instance launched through the pipeline (ingest, perimeter, compute, publish), its agent
+    enrolled before the launch is ingested (the agent often is first), its first heartbeat (compute
+    completes the launch) and its WebSocket $connect: (its id, its token)."""
+    new = launch(env)
+    token = enroll_instance(env, new)
     env.pump()
     ptr = env.store.bundle_pointer(new)
     assert ptr is not None
     heartbeat(env, new, token, ptr.version)
-    env.pump()  # compute completes the launch
-    auth = {"Authorization": f"Bearer {token}"}
-    assert env.rest("agentapi", "GET", f"/v1/agents/{new}/deltas", headers=auth, query={"after": "0"})[0] in (200, 409)
+    env.pump()
     connect = {
         "requestContext": {"routeKey": "$connect", "connectionId": "c-1", "eventType": "CONNECT", "stage": "v1"},
         "queryStringParameters": None,
@@ -477,6 +472,19 @@ def test_every_call_every_function_makes_is_granted_in_both_deployments(agent_st
         "isBase64Encoded": False,
     }
     assert env.fn["wsconnect"].handler(connect, LambdaContext())["statusCode"] == 200
+    return new, token
+
+
+def test_every_call_every_function_makes_is_granted_in_both_deployments(agent_stack: Env) -> None:
+    """The estate boots, scales out behind the agent launch gate, agents enroll and report, an
+    administrator acts, reconcile runs, an instance terminates: every AWS call each function made
+    is one its role is granted, in template.yaml and in infra/ alike (DynamoDB by table and
+    condition keys, S3 by the bucket's prefix, the rest by action)."""
+    env = agent_stack
+    rec = Recorder(env)
+    new, token = _launched_enrolled_connected(env)
+    auth = {"Authorization": f"Bearer {token}"}
+    assert env.rest("agentapi", "GET", f"/v1/agents/{new}/deltas", headers=auth, query={"after": "0"})[0] in (200, 409)
     for method, path, body in (
         ("PUT", f"/admin/workloads/{new}/mode", {"mode": "observe"}),
         ("POST", f"/admin/workloads/{new}/quarantine", {"reason": "ir-1"}),
@@ -648,20 +656,7 @@ def test_attack_a_policy_item_forged_in_the_wsconnect_and_flows_roles_is_refused
     env = agent_stack
     env.fn["flows"] = load_functions(["flows"], ROOT / "functions")["flows"]
     rec = Recorder(env)  # before the first call: the functions keep the clients they made
-    new = launch(env)
-    token = enroll_instance(env, new)
-    env.pump()
-    ptr = env.store.bundle_pointer(new)
-    assert ptr is not None
-    heartbeat(env, new, token, ptr.version)
-    env.pump()  # compute completes the launch
-    connect = {
-        "requestContext": {"routeKey": "$connect", "connectionId": "c-1", "eventType": "CONNECT", "stage": "v1"},
-        "queryStringParameters": None,
-        "headers": {"Authorization": f"Bearer {token}"},
-        "isBase64Encoded": False,
-    }
-    assert env.fn["wsconnect"].handler(connect, LambdaContext())["statusCode"] == 200
+    new, _ = _launched_enrolled_connected(env)
     now = int(time.time())
     batch = {"flows": [{"start": now, "end": now + 5, "src": ip_of(env, new), "dst": "10.0.0.2", "proto": "tcp",
                         "dport": 443, "packets": 1, "bytes": 60, "direction": "outbound"}]}  # fmt: skip

@@ -398,12 +398,27 @@ def test_not_enforced_and_silent_from_stored_reports(tmp_path: Path) -> None:
     ]
 
 
+def _enrolled_at_version_7(store: Any, wids: tuple[str, ...], heartbeat: float) -> None:
+    """Running, enrolled workloads whose newest bundle is version 7, last heard at ``heartbeat``."""
+    from ringfence.model import Workload
+
+    for wid in wids:
+        store.observe(
+            InventoryRecord(
+                id=wid, workload=Workload(id=wid, ips=["10.0.0.1"], tags={}), state="running", observed_at=1
+            )
+        )
+        store.set_liveness(wid, enrolled=True, heartbeat=heartbeat)
+        store.put_bundle_pointer(
+            BundlePointer(workload_id=wid, version=7, key=f"k{wid}", etag='"7"', rules_revision=7, published_at=1)
+        )
+
+
 def test_findings_reach_the_siem_once_each_as_valid_ocsf(tmp_path: Path) -> None:
     """``announce`` (serve's findings pass, the AWS reconcile function): each finding goes to the
     SIEM once while its condition lasts, as a Detection Finding valid against the OCSF schema; a
     new condition for the same workload (a newer version not enforced) is a new finding."""
     from ringfence.control.findings import announce
-    from ringfence.model import Workload
     from ringfence.serve import build_wiring
     from tests.siem.test_siem import validate
 
@@ -411,16 +426,7 @@ def test_findings_reach_the_siem_once_each_as_valid_ocsf(tmp_path: Path) -> None
     w = build_wiring(f"sqlite:{tmp_path / 'state' / 's.db'}", siem=f"file:{siem}")
     try:
         now = 10_000.0
-        for wid in ("a", "b"):
-            w.store.observe(
-                InventoryRecord(
-                    id=wid, workload=Workload(id=wid, ips=["10.0.0.1"], tags={}), state="running", observed_at=1
-                )
-            )
-            w.store.set_liveness(wid, enrolled=True, heartbeat=now - 5)
-            w.store.put_bundle_pointer(
-                BundlePointer(workload_id=wid, version=7, key=f"k{wid}", etag='"7"', rules_revision=7, published_at=1)
-            )
+        _enrolled_at_version_7(w.store, ("a", "b"), heartbeat=now - 5)
         w.store.put_enforcement(EnforcementReport(workload_id="a", time=now - 5, version=7, latest_version=7))
         w.store.put_enforcement(EnforcementReport(workload_id="b", time=now - 5, version=6, latest_version=7))
 
@@ -514,7 +520,6 @@ def test_a_repaired_tamper_is_a_finding_for_a_day_and_reaches_the_siem_once_per_
     """``tampered`` from stored reports: alongside another finding of the workload, gone once
     the window has passed since the last rise; announced once per rise, valid OCSF."""
     from ringfence.control.findings import TAMPER_WINDOW, announce, findings
-    from ringfence.model import Workload
     from ringfence.serve import build_wiring
     from tests.siem.test_siem import validate
 
@@ -522,16 +527,7 @@ def test_a_repaired_tamper_is_a_finding_for_a_day_and_reaches_the_siem_once_per_
     w = build_wiring(f"sqlite:{tmp_path / 'state' / 's.db'}", siem=f"file:{siem}")
     try:
         now = 100_000.0
-        for wid in ("a", "b"):
-            w.store.observe(
-                InventoryRecord(
-                    id=wid, workload=Workload(id=wid, ips=["10.0.0.1"], tags={}), state="running", observed_at=1
-                )
-            )
-            w.store.set_liveness(wid, enrolled=True, heartbeat=now - 5)
-            w.store.put_bundle_pointer(
-                BundlePointer(workload_id=wid, version=7, key=f"k{wid}", etag='"7"', rules_revision=7, published_at=1)
-            )
+        _enrolled_at_version_7(w.store, ("a", "b"), heartbeat=now - 5)
         w.store.put_enforcement(
             EnforcementReport(
                 workload_id="a", time=now - 5, version=7, latest_version=7, tamper_reapplied=2,
