@@ -188,6 +188,7 @@ class Agent:
         # (id of the bundle, deltas applied) → the enforced digest they program (check_sets)
         self._expected: tuple[tuple[int, int], str] | None = None
         self._posture = False  # the last whole apply of this process was the fail-safe posture
+        self.applies = 0  # whole applies made by this process (check_sets: did one land since a read?)
 
     @property
     def kernel_plan(self) -> Plan | None:
@@ -257,6 +258,7 @@ class Agent:
         self.backend.apply(plan)
         self._kernel_plan = plan
         self._posture = False
+        self.applies += 1
         probe = getattr(self.backend, "fingerprint", None) if self.track_drift else None
         # nftables read the kernel back to seal the apply: that read is the baseline, not a second
         known = getattr(self.backend, "applied_fingerprint", None)
@@ -320,13 +322,15 @@ class Agent:
             lines = [f"tamper: Ringfence's rules were {what} in the kernel; re-applied revision {self.revision}"]
         return Result(True, lines + self.cut_sessions(plan))
 
-    def check_sets(self, revision: int | None, kernel_digest: str | None) -> Result:
+    def check_sets(self, revision: int | None, kernel_digest: str | None, applies: int | None = None) -> Result:
         """Re-apply when the enforced digest the heartbeat just read from the kernel
         (:meth:`enforced_state`) is not this bundle's and deltas': an address added to or removed
         from a bundle set ``s_*`` by another tool (``nft add element inet ringfence s_... { ip }``)
         is covered by neither the seal nor the group-set check, and listing 100,000 elements just
         for the drift check would cost up to 1.4 s; the heartbeat reads them anyway. Only while
-        this process enforces the bundle at that revision (not the posture, not mid-apply)."""
+        this process enforces the bundle at that revision (not the posture, not mid-apply), and
+        only if no whole apply landed since the read (``applies``: :attr:`applies` before it; the
+        drift check re-applying the same revision meanwhile would make it repair twice)."""
         with self._lock:
             if (
                 not self.track_drift  # drift_interval 0: no tamper repair at all (the control plane sees it)
@@ -334,6 +338,7 @@ class Agent:
                 or self.bundle is None
                 or revision is None
                 or revision != self.revision
+                or (applies is not None and applies != self.applies)
                 or self._kernel_plan is None
                 or self._posture  # the fail-safe posture is held, not the bundle
             ):

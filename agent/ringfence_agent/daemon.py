@@ -808,11 +808,12 @@ class Daemon:
             )
         if self.config_error is not None:
             message = self._config_problem() + (f"; {message}" if message else "")
+        applies = self.agent.applies
         revision, kernel_digest = self.agent.enforced_state()
         try:
             # what the kernel holds, just read whole: a bundle set changed by another tool is repaired here
             with self.apply_lock:
-                repaired = self.agent.check_sets(revision, kernel_digest)
+                repaired = self.agent.check_sets(revision, kernel_digest, applies)
         except (ApplyError, PlanError, OSError) as exc:
             log(f"re-applying the bundle after its sets were found altered failed: {exc}")
             repaired = None

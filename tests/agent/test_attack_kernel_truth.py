@@ -264,6 +264,47 @@ def test_attack_an_element_added_to_a_group_set_is_reported_and_repaired_by_the_
         net.kill(daemon, 15)
 
 
+SET_REPAIR_RACE = """
+import json, subprocess, sys, tempfile
+from pathlib import Path
+from ringfence.bundlewire import Verifier, load_bundle
+from ringfence_agent.backends.nft import NftBackend
+from ringfence_agent.core import Agent
+from ringfence_agent.plan import LocalFailsafes
+from ringfence_agent.state import StateDir
+doc = load_bundle(open(sys.argv[1], "rb").read())
+agent = Agent("h2", Verifier.from_file(Path(sys.argv[2])), NftBackend(), StateDir(Path(tempfile.mkdtemp())), LocalFailsafes(), log=lambda _: None)
+agent.track_drift = True
+agent.apply_bundle(doc)
+sets = json.loads(subprocess.run(["nft", "-j", "list", "sets", "inet"], capture_output=True).stdout)["nftables"]
+name = next(x["set"]["name"] for x in sets if x.get("set", {}).get("name", "").startswith("s_") and x["set"].get("elem"))
+subprocess.run(["nft", "add", "element", "inet", "ringfence", name, "{ " + sys.argv[3] + " }"], check=True)
+applies = agent.applies
+revision, digest = agent.enforced_state()  # the heartbeat's read: the tamper in it
+agent._apply(agent.ensure_plan())  # the drift check repairs the same revision meanwhile
+raced = agent.check_sets(revision, digest, applies).changed  # must not repair (and count) again
+applies = agent.applies
+revision, digest = agent.enforced_state()
+clean = agent.check_sets(revision, digest, applies).changed  # nothing to repair
+subprocess.run(["nft", "add", "element", "inet", "ringfence", name, "{ " + sys.argv[3] + " }"], check=True)
+applies = agent.applies
+revision, digest = agent.enforced_state()
+tampered = agent.check_sets(revision, digest, applies).changed  # a tamper nobody repaired: repaired
+print(json.dumps([raced, clean, tampered]))
+"""
+
+
+def test_a_set_repair_the_drift_check_made_meanwhile_is_not_made_again(net: NetLab, tmp_path: Path) -> None:
+    """The heartbeat reads the kernel without the apply lock; the drift check may re-apply the
+    same revision meanwhile. The heartbeat's set check then compared a stale digest (the tamper
+    still in it) and re-applied and counted the tamper a second time; it now skips when a whole
+    apply landed since its read, and still repairs a tamper nobody else did."""
+    path = write(_engine(net).bundle("h2"), tmp_path / "bundle.json")
+    proc = net.exec("h2", sys.executable, "-c", SET_REPAIR_RACE, str(path), str(PUBLIC_KEY), net.v4("h4"))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [False, False, True]
+
+
 GROUP_TAMPER = """
 import json, subprocess, sys
 from ringfence import enforced
