@@ -185,8 +185,10 @@ class Agent:
         self._versions: dict[str, int] | None = None
         self._members: dict[str, set[str]] = {}
         self._stale: set[str] = set()
-        # (id of the bundle, deltas applied) → the enforced digest they program (check_sets)
-        self._expected: tuple[tuple[int, int], str] | None = None
+        # the signatures of the bundle and of each applied delta (Ed25519 is deterministic: one per
+        # content) → the enforced digest they program (check_sets); never by object id (ids are
+        # reused) nor by how many deltas (a rewound chain grows back to the same length)
+        self._expected: tuple[tuple[object, ...], str] | None = None
         self._posture = False  # the last whole apply of this process was the fail-safe posture
         self.applies = 0  # whole applies made by this process (check_sets: did one land since a read?)
 
@@ -343,7 +345,7 @@ class Agent:
                 or self._posture  # the fail-safe posture is held, not the bundle
             ):
                 return Result(False)
-            key = (id(self.bundle), len(self.deltas))
+            key = (self.bundle.signature, *(d.signature for d in self.deltas))
             if self._expected is None or self._expected[0] != key:
                 self._expected = (key, enforced.expected(self.bundle, self.deltas))
             if kernel_digest == self._expected[1]:

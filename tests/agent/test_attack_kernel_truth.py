@@ -305,6 +305,49 @@ def test_a_set_repair_the_drift_check_made_meanwhile_is_not_made_again(net: NetL
     assert json.loads(proc.stdout) == [False, False, True]
 
 
+REWOUND_CHAIN = """
+import json, sys, tempfile
+from pathlib import Path
+from ringfence.bundlewire import Verifier, load_bundle, load_delta
+from ringfence_agent.backends.nft import NftBackend
+from ringfence_agent.core import Agent
+from ringfence_agent.plan import LocalFailsafes
+from ringfence_agent.state import StateDir
+doc = load_bundle(open(sys.argv[1], "rb").read())
+first, other = (load_delta(open(p, "rb").read()) for p in sys.argv[3:5])
+agent = Agent("h2", Verifier.from_file(Path(sys.argv[2])), NftBackend(), StateDir(Path(tempfile.mkdtemp())), LocalFailsafes(), log=lambda _: None)
+agent.track_drift = True
+agent.apply_bundle(doc)
+out = []
+for delta in (first, other):
+    agent.apply_delta(delta)
+    revision, digest = agent.enforced_state()
+    out.append(agent.check_sets(revision, digest, agent.applies).changed)  # the kernel is as applied
+    agent.rewind_deltas(0)
+print(json.dumps(out))
+"""
+
+
+def test_a_rewound_delta_chain_of_the_same_length_is_not_taken_for_a_tamper(net: NetLab, tmp_path: Path) -> None:
+    """The heartbeat's expected digest was cached by the bundle object's id and the number of
+    deltas applied: a chain rewound and grown back to the same length with another delta (same
+    set, same versions, other addresses) compared the kernel with the old chain's digest, so an
+    intact kernel was re-applied and counted as a tamper at every heartbeat. The cache is keyed
+    by the documents' signatures."""
+    lab = _engine(net)
+    doc = write(lab.bundle("h2"), tmp_path / "bundle.json")
+    first = lab.upsert(Workload(id="h4", ips=[net.v4("h4")], tags={"ringfence:role": "client", "ringfence:app": "lab"}))
+    other_lab = _engine(net)
+    other = other_lab.upsert(
+        Workload(id="h9", ips=["10.77.0.9"], tags={"ringfence:role": "client", "ringfence:app": "lab"})
+    )
+    assert len(first) == len(other) == 1 and (first[0].set, first[0].to_version) == (other[0].set, other[0].to_version)
+    paths = [str(write(d[0], tmp_path / f"delta-{i}.json")) for i, d in enumerate((first, other))]
+    proc = net.exec("h2", sys.executable, "-c", REWOUND_CHAIN, str(doc), str(PUBLIC_KEY), *paths)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [False, False]
+
+
 GROUP_TAMPER = """
 import json, subprocess, sys
 from ringfence import enforced
