@@ -87,6 +87,10 @@ class VersionStore(Protocol):
 
     def versions(self) -> list[PolicyVersion]: ...
 
+    def highest_number(self) -> int:
+        """The highest number a version holds, readable or not (never given out again); 0: none."""
+        ...
+
     def put(self, version: PolicyVersion) -> None:
         """Store a new version; raise :class:`VersionConflict` if the number exists."""
         ...
@@ -291,12 +295,8 @@ def digest_of(files: dict[str, str]) -> str:
 
 
 def next_version(store: VersionStore, files: dict[str, str], author: str, message: str) -> PolicyVersion:
-    latest = store.latest()
-    number = latest.number if latest else 0
-    if isinstance(store, FileVersionStore):  # past an unreadable file too: a number is never reused
-        number = max(number, store.highest_number())
     return PolicyVersion(
-        number=number + 1,
+        number=store.highest_number() + 1,  # past an unreadable version too: a number is never reused
         author=author,
         message=message,
         created_at=now(),
