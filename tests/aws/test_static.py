@@ -230,6 +230,31 @@ def test_compute_failures_and_a_stuck_compute_queue_are_alarmed() -> None:
     assert "aws_sqs_queue.publish.name" in str(publish_age["dimensions"])
 
 
+def test_a_refused_staged_bundle_is_alarmed_on_its_own_in_both_deployments() -> None:
+    """StagedBundlesRefused (a staged copy that is not the bytes compute hashed: possible
+    tampering with the staging bucket) alarms at once in both stacks, not only through the
+    publish DLQ after the retries; one alarm each, the same metric, dimension and description."""
+    res = template()["Resources"]
+    sam = [
+        r["Properties"]
+        for r in res.values()
+        if r["Type"] == "AWS::CloudWatch::Alarm" and r["Properties"]["MetricName"] == "StagedBundlesRefused"
+    ]
+    assert len(sam) == 1
+    assert sam[0]["Namespace"] == "Ringfence" and sam[0]["Statistic"] == "Sum"
+    assert sam[0]["Dimensions"] == [{"Name": "service", "Value": "ringfence"}]
+    assert sam[0]["Threshold"] == 0 and sam[0]["AlarmActions"] == [{"Ref": "AlarmTopic"}]
+    assert "tampering" in sam[0]["AlarmDescription"] and "per attempt" in sam[0]["AlarmDescription"]
+    tf = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/alarms.tf").read_text()))
+    loc: dict[str, Any] = {}
+    for block in tf.get("locals", []):
+        loc.update(block)
+    found = [a for a in loc["alarms"].values() if a["metric"] == "StagedBundlesRefused"]
+    assert len(found) == 1
+    assert found[0]["ns"] == "Ringfence" and found[0]["stat"] == "Sum" and found[0]["dims"] == {"service": "ringfence"}
+    assert found[0]["what"] == sam[0]["AlarmDescription"]
+
+
 def test_perimeter_iam_changes_and_deletes_only_tagged_groups_in_both_deployments() -> None:
     """The perimeter may delete and change rules only of groups carrying its tag, and create only
     groups tagged at birth: in template.yaml and in infra/ alike."""
