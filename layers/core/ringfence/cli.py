@@ -20,26 +20,34 @@ if TYPE_CHECKING:
     from ringfence.engine import Engine
     from ringfence.model import Workload
     from ringfence.policy import Policy
-    from ringfence.versions import FileVersionStore
+    from ringfence.versions import FileVersionStore, VersionScan
 
 
 class CliError(Exception):
     """A user-facing failure: printed without a traceback, exit status 1."""
 
 
-def _store(args: argparse.Namespace) -> FileVersionStore:
-    """The CLI's version store; a version file that does not read as a version is named on stderr
-    (it is skipped, never the active version, and its number is not given out again)."""
+def _store(args: argparse.Namespace) -> tuple[FileVersionStore, VersionScan]:
+    """The CLI's version store and its version files, read once (the command passes the read on
+    rather than reading them again); a version file that does not read as a version is named on
+    stderr (it is skipped, never the active version, and its number is not given out again)."""
     from ringfence.versions import FileVersionStore
 
     store = FileVersionStore(Path(args.store or os.environ.get("RINGFENCE_STORE", ".ringfence")))
-    for problem in store.unreadable():
+    scan = store.scan()
+    for problem in scan.unreadable:
         print(f"warning: {problem}: skipped (set it aside once looked at)", file=sys.stderr)
-    return store
+    return store, scan
 
 
 def _record_version(
-    store: FileVersionStore, files: dict[str, str], author: str, message: str, action: str, detail: dict[str, Any]
+    store: FileVersionStore,
+    scan: VersionScan,
+    files: dict[str, str],
+    author: str,
+    message: str,
+    action: str,
+    detail: dict[str, Any],
 ) -> Any:
     """``record_version`` (its audit record first, then the version), its failures as errors
     naming the store and saying truthfully what was written."""
@@ -48,10 +56,10 @@ def _record_version(
     def warn(text: str) -> None:
         print(f"warning: {store.root}: {text}", file=sys.stderr)
 
-    if skipped := store.unreadable():  # the audit record says which files the number went past
-        detail = {**detail, "skipped_unreadable_versions": skipped}
+    if scan.unreadable:  # the audit record says which files the number went past
+        detail = {**detail, "skipped_unreadable_versions": scan.unreadable}
     try:
-        return record_version(store, files, author, message, action, detail, warn=warn)
+        return record_version(store, files, author, message, action, detail, warn=warn, scan=scan)
     except AuditNotWritten as exc:
         why = exc.cause.strerror or str(exc.cause)
         raise CliError(
@@ -178,9 +186,9 @@ def cmd_policy_diff(args: argparse.Namespace) -> int:
     from ringfence.policy import load_policy, load_policy_texts
     from ringfence.policydiff import diff
 
-    store = _store(args)
+    _, scan = _store(args)
     draft = load_policy(Path(args.path))
-    latest = store.latest()
+    latest = scan.latest
     active = load_policy_texts(latest.files) if latest else None
     result = diff(active, draft, _inventory(args))
     print(f"draft vs active version {latest.number}" if latest else "draft vs nothing provisioned yet")
@@ -201,17 +209,19 @@ def cmd_policy_provision(args: argparse.Namespace) -> int:
     if failures:
         raise CliError(f"{failures} policy test(s) fail: nothing provisioned")
     found = _print_warnings(draft, workloads if args.inventory else None)
-    store = _store(args)
+    store, scan = _store(args)
     base = path if path.is_dir() else path.parent
     files = relative_files(draft.sources, base)
-    latest = store.latest()
+    latest = scan.latest
     if latest is not None and latest.digest == digest_of(files):
         print(f"draft is identical to active version {latest.number}: nothing to provision")
         return 0
     detail: dict[str, Any] = {"rules": len(draft.rules)}
     if found:
         detail["warnings"] = found
-    version = _record_version(store, files, args.author or default_actor(), args.message, "policy.provision", detail)
+    version = _record_version(
+        store, scan, files, args.author or default_actor(), args.message, "policy.provision", detail
+    )
     print(f"provisioned policy version {version.number} by {version.author}: {version.message}")
     return 0
 
@@ -239,13 +249,13 @@ def cmd_policy_revert(args: argparse.Namespace) -> int:
 
     if not args.message.strip():
         raise CliError("--message must say why")
-    store = _store(args)
+    store, scan = _store(args)
     try:
         old = store.get(args.number)
     except VersionUnreadable as exc:
         raise CliError(f"{exc}: cannot revert to it") from None
     policy = load_policy_texts(old.files)
-    latest = store.latest()
+    latest = scan.latest
     if latest is not None and latest.digest == old.digest:
         print(f"active version {latest.number} already has the content of version {old.number}")
         return 0
@@ -258,13 +268,15 @@ def cmd_policy_revert(args: argparse.Namespace) -> int:
     if failures:
         detail["forced_past_failing_tests"] = failures
         print(f"warning: reverting although {failures} policy test(s) fail (--force)", file=sys.stderr)
-    version = _record_version(store, old.files, args.author or default_actor(), args.message, "policy.revert", detail)
+    version = _record_version(
+        store, scan, old.files, args.author or default_actor(), args.message, "policy.revert", detail
+    )
     print(f"provisioned policy version {version.number} with the content of version {old.number}: {version.message}")
     return 0
 
 
 def cmd_policy_versions(args: argparse.Namespace) -> int:
-    for v in _store(args).versions():
+    for v in _store(args)[1].versions:
         print(f"{v.number:>4}  {v.created_at}  {v.author:<16} {v.message}")
     return 0
 
@@ -280,7 +292,7 @@ def cmd_labels_check(args: argparse.Namespace) -> int:
     policy = load_policy(Path(args.policy))
     store = None
     if args.flows:
-        store = _reading_store(args.flows)
+        store = _opened_store(args.flows)
     if args.inventory:
         workloads = _inventory(args)
     elif store is not None:  # the estate as reconcile and ingest keep it
@@ -547,7 +559,7 @@ def cmd_map(args: argparse.Namespace) -> int:
     from ringfence.viz.depmap import MapFilter, build_map
     from ringfence.viz.render import render
 
-    rows = _reading_store(args.flows).flow_rows() if args.flows else []
+    rows = _opened_store(args.flows).flow_rows() if args.flows else []
     draft = load_policy(Path(args.draft)) if args.draft else None
     f = MapFilter(app=args.app, env=args.env, decision=args.decision, min_flows=args.min_flows)
     m = build_map(load_policy(Path(args.policy)), _inventory(args), rows, f, draft)
@@ -570,7 +582,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     from ringfence.policytests import run_tests
 
     policy = load_policy(Path(args.policy))
-    rows = _reading_store(args.flows).flow_rows()
+    rows = _opened_store(args.flows).flow_rows()
     sug = suggest(policy, rows, args.app, args.env, args.min_flows, args.include_allowed)
     if args.json:
         _emit(json.dumps(sug.doc(), indent=1, sort_keys=True) + "\n", args.out)
@@ -596,7 +608,7 @@ def cmd_findings(args: argparse.Namespace) -> int:
 
     if args.bound <= 0:
         raise CliError(f"--bound {args.bound}: must be a positive number of seconds")
-    res = findings(_reading_store(args.store), bound=args.bound)
+    res = findings(_opened_store(args.store), bound=args.bound)
     if args.json:
         print(res.model_dump_json(indent=1))
         return 1 if res.findings else 0
@@ -612,14 +624,8 @@ def cmd_flows_ingest(args: argparse.Namespace) -> int:
     from ringfence.flows.ingest import FlowIngest, reporter_of
     from ringfence.flows.resolve import sync_addresses
     from ringfence.policy import load_policy
-    from ringfence.store import open_store
 
-    if args.store.startswith("sqlite:") and not args.create and not Path(args.store.removeprefix("sqlite:")).is_file():
-        raise CliError(f"store {args.store!r}: no such database file (--create to start one)")
-    try:
-        store = open_store(args.store)
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
+    store = _opened_store(args.store, write=True, create=args.create)
     ingest = FlowIngest(store, load_policy(Path(args.policy)), args.retention_days)
     if args.inventory:  # an estate from a file: its owners noted as of now
         sync_addresses(store, _inventory(args), [], time.time())
@@ -685,15 +691,16 @@ AUDIT_STORE_HELP = (
 )
 
 
-def _reading_store(spec: str, what: str = "store") -> Any:
-    """A store a command only reads: a SQLite file must exist (opening would create an empty one,
-    whose nothing reads as "0 findings" or an empty chain that verifies) and is opened read-only."""
+def _opened_store(spec: str, what: str = "store", *, write: bool = False, create: bool = False) -> Any:
+    """A store a command reads (opened read-only) or, with ``write``, writes. A SQLite file must
+    exist unless ``create`` says to start one: opening would create an empty one, whose nothing
+    reads as "0 findings" or an empty chain that verifies."""
     from ringfence.store import open_store
 
-    if spec.startswith("sqlite:") and not Path(spec.removeprefix("sqlite:")).is_file():
-        raise CliError(f"{what} {spec!r}: no such database file")
+    if spec.startswith("sqlite:") and not create and not Path(spec.removeprefix("sqlite:")).is_file():
+        raise CliError(f"{what} {spec!r}: no such database file" + (" (--create to start one)" if write else ""))
     try:
-        return open_store(spec, read_only=True)
+        return open_store(spec, read_only=not write)
     except ValueError as exc:
         raise CliError(str(exc)) from None
 
@@ -701,7 +708,7 @@ def _reading_store(spec: str, what: str = "store") -> Any:
 def _audit_store(spec: str | None) -> Any:
     spec = spec or os.environ.get("RINGFENCE_STORE", ".ringfence")
     if spec.startswith(("sqlite:", "dynamodb:")):
-        return _reading_store(spec, "audit store")
+        return _opened_store(spec, "audit store")
     from ringfence.versions import FileVersionStore
 
     root = Path(spec.removeprefix("file:"))

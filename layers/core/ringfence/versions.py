@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -102,6 +103,20 @@ class VersionStore(Protocol):
     def audit_head(self) -> AuditHead | None: ...
 
 
+@dataclass(frozen=True)
+class VersionScan:
+    """Every version file of a :class:`FileVersionStore` read once (:meth:`FileVersionStore.scan`):
+    a command reads the store once and passes this on instead of reading it again per question."""
+
+    versions: list[PolicyVersion]  # the readable ones, oldest first
+    unreadable: list[str]  # one message per file that does not read as a version, naming it
+
+    @property
+    def latest(self) -> PolicyVersion | None:
+        """The newest readable version (:meth:`FileVersionStore.latest`)."""
+        return self.versions[-1] if self.versions else None
+
+
 def default_actor() -> str:
     return os.environ.get("RINGFENCE_ACTOR") or os.environ.get("USER") or "unknown"
 
@@ -114,7 +129,7 @@ class FileVersionStore:
     replaces: two provisioners of one number, one wins), and the directory is fsynced: a version
     file is there whole or not at all, whatever the disk or a kill does meanwhile. A file that does
     not read as a version (an empty or torn one left by an earlier release, or damage) is skipped
-    and named by :meth:`unreadable`, never taken for the active version; its number is not reused.
+    and named by :meth:`scan`, never taken for the active version; its number is not reused.
 
     Writers of the chain take an exclusive ``flock`` on ``<dir>/audit.lock``, continue the chain
     from the file's last line, append (fsynced) and then replace the head file atomically. A crash
@@ -143,22 +158,19 @@ class FileVersionStore:
             empty = " (empty)" if path.stat().st_size == 0 else ""
             raise VersionUnreadable(f"{path}: not a policy version{empty}: {why}") from None
 
-    def _readable(self) -> tuple[list[PolicyVersion], list[str]]:
+    def scan(self) -> VersionScan:
+        """Every version file read once: the readable versions and the unreadable files named."""
         good, bad = [], []
         for p in self._paths():
             try:
                 good.append(self._read(p))
             except VersionUnreadable as exc:
                 bad.append(str(exc))
-        return good, bad
+        return VersionScan(good, bad)
 
     def versions(self) -> list[PolicyVersion]:
-        """Every readable version, oldest first (see :meth:`unreadable` for the others)."""
-        return self._readable()[0]
-
-    def unreadable(self) -> list[str]:
-        """One message per version file that does not read as a version, naming it."""
-        return self._readable()[1]
+        """Every readable version, oldest first (:meth:`scan` names the others)."""
+        return self.scan().versions
 
     def highest_number(self) -> int:
         """The highest number a version file holds, readable or not (never given out again)."""
@@ -313,6 +325,7 @@ def record_version(
     action: str,
     detail: dict[str, object],
     warn: Callable[[str], None] | None = None,
+    scan: VersionScan | None = None,
 ) -> PolicyVersion:
     """Append the audit record naming the next version (its number and digest), then store
     ``files`` as that version: a version is never written without its record (as the control
@@ -324,8 +337,11 @@ def record_version(
       where someone else's version holds the number (a lost race, :class:`VersionConflict`),
       ``<action>.unconfirmed`` where the store cannot say; each names the first record's id;
     - the write raised but the store holds this very version: it stands with its record (true);
-      ``warn`` is told why."""
-    before = store.latest()
+      ``warn`` is told why.
+
+    ``scan``: the caller's read of the store (its active version is the record's ``before``),
+    so that the store's versions are not read again."""
+    before = scan.latest if scan is not None else store.latest()
     version = next_version(store, files, author, message)
     target = f"policy/{version.number}"
     record = AuditRecord(
