@@ -48,6 +48,24 @@ def counts(text: str) -> dict[str, float]:
     return out
 
 
+def test_the_alerted_counters_are_exposed_at_zero_before_anything_happens(server: Server) -> None:
+    """The docs alert on ``increase(ringfence_safeguards_lowered_total[5m]) > 0``: a series that
+    first appears at 1 (made at its first increment) is one ``increase()`` cannot count, so the
+    first idle or release after each start raised no alert. The counters the docs name for
+    alerts are there, at zero, from the first scrape."""
+    c = counts(scrape(server).text)
+    for name in (
+        "safeguards_lowered",
+        "admin_actions",
+        "admin_requests_refused",
+        "enrollments",
+        "enrollments_refused",
+        "agent_requests_refused",
+        "agent_requests_invalid",
+    ):
+        assert c.get(f"ringfence_{name}_total") == 0, name
+
+
 def test_serve_counts_what_admins_and_agents_do_for_an_admin_token_only(server: Server) -> None:
     assert scrape(server, None).status_code == 401
     assert scrape(server, "not-a-token").status_code == 401
@@ -74,7 +92,7 @@ def test_serve_counts_what_admins_and_agents_do_for_an_admin_token_only(server: 
     assert c["ringfence_admin_actions_total"] == len(ESTATE) + 3
     assert c["ringfence_admin_requests_refused_total"] == 1
     assert c["ringfence_enrollments_refused_total"] == 1
-    assert "ringfence_enrollments_total" not in c, "nothing was enrolled"
+    assert c["ringfence_enrollments_total"] == 0, "nothing was enrolled"
     # the compute worker's counts too: every registered workload's bundle published
     wait_until(
         lambda: counts(scrape(server).text).get("ringfence_bundles_published_total", 0) >= len(ESTATE),

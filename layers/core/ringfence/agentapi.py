@@ -47,8 +47,8 @@ class EnrollRequest(_Body):
     pairing_key: str | None = None
     agent_key: str | None = Field(
         None,
-        description="the agent's own Ed25519 public key (PEM); required but for pairing: the first enrollment binds "
-        "it to the workload, and token refresh and re-enrollment are signatures by it",
+        description="the agent's own Ed25519 public key (PEM); required for every method: the first enrollment "
+        "binds it to the workload, and token refresh and re-enrollment are signatures by it",
     )
     agent_signature: str | None = Field(
         None, description="base64 Ed25519 signature by agent_key over the proof message (purpose enroll)"

@@ -14,10 +14,24 @@ import threading
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
-__all__ = ["CONTENT_TYPE_LATEST", "Counters", "prometheus_name"]
+__all__ = ["ALERTED", "CONTENT_TYPE_LATEST", "Counters", "prometheus_name"]
 
 log = logging.getLogger("ringfence.metrics")
 _WORD = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+
+
+ALERTED = (
+    "SafeguardsLowered",
+    "AdminActions",
+    "AdminRequestsRefused",
+    "Enrollments",
+    "EnrollmentsRefused",
+    "AgentRequestsRefused",
+    "AgentRequestsInvalid",
+)
+"""Counters exposed at zero from the start (docs/serve.md names them for alerts): Prometheus'
+``increase()`` cannot count a series that first appears already at 1, so the first lowering of a
+safeguard after a restart would raise no alert."""
 
 
 def prometheus_name(name: str) -> str:
@@ -27,12 +41,15 @@ def prometheus_name(name: str) -> str:
 
 class Counters:
     """A :data:`~ringfence.control.wiring.Metric`: ``counters(name, value)`` adds ``value`` to the
-    counter ``name`` (made at its first use), from any thread."""
+    counter ``name`` (made at its first use, or at zero from the start for :data:`ALERTED`), from
+    any thread."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._by_name: dict[str, Counter] = {}
         self._lock = threading.Lock()
+        for name in ALERTED:
+            self(name, 0)
 
     def __call__(self, name: str, value: float) -> None:
         if value < 0:  # every metric the services emit is a count; a counter never goes down

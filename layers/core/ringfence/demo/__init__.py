@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--bench",
         action="store_true",
         help="live: time-to-policy benchmark (launch, tag change, quarantine, 10- and 50-instance scale-outs) "
-        "instead of the walkthrough; writes out/bench.json",
+        "instead of the walkthrough; writes out/summary.json",
     )
     p.add_argument(
         "--dry-run",

@@ -6,7 +6,7 @@ After the live demo's start (estate, control plane, 20 agents), each kind of clo
 boots, enrolls and applies, peers apply the set delta), a tag change (``env`` of one instance,
 flipping between an invalid and a valid value), a quarantine and its release (admin API); then a
 10- and a 50-instance scale-out, each followed by the scale-in. Samples, p50/p95 and where the
-time went go to ``out/bench.json``.
+time went go to ``out/summary.json``.
 """
 
 from __future__ import annotations
