@@ -77,3 +77,59 @@ def test_first_bundle_refused_is_rendered_again_once_its_mark_is_stale(
     got = env.bundle(new)  # verified against the signing key: compute's render, not the forged copy
     assert got.version == job["version"] and got.mode.value == real["mode"] != "idle"
     assert env.count("publish") == 0
+
+
+def test_a_terminating_workload_whose_mark_is_stale_does_not_ask_compute_at_every_heartbeat(
+    env: Env, monkeypatch: Any
+) -> None:
+    """Compute renders only active workloads (pending, running): a terminating one (held by its
+    terminate hook, its agent still up and holding its token) is out of the engine, so a render
+    asked for it renders nothing and renews no mark. Its stale mark (a refused first bundle here)
+    would have every heartbeat of the Terminating:Wait ask compute again, for nothing."""
+    from ringfence.control import agents as agents_mod
+    from ringfence.control import compute as compute_mod
+
+    boot(env)
+    monkeypatch.setattr(compute_mod, "MESSAGE_BUDGET", 100)  # every bundle staged
+    env.asg.put_lifecycle_hook(
+        AutoScalingGroupName="rf-web-asg",
+        LifecycleHookName="rf-leave",
+        LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING",
+        HeartbeatTimeout=300,
+        DefaultResult="CONTINUE",
+    )
+    env.asg.set_desired_capacity(AutoScalingGroupName="rf-web-asg", DesiredCapacity=1)
+    (web,) = env.asg_instances()
+    env.put(env.state_event(web, "running"))
+    env.drain("ingest", "ingest")
+    env.drain("perimeter", "perimeter")
+    env._drain("compute", "compute")  # its first bundle staged, the job queued
+    msgs = env.receive("publish")
+    mine = [json.loads(m["Body"]) for m in msgs]
+    mine = [j for j in mine if any(b["workload_id"] == web for b in j["bundles"])]
+    assert len(mine) == 1
+    for m in msgs:
+        env.sqs.delete_message(QueueUrl=env.queues["publish"], ReceiptHandle=m["ReceiptHandle"])
+    for b in mine[0]["bundles"]:
+        b.pop("staged_sha256", None)  # refused on every retry: only compute's mark stays
+    for _ in range(3):
+        env.fn["publish"].handler(env.sqs_event([_message(mine[0])], env.aws.queue_arn("publish")), LambdaContext())
+    assert env.store.bundle_pointer(web) is None and env.store.bundle_pending(web) is not None
+    token = enroll_instance(env, web)
+
+    # scale-in: Auto Scaling terminates it, its terminate hook holds it (the agent runs on)
+    env.asg.terminate_instance_in_auto_scaling_group(InstanceId=web, ShouldDecrementDesiredCapacity=True)
+    env.put(env.lifecycle_event(web, launching=False))
+    env.pump()
+    assert env.store.get(web).state == "terminating"
+
+    monkeypatch.setattr(agents_mod, "PENDING_STALE_S", 0.0)  # the mark long stale
+    assert env.count("compute") == 0
+    asked = 0
+    for _ in range(3):
+        heartbeat(env, web, token, None)  # accepted: a terminating workload keeps its token
+        asked += env.count("compute")
+        env.drain("compute", "compute")  # a render asked for it would renew no mark
+    assert asked == 0
+    assert env.store.get(web).state == "terminating"
+    assert env.store.bundle_pointer(web) is None  # nothing rendered for it, as before

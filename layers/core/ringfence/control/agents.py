@@ -43,8 +43,9 @@ HISTORY_LOOKUPS = 8  # addresses of a report batch looked up in the address hist
 WAITS_PER_WORKLOAD = 2  # long-polls of one workload a process answers at once (a reconnect overlaps one)
 # a bundle marked pending this long (s) and still not pointed at is a job lost on the way (its
 # message in the publish DLQ): its agent gets no set deltas past the mark until it lands, so a
-# heartbeat asks compute to render it again. Publication takes seconds; one failed receive
-# (the publish queue's visibility timeout) is 12 minutes.
+# heartbeat asks compute to render it again (an active workload's only: compute renders no
+# other). Publication takes seconds; one failed receive (the publish queue's visibility timeout)
+# is 12 minutes.
 PENDING_STALE_S = 900.0
 
 # an enrollment method given to this API alone (beside the wiring's, ringfence.control.enroll): checks
@@ -421,7 +422,11 @@ class AgentApi:
             log.info("agent %s is back online: rejoining peers' sets", workload_id)
             self.w.enqueue_compute([workload_id])
         ptr = grant.pointer if grant is not None else self.w.store.bundle_pointer(workload_id)
-        if ptr is not None:
+        if rec.state not in ACTIVE_STATES:
+            # compute renders active workloads only: one terminating (its agent still up) would
+            # get no render and no fresh mark, and every heartbeat would ask compute again
+            in_flight, pending_at = None, None
+        elif ptr is not None:
             in_flight, pending_at = ptr.in_flight, ptr.pending_at
         else:
             # no bundle pointed at yet: its first one on its way, or that job lost or refused

@@ -25,7 +25,8 @@ other bundles are published. Whoever may write the bucket can thus delay a workl
 choose it: its pointer stays on its previous good bundle (a new workload has none yet: its agent
 gets 404 meanwhile), and once the pending mark is ``PENDING_STALE_S`` old the agent's heartbeat
 has the agent API ask compute to render it again (a fresh staged copy, a fresh hash), a first
-bundle too (the mark read alone, ``Store.bundle_pending``). A job queued before the field existed
+bundle too (the mark read alone, ``Store.bundle_pending``); not for a workload no longer active
+(terminating: compute renders it no more). A job queued before the field existed
 (``staged_sha256`` None) is refused alike: never signed blindly, and the same stale-mark
 re-render replaces it.
 
