@@ -21,7 +21,8 @@ import requests
 
 from ringfence.agentapi import DropEvent
 from ringfence.audit import AuditHead, AuditRecord, seal
-from ringfence.siem import Siem, SiemSpecError, drop_activity, ocsf, to_cef
+from ringfence.siem import Siem, SiemSpecError, drop_activity, fold_drops, ocsf, to_cef
+from ringfence.siem.sinks import parse
 
 SCHEMA = json.loads((Path(__file__).parent / "ocsf-1.7.0-subset.schema.json").read_text())
 CLASS_DEF = {4001: "network_activity", 6003: "api_activity", 2004: "detection_finding"}
@@ -76,8 +77,44 @@ FINDING = ocsf.detection_finding(
         network(drop()),
         network(drop("would-drop", direction="outbound", sport=None, dport=None, proto="icmp", rule_id=None)),
         FINDING,
+        drop_activity("i-0abc", fold_drops([drop(), drop(time=1764750009.5, sport=40001, count=4)])[0]),
+        ocsf.drops_suppressed(
+            "i-0abc",
+            action="drop",
+            events=7,
+            count=90,
+            first=1764750000.0,
+            last=1764750030.0,
+            window_start=1764750000.0,
+            window=60.0,
+            budget=100,
+            seq=1,
+        ),
+        ocsf.drops_suppressed(
+            "i-0abc",
+            action="would-drop",
+            events=1,
+            count=1,
+            first=1764750000.0,
+            last=1764750000.0,
+            window_start=1764750000.0,
+            window=60.0,
+            budget=1,
+            seq=2,
+        ),
     ],
-    ids=["quarantine", "provision", "denied", "revoke", "drop", "would-drop", "finding"],
+    ids=[
+        "quarantine",
+        "provision",
+        "denied",
+        "revoke",
+        "drop",
+        "would-drop",
+        "finding",
+        "folded",
+        "suppressed",
+        "suppressed-would-drop",
+    ],
 )
 def test_events_are_valid_ocsf_of_their_class(event: dict[str, Any]) -> None:
     validate(event)
@@ -229,6 +266,51 @@ def test_file_sink_writes_json_lines(tmp_path: Path) -> None:
     assert len(lines) == 2 and (tmp_path / "siem.cef").read_text().count("CEF:0|") == 2
 
 
+def test_drop_events_past_a_workloads_budget_are_summarized(tmp_path: Path) -> None:
+    """Each workload has its own budget per window; past it the first overflow is summarized at
+    once, later ones when the window ends (at the next report of any workload) or at close, one
+    summary per action; the counts of what is sent add up to every drop; 0 is no budget."""
+    now = [1764750000.0]
+    spec = f"file:{tmp_path / 'siem.jsonl'},cef+file:{tmp_path / 'siem.cef'}"
+    siem = Siem(parse(spec), spec, drop_budget=2, drop_window=60, clock=lambda: now[0])
+
+    def sent() -> list[dict[str, Any]]:
+        return [json.loads(line) for line in (tmp_path / "siem.jsonl").read_text().splitlines()]
+
+    def summaries() -> list[dict[str, Any]]:
+        return [e["unmapped"]["ringfence"] for e in sent() if "suppressed" in e["unmapped"]["ringfence"]]
+
+    siem.drops("i-0abc", [drop(dport=p, count=2) for p in range(5)])  # 2 sent, 3 (6 drops) summarized
+    siem.drops("i-0def", [drop(dport=p) for p in range(2)])  # its own budget
+    assert [(s["workload_id"], s["suppressed"]["events"], s["suppressed"]["drops"]) for s in summaries()] == [
+        ("i-0abc", 3, 6)
+    ]
+    assert len(sent()) == 5
+    now[0] += 30
+    siem.drops("i-0abc", [drop(dport=9, count=7), drop("would-drop", dport=9)])  # same window: held
+    assert len(sent()) == 5
+    now[0] += 31  # i-0abc's window ended: another workload's report says what was held
+    siem.drops("i-0def", [drop(dport=1)])
+    assert [(s["observed"], s["suppressed"]["events"], s["suppressed"]["drops"]) for s in summaries()[1:]] == [
+        ("drop", 1, 7),
+        ("would-drop", 1, 1),
+    ]
+    siem.drops("i-0abc", [drop(dport=p) for p in range(4)])  # a new window: 2 sent, 2 summarized at once
+    siem.drops("i-0abc", [drop(dport=7)])  # held until close
+    siem.close()
+    events = sent()
+    for e in events:
+        validate(e)
+    assert sum(e["count"] for e in events if e["unmapped"]["ringfence"]["workload_id"] == "i-0abc") == 10 + 8 + 5
+    assert [s["suppressed"]["events"] for s in summaries() if s["workload_id"] == "i-0abc"] == [3, 1, 1, 2, 1]
+    assert siem.suppressed == 8 and siem.failed == 0
+    cef = (tmp_path / "siem.cef").read_text().splitlines()
+    assert len(cef) == len(events) and sum(1 for line in cef if "cs6Label=workload cs6=i-0abc" in line) == 5
+    unbounded = Siem(parse(f"file:{tmp_path / 'all.jsonl'}"), drop_budget=0)
+    unbounded.drops("i-0abc", [drop(dport=p) for p in range(300)])
+    assert len((tmp_path / "all.jsonl").read_text().splitlines()) == 300
+
+
 def test_a_bad_spec_is_named() -> None:
     for bad in ("", "syslog://host", "syslog://:514", "http://x", "file:", "cef+nothing:x"):
         with pytest.raises(SiemSpecError, match="SIEM spec"):
@@ -259,7 +341,7 @@ def test_eventbridge_put_events_reach_a_rule_target(aws: str) -> None:
     events.put_targets(Rule="ocsf", EventBusName="rf-siem", Targets=[{"Id": "q", "Arn": arn}])
     siem = Siem.from_spec("eventbridge:rf-siem")
     siem.audit(sealed())
-    siem.drops("i-0abc", [drop()] * 11)  # two PutEvents calls (ten entries each at most)
+    siem.drops("i-0abc", [drop(dport=i) for i in range(11)])  # two PutEvents calls (ten entries each at most)
     got: list[dict[str, Any]] = []
     deadline = time.time() + 20
     while len(got) < 12 and time.time() < deadline:
@@ -277,7 +359,7 @@ def test_cloudwatch_logs_put_log_events(aws: str) -> None:
     logs.create_log_group(logGroupName="/ringfence/siem")
     siem = Siem.from_spec("cloudwatch:/ringfence/siem")
     now = time.time()
-    siem.drops("i-0abc", [drop(time=now - 3 + i) for i in range(3)])
+    siem.drops("i-0abc", [drop(time=now - 3 + i, dport=i) for i in range(3)])  # three events: not folded
     siem.audit(sealed())
     (stream,) = logs.describe_log_streams(logGroupName="/ringfence/siem")["logStreams"]
     got = logs.get_log_events(logGroupName="/ringfence/siem", logStreamName=stream["logStreamName"])["events"]

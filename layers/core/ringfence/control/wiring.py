@@ -17,7 +17,7 @@ from typing import Any
 from ringfence.audit import AuditRecord
 from ringfence.labels import LabelMapper
 from ringfence.policy import Policy, load_policy_texts
-from ringfence.siem import Siem
+from ringfence.siem import DROP_BUDGET, DROP_WINDOW, Siem
 from ringfence.store.base import (
     PolicyVersion,
     Store,
@@ -121,6 +121,9 @@ class Config:
     targets: list[Target] = field(default_factory=list)
     # where audit records, agents' drops and findings also go (ringfence.siem): "" for nowhere
     siem: str = ""
+    # agents' folded drop events sent per workload per window (0: no budget); past it a summary
+    siem_drop_budget: int = DROP_BUDGET
+    siem_drop_window: float = DROP_WINDOW
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Config:
@@ -153,6 +156,8 @@ class Config:
             perimeter_account_roles=json.loads(e.get("RINGFENCE_PERIMETER_ACCOUNT_ROLES", "{}") or "{}"),
             targets=[Target(**t) for t in json.loads(e.get("RINGFENCE_RECONCILE_TARGETS", "[]") or "[]")],
             siem=e.get("RINGFENCE_SIEM", ""),
+            siem_drop_budget=int(e.get("RINGFENCE_SIEM_DROP_BUDGET", str(DROP_BUDGET))),
+            siem_drop_window=float(e.get("RINGFENCE_SIEM_DROP_WINDOW", str(DROP_WINDOW))),
         )
 
 
@@ -187,7 +192,9 @@ class BaseWiring:
         self.enrollers: dict[str, Enroller] = {"pairing": enroll_pairing}
         self.store = store
         self.publisher = publisher
-        self.siem: Siem | None = Siem.from_spec(cfg.siem) if cfg.siem else None
+        self.siem: Siem | None = (
+            Siem.from_spec(cfg.siem, cfg.siem_drop_budget, cfg.siem_drop_window) if cfg.siem else None
+        )
         self._policies: dict[int, Policy] = {}
         self._mapper: tuple[float, LabelMapper | None] | None = None
         # one load of a policy (or the mapper) however many threads ask at once: when a fleet

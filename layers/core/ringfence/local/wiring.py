@@ -38,6 +38,7 @@ from ringfence.control.compute import Compute, ComputeStats
 from ringfence.control.wiring import BaseWiring, Config, Metric, no_metric
 from ringfence.local.publish import FilePublisher
 from ringfence.local.retention import ReportQuota, retention_days, sweep_reports
+from ringfence.siem import DROP_BUDGET, DROP_WINDOW
 from ringfence.store.base import Store
 from ringfence.store.sqlite import SqliteStore
 
@@ -187,13 +188,16 @@ class ComputeWorker(threading.Thread):
 def local_config() -> Config:
     """The local control plane's configuration: pairing only; the agent token's lifetime from
     ``RINGFENCE_TOKEN_TTL`` (seconds, default one hour) and the bundles' from
-    ``RINGFENCE_BUNDLE_TTL`` (default 7 days), as on AWS."""
+    ``RINGFENCE_BUNDLE_TTL`` (default 7 days), as on AWS; the SIEM's from ``RINGFENCE_SIEM`` and
+    its drop budget from ``RINGFENCE_SIEM_DROP_BUDGET``/``RINGFENCE_SIEM_DROP_WINDOW``."""
     return Config(
         enroll_methods=["pairing"],
         token_ttl=int(os.environ.get("RINGFENCE_TOKEN_TTL", "3600")),
         # read by the signer process too (serve --user): it refuses bundles expiring later
         bundle_ttl=int(os.environ.get("RINGFENCE_BUNDLE_TTL", str(7 * 86400))),
         siem=os.environ.get("RINGFENCE_SIEM", ""),
+        siem_drop_budget=int(os.environ.get("RINGFENCE_SIEM_DROP_BUDGET", str(DROP_BUDGET))),
+        siem_drop_window=float(os.environ.get("RINGFENCE_SIEM_DROP_WINDOW", str(DROP_WINDOW))),
     )
 
 

@@ -53,6 +53,10 @@ def to_cef(event: dict[str, Any]) -> str:
         ext["act"] = event["action"]
     if "count" in event:
         ext["cnt"] = event["count"]
+    # folded drops and suppression summaries: the first and last drop (ms since the epoch)
+    for key, attr in (("start", "start_time"), ("end", "end_time")):
+        if attr in event:
+            ext[key] = event[attr]
     actor = event.get("actor", {}).get("user", {})
     if actor.get("name"):
         ext["suser"] = actor["name"]
@@ -67,6 +71,8 @@ def to_cef(event: dict[str, Any]) -> str:
     rf = event.get("unmapped", {}).get("ringfence", {})
     if rf.get("rule_id"):
         ext["cs4Label"], ext["cs4"] = "rule", rf["rule_id"]
+    if "suppressed" in rf:  # a summary has no endpoints: the workload is named here
+        ext["cs6Label"], ext["cs6"] = "workload", rf["workload_id"]
     if "finding_info" in event:
         ext["cs5Label"], ext["cs5"] = "finding", event["finding_info"]["title"]
     name = (

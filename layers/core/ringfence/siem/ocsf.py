@@ -6,7 +6,8 @@ at the v1.7.0 release).
   ``hash`` and the before/after digests are in ``unmapped.audit``.
 * **Network Activity** (4001, with the ``security_control`` profile) — an agent's drop
   (``action_id`` Denied, ``disposition_id`` Dropped) or would-drop in observe mode (``action_id``
-  Allowed, ``disposition_id`` Detected).
+  Allowed, ``disposition_id`` Detected), folded per batch with a ``count``; and the summary of a
+  workload's drop events suppressed past its SIEM budget.
 * **Detection Finding** (2004) — findings (a privileged label move held or quarantined, label
   hygiene).
 
@@ -105,8 +106,11 @@ def network_activity(
     rule_id: str | None,
     action: str,
     count: int = 1,
+    end_time: float | None = None,
 ) -> dict[str, Any]:
-    """An agent's drop (``action`` "drop") or would-drop (observe mode) as Network Activity."""
+    """An agent's drop (``action`` "drop") or would-drop (observe mode) as Network Activity;
+    with ``end_time``, drops folded together: ``time`` and ``start_time`` the first, ``end_time``
+    the last (OCSF's ``count`` is of the events between the two)."""
     dropped = action == "drop"
     src_ep: dict[str, Any] = {"ip": src}
     dst_ep: dict[str, Any] = {"ip": dst}
@@ -142,10 +146,67 @@ def network_activity(
         "connection_info": {"direction_id": 1 if direction == "inbound" else 2, "protocol_name": proto},
         "unmapped": {"ringfence": {"workload_id": workload_id, "rule_id": rule_id, "observed": action}},
     }
+    if end_time is not None:
+        event["start_time"], event["end_time"] = _ms(time), _ms(end_time)
     num = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58}.get(proto)
     if num is not None:
         event["connection_info"]["protocol_num"] = num
     return event
+
+
+def drops_suppressed(
+    workload_id: str,
+    *,
+    action: str,
+    events: int,
+    count: int,
+    first: float,
+    last: float,
+    window_start: float,
+    window: float,
+    budget: int,
+    seq: int,
+) -> dict[str, Any]:
+    """The summary of a workload's drop events (of one ``action``) not sent past its SIEM budget in
+    a window: Network Activity as its drops (``count`` their drops, ``start_time``/``end_time``
+    their first and last), no endpoints, the numbers in ``unmapped.ringfence.suppressed``."""
+    dropped = action == "drop"
+    what = "drop" if dropped else "would-drop"
+    start = _ms(window_start)
+    return {
+        "class_uid": NETWORK_ACTIVITY,
+        "class_name": "Network Activity",
+        "category_uid": 4,
+        "category_name": "Network Activity",
+        "activity_id": 5 if dropped else 6,
+        "activity_name": "Refuse" if dropped else "Traffic",
+        "type_uid": NETWORK_ACTIVITY * 100 + (5 if dropped else 6),
+        "severity_id": LOW if dropped else INFORMATIONAL,
+        "action_id": 2 if dropped else 1,
+        "action": "Denied" if dropped else "Allowed",
+        "disposition_id": 6 if dropped else 15,
+        "disposition": "Dropped" if dropped else "Detected",
+        "time": _ms(last),
+        "start_time": _ms(first),
+        "end_time": _ms(last),
+        "count": count,
+        "message": f"{workload_id}: {events} {what} event(s) ({count} {what}(s)) suppressed past the SIEM budget of "
+        f"{budget} per {window:g} s (the agent's report batches keep them)",
+        "metadata": _metadata(f"{workload_id}:suppressed:{start}:{action}:{seq}", "drops", ["security_control"]),
+        "unmapped": {
+            "ringfence": {
+                "workload_id": workload_id,
+                "observed": action,
+                "suppressed": {
+                    "events": events,
+                    "drops": count,
+                    "window_start": start,
+                    "window_seconds": window,
+                    "budget": budget,
+                },
+            }
+        },
+    }
 
 
 def detection_finding(
