@@ -474,8 +474,18 @@ class Compute:
         for iid, outcome in zip(enforced, in_parallel(self.gate.enforced, enforced), strict=True):
             if outcome == "completed":
                 stats.lifecycle_completed.append(iid)
-        actions = [m["lifecycle"] for m in messages if m.get("lifecycle")]
+        # one per action: a copy of one (delivered twice, handed on again by a retried batch) in
+        # the same batch would otherwise run beside it and complete it twice
+        actions = list(
+            {
+                (m["lifecycle"]["instance_id"], m["lifecycle"]["token"]): m["lifecycle"]
+                for m in messages
+                if m.get("lifecycle")
+            }.values()
+        )
         for lc, outcome in zip(actions, in_parallel(lambda lc: self._lifecycle(lc, ok), actions), strict=True):
+            if outcome == "duplicate":
+                continue  # completed (or given up) already, by an earlier copy
             {
                 "completed": stats.lifecycle_completed,
                 "awaiting agent": stats.lifecycle_awaiting_agent,
@@ -483,7 +493,8 @@ class Compute:
             }[outcome].append(lc["instance_id"])
 
     def _lifecycle(self, lc: dict[str, Any], ok: bool) -> str:
-        """One action: "completed", "awaiting agent" or "left to time out" (logged here)."""
+        """One action: "completed", "awaiting agent", "left to time out" (logged here) or
+        "duplicate" (an earlier copy of it was completed)."""
         iid = lc["instance_id"]
         launching = lc["transition"].endswith("LAUNCHING")
         ready = ok and self.engine is not None
@@ -511,16 +522,9 @@ class Compute:
                 return "completed"
             log.info("launch of %s published, perimeter in place: %s", iid, outcome)
             return "awaiting agent"
-        try:
-            self.w.complete_lifecycle(lc, iid)
-        except Exception as exc:
-            log.error(
-                "CompleteLifecycleAction for %s failed (%s): the hook will time out into its default result",
-                iid,
-                exc,
-            )
-            return "left to time out"
-        return "completed"
+        # claimed first: a copy of the action in a later batch completes nothing again; a failure
+        # is logged and counted (LifecycleLeftToTimeout) there
+        return {"failed": "left to time out", "already": "duplicate"}.get(self.gate.complete_once(lc), "completed")
 
 
 def _together(*reads: Callable[[], Any]) -> list[Any]:

@@ -50,13 +50,16 @@ class LaunchGate:
     def handed_on(self, lc: dict[str, Any]) -> str:
         """A launch action reached compute (its bundle is published): record it and release it if
         the agent already enforces. Without an event-path perimeter the action comes straight from
-        the lifecycle function and there are no groups to wait for."""
+        the lifecycle function and there are no groups to wait for; a perimeter in dry run planned
+        the groups and attached none (``lc["perimeter"]``). An action with another token than the
+        hold's (a warm pool's second launch action) is a new action; the same one again changes
+        nothing (:meth:`~ringfence.store.base.Store.hold_launch_action`)."""
         perimeter_at = lc.get("perimeter_at")
-        hold = self.w.store.hold_launch(
+        hold = self.w.store.hold_launch_action(
             lc["instance_id"],
-            lifecycle={k: v for k, v in lc.items() if k != "perimeter_at"},
+            {k: v for k, v in lc.items() if k not in HAND_OFF},
             perimeter_at=perimeter_at if perimeter_at is not None else time.time(),
-            perimeter="attached" if perimeter_at is not None else "not managed",
+            perimeter=str(lc.get("perimeter") or "attached") if perimeter_at is not None else "not managed",
         )
         return self.release(hold)
 
@@ -77,22 +80,19 @@ class LaunchGate:
         if hold.enforced_version is None:
             log.info("launch of %s: perimeter in place, waiting for its agent to enforce", iid)
             return "awaiting agent"
+        lc = hold.lifecycle
+        token = str(lc["token"])
+        if not self.w.store.claim_launch_release(iid, token):
+            return "already claimed"  # another copy of this action (or a newer action) has it
         rec = self.w.store.get(iid)
         if rec is None or rec.state not in ACTIVE_STATES:
             state = rec.state if rec is not None else "unknown"
             log.warning("launch of %s: the instance is %s; its lifecycle action is not completed", iid, state)
-            self.w.store.hold_launch(iid, released_at=time.time(), outcome=f"not completed: instance {state}")
+            self.w.store.settle_launch_release(iid, token, f"not completed: instance {state}")
             self.metric("LifecycleGone", 1)
             return f"instance {state}"
-        lc = hold.lifecycle
-        try:
-            self.w.complete_lifecycle(lc, iid)
-        except Exception as exc:  # e.g. the hook timed out already: its default result stands
-            log.error("CompleteLifecycleAction for %s failed (%s): the hook times out into its default", iid, exc)
-            self.w.store.hold_launch(iid, released_at=time.time(), outcome=f"not completed: {exc}")
-            self.metric("LifecycleLeftToTimeout", 1)
+        if self.complete(lc) != "completed":
             return "failed"
-        self.w.store.hold_launch(iid, released_at=time.time(), outcome="continue")
         log.info(
             "launch of %s released: perimeter %s, agent enforces v%s (hook %s)",
             iid,
@@ -102,3 +102,30 @@ class LaunchGate:
         )
         self.metric("LaunchesReleased", 1)
         return "completed"
+
+    def complete(self, lc: dict[str, Any]) -> str:
+        """CONTINUE the claimed action ``lc`` and record how that went: "completed", or "failed"
+        (counted LifecycleLeftToTimeout: the hook times out into its default result)."""
+        iid, token = lc["instance_id"], str(lc["token"])
+        try:
+            self.w.complete_lifecycle(lc, iid)
+        except Exception as exc:  # e.g. the hook timed out already: its default result stands
+            log.error("CompleteLifecycleAction for %s failed (%s): the hook times out into its default", iid, exc)
+            self.w.store.settle_launch_release(iid, token, f"not completed: {exc}")
+            self.metric("LifecycleLeftToTimeout", 1)
+            return "failed"
+        self.w.store.settle_launch_release(iid, token, "continue")
+        return "completed"
+
+    def complete_once(self, lc: dict[str, Any]) -> str:
+        """An action compute completes now (the lifecycle gate "publish", a terminate): recorded
+        and claimed first, so that a copy of it (SQS delivers at least once; a hand-off sent again
+        by a retried batch) is not completed a second time: "completed", "failed", or "already"."""
+        self.w.store.hold_launch_action(lc["instance_id"], {k: v for k, v in lc.items() if k not in HAND_OFF})
+        if not self.w.store.claim_launch_release(lc["instance_id"], str(lc["token"])):
+            return "already"
+        return self.complete(lc)
+
+
+# what the perimeter adds to an action it hands on: recorded in the hold's fields, not its action
+HAND_OFF = frozenset({"perimeter_at", "perimeter"})

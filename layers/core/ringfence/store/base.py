@@ -211,12 +211,21 @@ class LaunchHold(BaseModel):
     facts that release it, each recorded by the function that knows it. Compute records the
     perimeter hand-off (the lifecycle action, handed on by the perimeter function once every ENI
     carries its groups); the agent API records that the instance's agent enforces a bundle. Only
-    compute completes the action (CONTINUE), once both are in, and records when."""
+    compute completes the action (CONTINUE), once both are in, and records when. Compute records
+    every other action it completes here too (the gate "publish", terminates): each action is
+    claimed before it is completed, so that a copy of it completes nothing again."""
 
     instance_id: str
-    lifecycle: dict[str, Any] | None = Field(None, description="the action to complete (hook, group, token, region)")
+    lifecycle: dict[str, Any] | None = Field(
+        None, description="the action to complete (hook, group, token, account, region)"
+    )
+    token: str | None = Field(
+        None, description="the action's token: a hand-off with another one is a new action (a warm pool's second)"
+    )
     perimeter_at: float | None = Field(None, description="when the perimeter handed the action on (groups attached)")
-    perimeter: str | None = Field(None, description='"attached", or "not managed" (no event-path perimeter)')
+    perimeter: str | None = Field(
+        None, description='"attached", "dry run" (planned, nothing attached) or "not managed" (no event-path perimeter)'
+    )
     enforced_version: int | None = Field(None, description="the first bundle version its agent reported applied")
     enforced_at: float | None = None
     released_at: float | None = Field(None, description="when compute completed the action, or gave it up")
@@ -226,6 +235,10 @@ class LaunchHold(BaseModel):
 # a hold's fields written once: the first report of enforcement is the fact; later ones add nothing
 HOLD_FIRST_WINS = frozenset({"enforced_version", "enforced_at"})
 HOLD_TTL = 86400  # longer than any hook's wait (HeartbeatTimeout is at most 7200 s)
+# a release claimed but never settled (compute stopped between the claim and Auto Scaling's
+# answer) may be claimed again after this long: longer than compute's run, shorter than a hook's wait
+HOLD_CLAIM_STALE = 900
+COMPLETING = "completing"  # a claimed release's outcome until Auto Scaling answers
 
 
 def check_hold_fields(fields: dict[str, Any]) -> None:
@@ -528,6 +541,25 @@ class Store(Protocol):
         ...
 
     def launch_hold(self, instance_id: str) -> LaunchHold | None: ...
+
+    def hold_launch_action(self, instance_id: str, lifecycle: dict[str, Any], **fields: Any) -> LaunchHold:
+        """Record a lifecycle action in the instance's hold, atomically: one with another token
+        than the hold's (a warm pool's second launch action, a terminate after a launch) replaces
+        the action with ``fields`` and clears the release; the same token again (a duplicate)
+        changes nothing. The hold as it then is; the agent's fact is kept either way."""
+        ...
+
+    def claim_launch_release(self, instance_id: str, token: str) -> bool:
+        """Claim the completion of the hold's action ``token`` (``released_at`` now, ``outcome``
+        :data:`COMPLETING`) in one conditional write: False if the hold holds another action, or
+        this one is released or claimed already (a claim older than :data:`HOLD_CLAIM_STALE` may be
+        taken again). Only the claimant calls Auto Scaling."""
+        ...
+
+    def settle_launch_release(self, instance_id: str, token: str, outcome: str) -> bool:
+        """Record the claimed action's ``outcome`` (``released_at`` now), only while the hold still
+        holds action ``token`` claimed (:data:`COMPLETING`): never over a recorded outcome."""
+        ...
 
     # audit
     def audit(self, rec: AuditRecord) -> AuditRecord:

@@ -33,6 +33,8 @@ from ringfence.groupcommit import GroupCommit
 from ringfence.model import Mode, Workload
 from ringfence.store.base import (
     ACTIVE_STATES,
+    COMPLETING,
+    HOLD_CLAIM_STALE,
     HOLD_FIRST_WINS,
     HOLD_TTL,
     MOVED_MAX,
@@ -844,6 +846,86 @@ class DynamoStore:
         for item in items:
             merged.update(item)
         return _to_hold(instance_id, merged)
+
+    def hold_launch_action(self, instance_id: str, lifecycle: dict[str, Any], **fields: Any) -> LaunchHold:
+        check_hold_fields(fields)
+        if set(fields) & (HOLD_FIRST_WINS | {"lifecycle", "token", "released_at", "outcome"}):
+            raise ValueError(f"launch hold: an action is recorded with its hand-off fields only, not {sorted(fields)}")
+        token = str(lifecycle["token"])
+        values: dict[str, Any] = {":ttl": int(time.time()) + HOLD_TTL, ":tok": json.dumps(token)}
+        names = {"#ttl": "ttl", "#token": "token", "#released": "released_at", "#outcome": "outcome"}
+        names["#claimed"] = "claimed_at"
+        sets = ["#ttl = :ttl", "#token = :tok"]
+        for i, (k, v) in enumerate(sorted({**fields, "lifecycle": lifecycle}.items())):
+            names[f"#f{i}"], values[f":f{i}"] = k, json.dumps(v)
+            sets.append(f"#f{i} = :f{i}")
+        try:
+            self.state.update_item(
+                Key={"pk": f"launch#{instance_id}", "sk": "hold"},
+                UpdateExpression="SET " + ", ".join(sets) + " REMOVE #released, #outcome, #claimed",
+                # the same token again is a duplicate: the action as recorded (and its release) stays
+                ConditionExpression="attribute_not_exists(#token) OR #token <> :tok OR #ttl < :now",
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues={**values, ":now": int(time.time())},
+            )
+        except ClientError as exc:
+            if not _conditional_failed(exc):
+                raise
+        hold = self.launch_hold(instance_id)
+        assert hold is not None  # just written (or found with this token)
+        return hold
+
+    def claim_launch_release(self, instance_id: str, token: str) -> bool:
+        now = int(time.time())
+        return self._hold_write(
+            instance_id,
+            token,
+            COMPLETING,
+            # not released, or claimed by a run that never answered (claimed_at: a number of its
+            # own, comparable in a condition, unlike the JSON text of the hold's fields)
+            "(attribute_not_exists(#released) OR (#outcome = :completing AND #claimed < :stale))",
+            {":stale": now - HOLD_CLAIM_STALE, ":claimed": now},
+            ", #claimed = :claimed",
+        )
+
+    def settle_launch_release(self, instance_id: str, token: str, outcome: str) -> bool:
+        return self._hold_write(instance_id, token, outcome, "#outcome = :completing")
+
+    def _hold_write(
+        self,
+        instance_id: str,
+        token: str,
+        outcome: str,
+        condition: str,
+        values: dict[str, Any] | None = None,
+        more: str = "",
+    ) -> bool:
+        """Set ``released_at`` (now) and ``outcome`` on the hold if it holds action ``token`` and
+        ``condition`` holds."""
+        try:
+            self.state.update_item(
+                Key={"pk": f"launch#{instance_id}", "sk": "hold"},
+                UpdateExpression="SET #released = :released, #outcome = :outcome" + more,
+                ConditionExpression=f"#token = :tok AND {condition}",
+                ExpressionAttributeNames={
+                    "#token": "token",
+                    "#released": "released_at",
+                    "#outcome": "outcome",
+                    **({"#claimed": "claimed_at"} if "#claimed" in condition else {}),
+                },
+                ExpressionAttributeValues={
+                    ":tok": json.dumps(token),
+                    ":released": json.dumps(time.time()),
+                    ":outcome": json.dumps(outcome),
+                    ":completing": json.dumps(COMPLETING),
+                    **(values or {}),
+                },
+            )
+        except ClientError as exc:
+            if not _conditional_failed(exc):
+                raise
+            return False
+        return True
 
     # --- audit ----------------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,6 +44,8 @@ from ringfence.flows.resolve import AddressOwner
 from ringfence.model import Mode, Workload
 from ringfence.store.base import (
     ACTIVE_STATES,
+    COMPLETING,
+    HOLD_CLAIM_STALE,
     HOLD_FIRST_WINS,
     HOLD_TTL,
     MOVED_TTL,
@@ -904,6 +906,58 @@ class SqliteStore:
             .fetchone()
         )
         return LaunchHold.model_validate({**json.loads(row[0]), "instance_id": instance_id}) if row else None
+
+    def hold_launch_action(self, instance_id: str, lifecycle: dict[str, Any], **fields: Any) -> LaunchHold:
+        check_hold_fields(fields)
+        if set(fields) & (HOLD_FIRST_WINS | {"lifecycle", "token", "released_at", "outcome"}):
+            raise ValueError(f"launch hold: an action is recorded with its hand-off fields only, not {sorted(fields)}")
+        token = str(lifecycle["token"])
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT doc FROM launch_hold WHERE instance_id = ? AND expires >= ?", (instance_id, now)
+            ).fetchone()
+            doc: dict[str, Any] = json.loads(row[0]) if row else {}
+            if doc.get("token") != token:  # a new action; the same token again is a duplicate
+                for k in ("released_at", "outcome", "claimed_at"):
+                    doc.pop(k, None)
+                doc.update(fields, lifecycle=lifecycle, token=token)
+                db.execute(
+                    "INSERT OR REPLACE INTO launch_hold (instance_id, doc, expires) VALUES (?, ?, ?)",
+                    (instance_id, json.dumps(doc), now + HOLD_TTL),
+                )
+        return LaunchHold.model_validate({**doc, "instance_id": instance_id})
+
+    def claim_launch_release(self, instance_id: str, token: str) -> bool:
+        def claimable(doc: dict[str, Any], now: float) -> bool:
+            if doc.get("released_at") is None:
+                return True
+            return doc.get("outcome") == COMPLETING and float(doc.get("claimed_at", now)) < now - HOLD_CLAIM_STALE
+
+        return self._hold_write(instance_id, token, COMPLETING, claimable, claim=True)
+
+    def settle_launch_release(self, instance_id: str, token: str, outcome: str) -> bool:
+        return self._hold_write(instance_id, token, outcome, lambda doc, _: doc.get("outcome") == COMPLETING)
+
+    def _hold_write(
+        self,
+        instance_id: str,
+        token: str,
+        outcome: str,
+        condition: Callable[[dict[str, Any], float], bool],
+        claim: bool = False,
+    ) -> bool:
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT doc FROM launch_hold WHERE instance_id = ? AND expires >= ?", (instance_id, now)
+            ).fetchone()
+            doc: dict[str, Any] = json.loads(row[0]) if row else {}
+            if doc.get("token") != token or not condition(doc, now):
+                return False
+            doc.update(released_at=now, outcome=outcome, **({"claimed_at": now} if claim else {}))
+            db.execute("UPDATE launch_hold SET doc = ? WHERE instance_id = ?", (json.dumps(doc), instance_id))
+        return True
 
     # --- flows (ringfence.flows) ----------------------------------------------------------------
 

@@ -108,8 +108,8 @@ class Perimeter:
                 continue
             # compute completes it once the bundle is published and, under the lifecycle gate
             # "agent", once its agent enforces too: perimeter_at records the hand-off (every ENI
-            # carries its groups now)
-            handed.append({**lc, "perimeter_at": time.time()})
+            # carries its groups now; in dry run they were planned only, and the hold says so)
+            handed.append({**lc, "perimeter_at": time.time(), **({"perimeter": "dry run"} if dry_run else {})})
             out.lifecycles_forwarded.append(iid)
         if handed:
             # one message for the batch's actions, naming their instances: compute takes them
