@@ -151,12 +151,18 @@ locals {
   # reset's named next key: deleting those of a running workload would let a copied identity
   # document bind another key (the administrator unbinds keys)
   retire_keys = { test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["token#*", "tokenof#*", "conn#*"] }
-  # the inventory attributes those functions write (DynamoStore.observe; governance's quarantine;
-  # reconcile's offline mark): never op_mode, the administrator's. op_quarantined, labels and
-  # label_writes IAM cannot hold to safe values (docs/threat-model.md)
-  observed_attrs   = { test = "ForAllValues:StringEquals", variable = "dynamodb:Attributes", values = ["id", "workload", "state", "observed_at", "labels", "problems", "governed_rev", "label_writes", "tag_version", "op_quarantined"] }
-  observed_offline = { test = "ForAllValues:StringEquals", variable = "dynamodb:Attributes", values = ["id", "workload", "state", "observed_at", "labels", "problems", "governed_rev", "label_writes", "tag_version", "op_quarantined", "offline"] }
+  # the inventory attributes those functions write (DynamoStore.observe; reconcile's offline
+  # mark): never op_mode or op_quarantined, the administrator's (governance's quarantine is an item
+  # of its own, below). labels and label_writes IAM cannot hold to safe values (docs/threat-model.md)
+  observed_attrs   = { test = "ForAllValues:StringEquals", variable = "dynamodb:Attributes", values = ["id", "workload", "state", "observed_at", "labels", "problems", "governed_rev", "label_writes", "tag_version"] }
+  observed_offline = { test = "ForAllValues:StringEquals", variable = "dynamodb:Attributes", values = ["id", "workload", "state", "observed_at", "labels", "problems", "governed_rev", "label_writes", "tag_version", "offline"] }
   observe          = { actions = ["dynamodb:UpdateItem"], resources = [aws_dynamodb_table.inventory.arn], conditions = [local.observed_attrs] }
+  # governance's quarantine (DynamoStore.set_operator): its own item, put in a transaction that
+  # checks the record exists (a check writes nothing). Never deleted or updated by those functions:
+  # a put can only quarantine, and only the administrator's role releases
+  quarantine_keys = { test = "ForAllValues:StringEquals", variable = "dynamodb:LeadingKeys", values = ["quarantine"] }
+  quarantine_put  = { actions = ["dynamodb:PutItem"], resources = [aws_dynamodb_table.state.arn], conditions = [local.quarantine_keys, { test = "ForAllValues:StringEquals", variable = "dynamodb:Attributes", values = ["pk", "sk"] }] }
+  record_check    = { actions = ["dynamodb:ConditionCheckItem"], resources = [aws_dynamodb_table.inventory.arn] }
   # a GCP audit entry's approval, finding or split-call decision, claimed once (clouds/gcp/ingest.py)
   gcp_once_keys = { test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["once#confirmed#*", "once#blamed#*", "once#decided-last#*"] }
   retire        = { actions = ["dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn], conditions = [local.retire_keys] }
@@ -168,10 +174,12 @@ locals {
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.idempotency.arn] },
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem"], resources = [aws_dynamodb_table.inventory.arn] },
       local.observe,
+      # BatchGetItem, Query: a record is read with its quarantine item (DynamoStore.get_many)
+      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn] },
       # a terminated instance's agent token and connection are revoked (audited): those items
       # only, never the active policy, a bundle pointer or the engine head
-      { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.state.arn] },
       local.retire,
+      local.quarantine_put, local.record_check,
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.ingest.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.perimeter.arn, aws_sqs_queue.ingest_dlq.arn, aws_sqs_queue.async_dlq.arn] },
@@ -217,9 +225,11 @@ locals {
     lifecycle = [
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem"], resources = [aws_dynamodb_table.inventory.arn] },
       local.observe,
+      # BatchGetItem, Query: a record is read with its quarantine item (DynamoStore.get_many)
+      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn] },
       # an instance seen terminated: its token and connection go (those items only)
-      { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.state.arn] },
       local.retire,
+      local.quarantine_put, local.record_check,
       # a refused terminate and governance findings are audited (the chain head read, then the record)
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.lifecycle.arn] },
@@ -231,6 +241,7 @@ locals {
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
       # a missed heartbeat marks the workload offline
       { actions = ["dynamodb:UpdateItem"], resources = [aws_dynamodb_table.inventory.arn], conditions = [local.observed_offline] },
+      local.quarantine_put, local.record_check,
       # Query, BatchGetItem: the effective-policy findings (enforcement reports, set heads); a
       # vanished instance's token and connection deleted (those items only)
       { actions = ["dynamodb:GetItem", "dynamodb:Query", "dynamodb:BatchGetItem"], resources = [aws_dynamodb_table.state.arn] },
@@ -243,6 +254,8 @@ locals {
     ]
     perimeter = [
       { actions = ["dynamodb:Scan", "dynamodb:GetItem", "dynamodb:BatchGetItem"], resources = [aws_dynamodb_table.inventory.arn] },
+      # records are read with their quarantine items (DynamoStore), nothing else there
+      { actions = ["dynamodb:BatchGetItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn], conditions = [local.quarantine_keys] },
       { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.perimeter.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
       { actions = ["ec2:DescribeInstances", "ec2:DescribeSecurityGroups", "ec2:DescribeNetworkInterfaces"], resources = ["*"] },
@@ -279,7 +292,8 @@ locals {
     admin = [
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"], resources = [aws_dynamodb_table.state.arn] },
-      { actions = ["dynamodb:GetItem", "dynamodb:UpdateItem"], resources = [aws_dynamodb_table.inventory.arn] },
+      # modes updated in place; a quarantine's record checked, a release's cleared
+      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem", "dynamodb:ConditionCheckItem"], resources = [aws_dynamodb_table.inventory.arn] },
       # an agent-key reset drops the key binding, the token, the nudge connection and the
       # workload's pairing keys (found by the Query below)
       { actions = ["dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn] },
@@ -307,7 +321,7 @@ locals {
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn] },
       local.retire, local.gcp_once,
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
-      local.observe,
+      local.observe, local.quarantine_put, local.record_check,
       # governance findings, approvals and retired credentials are audited
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
@@ -318,7 +332,7 @@ locals {
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn] },
       local.retire,
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
-      local.observe,
+      local.observe, local.quarantine_put, local.record_check,
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
       local.policies_read, local.kms_use,
@@ -328,7 +342,7 @@ locals {
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn] },
       local.retire, local.gcp_once,
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
-      local.observe,
+      local.observe, local.quarantine_put, local.record_check,
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
       local.policies_read, local.kms_use,
@@ -344,9 +358,10 @@ locals {
     ]
     wsconnect = [
       # no authorizer in front of $connect: writes its connection item only
-      { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.state.arn] },
+      # BatchGetItem: a record is read with its quarantine item (DynamoStore.get_many)
+      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem"], resources = [aws_dynamodb_table.state.arn] },
       { actions = ["dynamodb:PutItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["conn#*"] }] },
-      { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.inventory.arn] },
+      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem"], resources = [aws_dynamodb_table.inventory.arn] },
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       local.async_dlq, local.kms_use,
     ]

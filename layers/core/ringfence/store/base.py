@@ -46,6 +46,8 @@ class InventoryRecord(BaseModel):
     Cloud fields (``workload`` without mode/quarantine, ``state``, ``observed_at``,
     ``tag_version``) are written by ingest/reconcile and never by an older observation.
     Operator fields (``op_mode``, ``op_quarantined``) are written only by the admin API.
+    ``op_quarantined`` as read is True while the workload's quarantine is recorded apart from the
+    record (:meth:`Store.set_operator`) or the record's own mark says so.
     """
 
     model_config = ConfigDict(extra="ignore")
@@ -291,6 +293,8 @@ class Grant(NamedTuple):
     for, its inventory record and bundle pointer as read in the same step (None if absent)."""
 
     workload_id: str | None
+    # its op_quarantined is not to be relied on (DynamoStore reads the record's own mark only, not
+    # the quarantine kept apart: Store.set_operator); the agent API decides nothing from it
     record: InventoryRecord | None = None
     pointer: BundlePointer | None = None
     # asked for (``with_enforcement``, a heartbeat): the workload's last enforcement report, read
@@ -382,7 +386,16 @@ class Store(Protocol):
         that would otherwise read every record. None: this store keeps no such number."""
         ...
 
-    def set_operator(self, workload_id: str, *, mode: Mode | None = ..., quarantined: bool | None = None) -> None: ...
+    def set_operator(self, workload_id: str, *, mode: Mode | None = ..., quarantined: bool | None = None) -> None:
+        """Set the operator mode and/or quarantine (KeyError, nothing written, for an unknown
+        workload). ``quarantined=True`` records the quarantine apart from the inventory record, in
+        an item that only a release deletes (DynamoDB: the state item ``quarantine``/``<id>``,
+        which the event-fed roles may put but never delete; SQLite: a row of its own). ``False``, a
+        release, deletes it and clears the record's own ``op_quarantined`` (one set before the
+        quarantine was kept apart) in one atomic step. Every record read is quarantined while
+        either holds: writing the record's attribute false releases nothing."""
+        ...
+
     def set_liveness(
         self,
         workload_id: str,

@@ -5,7 +5,8 @@ Tables (see template.yaml / infra/):
 * inventory ``id`` — one item per workload; cloud fields are written with a condition on
   ``observed_at`` so an older observation never overwrites a newer one;
 * state ``pk``/``sk`` with TTL on ``ttl`` — engine head, active policy, bundle and delta
-  index, nonces, one-time claims, tokens, pairing keys, WebSocket connections;
+  index, nonces, one-time claims, tokens, pairing keys, WebSocket connections, quarantines
+  (``quarantine``/``<workload id>``: see :meth:`DynamoStore.set_operator`);
 * audit ``pk``/``sk`` — the hash chain: ``chain``/``<seq, 12 digits>`` per record, ``head``/``head``
   the chain's head, ``id#<id>``/``id`` a record id's claim; each record is one transaction of the
   three, conditional on the seq and the id being new and the head being the one read (never
@@ -62,6 +63,10 @@ from ringfence.store.base import (
 )
 
 _UNSET: Any = object()
+# a workload's quarantine: the state item QUARANTINE/<workload id> (DynamoStore.set_operator). One
+# partition: every quarantine in one Query (all_records), as few as they are
+QUARANTINE = "quarantine"
+QUARANTINE_BATCH = 50  # workloads per BatchGetItem with their quarantine items (100 keys a call)
 
 
 class _ChainWriter:
@@ -153,24 +158,55 @@ class DynamoStore:
         )
 
     def get(self, workload_id: str) -> InventoryRecord | None:
-        item = self.inventory.get_item(Key={"id": workload_id}, ConsistentRead=True).get("Item")
-        return self._to_record(item) if _observed(item) else None
+        return self.get_many([workload_id]).get(workload_id)
 
     def get_many(self, workload_ids: list[str]) -> dict[str, InventoryRecord]:
-        out: dict[str, InventoryRecord] = {}
+        """The records, each with its quarantine item read in the same BatchGetItem (at most 100
+        keys a call: 50 workloads); more than 50 workloads: records 100 a call and the quarantine
+        partition queried once, instead of twice the calls."""
         ids = sorted(set(workload_ids))
-        for i in range(0, len(ids), 100):
+        together = len(ids) <= QUARANTINE_BATCH
+        items: list[dict[str, Any]] = []
+        quarantined: set[str] = set()
+        step = QUARANTINE_BATCH if together else 100
+        for i in range(0, len(ids), step):
+            chunk = ids[i : i + step]
             request: dict[str, Any] = {
-                self.inventory.name: {"Keys": [{"id": x} for x in ids[i : i + 100]], "ConsistentRead": True}
+                self.inventory.name: {"Keys": [{"id": x} for x in chunk], "ConsistentRead": True}
             }
+            if together:
+                keys = [{"pk": QUARANTINE, "sk": x} for x in chunk]
+                request[self.state.name] = {"Keys": keys, "ConsistentRead": True}
             while request:
                 resp = self.ddb.batch_get_item(RequestItems=request)
-                for item in resp.get("Responses", {}).get(self.inventory.name, []):
-                    if _observed(item):
-                        rec = self._to_record(item)
-                        out[rec.id] = rec
+                items.extend(resp.get("Responses", {}).get(self.inventory.name, []))
+                quarantined.update(str(q["sk"]) for q in resp.get("Responses", {}).get(self.state.name, []))
                 request = resp.get("UnprocessedKeys") or {}
-        return out
+        if not together:
+            quarantined = self._quarantined()
+        return {rec.id: rec for rec in (self._with_quarantine(i, quarantined) for i in items if _observed(i))}
+
+    def _quarantined(self) -> set[str]:
+        """Every workload with a quarantine item (one Query: quarantines are few)."""
+        out: set[str] = set()
+        kwargs: dict[str, Any] = {"KeyConditionExpression": Key("pk").eq(QUARANTINE), "ConsistentRead": True}
+        while True:
+            page = self.state.query(**kwargs)
+            out.update(str(i["sk"]) for i in page.get("Items", []))
+            if "LastEvaluatedKey" not in page:
+                return out
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def _with_quarantine(self, item: dict[str, Any], quarantined: set[str]) -> InventoryRecord:
+        """The record, quarantined if its quarantine item exists or its own ``op_quarantined``
+        says so. The item is what counts: only the administrator's role may delete it, while the
+        event-fed roles, which may update records, could write the attribute false (IAM cannot
+        hold it). The attribute is read too for records quarantined before the item existed (an
+        upgrade): they stay quarantined until an administrator releases them, which clears both."""
+        rec = self._to_record(item)
+        if rec.id in quarantined and not rec.op_quarantined:
+            rec.op_quarantined = True
+        return rec
 
     def observe(
         self,
@@ -248,16 +284,24 @@ class DynamoStore:
         return {rec.id for rec in recs if self.observe(rec)}
 
     def all_records(self) -> list[InventoryRecord]:
-        out: list[InventoryRecord] = []
+        items: list[dict[str, Any]] = []
         kwargs: dict[str, Any] = {"ConsistentRead": True}
         while True:
             page = self.inventory.scan(**kwargs)
-            out.extend(self._to_record(i) for i in page.get("Items", []) if _observed(i))
+            items.extend(i for i in page.get("Items", []) if _observed(i))
             if "LastEvaluatedKey" not in page:
-                return out
+                break
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+        quarantined = self._quarantined()  # read after the records: a quarantine put meanwhile counts
+        return [self._with_quarantine(i, quarantined) for i in items]
 
     def set_operator(self, workload_id: str, *, mode: Mode | None = _UNSET, quarantined: bool | None = None) -> None:
+        """A quarantine is the state item ``quarantine``/``<workload id>``, put (never updated) in
+        one transaction with a check that the record exists; a release deletes it and removes the
+        record's ``op_quarantined`` (set true before the item existed: an upgrade) in one
+        transaction. So the roles that quarantine (governance, in the event-fed functions) need
+        only PutItem on that item, which can quarantine but never release; DeleteItem on it is
+        the administrator's alone (template.yaml, infra/)."""
         sets: list[str] = []
         removes: list[str] = []
         values: dict[str, Any] = {}
@@ -267,10 +311,35 @@ class DynamoStore:
             else:
                 sets.append("op_mode = :m")
                 values[":m"] = mode.value
-        if quarantined is not None:
-            sets.append("op_quarantined = :q")
-            values[":q"] = quarantined
-        self._update(workload_id, sets, removes, values)
+        if quarantined is None:
+            self._update(workload_id, sets, removes, values)
+            return
+        if not quarantined:
+            removes.append("op_quarantined")
+        key = {"pk": QUARANTINE, "sk": workload_id}
+        record: dict[str, Any] = {
+            "TableName": self.inventory.name,
+            "Key": {"id": workload_id},
+            "ConditionExpression": "attribute_exists(id)",
+        }
+        if sets or removes:
+            expr = ("SET " + ", ".join(sets) if sets else "") + (" REMOVE " + ", ".join(removes) if removes else "")
+            record["UpdateExpression"] = expr.strip()
+            if values:
+                record["ExpressionAttributeValues"] = values
+        mark = {"Put": {"TableName": self.state.name, "Item": key}} if quarantined else None
+        mark = mark or {"Delete": {"TableName": self.state.name, "Key": key}}
+        try:
+            self.state.meta.client.transact_write_items(
+                TransactItems=[{"Update" if sets or removes else "ConditionCheck": record}, mark]
+            )
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "TransactionCanceledException":
+                raise
+            reasons = [str(r.get("Code", "None")) for r in exc.response.get("CancellationReasons", [])]
+            if reasons[:1] == ["ConditionalCheckFailed"]:
+                raise KeyError(workload_id) from None
+            raise
 
     def set_liveness(
         self,
@@ -672,6 +741,8 @@ class DynamoStore:
         report = state.get("enforcement")
         return Grant(
             workload_id,
+            # the record's quarantine item is not read: the agent API decides nothing from it
+            # (compute signs it into the bundle), and every agent request would read one more item
             self._to_record(item) if item is not None and _observed(item) else None,
             _pointer_of(state.get(f"bundle#{workload_id}")),
             EnforcementReport.model_validate_json(report["doc"]) if report is not None else None,

@@ -74,7 +74,9 @@ from ringfence.store.base import (
 _UNSET: Any = object()
 DELTA_TTL = 14 * 86400
 CONNECTION_TTL = 2 * 3600
-SCHEMA_VERSION = 4  # 2: inventory.governed_rev; 3: token.agent_key; 4: inventory.label_writes
+# 2: inventory.governed_rev; 3: token.agent_key; 4: inventory.label_writes; 5: quarantine (an older
+# release, which would not read it, refuses the file)
+SCHEMA_VERSION = 5
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS inventory (
@@ -109,6 +111,13 @@ CREATE TRIGGER inventory_gen_update AFTER UPDATE OF workload, state, op_mode, op
 WHEN OLD.workload IS NOT NEW.workload OR OLD.state IS NOT NEW.state
   OR OLD.op_mode IS NOT NEW.op_mode OR OLD.op_quarantined IS NOT NEW.op_quarantined
   OR OLD.offline IS NOT NEW.offline
+BEGIN UPDATE inventory_gen SET gen = gen + 1; END;
+-- a workload's quarantine (SqliteStore.set_operator), as DynamoStore's quarantine item: a record is
+-- quarantined while its row is here or its op_quarantined says so (set before the table existed)
+CREATE TABLE IF NOT EXISTS quarantine (workload_id TEXT PRIMARY KEY);
+CREATE TRIGGER IF NOT EXISTS quarantine_gen_insert AFTER INSERT ON quarantine
+BEGIN UPDATE inventory_gen SET gen = gen + 1; END;
+CREATE TRIGGER IF NOT EXISTS quarantine_gen_delete AFTER DELETE ON quarantine
 BEGIN UPDATE inventory_gen SET gen = gen + 1; END;
 CREATE TABLE IF NOT EXISTS head (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -186,22 +195,26 @@ BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 """
 
 
+# quarantined: the quarantine row, or the record's own mark (a file quarantined before the table)
 _SELECT_ONE = (
-    "SELECT id, workload, state, observed_at, tag_version, labels, problems, op_mode, op_quarantined, "
+    "SELECT id, workload, state, observed_at, tag_version, labels, problems, op_mode, "
+    "op_quarantined OR EXISTS (SELECT 1 FROM quarantine q WHERE q.workload_id = inventory.id), "
     "enrolled, last_heartbeat, offline, governed_rev, label_writes FROM inventory WHERE id = ?"
 )
 _SELECT_MANY = (
-    "SELECT id, workload, state, observed_at, tag_version, labels, problems, op_mode, op_quarantined, "
-    "enrolled, last_heartbeat, offline, governed_rev, label_writes FROM inventory WHERE id IN (SELECT value FROM json_each(?))"
+    "SELECT id, workload, state, observed_at, tag_version, labels, problems, op_mode, "
+    "op_quarantined OR EXISTS (SELECT 1 FROM quarantine q WHERE q.workload_id = inventory.id), "
+    "enrolled, last_heartbeat, offline, governed_rev, label_writes FROM inventory "
+    "WHERE id IN (SELECT value FROM json_each(?))"
 )
 _SELECT_ALL = (
-    "SELECT id, workload, state, observed_at, tag_version, labels, problems, op_mode, op_quarantined, "
+    "SELECT id, workload, state, observed_at, tag_version, labels, problems, op_mode, "
+    "op_quarantined OR EXISTS (SELECT 1 FROM quarantine q WHERE q.workload_id = inventory.id), "
     "enrolled, last_heartbeat, offline, governed_rev, label_writes FROM inventory ORDER BY id"
 )
 # one statement per operator/liveness field: no statement is assembled from parts
 _UPDATES = {
     "op_mode": "UPDATE inventory SET op_mode = ? WHERE id = ?",
-    "op_quarantined": "UPDATE inventory SET op_quarantined = ? WHERE id = ?",
     "enrolled": "UPDATE inventory SET enrolled = ? WHERE id = ?",
     "last_heartbeat": "UPDATE inventory SET last_heartbeat = ? WHERE id = ?",
     "offline": "UPDATE inventory SET offline = ? WHERE id = ?",
@@ -502,12 +515,21 @@ class SqliteStore:
         return [self._to_record(r) for r in self._db().execute(_SELECT_ALL)]
 
     def set_operator(self, workload_id: str, *, mode: Mode | None = _UNSET, quarantined: bool | None = None) -> None:
-        sets: dict[str, Any] = {}
-        if mode is not _UNSET:
-            sets["op_mode"] = mode.value if mode is not None else None
-        if quarantined is not None:
-            sets["op_quarantined"] = int(quarantined)
-        self._update(workload_id, sets)
+        """As DynamoStore's: a quarantine is a row of its own (never the record's column); a
+        release deletes it and clears the record's ``op_quarantined`` (a file's from before the
+        table), in one transaction."""
+        if mode is _UNSET and quarantined is None:
+            return
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM inventory WHERE id = ?", (workload_id,)).fetchone() is None:
+                raise KeyError(workload_id)
+            if mode is not _UNSET:
+                db.execute(_UPDATES["op_mode"], (mode.value if mode is not None else None, workload_id))
+            if quarantined:
+                db.execute("INSERT OR IGNORE INTO quarantine (workload_id) VALUES (?)", (workload_id,))
+            elif quarantined is not None:
+                db.execute("DELETE FROM quarantine WHERE workload_id = ?", (workload_id,))
+                db.execute("UPDATE inventory SET op_quarantined = 0 WHERE id = ?", (workload_id,))
 
     def set_liveness(
         self,
