@@ -412,20 +412,21 @@ def test_member_roles_are_assumed_only_in_the_named_organization_in_both_deploym
                 assuming += 1
                 cond = {"StringEquals": {"aws:ResourceOrgID": {"Ref": "MemberOrganizationId"}}}
                 assert st.get("Condition") == {"If": ["WithMemberOrg", cond, {"Ref": "AWS::NoValue"}]}, name
-    assert assuming == 5  # four read-only, one the perimeter's
+    assert assuming == 6  # four read-only, one the perimeter's, one compute's (lifecycle)
     lam = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/lambda.tf").read_text()))
     loc: dict[str, Any] = {}
     for block in lam.get("locals", []):
         loc.update(block)
-    for name in ("assume", "assume_perimeter"):
+    for name in ("assume", "assume_perimeter", "assume_lifecycle"):
         assert loc[name]["actions"] == ["sts:AssumeRole"] and loc[name]["conditions"] == "${local.member_org}"
     assert "aws:ResourceOrgID" in str(loc["member_org"]) and "var.member_organization_id" in str(loc["member_org"])
 
 
 def test_only_the_perimeter_may_assume_the_perimeter_role_and_no_read_only_one() -> None:
     """Security-group writes in member accounts live in a role of their own that only the
-    perimeter function may assume; every other function (the internet-facing agent API among
-    them) may assume only the read-only member role, in SAM and in Terraform."""
+    perimeter function may assume, CompleteLifecycleAction in one only compute may assume; every
+    other function (the internet-facing agent API among them) may assume only the read-only member
+    role, in SAM and in Terraform."""
     assumed: dict[str, list[Any]] = {}
     for name, r in template()["Resources"].items():
         if r.get("Type") != "AWS::Serverless::Function":
@@ -436,6 +437,8 @@ def test_only_the_perimeter_may_assume_the_perimeter_role_and_no_read_only_one()
     perimeter_role = {"Sub": "arn:${AWS::Partition}:iam::*:role/${MemberPerimeterRoleName}"}
     read_only = {"Sub": "arn:${AWS::Partition}:iam::*:role/${MemberRoleName}"}
     assert assumed.pop("PerimeterFunction") == [perimeter_role]
+    lifecycle_role = {"Sub": "arn:${AWS::Partition}:iam::*:role/${MemberLifecycleRoleName}"}
+    assert assumed.pop("ComputeFunction") == [lifecycle_role]
     assert sorted(assumed) == ["AgentApiFunction", "IngestFunction", "LifecycleFunction", "ReconcileFunction"]
     assert all(resources == [read_only] for resources in assumed.values()), assumed
     env = template()["Resources"]["PerimeterFunction"]["Properties"]["Environment"]["Variables"]
@@ -448,12 +451,19 @@ def test_only_the_perimeter_may_assume_the_perimeter_role_and_no_read_only_one()
     assert loc["assume"]["resources"] == ["${local.member_roles}"]
     assert loc["assume_perimeter"]["resources"] == ["${local.perimeter_roles}"]
     assert "var.member_perimeter_role_name" in loc["perimeter_roles"]
+    assert loc["assume_lifecycle"]["resources"] == ["${local.lifecycle_roles}"]
+    assert "var.member_lifecycle_role_name" in loc["lifecycle_roles"]
+    assumes = ("${local.assume}", "${local.assume_perimeter}", "${local.assume_lifecycle}")
     uses = {
-        fn: {x for x in statements if x in ("${local.assume}", "${local.assume_perimeter}")}
+        fn: {x for x in statements if x in assumes}
         for fn, statements in loc["statements"].items()
         if isinstance(statements, list)
     }
     assert uses.pop("perimeter") == {"${local.assume_perimeter}"}
+    # (compute's statements are a concat(...) expression: hcl2 gives it as one string)
+    compute = str(loc["statements"]["compute"])
+    assert "local.assume_lifecycle" in compute and not re.search(r"local\.assume(?!_lifecycle)\b", compute)
+    assert not [fn for fn, stmts in loc["statements"].items() if fn != "compute" and "assume_lifecycle" in str(stmts)]
     assert {fn for fn, u in uses.items() if u} == {"ingest", "lifecycle", "reconcile", "agentapi"}
     assert all(u <= {"${local.assume}"} for u in uses.values()), uses
     assert "RINGFENCE_PERIMETER_ACCOUNT_ROLES" in loc["functions"]["perimeter"]["env"]

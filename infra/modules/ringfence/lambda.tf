@@ -32,7 +32,12 @@ locals {
     # only compute (set deltas) and publish (bundles) hold (a reference to) the signing key; see signing.tf
     compute = {
       memory = 2048, timeout = 900, concurrency = 1,
-      env    = { RINGFENCE_SIGNING_KEY = local.signing_key_id, RINGFENCE_PUBLISH_QUEUE_URL = aws_sqs_queue.publish.id }
+      env = {
+        RINGFENCE_SIGNING_KEY       = local.signing_key_id
+        RINGFENCE_PUBLISH_QUEUE_URL = aws_sqs_queue.publish.id
+        # member accounts' lifecycle actions are completed through this role there
+        RINGFENCE_MEMBER_LIFECYCLE_ROLE = var.member_lifecycle_role_name
+      }
     }
     # parallel workers (no reservation: the event source's maximum_concurrency bounds them)
     publish   = { memory = 1024, timeout = 120, concurrency = -1, env = { RINGFENCE_SIGNING_KEY = local.signing_key_id } }
@@ -128,6 +133,7 @@ locals {
 
   member_roles    = "arn:${local.partition}:iam::*:role/${var.member_role_name}"
   perimeter_roles = "arn:${local.partition}:iam::*:role/${var.member_perimeter_role_name}"
+  lifecycle_roles = "arn:${local.partition}:iam::*:role/${var.member_lifecycle_role_name}"
   sg_arn          = "arn:${local.partition}:ec2:${local.region}:${local.account}:security-group/*"
   kms_use         = { actions = ["kms:Decrypt", "kms:GenerateDataKey"], resources = [aws_kms_key.this.arn] }
   describe        = { actions = ["ec2:DescribeInstances"], resources = ["*"] }
@@ -136,6 +142,8 @@ locals {
   assume     = { actions = ["sts:AssumeRole"], resources = [local.member_roles], conditions = local.member_org }
   # the perimeter's writes in member accounts: a role of its own, assumed by the perimeter only
   assume_perimeter = { actions = ["sts:AssumeRole"], resources = [local.perimeter_roles], conditions = local.member_org }
+  # compute's CompleteLifecycleAction in member accounts: a role of its own, assumed by compute only
+  assume_lifecycle = { actions = ["sts:AssumeRole"], resources = [local.lifecycle_roles], conditions = local.member_org }
   policies_read    = { actions = ["s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/policies/*"] }
   async_dlq        = { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.async_dlq.arn] }
 
@@ -194,8 +202,10 @@ locals {
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.publish.arn] },
       { actions = ["s3:PutObject"], resources = ["${aws_s3_bucket.bundles.arn}/staging/*"] },
       # the only function that completes lifecycle actions (the agent API reports to it through
-      # the compute queue: ringfence.control.launchgate)
-      { actions = ["autoscaling:CompleteLifecycleAction"], resources = ["arn:${local.partition}:autoscaling:${local.region}:${local.account}:autoScalingGroup:*:autoScalingGroupName/${var.gated_group_names}"] },
+      # the compute queue: ringfence.control.launchgate), in every Region of this account and in
+      # member accounts through their lifecycle role (CompleteLifecycleAction only)
+      { actions = ["autoscaling:CompleteLifecycleAction"], resources = ["arn:${local.partition}:autoscaling:*:${local.account}:autoScalingGroup:*:autoScalingGroupName/${var.gated_group_names}"] },
+      local.assume_lifecycle,
       { actions = ["execute-api:ManageConnections"], resources = ["${aws_apigatewayv2_api.nudge.execution_arn}/v1/POST/@connections/*"] },
       local.async_dlq, local.kms_use,
       ], local.signing_kms ? [] : [

@@ -91,6 +91,16 @@ variable "member_perimeter_role_name" {
   default     = "ringfence-member-perimeter"
 }
 
+variable "member_lifecycle_role_name" {
+  description = "Name of compute's role in member accounts (autoscaling:CompleteLifecycleAction on the gated groups only; only the compute function may assume it): member accounts' lifecycle actions are completed there (a member account without it: not completed, counted LifecycleLeftToTimeout)."
+  type        = string
+  default     = "ringfence-member-lifecycle"
+  validation {
+    condition     = can(regex("^[\\w+=,.@-]{1,64}$", var.member_lifecycle_role_name))
+    error_message = "member_lifecycle_role_name: an IAM role name."
+  }
+}
+
 variable "member_organization_id" {
   description = "The AWS Organizations id (o-...) of the member accounts: the functions may then assume member_role_name only in that organization's accounts (aws:ResourceOrgID); empty: in any account whose role trusts them."
   type        = string

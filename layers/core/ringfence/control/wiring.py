@@ -118,6 +118,10 @@ class Config:
     # the perimeter's own roles in member accounts (security-group writes): apart from the read-only
     # ones above, which the internet-facing agent API may assume too
     perimeter_account_roles: dict[str, str] = field(default_factory=dict)
+    # compute's role in member accounts (the name; the account's own ARN is built from its
+    # account_roles entry): CompleteLifecycleAction there, nothing else. Empty: member accounts'
+    # lifecycle actions are not completed (counted LifecycleLeftToTimeout)
+    member_lifecycle_role_name: str = ""
     targets: list[Target] = field(default_factory=list)
     # where audit records, agents' drops and findings also go (ringfence.siem): "" for nowhere
     siem: str = ""
@@ -154,6 +158,7 @@ class Config:
             sts_endpoints=[u for u in e.get("RINGFENCE_STS_ENDPOINTS", "").split(",") if u],
             account_roles=json.loads(e.get("RINGFENCE_ACCOUNT_ROLES", "{}") or "{}"),
             perimeter_account_roles=json.loads(e.get("RINGFENCE_PERIMETER_ACCOUNT_ROLES", "{}") or "{}"),
+            member_lifecycle_role_name=e.get("RINGFENCE_MEMBER_LIFECYCLE_ROLE", ""),
             targets=[Target(**t) for t in json.loads(e.get("RINGFENCE_RECONCILE_TARGETS", "[]") or "[]")],
             siem=e.get("RINGFENCE_SIEM", ""),
             siem_drop_budget=int(e.get("RINGFENCE_SIEM_DROP_BUDGET", str(DROP_BUDGET))),

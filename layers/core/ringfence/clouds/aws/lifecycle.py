@@ -136,7 +136,8 @@ class Lifecycle:
                 }
         lc = ev.lifecycle.model_dump()
         lc["hook_name"], lc["group_name"] = ev.lifecycle.hook_name, ev.lifecycle.group_name
-        lc["region"] = ev.region
+        # where compute completes it: the instance's own account and Region
+        lc["account"], lc["region"] = ev.account, ev.region
         if ev.kind is Kind.LIFECYCLE_LAUNCH and self._to_perimeter(ids, lc):
             # the perimeter hands the action on to compute once the instance's ENIs carry their
             # groups; compute publishes meanwhile and completes it

@@ -20,6 +20,10 @@ from .enroll import enroll_iid, enroll_sts
 from .publish import S3Publisher, WebSocketNotifier
 
 
+class LifecycleRoleMissing(Exception):
+    """A member account's lifecycle action with no lifecycle role configured to complete it."""
+
+
 class Wiring(BaseWiring):
     """Shared clients and adapters, built once per container."""
 
@@ -98,9 +102,32 @@ class Wiring(BaseWiring):
     def autoscaling_for(self, account: str, region: str) -> Any:
         return clients.assumed_client("autoscaling", region, self.member_role(account))
 
+    def lifecycle_role(self, account: str) -> str | None:
+        """The role compute completes ``account``'s lifecycle actions with: None for this
+        account; in a member account the lifecycle role of that account (``RINGFENCE_MEMBER_LIFECYCLE_ROLE``,
+        which holds CompleteLifecycleAction only and trusts compute only), never the read-only
+        member role, never this account's own credentials (they would complete nothing there)."""
+        if account == self.home_account:
+            return None
+        read_only = self.cfg.account_roles.get(account)
+        if not read_only:
+            raise UnservedAccount(account)
+        if not self.cfg.member_lifecycle_role_name:
+            raise LifecycleRoleMissing(
+                f"account {account}: no member lifecycle role is configured (MemberLifecycleRoleName): its "
+                "lifecycle actions are not completed"
+            )
+        partition = read_only.split(":")[1]
+        return f"arn:{partition}:iam::{account}:role/{self.cfg.member_lifecycle_role_name}"
+
     def complete_lifecycle(self, lc: dict[str, Any], instance_id: str) -> None:
+        """CONTINUE the action in the instance's own account and Region (the lifecycle event's)."""
+        region = lc.get("region") or None
+        role = self.lifecycle_role(str(lc.get("account") or self.home_account))
         ec2.complete_lifecycle(
-            clients.client("autoscaling", region=lc.get("region")),
+            clients.assumed_client("autoscaling", region or clients.session().region_name, role, "ringfence-lifecycle")
+            if role
+            else clients.client("autoscaling", region=region),
             lc["hook_name"],
             lc["group_name"],
             lc["token"],
