@@ -66,6 +66,7 @@ def test_report_batches_and_flow_logs_in_s3_become_classified_rows(env: Env) -> 
     rows = {(r.src.split("role=")[-1], r.src.split("env=")[1][:4], r.decision): r for r in merge(env.store.flow_rows())}
     ok = rows[("web", "prod", "allowed")]
     assert ok.flows == 2 and ok.origins == ["agent", "vpc"] and "web-to-processing" in ok.rule
+    assert ok.reported_by == ["src", "vpc"] and ok.reporters == [web], ok  # its agent (the source) and the flow log
     assert rows[("web", "dev,", "blocked")].flows == 1
     assert recorded.calls["flows"] and not refusals(recorded, ["flows"])
 

@@ -698,6 +698,39 @@ def test_flow_rows_fold_per_day_and_key_and_expire(store: Store) -> None:
     assert [r.decision for r in store.flow_rows()] == ["allowed"]  # the expired row is gone
 
 
+def test_flow_rows_keep_who_reported_them(store: Store) -> None:
+    """Which ends reported a row (src, dst, vpc) and the reporting workloads (at most
+    MAX_REPORTERS named) fold across writes; a row written without them (stored before they
+    were recorded) still loads, with none."""
+    from ringfence.flows.aggregate import MAX_REPORTERS, FlowRow
+
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+
+    def row(by: list[str], reporters: list[str], port: int = 4444) -> FlowRow:
+        return FlowRow(
+            day=today, src="app=a,role=db", dst="app=a,role=web", proto="tcp", port=port, decision="blocked",
+            flows=1, first_seen=1.0, last_seen=2.0, origins=["vpc" if by == ["vpc"] else "agent"], reported_by=by,
+            reporters=reporters,
+        )  # fmt: skip
+
+    store.add_flows([row(["dst"], ["web-9"])], ttl=3600)
+    (got,) = store.flow_rows()
+    assert (got.reported_by, got.reporters) == (["dst"], ["web-9"])
+    store.add_flows([row(["src"], ["db-1"])], ttl=3600)
+    store.add_flows([row(["vpc"], [])], ttl=3600)
+    (got,) = store.flow_rows()
+    assert (got.reported_by, got.reporters, got.flows) == (["dst", "src", "vpc"], ["db-1", "web-9"], 3)
+    many = [f"web-{i:02}" for i in range(2 * MAX_REPORTERS)]
+    store.add_flows([row(["dst"], many[:5])], ttl=3600)
+    store.add_flows([row(["dst"], many[5:])], ttl=3600)
+    (got,) = store.flow_rows()
+    assert len(got.reporters) == MAX_REPORTERS and {"db-1", "web-9"} <= set(got.reporters), got.reporters
+    old = row([], [], port=22)  # as a row stored before: no reported_by, no reporters
+    store.add_flows([old], ttl=3600)
+    (legacy,) = [r for r in store.flow_rows() if r.port == 22]
+    assert (legacy.reported_by, legacy.reporters) == ([], [])
+
+
 def test_address_history_keeps_every_owner_in_order(store: Store) -> None:
     from ringfence.flows.resolve import AddressOwner
 

@@ -262,7 +262,7 @@ def test_attack_an_agent_inventing_flows_between_other_workloads_is_not_taken(wi
             "flows": [
                 {**flow, "src": "192.168.10.21", "dst": "192.168.10.31", "dport": 5432},  # proc → db: not its own
                 {**flow, "src": "192.168.10.11", "dst": "192.168.10.21", "dport": 8443},  # its own
-                {**flow, "src": "192.168.10.21", "dst": "192.168.10.11", "dport": 22},  # its own, inbound
+                {**flow, "src": "192.168.10.21", "dst": "192.168.10.11", "dport": 22, "direction": "inbound"},  # own
             ]
         }
     )

@@ -91,6 +91,11 @@ class SuggestedFlow(_Body):
     flows: int
     first_seen: float
     last_seen: float
+    reported_by: list[str] = Field(
+        description="who saw the flows: src (the source's agent), dst (the destination's), vpc (flow logs); "
+        "empty: not recorded (a row stored before it was)"
+    )
+    reporters: list[str] = Field(description="the reporting agents' workloads (at most 8 named)")
 
 
 class SuggestedRule(_Body):
@@ -104,8 +109,9 @@ class SuggestedRule(_Body):
 
 
 class FlaggedFlow(SuggestedFlow):
-    kind: str = Field(description="env-crossing, crown-jewel, from-internet, from-unknown, override-deny; skipped: "
-                      "to-outside, unlabeled, no-port, allowed-now")  # fmt: skip
+    kind: str = Field(description="env-crossing, crown-jewel, from-internet, from-unknown, override-deny, "
+                      "unconfirmed (only the destination's agent reported it, of a source running an agent); "
+                      "skipped: to-outside, unlabeled, no-port, allowed-now")  # fmt: skip
     reason: str
 
 
@@ -117,7 +123,9 @@ class SuggestResponse(_Body):
     rows: int = Field(description="flow rows considered")
     rules: list[SuggestedRule]
     pinned: list[SuggestedFlow] = Field(description="flows already allowed, pinned by tests (include_allowed)")
-    flagged: list[FlaggedFlow] = Field(description="look like lateral movement: not proposed")
+    flagged: list[FlaggedFlow] = Field(
+        description="look like lateral movement, or rest on one end's word: not proposed"
+    )
     skipped: list[FlaggedFlow] = Field(description="no label-level rule can express them")
     yaml: str = Field(description="the policy file: the rules and the tests pinning every observed flow")
 

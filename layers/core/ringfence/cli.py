@@ -308,8 +308,11 @@ def cmd_labels_check(args: argparse.Namespace) -> int:
     ]
     if store is not None:  # what the wire showed: addresses nobody holds, traffic a role should not have
         from ringfence.flows.hygiene import flow_findings
+        from ringfence.flows.suggest import agent_groups
 
-        findings += flow_findings(policy, workloads, store.flow_rows(), args.fanout)
+        # one end's word about a peer that runs an agent accuses no one (flows/unconfirmed)
+        agents = agent_groups(policy, store.all_records())
+        findings += flow_findings(policy, workloads, store.flow_rows(), args.fanout, agents)
     if args.json:
         _print_json(
             {
@@ -577,13 +580,16 @@ def cmd_map(args: argparse.Namespace) -> int:
 
 def cmd_suggest(args: argparse.Namespace) -> int:
     from ringfence.engine import Engine
-    from ringfence.flows.suggest import merged_policy, suggest
+    from ringfence.flows.suggest import agent_groups, merged_policy, suggest
     from ringfence.policy import load_policy
     from ringfence.policytests import run_tests
 
     policy = load_policy(Path(args.policy))
-    rows = _opened_store(args.flows).flow_rows()
-    sug = suggest(policy, rows, args.app, args.env, args.min_flows, args.include_allowed)
+    store = _opened_store(args.flows)
+    rows = store.flow_rows()
+    # the store's inventory says which workloads run an agent: one end's word about these is not taken
+    agents = agent_groups(policy, store.all_records())
+    sug = suggest(policy, rows, args.app, args.env, args.min_flows, args.include_allowed, agents)
     if args.json:
         _emit(json.dumps(sug.doc(), indent=1, sort_keys=True) + "\n", args.out)
     else:

@@ -452,7 +452,7 @@ class Admin:
     def suggest(self, app: str, env: str | None = None, min_flows: int = 0, include_allowed: bool = False) -> Response:
         """Rule suggestions (``ringfence suggest``'s code) from the store's flow rows under the
         active policy."""
-        from ringfence.flows.suggest import suggest
+        from ringfence.flows.suggest import agent_groups, suggest
 
         try:
             active = self.w.active_policy()
@@ -460,5 +460,6 @@ class Admin:
             return error(409, "active policy unverifiable", f"{exc}: provision a good version")
         if active is None:
             return error(409, "no active policy", "provision a policy version first")
-        sug = suggest(active[1], self.w.store.flow_rows(), app, env, min_flows, include_allowed)
+        agents = agent_groups(active[1], self.w.store.all_records())  # one end's word about these is not taken
+        sug = suggest(active[1], self.w.store.flow_rows(), app, env, min_flows, include_allowed, agents)
         return Response(200, sug.doc())

@@ -615,12 +615,17 @@ class AgentApi:
                 r = error(429, "report quota exceeded", f"{workload_id} sent more report bytes than its quota")
                 r.headers["Retry-After"] = str(retry)
                 return r
-        # a host's agent sees its own traffic: records with neither end its address are not kept
+        # a host's agent sees its own traffic: records whose own end (by direction) is not its
+        # address are not kept
         rec = grant.record if grant is not None else self.w.store.get(workload_id)
         kept = self._own_records(workload_id, rec, batch)
         foreign = len(batch.flows) + len(batch.drops) - len(kept.flows) - len(kept.drops)
         if foreign:
-            log.warning("%d report records of %s name neither end its address: not kept", foreign, workload_id)
+            log.warning(
+                "%d report records of %s do not name its address at the end their direction gives: not kept",
+                foreign,
+                workload_id,
+            )
         if kept.flows or kept.drops or kept.dropped_records:
             key = f"reports/{workload_id}/{time.strftime('%Y/%m/%d', time.gmtime())}/{uuid.uuid4().hex}.json"
             doc = kept.model_dump(mode="json")
@@ -634,10 +639,14 @@ class AgentApi:
     def _own_records(
         self, workload_id: str, rec: InventoryRecord | None, batch: agentapi.ReportBatch
     ) -> agentapi.ReportBatch:
-        """The batch's records with one end the reporter's address: one its inventory record
-        holds now, or one the address history gives it when the record was seen. The ingest
-        (:meth:`ringfence.flows.ingest.FlowIngest.flows`) decides again by the time the record
-        was seen: a record dated into another workload's interval of the address is not taken."""
+        """The batch's records whose own end is the reporter's address: the source of an
+        ``outbound`` record, the destination of an ``inbound`` one (a record with the direction
+        turned round would put the reporter's word on the peer's side: the peer named as the one
+        who reported it in SIEM events, the row counted as the peer's own report). The address is
+        one its inventory record holds now, or one the address history gives it when the record
+        was seen. The ingest (:meth:`ringfence.flows.ingest.FlowIngest.flows`) decides again by
+        the time the record was seen: a record dated into another workload's interval of the
+        address is not taken."""
         from ringfence.flows.resolve import AddressBook
 
         def norm(address: str) -> str:
@@ -648,17 +657,20 @@ class AgentApi:
 
         mine = {norm(a) for a in rec.workload.ips} if rec is not None else set()
 
-        def at_home(src: str, dst: str) -> bool:
-            return norm(src) in mine or norm(dst) in mine
+        def end(r: agentapi.FlowRecord | agentapi.DropEvent) -> str:
+            return r.src if r.direction == "outbound" else r.dst
 
-        flows = [f for f in batch.flows if at_home(f.src, f.dst)]
-        drops = [d for d in batch.drops if at_home(d.src, d.dst)]
-        rest = [(f.src, f.dst, f.start) for f in batch.flows if not at_home(f.src, f.dst)]
-        rest += [(d.src, d.dst, d.time) for d in batch.drops if not at_home(d.src, d.dst)]
+        def at_home(r: agentapi.FlowRecord | agentapi.DropEvent) -> bool:
+            return norm(end(r)) in mine
+
+        flows = [f for f in batch.flows if at_home(f)]
+        drops = [d for d in batch.drops if at_home(d)]
+        rest = [(end(f), f.start) for f in batch.flows if not at_home(f)]
+        rest += [(end(d), d.time) for d in batch.drops if not at_home(d)]
         if rest:  # an address it held when the record was seen, by the history
-            # its former address is at one end of each of its records: the most frequent ones are
+            # its former address is the own end of each of its records: the most frequent ones are
             # looked up, a bounded number (DynamoDB reads one per address)
-            counts = collections.Counter(a for src, dst, _ in rest for a in {src, dst})
+            counts = collections.Counter(a for a, _ in rest)
             asked = sorted(a for a, _ in counts.most_common(HISTORY_LOOKUPS))
             book = AddressBook(self.w.store.address_history(asked))
 
@@ -668,12 +680,8 @@ class AgentApi:
                 o = book.interval(address, t)
                 return o is not None and o.workload_id == workload_id
 
-            flows += [
-                f for f in batch.flows if not at_home(f.src, f.dst) and (held(f.src, f.start) or held(f.dst, f.start))
-            ]
-            drops += [
-                d for d in batch.drops if not at_home(d.src, d.dst) and (held(d.src, d.time) or held(d.dst, d.time))
-            ]
+            flows += [f for f in batch.flows if not at_home(f) and held(end(f), f.start)]
+            drops += [d for d in batch.drops if not at_home(d) and held(end(d), d.time)]
         # validated already (as the request's body): constructed, not validated again, as the
         # batch's clock check would measure again
         return agentapi.ReportBatch.model_construct(flows=flows, drops=drops, dropped_records=batch.dropped_records)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel, Field
@@ -24,6 +24,8 @@ from ringfence.flows.vpclogs import Record
 log = logging.getLogger(__name__)
 
 DEFAULT_RETENTION_DAYS = 30
+MAX_REPORTERS = 8  # reporting workloads a row names at most (a row folds a whole label group's)
+_SIDES = {"outbound": "src", "inbound": "dst"}  # an agent record's direction: the end it reported
 
 
 class FlowRow(BaseModel):
@@ -44,6 +46,14 @@ class FlowRow(BaseModel):
     sample_src: str = Field("", description="one source address seen (for re-deciding under a draft)")
     sample_dst: str = ""
     origins: list[str] = Field(default_factory=list, description="agent, vpc")
+    reported_by: list[str] = Field(
+        default_factory=list,
+        description="who saw these flows: src (the source's agent), dst (the destination's), vpc (flow logs); "
+        "empty for a row stored before it was recorded",
+    )
+    reporters: list[str] = Field(
+        default_factory=list, description=f"the agents' workloads that reported them (at most {MAX_REPORTERS} named)"
+    )
 
     @property
     def key(self) -> str:
@@ -56,13 +66,22 @@ class FlowRow(BaseModel):
         self.first_seen = min(self.first_seen, other.first_seen)
         self.last_seen = max(self.last_seen, other.last_seen)
         self.origins = sorted(set(self.origins) | set(other.origins))
+        self.reported_by = sorted(set(self.reported_by) | set(other.reported_by))
+        if len(self.reporters) < MAX_REPORTERS:  # the first named stay named (as DynamoDB keeps them)
+            new = sorted(set(other.reporters) - set(self.reporters))
+            self.reporters = sorted([*self.reporters, *new[: MAX_REPORTERS - len(self.reporters)]])
         self.rule = self.rule or other.rule
 
 
 def end_name(ep: Endpoint) -> str:
     if ep.labels is None:
         return outside_name(ep.name)
-    return ",".join(f"{k}={v}" for k, v in sorted(ep.labels.items())) or "(no labels)"
+    return group_name(ep.labels)
+
+
+def group_name(labels: Mapping[str, str]) -> str:
+    """A workload end's name in rows: its full label set."""
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "(no labels)"
 
 
 def day_of(t: float) -> str:
@@ -80,6 +99,8 @@ class _Acc:
     first: float = float("inf")
     last: float = 0.0
     origins: set[str] = field(default_factory=set)
+    sides: set[str] = field(default_factory=set)
+    reporters: set[str] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -147,6 +168,14 @@ class Aggregator:
             if f.end > a.last:
                 a.last = f.end
             a.origins.add(f.origin)
+            if f.origin == "agent":
+                side = _SIDES.get(f.direction)
+                if side is not None:
+                    a.sides.add(side)
+                if f.reporter and len(a.reporters) < MAX_REPORTERS:
+                    a.reporters.add(f.reporter)
+            else:
+                a.sides.add(f.origin)
             self.seen += 1
 
     def add_records(self, records: Iterable[Record], origin: str = "vpc") -> None:
@@ -188,6 +217,7 @@ class Aggregator:
                         continue
                     a = acc[k] = _Acc(why.rule, src, dst)
                 a.origins.add(origin)
+                a.sides.add(origin)  # flow logs: what the network saw, no end's word
                 ms = moved.get(src)
                 if ms is None:
                     ms = moved[src] = len(history.get(src) or ()) > 1
@@ -214,6 +244,7 @@ class Aggregator:
                 day=day, src=src, dst=dst, proto=proto, port=port, decision=outcome,
                 rule=a.rule, flows=a.flows, packets=a.packets, bytes=a.bytes, first_seen=a.first, last_seen=a.last,
                 sample_src=a.sample_src, sample_dst=a.sample_dst, origins=sorted(a.origins),
+                reported_by=sorted(a.sides), reporters=sorted(a.reporters),
             )  # fmt: skip
             out[(day, row.key)] = row
         return out

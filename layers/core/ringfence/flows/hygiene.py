@@ -15,17 +15,24 @@ about label groups, each named with the estate's workloads that hold those label
 - ``flows/outbound-fanout``: a role whose workloads connect out, on flows policy does not allow,
   to at least ``fanout`` distinct peers (label groups, the internet, unknown addresses): a database does not call many peers; a host that
   does is mislabelled or misbehaving.
+- ``flows/unconfirmed``: flows only their destination's agent reported, from a label group that
+  runs an agent (``agents``) which did not, and no flow log saw (as ``ringfence suggest`` flags
+  them): the destination's word about its peer. Such a row feeds neither of the two findings
+  above (it would accuse the peer, or the destination's own role, on one host's claim); it is
+  listed with the reporting workloads instead: a host reporting what its peer did not send is
+  compromised or its peer's agent misses flows.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ringfence.flows.aggregate import FlowRow, merge
 from ringfence.flows.classify import UNKNOWN
+from ringfence.flows.suggest import Observation, unconfirmed
 from ringfence.model import Action, Workload
 from ringfence.policy import Policy
 from ringfence.selectors import matcher
@@ -50,9 +57,15 @@ class _Unknown:
 
 
 def flow_findings(
-    policy: Policy, workloads: Iterable[Workload], rows: Iterable[FlowRow], fanout: int = DEFAULT_FANOUT
+    policy: Policy,
+    workloads: Iterable[Workload],
+    rows: Iterable[FlowRow],
+    fanout: int = DEFAULT_FANOUT,
+    agents: Collection[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """The findings flow rows support, as documents (``kind``, ``message`` and the evidence)."""
+    """The findings flow rows support, as documents (``kind``, ``message`` and the evidence).
+    ``agents``: the label groups running an agent (:func:`ringfence.flows.suggest.agent_groups`);
+    None: no row is judged unconfirmed."""
     by_group: dict[str, list[str]] = {}
     by_address: dict[str, str] = {}
     for w in workloads:
@@ -98,6 +111,24 @@ def flow_findings(
                 u.flows += r.flows
                 u.peers.add(f"{peer} {_port(r)}")
         if r.decision == "allowed":
+            continue
+        o = Observation.of(r)
+        why = unconfirmed(o, agents) if agents is not None else None
+        if why is not None:
+            out.append(
+                {
+                    "kind": "flows/unconfirmed",
+                    "group": r.src,
+                    "peer": r.dst,
+                    "port": _port(r),
+                    "flows": r.flows,
+                    "decision": r.decision,
+                    "reported_by": o.reported_by,
+                    "reporters": o.reporters,
+                    "message": f"{r.dst} ({', '.join(o.reporters) or '?'}) reports {r.flows} flows on {_port(r)} from "
+                    f"{who(r.src)}: {why}; not counted against either group",
+                }
+            )
             continue
         src, dst = _labels(r.src), _labels(r.dst)
         if src is not None:

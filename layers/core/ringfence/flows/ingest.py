@@ -99,6 +99,7 @@ def agent_flows(workload_id: str, batch: dict[str, Any]) -> list[Flow]:
                 origin="agent",
                 observed="accept",
                 reporter=workload_id,
+                direction=r.get("direction", ""),
             )
         )
     for d in batch.get("drops", []):
@@ -115,16 +116,22 @@ def agent_flows(workload_id: str, batch: dict[str, Any]) -> list[Flow]:
                 reporter=workload_id,
                 rule_id=d.get("rule_id"),
                 count=int(d.get("count", 1)),
+                direction=d.get("direction", ""),
             )
         )
     return out
+
+
+def _reported_end(f: Flow) -> str | None:
+    """The address of the end an agent's record says is the reporter's (by its direction)."""
+    return f.src if f.direction == "outbound" else f.dst if f.direction == "inbound" else None
 
 
 @dataclass(slots=True)
 class IngestResult:
     flows: int = 0
     rows: int = 0
-    foreign: int = 0  # agent flows with neither end the reporter's: not taken
+    foreign: int = 0  # agent flows whose reported end (by direction) is not the reporter's: not taken
     overflow: int = 0  # flows of an object dropped: they would have made more than MAX_ROWS rows
     files: list[ParseReport] = field(default_factory=list)
 
@@ -210,11 +217,15 @@ class FlowIngest:
         return len(opened)
 
     def flows(self, flows: Iterable[Flow], result: IngestResult | None = None) -> IngestResult:
-        """Classify and store ``flows``. An agent's flow is taken only if one end is the
-        reporter's own, *when the flow started*: a host's agent sees its own traffic only, and
-        flows it invents between other workloads (or dates back into the time another workload
-        held its address) would steer the dependency map and rule suggestions. VPC Flow Logs come
-        from AWS and are taken as they are.
+        """Classify and store ``flows``. An agent's flow is taken only if its own end is the
+        reporter's, *when the flow started*: the source for an ``outbound`` record, the
+        destination for an ``inbound`` one (a record without a direction, or whose direction names
+        the other end, is refused: it would put the reporter's word on the peer's side, and SIEM
+        events on the peer's address). A host's agent sees its own traffic only, and flows it
+        invents between other workloads (or dates back into the time another workload held its
+        address) would steer the dependency map and rule suggestions. Each row records which end
+        reported it (:attr:`FlowRow.reported_by`). VPC Flow Logs come from AWS and are taken as
+        they are.
 
         An end is the reporter's at the flow's start when the address history gives it the
         address then; or when the reporter's running inventory record holds the address now and,
@@ -275,17 +286,19 @@ class FlowIngest:
                 kept.append(f)
             elif not f.start <= f.end <= now + MAX_SKEW:
                 late += 1
-            elif own(f, f.src) or own(f, f.dst):
+            elif (end := _reported_end(f)) is None:
+                continue  # no direction: which end saw it is not known
+            elif own(f, end):
                 kept.append(f)
-            elif twin(f, f.src) or twin(f, f.dst):
+            elif twin(f, end):
                 twins.setdefault(f.reporter, []).append(f)
         taken = len(kept) + sum(len(t) for t in twins.values())
         if taken < len(flows):
             result.foreign += len(flows) - taken
             by = sorted({f.reporter for f in flows if f.origin == "agent"} - {f.reporter for f in kept} - set(twins))
             log.warning(
-                "%d agent flows name neither end their reporter's when they started (%d end in the future): "
-                "not taken (%s)",
+                "%d agent flows do not name their reporter's address at the end their direction gives, when "
+                "they started (%d end in the future): not taken (%s)",
                 len(flows) - taken,
                 late,
                 by,

@@ -25,6 +25,9 @@ class Flow:
     reporter: str = ""  # the reporting workload (agent) or interface (VPC Flow Logs)
     rule_id: str | None = None  # the rule the agent's kernel counted a drop under
     count: int = 1
+    # an agent's record: "outbound" (its end is the source) or "inbound" (the destination); the
+    # ingest takes the flow only if that end is the reporter's. "" for flow logs
+    direction: str = ""
 
 
 _PROTO_NUMBERS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}

@@ -9,7 +9,15 @@ range only where every port of it was seen). Each observed flow is pinned by a p
 
 Flows that look like lateral movement are **flagged**, never proposed: an env crossing
 (``dev → prod``, or an end without env), a flow into a crown-jewel app from outside its app group,
-a flow from the internet or from an address no workload holds. Flows no label rule can express
+a flow from the internet or from an address no workload holds. So is a flow whose only evidence
+is the destination's word (``unconfirmed``): reported by the destination's agent alone, while the
+source's label group runs an agent (``agents``) that reported no such flow and no flow log saw
+it; an agent sees every connection its host opens (a flow, or a drop on its way out), so one end's
+claim that a peer with an agent called it is not taken as that peer's behaviour (a compromised
+host could otherwise have a path into itself opened). A flow reported by its source alone is
+proposed: it is what the source did, which a host may also do for real (its own egress may have
+stopped it before the destination saw it). Each observation names who reported it
+(``reported_by``: src, dst, vpc; ``reporters``: the agents' workloads). Flows no label rule can express
 (to the internet, an end without app or role, a port not recorded) are listed as skipped, and
 so are flows blocked when ingested that the policy given allows now.
 
@@ -28,23 +36,26 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
 from ringfence.engine.explain import decide, labels_endpoint
-from ringfence.flows.aggregate import FlowRow, merge
+from ringfence.flows.aggregate import FlowRow, group_name, merge
 from ringfence.model import NAME_PATTERN
 from ringfence.policy import Policy, PolicyError, load_policy_texts
+
+if TYPE_CHECKING:
+    from ringfence.store.base import InventoryRecord
 
 CROWN_JEWEL_VALUES = frozenset({"crown-jewel", "crown-jewels", "restricted"})
 _PORTED = ("tcp", "udp", "sctp")
 _NAME = re.compile(NAME_PATTERN)
 _PLAIN = re.compile(r"^[A-Za-z0-9_.:/-]+$")
 
-FlagKind = Literal["env-crossing", "crown-jewel", "from-internet", "from-unknown", "override-deny"]
+FlagKind = Literal["env-crossing", "crown-jewel", "from-internet", "from-unknown", "override-deny", "unconfirmed"]
 
 
 def parse_end(name: str) -> dict[str, str] | None:
@@ -86,10 +97,24 @@ class Observation:
     flows: int
     first_seen: float
     last_seen: float
+    reported_by: list[str] = field(default_factory=list)  # src, dst, vpc (none: not recorded)
+    reporters: list[str] = field(default_factory=list)  # the agents' workloads
 
     @staticmethod
     def of(r: FlowRow) -> Observation:
-        return Observation(r.src, r.dst, r.proto, r.port, r.decision, r.rule, r.flows, r.first_seen, r.last_seen)
+        return Observation(
+            r.src, r.dst, r.proto, r.port, r.decision, r.rule, r.flows, r.first_seen, r.last_seen,
+            # a row stored before reporters were recorded: flow logs are still flow logs
+            list(r.reported_by) or (["vpc"] if "vpc" in r.origins else []), list(r.reporters),
+        )  # fmt: skip
+
+    @property
+    def by_text(self) -> str:
+        if not self.reported_by:
+            return "reported by: not recorded"
+        return f"reported by {', '.join(self.reported_by)}" + (
+            f" ({', '.join(self.reporters)})" if self.reporters else ""
+        )
 
     @property
     def port_text(self) -> str:
@@ -98,13 +123,14 @@ class Observation:
     def line(self) -> str:
         return (
             f"{self.src} → {self.dst} {self.port_text}: {self.flows} flows, {self.decision} "
-            f"({_when(self.first_seen)} – {_when(self.last_seen)}); {self.rule}"
+            f"({_when(self.first_seen)} – {_when(self.last_seen)}); {self.rule}; {self.by_text}"
         )
 
     def doc(self) -> dict[str, Any]:
         return {
             "src": self.src, "dst": self.dst, "port": self.port_text, "decision": self.decision, "rule": self.rule,
             "flows": self.flows, "first_seen": self.first_seen, "last_seen": self.last_seen,
+            "reported_by": self.reported_by, "reporters": self.reporters,
         }  # fmt: skip
 
 
@@ -132,6 +158,7 @@ class ProposedRule:
         first = min(f.first_seen for f in self.flows)
         last = max(f.last_seen for f in self.flows)
         was = sorted({f.decision for f in self.flows})
+        by = sorted({b for f in self.flows for b in f.reported_by})
         return {
             "name": self.name,
             "from": self.from_,
@@ -139,7 +166,7 @@ class ProposedRule:
             "services": self.services,
             "same": self.same,
             "description": f"observed {seen} flow{'s' if seen != 1 else ''} {_when(first)} – {_when(last)}, "
-            f"{' / '.join(was)} then",
+            f"{' / '.join(was)} then" + (f", reported by {', '.join(by)}" if by else ""),
         }
 
     def doc(self) -> dict[str, Any]:
@@ -272,6 +299,29 @@ def _triage(
     return None
 
 
+def agent_groups(policy: Policy, records: Iterable[InventoryRecord]) -> set[str]:
+    """The row ends (label sets, as rows name them) holding a workload whose agent enrolled."""
+    return {group_name(policy.labels.resolve(r.effective()).labels) for r in records if r.enrolled}
+
+
+def unconfirmed(o: Observation, agents: Collection[str]) -> str | None:
+    """Why ``o`` rests on the destination's word alone about a source that runs an agent
+    (:data:`agent_groups`), or None: its source's agent or a flow log saw it, or the source's
+    group runs no agent (then the destination's agent is the only one that can)."""
+    if {"src", "vpc"} & set(o.reported_by) or o.src not in agents:
+        return None
+    who = ", ".join(o.reporters) or "?"
+    if not o.reported_by:
+        return (
+            f"who reported it was not recorded (a row stored before it was), and {o.src} runs an agent: "
+            "confirm it by hand or wait for it to be seen again"
+        )
+    return (
+        f"only the destination's agent reported it ({who}): {o.src} runs an agent, which saw no such flow leave, "
+        "and no flow log saw it: one end's word about its peer (check that host)"
+    )
+
+
 def suggest(
     policy: Policy,
     rows: Iterable[FlowRow],
@@ -279,8 +329,11 @@ def suggest(
     env: str | None = None,
     min_flows: int = 0,
     include_allowed: bool = False,
+    agents: Collection[str] | None = None,
 ) -> Suggestion:
-    """The suggestion for ``app`` (``env``: only flows with that env at the app's end)."""
+    """The suggestion for ``app`` (``env``: only flows with that env at the app's end).
+    ``agents``: the label groups running an agent (:func:`agent_groups`); a flow from one that
+    only its destination reported is flagged ``unconfirmed``, not proposed (None: not checked)."""
     taken_rulesets = {r.ruleset for r in policy.rules}
     ruleset = f"suggested-{app}" + (f"-{env}" if env else "")
     ruleset = re.sub(r"[^A-Za-z0-9_.-]", "-", ruleset)[:56]
@@ -317,6 +370,8 @@ def suggest(
                 sug.pinned.append(o)
             else:
                 sug.skipped.append(Flagged("allowed-now", "the policy allows it now (it did not when it was seen)", o))
+        elif agents is not None and (why := unconfirmed(o, agents)) is not None:
+            sug.flagged.append(Flagged("unconfirmed", why, o))
         else:
             candidates.append((o, s, d))
 
@@ -431,7 +486,10 @@ def render_yaml(sug: Suggestion, candidates: list[tuple[Observation, dict[str, s
     body = yaml.dump(doc, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=140)
     tail: list[str] = []
     for title, items in (
-        ("FLAGGED, not proposed: these look like lateral movement; decide by hand", sug.flagged),
+        (
+            "FLAGGED, not proposed: these look like lateral movement or rest on one end's word; decide by hand",
+            sug.flagged,
+        ),
         ("Skipped: no label-level rule can express these", sug.skipped),
     ):
         if items:

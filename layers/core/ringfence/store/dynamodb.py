@@ -28,7 +28,7 @@ from boto3.dynamodb.conditions import Key
 from botocore.exceptions import ClientError
 
 from ringfence.audit import seal
-from ringfence.flows.aggregate import DEFAULT_RETENTION_DAYS, FlowRow, day_of
+from ringfence.flows.aggregate import DEFAULT_RETENTION_DAYS, MAX_REPORTERS, FlowRow, day_of
 from ringfence.flows.resolve import AddressOwner
 from ringfence.groupcommit import GroupCommit
 from ringfence.model import Mode, Workload
@@ -1105,29 +1105,52 @@ class DynamoStore:
 
     def add_flows(self, rows: list[FlowRow], ttl: int) -> None:
         """Fold each row into its stored row: counts with ADD (concurrent writers add up), then
-        first/last seen moved only outward by conditional updates."""
+        first/last seen moved only outward by conditional updates. The ends that reported
+        (``reported_by``) are a string set ADDed with the counts; the reporting workloads
+        (``reporters``) one more conditional ADD, only when the row names one not yet and fewer
+        than ``MAX_REPORTERS`` (an item of a whole label group's rows stays small)."""
         expires = int(time.time()) + ttl
         for row in rows:
             key = {"pk": f"flows#{row.day}", "sk": row.key}
-            doc = row.model_dump_json(exclude={"flows", "packets", "bytes", "first_seen", "last_seen", "origins"})
+            doc = row.model_dump_json(
+                exclude={"flows", "packets", "bytes", "first_seen", "last_seen", "origins", "reported_by", "reporters"}
+            )
+            values: dict[str, Any] = {
+                ":n": row.flows,
+                ":p": row.packets,
+                ":b": row.bytes,
+                ":o": set(row.origins) or {"agent"},
+                ":d": doc,
+                ":f": Decimal(str(row.first_seen)),
+                ":l": Decimal(str(row.last_seen)),
+                ":t": expires,
+            }
+            adds = "ADD flows :n, packets :p, bytes :b, origins :o"
+            if row.reported_by:  # (a set ADDed must not be empty)
+                adds += ", reported_by :r"
+                values[":r"] = set(row.reported_by)
             new = self.state.update_item(
                 Key=key,
-                UpdateExpression="ADD flows :n, packets :p, bytes :b, origins :o "
-                "SET doc = if_not_exists(doc, :d), first_seen = if_not_exists(first_seen, :f), "
+                UpdateExpression=adds
+                + " SET doc = if_not_exists(doc, :d), first_seen = if_not_exists(first_seen, :f), "
                 "last_seen = if_not_exists(last_seen, :l), #ttl = :t",
                 ExpressionAttributeNames={"#ttl": "ttl"},
-                ExpressionAttributeValues={
-                    ":n": row.flows,
-                    ":p": row.packets,
-                    ":b": row.bytes,
-                    ":o": set(row.origins) or {"agent"},
-                    ":d": doc,
-                    ":f": Decimal(str(row.first_seen)),
-                    ":l": Decimal(str(row.last_seen)),
-                    ":t": expires,
-                },
+                ExpressionAttributeValues=values,
                 ReturnValues="ALL_NEW",
             )["Attributes"]
+            named = set(new.get("reporters", set()))
+            more = sorted(set(row.reporters) - named)[: max(0, MAX_REPORTERS - len(named))]
+            if more:
+                try:
+                    self.state.update_item(
+                        Key=key,
+                        UpdateExpression="ADD reporters :w",
+                        ConditionExpression="attribute_not_exists(reporters) OR size(reporters) < :k",
+                        ExpressionAttributeValues={":w": set(more), ":k": MAX_REPORTERS},
+                    )
+                except ClientError as exc:
+                    if not _conditional_failed(exc):
+                        raise
             for attr, value, cond in (("first_seen", row.first_seen, ">"), ("last_seen", row.last_seen, "<")):
                 if (float(new[attr]) > value) if cond == ">" else (float(new[attr]) < value):
                     try:
@@ -1163,6 +1186,8 @@ class DynamoStore:
                                 "first_seen": float(item["first_seen"]),
                                 "last_seen": float(item["last_seen"]),
                                 "origins": sorted(item.get("origins", [])),
+                                "reported_by": sorted(item.get("reported_by", [])),
+                                "reporters": sorted(item.get("reporters", []))[:MAX_REPORTERS],
                             }
                         )
                     )
