@@ -18,4 +18,6 @@ module "label_guard" {
   tagger_principal_arns  = ["arn:aws:iam::*:role/ringfence-tagging"]
   tagger_role_admin_arns = ["arn:aws:iam::*:role/AWSControlTowerExecution"]
   scp_target_ids         = ["ou-abcd-11111111", "ou-abcd-22222222"]
+  # the member accounts' perimeter role and the control account's perimeter function role
+  perimeter_principal_arns = ["arn:aws:iam::*:role/ringfence-member-perimeter", "arn:aws:iam::111122223333:role/ringfence-perimeter"]
 }

@@ -31,6 +31,12 @@ variable "tagger_principal_arns" {
   }
 }
 
+variable "perimeter_principal_arns" {
+  description = "The perimeter's roles (patterns allowed): the member accounts' perimeter role and the control account's perimeter function role. They may tag a security group with ringfence:perimeter (and Name) in the CreateSecurityGroup call that makes it, and no other label key, anywhere else."
+  type        = list(string)
+  default     = ["arn:aws:iam::*:role/ringfence-member-perimeter"]
+}
+
 variable "tagger_role_admin_arns" {
   description = "Principal ARNs that alone may create, change or delete the tagging roles (their trust and permissions), e.g. AWSControlTowerExecution, or another role your landing zone already guards. A tagger pattern with * for the account trusts a role of that name in every account: this keeps anyone else from making one."
   type        = list(string)
@@ -59,7 +65,6 @@ locals {
     principals = var.tagger_principal_arns
   }
   ec2_actions = [
-    "ec2:CreateTags",
     "ec2:DeleteTags",
     "ec2:RunInstances",
     "ec2:CreateFleet",
@@ -103,6 +108,67 @@ data "aws_iam_policy_document" "guard" {
       test     = "ArnNotLike"
       variable = "aws:PrincipalArn"
       values   = local.condition.principals
+    }
+  }
+  # tag-on-create is authorized as ec2:CreateTags: everyone but the taggers and the perimeter's
+  # roles is refused every label key, the perimeter's roles all but ringfence:perimeter (and
+  # Name) on the groups they create
+  statement {
+    sid       = "DenyLabelTagCreation"
+    effect    = "Deny"
+    actions   = ["ec2:CreateTags"]
+    resources = ["*"]
+    condition {
+      test     = "ForAnyValue:StringLike"
+      variable = "aws:TagKeys"
+      values   = local.condition.keys
+    }
+    condition {
+      test     = "ArnNotLike"
+      variable = "aws:PrincipalArn"
+      values   = concat(local.condition.principals, var.perimeter_principal_arns)
+    }
+  }
+  statement {
+    sid       = "DenyPerimeterTagsButOnItsNewGroups"
+    effect    = "Deny"
+    actions   = ["ec2:CreateTags"]
+    resources = ["*"]
+    condition {
+      test     = "ForAnyValue:StringLike"
+      variable = "aws:TagKeys"
+      values   = local.condition.keys
+    }
+    condition {
+      test     = "ArnNotLike"
+      variable = "aws:PrincipalArn"
+      values   = local.condition.principals
+    }
+    condition {
+      test     = "StringNotEquals"
+      variable = "ec2:CreateAction"
+      values   = ["CreateSecurityGroup"]
+    }
+  }
+  statement {
+    sid       = "DenyPerimeterOtherLabelKeys"
+    effect    = "Deny"
+    actions   = ["ec2:CreateTags"]
+    resources = ["*"]
+    condition {
+      test     = "ForAnyValue:StringLike"
+      variable = "aws:TagKeys"
+      values   = local.condition.keys
+    }
+    condition {
+      test     = "ArnNotLike"
+      variable = "aws:PrincipalArn"
+      values   = local.condition.principals
+    }
+    condition {
+      test     = "ForAnyValue:StringNotEquals"
+      variable = "aws:TagKeys"
+      values   = ["ringfence:perimeter", "Name"]
     }
   }
   statement {
