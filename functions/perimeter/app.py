@@ -5,7 +5,12 @@ runs never interleave their changes to an interface's group list):
   groups on every ENI; a launch lifecycle action is handed on to compute only after that;
 * the schedule: the converging full reconcile, which also removes groups without purpose.
 
-Quotas are checked before changing anything; over quota, nothing changes and the limit is named.
+Quotas are checked before changing anything; an interface over a quota (or needing a group that
+cannot be made) is skipped and named, the rest of the plan is applied, PerimeterPlanRefused is
+counted and that instance's launch is not handed on. An account/Region that fails (its role, STS or
+EC2) is reported failed (PerimeterPlacesFailed) and the others are reconciled: on the queue, a
+message naming only failed places is handed back for a retry, one naming others too is done for
+those and the failed part is sent again on its own.
 What changed is logged one line per change ("perimeter: sg-… attached to i-… (2 ENIs)"), counted
 in metrics, and returned by the scheduled run."""
 
@@ -49,7 +54,15 @@ def _dry_run() -> bool:
 def _log(results: list[dict[str, Any]]) -> None:
     for r in results:
         summary = {k: r.get(k) for k in ("account", "region", "scope", "applied", "plan", "violations")}
-        if r.get("violations") and "plan" not in r:
+        if r.get("lookalikes"):
+            logger.error(
+                "perimeter groups refused: our tag and name, no record", extra=summary | {"groups": r["lookalikes"]}
+            )
+        if r.get("adopted"):
+            logger.warning("perimeter groups adopted (made before records)", extra=summary | {"groups": r["adopted"]})
+        if r.get("failed"):
+            logger.error("perimeter failed for this account/region", extra=summary | {"reason": r["failed"]})
+        elif r.get("violations") and "plan" not in r:
             logger.error("perimeter plan refused: nothing changed", extra=summary)
         elif r.get("violations"):
             logger.error(
@@ -62,10 +75,11 @@ def _log(results: list[dict[str, Any]]) -> None:
 
 def _queue(event: dict[str, Any]) -> dict[str, Any]:
     batch = parse(event=event, model=SqsModel)
-    messages, failures = [], []
+    messages, message_ids, failures = [], [], []
     for rec in batch.Records:
         try:
             messages.append(PerimeterMessage.model_validate(json.loads(rec.body)))
+            message_ids.append(rec.messageId)
         except (ValueError, ValidationError) as exc:  # ours to fix: let it redrive to the DLQ
             logger.error("malformed perimeter message", extra={"message_id": rec.messageId, "reason": str(exc)})
             failures.append(rec.messageId)
@@ -80,6 +94,10 @@ def _queue(event: dict[str, Any]) -> dict[str, Any]:
             "launch lifecycle actions",
             extra={"to_compute": out.lifecycles_forwarded, "left_to_time_out": out.lifecycles_left_to_timeout},
         )
+    if out.requeued:
+        logger.warning("workloads of failed places sent again on their own", extra={"workloads": out.requeued})
+    # messages naming only failed places: retried by SQS, then its DLQ (alarmed)
+    failures += [message_ids[n] for n in out.retry]
     return {"batchItemFailures": [{"itemIdentifier": m} for m in failures]}
 
 

@@ -14,9 +14,9 @@ import boto3
 import pytest
 from pydantic import ValidationError
 
-from ringfence.clouds.aws.sg import EMPTY, SecurityGroupPerimeter
+from ringfence.clouds.aws.sg import EMPTY, GroupRecords, SecurityGroupPerimeter
 from ringfence.perimeter import PerimeterConfig, Scope
-from tests.aws.conftest import Env
+from tests.aws.conftest import ACCOUNT, REGION, Env
 
 CFG = PerimeterConfig.model_validate(
     {
@@ -86,9 +86,9 @@ def vpc(env: Env) -> Iterator[Vpc]:
 
 
 @pytest.fixture
-def sgp() -> Iterator[SecurityGroupPerimeter]:
+def sgp(env: Env) -> Iterator[SecurityGroupPerimeter]:
     client = boto3.client("ec2")  # its own client: a test may hook its calls
-    yield SecurityGroupPerimeter(client)
+    yield SecurityGroupPerimeter(client, GroupRecords(env.ddb.Table("rf-state"), ACCOUNT, REGION))
     client.close()
 
 

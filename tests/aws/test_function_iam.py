@@ -755,3 +755,31 @@ def test_every_function_that_writes_audit_records_may_send_them_to_the_siem() ->
     missing = {fn: _sam_siem(fn) for fn in sam if _sam_siem(fn) != {"eventbridge", "cloudwatch"}}
     assert not missing, ("template.yaml", missing)
     assert sam <= _tf_siem_writers(), ("infra/", sam - _tf_siem_writers())
+
+
+def test_attack_only_the_perimeter_role_may_record_a_security_group_as_ringfences(env: Env) -> None:
+    """A group is Ringfence's only if its id is recorded (``sg#<account>#<region>`` state items,
+    clouds/aws/sg.py GroupRecords). Their writes, recorded from the real perimeter function over
+    moto (groups created, then one deleted once without purpose), are granted in template.yaml and
+    infra/ alike to the perimeter's role, and otherwise only to the roles holding unconditioned
+    state-table writes (admin, compute): none of the roles fed by events, agents or the internet
+    could record a look-alike group as ours."""
+    rec = Recorder(env)
+    est = boot(env)
+    # the web tier retagged to dev: rf-dev-* created, and the schedule deletes what lost its purpose
+    for iid in est["ids"]["web"]:
+        env.ec2.create_tags(Resources=[iid], Tags=[{"Key": "ringfence:env", "Value": "dev"}])
+        env.put(env.state_event(iid, "running"))
+    env.pump()
+    for iid in est["ids"]["web"]:
+        env.ec2.create_tags(Resources=[iid], Tags=[{"Key": "ringfence:env", "Value": "prod"}])
+        env.put(env.state_event(iid, "running"))
+    env.pump()
+    env.fn["perimeter"].handler(_scheduled(), LambdaContext())
+    writes = [c for c in rec.calls["perimeter"] if c[0] in WRITES and c[2]["dynamodb:LeadingKeys"][0].startswith("sg#")]
+    assert {a for a, _, _ in writes} == {"PutItem", "DeleteItem"}, writes
+    assert not refusals(rec, ["perimeter"])
+    for where, statements_of in (("template.yaml", sam_statements), ("infra/", terraform_statements)):
+        statements = {fn: statements_of(fn) for fn in SAM}
+        writers = {fn for fn in SAM if any(allowed(statements[fn], w) for w in writes)}
+        assert writers == {"perimeter", "admin", "compute"}, (where, writers)

@@ -255,6 +255,45 @@ def test_a_refused_staged_bundle_is_alarmed_on_its_own_in_both_deployments() -> 
     assert found[0]["what"] == sam[0]["AlarmDescription"]
 
 
+def test_perimeter_failures_look_alikes_and_failed_scheduled_runs_are_alarmed_alike_in_both_deployments() -> None:
+    """A perimeter account/Region that failed, a look-alike perimeter group and the async DLQ
+    (failed scheduled runs) alarm in SAM and Terraform alike: the same metric, dimensions and
+    description."""
+    res = template()["Resources"]
+    sam = {
+        r["Properties"]["MetricName"]: r["Properties"]
+        for r in res.values()
+        if r["Type"] == "AWS::CloudWatch::Alarm"
+        and r["Properties"]["MetricName"] in ("PerimeterPlacesFailed", "PerimeterGroupsRefused")
+    }
+    tf = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/alarms.tf").read_text()))
+    loc: dict[str, Any] = {}
+    for block in tf.get("locals", []):
+        loc.update(block)
+    for metric in ("PerimeterPlacesFailed", "PerimeterGroupsRefused"):
+        [found] = [a for a in loc["alarms"].values() if a["metric"] == metric]
+        assert sam[metric]["Namespace"] == found["ns"] == "Ringfence", metric
+        assert sam[metric]["Statistic"] == found["stat"] == "Sum"
+        assert sam[metric]["Dimensions"] == [{"Name": "service", "Value": "ringfence"}] and found["dims"] == {
+            "service": "ringfence"
+        }
+        assert sam[metric]["AlarmDescription"] == found["what"], metric
+    dlq = [
+        r["Properties"]
+        for r in res.values()
+        if r["Type"] == "AWS::CloudWatch::Alarm"
+        and r["Properties"]["Dimensions"] == [{"Name": "QueueName", "Value": {"GetAtt": "AsyncDLQ.QueueName"}}]
+    ]
+    assert len(dlq) == 1 and dlq[0]["MetricName"] == "ApproximateNumberOfMessagesVisible"
+    tf_dlq = loc["alarms"]["async-dlq"]
+    assert "aws_sqs_queue.async_dlq.name" in str(tf_dlq["dims"])
+    assert (tf_dlq["metric"], tf_dlq["stat"], tf_dlq["what"]) == (
+        dlq[0]["MetricName"],
+        dlq[0]["Statistic"],
+        dlq[0]["AlarmDescription"],
+    )
+
+
 def test_perimeter_iam_changes_and_deletes_only_tagged_groups_in_both_deployments() -> None:
     """The perimeter may delete and change rules only of groups carrying its tag, and create only
     groups tagged at birth: in template.yaml and in infra/ alike."""

@@ -266,8 +266,13 @@ locals {
       { actions = ["dynamodb:Scan", "dynamodb:GetItem", "dynamodb:BatchGetItem"], resources = [aws_dynamodb_table.inventory.arn] },
       # records are read with their quarantine items (DynamoStore), nothing else there
       { actions = ["dynamodb:BatchGetItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn], conditions = [local.quarantine_keys] },
+      # the ids of the groups it created (clouds/aws/sg.py GroupRecords): a group is ours only if
+      # recorded, and no other role fed by events or agents may write these keys
+      { actions = ["dynamodb:Query"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["sg#*"] }] },
+      { actions = ["dynamodb:PutItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["sg#*"] }, { test = "ForAllValues:StringEquals", variable = "dynamodb:Attributes", values = ["pk", "sk", "network", "name", "how"] }] },
       { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.perimeter.arn] },
-      { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
+      # its own queue: a failed account/Region's part of a message, sent again on its own
+      { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.perimeter.arn, aws_sqs_queue.async_dlq.arn] },
       { actions = ["ec2:DescribeInstances", "ec2:DescribeSecurityGroups", "ec2:DescribeNetworkInterfaces"], resources = ["*"] },
       { actions = ["ec2:CreateSecurityGroup"], resources = local.in_vpcs.values },
       # only groups that carry the tag from birth, tags only in that same call

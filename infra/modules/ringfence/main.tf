@@ -571,7 +571,7 @@ locals {
   fn_role = { for k, r in aws_iam_role.fn : k => r.arn }
   queue_senders = {
     compute    = { queue = aws_sqs_queue.compute.arn, roles = compact([local.fn_role["ingest"], local.fn_role["lifecycle"], local.fn_role["reconcile"], local.fn_role["perimeter"], local.fn_role["agentapi"], local.fn_role["admin"], try(local.fn_role["gcpevents"], ""), try(local.fn_role["azureevents"], ""), try(local.fn_role["cloudreconcile"], "")]) }
-    perimeter  = { queue = aws_sqs_queue.perimeter.arn, roles = [local.fn_role["ingest"], local.fn_role["lifecycle"], local.fn_role["reconcile"]] }
+    perimeter  = { queue = aws_sqs_queue.perimeter.arn, roles = [local.fn_role["ingest"], local.fn_role["lifecycle"], local.fn_role["reconcile"], local.fn_role["perimeter"]] } # itself: a failed place's part sent again
     publish    = { queue = aws_sqs_queue.publish.arn, roles = [local.fn_role["compute"]] }
     ingest_dlq = { queue = aws_sqs_queue.ingest_dlq.arn, roles = [local.fn_role["ingest"]] }
     # Lambda sends a failed async invocation with the function's own role (every function has this DLQ)

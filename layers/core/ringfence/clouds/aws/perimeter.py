@@ -5,7 +5,16 @@ enqueue the workloads they saw change on the perimeter queue; their interfaces (
 and, for a launching instance, the lifecycle action is handed on to compute only then — compute
 completes it after the bundle is published too, so CONTINUE means both are in place.
 :meth:`Perimeter.run` is the scheduled converging reconcile, which also removes groups that lost
-their purpose."""
+their purpose.
+
+What would break a limit (an interface over the groups-per-interface quota, a group over the rules
+quota, a name held by a group Ringfence did not create) is skipped, not the whole plan: that
+interface is left as it is and named, the rest is applied, ``PerimeterPlanRefused`` is counted, and
+that instance's launch is not handed on (its hook times out into its default result).
+
+Each account and Region (a place) is reconciled on its own: one whose perimeter role cannot be
+assumed or whose API fails is reported failed (``PerimeterPlacesFailed``) while the others are
+reconciled and their launches handed on; on the event path only that place's part is retried."""
 
 from __future__ import annotations
 
@@ -22,7 +31,8 @@ from ringfence.control.wiring import Metric, no_metric
 from ringfence.perimeter import PerimeterConfig, PlanRefused, QuotaExceeded, Scope
 from ringfence.store.base import InventoryRecord
 
-from .sg import GONE_STATES, SecurityGroupPerimeter, log
+from . import clients
+from .sg import GONE_STATES, GroupRecords, SecurityGroupPerimeter, log
 from .wiring import Wiring
 
 # --- perimeter --------------------------------------------------------------------------------------
@@ -54,6 +64,10 @@ class Reaction:
     results: list[dict[str, Any]] = field(default_factory=list)
     lifecycles_forwarded: list[str] = field(default_factory=list)
     lifecycles_left_to_timeout: list[str] = field(default_factory=list)
+    # messages (their index in the batch) to hand back for a retry: all they name is in a failed place
+    retry: list[int] = field(default_factory=list)
+    # workloads of failed places sent again on their own (the rest of their message was done)
+    requeued: list[str] = field(default_factory=list)
 
 
 class Perimeter:
@@ -63,9 +77,16 @@ class Perimeter:
         self.w = w
         self.config = config
         self.metric = metric
+        self._table: Any = None
+
+    def _records(self, account: str, region: str) -> GroupRecords:
+        if self._table is None:
+            self._table = clients.resource("dynamodb").Table(self.w.cfg.state_table)
+        return GroupRecords(self._table, account, region)
 
     def run(self, dry_run: bool = False) -> list[dict[str, Any]]:
-        """The full reconcile of every account/region the inventory or the targets name."""
+        """The full reconcile of every account/region the inventory or the targets name; a place
+        that fails is in the results with ``failed`` (the others are reconciled all the same)."""
         by_place: dict[Place, list[InventoryRecord]] = {(t.account, t.region): [] for t in self.w.cfg.targets}
         for rec in self.w.store.all_records():
             place = _place(rec)
@@ -84,15 +105,38 @@ class Perimeter:
 
     def react(self, messages: list[PerimeterMessage], dry_run: bool = False) -> Reaction:
         """A batch from the perimeter queue: ``{"ids": [...], "lifecycles": [{...}, ...]}`` each.
-        An AWS error propagates (the batch is retried and its lifecycle actions wait); a refused
-        plan (over quota, a group name taken) is final: those instances' lifecycle actions are not handed on and time out into
-        the hook's default result."""
+        A place (account/Region) that fails (its role, STS or EC2) holds up only its own workloads:
+        a message naming nothing else is handed back for a retry (then the DLQ); one naming others
+        too is done for those, and the failed place's workloads and lifecycle actions are sent again
+        in a message of their own. A refused plan (over quota, a group name taken) is final: those
+        instances' lifecycle actions are not handed on and time out into the hook's default result."""
         ids = [i for m in messages for i in m.ids]
         out = Reaction(results=self.run_for(ids, dry_run))
+        failed = {i for r in out.results if r.get("failed") for i in r["workloads"]}
         # a plan refused whole refuses all its workloads; otherwise only those left as they were
-        refused = {i for r in out.results for i in r.get("refused", r["workloads"] if r.get("violations") else [])}
+        refused = {
+            i
+            for r in out.results
+            if not r.get("failed")
+            for i in r.get("refused", r["workloads"] if r.get("violations") else [])
+        }
+        actions: list[dict[str, Any]] = []
+        for n, m in enumerate(messages):
+            mine = [i for i in m.ids if i in failed]
+            if not mine:
+                actions += m.actions()
+                continue
+            waiting = [lc for lc in m.actions() if lc["instance_id"] in failed]
+            if set(mine) == set(m.ids) and len(waiting) == len(m.actions()):
+                out.retry.append(n)  # all of it waits: SQS retries it, then the DLQ (alarmed)
+                continue
+            # the rest is done: the failed place's part alone goes back on the queue (each round
+            # sends less, so this ends; a message of failed places only is retried as above)
+            self.w.enqueue_perimeter(mine, lifecycles=waiting)
+            out.requeued += mine
+            actions += [lc for lc in m.actions() if lc["instance_id"] not in failed]
         handed: list[dict[str, Any]] = []
-        for lc in (lc for m in messages for lc in m.actions()):
+        for lc in actions:
             iid = lc["instance_id"]
             if iid in refused:
                 log.error(
@@ -123,13 +167,21 @@ class Perimeter:
         base: dict[str, Any] = {"account": account, "region": region, "scope": scope.value}
         base["workloads"] = sorted(workloads)
         try:
-            sgp = SecurityGroupPerimeter(self.w.perimeter_ec2_for(account, region))
+            sgp = SecurityGroupPerimeter(self.w.perimeter_ec2_for(account, region), self._records(account, region))
             res = sgp.reconcile(self.config, workloads, scope, dry_run=dry_run, gone=[r.id for r in recs])
         except PlanRefused as exc:
             self.metric("PerimeterPlanRefused", 1)
             if isinstance(exc, QuotaExceeded):
                 self.metric("PerimeterOverQuota", 1)
             return base | {"applied": False, "violations": exc.violations}
+        except Exception as exc:
+            # one account's broken trust policy, an SCP, a disabled Region or an EC2 outage there
+            # must not stop the others (as reconcile's targets): this place is reported failed
+            log.exception("perimeter %s/%s failed", account, region)
+            self.metric("PerimeterPlacesFailed", 1)
+            return base | {"applied": False, "failed": f"{type(exc).__name__}: {exc}"[:500]}
+        if res.lookalikes:
+            self.metric("PerimeterGroupsRefused", len(res.lookalikes))
         if res.applied:
             counts = res.plan
             self.metric("PerimeterGroupsCreated", counts["create"])
@@ -142,6 +194,8 @@ class Perimeter:
         for k in res.kept:
             log.warning("perimeter: kept %s (%s) without purpose: %s", k["group"], k["name"], k["reason"])
         out = base | {"applied": res.applied, "plan": res.plan, "changes": res.changes, "kept": res.kept}
+        if res.lookalikes or res.adopted:
+            out |= {"lookalikes": res.lookalikes, "adopted": res.adopted}
         if res.violations:  # applied but for what breaks a limit: left as it was, named here
             self.metric("PerimeterPlanRefused", 1)
             if any("limit:" in v for v in res.violations):

@@ -1,12 +1,19 @@
 """Security groups as the perimeter's AWS backend: read actual state, apply a checked plan.
 
 Every network interface of a workload carries its groups (not only the primary one). A group is
-ours only if it carries the ``ringfence:perimeter`` tag *and* has one of the names Ringfence
-gives (``rf-<env>-boundary|mgmt``, ``rf-<env>-published.<service>`` — one per published service,
-so a workload gets only the ports of the services it matches; ``rf-<env>-published``, the older
-shared one, is still recognised and so detached and deleted — and ``rf-empty``: no rule at all, what replaces ours on
-an interface that needs none of them and has no other group, as EC2 needs one); anything else is
-foreign and never changed, detached or deleted. Interfaces are modified with their whole group list
+ours only if Ringfence recorded its id when it created it (:class:`GroupRecords`, in the state
+table, which only the perimeter's role writes among the event-fed roles): the ``ringfence:perimeter``
+tag and one of the names Ringfence gives (``rf-<env>-boundary|mgmt``,
+``rf-<env>-published.<service>`` — one per published service, so a workload gets only the ports of
+the services it matches; ``rf-<env>-published``, the older shared one; and ``rf-empty``: no rule at
+all, what replaces ours on an interface that needs none of them and has no other group, as EC2 needs
+one) are only what such a group looks like, which anyone allowed to create a tagged group can copy.
+A look-alike (tag and name, no record) is never attached: it holds its name, so the interfaces that
+need that group are left as they are and named (their launches not handed on). Groups made before
+records existed are adopted once, by the scheduled full run only, if they are exactly what
+Ringfence would have made — the same tags, description and rules — or are the older shared
+``rf-<env>-published`` (never attached any more: adopted only to be detached and deleted). Anything
+else is foreign and never changed, detached or deleted. Interfaces are modified with their whole group list
 (that is how EC2 takes it), read again just before each write, so foreign groups are always written
 back as they are then, in their order.
 
@@ -52,6 +59,8 @@ OUR_NAME = re.compile(
     rf"^rf-(?:[{ENV_CHARS}]+-(?:boundary|mgmt|published)|[{ENV_CHARS}]+-published\.[{SERVICE_CHARS}]+|empty)$"
 )
 SERVICE_OK = re.compile(rf"^[{SERVICE_CHARS}]+$")
+# the older shared published group: never attached any more, only detached and deleted
+LEGACY_PUBLISHED = re.compile(rf"^rf-[{ENV_CHARS}]+-published$")
 MAX_NAME = 255  # EC2's limit on a group name
 EMPTY = "rf-empty"  # no rule in either direction: the closed stand-in for "none of ours"
 # an env must give names OUR_NAME recognises, within EC2's 255 characters ("rf-" + env + "-published")
@@ -94,10 +103,44 @@ def _permission(r: PerimeterRule, ids_by_name: dict[str, str]) -> dict[str, Any]
     return p
 
 
-def is_ours(group: Mapping[str, Any]) -> bool:
-    """Created by Ringfence: our tag and one of our names (a tag alone could be anyone's)."""
+def looks_ours(group: Mapping[str, Any]) -> bool:
+    """Our tag and one of our names: what Ringfence's groups look like, not proof it made them
+    (anyone who may create a tagged group can copy both; :class:`GroupRecords` is the proof)."""
     tagged = any(t.get("Key") == TAG for t in group.get("Tags", []))
     return tagged and bool(OUR_NAME.match(str(group.get("GroupName", ""))))
+
+
+class GroupRecords:
+    """The ids of the security groups Ringfence created in one account and Region: state-table
+    items ``pk = sg#<account>#<region>``, ``sk`` the group id, written right after each
+    ``CreateSecurityGroup`` (and dropped after its delete). In both deployments only the perimeter
+    function's role may write ``sg#*`` keys among the roles events or agents feed
+    (tests/aws/test_function_iam.py), so a group someone else made with our tag and name is never
+    taken for ours."""
+
+    def __init__(self, table: Any, account: str, region: str) -> None:
+        self.table = table
+        self.pk = f"sg#{account}#{region}"
+
+    def ids(self) -> set[str]:
+        out: set[str] = set()
+        kwargs: dict[str, Any] = {
+            "KeyConditionExpression": "pk = :pk",
+            "ExpressionAttributeValues": {":pk": self.pk},
+            "ConsistentRead": True,
+        }
+        while True:
+            page = self.table.query(**kwargs)
+            out.update(str(i["sk"]) for i in page.get("Items", []))
+            if "LastEvaluatedKey" not in page:
+                return out
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def add(self, gid: str, network: str, name: str, how: str) -> None:
+        self.table.put_item(Item={"pk": self.pk, "sk": gid, "network": network, "name": name, "how": how})
+
+    def drop(self, gid: str) -> None:
+        self.table.delete_item(Key={"pk": self.pk, "sk": gid})
 
 
 @dataclass
@@ -108,6 +151,8 @@ class PerimeterResult:
     changes: list[dict[str, Any]] = field(default_factory=list)  # what was (or, dry run, would be) done
     kept: list[dict[str, str]] = field(default_factory=list)  # groups without purpose kept, and why
     refused: list[str] = field(default_factory=list)  # workloads with an interface left as it was (violations)
+    lookalikes: list[str] = field(default_factory=list)  # groups with our tag and name, no record: refused
+    adopted: list[str] = field(default_factory=list)  # groups made before records, exactly ours: recorded now
 
 
 @dataclass
@@ -120,30 +165,64 @@ class _Eni:
 
 
 class SecurityGroupPerimeter:
-    def __init__(self, ec2: Any) -> None:
+    def __init__(self, ec2: Any, records: GroupRecords) -> None:
         self.ec2 = ec2
+        self.records = records
 
     # --- reading -----------------------------------------------------------------------------
 
-    def _groups(self, networks: Iterable[str] | None) -> list[dict[str, Any]]:
-        """Our groups in ``networks`` (None: in the whole region)."""
+    def _groups(
+        self, networks: Iterable[str] | None, recorded: set[str]
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Our groups in ``networks`` (None: in the whole region), and the look-alikes there (our
+        tag and name, but not ``recorded`` as made by Ringfence)."""
         filters = [{"Name": "tag-key", "Values": [TAG]}]
         if networks is not None:
             nets = sorted(set(networks))
             if not nets:
-                return []
+                return [], []
             filters.append({"Name": "vpc-id", "Values": nets})
         pages = self.ec2.get_paginator("describe_security_groups").paginate(Filters=filters)
-        out = []
+        ours, lookalikes = [], []
         for page in pages:
             for g in page.get("SecurityGroups", []):
-                if is_ours(g):
-                    out.append(g)
-                else:
+                if not looks_ours(g):
                     log.warning(
                         "%s (%s) carries %s but not a Ringfence name: left alone", g["GroupId"], g.get("GroupName"), TAG
                     )
-        return out
+                elif g["GroupId"] in recorded:
+                    ours.append(g)
+                else:
+                    lookalikes.append(g)
+        return ours, lookalikes
+
+    @staticmethod
+    def _adoptable(
+        lookalikes: list[dict[str, Any]], ds: DesiredState, key_of: dict[str, tuple[str, str]]
+    ) -> list[dict[str, Any]]:
+        """Of the look-alikes, those a Ringfence without records made: exactly what it would make
+        now (our tags and nothing else, the desired rules — references resolved through ours and
+        the others adopted — or none for the rule-less stand-in), or the older shared published
+        group (adopted only to be detached and deleted: no plan attaches that name)."""
+        cand = {str(g["GroupId"]): g for g in lookalikes}
+        while True:
+            names = {gid: k[1] for gid, k in key_of.items()} | {gid: str(g["GroupName"]) for gid, g in cand.items()}
+            keep = {}
+            for gid, g in cand.items():
+                name = str(g["GroupName"])
+                if LEGACY_PUBLISHED.match(name):
+                    keep[gid] = g
+                    continue
+                spec = ds.groups.get((g["VpcId"], name))
+                want = spec.rules if spec is not None else (set() if name == EMPTY else None)
+                env = spec.env if spec is not None else ""
+                tags = {t.get("Key"): t.get("Value") for t in g.get("Tags", [])}
+                made = tags in ({TAG: env or "-", "Name": name}, {TAG: env or "-"})
+                if want is not None and made and _rules_of(g, names) == want:
+                    keep[gid] = g
+            if keep.keys() == cand.keys():
+                return list(keep.values())
+            cand = keep
 
     @staticmethod
     def _eni(e: dict[str, Any], instance: str | None) -> _Eni:
@@ -181,9 +260,10 @@ class SecurityGroupPerimeter:
                     seen.setdefault(e["NetworkInterfaceId"], self._eni(e, None))
         return list(seen.values())
 
-    def _names_taken(self, want: set[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    def _names_taken(self, want: set[tuple[str, str]], ours: set[str]) -> dict[tuple[str, str], str]:
         """Of the (network, name) groups to create, those whose name a group that is not ours
-        already holds in that VPC (names are unique per VPC), with why: never taken over."""
+        (``ours``: the ids Ringfence recorded) already holds in that VPC (names are unique per
+        VPC), with why: never taken over — a look-alike of ours least of all."""
         if not want:
             return {}
         pages = self.ec2.get_paginator("describe_security_groups").paginate(
@@ -193,11 +273,17 @@ class SecurityGroupPerimeter:
             ]
         )
         return {
-            (g["VpcId"], g["GroupName"]): f"{g['GroupName']} in {g['VpcId']}: the name is held by {g['GroupId']}, "
-            f"which Ringfence did not create (rename it, or delete it if it is unused)"
+            (g["VpcId"], g["GroupName"]): (
+                f"{g['GroupName']} in {g['VpcId']}: {g['GroupId']} carries {TAG} and a Ringfence name, but "
+                f"Ringfence has no record of creating it: refused, never attached (a look-alike; delete it, "
+                f"or see docs/deploy-aws.md for groups made before records)"
+                if looks_ours(g)
+                else f"{g['GroupName']} in {g['VpcId']}: the name is held by {g['GroupId']}, "
+                f"which Ringfence did not create (rename it, or delete it if it is unused)"
+            )
             for page in pages
             for g in page.get("SecurityGroups", [])
-            if (g.get("VpcId"), g.get("GroupName")) in want and not is_ours(g)
+            if (g.get("VpcId"), g.get("GroupName")) in want and g["GroupId"] not in ours
         }
 
     # --- reconcile -----------------------------------------------------------------------------
@@ -256,7 +342,9 @@ class SecurityGroupPerimeter:
             for e in lst
             if e.id not in held
         ]
-        groups = self._groups(None if scope is Scope.FULL else {e.network for e in enis.values()})
+        groups, lookalikes = self._groups(
+            None if scope is Scope.FULL else {e.network for e in enis.values()}, self.records.ids()
+        )
         key_of = {g["GroupId"]: (g["VpcId"], g["GroupName"]) for g in groups}
         names_by_id = {gid: key[1] for gid, key in key_of.items()}
         actual_rules = {key_of[g["GroupId"]]: _rules_of(g, names_by_id) for g in groups}
@@ -265,6 +353,34 @@ class SecurityGroupPerimeter:
         ds: DesiredState = desired_state(
             config, members, existing=actual_rules if scope is Scope.WORKLOADS else (), per_service=True
         )
+        adopted: list[str] = []
+        if scope is Scope.FULL and lookalikes:
+            # made before Ringfence recorded its groups: adopted once, here only (where the whole
+            # desired state is known), if exactly what it would make; recorded, so never asked again
+            for sg in self._adoptable(lookalikes, ds, key_of):
+                gid, key = str(sg["GroupId"]), (str(sg["VpcId"]), str(sg["GroupName"]))
+                if not dry_run:
+                    self.records.add(gid, key[0], key[1], "adopted")
+                log.warning(
+                    "perimeter: adopted %s (%s) in %s: made before Ringfence recorded its groups, as it makes them",
+                    gid,
+                    *key[::-1],
+                )
+                adopted.append(f"{gid} ({key[1]}) in {key[0]}")
+                groups.append(sg)
+                key_of[gid] = key
+            lookalikes = [la for la in lookalikes if la["GroupId"] not in key_of]
+            names_by_id = {gid: key[1] for gid, key in key_of.items()}
+            actual_rules = {key_of[o["GroupId"]]: _rules_of(o, names_by_id) for o in groups}
+        for la in lookalikes:
+            log.warning(
+                "perimeter: %s (%s) in %s carries %s and a Ringfence name but Ringfence has no record of creating "
+                "it: never attached, its name refused",
+                la["GroupId"],
+                la["GroupName"],
+                la["VpcId"],
+                TAG,
+            )
         if scope is Scope.FULL and key_of:
             for e in self._carriers(sorted(key_of)):
                 if e.id not in enis:  # not an interface of a live workload
@@ -299,7 +415,7 @@ class SecurityGroupPerimeter:
             for e in enis.values()
             if judged(e) and not ds.attachments.get(e.id) and not foreign[e.id] and e.groups
         } - set(actual_rules)
-        taken = self._names_taken(missing | stand_in)
+        taken = self._names_taken(missing | stand_in, set(key_of))
         for why in taken.values():
             violation(why)
         unmakeable = (missing & set(over)) | set(taken)
@@ -351,6 +467,8 @@ class SecurityGroupPerimeter:
                 changes=self._describe(p, key_of, enis, {}),
                 kept=kept(),
                 refused=refused,
+                lookalikes=[f"{la['GroupId']} ({la['GroupName']}) in {la['VpcId']}" for la in lookalikes],
+                adopted=adopted,
             )
         created = self._apply(p, key_of, enis)
         return PerimeterResult(
@@ -360,6 +478,8 @@ class SecurityGroupPerimeter:
             changes=self._describe(p, key_of, enis, created),
             kept=kept(),
             refused=refused,
+            lookalikes=[f"{la['GroupId']} ({la['GroupName']}) in {la['VpcId']}" for la in lookalikes],
+            adopted=adopted,
         )
 
     def _apply(self, p: Plan, key_of: dict[str, tuple[str, str]], enis: dict[str, _Eni]) -> dict[tuple[str, str], str]:
@@ -377,6 +497,12 @@ class SecurityGroupPerimeter:
                     }
                 ],
             )["GroupId"]
+            try:
+                # the record is what makes it ours: without one it would be refused as a look-alike
+                self.records.add(gid, g.network, g.name, "created")
+            except Exception:
+                self.ec2.delete_security_group(GroupId=gid)  # not ours without it: none left behind
+                raise
             ids[(g.network, g.name)] = created[(g.network, g.name)] = gid
             # a new group starts with "all outbound": that rule is now actual state for the diff
             default = {PerimeterRule(EGRESS, "-1", -1, -1, "cidr", "0.0.0.0/0")}
@@ -436,10 +562,13 @@ class SecurityGroupPerimeter:
                 except ClientError as exc:
                     code = exc.response.get("Error", {}).get("Code", "error")
                     if code == "InvalidGroup.NotFound":
+                        self.records.drop(ids[key])
                         continue  # already gone
                     if code != "DependencyViolation":
                         raise
                     refused[key] = f"{code}: {exc}"  # e.g. a group that is not ours references it
+                    continue
+                self.records.drop(ids[key])
             if len(refused) == len(pending):
                 for key, why in refused.items():
                     self._keep(p, ids[key], key, why)
