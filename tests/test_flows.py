@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import time
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,13 @@ def test_flows_are_classified_allowed_blocked_potentially_blocked_and_unknown(
              "dport": 443, "action": "would-drop"},
         ],
     }  # fmt: skip
+    # within the retention: an agent's flow dated before it (1970 here) is refused
+    t0 = time.time() - 3600
+    for r in batch["flows"]:
+        r["start"] += t0
+        r["end"] += t0
+    for d in batch["drops"]:
+        d["time"] += t0
     # each reported by the agent of its source (an agent's flows must have an end of its own)
     reporter = {"10.1.1.10": "ord-prod-web-1", "10.1.1.11": "ord-prod-web-2", "10.2.1.10": "ord-dev-web-1"}
     reporter["10.2.10.10"] = "pay-dev-web-1"
@@ -124,7 +132,7 @@ def test_flows_are_classified_allowed_blocked_potentially_blocked_and_unknown(
     proc = "app=ordering,env=prod,loc=ca,role=processing"
     ok = rows[(web, proc, 8443)]
     assert ok.decision == "allowed" and ok.flows == 2 and ok.packets == 10
-    assert (ok.first_seen, ok.last_seen) == (1000, 1030)
+    assert (ok.first_seen, ok.last_seen) == (t0 + 1000, t0 + 1030)
     assert "web-to-processing" in ok.rule and "ordering.yaml:" in ok.rule
     dev = rows[("app=ordering,env=dev,loc=ca,role=web", proc, 8443)]
     assert (

@@ -110,7 +110,8 @@ class SuggestedRule(_Body):
 
 class FlaggedFlow(SuggestedFlow):
     kind: str = Field(description="env-crossing, crown-jewel, from-internet, from-unknown, override-deny, "
-                      "unconfirmed (only the destination's agent reported it, of a source running an agent); "
+                      "unconfirmed (only the destination's agent reported it, of a source running an agent), "
+                      "many-ports (more than 32 ports between one rule's ends: port gives the span); "
                       "skipped: to-outside, unlabeled, no-port, allowed-now")  # fmt: skip
     reason: str
 
@@ -128,6 +129,10 @@ class SuggestResponse(_Body):
     )
     skipped: list[FlaggedFlow] = Field(description="no label-level rule can express them")
     yaml: str = Field(description="the policy file: the rules and the tests pinning every observed flow")
+    partial: bool = Field(description="true: flows were left out to keep it bounded (left_out says which)")
+    left_out: list[str] = Field(
+        description="what was left out: past 1,000 tests, the flows seen least (narrow with min_flows or env)"
+    )
 
 
 class ModeResponse(_Body):

@@ -92,7 +92,9 @@ class TokenResponse(_Body):
 
 class Heartbeat(_Body):
     applied_version: int | None = Field(
-        ge=0, description="the bundle version the agent enforces (null: none yet); never above what was published"
+        ge=0,
+        le=2**53,  # as MAX_COUNT: exact as a float and a DynamoDB number; a longer one is no version
+        description="the bundle version the agent enforces (null: none yet); never above what was published",
     )
     mode: Mode | None
     healthy: bool = True

@@ -580,7 +580,7 @@ def cmd_map(args: argparse.Namespace) -> int:
 
 def cmd_suggest(args: argparse.Namespace) -> int:
     from ringfence.engine import Engine
-    from ringfence.flows.suggest import agent_groups, merged_policy, suggest
+    from ringfence.flows.suggest import SuggestError, agent_groups, merged_policy, suggest
     from ringfence.policy import load_policy
     from ringfence.policytests import run_tests
 
@@ -589,7 +589,10 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     rows = store.flow_rows()
     # the store's inventory says which workloads run an agent: one end's word about these is not taken
     agents = agent_groups(policy, store.all_records())
-    sug = suggest(policy, rows, args.app, args.env, args.min_flows, args.include_allowed, agents)
+    try:
+        sug = suggest(policy, rows, args.app, args.env, args.min_flows, args.include_allowed, agents)
+    except SuggestError as exc:
+        raise CliError(f"{exc}; narrow it with --min-flows or --env") from None
     if args.json:
         _emit(json.dumps(sug.doc(), indent=1, sort_keys=True) + "\n", args.out)
     else:

@@ -452,7 +452,7 @@ class Admin:
     def suggest(self, app: str, env: str | None = None, min_flows: int = 0, include_allowed: bool = False) -> Response:
         """Rule suggestions (``ringfence suggest``'s code) from the store's flow rows under the
         active policy."""
-        from ringfence.flows.suggest import agent_groups, suggest
+        from ringfence.flows.suggest import SuggestError, agent_groups, suggest
 
         try:
             active = self.w.active_policy()
@@ -461,5 +461,8 @@ class Admin:
         if active is None:
             return error(409, "no active policy", "provision a policy version first")
         agents = agent_groups(active[1], self.w.store.all_records())  # one end's word about these is not taken
-        sug = suggest(active[1], self.w.store.flow_rows(), app, env, min_flows, include_allowed, agents)
+        try:
+            sug = suggest(active[1], self.w.store.flow_rows(), app, env, min_flows, include_allowed, agents)
+        except SuggestError as exc:
+            return error(422, "no suggestion", f"{exc}; narrow it with min_flows or env")
         return Response(200, sug.doc())

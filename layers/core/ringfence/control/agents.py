@@ -618,6 +618,7 @@ class AgentApi:
         # a host's agent sees its own traffic: records whose own end (by direction) is not its
         # address are not kept
         rec = grant.record if grant is not None else self.w.store.get(workload_id)
+        batch = self._recent(workload_id, rec, batch)  # records dated too far back: logged, not kept
         kept = self._own_records(workload_id, rec, batch)
         foreign = len(batch.flows) + len(batch.drops) - len(kept.flows) - len(kept.drops)
         if foreign:
@@ -635,6 +636,40 @@ class AgentApi:
             if self.w.siem is not None and kept.drops:
                 self.w.siem.drops(workload_id, kept.drops)  # never raises: the batch is archived already
         return Response(202, {"accepted": len(kept.flows) + len(kept.drops)})
+
+    def _recent(
+        self, workload_id: str, rec: InventoryRecord | None, batch: agentapi.ReportBatch
+    ) -> agentapi.ReportBatch:
+        """The batch without records dated before the flow rows' retention (a row of that day
+        would outlive it), or more than a day (a record's longest span) before the control plane
+        first noted one of the reporter's addresses: an agent stamps what it sees when it sees it,
+        after its host was registered. The history is read only for a batch holding a record
+        older than a day (an honest agent's are minutes old). The ingest checks the same
+        (:meth:`ringfence.flows.ingest.FlowIngest.flows`)."""
+        from ringfence.flows.aggregate import DEFAULT_RETENTION_DAYS
+
+        now = time.time()
+        oldest = now - DEFAULT_RETENTION_DAYS * 86400
+        times = [f.start for f in batch.flows] + [d.time for d in batch.drops]
+        if not times or min(times) >= now - agentapi.MAX_SPAN:
+            return batch
+        if rec is not None:
+            history = self.w.store.address_history(sorted(rec.workload.ips)[:HISTORY_LOOKUPS])
+            seen = [o.since for h in history.values() for o in h if o.workload_id == workload_id]
+            if seen:
+                oldest = max(oldest, min(seen) - agentapi.MAX_SPAN)
+        flows = [f for f in batch.flows if f.start >= oldest]
+        drops = [d for d in batch.drops if d.time >= oldest]
+        stale = len(batch.flows) + len(batch.drops) - len(flows) - len(drops)
+        if stale:
+            log.warning(
+                "%d report records of %s are dated before %s (the flow retention, or before it was first seen): "
+                "not kept",
+                stale,
+                workload_id,
+                time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime(oldest)),
+            )
+        return agentapi.ReportBatch.model_construct(flows=flows, drops=drops, dropped_records=batch.dropped_records)
 
     def _own_records(
         self, workload_id: str, rec: InventoryRecord | None, batch: agentapi.ReportBatch
@@ -725,7 +760,11 @@ class AgentApi:
                             self._flows_synced = (moved, now)
             else:
                 ingest.sync_workload(workload_id, now)
-            ingest.agent_batch(workload_id, doc)
+            res = ingest.agent_batch(workload_id, doc)
+            # serve's counters (GET /metrics), as the flows function counts it on AWS
+            metric = getattr(getattr(self.w, "compute", None), "metric", None)
+            if res.capped and metric is not None:
+                metric("FlowRowsCapped", res.capped)
         except Exception:  # reports are accepted whatever the flow store says
             log.exception("flows of %s's report not ingested", workload_id)
 

@@ -256,7 +256,7 @@ def merge(rows: Iterable[FlowRow]) -> list[FlowRow]:
     for r in rows:
         have = out.get(r.key)
         if have is None:
-            out[r.key] = r.model_copy(deep=True)
+            out[r.key] = r.model_copy()  # shallow: add() assigns new lists, never changes the row's
         else:
             have.add(r)
             have.day = max(have.day, r.day)

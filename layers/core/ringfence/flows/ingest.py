@@ -5,15 +5,17 @@ function ``functions/flows``.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import itertools
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ringfence.agentapi import MAX_AHEAD
+from ringfence.agentapi import MAX_AHEAD, MAX_SPAN
 from ringfence.flows.aggregate import DEFAULT_RETENTION_DAYS, Aggregator, FlowRow
 from ringfence.flows.classify import Classifier
 from ringfence.flows.records import Flow
@@ -39,6 +41,27 @@ CHUNK = 20_000  # records parsed, then resolved and folded, at a time
 MEMO = 50_000  # entries of each per-address memo kept (past it, forgotten)
 ADDRESSES = 200_000  # distinct addresses whose history is held (past it, forgotten and looked up again)
 MAX_ROWS = 50_000  # distinct rows per object; flows that would make a further row are dropped and counted
+# Distinct rows (UTC day of the flow, ends, proto/port, decision) one reporting workload's flows
+# may write per UTC day of ingest: an end is a label set, not an address, so a busy host that
+# talks to 100 app groups on 5 ports each makes ~500 a day; the example estate's hosts make < 20.
+# Past it, flows of a further row are dropped and counted (FlowRowsCapped): one compromised host
+# cannot fill the store, the map and suggestions with rows (30 days x this, at most).
+# RINGFENCE_FLOW_ROWS_PER_REPORTER_DAY sets it (serve, the CLI, the flows function).
+ROWS_PER_REPORTER_DAY = 1_000
+MAX_ROWS_PER_REPORTER_DAY = 10_000  # a day's row-key digests stay one DynamoDB item (< 400 KB)
+# an agent's flow may start at most this long before the first interval of its reporter's
+# addresses (an interval opens at the ingest pass that first sees the address, after the agent
+# has seen flows; an agent stamps a flow when it sees it, so never before its host was enrolled)
+BEFORE_FIRST_SEEN = MAX_SPAN
+
+
+def rows_per_reporter_day(env: dict[str, str] | None = None) -> int:
+    """``RINGFENCE_FLOW_ROWS_PER_REPORTER_DAY`` (default :data:`ROWS_PER_REPORTER_DAY`)."""
+    raw = (os.environ if env is None else env).get("RINGFENCE_FLOW_ROWS_PER_REPORTER_DAY", "")
+    most = int(raw) if raw.strip() else ROWS_PER_REPORTER_DAY
+    if not 0 <= most <= MAX_ROWS_PER_REPORTER_DAY:
+        raise ValueError(f"RINGFENCE_FLOW_ROWS_PER_REPORTER_DAY must be from 0 to {MAX_ROWS_PER_REPORTER_DAY}")
+    return most
 
 
 class InventoryView(Protocol):
@@ -61,6 +84,9 @@ class FlowStore(Protocol):
     def address_history(self, addresses: list[str]) -> dict[str, list[AddressOwner]]: ...
     def add_flows(self, rows: list[FlowRow], ttl: int) -> None: ...
     def flow_rows(self, days: int = ...) -> list[FlowRow]: ...
+    def admit_flow_keys(
+        self, reporter: str, period: str, keys: list[str], most: int, ttl: int
+    ) -> tuple[set[str], bool]: ...
 
 
 def reporter_of(path: str) -> str:
@@ -133,6 +159,7 @@ class IngestResult:
     rows: int = 0
     foreign: int = 0  # agent flows whose reported end (by direction) is not the reporter's: not taken
     overflow: int = 0  # flows of an object dropped: they would have made more than MAX_ROWS rows
+    capped: int = 0  # rows an agent's flows would have made past its reporter's ROWS_PER_REPORTER_DAY: not stored
     files: list[ParseReport] = field(default_factory=list)
 
     @property
@@ -168,10 +195,17 @@ def handed_at(get: Callable[[str], InventoryView | None]) -> Callable[[AddressOw
 class FlowIngest:
     """Ingest into ``store`` under ``policy`` (the active one), keeping rows ``retention_days``."""
 
-    def __init__(self, store: FlowStore, policy: Policy, retention_days: int = DEFAULT_RETENTION_DAYS) -> None:
+    def __init__(
+        self,
+        store: FlowStore,
+        policy: Policy,
+        retention_days: int = DEFAULT_RETENTION_DAYS,
+        rows_per_reporter: int | None = None,
+    ) -> None:
         self.store = store
         self.policy = policy
         self.ttl = retention_days * 86400
+        self.rows_per_reporter = rows_per_reporter_day() if rows_per_reporter is None else rows_per_reporter
         self._records: dict[str, InventoryView] | None = None
 
     def _get(self, workload_id: str) -> InventoryView | None:
@@ -278,14 +312,30 @@ class FlowIngest:
                 o = first[0]
             return o.workload_id in (NOBODY, f.reporter) or holds_now(o.workload_id, address)
 
+        oldest = now - self.ttl  # a row of an older day would outlive its retention
+        firsts: dict[str, float] = {}
+
+        def born(reporter: str) -> float:
+            """When the control plane first noted one of the reporter's addresses (its own
+            intervals, or the first interval of an address it holds now), less
+            ``BEFORE_FIRST_SEEN``; none noted: the retention's start."""
+            if reporter not in firsts:
+                seen = [o.since for h in book.history.values() for o in h if o.workload_id == reporter]
+                seen += [book.history[a][0].since for a in held(reporter) if book.history.get(a)]
+                firsts[reporter] = min(seen) - BEFORE_FIRST_SEEN if seen else oldest
+            return firsts[reporter]
+
         kept: list[Flow] = []
         twins: dict[str, list[Flow]] = {}  # reporter → its flows resolved by its own record
         late = 0
+        stale = 0  # agent flows before the retention window or before their reporter was first seen
         for f in flows:
             if f.origin != "agent":
                 kept.append(f)
             elif not f.start <= f.end <= now + MAX_SKEW:
                 late += 1
+            elif f.start < oldest or f.start < born(f.reporter):
+                stale += 1
             elif (end := _reported_end(f)) is None:
                 continue  # no direction: which end saw it is not known
             elif own(f, end):
@@ -298,32 +348,80 @@ class FlowIngest:
             by = sorted({f.reporter for f in flows if f.origin == "agent"} - {f.reporter for f in kept} - set(twins))
             log.warning(
                 "%d agent flows do not name their reporter's address at the end their direction gives, when "
-                "they started (%d end in the future): not taken (%s)",
+                "they started (%d end in the future, %d start before the retention window or before their "
+                "reporter was first seen): not taken (%s)",
                 len(flows) - taken,
                 late,
+                stale,
                 by,
             )
-        agg = Aggregator(Classifier(self.policy, book))
-        agg.add(kept)
+        classifier = Classifier(self.policy, book)
+        agg = Aggregator(classifier)
+        agg.add(f for f in kept if f.origin != "agent")
         rows = agg.rows
         seen = agg.seen
-        for reporter, theirs in twins.items():
-            # the same history but for the reporter's own addresses, which are the reporter's
-            mine = {
-                a: [AddressOwner(address=a, since=now, workload_id=w.id, workload=w)] for a, w in held(reporter).items()
-            }
-            tagg = Aggregator(Classifier(self.policy, AddressBook({**book.history, **mine})))
-            tagg.add(theirs)
-            for key, row in tagg.rows.items():
+        # each reporter's rows apart: what one workload may add a day is bounded (rows_per_reporter)
+        kept_of: dict[str, list[Flow]] = {}
+        for f in kept:
+            if f.origin == "agent":
+                kept_of.setdefault(f.reporter, []).append(f)
+        for reporter in sorted(set(kept_of) | set(twins)):
+            theirs: dict[tuple[str, str], FlowRow] = {}
+            n = 0
+            if reporter in kept_of:
+                ragg = Aggregator(classifier)
+                ragg.add(kept_of[reporter])
+                theirs, n = ragg.rows, ragg.seen
+            if reporter in twins:
+                # the same history but for the reporter's own addresses, which are the reporter's
+                mine = {
+                    a: [AddressOwner(address=a, since=now, workload_id=w.id, workload=w)]
+                    for a, w in held(reporter).items()
+                }
+                tagg = Aggregator(Classifier(self.policy, AddressBook({**book.history, **mine})))
+                tagg.add(twins[reporter])
+                for key, row in tagg.rows.items():
+                    if key in theirs:
+                        theirs[key].add(row)
+                    else:
+                        theirs[key] = row
+                n += tagg.seen
+            n -= self._cap(reporter, theirs, result, now)
+            for key, row in theirs.items():
                 if key in rows:
                     rows[key].add(row)
                 else:
                     rows[key] = row
-            seen += tagg.seen
-        self.store.add_flows(list(rows.values()), self.ttl)
+            seen += max(0, n)
+        if rows:
+            self.store.add_flows(list(rows.values()), self.ttl)
         result.flows += seen
         result.rows += len(rows)
         return result
+
+    def _cap(self, reporter: str, rows: dict[tuple[str, str], FlowRow], result: IngestResult, now: float) -> int:
+        """Drop from ``rows`` (one reporter's) those past its rows of the day
+        (``rows_per_reporter``, :meth:`FlowStore.admit_flow_keys`); the flows dropped. Logged
+        once per reporter and day, counted in ``result.capped`` (rows)."""
+        if not rows:
+            return 0
+        digest = {k: hashlib.blake2b(f"{k[0]}|{k[1]}".encode(), digest_size=10).hexdigest() for k in rows}
+        period = time.strftime("%Y-%m-%d", time.gmtime(now))
+        admitted, first = self.store.admit_flow_keys(
+            reporter, period, sorted(digest.values()), self.rows_per_reporter, 2 * 86400
+        )
+        out = [k for k, d in digest.items() if d not in admitted]
+        if not out:
+            return 0
+        if first:
+            log.warning(
+                "%s's flows make more than %d rows today: the flows of further rows are not stored "
+                "(FlowRowsCapped; logged once a day)",
+                reporter,
+                self.rows_per_reporter,
+            )
+        result.capped += len(out)
+        return sum(rows.pop(k).flows for k in out)
 
     def agent_batch(self, workload_id: str, batch: dict[str, Any]) -> IngestResult:
         return self.flows(agent_flows(workload_id, batch))

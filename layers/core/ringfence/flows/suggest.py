@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
-from ringfence.engine.explain import decide, labels_endpoint
+from ringfence.engine.explain import Endpoint, decide, labels_endpoint
 from ringfence.flows.aggregate import FlowRow, group_name, merge
 from ringfence.model import NAME_PATTERN
 from ringfence.policy import Policy, PolicyError, load_policy_texts
@@ -54,8 +54,22 @@ CROWN_JEWEL_VALUES = frozenset({"crown-jewel", "crown-jewels", "restricted"})
 _PORTED = ("tcp", "udp", "sctp")
 _NAME = re.compile(NAME_PATTERN)
 _PLAIN = re.compile(r"^[A-Za-z0-9_.:/-]+$")
+# More distinct ports than this between the ends of one rule (a port scan, or one host's reports
+# naming every port) are one flagged observation, never a rule: no proposed range is wider.
+MAX_PORTS = 32
+# Tests (one per proposed or pinned flow) in one suggestion at most; past it the flows seen least
+# are left out and named (``left_out``): a file of thousands of tests is reviewed by no one, and
+# the loader refuses documents past its size limit.
+MAX_TESTS = 1_000
 
-FlagKind = Literal["env-crossing", "crown-jewel", "from-internet", "from-unknown", "override-deny", "unconfirmed"]
+
+class SuggestError(ValueError):
+    """The suggestion cannot be made (it does not load with the policy): a 4xx, not a crash."""
+
+
+FlagKind = Literal[
+    "env-crossing", "crown-jewel", "from-internet", "from-unknown", "override-deny", "unconfirmed", "many-ports"
+]
 
 
 def parse_end(name: str) -> dict[str, str] | None:
@@ -99,6 +113,7 @@ class Observation:
     last_seen: float
     reported_by: list[str] = field(default_factory=list)  # src, dst, vpc (none: not recorded)
     reporters: list[str] = field(default_factory=list)  # the agents' workloads
+    span: str = ""  # several ports folded into one observation (many-ports): what they were
 
     @staticmethod
     def of(r: FlowRow) -> Observation:
@@ -118,7 +133,7 @@ class Observation:
 
     @property
     def port_text(self) -> str:
-        return _port_text(self.proto, self.port)
+        return self.span or _port_text(self.proto, self.port)
 
     def line(self) -> str:
         return (
@@ -185,6 +200,7 @@ class Suggestion:
     skipped: list[Flagged] = field(default_factory=list)
     rows: int = 0
     yaml: str = ""
+    left_out: list[str] = field(default_factory=list)  # what the bounds left out of the answer (partial)
 
     @property
     def proposed_flows(self) -> list[Observation]:
@@ -202,6 +218,8 @@ class Suggestion:
             "flagged": [f.doc() for f in self.flagged],
             "skipped": [f.doc() for f in self.skipped],
             "yaml": self.yaml,
+            "partial": bool(self.left_out),
+            "left_out": self.left_out,
         }
 
     def summary(self) -> str:
@@ -209,6 +227,7 @@ class Suggestion:
             f"{self.app}: {self.rows} flow rows → {len(self.rules)} rules proposed "
             f"({len(self.proposed_flows)} flows), {len(self.pinned)} allowed flows pinned, "
             f"{len(self.flagged)} flagged, {len(self.skipped)} skipped"
+            + "".join(f"; left out: {x}" for x in self.left_out)
         )
 
 
@@ -345,6 +364,7 @@ def suggest(
     wanted = {"blocked", "potentially-blocked"} | ({"allowed"} if include_allowed else set())
 
     candidates: list[tuple[Observation, dict[str, str], dict[str, str]]] = []
+    pending: list[tuple[Observation, dict[str, str], dict[str, str]]] = []
     for r in merge(rows):
         s, d = parse_end(r.src), parse_end(r.dst)
         if not (_involves(s, app, env) or _involves(d, app, env)):
@@ -361,10 +381,18 @@ def suggest(
         assert s is not None and d is not None
         if r.decision == "allowed":
             sug.pinned.append(o)
-        elif (
-            decide(policy, labels_endpoint(policy, s), labels_endpoint(policy, d), o.proto, o.port).policy_verdict
-            == "allow"
-        ):
+        else:
+            pending.append((o, s, d))
+    # a spread of ports folded first: each flow decided below costs a decision under the policy
+    ends: dict[str, Endpoint] = {}
+
+    def end(name: str, labels: dict[str, str]) -> Endpoint:
+        if name not in ends:
+            ends[name] = labels_endpoint(policy, labels)
+        return ends[name]
+
+    for o, s, d in _collapsed(sug, pending):
+        if decide(policy, end(o.src, s), end(o.dst, d), o.proto, o.port).policy_verdict == "allow":
             # decided when ingested, under the policy of that day: the policy given allows it now
             if include_allowed:
                 sug.pinned.append(o)
@@ -375,6 +403,7 @@ def suggest(
         else:
             candidates.append((o, s, d))
 
+    candidates = _bounded(sug, candidates)
     # build, load with the policy, decide each proposed flow again; a flow still denied (an
     # override-deny no allow can open) leaves the proposal and is flagged, then build again
     for _ in range(3):
@@ -399,16 +428,75 @@ def suggest(
     raise AssertionError("the suggestion did not settle")  # pragma: no cover (each round removes flows)
 
 
+def _rule_key(o: Observation, s: Mapping[str, str], d: Mapping[str, str]) -> tuple[Any, ...]:
+    """What one proposed rule covers (:func:`_build` makes one rule per key)."""
+    # the dimensions both ends share a value of (env always: crossings are flagged)
+    pins = tuple(dim for dim in ("app", "env", "loc") if dim in s and s.get(dim) == d.get(dim))
+    # one rule per env and loc seen: a rule over two envs would open each env's flows in the other
+    at = (s.get("env", ""), s.get("loc", ""), d.get("loc", ""))
+    return (s["app"], s["role"], d["app"], d["role"], *at, o.proto, pins)
+
+
+def _collapsed(
+    sug: Suggestion, candidates: list[tuple[Observation, dict[str, str], dict[str, str]]]
+) -> list[tuple[Observation, dict[str, str], dict[str, str]]]:
+    """The candidates but those of a rule that would name more than ``MAX_PORTS`` ports: each
+    such rule's flows are one flagged ``many-ports`` observation (its ports as a span)."""
+    by: dict[tuple[Any, ...], list[tuple[Observation, dict[str, str], dict[str, str]]]] = {}
+    for c in candidates:
+        by.setdefault(_rule_key(*c), []).append(c)
+    keep: list[tuple[Observation, dict[str, str], dict[str, str]]] = []
+    for members in by.values():
+        ports = sorted({o.port for o, _, _ in members if o.port is not None})
+        if len(ports) <= MAX_PORTS:
+            keep += members
+            continue
+        obs = [o for o, _, _ in members]
+        first = obs[0]
+        one = Observation(
+            first.src, first.dst, first.proto, None, "/".join(sorted({o.decision for o in obs})), first.rule,
+            sum(o.flows for o in obs), min(o.first_seen for o in obs), max(o.last_seen for o in obs),
+            sorted({b for o in obs for b in o.reported_by}), sorted({r for o in obs for r in o.reporters}),
+            f"{first.proto}/{ports[0]}-{ports[-1]} ({len(ports)} ports)",
+        )  # fmt: skip
+        sug.flagged.append(
+            Flagged(
+                "many-ports",
+                f"{len(ports)} distinct ports between these groups (more than {MAX_PORTS}): a scan, or one "
+                "host's reports naming every port; not proposed as a range: find out what it is",
+                one,
+            )
+        )
+    return keep
+
+
+def _bounded(
+    sug: Suggestion, candidates: list[tuple[Observation, dict[str, str], dict[str, str]]]
+) -> list[tuple[Observation, dict[str, str], dict[str, str]]]:
+    """At most ``MAX_TESTS`` tests: the flows seen most kept (proposed first, then pinned), the
+    rest left out and named in ``left_out``."""
+    if len(candidates) + len(sug.pinned) <= MAX_TESTS:
+        return candidates
+    ranked = sorted(candidates, key=lambda c: (-c[0].flows, c[0].src, c[0].dst, c[0].port or 0))
+    keep = ranked[:MAX_TESTS]
+    if len(ranked) > len(keep):
+        sug.left_out.append(
+            f"{len(ranked) - len(keep)} flows to propose, those seen least (more than {MAX_TESTS} tests): "
+            "narrow it with min_flows or env"
+        )
+    room = MAX_TESTS - len(keep)
+    if len(sug.pinned) > room:
+        sug.left_out.append(f"{len(sug.pinned) - room} allowed flows to pin (more than {MAX_TESTS} tests)")
+        sug.pinned = sorted(sug.pinned, key=lambda o: -o.flows)[:room]
+    return keep
+
+
 def _build(
     sug: Suggestion, policy: Policy, candidates: list[tuple[Observation, dict[str, str], dict[str, str]]]
 ) -> None:
     groups: dict[tuple[Any, ...], list[tuple[Observation, dict[str, str], dict[str, str]]]] = {}
     for o, s, d in candidates:
-        # the dimensions both ends share a value of (env always: crossings are flagged)
-        pins = tuple(dim for dim in ("app", "env", "loc") if dim in s and s.get(dim) == d.get(dim))
-        # one rule per env and loc seen: a rule over two envs would open each env's flows in the other
-        at = (s.get("env", ""), s.get("loc", ""), d.get("loc", ""))
-        groups.setdefault((s["app"], s["role"], d["app"], d["role"], *at, o.proto, pins), []).append((o, s, d))
+        groups.setdefault(_rule_key(o, s, d), []).append((o, s, d))
     taken: set[str] = set()
     sug.rules = []
     for key, members in sorted(groups.items()):
@@ -507,8 +595,9 @@ def _load(policy: Policy, sug: Suggestion) -> Policy:
     sources[name] = sug.yaml
     try:
         return load_policy_texts(sources)
-    except PolicyError as exc:  # pragma: no cover (the suggestion is built to load)
-        raise AssertionError(f"the suggested rules do not load with the policy:\n{exc}") from None
+    except PolicyError as exc:
+        # built to load, and bounded (MAX_TESTS, MAX_PORTS): still, an answer naming why, never a crash
+        raise SuggestError(f"the suggested rules ({sug.file_name}) do not load with the policy: {exc}") from None
 
 
 def merged_policy(policy: Policy, sug: Suggestion) -> Policy:

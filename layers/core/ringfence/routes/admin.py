@@ -156,7 +156,15 @@ def admin_routes(
         "/admin/suggest",
         summary="rule suggestions from observed flows (as `ringfence suggest`): label-level rules, the tests "
         "pinning them, lateral movement flagged — any role",
-        responses=answers(adminapi.SuggestResponse, errors=(400, 409), meaning=ADMIN_ERRORS),
+        responses=answers(
+            adminapi.SuggestResponse,
+            errors=(400, 409),
+            meaning={
+                **ADMIN_ERRORS,
+                422: "a query field is invalid, or the suggestion does not load with the policy (a row naming a "
+                "label value the policy no longer allows): detail says why",
+            },
+        ),
         security=[{"sigv4": []}],
     )
     def suggest(

@@ -600,6 +600,13 @@ class Store(Protocol):
         """Every unexpired row (of the last ``days`` days), per day."""
         ...
 
+    def admit_flow_keys(
+        self, reporter: str, period: str, keys: list[str], most: int, ttl: int
+    ) -> tuple[set[str], bool]:
+        """Of ``keys``, the row keys ``reporter`` may write in ``period`` (those it wrote in it,
+        new ones up to ``most`` in all), and whether this is the period's first refusal."""
+        ...
+
     def note_addresses(self, owners: list[AddressOwner]) -> None: ...
     def address_history(self, addresses: list[str]) -> dict[str, list[AddressOwner]]:
         """The intervals recorded per address, oldest first (addresses never recorded: absent)."""

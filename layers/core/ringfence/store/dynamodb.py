@@ -1164,6 +1164,51 @@ class DynamoStore:
                         if not _conditional_failed(exc):
                             raise
 
+    def admit_flow_keys(
+        self, reporter: str, period: str, keys: list[str], most: int, ttl: int
+    ) -> tuple[set[str], bool]:
+        """One item per reporter and period, ``flows#quota#<reporter>``/``<period>`` (under the
+        flows function's ``flows#*`` leading keys): the set of keys written, a write counter for
+        optimistic concurrency (two invocations never grant past ``most`` together), ``capped``
+        once refused, and the TTL."""
+        want = list(dict.fromkeys(keys))
+        key = {"pk": f"flows#quota#{reporter}", "sk": period}
+        for _ in range(20):
+            item = self.state.get_item(Key=key, ConsistentRead=True).get("Item")
+            have = set(item.get("keys", set())) if item else set()
+            new = [k for k in want if k not in have]
+            grant = new[: max(0, most - len(have))]
+            first = len(grant) < len(new) and not (item and item.get("capped"))
+            if not grant and not first:
+                return {k for k in want if k in have}, False
+            n = int(item["n"]) if item else 0
+            names = {"#ttl": "ttl"}
+            values: dict[str, Any] = {":n1": n + 1, ":t": int(time.time()) + ttl}
+            expr = "SET n = :n1, #ttl = :t"
+            if item:
+                values[":n"] = n
+            if first:
+                expr += ", capped = :c"
+                values[":c"] = True
+            if grant:
+                expr += " ADD #k :g"
+                names["#k"] = "keys"
+                values[":g"] = set(grant)
+            try:
+                self.state.update_item(
+                    Key=key,
+                    UpdateExpression=expr,
+                    ConditionExpression="n = :n" if item else "attribute_not_exists(pk)",
+                    ExpressionAttributeNames=names,
+                    ExpressionAttributeValues=values,
+                )
+            except ClientError as exc:
+                if not _conditional_failed(exc):
+                    raise
+                continue  # another invocation wrote first: read again
+            return {k for k in want if k in have} | set(grant), first
+        raise RuntimeError(f"flow row quota of {reporter}: too many concurrent writers")
+
     def flow_rows(self, days: int = DEFAULT_RETENTION_DAYS + 1) -> list[FlowRow]:
         """Every unexpired row of the last ``days`` days, per day."""
         out = []

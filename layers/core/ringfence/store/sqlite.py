@@ -182,6 +182,13 @@ CREATE TABLE IF NOT EXISTS flow_row (
     PRIMARY KEY (day, key)
 );
 CREATE INDEX IF NOT EXISTS flow_row_expires ON flow_row (expires);
+CREATE TABLE IF NOT EXISTS flow_reporter_key (
+    reporter TEXT NOT NULL,
+    period TEXT NOT NULL,
+    key TEXT NOT NULL,
+    expires REAL NOT NULL,
+    PRIMARY KEY (reporter, period, key)
+);
 CREATE TABLE IF NOT EXISTS address_owner (
     address TEXT NOT NULL,
     since REAL NOT NULL,
@@ -1007,6 +1014,32 @@ class SqliteStore:
             "SELECT doc FROM flow_row WHERE expires >= ? AND day >= ? ORDER BY day, key", (time.time(), since)
         )
         return [FlowRow.model_validate_json(r[0]) for r in rows]
+
+    def admit_flow_keys(
+        self, reporter: str, period: str, keys: list[str], most: int, ttl: int
+    ) -> tuple[set[str], bool]:
+        """Of ``keys`` (row keys one reporter's flows make), those it may write in ``period``: the
+        ones it wrote in it already, and new ones while it has written fewer than ``most``; and
+        whether this is the period's first refusal (logged once). Kept ``ttl`` s."""
+        want = list(dict.fromkeys(keys))
+        with self._tx() as db:
+            have = {
+                k
+                for (k,) in db.execute(
+                    "SELECT key FROM flow_reporter_key WHERE reporter = ? AND period = ?", (reporter, period)
+                )
+            }
+            refused_before = "" in have  # the period's refusal mark (never a key: keys are digests)
+            have.discard("")
+            new = [k for k in want if k not in have]
+            grant = new[: max(0, most - len(have))]
+            first = len(grant) < len(new) and not refused_before
+            rows = [(reporter, period, k, time.time() + ttl) for k in grant + ([""] if first else [])]
+            db.executemany(
+                "INSERT OR IGNORE INTO flow_reporter_key (reporter, period, key, expires) VALUES (?, ?, ?, ?)", rows
+            )
+            db.execute("DELETE FROM flow_reporter_key WHERE expires < ?", (time.time(),))
+        return {k for k in want if k in have} | set(grant), first
 
     def note_addresses(self, owners: list[AddressOwner]) -> None:
         with self._tx() as db:

@@ -26,6 +26,7 @@ class FlowsResult:
     objects: int = 0
     flows: int = 0
     rows: int = 0
+    capped: int = 0  # rows not stored: past their reporter's rows of the day (FlowIngest.rows_per_reporter)
     malformed: int = 0
     malformed_lines: list[str] = field(default_factory=list)  # file:line: reason (first ones)
     skipped: list[str] = field(default_factory=list)  # objects not read, and why
@@ -75,8 +76,10 @@ class FlowObjects:
             out.objects += 1
         # all the objects' flows in one pass: one address look-up and one write per row, not per object
         res = ingest.flows(flows)
-        out.flows, out.rows = res.flows, res.rows
+        out.flows, out.rows, out.capped = res.flows, res.rows, res.capped
         self.metric("FlowsIngested", out.flows)
+        if out.capped:
+            self.metric("FlowRowsCapped", out.capped)
         if out.malformed:
             self.metric("FlowLogLinesMalformed", out.malformed)
         return out
