@@ -757,6 +757,40 @@ def test_every_function_that_writes_audit_records_may_send_them_to_the_siem() ->
     assert sam <= _tf_siem_writers(), ("infra/", sam - _tf_siem_writers())
 
 
+def test_address_claims_are_granted_to_no_role_outside_the_administrators_and_compute(env: Env) -> None:
+    """The on-premise one-owner claims (state ``addrowner#<ip>``/``owner``, DynamoStore's
+    observe_addressed): a role that could put or delete one could block an address or release a
+    workload's claim so that a racing registration lands a second owner. Their writes, recorded
+    from the real registration path over moto (register, race lost, re-address, deregister), are
+    granted in template.yaml and infra/ alike only to the roles holding unconditioned state-table
+    writes: the admin function's (which routes no on-premise registration on AWS: ``ringfence
+    serve`` does) and compute's; none is granted to a role conditioned on partition keys, the
+    flows function's ``addr#*`` (address history) among them."""
+    from ringfence.clouds.aws.wiring import Wiring
+    from ringfence.clouds.onprem import OnPremAdmin
+    from ringfence.control.wiring import Config
+
+    rec = Recorder(env)
+    admin = OnPremAdmin(Wiring(Config.from_env()))
+    rec.current = "admin"
+    try:
+        assert admin.register_workload("alice", {"id": "dc9-a", "ips": ["10.90.0.1"]}).status == 201
+        assert admin.register_workload("alice", {"id": "dc9-b", "ips": ["10.90.0.1"]}).status == 409
+        assert admin.register_workload("alice", {"id": "dc9-a", "ips": ["10.90.0.2"]}).status == 200
+        assert admin.deregister_workload("alice", "dc9-a").status == 200
+    finally:
+        rec.current = None
+    claims = [
+        c for c in rec.calls["admin"] if c[0] in WRITES and c[2]["dynamodb:LeadingKeys"][0].startswith("addrowner#")
+    ]
+    assert {a for a, _, _ in claims} == {"PutItem", "DeleteItem"}, claims
+    for where, statements_of in (("template.yaml", sam_statements), ("infra/", terraform_statements)):
+        statements = {fn: statements_of(fn) for fn in SAM}
+        writers = {fn for fn in SAM if any(allowed(statements[fn], c) for c in claims)}
+        assert writers == {"admin", "compute"}, (where, writers)
+        assert all(allowed(statements["admin"], c) for c in claims), where
+
+
 def test_attack_only_the_perimeter_role_may_record_a_security_group_as_ringfences(env: Env) -> None:
     """A group is Ringfence's only if its id is recorded (``sg#<account>#<region>`` state items,
     clouds/aws/sg.py GroupRecords). Their writes, recorded from the real perimeter function over

@@ -904,3 +904,38 @@ def test_an_expectation_stored_as_a_64_bit_key_id_binds_no_key(store: Store) -> 
     with pytest.raises(NotTheNamedKey):
         store.bind_agent_key("w", named.pem)
     assert store.agent_key("w") is None
+
+
+def test_observe_addressed_refuses_an_address_another_active_workload_holds(store: Store) -> None:
+    """The one-owner check in the write (both stores): an address held by another active record
+    refuses the records, nothing written; one given twice among them likewise; an address moves
+    between records written together; a tombstone's addresses are free. A cloud record (no claim)
+    is found in the write on SQLite only. (The races: tests/onprem and tests/aws
+    test_attack_address_race.py.)"""
+    from ringfence.store.base import AddressTaken
+
+    def onprem(wid: str, ips: list[str], t: float, state: str = "running") -> InventoryRecord:
+        w = Workload(id=wid, ips=ips, cloud="onprem")
+        return InventoryRecord(id=wid, workload=w, state=state, observed_at=t)
+
+    assert store.observe_addressed([onprem("a", ["10.0.0.1"], 1.0), onprem("b", ["10.0.0.2"], 1.0)]) == {"a", "b"}
+    with pytest.raises(AddressTaken) as taken:
+        store.observe_addressed([onprem("c", ["10.0.0.3"], 2.0), onprem("d", ["10.0.0.9", "10.0.0.1"], 2.0)])
+    assert taken.value.taken == {"10.0.0.1": "a"} and str(taken.value) == "10.0.0.1 is held by workload a"
+    assert store.get("c") is None and store.get("d") is None
+    with pytest.raises(AddressTaken) as taken:
+        store.observe_addressed([onprem("c", ["10.0.0.3"], 2.0), onprem("d", ["10.0.0.3"], 2.0)])
+    assert taken.value.taken == {"10.0.0.3": "c"}
+    # a swap between records written together; a workload keeping its own address
+    assert store.observe_addressed([onprem("a", ["10.0.0.2"], 3.0), onprem("b", ["10.0.0.1"], 3.0)]) == {"a", "b"}
+    assert store.observe_addressed([onprem("a", ["10.0.0.2"], 4.0)]) == set()
+    store.observe_addressed([onprem("b", [], 5.0, state="terminated")])
+    assert store.observe_addressed([onprem("e", ["10.0.0.1"], 6.0)]) == {"e"}
+    cloud = rec(7.0, "prod")  # a cloud instance holding 10.0.0.1 too (not checked at observation)
+    store.observe(cloud.model_copy(update={"workload": cloud.workload.model_copy(update={"ips": ["10.0.0.5"]})}))
+    if isinstance(store, SqliteStore):  # every active record is read in the write
+        with pytest.raises(AddressTaken) as taken:
+            store.observe_addressed([onprem("f", ["10.0.0.5"], 8.0)])
+        assert taken.value.taken == {"10.0.0.5": WID}
+    else:  # only claims are checked in the write: the caller's inventory read finds this holder
+        assert store.observe_addressed([onprem("f", ["10.0.0.5"], 8.0)]) == {"f"}

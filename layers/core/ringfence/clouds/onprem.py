@@ -22,7 +22,7 @@ from ringfence.control.api import Response, error
 from ringfence.governance import govern
 from ringfence.labels import LabelMapper
 from ringfence.model import Workload
-from ringfence.store.base import ACTIVE_STATES, GovernanceMoved, InventoryRecord
+from ringfence.store.base import ACTIVE_STATES, AddressTaken, GovernanceMoved, InventoryRecord
 
 HOLD_KINDS = frozenset({"held", "ungranted"})
 """Label problems that are governance's decision (answered as ``held``), not the operator's data."""
@@ -166,11 +166,13 @@ class OnPremAdmin(Admin):
         owned = self._cloud_owned([spec.id])
         if owned:
             return error(409, "not an on-premise workload", f"{spec.id} is a {owned[spec.id]} instance in inventory")
+        # read first, as a quick answer and for owners no claim names (records stored before the
+        # store checked addresses in its write, cloud instances); the write checks again (a
+        # registration racing this one for an address lands first or not at all)
         owners = self._address_owners()
         taken = {ip: owner for ip in spec.ips if (owner := owners.get(ip)) not in (None, spec.id)}
         if taken:
-            why = "; ".join(f"{ip} is held by workload {owner}" for ip, owner in taken.items())
-            return error(409, "address in use: nothing registered", f"{why} (deregister it or give it another first)")
+            return self._address_in_use(taken)
         stored = self.w.store.get(spec.id)
         existed = stored is not None
         mapper = self._governing()
@@ -195,7 +197,10 @@ class OnPremAdmin(Admin):
         audit_id = self._audit(principal, "workload.register", spec.id, detail, reason)
         try:
             self._registered_anew([stored] if stored is not None else [])
-            self.w.store.observe(rec)
+            self.w.store.observe_addressed([rec])
+        except AddressTaken as exc:
+            self._failed(principal, "workload.register", spec.id, audit_id, str(exc), reason)
+            return self._address_in_use(exc.taken)
         except GovernanceMoved as exc:
             self._failed(principal, "workload.register", spec.id, audit_id, str(exc), reason)
             return error(409, "workload changed meanwhile: nothing registered", str(exc))
@@ -214,6 +219,11 @@ class OnPremAdmin(Admin):
         if problems:
             answer["problems"] = problems
         return Response(200 if existed else 201, answer)
+
+    @staticmethod
+    def _address_in_use(taken: dict[str, str]) -> Response:
+        why = "; ".join(f"{ip} is held by workload {owner}" for ip, owner in taken.items())
+        return error(409, "address in use: nothing registered", f"{why} (deregister it or give it another first)")
 
     def import_cmdb(
         self,
@@ -273,7 +283,16 @@ class OnPremAdmin(Admin):
         audit_id = self._audit(principal, "workload.import", source, detail, reason)
         try:
             self._registered_anew(list(stored.values()))
-            self.w.store.observe_many(recs)  # SQLite: one transaction
+            self.w.store.observe_addressed(recs)  # SQLite: one transaction
+        except AddressTaken as exc:
+            # another writer took an address since the file was checked: refused as that check
+            # refuses it (file:line:column)
+            self._failed(principal, "workload.import", source, audit_id, str(exc), reason)
+            try:
+                parse_cmdb_rows(text, source, held_by=exc.taken)
+            except CmdbError as refused:
+                return error(400, "CMDB file rejected: nothing imported", str(refused))
+            return error(409, "address in use: nothing imported", str(exc))
         except GovernanceMoved as exc:
             self._failed(principal, "workload.import", source, audit_id, str(exc), reason)
             return error(409, "a workload changed meanwhile: import the file again", str(exc))
@@ -326,7 +345,7 @@ class OnPremAdmin(Admin):
         # gets a second record, workload.deregister.failed
         audit_id = self._audit(principal, "workload.deregister", workload_id, {}, reason)
         try:
-            self.w.store.observe(tombstone)
+            self.w.store.observe_addressed([tombstone])  # its addresses released
         except Exception as exc:
 
             def deregistered() -> bool:

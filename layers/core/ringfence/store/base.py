@@ -40,6 +40,15 @@ class GovernanceMoved(ConflictError):
     that decision: re-read the record and decide again."""
 
 
+class AddressTaken(ConflictError):
+    """:meth:`Store.observe_addressed`: another active workload holds addresses the records give
+    (``taken``: address → that workload); nothing of the refused records was written."""
+
+    def __init__(self, taken: dict[str, str]) -> None:
+        super().__init__("; ".join(f"{ip} is held by workload {owner}" for ip, owner in taken.items()))
+        self.taken = taken
+
+
 class InventoryRecord(BaseModel):
     """What the cloud says about one workload, plus operator overrides and agent liveness.
 
@@ -376,6 +385,20 @@ class Store(Protocol):
     def observe_many(self, recs: list[InventoryRecord]) -> set[str]:
         """:meth:`observe` each record; the ids whose cloud view changed. SQLite writes them in one
         transaction (all or none, even across a crash); DynamoDB one by one."""
+        ...
+
+    def observe_addressed(self, recs: list[InventoryRecord]) -> set[str]:
+        """:meth:`observe_many` for records whose addresses are theirs alone (on-premise
+        registrations): each active record's addresses must not be held by another active
+        workload, checked atomically with the write, so that two writers racing for one address
+        never both land. :class:`AddressTaken` when one is held (by a workload outside ``recs``, or
+        given twice within them); an address may move between records of ``recs``. SQLite checks
+        every active record in the write's transaction. DynamoDB keeps a claim item per address
+        (state ``addrowner#<ip>``/``owner``), put in one transaction with the record, conditional
+        on the claim read; it holds only for writes through here, so the caller still checks the
+        inventory first (records stored before the claims, cloud instances). A tombstone releases
+        its claims. SQLite writes all records in one transaction; DynamoDB one transaction per
+        group of records that pass addresses among themselves."""
         ...
 
     def all_records(self) -> list[InventoryRecord]: ...

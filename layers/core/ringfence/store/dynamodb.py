@@ -41,6 +41,7 @@ from ringfence.store.base import (
     MOVED_MAX,
     MOVED_TTL,
     UNREAD,
+    AddressTaken,
     AuditHead,
     AuditRecord,
     BundlePointer,
@@ -216,8 +217,34 @@ class DynamoStore:
         previous: InventoryRecord | Unread | None = UNREAD,
     ) -> bool:
         old = self.get(rec.id) if previous is UNREAD else previous
-        if old is not None and old.observed_at > rec.observed_at:
+        update = self._observation(rec, old, release_terminating, previous)
+        if update is None:
             return False
+        rec, kwargs = update
+        try:
+            self.inventory.update_item(**kwargs)
+        except ClientError as exc:
+            if not _conditional_failed(exc):
+                raise
+            # another writer landed between our read and write: a newer observation (ours is
+            # stale: dropped), or a new governance decision (ours must be decided again)
+            now = self.get(rec.id)
+            if now is not None and now.observed_at > rec.observed_at:
+                return False
+            raise GovernanceMoved(f"{rec.id}: the record changed while this record was decided") from None
+        return old is None or old.cloud_view() != rec.cloud_view()
+
+    def _observation(
+        self,
+        rec: InventoryRecord,
+        old: InventoryRecord | None,
+        release_terminating: bool = False,
+        previous: InventoryRecord | Unread | None = UNREAD,
+    ) -> tuple[InventoryRecord, dict[str, Any]] | None:
+        """The conditional update that writes ``rec`` over ``old`` (the stored record as read), with
+        ``rec`` as it is written; None when ``old`` is newer (``rec`` is dropped)."""
+        if old is not None and old.observed_at > rec.observed_at:
+            return None
         if old is not None and old.state == "terminating" and rec.state in ACTIVE_STATES and not release_terminating:
             # a terminate lifecycle action was seen: the instance stays out of peers' sets while
             # it still runs in Terminating:Wait (termination is final, whatever the hook's result)
@@ -261,24 +288,14 @@ class DynamoStore:
         if rec.state == "terminated":
             # a tombstone clears the known writes: a grant or approval does not outlive the workload
             expr += " REMOVE label_writes"
-        try:
-            self.inventory.update_item(
-                Key={"id": rec.id},
-                UpdateExpression=expr,
-                ConditionExpression=condition,
-                ExpressionAttributeNames={"#st": "state"},
-                ExpressionAttributeValues=values,
-            )
-        except ClientError as exc:
-            if not _conditional_failed(exc):
-                raise
-            # another writer landed between our read and write: a newer observation (ours is
-            # stale: dropped), or a new governance decision (ours must be decided again)
-            now = self.get(rec.id)
-            if now is not None and now.observed_at > rec.observed_at:
-                return False
-            raise GovernanceMoved(f"{rec.id}: the record changed while this record was decided") from None
-        return old is None or old.cloud_view() != rec.cloud_view()
+        kwargs: dict[str, Any] = {
+            "Key": {"id": rec.id},
+            "UpdateExpression": expr,
+            "ConditionExpression": condition,
+            "ExpressionAttributeNames": {"#st": "state"},
+            "ExpressionAttributeValues": values,
+        }
+        return rec, kwargs
 
     def observe_many(self, recs: list[InventoryRecord]) -> set[str]:
         return {rec.id for rec in recs if self.observe(rec)}
@@ -998,6 +1015,204 @@ class DynamoStore:
             return False
         return True
 
+    # --- address claims (observe_addressed): ``addrowner#<ip>``/``owner``, the workload holding it ---
+
+    CLAIM_ATTEMPTS = 10
+
+    def observe_addressed(self, recs: list[InventoryRecord]) -> set[str]:
+        """Each active record is written in one transaction with a claim item per address, each
+        put conditional on the claim as read (absent, or the owner read), so of two writers racing
+        for an address one transaction is cancelled: a global lock would serialise every
+        registration, and a lock item that a crashed writer left would stop them all. A claim read
+        as another workload's is taken only when that workload no longer holds the address (its
+        inventory item, checked in the same transaction to be the one read: a claim its release
+        left behind, or one written before a rollback), or when it is one of ``recs`` giving the
+        address up (then written in the same transaction, so the move is atomic). Released claims
+        (addresses a record gives up, a tombstone's) are deleted afterwards, conditional on the
+        owner and on the record still being the one written; one left behind is taken over as
+        above. Records whose claims nothing moves between them are written one transaction each."""
+        if not recs:
+            return set()
+        ids = [rec.id for rec in recs]
+        if len(set(ids)) != len(ids):
+            raise ValueError("observe_addressed: a workload given twice")
+        wanted: dict[str, str] = {}
+        taken: dict[str, str] = {}
+        for rec in recs:
+            for ip in _addresses(rec):
+                first = wanted.setdefault(ip, rec.id)
+                if first != rec.id:
+                    taken.setdefault(ip, first)
+        if taken:
+            raise AddressTaken(taken)
+        stored = self.get_many(ids)
+        groups = _moving_together(recs, stored)
+        # every claim read and judged before anything is written: a file refused for an address
+        # held is refused whole (a race with a writer after this read can still refuse a later group)
+        claims = self._claims(sorted(wanted))
+        holders = self._holders(recs, claims)
+        taken = _taken(recs, claims, holders)
+        if taken:
+            raise AddressTaken(taken)
+        changed: set[str] = set()
+        for group in groups:
+            changed |= self._observe_group(group, stored, claims, holders)
+        return changed
+
+    def _observe_group(
+        self,
+        group: list[InventoryRecord],
+        stored: dict[str, InventoryRecord],
+        claims: dict[str, str],
+        holders: dict[str, dict[str, Any] | None],
+    ) -> set[str]:
+        ids = {rec.id for rec in group}
+        for attempt in range(self.CLAIM_ATTEMPTS):
+            if attempt:  # another writer moved a claim or a record we read: read and judge again
+                stored = {**stored, **self.get_many(sorted(ids))}
+                claims = self._claims(sorted({ip for rec in group for ip in _addresses(rec)}))
+                holders = self._holders(group, claims)
+                taken = _taken(group, claims, holders)
+                if taken:
+                    raise AddressTaken(taken)
+            items: list[dict[str, Any]] = []
+            written: list[InventoryRecord] = []
+            for rec in group:
+                update = self._observation(rec, stored.get(rec.id))
+                if update is None:
+                    if len(group) == 1:
+                        return set()  # a newer observation is stored: dropped, as observe drops it
+                    raise GovernanceMoved(f"{rec.id}: a newer observation was stored meanwhile")
+                rec, kwargs = update
+                written.append(rec)
+                items.append({"Update": {"TableName": self.inventory.name, **kwargs}})
+            checked: set[str] = set()
+            for rec in group:
+                for ip in _addresses(rec):
+                    owner = claims.get(ip)
+                    put: dict[str, Any] = {
+                        "TableName": self.state.name,
+                        "Item": {"pk": CLAIM + ip, "sk": "owner", "owner": rec.id},
+                    }
+                    if owner is None:
+                        put["ConditionExpression"] = "attribute_not_exists(pk)"
+                    else:
+                        put["ConditionExpression"] = "#o = :o"
+                        put["ExpressionAttributeNames"] = {"#o": "owner"}
+                        put["ExpressionAttributeValues"] = {":o": owner}
+                    items.append({"Put": put})
+                    if owner is not None and owner not in ids and owner != rec.id and owner not in checked:
+                        # a claim left behind: its owner's record must still be the one read (not
+                        # holding the address) when the claim moves
+                        checked.add(owner)
+                        items.append({"ConditionCheck": self._unchanged(owner, holders.get(owner))})
+            if len(items) > 100:
+                raise ValueError(
+                    f"{', '.join(sorted(ids))}: {len(items)} records and addresses move together, more than one "
+                    "DynamoDB transaction takes (100): register them in smaller steps"
+                )
+            try:
+                self.inventory.meta.client.transact_write_items(TransactItems=items)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") != "TransactionCanceledException":
+                    raise
+                reasons = [r.get("Code", "None") for r in exc.response.get("CancellationReasons", [])]
+                if not set(reasons) <= {"None", "ConditionalCheckFailed", "TransactionConflict"}:
+                    raise
+                for rec, reason in zip(written, reasons, strict=False):
+                    if reason == "ConditionalCheckFailed":  # the record's own conditions: as observe
+                        now = self.get(rec.id)
+                        if now is not None and now.observed_at > rec.observed_at and len(group) == 1:
+                            return set()
+                        raise GovernanceMoved(f"{rec.id}: the record changed while this record was decided") from None
+                time.sleep(random.uniform(0, min(0.2, 0.005 * 2**attempt)))  # noqa: S311 (jitter, not a secret)
+                continue
+            self._release(written, stored)
+            return {
+                rec.id for rec in written if (old := stored.get(rec.id)) is None or old.cloud_view() != rec.cloud_view()
+            }
+        raise ConflictError(
+            f"{', '.join(sorted(ids))}: address claims stayed contended for {self.CLAIM_ATTEMPTS} attempts"
+        )
+
+    def _claims(self, addresses: list[str]) -> dict[str, str]:
+        """Address → the workload its claim names (absent: no claim)."""
+        got = self._batch_get([(CLAIM + ip, "owner") for ip in addresses]) if addresses else []
+        return {str(i["pk"]).removeprefix(CLAIM): str(i["owner"]) for i in got}
+
+    def _holders(self, recs: list[InventoryRecord], claims: dict[str, str]) -> dict[str, dict[str, Any] | None]:
+        """The inventory items (None: none) of the workloads outside ``recs`` that claims of their
+        addresses name: whether each still holds the address decides whether its claim stands."""
+        ids = {rec.id for rec in recs}
+        owners = sorted({claims[ip] for rec in recs for ip in _addresses(rec) if ip in claims} - ids)
+        out: dict[str, dict[str, Any] | None] = dict.fromkeys(owners)
+        for i in range(0, len(owners), 100):
+            request: dict[str, Any] = {
+                self.inventory.name: {"Keys": [{"id": x} for x in owners[i : i + 100]], "ConsistentRead": True}
+            }
+            while request:
+                resp = self.ddb.batch_get_item(RequestItems=request)
+                for item in resp.get("Responses", {}).get(self.inventory.name, []):
+                    out[str(item["id"])] = item if _observed(item) else None
+                request = resp.get("UnprocessedKeys") or {}
+        return out
+
+    def _unchanged(self, wid: str, item: dict[str, Any] | None) -> dict[str, Any]:
+        """A transaction's check that ``wid``'s inventory item is still ``item`` as read (its
+        workload and state; None: no record)."""
+        check: dict[str, Any] = {"TableName": self.inventory.name, "Key": {"id": wid}}
+        if item is None:
+            check["ConditionExpression"] = "attribute_not_exists(workload)"
+        else:
+            check["ConditionExpression"] = "workload = :w AND #st = :s"
+            check["ExpressionAttributeNames"] = {"#st": "state"}
+            check["ExpressionAttributeValues"] = {":w": item["workload"], ":s": item.get("state", "running")}
+        return check
+
+    def _release(self, written: list[InventoryRecord], stored: dict[str, InventoryRecord]) -> None:
+        """Delete the claims of addresses each written record gave up, while it still owns them
+        and its record is still the one written (a later write of it may have claimed them again).
+        Best effort: a claim left behind is taken over by the next writer of its address."""
+        client = self.inventory.meta.client
+        for rec in written:
+            old = stored.get(rec.id)
+            gone = sorted(set(old.workload.ips if old is not None else []) - set(_addresses(rec)))
+            if not gone:
+                continue
+            mine = {
+                ":me": rec.id,
+                ":w": rec.workload.model_dump_json(exclude={"mode", "quarantined"}),
+                ":s": rec.state,
+            }
+            items: list[dict[str, Any]] = [
+                {
+                    "ConditionCheck": {
+                        "TableName": self.inventory.name,
+                        "Key": {"id": rec.id},
+                        "ConditionExpression": "workload = :w AND #st = :s",
+                        "ExpressionAttributeNames": {"#st": "state"},
+                        "ExpressionAttributeValues": {":w": mine[":w"], ":s": mine[":s"]},
+                    }
+                }
+            ]
+            for ip in gone[:99]:
+                items.append(
+                    {
+                        "Delete": {
+                            "TableName": self.state.name,
+                            "Key": {"pk": CLAIM + ip, "sk": "owner"},
+                            "ConditionExpression": "#o = :me",
+                            "ExpressionAttributeNames": {"#o": "owner"},
+                            "ExpressionAttributeValues": {":me": rec.id},
+                        }
+                    }
+                )
+            try:
+                client.transact_write_items(TransactItems=items)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") != "TransactionCanceledException":
+                    raise
+
     # --- audit ----------------------------------------------------------------------------------
 
     AUDIT_ATTEMPTS = 200
@@ -1330,3 +1545,50 @@ def _observed(item: dict[str, Any] | None) -> bool:
     agent enrolling while ingest stores it) can see the key alone; DynamoDB's update is atomic.
     Either way there is no record yet."""
     return item is not None and "workload" in item
+
+
+CLAIM = "addrowner#"  # + an address: the state item naming the workload that holds it
+
+
+def _addresses(rec: InventoryRecord) -> list[str]:
+    """The addresses ``rec`` holds once written (none unless active)."""
+    return list(dict.fromkeys(rec.workload.ips)) if rec.state in ACTIVE_STATES else []
+
+
+def _moving_together(recs: list[InventoryRecord], stored: dict[str, InventoryRecord]) -> list[list[InventoryRecord]]:
+    """``recs`` in groups that must be written in one transaction: a record taking an address
+    another of them holds now (a move within a CMDB file) goes with it, transitively."""
+    parent = {rec.id: rec.id for rec in recs}
+
+    def root(x: str) -> str:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    held = {ip: wid for wid, old in stored.items() if wid in parent for ip in _addresses(old)}
+    for rec in recs:
+        for ip in _addresses(rec):
+            other = held.get(ip)
+            if other is not None and other != rec.id:
+                parent[root(rec.id)] = root(other)
+    groups: dict[str, list[InventoryRecord]] = {}
+    for rec in recs:
+        groups.setdefault(root(rec.id), []).append(rec)
+    return list(groups.values())
+
+
+def _taken(
+    recs: list[InventoryRecord], claims: dict[str, str], holders: dict[str, dict[str, Any] | None]
+) -> dict[str, str]:
+    """Address → the workload outside ``recs`` whose claim of it stands: its record (``holders``)
+    is active and holds the address. A claim by one of ``recs`` moves with the write."""
+    out: dict[str, str] = {}
+    for rec in recs:
+        for ip in _addresses(rec):
+            owner = claims.get(ip)
+            item = holders.get(owner) if owner is not None else None
+            active = item is not None and item.get("state", "running") in ACTIVE_STATES
+            if active and item is not None and ip in Workload.model_validate_json(item["workload"]).ips:
+                out.setdefault(ip, str(owner))
+    return out

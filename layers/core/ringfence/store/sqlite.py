@@ -50,6 +50,7 @@ from ringfence.store.base import (
     HOLD_TTL,
     MOVED_TTL,
     UNREAD,
+    AddressTaken,
     AuditHead,
     AuditRecord,
     BundlePointer,
@@ -474,6 +475,15 @@ class SqliteStore:
 
     def observe_many(self, recs: list[InventoryRecord]) -> set[str]:
         with self._tx() as db:
+            return {rec.id for rec in recs if self._observe(db, rec)}
+
+    def observe_addressed(self, recs: list[InventoryRecord]) -> set[str]:
+        # the check reads the inventory under the write lock it writes in: no writer of this
+        # process or another can land an owner in between
+        with self._tx() as db:
+            taken = _held_elsewhere(db, recs)
+            if taken:
+                raise AddressTaken(taken)  # rolls back: nothing written
             return {rec.id for rec in recs if self._observe(db, rec)}
 
     def _observe(
@@ -1108,3 +1118,33 @@ def _pointer_of(row: tuple[str, int | None]) -> BundlePointer:
     if row[1] is not None:
         ptr.pending = int(row[1])
     return ptr
+
+
+# the active records' addresses among those asked for, and any stored with a zone index (before
+# addresses were read without one: normalised here as Workload normalises them on read)
+_ADDRESS_HOLDERS = (
+    "SELECT i.id, j.value FROM inventory i, json_each(i.workload, '$.ips') j "
+    "WHERE i.state IN ('pending', 'running') "
+    "AND (j.value IN (SELECT value FROM json_each(?)) OR instr(j.value, '%') > 0) ORDER BY i.id"
+)
+
+
+def _held_elsewhere(db: sqlite3.Connection, recs: list[InventoryRecord]) -> dict[str, str]:
+    """Address → the active workload outside ``recs`` that holds it (or the first of ``recs``
+    giving it, for one given twice), for the addresses of ``recs``' active records."""
+    wanted: dict[str, str] = {}
+    taken: dict[str, str] = {}
+    for rec in recs:
+        if rec.state in ACTIVE_STATES:
+            for ip in rec.workload.ips:
+                first = wanted.setdefault(ip, rec.id)
+                if first != rec.id:
+                    taken.setdefault(ip, first)
+    if not wanted:
+        return taken
+    ids = {rec.id for rec in recs}  # their stored addresses are replaced by this write
+    for wid, raw in db.execute(_ADDRESS_HOLDERS, (json.dumps(sorted(wanted)),)):
+        ip = str(raw).split("%", 1)[0]
+        if ip in wanted and wid not in ids:
+            taken.setdefault(ip, wid)
+    return taken
