@@ -15,6 +15,7 @@ Tables (see template.yaml / infra/):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import threading
@@ -1207,11 +1208,10 @@ class DynamoStore:
                         }
                     }
                 )
-            try:
+            # the records are written: a release that fails (cancelled, throttled) must not fail
+            # the write that succeeded; the claims it leaves behind are taken over
+            with contextlib.suppress(ClientError):
                 client.transact_write_items(TransactItems=items)
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") != "TransactionCanceledException":
-                    raise
 
     # --- audit ----------------------------------------------------------------------------------
 
