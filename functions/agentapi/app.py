@@ -19,9 +19,14 @@ metrics = Metrics()
 _svc: dict[str, AgentApi] = {}
 
 
+def metric(name: str, value: float) -> None:
+    metrics.add_metric(name=name, unit=MetricUnit.Count, value=value)
+
+
 def api() -> AgentApi:
     if "api" not in _svc:
         w = Wiring(Config.from_env())
+        w.metric = metric  # what the routes count (reports over quota)
         # azure-attested / gcp-jwt where the stack configures them (their SDK layers are attached then)
         _svc["api"] = AgentApi(w, cloud_enrollers(w))
     return _svc["api"]

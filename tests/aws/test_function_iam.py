@@ -384,6 +384,7 @@ def test_every_write_the_agent_api_makes_is_allowed_and_steering_writes_are_not(
         ("UpdateItem", "state", "enforcing"),
         ("PutItem", "state", "enforcement"),
         ("UpdateItem", "inventory", new),
+        ("UpdateItem", "state", "rquota"),  # the report quota's count
     ):
         assert expected in kinds, (expected, sorted(k for k in kinds if not k[2].startswith("i-")))
     deployments = {"template.yaml": sam_statements(), "infra/": terraform_statements()}
@@ -407,6 +408,14 @@ def test_every_write_the_agent_api_makes_is_allowed_and_steering_writes_are_not(
             ("PutItem", "state", {"dynamodb:LeadingKeys": ["once#announced#x"], "dynamodb:Attributes": ["pk", "sk"]}),
             # compute's half of a launch hold: a written released_at would leave the launch to ABANDON
             ("UpdateItem", "state", {"dynamodb:LeadingKeys": [f"launch#{new}"], "dynamodb:Attributes": ["pk", "sk"]}),
+            # the report quota's items: their count and TTL only, never replaced or deleted
+            (
+                "UpdateItem",
+                "state",
+                {"dynamodb:LeadingKeys": [f"rquota#{new}"], "dynamodb:Attributes": ["pk", "sk", "doc"]},
+            ),
+            ("PutItem", "state", {"dynamodb:LeadingKeys": [f"rquota#{new}"], "dynamodb:Attributes": ["pk", "sk"]}),
+            ("DeleteItem", "state", {"dynamodb:LeadingKeys": [f"rquota#{new}"], "dynamodb:Attributes": ["pk", "sk"]}),
         ):
             assert not allowed(statements, attack), (where, attack)
 

@@ -64,6 +64,10 @@ locals {
         RINGFENCE_GCP_IDENTITY_AUDIENCE = var.gcp.identity_audience
         RINGFENCE_GCP_CREDENTIALS       = var.gcp.credentials
       },
+      {
+        RINGFENCE_REPORT_BYTES_PER_SECOND = tostring(var.report_bytes_per_second)
+        RINGFENCE_REPORT_BURST_BYTES      = tostring(var.report_burst_bytes)
+      },
     ) }
     admin     = { memory = 512, timeout = 29, concurrency = 5, env = { RINGFENCE_ADMIN_ROLES = jsonencode(var.admin_roles) } }
     wsconnect = { memory = 256, timeout = 10, concurrency = 20, env = {} }
@@ -294,6 +298,8 @@ locals {
       { actions = ["dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["nonce#*", "token#*", "tokenof#*", "agentkey#*", "nextkey#*", "conn#*", "pairing#*", "enforcing#*", "enforcement", "once#gcp-jwt:*"] }] },
       # a pairing use checks, in its transaction, that the key's workload index item exists
       { actions = ["dynamodb:ConditionCheckItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["pairingof#*"] }] },
+      # a workload's report bytes in the current window (the report quota): that count only
+      { actions = ["dynamodb:UpdateItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["rquota#*"] }, { test = "ForAllValues:StringEquals", variable = "dynamodb:Attributes", values = ["pk", "sk", "bytes", "ttl"] }] },
       { actions = ["dynamodb:UpdateItem"], resources = [aws_dynamodb_table.inventory.arn], conditions = [{ test = "ForAllValues:StringEquals", variable = "dynamodb:Attributes", values = ["id", "enrolled", "last_heartbeat", "offline"] }] },
       # reads what compute signed and stored; writes reports only (never a bundle; holds no key)
       { actions = ["s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/bundles/*", "${aws_s3_bucket.bundles.arn}/deltas/*", "${aws_s3_bucket.bundles.arn}/keys/*", "${aws_s3_bucket.bundles.arn}/policies/*", "${aws_s3_bucket.bundles.arn}/agent/*"] },

@@ -149,6 +149,26 @@ variable "agent_token_ttl_seconds" {
   default     = 3600
 }
 
+variable "report_bytes_per_second" {
+  description = "What one workload may send to the reports route, in bytes a second on average (ringfence serve's RINGFENCE_REPORT_BYTES_PER_SECOND); past its window's quota the route answers 429 with Retry-After."
+  type        = number
+  default     = 262144
+  validation {
+    condition     = var.report_bytes_per_second >= 1
+    error_message = "report_bytes_per_second must be at least 1."
+  }
+}
+
+variable "report_burst_bytes" {
+  description = "The report bytes one workload may send in one window of report_burst_bytes / report_bytes_per_second seconds (ringfence serve's RINGFENCE_REPORT_BURST_BYTES)."
+  type        = number
+  default     = 33554432
+  validation {
+    condition     = var.report_burst_bytes >= 1
+    error_message = "report_burst_bytes must be at least 1."
+  }
+}
+
 variable "sts_endpoints" {
   description = "aws-sts only: the STS origins the agent API replays to; empty = AWS's STS host names over https."
   type        = list(string)

@@ -245,7 +245,7 @@ def build_wiring(
     and SQS named by the RINGFENCE_* environment, endpoints by the AWS SDK's, e.g.
     ``AWS_ENDPOINT_URL``; compute runs where the stack runs it). ``siem`` (``--siem``) overrides
     ``$RINGFENCE_SIEM``: where audit records, drops and findings also go (:mod:`ringfence.siem`).
-    ``metric``: what the compute worker counts (``sqlite:``; :class:`ringfence.metrics.Counters`)."""
+    ``metric``: what the services count (the compute worker's with ``sqlite:``; :class:`ringfence.metrics.Counters`)."""
     import dataclasses
 
     if siem:
@@ -262,7 +262,9 @@ def build_wiring(
         from ringfence.control.wiring import Config
 
         cfg = Config.from_env()
-        return Wiring(dataclasses.replace(cfg, siem=siem) if siem else cfg)
+        w = Wiring(dataclasses.replace(cfg, siem=siem) if siem else cfg)
+        w.metric = metric  # what the agent API's routes count (GET /metrics)
+        return w
     if store.startswith("sqlite:") and store.removeprefix("sqlite:"):
         from ringfence.local.wiring import LocalWiring, StateInUse
 

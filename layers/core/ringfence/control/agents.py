@@ -607,11 +607,13 @@ class AgentApi:
     def reports(self, workload_id: str, batch: agentapi.ReportBatch) -> Response:
         grant = self._granted(workload_id)
         doc = batch.model_dump(mode="json")
-        # what one workload's token may write (the local wiring's; on AWS API Gateway throttles)
+        # what one workload's token may write: serve's in-memory bucket, on AWS a count per window
+        # in the state table (ringfence.clouds.aws.reportquota)
         quota = getattr(self.w, "report_quota", None)
         if quota is not None:
             retry = quota.take(workload_id, len(json.dumps(doc)))
             if retry is not None:
+                self.w.metric("ReportsOverQuota", 1)
                 r = error(429, "report quota exceeded", f"{workload_id} sent more report bytes than its quota")
                 r.headers["Retry-After"] = str(retry)
                 return r

@@ -197,6 +197,9 @@ class BaseWiring:
         self.enrollers: dict[str, Enroller] = {"pairing": enroll_pairing}
         self.store = store
         self.publisher = publisher
+        # what the services count (serve's GET /metrics; a Lambda function's CloudWatch metrics,
+        # when its handler sets one)
+        self.metric: Metric = no_metric
         self.siem: Siem | None = (
             Siem.from_spec(cfg.siem, cfg.siem_drop_budget, cfg.siem_drop_window) if cfg.siem else None
         )

@@ -246,6 +246,7 @@ class LocalWiring(BaseWiring):
         except BaseException:
             self._lock.close()  # a bad key or database leaves the directory free for the next try
             raise
+        self.metric = metric
         self.notifier = LocalNotifier()
         self.compute = Compute(self, metric, notifier=self.notifier)
         self.worker = ComputeWorker(self.compute, self.notifier)

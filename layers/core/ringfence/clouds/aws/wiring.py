@@ -18,6 +18,7 @@ from ringfence.perimeter import PerimeterRoleMissing
 from . import clients, ec2
 from .enroll import enroll_iid, enroll_sts
 from .publish import S3Publisher, WebSocketNotifier
+from .reportquota import TableReportQuota
 
 
 class LifecycleRoleMissing(Exception):
@@ -33,11 +34,10 @@ class Wiring(BaseWiring):
         from ringfence.store.dynamodb import DynamoStore
 
         self._ddb = clients.resource("dynamodb")
-        super().__init__(
-            cfg,
-            DynamoStore(cfg.inventory_table, cfg.state_table, cfg.audit_table, resource=self._ddb),
-            S3Publisher(clients.client("s3"), cfg.bucket, cfg.kms_key_id),
-        )
+        store = DynamoStore(cfg.inventory_table, cfg.state_table, cfg.audit_table, resource=self._ddb)
+        super().__init__(cfg, store, S3Publisher(clients.client("s3"), cfg.bucket, cfg.kms_key_id))
+        # what one workload's token may report (the agent API's reports route; serve's is in memory)
+        self.report_quota = TableReportQuota.from_env(store.state)
         self.sqs = clients.client("sqs")
         self._signer: Any = None
         self._home_account: str | None = None

@@ -1,0 +1,89 @@
+"""What one workload may report on AWS, through the real agent-API handler over moto server with
+an enrolled instance's token: its report bytes are counted per window in the state table
+(``rquota#<workload>``), past the quota the route answers 429 with Retry-After (as ``ringfence
+serve``'s bucket does) and counts ReportsOverQuota; every DynamoDB call it makes is judged against
+the agent-API role in template.yaml and infra/."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from tests.aws.conftest import Env, ip_of
+from tests.aws.test_function_iam import Recorder, refusals
+from tests.aws.test_handler_metrics import emitted
+from tests.aws.test_pipeline import boot, enroll_instance
+
+BURST = 40_000  # report bytes per window here
+RATE = 10  # bytes a second: a window of 4,000 s, which this test never sees end
+
+
+def _batch(ip: str, n: int) -> dict[str, Any]:
+    now = time.time()
+    drops = [{"time": now - 5, "direction": "outbound", "src": ip, "dst": "203.0.113.9", "proto": "tcp",
+              "dport": 1000 + i, "action": "drop", "rule_id": "r"} for i in range(n)]  # fmt: skip
+    return {"flows": [], "drops": drops}
+
+
+def _archived(env: Env, wid: str) -> int:
+    return int(env.s3.list_objects_v2(Bucket=env.bucket, Prefix=f"reports/{wid}/")["KeyCount"])
+
+
+def test_attack_one_workload_cannot_report_past_its_quota_on_aws(
+    env: Env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A compromised web host's agent token posts full report batches as fast as it can: only API
+    Gateway's stage throttle bounded what it archived to S3 and sent to the SIEM. Now it gets
+    BURST bytes a window; the batch that would go past it is answered 429 with Retry-After (the
+    seconds left in the window), nothing of it archived, counted as ReportsOverQuota; another
+    workload's reports are still taken."""
+    monkeypatch.setenv("RINGFENCE_REPORT_BURST_BYTES", str(BURST))
+    monkeypatch.setenv("RINGFENCE_REPORT_BYTES_PER_SECOND", str(RATE))
+    env.load_functions()
+    rec = Recorder(env)  # before the functions' clients are made: they take the session's hooks then
+    est = boot(env)
+    web, proc = est["ids"]["web"][0], est["ids"]["proc"][0]
+    web_tok, proc_tok = enroll_instance(env, web), enroll_instance(env, proc)
+    capsys.readouterr()
+
+    batch = _batch(ip_of(env, web), 40)  # ~8 KB as JSON
+    accepted = 0
+    answer: tuple[int, dict[str, str], Any] = (0, {}, None)
+    for _ in range(30):
+        answer = env.rest("agentapi", "POST", f"/v1/agents/{web}/reports", batch, headers=_auth(web_tok))
+        if answer[0] != 202:
+            break
+        accepted += 1
+    status, headers, body = answer
+    assert status == 429, (accepted, answer)
+    assert 1 <= accepted < 6, accepted  # 40,000 bytes: four or five batches of ~8 KB
+    assert body["error"] == "report quota exceeded", body
+    retry = int(headers["retry-after"])
+    assert 1 <= retry <= BURST // RATE, headers
+    assert _archived(env, web) == accepted, "nothing of a refused batch is archived"
+    # asked again at once: still refused, still nothing archived
+    again = env.rest("agentapi", "POST", f"/v1/agents/{web}/reports", batch, headers=_auth(web_tok))
+    assert again[0] == 429 and _archived(env, web) == accepted
+    assert emitted(capsys.readouterr().out).get("ReportsOverQuota") == 2
+
+    # one workload's quota is its own
+    other = env.rest(
+        "agentapi", "POST", f"/v1/agents/{proc}/reports", _batch(ip_of(env, proc), 40), headers=_auth(proc_tok)
+    )
+    assert other[0] == 202, other
+    # the count is one item per workload and window, expiring by the table's TTL
+    item = env.ddb.Table("rf-state").query(
+        KeyConditionExpression="pk = :p", ExpressionAttributeValues={":p": f"rquota#{web}"}
+    )["Items"]
+    assert len(item) == 1 and int(item[0]["bytes"]) <= BURST and int(item[0]["ttl"]) > time.time(), item
+    # granted in both deployments: the agent API writes these items, and only their count and TTL
+    assert any(
+        c[:2] == ("UpdateItem", "state") and c[2]["dynamodb:LeadingKeys"] == [f"rquota#{web}"] for c in rec.writes
+    )
+    assert not refusals(rec, ["agentapi"])
+
+
+def _auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
