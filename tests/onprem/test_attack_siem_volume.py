@@ -150,3 +150,28 @@ def test_folded_drops_carry_their_count_and_first_and_last_time(wiring: LocalWir
     lines = [line for line in cef if "|400105|" in line or "|400106|" in line]
     assert len(lines) == 4
     assert f"cnt=6 start={ms(t)} end={ms(t + 9)}" in lines[0] and "dpt=443" in lines[0] and "spt=" not in lines[0]
+
+
+def test_drop_events_held_back_by_the_budget_are_counted_as_a_metric(tmp_path: Path) -> None:
+    """The drop budget's suppressed events are counted through the wiring's metric (serve's
+    counters, shown on GET /metrics; on AWS the agent-API function's CloudWatch metric): one
+    report past the budget counts what it held back, a report within it counts nothing."""
+    from ringfence.metrics import Counters
+    from tests.onprem.conftest import signing_key_file
+
+    counters = Counters()
+    w = LocalWiring(tmp_path / "state" / "state.db", signing_key=signing_key_file(tmp_path), metric=counters)
+    try:
+        clock = Clock()
+        plane, hdr = _plane(w, tmp_path, clock)
+        body, n = _big_report(clock.now)
+        st, b = plane.call(plane.agents, "POST", REPORT, body, headers=hdr)
+        assert st == 202 and b["accepted"] == n, b
+        metric = "ringfence_siem_drop_events_suppressed_total"
+        assert f"{metric} {float(n - DROP_BUDGET)}" in counters.exposition().decode()
+        clock.now += 61  # a new window: one drop is within the budget, nothing more is counted
+        st, b = plane.call(plane.agents, "POST", REPORT, {"drops": [_drop(clock.now, 1)]}, headers=hdr)
+        assert st == 202, b
+        assert f"{metric} {float(n - DROP_BUDGET)}" in counters.exposition().decode()
+    finally:
+        w.close()

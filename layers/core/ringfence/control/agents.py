@@ -636,7 +636,10 @@ class AgentApi:
             if self.w.flows_inline:
                 self._ingest_flows(workload_id, doc)
             if self.w.siem is not None and kept.drops:
-                self.w.siem.drops(workload_id, kept.drops)  # never raises: the batch is archived already
+                # never raises: the batch is archived already
+                held_back = self.w.siem.drops(workload_id, kept.drops)
+                if held_back:  # past the SIEM drop budget: summarized, not sent one by one
+                    self.w.metric("SiemDropEventsSuppressed", held_back)
         return Response(202, {"accepted": len(kept.flows) + len(kept.drops)})
 
     def _recent(

@@ -143,14 +143,16 @@ class Siem:
     def audit(self, rec: AuditRecord) -> None:
         self.emit([ocsf.api_activity(rec)])
 
-    def drops(self, workload_id: str, drops: Iterable[Any]) -> None:
+    def drops(self, workload_id: str, drops: Iterable[Any]) -> int:
         """An agent's reported drop events (``agentapi.DropEvent``) as Network Activity, folded per
         (direction, src, dst, proto, dport, rule, action) with their count and first/last time,
         within the workload's budget (``drop_budget`` folded events per ``drop_window`` seconds);
         past it one summary per action says how many were suppressed, at once for the window's
         first overflow, for any later one when the window has ended (at the next report of any
         workload, or :meth:`close`). One that cannot be mapped is counted in :attr:`failed`
-        (this never raises: the batch is stored)."""
+        (this never raises: the batch is stored). The folded events held back by the budget in
+        this call (also added to :attr:`suppressed`): the caller counts them
+        (``SiemDropEventsSuppressed``)."""
         groups = fold_drops(drops)
         now = self.clock()
         with self._lock:
@@ -176,6 +178,7 @@ class Siem:
                 self.failed += len(self.sinks)
                 log.exception("SIEM: a drop event of %s not mapped, not delivered", workload_id)
         self.emit(events + summaries)
+        return len(over)
 
     def _ended(self, now: float) -> list[dict[str, Any]]:
         """The summaries of windows that ended with drops suppressed since their first summary
