@@ -14,6 +14,7 @@ import pytest
 from boto3.dynamodb.conditions import Key
 
 from ringfence.clouds.aws.sg import TAG
+from ringfence.perimeter import EGRESS, PerimeterRule
 from tests.aws.conftest import ACCOUNT, REGION, Env
 from tests.aws.test_handler_metrics import emitted
 from tests.aws.test_pipeline import _ctx, _scheduled, boot
@@ -138,8 +139,9 @@ def test_a_group_whose_record_cannot_be_written_is_not_left_behind(env: Env) -> 
     from botocore.exceptions import ClientError
 
     def refuse(params: dict[str, Any], **_: Any) -> None:
-        pk = params.get("Item", {}).get("pk")
-        if str(pk.get("S", "") if isinstance(pk, dict) else pk).startswith("sg#"):
+        item = params.get("Item", {})
+        pk, sk = (str(v.get("S", "") if isinstance(v, dict) else v) for v in (item.get("pk"), item.get("sk")))
+        if pk.startswith("sg#") and not sk.startswith("pending#"):  # the record, not the intent before it
             raise ClientError({"Error": {"Code": "AccessDeniedException", "Message": "no"}}, "PutItem")
 
     env.load_functions()
@@ -156,3 +158,65 @@ def test_a_group_whose_record_cannot_be_written_is_not_left_behind(env: Env) -> 
     env.drain("perimeter", "perimeter")
     assert calls[:2] == ["CreateSecurityGroup", "DeleteSecurityGroup"], calls
     assert env.ec2.describe_security_groups(Filters=[{"Name": "tag-key", "Values": [TAG]}])["SecurityGroups"] == []
+    assert records(env) == {}, "an intent left behind"
+
+
+class _Stopped(BaseException):
+    """What a Lambda timeout does to the perimeter: the process stops, no ``except Exception`` runs."""
+
+
+def test_a_group_made_by_a_run_stopped_before_its_record_is_taken_back(
+    env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The perimeter is stopped between CreateSecurityGroup and the put of the group's record.
+    Before, the group was left tagged and named as Ringfence's but unrecorded: a look-alike of its
+    own making that the full run never adopted (only the default egress) and that held its name, so
+    that VPC's interfaces were refused and their launches never handed on. Now an intent with a
+    random nonce is recorded before the create and the nonce goes on the group (the
+    ringfence:perimeter tag's value): the next run records it, gives it its rules and attaches it."""
+    from ringfence.clouds.aws import sg as sgmod
+
+    caplog.set_level(logging.INFO, logger="ringfence.aws.perimeter")
+    est = boot(env)
+    vpc = env.ec2.create_vpc(CidrBlock="10.9.0.0/16")["Vpc"]["VpcId"]
+    sub = env.ec2.create_subnet(VpcId=vpc, CidrBlock="10.9.1.0/24", AvailabilityZone=f"{REGION}a")["Subnet"]
+    (iid,) = est["run"]("web", sub["SubnetId"], 1)
+    env.put(env.state_event(iid, "running"))
+    env.drain("ingest", "ingest")
+
+    def stopped(self: Any, gid: str, network: str, name: str, how: str) -> None:
+        raise _Stopped(gid)
+
+    with monkeypatch.context() as m:
+        m.setattr(sgmod.GroupRecords, "add", stopped)
+        env.sqs.send_message(QueueUrl=env.queues["perimeter"], MessageBody=json.dumps({"ids": [iid]}))
+        with pytest.raises(_Stopped) as k:
+            env.drain("perimeter", "perimeter")
+    orphan = str(k.value)
+    assert orphan not in records(env)
+    [g] = env.ec2.describe_security_groups(GroupIds=[orphan])["SecurityGroups"]
+    assert g["VpcId"] == vpc and next(t["Value"] for t in g["Tags"] if t["Key"] == TAG).startswith("prod/")
+    # the message is retried (the batch failed), with the launch this time
+    while env.receive("perimeter"):
+        pass
+    env.sqs.send_message(
+        QueueUrl=env.queues["perimeter"],
+        MessageBody=json.dumps({"ids": [iid], "lifecycles": [LAUNCH | {"instance_id": iid, "token": "t"}]}),
+    )
+    env.drain("perimeter", "perimeter")
+    assert records(env)[orphan]["how"] == "created"
+    assert not [r for r in records(env) if r.startswith("pending#")]
+    assert orphan in groups_of(env, iid)
+    assert f"{orphan} (rf-prod-boundary) in {vpc}: made by a run stopped before recording it" in caplog.text
+    handed = [lc["instance_id"] for m in env.receive("compute") for lc in json.loads(m["Body"]).get("lifecycles", [])]
+    assert iid in handed, "the launch was not handed on"
+    # its rules are the boundary's, the default "all outbound" gone unless the boundary wants it
+    [ours] = [r for r in schedule(env) if r["account"] == ACCOUNT]
+    assert not ours.get("lookalikes") and not ours.get("violations"), ours
+    [same] = env.ec2.describe_security_groups(
+        Filters=[{"Name": "vpc-id", "Values": [est["vpc"]]}, {"Name": "group-name", "Values": ["rf-prod-boundary"]}]
+    )["SecurityGroups"]
+    [now] = env.ec2.describe_security_groups(GroupIds=[orphan])["SecurityGroups"]
+    everything = PerimeterRule(EGRESS, "-1", -1, -1, "cidr", "0.0.0.0/0")
+    assert (everything in sgmod._rules_of(now, {})) == (everything in sgmod._rules_of(same, {}))
+    assert len(sgmod._rules_of(now, {})) == len(sgmod._rules_of(same, {}))

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,6 +68,10 @@ EMPTY = "rf-empty"  # no rule in either direction: the closed stand-in for "none
 # an env must give names OUR_NAME recognises, within EC2's 255 characters ("rf-" + env + "-published")
 ENV_OK = re.compile(rf"^[{ENV_CHARS}]{{1,242}}$")
 GONE_STATES = frozenset({"shutting-down", "terminated"})
+PENDING = "pending#"  # GroupRecords: an intent to create, not a group id
+# an intent older than this with no group carrying its nonce is from a create that failed or was
+# stopped before EC2 made it (a Lambda runs 15 minutes at most)
+PENDING_STALE_S = 3600
 
 
 def _rules_of(sg: dict[str, Any], names_by_id: dict[str, str]) -> set[PerimeterRule]:
@@ -116,14 +122,22 @@ class GroupRecords:
     ``CreateSecurityGroup`` (and dropped after its delete). In both deployments only the perimeter
     function's role may write ``sg#*`` keys among the roles events or agents feed
     (tests/aws/test_function_iam.py), so a group someone else made with our tag and name is never
-    taken for ours."""
+    taken for ours.
+
+    Before each create an intent is written (``sk = pending#<epoch>#<nonce>``, how ``pending``) and
+    its random nonce goes on the group, in the ``ringfence:perimeter`` tag's value: a run stopped
+    between the create and the record (a Lambda timeout runs no ``except``) leaves a group the next
+    run recognises as its own by that nonce, instead of a look-alike holding the name for good."""
 
     def __init__(self, table: Any, account: str, region: str) -> None:
         self.table = table
         self.pk = f"sg#{account}#{region}"
 
-    def ids(self) -> set[str]:
-        out: set[str] = set()
+    def read(self) -> tuple[set[str], dict[str, tuple[str, str, str, float]]]:
+        """The recorded group ids, and the intents not cleared: nonce → (intent key, network,
+        name, when written)."""
+        ids: set[str] = set()
+        intents: dict[str, tuple[str, str, str, float]] = {}
         kwargs: dict[str, Any] = {
             "KeyConditionExpression": "pk = :pk",
             "ExpressionAttributeValues": {":pk": self.pk},
@@ -131,16 +145,46 @@ class GroupRecords:
         }
         while True:
             page = self.table.query(**kwargs)
-            out.update(str(i["sk"]) for i in page.get("Items", []))
+            for i in page.get("Items", []):
+                sk = str(i["sk"])
+                if sk.startswith(PENDING):
+                    at, _, nonce = sk[len(PENDING) :].partition("#")
+                    intents[nonce] = (sk, str(i.get("network", "")), str(i.get("name", "")), float(at or 0))
+                else:
+                    ids.add(sk)
             if "LastEvaluatedKey" not in page:
-                return out
+                return ids, intents
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def ids(self) -> set[str]:
+        return self.read()[0]
 
     def add(self, gid: str, network: str, name: str, how: str) -> None:
         self.table.put_item(Item={"pk": self.pk, "sk": gid, "network": network, "name": name, "how": how})
 
     def drop(self, gid: str) -> None:
         self.table.delete_item(Key={"pk": self.pk, "sk": gid})
+
+    def intend(self, network: str, name: str) -> tuple[str, str]:
+        """Record that ``name`` is about to be created in ``network``: (the intent's key, the
+        random nonce to put on the group). The time is in the key: the item may hold only the
+        attributes a record has (the perimeter role's dynamodb:Attributes condition)."""
+        nonce = secrets.token_hex(16)
+        sk = f"{PENDING}{int(time.time())}#{nonce}"
+        self.table.put_item(Item={"pk": self.pk, "sk": sk, "network": network, "name": name, "how": "pending"})
+        return sk, nonce
+
+    def clear(self, intent: str) -> None:
+        self.table.delete_item(Key={"pk": self.pk, "sk": intent})
+
+
+def nonce_of(group: Mapping[str, Any]) -> str | None:
+    """The intent nonce a group carries in its ``ringfence:perimeter`` value (``<env>/<nonce>``);
+    None for groups made before intents were recorded (value ``<env>`` alone: no "/" in an env)."""
+    for t in group.get("Tags", []):
+        if t.get("Key") == TAG and "/" in str(t.get("Value", "")):
+            return str(t["Value"]).rpartition("/")[2] or None
+    return None
 
 
 @dataclass
@@ -196,6 +240,57 @@ class SecurityGroupPerimeter:
                     lookalikes.append(g)
         return ours, lookalikes
 
+    def _reclaim(
+        self,
+        lookalikes: list[dict[str, Any]],
+        intents: dict[str, tuple[str, str, str, float]],
+        scope: Scope,
+        dry_run: bool,
+    ) -> list[dict[str, Any]]:
+        """Of the look-alikes, those an earlier run made and was stopped before recording: they
+        carry the nonce of an intent still there, for their VPC and name, and are as EC2 made them
+        (our two tags, the default "all outbound" and nothing else). Recorded now (not in a dry
+        run), their intents cleared. Under :attr:`Scope.FULL` (every group of the Region read),
+        intents older than :data:`PENDING_STALE_S` that no group carries are dropped."""
+        out: list[dict[str, Any]] = []
+        default = {PerimeterRule(EGRESS, "-1", -1, -1, "cidr", "0.0.0.0/0")}
+        carried: set[str] = set()
+        for la in lookalikes:
+            nonce = nonce_of(la)
+            if nonce is None or nonce not in intents:
+                continue
+            carried.add(nonce)
+            intent, network, name, _at = intents[nonce]
+            tags = {t.get("Key"): t.get("Value") for t in la.get("Tags", [])}
+            gid = str(la["GroupId"])
+            if (network, name) != (la.get("VpcId"), la.get("GroupName")) or set(tags) != {TAG, "Name"}:
+                continue
+            if tags["Name"] != name or _rules_of(la, {}) != default:
+                log.warning(
+                    "perimeter: %s (%s) in %s was made by a run stopped before recording it, but has been "
+                    "changed since: not taken back, refused as a look-alike",
+                    gid,
+                    name,
+                    network,
+                )
+                continue
+            if not dry_run:
+                self.records.add(gid, network, name, "created")
+                self.records.clear(intent)
+            log.warning(
+                "perimeter: %s (%s) in %s: made by a run stopped before recording it (its intent's nonce): "
+                "recorded now",
+                gid,
+                name,
+                network,
+            )
+            out.append(la)
+        if scope is Scope.FULL and not dry_run:
+            for nonce, (intent, _net, _name, at) in intents.items():
+                if nonce not in carried and time.time() - at > PENDING_STALE_S:
+                    self.records.clear(intent)
+        return out
+
     @staticmethod
     def _adoptable(
         lookalikes: list[dict[str, Any]], ds: DesiredState, key_of: dict[str, tuple[str, str]]
@@ -217,6 +312,8 @@ class SecurityGroupPerimeter:
                 want = spec.rules if spec is not None else (set() if name == EMPTY else None)
                 env = spec.env if spec is not None else ""
                 tags = {t.get("Key"): t.get("Value") for t in g.get("Tags", [])}
+                # the value is "<env>", or "<env>/<nonce>" since intents (a record lost with its intent)
+                tags[TAG] = str(tags.get(TAG, "")).partition("/")[0]
                 made = tags in ({TAG: env or "-", "Name": name}, {TAG: env or "-"})
                 if want is not None and made and _rules_of(g, names) == want:
                     keep[gid] = g
@@ -342,9 +439,12 @@ class SecurityGroupPerimeter:
             for e in lst
             if e.id not in held
         ]
-        groups, lookalikes = self._groups(
-            None if scope is Scope.FULL else {e.network for e in enis.values()}, self.records.ids()
-        )
+        recorded, intents = self.records.read()
+        groups, lookalikes = self._groups(None if scope is Scope.FULL else {e.network for e in enis.values()}, recorded)
+        # groups of an earlier run stopped between its create and its record: ours by their nonce
+        reclaimed = self._reclaim(lookalikes, intents, scope, dry_run)
+        groups += reclaimed
+        lookalikes = [la for la in lookalikes if la not in reclaimed]
         key_of = {g["GroupId"]: (g["VpcId"], g["GroupName"]) for g in groups}
         names_by_id = {gid: key[1] for gid, key in key_of.items()}
         actual_rules = {key_of[g["GroupId"]]: _rules_of(g, names_by_id) for g in groups}
@@ -451,6 +551,10 @@ class SecurityGroupPerimeter:
             for e in enis.values()
         }
         p = plan(ds, actual_rules, interfaces, scope, placeholder=EMPTY)
+        for sg in reclaimed:  # as if made by this run: the default "all outbound" goes on any path
+            key = key_of[sg["GroupId"]]
+            if key in ds.groups and actual_rules[key] - ds.groups[key].rules:
+                p.revoke.setdefault(key, set()).update(actual_rules[key] - ds.groups[key].rules)
         for key in over:  # an existing group over quota: its revokes apply, not its additions
             p.authorize.pop(key, None)
         refused = sorted({str(e.instance) for e in enis.values() if e.id in held and e.instance in workloads})
@@ -486,6 +590,12 @@ class SecurityGroupPerimeter:
         ids: dict[tuple[str, str], str] = {key: gid for gid, key in key_of.items()}
         created: dict[tuple[str, str], str] = {}
         for g in p.create:
+            # the intent first: if this run is stopped between the create and the record, the next
+            # one knows the group by the nonce it carries (the label guard lets the perimeter write
+            # only ringfence:perimeter and Name at creation, so the nonce is in the former's value)
+            intent, nonce = self.records.intend(g.network, g.name)
+            # a failed create keeps its intent: EC2 may have made the group all the same (an answer
+            # lost); an intent no group carries is dropped by a full run an hour later
             gid = self.ec2.create_security_group(
                 GroupName=g.name,
                 Description=g.description,
@@ -493,7 +603,10 @@ class SecurityGroupPerimeter:
                 TagSpecifications=[
                     {
                         "ResourceType": "security-group",
-                        "Tags": [{"Key": TAG, "Value": g.env or "-"}, {"Key": "Name", "Value": g.name}],
+                        "Tags": [
+                            {"Key": TAG, "Value": f"{g.env or '-'}/{nonce}"},
+                            {"Key": "Name", "Value": g.name},
+                        ],
                     }
                 ],
             )["GroupId"]
@@ -502,7 +615,9 @@ class SecurityGroupPerimeter:
                 self.records.add(gid, g.network, g.name, "created")
             except Exception:
                 self.ec2.delete_security_group(GroupId=gid)  # not ours without it: none left behind
+                self.records.clear(intent)
                 raise
+            self.records.clear(intent)
             ids[(g.network, g.name)] = created[(g.network, g.name)] = gid
             # a new group starts with "all outbound": that rule is now actual state for the diff
             default = {PerimeterRule(EGRESS, "-1", -1, -1, "cidr", "0.0.0.0/0")}
