@@ -6,7 +6,7 @@ import enum
 import functools
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ringfence.audit import AuditHead, AuditRecord
 from ringfence.bundlewire import BundleError, ed25519_public_from_one_pem, fingerprint_of_raw
@@ -224,15 +224,19 @@ class LaunchHold(BaseModel):
     carries its groups); the agent API records that the instance's agent enforces a bundle. Only
     compute completes the action (CONTINUE), once both are in, and records when. Compute records
     every other action it completes here too (the gate "publish", terminates): each action is
-    claimed before it is completed, so that a copy of it completes nothing again."""
+    claimed before it is completed, so that a copy of it completes nothing again.
+
+    An instance may have several actions at once, each with its own token (one per launch hook
+    of its group, sent together; a warm pool's second launch; a terminate): ``actions`` keeps
+    each under its token, claimed and settled on its own. ``lifecycle``, ``token``,
+    ``perimeter_at``, ``perimeter``, ``released_at`` and ``outcome`` show the action recorded
+    last."""
 
     instance_id: str
     lifecycle: dict[str, Any] | None = Field(
         None, description="the action to complete (hook, group, token, account, region)"
     )
-    token: str | None = Field(
-        None, description="the action's token: a hand-off with another one is a new action (a warm pool's second)"
-    )
+    token: str | None = Field(None, description="the token of the action recorded last")
     perimeter_at: float | None = Field(None, description="when the perimeter handed the action on (groups attached)")
     perimeter: str | None = Field(
         None, description='"attached", "dry run" (planned, nothing attached) or "not managed" (no event-path perimeter)'
@@ -252,8 +256,21 @@ HOLD_CLAIM_STALE = 900
 COMPLETING = "completing"  # a claimed release's outcome until Auto Scaling answers
 
 
+class LaunchAction(BaseModel):
+    """One lifecycle action of an instance, recorded in its hold under its token: claimed
+    (``outcome`` :data:`COMPLETING`) before compute calls Auto Scaling, then settled."""
+
+    lifecycle: dict[str, Any] = Field(description="the action to complete (hook, group, token, account, region)")
+    recorded_at: float = Field(description="when compute first recorded it")
+    perimeter_at: float | None = Field(None, description="when the perimeter handed it on (groups attached)")
+    perimeter: str | None = None
+    claimed_at: float | None = None
+    released_at: float | None = Field(None, description="when compute completed it, or gave it up")
+    outcome: str | None = Field(None, description='"continue", or why it was not completed')
+
+
 def check_hold_fields(fields: dict[str, Any]) -> None:
-    unknown = set(fields) - (set(LaunchHold.model_fields) - {"instance_id"})
+    unknown = set(fields) - (set(LaunchHold.model_fields) - {"instance_id", "actions"})
     if unknown:
         raise ValueError(f"launch hold: unknown fields {sorted(unknown)}")
 
@@ -262,6 +279,7 @@ def check_hold_fields(fields: dict[str, Any]) -> None:
 def agent_key_fingerprint_of(pem: str) -> str | None:
     """The fingerprint (SHA-256, 64 hex digits) of an agent's public key: what an operator's
     reset names as the next key (:meth:`Store.expect_agent_key`); None if not exactly one Ed25519
+    actions: dict[str, LaunchAction] = Field(default_factory=dict, description="token -> action")
     key (:func:`~ringfence.bundlewire.ed25519_public_from_one_pem`). Cached: every agent request
     compares it (:func:`token_key_holds`)."""
     try:
@@ -276,6 +294,24 @@ def agent_key_id_of(pem: str) -> str | None:
     fingerprint = agent_key_fingerprint_of(pem)
     return fingerprint[:16] if fingerprint is not None else None
 
+
+    @model_validator(mode="after")
+    def _latest(self) -> LaunchHold:
+        if self.actions:
+            token, last = max(self.actions.items(), key=lambda kv: kv[1].recorded_at)
+            self.token, self.lifecycle, self.released_at, self.outcome = (
+                token,
+                last.lifecycle,
+                last.released_at,
+                last.outcome,
+            )
+            if last.perimeter_at is not None:
+                self.perimeter_at, self.perimeter = last.perimeter_at, last.perimeter
+        return self
+
+    def pending(self) -> list[str]:
+        """The tokens of the actions not released (nor claimed), oldest first."""
+        return [t for t, a in sorted(self.actions.items(), key=lambda kv: kv[1].recorded_at) if a.released_at is None]
 
 def token_key_holds(token_key: str | None, bound_pem: str | None) -> bool:
     """Whether a token issued under the agent key ``token_key`` (its id; ``""``: issued without
@@ -579,22 +615,24 @@ class Store(Protocol):
     def launch_hold(self, instance_id: str) -> LaunchHold | None: ...
 
     def hold_launch_action(self, instance_id: str, lifecycle: dict[str, Any], **fields: Any) -> LaunchHold:
-        """Record a lifecycle action in the instance's hold, atomically: one with another token
-        than the hold's (a warm pool's second launch action, a terminate after a launch) replaces
-        the action with ``fields`` and clears the release; the same token again (a duplicate)
-        changes nothing. The hold as it then is; the agent's fact is kept either way."""
+        """Record a lifecycle action in the instance's hold under its token (``actions``),
+        atomically, with ``fields`` (``perimeter_at``, ``perimeter``): a token not yet there is a
+        new action, beside the others (several launch hooks' actions at once, a warm pool's
+        second, a terminate); the same token again (a duplicate) changes nothing. The hold as it
+        then is; the agent's fact is kept either way."""
         ...
 
     def claim_launch_release(self, instance_id: str, token: str) -> bool:
-        """Claim the completion of the hold's action ``token`` (``released_at`` now, ``outcome``
-        :data:`COMPLETING`) in one conditional write: False if the hold holds another action, or
-        this one is released or claimed already (a claim older than :data:`HOLD_CLAIM_STALE` may be
-        taken again). Only the claimant calls Auto Scaling."""
+        """Claim the completion of the hold's action ``token`` (its ``released_at`` now,
+        ``outcome`` :data:`COMPLETING`) in one conditional write: False if the hold has no such
+        action, or it is released or claimed already (a claim older than :data:`HOLD_CLAIM_STALE`
+        may be taken again). Only the claimant calls Auto Scaling; other actions of the instance
+        are claimed on their own, concurrently."""
         ...
 
     def settle_launch_release(self, instance_id: str, token: str, outcome: str) -> bool:
-        """Record the claimed action's ``outcome`` (``released_at`` now), only while the hold still
-        holds action ``token`` claimed (:data:`COMPLETING`): never over a recorded outcome."""
+        """Record the claimed action ``token``'s ``outcome`` (``released_at`` now), only while it
+        is claimed (:data:`COMPLETING`): never over a recorded outcome."""
         ...
 
     # audit
