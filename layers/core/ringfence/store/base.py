@@ -217,6 +217,19 @@ MOVED_MAX = 5000  # workload ids per record (≈ 120 KB, well under DynamoDB's 4
 MOVED_TTL = 86400  # a reader further behind than a day re-anchors (wakes everyone) anyway
 
 
+class LaunchAction(BaseModel):
+    """One lifecycle action of an instance, recorded in its hold under its token: claimed
+    (``outcome`` :data:`COMPLETING`) before compute calls Auto Scaling, then settled."""
+
+    lifecycle: dict[str, Any] = Field(description="the action to complete (hook, group, token, account, region)")
+    recorded_at: float = Field(description="when compute first recorded it")
+    perimeter_at: float | None = Field(None, description="when the perimeter handed it on (groups attached)")
+    perimeter: str | None = None
+    claimed_at: float | None = None
+    released_at: float | None = Field(None, description="when compute completed it, or gave it up")
+    outcome: str | None = Field(None, description='"continue", or why it was not completed')
+
+
 class LaunchHold(BaseModel):
     """A launch held by its Auto Scaling launch hook under the lifecycle gate ``agent``: the two
     facts that release it, each recorded by the function that knows it. Compute records the
@@ -233,6 +246,7 @@ class LaunchHold(BaseModel):
     last."""
 
     instance_id: str
+    actions: dict[str, LaunchAction] = Field(default_factory=dict, description="token -> action")
     lifecycle: dict[str, Any] | None = Field(
         None, description="the action to complete (hook, group, token, account, region)"
     )
@@ -245,55 +259,6 @@ class LaunchHold(BaseModel):
     enforced_at: float | None = None
     released_at: float | None = Field(None, description="when compute completed the action, or gave it up")
     outcome: str | None = Field(None, description='"continue", or why the action was not completed')
-
-
-# a hold's fields written once: the first report of enforcement is the fact; later ones add nothing
-HOLD_FIRST_WINS = frozenset({"enforced_version", "enforced_at"})
-HOLD_TTL = 86400  # longer than any hook's wait (HeartbeatTimeout is at most 7200 s)
-# a release claimed but never settled (compute stopped between the claim and Auto Scaling's
-# answer) may be claimed again after this long: longer than compute's run, shorter than a hook's wait
-HOLD_CLAIM_STALE = 900
-COMPLETING = "completing"  # a claimed release's outcome until Auto Scaling answers
-
-
-class LaunchAction(BaseModel):
-    """One lifecycle action of an instance, recorded in its hold under its token: claimed
-    (``outcome`` :data:`COMPLETING`) before compute calls Auto Scaling, then settled."""
-
-    lifecycle: dict[str, Any] = Field(description="the action to complete (hook, group, token, account, region)")
-    recorded_at: float = Field(description="when compute first recorded it")
-    perimeter_at: float | None = Field(None, description="when the perimeter handed it on (groups attached)")
-    perimeter: str | None = None
-    claimed_at: float | None = None
-    released_at: float | None = Field(None, description="when compute completed it, or gave it up")
-    outcome: str | None = Field(None, description='"continue", or why it was not completed')
-
-
-def check_hold_fields(fields: dict[str, Any]) -> None:
-    unknown = set(fields) - (set(LaunchHold.model_fields) - {"instance_id", "actions"})
-    if unknown:
-        raise ValueError(f"launch hold: unknown fields {sorted(unknown)}")
-
-
-@functools.lru_cache(maxsize=4096)
-def agent_key_fingerprint_of(pem: str) -> str | None:
-    """The fingerprint (SHA-256, 64 hex digits) of an agent's public key: what an operator's
-    reset names as the next key (:meth:`Store.expect_agent_key`); None if not exactly one Ed25519
-    actions: dict[str, LaunchAction] = Field(default_factory=dict, description="token -> action")
-    key (:func:`~ringfence.bundlewire.ed25519_public_from_one_pem`). Cached: every agent request
-    compares it (:func:`token_key_holds`)."""
-    try:
-        return fingerprint_of_raw(ed25519_public_from_one_pem(pem.encode()))
-    except BundleError:
-        return None
-
-
-def agent_key_id_of(pem: str) -> str | None:
-    """The id of an agent's public key (the fingerprint's first 16 hex digits, as bundle keys'
-    ids are), None if the PEM is not an Ed25519 key."""
-    fingerprint = agent_key_fingerprint_of(pem)
-    return fingerprint[:16] if fingerprint is not None else None
-
 
     @model_validator(mode="after")
     def _latest(self) -> LaunchHold:
@@ -312,6 +277,41 @@ def agent_key_id_of(pem: str) -> str | None:
     def pending(self) -> list[str]:
         """The tokens of the actions not released (nor claimed), oldest first."""
         return [t for t, a in sorted(self.actions.items(), key=lambda kv: kv[1].recorded_at) if a.released_at is None]
+
+
+# a hold's fields written once: the first report of enforcement is the fact; later ones add nothing
+HOLD_FIRST_WINS = frozenset({"enforced_version", "enforced_at"})
+HOLD_TTL = 86400  # longer than any hook's wait (HeartbeatTimeout is at most 7200 s)
+# a release claimed but never settled (compute stopped between the claim and Auto Scaling's
+# answer) may be claimed again after this long: longer than compute's run, shorter than a hook's wait
+HOLD_CLAIM_STALE = 900
+COMPLETING = "completing"  # a claimed release's outcome until Auto Scaling answers
+
+
+def check_hold_fields(fields: dict[str, Any]) -> None:
+    unknown = set(fields) - (set(LaunchHold.model_fields) - {"instance_id", "actions"})
+    if unknown:
+        raise ValueError(f"launch hold: unknown fields {sorted(unknown)}")
+
+
+@functools.lru_cache(maxsize=4096)
+def agent_key_fingerprint_of(pem: str) -> str | None:
+    """The fingerprint (SHA-256, 64 hex digits) of an agent's public key: what an operator's
+    reset names as the next key (:meth:`Store.expect_agent_key`); None if not exactly one Ed25519
+    key (:func:`~ringfence.bundlewire.ed25519_public_from_one_pem`). Cached: every agent request
+    compares it (:func:`token_key_holds`)."""
+    try:
+        return fingerprint_of_raw(ed25519_public_from_one_pem(pem.encode()))
+    except BundleError:
+        return None
+
+
+def agent_key_id_of(pem: str) -> str | None:
+    """The id of an agent's public key (the fingerprint's first 16 hex digits, as bundle keys'
+    ids are), None if the PEM is not an Ed25519 key."""
+    fingerprint = agent_key_fingerprint_of(pem)
+    return fingerprint[:16] if fingerprint is not None else None
+
 
 def token_key_holds(token_key: str | None, bound_pem: str | None) -> bool:
     """Whether a token issued under the agent key ``token_key`` (its id; ``""``: issued without

@@ -116,13 +116,13 @@ def _token_key(item: dict[str, Any]) -> str | None:
 
 def _to_hold(instance_id: str, item: dict[str, Any]) -> LaunchHold:
     doc = {k: json.loads(v) for k, v in item.items() if k in LaunchHold.model_fields and isinstance(v, str)}
-    return LaunchHold.model_validate({**doc, "instance_id": instance_id})
-
-
     doc["actions"] = {
         tok: {k: float(v) if k == "claimed_at" else json.loads(v) for k, v in entry.items()}
         for tok, entry in (item.get("actions") or {}).items()
     }
+    return LaunchHold.model_validate({**doc, "instance_id": instance_id})
+
+
 class DynamoStore:
     def __init__(
         self,
@@ -940,10 +940,16 @@ class DynamoStore:
             merged.update(item)
         return _to_hold(instance_id, merged)
 
+    # Each action is an entry of the hold's map ``actions`` under its token (a DynamoDB map:
+    # written and claimed one entry at a time with conditions on that entry's path alone, so the
+    # actions of one instance never displace one another): its fields JSON text, but for
+    # ``claimed_at``, a number comparable in a condition.
+
     def hold_launch_action(self, instance_id: str, lifecycle: dict[str, Any], **fields: Any) -> LaunchHold:
         check_hold_fields(fields)
         if set(fields) - {"perimeter_at", "perimeter"}:
             raise ValueError(f"launch hold: an action is recorded with its hand-off fields only, not {sorted(fields)}")
+        key = {"pk": f"launch#{instance_id}", "sk": "hold"}
         token = str(lifecycle["token"])
         # the map first (an entry can only be set inside an existing map), then the entry
         self.state.update_item(
@@ -1001,17 +1007,11 @@ class DynamoStore:
                 UpdateExpression="SET #a.#tok.#released = :released, #a.#tok.#outcome = :outcome" + more,
                 ConditionExpression=f"attribute_exists(#a.#tok) AND {condition}",
                 ExpressionAttributeNames={
-    # Each action is an entry of the hold's map ``actions`` under its token (a DynamoDB map:
-    # written and claimed one entry at a time with conditions on that entry's path alone, so the
-    # actions of one instance never displace one another): its fields JSON text, but for
-    # ``claimed_at``, a number comparable in a condition.
-
                     "#a": "actions",
                     "#tok": token,
                     "#released": "released_at",
                     "#outcome": "outcome",
                     **({"#claimed": "claimed_at"} if "#claimed" in condition else {}),
-        key = {"pk": f"launch#{instance_id}", "sk": "hold"}
                 },
                 ExpressionAttributeValues={
                     ":released": json.dumps(time.time()),
