@@ -787,7 +787,10 @@ class AgentApi:
         if gone:
             return error(401, "token revoked", gone)
         old = self.w.store.connection(owner)
-        self.w.store.put_connection(owner, connection_id)
+        # written only while the token is still current: a refresh or retirement that landed
+        # since the check above would otherwise find no connection to drop, then see ours written
+        if not self.w.store.put_connection(owner, connection_id, secret_hash(token or "")):
+            return error(401, "token revoked", "replaced or revoked while connecting")
         if old is not None and old != connection_id:
             log.warning("nudge connection of %s replaced: %s → %s", owner, old, connection_id)
             credentials.audit(self.w, "agent.connect", owner, f"agent:{owner}", connection=connection_id, replaced=old)

@@ -601,9 +601,19 @@ class Store(Protocol):
         unexpired with uses left."""
         ...
 
-    def put_connection(self, workload_id: str, connection_id: str) -> None: ...
+    def put_connection(self, workload_id: str, connection_id: str, token_hash: str) -> bool:
+        """Record ``connection_id`` as the workload's nudge connection, in one atomic step with
+        the check that ``token_hash`` is still its current token: a refresh or a retirement that
+        revokes the token first and then drops the connection can never be followed by this
+        write (its token's connection left in place). False: the token is no longer current,
+        nothing written."""
+        ...
+
     def connection(self, workload_id: str) -> str | None: ...
-    def drop_connection(self, workload_id: str) -> None: ...
+    def drop_connection(self, workload_id: str, connection_id: str | None = None) -> None:
+        """Forget the workload's nudge connection; with ``connection_id``, only while it is that
+        one (a gone connection's cleanup must not drop the one its agent opened since)."""
+        ...
 
     # launch holds (the lifecycle gate "agent")
     def hold_launch(self, instance_id: str, **fields: Any) -> LaunchHold:

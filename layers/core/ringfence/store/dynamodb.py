@@ -887,15 +887,61 @@ class DynamoStore:
             self.state.delete_item(Key={"pk": entry["pk"], "sk": entry["sk"]})
         return live
 
-    def put_connection(self, workload_id: str, connection_id: str) -> None:
-        self._put(f"conn#{workload_id}", "conn", ttl=2 * 3600, connection_id=connection_id)
+    def put_connection(self, workload_id: str, connection_id: str, token_hash: str) -> bool:
+        # one transaction with a check of the workload's current token: a refresh or a retirement
+        # revokes it before it drops the connection, so a $connect that checked the token before
+        # either and writes after it is cancelled here, never left as the workload's connection
+        now = int(time.time())
+        try:
+            self.state.meta.client.transact_write_items(
+                TransactItems=[
+                    {
+                        "Put": {
+                            "TableName": self.state.name,
+                            "Item": {
+                                "pk": f"conn#{workload_id}",
+                                "sk": "conn",
+                                "connection_id": connection_id,
+                                "ttl": now + 2 * 3600,
+                            },
+                        }
+                    },
+                    {
+                        "ConditionCheck": {
+                            "TableName": self.state.name,
+                            "Key": {"pk": f"tokenof#{workload_id}", "sk": "token"},
+                            "ConditionExpression": "#h = :h AND #t >= :now",
+                            "ExpressionAttributeNames": {"#h": "hash", "#t": "ttl"},
+                            "ExpressionAttributeValues": {":h": token_hash, ":now": now},
+                        }
+                    },
+                ]
+            )
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "TransactionCanceledException":
+                raise
+            reasons = [str(r.get("Code", "None")) for r in exc.response.get("CancellationReasons", [])]
+            if reasons[1:2] == ["ConditionalCheckFailed"]:
+                return False
+            raise
+        return True
 
     def connection(self, workload_id: str) -> str | None:
         item = self._get(f"conn#{workload_id}", "conn")
         return str(item["connection_id"]) if item else None
 
-    def drop_connection(self, workload_id: str) -> None:
-        self.state.delete_item(Key={"pk": f"conn#{workload_id}", "sk": "conn"})
+    def drop_connection(self, workload_id: str, connection_id: str | None = None) -> None:
+        key = {"pk": f"conn#{workload_id}", "sk": "conn"}
+        if connection_id is None:
+            self.state.delete_item(Key=key)
+            return
+        try:
+            self.state.delete_item(
+                Key=key, ConditionExpression="connection_id = :c", ExpressionAttributeValues={":c": connection_id}
+            )
+        except ClientError as exc:
+            if not _conditional_failed(exc):
+                raise  # else its agent connected again since: that connection stays
 
     # --- launch holds -----------------------------------------------------------------------------
 

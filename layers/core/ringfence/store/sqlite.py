@@ -882,12 +882,17 @@ class SqliteStore:
             db.execute("DELETE FROM pairing WHERE workload_id = ?", (workload_id,))
             return int(live)
 
-    def put_connection(self, workload_id: str, connection_id: str) -> None:
+    def put_connection(self, workload_id: str, connection_id: str, token_hash: str) -> bool:
+        # in the transaction that checks the token is still the workload's (as over DynamoDB): a
+        # refresh or retirement revokes it before it drops the connection
+        now = time.time()
         with self._tx() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO connection (workload_id, connection_id, expires) VALUES (?, ?, ?)",
-                (workload_id, connection_id, time.time() + CONNECTION_TTL),
+            cur = db.execute(
+                "INSERT OR REPLACE INTO connection (workload_id, connection_id, expires) SELECT ?, ?, ?"
+                " WHERE EXISTS (SELECT 1 FROM token WHERE hash = ? AND workload_id = ? AND expires >= ?)",
+                (workload_id, connection_id, now + CONNECTION_TTL, token_hash, workload_id, now),
             )
+            return cur.rowcount == 1
 
     def connection(self, workload_id: str) -> str | None:
         row = (
@@ -900,9 +905,14 @@ class SqliteStore:
         )
         return str(row[0]) if row else None
 
-    def drop_connection(self, workload_id: str) -> None:
+    def drop_connection(self, workload_id: str, connection_id: str | None = None) -> None:
         with self._tx() as db:
-            db.execute("DELETE FROM connection WHERE workload_id = ?", (workload_id,))
+            if connection_id is None:
+                db.execute("DELETE FROM connection WHERE workload_id = ?", (workload_id,))
+            else:
+                db.execute(
+                    "DELETE FROM connection WHERE workload_id = ? AND connection_id = ?", (workload_id, connection_id)
+                )
 
     # --- launch holds -----------------------------------------------------------------------------
 
