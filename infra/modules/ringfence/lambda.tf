@@ -295,7 +295,7 @@ locals {
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem"], resources = [aws_dynamodb_table.inventory.arn] },
       # writes only the agents' own items: never a bundle pointer, the active policy or the engine
       # head; on inventory an agent's liveness only, never its labels, mode or quarantine
-      { actions = ["dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["nonce#*", "token#*", "tokenof#*", "agentkey#*", "nextkey#*", "conn#*", "pairing#*", "enforcing#*", "enforcement", "once#gcp-jwt:*"] }] },
+      { actions = ["dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["nonce#*", "token#*", "tokenof#*", "agentkey#*", "nextkey#*", "conn#*", "pairing#*", "enforcing#*", "enforcement", "once#gcp-jwt:*", "once#refresh:*"] }] },
       # a pairing use checks, in its transaction, that the key's workload index item exists
       { actions = ["dynamodb:ConditionCheckItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["pairingof#*"] }] },
       # a workload's report bytes in the current window (the report quota): that count only
