@@ -503,3 +503,19 @@ def test_a_whole_service_equal_to_an_earlier_piece_is_not_repeated() -> None:
     [group] = doc["inbound"]
     a = next(m for m in group["members"] if m["id"] == "g/a")
     assert [tuple(x["ports"]) for x in a["services"]] == [(85, 89), (90, 90), (91, 100)]
+
+
+def test_a_workload_given_twice_is_compiled_once_and_a_copy_never_releases_a_quarantine(
+    example_policy: Policy, example_inventory: list[Workload]
+) -> None:
+    """One bad input must not stop a whole rebuild (compute's, for everyone): the duplicate is
+    left out and listed; a quarantined copy wins over one that is not, whichever comes first."""
+    w = by_id(example_inventory, "ord-prod-proc-1")
+    q = w.model_copy(update={"quarantined": True, "ips": ["10.9.9.9"]})
+    e = engine_for(example_policy, [*example_inventory, w.model_copy(update={"ips": ["10.9.9.9"]})])
+    assert e.duplicates == [w.id] and e.workloads[w.id].addrs == engine_for(example_policy, [w]).workloads[w.id].addrs
+    for order in ([w, q], [q, w]):
+        rest = [x for x in example_inventory if x.id != w.id]
+        e = engine_for(example_policy, [*rest, *order])
+        assert e.duplicates == [w.id] and e.workloads[w.id].quarantined
+        assert len(e.workloads) == len(example_inventory)

@@ -9,11 +9,14 @@ function's alone. A record reads quarantined while the item exists or its own ``
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+import pytest
 
 from ringfence.clouds.aws.wiring import Wiring
 from ringfence.control.wiring import Config
-from tests.aws.conftest import LABEL_TESTS, POLICY_DIR, Env
+from tests.aws.conftest import LABEL_TESTS, POLICY_DIR, Env, ip_of
 from tests.aws.test_function_iam import (
     ATTACKER_FED,
     Recorder,
@@ -24,7 +27,7 @@ from tests.aws.test_function_iam import (
     terraform_statements,
 )
 from tests.aws.test_governance import DEVELOPER, ESCALATION, retag
-from tests.aws.test_pipeline import boot
+from tests.aws.test_pipeline import boot, in_set
 
 # the roles whose code quarantines (governance, under ``on_privileged_change: quarantine``)
 QUARANTINES = ("ingest", "lifecycle", "reconcile", "gcpevents", "azureevents", "cloudreconcile")
@@ -171,3 +174,65 @@ def test_governance_quarantines_from_ingest_with_the_item_alone(env: Env) -> Non
     writes = {(a, t, c["dynamodb:LeadingKeys"][0]) for a, t, c in rec.calls.get("ingest", []) if c}
     assert ("PutItem", "state", "quarantine") in writes and ("ConditionCheckItem", "inventory", dev) in writes
     assert not refusals(rec, ("ingest", "compute", "admin"))
+
+
+ALIAS = "i-0forgedalias0000"
+
+
+def test_attack_a_record_under_another_key_cannot_release_a_quarantine_or_stop_compute(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The quarantine (and the operator's mode) are looked up by a record's key, the engine keys a
+    workload by the id in the record's ``workload`` document. Code in an event-fed role, which may
+    write any inventory key's cloud fields, a new key too, stores the quarantined workload's own
+    document under a fresh key and sends the compute message its role may send. Before: a warm
+    compute compiled that record as the victim, unquarantined, and signed it (the quarantine item
+    untouched), and every cold compute failed on the duplicate workload id until the record was
+    removed, so nothing was published for anyone. Now every read of the stores leaves such a
+    record out (logged, counted): warm and cold, the victim's bundle is the quarantine bundle,
+    and the others' keep being published."""
+    caplog.set_level(logging.WARNING, logger="ringfence.store")
+    est = boot(env)
+    wid = est["ids"]["web"][0]
+    status, _, body = env.rest("admin", "POST", f"/admin/workloads/{wid}/quarantine", {"reason": "ir-7"})
+    assert status == 200, body
+    env.pump()
+    assert env.bundle(wid).quarantined
+
+    item = env.ddb.Table("rf-inventory").get_item(Key={"id": wid}, ConsistentRead=True)["Item"]
+    alias = {
+        "TableName": "rf-inventory",
+        "Key": {"id": ALIAS},
+        "UpdateExpression": "SET workload = :w, #st = :s, observed_at = :t, labels = :l, problems = :p",
+        "ExpressionAttributeNames": {"#st": "state"},
+        "ExpressionAttributeValues": {
+            ":w": item["workload"],
+            ":s": "running",
+            ":t": item["observed_at"] + 1,
+            ":l": item.get("labels", "{}"),
+            ":p": "[]",
+        },
+    }
+    for fn in QUARANTINES:  # granted to them in both deployments: the reads must hold
+        for where, statements_of in (("template.yaml", sam_statements), ("infra/", terraform_statements)):
+            [update] = requests_of("UpdateItem", alias)
+            assert allowed(statements_of(fn), update), (where, fn)
+    env.ddb.meta.client.update_item(**alias)
+    assert _quarantine_item(env, wid) is not None
+
+    Wiring(Config.from_env()).enqueue_compute([ALIAS])
+    assert not any(r.get("batchItemFailures") for r in env.drain("compute", "compute"))
+    assert env.bundle(wid).quarantined, "the quarantine stands after a warm compute"
+    env.load_functions()
+    Wiring(Config.from_env()).enqueue_compute([wid, ALIAS])
+    assert not any(r.get("batchItemFailures") for r in env.drain("compute", "compute")), "a rebuild failed"
+    assert env.bundle(wid).quarantined, "the quarantine stands after a rebuild"
+    assert env.store.get(ALIAS) is None
+    assert any(ALIAS in r.getMessage() and wid in r.getMessage() for r in caplog.records), "logged, both ids"
+
+    # the others are still published: an instance launched now reaches its peers' bundles
+    extra = est["run"]("processing", est["subnets"]["app"], 1)[0]
+    env.put(env.state_event(extra, "running"))
+    env.pump()
+    assert in_set(env.bundle(est["ids"]["db"][0]), ip_of(env, extra))
+    assert env.bundle(wid).quarantined

@@ -84,6 +84,9 @@ class Compute:
     def __init__(self, w: BaseWiring, metric: Metric = no_metric, notifier: Notifier | None = None) -> None:
         self.w = w
         self.metric = _one_at_a_time(metric)  # lifecycle actions are handled on several threads
+        if metric is not no_metric:
+            # the records the store leaves out (InventoryRecordsMismatched) are counted with compute's
+            w.store.metric = self.metric
         self.engine: Engine | None = None
         # workload → expiry of its stored bundle (adopted by a rebuild from the pointers); a
         # workload missing here is re-signed by the next refresh
@@ -187,6 +190,8 @@ class Compute:
         log.info("rebuilding engine at head %s (policy v%s)", head.revision, pv.number)
         engine = Engine(policy, policy_version=pv.number, revision=head.revision)
         engine.load(r.effective() for r in self.w.store.all_records() if r.active)
+        if engine.duplicates:  # the store's keys are unique and name their workload: never expected
+            self.metric("InventoryDuplicatesSkipped", len(engine.duplicates))
         self.engine = engine
         self.expiry = {}
         adopted = self._adopt(engine)
@@ -485,7 +490,7 @@ class Compute:
         )
         for lc, outcome in zip(actions, in_parallel(lambda lc: self._lifecycle(lc, ok), actions), strict=True):
             if outcome == "duplicate":
-                continue  # completed (or given up) already, by an earlier copy (logged by the gate)
+                continue  # completed (or given up) already, by an earlier copy
             {
                 "completed": stats.lifecycle_completed,
                 "awaiting agent": stats.lifecycle_awaiting_agent,
@@ -518,15 +523,13 @@ class Compute:
         if launching and self.w.cfg.lifecycle_gate == "agent":
             # completed only once its agent enforces too (ringfence.control.launchgate)
             outcome = self.gate.handed_on(lc)
-            if outcome in ("completed", "lost"):
-                return {"completed": "completed", "lost": "left to time out"}[outcome]
+            if outcome == "completed":
+                return "completed"
             log.info("launch of %s published, perimeter in place: %s", iid, outcome)
             return "awaiting agent"
         # claimed first: a copy of the action in a later batch completes nothing again; a failure
         # is logged and counted (LifecycleLeftToTimeout) there
-        return {"failed": "left to time out", "lost": "left to time out", "already": "duplicate"}.get(
-            self.gate.complete_once(lc), "completed"
-        )
+        return {"failed": "left to time out", "already": "duplicate"}.get(self.gate.complete_once(lc), "completed")
 
 
 def _together(*reads: Callable[[], Any]) -> list[Any]:

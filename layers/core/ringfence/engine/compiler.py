@@ -28,6 +28,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
@@ -39,6 +40,8 @@ from ringfence.labels import UNLABELED_KINDS, Problem
 from ringfence.model import Mode, Workload
 from ringfence.policy import ACTION_RANK, CompiledRule, Peer, Policy
 from ringfence.services import PortRange
+
+log = logging.getLogger("ringfence.engine")
 
 INBOUND, OUTBOUND = "inbound", "outbound"
 
@@ -191,6 +194,8 @@ class Engine:
         self.all_denies = all_denies
         self.index = LabelIndex()
         self.workloads: dict[str, WorkloadState] = {}
+        # the workload ids :meth:`load` was given more than once (each once per copy left out)
+        self.duplicates: list[str] = []
         self.sets: dict[SetKey, AddressSetState] = {}
         self.sets_by_name: dict[str, AddressSetState] = {}
         self._free_slots: list[int] = []
@@ -285,11 +290,24 @@ class Engine:
     # --- full compile --------------------------------------------------------------------------
 
     def load(self, inventory: Iterable[Workload]) -> None:
-        """Compile from scratch (the reference the incremental path must equal)."""
+        """Compile from scratch (the reference the incremental path must equal).
+
+        A workload id given more than once is compiled once, never a failure of the whole load
+        (one bad record must not stop publishing for everyone): the first copy is kept, unless a
+        later one is quarantined and it is not, so a copy never releases a quarantine. The copies
+        left out are logged and listed in :attr:`duplicates`."""
         self.revision += 1
+        chosen: dict[str, Workload] = {}
         for w in inventory:
-            if w.id in self.workloads:
-                raise ValueError(f"duplicate workload id {w.id!r} in inventory")
+            first = chosen.get(w.id)
+            if first is None:
+                chosen[w.id] = w
+                continue
+            self.duplicates.append(w.id)
+            log.warning("workload %r given more than once: one copy compiled, the other left out", w.id)
+            if w.quarantined and not first.quarantined:
+                chosen[w.id] = w
+        for w in chosen.values():
             slot = self._alloc_slot()
             ws = self.resolve(w, slot)
             self.workloads[w.id] = ws

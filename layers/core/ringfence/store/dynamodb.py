@@ -20,7 +20,7 @@ import json
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -60,7 +60,10 @@ from ringfence.store.base import (
     Unread,
     agent_key_fingerprint_of,
     check_hold_fields,
+    check_names_its_key,
+    names_its_key,
     next_governed_rev,
+    no_metric,
     token_key_holds,
 )
 
@@ -116,10 +119,6 @@ def _token_key(item: dict[str, Any]) -> str | None:
 
 def _to_hold(instance_id: str, item: dict[str, Any]) -> LaunchHold:
     doc = {k: json.loads(v) for k, v in item.items() if k in LaunchHold.model_fields and isinstance(v, str)}
-    doc["actions"] = {
-        tok: {k: float(v) if k == "claimed_at" else json.loads(v) for k, v in entry.items()}
-        for tok, entry in (item.get("actions") or {}).items()
-    }
     return LaunchHold.model_validate({**doc, "instance_id": instance_id})
 
 
@@ -141,6 +140,7 @@ class DynamoStore:
         self.inventory = ddb.Table(inventory_table)
         self.state = ddb.Table(state_table)
         self.audit_table = ddb.Table(audit_table)
+        self.metric: Callable[[str, float], None] = no_metric
 
     # --- inventory ------------------------------------------------------------------------------
 
@@ -162,6 +162,12 @@ class DynamoStore:
             governed_rev=int(item.get("governed_rev", 0)),
             label_writes=json.loads(item["label_writes"]) if item.get("label_writes") else None,
         )
+
+    def _record(self, item: dict[str, Any]) -> InventoryRecord | None:
+        """The record of an inventory item; None (logged, counted) when its workload is another
+        than its key's (:func:`names_its_key`): what no read hands on."""
+        rec = self._to_record(item)
+        return rec if names_its_key(rec.id, rec.workload.id, self.metric) else None
 
     def get(self, workload_id: str) -> InventoryRecord | None:
         return self.get_many([workload_id]).get(workload_id)
@@ -190,7 +196,8 @@ class DynamoStore:
                 request = resp.get("UnprocessedKeys") or {}
         if not together:
             quarantined = self._quarantined()
-        return {rec.id: rec for rec in (self._with_quarantine(i, quarantined) for i in items if _observed(i))}
+        recs = (self._with_quarantine(i, quarantined) for i in items if _observed(i))
+        return {rec.id: rec for rec in recs if rec is not None}
 
     def _quarantined(self) -> set[str]:
         """Every workload with a quarantine item (one Query: quarantines are few)."""
@@ -203,13 +210,16 @@ class DynamoStore:
                 return out
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
-    def _with_quarantine(self, item: dict[str, Any], quarantined: set[str]) -> InventoryRecord:
+    def _with_quarantine(self, item: dict[str, Any], quarantined: set[str]) -> InventoryRecord | None:
         """The record, quarantined if its quarantine item exists or its own ``op_quarantined``
         says so. The item is what counts: only the administrator's role may delete it, while the
         event-fed roles, which may update records, could write the attribute false (IAM cannot
         hold it). The attribute is read too for records quarantined before the item existed (an
-        upgrade): they stay quarantined until an administrator releases them, which clears both."""
-        rec = self._to_record(item)
+        upgrade): they stay quarantined until an administrator releases them, which clears both.
+        None: a record under another workload's key (:meth:`_record`)."""
+        rec = self._record(item)
+        if rec is None:
+            return None
         if rec.id in quarantined and not rec.op_quarantined:
             rec.op_quarantined = True
         return rec
@@ -248,6 +258,7 @@ class DynamoStore:
     ) -> tuple[InventoryRecord, dict[str, Any]] | None:
         """The conditional update that writes ``rec`` over ``old`` (the stored record as read), with
         ``rec`` as it is written; None when ``old`` is newer (``rec`` is dropped)."""
+        check_names_its_key(rec)
         if old is not None and old.observed_at > rec.observed_at:
             return None
         if old is not None and old.state == "terminating" and rec.state in ACTIVE_STATES and not release_terminating:
@@ -315,7 +326,7 @@ class DynamoStore:
                 break
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
         quarantined = self._quarantined()  # read after the records: a quarantine put meanwhile counts
-        return [self._with_quarantine(i, quarantined) for i in items]
+        return [rec for rec in (self._with_quarantine(i, quarantined) for i in items) if rec is not None]
 
     def set_operator(self, workload_id: str, *, mode: Mode | None = _UNSET, quarantined: bool | None = None) -> None:
         """A quarantine is the state item ``quarantine``/``<workload id>``, put (never updated) in
@@ -765,7 +776,7 @@ class DynamoStore:
             workload_id,
             # the record's quarantine item is not read: the agent API decides nothing from it
             # (compute signs it into the bundle), and every agent request would read one more item
-            self._to_record(item) if item is not None and _observed(item) else None,
+            self._record(item) if item is not None and _observed(item) else None,
             _pointer_of(state.get(f"bundle#{workload_id}")),
             EnforcementReport.model_validate_json(report["doc"]) if report is not None else None,
             with_enforcement,
@@ -887,61 +898,15 @@ class DynamoStore:
             self.state.delete_item(Key={"pk": entry["pk"], "sk": entry["sk"]})
         return live
 
-    def put_connection(self, workload_id: str, connection_id: str, token_hash: str) -> bool:
-        # one transaction with a check of the workload's current token: a refresh or a retirement
-        # revokes it before it drops the connection, so a $connect that checked the token before
-        # either and writes after it is cancelled here, never left as the workload's connection
-        now = int(time.time())
-        try:
-            self.state.meta.client.transact_write_items(
-                TransactItems=[
-                    {
-                        "Put": {
-                            "TableName": self.state.name,
-                            "Item": {
-                                "pk": f"conn#{workload_id}",
-                                "sk": "conn",
-                                "connection_id": connection_id,
-                                "ttl": now + 2 * 3600,
-                            },
-                        }
-                    },
-                    {
-                        "ConditionCheck": {
-                            "TableName": self.state.name,
-                            "Key": {"pk": f"tokenof#{workload_id}", "sk": "token"},
-                            "ConditionExpression": "#h = :h AND #t >= :now",
-                            "ExpressionAttributeNames": {"#h": "hash", "#t": "ttl"},
-                            "ExpressionAttributeValues": {":h": token_hash, ":now": now},
-                        }
-                    },
-                ]
-            )
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") != "TransactionCanceledException":
-                raise
-            reasons = [str(r.get("Code", "None")) for r in exc.response.get("CancellationReasons", [])]
-            if reasons[1:2] == ["ConditionalCheckFailed"]:
-                return False
-            raise
-        return True
+    def put_connection(self, workload_id: str, connection_id: str) -> None:
+        self._put(f"conn#{workload_id}", "conn", ttl=2 * 3600, connection_id=connection_id)
 
     def connection(self, workload_id: str) -> str | None:
         item = self._get(f"conn#{workload_id}", "conn")
         return str(item["connection_id"]) if item else None
 
-    def drop_connection(self, workload_id: str, connection_id: str | None = None) -> None:
-        key = {"pk": f"conn#{workload_id}", "sk": "conn"}
-        if connection_id is None:
-            self.state.delete_item(Key=key)
-            return
-        try:
-            self.state.delete_item(
-                Key=key, ConditionExpression="connection_id = :c", ExpressionAttributeValues={":c": connection_id}
-            )
-        except ClientError as exc:
-            if not _conditional_failed(exc):
-                raise  # else its agent connected again since: that connection stays
+    def drop_connection(self, workload_id: str) -> None:
+        self.state.delete_item(Key={"pk": f"conn#{workload_id}", "sk": "conn"})
 
     # --- launch holds -----------------------------------------------------------------------------
 
@@ -986,39 +951,32 @@ class DynamoStore:
             merged.update(item)
         return _to_hold(instance_id, merged)
 
-    # Each action is an entry of the hold's map ``actions`` under its token (a DynamoDB map:
-    # written and claimed one entry at a time with conditions on that entry's path alone, so the
-    # actions of one instance never displace one another): its fields JSON text, but for
-    # ``claimed_at``, a number comparable in a condition.
-
     def hold_launch_action(self, instance_id: str, lifecycle: dict[str, Any], **fields: Any) -> LaunchHold:
         check_hold_fields(fields)
-        if set(fields) - {"perimeter_at", "perimeter"}:
+        if set(fields) & (HOLD_FIRST_WINS | {"lifecycle", "token", "released_at", "outcome"}):
             raise ValueError(f"launch hold: an action is recorded with its hand-off fields only, not {sorted(fields)}")
-        key = {"pk": f"launch#{instance_id}", "sk": "hold"}
         token = str(lifecycle["token"])
-        # the map first (an entry can only be set inside an existing map), then the entry
-        self.state.update_item(
-            Key=key,
-            UpdateExpression="SET #ttl = :ttl, #actions = if_not_exists(#actions, :empty)",
-            ExpressionAttributeNames={"#ttl": "ttl", "#actions": "actions"},
-            ExpressionAttributeValues={":ttl": int(time.time()) + HOLD_TTL, ":empty": {}},
-        )
-        entry = {k: json.dumps(v) for k, v in {**fields, "lifecycle": lifecycle, "recorded_at": time.time()}.items()}
+        values: dict[str, Any] = {":ttl": int(time.time()) + HOLD_TTL, ":tok": json.dumps(token)}
+        names = {"#ttl": "ttl", "#token": "token", "#released": "released_at", "#outcome": "outcome"}
+        names["#claimed"] = "claimed_at"
+        sets = ["#ttl = :ttl", "#token = :tok"]
+        for i, (k, v) in enumerate(sorted({**fields, "lifecycle": lifecycle}.items())):
+            names[f"#f{i}"], values[f":f{i}"] = k, json.dumps(v)
+            sets.append(f"#f{i} = :f{i}")
         try:
             self.state.update_item(
-                Key=key,
-                UpdateExpression="SET #actions.#tok = :entry",
+                Key={"pk": f"launch#{instance_id}", "sk": "hold"},
+                UpdateExpression="SET " + ", ".join(sets) + " REMOVE #released, #outcome, #claimed",
                 # the same token again is a duplicate: the action as recorded (and its release) stays
-                ConditionExpression="attribute_not_exists(#actions.#tok)",
-                ExpressionAttributeNames={"#actions": "actions", "#tok": token},
-                ExpressionAttributeValues={":entry": entry},
+                ConditionExpression="attribute_not_exists(#token) OR #token <> :tok OR #ttl < :now",
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues={**values, ":now": int(time.time())},
             )
         except ClientError as exc:
             if not _conditional_failed(exc):
                 raise
         hold = self.launch_hold(instance_id)
-        assert hold is not None  # just written
+        assert hold is not None  # just written (or found with this token)
         return hold
 
     def claim_launch_release(self, instance_id: str, token: str) -> bool:
@@ -1027,14 +985,15 @@ class DynamoStore:
             instance_id,
             token,
             COMPLETING,
-            # not released, or claimed by a run that never answered
-            "(attribute_not_exists(#a.#tok.#released) OR (#a.#tok.#outcome = :completing AND #a.#tok.#claimed < :stale))",
+            # not released, or claimed by a run that never answered (claimed_at: a number of its
+            # own, comparable in a condition, unlike the JSON text of the hold's fields)
+            "(attribute_not_exists(#released) OR (#outcome = :completing AND #claimed < :stale))",
             {":stale": now - HOLD_CLAIM_STALE, ":claimed": now},
-            ", #a.#tok.#claimed = :claimed",
+            ", #claimed = :claimed",
         )
 
     def settle_launch_release(self, instance_id: str, token: str, outcome: str) -> bool:
-        return self._hold_write(instance_id, token, outcome, "#a.#tok.#outcome = :completing")
+        return self._hold_write(instance_id, token, outcome, "#outcome = :completing")
 
     def _hold_write(
         self,
@@ -1045,21 +1004,21 @@ class DynamoStore:
         values: dict[str, Any] | None = None,
         more: str = "",
     ) -> bool:
-        """Set ``released_at`` (now) and ``outcome`` on the hold's action ``token`` if it is there
-        and ``condition`` holds."""
+        """Set ``released_at`` (now) and ``outcome`` on the hold if it holds action ``token`` and
+        ``condition`` holds."""
         try:
             self.state.update_item(
                 Key={"pk": f"launch#{instance_id}", "sk": "hold"},
-                UpdateExpression="SET #a.#tok.#released = :released, #a.#tok.#outcome = :outcome" + more,
-                ConditionExpression=f"attribute_exists(#a.#tok) AND {condition}",
+                UpdateExpression="SET #released = :released, #outcome = :outcome" + more,
+                ConditionExpression=f"#token = :tok AND {condition}",
                 ExpressionAttributeNames={
-                    "#a": "actions",
-                    "#tok": token,
+                    "#token": "token",
                     "#released": "released_at",
                     "#outcome": "outcome",
                     **({"#claimed": "claimed_at"} if "#claimed" in condition else {}),
                 },
                 ExpressionAttributeValues={
+                    ":tok": json.dumps(token),
                     ":released": json.dumps(time.time()),
                     ":outcome": json.dumps(outcome),
                     ":completing": json.dumps(COMPLETING),

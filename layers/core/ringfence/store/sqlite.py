@@ -67,8 +67,11 @@ from ringfence.store.base import (
     Unread,
     agent_key_fingerprint_of,
     check_hold_fields,
+    check_names_its_key,
     check_read,
+    names_its_key,
     next_governed_rev,
+    no_metric,
     token_key_holds,
 )
 
@@ -259,6 +262,7 @@ class SqliteStore:
         self._all: list[tuple[weakref.ref[threading.Thread], sqlite3.Connection]] = []
         self._lock = threading.Lock()
         self._writer = threading.Lock()
+        self.metric: Callable[[str, float], None] = no_metric
         if read_only and not self.path.is_file():
             raise StoreOpenError(f"{self.path}: no such database file")
         # the version before anything writes (a journal-mode change is a write): a file of a newer
@@ -453,13 +457,18 @@ class SqliteStore:
             label_writes=json.loads(label_writes) if label_writes else None,
         )
 
+    def _record(self, row: tuple[Any, ...] | None) -> InventoryRecord | None:
+        """The record of a row; None (logged, counted) when its workload is another than its
+        key's (:func:`names_its_key`): what no read hands on."""
+        rec = self._to_record(row) if row else None
+        return rec if rec is not None and names_its_key(rec.id, rec.workload.id, self.metric) else None
+
     def get(self, workload_id: str) -> InventoryRecord | None:
-        row = self._db().execute(_SELECT_ONE, (workload_id,)).fetchone()
-        return self._to_record(row) if row else None
+        return self._record(self._db().execute(_SELECT_ONE, (workload_id,)).fetchone())
 
     def get_many(self, workload_ids: list[str]) -> dict[str, InventoryRecord]:
         rows = self._db().execute(_SELECT_MANY, (json.dumps(sorted(set(workload_ids))),))
-        return {rec.id: rec for rec in map(self._to_record, rows)}
+        return {rec.id: rec for rec in map(self._record, rows) if rec is not None}
 
     def observe(
         self,
@@ -493,8 +502,9 @@ class SqliteStore:
         release_terminating: bool = False,
         previous: InventoryRecord | Unread | None = UNREAD,
     ) -> bool:
-        row = db.execute(_SELECT_ONE, (rec.id,)).fetchone()
-        old = self._to_record(row) if row else None
+        check_names_its_key(rec)
+        # a row holding another workload is no record: this write replaces it
+        old = self._record(db.execute(_SELECT_ONE, (rec.id,)).fetchone())
         if old is not None and old.observed_at > rec.observed_at:
             return False
         check_read(old, rec, previous)
@@ -529,7 +539,7 @@ class SqliteStore:
         return old is None or old.cloud_view() != rec.cloud_view()
 
     def all_records(self) -> list[InventoryRecord]:
-        return [self._to_record(r) for r in self._db().execute(_SELECT_ALL)]
+        return [rec for rec in map(self._record, self._db().execute(_SELECT_ALL)) if rec is not None]
 
     def set_operator(self, workload_id: str, *, mode: Mode | None = _UNSET, quarantined: bool | None = None) -> None:
         """As DynamoStore's: a quarantine is a row of its own (never the record's column); a
@@ -882,17 +892,12 @@ class SqliteStore:
             db.execute("DELETE FROM pairing WHERE workload_id = ?", (workload_id,))
             return int(live)
 
-    def put_connection(self, workload_id: str, connection_id: str, token_hash: str) -> bool:
-        # in the transaction that checks the token is still the workload's (as over DynamoDB): a
-        # refresh or retirement revokes it before it drops the connection
-        now = time.time()
+    def put_connection(self, workload_id: str, connection_id: str) -> None:
         with self._tx() as db:
-            cur = db.execute(
-                "INSERT OR REPLACE INTO connection (workload_id, connection_id, expires) SELECT ?, ?, ?"
-                " WHERE EXISTS (SELECT 1 FROM token WHERE hash = ? AND workload_id = ? AND expires >= ?)",
-                (workload_id, connection_id, now + CONNECTION_TTL, token_hash, workload_id, now),
+            db.execute(
+                "INSERT OR REPLACE INTO connection (workload_id, connection_id, expires) VALUES (?, ?, ?)",
+                (workload_id, connection_id, time.time() + CONNECTION_TTL),
             )
-            return cur.rowcount == 1
 
     def connection(self, workload_id: str) -> str | None:
         row = (
@@ -905,14 +910,9 @@ class SqliteStore:
         )
         return str(row[0]) if row else None
 
-    def drop_connection(self, workload_id: str, connection_id: str | None = None) -> None:
+    def drop_connection(self, workload_id: str) -> None:
         with self._tx() as db:
-            if connection_id is None:
-                db.execute("DELETE FROM connection WHERE workload_id = ?", (workload_id,))
-            else:
-                db.execute(
-                    "DELETE FROM connection WHERE workload_id = ? AND connection_id = ?", (workload_id, connection_id)
-                )
+            db.execute("DELETE FROM connection WHERE workload_id = ?", (workload_id,))
 
     # --- launch holds -----------------------------------------------------------------------------
 
@@ -958,7 +958,7 @@ class SqliteStore:
 
     def hold_launch_action(self, instance_id: str, lifecycle: dict[str, Any], **fields: Any) -> LaunchHold:
         check_hold_fields(fields)
-        if set(fields) - {"perimeter_at", "perimeter"}:
+        if set(fields) & (HOLD_FIRST_WINS | {"lifecycle", "token", "released_at", "outcome"}):
             raise ValueError(f"launch hold: an action is recorded with its hand-off fields only, not {sorted(fields)}")
         token = str(lifecycle["token"])
         now = time.time()
@@ -967,9 +967,10 @@ class SqliteStore:
                 "SELECT doc FROM launch_hold WHERE instance_id = ? AND expires >= ?", (instance_id, now)
             ).fetchone()
             doc: dict[str, Any] = json.loads(row[0]) if row else {}
-            actions = doc.setdefault("actions", {})
-            if token not in actions:  # a new action, beside the others; the same token again is a duplicate
-                actions[token] = {**fields, "lifecycle": lifecycle, "recorded_at": now}
+            if doc.get("token") != token:  # a new action; the same token again is a duplicate
+                for k in ("released_at", "outcome", "claimed_at"):
+                    doc.pop(k, None)
+                doc.update(fields, lifecycle=lifecycle, token=token)
                 db.execute(
                     "INSERT OR REPLACE INTO launch_hold (instance_id, doc, expires) VALUES (?, ?, ?)",
                     (instance_id, json.dumps(doc), now + HOLD_TTL),
@@ -977,15 +978,15 @@ class SqliteStore:
         return LaunchHold.model_validate({**doc, "instance_id": instance_id})
 
     def claim_launch_release(self, instance_id: str, token: str) -> bool:
-        def claimable(action: dict[str, Any], now: float) -> bool:
-            if action.get("released_at") is None:
+        def claimable(doc: dict[str, Any], now: float) -> bool:
+            if doc.get("released_at") is None:
                 return True
-            return action.get("outcome") == COMPLETING and float(action.get("claimed_at", now)) < now - HOLD_CLAIM_STALE
+            return doc.get("outcome") == COMPLETING and float(doc.get("claimed_at", now)) < now - HOLD_CLAIM_STALE
 
         return self._hold_write(instance_id, token, COMPLETING, claimable, claim=True)
 
     def settle_launch_release(self, instance_id: str, token: str, outcome: str) -> bool:
-        return self._hold_write(instance_id, token, outcome, lambda action, _: action.get("outcome") == COMPLETING)
+        return self._hold_write(instance_id, token, outcome, lambda doc, _: doc.get("outcome") == COMPLETING)
 
     def _hold_write(
         self,
@@ -1001,10 +1002,9 @@ class SqliteStore:
                 "SELECT doc FROM launch_hold WHERE instance_id = ? AND expires >= ?", (instance_id, now)
             ).fetchone()
             doc: dict[str, Any] = json.loads(row[0]) if row else {}
-            action = (doc.get("actions") or {}).get(token)
-            if action is None or not condition(action, now):
+            if doc.get("token") != token or not condition(doc, now):
                 return False
-            action.update(released_at=now, outcome=outcome, **({"claimed_at": now} if claim else {}))
+            doc.update(released_at=now, outcome=outcome, **({"claimed_at": now} if claim else {}))
             db.execute("UPDATE launch_hold SET doc = ? WHERE instance_id = ?", (json.dumps(doc), instance_id))
         return True
 
@@ -1131,10 +1131,11 @@ def _pointer_of(row: tuple[str, int | None]) -> BundlePointer:
 
 
 # the active records' addresses among those asked for, and any stored with a zone index (before
-# addresses were read without one: normalised here as Workload normalises them on read)
+# addresses were read without one: normalised here as Workload normalises them on read); a row
+# holding another workload is no record (names_its_key)
 _ADDRESS_HOLDERS = (
     "SELECT i.id, j.value FROM inventory i, json_each(i.workload, '$.ips') j "
-    "WHERE i.state IN ('pending', 'running') "
+    "WHERE i.state IN ('pending', 'running') AND json_extract(i.workload, '$.id') = i.id "
     "AND (j.value IN (SELECT value FROM json_each(?)) OR instr(j.value, '%') > 0) ORDER BY i.id"
 )
 

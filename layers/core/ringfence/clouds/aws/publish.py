@@ -63,7 +63,6 @@ class WebSocketNotifier:
             self.sent += 1
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("GoneException", "410"):
-                # only this gone connection: the agent may have connected again meanwhile
-                self.store.drop_connection(workload_id, conn)
+                self.store.drop_connection(workload_id)
             else:
                 log.warning("nudge to %s failed: %s", workload_id, exc)
