@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from ringfence.agentwire import proof_message
+from ringfence.agentwire import proof_message, token_proof_message
 from ringfence.bundlewire import fingerprint_of_raw, key_id_of_raw, loaded_libcrypto
 
 KEY_FILE = "agent-key.pem"
@@ -150,3 +150,7 @@ class AgentKey:
     def prove(self, purpose: str, workload_id: str, nonce: str) -> str:
         """base64 Ed25519 signature over the proof message for ``purpose`` (enroll, token)."""
         return base64.b64encode(self._sign(proof_message(purpose, workload_id, nonce))).decode()
+
+    def prove_token(self, workload_id: str, token: str, at: int) -> str:
+        """base64 Ed25519 signature renewing ``token`` (still valid) at time ``at``, no nonce needed."""
+        return base64.b64encode(self._sign(token_proof_message(workload_id, token, at))).decode()

@@ -596,8 +596,12 @@ class ApiSource:
         self._keep(resp["token"], _lifetime(resp))
 
     def refresh(self) -> bool:
-        """A fresh token by signing a nonce with the agent key; False when the control plane
-        refuses (no key bound, another key bound, workload not running): enroll instead."""
+        """A fresh token by signing with the agent key: while the token held is valid, over that
+        token and the time (no nonce: a flood of GET /v1/nonce cannot stop the renewal), else
+        (or when that is refused) over a nonce. False when the control plane refuses (no key
+        bound, another key bound, workload not running): enroll instead."""
+        if self.token is not None and self._refresh_by_token(self.token):
+            return True
         nonce = self._nonce()
         body = TokenRequest(nonce=nonce, signature=self.key.prove("token", self.workload_id, nonce)).to_json()
         method, url = self._url("token")
@@ -606,6 +610,24 @@ class ApiSource:
             return False
         if status != 200:
             raise SourceError(f"token: HTTP {status} {payload[:200]!r}")
+        resp = _answer(payload, "token", workload_id=str, token=str)
+        if resp["workload_id"] != self.workload_id:
+            raise SourceError(f"token issued for {resp['workload_id']!r}, configured as {self.workload_id!r}")
+        self._keep(resp["token"], _lifetime(resp))
+        return True
+
+    def _refresh_by_token(self, token: str) -> bool:
+        """The renewal without a nonce (docs/agent-api.md, "Tokens"); False on any refusal (an
+        expired or revoked token, a clock too far off, a control plane without it): the nonce
+        path follows."""
+        at = int(time.time())
+        body = TokenRequest(time=at, signature=self.key.prove_token(self.workload_id, token, at)).to_json()
+        method, url = self._url("token")
+        status, _, payload = self.http.request(
+            url, self.timeout, method, body, {"Authorization": f"Bearer {token}"}, self.max_answer_bytes
+        )
+        if status != 200:
+            return False
         resp = _answer(payload, "token", workload_id=str, token=str)
         if resp["workload_id"] != self.workload_id:
             raise SourceError(f"token issued for {resp['workload_id']!r}, configured as {self.workload_id!r}")

@@ -63,7 +63,11 @@ def test_enroll_requests_validate() -> None:
 
 def test_token_requests_validate() -> None:
     req = agentwire.TokenRequest(nonce="n", signature="c2ln")
-    assert _server_reads(agentapi.TokenRequest, req.to_json()) == {"nonce": "n", "signature": "c2ln"}
+    assert _server_reads(agentapi.TokenRequest, req.to_json()) == {"nonce": "n", "signature": "c2ln", "time": None}
+    # the renewal without a nonce (its token as the bearer)
+    req = agentwire.TokenRequest(time=1_800_000_000, signature="c2ln")
+    read = _server_reads(agentapi.TokenRequest, req.to_json())
+    assert read == {"nonce": None, "signature": "c2ln", "time": 1_800_000_000}
 
 
 def test_heartbeats_validate(tmp_path: Path) -> None:

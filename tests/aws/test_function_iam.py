@@ -29,8 +29,9 @@ import pytest
 from ringfence.local.lambdas import load_functions
 from tests.aws.conftest import Env, LambdaContext, ip_of
 from tests.aws.test_agent_api import enroll_pairing, give_instance_profile, register_onprem, sts_request
+from tests.aws.test_attack_token_renewal import renew
 from tests.aws.test_lifecycle_gate import heartbeat, launch
-from tests.aws.test_pipeline import AgentKey, _scheduled, boot, enroll_iid, enroll_instance, iid_document
+from tests.aws.test_pipeline import AgentKey, _scheduled, agent_key, boot, enroll_iid, enroll_instance, iid_document
 from tests.aws.test_static import cfn_conditions, template, tf_conditions, unquote
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -368,6 +369,7 @@ def test_every_write_the_agent_api_makes_is_allowed_and_steering_writes_are_not(
     assert env.rest("agentapi", "POST", f"/v1/agents/{new}/reports", {"flows": [], "drops": []}, headers=auth)[0] == 202
     env.store.set_liveness(new, offline=True)
     heartbeat(env, new, token, ptr.version)  # back online
+    assert renew(env, new, agent_key(new), token)[0] == 200  # a renewal without a nonce: its once-claim
     running = env.ec2.describe_instances(Filters=[{"Name": "instance-state-name", "Values": ["running"]}])
     web = next(i["InstanceId"] for r in running["Reservations"] for i in r["Instances"] if i["InstanceId"] != new)
     give_instance_profile(env, web)
@@ -384,6 +386,7 @@ def test_every_write_the_agent_api_makes_is_allowed_and_steering_writes_are_not(
         ("UpdateItem", "state", "enforcing"),
         ("PutItem", "state", "enforcement"),
         ("UpdateItem", "inventory", new),
+        ("PutItem", "state", "once"),  # the nonce-free renewal's claim
         ("UpdateItem", "state", "rquota"),  # the report quota's count
     ):
         assert expected in kinds, (expected, sorted(k for k in kinds if not k[2].startswith("i-")))

@@ -44,7 +44,7 @@ def test_cloudformation_denies_label_key_writes_but_to_taggers() -> None:
         actions: set[str] = set()
         tag_statements = [st for st in content["Statement"] if st["Sid"] != "DenyTaggerRoleChanges"]
         (roles,) = [st for st in content["Statement"] if st["Sid"] == "DenyTaggerRoleChanges"]
-        assert roles["Effect"] == "Deny" and roles["Resource"] == {"Ref": "TaggerPrincipalArns"}
+        assert roles["Effect"] == "Deny"  # its resources: test_the_guarded_roles_are_the_taggers_and_the_perimeters
         assert roles["Condition"] == {"ArnNotLike": {"aws:PrincipalArn": {"Ref": "TaggerRoleAdminArns"}}}
         assert set(roles["Action"]) >= ROLE_CHANGES, name
         for st in tag_statements:
@@ -75,7 +75,7 @@ def test_terraform_module_denies_the_same_actions() -> None:
         if st["Sid"] == "DenyTaggerRoleChanges"
     ]
     assert roles["effect"] == "Deny" and set(local["role_actions"]) == set(cfn_roles["Action"]) >= ROLE_CHANGES
-    assert roles["resources"] == "${var.tagger_principal_arns}"
+    assert roles["resources"] == "${concat(var.tagger_principal_arns, var.perimeter_principal_arns)}"
     [cond] = roles["condition"]
     assert (cond["test"], cond["variable"], cond["values"]) == (
         "ArnNotLike",
@@ -114,8 +114,11 @@ def _list(v: Any) -> list[str]:
     return v if isinstance(v, list) else [v]
 
 
-def cfn_guard(doc_name: str, perimeter: list[str]) -> list[tuple[str, list[str], list[tuple[str, str, list[str]]]]]:
-    """(sid, actions, conditions) of one of the template's documents, its parameters set as the docs say."""
+Guard = list[tuple[str, list[str], list[tuple[str, str, list[str]]], list[str]]]
+
+
+def cfn_guard(doc_name: str, perimeter: list[str]) -> Guard:
+    """(sid, actions, conditions, resources) of one of the template's documents, its parameters set as the docs say."""
     doc = cfn()
     params = {
         "LabelKeyPrefix": doc["Parameters"]["LabelKeyPrefix"]["Default"],
@@ -132,11 +135,11 @@ def cfn_guard(doc_name: str, perimeter: list[str]) -> list[tuple[str, list[str],
             for op, kv in st.get("Condition", {}).items()
             for key, v in kv.items()
         ]
-        out.append((st["Sid"], _list(st["Action"]), conds))
+        out.append((st["Sid"], _list(st["Action"]), conds, _list(_cfn_resolve(st["Resource"], params))))
     return out
 
 
-def tf_guard(perimeter: list[str]) -> list[tuple[str, list[str], list[tuple[str, str, list[str]]]]]:
+def tf_guard(perimeter: list[str]) -> Guard:
     doc = unquote(hcl2.loads((ROOT / "infra" / "modules" / "label-guard" / "main.tf").read_text()))
     [local] = doc["locals"]
     var = {
@@ -164,6 +167,7 @@ def tf_guard(perimeter: list[str]) -> list[tuple[str, list[str], list[tuple[str,
             st["sid"],
             value(st["actions"]),
             [(c["test"], c["variable"], value(c["values"])) for c in st.get("condition", [])],
+            value(st.get("resources", ["*"])),
         )
         for st in data["aws_iam_policy_document"]["guard"]["statement"]
     ]
@@ -183,12 +187,15 @@ def _holds(op: str, got: str | list[str] | None, want: list[str]) -> bool:
     raise AssertionError(f"operator {op} not modelled")
 
 
-def denied_by(guard: Any, action: str, ctx: dict[str, Any]) -> list[str]:
-    """The Deny statements of the guard that refuse this request (empty: the guard lets it through)."""
+def denied_by(guard: Guard, action: str, ctx: dict[str, Any], resource: str = "*") -> list[str]:
+    """The Deny statements of the guard that refuse this request on ``resource`` (empty: the
+    guard lets it through)."""
     return [
         sid
-        for sid, actions, conds in guard
-        if action in actions and all(_holds(op, ctx.get(k), v) for op, k, v in conds)
+        for sid, actions, conds, resources in guard
+        if action in actions
+        and any(r == "*" or fnmatch.fnmatchcase(resource, r) for r in resources)
+        and all(_holds(op, ctx.get(k), v) for op, k, v in conds)
     ]
 
 
@@ -255,3 +262,31 @@ def test_both_guards_default_to_the_member_perimeter_role() -> None:
     ]
     cfn_default = cfn()["Parameters"]["PerimeterPrincipalArns"]["Default"].split(",")
     assert tf_default == cfn_default == ["arn:aws:iam::*:role/ringfence-member-perimeter"]
+
+
+ADMIN = "arn:aws:iam::210987654321:role/AWSControlTowerExecution"
+
+
+@pytest.mark.parametrize("where", sorted(GUARDS))
+def test_the_guarded_roles_are_the_taggers_and_the_perimeters(where: str) -> None:
+    """The guard trusts the perimeter's role names (default ringfence-member-perimeter in every
+    account) with ringfence:perimeter on new groups: like the taggers' roles, no one but
+    TaggerRoleAdminArns may create them, retrust, repermission or pass them. Before, only the
+    taggers' were guarded: anyone with iam:CreateRole in a member account could make
+    ringfence-member-perimeter there and tag look-alike groups."""
+    guard = GUARDS[where]([MEMBER_PERIMETER.replace("210987654321", "*"), CONTROL_PERIMETER])
+    roles = [
+        "arn:aws:iam::444455556666:role/ringfence-member-perimeter",  # any account: the default pattern
+        CONTROL_PERIMETER,
+        "arn:aws:iam::444455556666:role/ringfence-tagging",
+    ]
+    for role in roles:
+        for action in sorted(ROLE_CHANGES):
+            assert denied_by(guard, action, {"aws:PrincipalArn": OTHER}, role) == ["DenyTaggerRoleChanges"], (
+                where,
+                role,
+                action,
+            )
+            assert denied_by(guard, action, {"aws:PrincipalArn": ADMIN}, role) == [], (where, role, action)
+    # a role of another name stays the account's own business
+    assert denied_by(guard, "iam:CreateRole", {"aws:PrincipalArn": OTHER}, "arn:aws:iam::444455556666:role/app") == []

@@ -505,10 +505,24 @@ def test_pairing_key_enrolls_only_its_workload_a_limited_number_of_times(store: 
 
 def test_connections(store: Store) -> None:
     assert store.connection("w") is None
-    store.put_connection("w", "c1")
-    store.put_connection("w", "c2")
+    store.put_token("t1", "w", ttl=60)
+    assert store.put_connection("w", "c1", "t1")
+    assert store.put_connection("w", "c2", "t1")
     assert store.connection("w") == "c2"
+    store.drop_connection("w", "c1")  # a gone connection's cleanup: not the current one
+    assert store.connection("w") == "c2"
+    store.drop_connection("w", "c2")
+    assert store.connection("w") is None
+    assert store.put_connection("w", "c3", "t1")
     store.drop_connection("w")
+    assert store.connection("w") is None
+    # only while the token is the workload's current one
+    store.put_token("t2", "w", ttl=60)
+    assert not store.put_connection("w", "c4", "t1")
+    assert not store.put_connection("w", "c4", "unknown")
+    assert not store.put_connection("other", "c4", "t2")
+    store.revoke_tokens("w")
+    assert not store.put_connection("w", "c4", "t2")
     assert store.connection("w") is None
 
 

@@ -38,7 +38,7 @@ variable "perimeter_principal_arns" {
 }
 
 variable "tagger_role_admin_arns" {
-  description = "Principal ARNs that alone may create, change or delete the tagging roles (their trust and permissions), e.g. AWSControlTowerExecution, or another role your landing zone already guards. A tagger pattern with * for the account trusts a role of that name in every account: this keeps anyone else from making one."
+  description = "Principal ARNs that alone may create, change, delete or pass the tagging roles and the perimeter's roles (tagger_principal_arns, perimeter_principal_arns: their trust and permissions), e.g. AWSControlTowerExecution, or another role your landing zone already guards; where the guard applies to the control account, the principal that deploys Ringfence too. A pattern with * for the account trusts a role of that name in every account: this keeps anyone else from making one."
   type        = list(string)
 
   validation {
@@ -172,10 +172,11 @@ data "aws_iam_policy_document" "guard" {
     }
   }
   statement {
+    # the perimeter's roles too: the guard trusts them with ringfence:perimeter on new groups
     sid       = "DenyTaggerRoleChanges"
     effect    = "Deny"
     actions   = local.role_actions
-    resources = var.tagger_principal_arns
+    resources = concat(var.tagger_principal_arns, var.perimeter_principal_arns)
     condition {
       test     = "ArnNotLike"
       variable = "aws:PrincipalArn"

@@ -225,8 +225,8 @@ locals {
       { actions = ["dynamodb:UpdateItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["bundle#*"] }, { test = "ForAllValues:StringEquals", variable = "dynamodb:Attributes", values = ["pk", "sk", "version", "doc"] }] },
       # the published records (one new item per count)
       { actions = ["dynamodb:PutItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringEquals", variable = "dynamodb:LeadingKeys", values = ["published"] }, { test = "ForAllValues:StringEquals", variable = "dynamodb:Attributes", values = ["pk", "sk", "doc", "ttl"] }] },
-      # a connection gone (the nudge's GoneException) is dropped
-      { actions = ["dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["conn#*"] }, { test = "ForAllValues:StringEquals", variable = "dynamodb:Attributes", values = ["pk", "sk"] }] },
+      # a connection gone (the nudge's GoneException) is dropped, on condition it is still that one
+      { actions = ["dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["conn#*"] }, { test = "ForAllValues:StringEquals", variable = "dynamodb:Attributes", values = ["pk", "sk", "connection_id"] }] },
       { actions = ["dynamodb:UpdateItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringEquals", variable = "dynamodb:LeadingKeys", values = ["engine"] }, { test = "ForAllValues:StringEquals", variable = "dynamodb:Attributes", values = ["pk", "sk", "published"] }] },
       { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.publish.arn] },
       { actions = ["s3:PutObject"], resources = ["${aws_s3_bucket.bundles.arn}/bundles/*", "${aws_s3_bucket.bundles.arn}/keys/*"] },
@@ -295,7 +295,7 @@ locals {
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem"], resources = [aws_dynamodb_table.inventory.arn] },
       # writes only the agents' own items: never a bundle pointer, the active policy or the engine
       # head; on inventory an agent's liveness only, never its labels, mode or quarantine
-      { actions = ["dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["nonce#*", "token#*", "tokenof#*", "agentkey#*", "nextkey#*", "conn#*", "pairing#*", "enforcing#*", "enforcement", "once#gcp-jwt:*"] }] },
+      { actions = ["dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["nonce#*", "token#*", "tokenof#*", "agentkey#*", "nextkey#*", "conn#*", "pairing#*", "enforcing#*", "enforcement", "once#gcp-jwt:*", "once#refresh:*"] }] },
       # a pairing use checks, in its transaction, that the key's workload index item exists
       { actions = ["dynamodb:ConditionCheckItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["pairingof#*"] }] },
       # a workload's report bytes in the current window (the report quota): that count only
@@ -382,6 +382,8 @@ locals {
       # BatchGetItem: a record is read with its quarantine item (DynamoStore.get_many)
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem"], resources = [aws_dynamodb_table.state.arn] },
       { actions = ["dynamodb:PutItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["conn#*"] }] },
+      # in the same transaction, the check that the token is still the workload's current one
+      { actions = ["dynamodb:ConditionCheckItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["tokenof#*"] }] },
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem"], resources = [aws_dynamodb_table.inventory.arn] },
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       local.async_dlq, local.kms_use,

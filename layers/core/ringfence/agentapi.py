@@ -78,10 +78,26 @@ class EnrollResponse(_Body):
 
 
 class TokenRequest(_Body):
-    nonce: str = Field(description="from GET /v1/nonce; single use")
-    signature: str = Field(
-        description="base64 Ed25519 signature by the workload's bound agent key over the proof message (purpose token)"
+    nonce: str | None = Field(
+        None, description="from GET /v1/nonce; single use. Either nonce or time (with the current bearer token)"
     )
+    time: int | None = Field(
+        None,
+        ge=0,
+        lt=2**53,
+        description="the agent's clock (epoch seconds), for a renewal without a nonce: the request carries the "
+        "workload's current, still valid token as `Authorization: Bearer`; within 300 s of the server's clock",
+    )
+    signature: str = Field(
+        description="base64 Ed25519 signature by the workload's bound agent key over the proof message: purpose "
+        "token over the nonce, or refresh-by-token over the current token's SHA-256 and the time"
+    )
+
+    @model_validator(mode="after")
+    def _one_proof(self) -> TokenRequest:
+        if (self.nonce is None) == (self.time is None):
+            raise ValueError("give either nonce or time (a renewal by the current token), not both")
+        return self
 
 
 class TokenResponse(_Body):

@@ -52,6 +52,20 @@ def proof_message(purpose: str, workload_id: str, nonce: str) -> bytes:
     return f"{PROOF_FORMAT}\n{purpose}\n{workload_id}\n{nonce}".encode()
 
 
+# the purpose of a renewal without a server nonce: a token still valid, the agent key's signature
+# over that token's SHA-256 and the agent's clock (token_proof_message)
+REFRESH_BY_TOKEN = "refresh-by-token"  # noqa: S105 (a proof purpose, no secret)
+
+
+def token_proof_message(workload_id: str, token: str, at: int) -> bytes:
+    """What the agent signs to renew a token that is still valid without asking for a nonce:
+    bound to the purpose, the workload, the current token (its SHA-256, hex) and the time (epoch
+    seconds), so that it renews that token once and only near ``at``. The control plane checks
+    the time against its clock and claims each proof once."""
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    return f"{PROOF_FORMAT}\n{REFRESH_BY_TOKEN}\n{workload_id}\n{digest}\n{at}".encode()
+
+
 def imds_nonce(server_nonce: str) -> str:
     """The nonce an Azure agent asks IMDS to put in its attested document for the server's nonce:
     IMDS takes at most 32 alphanumerics, a server nonce may hold ``-`` and ``_``; 32 hex digits of
@@ -78,11 +92,13 @@ class EnrollRequest:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TokenRequest:
-    nonce: str
-    signature: str  # base64 Ed25519 over proof_message("token", workload_id, nonce) by the bound agent key
+    signature: str  # base64 Ed25519 by the bound agent key over one of the two proofs below
+    nonce: str | None = None  # proof_message("token", workload_id, nonce)
+    # or, with the current token as the bearer: token_proof_message(workload_id, token, time)
+    time: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

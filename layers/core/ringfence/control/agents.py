@@ -60,6 +60,9 @@ BindingEnroller = Callable[[agentapi.EnrollRequest, Callable[[agentapi.EnrollReq
 _GRANT: ContextVar[Grant | None] = ContextVar("ringfence_agent_grant", default=None)
 
 
+# how far (s) a renewal-by-token proof's time may be from this clock (the agents' clock skew)
+REFRESH_WINDOW = 300
+
 FLOW_SYNC_MAX_AGE = 30.0  # seconds between full passes over address owners while compute is quiet
 
 
@@ -204,9 +207,13 @@ class AgentApi:
         credentials.audit(self.w, "agent.enroll.refused", wid, f"agent-key:{offered}", method=req.method, **detail)
         return ProofError(message)
 
-    def refresh(self, workload_id: str, req: agentapi.TokenRequest) -> Response:
+    def refresh(self, workload_id: str, req: agentapi.TokenRequest, authorization: str | None = None) -> Response:
         """A new access token for an enrolled agent: a signature by its bound key over a fresh
-        nonce. The previous token is revoked. Refused for a workload that is not running."""
+        nonce, or (``req.time``) over its current token and the time, that token being the
+        bearer (:meth:`_refresh_by_token`). The previous token is revoked. Refused for a
+        workload that is not running."""
+        if req.nonce is None:
+            return self._refresh_by_token(workload_id, req, authorization)
         if not self.w.store.burn_nonce(req.nonce):
             return error(401, "token refused", "nonce is unknown, expired or already used")
         pem = self.w.store.agent_key(workload_id)
@@ -220,8 +227,48 @@ class AgentApi:
         gone = self._not_running(workload_id)
         if gone:
             return error(401, "token refused", gone)
+        return self._renewed(workload_id, pem)
+
+    def _refresh_by_token(self, workload_id: str, req: agentapi.TokenRequest, authorization: str | None) -> Response:
+        """The renewal that needs no server nonce, so that a flood of anonymous GET /v1/nonce
+        cannot let working agents' tokens lapse: the bearer is the workload's current token
+        (unexpired, not revoked), the bound agent key signed
+        :func:`~ringfence.agentwire.token_proof_message` over it and ``req.time``, that time is
+        within :data:`REFRESH_WINDOW` of this clock, and the proof is claimed once (a claim per
+        token: one such renewal of a token, however often it is replayed or raced). An expired
+        or revoked token renews over a nonce only."""
+        if not authorization or not authorization.startswith("Bearer "):
+            return error(401, "token refused", "a renewal without a nonce needs the current token as the bearer")
+        current = authorization.removeprefix("Bearer ").strip()
+        held = secret_hash(current)
+        if self.w.store.token_workload(held) != workload_id:
+            return error(401, "token refused", f"not the current token of {workload_id}: renew over a nonce")
+        assert req.time is not None  # TokenRequest: a nonce or a time
+        if abs(time.time() - req.time) > REFRESH_WINDOW:
+            return error(401, "token refused", f"the proof's time is more than {REFRESH_WINDOW} s off this clock")
+        pem = self.w.store.agent_key(workload_id)
+        if pem is None:
+            return error(401, "token refused", f"no agent key is bound to {workload_id}: enroll")
+        try:
+            credentials.verify_token_proof(pem, req.signature, workload_id, current, req.time)
+        except ProofError as exc:
+            log.warning("token renewal of %s refused: %s", workload_id, exc)
+            return error(401, "token refused", str(exc))
+        # kept past the window on both sides of any time the proof can carry: once the claim is
+        # gone, no proof over this token is within the window any more
+        if not self.w.store.claim_once(f"refresh:{held}", 2 * REFRESH_WINDOW + 60):
+            log.warning("token renewal of %s refused: that token's renewal proof was used already", workload_id)
+            return error(401, "token refused", "this token was renewed without a nonce already: renew over a nonce")
+        gone = self._not_running(workload_id)
+        if gone:
+            return error(401, "token refused", gone)
+        return self._renewed(workload_id, pem, proof="token")
+
+    def _renewed(self, workload_id: str, pem: str, **detail: object) -> Response:
         key_id = credentials.agent_key_id(pem)
-        token = self._issue(workload_id, "token.refresh", credentials.agent_key_fingerprint(pem), agent_key=key_id)
+        token = self._issue(
+            workload_id, "token.refresh", credentials.agent_key_fingerprint(pem), agent_key=key_id, **detail
+        )
         if token is None:
             return error(401, "token refused", f"the agent key of {workload_id} was reset: enroll again")
         return Response(
@@ -787,7 +834,10 @@ class AgentApi:
         if gone:
             return error(401, "token revoked", gone)
         old = self.w.store.connection(owner)
-        self.w.store.put_connection(owner, connection_id)
+        # written only while the token is still current: a refresh or retirement that landed
+        # since the check above would otherwise find no connection to drop, then see ours written
+        if not self.w.store.put_connection(owner, connection_id, secret_hash(token or "")):
+            return error(401, "token revoked", "replaced or revoked while connecting")
         if old is not None and old != connection_id:
             log.warning("nudge connection of %s replaced: %s → %s", owner, old, connection_id)
             credentials.audit(self.w, "agent.connect", owner, f"agent:{owner}", connection=connection_id, replaced=old)

@@ -490,7 +490,7 @@ class Compute:
         )
         for lc, outcome in zip(actions, in_parallel(lambda lc: self._lifecycle(lc, ok), actions), strict=True):
             if outcome == "duplicate":
-                continue  # completed (or given up) already, by an earlier copy
+                continue  # completed (or given up) already, by an earlier copy (logged by the gate)
             {
                 "completed": stats.lifecycle_completed,
                 "awaiting agent": stats.lifecycle_awaiting_agent,
@@ -523,13 +523,15 @@ class Compute:
         if launching and self.w.cfg.lifecycle_gate == "agent":
             # completed only once its agent enforces too (ringfence.control.launchgate)
             outcome = self.gate.handed_on(lc)
-            if outcome == "completed":
-                return "completed"
+            if outcome in ("completed", "lost"):
+                return {"completed": "completed", "lost": "left to time out"}[outcome]
             log.info("launch of %s published, perimeter in place: %s", iid, outcome)
             return "awaiting agent"
         # claimed first: a copy of the action in a later batch completes nothing again; a failure
         # is logged and counted (LifecycleLeftToTimeout) there
-        return {"failed": "left to time out", "already": "duplicate"}.get(self.gate.complete_once(lc), "completed")
+        return {"failed": "left to time out", "lost": "left to time out", "already": "duplicate"}.get(
+            self.gate.complete_once(lc), "completed"
+        )
 
 
 def _together(*reads: Callable[[], Any]) -> list[Any]:

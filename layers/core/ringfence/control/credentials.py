@@ -18,7 +18,7 @@ import binascii
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ringfence.agentwire import proof_message
+from ringfence.agentwire import proof_message, token_proof_message
 from ringfence.audit import AuditRecord
 from ringfence.bundlewire import BundleError, ed25519_public_from_one_pem
 from ringfence.store.base import agent_key_fingerprint_of
@@ -45,6 +45,16 @@ def agent_key_id(pem: str) -> str:
 
 def verify_proof(pem: str, signature_b64: str | None, purpose: str, workload_id: str, nonce: str) -> None:
     """The agent signed ``purpose``/``workload_id``/``nonce`` with the key ``pem``, or :class:`ProofError`."""
+    _verify(pem, signature_b64, proof_message(purpose, workload_id, nonce), workload_id)
+
+
+def verify_token_proof(pem: str, signature_b64: str, workload_id: str, token: str, at: int) -> None:
+    """The agent signed the renewal of ``token`` at ``at`` (:func:`token_proof_message`) with the key
+    ``pem``, or :class:`ProofError`."""
+    _verify(pem, signature_b64, token_proof_message(workload_id, token, at), workload_id)
+
+
+def _verify(pem: str, signature_b64: str | None, message: bytes, workload_id: str) -> None:
     if not signature_b64:
         raise ProofError("agent_signature is missing: the agent signs the nonce with its key")
     try:
@@ -53,7 +63,7 @@ def verify_proof(pem: str, signature_b64: str | None, purpose: str, workload_id:
     except BundleError as exc:
         raise ProofError(f"agent_key {exc}") from None
     try:
-        key.verify(base64.b64decode(signature_b64, validate=True), proof_message(purpose, workload_id, nonce))
+        key.verify(base64.b64decode(signature_b64, validate=True), message)
     except (InvalidSignature, binascii.Error, ValueError):
         raise ProofError(f"agent signature does not verify with the agent key of {workload_id}") from None
 

@@ -14,9 +14,10 @@ Compute (the one function allowed ``autoscaling:CompleteLifecycleAction``; seria
 queue) completes the action with CONTINUE once the hold has both (:meth:`LaunchGate.release`).
 Each writer records its fact, then reads the other's (consistently), so whichever of the two comes
 second sees the first: nothing is lost between them. (In DynamoDB the agent's fact is an item of
-its own, the one launch item the agent-API role may write: it cannot fake compute's release.) A duplicate or a
-late message finds the hold released and does nothing; an instance terminated meanwhile is not
-completed (its action is gone with it). Whatever never completes times out into the hook's default
+its own, the one launch item the agent-API role may write: it cannot fake compute's release.)
+Each action is recorded and claimed under its own token (an instance may have several at once:
+one per launch hook of its group). A duplicate or a late message finds its action released and
+does nothing; an instance terminated meanwhile is not completed (its action is gone with it). Whatever never completes times out into the hook's default
 result (ABANDON: an instance that was not segmented in time never serves).
 """
 
@@ -35,7 +36,7 @@ def report_enforcing(w: BaseWiring, instance_id: str, version: int) -> LaunchHol
     hold already carries the lifecycle action (the perimeter was first), compute is asked to
     release it; otherwise compute will find this fact when the action reaches it."""
     hold = w.store.hold_launch(instance_id, enforced_version=version, enforced_at=time.time())
-    if hold.lifecycle is not None and hold.released_at is None:
+    if hold.pending():
         w.enqueue_compute(enforced=[instance_id])
     return hold
 
@@ -51,9 +52,10 @@ class LaunchGate:
         """A launch action reached compute (its bundle is published): record it and release it if
         the agent already enforces. Without an event-path perimeter the action comes straight from
         the lifecycle function and there are no groups to wait for; a perimeter in dry run planned
-        the groups and attached none (``lc["perimeter"]``). An action with another token than the
-        hold's (a warm pool's second launch action) is a new action; the same one again changes
-        nothing (:meth:`~ringfence.store.base.Store.hold_launch_action`)."""
+        the groups and attached none (``lc["perimeter"]``). Each action is recorded under its own
+        token beside the instance's others (one per launch hook of its group, sent at once; a warm
+        pool's second launch action); the same one again changes nothing
+        (:meth:`~ringfence.store.base.Store.hold_launch_action`)."""
         perimeter_at = lc.get("perimeter_at")
         hold = self.w.store.hold_launch_action(
             lc["instance_id"],
@@ -61,29 +63,34 @@ class LaunchGate:
             perimeter_at=perimeter_at if perimeter_at is not None else time.time(),
             perimeter=str(lc.get("perimeter") or "attached") if perimeter_at is not None else "not managed",
         )
-        return self.release(hold)
+        return self.release(hold, str(lc["token"]))
 
     def enforced(self, instance_id: str) -> str:
-        """The agent API said the instance's agent enforces (a ``{"enforced": [...]}`` message)."""
+        """The agent API said the instance's agent enforces (a ``{"enforced": [...]}`` message):
+        release each of its actions still pending; "completed" if one was."""
         hold = self.w.store.launch_hold(instance_id)
         if hold is None:
             return "no hold"  # nothing recorded (expired): nothing to release
-        return self.release(hold)
+        outcomes = [self.release(hold, token) for token in hold.pending()]
+        if not outcomes:
+            return f"already {hold.outcome}" if hold.actions else "awaiting perimeter"
+        return "completed" if "completed" in outcomes else outcomes[0]
 
-    def release(self, hold: LaunchHold) -> str:
-        """CONTINUE if both facts are in; what is still missing otherwise."""
+    def release(self, hold: LaunchHold, token: str) -> str:
+        """CONTINUE the hold's action ``token`` if both facts are in; what is still missing
+        otherwise."""
         iid = hold.instance_id
-        if hold.released_at is not None:
-            return f"already {hold.outcome}"  # a duplicate or late message
-        if hold.lifecycle is None:
-            return "awaiting perimeter"
+        action = hold.actions.get(token)
+        if action is None:
+            return self._lost(iid, token, "not in its hold")
+        if action.released_at is not None:
+            return f"already {action.outcome}"  # a duplicate or late message
         if hold.enforced_version is None:
             log.info("launch of %s: perimeter in place, waiting for its agent to enforce", iid)
             return "awaiting agent"
-        lc = hold.lifecycle
-        token = str(lc["token"])
+        lc = action.lifecycle
         if not self.w.store.claim_launch_release(iid, token):
-            return "already claimed"  # another copy of this action (or a newer action) has it
+            return self._not_claimed(iid, token)
         rec = self.w.store.get(iid)
         if rec is None or rec.state not in ACTIVE_STATES:
             state = rec.state if rec is not None else "unknown"
@@ -96,7 +103,7 @@ class LaunchGate:
         log.info(
             "launch of %s released: perimeter %s, agent enforces v%s (hook %s)",
             iid,
-            hold.perimeter,
+            action.perimeter,
             hold.enforced_version,
             lc["hook_name"],
         )
@@ -120,11 +127,35 @@ class LaunchGate:
     def complete_once(self, lc: dict[str, Any]) -> str:
         """An action compute completes now (the lifecycle gate "publish", a terminate): recorded
         and claimed first, so that a copy of it (SQS delivers at least once; a hand-off sent again
-        by a retried batch) is not completed a second time: "completed", "failed", or "already"."""
-        self.w.store.hold_launch_action(lc["instance_id"], {k: v for k, v in lc.items() if k not in HAND_OFF})
-        if not self.w.store.claim_launch_release(lc["instance_id"], str(lc["token"])):
-            return "already"
+        by a retried batch) is not completed a second time: "completed", "failed", "already" (a
+        copy was), or "lost" (not claimable, yet not completed: logged, counted)."""
+        iid, token = lc["instance_id"], str(lc["token"])
+        self.w.store.hold_launch_action(iid, {k: v for k, v in lc.items() if k not in HAND_OFF})
+        if not self.w.store.claim_launch_release(iid, token):
+            return self._not_claimed(iid, token)
         return self.complete(lc)
+
+    def _not_claimed(self, iid: str, token: str) -> str:
+        """The claim of action ``token`` failed: "already" if the action is claimed or settled (a
+        copy of it has it: nothing to do), else it is lost (:meth:`_lost`)."""
+        hold = self.w.store.launch_hold(iid)
+        action = hold.actions.get(token) if hold is not None else None
+        if action is None or action.released_at is None:
+            return self._lost(iid, token, "its claim failed")
+        log.info("lifecycle action %s of %s: a copy of it has it already (%s)", token, iid, action.outcome)
+        return "already"
+
+    def _lost(self, iid: str, token: str, why: str) -> str:
+        """An action compute will not complete although nothing completed it (its hold expired
+        or was written by an earlier version): its hook times out into its default result."""
+        log.error(
+            "lifecycle action %s of %s is %s: NOT completing, the hook will time out into its default result",
+            token,
+            iid,
+            why,
+        )
+        self.metric("LifecycleLeftToTimeout", 1)
+        return "lost"
 
 
 # what the perimeter adds to an action it hands on: recorded in the hold's fields, not its action

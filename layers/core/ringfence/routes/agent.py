@@ -83,12 +83,12 @@ def agent_routes(service: Callable[[], AgentApi]) -> APIGatewayRestResolver:
 
     @app.post(
         route_path("token"),
-        summary="a fresh access token: a signature by the workload's bound agent key over a nonce "
-        "(revokes the previous token)",
+        summary="a fresh access token: a signature by the workload's bound agent key over a nonce, or over "
+        "the current token (the bearer, still valid) and the time (revokes the previous token)",
         responses=answers(agentapi.TokenResponse, errors=(401,)),
     )
     def token(wid: str, req: agentapi.TokenRequest) -> HttpResponse[str]:
-        return http(service().refresh(wid, req))
+        return http(service().refresh(wid, req, app.current_event.headers.get("Authorization")))
 
     @app.get(
         route_path("bundle"),

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ringfence.audit import AuditHead, AuditRecord
 from ringfence.bundlewire import BundleError, ed25519_public_from_one_pem, fingerprint_of_raw
@@ -252,6 +252,19 @@ MOVED_MAX = 5000  # workload ids per record (≈ 120 KB, well under DynamoDB's 4
 MOVED_TTL = 86400  # a reader further behind than a day re-anchors (wakes everyone) anyway
 
 
+class LaunchAction(BaseModel):
+    """One lifecycle action of an instance, recorded in its hold under its token: claimed
+    (``outcome`` :data:`COMPLETING`) before compute calls Auto Scaling, then settled."""
+
+    lifecycle: dict[str, Any] = Field(description="the action to complete (hook, group, token, account, region)")
+    recorded_at: float = Field(description="when compute first recorded it")
+    perimeter_at: float | None = Field(None, description="when the perimeter handed it on (groups attached)")
+    perimeter: str | None = None
+    claimed_at: float | None = None
+    released_at: float | None = Field(None, description="when compute completed it, or gave it up")
+    outcome: str | None = Field(None, description='"continue", or why it was not completed')
+
+
 class LaunchHold(BaseModel):
     """A launch held by its Auto Scaling launch hook under the lifecycle gate ``agent``: the two
     facts that release it, each recorded by the function that knows it. Compute records the
@@ -259,15 +272,20 @@ class LaunchHold(BaseModel):
     carries its groups); the agent API records that the instance's agent enforces a bundle. Only
     compute completes the action (CONTINUE), once both are in, and records when. Compute records
     every other action it completes here too (the gate "publish", terminates): each action is
-    claimed before it is completed, so that a copy of it completes nothing again."""
+    claimed before it is completed, so that a copy of it completes nothing again.
+
+    An instance may have several actions at once, each with its own token (one per launch hook
+    of its group, sent together; a warm pool's second launch; a terminate): ``actions`` keeps
+    each under its token, claimed and settled on its own. ``lifecycle``, ``token``,
+    ``perimeter_at``, ``perimeter``, ``released_at`` and ``outcome`` show the action recorded
+    last."""
 
     instance_id: str
+    actions: dict[str, LaunchAction] = Field(default_factory=dict, description="token -> action")
     lifecycle: dict[str, Any] | None = Field(
         None, description="the action to complete (hook, group, token, account, region)"
     )
-    token: str | None = Field(
-        None, description="the action's token: a hand-off with another one is a new action (a warm pool's second)"
-    )
+    token: str | None = Field(None, description="the token of the action recorded last")
     perimeter_at: float | None = Field(None, description="when the perimeter handed the action on (groups attached)")
     perimeter: str | None = Field(
         None, description='"attached", "dry run" (planned, nothing attached) or "not managed" (no event-path perimeter)'
@@ -276,6 +294,24 @@ class LaunchHold(BaseModel):
     enforced_at: float | None = None
     released_at: float | None = Field(None, description="when compute completed the action, or gave it up")
     outcome: str | None = Field(None, description='"continue", or why the action was not completed')
+
+    @model_validator(mode="after")
+    def _latest(self) -> LaunchHold:
+        if self.actions:
+            token, last = max(self.actions.items(), key=lambda kv: kv[1].recorded_at)
+            self.token, self.lifecycle, self.released_at, self.outcome = (
+                token,
+                last.lifecycle,
+                last.released_at,
+                last.outcome,
+            )
+            if last.perimeter_at is not None:
+                self.perimeter_at, self.perimeter = last.perimeter_at, last.perimeter
+        return self
+
+    def pending(self) -> list[str]:
+        """The tokens of the actions not released (nor claimed), oldest first."""
+        return [t for t, a in sorted(self.actions.items(), key=lambda kv: kv[1].recorded_at) if a.released_at is None]
 
 
 # a hold's fields written once: the first report of enforcement is the fact; later ones add nothing
@@ -288,7 +324,7 @@ COMPLETING = "completing"  # a claimed release's outcome until Auto Scaling answ
 
 
 def check_hold_fields(fields: dict[str, Any]) -> None:
-    unknown = set(fields) - (set(LaunchHold.model_fields) - {"instance_id"})
+    unknown = set(fields) - (set(LaunchHold.model_fields) - {"instance_id", "actions"})
     if unknown:
         raise ValueError(f"launch hold: unknown fields {sorted(unknown)}")
 
@@ -603,9 +639,19 @@ class Store(Protocol):
         unexpired with uses left."""
         ...
 
-    def put_connection(self, workload_id: str, connection_id: str) -> None: ...
+    def put_connection(self, workload_id: str, connection_id: str, token_hash: str) -> bool:
+        """Record ``connection_id`` as the workload's nudge connection, in one atomic step with
+        the check that ``token_hash`` is still its current token: a refresh or a retirement that
+        revokes the token first and then drops the connection can never be followed by this
+        write (its token's connection left in place). False: the token is no longer current,
+        nothing written."""
+        ...
+
     def connection(self, workload_id: str) -> str | None: ...
-    def drop_connection(self, workload_id: str) -> None: ...
+    def drop_connection(self, workload_id: str, connection_id: str | None = None) -> None:
+        """Forget the workload's nudge connection; with ``connection_id``, only while it is that
+        one (a gone connection's cleanup must not drop the one its agent opened since)."""
+        ...
 
     # launch holds (the lifecycle gate "agent")
     def hold_launch(self, instance_id: str, **fields: Any) -> LaunchHold:
@@ -617,22 +663,24 @@ class Store(Protocol):
     def launch_hold(self, instance_id: str) -> LaunchHold | None: ...
 
     def hold_launch_action(self, instance_id: str, lifecycle: dict[str, Any], **fields: Any) -> LaunchHold:
-        """Record a lifecycle action in the instance's hold, atomically: one with another token
-        than the hold's (a warm pool's second launch action, a terminate after a launch) replaces
-        the action with ``fields`` and clears the release; the same token again (a duplicate)
-        changes nothing. The hold as it then is; the agent's fact is kept either way."""
+        """Record a lifecycle action in the instance's hold under its token (``actions``),
+        atomically, with ``fields`` (``perimeter_at``, ``perimeter``): a token not yet there is a
+        new action, beside the others (several launch hooks' actions at once, a warm pool's
+        second, a terminate); the same token again (a duplicate) changes nothing. The hold as it
+        then is; the agent's fact is kept either way."""
         ...
 
     def claim_launch_release(self, instance_id: str, token: str) -> bool:
-        """Claim the completion of the hold's action ``token`` (``released_at`` now, ``outcome``
-        :data:`COMPLETING`) in one conditional write: False if the hold holds another action, or
-        this one is released or claimed already (a claim older than :data:`HOLD_CLAIM_STALE` may be
-        taken again). Only the claimant calls Auto Scaling."""
+        """Claim the completion of the hold's action ``token`` (its ``released_at`` now,
+        ``outcome`` :data:`COMPLETING`) in one conditional write: False if the hold has no such
+        action, or it is released or claimed already (a claim older than :data:`HOLD_CLAIM_STALE`
+        may be taken again). Only the claimant calls Auto Scaling; other actions of the instance
+        are claimed on their own, concurrently."""
         ...
 
     def settle_launch_release(self, instance_id: str, token: str, outcome: str) -> bool:
-        """Record the claimed action's ``outcome`` (``released_at`` now), only while the hold still
-        holds action ``token`` claimed (:data:`COMPLETING`): never over a recorded outcome."""
+        """Record the claimed action ``token``'s ``outcome`` (``released_at`` now), only while it
+        is claimed (:data:`COMPLETING`): never over a recorded outcome."""
         ...
 
     # audit

@@ -119,6 +119,10 @@ def _token_key(item: dict[str, Any]) -> str | None:
 
 def _to_hold(instance_id: str, item: dict[str, Any]) -> LaunchHold:
     doc = {k: json.loads(v) for k, v in item.items() if k in LaunchHold.model_fields and isinstance(v, str)}
+    doc["actions"] = {
+        tok: {k: float(v) if k == "claimed_at" else json.loads(v) for k, v in entry.items()}
+        for tok, entry in (item.get("actions") or {}).items()
+    }
     return LaunchHold.model_validate({**doc, "instance_id": instance_id})
 
 
@@ -898,15 +902,61 @@ class DynamoStore:
             self.state.delete_item(Key={"pk": entry["pk"], "sk": entry["sk"]})
         return live
 
-    def put_connection(self, workload_id: str, connection_id: str) -> None:
-        self._put(f"conn#{workload_id}", "conn", ttl=2 * 3600, connection_id=connection_id)
+    def put_connection(self, workload_id: str, connection_id: str, token_hash: str) -> bool:
+        # one transaction with a check of the workload's current token: a refresh or a retirement
+        # revokes it before it drops the connection, so a $connect that checked the token before
+        # either and writes after it is cancelled here, never left as the workload's connection
+        now = int(time.time())
+        try:
+            self.state.meta.client.transact_write_items(
+                TransactItems=[
+                    {
+                        "Put": {
+                            "TableName": self.state.name,
+                            "Item": {
+                                "pk": f"conn#{workload_id}",
+                                "sk": "conn",
+                                "connection_id": connection_id,
+                                "ttl": now + 2 * 3600,
+                            },
+                        }
+                    },
+                    {
+                        "ConditionCheck": {
+                            "TableName": self.state.name,
+                            "Key": {"pk": f"tokenof#{workload_id}", "sk": "token"},
+                            "ConditionExpression": "#h = :h AND #t >= :now",
+                            "ExpressionAttributeNames": {"#h": "hash", "#t": "ttl"},
+                            "ExpressionAttributeValues": {":h": token_hash, ":now": now},
+                        }
+                    },
+                ]
+            )
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "TransactionCanceledException":
+                raise
+            reasons = [str(r.get("Code", "None")) for r in exc.response.get("CancellationReasons", [])]
+            if reasons[1:2] == ["ConditionalCheckFailed"]:
+                return False
+            raise
+        return True
 
     def connection(self, workload_id: str) -> str | None:
         item = self._get(f"conn#{workload_id}", "conn")
         return str(item["connection_id"]) if item else None
 
-    def drop_connection(self, workload_id: str) -> None:
-        self.state.delete_item(Key={"pk": f"conn#{workload_id}", "sk": "conn"})
+    def drop_connection(self, workload_id: str, connection_id: str | None = None) -> None:
+        key = {"pk": f"conn#{workload_id}", "sk": "conn"}
+        if connection_id is None:
+            self.state.delete_item(Key=key)
+            return
+        try:
+            self.state.delete_item(
+                Key=key, ConditionExpression="connection_id = :c", ExpressionAttributeValues={":c": connection_id}
+            )
+        except ClientError as exc:
+            if not _conditional_failed(exc):
+                raise  # else its agent connected again since: that connection stays
 
     # --- launch holds -----------------------------------------------------------------------------
 
@@ -951,32 +1001,39 @@ class DynamoStore:
             merged.update(item)
         return _to_hold(instance_id, merged)
 
+    # Each action is an entry of the hold's map ``actions`` under its token (a DynamoDB map:
+    # written and claimed one entry at a time with conditions on that entry's path alone, so the
+    # actions of one instance never displace one another): its fields JSON text, but for
+    # ``claimed_at``, a number comparable in a condition.
+
     def hold_launch_action(self, instance_id: str, lifecycle: dict[str, Any], **fields: Any) -> LaunchHold:
         check_hold_fields(fields)
-        if set(fields) & (HOLD_FIRST_WINS | {"lifecycle", "token", "released_at", "outcome"}):
+        if set(fields) - {"perimeter_at", "perimeter"}:
             raise ValueError(f"launch hold: an action is recorded with its hand-off fields only, not {sorted(fields)}")
+        key = {"pk": f"launch#{instance_id}", "sk": "hold"}
         token = str(lifecycle["token"])
-        values: dict[str, Any] = {":ttl": int(time.time()) + HOLD_TTL, ":tok": json.dumps(token)}
-        names = {"#ttl": "ttl", "#token": "token", "#released": "released_at", "#outcome": "outcome"}
-        names["#claimed"] = "claimed_at"
-        sets = ["#ttl = :ttl", "#token = :tok"]
-        for i, (k, v) in enumerate(sorted({**fields, "lifecycle": lifecycle}.items())):
-            names[f"#f{i}"], values[f":f{i}"] = k, json.dumps(v)
-            sets.append(f"#f{i} = :f{i}")
+        # the map first (an entry can only be set inside an existing map), then the entry
+        self.state.update_item(
+            Key=key,
+            UpdateExpression="SET #ttl = :ttl, #actions = if_not_exists(#actions, :empty)",
+            ExpressionAttributeNames={"#ttl": "ttl", "#actions": "actions"},
+            ExpressionAttributeValues={":ttl": int(time.time()) + HOLD_TTL, ":empty": {}},
+        )
+        entry = {k: json.dumps(v) for k, v in {**fields, "lifecycle": lifecycle, "recorded_at": time.time()}.items()}
         try:
             self.state.update_item(
-                Key={"pk": f"launch#{instance_id}", "sk": "hold"},
-                UpdateExpression="SET " + ", ".join(sets) + " REMOVE #released, #outcome, #claimed",
+                Key=key,
+                UpdateExpression="SET #actions.#tok = :entry",
                 # the same token again is a duplicate: the action as recorded (and its release) stays
-                ConditionExpression="attribute_not_exists(#token) OR #token <> :tok OR #ttl < :now",
-                ExpressionAttributeNames=names,
-                ExpressionAttributeValues={**values, ":now": int(time.time())},
+                ConditionExpression="attribute_not_exists(#actions.#tok)",
+                ExpressionAttributeNames={"#actions": "actions", "#tok": token},
+                ExpressionAttributeValues={":entry": entry},
             )
         except ClientError as exc:
             if not _conditional_failed(exc):
                 raise
         hold = self.launch_hold(instance_id)
-        assert hold is not None  # just written (or found with this token)
+        assert hold is not None  # just written
         return hold
 
     def claim_launch_release(self, instance_id: str, token: str) -> bool:
@@ -985,15 +1042,14 @@ class DynamoStore:
             instance_id,
             token,
             COMPLETING,
-            # not released, or claimed by a run that never answered (claimed_at: a number of its
-            # own, comparable in a condition, unlike the JSON text of the hold's fields)
-            "(attribute_not_exists(#released) OR (#outcome = :completing AND #claimed < :stale))",
+            # not released, or claimed by a run that never answered
+            "(attribute_not_exists(#a.#tok.#released) OR (#a.#tok.#outcome = :completing AND #a.#tok.#claimed < :stale))",
             {":stale": now - HOLD_CLAIM_STALE, ":claimed": now},
-            ", #claimed = :claimed",
+            ", #a.#tok.#claimed = :claimed",
         )
 
     def settle_launch_release(self, instance_id: str, token: str, outcome: str) -> bool:
-        return self._hold_write(instance_id, token, outcome, "#outcome = :completing")
+        return self._hold_write(instance_id, token, outcome, "#a.#tok.#outcome = :completing")
 
     def _hold_write(
         self,
@@ -1004,21 +1060,21 @@ class DynamoStore:
         values: dict[str, Any] | None = None,
         more: str = "",
     ) -> bool:
-        """Set ``released_at`` (now) and ``outcome`` on the hold if it holds action ``token`` and
-        ``condition`` holds."""
+        """Set ``released_at`` (now) and ``outcome`` on the hold's action ``token`` if it is there
+        and ``condition`` holds."""
         try:
             self.state.update_item(
                 Key={"pk": f"launch#{instance_id}", "sk": "hold"},
-                UpdateExpression="SET #released = :released, #outcome = :outcome" + more,
-                ConditionExpression=f"#token = :tok AND {condition}",
+                UpdateExpression="SET #a.#tok.#released = :released, #a.#tok.#outcome = :outcome" + more,
+                ConditionExpression=f"attribute_exists(#a.#tok) AND {condition}",
                 ExpressionAttributeNames={
-                    "#token": "token",
+                    "#a": "actions",
+                    "#tok": token,
                     "#released": "released_at",
                     "#outcome": "outcome",
                     **({"#claimed": "claimed_at"} if "#claimed" in condition else {}),
                 },
                 ExpressionAttributeValues={
-                    ":tok": json.dumps(token),
                     ":released": json.dumps(time.time()),
                     ":outcome": json.dumps(outcome),
                     ":completing": json.dumps(COMPLETING),

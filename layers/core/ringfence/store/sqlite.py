@@ -892,12 +892,17 @@ class SqliteStore:
             db.execute("DELETE FROM pairing WHERE workload_id = ?", (workload_id,))
             return int(live)
 
-    def put_connection(self, workload_id: str, connection_id: str) -> None:
+    def put_connection(self, workload_id: str, connection_id: str, token_hash: str) -> bool:
+        # in the transaction that checks the token is still the workload's (as over DynamoDB): a
+        # refresh or retirement revokes it before it drops the connection
+        now = time.time()
         with self._tx() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO connection (workload_id, connection_id, expires) VALUES (?, ?, ?)",
-                (workload_id, connection_id, time.time() + CONNECTION_TTL),
+            cur = db.execute(
+                "INSERT OR REPLACE INTO connection (workload_id, connection_id, expires) SELECT ?, ?, ?"
+                " WHERE EXISTS (SELECT 1 FROM token WHERE hash = ? AND workload_id = ? AND expires >= ?)",
+                (workload_id, connection_id, now + CONNECTION_TTL, token_hash, workload_id, now),
             )
+            return cur.rowcount == 1
 
     def connection(self, workload_id: str) -> str | None:
         row = (
@@ -910,9 +915,14 @@ class SqliteStore:
         )
         return str(row[0]) if row else None
 
-    def drop_connection(self, workload_id: str) -> None:
+    def drop_connection(self, workload_id: str, connection_id: str | None = None) -> None:
         with self._tx() as db:
-            db.execute("DELETE FROM connection WHERE workload_id = ?", (workload_id,))
+            if connection_id is None:
+                db.execute("DELETE FROM connection WHERE workload_id = ?", (workload_id,))
+            else:
+                db.execute(
+                    "DELETE FROM connection WHERE workload_id = ? AND connection_id = ?", (workload_id, connection_id)
+                )
 
     # --- launch holds -----------------------------------------------------------------------------
 
@@ -958,7 +968,7 @@ class SqliteStore:
 
     def hold_launch_action(self, instance_id: str, lifecycle: dict[str, Any], **fields: Any) -> LaunchHold:
         check_hold_fields(fields)
-        if set(fields) & (HOLD_FIRST_WINS | {"lifecycle", "token", "released_at", "outcome"}):
+        if set(fields) - {"perimeter_at", "perimeter"}:
             raise ValueError(f"launch hold: an action is recorded with its hand-off fields only, not {sorted(fields)}")
         token = str(lifecycle["token"])
         now = time.time()
@@ -967,10 +977,9 @@ class SqliteStore:
                 "SELECT doc FROM launch_hold WHERE instance_id = ? AND expires >= ?", (instance_id, now)
             ).fetchone()
             doc: dict[str, Any] = json.loads(row[0]) if row else {}
-            if doc.get("token") != token:  # a new action; the same token again is a duplicate
-                for k in ("released_at", "outcome", "claimed_at"):
-                    doc.pop(k, None)
-                doc.update(fields, lifecycle=lifecycle, token=token)
+            actions = doc.setdefault("actions", {})
+            if token not in actions:  # a new action, beside the others; the same token again is a duplicate
+                actions[token] = {**fields, "lifecycle": lifecycle, "recorded_at": now}
                 db.execute(
                     "INSERT OR REPLACE INTO launch_hold (instance_id, doc, expires) VALUES (?, ?, ?)",
                     (instance_id, json.dumps(doc), now + HOLD_TTL),
@@ -978,15 +987,15 @@ class SqliteStore:
         return LaunchHold.model_validate({**doc, "instance_id": instance_id})
 
     def claim_launch_release(self, instance_id: str, token: str) -> bool:
-        def claimable(doc: dict[str, Any], now: float) -> bool:
-            if doc.get("released_at") is None:
+        def claimable(action: dict[str, Any], now: float) -> bool:
+            if action.get("released_at") is None:
                 return True
-            return doc.get("outcome") == COMPLETING and float(doc.get("claimed_at", now)) < now - HOLD_CLAIM_STALE
+            return action.get("outcome") == COMPLETING and float(action.get("claimed_at", now)) < now - HOLD_CLAIM_STALE
 
         return self._hold_write(instance_id, token, COMPLETING, claimable, claim=True)
 
     def settle_launch_release(self, instance_id: str, token: str, outcome: str) -> bool:
-        return self._hold_write(instance_id, token, outcome, lambda doc, _: doc.get("outcome") == COMPLETING)
+        return self._hold_write(instance_id, token, outcome, lambda action, _: action.get("outcome") == COMPLETING)
 
     def _hold_write(
         self,
@@ -1002,9 +1011,10 @@ class SqliteStore:
                 "SELECT doc FROM launch_hold WHERE instance_id = ? AND expires >= ?", (instance_id, now)
             ).fetchone()
             doc: dict[str, Any] = json.loads(row[0]) if row else {}
-            if doc.get("token") != token or not condition(doc, now):
+            action = (doc.get("actions") or {}).get(token)
+            if action is None or not condition(action, now):
                 return False
-            doc.update(released_at=now, outcome=outcome, **({"claimed_at": now} if claim else {}))
+            action.update(released_at=now, outcome=outcome, **({"claimed_at": now} if claim else {}))
             db.execute("UPDATE launch_hold SET doc = ? WHERE instance_id = ?", (json.dumps(doc), instance_id))
         return True
 

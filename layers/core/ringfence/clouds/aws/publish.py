@@ -63,6 +63,7 @@ class WebSocketNotifier:
             self.sent += 1
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("GoneException", "410"):
-                self.store.drop_connection(workload_id)
+                # only this gone connection: the agent may have connected again meanwhile
+                self.store.drop_connection(workload_id, conn)
             else:
                 log.warning("nudge to %s failed: %s", workload_id, exc)
