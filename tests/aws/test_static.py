@@ -598,3 +598,23 @@ def test_both_deployments_say_whose_flow_logs_the_flows_function_reads() -> None
     var = tf[tf.index('variable "flow_log_accounts"') :]
     var = var[: var.index("\n}\n")]
     assert "default     = []" in var and 'regex("^([0-9]{12}|\\\\*)$", a)' in var
+
+
+def test_both_deployments_output_the_role_arns_the_member_roles_trust() -> None:
+    """docs/deploy-aws.md has the member lifecycle role trust the compute function's role, the
+    member perimeter role and the label guard's PerimeterPrincipalArns the perimeter function's:
+    both deployments output those two ARNs, under the same names."""
+    outputs = template()["Outputs"]
+    assert outputs["ComputeRoleArn"]["Value"] == {"GetAtt": "ComputeFunctionRole.Arn"}
+    assert outputs["PerimeterRoleArn"]["Value"] == {"GetAtt": "PerimeterFunctionRole.Arn"}
+    for directory, value in (
+        ("modules/ringfence", 'aws_iam_role.fn["{}"].arn'),
+        ("examples/basic", "module.ringfence.{}_role_arn"),
+    ):
+        doc = unquote(hcl2.loads((ROOT / "infra" / directory / "outputs.tf").read_text()))
+        tf = {name: body["value"] for block in doc["output"] for name, body in block.items()}
+        for fn in ("compute", "perimeter"):
+            assert tf[f"{fn}_role_arn"] == "${" + value.format(fn) + "}", (directory, fn)
+    # the names the docs give
+    doc_text = (ROOT / "docs" / "deploy-aws.md").read_text()
+    assert all(n in doc_text for n in ("ComputeRoleArn", "PerimeterRoleArn", "compute_role_arn", "perimeter_role_arn"))

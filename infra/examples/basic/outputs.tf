@@ -26,3 +26,13 @@ output "signing_key_arns" {
   description = "The bundle signing key of each slot: fetch its public key for the agents' key set (README.md)."
   value       = module.ringfence.signing_key_arns
 }
+
+output "compute_role_arn" {
+  description = "The compute function's role, the one principal the member lifecycle role (member_lifecycle_role_name) trusts."
+  value       = module.ringfence.compute_role_arn
+}
+
+output "perimeter_role_arn" {
+  description = "The perimeter function's role, the one principal the member perimeter role (member_perimeter_role_name) trusts; list it in the label guard's perimeter_principal_arns."
+  value       = module.ringfence.perimeter_role_arn
+}

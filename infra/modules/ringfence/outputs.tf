@@ -32,3 +32,13 @@ output "active_signing_key" {
   description = "The key compute and publish sign with (RINGFENCE_SIGNING_KEY)."
   value       = local.signing_key_id
 }
+
+output "compute_role_arn" {
+  description = "The compute function's role, the one principal the member lifecycle role (member_lifecycle_role_name) trusts."
+  value       = aws_iam_role.fn["compute"].arn
+}
+
+output "perimeter_role_arn" {
+  description = "The perimeter function's role, the one principal the member perimeter role (member_perimeter_role_name) trusts; list it in the label guard's perimeter_principal_arns."
+  value       = aws_iam_role.fn["perimeter"].arn
+}
