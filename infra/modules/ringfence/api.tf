@@ -125,8 +125,9 @@ resource "aws_cloudwatch_log_group" "api" {
 
 resource "aws_api_gateway_stage" "this" {
   #checkov:skip=CKV_AWS_120:bundles change on every event and admin calls are writes; caching would serve stale policy
-  #checkov:skip=CKV2_AWS_29:WAF is deployment-specific (attach your web ACL); agent calls are authenticated by bearer token
+  #checkov:skip=CKV2_AWS_29:the agent stage has its web ACL (aws_wafv2_web_acl.agent: a per-IP rate on the routes without a bearer token); admin is IAM-authorized by resource policy; the GCP and Azure event routes check each push's token or signature (add a web ACL of your own there if needed)
   #checkov:skip=CKV2_AWS_51:mutual TLS to the backend does not apply to Lambda proxy integrations
+  #checkov:skip=CKV2_AWS_77:no Java behind these APIs (Lambda in Python): the agent stage's web ACL rate-limits, it needs no Log4j rule set
   for_each             = local.apis
   rest_api_id          = aws_api_gateway_rest_api.this[each.key].id
   deployment_id        = aws_api_gateway_deployment.this[each.key].id
@@ -140,6 +141,62 @@ resource "aws_api_gateway_stage" "this" {
     })
   }
   tags = var.tags
+}
+
+# GET /v1/nonce, POST /v1/enroll and the token route take no bearer token: one address sending more
+# than var.agent_api_unauthenticated_requests_per_ip of them in 5 minutes is blocked here, before a
+# function runs or a nonce is written, instead of taking the stage's per-method throttle from every
+# agent (docs/threat-model.md, "Anyone who can reach the agent API")
+resource "aws_wafv2_web_acl" "agent" {
+  #checkov:skip=CKV_AWS_192:no Java behind this API (Lambda in Python); its routes validate their bodies
+  #checkov:skip=CKV2_AWS_31:sampled requests and CloudWatch metrics kept; the stage's access log names every caller's address
+  name  = "${var.name}-agent-api"
+  scope = "REGIONAL"
+  default_action {
+    allow {}
+  }
+  rule {
+    name     = "unauthenticated-routes-per-ip"
+    priority = 0
+    action {
+      block {}
+    }
+    statement {
+      rate_based_statement {
+        limit              = var.agent_api_unauthenticated_requests_per_ip
+        aggregate_key_type = "IP"
+        scope_down_statement {
+          # the paths' ends, whatever stage or base path precedes them (a trailing slash too)
+          regex_match_statement {
+            regex_string = "/(nonce|enroll|token)/*$"
+            field_to_match {
+              uri_path {}
+            }
+            text_transformation {
+              priority = 0
+              type     = "URL_DECODE"
+            }
+          }
+        }
+      }
+    }
+    visibility_config {
+      sampled_requests_enabled   = true
+      cloudwatch_metrics_enabled = true
+      metric_name                = "ringfence-agent-api-unauthenticated-per-ip"
+    }
+  }
+  visibility_config {
+    sampled_requests_enabled   = true
+    cloudwatch_metrics_enabled = true
+    metric_name                = "ringfence-agent-api"
+  }
+  tags = var.tags
+}
+
+resource "aws_wafv2_web_acl_association" "agent" {
+  resource_arn = aws_api_gateway_stage.this["agent"].arn
+  web_acl_arn  = aws_wafv2_web_acl.agent.arn
 }
 
 resource "aws_api_gateway_method_settings" "this" {

@@ -149,6 +149,16 @@ variable "agent_token_ttl_seconds" {
   default     = 3600
 }
 
+variable "agent_api_unauthenticated_requests_per_ip" {
+  description = "Requests one IP address may make in 5 minutes to the agent API's routes that take no bearer token (GET /v1/nonce, POST /v1/enroll, POST /v1/agents/{id}/token) before the agent API's web ACL blocks it (a WAF rate-based rule, evaluated per address); hosts behind one NAT share an address, so size it for the most hosts that enroll or renew through one (an agent makes 2-3 such requests an hour, and 2 per enrollment)."
+  type        = number
+  default     = 2000
+  validation {
+    condition     = var.agent_api_unauthenticated_requests_per_ip >= 10 && var.agent_api_unauthenticated_requests_per_ip <= 2000000000
+    error_message = "agent_api_unauthenticated_requests_per_ip: 10 to 2,000,000,000 (WAF's rate-based limits)."
+  }
+}
+
 variable "report_bytes_per_second" {
   description = "What one workload may send to the reports route, in bytes a second on average (ringfence serve's RINGFENCE_REPORT_BYTES_PER_SECOND); past its window's quota the route answers 429 with Retry-After."
   type        = number
