@@ -3,7 +3,8 @@ the state directory (``agent-key.pem``, PKCS#8 PEM, mode 0600) and nowhere else.
 
 The control plane binds the public half to the workload at the first enrollment; afterwards the
 agent gets fresh access tokens (and re-enrolls) by signing the server's single-use nonce
-(:func:`ringfence.agentwire.proof_message`). A copied identity document or an old token is then
+(:func:`ringfence.agentwire.proof_message`), or renews a token still valid by signing that token
+and the time (:func:`ringfence.agentwire.token_proof_message`). A copied identity document or an old token is then
 worth nothing without this file.
 
 Signing uses the libcrypto the process already has mapped (as bundle verification does,
