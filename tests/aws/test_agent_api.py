@@ -267,11 +267,12 @@ def test_reports_validated_and_size_limited(env: Env) -> None:
     est = boot(env)
     web = est["ids"]["web"][0]
     tok = enroll_instance(env, web)
+    now = time.time()  # recent: the route refuses flows older than the retention (backdated)
     good = {
         "flows": [
             {
-                "start": 1,
-                "end": 2,
+                "start": now - 60,
+                "end": now - 59,
                 "src": ip_of(env, web),  # its own address: records with neither end its own are not kept
                 "dst": "10.1.2.1",
                 "proto": "tcp",

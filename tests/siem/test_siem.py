@@ -388,7 +388,9 @@ def test_serve_sends_audit_records_and_drops(tmp_path: Path) -> None:
     with LocalWiring(tmp_path / "state" / "state.db", signing_key=signing_key_file(tmp_path), cfg=cfg) as w:
         admin = boot(w)
         assert admin.quarantine("carol", "dc1-web-1", True, "IR-9").status == 200
-        batch = ReportBatch(drops=[drop(direction="outbound", src="192.168.10.11", dst="192.168.10.31")])
+        # a recent drop: the route refuses records older than the flows' retention (backdated)
+        recent = time.time() - 60
+        batch = ReportBatch(drops=[drop(time=recent, direction="outbound", src="192.168.10.11", dst="192.168.10.31")])
         assert AgentApi(w).reports("dc1-web-1", batch).status == 202
         chain = w.store.audit_log()
     events = [json.loads(line) for line in out.read_text().splitlines()]
