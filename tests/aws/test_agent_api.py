@@ -360,10 +360,8 @@ def test_cold_start_keeps_versions_monotonic(env: Env) -> None:
     assert env.store.head().clean
 
 
-def test_websocket_nudge_reaches_a_connected_agent(env: Env) -> None:
-    import os
-
-    os.environ["RINGFENCE_WEBSOCKET_ENDPOINT"] = env.url
+def test_websocket_nudge_reaches_a_connected_agent(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RINGFENCE_WEBSOCKET_ENDPOINT", env.url)  # not left for later tests
     env.load_functions()
     est = boot(env)
     proc = est["ids"]["proc"][0]
