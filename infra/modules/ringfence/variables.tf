@@ -144,7 +144,7 @@ variable "enroll_methods" {
 }
 
 variable "agent_token_ttl_seconds" {
-  description = "Lifetime of an agent's access token; agents renew it before it ends by signing a nonce with their key."
+  description = "Lifetime of an agent's access token; agents renew it before it ends with a signature by their key (over the current token while it is valid, over a nonce after)."
   type        = number
   default     = 3600
 }
