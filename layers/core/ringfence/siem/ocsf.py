@@ -93,6 +93,25 @@ def api_activity(rec: AuditRecord) -> dict[str, Any]:
     }
 
 
+def _drop_class(dropped: bool) -> dict[str, Any]:
+    """Network Activity's class and outcome fields for a drop (``dropped``) or a would-drop."""
+    return {
+        "class_uid": NETWORK_ACTIVITY,
+        "class_name": "Network Activity",
+        "category_uid": 4,
+        "category_name": "Network Activity",
+        # 5 Refuse: the connection was refused; 6 Traffic: a report of traffic (let through)
+        "activity_id": 5 if dropped else 6,
+        "activity_name": "Refuse" if dropped else "Traffic",
+        "type_uid": NETWORK_ACTIVITY * 100 + (5 if dropped else 6),
+        "severity_id": LOW if dropped else INFORMATIONAL,
+        "action_id": 2 if dropped else 1,
+        "action": "Denied" if dropped else "Allowed",
+        "disposition_id": 6 if dropped else 15,
+        "disposition": "Dropped" if dropped else "Detected",
+    }
+
+
 def network_activity(
     workload_id: str,
     *,
@@ -123,19 +142,7 @@ def network_activity(
     rule = rule_id or "default"
     what = "dropped" if dropped else "would drop (observe mode)"
     event: dict[str, Any] = {
-        "class_uid": NETWORK_ACTIVITY,
-        "class_name": "Network Activity",
-        "category_uid": 4,
-        "category_name": "Network Activity",
-        # 5 Refuse: the connection was refused; 6 Traffic: a report of traffic (let through)
-        "activity_id": 5 if dropped else 6,
-        "activity_name": "Refuse" if dropped else "Traffic",
-        "type_uid": NETWORK_ACTIVITY * 100 + (5 if dropped else 6),
-        "severity_id": LOW if dropped else INFORMATIONAL,
-        "action_id": 2 if dropped else 1,
-        "action": "Denied" if dropped else "Allowed",
-        "disposition_id": 6 if dropped else 15,
-        "disposition": "Dropped" if dropped else "Detected",
+        **_drop_class(dropped),
         "time": _ms(time),
         "count": count,
         "message": f"{workload_id}: {direction} {proto} {src} -> {dst}:{dport if dport is not None else '-'} {what}"
@@ -174,18 +181,7 @@ def drops_suppressed(
     what = "drop" if dropped else "would-drop"
     start = _ms(window_start)
     return {
-        "class_uid": NETWORK_ACTIVITY,
-        "class_name": "Network Activity",
-        "category_uid": 4,
-        "category_name": "Network Activity",
-        "activity_id": 5 if dropped else 6,
-        "activity_name": "Refuse" if dropped else "Traffic",
-        "type_uid": NETWORK_ACTIVITY * 100 + (5 if dropped else 6),
-        "severity_id": LOW if dropped else INFORMATIONAL,
-        "action_id": 2 if dropped else 1,
-        "action": "Denied" if dropped else "Allowed",
-        "disposition_id": 6 if dropped else 15,
-        "disposition": "Dropped" if dropped else "Detected",
+        **_drop_class(dropped),
         "time": _ms(last),
         "start_time": _ms(first),
         "end_time": _ms(last),
