@@ -36,7 +36,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from ringfence.audit import seal
 from ringfence.flows.aggregate import FlowRow, day_of
@@ -945,10 +945,7 @@ class SqliteStore:
         check_hold_fields(fields)
         now = time.time()
         with self._tx() as db:
-            row = db.execute(
-                "SELECT doc FROM launch_hold WHERE instance_id = ? AND expires >= ?", (instance_id, now)
-            ).fetchone()
-            doc: dict[str, Any] = json.loads(row[0]) if row else {}
+            doc = _hold_doc(db, instance_id, now) or {}
             for k, v in fields.items():
                 if k not in HOLD_FIRST_WINS or doc.get(k) is None:
                     doc[k] = v
@@ -959,12 +956,8 @@ class SqliteStore:
         return LaunchHold.model_validate({**doc, "instance_id": instance_id})
 
     def launch_hold(self, instance_id: str) -> LaunchHold | None:
-        row = (
-            self._db()
-            .execute("SELECT doc FROM launch_hold WHERE instance_id = ? AND expires >= ?", (instance_id, time.time()))
-            .fetchone()
-        )
-        return LaunchHold.model_validate({**json.loads(row[0]), "instance_id": instance_id}) if row else None
+        doc = _hold_doc(self._db(), instance_id, time.time())
+        return LaunchHold.model_validate({**doc, "instance_id": instance_id}) if doc is not None else None
 
     def hold_launch_action(self, instance_id: str, lifecycle: dict[str, Any], **fields: Any) -> LaunchHold:
         check_hold_fields(fields)
@@ -973,10 +966,7 @@ class SqliteStore:
         token = str(lifecycle["token"])
         now = time.time()
         with self._tx() as db:
-            row = db.execute(
-                "SELECT doc FROM launch_hold WHERE instance_id = ? AND expires >= ?", (instance_id, now)
-            ).fetchone()
-            doc: dict[str, Any] = json.loads(row[0]) if row else {}
+            doc = _hold_doc(db, instance_id, now) or {}
             actions = doc.setdefault("actions", {})
             if token not in actions:  # a new action, beside the others; the same token again is a duplicate
                 actions[token] = {**fields, "lifecycle": lifecycle, "recorded_at": now}
@@ -1007,10 +997,7 @@ class SqliteStore:
     ) -> bool:
         now = time.time()
         with self._tx() as db:
-            row = db.execute(
-                "SELECT doc FROM launch_hold WHERE instance_id = ? AND expires >= ?", (instance_id, now)
-            ).fetchone()
-            doc: dict[str, Any] = json.loads(row[0]) if row else {}
+            doc = _hold_doc(db, instance_id, now) or {}
             action = (doc.get("actions") or {}).get(token)
             if action is None or not condition(action, now):
                 return False
@@ -1169,3 +1156,11 @@ def _held_elsewhere(db: sqlite3.Connection, recs: list[InventoryRecord]) -> dict
         if ip in wanted and wid not in ids:
             taken.setdefault(ip, wid)
     return taken
+
+
+def _hold_doc(db: sqlite3.Connection, instance_id: str, now: float) -> dict[str, Any] | None:
+    """The instance's launch hold document while it has not expired (None: no hold)."""
+    row = db.execute(
+        "SELECT doc FROM launch_hold WHERE instance_id = ? AND expires >= ?", (instance_id, now)
+    ).fetchone()
+    return cast(dict[str, Any], json.loads(row[0])) if row else None
