@@ -14,7 +14,6 @@ import os
 import random
 import signal
 import socket
-import sys
 import threading
 import time
 import traceback
@@ -29,6 +28,7 @@ from ringfence_agent import enroll
 from ringfence_agent.backends import ApplyError, make_backend
 from ringfence_agent.config import AgentConfig
 from ringfence_agent.core import Agent, Rejected, Result
+from ringfence_agent.logline import log
 from ringfence_agent.plan import PlanError
 from ringfence_agent.reports import (
     BoundedBuffer,
@@ -72,10 +72,6 @@ CONTROL_PLANE_MAX = 64  # at most this many of them (the current answer first, t
 # behind a slow or silent resolver: after this long the daemon enforces with what it has (the
 # configured addresses) and the lookup goes on in the background, for the next sync
 BOOT_RESOLVE_S = 2.5
-
-
-def log(msg: str) -> None:
-    print(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} ringfence-agent: {msg}", file=sys.stderr, flush=True)
 
 
 def release_memory() -> None:

@@ -21,6 +21,7 @@ from ringfence.bundlewire import Bundle, BundleError, SetDelta, delta_from_json,
 from ringfence.staticlayout import Head, HeadError, bundle_path, delta_path, head_path, load_head
 from ringfence_agent.agentkey import KEY_FILE, AgentKey
 from ringfence_agent.enroll import ProofError, Prover
+from ringfence_agent.logline import log
 from ringfence_agent.state import StateDir
 
 # default cap of a bundle body: 100,000 addresses are ~2 MB, and parsing costs ~6x the body in
@@ -623,9 +624,13 @@ class ApiSource:
         at = int(time.time())
         body = TokenRequest(time=at, signature=self.key.prove_token(self.workload_id, token, at)).to_json()
         method, url = self._url("token")
-        status, _, payload = self.http.request(
-            url, self.timeout, method, body, {"Authorization": f"Bearer {token}"}, self.max_answer_bytes
-        )
+        try:
+            status, _, payload = self.http.request(
+                url, self.timeout, method, body, {"Authorization": f"Bearer {token}"}, self.max_answer_bytes
+            )
+        except Unreachable as exc:  # a 429 or 5xx (a throttled route) too: the nonce path may still answer
+            log(f"token renewal without a nonce: {exc}; over a nonce instead")
+            return False
         if status != 200:
             return False
         resp = _answer(payload, "token", workload_id=str, token=str)
@@ -653,8 +658,16 @@ class ApiSource:
         """One authenticated request; the token travels in the Authorization header, never in the URL."""
         limit = self.max_answer_bytes if limit is None else limit
         for attempt in range(2):
-            if self.token is None or (self.renew_at and time.time() >= self.renew_at):
-                self._renew()  # renewed before it expires: the agent is never locked out
+            if self.token is None:
+                self._renew()
+            elif self.renew_at and time.time() >= self.renew_at:
+                try:
+                    self._renew()  # renewed before it expires: the agent is never locked out
+                except Unreachable as exc:
+                    # the token held has a fifth of its life left: the call goes on with it (a
+                    # throttled token route must not stop bundles and heartbeats); a 401 below
+                    # means it lapsed, and the next attempt renews or fails
+                    log(f"token renewal due but failed ({exc}): calling with the current token")
             h = {"Authorization": f"Bearer {self.token}", **(headers or {})}
             method, url = self._url(route, query)
             status, hdrs, payload = self.http.request(url, timeout or self.timeout, method, body, h, limit)

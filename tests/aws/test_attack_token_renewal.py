@@ -218,3 +218,50 @@ def test_attack_a_nonce_flood_does_not_stop_a_valid_tokens_renewal(
         src.bundle()  # the flood over: the nonce path renews it
         assert env.store.token_workload(secret_hash(src.token or "")) == WID
         assert len(audits(env, "token.refresh", WID)) == 2
+
+
+def test_attack_a_throttled_token_route_neither_stops_calls_with_a_valid_token_nor_the_nonce_path(
+    env: Env,
+    nonce_flood: threading.Event,
+    aws_wiring: Callable[[], Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """POST /v1/agents/{id}/token needs no credential to reach: a flood of it from many addresses
+    (each under the WAF's per-address limit) makes the stage's per-method throttle answer 429 to
+    the renewal too. Before, the agent took that 429 for unreachable: no fallback to the nonce
+    path, and the call that found its token due (a bundle, a heartbeat) failed although the token
+    held had a fifth of its life left. Now the nonce path follows a refused or throttled nonce-free
+    renewal, and when both are throttled the call goes on with the token it holds."""
+    from ringfence.control.agents import AgentApi
+    from ringfence.control.api import error
+    from ringfence_agent import enroll
+    from ringfence_agent.sources import ApiSource
+    from ringfence_agent.state import StateDir
+
+    register_onprem(env, WID, "192.168.10.5")
+    status, _, key = env.rest("admin", "POST", "/admin/pairing-keys", {"workload_id": WID, "uses": 1, "ttl": 600})
+    assert status == 201, key
+    admin = tmp_path / "admin-tokens"
+    admin.write_text(serve.new_admin_token("a", ["reader"])[1] + "\n")
+    tries = {"by_token": 0}
+
+    def throttled(*_: Any) -> Any:  # what the stage's throttle answers, in the real route's place
+        tries["by_token"] += 1
+        return error(429, "Too Many Requests", "throttled")
+
+    with serve.serving(serve.ServeApp.over(aws_wiring(), serve.AdminTokens.load(admin))) as running:
+        src = ApiSource(running.url, WID, enroll.pairing(WID, key["pairing_key"]), StateDir(tmp_path / "st"), 10, 10)
+        src.bundle()
+        first = src.token
+        monkeypatch.setattr(AgentApi, "_refresh_by_token", throttled)
+        src.renew_at = time.time() - 1  # due, still valid
+        src.bundle()  # the nonce-free renewal throttled: renewed over a nonce
+        assert tries["by_token"] == 1 and src.token != first
+        second = src.token
+        assert env.store.token_workload(secret_hash(second or "")) == WID
+
+        nonce_flood.set()  # both forms throttled now
+        src.renew_at = time.time() - 1
+        src.bundle()  # no Unreachable: the call went on with the token held
+        assert src.token == second and env.store.token_workload(secret_hash(second or "")) == WID
