@@ -169,3 +169,29 @@ def test_attack_a_drop_reported_with_the_wrong_direction_is_refused(wiring: Loca
     rows = {r.port: r for r in merge(wiring.store.flow_rows())}
     assert not {4445, 4446, 4447} & set(rows) and rows[4444].flows == 1, rows
     assert rows[4448].reported_by == ["src"] and rows[4448].src == WEB, rows
+
+
+def test_attack_claims_about_a_peer_on_many_ports_neither_hide_its_real_flow_nor_lose_their_flag(
+    wiring: LocalWiring,
+) -> None:
+    """db-1's own agent reports a real flow to a web host on tcp/5000; the attacker (a web host)
+    then claims 33 inbound flows from db-1 on other ports, its word alone. Before, suggest folded
+    the ports of one rule before it set one end's word apart: the 34 ports became one flagged
+    many-ports observation, the real tcp/5000 rule was no longer proposed, and the claims lost
+    their "unconfirmed" flag, borrowing db-1's confirmation (reported_by [dst, src]). Now the
+    claims are set apart first: folded among themselves, still flagged unconfirmed with the
+    attacker named, and the real flow is proposed."""
+    plane, hdr = _attacker(wiring)
+    db_hdr = _enroll(plane, "dc1-db-1")
+    st, b = plane.call(plane.agents, "POST", "/v1/agents/dc1-db-1/reports",
+                       {"flows": [_flow(DB, ME, 5000, "outbound")]}, headers=db_hdr)  # fmt: skip
+    assert st == 202 and b == {"accepted": 1}, b
+    claims = [_flow(DB, ME, p, "inbound") for p in range(6000, 6033)]
+    st, b = plane.call(plane.agents, "POST", f"/v1/agents/{WID}/reports", {"flows": claims}, headers=hdr)
+    assert st == 202 and b == {"accepted": 33}, b
+    s = _suggest(plane)
+    assert [r["services"] for r in s["rules"] if "tcp/5000" in r["services"]] == [["tcp/5000"]], s["rules"]
+    (flag,) = [f for f in s["flagged"] if f["kind"] == "unconfirmed"]
+    assert flag["reported_by"] == ["dst"] and flag["reporters"] == [WID], flag
+    assert "33 distinct ports" in flag["reason"] and WID in flag["reason"], flag
+    assert not [f for f in s["flagged"] if f["kind"] == "many-ports"], s["flagged"]

@@ -391,6 +391,14 @@ def suggest(
             ends[name] = labels_endpoint(policy, labels)
         return ends[name]
 
+    # one end's word about its peer is set apart before the ports are folded: folded with the
+    # flows its peer confirmed, it would count toward their many-ports fold (hiding a real flow)
+    # and lend them its reporters
+    if agents is not None:
+        doubtful = [c for c in pending if unconfirmed(c[0], agents) is not None]
+        pending = [c for c in pending if unconfirmed(c[0], agents) is None]
+        for o, _, _ in _collapsed(sug, doubtful, "unconfirmed"):
+            sug.flagged.append(Flagged("unconfirmed", unconfirmed(o, agents) or "", o))
     for o, s, d in _collapsed(sug, pending):
         if decide(policy, end(o.src, s), end(o.dst, d), o.proto, o.port).policy_verdict == "allow":
             # decided when ingested, under the policy of that day: the policy given allows it now
@@ -398,8 +406,6 @@ def suggest(
                 sug.pinned.append(o)
             else:
                 sug.skipped.append(Flagged("allowed-now", "the policy allows it now (it did not when it was seen)", o))
-        elif agents is not None and (why := unconfirmed(o, agents)) is not None:
-            sug.flagged.append(Flagged("unconfirmed", why, o))
         else:
             candidates.append((o, s, d))
 
@@ -438,10 +444,12 @@ def _rule_key(o: Observation, s: Mapping[str, str], d: Mapping[str, str]) -> tup
 
 
 def _collapsed(
-    sug: Suggestion, candidates: list[tuple[Observation, dict[str, str], dict[str, str]]]
+    sug: Suggestion,
+    candidates: list[tuple[Observation, dict[str, str], dict[str, str]]],
+    kind: str = "many-ports",
 ) -> list[tuple[Observation, dict[str, str], dict[str, str]]]:
     """The candidates but those of a rule that would name more than ``MAX_PORTS`` ports: each
-    such rule's flows are one flagged ``many-ports`` observation (its ports as a span)."""
+    such rule's flows are one flagged observation of ``kind`` (its ports as a span)."""
     by: dict[tuple[Any, ...], list[tuple[Observation, dict[str, str], dict[str, str]]]] = {}
     for c in candidates:
         by.setdefault(_rule_key(*c), []).append(c)
@@ -459,14 +467,13 @@ def _collapsed(
             sorted({b for o in obs for b in o.reported_by}), sorted({r for o in obs for r in o.reporters}),
             f"{first.proto}/{ports[0]}-{ports[-1]} ({len(ports)} ports)",
         )  # fmt: skip
-        sug.flagged.append(
-            Flagged(
-                "many-ports",
-                f"{len(ports)} distinct ports between these groups (more than {MAX_PORTS}): a scan, or one "
-                "host's reports naming every port; not proposed as a range: find out what it is",
-                one,
-            )
+        why = (
+            f"{len(ports)} distinct ports between these groups (more than {MAX_PORTS}): a scan, or one "
+            "host's reports naming every port; not proposed as a range: find out what it is"
         )
+        if kind == "unconfirmed":
+            why += f"; only the destination's agent reported them ({', '.join(one.reporters) or '?'})"
+        sug.flagged.append(Flagged(kind, why, one))
     return keep
 
 
