@@ -270,7 +270,9 @@ def test_admin_binding_grants_a_held_move_and_is_audited(env: Env) -> None:
     assert bound.principal.endswith("user/alice") and bound.reason == "INC-42"
 
 
-def test_quarantine_on_finding_when_configured(env: Env) -> None:
+def quarantine_mode_with_a_dev_web(env: Env) -> str:
+    """The example policy provisioned under ``on_privileged_change: quarantine`` (the real admin
+    route), the estate running, and one more web instance in env dev: its id."""
     from tests.aws.conftest import LABEL_TESTS, POLICY_DIR
 
     files = {p.name: p.read_text() for p in sorted(POLICY_DIR.glob("*.yaml")) if p.name != "tests.yaml"}
@@ -287,6 +289,11 @@ def test_quarantine_on_finding_when_configured(env: Env) -> None:
     [dev] = est["run"]("web", est["subnets"]["web"], 1, env="dev")
     env.put(env.state_event(dev, "running"))
     env.pump()
+    return str(dev)
+
+
+def test_quarantine_on_finding_when_configured(env: Env) -> None:
+    dev = quarantine_mode_with_a_dev_web(env)
     retag(env, dev, ESCALATION, DEVELOPER)
     rec = env.store.get(dev)
     assert rec.op_quarantined

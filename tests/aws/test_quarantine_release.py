@@ -16,7 +16,7 @@ import pytest
 
 from ringfence.clouds.aws.wiring import Wiring
 from ringfence.control.wiring import Config
-from tests.aws.conftest import LABEL_TESTS, POLICY_DIR, Env, ip_of
+from tests.aws.conftest import Env, ip_of
 from tests.aws.test_function_iam import (
     ATTACKER_FED,
     Recorder,
@@ -26,7 +26,7 @@ from tests.aws.test_function_iam import (
     sam_statements,
     terraform_statements,
 )
-from tests.aws.test_governance import DEVELOPER, ESCALATION, retag
+from tests.aws.test_governance import DEVELOPER, ESCALATION, quarantine_mode_with_a_dev_web, retag
 from tests.aws.test_pipeline import boot, in_set
 
 # the roles whose code quarantines (governance, under ``on_privileged_change: quarantine``)
@@ -150,21 +150,8 @@ def test_governance_quarantines_from_ingest_with_the_item_alone(env: Env) -> Non
     ingest (governance): the quarantine item put in a transaction with a check of the record,
     both granted to its role in both deployments, and nothing written on the record's
     ``op_quarantined``; the bundle signed is the quarantine bundle."""
-    files = {p.name: p.read_text() for p in sorted(POLICY_DIR.glob("*.yaml")) if p.name != "tests.yaml"}
-    files["labels.yaml"] = files["labels.yaml"].replace(
-        "on_privileged_change: hold", "on_privileged_change: quarantine"
-    )
-    files["tests.yaml"] = LABEL_TESTS
     rec = Recorder(env)
-    status, _, body = env.rest("admin", "POST", "/admin/policies", {"files": files, "reason": "quarantine mode"})
-    assert status == 201, body
-    est = env.estate()
-    for ids in est["ids"].values():
-        for iid in ids:
-            env.put(env.state_event(iid, "running"))
-    [dev] = est["run"]("web", est["subnets"]["web"], 1, env="dev")
-    env.put(env.state_event(dev, "running"))
-    env.pump()
+    dev = quarantine_mode_with_a_dev_web(env)
     retag(env, dev, ESCALATION, DEVELOPER)
     assert env.store.get(dev).op_quarantined  # type: ignore[union-attr]
     assert env.bundle(dev).quarantined
