@@ -101,6 +101,12 @@ def _utc(t: float | None) -> str:
 
 ENFORCE_RETRY_MAX = 30.0  # at most this long between two tries to program the kernel at all
 
+# A report answered 429 (the workload's report quota) holds further reports, and only reports,
+# for its Retry-After (none given: one report_interval), at most this long: a broken or hostile
+# server's "Retry-After: 86400" must not silence a host's reports for a day. The batches wait in
+# the spool meanwhile; bundle syncs and heartbeats go on.
+REPORTS_HOLD_MAX = 3600.0
+
 # the Ed25519 base point: a well-formed public key no one holds the private key of
 _NOBODYS_KEY = bytes.fromhex("58" + "66" * 31)
 
@@ -301,6 +307,7 @@ class Daemon:
         self.collector = DropCollector()
         self.counters: dict[str, int] = {}
         self.flow_source = FlowSource()
+        self.reports_held_until = 0.0  # monotonic: no report is sent before (a 429's Retry-After)
         self.last_message = ""
         self.contact_error = ""
         try:
@@ -421,7 +428,7 @@ class Daemon:
                     if hb_latest is not None and hb_latest > (self.agent.revision or -1) and hb_latest != chased:
                         latest = chased = hb_latest
                         continue
-                if now - last_report >= self.cfg.report_interval or once:
+                if (now - last_report >= self.cfg.report_interval or once) and now >= self.reports_held_until:
                     self.send_reports()
                     last_report = now
                 if once:
@@ -841,10 +848,21 @@ class Daemon:
         for i, batch in enumerate(batches):
             try:
                 self.source.report(batch)
-            except Unreachable:
+            except Unreachable as exc:
                 for b in batches[i:]:
                     self.spool.append(b)  # try again later, within the spool's byte cap
-                raise
+                if not exc.throttled:
+                    raise
+                # over the report quota: raised, the backoff of the loop would be reset by the
+                # next good sync and the spool sent again every second or two until the quota
+                # came back; reports alone wait, syncs and heartbeats go on
+                wait = self.cfg.report_interval if exc.retry_after is None else exc.retry_after
+                held = min(REPORTS_HOLD_MAX, wait)
+                self.reports_held_until = time.monotonic() + held
+                self.state.update_status(incr={"reports_throttled": 1})
+                given = "no Retry-After" if exc.retry_after is None else f"Retry-After {exc.retry_after:g}s"
+                log(f"{exc} ({given}): reports held {held:.0f}s, {len(batches) - i} batches spooled")
+                return
             except SourceError as exc:
                 # refused (4xx): resending the same batch cannot help; count it as discarded
                 self.drops.discarded += len(batch.drops)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import http.client
 import json
 import ssl
@@ -103,7 +105,39 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 class Unreachable(Exception):
-    """The source cannot be reached now (network, 5xx, 429): back off and keep enforcing."""
+    """The source cannot be reached now (network, 5xx, 429): back off and keep enforcing.
+    ``throttled``: the answer was a 429; ``retry_after``: its ``Retry-After`` in seconds, as the
+    server gave it (None: none, or unreadable; the daemon caps it)."""
+
+    def __init__(self, message: str, throttled: bool = False, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.throttled = throttled
+        self.retry_after = retry_after
+
+
+def retry_after(headers: Any, now: float | None = None) -> float | None:
+    """A ``Retry-After`` header's seconds (delta-seconds or an HTTP date; RFC 9110), at least 0;
+    None when there is none or it does not read. ``headers``: a mapping or an email Message."""
+    raw = next((str(v) for k, v in headers.items() if str(k).lower() == "retry-after"), None) if headers else None
+    if raw is None:
+        return None
+    raw = raw.strip()
+    if raw.isascii() and raw.isdigit():
+        return float(raw)
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # an HTTP date is GMT
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _unreachable(where: str, status: int, headers: Any) -> Unreachable:
+    """A 5xx or 429 answer as :class:`Unreachable` (a 429 with its ``Retry-After``)."""
+    if status == 429:
+        return Unreachable(f"{where}: HTTP 429", throttled=True, retry_after=retry_after(headers))
+    return Unreachable(f"{where}: HTTP {status}")
 
 
 class SourceError(Exception):
@@ -186,7 +220,7 @@ def _http(
         except urllib.error.HTTPError as exc:
             status = exc.code
             if status >= 500 or status == 429:
-                raise Unreachable(f"{where}: HTTP {status}") from None
+                raise _unreachable(where, status, exc.headers) from None
             payload = exc.read(MAX_ERROR_BYTES) if exc.fp is not None else b""
             return status, dict(exc.headers.items()) if exc.headers else {}, payload
     except http.client.HTTPException as exc:  # first: RemoteDisconnected is an OSError too
@@ -260,7 +294,7 @@ class Connections:
         status, hdrs = resp.status, dict(resp.headers.items())
         try:
             if status >= 500 or status == 429:
-                raise Unreachable(f"{where}: HTTP {status}")
+                raise _unreachable(where, status, hdrs)
             # an answer in full, or what is kept of another (304, 404, 409…) for messages
             payload = _read_body(resp, limit, where) if 200 <= status < 300 else resp.read(MAX_ERROR_BYTES)
         except BaseException:
