@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import hcl2
 import httpx
 import pytest
 
@@ -21,7 +20,7 @@ from tests.aws.conftest import Env
 from tests.aws.test_handler_metrics import emitted
 from tests.aws.test_pipeline import boot
 from tests.aws.test_serve import policy_files
-from tests.aws.test_static import ROOT, template, unquote
+from tests.aws.test_static import ROOT, hcl, template
 
 RESPONDERS = "arn:aws:iam::123456789012:role/ringfence/IncidentResponders"
 JANE = "arn:aws:sts::123456789012:assumed-role/IncidentResponders/jane"  # a session of that role
@@ -203,7 +202,7 @@ def test_admin_api_resource_policy_and_alarm_in_sam_and_terraform() -> None:
     alarm = res["SafeguardsLoweredAlarm"]["Properties"]
     assert alarm["MetricName"] == "SafeguardsLowered" and alarm["Namespace"] == "Ringfence"
 
-    api = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/api.tf").read_text()))
+    api = hcl(ROOT / "infra/modules/ringfence/api.tf")
     (doc,) = [
         b["aws_iam_policy_document"]["admin_api"]
         for b in api["data"]

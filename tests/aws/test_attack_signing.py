@@ -10,7 +10,6 @@ import json
 import os
 from typing import Any
 
-import hcl2
 import pytest
 
 from ringfence import bundle
@@ -18,7 +17,7 @@ from ringfence.control.wiring import NoSigningKey
 from tests.aws.conftest import Env, LambdaContext, ip_of, rest_event
 from tests.aws.test_agent_api import auth
 from tests.aws.test_pipeline import boot, enroll_instance
-from tests.aws.test_static import ROOT, template, unquote
+from tests.aws.test_static import ROOT, hcl, template
 
 KEY_ACTIONS = ("secretsmanager:", "ssm:GetParameter", "kms:Sign")
 
@@ -84,7 +83,7 @@ def test_attack_agent_api_function_holds_no_signing_key_in_sam() -> None:
 def test_attack_agent_api_function_holds_no_signing_key_in_terraform() -> None:
     mod = ROOT / "infra/modules/ringfence"
     loc: dict[str, Any] = {}
-    for block in unquote(hcl2.loads((mod / "lambda.tf").read_text())).get("locals", []):
+    for block in hcl(mod / "lambda.tf").get("locals", []):
         loc.update(block)
     text = (mod / "lambda.tf").read_text()
     assert "RINGFENCE_SIGNING_KEY" not in json.dumps(loc["common_env"])

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-import hcl2
 import pytest
 from botocore.exceptions import ClientError
 
@@ -38,7 +37,7 @@ from tests.aws.test_function_iam import (
     terraform_statements,
 )
 from tests.aws.test_pipeline import _scheduled
-from tests.aws.test_static import template, unquote
+from tests.aws.test_static import hcl, template
 
 ROOT = Path(__file__).resolve().parents[2]
 BUCKET = "rf-audit-anchors"
@@ -323,7 +322,7 @@ def test_the_anchor_bucket_locks_in_compliance_mode_and_only_the_anchor_function
         1,
     )
     assert stopped["TreatMissingData"] == "breaching" and stopped["Dimensions"] == alarm["Dimensions"]
-    alarms = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/alarms.tf").read_text()))
+    alarms = hcl(ROOT / "infra/modules/ringfence/alarms.tf")
     (tf_stopped_alarm,) = [
         v for b in alarms["resource"] for named in b.values() for n, v in named.items() if n == "anchor_stopped"
     ]
@@ -335,7 +334,7 @@ def test_the_anchor_bucket_locks_in_compliance_mode_and_only_the_anchor_function
         {"FunctionName": '${aws_lambda_function.fn["anchor"].function_name}'},
     )
 
-    main = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/main.tf").read_text()))
+    main = hcl(ROOT / "infra/modules/ringfence/main.tf")
     resources: dict[str, dict[str, Any]] = {}
     for block in main["resource"]:
         for kind, named in block.items():
@@ -360,12 +359,12 @@ def test_the_anchor_bucket_locks_in_compliance_mode_and_only_the_anchor_function
         "aws:PrincipalArn",
         ['${aws_iam_role.fn["anchor"].arn}'],
     )
-    tf_fns = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/lambda.tf").read_text()))
+    tf_fns = hcl(ROOT / "infra/modules/ringfence/lambda.tf")
     loc: dict[str, Any] = {}
     for block in tf_fns["locals"]:
         loc.update(block)
     assert loc["functions"]["anchor"]["env"] == {"RINGFENCE_ANCHOR_BUCKET": "${aws_s3_bucket.anchors.id}"}
-    outputs = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/outputs.tf").read_text()))
+    outputs = hcl(ROOT / "infra/modules/ringfence/outputs.tf")
     assert any(
         o.get("audit_anchor_bucket", {}).get("value") == "${aws_s3_bucket.anchors.id}" for o in outputs["output"]
     )

@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import hcl2
 import httpx
 
 from ringfence import serve
 from ringfence.agentwire import API_PREFIX, ROUTES
 from ringfence.control.wiring import Config
 from ringfence.routes.openapi import documents
-from tests.aws.test_static import ROOT, template, unquote
+from tests.aws.test_static import ROOT, hcl, template
 
 Route = tuple[str, str]  # (METHOD, /path/{id}/...)
 
@@ -35,7 +34,7 @@ def sam_routes(function: str) -> set[Route]:
 
 
 def terraform_locals(name: str) -> dict[str, Any]:
-    doc = unquote(hcl2.loads((ROOT / "infra" / "modules" / "ringfence" / name).read_text()))
+    doc = hcl(ROOT / "infra" / "modules" / "ringfence" / name)
     out: dict[str, Any] = {}
     for block in doc["locals"]:
         out.update(block)

@@ -23,7 +23,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import hcl2
 import pytest
 
 from ringfence.local.lambdas import load_functions
@@ -32,7 +31,7 @@ from tests.aws.test_agent_api import enroll_pairing, give_instance_profile, regi
 from tests.aws.test_attack_token_renewal import renew
 from tests.aws.test_lifecycle_gate import heartbeat, launch
 from tests.aws.test_pipeline import AgentKey, _scheduled, agent_key, boot, enroll_iid, enroll_instance, iid_document
-from tests.aws.test_static import cfn_conditions, template, tf_conditions, unquote
+from tests.aws.test_static import cfn_conditions, hcl, template, tf_conditions
 
 ROOT = Path(__file__).resolve().parents[2]
 TABLES = {f"rf-{t}": t for t in ("state", "inventory", "audit", "idempotency")}
@@ -139,7 +138,7 @@ def _tf_resource(r: str) -> str:
 
 def terraform_statements(fn: str = "agentapi") -> list[Statement]:
     """Every statement of the function's role in infra/ (shared locals resolved)."""
-    lam = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/lambda.tf").read_text()))
+    lam = hcl(ROOT / "infra/modules/ringfence/lambda.tf")
     loc: dict[str, Any] = {}
     for block in lam.get("locals", []):
         loc.update(block)
@@ -748,7 +747,7 @@ def _sam_siem(fn: str) -> set[str]:
 
 
 def _tf_siem_writers() -> set[str]:
-    siem = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/siem.tf").read_text()))
+    siem = hcl(ROOT / "infra/modules/ringfence/siem.tf")
     writers = next(b["siem_writers"] for b in siem["locals"] if "siem_writers" in b)
     lam = (ROOT / "infra/modules/ringfence/lambda.tf").read_text()
     # the role's Siem statements are given to exactly these (eventbridge and cloudwatch alike)

@@ -10,12 +10,11 @@ from __future__ import annotations
 import fnmatch
 from typing import Any
 
-import hcl2
 import pytest
 
 from ringfence.clouds.aws.sg import TAG
 from ringfence.model import DEFAULT_KEY_PREFIX, LabelsConfig
-from tests.aws.test_static import ROOT, _CfnLoader, unquote
+from tests.aws.test_static import ROOT, _CfnLoader, hcl
 
 TAG_WRITES = {"ec2:CreateTags", "ec2:DeleteTags", "ec2:RunInstances"}
 # a tagger pattern with * for the account trusts a role of that name in every account: making one,
@@ -59,7 +58,7 @@ def test_cloudformation_denies_label_key_writes_but_to_taggers() -> None:
 
 
 def test_terraform_module_denies_the_same_actions() -> None:
-    doc = unquote(hcl2.loads((ROOT / "infra" / "modules" / "label-guard" / "main.tf").read_text()))
+    doc = hcl(ROOT / "infra" / "modules" / "label-guard" / "main.tf")
     [local] = doc["locals"]
     tf_actions = set(local["ec2_actions"]) | set(local["asg_actions"])
     cfn_actions = set(cfn()["Resources"]["LabelGuardPolicy"]["Properties"]["PolicyDocument"]["Statement"][0]["Action"])
@@ -140,7 +139,7 @@ def cfn_guard(doc_name: str, perimeter: list[str]) -> Guard:
 
 
 def tf_guard(perimeter: list[str]) -> Guard:
-    doc = unquote(hcl2.loads((ROOT / "infra" / "modules" / "label-guard" / "main.tf").read_text()))
+    doc = hcl(ROOT / "infra" / "modules" / "label-guard" / "main.tf")
     [local] = doc["locals"]
     var = {
         "local.condition.keys": [DEFAULT_KEY_PREFIX + "*"],
@@ -256,7 +255,7 @@ def test_the_perimeter_may_tag_the_groups_it_creates_and_no_one_else_may(
 
 
 def test_both_guards_default_to_the_member_perimeter_role() -> None:
-    doc = unquote(hcl2.loads((ROOT / "infra" / "modules" / "label-guard" / "main.tf").read_text()))
+    doc = hcl(ROOT / "infra" / "modules" / "label-guard" / "main.tf")
     tf_default = next(v for v in doc["variable"] if "perimeter_principal_arns" in v)["perimeter_principal_arns"][
         "default"
     ]

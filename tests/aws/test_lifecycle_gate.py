@@ -13,12 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import hcl2
 import pytest
 
 from tests.aws.conftest import Env
 from tests.aws.test_pipeline import boot, enroll_instance
-from tests.aws.test_static import template, unquote
+from tests.aws.test_static import hcl, template
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -247,7 +246,7 @@ def test_only_compute_may_complete_lifecycle_actions_in_both_deployments() -> No
     assert params["LifecycleGate"]["Default"] == "publish"
     assert params["LifecycleGate"]["AllowedValues"] == ["publish", "agent"]
 
-    lam = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/lambda.tf").read_text()))
+    lam = hcl(ROOT / "infra/modules/ringfence/lambda.tf")
     loc: dict[str, Any] = {}
     for block in lam.get("locals", []):
         loc.update(block)

@@ -13,10 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import hcl2
-
 from ringfence.clouds.aws.sg import TAG
-from tests.aws.test_static import ROOT, cfn_conditions, template, tf_conditions, unquote
+from tests.aws.test_static import ROOT, cfn_conditions, hcl, template, tf_conditions
 
 ACCOUNT, REGION = "123456789012", "ca-central-1"
 MANAGED = f"arn:aws:ec2:{REGION}:{ACCOUNT}:vpc/vpc-managed"
@@ -87,7 +85,7 @@ def sam_role() -> list[Statement]:
 
 
 def terraform_role() -> list[Statement]:
-    doc = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/lambda.tf").read_text()))
+    doc = hcl(ROOT / "infra/modules/ringfence/lambda.tf")
     loc: dict[str, Any] = {}
     for block in doc["locals"]:
         loc.update(block)

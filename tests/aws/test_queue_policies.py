@@ -12,9 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import hcl2
-
-from tests.aws.test_static import ROOT, template, unquote
+from tests.aws.test_static import ROOT, hcl, template, unquote
 
 ATTACKER = "arn:aws:iam::123456789012:role/developer-with-sqs-star"
 
@@ -174,7 +172,7 @@ def test_attack_forged_sender_is_refused_by_every_template_queue() -> None:
 
 
 def _tf(name: str) -> dict[str, Any]:
-    return dict(unquote(hcl2.loads((ROOT / "infra/modules/ringfence" / name).read_text())))
+    return dict(hcl(ROOT / "infra/modules/ringfence" / name))
 
 
 def _locals(doc: dict[str, Any]) -> dict[str, Any]:

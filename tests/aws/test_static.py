@@ -3,6 +3,8 @@ infra/ match the library's patterns. (cfn-lint and checkov run in `make static-a
 
 from __future__ import annotations
 
+import copy
+import functools
 import re
 from pathlib import Path
 from typing import Any
@@ -41,8 +43,25 @@ def unquote(v: Any) -> Any:
     return v
 
 
+# parsed once per text (a parse takes ~0.3 s and the IAM tests read the deployments hundreds of
+# times); callers get their own copy
+@functools.cache
+def _parsed_template(text: str) -> dict[str, Any]:
+    return yaml.load(text, Loader=_CfnLoader)
+
+
+@functools.cache
+def _parsed_hcl(text: str) -> dict[str, Any]:
+    return unquote(hcl2.loads(text))
+
+
 def template() -> dict[str, Any]:
-    return yaml.load((ROOT / "template.yaml").read_text(), Loader=_CfnLoader)
+    return copy.deepcopy(_parsed_template((ROOT / "template.yaml").read_text()))
+
+
+def hcl(path: Path) -> dict[str, Any]:
+    """A Terraform file parsed (python-hcl2), string literals unquoted."""
+    return copy.deepcopy(_parsed_hcl(path.read_text()))
 
 
 def cfn_conditions(statement: dict[str, Any]) -> dict[str, Any]:
@@ -64,7 +83,7 @@ def test_terraform_parses() -> None:
     assert len(files) >= 6
     resources: set[str] = set()
     for f in files:
-        doc = unquote(hcl2.loads(f.read_text()))
+        doc = hcl(f)
         for block in doc.get("resource", []):
             resources.update(block)
     for kind in (
@@ -87,7 +106,7 @@ def test_template_rules_match_library_patterns() -> None:
 
 
 def test_terraform_rules_match_library_patterns() -> None:
-    main = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/main.tf").read_text()))
+    main = hcl(ROOT / "infra/modules/ringfence/main.tf")
     loc: dict[str, Any] = {}
     for block in main.get("locals", []):
         loc.update(block)
@@ -148,7 +167,7 @@ def _keys(block: dict[str, Any]) -> set[str]:
 def _variables(directory: Path) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for f in sorted(directory.glob("*.tf")):
-        for block in unquote(hcl2.loads(f.read_text())).get("variable", []):
+        for block in hcl(f).get("variable", []):
             out.update({k: v for k, v in block.items() if not k.startswith("__")})
     return out
 
@@ -158,7 +177,7 @@ def test_basic_example_inputs_line_up() -> None:
     the module only arguments the module declares, and every argument the module requires."""
     example = ROOT / "infra/examples/basic"
     declared = _variables(example)
-    tfvars = unquote(hcl2.loads((example / "terraform.tfvars.example").read_text()))
+    tfvars = hcl(example / "terraform.tfvars.example")
     assert _keys(tfvars) <= set(declared), _keys(tfvars) - set(declared)
     required = {name for name, v in declared.items() if "default" not in v}
     assert required <= _keys(tfvars), required - _keys(tfvars)
@@ -166,7 +185,7 @@ def test_basic_example_inputs_line_up() -> None:
     assert required == {"control_account", "admin_roles"}
     assert declared["signing_key_source"]["default"] == "kms"
     assert tfvars["control_account"] != "" and len(tfvars["control_account"]) == 12
-    main = unquote(hcl2.loads((example / "main.tf").read_text()))
+    main = hcl(example / "main.tf")
     (call,) = [m["ringfence"] for m in main["module"]]
     module_vars = _variables(ROOT / "infra/modules/ringfence")
     passed = _keys(call) - {"source"}
@@ -210,7 +229,7 @@ def test_compute_failures_and_a_stuck_compute_queue_are_alarmed() -> None:
         str({"GetAtt": "PublishQueue.QueueName"}),
     ]
     assert any(a["Dimensions"] == [{"Name": "QueueName", "Value": {"GetAtt": "PublishDLQ.QueueName"}}] for a in alarms)
-    tf = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/alarms.tf").read_text()))
+    tf = hcl(ROOT / "infra/modules/ringfence/alarms.tf")
     loc: dict[str, Any] = {}
     for block in tf.get("locals", []):
         loc.update(block)
@@ -245,7 +264,7 @@ def test_a_refused_staged_bundle_is_alarmed_on_its_own_in_both_deployments() -> 
     assert sam[0]["Dimensions"] == [{"Name": "service", "Value": "ringfence"}]
     assert sam[0]["Threshold"] == 0 and sam[0]["AlarmActions"] == [{"Ref": "AlarmTopic"}]
     assert "tampering" in sam[0]["AlarmDescription"] and "per attempt" in sam[0]["AlarmDescription"]
-    tf = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/alarms.tf").read_text()))
+    tf = hcl(ROOT / "infra/modules/ringfence/alarms.tf")
     loc: dict[str, Any] = {}
     for block in tf.get("locals", []):
         loc.update(block)
@@ -266,7 +285,7 @@ def test_perimeter_failures_look_alikes_and_failed_scheduled_runs_are_alarmed_al
         if r["Type"] == "AWS::CloudWatch::Alarm"
         and r["Properties"]["MetricName"] in ("PerimeterPlacesFailed", "PerimeterGroupsRefused")
     }
-    tf = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/alarms.tf").read_text()))
+    tf = hcl(ROOT / "infra/modules/ringfence/alarms.tf")
     loc: dict[str, Any] = {}
     for block in tf.get("locals", []):
         loc.update(block)
@@ -317,7 +336,7 @@ def test_perimeter_iam_changes_and_deletes_only_tagged_groups_in_both_deployment
     env = res["PerimeterFunction"]["Properties"]["Events"]
     assert env["Queue"]["Properties"]["Queue"] == {"GetAtt": "PerimeterQueue.Arn"}
 
-    lam = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/lambda.tf").read_text()))
+    lam = hcl(ROOT / "infra/modules/ringfence/lambda.tf")
     loc: dict[str, Any] = {}
     for block in lam.get("locals", []):
         loc.update(block)
@@ -421,7 +440,7 @@ def test_no_function_may_put_delete_or_query_inventory_records_or_scan_the_state
             for t in targets:
                 table = t.get("GetAtt", "").removesuffix(".Arn") if isinstance(t, dict) else ""
                 assert not (set(st["Action"]) & unused.get(table, set())), (name, table, st["Action"])
-    lam = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/lambda.tf").read_text()))
+    lam = hcl(ROOT / "infra/modules/ringfence/lambda.tf")
     loc: dict[str, Any] = {}
     for block in lam.get("locals", []):
         loc.update(block)
@@ -452,7 +471,7 @@ def test_member_roles_are_assumed_only_in_the_named_organization_in_both_deploym
                 cond = {"StringEquals": {"aws:ResourceOrgID": {"Ref": "MemberOrganizationId"}}}
                 assert st.get("Condition") == {"If": ["WithMemberOrg", cond, {"Ref": "AWS::NoValue"}]}, name
     assert assuming == 6  # four read-only, one the perimeter's, one compute's (lifecycle)
-    lam = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/lambda.tf").read_text()))
+    lam = hcl(ROOT / "infra/modules/ringfence/lambda.tf")
     loc: dict[str, Any] = {}
     for block in lam.get("locals", []):
         loc.update(block)
@@ -483,7 +502,7 @@ def test_only_the_perimeter_may_assume_the_perimeter_role_and_no_read_only_one()
     env = template()["Resources"]["PerimeterFunction"]["Properties"]["Environment"]["Variables"]
     assert env["RINGFENCE_PERIMETER_ACCOUNT_ROLES"] == {"Ref": "PerimeterAccountRoles"}
 
-    lam = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/lambda.tf").read_text()))
+    lam = hcl(ROOT / "infra/modules/ringfence/lambda.tf")
     loc: dict[str, Any] = {}
     for block in lam.get("locals", []):
         loc.update(block)
@@ -611,7 +630,7 @@ def test_both_deployments_output_the_role_arns_the_member_roles_trust() -> None:
         ("modules/ringfence", 'aws_iam_role.fn["{}"].arn'),
         ("examples/basic", "module.ringfence.{}_role_arn"),
     ):
-        doc = unquote(hcl2.loads((ROOT / "infra" / directory / "outputs.tf").read_text()))
+        doc = hcl(ROOT / "infra" / directory / "outputs.tf")
         tf = {name: body["value"] for block in doc["output"] for name, body in block.items()}
         for fn in ("compute", "perimeter"):
             assert tf[f"{fn}_role_arn"] == "${" + value.format(fn) + "}", (directory, fn)
@@ -638,7 +657,7 @@ def test_both_deployments_rate_limit_the_agent_apis_unauthenticated_routes_per_a
     assert assoc["WebACLArn"] == {"GetAtt": "AgentApiWebAcl.Arn"}
     assert assoc["ResourceArn"]["Sub"][1] == {"Api": {"Ref": "AgentApi"}, "Stage": {"Ref": "AgentApi.Stage"}}
 
-    api = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/api.tf").read_text()))
+    api = hcl(ROOT / "infra/modules/ringfence/api.tf")
     resources = {
         (kind, name): body for block in api["resource"] for kind, v in block.items() for name, body in v.items()
     }

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import hcl2
 import pytest
 
-from tests.aws.test_static import ROOT, template, unquote
+from tests.aws.test_static import ROOT, hcl, template
 
 ALARMED = {"GcpZonesUnreachable": "WithGcp", "AzureEventsMalformed": "WithAzure"}
 
@@ -29,7 +28,7 @@ def test_cloud_metric_is_alarmed_in_sam_and_terraform(metric: str) -> None:
     assert sam[0].get("Condition") == ALARMED[metric]
     assert sam[0]["Properties"]["Dimensions"] == [{"Name": "service", "Value": "ringfence"}]
     assert sam[0]["Properties"]["AlarmActions"] == [{"Ref": "AlarmTopic"}]
-    tf = unquote(hcl2.loads((ROOT / "infra/modules/ringfence/alarms.tf").read_text()))
+    tf = hcl(ROOT / "infra/modules/ringfence/alarms.tf")
     loc: dict[str, Any] = {}
     for block in tf.get("locals", []):
         loc.update(block)
