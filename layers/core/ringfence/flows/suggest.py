@@ -395,11 +395,11 @@ def suggest(
     # flows its peer confirmed, it would count toward their many-ports fold (hiding a real flow)
     # and lend them its reporters
     if agents is not None:
-        why = {id(c[0]): unconfirmed(c[0], agents) for c in pending}  # once per flow
-        doubtful = [c for c in pending if why[id(c[0])] is not None]
-        pending = [c for c in pending if why[id(c[0])] is None]
+        doubt = {id(c[0]): unconfirmed(c[0], agents) for c in pending}  # once per flow
+        doubtful = [c for c in pending if doubt[id(c[0])] is not None]
+        pending = [c for c in pending if doubt[id(c[0])] is None]
         for o, _, _ in _collapsed(sug, doubtful, "unconfirmed"):  # the flows themselves, not folded
-            sug.flagged.append(Flagged("unconfirmed", why[id(o)] or "", o))
+            sug.flagged.append(Flagged("unconfirmed", doubt[id(o)] or "", o))
     for o, s, d in _collapsed(sug, pending):
         if decide(policy, end(o.src, s), end(o.dst, d), o.proto, o.port).policy_verdict == "allow":
             # decided when ingested, under the policy of that day: the policy given allows it now
