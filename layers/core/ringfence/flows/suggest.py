@@ -36,9 +36,9 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import yaml
 
@@ -57,10 +57,13 @@ _PLAIN = re.compile(r"^[A-Za-z0-9_.:/-]+$")
 # More distinct ports than this between the ends of one rule (a port scan, or one host's reports
 # naming every port) are one flagged observation, never a rule: no proposed range is wider.
 MAX_PORTS = 32
-# Tests (one per proposed or pinned flow) in one suggestion at most; past it the flows seen least
-# are left out and named (``left_out``): a file of thousands of tests is reviewed by no one, and
-# the loader refuses documents past its size limit.
+# Tests (one per proposed or pinned flow) in one suggestion at most; past it the room is shared
+# among who reported the flows (:func:`_fair`), each one's flows seen least left out and the
+# reporters named (``left_out``): a file of thousands of tests is reviewed by no one, and the
+# loader refuses documents past its size limit.
 MAX_TESTS = 1_000
+LEFT_OUT_NAMED = 10  # reporters named in a left_out line at most (the rest counted)
+_T = TypeVar("_T")
 
 
 class SuggestError(ValueError):
@@ -481,22 +484,80 @@ def _collapsed(
 def _bounded(
     sug: Suggestion, candidates: list[tuple[Observation, dict[str, str], dict[str, str]]]
 ) -> list[tuple[Observation, dict[str, str], dict[str, str]]]:
-    """At most ``MAX_TESTS`` tests: the flows seen most kept (proposed first, then pinned), the
-    rest left out and named in ``left_out``."""
+    """At most ``MAX_TESTS`` tests, proposed flows first, then pinned ones, each shared fairly
+    among who reported them (:func:`_fair`); what is left out is counted in ``left_out`` with
+    the reporters of those flows."""
     if len(candidates) + len(sug.pinned) <= MAX_TESTS:
         return candidates
-    ranked = sorted(candidates, key=lambda c: (-c[0].flows, c[0].src, c[0].dst, c[0].port or 0))
-    keep = ranked[:MAX_TESTS]
-    if len(ranked) > len(keep):
+    keep, left = _fair(candidates, MAX_TESTS, lambda c: c[0])
+    keep.sort(key=lambda c: (-c[0].flows, c[0].src, c[0].dst, c[0].port or 0))
+    if len(candidates) > len(keep):
         sug.left_out.append(
-            f"{len(ranked) - len(keep)} flows to propose, those seen least (more than {MAX_TESTS} tests): "
+            f"{len(candidates) - len(keep)} flows to propose (more than {MAX_TESTS} tests; the room is shared "
+            f"among the reporters, each one's flows seen least left out), reported by {_named(left)}: "
             "narrow it with min_flows or env"
         )
     room = MAX_TESTS - len(keep)
     if len(sug.pinned) > room:
-        sug.left_out.append(f"{len(sug.pinned) - room} allowed flows to pin (more than {MAX_TESTS} tests)")
-        sug.pinned = sorted(sug.pinned, key=lambda o: -o.flows)[:room]
+        pinned, left = _fair(sug.pinned, room, lambda o: o)
+        sug.left_out.append(
+            f"{len(sug.pinned) - len(pinned)} allowed flows to pin (more than {MAX_TESTS} tests), "
+            f"reported by {_named(left)}"
+        )
+        sug.pinned = sorted(pinned, key=lambda o: -o.flows)
     return keep
+
+
+def _evidence(o: Observation) -> list[str]:
+    """Who vouches for ``o``, for its share of the bound: each agent's workload that reported it,
+    ``vpc`` (flow logs), or ``(not recorded)`` (a row stored before reporters were)."""
+    return [*o.reporters, *(["vpc"] if "vpc" in o.reported_by else [])] or ["(not recorded)"]
+
+
+def _fair(items: list[_T], most: int, obs: Callable[[_T], Observation]) -> tuple[list[_T], dict[str, int]]:
+    """At most ``most`` of ``items`` (kept in their order), shared among who reported them
+    (:func:`_evidence`): round by round each reporter's next flow, the one it saw most, is kept.
+    A reporter with few flows keeps them all whatever another reports: one compromised host's
+    thousand flows, each claimed seen a billion times, take only the room the others leave
+    (ranked by count alone, they pushed every other flow out). Also, per reporter, how many of
+    the flows it reported were left out."""
+    if len(items) <= most:
+        return list(items), {}
+    queues: dict[str, list[int]] = {}
+    for i, item in enumerate(items):
+        for who in _evidence(obs(item)):
+            queues.setdefault(who, []).append(i)
+    for q in queues.values():
+        q.sort(key=lambda i: (-obs(items[i]).flows, obs(items[i]).src, obs(items[i]).dst, obs(items[i]).port or 0))
+    kept: set[int] = set()
+    at = dict.fromkeys(queues, 0)
+    order = sorted(queues)
+    while len(kept) < most:
+        took = False
+        for who in order:
+            q = queues[who]
+            while at[who] < len(q) and q[at[who]] in kept:  # kept through another reporter
+                at[who] += 1
+            if at[who] < len(q) and len(kept) < most:
+                kept.add(q[at[who]])
+                at[who] += 1
+                took = True
+        if not took:
+            break
+    left: dict[str, int] = {}
+    for i, item in enumerate(items):
+        if i not in kept:
+            for who in _evidence(obs(item)):
+                left[who] = left.get(who, 0) + 1
+    return [item for i, item in enumerate(items) if i in kept], left
+
+
+def _named(left: Mapping[str, int]) -> str:
+    """``dc3-app-1 (980), vpc (3)``: the reporters of what was left out, most first."""
+    ranked = sorted(left.items(), key=lambda kv: (-kv[1], kv[0]))
+    text = ", ".join(f"{who} ({n})" for who, n in ranked[:LEFT_OUT_NAMED])
+    more = len(ranked) - LEFT_OUT_NAMED
+    return text + (f" and {more} more" if more > 0 else "")
 
 
 def _build(
