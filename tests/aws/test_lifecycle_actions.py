@@ -15,14 +15,10 @@ from typing import Any
 import pytest
 
 from tests.aws.conftest import REGION, Env
+from tests.aws.lifecycle_setup import launch_action, pending, scale_out_with_launch_hooks
 from tests.aws.test_handler_metrics import emitted
 from tests.aws.test_lifecycle_gate import Calls, gated, heartbeat, launch, rf_groups_on_enis, state  # noqa: F401
 from tests.aws.test_pipeline import boot, enroll_instance
-
-
-def _pending(env: Env, iid: str) -> dict[str, str]:
-    """Hook name → token of the actions Auto Scaling waits on for ``iid``."""
-    return {a.hook_name: a.token for a in env.aws.lifecycle_actions() if a.instance_id == iid}
 
 
 def test_a_second_launch_action_of_the_same_instance_is_completed(gated: Env) -> None:  # noqa: F811
@@ -31,19 +27,7 @@ def test_a_second_launch_action_of_the_same_instance_is_completed(gated: Env) ->
     instance until both actions are completed; the second action reaches Ringfence only after the
     first was released (as a warm pool's does)."""
     env = gated
-    boot(env)
-    for hook in ("rf-hook", "rf-hook-warm"):
-        env.asg.put_lifecycle_hook(
-            LifecycleHookName=hook,
-            AutoScalingGroupName="rf-web-asg",
-            LifecycleTransition="autoscaling:EC2_INSTANCE_LAUNCHING",
-            HeartbeatTimeout=300,
-            DefaultResult="ABANDON",
-        )
-    env.asg.set_desired_capacity(AutoScalingGroupName="rf-web-asg", DesiredCapacity=1)
-    (second,) = env.asg_instances()
-    tokens = _pending(env, second)
-    assert set(tokens) == {"rf-hook", "rf-hook-warm"}
+    second, tokens = scale_out_with_launch_hooks(env, ("rf-hook", "rf-hook-warm"))
     first = env.lifecycle_event(second, launching=True)
     first["detail"].update({"LifecycleActionToken": tokens["rf-hook"], "Destination": "WarmPool"})
     env.put(first)
@@ -55,18 +39,11 @@ def test_a_second_launch_action_of_the_same_instance_is_completed(gated: Env) ->
     env.drain("compute", "compute")
     hold = env.store.launch_hold(second)
     assert hold is not None and hold.outcome == "continue" and hold.token == tokens["rf-hook"]
-    assert set(_pending(env, second)) == {"rf-hook-warm"} and state(env, second) == "Pending:Wait"
+    assert set(pending(env, second)) == {"rf-hook-warm"} and state(env, second) == "Pending:Wait"
 
     calls = Calls(env)
-    ev = env.lifecycle_event(second, launching=True)
-    ev["id"] = str(uuid.uuid4())
-    ev["detail"].update(
-        {
-            "LifecycleHookName": "rf-hook-warm",
-            "LifecycleActionToken": tokens["rf-hook-warm"],
-            "Origin": "WarmPool",
-            "Destination": "AutoScalingGroup",
-        }
+    ev = launch_action(
+        env, second, "rf-hook-warm", tokens["rf-hook-warm"], Origin="WarmPool", Destination="AutoScalingGroup"
     )
     env.put(ev)
     env.pump()  # its agent enforces already: the perimeter's hand-off releases it
@@ -133,7 +110,7 @@ def test_a_copy_of_an_action_in_a_later_batch_is_not_completed_again(
     env.asg.set_desired_capacity(AutoScalingGroupName="rf-web-asg", DesiredCapacity=1)
     new = env.asg_instances()[0]
     ev = env.lifecycle_event(new, launching=True)
-    ev["detail"]["LifecycleActionToken"] = _pending(env, new)["rf-hook"]
+    ev["detail"]["LifecycleActionToken"] = pending(env, new)["rf-hook"]
     env.put(ev)
     calls = Calls(env)
     env.pump()

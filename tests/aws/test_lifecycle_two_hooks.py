@@ -7,46 +7,26 @@ uncounted). Against the moto server through the real handlers, under both lifecy
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.aws.conftest import Env
+from tests.aws.lifecycle_setup import launch_action, pending, scale_out_with_launch_hooks
 from tests.aws.test_handler_metrics import emitted
 from tests.aws.test_lifecycle_gate import Calls, gated, heartbeat, state  # noqa: F401
-from tests.aws.test_pipeline import boot, enroll_instance
+from tests.aws.test_pipeline import enroll_instance
 from tests.aws.test_store import make_dynamo
 
 HOOKS = ("rf-hook", "team-bootstrap-hook")
 
 
-def _pending(env: Env, iid: str) -> dict[str, str]:
-    """Hook name → token of the actions Auto Scaling waits on for ``iid``."""
-    return {a.hook_name: a.token for a in env.aws.lifecycle_actions() if a.instance_id == iid}
-
-
 def _launch_with_two_hooks(env: Env) -> tuple[str, dict[str, str]]:
     """Scale out a group with two launch hooks and queue both actions at once."""
-    boot(env)
-    for hook in HOOKS:
-        env.asg.put_lifecycle_hook(
-            LifecycleHookName=hook,
-            AutoScalingGroupName="rf-web-asg",
-            LifecycleTransition="autoscaling:EC2_INSTANCE_LAUNCHING",
-            HeartbeatTimeout=300,
-            DefaultResult="ABANDON",
-        )
-    env.asg.set_desired_capacity(AutoScalingGroupName="rf-web-asg", DesiredCapacity=1)
-    (new,) = env.asg_instances()
-    tokens = _pending(env, new)
-    assert set(tokens) == set(HOOKS)
+    new, tokens = scale_out_with_launch_hooks(env, HOOKS)
     for hook, tok in tokens.items():
-        ev = env.lifecycle_event(new, launching=True)
-        ev["id"] = str(uuid.uuid4())
-        ev["detail"].update({"LifecycleHookName": hook, "LifecycleActionToken": tok})
-        env.put(ev)
+        env.put(launch_action(env, new, hook, tok))
     return new, tokens
 
 
@@ -59,7 +39,7 @@ def test_two_launch_hooks_at_once_are_both_completed(
     capsys.readouterr()
     env.pump()
     m = emitted(capsys.readouterr().out)
-    assert not _pending(env, new), f"an action was never completed (instance {state(env, new)})"
+    assert not pending(env, new), f"an action was never completed (instance {state(env, new)})"
     assert state(env, new) == "InService"
     assert calls.ops.count("CompleteLifecycleAction") == 2, "each action completed once"
     assert m.get("LifecycleLeftToTimeout", 0) == 0
@@ -81,13 +61,13 @@ def test_two_launch_hooks_at_once_are_both_completed_under_the_gate_agent(gated:
     env.pump()
     hold = env.store.launch_hold(new)
     assert hold is not None and sorted(hold.pending()) == sorted(tokens.values()), "both recorded, waiting"
-    assert set(_pending(env, new)) == set(HOOKS), "nothing completed before the agent enforces"
+    assert set(pending(env, new)) == set(HOOKS), "nothing completed before the agent enforces"
     calls = Calls(env)
     ptr = env.store.bundle_pointer(new)
     token = enroll_instance(env, new)
     heartbeat(env, new, token, ptr.version)
     env.drain("compute", "compute")
-    assert not _pending(env, new), f"an action was never completed (instance {state(env, new)})"
+    assert not pending(env, new), f"an action was never completed (instance {state(env, new)})"
     assert state(env, new) == "InService"
     assert calls.ops.count("CompleteLifecycleAction") == 2
     hold = env.store.launch_hold(new)
