@@ -245,6 +245,29 @@ def test_attack_one_token_cannot_fill_the_disk_with_report_batches(plane: Plane)
     assert w.sweep_reports(now=time.time() + 91 * 86400) == kept - 1
 
 
+def test_a_batch_larger_than_the_burst_is_taken_once_the_bucket_is_full_then_waits_its_debt(plane: Plane) -> None:
+    """An operator sets RINGFENCE_REPORT_BURST_BYTES below one batch (the route takes up to 256
+    KiB): before, such a batch was answered 429 with Retry-After 1 forever and the agent's spool
+    never drained. Now a full bucket takes it, and the next batch waits until the debt is paid."""
+    from ringfence.local.retention import ReportQuota
+
+    url, w = plane.url, plane.w
+    web = plane.enroll(WEB)
+    w.report_quota = ReportQuota(rate=1024, burst=10 * 1024)
+    own = {"flows": [], "drops": [_drop("203.0.113.9", "192.168.10.11")] * 300, "dropped_records": 0}
+    with httpx.Client(timeout=30) as c:
+        first = c.post(f"{url}/v1/agents/{WEB}/reports", headers=web, json=own)
+        assert first.status_code == 202, first.text
+        size = len(first.request.content)
+        assert size > 5 * 10 * 1024
+        second = c.post(f"{url}/v1/agents/{WEB}/reports", headers=web, json=own)
+    assert second.status_code == 429
+    # the bucket refills from about size - burst below zero up to the burst at 1 KiB/s (the
+    # route counts the batch as it stores it, a little larger than the request's JSON)
+    assert size / 1024 - 2 <= int(second.headers["Retry-After"]) <= 2 * size / 1024, (second.headers, size)
+    assert len(_archived(w)) == 1
+
+
 def test_an_honest_agents_reports_fit_the_default_quota(plane: Plane) -> None:
     """The agent's defaults at their worst: both buffers full (10,000 drops and 10,000 flows, in
     batches of 500 + 500) every 30 s, with a full 4 MiB spool flushed at once after an outage."""

@@ -49,16 +49,19 @@ class ReportQuota:
 
     def take(self, workload_id: str, size: int) -> int | None:
         """Spend ``size`` bytes of ``workload_id``'s quota: None if it had them, else the whole
-        seconds until it will (nothing is spent then)."""
+        seconds until it will (nothing is spent then). A batch larger than ``burst`` is taken
+        once the bucket is full, leaving it in debt (as on AWS, where it fits as a window's
+        first): else it would be refused forever and the agent's spool would never drain."""
         now = self.clock()
+        need = min(size, self.burst)
         with self._lock:
             tokens, when = self._buckets.get(workload_id, (self.burst, now))
             tokens = min(self.burst, tokens + (now - when) * self.rate)
-            if tokens >= size:
+            if tokens >= need:
                 self._buckets[workload_id] = (tokens - size, now)
                 return None
             self._buckets[workload_id] = (tokens, now)
-            return max(1, math.ceil((min(size, self.burst) - tokens) / self.rate))
+            return max(1, math.ceil((need - tokens) / self.rate))
 
 
 def retention_days(env: Mapping[str, str] | None = None) -> float:
