@@ -29,9 +29,13 @@ def example_inventory():  # type: ignore[no-untyped-def]
 def embedded() -> Iterator[Any]:
     """One embedded AWS (moto server on loopback, ``ringfence.local.aws``) per session, shared by
     tests/aws and tests/local; each test resets it (moto's state is process-global anyway)."""
+    from ringfence.control.wiring import DEFAULT_LIFECYCLE_HOOK_NAMES
     from ringfence.local.aws import EmbeddedAws
 
-    aws = EmbeddedAws(region="ca-central-1", account="123456789012")
+    # Ringfence's lifecycle hooks (LifecycleHookNames): the default names (the demo estate's) and
+    # the tests' own; any other hook is another team's
+    hooks = (*DEFAULT_LIFECYCLE_HOOK_NAMES, "rf-hook", "rf-hook-warm", "rf-leave")
+    aws = EmbeddedAws(region="ca-central-1", account="123456789012", lifecycle_hook_names=hooks)
     aws.start(build=False)
     yield aws
     aws.stop()

@@ -42,7 +42,8 @@ def record_handler(record: SQSRecord) -> dict[str, Any]:
     except Exception:
         _count("LifecycleActionsFailed", 1)
         raise
-    logger.info("lifecycle action queued for compute", extra=out)
+    if "not_ours" not in out:  # another hook's action was logged (once) where it was ignored
+        logger.info("lifecycle action queued for compute", extra=out)
     return out
 
 

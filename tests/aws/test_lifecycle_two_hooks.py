@@ -1,9 +1,10 @@
-"""Two launch hooks on one gated group: Auto Scaling sends one action per hook at the same moment,
-each with its own token, and both reach compute in one batch, where they run side by side. Each is
-recorded, claimed and completed under its own token in the instance's hold: neither displaces the
-other (an earlier version kept one action per instance, so the one written first lost its claim, was
-taken for a copy and never completed: the instance timed out into ABANDON on every launch,
-uncounted). Against the moto server through the real handlers, under both lifecycle gates."""
+"""Two launch hooks of Ringfence's on one gated group: Auto Scaling sends one action per hook at
+the same moment, each with its own token, and both reach compute in one batch, where they run side
+by side. Each is recorded, claimed and completed under its own token in the instance's hold: neither
+displaces the other (an earlier version kept one action per instance, so the one written first lost
+its claim, was taken for a copy and never completed: the instance timed out into ABANDON on every
+launch, uncounted). Against the moto server through the real handlers, under both lifecycle gates.
+(Another team's hook on the group is not Ringfence's to complete: test_lifecycle_hook_names.py.)"""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from tests.aws.test_lifecycle_gate import Calls, gated, heartbeat, state  # noqa
 from tests.aws.test_pipeline import enroll_instance
 from tests.aws.test_store import make_dynamo
 
-HOOKS = ("rf-hook", "team-bootstrap-hook")
+HOOKS = ("rf-hook", "rf-hook-warm")  # both Ringfence's (tests/conftest.py's lifecycle_hook_names)
 
 
 def _launch_with_two_hooks(env: Env) -> tuple[str, dict[str, str]]:

@@ -12,7 +12,7 @@ from typing import Any
 import hcl2
 import yaml
 
-from ringfence.clouds.aws.patterns import INGEST_RULES, LIFECYCLE_RULES
+from ringfence.clouds.aws.patterns import INGEST_RULES, lifecycle_rules
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -99,10 +99,27 @@ def test_terraform_parses() -> None:
         assert kind in resources, kind
 
 
+# where the lifecycle rule's pattern takes the deployment's hook names: the parameter (SAM), the
+# variable (Terraform); the library's pattern is given a stand-in list for them
+SAM_HOOK_NAMES = {"Ref": "LifecycleHookNames"}
+TF_HOOK_NAMES = "${var.lifecycle_hook_names}"
+HOOK_NAMES = ["<LifecycleHookNames>"]
+
+
+def hook_names_as_stand_in(pattern: Any, deployed: Any) -> Any:
+    """``pattern`` with the deployment's hook names (``deployed``) as the stand-in list."""
+    if pattern == deployed:
+        return HOOK_NAMES
+    if isinstance(pattern, dict):
+        return {k: hook_names_as_stand_in(v, deployed) for k, v in pattern.items()}
+    return pattern
+
+
 def test_template_rules_match_library_patterns() -> None:
     res = template()["Resources"]
-    for name, pattern in {**INGEST_RULES, **LIFECYCLE_RULES}.items():
-        assert res[f"{name}Rule"]["Properties"]["EventPattern"] == pattern, name
+    for name, pattern in {**INGEST_RULES, **lifecycle_rules(HOOK_NAMES)}.items():
+        deployed = hook_names_as_stand_in(res[f"{name}Rule"]["Properties"]["EventPattern"], SAM_HOOK_NAMES)
+        assert deployed == pattern, name
 
 
 def test_terraform_rules_match_library_patterns() -> None:
@@ -111,8 +128,8 @@ def test_terraform_rules_match_library_patterns() -> None:
     for block in main.get("locals", []):
         loc.update(block)
     tf = {**loc["ingest_rules"], **loc["lifecycle_rules"]}
-    lib = list(INGEST_RULES.values()) + list(LIFECYCLE_RULES.values())
-    assert sorted(map(repr, tf.values())) == sorted(map(repr, lib))
+    lib = list(INGEST_RULES.values()) + list(lifecycle_rules(HOOK_NAMES).values())
+    assert sorted(repr(hook_names_as_stand_in(p, TF_HOOK_NAMES)) for p in tf.values()) == sorted(map(repr, lib))
 
 
 def test_template_has_the_required_pieces() -> None:

@@ -42,7 +42,7 @@ def run(samples: int, estates: list[int], scale: int, watch_interval: float) -> 
 
     logging.getLogger("ringfence").setLevel(logging.ERROR)
     out: dict[str, Any] = {"watch_interval": watch_interval, "estates": []}
-    with EmbeddedAws(metrics=False) as aws:
+    with EmbeddedAws(metrics=False, lifecycle_hook_names=("rf-hook",)) as aws:  # its launch hook's name
         for extra in estates:
             env = Env(aws)
             env.build()

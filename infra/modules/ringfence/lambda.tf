@@ -37,11 +37,14 @@ locals {
         RINGFENCE_PUBLISH_QUEUE_URL = aws_sqs_queue.publish.id
         # member accounts' lifecycle actions are completed through this role there
         RINGFENCE_MEMBER_LIFECYCLE_ROLE = var.member_lifecycle_role_name
+        # the lifecycle hooks whose actions compute completes (no other's)
+        RINGFENCE_LIFECYCLE_HOOK_NAMES = join(",", var.lifecycle_hook_names)
       }
     }
     # parallel workers (no reservation: the event source's maximum_concurrency bounds them)
-    publish   = { memory = 1024, timeout = 120, concurrency = -1, env = { RINGFENCE_SIGNING_KEY = local.signing_key_id } }
-    lifecycle = { memory = 512, timeout = 60, concurrency = 10, env = {} }
+    publish = { memory = 1024, timeout = 120, concurrency = -1, env = { RINGFENCE_SIGNING_KEY = local.signing_key_id } }
+    # the lifecycle hooks whose actions are handed on to compute (no other's)
+    lifecycle = { memory = 512, timeout = 60, concurrency = 10, env = { RINGFENCE_LIFECYCLE_HOOK_NAMES = join(",", var.lifecycle_hook_names) } }
     reconcile = { memory = 1024, timeout = 900, concurrency = 1, env = {} }
     perimeter = {
       memory = 512, timeout = 900, concurrency = 1,

@@ -533,6 +533,8 @@ locals {
     asg-lifecycle = {
       source      = ["aws.autoscaling"]
       detail-type = ["EC2 Instance-launch Lifecycle Action", "EC2 Instance-terminate Lifecycle Action"]
+      # Ringfence's own hooks only: another team's hook on the same group is not ours to complete
+      detail = { LifecycleHookName = var.lifecycle_hook_names }
     }
   }
 }

@@ -133,6 +133,16 @@ variable "gated_group_names" {
   default     = "*"
 }
 
+variable "lifecycle_hook_names" {
+  description = "Names (exact) of the lifecycle hooks that are Ringfence's: the lifecycle rule passes only their actions, and the lifecycle and compute functions hold and complete no other's (another hook on a gated group, a bootstrap step or a log drain, is left to its owner). The default is the names docs/deploy-aws.md gives the launch and terminate hooks."
+  type        = list(string)
+  default     = ["ringfence-launch", "ringfence-terminate"]
+  validation {
+    condition     = length(var.lifecycle_hook_names) > 0 && alltrue([for n in var.lifecycle_hook_names : can(regex("^[A-Za-z0-9/_-]{1,255}$", n))])
+    error_message = "lifecycle_hook_names: at least one lifecycle hook name (letters, digits, -, _, /; at most 255)."
+  }
+}
+
 variable "enroll_methods" {
   description = "Enrollment methods the agent API accepts. EC2 agents send aws-iid; aws-sts (server side only), azure-attested, gcp-jwt (with var.azure / var.gcp) and pairing (on-premise hosts; keys go out of band, never in user data) are off unless listed."
   type        = list(string)

@@ -489,8 +489,10 @@ class Compute:
             }.values()
         )
         for lc, outcome in zip(actions, in_parallel(lambda lc: self._lifecycle(lc, ok), actions), strict=True):
-            if outcome == "duplicate":
-                continue  # completed (or given up) already, by an earlier copy (logged by the gate)
+            if outcome in ("duplicate", "not ours"):
+                # completed (or given up) already, by an earlier copy; or another hook's action,
+                # its owner's to complete (both logged by the gate)
+                continue
             {
                 "completed": stats.lifecycle_completed,
                 "awaiting agent": stats.lifecycle_awaiting_agent,
@@ -498,8 +500,10 @@ class Compute:
             }[outcome].append(lc["instance_id"])
 
     def _lifecycle(self, lc: dict[str, Any], ok: bool) -> str:
-        """One action: "completed", "awaiting agent", "left to time out" (logged here) or
-        "duplicate" (an earlier copy of it was completed)."""
+        """One action: "completed", "awaiting agent", "left to time out" (logged here),
+        "duplicate" (an earlier copy of it was completed) or "not ours" (another hook's)."""
+        if not self.gate.ours(lc):
+            return "not ours"
         iid = lc["instance_id"]
         launching = lc["transition"].endswith("LAUNCHING")
         ready = ok and self.engine is not None

@@ -48,6 +48,23 @@ class LaunchGate:
         self.w = w
         self.metric = metric
 
+    def ours(self, lc: dict[str, Any]) -> bool:
+        """Whether the action is of one of Ringfence's hooks (``RINGFENCE_LIFECYCLE_HOOK_NAMES``).
+        Another hook's action (another team's, on a gated group) reached compute anyway (an older
+        rule or version, a redrive): logged and counted here, and neither held nor completed —
+        its owner completes it, or it times out into its hook's default result."""
+        if lc.get("hook_name") in self.w.cfg.lifecycle_hook_names:
+            return True
+        log.warning(
+            "lifecycle %s for %s: hook %s of %s is not Ringfence's (RINGFENCE_LIFECYCLE_HOOK_NAMES); NOT completing",
+            lc.get("transition"),
+            lc.get("instance_id"),
+            lc.get("hook_name"),
+            lc.get("group_name"),
+        )
+        self.metric("LifecycleActionsNotOurs", 1)
+        return False
+
     def handed_on(self, lc: dict[str, Any]) -> str:
         """A launch action reached compute (its bundle is published): record it and release it if
         the agent already enforces. Without an event-path perimeter the action comes straight from
@@ -85,6 +102,11 @@ class LaunchGate:
             return self._lost(iid, token, "not in its hold")
         if action.released_at is not None:
             return f"already {action.outcome}"  # a duplicate or late message
+        if not self.ours(action.lifecycle):
+            # held by an earlier version, which took every hook's action: settled, never completed
+            if self.w.store.claim_launch_release(iid, token):
+                self.w.store.settle_launch_release(iid, token, "not completed: not Ringfence's hook")
+            return "not ours"
         if hold.enforced_version is None:
             log.info("launch of %s: perimeter in place, waiting for its agent to enforce", iid)
             return "awaiting agent"

@@ -64,6 +64,10 @@ def _object_missing(exc: BaseException) -> bool:
 # --- configuration ------------------------------------------------------------------------------
 
 
+# the lifecycle hooks' names docs/deploy-aws.md has users create (LifecycleHookNames' default)
+DEFAULT_LIFECYCLE_HOOK_NAMES = ("ringfence-launch", "ringfence-terminate")
+
+
 @dataclass
 class Target:
     account: str
@@ -106,6 +110,10 @@ class Config:
     # InService; without an agent the hook times out into its default result). Only compute
     # completes lifecycle actions (ringfence.control.launchgate).
     lifecycle_gate: str = "publish"
+    # the lifecycle hooks that are Ringfence's (exact names): an action of any other hook on a
+    # gated group (another team's bootstrap or log drain) is neither held nor completed, only
+    # logged and counted (LifecycleActionsNotOurs); the event rule passes only these names too
+    lifecycle_hook_names: list[str] = field(default_factory=lambda: list(DEFAULT_LIFECYCLE_HOOK_NAMES))
     # enrollment methods the agent API accepts: EC2 agents send aws-iid; aws-sts (server side only),
     # azure-attested, gcp-jwt and pairing are off unless the stack lists them (fewer doors to
     # guard); the local control plane: pairing only
@@ -153,6 +161,9 @@ class Config:
             max_wait=min(25.0, float(e.get("RINGFENCE_MAX_WAIT", "25"))),
             wait_poll_interval=max(0.05, float(e.get("RINGFENCE_WAIT_POLL_INTERVAL", "1"))),
             lifecycle_gate=_gate(e.get("RINGFENCE_LIFECYCLE_GATE", "publish")),
+            lifecycle_hook_names=_hook_names(
+                e.get("RINGFENCE_LIFECYCLE_HOOK_NAMES", ",".join(DEFAULT_LIFECYCLE_HOOK_NAMES))
+            ),
             enroll_methods=[m for m in e.get("RINGFENCE_ENROLL_METHODS", "aws-iid").split(",") if m],
             allowed_accounts=[a for a in e.get("RINGFENCE_ALLOWED_ACCOUNTS", "").split(",") if a],
             sts_endpoints=[u for u in e.get("RINGFENCE_STS_ENDPOINTS", "").split(",") if u],
@@ -170,6 +181,13 @@ def _gate(value: str) -> str:
     if value not in ("publish", "agent"):
         raise ValueError(f"RINGFENCE_LIFECYCLE_GATE must be publish or agent, not {value!r}")
     return value
+
+
+def _hook_names(value: str) -> list[str]:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names:  # no hook of ours: every launch would time out into its default result
+        raise ValueError("RINGFENCE_LIFECYCLE_HOOK_NAMES must name at least one lifecycle hook")
+    return names
 
 
 class BaseWiring:

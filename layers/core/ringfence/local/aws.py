@@ -26,10 +26,12 @@ standard endpoint variables — the same code paths as in AWS. Interface::
         aws.lifecycle_actions()         # Auto Scaling lifecycle actions waiting, with their tokens
     # server stopped, os.environ restored
 
-``EmbeddedAws(region=..., account=..., environ=True, metrics=True)``: with ``environ=False`` the
-process environment is left alone (use ``aws.env`` for subprocesses; the in-process handlers need
-it); ``metrics=False`` silences Powertools' metric lines on stdout. Auto Scaling lifecycle hooks work
-(see :mod:`ringfence.local.moto_lifecycle`), and EC2 tag and launch calls are recorded with their
+``EmbeddedAws(region=..., account=..., environ=True, metrics=True, lifecycle_hook_names=...)``: with
+``environ=False`` the process environment is left alone (use ``aws.env`` for subprocesses; the
+in-process handlers need it); ``metrics=False`` silences Powertools' metric lines on stdout;
+``lifecycle_hook_names`` are the hooks whose actions are Ringfence's (default ``ringfence-launch``,
+``ringfence-terminate``, as ``LifecycleHookNames``: the lifecycle rule passes no other's). Auto
+Scaling lifecycle hooks work (see :mod:`ringfence.local.moto_lifecycle`), and EC2 tag and launch calls are recorded with their
 caller as a trail would (:mod:`ringfence.local.moto_trail`). Events do not flow by themselves: run an
 :class:`ringfence.local.router.EventRouter` for that.
 """
@@ -56,7 +58,8 @@ from cryptography.x509.oid import NameOID
 
 from ringfence.bundle import SigningKey
 from ringfence.clouds.aws.ec2 import LiveInstances
-from ringfence.clouds.aws.patterns import INGEST_RULES, LIFECYCLE_RULES
+from ringfence.clouds.aws.patterns import INGEST_RULES, lifecycle_rules
+from ringfence.control.wiring import DEFAULT_LIFECYCLE_HOOK_NAMES
 
 from . import lambdas, moto_lifecycle, moto_trail  # the extensions' record types; they run in moto's process
 
@@ -149,6 +152,9 @@ class EmbeddedAws:
     iid: IidKey = field(default_factory=IidKey.generate)
     offline_after: int = 600
     metrics: bool = True  # False: Powertools prints no EMF metric lines (a live display stays readable)
+    # the lifecycle hooks that are Ringfence's (LifecycleHookNames): the rule passes their actions
+    # only, and the handlers read them (RINGFENCE_LIFECYCLE_HOOK_NAMES)
+    lifecycle_hook_names: tuple[str, ...] = DEFAULT_LIFECYCLE_HOOK_NAMES
 
     url: str = field(init=False, default="")
     queues: dict[str, str] = field(init=False, default_factory=dict)
@@ -310,6 +316,7 @@ class EmbeddedAws:
             "RINGFENCE_DLQ_URL": self.queues["dlq"],
             "RINGFENCE_IID_CERT": self.iid.cert_pem,
             "RINGFENCE_OFFLINE_AFTER": str(self.offline_after),
+            "RINGFENCE_LIFECYCLE_HOOK_NAMES": ",".join(self.lifecycle_hook_names),
             "RINGFENCE_RECONCILE_TARGETS": json.dumps(
                 [
                     {
@@ -455,7 +462,7 @@ class EmbeddedAws:
             f"{p}-perimeter", {"VisibilityTimeout": "960", "RedrivePolicy": redrive("perimeter_dlq", 3)}
         )
         self.rules = {}
-        for rules, target in ((INGEST_RULES, "ingest"), (LIFECYCLE_RULES, "lifecycle")):
+        for rules, target in ((INGEST_RULES, "ingest"), (lifecycle_rules(self.lifecycle_hook_names), "lifecycle")):
             for name, pattern in rules.items():
                 rule = f"{p}-{name}"
                 events.put_rule(Name=rule, EventPattern=json.dumps(pattern))

@@ -18,7 +18,7 @@ from ringfence.inventory import load_inventory
 from ringfence.model import Workload
 
 ASG_NAME = "ord-prod-web-asg"
-HOOK_NAME = "ringfence-enforce-before-inservice"
+HOOK_NAME = "ringfence-launch"  # the name docs/deploy-aws.md gives (LifecycleHookNames' default)
 ASG_SUBNET = "10.1.16.0/20"  # the web ASG's subnet: moto picks addresses in it
 ASG_TAGS = {"ringfence:role": "web", "ringfence:app": "ordering", "ringfence:env": "prod"}
 # the IAM role that tags the estate: the example policy's ``labels.taggers`` names it, so its

@@ -45,7 +45,7 @@ class Lifecycle:
                 ev = normalize_json(body)
             except MalformedEvent:
                 continue
-            if ev is not None and ev.lifecycle is not None:
+            if ev is not None and ev.lifecycle is not None and self._ours(ev.lifecycle.hook_name):
                 events.append(ev)
         n = Ingest(self.w).prefetch_events(events)
         self._batch = _Batch()
@@ -104,6 +104,9 @@ class Lifecycle:
         self._batch.perimeter_actions.append(lifecycle)
         return True
 
+    def _ours(self, hook_name: str) -> bool:
+        return hook_name in self.w.cfg.lifecycle_hook_names
+
     def handle(self, raw: dict[str, Any]) -> dict[str, Any]:
         return self.apply(normalize(raw))
 
@@ -113,6 +116,22 @@ class Lifecycle:
         if ev is None or ev.lifecycle is None:
             what = "an event that is not ours" if ev is None else f"{ev.kind.value} event {ev.event_id}"
             raise MalformedEvent(f"not a lifecycle action event: {what}")
+        if not self._ours(ev.lifecycle.hook_name):
+            # another hook's action on a gated group (an older rule, a redrive): its owner completes
+            # it, not Ringfence; nothing is observed, held or handed on
+            log.warning(
+                "lifecycle %s for %s: hook %s of %s is not Ringfence's (RINGFENCE_LIFECYCLE_HOOK_NAMES); ignored",
+                ev.lifecycle.transition,
+                ev.lifecycle.instance_id,
+                ev.lifecycle.hook_name,
+                ev.lifecycle.group_name,
+            )
+            self.metric("LifecycleActionsNotOurs", 1)
+            return {
+                "instance": ev.lifecycle.instance_id,
+                "transition": ev.lifecycle.transition,
+                "not_ours": ev.lifecycle.hook_name,
+            }
         ids = list(ev.instance_ids)
         changed = self._observe(ev.account, ev.region, ids)
         if ev.kind is Kind.LIFECYCLE_TERMINATE:

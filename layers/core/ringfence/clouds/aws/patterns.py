@@ -3,6 +3,7 @@ a test checks they agree)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 INGEST_RULES: dict[str, dict[str, Any]] = {
@@ -23,9 +24,15 @@ INGEST_RULES: dict[str, dict[str, Any]] = {
     },
 }
 
-LIFECYCLE_RULES: dict[str, dict[str, Any]] = {
-    "AsgLifecycle": {
-        "source": ["aws.autoscaling"],
-        "detail-type": ["EC2 Instance-launch Lifecycle Action", "EC2 Instance-terminate Lifecycle Action"],
-    },
-}
+
+def lifecycle_rules(hook_names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The lifecycle rule: launch and terminate actions of Ringfence's own hooks only (exact
+    names, LifecycleHookNames): another hook's action on the same group never reaches the
+    lifecycle queue. (The lifecycle and compute functions refuse one that arrives anyway.)"""
+    return {
+        "AsgLifecycle": {
+            "source": ["aws.autoscaling"],
+            "detail-type": ["EC2 Instance-launch Lifecycle Action", "EC2 Instance-terminate Lifecycle Action"],
+            "detail": {"LifecycleHookName": list(hook_names)},
+        },
+    }
