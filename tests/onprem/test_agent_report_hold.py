@@ -9,34 +9,31 @@ sent its spool (and asked for a bundle) every second or two until the quota came
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from ringfence import serve
 from ringfence.agentwire import FlowRecord, ReportBatch
 from ringfence.flows.aggregate import merge
 from ringfence.local.lab import Lab as NetLab
-from ringfence.local.lab import in_netns, prerequisites
+from ringfence.local.lab import prerequisites
 from ringfence.local.retention import ReportQuota
 from ringfence.local.wiring import LocalWiring
 from ringfence.store.sqlite import SqliteStore
 from tests.agent.bundles import PUBLIC_KEY
-from tests.agentproc import BIN, wait_until
+from tests.agentproc import wait_until
 from tests.onprem.conftest import ESTATE, policy_files
+from tests.onprem.labserve import LabServe, start_paired_agent
 from tests.onprem.test_attack_pairing_keys import Plane
 from tests.onprem.test_serve_metrics import counts
 
 TOKEN = "hold-admin-token-0123456789abcdef01"
-CP, ME = "10.77.0.1", "10.77.0.2"
-PORT = 8443
+ME = "10.77.0.2"
 WID = "dc1-proc-1"
 PORTS = range(6000, 6036)  # the spooled flows' destination ports: two batches of 18
 RATE = 250  # report bytes a second
@@ -54,30 +51,12 @@ def net() -> Iterator[NetLab]:
         lab.close()
 
 
-class Serve:
+class Serve(LabServe):
     """``ringfence serve`` in the lab's ``cp`` namespace with the report quota given."""
 
     def __init__(self, net: NetLab, tmp: Path, burst: int) -> None:
-        self.net, self.db = net, tmp / "state" / "state.db"
-        tokens = tmp / "admin-tokens"
-        tokens.write_text(f"carol:{serve.token_hash(TOKEN)}:policy-author,incident-responder,onboarding\n")
-        self.url = f"http://{CP}:{PORT}"
-        cmd = [str(BIN / "ringfence"), "serve", "--host", CP, "--port", str(PORT), "--insecure"]
-        env = {**os.environ, "RINGFENCE_REPORT_BYTES_PER_SECOND": str(RATE), "RINGFENCE_REPORT_BURST_BYTES": str(burst)}
-        self.log = tmp / "serve.log"
-        self.proc = net.spawn(
-            "cp", *cmd, "--store", f"sqlite:{self.db}", "--admin-tokens", str(tokens),
-            env=env, stdout=subprocess.PIPE, stderr=self.log.open("w"),
-        )  # fmt: skip
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert "listening on" in line, self.log.read_text()
-
-    def admin(self, method: str, path: str, body: Any = None) -> httpx.Response:
-        with in_netns(self.net.ns("cp")):
-            return httpx.request(
-                method, self.url + path, json=body, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60
-            )
+        quota = {"RINGFENCE_REPORT_BYTES_PER_SECOND": str(RATE), "RINGFENCE_REPORT_BURST_BYTES": str(burst)}
+        super().__init__(net, tmp, TOKEN, env=quota)
 
     def over_quota(self) -> int:
         """The 429s the report route answered (``ReportsOverQuota``, as serve counts it)."""
@@ -123,30 +102,18 @@ def test_a_throttled_agent_holds_its_reports_for_retry_after_and_keeps_syncing(n
     for spec in estate:
         assert srv.admin("POST", "/admin/workloads", {**spec, "reason": "rack 1"}).status_code == 201
     assert srv.admin("POST", "/admin/policies", {"files": policy_files(), "reason": "v1"}).status_code == 201
-    key = srv.admin("POST", "/admin/pairing-keys", {"workload_id": WID, "uses": 1, "ttl": 600}).json()
-    (tmp_path / "pairing-key").write_text(key["pairing_key"])
-    work = tmp_path / "agent"
-    spool = Spool(work / "state" / "spool.jsonl", 1 << 20)  # what an outage left unsent
+    spool = Spool(tmp_path / "agent" / "state" / "spool.jsonl", 1 << 20)  # what an outage left unsent
     for b in spooled:
         spool.append(b)
-    cfg = {
-        "workload_id": WID,
-        "public_key": str(srv.db.parent / "signing-key.pub.pem"),
-        "state_dir": str(work / "state"),
-        "backend": "nftables",
-        "api_url": srv.url,
-        "control_plane": [CP],
-        "insecure_http_lab_only": True,  # plain http inside the lab's own bridge
-        "enroll": {"method": "pairing", "pairing_key_file": str(tmp_path / "pairing-key")},
-        "heartbeat_interval": 1,
-        "report_interval": 1,
-        "wait_timeout": 2,
-        "backoff_max": 1,  # the old loop retried as fast as this allows
-        "request_timeout": 10,
-    }
-    (work / "agent.json").write_text(json.dumps(cfg))
-    log = work / "agent.log"
-    net.spawn("h", str(BIN / "ringfence-agent"), "run", "--config", str(work / "agent.json"), stderr=log.open("w"))
+    _, log = start_paired_agent(
+        net,
+        srv,
+        tmp_path,
+        WID,
+        report_interval=1,
+        wait_timeout=2,
+        backoff_max=1,  # the old loop retried as fast as this allows
+    )
     store = SqliteStore(srv.db)
 
     wait_until(lambda: srv.over_quota() >= 1, 60, "the report route's first 429", log)

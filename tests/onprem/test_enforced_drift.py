@@ -12,20 +12,18 @@ and the control plane compares it with the bundle it published.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from ringfence import bundlewire as wire
-from ringfence import enforced, serve
+from ringfence import enforced
 from ringfence.local.lab import Lab as NetLab
-from ringfence.local.lab import in_netns, prerequisites
+from ringfence.local.lab import prerequisites
 from ringfence.store.base import BundlePointer, EnforcementReport, InventoryRecord
 from ringfence.store.sqlite import SqliteStore
 from tests.agent.bundles import GOLDEN, GROUP_POLICY, PUBLIC_KEY, write
@@ -33,10 +31,9 @@ from tests.agent.bundles import Lab as BundleLab
 from tests.agent.bundles import workloads as lab_workloads
 from tests.agentproc import BIN, wait_until
 from tests.onprem.conftest import ESTATE, policy_files
+from tests.onprem.labserve import LabServe, start_paired_agent
 
 TOKEN = "drift-admin-token-0123456789abcdef0"
-CP = "10.77.0.1"
-PORT = 8443
 
 needs_lab = pytest.mark.skipif(prerequisites() is not None, reason=str(prerequisites()))
 
@@ -121,30 +118,13 @@ def test_the_kernel_read_back_matches_the_published_digest(
     assert _digest_in_kernel(net, state, backend) == enforced.digest({}, {}) != after  # nothing held
 
 
-class Serve:
-    """``ringfence serve`` in the lab's control-plane namespace, the test's admin calls made from there."""
+class Serve(LabServe):
+    """``ringfence serve`` in the lab's control-plane namespace, the test's admin calls made from
+    there, its findings pass sending to a SIEM file every half second."""
 
     def __init__(self, net: NetLab, tmp: Path) -> None:
-        self.net, self.db = net, tmp / "state" / "state.db"
         self.siem = tmp / "siem.jsonl"  # where serve's findings pass sends what it finds
-        tokens = tmp / "admin-tokens"
-        tokens.write_text(f"carol:{serve.token_hash(TOKEN)}:policy-author,incident-responder,onboarding\n")
-        self.url = f"http://{CP}:{PORT}"
-        cmd = [str(BIN / "ringfence"), "serve", "--host", CP, "--port", str(PORT), "--insecure"]
-        self.log = tmp / "serve.log"
-        self.proc = net.spawn(
-            "cp", *cmd, "--store", f"sqlite:{self.db}", "--admin-tokens", str(tokens), "--siem", f"file:{self.siem}",
-            env={**os.environ, "RINGFENCE_FINDINGS_INTERVAL": "0.5"}, stdout=subprocess.PIPE, stderr=self.log.open("w"),
-        )  # fmt: skip
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert "listening on" in line, self.log.read_text()
-
-    def admin(self, method: str, path: str, body: Any = None) -> httpx.Response:
-        with in_netns(self.net.ns("cp")):
-            return httpx.request(
-                method, self.url + path, json=body, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60
-            )
+        super().__init__(net, tmp, TOKEN, ["--siem", f"file:{self.siem}"], env={"RINGFENCE_FINDINGS_INTERVAL": "0.5"})
 
     def siem_findings(self) -> list[dict[str, Any]]:
         """The effective-policy findings serve's findings pass sent to its SIEM file so far (the
@@ -180,36 +160,6 @@ def _kinds(doc: dict[str, Any]) -> list[tuple[str, str]]:
     return [(f["kind"], f["workload_id"]) for f in doc["findings"]]
 
 
-def _start_agent(
-    net: NetLab, srv: Serve, tmp_path: Path, wid: str, drift_interval: float
-) -> tuple[subprocess.Popen[Any], Path]:
-    """A real ``ringfence-agent run`` in the lab's ``h``, enrolling as ``wid`` with a pairing key."""
-    key = srv.admin("POST", "/admin/pairing-keys", {"workload_id": wid, "uses": 1, "ttl": 600}).json()
-    (tmp_path / "pairing-key").write_text(key["pairing_key"])
-    work = tmp_path / "agent"
-    work.mkdir()
-    cfg = {
-        "workload_id": wid,
-        "public_key": str(srv.db.parent / "signing-key.pub.pem"),
-        "state_dir": str(work / "state"),
-        "backend": "nftables",
-        "api_url": srv.url,
-        "control_plane": [CP],
-        "insecure_http_lab_only": True,  # plain http inside the lab's own bridge
-        "enroll": {"method": "pairing", "pairing_key_file": str(tmp_path / "pairing-key")},
-        "heartbeat_interval": 1,
-        "wait_timeout": 5,
-        "request_timeout": 10,
-        "drift_interval": drift_interval,
-    }
-    (work / "agent.json").write_text(json.dumps(cfg))
-    log = work / "agent.log"
-    agent = net.spawn(
-        "h", str(BIN / "ringfence-agent"), "run", "--config", str(work / "agent.json"), stderr=log.open("w")
-    )
-    return agent, log
-
-
 def _elements(elem: list[Any]) -> list[str]:
     """The elements of an ``nft -j`` set, as nft takes them back."""
     return [f"{e['prefix']['addr']}/{e['prefix']['len']}" if isinstance(e, dict) else str(e) for e in elem]
@@ -225,7 +175,7 @@ def test_a_tampered_kernel_is_a_finding_and_a_silent_agent_too(net: NetLab, tmp_
     assert r.status_code == 201, r.text
     wid = "dc1-proc-1"
     # the agent's own tamper repair off: the control plane must see it
-    agent, log = _start_agent(net, srv, tmp_path, wid, drift_interval=0)
+    agent, log = start_paired_agent(net, srv, tmp_path, wid, drift_interval=0)
     store = SqliteStore(srv.db)
 
     def report() -> EnforcementReport | None:
@@ -296,7 +246,7 @@ def test_attack_an_address_added_to_a_bundle_set_and_repaired_by_the_agent_is_a_
         assert srv.admin("POST", "/admin/workloads", body).status_code == 201
     r = srv.admin("POST", "/admin/policies", {"files": policy_files(), "reason": "initial"})
     assert r.status_code == 201, r.text
-    agent, log = _start_agent(net, srv, tmp_path, wid, drift_interval=1)
+    agent, log = start_paired_agent(net, srv, tmp_path, wid, drift_interval=1)
     store = SqliteStore(srv.db)
 
     def fresh(after: float) -> EnforcementReport | None:
