@@ -4,6 +4,8 @@ own token; ringfence.local.moto_lifecycle). Shared by the lifecycle tests."""
 
 from __future__ import annotations
 
+import json
+import os
 import uuid
 from typing import Any
 
@@ -44,3 +46,13 @@ def launch_action(env: Env, iid: str, hook: str, token: str, **detail: Any) -> d
     ev["id"] = str(uuid.uuid4())
     ev["detail"].update({"LifecycleHookName": hook, "LifecycleActionToken": token, **detail})
     return ev
+
+
+def send_compute(env: Env, body: dict[str, Any]) -> None:
+    """A message on compute's queue as its producers send one (a FIFO group of its own)."""
+    env.sqs.send_message(
+        QueueUrl=env.queues["compute"],
+        MessageBody=json.dumps(body),
+        MessageGroupId="compute",
+        MessageDeduplicationId=os.urandom(8).hex(),
+    )

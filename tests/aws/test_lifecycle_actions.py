@@ -7,15 +7,12 @@ holds an instance in Pending:Wait until every launch hook's action is completed)
 
 from __future__ import annotations
 
-import json
-import os
 import uuid
-from typing import Any
 
 import pytest
 
 from tests.aws.conftest import REGION, Env
-from tests.aws.lifecycle_setup import launch_action, pending, scale_out_with_launch_hooks
+from tests.aws.lifecycle_setup import launch_action, pending, scale_out_with_launch_hooks, send_compute
 from tests.aws.test_handler_metrics import emitted
 from tests.aws.test_lifecycle_gate import Calls, gated, heartbeat, launch, rf_groups_on_enis, state  # noqa: F401
 from tests.aws.test_pipeline import boot, enroll_instance
@@ -85,15 +82,6 @@ def test_a_duplicated_action_in_one_batch_is_completed_once(gated: Env, capsys: 
     assert metrics.get("LifecycleLeftToTimeout", 0) == 0, "nothing failed: no alarm"
 
 
-def _send_compute(env: Env, body: dict[str, Any]) -> None:
-    env.sqs.send_message(
-        QueueUrl=env.queues["compute"],
-        MessageBody=json.dumps(body),
-        MessageGroupId="compute",
-        MessageDeduplicationId=os.urandom(8).hex(),
-    )
-
-
 def test_a_copy_of_an_action_in_a_later_batch_is_not_completed_again(
     env: Env, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -118,7 +106,7 @@ def test_a_copy_of_an_action_in_a_later_batch_is_not_completed_again(
     hold = env.store.launch_hold(new)
     assert hold is not None and hold.outcome == "continue" and hold.lifecycle is not None
     capsys.readouterr()
-    _send_compute(env, {"ids": [new], "lifecycle": {**hold.lifecycle, "perimeter_at": 1.0}})
+    send_compute(env, {"ids": [new], "lifecycle": {**hold.lifecycle, "perimeter_at": 1.0}})
     env.drain("compute", "compute")
     assert calls.ops.count("CompleteLifecycleAction") == 1, "the copy completes nothing"
     assert emitted(capsys.readouterr().out).get("LifecycleLeftToTimeout", 0) == 0
@@ -140,7 +128,7 @@ def test_a_failed_completion_is_counted_and_never_overwrites_continue(
         "transition": "autoscaling:EC2_INSTANCE_LAUNCHING",
         "region": REGION,
     }
-    _send_compute(env, {"ids": [iid], "lifecycle": lc})
+    send_compute(env, {"ids": [iid], "lifecycle": lc})
     env.drain("compute", "compute")
     assert emitted(capsys.readouterr().out).get("LifecycleLeftToTimeout") == 1
     hold = env.store.launch_hold(iid)

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from typing import Any
 
 import pytest
 
 from tests.aws.conftest import Env
-from tests.aws.lifecycle_setup import GROUP, launch_action, pending, scale_out_with_launch_hooks
+from tests.aws.lifecycle_setup import GROUP, launch_action, pending, scale_out_with_launch_hooks, send_compute
 from tests.aws.test_handler_metrics import emitted
 from tests.aws.test_lifecycle_gate import Calls, gated, heartbeat, state  # noqa: F401
 from tests.aws.test_pipeline import enroll_instance
@@ -38,15 +37,6 @@ def _theirs_completes_its_own(env: Env, iid: str, token: str) -> None:
         InstanceId=iid,
     )
     assert not pending(env, iid) and state(env, iid) == "InService"
-
-
-def _send_compute(env: Env, body: dict[str, Any]) -> None:
-    env.sqs.send_message(
-        QueueUrl=env.queues["compute"],
-        MessageBody=json.dumps(body),
-        MessageGroupId="compute",
-        MessageDeduplicationId=os.urandom(8).hex(),
-    )
 
 
 def test_ours_is_completed_and_another_teams_hook_is_left_to_its_owner(env: Env) -> None:
@@ -132,7 +122,7 @@ def test_another_hooks_action_handed_to_compute_is_not_completed(env: Env, capsy
         "region": env.aws.region,
         "perimeter_at": time.time(),
     }
-    _send_compute(env, {"ids": [new], "lifecycle": theirs})
+    send_compute(env, {"ids": [new], "lifecycle": theirs})
     env.drain("compute", "compute")
     m = emitted(capsys.readouterr().out)
     assert "CompleteLifecycleAction" not in calls.ops
