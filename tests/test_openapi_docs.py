@@ -33,12 +33,11 @@ def test_admin_conflicts_are_described_as_the_admin_api_means_them() -> None:
     bridge", the agent API's meaning)."""
     import json
 
-    for name in ("admin-api.json", "serve-admin-api.json"):
-        doc = json.loads(documents()[name])
-        conflicts = [
-            ops["responses"]["409"]["description"]
-            for ops_by in doc["paths"].values()
-            for ops in ops_by.values()
-            if "409" in ops.get("responses", {})
-        ]
-        assert conflicts and all("nothing was done" in c and "bridge" not in c for c in conflicts), (name, conflicts)
+    doc = json.loads(documents()["admin-api.json"])
+    conflicts = [
+        ops["responses"]["409"]["description"]
+        for ops_by in doc["paths"].values()
+        for ops in ops_by.values()
+        if "409" in ops.get("responses", {})
+    ]
+    assert conflicts and all("nothing was done" in c and "bridge" not in c for c in conflicts), conflicts

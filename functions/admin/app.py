@@ -1,6 +1,8 @@
-"""Admin API (API Gateway REST, IAM auth): the library's routes over this container's service.
-Every action is audited with the caller's IAM principal and allowed only to the admin roles its
-binding in ``RINGFENCE_ADMIN_ROLES`` gives it (none bound: every action refused)."""
+"""Admin API (API Gateway REST, IAM auth): the library's routes over this container's service,
+the on-premise workload routes (register, CMDB import, deregister) among them, as ``ringfence
+serve`` serves them: on-premise hosts join this control plane with pairing keys. Every action is
+audited with the caller's IAM principal and allowed only to the admin roles its binding in
+``RINGFENCE_ADMIN_ROLES`` gives it (none bound: every action refused)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 
 from ringfence.adminroles import AdminRole, RoleBindings
 from ringfence.clouds.aws.wiring import Wiring
-from ringfence.control.admin import Admin
+from ringfence.clouds.onprem import OnPremAdmin
 from ringfence.control.wiring import Config
 from ringfence.routes.admin import admin_routes, outcome
 
@@ -19,15 +21,19 @@ logger = Logger()
 tracer = Tracer()
 metrics = Metrics()
 _svc: dict[str, Any] = {}
+# a CMDB import writes one DynamoDB transaction per workload; API Gateway ends a request after 29 s
+# (the function's timeout too), and an import ended part-way would leave part of the file
+# registered: larger files are refused whole, to be imported in parts
+IMPORT_ROWS = 500
 
 
 def _count(name: str, value: float) -> None:
     metrics.add_metric(name=name, unit=MetricUnit.Count, value=value)
 
 
-def admin() -> Admin:
+def admin() -> OnPremAdmin:
     if "admin" not in _svc:
-        _svc["admin"] = Admin(Wiring(Config.from_env()), _count)
+        _svc["admin"] = OnPremAdmin(Wiring(Config.from_env()), _count, max_import_rows=IMPORT_ROWS)
     return _svc["admin"]  # type: ignore[no-any-return]
 
 
@@ -36,7 +42,7 @@ def roles_of(event: Any) -> frozenset[AdminRole]:
     return RoleBindings.from_env().roles(event.request_context.identity.user_arn)
 
 
-app = admin_routes(admin, roles_of=roles_of)
+app = admin_routes(admin, onprem=admin, roles_of=roles_of)
 
 
 @logger.inject_lambda_context

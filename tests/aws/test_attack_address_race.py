@@ -1,8 +1,8 @@
 """The on-premise one-owner races over DynamoDB (moto server): ``ringfence serve``'s admin routes
 over a LocalWiring whose store is a DynamoStore, two servers with a store each over the same
-tables, as two admin processes (or Lambda instances) would be. The AWS admin function routes no
-on-premise registration; the store's claims (``addrowner#<ip>``) are what any host of these
-routes over DynamoDB relies on. Also: a record stored before the claims, a claim left behind,
+tables, as two admin processes (or two instances of the AWS admin function, which serves the same
+routes) would be: the store's claims (``addrowner#<ip>``) are what any host of these routes over
+DynamoDB relies on. Also: a record stored before the claims, a claim left behind,
 releases, and a CMDB file swapping addresses between two of its workloads."""
 
 from __future__ import annotations

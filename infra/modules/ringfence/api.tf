@@ -23,6 +23,10 @@ locals {
     "/admin/workloads/{id}/agent-key"    = ["delete"]
     "/admin/workloads/{id}/pairing-keys" = ["delete"]
     "/admin/pairing-keys"                = ["post"]
+    # on-premise workloads (docs/onprem.md): registered here, enrolled with pairing keys
+    "/admin/workloads"        = ["post"]
+    "/admin/workloads/import" = ["post"]
+    "/admin/workloads/{id}"   = ["delete"]
   }
   # GCP audit-log events (Pub/Sub push, Eventarc): their own API, only with var.gcp
   gcp_routes = {

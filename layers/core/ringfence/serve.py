@@ -343,12 +343,6 @@ def separate_signer(store: str, signing_key: Path | None, user: str) -> Any:
     return signer
 
 
-def is_onprem(wiring: Any) -> bool:
-    from ringfence.local.wiring import LocalWiring
-
-    return isinstance(wiring, LocalWiring)
-
-
 # --- requests → proxy events -----------------------------------------------------------------------
 
 
@@ -466,13 +460,12 @@ class ServeApp:
         wiring: Any,
         tokens: AdminTokens | AdminTokenFile | None,
         threads: int = DEFAULT_THREADS,
-        onprem: bool | None = None,
         azure: Any = None,
         metrics: Counters | None = None,
     ) -> ServeApp:
-        """The APIs over ``wiring``; ``onprem`` (default: whether it is the local wiring) adds the
-        admin routes of on-premise workloads (register, CMDB import, deregister). ``azure`` (a
-        :class:`ringfence.clouds.azure.wiring.Azure`; default: one from the environment when
+        """The APIs over ``wiring``, the admin routes of on-premise workloads (register, CMDB
+        import, deregister) among them whatever the wiring, as the AWS admin function routes
+        them. ``azure`` (a :class:`ringfence.clouds.azure.wiring.Azure`; default: one from the environment when
         ``RINGFENCE_AZURE_SUBSCRIPTIONS`` is set) adds ``POST /azure/events`` (Event Grid) and the
         ``azure-attested`` enrollment. ``metrics``: the counters ``GET /metrics`` shows (the ones
         the wiring's compute counts into, when it was built with them)."""
@@ -485,14 +478,11 @@ class ServeApp:
         gcp, enrollers = gcp_services(wiring, metric=counters)
         api = AgentApi(wiring, enrollers)
         adm = OnPremAdmin(wiring, counters)
-        local = is_onprem(wiring) if onprem is None else onprem
         agent = ResolverPool(lambda: agent_api.agent_routes(lambda: api), agent_api.outcome)
         admin = None
         if tokens is not None:
             admin = ResolverPool(
-                lambda: admin_api.admin_routes(
-                    lambda: adm, onprem=(lambda: adm) if local else None, roles_of=admin_api.token_roles
-                ),
+                lambda: admin_api.admin_routes(lambda: adm, onprem=lambda: adm, roles_of=admin_api.token_roles),
                 lambda _path, status: admin_api.outcome(status),
             )
         events: dict[str, Callable[[Mapping[str, str], bytes], Any]] = {}

@@ -19,6 +19,7 @@ from ringfence.cmdb import CmdbError, parse_cmdb_rows
 from ringfence.control import credentials
 from ringfence.control.admin import Admin
 from ringfence.control.api import Response, error
+from ringfence.control.wiring import BaseWiring, Metric, no_metric
 from ringfence.governance import govern
 from ringfence.labels import LabelMapper
 from ringfence.model import Workload
@@ -30,7 +31,13 @@ HOLD_KINDS = frozenset({"held", "ungranted"})
 
 class OnPremAdmin(Admin):
     """:class:`~ringfence.control.admin.Admin` (policy, modes, quarantine, pairing keys) plus
-    registering, importing and deregistering on-premise workloads."""
+    registering, importing and deregistering on-premise workloads. ``max_import_rows``: the most
+    workloads one CMDB import may register (None: no bound), for a host whose requests are cut
+    off after a time: there an import cut off part-way would leave part of the file registered."""
+
+    def __init__(self, w: BaseWiring, metric: Metric = no_metric, *, max_import_rows: int | None = None) -> None:
+        super().__init__(w, metric)
+        self.max_import_rows = max_import_rows
 
     def _record(
         self,
@@ -244,6 +251,13 @@ class OnPremAdmin(Admin):
             rows = parse_cmdb_rows(text, source, held_by=self._address_owners())
         except CmdbError as exc:
             return error(400, "CMDB file rejected: nothing imported", str(exc))
+        if self.max_import_rows is not None and len(rows) > self.max_import_rows:
+            return error(
+                400,
+                "CMDB file rejected: nothing imported",
+                f"{source}: {len(rows)} workloads, more than this control plane imports in one request "
+                f"({self.max_import_rows}): import the file in parts",
+            )
         workloads = [r.workload for r in rows]
         owned = self._cloud_owned([w.id for w in workloads])
         if owned:

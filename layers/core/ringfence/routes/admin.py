@@ -1,7 +1,8 @@
 """The admin API's routes: provision policy, set modes, quarantine/release, bind privileged label
 values, mint pairing keys, reset an agent key —
-over an :class:`Admin` service, for every host; with an ``onprem`` service (``ringfence serve``)
-also register, import (CMDB CSV) and deregister on-premise workloads. Each action is audited with the caller's
+over an :class:`Admin` service; with an ``onprem`` service also register, import (CMDB CSV) and
+deregister on-premise workloads (both hosts pass one: ``ringfence serve`` and the AWS admin
+function, so on-premise hosts join either control plane). Each action is audited with the caller's
 principal, read from ``requestContext.identity.userArn``: API Gateway puts the IAM caller there
 (the admin API uses IAM auth); ``ringfence serve`` puts the principal of the admin token there.
 
@@ -85,8 +86,8 @@ def admin_routes(
     service: Callable[[], Admin], onprem: Callable[[], OnPremAdmin] | None = None, *, roles_of: RolesOf
 ) -> APIGatewayRestResolver:
     """The admin API over ``service()`` (called per request: hosts build the service lazily).
-    With ``onprem``, the on-premise workload routes too (``ringfence serve``; the AWS stack routes
-    none of them, so pairing keys, which only on-premise workloads take, are off there).
+    With ``onprem``, the on-premise workload routes too (every host passes it: ``ringfence serve``
+    and the AWS admin function).
     ``roles_of`` says which admin roles the caller of the current request holds."""
     app = resolver(
         "Ringfence admin API",
@@ -298,7 +299,7 @@ def admin_routes(
 
     @app.post(
         "/admin/workloads",
-        summary="register (or update) an on-premise workload — onboarding, ringfence serve; a privileged "
+        summary="register (or update) an on-premise workload — onboarding; a privileged "
         "label value its tags set is held (answered under `held`) unless the caller may bind it (policy-author)",
         responses=answers(adminapi.RegisterWorkloadResponse, 201, errors=(400, 409), meaning=ADMIN_ERRORS),
         security=[{"sigv4": []}],
@@ -310,7 +311,7 @@ def admin_routes(
 
     @app.post(
         "/admin/workloads/import",
-        summary="register every workload of a CMDB CSV export, or none (errors as file:line:column) — onboarding, ringfence serve",
+        summary="register every workload of a CMDB CSV export, or none (errors as file:line:column) — onboarding",
         responses=answers(adminapi.CmdbImportResponse, errors=(400, 409), meaning=ADMIN_ERRORS),
         security=[{"sigv4": []}],
     )
@@ -321,7 +322,7 @@ def admin_routes(
 
     @app.delete(
         "/admin/workloads/<wid>",
-        summary="deregister an on-premise workload: it leaves every peer's sets — onboarding, ringfence serve",
+        summary="deregister an on-premise workload: it leaves every peer's sets — onboarding",
         responses=answers(adminapi.DeregisterResponse, errors=(404, 409), meaning=ADMIN_ERRORS),
         security=[{"sigv4": []}],
     )

@@ -1,7 +1,7 @@
 """The OpenAPI documents of the agent and admin APIs, from the routes themselves:
 ``python -m ringfence.routes.openapi [DIR]`` writes ``DIR/agent-api.json``, ``DIR/admin-api.json``
-(the AWS admin API), ``DIR/serve-admin-api.json`` (``ringfence serve``'s, with the on-premise
-workload routes), ``DIR/azure-events-api.json`` and ``DIR/gcp-events-api.json`` (the other clouds'
+(the admin API, on-premise workload routes included, as the AWS admin function and ``ringfence
+serve`` both route it), ``DIR/azure-events-api.json`` and ``DIR/gcp-events-api.json`` (the other clouds'
 event deliveries, served by ``ringfence serve`` and by the ``azureevents`` / ``gcpevents``
 functions) (default ``docs/openapi``); a test checks that the committed ones are current."""
 
@@ -26,11 +26,7 @@ def documents() -> dict[str, str]:
     out = {}
     for name, app in (
         ("agent-api.json", agent_routes(_no_service)),
-        ("admin-api.json", admin_routes(_no_service, roles_of=token_roles)),  # what the AWS admin function routes
-        (
-            "serve-admin-api.json",
-            admin_routes(_no_service, onprem=_no_service, roles_of=token_roles),
-        ),  # plus on-premise workloads
+        ("admin-api.json", admin_routes(_no_service, onprem=_no_service, roles_of=token_roles)),
         ("azure-events-api.json", azure_event_routes(_no_service)),
         ("gcp-events-api.json", gcp_event_routes(_no_service)),
     ):
