@@ -768,15 +768,15 @@ def test_every_function_that_writes_audit_records_may_send_them_to_the_siem() ->
     assert sam <= _tf_siem_writers(), ("infra/", sam - _tf_siem_writers())
 
 
-def test_address_claims_are_granted_to_no_role_outside_the_administrators_and_compute(env: Env) -> None:
+def test_address_claims_are_granted_to_the_administrators_role_alone(env: Env) -> None:
     """The on-premise one-owner claims (state ``addrowner#<ip>``/``owner``, DynamoStore's
     observe_addressed): a role that could put or delete one could block an address or release a
     workload's claim so that a racing registration lands a second owner. Their writes, recorded
     from the real registration path over moto (register, race lost, re-address, deregister), are
-    granted in template.yaml and infra/ alike only to the roles holding unconditioned state-table
-    writes: the admin function's (which routes no on-premise registration on AWS: ``ringfence
-    serve`` does) and compute's; none is granted to a role conditioned on partition keys, the
-    flows function's ``addr#*`` (address history) among them."""
+    granted in template.yaml and infra/ alike to the admin function's role alone (its on-premise
+    routes register hosts); to none other, compute's (whose writes are held to its partitions,
+    tests/aws/test_sg_record_writers.py) and the flows function's ``addr#*`` (address history)
+    among them."""
     from ringfence.clouds.aws.wiring import Wiring
     from ringfence.clouds.onprem import OnPremAdmin
     from ringfence.control.wiring import Config
@@ -798,7 +798,7 @@ def test_address_claims_are_granted_to_no_role_outside_the_administrators_and_co
     for where, statements_of in (("template.yaml", sam_statements), ("infra/", terraform_statements)):
         statements = {fn: statements_of(fn) for fn in SAM}
         writers = {fn for fn in SAM if any(allowed(statements[fn], c) for c in claims)}
-        assert writers == {"admin", "compute"}, (where, writers)
+        assert writers == {"admin"}, (where, writers)
         assert all(allowed(statements["admin"], c) for c in claims), where
 
 
@@ -806,9 +806,9 @@ def test_attack_only_the_perimeter_role_may_record_a_security_group_as_ringfence
     """A group is Ringfence's only if its id is recorded (``sg#<account>#<region>`` state items,
     clouds/aws/sg.py GroupRecords). Their writes, recorded from the real perimeter function over
     moto (groups created, then one deleted once without purpose), are granted in template.yaml and
-    infra/ alike to the perimeter's role, and otherwise only to the roles holding unconditioned
-    state-table writes (admin, compute): none of the roles fed by events, agents or the internet
-    could record a look-alike group as ours."""
+    infra/ alike to the perimeter's role alone: none of the roles fed by events, agents or the
+    internet could record a look-alike group as ours, nor admin's or compute's (their writes held
+    to their own partitions since, tests/aws/test_sg_record_writers.py)."""
     rec = Recorder(env)
     est = boot(env)
     # the web tier retagged to dev: rf-dev-* created, and the schedule deletes what lost its purpose
@@ -827,4 +827,4 @@ def test_attack_only_the_perimeter_role_may_record_a_security_group_as_ringfence
     for where, statements_of in (("template.yaml", sam_statements), ("infra/", terraform_statements)):
         statements = {fn: statements_of(fn) for fn in SAM}
         writers = {fn for fn in SAM if any(allowed(statements[fn], w) for w in writes)}
-        assert writers == {"perimeter", "admin", "compute"}, (where, writers)
+        assert writers == {"perimeter"}, (where, writers)

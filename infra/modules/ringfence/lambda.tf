@@ -202,7 +202,12 @@ locals {
     ]
     compute = concat([
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
-      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:Query", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn] },
+      { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn] },
+      # writes: the partitions its code writes only (tests/aws/test_sg_record_writers.py), never
+      # a security group's record (sg#: the perimeter's alone), a token or a key
+      { actions = ["dynamodb:PutItem", "dynamodb:UpdateItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["engine", "moved", "bundle#*", "sethead#*", "delta#*", "launch#*"] }] },
+      # a nudged connection gone (GoneException), dropped on condition it is that one
+      { actions = ["dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["conn#*"] }] },
       { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.compute.arn] },
       { actions = ["s3:PutObject", "s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/bundles/*", "${aws_s3_bucket.bundles.arn}/deltas/*", "${aws_s3_bucket.bundles.arn}/keys/*", "${aws_s3_bucket.bundles.arn}/policies/*"] },
       # the fan-out: jobs for the publish workers, unsigned bundles too big for a message staged
@@ -274,7 +279,7 @@ locals {
       # records are read with their quarantine items (DynamoStore), nothing else there
       { actions = ["dynamodb:BatchGetItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn], conditions = [local.quarantine_keys] },
       # the ids of the groups it created (clouds/aws/sg.py GroupRecords): a group is ours only if
-      # recorded, and no other role fed by events or agents may write these keys
+      # recorded, and no other role may write these keys
       { actions = ["dynamodb:Query"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["sg#*"] }] },
       { actions = ["dynamodb:PutItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["sg#*"] }, { test = "ForAllValues:StringEquals", variable = "dynamodb:Attributes", values = ["pk", "sk", "network", "name", "how"] }] },
       { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.perimeter.arn] },
@@ -315,12 +320,16 @@ locals {
     ]
     admin = [
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
-      { actions = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"], resources = [aws_dynamodb_table.state.arn] },
+      { actions = ["dynamodb:GetItem"], resources = [aws_dynamodb_table.state.arn] },
+      # writes: the partitions its code writes only (tests/aws/test_sg_record_writers.py), never
+      # a security group's record (sg#: the perimeter's alone), a token or a key binding
+      { actions = ["dynamodb:PutItem", "dynamodb:UpdateItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["policy", "quarantine", "pairing#*", "pairingof#*", "nextkey#*", "addrowner#*"] }] },
       # modes updated in place; a quarantine's record checked, a release's cleared
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem", "dynamodb:ConditionCheckItem"], resources = [aws_dynamodb_table.inventory.arn] },
-      # an agent-key reset drops the key binding, the token, the nudge connection and the
-      # workload's pairing keys (found by the Query below)
-      { actions = ["dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn] },
+      # a release deletes the quarantine item; an agent-key reset drops the key binding, the
+      # token, the nudge connection and the workload's pairing keys (found by the Query below);
+      # an on-premise workload's addresses are released
+      { actions = ["dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["quarantine", "pairing#*", "pairingof#*", "nextkey#*", "agentkey#*", "token#*", "tokenof#*", "conn#*", "addrowner#*"] }] },
       # the dependency map: the running inventory and the flow rows
       { actions = ["dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
       # BatchGetItem: GET /admin/findings reads the bundles' set heads
