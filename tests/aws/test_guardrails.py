@@ -74,7 +74,7 @@ def test_terraform_module_denies_the_same_actions() -> None:
         if st["Sid"] == "DenyTaggerRoleChanges"
     ]
     assert roles["effect"] == "Deny" and set(local["role_actions"]) == set(cfn_roles["Action"]) >= ROLE_CHANGES
-    assert roles["resources"] == "${concat(var.tagger_principal_arns, var.perimeter_principal_arns)}"
+    assert roles["resources"] == "${concat(var.tagger_principal_arns, local.perimeter_principals)}"
     [cond] = roles["condition"]
     assert (cond["test"], cond["variable"], cond["values"]) == (
         "ArnNotLike",
@@ -92,7 +92,11 @@ OTHER = "arn:aws:iam::210987654321:role/team-network-admin"
 
 
 def _cfn_resolve(v: Any, params: dict[str, Any]) -> Any:
-    """The intrinsics the guard uses (Ref, Sub of a parameter, Join, Split), with ``params``."""
+    """The intrinsics the guard uses (Ref, Sub of a parameter, Join, Split, If of a condition),
+    with ``params``."""
+    if isinstance(v, dict) and "If" in v:
+        name, then, otherwise = v["If"]
+        return _cfn_resolve(then if _cfn_holds(cfn()["Conditions"][name], params) else otherwise, params)
     if isinstance(v, dict) and "Ref" in v:
         return params[v["Ref"]]
     if isinstance(v, dict) and "Sub" in v:
@@ -107,6 +111,16 @@ def _cfn_resolve(v: Any, params: dict[str, Any]) -> Any:
     if isinstance(v, list):
         return [_cfn_resolve(x, params) for x in v]
     return v
+
+
+def _cfn_holds(cond: Any, params: dict[str, Any]) -> bool:
+    """A condition of the guard's (Not, Equals of resolved values)."""
+    if "Not" in cond:
+        return not _cfn_holds(cond["Not"][0], params)
+    if "Equals" in cond:
+        a, b = (_cfn_resolve(x, params) for x in cond["Equals"])
+        return bool(a == b)
+    raise AssertionError(f"condition {cond} not modelled")
 
 
 def _list(v: Any) -> list[str]:
@@ -157,8 +171,12 @@ def tf_guard(perimeter: list[str]) -> Guard:
             return v
         expr = v.removeprefix("${").removesuffix("}")
         if expr.startswith("concat("):
-            return [x for part in expr[len("concat(") : -1].split(", ") for x in var[part]]
+            return [x for part in expr[len("concat(") : -1].split(", ") for x in value(part)]
+        if expr.startswith("compact("):
+            return [x for x in value(expr[len("compact(") : -1]) if x]
         return list(var[expr])
+
+    var["local.perimeter_principals"] = value(local["perimeter_principals"])
 
     [data] = doc["data"]
     return [
@@ -289,3 +307,28 @@ def test_the_guarded_roles_are_the_taggers_and_the_perimeters(where: str) -> Non
             assert denied_by(guard, action, {"aws:PrincipalArn": ADMIN}, role) == [], (where, role, action)
     # a role of another name stays the account's own business
     assert denied_by(guard, "iam:CreateRole", {"aws:PrincipalArn": OTHER}, "arn:aws:iam::444455556666:role/app") == []
+
+
+@pytest.mark.parametrize("where", sorted(GUARDS))
+def test_an_empty_perimeter_principal_list_puts_no_empty_arn_in_the_guard(
+    where: str, perimeter_create_tags: dict[str, Any]
+) -> None:
+    """PerimeterPrincipalArns "" (CloudFormation gives an empty CommaDelimitedList as one empty
+    item; Terraform's perimeter_principal_arns = [""] alike) names no perimeter role. Before, the
+    guard split the joined lists into one more, empty, item: an empty aws:PrincipalArn in
+    DenyLabelTagCreation and an empty Resource in DenyTaggerRoleChanges (no ARN: IAM's policy
+    grammar takes an ARN or * there). Now no statement carries an empty value; the guard trusts
+    the taggers alone (the perimeter's roles are refused the tag like anyone) and still guards
+    the taggers' roles."""
+    guard = GUARDS[where]([""])
+    for sid, _, conds, resources in guard:
+        assert "" not in resources, (where, sid, resources)
+        for op, key, values in conds:
+            assert "" not in values, (where, sid, op, key, values)
+    req = perimeter_create_tags
+    assert denied_by(guard, "ec2:CreateTags", req | {"aws:PrincipalArn": MEMBER_PERIMETER}), where
+    assert denied_by(guard, "ec2:CreateTags", req | {"aws:PrincipalArn": OTHER}), where
+    tagger = {"aws:TagKeys": ["ringfence:env"], "aws:PrincipalArn": "arn:aws:iam::210987654321:role/ringfence-tagging"}
+    assert denied_by(guard, "ec2:CreateTags", tagger) == [], where
+    role = "arn:aws:iam::444455556666:role/ringfence-tagging"
+    assert denied_by(guard, "iam:CreateRole", {"aws:PrincipalArn": OTHER}, role) == ["DenyTaggerRoleChanges"], where

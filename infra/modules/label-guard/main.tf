@@ -64,6 +64,9 @@ locals {
     keys       = ["${var.label_key_prefix}*"]
     principals = var.tagger_principal_arns
   }
+  # an empty string names no principal (as PerimeterPrincipalArns "" in the CloudFormation guard):
+  # left in, it would be an empty principal and an empty Resource ARN
+  perimeter_principals = compact(var.perimeter_principal_arns)
   ec2_actions = [
     "ec2:DeleteTags",
     "ec2:RunInstances",
@@ -126,7 +129,7 @@ data "aws_iam_policy_document" "guard" {
     condition {
       test     = "ArnNotLike"
       variable = "aws:PrincipalArn"
-      values   = concat(local.condition.principals, var.perimeter_principal_arns)
+      values   = concat(local.condition.principals, local.perimeter_principals)
     }
   }
   statement {
@@ -176,7 +179,7 @@ data "aws_iam_policy_document" "guard" {
     sid       = "DenyTaggerRoleChanges"
     effect    = "Deny"
     actions   = local.role_actions
-    resources = concat(var.tagger_principal_arns, var.perimeter_principal_arns)
+    resources = concat(var.tagger_principal_arns, local.perimeter_principals)
     condition {
       test     = "ArnNotLike"
       variable = "aws:PrincipalArn"
