@@ -12,7 +12,8 @@ EC2) is reported failed (PerimeterPlacesFailed) and the others are reconciled: o
 message naming only failed places is handed back for a retry, one naming others too is done for
 those and the failed part is sent again on its own.
 What changed is logged one line per change ("perimeter: sg-… attached to i-… (2 ENIs)"), counted
-in metrics, and returned by the scheduled run."""
+in metrics, and returned by the scheduled run; a group taken back (a stopped run's) or adopted (an
+earlier version's) is audited too, before its record is written."""
 
 from __future__ import annotations
 
@@ -60,6 +61,11 @@ def _log(results: list[dict[str, Any]]) -> None:
             )
         if r.get("adopted"):
             logger.warning("perimeter groups adopted (made before records)", extra=summary | {"groups": r["adopted"]})
+        if r.get("taken_back"):
+            logger.warning(
+                "perimeter groups taken back (made by a run stopped before recording them)",
+                extra=summary | {"groups": r["taken_back"]},
+            )
         if r.get("failed"):
             logger.error("perimeter failed for this account/region", extra=summary | {"reason": r["failed"]})
         elif r.get("violations") and "plan" not in r:

@@ -77,6 +77,8 @@ def sam_role() -> list[Statement]:
     fn = template()["Resources"]["PerimeterFunction"]["Properties"]
     out = []
     for st in fn["Policies"][0]["Statement"]:
+        if "If" in st:  # a statement under a condition (the SIEM target's): as deployed with it
+            st = st["If"][1]
         conds = [
             (op, key, _cfn_value(vals)) for op, clauses in cfn_conditions(st).items() for key, vals in clauses.items()
         ]

@@ -123,6 +123,9 @@ def test_groups_made_before_records_are_adopted_by_the_full_run_only_if_exactly_
     assert (
         set(records(env)) == {made["rf-prod-boundary"]} and records(env)[made["rf-prod-boundary"]]["how"] == "adopted"
     )
+    assert [a.target for a in env.store.audit_log() if a.action == "perimeter.group-adopted"] == [
+        made["rf-prod-boundary"]
+    ]
     assert any(made["rf-prod-mgmt"] in x for x in here["lookalikes"]), here
     # an interface that needs a refused group is left as it is, all of it
     assert not groups_of(env, iid) & set(made.values())
@@ -165,18 +168,12 @@ class _Stopped(BaseException):
     """What a Lambda timeout does to the perimeter: the process stops, no ``except Exception`` runs."""
 
 
-def test_a_group_made_by_a_run_stopped_before_its_record_is_taken_back(
-    env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The perimeter is stopped between CreateSecurityGroup and the put of the group's record.
-    Before, the group was left tagged and named as Ringfence's but unrecorded: a look-alike of its
-    own making that the full run never adopted (only the default egress) and that held its name, so
-    that VPC's interfaces were refused and their launches never handed on. Now an intent with a
-    random nonce is recorded before the create and the nonce goes on the group (the
-    ringfence:perimeter tag's value): the next run records it, gives it its rules and attaches it."""
+def _stopped_run(env: Env, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, Any], str, str, str]:
+    """The estate booted, a web instance launched in a new VPC, and the perimeter stopped between
+    the CreateSecurityGroup of that VPC's rf-prod-boundary and the put of its record (its message
+    dropped): (the estate, the VPC, the instance, the group left unrecorded)."""
     from ringfence.clouds.aws import sg as sgmod
 
-    caplog.set_level(logging.INFO, logger="ringfence.aws.perimeter")
     est = boot(env)
     vpc = env.ec2.create_vpc(CidrBlock="10.9.0.0/16")["Vpc"]["VpcId"]
     sub = env.ec2.create_subnet(VpcId=vpc, CidrBlock="10.9.1.0/24", AvailabilityZone=f"{REGION}a")["Subnet"]
@@ -196,9 +193,25 @@ def test_a_group_made_by_a_run_stopped_before_its_record_is_taken_back(
     assert orphan not in records(env)
     [g] = env.ec2.describe_security_groups(GroupIds=[orphan])["SecurityGroups"]
     assert g["VpcId"] == vpc and next(t["Value"] for t in g["Tags"] if t["Key"] == TAG).startswith("prod/")
-    # the message is retried (the batch failed), with the launch this time
     while env.receive("perimeter"):
         pass
+    return est, vpc, iid, orphan
+
+
+def test_a_group_made_by_a_run_stopped_before_its_record_is_taken_back(
+    env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The perimeter is stopped between CreateSecurityGroup and the put of the group's record.
+    Before, the group was left tagged and named as Ringfence's but unrecorded: a look-alike of its
+    own making that the full run never adopted (only the default egress) and that held its name, so
+    that VPC's interfaces were refused and their launches never handed on. Now an intent with a
+    random nonce is recorded before the create and the nonce goes on the group (the
+    ringfence:perimeter tag's value): the next run records it, gives it its rules and attaches it."""
+    from ringfence.clouds.aws import sg as sgmod
+
+    caplog.set_level(logging.INFO, logger="ringfence.aws.perimeter")
+    est, vpc, iid, orphan = _stopped_run(env, monkeypatch)
+    # the message is retried (the batch failed), with the launch this time
     env.sqs.send_message(
         QueueUrl=env.queues["perimeter"],
         MessageBody=json.dumps({"ids": [iid], "lifecycles": [LAUNCH | {"instance_id": iid, "token": "t"}]}),
@@ -220,3 +233,51 @@ def test_a_group_made_by_a_run_stopped_before_its_record_is_taken_back(
     everything = PerimeterRule(EGRESS, "-1", -1, -1, "cidr", "0.0.0.0/0")
     assert (everything in sgmod._rules_of(now, {})) == (everything in sgmod._rules_of(same, {}))
     assert len(sgmod._rules_of(now, {})) == len(sgmod._rules_of(same, {}))
+
+
+def test_a_group_taken_back_is_audited_before_its_record_and_counted(
+    env: Env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A group of a stopped run taken back becomes Ringfence's without a record of its creation:
+    before, that showed in a log line only. Now it is audited (``perimeter.group-taken-back``,
+    naming the group, its VPC and name) before its record is written, so an audit store that
+    refuses the write leaves it unrecorded and the place failed, for the next run to try both
+    again; and counted (``PerimeterGroupsTakenBack``). The real perimeter function over moto, its
+    calls granted in both deployments."""
+    from botocore.exceptions import ClientError
+
+    from tests.aws.test_function_iam import Recorder, refusals
+
+    _est, vpc, iid, orphan = _stopped_run(env, monkeypatch)
+    env.load_functions()  # a cold container, whose clients carry the hooks below
+    rec = Recorder(env)
+    refusing: list[str] = []
+
+    def refuse(params: dict[str, Any], **_: Any) -> None:
+        tables = {next(iter(i.values()))["TableName"] for i in params.get("TransactItems", [])}
+        if "rf-audit" in tables and not refusing:
+            raise ClientError({"Error": {"Code": "ProvisionedThroughputExceededException", "Message": "x"}}, "Tx")
+
+    env.hook("before-parameter-build.dynamodb.TransactWriteItems", refuse)
+    capsys.readouterr()
+    env.sqs.send_message(QueueUrl=env.queues["perimeter"], MessageBody=json.dumps({"ids": [iid]}))
+    [out] = env.drain("perimeter", "perimeter")
+    assert out["batchItemFailures"], "the message naming only the failed place is handed back"
+    assert orphan not in records(env) and [k for k in records(env) if k.startswith("pending#")]
+    assert emitted(capsys.readouterr().out).get("PerimeterPlacesFailed") == 1
+    assert not [a for a in env.store.audit_log() if a.action == "perimeter.group-taken-back"]
+
+    refusing.append("no more")
+    while env.receive("perimeter"):
+        pass
+    env.sqs.send_message(QueueUrl=env.queues["perimeter"], MessageBody=json.dumps({"ids": [iid]}))
+    env.drain("perimeter", "perimeter")
+    assert records(env)[orphan]["how"] == "created" and orphan in groups_of(env, iid)
+    [audit] = [a for a in env.store.audit_log() if a.action == "perimeter.group-taken-back"]
+    assert (audit.principal, audit.target) == ("ringfence:perimeter", orphan)
+    assert audit.detail == {"account": ACCOUNT, "region": REGION, "vpc": vpc, "name": "rf-prod-boundary"}
+    assert emitted(capsys.readouterr().out).get("PerimeterGroupsTakenBack") == 1
+    schedule(env)  # taken back once: the full run after it neither counts nor audits it again
+    assert emitted(capsys.readouterr().out).get("PerimeterGroupsTakenBack") is None
+    assert len([a for a in env.store.audit_log() if a.action == "perimeter.group-taken-back"]) == 1
+    assert not refusals(rec, ["perimeter"])

@@ -4,7 +4,7 @@
 
 locals {
   # the functions that write audit records or receive agents' reports (lambda.tf's statements)
-  siem_writers = ["ingest", "lifecycle", "reconcile", "agentapi", "admin", "gcpevents", "azureevents", "wsconnect", "cloudreconcile"]
+  siem_writers = ["ingest", "lifecycle", "reconcile", "agentapi", "admin", "gcpevents", "azureevents", "wsconnect", "cloudreconcile", "perimeter"]
   siem_spec = (
     var.siem_target == "eventbridge" ? "eventbridge:${aws_cloudwatch_event_bus.siem[0].name}" :
     var.siem_target == "cloudwatch" ? "cloudwatch:${aws_cloudwatch_log_group.siem[0].name}" : ""

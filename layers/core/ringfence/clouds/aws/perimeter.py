@@ -14,7 +14,12 @@ that instance's launch is not handed on (its hook times out into its default res
 
 Each account and Region (a place) is reconciled on its own: one whose perimeter role cannot be
 assumed or whose API fails is reported failed (``PerimeterPlacesFailed``) while the others are
-reconciled and their launches handed on; on the event path only that place's part is retried."""
+reconciled and their launches handed on; on the event path only that place's part is retried.
+
+A group Ringfence has no record of becomes its own in two ways only: taken back (made by a run
+stopped before its record, ``PerimeterGroupsTakenBack``) or adopted (made before records, by the
+full run): each is audited (``perimeter.group-taken-back``, ``perimeter.group-adopted``) before
+its record is written, so none is recorded unaudited."""
 
 from __future__ import annotations
 
@@ -27,17 +32,24 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ringfence.audit import AuditRecord
 from ringfence.control.wiring import Metric, no_metric
 from ringfence.perimeter import PerimeterConfig, PlanRefused, QuotaExceeded, Scope
 from ringfence.store.base import InventoryRecord
 
 from . import clients
-from .sg import GONE_STATES, GroupRecords, SecurityGroupPerimeter, log
+from .sg import GONE_STATES, GroupRecords, Owned, SecurityGroupPerimeter, log
 from .wiring import Wiring
 
 # --- perimeter --------------------------------------------------------------------------------------
 
 Place = tuple[str, str]  # (account, region)
+PRINCIPAL = "ringfence:perimeter"  # who the perimeter's audit records name
+_OWNED_WHY = {
+    "taken-back": "made by a perimeter run stopped before recording it (it carries that run's intent "
+    "nonce, as EC2 made it): recorded as Ringfence's",
+    "adopted": "made before Ringfence recorded its groups, exactly as it makes them: recorded as Ringfence's",
+}
 
 
 class PerimeterMessage(BaseModel):
@@ -83,6 +95,23 @@ class Perimeter:
         if self._table is None:
             self._table = clients.resource("dynamodb").Table(self.w.cfg.state_table)
         return GroupRecords(self._table, account, region)
+
+    def _owned(self, account: str, region: str) -> Owned:
+        """Audits a group becoming Ringfence's without a record of its creation (before the record
+        is written: a failed audit fails the place, and the next run tries both again)."""
+
+        def audit(how: str, gid: str, network: str, name: str) -> None:
+            self.w.audit(
+                AuditRecord(
+                    principal=PRINCIPAL,
+                    action=f"perimeter.group-{how}",
+                    target=gid,
+                    detail={"account": account, "region": region, "vpc": network, "name": name},
+                    reason=_OWNED_WHY[how],
+                )
+            )
+
+        return audit
 
     def run(self, dry_run: bool = False) -> list[dict[str, Any]]:
         """The full reconcile of every account/region the inventory or the targets name; a place
@@ -167,7 +196,9 @@ class Perimeter:
         base: dict[str, Any] = {"account": account, "region": region, "scope": scope.value}
         base["workloads"] = sorted(workloads)
         try:
-            sgp = SecurityGroupPerimeter(self.w.perimeter_ec2_for(account, region), self._records(account, region))
+            sgp = SecurityGroupPerimeter(
+                self.w.perimeter_ec2_for(account, region), self._records(account, region), self._owned(account, region)
+            )
             res = sgp.reconcile(self.config, workloads, scope, dry_run=dry_run, gone=[r.id for r in recs])
         except PlanRefused as exc:
             self.metric("PerimeterPlanRefused", 1)
@@ -182,6 +213,8 @@ class Perimeter:
             return base | {"applied": False, "failed": f"{type(exc).__name__}: {exc}"[:500]}
         if res.lookalikes:
             self.metric("PerimeterGroupsRefused", len(res.lookalikes))
+        if res.taken_back and not dry_run:
+            self.metric("PerimeterGroupsTakenBack", len(res.taken_back))
         if res.applied:
             counts = res.plan
             self.metric("PerimeterGroupsCreated", counts["create"])
@@ -194,8 +227,8 @@ class Perimeter:
         for k in res.kept:
             log.warning("perimeter: kept %s (%s) without purpose: %s", k["group"], k["name"], k["reason"])
         out = base | {"applied": res.applied, "plan": res.plan, "changes": res.changes, "kept": res.kept}
-        if res.lookalikes or res.adopted:
-            out |= {"lookalikes": res.lookalikes, "adopted": res.adopted}
+        if res.lookalikes or res.adopted or res.taken_back:
+            out |= {"lookalikes": res.lookalikes, "adopted": res.adopted, "taken_back": res.taken_back}
         if res.violations:  # applied but for what breaks a limit: left as it was, named here
             self.metric("PerimeterPlanRefused", 1)
             if any("limit:" in v for v in res.violations):

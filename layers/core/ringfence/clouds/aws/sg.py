@@ -2,7 +2,7 @@
 
 Every network interface of a workload carries its groups (not only the primary one). A group is
 ours only if Ringfence recorded its id when it created it (:class:`GroupRecords`, in the state
-table, which only the perimeter's role writes among the event-fed roles): the ``ringfence:perimeter``
+table, which only the perimeter's role writes): the ``ringfence:perimeter``
 tag and one of the names Ringfence gives (``rf-<env>-boundary|mgmt``,
 ``rf-<env>-published.<service>`` — one per published service, so a workload gets only the ports of
 the services it matches; ``rf-<env>-published``, the older shared one; and ``rf-empty``: no rule at
@@ -28,7 +28,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +72,9 @@ PENDING = "pending#"  # GroupRecords: an intent to create, not a group id
 # an intent older than this with no group carrying its nonce is from a create that failed or was
 # stopped before EC2 made it (a Lambda runs 15 minutes at most)
 PENDING_STALE_S = 3600
+# (how: "taken-back" or "adopted", group id, VPC, name): told before a group Ringfence has no record
+# of becomes its own, so that the change is audited first; raising stops the run before the record
+Owned = Callable[[str, str, str, str], None]
 
 
 def _rules_of(sg: dict[str, Any], names_by_id: dict[str, str]) -> set[PerimeterRule]:
@@ -120,14 +123,15 @@ class GroupRecords:
     """The ids of the security groups Ringfence created in one account and Region: state-table
     items ``pk = sg#<account>#<region>``, ``sk`` the group id, written right after each
     ``CreateSecurityGroup`` (and dropped after its delete). In both deployments only the perimeter
-    function's role may write ``sg#*`` keys among the roles events or agents feed
-    (tests/aws/test_function_iam.py), so a group someone else made with our tag and name is never
-    taken for ours.
+    function's role may write ``sg#*`` keys (tests/aws/test_function_iam.py,
+    tests/aws/test_sg_record_writers.py), so a group someone else made with our tag and name is
+    never taken for ours.
 
     Before each create an intent is written (``sk = pending#<epoch>#<nonce>``, how ``pending``) and
     its random nonce goes on the group, in the ``ringfence:perimeter`` tag's value: a run stopped
     between the create and the record (a Lambda timeout runs no ``except``) leaves a group the next
-    run recognises as its own by that nonce, instead of a look-alike holding the name for good."""
+    run recognises as its own by that nonce, instead of a look-alike holding the name for good
+    (audited and counted as taken back: :class:`ringfence.clouds.aws.perimeter.Perimeter`)."""
 
     def __init__(self, table: Any, account: str, region: str) -> None:
         self.table = table
@@ -197,6 +201,7 @@ class PerimeterResult:
     refused: list[str] = field(default_factory=list)  # workloads with an interface left as it was (violations)
     lookalikes: list[str] = field(default_factory=list)  # groups with our tag and name, no record: refused
     adopted: list[str] = field(default_factory=list)  # groups made before records, exactly ours: recorded now
+    taken_back: list[str] = field(default_factory=list)  # made by a run stopped before its record: recorded now
 
 
 @dataclass
@@ -209,9 +214,10 @@ class _Eni:
 
 
 class SecurityGroupPerimeter:
-    def __init__(self, ec2: Any, records: GroupRecords) -> None:
+    def __init__(self, ec2: Any, records: GroupRecords, owned: Owned | None = None) -> None:
         self.ec2 = ec2
         self.records = records
+        self.owned = owned
 
     # --- reading -----------------------------------------------------------------------------
 
@@ -275,6 +281,8 @@ class SecurityGroupPerimeter:
                 )
                 continue
             if not dry_run:
+                if self.owned is not None:
+                    self.owned("taken-back", gid, network, name)
                 self.records.add(gid, network, name, "created")
                 self.records.clear(intent)
             log.warning(
@@ -443,6 +451,7 @@ class SecurityGroupPerimeter:
         groups, lookalikes = self._groups(None if scope is Scope.FULL else {e.network for e in enis.values()}, recorded)
         # groups of an earlier run stopped between its create and its record: ours by their nonce
         reclaimed = self._reclaim(lookalikes, intents, scope, dry_run)
+        taken_back = [f"{g['GroupId']} ({g['GroupName']}) in {g['VpcId']}" for g in reclaimed]
         groups += reclaimed
         lookalikes = [la for la in lookalikes if la not in reclaimed]
         key_of = {g["GroupId"]: (g["VpcId"], g["GroupName"]) for g in groups}
@@ -460,6 +469,8 @@ class SecurityGroupPerimeter:
             for sg in self._adoptable(lookalikes, ds, key_of):
                 gid, key = str(sg["GroupId"]), (str(sg["VpcId"]), str(sg["GroupName"]))
                 if not dry_run:
+                    if self.owned is not None:
+                        self.owned("adopted", gid, key[0], key[1])
                     self.records.add(gid, key[0], key[1], "adopted")
                 log.warning(
                     "perimeter: adopted %s (%s) in %s: made before Ringfence recorded its groups, as it makes them",
@@ -573,6 +584,7 @@ class SecurityGroupPerimeter:
                 refused=refused,
                 lookalikes=[f"{la['GroupId']} ({la['GroupName']}) in {la['VpcId']}" for la in lookalikes],
                 adopted=adopted,
+                taken_back=taken_back,
             )
         created = self._apply(p, key_of, enis)
         return PerimeterResult(
@@ -584,6 +596,7 @@ class SecurityGroupPerimeter:
             refused=refused,
             lookalikes=[f"{la['GroupId']} ({la['GroupName']}) in {la['VpcId']}" for la in lookalikes],
             adopted=adopted,
+            taken_back=taken_back,
         )
 
     def _apply(self, p: Plan, key_of: dict[str, tuple[str, str]], enis: dict[str, _Eni]) -> dict[tuple[str, str], str]:
