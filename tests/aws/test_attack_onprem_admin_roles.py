@@ -111,3 +111,38 @@ def test_attack_onboarding_cannot_grant_a_privileged_label_by_registering_on_aws
         "role": "jumpbox",
         "app": "admin",
     }
+
+
+def test_attack_onboarding_cannot_take_an_ec2_instances_identity_by_registering_its_id_first(
+    roles: Env, hybrid: tuple[Env, dict[str, Any]]
+) -> None:
+    """An instance launched but not in inventory yet (its events on their way): an ``onboarding``
+    caller who registered its id as an on-premise host, minted a pairing key and paired an agent
+    of its own would hold the instance's identity once ingest wrote the instance over that record
+    (the instance's bundle, heartbeats claiming its enforcement, flow reports in its name), and
+    the instance's own agent would be refused (the identity bound to the other key). An id of a
+    cloud instance's form (EC2, an Azure vmId, GCP) is refused, registered or imported, before
+    anything is written; the instance's agent then enrolls with its identity document."""
+    from tests.aws.test_pipeline import enroll_iid
+
+    env = roles
+    _, est = hybrid
+    (new,) = est["run"]("web", est["subnets"]["web"])
+    assert env.store.get(new) is None, "launched, not ingested yet"
+    web = {"ringfence:role": "web", "ringfence:app": "ordering", "ringfence:env": "prod", "ringfence:loc": "ca"}
+    for wid in (new, "0f8fad5b-d9cb-469f-a165-70867728950e", "7205924612093401234"):
+        status, answer = register(env, {"id": wid, "ips": ["192.168.50.1"], "tags": web})
+        assert status == 422 and "cloud instance" in answer["detail"], (wid, answer)
+    csv = f"id,ips,ringfence:role,ringfence:app,ringfence:env,ringfence:loc\n{new},192.168.50.1,web,ordering,prod,ca\n"
+    status, _, answer = env.rest(
+        "admin", "POST", "/admin/workloads/import", {"csv": csv, "source": "x.csv"}, principal=OTTO
+    )
+    assert status == 400 and "x.csv:2:1:" in answer["detail"] and "cloud instance" in answer["detail"], answer
+    assert env.store.get(new) is None and not audits(env, "workload.register", new)
+    body = {"workload_id": new, "uses": 1, "ttl": 600}
+    assert env.rest("admin", "POST", "/admin/pairing-keys", body, principal=OTTO)[0] == 404
+
+    env.put(env.state_event(new, "running"))
+    env.pump()
+    status, answer = enroll_iid(env, new)
+    assert status == 200 and answer["workload_id"] == new, answer
