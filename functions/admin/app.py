@@ -46,7 +46,7 @@ app = admin_routes(admin, onprem=admin, roles_of=roles_of)
 
 
 @logger.inject_lambda_context
-@tracer.capture_lambda_handler
+@tracer.capture_lambda_handler(capture_response=False, capture_error=False)  # answers hold tokens
 @metrics.log_metrics
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     out = app.resolve(event, context)

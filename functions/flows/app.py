@@ -117,7 +117,7 @@ def _vpc_objects(w: Wiring, records: list[dict[str, Any]], out: FlowsResult) -> 
 
 
 @logger.inject_lambda_context
-@tracer.capture_lambda_handler
+@tracer.capture_lambda_handler(capture_response=False, capture_error=False)  # answers hold tokens
 @metrics.log_metrics
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     global _wiring

@@ -94,7 +94,7 @@ def record_handler(record: SQSRecord) -> dict[str, Any] | None:
 
 
 @logger.inject_lambda_context
-@tracer.capture_lambda_handler
+@tracer.capture_lambda_handler(capture_response=False, capture_error=False)  # answers hold tokens
 @metrics.log_metrics
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     _idem.register_lambda_context(context)

@@ -25,6 +25,10 @@ locals {
     RINGFENCE_STS_ENDPOINTS       = join(",", var.sts_endpoints)
     RINGFENCE_WEBSOCKET_ENDPOINT  = "https://${aws_apigatewayv2_api.nudge.id}.execute-api.${local.region}.amazonaws.com/v1"
     RINGFENCE_SIEM                = local.siem_spec
+
+    # no answer or error message in X-Ray traces: an answer can hold a bearer token or a pairing key
+    POWERTOOLS_TRACER_CAPTURE_RESPONSE = "false"
+    POWERTOOLS_TRACER_CAPTURE_ERROR    = "false"
   }
 
   functions = {
