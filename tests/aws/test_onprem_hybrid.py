@@ -196,9 +196,9 @@ def test_a_cmdb_file_imported_on_aws_lands_whole_in_the_ec2_bundles(hybrid: tupl
     )
     assert status == 400 and "big.csv: 501 workloads" in answer["detail"] and "(500)" in answer["detail"], answer
     assert env.store.get("dc2-0") is None and not audits(env, "workload.import", "big.csv")
-    # an EC2 instance's id is never taken over by a registration
+    # an EC2 instance's id is never taken over by a registration: refused for its form (f1b57e8)
     status, answer = register(env, {**DB, "id": proc})
-    assert status == 409 and "aws instance" in answer["detail"], answer
+    assert status == 422 and "cloud instance" in answer["detail"], answer
 
 
 def test_the_admin_functions_onprem_calls_are_granted_in_both_deployments(hybrid: tuple[Env, dict[str, Any]]) -> None:
