@@ -3,7 +3,19 @@ a cloud: which write is the last one, and when a privileged value is in force.""
 
 from __future__ import annotations
 
-from ringfence.governance import NOT_A_TAGGER, SKEW, UNATTRIBUTED, LabelWrite, TagChange, bind, govern
+import pytest
+
+from ringfence.governance import (
+    NOT_A_TAGGER,
+    SKEW,
+    UNATTRIBUTED,
+    LabelWrite,
+    NotGranted,
+    TagChange,
+    bind,
+    govern,
+    unbind,
+)
 from ringfence.labels import LabelMapper
 from ringfence.model import LabelsConfig, Workload
 from tests.test_governance import DEV, DEV_BOX, JUMP, JUMP_TAGS, MAPPER, TAGGER
@@ -223,3 +235,66 @@ def test_a_held_move_is_never_kept() -> None:
         w, writes, v = step(w, writes, at - 10.0, box(JUMP_TAGS, at), now=at)
         assert v.held and MAPPER.resolve(w).labels["role"] == "web"  # type: ignore[attr-defined]
         assert writes["role"].by == "other"
+
+
+# --- revocations (ringfence.governance.unbind) -----------------------------------------------------
+
+
+def granted_jumpbox() -> tuple[Workload, dict[str, LabelWrite]]:
+    """A developer's held move into role=jumpbox, app=admin, granted by an administrator at 21."""
+    w, writes, _ = step(None, {}, 0.0, box(WEB_TAGS, 10.0))
+    w, writes, _ = step(w, writes, 10.0, box(JUMP_TAGS, 20.0), TagChange(DEV, JUMP_TAGS, 15.0))
+    granted = bind(MAPPER, w, {"role": "jumpbox", "app": "admin"})
+    w, writes, _ = step(w, writes, 20.0, granted.model_copy(update={"held_labels": None}), now=21.0)
+    assert MAPPER.resolve(w).labels["role"] == "jumpbox"
+    return w, writes
+
+
+def test_a_revoked_grant_the_tags_still_ask_for_is_held_and_dropped_from_the_labels() -> None:
+    w, writes = granted_jumpbox()
+    v = unbind(MAPPER, w, ["role"], writes=writes, previous_at=20.0, now=30.0)
+    assert v.held and v.workload.label_grants == {"app": "admin"}
+    assert v.labels == {"app": "admin", "env": "shared"}, "role unset, not its value before the grant"
+    assert v.writes is not None and v.writes["role"] == LabelWrite(at=30.0, value="jumpbox", by="other")
+    # the next observation (nothing changed) keeps it held: no earlier approval comes back
+    w2, _, v2 = step(v.workload, v.writes, 20.0, box(JUMP_TAGS, 40.0), now=40.0)
+    assert "role" not in MAPPER.resolve(w2).labels and v2.held  # type: ignore[attr-defined]
+
+
+def test_after_a_revocation_only_a_later_taggers_call_approves_the_value() -> None:
+    w, writes = granted_jumpbox()
+    v = unbind(MAPPER, w, ["role", "app"], writes=writes, previous_at=20.0, now=30.0)
+    assert v.writes is not None and v.workload.label_grants == {}
+    # a tagger's call made before the revocation (a late event) is stale against it
+    w2, _, late = step(v.workload, v.writes, 20.0, box(JUMP_TAGS, 40.0), TagChange(TAGGER, JUMP_TAGS, 25.0), now=41.0)
+    assert "role" not in MAPPER.resolve(w2).labels and late.held  # type: ignore[attr-defined]
+    # one made after it approves it, as any tagger's call does
+    w3, _, after = step(v.workload, v.writes, 20.0, box(JUMP_TAGS, 40.0), TagChange(TAGGER, JUMP_TAGS, 35.0), now=41.0)
+    assert MAPPER.resolve(w3).labels["role"] == "jumpbox" and not after.held  # type: ignore[attr-defined]
+
+
+def test_a_revoked_grant_the_tags_do_not_ask_for_changes_nothing_in_force() -> None:
+    w, writes, _ = step(None, {}, 0.0, box(WEB_TAGS, 10.0))
+    w, writes, _ = step(w, writes, 10.0, bind(MAPPER, w, {"role": "jumpbox"}), now=11.0)
+    assert w.label_grants == {"role": "jumpbox"} and MAPPER.resolve(w).labels["role"] == "web"
+    v = unbind(MAPPER, w, ["role"], writes=writes, previous_at=10.0, now=12.0)
+    assert not v.held and v.labels["role"] == "web" and v.workload.label_grants == {}
+    # the move the grant would have allowed is held like any other non-tagger's
+    w2, _, moved = step(v.workload, v.writes, 10.0, box(JUMP_TAGS, 20.0), TagChange(DEV, JUMP_TAGS, 15.0))
+    assert MAPPER.resolve(w2).labels["role"] == "web" and moved.finding  # type: ignore[attr-defined]
+
+
+def test_a_revocation_of_a_record_stored_before_writes_were_recorded() -> None:
+    """No writes recorded (an upgrade, or an on-premise record): the grant is carried, then taken back."""
+    granted = JUMP.model_copy(update={"label_grants": {"role": "jumpbox", "app": "admin"}, "observed_at": 20.0})
+    assert MAPPER.resolve(granted).labels["role"] == "jumpbox"
+    v = unbind(MAPPER, granted, ["role"], writes=None, previous_at=20.0, now=30.0)
+    assert v.held and "role" not in v.labels and v.workload.label_grants == {"app": "admin"}
+
+
+def test_a_revocation_names_only_granted_known_dimensions_all_or_none() -> None:
+    w, writes = granted_jumpbox()
+    with pytest.raises(ValueError, match="unknown label dimension 'rank'"):
+        unbind(MAPPER, w, ["role", "rank"], writes=writes, previous_at=20.0)
+    with pytest.raises(NotGranted, match=r"no grant of env .*grants: app=admin, role=jumpbox"):
+        unbind(MAPPER, w, ["role", "env"], writes=writes, previous_at=20.0)

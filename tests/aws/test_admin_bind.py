@@ -1,6 +1,7 @@
 """Admin bindings through the admin API: ``PUT /admin/workloads/{id}/labels`` grants privileged
 label values to one workload (``ringfence.control.governance.bind_labels``), audited as
-``label.bind`` and open to policy authors only.
+``label.bind`` and open to policy authors only; ``DELETE`` on the same path takes grants back
+(``unbind_labels``), audited as ``label.unbind``, policy authors only too.
 
 Against the real admin function (moto server behind it, API Gateway's IAM caller in the event)
 and against ``ringfence serve`` over HTTP with role-carrying admin tokens: the same routes. A
@@ -9,12 +10,13 @@ binding is how an administrator approves it when no tagger made the change."""
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.aws.conftest import OPERATOR, Env
+from tests.aws.conftest import OPERATOR, Env, ip_of
 from tests.aws.test_admin_authz import served_roles
 from tests.aws.test_governance import DEVELOPER, ESCALATION, governed_estate, retag, ssh_peers
 from tests.aws.test_pipeline import _ctx, _scheduled
@@ -50,6 +52,46 @@ def bind(env: Env, wid: str, body: Any, principal: str = PAT) -> tuple[int, Any]
 
 def bindings(env: Env) -> list[Any]:
     return [a for a in env.store.audit_log() if a.action == "label.bind"]
+
+
+def unbind(env: Env, wid: str, body: Any, principal: str = PAT) -> tuple[int, Any]:
+    status, _, answer = env.rest("admin", "DELETE", f"/admin/workloads/{wid}/labels", body, principal=principal)
+    return status, answer
+
+
+def revocations(env: Env) -> list[Any]:
+    return [a for a in env.store.audit_log() if a.action == "label.unbind"]
+
+
+def ssh_out(env: Env, est: dict[str, Any]) -> bool:
+    """``est["dev"]``'s own bundle lets it open SSH (tcp/22) to a production host."""
+    prod = {ipaddress.ip_address(ip_of(env, i)) for i in (*est["ids"]["web"], *est["ids"]["proc"], *est["ids"]["db"])}
+    doc = env.bundle(est["dev"])
+    for rule in doc.outbound:
+        if rule.action != "allow":
+            continue
+        entries = [(m.set, m.services) for m in rule.members] if rule.members else [(rule.set, rule.services)]
+        for name, services in entries:
+            ssh = any(
+                s.proto in ("tcp", "any") and (s.ports is None or s.ports[0] <= 22 <= s.ports[1]) for s in services
+            )
+            if ssh and name is not None:
+                cidrs = [ipaddress.ip_network(c) for c in doc.sets[name].v4]
+                if any(ip in c for ip in prod for c in cidrs):
+                    return True
+    return False
+
+
+def bound_jumpbox(env: Env) -> dict[str, Any]:
+    """held_estate's dev box bound role=jumpbox, app=admin by a policy author, computed: every
+    production host's SSH peer, and its own bundle opens SSH to them."""
+    est = held_estate(env)
+    env.bind(AUTHORS, ["policy-author"])
+    status, body = bind(env, est["dev"], {"labels": GRANT, "reason": "CHG-7 bastion"})
+    assert status == 200 and body["held"] is False, body
+    env.pump()
+    assert all(ssh_peers(env, est).values()) and ssh_out(env, est)
+    return est
 
 
 def test_policy_author_binding_lifts_the_hold_audits_and_recomputes(env: Env) -> None:
@@ -275,3 +317,147 @@ def test_attack_a_label_bind_whose_audit_write_fails_changes_nothing(env: Env) -
     assert env.store.get(dev) == before, "no grant in force without its record"
     assert env.store.get(dev).workload.held_labels is not None
     assert env.store.audit_log() == log and env.count("compute") == 0
+
+
+# --- revoking a grant: DELETE /admin/workloads/{id}/labels ------------------------------------------
+
+
+def test_policy_author_revokes_a_grant_the_value_is_held_again_audited_and_recomputed(env: Env) -> None:
+    est = bound_jumpbox(env)
+    dev = est["dev"]
+    assert env.count("compute") == 0
+
+    # one dimension: app=admin stays granted, role=jumpbox (still in the tags) is held, role unset
+    status, body = unbind(env, dev, {"dimensions": ["role"], "reason": "CHG-11 bastion retired"})
+    assert status == 200, body
+    assert body["revoked"] == {"role": "jumpbox"} and body["label_grants"] == {"app": "admin"}
+    assert body["held"] is True and body["labels"] == {"app": "admin", "env": "shared", "loc": "ca"}
+    rec = env.store.get(dev)
+    assert rec.workload.label_grants == {"app": "admin"} and rec.labels == body["labels"]
+    assert rec.workload.tags["ringfence:role"] == "jumpbox", "the tags are the cloud's: untouched"
+    [revoked] = revocations(env)
+    assert (revoked.principal, revoked.target, revoked.reason, revoked.id) == (
+        PAT,
+        dev,
+        "CHG-11 bastion retired",
+        body["audit_id"],
+    )
+    assert revoked.detail["revoked"] == {"role": "jumpbox"} and revoked.detail["labels"] == {"app": "admin"}
+    assert env.count("compute") >= 1, "the revocation is queued for compute"
+    env.pump()
+    assert not any(ssh_peers(env, est).values()), "no production host lets the box in over SSH any more"
+    assert not ssh_out(env, est), "its own bundle no longer opens SSH to them"
+
+    # the rest: nothing granted, nothing privileged in force
+    status, body = unbind(env, dev, {"dimensions": ["app"], "reason": "CHG-11 bastion retired"})
+    assert status == 200 and body["label_grants"] == {} and body["labels"] == {"env": "shared", "loc": "ca"}, body
+    env.pump()
+    rec = env.store.get(dev)
+    assert rec.workload.label_grants == {} and rec.workload.held_labels == {"env": "shared", "loc": "ca"}
+    assert not any(ssh_peers(env, est).values()) and not ssh_out(env, est)
+
+    # a later observation (a reconcile pass, an unrelated instance event) keeps the value held: the
+    # revocation is the dimension's last write, and no earlier approval comes back
+    env.fn["reconcile"].handler(_scheduled(), _ctx())
+    env.put(env.state_event(dev, "running"))
+    env.pump()
+    rec = env.store.get(dev)
+    assert rec.workload.held_labels is not None and "role" not in rec.labels and rec.workload.label_grants == {}
+    assert not any(ssh_peers(env, est).values())
+
+    # and binding again is how an administrator puts it back
+    status, body = bind(env, dev, {"labels": GRANT, "reason": "CHG-12 bastion back"})
+    assert status == 200 and body["held"] is False, body
+    env.pump()
+    assert all(ssh_peers(env, est).values()) and ssh_out(env, est)
+
+
+def test_a_revocation_of_a_grant_the_tags_no_longer_ask_for_changes_nothing_in_force(env: Env) -> None:
+    """Granted ahead of any tag change (``role=jumpbox`` while the tags say ``web``): the labels in
+    force are the tags'; taking the grant back leaves them so, and the move it would have allowed
+    is then held like any other non-tagger's."""
+    est = governed_estate(env)
+    dev = est["dev"]
+    env.bind(AUTHORS, ["policy-author"])
+    status, body = bind(env, dev, {"labels": {"role": "jumpbox"}, "reason": "CHG-13 ahead of the retag"})
+    assert status == 200 and body["labels"] == PREVIOUS and body["held"] is False, body
+    status, body = unbind(env, dev, {"dimensions": ["role"], "reason": "CHG-13 cancelled"})
+    assert status == 200 and body["labels"] == PREVIOUS and body["held"] is False and body["label_grants"] == {}, body
+    retag(env, dev, ESCALATION, DEVELOPER)
+    rec = env.store.get(dev)
+    assert rec.workload.held_labels is not None and rec.labels == PREVIOUS
+    assert not any(ssh_peers(env, est).values())
+
+
+def test_bad_revocations_are_refused_and_change_nothing(env: Env) -> None:
+    est = bound_jumpbox(env)
+    dev = est["dev"]
+    before, audited = env.store.get(dev), len(env.store.audit_log())
+    reason = "CHG-11"
+    cases: list[tuple[str, Any, int, str]] = [
+        (dev, {"dimensions": ["rank"], "reason": reason}, 400, "unknown label dimension 'rank'"),
+        (dev, {"dimensions": ["role"], "reason": "  "}, 400, "needs a reason"),
+        (dev, {"dimensions": ["role"]}, 422, "body.reason"),
+        (dev, {"dimensions": [], "reason": reason}, 422, "body.dimensions"),
+        # a dimension with no grant refuses the whole revocation (all or none), naming what is granted
+        (dev, {"dimensions": ["role", "env"], "reason": reason}, 409, "no grant of env"),
+        ("i-0123456789abcdef0", {"dimensions": ["role"], "reason": reason}, 404, "i-0123456789abcdef0"),
+    ]
+    for wid, body, want, says in cases:
+        status, answer = unbind(env, wid, body)
+        assert (status, says in answer["detail"]) == (want, True), (body, answer)
+    _, answer = unbind(env, dev, {"dimensions": ["env"], "reason": reason})
+    assert "the workload's grants: app=admin, role=jumpbox" in answer["detail"]
+    assert env.store.get(dev) == before and len(env.store.audit_log()) == audited and env.count("compute") == 0
+    # revoked once, the second revocation is a 409, not a second record
+    assert unbind(env, dev, {"dimensions": ["role", "app"], "reason": reason})[0] == 200
+    status, answer = unbind(env, dev, {"dimensions": ["role"], "reason": reason})
+    assert status == 409 and "no grant of role" in answer["detail"] and len(revocations(env)) == 1, answer
+
+
+def test_attack_only_policy_authors_may_revoke_a_grant(env: Env) -> None:
+    """Taking a grant back changes who reaches what as much as granting it: an incident
+    responder, an onboarding operator, a reader and a principal bound to no role are each refused
+    with the audited 403 (a body that does not validate too: the role is checked first), and the
+    grant, the labels in force and the peers' sets stay as they were."""
+    est = bound_jumpbox(env)
+    dev = est["dev"]
+    before = env.store.get(dev)
+    env.bind(RESPONDERS, ["incident-responder"])
+    env.bind(READER, ["reader"])
+    env.bind(ONBOARDER, ["onboarding"])
+    nobody = "arn:aws:iam::123456789012:user/mallory"
+    callers = (JANE, ONBOARDER, READER, nobody)
+    for who in callers:
+        for body in ({"dimensions": ["role", "app"], "reason": "revoke it"}, {"dimensions": []}):
+            status, answer = unbind(env, dev, body, principal=who)
+            assert status == 403 and "label.unbind" in answer["detail"], (who, answer)
+    assert env.store.get(dev) == before and not revocations(env) and env.count("compute") == 0
+    denied = [(a.principal, a.target, a.detail["action"]) for a in env.store.audit_log() if a.action == "admin.denied"]
+    assert denied == [(who, dev, "label.unbind") for who in callers for _ in range(2)]
+    env.pump()
+    assert all(ssh_peers(env, est).values()) and ssh_out(env, est), "the grant stands"
+
+
+def test_serve_revokes_for_a_policy_author_token_only(env: Env, served_roles: tuple[str, dict[str, str]]) -> None:
+    url, tok = served_roles
+    est = bound_jumpbox(env)
+    dev = est["dev"]
+    before = env.store.get(dev)
+
+    def delete(who: str, body: Any) -> httpx.Response:
+        return httpx.request(
+            "DELETE", f"{url}/admin/workloads/{dev}/labels", json=body, headers={"Authorization": f"Bearer {tok[who]}"}
+        )
+
+    for who in ("rita", "ivan"):
+        r = delete(who, {"dimensions": ["role"], "reason": "revoke it"})
+        assert r.status_code == 403 and "label.unbind" in r.json()["detail"], r.text
+    assert env.store.get(dev) == before and not revocations(env)
+
+    r = delete("ann", {"dimensions": ["role", "app"], "reason": "CHG-14"})
+    assert r.status_code == 200 and r.json()["revoked"] == GRANT and r.json()["held"] is True, r.text
+    [revoked] = revocations(env)
+    assert (revoked.principal, revoked.reason, revoked.id) == ("ann", "CHG-14", r.json()["audit_id"])
+    env.pump()
+    assert not any(ssh_peers(env, est).values()) and not ssh_out(env, est)

@@ -67,6 +67,11 @@ FINDING = ocsf.detection_finding(
 # --- OCSF ----------------------------------------------------------------------------------------
 
 
+def test_a_label_grant_is_a_create_and_its_revocation_a_delete() -> None:
+    assert ocsf.api_activity(sealed("label.bind"))["activity_id"] == 1
+    assert ocsf.api_activity(sealed("label.unbind"))["activity_id"] == 4
+
+
 @pytest.mark.parametrize(
     "event",
     [

@@ -18,7 +18,7 @@ locals {
     "/admin/suggest"                     = ["get"]
     "/admin/findings"                    = ["get"]
     "/admin/workloads/{id}/mode"         = ["put"]
-    "/admin/workloads/{id}/labels"       = ["put"]
+    "/admin/workloads/{id}/labels"       = ["put", "delete"]
     "/admin/workloads/{id}/quarantine"   = ["post", "delete"]
     "/admin/workloads/{id}/agent-key"    = ["delete"]
     "/admin/workloads/{id}/pairing-keys" = ["delete"]

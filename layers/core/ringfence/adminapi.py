@@ -65,6 +65,15 @@ class BindLabelsRequest(_Body):
     reason: str = Field(max_length=2048, description="why (required, not blank): kept in the audit log")
 
 
+class UnbindLabelsRequest(_Body):
+    dimensions: list[str] = Field(
+        min_length=1,
+        max_length=64,
+        description="the dimensions whose grants to take back (each one the workload holds a grant of; all or none)",
+    )
+    reason: str = Field(max_length=2048, description="why (required, not blank): kept in the audit log")
+
+
 class PairingKeyRequest(Reason):
     workload_id: str = Field(description="the registered on-premise workload the key enrolls (and no other)")
     uses: int = Field(1, ge=1, le=10_000, description="enrollments the key allows")
@@ -152,6 +161,18 @@ class BindLabelsResponse(_Body):
     label_grants: dict[str, str] = Field(description="every privileged value the workload is now granted")
     labels: dict[str, str] = Field(description="the labels in force after the binding (compute is queued)")
     held: bool = Field(description="a move into a privileged value this binding did not grant is still held")
+    audit_id: str
+
+
+class UnbindLabelsResponse(_Body):
+    workload_id: str
+    revoked: dict[str, str] = Field(description="the grants taken back, dimension → value")
+    label_grants: dict[str, str] = Field(description="every privileged value the workload is still granted")
+    labels: dict[str, str] = Field(
+        description="the labels in force after the revocation (compute is queued): a revoked value the tags "
+        "still ask for is held, its dimension unset"
+    )
+    held: bool = Field(description="a move into a privileged value is held (a revoked one among them)")
     audit_id: str
 
 

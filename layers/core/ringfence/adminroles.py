@@ -1,7 +1,7 @@
 """Who may do what through the admin API: four admin roles, each admin action open to some.
 
-- ``policy-author``: provision policy versions, set workload modes (``idle`` among them) and bind
-  privileged label values to a workload (an admin binding);
+- ``policy-author``: provision policy versions, set workload modes (``idle`` among them), bind
+  privileged label values to a workload (an admin binding) and take such grants back;
 - ``incident-responder``: quarantine and release workloads;
 - ``onboarding``: register, import and deregister on-premise workloads, mint pairing keys, reset
   a workload's agent key (an agent that lost its state directory enrolls again);
@@ -40,6 +40,8 @@ ACTIONS: dict[str, frozenset[AdminRole]] = {
     # version does, and the policy author already decides which values are privileged and who
     # may tag them (`taggers`). Incident responders contain (quarantine) rather than widen access.
     "label.bind": frozenset({AdminRole.POLICY_AUTHOR}),
+    # taking a grant back narrows who reaches what: the same decision as the grant, the same role
+    "label.unbind": frozenset({AdminRole.POLICY_AUTHOR}),
     "workload.quarantine": frozenset({AdminRole.INCIDENT_RESPONDER}),
     "workload.release": frozenset({AdminRole.INCIDENT_RESPONDER}),
     "pairing.create": frozenset({AdminRole.ONBOARDING}),

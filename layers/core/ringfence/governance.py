@@ -421,3 +421,53 @@ class Finding:
             "event_id": self.event_id,
             **self.extra,
         }
+
+
+class NotGranted(LookupError):
+    """A revocation names a dimension the workload holds no grant of (nothing to take back)."""
+
+
+def unbind(
+    mapper: LabelMapper,
+    workload: Workload,
+    dimensions: Iterable[str],
+    *,
+    writes: Mapping[str, LabelWrite] | None,
+    previous_at: float = 0.0,
+    now: float | None = None,
+) -> Verdict:
+    """An admin revocation: take back the workload's grants of these dimensions, all or none.
+
+    Each revoked grant becomes a write of its value, now, by nobody approved (``other``): the
+    value is in force only once a later write approves it again (an allowed tagger's call, a new
+    binding), and no earlier approval comes back with it — a tagger's call older than the
+    revocation (a late event) is stale against it. The labels are then decided as governance
+    decides them after an approval is taken back (:func:`govern_writes`): a privileged value the
+    tags still ask for is held and dropped from the labels in force (the dimension unset; a
+    workload left with no labels gets ``unlabeled_mode``); a grant the tags no longer ask for
+    changes nothing in force. ``writes``/``previous_at``: the stored record's (None: stored before
+    writes were recorded, carried as :func:`govern` carries them). Raises ValueError (an unknown
+    dimension) or :class:`NotGranted` before deciding anything."""
+    t_now = time.time() if now is None else now
+    dims = list(dict.fromkeys(dimensions))
+    unknown = [d for d in dims if d not in mapper.dimensions]
+    if unknown:
+        raise ValueError(f"unknown label dimension {unknown[0]!r}")
+    missing = [d for d in dims if d not in workload.label_grants]
+    if missing:
+        granted = ", ".join(f"{d}={v}" for d, v in sorted(workload.label_grants.items())) or "none"
+        raise NotGranted(f"no grant of {', '.join(missing)} to take back (the workload's grants: {granted})")
+    revoked = {d: workload.label_grants[d] for d in dims}
+    known = dict(writes) if writes is not None else _carried(mapper, workload, previous_at)
+    for d, v in revoked.items():
+        w = known.get(d)
+        known[d] = LabelWrite(at=max(t_now, w.at if w is not None else 0.0), value=v, by="other")
+    # decided from the workload as if the revoked values had never been in force: a value in force
+    # whose write does not approve it would otherwise be taken for one that became privileged
+    # after it was decided, and kept (_newly_privileged)
+    in_force = mapper.resolve(workload).labels
+    without = {d: v for d, v in in_force.items() if revoked.get(d) != v}
+    grants = {d: v for d, v in workload.label_grants.items() if d not in revoked}
+    previous = workload.model_copy(update={"label_grants": grants, "held_labels": without})
+    current = workload.model_copy(update={"label_grants": grants, "held_labels": None})
+    return govern_writes(mapper, previous, current, writes=known, previous_at=previous_at, now=t_now)

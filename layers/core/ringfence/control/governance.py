@@ -15,7 +15,7 @@ from typing import NamedTuple
 from ringfence.audit import AuditRecord, state_digest
 from ringfence.control.fanout import in_parallel
 from ringfence.control.wiring import BaseWiring, Metric, log, no_metric
-from ringfence.governance import UNATTRIBUTED, Finding, TagChange, Verdict, bind, govern
+from ringfence.governance import UNATTRIBUTED, Finding, TagChange, Verdict, bind, govern, unbind
 from ringfence.labels import LabelMapper, any_account_taggers
 from ringfence.model import Mode
 from ringfence.siem import ocsf
@@ -319,17 +319,101 @@ def bind_labels(w: BaseWiring, workload_id: str, labels: dict[str, str], princip
     before changing anything, and ConflictError when newer observations kept landing in between
     (nothing is answered as bound then, and its record is followed by ``label.bind.failed``).
     The record is written before the binding: a failed audit write binds nothing."""
+
+    def decide(mapper: LabelMapper, old: InventoryRecord) -> tuple[InventoryRecord, dict[str, object]]:
+        try:
+            granted = bind(mapper, old.workload, labels)
+        except ValueError as exc:
+            raise ValueError(f"{exc} ({_privileged_hint(mapper)})") from None
+        # the grant is a write of each dimension by an administrator, now: it stands until the
+        # dimension moves off the value (a later write or observation of another value)
+        verdict = govern(
+            mapper,
+            old.workload,
+            granted.model_copy(update={"held_labels": None}),
+            writes=old.label_writes,
+            previous_at=old.observed_at,
+        )
+        rec = _decided(mapper, old, verdict)
+        return rec, {"labels": dict(verdict.workload.label_grants), "in_force": rec.labels}
+
+    def stands(now: InventoryRecord, detail: dict[str, object]) -> bool:
+        grants = detail["labels"]
+        assert isinstance(grants, dict)
+        return all(now.workload.label_grants.get(d) == v for d, v in grants.items())
+
+    rec, audit = _change_grants(w, workload_id, principal, reason, "label.bind", decide, stands)
+    return Binding(rec, audit.id)
+
+
+class Revocation(NamedTuple):
+    """What :func:`unbind_labels` wrote: the workload's record, the audit record id, the grants taken back."""
+
+    record: InventoryRecord
+    audit_id: str
+    revoked: dict[str, str]
+
+
+def unbind_labels(w: BaseWiring, workload_id: str, dimensions: list[str], principal: str, reason: str) -> Revocation:
+    """An audited admin revocation: take back the workload's grants of these dimensions (all or
+    none; :func:`ringfence.governance.unbind`) and queue the change for compute, so its bundle and
+    its peers' sets lose what the grant gave. Raises KeyError (an unknown or terminated workload),
+    ValueError (no active policy, a blank reason, an unknown dimension) or
+    :class:`~ringfence.governance.NotGranted` (a dimension with no grant) before changing
+    anything, and ConflictError as :func:`bind_labels` does (``label.unbind.failed``). Audited
+    as ``label.unbind`` before it is written: a failed audit write revokes nothing."""
+
+    def decide(mapper: LabelMapper, old: InventoryRecord) -> tuple[InventoryRecord, dict[str, object]]:
+        revoked = {d: old.workload.label_grants[d] for d in dimensions if d in old.workload.label_grants}
+        verdict = unbind(mapper, old.workload, dimensions, writes=old.label_writes, previous_at=old.observed_at)
+        rec = _decided(mapper, old, verdict)
+        return rec, {"revoked": revoked, "labels": dict(verdict.workload.label_grants), "in_force": rec.labels}
+
+    def stands(now: InventoryRecord, detail: dict[str, object]) -> bool:
+        revoked = detail["revoked"]
+        assert isinstance(revoked, dict)
+        return all(now.workload.label_grants.get(d) != v for d, v in revoked.items())
+
+    rec, audit = _change_grants(w, workload_id, principal, reason, "label.unbind", decide, stands)
+    return Revocation(rec, audit.id, dict(audit.detail["revoked"]))
+
+
+def _decided(mapper: LabelMapper, old: InventoryRecord, verdict: Verdict) -> InventoryRecord:
+    res = mapper.resolve(verdict.workload)
+    return old.model_copy(
+        update={
+            "workload": verdict.workload,
+            "labels": res.labels,
+            "problems": [p.message for p in res.problems],
+            "label_writes": verdict.writes,
+        }
+    )
+
+
+def _change_grants(
+    w: BaseWiring,
+    workload_id: str,
+    principal: str,
+    reason: str,
+    action: str,
+    decide: Callable[[LabelMapper, InventoryRecord], tuple[InventoryRecord, dict[str, object]]],
+    stands: Callable[[InventoryRecord, dict[str, object]], bool],
+) -> tuple[InventoryRecord, AuditRecord]:
+    """An administrator's change of one workload's grants (``action``: ``label.bind`` or
+    ``label.unbind``), audited first and answered only once stored. ``decide``: the record to
+    write over the stored one and the audit detail (raises to refuse); ``stands``: that detail's
+    change is in force in a stored record."""
     mapper = _governing_mapper(w)
     if mapper is None:
         raise ValueError("no active policy: nothing declares privileged values (provision a policy version first)")
     if not reason.strip():
-        raise ValueError("a binding needs a reason (it is audited)")
-    # the record is written before the binding is (as a provision's): a grant is never in force
-    # without its record. An attempt whose write is then refused keeps its record unless the next
-    # attempt would record something else; a record whose binding did not happen (superseded,
-    # refused, failed) is followed by label.bind.failed naming it and why
+        raise ValueError(f"a {'binding' if action == 'label.bind' else 'revocation'} needs a reason (it is audited)")
+    # the record is written before the change is (as a provision's): a grant is never in force, or
+    # taken back, without its record. An attempt whose write is then refused keeps its record unless
+    # the next attempt would record something else; a record whose change did not happen
+    # (superseded, refused, failed) is followed by <action>.failed naming it and why
     audit: AuditRecord | None = None
-    stored = False  # an attempt's write returned: the grant may be in force although a later step raised
+    stored = False  # an attempt's write returned: the change may be in force although a later step raised
 
     def failed(why: str, outcome: str = "failed") -> None:
         if audit is None:
@@ -338,7 +422,7 @@ def bind_labels(w: BaseWiring, workload_id: str, labels: dict[str, str], princip
             w.audit(
                 AuditRecord(
                     principal=principal,
-                    action=f"label.bind.{outcome}",
+                    action=f"{action}.{outcome}",
                     target=workload_id,
                     detail={"audit_id": audit.id, "why": why},
                     reason=reason,
@@ -346,7 +430,7 @@ def bind_labels(w: BaseWiring, workload_id: str, labels: dict[str, str], princip
             )
         except Exception:
             log.exception(
-                "label.bind of %s (audit record %s) failed; that could not be recorded", workload_id, audit.id
+                "%s of %s (audit record %s) failed; that could not be recorded", action, workload_id, audit.id
             )
 
     try:
@@ -354,73 +438,45 @@ def bind_labels(w: BaseWiring, workload_id: str, labels: dict[str, str], princip
             old = w.store.get(workload_id)
             if old is None or old.state == "terminated":
                 raise KeyError(workload_id)
-            try:
-                granted = bind(mapper, old.workload, labels)
-            except ValueError as exc:
-                raise ValueError(f"{exc} ({_privileged_hint(mapper)})") from None
-            # the grant is a write of each dimension by an administrator, now: it stands until the
-            # dimension moves off the value (a later write or observation of another value)
-            verdict = govern(
-                mapper,
-                old.workload,
-                granted.model_copy(update={"held_labels": None}),
-                writes=old.label_writes,
-                previous_at=old.observed_at,
-            )
-            res = mapper.resolve(verdict.workload)
-            rec = old.model_copy(
-                update={
-                    "workload": verdict.workload,
-                    "labels": res.labels,
-                    "problems": [p.message for p in res.problems],
-                    "label_writes": verdict.writes,
-                }
-            )
-            detail = {"labels": dict(verdict.workload.label_grants), "in_force": res.labels}
+            rec, detail = decide(mapper, old)
             if audit is None or audit.detail != detail:
-                nxt = AuditRecord(
-                    principal=principal, action="label.bind", target=workload_id, detail=detail, reason=reason
-                )
+                nxt = AuditRecord(principal=principal, action=action, target=workload_id, detail=detail, reason=reason)
                 w.audit(nxt)  # fails: nothing (more) written, the call fails
-                failed(f"changed meanwhile: bound as recorded in {nxt.id}")
+                failed(f"changed meanwhile: done as recorded in {nxt.id}")
                 audit = nxt
             # same observed_at: written unless a newer observation landed meanwhile; observe() cannot
-            # tell that from "nothing changed", so the record is read back: a binding is answered only
+            # tell that from "nothing changed", so the record is read back: a change is answered only
             # once it is stored. Another decision landing meanwhile (a binding, an approval) refuses
-            # the write instead of being overwritten: bind again on top of it.
+            # the write instead of being overwritten: decide again on top of it.
             try:
                 w.store.observe(rec, previous=old)
             except GovernanceMoved:
                 continue
             stored = True
             now = w.store.get(workload_id)
-            if now is not None and all(now.workload.label_grants.get(d) == v for d, v in granted.label_grants.items()):
+            if now is not None and stands(now, detail):
                 rec = now
                 break
         else:
-            raise ConflictError(f"{workload_id} changed under {BIND_ATTEMPTS} attempts to bind it: try again")
+            raise ConflictError(f"{workload_id} changed under {BIND_ATTEMPTS} attempts to change its grants: try again")
     except Exception as exc:
         why = f"{type(exc).__name__}: {exc}"
         if not stored:
             failed(why)
             raise
-        # a write landed before the error: .failed only where the store shows the grant is not in force
+        # a write landed before the error: .failed only where the store shows the change is not in force
         try:
             now = w.store.get(workload_id)
-            bound = (
-                now is not None
-                and audit is not None
-                and all(now.workload.label_grants.get(d) == v for d, v in audit.detail["labels"].items())
-            )
+            done = now is not None and audit is not None and stands(now, audit.detail)
         except Exception:
             failed(why, outcome="unconfirmed")
             raise
-        if bound:
-            log.warning("label.bind of %s is in force although the call raised: %s", workload_id, why)
+        if done:
+            log.warning("%s of %s is in force although the call raised: %s", action, workload_id, why)
             w.enqueue_compute([workload_id])
         else:
             failed(why)
         raise
     assert audit is not None
     w.enqueue_compute([workload_id])
-    return Binding(rec, audit.id)
+    return rec, audit

@@ -26,7 +26,8 @@ from ringfence.clouds.onprem import OnPremAdmin
 from ringfence.control.admin import Admin
 from ringfence.control.api import Response, error
 from ringfence.control.findings import DEFAULT_BOUND, FindingsResponse
-from ringfence.control.governance import bind_labels
+from ringfence.control.governance import bind_labels, unbind_labels
+from ringfence.governance import NotGranted
 from ringfence.store.base import ConflictError
 
 from .common import answers, http, resolver
@@ -54,6 +55,7 @@ ROUTE_ACTIONS: dict[tuple[str, str], tuple[str, str]] = {
     ("POST", "/admin/policies"): ("policy.provision", "policy"),
     ("PUT", "/admin/workloads/<wid>/mode"): ("workload.mode", "<wid>"),
     ("PUT", "/admin/workloads/<wid>/labels"): ("label.bind", "<wid>"),
+    ("DELETE", "/admin/workloads/<wid>/labels"): ("label.unbind", "<wid>"),
     ("POST", "/admin/workloads/<wid>/quarantine"): ("workload.quarantine", "<wid>"),
     ("DELETE", "/admin/workloads/<wid>/quarantine"): ("workload.release", "<wid>"),
     ("POST", "/admin/pairing-keys"): ("pairing.create", ""),
@@ -229,6 +231,44 @@ def admin_routes(
             return http(error(409, "workload changed meanwhile", str(exc)))
         body = {
             "workload_id": wid,
+            "label_grants": dict(rec.workload.label_grants),
+            "labels": rec.labels,
+            "held": rec.workload.held_labels is not None,
+            "audit_id": audit_id,
+        }
+        return http(Response(200, body))
+
+    @app.delete(
+        "/admin/workloads/<wid>/labels",
+        summary="take back a workload's grants of privileged label values (named by dimension, all or none; "
+        "audited): a value its tags still ask for is held again, compute is queued; reason required — policy-author",
+        responses=answers(
+            adminapi.UnbindLabelsResponse,
+            errors=(400, 404, 409),
+            meaning={
+                409: "nothing was done: a dimension named holds no grant (detail names the grants the workload "
+                "holds), or the workload changed meanwhile (try again)",
+            },
+        ),
+        security=[{"sigv4": []}],
+    )
+    def unbind_workload_labels(wid: str, req: adminapi.UnbindLabelsRequest) -> HttpResponse[str]:
+        denied = refused("label.unbind", wid)
+        if denied:
+            return denied
+        try:  # every refusal below is raised before anything is written
+            rec, audit_id, revoked = unbind_labels(service().w, wid, req.dimensions, principal(), req.reason)
+        except KeyError:
+            return http(error(404, "unknown workload", wid))
+        except NotGranted as exc:
+            return http(error(409, "no such grant", str(exc)))
+        except ValueError as exc:
+            return http(error(400, "revocation refused", str(exc)))
+        except ConflictError as exc:
+            return http(error(409, "workload changed meanwhile", str(exc)))
+        body = {
+            "workload_id": wid,
+            "revoked": revoked,
             "label_grants": dict(rec.workload.label_grants),
             "labels": rec.labels,
             "held": rec.workload.held_labels is not None,

@@ -31,7 +31,7 @@ INFORMATIONAL, LOW, MEDIUM, HIGH = 1, 2, 3, 4
 
 # the audit action → API Activity's activity_id (1 Create, 2 Read, 3 Update, 4 Delete)
 _CREATE = ("policy.provision", "policy.revert", "pairing.create", "workload.register", "token.issue", "label.bind")
-_DELETE = ("workload.deregister", "token.revoke", "agent-key.reset", "pairing.revoke")
+_DELETE = ("workload.deregister", "token.revoke", "agent-key.reset", "pairing.revoke", "label.unbind")
 # actions that lower a safeguard or were refused: worth more than informational
 _NOTABLE = ("workload.release", "admin.denied", "label.held", "workload.quarantine", "agent-key.reset")
 
