@@ -461,3 +461,57 @@ def test_serve_revokes_for_a_policy_author_token_only(env: Env, served_roles: tu
     assert (revoked.principal, revoked.reason, revoked.id) == ("ann", "CHG-14", r.json()["audit_id"])
     env.pump()
     assert not any(ssh_peers(env, est).values()) and not ssh_out(env, est)
+
+
+@pytest.mark.parametrize("writer", ["ingest", "reconcile"])
+def test_a_revocation_landing_while_ingest_or_reconcile_decides_is_kept(env: Env, writer: str) -> None:
+    """Ingest (an instance event) or a reconcile pass reads the bound record, a policy author's
+    revocation lands, then the function writes its newer observation, decided with the grant.
+    That write is refused (the record's governance moved), read again and decided again: the
+    grant does not come back, and compute takes the jumpbox's SSH access away."""
+    est = bound_jumpbox(env)
+    dev = est["dev"]
+    answers: list[tuple[int, Any]] = []
+    inside = [False]
+
+    def unbind_first(params: dict[str, Any], **_: Any) -> None:
+        key = params.get("Key", {}).get("id")
+        if inside[0] or answers or params.get("TableName") != "rf-inventory" or key not in (dev, {"S": dev}):
+            return
+        if "workload = :w" not in str(params.get("UpdateExpression")):
+            return
+        inside[0] = True
+        try:  # the function has read the record and decided: now the policy author revokes
+            answers.append(unbind(env, dev, {"dimensions": ["role", "app"], "reason": "CHG-15 retired"}))
+        finally:
+            inside[0] = False
+
+    env.load_functions()  # cold starts: the handlers' clients, made after the hook, carry it
+    env.hook("before-parameter-build.dynamodb.UpdateItem", unbind_first)
+    if writer == "ingest":
+        env.put(env.state_event(dev, "running"))
+        env.drain("ingest", "ingest")
+    else:
+        env.fn["reconcile"].handler(_scheduled(), _ctx())
+    assert [status for status, _ in answers] == [200], answers
+    rec = env.store.get(dev)
+    assert rec.workload.label_grants == {}, "the observation did not put the grant back"
+    assert rec.workload.held_labels is not None and "role" not in rec.labels
+    env.pump()
+    assert not any(ssh_peers(env, est).values()) and not ssh_out(env, est)
+
+
+def test_a_revocation_whose_audit_write_fails_takes_nothing_back(env: Env) -> None:
+    """As a binding: the record comes first. The audit table refuses it (throttled): the call
+    fails (the function's error alarm, the caller retries), nothing is written, the grant stands
+    as it was and nothing is queued for compute."""
+    from botocore.exceptions import ClientError
+
+    est = bound_jumpbox(env)
+    dev = est["dev"]
+    before, log = env.store.get(dev), env.store.audit_log()
+    refused = env.refuse_audit_writes()
+    with pytest.raises(ClientError, match="throttled"):
+        unbind(env, dev, {"dimensions": ["role", "app"], "reason": "CHG-16"})
+    assert refused
+    assert env.store.get(dev) == before and env.store.audit_log() == log and env.count("compute") == 0
