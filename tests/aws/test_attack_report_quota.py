@@ -87,3 +87,17 @@ def test_attack_one_workload_cannot_report_past_its_quota_on_aws(
 
 def _auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+def test_both_deployments_hold_a_window_to_at_least_one_whole_batch() -> None:
+    """A window takes its first batch whatever its size, so a burst below one batch (up to 256
+    KiB, the route's limit) would let a workload send a whole batch every window, 16 times the
+    bytes intended at 64 KiB: SAM and Terraform refuse such a burst."""
+    from ringfence.agentwire import MAX_REPORT_BYTES
+    from tests.aws.test_static import ROOT, hcl, template
+
+    assert template()["Parameters"]["ReportBurstBytes"]["MinValue"] == MAX_REPORT_BYTES
+    variables = hcl(ROOT / "infra/modules/ringfence/variables.tf")["variable"]
+    (burst,) = [b["report_burst_bytes"] for b in variables if "report_burst_bytes" in b]
+    (validation,) = burst["validation"]
+    assert validation["condition"] == f"${{var.report_burst_bytes >= {MAX_REPORT_BYTES}}}", validation

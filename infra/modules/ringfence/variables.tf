@@ -184,8 +184,10 @@ variable "report_burst_bytes" {
   type        = number
   default     = 33554432
   validation {
-    condition     = var.report_burst_bytes >= 1
-    error_message = "report_burst_bytes must be at least 1."
+    # at least one whole batch (the route takes up to 256 KiB): a smaller window is let through
+    # one batch of any size at its start, and would hold no limit over time
+    condition     = var.report_burst_bytes >= 262144
+    error_message = "report_burst_bytes must be at least 262144 (one report batch)."
   }
 }
 
