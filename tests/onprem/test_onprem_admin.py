@@ -106,6 +106,8 @@ def test_register_update_and_deregister(wiring: LocalWiring) -> None:
     assert admin.register_workload("alice", {"id": "bad id", "ips": ["10.0.0.1"]}).status == 400
     assert admin.register_workload("alice", {"id": "x", "ips": []}).status == 400
     assert admin.register_workload("alice", {"id": "x", "ips": ["10.0.0.300"]}).status == 400
+    reserved = admin.register_workload("alice", {"id": "import", "ips": ["10.0.0.1"]})
+    assert reserved.status == 400 and "reserved" in str(reserved.body), reserved.body
     spec = {
         "id": "dc1-web-2",
         "ips": ["192.168.10.12"],

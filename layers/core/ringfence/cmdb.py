@@ -48,9 +48,11 @@ class CmdbError(ValueError):
 def valid_workload_id(wid: str) -> str | None:
     """Why ``wid`` cannot name an on-premise workload, or None. Ids become parts of published
     keys and of agent URLs, so they are kept to letters, digits and ``_ . : -``; and none has
-    the form of a cloud instance's id (:data:`CLOUD_INSTANCE_ID`)."""
+    the form of a cloud instance's id (:data:`CLOUD_INSTANCE_ID`), nor is ``import``."""
     if not WORKLOAD_ID.match(wid):
         return f"workload id {wid!r} must be 1-128 of A-Z a-z 0-9 _ . : - and start with a letter or digit"
+    if wid == "import":  # /admin/workloads/import is the CMDB import: such a workload could not be deregistered
+        return "workload id 'import' is reserved (the admin API's /admin/workloads/import)"
     if CLOUD_INSTANCE_ID.match(wid):
         return (
             f"workload id {wid!r} has the form of a cloud instance's id (EC2, an Azure vmId, GCP): "
