@@ -1294,7 +1294,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         required=True,
         choices=["policy-author", "incident-responder", "onboarding", "reader"],
-        help="an admin role the token holds (repeat for several): policy-author (provision, modes, label bindings), "
+        help="an admin role the token holds (repeat for several): policy-author (provision, modes, label bindings and their revocation), "
         "incident-responder (quarantine, release), onboarding (register, import, pairing keys), reader",
     )
     p.add_argument("--file", required=True, help="the admin tokens file to append principal:sha256 to (mode 0600)")
