@@ -205,8 +205,8 @@ def test_the_admin_functions_onprem_calls_are_granted_in_both_deployments(hybrid
     """Every DynamoDB call the admin function makes to register (address claims, in one
     transaction with the record), re-address, import, mint a pairing key and deregister (claims
     released, credentials dropped) is granted to its role in template.yaml and infra/ alike; the
-    claims are written by no role but the administrators' and compute's (the unconditioned
-    state-table writers, tests/aws/test_function_iam.py)."""
+    claims are written by no role but the administrators' (its state-table writes are held to the
+    partitions its code writes, ``addrowner#`` among them: tests/aws/test_sg_record_writers.py)."""
     from tests.aws.test_function_iam import WRITES, Recorder, refusals
 
     env, _ = hybrid
