@@ -13,7 +13,8 @@ message naming only failed places is handed back for a retry, one naming others 
 those and the failed part is sent again on its own.
 What changed is logged one line per change ("perimeter: sg-… attached to i-… (2 ENIs)"), counted
 in metrics, and returned by the scheduled run; a group taken back (a stopped run's) or adopted (an
-earlier version's) is audited too, before its record is written."""
+earlier version's) is audited too, before its record is written, and so is every change, one
+``perimeter.apply`` record per account/Region and run before its first change (none in a dry run)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,12 @@ reconciled and their launches handed on; on the event path only that place's par
 A group Ringfence has no record of becomes its own in two ways only: taken back (made by a run
 stopped before its record, ``PerimeterGroupsTakenBack``) or adopted (made before records, by the
 full run): each is audited (``perimeter.group-taken-back``, ``perimeter.group-adopted``) before
-its record is written, so none is recorded unaudited."""
+its record is written, so none is recorded unaudited.
+
+What a run changes in a place (groups created and deleted, rules added and removed, groups
+attached and detached) is audited as one ``perimeter.apply`` record per place and run, written
+before the first change: if the write fails nothing is changed and the place fails, to be tried
+again. A run that changes nothing, and a dry run, write none."""
 
 from __future__ import annotations
 
@@ -38,7 +43,7 @@ from ringfence.perimeter import PerimeterConfig, PlanRefused, QuotaExceeded, Sco
 from ringfence.store.base import InventoryRecord
 
 from . import clients
-from .sg import GONE_STATES, GroupRecords, Owned, SecurityGroupPerimeter, log
+from .sg import GONE_STATES, Applying, GroupRecords, Owned, SecurityGroupPerimeter, log
 from .wiring import Wiring
 
 # --- perimeter --------------------------------------------------------------------------------------
@@ -50,6 +55,11 @@ _OWNED_WHY = {
     "nonce, as EC2 made it): recorded as Ringfence's",
     "adopted": "made before Ringfence recorded its groups, exactly as it makes them: recorded as Ringfence's",
 }
+_APPLY_WHY = (
+    "the perimeter's changes in this account and Region, audited before the first is made: a run that "
+    "fails part-way made only some of them (the place is reported failed) and the next run audits what "
+    "is left to do; a group to delete that is still attached is kept"
+)
 
 
 class PerimeterMessage(BaseModel):
@@ -108,6 +118,24 @@ class Perimeter:
                     target=gid,
                     detail={"account": account, "region": region, "vpc": network, "name": name},
                     reason=_OWNED_WHY[how],
+                )
+            )
+
+        return audit
+
+    def _applying(self, account: str, region: str, scope: Scope) -> Applying:
+        """Audits what a run is about to change in a place (one record per place and run, however
+        many instances: a scale-out's batch is one record, not one per instance), before the
+        first change: a failed audit fails the place with nothing changed, to be tried again."""
+
+        def audit(changes: dict[str, Any]) -> None:
+            self.w.audit(
+                AuditRecord(
+                    principal=PRINCIPAL,
+                    action="perimeter.apply",
+                    target=f"{account}/{region}",
+                    detail={"account": account, "region": region, "scope": scope.value} | changes,
+                    reason=_APPLY_WHY,
                 )
             )
 
@@ -197,7 +225,10 @@ class Perimeter:
         base["workloads"] = sorted(workloads)
         try:
             sgp = SecurityGroupPerimeter(
-                self.w.perimeter_ec2_for(account, region), self._records(account, region), self._owned(account, region)
+                self.w.perimeter_ec2_for(account, region),
+                self._records(account, region),
+                self._owned(account, region),
+                self._applying(account, region, scope),
             )
             res = sgp.reconcile(self.config, workloads, scope, dry_run=dry_run, gone=[r.id for r in recs])
         except PlanRefused as exc:

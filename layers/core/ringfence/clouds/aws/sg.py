@@ -75,6 +75,14 @@ PENDING_STALE_S = 3600
 # (how: "taken-back" or "adopted", group id, VPC, name): told before a group Ringfence has no record
 # of becomes its own, so that the change is audited first; raising stops the run before the record
 Owned = Callable[[str, str, str, str], None]
+# told what a run is about to change (:func:`changes_of`) before it changes anything, so that the
+# changes are audited first; raising stops the run with nothing changed
+Applying = Callable[[dict[str, Any]], None]
+# what one audit record lists of each kind of change (the counts are always whole): a full run of
+# a large estate, or a scale-out's batch, stays one record of a few tens of KiB
+AUDIT_ITEMS = 100
+AUDIT_INSTANCES = 20  # instance ids per group attached or detached
+DEFAULT_EGRESS = PerimeterRule(EGRESS, "-1", -1, -1, "cidr", "0.0.0.0/0")  # what EC2 gives a new group
 
 
 def _rules_of(sg: dict[str, Any], names_by_id: dict[str, str]) -> set[PerimeterRule]:
@@ -214,10 +222,13 @@ class _Eni:
 
 
 class SecurityGroupPerimeter:
-    def __init__(self, ec2: Any, records: GroupRecords, owned: Owned | None = None) -> None:
+    def __init__(
+        self, ec2: Any, records: GroupRecords, owned: Owned | None = None, applying: Applying | None = None
+    ) -> None:
         self.ec2 = ec2
         self.records = records
         self.owned = owned
+        self.applying = applying
 
     # --- reading -----------------------------------------------------------------------------
 
@@ -586,6 +597,9 @@ class SecurityGroupPerimeter:
                 adopted=adopted,
                 taken_back=taken_back,
             )
+        _as_created(p)
+        if self.applying is not None:  # audited before the first change: a failure changes nothing
+            self.applying(changes_of(p, key_of, enis))
         created = self._apply(p, key_of, enis)
         return PerimeterResult(
             applied=True,
@@ -632,12 +646,6 @@ class SecurityGroupPerimeter:
                 raise
             self.records.clear(intent)
             ids[(g.network, g.name)] = created[(g.network, g.name)] = gid
-            # a new group starts with "all outbound": that rule is now actual state for the diff
-            default = {PerimeterRule(EGRESS, "-1", -1, -1, "cidr", "0.0.0.0/0")}
-            want = g.rules
-            p.authorize[(g.network, g.name)] = want - default
-            if default - want:
-                p.revoke.setdefault((g.network, g.name), set()).update(default - want)
         for key, rules in p.revoke.items():
             names = {n: gid for (net, n), gid in ids.items() if net == key[0]}
             self._change(ids[key], rules, names, revoke=True)
@@ -755,6 +763,76 @@ class SecurityGroupPerimeter:
                  "text": f"perimeter: deleted {gid} ({name}) in {net}: no workload needs it"}
             )  # fmt: skip
         return out
+
+
+def _as_created(p: Plan) -> None:
+    """A group to create starts with EC2's "all outbound": its rules become what it lacks of its
+    wanted rules, and that default revoked if not wanted (before the audit, so that the record
+    lists the rules the run writes)."""
+    for g in p.create:
+        key = (g.network, g.name)
+        p.authorize[key] = g.rules - {DEFAULT_EGRESS}
+        if DEFAULT_EGRESS not in g.rules:
+            p.revoke.setdefault(key, set()).add(DEFAULT_EGRESS)
+
+
+def rule_doc(r: PerimeterRule) -> dict[str, str]:
+    """A rule as an audit record names it: direction, protocol, ports (ICMP: type/code) and the
+    peer (``cidr``, ``group`` — a name of ours in the same VPC, or a foreign group's id — or
+    ``prefix_list``)."""
+    doc = {"direction": r.direction, "protocol": "all" if r.proto == "-1" else r.proto}
+    if r.proto in ("tcp", "udp"):
+        whole = r.from_port == -1 or (r.from_port, r.to_port) == (0, 65535)
+        doc["ports"] = (
+            "all" if whole else str(r.from_port) if r.from_port == r.to_port else f"{r.from_port}-{r.to_port}"
+        )
+    elif r.proto != "-1" and r.from_port != -1:
+        doc["icmp"] = f"{r.from_port}/{r.to_port}"
+    doc[r.peer_kind.replace("-", "_")] = r.peer
+    return doc
+
+
+def changes_of(p: Plan, key_of: dict[str, tuple[str, str]], enis: dict[str, _Eni]) -> dict[str, Any]:
+    """What applying ``p`` changes, as an audit record's detail: groups created (VPC and name: EC2
+    gives the id only when it makes one) and deleted, rules added and removed per group, and per
+    group the instances (an interface's id where it has none) it is attached to or detached from.
+    Each list keeps its first :data:`AUDIT_ITEMS` entries, each group's instances their first
+    :data:`AUDIT_INSTANCES`; ``counts`` is always the whole."""
+    ids = {key: gid for gid, key in key_of.items()}
+
+    def group(key: tuple[str, str]) -> dict[str, str]:
+        return {"group": ids.get(key, "(new)"), "name": key[1], "vpc": key[0]}
+
+    def rules(changes: Mapping[tuple[str, str], set[PerimeterRule]]) -> list[dict[str, str]]:
+        return [group(key) | rule_doc(r) for key in sorted(changes) for r in sorted(changes[key])]
+
+    def carriers(changes: Mapping[str, set[str]]) -> list[dict[str, Any]]:
+        per: dict[tuple[str, str], dict[str, None]] = {}
+        for iid in sorted(changes):
+            e = enis[iid]
+            for name in changes[iid]:
+                per.setdefault((e.network, name), {})[e.instance or iid] = None
+        return [
+            group(key) | {"instances": list(owners)[:AUDIT_INSTANCES], "count": len(owners)}
+            for key, owners in sorted(per.items())
+        ]
+
+    def owners(changes: Mapping[str, set[str]]) -> int:
+        return len({enis[iid].instance or iid for iid, names in changes.items() if names})
+
+    out: dict[str, Any] = {
+        "groups_created": [
+            {"name": g.name, "vpc": g.network} for g in sorted(p.create, key=lambda g: (g.network, g.name))
+        ],
+        "groups_deleted": [group(key) for key in sorted(p.delete)],
+        "rules_added": rules(p.authorize),
+        "rules_removed": rules(p.revoke),
+        "attached": carriers(p.attach),
+        "detached": carriers(p.detach),
+    }
+    counts = {k: len(v) for k, v in out.items()}
+    counts["instances_attached"], counts["instances_detached"] = owners(p.attach), owners(p.detach)
+    return {k: v[:AUDIT_ITEMS] for k, v in out.items()} | {"counts": counts}
 
 
 def _id_of(key_of: dict[str, tuple[str, str]], key: tuple[str, str]) -> str:
