@@ -140,7 +140,10 @@ class SuggestResponse(_Body):
     yaml: str = Field(description="the policy file: the rules and the tests pinning every observed flow")
     partial: bool = Field(description="true: flows were left out to keep it bounded (left_out says which)")
     left_out: list[str] = Field(
-        description="what was left out: past 1,000 tests, the flows seen least (narrow with min_flows or env)"
+        description="what was left out past 1,000 tests, per line how many flows and who reported them: the room "
+        "is shared among the reporters (each agent's workload; flow logs per sending address, vpc:ADDRESS), each "
+        "one's proposed flows before its pinned ones, so each one's flows seen least are left out (narrow it with "
+        "min_flows or env)"
     )
 
 

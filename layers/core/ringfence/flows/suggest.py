@@ -36,9 +36,9 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
@@ -54,16 +54,15 @@ CROWN_JEWEL_VALUES = frozenset({"crown-jewel", "crown-jewels", "restricted"})
 _PORTED = ("tcp", "udp", "sctp")
 _NAME = re.compile(NAME_PATTERN)
 _PLAIN = re.compile(r"^[A-Za-z0-9_.:/-]+$")
-# More distinct ports than this between the ends of one rule (a port scan, or one host's reports
-# naming every port) are one flagged observation, never a rule: no proposed range is wider.
+# More distinct ports than this from one reporter between the ends of one rule (a port scan, or
+# one host's reports naming every port) are one flagged observation, never a rule.
 MAX_PORTS = 32
 # Tests (one per proposed or pinned flow) in one suggestion at most; past it the room is shared
-# among who reported the flows (:func:`_fair`), each one's flows seen least left out and the
-# reporters named (``left_out``): a file of thousands of tests is reviewed by no one, and the
+# among who reported the flows (:func:`_fair`), each one's flows seen least (pinned after
+# proposed) left out and the reporters named (``left_out``): a file of thousands of tests is reviewed by no one, and the
 # loader refuses documents past its size limit.
 MAX_TESTS = 1_000
 LEFT_OUT_NAMED = 10  # reporters named in a left_out line at most (the rest counted)
-_T = TypeVar("_T")
 
 
 class SuggestError(ValueError):
@@ -117,6 +116,7 @@ class Observation:
     reported_by: list[str] = field(default_factory=list)  # src, dst, vpc (none: not recorded)
     reporters: list[str] = field(default_factory=list)  # the agents' workloads
     span: str = ""  # several ports folded into one observation (many-ports): what they were
+    sample_src: str = ""  # the row's one source address seen: who sent it, for flow-log evidence
 
     @staticmethod
     def of(r: FlowRow) -> Observation:
@@ -124,6 +124,7 @@ class Observation:
             r.src, r.dst, r.proto, r.port, r.decision, r.rule, r.flows, r.first_seen, r.last_seen,
             # a row stored before reporters were recorded: flow logs are still flow logs
             list(r.reported_by) or (["vpc"] if "vpc" in r.origins else []), list(r.reporters),
+            sample_src=r.sample_src,
         )  # fmt: skip
 
     @property
@@ -452,18 +453,33 @@ def _collapsed(
     candidates: list[tuple[Observation, dict[str, str], dict[str, str]]],
     kind: str = "many-ports",
 ) -> list[tuple[Observation, dict[str, str], dict[str, str]]]:
-    """The candidates but those of a rule that would name more than ``MAX_PORTS`` ports: each
-    such rule's flows are one flagged observation of ``kind`` (its ports as a span)."""
+    """The candidates but the flows of a reporter (:func:`_evidence`) naming more than
+    ``MAX_PORTS`` ports between the ends of one rule: each rule's such flows are one flagged
+    observation of ``kind`` (their ports as a span). Counted per reporter, not per rule: one
+    host's reports on 33 ports of a rule, with the single real flow another reported, folded it
+    into its own flagged observation. A flow another reporter (within the bound) vouches for
+    stays a candidate."""
     by: dict[tuple[Any, ...], list[tuple[Observation, dict[str, str], dict[str, str]]]] = {}
     for c in candidates:
         by.setdefault(_rule_key(*c), []).append(c)
     keep: list[tuple[Observation, dict[str, str], dict[str, str]]] = []
     for members in by.values():
-        ports = sorted({o.port for o, _, _ in members if o.port is not None})
-        if len(ports) <= MAX_PORTS:
+        seen: dict[str, set[int]] = {}
+        for o, _, _ in members:
+            if o.port is not None:
+                for who in _evidence(o):
+                    seen.setdefault(who, set()).add(o.port)
+        wide = {who for who, ports in seen.items() if len(ports) > MAX_PORTS}
+        if not wide:
             keep += members
             continue
-        obs = [o for o, _, _ in members]
+        folded: list[tuple[Observation, dict[str, str], dict[str, str]]] = []
+        for c in members:
+            (folded if wide.issuperset(_evidence(c[0])) else keep).append(c)
+        if not folded:  # each of its flows vouched for by another reporter too
+            continue
+        obs = [o for o, _, _ in folded]
+        ports = sorted({o.port for o in obs if o.port is not None})
         first = obs[0]
         one = Observation(
             first.src, first.dst, first.proto, None, "/".join(sorted({o.decision for o in obs})), first.rule,
@@ -472,8 +488,9 @@ def _collapsed(
             f"{first.proto}/{ports[0]}-{ports[-1]} ({len(ports)} ports)",
         )  # fmt: skip
         why = (
-            f"{len(ports)} distinct ports between these groups (more than {MAX_PORTS}): a scan, or one "
-            "host's reports naming every port; not proposed as a range: find out what it is"
+            f"{len(ports)} distinct ports between these groups, more than {MAX_PORTS} from one reporter "
+            f"({', '.join(sorted(wide))}): a scan, or one host's reports naming every port; not proposed "
+            "as a range: find out what it is"
         )
         if kind == "unconfirmed":
             why += f"; only the destination's agent reported them ({', '.join(one.reporters) or '?'})"
@@ -484,51 +501,67 @@ def _collapsed(
 def _bounded(
     sug: Suggestion, candidates: list[tuple[Observation, dict[str, str], dict[str, str]]]
 ) -> list[tuple[Observation, dict[str, str], dict[str, str]]]:
-    """At most ``MAX_TESTS`` tests, proposed flows first, then pinned ones, each shared fairly
-    among who reported them (:func:`_fair`); what is left out is counted in ``left_out`` with
-    the reporters of those flows."""
+    """At most ``MAX_TESTS`` tests, proposed and pinned flows shared fairly together among who
+    reported them (:func:`_fair`: each reporter's proposed flows before its pinned ones); what is
+    left out is counted in ``left_out`` with the reporters of those flows. Shared apart (proposals
+    first, pins in the room left), one reporter's flood of proposals took every other reporter's
+    pins."""
     if len(candidates) + len(sug.pinned) <= MAX_TESTS:
         return candidates
-    keep, left = _fair(candidates, MAX_TESTS, lambda c: c[0])
+    n = len(candidates)
+    kept = _fair([(0, c[0]) for c in candidates] + [(1, o) for o in sug.pinned], MAX_TESTS)
+    keep = [c for i, c in enumerate(candidates) if i in kept]
     keep.sort(key=lambda c: (-c[0].flows, c[0].src, c[0].dst, c[0].port or 0))
-    if len(candidates) > len(keep):
+    pinned = [o for j, o in enumerate(sug.pinned) if n + j in kept]
+    if len(keep) < n:
+        left = _tally(c[0] for i, c in enumerate(candidates) if i not in kept)
         sug.left_out.append(
-            f"{len(candidates) - len(keep)} flows to propose (more than {MAX_TESTS} tests; the room is shared "
-            f"among the reporters, each one's flows seen least left out), reported by {_named(left)}: "
-            "narrow it with min_flows or env"
+            f"{n - len(keep)} flows to propose (more than {MAX_TESTS} tests; the room is shared among the "
+            f"reporters, each one's proposed flows before its pinned ones, those seen least left out), "
+            f"reported by {_named(left)}: narrow it with min_flows or env"
         )
-    room = MAX_TESTS - len(keep)
-    if len(sug.pinned) > room:
-        pinned, left = _fair(sug.pinned, room, lambda o: o)
+    if len(pinned) < len(sug.pinned):
+        left = _tally(o for j, o in enumerate(sug.pinned) if n + j not in kept)
         sug.left_out.append(
             f"{len(sug.pinned) - len(pinned)} allowed flows to pin (more than {MAX_TESTS} tests), "
             f"reported by {_named(left)}"
         )
-        sug.pinned = sorted(pinned, key=lambda o: -o.flows)
+    sug.pinned = sorted(pinned, key=lambda o: -o.flows)
     return keep
 
 
 def _evidence(o: Observation) -> list[str]:
-    """Who vouches for ``o``, for its share of the bound: each agent's workload that reported it,
-    ``vpc`` (flow logs), or ``(not recorded)`` (a row stored before reporters were)."""
-    return [*o.reporters, *(["vpc"] if "vpc" in o.reported_by else [])] or ["(not recorded)"]
+    """Who vouches for ``o``, for its share of the bound and the many-ports fold: each agent's
+    workload that reported it; else, seen by flow logs only, ``vpc:`` and the address that sent
+    it (the row's sample source, or its source group for a row without one); else ``(not
+    recorded)`` (a row stored before reporters were). Flow logs are not one reporter: as one,
+    one host's real traffic filled the share of every agentless workload's flows."""
+    if o.reporters:
+        return list(o.reporters)
+    if "vpc" in o.reported_by:
+        return [f"vpc:{o.sample_src or o.src}"]
+    return ["(not recorded)"]
 
 
-def _fair(items: list[_T], most: int, obs: Callable[[_T], Observation]) -> tuple[list[_T], dict[str, int]]:
-    """At most ``most`` of ``items`` (kept in their order), shared among who reported them
-    (:func:`_evidence`): round by round each reporter's next flow, the one it saw most, is kept.
-    A reporter with few flows keeps them all whatever another reports: one compromised host's
-    thousand flows, each claimed seen a billion times, take only the room the others leave
-    (ranked by count alone, they pushed every other flow out). Also, per reporter, how many of
-    the flows it reported were left out."""
+def _fair(items: list[tuple[int, Observation]], most: int) -> set[int]:
+    """The indexes of at most ``most`` of ``items`` ((tier, flow)), shared among who reported them
+    (:func:`_evidence`): round by round each reporter's next flow is kept, its lower tier first,
+    within a tier the one it saw most. A reporter with few flows keeps them all whatever another
+    reports: one compromised host's thousand flows, each claimed seen a billion times, take only
+    the room the others leave (ranked by count alone, they pushed every other flow out)."""
     if len(items) <= most:
-        return list(items), {}
+        return set(range(len(items)))
     queues: dict[str, list[int]] = {}
-    for i, item in enumerate(items):
-        for who in _evidence(obs(item)):
+    for i, (_, o) in enumerate(items):
+        for who in _evidence(o):
             queues.setdefault(who, []).append(i)
+
+    def rank(i: int) -> tuple[int, int, str, str, int]:
+        tier, o = items[i]
+        return (tier, -o.flows, o.src, o.dst, o.port or 0)
+
     for q in queues.values():
-        q.sort(key=lambda i: (-obs(items[i]).flows, obs(items[i]).src, obs(items[i]).dst, obs(items[i]).port or 0))
+        q.sort(key=rank)
     kept: set[int] = set()
     at = dict.fromkeys(queues, 0)
     order = sorted(queues)
@@ -544,12 +577,16 @@ def _fair(items: list[_T], most: int, obs: Callable[[_T], Observation]) -> tuple
                 took = True
         if not took:
             break
-    left: dict[str, int] = {}
-    for i, item in enumerate(items):
-        if i not in kept:
-            for who in _evidence(obs(item)):
-                left[who] = left.get(who, 0) + 1
-    return [item for i, item in enumerate(items) if i in kept], left
+    return kept
+
+
+def _tally(left: Iterable[Observation]) -> dict[str, int]:
+    """Per reporter, how many of the flows it reported were left out."""
+    out: dict[str, int] = {}
+    for o in left:
+        for who in _evidence(o):
+            out[who] = out.get(who, 0) + 1
+    return out
 
 
 def _named(left: Mapping[str, int]) -> str:
