@@ -144,6 +144,12 @@ class SourceError(Exception):
     """The source answered, but not usefully (4xx other than 401/409): logged, backed off."""
 
 
+class Blocked(SourceError):
+    """A 403 from a route that takes no bearer token (the nonce, the nonce-path token request):
+    the control plane answers those 401, so this is a gateway in front refusing the address (a
+    web ACL's plain block); a token the agent holds says nothing about it."""
+
+
 class Source(Protocol):
     kind: str
     # fetches made: bundle and delta requests or reads (deltas that came with a wait's answer
@@ -599,6 +605,8 @@ class ApiSource:
     def _nonce(self) -> str:
         method, url = self._url("nonce")
         status, _, body = self.http.request(url, self.timeout, method, limit=self.max_answer_bytes)
+        if status == 403:
+            raise Blocked(f"nonce: HTTP {status} {body[:200]!r}")
         if status != 200:
             raise SourceError(f"nonce: HTTP {status} {body[:200]!r}")
         nonce: str = _answer(body, "nonce", nonce=str)["nonce"]
@@ -641,6 +649,10 @@ class ApiSource:
         body = TokenRequest(nonce=nonce, signature=self.key.prove("token", self.workload_id, nonce)).to_json()
         method, url = self._url("token")
         status, _, payload = self.http.request(url, self.timeout, method, body)
+        if status == 403 and self.token is not None:
+            # not the control plane's refusal (a 401): while the token held is not known to be
+            # invalid, renewing is what waits, not a new enrollment
+            raise Blocked(f"token: HTTP {status} {payload[:200]!r}")
         if status in (401, 403, 404):
             return False
         if status != 200:
@@ -697,10 +709,10 @@ class ApiSource:
             elif self.renew_at and time.time() >= self.renew_at:
                 try:
                     self._renew()  # renewed before it expires: the agent is never locked out
-                except Unreachable as exc:
+                except (Unreachable, Blocked) as exc:
                     # the token held has a fifth of its life left: the call goes on with it (a
-                    # throttled token route must not stop bundles and heartbeats); a 401 below
-                    # means it lapsed, and the next attempt renews or fails
+                    # throttled or blocked token or nonce route must not stop bundles and
+                    # heartbeats); a 401 below means it lapsed, and the next attempt renews or fails
                     log(f"token renewal due but failed ({exc}): calling with the current token")
             h = {"Authorization": f"Bearer {self.token}", **(headers or {})}
             method, url = self._url(route, query)

@@ -150,7 +150,8 @@ resource "aws_api_gateway_stage" "this" {
 # GET /v1/nonce, POST /v1/enroll and the token route take no bearer token: one address sending more
 # than var.agent_api_unauthenticated_requests_per_ip of them in 5 minutes is blocked here, before a
 # function runs or a nonce is written, instead of taking the stage's per-method throttle from every
-# agent (docs/threat-model.md, "Anyone who can reach the agent API")
+# agent (docs/threat-model.md, "Anyone who can reach the agent API"). Not a renewal by token: hosts
+# behind one NAT would lose theirs to one process flooding GET /v1/nonce.
 resource "aws_wafv2_web_acl" "agent" {
   #checkov:skip=CKV_AWS_192:no Java behind this API (Lambda in Python); its routes validate their bodies
   #checkov:skip=CKV2_AWS_31:sampled requests and CloudWatch metrics kept; the stage's access log names every caller's address
@@ -159,26 +160,112 @@ resource "aws_wafv2_web_acl" "agent" {
   default_action {
     allow {}
   }
+  # a renewal by token (POST .../token with a bearer) is labelled, and the rate rule leaves it out:
+  # the control plane takes such a request as that renewal or nothing, refused after one read
+  # unless the bearer is the workload's current token (a nonce is never burnt for it)
   rule {
-    name     = "unauthenticated-routes-per-ip"
+    name     = "renewal-by-token"
     priority = 0
     action {
-      block {}
+      count {}
+    }
+    rule_label {
+      name = "ringfence:renewal-by-token"
     }
     statement {
-      rate_based_statement {
-        limit              = var.agent_api_unauthenticated_requests_per_ip
-        aggregate_key_type = "IP"
-        scope_down_statement {
-          # the paths' ends, whatever stage or base path precedes them (a trailing slash too)
+      and_statement {
+        statement {
+          byte_match_statement {
+            positional_constraint = "EXACTLY"
+            search_string         = "POST"
+            field_to_match {
+              method {}
+            }
+            text_transformation {
+              priority = 0
+              type     = "NONE"
+            }
+          }
+        }
+        statement {
           regex_match_statement {
-            regex_string = "/(nonce|enroll|token)/*$"
+            regex_string = "/agents/[^/]+/token/*$"
             field_to_match {
               uri_path {}
             }
             text_transformation {
               priority = 0
               type     = "URL_DECODE"
+            }
+          }
+        }
+        statement {
+          byte_match_statement {
+            positional_constraint = "STARTS_WITH"
+            search_string         = "Bearer "
+            field_to_match {
+              single_header {
+                name = "authorization"
+              }
+            }
+            text_transformation {
+              priority = 0
+              type     = "NONE"
+            }
+          }
+        }
+      }
+    }
+    visibility_config {
+      sampled_requests_enabled   = true
+      cloudwatch_metrics_enabled = true
+      metric_name                = "ringfence-agent-api-renewal-by-token"
+    }
+  }
+  rule {
+    name     = "unauthenticated-routes-per-ip"
+    priority = 1
+    # 429 and Retry-After (the rate window), not a plain 403: agents take it for throttling and go
+    # on calling with a token they hold
+    action {
+      block {
+        custom_response {
+          response_code = 429
+          response_header {
+            name  = "Retry-After"
+            value = "300"
+          }
+        }
+      }
+    }
+    statement {
+      rate_based_statement {
+        limit              = var.agent_api_unauthenticated_requests_per_ip
+        aggregate_key_type = "IP"
+        scope_down_statement {
+          and_statement {
+            statement {
+              # the paths' ends, whatever stage or base path precedes them (a trailing slash too)
+              regex_match_statement {
+                regex_string = "/(nonce|enroll|token)/*$"
+                field_to_match {
+                  uri_path {}
+                }
+                text_transformation {
+                  priority = 0
+                  type     = "URL_DECODE"
+                }
+              }
+            }
+            statement {
+              not_statement {
+                statement {
+                  label_match_statement {
+                    scope = "LABEL"
+                    key   = "ringfence:renewal-by-token"
+                  }
+                }
+              }
             }
           }
         }

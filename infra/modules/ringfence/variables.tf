@@ -160,7 +160,7 @@ variable "agent_token_ttl_seconds" {
 }
 
 variable "agent_api_unauthenticated_requests_per_ip" {
-  description = "Requests one IP address may make in 5 minutes to the agent API's routes that take no bearer token (GET /v1/nonce, POST /v1/enroll, POST /v1/agents/{id}/token) before the agent API's web ACL blocks it (a WAF rate-based rule, evaluated per address); hosts behind one NAT share an address, so size it for the most hosts that enroll or renew through one (an agent makes 2-3 such requests an hour, and 2 per enrollment)."
+  description = "Requests one IP address may make in 5 minutes to the agent API's routes that take no bearer token (GET /v1/nonce, POST /v1/enroll, POST /v1/agents/{id}/token without a bearer) before the agent API's web ACL blocks it (429; a WAF rate-based rule, evaluated per address; a renewal with a still-valid token is neither counted nor blocked); hosts behind one NAT share an address, so size it for the most hosts that enroll through one (an agent makes 2 such requests per enrollment or renewal of an expired token, none while its token is valid)."
   type        = number
   default     = 2000
   validation {

@@ -211,9 +211,18 @@ class AgentApi:
         """A new access token for an enrolled agent: a signature by its bound key over a fresh
         nonce, or (``req.time``) over its current token and the time, that token being the
         bearer (:meth:`_refresh_by_token`). The previous token is revoked. Refused for a
-        workload that is not running."""
-        if req.nonce is None:
+        workload that is not running.
+
+        A request carrying an ``Authorization`` header (``authorization`` not None, even empty)
+        is a renewal by token or nothing: the agent API's web ACL leaves such requests out of its
+        per-address rate rule, so one that could still burn a nonce would be a way around it;
+        it is refused before any write, after one read at most."""
+        if authorization is not None:
+            if req.nonce is not None:
+                return error(401, "token refused", "a renewal over a nonce carries no Authorization header")
             return self._refresh_by_token(workload_id, req, authorization)
+        if req.nonce is None:
+            return error(401, "token refused", "a renewal without a nonce needs the current token as the bearer")
         if not self.w.store.burn_nonce(req.nonce):
             return error(401, "token refused", "nonce is unknown, expired or already used")
         pem = self.w.store.agent_key(workload_id)
