@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -305,6 +305,33 @@ class PolicyPlan:
         return not (self.create or self.associate or self.add or self.remove)
 
 
+# what one audit record lists of rules added and of rules removed (its counts are always whole)
+AUDIT_ITEMS = 100
+
+
+def rule_doc(priority: int, rule: FwRule) -> dict[str, Any]:
+    """A rule as an audit record names it: its priority and what it matches, empty fields left out."""
+    doc: dict[str, Any] = {"priority": priority} | {
+        k: list(v) if isinstance(v, tuple) else v for k, v in vars(rule).items() if v not in ((), "") and k != "foreign"
+    }
+    if rule.foreign:  # as read, when it was not what Ringfence writes (what the removal takes away)
+        doc["as_read"] = json.loads(rule.foreign)
+    return doc
+
+
+def changes_of(plans: Iterable[PolicyPlan]) -> dict[str, Any]:
+    """What applying ``plans`` changes, as an audit record's detail: the policies created and
+    associated, and the rules added and removed (each list its first :data:`AUDIT_ITEMS`)."""
+    plans = [p for p in plans if not p.empty]
+    out: dict[str, Any] = {
+        "policies_created": [{"policy": p.policy, "network": p.network} for p in plans if p.create],
+        "policies_associated": [{"policy": p.policy, "network": p.network} for p in plans if p.associate],
+        "rules_added": [{"policy": p.policy} | rule_doc(prio, r) for p in plans for prio, r in p.add],
+        "rules_removed": [{"policy": p.policy} | rule_doc(prio, r) for p in plans for prio, r in p.remove],
+    }
+    return {k: v[:AUDIT_ITEMS] for k, v in out.items()} | {"counts": {k: len(v) for k, v in out.items()}}
+
+
 def diff(
     network: str, wanted: set[FwRule], existing: Mapping[int, FwRule] | None, scope: Scope = Scope.FULL
 ) -> PolicyPlan:
@@ -394,9 +421,12 @@ class FirewallPolicyPerimeter:
         members: Iterable[Member],
         scope: Scope = Scope.FULL,
         dry_run: bool = False,
+        applying: Callable[[list[PolicyPlan]], None] | None = None,
     ) -> list[PolicyPlan]:
         """Plan every network's policy, check it whole, then apply (unless ``dry_run``). Raises
-        :class:`PlanRefused` / :class:`QuotaExceeded` with nothing changed."""
+        :class:`PlanRefused` / :class:`QuotaExceeded` with nothing changed. ``applying`` is told
+        the plans that change something before the first change (to audit them): raising there
+        changes nothing."""
         members = list(members)
         ds = desired_state(config, members)
         # the neutral plan merges every published service of an env into one group: GCP targets
@@ -457,7 +487,10 @@ class FirewallPolicyPerimeter:
         if over:
             raise QuotaExceeded(over)
         if not dry_run:
-            for plan in plans:
+            todo = [p for p in plans if not p.empty]
+            if todo and applying is not None:
+                applying(todo)
+            for plan in todo:
                 self.apply(plan)
         return plans
 

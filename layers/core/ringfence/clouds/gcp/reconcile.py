@@ -1,25 +1,43 @@
 """The scheduled full sync of every served project (converges lost or never-sent events: Pub/Sub
 delivers at least once, but a sink created late or a dead-lettered push leaves inventory behind),
 and each project's firewall-policy perimeter converged after it where one is configured
-(``ringfence serve`` runs it on an interval; in AWS the scheduled cloud-reconcile function)."""
+(``ringfence serve`` runs it on an interval; in AWS the scheduled cloud-reconcile function).
+
+What a project's perimeter run changes (policies created or associated, rules added and removed) is
+audited as one ``perimeter.apply`` record (principal ``ringfence:perimeter``, target
+``projects/<project>``) before the first change: if the record cannot be written nothing changes
+and the project fails this run (the next one tries again). A run with nothing to change writes none."""
 
 from __future__ import annotations
 
 import json
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from google.api_core.exceptions import GoogleAPICallError, RetryError
 
+from ringfence.audit import AuditRecord
 from ringfence.clouds import every
 from ringfence.control.wiring import BaseWiring, Metric, log, no_metric
 from ringfence.perimeter import PerimeterConfig, PlanRefused
 
 from .config import GcpConfig
-from .firewall import FirewallPolicyPerimeter, GcpPerimeterConfig, members
+from .firewall import FirewallPolicyPerimeter, GcpPerimeterConfig, PolicyPlan, changes_of, members
 from .ingest import GcpIngest
+
+PRINCIPAL = "ringfence:perimeter"  # who the perimeter's audit records name, in every cloud
+_APPLY_WHY = (
+    "the perimeter's changes in this project, audited before the first is made: a run that fails "
+    "part-way made only some of them (the project is reported failed) and the next run audits what is left"
+)
+
+
+class AuditNotWritten(PlanRefused):
+    """The record of what the perimeter was about to change could not be written: nothing changed."""
+
+    what = "perimeter audit record not written"
 
 
 @dataclass
@@ -76,7 +94,10 @@ class GcpReconcile:
                 if self.perimeter is not None:
                     fw = FirewallPolicyPerimeter(self.cfg.endpoints, project)
                     plans = fw.reconcile(
-                        self.perimeter.config, self.perimeter.gcp, members(self.w.store.all_records(), project)
+                        self.perimeter.config,
+                        self.perimeter.gcp,
+                        members(self.w.store.all_records(), project),
+                        applying=self._applying(project),
                     )
                     writes = sum(len(p.add) + len(p.remove) + int(p.create) + int(p.associate) for p in plans)
                     res.perimeter_writes += writes
@@ -89,6 +110,26 @@ class GcpReconcile:
                 self.metric("GcpReconcileFailed", 1)
         log.info("gcp reconcile: %s", json.dumps({"changed": len(res.changed), "failed": sorted(res.failed)}))
         return res
+
+    def _applying(self, project: str) -> Callable[[list[PolicyPlan]], None]:
+        """Audits what a run is about to change in ``project`` (one record per project and run),
+        before the first change; a failed write fails the project with nothing changed."""
+
+        def audit(plans: list[PolicyPlan]) -> None:
+            try:
+                self.w.audit(
+                    AuditRecord(
+                        principal=PRINCIPAL,
+                        action="perimeter.apply",
+                        target=f"projects/{project}",
+                        detail={"project": project, "scope": "full"} | changes_of(plans),
+                        reason=_APPLY_WHY,
+                    )
+                )
+            except Exception as exc:  # the store's failure, whatever the store: this project only
+                raise AuditNotWritten([f"{type(exc).__name__}: {exc}"[:500]]) from exc
+
+        return audit
 
     def every(self, seconds: float, stop: threading.Event) -> threading.Thread:
         """Run now and then every ``seconds`` until ``stop`` is set (``ringfence serve``)."""
