@@ -58,6 +58,13 @@ class PerimeterRoleMissing(PlanRefused):
     what = "perimeter not managed here"
 
 
+class AuditNotWritten(PlanRefused):
+    """The audit record of what a perimeter run was about to change could not be written: nothing
+    was changed (a cloud's reconcile fails that subscription or project, and the next run tries again)."""
+
+    what = "perimeter audit record not written"
+
+
 class QuotaExceeded(PlanRefused):
     """The plan would exceed a provider quota: nothing was changed."""
 

@@ -25,15 +25,21 @@ inbound denied: the env NSG's deny names an ASG it no longer has). An env that g
 refuses leaves that VM's NICs as they are (a warning), the run goes on. The NSG is per resource
 group and env: the VNets of one resource group share it, their rules merged. Changes are the smallest diff: a rule is
 named by a digest of what it says, and only rules and NICs that differ are written.
+
+Before the first write a run can tell its caller everything it is about to write (``applying``,
+:func:`changes_of`: ASGs and NSGs created and deleted, rules written and deleted with what they say,
+each NIC's ASGs added and removed and its NSG), found by the same code over copies with every write
+left out, so that the changes are audited first; raising there writes nothing.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import ipaddress
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,6 +178,11 @@ class AzurePerimeterResult:
     plan: Plan
     writes: list[str] = field(default_factory=list)  # what was written, in order ("PUT asg rf-prod-boundary"…)
     warnings: list[str] = field(default_factory=list)
+    changes: list[dict[str, Any]] = field(default_factory=list)  # each write, as an audit record names it
+
+
+# what one audit record lists of each kind of change (its counts are always whole)
+AUDIT_ITEMS = 100
 
 
 class CidrInvalid(PlanRefused):
@@ -248,12 +259,20 @@ class AzurePerimeter:
     def __init__(self, arm: Arm, config: PerimeterConfig) -> None:
         self.arm = arm
         self.config = config
+        self._ahead = False  # finding what a run would write: every write left out
 
-    def reconcile(self, labels_of: dict[str, dict[str, str]], scope: Scope = Scope.FULL) -> AzurePerimeterResult:
+    def reconcile(
+        self,
+        labels_of: dict[str, dict[str, str]],
+        scope: Scope = Scope.FULL,
+        applying: Callable[[dict[str, Any]], None] | None = None,
+    ) -> AzurePerimeterResult:
         """``labels_of``: vmId → labels (the inventory's). Reads NICs, VMs, our ASGs and NSGs with all
         their rules, plans, checks CIDRs, names and limits (PlanRefused: nothing written), applies the
         smallest diff. Every run compares each of our NSGs whole (the boundary's deny included) by what
-        its rules say; a full run also deletes every rule in them Ringfence does not want."""
+        its rules say; a full run also deletes every rule in them Ringfence does not want.
+        ``applying`` is told what the run will write (:func:`changes_of`) before the first write, if
+        it writes anything: raising there writes nothing."""
         bad = check_cidrs(self.config)
         if bad:
             raise CidrInvalid(bad)
@@ -327,6 +346,17 @@ class AzurePerimeter:
         if clash:
             raise NameTaken([f"{c} is held by a resource without the ringfence=perimeter tag" for c in clash])
         res = AzurePerimeterResult(p, warnings=warnings)
+        if applying is not None:
+            # the writes found by the apply itself over copies (it updates what it read as it goes)
+            ahead = AzurePerimeterResult(p)
+            self._ahead = True
+            try:
+                p2, asgs2, nsgs2, rules2, want2, nics2 = copy.deepcopy((p, asgs, nsgs, rules, want, by_nic))
+                self._apply(p2, ds, asgs2, nsgs2, rules2, want2, nics2, interfaces, closing, locations, scope, ahead)
+            finally:
+                self._ahead = False
+            if ahead.changes:
+                applying(changes_of(ahead.changes))
         self._apply(p, ds, asgs, nsgs, rules, want, by_nic, interfaces, closing, locations, scope, res)
         return res
 
@@ -472,28 +502,34 @@ class AzurePerimeter:
         for g in p.create:
             key = (_rg(g.network), g.name)
             if key not in asgs:
-                made = net_ops.application_security_groups.begin_create_or_update(
-                    ArmId.parse(g.network).group,
-                    g.name,
-                    ApplicationSecurityGroup({"location": locations[g.network], "tags": dict(TAG)}),
-                ).result()
-                asgs[key] = str(made.id)
+                if self._ahead:  # ARM ids are known before a resource exists
+                    asgs[key] = f"{_asg_prefix(self.arm.subscription, g.network)}{g.name}"
+                else:
+                    made = net_ops.application_security_groups.begin_create_or_update(
+                        ArmId.parse(g.network).group,
+                        g.name,
+                        ApplicationSecurityGroup({"location": locations[g.network], "tags": dict(TAG)}),
+                    ).result()
+                    asgs[key] = str(made.id)
                 res.writes.append(f"PUT asg {g.name}")
+                res.changes.append({"kind": "asg-created", "name": g.name, "resource_group": key[0]})
         for key, (wanted, net) in sorted(want.items()):
             self._nsg(key, net, nsgs, rules, wanted, locations.get(net, ""), scope, res)
         for iid, itf in sorted(interfaces.items()):
             if itf.workload is None or itf.fixed or itf.held:
                 continue
             on, off = p.attach.get(iid, set()), p.detach.get(iid, set())
-            self._nic(nics[iid], itf.network, on, off, asgs, nsgs, ds, iid in closing, res)
+            self._nic(nics[iid], itf.network, on, off, asgs, nsgs, ds, iid in closing, res, vm=itf.workload)
         if p.delete:
             self._unreference(p, asgs, nsgs, rules, want, res)
         for net, name in p.delete:
             key = (_rg(net), name)
             if key in asgs:
-                net_ops.application_security_groups.begin_delete(ArmId.parse(net).group, name).result()
+                if not self._ahead:
+                    net_ops.application_security_groups.begin_delete(ArmId.parse(net).group, name).result()
                 del asgs[key]
                 res.writes.append(f"DELETE asg {name}")
+                res.changes.append({"kind": "asg-deleted", "name": name, "resource_group": key[0]})
 
     def _unreference(
         self,
@@ -519,8 +555,10 @@ class AzurePerimeter:
                     for a in props.get(f"{side}ApplicationSecurityGroups") or []
                 }
                 if named & gone:
-                    self.arm.network.security_rules.begin_delete(rid.group, rid.names[0], rname).result()
+                    if not self._ahead:
+                        self.arm.network.security_rules.begin_delete(rid.group, rid.names[0], rname).result()
                     res.writes.append(f"DELETE rule {rid.names[0]}/{rname}")
+                    res.changes.append(_rule_change("rule-deleted", key, rname, props))
 
     def _nsg(
         self,
@@ -539,16 +577,25 @@ class AzurePerimeter:
         name = key[1]
         group = ArmId.parse(nsgs.get(key, net)).group
         if key not in nsgs:
-            made = ops.network_security_groups.begin_create_or_update(
-                group, name, NetworkSecurityGroup({"location": location, "tags": {**TAG, "ringfence-network": net}})
-            ).result()
-            nsgs[key] = str(made.id)
+            if self._ahead:
+                nsgs[key] = (
+                    f"/subscriptions/{self.arm.subscription}/resourceGroups/{group}/providers/"
+                    f"Microsoft.Network/networkSecurityGroups/{name}"
+                )
+            else:
+                made = ops.network_security_groups.begin_create_or_update(
+                    group, name, NetworkSecurityGroup({"location": location, "tags": {**TAG, "ringfence-network": net}})
+                ).result()
+                nsgs[key] = str(made.id)
             rules[key] = {}
             res.writes.append(f"PUT nsg {name}")
+            res.changes.append({"kind": "nsg-created", "name": name, "resource_group": key[0]})
         have = dict(rules.get(key, {}))
         if scope is Scope.FULL:
             for rname in sorted(set(have) - set(wanted)):
-                ops.security_rules.begin_delete(group, name, rname).result()
+                if not self._ahead:
+                    ops.security_rules.begin_delete(group, name, rname).result()
+                res.changes.append(_rule_change("rule-deleted", key, rname, have[rname]))
                 del have[rname]
                 res.writes.append(f"DELETE rule {name}/{rname}")
         used: dict[int, int] = defaultdict(int)
@@ -567,8 +614,10 @@ class AzurePerimeter:
                 right = next(n for n in range(PRIORITY_FIRST, DENY_PRIORITY) if not used[n])
             used[right] += 1
             full = {"properties": {**body["properties"], "priority": right}}
-            ops.security_rules.begin_create_or_update(group, name, rname, SecurityRule(full)).result()
+            if not self._ahead:
+                ops.security_rules.begin_create_or_update(group, name, rname, SecurityRule(full)).result()
             res.writes.append(f"PUT rule {name}/{rname}")
+            res.changes.append(_rule_change("rule-written", key, rname, full["properties"]))
 
     def _nic(
         self,
@@ -581,6 +630,7 @@ class AzurePerimeter:
         ds: DesiredState,
         close: bool,
         res: AzurePerimeterResult,
+        vm: str | None = None,
     ) -> None:
         """The NIC's ASGs as planned, and the NSG of its environment where it has none or another
         environment's of ours (whose deny would name an ASG the NIC no longer has); ``close``: no
@@ -615,10 +665,48 @@ class AzurePerimeter:
                 changed = True
         if not changed:
             return
-        self.arm.network.network_interfaces.begin_create_or_update(
-            rid.group, rid.names[0], NetworkInterface(body)
-        ).result()
+        if not self._ahead:
+            self.arm.network.network_interfaces.begin_create_or_update(
+                rid.group, rid.names[0], NetworkInterface(body)
+            ).result()
         res.writes.append(f"PUT nic {rid.names[0]}")
+        nsg = (props.get("networkSecurityGroup") or {}).get("id")
+        res.changes.append(
+            {"kind": "nic", "nic": rid.names[0], "vm": vm, "asgs_added": sorted(on)}
+            | {"asgs_removed": sorted(n for n in off if (rg, n) in asgs)}
+            | ({"nsg": str(nsg).rsplit("/", 1)[-1]} if str(nsg or "").lower() != str(current or "").lower() else {})
+        )
+
+
+def _rule_change(kind: str, nsg: tuple[str, str], name: str, props: dict[str, Any]) -> dict[str, Any]:
+    """A rule written or deleted as an audit record names it: its NSG, name and what it says (an
+    ASG by its name)."""
+    out: dict[str, Any] = {"kind": kind, "nsg": nsg[1], "resource_group": nsg[0], "rule": name}
+    for f in ("priority", *_RULE_FIELDS):
+        v = props.get(f)
+        if f.endswith("ApplicationSecurityGroups") and v:
+            v = [str(a.get("id", "")).rsplit("/", 1)[-1] for a in v]
+        if v not in (None, "", []):
+            out[f] = v
+    return out
+
+
+def changes_of(changes: list[dict[str, Any]]) -> dict[str, Any]:
+    """A run's writes (:attr:`AzurePerimeterResult.changes`) as an audit record's detail, by kind:
+    each list its first :data:`AUDIT_ITEMS`, ``counts`` whole."""
+    kinds = {
+        "asgs_created": "asg-created",
+        "nsgs_created": "nsg-created",
+        "rules_written": "rule-written",
+        "rules_deleted": "rule-deleted",
+        "nics": "nic",
+        "asgs_deleted": "asg-deleted",
+    }
+    out = {
+        k: [{f: v for f, v in c.items() if f != "kind"} for c in changes if c["kind"] == kind]
+        for k, kind in kinds.items()
+    }
+    return {k: v[:AUDIT_ITEMS] for k, v in out.items()} | {"counts": {k: len(v) for k, v in out.items()}}
 
 
 Wanted = dict[str, tuple[str, PerimeterRule | None, dict[str, Any]]]

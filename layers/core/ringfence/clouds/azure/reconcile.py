@@ -1,21 +1,36 @@
 """The scheduled full sync of every governed subscription (converges lost or never-sent events:
 Event Grid delivers at least once, but a subscription created late or a dead-lettered delivery
-leaves inventory behind), and the perimeter converged after it where one is configured."""
+leaves inventory behind), and the perimeter converged after it where one is configured.
+
+What a subscription's perimeter run writes (ASGs and NSGs created and deleted, rules written and
+deleted, NICs' ASGs and NSG) is audited as one ``perimeter.apply`` record (principal
+``ringfence:perimeter``, target ``subscriptions/<id>``) before the first write: if the record cannot
+be written nothing is written and the subscription fails this run (the next one tries again). A run
+with nothing to write writes none."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from azure.core.exceptions import AzureError
 
+from ringfence.audit import AuditRecord
 from ringfence.clouds import every
 from ringfence.control.wiring import BaseWiring, Metric, log, no_metric
-from ringfence.perimeter import PerimeterConfig, PlanRefused
+from ringfence.perimeter import AuditNotWritten, PerimeterConfig, PlanRefused
 
 from .inventory import observe_subscription
 from .perimeter import AzurePerimeter, members_of
 from .wiring import Azure
+
+PRINCIPAL = "ringfence:perimeter"  # who the perimeter's audit records name, in every cloud
+_APPLY_WHY = (
+    "the perimeter's writes in this subscription, audited before the first is made: a run that fails "
+    "part-way made only some of them (the subscription is reported failed) and the next run audits what is left"
+)
 
 
 @dataclass
@@ -46,7 +61,7 @@ class AzureReconcile:
                 res.gone += inv.gone
                 if self.perimeter is not None:
                     labels = members_of(self.w.store.all_records())
-                    result = AzurePerimeter(arm, self.perimeter).reconcile(labels)
+                    result = AzurePerimeter(arm, self.perimeter).reconcile(labels, applying=self._applying(sub))
                     res.perimeter_writes += len(result.writes)
                     # what the run set aside (a VM whose env or service no ASG can be named after,
                     # left as it is; a NIC on another team's NSG): said where operators look
@@ -63,6 +78,26 @@ class AzureReconcile:
                 res.failed[sub] = str(exc)
                 self.metric("AzureReconcileFailed", 1)
         return res
+
+    def _applying(self, sub: str) -> Callable[[dict[str, Any]], None]:
+        """Audits what a run is about to write in subscription ``sub`` (one record per subscription
+        and run), before the first write; a failed audit write fails the subscription, nothing written."""
+
+        def audit(changes: dict[str, Any]) -> None:
+            try:
+                self.w.audit(
+                    AuditRecord(
+                        principal=PRINCIPAL,
+                        action="perimeter.apply",
+                        target=f"subscriptions/{sub}",
+                        detail={"subscription": sub, "scope": "full"} | changes,
+                        reason=_APPLY_WHY,
+                    )
+                )
+            except Exception as exc:  # the store's failure, whatever the store: this subscription only
+                raise AuditNotWritten([f"{type(exc).__name__}: {exc}"[:500]]) from exc
+
+        return audit
 
     def every(self, seconds: float, stop: threading.Event) -> threading.Thread:
         """Run now and then every ``seconds`` until ``stop`` is set (``ringfence serve``)."""

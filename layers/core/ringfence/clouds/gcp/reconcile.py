@@ -21,7 +21,7 @@ from google.api_core.exceptions import GoogleAPICallError, RetryError
 from ringfence.audit import AuditRecord
 from ringfence.clouds import every
 from ringfence.control.wiring import BaseWiring, Metric, log, no_metric
-from ringfence.perimeter import PerimeterConfig, PlanRefused
+from ringfence.perimeter import AuditNotWritten, PerimeterConfig, PlanRefused
 
 from .config import GcpConfig
 from .firewall import FirewallPolicyPerimeter, GcpPerimeterConfig, PolicyPlan, changes_of, members
@@ -32,12 +32,6 @@ _APPLY_WHY = (
     "the perimeter's changes in this project, audited before the first is made: a run that fails "
     "part-way made only some of them (the project is reported failed) and the next run audits what is left"
 )
-
-
-class AuditNotWritten(PlanRefused):
-    """The record of what the perimeter was about to change could not be written: nothing changed."""
-
-    what = "perimeter audit record not written"
 
 
 @dataclass
