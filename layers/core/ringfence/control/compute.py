@@ -503,7 +503,8 @@ class Compute:
         """One action: "completed", "awaiting agent", "left to time out" (logged here),
         "duplicate" (an earlier copy of it was completed) or "not ours" (another hook's)."""
         if not self.gate.ours(lc):
-            return "not ours"
+            # with no hook named ours at all, every action is left to time out (logged, counted)
+            return "not ours" if self.w.cfg.lifecycle_hook_names else "left to time out"
         iid = lc["instance_id"]
         launching = lc["transition"].endswith("LAUNCHING")
         ready = ok and self.engine is not None

@@ -52,9 +52,23 @@ class LaunchGate:
         """Whether the action is of one of Ringfence's hooks (``RINGFENCE_LIFECYCLE_HOOK_NAMES``).
         Another hook's action (another team's, on a gated group) reached compute anyway (an older
         rule or version, a redrive): logged and counted here, and neither held nor completed —
-        its owner completes it, or it times out into its hook's default result."""
-        if lc.get("hook_name") in self.w.cfg.lifecycle_hook_names:
+        its owner completes it, or it times out into its hook's default result. With no names at
+        all (a misconfiguration both deployments refuse) no action is known to be ours: none is
+        completed, each is logged and counted LifecycleLeftToTimeout (alarmed)."""
+        names = self.w.cfg.lifecycle_hook_names
+        if lc.get("hook_name") in names:
             return True
+        if not names:
+            log.error(
+                "lifecycle %s for %s: RINGFENCE_LIFECYCLE_HOOK_NAMES names no hook; NOT completing — the hook "
+                "%s of %s will time out into its configured default result",
+                lc.get("transition"),
+                lc.get("instance_id"),
+                lc.get("hook_name"),
+                lc.get("group_name"),
+            )
+            self.metric("LifecycleLeftToTimeout", 1)
+            return False
         log.warning(
             "lifecycle %s for %s: hook %s of %s is not Ringfence's (RINGFENCE_LIFECYCLE_HOOK_NAMES); NOT completing",
             lc.get("transition"),
@@ -103,6 +117,8 @@ class LaunchGate:
         if action.released_at is not None:
             return f"already {action.outcome}"  # a duplicate or late message
         if not self.ours(action.lifecycle):
+            if not self.w.cfg.lifecycle_hook_names:
+                return "lost"  # no hook named ours (logged, counted): not settled, it may be ours
             # held by an earlier version, which took every hook's action: settled, never completed
             if self.w.store.claim_launch_release(iid, token):
                 self.w.store.settle_launch_release(iid, token, "not completed: not Ringfence's hook")

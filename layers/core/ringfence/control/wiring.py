@@ -112,7 +112,9 @@ class Config:
     lifecycle_gate: str = "publish"
     # the lifecycle hooks that are Ringfence's (exact names): an action of any other hook on a
     # gated group (another team's bootstrap or log drain) is neither held nor completed, only
-    # logged and counted (LifecycleActionsNotOurs); the event rule passes only these names too
+    # logged and counted (LifecycleActionsNotOurs); the event rule passes only these names too.
+    # Empty (refused by both deployments): no action is completed, each is counted
+    # LifecycleLeftToTimeout; publishing goes on
     lifecycle_hook_names: list[str] = field(default_factory=lambda: list(DEFAULT_LIFECYCLE_HOOK_NAMES))
     # enrollment methods the agent API accepts: EC2 agents send aws-iid; aws-sts (server side only),
     # azure-attested, gcp-jwt and pairing are off unless the stack lists them (fewer doors to
@@ -185,8 +187,15 @@ def _gate(value: str) -> str:
 
 def _hook_names(value: str) -> list[str]:
     names = [n.strip() for n in value.split(",") if n.strip()]
-    if not names:  # no hook of ours: every launch would time out into its default result
-        raise ValueError("RINGFENCE_LIFECYCLE_HOOK_NAMES must name at least one lifecycle hook")
+    if not names:
+        # both deployments refuse an empty list (SAM Rules, Terraform validation). Not refused
+        # here: compute and lifecycle would then fail every batch, publishing included. With no
+        # hook of ours nothing is completed (each action is logged and counted
+        # LifecycleLeftToTimeout, alarmed); everything else goes on
+        log.error(
+            "RINGFENCE_LIFECYCLE_HOOK_NAMES names no lifecycle hook: no lifecycle action will be completed "
+            "(each times out into its hook's default result); set LifecycleHookNames / lifecycle_hook_names"
+        )
     return names
 
 
