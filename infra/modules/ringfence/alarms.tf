@@ -30,6 +30,7 @@ locals {
     compute-failures   = { ns = "Ringfence", metric = "ComputeFailures", stat = "Sum", dims = { service = "ringfence" }, what = "compute failed a batch and handed it back for a retry" }
     ingest-throttles   = { ns = "AWS/Lambda", metric = "Throttles", stat = "Sum", dims = { FunctionName = aws_lambda_function.fn["ingest"].function_name }, what = "ingest throttled" }
     agentapi-throttles = { ns = "AWS/Lambda", metric = "Throttles", stat = "Sum", dims = { FunctionName = aws_lambda_function.fn["agentapi"].function_name }, what = "agent API throttled" }
+    lifecycle-unlisted = { ns = "Ringfence", metric = "LifecycleHooksUnlisted", stat = "Sum", dims = { service = "ringfence" }, what = "a gated group's launch hook abandons launches under a name not in lifecycle_hook_names, and no launch hook of the group is in it (reconcile's log names it): Ringfence completes none of its actions" }
     lifecycle-timeouts = { ns = "Ringfence", metric = "LifecycleLeftToTimeout", stat = "Sum", dims = { service = "ringfence" }, what = "lifecycle hooks left to time out" }
     safeguards-lowered = { ns = "Ringfence", metric = "SafeguardsLowered", stat = "Sum", dims = { service = "ringfence" }, what = "an admin lowered a safeguard (idle, release from quarantine, fail-safes widened): see the audit table" }
     terminate-refused  = { ns = "Ringfence", metric = "UnconfirmedTerminations", stat = "Sum", dims = { service = "ringfence" }, what = "a terminate lifecycle action Auto Scaling did not confirm was refused (forged or misrouted)" }

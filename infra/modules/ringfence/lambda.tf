@@ -49,7 +49,8 @@ locals {
     publish = { memory = 1024, timeout = 120, concurrency = -1, env = { RINGFENCE_SIGNING_KEY = local.signing_key_id } }
     # the lifecycle hooks whose actions are handed on to compute (no other's)
     lifecycle = { memory = 512, timeout = 60, concurrency = 10, env = { RINGFENCE_LIFECYCLE_HOOK_NAMES = join(",", var.lifecycle_hook_names) } }
-    reconcile = { memory = 1024, timeout = 900, concurrency = 1, env = {} }
+    # the gated groups' launch hooks that abandon launches under a name not in the list are reported
+    reconcile = { memory = 1024, timeout = 900, concurrency = 1, env = { RINGFENCE_LIFECYCLE_HOOK_NAMES = join(",", var.lifecycle_hook_names), RINGFENCE_GATED_GROUP_NAMES = var.gated_group_names } }
     perimeter = {
       memory = 512, timeout = 900, concurrency = 1,
       env = {
@@ -160,6 +161,8 @@ locals {
 
   # a terminate lifecycle action is confirmed with Auto Scaling (no resource-level permissions)
   asg_describe = { actions = ["autoscaling:DescribeAutoScalingInstances"], resources = ["*"] }
+  # reconcile: the gated groups' lifecycle hooks, for hooks left to abandon launches (no resource-level permissions)
+  asg_hooks_read = { actions = ["autoscaling:DescribeAutoScalingGroups", "autoscaling:DescribeLifecycleHooks"], resources = ["*"] }
 
   # the perimeter's writes: only in the managed VPCs, only our tag keys on the groups it creates
   in_vpcs      = { test = "ArnLike", variable = "ec2:Vpc", values = coalesce(var.perimeter_vpc_arns, ["arn:${local.partition}:ec2:${local.region}:${local.account}:vpc/*"]) }
@@ -276,7 +279,7 @@ locals {
       { actions = ["dynamodb:PutItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["once#announced#*"] }] },
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.perimeter.arn, aws_sqs_queue.async_dlq.arn] },
-      local.policies_read, local.describe, local.asg_describe, local.assume, local.kms_use,
+      local.policies_read, local.describe, local.asg_describe, local.asg_hooks_read, local.assume, local.kms_use,
     ]
     perimeter = [
       { actions = ["dynamodb:Scan", "dynamodb:GetItem", "dynamodb:BatchGetItem"], resources = [aws_dynamodb_table.inventory.arn] },

@@ -116,6 +116,9 @@ class Config:
     # Empty (refused by both deployments): no action is completed, each is counted
     # LifecycleLeftToTimeout; publishing goes on
     lifecycle_hook_names: list[str] = field(default_factory=lambda: list(DEFAULT_LIFECYCLE_HOOK_NAMES))
+    # GatedGroupNames: the Auto Scaling groups (IAM wildcards) whose lifecycle actions compute may
+    # complete; reconcile reports their launch hooks that hold launches under an unlisted name
+    gated_group_names: str = "*"
     # enrollment methods the agent API accepts: EC2 agents send aws-iid; aws-sts (server side only),
     # azure-attested, gcp-jwt and pairing are off unless the stack lists them (fewer doors to
     # guard); the local control plane: pairing only
@@ -166,6 +169,7 @@ class Config:
             lifecycle_hook_names=_hook_names(
                 e.get("RINGFENCE_LIFECYCLE_HOOK_NAMES", ",".join(DEFAULT_LIFECYCLE_HOOK_NAMES))
             ),
+            gated_group_names=e.get("RINGFENCE_GATED_GROUP_NAMES", "*") or "*",
             enroll_methods=[m for m in e.get("RINGFENCE_ENROLL_METHODS", "aws-iid").split(",") if m],
             allowed_accounts=[a for a in e.get("RINGFENCE_ALLOWED_ACCOUNTS", "").split(",") if a],
             sts_endpoints=[u for u in e.get("RINGFENCE_STS_ENDPOINTS", "").split(",") if u],

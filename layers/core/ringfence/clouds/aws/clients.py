@@ -79,9 +79,18 @@ def assumed_client(service: str, region: str, role_arn: str | None, session_name
         cached = _assumed.get(key)
         if cached is not None and cached[0] > time.time() + 300:
             return cached[1]
-        creds = client("sts", region=region).assume_role(RoleArn=role_arn, RoleSessionName=session_name)["Credentials"]
+        # the role's credentials serve its clients of every service (reconcile reads EC2 and Auto
+        # Scaling through one member role): one AssumeRole, kept under the service ""
+        held = _assumed.get(("", region, role_arn))
+        if held is not None and held[0] > time.time() + 300:
+            expires, creds = held
+        else:
+            sts = client("sts", region=region)
+            creds = sts.assume_role(RoleArn=role_arn, RoleSessionName=session_name)["Credentials"]
+            exp = creds["Expiration"]
+            expires = exp.timestamp() if hasattr(exp, "timestamp") else time.time() + 900
+            _assumed[("", region, role_arn)] = (expires, creds)
         c = client(service, region=region, credentials=creds)
-        expires = creds["Expiration"].timestamp() if hasattr(creds["Expiration"], "timestamp") else time.time() + 900
         _assumed[key] = (expires, c)
         return c
 
@@ -89,7 +98,7 @@ def assumed_client(service: str, region: str, role_arn: str | None, session_name
 def reset() -> None:
     """Forget cached clients (tests; a new endpoint or new credentials), closing their pooled
     connections: a server that keeps connections alive keeps them until the client closes."""
-    for c in [*_clients.values(), *(made for _, made in _assumed.values())]:
+    for c in [*_clients.values(), *(made for (service, *_), (_, made) in _assumed.items() if service)]:
         c.close()
     _clients.clear()
     _assumed.clear()

@@ -12,7 +12,7 @@ from ringfence.events import UnservedAccount
 from ringfence.labels import LabelMapper
 from ringfence.store.base import ACTIVE_STATES, InventoryRecord
 
-from . import clients, ec2
+from . import clients, ec2, hooks
 from .wiring import Wiring
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,9 @@ class ReconcileResult:
     restored: list[str] = field(default_factory=list)  # a stale `terminating` cleared
     refused: list[str] = field(default_factory=list)  # account/region targets not served (no role)
     failed: list[str] = field(default_factory=list)  # account/region targets that could not be read
+    # account/region/group/hook: launch hooks that abandon launches Ringfence never completes (hooks.py)
+    hooks_unlisted: list[str] = field(default_factory=list)
+    hooks_unchecked: list[str] = field(default_factory=list)  # account/region whose hooks could not be listed
 
 
 class Reconcile:
@@ -69,6 +72,40 @@ class Reconcile:
         self.w.enqueue_perimeter(res.changed)  # repaired drift reaches the perimeter as events do
         self.metric("ReconcileDrift", len(res.changed))
         return res
+
+    def _hooks(self, t: Target, role: str | None, res: ReconcileResult) -> None:
+        """Report, once per run, the gated groups' launch hooks that abandon every launch because
+        their name is not Ringfence's (:mod:`.hooks`): nothing else sees them."""
+        where = f"{t.account}/{t.region}"
+        try:
+            asg = clients.assumed_client("autoscaling", t.region, role, "ringfence-reconcile")
+            found = hooks.unlisted_launch_hooks(asg, self.w.cfg.gated_group_names, self.w.cfg.lifecycle_hook_names)
+        except Exception:
+            # e.g. a member role not given the two Auto Scaling reads yet: the target converged all the same
+            log.warning(
+                "reconcile %s: the gated groups' lifecycle hooks could not be listed "
+                "(autoscaling:DescribeAutoScalingGroups, autoscaling:DescribeLifecycleHooks)",
+                where,
+                exc_info=True,
+            )
+            self.metric("LifecycleHooksUnchecked", 1)
+            res.hooks_unchecked.append(where)
+            return
+        for h in found:
+            log.error(
+                "lifecycle hook %s of %s (%s) holds every launch and ends it ABANDON after %d s, and no launch "
+                "hook of the group is in RINGFENCE_LIFECYCLE_HOOK_NAMES: Ringfence completes none of its actions. "
+                "If it is Ringfence's, add %s to LifecycleHookNames / lifecycle_hook_names; if the group is not "
+                "Ringfence's, keep it out of GatedGroupNames / gated_group_names",
+                h.hook,
+                h.group,
+                where,
+                h.heartbeat_timeout,
+                h.hook,
+            )
+            res.hooks_unlisted.append(f"{where}/{h.group}/{h.hook}")
+        if found:
+            self.metric("LifecycleHooksUnlisted", len(found))
 
     def _target(
         self,
@@ -129,3 +166,4 @@ class Reconcile:
                 changed.add(rec.id)
                 res.gone.append(rec.id)
                 credentials.retire(self.w, rec.id, "instance gone (reconcile)")
+        self._hooks(t, role, res)
