@@ -28,6 +28,7 @@ ALERTED = (
     "EnrollmentsRefused",
     "AgentRequestsRefused",
     "AgentRequestsInvalid",
+    "AgentRequestsOverAddressLimit",
 )
 """Counters exposed at zero from the start (docs/serve.md names them for alerts): Prometheus'
 ``increase()`` cannot count a series that first appears already at 1, so the first lowering of a

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from starlette.responses import Response
 
+from ringfence.addresslimit import AddressLimit, limited
 from ringfence.adminroles import AdminRole, AdminRolesError, parse_roles
 from ringfence.control.wiring import Metric, no_metric
 from ringfence.metrics import CONTENT_TYPE_LATEST, Counters
@@ -453,6 +454,9 @@ class ServeApp:
     azure_events: ResolverPool | None = None  # POST /azure/events, when Azure is configured
     # what the services count (the Lambda functions' CloudWatch metrics): GET /metrics, admin token
     metrics: Counters = field(default_factory=Counters)
+    # requests per client address to nonce, enroll and token (the AWS web ACL's rule); default:
+    # AddressLimit.from_env()
+    address_limit: AddressLimit | None = None
 
     @classmethod
     def over(
@@ -462,13 +466,16 @@ class ServeApp:
         threads: int = DEFAULT_THREADS,
         azure: Any = None,
         metrics: Counters | None = None,
+        address_limit: AddressLimit | None = None,
     ) -> ServeApp:
         """The APIs over ``wiring``, the admin routes of on-premise workloads (register, CMDB
         import, deregister) among them whatever the wiring, as the AWS admin function routes
         them. ``azure`` (a :class:`ringfence.clouds.azure.wiring.Azure`; default: one from the environment when
         ``RINGFENCE_AZURE_SUBSCRIPTIONS`` is set) adds ``POST /azure/events`` (Event Grid) and the
         ``azure-attested`` enrollment. ``metrics``: the counters ``GET /metrics`` shows (the ones
-        the wiring's compute counts into, when it was built with them)."""
+        the wiring's compute counts into, when it was built with them). ``address_limit``: the
+        limit per client address on nonce, enroll and token (default: from the environment,
+        :meth:`ringfence.addresslimit.AddressLimit.from_env`)."""
         from ringfence.clouds.onprem import OnPremAdmin
         from ringfence.control.agents import AgentApi
         from ringfence.routes import admin as admin_api
@@ -509,6 +516,7 @@ class ServeApp:
             azure=azure,
             azure_events=azure_events,
             metrics=counters,
+            address_limit=address_limit,
         )
 
     def __post_init__(self) -> None:
@@ -529,6 +537,16 @@ class ServeApp:
         # long-polls open per bearer token (its SHA-256): one enrolled host cannot take the wait
         # threads of every other (asyncio: read and written on the event loop only)
         open_waits: dict[str, int] = {}
+        # what the AWS web ACL does before API Gateway: one address flooding nonces or enrollments
+        # (each nonce a write) must not take them from every other host. Here, not in the routes:
+        # on AWS the web ACL limits these requests, and the Lambda functions must not do it twice
+        if self.address_limit is None:
+            try:
+                self.address_limit = AddressLimit.from_env()
+            except ValueError as exc:
+                raise ServeError(str(exc)) from None
+        per_address = self.address_limit
+        per_address.metric = self.metrics
 
         def error(status: int, msg: str, detail: str = "", headers: dict[str, str] | None = None) -> Response:
             return JSONResponse({"error": msg, "detail": detail}, status, headers=headers)
@@ -555,7 +573,10 @@ class ServeApp:
                 return error(413, "request too large", f"over {limit} bytes")
             event = proxy_event(
                 request.method,
-                request.url.path,
+                # the path as asked (decoded), not request.url.path: that is re-parsed from a URL
+                # string, which drops a newline (%0A) and ends at a decoded "?", so a path naming
+                # no workload ("dc1-db-1%0A") reached another's route
+                request.scope["path"],
                 [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw],
                 list(request.query_params.multi_items()),
                 body,
@@ -570,6 +591,16 @@ class ServeApp:
             return to_response(out)
 
         async def agent(request: Request) -> Response:
+            if limited(request.method, request.url.path, request.headers.get("authorization")):
+                # the TCP peer: serve takes no forwarded-for header from anyone (uvicorn_server)
+                wait = per_address.take(request.client.host if request.client else "")
+                if wait is not None:
+                    return error(
+                        429,
+                        "too many requests from this address",
+                        f"over {per_address.limit} requests in {per_address.window:g} s to nonce, enroll and token",
+                        {"Retry-After": str(wait)},
+                    )
             path = re.sub("/+", "/", request.url.path).rstrip("/")  # the resolver routes …/wait/ as …/wait
             if not _WAIT_PATH.match(path):
                 limiter = agents if _TOKEN_PATH.match(path) else enrolls
@@ -741,6 +772,10 @@ def uvicorn_server(app: ServeApp, tls_cert: str | None = None, tls_key: str | No
         app.asgi,
         log_level="warning",
         access_log=False,  # query strings name workloads and versions only; still, keep logs lean
+        # the client is the TCP peer, always: uvicorn would otherwise take X-Forwarded-For from any
+        # local process (FORWARDED_ALLOW_IPS), which could then pose as any address to the events'
+        # sourceIp and escape the per-address limit
+        proxy_headers=False,
         ssl_certfile=tls_cert,
         ssl_keyfile=tls_key,
         ssl_version=ssl.PROTOCOL_TLS_SERVER,
@@ -858,6 +893,10 @@ def run(
         if p is not None and not Path(p).is_file():
             raise ServeError(f"{p}: no such file")
     check_bind(host, tls_cert is not None, insecure)
+    try:
+        address_limit = AddressLimit.from_env()  # a bad setting fails before anything starts
+    except ValueError as exc:
+        raise ServeError(str(exc)) from None
     tokens = AdminTokenFile(admin_tokens) if admin_tokens is not None else None
     sock = listen(host, port)  # before the store: a taken port fails before anything starts
     counters = Counters()
@@ -875,7 +914,7 @@ def run(
         raise
     stop = threading.Event()
     try:
-        app = ServeApp.over(wiring, tokens, threads, metrics=counters)
+        app = ServeApp.over(wiring, tokens, threads, metrics=counters, address_limit=address_limit)
         reconciles(app, wiring, stop)
         findings_pass(wiring, stop)
         retention_pass(wiring, stop)
