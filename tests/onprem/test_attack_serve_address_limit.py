@@ -151,6 +151,9 @@ def test_attack_a_bearer_header_does_not_take_nonces_or_enrollments_past_the_lim
     assert [r.status_code for r in answers].count(200) == LIMIT
     assert flooded.post(f"{plane.url}/v1/enroll", json={}, headers=bearer).status_code == 429
     assert flooded.get(f"{plane.url}/v1/agents/{WEB}/token", headers=bearer).status_code == 429
+    # nor does another spelling of a path the routes answer escape it
+    for path in ("/v1/nonce/", "/v1//nonce", "/v1/%6eonce"):
+        assert flooded.get(f"{plane.url}{path}").status_code == 429, path
     # the renewal by token is not limited, and a made-up bearer there is refused by the route
     made_up = flooded.post(f"{plane.url}/v1/agents/{WEB}/token", json={"time": 1, "signature": "x"}, headers=bearer)
     assert made_up.status_code == 401, made_up.text
