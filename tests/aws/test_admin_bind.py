@@ -408,7 +408,11 @@ def test_bad_revocations_are_refused_and_change_nothing(env: Env) -> None:
         assert (status, says in answer["detail"]) == (want, True), (body, answer)
     _, answer = unbind(env, dev, {"dimensions": ["env"], "reason": reason})
     assert "the workload's grants: app=admin, role=jumpbox" in answer["detail"]
-    assert env.store.get(dev) == before and len(env.store.audit_log()) == audited and env.count("compute") == 0
+    assert env.store.get(dev) == before and len(env.store.audit_log()) == audited
+    # a 409 for no grant still queues compute (a retry of a revocation whose compute message
+    # failed: tests below); it computes the record as stored, the grant in force
+    env.pump()
+    assert all(ssh_peers(env, est).values()) and ssh_out(env, est)
     # revoked once, the second revocation is a 409, not a second record
     assert unbind(env, dev, {"dimensions": ["role", "app"], "reason": reason})[0] == 200
     status, answer = unbind(env, dev, {"dimensions": ["role"], "reason": reason})
@@ -515,3 +519,83 @@ def test_a_revocation_whose_audit_write_fails_takes_nothing_back(env: Env) -> No
         unbind(env, dev, {"dimensions": ["role", "app"], "reason": "CHG-16"})
     assert refused
     assert env.store.get(dev) == before and env.store.audit_log() == log and env.count("compute") == 0
+
+
+def compute_queue_down(env: Env, times: int) -> list[int]:
+    """The next ``times`` SendMessage calls to the compute queue fail (SQS 503), in a new admin
+    container (its clients carry the hook); compute stays warm, as in AWS, holding the records it
+    took last. The list returned holds the refusals left: set it to refuse more."""
+    from botocore.exceptions import ClientError
+
+    from ringfence.local.lambdas import load_functions, retire_functions
+    from tests.aws.conftest import ROOT
+
+    left = [times]
+
+    def down(params: dict[str, Any], **_: Any) -> None:
+        if left[0] > 0 and params.get("QueueUrl") == env.queues["compute"]:
+            left[0] -= 1
+            raise ClientError({"Error": {"Code": "ServiceUnavailable", "Message": "sqs 503"}}, "SendMessage")
+
+    env.hook("before-parameter-build.sqs.SendMessage", down)
+    retire_functions([env.fn["admin"]])
+    env.fn["admin"] = load_functions(["admin"], ROOT / "functions", keep_clients=True)["admin"]
+    return left
+
+
+def test_attack_a_revocation_whose_compute_message_failed_is_enforced_on_retry(env: Env) -> None:
+    """The bastion is compromised; a policy author revokes its grants. The revocation is stored
+    and audited, then the compute message fails (SQS 503): a warm compute keeps the record with
+    the grant, and every production host still admits the box over SSH, through reconcile passes
+    too (nothing changed in the cloud). The answer says so (503: revoked, compute not queued),
+    not a bare 500, and the operator's retry — refused as there is no grant left (409), nothing
+    recorded twice — queues compute all the same: the box loses its SSH admission. A retry whose
+    own compute message fails says so too (503), and the next one enforces."""
+    est = bound_jumpbox(env)
+    dev = est["dev"]
+    down = compute_queue_down(env, 1)
+    body = {"dimensions": ["role", "app"], "reason": "CHG-20 bastion compromised"}
+
+    status, answer = unbind(env, dev, body)
+    [revoked] = revocations(env)
+    assert status == 503 and answer["error"] == "revoked; compute not queued: send the request again", answer
+    assert revoked.id in answer["detail"] and "sqs 503" in answer["detail"], answer
+    assert env.store.get(dev).workload.label_grants == {} and env.count("compute") == 0 and down == [0]
+    env.fn["reconcile"].handler(_scheduled(), _ctx())
+    env.pump()
+    assert all(ssh_peers(env, est).values()) and ssh_out(env, est), "stored, not enforced: the hole a retry closes"
+
+    down[0] = 1
+    status, answer = unbind(env, dev, body)  # the retry, its compute message refused as well
+    assert status == 503 and answer["error"] == "compute not queued: send the request again", answer
+    assert "no such grant" in answer["detail"] and down == [0], answer
+
+    status, answer = unbind(env, dev, body)  # and again, the queue back
+    assert status == 409 and "no grant of role, app" in answer["detail"], answer
+    assert "compute is queued" in answer["detail"] and len(revocations(env)) == 1, answer
+    assert env.count("compute") >= 1
+    env.pump()
+    assert not any(ssh_peers(env, est).values()), "no production host admits the revoked box over SSH"
+    assert not ssh_out(env, est)
+
+
+def test_a_binding_whose_compute_message_failed_is_answered_and_queued_again(env: Env) -> None:
+    """The same hole on the other side: a binding stored whose compute message fails is answered
+    503 (bound, compute not queued, its record named), not a bare 500; binding again stores the
+    same grants (a second record) and queues compute, and the box gets what it was granted."""
+    est = held_estate(env)
+    dev = est["dev"]
+    env.bind(AUTHORS, ["policy-author"])
+    compute_queue_down(env, 1)
+    body = {"labels": GRANT, "reason": "CHG-21 bastion"}
+    status, answer = bind(env, dev, body)
+    [bound] = bindings(env)
+    assert status == 503 and answer["error"] == "bound; compute not queued: send the request again", answer
+    assert bound.id in answer["detail"] and env.store.get(dev).workload.label_grants == GRANT
+    env.pump()
+    assert not any(ssh_peers(env, est).values()), "stored, not enforced yet"
+    status, answer = bind(env, dev, body)
+    assert status == 200 and answer["label_grants"] == GRANT and answer["held"] is False, answer
+    assert len(bindings(env)) == 2 and env.count("compute") >= 1
+    env.pump()
+    assert all(ssh_peers(env, est).values()) and ssh_out(env, est)

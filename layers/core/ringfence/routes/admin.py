@@ -26,7 +26,7 @@ from ringfence.clouds.onprem import OnPremAdmin
 from ringfence.control.admin import Admin
 from ringfence.control.api import Response, error
 from ringfence.control.findings import DEFAULT_BOUND, FindingsResponse
-from ringfence.control.governance import bind_labels, unbind_labels
+from ringfence.control.governance import NotQueued, bind_labels, unbind_labels
 from ringfence.governance import NotGranted
 from ringfence.store.base import ConflictError
 
@@ -38,6 +38,31 @@ ADMIN_ERRORS = {
     409: "nothing was done: what the request depends on changed meanwhile, or does not allow it "
     "(no active policy, a workload of another source, a CMDB file with errors); detail says which",
 }
+
+NOT_QUEUED = (
+    "compute could not be queued: the change is stored and audited (detail names its record; or, a "
+    "revocation naming no grant, nothing was changed by this request) but bundles and peers' sets do not "
+    "follow the stored grants yet; send the same request again"
+)
+
+
+def not_queued(done: str, exc: NotQueued) -> Response:
+    """503 for a grant change whose compute message failed (``done``: "bound", "revoked"; with no
+    ``exc.audit_id``, a revocation naming no grant, perhaps stored by this request's earlier try):
+    the caller learns what is stored but not enforced and sends the request again, which queues
+    compute, instead of taking a bare 500 for "nothing done"."""
+    if exc.audit_id is None:
+        title = "compute not queued: send the request again"
+        stored = f"{exc.workload_id}: no such grant to take back, and compute could not be queued"
+    else:
+        title = f"{done}; compute not queued: send the request again"
+        stored = f"{exc.workload_id}: {done} and audited (audit record {exc.audit_id}), but compute could not be queued"
+    return error(
+        503,
+        title,
+        f"{stored} ({exc.cause}): the workload's bundle and its peers' sets may not follow its stored grants "
+        "until compute runs; the same request again queues it",
+    )
 
 
 def outcome(status: int) -> str:
@@ -214,7 +239,9 @@ def admin_routes(
         "/admin/workloads/<wid>/labels",
         summary="bind privileged label values to a workload (an audited admin binding: the values need no "
         "tagger, a hold they clear is lifted, compute is queued); reason required — policy-author",
-        responses=answers(adminapi.BindLabelsResponse, errors=(400, 404, 409), meaning=ADMIN_ERRORS),
+        responses=answers(
+            adminapi.BindLabelsResponse, errors=(400, 404, 409, 503), meaning={**ADMIN_ERRORS, 503: NOT_QUEUED}
+        ),
         security=[{"sigv4": []}],
     )
     def bind_workload_labels(wid: str, req: adminapi.BindLabelsRequest) -> HttpResponse[str]:
@@ -229,6 +256,8 @@ def admin_routes(
             return http(error(400, "binding refused", str(exc)))
         except ConflictError as exc:
             return http(error(409, "workload changed meanwhile", str(exc)))
+        except NotQueued as exc:
+            return http(not_queued("bound", exc))
         body = {
             "workload_id": wid,
             "label_grants": dict(rec.workload.label_grants),
@@ -244,10 +273,12 @@ def admin_routes(
         "audited): a value its tags still ask for is held again, compute is queued; reason required — policy-author",
         responses=answers(
             adminapi.UnbindLabelsResponse,
-            errors=(400, 404, 409),
+            errors=(400, 404, 409, 503),
             meaning={
                 409: "nothing was done: a dimension named holds no grant (detail names the grants the workload "
-                "holds), or the workload changed meanwhile (try again)",
+                "holds; compute is queued all the same, so a revocation stored by an earlier try is enforced), "
+                "or the workload changed meanwhile (try again)",
+                503: NOT_QUEUED,
             },
         ),
         security=[{"sigv4": []}],
@@ -261,11 +292,14 @@ def admin_routes(
         except KeyError:
             return http(error(404, "unknown workload", wid))
         except NotGranted as exc:
-            return http(error(409, "no such grant", str(exc)))
+            # compute was queued all the same: a retry of a revocation stored by the first try
+            return http(error(409, "no such grant", f"{exc}; compute is queued, so what is stored is enforced"))
         except ValueError as exc:
             return http(error(400, "revocation refused", str(exc)))
         except ConflictError as exc:
             return http(error(409, "workload changed meanwhile", str(exc)))
+        except NotQueued as exc:
+            return http(not_queued("revoked", exc))
         body = {
             "workload_id": wid,
             "revoked": revoked,
