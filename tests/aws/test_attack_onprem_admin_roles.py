@@ -146,3 +146,74 @@ def test_attack_onboarding_cannot_take_an_ec2_instances_identity_by_registering_
     env.pump()
     status, answer = enroll_iid(env, new)
     assert status == 200 and answer["workload_id"] == new, answer
+
+
+def ssh_admitting(env: Env, est: dict[str, Any], ip: str) -> list[str]:
+    """The production EC2 hosts whose bundles admit ``ip`` over SSH (tcp/22)."""
+    import ipaddress
+
+    out = []
+    for iid in (*est["ids"]["web"], *est["ids"]["proc"], *est["ids"]["db"]):
+        doc = env.bundle(iid)
+        for rule in doc.inbound:
+            entries = [(m.set, m.services) for m in rule.members] if rule.members else [(rule.set, rule.services)]
+            for name, services in entries:
+                ssh = any(
+                    s.proto in ("tcp", "any") and (s.ports is None or s.ports[0] <= 22 <= s.ports[1]) for s in services
+                )
+                nets = [ipaddress.ip_network(c) for c in doc.sets[name].v4] if name is not None else []
+                if rule.action == "allow" and ssh and any(ipaddress.ip_address(ip) in n for n in nets):
+                    out.append(iid)
+    return sorted(set(out))
+
+
+def test_attack_a_revoked_grant_is_not_granted_again_by_a_cmdb_sync(
+    roles: Env, hybrid: tuple[Env, dict[str, Any]]
+) -> None:
+    """A data-centre jumpbox registered by a caller holding onboarding and policy-author (a CMDB
+    sync automation's role): granted, every production host admits it over SSH. A policy author
+    revokes the grants (the box is compromised). The automation's next run sends the same tags
+    again, a registration and a CMDB import: neither grants them back, they are held (answered and
+    audited as held, no grant recorded) and no host admits the box; only an explicit binding
+    (PUT .../labels) grants them again, after which the sync keeps them granted."""
+    env = roles
+    _, est = hybrid
+    ip = DB["ips"][0]
+    box = {**DB, "tags": {**DB["tags"], **PRIVILEGED}}
+    assert register(env, box, principal=PAT)[0] == 201
+    env.pump()
+    assert ssh_admitting(env, est, ip), "granted by a caller who may bind: a jumpbox"
+
+    body = {"dimensions": ["role", "app"], "reason": "CHG-30 jumpbox compromised"}
+    status, _, answer = env.rest("admin", "DELETE", "/admin/workloads/dc1-db-1/labels", body, principal=PAULA)
+    assert status == 200 and answer["revoked"] == {"role": "jumpbox", "app": "admin"}, answer
+    env.pump()
+    assert not ssh_admitting(env, est, ip)
+
+    held = {"role": "jumpbox", "app": "admin"}
+    status, answer = register(env, box, principal=PAT)
+    assert status == 200 and answer["held"] == held, answer
+    last = audits(env, "workload.register", "dc1-db-1")[-1]
+    assert last.detail["held"] == held and "label_grants" not in last.detail
+    csv = (
+        "id,ips,site,ringfence:role,ringfence:app,ringfence:env,ringfence:loc\n"
+        f"dc1-db-1,{ip},dc1,jumpbox,admin,prod,ca\n"
+    )
+    status, _, answer = env.rest(
+        "admin", "POST", "/admin/workloads/import", {"csv": csv, "reason": "sync"}, principal=PAT
+    )
+    assert status == 200 and answer["held"] == {"dc1-db-1": held}, answer
+    rec = env.store.get("dc1-db-1")
+    assert rec is not None and rec.workload.label_grants == {} and "role" not in rec.labels
+    env.pump()
+    assert not ssh_admitting(env, est, ip), "the revocation stands through the sync"
+
+    grant = {"labels": held, "reason": "CHG-31 rebuilt"}
+    status, _, answer = env.rest("admin", "PUT", "/admin/workloads/dc1-db-1/labels", grant, principal=PAULA)
+    assert status == 200 and answer["held"] is False, answer
+    status, answer = register(env, box, principal=PAT)
+    assert status == 200 and "held" not in answer, answer
+    rec = env.store.get("dc1-db-1")
+    assert rec is not None and rec.workload.label_grants == held
+    env.pump()
+    assert ssh_admitting(env, est, ip)

@@ -80,6 +80,15 @@ def test_serve_revokes_a_grant_the_values_are_held_and_compute_takes_them_out(se
     assert r.status_code == 200 and r.json()["held"] == GRANT, r.text
     assert (rec := store.get(DB)) is not None and rec.workload.label_grants == {} and "role" not in rec.labels
     assert not any(jump_access(served).values())
+    # nor does the sync of a caller who may bind (onboarding and policy-author), registering or
+    # importing: the revocation is the values' last write, only a binding grants them again
+    r = served.call("pat", "POST", "/admin/workloads", {**db, "reason": "CMDB sync"})
+    assert r.status_code == 200 and r.json()["held"] == GRANT, r.text
+    csv = f"id,ips,site,ringfence:role,ringfence:app,ringfence:env,ringfence:loc\n{DB},{DB_IP},dc1,jumpbox,admin,prod,ca\n"
+    r = served.call("pat", "POST", "/admin/workloads/import", {"csv": csv, "reason": "CMDB sync"})
+    assert r.status_code == 200 and r.json()["held"] == {DB: GRANT}, r.text
+    assert (rec := store.get(DB)) is not None and rec.workload.label_grants == {} and "role" not in rec.labels
+    assert not any(jump_access(served).values())
 
     # nothing left to take back: 409, nothing written or audited
     r = served.call("paula", "DELETE", f"/admin/workloads/{DB}/labels", {"dimensions": ["role"], "reason": "again"})

@@ -67,8 +67,12 @@ class OnPremAdmin(Admin):
         anew = False
         if mapper is not None and state != "terminated":  # the hygiene view, as ingest gives cloud records
             asked = {d: v for d, v in mapper.resolve_tags(w).labels.items() if mapper.is_privileged(d, v)}
-            w = w.model_copy(update={"label_grants": asked if may_bind else {}, "held_labels": None})
             previous = stored.workload if stored is not None and stored.state != "terminated" else None
+            if may_bind and previous is not None and stored is not None:
+                # a value a policy author took back is not granted again by the same tags sent again
+                # (a CMDB sync's): the revocation is its dimension's last write; a binding re-grants
+                asked = {d: v for d, v in asked.items() if not self._revoked(stored, d, v)}
+            w = w.model_copy(update={"label_grants": asked if may_bind else {}, "held_labels": None})
             if previous is not None and not may_bind and self._readdressed(mapper, previous, w):
                 # as a host with its labels but no privileged value: nothing granted carries over
                 kept = {d: v for d, v in mapper.resolve(previous).labels.items() if not mapper.is_privileged(d, v)}
@@ -93,6 +97,15 @@ class OnPremAdmin(Admin):
             if anew or (stored is not None and stored.state == "terminated" and state != "terminated")
             else None,
         )
+
+    @staticmethod
+    def _revoked(stored: InventoryRecord, dim: str, value: str) -> bool:
+        """The dimension's last known write is a revocation of ``value``: a write of it by someone
+        not approved (``other``), which on premise only a revocation (``DELETE .../labels``) makes
+        (registrations record no writes; a value merely held is ``unseen``, and a caller who may
+        bind still grants that by registering it)."""
+        last = (stored.label_writes or {}).get(dim)
+        return last is not None and last.value == value and last.by == "other"
 
     @staticmethod
     def _readdressed(mapper: LabelMapper, previous: Workload, w: Workload) -> bool:
