@@ -22,14 +22,16 @@ from dataclasses import dataclass
 
 from ringfence.model import Workload
 
-WORKLOAD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+# fullmatch only: `$` also matches before a trailing newline, so "dc1-db-1\n" would be a second
+# workload beside dc1-db-1, and a path naming it would reach dc1-db-1's routes
+WORKLOAD_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 # the ids clouds give their instances: an EC2 instance id, an Azure vmId (a GUID), a GCP instance
 # id (a 64-bit number). An on-premise workload registered under one before the cloud's events
 # name the instance would have its record taken over by the instance's, while the agent that
 # paired as it kept its token and agent key: the instance's bundle, heartbeats and flow reports
 # would be that agent's, and the instance's own agent could not enroll.
 CLOUD_INSTANCE_ID = re.compile(
-    r"^(i-[0-9a-f]{8,17}|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9]{16,20})$",
+    r"i-[0-9a-f]{8,17}|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9]{16,20}",
     re.IGNORECASE,
 )
 FIELDS = ("id", "name", "ips", "site", "zone")
@@ -49,11 +51,11 @@ def valid_workload_id(wid: str) -> str | None:
     """Why ``wid`` cannot name an on-premise workload, or None. Ids become parts of published
     keys and of agent URLs, so they are kept to letters, digits and ``_ . : -``; and none has
     the form of a cloud instance's id (:data:`CLOUD_INSTANCE_ID`), nor is ``import``."""
-    if not WORKLOAD_ID.match(wid):
+    if not WORKLOAD_ID.fullmatch(wid):
         return f"workload id {wid!r} must be 1-128 of A-Z a-z 0-9 _ . : - and start with a letter or digit"
     if wid == "import":  # /admin/workloads/import is the CMDB import: such a workload could not be deregistered
         return "workload id 'import' is reserved (the admin API's /admin/workloads/import)"
-    if CLOUD_INSTANCE_ID.match(wid):
+    if CLOUD_INSTANCE_ID.fullmatch(wid):
         return (
             f"workload id {wid!r} has the form of a cloud instance's id (EC2, an Azure vmId, GCP): "
             "cloud instances are observed, not registered; name the on-premise host otherwise"

@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-INSTANCE_ID = re.compile(r"^i-[0-9a-f]{8,17}$")
+INSTANCE_ID = re.compile(r"i-[0-9a-f]{8,17}")  # fullmatch: `$` matches before a trailing newline
 _ASSUMED_ROLE = re.compile(r"^arn:(?P<partition>[^:]+):sts::(?P<account>\d{12}):assumed-role/(?P<role>[^/]+)/[^/]+$")
 
 
@@ -202,7 +202,7 @@ def instance_ids(ids: list[str]) -> tuple[str, ...]:
     """Keep only EC2 instance ids (CloudTrail tag calls mix sg-, vol-, i- …), in order, once."""
     seen: dict[str, None] = {}
     for i in ids:
-        if INSTANCE_ID.match(i):
+        if INSTANCE_ID.fullmatch(i):
             seen.setdefault(i, None)
     return tuple(seen)
 

@@ -25,7 +25,7 @@ from .common import answers, http, resolver, too_large
 _TOKEN: list[dict[str, list[str]]] = [{"agentToken": []}]
 # the routes that need the workload's bearer token (token refresh is signed by the agent key instead)
 _BEARER_ROUTE = re.compile(
-    "^" + API_PREFIX.replace("/", "/+") + r"/+agents/+([^/]+)/+(?:bundle|deltas|wait|heartbeat|reports)/*$"
+    "^" + API_PREFIX.replace("/", "/+") + r"/+agents/+([^/]+)/+(?:bundle|deltas|wait|heartbeat|reports)/*\Z"
 )
 _AUTH = (401, 403)
 

@@ -2,11 +2,13 @@
 in the API's error body (422, naming each bad field), and service answers as HTTP responses."""
 
 import json
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver
 from aws_lambda_powertools.event_handler import Response as HttpResponse
+from aws_lambda_powertools.event_handler.api_gateway import _DYNAMIC_ROUTE_PATTERN, _NAMED_GROUP_BOUNDARY_PATTERN
 from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValidationError
 from aws_lambda_powertools.event_handler.openapi.models import SecurityScheme
 from aws_lambda_powertools.utilities.data_classes import APIGatewayProxyEvent
@@ -82,6 +84,14 @@ class Resolver(APIGatewayRestResolver):
     before_invalid: Callable[[], HttpResponse[str] | None] | None = None
     """Asked before a request that does not validate is answered 422: its answer instead, if any
     (the admin API's: a caller without the route's role gets the audited 403 first)."""
+
+    @staticmethod
+    def _compile_regex(rule: str, base_regex: str = r"^{}/*\Z") -> re.Pattern[str]:
+        """A route's pattern, anchored at the path's very end: Powertools ends it with `$`, which
+        also matches before a trailing newline, so ``DELETE /admin/workloads/dc1-db-1\n`` was
+        routed as ``dc1-db-1``'s (another workload's) deregistration. Such a path is no route's
+        (404)."""
+        return re.compile(base_regex.format(re.sub(_DYNAMIC_ROUTE_PATTERN, _NAMED_GROUP_BOUNDARY_PATTERN, rule)))
 
     @property  # type: ignore[override]
     def current_event(self) -> APIGatewayProxyEvent:
