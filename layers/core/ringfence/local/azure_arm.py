@@ -9,8 +9,15 @@ Resources are kept by their ARM id (case-insensitive, as ARM compares them). Wha
 * ``PUT`` (create or replace: ``201`` with ``Azure-AsyncOperation`` and ``Retry-After``, as ARM
   answers a long-running create; the operation reads ``Succeeded``), ``PATCH`` (tags merged in,
   ``200``), ``DELETE`` (``202`` with ``Location``; the location answers ``204`` once gone);
+* etags as ARM's resource provider contract has them: every write gives the resource a new
+  ``etag`` (in the body, and the ``ETag`` header of a single read or write); a ``PUT``, ``PATCH`` or
+  ``DELETE`` with ``If-Match`` is ``412 PreconditionFailed`` unless the resource exists and the
+  value is its etag or ``*``, one with ``If-None-Match: *`` is ``412`` when it exists (a ``DELETE``
+  of what is gone stays ``204``, a ``PATCH`` of it ``404``);
 * a bearer token on every call (401 without one), and injected throttling (``429`` with
-  ``Retry-After``) for the next calls, as ARM throttles a subscription.
+  ``Retry-After``) for the next calls, as ARM throttles a subscription;
+* :meth:`ArmServer.before`: another client's write landing just before a request is handled (the
+  race a read-modify-write must survive), for tests.
 
 This is not a model of Azure: it stores what it is given and fills in ``id``, ``name``, ``type``,
 ``etag`` and ``provisioningState``. Callers seed VMs and NICs with :meth:`ArmServer.put`.
@@ -22,7 +29,7 @@ import json
 import re
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -62,6 +69,7 @@ class ArmServer:
         self.page_size = page_size
         self.requests: list[tuple[str, str]] = []  # (method, path) in order, for tests
         self._throttle: list[int] = []  # Retry-After seconds of the next 429 answers
+        self._before: list[tuple[str, str, Callable[[], object]]] = []  # (method, lower-case id, what runs)
         self._lock = threading.Lock()
         arm = self
 
@@ -87,6 +95,12 @@ class ArmServer:
                 with arm._lock:
                     arm.requests.append((method, self.path))
                     throttle = arm._throttle.pop(0) if arm._throttle else None
+                    target = urlsplit(self.path).path.rstrip("/").lower()
+                    hook = next((h for h in arm._before if (h[0], h[1]) == (method, target)), None)
+                    if hook is not None:
+                        arm._before.remove(hook)
+                if hook is not None:  # outside the lock: it writes through the server's own methods
+                    hook[2]()
                 if not (self.headers.get("Authorization") or "").startswith("Bearer "):
                     return self._answer(401, _error("AuthenticationFailed", "no bearer token"))
                 if throttle is not None:
@@ -96,7 +110,8 @@ class ArmServer:
                         {"Retry-After": str(throttle)},
                     )
                 body = json.loads(raw) if raw else None
-                status, out, headers = arm.handle(method, self.path, body)
+                conditions = {k: v for k in ("If-Match", "If-None-Match") if (v := self.headers.get(k)) is not None}
+                status, out, headers = arm.handle(method, self.path, body, conditions)
                 self._answer(status, out, headers)
 
             def do_GET(self) -> None:
@@ -152,6 +167,12 @@ class ArmServer:
         with self._lock:
             self._throttle.extend([retry_after] * times)
 
+    def before(self, method: str, resource_id: str, fn: Callable[[], object], times: int = 1) -> None:
+        """``fn`` runs before each of the next ``times`` ``method`` requests on ``resource_id`` is
+        handled: another client's write that lands between a caller's read and its write."""
+        with self._lock:
+            self._before.extend([(method, resource_id.lower(), fn)] * times)
+
     @contextmanager
     def recording(self) -> Iterator[list[tuple[str, str]]]:
         """The requests made inside the block."""
@@ -179,7 +200,10 @@ class ArmServer:
         self.resources[resource_id.lower()] = res
         return res
 
-    def handle(self, method: str, target: str, body: Any) -> tuple[int, Any, dict[str, str]]:
+    def handle(
+        self, method: str, target: str, body: Any, conditions: dict[str, str] | None = None
+    ) -> tuple[int, Any, dict[str, str]]:
+        """One request; ``conditions``: its ``If-Match`` and ``If-None-Match`` headers."""
         url = urlsplit(target)
         path = url.path.rstrip("/")
         query = parse_qs(url.query)
@@ -203,7 +227,12 @@ class ArmServer:
                 res = self.resources.get(key)
                 if res is None:
                     return 404, _error("ResourceNotFound", f"The Resource '{'/'.join(names)}' was not found."), {}
-                return 200, res, {}
+                return 200, res, {"ETag": res["etag"]}
+            current = self.resources.get(key)
+            if not (method == "PATCH" and current is None) and not (method == "DELETE" and current is None):
+                refused = _precondition(conditions or {}, current)
+                if refused:
+                    return 412, _error("PreconditionFailed", refused), {}
             if method == "PUT":
                 if not isinstance(body, dict):
                     return 400, _error("InvalidRequestContent", "a JSON object is required"), {}
@@ -218,12 +247,16 @@ class ArmServer:
                             props[k] = old[k]
                 res = self._store(path, body)
                 if not created:
-                    return 200, res, {}
+                    return 200, res, {"ETag": res["etag"]}
                 op = f"{self._base(sub, names)}/locations/{res.get('location', 'local')}/operationStatuses/{uuid.uuid4()}"
                 return (
                     201,
                     res,
-                    {"Azure-AsyncOperation": op + "?api-version=" + query["api-version"][0], "Retry-After": "0"},
+                    {
+                        "Azure-AsyncOperation": op + "?api-version=" + query["api-version"][0],
+                        "Retry-After": "0",
+                        "ETag": res["etag"],
+                    },
                 )
             if method == "PATCH":
                 res = self.resources.get(key)
@@ -232,7 +265,7 @@ class ArmServer:
                 if isinstance(body, dict) and "tags" in body:
                     res["tags"] = dict(body["tags"] or {})
                 res["etag"] = f'W/"{uuid.uuid4()}"'
-                return 200, res, {}
+                return 200, res, {"ETag": res["etag"]}
             if method == "DELETE":
                 if self.resources.pop(key, None) is None:
                     return 204, None, {}
@@ -279,6 +312,21 @@ class ArmServer:
 def _scale_set_wide(want: list[str]) -> bool:
     """``…/virtualMachineScaleSets/{ss}/networkInterfaces``: the set's instances' NICs."""
     return len(want) == 4 and want[1] == "virtualmachinescalesets" and want[3] == "networkinterfaces"
+
+
+def _precondition(conditions: dict[str, str], current: dict[str, Any] | None) -> str | None:
+    """Why a write's ``If-Match`` / ``If-None-Match`` refuses it against the resource as held
+    (``None``: it does not exist), or None: ARM's resource provider contract."""
+    match = {k.lower(): v.strip() for k, v in conditions.items()}
+    if "if-match" in match:
+        want = match["if-match"]
+        if current is None:
+            return "If-Match given and the resource does not exist."
+        if want != "*" and want != current.get("etag"):
+            return f"The etag {want} does not match the resource's current etag {current.get('etag')}."
+    if match.get("if-none-match") == "*" and current is not None:
+        return "If-None-Match: * given and the resource exists."
+    return None
 
 
 def _error(code: str, message: str) -> dict[str, Any]:

@@ -30,6 +30,13 @@ Before the first write a run can tell its caller everything it is about to write
 :func:`changes_of`: ASGs and NSGs created and deleted, rules written and deleted with what they say,
 each NIC's ASGs added and removed and its NSG), found by the same code over copies with every write
 left out, so that the changes are audited first; raising there writes nothing.
+
+A NIC is written last, minutes after the run read it in a large subscription, and ARM replaces it
+whole: so it is read again just before, only our changes (our ASGs on or off, our NSG) are applied
+to what it holds then, and it is written with ``If-Match`` its etag. Another team's change made
+meanwhile is kept; one made between that read and the write is refused by ARM (412) and the NIC is
+read and tried once more. A NIC that now needs a change the audit record does not list (or is
+gone, or keeps changing) is left for the next run, with a warning (:attr:`AzurePerimeterResult.skipped`).
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from azure.core.exceptions import ResourceModifiedError
 from azure.mgmt.network.models import ApplicationSecurityGroup, NetworkInterface, NetworkSecurityGroup, SecurityRule
 
 from ringfence.perimeter import (
@@ -179,6 +187,7 @@ class AzurePerimeterResult:
     writes: list[str] = field(default_factory=list)  # what was written, in order ("PUT asg rf-prod-boundary"…)
     warnings: list[str] = field(default_factory=list)
     changes: list[dict[str, Any]] = field(default_factory=list)  # each write, as an audit record names it
+    skipped: list[str] = field(default_factory=list)  # NICs left for the next run (each one a warning too)
 
 
 # what one audit record lists of each kind of change (its counts are always whole)
@@ -515,15 +524,22 @@ class AzurePerimeter:
                 res.changes.append({"kind": "asg-created", "name": g.name, "resource_group": key[0]})
         for key, (wanted, net) in sorted(want.items()):
             self._nsg(key, net, nsgs, rules, wanted, locations.get(net, ""), scope, res)
+        still_on: set[tuple[str, str]] = set()  # our ASGs a NIC left for the next run may still carry
         for iid, itf in sorted(interfaces.items()):
             if itf.workload is None or itf.fixed or itf.held:
                 continue
             on, off = p.attach.get(iid, set()), p.detach.get(iid, set())
+            left = len(res.skipped)
             self._nic(nics[iid], itf.network, on, off, asgs, nsgs, ds, iid in closing, res, vm=itf.workload)
+            if len(res.skipped) > left:
+                still_on |= {(_rg(itf.network), n) for n in off}
         if p.delete:
             self._unreference(p, asgs, nsgs, rules, want, res)
         for net, name in p.delete:
             key = (_rg(net), name)
+            if key in still_on:  # ARM refuses to delete an ASG a NIC holds: the next run deletes it
+                res.warnings.append(f"ASG {name} in {key[0]} not deleted: a NIC left for the next run may hold it")
+                continue
             if key in asgs:
                 if not self._ahead:
                     net_ops.application_security_groups.begin_delete(ArmId.parse(net).group, name).result()
@@ -634,48 +650,152 @@ class AzurePerimeter:
     ) -> None:
         """The NIC's ASGs as planned, and the NSG of its environment where it has none or another
         environment's of ours (whose deny would name an ASG the NIC no longer has); ``close``: no
-        env, rf-none (in the same PUT that takes our ASGs off)."""
-        rid = ArmId.parse(nic["id"])
-        body = {k: v for k, v in nic.items() if k in ("location", "tags", "properties")}
-        props = body.setdefault("properties", {})
-        rg = _rg(net)
-        drop = {asgs[(rg, n)].lower() for n in off if (rg, n) in asgs}
-        changed = bool(on or drop)
-        for c in props.get("ipConfigurations") or []:
-            cp = c.setdefault("properties", {})
-            keep = [a for a in cp.get("applicationSecurityGroups") or [] if a["id"].lower() not in drop]
-            have = {a["id"].lower() for a in keep}
-            keep += [{"id": asgs[(rg, n)]} for n in sorted(on) if asgs[(rg, n)].lower() not in have]
-            cp["applicationSecurityGroups"] = keep
-        names = ds.attachments.get(nic["id"], set())
-        env = next((ds.groups[(net, n)].env for n in sorted(names) if (net, n) in ds.groups), None)
-        current = (props.get("networkSecurityGroup") or {}).get("id")
-        if env is not None:
-            target = nsgs[(rg, nsg_name(env))]
-            ours = {v.lower() for v in nsgs.values()}
-            if current is None or (str(current).lower() in ours and str(current).lower() != target.lower()):
-                props["networkSecurityGroup"] = {"id": target}
-                changed = True
-            elif str(current).lower() != target.lower():
-                res.warnings.append(f"{nic['id']} has the NSG {current}: the {nsg_name(env)} rules do not apply to it")
-        elif close:
-            target = nsgs[(rg, NONE_NSG)]
-            if str(current or "").lower() != target.lower():
-                props["networkSecurityGroup"] = {"id": target}
-                changed = True
-        if not changed:
+        env, rf-none (in the same PUT that takes our ASGs off).
+
+        ``nic`` is the copy read at the start of the run, minutes before this write in a large
+        subscription (ASGs, NSGs and rules are written first, each waiting for ARM): what is found
+        on it is what the audit record lists. The write itself is made to the NIC as it is now (read
+        again, with only our changes applied to it, written with ``If-Match`` its etag), so that
+        nothing another team changed on it meanwhile (its own ASGs, an NSG, IP configurations) is
+        undone; and only if what it needs now is within what the record lists."""
+        planned = _nic_change(nic, net, on, off, asgs, nsgs, ds, close, res.warnings)
+        if planned is None:
             return
+        done: _NicChange | None = planned
         if not self._ahead:
-            self.arm.network.network_interfaces.begin_create_or_update(
-                rid.group, rid.names[0], NetworkInterface(body)
-            ).result()
-        res.writes.append(f"PUT nic {rid.names[0]}")
-        nsg = (props.get("networkSecurityGroup") or {}).get("id")
+            done = self._write_nic(nic["id"], net, planned, on, off, asgs, nsgs, ds, close, res)
+        if done is None:
+            return
+        name = ArmId.parse(nic["id"]).names[0]
+        res.writes.append(f"PUT nic {name}")
         res.changes.append(
-            {"kind": "nic", "nic": rid.names[0], "vm": vm, "asgs_added": sorted(on)}
-            | {"asgs_removed": sorted(n for n in off if (rg, n) in asgs)}
-            | ({"nsg": str(nsg).rsplit("/", 1)[-1]} if str(nsg or "").lower() != str(current or "").lower() else {})
+            {"kind": "nic", "nic": name, "vm": vm, "asgs_added": sorted(done.added)}
+            | {"asgs_removed": sorted(done.removed)}
+            | ({"nsg": done.nsg.rsplit("/", 1)[-1]} if done.nsg is not None else {})
         )
+
+    def _write_nic(
+        self,
+        nic_id: str,
+        net: str,
+        planned: _NicChange,
+        on: set[str],
+        off: set[str],
+        asgs: dict[tuple[str, str], str],
+        nsgs: dict[tuple[str, str], str],
+        ds: DesiredState,
+        close: bool,
+        res: AzurePerimeterResult,
+    ) -> _NicChange | None:
+        """Reads the NIC, applies our changes to what it holds now and writes that with ``If-Match``
+        its etag; a write refused because it changed after that read (412) is tried once more from a
+        fresh read. What was written, or None: nothing to write any more, or the NIC left as it is
+        for the next run (gone, moved, needing what the record does not list, or changed again)."""
+        rid = ArmId.parse(nic_id)
+        ops = self.arm.network.network_interfaces
+        for _ in range(NIC_WRITE_TRIES):
+            live = self.arm.nic(rid.group, rid.names[0])
+            configs = (live or {}).get("properties", {}).get("ipConfigurations") or []
+            subnet = next(((c.get("properties") or {}).get("subnet", {}).get("id") for c in configs), None)
+            etag = (live or {}).get("etag")
+            if live is None or str(vnet_of(subnet) or "").lower() != net.lower() or not etag:
+                return self._leave(nic_id, "it is gone or moved since it was read", res)
+            now = _nic_change(live, net, on, off, asgs, nsgs, ds, close, [])
+            if now is None:
+                return None  # someone made it so already
+            if not now.within(planned):
+                return self._leave(
+                    nic_id, "it changed since it was read and now needs what the audit record does not list", res
+                )
+            try:
+                ops.begin_create_or_update(
+                    rid.group,
+                    rid.names[0],
+                    NetworkInterface(now.body),
+                    headers={"If-Match": str(etag)},
+                    error_map={412: ResourceModifiedError},
+                ).result()
+            except ResourceModifiedError:
+                continue  # written by someone else between our read and our write: read it again
+            return now
+        return self._leave(nic_id, f"it changed between each of {NIC_WRITE_TRIES} reads and the write after it", res)
+
+    def _leave(self, nic_id: str, why: str, res: AzurePerimeterResult) -> _NicChange | None:
+        """The NIC left as it is for the next run (nothing written: None), counted and said why."""
+        res.skipped.append(nic_id)
+        res.warnings.append(f"{nic_id} not written: {why}; left for the next run")
+        return None
+
+
+NIC_WRITE_TRIES = 2  # a NIC changed between our read and our write is read and tried once more
+
+
+@dataclass(frozen=True)
+class _NicChange:
+    """One NIC's write: the body to PUT and what it changes (our ASGs by name, the NSG id set)."""
+
+    body: dict[str, Any]
+    added: frozenset[str]
+    removed: frozenset[str]
+    nsg: str | None
+
+    def within(self, other: _NicChange) -> bool:
+        """Changes nothing ``other`` does not (so a record that lists ``other`` lists it whole)."""
+        same_nsg = self.nsg is None or (other.nsg is not None and self.nsg.lower() == other.nsg.lower())
+        return self.added <= other.added and self.removed <= other.removed and same_nsg
+
+
+def _nic_change(
+    nic: dict[str, Any],
+    net: str,
+    on: set[str],
+    off: set[str],
+    asgs: dict[tuple[str, str], str],
+    nsgs: dict[tuple[str, str], str],
+    ds: DesiredState,
+    close: bool,
+    warnings: list[str],
+) -> _NicChange | None:
+    """``nic`` (wire format) with our ASGs ``on`` put on and ``off`` taken off each IP configuration
+    and, where it must change, its NSG: the body to PUT and what changes (None: nothing). Everything
+    else in it is kept as it is."""
+    body = copy.deepcopy({k: v for k, v in nic.items() if k in ("location", "tags", "properties")})
+    props = body.setdefault("properties", {})
+    rg = _rg(net)
+    drop = {asgs[(rg, n)].lower(): n for n in off if (rg, n) in asgs}
+    added: set[str] = set()
+    removed: set[str] = set()
+    for c in props.get("ipConfigurations") or []:
+        cp = c.setdefault("properties", {})
+        held = cp.get("applicationSecurityGroups") or []
+        keep = [a for a in held if a["id"].lower() not in drop]
+        removed |= {drop[a["id"].lower()] for a in held if a["id"].lower() in drop}
+        have = {a["id"].lower() for a in keep}
+        for n in sorted(on):
+            if asgs[(rg, n)].lower() not in have:
+                keep.append({"id": asgs[(rg, n)]})
+                added.add(n)
+        cp["applicationSecurityGroups"] = keep
+    names = ds.attachments.get(nic["id"], set())
+    env = next((ds.groups[(net, n)].env for n in sorted(names) if (net, n) in ds.groups), None)
+    current = (props.get("networkSecurityGroup") or {}).get("id")
+    nsg: str | None = None
+    if env is not None:
+        target = nsgs[(rg, nsg_name(env))]
+        ours = {v.lower() for v in nsgs.values()}
+        if current is None or (str(current).lower() in ours and str(current).lower() != target.lower()):
+            nsg = target
+        elif str(current).lower() != target.lower():
+            warnings.append(f"{nic['id']} has the NSG {current}: the {nsg_name(env)} rules do not apply to it")
+    elif close:
+        target = nsgs[(rg, NONE_NSG)]
+        if str(current or "").lower() != target.lower():
+            nsg = target
+    if nsg is not None:
+        props["networkSecurityGroup"] = {"id": nsg}
+    if not (added or removed or nsg):
+        return None
+    return _NicChange(body, frozenset(added), frozenset(removed), nsg)
 
 
 def _rule_change(kind: str, nsg: tuple[str, str], name: str, props: dict[str, Any]) -> dict[str, Any]:
