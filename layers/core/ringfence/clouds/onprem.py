@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ringfence.adminapi import OnPremWorkload
-from ringfence.cmdb import CmdbError, parse_cmdb_rows
+from ringfence.cmdb import CmdbError, CmdbRow, parse_cmdb_rows
 from ringfence.control import credentials
 from ringfence.control.admin import Admin
 from ringfence.control.api import Response, error
@@ -23,7 +23,15 @@ from ringfence.control.wiring import BaseWiring, Metric, no_metric
 from ringfence.governance import govern
 from ringfence.labels import LabelMapper
 from ringfence.model import Workload
-from ringfence.store.base import ACTIVE_STATES, AddressTaken, GovernanceMoved, InventoryRecord
+from ringfence.store.base import (
+    AddressTaken,
+    ConflictError,
+    GovernanceMoved,
+    InventoryRecord,
+    PartlyWritten,
+    TooManyTogether,
+    holds_addresses,
+)
 
 HOLD_KINDS = frozenset({"held", "ungranted"})
 """Label problems that are governance's decision (answered as ``held``), not the operator's data."""
@@ -118,10 +126,12 @@ class OnPremAdmin(Admin):
         return privileged and bool(set(w.ips) - set(previous.ips))
 
     def _address_owners(self) -> dict[str, str]:
-        """Address → the workload (on-premise or cloud, pending or running) holding it now."""
+        """Address → the workload holding it now: an on-premise one registered, or a cloud
+        instance in any state but terminated (:func:`holds_addresses`): a stopped instance keeps
+        its private address, and the host registered with it would share it once it starts."""
         owners: dict[str, str] = {}
         for rec in self.w.store.all_records():
-            if rec.state in ACTIVE_STATES:
+            if holds_addresses(rec.state, rec.workload.cloud):
                 for ip in rec.workload.ips:
                     owners.setdefault(ip, rec.id)
         return owners
@@ -177,7 +187,8 @@ class OnPremAdmin(Admin):
         value its tags set is granted only when ``may_bind`` (the caller holds ``label.bind``),
         else held (:meth:`_record`); the answer and the audit record name what is held, and the
         label problems of its data (``problems``: registered all the same unless ``strict``, 400).
-        An address another active workload holds is refused (409)."""
+        An address another workload holds (an active one, or a cloud instance not terminated) is
+        refused (409)."""
         try:
             spec = body if isinstance(body, OnPremWorkload) else OnPremWorkload.model_validate(body)
         except ValidationError as exc:
@@ -224,6 +235,9 @@ class OnPremAdmin(Admin):
         except GovernanceMoved as exc:
             self._failed(principal, "workload.register", spec.id, audit_id, str(exc), reason)
             return error(409, "workload changed meanwhile: nothing registered", str(exc))
+        except TooManyTogether as exc:
+            self._failed(principal, "workload.register", spec.id, audit_id, str(exc), reason)
+            return error(400, "too many addresses: nothing registered", str(exc))
         except Exception as exc:
 
             def registered() -> bool:
@@ -323,6 +337,24 @@ class OnPremAdmin(Admin):
         except GovernanceMoved as exc:
             self._failed(principal, "workload.import", source, audit_id, str(exc), reason)
             return error(409, "a workload changed meanwhile: import the file again", str(exc))
+        except TooManyTogether as exc:
+            # sized before anything was written (DynamoDB: one transaction per group of rows)
+            self._failed(principal, "workload.import", source, audit_id, str(exc), reason)
+            return error(400, "CMDB file rejected: nothing imported", _too_many(exc, rows, source))
+        except PartlyWritten as exc:
+            # a later group lost a race after earlier ones were written (DynamoDB): those stand,
+            # so they go to compute (peers' sets follow), and the answer and audit say which
+            why = f"written: {', '.join(exc.written)}; then {type(exc.cause).__name__}: {exc.cause}"
+            self._failed(principal, "workload.import", source, audit_id, why, reason, outcome="partial")
+            self.w.enqueue_compute(exc.written)
+            if not isinstance(exc.cause, ConflictError | TooManyTogether):
+                raise
+            return error(
+                409,
+                "CMDB file partly imported: import it again",
+                f"{len(exc.written)} of {len(ids)} workloads were written (and handed to compute): "
+                f"{_some(exc.written)}; the rest were not: {exc.cause}",
+            )
         except Exception as exc:
             self._failed(principal, "workload.import", source, audit_id, f"{type(exc).__name__}: {exc}", reason)
             raise
@@ -384,3 +416,25 @@ class OnPremAdmin(Admin):
         self._drop_credentials(workload_id, "workload deregistered")
         self.w.enqueue_compute([workload_id])
         return Response(200, {"workload_id": workload_id, "audit_id": audit_id})
+
+
+def _some(ids: list[str], n: int = 50) -> str:
+    return ", ".join(ids[:n]) + (f" (and {len(ids) - n} more)" if len(ids) > n else "")
+
+
+def _too_many(exc: TooManyTogether, rows: list[CmdbRow], source: str) -> str:
+    """Each group too large for one transaction, at its first row (``file:line:column``)."""
+    line = {row.workload.id: row.line for row in rows}
+    out = []
+    for ids, n in exc.groups:
+        first = min(line.get(i, 0) for i in ids)
+        what = (
+            f"{ids[0]}: its record and addresses are"
+            if len(ids) == 1
+            else f"{len(ids)} rows passing addresses among themselves ({_some(ids, 5)}) are"
+        )
+        out.append(
+            f"{source}:{first}:1: {what} {n} items written in one transaction, more than one DynamoDB "
+            f"transaction takes ({exc.limit}): give fewer addresses at once (import the moves in steps)"
+        )
+    return "\n".join(out)

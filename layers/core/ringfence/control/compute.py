@@ -132,6 +132,7 @@ class Compute:
             base = self.engine.revision  # == the stored head (checked by _ensure)
             # a rebuild loaded every record after the batch's were read: read them again
             updates = self._apply(ids, self.w.store.get_many(ids) if rebuilt and ids else recs)
+            self._shared(None if rebuilt else ids)
             t = _lap(stats, "engine", t)
             stats.updates = len(updates)
             if updates:
@@ -267,6 +268,21 @@ class Compute:
             EngineHead(revision=self.engine.revision, policy_version=self.engine.policy_version, clean=True),
             self.engine.revision,
         )
+
+    def _shared(self, ids: list[str] | None) -> None:
+        """Log and count (``AddressesShared``) the addresses of ``ids`` (None: of every workload)
+        that more than one active workload holds: peers' sets give such an address the access of
+        each. A registration is refused an address a workload holds, but a cloud instance is
+        observed, not refused: one launched or started with an address an on-premise host was
+        registered with, or in a VPC overlapping another's, shares it."""
+        assert self.engine is not None
+        shared = self.engine.shared_addresses(ids)
+        if not shared:
+            return
+        some = "; ".join(f"{ip}: {', '.join(held)}" for ip, held in list(shared.items())[:20])
+        more = f" (and {len(shared) - 20} more)" if len(shared) > 20 else ""
+        log.warning("%d address(es) held by more than one active workload: %s%s", len(shared), some, more)
+        self.metric("AddressesShared", len(shared))
 
     def _apply(self, ids: list[str], recs: Mapping[str, InventoryRecord]) -> list[Update]:
         assert self.engine is not None

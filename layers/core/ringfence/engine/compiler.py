@@ -422,6 +422,20 @@ class Engine:
             return Update(self.revision)
         return self._change(old, new)
 
+    def shared_addresses(self, wids: Iterable[str] | None = None) -> dict[str, list[str]]:
+        """Address → the compiled workloads holding it, for each address more than one holds:
+        those of ``wids`` (None: of every workload). Peers' sets give such an address the access
+        of every holder (:class:`~ringfence.addresses.AddressSet` counts it once per holder)."""
+        if wids is None:
+            addrs: Iterable[Address] = self._by_addr
+        else:
+            addrs = {a for wid in wids if (ws := self.workloads.get(wid)) is not None for a in ws.addrs}
+        return {
+            addresses.format_address(a): sorted(held)
+            for a in sorted(addrs)
+            if len(held := self._by_addr.get(a, set())) > 1
+        }
+
     def remove(self, workload_id: str) -> Update:
         old = self.workloads.get(workload_id)
         if old is None:

@@ -26,6 +26,14 @@ __all__ = ["AuditHead", "AuditRecord", "PolicyVersion"]
 
 ACTIVE_STATES = frozenset({"pending", "running"})
 
+
+def holds_addresses(state: str, cloud: str) -> bool:
+    """Whether a record in ``state`` keeps its workload's addresses from any other: an on-premise
+    workload while registered (active), a cloud instance until terminated — a stopped instance
+    keeps its private address and takes it back when it starts."""
+    return state in ACTIVE_STATES or (cloud != "onprem" and state != "terminated")
+
+
 log = logging.getLogger("ringfence.store")
 
 INVENTORY_RECORDS_MISMATCHED = "InventoryRecordsMismatched"
@@ -82,6 +90,35 @@ class AddressTaken(ConflictError):
     def __init__(self, taken: dict[str, str]) -> None:
         super().__init__("; ".join(f"{ip} is held by workload {owner}" for ip, owner in taken.items()))
         self.taken = taken
+
+
+class TooManyTogether(ValueError):
+    """:meth:`Store.observe_addressed` (DynamoDB): records that must be written in one transaction
+    (a workload and its address claims; records passing addresses among themselves) are more
+    items than one transaction takes (``limit``). Found before anything is written: nothing was.
+    ``groups``: the ids of each such group and its items."""
+
+    def __init__(self, groups: list[tuple[list[str], int]], limit: int) -> None:
+        super().__init__(
+            "; ".join(f"{', '.join(ids)}: {n} items written together" for ids, n in groups)
+            + f": more than one DynamoDB transaction takes ({limit})"
+        )
+        self.groups = groups
+        self.limit = limit
+
+
+class PartlyWritten(RuntimeError):
+    """:meth:`Store.observe_addressed` (DynamoDB, one transaction per group): a group failed
+    (``cause``: another writer took an address or changed a record meanwhile, a throttle) after
+    the records ``written`` were (``changed``: those whose cloud view changed)."""
+
+    def __init__(self, written: list[str], changed: set[str], cause: BaseException) -> None:
+        super().__init__(
+            f"{len(written)} record(s) written before a later group failed: {type(cause).__name__}: {cause}"
+        )
+        self.written = written
+        self.changed = changed
+        self.cause = cause
 
 
 class InventoryRecord(BaseModel):
@@ -463,16 +500,19 @@ class Store(Protocol):
 
     def observe_addressed(self, recs: list[InventoryRecord]) -> set[str]:
         """:meth:`observe_many` for records whose addresses are theirs alone (on-premise
-        registrations): each active record's addresses must not be held by another active
-        workload, checked atomically with the write, so that two writers racing for one address
-        never both land. :class:`AddressTaken` when one is held (by a workload outside ``recs``, or
+        registrations): each active record's addresses must not be held by another workload
+        (:func:`holds_addresses`: an active one, or a cloud instance not terminated), checked
+        atomically with the write, so that two writers racing for one address never both land.
+        :class:`AddressTaken` when one is held (by a workload outside ``recs``, or
         given twice within them); an address may move between records of ``recs``. SQLite checks
         every active record in the write's transaction. DynamoDB keeps a claim item per address
         (state ``addrowner#<ip>``/``owner``), put in one transaction with the record, conditional
         on the claim read; it holds only for writes through here, so the caller still checks the
         inventory first (records stored before the claims, cloud instances). A tombstone releases
         its claims. SQLite writes all records in one transaction; DynamoDB one transaction per
-        group of records that pass addresses among themselves."""
+        group of records that pass addresses among themselves: :class:`TooManyTogether`, nothing
+        written, when a group is more than one transaction takes, and :class:`PartlyWritten`
+        when a group fails after others were written."""
         ...
 
     def all_records(self) -> list[InventoryRecord]: ...

@@ -56,7 +56,9 @@ from ringfence.store.base import (
     LaunchHold,
     MovedRecord,
     NotTheNamedKey,
+    PartlyWritten,
     PolicyVersion,
+    TooManyTogether,
     Unread,
     agent_key_fingerprint_of,
     check_hold_fields,
@@ -1126,9 +1128,25 @@ class DynamoStore:
         taken = _taken(recs, claims, holders)
         if taken:
             raise AddressTaken(taken)
+        # every group sized before anything is written: a file with one group too large for a
+        # transaction is refused whole, not after the groups before it were written
+        over = [
+            (sorted(rec.id for rec in group), n)
+            for group in groups
+            if (n := _transaction_items(group, claims)) > TRANSACT_ITEMS
+        ]
+        if over:
+            raise TooManyTogether(over, TRANSACT_ITEMS)
         changed: set[str] = set()
+        written: list[str] = []
         for group in groups:
-            changed |= self._observe_group(group, stored, claims, holders)
+            try:
+                changed |= self._observe_group(group, stored, claims, holders)
+            except Exception as exc:
+                if written:  # a race after the checks above: say what stands
+                    raise PartlyWritten(written, changed, exc) from exc
+                raise
+            written += [rec.id for rec in group]
         return changed
 
     def _observe_group(
@@ -1178,11 +1196,8 @@ class DynamoStore:
                         # holding the address) when the claim moves
                         checked.add(owner)
                         items.append({"ConditionCheck": self._unchanged(owner, holders.get(owner))})
-            if len(items) > 100:
-                raise ValueError(
-                    f"{', '.join(sorted(ids))}: {len(items)} records and addresses move together, more than one "
-                    "DynamoDB transaction takes (100): register them in smaller steps"
-                )
+            if len(items) > TRANSACT_ITEMS:  # claims read again since the sizing left behind by others
+                raise TooManyTogether([(sorted(ids), len(items))], TRANSACT_ITEMS)
             try:
                 self.inventory.meta.client.transact_write_items(TransactItems=items)
             except ClientError as exc:
@@ -1624,6 +1639,22 @@ CLAIM = "addrowner#"  # + an address: the state item naming the workload that ho
 def _addresses(rec: InventoryRecord) -> list[str]:
     """The addresses ``rec`` holds once written (none unless active)."""
     return list(dict.fromkeys(rec.workload.ips)) if rec.state in ACTIVE_STATES else []
+
+
+TRANSACT_ITEMS = 100  # the most items one TransactWriteItems takes
+
+
+def _transaction_items(group: list[InventoryRecord], claims: dict[str, str]) -> int:
+    """The items :meth:`DynamoStore._observe_group` writes ``group`` with, by the claims read: a
+    record each, a claim per address, a check per other workload whose claim left behind moves."""
+    ids = {rec.id for rec in group}
+    owners = {
+        owner
+        for rec in group
+        for ip in _addresses(rec)
+        if (owner := claims.get(ip)) is not None and owner not in ids and owner != rec.id
+    }
+    return len(group) + sum(len(_addresses(rec)) for rec in group) + len(owners)
 
 
 def _moving_together(recs: list[InventoryRecord], stored: dict[str, InventoryRecord]) -> list[list[InventoryRecord]]:

@@ -1127,18 +1127,21 @@ def _pointer_of(row: tuple[str, int | None]) -> BundlePointer:
     return ptr
 
 
-# the active records' addresses among those asked for, and any stored with a zone index (before
-# addresses were read without one: normalised here as Workload normalises them on read); a row
-# holding another workload is no record (names_its_key)
+# the addresses among those asked for of the records holding theirs (holds_addresses: active, or
+# a cloud instance not terminated: a stopped one keeps its address), and any stored with a zone
+# index (before addresses were read without one: normalised here as Workload normalises them on
+# read); a row holding another workload is no record (names_its_key)
 _ADDRESS_HOLDERS = (
     "SELECT i.id, j.value FROM inventory i, json_each(i.workload, '$.ips') j "
-    "WHERE i.state IN ('pending', 'running') AND json_extract(i.workload, '$.id') = i.id "
+    "WHERE (i.state IN ('pending', 'running') OR (i.state != 'terminated' "
+    "AND coalesce(json_extract(i.workload, '$.cloud'), 'onprem') != 'onprem')) "
+    "AND json_extract(i.workload, '$.id') = i.id "
     "AND (j.value IN (SELECT value FROM json_each(?)) OR instr(j.value, '%') > 0) ORDER BY i.id"
 )
 
 
 def _held_elsewhere(db: sqlite3.Connection, recs: list[InventoryRecord]) -> dict[str, str]:
-    """Address → the active workload outside ``recs`` that holds it (or the first of ``recs``
+    """Address → the workload outside ``recs`` that holds it (or the first of ``recs``
     giving it, for one given twice), for the addresses of ``recs``' active records."""
     wanted: dict[str, str] = {}
     taken: dict[str, str] = {}
