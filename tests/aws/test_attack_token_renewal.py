@@ -26,6 +26,7 @@ from tests.aws.conftest import Env
 from tests.aws.test_agent_api import auth, register_onprem
 from tests.aws.test_attack_enroll import audits, bundle_status, refresh
 from tests.aws.test_pipeline import AgentKey, agent_key, boot, enroll_iid
+from tests.tokenage import DUE, TOKEN_TTL, age
 
 WID = "dc1-db-1"
 
@@ -49,6 +50,7 @@ def enrolled(env: Env) -> tuple[str, str]:
 
 def test_a_valid_token_renews_without_a_nonce_and_the_previous_one_is_revoked(env: Env) -> None:
     web, token = enrolled(env)
+    age(env.store, web, token)
     status, _, body = renew(env, web, agent_key(web), token)
     assert status == 200, body
     assert body["workload_id"] == web and body["token"] != token
@@ -69,6 +71,7 @@ def test_attack_a_replayed_renewal_proof_is_refused(env: Env) -> None:
     Also while the token it was made over is still the current one: a proof refused once it was
     claimed (its workload stopped then) is not good again once the workload runs."""
     web, token = enrolled(env)
+    age(env.store, web, token)
     at = int(time.time())
     env.ec2.stop_instances(InstanceIds=[web])
     env.put(env.state_event(web, "stopped"))
@@ -83,6 +86,7 @@ def test_attack_a_replayed_renewal_proof_is_refused(env: Env) -> None:
     assert status == 401 and "already" in body["detail"], body
     status, fresh = refresh(env, web, agent_key(web))  # the nonce path renews it
     assert status == 200, fresh
+    age(env.store, web, fresh["token"])
     status, _, first = renew(env, web, agent_key(web), fresh["token"], at)
     assert status == 200, first
     status, _, body = renew(env, web, agent_key(web), fresh["token"], at)
@@ -106,6 +110,7 @@ def test_attack_a_renewal_proof_over_another_token_is_refused(env: Env) -> None:
     assert renew(env, web, agent_key(web), other)[0] == 401
     assert renew(env, web, agent_key(db), other)[0] == 401
     # the honest renewal goes through
+    age(env.store, web, current["token"])
     status, _, body = renew(env, web, agent_key(web), current["token"])
     assert status == 200, body
 
@@ -118,6 +123,7 @@ def test_attack_a_renewal_proof_outside_the_time_window_is_refused(env: Env) -> 
     for at in (now - REFRESH_WINDOW - 30, now + REFRESH_WINDOW + 30):
         status, _, body = renew(env, web, agent_key(web), token, at)
         assert status == 401 and "off this clock" in body["detail"], body
+    age(env.store, web, token)
     status, _, body = renew(env, web, agent_key(web), token, now - REFRESH_WINDOW + 60)
     assert status == 200, body
 
@@ -143,6 +149,7 @@ def test_attack_a_revoked_or_expired_token_cannot_renew_without_a_nonce(env: Env
     assert renew(env, web, agent_key(web), current)[0] == 401
     status, fresh = refresh(env, web, agent_key(web))  # the nonce path renews it
     assert status == 200, fresh
+    age(env.store, web, fresh["token"])
     assert renew(env, web, agent_key(web), fresh["token"])[0] == 200
     # a terminated workload's token
     token = enroll_iid(env, app)[1]["token"]
@@ -202,6 +209,7 @@ def test_attack_a_nonce_flood_does_not_stop_a_valid_tokens_renewal(
 
         nonce_flood.set()
         assert httpx.get(f"{running.url}/v1/nonce", timeout=10).status_code >= 500, "no nonce to be had"
+        age(env.store, WID, first)
         src.renew_at = time.time() - 1  # 4/5 of its lifetime went by: due for renewal, still valid
         src.bundle()
         assert src.token != first, "renewed during the flood"
@@ -265,3 +273,77 @@ def test_attack_a_throttled_token_route_neither_stops_calls_with_a_valid_token_n
         src.renew_at = time.time() - 1
         src.bundle()  # no Unreachable: the call went on with the token held
         assert src.token == second and env.store.token_workload(secret_hash(second or "")) == WID
+
+
+def _written(env: Env) -> tuple[int, int]:
+    """The state table's token items and renewal claims (what each renewal by token writes)."""
+    items = env.ddb.Table("rf-state").scan(ProjectionExpression="pk")["Items"]
+    tokens = sum(str(i["pk"]).startswith("token#") for i in items)
+    return tokens, sum(str(i["pk"]).startswith("once#refresh:") for i in items)
+
+
+def test_attack_a_workload_cannot_loop_token_renewals(
+    env: Env, nonce_flood: threading.Event, aws_wiring: Callable[[], Any], tmp_path: Path
+) -> None:
+    """A host holding its agent key and a token renews by token back to back. That renewal is
+    left out of the per-address limits (the web ACL's rule, serve's), and each one issues a fresh
+    token, so the once-per-token claim never stopped the next: 50 renewals in 5 s from one
+    address, each writing a token, a claim and a ``token.refresh`` audit record (a link of the
+    one audit chain, a SIEM event). Now a token less than half its lifetime old is refused 429
+    with Retry-After (the seconds until it may renew) before any write; the real agent renews
+    at four fifths of the lifetime and is never refused. The real agent's client against the
+    real routes (``ringfence serve`` over the moto-backed AWS wiring)."""
+    from ringfence_agent import enroll
+    from ringfence_agent.sources import ApiSource
+    from ringfence_agent.state import StateDir
+
+    register_onprem(env, WID, "192.168.10.5")
+    status, _, key = env.rest("admin", "POST", "/admin/pairing-keys", {"workload_id": WID, "uses": 1, "ttl": 600})
+    assert status == 201, key
+    admin = tmp_path / "admin-tokens"
+    admin.write_text(serve.new_admin_token("a", ["reader"])[1] + "\n")
+    with serve.serving(serve.ServeApp.over(aws_wiring(), serve.AdminTokens.load(admin))) as running:
+        src = ApiSource(running.url, WID, enroll.pairing(WID, key["pairing_key"]), StateDir(tmp_path / "st"), 10, 10)
+        src.bundle()  # enrolls
+        enrolled_token = src.token or ""
+
+        def by_token(token: str) -> httpx.Response:  # what the agent's own renewal sends
+            at = int(time.time())
+            sig = src.key.prove_token(WID, token, at)
+            return httpx.post(
+                f"{running.url}/v1/agents/{WID}/token",
+                json={"time": at, "signature": sig},
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=10,
+            )
+
+        # right after enrolling: too early, nothing written, the token held still works
+        before, audited = _written(env), len(env.store.audit_log())
+        refused = by_token(enrolled_token)
+        assert refused.status_code == 429, refused.text
+        assert TOKEN_TTL // 2 - 60 <= int(refused.headers["Retry-After"]) <= TOKEN_TTL // 2, refused.headers
+        assert not src._refresh_by_token(enrolled_token), "the agent's own renewal call is refused too"
+        assert _written(env) == before and len(env.store.audit_log()) == audited
+        assert not env.store.claimed(f"refresh:{secret_hash(enrolled_token)}")
+        assert src.token == enrolled_token and env.store.token_workload(secret_hash(enrolled_token)) == WID
+
+        # the honest renewal, due at four fifths of the lifetime: by token, as before
+        age(env.store, WID, enrolled_token, DUE)
+        src.renew_at = time.time() - 1
+        src.bundle()
+        renewed = src.token or ""
+        assert renewed != enrolled_token and env.store.token_workload(secret_hash(renewed)) == WID
+        assert [r.detail.get("proof") for r in audits(env, "token.refresh", WID)] == ["token"]
+
+        # then back to back with the fresh token: every one refused, before any write
+        before, audited = _written(env), len(env.store.audit_log())
+        answers = [by_token(renewed) for _ in range(20)]
+        assert {a.status_code for a in answers} == {429}, {a.status_code for a in answers}
+        assert all(int(a.headers["Retry-After"]) > TOKEN_TTL // 2 - 60 for a in answers)
+        assert not any(src._refresh_by_token(renewed) for _ in range(5))
+        assert _written(env) == before, "no token item and no claim written"
+        assert len(env.store.audit_log()) == audited, "no audit record"
+        assert len(audits(env, "token.refresh", WID)) == 1
+        assert env.store.token_workload(secret_hash(renewed)) == WID, "the token held goes on working"
+        src.bundle()
+        assert src.token == renewed

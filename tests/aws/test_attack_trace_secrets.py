@@ -21,6 +21,7 @@ from tests.aws.test_agent_api import register_onprem
 from tests.aws.test_attack_token_renewal import renew
 from tests.aws.test_pipeline import agent_key, boot, enroll_iid
 from tests.aws.test_static import hcl, template
+from tests.tokenage import age
 
 
 @pytest.fixture
@@ -75,6 +76,7 @@ def test_attack_no_token_or_pairing_key_reaches_the_traces(env: Env, xray: socke
     _sent(xray)
     status, body = enroll_iid(env, web)
     assert status == 200, body
+    age(env.store, web, body["token"])  # renewable by token (half its lifetime gone)
     status, _, renewed = renew(env, web, agent_key(web), body["token"])
     assert status == 200, renewed
     status, _, pk = env.rest("admin", "POST", "/admin/pairing-keys", {"workload_id": "dc1-db-1", "uses": 1, "ttl": 600})

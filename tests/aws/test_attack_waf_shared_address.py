@@ -31,6 +31,7 @@ from tests.aws.test_attack_enroll import audits, nonce
 from tests.aws.test_attack_token_renewal import enrolled
 from tests.aws.test_pipeline import agent_key
 from tests.aws.webacl import Request, WebAcl, WebAclStandIn, cfn_web_acl, tf_web_acl
+from tests.tokenage import age
 
 WID = "dc1-db-1"
 LIMIT = 10  # the parameter's least value (MinValue), so the flood stays small
@@ -122,7 +123,8 @@ def test_attack_a_nonce_flood_behind_a_shared_address_does_not_stop_valid_tokens
     assert blocked.status_code == 429 and blocked.headers["retry-after"] == "300"
     held = first
     for _ in range(3):
-        src.renew_at = time.time() - 1  # 4/5 of its lifetime went by: due, still valid
+        age(env.store, WID, held)  # 4/5 of its lifetime went by: due, still valid
+        src.renew_at = time.time() - 1
         src.bundle()
         assert src.token != held, "renewed behind the blocked address"
         assert env.store.token_workload(secret_hash(held)) is None

@@ -328,6 +328,18 @@ def test_tokens_name_their_workload_until_they_expire(store: Store) -> None:
     assert store.token_workload("h2") is None and store.token_workload("nope") is None
 
 
+def test_a_tokens_expiry_is_read_until_it_expires(store: Store) -> None:
+    """How far into its lifetime a token is (the renewal by token waits for half of it)."""
+    now = time.time()
+    store.put_token("h1", "w1", 600)
+    store.put_token("h2", "w2", -1)
+    expires = store.token_expires("h1")
+    assert expires is not None and now + 598 <= expires <= time.time() + 600
+    assert store.token_expires("h2") is None and store.token_expires("nope") is None
+    store.put_token("h1", "w1", 60)  # the same token written again: its new expiry
+    assert (store.token_expires("h1") or 0) <= time.time() + 60
+
+
 def test_one_active_token_per_workload_and_revocation(store: Store) -> None:
     store.put_token("old", "w1", 60)
     store.put_token("other", "w2", 60)

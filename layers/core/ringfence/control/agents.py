@@ -7,6 +7,7 @@ import contextlib
 import ipaddress
 import itertools
 import json
+import math
 import secrets
 import threading
 import time
@@ -62,6 +63,11 @@ _GRANT: ContextVar[Grant | None] = ContextVar("ringfence_agent_grant", default=N
 
 # how far (s) a renewal-by-token proof's time may be from this clock (the agents' clock skew)
 REFRESH_WINDOW = 300
+# the share of a token's lifetime that must have gone by before it renews by token: each renewal
+# issues a fresh token (so the once-per-token claim never stops the next one) and writes a token,
+# a claim and an audit record, and that renewal is left out of the per-address limits (the WAF
+# rule, serve's). The agent renews at 4/5 of the lifetime, so it is never refused for this.
+RENEW_AFTER_SHARE = 0.5
 
 FLOW_SYNC_MAX_AGE = 30.0  # seconds between full passes over address owners while compute is quiet
 
@@ -243,9 +249,11 @@ class AgentApi:
         cannot let working agents' tokens lapse: the bearer is the workload's current token
         (unexpired, not revoked), the bound agent key signed
         :func:`~ringfence.agentwire.token_proof_message` over it and ``req.time``, that time is
-        within :data:`REFRESH_WINDOW` of this clock, and the proof is claimed once (a claim per
-        token: one such renewal of a token, however often it is replayed or raced). An expired
-        or revoked token renews over a nonce only."""
+        within :data:`REFRESH_WINDOW` of this clock, the token is at least
+        :data:`RENEW_AFTER_SHARE` of its lifetime old (else ``429`` with ``Retry-After``, before
+        any write), and the proof is claimed once (a claim per token: one such renewal of a token,
+        however often it is replayed or raced). An expired or revoked token renews over a nonce
+        only."""
         if not authorization or not authorization.startswith("Bearer "):
             return error(401, "token refused", "a renewal without a nonce needs the current token as the bearer")
         current = authorization.removeprefix("Bearer ").strip()
@@ -263,6 +271,9 @@ class AgentApi:
         except ProofError as exc:
             log.warning("token renewal of %s refused: %s", workload_id, exc)
             return error(401, "token refused", str(exc))
+        early = self._too_early(workload_id, held)
+        if early is not None:
+            return early
         # kept past the window on both sides of any time the proof can carry: once the claim is
         # gone, no proof over this token is within the window any more
         if not self.w.store.claim_once(f"refresh:{held}", 2 * REFRESH_WINDOW + 60):
@@ -272,6 +283,30 @@ class AgentApi:
         if gone:
             return error(401, "token refused", gone)
         return self._renewed(workload_id, pem, proof="token")
+
+    def _too_early(self, workload_id: str, held: str) -> Response | None:
+        """``429`` with ``Retry-After`` (the seconds until it may) for a token less than
+        :data:`RENEW_AFTER_SHARE` of its lifetime old, else None. One read. The age is the
+        lifetime configured now less the time the token has left: a lifetime lowered since the
+        token was issued makes it look younger (its agent renews over a nonce then)."""
+        expires = self.w.store.token_expires(held)
+        if expires is None:  # expired since it was read as current
+            return error(401, "token refused", f"not the current token of {workload_id}: renew over a nonce")
+        ttl = self.w.cfg.token_ttl
+        wait = math.ceil(expires - time.time() - ttl * (1 - RENEW_AFTER_SHARE))
+        if wait <= 0:
+            return None
+        log.warning(
+            "token renewal of %s refused: its token is not %g of its lifetime old", workload_id, RENEW_AFTER_SHARE
+        )
+        refused = error(
+            429,
+            "too early",
+            f"a token renews by token once {RENEW_AFTER_SHARE:g} of its lifetime ({ttl} s) has gone by: "
+            f"retry after {wait} s and call with the token held meanwhile",
+        )
+        refused.headers["Retry-After"] = str(wait)
+        return refused
 
     def _renewed(self, workload_id: str, pem: str, **detail: object) -> Response:
         key_id = credentials.agent_key_id(pem)

@@ -85,7 +85,14 @@ def agent_routes(service: Callable[[], AgentApi]) -> APIGatewayRestResolver:
         route_path("token"),
         summary="a fresh access token: a signature by the workload's bound agent key over a nonce, or over "
         "the current token (the bearer, still valid) and the time (revokes the previous token)",
-        responses=answers(agentapi.TokenResponse, errors=(401,)),
+        responses=answers(
+            agentapi.TokenResponse,
+            errors=(401, 429),
+            meaning={
+                429: "a renewal by token of a token less than half its lifetime old: retry after Retry-After "
+                "seconds, calling with the token held meanwhile"
+            },
+        ),
     )
     def token(wid: str, req: agentapi.TokenRequest) -> HttpResponse[str]:
         return http(service().refresh(wid, req, app.current_event.headers.get("Authorization")))

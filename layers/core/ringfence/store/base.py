@@ -632,6 +632,12 @@ class Store(Protocol):
         under is still bound; None otherwise."""
         ...
 
+    def token_expires(self, token_hash: str) -> float | None:
+        """When the token expires (epoch seconds) while it is unexpired, current or not; None
+        otherwise. A read, no write: how far into its lifetime a token is, for the renewal by
+        token (ringfence.control.agents)."""
+        ...
+
     def token_grant(self, token_hash: str, workload_id: str, with_enforcement: bool = False) -> Grant:
         """What an agent request for ``workload_id`` needs to be authorized, read together (every
         agent request asks): :meth:`token_workload` of the token and, when the token is that

@@ -739,6 +739,10 @@ class DynamoStore:
             return None
         return wid if token_key_holds(_token_key(item), self.agent_key(wid)) else None
 
+    def token_expires(self, token_hash: str) -> float | None:
+        item = self._get(f"token#{token_hash}", "token")
+        return float(item["ttl"]) if item is not None and "ttl" in item else None
+
     def token_grant(self, token_hash: str, workload_id: str, with_enforcement: bool = False) -> Grant:
         # one BatchGetItem for the five items (the token, the workload's current token, its bound
         # agent key, its bundle pointer, its inventory record) instead of five GetItems: one round

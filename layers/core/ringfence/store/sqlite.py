@@ -810,6 +810,14 @@ class SqliteStore:
         )
         return str(row[0]) if row and token_key_holds(row[1], row[2]) else None
 
+    def token_expires(self, token_hash: str) -> float | None:
+        row = (
+            self._db()
+            .execute("SELECT expires FROM token WHERE hash = ? AND expires >= ?", (token_hash, time.time()))
+            .fetchone()
+        )
+        return float(row[0]) if row else None
+
     def token_grant(self, token_hash: str, workload_id: str, with_enforcement: bool = False) -> Grant:
         owner = self.token_workload(token_hash)
         if owner != workload_id:
