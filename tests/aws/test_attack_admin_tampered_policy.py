@@ -55,4 +55,10 @@ def test_attack_a_tampered_active_policy_does_not_block_provisioning_a_good_one(
     after = env.bundle(db)
     assert after.policy_version == 2 and after.version > before.version, "compute enforces the new version"
     out = cli("audit", "verify", "--store", SPEC)
-    assert out.returncode == 0 and "ok: 2 record(s) chained" in out.stdout, (out.stdout, out.stderr)
+    actions = [r.action for r in env.store.audit_log()]
+    assert out.returncode == 0 and f"ok: {len(actions)} record(s) chained" in out.stdout, (
+        out.stdout,
+        out.stderr,
+        actions,
+    )
+    assert actions.count("policy.provision") == 2, actions

@@ -32,6 +32,7 @@ from tests.aws.test_attack_token_renewal import renew
 from tests.aws.test_lifecycle_gate import heartbeat, launch
 from tests.aws.test_pipeline import AgentKey, _scheduled, agent_key, boot, enroll_iid, enroll_instance, iid_document
 from tests.aws.test_static import cfn_conditions, hcl, template, tf_conditions
+from tests.tokenage import age
 
 ROOT = Path(__file__).resolve().parents[2]
 TABLES = {f"rf-{t}": t for t in ("state", "inventory", "audit", "idempotency")}
@@ -368,6 +369,7 @@ def test_every_write_the_agent_api_makes_is_allowed_and_steering_writes_are_not(
     assert env.rest("agentapi", "POST", f"/v1/agents/{new}/reports", {"flows": [], "drops": []}, headers=auth)[0] == 202
     env.store.set_liveness(new, offline=True)
     heartbeat(env, new, token, ptr.version)  # back online
+    age(env.store, new, token)  # renewable by token (half its lifetime gone; the test's own write)
     assert renew(env, new, agent_key(new), token)[0] == 200  # a renewal without a nonce: its once-claim
     running = env.ec2.describe_instances(Filters=[{"Name": "instance-state-name", "Values": ["running"]}])
     web = next(i["InstanceId"] for r in running["Reservations"] for i in r["Instances"] if i["InstanceId"] != new)
