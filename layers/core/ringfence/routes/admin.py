@@ -28,7 +28,7 @@ from ringfence.control.api import Response, error
 from ringfence.control.findings import DEFAULT_BOUND, FindingsResponse
 from ringfence.control.governance import NotQueued, bind_labels, unbind_labels
 from ringfence.governance import NotGranted
-from ringfence.store.base import ConflictError
+from ringfence.store.base import ConflictError, InventoryRecord
 
 from .common import answers, http, resolver
 
@@ -44,6 +44,20 @@ NOT_QUEUED = (
     "revocation naming no grant, nothing was changed by this request) but bundles and peers' sets do not "
     "follow the stored grants yet; send the same request again"
 )
+
+
+def grants_answer(wid: str, rec: InventoryRecord, audit_id: str, **extra: object) -> Response:
+    """A binding's or revocation's 200: the workload's grants and labels after it (``extra``: what
+    the route adds, in front of them)."""
+    body = {
+        "workload_id": wid,
+        **extra,
+        "label_grants": dict(rec.workload.label_grants),
+        "labels": rec.labels,
+        "held": rec.workload.held_labels is not None,
+        "audit_id": audit_id,
+    }
+    return Response(200, body)
 
 
 def not_queued(done: str, exc: NotQueued) -> Response:
@@ -258,14 +272,7 @@ def admin_routes(
             return http(error(409, "workload changed meanwhile", str(exc)))
         except NotQueued as exc:
             return http(not_queued("bound", exc))
-        body = {
-            "workload_id": wid,
-            "label_grants": dict(rec.workload.label_grants),
-            "labels": rec.labels,
-            "held": rec.workload.held_labels is not None,
-            "audit_id": audit_id,
-        }
-        return http(Response(200, body))
+        return http(grants_answer(wid, rec, audit_id))
 
     @app.delete(
         "/admin/workloads/<wid>/labels",
@@ -300,15 +307,7 @@ def admin_routes(
             return http(error(409, "workload changed meanwhile", str(exc)))
         except NotQueued as exc:
             return http(not_queued("revoked", exc))
-        body = {
-            "workload_id": wid,
-            "revoked": revoked,
-            "label_grants": dict(rec.workload.label_grants),
-            "labels": rec.labels,
-            "held": rec.workload.held_labels is not None,
-            "audit_id": audit_id,
-        }
-        return http(Response(200, body))
+        return http(grants_answer(wid, rec, audit_id, revoked=revoked))
 
     @app.post(
         "/admin/workloads/<wid>/quarantine",
