@@ -17,10 +17,11 @@ import yaml
 from ringfence.engine import Engine
 from ringfence.engine.explain import decide, labels_endpoint, workload_endpoint
 from ringfence.flows.ingest import FlowIngest
-from ringfence.flows.suggest import merged_policy, port_specs, suggest
+from ringfence.flows.suggest import _term, merged_policy, port_specs, suggest
 from ringfence.inventory import load_inventory
 from ringfence.policy import Policy, load_policy
 from ringfence.policytests import run_tests
+from ringfence.selectors import In, parse
 from ringfence.store.base import InventoryRecord
 from ringfence.store.sqlite import SqliteStore
 
@@ -74,6 +75,13 @@ def seen(tmp_path: Path) -> tuple[Path, str, Policy]:
 def test_ports_are_exact_and_ranges_only_where_every_port_was_seen() -> None:
     assert port_specs("tcp", [8445, 8444, 8447, 8444]) == ["tcp/8444-8445", "tcp/8447"]
     assert port_specs("udp", [53]) == ["udp/53"]
+
+
+@pytest.mark.parametrize("value", ["web", "a:b/c.d", "we b", "web\n", "it's"])
+def test_a_proposed_selector_term_names_exactly_the_value_seen(value: str) -> None:
+    """A value is written bare only when the whole of it is plain: 'web\n' bare parses as 'web'
+    (another workload's value); quoted it round-trips (a quote itself cannot be, and is dropped)."""
+    assert parse(_term("app", [value])) == In("app", frozenset({value.replace("'", "")}))
 
 
 def test_observed_flows_become_allowed_and_nothing_broader(seen: tuple[Path, str, Policy]) -> None:

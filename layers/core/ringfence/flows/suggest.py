@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 CROWN_JEWEL_VALUES = frozenset({"crown-jewel", "crown-jewels", "restricted"})
 _PORTED = ("tcp", "udp", "sctp")
 _NAME = re.compile(NAME_PATTERN)
-_PLAIN = re.compile(r"^[A-Za-z0-9_.:/-]+$")
+_PLAIN = re.compile(r"[A-Za-z0-9_.:/-]+")  # fullmatch: `$` would let a trailing newline through unquoted
 # More distinct ports than this from one reporter between the ends of one rule (a port scan, or
 # one host's reports naming every port) are one flagged observation, never a rule.
 MAX_PORTS = 32
@@ -236,7 +236,7 @@ class Suggestion:
 
 
 def _value(v: str) -> str:
-    return v if _PLAIN.match(v) else "'" + v.replace("'", "") + "'"
+    return v if _PLAIN.fullmatch(v) else "'" + v.replace("'", "") + "'"
 
 
 def _term(dim: str, values: Iterable[str]) -> str:
