@@ -11,6 +11,7 @@ binding is how an administrator approves it when no tagger made the change."""
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -269,28 +270,10 @@ def test_a_binding_landing_while_ingest_or_reconcile_decides_is_kept(env: Env, w
     est = held_estate(env)
     dev = est["dev"]
     env.bind(AUTHORS, ["policy-author"])
-    answers: list[tuple[int, Any]] = []
-    inside = [False]
-
-    def bind_first(params: dict[str, Any], **_: Any) -> None:
-        key = params.get("Key", {}).get("id")
-        if inside[0] or answers or params.get("TableName") != "rf-inventory" or key not in (dev, {"S": dev}):
-            return
-        if "workload = :w" not in str(params.get("UpdateExpression")):
-            return
-        inside[0] = True
-        try:  # the function has read the record and decided: now the administrator binds
-            answers.append(bind(env, dev, {"labels": GRANT, "reason": "CHG-10 bastion"}))
-        finally:
-            inside[0] = False
-
-    env.load_functions()  # cold starts: the handlers' clients, made after the hook, carry it
-    env.hook("before-parameter-build.dynamodb.UpdateItem", bind_first)
-    if writer == "ingest":
-        env.put(env.state_event(dev, "running"))
-        env.drain("ingest", "ingest")
-    else:
-        env.fn["reconcile"].handler(_scheduled(), _ctx())
+    # the function has read the record and decided: now the administrator binds
+    answers = _between_read_and_write(
+        env, dev, writer, lambda: bind(env, dev, {"labels": GRANT, "reason": "CHG-10 bastion"})
+    )
     assert [status for status, _ in answers] == [200], answers
     rec = env.store.get(dev)
     assert rec.workload.label_grants == GRANT, "the grant survived the observation"
@@ -475,28 +458,9 @@ def test_a_revocation_landing_while_ingest_or_reconcile_decides_is_kept(env: Env
     grant does not come back, and compute takes the jumpbox's SSH access away."""
     est = bound_jumpbox(env)
     dev = est["dev"]
-    answers: list[tuple[int, Any]] = []
-    inside = [False]
-
-    def unbind_first(params: dict[str, Any], **_: Any) -> None:
-        key = params.get("Key", {}).get("id")
-        if inside[0] or answers or params.get("TableName") != "rf-inventory" or key not in (dev, {"S": dev}):
-            return
-        if "workload = :w" not in str(params.get("UpdateExpression")):
-            return
-        inside[0] = True
-        try:  # the function has read the record and decided: now the policy author revokes
-            answers.append(unbind(env, dev, {"dimensions": ["role", "app"], "reason": "CHG-15 retired"}))
-        finally:
-            inside[0] = False
-
-    env.load_functions()  # cold starts: the handlers' clients, made after the hook, carry it
-    env.hook("before-parameter-build.dynamodb.UpdateItem", unbind_first)
-    if writer == "ingest":
-        env.put(env.state_event(dev, "running"))
-        env.drain("ingest", "ingest")
-    else:
-        env.fn["reconcile"].handler(_scheduled(), _ctx())
+    # the function has read the record and decided: now the policy author revokes
+    revoke = {"dimensions": ["role", "app"], "reason": "CHG-15 retired"}
+    answers = _between_read_and_write(env, dev, writer, lambda: unbind(env, dev, revoke))
     assert [status for status, _ in answers] == [200], answers
     rec = env.store.get(dev)
     assert rec.workload.label_grants == {}, "the observation did not put the grant back"
@@ -599,3 +563,33 @@ def test_a_binding_whose_compute_message_failed_is_answered_and_queued_again(env
     assert len(bindings(env)) == 2 and env.count("compute") >= 1
     env.pump()
     assert all(ssh_peers(env, est).values()) and ssh_out(env, est)
+
+
+def _between_read_and_write(
+    env: Env, dev: str, writer: str, act: Callable[[], tuple[int, Any]]
+) -> list[tuple[int, Any]]:
+    """Run ``writer`` (ingest of an instance event, or a reconcile pass) on ``dev`` and call ``act``
+    once, between its read of the record and its write of the observation; ``act``'s answers."""
+    answers: list[tuple[int, Any]] = []
+    inside = [False]
+
+    def act_first(params: dict[str, Any], **_: Any) -> None:
+        key = params.get("Key", {}).get("id")
+        if inside[0] or answers or params.get("TableName") != "rf-inventory" or key not in (dev, {"S": dev}):
+            return
+        if "workload = :w" not in str(params.get("UpdateExpression")):
+            return
+        inside[0] = True
+        try:
+            answers.append(act())
+        finally:
+            inside[0] = False
+
+    env.load_functions()  # cold starts: the handlers' clients, made after the hook, carry it
+    env.hook("before-parameter-build.dynamodb.UpdateItem", act_first)
+    if writer == "ingest":
+        env.put(env.state_event(dev, "running"))
+        env.drain("ingest", "ingest")
+    else:
+        env.fn["reconcile"].handler(_scheduled(), _ctx())
+    return answers
