@@ -13,7 +13,6 @@ import sys
 import time
 from typing import Any
 
-import boto3
 import pytest
 
 from ringfence.audit import AuditRecord
@@ -254,17 +253,11 @@ def test_a_scale_out_is_one_record_its_instances_capped_with_their_count(configu
 def test_the_perimeter_sends_its_records_to_the_siem(configured: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     """``RINGFENCE_SIEM`` in the perimeter function: each perimeter.apply record goes to the
     stack's EventBridge bus as OCSF API Activity (Update), as the other functions' records."""
+    from tests.aws.test_siem_lambda import siem_sink
     from tests.siem.test_siem import validate
 
     env = configured
-    events, sqs = boto3.client("events"), boto3.client("sqs")
-    events.create_event_bus(Name="rf-siem")
-    q = sqs.create_queue(QueueName="siem-sink")["QueueUrl"]
-    arn = sqs.get_queue_attributes(QueueUrl=q, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    events.put_rule(Name="ocsf", EventBusName="rf-siem", EventPattern=json.dumps({"source": ["ringfence"]}))
-    events.put_targets(Rule="ocsf", EventBusName="rf-siem", Targets=[{"Id": "q", "Arn": arn}])
-    monkeypatch.setenv("RINGFENCE_SIEM", "eventbridge:rf-siem")
-    env.load_functions()  # the functions' wiring reads the environment when first used
+    sqs, q = siem_sink(env, monkeypatch)
     boot(env)
     got: list[dict[str, Any]] = []
     deadline = time.time() + 20

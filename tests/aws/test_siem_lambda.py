@@ -15,8 +15,9 @@ from tests.aws.test_pipeline import boot
 from tests.siem.test_siem import validate
 
 
-def test_the_admin_function_sends_its_audit_records_to_eventbridge(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    est = boot(env)
+def siem_sink(env: Env, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, str]:
+    """The stack's SIEM bus (``RINGFENCE_SIEM``) with a rule sending Ringfence's events to an SQS
+    queue the test reads; the functions load again to take the setting. (sqs client, queue url)"""
     events, sqs = boto3.client("events"), boto3.client("sqs")
     events.create_event_bus(Name="rf-siem")
     q = sqs.create_queue(QueueName="siem-sink")["QueueUrl"]
@@ -25,6 +26,12 @@ def test_the_admin_function_sends_its_audit_records_to_eventbridge(env: Env, mon
     events.put_targets(Rule="ocsf", EventBusName="rf-siem", Targets=[{"Id": "q", "Arn": arn}])
     monkeypatch.setenv("RINGFENCE_SIEM", "eventbridge:rf-siem")
     env.load_functions()  # the functions' wiring reads the environment when first used
+    return sqs, q
+
+
+def test_the_admin_function_sends_its_audit_records_to_eventbridge(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    est = boot(env)
+    sqs, q = siem_sink(env, monkeypatch)
     db = est["ids"]["db"][0]
     status, _, body = env.rest("admin", "POST", f"/admin/workloads/{db}/quarantine", {"reason": "IR-3"})
     assert status == 200, body
