@@ -16,7 +16,7 @@ from ringfence.flows.aggregate import merge
 from ringfence.local.wiring import LocalWiring
 from ringfence.siem import Siem
 from tests.onprem.conftest import policy_files
-from tests.onprem.test_attack_flow_reports import _enroll
+from tests.onprem.test_attack_flow_reports import _enroll, cli_ingest_archived
 from tests.onprem.test_attack_pairing_keys import WID, Plane
 
 ME, DB, PROC = "192.168.30.41", "192.168.10.31", "192.168.10.21"  # the attacker WID, dc1-db-1, dc1-proc-1
@@ -155,17 +155,7 @@ def test_attack_a_drop_reported_with_the_wrong_direction_is_refused(wiring: Loca
     assert row.reported_by == ["dst"] and row.reporters == [WID], row
 
     # an archived batch (written before the route checked) read by the CLI: the turned records are not taken
-    batch = tmp_path / "reports" / WID / "2026" / "12" / "06" / "b.json"
-    batch.parent.mkdir(parents=True)
-    batch.write_text(json.dumps({**turned, "flows": [*turned["flows"], _flow(ME, PROC, 4448, "outbound")]}))
-    policy = tmp_path / "policy"
-    policy.mkdir()
-    for name, text in policy_files().items():
-        (policy / name).write_text(text)
-    store = f"sqlite:{wiring.state_dir / 'state.db'}"
-    out = subprocess.run([sys.executable, "-m", "ringfence.cli", "flows", "ingest", "--store", store,
-                          "--policy", str(policy), str(batch)], capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert out.returncode == 0, out.stderr
+    cli_ingest_archived(wiring, tmp_path, {**turned, "flows": [*turned["flows"], _flow(ME, PROC, 4448, "outbound")]})
     rows = {r.port: r for r in merge(wiring.store.flow_rows())}
     assert not {4445, 4446, 4447} & set(rows) and rows[4444].flows == 1, rows
     assert rows[4448].reported_by == ["src"] and rows[4448].src == WEB, rows

@@ -230,18 +230,8 @@ def test_attack_a_flow_end_far_ahead_or_before_its_start_is_refused(wiring: Loca
         assert st == 422, (end, st, b)
     assert not wiring.store.flow_rows()
     # an archived batch (written before the route checked) read by the CLI: the end ahead is not taken
-    batch = tmp_path / "reports" / WID / "2026" / "12" / "06" / "b.json"
-    batch.parent.mkdir(parents=True)
     ahead = {**_flow(now, "192.168.30.41", "192.168.10.21", 8443), "end": now + 3600}
-    batch.write_text(json.dumps({"flows": [ahead, _flow(now, "192.168.30.41", "192.168.10.21", 8444)]}))
-    policy = tmp_path / "policy"
-    policy.mkdir()
-    for name, text in policy_files().items():
-        (policy / name).write_text(text)
-    store = f"sqlite:{wiring.state_dir / 'state.db'}"
-    out = subprocess.run([sys.executable, "-m", "ringfence.cli", "flows", "ingest", "--store", store,
-                          "--policy", str(policy), str(batch)], capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert out.returncode == 0, out.stderr
+    cli_ingest_archived(wiring, tmp_path, {"flows": [ahead, _flow(now, "192.168.30.41", "192.168.10.21", 8444)]})
     rows = merge(wiring.store.flow_rows())
     assert [r.port for r in rows] == [8444] and rows[0].last_seen <= now + 1, rows
 
@@ -303,3 +293,19 @@ def test_attack_a_host_registered_before_its_address_owner_left_dates_no_flow_in
     assert st == 202, b
     rows = {r.port: r for r in merge(wiring.store.flow_rows())}
     assert 8091 not in rows and rows[8092].src == "env=prod,loc=ca,role=web", rows
+
+
+def cli_ingest_archived(wiring: LocalWiring, tmp_path: Path, report: dict[str, Any]) -> None:
+    """``report`` archived as WID's batch (written before the route checked), then read by the
+    real CLI's ``flows ingest`` into the wiring's store (the onprem policy)."""
+    batch = tmp_path / "reports" / WID / "2026" / "12" / "06" / "b.json"
+    batch.parent.mkdir(parents=True)
+    batch.write_text(json.dumps(report))
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    for name, text in policy_files().items():
+        (policy / name).write_text(text)
+    store = f"sqlite:{wiring.state_dir / 'state.db'}"
+    out = subprocess.run([sys.executable, "-m", "ringfence.cli", "flows", "ingest", "--store", store,
+                          "--policy", str(policy), str(batch)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
