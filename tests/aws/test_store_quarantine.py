@@ -5,9 +5,6 @@ it. Writing the record, as code in an event-fed role can, releases nothing."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
 from ringfence.engine.compiler import Engine
@@ -17,18 +14,9 @@ from ringfence.store.base import InventoryRecord, Store
 from ringfence.store.dynamodb import DynamoStore
 from ringfence.store.sqlite import SqliteStore
 from tests.aws.conftest import POLICY_DIR
-from tests.aws.test_store import WID, make_dynamo, rec
+from tests.aws.test_store import WID, rec, store
 
-
-@pytest.fixture(params=["dynamodb", "sqlite"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "dynamodb":
-        yield make_dynamo(request.getfixturevalue("moto_url"))
-    else:
-        st = SqliteStore(tmp_path / "state.db")
-        yield st
-        assert st.integrity_check() == "ok"
-        st.close()
+__all__ = ["store"]  # the fixture (both stores), used by name
 
 
 def write_mark(store: Store, wid: str, on: bool) -> None:
