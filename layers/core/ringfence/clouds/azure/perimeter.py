@@ -37,6 +37,12 @@ to what it holds then, and it is written with ``If-Match`` its etag. Another tea
 meanwhile is kept; one made between that read and the write is refused by ARM (412) and the NIC is
 read and tried once more. A NIC that now needs a change the audit record does not list (or is
 gone, or keeps changing) is left for the next run, with a warning (:attr:`AzurePerimeterResult.skipped`).
+
+An ASG or NSG is created with ``If-None-Match: *`` (:meth:`AzurePerimeter._create`): one of the same
+name made by someone else after the run read the resource group is never replaced nor taken over.
+ARM refuses the create (412); the resource is read, used if it is ours (another run's: tagged and
+named so; an NSG's rules it does not want are left for the next run, not in this run's record),
+else the run stops there, before any NIC is written (NameTaken).
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from azure.core.exceptions import ResourceModifiedError
+from azure.core.exceptions import HttpResponseError, ResourceModifiedError, ResourceNotFoundError
 from azure.mgmt.network.models import ApplicationSecurityGroup, NetworkInterface, NetworkSecurityGroup, SecurityRule
 
 from ringfence.perimeter import (
@@ -440,11 +446,15 @@ class AzurePerimeter:
                 taken[rg].add(name)
                 continue
             nsgs[(rg, name)] = data["id"]
-            rules[(rg, name)] = {
-                str(rw["name"]): rw.get("properties") or {}
-                for rw in (wire(r) for r in self.arm.network.security_rules.list(rid.group, name))
-            }
+            rules[(rg, name)] = self._rules(rid.group, name)
         return nsgs, rules
+
+    def _rules(self, group: str, nsg: str) -> dict[str, dict[str, Any]]:
+        """Every rule in the NSG, rule name → properties as stored."""
+        return {
+            str(rw["name"]): rw.get("properties") or {}
+            for rw in (wire(r) for r in self.arm.network.security_rules.list(group, nsg))
+        }
 
     def _want(self, ds: DesiredState, asgs: dict[tuple[str, str], str], locations: dict[str, str]) -> Want:
         """Per (resource group, NSG name): the NSG's rules as they must be, name → (group, plan rule,
@@ -514,12 +524,16 @@ class AzurePerimeter:
                 if self._ahead:  # ARM ids are known before a resource exists
                     asgs[key] = f"{_asg_prefix(self.arm.subscription, g.network)}{g.name}"
                 else:
-                    made = net_ops.application_security_groups.begin_create_or_update(
+                    asgs[key], created = self._create(
+                        "ASG",
+                        net_ops.application_security_groups,
                         ArmId.parse(g.network).group,
                         g.name,
                         ApplicationSecurityGroup({"location": locations[g.network], "tags": dict(TAG)}),
-                    ).result()
-                    asgs[key] = str(made.id)
+                        res,
+                    )
+                    if not created:
+                        continue
                 res.writes.append(f"PUT asg {g.name}")
                 res.changes.append({"kind": "asg-created", "name": g.name, "resource_group": key[0]})
         for key, (wanted, net) in sorted(want.items()):
@@ -592,22 +606,41 @@ class AzurePerimeter:
         ops = self.arm.network
         name = key[1]
         group = ArmId.parse(nsgs.get(key, net)).group
+        adopted = False
         if key not in nsgs:
+            created = True
             if self._ahead:
                 nsgs[key] = (
                     f"/subscriptions/{self.arm.subscription}/resourceGroups/{group}/providers/"
                     f"Microsoft.Network/networkSecurityGroups/{name}"
                 )
             else:
-                made = ops.network_security_groups.begin_create_or_update(
-                    group, name, NetworkSecurityGroup({"location": location, "tags": {**TAG, "ringfence-network": net}})
-                ).result()
-                nsgs[key] = str(made.id)
-            rules[key] = {}
-            res.writes.append(f"PUT nsg {name}")
-            res.changes.append({"kind": "nsg-created", "name": name, "resource_group": key[0]})
+                nsgs[key], created = self._create(
+                    "NSG",
+                    ops.network_security_groups,
+                    group,
+                    name,
+                    NetworkSecurityGroup({"location": location, "tags": {**TAG, "ringfence-network": net}}),
+                    res,
+                )
+            if created:
+                rules[key] = {}
+                res.writes.append(f"PUT nsg {name}")
+                res.changes.append({"kind": "nsg-created", "name": name, "resource_group": key[0]})
+            else:  # ours, made by another run meanwhile: its rules as they are now
+                rules[key] = self._rules(group, name)
+                adopted = True
         have = dict(rules.get(key, {}))
-        if scope is Scope.FULL:
+        if scope is Scope.FULL and adopted:
+            # the audit record was found for an NSG created empty: deleting what the other run put
+            # in it is not in the record, so the next run does it under its own
+            extra = sorted(set(have) - set(wanted))
+            if extra:
+                res.warnings.append(
+                    f"NSG {name} in {key[0]}: {len(extra)} rule(s) not wanted left for the next run "
+                    "(the NSG was created by another run during this one)"
+                )
+        elif scope is Scope.FULL:
             for rname in sorted(set(have) - set(wanted)):
                 if not self._ahead:
                     ops.security_rules.begin_delete(group, name, rname).result()
@@ -634,6 +667,42 @@ class AzurePerimeter:
                 ops.security_rules.begin_create_or_update(group, name, rname, SecurityRule(full)).result()
             res.writes.append(f"PUT rule {name}/{rname}")
             res.changes.append(_rule_change("rule-written", key, rname, full["properties"]))
+
+    def _create(
+        self, kind: str, ops: Any, group: str, name: str, body: Any, res: AzurePerimeterResult
+    ) -> tuple[str, bool]:
+        """Creates the ASG or NSG ``name`` (``kind``; ``ops``: its SDK operations) only if there is
+        none: the PUT carries ``If-None-Match: *``, so one made by someone else since the run read
+        the resource group (another team, a second run) is never replaced by ours (its tags, an
+        NSG's rules) nor taken over. ARM refuses such a PUT (412): the resource is read and used if
+        it is ours as a run's read decides (tagged ``ringfence: perimeter``, named as we name ours),
+        else the run stops as for any rf-* name it holds (NameTaken; nothing is written to a NIC).
+        Its id, and whether this run created it."""
+        ours = _OUR_ASG if kind == "ASG" else _OUR_NSG
+        for _ in range(CREATE_TRIES):
+            try:
+                made = ops.begin_create_or_update(group, name, body, headers={"If-None-Match": "*"}).result()
+                return str(made.id), True
+            except HttpResponseError as exc:
+                if exc.status_code != 412:
+                    raise
+            try:
+                there = wire(ops.get(group, name))
+            except ResourceNotFoundError:
+                continue  # deleted again since: try to create it once more
+            tags = there.get("tags") or {}
+            if tags.get("ringfence") == "perimeter" and (ours.match(name) or name == NONE_NSG):
+                res.warnings.append(
+                    f"{kind} {name} in {group.lower()} was created by another run during this one: used"
+                )
+                return str(there["id"]), False
+            raise NameTaken(
+                [
+                    f"{kind} {name} in {group.lower()} is held by a resource without the ringfence=perimeter tag "
+                    "(created during this run)"
+                ]
+            )
+        raise NameTaken([f"{kind} {name} in {group.lower()} kept appearing and disappearing during this run"])
 
     def _nic(
         self,
@@ -728,6 +797,7 @@ class AzurePerimeter:
 
 
 NIC_WRITE_TRIES = 2  # a NIC changed between our read and our write is read and tried once more
+CREATE_TRIES = 2  # an ASG or NSG found by the 412 of our create but gone when read: created once more
 
 
 @dataclass(frozen=True)
