@@ -42,7 +42,9 @@ An ASG or NSG is created with ``If-None-Match: *`` (:meth:`AzurePerimeter._creat
 name made by someone else after the run read the resource group is never replaced nor taken over.
 ARM refuses the create (412); the resource is read, used if it is ours (another run's: tagged and
 named so; an NSG's rules it does not want are left for the next run, not in this run's record),
-else the run stops there, before any NIC is written (NameTaken).
+else the run stops there, before any NIC is written (NameTaken). A rule is written with ``If-Match``
+the etag it was read with (``If-None-Match: *`` where there was none): changed in between, it is read
+again and written over what it is then, or after a second refusal left for the next run (a warning).
 """
 
 from __future__ import annotations
@@ -275,6 +277,7 @@ class AzurePerimeter:
         self.arm = arm
         self.config = config
         self._ahead = False  # finding what a run would write: every write left out
+        self._etags: dict[tuple[str, str, str], str] = {}  # (resource group, NSG, rule) → etag as read
 
     def reconcile(
         self,
@@ -450,11 +453,14 @@ class AzurePerimeter:
         return nsgs, rules
 
     def _rules(self, group: str, nsg: str) -> dict[str, dict[str, Any]]:
-        """Every rule in the NSG, rule name → properties as stored."""
-        return {
-            str(rw["name"]): rw.get("properties") or {}
-            for rw in (wire(r) for r in self.arm.network.security_rules.list(group, nsg))
-        }
+        """Every rule in the NSG, rule name → properties as stored (each one's etag kept for its
+        write: :meth:`_put_rule`)."""
+        out: dict[str, dict[str, Any]] = {}
+        for rw in (wire(r) for r in self.arm.network.security_rules.list(group, nsg)):
+            out[str(rw["name"])] = rw.get("properties") or {}
+            if rw.get("etag"):
+                self._etags[(group.lower(), nsg.lower(), str(rw["name"]).lower())] = str(rw["etag"])
+        return out
 
     def _want(self, ds: DesiredState, asgs: dict[tuple[str, str], str], locations: dict[str, str]) -> Want:
         """Per (resource group, NSG name): the NSG's rules as they must be, name → (group, plan rule,
@@ -663,10 +669,45 @@ class AzurePerimeter:
                 right = next(n for n in range(PRIORITY_FIRST, DENY_PRIORITY) if not used[n])
             used[right] += 1
             full = {"properties": {**body["properties"], "priority": right}}
-            if not self._ahead:
-                ops.security_rules.begin_create_or_update(group, name, rname, SecurityRule(full)).result()
+            if not self._ahead and not self._put_rule(group, name, rname, full, res):
+                continue
             res.writes.append(f"PUT rule {name}/{rname}")
             res.changes.append(_rule_change("rule-written", key, rname, full["properties"]))
+
+    def _put_rule(self, group: str, nsg: str, rname: str, full: dict[str, Any], res: AzurePerimeterResult) -> bool:
+        """Writes our rule ``rname`` as ``full`` says, conditionally on the rule as the run read it:
+        ``If-Match`` its etag, or ``If-None-Match: *`` where there was none. Refused (412: changed,
+        made or deleted since), it is read again and, unless it now says what we want, written
+        once more over what it is now (the NSG is ours whole, and the record lists this write);
+        refused each time, it is left for the next run with a warning. Whether it was written."""
+        ops = self.arm.network.security_rules
+        etag = self._etags.get((group.lower(), nsg.lower(), rname.lower()))
+        for tried in range(1, RULE_WRITE_TRIES + 1):
+            condition = {"If-Match": etag} if etag else {"If-None-Match": "*"}
+            try:
+                ops.begin_create_or_update(group, nsg, rname, SecurityRule(full), headers=condition).result()
+                return True
+            except HttpResponseError as exc:
+                if exc.status_code != 412:
+                    raise
+            if tried == RULE_WRITE_TRIES:
+                break
+            try:
+                now = wire(ops.get(group, nsg, rname))
+            except ResourceNotFoundError:
+                etag = None
+                continue
+            props = now.get("properties") or {}
+            if props.get("priority") == full["properties"]["priority"] and _rule_key(props) == _rule_key(
+                full["properties"]
+            ):
+                return False  # someone made it so already
+            etag = now.get("etag")
+        res.warnings.append(
+            f"rule {nsg}/{rname} in {group.lower()} not written: it changed between each of "
+            f"{RULE_WRITE_TRIES} reads and the write after it; left for the next run"
+        )
+        return False
 
     def _create(
         self, kind: str, ops: Any, group: str, name: str, body: Any, res: AzurePerimeterResult
@@ -797,6 +838,7 @@ class AzurePerimeter:
 
 
 NIC_WRITE_TRIES = 2  # a NIC changed between our read and our write is read and tried once more
+RULE_WRITE_TRIES = 2  # a rule of ours changed between our read and our write is read and tried once more
 CREATE_TRIES = 2  # an ASG or NSG found by the 412 of our create but gone when read: created once more
 
 
