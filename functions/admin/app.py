@@ -33,7 +33,9 @@ def _count(name: str, value: float) -> None:
 
 def admin() -> OnPremAdmin:
     if "admin" not in _svc:
-        _svc["admin"] = OnPremAdmin(Wiring(Config.from_env()), _count, max_import_rows=IMPORT_ROWS)
+        w = Wiring(Config.from_env())
+        w.metric = _count  # what the wiring counts: a change stored whose compute message failed (ComputeNotQueued)
+        _svc["admin"] = OnPremAdmin(w, _count, max_import_rows=IMPORT_ROWS)
     return _svc["admin"]  # type: ignore[no-any-return]
 
 

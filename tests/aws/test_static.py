@@ -703,3 +703,34 @@ def test_both_deployments_rate_limit_the_agent_apis_unauthenticated_routes_per_a
         assert pattern.search(counted), counted
     for spared in ("/v1/v1/agents/i-0abc/bundle", "/v1/agents/i-0abc/wait", "/v1/agents/i-0abc/heartbeat"):
         assert not pattern.search(spared), spared
+
+
+def test_compute_not_queued_and_shared_addresses_are_alarmed_alike_in_both_deployments() -> None:
+    """An admin change stored whose compute message failed (``ComputeNotQueued``, the admin
+    function's) and an address two active workloads hold (``AddressesShared``, compute's) alarm
+    in SAM and Terraform alike: one alarm each, the same metric, dimensions, statistic, period,
+    threshold and description."""
+    res = template()["Resources"]
+    tf = hcl(ROOT / "infra/modules/ringfence/alarms.tf")
+    loc: dict[str, Any] = {}
+    for block in tf.get("locals", []):
+        loc.update(block)
+    [period] = [
+        r["aws_cloudwatch_metric_alarm"]["this"]["period"]
+        for r in tf["resource"]
+        if "this" in r.get("aws_cloudwatch_metric_alarm", {})
+    ]
+    for metric in ("ComputeNotQueued", "AddressesShared"):
+        [sam] = [
+            r["Properties"]
+            for r in res.values()
+            if r["Type"] == "AWS::CloudWatch::Alarm" and r["Properties"]["MetricName"] == metric
+        ]
+        [found] = [a for a in loc["alarms"].values() if a["metric"] == metric]
+        assert sam["Namespace"] == found["ns"] == "Ringfence", metric
+        assert sam["Statistic"] == found["stat"] == "Sum", metric
+        assert sam["Dimensions"] == [{"Name": "service", "Value": "ringfence"}], metric
+        assert found["dims"] == {"service": "ringfence"}, metric
+        assert sam["AlarmDescription"] == found["what"], metric
+        assert (sam["Period"], sam["Threshold"], sam["ComparisonOperator"]) == (period, 0, "GreaterThanThreshold")
+        assert sam["AlarmActions"] == [{"Ref": "AlarmTopic"}], metric

@@ -62,6 +62,7 @@ def test_the_alerted_counters_are_exposed_at_zero_before_anything_happens(server
         "enrollments_refused",
         "agent_requests_refused",
         "agent_requests_invalid",
+        "compute_not_queued",
     ):
         assert c.get(f"ringfence_{name}_total") == 0, name
 

@@ -29,6 +29,7 @@ ALERTED = (
     "AgentRequestsRefused",
     "AgentRequestsInvalid",
     "AgentRequestsOverAddressLimit",
+    "ComputeNotQueued",
 )
 """Counters exposed at zero from the start (docs/serve.md names them for alerts): Prometheus'
 ``increase()`` cannot count a series that first appears already at 1, so the first lowering of a

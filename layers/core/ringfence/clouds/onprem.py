@@ -19,7 +19,7 @@ from ringfence.cmdb import CmdbError, CmdbRow, parse_cmdb_rows
 from ringfence.control import credentials
 from ringfence.control.admin import Admin
 from ringfence.control.api import Response, error
-from ringfence.control.wiring import BaseWiring, Metric, no_metric
+from ringfence.control.wiring import BaseWiring, Metric, no_metric, queue_stored
 from ringfence.governance import govern
 from ringfence.labels import LabelMapper
 from ringfence.model import Workload
@@ -246,7 +246,9 @@ class OnPremAdmin(Admin):
 
             self._raised(principal, "workload.register", spec.id, audit_id, exc, reason, registered)
             raise
-        self.w.enqueue_compute([spec.id])
+        # stored: a failed compute message is answered 503 (NotQueued); the same registration
+        # again is an update of the stored record (200, created false) and queues compute
+        queue_stored(self.w, [spec.id], "registered", spec.id, audit_id)
         answer: dict[str, Any] = {"workload_id": spec.id, "created": not existed, "audit_id": audit_id}
         if held:
             answer["held"] = held
@@ -346,7 +348,7 @@ class OnPremAdmin(Admin):
             # so they go to compute (peers' sets follow), and the answer and audit say which
             why = f"written: {', '.join(exc.written)}; then {type(exc.cause).__name__}: {exc.cause}"
             self._failed(principal, "workload.import", source, audit_id, why, reason, outcome="partial")
-            self.w.enqueue_compute(exc.written)
+            queue_stored(self.w, exc.written, f"partly imported ({len(exc.written)} of {len(ids)})", source, audit_id)
             if not isinstance(exc.cause, ConflictError | TooManyTogether):
                 raise
             return error(
@@ -358,7 +360,8 @@ class OnPremAdmin(Admin):
         except Exception as exc:
             self._failed(principal, "workload.import", source, audit_id, f"{type(exc).__name__}: {exc}", reason)
             raise
-        self.w.enqueue_compute(ids)
+        # as a registration's: the same file again updates every row and queues compute
+        queue_stored(self.w, ids, f"imported ({len(ids)} workloads)", source, audit_id)
         answer: dict[str, Any] = {
             "imported": len(ids),
             "created": len(set(ids) - existing),
@@ -414,7 +417,8 @@ class OnPremAdmin(Admin):
             self._raised(principal, "workload.deregister", workload_id, audit_id, exc, reason, deregistered)
             raise
         self._drop_credentials(workload_id, "workload deregistered")
-        self.w.enqueue_compute([workload_id])
+        # the same request again writes the tombstone again (its record stays) and queues compute
+        queue_stored(self.w, [workload_id], "deregistered", workload_id, audit_id)
         return Response(200, {"workload_id": workload_id, "audit_id": audit_id})
 
 

@@ -24,7 +24,7 @@ from ringfence.store.base import (
 from ringfence.versions import digest_of
 
 from .api import Response, error, secret_hash
-from .wiring import BaseWiring, Metric, PolicyTampered, log, no_metric
+from .wiring import BaseWiring, Metric, PolicyTampered, log, no_metric, queue_stored
 
 # the metric every action that lowers a safeguard counts toward (a CloudWatch alarm watches it):
 # a workload set to idle (its firewall untouched), a release from quarantine, fail-safes widened
@@ -268,7 +268,8 @@ class Admin:
             raise
         if mode is Mode.IDLE:
             self._lowered(principal, "mode idle (its firewall left untouched)", workload_id)
-        self.w.enqueue_compute([workload_id])
+        # stored: a failed compute message is answered 503 (NotQueued); setting the mode again queues it
+        queue_stored(self.w, [workload_id], f"mode set to {value}" if value else "mode cleared", workload_id, audit_id)
         return Response(200, {"workload_id": workload_id, "mode": value, "audit_id": audit_id})
 
     def quarantine(self, principal: str, workload_id: str, on: bool, reason: str = "") -> Response:
@@ -296,7 +297,8 @@ class Admin:
             raise
         if not on:
             self._lowered(principal, "released from quarantine", workload_id)
-        self.w.enqueue_compute([workload_id])
+        # as a mode's: the same request again stores the same and queues compute
+        queue_stored(self.w, [workload_id], "quarantined" if on else "released", workload_id, audit_id)
         return Response(200, {"workload_id": workload_id, "quarantined": on, "audit_id": audit_id})
 
     def pairing_key(self, principal: str, workload_id: str | None, uses: int, ttl: int, reason: str = "") -> Response:

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 from ringfence.audit import AuditRecord, state_digest
 from ringfence.control.fanout import in_parallel
-from ringfence.control.wiring import BaseWiring, Metric, log, no_metric
+from ringfence.control.wiring import BaseWiring, Metric, log, no_metric, queue_stored
 from ringfence.governance import UNATTRIBUTED, Finding, NotGranted, TagChange, Verdict, bind, govern, unbind
 from ringfence.labels import LabelMapper, any_account_taggers
 from ringfence.model import Mode
@@ -296,30 +296,6 @@ def _report(
     return quarantine
 
 
-class NotQueued(Exception):
-    """A grant's change is stored but its compute message could not be sent (the queue refused
-    it): the workload's bundle and its peers' sets keep the old grants until compute takes the
-    record. ``audit_id``: the change's record (None: nothing was changed by this call, a retry of
-    one already stored). The same request again queues compute: a binding repeated is stored as
-    it stands, a revocation repeated is refused (no grant) and queues compute all the same."""
-
-    def __init__(self, workload_id: str, audit_id: str | None, cause: BaseException) -> None:
-        super().__init__(f"{workload_id}: compute not queued ({type(cause).__name__}: {cause})")
-        self.workload_id = workload_id
-        self.audit_id = audit_id
-        self.cause = f"{type(cause).__name__}: {cause}"
-
-
-def _queue(w: BaseWiring, workload_id: str, audit_id: str | None) -> None:
-    """Compute for ``workload_id``, or :class:`NotQueued` (logged): never a bare failure after the
-    change is stored, whose caller would not know the change is in the store but not enforced."""
-    try:
-        w.enqueue_compute([workload_id])
-    except Exception as exc:
-        log.exception("%s: grants stored (audit record %s) but compute could not be queued", workload_id, audit_id)
-        raise NotQueued(workload_id, audit_id, exc) from exc
-
-
 class Binding(NamedTuple):
     """What :func:`bind_labels` wrote: the workload's record and the binding's audit record id."""
 
@@ -343,7 +319,8 @@ def bind_labels(w: BaseWiring, workload_id: str, labels: dict[str, str], princip
     before changing anything, and ConflictError when newer observations kept landing in between
     (nothing is answered as bound then, and its record is followed by ``label.bind.failed``).
     The record is written before the binding: a failed audit write binds nothing. A binding
-    stored whose compute message fails raises :class:`NotQueued` (binding again queues it)."""
+    stored whose compute message fails raises :class:`~ringfence.control.wiring.NotQueued`
+    (binding again queues it)."""
 
     def decide(mapper: LabelMapper, old: InventoryRecord) -> tuple[InventoryRecord, dict[str, object]]:
         try:
@@ -387,8 +364,9 @@ def unbind_labels(w: BaseWiring, workload_id: str, dimensions: list[str], princi
     :class:`~ringfence.governance.NotGranted` (a dimension with no grant) before changing
     anything, and ConflictError as :func:`bind_labels` does (``label.unbind.failed``). Audited
     as ``label.unbind`` before it is written: a failed audit write revokes nothing. A revocation
-    stored whose compute message fails raises :class:`NotQueued`; NotGranted queues compute all
-    the same, so the same request again (its grants gone) gets the revocation enforced."""
+    stored whose compute message fails raises :class:`~ringfence.control.wiring.NotQueued`;
+    NotGranted queues compute all the same, so the same request again (its grants gone) gets
+    the revocation enforced."""
 
     def decide(mapper: LabelMapper, old: InventoryRecord) -> tuple[InventoryRecord, dict[str, object]]:
         revoked = {d: old.workload.label_grants[d] for d in dimensions if d in old.workload.label_grants}
@@ -407,7 +385,7 @@ def unbind_labels(w: BaseWiring, workload_id: str, dimensions: list[str], princi
         # the grant may be gone by this request's first try, stored before its compute message
         # failed: a warm compute still holds the record with the grant, so the retry must queue
         # it (idempotent: compute takes the record as stored), or the revoked box stays admitted
-        _queue(w, workload_id, None)
+        queue_stored(w, [workload_id], "no such grant to take back", workload_id, None)
         raise
     return Revocation(rec, audit.id, dict(audit.detail["revoked"]))
 
@@ -512,5 +490,5 @@ def _change_grants(
             failed(why)
         raise
     assert audit is not None
-    _queue(w, workload_id, audit.id)
+    queue_stored(w, [workload_id], "bound" if action == "label.bind" else "revoked", workload_id, audit.id)
     return rec, audit

@@ -43,6 +43,39 @@ def no_metric(name: str, value: float) -> None:
     return None
 
 
+# the metric a change stored whose compute message failed counts toward (a CloudWatch alarm
+# watches it): its workloads' bundles and their peers' sets do not follow it until a retry
+COMPUTE_NOT_QUEUED = "ComputeNotQueued"
+
+
+class NotQueued(Exception):
+    """An admin change is stored and audited but its compute message could not be sent (the queue
+    refused it): bundles and peers' sets keep what they had until compute takes the records.
+    ``done``: what was stored, as the answer says it ("bound", "quarantined", ...); ``target``:
+    for what (a workload id, a CMDB file); ``audit_id``: the change's record (None: nothing was
+    changed by this call, a retry of one already stored, ``done`` then says why). The same
+    request again queues compute (each caller says how its retry gets there)."""
+
+    def __init__(self, done: str, target: str, audit_id: str | None, cause: BaseException) -> None:
+        super().__init__(f"{target}: {done}; compute not queued ({type(cause).__name__}: {cause})")
+        self.done = done
+        self.target = target
+        self.audit_id = audit_id
+        self.cause = f"{type(cause).__name__}: {cause}"
+
+
+def queue_stored(w: BaseWiring, ids: Iterable[str], done: str, target: str, audit_id: str | None) -> None:
+    """Compute for ``ids`` after a change is stored, or :class:`NotQueued` (logged, counted as
+    ``ComputeNotQueued``): never a bare failure, whose caller would not know the change is in
+    the store but not enforced."""
+    try:
+        w.enqueue_compute(ids)
+    except Exception as exc:
+        log.exception("%s: %s (audit record %s) but compute could not be queued", target, done, audit_id)
+        w.metric(COMPUTE_NOT_QUEUED, 1)
+        raise NotQueued(done, target, audit_id, exc) from exc
+
+
 class NoSigningKey(RuntimeError):
     """A function without the signing key was asked to sign."""
 

@@ -26,7 +26,8 @@ from ringfence.clouds.onprem import OnPremAdmin
 from ringfence.control.admin import Admin
 from ringfence.control.api import Response, error
 from ringfence.control.findings import DEFAULT_BOUND, FindingsResponse
-from ringfence.control.governance import NotQueued, bind_labels, unbind_labels
+from ringfence.control.governance import bind_labels, unbind_labels
+from ringfence.control.wiring import NotQueued
 from ringfence.governance import NotGranted
 from ringfence.store.base import ConflictError, InventoryRecord
 
@@ -42,7 +43,7 @@ ADMIN_ERRORS = {
 NOT_QUEUED = (
     "compute could not be queued: the change is stored and audited (detail names its record; or, a "
     "revocation naming no grant, nothing was changed by this request) but bundles and peers' sets do not "
-    "follow the stored grants yet; send the same request again"
+    "follow it yet; send the same request again (it stores the same and queues compute)"
 )
 
 
@@ -60,22 +61,23 @@ def grants_answer(wid: str, rec: InventoryRecord, audit_id: str, **extra: object
     return Response(200, body)
 
 
-def not_queued(done: str, exc: NotQueued) -> Response:
-    """503 for a grant change whose compute message failed (``done``: "bound", "revoked"; with no
-    ``exc.audit_id``, a revocation naming no grant, perhaps stored by this request's earlier try):
-    the caller learns what is stored but not enforced and sends the request again, which queues
-    compute, instead of taking a bare 500 for "nothing done"."""
+def not_queued(exc: NotQueued) -> Response:
+    """503 for a change stored whose compute message failed (``exc.done``: "bound", "quarantined",
+    "registered", ...; with no ``exc.audit_id``, a request that changed nothing, e.g. a revocation
+    naming no grant, perhaps stored by its earlier try): the caller learns what is stored but not
+    enforced and sends the request again, which queues compute, instead of taking a bare 500 for
+    "nothing done". Every route that stores and then queues answers it (one exception handler)."""
     if exc.audit_id is None:
         title = "compute not queued: send the request again"
-        stored = f"{exc.workload_id}: no such grant to take back, and compute could not be queued"
+        stored = f"{exc.target}: {exc.done}, and compute could not be queued"
     else:
-        title = f"{done}; compute not queued: send the request again"
-        stored = f"{exc.workload_id}: {done} and audited (audit record {exc.audit_id}), but compute could not be queued"
+        title = f"{exc.done}; compute not queued: send the request again"
+        stored = f"{exc.target}: {exc.done} and audited (audit record {exc.audit_id}), but compute could not be queued"
     return error(
         503,
         title,
-        f"{stored} ({exc.cause}): the workload's bundle and its peers' sets may not follow its stored grants "
-        "until compute runs; the same request again queues it",
+        f"{stored} ({exc.cause}): bundles and peers' sets may not follow what is stored until compute runs; "
+        "the same request again queues it",
     )
 
 
@@ -160,6 +162,12 @@ def admin_routes(
 
     app.before_invalid = refused_before_validation
 
+    def stored_not_queued(exc: NotQueued) -> HttpResponse[str]:
+        return http(not_queued(exc))
+
+    # any route's change stored whose compute message failed: one answer for all of them
+    app.exception_handler(NotQueued)(stored_not_queued)
+
     def may_bind() -> bool:
         """The caller may bind privileged label values (a policy author): a registration's tags
         that set one grant it; anyone else's are held until a policy author binds them."""
@@ -243,7 +251,7 @@ def admin_routes(
     @app.put(
         "/admin/workloads/<wid>/mode",
         summary="set a workload's mode (idle, observe, enforce) or clear it — policy-author",
-        responses=answers(adminapi.ModeResponse, errors=(404,)),
+        responses=answers(adminapi.ModeResponse, errors=(404, 503), meaning={503: NOT_QUEUED}),
         security=[{"sigv4": []}],
     )
     def set_mode(wid: str, req: adminapi.ModeRequest) -> HttpResponse[str]:
@@ -270,8 +278,6 @@ def admin_routes(
             return http(error(400, "binding refused", str(exc)))
         except ConflictError as exc:
             return http(error(409, "workload changed meanwhile", str(exc)))
-        except NotQueued as exc:
-            return http(not_queued("bound", exc))
         return http(grants_answer(wid, rec, audit_id))
 
     @app.delete(
@@ -305,14 +311,12 @@ def admin_routes(
             return http(error(400, "revocation refused", str(exc)))
         except ConflictError as exc:
             return http(error(409, "workload changed meanwhile", str(exc)))
-        except NotQueued as exc:
-            return http(not_queued("revoked", exc))
         return http(grants_answer(wid, rec, audit_id, revoked=revoked))
 
     @app.post(
         "/admin/workloads/<wid>/quarantine",
         summary="quarantine a workload: it and its peers cut it off — incident-responder",
-        responses=answers(adminapi.QuarantineResponse, errors=(404,)),
+        responses=answers(adminapi.QuarantineResponse, errors=(404, 503), meaning={503: NOT_QUEUED}),
         security=[{"sigv4": []}],
     )
     def quarantine(wid: str, req: Annotated[adminapi.Reason | None, Body()] = None) -> HttpResponse[str]:
@@ -323,7 +327,7 @@ def admin_routes(
     @app.delete(
         "/admin/workloads/<wid>/quarantine",
         summary="release a workload from quarantine — incident-responder",
-        responses=answers(adminapi.QuarantineResponse, errors=(404,)),
+        responses=answers(adminapi.QuarantineResponse, errors=(404, 503), meaning={503: NOT_QUEUED}),
         security=[{"sigv4": []}],
     )
     def release(wid: str, req: Annotated[adminapi.Reason | None, Body()] = None) -> HttpResponse[str]:
@@ -374,7 +378,12 @@ def admin_routes(
         "/admin/workloads",
         summary="register (or update) an on-premise workload — onboarding; a privileged "
         "label value its tags set is held (answered under `held`) unless the caller may bind it (policy-author)",
-        responses=answers(adminapi.RegisterWorkloadResponse, 201, errors=(400, 409), meaning=ADMIN_ERRORS),
+        responses=answers(
+            adminapi.RegisterWorkloadResponse,
+            201,
+            errors=(400, 409, 503),
+            meaning={**ADMIN_ERRORS, 503: NOT_QUEUED + "; a registration again is answered 200, created false"},
+        ),
         security=[{"sigv4": []}],
     )
     def register_workload(req: adminapi.RegisterWorkloadRequest) -> HttpResponse[str]:
@@ -385,7 +394,9 @@ def admin_routes(
     @app.post(
         "/admin/workloads/import",
         summary="register every workload of a CMDB CSV export, or none (errors as file:line:column) — onboarding",
-        responses=answers(adminapi.CmdbImportResponse, errors=(400, 409), meaning=ADMIN_ERRORS),
+        responses=answers(
+            adminapi.CmdbImportResponse, errors=(400, 409, 503), meaning={**ADMIN_ERRORS, 503: NOT_QUEUED}
+        ),
         security=[{"sigv4": []}],
     )
     def import_cmdb(req: adminapi.CmdbImportRequest) -> HttpResponse[str]:
@@ -396,7 +407,9 @@ def admin_routes(
     @app.delete(
         "/admin/workloads/<wid>",
         summary="deregister an on-premise workload: it leaves every peer's sets — onboarding",
-        responses=answers(adminapi.DeregisterResponse, errors=(404, 409), meaning=ADMIN_ERRORS),
+        responses=answers(
+            adminapi.DeregisterResponse, errors=(404, 409, 503), meaning={**ADMIN_ERRORS, 503: NOT_QUEUED}
+        ),
         security=[{"sigv4": []}],
     )
     def deregister_workload(wid: str, req: Annotated[adminapi.Reason | None, Body()] = None) -> HttpResponse[str]:

@@ -1,0 +1,234 @@
+"""Admin changes stored whose compute message fails (the queue refuses it: SQS 503): a mode, a
+quarantine and its release, an on-premise registration, a CMDB import and a deregistration are
+each answered 503 naming what was stored and its audit record (``<done>; compute not queued:
+send the request again``), not a bare 500, and counted (``ComputeNotQueued``). The change is in
+the store but no bundle follows it, through compute passes too; the same request again is
+answered as usual and queues compute, and the workload's bundle and its peers' sets follow.
+
+Against the real admin function (moto server behind it) and ``ringfence serve`` over HTTP (the
+AWS wiring over the same moto), the compute queue refusing in both."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from ringfence import serve
+from ringfence.metrics import Counters
+from tests.aws.conftest import Env, ip_of
+from tests.aws.test_admin_bind import compute_queue_down
+from tests.aws.test_handler_metrics import emitted
+from tests.aws.test_pipeline import boot, in_set
+
+RESPONDER = "arn:aws:iam::123456789012:user/ivy"  # incident-responder
+AUTHOR = "arn:aws:iam::123456789012:user/pat"  # policy-author
+OTTO = "arn:aws:iam::123456789012:user/otto"  # onboarding
+DB = {
+    "id": "dc1-db-1",
+    "ips": ["192.168.10.5"],
+    "site": "dc1",
+    "tags": {"ringfence:role": "database", "ringfence:app": "ordering", "ringfence:env": "prod", "ringfence:loc": "ca"},
+}
+CSV = (
+    "id,ips,ringfence:role,ringfence:app,ringfence:env,ringfence:loc\ndc1-db-2,192.168.10.6,database,ordering,prod,ca\n"
+)
+
+
+def refused_then_queued(env: Env, call: Any, done: str, action: str, target: str) -> Any:
+    """``call()`` with the compute queue refusing once: 503 naming ``done`` and the audit record
+    of ``action`` on ``target``, nothing queued. Returns that record."""
+    down = compute_queue_down(env, 1)
+    status, answer = call()
+    assert status == 503, answer
+    assert answer["error"] == f"{done}; compute not queued: send the request again", answer
+    [rec] = [a for a in env.store.audit_log() if a.action == action and a.target == target][-1:]
+    assert rec.id in answer["detail"] and "sqs 503" in answer["detail"], answer
+    assert "the same request again queues it" in answer["detail"], answer
+    assert down == [0] and env.count("compute") == 0
+    return rec
+
+
+def test_a_mode_quarantine_and_release_whose_compute_message_failed_are_answered_and_queued_again(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    est = boot(env)
+    env.bind(RESPONDER, ["incident-responder"])
+    env.bind(AUTHOR, ["policy-author"])
+    web, proc = est["ids"]["web"][0], est["ids"]["proc"][0]
+    web_ip = ip_of(env, web)
+    assert env.bundle(web).mode.value == "enforce" and in_set(env.bundle(proc), web_ip)
+    capsys.readouterr()
+
+    def mode() -> tuple[int, Any]:
+        body = {"mode": "observe", "reason": "CHG-30"}
+        status, _, answer = env.rest("admin", "PUT", f"/admin/workloads/{web}/mode", body, principal=AUTHOR)
+        return status, answer
+
+    refused_then_queued(env, mode, "mode set to observe", "workload.mode", web)
+    assert env.store.get(web).op_mode.value == "observe"
+    env.pump()
+    assert env.bundle(web).mode.value == "enforce", "stored, not enforced: compute was never asked"
+    status, answer = mode()
+    assert status == 200 and answer["mode"] == "observe", answer
+    env.pump()
+    assert env.bundle(web).mode.value == "observe"
+
+    def quarantine(method: str) -> Any:
+        def call() -> tuple[int, Any]:
+            path = f"/admin/workloads/{web}/quarantine"
+            status, _, answer = env.rest("admin", method, path, {"reason": "IR-9"}, principal=RESPONDER)
+            return status, answer
+
+        return call
+
+    refused_then_queued(env, quarantine("POST"), "quarantined", "workload.quarantine", web)
+    assert env.store.get(web).op_quarantined
+    env.pump()
+    assert not env.bundle(web).quarantined and in_set(env.bundle(proc), web_ip), "stored, not enforced"
+    status, answer = quarantine("POST")()
+    assert status == 200 and answer["quarantined"] is True, answer
+    env.pump()
+    assert env.bundle(web).quarantined and not in_set(env.bundle(proc), web_ip), "its peers cut it off"
+
+    refused_then_queued(env, quarantine("DELETE"), "released", "workload.release", web)
+    assert not env.store.get(web).op_quarantined
+    env.pump()
+    assert env.bundle(web).quarantined, "stored, not enforced"
+    status, answer = quarantine("DELETE")()
+    assert status == 200 and answer["quarantined"] is False, answer
+    env.pump()
+    assert not env.bundle(web).quarantined and in_set(env.bundle(proc), web_ip)
+    # one per change stored whose compute message failed, from the admin function
+    assert emitted(capsys.readouterr().out).get("ComputeNotQueued") == 3
+
+
+@pytest.fixture
+def hybrid(env: Env, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Env, dict[str, Any]]]:
+    monkeypatch.setenv("RINGFENCE_ENROLL_METHODS", "aws-iid,pairing")
+    env.load_functions()
+    env.bind(OTTO, ["onboarding"])
+    yield env, boot(env)
+
+
+def test_an_onprem_registration_import_and_deregistration_whose_compute_message_failed_are_queued_again(
+    hybrid: tuple[Env, dict[str, Any]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A new registration's retry is an update (200, created false) and queues compute; a CMDB
+    file imported again updates its rows; a deregistration sent again writes the tombstone again."""
+    env, est = hybrid
+    proc = est["ids"]["proc"][0]
+    capsys.readouterr()
+
+    def register() -> tuple[int, Any]:
+        status, _, answer = env.rest("admin", "POST", "/admin/workloads", {**DB, "reason": "CHG-31"}, principal=OTTO)
+        return status, answer
+
+    refused_then_queued(env, register, "registered", "workload.register", "dc1-db-1")
+    assert env.store.get("dc1-db-1").state == "running"
+    env.pump()
+    assert not in_set(env.bundle(proc), "192.168.10.5"), "stored, not in any peer's sets"
+    status, answer = register()
+    assert status == 200 and answer["created"] is False, answer
+    env.pump()
+    assert in_set(env.bundle(proc), "192.168.10.5")
+
+    def cmdb() -> tuple[int, Any]:
+        body = {"csv": CSV, "source": "dc1.csv", "reason": "CHG-32"}
+        status, _, answer = env.rest("admin", "POST", "/admin/workloads/import", body, principal=OTTO)
+        return status, answer
+
+    refused_then_queued(env, cmdb, "imported (1 workloads)", "workload.import", "dc1.csv")
+    assert env.store.get("dc1-db-2") is not None
+    env.pump()
+    assert not in_set(env.bundle(proc), "192.168.10.6"), "stored, not in any peer's sets"
+    status, answer = cmdb()
+    assert status == 200 and answer["updated"] == 1, answer
+    env.pump()
+    assert in_set(env.bundle(proc), "192.168.10.6")
+
+    def deregister() -> tuple[int, Any]:
+        status, _, answer = env.rest(
+            "admin", "DELETE", "/admin/workloads/dc1-db-1", {"reason": "CHG-33"}, principal=OTTO
+        )
+        return status, answer
+
+    refused_then_queued(env, deregister, "deregistered", "workload.deregister", "dc1-db-1")
+    assert env.store.get("dc1-db-1").state == "terminated"
+    env.pump()
+    assert in_set(env.bundle(proc), "192.168.10.5"), "stored, still in its peers' sets"
+    status, answer = deregister()
+    assert status == 200, answer
+    env.pump()
+    assert not in_set(env.bundle(proc), "192.168.10.5"), "it left every peer's sets"
+    assert emitted(capsys.readouterr().out).get("ComputeNotQueued") == 3
+
+
+@pytest.fixture
+def served(env: Env, tmp_path: Path) -> Iterator[tuple[str, dict[str, str], list[int]]]:
+    """``ringfence serve`` over the AWS wiring (the same moto), its compute queue refusing the
+    number of SendMessage calls the returned list holds (set it to refuse)."""
+    from botocore.exceptions import ClientError
+
+    left = [0]
+
+    def down(params: dict[str, Any], **_: Any) -> None:
+        if left[0] > 0 and params.get("QueueUrl") == env.queues["compute"]:
+            left[0] -= 1
+            raise ClientError({"Error": {"Code": "ServiceUnavailable", "Message": "sqs 503"}}, "SendMessage")
+
+    env.hook("before-parameter-build.sqs.SendMessage", down)
+    tokens, lines = {}, []
+    for who, roles in {"ivan": ["incident-responder"], "otto": ["onboarding"]}.items():
+        tokens[who], line = serve.new_admin_token(who, roles)
+        lines.append(line)
+    path = tmp_path / "admin-tokens"
+    path.write_text("\n".join(lines) + "\n")
+    counters = Counters()
+    w = serve.build_wiring("aws", metric=counters)
+    try:
+        app = serve.ServeApp.over(w, serve.AdminTokens.load(path), metrics=counters)
+        with serve.serving(app) as running:
+            yield running.url, tokens, left
+    finally:
+        w.close()
+
+
+def test_serve_answers_a_change_stored_whose_compute_message_failed_and_queues_it_again(
+    env: Env, served: tuple[str, dict[str, str], list[int]]
+) -> None:
+    url, tok, down = served
+    est = boot(env)
+    web, proc = est["ids"]["web"][0], est["ids"]["proc"][0]
+    web_ip = ip_of(env, web)
+
+    def call(method: str, path: str, who: str, body: Any) -> httpx.Response:
+        return httpx.request(method, url + path, json=body, headers={"Authorization": f"Bearer {tok[who]}"}, timeout=60)
+
+    for method, path, who, body, done, check in (
+        ("POST", f"/admin/workloads/{web}/quarantine", "ivan", {"reason": "IR-10"}, "quarantined", None),
+        ("POST", "/admin/workloads", "otto", {**DB, "reason": "CHG-34"}, "registered", "192.168.10.5"),
+    ):
+        down[0] = 1
+        r = call(method, path, who, body)
+        answer = r.json()
+        assert r.status_code == 503 and answer["error"] == f"{done}; compute not queued: send the request again"
+        assert "audit record" in answer["detail"] and "sqs 503" in answer["detail"], answer
+        assert down == [0] and env.count("compute") == 0
+        env.pump()
+        if check is None:
+            assert env.store.get(web).op_quarantined and in_set(env.bundle(proc), web_ip), "stored, not enforced"
+        else:
+            assert env.store.get("dc1-db-1") is not None and not in_set(env.bundle(proc), check)
+        r = call(method, path, who, body)  # the same request again, the queue back
+        assert r.status_code in (200, 201) and env.count("compute") >= 1, r.text
+        env.pump()
+        if check is None:
+            assert env.bundle(web).quarantined and not in_set(env.bundle(proc), web_ip)
+        else:
+            assert r.json()["created"] is False and in_set(env.bundle(proc), check), r.text
+    got = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {tok['ivan']}"}, timeout=30)
+    assert "ringfence_compute_not_queued_total 2.0" in got.text, got.text
