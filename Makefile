@@ -79,7 +79,7 @@ typecheck: $(STAMP)
 # xdist_group stays on one worker with the others of its group). PYTEST_WORKERS=0 runs serially.
 PYTEST_WORKERS ?= 2
 unit: $(STAMP) sysdeps bytecode
-	$(BIN)/pytest -q --durations=15 -n $(PYTEST_WORKERS) --dist loadgroup
+	$(BIN)/pytest -q --durations=30 -n $(PYTEST_WORKERS) --dist loadgroup
 
 $(CHECKOV_STAMP): requirements/checkov.lock
 	@test -x $(CHECKOV_VENV)/bin/python || $(PY) -m venv $(CHECKOV_VENV)
