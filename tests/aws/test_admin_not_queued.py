@@ -1,5 +1,5 @@
-"""Admin changes stored whose compute message fails (the queue refuses it: SQS 503): a mode, a
-quarantine and its release, an on-premise registration, a CMDB import and a deregistration are
+"""Admin changes stored whose compute message fails (the queue refuses it: SQS 503): a policy
+version, a mode, a quarantine and its release, an on-premise registration, a CMDB import and a deregistration are
 each answered 503 naming what was stored and its audit record (``<done>; compute not queued:
 send the request again``), not a bare 500, and counted (``ComputeNotQueued``). The change is in
 the store but no bundle follows it, through compute passes too; the same request again is
@@ -104,6 +104,35 @@ def test_a_mode_quarantine_and_release_whose_compute_message_failed_are_answered
     assert not env.bundle(web).quarantined and in_set(env.bundle(proc), web_ip)
     # one per change stored whose compute message failed, from the admin function
     assert emitted(capsys.readouterr().out).get("ComputeNotQueued") == 3
+
+
+def test_a_policy_provisioned_whose_compute_message_failed_is_answered_and_provisioned_again(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The version is active but no bundle is rebuilt under it; the same files again become the
+    next version (the same policy) and queue the rebuild."""
+    from tests.aws.conftest import LABEL_TESTS, POLICY_DIR
+
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    first = env.bundle(web).policy_version
+    files = {p.name: p.read_text() for p in sorted(POLICY_DIR.glob("*.yaml")) if p.name != "tests.yaml"}
+    files["tests.yaml"] = LABEL_TESTS
+    capsys.readouterr()
+
+    def provision() -> tuple[int, Any]:
+        status, _, answer = env.rest("admin", "POST", "/admin/policies", {"files": files, "reason": "CHG-35"})
+        return status, answer
+
+    refused_then_queued(env, provision, "provisioned", "policy.provision", f"policy/v{first + 1}")
+    assert env.store.active_policy().number == first + 1
+    env.pump()
+    assert env.bundle(web).policy_version == first, "active, no bundle rebuilt under it"
+    status, answer = provision()
+    assert status == 201 and answer["version"] == first + 2, answer
+    env.pump()
+    assert env.bundle(web).policy_version == first + 2
+    assert emitted(capsys.readouterr().out).get("ComputeNotQueued") == 1
 
 
 @pytest.fixture

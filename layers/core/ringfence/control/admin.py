@@ -184,7 +184,9 @@ class Admin:
         if active_pv is not None and unverifiable:
             why = f"replaces version {active_pv.number}, whose files are not its own: fail-safes and idle not compared"
             self._lowered(principal, why, target)
-        self.w.enqueue_compute(rebuild=True)
+        # active: a failed compute message is answered 503 (NotQueued); the same files provisioned
+        # again become the next version (the same policy) and queue the rebuild
+        queue_stored(self.w, [], "provisioned", target, audit_id, rebuild=True)
         return Response(201, {"version": version, "digest": digest, "audit_id": audit_id, "warnings": found})
 
     def _unpublish(self, keys: dict[str, str]) -> None:

@@ -64,12 +64,14 @@ class NotQueued(Exception):
         self.cause = f"{type(cause).__name__}: {cause}"
 
 
-def queue_stored(w: BaseWiring, ids: Iterable[str], done: str, target: str, audit_id: str | None) -> None:
-    """Compute for ``ids`` after a change is stored, or :class:`NotQueued` (logged, counted as
-    ``ComputeNotQueued``): never a bare failure, whose caller would not know the change is in
-    the store but not enforced."""
+def queue_stored(
+    w: BaseWiring, ids: Iterable[str], done: str, target: str, audit_id: str | None, *, rebuild: bool = False
+) -> None:
+    """Compute for ``ids`` (``rebuild``: for every workload, a policy provisioned) after a change
+    is stored, or :class:`NotQueued` (logged, counted as ``ComputeNotQueued``): never a bare
+    failure, whose caller would not know the change is in the store but not enforced."""
     try:
-        w.enqueue_compute(ids)
+        w.enqueue_compute(ids, rebuild=rebuild)
     except Exception as exc:
         log.exception("%s: %s (audit record %s) but compute could not be queued", target, done, audit_id)
         w.metric(COMPUTE_NOT_QUEUED, 1)

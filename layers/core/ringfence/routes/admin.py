@@ -242,7 +242,15 @@ def admin_routes(
     @app.post(
         "/admin/policies",
         summary="provision a policy version (its tests must pass against the live inventory) — policy-author",
-        responses=answers(adminapi.ProvisionResponse, 201, errors=(400, 409), meaning=ADMIN_ERRORS),
+        responses=answers(
+            adminapi.ProvisionResponse,
+            201,
+            errors=(400, 409, 503),
+            meaning={
+                **ADMIN_ERRORS,
+                503: NOT_QUEUED + "; the same files again become the next version and queue the rebuild",
+            },
+        ),
         security=[{"sigv4": []}],
     )
     def provision(req: adminapi.ProvisionRequest) -> HttpResponse[str]:
