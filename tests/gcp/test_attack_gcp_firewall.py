@@ -11,7 +11,14 @@ from typing import Any
 import pytest
 
 from ringfence.clouds.gcp.clients import Endpoints
-from ringfence.clouds.gcp.firewall import FirewallPolicyPerimeter, GcpPerimeterConfig, policy_name
+from ringfence.clouds.gcp.firewall import (
+    MAX_RULE_PRIORITY,
+    ApplyFailed,
+    FirewallPolicyPerimeter,
+    GcpPerimeterConfig,
+    changes_of,
+    policy_name,
+)
 from ringfence.local.gcp_api import GcpApi
 from ringfence.perimeter import Member, NameTaken, PerimeterConfig, PlanRefused, PublishedService, Scope
 
@@ -49,13 +56,15 @@ def perimeter(gcp: GcpApi, project: str) -> FirewallPolicyPerimeter:
 
 
 def rules(gcp: GcpApi, project: str, network: str = "vpc-a") -> list[dict[str, Any]]:
-    return sorted(gcp.firewall_policies[project][policy_name(network)]["rules"], key=lambda r: r["priority"])
+    """The policy's rules by priority, GCP's predefined goto_next rules (not Ringfence's) left out."""
+    every = gcp.firewall_policies[project][policy_name(network)]["rules"]
+    return sorted((r for r in every if r["priority"] <= MAX_RULE_PRIORITY), key=lambda r: r["priority"])
 
 
-def internet_ingress(gcp: GcpApi, project: str) -> dict[str, set[str]]:
+def internet_ingress(gcp: GcpApi, project: str, network: str = "vpc-a") -> dict[str, set[str]]:
     """Secure tag value → the tcp ports the internet may reach on it."""
     out: dict[str, set[str]] = {}
-    for r in rules(gcp, project):
+    for r in rules(gcp, project, network):
         if r["direction"] == "INGRESS" and r["action"] == "allow" and "0.0.0.0/0" in r["match"].get("srcIpRanges", []):
             for t in r.get("targetSecureTags", []):
                 for l4 in r["match"]["layer4Configs"]:
@@ -308,3 +317,91 @@ def test_attack_gcp_a_stale_allow_in_an_unassociated_policy_is_never_enforced(
     assert [a["attachmentTarget"] for a in policy["associations"]] == [f"projects/{project}/global/networks/vpc-a"]
     assert internet_ingress(gcp, project) == {SHOP: {"443"}}
     assert all(p.empty for p in perimeter(gcp, project).reconcile(moved_on, GCFG, MEMBERS))
+
+
+def internet_ports(gcp: GcpApi, project: str, network: str) -> set[str]:
+    return {p for ports in internet_ingress(gcp, project, network).values() for p in ports}
+
+
+def predefined(gcp: GcpApi, project: str, network: str) -> list[dict[str, Any]]:
+    every = gcp.firewall_policies[project][policy_name(network)]["rules"]
+    return sorted((r for r in every if r["priority"] > MAX_RULE_PRIORITY), key=lambda r: r["priority"])
+
+
+def test_attack_gcp_predefined_rules_never_keep_a_later_networks_stale_internet_allow(gcp: GcpApi) -> None:
+    """GCP adds four goto_next rules that cannot be modified or removed to every policy made
+    through the API (priorities 2147483644-2147483647). The shop LB (vpc-b) and the jumpbox
+    (vpc-c) are retired: the full run closes their networks and leaves GCP's rules alone. It used
+    to plan removing them (audited as removals), failed on the first (400) and never reached
+    vpc-b and vpc-c, whose internet allows (tcp/443, tcp/22) stayed open on every later run."""
+    project = project_of(gcp, "fw-predefined")
+    members = [
+        Member("1", "vpc-a", {"env": "prod", "role": "db"}),
+        Member("2", "vpc-b", {"env": "prod", "role": "lb"}),
+        Member("3", "vpc-c", {"env": "prod", "role": "jumpbox"}),
+    ]
+    perimeter(gcp, project).reconcile(CONFIG, GCFG, members)
+    assert (internet_ports(gcp, project, "vpc-b"), internet_ports(gcp, project, "vpc-c")) == ({"443"}, {"22"})
+    made = {n: predefined(gcp, project, n) for n in ("vpc-a", "vpc-b", "vpc-c")}
+    assert [r["priority"] for r in made["vpc-a"]] == [2147483644, 2147483645, 2147483646, 2147483647]
+    audited: list[dict[str, Any]] = []
+    perimeter(gcp, project).reconcile(CONFIG, GCFG, members[:1], applying=lambda p: audited.append(changes_of(p)))
+    assert internet_ports(gcp, project, "vpc-b") == set() and internet_ports(gcp, project, "vpc-c") == set()
+    [record] = audited
+    assert {r["policy"] for r in record["rules_removed"]} == {"rf-vpc-b", "rf-vpc-c"}
+    assert all(r["priority"] <= MAX_RULE_PRIORITY for r in record["rules_removed"] + record["rules_added"])
+    assert {n: predefined(gcp, project, n) for n in made} == made
+    # converged: the next full run (and its dry run) plans nothing, GCP's rules included
+    assert all(p.empty for p in perimeter(gcp, project).reconcile(CONFIG, GCFG, members[:1], dry_run=True))
+    assert all(p.empty for p in perimeter(gcp, project).reconcile(CONFIG, GCFG, members[:1]))
+
+
+def test_attack_gcp_one_networks_failed_write_does_not_starve_the_next(
+    gcp: GcpApi, fail_once: Callable[[str], None]
+) -> None:
+    """vpc-a's removal is refused: vpc-b (after it in name order) is still closed in the same run
+    (its internet allow removed) and the error names vpc-a (one refused write used to abort the
+    rest of the project's plans); the next run converges vpc-a."""
+    project = project_of(gcp, "fw-per-network")
+    members = [
+        Member("1", "vpc-a", {"env": "prod", "role": "jumpbox"}),
+        Member("2", "vpc-b", {"env": "prod", "role": "lb"}),
+    ]
+    perimeter(gcp, project).reconcile(CONFIG, GCFG, members)
+    fail_once("removeRule")
+    with pytest.raises(ApplyFailed, match=r"network vpc-a: .*simulated refusal") as err:
+        perimeter(gcp, project).reconcile(CONFIG, GCFG, [])
+    assert list(err.value.failures) == ["vpc-a"]
+    assert internet_ports(gcp, project, "vpc-b") == set()
+    assert internet_ports(gcp, project, "vpc-a") == {"22"}
+    perimeter(gcp, project).reconcile(CONFIG, GCFG, [])
+    assert internet_ports(gcp, project, "vpc-a") == set()
+    assert all(p.empty for p in perimeter(gcp, project).reconcile(CONFIG, GCFG, []))
+
+
+def test_gcp_predefined_rules_are_made_on_insert_and_refused_to_change(gcp: GcpApi) -> None:
+    """The local API as GCP: a policy made through it has the four predefined goto_next rules,
+    which removeRule and patchRule refuse, and no rule is added above priority 2147483547."""
+    from google.api_core.exceptions import BadRequest
+    from google.cloud import compute_v1
+
+    project = project_of(gcp, "fw-predefined-api")
+    perimeter(gcp, project).reconcile(CONFIG, GCFG, MEMBERS)
+    client = perimeter(gcp, project).client
+    kept = copy.deepcopy(predefined(gcp, project, "vpc-a"))
+    assert [(r["priority"], r["direction"], r["action"]) for r in kept] == [
+        (2147483644, "EGRESS", "goto_next"),
+        (2147483645, "INGRESS", "goto_next"),
+        (2147483646, "EGRESS", "goto_next"),
+        (2147483647, "INGRESS", "goto_next"),
+    ]
+    at = {"project": project, "firewall_policy": "rf-vpc-a", "priority": 2147483647}
+    rule = compute_v1.FirewallPolicyRule(priority=2147483647, action="deny", direction="INGRESS")
+    with pytest.raises(BadRequest, match="predefined"):
+        client.remove_rule(request=at)
+    with pytest.raises(BadRequest, match="predefined"):
+        client.patch_rule(request=at | {"firewall_policy_rule_resource": rule})
+    rule.priority = MAX_RULE_PRIORITY + 1
+    with pytest.raises(BadRequest, match="between 0 and 2147483547"):
+        client.add_rule(project=project, firewall_policy="rf-vpc-a", firewall_policy_rule_resource=rule)
+    assert predefined(gcp, project, "vpc-a") == kept

@@ -15,6 +15,7 @@ from ringfence.clouds.gcp.firewall import (
     GcpPerimeterConfig,
     diff,
     policy_name,
+    read_rules,
 )
 from ringfence.local.gcp_api import GcpApi
 from ringfence.perimeter import Member, PerimeterConfig, PlanRefused, PublishedService, QuotaExceeded, Scope
@@ -52,7 +53,7 @@ def gcfg(**kw: object) -> GcpPerimeterConfig:
 
 def rules_of(gcp: GcpApi, network: str) -> dict[int, FwRule]:
     policy = gcp.firewall_policies[PROJECT][policy_name(network)]
-    return dict(FwRule.from_resource(r) for r in policy["rules"])
+    return read_rules(policy["rules"])
 
 
 def test_the_plan_becomes_one_policy_per_network_with_env_boundaries_and_a_final_deny(gcp: GcpApi) -> None:

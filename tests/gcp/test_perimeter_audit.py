@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from ringfence.audit import AuditRecord
-from ringfence.clouds.gcp.firewall import FwRule, GcpPerimeterConfig, rule_doc
+from ringfence.clouds.gcp.firewall import FwRule, GcpPerimeterConfig, read_rules, rule_doc
 from ringfence.clouds.gcp.reconcile import GcpPerimeter, GcpReconcile
 from ringfence.clouds.onprem import OnPremAdmin
 from ringfence.local.gcp_api import GcpApi
@@ -59,11 +59,9 @@ def applied(w: LocalWiring) -> list[AuditRecord]:
 
 
 def policies(gcp: GcpApi) -> dict[str, dict[int, FwRule]]:
-    """Policy name → its rules by priority, as the API holds them."""
-    return {
-        name: dict(FwRule.from_resource(r) for r in p["rules"])
-        for name, p in gcp.firewall_policies.get(PROJECT, {}).items()
-    }
+    """Policy name → its rules by priority, as the API holds them (GCP's predefined rules left out:
+    Ringfence neither writes nor audits them)."""
+    return {name: read_rules(p["rules"]) for name, p in gcp.firewall_policies.get(PROJECT, {}).items()}
 
 
 def docs(rules: dict[str, dict[int, FwRule]]) -> list[str]:

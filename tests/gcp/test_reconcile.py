@@ -5,6 +5,9 @@ policy follows the labels, a second run writes nothing, an over-limit plan chang
 from __future__ import annotations
 
 import json
+from typing import Any
+
+import pytest
 
 from ringfence.clouds.gcp.firewall import FwRule, GcpLimits, GcpPerimeterConfig, policy_name
 from ringfence.clouds.gcp.reconcile import GcpPerimeter, GcpReconcile
@@ -89,3 +92,30 @@ def test_a_new_env_adds_only_its_rules_and_the_existing_keep_their_priorities(gc
     added = [r for p, r in after.items() if p not in before]
     assert added and all(r.target_tags == ("tagValues/302",) for r in added)
     assert res.perimeter_writes == len(added)
+
+
+def test_a_refused_perimeter_write_fails_the_project_by_network_and_is_counted(
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every rule write refused (400): the run reports the project failed, naming the network,
+    counts it (GcpReconcileFailed) and no perimeter write; the other networks' plans are applied
+    on their own (tests/gcp/test_attack_gcp_firewall.py)."""
+    from ringfence.local import gcp_api
+
+    tags = GcpPerimeterConfig(env_tags={"prod": PROD, "dev": "tagValues/302"})  # the module's VMs' envs
+    web_vm(gcp, "10.30.0.9")
+    assert GcpReconcile(wiring, gcp_config(gcp), GcpPerimeter(PERIMETER.config, tags)).run().failed == {}
+    real = GcpApi._firewall
+
+    def refuse(self: GcpApi, method: str, project: str, rest: str, query: Any, body: Any) -> Any:
+        if rest.endswith(("/addRule", "/removeRule")):
+            raise gcp_api._HttpError(400, "simulated refusal", "invalid")
+        return real(self, method, project, rest, query, body)
+
+    monkeypatch.setattr(GcpApi, "_firewall", refuse)
+    moved = GcpPerimeter(PERIMETER.config.model_copy(update={"admin_cidrs": ["10.255.9.0/24"]}), tags)
+    counted: list[tuple[str, float]] = []
+    res = GcpReconcile(wiring, gcp_config(gcp), moved, metric=lambda n, v: counted.append((n, v))).run()
+    assert res.failed[PROJECT].startswith("perimeter apply failed for network default: BadRequest")
+    assert "simulated refusal" in res.failed[PROJECT] and res.perimeter_writes == 0
+    assert ("GcpReconcileFailed", 1) in counted

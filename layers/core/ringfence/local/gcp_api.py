@@ -15,7 +15,10 @@ what is tested is the SDK's wire format, not a mock of it. It implements only wh
   addAssociation (every mutation answers a finished operation; a rule is answered with the
   output-only ``ruleTupleCount`` and secure tag ``state`` Google adds; as on GCP, a network is
   associated with at most one global network firewall policy: a second ``addAssociation`` of it is
-  an error unless ``replaceExistingAssociation=true``);
+  an error unless ``replaceExistingAssociation=true``; as on GCP, insert adds the four predefined
+  ``goto_next`` rules at priorities 2147483644-2147483647 (:data:`PREDEFINED_RULES`), which
+  patchRule and removeRule refuse (400; the shape of GCP's error is not verified), and addRule
+  refuses a priority above 2147483547);
 * Resource Manager v3: ``tagBindings`` and ``effectiveTags`` list by ``parent``;
 * Cloud Logging v2: ``entries:list`` over the entries written with :meth:`GcpApi.write_log` (the
   audit entries :mod:`ringfence.local.gcp_events` builds for the changes made here), for
@@ -549,7 +552,7 @@ class GcpApi:
                 "id": str(next(_ids)),
                 "name": name,
                 "description": body.get("description", ""),
-                "rules": [],
+                "rules": [_stored_rule(r) for r in PREDEFINED_RULES],
                 "associations": [],
                 "fingerprint": _b64(uuid.uuid4().bytes[:8]),
             }
@@ -566,7 +569,21 @@ class GcpApi:
             if rule is None:
                 raise _HttpError(404, "no rule at that priority")
             return 200, rule
+        if verb in ("patchRule", "removeRule") and int(query.get("priority", -1)) > MAX_RULE_PRIORITY:
+            raise _HttpError(
+                400,
+                f"Invalid value for field 'priority': {query.get('priority')}. "
+                "A predefined rule of a firewall policy cannot be modified or removed.",
+                "invalid",
+            )
         if verb == "addRule":
+            if not 0 <= int(body.get("priority", -1)) <= MAX_RULE_PRIORITY:
+                raise _HttpError(
+                    400,
+                    f"Invalid value for field 'priority': {body.get('priority')}. "
+                    f"It must be between 0 and {MAX_RULE_PRIORITY}.",
+                    "invalid",
+                )
             if any(r["priority"] == body.get("priority") for r in rules):
                 raise _HttpError(400, f"a rule with priority {body.get('priority')} already exists", "invalid")
             rules.append(_stored_rule(body))
@@ -603,6 +620,27 @@ class GcpApi:
             raise _HttpError(405, f"{method} not supported on {rest}")
         policy["fingerprint"] = _b64(uuid.uuid4().bytes[:8])
         return 200, _operation(project, f"operation-{uuid.uuid4().hex}", done=True)
+
+
+# the lowest priority a rule added to a firewall policy may take, and the rules GCP adds to a
+# network firewall policy created through the API (they cannot be modified or removed):
+# https://cloud.google.com/firewall/docs/firewall-policies-rule-details,
+# https://cloud.google.com/firewall/docs/pre-defined-rules
+MAX_RULE_PRIORITY = 2147483547
+PREDEFINED_RULES: tuple[dict[str, Any], ...] = tuple(
+    {
+        "priority": priority,
+        "direction": direction,
+        "action": "goto_next",
+        "match": {ranges: [cidr], "layer4Configs": [{"ipProtocol": "all"}]},
+    }
+    for priority, direction, ranges, cidr in (
+        (2147483644, "EGRESS", "destIpRanges", "::/0"),
+        (2147483645, "INGRESS", "srcIpRanges", "::/0"),
+        (2147483646, "EGRESS", "destIpRanges", "0.0.0.0/0"),
+        (2147483647, "INGRESS", "srcIpRanges", "0.0.0.0/0"),
+    )
+)
 
 
 def _stored_rule(body: dict[str, Any]) -> dict[str, Any]:

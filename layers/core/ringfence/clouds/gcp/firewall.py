@@ -20,7 +20,11 @@ wanted keeps its priority; only the missing is added (lowest free priority of it
 full run, the unwanted removed. A rule read back is compared whole: disabled, a second
 layer4Config or any field Ringfence does not write makes it equal to no wanted rule (replaced).
 A full run also empties of allows every policy Ringfence made (name and description) whose
-network has no member left, keeping its boundary denies. Limits (:class:`GcpLimits`) are checked
+network has no member left, keeping its boundary denies. GCP's predefined rules (the four
+``goto_next`` rules it adds, above :data:`MAX_RULE_PRIORITY`, to a policy created through the API,
+which cannot be modified or removed) are not read: no plan, limit or audit record counts them.
+Each network's plan is applied on its own: one that fails does not keep the others from being
+applied (:class:`ApplyFailed` names it). Limits (:class:`GcpLimits`) are checked
 on the whole plan first: over one, nothing is changed and the error names it. The defaults are
 placeholders to be set from https://cloud.google.com/firewall/docs/quotas for the organization
 (not verified here).
@@ -34,7 +38,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from google.api_core.exceptions import NotFound
+from google.api_core.exceptions import GoogleAPICallError, NotFound, RetryError
 from pydantic import BaseModel, ConfigDict, Field
 
 from ringfence.perimeter import (
@@ -46,6 +50,7 @@ from ringfence.perimeter import (
     Member,
     NameTaken,
     PerimeterConfig,
+    PerimeterError,
     PerimeterRule,
     PlanRefused,
     QuotaExceeded,
@@ -59,6 +64,21 @@ from .instances import as_dict
 
 ALLOW_BAND = (1000, 59999)
 DENY_BAND = (60000, 64999)
+# the lowest priority a rule of a firewall policy may be given; GCP's predefined goto_next rules sit
+# above it (2147483644-2147483647) and cannot be modified or removed, so Ringfence never reads them
+# (https://cloud.google.com/firewall/docs/firewall-policies-rule-details, .../pre-defined-rules)
+MAX_RULE_PRIORITY = 2147483547
+
+
+class ApplyFailed(PerimeterError):
+    """Applying the plans of some networks failed (each is applied on its own: the others were)."""
+
+    def __init__(self, failures: dict[str, str]) -> None:
+        super().__init__(
+            "perimeter apply failed for "
+            + "; ".join(f"network {network}: {why}" for network, why in sorted(failures.items()))
+        )
+        self.failures = failures
 
 
 class GcpLimits(BaseModel):
@@ -151,6 +171,12 @@ class FwRule:
         if read != _written(rule.resource(prio)):
             rule = replace(rule, foreign=json.dumps(read, sort_keys=True))
         return prio, rule
+
+
+def read_rules(resources: Iterable[Mapping[str, Any]]) -> dict[int, FwRule]:
+    """A policy's rules as Ringfence plans with them (priority → rule), GCP's predefined rules
+    (above :data:`MAX_RULE_PRIORITY`) left out: they are not Ringfence's to change."""
+    return dict(FwRule.from_resource(r) for r in resources if int(r["priority"]) <= MAX_RULE_PRIORITY)
 
 
 # what the API adds to a rule and Ringfence does not write (a secure tag's ``state``: EFFECTIVE
@@ -337,7 +363,8 @@ def diff(
 ) -> PolicyPlan:
     """The smallest change from ``existing`` (priority → rule; None: no policy yet) to ``wanted``."""
     p = PolicyPlan(network, policy_name(network), create=existing is None)
-    have = dict(existing or {})
+    # GCP's predefined rules are never Ringfence's to remove (read_rules leaves them out already)
+    have = {prio: r for prio, r in (existing or {}).items() if prio <= MAX_RULE_PRIORITY}
     present = set(have.values())
     used = set(have)
     if scope is Scope.FULL:
@@ -393,7 +420,7 @@ class FirewallPolicyPerimeter:
             _network_ref(a.get("attachmentTarget")) == self.target(network)
             for a in policy.get("associations", []) or []
         )
-        return dict(FwRule.from_resource(r) for r in policy.get("rules", []) or []), associated
+        return read_rules(policy.get("rules", []) or []), associated
 
     def holders(self) -> dict[str, str]:
         """Network resource name (projects/P/global/networks/N) → the name of the project's global
@@ -426,7 +453,8 @@ class FirewallPolicyPerimeter:
         """Plan every network's policy, check it whole, then apply (unless ``dry_run``). Raises
         :class:`PlanRefused` / :class:`QuotaExceeded` with nothing changed. ``applying`` is told
         the plans that change something before the first change (to audit them): raising there
-        changes nothing."""
+        changes nothing. Each network's plan is applied on its own: if any fails, the others are
+        still applied and :class:`ApplyFailed` is raised after, naming each that failed."""
         members = list(members)
         ds = desired_state(config, members)
         # the neutral plan merges every published service of an env into one group: GCP targets
@@ -490,8 +518,16 @@ class FirewallPolicyPerimeter:
             todo = [p for p in plans if not p.empty]
             if todo and applying is not None:
                 applying(todo)
+            failed: dict[str, str] = {}
             for plan in todo:
-                self.apply(plan)
+                # one network's refused write must not leave the networks after it (name order)
+                # without their adds and removals: a retired service's internet allow kept open
+                try:
+                    self.apply(plan)
+                except (GoogleAPICallError, RetryError) as exc:
+                    failed[plan.network] = f"{type(exc).__name__}: {exc}"
+            if failed:
+                raise ApplyFailed(failed)
         return plans
 
     def apply(self, plan: PolicyPlan) -> None:

@@ -24,7 +24,7 @@ from ringfence.control.wiring import BaseWiring, Metric, log, no_metric
 from ringfence.perimeter import AuditNotWritten, PerimeterConfig, PlanRefused
 
 from .config import GcpConfig
-from .firewall import FirewallPolicyPerimeter, GcpPerimeterConfig, PolicyPlan, changes_of, members
+from .firewall import ApplyFailed, FirewallPolicyPerimeter, GcpPerimeterConfig, PolicyPlan, changes_of, members
 from .ingest import GcpIngest
 
 PRINCIPAL = "ringfence:perimeter"  # who the perimeter's audit records name, in every cloud
@@ -96,9 +96,10 @@ class GcpReconcile:
                     writes = sum(len(p.add) + len(p.remove) + int(p.create) + int(p.associate) for p in plans)
                     res.perimeter_writes += writes
                     self.metric("GcpPerimeterWrites", writes)
-            except (GoogleAPICallError, RetryError, PlanRefused) as exc:
+            except (GoogleAPICallError, RetryError, PlanRefused, ApplyFailed) as exc:
                 # one project's failure (throttled past the retry, over a limit) leaves the others
-                # converged; a refused plan changed nothing (limits are checked before any write)
+                # converged; a refused plan changed nothing (limits are checked before any write);
+                # ApplyFailed: some networks' writes failed, the project's other networks were applied
                 log.error("gcp reconcile of %s failed: %s", project, exc)
                 res.failed[project] = str(exc)
                 self.metric("GcpReconcileFailed", 1)
