@@ -405,3 +405,30 @@ def test_gcp_predefined_rules_are_made_on_insert_and_refused_to_change(gcp: GcpA
     with pytest.raises(BadRequest, match="between 0 and 2147483547"):
         client.add_rule(project=project, firewall_policy="rf-vpc-a", firewall_policy_rule_resource=rule)
     assert predefined(gcp, project, "vpc-a") == kept
+
+
+def test_attack_gcp_a_memberless_networks_tampered_boundary_deny_is_repaired(gcp: GcpApi) -> None:
+    """vpc-a's last member left; by hand its IPv4 boundary deny is narrowed to one /32 and its IPv6
+    deny removed. The full run restores both as Ringfence writes them (it used to rebuild the
+    closed policy from the rules it read: the narrowed deny was kept, the removed one not restored,
+    so a VM tagged prod on vpc-a later was open to the internet until the next pass)."""
+    project = project_of(gcp, "fw-closed-tampered")
+    perimeter(gcp, project).reconcile(CONFIG, GCFG, MEMBERS)
+    other = [Member("9", "vpc-b", {"env": "dev"})]
+    perimeter(gcp, project).reconcile(CONFIG, GCFG, other)
+    whole = {
+        (r["match"]["srcIpRanges"][0], r["targetSecureTags"][0]["name"], r["description"]) for r in rules(gcp, project)
+    }
+    assert whole == {("0.0.0.0/0", "tagValues/101", "rf-prod-boundary"), ("::/0", "tagValues/101", "rf-prod-boundary")}
+    as_written = sorted(repr({k: v for k, v in r.items() if k != "priority"}) for r in rules(gcp, project))
+    policy = gcp.firewall_policies[project]["rf-vpc-a"]
+    v4 = next(r for r in policy["rules"] if r["action"] == "deny" and r["match"]["srcIpRanges"] == ["0.0.0.0/0"])
+    v4["match"]["srcIpRanges"] = ["203.0.113.7/32"]
+    policy["rules"] = [
+        r for r in policy["rules"] if r.get("match", {}).get("srcIpRanges") != ["::/0"] or r["action"] != "deny"
+    ]
+    perimeter(gcp, project).reconcile(CONFIG, GCFG, other)
+    now = rules(gcp, project)
+    assert {(r["match"]["srcIpRanges"][0], r["targetSecureTags"][0]["name"], r["description"]) for r in now} == whole
+    assert sorted(repr({k: v for k, v in r.items() if k != "priority"}) for r in now) == as_written
+    assert all(p.empty for p in perimeter(gcp, project).reconcile(CONFIG, GCFG, other))

@@ -20,11 +20,12 @@ wanted keeps its priority; only the missing is added (lowest free priority of it
 full run, the unwanted removed. A rule read back is compared whole: disabled, a second
 layer4Config or any field Ringfence does not write makes it equal to no wanted rule (replaced).
 A full run also empties of allows every policy Ringfence made (name and description) whose
-network has no member left, keeping its boundary denies. GCP's predefined rules (the four
-``goto_next`` rules it adds, above :data:`MAX_RULE_PRIORITY`, to a policy created through the API,
-which cannot be modified or removed) are not read: no plan, limit or audit record counts them.
-Each network's plan is applied on its own: one that fails does not keep the others from being
-applied (:class:`ApplyFailed` names it). Limits (:class:`GcpLimits`) are checked
+network has no member left, leaving it the boundary denies (as :func:`translate` writes them) of
+every env tag its ingress denies target. GCP's predefined rules (the four ``goto_next`` rules it
+adds, above :data:`MAX_RULE_PRIORITY`, to a policy created through the API, which cannot be
+modified or removed) are not read: no plan, limit or audit record counts them. Each network's
+plan is applied on its own: one that fails does not keep the others from being applied
+(:class:`ApplyFailed` names it). Limits (:class:`GcpLimits`) are checked
 on the whole plan first: over one, nothing is changed and the error names it. The defaults are
 placeholders to be set from https://cloud.google.com/firewall/docs/quotas for the organization
 (not verified here).
@@ -55,6 +56,7 @@ from ringfence.perimeter import (
     PlanRefused,
     QuotaExceeded,
     Scope,
+    boundary_name,
     desired_state,
 )
 from ringfence.store.base import InventoryRecord
@@ -223,15 +225,31 @@ def owned_network(policy: Mapping[str, Any]) -> str | None:
     return network
 
 
-def closed(existing: Mapping[int, FwRule]) -> set[FwRule]:
-    """What an owned policy of a network without members keeps: its boundary denies (as Ringfence
-    writes them: a disabled or altered one comes back whole), no allow — a VM tagged into the env
-    later is closed until the next pass plans its perimeter."""
+def boundary_denies(group: str, env_tag: str) -> set[FwRule]:
+    """An env's boundary denies: all other ingress to its tag stops (IPv4 and IPv6)."""
     return {
-        replace(r, foreign="")
-        for r in existing.values()
-        if r.action == "deny" and r.direction == "INGRESS" and r.group.endswith("-boundary") and r.target_tags
+        FwRule("INGRESS", "deny", "all", (), src_ranges=(src,), target_tags=(env_tag,), group=group)
+        for src in (ANY_V4, ANY_V6)
     }
+
+
+def closed(existing: Mapping[int, FwRule], env_tags: Mapping[str, str]) -> set[FwRule]:
+    """What an owned policy of a network without members keeps: no allow, and the boundary denies
+    of every env tag an ingress deny of it targets, built as :func:`translate` writes them (not
+    from the rules read: one narrowed, disabled or deleted by hand comes back whole) — a VM tagged
+    into the env later is closed until the next pass plans its perimeter. ``env_tags``: env →
+    tag value (the boundary group of a tag no longer configured is taken from its deny)."""
+    env_of = {tag: env for env, tag in env_tags.items()}
+    out: set[FwRule] = set()
+    for r in existing.values():
+        if r.action != "deny" or r.direction != "INGRESS":
+            continue
+        for tag in r.target_tags:
+            if tag in env_of:
+                out |= boundary_denies(boundary_name(env_of[tag]), tag)
+            elif r.group.endswith("-boundary"):
+                out |= boundary_denies(r.group, tag)
+    return out
 
 
 def _protocol(rule: PerimeterRule) -> tuple[str, tuple[str, ...]]:
@@ -290,8 +308,7 @@ def translate(
                 problems.append(f"{g.name}: a {r.peer_kind} peer ({r.peer}) has no GCP firewall equivalent")
         if g.name.endswith("-boundary"):
             # everything the allows above did not admit stops at the env's boundary
-            rules.add(FwRule("INGRESS", "deny", "all", (), src_ranges=(ANY_V4,), target_tags=(env_tag,), group=g.name))
-            rules.add(FwRule("INGRESS", "deny", "all", (), src_ranges=(ANY_V6,), target_tags=(env_tag,), group=g.name))
+            rules |= boundary_denies(g.name, env_tag)
     return wanted, problems
 
 
@@ -509,7 +526,7 @@ class FirewallPolicyPerimeter:
                 existing, _ = self.read(network)
                 if existing is None:
                     continue
-                plan = diff(network, closed(existing), existing, scope)
+                plan = diff(network, closed(existing, gcfg.env_tags), existing, scope)
                 if not plan.empty:
                     plans.append(plan)
         if over:
