@@ -412,15 +412,21 @@ def test_expired_deltas_make_the_api_ask_compute_for_a_whole_bundle(env: Env) ->
     assert in_set(got, ip_of(env, new))
 
 
-def give_instance_profile(env: Env, iid: str, role: str = "web-instance-role") -> str:
-    """An instance profile holding ``role``, attached to the instance (as EC2 launches it)."""
+EC2_ONLY_TRUST = {
+    "Version": "2012-10-17",
+    "Statement": [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}],
+}
+
+
+def give_instance_profile(
+    env: Env, iid: str, role: str = "web-instance-role", trust: dict[str, Any] | None = None
+) -> str:
+    """An instance profile holding ``role`` (created with ``trust``, by default EC2's alone),
+    attached to the instance (as EC2 launches it)."""
     import boto3
 
     iam = boto3.client("iam")
-    trust = {
-        "Version": "2012-10-17",
-        "Statement": [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}],
-    }
+    trust = trust or EC2_ONLY_TRUST
     with contextlib.suppress(iam.exceptions.EntityAlreadyExistsException):
         iam.create_role(RoleName=role, AssumeRolePolicyDocument=json.dumps(trust))
     profile = f"{role}-profile"
@@ -432,18 +438,25 @@ def give_instance_profile(env: Env, iid: str, role: str = "web-instance-role") -
 
 
 def sts_request(
-    env: Env, iid: str, nonce: str, sign_nonce: bool = True, role: str = "web-instance-role"
+    env: Env,
+    iid: str,
+    nonce: str,
+    sign_nonce: bool = True,
+    role: str = "web-instance-role",
+    creds: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What an agent sends for aws-sts: a GetCallerIdentity signed with its instance-profile
-    credentials (here: an assumed-role session named after the instance, as EC2 does)."""
+    credentials (here: an assumed-role session named after the instance, as EC2 does; or
+    ``creds``, an AssumeRole answer's)."""
     import boto3
     from botocore.auth import SigV4Auth
     from botocore.awsrequest import AWSRequest
     from botocore.credentials import Credentials
 
-    creds = boto3.client("sts").assume_role(RoleArn=f"arn:aws:iam::{ACCOUNT}:role/{role}", RoleSessionName=iid)[
-        "Credentials"
-    ]
+    if creds is None:
+        creds = boto3.client("sts").assume_role(RoleArn=f"arn:aws:iam::{ACCOUNT}:role/{role}", RoleSessionName=iid)[
+            "Credentials"
+        ]
     url = f"{env.url}/?Action=GetCallerIdentity&Version=2011-06-15"
     req = AWSRequest(method="GET", url=url, headers={"X-Ringfence-Nonce": nonce} if sign_nonce else {})
     SigV4Auth(

@@ -11,11 +11,17 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import boto3
 import pytest
+from botocore.auth import SigV4Auth, SigV4QueryAuth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
 
-from ringfence.clouds.aws.enroll import sts_endpoint_allowed
-from tests.aws.conftest import Env
+from ringfence.clouds.aws import enroll as aws_enroll
+from ringfence.clouds.aws.enroll import ProofError, replay_sts, sts_endpoint_allowed, trust_admits_others
+from tests.aws.conftest import ACCOUNT, REGION, Env
 from tests.aws.test_agent_api import (
+    EC2_ONLY_TRUST,
     auth,
     enroll_pairing,
     give_instance_profile,
@@ -195,6 +201,206 @@ def test_attack_sts_redirect_is_not_followed(env: Env, redirector: str, monkeypa
     req["sts_url"] = req["sts_url"].replace(env.url, redirector)
     status, body = enroll(env, req)
     assert status == 401 and "302" in body["detail"], body
+
+
+def _assumed(role: str, session: str, creds: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An AssumeRole answer's credentials (moto does not evaluate trust policies: AWS admits what
+    the role's trust policy admits, which is what the tests vary)."""
+    keys = {}
+    if creds is not None:
+        keys = {
+            "aws_access_key_id": creds["AccessKeyId"],
+            "aws_secret_access_key": creds["SecretAccessKey"],
+            "aws_session_token": creds["SessionToken"],
+        }
+    sts = boto3.client("sts", **keys)
+    answer: dict[str, Any] = sts.assume_role(RoleArn=f"arn:aws:iam::{ACCOUNT}:role/{role}", RoleSessionName=session)
+    return answer["Credentials"]
+
+
+SHARED_TRUST = {  # EC2, and the account's principals (role chaining, a user, a CI role...)
+    "Version": "2012-10-17",
+    "Statement": [
+        {"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"},
+        {"Effect": "Allow", "Principal": {"AWS": f"arn:aws:iam::{ACCOUNT}:root"}, "Action": "sts:AssumeRole"},
+    ],
+}
+
+
+def test_attack_sts_session_named_after_another_instance_of_a_role_others_may_assume_is_refused(
+    sts_env: Env,
+) -> None:
+    """Instances A and B share a role (an Auto Scaling group's) whose trust policy also admits the
+    account's principals: A's role credentials assume the role again with RoleSessionName=<B>,
+    and the ARN, assumed-role/<role>/<B>, is byte for byte the one EC2 gives B. The role is B's
+    profile role, but only EC2 names sessions after instances: refused, nothing bound, and B's
+    own agent still enrolls. A role EC2 alone may assume still enrolls by aws-sts."""
+    env = sts_env
+    est = boot(env)
+    a, b = est["ids"]["web"][0], est["ids"]["web"][1]
+    give_instance_profile(env, a, "shared-web-role", SHARED_TRUST)
+    give_instance_profile(env, b, "shared-web-role", SHARED_TRUST)
+    a_creds = _assumed("shared-web-role", a)  # what IMDS hands A
+    b_named = _assumed("shared-web-role", b, creds=a_creds)  # A's credentials, the session named B
+    thief = AgentKey()
+    n = nonce(env)
+    req = dict(sts_request(env, b, n, creds=b_named), agent_key=thief.pem, agent_signature=thief.prove("enroll", b, n))
+    status, body = enroll(env, req)
+    assert status == 401, body
+    assert "role shared-web-role" in body["detail"] and "admits principals other than EC2" in body["detail"], body
+    assert "sessions named after an instance are not proof" in body["detail"], body
+    assert env.store.agent_key(b) is None, "nothing bound to B"
+    status, body = enroll_iid(env, b)  # B's own agent, its identity document and its key
+    assert status == 200 and body["workload_id"] == b, body
+    # a role whose trust policy admits EC2 alone: its session names are EC2's, and it enrolls
+    db = est["ids"]["db"][0]
+    give_instance_profile(env, db, "db-instance-role", EC2_ONLY_TRUST)
+    status, body = enroll(env, sts_request(env, db, nonce(env), role="db-instance-role"))
+    assert status == 200 and body["workload_id"] == db, body
+
+
+def test_a_trust_policy_change_decides_sts_enrollments_after_the_cache_ttl(
+    sts_env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent-API container keeps a role's verdict ROLE_TRUST_TTL_S (60 s): a role widened to
+    other principals refuses sessions once that has passed."""
+    env = sts_env
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    give_instance_profile(env, web)
+    assert enroll(env, sts_request(env, web, nonce(env)))[0] == 200
+    boto3.client("iam").update_assume_role_policy(RoleName="web-instance-role", PolicyDocument=json.dumps(SHARED_TRUST))
+    assert enroll(env, sts_request(env, web, nonce(env)))[0] == 200, "the verdict read a moment ago"
+    later = time.monotonic() + aws_enroll.ROLE_TRUST_TTL_S + 1
+    monkeypatch.setattr(aws_enroll, "_clock", lambda: later)
+    status, body = enroll(env, sts_request(env, web, nonce(env)))
+    assert status == 401 and "admits principals other than EC2" in body["detail"], body
+
+
+def _allow(principal: Any, action: Any = "sts:AssumeRole", **more: Any) -> dict[str, Any]:
+    return {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Principal": principal, "Action": action, **more}],
+    }
+
+
+def test_trust_policies_that_admit_any_principal_but_ec2_are_refused() -> None:
+    ec2 = {"Service": "ec2.amazonaws.com"}
+    for refused in (
+        _allow({"AWS": f"arn:aws:iam::{ACCOUNT}:root"}),
+        _allow("*"),
+        _allow({"AWS": "*"}),
+        _allow({"Service": ["ec2.amazonaws.com", "lambda.amazonaws.com"]}),  # a function named i-...
+        _allow({"Service": "ec2.amazonaws.com", "AWS": f"arn:aws:iam::{ACCOUNT}:root"}),
+        _allow({"Federated": "arn:aws:iam::123456789012:oidc-provider/x"}, "sts:AssumeRoleWithWebIdentity"),
+        _allow({"Federated": "arn:aws:iam::123456789012:saml-provider/x"}, "sts:AssumeRoleWithSAML"),
+        _allow({"CanonicalUser": "abc"}),
+        _allow({"AWS": "arn:aws:iam::111122223333:root"}, "sts:*"),
+        _allow({"AWS": "arn:aws:iam::111122223333:root"}, "*"),
+        _allow({"AWS": "arn:aws:iam::111122223333:root"}, ["sts:TagSession", "STS:assumerole"]),
+        _allow({"AWS": "arn:aws:iam::111122223333:root"}, "sts:Assume?ole"),
+        {"Statement": [{"Effect": "Allow", "NotPrincipal": ec2, "Action": "sts:AssumeRole"}]},
+        {"Statement": [{"Effect": "Allow", "Principal": ec2, "NotAction": "sts:TagSession"}]},
+        {"Statement": {"Effect": "Allow", "Principal": {"AWS": "x"}, "Action": "sts:AssumeRole"}},
+        {
+            "Statement": [
+                EC2_ONLY_TRUST["Statement"][0],
+                {"Effect": "Allow", "Principal": {"AWS": "x"}, "Action": "sts:*"},
+            ]
+        },
+        {"Version": "2012-10-17"},
+        "%7B%22Statement%22%3A%5B%7B%22Effect%22%3A%22Allow%22%2C%22Principal%22%3A%22%2A%22%2C%22Action%22%3A%22sts%3AAssumeRole%22%7D%5D%7D",
+        "not json",
+    ):
+        assert trust_admits_others(refused) is not None, refused
+    for ec2_alone in (
+        EC2_ONLY_TRUST,
+        _allow({"Service": ["ec2.amazonaws.com"]}, ["sts:AssumeRole", "sts:TagSession"]),
+        _allow(ec2, "sts:AssumeRole", Condition={"StringEquals": {"aws:SourceAccount": ACCOUNT}}),
+        # a Deny narrows; another principal's TagSession alone starts no session
+        {
+            "Statement": [
+                EC2_ONLY_TRUST["Statement"][0],
+                {"Effect": "Deny", "Principal": {"AWS": "*"}, "Action": "sts:AssumeRole"},
+                {"Effect": "Allow", "Principal": {"AWS": "x"}, "Action": "sts:TagSession"},
+            ]
+        },
+        json.dumps(EC2_ONLY_TRUST),
+    ):
+        assert trust_admits_others(ec2_alone) is None, ec2_alone
+
+
+def test_attack_sts_request_http_cannot_send_is_refused_before_the_nonce_is_spent(sts_env: Env) -> None:
+    """Unauthenticated input the replay could not send (a CR/LF in a value, a name that is no
+    token, a control character or space in the URL) made http.client raise inside the handler
+    (a 502), after the nonce was spent; an oversized header was replayed. Each is a 401 now,
+    refused before the nonce is spent, and the replay turns what http.client refuses into a
+    refusal too."""
+    env = sts_env
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    give_instance_profile(env, web)
+    n = nonce(env)
+    req = sts_request(env, web, n)
+    many = {f"X-Extra-{i}": "1" for i in range(20)}
+    for bad, says in (
+        ({"X-Extra": "a\r\nInjected: 1"}, "visible ASCII"),
+        ({"X-Extra": "a\x00b"}, "visible ASCII"),
+        ({"Bad Name": "x"}, "not an HTTP header name"),
+        ({"X-Long": "a" * 70000}, "larger than"),
+        (many, "more than"),
+        ({"x-ringfence-nonce": n}, "given twice"),
+        ({"Content-Length": "100"}, "the replay's own"),
+        ({"Host": "evil.example"}, "Host is not the host"),
+    ):
+        status, body = enroll(env, dict(req, sts_headers=dict(req["sts_headers"], **bad)))
+        assert status == 401 and says in body["detail"], (bad, body)
+    for url in (req["sts_url"] + "&x=a b", req["sts_url"] + "&x=\x01", req["sts_url"] + "\r\nX: 1"):
+        status, body = enroll(env, dict(req, sts_url=url))
+        assert status == 401 and "visible ASCII" in body["detail"], (url, body)
+    assert env.store.burn_nonce(n), "all refused before the nonce was spent"
+    with pytest.raises(ProofError, match="could not be replayed"):
+        replay_sts(req["sts_url"], {"X-Extra": "a\r\nInjected: 1"})
+    with pytest.raises(ProofError, match="could not be replayed"):
+        replay_sts(req["sts_url"] + "&x=a b", {})
+
+
+def test_attack_sts_query_presigned_request_with_a_decoy_authorization_is_refused(sts_env: Env) -> None:
+    """The nonce check took the first "SignedHeaders=" anywhere in Authorization and ignored a
+    signature in the query: a query-presigned GetCallerIdentity that does not sign the nonce (an
+    EKS token's, signed over host;x-k8s-aws-id) passed with a decoy header naming
+    x-ringfence-nonce. Authorization is parsed whole now (SigV4, scope sts, signing host,
+    x-amz-date and the nonce) and the query may carry Action and Version only."""
+    env = sts_env
+    est = boot(env)
+    web = est["ids"]["web"][0]
+    give_instance_profile(env, web)
+    c = _assumed("web-instance-role", web)
+    creds = Credentials(c["AccessKeyId"], c["SecretAccessKey"], c["SessionToken"])
+    n = nonce(env)
+    base = f"{env.url}/?Action=GetCallerIdentity&Version=2011-06-15"
+    presigned = AWSRequest(method="GET", url=base, headers={"x-k8s-aws-id": "cluster"})
+    SigV4QueryAuth(creds, "sts", REGION, expires=60).add_auth(presigned)
+    decoy = {"x-k8s-aws-id": "cluster", "X-Ringfence-Nonce": n, "Authorization": "SignedHeaders=x-ringfence-nonce"}
+    status, body = enroll(env, dict(sts_request(env, web, n), sts_url=presigned.url, sts_headers=decoy))
+    assert status == 401 and "query-string signature" in body["detail"], body
+    # a real header signature, but for another service, or not over the nonce's time or host
+    s3 = AWSRequest(method="GET", url=base, headers={"X-Ringfence-Nonce": n})
+    SigV4Auth(creds, "s3", REGION).add_auth(s3)
+    good = sts_request(env, web, n)
+    signed = good["sts_headers"]["Authorization"]
+    for authorization, says in (
+        ("SignedHeaders=x-ringfence-nonce", "not one SigV4 signature"),
+        ("garbage Credential=x, SignedHeaders=x-ringfence-nonce;host, Signature=00", "not one SigV4 signature"),
+        ("SignedHeaders=x-ringfence-nonce, " + signed, "not one SigV4 signature"),
+        (s3.headers["Authorization"], "signed for s3"),
+        (signed.replace("x-amz-date;", ""), "x-amz-date"),
+        (signed.replace("SignedHeaders=host;", "SignedHeaders="), "host"),
+    ):
+        headers = dict(good["sts_headers"], Authorization=authorization)
+        status, body = enroll(env, dict(good, sts_headers=headers))
+        assert status == 401 and says in body["detail"], (authorization, body)
+    assert env.store.burn_nonce(n), "all refused before the nonce was spent"
 
 
 # --- aws-iid -----------------------------------------------------------------------------------------

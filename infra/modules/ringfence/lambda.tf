@@ -322,9 +322,11 @@ locals {
       { actions = ["s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/bundles/*", "${aws_s3_bucket.bundles.arn}/deltas/*", "${aws_s3_bucket.bundles.arn}/keys/*", "${aws_s3_bucket.bundles.arn}/policies/*", "${aws_s3_bucket.bundles.arn}/agent/*"] },
       { actions = ["s3:PutObject"], resources = ["${aws_s3_bucket.bundles.arn}/reports/*"] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
-      # enrollments and token issuance are audited; aws-sts checks the instance profile's role
+      # enrollments and token issuance are audited; aws-sts checks the instance profile's role and
+      # that the role's trust policy admits EC2 alone (so that EC2 named the session)
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["iam:GetInstanceProfile"], resources = ["arn:${local.partition}:iam::${local.account}:instance-profile/*"] },
+      { actions = ["iam:GetRole"], resources = ["arn:${local.partition}:iam::${local.account}:role/*"] },
       local.describe, local.assume, local.kms_use,
     ]
     admin = [

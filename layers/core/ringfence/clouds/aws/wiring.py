@@ -16,7 +16,7 @@ from ringfence.events import UnservedAccount
 from ringfence.perimeter import PerimeterRoleMissing
 
 from . import clients, ec2
-from .enroll import enroll_iid, enroll_sts
+from .enroll import RoleTrust, enroll_iid, enroll_sts
 from .publish import S3Publisher, WebSocketNotifier
 from .reportquota import TableReportQuota
 
@@ -46,8 +46,13 @@ class Wiring(BaseWiring):
         )
         # what enrollments ask EC2, shared by the concurrent ones (serve's threads, a fleet booting)
         self.live = ec2.LiveInstances(self.ec2_for)
+        # aws-sts: each role's trust-policy verdict, kept a minute (enroll.ROLE_TRUST_TTL_S)
+        self.role_trust = RoleTrust()
         self.enrollers.update(
-            {"aws-iid": partial(enroll_iid, live=self.live), "aws-sts": partial(enroll_sts, live=self.live)}
+            {
+                "aws-iid": partial(enroll_iid, live=self.live),
+                "aws-sts": partial(enroll_sts, live=self.live, trust=self.role_trust),
+            }
         )
         # concurrent requests of one process (serve's threads) share their compute messages
         self._compute_sends = GroupSend(self._deliver_compute, merge_compute)
