@@ -174,8 +174,10 @@ def test_a_tampered_kernel_is_a_finding_and_a_silent_agent_too(net: NetLab, tmp_
     r = srv.admin("POST", "/admin/policies", {"files": policy_files(), "reason": "initial"})
     assert r.status_code == 201, r.text
     wid = "dc1-proc-1"
-    # the agent's own tamper repair off: the control plane must see it
-    agent, log = start_paired_agent(net, srv, tmp_path, wid, drift_interval=0)
+    # the agent's own tamper repair off: the control plane must see it. Heartbeats go out between
+    # long-polls: one of 1 s (not labserve's 5) lets each come at heartbeat_interval, which the
+    # waits for "a heartbeat after" below would otherwise sit out
+    agent, log = start_paired_agent(net, srv, tmp_path, wid, drift_interval=0, wait_timeout=1)
     store = SqliteStore(srv.db)
 
     def report() -> EnforcementReport | None:
@@ -220,9 +222,16 @@ def test_a_tampered_kernel_is_a_finding_and_a_silent_agent_too(net: NetLab, tmp_
     doc = srv.findings()
     assert _kinds(doc) == [("kernel-mismatch", wid)] and "other rules" in doc["findings"][0]["detail"]
 
-    # the agent stopped: silent past the bound
+    # the agent stopped: silent past the bound, within the 2.5 s after the kill the test used to
+    # sleep (its last heartbeat came up to a second before): the store polled in-process until
+    # then, then asked as an operator would
     net.kill(agent)
-    time.sleep(2.5)
+    from ringfence.control.findings import findings
+
+    def silent() -> bool:
+        return [(f.kind, f.workload_id) for f in findings(store, bound=2).findings] == [("silent", wid)]
+
+    wait_until(silent, 2.5, "silent past the bound", log)
     assert _kinds(srv.findings(bound=2)) == [("silent", wid)]
     net.kill(srv.proc)
     net.reset("h")
@@ -246,7 +255,8 @@ def test_attack_an_address_added_to_a_bundle_set_and_repaired_by_the_agent_is_a_
         assert srv.admin("POST", "/admin/workloads", body).status_code == 201
     r = srv.admin("POST", "/admin/policies", {"files": policy_files(), "reason": "initial"})
     assert r.status_code == 201, r.text
-    agent, log = start_paired_agent(net, srv, tmp_path, wid, drift_interval=1)
+    # long-polls of 1 s: heartbeats (and with them the repair) at heartbeat_interval, as above
+    agent, log = start_paired_agent(net, srv, tmp_path, wid, drift_interval=1, wait_timeout=1)
     store = SqliteStore(srv.db)
 
     def fresh(after: float) -> EnforcementReport | None:

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ringfence.local import probe
+
 AGENT = Path(sys.executable).parent / "ringfence-agent"
 PY = sys.executable
 PROBE = (PY, "-m", "ringfence.local.probe")  # the traffic tool, runnable inside any namespace
@@ -99,6 +101,26 @@ def in_netns(name: str) -> Iterator[None]:
 
 
 # --- the lab -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One traffic probe for :meth:`Lab.reach`: ``src`` to ``dst``'s lab address (v4, or v6) on
+    ``port``, a TCP echo round trip (from source port ``sport`` if given) or a UDP one; ``addr``
+    overrides ``dst``'s address, as in :meth:`Lab.tcp`."""
+
+    src: str
+    dst: str
+    port: int
+    v6: bool = False
+    udp: bool = False
+    sport: int = 0
+    addr: str = ""
+
+    def __str__(self) -> str:
+        to = f"{self.dst} at {self.addr}" if self.addr else self.dst
+        extra = (" v6" if self.v6 and not self.addr else "") + (f" from port {self.sport}" if self.sport else "")
+        return f"{'udp' if self.udp else 'tcp'} {self.src} → {to}:{self.port}{extra}"
 
 
 @dataclass
@@ -235,6 +257,52 @@ class Lab:
     def udp(self, src: str, dst: str, port: int, v6: bool = False, timeout: float = 0.8) -> bool:
         addr = self.v6(dst) if v6 else self.v4(dst)
         return self.exec(src, *PROBE, "udp", addr, str(port), "--timeout", str(timeout)).returncode == 0
+
+    def reach(self, probes: Sequence[Probe], timeout: float = 0.8) -> list[bool]:
+        """Every probe at once, each as :meth:`tcp` / :meth:`udp` would run it (same timeout, same
+        round trip), from threads of this process that enter the source's namespace: a run of
+        dropped probes costs one timeout, not one each, and no interpreter starts per probe."""
+        if not probes:
+            return []
+        jobs = [(self.ns(p.src), p.addr or (self.v6(p.dst) if p.v6 else self.v4(p.dst)), p) for p in probes]
+        results = [False] * len(jobs)
+        errors: list[BaseException] = []
+
+        def one(i: int) -> None:
+            ns, addr, p = jobs[i]
+            try:
+                with in_netns(ns):  # this thread only; sockets opened here stay in ns
+                    if p.udp:
+                        results[i] = probe.udp_probe(addr, p.port, timeout)
+                    else:
+                        results[i] = probe.tcp_probe(addr, p.port, timeout, p.sport)
+            except BaseException as exc:  # not a probe's answer (a namespace gone): the caller's error
+                errors.append(exc)
+
+        # threads of their own, gone afterwards: none is reused while it might sit in a namespace
+        threads = [
+            threading.Thread(target=one, args=(i,), name=f"lab-probe-{i}", daemon=True) for i in range(len(jobs))
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return results
+
+    def mismatches(
+        self, allowed: Sequence[Probe] = (), dropped: Sequence[Probe] = (), timeout: float = 0.8
+    ) -> list[str]:
+        """The probes among ``allowed`` that do not get through and those among ``dropped`` that
+        do, all run at once (:meth:`reach`); ``assert not net.mismatches(...)`` names each one."""
+        expected = [(p, True) for p in allowed] + [(p, False) for p in dropped]
+        got = self.reach([p for p, _ in expected], timeout)
+        return [
+            f"{p}: {'gets through' if ok else 'is dropped'}, expected {'allowed' if want else 'dropped'}"
+            for (p, want), ok in zip(expected, got, strict=True)
+            if ok != want
+        ]
 
     def hold(self, src: str, dst: str, port: int, v6: bool = False) -> Holder:
         addr = self.v6(dst) if v6 else self.v4(dst)
