@@ -90,14 +90,57 @@ def test_a_rule_that_keeps_changing_under_the_write_is_left_for_the_next_run(
     arm: ArmServer, azure: Azure, wiring: LocalWiring, converged: None
 ) -> None:
     """Refused twice: the run writes the rest, says so (a warning, counted), its changes do not
-    list the rule; the next run repairs it."""
+    list the rule, and the subscription is reported failed; the next run repairs it."""
     edit(arm, "first")
     arm.before("PUT", DENY, lambda: edit(arm, "again"), times=2)
     with arm.recording() as calls:
         res = AzureReconcile(wiring, azure, CONFIG).run()
-    assert res.failed == {} and res.warnings == 1
+    assert list(res.failed) == [SUB] and res.warnings == 1
     assert on_deny(calls) == ["PUT", "GET", "PUT"]  # both refused, no third try
     assert access(arm) == "Allow"
 
     res = AzureReconcile(wiring, azure, CONFIG).run()
     assert res.failed == {} and res.warnings == 0 and access(arm) == "Deny"
+
+
+def test_attack_azure_a_rule_write_refused_twice_puts_no_nic_on_its_nsg_and_fails_the_run(
+    arm: ArmServer, azure: Azure, wiring: LocalWiring
+) -> None:
+    """A VM's first run: its NSG is made, and someone turns the boundary's deny into an allow of
+    everything just before each of the run's two writes of it. The VM's NIC is not put on that NSG
+    (it would let the whole VNet and more in), the subscription is reported failed (counted, tried
+    again next run), and a perimeter.apply.partial record says what the perimeter.apply record
+    listed but was not done: the deny and the NIC. The next run attaches it under the deny."""
+    nic = f"/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.Network/networkInterfaces/web-1-nic"
+
+    def allow_all(how: str) -> None:
+        edit(arm, how)
+        rule = copy.deepcopy(arm.get(DENY))
+        assert rule is not None
+        rule["properties"] |= {"sourceAddressPrefix": "*", "destinationAddressPrefix": "*"}
+        rule["properties"].pop("destinationApplicationSecurityGroups", None)
+        arm.put(DENY, {"properties": rule["properties"]})
+
+    seed_vm(arm, "web-1", WEB, "10.20.1.4", PROD_WEB)
+    assert arm.get(NSG) is None
+    arm.before("PUT", DENY, lambda: allow_all("racer"), times=2)
+    failures: list[int] = []
+    run = AzureReconcile(
+        wiring, azure, CONFIG, metric=lambda n, v: failures.append(v) if n == "AzureReconcileFailed" else None
+    )
+    res = run.run()
+    assert access(arm) == "Allow"
+    assert (arm.get(nic) or {})["properties"].get("networkSecurityGroup") is None  # left as it was
+    assert list(res.failed) == [SUB] and failures == [1]
+    [rec] = applied(wiring)
+    assert "rf-boundary-deny" in [r["rule"] for r in rec.detail["rules_written"]]
+    assert [n["nic"] for n in rec.detail["nics"]] == ["web-1-nic"]
+    [partial] = [a for a in wiring.store.audit_log() if a.action == "perimeter.apply.partial"]
+    assert (partial.principal, partial.target) == (rec.principal, rec.target)
+    not_done = partial.detail["not_done"]
+    assert [r["rule"] for r in not_done["rules_written"]] == ["rf-boundary-deny"]
+    assert [(n["nic"], n["nsg"]) for n in not_done["nics"]] == [("web-1-nic", "rf-prod-nsg")]
+
+    res = AzureReconcile(wiring, azure, CONFIG).run()
+    assert res.failed == {} and access(arm) == "Deny"
+    assert str((arm.get(nic) or {})["properties"]["networkSecurityGroup"]["id"]).lower() == NSG.lower()

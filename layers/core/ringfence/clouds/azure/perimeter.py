@@ -45,6 +45,9 @@ named so; an NSG's rules it does not want are left for the next run, not in this
 else the run stops there, before any NIC is written (NameTaken). A rule is written with ``If-Match``
 the etag it was read with (``If-None-Match: *`` where there was none): changed in between, it is read
 again and written over what it is then, or after a second refusal left for the next run (a warning).
+An NSG one of whose rule writes was refused so gets no NIC this run (those NICs are left as they
+are: the NSG may let in what its rules, the deny among them, should not), and the run reports both
+in :attr:`AzurePerimeterResult.not_done` (its caller fails the subscription and audits them).
 """
 
 from __future__ import annotations
@@ -196,6 +199,10 @@ class AzurePerimeterResult:
     warnings: list[str] = field(default_factory=list)
     changes: list[dict[str, Any]] = field(default_factory=list)  # each write, as an audit record names it
     skipped: list[str] = field(default_factory=list)  # NICs left for the next run (each one a warning too)
+    # what the audit record lists but this run did not do because a rule write was refused (the
+    # rules, and the NICs not put on their NSG), as :attr:`changes` names them: the run failed
+    not_done: list[dict[str, Any]] = field(default_factory=list)
+    refused_nsgs: set[str] = field(default_factory=set)  # ids (lower case) of NSGs with a rule refused
 
 
 # what one audit record lists of each kind of change (its counts are always whole)
@@ -669,17 +676,25 @@ class AzurePerimeter:
                 right = next(n for n in range(PRIORITY_FIRST, DENY_PRIORITY) if not used[n])
             used[right] += 1
             full = {"properties": {**body["properties"], "priority": right}}
-            if not self._ahead and not self._put_rule(group, name, rname, full, res):
-                continue
+            if not self._ahead:
+                written = self._put_rule(group, name, rname, full, res)
+                if written is None:  # refused: no NIC goes onto this NSG this run (_nic)
+                    res.refused_nsgs.add(nsgs[key].lower())
+                    res.not_done.append(_rule_change("rule-written", key, rname, full["properties"]))
+                if not written:
+                    continue
             res.writes.append(f"PUT rule {name}/{rname}")
             res.changes.append(_rule_change("rule-written", key, rname, full["properties"]))
 
-    def _put_rule(self, group: str, nsg: str, rname: str, full: dict[str, Any], res: AzurePerimeterResult) -> bool:
+    def _put_rule(
+        self, group: str, nsg: str, rname: str, full: dict[str, Any], res: AzurePerimeterResult
+    ) -> bool | None:
         """Writes our rule ``rname`` as ``full`` says, conditionally on the rule as the run read it:
         ``If-Match`` its etag, or ``If-None-Match: *`` where there was none. Refused (412: changed,
         made or deleted since), it is read again and, unless it now says what we want, written
         once more over what it is now (the NSG is ours whole, and the record lists this write);
-        refused each time, it is left for the next run with a warning. Whether it was written."""
+        refused each time, it is left for the next run with a warning. Whether it was written (False:
+        it says what we want already), None: refused each time."""
         ops = self.arm.network.security_rules
         etag = self._etags.get((group.lower(), nsg.lower(), rname.lower()))
         for tried in range(1, RULE_WRITE_TRIES + 1):
@@ -707,7 +722,7 @@ class AzurePerimeter:
             f"rule {nsg}/{rname} in {group.lower()} not written: it changed between each of "
             f"{RULE_WRITE_TRIES} reads and the write after it; left for the next run"
         )
-        return False
+        return None
 
     def _create(
         self, kind: str, ops: Any, group: str, name: str, body: Any, res: AzurePerimeterResult
@@ -771,18 +786,20 @@ class AzurePerimeter:
         planned = _nic_change(nic, net, on, off, asgs, nsgs, ds, close, res.warnings)
         if planned is None:
             return
+        name = ArmId.parse(nic["id"]).names[0]
+        if planned.nsg is not None and planned.nsg.lower() in res.refused_nsgs:
+            # a rule of that NSG could not be written (it may allow what it should deny): the NIC is
+            # not put on it, nor written at all this run
+            self._leave(nic["id"], f"a rule write of its NSG {planned.nsg.rsplit('/', 1)[-1]} was refused", res)
+            res.not_done.append(_nic_record(name, vm, planned))
+            return
         done: _NicChange | None = planned
         if not self._ahead:
             done = self._write_nic(nic["id"], net, planned, on, off, asgs, nsgs, ds, close, res)
         if done is None:
             return
-        name = ArmId.parse(nic["id"]).names[0]
         res.writes.append(f"PUT nic {name}")
-        res.changes.append(
-            {"kind": "nic", "nic": name, "vm": vm, "asgs_added": sorted(done.added)}
-            | {"asgs_removed": sorted(done.removed)}
-            | ({"nsg": done.nsg.rsplit("/", 1)[-1]} if done.nsg is not None else {})
-        )
+        res.changes.append(_nic_record(name, vm, done))
 
     def _write_nic(
         self,
@@ -908,6 +925,15 @@ def _nic_change(
     if not (added or removed or nsg):
         return None
     return _NicChange(body, frozenset(added), frozenset(removed), nsg)
+
+
+def _nic_record(name: str, vm: str | None, change: _NicChange) -> dict[str, Any]:
+    """A NIC's write as an audit record names it."""
+    return (
+        {"kind": "nic", "nic": name, "vm": vm, "asgs_added": sorted(change.added)}
+        | {"asgs_removed": sorted(change.removed)}
+        | ({"nsg": change.nsg.rsplit("/", 1)[-1]} if change.nsg is not None else {})
+    )
 
 
 def _rule_change(kind: str, nsg: tuple[str, str], name: str, props: dict[str, Any]) -> dict[str, Any]:
