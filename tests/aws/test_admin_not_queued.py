@@ -10,6 +10,7 @@ AWS wiring over the same moto), the compute queue refusing in both."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -261,3 +262,63 @@ def test_serve_answers_a_change_stored_whose_compute_message_failed_and_queues_i
             assert r.json()["created"] is False and in_set(env.bundle(proc), check), r.text
     got = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {tok['ivan']}"}, timeout=30)
     assert "ringfence_compute_not_queued_total 2.0" in got.text, got.text
+
+
+def answer_lost(env: Env, times: int, op: str = "UpdateItem") -> list[int]:
+    """The next ``times`` DynamoDB ``op`` calls that write no audit record land but their answer
+    is lost (an error after the call), in a new admin container. The list returned holds the
+    losses left."""
+    from botocore.exceptions import ClientError
+
+    from ringfence.local.lambdas import load_functions, retire_functions
+    from tests.aws.conftest import ROOT
+
+    left = [times]
+    audit = [False]
+
+    def seen(params: dict[str, Any], **_: Any) -> None:
+        audit[0] = "rf-audit" in json.dumps(params, default=str)  # the audit table's writes go through
+
+    def lost(model: Any, **_: Any) -> None:
+        if left[0] > 0 and not audit[0]:
+            left[0] -= 1
+            raise ClientError({"Error": {"Code": "InternalServerError", "Message": "answer lost"}}, model.name)
+
+    env.hook(f"before-parameter-build.dynamodb.{op}", seen)
+    env.hook(f"after-call.dynamodb.{op}", lost)
+    retire_functions([env.fn["admin"]])
+    env.fn["admin"] = load_functions(["admin"], ROOT / "functions", keep_clients=True)["admin"]
+    return left
+
+
+def test_a_mode_and_quarantine_in_force_though_the_store_raised_are_answered_as_stored_and_queued(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The write landed, its answer was lost: the change is in force, so it is answered as stored
+    and compute queued (or 503 NotQueued when the queue refuses too), never a bare 500 with
+    nothing queued."""
+    est = boot(env)
+    env.bind(AUTHOR, ["policy-author"])
+    env.bind(RESPONDER, ["incident-responder"])
+    web = est["ids"]["web"][0]
+    lost = answer_lost(env, 1)
+    before = env.count("compute")
+    status, _, answer = env.rest(
+        "admin", "PUT", f"/admin/workloads/{web}/mode", {"mode": "observe", "reason": "CHG-36"}, principal=AUTHOR
+    )
+    assert lost == [0] and status == 200 and answer["mode"] == "observe", answer
+    assert env.store.get(web).op_mode.value == "observe" and env.count("compute") > before
+    env.pump()
+    assert env.bundle(web).mode.value == "observe", "compute was queued"
+    assert [a.action for a in env.store.audit_log() if a.target == web][-1] == "workload.mode"
+    # the answer lost and the queue refusing: 503 naming the change, counted
+    capsys.readouterr()
+    down = compute_queue_down(env, 1)
+    lost = answer_lost(env, 1, "TransactWriteItems")  # a quarantine is written in a transaction
+    status, _, answer = env.rest(
+        "admin", "POST", f"/admin/workloads/{web}/quarantine", {"reason": "IR-11"}, principal=RESPONDER
+    )
+    assert lost == [0] and down == [0] and status == 503, answer
+    assert answer["error"] == "quarantined; compute not queued: send the request again", answer
+    assert env.store.get(web).op_quarantined
+    assert emitted(capsys.readouterr().out).get("ComputeNotQueued") == 1

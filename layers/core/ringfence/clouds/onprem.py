@@ -244,8 +244,10 @@ class OnPremAdmin(Admin):
                 now = self.w.store.get(spec.id)
                 return now is not None and now.observed_at == rec.observed_at and now.workload == rec.workload
 
-            self._raised(principal, "workload.register", spec.id, audit_id, exc, reason, registered)
-            raise
+            # in force although the write's answer was lost: answered as registered (compute
+            # queued, or 503 NotQueued), never a bare 500 with nothing queued
+            if not self._raised(principal, "workload.register", spec.id, audit_id, exc, reason, registered):
+                raise
         # stored: a failed compute message is answered 503 (NotQueued); the same registration
         # again is an update of the stored record (200, created false) and queues compute
         queue_stored(self.w, [spec.id], "registered", spec.id, audit_id)
@@ -414,8 +416,9 @@ class OnPremAdmin(Admin):
                 now = self.w.store.get(workload_id)
                 return now is not None and now.state == "terminated"
 
-            self._raised(principal, "workload.deregister", workload_id, audit_id, exc, reason, deregistered)
-            raise
+            # in force (the write's answer lost): credentials dropped and compute queued as below
+            if not self._raised(principal, "workload.deregister", workload_id, audit_id, exc, reason, deregistered):
+                raise
         self._drop_credentials(workload_id, "workload deregistered")
         # the same request again writes the tombstone again (its record stays) and queues compute
         queue_stored(self.w, [workload_id], "deregistered", workload_id, audit_id)

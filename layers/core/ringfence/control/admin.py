@@ -262,12 +262,10 @@ class Admin:
                 now = self.w.store.get(workload_id)
                 return now is not None and (now.op_mode.value if now.op_mode else None) == value
 
-            if (
-                self._raised(principal, "workload.mode", workload_id, audit_id, exc, reason, moded)
-                and mode is Mode.IDLE
-            ):
-                self._lowered(principal, "mode idle (its firewall left untouched)", workload_id)
-            raise
+            # in force although the write's answer was lost: answered as stored (compute queued,
+            # or 503 NotQueued), never a bare 500 that leaves the mode stored and not enforced
+            if not self._raised(principal, "workload.mode", workload_id, audit_id, exc, reason, moded):
+                raise
         if mode is Mode.IDLE:
             self._lowered(principal, "mode idle (its firewall left untouched)", workload_id)
         # stored: a failed compute message is answered 503 (NotQueued); setting the mode again queues it
@@ -294,9 +292,9 @@ class Admin:
                 now = self.w.store.get(workload_id)
                 return now is not None and now.op_quarantined == on
 
-            if self._raised(principal, action, workload_id, audit_id, exc, reason, made) and not on:
-                self._lowered(principal, "released from quarantine", workload_id)  # its alarm, all the same
-            raise
+            if not self._raised(principal, action, workload_id, audit_id, exc, reason, made):
+                raise
+            # in force (the write's answer lost): answered as stored, below, as a mode's
         if not on:
             self._lowered(principal, "released from quarantine", workload_id)
         # as a mode's: the same request again stores the same and queues compute
