@@ -61,7 +61,11 @@ class NotQueued(Exception):
         self.done = done
         self.target = target
         self.audit_id = audit_id
-        self.cause = f"{type(cause).__name__}: {cause}"
+        # for the answer: the type and AWS error code only. The error's text (logged in full)
+        # can name role sessions, queue and key ARNs a caller has no need to see
+        response = getattr(cause, "response", None)
+        code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+        self.cause = f"{type(cause).__name__}: {code}" if code else type(cause).__name__
 
 
 def queue_stored(
