@@ -158,6 +158,7 @@ def test_of_two_concurrent_provisions_the_one_that_activates_over_a_version_that
 
     svc = boot(wiring)
     old, new = policy_files(), policy_files()
+    old["tests.yaml"] += "# revised\n"  # not v1's files (those again make no version)
     new["tests.yaml"] += "# tightened\n"
     a_publishing, b_done = threading.Event(), threading.Event()
     put = wiring.publisher.put_text

@@ -91,7 +91,8 @@ def test_attack_policy_file_names_that_alias_or_leave_the_version_are_refused_be
     assert before and sorted(state.rglob("policies/**/*")) == before, "nothing written"
     assert not (served.wiring.state_dir / "escape.yaml").exists()
     assert len(served.wiring.store.audit_log()) == audited
-    r = served.call("paula", "POST", "/admin/policies", {"files": files, "reason": "v2"})
+    revised = {**files, "tests.yaml": files["tests.yaml"] + "# v2\n"}  # not v1's (those make no version)
+    r = served.call("paula", "POST", "/admin/policies", {"files": revised, "reason": "v2"})
     assert r.status_code == 201 and r.json()["version"] == 2, r.text
 
 

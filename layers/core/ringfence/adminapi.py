@@ -83,7 +83,10 @@ class PairingKeyRequest(Reason):
 class ProvisionResponse(_Body):
     version: int
     digest: str
-    audit_id: str
+    audit_id: str | None = Field(
+        description="the version's record; null when the files are the active version's (answered 200): "
+        "no new version, its rebuild queued"
+    )
     warnings: list[str] = Field(
         default_factory=list,
         description="file:line:column: warning: … — selectors matching no workload, rules that can never match "

@@ -115,6 +115,21 @@ class Admin:
                 base = self.w.policy(active_pv)
             except PolicyTampered as exc:
                 unverifiable = str(exc)
+        if active_pv is not None and base is not None and active_pv.digest == digest:
+            # the active version's files (its own, as read): no new version, which would roll back
+            # any version provisioned between the two, as a retry of a provisioning answered 503
+            # (compute not queued) did. Its rebuild is queued (what that retry is for); audited
+            # with the version already
+            queue_stored(
+                self.w,
+                [],
+                f"already the active version (v{active_pv.number})",
+                f"policy/v{active_pv.number}",
+                None,
+                rebuild=True,
+                again=f"the same files again queue it while v{active_pv.number} is the active version",
+            )
+            return Response(200, {"version": active_pv.number, "digest": digest, "audit_id": None, "warnings": found})
         widened = failsafe_widening(base.failsafes, policy.failsafes) if base else []
         idle = newly_idle(base, policy, live) if base else []
         version = self.w.store.next_policy_version()
@@ -185,8 +200,18 @@ class Admin:
             why = f"replaces version {active_pv.number}, whose files are not its own: fail-safes and idle not compared"
             self._lowered(principal, why, target)
         # active: a failed compute message is answered 503 (NotQueued); the same files provisioned
-        # again become the next version (the same policy) and queue the rebuild
-        queue_stored(self.w, [], "provisioned", target, audit_id, rebuild=True)
+        # again, while this version is the active one, queue the rebuild (above). Once another is
+        # provisioned, that one queues it: a retry then would roll it back, so the advice says when
+        queue_stored(
+            self.w,
+            [],
+            "provisioned",
+            target,
+            audit_id,
+            rebuild=True,
+            again=f"the same files again queue it while v{version} is the active version (a later version "
+            "provisioned queues the rebuild itself: do not send these files again then)",
+        )
         return Response(201, {"version": version, "digest": digest, "audit_id": audit_id, "warnings": found})
 
     def _unpublish(self, keys: dict[str, str]) -> None:

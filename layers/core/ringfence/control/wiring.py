@@ -56,11 +56,14 @@ class NotQueued(Exception):
     changed by this call, a retry of one already stored, ``done`` then says why). The same
     request again queues compute (each caller says how its retry gets there)."""
 
-    def __init__(self, done: str, target: str, audit_id: str | None, cause: BaseException) -> None:
+    def __init__(self, done: str, target: str, audit_id: str | None, cause: BaseException, again: str = "") -> None:
         super().__init__(f"{target}: {done}; compute not queued ({type(cause).__name__}: {cause})")
         self.done = done
         self.target = target
         self.audit_id = audit_id
+        # when the same request again queues compute, where not always (a provisioning's: only
+        # while its version is the active one)
+        self.again = again or "the same request again queues it"
         # for the answer: the type and AWS error code only. The error's text (logged in full)
         # can name role sessions, queue and key ARNs a caller has no need to see
         response = getattr(cause, "response", None)
@@ -69,7 +72,14 @@ class NotQueued(Exception):
 
 
 def queue_stored(
-    w: BaseWiring, ids: Iterable[str], done: str, target: str, audit_id: str | None, *, rebuild: bool = False
+    w: BaseWiring,
+    ids: Iterable[str],
+    done: str,
+    target: str,
+    audit_id: str | None,
+    *,
+    rebuild: bool = False,
+    again: str = "",
 ) -> None:
     """Compute for ``ids`` (``rebuild``: for every workload, a policy provisioned) after a change
     is stored, or :class:`NotQueued` (logged, counted as ``ComputeNotQueued``): never a bare
@@ -79,7 +89,7 @@ def queue_stored(
     except Exception as exc:
         log.exception("%s: %s (audit record %s) but compute could not be queued", target, done, audit_id)
         w.metric(COMPUTE_NOT_QUEUED, 1)
-        raise NotQueued(done, target, audit_id, exc) from exc
+        raise NotQueued(done, target, audit_id, exc, again) from exc
 
 
 class NoSigningKey(RuntimeError):

@@ -77,7 +77,7 @@ def not_queued(exc: NotQueued) -> Response:
         503,
         title,
         f"{stored} ({exc.cause}): bundles and peers' sets may not follow what is stored until compute runs; "
-        "the same request again queues it",
+        f"{exc.again}",
     )
 
 
@@ -248,7 +248,8 @@ def admin_routes(
             errors=(400, 409, 503),
             meaning={
                 **ADMIN_ERRORS,
-                503: NOT_QUEUED + "; the same files again become the next version and queue the rebuild",
+                503: NOT_QUEUED + "; the same files again, while that version is still the active one, create no "
+                "new version and queue the rebuild (answered 200 naming it; a later provisioning queues it itself)",
             },
         ),
         security=[{"sigv4": []}],
