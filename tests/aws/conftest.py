@@ -305,11 +305,13 @@ class Env:
         event = rest_event(method, path, body, headers, query, principal)
         return rest_answer(self.fn[fn].handler(event, LambdaContext()))
 
-    def provision_example_policy(self) -> int:
+    def provision_example_policy(self, note: str = "") -> int:
+        """``note``: a comment added to tests.yaml, for another version of the same rules (the
+        active version's files provisioned again create none)."""
         # the example's tests.yaml names the sample inventory's workload ids, which this moto estate
         # does not have (provisioning refuses tests it cannot run): keep its label-based tests only
         files = {p.name: p.read_text() for p in sorted(POLICY_DIR.glob("*.yaml")) if p.name != "tests.yaml"}
-        files["tests.yaml"] = LABEL_TESTS
+        files["tests.yaml"] = LABEL_TESTS + (f"# {note}\n" if note else "")
         status, _, body = self.rest("admin", "POST", "/admin/policies", {"files": files, "reason": "initial"})
         assert status == 201, body
         return int(body["version"])

@@ -457,7 +457,7 @@ def test_new_policy_version_rebuilds_every_bundle(env: Env) -> None:
     db = est["ids"]["db"][0]
     before = env.bundle(db)
     assert before.policy_version == 1
-    assert env.provision_example_policy() == 2
+    assert env.provision_example_policy("version 2: the same rules") == 2
     env.pump()
     after = env.bundle(db)
     assert after.policy_version == 2 and after.version > before.version
