@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ import pytest
 
 from ringfence import enforced
 from ringfence.bundle import Bundle
-from ringfence.local.lab import PROBE
+from ringfence.local.lab import PROBE, wait_until
 from ringfence.local.lab import Lab as NetLab
 from ringfence.model import Workload
 from tests.agent import dataplane
@@ -101,6 +102,8 @@ NFT_TAMPERS = {
     "flush-table": (["nft", "flush", "table", "inet", "ringfence"], "h4", 8080),
     "inserted-accept": (["nft", "insert", "rule", "inet", "ringfence", "input", "accept"], "h4", 8080),
     "failsafe-address-added": (["nft", "add", "element", "inet", "ringfence", "fs_admin_4", "{ 10.77.0.4 }"], "h4", 22),
+    # every rule and set stays as applied, unhooked: the table enforces nothing
+    "table-made-dormant": (["nft", "add", "table", "inet", "ringfence", "{ flags dormant; }"], "h4", 8080),
 }
 
 
@@ -110,7 +113,7 @@ def test_attack_rules_flushed_or_loosened_inside_ringfences_nft_table_are_report
 ) -> None:
     """``nft flush table inet ringfence`` (the table and its sets stay, every rule goes), an
     ``accept`` inserted at the top of its input chain, h4's address added to the admin fail-safe
-    set: each used to leave ``status`` at enforce, ``kernel_programmed`` true and the same
+    set, the table made ``dormant`` (nothing changed but its flag): each used to leave ``status`` at enforce, ``kernel_programmed`` true and the same
     ``kernel_digest``, and ``apply`` said "already applied: no change" with the hole open."""
     cmd, src, port = NFT_TAMPERS[tamper]
     doc = _engine(net).bundle("h2")
@@ -195,6 +198,61 @@ def test_the_seal_read_is_the_drift_baseline_without_a_second_read(net: NetLab, 
     assert proc.returncode == 0, proc.stderr
     applied, fresh = json.loads(proc.stdout)
     assert applied is not None and applied == fresh
+
+
+NO_TABLE_AS_JSON = """
+import json, re, sys
+from ringfence.bundlewire import load_bundle
+from ringfence_agent.backends.nft import NftBackend
+from ringfence_agent.backends.nftables_netlink import table_info
+from ringfence_agent.plan import LocalFailsafes, compile_plan
+backend = NftBackend()
+assert backend.lib is not None, "libnftables not loaded: the test proves nothing"
+listed, real = [], backend.lib.run
+def spy(script, json_output=False):
+    # every table (another's owner table is there), or Ringfence's own while it carries a flag
+    m = re.match(r"list (tables|ruleset|table inet ringfence)\\b", script) if json_output else None
+    if m and (m.group(1) != "table inet ringfence" or table_info("inet", "ringfence").flags):
+        listed.append(script.strip())
+    return real(script, json_output)
+backend.lib.run = spy
+backend.apply(compile_plan(load_bundle(open(sys.argv[1], "rb").read()), LocalFailsafes()))
+read = lambda: [backend.table_present(), backend.programmed(), backend.kernel_problem(), backend.enforced()]
+print(json.dumps(read()), flush=True)
+sys.stdin.readline()  # the test makes the table dormant meanwhile
+print(json.dumps({"dormant": read(), "listed": listed}))
+"""
+
+
+def test_attack_a_table_with_one_flag_is_never_listed_through_libnftables(net: NetLab, tmp_path: Path) -> None:
+    """libnftables 1.0.6 frees a table's only flag before printing it as JSON: listed in-process
+    (``list tables`` to see whether Ringfence's table exists, ``list table`` for the enforced
+    digest), another process's ``flags owner`` table corrupted the agent's heap until glibc
+    aborted the daemon ("corrupted double-linked list", in CI). The real backend, over the real
+    libnftables, with such a table beside its own and then its own made dormant, lists no table
+    object as JSON, and reads the flag from the kernel: dormant is not programmed."""
+    doc = _engine(net).bundle("h2")
+    path = write(doc, tmp_path / "bundle.json")
+    holder = net.spawn("h2", "nft", "-i", stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert holder.stdin is not None
+        holder.stdin.write("add table inet other { flags owner; }\n")
+        holder.stdin.flush()
+        assert wait_until(lambda: "other" in net.exec("h2", "nft", "list", "tables").stdout, 5)
+        spy = net.spawn(
+            "h2", sys.executable, "-c", NO_TABLE_AS_JSON, str(path), stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        assert spy.stdin is not None and spy.stdout is not None
+        first = json.loads(spy.stdout.readline() or "null")
+        net.exec("h2", "nft", "add", "table", "inet", "ringfence", "{ flags dormant; }", check=True)
+        out, _ = spy.communicate("\n", timeout=60)
+    finally:
+        net.kill(holder)
+    assert spy.returncode == 0 and first == [True, True, None, enforced.expected(doc)], (first, out)
+    result = json.loads(out)
+    assert result["listed"] == []
+    present, programmed, problem, digest = result["dormant"]
+    assert present is True and programmed is False and "dormant" in problem and digest != enforced.expected(doc)
 
 
 def _grouped_bundle(net: NetLab) -> Bundle:

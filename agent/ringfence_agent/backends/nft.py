@@ -39,6 +39,7 @@ from typing import Any
 from ringfence import enforced
 from ringfence.bundlewire import span_whole
 from ringfence_agent.backends import ABSENT, TUPLE_LINGER_S, ApplyError, DropTuple, ElementChange, Observation, run
+from ringfence_agent.backends.nftables_netlink import OWNER, TableInfo, table_info
 from ringfence_agent.plan import (
     METADATA_PORTS,
     Direction,
@@ -611,8 +612,9 @@ class NftBackend(NftRenderer):
         drop-tuple sets (traffic). ``items``: a ``list table`` already read (:meth:`enforced`);
         else two ``list chain`` and eight small ``list set`` (each ``list chain`` costs ~0.5 s
         at 100,000 bundle set elements: nft fetches the sets its rules name)."""
+        table = self.table()
         chains = [c["chain"] for c in self._json("chains", FAMILY) if "chain" in c and c["chain"].get("table") == TABLE]
-        if not chains:
+        if table is None or not chains:
             return None, None
         seals = [str(c.get("name"))[len(SEAL) :] for c in chains if str(c.get("name", "")).startswith(SEAL)]
         if items is None:
@@ -629,8 +631,19 @@ class NftBackend(NftRenderer):
                 fs = {k: v for k, v in item["set"].items() if k not in ("handle", "elem")}
                 fs["elem"] = sorted(json.dumps(e, sort_keys=True) for e in item["set"].get("elem", []))
                 content["set"][str(fs["name"])] = fs
+        if table.flags:  # a dormant table holds the rules and applies none: never the agent's state
+            content["table"] = {"flags": table.flags}
         digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
         return digest, (seals[0] if len(seals) == 1 else None)
+
+    def table(self) -> TableInfo | None:
+        """Ringfence's table as the kernel holds it (its flags), None when absent. Asked over
+        netlink, never listed through libnftables (see :mod:`.nftables_netlink`). A kernel that
+        cannot be asked (no CAP_NET_ADMIN) counts as absent, as a listing nft refuses does."""
+        try:
+            return table_info(FAMILY, TABLE)
+        except OSError:
+            return None
 
     def kernel_problem(self) -> str | None:
         """None when the kernel holds Ringfence's rules as the agent applied them; else what is
@@ -638,6 +651,13 @@ class NftBackend(NftRenderer):
         held, seal = self.held()
         if held is None:
             return ABSENT
+        table = self.table()
+        if table is not None and table.flags:
+            owner = f" (netlink port {table.owner})" if table.flags & OWNER else ""
+            return (
+                f"Ringfence's table carries flags the agent never sets: {', '.join(table.flag_names())}{owner}"
+                " (dormant: the kernel applies none of its rules; owner: only that process may change it)"
+            )
         if seal is None:
             return "Ringfence's table carries no seal of the agent's (not programmed by it, or changed since)"
         if seal != held:
@@ -671,8 +691,11 @@ class NftBackend(NftRenderer):
         unused (the kernel's set names carry the bundle's)."""
         chains: dict[str, list[tuple[str, str]]] = {}
         sets: dict[str, list[str]] = {}
-        if not self.table_present():
+        table = self.table()
+        if table is None:
             return enforced.digest(chains, sets)
+        if table.flags:  # dormant or another's: enforces nothing of the agent's (and never listed as JSON)
+            return enforced.digest(chains, sets, altered=True)
         items = self._json("table", FAMILY, TABLE)
         held, seal = self.held(items)
         for item in items:
@@ -712,7 +735,7 @@ class NftBackend(NftRenderer):
         return self.kernel_problem() is None
 
     def table_present(self) -> bool:
-        return self._run(f"list tables {FAMILY}\n", json_output=True)[1].find(f'"name": "{TABLE}"') >= 0
+        return self.table() is not None
 
     def _json(self, *args: str) -> list[dict[str, Any]]:
         rc, out, _ = self._run("list " + " ".join(args) + "\n", json_output=True)
