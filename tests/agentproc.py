@@ -59,7 +59,7 @@ class AgentProcess:
         return self.proc.poll()
 
     def stop(self, timeout: float = 40) -> None:
-        """SIGTERM: the agent finishes its open long-poll first (≤ wait_timeout + request_timeout)."""
+        """SIGTERM: the agent ends a request in flight (a long-poll) and stops at once."""
         if self.proc.poll() is not None:
             return
         self.proc.terminate()

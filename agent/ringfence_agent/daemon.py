@@ -72,6 +72,11 @@ CONTROL_PLANE_MAX = 64  # at most this many of them (the current answer first, t
 # behind a slow or silent resolver: after this long the daemon enforces with what it has (the
 # configured addresses) and the lookup goes on in the background, for the next sync
 BOOT_RESOLVE_S = 2.5
+# after SIGTERM/SIGINT a long-poll or report in flight ends at once (its socket is shut down);
+# what no signal ends (a name lookup of a silent resolver, a connect to a silent address) is not
+# waited for longer than this: the daemon exits with the firewall as it is, as systemd's SIGKILL
+# would leave it (TimeoutStopSec, 90 s by default)
+STOP_GRACE_S = 5.0
 
 
 def release_memory() -> None:
@@ -176,6 +181,10 @@ class LateSource:
     def report(self, batch: ReportBatch) -> None:
         self._get().report(batch)
 
+    def abort(self) -> None:
+        if self._real is not None:
+            self._real.abort()
+
 
 CONFIG_RETRY_S = 5.0  # how often a config file that did not load is tried again
 
@@ -214,6 +223,9 @@ class NoSource:
 
     def report(self, batch: ReportBatch) -> None:
         raise self._fail()
+
+    def abort(self) -> None:
+        return None
 
 
 def _lookup(host: str) -> tuple[str, ...] | None:
@@ -299,6 +311,8 @@ class Daemon:
         # one firewall change at a time: the sync loop's applies and the observer's drift repair
         self.apply_lock = threading.Lock()
         self.stop = threading.Event()
+        self.signalled = False  # stop came from SIGTERM/SIGINT (the stop watchdog only acts then)
+        self.stopped = threading.Event()  # run() finished its cleanup
         self.rng = random.Random()  # noqa: S311 - jitter, not cryptography
         self._last_refused: tuple[str, int, str | None] | None = None
         self.drops: BoundedBuffer = BoundedBuffer(cfg.max_buffered_records)  # type: ignore[type-arg]
@@ -368,16 +382,50 @@ class Daemon:
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    def _signals(self) -> None:
+    def _signals(self, watchdog: bool) -> None:
         def handler(signum: int, frame: FrameType | None) -> None:
+            self.signalled = True
             self.stop.set()
+            self.source.abort()  # a long-poll in flight returns now, not when the API answers
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
+        if not watchdog:
+            return
+        # the handler runs only once the main thread is back in Python, which a name lookup
+        # holds off (glibc retries its poll on EINTR): the signal's number also reaches this
+        # pipe at once, and the watchdog thread does the handler's work from there
+        wakeup, self._wakeup = os.pipe()
+        os.set_blocking(self._wakeup, False)
+        signal.set_wakeup_fd(self._wakeup, warn_on_full_buffer=False)
+        threading.Thread(target=self._stop_watchdog, args=(wakeup,), name="stop-watchdog", daemon=True).start()
+
+    def _stop_watchdog(self, wakeup: int) -> None:
+        """After SIGTERM/SIGINT: the stop is set and requests in flight end (the handler's work,
+        without waiting for the main thread), and a main thread still stuck in a call no signal
+        ends is not waited for beyond :data:`STOP_GRACE_S`. Never in the middle of an apply: the
+        kernel's transaction is atomic, what is written after it is what the next start reads."""
+        while True:
+            signums = os.read(wakeup, 64)
+            if not signums:
+                return
+            if signal.SIGTERM in signums or signal.SIGINT in signums:
+                break
+        self.signalled = True
+        self.stop.set()
+        self.source.abort()
+        if self.stopped.wait(STOP_GRACE_S):
+            return
+        with self.apply_lock:
+            log(
+                f"stopping now: a network call (name lookup or connect) did not return within {STOP_GRACE_S:.0f}s "
+                f"of the signal; reports not spooled; the firewall keeps enforcing revision {self.agent.revision}"
+            )
+            os._exit(0)
 
     def run(self, once: bool = False) -> int:
         if threading.current_thread() is threading.main_thread():
-            self._signals()
+            self._signals(watchdog=not once)
         # enforce first: nothing before it may fail (status.json on a full disk used to stop the
         # daemon here, the host open)
         self.start_enforcing()
@@ -470,6 +518,7 @@ class Daemon:
             log(f"reports not spooled: {exc}")
         self.state.update_status(daemon={"pid": None, "stopped": time.time(), "source": self.source.kind})
         log(f"stopped; the firewall keeps enforcing revision {self.agent.revision}")
+        self.stopped.set()
         return 0
 
     def _wait_timeout(self) -> float:

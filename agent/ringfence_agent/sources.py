@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import email.utils
 import http.client
 import json
+import socket
 import ssl
 import threading
 import time
@@ -186,6 +188,11 @@ class Source(Protocol):
 
     def report(self, batch: ReportBatch) -> None: ...
 
+    def abort(self) -> None:
+        """The daemon is stopping (from its signal handler, in the main thread): a request in
+        flight returns now, as :class:`Unreachable`, and no new one starts."""
+        ...
+
 
 def fetched_bundle(status: int, body: bytes, what: str) -> Bundle | None:
     """The answer to a (conditional) bundle GET: None when unchanged (304) or not published yet (404)."""
@@ -251,6 +258,20 @@ class Connections:
         self._idle: dict[tuple[str, str, int | None], list[tuple[float, http.client.HTTPConnection]]] = {}
         self._lock = threading.Lock()
         self.opened = 0  # connections made (what keep-alive saves)
+        # connections with a request in flight, for abort(); no lock: abort runs in a signal
+        # handler, which may interrupt the main thread while it holds _lock
+        self._busy: set[http.client.HTTPConnection] = set()
+        self.stopping = False
+
+    def abort(self) -> None:
+        """No new request starts, and those in flight end now: their sockets are shut down, so a
+        long-poll returns at once instead of when the server answers (up to ``wait_timeout``)."""
+        self.stopping = True
+        for conn in list(self._busy):
+            sock = conn.sock
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the fd's, under TLS too
 
     def request(
         self,
@@ -271,18 +292,24 @@ class Connections:
         try:
             for attempt in (0, 1):
                 conn, reused = self._take(key, timeout)
+                self._busy.add(conn)
                 try:
-                    conn.request(method, target, body=data, headers=h)
-                    resp = conn.getresponse()
-                except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-                    conn.close()
-                    if reused and attempt == 0:
-                        continue  # the server had closed it while idle: once more on a new one
-                    raise
-                except BaseException:
-                    conn.close()
-                    raise
-                return self._answer(key, conn, resp, limit, where)
+                    try:
+                        if self.stopping:  # after the add: abort() either saw it or set this first
+                            raise ConnectionAbortedError("the agent is stopping")
+                        conn.request(method, target, body=data, headers=h)
+                        resp = conn.getresponse()
+                    except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                        conn.close()
+                        if reused and attempt == 0 and not self.stopping:
+                            continue  # the server had closed it while idle: once more on a new one
+                        raise
+                    except BaseException:
+                        conn.close()
+                        raise
+                    return self._answer(key, conn, resp, limit, where)
+                finally:
+                    self._busy.discard(conn)
             raise AssertionError("unreachable")  # pragma: no cover
         except http.client.HTTPException as exc:  # first: RemoteDisconnected is an OSError too
             raise Unreachable(f"{where}: {_http_problem(exc)}") from None
@@ -541,6 +568,9 @@ class StaticSource:
     def report(self, batch: ReportBatch) -> None:
         return None
 
+    def abort(self) -> None:
+        """Nothing to end: its waits watch the stop event and a read takes ``request_timeout`` at most."""
+
 
 def _oldest_first(deltas: list[SetDelta]) -> list[SetDelta]:
     """Across sets, in the order the agent API sends them."""
@@ -793,6 +823,9 @@ class ApiSource:
             raise SourceError(f"heartbeat: HTTP {status}")
         latest: int | None = _answer(body, "heartbeat", latest_version=(int, None))["latest_version"]
         return latest
+
+    def abort(self) -> None:
+        self.http.abort()
 
     def report(self, batch: ReportBatch) -> None:
         status, _, body = self._call("reports", body=batch.to_json())

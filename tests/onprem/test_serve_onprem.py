@@ -128,6 +128,7 @@ def test_pairing_push_and_a_restart_after_kill_9(server: Server, tmp_path: Path,
         enroll={"method": "pairing", "pairing_key_file": str(tmp_path / "pairing-key")},
         backoff_max=2,
         request_timeout=5,
+        wait_timeout=25,  # the server's longest: a SIGTERM must not wait it out
     )
     state, log = agent.state, agent.log
     try:
@@ -171,6 +172,16 @@ def test_pairing_push_and_a_restart_after_kill_9(server: Server, tmp_path: Path,
         assert status(state)["applied_revision"] > second
         assert time.monotonic() - changed < 20 < POLL_INTERVAL
         assert agent.poll() is None, log.read_text()
+
+        # SIGTERM in the middle of a long-poll: it stops now (it used to answer the signal only
+        # when the server answered the poll, up to wait_timeout later), saying what it enforces
+        time.sleep(1)
+        signalled = time.monotonic()
+        agent.proc.send_signal(signal.SIGTERM)
+        assert agent.proc.wait(30) == 0
+        assert time.monotonic() - signalled < 3, log.read_text()
+        assert "stopped; the firewall keeps enforcing revision" in log.read_text()
+        assert status(state)["daemon"]["pid"] is None
     finally:
         agent.stop()
     # everything acknowledged before the SIGKILL is still there
