@@ -41,6 +41,13 @@ from .wiring import BaseWiring, Metric, log, no_metric
 # --- compute --------------------------------------------------------------------------------------
 
 
+def revision_floor() -> int:
+    """The clock in milliseconds: the lowest revision an engine rebuild starts from (as offline
+    ``ringfence compile`` numbers its bundles), so a rebuild over a restored store never numbers
+    below what agents hold."""
+    return time.time_ns() // 1_000_000
+
+
 @dataclass
 class ComputeStats:
     revision: int = 0
@@ -188,8 +195,15 @@ class Compute:
             and e.policy_version == pv.number == head.policy_version
         ):
             return False
-        log.info("rebuilding engine at head %s (policy v%s)", head.revision, pv.number)
-        engine = Engine(policy, policy_version=pv.number, revision=head.revision)
+        # the rebuild numbers from the stored head or the clock (ms), whichever is higher: a store
+        # restored from a backup (SQLite backup, DynamoDB point-in-time) holds an older head than
+        # the versions agents already enforce, and an agent refuses a lower version as a rollback
+        # (a quarantine numbered below it would never take effect). Between rebuilds versions go
+        # up by one per change, far slower than the clock, so a restore started later numbers
+        # above every version issued before it (docs/onprem.md, on restoring a backup)
+        start = max(head.revision, revision_floor())
+        log.info("rebuilding engine at head %s from %s (policy v%s)", head.revision, start, pv.number)
+        engine = Engine(policy, policy_version=pv.number, revision=start)
         engine.load(r.effective() for r in self.w.store.all_records() if r.active)
         if engine.duplicates:  # the store's keys are unique and name their workload: never expected
             self.metric("InventoryDuplicatesSkipped", len(engine.duplicates))

@@ -1,0 +1,111 @@
+"""docs/onprem.md's backup (SQLite's online backup of ``state.db``, then ``objects/``), restored
+after the estate moved on: the real ``ringfence serve`` and a real (dry-run) agent. The agent
+already holds versions issued after the backup; what the restored control plane publishes next (a
+quarantine) must be numbered above them, or the agent refuses it as a rollback and the quarantine
+never takes effect."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.agentproc import agent_status as status
+from tests.agentproc import wait_until
+from tests.onprem.conftest import ESTATE, policy_files
+from tests.onprem.test_serve_onprem import Server
+
+PROC = "dc1-proc-1"
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    s = Server(tmp_path)
+    s.start()
+    yield s
+    if s.proc is not None and s.proc.poll() is None:
+        s.proc.terminate()
+        s.proc.wait(15)
+
+
+def backup(db: Path, to: Path) -> None:
+    """The documented backup: ``sqlite3 state.db ".backup backup.db"`` (this API), then ``objects/``."""
+    to.mkdir()
+    src, dst = sqlite3.connect(db), sqlite3.connect(to / "state.db")
+    src.backup(dst)
+    dst.close()
+    src.close()
+    shutil.copytree(db.parent / "objects", to / "objects")
+
+
+def restore(frm: Path, db: Path) -> None:
+    """The disk died: ``state.db`` (no -wal/-shm of the lost one beside it) and ``objects/`` put back."""
+    shutil.rmtree(db.parent / "objects")
+    shutil.copytree(frm / "objects", db.parent / "objects")
+    for suffix in ("", "-wal", "-shm"):
+        db.with_name(db.name + suffix).unlink(missing_ok=True)
+    shutil.copy(frm / "state.db", db)
+
+
+def test_quarantine_after_restoring_a_backup_is_applied(server: Server, tmp_path: Path, agent_process: Any) -> None:
+    for spec in ESTATE:
+        assert server.admin("POST", "/admin/workloads", {**spec, "reason": "rack 1"}).status_code == 201
+    assert server.admin("POST", "/admin/policies", {"files": policy_files()}).status_code == 201
+    key = server.admin("POST", "/admin/pairing-keys", {"workload_id": PROC, "uses": 1, "ttl": 600}).json()
+    (tmp_path / "pairing-key").write_text(key["pairing_key"])
+    workdir = tmp_path / "agent"
+    workdir.mkdir()
+    agent = agent_process(
+        workdir,
+        workload_id=PROC,
+        public_key=server.db.parent / "signing-key.pub.pem",
+        api_url=server.url,
+        enroll={"method": "pairing", "pairing_key_file": str(tmp_path / "pairing-key")},
+        backoff_max=2,
+        request_timeout=5,
+    )
+    state, log = agent.state, agent.log
+    try:
+        at_backup = wait_until(lambda: status(state).get("applied_revision"), 30, "the first bundle", log)
+        backup(server.db, tmp_path / "backup")
+
+        # the estate moves on after the backup: quarantined and released a few times, each applied
+        held = at_backup
+        for n in range(3):
+            for on in (True, False):
+                method = "POST" if on else "DELETE"
+                r = server.admin(method, f"/admin/workloads/{PROC}/quarantine", {"reason": f"drill {n}"})
+                assert r.status_code == 200, r.text
+                before = held
+                held = wait_until(
+                    lambda b=before, q=on: (
+                        (s := status(state)).get("quarantined") is q
+                        and (s.get("applied_revision") or 0) > b
+                        and s["applied_revision"]
+                    ),
+                    30,
+                    f"drill {n} ({'quarantine' if on else 'release'})",
+                    log,
+                )
+        assert held > at_backup
+
+        # the disk dies: serve stopped, the backup restored as the docs say, serve started again
+        assert server.proc is not None
+        server.proc.terminate()
+        server.proc.wait(15)
+        restore(tmp_path / "backup", server.db)
+        server.start()
+
+        # a real incident: the quarantine must reach the host
+        r = server.admin("POST", f"/admin/workloads/{PROC}/quarantine", {"reason": "real incident"})
+        assert r.status_code == 200, r.text
+        wait_until(lambda: status(state).get("quarantined") is True, 30, "the quarantine after the restore", log)
+        assert status(state)["applied_revision"] > held
+        assert "rollback refused" not in log.read_text()
+        assert agent.poll() is None, log.read_text()
+    finally:
+        agent.stop()
