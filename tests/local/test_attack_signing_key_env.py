@@ -38,7 +38,8 @@ def test_attack_the_demos_serve_process_holds_no_signing_key(env: Env, tmp_path:
     live.aws = env.aws
     live.work.mkdir(parents=True)
     try:
-        live._start_serve()  # as the demo starts it
+        live._launch_serve()  # as the demo starts it
+        live._await_serve()
         assert live.serve is not None
         served = environ_of(live.serve.pid)
         assert KEY not in served, "ringfence serve (the agent API) was started with the signing key"

@@ -157,6 +157,14 @@ class Live:
             f"embedded AWS: moto server at {self.aws.url}"
             + ("" if self.dry_run else " (inside the control-plane namespace)")
         )
+        from ringfence.demo.crosscloud import OtherClouds
+
+        # before serve: it routes POST /azure/events and /gcp/events to them (step 6)
+        self.clouds = OtherClouds.start()
+        r.say(f"other clouds: {self.clouds.describe()}")
+        # serve starts (a Python process importing boto3 and the routes: seconds) while the estate
+        # is built; it is waited for before the router needs it
+        self._launch_serve()
         workloads = example_workloads(self.example)
         # tagged by the example policy's allowed tagger (labels.taggers), as the guard rail requires
         tagger = self.aws.client_as("ec2", TAGGER_ROLE)
@@ -177,12 +185,7 @@ class Live:
         self.api = AgentApi(wiring)
         self.store = wiring.store
 
-        from ringfence.demo.crosscloud import OtherClouds
-
-        # before serve: it routes POST /azure/events and /gcp/events to them (step 6)
-        self.clouds = OtherClouds.start()
-        r.say(f"other clouds: {self.clouds.describe()}")
-        self._start_serve()
+        self._await_serve()
         self._start_router()
         if not self.idle(60):
             raise RuntimeError("the estate's events were not ingested within 60 s")
@@ -243,7 +246,7 @@ class Live:
         env.pop("RINGFENCE_SIGNING_KEY", None)  # set by hand in the shell that started the demo, say
         return env
 
-    def _start_serve(self) -> None:
+    def _launch_serve(self) -> None:
         from ringfence import serve
 
         token, line = serve.new_admin_token(ADMIN_PRINCIPAL, ALL_ADMIN_ROLES)
@@ -273,6 +276,10 @@ class Live:
         log = (self.work / "serve.log").open("w")
         self.serve = self._start(*cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
+
+    def _await_serve(self) -> None:
+        """Until the ``serve`` :meth:`_launch_serve` started answers (60 s at most)."""
+        assert self.serve is not None
         deadline = time.monotonic() + 60
         url = self.api_base
         last: Exception | None = None
