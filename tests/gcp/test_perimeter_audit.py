@@ -8,10 +8,7 @@ the chain."""
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +23,7 @@ from ringfence.local.gcp_api import GcpApi
 from ringfence.local.gcp_project import NUMBER, PROJECT, gcp_config
 from ringfence.local.wiring import LocalWiring
 from ringfence.perimeter import PerimeterConfig
+from tests.azure.test_perimeter_audit import verify
 from tests.gcp.conftest import gcp_policy_files, web_vm
 from tests.onprem.conftest import signing_key_file
 
@@ -109,22 +107,7 @@ def test_a_gcp_perimeter_run_that_changes_something_writes_one_record_of_exactly
     assert {r["src_ranges"][0] for r in rec.detail["rules_added"]} == {"10.253.0.0/24"}
     assert rec.detail["policies_created"] == rec.detail["policies_associated"] == []
 
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ringfence.cli",
-            "audit",
-            "verify",
-            "--store",
-            f"sqlite:{tmp_path / 'state' / 'state.db'}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=dict(os.environ),
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
+    verify(tmp_path)  # the chain, through the real CLI
 
 
 def test_a_gcp_perimeter_change_whose_audit_write_fails_is_not_made(
