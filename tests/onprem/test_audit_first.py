@@ -156,6 +156,7 @@ def test_a_change_whose_write_landed_before_the_call_raised_is_not_recorded_as_f
     is still counted; a write that did not land gets ``.failed``; a store that cannot say gets
     ``.unconfirmed``."""
     from ringfence.control.governance import bind_labels
+    from ringfence.store.base import audit_then
     from tests.onprem.conftest import policy_files
 
     svc = boot(wiring)
@@ -163,6 +164,11 @@ def test_a_change_whose_write_landed_before_the_call_raised_is_not_recorded_as_f
     svc.metric = lambda name, n: lowered.append(name)
     assert svc.quarantine("carol", "dc1-web-1", True, "incident").status == 200
     real_set, real_get = wiring.store.set_operator, wiring.store.get
+    # SQLite writes the record and the change in one transaction, which a change that raised
+    # rolls back (it cannot land and then raise, checked at the end): the record first here, as
+    # DynamoDB writes it (store.base.audit_then), where a write can land and its answer fail
+    real_audit_with = wiring.store.audit_with
+    monkeypatch.setattr(wiring.store, "audit_with", lambda rec, change: audit_then(wiring.store, rec, change))
 
     def lands_then_raises(workload_id: str, **kw: Any) -> None:
         real_set(workload_id, **kw)
@@ -228,3 +234,13 @@ def test_a_change_whose_write_landed_before_the_call_raised_is_not_recorded_as_f
     bound = wiring.store.get("bastion-1")
     assert bound is not None and bound.workload.label_grants == {"role": "jumpbox", "app": "admin"}
     assert [a.action for a in wiring.store.audit_log()[-1:]] == ["label.bind"]
+
+    # SQLite's own: the write that raised is rolled back with its record; the attempt is then
+    # recorded alone and followed by .failed, and nothing changed
+    monkeypatch.setattr(wiring.store, "audit_with", real_audit_with)
+    before = wiring.store.get("dc1-web-1")
+    assert before is not None and not before.op_quarantined
+    quarantine_raising(lands_then_raises, True)
+    after = wiring.store.get("dc1-web-1")
+    assert after is not None and not after.op_quarantined
+    assert [a.action for a in wiring.store.audit_log()[-2:]] == ["workload.quarantine", "workload.quarantine.failed"]

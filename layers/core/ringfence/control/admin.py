@@ -17,6 +17,7 @@ from ringfence.policytests import run_tests
 from ringfence.policywarnings import warnings
 from ringfence.store.base import (
     AuditRecord,
+    ChangeFailed,
     ConflictError,
     PolicyVersion,
     agent_key_id_of,
@@ -61,6 +62,34 @@ class Admin:
         )
         self.w.audit(rec)
         return rec.id
+
+    def _audit_with(
+        self,
+        change: Callable[[], None],
+        principal: str,
+        action: str,
+        target: str,
+        detail: dict[str, Any],
+        reason: str,
+        before: str = "",
+        after: str = "",
+    ) -> tuple[str, Exception | None]:
+        """The record and ``change`` in one store transaction where the store can (SQLite: a
+        process killed between the two leaves neither; DynamoDB: the record first): the record's
+        id, and the change's exception (None: made). A change that failed is recorded all the
+        same, as an attempt (its record, then ``<action>.failed`` by the caller): where the
+        transaction rolled the record back with it, the record is written alone now. A failing
+        record write raises, nothing changed."""
+        rec = AuditRecord(
+            principal=principal, action=action, target=target, detail=detail, reason=reason, before=before, after=after
+        )
+        try:
+            self.w.audit_with(rec, change)
+        except ChangeFailed as exc:
+            if exc.written is None:
+                self.w.audit(rec)
+            return rec.id, exc.cause
+        return rec.id, None
 
     def _operator_state(self, workload_id: str) -> str:
         """The digest of a workload's operator state (mode, quarantine): an audit record's before/after."""
@@ -151,11 +180,18 @@ class Admin:
             self.w.publisher.put_text(key, text)
             keys[name] = key
         pv = PolicyVersion(number=version, keys=keys, digest=digest, author=principal, message=reason)
-        # the record before the activation: a version is never active without its record. Should
-        # the activation then lose (below), a second record says so; the store's version history
-        # (written with the activation, in one step) is what became active
+
+        # the record with the activation, in one store transaction where the store can (SQLite),
+        # else before it: a version is never active without its record, nor (SQLite) a record
+        # left claiming a version a killed process never activated. Should the activation lose
+        # (below), a second record says so; the store's version history (written with the
+        # activation, in one step) is what became active
+        def activate() -> None:  # only over the version this one was tested and compared against
+            self.w.store.activate_policy(pv, expected_active=active_pv.number if active_pv else None)
+
         try:
-            audit_id = self._audit(
+            audit_id, failed = self._audit_with(
+                activate,
                 principal,
                 "policy.provision",
                 target,
@@ -169,8 +205,9 @@ class Admin:
             log.error("the audit record of %s could not be written: nothing provisioned", target)
             self._unpublish(keys)
             raise
-        try:  # only over the version this one was tested and compared against
-            self.w.store.activate_policy(pv, expected_active=active_pv.number if active_pv else None)
+        try:
+            if failed is not None:
+                raise failed
         except ConflictError as exc:
             # a concurrent provision won: this version never becomes active, nor is it kept (its
             # number stays unused); provision again over the one that won
@@ -265,7 +302,9 @@ class Admin:
     # Every change below is audited BEFORE it is made (as provision is): a store failure between the
     # two must leave a record whose change did not happen (followed by ``<action>.failed`` when the
     # change is refused or raises), never a change in force without its record. A failed audit
-    # write changes nothing and the call fails (the function's error alarm).
+    # write changes nothing and the call fails (the function's error alarm). A mode, quarantine
+    # and release (as a provision) are written with their record in one store transaction where
+    # the store can (SQLite, Store.audit_with): a process killed in between leaves neither.
 
     def set_mode(self, principal: str, workload_id: str, mode: Mode | None, reason: str = "") -> Response:
         rec = self.w.store.get(workload_id)
@@ -274,10 +313,20 @@ class Admin:
         value = mode.value if mode else None
         before = self._op_digest(rec.op_mode.value if rec.op_mode else None, rec.op_quarantined)
         after = self._op_digest(value, rec.op_quarantined)
-        # the record first (see above): a mode is never in force without its record
-        audit_id = self._audit(principal, "workload.mode", workload_id, {"mode": value}, reason, before, after)
+        # the record with the change (see above): a mode is never in force without its record
+        audit_id, failed = self._audit_with(
+            lambda: self.w.store.set_operator(workload_id, mode=mode),
+            principal,
+            "workload.mode",
+            workload_id,
+            {"mode": value},
+            reason,
+            before,
+            after,
+        )
         try:
-            self.w.store.set_operator(workload_id, mode=mode)
+            if failed is not None:
+                raise failed
         except KeyError:
             self._failed(principal, "workload.mode", workload_id, audit_id, "unknown workload", reason)
             return error(404, "unknown workload", workload_id)
@@ -304,10 +353,20 @@ class Admin:
         mode = rec.op_mode.value if rec.op_mode else None
         before, after = self._op_digest(mode, rec.op_quarantined), self._op_digest(mode, on)
         action = "workload.quarantine" if on else "workload.release"
-        # the record first (see above): a release is never in force without its record
-        audit_id = self._audit(principal, action, workload_id, {"quarantined": on}, reason, before, after)
+        # the record with the change (see above): a release is never in force without its record
+        audit_id, failed = self._audit_with(
+            lambda: self.w.store.set_operator(workload_id, quarantined=on),
+            principal,
+            action,
+            workload_id,
+            {"quarantined": on},
+            reason,
+            before,
+            after,
+        )
         try:
-            self.w.store.set_operator(workload_id, quarantined=on)
+            if failed is not None:
+                raise failed
         except KeyError:
             self._failed(principal, action, workload_id, audit_id, "unknown workload", reason)
             return error(404, "unknown workload", workload_id)

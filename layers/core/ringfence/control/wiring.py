@@ -19,6 +19,7 @@ from ringfence.labels import LabelMapper
 from ringfence.policy import Policy, load_policy_texts
 from ringfence.siem import DROP_BUDGET, DROP_WINDOW, Siem
 from ringfence.store.base import (
+    ChangeFailed,
     PolicyVersion,
     Store,
 )
@@ -298,6 +299,20 @@ class BaseWiring:
         """Append ``rec`` to the store's hash chain and send the sealed record to the SIEM (if one
         is configured; a SIEM failure is logged, never the action's)."""
         sealed = self.store.audit(rec)
+        if self.siem is not None:
+            self.siem.audit(sealed)
+        return sealed
+
+    def audit_with(self, rec: AuditRecord, change: Callable[[], None]) -> AuditRecord:
+        """:meth:`audit` with ``change`` made in the same store transaction where the store can
+        (:meth:`Store.audit_with`); the record goes to the SIEM once it is written (also where the
+        change then failed: :class:`ChangeFailed`, ``written``)."""
+        try:
+            sealed = self.store.audit_with(rec, change)
+        except ChangeFailed as exc:
+            if exc.written is not None and self.siem is not None:
+                self.siem.audit(exc.written)
+            raise
         if self.siem is not None:
             self.siem.audit(sealed)
         return sealed

@@ -77,6 +77,28 @@ class NotTheNamedKey(Exception):
     nothing was bound or spent (:meth:`Store.bind_agent_key`, :meth:`Store.use_pairing`)."""
 
 
+class ChangeFailed(Exception):
+    """:meth:`Store.audit_with`: the change raised (``cause``). ``written``: its audit record,
+    where the store wrote it before the change (it cannot make them one transaction); None where
+    nothing was written (the record rolled back with the change)."""
+
+    def __init__(self, cause: Exception, written: AuditRecord | None) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.cause = cause
+        self.written = written
+
+
+def audit_then(store: Store, rec: AuditRecord, change: Callable[[], None]) -> AuditRecord:
+    """:meth:`Store.audit_with` for a store that cannot write both in one transaction: the record
+    first (a change is never in force without its record), then the change."""
+    sealed = store.audit(rec)
+    try:
+        change()
+    except Exception as exc:
+        raise ChangeFailed(exc, sealed) from exc
+    return sealed
+
+
 class GovernanceMoved(ConflictError):
     """:meth:`Store.observe`: the stored record changed after the record being written was decided
     from it (a binding, an approval, another observation landed in between). Writing it would drop
@@ -735,6 +757,14 @@ class Store(Protocol):
         the chain's head is written in the same atomic step, and concurrent writers queue or retry
         so that the chain never forks. :class:`ConflictError` if a record with its id exists (never
         rewritten)."""
+        ...
+
+    def audit_with(self, rec: AuditRecord, change: Callable[[], None]) -> AuditRecord:
+        """Append the record (as :meth:`audit`) and make ``change`` (this store's writes), in one
+        transaction where the store can (SQLite: one ``BEGIN IMMEDIATE``, so a process killed
+        between the two leaves neither), else the record first (:func:`audit_then`). A failing
+        record write raises as :meth:`audit` does, nothing written; a failing change raises
+        :class:`ChangeFailed`."""
         ...
 
     def audit_log(self) -> list[AuditRecord]:

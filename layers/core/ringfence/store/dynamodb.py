@@ -61,6 +61,7 @@ from ringfence.store.base import (
     TooManyTogether,
     Unread,
     agent_key_fingerprint_of,
+    audit_then,
     check_hold_fields,
     check_names_its_key,
     names_its_key,
@@ -1316,6 +1317,11 @@ class DynamoStore:
 
     def audit(self, rec: AuditRecord) -> AuditRecord:
         return self._chain_writer().group.commit((self, rec))
+
+    def audit_with(self, rec: AuditRecord, change: Callable[[], None]) -> AuditRecord:
+        # the chain is appended by a group commit shared across threads: the record goes first,
+        # then the change (a Lambda killed between the two leaves the record alone)
+        return audit_then(self, rec, change)
 
     def _append_many(self, recs: list[AuditRecord], writer: _ChainWriter) -> list[AuditRecord | BaseException]:
         """Append ``recs`` in order, up to :data:`AUDIT_RECORDS_PER_TRANSACTION` per transaction

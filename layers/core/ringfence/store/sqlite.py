@@ -54,6 +54,7 @@ from ringfence.store.base import (
     AuditHead,
     AuditRecord,
     BundlePointer,
+    ChangeFailed,
     ConflictError,
     DeltaPointer,
     EnforcementReport,
@@ -396,15 +397,22 @@ class SqliteStore:
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """A write transaction holding the database's write lock from its first statement."""
         db = self._db()
+        if getattr(self._local, "in_tx", False):
+            # within audit_with's transaction: these writes join it (one commit, or one rollback)
+            yield db
+            return
         # Threads of this process queue here, woken as soon as the writer before them commits;
         # SQLite's own busy handler (which sleeps in growing steps) is left to other processes.
         with self._writer:
             db.execute("BEGIN IMMEDIATE")
+            self._local.in_tx = True
             try:
                 yield db
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
+            finally:
+                self._local.in_tx = False
             db.execute("COMMIT")
 
     def close(self) -> None:
@@ -1105,6 +1113,17 @@ class SqliteStore:
                 )
         except sqlite3.IntegrityError:
             raise ConflictError(f"audit record {rec.id} exists: the audit log is append-only") from None
+        return sealed
+
+    def audit_with(self, rec: AuditRecord, change: Callable[[], None]) -> AuditRecord:
+        # one BEGIN IMMEDIATE: the record and the change commit together or not at all, so a
+        # process killed between them leaves no record of a change that never happened
+        with self._tx():
+            sealed = self.audit(rec)
+            try:
+                change()
+            except Exception as exc:
+                raise ChangeFailed(exc, None) from exc  # rolls the record back with it
         return sealed
 
     def audit_log(self) -> list[AuditRecord]:
