@@ -15,11 +15,14 @@ the highest revision it has applied and refuses anything older.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Literal, TypeVar, overload
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
@@ -190,7 +193,25 @@ class SigningKey:
 
     @classmethod
     def from_file(cls, path: Path) -> SigningKey:
-        return cls.from_pem(path.read_bytes())
+        """The key in ``path``; one that cannot be read, or holds no such key, is a
+        :class:`BundleError` naming the path (never cryptography's message alone)."""
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise BundleError(f"{path}: {exc.strerror}") from None
+        return cls.from_pem_file(data, path)
+
+    @classmethod
+    def from_pem_file(cls, data: bytes, path: Path) -> SigningKey:
+        """:meth:`from_pem` of ``data`` read from ``path``, its refusal naming the path."""
+        if not data.strip():
+            raise BundleError(f"{path}: an empty file ({len(data)} bytes), not a signing key")
+        try:
+            return cls.from_pem(data)
+        except BundleError as exc:
+            raise BundleError(f"{path}: {exc}") from None
+        except (ValueError, TypeError, UnsupportedAlgorithm):  # malformed PEM, an encrypted key, another kind
+            raise BundleError(f"{path}: not an unencrypted Ed25519 private key (PKCS#8 PEM)") from None
 
     @property
     def key_id(self) -> str:
@@ -210,10 +231,32 @@ class SigningKey:
         )
 
     def write(self, private_path: Path, public_path: Path) -> None:
-        private_path.touch(mode=0o600, exist_ok=True)
-        private_path.chmod(0o600)
-        private_path.write_bytes(self.private_pem())
-        public_path.write_bytes(self.public_pem())
+        """Both files, each written whole or not at all (a temporary file, fsynced, renamed into
+        place, the directory fsynced): a crash or power loss never leaves an empty or partial key.
+        The public key first: a private key present is always one whose public key is written."""
+        _write_durably(public_path, self.public_pem(), 0o644)
+        _write_durably(private_path, self.private_pem(), 0o600)
+
+
+def _write_durably(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)  # whatever the umask
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    d = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(d)  # the rename itself survives a power loss
+    finally:
+        os.close(d)
 
 
 def manifest(doc: Document, key_id: str) -> bytes:

@@ -860,6 +860,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             signing_key=Path(args.signing_key) if args.signing_key else None,
             siem=args.siem,
             user=args.user,
+            new_store=args.new_store,
         )
     except serve.ServeError as exc:
         raise CliError(str(exc)) from None
@@ -1246,6 +1247,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--signing-key",
         metavar="PEM",
         help="with sqlite: the bundle signing key (default: generated beside the database on first start)",
+    )
+    p.add_argument(
+        "--new-store",
+        action="store_true",
+        help="with sqlite: start a new, empty store where PATH is missing or an empty file although its directory "
+        "was used before (otherwise refused: restore the backup); never over a file that holds data",
     )
     p.add_argument(
         "--user",

@@ -30,6 +30,8 @@ ALERTED = (
     "AgentRequestsInvalid",
     "AgentRequestsOverAddressLimit",
     "ComputeNotQueued",
+    "StoreUnavailable",
+    "StoreDamaged",
 )
 """Counters exposed at zero from the start (docs/serve.md names them for alerts): Prometheus'
 ``increase()`` cannot count a series that first appears already at 1, so the first lowering of a

@@ -45,6 +45,7 @@ from ringfence.metrics import CONTENT_TYPE_LATEST, Counters
 
 if TYPE_CHECKING:
     from ringfence.bundlewire import Signer
+    from ringfence.store.failure import StoreHealth
 
 log = logging.getLogger("ringfence.serve")
 
@@ -238,7 +239,11 @@ def new_admin_token(principal: str, roles: Iterable[str]) -> tuple[str, str]:
 
 
 def build_wiring(
-    store: str, signing_key: Path | Signer | None = None, siem: str | None = None, metric: Metric = no_metric
+    store: str,
+    signing_key: Path | Signer | None = None,
+    siem: str | None = None,
+    metric: Metric = no_metric,
+    new_store: bool = False,
 ) -> Any:
     """The services' wiring for a ``--store`` value: ``sqlite:PATH`` (the SQLite file ``PATH``; its
     directory holds the published objects and, unless ``signing_key`` is given, the signing key:
@@ -246,7 +251,11 @@ def build_wiring(
     and SQS named by the RINGFENCE_* environment, endpoints by the AWS SDK's, e.g.
     ``AWS_ENDPOINT_URL``; compute runs where the stack runs it). ``siem`` (``--siem``) overrides
     ``$RINGFENCE_SIEM``: where audit records, drops and findings also go (:mod:`ringfence.siem`).
-    ``metric``: what the services count (the compute worker's with ``sqlite:``; :class:`ringfence.metrics.Counters`)."""
+    ``metric``: what the services count (the compute worker's with ``sqlite:``; :class:`ringfence.metrics.Counters`).
+    With ``sqlite:`` the state directory is checked first (:mod:`ringfence.local.statedir`): a
+    missing or empty store where the control plane ran before, or a damaged one, is refused unless
+    ``new_store`` (``--new-store``) asks for a new one; a key or directory that cannot be used is
+    a :class:`ServeError` naming its path."""
     import dataclasses
 
     if siem:
@@ -257,6 +266,8 @@ def build_wiring(
         except SiemSpecError as exc:
             raise ServeError(str(exc)) from None
     if store == "aws":
+        if new_store:
+            raise ServeError("--new-store is for --store sqlite:PATH")
         if signing_key is not None:
             raise ServeError("--signing-key is for --store sqlite:PATH (on AWS: RINGFENCE_SIGNING_KEY)")
         from ringfence.clouds.aws.wiring import Wiring
@@ -267,15 +278,22 @@ def build_wiring(
         w.metric = metric  # what the agent API's routes count (GET /metrics)
         return w
     if store.startswith("sqlite:") and store.removeprefix("sqlite:"):
+        from ringfence.bundle import BundleError
+        from ringfence.local.statedir import StateRefused, check_state, quick_check
         from ringfence.local.wiring import LocalWiring, StateInUse
 
+        database = Path(store.removeprefix("sqlite:"))
         try:
             from ringfence.local.wiring import local_config
 
+            check_state(database, new_store)
+            quick_check(database)
             local = dataclasses.replace(local_config(), siem=siem) if siem else None
-            return LocalWiring(Path(store.removeprefix("sqlite:")), signing_key=signing_key, cfg=local, metric=metric)
-        except StateInUse as exc:
+            return LocalWiring(database, signing_key=signing_key, cfg=local, metric=metric)
+        except (StateInUse, StateRefused, BundleError) as exc:
             raise ServeError(str(exc)) from None
+        except OSError as exc:  # a state directory that cannot be written (read-only, not ours), a key not there
+            raise ServeError(f"{exc.filename or database.parent}: {exc.strerror or exc}") from None
     raise ServeError(f"--store {store!r}: expected sqlite:PATH or aws")
 
 
@@ -457,6 +475,8 @@ class ServeApp:
     # requests per client address to nonce, enroll and token (the AWS web ACL's rule); default:
     # AddressLimit.from_env()
     address_limit: AddressLimit | None = None
+    # the local store's health (LocalWiring's): once it is damaged, no request is answered from it
+    health: StoreHealth | None = None
 
     @classmethod
     def over(
@@ -480,16 +500,25 @@ class ServeApp:
         from ringfence.control.agents import AgentApi
         from ringfence.routes import admin as admin_api
         from ringfence.routes import agent as agent_api
+        from ringfence.routes.common import answer_store_failures
 
         counters = metrics if metrics is not None else Counters()
         gcp, enrollers = gcp_services(wiring, metric=counters)
         api = AgentApi(wiring, enrollers)
         adm = OnPremAdmin(wiring, counters)
-        agent = ResolverPool(lambda: agent_api.agent_routes(lambda: api), agent_api.outcome)
+        # the local store's failures (full, locked, damaged): answered 503 by every route, counted
+        health = getattr(wiring, "health", None)
+
+        def guarded(app: Any) -> Any:
+            return answer_store_failures(app, health) if health is not None else app
+
+        agent = ResolverPool(lambda: guarded(agent_api.agent_routes(lambda: api)), agent_api.outcome)
         admin = None
         if tokens is not None:
             admin = ResolverPool(
-                lambda: admin_api.admin_routes(lambda: adm, onprem=lambda: adm, roles_of=admin_api.token_roles),
+                lambda: guarded(
+                    admin_api.admin_routes(lambda: adm, onprem=lambda: adm, roles_of=admin_api.token_roles)
+                ),
                 lambda _path, status: admin_api.outcome(status),
             )
         events: dict[str, Callable[[Mapping[str, str], bytes], Any]] = {}
@@ -511,6 +540,7 @@ class ServeApp:
             admin,
             tokens,
             threads,
+            health=health,
             gcp=gcp,
             cloud_events=events,
             azure=azure,
@@ -551,6 +581,12 @@ class ServeApp:
         def error(status: int, msg: str, detail: str = "", headers: dict[str, str] | None = None) -> Response:
             return JSONResponse({"error": msg, "detail": detail}, status, headers=headers)
 
+        def damaged() -> Response:
+            from ringfence.routes.common import store_failure
+
+            assert self.health is not None and self.health.damaged
+            return JSONResponse(store_failure("damaged", self.health.damaged).body, 503)
+
         async def read_body(request: Request, limit: int) -> bytes | None:
             chunks, size = [], 0
             async for chunk in request.stream():
@@ -568,6 +604,8 @@ class ServeApp:
             roles: frozenset[AdminRole] | None = None,
             limiter: Any = None,
         ) -> Response:
+            if self.health is not None and self.health.damaged:
+                return damaged()
             body = await read_body(request, limit)
             if body is None:
                 return error(413, "request too large", f"over {limit} bytes")
@@ -656,6 +694,8 @@ class ServeApp:
             return await dispatch(request, self.azure_events, MAX_EVENT_BODY, None, None, events)
 
         async def healthz(request: Request) -> Response:
+            if self.health is not None and self.health.damaged:
+                return JSONResponse({"ok": False, "error": self.health.damaged}, 503)
             return JSONResponse({"ok": True})
 
         async def metrics(request: Request) -> Response:
@@ -883,6 +923,7 @@ def run(
     signing_key: Path | None = None,
     siem: str | None = None,
     user: str | None = None,
+    new_store: bool = False,
 ) -> int:
     """Serve until SIGINT/SIGTERM (what ``ringfence serve`` runs). ``user`` (``--user``, started
     as root): the signing key goes to a signer process of its own and everything else runs as
@@ -907,7 +948,7 @@ def run(
             "is root and can copy the key; give --user NAME (docs/serve.md)"
         )
     try:
-        wiring = build_wiring(store, signer or signing_key, siem, counters)
+        wiring = build_wiring(store, signer or signing_key, siem, counters, new_store)
     except BaseException:
         if signer is not None:
             signer.close()

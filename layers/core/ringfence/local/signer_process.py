@@ -143,7 +143,7 @@ def serve_signatures(key_path: Path, stdin: IO[bytes], stdout: IO[bytes]) -> int
     from ringfence.bundle import SigningKey
 
     try:
-        key = SigningKey.from_pem(read_key_file(key_path))
+        key = SigningKey.from_pem_file(read_key_file(key_path), key_path)
     except Exception as exc:  # the parent shows it: this process has no one else to tell
         stdout.write(json.dumps({"error": str(exc)}).encode() + b"\n")
         stdout.flush()

@@ -40,6 +40,7 @@ from ringfence.local.publish import FilePublisher
 from ringfence.local.retention import ReportQuota, retention_days, sweep_reports
 from ringfence.siem import DROP_BUDGET, DROP_WINDOW
 from ringfence.store.base import Store
+from ringfence.store.failure import StoreHealth
 from ringfence.store.sqlite import SqliteStore
 
 log = logging.getLogger("ringfence.local")
@@ -128,6 +129,8 @@ class ComputeWorker(threading.Thread):
         self.failed_batches = 0
         self.last_stats: ComputeStats | None = None
         self._stopping = False
+        # the store's failures (counted, logged); once it is damaged, nothing is computed from it
+        self.health: StoreHealth | None = None
 
     def submit(self, message: dict[str, Any]) -> None:
         self.queue.put(message)
@@ -171,14 +174,19 @@ class ComputeWorker(threading.Thread):
                 return
 
     def _compute(self, messages: list[dict[str, Any]]) -> None:
+        if self.health is not None and self.health.damaged:
+            self.failed_batches += 1
+            log.error("%s: not computed (%s message(s)): the store is damaged", self.health.damaged, len(messages))
+            return
         for attempt in range(1, self.attempts + 1):
             try:
                 self.last_stats = self.compute.run(messages)
                 self.runs += 1
                 return
-            except Exception:
+            except Exception as exc:
                 log.exception("compute failed (attempt %s of %s)", attempt, self.attempts)
-                if self._stopping or attempt == self.attempts:
+                failed = self.health.failed(exc, "compute") if self.health is not None else None
+                if self._stopping or attempt == self.attempts or (failed and failed[0] == "damaged"):
                     break
                 time.sleep(self.retry_delay * attempt)
         self.failed_batches += 1
@@ -250,6 +258,7 @@ class LocalWiring(BaseWiring):
         self.notifier = LocalNotifier()
         self.compute = Compute(self, metric, notifier=self.notifier)
         self.worker = ComputeWorker(self.compute, self.notifier)
+        self.health = self.worker.health = StoreHealth(self.database.name, metric)
         self._started = False
         if start:
             self.start()

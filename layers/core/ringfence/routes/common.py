@@ -3,6 +3,7 @@ in the API's error body (422, naming each bad field), and service answers as HTT
 
 import json
 import re
+import sqlite3
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
@@ -15,6 +16,9 @@ from aws_lambda_powertools.utilities.data_classes import APIGatewayProxyEvent
 
 from ringfence import agentapi
 from ringfence.control.api import Response, error
+from ringfence.store.failure import Kind, StoreHealth
+
+STORE_RETRY_AFTER = 5  # seconds: the Retry-After of a 503 for a store unavailable for now
 
 
 def http(r: Response) -> HttpResponse[str]:
@@ -158,4 +162,42 @@ def resolver(
     app.exception_handler(RecursionError)(too_deep)
 
     app.configure_openapi(title=title, version="1", description=description, security_schemes=security_schemes)
+    return app
+
+
+def store_failure(kind: Kind, said: str) -> Response:
+    """503 for a request the store failed (``said``: ``state.db: <SQLite's reason>``, the file's
+    name and no more). Unavailable (full, locked, an I/O error): the request may be partly done
+    (an audit record written before the failure) and is sent again after ``Retry-After``; damaged:
+    no request is answered from the store until it is restored."""
+    if kind == "damaged":
+        return error(
+            503,
+            said,
+            "the control plane's store is damaged: no request is answered from it; the operator restores it "
+            "from a backup and restarts ringfence serve",
+        )
+    out = error(
+        503,
+        said,
+        "the control plane's store could not complete this request (it may be partly done): "
+        "send it again after Retry-After seconds",
+    )
+    out.headers["Retry-After"] = str(STORE_RETRY_AFTER)
+    return out
+
+
+def answer_store_failures(app: Resolver, health: StoreHealth) -> Resolver:
+    """``app`` answering a store failure met by any route 503 (:func:`store_failure`), counted and
+    logged by ``health``, instead of a bare 500 or a dropped connection; any other sqlite3 error
+    (a constraint, a misuse: a bug) is raised as before."""
+
+    def failed(exc: sqlite3.DatabaseError) -> HttpResponse[str]:
+        event = app.current_event
+        found = health.failed(exc, f"{event.http_method} {event.path}")
+        if found is None:
+            raise exc
+        return http(store_failure(*found))
+
+    app.exception_handler(sqlite3.DatabaseError)(failed)
     return app

@@ -1,0 +1,108 @@
+"""What ``ringfence serve --store sqlite:PATH`` checks of its state directory before it opens the
+store (docs/onprem.md, "Start-up checks").
+
+* A missing or empty (0-byte) ``PATH`` in a directory that was used before — its signing key,
+  published objects, a WAL file — is a lost store (a failed restore, a wrong path, a truncation),
+  not a first start: SQLite would make a new empty store of it, and serve would forget every
+  registration, token, pairing key, policy version and audit record while agents hold what it
+  published. Refused unless the operator asks for a new store (``--new-store``).
+* An empty file is never a store: refused, also in an unused directory, unless ``--new-store``.
+* An existing store must pass SQLite's ``PRAGMA quick_check`` (every page and b-tree of the file,
+  not the indexes' contents against their tables): a damaged file is refused before anything
+  writes to it, rather than served while writes to its damaged tables fail.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from ringfence.store.failure import classify
+
+# what the control plane leaves in its state directory once it has run (objects/agent is the
+# agent artifact `ringfence publish-agent` may put there before any start)
+_LIFE_FILES = ("signing-key.pem", "signing-key.pub.pem")
+_LIFE_OBJECTS = ("bundles", "deltas", "policies", "reports", "keys")
+QUICK_CHECK_PROBLEMS = 10  # problems quick_check reports at most (it stops there)
+
+
+class StateRefused(RuntimeError):
+    """The state directory or its store is not one serve starts on (the message starts with the
+    path and says how to proceed)."""
+
+
+def earlier_life(database: Path) -> list[str]:
+    """What in the database's directory shows the control plane ran there before."""
+    state = database.parent
+    found = [name for name in _LIFE_FILES if (state / name).exists()]
+    wal = database.with_name(database.name + "-wal")
+    if wal.exists():
+        found.append(wal.name)
+    for name in _LIFE_OBJECTS:
+        d = state / "objects" / name
+        if d.is_dir() and any(d.iterdir()):
+            found.append(f"objects/{name}/")
+    return found
+
+
+def check_state(database: Path, new_store: bool = False) -> None:
+    """Refuse (:class:`StateRefused`) a missing or empty store in a directory used before, an
+    empty file anywhere, and ``new_store`` over a file that holds anything."""
+    try:
+        size: int | None = database.stat().st_size
+    except FileNotFoundError:
+        size = None
+    except OSError as exc:
+        raise StateRefused(f"{database}: {exc.strerror}") from None
+    if new_store:
+        if size:
+            raise StateRefused(
+                f"{database}: --new-store, but the file holds {size} bytes: serve never starts a new store over "
+                "one; move the file aside first (and remove --new-store once the new store is made)"
+            )
+        return
+    restore = "restore it from its backup (docs/onprem.md#backup-and-restore)"
+    if size == 0:
+        raise StateRefused(
+            f"{database}: an empty file (0 bytes), not a ringfence store: {restore}, or start a new, empty store "
+            "in its place with --new-store"
+        )
+    if size is None and database.parent.is_dir():
+        found = earlier_life(database)
+        if found:
+            raise StateRefused(
+                f"{database}: no such file, but {database.parent} was used before ({', '.join(found)}): a new store "
+                "would forget every registration, agent token, pairing key, policy version and audit record. "
+                f"Check the path, or {restore}; to start a new, empty store here on purpose, give --new-store"
+            )
+
+
+def quick_check(database: Path) -> None:
+    """SQLite's ``PRAGMA quick_check`` of an existing store; :class:`StateRefused` naming the file
+    and the first problems when it is damaged (or no database at all)."""
+    if not database.is_file() or database.stat().st_size == 0:
+        return
+    try:
+        # read-only: a damaged file is refused as it is, nothing written to it
+        db = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True, timeout=30, isolation_level=None)
+        try:
+            rows = [str(r[0]) for r in db.execute(f"PRAGMA quick_check({QUICK_CHECK_PROBLEMS})")]
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as exc:
+        found = classify(exc)
+        if found is None or found[0] != "damaged":
+            raise  # unreadable for another reason (permissions, a lock): the store's own open says so
+        raise StateRefused(f"{database}: {found[1]}: {_damaged(database)}") from None
+    if rows != ["ok"]:
+        rows = [" ".join(r.replace("*** in database main ***", "").split()) for r in rows]
+        shown = "; ".join(rows[:3])
+        more = f" (and {len(rows) - 3} more)" if len(rows) > 3 else ""
+        raise StateRefused(f"{database}: damaged (SQLite quick_check: {shown}{more}): {_damaged(database)}")
+
+
+def _damaged(database: Path) -> str:
+    return (
+        "serve does not start on a damaged store; keep the file for analysis, restore "
+        f"{database.name} from its backup (docs/onprem.md#backup-and-restore) and start again"
+    )
