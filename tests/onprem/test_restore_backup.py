@@ -51,7 +51,7 @@ def restore(frm: Path, db: Path) -> None:
     shutil.copy(frm / "state.db", db)
 
 
-def test_quarantine_after_restoring_a_backup_is_applied(server: Server, tmp_path: Path, agent_process: Any) -> None:
+def test_a_restored_backup_reaches_agents_that_moved_past_it(server: Server, tmp_path: Path, agent_process: Any) -> None:
     for spec in ESTATE:
         assert server.admin("POST", "/admin/workloads", {**spec, "reason": "rack 1"}).status_code == 201
     assert server.admin("POST", "/admin/policies", {"files": policy_files()}).status_code == 201
@@ -73,24 +73,24 @@ def test_quarantine_after_restoring_a_backup_is_applied(server: Server, tmp_path
         at_backup = wait_until(lambda: status(state).get("applied_revision"), 30, "the first bundle", log)
         backup(server.db, tmp_path / "backup")
 
-        # the estate moves on after the backup: quarantined and released a few times, each applied
+        # the estate moves on after the backup: quarantined and released a few times, each
+        # applied, and quarantined at last (what the restore undoes)
         held = at_backup
-        for n in range(3):
-            for on in (True, False):
-                method = "POST" if on else "DELETE"
-                r = server.admin(method, f"/admin/workloads/{PROC}/quarantine", {"reason": f"drill {n}"})
-                assert r.status_code == 200, r.text
-                before = held
-                held = wait_until(
-                    lambda b=before, q=on: (
-                        (s := status(state)).get("quarantined") is q
-                        and (s.get("applied_revision") or 0) > b
-                        and s["applied_revision"]
-                    ),
-                    30,
-                    f"drill {n} ({'quarantine' if on else 'release'})",
-                    log,
-                )
+        for n, on in enumerate((True, False, True, False, True)):
+            method = "POST" if on else "DELETE"
+            r = server.admin(method, f"/admin/workloads/{PROC}/quarantine", {"reason": f"drill {n}"})
+            assert r.status_code == 200, r.text
+            before = held
+            held = wait_until(
+                lambda b=before, q=on: (
+                    (s := status(state)).get("quarantined") is q
+                    and (s.get("applied_revision") or 0) > b
+                    and s["applied_revision"]
+                ),
+                30,
+                f"drill {n} ({'quarantine' if on else 'release'})",
+                log,
+            )
         assert held > at_backup
 
         # the disk dies: serve stopped, the backup restored as the docs say, serve started again
@@ -100,11 +100,24 @@ def test_quarantine_after_restoring_a_backup_is_applied(server: Server, tmp_path
         restore(tmp_path / "backup", server.db)
         server.start()
 
+        # the restored state reaches the agent unasked (its heartbeat shows it holds a version
+        # above what the restored store published): not quarantined, above what it held
+        restored = wait_until(
+            lambda: (
+                (s := status(state)).get("quarantined") is False
+                and (s.get("applied_revision") or 0) > held
+                and s["applied_revision"]
+            ),
+            30,
+            "the restored state (released)",
+            log,
+        )
+
         # a real incident: the quarantine must reach the host
         r = server.admin("POST", f"/admin/workloads/{PROC}/quarantine", {"reason": "real incident"})
         assert r.status_code == 200, r.text
         wait_until(lambda: status(state).get("quarantined") is True, 30, "the quarantine after the restore", log)
-        assert status(state)["applied_revision"] > held
+        assert status(state)["applied_revision"] > restored
         assert "rollback refused" not in log.read_text()
         assert agent.poll() is None, log.read_text()
     finally:

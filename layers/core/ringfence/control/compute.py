@@ -139,6 +139,7 @@ class Compute:
             base = self.engine.revision  # == the stored head (checked by _ensure)
             # a rebuild loaded every record after the batch's were read: read them again
             updates = self._apply(ids, self.w.store.get_many(ids) if rebuilt and ids else recs)
+            updates += self._reissue(messages)
             self._shared(None if rebuilt else ids)
             t = _lap(stats, "engine", t)
             stats.updates = len(updates)
@@ -307,6 +308,23 @@ class Compute:
             if upd.changed:
                 out.append(upd)
         return out
+
+    def _reissue(self, messages: list[dict[str, Any]]) -> list[Update]:
+        """Whole new bundles, at fresh revisions, for the workloads whose agents hold a version
+        above every one published for them (``reissue``: workload → the version its agent holds,
+        sent by the agent API): issued before the store was restored from a backup, so the
+        restored state reaches them. Only while the engine's version of the workload is not above
+        it already (a copy of the message, or one handled since, changes nothing)."""
+        assert self.engine is not None
+        held: dict[str, int] = {}
+        for m in messages:
+            for wid, v in (m.get("reissue") or {}).items():
+                held[wid] = max(held.get(wid, 0), int(v))
+        return [
+            self.engine.reissue(wid)
+            for wid, v in sorted(held.items())
+            if wid in self.engine.workloads and self.engine.bundle_version(wid) <= v
+        ]
 
     # publication
 

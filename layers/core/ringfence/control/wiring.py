@@ -346,13 +346,15 @@ class BaseWiring:
         enforced: list[str] | None = None,
         refresh: bool = False,
         lifecycles: list[dict[str, Any]] | None = None,
+        reissue: dict[str, int] | None = None,
     ) -> None:
         """Ask compute to take these workloads' inventory (and a lifecycle action, a rebuild,
         re-renders or a refresh of bundles near expiry) into the engine; nothing is sent when
         there is nothing to do. ``enforced``: instances whose agent now enforces (the agent API,
         lifecycle gate "agent"). ``lifecycles``: several lifecycle actions in one message (a
         batch's), each taken as if it came with ``lifecycle`` (:func:`ringfence.control.compute.
-        one_action_each`)."""
+        one_action_each`). ``reissue``: workload → a version its agent holds above every one
+        published for it, to be issued a whole bundle above it (``Compute._reissue``)."""
         ids = list(dict.fromkeys(ids))
         if (
             not ids
@@ -362,6 +364,7 @@ class BaseWiring:
             and not enforced
             and not refresh
             and not lifecycles
+            and not reissue
         ):
             return
         message: dict[str, Any] = {"ids": ids, "rebuild": rebuild, "lifecycle": lifecycle, "publish": publish or []}
@@ -371,6 +374,8 @@ class BaseWiring:
             message["enforced"] = list(enforced)
         if refresh:
             message["refresh"] = True
+        if reissue:
+            message["reissue"] = dict(reissue)
         self.send_compute(message)
 
     def send_compute(self, message: dict[str, Any]) -> None:

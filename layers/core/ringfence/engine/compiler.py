@@ -436,6 +436,17 @@ class Engine:
             if len(held := self._by_addr.get(a, set())) > 1
         }
 
+    def reissue(self, workload_id: str) -> Update:
+        """A whole new bundle of the workload at a fresh revision, its rules as they are: its agent
+        holds a version above every one published for it (issued before the store was restored
+        from a backup), and refuses anything lower as a rollback."""
+        ws = self.workloads[workload_id]
+        self.revision += 1
+        ws.rules_revision = self.revision
+        upd = Update(self.revision, rebuilt={workload_id}, notify={workload_id})
+        upd.bundles = {workload_id: self.render(workload_id)}
+        return upd
+
     def remove(self, workload_id: str) -> Update:
         old = self.workloads.get(workload_id)
         if old is None:
