@@ -123,7 +123,9 @@ def test_wait_limit_is_per_token_and_not_fooled_by_path_variants(plane: Plane) -
     async def run() -> None:
         async with httpx.AsyncClient(timeout=30) as c:
             held = [
-                asyncio.create_task(c.get(f"{url}/v1/agents/{WEB}/wait?version=9999999999999999&timeout=4", headers=evil))
+                asyncio.create_task(
+                    c.get(f"{url}/v1/agents/{WEB}/wait?version=9999999999999999&timeout=4", headers=evil)
+                )
                 for _ in range(serve.WAITS_PER_TOKEN)
             ]
             await asyncio.sleep(1)
@@ -392,7 +394,9 @@ def test_attack_renewing_the_token_between_long_polls_opens_no_more_of_them(plan
                 f"{url}/v1/agents/{DB}/heartbeat", headers=good, json={"applied_version": None, "mode": None}
             )
             assert hb.status_code == 200, hb.text
-            other = await c.get(f"{url}/v1/agents/{DB}/wait?version=9999999999999999&timeout=0", headers=good, timeout=PROMPT)
+            other = await c.get(
+                f"{url}/v1/agents/{DB}/wait?version=9999999999999999&timeout=0", headers=good, timeout=PROMPT
+            )
             assert other.status_code == 200, other.text
             statuses = [r.status_code for r in await asyncio.gather(*held)]
             # 401: a wait whose token was renewed before it was read
