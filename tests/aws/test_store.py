@@ -571,6 +571,28 @@ def test_audit_is_append_only(store: Store) -> None:
     assert [(r.seq, r.id) for r in sealed] == [(1, second.id), (2, first.id)] and sealed[1].prev == sealed[0].hash
 
 
+def test_audit_with_writes_the_record_and_the_change(store: Store) -> None:
+    """Store.audit_with: the record and the change together; a change that fails leaves no record
+    where the store writes both in one transaction (SQLite), the record alone where it cannot
+    (DynamoDB: ``ChangeFailed.written``)."""
+    from ringfence.store.base import ChangeFailed
+
+    assert store.observe(rec(1.0, "prod"))
+    first = AuditRecord(principal="alice", action="workload.quarantine", target=WID)
+    sealed = store.audit_with(first, lambda: store.set_operator(WID, quarantined=True))
+    got = store.get(WID)
+    assert got is not None and got.op_quarantined and store.audit_log() == [sealed]
+
+    second = AuditRecord(principal="alice", action="workload.mode", target="nobody")
+    with pytest.raises(ChangeFailed) as caught:
+        store.audit_with(second, lambda: store.set_operator("nobody", mode=Mode.IDLE))
+    assert isinstance(caught.value.cause, KeyError)
+    if isinstance(store, SqliteStore):
+        assert caught.value.written is None and store.audit_log() == [sealed], "rolled back with the change"
+    else:
+        assert caught.value.written is not None and [r.id for r in store.audit_log()] == [first.id, second.id]
+
+
 def test_a_store_opens_from_its_spec(tmp_path: Path, moto_url: str) -> None:
     from ringfence.store import open_store
     from ringfence.store.dynamodb import DynamoStore
