@@ -290,6 +290,7 @@ def test_a_full_disk_is_answered_503_with_retry_after(tmp_path: Path, small_fs: 
                 "send it again after Retry-After seconds",
             }
         assert s.metrics()["ringfence_store_unavailable_total"] >= len(full) + 1
+        assert "state.db: database or disk is full (POST /admin/workloads, answered 503)" in s.log.read_text()
         assert httpx.get(f"{s.url}/healthz", timeout=30).status_code == 200  # full is not damaged
         filler.unlink()
         spec = {**ESTATE[0], "id": "dc1-web-99", "ips": ["192.168.11.99"]}
@@ -302,7 +303,7 @@ def test_a_lock_held_past_the_busy_timeout_is_answered_503(served: Serve) -> Non
     """Another process holds the write lock (a backup tool, a stuck script) longer than serve's
     30 s busy timeout: the registration is answered 503 ``state.db: database is locked``."""
     boot(served)
-    other = sqlite3.connect(served.db, timeout=30, isolation_level=None)
+    other = sqlite3.connect(served.db, timeout=120, isolation_level=None)  # compute may still be writing
     other.execute("BEGIN IMMEDIATE")
     try:
         spec = {**ESTATE[0], "id": "dc1-web-7", "ips": ["192.168.10.17"]}
@@ -313,7 +314,8 @@ def test_a_lock_held_past_the_busy_timeout_is_answered_503(served: Serve) -> Non
     assert r.status_code == 503, r.text
     assert r.json()["error"] == "state.db: database is locked"
     assert r.headers["retry-after"] == "5"
-    assert served.call("POST", "/admin/workloads", spec).status_code in (200, 201)
+    r = served.call("POST", "/admin/workloads", spec, timeout=120)
+    assert r.status_code in (200, 201), r.text
 
 
 # --- 6: the signing key and the state directory --------------------------------------------------

@@ -194,7 +194,7 @@ def answer_store_failures(app: Resolver, health: StoreHealth) -> Resolver:
 
     def failed(exc: sqlite3.DatabaseError) -> HttpResponse[str]:
         event = app.current_event
-        found = health.failed(exc, f"{event.http_method} {event.path}")
+        found = health.failed(exc, f"{event.http_method} {event.path}, answered 503")
         if found is None:
             raise exc
         return http(store_failure(*found))

@@ -68,8 +68,8 @@ class StoreHealth:
         self._lock = threading.Lock()
 
     def failed(self, exc: BaseException, where: str) -> tuple[Kind, str] | None:
-        """Record ``exc`` met by ``where`` (a route, compute): its kind and ``FILE: reason``, or
-        None when it is no store failure."""
+        """Record ``exc`` met by ``where`` (a request and what it was answered, compute): its kind
+        and ``FILE: reason``, or None when it is no store failure."""
         found = classify(exc)
         if found is None:
             return None
@@ -82,13 +82,13 @@ class StoreHealth:
                     self.damaged = said
             if first:
                 log.error(
-                    "%s (%s): the store is damaged; serve answers 503 to every request until it is restored "
-                    "from a backup and restarted (docs/onprem.md)",
+                    "%s (%s): the store is damaged; serve answers 503 to every request and computes nothing "
+                    "until it is restored from a backup and restarted (docs/onprem.md)",
                     said,
                     where,
                 )
             self.metric(STORE_DAMAGED, 1)
         else:
-            log.error("%s (%s): answered 503", said, where)
+            log.error("%s (%s)", said, where)
             self.metric(STORE_UNAVAILABLE, 1)
         return kind, said
