@@ -534,7 +534,7 @@ class ServeApp:
 
             attach(wiring, azure)
             ingest = AzureEvents(wiring, azure, counters)
-            azure_events = ResolverPool(lambda: azure_event_routes(lambda: ingest))
+            azure_events = ResolverPool(lambda: guarded(azure_event_routes(lambda: ingest)))
         return cls(
             agent,
             admin,
@@ -741,12 +741,19 @@ def gcp_services(
     except ValueError as exc:  # e.g. secure tags trusted under any parent: refuse to start
         raise ServeError(f"GCP configuration: {exc}") from None
     ingest = GcpIngest(wiring, cfg, metric=metric)
+    health = getattr(wiring, "health", None)  # the local store's: a failure answered 503, as on every route
     enrollers: dict[str, Any] = {}
     if cfg.identity_audience:
         enrollers[METHOD] = GcpEnroller(wiring, cfg, ingest)
         if METHOD not in wiring.cfg.enroll_methods:
             wiring.cfg.enroll_methods.append(METHOD)
-    return ResolverPool(lambda: gcp_event_routes(lambda: ingest)), enrollers
+    from ringfence.routes.common import answer_store_failures
+
+    def routes() -> Any:
+        app = gcp_event_routes(lambda: ingest)
+        return answer_store_failures(app, health) if health is not None else app
+
+    return ResolverPool(routes), enrollers
 
 
 def to_response(out: dict[str, Any]) -> Response:

@@ -5,7 +5,7 @@ import json
 import re
 import sqlite3
 from collections.abc import Callable, Mapping
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver
 from aws_lambda_powertools.event_handler import Response as HttpResponse
@@ -187,7 +187,10 @@ def store_failure(kind: Kind, said: str) -> Response:
     return out
 
 
-def answer_store_failures(app: Resolver, health: StoreHealth) -> Resolver:
+_App = TypeVar("_App", bound=APIGatewayRestResolver)
+
+
+def answer_store_failures(app: _App, health: StoreHealth) -> _App:
     """``app`` answering a store failure met by any route 503 (:func:`store_failure`), counted and
     logged by ``health``, instead of a bare 500 or a dropped connection; any other sqlite3 error
     (a constraint, a misuse: a bug) is raised as before."""
