@@ -86,15 +86,15 @@ def _kernel_programmed(backend: str) -> tuple[bool | None, str | None]:
         return None, None
 
 
-def _kernel_digest(backend: str, set_names: list[str]) -> str | None:
-    """The enforced-policy digest of what the kernel holds (what the heartbeat sends); None: this
-    backend cannot tell, or asking failed."""
+def _kernel_digest(backend: str, set_names: list[str]) -> tuple[str | None, str | None]:
+    """(the enforced-policy digest of what the kernel holds, what the heartbeat sends; None: this
+    backend cannot tell, or asking failed), and why reading it failed (None when it did not)."""
     try:
         probe = getattr(make_backend(backend), "enforced", None)
         # the bundle's set names: iptables finds the ipsets named by a hash by them
-        return str(probe(set_names)) if probe is not None else None
-    except (ApplyError, OSError, ValueError):
-        return None
+        return (str(probe(set_names)) if probe is not None else None), None
+    except (ApplyError, OSError, ValueError) as exc:
+        return None, str(exc)
 
 
 def _agent_key(state_dir: Path) -> tuple[str | None, str | None]:
@@ -120,7 +120,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     # the kernel, not the state directory, says what is enforced
     kernel, problem = _kernel_programmed(args.backend)
     key_id, key_fingerprint = _agent_key(Path(args.state_dir))
-    kernel_digest = _kernel_digest(args.backend, list(bundle.sets) if bundle else [])
+    kernel_digest, read_error = _kernel_digest(args.backend, list(bundle.sets) if bundle else [])
     state_mode = bundle.mode.value if bundle else None
     posture = status.get("posture")
     expect = state_mode not in (None, "idle") or (bundle is None and posture is not None)
@@ -145,6 +145,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         "posture": None if lost or (bundle is not None and not other) else posture,
         "kernel_programmed": kernel,
         "kernel_digest": kernel_digest,
+        # why the kernel's rules could not be read back (nftables: the listing process died, e.g.
+        # libnftables aborting on a name that is not UTF-8, or timed out): null when they were
+        "kernel_read_error": read_error,
         "quarantined": bundle.quarantined if bundle else None,
         "expires_at": bundle.expires_at if bundle else None,
         # the enforced bundle expired without a refresh: still enforced (never fails open)
@@ -176,6 +179,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         out["warning"] = (
             f"the kernel does not enforce the last known good in the state directory (version {bundle.version}, "
             f"mode {state_mode}): it holds {holds}; see last_error"
+        )
+    if read_error is not None and expect and "warning" not in out:
+        out["warning"] = (
+            f"the kernel's rules could not be read back ({read_error}): what is enforced is unknown; "
+            "run apply (or restart the daemon)"
         )
     if unreadable:
         out["warning"] = f"the last known good is unreadable ({unreadable}); the agent sets it aside at start"

@@ -24,7 +24,7 @@ from ringfence.bundlewire import (
     check_fresh,
     same_firewall,
 )
-from ringfence_agent.backends import ApplyError, Backend, ElementChange
+from ringfence_agent.backends import ApplyError, Backend, ElementChange, ReadError
 from ringfence_agent.plan import (
     POSTURE_ADMIN_PORTS,
     LocalFailsafes,
@@ -296,12 +296,20 @@ class Agent:
         probe = getattr(self.backend, "fingerprint", None) if self.track_drift else None
         if probe is None or self._baseline is _NOTHING_APPLIED:
             return Result(False)
+        # the kernel's rules could not be read since the last check (a listing of the heartbeat,
+        # the observer or this check died on what someone put in them, or timed out): cannot
+        # tell is never intact, so they are programmed again
+        unreadable = getattr(self.backend, "read_failure", None)
+        if unreadable is not None:
+            self.backend.read_failure = None  # type: ignore[attr-defined]
         try:
             now = probe()
+        except ReadError as exc:
+            now, unreadable = None, str(exc)
         except (ApplyError, OSError):
             return Result(False)
         groups = None
-        if now == self._baseline:
+        if now == self._baseline and unreadable is None:
             # group sets (nftables ``g_*``): small, compared with what this process last wrote
             group_probe = getattr(self.backend, "group_problem", None)
             try:
@@ -313,12 +321,22 @@ class Agent:
         plan = self.ensure_plan() if self.bundle is not None else self._kernel_plan
         if plan is None:
             return Result(False)
-        what = "removed" if now is None else "group set altered" if groups is not None else "changed"
+        what = (
+            "unreadable"
+            if unreadable is not None
+            else "removed"
+            if now is None
+            else "group set altered"
+            if groups is not None
+            else "changed"
+        )
         self._apply(plan)
         self.state.update_status(
             last_tamper={"time": time.time(), "what": what, "revision": self.revision}, incr={"tamper_reapplied": 1}
         )
-        if groups is not None:
+        if unreadable is not None:
+            lines = [f"Ringfence's rules could not be read ({unreadable}); re-applied revision {self.revision}"]
+        elif groups is not None:
             lines = [f"tamper: {groups}; re-applied revision {self.revision}"]
         else:
             lines = [f"tamper: Ringfence's rules were {what} in the kernel; re-applied revision {self.revision}"]

@@ -209,12 +209,13 @@ from ringfence_agent.plan import LocalFailsafes, compile_plan
 backend = NftBackend()
 assert backend.lib is not None, "libnftables not loaded: the test proves nothing"
 listed, real = [], backend.lib.run
-def spy(script, json_output=False):
+def spy(script, *args, **kwargs):
     # every table (another's owner table is there), or Ringfence's own while it carries a flag
+    json_output = bool(args[0] if args else kwargs.get("json_output"))
     m = re.match(r"list (tables|ruleset|table inet ringfence)\\b", script) if json_output else None
     if m and (m.group(1) != "table inet ringfence" or table_info("inet", "ringfence").flags):
         listed.append(script.strip())
-    return real(script, json_output)
+    return real(script, *args, **kwargs)
 backend.lib.run = spy
 backend.apply(compile_plan(load_bundle(open(sys.argv[1], "rb").read()), LocalFailsafes()))
 read = lambda: [backend.table_present(), backend.programmed(), backend.kernel_problem(), backend.enforced()]

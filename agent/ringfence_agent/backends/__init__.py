@@ -23,6 +23,12 @@ class ApplyError(RuntimeError):
     """The backend refused the change; the previous state is still in force."""
 
 
+class ReadError(OSError):
+    """The kernel's rules could not be read (nftables: the listing process died, e.g. libnftables
+    aborting on a string that is not UTF-8, or timed out): the agent cannot tell what they are,
+    never takes them for intact, and programs them again."""
+
+
 @dataclass(frozen=True, slots=True)
 class DropTuple:
     """One entry of a drop point's address tuple table (a real kernel-side record)."""

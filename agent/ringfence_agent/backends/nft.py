@@ -32,13 +32,27 @@ import hashlib
 import json
 import os
 import re
+import select
+import signal
+import struct
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ringfence import enforced
 from ringfence.bundlewire import span_whole
-from ringfence_agent.backends import ABSENT, TUPLE_LINGER_S, ApplyError, DropTuple, ElementChange, Observation, run
+from ringfence_agent.backends import (
+    ABSENT,
+    TUPLE_LINGER_S,
+    ApplyError,
+    DropTuple,
+    ElementChange,
+    Observation,
+    ReadError,
+    run,
+)
+from ringfence_agent.backends import nftables_netlink as nl
 from ringfence_agent.backends.nftables_netlink import OWNER, TableInfo, table_info
 from ringfence_agent.plan import (
     METADATA_PORTS,
@@ -67,6 +81,18 @@ AGENT_UID = 0  # the control-plane fail-safe admits sockets of this user only: t
 # the agent's rules are in force (``nft flush table`` keeps it and every set, removes every rule).
 SEAL = "seal_"
 _FAILSAFE_SETS = tuple(f"{name}_{fam}" for name in ("fs_admin", "fs_dns", "fs_cp", "fs_meta") for fam in (4, 6))
+# A read through libnftables (JSON listings) runs in a child process and must end within this:
+# listing the table costs up to ~1.5 s at 100,000 set elements; a child that takes longer, or dies
+# (libnftables 1.0.6 abort()s on a string that is not UTF-8), means the agent cannot tell.
+LISTING_TIMEOUT = 30.0
+# What the held() digest keeps of the kernel's netlink attributes (the rest are handles, use
+# counts, packet counters, transaction ids, the kernel's choice of set backend, element counts).
+_CHAIN_ATTRS = (3, 4, 5, 7, 10, 12)  # NFTA_CHAIN_: NAME, HOOK, POLICY, TYPE, FLAGS, USERDATA
+_RULE_ATTRS = (4, 5, 7)  # NFTA_RULE_: EXPRESSIONS, COMPAT, USERDATA
+_SET_ATTRS = (2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 15, 17, 18)  # NFTA_SET_: NAME ... EXPRESSIONS (no TABLE/ID/HANDLE)
+_CHAIN_HOOK = 4
+
+
 # Group load (per family, in kernel entries: plan.group_load weighs a port range by the blocks the
 # kernel stores it as) above which a grouped rule is expanded into plain rules. Measured
 # (docs/benchmarks.md, "Large grouped rules"; tests/bench/group_bound.py): one element deleted
@@ -411,7 +437,11 @@ class NftRenderer:
 
 
 class LibNftables:
-    """libnftables in-process (what the ``nft`` binary wraps): no fork/exec per transaction or poll.
+    """libnftables in-process (what the ``nft`` binary wraps) for transactions: no fork/exec per
+    apply or delta. Listings (JSON output) run in a forked child (:meth:`listings`): libnftables
+    1.0.6 abort()s on a string that is not UTF-8 (a chain name in another process's table, an
+    ``iifname`` in a rule of Ringfence's own) and frees a table's only flag before printing it;
+    in-process, either killed or corrupted the agent.
 
     A fresh context per call, so no cache outlives a transaction; one lock, so the observer
     thread and the apply path never share a context."""
@@ -435,22 +465,103 @@ class LibNftables:
         self.lib = lib
         self.lock = threading.Lock()
 
-    def run(self, script: str, json_output: bool = False) -> tuple[int, str, str]:
+    def run(self, script: str) -> tuple[int, str, str]:
+        """A transaction (no output is printed: never a listing)."""
         with self.lock:
-            ctx = self.lib.nft_ctx_new(0)
-            if not ctx:
-                return 1, "", "nft_ctx_new failed"
+            rc, out, err = self._call(script, 0)
+            return rc, out.decode(errors="replace"), err.decode(errors="replace")
+
+    def _call(self, script: str, flags: int) -> tuple[int, bytes, bytes]:
+        ctx = self.lib.nft_ctx_new(0)
+        if not ctx:
+            return 1, b"", b"nft_ctx_new failed"
+        try:
+            if flags:
+                self.lib.nft_ctx_output_set_flags(ctx, flags)
+            self.lib.nft_ctx_buffer_output(ctx)
+            self.lib.nft_ctx_buffer_error(ctx)
+            rc = self.lib.nft_run_cmd_from_buffer(ctx, script.encode())
+            out = self.lib.nft_ctx_get_output_buffer(ctx) or b""
+            err = self.lib.nft_ctx_get_error_buffer(ctx) or b""
+            return rc, out, err
+        finally:
+            self.lib.nft_ctx_free(ctx)
+
+    def listings(self, scripts: Sequence[str], timeout: float = LISTING_TIMEOUT) -> list[tuple[int, str]]:
+        """(rc, JSON output) of each ``list ...`` command, run one after the other in ONE forked
+        child (the library is loaded already: a fork costs a few ms, an exec of ``nft`` per
+        listing far more) that writes them to a pipe. :class:`ReadError` when the child dies (a
+        signal: libnftables' assertions abort()), exits otherwise than cleanly, or is not done
+        within ``timeout`` seconds (then it is killed)."""
+        what = "; ".join(x.strip() for x in scripts)[:200]
+        rfd, wfd = os.pipe()
+        efd, ewfd = os.pipe()  # the child's stderr: what libnftables says before it aborts
+        try:
+            pid = os.fork()
+        except OSError:
+            for fd in (rfd, wfd, efd, ewfd):
+                os.close(fd)
+            raise
+        if pid == 0:  # the child: no lock taken (another thread may hold it), no Python-level I/O
+            code = 70
             try:
-                if json_output:
-                    self.lib.nft_ctx_output_set_flags(ctx, self.JSON)
-                self.lib.nft_ctx_buffer_output(ctx)
-                self.lib.nft_ctx_buffer_error(ctx)
-                rc = self.lib.nft_run_cmd_from_buffer(ctx, script.encode())
-                out = (self.lib.nft_ctx_get_output_buffer(ctx) or b"").decode(errors="replace")
-                err = (self.lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace")
-                return rc, out, err
+                os.close(rfd)
+                os.close(efd)
+                os.dup2(ewfd, 2)
+                for script in scripts:
+                    rc, out, _ = self._call(script, self.JSON)
+                    view = memoryview(struct.pack("=iQ", rc, len(out)) + out)
+                    while view:
+                        view = view[os.write(wfd, view) :]
+                code = 0
             finally:
-                self.lib.nft_ctx_free(ctx)
+                os._exit(code)
+        os.close(wfd)
+        os.close(ewfd)
+        chunks: list[bytes] = []
+        errors: list[bytes] = []
+        deadline = time.monotonic() + timeout
+        timed_out = False
+        try:
+            open_fds = {rfd: chunks, efd: errors}
+            while open_fds:
+                left = deadline - time.monotonic()
+                ready = select.select(list(open_fds), [], [], max(left, 0))[0] if left > 0 else []
+                if not ready:
+                    timed_out = True
+                    os.kill(pid, signal.SIGKILL)
+                    break
+                for fd in ready:
+                    chunk = os.read(fd, 1 << 20)
+                    if chunk:
+                        open_fds[fd].append(chunk)
+                    else:
+                        del open_fds[fd]
+        finally:
+            os.close(rfd)
+            os.close(efd)
+            _, status = os.waitpid(pid, 0)
+        said = b"".join(errors).decode(errors="replace").strip().splitlines()
+        if said:
+            what += f": {said[-1][:200]}"
+        if timed_out:
+            raise ReadError(f"listing the kernel's rules took longer than {timeout:.0f} s ({what})")
+        if os.WIFSIGNALED(status):
+            name = signal.Signals(os.WTERMSIG(status)).name
+            raise ReadError(f"libnftables died on {name} listing the kernel's rules ({what})")
+        if os.WEXITSTATUS(status) != 0:
+            raise ReadError(f"listing the kernel's rules failed (exit {os.WEXITSTATUS(status)}: {what})")
+        data, at = b"".join(chunks), 0
+        answers: list[tuple[int, str]] = []
+        head = struct.Struct("=iQ")
+        for _ in scripts:
+            if at + head.size > len(data):
+                raise ReadError(f"the listing process's answer is cut short ({what})")
+            rc, size = head.unpack_from(data, at)
+            at += head.size
+            answers.append((rc, data[at : at + size].decode(errors="replace")))
+            at += size
+        return answers
 
 
 def _load_lib() -> LibNftables | None:
@@ -479,15 +590,53 @@ class NftBackend(NftRenderer):
         # right after this process last wrote it (whole apply or delta; None: that read failed);
         # None when this process applied nothing (see :meth:`group_problem`)
         self.group_held: dict[str, str | None] | None = None
+        # why the last listing of this process that failed did (ReadError), until the daemon's
+        # drift check takes it (and programs the table again: cannot tell is never intact)
+        self.read_failure: str | None = None
 
-    def _run(self, script: str, json_output: bool = False) -> tuple[int, str, str]:
+    def _run(self, script: str) -> tuple[int, str, str]:
+        """A transaction (in-process through libnftables, else the ``nft`` binary)."""
         if self.lib is not None:
-            return self.lib.run(script, json_output)
-        if json_output:  # `nft -j -f -` prints nothing for list commands: pass them as arguments
-            proc = run([self.nft, "-j", *script.split()], timeout=60)
-        else:
-            proc = run([self.nft, "-f", "-"], stdin=script, timeout=120)
+            return self.lib.run(script)
+        proc = run([self.nft, "-f", "-"], stdin=script, timeout=120)
         return proc.returncode, proc.stdout, proc.stderr
+
+    def _listings(self, *scripts: str) -> list[list[dict[str, Any]]]:
+        """The JSON items of each ``list ...`` command, never printed in this process (see
+        :class:`LibNftables`): all in one forked child, or one ``nft -j`` each without the
+        library. [] for a listing nft refuses (no such set); :class:`ReadError` when the
+        listing process dies or times out, or prints what is not JSON: the agent cannot tell."""
+        try:
+            return self._listed(scripts)
+        except ReadError as exc:
+            self.read_failure = str(exc)
+            raise
+
+    def _listed(self, scripts: Sequence[str]) -> list[list[dict[str, Any]]]:
+        if self.lib is not None:
+            results = self.lib.listings(scripts)
+        else:
+            results = []
+            for script in scripts:
+                try:
+                    proc = run([self.nft, "-j", *script.split()], timeout=LISTING_TIMEOUT)
+                except ApplyError as exc:
+                    raise ReadError(str(exc)) from None
+                if proc.returncode < 0:
+                    name = signal.Signals(-proc.returncode).name
+                    raise ReadError(f"nft died on {name} listing the kernel's rules ({script.strip()})")
+                results.append((proc.returncode, proc.stdout))
+        out: list[list[dict[str, Any]]] = []
+        for rc, text in results:
+            if rc != 0:
+                out.append([])
+                continue
+            try:
+                items = json.loads(text or "{}").get("nftables", [])
+            except (ValueError, AttributeError):
+                raise ReadError("nft printed a listing that is not JSON") from None
+            out.append(items if isinstance(items, list) else [])
+        return out
 
     def _exec(self, script: str, what: str) -> None:
         rc, _, err = self._run(script)
@@ -507,22 +656,26 @@ class NftBackend(NftRenderer):
             for fam in (4, 6)
             for kind in _group_kinds(r, fam)
         ]
-        self.group_held = {name: self._group_digest(name) for name in names} if plan.mode != "idle" else {}
+        self.group_held = self._group_digests(names) if plan.mode != "idle" else {}
         if plan.mode != "idle":
             self._seal()
 
-    def _group_digest(self, name: str, items: list[dict[str, Any]] | None = None) -> str | None:
-        """The digest of group set ``name``'s elements as the kernel lists them (one small
-        ``list set``: a group set is concatenated only while within the group bound), or as
-        ``items`` (a ``list table`` already read) hold them; None when it cannot be read."""
-        if items is None:
-            rc, out, _ = self._run(f"list set {FAMILY} {TABLE} {name}\n", json_output=True)
-            if rc != 0:
-                return None
-            try:
-                items = json.loads(out or "{}").get("nftables", [])
-            except ValueError:
-                return None
+    def _group_digests(self, names: Sequence[str]) -> dict[str, str | None]:
+        """Each group set's digest as the kernel lists it (one child for all: each is small, a
+        group set is concatenated only while within the group bound); None for one that cannot
+        be read (all of them, when the listing process fails)."""
+        if not names:
+            return {}
+        try:
+            listed = self._listings(*(f"list set {FAMILY} {TABLE} {name}\n" for name in names))
+        except ReadError:
+            return dict.fromkeys(names)
+        return {name: self._group_digest(name, items) for name, items in zip(names, listed, strict=True)}
+
+    @staticmethod
+    def _group_digest(name: str, items: list[dict[str, Any]]) -> str | None:
+        """The digest of group set ``name``'s elements as ``items`` (a listing) hold them; None
+        when they do not hold it."""
         for item in items or []:
             s = item.get("set") if isinstance(item, dict) else None
             if isinstance(s, dict) and s.get("name") == name:
@@ -535,12 +688,20 @@ class NftBackend(NftRenderer):
         process applied nothing: it cannot tell); else what is wrong, in words. Neither the seal
         nor the enforced digest covers group sets (deltas change them), so an element added by
         another tool (``nft add element ... g_r_in_0_4p { 10.0.0.9 . tcp . 22 }``) is found here:
-        the daemon's drift check asks and re-applies. A set that cannot be read now is skipped
-        (the next check asks again); one whose baseline read failed counts as altered."""
+        the daemon's drift check asks and re-applies. A set nft cannot list now is skipped (the
+        next check asks again); one whose baseline read failed counts as altered, and so does a
+        listing process that died or timed out (the agent cannot tell: it programs them again)."""
         if not self.group_held:
             return None
-        for name, want in sorted(self.group_held.items()):
-            now = self._group_digest(name, items)
+        names = sorted(self.group_held)
+        try:
+            listed = (
+                self._listings(*(f"list set {FAMILY} {TABLE} {name}\n" for name in names)) if items is None else None
+            )
+        except ReadError as exc:  # cannot tell: never taken for intact
+            return f"group sets could not be read ({exc})"
+        for i, (name, want) in enumerate(sorted(self.group_held.items())):
+            now = self._group_digest(name, listed[i] if listed is not None else items or [])
             if want is None or (now is not None and now != want) or (now is None and items is not None):
                 return f"group set {name} holds elements the agent did not put there (or lost some of its own)"
         return None
@@ -550,7 +711,10 @@ class NftBackend(NftRenderer):
         A second transaction (the digest is of the kernel's own rendering of the rules, known only
         once they are in); should it fail, the table reads as altered and the next apply, or the
         daemon's drift check, programs it again: never reported as intact when it is not."""
-        held, _ = self.held()
+        try:
+            held, _ = self.held()
+        except OSError:
+            return
         if held is not None and self._run(f"add chain {FAMILY} {TABLE} {SEAL}{held}\n")[0] == 0:
             self.applied_fingerprint = self._fingerprint_of(held, held)
 
@@ -587,10 +751,15 @@ class NftBackend(NftRenderer):
         if change.add_v4 or change.add_v6 or change.remove_v4 or change.remove_v6 or change.groups:
             self._exec(self.render_delta(change), f"delta for set {change.set}")
         if self.group_held is not None:  # the new baseline of the group sets it moved (small reads)
-            for g in change.groups:
-                name = group_set_name(g.counter, g.family, span_kind(g.span))
-                if name in self.group_held and (g.add or g.remove):
-                    self.group_held[name] = self._group_digest(name)
+            moved = sorted(
+                {
+                    name
+                    for g in change.groups
+                    if (name := group_set_name(g.counter, g.family, span_kind(g.span))) in self.group_held
+                    and (g.add or g.remove)
+                }
+            )
+            self.group_held.update(self._group_digests(moved))
 
     def flush(self) -> bool:
         present = self.table_present()
@@ -600,41 +769,68 @@ class NftBackend(NftRenderer):
         self.group_held = None
         return present
 
-    def held(self, items: list[dict[str, Any]] | None = None) -> tuple[str | None, str | None]:
+    def held(self) -> tuple[str | None, str | None]:
         """(the digest of what the kernel holds of Ringfence's own rules, the seal the agent wrote
         after its last apply): (None, None) when the table holds no chain (or is absent).
 
-        The digest covers the base chains ``input``/``output`` (type, hook, priority, policy) and
-        every rule in them, in order, with all its expressions (fail-safe rules, tuple updates and
-        bundle rules alike; handles left out), and the fail-safe sets ``fs_*`` with their
-        elements. It leaves out the bundle sets and group sets (deltas change them; the
-        enforced-policy digest covers the bundle sets against the control plane's) and the
-        drop-tuple sets (traffic). ``items``: a ``list table`` already read (:meth:`enforced`);
-        else two ``list chain`` and eight small ``list set`` (each ``list chain`` costs ~0.5 s
-        at 100,000 bundle set elements: nft fetches the sets its rules name)."""
-        table = self.table()
-        chains = [c["chain"] for c in self._json("chains", FAMILY) if "chain" in c and c["chain"].get("table") == TABLE]
-        if table is None or not chains:
-            return None, None
-        seals = [str(c.get("name"))[len(SEAL) :] for c in chains if str(c.get("name", "")).startswith(SEAL)]
-        if items is None:
-            items = [x for chain in ("input", "output") for x in self._json("chain", FAMILY, TABLE, chain)]
-            items += [x for name in _FAILSAFE_SETS for x in self._json("set", FAMILY, TABLE, name)]
-        content: dict[str, dict[str, Any]] = {"chain": {}, "rule": {}, "set": {}}
-        for item in items:
-            if "chain" in item and item["chain"].get("name") in ("input", "output"):
-                content["chain"][item["chain"]["name"]] = {k: v for k, v in item["chain"].items() if k != "handle"}
-            elif "rule" in item and item["rule"].get("chain") in ("input", "output"):
-                rule = {k: v for k, v in item["rule"].items() if k != "handle"}
-                content["rule"].setdefault(str(rule["chain"]), []).append(rule)
-            elif "set" in item and item["set"].get("name") in _FAILSAFE_SETS:
-                fs = {k: v for k, v in item["set"].items() if k not in ("handle", "elem")}
-                fs["elem"] = sorted(json.dumps(e, sort_keys=True) for e in item["set"].get("elem", []))
-                content["set"][str(fs["name"])] = fs
-        if table.flags:  # a dormant table holds the rules and applies none: never the agent's state
-            content["table"] = {"flags": table.flags}
+        Read over netlink (:mod:`.nftables_netlink`), the kernel's own bytes: a rule libnftables
+        cannot render (an expression it does not know) is left out of every nft listing, never
+        out of this. The digest covers every chain of the table (name, hook, priority, policy,
+        type, flags) and every rule in it, in order, with all its expressions and user data
+        (packet counters, handles and positions left out), the fail-safe sets ``fs_*`` and the
+        anonymous sets the rules name, with their elements, and the table's flags. It leaves
+        out the bundle sets and group sets (deltas change them; the enforced-policy digest covers
+        the bundle sets against the control plane's, :meth:`group_problem` the group sets) and
+        the drop-tuple sets (traffic). The seal is an empty chain without a hook named
+        ``seal_<digest>``; one with a hook or a rule counts as a chain like any other. A few
+        milliseconds at any bundle size (no set element of the bundle is read). OSError when the
+        kernel cannot be asked."""
+        for _ in range(3):
+            read = self._read_kernel()
+            if read is None:
+                return None, None
+            content, seals, generations = read
+            if len(generations) <= 1:
+                break  # one consistent generation (else the ruleset changed meanwhile: read again)
         digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
         return digest, (seals[0] if len(seals) == 1 else None)
+
+    def _read_kernel(self) -> tuple[dict[str, Any], list[str], set[int]] | None:
+        table = self.table()
+        if table is None:
+            return None
+        chains = nl.chains(FAMILY, TABLE)
+        if not chains:
+            return None
+        rules = nl.rules(FAMILY, TABLE)
+        sets = nl.sets(FAMILY, TABLE)
+        generations = {m.generation for m in (*chains, *rules, *sets)}
+        by_chain: dict[bytes, list[Any]] = {}
+        for r in rules:
+            by_chain.setdefault(nl.text(r.attrs.get(nl.NFTA_RULE_CHAIN, b"")), []).append(_rule_content(r))
+        content: dict[str, Any] = {"chain": {}, "set": {}, "table": table.flags}
+        seals: list[str] = []
+        for c in chains:
+            name = nl.text(c.attrs.get(nl.NFTA_CHAIN_NAME, b""))
+            held_rules = by_chain.pop(name, [])
+            if name.startswith(SEAL.encode()) and not held_rules and _CHAIN_HOOK not in c.attrs:
+                seals.append(name[len(SEAL) :].decode("latin-1"))
+                continue
+            attrs = [[k, c.attrs[k].hex()] for k in _CHAIN_ATTRS if k in c.attrs]
+            content["chain"][name.hex()] = {"attrs": attrs, "rules": held_rules}
+        if by_chain:  # rules of a chain the chain dump did not show: changed meanwhile
+            generations.add(-1)
+        for m in sets:
+            name = nl.text(m.attrs.get(nl.NFTA_SET_NAME, b""))
+            if name.decode("latin-1") not in _FAILSAFE_SETS and not name.startswith(b"__set"):
+                continue
+            elements, gens = nl.set_elements(FAMILY, TABLE, name)
+            generations |= gens
+            content["set"][name.hex()] = {
+                "attrs": [[k, m.attrs[k].hex()] for k in _SET_ATTRS if k in m.attrs],
+                "elem": sorted(e.hex() for e in elements),
+            }
+        return content, seals, generations
 
     def table(self) -> TableInfo | None:
         """Ringfence's table as the kernel holds it (its flags), None when absent. Asked over
@@ -647,8 +843,12 @@ class NftBackend(NftRenderer):
 
     def kernel_problem(self) -> str | None:
         """None when the kernel holds Ringfence's rules as the agent applied them; else what is
-        wrong, in words (``status`` shows it)."""
-        held, seal = self.held()
+        wrong, in words (``status`` shows it): also when it cannot be read (then the agent cannot
+        tell, and ``apply`` programs it again)."""
+        try:
+            held, seal = self.held()
+        except OSError as exc:
+            return f"Ringfence's rules could not be read from the kernel ({exc})"
         if held is None:
             return ABSENT
         table = self.table()
@@ -669,9 +869,10 @@ class NftBackend(NftRenderer):
 
     def fingerprint(self) -> str | None:
         """A digest of the table's chains and rules and the fail-safe sets as the kernel holds
-        them, and of the seal (:meth:`held`); None when the table is absent. Compared with the one
-        taken after the agent's own apply, it shows a rule inserted, changed or deleted, a chain
-        policy changed, a fail-safe address added or removed, the table flushed or deleted."""
+        them, and of the seal (:meth:`held`, over netlink); None when the table is absent.
+        Compared with the one taken after the agent's own apply, it shows a rule inserted (one nft
+        cannot render too), changed or deleted, a chain added or its policy changed, a fail-safe
+        address added or removed, the table flushed or deleted."""
         held, seal = self.held()
         if held is None:
             return None
@@ -683,23 +884,28 @@ class NftBackend(NftRenderer):
 
     def enforced(self, set_names: Iterable[str] = ()) -> str:
         """The enforced-policy digest (:mod:`ringfence.enforced`) of what the kernel holds, read
-        back with one ``nft list table``: the bundle rules' counters and verdicts in chain order,
-        the defaults, and the bundle sets' addresses. What the agent meant to write plays no part;
-        the control plane compares it with the digest of the bundle it published. Anything else in
-        the chains or the fail-safe sets that differs from what the agent applied (its seal,
-        :meth:`kernel_problem`) makes the document ``altered``: it never matches then. ``set_names``:
-        unused (the kernel's set names carry the bundle's)."""
+        back with one ``nft list table`` (in a child process: :meth:`_listings`): the bundle
+        rules' counters and verdicts in chain order, the defaults, and the bundle sets'
+        addresses. What the agent meant to write plays no part; the control plane compares it
+        with the digest of the bundle it published. Anything else in the table that differs from
+        what the agent applied (its seal, :meth:`held`, read over netlink: a rule nft cannot
+        render included) makes the document ``altered``: it never matches then. ``set_names``:
+        unused (the kernel's set names carry the bundle's). :class:`ReadError` (an OSError) when
+        the listing cannot be made: the agent cannot tell."""
         chains: dict[str, list[tuple[str, str]]] = {}
         sets: dict[str, list[str]] = {}
         table = self.table()
         if table is None:
             return enforced.digest(chains, sets)
-        if table.flags:  # dormant or another's: enforces nothing of the agent's (and never listed as JSON)
+        if table.flags:  # dormant or another's: enforces nothing of the agent's
             return enforced.digest(chains, sets, altered=True)
-        items = self._json("table", FAMILY, TABLE)
-        held, seal = self.held(items)
+        held, seal = self.held()
+        (items,) = self._listings(f"list table {FAMILY} {TABLE}\n")
+        flagged = False  # made dormant since the netlink read: the listing shows it (in the child)
         for item in items:
-            if "set" in item:
+            if "table" in item:
+                flagged = flagged or bool(item["table"].get("flags"))
+            elif "set" in item:
                 s = item["set"]
                 m = _BUNDLE_SET.fullmatch(str(s.get("name", "")))
                 if m is None:
@@ -725,7 +931,8 @@ class NftBackend(NftRenderer):
                         verdict = "accept" if "accept" in x else "drop"
                 if counter is not None and verdict is not None and _RULE_COUNTER.fullmatch(counter):
                     chains.setdefault(direction, []).append((counter, verdict))
-        return enforced.digest(chains, sets, altered=seal != held or self.group_problem(items) is not None)
+        altered = seal != held or flagged or self.group_problem(items) is not None
+        return enforced.digest(chains, sets, altered=altered)
 
     def programmed(self) -> bool:
         """Whether the kernel holds Ringfence's rules as the agent applied them (what ``apply``
@@ -738,10 +945,7 @@ class NftBackend(NftRenderer):
         return self.table() is not None
 
     def _json(self, *args: str) -> list[dict[str, Any]]:
-        rc, out, _ = self._run("list " + " ".join(args) + "\n", json_output=True)
-        if rc != 0:
-            return []
-        items: list[dict[str, Any]] = json.loads(out or "{}").get("nftables", [])
+        (items,) = self._listings("list " + " ".join(args) + "\n")
         return items
 
     def list_set(self, name: str) -> list[str]:
@@ -763,16 +967,27 @@ class NftBackend(NftRenderer):
             if c and c.get("table") == TABLE:
                 obs.counters[c["name"]] = int(c.get("packets", 0))
         drop_points = [r.counter for r in plan.rules if r.drops] + ["d_in", "d_out"]
-        for point in drop_points:
-            if obs.counters.get(point, 0) == previous.get(point, 0):
-                continue  # nothing new dropped here: skip the set listing
-            for fam in (4, 6):
-                for item in self._json("set", FAMILY, TABLE, f"t_{point}_{fam}"):
-                    for e in item.get("set", {}).get("elem", []):
-                        tup = _tuple(point, e)
-                        if tup is not None:
-                            obs.tuples.append(tup)
+        # nothing new dropped at a point: its set is not listed; the others in one child
+        wanted = [
+            (point, f"t_{point}_{fam}")
+            for point in drop_points
+            if obs.counters.get(point, 0) != previous.get(point, 0)
+            for fam in (4, 6)
+        ]
+        listed = self._listings(*(f"list set {FAMILY} {TABLE} {name}\n" for _, name in wanted)) if wanted else []
+        for (point, _), items in zip(wanted, listed, strict=True):
+            for item in items:
+                for e in item.get("set", {}).get("elem", []):
+                    tup = _tuple(point, e)
+                    if tup is not None:
+                        obs.tuples.append(tup)
         return obs
+
+
+def _rule_content(rule: nl.Message) -> list[Any]:
+    return [
+        [k, nl.expressions(rule.attrs[k]) if k == 4 else rule.attrs[k].hex()] for k in _RULE_ATTRS if k in rule.attrs
+    ]
 
 
 def _tuple(point: str, e: Any) -> DropTuple | None:

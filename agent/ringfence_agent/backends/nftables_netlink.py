@@ -1,33 +1,62 @@
-"""One nf_tables question asked of the kernel over netlink: a table's flags (``NFT_MSG_GETTABLE``).
+"""What the agent asks of nf_tables over netlink itself, never through libnftables: a table's
+flags (``NFT_MSG_GETTABLE``), and its chains, rules and small sets as the kernel holds them
+(``GETCHAIN``/``GETRULE``/``GETSET``/``GETSETELEM`` dumps), raw bytes and all.
 
 Why not libnftables: version 1.0.6 (Debian 12's) frees the name of a table's flag before it
-prints it as JSON, whenever the table carries exactly one flag (``nft -j list tables`` or ``nft
--j list table``): a use-after-free that, in-process, corrupts the agent's heap until glibc aborts
-it ("corrupted double-linked list"). Another process's table made with ``flags owner`` (a daemon
-that owns its table, or one holding ``inet ringfence`` against the agent) or a table made
-``dormant`` is enough. The agent therefore never lists a table object through libnftables; the
-flags are the one thing it needs from one, and the kernel answers that in one small message. A
-netlink library (pyroute2) would be a dependency for this single request, so it is written here.
+prints it as JSON, whenever the table carries exactly one flag (``nft -j list table``): a
+use-after-free that, in-process, corrupted the agent's heap until glibc aborted it. It abort()s
+on any string that is not UTF-8 (a chain name in another process's table, an ``iifname`` in a
+rule of Ringfence's own). And it leaves out of every listing, silently, a rule holding an
+expression it does not know (the kernel's ``inner``, say): such a rule, an ``accept`` at the head
+of a chain, was invisible to every digest. The kernel's own bytes have none of these problems:
+a rule nft cannot render still changes them, and nothing here prints a string.
+
+A netlink library (pyroute2) would be a dependency for a handful of requests, so they are
+written here. Every reply is checked: it comes from the kernel (port 0), answers this request
+(a random sequence number), is whole (lengths inside the datagram), and the whole exchange
+ends within ``timeout`` seconds; anything else is an :class:`OSError`.
 """
 
 from __future__ import annotations
 
 import errno
-import itertools
 import os
+import secrets
 import socket
 import struct
+import time
 from dataclasses import dataclass
+from typing import Any
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWTABLE = 0
 NFT_MSG_GETTABLE = 1
+NFT_MSG_NEWCHAIN = 3
+NFT_MSG_GETCHAIN = 4
+NFT_MSG_NEWRULE = 6
+NFT_MSG_GETRULE = 7
+NFT_MSG_NEWSET = 9
+NFT_MSG_GETSET = 10
+NFT_MSG_NEWSETELEM = 12
+NFT_MSG_GETSETELEM = 13
 NLMSG_ERROR = 2
+NLMSG_DONE = 3
 NLM_F_REQUEST = 0x1
+NLM_F_DUMP_INTR = 0x10  # the ruleset changed while the kernel dumped it: dump again
+NLM_F_DUMP = 0x300
 NFTA_TABLE_NAME = 1
 NFTA_TABLE_FLAGS = 2
 NFTA_TABLE_OWNER = 7
+NFTA_CHAIN_TABLE = 1
+NFTA_CHAIN_NAME = 3
+NFTA_RULE_TABLE = 1
+NFTA_RULE_CHAIN = 2
+NFTA_SET_TABLE = 1
+NFTA_SET_NAME = 2
+NFTA_SET_ELEM_LIST_TABLE = 1
+NFTA_SET_ELEM_LIST_SET = 2
+NFTA_SET_ELEM_LIST_ELEMENTS = 3
 NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
 FAMILIES = {"inet": 1, "ip": 2, "arp": 3, "netdev": 5, "bridge": 7, "ip6": 10}
 
@@ -36,7 +65,9 @@ OWNER = 0x2  # NFT_TABLE_F_OWNER: only the process holding the netlink socket ma
 FLAG_NAMES = {DORMANT: "dormant", OWNER: "owner"}
 
 _HEADER = struct.Struct("=IHHII")  # struct nlmsghdr
-_seq = itertools.count(1)
+_NFGEN = struct.Struct("=BBH")  # struct nfgenmsg: family, version, res_id (big endian)
+_RECV = 1 << 20  # a dump message is at most this big (the kernel sizes them to the reader's buffer)
+_TRIES = 4  # dumps interrupted by a concurrent change (NLM_F_DUMP_INTR / another generation)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,54 +79,241 @@ class TableInfo:
         return [FLAG_NAMES.get(bit, hex(bit)) for bit in (1 << i for i in range(32)) if self.flags & bit]
 
 
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One nf_tables message of a reply: its type (``NFT_MSG_*``), the generation it was dumped
+    at (nfgenmsg res_id, the low 16 bits) and its attributes (type → raw value, last one wins;
+    ``raw``: the attribute bytes as the kernel sent them)."""
+
+    kind: int
+    generation: int
+    attrs: dict[int, bytes]
+    raw: bytes
+
+
 def _attr(kind: int, payload: bytes) -> bytes:
     raw = struct.pack("=HH", 4 + len(payload), kind) + payload
     return raw + b"\0" * (-len(raw) % 4)
 
 
+def attributes(buf: bytes) -> list[tuple[int, bytes]]:
+    """The netlink attributes in ``buf`` in order, (type without its flag bits, value). OSError
+    (EPROTO) when one's length is short or runs past the buffer."""
+    out: list[tuple[int, bytes]] = []
+    at = 0
+    while at < len(buf):
+        if at + 4 > len(buf):
+            raise OSError(errno.EPROTO, "truncated netlink attribute")
+        length, kind = struct.unpack_from("=HH", buf, at)
+        if length < 4 or at + length > len(buf):
+            raise OSError(errno.EPROTO, "malformed netlink attribute")
+        out.append((kind & NLA_TYPE_MASK, buf[at + 4 : at + length]))
+        at += (length + 3) & ~3
+    return out
+
+
+def text(value: bytes) -> bytes:
+    """A string attribute's bytes without its NUL (never decoded: names need not be UTF-8)."""
+    return value.split(b"\0", 1)[0]
+
+
+def _request(kind: int, flags: int, family: str, attrs: bytes, timeout: float) -> list[Message]:
+    """Send one request and collect its reply: the messages up to the kernel's ack (a plain
+    request answered with one message counts as done on it) or NLMSG_DONE (a dump). OSError on
+    an error answer (ENOENT included), a malformed or interrupted reply, or the deadline."""
+    seq = secrets.randbits(31) + 1  # a stranger cannot guess which reply to forge (and is dropped anyway)
+    body = _NFGEN.pack(FAMILIES[family], 0, 0) + attrs
+    msg_type = (NFNL_SUBSYS_NFTABLES << 8) | kind
+    request = _HEADER.pack(_HEADER.size + len(body), msg_type, flags | NLM_F_REQUEST, seq, 0) + body
+    deadline = time.monotonic() + timeout
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
+        sock.bind((0, 0))
+        sock.settimeout(timeout)
+        sock.sendto(request, (0, 0))
+        return receive(sock, seq, flags & NLM_F_DUMP == NLM_F_DUMP, deadline)
+
+
+def receive(sock: socket.socket, seq: int, dump: bool, deadline: float) -> list[Message]:
+    """The kernel's reply to request ``seq`` on netlink socket ``sock``, by ``deadline``
+    (time.monotonic()): see :func:`_request`. Datagrams from any other sender than the kernel
+    (port 0) are dropped unread, messages of another sequence number skipped."""
+    out: list[Message] = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise OSError(errno.ETIMEDOUT, "the kernel did not answer in time")
+        sock.settimeout(left)
+        try:
+            data, sender = sock.recvfrom(_RECV)
+        except TimeoutError:
+            raise OSError(errno.ETIMEDOUT, "the kernel did not answer in time") from None
+        if sender[0] != 0:
+            continue  # another process's datagram: only the kernel answers for nf_tables
+        for m_type, m_flags, m_seq, payload in _messages(data):
+            if m_seq != seq:
+                continue
+            if m_type == NLMSG_ERROR:
+                if len(payload) < 4:
+                    raise OSError(errno.EPROTO, "short netlink error message")
+                (code,) = struct.unpack_from("=i", payload)
+                if code:
+                    raise OSError(-code, os.strerror(-code))
+                return out
+            if m_type == NLMSG_DONE:
+                return out
+            if m_flags & NLM_F_DUMP_INTR:
+                raise InterruptedError(errno.EINTR, "the ruleset changed during the dump")
+            if m_type >> 8 != NFNL_SUBSYS_NFTABLES or len(payload) < _NFGEN.size:
+                raise OSError(errno.EPROTO, "unexpected netlink message")
+            _, _, res_id = _NFGEN.unpack_from(payload)
+            raw = payload[_NFGEN.size :]
+            out.append(Message(m_type & 0xFF, socket.ntohs(res_id), dict(attributes(raw)), raw))
+            if not dump:
+                return out
+
+
+def _messages(data: bytes) -> list[tuple[int, int, int, bytes]]:
+    """(type, flags, seq, payload) of each message in one datagram; OSError (EPROTO) when a
+    length is short or runs past it."""
+    out: list[tuple[int, int, int, bytes]] = []
+    at = 0
+    while at + _HEADER.size <= len(data):
+        length, m_type, m_flags, m_seq, _ = _HEADER.unpack_from(data, at)
+        if length < _HEADER.size or at + length > len(data):
+            raise OSError(errno.EPROTO, "malformed netlink message")
+        out.append((m_type, m_flags, m_seq, data[at + _HEADER.size : at + length]))
+        at += (length + 3) & ~3
+    return out
+
+
 def table_info(family: str, name: str, timeout: float = 2.0) -> TableInfo | None:
     """The flags of table ``family name`` as the kernel holds it (this process's network
     namespace); None when it holds no such table. OSError when the kernel cannot be asked
-    (no netlink, no CAP_NET_ADMIN) or answers with another error."""
-    seq = next(_seq)
-    body = struct.pack("=BBH", FAMILIES[family], 0, 0) + _attr(NFTA_TABLE_NAME, name.encode() + b"\0")
-    kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE
-    request = _HEADER.pack(_HEADER.size + len(body), kind, NLM_F_REQUEST, seq, 0) + body
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
-        sock.settimeout(timeout)
-        sock.bind((0, 0))
-        sock.send(request)
-        while True:
-            data = sock.recv(65536)
-            at = 0
-            while at + _HEADER.size <= len(data):
-                length, msg_type, _, msg_seq, _ = _HEADER.unpack_from(data, at)
-                if length < _HEADER.size:
-                    raise OSError(errno.EPROTO, "malformed netlink message")
-                payload = data[at + _HEADER.size : at + length]
-                at += (length + 3) & ~3
-                if msg_seq != seq:
-                    continue
-                if msg_type == NLMSG_ERROR:
-                    (code,) = struct.unpack_from("=i", payload)
-                    if code == -errno.ENOENT:
-                        return None
-                    raise OSError(-code, os.strerror(-code))
-                if msg_type == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE:
-                    return _parse(payload[4:])  # after struct nfgenmsg
+    (no netlink, no CAP_NET_ADMIN), answers with another error or not as it should."""
+    try:
+        reply = _request(NFT_MSG_GETTABLE, 0, family, _attr(NFTA_TABLE_NAME, name.encode() + b"\0"), timeout)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise
+    tables = [m for m in reply if m.kind == NFT_MSG_NEWTABLE]
+    if not tables:
+        raise OSError(errno.EPROTO, "no table in the kernel's answer")
+    return _parse(tables[0].raw)
 
 
 def _parse(attrs: bytes) -> TableInfo:
-    flags, owner, at = 0, None, 0
-    while at + 4 <= len(attrs):
-        length, kind = struct.unpack_from("=HH", attrs, at)
-        if length < 4:
-            break
-        value = attrs[at + 4 : at + length]
-        kind &= NLA_TYPE_MASK
+    flags, owner = 0, None
+    for kind, value in attributes(attrs):
         if kind == NFTA_TABLE_FLAGS and len(value) == 4:
             (flags,) = struct.unpack(">I", value)
         elif kind == NFTA_TABLE_OWNER and len(value) == 4:
             (owner,) = struct.unpack(">I", value)
-        at += (length + 3) & ~3
     return TableInfo(flags, owner)
+
+
+def _dump(kind: int, family: str, attrs: bytes, timeout: float) -> list[Message]:
+    """A dump's messages; none when the kernel holds no such table (or set)."""
+    for attempt in range(_TRIES):
+        try:
+            return _request(kind, NLM_F_DUMP, family, attrs, timeout)
+        except InterruptedError:
+            if attempt == _TRIES - 1:
+                raise
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return []
+            raise
+    raise AssertionError("unreachable")
+
+
+def chains(family: str, table: str, timeout: float = 5.0) -> list[Message]:
+    """The chains of table ``family table`` in the kernel's order. The kernel filters no chain
+    dump by table: every table's chains of the family come back and the others are dropped here,
+    unread (their names may be any bytes)."""
+    name = table.encode()
+    replies = _dump(NFT_MSG_GETCHAIN, family, b"", timeout)
+    return [m for m in replies if m.kind == NFT_MSG_NEWCHAIN and text(m.attrs.get(NFTA_CHAIN_TABLE, b"")) == name]
+
+
+def rules(family: str, table: str, timeout: float = 5.0) -> list[Message]:
+    """Every rule of table ``family table``, chain by chain, in the kernel's order (the kernel
+    filters the dump by table)."""
+    name = table.encode()
+    replies = _dump(NFT_MSG_GETRULE, family, _attr(NFTA_RULE_TABLE, name + b"\0"), timeout)
+    return [m for m in replies if m.kind == NFT_MSG_NEWRULE and text(m.attrs.get(NFTA_RULE_TABLE, b"")) == name]
+
+
+def sets(family: str, table: str, timeout: float = 5.0) -> list[Message]:
+    """The sets of table ``family table`` (definitions, no elements), anonymous ones included."""
+    name = table.encode()
+    replies = _dump(NFT_MSG_GETSET, family, _attr(NFTA_SET_TABLE, name + b"\0"), timeout)
+    return [m for m in replies if m.kind == NFT_MSG_NEWSET and text(m.attrs.get(NFTA_SET_TABLE, b"")) == name]
+
+
+def set_elements(family: str, table: str, name: bytes, timeout: float = 5.0) -> tuple[list[bytes], set[int]]:
+    """The raw attributes of each element of set ``name`` (for small sets), and the generations
+    the kernel dumped them at; no element when there is no such set."""
+    attrs = _attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0") + _attr(NFTA_SET_ELEM_LIST_SET, name + b"\0")
+    out: list[bytes] = []
+    generations: set[int] = set()
+    for m in _dump(NFT_MSG_GETSETELEM, family, attrs, timeout):
+        if m.kind != NFT_MSG_NEWSETELEM:
+            continue
+        generations.add(m.generation)
+        for kind, value in attributes(m.raw):
+            if kind == NFTA_SET_ELEM_LIST_ELEMENTS:
+                out.extend(elem for _, elem in attributes(value))
+    return out, generations
+
+
+def expressions(raw: bytes) -> list[Any]:
+    """A rule's expressions (NFTA_RULE_EXPRESSIONS: NFTA_LIST_ELEM of NFTA_EXPR_NAME,
+    NFTA_EXPR_DATA) as a digest keeps them: the kernel's bytes (hex), but no packet counts (an
+    anonymous ``counter``'s, including the per-element template of a dynset), which move with
+    traffic."""
+    return [_expression(elem) for _, elem in attributes(raw)]
+
+
+def _expression(elem: bytes) -> list[Any]:
+    attrs = dict(attributes(elem))
+    name = text(attrs.get(1, b""))
+    data = attrs.get(2, b"")
+    if name == b"counter":
+        return [name.hex()]
+    if name != b"dynset":
+        return [name.hex(), data.hex()]
+    kept: list[Any] = []
+    for kind, value in attributes(data):
+        if kind == 7:  # NFTA_DYNSET_EXPR: one expression
+            kept.append([kind, _expression(value)])
+        elif kind == 10:  # NFTA_DYNSET_EXPRESSIONS: a list of them
+            kept.append([kind, expressions(value)])
+        else:
+            kept.append([kind, value.hex()])
+    return [name.hex(), kept]
+
+
+NFT_JUMP = -3
+
+
+def jumps_only_to(raw: bytes, chain: str) -> bool:
+    """Whether a rule's expressions (NFTA_RULE_EXPRESSIONS) are a jump to ``chain`` and nothing
+    else but counters (``-A INPUT -j RF-IN`` as iptables-nft writes it)."""
+    jump = False
+    for _, elem in attributes(raw):
+        attrs = dict(attributes(elem))
+        name = text(attrs.get(1, b""))
+        if name == b"counter":
+            continue
+        if name != b"immediate" or jump:
+            return False
+        data = dict(attributes(attrs.get(2, b"")))  # NFTA_IMMEDIATE_DATA (2)
+        verdict = dict(attributes(dict(attributes(data.get(2, b""))).get(2, b"")))  # NFTA_DATA_VERDICT (2)
+        code = verdict.get(1, b"")
+        if len(code) != 4 or struct.unpack(">i", code)[0] != NFT_JUMP:
+            return False
+        if text(verdict.get(2, b"")) != chain.encode():
+            return False
+        jump = True
+    return jump

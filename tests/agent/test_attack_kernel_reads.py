@@ -1,0 +1,232 @@
+"""What the kernel holds cannot hide from the agent, nor kill it (review of the agent's kernel
+reads): a rule nft cannot render was left out of every listing and so of every digest; a string
+that is not UTF-8, in another process's table or in Ringfence's own, made libnftables abort()
+the agent while printing JSON; a table made dormant while the agent read it was printed by
+libnftables in-process (its use-after-free). Real agent, real nftables, in network namespaces."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ringfence import enforced
+from ringfence.local.lab import AGENT, wait_until
+from ringfence.local.lab import Lab as NetLab
+from tests.agent import dataplane
+from tests.agent.bundles import PUBLIC_KEY, write
+from tests.agent.test_attack_kernel_truth import HOSTS, _apply, _engine, _intact, _reported_and_reapplied, _status
+
+pytestmark = pytest.mark.dataplane
+
+dataplane.require()
+
+NFRAW = str(Path(__file__).with_name("nfraw.py"))
+
+
+@pytest.fixture(scope="module")
+def net() -> Iterator[NetLab]:
+    lab = NetLab(HOSTS)
+    try:
+        lab.serve("h2", tcp=[22, 8080])
+        lab.serve("cp", tcp=[443, 8080])
+        yield lab
+    finally:
+        lab.close()
+
+
+@pytest.fixture(autouse=True)
+def clean(net: NetLab) -> Iterator[None]:
+    net.reset("h2")
+    net.exec("h2", "nft", "delete", "table", "inet", "other")
+    yield
+    net.exec("h2", "nft", "delete", "table", "inet", "other")
+    net.reset("h2")
+
+
+def _listed_rules(net: NetLab, chain: str) -> int:
+    out = net.exec("h2", "nft", "-j", "list", "chain", "inet", "ringfence", chain, check=True).stdout
+    return sum(1 for x in json.loads(out)["nftables"] if "rule" in x)
+
+
+def test_attack_a_rule_nft_cannot_parse_is_reported(net: NetLab, tmp_path: Path) -> None:
+    """A rule [immediate accept][inner ...] inserted over raw netlink at the head of Ringfence's
+    input chain accepts every packet, and nft/libnftables 1.0.6 (which does not know the
+    kernel's ``inner`` expression) leaves it out of every listing: status said programmed, the
+    digest matched the published one and ``apply`` said "already applied". The digest is now
+    taken of the kernel's own bytes over netlink: reported, and ``apply`` programs it again."""
+    doc = _engine(net).bundle("h2")
+    state = tmp_path / "state"
+    _apply(net, "nftables", doc, state)
+    assert not net.tcp("h4", "h2", 8080) and net.tcp("h1", "h2", 8080)
+    _intact(net, "nftables", state, doc)
+    listed = _listed_rules(net, "input")
+    net.exec("h2", sys.executable, NFRAW, "hidden-accept", "inet", "ringfence", "input", check=True)
+    assert _listed_rules(net, "input") == listed, "nft shows the rule: the test proves nothing"
+    _reported_and_reapplied(net, "nftables", state, doc, lambda: net.tcp("h4", "h2", 8080))
+
+
+def test_attack_a_non_utf8_rule_in_ringfences_table_is_repaired(net: NetLab, tmp_path: Path) -> None:
+    """An ``accept`` inserted into Ringfence's input chain (a loosening the agent reports and
+    repairs), shielded by a rule matching an interface name that is not UTF-8: libnftables
+    1.0.6 abort()s printing that rule as JSON, and it did so inside ``status`` and ``apply``
+    (SIGABRT) before either could report or repair anything: the hole stayed. The listing now
+    runs in a child process: status says the rules are not as applied and why the read failed,
+    and ``apply`` programs them again."""
+    doc = _engine(net).bundle("h2")
+    state = tmp_path / "state"
+    _apply(net, "nftables", doc, state)
+    _intact(net, "nftables", state, doc)
+    net.exec("h2", "nft", "insert", "rule", "inet", "ringfence", "input", "accept", check=True)
+    shield = "nft insert rule inet ringfence input iifname \\\"$(printf 'x\\377')\\\" accept"
+    net.exec("h2", "sh", "-c", shield, check=True)
+    assert net.tcp("h4", "h2", 8080), "the tamper did not open anything: the test proves nothing"
+    status = _status(net, "nftables", state)
+    assert "SIGABRT" in str(status["kernel_read_error"]), status
+    _reported_and_reapplied(net, "nftables", state, doc, lambda: net.tcp("h4", "h2", 8080))
+    assert _status(net, "nftables", state)["kernel_read_error"] is None
+
+
+def test_attack_a_foreign_chain_name_nft_cannot_print_does_not_stop_the_agent(net: NetLab, tmp_path: Path) -> None:
+    """Another process's own table holding a chain whose name is not UTF-8 (any CAP_NET_ADMIN
+    process, over raw netlink) made libnftables abort() while the agent listed ``chains inet``:
+    the daemon's drift check, status and apply died with SIGABRT, and a restarted daemon died at
+    its seal, for good. The agent now reads only its own table, over netlink, and lists through
+    libnftables in a child: the daemon keeps enforcing, status and apply work."""
+    src = tmp_path / "src"
+    doc = _engine(net).bundle("h2")
+    write(doc, src / "bundles" / "h2.json")
+    state = tmp_path / "state"
+    cfg = tmp_path / "agent.json"
+    cfg.write_text(
+        json.dumps(
+            {
+                "workload_id": "h2",
+                "public_key": str(PUBLIC_KEY),
+                "state_dir": str(state),
+                "backend": "nftables",
+                "source": str(src),
+                "poll_interval": 300,
+                "observe_interval": 0.3,
+                "heartbeat_interval": 1,
+                "report_interval": 1,
+                "drift_interval": 1,
+            }
+        )
+    )
+    run_log = tmp_path / "run.log"
+    daemon = net.spawn("h2", str(AGENT), "run", "--config", str(cfg), stderr=run_log.open("w"))
+    try:
+        assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 15), run_log.read_text()
+        net.exec("h2", sys.executable, NFRAW, "badname-chain", "other", check=True)
+        time.sleep(4)  # drift checks, heartbeats and observations, each reading the kernel
+        assert daemon.poll() is None, run_log.read_text()
+        assert not net.tcp("h4", "h2", 8080) and net.tcp("h1", "h2", 8080)
+        _intact(net, "nftables", state, doc)
+        assert "tamper" not in run_log.read_text(), run_log.read_text()  # nothing of Ringfence's changed
+    finally:
+        net.kill(daemon, 15)
+    path = write(doc, tmp_path / "again.json")
+    proc = net.agent("h2", "apply", "--bundle", str(path), "--public-key", str(PUBLIC_KEY), "--backend", "nftables",
+                     "--state-dir", str(state))  # fmt: skip
+    assert proc.returncode == 0 and "already applied" in proc.stdout, (proc.stdout, proc.stderr)
+    # a restarted agent applies from scratch (the table gone) and seals it
+    net.exec("h2", "nft", "delete", "table", "inet", "ringfence", check=True)
+    proc = net.agent("h2", "apply", "--bundle", str(path), "--public-key", str(PUBLIC_KEY), "--backend", "nftables",
+                     "--state-dir", str(state))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    _intact(net, "nftables", state, doc)
+
+
+DORMANT_MEANWHILE = """
+import json, subprocess, sys
+from ringfence.bundlewire import load_bundle
+from ringfence_agent.backends import nft
+from ringfence_agent.plan import LocalFailsafes, compile_plan
+backend = nft.NftBackend()
+assert backend.lib is not None, "libnftables not loaded: the test proves nothing"
+backend.apply(compile_plan(load_bundle(open(sys.argv[1], "rb").read()), LocalFailsafes()))
+intact = backend.enforced()
+listed, real_run, real_info = [], backend.lib.run, nft.table_info
+def spy(script, *args, **kwargs):
+    if args and args[0] or kwargs.get("json_output"):  # a JSON listing in this process
+        listed.append(script.strip())
+    return real_run(script, *args, **kwargs)
+def info(family, name, *args, **kwargs):
+    # the race, made certain: the flags are read, then the table is made dormant at once
+    out = real_info(family, name, *args, **kwargs)
+    subprocess.run(["nft", "add", "table", "inet", "ringfence", "{ flags dormant; }"], check=True)
+    return out
+backend.lib.run, nft.table_info = spy, info
+after = backend.enforced()
+print(json.dumps([intact, after, listed]))
+"""
+
+
+def test_attack_a_table_made_dormant_while_the_agent_reads_it_is_never_printed_in_process(
+    net: NetLab, tmp_path: Path
+) -> None:
+    """The enforced digest read the table's flags over netlink, then listed the table through
+    libnftables in-process: made dormant in between (a tight loop of a root process hits it), the
+    table was printed with its one flag, libnftables 1.0.6's use-after-free, in the agent's heap.
+    Here the table is made dormant right after each flag read, every time: no JSON listing runs
+    in the agent's process, and the digest is not the published one."""
+    doc = _engine(net).bundle("h2")
+    path = write(doc, tmp_path / "bundle.json")
+    proc = net.exec("h2", sys.executable, "-c", DORMANT_MEANWHILE, str(path))
+    assert proc.returncode == 0, proc.stderr
+    intact, after, listed = json.loads(proc.stdout)
+    assert intact == enforced.expected(doc)
+    assert listed == [], listed
+    assert after != enforced.expected(doc)
+
+
+def test_attack_a_name_nft_cannot_print_in_ringfences_table_is_repaired_by_the_daemon(
+    net: NetLab, tmp_path: Path
+) -> None:
+    """A named counter whose name is not UTF-8 added to Ringfence's table (raw netlink): no rule
+    or fail-safe changes, but libnftables 1.0.6 abort()s printing the table as JSON, which the
+    heartbeat's enforced digest and the observer did in the daemon's process. The listing now
+    dies in a child: cannot tell is never intact, so the daemon programs the table again (the
+    counter is gone) and keeps running."""
+    src = tmp_path / "src"
+    doc = _engine(net).bundle("h2")
+    write(doc, src / "bundles" / "h2.json")
+    state = tmp_path / "state"
+    cfg = tmp_path / "agent.json"
+    cfg.write_text(
+        json.dumps(
+            {
+                "workload_id": "h2",
+                "public_key": str(PUBLIC_KEY),
+                "state_dir": str(state),
+                "backend": "nftables",
+                "source": str(src),
+                "poll_interval": 300,
+                "observe_interval": 0.3,
+                "heartbeat_interval": 1,
+                "drift_interval": 2,
+            }
+        )
+    )
+    run_log = tmp_path / "run.log"
+    daemon = net.spawn("h2", str(AGENT), "run", "--config", str(cfg), stderr=run_log.open("w"))
+    try:
+        assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 15), run_log.read_text()
+        net.exec("h2", sys.executable, NFRAW, "badname-counter", "ringfence", check=True)
+        listing = net.exec("h2", "nft", "-j", "list", "table", "inet", "ringfence")
+        assert listing.returncode != 0, "nft prints the table: the test proves nothing"
+        assert wait_until(lambda: "could not be read" in run_log.read_text(), 10), run_log.read_text()
+        assert wait_until(
+            lambda: net.exec("h2", "nft", "-j", "list", "table", "inet", "ringfence").returncode == 0, 10
+        ), run_log.read_text()
+        assert daemon.poll() is None, run_log.read_text()
+        assert not net.tcp("h4", "h2", 8080) and net.tcp("h1", "h2", 8080)
+        _intact(net, "nftables", state, doc)
+        assert _status(net, "nftables", state)["last_tamper"]["what"] == "unreadable"
+    finally:
+        net.kill(daemon, 15)
