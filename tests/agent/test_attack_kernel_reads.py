@@ -19,7 +19,15 @@ from ringfence.local.lab import AGENT, wait_until
 from ringfence.local.lab import Lab as NetLab
 from tests.agent import dataplane
 from tests.agent.bundles import PUBLIC_KEY, write
-from tests.agent.test_attack_kernel_truth import HOSTS, _apply, _engine, _intact, _reported_and_reapplied, _status
+from tests.agent.test_attack_kernel_truth import (
+    HOSTS,
+    _apply,
+    _engine,
+    _intact,
+    _iptables_or_skip,
+    _reported_and_reapplied,
+    _status,
+)
 
 pytestmark = pytest.mark.dataplane
 
@@ -68,6 +76,27 @@ def test_attack_a_rule_nft_cannot_parse_is_reported(net: NetLab, tmp_path: Path)
     net.exec("h2", sys.executable, NFRAW, "hidden-accept", "inet", "ringfence", "input", check=True)
     assert _listed_rules(net, "input") == listed, "nft shows the rule: the test proves nothing"
     _reported_and_reapplied(net, "nftables", state, doc, lambda: net.tcp("h4", "h2", 8080))
+
+
+@pytest.mark.parametrize("chain", ["INPUT", "RF-IN"])
+def test_attack_a_rule_iptables_cannot_show_is_reported(net: NetLab, tmp_path: Path, chain: str) -> None:
+    """iptables-nft: the same hidden ``accept`` at the head of ``ip filter INPUT`` (before
+    Ringfence's jump) or of ``RF-IN``: iptables-save (1.8.9) leaves it out, so the jump looked
+    first and the chain whole. Over netlink the first rule of INPUT must be the jump and RF-IN
+    must hold what iptables-save shows; ``apply`` moves the jump first again (the hidden rule,
+    now after it, decides nothing) or rebuilds the chain."""
+    _iptables_or_skip()
+    if "nf_tables" not in net.exec("h2", "iptables", "-V").stdout:
+        pytest.skip("iptables-legacy: iptables-save shows every rule")
+    doc = _engine(net).bundle("h2")
+    state = tmp_path / "state"
+    _apply(net, "iptables", doc, state)
+    assert not net.tcp("h4", "h2", 8080)
+    _intact(net, "iptables", state, doc)
+    saved = net.exec("h2", "iptables-save", "-t", "filter", check=True).stdout
+    net.exec("h2", sys.executable, NFRAW, "hidden-accept", "ip", "filter", chain, check=True)
+    assert net.exec("h2", "iptables-save", "-t", "filter", check=True).stdout.count("\n-A ") == saved.count("\n-A ")
+    _reported_and_reapplied(net, "iptables", state, doc, lambda: net.tcp("h4", "h2", 8080))
 
 
 def test_attack_a_non_utf8_rule_in_ringfences_table_is_repaired(net: NetLab, tmp_path: Path) -> None:

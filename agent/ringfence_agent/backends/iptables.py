@@ -24,6 +24,7 @@ import ctypes
 import ctypes.util
 import hashlib
 import ipaddress
+import json
 import os
 import re
 import threading
@@ -31,6 +32,7 @@ from collections.abc import Iterable
 
 from ringfence import enforced
 from ringfence_agent.backends import ABSENT, TUPLE_LINGER_S, ApplyError, DropTuple, ElementChange, Observation, run
+from ringfence_agent.backends import nftables_netlink as nl
 from ringfence_agent.plan import METADATA_PORTS, Direction, Match, Plan, PlanRule, joined_ports, safe_comment
 
 CHAINS = {"inbound": ("RF-IN", "INPUT"), "outbound": ("RF-OUT", "OUTPUT")}
@@ -52,6 +54,73 @@ def _first(lines: Iterable[str], parent: str) -> str | None:
 
 def _chain_rules(lines: Iterable[str], chain: str) -> list[str]:
     return [x for x in lines if x.startswith(f"-A {chain} ")]
+
+
+def _nf_rules(family: int) -> dict[str, list[nl.Message]] | None:
+    """iptables-nft: the rules of table ``filter`` by chain as nf_tables holds them (netlink,
+    the kernel's own bytes); None when nf_tables has no such table (iptables-legacy: then
+    iptables-save shows everything). OSError when the kernel cannot be asked."""
+    fam = "ip" if family == 4 else "ip6"
+    if nl.table_info(fam, "filter") is None:
+        return None
+    out: dict[str, list[nl.Message]] = {}
+    for r in nl.rules(fam, "filter"):
+        out.setdefault(nl.text(r.attrs.get(nl.NFTA_RULE_CHAIN, b"")).decode("latin-1"), []).append(r)
+    return out
+
+
+def _unshown(family: int, lines: list[str]) -> str | None:
+    """What iptables-save (iptables-nft 1.8.9) cannot show and decides before or inside
+    Ringfence's chains: a rule holding an expression it does not know is left out of its output
+    whole and silently, so an ``accept`` put before the jump, or into RF-IN/RF-OUT, was invisible.
+    Over netlink: the first rule of INPUT/OUTPUT must be the jump, and RF-IN/RF-OUT must hold
+    as many rules as iptables-save shows. Other software's rules after the jump are its own."""
+    name = "IPv4" if family == 4 else "IPv6"
+    try:
+        held = _nf_rules(family)
+    except OSError as exc:  # cannot tell: never intact
+        return f"{name}: the kernel's rules could not be read over netlink ({exc})"
+    if held is None:
+        return None
+    for chain, parent in CHAINS.values():
+        first = held.get(parent, [])
+        if not first or not nl.jumps_only_to(first[0].attrs.get(4, b""), chain):
+            return f"{name}: a rule iptables-save does not show comes before the jump from {parent} to {chain}"
+        if len(held.get(chain, [])) != len(_chain_rules(lines, chain)):
+            return f"{name}: {chain} holds rules iptables-save does not show"
+    return None
+
+
+def _jump_first(family: int, parent: str, chain: str) -> bool:
+    """Whether nf_tables holds the jump to ``chain`` as the first rule of ``parent`` (True on
+    iptables-legacy; False when it cannot be asked: moving the jump first again is harmless)."""
+    try:
+        held = _nf_rules(family)
+    except OSError:
+        return False
+    if held is None:
+        return True
+    first = held.get(parent, [])
+    return bool(first) and nl.jumps_only_to(first[0].attrs.get(4, b""), chain)
+
+
+def _kernel_rules(family: int) -> str | None:
+    """iptables-nft: a digest of RF-IN/RF-OUT and the first rule of INPUT/OUTPUT as nf_tables
+    holds them (expressions and user data, no counts); None on iptables-legacy."""
+    try:
+        held = _nf_rules(family)
+    except OSError as exc:
+        raise ApplyError(f"the kernel's rules could not be read over netlink: {exc}") from None
+    if held is None:
+        return None
+    content = {
+        chain: [[nl.expressions(r.attrs.get(4, b"")), r.attrs.get(7, b"").hex()] for r in rules]
+        for chain, rules in held.items()
+        if chain in ("RF-IN", "RF-OUT")
+    }
+    for _, parent in CHAINS.values():
+        content[f"first {parent}"] = [nl.expressions(r.attrs.get(4, b"")) for r in held.get(parent, [])[:1]]
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def _rule_order(item: tuple[str, str]) -> tuple[int, int]:
@@ -389,6 +458,8 @@ class IptablesBackend(IptablesRenderer):
                     f"{family} first {parent}: {_first(proc.stdout.splitlines(), parent)}"
                     for _, parent in CHAINS.values()
                 ]
+        if lines:  # iptables-nft: the same rules as the kernel holds them, what iptables-save cannot show too
+            lines += [f"{family} kernel {held}" for family in (4, 6) if (held := _kernel_rules(family)) is not None]
         return hashlib.sha256("\n".join(lines).encode()).hexdigest() if lines else None
 
     def _family_problem(self, family: int, text: str) -> str | None:
@@ -409,7 +480,9 @@ class IptablesBackend(IptablesRenderer):
             point = "d_in" if direction == "inbound" else "d_out"
             if f'--comment "{point} default' not in rules[-1]:
                 return f"{name}: {chain} does not end with its default ({point})"
-        return None if len(gens) == 1 else f"{name}: RF-IN and RF-OUT are of different generations"
+        if len(gens) != 1:
+            return f"{name}: RF-IN and RF-OUT are of different generations"
+        return _unshown(family, lines)
 
     def kernel_problem(self) -> str | None:
         """None when both families hold Ringfence's chains as the agent applies them
@@ -523,7 +596,12 @@ class IptablesBackend(IptablesRenderer):
             tool = "iptables" if family == 4 else "ip6tables"
             lines = saved[family].splitlines()
             added[family] = [p for c, p in CHAINS.values() if not any(x.endswith(f"-A {p} -j {c}") for x in lines)]
-            moved = [p for c, p in CHAINS.values() if p not in added[family] and _first(lines, p) != f"-A {p} -j {c}"]
+            # not first (or, iptables-nft, a rule iptables-save cannot show is before it): moved first
+            moved = [
+                p
+                for c, p in CHAINS.values()
+                if p not in added[family] and (_first(lines, p) != f"-A {p} -j {c}" or not _jump_first(family, p, c))
+            ]
             script = self.rules_script(plan, family, gen, added[family], moved)
             proc = run([f"{tool}-restore", "--noflush"], stdin=script)
             if proc.returncode == 0:
