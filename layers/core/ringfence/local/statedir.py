@@ -93,7 +93,7 @@ def quick_check(database: Path) -> None:
         found = classify(exc)
         if found is None or found[0] != "damaged":
             raise  # unreadable for another reason (permissions, a lock): the store's own open says so
-        raise StateRefused(f"{database}: {found[1]}: {_damaged(database)}") from None
+        raise StateRefused(f"{database}: damaged (SQLite: {found[1]}): {_damaged(database)}") from None
     if rows != ["ok"]:
         rows = [" ".join(r.replace("*** in database main ***", "").split()) for r in rows]
         shown = "; ".join(rows[:3])
