@@ -51,7 +51,9 @@ def restore(frm: Path, db: Path) -> None:
     shutil.copy(frm / "state.db", db)
 
 
-def test_a_restored_backup_reaches_agents_that_moved_past_it(server: Server, tmp_path: Path, agent_process: Any) -> None:
+def test_a_restored_backup_reaches_agents_that_moved_past_it(
+    server: Server, tmp_path: Path, agent_process: Any
+) -> None:
     for spec in ESTATE:
         assert server.admin("POST", "/admin/workloads", {**spec, "reason": "rack 1"}).status_code == 201
     assert server.admin("POST", "/admin/policies", {"files": policy_files()}).status_code == 201
