@@ -14,6 +14,12 @@ only a fallback).
 Beside the wheel it writes ``<wheel>.sha256`` (``sha256sum -c`` format): install.sh refuses an
 artifact whose digest is not the one it was given. Builds are reproducible (fixed
 ``SOURCE_DATE_EPOCH``), so the same source gives the same digest on any machine.
+
+The version is ``<__version__>+<12 hex of the source's SHA-256>`` (a PEP 440 local label), so the
+wheel's file name changes whenever its content does: a host pinned to an earlier digest keeps
+finding its wheel under its own name after a newer one is published (``publish-agent`` refuses to
+put other bytes under a name it has already published), and ``ringfence-agent status`` names the
+build that runs.
 """
 
 from __future__ import annotations
@@ -66,11 +72,24 @@ ringfence_agent = ["py.typed"]
 """
 
 
-def version() -> str:
+def release() -> str:
     for line in (ROOT / "layers/core/ringfence/__init__.py").read_text().splitlines():
         if line.startswith("__version__"):
             return line.split("=", 1)[1].strip().strip("\"'")
     raise SystemExit("no __version__ in layers/core/ringfence/__init__.py")
+
+
+def source_id(src: Path) -> str:
+    """12 hex of the SHA-256 over the build tree (paths and bytes, sorted): another source, another name."""
+    h = hashlib.sha256()
+    for p in sorted(q for q in src.rglob("*") if q.is_file()):
+        h.update(p.relative_to(src).as_posix().encode() + b"\0")
+        h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()[:12]
+
+
+def version(src: Path) -> str:
+    return f"{release()}+{source_id(src)}"
 
 
 def sha256(path: Path) -> str:
@@ -92,7 +111,9 @@ def build(out: Path) -> Path:
         (src / "ringfence").mkdir()
         for name in WIRE_MODULES:
             shutil.copy2(ROOT / "layers/core/ringfence" / name, src / "ringfence" / name)
-        (src / "pyproject.toml").write_text(PYPROJECT.format(version=version()))
+        # the template itself is part of the source (its version line left as a placeholder)
+        (src / "pyproject.toml").write_text(PYPROJECT)
+        (src / "pyproject.toml").write_text(PYPROJECT.format(version=version(src)))
         for p in src.rglob("*"):  # file times end up in the zip: make them the same everywhere
             os.utime(p, (int(EPOCH), int(EPOCH)))
         env = {**os.environ, "SOURCE_DATE_EPOCH": EPOCH, "PIP_NO_INDEX": "1"}

@@ -1,9 +1,10 @@
 #!/bin/sh
 # Install and start the Ringfence agent. Idempotent; POSIX sh; needs root.
 #
-#   curl --proto '=https' --tlsv1.2 -fsSL https://<agent-api>/v1/agent/install.sh -o install.sh
+#   curl --proto '=https' --tlsv1.2 -fsSL https://<agent-api>/v1/agent/install-<16 hex>.sh -o install.sh
+#   echo '<the installer sha256 publish-agent printed>  install.sh' | sha256sum -c --quiet &&
 #   sh install.sh --api-url https://rf.example.com --pairing-key-file /run/rf-pairing-key \
-#     --artifact-url https://rf.example.com/v1/agent/ringfence_agent-0.1.0-py3-none-any.whl \
+#     --artifact-url https://rf.example.com/v1/agent/ringfence_agent-<version>-py3-none-any.whl \
 #     --artifact-sha256 <the sha256 `ringfence publish-agent` printed> \
 #     --public-key-file /opt/ringfence/signing-key.pub.pem  # baked into the image (or --public-key-url
 #                                                          # of a copy you host: no agent-API route serves it)
@@ -11,7 +12,9 @@
 # The agent comes from the artifact the stack publishes (`make agent-artifact`: a wheel of the
 # agent alone, no dependencies) and nowhere else: it is refused unless its SHA-256 is the one
 # given, and installed with pip --no-index (no package index is ever asked, so no package that
-# merely shares our name can be installed as root). Every download is HTTPS only.
+# merely shares our name can be installed as root). Every download is HTTPS only. This script
+# runs as root: check it against the digest publish-agent printed before running it (above).
+# Re-running it is the upgrade: it restarts the agent (which never flushes the rules on stop).
 #
 # Options (or the same names as environment variables RF_API_URL, RF_PAIRING_KEY_FILE, ...):
 #   --api-url URL           control-plane agent API (enrolls with --pairing-key-file)
@@ -22,7 +25,9 @@
 #                           command line (--pairing-key KEY, RF_PAIRING_KEY) is refused: it would
 #                           be in `ps` output and shell history.
 #   --public-key-file PATH  the pinned bundle signing key (PEM) ...
-#   --public-key-url URL    ... or where to fetch it, https:// (pin it in your image instead when you can)
+#   --public-key-url URL    ... or where to fetch it, https:// (pin it in your image instead when you can);
+#                           only on first use: a different key already pinned is refused (rotation
+#                           goes through signed bundles, docs/bundle.md)
 #   --artifact-url URL      the agent wheel, https:// ...
 #   --artifact-file PATH    ... or a copy of it already on the host (a golden image build)
 #   --artifact-sha256 HEX   its SHA-256 (required): anything else is refused before it is installed
@@ -69,12 +74,29 @@ fi
 [ "$(id -u)" = 0 ] || { echo "install.sh: run as root" >&2; exit 1; }
 [ -n "$API_URL$SOURCE" ] || { echo "install.sh: give --api-url or --source" >&2; exit 2; }
 
-if ! command -v nft >/dev/null 2>&1; then
-  if command -v apt-get >/dev/null; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables python3-venv conntrack
-  elif command -v dnf >/dev/null; then dnf install -y -q nftables python3 conntrack-tools
-  elif command -v yum >/dev/null; then yum install -y -q nftables python3 conntrack-tools
+# --- prerequisites: each checked on its own (a stock Debian image has nft but no venv module)
+NEED=""
+command -v nft >/dev/null 2>&1 || NEED="$NEED nft"
+# venv needs ensurepip and the pip wheel it bundles (Debian: python3-venv); version() finds both
+python3 -c 'import ensurepip, venv; ensurepip.version()' >/dev/null 2>&1 || NEED="$NEED venv"
+command -v conntrack >/dev/null 2>&1 || NEED="$NEED conntrack"
+if [ -n "$NEED" ]; then
+  APT="" RPM=""
+  for n in $NEED; do
+    case "$n" in
+      nft) APT="$APT nftables"; RPM="$RPM nftables" ;;
+      venv) APT="$APT python3-venv"; RPM="$RPM python3" ;;
+      conntrack) APT="$APT conntrack"; RPM="$RPM conntrack-tools" ;;
+    esac
+  done
+  echo "install.sh: missing:$NEED; installing" >&2
+  # shellcheck disable=SC2086 # word splitting of the package lists is meant
+  if command -v apt-get >/dev/null 2>&1; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $APT
+  elif command -v dnf >/dev/null 2>&1; then dnf install -y -q $RPM
+  elif command -v yum >/dev/null 2>&1; then yum install -y -q $RPM
   fi
 fi
+# --- end prerequisites
 # --- artifact: fetch (HTTPS only) or take the local copy, check its digest, install it offline
 case "$ARTIFACT_SHA256" in
   *[!0-9a-f]*|"") echo "install.sh: --artifact-sha256 must be the artifact's SHA-256 (64 lower-case hex digits)" >&2; exit 2 ;;
@@ -114,12 +136,30 @@ if [ -z "$WORKLOAD_ID" ]; then
   [ -n "$TOKEN" ] && WORKLOAD_ID=$(curl -fsS -m 2 -H "X-aws-ec2-metadata-token: $TOKEN" http://169.254.169.254/latest/meta-data/instance-id 2>/dev/null || true)
   [ -n "$WORKLOAD_ID" ] || WORKLOAD_ID=$(hostname)
 fi
-if [ -n "$PUBKEY_FILE" ]; then install -m 0644 "$PUBKEY_FILE" /etc/ringfence/signing-key.pem
+# --- pinned key: into the temp dir first, checked to be a PEM public key the agent loads, then
+# renamed into place (a cut download never leaves a truncated pin)
+PIN=/etc/ringfence/signing-key.pem
+NEWKEY=""
+if [ -n "$PUBKEY_FILE" ]; then NEWKEY="$PUBKEY_FILE"
 elif [ -n "$PUBKEY_URL" ]; then
   case "$PUBKEY_URL" in https://*) ;; *) echo "install.sh: --public-key-url must be https://" >&2; exit 2 ;; esac
-  curl --proto '=https' --tlsv1.2 -fsS -m 10 -o /etc/ringfence/signing-key.pem "$PUBKEY_URL"
-elif [ ! -f /etc/ringfence/signing-key.pem ]; then echo "install.sh: no pinned key (--public-key-file or --public-key-url)" >&2; exit 2
+  NEWKEY="$ARTIFACT_DIR/signing-key.pem"
+  curl --proto '=https' --tlsv1.2 -fsS -m 10 -o "$NEWKEY" "$PUBKEY_URL"
+  # trust on first use only: whoever serves the URL later must not re-pin every host that
+  # re-runs the installer; the key rotates through signed bundles (docs/bundle.md)
+  if [ -f "$PIN" ] && ! cmp -s "$NEWKEY" "$PIN"; then
+    echo "install.sh: $PUBKEY_URL serves a key other than the one pinned in $PIN: refused (rotate through signed bundles, docs/bundle.md; or give --public-key-file)" >&2
+    exit 4
+  fi
+elif [ ! -f "$PIN" ]; then echo "install.sh: no pinned key (--public-key-file or --public-key-url)" >&2; exit 2
 fi
+if [ -n "$NEWKEY" ]; then
+  "$PREFIX/bin/python" -c 'import sys, pathlib; from ringfence.bundlewire import Verifier; Verifier.from_file(pathlib.Path(sys.argv[1]))' "$NEWKEY" 2>/dev/null || {
+    echo "install.sh: $NEWKEY is not a PEM Ed25519 public key: refused, the pinned key is unchanged" >&2; exit 4; }
+  install -m 0644 "$NEWKEY" "$PIN.new"
+  mv -f "$PIN.new" "$PIN"
+fi
+# --- end pinned key
 
 umask 077
 # JSON: the agent reads it with the standard library (a YAML config would need PyYAML beside it)
@@ -189,6 +229,9 @@ CPUQuota=20%
 [Install]
 WantedBy=multi-user.target
 UNIT
+# restart, not enable --now (a no-op on a running unit): an upgrade runs the new code and unit;
+# the agent never flushes its rules on stop and re-applies its last known good on start
 systemctl daemon-reload
-systemctl enable --now ringfence-agent.service
+systemctl enable ringfence-agent.service
+systemctl restart ringfence-agent.service
 echo "ringfence-agent installed for workload $WORKLOAD_ID; status: ringfence-agent status --state-dir /var/lib/ringfence-agent"

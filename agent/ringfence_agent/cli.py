@@ -97,6 +97,17 @@ def _kernel_digest(backend: str, set_names: list[str]) -> tuple[str | None, str 
         return None, str(exc)
 
 
+def _agent_version() -> str | None:
+    """The installed artifact's version (``<release>+<source digest>``, build_artifact.py): which
+    build this is after an upgrade; None when run from a checkout, not from the artifact."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("ringfence-agent")
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def _agent_key(state_dir: Path) -> tuple[str | None, str | None]:
     """(its id, its fingerprint) of the agent's own key; None before it has one."""
     from ringfence_agent.agentkey import AgentKey
@@ -135,6 +146,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
     out = {
         "workload_id": state.identity(),
+        "agent_version": _agent_version(),
         "agent_key": key_id,  # its id, as audit records name it
         "agent_key_fingerprint": key_fingerprint,  # what an operator's reset names as the next key
         "bundle_version": bundle.version if bundle else None,

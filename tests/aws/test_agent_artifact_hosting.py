@@ -1,5 +1,5 @@
 """Issue 10, control plane: the stack hosts the hash-pinned agent artifact. ``ringfence
-publish-agent`` (the real CLI) puts the wheel, its ``.sha256`` and install.sh into the stack's
+publish-agent`` (the real CLI) puts the wheel, its ``.sha256`` and the installer into the stack's
 bucket (moto S3, server mode), the real agent-API handler serves them at ``GET /v1/agent/{name}``,
 and the real install.sh artifact check accepts the fetched wheel and refuses a tampered one."""
 
@@ -48,8 +48,10 @@ def test_the_published_wheel_is_served_byte_for_byte_and_installs(
     assert hashlib.sha256(body).hexdigest() == digest
     status, _, side = fetch(env, f"{name}.sha256")
     assert status == 200 and side.decode().split() == [digest, name]
-    status, kind, script = fetch(env, "install.sh")
+    installer = f"install-{hashlib.sha256(INSTALLER.read_bytes()).hexdigest()[:16]}.sh"
+    status, kind, script = fetch(env, installer)
     assert status == 200 and kind.startswith("text/") and script == INSTALLER.read_bytes()
+    assert fetch(env, "install.sh")[0] == 404  # no mutable name: hosts pin the installer by digest
     fetched = tmp_path / "dl" / name
     fetched.parent.mkdir()
     fetched.write_bytes(body)
@@ -103,6 +105,28 @@ def test_attack_agent_artifact_route_reads_nothing_but_the_artifact(env: Env, na
     env.s3.put_object(Bucket=env.bucket, Key="agent/bundle-signing.pub.pem", Body=b"not for you")
     status, _, body = fetch(env, name)
     assert status == 404 and b"not for you" not in body
+
+
+def test_publish_agent_never_puts_other_bytes_under_a_name_in_the_bucket(
+    env: Env,
+    published: tuple[str, str],
+    artifact: tuple[Path, str],  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """S3 conditional write (If-None-Match: *): a second publish of the same build is a no-op,
+    other bytes under a published name are refused and the first bytes stay."""
+    name, digest = published
+    assert cli.main(["publish-agent", "--dir", str(artifact[0].parent), "--store", "aws"]) == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    data = bytearray(artifact[0].read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (other / name).write_bytes(bytes(data))
+    capsys.readouterr()
+    assert cli.main(["publish-agent", "--dir", str(other), "--store", "aws"]) != 0
+    assert "already published with other bytes" in capsys.readouterr().err
+    assert hashlib.sha256(fetch(env, name)[2]).hexdigest() == digest
 
 
 def test_an_artifact_name_not_published_is_404(env: Env) -> None:

@@ -897,16 +897,27 @@ def cmd_publish_agent(args: argparse.Namespace) -> int:
         publisher = FilePublisher(Path(args.store.removeprefix("sqlite:")).parent / "objects")
     else:
         raise CliError(f"--store {args.store!r}: expected sqlite:PATH or aws")
+    from ringfence.control.publish import Conflict
+
     try:
         done = artifact.publish(publisher, artifact.find_wheel(out), installer)
     except artifact.ArtifactError as exc:
         raise CliError(str(exc)) from None
+    except Conflict as exc:
+        raise CliError(f"{exc} (rebuild: a changed agent gets a new name; make agent-artifact)") from None
     print(f"published {', '.join(done.keys)}")
     print(f"url path /v1/agent/{done.wheel}")
     print(f"sha256 {done.sha256}")
+    print(f"installer /v1/agent/{done.installer}")
+    print(f"installer sha256 {done.installer_sha256}")
+    # what a host runs as root: the installer only once its digest is checked (fail closed), then
+    # the wheel by its own; both digests reach hosts out of band, never only from the server
     print(
-        "install (give hosts the digest out of band, never only from the server): install.sh "
-        f"--artifact-url https://<agent-api>/v1/agent/{done.wheel} --artifact-sha256 {done.sha256}"
+        "bootstrap (user data; replace <agent-api> and add --api-url, --public-key-file/-url, --admin-cidr):\n"
+        f"  curl --proto '=https' --tlsv1.2 -fsSL https://<agent-api>/v1/agent/{done.installer} -o /root/rf-install.sh"
+        f" && echo '{done.installer_sha256}  /root/rf-install.sh' | sha256sum -c --quiet"
+        f" && sh /root/rf-install.sh --artifact-url https://<agent-api>/v1/agent/{done.wheel}"
+        f" --artifact-sha256 {done.sha256}"
     )
     return 0
 
@@ -1284,7 +1295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "publish-agent",
         cmd_publish_agent,
-        help="put the agent wheel, its .sha256 and install.sh where the agent API serves them (/v1/agent/<name>)",
+        help="put the agent wheel, its .sha256 and the installer where the agent API serves them (/v1/agent/<name>);"
+        " prints both digests hosts pin",
     )
     p.add_argument("--dir", default="build/agent", help="where the wheel is, or is built (default build/agent)")
     p.add_argument(

@@ -451,7 +451,7 @@ class AgentApi:
             return error(
                 404,
                 "no such agent artifact",
-                "expected ringfence_agent-<version>-py3-none-any.whl[.sha256] or install.sh",
+                "expected ringfence_agent-<version>-py3-none-any.whl[.sha256] or install-<16 hex>.sh",
             )
         try:
             body = self.w.publisher.get(artifact.key(name))

@@ -1,11 +1,17 @@
 """The agent artifact as the stack hosts it: the wheel ``make agent-artifact`` builds, its
-``.sha256`` and ``install.sh``, stored under ``agent/<name>`` in the bundle store and served
+``.sha256`` and the installer, stored under ``agent/<name>`` in the bundle store and served
 without a token by ``GET /v1/agent/{name}``.
 
-The server that serves the wheel is not what vouches for it: ``ringfence publish-agent`` prints
-the digest, and hosts get it out of band (user data, SSM, the deploy's output) and pass it to
-``install.sh --artifact-sha256``, which refuses any other bytes. The ``.sha256`` served beside the
-wheel is a convenience for comparing, never the check.
+The server that serves them is not what vouches for them: ``ringfence publish-agent`` prints the
+wheel's digest and the installer's, hosts get both out of band (user data, SSM, the deploy's
+output), check the installer with ``sha256sum -c`` before running it as root and pass the wheel's
+to ``install.sh --artifact-sha256``, which refuses any other bytes. The ``.sha256`` served beside
+the wheel is a convenience for comparing, never the check.
+
+Every name is immutable: the wheel's version carries its source's digest (build_artifact.py),
+the installer is ``install-<16 hex of its SHA-256>.sh``, and publishing refuses to put other bytes
+under a name already published (:meth:`Publisher.put_once`), so a host pinned to an earlier build
+still finds it after a newer one is published.
 """
 
 from __future__ import annotations
@@ -18,9 +24,14 @@ from pathlib import Path
 from .publish import Publisher
 
 PREFIX = "agent/"
-INSTALLER = "install.sh"
-# PEP 440 release, pre, post and dev parts only: no path separators, no dots outside a version
-WHEEL = re.compile(r"ringfence_agent-\d+(?:\.\d+)*(?:(?:a|b|rc)\d+)?(?:\.post\d+)?(?:\.dev\d+)?-py3-none-any\.whl")
+# content-addressed: 16 hex of the installer's SHA-256
+INSTALLER = re.compile(r"install-[0-9a-f]{16}\.sh")
+# PEP 440 release, pre, post and dev parts and a local label (build_artifact.py: the source's
+# digest) of lower-case letters and digits: no path separators, no dots outside a version
+WHEEL = re.compile(
+    r"ringfence_agent-\d+(?:\.\d+)*(?:(?:a|b|rc)\d+)?(?:\.post\d+)?(?:\.dev\d+)?"
+    r"(?:\+[a-z0-9]+(?:\.[a-z0-9]+)*)?-py3-none-any\.whl"
+)
 BINARY = "application/octet-stream"
 TEXT = "text/plain; charset=utf-8"
 
@@ -31,7 +42,7 @@ class ArtifactError(ValueError):
 
 def content_type(name: str) -> str | None:
     """What ``name`` is served as, or None when it is not a name of the artifact (a 404)."""
-    if name == INSTALLER or (name.endswith(".sha256") and WHEEL.fullmatch(name.removesuffix(".sha256"))):
+    if INSTALLER.fullmatch(name) or (name.endswith(".sha256") and WHEEL.fullmatch(name.removesuffix(".sha256"))):
         return TEXT
     if WHEEL.fullmatch(name):
         return BINARY
@@ -48,6 +59,8 @@ def key(name: str) -> str:
 class Published:
     wheel: str  # the wheel's file name: the URL is <agent API>/v1/agent/<wheel>
     sha256: str  # what hosts pass to install.sh --artifact-sha256 (out of band)
+    installer: str  # install-<16 hex>.sh: the URL is <agent API>/v1/agent/<installer>
+    installer_sha256: str  # what hosts check the installer against before running it (out of band)
     keys: tuple[str, ...]
 
 
@@ -61,14 +74,25 @@ def find_wheel(directory: Path) -> Path:
     return wheels[0]
 
 
+def installer_name(digest: str) -> str:
+    return f"install-{digest[:16]}.sh"
+
+
 def publish(publisher: Publisher, wheel: Path, installer: Path) -> Published:
-    """Store the wheel, its ``.sha256`` (``sha256sum -c`` format) and ``install.sh``."""
+    """Store the wheel, its ``.sha256`` (``sha256sum -c`` format) and the installer, each only
+    where nothing else is (:class:`ringfence.control.publish.Conflict` otherwise)."""
     body = wheel.read_bytes()
     digest = hashlib.sha256(body).hexdigest()
     side = wheel.with_name(wheel.name + ".sha256")
     if side.exists() and side.read_text().split()[:1] != [digest]:
         raise ArtifactError(f"{side} does not name the digest of {wheel.name} ({digest}): rebuild")
-    publisher.put_bytes(key(wheel.name), body, BINARY)
-    publisher.put_text(key(side.name), f"{digest}  {wheel.name}\n")
-    publisher.put_text(key(INSTALLER), installer.read_text())
-    return Published(wheel.name, digest, (key(wheel.name), key(side.name), key(INSTALLER)))
+    script = installer.read_bytes()
+    script_digest = hashlib.sha256(script).hexdigest()
+    script_name = installer_name(script_digest)
+    # the wheel last: a name hosts can install from is published only once all of it is there
+    publisher.put_once(key(script_name), script, TEXT)
+    publisher.put_once(key(side.name), f"{digest}  {wheel.name}\n".encode(), TEXT)
+    publisher.put_once(key(wheel.name), body, BINARY)
+    return Published(
+        wheel.name, digest, script_name, script_digest, (key(wheel.name), key(side.name), key(script_name))
+    )

@@ -17,6 +17,10 @@ log = logging.getLogger(__name__)
 PUBLIC_KEYS_KEY = "keys/bundle-signing.pub.pem"
 
 
+class Conflict(Exception):
+    """``put_once``: the key already holds other bytes (a name published once is never reused)."""
+
+
 class Publisher:
     """Immutable, content-addressed documents for agents: ``bundles/<wid>/<version>-<sha>.json``
     and ``deltas/<set>/<from>-<to>-<sha>.json``, plus reports and policy files under keys the
@@ -40,6 +44,21 @@ class Publisher:
     def delete(self, key: str) -> None:
         """Remove a staged object (only ``staging/`` keys are ever deleted)."""
         raise NotImplementedError
+
+    def _create(self, key: str, body: bytes, content_type: str) -> bool:
+        """Store ``body`` only if nothing is at ``key`` (atomically); False when something was."""
+        raise NotImplementedError
+
+    def put_once(self, key: str, body: bytes, content_type: str = "application/octet-stream") -> None:
+        """Bytes under a name that never changes once published (the agent artifact): the same
+        bytes again are a no-op, other bytes raise :class:`Conflict` and leave the first ones."""
+        if not self._create(key, body, content_type):
+            if self.get(key) != body:
+                raise Conflict(f"{key} is already published with other bytes: a published name is never reused")
+            return
+        with self._count:
+            self.bytes_published += len(body)
+            self.objects_published += 1
 
     def _put(self, key: str, body: bytes, content_type: str = "application/json") -> None:
         self._store(key, body, content_type)

@@ -63,6 +63,29 @@ class FilePublisher(Publisher):
             finally:
                 os.close(dfd)
 
+    def _create(self, key: str, body: bytes, content_type: str) -> bool:
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)  # whole bytes, and only where no file is (rename would replace one)
+            except FileExistsError:
+                return False
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        return True
+
     def get(self, key: str) -> bytes:
         return self.path(key).read_bytes()
 

@@ -174,8 +174,8 @@ def agent_routes(service: Callable[[], AgentApi]) -> APIGatewayRestResolver:
     app.get(
         route_path("artifact"),
         summary="the agent artifact `ringfence publish-agent` stored: ringfence_agent-<version>-py3-none-any.whl "
-        "(bytes), its .sha256 or install.sh; no token. Check the wheel against the digest the operator was given, "
-        "never only against the .sha256 served beside it",
+        "(bytes), its .sha256 or install-<16 hex>.sh; no token. Check the installer and the wheel against the "
+        "digests the operator was given, never only against the .sha256 served beside it",
         responses={
             **answers(errors=(404,)),
             200: {"description": "the file", "content": {"application/octet-stream": {}, "text/plain": {}}},

@@ -24,11 +24,21 @@ class S3Publisher(Publisher):
         self.bucket = bucket
         self.kms_key_id = kms_key_id
 
-    def _store(self, key: str, body: bytes, content_type: str) -> None:
+    def _store(self, key: str, body: bytes, content_type: str, **conditions: Any) -> None:
         extra: dict[str, Any] = {"ServerSideEncryption": "AES256"}
         if self.kms_key_id:
             extra = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": self.kms_key_id}
-        self.s3.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type, **extra)
+        self.s3.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type, **extra, **conditions)
+
+    def _create(self, key: str, body: bytes, content_type: str) -> bool:
+        # S3 conditional write: refused (412) when the key exists, so two publishers cannot race
+        try:
+            self._store(key, body, content_type, IfNoneMatch="*")
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise
+        return True
 
     def get(self, key: str) -> bytes:
         return bytes(self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read())
