@@ -212,16 +212,36 @@ RestartSec=2
 StateDirectory=ringfence-agent
 StateDirectoryMode=0700
 ConfigurationDirectory=ringfence
-# it needs CAP_NET_ADMIN for nftables and nothing else
+# CAP_NET_ADMIN for nftables, iptables, ipset and conntrack; CAP_NET_RAW for iptables-legacy's
+# raw socket. It runs as uid 0, so what it can write and reach is kept narrow too: its state
+# directory and the xtables lock (created beforehand: /run itself is read-only), not /run, where
+# uid 0 could drop a runtime unit or udev rule
 CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW
 AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW
 NoNewPrivileges=yes
 ProtectSystem=strict
-ReadWritePaths=/var/lib/ringfence-agent /run
+ExecStartPre=+-/usr/bin/touch /run/xtables.lock
+RuntimeDirectory=ringfence-agent
+RuntimeDirectoryMode=0700
+ReadWritePaths=/var/lib/ringfence-agent -/run/xtables.lock
+# AF_UNIX stays for $NOTIFY_SOCKET; the manager's and D-Bus's root-only sockets are hidden
+InaccessiblePaths=-/run/systemd/private -/run/dbus/system_bus_socket
 ProtectHome=yes
 PrivateTmp=yes
+PrivateDevices=yes
 ProtectKernelModules=yes
+ProtectKernelTunables=yes
+ProtectKernelLogs=yes
+ProtectClock=yes
 ProtectControlGroups=yes
+RestrictNamespaces=yes
+RestrictSUIDSGID=yes
+RestrictRealtime=yes
+LockPersonality=yes
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+# a call outside the filter fails (EPERM) rather than killing the agent mid-apply
+SystemCallErrorNumber=EPERM
 RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
 MemoryMax=128M
 CPUQuota=20%
