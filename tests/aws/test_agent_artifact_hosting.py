@@ -51,7 +51,11 @@ def test_the_published_wheel_is_served_byte_for_byte_and_installs(
     installer = f"install-{hashlib.sha256(INSTALLER.read_bytes()).hexdigest()[:16]}.sh"
     status, kind, script = fetch(env, installer)
     assert status == 200 and kind.startswith("text/") and script == INSTALLER.read_bytes()
-    assert fetch(env, "install.sh")[0] == 404  # no mutable name: hosts pin the installer by digest
+    # no mutable name is written (hosts pin the installer by digest); one an earlier publish
+    # wrote is still served, so user data made then keeps working until it is replaced
+    assert fetch(env, "install.sh")[0] == 404
+    env.s3.put_object(Bucket=env.bucket, Key="agent/install.sh", Body=b"#!/bin/sh\n")
+    assert fetch(env, "install.sh")[:1] == (200,)
     fetched = tmp_path / "dl" / name
     fetched.parent.mkdir()
     fetched.write_bytes(body)

@@ -26,6 +26,9 @@ from .publish import Publisher
 PREFIX = "agent/"
 # content-addressed: 16 hex of the installer's SHA-256
 INSTALLER = re.compile(r"install-[0-9a-f]{16}\.sh")
+# what publishes before the installer was pinned wrote: still served (never written now) so that
+# launch templates made then keep installing what they did, until their user data is replaced
+LEGACY_INSTALLER = "install.sh"
 # PEP 440 release, pre, post and dev parts and a local label (build_artifact.py: the source's
 # digest) of lower-case letters and digits: no path separators, no dots outside a version
 WHEEL = re.compile(
@@ -42,7 +45,11 @@ class ArtifactError(ValueError):
 
 def content_type(name: str) -> str | None:
     """What ``name`` is served as, or None when it is not a name of the artifact (a 404)."""
-    if INSTALLER.fullmatch(name) or (name.endswith(".sha256") and WHEEL.fullmatch(name.removesuffix(".sha256"))):
+    if (
+        INSTALLER.fullmatch(name)
+        or name == LEGACY_INSTALLER
+        or (name.endswith(".sha256") and WHEEL.fullmatch(name.removesuffix(".sha256")))
+    ):
         return TEXT
     if WHEEL.fullmatch(name):
         return BINARY
