@@ -404,3 +404,34 @@ def test_attack_renewing_the_token_between_long_polls_opens_no_more_of_them(plan
             assert statuses.count(429) >= rounds, statuses
 
     asyncio.run(run())
+
+
+def test_attack_three_agents_false_claims_do_not_reissue_one_anothers_bundles_forever(plane: Plane) -> None:
+    """A claim above the newest published version but below the head had the workload re-issued a
+    bundle (meant for agents holding versions issued before a restore); each re-issue moved the
+    head, making the next colluding host's false claim valid again: three tokens made a new bundle
+    (a rendered, signed, stored object and a burnt version) per heartbeat, forever. Now only a
+    claim below the revision the engine was rebuilt from is re-issued: once per workload."""
+    from ringfence.model import Mode
+
+    url, w, admin = plane.url, plane.w, plane.admin
+    web2 = "dc1-web-2"
+    tags = {"ringfence:role": "web", "ringfence:app": "ordering", "ringfence:env": "prod", "ringfence:loc": "ca"}
+    assert admin.register_workload("alice", {"id": web2, "ips": ["192.168.10.12"], "tags": tags}).status == 201
+    w.settle(30)
+    auth = {wid: plane.enroll(wid) for wid in (WEB, DB, web2)}
+    w.settle(30)
+    for m in (Mode.OBSERVE, Mode.ENFORCE, Mode.OBSERVE):  # a third host's changes: the head moves past theirs
+        assert admin.set_mode("alice", "dc1-proc-1", m, "ops").status in (200, 201, 202)
+        w.settle(30)
+    head0 = w.store.head().revision
+    with httpx.Client(timeout=10) as c:
+        for _ in range(10):
+            for wid, h in auth.items():
+                hb = f"{url}/v1/agents/{wid}/heartbeat"
+                latest = c.post(hb, headers=h, json={"applied_version": None, "mode": None}).json()["latest_version"]
+                r = c.post(hb, headers=h, json={"applied_version": latest + 1, "mode": None})
+                assert r.status_code == 200, r.text
+                w.settle(30)
+    # before: +30 (one re-issue per false claim), and it went on as long as they kept claiming
+    assert w.store.head().revision - head0 <= len(auth)

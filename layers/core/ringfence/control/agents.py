@@ -535,11 +535,15 @@ class AgentApi:
         if claimed is not None and (latest is None or claimed > latest):
             # a version never published for this workload: enforcing nothing we know of (a finding)
             log.warning("agent %s claims version %s; the newest published is %s", workload_id, claimed, latest)
-            if latest is not None and claimed < self.w.store.head().revision:
-                # below the revision the engine has reached, so issued by it before the store was
-                # restored from a backup (a higher one is no version of ours): the agent refuses
-                # anything lower as a rollback and keeps what the restore undid, so the workload
-                # gets a whole bundle above it, of the restored state
+            if latest is not None and claimed < self.w.store.head().rebuilt_from:
+                # below the revision the engine was rebuilt from (a rebuild over a restored store
+                # numbers from the clock, above every version issued before the restore), so
+                # issued before the store was restored from a backup: the agent refuses anything
+                # lower as a rollback and keeps what the restore undid, so the workload gets a
+                # whole bundle above it, of the restored state. Not below the head: each re-issue
+                # moves the head, and colluding agents' false claims would re-issue one another's
+                # bundles forever; the re-issued bundle is above the rebuild start, so once per
+                # workload per rebuild
                 self.w.enqueue_compute(reissue={workload_id: claimed})
         elif (
             self.w.cfg.lifecycle_gate == "agent" and claimed is not None and ptr is not None and claimed >= ptr.version

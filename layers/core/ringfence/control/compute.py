@@ -95,6 +95,8 @@ class Compute:
             # the records the store leaves out (InventoryRecordsMismatched) are counted with compute's
             w.store.metric = self.metric
         self.engine: Engine | None = None
+        # the revision self.engine was rebuilt from, recorded with the head (EngineHead.rebuilt_from)
+        self.rebuilt_from = 0
         # workload → expiry of its stored bundle (adopted by a rebuild from the pointers); a
         # workload missing here is re-signed by the next refresh
         self.expiry: dict[str, int] = {}
@@ -209,6 +211,7 @@ class Compute:
         if engine.duplicates:  # the store's keys are unique and name their workload: never expected
             self.metric("InventoryDuplicatesSkipped", len(engine.duplicates))
         self.engine = engine
+        self.rebuilt_from = start
         self.expiry = {}
         adopted = self._adopt(engine)
         self._reserve(head.revision)
@@ -274,13 +277,24 @@ class Compute:
     def _reserve(self, expected: int) -> None:
         assert self.engine is not None
         self.w.store.put_head(
-            EngineHead(revision=self.engine.revision, policy_version=self.engine.policy_version, clean=False), expected
+            EngineHead(
+                revision=self.engine.revision,
+                policy_version=self.engine.policy_version,
+                clean=False,
+                rebuilt_from=self.rebuilt_from,
+            ),
+            expected,
         )
 
     def _commit(self) -> None:
         assert self.engine is not None
         self.w.store.put_head(
-            EngineHead(revision=self.engine.revision, policy_version=self.engine.policy_version, clean=True),
+            EngineHead(
+                revision=self.engine.revision,
+                policy_version=self.engine.policy_version,
+                clean=True,
+                rebuilt_from=self.rebuilt_from,
+            ),
             self.engine.revision,
         )
 
@@ -313,8 +327,10 @@ class Compute:
         """Whole new bundles, at fresh revisions, for the workloads whose agents hold a version
         above every one published for them (``reissue``: workload → the version its agent holds,
         sent by the agent API): issued before the store was restored from a backup, so the
-        restored state reaches them. Only while the engine's version of the workload is not above
-        it already (a copy of the message, or one handled since, changes nothing)."""
+        restored state reaches them. Only for a version below the one this engine was rebuilt from
+        (every version issued before a restore is) and while the engine's version of the workload
+        is not above it already (a copy of the message, or one handled since, changes nothing):
+        at most one re-issue per workload per rebuild, whatever agents claim."""
         assert self.engine is not None
         held: dict[str, int] = {}
         for m in messages:
@@ -323,7 +339,7 @@ class Compute:
         return [
             self.engine.reissue(wid)
             for wid, v in sorted(held.items())
-            if wid in self.engine.workloads and self.engine.bundle_version(wid) <= v
+            if wid in self.engine.workloads and self.engine.bundle_version(wid) <= v < self.rebuilt_from
         ]
 
     # publication

@@ -225,6 +225,11 @@ class EngineHead(BaseModel):
     policy_version: int = 0
     clean: bool = True
     published: int = Field(0, description="publications by the publish workers (Store.bump_published)")
+    rebuilt_from: int = Field(
+        0,
+        description="the revision the engine at this head was rebuilt from (0: not recorded): the agent API "
+        "re-issues a bundle to an agent holding a version below it only (one issued before a restore)",
+    )
 
 
 class BundlePointer(BaseModel):

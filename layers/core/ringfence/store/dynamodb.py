@@ -461,6 +461,7 @@ class DynamoStore:
             policy_version=int(item.get("policy_version", 0)),
             clean=bool(item.get("clean", True)),
             published=int(item.get("published", 0)),
+            rebuilt_from=int(item.get("rebuilt_from", 0)),
         )
 
     def put_head(self, new: EngineHead, expected_revision: int) -> None:
@@ -468,12 +469,13 @@ class DynamoStore:
         try:
             self.state.update_item(
                 Key={"pk": "engine", "sk": "head"},
-                UpdateExpression="SET revision = :n, policy_version = :p, clean = :c",
+                UpdateExpression="SET revision = :n, policy_version = :p, clean = :c, rebuilt_from = :b",
                 ConditionExpression="attribute_not_exists(revision) OR revision = :r",
                 ExpressionAttributeValues={
                     ":n": new.revision,
                     ":p": new.policy_version,
                     ":c": new.clean,
+                    ":b": new.rebuilt_from,
                     ":r": expected_revision,
                 },
             )

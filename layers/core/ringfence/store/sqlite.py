@@ -82,6 +82,11 @@ CONNECTION_TTL = 2 * 3600
 # 2: inventory.governed_rev; 3: token.agent_key; 4: inventory.label_writes; 5: quarantine (an older
 # release, which would not read it, refuses the file)
 SCHEMA_VERSION = 5
+# the engine head, with EngineHead.rebuilt_from kept in meta (put_head)
+_HEAD = (
+    "SELECT revision, policy_version, clean, (SELECT value FROM meta WHERE key = 'head.rebuilt_from') "
+    "FROM head WHERE id = 1"
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS inventory (
@@ -597,12 +602,16 @@ class SqliteStore:
         return int(self._db().execute("SELECT gen FROM inventory_gen").fetchone()[0])
 
     def head(self) -> EngineHead:
-        row = self._db().execute("SELECT revision, policy_version, clean FROM head WHERE id = 1").fetchone()
+        row = self._db().execute(_HEAD).fetchone()
         if row is None:
             return EngineHead()
         count = self._db().execute("SELECT MAX(count) FROM published").fetchone()
         return EngineHead(
-            revision=row[0], policy_version=row[1], clean=bool(row[2]), published=int(count[0] or 0) if count else 0
+            revision=row[0],
+            policy_version=row[1],
+            clean=bool(row[2]),
+            published=int(count[0] or 0) if count else 0,
+            rebuilt_from=int(row[3] or 0),
         )
 
     def put_head(self, new: EngineHead, expected_revision: int) -> None:
@@ -613,6 +622,10 @@ class SqliteStore:
             db.execute(
                 "INSERT OR REPLACE INTO head (id, revision, policy_version, clean) VALUES (1, ?, ?, ?)",
                 (new.revision, new.policy_version, int(new.clean)),
+            )
+            # in meta, not a column of head: no schema change (the head table predates it)
+            db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('head.rebuilt_from', ?)", (str(new.rebuilt_from),)
             )
 
     def active_policy(self) -> PolicyVersion | None:
