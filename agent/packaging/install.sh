@@ -33,6 +33,9 @@
 #   --artifact-sha256 HEX   its SHA-256 (required): anything else is refused before it is installed
 #   --workload-id ID        default: the EC2 instance id from IMDSv2, else the hostname
 #   --admin-cidr CIDR       local fail-safe admin range (repeatable)
+# On a re-run (an /etc/ringfence/agent.json exists) every option not given keeps the value that
+# file has: workload id, --api-url/--source, the enrollment, the admin CIDRs (given ones replace
+# them all). Give an option again only to change it.
 set -eu
 API_URL="${RF_API_URL:-}"; SOURCE="${RF_SOURCE:-}"; PAIRING_KEY_FILE="${RF_PAIRING_KEY_FILE:-}"; PAIRING_KEY=""
 PUBKEY_FILE="${RF_PUBLIC_KEY_FILE:-}"; PUBKEY_URL="${RF_PUBLIC_KEY_URL:-}"
@@ -72,6 +75,33 @@ if [ -n "$PAIRING_KEY_FILE" ]; then
 fi
 # --- end pairing key
 [ "$(id -u)" = 0 ] || { echo "install.sh: run as root" >&2; exit 1; }
+# --- re-run (the upgrade): every option not given again keeps its value from the agent.json this
+# script wrote before (given options win); defaults would move the host to another workload id,
+# drop its admin CIDRs or switch it to aws-iid, and the restart below applies it at once
+CONF=/etc/ringfence/agent.json
+KEEP_ENROLL=""
+if [ -f "$CONF" ]; then
+  conf() { python3 -c '
+import json, sys
+c = json.load(open(sys.argv[1]))
+v = c.get(sys.argv[2])
+if sys.argv[2] == "enroll":
+    print(json.dumps(v) if isinstance(v, dict) else "")
+elif isinstance(v, list):
+    print(" ".join(str(x) for x in v))
+elif isinstance(v, str):
+    print(v)
+' "$CONF" "$1"; }
+  OLD_WORKLOAD_ID=$(conf workload_id) && OLD_API_URL=$(conf api_url) && OLD_SOURCE=$(conf source) &&
+    OLD_ADMIN_CIDRS=$(conf admin_cidrs) && OLD_ENROLL=$(conf enroll) || {
+    echo "install.sh: $CONF exists but cannot be read as JSON: refused (fix it, or remove it and give every option)" >&2; exit 2; }
+  [ -n "$WORKLOAD_ID" ] || WORKLOAD_ID="$OLD_WORKLOAD_ID"
+  [ -n "$ADMIN_CIDRS" ] || ADMIN_CIDRS="$OLD_ADMIN_CIDRS"
+  if [ -z "$API_URL$SOURCE" ]; then API_URL="$OLD_API_URL"; SOURCE="$OLD_SOURCE"; fi
+  # no new pairing key: the enrollment it had (pairing stays pairing, never silently aws-iid)
+  [ -n "$PAIRING_KEY" ] || [ -z "$OLD_API_URL" ] || KEEP_ENROLL="$OLD_ENROLL"
+fi
+# --- end re-run
 [ -n "$API_URL$SOURCE" ] || { echo "install.sh: give --api-url or --source" >&2; exit 2; }
 
 # --- prerequisites: each checked on its own (a stock Debian image has nft but no venv module)
@@ -174,6 +204,8 @@ json_str() { printf '"%s"' "$(printf '%s' "$1" | sed 's/\\/\\\\/g; s/"/\\"/g')";
     printf '  "api_url": %s,\n' "$(json_str "$API_URL")"
     if [ -n "$PAIRING_KEY" ]; then
       echo '  "enroll": {"method": "pairing", "pairing_key_file": "/etc/ringfence/pairing-key"},'
+    elif [ -n "$KEEP_ENROLL" ]; then
+      printf '  "enroll": %s,\n' "$KEEP_ENROLL"  # re-run: as json.dumps wrote it from the old file
     else
       echo '  "enroll": {"method": "aws-iid"},'  # EC2: the instance identity document proves who we are
     fi
@@ -213,9 +245,11 @@ StateDirectory=ringfence-agent
 StateDirectoryMode=0700
 ConfigurationDirectory=ringfence
 # CAP_NET_ADMIN for nftables, iptables, ipset and conntrack; CAP_NET_RAW for iptables-legacy's
-# raw socket. It runs as uid 0, so what it can write and reach is kept narrow too: its state
-# directory and the xtables lock (created beforehand: /run itself is read-only), not /run, where
-# uid 0 could drop a runtime unit or udev rule
+# raw socket. It runs as uid 0, so what it can write is kept narrow too: its state directory and
+# the xtables lock (created beforehand: /run itself is read-only), not /run, where uid 0 could drop
+# a runtime unit or udev rule. NOT bounded: a read-only /run does not stop connect(), so it can
+# still reach root-owned sockets other than the two hidden below (docker.sock, containerd,
+# /run/udev/control, the journal), i.e. root on the host; a dedicated User= (planned) closes that
 CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW
 AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW
 NoNewPrivileges=yes

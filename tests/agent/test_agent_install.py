@@ -281,3 +281,31 @@ def test_installer_installs_each_missing_prerequisite(artifact: tuple[Path, str]
     installs = [a for a in asked if a.startswith("apt-get install")]
     assert len(installs) == 1 and "python3-venv" in installs[0].split(), asked
     assert "nftables" not in installs[0].split()
+
+
+def test_an_upgrade_keeps_the_options_not_given_again(artifact: tuple[Path, str], tmp_path: Path) -> None:  # noqa: F811
+    """Review r6-store finding 3: the documented upgrade re-runs the installer with the new
+    artifact and digest only. It must not move the host to another workload id (the hostname),
+    drop its admin CIDRs (admins lose SSH) or switch a paired host to aws-iid; options given
+    again still win."""
+    wheel, digest = artifact
+    pem = public_pem(tmp_path / "k.pem")
+    (tmp_path / "pk").write_text("pairing-key-abc\n")
+    art = f"--artifact-file {wheel} --artifact-sha256 {digest}"
+    first = (
+        f"sh {INSTALLER} --api-url https://rf.example.com --pairing-key-file {tmp_path / 'pk'} "
+        f"--workload-id dc1-web-1 --admin-cidr 10.9.0.0/24 --admin-cidr 10.9.1.0/24 {art} --public-key-file {pem}"
+    )
+    conf = "/etc/ringfence/agent.json"
+    script = (
+        f"{first} >/dev/null || exit 10; cp {conf} {tmp_path / 'c1'}; "
+        f"sh {INSTALLER} {art} >/dev/null || exit 11; cp {conf} {tmp_path / 'c2'}; "
+        f"sh {INSTALLER} --admin-cidr 10.8.0.0/24 {art} >/dev/null || exit 12; cp {conf} {tmp_path / 'c3'}"
+    )
+    done = installsandbox.run(script, tmp_path / "sb")
+    assert done.returncode == 0, done.stderr
+    before = json.loads((tmp_path / "c1").read_text())
+    assert before["workload_id"] == "dc1-web-1" and before["enroll"]["method"] == "pairing"
+    assert json.loads((tmp_path / "c2").read_text()) == before
+    given = json.loads((tmp_path / "c3").read_text())
+    assert given == {**before, "admin_cidrs": ["10.8.0.0/24"]}
