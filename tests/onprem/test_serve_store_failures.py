@@ -154,6 +154,61 @@ def test_attack_emptied_state_db_is_refused_not_started_afresh(served: Serve) ->
     assert served.start() is None
 
 
+def test_attack_an_empty_sqlite_backup_restored_is_refused_not_started_afresh(served: Serve) -> None:
+    """The documented backup of a mistyped path (`sqlite3 state.db ".backup …"` in the wrong
+    directory) exits 0 and writes a valid but empty SQLite file; restored as state.db it passed
+    the start-up checks (not 0 bytes, quick_check ok) and serve started a new, empty store beside
+    the signing key and published objects. Now refused like an empty file; --new-store makes the
+    new store in it (it holds no table), and a database of something else is never started over."""
+    boot(served)
+    served.stop()
+    drop_wal(served.db)
+    wrong = served.db.parent.parent / "state.db"  # `sqlite3 state.db` run one directory too high
+    backup = served.db.parent.parent / "backup.db"
+    src, dst = sqlite3.connect(wrong), sqlite3.connect(backup)
+    src.backup(dst)
+    dst.close()
+    src.close()
+    served.db.unlink()
+    backup.rename(served.db)  # restored as documented
+    size = served.db.stat().st_size
+    assert size > 0
+    assert served.start() == 1
+    assert served.refusal() == (
+        f"error: {served.db}: an SQLite database without ringfence's schema (user_version 0, no table), not a "
+        "ringfence store (a backup of a wrong path?): restore it from its backup "
+        "(docs/onprem.md#backup-and-restore), or start a new, empty store in its place with --new-store"
+    )
+    assert served.db.stat().st_size == size and rows_of(served.db) == []  # nothing written to it
+
+    other = sqlite3.connect(served.db)  # another program's database: never started over
+    other.execute("CREATE TABLE t (x)")
+    other.commit()
+    other.close()
+    assert served.start() == 1
+    assert "(user_version 0, 1 table(s) of something else)" in served.refusal()
+    assert served.refusal().endswith("or move it aside")
+    assert served.start("--new-store") == 1
+    assert f"error: {served.db}: --new-store, but the file holds" in served.refusal()
+
+    other = sqlite3.connect(served.db)
+    other.execute("DROP TABLE t")
+    other.commit()
+    other.close()
+    assert served.start("--new-store") is None, served.log.read_text()  # asked for: a new store in it
+    served.stop()
+    assert rows(served.db, "inventory") == 0
+    assert served.start() is None
+
+
+def rows_of(db: Path) -> list[str]:
+    con = sqlite3.connect(db)
+    try:
+        return [r[0] for r in con.execute("SELECT name FROM sqlite_master")]
+    finally:
+        con.close()
+
+
 def test_attack_missing_state_db_is_refused_where_the_directory_was_used(served: Serve) -> None:
     """state.db gone (a wrong path, a lost file) beside the signing key and the published
     bundles and policies: refused naming what shows the earlier run; no file is created."""

@@ -7,6 +7,9 @@ store (docs/onprem.md, "Start-up checks").
   registration, token, pairing key, policy version and audit record while agents hold what it
   published. Refused unless the operator asks for a new store (``--new-store``).
 * An empty file is never a store: refused, also in an unused directory, unless ``--new-store``.
+  Nor is an SQLite file without ringfence's schema (``user_version`` 0): what a backup of a wrong
+  path writes (``sqlite3`` makes an empty database of a name that does not exist), refused the
+  same way; ``--new-store`` makes the new store in it only when it holds no table.
 * An existing store must pass SQLite's ``PRAGMA quick_check`` (every page and b-tree of the file,
   not the indexes' contents against their tables): a damaged file is refused before anything
   writes to it, rather than served while writes to its damaged tables fail.
@@ -47,15 +50,17 @@ def earlier_life(database: Path) -> list[str]:
 
 def check_state(database: Path, new_store: bool = False) -> None:
     """Refuse (:class:`StateRefused`) a missing or empty store in a directory used before, an
-    empty file anywhere, and ``new_store`` over a file that holds anything."""
+    empty file or an SQLite database without ringfence's schema anywhere, and ``new_store`` over a
+    file that holds anything (an SQLite database without a table holds nothing)."""
     try:
         size: int | None = database.stat().st_size
     except FileNotFoundError:
         size = None
     except OSError as exc:
         raise StateRefused(f"{database}: {exc.strerror}") from None
+    schema = _schema(database) if size else None
     if new_store:
-        if size:
+        if size and schema != (0, 0):
             raise StateRefused(
                 f"{database}: --new-store, but the file holds {size} bytes: serve never starts a new store over "
                 "one; move the file aside first (and remove --new-store once the new store is made)"
@@ -67,6 +72,15 @@ def check_state(database: Path, new_store: bool = False) -> None:
             f"{database}: an empty file (0 bytes), not a ringfence store: {restore}, or start a new, empty store "
             "in its place with --new-store"
         )
+    if schema is not None and schema[0] == 0:
+        # SQLite would take it for a new store and serve would start afresh beside the signing
+        # key and published objects of the one it replaced
+        held = f"{schema[1]} table(s) of something else" if schema[1] else "no table"
+        fix = "start a new, empty store in its place with --new-store" if not schema[1] else "move it aside"
+        raise StateRefused(
+            f"{database}: an SQLite database without ringfence's schema (user_version 0, {held}), not a ringfence "
+            f"store (a backup of a wrong path?): {restore}, or {fix}"
+        )
     if size is None and database.parent.is_dir():
         found = earlier_life(database)
         if found:
@@ -75,6 +89,21 @@ def check_state(database: Path, new_store: bool = False) -> None:
                 "would forget every registration, agent token, pairing key, policy version and audit record. "
                 f"Check the path, or {restore}; to start a new, empty store here on purpose, give --new-store"
             )
+
+
+def _schema(database: Path) -> tuple[int, int] | None:
+    """The file's SQLite ``user_version`` (ringfence's schema version; 0: none) and how many tables
+    it holds, read-only; None when SQLite cannot read it (quick_check or the store's open says why)."""
+    try:
+        db = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True, timeout=30, isolation_level=None)
+        try:
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            tables = int(db.execute("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0])
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return None
+    return version, tables
 
 
 def quick_check(database: Path) -> None:
