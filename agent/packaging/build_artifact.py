@@ -12,8 +12,12 @@ need PyYAML beside it. Signatures are checked with the system's libcrypto (``cry
 only a fallback).
 
 Beside the wheel it writes ``<wheel>.sha256`` (``sha256sum -c`` format): install.sh refuses an
-artifact whose digest is not the one it was given. Builds are reproducible (fixed
-``SOURCE_DATE_EPOCH``), so the same source gives the same digest on any machine.
+artifact whose digest is not the one it was given. Builds are reproducible: fixed
+``SOURCE_DATE_EPOCH`` and file times, file modes normalised (0644, 0755 for executables) and the
+build run under umask 022 (the wheel records modes), so the same source built with the same
+setuptools and wheel gives the same bytes on any machine and under any umask or checkout.
+The setuptools and wheel versions are part of the name (they change the bytes: the wheel records
+the generator), so other build tooling gives another name rather than other bytes under one.
 
 The version is ``<__version__>+<12 hex of the source's SHA-256>`` (a PEP 440 local label), so the
 wheel's file name changes whenever its content does: a host pinned to an earlier digest keeps
@@ -27,9 +31,11 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
+from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,10 +86,14 @@ def release() -> str:
 
 
 def source_id(src: Path) -> str:
-    """12 hex of the SHA-256 over the build tree (paths and bytes, sorted): another source, another name."""
+    """12 hex of the SHA-256 over the build tree (paths, modes and bytes, sorted) and the build
+    tooling's versions: another source or tooling, another name."""
     h = hashlib.sha256()
+    # the build runs with this interpreter's setuptools and wheel (--no-build-isolation)
+    h.update(f"setuptools=={metadata.version('setuptools')} wheel=={metadata.version('wheel')}\0".encode())
     for p in sorted(q for q in src.rglob("*") if q.is_file()):
         h.update(p.relative_to(src).as_posix().encode() + b"\0")
+        h.update(oct(stat.S_IMODE(p.stat().st_mode)).encode() + b"\0")
         h.update(hashlib.sha256(p.read_bytes()).digest())
     return h.hexdigest()[:12]
 
@@ -100,6 +110,17 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def normalise(src: Path) -> None:
+    """Make what ends up in the zip besides the bytes the same everywhere: the wheel records each
+    file's mode (a checkout under umask 002 has group-writable files) and time."""
+    for p in src.rglob("*"):
+        if p.is_dir():
+            p.chmod(0o755)
+        else:
+            p.chmod(0o755 if p.stat().st_mode & 0o111 else 0o644)
+        os.utime(p, (int(EPOCH), int(EPOCH)))
+
+
 def build(out: Path) -> Path:
     """Build the wheel into ``out``; returns its path (its ``.sha256`` beside it)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -113,16 +134,21 @@ def build(out: Path) -> Path:
             shutil.copy2(ROOT / "layers/core/ringfence" / name, src / "ringfence" / name)
         # the template itself is part of the source (its version line left as a placeholder)
         (src / "pyproject.toml").write_text(PYPROJECT)
+        normalise(src)
         (src / "pyproject.toml").write_text(PYPROJECT.format(version=version(src)))
-        for p in src.rglob("*"):  # file times end up in the zip: make them the same everywhere
-            os.utime(p, (int(EPOCH), int(EPOCH)))
+        normalise(src)
         env = {**os.environ, "SOURCE_DATE_EPOCH": EPOCH, "PIP_NO_INDEX": "1"}
-        subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp, str(src)],
-            check=True,
-            env=env,
-            cwd=tmp,
-        )
+        # the files setuptools writes (METADATA, RECORD, ...) get the umask's modes, recorded too
+        old_umask = os.umask(0o022)
+        try:
+            subprocess.run(
+                [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp, str(src)],
+                check=True,
+                env=env,
+                cwd=tmp,
+            )
+        finally:
+            os.umask(old_umask)
         (wheel,) = Path(tmp).glob("ringfence_agent-*.whl")
         target = out / wheel.name
         shutil.copy2(wheel, target)

@@ -59,6 +59,31 @@ def test_the_artifact_build_is_reproducible(artifact: tuple[Path, str], tmp_path
     assert again.read_text().split()[0] == artifact[1]
 
 
+BUILD = ROOT / "agent/packaging/build_artifact.py"
+
+
+def test_the_same_source_built_under_two_umasks_gives_the_same_bytes(tmp_path: Path) -> None:
+    """Review r6-store finding 5: a checkout made under umask 002 has group-writable files, and the
+    wheel records modes: it must still be the same bytes under the same name (publish-agent
+    refuses other bytes under a published name)."""
+    src = tmp_path / "src"
+    for part in ("agent/ringfence_agent", "layers/core/ringfence"):
+        (src / part).parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["cp", "-r", str(ROOT / part), str(src / part)], check=True)
+    (src / "agent/packaging").mkdir()
+    subprocess.run(["cp", str(BUILD), str(src / "agent/packaging/build_artifact.py")], check=True)
+    build = src / "agent/packaging/build_artifact.py"
+    built = {}
+    for umask, chmod in (("022", "g-w"), ("002", "g+w")):
+        out = tmp_path / f"out-{umask}"
+        script = f"umask {umask}; find {src} -type f -exec chmod {chmod} {{}} +; {sys.executable} {build} {out}"
+        subprocess.run(["sh", "-c", script], check=True, stdout=subprocess.DEVNULL)
+        (wheel,) = out.glob("*.whl")
+        built[umask] = (wheel.name, wheel.read_bytes())
+    assert built["022"][0] == built["002"][0]
+    assert built["022"][1] == built["002"][1]
+
+
 def test_attack_tampered_artifact_is_refused_and_nothing_installed(artifact: tuple[Path, str], tmp_path: Path) -> None:
     wheel, digest = artifact
     evil = tmp_path / "evil" / wheel.name  # same name, one byte changed

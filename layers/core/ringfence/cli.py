@@ -904,7 +904,13 @@ def cmd_publish_agent(args: argparse.Namespace) -> int:
     except artifact.ArtifactError as exc:
         raise CliError(str(exc)) from None
     except Conflict as exc:
-        raise CliError(f"{exc} (rebuild: a changed agent gets a new name; make agent-artifact)") from None
+        # not "rebuild": the same source and build tooling give the same name and, reproducibly,
+        # the same bytes, so other bytes here mean an altered wheel or an unpinned build input
+        raise CliError(
+            f"{exc}; this wheel was not published. Builds are reproducible (the name covers the source and "
+            "the setuptools/wheel versions), so rebuilding this source gives this name again: publish "
+            "the wheel published before under it, or check whether this one was altered"
+        ) from None
     print(f"published {', '.join(done.keys)}")
     print(f"url path /v1/agent/{done.wheel}")
     print(f"sha256 {done.sha256}")
