@@ -1232,6 +1232,49 @@ def test_attack_an_address_added_to_a_bundle_set_is_repaired_by_the_daemons_hear
         net.kill(server)
 
 
+def test_attack_an_address_added_to_a_bundle_set_with_a_comment_is_repaired(
+    net: NetLab, backend: str, tmp_path: Path
+) -> None:
+    """As above, but the element is added with a comment: ``nft -j`` lists it as ``{"elem":
+    {"val": ..., "comment": ...}}``, which the enforced digest's parser skipped, so the digest
+    stayed the published one and h4 stayed allowed. Now read (and any element form the agent
+    does not know makes the digest altered), so the heartbeat repairs it. (An element with a
+    counter is listed the same way; the kernel refuses one in the agent's sets, declared
+    without ``counter``.)"""
+    if backend != "nftables":
+        pytest.skip("nft element comments and counters")
+    cp = _OnPremControlPlane(net, tmp_path)
+    server = cp.start()
+    daemon = None
+    try:
+        assert [cp.register(h, role) for h, role in ROLES.items()] == [201] * len(ROLES)
+        assert cp.call("POST", "/admin/policies", {"files": {"lab.yaml": LAB_POLICY}, "reason": "lab"})[0] == 201
+        _, key = cp.call("POST", "/admin/pairing-keys", {"workload_id": "h2", "uses": 1, "ttl": 600})
+        cfg = cp.agent_config(backend, key["pairing_key"], wait_timeout=1, drift_interval=3600)
+        log = tmp_path / "run.log"
+        daemon = net.spawn("h2", str(net_agent()), "run", "--config", str(cfg), stderr=log.open("w"))
+        assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 30), log.read_text()
+        assert wait_until(lambda: net.tcp("h1", "h2", 8080), 10), log.read_text()
+        clients = _set_holding(net, backend, net.v4("h1"))
+        repaired = "not those of the enforced bundle"
+        for n, extra in enumerate(('comment "ops"', 'comment "ops again"'), start=1):
+            element = f"{{ {net.v4('h4')} {extra} }}"
+            ok(net.exec("h2", "nft", "add", "element", "inet", "ringfence", clients, element))
+            assert net.tcp("h4", "h2", 8080) or log.read_text().count(repaired) >= n, "the tamper opened nothing"
+            assert wait_until(lambda n=n: log.read_text().count(repaired) >= n, 30), (extra, log.read_text())
+            assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 10), extra
+            assert wait_until(lambda: net.tcp("h1", "h2", 8080), 10), extra
+        status = json.loads(
+            ok(net.agent("h2", "status", "--state-dir", str(tmp_path / "state"), "--backend", backend, "--json"))
+        )
+        assert status["counters"]["tamper_reapplied"] == 2 and status["last_tamper"]["what"] == "set altered", status
+        assert "warning" not in status, status
+    finally:
+        if daemon is not None:
+            net.kill(daemon, 15)
+        net.kill(server)
+
+
 def net_agent() -> Path:
     from ringfence.local.lab import AGENT
 

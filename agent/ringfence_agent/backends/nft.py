@@ -902,6 +902,7 @@ class NftBackend(NftRenderer):
         held, seal = self.held()
         (items,) = self._listings(f"list table {FAMILY} {TABLE}\n")
         flagged = False  # made dormant since the netlink read: the listing shows it (in the child)
+        unknown = False  # a bundle-set element in a form the agent cannot read
         for item in items:
             if "table" in item:
                 flagged = flagged or bool(item["table"].get("flags"))
@@ -912,12 +913,11 @@ class NftBackend(NftRenderer):
                     continue
                 members = sets.setdefault(m.group(1), [])
                 for e in s.get("elem", []):
-                    if isinstance(e, dict) and "prefix" in e:
-                        members.append(f"{e['prefix']['addr']}/{e['prefix']['len']}")
-                    elif isinstance(e, dict) and "range" in e:
-                        members.append(f"{e['range'][0]}-{e['range'][1]}")
-                    elif isinstance(e, str):
-                        members.append(e)
+                    member = _element(e)
+                    if member is None:  # a form never written by the agent: never skipped silently
+                        unknown = True
+                    else:
+                        members.append(member)
             elif "rule" in item:
                 r = item["rule"]
                 direction = _CHAIN_DIRECTION.get(str(r.get("chain")))
@@ -931,7 +931,7 @@ class NftBackend(NftRenderer):
                         verdict = "accept" if "accept" in x else "drop"
                 if counter is not None and verdict is not None and _RULE_COUNTER.fullmatch(counter):
                     chains.setdefault(direction, []).append((counter, verdict))
-        altered = seal != held or flagged or self.group_problem(items) is not None
+        altered = seal != held or flagged or unknown or self.group_problem(items) is not None
         return enforced.digest(chains, sets, altered=altered)
 
     def programmed(self) -> bool:
@@ -952,12 +952,8 @@ class NftBackend(NftRenderer):
         out: list[str] = []
         for item in self._json("set", FAMILY, TABLE, name):
             for e in item.get("set", {}).get("elem", []):
-                if isinstance(e, dict) and "prefix" in e:
-                    out.append(f"{e['prefix']['addr']}/{e['prefix']['len']}")
-                elif isinstance(e, dict) and "range" in e:
-                    out.append(f"{e['range'][0]}-{e['range'][1]}")
-                else:
-                    out.append(str(e))
+                member = _element(e)
+                out.append(str(e) if member is None else member)
         return out
 
     def observe(self, plan: Plan, previous: dict[str, int]) -> Observation:
@@ -982,6 +978,25 @@ class NftBackend(NftRenderer):
                     if tup is not None:
                         obs.tuples.append(tup)
         return obs
+
+
+def _element(e: Any) -> str | None:
+    """One set element of an ``nft -j`` listing as the agent writes it (address, prefix, range);
+    None for any other form. An element with a comment, a counter or a timeout is listed as
+    ``{"elem": {"val": X, ...}}``: X is read (skipping it hid an address added with a comment)."""
+    if isinstance(e, dict) and set(e) == {"elem"} and isinstance(e["elem"], dict):
+        e = e["elem"].get("val")
+    if isinstance(e, str):
+        return e
+    if isinstance(e, dict) and isinstance(e.get("prefix"), dict):
+        p = e["prefix"]
+        if isinstance(p.get("addr"), str) and isinstance(p.get("len"), int):
+            return f"{p['addr']}/{p['len']}"
+    if isinstance(e, dict) and isinstance(e.get("range"), list) and len(e["range"]) == 2:
+        low, high = e["range"]
+        if isinstance(low, str) and isinstance(high, str):
+            return f"{low}-{high}"
+    return None
 
 
 def _rule_content(rule: nl.Message) -> list[Any]:
