@@ -189,6 +189,9 @@ class Agent:
         # content) → the enforced digest they program (check_sets); never by object id (ids are
         # reused) nor by how many deltas (a rewound chain grows back to the same length)
         self._expected: tuple[tuple[object, ...], str] | None = None
+        # why the last enforced_state() read failed (None when it succeeded): a heartbeat without
+        # a digest for that reason is not healthy
+        self.kernel_read_error: str | None = None
         self._posture = False  # the last whole apply of this process was the fail-safe posture
         self.applies = 0  # whole applies made by this process (check_sets: did one land since a read?)
 
@@ -282,7 +285,9 @@ class Agent:
             digest = str(probe(list(self.bundle.sets) if self.bundle is not None else []))
         except (ApplyError, OSError, ValueError) as exc:
             self.log(f"reading the kernel's rules back failed: {exc}")
+            self.kernel_read_error = str(exc)
             return before, None
+        self.kernel_read_error = None
         return (before, digest) if self.revision == before else (self.revision, None)
 
     def check_drift(self) -> Result:

@@ -877,6 +877,9 @@ class Daemon:
             # the repair counted: this heartbeat tells the control plane of it (a finding), not the next
             repaired_status = self.state.read_json("status.json").get("counters", {})
             counters.update({k: int(v) for k, v in repaired_status.items()})
+        if kernel_digest is None and self.agent.kernel_read_error is not None:
+            problem = f"kernel_read_error: {self.agent.kernel_read_error}"
+            message = problem + (f"; {message}" if message else "")
         hb = Heartbeat(
             applied_version=revision,
             mode=applied.mode if applied is not None else None,

@@ -7,6 +7,7 @@ libnftables in-process (its use-after-free). Real agent, real nftables, in netwo
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -258,4 +259,72 @@ def test_attack_a_name_nft_cannot_print_in_ringfences_table_is_repaired_by_the_d
         _intact(net, "nftables", state, doc)
         assert _status(net, "nftables", state)["last_tamper"]["what"] == "unreadable"
     finally:
+        net.kill(daemon, 15)
+
+
+# A neighbour (a fail2ban or crowdsec) committing to its own tables in a loop, one of them with
+# many chains: the kernel does not filter a chain dump by table, so the agent's comes in many parts
+# and a commit between two of them marks it interrupted (NLM_F_DUMP_INTR).
+_CHURN = """
+import ctypes, sys, time
+lib = ctypes.CDLL("libnftables.so.1")
+lib.nft_ctx_new.restype = ctypes.c_void_p
+lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+ctx = ctypes.c_void_p(lib.nft_ctx_new(0))
+setup = b"add table ip churn\\nadd set ip churn s { type ipv4_addr; }\\nadd table inet other\\n"
+lib.nft_run_cmd_from_buffer(ctx, setup + b"".join(b"add chain inet other c%d\\n" % i for i in range(20000)))
+print("ready", flush=True)
+end = time.time() + float(sys.argv[1])
+while time.time() < end:
+    lib.nft_run_cmd_from_buffer(ctx, b"add element ip churn s { 1.2.3.4 }\\n")
+    lib.nft_run_cmd_from_buffer(ctx, b"delete element ip churn s { 1.2.3.4 }\\n")
+"""
+
+
+def test_attack_a_tamper_under_ruleset_churn_elsewhere_is_reapplied(net: NetLab, tmp_path: Path) -> None:
+    """A neighbour commits to its own table in a loop while a rule accepting tcp/8080 is
+    inserted at the head of Ringfence's input chain. Every netlink dump of the drift check came
+    back interrupted (InterruptedError after 4 tries, an OSError the check took for "nothing to
+    do"): the hole stayed open, unlogged, for as long as the churn lasted. Dumps are now asked
+    again until a deadline, and one that cannot be read is "cannot tell": re-applied, reported."""
+    src = tmp_path / "src"
+    doc = _engine(net).bundle("h2")
+    write(doc, src / "bundles" / "h2.json")
+    state = tmp_path / "state"
+    cfg = tmp_path / "agent.json"
+    cfg.write_text(
+        json.dumps(
+            {
+                "workload_id": "h2",
+                "public_key": str(PUBLIC_KEY),
+                "state_dir": str(state),
+                "backend": "nftables",
+                "source": str(src),
+                "poll_interval": 300,
+                "observe_interval": 0.3,
+                "heartbeat_interval": 1,
+                "drift_interval": 1,
+            }
+        )
+    )
+    run_log = tmp_path / "run.log"
+    daemon = net.spawn("h2", str(AGENT), "run", "--config", str(cfg), stderr=run_log.open("w"))
+    churn = None
+    try:
+        assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 15), run_log.read_text()
+        churn = net.spawn("h2", sys.executable, "-c", _CHURN, "40", stdout=subprocess.PIPE)
+        assert churn.stdout is not None and churn.stdout.readline().strip() == "ready"
+        time.sleep(2)
+        net.exec(
+            "h2", "nft", "insert", "rule", "inet", "ringfence", "input", "tcp", "dport", "8080", "accept", check=True
+        )
+        assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 25), run_log.read_text()
+        assert churn.poll() is None, "the churn ended before the repair: the test proves nothing"
+        assert wait_until(
+            lambda: _status(net, "nftables", state).get("counters", {}).get("tamper_reapplied", 0) >= 1, 10
+        ), run_log.read_text()
+        assert daemon.poll() is None, run_log.read_text()
+    finally:
+        if churn is not None:
+            net.kill(churn)
         net.kill(daemon, 15)

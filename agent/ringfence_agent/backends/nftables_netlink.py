@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ringfence_agent.backends import ReadError
+
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWTABLE = 0
@@ -67,7 +69,10 @@ FLAG_NAMES = {DORMANT: "dormant", OWNER: "owner"}
 _HEADER = struct.Struct("=IHHII")  # struct nlmsghdr
 _NFGEN = struct.Struct("=BBH")  # struct nfgenmsg: family, version, res_id (big endian)
 _RECV = 1 << 20  # a dump message is at most this big (the kernel sizes them to the reader's buffer)
-_TRIES = 4  # dumps interrupted by a concurrent change (NLM_F_DUMP_INTR / another generation)
+# a socket receive buffer a big dump's parts fit in, so the kernel fills it without waiting on us
+# (a shorter window for a concurrent commit to interrupt it); root may exceed rmem_max (FORCE)
+_RCVBUF = 8 << 20
+_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +132,12 @@ def _request(kind: int, flags: int, family: str, attrs: bytes, timeout: float) -
     request = _HEADER.pack(_HEADER.size + len(body), msg_type, flags | NLM_F_REQUEST, seq, 0) + body
     deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
+        for option in (_SO_RCVBUFFORCE, socket.SO_RCVBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, _RCVBUF)
+                break
+            except OSError:
+                continue  # no CAP_NET_ADMIN: the plain option, capped at rmem_max
         sock.bind((0, 0))
         sock.settimeout(timeout)
         sock.sendto(request, (0, 0))
@@ -213,18 +224,35 @@ def _parse(attrs: bytes) -> TableInfo:
 
 
 def _dump(kind: int, family: str, attrs: bytes, timeout: float) -> list[Message]:
-    """A dump's messages; none when the kernel holds no such table (or set)."""
-    for attempt in range(_TRIES):
+    """A dump's messages; none when the kernel holds no such table (or set). A dump a concurrent
+    commit interrupted (NLM_F_DUMP_INTR: a neighbour changing its own table in a loop) is asked
+    again until ``timeout`` has passed, not a fixed number of times. :class:`ReadError` (an
+    OSError) when it cannot be read by then, or the reply is malformed or late: the agent cannot
+    tell what the kernel holds, never takes that for intact (it programs its rules again). A
+    refusal (no CAP_NET_ADMIN: EPERM) stays a plain OSError."""
+    deadline = time.monotonic() + timeout
+    pause = 0.005
+    while True:
+        left = deadline - time.monotonic()
         try:
-            return _request(kind, NLM_F_DUMP, family, attrs, timeout)
+            if left <= 0:
+                raise OSError(errno.ETIMEDOUT, "the kernel did not answer in time")
+            return _request(kind, NLM_F_DUMP, family, attrs, left)
         except InterruptedError:
-            if attempt == _TRIES - 1:
-                raise
+            if time.monotonic() + pause >= deadline:
+                raise ReadError(
+                    errno.EINTR, f"every dump in {timeout:.0f} s was interrupted by a change of the ruleset"
+                ) from None
+            time.sleep(pause)  # let the concurrent commit finish; a little longer each time
+            pause = min(pause * 2, 0.1)
+        except ReadError:
+            raise
         except OSError as exc:
             if exc.errno == errno.ENOENT:
                 return []
-            raise
-    raise AssertionError("unreachable")
+            if exc.errno in (errno.EPERM, errno.EACCES):
+                raise
+            raise ReadError(exc.errno, f"the kernel's rules could not be read over netlink: {exc.strerror}") from None
 
 
 def chains(family: str, table: str, timeout: float = 5.0) -> list[Message]:
