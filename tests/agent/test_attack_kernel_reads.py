@@ -236,7 +236,7 @@ def test_attack_a_name_nft_cannot_print_in_ringfences_table_is_repaired_by_the_d
                 "state_dir": str(state),
                 "backend": "nftables",
                 "source": str(src),
-                "poll_interval": 300,
+                "poll_interval": 1,  # the heartbeat (each poll round) lists the table: the observer no longer does
                 "observe_interval": 0.3,
                 "heartbeat_interval": 1,
                 "drift_interval": 2,

@@ -154,10 +154,15 @@ elements, _ = nl.set_elements("inet", "ringfence", b"fs_admin_4")
 print(json.dumps({
     "flags": info.flags, "chains": chains, "rules": rules, "sets": sets, "elements": len(elements),
     "absent": [nl.table_info("inet", "nothing"), nl.rules("inet", "nothing"), nl.sets("inet", "nothing")],
+    "counters": nl.counters("inet", "ringfence"), "no_counters": nl.counters("inet", "nothing"),
 }))
 """
 
-TABLE = """table inet ringfence {
+TABLE = """table inet foreign {
+  counter r_a { packets 3 bytes 300 }
+}
+table inet ringfence {
+  counter r_a { packets 7 bytes 700 }
   set fs_admin_4 { type ipv4_addr; flags interval; elements = { 10.0.0.0/24, 10.1.1.1 } }
   chain input {
     type filter hook input priority filter; policy accept;
@@ -176,7 +181,8 @@ TABLE = """table inet ringfence {
 def test_the_reader_reads_a_real_kernel(tmp_path: Path) -> None:
     """In a namespace: a dormant table's flag, its chains and rules in order, its sets (the
     anonymous one too) and a set's elements; nothing of another table whose chain name is not
-    UTF-8; a table that does not exist is None and its dumps are empty."""
+    UTF-8; its named counters' packets, not another table's; a table that does not exist is None
+    and its dumps are empty."""
     from ringfence.local.lab import Lab as NetLab
     from tests.agent import dataplane
 
@@ -198,3 +204,5 @@ def test_the_reader_reads_a_real_kernel(tmp_path: Path) -> None:
     assert out["sets"] == ["__set0", "fs_admin_4"]
     assert out["elements"] >= 2
     assert out["absent"] == [None, [], []]
+    # named counters over netlink, this table's only (another table's of the same name is not read)
+    assert out["counters"] == {"r_a": 7} and out["no_counters"] == {}

@@ -957,11 +957,12 @@ class NftBackend(NftRenderer):
         return out
 
     def observe(self, plan: Plan, previous: dict[str, int]) -> Observation:
+        # The observer's reads fail as "no observation" (the daemon's observer logs it), never as
+        # cannot-tell for the drift check (read_failure): only held() and enforced() say whether
+        # the rules are intact, and a slow read elsewhere must not re-apply them every round.
         obs = Observation()
-        for item in self._json("counters", "table", FAMILY, TABLE):
-            c = item.get("counter")
-            if c and c.get("table") == TABLE:
-                obs.counters[c["name"]] = int(c.get("packets", 0))
+        # over netlink, filtered by table: `list counters table` fetched every table's set elements
+        obs.counters.update(nl.counters(FAMILY, TABLE))
         drop_points = [r.counter for r in plan.rules if r.drops] + ["d_in", "d_out"]
         # nothing new dropped at a point: its set is not listed; the others in one child
         wanted = [
@@ -970,7 +971,7 @@ class NftBackend(NftRenderer):
             if obs.counters.get(point, 0) != previous.get(point, 0)
             for fam in (4, 6)
         ]
-        listed = self._listings(*(f"list set {FAMILY} {TABLE} {name}\n" for _, name in wanted)) if wanted else []
+        listed = self._listed([f"list set {FAMILY} {TABLE} {name}\n" for _, name in wanted]) if wanted else []
         for (point, _), items in zip(wanted, listed, strict=True):
             for item in items:
                 for e in item.get("set", {}).get("elem", []):
