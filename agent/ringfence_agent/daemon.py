@@ -77,6 +77,7 @@ BOOT_RESOLVE_S = 2.5
 # waited for longer than this: the daemon exits with the firewall as it is, as systemd's SIGKILL
 # would leave it (TimeoutStopSec, 90 s by default)
 STOP_GRACE_S = 5.0
+STOP_LOCK_S = 2.0  # then how long a stop waits for the drift check's or heartbeat's kernel read
 
 
 def release_memory() -> None:
@@ -416,12 +417,30 @@ class Daemon:
         self.source.abort()
         if self.stopped.wait(STOP_GRACE_S):
             return
-        with self.apply_lock:
-            log(
-                f"stopping now: a network call (name lookup or connect) did not return within {STOP_GRACE_S:.0f}s "
-                f"of the signal; reports not spooled; the firewall keeps enforcing revision {self.agent.revision}"
+        keeps = f"reports not spooled; the firewall keeps enforcing revision {self.agent.revision}"
+        lib = getattr(self.backend, "lib", None)
+        pending = ""
+        # the drift check or heartbeat holding the lock is bounded: a read of the kernel's rules
+        # (a listing child: seconds with a big set in another table) is killed, never waited on or
+        # left behind as an orphan; a transaction is never cut (atomic in the kernel, but what is
+        # written after it is what the next start reads): waited for
+        if not self.apply_lock.acquire(timeout=STOP_LOCK_S):
+            transaction = getattr(lib, "lock", None)
+            if transaction is None or transaction.locked():  # (no libnftables: cannot tell, waited for)
+                self.apply_lock.acquire()
+                pending = "an apply or a read of the kernel's rules (waited for it to end)"
+        children = sorted(getattr(lib, "listing_pids", ()))
+        if not pending:
+            pending = (
+                f"a read of the kernel's rules (listing process {', '.join(map(str, children))}, killed)"
+                if children
+                else "a network call (name lookup or connect)"
             )
-            os._exit(0)
+        log(f"stopping now: {pending} did not return within {STOP_GRACE_S:.0f}s of the signal; {keeps}")
+        for pid in children:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        os._exit(0)
 
     def run(self, once: bool = False) -> int:
         if threading.current_thread() is threading.main_thread():

@@ -463,7 +463,8 @@ class LibNftables:
         lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
         lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
         self.lib = lib
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # held for the whole of a transaction (run)
+        self.listing_pids: set[int] = set()  # listing children running now
 
     def run(self, script: str) -> tuple[int, str, str]:
         """A transaction (no output is printed: never a listing)."""
@@ -516,6 +517,7 @@ class LibNftables:
                 code = 0
             finally:
                 os._exit(code)
+        self.listing_pids.add(pid)  # the daemon's stop watchdog kills it rather than wait on it
         os.close(wfd)
         os.close(ewfd)
         chunks: list[bytes] = []
@@ -541,6 +543,7 @@ class LibNftables:
             os.close(rfd)
             os.close(efd)
             _, status = os.waitpid(pid, 0)
+            self.listing_pids.discard(pid)
         said = b"".join(errors).decode(errors="replace").strip().splitlines()
         if said:
             what += f": {said[-1][:200]}"
