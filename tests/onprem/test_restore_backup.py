@@ -35,7 +35,9 @@ def server(tmp_path: Path) -> Iterator[Server]:
 def backup(db: Path, to: Path) -> None:
     """The documented backup: ``sqlite3 state.db ".backup backup.db"`` (this API), then ``objects/``."""
     to.mkdir()
-    src, dst = sqlite3.connect(db), sqlite3.connect(to / "state.db")
+    # the connections themselves: where a handler's X-Ray patching ran in this process,
+    # sqlite3.connect hands out a traced proxy, which Connection.backup refuses
+    src, dst = (getattr(c, "__wrapped__", c) for c in (sqlite3.connect(db), sqlite3.connect(to / "state.db")))
     src.backup(dst)
     dst.close()
     src.close()
