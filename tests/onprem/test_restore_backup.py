@@ -7,7 +7,6 @@ never takes effect."""
 from __future__ import annotations
 
 import shutil
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import pytest
 
 from tests.agentproc import agent_status as status
 from tests.agentproc import wait_until
-from tests.onprem.conftest import ESTATE, policy_files
+from tests.onprem.conftest import ESTATE, policy_files, sqlite_backup
 from tests.onprem.test_serve_onprem import Server
 
 PROC = "dc1-proc-1"
@@ -35,12 +34,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
 def backup(db: Path, to: Path) -> None:
     """The documented backup: ``sqlite3 state.db ".backup backup.db"`` (this API), then ``objects/``."""
     to.mkdir()
-    # the connections themselves: where a handler's X-Ray patching ran in this process,
-    # sqlite3.connect hands out a traced proxy, which Connection.backup refuses
-    src, dst = (getattr(c, "__wrapped__", c) for c in (sqlite3.connect(db), sqlite3.connect(to / "state.db")))
-    src.backup(dst)
-    dst.close()
-    src.close()
+    sqlite_backup(db, to / "state.db")
     shutil.copytree(db.parent / "objects", to / "objects")
 
 

@@ -34,7 +34,7 @@ import pytest
 from ringfence import serve
 from ringfence.bundle import SigningKey
 from tests.agentproc import wait_until
-from tests.onprem.conftest import ESTATE, policy_files
+from tests.onprem.conftest import ESTATE, policy_files, sqlite_backup
 from tests.onprem.test_serve_metrics import counts
 
 BIN = Path(sys.executable).parent
@@ -165,10 +165,7 @@ def test_attack_an_empty_sqlite_backup_restored_is_refused_not_started_afresh(se
     drop_wal(served.db)
     wrong = served.db.parent.parent / "state.db"  # `sqlite3 state.db` run one directory too high
     backup = served.db.parent.parent / "backup.db"
-    src, dst = sqlite3.connect(wrong), sqlite3.connect(backup)
-    src.backup(dst)
-    dst.close()
-    src.close()
+    sqlite_backup(wrong, backup)
     served.db.unlink()
     backup.rename(served.db)  # restored as documented
     size = served.db.stat().st_size
