@@ -278,11 +278,55 @@ def destroy_message(s: Session, flow: Flow, seq: int) -> bytes | None:
     return struct.pack("=IHHII", 16 + len(body), _SOCK_DESTROY, _NLM_F_REQUEST | _NLM_F_ACK, seq, 0) + body
 
 
+_SOCK_DIAG_BY_FAMILY = 20
+_TCP_LISTEN = 10
+_REQ_COOKIE = slice(16 + 8 + 40, 16 + 8 + 48)  # idiag_cookie in a request (header, req_v2 head, sockid)
+_MSG_COOKIE = slice(16 + 4 + 40, 16 + 4 + 48)  # and in an answer's inet_diag_msg
+
+
+def _pinned(sock: socket.socket, msg: bytes, seq: int) -> bytes | None:
+    """The destroy request ``msg`` bound, by its cookie, to the one socket the kernel finds for
+    its address pair; None when that is a listening socket or none. The kernel's lookup falls
+    back to the port's listener when the connection has just ended, and SOCK_DESTROY of a
+    listener closes it: the service then refuses every connection (a cut raced with a client's
+    close did that to a lab server)."""
+    query = struct.pack("=IHHII", len(msg), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, seq, 0) + msg[16:]
+    sock.send(query)
+    while True:
+        data = sock.recv(65536)
+        off = 0
+        while off + 16 <= len(data):
+            length, kind, _, answer_seq, _ = struct.unpack_from("=IHHII", data, off)
+            if answer_seq == seq:
+                if kind != _SOCK_DIAG_BY_FAMILY or length < _MSG_COOKIE.stop or data[off + 17] == _TCP_LISTEN:
+                    return None  # an error (ENOENT: gone), or the listener the lookup fell back to
+                cookie = data[off + _MSG_COOKIE.start : off + _MSG_COOKIE.stop]
+                return msg[: _REQ_COOKIE.start] + cookie + msg[_REQ_COOKIE.stop :]
+            off += max(16, (length + 3) & ~3)
+
+
 def destroy_sockets(cut: list[tuple[Session, Flow]]) -> Deleted:
     """Abort this host's sockets of cut TCP connections: the process holding one (a reverse
-    shell) gets an error now instead of retransmitting into a drop for minutes."""
-    mine = [(s, destroy_message(s, f, 0)) for s, f in cut]
-    return _requests(NETLINK_SOCK_DIAG, "sock_diag", [(s, m) for s, m in mine if m is not None])
+    shell) gets an error now instead of retransmitting into a drop for minutes. Each is looked
+    up first and destroyed by its cookie, never a listening socket (:func:`_pinned`)."""
+    mine = [(s, m) for s, m in ((s, destroy_message(s, f, 0)) for s, f in cut) if m is not None]
+    pinned: list[tuple[Session, bytes | None]] = []
+    gone = 0
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as sock:
+            sock.bind((0, 0))
+            sock.settimeout(5)
+            for seq, (s, m) in enumerate(mine, start=1):
+                exact = _pinned(sock, m, seq)
+                if exact is None:
+                    gone += 1
+                else:
+                    pinned.append((s, exact))
+    except OSError as exc:
+        raise CutError(f"sock_diag lookup failed: {exc.strerror or exc}") from None
+    result = _requests(NETLINK_SOCK_DIAG, "sock_diag", pinned)
+    result.gone += gone
+    return result
 
 
 # --- the cut --------------------------------------------------------------------------------------

@@ -289,3 +289,65 @@ def test_the_destroy_message_names_this_hosts_end_of_the_connection() -> None:
     assert msg6[28:44] == socket.inet_pton(socket.AF_INET6, "fd77::2")
     udp = Session(4, "udp", 17, "10.77.0.1", "10.77.0.2", 40001, 53, "10.77.0.2", 53)
     assert destroy_message(udp, Flow("inbound", "10.77.0.1", "udp", 40001, 53), 1) is None
+
+
+LISTENER_SURVIVES = """
+import socket, sys, time
+from ringfence_agent.plan import Flow
+from ringfence_agent.sessions import Session, destroy_sockets
+
+def cut_of(client):
+    port = client.getsockname()[1]
+    s = Session(4, "tcp", 6, "127.0.0.1", "127.0.0.1", port, 8080, "127.0.0.1", 8080)
+    return s, Flow("inbound", "127.0.0.1", "tcp", port, 8080)
+
+srv = socket.socket()
+srv.bind(("0.0.0.0", 8080))
+srv.listen()
+srv.settimeout(2)
+ended = socket.create_connection(("127.0.0.1", 8080))
+served, _ = srv.accept()
+cut = cut_of(ended)
+ended.close()
+time.sleep(0.1)
+served.close()
+time.sleep(0.2)
+first = destroy_sockets([cut])  # the connection ended: the kernel's lookup falls back to the listener
+live = socket.create_connection(("127.0.0.1", 8080), timeout=2)  # refused if the listener was aborted
+served, _ = srv.accept()
+second = destroy_sockets([cut_of(live)])
+try:
+    served.send(b"x")
+    aborted = False
+except OSError:
+    aborted = True
+print(first.deleted, first.gone, second.deleted, aborted)
+"""
+
+
+def test_a_cut_of_a_connection_that_just_ended_never_aborts_the_ports_listener(tmp_path: object) -> None:
+    """SOCK_DESTROY of an address pair whose connection has just ended made the kernel fall back
+    to the port's listening socket and abort it: the service refused every later connection (a
+    revocation racing a client's close did that to a lab server in CI). The socket is now looked
+    up first and destroyed by its cookie, never a listener; a live one is still aborted."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.agent import dataplane
+
+    dataplane.require()
+    ns = f"rft-listen-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
+        out = subprocess.run(
+            ["ip", "netns", "exec", ns, sys.executable, "-c", LISTENER_SURVIVES],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "1", "1", "True"], out.stdout
