@@ -53,6 +53,7 @@ class Serve:
         self.log = tmp / "serve.log"
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
+        self.env: dict[str, str] = {}
 
     def start(self, *extra: str) -> int | None:
         """The URL is set once it listens; otherwise the exit code (the refusal is the log's last line)."""
@@ -72,6 +73,7 @@ class Serve:
             stdout=subprocess.PIPE,
             stderr=self.log.open("a"),
             text=True,
+            env={**os.environ, **self.env},
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -355,7 +357,9 @@ def test_a_full_disk_is_answered_503_with_retry_after(tmp_path: Path, small_fs: 
 
 def test_a_lock_held_past_the_busy_timeout_is_answered_503(served: Serve) -> None:
     """Another process holds the write lock (a backup tool, a stuck script) longer than serve's
-    30 s busy timeout: the registration is answered 503 ``state.db: database is locked``."""
+    busy timeout (``RINGFENCE_STORE_BUSY_TIMEOUT``, 30 s by default; 3 s here): the registration
+    is answered 503 ``state.db: database is locked``."""
+    served.env["RINGFENCE_STORE_BUSY_TIMEOUT"] = "3"
     boot(served)
     other = sqlite3.connect(served.db, timeout=120, isolation_level=None)  # compute may still be writing
     other.execute("BEGIN IMMEDIATE")
@@ -370,6 +374,15 @@ def test_a_lock_held_past_the_busy_timeout_is_answered_503(served: Serve) -> Non
     assert r.headers["retry-after"] == "5"
     r = served.call("POST", "/admin/workloads", spec, timeout=120)
     assert r.status_code in (200, 201), r.text
+
+
+def test_a_busy_timeout_setting_that_is_not_seconds_stops_the_start_naming_it(served: Serve) -> None:
+    served.env["RINGFENCE_STORE_BUSY_TIMEOUT"] = "30s"
+    assert served.start() == 1
+    assert served.refusal() == (
+        "error: RINGFENCE_STORE_BUSY_TIMEOUT='30s': must be a number of seconds above 0, at most 3600"
+    )
+    assert not served.db.exists()  # refused before the store is touched
 
 
 # --- 6: the signing key and the state directory --------------------------------------------------

@@ -943,6 +943,10 @@ def run(
     check_bind(host, tls_cert is not None, insecure)
     try:
         address_limit = AddressLimit.from_env()  # a bad setting fails before anything starts
+        if store.startswith("sqlite:"):
+            from ringfence.store.sqlite import busy_timeout
+
+            busy_timeout()
     except ValueError as exc:
         raise ServeError(str(exc)) from None
     tokens = AdminTokenFile(admin_tokens) if admin_tokens is not None else None

@@ -41,7 +41,7 @@ from ringfence.local.retention import ReportQuota, retention_days, sweep_reports
 from ringfence.siem import DROP_BUDGET, DROP_WINDOW
 from ringfence.store.base import Store
 from ringfence.store.failure import StoreHealth
-from ringfence.store.sqlite import SqliteStore
+from ringfence.store.sqlite import SqliteStore, busy_timeout
 
 log = logging.getLogger("ringfence.local")
 
@@ -238,7 +238,7 @@ class LocalWiring(BaseWiring):
         try:
             super().__init__(
                 cfg or local_config(),
-                store if store is not None else SqliteStore(self.database),
+                store if store is not None else SqliteStore(self.database, busy_timeout=busy_timeout()),
                 FilePublisher(self.state_dir / "objects", fsync=fsync),
             )
             self._signer: Signer

@@ -34,7 +34,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -238,6 +238,24 @@ _UPDATES = {
 }
 
 
+BUSY_TIMEOUT_S = 30.0  # how long a writer waits on another process's lock before the call fails
+
+
+def busy_timeout(env: Mapping[str, str] | None = None) -> float:
+    """``RINGFENCE_STORE_BUSY_TIMEOUT`` (seconds, default 30): how long ``serve`` waits on a lock
+    another process holds (a backup tool, a script) before it answers 503."""
+    raw = (os.environ if env is None else env).get("RINGFENCE_STORE_BUSY_TIMEOUT", "")
+    if not raw:
+        return BUSY_TIMEOUT_S
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= 3600:
+        raise ValueError(f"RINGFENCE_STORE_BUSY_TIMEOUT={raw!r}: must be a number of seconds above 0, at most 3600")
+    return seconds
+
+
 class StoreOpenError(RuntimeError):
     """The file cannot be opened as this release's store (the message starts with its path)."""
 
@@ -255,7 +273,7 @@ class SqliteStore:
         path: str | Path,
         *,
         synchronous: Literal["FULL", "NORMAL"] = "FULL",
-        busy_timeout: float = 30.0,
+        busy_timeout: float = BUSY_TIMEOUT_S,
         read_only: bool = False,
     ) -> None:
         self.path = Path(path)
