@@ -1,9 +1,11 @@
-"""The local control plane (LocalWiring: SQLite store, file publisher, compute worker) on a tmp dir."""
+"""The local control plane on a tmp dir: in this process (LocalWiring: SQLite store, file
+publisher, compute worker; ``served`` over HTTP), or ``ringfence serve`` as a process (``server``,
+with a real agent paired with it: ``paired_agent``)."""
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,9 @@ from ringfence import serve
 from ringfence.bundle import SigningKey
 from ringfence.clouds.onprem import OnPremAdmin
 from ringfence.local.wiring import LocalWiring
+from tests.agentproc import AgentProcess
 from tests.aws.conftest import LABEL_TESTS, POLICY_DIR
+from tests.onprem.serveproc import Server
 
 ESTATE = [
     {
@@ -127,3 +131,45 @@ def served(wiring: LocalWiring, tmp_path: Path) -> Iterator[Served]:
         r = s.call("paula", "POST", "/admin/policies", {"files": policy_files(), "reason": "v1"})
         assert r.status_code == 201, r.text
         yield s
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    """``ringfence serve`` started on a new SQLite store under ``tmp_path`` (nothing registered
+    yet: see :func:`provision_estate`); stopped after the test if it still runs."""
+    s = Server(tmp_path)
+    s.start()
+    yield s
+    s.stop()
+
+
+def provision_estate(server: Server) -> None:
+    """ESTATE registered and the example policy provisioned through ``server``'s admin API."""
+    for spec in ESTATE:
+        assert server.admin("POST", "/admin/workloads", {**spec, "reason": "rack 1"}).status_code == 201
+    r = server.admin("POST", "/admin/policies", {"files": policy_files(), "reason": "initial"})
+    assert r.status_code == 201, r.text
+
+
+@pytest.fixture
+def paired_agent(server: Server, tmp_path: Path, agent_process: Any) -> Callable[..., AgentProcess]:
+    """Starts a real (dry-run) agent of a workload in ``tmp_path / "agent"``, enrolled with
+    ``server`` by a one-use pairing key minted through the admin API; keyword arguments override
+    its config (:func:`tests.agentproc.start_agent`). Stopped when the test ends."""
+
+    def start(workload_id: str, **overrides: Any) -> AgentProcess:
+        key = server.admin("POST", "/admin/pairing-keys", {"workload_id": workload_id, "uses": 1, "ttl": 600})
+        (tmp_path / "pairing-key").write_text(key.json()["pairing_key"])
+        workdir = tmp_path / "agent"
+        workdir.mkdir()
+        cfg: dict[str, Any] = {"backoff_max": 2, "request_timeout": 5, **overrides}
+        return agent_process(
+            workdir,
+            workload_id=workload_id,
+            public_key=server.db.parent / "signing-key.pub.pem",
+            api_url=server.url,
+            enroll={"method": "pairing", "pairing_key_file": str(tmp_path / "pairing-key")},
+            **cfg,
+        )
+
+    return start

@@ -28,8 +28,8 @@ from ringfence.local.lab import in_netns
 from ringfence.local.wiring import LocalWiring
 from tests.aws.test_pipeline import AgentKey
 from tests.onprem.conftest import boot, signing_key_file
+from tests.onprem.serveproc import TOKEN, Server
 from tests.onprem.test_serve_metrics import counts
-from tests.onprem.test_serve_onprem import TOKEN, Server
 from tests.tokenage import age
 
 WEB, DB = "dc1-web-1", "dc1-db-1"

@@ -17,28 +17,15 @@ import sqlite3
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from tests.agentproc import BIN
-from tests.onprem.conftest import ESTATE, policy_files
-from tests.onprem.test_serve_onprem import Server
+from tests.onprem.conftest import policy_files, provision_estate
+from tests.onprem.serveproc import Server
 
 WID = "dc1-web-1"
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    s = Server(tmp_path)
-    s.start()
-    yield s
-    if s.proc is not None and s.proc.poll() is None:
-        s.proc.kill()
-        s.proc.wait(15)
 
 
 def claimed_not_done(db: sqlite3.Connection, seen: int) -> str | None:
@@ -60,10 +47,8 @@ def claimed_not_done(db: sqlite3.Connection, seen: int) -> str | None:
     return None
 
 
-def test_kill_9_between_an_admin_change_and_its_record_leaves_no_false_record(server: Server, tmp_path: Path) -> None:
-    for spec in ESTATE:
-        assert server.admin("POST", "/admin/workloads", spec).status_code == 201
-    assert server.admin("POST", "/admin/policies", {"files": policy_files()}).status_code == 201
+def test_kill_9_between_an_admin_change_and_its_record_leaves_no_false_record(server: Server) -> None:
+    provision_estate(server)
     assert server.proc is not None
     proc = server.proc
     start = sqlite3.connect(server.db).execute("SELECT MAX(seq) FROM audit").fetchone()[0]
@@ -122,8 +107,7 @@ def test_kill_9_between_an_admin_change_and_its_record_leaves_no_false_record(se
         t.join(30)
 
     server.start()  # on the same state
-    server.proc.terminate()  # type: ignore[union-attr]
-    server.proc.wait(15)  # type: ignore[union-attr]
+    server.stop()
     ro = sqlite3.connect(f"file:{server.db}?mode=ro", uri=True)
     assert claimed_not_done(ro, start) is None
     ro.close()

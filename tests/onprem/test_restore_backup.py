@@ -7,28 +7,15 @@ never takes effect."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import pytest
-
+from tests.agentproc import AgentProcess, wait_until
 from tests.agentproc import agent_status as status
-from tests.agentproc import wait_until
-from tests.onprem.conftest import ESTATE, policy_files, sqlite_backup
-from tests.onprem.test_serve_onprem import Server
+from tests.onprem.conftest import provision_estate, sqlite_backup
+from tests.onprem.serveproc import Server
 
 PROC = "dc1-proc-1"
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    s = Server(tmp_path)
-    s.start()
-    yield s
-    if s.proc is not None and s.proc.poll() is None:
-        s.proc.terminate()
-        s.proc.wait(15)
 
 
 def backup(db: Path, to: Path) -> None:
@@ -48,24 +35,10 @@ def restore(frm: Path, db: Path) -> None:
 
 
 def test_a_restored_backup_reaches_agents_that_moved_past_it(
-    server: Server, tmp_path: Path, agent_process: Any
+    server: Server, tmp_path: Path, paired_agent: Callable[..., AgentProcess]
 ) -> None:
-    for spec in ESTATE:
-        assert server.admin("POST", "/admin/workloads", {**spec, "reason": "rack 1"}).status_code == 201
-    assert server.admin("POST", "/admin/policies", {"files": policy_files()}).status_code == 201
-    key = server.admin("POST", "/admin/pairing-keys", {"workload_id": PROC, "uses": 1, "ttl": 600}).json()
-    (tmp_path / "pairing-key").write_text(key["pairing_key"])
-    workdir = tmp_path / "agent"
-    workdir.mkdir()
-    agent = agent_process(
-        workdir,
-        workload_id=PROC,
-        public_key=server.db.parent / "signing-key.pub.pem",
-        api_url=server.url,
-        enroll={"method": "pairing", "pairing_key_file": str(tmp_path / "pairing-key")},
-        backoff_max=2,
-        request_timeout=5,
-    )
+    provision_estate(server)
+    agent = paired_agent(PROC)
     state, log = agent.state, agent.log
     try:
         at_backup = wait_until(lambda: status(state).get("applied_revision"), 30, "the first bundle", log)
@@ -92,9 +65,7 @@ def test_a_restored_backup_reaches_agents_that_moved_past_it(
         assert held > at_backup
 
         # the disk dies: serve stopped, the backup restored as the docs say, serve started again
-        assert server.proc is not None
-        server.proc.terminate()
-        server.proc.wait(15)
+        server.stop()
         restore(tmp_path / "backup", server.db)
         server.start()
 

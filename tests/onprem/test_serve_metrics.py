@@ -15,8 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ringfence import serve
 from tests.agentproc import wait_until
-from tests.onprem.conftest import ESTATE, policy_files
-from tests.onprem.test_serve_onprem import Server
+from tests.onprem.conftest import ESTATE, provision_estate
+from tests.onprem.serveproc import Server
 
 READER = "metrics-reader-token-0123456789abcdef"
 
@@ -28,9 +28,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
         f.write(f"prometheus:{serve.token_hash(READER)}:reader\n")
     s.start()
     yield s
-    if s.proc is not None and s.proc.poll() is None:
-        s.proc.terminate()
-        s.proc.wait(15)
+    s.stop()
 
 
 def scrape(server: Server, token: str | None = READER) -> httpx.Response:
@@ -70,9 +68,7 @@ def test_the_alerted_counters_are_exposed_at_zero_before_anything_happens(server
 def test_serve_counts_what_admins_and_agents_do_for_an_admin_token_only(server: Server) -> None:
     assert scrape(server, None).status_code == 401
     assert scrape(server, "not-a-token").status_code == 401
-    for spec in ESTATE:
-        assert server.admin("POST", "/admin/workloads", {**spec, "reason": "rack 1"}).status_code == 201
-    assert server.admin("POST", "/admin/policies", {"files": policy_files(), "reason": "initial"}).status_code == 201
+    provision_estate(server)
     wid = ESTATE[0]["id"]
     assert server.admin("POST", f"/admin/workloads/{wid}/quarantine", {"reason": "IR-1"}).status_code == 200
     assert server.admin("DELETE", f"/admin/workloads/{wid}/quarantine", {"reason": "IR-1 closed"}).status_code == 200

@@ -7,95 +7,17 @@ it holds and follows the next change."""
 from __future__ import annotations
 
 import signal
-import ssl
-import subprocess
 import time
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
 
-import httpx
-import pytest
-
-from ringfence import serve
-from ringfence.local.tls import LabTls
-from tests.agentproc import BIN, POLL_INTERVAL, wait_until
+from tests.agentproc import POLL_INTERVAL, AgentProcess, wait_until
 from tests.agentproc import agent_status as status
-from tests.aws.test_pipeline import AgentKey
-from tests.onprem.conftest import ESTATE, policy_files
-
-TOKEN = "onprem-admin-token-0123456789abcdef"
+from tests.onprem.conftest import provision_estate
+from tests.onprem.serveproc import Server
 
 
-class Server:
-    """``ringfence serve`` on a fixed loopback port (the agent's api_url survives a restart)."""
-
-    def __init__(
-        self, tmp_path: Path, tls: LabTls | None = None, db: Path | None = None, extra: list[str] | None = None
-    ) -> None:
-        self.tls = tls  # HTTPS with a certificate of a private CA (tls.ca), as agents meet it
-        self.db = db or tmp_path / "state" / "state.db"
-        self.extra = extra or []  # more `ringfence serve` arguments
-        self.launcher: list[str] = []  # what starts the command (e.g. in a namespace of its own)
-        self.tokens = tmp_path / "admin-tokens"
-        self.tokens.write_text(f"carol:{serve.token_hash(TOKEN)}:policy-author,incident-responder,onboarding\n")
-        sock = serve.listen("127.0.0.1", 0)
-        self.port = sock.getsockname()[1]
-        sock.close()
-        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
-        self.log = tmp_path / "serve.log"
-        self.proc: subprocess.Popen[str] | None = None
-
-    def start(self) -> None:
-        cmd = [str(BIN / "ringfence"), "serve", "--port", str(self.port), "--store", f"sqlite:{self.db}"]
-        if self.tls is not None:
-            cmd += ["--tls-cert", str(self.tls.cert), "--tls-key", str(self.tls.key)]
-        cmd += self.extra
-        self.proc = subprocess.Popen(
-            [*self.launcher, *cmd, "--admin-tokens", str(self.tokens)],
-            stdout=subprocess.PIPE,
-            stderr=self.log.open("a"),
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert f"listening on {self.url}" in line, self.log.read_text()
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def admin(self, method: str, path: str, body: Any = None) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {TOKEN}"}
-        return httpx.request(method, f"{self.url}{path}", json=body, headers=headers, timeout=60, verify=self.verify)
-
-    @property
-    def verify(self) -> Any:
-        return ssl.create_default_context(cafile=str(self.tls.ca)) if self.tls is not None else True
-
-    def enroll(self, wid: str, key: str) -> httpx.Response:
-        nonce = httpx.get(f"{self.url}/v1/nonce").json()["nonce"]
-        req = {"method": "pairing", "nonce": nonce, "workload_id": wid, "pairing_key": key}
-        req.update(AgentKey().enroll_fields(wid, nonce))
-        return httpx.post(f"{self.url}/v1/enroll", json=req)
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    s = Server(tmp_path)
-    s.start()
-    yield s
-    if s.proc is not None and s.proc.poll() is None:
-        s.proc.terminate()
-        s.proc.wait(15)
-
-
-def test_pairing_push_and_a_restart_after_kill_9(server: Server, tmp_path: Path, agent_process: Any) -> None:
-    for spec in ESTATE:
-        assert server.admin("POST", "/admin/workloads", {**spec, "reason": "rack 1"}).status_code == 201
-    r = server.admin("POST", "/admin/policies", {"files": policy_files(), "reason": "initial"})
-    assert r.status_code == 201, r.text
+def test_pairing_push_and_a_restart_after_kill_9(server: Server, paired_agent: Callable[..., AgentProcess]) -> None:
+    provision_estate(server)
     proc = "dc1-proc-1"
 
     # keys the server must refuse: used up, expired, issued for another workload
@@ -116,20 +38,7 @@ def test_pairing_push_and_a_restart_after_kill_9(server: Server, tmp_path: Path,
     expired = server.enroll(proc, "short-lived-key")
     assert expired.status_code == 401 and "expired" in expired.json()["detail"], expired.text
 
-    key = server.admin("POST", "/admin/pairing-keys", {"workload_id": proc, "uses": 1, "ttl": 600}).json()
-    (tmp_path / "pairing-key").write_text(key["pairing_key"])
-    workdir = tmp_path / "agent"
-    workdir.mkdir()
-    agent = agent_process(
-        workdir,
-        workload_id=proc,
-        public_key=server.db.parent / "signing-key.pub.pem",
-        api_url=server.url,
-        enroll={"method": "pairing", "pairing_key_file": str(tmp_path / "pairing-key")},
-        backoff_max=2,
-        request_timeout=5,
-        wait_timeout=25,  # the server's longest: a SIGTERM must not wait it out
-    )
+    agent = paired_agent(proc, wait_timeout=25)  # the server's longest: a SIGTERM must not wait it out
     state, log = agent.state, agent.log
     try:
         wait_until(lambda: status(state).get("applied_revision"), 30, "the first bundle", log)

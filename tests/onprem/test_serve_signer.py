@@ -26,7 +26,7 @@ from ringfence.local.signer_process import SignerError, SignerProcess
 from tests.agentproc import BIN, wait_until
 from tests.agentproc import agent_status as status
 from tests.onprem.conftest import ESTATE, policy_files
-from tests.onprem.test_serve_onprem import Server
+from tests.onprem.serveproc import Server
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="a root-owned key and dropping to another user need root")
 USER = "nobody"

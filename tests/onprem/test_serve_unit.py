@@ -19,7 +19,7 @@ from ringfence.cli import build_parser
 from tests.agentproc import BIN
 from tests.conftest import ROOT
 from tests.onprem.conftest import ESTATE, policy_files
-from tests.onprem.test_serve_onprem import Server
+from tests.onprem.serveproc import Server
 from tests.onprem.test_serve_signer import USER, key_in, python_for_other_users, state_dir, uids, wait_until
 from tests.systemdunit import service, setpriv, verify
 

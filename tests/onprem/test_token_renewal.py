@@ -18,8 +18,10 @@ import pytest
 from ringfence.control.api import secret_hash
 from ringfence.local.tls import lab_tls
 from ringfence.store.sqlite import SqliteStore
-from tests.onprem.conftest import ESTATE, policy_files
-from tests.onprem.test_serve_onprem import BIN, POLL_INTERVAL, Server, status, wait_until
+from tests.agentproc import BIN, POLL_INTERVAL, wait_until
+from tests.agentproc import agent_status as status
+from tests.onprem.conftest import provision_estate
+from tests.onprem.serveproc import Server
 
 TOKEN_TTL = 3
 
@@ -35,18 +37,14 @@ def short_token_server(
     s = Server(tmp_path, lab_tls(tmp_path / "tls", "127.0.0.1") if request.param == "https" else None)
     s.start()
     yield s
-    if s.proc is not None and s.proc.poll() is None:
-        s.proc.terminate()
-        s.proc.wait(15)
+    s.stop()
 
 
 def test_a_real_agent_renews_its_token_past_expiry_and_keeps_fetching(
     short_token_server: Server, tmp_path: Path
 ) -> None:
     server = short_token_server
-    for spec in ESTATE:
-        assert server.admin("POST", "/admin/workloads", {**spec, "reason": "rack 1"}).status_code == 201
-    assert server.admin("POST", "/admin/policies", {"files": policy_files(), "reason": "initial"}).status_code == 201
+    provision_estate(server)
     proc = "dc1-proc-1"
     key = server.admin("POST", "/admin/pairing-keys", {"workload_id": proc, "uses": 1, "ttl": 600}).json()
     (tmp_path / "pairing-key").write_text(key["pairing_key"])
