@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from ringfence_agent import netlink
 from ringfence_agent.backends import nftables_netlink as nl
 
 HDR = struct.Struct("=IHHII")
@@ -43,9 +44,9 @@ def test_attributes_that_run_past_their_buffer_are_an_oserror() -> None:
 
 def test_messages_cut_short_are_an_oserror() -> None:
     whole = _table_reply(7, 1)
-    assert [m[2] for m in nl._messages(whole)] == [7]
+    assert [m.seq for m in netlink.messages(whole)] == [7]
     with pytest.raises(OSError) as exc:
-        nl._messages(whole[:-4])
+        netlink.messages(whole[:-4])
     assert exc.value.errno == errno.EPROTO
 
 
@@ -76,6 +77,25 @@ def test_a_table_reply_of_the_kernel_is_read_and_another_seq_skipped() -> None:
     replies = [_table_reply(4, 0) + _table_reply(5, nl.DORMANT)]
     (m,) = nl.receive(_Kernel(replies), 5, False, time.monotonic() + 1)  # type: ignore[arg-type]
     assert nl._parse(m.raw).flags == nl.DORMANT
+
+
+def test_a_dump_the_kernel_ended_with_an_error_is_an_oserror_not_a_short_table() -> None:
+    """NLMSG_DONE carries the dump's error code: a dump the kernel stopped short (ENOBUFS,
+    EMSGSIZE) used to be taken for the whole table, the rules it had not sent yet unseen."""
+    done = _msg(nl.NLMSG_DONE, 5, struct.pack("=i", -errno.EMSGSIZE), netlink.NLM_F_MULTI)
+    with pytest.raises(OSError) as exc:
+        nl.receive(_Kernel([_table_reply(5, 0) + done]), 5, True, time.monotonic() + 1)  # type: ignore[arg-type]
+    assert exc.value.errno == errno.EMSGSIZE
+    whole = _msg(nl.NLMSG_DONE, 5, struct.pack("=i", 0), netlink.NLM_F_MULTI)
+    assert len(nl.receive(_Kernel([_table_reply(5, 0), whole]), 5, True, time.monotonic() + 1)) == 1  # type: ignore[arg-type]
+
+
+def test_a_dump_whose_end_alone_says_interrupted_is_asked_again() -> None:
+    """The kernel may flag NLM_F_DUMP_INTR on the NLMSG_DONE only (the ruleset changed after its
+    last part): that dump is interrupted too, not whole."""
+    done = _msg(nl.NLMSG_DONE, 5, struct.pack("=i", 0), netlink.NLM_F_MULTI | nl.NLM_F_DUMP_INTR)
+    with pytest.raises(InterruptedError):
+        nl.receive(_Kernel([_table_reply(5, 0) + done]), 5, True, time.monotonic() + 1)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -145,6 +165,7 @@ def test_each_request_takes_a_random_sequence_number(monkeypatch: pytest.MonkeyP
 
 READ = """
 import json, sys
+from ringfence_agent import netlink
 from ringfence_agent.backends import nftables_netlink as nl
 info = nl.table_info("inet", "ringfence")
 chains = [nl.text(c.attrs[nl.NFTA_CHAIN_NAME]).decode() for c in nl.chains("inet", "ringfence")]

@@ -12,22 +12,24 @@ of a chain, was invisible to every digest. The kernel's own bytes have none of t
 a rule nft cannot render still changes them, and nothing here prints a string.
 
 A netlink library (pyroute2) would be a dependency for a handful of requests, so they are
-written here. Every reply is checked: it comes from the kernel (port 0), answers this request
-(a random sequence number), is whole (lengths inside the datagram), and the whole exchange
-ends within ``timeout`` seconds; anything else is an :class:`OSError`.
+written here. Every reply is checked (:mod:`ringfence_agent.netlink`, the walker the agent's
+other netlink requests share): it comes from the kernel (port 0), answers this request (a
+random sequence number), is whole (lengths inside the datagram; a dump the kernel ended with
+an error in its NLMSG_DONE is not), and the whole exchange ends within ``timeout`` seconds;
+anything else is an :class:`OSError`.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import secrets
 import socket
 import struct
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from ringfence_agent import netlink
 from ringfence_agent.backends import ReadError
 
 NETLINK_NETFILTER = 12
@@ -44,10 +46,10 @@ NFT_MSG_NEWSETELEM = 12
 NFT_MSG_GETSETELEM = 13
 NFT_MSG_NEWOBJ = 18
 NFT_MSG_GETOBJ = 19
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-NLM_F_REQUEST = 0x1
-NLM_F_DUMP_INTR = 0x10  # the ruleset changed while the kernel dumped it: dump again
+NLMSG_ERROR = netlink.NLMSG_ERROR
+NLMSG_DONE = netlink.NLMSG_DONE
+NLM_F_REQUEST = netlink.NLM_F_REQUEST
+NLM_F_DUMP_INTR = netlink.NLM_F_DUMP_INTR  # the ruleset changed while the kernel dumped it: dump again
 NLM_F_DUMP = 0x300
 NFTA_TABLE_NAME = 1
 NFTA_TABLE_FLAGS = 2
@@ -68,13 +70,11 @@ DORMANT = 0x1  # NFT_TABLE_F_DORMANT: the table's chains are unhooked, its rules
 OWNER = 0x2  # NFT_TABLE_F_OWNER: only the process holding the netlink socket may change it
 FLAG_NAMES = {DORMANT: "dormant", OWNER: "owner"}
 
-_HEADER = struct.Struct("=IHHII")  # struct nlmsghdr
 _NFGEN = struct.Struct("=BBH")  # struct nfgenmsg: family, version, res_id (big endian)
 _RECV = 1 << 20  # a dump message is at most this big (the kernel sizes them to the reader's buffer)
 # a socket receive buffer a big dump's parts fit in, so the kernel fills it without waiting on us
 # (a shorter window for a concurrent commit to interrupt it); root may exceed rmem_max (FORCE)
 _RCVBUF = 8 << 20
-_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,20 +127,13 @@ def text(value: bytes) -> bytes:
 def _request(kind: int, flags: int, family: str, attrs: bytes, timeout: float) -> list[Message]:
     """Send one request and collect its reply: the messages up to the kernel's ack (a plain
     request answered with one message counts as done on it) or NLMSG_DONE (a dump). OSError on
-    an error answer (ENOENT included), a malformed or interrupted reply, or the deadline."""
-    seq = secrets.randbits(31) + 1  # a stranger cannot guess which reply to forge (and is dropped anyway)
+    an error answer (ENOENT included, and a dump the kernel ended with an error), a malformed or
+    interrupted reply, or the deadline."""
+    seq = netlink.first_seq()  # a stranger cannot guess which reply to forge (and is dropped anyway)
     body = _NFGEN.pack(FAMILIES[family], 0, 0) + attrs
-    msg_type = (NFNL_SUBSYS_NFTABLES << 8) | kind
-    request = _HEADER.pack(_HEADER.size + len(body), msg_type, flags | NLM_F_REQUEST, seq, 0) + body
+    request = netlink.header((NFNL_SUBSYS_NFTABLES << 8) | kind, flags | NLM_F_REQUEST, seq, body)
     deadline = time.monotonic() + timeout
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
-        for option in (_SO_RCVBUFFORCE, socket.SO_RCVBUF):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, option, _RCVBUF)
-                break
-            except OSError:
-                continue  # no CAP_NET_ADMIN: the plain option, capped at rmem_max
-        sock.bind((0, 0))
+    with netlink.open_socket(NETLINK_NETFILTER, _RCVBUF) as sock:
         sock.settimeout(timeout)
         sock.sendto(request, (0, 0))
         return receive(sock, seq, flags & NLM_F_DUMP == NLM_F_DUMP, deadline)
@@ -148,55 +141,32 @@ def _request(kind: int, flags: int, family: str, attrs: bytes, timeout: float) -
 
 def receive(sock: socket.socket, seq: int, dump: bool, deadline: float) -> list[Message]:
     """The kernel's reply to request ``seq`` on netlink socket ``sock``, by ``deadline``
-    (time.monotonic()): see :func:`_request`. Datagrams from any other sender than the kernel
-    (port 0) are dropped unread, messages of another sequence number skipped."""
+    (time.monotonic()): see :func:`_request`. The walk is :func:`ringfence_agent.netlink.replies`
+    (the kernel's datagrams only, lengths checked, one deadline); messages of another sequence
+    number are skipped. A message flagged NLM_F_DUMP_INTR, the final NLMSG_DONE included (the
+    kernel may flag only that one), is :class:`InterruptedError`."""
     out: list[Message] = []
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise OSError(errno.ETIMEDOUT, "the kernel did not answer in time")
-        sock.settimeout(left)
-        try:
-            data, sender = sock.recvfrom(_RECV)
-        except TimeoutError:
-            raise OSError(errno.ETIMEDOUT, "the kernel did not answer in time") from None
-        if sender[0] != 0:
-            continue  # another process's datagram: only the kernel answers for nf_tables
-        for m_type, m_flags, m_seq, payload in _messages(data):
-            if m_seq != seq:
-                continue
-            if m_type == NLMSG_ERROR:
-                if len(payload) < 4:
-                    raise OSError(errno.EPROTO, "short netlink error message")
-                (code,) = struct.unpack_from("=i", payload)
-                if code:
-                    raise OSError(-code, os.strerror(-code))
-                return out
-            if m_type == NLMSG_DONE:
-                return out
-            if m_flags & NLM_F_DUMP_INTR:
-                raise InterruptedError(errno.EINTR, "the ruleset changed during the dump")
-            if m_type >> 8 != NFNL_SUBSYS_NFTABLES or len(payload) < _NFGEN.size:
-                raise OSError(errno.EPROTO, "unexpected netlink message")
-            _, _, res_id = _NFGEN.unpack_from(payload)
-            raw = payload[_NFGEN.size :]
-            out.append(Message(m_type & 0xFF, socket.ntohs(res_id), dict(attributes(raw)), raw))
-            if not dump:
-                return out
-
-
-def _messages(data: bytes) -> list[tuple[int, int, int, bytes]]:
-    """(type, flags, seq, payload) of each message in one datagram; OSError (EPROTO) when a
-    length is short or runs past it."""
-    out: list[tuple[int, int, int, bytes]] = []
-    at = 0
-    while at + _HEADER.size <= len(data):
-        length, m_type, m_flags, m_seq, _ = _HEADER.unpack_from(data, at)
-        if length < _HEADER.size or at + length > len(data):
-            raise OSError(errno.EPROTO, "malformed netlink message")
-        out.append((m_type, m_flags, m_seq, data[at + _HEADER.size : at + length]))
-        at += (length + 3) & ~3
-    return out
+    for m in netlink.replies(sock, deadline, _RECV):
+        if m.seq != seq:
+            continue
+        if m.kind == NLMSG_ERROR:
+            if m.error:
+                raise OSError(m.error, os.strerror(m.error))
+            return out
+        if m.flags & NLM_F_DUMP_INTR:
+            raise InterruptedError(errno.EINTR, "the ruleset changed during the dump")
+        if m.kind == NLMSG_DONE:
+            if m.error:  # the kernel stopped the dump short: what came is not the whole table
+                raise OSError(m.error, f"the kernel ended the dump with an error: {os.strerror(m.error)}")
+            return out
+        if m.kind >> 8 != NFNL_SUBSYS_NFTABLES or len(m.payload) < _NFGEN.size:
+            raise OSError(errno.EPROTO, "unexpected netlink message")
+        _, _, res_id = _NFGEN.unpack_from(m.payload)
+        raw = m.payload[_NFGEN.size :]
+        out.append(Message(m.kind & 0xFF, socket.ntohs(res_id), dict(attributes(raw)), raw))
+        if not dump:
+            return out
+    raise AssertionError("unreachable: replies() ends only by raising")
 
 
 def table_info(family: str, name: str, timeout: float = 2.0) -> TableInfo | None:
