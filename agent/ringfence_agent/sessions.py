@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ringfence_agent import netlink
 from ringfence_agent.plan import Admission, Admitter, Flow, Plan, _Prefixes
 
 PROC_CONNTRACK = Path("/proc/net/nf_conntrack")
@@ -156,8 +157,7 @@ def flow_of(s: Session, local: set[str]) -> Flow | None:
 
 NETLINK_NETFILTER = 12
 _MSG_CT_DELETE = (1 << 8) | 2  # NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_DELETE
-_NLM_F_REQUEST, _NLM_F_ACK = 1, 4
-_NLMSG_ERROR = 2
+_NLM_F_REQUEST, _NLM_F_ACK = netlink.NLM_F_REQUEST, netlink.NLM_F_ACK
 _NESTED = 0x8000
 _CTA_TUPLE_ORIG, _CTA_ZONE = 1, 18
 _CTA_TUPLE_IP, _CTA_TUPLE_PROTO = 1, 2
@@ -201,47 +201,65 @@ class Deleted:
     failed: list[str] = field(default_factory=list)
 
 
-def _requests(protocol: int, what: str, messages: list[tuple[Session, bytes | None]], chunk: int = 256) -> Deleted:
-    """Send netlink requests (each with NLM_F_ACK and its own sequence number, ``chunk`` per
-    send) and count the acknowledgements: 0 done, ENOENT gone already, anything else failed."""
-    result = Deleted()
+_CHUNK = 256  # requests per send: their answers fit the receive buffer with room to spare
+_DEADLINE = 5.0  # seconds for the kernel to answer one chunk
+
+
+def _open(protocol: int, what: str) -> socket.socket:
     try:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol)
+        return netlink.open_socket(protocol)
     except OSError as exc:
         raise CutError(f"cannot open a {what} socket: {exc.strerror or exc}") from None
-    with sock:
-        sock.bind((0, 0))
-        sock.settimeout(5)
-        for i in range(0, len(messages), chunk):
-            pending: dict[int, Session] = {}
-            batch = bytearray()
-            for seq, (s, msg) in enumerate(messages[i : i + chunk], start=i + 1):
-                if msg is None:
-                    result.failed.append(f"{s.describe()}: protocol {s.proto} not handled")
-                    continue
-                pending[seq] = s
-                batch += msg[:8] + struct.pack("=I", seq) + msg[12:]
-            if not batch:
-                continue
-            try:
-                sock.send(bytes(batch))
-                while pending:
-                    data = sock.recv(1 << 20)
-                    off = 0
-                    while off + 16 <= len(data):
-                        length, kind, _, ack_seq, _ = struct.unpack_from("=IHHII", data, off)
-                        if kind == _NLMSG_ERROR and ack_seq in pending:
-                            (code,) = struct.unpack_from("=i", data, off + 16)
-                            s = pending.pop(ack_seq)
-                            if code == 0:
-                                result.deleted += 1
-                            elif -code == errno.ENOENT:
-                                result.gone += 1
-                            else:
-                                result.failed.append(f"{s.describe()}: {os.strerror(-code)}")
-                        off += max(16, (length + 3) & ~3)
-            except OSError as exc:
-                raise CutError(f"{what} request failed: {exc.strerror or exc}") from None
+
+
+def _exchange(sock: socket.socket, requests: list[bytes], seq: int) -> list[netlink.Message]:
+    """Send ``requests`` (each answered by exactly one message: an answer, an error or an ack),
+    ``_CHUNK`` per send, numbered from ``seq`` on; their answers in the same order, matched by
+    sequence number (:func:`ringfence_agent.netlink.answers`: the kernel's only). OSError when
+    the kernel does not answer them all within ``_DEADLINE`` seconds a chunk."""
+    out: list[netlink.Message] = []
+    for i in range(0, len(requests), _CHUNK):
+        chunk = requests[i : i + _CHUNK]
+        first = seq + i
+        batch = b"".join(msg[:8] + struct.pack("=I", first + n) + msg[12:] for n, msg in enumerate(chunk))
+        pending = set(range(first, first + len(chunk)))
+        sock.send(batch)
+        got = {m.seq: m for m in netlink.answers(sock, pending, time.monotonic() + _DEADLINE)}
+        out.extend(got[first + n] for n in range(len(chunk)))
+    return out
+
+
+def _acknowledged(result: Deleted, sessions: list[Session], acks: list[netlink.Message]) -> None:
+    """Count acknowledgements: 0 done, ENOENT gone already, anything else failed."""
+    for s, ack in zip(sessions, acks, strict=True):
+        if ack.kind != netlink.NLMSG_ERROR:
+            result.failed.append(f"{s.describe()}: unexpected answer (netlink type {ack.kind})")
+        elif ack.error == 0:
+            result.deleted += 1
+        elif ack.error == errno.ENOENT:
+            result.gone += 1
+        else:
+            result.failed.append(f"{s.describe()}: {os.strerror(ack.error)}")
+
+
+def _requests(protocol: int, what: str, messages: list[tuple[Session, bytes | None]]) -> Deleted:
+    """Send netlink requests (each with NLM_F_ACK and its own sequence number, ``_CHUNK`` per
+    send) and count the acknowledgements (:func:`_acknowledged`)."""
+    result = Deleted()
+    sent: list[tuple[Session, bytes]] = []
+    for s, msg in messages:
+        if msg is None:
+            result.failed.append(f"{s.describe()}: protocol {s.proto} not handled")
+        else:
+            sent.append((s, msg))
+    if not sent:
+        return result
+    with _open(protocol, what) as sock:
+        try:
+            acks = _exchange(sock, [m for _, m in sent], netlink.first_seq())
+        except OSError as exc:
+            raise CutError(f"{what} request failed: {exc.strerror or exc}") from None
+    _acknowledged(result, [s for s, _ in sent], acks)
     return result
 
 
@@ -279,53 +297,78 @@ def destroy_message(s: Session, flow: Flow, seq: int) -> bytes | None:
 
 
 _SOCK_DIAG_BY_FAMILY = 20
-_TCP_LISTEN = 10
-_REQ_COOKIE = slice(16 + 8 + 40, 16 + 8 + 48)  # idiag_cookie in a request (header, req_v2 head, sockid)
-_MSG_COOKIE = slice(16 + 4 + 40, 16 + 4 + 48)  # and in an answer's inet_diag_msg
+# TCP states of a socket a process holds with its peer, the ones aborted: not TIME_WAIT or CLOSE
+# (no process holds those: nothing to abort), never LISTEN
+_CONNECTED = {1, 2, 3, 4, 5, 8, 9, 11}  # ESTABLISHED SYN_SENT SYN_RECV FIN_WAIT1/2 CLOSE_WAIT LAST_ACK CLOSING
+_REQ_ID = 16 + 8  # inet_diag_sockid in a request (after the header and inet_diag_req_v2's head)
+_MSG_ID = 16 + 4  # and in an answer (after the header and inet_diag_msg's head)
+_PAIR = slice(0, 36)  # the sockid's ports and addresses
+_COOKIE = slice(40, 48)  # the sockid's cookie
+_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
 
 
-def _pinned(sock: socket.socket, msg: bytes, seq: int) -> bytes | None:
-    """The destroy request ``msg`` bound, by its cookie, to the one socket the kernel finds for
-    its address pair; None when that is a listening socket or none. The kernel's lookup falls
-    back to the port's listener when the connection has just ended, and SOCK_DESTROY of a
-    listener closes it: the service then refuses every connection (a cut raced with a client's
-    close did that to a lab server)."""
-    query = struct.pack("=IHHII", len(msg), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, seq, 0) + msg[16:]
-    sock.send(query)
-    while True:
-        data = sock.recv(65536)
-        off = 0
-        while off + 16 <= len(data):
-            length, kind, _, answer_seq, _ = struct.unpack_from("=IHHII", data, off)
-            if answer_seq == seq:
-                if kind != _SOCK_DIAG_BY_FAMILY or length < _MSG_COOKIE.stop or data[off + 17] == _TCP_LISTEN:
-                    return None  # an error (ENOENT: gone), or the listener the lookup fell back to
-                cookie = data[off + _MSG_COOKIE.start : off + _MSG_COOKIE.stop]
-                return msg[: _REQ_COOKIE.start] + cookie + msg[_REQ_COOKIE.stop :]
-            off += max(16, (length + 3) & ~3)
+def _pair_of(answer: bytes) -> bytes:
+    """The ports and addresses of an answer's inet_diag_msg, an IPv6 socket's IPv4-mapped
+    addresses as the IPv4 request names them (a dual-stack listener's accepted IPv4 connection
+    is an AF_INET6 socket)."""
+    pair = answer[_MSG_ID + _PAIR.start : _MSG_ID + _PAIR.stop]
+    if answer[16] == socket.AF_INET6 and pair[4:16] == _V4_MAPPED and pair[20:32] == _V4_MAPPED:
+        zero = b"\0" * 12
+        return pair[:4] + pair[16:20] + zero + pair[32:36] + zero
+    return pair
+
+
+def _pinned(msg: bytes, answer: netlink.Message) -> bytes | None:
+    """The destroy request ``msg`` bound, by its cookie, to the socket the kernel's lookup
+    (``answer``) found for its address pair; None unless that is a connected socket with exactly
+    this pair. For a connection that has just ended the kernel's lookup falls back to the port's
+    listener, and SOCK_DESTROY of a listener closes it: the service then refuses every connection
+    (a cut raced with a client's close did that to a lab server). By cookie, the abort reaches
+    that one socket or, gone meanwhile, nothing (ENOENT): never the listener."""
+    if answer.kind != _SOCK_DIAG_BY_FAMILY or len(answer.payload) + 16 < _MSG_ID + _COOKIE.stop:
+        return None
+    reply = bytes(16) + answer.payload  # offsets as in the datagram
+    family, state = reply[16], reply[17]
+    if family not in (msg[16], socket.AF_INET6) or state not in _CONNECTED:
+        return None
+    if _pair_of(reply) != msg[_REQ_ID + _PAIR.start : _REQ_ID + _PAIR.stop]:
+        return None
+    cookie = reply[_MSG_ID + _COOKIE.start : _MSG_ID + _COOKIE.stop]
+    return msg[: _REQ_ID + _COOKIE.start] + cookie + msg[_REQ_ID + _COOKIE.stop :]
 
 
 def destroy_sockets(cut: list[tuple[Session, Flow]]) -> Deleted:
     """Abort this host's sockets of cut TCP connections: the process holding one (a reverse
-    shell) gets an error now instead of retransmitting into a drop for minutes. Each is looked
-    up first and destroyed by its cookie, never a listening socket (:func:`_pinned`)."""
+    shell) gets an error now instead of retransmitting into a drop for minutes. All are looked
+    up first (SOCK_DIAG_BY_FAMILY with the exact address pair, ``_CHUNK`` per send), then the
+    connected ones destroyed by their cookies, on one socket; never a listener (:func:`_pinned`).
+    A lookup answered "no such socket", or by another socket than the connection's, counts as
+    gone; any other error as failed: neither is destroyed."""
     mine = [(s, m) for s, m in ((s, destroy_message(s, f, 0)) for s, f in cut) if m is not None]
-    pinned: list[tuple[Session, bytes | None]] = []
-    gone = 0
-    try:
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as sock:
-            sock.bind((0, 0))
-            sock.settimeout(5)
-            for seq, (s, m) in enumerate(mine, start=1):
-                exact = _pinned(sock, m, seq)
-                if exact is None:
-                    gone += 1
-                else:
-                    pinned.append((s, exact))
-    except OSError as exc:
-        raise CutError(f"sock_diag lookup failed: {exc.strerror or exc}") from None
-    result = _requests(NETLINK_SOCK_DIAG, "sock_diag", pinned)
-    result.gone += gone
+    result = Deleted()
+    if not mine:
+        return result
+    seq = netlink.first_seq()
+    with _open(NETLINK_SOCK_DIAG, "sock_diag") as sock:
+        lookups = [netlink.header(_SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 0, m[16:]) for _, m in mine]
+        try:
+            answers = _exchange(sock, lookups, seq)
+        except OSError as exc:
+            raise CutError(f"sock_diag lookup failed: {exc.strerror or exc}") from None
+        pinned: list[tuple[Session, bytes]] = []
+        for (s, m), answer in zip(mine, answers, strict=True):
+            exact = _pinned(m, answer)
+            if exact is not None:
+                pinned.append((s, exact))
+            elif answer.kind != netlink.NLMSG_ERROR or answer.error == errno.ENOENT:
+                result.gone += 1  # none, or the listener (or TIME_WAIT) the lookup fell back to
+            else:
+                result.failed.append(f"{s.describe()}: lookup: {os.strerror(answer.error)}")
+        try:
+            acks = _exchange(sock, [m for _, m in pinned], seq + len(lookups))
+        except OSError as exc:
+            raise CutError(f"sock_diag request failed: {exc.strerror or exc}") from None
+    _acknowledged(result, [s for s, _ in pinned], acks)
     return result
 
 

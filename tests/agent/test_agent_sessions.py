@@ -351,3 +351,84 @@ def test_a_cut_of_a_connection_that_just_ended_never_aborts_the_ports_listener(t
         subprocess.run(["ip", "netns", "del", ns], check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0", "1", "1", "True"], out.stdout
+
+
+MANY_CUT = """
+import errno, socket, time
+from ringfence_agent.plan import Flow
+from ringfence_agent.sessions import Session, destroy_sockets
+
+def listener(family, port):
+    srv = socket.socket(family)
+    if family == socket.AF_INET6:
+        srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # IPv4 clients too (mapped)
+    srv.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
+    srv.listen(512)
+    srv.settimeout(5)
+    return srv
+
+def connect(srv, port):
+    client = socket.create_connection(("127.0.0.1", port), timeout=5)
+    served, _ = srv.accept()
+    return client, served
+
+def cut_of(client, port):
+    cport = client.getsockname()[1]
+    s = Session(4, "tcp", 6, "127.0.0.1", "127.0.0.1", cport, port, "127.0.0.1", port)
+    return s, Flow("inbound", "127.0.0.1", "tcp", cport, port)
+
+servers = {8080: listener(socket.AF_INET, 8080), 8081: listener(socket.AF_INET6, 8081)}
+pairs = [(port, *connect(servers[port], port)) for port in [8080, 8081] * 160]  # 320
+doomed, kept = pairs[:300], pairs[300:]
+cut = [cut_of(client, port) for port, client, _ in doomed]
+ended = []  # connections that end just before the cut: their lookups meet the listener
+for port in (8080, 8081, 8080):
+    client, served = connect(servers[port], port)
+    ended.append(cut_of(client, port))
+    client.close()
+    time.sleep(0.05)
+    served.close()
+time.sleep(0.2)
+result = destroy_sockets(cut[:150] + ended + cut[150:])
+
+def aborted(served):
+    try:
+        served.send(b"x")
+        return False
+    except OSError as exc:
+        return exc.errno == errno.ECONNABORTED
+
+cut_aborted = sum(aborted(served) for _, _, served in doomed)
+kept_alive = sum(not aborted(served) for _, _, served in kept)
+for port, srv in servers.items():  # refused if a listener was aborted
+    client, served = connect(srv, port)
+print(result.deleted, result.gone, len(result.failed), cut_aborted, kept_alive)
+"""
+
+
+def test_a_cut_of_many_connections_aborts_exactly_those_and_no_listener() -> None:
+    """300 connections (two chunks of lookups and of aborts), half to an IPv4 listener and half
+    to a dual-stack one (its IPv4 connections are IPv6 sockets with mapped addresses), among
+    them three that just ended (their lookups fall back to the listeners): exactly the 300 are
+    aborted, the ended ones count as gone, 20 other connections and both listeners live on."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.agent import dataplane
+
+    dataplane.require()
+    ns = f"rft-many-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
+        out = subprocess.run(
+            ["ip", "netns", "exec", ns, sys.executable, "-c", MANY_CUT],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["300", "3", "0", "300", "20"], out.stdout
