@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from ringfence import enforced
-from ringfence.local.lab import AGENT, wait_until
 from ringfence.local.lab import Lab as NetLab
+from ringfence.local.lab import wait_until
 from tests.agent import dataplane
+from tests.agent.agentdaemon import running_daemon
 from tests.agent.bundles import PUBLIC_KEY, write
 from tests.agent.test_attack_kernel_truth import (
     HOSTS,
@@ -35,6 +36,7 @@ pytestmark = pytest.mark.dataplane
 dataplane.require()
 
 NFRAW = str(Path(__file__).with_name("nfraw.py"))
+INSERT = ("nft", "insert", "rule", "inet", "ringfence", "input")  # a rule at the head of the input chain
 
 
 @pytest.fixture(scope="module")
@@ -127,39 +129,16 @@ def test_attack_a_foreign_chain_name_nft_cannot_print_does_not_stop_the_agent(ne
     the daemon's drift check, status and apply died with SIGABRT, and a restarted daemon died at
     its seal, for good. The agent now reads only its own table, over netlink, and lists through
     libnftables in a child: the daemon keeps enforcing, status and apply work."""
-    src = tmp_path / "src"
     doc = _engine(net).bundle("h2")
-    write(doc, src / "bundles" / "h2.json")
-    state = tmp_path / "state"
-    cfg = tmp_path / "agent.json"
-    cfg.write_text(
-        json.dumps(
-            {
-                "workload_id": "h2",
-                "public_key": str(PUBLIC_KEY),
-                "state_dir": str(state),
-                "backend": "nftables",
-                "source": str(src),
-                "poll_interval": 300,
-                "observe_interval": 0.3,
-                "heartbeat_interval": 1,
-                "report_interval": 1,
-                "drift_interval": 1,
-            }
-        )
-    )
-    run_log = tmp_path / "run.log"
-    daemon = net.spawn("h2", str(AGENT), "run", "--config", str(cfg), stderr=run_log.open("w"))
-    try:
-        assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 15), run_log.read_text()
+    with running_daemon(net, tmp_path, doc, report_interval=1, drift_interval=1) as daemon:
+        assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 15), daemon.said()
         net.exec("h2", sys.executable, NFRAW, "badname-chain", "other", check=True)
         time.sleep(4)  # drift checks, heartbeats and observations, each reading the kernel
-        assert daemon.poll() is None, run_log.read_text()
+        assert daemon.proc.poll() is None, daemon.said()
         assert not net.tcp("h4", "h2", 8080) and net.tcp("h1", "h2", 8080)
-        _intact(net, "nftables", state, doc)
-        assert "tamper" not in run_log.read_text(), run_log.read_text()  # nothing of Ringfence's changed
-    finally:
-        net.kill(daemon, 15)
+        _intact(net, "nftables", daemon.state, doc)
+        assert "tamper" not in daemon.said(), daemon.said()  # nothing of Ringfence's changed
+    state = daemon.state
     path = write(doc, tmp_path / "again.json")
     proc = net.agent("h2", "apply", "--bundle", str(path), "--public-key", str(PUBLIC_KEY), "--backend", "nftables",
                      "--state-dir", str(state))  # fmt: skip
@@ -223,43 +202,22 @@ def test_attack_a_name_nft_cannot_print_in_ringfences_table_is_repaired_by_the_d
     heartbeat's enforced digest and the observer did in the daemon's process. The listing now
     dies in a child: cannot tell is never intact, so the daemon programs the table again (the
     counter is gone) and keeps running."""
-    src = tmp_path / "src"
     doc = _engine(net).bundle("h2")
-    write(doc, src / "bundles" / "h2.json")
-    state = tmp_path / "state"
-    cfg = tmp_path / "agent.json"
-    cfg.write_text(
-        json.dumps(
-            {
-                "workload_id": "h2",
-                "public_key": str(PUBLIC_KEY),
-                "state_dir": str(state),
-                "backend": "nftables",
-                "source": str(src),
-                "poll_interval": 1,  # the heartbeat (each poll round) lists the table: the observer no longer does
-                "observe_interval": 0.3,
-                "heartbeat_interval": 1,
-                "drift_interval": 2,
-            }
-        )
-    )
-    run_log = tmp_path / "run.log"
-    daemon = net.spawn("h2", str(AGENT), "run", "--config", str(cfg), stderr=run_log.open("w"))
-    try:
-        assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 15), run_log.read_text()
+    # the heartbeat (each poll round) lists the table: the observer no longer does
+    with running_daemon(net, tmp_path, doc, poll_interval=1, drift_interval=2) as daemon:
+        said = daemon.said
+        assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 15), said()
         net.exec("h2", sys.executable, NFRAW, "badname-counter", "ringfence", check=True)
         listing = net.exec("h2", "nft", "-j", "list", "table", "inet", "ringfence")
         assert listing.returncode != 0, "nft prints the table: the test proves nothing"
-        assert wait_until(lambda: "could not be read" in run_log.read_text(), 10), run_log.read_text()
+        assert wait_until(lambda: "could not be read" in said(), 10), said()
         assert wait_until(
             lambda: net.exec("h2", "nft", "-j", "list", "table", "inet", "ringfence").returncode == 0, 10
-        ), run_log.read_text()
-        assert daemon.poll() is None, run_log.read_text()
+        ), said()
+        assert daemon.proc.poll() is None, said()
         assert not net.tcp("h4", "h2", 8080) and net.tcp("h1", "h2", 8080)
-        _intact(net, "nftables", state, doc)
-        assert _status(net, "nftables", state)["last_tamper"]["what"] == "unreadable"
-    finally:
-        net.kill(daemon, 15)
+        _intact(net, "nftables", daemon.state, doc)
+        assert _status(net, "nftables", daemon.state)["last_tamper"]["what"] == "unreadable"
 
 
 # A neighbour (a fail2ban or crowdsec) committing to its own tables in a loop, one of them with
@@ -287,44 +245,21 @@ def test_attack_a_tamper_under_ruleset_churn_elsewhere_is_reapplied(net: NetLab,
     back interrupted (InterruptedError after 4 tries, an OSError the check took for "nothing to
     do"): the hole stayed open, unlogged, for as long as the churn lasted. Dumps are now asked
     again until a deadline, and one that cannot be read is "cannot tell": re-applied, reported."""
-    src = tmp_path / "src"
     doc = _engine(net).bundle("h2")
-    write(doc, src / "bundles" / "h2.json")
-    state = tmp_path / "state"
-    cfg = tmp_path / "agent.json"
-    cfg.write_text(
-        json.dumps(
-            {
-                "workload_id": "h2",
-                "public_key": str(PUBLIC_KEY),
-                "state_dir": str(state),
-                "backend": "nftables",
-                "source": str(src),
-                "poll_interval": 300,
-                "observe_interval": 0.3,
-                "heartbeat_interval": 1,
-                "drift_interval": 1,
-            }
-        )
-    )
-    run_log = tmp_path / "run.log"
-    daemon = net.spawn("h2", str(AGENT), "run", "--config", str(cfg), stderr=run_log.open("w"))
     churn = None
-    try:
-        assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 15), run_log.read_text()
-        churn = net.spawn("h2", sys.executable, "-c", _CHURN, "40", stdout=subprocess.PIPE)
-        assert churn.stdout is not None and churn.stdout.readline().strip() == "ready"
-        time.sleep(2)
-        net.exec(
-            "h2", "nft", "insert", "rule", "inet", "ringfence", "input", "tcp", "dport", "8080", "accept", check=True
-        )
-        assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 25), run_log.read_text()
-        assert churn.poll() is None, "the churn ended before the repair: the test proves nothing"
-        assert wait_until(
-            lambda: _status(net, "nftables", state).get("counters", {}).get("tamper_reapplied", 0) >= 1, 10
-        ), run_log.read_text()
-        assert daemon.poll() is None, run_log.read_text()
-    finally:
-        if churn is not None:
-            net.kill(churn)
-        net.kill(daemon, 15)
+    with running_daemon(net, tmp_path, doc, drift_interval=1) as daemon:
+        try:
+            assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 15), daemon.said()
+            churn = net.spawn("h2", sys.executable, "-c", _CHURN, "40", stdout=subprocess.PIPE)
+            assert churn.stdout is not None and churn.stdout.readline().strip() == "ready"
+            time.sleep(2)
+            net.exec("h2", *INSERT, "tcp", "dport", "8080", "accept", check=True)
+            assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 25), daemon.said()
+            assert churn.poll() is None, "the churn ended before the repair: the test proves nothing"
+            assert wait_until(
+                lambda: _status(net, "nftables", daemon.state).get("counters", {}).get("tamper_reapplied", 0) >= 1, 10
+            ), daemon.said()
+            assert daemon.proc.poll() is None, daemon.said()
+        finally:
+            if churn is not None:
+                net.kill(churn)

@@ -24,6 +24,7 @@ from ringfence.local.lab import PROBE, wait_until
 from ringfence.local.lab import Lab as NetLab
 from ringfence.model import Workload
 from tests.agent import dataplane
+from tests.agent.agentdaemon import running_daemon
 from tests.agent.bundles import DENY_ALL_POLICY, GROUP_POLICY, LAB_POLICY, PUBLIC_KEY, Lab, workloads, write
 
 pytestmark = pytest.mark.dataplane
@@ -283,44 +284,18 @@ def test_attack_an_element_added_to_a_group_set_is_reported_and_repaired_by_the_
     neither the seal (rules and fail-safe sets only) nor the enforced digest (bundle sets) saw it:
     no report, no repair. The daemon's drift check now compares each group set with what it last
     wrote, re-applies within drift_interval and records the tamper; SSH from h4 is closed again."""
-    from ringfence.local.lab import AGENT, wait_until
-
-    src = tmp_path / "src"
-    write(_grouped_bundle(net), src / "bundles" / "h2.json")
-    cfg = tmp_path / "agent.json"
-    cfg.write_text(
-        json.dumps(
-            {
-                "workload_id": "h2",
-                "public_key": str(PUBLIC_KEY),
-                "state_dir": str(tmp_path / "state"),
-                "backend": "nftables",
-                "source": str(src),
-                "poll_interval": 300,  # polled once, at start: only the drift check can notice
-                "observe_interval": 0.3,
-                "heartbeat_interval": 1,
-                "report_interval": 1,
-                "drift_interval": 3,
-            }
-        )
-    )
-    run_log = tmp_path / "run.log"
-    daemon = net.spawn("h2", str(AGENT), "run", "--config", str(cfg), stderr=run_log.open("w"))
-    try:
-        assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 15), run_log.read_text()
+    with running_daemon(net, tmp_path, _grouped_bundle(net), report_interval=1, drift_interval=3) as daemon:
+        said = daemon.said
+        assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 15), said()
         assert not net.tcp("h4", "h2", 22) and net.tcp("h1", "h2", 8080)
         element = f"{{ {net.v4('h4')} . tcp . 22 }}"
         net.exec("h2", "nft", "add", "element", "inet", "ringfence", _group_set(net), element, check=True)
         assert net.tcp("h4", "h2", 22), "the tamper did not open anything: the test proves nothing"
-        assert wait_until(lambda: "holds elements the agent did not put there" in run_log.read_text(), 10), (
-            run_log.read_text()
-        )
+        assert wait_until(lambda: "holds elements the agent did not put there" in said(), 10), said()
         assert not net.tcp("h4", "h2", 22) and net.tcp("h1", "h2", 8080)
-        status = _status(net, "nftables", tmp_path / "state")
+        status = _status(net, "nftables", daemon.state)
         assert status["counters"]["tamper_reapplied"] == 1, status
         assert status["last_tamper"]["what"] == "group set altered", status
-    finally:
-        net.kill(daemon, 15)
 
 
 SET_REPAIR_RACE = """
