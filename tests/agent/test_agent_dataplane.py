@@ -7,6 +7,7 @@ operators' admin host (10.77.0.250, the bundle's admin range), cp a control plan
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -1187,6 +1188,31 @@ def _set_holding(net: NetLab, backend: str, address: str) -> str:
     return held[0]
 
 
+@contextlib.contextmanager
+def _h2_daemon_paired_with_serve(net: NetLab, backend: str, tmp_path: Path) -> Iterator[Path]:
+    """``ringfence serve`` in cp with LAB_POLICY over ROLES, and the daemon in h2 paired with it,
+    enforcing (h4 refused, h1 let in); yields the daemon's log; both killed afterwards. No drift
+    check within a test: the heartbeat's read alone finds a tamper (every long-poll round, 1 s
+    here); drift_interval 0 would turn tamper repair off altogether."""
+    cp = _OnPremControlPlane(net, tmp_path)
+    server = cp.start()
+    daemon = None
+    try:
+        assert [cp.register(h, role) for h, role in ROLES.items()] == [201] * len(ROLES)
+        assert cp.call("POST", "/admin/policies", {"files": {"lab.yaml": LAB_POLICY}, "reason": "lab"})[0] == 201
+        _, key = cp.call("POST", "/admin/pairing-keys", {"workload_id": "h2", "uses": 1, "ttl": 600})
+        cfg = cp.agent_config(backend, key["pairing_key"], wait_timeout=1, drift_interval=3600)
+        log = tmp_path / "run.log"
+        daemon = net.spawn("h2", str(net_agent()), "run", "--config", str(cfg), stderr=log.open("w"))
+        assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 30), log.read_text()
+        assert wait_until(lambda: net.tcp("h1", "h2", 8080), 10), log.read_text()
+        yield log
+    finally:
+        if daemon is not None:
+            net.kill(daemon, 15)
+        net.kill(server)
+
+
 def test_attack_an_address_added_to_a_bundle_set_is_repaired_by_the_daemons_heartbeat(
     net: NetLab, backend: str, tmp_path: Path
 ) -> None:
@@ -1195,20 +1221,7 @@ def test_attack_an_address_added_to_a_bundle_set_is_repaired_by_the_daemons_hear
     digest told the control plane, but nothing on the host repaired it (the drift check compares
     rules and group sets; an API-sourced agent fetches only a new version). The daemon now
     compares the digest it reads for the heartbeat with its bundle's and re-applies."""
-    cp = _OnPremControlPlane(net, tmp_path)
-    server = cp.start()
-    daemon = None
-    try:
-        assert [cp.register(h, role) for h, role in ROLES.items()] == [201] * len(ROLES)
-        assert cp.call("POST", "/admin/policies", {"files": {"lab.yaml": LAB_POLICY}, "reason": "lab"})[0] == 201
-        _, key = cp.call("POST", "/admin/pairing-keys", {"workload_id": "h2", "uses": 1, "ttl": 600})
-        # no drift check within the test: the heartbeat's read alone finds it (every long-poll
-        # round, 1 s here); drift_interval 0 would turn tamper repair off altogether
-        cfg = cp.agent_config(backend, key["pairing_key"], wait_timeout=1, drift_interval=3600)
-        log = tmp_path / "run.log"
-        daemon = net.spawn("h2", str(net_agent()), "run", "--config", str(cfg), stderr=log.open("w"))
-        assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 30), log.read_text()
-        assert wait_until(lambda: net.tcp("h1", "h2", 8080), 10), log.read_text()
+    with _h2_daemon_paired_with_serve(net, backend, tmp_path) as log:
         clients = _set_holding(net, backend, net.v4("h1"))
         if backend == "iptables":
             ok(net.exec("h2", "ipset", "add", clients, net.v4("h4")))
@@ -1221,15 +1234,9 @@ def test_attack_an_address_added_to_a_bundle_set_is_repaired_by_the_daemons_hear
         assert wait_until(lambda: not net.tcp("h4", "h2", 8080), 10) and wait_until(
             lambda: net.tcp("h1", "h2", 8080), 10
         )
-        status = json.loads(
-            ok(net.agent("h2", "status", "--state-dir", str(tmp_path / "state"), "--backend", backend, "--json"))
-        )
+        status = _status(net, backend, tmp_path / "state")
         assert status["counters"]["tamper_reapplied"] == 1 and status["last_tamper"]["what"] == "set altered", status
         assert "warning" not in status, status
-    finally:
-        if daemon is not None:
-            net.kill(daemon, 15)
-        net.kill(server)
 
 
 def test_attack_an_address_added_to_a_bundle_set_with_a_comment_is_repaired(
@@ -1243,18 +1250,7 @@ def test_attack_an_address_added_to_a_bundle_set_with_a_comment_is_repaired(
     without ``counter``.)"""
     if backend != "nftables":
         pytest.skip("nft element comments and counters")
-    cp = _OnPremControlPlane(net, tmp_path)
-    server = cp.start()
-    daemon = None
-    try:
-        assert [cp.register(h, role) for h, role in ROLES.items()] == [201] * len(ROLES)
-        assert cp.call("POST", "/admin/policies", {"files": {"lab.yaml": LAB_POLICY}, "reason": "lab"})[0] == 201
-        _, key = cp.call("POST", "/admin/pairing-keys", {"workload_id": "h2", "uses": 1, "ttl": 600})
-        cfg = cp.agent_config(backend, key["pairing_key"], wait_timeout=1, drift_interval=3600)
-        log = tmp_path / "run.log"
-        daemon = net.spawn("h2", str(net_agent()), "run", "--config", str(cfg), stderr=log.open("w"))
-        assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 30), log.read_text()
-        assert wait_until(lambda: net.tcp("h1", "h2", 8080), 10), log.read_text()
+    with _h2_daemon_paired_with_serve(net, backend, tmp_path) as log:
         clients = _set_holding(net, backend, net.v4("h1"))
         repaired = "not those of the enforced bundle"
         for n, extra in enumerate(('comment "ops"', 'comment "ops again"'), start=1):
@@ -1264,15 +1260,9 @@ def test_attack_an_address_added_to_a_bundle_set_with_a_comment_is_repaired(
             assert wait_until(lambda n=n: log.read_text().count(repaired) >= n, 30), (extra, log.read_text())
             assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 10), extra
             assert wait_until(lambda: net.tcp("h1", "h2", 8080), 10), extra
-        status = json.loads(
-            ok(net.agent("h2", "status", "--state-dir", str(tmp_path / "state"), "--backend", backend, "--json"))
-        )
+        status = _status(net, backend, tmp_path / "state")
         assert status["counters"]["tamper_reapplied"] == 2 and status["last_tamper"]["what"] == "set altered", status
         assert "warning" not in status, status
-    finally:
-        if daemon is not None:
-            net.kill(daemon, 15)
-        net.kill(server)
 
 
 def net_agent() -> Path:
@@ -1570,9 +1560,10 @@ def test_apply_after_flush_reapplies_and_status_says_what_the_kernel_holds(
 def test_status_says_when_the_kernel_holds_whole_rules_other_than_the_last_known_goods(
     net: NetLab, backend: str, tmp_path: Path
 ) -> None:
-    """The rules in the kernel are intact (sealed, as applied) but another bundle's: status must not
+    """The rules in the kernel are intact (as applied) but another bundle's: status must not
     report the state directory's mode as enforced (as with the posture held for an unusable
-    pinned key, while the last known good stays on disk)."""
+    pinned key, while the last known good stays on disk). nftables: applied with another state
+    directory, they carry a seal of another key, which this one reads as not its own."""
     lab = lab_engine(net)
     state, elsewhere = tmp_path / "state", tmp_path / "elsewhere"
     ok(apply(net, backend, lab.bundle("h2"), state))
@@ -1580,8 +1571,12 @@ def test_status_says_when_the_kernel_holds_whole_rules_other_than_the_last_known
     assert first["mode"] == "enforce", json.dumps(first)
     ok(apply(net, backend, lab.bundle("h1"), elsewhere))  # h1's rules now in this kernel
     status = _status(net, backend, state)
-    assert status["kernel_programmed"] is True and status["state_mode"] == "enforce", status
-    assert status["mode"] is None and "does not enforce the last known good" in status["warning"], status
+    assert status["state_mode"] == "enforce" and status["mode"] is None, status
+    if backend == "nftables":  # sealed with the other state directory's key: this one cannot vouch for them
+        assert status["kernel_programmed"] is False and "another state directory" in status["warning"], status
+    else:
+        assert status["kernel_programmed"] is True, status
+        assert "does not enforce the last known good" in status["warning"], status
     ok(apply(net, backend, lab.bundle("h2"), state))
     status = _status(net, backend, state)
     assert status["mode"] == "enforce" and "warning" not in status, status
