@@ -41,7 +41,8 @@ def _agent(args: argparse.Namespace) -> Agent:
     verifier = Verifier.from_file(Path(args.public_key), args.revoked_key or ())
     state = StateDir(Path(args.state_dir))
     cutter = session_cutter(args.backend, not args.keep_open_connections)
-    return Agent(args.workload_id, verifier, make_backend(args.backend), state, _local(args), sessions=cutter)
+    backend = make_backend(args.backend, state.path)
+    return Agent(args.workload_id, verifier, backend, state, _local(args), sessions=cutter)
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -70,12 +71,12 @@ def cmd_apply_delta(args: argparse.Namespace) -> int:
     return 0
 
 
-def _kernel_programmed(backend: str) -> tuple[bool | None, str | None]:
+def _kernel_programmed(backend: str, state_dir: Path) -> tuple[bool | None, str | None]:
     """Whether the kernel holds Ringfence's rules as the agent applied them (None: this backend
     cannot tell, or asking failed), and when not, what the backend found wrong: no table, or rules
     changed since the agent applied them (``kernel_problem``)."""
     try:
-        b = make_backend(backend)
+        b = make_backend(backend, state_dir)  # nftables: its seal is checked with the state directory's key
         problem = getattr(b, "kernel_problem", None)
         if problem is not None:
             why = problem()
@@ -86,11 +87,11 @@ def _kernel_programmed(backend: str) -> tuple[bool | None, str | None]:
         return None, None
 
 
-def _kernel_digest(backend: str, set_names: list[str]) -> tuple[str | None, str | None]:
+def _kernel_digest(backend: str, state_dir: Path, set_names: list[str]) -> tuple[str | None, str | None]:
     """(the enforced-policy digest of what the kernel holds, what the heartbeat sends; None: this
     backend cannot tell, or asking failed), and why reading it failed (None when it did not)."""
     try:
-        probe = getattr(make_backend(backend), "enforced", None)
+        probe = getattr(make_backend(backend, state_dir), "enforced", None)
         # the bundle's set names: iptables finds the ipsets named by a hash by them
         return (str(probe(set_names)) if probe is not None else None), None
     except (ApplyError, OSError, ValueError) as exc:
@@ -129,9 +130,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     except (BundleError, ValueError, OSError) as exc:
         bundle, deltas, unreadable = None, [], str(exc)
     # the kernel, not the state directory, says what is enforced
-    kernel, problem = _kernel_programmed(args.backend)
+    kernel, problem = _kernel_programmed(args.backend, state.path)
     key_id, key_fingerprint = _agent_key(Path(args.state_dir))
-    kernel_digest, read_error = _kernel_digest(args.backend, list(bundle.sets) if bundle else [])
+    kernel_digest, read_error = _kernel_digest(args.backend, state.path, list(bundle.sets) if bundle else [])
     state_mode = bundle.mode.value if bundle else None
     posture = status.get("posture")
     expect = state_mode not in (None, "idle") or (bundle is None and posture is not None)

@@ -290,7 +290,7 @@ class Daemon:
         if posture_only:
             self.key_error = f"config {config_path} not loaded ({config_error}); no last good configuration either"
             self.verifier = NoPinnedKey(self.key_error)
-        self.backend = make_backend(cfg.backend)
+        self.backend = make_backend(cfg.backend, cfg.state_dir)
         local = cfg.local_failsafes()
         from_host = [r for r in local.dns_resolvers if r not in cfg.dns_resolvers]
         if from_host:

@@ -263,3 +263,131 @@ def test_attack_a_tamper_under_ruleset_churn_elsewhere_is_reapplied(net: NetLab,
         finally:
             if churn is not None:
                 net.kill(churn)
+
+
+# The attacker: any CAP_NET_ADMIN process in the namespace, without the state directory. It
+# digests what the kernel holds exactly as the agent does (the agent's own netlink read, public
+# code, no state directory: no key) and renames the seal chain to that digest, which is what the
+# agent's seal was before it was keyed.
+RESEAL = """
+import subprocess
+from ringfence_agent.backends.nft import SEAL, NftBackend
+held, seal = NftBackend().held()
+assert held is not None and seal is not None, (held, seal)
+subprocess.run(["nft", "delete", "chain", "inet", "ringfence", SEAL + seal], check=True)
+subprocess.run(["nft", "add", "chain", "inet", "ringfence", SEAL + held], check=True)
+"""
+# What the daemon's heartbeat sends (Agent.enforced_state), read by a fresh process: a restarted
+# daemon before it applies, or the running one's next heartbeat.
+HEARTBEAT_READ = """
+import json, sys
+from pathlib import Path
+from ringfence.bundlewire import Verifier
+from ringfence_agent.backends import make_backend
+from ringfence_agent.core import Agent
+from ringfence_agent.plan import LocalFailsafes
+from ringfence_agent.state import StateDir
+state = Path(sys.argv[2])
+backend = make_backend("nftables", state)
+agent = Agent(None, Verifier.from_file(Path(sys.argv[1])), backend, StateDir(state), LocalFailsafes(), log=print)
+print(json.dumps(agent.enforced_state()[1]))
+"""
+# an accept dressed as one of the agent's fail-safes: only the seal can tell it is not the agent's
+FORGED_FAILSAFE = (*INSERT, "tcp", "dport", "8080", "accept", "comment", '"failsafe admin"')
+
+
+def _reseal(net: NetLab) -> None:
+    net.exec("h2", *FORGED_FAILSAFE, check=True)
+    net.exec("h2", sys.executable, "-c", RESEAL, check=True)
+    assert net.tcp("h4", "h2", 8080), "the tamper did not open anything: the test proves nothing"
+
+
+def test_attack_a_reforged_seal_does_not_pass_for_the_agents(net: NetLab, tmp_path: Path) -> None:
+    """The seal named the plain digest of what the kernel held: a process with CAP_NET_ADMIN in
+    the namespace (a --net=host container with NET_ADMIN, a CNI plugin), which cannot read the
+    state directory, inserted an accept dressed as a fail-safe, digested the table as the agent
+    does and renamed the seal chain to it. A fresh ``status`` said programmed with the published
+    digest, the heartbeat sent that digest, and ``apply`` said "already applied" with the hole
+    open. The seal is now an HMAC keyed by ``seal.key`` in the state directory: status reports
+    the table altered, the heartbeat's digest is not the published one, ``apply`` programs the
+    rules again (the accept gone) and seals them; the next apply finds them intact (also what an
+    agent upgraded from the unkeyed seal does: one apply, then sealed)."""
+    doc = _engine(net).bundle("h2")
+    state = tmp_path / "state"
+    _apply(net, "nftables", doc, state)
+    assert (state / "seal.key").stat().st_mode & 0o777 == 0o600
+    _intact(net, "nftables", state, doc)
+    _reseal(net)
+    problem = _status(net, "nftables", state)["warning"]
+    assert "unkeyed seal" in problem, problem
+    proc = net.exec("h2", sys.executable, "-c", HEARTBEAT_READ, str(PUBLIC_KEY), str(state))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1]) not in (None, enforced.expected(doc)), proc.stdout
+    _reported_and_reapplied(net, "nftables", state, doc, lambda: net.tcp("h4", "h2", 8080))
+    listed = net.exec("h2", "nft", "list", "chain", "inet", "ringfence", "input").stdout
+    assert 'tcp dport 8080 accept comment "failsafe admin"' not in listed, listed
+    out = _apply(net, "nftables", doc, state)
+    assert "already applied" in out, out
+
+
+def test_attack_a_reforged_seal_is_repaired_by_the_running_daemon_without_its_drift_check(
+    net: NetLab, tmp_path: Path
+) -> None:
+    """The same reforged seal under a running daemon whose drift check is off (drift_interval
+    300: its in-memory baseline never looks). Its other reads of the kernel, each poll round's
+    "does the kernel hold the bundle" and the heartbeat's enforced digest, took the forged seal
+    for the agent's: the published digest was sent and the hole stayed open. They now read the
+    table as altered and the daemon programs it again within a round or two."""
+    doc = _engine(net).bundle("h2")
+    with running_daemon(net, tmp_path, doc, poll_interval=1, drift_interval=300) as daemon:
+        assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 15), daemon.said()
+        _reseal(net)
+        assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 10), daemon.said()
+        assert "applied again" in daemon.said() or "tamper" in daemon.said(), daemon.said()
+        _intact(net, "nftables", daemon.state, doc)
+
+
+def test_a_lost_seal_key_never_reads_as_intact(net: NetLab, tmp_path: Path) -> None:
+    """Without its key (deleted, or unreadable) no seal can be checked: status says the rules are
+    not as applied, and ``apply`` makes a new key and seals them again."""
+    doc = _engine(net).bundle("h2")
+    state = tmp_path / "state"
+    _apply(net, "nftables", doc, state)
+    key = (state / "seal.key").read_text()
+    (state / "seal.key").unlink()
+    status = _status(net, "nftables", state)
+    assert status["kernel_programmed"] is False and "seal key" in status["warning"], status
+    assert status["kernel_digest"] != enforced.expected(doc)
+    out = _apply(net, "nftables", doc, state)
+    assert "applied again" in out, out
+    assert (state / "seal.key").read_text() != key
+    _intact(net, "nftables", state, doc)
+
+
+COUNTERLESS = """
+import json, subprocess, sys
+from ringfence import enforced
+from ringfence.bundlewire import load_bundle
+from ringfence_agent.backends.nft import SEAL, NftBackend
+from ringfence_agent.plan import LocalFailsafes, compile_plan
+doc = load_bundle(open(sys.argv[1], "rb").read())
+backend = NftBackend()
+backend.apply(compile_plan(doc, LocalFailsafes()))
+subprocess.run(["nft", "insert", "rule", "inet", "ringfence", "input", "tcp", "dport", "8080", "accept"], check=True)
+# sealed again with the agent's own key: the seal says intact, only the document can tell
+held, seal = backend.held()
+subprocess.run(["nft", "delete", "chain", "inet", "ringfence", SEAL + seal], check=True)
+resealed = SEAL + backend.seal_key.seal(held, backend.seal_key.get())
+subprocess.run(["nft", "add", "chain", "inet", "ringfence", resealed], check=True)
+print(json.dumps([backend.kernel_problem(), backend.enforced() == enforced.expected(doc)]))
+"""
+
+
+def test_a_verdict_rule_without_a_bundle_counter_is_in_the_enforced_digest(net: NetLab, tmp_path: Path) -> None:
+    """The enforced document listed only rules with a bundle counter; a counter-less ``accept``
+    (the agent writes none outside its fail-safes) was left to the seal alone. It is now an entry
+    of its own, so the digest is not the published one even under a seal that checks."""
+    path = write(_engine(net).bundle("h2"), tmp_path / "bundle.json")
+    proc = net.exec("h2", sys.executable, "-c", COUNTERLESS, str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [None, False]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Protocol
 
 from ringfence_agent.plan import GroupChange, Plan
@@ -91,11 +92,13 @@ def run(cmd: list[str], stdin: str | None = None, timeout: float = 60.0) -> subp
         raise ApplyError(f"{cmd[0]} timed out after {timeout:.0f}s") from None
 
 
-def make_backend(name: str) -> Backend:
+def make_backend(name: str, state_dir: Path | None = None) -> Backend:
+    """``state_dir``: the agent's, where nftables keeps the key of its seal (without one, a seal
+    only this process can check: any other reads the rules as altered)."""
     if name == "nftables":
         from ringfence_agent.backends.nft import NftBackend
 
-        return NftBackend()
+        return NftBackend(state_dir=state_dir)
     if name == "iptables":
         from ringfence_agent.backends.iptables import IptablesBackend
 

@@ -26,18 +26,22 @@ in one transaction instead (:meth:`NftBackend.group_delta`).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import hashlib
+import hmac
 import json
 import os
 import re
 import select
 import signal
 import struct
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from ringfence import enforced
@@ -69,17 +73,25 @@ from ringfence_agent.plan import (
     service_covers,
     span_families,
 )
+from ringfence_agent.state import read_regular
 
 TABLE = "ringfence"
 _BUNDLE_SET = re.compile(r"s_([A-Za-z0-9_]{1,24})_[46]h?")  # set_name(): a bundle set's four kernel sets
 _RULE_COUNTER = re.compile(r"r_(in|out)_\d+|d_(in|out)")  # bundle rules and defaults (fail-safes: none)
 _CHAIN_DIRECTION = {"input": "inbound", "output": "outbound"}
+# what nft's JSON calls a rule's verdict statements (a counter-less one counts too: enforced())
+_VERDICTS = frozenset({"accept", "drop", "reject", "queue", "jump", "goto", "return", "continue"})
 FAMILY = "inet"
 AGENT_UID = 0  # the control-plane fail-safe admits sockets of this user only: the agent runs as root
-# After every whole apply the agent adds an empty chain ``seal_<sha256>`` naming the digest of what
-# the kernel then holds of its own rules (see NftBackend.held): the table alone no longer says that
-# the agent's rules are in force (``nft flush table`` keeps it and every set, removes every rule).
+# After every whole apply the agent adds an empty chain ``seal_<mac>`` naming an HMAC-SHA256 of
+# the digest of what the kernel then holds of its own rules (see NftBackend.held): the table alone
+# no longer says that the agent's rules are in force (``nft flush table`` keeps it and every set,
+# removes every rule). Keyed (SealKey): an unkeyed digest could be recomputed and the seal renamed
+# by any CAP_NET_ADMIN process in the namespace after loosening the table; the key is in the state
+# directory (root, 0700), which such a process cannot read.
 SEAL = "seal_"
+SEAL_KEY_FILE = "seal.key"
+_SEAL_CONTEXT = b"ringfence nft seal v1\n"
 _FAILSAFE_SETS = tuple(f"{name}_{fam}" for name in ("fs_admin", "fs_dns", "fs_cp", "fs_meta") for fam in (4, 6))
 # A read through libnftables (JSON listings) runs in a child process and must end within this:
 # listing the table costs up to ~1.5 s at 100,000 set elements; a child that takes longer, or dies
@@ -576,13 +588,86 @@ def _load_lib() -> LibNftables | None:
         return None
 
 
+class SealKey:
+    """The per-host secret the seal is keyed with: 32 random bytes (hex) in ``seal.key`` in the
+    state directory, mode 0600, made by the first apply that needs it (written whole under a
+    temporary name, then linked: never seen half-written, never over one another process made).
+
+    Reading never creates it: no key, or one that cannot be read, seals nothing (the table reads
+    as altered: ``status`` says so, ``apply`` programs it again). When the file cannot be written
+    (a read-only state directory) or holds no key, the apply seals with a key kept in this
+    process's memory only: its own checks still tell intact from altered, any other process
+    (``status``, a restarted daemon) sees altered and re-applies, never open. Without a state
+    directory (the backend used as a library) the key is always that in-memory one."""
+
+    def __init__(self, state_dir: Path | None) -> None:
+        self.path = state_dir / SEAL_KEY_FILE if state_dir is not None else None
+        self._memory: bytes | None = None  # the key of this process's seals when the file has none
+
+    def get(self, create: bool = False) -> bytes | None:
+        """The key (None: none to check a seal with); ``create``: for a seal, always one."""
+        if self.path is not None:
+            try:
+                return _parse_key(read_regular(self.path, 256))
+            except (OSError, ValueError):
+                if create:
+                    with contextlib.suppress(OSError, ValueError):
+                        return self._create(self.path)
+        if create and self._memory is None:
+            self._memory = os.urandom(32)
+        return self._memory
+
+    @staticmethod
+    def _create(path: Path) -> bytes:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key = os.urandom(32)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mode 0600
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(key.hex().encode() + b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                try:
+                    return _parse_key(read_regular(path, 256))  # another process made it first: its key
+                except (OSError, ValueError):
+                    os.replace(tmp, path)  # none usable there (appliers hold the state lock): replaced
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        return key
+
+    def seal(self, held: str, key: bytes) -> str:
+        return hmac.new(key, _SEAL_CONTEXT + held.encode(), hashlib.sha256).hexdigest()
+
+    def sealed(self, held: str, seal: str | None) -> bool:
+        """Whether ``seal`` is this host's seal of ``held`` (False without a key)."""
+        key = self.get()
+        return seal is not None and key is not None and hmac.compare_digest(self.seal(held, key), seal)
+
+
+def _parse_key(raw: bytes) -> bytes:
+    key = bytes.fromhex(raw.decode("ascii").strip())
+    if len(key) != 32:
+        raise ValueError("the seal key is not 32 bytes")
+    return key
+
+
 class NftBackend(NftRenderer):
     name = "nftables"
 
-    def __init__(self, nft: str = "nft", group_bound: int | None = None) -> None:
+    def __init__(self, nft: str = "nft", group_bound: int | None = None, state_dir: Path | None = None) -> None:
         super().__init__(group_bound)
         self.nft = nft
         self.lib = _load_lib()
+        self.seal_key = SealKey(state_dir)
         # grouped rule counter → realised as concatenated sets, as the last apply of this process
         # left it (None: nothing applied by this process, see group_delta)
         self.realised: dict[str, bool] | None = None
@@ -710,7 +795,8 @@ class NftBackend(NftRenderer):
         return None
 
     def _seal(self) -> None:
-        """Name what the kernel holds right after the apply: ``seal_<digest>`` (:meth:`held`).
+        """Name what the kernel holds right after the apply: ``seal_<HMAC of the digest>``
+        (:meth:`held`, :class:`SealKey`; the key made here when there is none).
         A second transaction (the digest is of the kernel's own rendering of the rules, known only
         once they are in); should it fail, the table reads as altered and the next apply, or the
         daemon's drift check, programs it again: never reported as intact when it is not."""
@@ -718,8 +804,12 @@ class NftBackend(NftRenderer):
             held, _ = self.held()
         except OSError:
             return
-        if held is not None and self._run(f"add chain {FAMILY} {TABLE} {SEAL}{held}\n")[0] == 0:
-            self.applied_fingerprint = self._fingerprint_of(held, held)
+        key = self.seal_key.get(create=True)
+        if held is None or key is None:
+            return
+        seal = self.seal_key.seal(held, key)
+        if self._run(f"add chain {FAMILY} {TABLE} {SEAL}{seal}\n")[0] == 0:
+            self.applied_fingerprint = self._fingerprint_of(held, seal)
 
     def group_delta(self, plan: Plan, set_name: str, new: PlanSet) -> frozenset[str] | None:
         """For a delta taking ``set_name`` from ``plan.sets[set_name]`` to ``new``: the counters of
@@ -785,7 +875,8 @@ class NftBackend(NftRenderer):
         out the bundle sets and group sets (deltas change them; the enforced-policy digest covers
         the bundle sets against the control plane's, :meth:`group_problem` the group sets) and
         the drop-tuple sets (traffic). The seal is an empty chain without a hook named
-        ``seal_<digest>``; one with a hook or a rule counts as a chain like any other. A few
+        ``seal_<HMAC of the digest>`` (:class:`SealKey`: only a holder of the state directory's
+        key can make it); one with a hook or a rule counts as a chain like any other. A few
         milliseconds at any bundle size (no set element of the bundle is read). OSError when the
         kernel cannot be asked."""
         for _ in range(3):
@@ -863,10 +954,16 @@ class NftBackend(NftRenderer):
             )
         if seal is None:
             return "Ringfence's table carries no seal of the agent's (not programmed by it, or changed since)"
-        if seal != held:
+        if seal == held:  # what agents before the keyed seal wrote, or another process forged
+            return "Ringfence's table carries an unkeyed seal (an older agent's, or forged): not trusted"
+        if self.seal_key.get() is None:
+            where = self.seal_key.path or "no state directory"
+            return f"the agent's seal key ({where}) is missing or unreadable: its seal cannot be checked"
+        if not self.seal_key.sealed(held, seal):
             return (
-                "Ringfence's rules were changed in the kernel since the agent applied them "
-                "(a rule inserted, changed or removed, the chains flushed, or a fail-safe address added or removed)"
+                "Ringfence's rules do not carry this agent's seal: changed in the kernel since the agent applied them "
+                "(a rule inserted, changed or removed, the chains flushed, or a fail-safe address added or removed), "
+                "or applied with another state directory (another key)"
             )
         return None
 
@@ -930,11 +1027,22 @@ class NftBackend(NftRenderer):
                 for x in r.get("expr", []):
                     if isinstance(x, dict) and isinstance(x.get("counter"), str):
                         counter = x["counter"]
-                    elif isinstance(x, dict) and ("accept" in x or "drop" in x):
-                        verdict = "accept" if "accept" in x else "drop"
-                if counter is not None and verdict is not None and _RULE_COUNTER.fullmatch(counter):
+                    elif isinstance(x, dict) and (found := _VERDICTS.intersection(x)):
+                        verdict = min(found)
+                if verdict is None:
+                    continue  # the agent's drop-tuple updates: no verdict
+                if counter is not None and _RULE_COUNTER.fullmatch(counter):
                     chains.setdefault(direction, []).append((counter, verdict))
-        altered = seal != held or flagged or unknown or self.group_problem(items) is not None
+                elif not str(r.get("comment", "")).startswith("failsafe "):
+                    # a verdict rule the agent never writes (only its fail-safes have no bundle
+                    # counter): in the document, so it never matches, seal or no seal
+                    chains.setdefault(direction, []).append(("", verdict))
+        altered = (
+            (held is not None and not self.seal_key.sealed(held, seal))
+            or flagged
+            or unknown
+            or self.group_problem(items) is not None
+        )
         return enforced.digest(chains, sets, altered=altered)
 
     def programmed(self) -> bool:

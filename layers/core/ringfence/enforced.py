@@ -11,14 +11,17 @@ What the document holds, and why only that:
 
 - per direction, the bundle's rules as the chain holds them, in order: the rule's counter name
   (``r_in_<i>``: its position) and its verdict, then the default (``d_in``/``d_out``) with its
-  verdict (``drop`` in enforce, ``accept`` in observe);
+  verdict (``drop`` in enforce, ``accept`` in observe); the nftables agent also lists any other
+  rule with a verdict that is not one of its fail-safes, with ``""`` for its counter: never in
+  :func:`expected`, so such a rule is a mismatch whatever the seal says;
 - per bundle address set, its addresses as a collapsed CIDR cover (how nft stores them, as
   prefixes, ranges or single hosts, does not matter).
 
 - ``altered: true``, only when the agent finds its own rules changed in the kernel since it
   applied them: a rule inserted, changed or deleted in its chains (fail-safe rules included), an
   element added to or removed from a fail-safe set, a chain's hook or policy changed, the table
-  flushed (nftables: the seal the agent writes after each apply no longer matches; iptables: a
+  flushed (nftables: the seal the agent writes after each apply, keyed by its state directory's
+  secret, no longer matches; iptables: a
   jump into its chains that is not the first rule, or a family without its chains). The control
   plane's :func:`expected` never has it, so such a kernel never matches the published digest.
 
