@@ -52,7 +52,7 @@ def test_messages_cut_short_are_an_oserror() -> None:
 
 class _Kernel:
     """Datagrams as if the kernel (port 0) sent them: a socket can never receive one from port 0
-    of another process, so the error paths are driven with this stand-in for recvfrom."""
+    of another process, so the error paths are driven with this stand-in for recvfrom_into."""
 
     def __init__(self, datagrams: list[bytes]) -> None:
         self.datagrams = datagrams
@@ -60,10 +60,15 @@ class _Kernel:
     def settimeout(self, _: float) -> None:
         pass
 
-    def recvfrom(self, _: int) -> tuple[bytes, tuple[int, int]]:
+    def setblocking(self, _: bool) -> None:
+        pass
+
+    def recvfrom_into(self, buf: bytearray) -> tuple[int, tuple[int, int]]:
         if not self.datagrams:
             raise TimeoutError("timed out")
-        return self.datagrams.pop(0), (0, 0)
+        data = self.datagrams.pop(0)
+        buf[: len(data)] = data
+        return len(data), (0, 0)
 
 
 def test_a_short_error_message_is_an_oserror_not_a_struct_error() -> None:

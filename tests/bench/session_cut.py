@@ -2,7 +2,7 @@
 
 Run as root; it makes and deletes a network namespace of its own::
 
-    .venv/bin/python -m tests.bench.session_cut 1000 3000 10000
+    .venv/bin/python -m tests.bench.session_cut 1000 3000 10000 --live 1000 3000 9000
 
 Per size N: N established TCP entries into this host (10.8.0.1:80) from N peers, a tenth of them
 SSH from the admin range, inserted with ``conntrack -I``; then the agent's cutter runs against
@@ -11,17 +11,23 @@ lose their allow) and a set delta naming 10 peers. Each phase is timed: listing,
 deleting the entries, aborting local sockets (none exist behind inserted entries: each request
 is answered ENOENT, which costs what a real abort's lookup does); the entries are re-inserted
 between runs.
+
+Per ``--live`` size N, three times: N real TCP connections to a listener on 10.8.0.1:80 in the
+namespace, then ``destroy_sockets`` of all of them, timed: every socket looked up and aborted (the cost a
+quarantine's abort step has on a host whose processes hold the cut connections).
 """
 
 from __future__ import annotations
 
 import os
+import resource
+import socket
 import subprocess
 import sys
 import time
 
-from ringfence_agent.plan import Failsafes, Match, Plan, PlanRule, PlanSet
-from ringfence_agent.sessions import SessionCutter, destroy_sockets, list_sessions, netlink_delete
+from ringfence_agent.plan import Failsafes, Flow, Match, Plan, PlanRule, PlanSet
+from ringfence_agent.sessions import Session, SessionCutter, destroy_sockets, list_sessions, netlink_delete
 
 NS = f"rfcutbench{os.getpid()}"
 
@@ -76,6 +82,39 @@ def run(n: int) -> None:
     os.unlink(script)
 
 
+def live(n: int, rounds: int = 3) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 2 * n + 100  # both ends of every connection in this process
+    if need > hard:
+        raise SystemExit(f"--live {n} needs {need} file descriptors, the limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, need), hard))
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("10.8.0.1", 80))
+    srv.listen(4096)
+    for _ in range(rounds):
+        pairs = []
+        for _ in range(n):
+            client = socket.create_connection(("10.8.0.1", 80))
+            pairs.append((client, srv.accept()[0]))
+        cut = []
+        for client, _ in pairs:
+            port = client.getsockname()[1]
+            s = Session(4, "tcp", 6, "10.8.0.1", "10.8.0.1", port, 80, "10.8.0.1", 80)
+            cut.append((s, Flow("inbound", "10.8.0.1", "tcp", port, 80)))
+        t0 = time.perf_counter()
+        result = destroy_sockets(cut)
+        t1 = time.perf_counter()
+        print(
+            f"{n:>6} sockets  live connections   aborted {result.deleted:>6}  gone {result.gone}  "
+            f"failed {len(result.failed)}  abort {1000 * (t1 - t0):6.1f} ms"
+        )
+        for client, served in pairs:
+            client.close()
+            served.close()
+    srv.close()
+
+
 def main() -> int:
     if "RF_IN_NS" not in os.environ:
         subprocess.run(["ip", "netns", "add", NS], check=True)
@@ -87,8 +126,12 @@ def main() -> int:
             return subprocess.run(cmd, env=env, check=False).returncode
         finally:
             subprocess.run(["ip", "netns", "del", NS], check=False)
-    for n in [int(x) for x in sys.argv[1:]] or [1000, 3000, 10000]:
+    args = sys.argv[1:]
+    at = args.index("--live") if "--live" in args else len(args)
+    for n in [int(x) for x in args[:at]] or [1000, 3000, 10000]:
         run(n)
+    for n in [int(x) for x in args[at + 1 :]]:
+        live(n)
     return 0
 
 
