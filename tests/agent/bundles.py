@@ -23,17 +23,21 @@ def key() -> bundle.SigningKey:
     return bundle.SigningKey.from_file(GOLDEN / "test-key.pem")
 
 
-LAB_POLICY = """
-labels:
-  dimensions:
-    role: {keys: ["ringfence:role"]}
-    app: {keys: ["ringfence:app"]}
-    env: {keys: ["ringfence:env"]}
-defaults:
-  mode: enforce
-  failsafes:
-    admin_cidrs: [10.77.0.250/32]
-    admin_ports: [tcp/22]
+# the lab's failsafes: ssh from its admin host adm, which no bundle may lock out
+LAB_FAILSAFES: dict[str, list[str]] = {"admin_cidrs": ["10.77.0.250/32"], "admin_ports": ["tcp/22"]}
+
+
+def policy_head(*dimensions: str, failsafes: dict[str, list[str]] = LAB_FAILSAFES) -> str:
+    """The start of a test policy: label ``dimensions`` each read from the tag key
+    ``ringfence:<name>``, then ``defaults``: enforce mode and ``failsafes`` (YAML flow lists)."""
+    dims = "".join(f'    {d}: {{keys: ["ringfence:{d}"]}}\n' for d in dimensions)
+    safe = "".join(f"    {k}: {json.dumps(v)}\n" for k, v in failsafes.items())
+    return f"labels:\n  dimensions:\n{dims}defaults:\n  mode: enforce\n  failsafes:\n{safe}"
+
+
+LAB_POLICY = (
+    policy_head("role", "app", "env")
+    + """
 services:
   - {name: web, ports: [tcp/8080, udp/5353]}
   - {name: db, ports: [tcp/5432]}
@@ -46,17 +50,11 @@ rulesets:
       - {name: client-to-web, from: role == client, to: role == web, services: [web]}
       - {name: web-to-db, from: role == web, to: role == db, services: [db]}
 """
+)
 
-DENY_ALL_POLICY = """
-labels:
-  dimensions:
-    role: {keys: ["ringfence:role"]}
-    app: {keys: ["ringfence:app"]}
-defaults:
-  mode: enforce
-  failsafes:
-    admin_cidrs: [10.77.0.250/32]
-    admin_ports: [tcp/22]
+DENY_ALL_POLICY = (
+    policy_head("role", "app")
+    + """
 services:
   - {name: all-traffic, ports: [any]}
 rulesets:
@@ -69,6 +67,7 @@ rulesets:
       # no allow overlaps (it decides nothing), and these tests need one over the admin range
       - {name: ssh-overridden, from: all(), to: all(), services: [all-traffic]}
 """
+)
 
 OBSERVE_POLICY = LAB_POLICY.replace("mode: enforce", "mode: observe")
 
@@ -152,17 +151,9 @@ def forge(doc: B, **changes: object) -> B:
 
 # grouped rules: every allow into web shares one owner side (role == web), so the engine renders
 # them as one rule with members; client and gold share tcp/8080, db and stranger have their own ports
-GROUP_POLICY = """
-labels:
-  dimensions:
-    role: {keys: ["ringfence:role"]}
-    app: {keys: ["ringfence:app"]}
-    tier: {keys: ["ringfence:tier"]}
-defaults:
-  mode: enforce
-  failsafes:
-    admin_cidrs: [10.77.0.250/32]
-    admin_ports: [tcp/22]
+GROUP_POLICY = (
+    policy_head("role", "app", "tier")
+    + """
 rulesets:
   - name: grp
     scope: app == lab
@@ -178,6 +169,7 @@ rulesets:
       - {name: web-db, from: role == web, to: role == db, services: [tcp/5432]}
       - {name: web-other, from: role == web, to: role == other, services: [tcp/8080]}
 """
+)
 
 
 def spawn_following_agent(

@@ -19,7 +19,7 @@ from ringfence.agentwire import API_PREFIX
 from ringfence_agent.backends import ApplyError
 from ringfence_agent.config import ConfigError, load_config
 from ringfence_agent.sources import MAX_ANSWER_BYTES, MAX_BUNDLE_BYTES
-from tests.agent.bundles import GOLDEN, PUBLIC_KEY, resign, write
+from tests.agent.bundles import GOLDEN, PUBLIC_KEY, policy_head, resign, write
 from tests.agent.test_agent_state import bundle
 
 # the real CLI in a fresh interpreter; on exit it writes its peak resident set (VmHWM, KiB: not
@@ -233,18 +233,18 @@ def test_the_bundle_limit_holds_a_large_estates_bundle() -> None:
     assert len(large) * 6 < MAX_BUNDLE_BYTES
 
 
-QUARANTINE_POLICY = """
-labels:
-  dimensions:
-    role: {keys: ["ringfence:role"]}
-    app: {keys: ["ringfence:app"]}
-defaults:
-  mode: enforce
-  failsafes:
-    admin_cidrs: [10.99.0.0/24]
-    admin_ports: [tcp/22]
-    dns_resolvers: [10.0.0.2]
-    control_plane: [198.51.100.10/32]
+QUARANTINE_POLICY = (
+    policy_head(
+        "role",
+        "app",
+        failsafes={
+            "admin_cidrs": ["10.99.0.0/24"],
+            "admin_ports": ["tcp/22"],
+            "dns_resolvers": ["10.0.0.2"],
+            "control_plane": ["198.51.100.10/32"],
+        },
+    )
+    + """
 services:
   - {name: web, ports: [tcp/8080]}
 rulesets:
@@ -254,6 +254,7 @@ rulesets:
       - {name: lb-to-web, from: role == lb, to: role == web, services: [web]}
       - {name: web-out, from: role == web, to: role == lb, services: [web]}
 """
+)
 
 
 def test_attack_a_quarantined_host_keeps_only_what_management_needs(tmp_path: Path) -> None:

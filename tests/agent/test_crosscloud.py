@@ -20,6 +20,7 @@ from ringfence.local.lab import PY, sh, wait_until
 from ringfence.local.lab import Lab as NetLab
 from ringfence.local.lab import Probe as P
 from tests.agent import dataplane
+from tests.agent.bundles import policy_head
 from tests.agent.test_agent_dataplane import config, net_agent
 
 # fixtures: the moto-backed AWS control plane (see tests/aws), the local Google APIs
@@ -33,18 +34,9 @@ dataplane.require()
 
 HOSTS = {"db": 3, "azweb": 5, "gcpweb": 6, "cp": 100, "adm": 250}
 
-POLICY = """
-labels:
-  key_prefix: "ringfence:"
-  dimensions:
-    role: {keys: ["ringfence:role"]}
-    app: {keys: ["ringfence:app"]}
-    env: {keys: ["ringfence:env"]}
-defaults:
-  mode: enforce
-  failsafes:
-    admin_cidrs: [10.77.0.250/32]
-    admin_ports: [tcp/22]
+POLICY = (
+    policy_head("role", "app", "env")
+    + """
 services:
   - {name: db, ports: [tcp/5432]}
 rulesets:
@@ -59,6 +51,7 @@ rulesets:
     rules:
       - {name: web-to-db, from: role == web, to: role == db, services: [db]}
 """
+)
 
 # a POST from inside the lab (the control plane listens in cp's namespace): body from a file
 _POST_IN_LAB = """
