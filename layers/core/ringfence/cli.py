@@ -708,6 +708,16 @@ def _opened_store(spec: str, what: str = "store", *, write: bool = False, create
 
     if spec.startswith("sqlite:") and not create and not Path(spec.removeprefix("sqlite:")).is_file():
         raise CliError(f"{what} {spec!r}: no such database file" + (" (--create to start one)" if write else ""))
+    if spec.startswith("sqlite:") and write:
+        from ringfence.local.statedir import StateRefused, check_state
+
+        # as serve refuses them: an empty file or one without ringfence's schema is no store, and
+        # a missing one where serve ran is a lost store; --create (often left in a script) starts
+        # a new store only where there is no file and no earlier run
+        try:
+            check_state(Path(spec.removeprefix("sqlite:")), fresh="`ringfence serve --new-store`")
+        except StateRefused as exc:
+            raise CliError(str(exc)) from None
     try:
         return open_store(spec, read_only=not write)
     except ValueError as exc:
@@ -1168,7 +1178,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inventory", help="resolve addresses with this estate (default: the store's inventory)")
     p.add_argument("--retention-days", type=int, default=30, help="rows expire this long after their last flow")
     p.add_argument("--strict", action="store_true", help="exit 1 when any line was malformed")
-    p.add_argument("--create", action="store_true", help="start a new sqlite:PATH store if there is none")
+    p.add_argument(
+        "--create",
+        action="store_true",
+        help="start a new sqlite:PATH store where there is no file (never in an empty file, nor where "
+        "ringfence serve ran: refused as serve refuses them)",
+    )
 
     p = add("bench", cmd_bench, help="compile a synthetic estate: full vs incremental, compiled vs naive rules")
     p.add_argument("--workloads", type=int, default=10_000, help="size of the synthetic estate (default 10000)")

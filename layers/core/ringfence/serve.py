@@ -254,7 +254,8 @@ def build_wiring(
     ``metric``: what the services count (the compute worker's with ``sqlite:``; :class:`ringfence.metrics.Counters`).
     With ``sqlite:`` the state directory is checked first (:mod:`ringfence.local.statedir`): a
     missing or empty store where the control plane ran before, or a damaged one, is refused unless
-    ``new_store`` (``--new-store``) asks for a new one; a key or directory that cannot be used is
+    ``new_store`` (``--new-store``) asks for a new one, and so is the state directory's own signing
+    key missing or unusable beside a store holding data; a key or directory that cannot be used is
     a :class:`ServeError` naming its path."""
     import dataclasses
 
@@ -279,7 +280,7 @@ def build_wiring(
         return w
     if store.startswith("sqlite:") and store.removeprefix("sqlite:"):
         from ringfence.bundle import BundleError
-        from ringfence.local.statedir import StateRefused, check_state, quick_check
+        from ringfence.local.statedir import StateRefused, check_signing_key, check_state, quick_check
         from ringfence.local.wiring import LocalWiring, StateInUse
 
         database = Path(store.removeprefix("sqlite:"))
@@ -288,6 +289,8 @@ def build_wiring(
 
             check_state(database, new_store)
             quick_check(database)
+            if signing_key is None:
+                check_signing_key(database)  # never a new key beside a store whose agents pinned the old one
             local = dataclasses.replace(local_config(), siem=siem) if siem else None
             return LocalWiring(database, signing_key=signing_key, cfg=local, metric=metric)
         except (StateInUse, StateRefused, BundleError) as exc:

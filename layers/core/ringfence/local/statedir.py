@@ -13,6 +13,10 @@ store (docs/onprem.md, "Start-up checks").
 * An existing store must pass SQLite's ``PRAGMA quick_check`` (every page and b-tree of the file,
   not the indexes' contents against their tables): a damaged file is refused before anything
   writes to it, rather than served while writes to its damaged tables fail.
+* The state directory's own signing key (no ``--signing-key``) missing, empty or unreadable
+  beside a store that holds data is refused: a new key would sign bundles no enrolled agent
+  accepts (they pinned the lost key's public key), and the estate would stop taking changes with
+  no error but the agents'. The key is generated only for a store that holds nothing yet.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from ringfence.bundle import BundleError, SigningKey
 from ringfence.store.failure import classify
 
 # what the control plane leaves in its state directory once it has run (objects/agent is the
@@ -27,6 +32,20 @@ from ringfence.store.failure import classify
 _LIFE_FILES = ("signing-key.pem", "signing-key.pub.pem")
 _LIFE_OBJECTS = ("bundles", "deltas", "policies", "reports", "keys")
 QUICK_CHECK_PROBLEMS = 10  # problems quick_check reports at most (it stops there)
+SIGNING_KEY = "signing-key.pem"  # the state directory's own key (LocalWiring generates it)
+# what a store holds that shows it was used, and what one row of each is
+_HELD_QUERY = (
+    "SELECT (SELECT COUNT(*) FROM inventory), (SELECT COUNT(*) FROM policy), (SELECT COUNT(*) FROM bundle), "
+    "(SELECT COUNT(*) FROM token), (SELECT COUNT(*) FROM pairing), (SELECT COUNT(*) FROM audit)"
+)
+_HELD = (
+    "workload(s)",
+    "policy version(s)",
+    "published bundle(s)",
+    "agent token(s)",
+    "pairing key(s)",
+    "audit record(s)",
+)
 
 
 class StateRefused(RuntimeError):
@@ -48,10 +67,11 @@ def earlier_life(database: Path) -> list[str]:
     return found
 
 
-def check_state(database: Path, new_store: bool = False) -> None:
+def check_state(database: Path, new_store: bool = False, *, fresh: str = "--new-store") -> None:
     """Refuse (:class:`StateRefused`) a missing or empty store in a directory used before, an
     empty file or an SQLite database without ringfence's schema anywhere, and ``new_store`` over a
-    file that holds anything (an SQLite database without a table holds nothing)."""
+    file that holds anything (an SQLite database without a table holds nothing). ``fresh``: what
+    the refusals name to start a new store on purpose (another command than serve has none)."""
     try:
         size: int | None = database.stat().st_size
     except FileNotFoundError:
@@ -70,13 +90,13 @@ def check_state(database: Path, new_store: bool = False) -> None:
     if size == 0:
         raise StateRefused(
             f"{database}: an empty file (0 bytes), not a ringfence store: {restore}, or start a new, empty store "
-            "in its place with --new-store"
+            f"in its place with {fresh}"
         )
     if schema is not None and schema[0] == 0:
         # SQLite would take it for a new store and serve would start afresh beside the signing
         # key and published objects of the one it replaced
         held = f"{schema[1]} table(s) of something else" if schema[1] else "no table"
-        fix = "start a new, empty store in its place with --new-store" if not schema[1] else "move it aside"
+        fix = f"start a new, empty store in its place with {fresh}" if not schema[1] else "move it aside"
         raise StateRefused(
             f"{database}: an SQLite database without ringfence's schema (user_version 0, {held}), not a ringfence "
             f"store (a backup of a wrong path?): {restore}, or {fix}"
@@ -87,8 +107,51 @@ def check_state(database: Path, new_store: bool = False) -> None:
             raise StateRefused(
                 f"{database}: no such file, but {database.parent} was used before ({', '.join(found)}): a new store "
                 "would forget every registration, agent token, pairing key, policy version and audit record. "
-                f"Check the path, or {restore}; to start a new, empty store here on purpose, give --new-store"
+                f"Check the path, or {restore}; to start a new, empty store here on purpose, start once with {fresh}"
             )
+
+
+def held(database: Path) -> str | None:
+    """What the store holds (``3 workload(s), 12 audit record(s)``), read-only; None when it
+    holds none of it, is not there or cannot be read (the store's own open says why)."""
+    if not database.is_file() or database.stat().st_size == 0:
+        return None
+    try:
+        db = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True, timeout=30, isolation_level=None)
+        try:
+            counts = zip((int(n) for n in db.execute(_HELD_QUERY).fetchone()), _HELD, strict=True)
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return None
+    found = [f"{n} {what}" for n, what in counts if n]
+    return ", ".join(found) if found else None
+
+
+def check_signing_key(database: Path) -> None:
+    """The state directory's own signing key, when serve is to use it (no ``--signing-key``):
+    :class:`StateRefused` when it is missing, empty or does not load while the store beside it
+    holds data. Missing beside a new or empty store, LocalWiring generates it."""
+    key = database.parent / SIGNING_KEY
+    missing = not key.exists() and not key.is_symlink()
+    problem = None
+    if not missing:
+        try:
+            SigningKey.from_file(key)
+            return
+        except BundleError as exc:
+            problem = str(exc).removeprefix(f"{key}: ")
+    found = held(database)
+    if found is None:
+        return  # nothing signed yet, nothing pinned to it: generated (missing) or refused as it is (LocalWiring)
+    what = "no such file" if missing else problem
+    raise StateRefused(
+        f"{key}: {what}, but {database.name} holds data ({found}): a new key would sign bundles that no enrolled "
+        "agent accepts (they pinned this key's public key), so serve does not make one. Restore "
+        f"{SIGNING_KEY} from its backup (docs/onprem.md#backup-and-restore), or give the key's path with "
+        "--signing-key; if it is lost, rotate to a new key (docs/bundle.md#keys-and-rotation): `ringfence keygen`, "
+        f"add its public key to every agent's key set, then put it here as {SIGNING_KEY} and start again"
+    )
 
 
 def _schema(database: Path) -> tuple[int, int] | None:

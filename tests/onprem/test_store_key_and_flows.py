@@ -1,0 +1,213 @@
+"""The real ``ringfence serve --store sqlite:PATH`` process and the real CLI on what the embedded
+store's start-up checks left open:
+
+* the state directory's signing key gone, emptied or unreadable beside a store that holds data:
+  refused naming the file, what the store holds and what to do, never a new key that no enrolled
+  agent accepts; the key is still made for a store that holds nothing (a first start,
+  ``--new-store``); the documented rotation (a new key pinned first) starts;
+* ``ringfence flows ingest`` refuses an empty file, an SQLite file without ringfence's schema and,
+  with ``--create``, a missing store where serve ran, as serve refuses them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ringfence import bundle
+from tests.agentproc import wait_until
+from tests.conftest import EXAMPLE
+from tests.onprem.test_serve_store_failures import Serve, boot, drop_wal
+from tests.test_cli import rf
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Serve]:
+    s = Serve(tmp_path, tmp_path / "state" / "state.db")
+    yield s
+    s.stop()
+
+
+def newest_bundles(state: Path) -> dict[str, Path]:
+    """Each workload's bundle file of the highest version under ``objects/bundles``."""
+    out = {}
+    for d in (state / "objects" / "bundles").iterdir():
+        out[d.name] = max(d.glob("*.json"), key=lambda p: int(p.name.split("-")[0]))
+    return out
+
+
+def signed_by(path: Path, public: Path) -> bool:
+    try:
+        bundle.Verifier.from_file(public).verify(bundle.load_bundle(path.read_bytes()))
+    except bundle.BundleError:
+        return False
+    return True
+
+
+# --- 1: the signing key ----------------------------------------------------------------------------
+
+
+def test_a_lost_signing_key_beside_a_store_with_data_stops_the_start(served: Serve, tmp_path: Path) -> None:
+    """signing-key.pem deleted (a restore without it, a wrong `rm`) beside a store holding an
+    estate: serve generated a new key that no enrolled agent accepts, and every later bundle was
+    refused on every host with no error at the control plane. Now refused naming the file, what
+    the store holds and what to do; an empty or unreadable key likewise; no key is written."""
+    boot(served)
+    served.stop()
+    state = served.db.parent
+    key, pub = state / "signing-key.pem", state / "signing-key.pub.pem"
+    original, pinned = key.read_bytes(), pub.read_bytes()
+
+    key.unlink()
+    assert served.start() == 1
+    refusal = served.refusal()
+    assert refusal.startswith(
+        f"error: {key}: no such file, but state.db holds data (3 workload(s), 1 policy version(s), "
+        "3 published bundle(s), "
+    ), refusal
+    assert "audit record(s)): a new key would sign bundles that no enrolled agent accepts" in refusal
+    for told in (
+        "Restore signing-key.pem from its backup (docs/onprem.md#backup-and-restore)",
+        "--signing-key",
+        "rotate to a new key (docs/bundle.md#keys-and-rotation): `ringfence keygen`, add its public key to every "
+        "agent's key set, then put it here as signing-key.pem and start again",
+    ):
+        assert told in refusal
+    assert not key.exists() and pub.read_bytes() == pinned  # nothing made, the pinned key left as it was
+
+    for content, found in (
+        (b"", "an empty file (0 bytes), not a signing key"),
+        (b"-----BEGIN PRIVATE KEY-----\nnot base64\n", "not an unencrypted Ed25519 private key (PKCS#8 PEM)"),
+    ):
+        key.write_bytes(content)
+        assert served.start() == 1
+        assert served.refusal().startswith(f"error: {key}: {found}, but state.db holds data (3 workload(s), ")
+        assert key.read_bytes() == content
+
+    key.write_bytes(original)  # restored from its backup: starts, the published bundles stand
+    key.chmod(0o600)
+    assert served.start() is None, served.log.read_text()
+    assert all(signed_by(p, pub) for p in newest_bundles(state).values())
+    served.stop()
+
+    # the documented rotation: a new key, its public key pinned on the agents first, then in place
+    rf("keygen", "--out", str(tmp_path / "new"))
+    new_pub = tmp_path / "new" / "bundle-signing.pub.pem"
+    shutil.copy(tmp_path / "new" / "bundle-signing.pem", key)
+    shutil.copy(new_pub, pub)
+    assert served.start() is None, served.log.read_text()
+    # every bundle the old key signed is signed again by the new one (the rebuild at start)
+    wait_until(
+        lambda: all(signed_by(p, new_pub) for p in newest_bundles(state).values()), 60, "bundles signed by the new key"
+    )
+
+
+def test_the_key_is_still_made_for_a_store_that_holds_nothing(served: Serve) -> None:
+    """Generated as before where nothing was signed yet: a store started once with nothing in it,
+    and a new store asked for with --new-store in place of a lost one (its agents pair again)."""
+    state = served.db.parent
+    key = state / "signing-key.pem"
+    assert served.start() is None  # a first start on an empty directory makes it
+    served.stop()
+    first = key.read_bytes()
+    key.unlink()
+    assert served.start() is None, served.log.read_text()  # nothing registered, nothing signed
+    served.stop()
+    assert key.read_bytes() != first
+
+    boot(served)
+    served.stop()
+    drop_wal(served.db)
+    served.db.unlink()
+    key.unlink()
+    assert served.start("--new-store") is None, served.log.read_text()
+    served.stop()
+    assert bundle.SigningKey.from_file(key).key_id
+
+
+# --- 2: flows ingest --------------------------------------------------------------------------------
+
+
+def _flow_log(tmp_path: Path) -> Path:
+    log = tmp_path / "flows.log.gz"
+    log.write_bytes(
+        gzip.compress(
+            b"version srcaddr dstaddr dstport protocol start end action log-status\n"
+            b"2 10.1.1.10 10.1.2.10 8443 6 1764680000 1764680060 ACCEPT OK\n"
+        )
+    )
+    return log
+
+
+def _ingest(db: Path, log: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return rf(
+        "flows", "ingest", *extra, "--store", f"sqlite:{db}", "--policy", str(EXAMPLE / "policy"),
+        "--inventory", str(EXAMPLE / "inventory.yaml"), str(log), ok=False,
+    )  # fmt: skip
+
+
+def test_flows_ingest_refuses_an_empty_file_as_serve_does(tmp_path: Path) -> None:
+    """`flows ingest` made a 0-byte state.db (a failed restore, a truncation) into a new store,
+    with or without --create, which serve then started on as a store with a schema: every
+    registration, token and audit record forgotten. Refused now as serve refuses it, untouched."""
+    log = _flow_log(tmp_path)
+    db = tmp_path / "state" / "state.db"
+    db.parent.mkdir()
+    db.touch()
+    for extra in ((), ("--create",)):
+        proc = _ingest(db, log, *extra)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.strip() == (
+            f"error: {db}: an empty file (0 bytes), not a ringfence store: restore it from its backup "
+            "(docs/onprem.md#backup-and-restore), or start a new, empty store in its place with "
+            "`ringfence serve --new-store`"
+        )
+        assert db.stat().st_size == 0
+
+    db.write_bytes(_empty_sqlite(tmp_path))  # what the backup of a mistyped path restores: SQLite, no schema
+    proc = _ingest(db, log, "--create")
+    assert proc.returncode == 1, proc.stderr
+    assert f"error: {db}: an SQLite database without ringfence's schema (user_version 0, no table)" in proc.stderr
+
+
+def _empty_sqlite(tmp_path: Path) -> bytes:
+    """A valid SQLite file with no table (sqlite3 writes none for a database left empty)."""
+    other = tmp_path / "empty.db"
+    con = sqlite3.connect(other)
+    con.execute("PRAGMA user_version = 0")
+    con.execute("CREATE TABLE t (x)")
+    con.execute("DROP TABLE t")
+    con.commit()
+    con.close()
+    return other.read_bytes()
+
+
+def test_flows_ingest_create_starts_no_store_where_serve_ran(tmp_path: Path) -> None:
+    """--create (left in a script) over a state.db gone beside serve's signing key and published
+    objects: refused naming what shows the earlier run, as serve refuses it; where nothing ran it
+    starts a store as before, and later runs add to it."""
+    log = _flow_log(tmp_path)
+    used = tmp_path / "state"
+    used.mkdir()
+    bundle.SigningKey.generate().write(used / "signing-key.pem", used / "signing-key.pub.pem")
+    proc = _ingest(used / "state.db", log, "--create")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith(
+        f"error: {used / 'state.db'}: no such file, but {used} was used before (signing-key.pem, signing-key.pub.pem)"
+    )
+    assert "start once with `ringfence serve --new-store`" in proc.stderr
+    assert not (used / "state.db").exists()
+
+    fresh = tmp_path / "flows" / "flows.db"
+    proc = _ingest(fresh, log, "--create")
+    assert proc.returncode == 0, proc.stderr
+    assert "1 flows → 1 rows" in proc.stdout
+    for extra in ((), ("--create",)):  # a store with data: ingested into, with or without --create
+        proc = _ingest(fresh, log, *extra)
+        assert proc.returncode == 0, proc.stderr
