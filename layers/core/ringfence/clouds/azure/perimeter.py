@@ -557,7 +557,8 @@ class AzurePerimeter:
                 continue
             on, off = p.attach.get(iid, set()), p.detach.get(iid, set())
             left = len(res.skipped)
-            self._nic(nics[iid], itf.network, on, off, asgs, nsgs, ds, iid in closing, res, vm=itf.workload)
+            nic_plan = _NicPlan(itf.network, on, off, asgs, nsgs, ds, close=iid in closing)
+            self._nic(nics[iid], nic_plan, res, vm=itf.workload)
             if len(res.skipped) > left:
                 still_on |= {(_rg(itf.network), n) for n in off}
         if p.delete:
@@ -760,22 +761,10 @@ class AzurePerimeter:
             )
         raise NameTaken([f"{kind} {name} in {group.lower()} kept appearing and disappearing during this run"])
 
-    def _nic(
-        self,
-        nic: dict[str, Any],
-        net: str,
-        on: set[str],
-        off: set[str],
-        asgs: dict[tuple[str, str], str],
-        nsgs: dict[tuple[str, str], str],
-        ds: DesiredState,
-        close: bool,
-        res: AzurePerimeterResult,
-        vm: str | None = None,
-    ) -> None:
+    def _nic(self, nic: dict[str, Any], plan: _NicPlan, res: AzurePerimeterResult, vm: str | None = None) -> None:
         """The NIC's ASGs as planned, and the NSG of its environment where it has none or another
-        environment's of ours (whose deny would name an ASG the NIC no longer has); ``close``: no
-        env, rf-none (in the same PUT that takes our ASGs off).
+        environment's of ours (whose deny would name an ASG the NIC no longer has); ``plan.close``:
+        no env, rf-none (in the same PUT that takes our ASGs off).
 
         ``nic`` is the copy read at the start of the run, minutes before this write in a large
         subscription (ASGs, NSGs and rules are written first, each waiting for ARM): what is found
@@ -783,7 +772,7 @@ class AzurePerimeter:
         again, with only our changes applied to it, written with ``If-Match`` its etag), so that
         nothing another team changed on it meanwhile (its own ASGs, an NSG, IP configurations) is
         undone; and only if what it needs now is within what the record lists."""
-        planned = _nic_change(nic, net, on, off, asgs, nsgs, ds, close, res.warnings)
+        planned = plan.change(nic, res.warnings)
         if planned is None:
             return
         name = ArmId.parse(nic["id"]).names[0]
@@ -795,24 +784,14 @@ class AzurePerimeter:
             return
         done: _NicChange | None = planned
         if not self._ahead:
-            done = self._write_nic(nic["id"], net, planned, on, off, asgs, nsgs, ds, close, res)
+            done = self._write_nic(nic["id"], plan, planned, res)
         if done is None:
             return
         res.writes.append(f"PUT nic {name}")
         res.changes.append(_nic_record(name, vm, done))
 
     def _write_nic(
-        self,
-        nic_id: str,
-        net: str,
-        planned: _NicChange,
-        on: set[str],
-        off: set[str],
-        asgs: dict[tuple[str, str], str],
-        nsgs: dict[tuple[str, str], str],
-        ds: DesiredState,
-        close: bool,
-        res: AzurePerimeterResult,
+        self, nic_id: str, plan: _NicPlan, planned: _NicChange, res: AzurePerimeterResult
     ) -> _NicChange | None:
         """Reads the NIC, applies our changes to what it holds now and writes that with ``If-Match``
         its etag; a write refused because it changed after that read (412) is tried once more from a
@@ -825,9 +804,9 @@ class AzurePerimeter:
             configs = (live or {}).get("properties", {}).get("ipConfigurations") or []
             subnet = next(((c.get("properties") or {}).get("subnet", {}).get("id") for c in configs), None)
             etag = (live or {}).get("etag")
-            if live is None or str(vnet_of(subnet) or "").lower() != net.lower() or not etag:
+            if live is None or str(vnet_of(subnet) or "").lower() != plan.net.lower() or not etag:
                 return self._leave(nic_id, "it is gone or moved since it was read", res)
-            now = _nic_change(live, net, on, off, asgs, nsgs, ds, close, [])
+            now = plan.change(live, [])
             if now is None:
                 return None  # someone made it so already
             if not now.within(planned):
@@ -860,6 +839,64 @@ CREATE_TRIES = 2  # an ASG or NSG found by the 412 of our create but gone when r
 
 
 @dataclass(frozen=True)
+class _NicPlan:
+    """What a run wants of one NIC in the VNet ``net``: our ASGs ``on`` put on and ``off`` taken off
+    (by name), and the NSG of its environment in ``ds`` or, ``close``, rf-none; ``asgs`` and
+    ``nsgs`` are the run's ids of ours by (resource group, name)."""
+
+    net: str
+    on: set[str]
+    off: set[str]
+    asgs: dict[tuple[str, str], str]
+    nsgs: dict[tuple[str, str], str]
+    ds: DesiredState
+    close: bool
+
+    def change(self, nic: dict[str, Any], warnings: list[str]) -> _NicChange | None:
+        """``nic`` (wire format) with our ASGs ``on`` put on and ``off`` taken off each IP
+        configuration and, where it must change, its NSG: the body to PUT and what changes (None:
+        nothing). Everything else in it is kept as it is."""
+        net, asgs, nsgs = self.net, self.asgs, self.nsgs
+        body = copy.deepcopy({k: v for k, v in nic.items() if k in ("location", "tags", "properties")})
+        props = body.setdefault("properties", {})
+        rg = _rg(net)
+        drop = {asgs[(rg, n)].lower(): n for n in self.off if (rg, n) in asgs}
+        added: set[str] = set()
+        removed: set[str] = set()
+        for c in props.get("ipConfigurations") or []:
+            cp = c.setdefault("properties", {})
+            held = cp.get("applicationSecurityGroups") or []
+            keep = [a for a in held if a["id"].lower() not in drop]
+            removed |= {drop[a["id"].lower()] for a in held if a["id"].lower() in drop}
+            have = {a["id"].lower() for a in keep}
+            for n in sorted(self.on):
+                if asgs[(rg, n)].lower() not in have:
+                    keep.append({"id": asgs[(rg, n)]})
+                    added.add(n)
+            cp["applicationSecurityGroups"] = keep
+        names = self.ds.attachments.get(nic["id"], set())
+        env = next((self.ds.groups[(net, n)].env for n in sorted(names) if (net, n) in self.ds.groups), None)
+        current = (props.get("networkSecurityGroup") or {}).get("id")
+        nsg: str | None = None
+        if env is not None:
+            target = nsgs[(rg, nsg_name(env))]
+            ours = {v.lower() for v in nsgs.values()}
+            if current is None or (str(current).lower() in ours and str(current).lower() != target.lower()):
+                nsg = target
+            elif str(current).lower() != target.lower():
+                warnings.append(f"{nic['id']} has the NSG {current}: the {nsg_name(env)} rules do not apply to it")
+        elif self.close:
+            target = nsgs[(rg, NONE_NSG)]
+            if str(current or "").lower() != target.lower():
+                nsg = target
+        if nsg is not None:
+            props["networkSecurityGroup"] = {"id": nsg}
+        if not (added or removed or nsg):
+            return None
+        return _NicChange(body, frozenset(added), frozenset(removed), nsg)
+
+
+@dataclass(frozen=True)
 class _NicChange:
     """One NIC's write: the body to PUT and what it changes (our ASGs by name, the NSG id set)."""
 
@@ -872,59 +909,6 @@ class _NicChange:
         """Changes nothing ``other`` does not (so a record that lists ``other`` lists it whole)."""
         same_nsg = self.nsg is None or (other.nsg is not None and self.nsg.lower() == other.nsg.lower())
         return self.added <= other.added and self.removed <= other.removed and same_nsg
-
-
-def _nic_change(
-    nic: dict[str, Any],
-    net: str,
-    on: set[str],
-    off: set[str],
-    asgs: dict[tuple[str, str], str],
-    nsgs: dict[tuple[str, str], str],
-    ds: DesiredState,
-    close: bool,
-    warnings: list[str],
-) -> _NicChange | None:
-    """``nic`` (wire format) with our ASGs ``on`` put on and ``off`` taken off each IP configuration
-    and, where it must change, its NSG: the body to PUT and what changes (None: nothing). Everything
-    else in it is kept as it is."""
-    body = copy.deepcopy({k: v for k, v in nic.items() if k in ("location", "tags", "properties")})
-    props = body.setdefault("properties", {})
-    rg = _rg(net)
-    drop = {asgs[(rg, n)].lower(): n for n in off if (rg, n) in asgs}
-    added: set[str] = set()
-    removed: set[str] = set()
-    for c in props.get("ipConfigurations") or []:
-        cp = c.setdefault("properties", {})
-        held = cp.get("applicationSecurityGroups") or []
-        keep = [a for a in held if a["id"].lower() not in drop]
-        removed |= {drop[a["id"].lower()] for a in held if a["id"].lower() in drop}
-        have = {a["id"].lower() for a in keep}
-        for n in sorted(on):
-            if asgs[(rg, n)].lower() not in have:
-                keep.append({"id": asgs[(rg, n)]})
-                added.add(n)
-        cp["applicationSecurityGroups"] = keep
-    names = ds.attachments.get(nic["id"], set())
-    env = next((ds.groups[(net, n)].env for n in sorted(names) if (net, n) in ds.groups), None)
-    current = (props.get("networkSecurityGroup") or {}).get("id")
-    nsg: str | None = None
-    if env is not None:
-        target = nsgs[(rg, nsg_name(env))]
-        ours = {v.lower() for v in nsgs.values()}
-        if current is None or (str(current).lower() in ours and str(current).lower() != target.lower()):
-            nsg = target
-        elif str(current).lower() != target.lower():
-            warnings.append(f"{nic['id']} has the NSG {current}: the {nsg_name(env)} rules do not apply to it")
-    elif close:
-        target = nsgs[(rg, NONE_NSG)]
-        if str(current or "").lower() != target.lower():
-            nsg = target
-    if nsg is not None:
-        props["networkSecurityGroup"] = {"id": nsg}
-    if not (added or removed or nsg):
-        return None
-    return _NicChange(body, frozenset(added), frozenset(removed), nsg)
 
 
 def _nic_record(name: str, vm: str | None, change: _NicChange) -> dict[str, Any]:
