@@ -392,6 +392,18 @@ def env(embedded: EmbeddedAws) -> Iterator[Env]:
         c.close()
 
 
+@pytest.fixture
+def gated(env: Env) -> Iterator[Env]:
+    """``env`` under the launch lifecycle gate "agent" (RINGFENCE_LIFECYCLE_GATE): a new instance
+    goes InService only once its perimeter groups are on and its agent enforces a bundle."""
+    os.environ["RINGFENCE_LIFECYCLE_GATE"] = "agent"
+    env.load_functions()  # cold start: the handlers read the setting
+    try:
+        yield env
+    finally:
+        os.environ.pop("RINGFENCE_LIFECYCLE_GATE", None)
+
+
 def ip_of(env: Env, iid: str) -> str:
     inst = env.ec2.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"][0]
     return str(inst["PrivateIpAddress"])

@@ -6,7 +6,7 @@ nothing."""
 from __future__ import annotations
 
 from tests.aws.conftest import Env
-from tests.aws.test_lifecycle_gate import gated, launch, state  # noqa: F401  (gated: the fixture)
+from tests.aws.test_lifecycle_gate import launch, state
 from tests.aws.test_pipeline import enroll_instance
 
 
@@ -18,7 +18,7 @@ def _heartbeat(env: Env, wid: str, token: str, applied: int) -> int:
     return int(status)
 
 
-def test_attack_a_version_never_published_does_not_release_the_launch(gated: Env) -> None:  # noqa: F811
+def test_attack_a_version_never_published_does_not_release_the_launch(gated: Env) -> None:
     env = gated
     new = launch(env)
     env.pump()

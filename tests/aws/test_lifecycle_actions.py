@@ -14,11 +14,11 @@ import pytest
 from tests.aws.conftest import REGION, Env
 from tests.aws.lifecycle_setup import launch_action, pending, scale_out_with_launch_hooks, send_compute
 from tests.aws.test_handler_metrics import emitted
-from tests.aws.test_lifecycle_gate import Calls, gated, heartbeat, launch, rf_groups_on_enis, state  # noqa: F401
+from tests.aws.test_lifecycle_gate import Calls, heartbeat, launch, rf_groups_on_enis, state
 from tests.aws.test_pipeline import boot, enroll_instance
 
 
-def test_a_second_launch_action_of_the_same_instance_is_completed(gated: Env) -> None:  # noqa: F811
+def test_a_second_launch_action_of_the_same_instance_is_completed(gated: Env) -> None:
     """A warm pool sends EC2_INSTANCE_LAUNCHING when the instance enters the pool and again, with
     a new token, when it leaves it. Here the group has two launch hooks, so Auto Scaling holds the
     instance until both actions are completed; the second action reaches Ringfence only after the
@@ -55,7 +55,7 @@ def test_a_second_launch_action_of_the_same_instance_is_completed(gated: Env) ->
     assert len(calls.completed) == 1
 
 
-def test_a_duplicated_action_in_one_batch_is_completed_once(gated: Env, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+def test_a_duplicated_action_in_one_batch_is_completed_once(gated: Env, capsys: pytest.CaptureFixture[str]) -> None:
     env = gated
     new = launch(env)
     env.drain("lifecycle", "lifecycle")
@@ -87,19 +87,7 @@ def test_a_copy_of_an_action_in_a_later_batch_is_not_completed_again(
 ) -> None:
     """The lifecycle gate "publish" (the default): compute completes an action once the bundle is
     published. A copy handed on again later (a retried batch) finds it claimed."""
-    boot(env)
-    env.asg.put_lifecycle_hook(
-        LifecycleHookName="rf-hook",
-        AutoScalingGroupName="rf-web-asg",
-        LifecycleTransition="autoscaling:EC2_INSTANCE_LAUNCHING",
-        HeartbeatTimeout=300,
-        DefaultResult="ABANDON",
-    )
-    env.asg.set_desired_capacity(AutoScalingGroupName="rf-web-asg", DesiredCapacity=1)
-    new = env.asg_instances()[0]
-    ev = env.lifecycle_event(new, launching=True)
-    ev["detail"]["LifecycleActionToken"] = pending(env, new)["rf-hook"]
-    env.put(ev)
+    new = launch(env)
     calls = Calls(env)
     env.pump()
     assert calls.ops.count("CompleteLifecycleAction") == 1 and state(env, new) == "InService"
@@ -135,7 +123,7 @@ def test_a_failed_completion_is_counted_and_never_overwrites_continue(
     assert hold is not None and (hold.outcome or "").startswith("not completed")
 
 
-def test_a_perimeter_in_dry_run_is_recorded_as_dry_run(gated: Env, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+def test_a_perimeter_in_dry_run_is_recorded_as_dry_run(gated: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     """PerimeterDryRun=true (the default): the perimeter attaches nothing and still hands launches
     on; the hold says "dry run", never "attached"."""
     env = gated

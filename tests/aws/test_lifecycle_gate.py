@@ -9,27 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.aws.conftest import Env
-from tests.aws.test_pipeline import boot, enroll_instance
+from tests.aws.lifecycle_setup import scale_out_with_launch_hooks
+from tests.aws.test_pipeline import enroll_instance
 from tests.aws.test_static import hcl, template
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def gated(env: Env) -> Iterator[Env]:
-    os.environ["RINGFENCE_LIFECYCLE_GATE"] = "agent"
-    env.load_functions()  # cold start: the handlers read the setting
-    try:
-        yield env
-    finally:
-        os.environ.pop("RINGFENCE_LIFECYCLE_GATE", None)
 
 
 def state(env: Env, iid: str) -> str:
@@ -73,20 +61,10 @@ class Calls:
 def launch(env: Env) -> str:
     """The estate booted, the web group scaled out by one: its new instance held in Pending:Wait
     and the launch lifecycle action (with moto's real token) put on EventBridge."""
-    boot(env)
-    env.asg.put_lifecycle_hook(
-        LifecycleHookName="rf-hook",
-        AutoScalingGroupName="rf-web-asg",
-        LifecycleTransition="autoscaling:EC2_INSTANCE_LAUNCHING",
-        HeartbeatTimeout=300,
-        DefaultResult="ABANDON",
-    )
-    env.asg.set_desired_capacity(AutoScalingGroupName="rf-web-asg", DesiredCapacity=1)
-    new = env.asg_instances()[0]
+    new, tokens = scale_out_with_launch_hooks(env, ("rf-hook",))
     assert state(env, new) == "Pending:Wait"
-    (action,) = [a for a in env.aws.lifecycle_actions() if a.instance_id == new]
     ev = env.lifecycle_event(new, launching=True)
-    ev["detail"]["LifecycleActionToken"] = action.token
+    ev["detail"]["LifecycleActionToken"] = tokens["rf-hook"]
     env.put(ev)
     return new
 

@@ -19,7 +19,7 @@ import pytest
 from tests.aws.conftest import Env
 from tests.aws.lifecycle_setup import GROUP, launch_action, pending, scale_out_with_launch_hooks, send_compute
 from tests.aws.test_handler_metrics import emitted
-from tests.aws.test_lifecycle_gate import Calls, gated, heartbeat, state  # noqa: F401
+from tests.aws.test_lifecycle_gate import Calls, heartbeat, state
 from tests.aws.test_pipeline import enroll_instance
 from tests.aws.test_static import ROOT, SAM_HOOK_NAMES, TF_HOOK_NAMES, hcl, template
 
@@ -55,7 +55,7 @@ def test_ours_is_completed_and_another_teams_hook_is_left_to_its_owner(env: Env)
 
 
 def test_another_hooks_action_delivered_anyway_is_neither_held_nor_completed(
-    gated: Env,  # noqa: F811
+    gated: Env,
     capsys: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -133,7 +133,7 @@ def test_another_hooks_action_handed_to_compute_is_not_completed(env: Env, capsy
 
 
 def test_another_hooks_action_an_earlier_version_held_is_not_released(
-    gated: Env,  # noqa: F811
+    gated: Env,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Under the gate "agent" an earlier version held every hook's action in the launch hold:

@@ -16,7 +16,7 @@ import pytest
 from tests.aws.conftest import Env
 from tests.aws.lifecycle_setup import launch_action, pending, scale_out_with_launch_hooks
 from tests.aws.test_handler_metrics import emitted
-from tests.aws.test_lifecycle_gate import Calls, gated, heartbeat, state  # noqa: F401
+from tests.aws.test_lifecycle_gate import Calls, heartbeat, state
 from tests.aws.test_pipeline import enroll_instance
 from tests.aws.test_store import make_dynamo
 
@@ -56,7 +56,7 @@ def test_two_launch_hooks_at_once_are_both_completed(
     assert calls.ops.count("CompleteLifecycleAction") == 2
 
 
-def test_two_launch_hooks_at_once_are_both_completed_under_the_gate_agent(gated: Env) -> None:  # noqa: F811
+def test_two_launch_hooks_at_once_are_both_completed_under_the_gate_agent(gated: Env) -> None:
     env = gated
     new, tokens = _launch_with_two_hooks(env)
     env.pump()
