@@ -57,32 +57,20 @@ class Admin:
         before: str = "",
         after: str = "",
     ) -> str:
+        """A record no change goes with (:meth:`_audit_with` for one that does): its id."""
         rec = AuditRecord(
             principal=principal, action=action, target=target, detail=detail, reason=reason, before=before, after=after
         )
         self.w.audit(rec)
         return rec.id
 
-    def _audit_with(
-        self,
-        change: Callable[[], None],
-        principal: str,
-        action: str,
-        target: str,
-        detail: dict[str, Any],
-        reason: str,
-        before: str = "",
-        after: str = "",
-    ) -> tuple[str, Exception | None]:
-        """The record and ``change`` in one store transaction where the store can (SQLite: a
-        process killed between the two leaves neither; DynamoDB: the record first): the record's
-        id, and the change's exception (None: made). A change that failed is recorded all the
-        same, as an attempt (its record, then ``<action>.failed`` by the caller): where the
-        transaction rolled the record back with it, the record is written alone now. A failing
-        record write raises, nothing changed."""
-        rec = AuditRecord(
-            principal=principal, action=action, target=target, detail=detail, reason=reason, before=before, after=after
-        )
+    def _audit_with(self, rec: AuditRecord, change: Callable[[], None]) -> tuple[str, Exception | None]:
+        """``rec`` and ``change`` in one store transaction where the store can (SQLite: a process
+        killed between the two leaves neither; DynamoDB: the record first; as
+        :meth:`Store.audit_with`): the record's id, and the change's exception (None: made). A
+        change that failed is recorded all the same, as an attempt (its record, then
+        ``<action>.failed`` by the caller): where the transaction rolled the record back with it,
+        the record is written alone now. A failing record write raises, nothing changed."""
         try:
             self.w.audit_with(rec, change)
         except ChangeFailed as exc:
@@ -190,16 +178,16 @@ class Admin:
             self.w.store.activate_policy(pv, expected_active=active_pv.number if active_pv else None)
 
         try:
-            audit_id, failed = self._audit_with(
-                activate,
-                principal,
-                "policy.provision",
-                target,
-                detail,
-                reason,
+            audit_rec = AuditRecord(
+                principal=principal,
+                action="policy.provision",
+                target=target,
+                detail=detail,
+                reason=reason,
                 before=active_pv.digest if active_pv else "",
                 after=digest,
             )
+            audit_id, failed = self._audit_with(audit_rec, activate)
         except Exception:
             # nothing activated: the call fails (the function's error alarm), its files are removed
             log.error("the audit record of %s could not be written: nothing provisioned", target)
@@ -314,16 +302,16 @@ class Admin:
         before = self._op_digest(rec.op_mode.value if rec.op_mode else None, rec.op_quarantined)
         after = self._op_digest(value, rec.op_quarantined)
         # the record with the change (see above): a mode is never in force without its record
-        audit_id, failed = self._audit_with(
-            lambda: self.w.store.set_operator(workload_id, mode=mode),
-            principal,
-            "workload.mode",
-            workload_id,
-            {"mode": value},
-            reason,
-            before,
-            after,
+        audit_rec = AuditRecord(
+            principal=principal,
+            action="workload.mode",
+            target=workload_id,
+            detail={"mode": value},
+            reason=reason,
+            before=before,
+            after=after,
         )
+        audit_id, failed = self._audit_with(audit_rec, lambda: self.w.store.set_operator(workload_id, mode=mode))
         try:
             if failed is not None:
                 raise failed
@@ -354,16 +342,16 @@ class Admin:
         before, after = self._op_digest(mode, rec.op_quarantined), self._op_digest(mode, on)
         action = "workload.quarantine" if on else "workload.release"
         # the record with the change (see above): a release is never in force without its record
-        audit_id, failed = self._audit_with(
-            lambda: self.w.store.set_operator(workload_id, quarantined=on),
-            principal,
-            action,
-            workload_id,
-            {"quarantined": on},
-            reason,
-            before,
-            after,
+        audit_rec = AuditRecord(
+            principal=principal,
+            action=action,
+            target=workload_id,
+            detail={"quarantined": on},
+            reason=reason,
+            before=before,
+            after=after,
         )
+        audit_id, failed = self._audit_with(audit_rec, lambda: self.w.store.set_operator(workload_id, quarantined=on))
         try:
             if failed is not None:
                 raise failed
