@@ -14,7 +14,7 @@ import pytest
 from tests.aws.conftest import REGION, Env
 from tests.aws.lifecycle_setup import launch_action, pending, scale_out_with_launch_hooks, send_compute
 from tests.aws.test_handler_metrics import emitted
-from tests.aws.test_lifecycle_gate import Calls, heartbeat, launch, rf_groups_on_enis, state
+from tests.aws.test_lifecycle_gate import Calls, agent_enforces, heartbeat, launch, rf_groups_on_enis, state
 from tests.aws.test_pipeline import boot, enroll_instance
 
 
@@ -29,10 +29,7 @@ def test_a_second_launch_action_of_the_same_instance_is_completed(gated: Env) ->
     first["detail"].update({"LifecycleActionToken": tokens["rf-hook"], "Destination": "WarmPool"})
     env.put(first)
     env.pump()
-    ptr = env.store.bundle_pointer(second)
-    assert ptr is not None
-    token = enroll_instance(env, second)
-    heartbeat(env, second, token, ptr.version)
+    agent_enforces(env, second)
     env.drain("compute", "compute")
     hold = env.store.launch_hold(second)
     assert hold is not None and hold.outcome == "continue" and hold.token == tokens["rf-hook"]
@@ -61,10 +58,7 @@ def test_a_duplicated_action_in_one_batch_is_completed_once(gated: Env, capsys: 
     env.drain("lifecycle", "lifecycle")
     env.drain("ingest", "ingest")
     env.drain("compute", "compute")
-    ptr = env.store.bundle_pointer(new)
-    assert ptr is not None
-    token = enroll_instance(env, new)
-    heartbeat(env, new, token, ptr.version)  # the agent first
+    agent_enforces(env, new)  # the agent first
     # the perimeter's message delivered twice (at least once): both copies hand the action on
     (m,) = env.receive("perimeter")
     env.sqs.send_message(QueueUrl=env.queues["perimeter"], MessageBody=m["Body"])

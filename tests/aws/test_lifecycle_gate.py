@@ -7,13 +7,11 @@ whose Auto Scaling holds a launch in Pending:Wait until CompleteLifecycleAction
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 from tests.aws.conftest import Env
-from tests.aws.lifecycle_setup import scale_out_with_launch_hooks
+from tests.aws.lifecycle_setup import scale_out_with_launch_hooks, send_compute
 from tests.aws.test_pipeline import enroll_instance
 from tests.aws.test_static import hcl, template
 
@@ -31,6 +29,16 @@ def heartbeat(env: Env, wid: str, token: str, applied: int | None) -> None:
         "agentapi", "POST", f"/v1/agents/{wid}/heartbeat", body, headers={"Authorization": f"Bearer {token}"}
     )
     assert status == 200, answer
+
+
+def agent_enforces(env: Env, iid: str) -> tuple[int, str]:
+    """``iid``'s agent enrolled and reporting that it enforces the bundle compute published for
+    it: that bundle's version and the agent's token."""
+    ptr = env.store.bundle_pointer(iid)
+    assert ptr is not None, "compute published the instance's bundle"
+    token = enroll_instance(env, iid)
+    heartbeat(env, iid, token, ptr.version)
+    return ptr.version, token
 
 
 def rf_groups_on_enis(env: Env, iid: str) -> dict[str, set[str]]:
@@ -103,12 +111,9 @@ def test_agent_first_then_perimeter(gated: Env) -> None:
     env.drain("lifecycle", "lifecycle")
     env.drain("ingest", "ingest")
     env.drain("compute", "compute")  # the bundle is published; the perimeter has not run yet
-    ptr = env.store.bundle_pointer(new)
-    assert ptr is not None
-    token = enroll_instance(env, new)
-    heartbeat(env, new, token, ptr.version)  # the agent is first
+    version, _ = agent_enforces(env, new)  # the agent is first
     hold = env.store.launch_hold(new)
-    assert hold is not None and hold.enforced_version == ptr.version and hold.lifecycle is None
+    assert hold is not None and hold.enforced_version == version and hold.lifecycle is None
     assert env.count("compute") == 0, "nothing to release yet: compute finds the fact when the action comes"
     assert state(env, new) == "Pending:Wait" and not any(rf_groups_on_enis(env, new).values())
     env.drain("perimeter", "perimeter")  # groups attached, the action handed on
@@ -124,10 +129,7 @@ def test_a_duplicate_or_late_message_completes_nothing_twice(gated: Env) -> None
     env = gated
     new = launch(env)
     env.pump()
-    ptr = env.store.bundle_pointer(new)
-    assert ptr is not None
-    token = enroll_instance(env, new)
-    heartbeat(env, new, token, ptr.version)
+    agent_enforces(env, new)
     env.drain("compute", "compute")
     assert state(env, new) == "InService"
     calls = Calls(env)
@@ -139,12 +141,7 @@ def test_a_duplicate_or_late_message_completes_nothing_twice(gated: Env) -> None
         {"ids": [], "lifecycle": {**hold.lifecycle, "perimeter_at": hold.perimeter_at}},
         {"ids": [], "enforced": [new]},
     ):
-        env.sqs.send_message(
-            QueueUrl=env.queues["compute"],
-            MessageBody=json.dumps(body),
-            MessageGroupId="compute",
-            MessageDeduplicationId=os.urandom(8).hex(),
-        )
+        send_compute(env, body)
     env.drain("compute", "compute")
     assert calls.completed == [], "a released hold is never completed again"
     assert env.store.launch_hold(new).outcome == "continue"  # type: ignore[union-attr]

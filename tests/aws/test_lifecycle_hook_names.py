@@ -19,7 +19,7 @@ import pytest
 from tests.aws.conftest import Env
 from tests.aws.lifecycle_setup import GROUP, launch_action, pending, scale_out_with_launch_hooks, send_compute
 from tests.aws.test_handler_metrics import emitted
-from tests.aws.test_lifecycle_gate import Calls, heartbeat, state
+from tests.aws.test_lifecycle_gate import Calls, agent_enforces, heartbeat, state
 from tests.aws.test_pipeline import enroll_instance
 from tests.aws.test_static import ROOT, SAM_HOOK_NAMES, TF_HOOK_NAMES, hcl, template
 
@@ -95,9 +95,7 @@ def test_another_hooks_action_delivered_anyway_is_neither_held_nor_completed(
     assert caplog.text.count(f"hook {THEIRS} of {GROUP} is not Ringfence's") == 1, "logged once"
     hold = env.store.launch_hold(new)
     assert hold is not None and list(hold.actions) == [tokens[OURS]], "the other hook's action is not held"
-    ptr = env.store.bundle_pointer(new)
-    assert ptr is not None
-    heartbeat(env, new, enroll_instance(env, new), ptr.version)
+    agent_enforces(env, new)
     env.drain("compute", "compute")
     assert calls.ops.count("CompleteLifecycleAction") == 1
     assert pending(env, new) == {THEIRS: tokens[THEIRS]}

@@ -16,8 +16,7 @@ import pytest
 from tests.aws.conftest import Env
 from tests.aws.lifecycle_setup import launch_action, pending, scale_out_with_launch_hooks
 from tests.aws.test_handler_metrics import emitted
-from tests.aws.test_lifecycle_gate import Calls, heartbeat, state
-from tests.aws.test_pipeline import enroll_instance
+from tests.aws.test_lifecycle_gate import Calls, agent_enforces, state
 from tests.aws.test_store import make_dynamo
 
 HOOKS = ("rf-hook", "rf-hook-warm")  # both Ringfence's (tests/conftest.py's lifecycle_hook_names)
@@ -64,9 +63,7 @@ def test_two_launch_hooks_at_once_are_both_completed_under_the_gate_agent(gated:
     assert hold is not None and sorted(hold.pending()) == sorted(tokens.values()), "both recorded, waiting"
     assert set(pending(env, new)) == set(HOOKS), "nothing completed before the agent enforces"
     calls = Calls(env)
-    ptr = env.store.bundle_pointer(new)
-    token = enroll_instance(env, new)
-    heartbeat(env, new, token, ptr.version)
+    agent_enforces(env, new)
     env.drain("compute", "compute")
     assert not pending(env, new), f"an action was never completed (instance {state(env, new)})"
     assert state(env, new) == "InService"
