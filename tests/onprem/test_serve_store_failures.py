@@ -297,7 +297,7 @@ def test_damage_met_while_serving_is_answered_503_and_stops_the_store(served: Se
     wid = ESTATE[0]["id"]
     served.call("POST", f"/admin/workloads/{wid}/quarantine", {"reason": "IR-7"})
     wait_until(lambda: httpx.get(f"{served.url}/healthz", timeout=30).status_code == 503, 60, "healthz 503")
-    health = httpx.get(f"{served.url}/healthz", timeout=30).json()
+    health = httpx.get(f"{served.url}/healthz", headers=ADMIN, timeout=30).json()  # why: to an admin token only
     assert health == {"ok": False, "error": "state.db: database disk image is malformed"}
     r = served.call("POST", "/admin/workloads", {**ESTATE[0], "id": "dc1-web-9", "ips": ["192.168.10.19"]})
     assert r.status_code == 503, r.text
@@ -337,7 +337,7 @@ def test_a_full_disk_is_answered_503_with_retry_after(tmp_path: Path, small_fs: 
             answers.append(s.call("POST", "/admin/workloads", spec))
         full = [r for r in answers if r.status_code == 503]
         assert full and {r.status_code for r in answers} <= {201, 503}, [(r.status_code, r.text) for r in answers]
-        for r in [*full, httpx.get(f"{s.url}/v1/nonce", timeout=30)]:
+        for r in full:
             assert r.status_code == 503, r.text
             assert r.headers["retry-after"] == "5"
             assert r.json() == {
@@ -345,6 +345,12 @@ def test_a_full_disk_is_answered_503_with_retry_after(tmp_path: Path, small_fs: 
                 "detail": "the control plane's store could not complete this request (it may be partly done): "
                 "send it again after Retry-After seconds",
             }
+        r = httpx.get(f"{s.url}/v1/nonce", timeout=30)  # the agent API's caller is told no reason
+        assert (r.status_code, r.headers["retry-after"]) == (503, "5"), r.text
+        assert r.json() == {
+            "error": "the control plane is unavailable",
+            "detail": "send the request again after Retry-After seconds",
+        }
         assert s.metrics()["ringfence_store_unavailable_total"] >= len(full) + 1
         assert "state.db: database or disk is full (POST /admin/workloads, answered 503)" in s.log.read_text()
         assert httpx.get(f"{s.url}/healthz", timeout=30).status_code == 200  # full is not damaged

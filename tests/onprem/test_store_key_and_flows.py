@@ -6,25 +6,47 @@ store's start-up checks left open:
   agent accepts; the key is still made for a store that holds nothing (a first start,
   ``--new-store``); the documented rotation (a new key pinned first) starts;
 * ``ringfence flows ingest`` refuses an empty file, an SQLite file without ringfence's schema and,
-  with ``--create``, a missing store where serve ran, as serve refuses them.
+  with ``--create``, a missing store where serve ran, as serve refuses them;
+* compute failing to write the published files (``objects/``), in its publish threads too, is
+  counted (``StoreUnavailable``) and logged, not only a traceback;
+* a failed store's reason (``state.db: …``) is told only to an authenticated caller: the admin
+  API's, ``/healthz`` with an admin token; the agent API and ``/healthz`` without one answer
+  without it, and a bearer route called without a token is 401 as always.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import shutil
 import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from ringfence import bundle
 from tests.agentproc import wait_until
 from tests.conftest import EXAMPLE
-from tests.onprem.test_serve_store_failures import Serve, boot, drop_wal
+from tests.onprem.conftest import ESTATE
+from tests.onprem.test_serve_store_failures import (
+    ADMIN,
+    ROOT,
+    Serve,
+    _checkpoint,
+    _scribble_table,
+    boot,
+    drop_wal,
+)
 from tests.test_cli import rf
+
+GENERIC = {
+    "error": "the control plane is unavailable",
+    "detail": "send the request again after Retry-After seconds",
+}
 
 
 @pytest.fixture
@@ -211,3 +233,108 @@ def test_flows_ingest_create_starts_no_store_where_serve_ran(tmp_path: Path) -> 
     for extra in ((), ("--create",)):  # a store with data: ingested into, with or without --create
         proc = _ingest(fresh, log, *extra)
         assert proc.returncode == 0, proc.stderr
+
+
+# --- 3: compute's failures to publish ----------------------------------------------------------------
+
+
+@pytest.fixture
+def full_objects(served: Serve) -> Iterator[Path]:
+    """A full filesystem mounted over the state directory's objects/ (after boot)."""
+    if not ROOT:
+        pytest.skip("mounting a tmpfs needs root")
+    objects = served.db.parent / "objects"
+    yield objects
+    with contextlib.suppress(Exception):
+        subprocess.run(["umount", "-l", str(objects)], check=False)
+
+
+def test_compute_failing_to_write_published_files_is_counted(served: Serve, full_objects: Path) -> None:
+    """The disk under objects/ full while compute publishes (bundles and deltas, written by its
+    publish threads): the failure was a traceback in the log only, StoreUnavailable stayed 0 and
+    nothing told the operator the estate no longer received changes. Now each failed computation
+    counts StoreUnavailable and logs `objects/: No space left on device (compute)`; once there is
+    room again the change is published."""
+    boot(served)
+    assert served.metrics()["ringfence_store_unavailable_total"] == 0
+    state = served.db.parent
+    before = newest_bundles(state)[ESTATE[0]["id"]]
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full_objects)], check=True)
+    subprocess.run(["dd", "if=/dev/zero", f"of={full_objects / 'filler'}", "bs=4k"], capture_output=True, check=False)
+    wid = ESTATE[0]["id"]
+    r = served.call("POST", f"/admin/workloads/{wid}/quarantine", {"reason": "IR-9"})
+    assert r.status_code == 200, r.text  # stored: the store itself has room
+    wait_until(lambda: served.metrics()["ringfence_store_unavailable_total"] >= 1, 60, "StoreUnavailable counted")
+    assert "objects/: No space left on device (compute)" in served.log.read_text()
+    assert served.metrics()["ringfence_store_damaged_total"] == 0
+    assert httpx.get(f"{served.url}/healthz", timeout=30).status_code == 200  # full is not damaged
+
+    subprocess.run(["umount", "-l", str(full_objects)], check=True)  # room again (the files below it are back)
+    r = served.call("DELETE", f"/admin/workloads/{wid}/quarantine", {"reason": "IR-9 closed"})
+    assert r.status_code == 200, r.text
+    wait_until(lambda: newest_bundles(state)[wid] != before, 60, "published again")
+
+
+# --- 4: a failed store's reason, to whom ------------------------------------------------------------
+
+
+def _checkpoint_when_quiet(db: Path) -> None:
+    """Every page in the file itself, and compute done writing: a page still in the WAL (compute
+    writing the boot's last pointers) is read from there, and its checkpoint would undo the damage."""
+    wal = db.with_name(db.name + "-wal")
+
+    def quiet() -> bool:
+        _checkpoint(db)
+        time.sleep(1)
+        return not wal.exists() or wal.stat().st_size == 0
+
+    wait_until(quiet, 60, "no write for a second after a checkpoint")
+
+
+def test_attack_an_unauthenticated_caller_learns_nothing_of_a_damaged_store(served: Serve) -> None:
+    """The store damaged under a running serve: every /v1 request was answered 503
+    `state.db: database disk image is malformed` before any authentication, and /healthz said
+    the same to anyone. Now a caller with no token gets 401 on a bearer route as always, the
+    agent API's 503 names no reason (a forged token cannot be told from a good one without the
+    store), /healthz says only that it is unhealthy; an admin token's holder reads the reason."""
+    boot(served)
+    _checkpoint_when_quiet(served.db)
+    _scribble_table(served.db, "bundle")
+    wid = ESTATE[0]["id"]
+    served.call("POST", f"/admin/workloads/{wid}/quarantine", {"reason": "IR-7"})
+    wait_until(lambda: httpx.get(f"{served.url}/healthz", timeout=30).status_code == 503, 60, "healthz 503")
+
+    url = served.url
+    anonymous = [
+        httpx.get(f"{url}/v1/agents/{wid}/bundle", timeout=30),
+        httpx.get(f"{url}/v1/agents/{wid}/wait?version=1", timeout=30),
+        httpx.post(f"{url}/v1/agents/{wid}/heartbeat", json={}, timeout=30),
+        httpx.post(f"{url}/v1/agents/{wid}/reports", json={}, headers={"Authorization": "Basic x"}, timeout=30),
+    ]
+    for r in anonymous:
+        assert r.status_code == 401, (r.request.url, r.text)
+        assert r.json() == {"error": "missing bearer token", "detail": ""}
+    forged = {"Authorization": "Bearer not-a-token-of-this-control-plane"}
+    told = [
+        httpx.get(f"{url}/v1/agents/{wid}/bundle", headers=forged, timeout=30),
+        httpx.get(f"{url}/v1/nonce", timeout=30),
+        httpx.post(f"{url}/v1/enroll", json={"workload_id": wid}, timeout=30),
+        httpx.post(f"{url}/v1/agents/{wid}/token", json={}, timeout=30),
+    ]
+    for r in told:
+        assert r.status_code == 503, (r.request.url, r.text)
+        assert r.json() == GENERIC and r.headers["retry-after"] == "5"
+        assert "state.db" not in r.text and "malformed" not in r.text
+    health = httpx.get(f"{url}/healthz", timeout=30)
+    assert (health.status_code, health.json()) == (503, {"ok": False})
+    health = httpx.get(f"{url}/healthz", headers=forged, timeout=30)
+    assert (health.status_code, health.json()) == (503, {"ok": False})
+    r = httpx.get(f"{url}/admin/workloads", timeout=30)
+    assert r.status_code == 401 and "state.db" not in r.text
+
+    # authenticated by the admin tokens file, not by the store: told why
+    r = served.call("GET", "/admin/workloads")
+    assert r.status_code == 503 and r.json()["error"] == "state.db: database disk image is malformed"
+    health = httpx.get(f"{url}/healthz", headers=ADMIN, timeout=30)
+    assert health.json() == {"ok": False, "error": "state.db: database disk image is malformed"}
+    assert served.metrics()["ringfence_agent_requests_refused_total"] >= len(anonymous)

@@ -512,15 +512,18 @@ class ServeApp:
         # the local store's failures (full, locked, damaged): answered 503 by every route, counted
         health = getattr(wiring, "health", None)
 
-        def guarded(app: Any) -> Any:
-            return answer_store_failures(app, health) if health is not None else app
+        def guarded(app: Any, told: bool = False) -> Any:
+            # the reason (state.db: …) only to a caller authenticated without the store: the admin
+            # API's tokens are a file; agents' tokens and event deliveries are checked from it
+            return answer_store_failures(app, health, told) if health is not None else app
 
         agent = ResolverPool(lambda: guarded(agent_api.agent_routes(lambda: api)), agent_api.outcome)
         admin = None
         if tokens is not None:
             admin = ResolverPool(
                 lambda: guarded(
-                    admin_api.admin_routes(lambda: adm, onprem=lambda: adm, roles_of=admin_api.token_roles)
+                    admin_api.admin_routes(lambda: adm, onprem=lambda: adm, roles_of=admin_api.token_roles),
+                    told=True,
                 ),
                 lambda _path, status: admin_api.outcome(status),
             )
@@ -584,11 +587,12 @@ class ServeApp:
         def error(status: int, msg: str, detail: str = "", headers: dict[str, str] | None = None) -> Response:
             return JSONResponse({"error": msg, "detail": detail}, status, headers=headers)
 
-        def damaged() -> Response:
+        def damaged(told: bool) -> Response:
             from ringfence.routes.common import store_failure
 
             assert self.health is not None and self.health.damaged
-            return JSONResponse(store_failure("damaged", self.health.damaged).body, 503)
+            out = store_failure("damaged", self.health.damaged, told)
+            return JSONResponse(out.body, 503, headers=out.headers or None)
 
         async def read_body(request: Request, limit: int) -> bytes | None:
             chunks, size = [], 0
@@ -608,7 +612,15 @@ class ServeApp:
             limiter: Any = None,
         ) -> Response:
             if self.health is not None and self.health.damaged:
-                return damaged()
+                if pool is self.agent and not (request.headers.get("authorization") or "").startswith("Bearer "):
+                    from ringfence.routes.agent import needs_bearer
+
+                    if needs_bearer(request.scope["path"]):
+                        # unauthenticated: refused as always, before anything about the store is said
+                        if pool.outcome and (counted := pool.outcome(request.url.path, 401)):
+                            self.metrics(counted, 1)
+                        return error(401, "missing bearer token")
+                return damaged(told=principal is not None)  # the admin API's caller is authenticated by now
             body = await read_body(request, limit)
             if body is None:
                 return error(413, "request too large", f"over {limit} bytes")
@@ -698,7 +710,10 @@ class ServeApp:
 
         async def healthz(request: Request) -> Response:
             if self.health is not None and self.health.damaged:
-                return JSONResponse({"ok": False, "error": self.health.damaged}, 503)
+                # unhealthy, to anyone; why (state.db: …), only to a holder of an admin token
+                if self.tokens is not None and self.tokens.holder(request.headers.get("authorization")) is not None:
+                    return JSONResponse({"ok": False, "error": self.health.damaged}, 503)
+                return JSONResponse({"ok": False}, 503)
             return JSONResponse({"ok": True})
 
         async def metrics(request: Request) -> Response:
@@ -754,7 +769,7 @@ def gcp_services(
 
     def routes() -> Any:
         app = gcp_event_routes(lambda: ingest)
-        return answer_store_failures(app, health) if health is not None else app
+        return answer_store_failures(app, health, told=False) if health is not None else app
 
     return ResolverPool(routes), enrollers
 

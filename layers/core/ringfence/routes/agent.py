@@ -30,6 +30,11 @@ _BEARER_ROUTE = re.compile(
 _AUTH = (401, 403)
 
 
+def needs_bearer(path: str) -> bool:
+    """Whether ``path`` is one of the routes a request reaches only with a bearer token."""
+    return _BEARER_ROUTE.match(path) is not None
+
+
 def route_path(route: str) -> str:
     """The event handler's form of one of the agent's routes (``<wid>`` for ``{id}``)."""
     return API_PREFIX + ROUTES[route][1].replace("{id}", "<wid>").replace("{name}", "<name>")

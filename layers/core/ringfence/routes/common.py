@@ -165,11 +165,17 @@ def resolver(
     return app
 
 
-def store_failure(kind: Kind, said: str) -> Response:
+def store_failure(kind: Kind, said: str, told: bool = True) -> Response:
     """503 for a request the store failed (``said``: ``state.db: <SQLite's reason>``, the file's
     name and no more). Unavailable (full, locked, an I/O error): the request may be partly done
     (an audit record written before the failure) and is sent again after ``Retry-After``; damaged:
-    no request is answered from the store until it is restored."""
+    no request is answered from the store until it is restored. ``told`` False (a caller the
+    store could not authenticate: the agent API, event deliveries): the same 503 for both, naming
+    neither the file nor the reason."""
+    if not told:
+        out = error(503, "the control plane is unavailable", "send the request again after Retry-After seconds")
+        out.headers["Retry-After"] = str(STORE_RETRY_AFTER)
+        return out
     if kind == "damaged":
         return error(
             503,
@@ -190,17 +196,18 @@ def store_failure(kind: Kind, said: str) -> Response:
 _App = TypeVar("_App", bound=APIGatewayRestResolver)
 
 
-def answer_store_failures(app: _App, health: StoreHealth) -> _App:
+def answer_store_failures(app: _App, health: StoreHealth, told: bool = True) -> _App:
     """``app`` answering a store failure met by any route 503 (:func:`store_failure`), counted and
     logged by ``health``, instead of a bare 500 or a dropped connection; any other sqlite3 error
-    (a constraint, a misuse: a bug) is raised as before."""
+    (a constraint, a misuse: a bug) is raised as before. ``told`` False: the answer names no
+    reason (the agent API: its caller is authenticated by what the store holds)."""
 
     def failed(exc: sqlite3.DatabaseError) -> HttpResponse[str]:
         event = app.current_event
         found = health.failed(exc, f"{event.http_method} {event.path}, answered 503")
         if found is None:
             raise exc
-        return http(store_failure(*found))
+        return http(store_failure(*found, told=told))
 
     app.exception_handler(sqlite3.DatabaseError)(failed)
     return app

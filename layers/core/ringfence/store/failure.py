@@ -5,11 +5,18 @@ read from it can be trusted until it is restored from a backup).
 
 Each failure is named by the store's file name and SQLite's fixed text for its result code, never
 by the error's own message (which can quote SQL, table or column names) nor by the directory.
+
+Compute also writes the published files (``objects/``) beside the store: a disk full, a quota, an
+I/O error or a read-only filesystem met there (an ``OSError`` of that kind, raised in compute's
+thread or one of its publish threads) is the state directory unavailable too, counted and logged
+as ``objects/: <the system's text>``.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -37,6 +44,9 @@ _REASONS = {
     26: "file is not a database",  # SQLITE_NOTADB
 }
 _DAMAGED = {11, 26}
+# an OSError of the storage under the published files (not a network's, not a bug's)
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS}
+PUBLISHED = "objects/"  # how a failure of the published files is named
 
 Kind = Literal["unavailable", "damaged"]
 
@@ -69,12 +79,24 @@ class StoreHealth:
 
     def failed(self, exc: BaseException, where: str) -> tuple[Kind, str] | None:
         """Record ``exc`` met by ``where`` (a request and what it was answered, compute): its kind
-        and ``FILE: reason``, or None when it is no store failure."""
-        found = classify(exc)
-        if found is None:
+        and ``FILE: reason``, or None when it is no store failure. ``exc`` or what it was raised
+        from or while handling (a failure met again while compute cleans up, say) counts: the
+        first such failure in the chain."""
+        seen: BaseException | None = exc
+        for _ in range(8):  # chains are short; a cycle must not hang compute
+            if seen is None:
+                return None
+            found = classify(seen)
+            name = self.file
+            if found is None and isinstance(seen, OSError) and seen.errno in _STORAGE_ERRNOS:
+                found, name = ("unavailable", os.strerror(seen.errno)), PUBLISHED
+            if found is not None:
+                break
+            seen = seen.__cause__ if seen.__cause__ is not None or seen.__suppress_context__ else seen.__context__
+        else:
             return None
         kind, reason = found
-        said = f"{self.file}: {reason}"
+        said = f"{name}: {reason}"
         if kind == "damaged":
             with self._lock:
                 first = self.damaged is None
