@@ -24,6 +24,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -256,6 +257,19 @@ def _checkpoint(db: Path) -> None:
         con.close()
 
 
+def _checkpoint_when_quiet(db: Path) -> None:
+    """Every page in the file itself, and compute done writing: a page still in the WAL (compute
+    writing the boot's last pointers) is read from there, and its checkpoint would undo the damage."""
+    wal = db.with_name(db.name + "-wal")
+
+    def quiet() -> bool:
+        _checkpoint(db)
+        time.sleep(1)
+        return not wal.exists() or wal.stat().st_size == 0
+
+    wait_until(quiet, 60, "no write for a second after a checkpoint")
+
+
 def _scribble_table(db: Path, table: str) -> None:
     """Overwrite the cells of ``table``'s root page in the file, as a bad sector or a stray write would."""
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
@@ -292,7 +306,7 @@ def test_damage_met_while_serving_is_answered_503_and_stops_the_store(served: Se
     request is 503 naming the file (never a 201 for a change no bundle will carry) and /healthz
     says so. Before: compute failed every batch in the log only, writes kept being acknowledged."""
     boot(served)
-    _checkpoint(served.db)
+    _checkpoint_when_quiet(served.db)
     _scribble_table(served.db, "bundle")
     wid = ESTATE[0]["id"]
     served.call("POST", f"/admin/workloads/{wid}/quarantine", {"reason": "IR-7"})

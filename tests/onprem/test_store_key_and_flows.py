@@ -21,7 +21,6 @@ import gzip
 import shutil
 import sqlite3
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from tests.onprem.test_serve_store_failures import (
     ADMIN,
     ROOT,
     Serve,
-    _checkpoint,
+    _checkpoint_when_quiet,
     _scribble_table,
     boot,
     drop_wal,
@@ -276,19 +275,6 @@ def test_compute_failing_to_write_published_files_is_counted(served: Serve, full
 
 
 # --- 4: a failed store's reason, to whom ------------------------------------------------------------
-
-
-def _checkpoint_when_quiet(db: Path) -> None:
-    """Every page in the file itself, and compute done writing: a page still in the WAL (compute
-    writing the boot's last pointers) is read from there, and its checkpoint would undo the damage."""
-    wal = db.with_name(db.name + "-wal")
-
-    def quiet() -> bool:
-        _checkpoint(db)
-        time.sleep(1)
-        return not wal.exists() or wal.stat().st_size == 0
-
-    wait_until(quiet, 60, "no write for a second after a checkpoint")
 
 
 def test_attack_an_unauthenticated_caller_learns_nothing_of_a_damaged_store(served: Serve) -> None:
