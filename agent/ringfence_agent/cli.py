@@ -222,7 +222,16 @@ def cmd_drops(args: argparse.Namespace) -> int:
     from ringfence_agent.core import effective_bundle
 
     plan = compile_plan(effective_bundle(bundle, state.load_deltas(bundle)), LocalFailsafes())
-    obs = make_backend(args.backend).observe(plan, {})
+    try:
+        obs = make_backend(args.backend).observe(plan, {})
+    except (OSError, ApplyError) as exc:  # a listing that died or timed out, iptables-save missing
+        return _err(f"the kernel's counters could not be read: {exc}")
+    if not obs.counters and args.backend in ("nftables", "iptables"):
+        # every applied bundle has at least its two default counters: none means no rules
+        return _err(
+            f"the kernel holds no counters of Ringfence's rules ({args.backend}): nothing is applied here, "
+            "or the rules were removed; see `ringfence-agent status`"
+        )
     events = DropCollector().events(plan, obs)
     if args.json:
         print(json.dumps({"counters": obs.counters, "events": [dataclasses.asdict(e) for e in events]}, indent=1))

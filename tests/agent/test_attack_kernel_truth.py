@@ -179,6 +179,27 @@ def test_attack_a_local_user_cannot_reach_the_control_plane_through_its_failsafe
     assert not _tcp_as(net, 0, "cp", 8080)  # its port only
 
 
+@pytest.mark.parametrize("backend", ["nftables", "iptables"])
+def test_drops_says_when_the_kernel_holds_no_counters_of_the_applied_bundle(
+    net: NetLab, tmp_path: Path, backend: str
+) -> None:
+    """``ringfence-agent drops`` printed nothing and exited 0 once Ringfence's rules were gone
+    (no counters read looked like no drops); now it says so and exits 1."""
+    if backend == "iptables":
+        _iptables_or_skip()
+    state = tmp_path / "state"
+    _apply(net, backend, _engine(net).bundle("h2"), state)
+    drops = net.agent("h2", "drops", "--state-dir", str(state), "--backend", backend)
+    assert drops.returncode == 0 and "counter d_in: " in drops.stdout, drops.stderr
+    net.reset("h2")
+    drops = net.agent("h2", "drops", "--state-dir", str(state), "--backend", backend)
+    assert drops.returncode == 1 and drops.stdout == ""
+    assert drops.stderr.strip() == (
+        f"ringfence-agent: the kernel holds no counters of Ringfence's rules ({backend}): nothing is applied "
+        "here, or the rules were removed; see `ringfence-agent status`"
+    )
+
+
 SEALED_BASELINE = """
 import json, sys
 from ringfence.bundlewire import load_bundle
