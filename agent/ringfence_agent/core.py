@@ -403,7 +403,7 @@ class Agent:
         and whole rules in the kernel may be another bundle's (applied from another state
         directory), so what the kernel enforces is compared with the bundle's digest."""
         # one read: the enforced digest is marked altered when the rules are not as applied
-        # (the nftables seal, the iptables jumps), and an idle bundle's is that of no table
+        # (the nftables and iptables seals, the iptables jumps), and an idle bundle's is that of no table
         read = getattr(self.backend, "enforced", None)
         probe = getattr(self.backend, "programmed", None)
         try:

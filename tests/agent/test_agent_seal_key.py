@@ -1,5 +1,5 @@
-"""The key of the nftables seal (``seal.key`` in the state directory): made once, 0600, never read
-as present when it is not. No kernel needed: the seal's use is tested in
+"""The key of the nftables and iptables seals (``seal.key`` in the state directory): made once, 0600,
+never read as present when it is not. No kernel needed: the seals' use is tested in
 tests/agent/test_attack_kernel_reads.py."""
 
 from __future__ import annotations
@@ -7,47 +7,58 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
-from ringfence_agent.backends.nft import SEAL_KEY_FILE, SealKey
+from ringfence_agent.backends.sealkey import SEAL_KEY_FILE, SealKey
 
 DIGEST = "ab" * 32
+CONTEXT = b"test seal v1\n"
 
 
 def test_the_key_is_made_by_the_first_seal_only_0600_and_shared_by_later_processes(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    assert SealKey(state).get() is None and not state.exists()  # reading never creates it
-    first = SealKey(state).get(create=True)
+    assert SealKey(state, CONTEXT).get() is None and not state.exists()  # reading never creates it
+    first = SealKey(state, CONTEXT).get(create=True)
     assert first is not None and len(first) == 32
     path = state / SEAL_KEY_FILE
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert [p.name for p in state.iterdir()] == [SEAL_KEY_FILE]  # no temporary file left
-    later = SealKey(state)  # another process: the same key, so the same seal
+    later = SealKey(state, CONTEXT)  # another process: the same key, so the same seal
     assert later.get() == first and later.get(create=True) == first
     seal = later.seal(DIGEST, first)
-    assert SealKey(state).sealed(DIGEST, seal)
-    assert not SealKey(state).sealed("cd" * 32, seal) and not SealKey(state).sealed(DIGEST, DIGEST)
+    assert SealKey(state, CONTEXT).sealed(DIGEST, seal)
+    assert not SealKey(state, CONTEXT).sealed("cd" * 32, seal) and not SealKey(state, CONTEXT).sealed(DIGEST, DIGEST)
 
 
 def test_no_key_or_a_broken_one_seals_nothing_and_the_next_seal_replaces_it(tmp_path: Path) -> None:
-    key = SealKey(tmp_path)
+    key = SealKey(tmp_path, CONTEXT)
     old = key.get(create=True)
     assert old is not None
     seal = key.seal(DIGEST, old)
     (tmp_path / SEAL_KEY_FILE).unlink()
-    assert not SealKey(tmp_path).sealed(DIGEST, seal)  # lost: nothing checks, nothing is intact
+    assert not SealKey(tmp_path, CONTEXT).sealed(DIGEST, seal)  # lost: nothing checks, nothing is intact
     (tmp_path / SEAL_KEY_FILE).write_text("not a key\n")
-    assert SealKey(tmp_path).get() is None and not SealKey(tmp_path).sealed(DIGEST, seal)
-    new = SealKey(tmp_path).get(create=True)
-    assert new is not None and new != old and SealKey(tmp_path).get() == new
+    assert SealKey(tmp_path, CONTEXT).get() is None and not SealKey(tmp_path, CONTEXT).sealed(DIGEST, seal)
+    new = SealKey(tmp_path, CONTEXT).get(create=True)
+    assert new is not None and new != old and SealKey(tmp_path, CONTEXT).get() == new
 
 
 def test_a_state_directory_that_cannot_be_written_seals_with_this_process_key_only(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
-    key = SealKey(blocker / "state")  # under a regular file: nothing can be made there
+    key = SealKey(blocker / "state", CONTEXT)  # under a regular file: nothing can be made there
     made = key.get(create=True)
     assert made is not None and key.get() == made  # this process checks its own seals
     seal = key.seal(DIGEST, made)
     assert key.sealed(DIGEST, seal)
-    assert not SealKey(blocker / "state").sealed(DIGEST, seal)  # another process never reads it intact
-    library = SealKey(None)  # the backend used without a state directory: the same
+    assert not SealKey(blocker / "state", CONTEXT).sealed(DIGEST, seal)  # another process never reads it intact
+    library = SealKey(None, CONTEXT)  # the backend used without a state directory: the same
     assert library.get() is None and library.get(create=True) == library.get()
+
+
+def test_one_key_seals_differently_for_each_backend_and_to_the_length_asked(tmp_path: Path) -> None:
+    """nftables and iptables share ``seal.key``; each MACs under its own context, so one's seal
+    is never the other's, and iptables keeps 23 hex digits (a chain name holds 28 characters)."""
+    nft, ipt = SealKey(tmp_path, b"a\n"), SealKey(tmp_path, b"b\n", 23)
+    key = nft.get(create=True)
+    assert key is not None and ipt.get() == key
+    assert len(ipt.seal(DIGEST, key)) == 23 and not nft.seal(DIGEST, key).startswith(ipt.seal(DIGEST, key))
+    assert ipt.sealed(DIGEST, ipt.seal(DIGEST, key)) and not ipt.sealed(DIGEST, nft.seal(DIGEST, key)[:23])

@@ -7,6 +7,8 @@ libnftables in-process (its use-after-free). Real agent, real nftables, in netwo
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -391,3 +393,109 @@ def test_a_verdict_rule_without_a_bundle_counter_is_in_the_enforced_digest(net: 
     proc = net.exec("h2", sys.executable, "-c", COUNTERLESS, str(path))
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == [None, False]
+
+
+# ringfence-agent and the tamper with legacy iptables (xtables-legacy-multi acts as its argv[0])
+LEGACY_TOOLS = ("iptables", "iptables-save", "iptables-restore", "ip6tables", "ip6tables-save", "ip6tables-restore")
+HEARTBEAT_READ_BACKEND = HEARTBEAT_READ.replace('make_backend("nftables", state)', "make_backend(sys.argv[3], state)")
+
+
+def _iptables_variant(net: NetLab, tmp_path: Path, variant: str) -> list[str]:
+    """The environment that makes ``iptables*`` the ``variant`` (nft: the host's default, legacy:
+    xtables-legacy); skips only where that variant is truly absent."""
+    _iptables_or_skip()
+    default = "nft" if "nf_tables" in net.exec("h2", "iptables", "-V").stdout else "legacy"
+    if variant == default:
+        return []
+    if variant == "nft":
+        pytest.skip("the host's iptables is legacy; iptables-nft is not the default here")
+    multi = shutil.which("xtables-legacy-multi")
+    if multi is None:
+        pytest.skip("xtables-legacy-multi (legacy iptables) not installed")
+    tools = tmp_path / "legacy"
+    tools.mkdir()
+    for name in LEGACY_TOOLS:
+        (tools / name).symlink_to(multi)
+    # nf_tables' own ip/ip6 filter tables left by an iptables-nft test are not legacy's: out of the way
+    for family in ("ip", "ip6"):
+        net.exec("h2", "nft", "delete", "table", family, "filter")
+    return [f"PATH={tools}:{os.environ['PATH']}"]
+
+
+def _agent_ok(net: NetLab, env: list[str], *args: str) -> str:
+    proc = net.agent("h2", *args, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.parametrize("variant", ["nft", "legacy"])
+def test_attack_an_accept_inserted_inside_rf_in_is_caught_by_the_iptables_seal(
+    net: NetLab, tmp_path: Path, variant: str
+) -> None:
+    """iptables had no seal: ``iptables -I RF-IN 2 -p tcp --dport 8080 -j ACCEPT`` (an accept
+    among the fail-safes, no bundle counter) by another process with CAP_NET_ADMIN left the jumps
+    first, the marker and the defaults in place: a fresh ``status`` said programmed with the
+    published digest, the heartbeat's digest from a fresh process was the published one and
+    ``apply`` said "already applied" with the hole open; only a running daemon's in-memory drift
+    baseline saw it. IPv4's filter table now carries ``RF-S-<HMAC>`` of what both families hold
+    (keyed by ``seal.key``): status says altered, the heartbeat's digest is not the published
+    one, ``apply`` programs the chains again (the accept gone) and the next apply finds them
+    intact. On iptables-nft and on legacy iptables."""
+    env = _iptables_variant(net, tmp_path, variant)
+    doc = _engine(net).bundle("h2")
+    state = tmp_path / "state"
+    path = write(doc, tmp_path / "bundle.json")
+    apply = ["apply", "--bundle", str(path), "--public-key", str(PUBLIC_KEY), "--backend", "iptables"]
+    apply += ["--state-dir", str(state)]
+    status = ["status", "--state-dir", str(state), "--backend", "iptables", "--json"]
+    try:
+        _agent_ok(net, env, *apply)
+        assert not net.tcp("h4", "h2", 8080) and net.tcp("h1", "h2", 8080)
+        before = json.loads(_agent_ok(net, env, *status))
+        assert before["kernel_programmed"] is True and before["kernel_digest"] == enforced.expected(doc), before
+        tamper = ["iptables", "-I", "RF-IN", "2", "-p", "tcp", "--dport", "8080", "-j", "ACCEPT"]
+        net.exec("h2", *(["env", *env] if env else []), *tamper, check=True)
+        assert net.tcp("h4", "h2", 8080), "the tamper did not open anything: the test proves nothing"
+        after = json.loads(_agent_ok(net, env, *status))
+        assert after["kernel_programmed"] is False and "seal" in after["warning"], after
+        assert after["kernel_digest"] != enforced.expected(doc)
+        read = [sys.executable, "-c", HEARTBEAT_READ_BACKEND, str(PUBLIC_KEY), str(state), "iptables"]
+        proc = net.exec("h2", *(["env", *env] if env else []), *read)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout.splitlines()[-1]) not in (None, enforced.expected(doc)), proc.stdout
+        out = _agent_ok(net, env, *apply)
+        assert "already applied" not in out and "applied again" in out, out
+        assert not net.tcp("h4", "h2", 8080) and net.tcp("h1", "h2", 8080)
+        assert "--dport 8080 -j ACCEPT" not in net.exec("h2", "env", *env, "iptables-save", "-t", "filter").stdout
+        healed = json.loads(_agent_ok(net, env, *status))
+        assert healed["kernel_programmed"] is True and healed["kernel_digest"] == enforced.expected(doc), healed
+        assert "already applied" in _agent_ok(net, env, *apply)
+    finally:
+        net.agent("h2", "flush", "--backend", "iptables", env=env)
+
+
+def test_an_iptables_seal_lost_its_key_or_never_written_is_applied_again(net: NetLab, tmp_path: Path) -> None:
+    """Chains without a seal (what an agent before it left: the upgrade) or whose key is lost
+    never read as intact: status says so, ``apply`` programs them once and seals them, and the
+    apply after that finds them intact."""
+    _iptables_or_skip()
+    doc = _engine(net).bundle("h2")
+    state = tmp_path / "state"
+    _apply(net, "iptables", doc, state)
+    assert (state / "seal.key").stat().st_mode & 0o777 == 0o600
+    _intact(net, "iptables", state, doc)
+    seals = [x.split()[0][1:] for x in net.exec("h2", "iptables-save", "-t", "filter").stdout.splitlines()]
+    seals = [x for x in seals if x.startswith("RF-S-")]
+    assert len(seals) == 1, seals
+    net.exec("h2", "iptables", "-X", seals[0], check=True)  # as an unsealing agent left the chains
+    status = _status(net, "iptables", state)
+    assert status["kernel_programmed"] is False and "no seal" in status["warning"], status
+    assert "applied again" in _apply(net, "iptables", doc, state)
+    assert "already applied" in _apply(net, "iptables", doc, state)
+    (state / "seal.key").unlink()
+    status = _status(net, "iptables", state)
+    assert status["kernel_programmed"] is False and "seal key" in status["warning"], status
+    assert status["kernel_digest"] != enforced.expected(doc)
+    assert "applied again" in _apply(net, "iptables", doc, state)
+    _intact(net, "iptables", state, doc)
+    assert "already applied" in _apply(net, "iptables", doc, state)

@@ -93,8 +93,8 @@ def run(cmd: list[str], stdin: str | None = None, timeout: float = 60.0) -> subp
 
 
 def make_backend(name: str, state_dir: Path | None = None) -> Backend:
-    """``state_dir``: the agent's, where nftables keeps the key of its seal (without one, a seal
-    only this process can check: any other reads the rules as altered)."""
+    """``state_dir``: the agent's, where nftables and iptables keep the key of their seal
+    (without one, a seal only this process can check: any other reads the rules as altered)."""
     if name == "nftables":
         from ringfence_agent.backends.nft import NftBackend
 
@@ -102,7 +102,7 @@ def make_backend(name: str, state_dir: Path | None = None) -> Backend:
     if name == "iptables":
         from ringfence_agent.backends.iptables import IptablesBackend
 
-        return IptablesBackend()
+        return IptablesBackend(state_dir=state_dir)
     if name == "windows-plan":
         from ringfence_agent.backends.windows import WindowsPlanBackend
 

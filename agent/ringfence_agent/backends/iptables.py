@@ -16,6 +16,11 @@ failed delta is undone by its inverse. Only Ringfence's chains, the two jumps in
 
 A grouped rule (bundle ``members``) is expanded into its members' rules, one after another under
 the group's counter: each matches its member's ipset and services, exactly as a plain rule.
+
+After every whole apply the agent adds an empty chain ``RF-S-<mac>`` to IPv4's filter table: an
+HMAC-SHA256 (keyed by the state directory's ``seal.key``, :class:`SealKey`, shared with nftables)
+of what the kernel then holds of Ringfence's rules in both families (:meth:`IptablesBackend.held`).
+``status``, ``apply`` and the heartbeat trust the chains only while a fresh read-back matches it.
 """
 
 from __future__ import annotations
@@ -29,10 +34,12 @@ import os
 import re
 import threading
 from collections.abc import Iterable
+from pathlib import Path
 
 from ringfence import enforced
 from ringfence_agent.backends import ABSENT, TUPLE_LINGER_S, ApplyError, DropTuple, ElementChange, Observation, run
 from ringfence_agent.backends import nftables_netlink as nl
+from ringfence_agent.backends.sealkey import SealKey
 from ringfence_agent.plan import METADATA_PORTS, Direction, Match, Plan, PlanRule, joined_ports, safe_comment
 
 CHAINS = {"inbound": ("RF-IN", "INPUT"), "outbound": ("RF-OUT", "OUTPUT")}
@@ -41,6 +48,14 @@ _GEN = re.compile(r'--comment "?ringfence gen=([ab])')
 # a bundle rule or default as iptables-save prints it: chain, counter (from the comment), verdict
 _RULE = re.compile(r'^-A (RF-IN|RF-OUT) .*--comment "?(r_(?:in|out)_\d+|d_in|d_out)\b.* -j (ACCEPT|DROP)\b')
 _BUNDLE_IPSET = re.compile(r"rf-[sh]-(.+)-[46]([ab])")
+# The seal: an empty chain named by a MAC of what the kernel held right after the apply. Keyed: a
+# digest alone could be recomputed after loosening the chains by any CAP_NET_ADMIN process in the
+# namespace (a --net=host container, a CNI plugin), which cannot read the state directory's key.
+SEAL = "RF-S-"
+_SEAL_HEX = 23  # a chain name holds 28 characters: 92 bits of the MAC
+_SEAL_CONTEXT = b"ringfence iptables seal v1\n"
+_SEAL_CHAIN = re.compile(r"^:(RF-S-\S*) ", re.M)
+_FAILSAFE_IPSETS = ("rf-fs-admin", "rf-fs-dns", "rf-fs-cp", "rf-fs-meta")
 
 
 def _first(lines: Iterable[str], parent: str) -> str | None:
@@ -243,11 +258,19 @@ class IptablesRenderer:
         return [r.counter for r in plan.rules if r.drops] + ["d_in", "d_out"]
 
     def rules_script(
-        self, plan: Plan, family: int, gen: str, add_jumps: Iterable[str], move_jumps: Iterable[str] = ()
+        self,
+        plan: Plan,
+        family: int,
+        gen: str,
+        add_jumps: Iterable[str],
+        move_jumps: Iterable[str] = (),
+        unseal: Iterable[str] = (),
     ) -> str:
         """``move_jumps``: parents whose jump into our chain is not their first rule: moved first
-        (a rule before it would decide before Ringfence's chain does)."""
+        (a rule before it would decide before Ringfence's chain does). ``unseal``: the seal chains
+        held before, removed in the same commit (the new rules are sealed once read back)."""
         out = ["*filter"]
+        out += [f"-X {name}" for name in unseal]
         for chain, _ in CHAINS.values():
             out.append(f":{chain} - [0:0]")
         for parent in move_jumps:
@@ -428,11 +451,14 @@ def _load_lib() -> LibIpset | None:
 class IptablesBackend(IptablesRenderer):
     name = "iptables"
 
-    def __init__(self) -> None:
+    def __init__(self, state_dir: Path | None = None) -> None:
+        """``state_dir``: the agent's, where the key of the seal is (without one, a seal only
+        this process can check: any other reads the rules as altered)."""
         self._sports: dict[_DropKey, int | None] = {}  # dport tuple → the sport paired with it
         # the generation this process committed last: a delta then needs no iptables-save
         self._gen: str | None = None
         self.lib = _load_lib()
+        self.seal_key = SealKey(state_dir, _SEAL_CONTEXT, _SEAL_HEX)
 
     def _save(self, family: int, counters: bool = False) -> str:
         cmd = ["iptables-save" if family == 4 else "ip6tables-save", "-t", "filter"]
@@ -443,9 +469,11 @@ class IptablesBackend(IptablesRenderer):
 
     def fingerprint(self) -> str | None:
         """A digest of Ringfence's chains and the jumps into them, both families, as the kernel
-        holds them, and of the first rule of INPUT/OUTPUT (no counters; ipset contents left out:
-        deltas change them); None when absent."""
+        holds them, of the first rule of INPUT/OUTPUT and of the seal's name (no counters; ipset
+        contents left out: deltas change them); None when absent (a seal left alone counts as
+        absent: ``flush`` removes it last)."""
         lines: list[str] = []
+        seals: list[str] = []
         for family in (4, 6):
             proc = run(["iptables-save" if family == 4 else "ip6tables-save", "-t", "filter"])
             if proc.returncode != 0:  # cannot tell: never reported as a tamper
@@ -453,6 +481,8 @@ class IptablesBackend(IptablesRenderer):
             for line in proc.stdout.splitlines():
                 if line.startswith(("-A RF-IN ", "-A RF-OUT ")) or line in ("-A INPUT -j RF-IN", "-A OUTPUT -j RF-OUT"):
                     lines.append(f"{family} {line}")
+                elif line.startswith(f":{SEAL}"):
+                    seals.append(f"{family} {line}")
             if lines:  # a rule put before a jump decides before Ringfence's chain does
                 lines += [
                     f"{family} first {parent}: {_first(proc.stdout.splitlines(), parent)}"
@@ -460,6 +490,7 @@ class IptablesBackend(IptablesRenderer):
                 ]
         if lines:  # iptables-nft: the same rules as the kernel holds them, what iptables-save cannot show too
             lines += [f"{family} kernel {held}" for family in (4, 6) if (held := _kernel_rules(family)) is not None]
+            lines += seals
         return hashlib.sha256("\n".join(lines).encode()).hexdigest() if lines else None
 
     def _family_problem(self, family: int, text: str) -> str | None:
@@ -486,17 +517,80 @@ class IptablesBackend(IptablesRenderer):
 
     def kernel_problem(self) -> str | None:
         """None when both families hold Ringfence's chains as the agent applies them
-        (:meth:`_family_problem`), of one generation; :data:`ABSENT` when neither holds any of
-        them; else what is wrong, in words (``status`` shows it). Rules inside the chains are
-        compared by :meth:`enforced` (and the daemon's drift check), not here."""
-        texts = {family: self._save(family) for family in (4, 6)}
+        (:meth:`_family_problem`), of one generation, and as the agent sealed them (every rule
+        inside them, the jumps, the fail-safe ipsets: :meth:`held`); :data:`ABSENT` when neither
+        holds any of them; else what is wrong, in words (``status`` shows it)."""
+        return self._problem({family: self._save(family) for family in (4, 6)})
+
+    def _problem(self, texts: dict[int, str]) -> str | None:
+        """:meth:`kernel_problem` of ``texts`` (each family's ``iptables-save -t filter``)."""
         if not any(re.search(r"^(:RF-(IN|OUT) |-A \w+ -j RF-(IN|OUT)$)", t, re.M) for t in texts.values()):
             return ABSENT
         problems = [p for p in (self._family_problem(f, texts[f]) for f in (4, 6)) if p is not None]
         if problems:
             return "; ".join(problems)
         gens = {m.group(1) for m in (_GEN.search(texts[f]) for f in (4, 6)) if m is not None}
-        return None if len(gens) == 1 else "IPv4 and IPv6 run different generations"
+        if len(gens) != 1:
+            return "IPv4 and IPv6 run different generations"
+        return self._seal_problem(texts, gens.pop())
+
+    def _seal_problem(self, texts: dict[int, str], gen: str) -> str | None:
+        """None when IPv4's filter table carries this agent's seal of what both families hold."""
+        seals = _SEAL_CHAIN.findall(texts[4])
+        if not seals:
+            return "Ringfence's chains carry no seal of the agent's (not programmed by it, or changed since)"
+        if len(seals) > 1:
+            return f"Ringfence's chains carry {len(seals)} seals: not as the agent applied them"
+        try:
+            held = self.held(texts, gen)
+        except (ApplyError, OSError) as exc:  # cannot tell: never intact
+            return f"Ringfence's rules could not be read back to check their seal ({exc})"
+        if self.seal_key.get() is None:
+            where = self.seal_key.path or "no state directory"
+            return f"the agent's seal key ({where}) is missing or unreadable: its seal cannot be checked"
+        if not self.seal_key.sealed(held, seals[0][len(SEAL) :]):
+            return (
+                "Ringfence's rules do not carry this agent's seal: changed in the kernel since the agent applied them "
+                "(a rule inserted, changed or removed in RF-IN/RF-OUT, a jump moved, or a fail-safe address added or "
+                "removed), or applied with another state directory (another key)"
+            )
+        return None
+
+    def held(self, texts: dict[int, str], gen: str) -> str:
+        """A digest of what the kernel holds of Ringfence's rules, what the seal is a MAC of: per
+        family, RF-IN/RF-OUT as iptables-save prints them (no counters), where the jumps into
+        them are in INPUT/OUTPUT, on iptables-nft the same chains as nf_tables holds them
+        (:func:`_kernel_rules`: what iptables-save cannot show), and the generation's fail-safe
+        ipsets (type and members). Bundle and drop-tuple ipsets are left out: deltas and traffic
+        change them (the enforced digest covers the bundle's). ApplyError or OSError when the
+        kernel cannot be asked."""
+        doc: dict[str, object] = {"gen": gen}
+        for family in (4, 6):
+            lines = texts[family].splitlines()
+            doc[f"{family} rules"] = [x for x in lines if x.startswith(("-A RF-IN ", "-A RF-OUT "))]
+            doc[f"{family} jumps"] = {
+                parent: [i for i, x in enumerate(_chain_rules(lines, parent)) if x == f"-A {parent} -j {chain}"]
+                for chain, parent in CHAINS.values()
+            }
+            doc[f"{family} kernel"] = _kernel_rules(family)
+        doc["failsafe ipsets"] = _failsafe_ipsets(gen)
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+    def _seal(self, gen: str) -> None:
+        """Name what the kernel holds right after the apply: ``RF-S-<MAC>`` (:meth:`held`; the key
+        made here when there is none). A commit of its own, once the rules are in (the digest is
+        of iptables' own rendering of them); should it fail, the chains read as altered and the
+        next apply, or the daemon's drift check, programs them again: never intact when not."""
+        try:
+            held = self.held({family: self._save(family) for family in (4, 6)}, gen)
+        except (ApplyError, OSError):
+            return
+        key = self.seal_key.get(create=True)
+        if key is not None:
+            run(
+                ["iptables-restore", "--noflush"],
+                stdin=f"*filter\n:{SEAL}{self.seal_key.seal(held, key)} - [0:0]\nCOMMIT\n",
+            )
 
     def enforced(self, set_names: Iterable[str] = ()) -> str:
         """The enforced-policy digest (:mod:`ringfence.enforced`) of what the kernel holds: the
@@ -512,7 +606,7 @@ class IptablesBackend(IptablesRenderer):
         if not found:
             return enforced.digest({}, {})
         gen = found[0]
-        problem = self.kernel_problem()
+        problem = self._problem(texts)
         # counter → (verdicts, whether some line of it is not ICMP of this family only), per family
         held: dict[int, dict[str, dict[str, tuple[set[str], bool]]]] = {}
         for family in (4, 6):
@@ -602,7 +696,9 @@ class IptablesBackend(IptablesRenderer):
                 for c, p in CHAINS.values()
                 if p not in added[family] and (_first(lines, p) != f"-A {p} -j {c}" or not _jump_first(family, p, c))
             ]
-            script = self.rules_script(plan, family, gen, added[family], moved)
+            # IPv4's commit removes the seal of the rules it replaces (sealed again below)
+            unseal = _SEAL_CHAIN.findall(saved[4]) if family == 4 else []
+            script = self.rules_script(plan, family, gen, added[family], moved, unseal)
             proc = run([f"{tool}-restore", "--noflush"], stdin=script)
             if proc.returncode == 0:
                 continue
@@ -621,6 +717,7 @@ class IptablesBackend(IptablesRenderer):
         self._gen = gen
         if old is not None:
             self._destroy(old)
+        self._seal(gen)
 
     @staticmethod
     def restore_script(saved: str, added_jumps: list[str]) -> str:
@@ -629,6 +726,7 @@ class IptablesBackend(IptablesRenderer):
         out = ["*filter"]
         had = [chain for chain, _ in CHAINS.values() if f":{chain} " in saved]
         out += [f":{chain} - [0:0]" for chain in had]
+        out += [f":{name} - [0:0]" for name in _SEAL_CHAIN.findall(saved)]  # the previous rules' seal, still theirs
         out += [line for line in saved.splitlines() if re.match(r"^\[\d+:\d+\] -A RF-(IN|OUT) ", line)]
         for chain, parent in CHAINS.values():
             if parent in added_jumps:
@@ -672,6 +770,8 @@ class IptablesBackend(IptablesRenderer):
 
     def flush(self) -> bool:
         present = False
+        # the seals, read before anything is removed (one read per family, not one in between)
+        seals = {family: _SEAL_CHAIN.findall(self._save(family)) for family in (4, 6)}
         for family in (4, 6):
             tool = "iptables" if family == 4 else "ip6tables"
             for chain, parent in CHAINS.values():
@@ -680,6 +780,8 @@ class IptablesBackend(IptablesRenderer):
                 if run([tool, "-F", chain]).returncode == 0:
                     present = True
                     run([tool, "-X", chain])
+            for name in seals[family]:
+                run([tool, "-X", name])
         for gen in ("a", "b"):
             self._destroy(gen)
         self._gen = None
@@ -724,6 +826,32 @@ class IptablesBackend(IptablesRenderer):
 
 
 _DropKey = tuple[str, str, str, str, int | None]
+
+
+def _failsafe_ipsets(gen: str) -> dict[str, list[str]]:
+    """The generation's fail-safe ipsets: name → their type, then their members sorted (one
+    ``ipset restore`` of ``list`` commands for all eight). ApplyError when one cannot be listed."""
+    names = [f"{label}-{family}{gen}" for label in _FAILSAFE_IPSETS for family in (4, 6)]
+    proc = run(["ipset", "restore"], stdin="".join(f"list {n}\n" for n in names))
+    if proc.returncode != 0:
+        raise ApplyError(f"the fail-safe ipsets could not be listed: {proc.stderr.strip()[:200]}")
+    out: dict[str, list[str]] = {}
+    kind, current, listing = "", None, False
+    members: list[str] = []
+    for line in [*proc.stdout.splitlines(), "Name: "]:
+        if line.startswith("Name: "):
+            if current is not None:
+                out[current] = [kind, *sorted(members)]
+            current, kind, members, listing = line[6:].strip(), "", [], False
+        elif line.startswith("Type: ") and not members:
+            kind = line[6:].strip()
+        elif line == "Members:":
+            listing = True
+        elif line.strip() and current is not None and listing:
+            members.append(line.strip())
+    if sorted(out) != sorted(names):
+        raise ApplyError(f"the fail-safe ipsets listed are {sorted(out)}, not {sorted(names)}")
+    return out
 
 
 def _members(name: str) -> tuple[dict[tuple[str, str, str], list[int | None]], int]:

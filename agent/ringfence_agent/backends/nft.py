@@ -26,18 +26,15 @@ in one transaction instead (:meth:`NftBackend.group_delta`).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import hashlib
-import hmac
 import json
 import os
 import re
 import select
 import signal
 import struct
-import tempfile
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -58,6 +55,7 @@ from ringfence_agent.backends import (
 )
 from ringfence_agent.backends import nftables_netlink as nl
 from ringfence_agent.backends.nftables_netlink import OWNER, TableInfo, table_info
+from ringfence_agent.backends.sealkey import SealKey
 from ringfence_agent.plan import (
     METADATA_PORTS,
     Direction,
@@ -73,7 +71,6 @@ from ringfence_agent.plan import (
     service_covers,
     span_families,
 )
-from ringfence_agent.state import read_regular
 
 TABLE = "ringfence"
 _BUNDLE_SET = re.compile(r"s_([A-Za-z0-9_]{1,24})_[46]h?")  # set_name(): a bundle set's four kernel sets
@@ -90,7 +87,6 @@ AGENT_UID = 0  # the control-plane fail-safe admits sockets of this user only: t
 # by any CAP_NET_ADMIN process in the namespace after loosening the table; the key is in the state
 # directory (root, 0700), which such a process cannot read.
 SEAL = "seal_"
-SEAL_KEY_FILE = "seal.key"
 _SEAL_CONTEXT = b"ringfence nft seal v1\n"
 _FAILSAFE_SETS = tuple(f"{name}_{fam}" for name in ("fs_admin", "fs_dns", "fs_cp", "fs_meta") for fam in (4, 6))
 # A read through libnftables (JSON listings) runs in a child process and must end within this:
@@ -588,78 +584,6 @@ def _load_lib() -> LibNftables | None:
         return None
 
 
-class SealKey:
-    """The per-host secret the seal is keyed with: 32 random bytes (hex) in ``seal.key`` in the
-    state directory, mode 0600, made by the first apply that needs it (written whole under a
-    temporary name, then linked: never seen half-written, never over one another process made).
-
-    Reading never creates it: no key, or one that cannot be read, seals nothing (the table reads
-    as altered: ``status`` says so, ``apply`` programs it again). When the file cannot be written
-    (a read-only state directory) or holds no key, the apply seals with a key kept in this
-    process's memory only: its own checks still tell intact from altered, any other process
-    (``status``, a restarted daemon) sees altered and re-applies, never open. Without a state
-    directory (the backend used as a library) the key is always that in-memory one."""
-
-    def __init__(self, state_dir: Path | None) -> None:
-        self.path = state_dir / SEAL_KEY_FILE if state_dir is not None else None
-        self._memory: bytes | None = None  # the key of this process's seals when the file has none
-
-    def get(self, create: bool = False) -> bytes | None:
-        """The key (None: none to check a seal with); ``create``: for a seal, always one."""
-        if self.path is not None:
-            try:
-                return _parse_key(read_regular(self.path, 256))
-            except (OSError, ValueError):
-                if create:
-                    with contextlib.suppress(OSError, ValueError):
-                        return self._create(self.path)
-        if create and self._memory is None:
-            self._memory = os.urandom(32)
-        return self._memory
-
-    @staticmethod
-    def _create(path: Path) -> bytes:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        key = os.urandom(32)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mode 0600
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(key.hex().encode() + b"\n")
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                try:
-                    return _parse_key(read_regular(path, 256))  # another process made it first: its key
-                except (OSError, ValueError):
-                    os.replace(tmp, path)  # none usable there (appliers hold the state lock): replaced
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-        return key
-
-    def seal(self, held: str, key: bytes) -> str:
-        return hmac.new(key, _SEAL_CONTEXT + held.encode(), hashlib.sha256).hexdigest()
-
-    def sealed(self, held: str, seal: str | None) -> bool:
-        """Whether ``seal`` is this host's seal of ``held`` (False without a key)."""
-        key = self.get()
-        return seal is not None and key is not None and hmac.compare_digest(self.seal(held, key), seal)
-
-
-def _parse_key(raw: bytes) -> bytes:
-    key = bytes.fromhex(raw.decode("ascii").strip())
-    if len(key) != 32:
-        raise ValueError("the seal key is not 32 bytes")
-    return key
-
-
 class NftBackend(NftRenderer):
     name = "nftables"
 
@@ -667,7 +591,7 @@ class NftBackend(NftRenderer):
         super().__init__(group_bound)
         self.nft = nft
         self.lib = _load_lib()
-        self.seal_key = SealKey(state_dir)
+        self.seal_key = SealKey(state_dir, _SEAL_CONTEXT)
         # grouped rule counter → realised as concatenated sets, as the last apply of this process
         # left it (None: nothing applied by this process, see group_delta)
         self.realised: dict[str, bool] | None = None

@@ -22,7 +22,8 @@ What the document holds, and why only that:
   element added to or removed from a fail-safe set, a chain's hook or policy changed, the table
   flushed (nftables: the seal the agent writes after each apply, keyed by its state directory's
   secret, no longer matches; iptables: a
-  jump into its chains that is not the first rule, or a family without its chains). The control
+  jump into its chains that is not the first rule, a family without its chains, or its ``RF-S-``
+  seal, keyed the same way, no longer matching). The control
   plane's :func:`expected` never has it, so such a kernel never matches the published digest.
 
 Left out: the local fail-safes (the agent's own configuration: the control plane cannot know
