@@ -545,14 +545,13 @@ class IptablesBackend(IptablesRenderer):
             held = self.held(texts, gen)
         except (ApplyError, OSError) as exc:  # cannot tell: never intact
             return f"Ringfence's rules could not be read back to check their seal ({exc})"
-        if self.seal_key.get() is None:
-            where = self.seal_key.path or "no state directory"
-            return f"the agent's seal key ({where}) is missing or unreadable: its seal cannot be checked"
+        if (missing := self.seal_key.missing()) is not None:
+            return missing
         if not self.seal_key.sealed(held, seals[0][len(SEAL) :]):
             return (
                 "Ringfence's rules do not carry this agent's seal: changed in the kernel since the agent applied them "
                 "(a rule inserted, changed or removed in RF-IN/RF-OUT, a jump moved, or a fail-safe address added or "
-                "removed), or applied with another state directory (another key)"
+                "removed), earlier rules of the agent's put back, or applied with another state directory (another key)"
             )
         return None
 
@@ -585,12 +584,10 @@ class IptablesBackend(IptablesRenderer):
             held = self.held({family: self._save(family) for family in (4, 6)}, gen)
         except (ApplyError, OSError):
             return
-        key = self.seal_key.get(create=True)
-        if key is not None:
-            run(
-                ["iptables-restore", "--noflush"],
-                stdin=f"*filter\n:{SEAL}{self.seal_key.seal(held, key)} - [0:0]\nCOMMIT\n",
-            )
+        # bound to this apply (a fresh nonce on record): earlier rules put back no longer check
+        seal = self.seal_key.new_seal(held)
+        if seal is not None:
+            run(["iptables-restore", "--noflush"], stdin=f"*filter\n:{SEAL}{seal} - [0:0]\nCOMMIT\n")
 
     def enforced(self, set_names: Iterable[str] = ()) -> str:
         """The enforced-policy digest (:mod:`ringfence.enforced`) of what the kernel holds: the

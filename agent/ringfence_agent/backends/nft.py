@@ -728,10 +728,12 @@ class NftBackend(NftRenderer):
             held, _ = self.held()
         except OSError:
             return
-        key = self.seal_key.get(create=True)
-        if held is None or key is None:
+        if held is None:
             return
-        seal = self.seal_key.seal(held, key)
+        # bound to this apply (a fresh nonce on record): an earlier table put back no longer checks
+        seal = self.seal_key.new_seal(held)
+        if seal is None:
+            return
         if self._run(f"add chain {FAMILY} {TABLE} {SEAL}{seal}\n")[0] == 0:
             self.applied_fingerprint = self._fingerprint_of(held, seal)
 
@@ -880,14 +882,13 @@ class NftBackend(NftRenderer):
             return "Ringfence's table carries no seal of the agent's (not programmed by it, or changed since)"
         if seal == held:  # what agents before the keyed seal wrote, or another process forged
             return "Ringfence's table carries an unkeyed seal (an older agent's, or forged): not trusted"
-        if self.seal_key.get() is None:
-            where = self.seal_key.path or "no state directory"
-            return f"the agent's seal key ({where}) is missing or unreadable: its seal cannot be checked"
+        if (missing := self.seal_key.missing()) is not None:
+            return missing
         if not self.seal_key.sealed(held, seal):
             return (
                 "Ringfence's rules do not carry this agent's seal: changed in the kernel since the agent applied them "
                 "(a rule inserted, changed or removed, the chains flushed, or a fail-safe address added or removed), "
-                "or applied with another state directory (another key)"
+                "an earlier table of the agent's put back, or applied with another state directory (another key)"
             )
         return None
 
