@@ -189,3 +189,35 @@ def test_attack_an_earlier_sealed_table_replayed_is_repaired_by_the_running_daem
         assert wait_until(lambda: not net.tcp("h1", "h2", 8080, timeout=0.3), 10), daemon.said()
         assert "applied again" in daemon.said() or "tamper" in daemon.said(), daemon.said()
         _intact(net, "nftables", daemon.state, v2)
+
+
+# The agent's own table, then ``argv[2]`` loaded into it and sealed again with the agent's key and
+# last nonce (what root can do): only the enforced document can tell
+RESEALED = """
+import json, subprocess, sys
+from ringfence import enforced
+from ringfence.bundlewire import load_bundle
+from ringfence_agent.backends.nft import SEAL, NftBackend
+from ringfence_agent.plan import LocalFailsafes, compile_plan
+doc = load_bundle(open(sys.argv[1], "rb").read())
+backend = NftBackend()
+backend.apply(compile_plan(doc, LocalFailsafes()))
+subprocess.run(["nft", "-f", "-"], input=sys.argv[2], text=True, check=True)
+held, seal = backend.held()
+subprocess.run(["nft", "delete", "chain", "inet", "ringfence", SEAL + seal], check=True)
+resealed = SEAL + backend.seal_key.seal(held, backend.seal_key.get())
+subprocess.run(["nft", "add", "chain", "inet", "ringfence", resealed], check=True)
+print(json.dumps([backend.kernel_problem(), backend.enforced() == enforced.expected(doc)]))
+"""
+
+
+def test_a_verdict_map_without_a_bundle_counter_is_in_the_enforced_digest(net: NetLab, tmp_path: Path) -> None:
+    """A counter-less ``tcp dport vmap { 8080 : accept }`` at the head of the input chain was
+    not read as a verdict rule, so under a seal that checks (root's) the enforced digest was the
+    published one with tcp/8080 open. A verdict map is now an entry of its own: a mismatch."""
+    path = write(_engine(net).bundle("h2"), tmp_path / "bundle.json")
+    vmap = "insert rule inet ringfence input tcp dport vmap { 8080 : accept }\n"
+    proc = net.exec("h2", sys.executable, "-c", RESEALED, str(path), vmap)
+    assert proc.returncode == 0, proc.stderr
+    assert net.tcp("h4", "h2", 8080), "the verdict map opened nothing: the test proves nothing"
+    assert json.loads(proc.stdout) == [None, False]

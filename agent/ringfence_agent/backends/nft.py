@@ -76,8 +76,9 @@ TABLE = "ringfence"
 _BUNDLE_SET = re.compile(r"s_([A-Za-z0-9_]{1,24})_[46]h?")  # set_name(): a bundle set's four kernel sets
 _RULE_COUNTER = re.compile(r"r_(in|out)_\d+|d_(in|out)")  # bundle rules and defaults (fail-safes: none)
 _CHAIN_DIRECTION = {"input": "inbound", "output": "outbound"}
-# what nft's JSON calls a rule's verdict statements (a counter-less one counts too: enforced())
-_VERDICTS = frozenset({"accept", "drop", "reject", "queue", "jump", "goto", "return", "continue"})
+# what nft's JSON calls a rule's verdict statements (a counter-less one counts too: enforced());
+# a verdict map decides too (the agent writes none in input/output)
+_VERDICTS = frozenset({"accept", "drop", "reject", "queue", "jump", "goto", "return", "continue", "vmap"})
 FAMILY = "inet"
 AGENT_UID = 0  # the control-plane fail-safe admits sockets of this user only: the agent runs as root
 # After every whole apply the agent adds an empty chain ``seal_<mac>`` naming an HMAC-SHA256 of
