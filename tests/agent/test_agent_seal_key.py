@@ -78,6 +78,8 @@ def test_only_the_last_whole_applys_seal_is_accepted(tmp_path: Path) -> None:
     for checker in (key, SealKey(tmp_path, CONTEXT)):
         assert checker.sealed(DIGEST, last) and not checker.sealed(DIGEST, earlier)
         assert checker.missing() is None
+    key.forget()  # a whole apply that could not seal: the last one's seal is not accepted either
+    assert not key.sealed(DIGEST, last) and not SealKey(tmp_path, CONTEXT).sealed(DIGEST, last)
     (tmp_path / SEAL_RECORD_FILE).unlink()
     other = SealKey(tmp_path, CONTEXT)
     assert not other.sealed(DIGEST, last) and not other.sealed(DIGEST, earlier)

@@ -583,6 +583,7 @@ class IptablesBackend(IptablesRenderer):
         try:
             held = self.held({family: self._save(family) for family in (4, 6)}, gen)
         except (ApplyError, OSError):
+            self.seal_key.forget()  # the previous apply's seal no longer names what is in force
             return
         # bound to this apply (a fresh nonce on record): earlier rules put back no longer check
         seal = self.seal_key.new_seal(held)

@@ -728,8 +728,9 @@ class NftBackend(NftRenderer):
         try:
             held, _ = self.held()
         except OSError:
-            return
+            held = None
         if held is None:
+            self.seal_key.forget()  # the previous apply's seal no longer names what is in force
             return
         # bound to this apply (a fresh nonce on record): an earlier table put back no longer checks
         seal = self.seal_key.new_seal(held)

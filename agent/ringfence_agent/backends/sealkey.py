@@ -114,6 +114,12 @@ class SealKey:
         self._record(nonce)
         return self.seal(held, key, nonce)
 
+    def forget(self) -> None:
+        """A whole apply whose seal could not be made (the kernel could not be read back): a
+        nonce no seal carries goes on record, so the previous apply's seal, which the new rules
+        replaced, is not accepted if that table is put back."""
+        self._record(os.urandom(16).hex())
+
     def _record(self, nonce: str) -> None:
         self._nonce = None
         if self.record_path is not None:
