@@ -396,11 +396,12 @@ def test_a_lock_held_past_the_busy_timeout_is_answered_503(served: Serve) -> Non
     assert r.status_code in (200, 201), r.text
 
 
-def test_a_busy_timeout_setting_that_is_not_seconds_stops_the_start_naming_it(served: Serve) -> None:
-    served.env["RINGFENCE_STORE_BUSY_TIMEOUT"] = "30s"
+@pytest.mark.parametrize("value", ["30s", "0", "0.0004", "nan", "3601"])
+def test_a_busy_timeout_setting_that_is_not_seconds_stops_the_start_naming_it(served: Serve, value: str) -> None:
+    served.env["RINGFENCE_STORE_BUSY_TIMEOUT"] = value
     assert served.start() == 1
     assert served.refusal() == (
-        "error: RINGFENCE_STORE_BUSY_TIMEOUT='30s': must be a number of seconds above 0, at most 3600"
+        f"error: RINGFENCE_STORE_BUSY_TIMEOUT={value!r}: must be a number of seconds from 0.001 to 3600"
     )
     assert not served.db.exists()  # refused before the store is touched
 

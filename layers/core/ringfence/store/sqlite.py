@@ -251,8 +251,9 @@ def busy_timeout(env: Mapping[str, str] | None = None) -> float:
         seconds = float(raw)
     except ValueError:
         seconds = -1.0
-    if not 0 < seconds <= 3600:
-        raise ValueError(f"RINGFENCE_STORE_BUSY_TIMEOUT={raw!r}: must be a number of seconds above 0, at most 3600")
+    # at least 1 ms: SQLite counts the wait in whole milliseconds, and 0 would be no wait at all
+    if not 0.001 <= seconds <= 3600:
+        raise ValueError(f"RINGFENCE_STORE_BUSY_TIMEOUT={raw!r}: must be a number of seconds from 0.001 to 3600")
     return seconds
 
 
