@@ -8,7 +8,9 @@ store's start-up checks left open:
 * ``ringfence flows ingest`` refuses an empty file, an SQLite file without ringfence's schema and,
   with ``--create``, a missing store where serve ran, as serve refuses them;
 * compute failing to write the published files (``objects/``), in its publish threads too, is
-  counted (``StoreUnavailable``) and logged, not only a traceback;
+  counted (``StoreUnavailable``) and logged, not only a traceback, whatever the errno (a full
+  disk, an immutable directory); an agent's report that cannot be archived there is answered the
+  agent API's reason-less 503 with ``Retry-After``, counted, not a bare 500;
 * a failed store's reason (``state.db: …``) is told only to an authenticated caller: the admin
   API's, ``/healthz`` with an admin token; the agent API and ``/healthz`` without one answer
   without it, and a bearer route called without a token is 401 as always.
@@ -18,11 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import json
 import shutil
 import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -272,6 +277,105 @@ def test_compute_failing_to_write_published_files_is_counted(served: Serve, full
     r = served.call("DELETE", f"/admin/workloads/{wid}/quarantine", {"reason": "IR-9 closed"})
     assert r.status_code == 200, r.text
     wait_until(lambda: newest_bundles(state)[wid] != before, 60, "published again")
+
+
+@pytest.fixture
+def immutable_bundles(served: Serve) -> Iterator[list[Path]]:
+    """objects/bundles and each workload's directory under it made immutable (chattr +i: EPERM to
+    root too), as an operator or a restore can leave them; made mutable again at the end."""
+    if not ROOT or shutil.which("chattr") is None:
+        pytest.skip("chattr +i needs root and chattr")
+    made: list[Path] = []
+    yield made
+    for d in made:
+        subprocess.run(["chattr", "-i", str(d)], check=False)
+
+
+def test_compute_failing_to_write_published_files_is_counted_whatever_the_errno(
+    served: Serve, immutable_bundles: list[Path]
+) -> None:
+    """objects/bundles not writable for a reason that is no full disk (immutable here: EPERM; a
+    directory restored as root under serve --user: EACCES): compute failed on every change with
+    a traceback only, StoreUnavailable stayed 0 (only ENOSPC, EDQUOT, EIO and EROFS counted) and
+    nothing told the operator that no agent received changes. Now any failed write of the
+    published files counts and logs `objects/: <the system's text> (compute)`."""
+    boot(served)
+    state = served.db.parent
+    bundles = state / "objects" / "bundles"
+    wid = ESTATE[0]["id"]
+    before = newest_bundles(state)[wid]
+    for d in [bundles, *(p for p in bundles.iterdir() if p.is_dir())]:
+        if subprocess.run(["chattr", "+i", str(d)], capture_output=True, check=False).returncode != 0:
+            pytest.skip(f"this filesystem does not take chattr +i ({d})")
+        immutable_bundles.append(d)
+    r = served.call("POST", f"/admin/workloads/{wid}/quarantine", {"reason": "IR-9"})
+    assert r.status_code == 200, r.text  # stored: the store itself is writable
+    wait_until(lambda: served.metrics()["ringfence_store_unavailable_total"] >= 1, 60, "StoreUnavailable counted")
+    [said, *_] = [line for line in served.log.read_text().splitlines() if "objects/: Operation not permitted" in line]
+    assert "objects/: Operation not permitted (compute)" in said and str(state) not in said  # no directory
+    assert served.metrics()["ringfence_store_damaged_total"] == 0
+    assert httpx.get(f"{served.url}/healthz", timeout=30).status_code == 200  # not writable is not damaged
+
+    for d in immutable_bundles:
+        subprocess.run(["chattr", "-i", str(d)], check=True)
+    r = served.call("DELETE", f"/admin/workloads/{wid}/quarantine", {"reason": "IR-9 closed"})
+    assert r.status_code == 200, r.text
+    wait_until(lambda: newest_bundles(state)[wid] != before, 60, "published again")
+
+
+def test_a_report_that_cannot_be_archived_is_answered_503_and_counted(
+    served: Serve, full_objects: Path, tmp_path: Path, agent_process: Any
+) -> None:
+    """A real agent's token, and objects/ full when its report is archived there
+    (objects/reports/<wid>/…): the agent API answered a bare 500, uncounted. Now the agent API's
+    answer to a failed store, 503 `the control plane is unavailable` with Retry-After (the agent
+    sends it again), counted StoreUnavailable and logged naming the request; once there is room
+    the same report is accepted."""
+    boot(served)
+    wid = ESTATE[0]["id"]
+    state = served.db.parent
+    key = served.call("POST", "/admin/pairing-keys", {"workload_id": wid, "uses": 1, "ttl": 600}).json()
+    (tmp_path / "pairing-key").write_text(key["pairing_key"])
+    (tmp_path / "agent").mkdir()
+    agent = agent_process(
+        tmp_path / "agent",
+        workload_id=wid,
+        public_key=state / "signing-key.pub.pem",
+        api_url=served.url,
+        enroll={"method": "pairing", "pairing_key_file": str(tmp_path / "pairing-key")},
+        backoff_max=2,
+        request_timeout=5,
+    )
+    token_file = agent.state / "token.json"
+    wait_until(token_file.exists, 60, "the agent enrolled", agent.log)
+    bearer = {"Authorization": f"Bearer {json.loads(token_file.read_text())['token']}"}
+    drop = {
+        "time": time.time() - 5,
+        "direction": "inbound",
+        "src": ESTATE[1]["ips"][0],
+        "dst": ESTATE[0]["ips"][0],
+        "proto": "tcp",
+        "sport": 40000,
+        "dport": 22,
+        "action": "drop",
+    }
+    batch = {"flows": [], "drops": [drop], "dropped_records": 0}
+    reports = f"{served.url}/v1/agents/{wid}/reports"
+
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full_objects)], check=True)
+    subprocess.run(["dd", "if=/dev/zero", f"of={full_objects / 'filler'}", "bs=4k"], capture_output=True, check=False)
+    before = served.metrics()["ringfence_store_unavailable_total"]
+    r = httpx.post(reports, json=batch, headers=bearer, timeout=30)
+    assert r.status_code == 503, r.text
+    assert r.json() == GENERIC and r.headers["retry-after"] == "5"
+    assert served.metrics()["ringfence_store_unavailable_total"] == before + 1
+    assert f"objects/: No space left on device (POST /v1/agents/{wid}/reports, answered 503)" in served.log.read_text()
+    assert served.metrics()["ringfence_store_damaged_total"] == 0
+
+    subprocess.run(["umount", "-l", str(full_objects)], check=True)  # room again
+    r = httpx.post(reports, json=batch, headers=bearer, timeout=30)
+    assert (r.status_code, r.json()) == (202, {"accepted": 1}), r.text
+    assert list((state / "objects" / "reports" / wid).rglob("*.json"))
 
 
 # --- 4: a failed store's reason, to whom ------------------------------------------------------------

@@ -4,6 +4,10 @@ Keys are relative paths under one directory (``<state>/objects``). Every file is
 temporary name, fsynced and renamed into place, so a reader (or a restart after ``kill -9``)
 sees a whole document or none; bundle and delta keys are content-addressed, so a file is never
 replaced by different bytes.
+
+Any write that fails (any ``OSError``: a disk full, a directory restored as another user's, an
+immutable one) is raised as :class:`~ringfence.store.failure.ObjectsUnwritable`, which ``serve``
+counts as the state directory unavailable and answers 503, whatever its errno.
 """
 
 from __future__ import annotations
@@ -11,13 +15,26 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 from ringfence.control.publish import Publisher
+from ringfence.store.failure import ObjectsUnwritable
 
 
 class BadKey(ValueError):
     """A key that cannot name a file under the publisher's directory."""
+
+
+@contextlib.contextmanager
+def _writing() -> Iterator[None]:
+    """A failed write as ObjectsUnwritable: its errno and the system's text, not the path."""
+    try:
+        yield
+    except ObjectsUnwritable:
+        raise
+    except OSError as exc:
+        raise ObjectsUnwritable(exc.errno, exc.strerror or "cannot be written") from exc
 
 
 class FilePublisher(Publisher):
@@ -43,51 +60,54 @@ class FilePublisher(Publisher):
 
     def _store(self, key: str, body: bytes, content_type: str) -> None:
         path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(body)
-                if self.fsync:
+        with _writing():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(body)
+                    if self.fsync:
+                        f.flush()
+                        os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
+            if self.fsync:  # the rename itself survives power loss once the directory is synced
+                dfd = os.open(path.parent, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+
+    def _create(self, key: str, body: bytes, content_type: str) -> bool:
+        path = self.path(key)
+        with _writing():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(body)
                     f.flush()
                     os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        if self.fsync:  # the rename itself survives power loss once the directory is synced
+                try:
+                    os.link(tmp, path)  # whole bytes, and only where no file is (rename would replace one)
+                except FileExistsError:
+                    return False
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
             dfd = os.open(path.parent, os.O_RDONLY)
             try:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
-
-    def _create(self, key: str, body: bytes, content_type: str) -> bool:
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(body)
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.link(tmp, path)  # whole bytes, and only where no file is (rename would replace one)
-            except FileExistsError:
-                return False
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-        return True
+            return True
 
     def get(self, key: str) -> bytes:
         return self.path(key).read_bytes()
 
     def delete(self, key: str) -> None:
-        self.path(key).unlink(missing_ok=True)
+        with _writing():
+            self.path(key).unlink(missing_ok=True)

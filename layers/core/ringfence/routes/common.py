@@ -16,7 +16,7 @@ from aws_lambda_powertools.utilities.data_classes import APIGatewayProxyEvent
 
 from ringfence import agentapi
 from ringfence.control.api import Response, error
-from ringfence.store.failure import Kind, StoreHealth
+from ringfence.store.failure import Kind, ObjectsUnwritable, StoreHealth
 
 STORE_RETRY_AFTER = 5  # seconds: the Retry-After of a 503 for a store unavailable for now
 
@@ -198,16 +198,18 @@ _App = TypeVar("_App", bound=APIGatewayRestResolver)
 
 def answer_store_failures(app: _App, health: StoreHealth, told: bool = True) -> _App:
     """``app`` answering a store failure met by any route 503 (:func:`store_failure`), counted and
-    logged by ``health``, instead of a bare 500 or a dropped connection; any other sqlite3 error
-    (a constraint, a misuse: a bug) is raised as before. ``told`` False: the answer names no
-    reason (the agent API: its caller is authenticated by what the store holds)."""
+    logged by ``health``, instead of a bare 500 or a dropped connection: the store's, or a write of
+    the published files that failed (an agent's report archived under ``objects/``, a policy's
+    files); any other sqlite3 error (a constraint, a misuse: a bug) is raised as before. ``told``
+    False: the answer names no reason (the agent API: its caller is authenticated by what the store
+    holds)."""
 
-    def failed(exc: sqlite3.DatabaseError) -> HttpResponse[str]:
+    def failed(exc: sqlite3.DatabaseError | ObjectsUnwritable) -> HttpResponse[str]:
         event = app.current_event
         found = health.failed(exc, f"{event.http_method} {event.path}, answered 503")
         if found is None:
             raise exc
         return http(store_failure(*found, told=told))
 
-    app.exception_handler(sqlite3.DatabaseError)(failed)
+    app.exception_handler([sqlite3.DatabaseError, ObjectsUnwritable])(failed)
     return app

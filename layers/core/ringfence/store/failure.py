@@ -6,17 +6,16 @@ read from it can be trusted until it is restored from a backup).
 Each failure is named by the store's file name and SQLite's fixed text for its result code, never
 by the error's own message (which can quote SQL, table or column names) nor by the directory.
 
-Compute also writes the published files (``objects/``) beside the store: a disk full, a quota, an
-I/O error or a read-only filesystem met there (an ``OSError`` of that kind, raised in compute's
-thread or one of its publish threads) is the state directory unavailable too, counted and logged
-as ``objects/: <the system's text>``.
+Compute and the agent API's reports also write the published files (``objects/``) beside the
+store: any write there that fails (a disk full, a quota, an I/O error, a read-only filesystem, a
+directory restored as root under ``serve --user``, an immutable one: whatever the errno), raised in
+a request, in compute's thread or one of its publish threads, is :class:`ObjectsUnwritable`, the
+state directory unavailable too, counted and logged as ``objects/: <the system's text>``.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -44,9 +43,14 @@ _REASONS = {
     26: "file is not a database",  # SQLITE_NOTADB
 }
 _DAMAGED = {11, 26}
-# an OSError of the storage under the published files (not a network's, not a bug's)
-_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS}
 PUBLISHED = "objects/"  # how a failure of the published files is named
+
+
+class ObjectsUnwritable(OSError):
+    """A write of the published files failed (:class:`ringfence.local.publish.FilePublisher`
+    raises it from the ``OSError``, with its errno and the system's text, without the path): told
+    apart by where it was met, not by its errno, so that no errno is left uncounted."""
+
 
 Kind = Literal["unavailable", "damaged"]
 
@@ -88,8 +92,8 @@ class StoreHealth:
                 return None
             found = classify(seen)
             name = self.file
-            if found is None and isinstance(seen, OSError) and seen.errno in _STORAGE_ERRNOS:
-                found, name = ("unavailable", os.strerror(seen.errno)), PUBLISHED
+            if found is None and isinstance(seen, ObjectsUnwritable):
+                found, name = ("unavailable", seen.strerror or "cannot be written"), PUBLISHED
             if found is not None:
                 break
             seen = seen.__cause__ if seen.__cause__ is not None or seen.__suppress_context__ else seen.__context__
