@@ -41,3 +41,17 @@ def test_admin_conflicts_are_described_as_the_admin_api_means_them() -> None:
         if "409" in ops.get("responses", {})
     ]
     assert conflicts and all("nothing was done" in c and "bridge" not in c for c in conflicts), conflicts
+
+
+def test_every_agent_and_event_route_declares_the_store_503() -> None:
+    """Under `ringfence serve` any of these routes answers a failed store (or objects/ not
+    writable) 503 `the control plane is unavailable` with Retry-After (review r8: no document
+    said so)."""
+    import json
+
+    for name in ("agent-api.json", "gcp-events-api.json", "azure-events-api.json"):
+        doc = json.loads(documents()[name])
+        for path, ops in doc["paths"].items():
+            for method, op in ops.items():
+                said = op["responses"].get("503", {}).get("description", "")
+                assert "the control plane is unavailable" in said and "Retry-After" in said, (name, method, path)

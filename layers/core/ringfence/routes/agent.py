@@ -74,14 +74,18 @@ def agent_routes(service: Callable[[], AgentApi]) -> APIGatewayRestResolver:
 
     app.before_invalid = token_first
 
-    @app.get(route_path("nonce"), summary="a single-use enrollment nonce", responses=answers(agentapi.NonceResponse))
+    @app.get(
+        route_path("nonce"),
+        summary="a single-use enrollment nonce",
+        responses=answers(agentapi.NonceResponse, errors=(503,)),
+    )
     def nonce() -> HttpResponse[str]:
         return http(service().nonce())
 
     @app.post(
         route_path("enroll"),
         summary="prove the workload's identity (cloud document or pairing key) for a bearer token",
-        responses=answers(agentapi.EnrollResponse, errors=(400, 401)),
+        responses=answers(agentapi.EnrollResponse, errors=(400, 401, 503)),
     )
     def enroll(req: agentapi.EnrollRequest) -> HttpResponse[str]:
         return http(service().enroll(req))
@@ -92,7 +96,7 @@ def agent_routes(service: Callable[[], AgentApi]) -> APIGatewayRestResolver:
         "the current token (the bearer, still valid) and the time (revokes the previous token)",
         responses=answers(
             agentapi.TokenResponse,
-            errors=(401, 429),
+            errors=(401, 429, 503),
             meaning={
                 429: "a renewal by token of a token less than half its lifetime old: retry after Retry-After "
                 "seconds, calling with the token held meanwhile"
@@ -106,7 +110,7 @@ def agent_routes(service: Callable[[], AgentApi]) -> APIGatewayRestResolver:
         route_path("bundle"),
         summary="the workload's last full bundle, byte for byte as compute signed it (later set changes: "
         "deltas); 304 when If-None-Match is its ETag",
-        responses=answers(Bundle, description="the signed bundle (docs/bundle.md)", errors=(*_AUTH, 404)),
+        responses=answers(Bundle, description="the signed bundle (docs/bundle.md)", errors=(*_AUTH, 404, 503)),
         security=_TOKEN,
     )
     def bundle(wid: str) -> HttpResponse[str]:
@@ -115,7 +119,7 @@ def agent_routes(service: Callable[[], AgentApi]) -> APIGatewayRestResolver:
     @app.get(
         route_path("deltas"),
         summary="the signed set deltas from a bundle version to the newest, each as compute stored it",
-        responses=answers(agentapi.DeltasResponse, errors=(*_AUTH, 404, 409)),
+        responses=answers(agentapi.DeltasResponse, errors=(*_AUTH, 404, 409, 503)),
         security=_TOKEN,
     )
     def deltas(
@@ -126,7 +130,7 @@ def agent_routes(service: Callable[[], AgentApi]) -> APIGatewayRestResolver:
     @app.get(
         route_path("wait"),
         summary="long-poll: answers when a version newer than `version` exists, or at the timeout",
-        responses=answers(agentapi.WaitResponse, errors=_AUTH),
+        responses=answers(agentapi.WaitResponse, errors=(*_AUTH, 503)),
         security=_TOKEN,
     )
     def wait(
@@ -145,7 +149,7 @@ def agent_routes(service: Callable[[], AgentApi]) -> APIGatewayRestResolver:
     @app.post(
         route_path("heartbeat"),
         summary="liveness and the applied version; answers the newest version",
-        responses=answers(agentapi.HeartbeatResponse, errors=(*_AUTH, 404)),
+        responses=answers(agentapi.HeartbeatResponse, errors=(*_AUTH, 404, 503)),
         security=_TOKEN,
     )
     def heartbeat(wid: str, hb: agentapi.Heartbeat) -> HttpResponse[str]:
@@ -154,7 +158,7 @@ def agent_routes(service: Callable[[], AgentApi]) -> APIGatewayRestResolver:
     @app.post(
         route_path("reports"),
         summary="flow and drop records",
-        responses=answers(agentapi.ReportsResponse, 202, errors=(*_AUTH, 413)),
+        responses=answers(agentapi.ReportsResponse, 202, errors=(*_AUTH, 413, 503)),
         security=_TOKEN,
     )
     def reports(wid: str, batch: agentapi.ReportBatch) -> HttpResponse[str]:
@@ -182,7 +186,7 @@ def agent_routes(service: Callable[[], AgentApi]) -> APIGatewayRestResolver:
         "(bytes), its .sha256 or install-<16 hex>.sh; no token. Check the installer and the wheel against the "
         "digests the operator was given, never only against the .sha256 served beside it",
         responses={
-            **answers(errors=(404,)),
+            **answers(errors=(404, 503)),
             200: {"description": "the file", "content": {"application/octet-stream": {}, "text/plain": {}}},
         },
     )(artifact)

@@ -7,7 +7,7 @@ Answers (:meth:`ringfence.clouds.azure.ingest.AzureEvents.handle`): 200 with wha
 validation response; 401 for a delivery that is not authenticated; 400 for a body that is no Event
 Grid delivery; 403 for an event of a subscription this control plane does not govern (nothing
 stored; Event Grid does not retry a 403); 503 with Retry-After when ARM could not be read even after
-the SDK's retries (Event Grid redelivers).
+the SDK's retries, or under ``ringfence serve`` its store failed (Event Grid redelivers).
 """
 
 # no `from __future__ import annotations`: the event handler reads the route signatures' types
@@ -19,7 +19,7 @@ from aws_lambda_powertools.event_handler import Response as HttpResponse
 
 from ringfence.clouds.azure.ingest import AzureEvents
 
-from .common import http, resolver, too_large
+from .common import STORE_FAILED, answers, http, resolver, too_large
 
 EVENTS_PATH = "/azure/events"
 MAX_EVENT_BODY = 1024 * 1024  # Event Grid batches at most 1 MB per delivery
@@ -33,7 +33,22 @@ def azure_event_routes(service: Callable[[], AzureEvents]) -> APIGatewayRestReso
         max_body=MAX_EVENT_BODY,
     )
 
-    @app.post(EVENTS_PATH, summary="one Event Grid delivery (an array of events in the Event Grid schema)")
+    @app.post(
+        EVENTS_PATH,
+        summary="one Event Grid delivery (an array of events in the Event Grid schema)",
+        responses=answers(
+            description="what changed, or the subscription validation response",
+            errors=(400, 401, 403, 413, 503),
+            meaning={
+                400: "no Event Grid delivery",
+                401: "a delivery that is not authenticated (its delivery secret header, its Entra ID token)",
+                403: "an event of a subscription this control plane does not govern: nothing stored (Event Grid "
+                "does not retry a 403)",
+                503: "ARM could not be read even after the SDK's retries (with Retry-After): Event Grid delivers "
+                "it again; also " + STORE_FAILED,
+            },
+        ),
+    )
     def events() -> HttpResponse[str]:
         ev = app.current_event
         big = too_large(ev.body, MAX_EVENT_BODY)

@@ -19,6 +19,12 @@ from ringfence.control.api import Response, error
 from ringfence.store.failure import Kind, ObjectsUnwritable, StoreHealth
 
 STORE_RETRY_AFTER = 5  # seconds: the Retry-After of a 503 for a store unavailable for now
+# what any agent API or event route may answer under `ringfence serve` (store_failure, told=False)
+STORE_FAILED = (
+    "(ringfence serve) the control plane's store or its published files failed (full, locked, not "
+    'writable, damaged): {"error": "the control plane is unavailable"}; send the request again after '
+    f"Retry-After seconds ({STORE_RETRY_AFTER})"
+)
 
 
 def http(r: Response) -> HttpResponse[str]:
@@ -64,7 +70,7 @@ def answers(
         409: "deltas cannot bridge from that version: fetch the bundle",
         413: "the body is over the size limit",
         422: "a field of the request is missing or invalid (detail names each, dotted: body.flows.0.end)",
-        503: "being re-rendered: retry after Retry-After seconds",
+        503: STORE_FAILED,
         **(meaning or {}),
     }
     err = {"application/json": {"model": agentapi.ErrorBody}}

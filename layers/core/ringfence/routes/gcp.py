@@ -7,7 +7,8 @@ Answers: 200 with what changed (or why nothing did); 401 for a token that does n
 sender that is not configured (nothing is read); 400 for a body that is no audit event or an event
 of a project this control plane does not serve (nothing changed; Pub/Sub redelivers a non-2xx, and
 its dead-letter topic keeps what never succeeds); 503 when Google's signing keys or the Google
-APIs could not be read, even after retrying throttled calls (redelivered later).
+APIs could not be read, even after retrying throttled calls, or under ``ringfence serve`` its
+store failed (the reason-less 503 with ``Retry-After``: redelivered later).
 """
 
 # no `from __future__ import annotations`: the event handler reads the route signatures' types
@@ -23,7 +24,7 @@ from ringfence.clouds.gcp.oidc import KeysUnavailable, TokenError
 from ringfence.control.api import Response, error
 from ringfence.events import MalformedEvent
 
-from .common import http, resolver, too_large
+from .common import STORE_FAILED, answers, http, resolver, too_large
 
 EVENTS_PATH = "/gcp/events"
 MAX_EVENT_BODY = 256 * 1024  # a Pub/Sub message is at most 10 MB, an audit entry a few KiB
@@ -38,7 +39,22 @@ def gcp_event_routes(service: Callable[[], GcpIngest]) -> APIGatewayRestResolver
         max_body=MAX_EVENT_BODY,
     )
 
-    @app.post(EVENTS_PATH, summary="one audit-log event about a VM (Pub/Sub push envelope or Eventarc LogEntry)")
+    @app.post(
+        EVENTS_PATH,
+        summary="one audit-log event about a VM (Pub/Sub push envelope or Eventarc LogEntry)",
+        responses=answers(
+            description="what changed, or why nothing did",
+            errors=(400, 401, 413, 503),
+            meaning={
+                400: "no audit event, or an event of a project this control plane does not serve: nothing "
+                "changed (Pub/Sub redelivers a non-2xx; its dead-letter topic keeps what never succeeds)",
+                401: "a token that does not verify or a sender that is not configured: nothing is read",
+                503: "Google's signing keys or the Google APIs could not be read, even after retrying throttled "
+                "calls (`signing keys unavailable`, `Google APIs unavailable`): Pub/Sub delivers it again; also "
+                + STORE_FAILED,
+            },
+        ),
+    )
     def events() -> HttpResponse[str]:
         ev = app.current_event
         big = too_large(ev.body, MAX_EVENT_BODY)
