@@ -237,6 +237,10 @@ class SigningKey:
         _write_durably(public_path, self.public_pem(), 0o644)
         _write_durably(private_path, self.private_pem(), 0o600)
 
+    def write_public(self, public_path: Path) -> None:
+        """The public key alone, written whole or not at all as :meth:`write` writes it."""
+        _write_durably(public_path, self.public_pem(), 0o644)
+
 
 def _write_durably(path: Path, data: bytes, mode: int) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

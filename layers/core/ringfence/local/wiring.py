@@ -340,10 +340,27 @@ def load_signing_key(path: Path) -> SigningKey:
 
 
 def own_signing_key(state_dir: Path) -> SigningKey:
-    """The state directory's own signing key, generated on first use (like an SSH host key)."""
+    """The state directory's own signing key, generated on first use (like an SSH host key).
+    ``signing-key.pub.pem``, the file agents are told to pin, is made to hold this key's public
+    key: after a rotation (a new ``signing-key.pem`` put in place) it still held the old one, and
+    an agent paired afterwards pinning it refused every bundle."""
     private, public = state_dir / "signing-key.pem", state_dir / "signing-key.pub.pem"
     if private.exists():
-        return load_signing_key(private)
+        key = load_signing_key(private)
+        try:
+            held = public.read_bytes()
+        except FileNotFoundError:
+            held = None
+        if held != key.public_pem():
+            key.write_public(public)  # whole or not at all: a temporary file, fsynced, renamed
+            log.warning(
+                "%s %s: it now holds the public key of %s (key id %s); agents pin it",
+                "rewrote" if held is not None else "wrote",
+                public,
+                private,
+                key.key_id,
+            )
+        return key
     key = SigningKey.generate()
     key.write(private, public)
     log.warning("generated the bundle signing key %s; agents pin %s", private, public)
