@@ -1,5 +1,6 @@
 """What the nftables backend's reads of the kernel cost at a large bundle (real kernel): a whole
-apply (its seal included), ``held()`` (the seal's digest), ``fingerprint()`` (the daemon's drift
+apply (its seal included; and, where the agent has it, a whole apply whose seal is checked in a
+fresh network namespace, as when the ruleset's generation moved during it), ``held()`` (the seal's digest), ``fingerprint()`` (the daemon's drift
 check) and ``enforced()`` (the heartbeat's digest). Run as root; it makes a network namespace of
 its own and removes it after::
 
@@ -42,6 +43,10 @@ timed("apply", lambda: backend.apply(plan))
 timed("held", backend.held)
 timed("fingerprint", backend.fingerprint)
 timed("enforced", backend.enforced)
+import ringfence_agent.backends.nft as nft
+if hasattr(nft, "_only_one_commit"):  # the seal's check in a fresh namespace, as when the generation moved
+    nft._only_one_commit = lambda before: False
+    timed("apply_fresh_namespace", lambda: backend.apply(plan))
 print(json.dumps(out))
 """
 

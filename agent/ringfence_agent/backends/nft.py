@@ -94,6 +94,9 @@ _FAILSAFE_SETS = tuple(f"{name}_{fam}" for name in ("fs_admin", "fs_dns", "fs_cp
 # listing the table costs up to ~1.5 s at 100,000 set elements; a child that takes longer, or dies
 # (libnftables 1.0.6 abort()s on a string that is not UTF-8), means the agent cannot tell.
 LISTING_TIMEOUT = 30.0
+# A whole apply whose read-back is not what it wrote (another process wrote to the table between
+# the commit and the read) is done again this many times, then fails unsealed (NftBackend.apply).
+APPLY_TRIES = 3
 # What the held() digest keeps of the kernel's netlink attributes (the rest are handles, use
 # counts, packet counters, transaction ids, the kernel's choice of set backend, element counts).
 _CHAIN_ATTRS = (3, 4, 5, 7, 10, 12)  # NFTA_CHAIN_: NAME, HOOK, POLICY, TYPE, FLAGS, USERDATA
@@ -272,7 +275,9 @@ class NftRenderer:
     def render(self, plan: Plan) -> str:
         return self._render(plan, self.concatenated(plan))
 
-    def _render(self, plan: Plan, concat: frozenset[str]) -> str:
+    def _render(self, plan: Plan, concat: frozenset[str], bundle_elements: bool = True) -> str:
+        """The whole table; without ``bundle_elements`` the bundle sets ``s_*`` are declared empty
+        (what :meth:`NftBackend.held` reads is the same: it leaves them out)."""
         head = f"table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n"
         if plan.mode == "idle":
             return head
@@ -289,6 +294,8 @@ class NftRenderer:
         for sname, s in sorted(plan.sets.items()):
             for fam, items in ((4, s.v4), (6, s.v6)):
                 prefixes, hosts = split_hosts(items)
+                if not bundle_elements:
+                    prefixes, hosts = [], []
                 out.append(_set_decl(set_name(sname, fam), fam, prefixes))
                 out.append(_set_decl(set_name(sname, fam, hosts=True), fam, hosts, interval=False))
         for r in plan.rules:
@@ -658,9 +665,20 @@ class NftBackend(NftRenderer):
             raise ApplyError(f"nft refused the {what} (previous rules still in force): {' | '.join(detail[:6])}")
 
     def apply(self, plan: Plan) -> None:
+        """One transaction replacing the table, then the seal of what the kernel holds after it.
+
+        Sealed only when what was read back is what this apply wrote, known apart from the live
+        kernel: any CAP_NET_ADMIN process may insert a rule between the commit and the read-back
+        (``nft monitor`` shows the commit), and a seal of that read would make its rule the
+        agent's for good (status, heartbeat, "already applied", the daemon's drift baseline).
+        Either the ruleset's generation moved by exactly one between just before the commit and
+        just after the read-back (ours: nothing else was committed meanwhile, in any table), or
+        the same table loaded into a fresh network namespace nobody else can write reads back the
+        same (:meth:`_as_written`). Otherwise the apply is done again, and after
+        :data:`APPLY_TRIES` it fails unsealed: "changed while applied", never sealed."""
         self.applied_fingerprint = None
         concat = self.concatenated(plan)
-        self._exec(self._render(plan, concat), "bundle")
+        script = self._render(plan, concat)
         self.realised = {r.counter: r.counter in concat for r in plan.rules if r.members}
         names = [
             group_set_name(r.counter, fam, kind)
@@ -669,9 +687,97 @@ class NftBackend(NftRenderer):
             for fam in (4, 6)
             for kind in _group_kinds(r, fam)
         ]
-        self.group_held = self._group_digests(names) if plan.mode != "idle" else {}
-        if plan.mode != "idle":
-            self._seal()
+        if plan.mode == "idle":
+            self._exec(script, "bundle")
+            self.group_held = {}
+            return
+        for _ in range(APPLY_TRIES):
+            before = _generation()
+            self._exec(script, "bundle")
+            groups = self._group_digests(names)
+            try:
+                held, _ = self.held()
+            except OSError:
+                held = None
+            if held is None:  # cannot be read back: not sealed (the table reads as altered)
+                self.group_held = groups
+                self.seal_key.forget()  # the previous apply's seal no longer names what is in force
+                return
+            if _only_one_commit(before) or self._as_written(plan, concat, names, held, groups):
+                self.group_held = groups
+                self._seal(held)
+                return
+        self.group_held = dict.fromkeys(names)  # cannot tell: the drift check programs them again
+        self.seal_key.forget()
+        raise ApplyError(
+            f"the kernel's rules changed while they were applied ({APPLY_TRIES} times, another process wrote to "
+            "Ringfence's table between the agent's commit and its read-back): not sealed"
+        )
+
+    def _as_written(
+        self, plan: Plan, concat: frozenset[str], names: Sequence[str], held: str, groups: dict[str, str | None]
+    ) -> bool:
+        """Whether ``held`` (and the group sets' digests) is what this plan's table reads back as
+        when nobody else can write it: the same table (bundle sets empty: held() leaves them out)
+        loaded by a forked child into a fresh network namespace of its own, read back there with
+        the same readers. False when that cannot be done (no CAP_SYS_ADMIN, the child fails):
+        the agent cannot tell, so it does not seal."""
+        script = self._render(plan, concat, bundle_elements=False)
+        rfd, wfd = os.pipe()
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(rfd)
+            os.close(wfd)
+            return False
+        if pid == 0:  # the child: as in LibNftables.listings, no lock taken
+            code = 70
+            try:
+                os.close(rfd)
+                if _libc().unshare(_CLONE_NEWNET) != 0:
+                    os._exit(71)
+                if self.lib is not None:
+                    rc = self.lib._call(script, 0)[0]
+                else:
+                    rc = run([self.nft, "-f", "-"], stdin=script, timeout=LISTING_TIMEOUT).returncode
+                if rc == 0:
+                    want, _ = self.held()
+                    listed = self._listed([f"list set {FAMILY} {TABLE} {name}\n" for name in names]) if names else []
+                    digests = {name: self._group_digest(name, items) for name, items in zip(names, listed, strict=True)}
+                    view = memoryview(json.dumps([want, digests]).encode())
+                    while view:
+                        view = view[os.write(wfd, view) :]
+                    code = 0
+            finally:
+                os._exit(code)
+        if self.lib is not None:
+            self.lib.listing_pids.add(pid)  # the daemon's stop watchdog kills it rather than wait on it
+        os.close(wfd)
+        chunks: list[bytes] = []
+        deadline = time.monotonic() + LISTING_TIMEOUT
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([rfd], [], [], left)[0]:
+                    os.kill(pid, signal.SIGKILL)
+                    break
+                chunk = os.read(rfd, 1 << 20)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        finally:
+            os.close(rfd)
+            _, status = os.waitpid(pid, 0)
+            if self.lib is not None:
+                self.lib.listing_pids.discard(pid)
+        if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
+            return False
+        try:
+            want, digests = json.loads(b"".join(chunks))
+        except ValueError:
+            return False
+        # a group set whose live read failed is recorded as such (None: the drift check re-applies)
+        return bool(want == held and all(groups[n] is None or groups[n] == digests.get(n) for n in names))
 
     def _group_digests(self, names: Sequence[str]) -> dict[str, str | None]:
         """Each group set's digest as the kernel lists it (one child for all: each is small, a
@@ -719,19 +825,13 @@ class NftBackend(NftRenderer):
                 return f"group set {name} holds elements the agent did not put there (or lost some of its own)"
         return None
 
-    def _seal(self) -> None:
-        """Name what the kernel holds right after the apply: ``seal_<HMAC of the digest>``
-        (:meth:`held`, :class:`SealKey`; the key made here when there is none).
-        A second transaction (the digest is of the kernel's own rendering of the rules, known only
-        once they are in); should it fail, the table reads as altered and the next apply, or the
-        daemon's drift check, programs it again: never reported as intact when it is not."""
-        try:
-            held, _ = self.held()
-        except OSError:
-            held = None
-        if held is None:
-            self.seal_key.forget()  # the previous apply's seal no longer names what is in force
-            return
+    def _seal(self, held: str) -> None:
+        """Name what the kernel holds right after the apply (``held``, checked by :meth:`apply`):
+        ``seal_<HMAC of the digest>`` (:meth:`held`, :class:`SealKey`; the key made here when
+        there is none). A second transaction (the digest is of the kernel's own rendering of the
+        rules, known only once they are in); should it fail, the table reads as altered and the
+        next apply, or the daemon's drift check, programs it again: never reported as intact when
+        it is not. A rule inserted after the read-back is not covered: the seal then mismatches."""
         # bound to this apply (a fresh nonce on record): an earlier table put back no longer checks
         seal = self.seal_key.new_seal(held)
         if seal is None:
@@ -1017,6 +1117,29 @@ class NftBackend(NftRenderer):
                     if tup is not None:
                         obs.tuples.append(tup)
         return obs
+
+
+def _generation() -> int | None:
+    try:
+        return nl.generation()
+    except OSError:
+        return None
+
+
+def _only_one_commit(before: int | None) -> bool:
+    """Whether exactly one commit changed the ruleset since generation ``before`` (read before
+    the caller's own commit, which changed it): then what the caller read back since is its own
+    commit's alone. A neighbour committing to its own table also counts (the caller then checks
+    another way); 32 bits do not wrap within one apply."""
+    after = _generation()
+    return before is not None and after is not None and after == (before + 1) & 0xFFFFFFFF
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+def _libc() -> Any:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def _element(e: Any) -> str | None:

@@ -44,6 +44,8 @@ NFT_MSG_NEWSET = 9
 NFT_MSG_GETSET = 10
 NFT_MSG_NEWSETELEM = 12
 NFT_MSG_GETSETELEM = 13
+NFT_MSG_NEWGEN = 15
+NFT_MSG_GETGEN = 16
 NFT_MSG_NEWOBJ = 18
 NFT_MSG_GETOBJ = 19
 NLMSG_ERROR = netlink.NLMSG_ERROR
@@ -51,6 +53,7 @@ NLMSG_DONE = netlink.NLMSG_DONE
 NLM_F_REQUEST = netlink.NLM_F_REQUEST
 NLM_F_DUMP_INTR = netlink.NLM_F_DUMP_INTR  # the ruleset changed while the kernel dumped it: dump again
 NLM_F_DUMP = 0x300
+NFTA_GEN_ID = 1
 NFTA_TABLE_NAME = 1
 NFTA_TABLE_FLAGS = 2
 NFTA_TABLE_OWNER = 7
@@ -183,6 +186,19 @@ def table_info(family: str, name: str, timeout: float = 2.0) -> TableInfo | None
     if not tables:
         raise OSError(errno.EPROTO, "no table in the kernel's answer")
     return _parse(tables[0].raw)
+
+
+def generation(timeout: float = 2.0) -> int:
+    """The ruleset's generation in this network namespace (``NFT_MSG_GETGEN``, all 32 bits): the
+    kernel adds one at every commit that changes anything, whoever makes it, in any table, and
+    before any of that commit's changes can be seen (dumps show the old generation's objects
+    until then). OSError when the kernel cannot be asked or answers otherwise."""
+    for m in _request(NFT_MSG_GETGEN, 0, "inet", b"", timeout):
+        value = m.attrs.get(NFTA_GEN_ID, b"")
+        if m.kind == NFT_MSG_NEWGEN and len(value) == 4:
+            gen: int = struct.unpack(">I", value)[0]
+            return gen
+    raise OSError(errno.EPROTO, "no generation in the kernel's answer")
 
 
 def _parse(attrs: bytes) -> TableInfo:

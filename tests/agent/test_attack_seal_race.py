@@ -1,0 +1,162 @@
+"""The agent seals only what it wrote (review r9, the seal race): a whole apply read the kernel
+back right after its commit and sealed whatever it found. A process with CAP_NET_ADMIN and no
+access to the state directory watches ``nft monitor`` and inserts an accept between the commit
+and the read-back: the loosened table was sealed, and status, the heartbeat digest, ``apply``
+("already applied") and the daemon's drift baseline accepted it for good.
+
+Deterministic, not a timing race: the real NftBackend runs in a child process in the lab host's
+namespace, subclassed so that the attacker's ``nft insert`` runs at exactly that moment (after
+the commit, before the read-back); what it left is then judged by a fresh ``status`` of the real
+CLI with the same state directory, and by a real connection."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ringfence import enforced
+from ringfence.local.lab import Lab as NetLab
+from tests.agent import dataplane
+from tests.agent.bundles import GROUP_POLICY, LAB_POLICY, Lab, workloads, write
+
+pytestmark = pytest.mark.dataplane
+
+dataplane.require()
+
+HOSTS = {"h1": 1, "h2": 2, "h4": 4, "adm": 250, "cp": 100}
+ROLES = {"h1": "client", "h2": "web", "h4": "other"}
+
+
+@pytest.fixture(scope="module")
+def net() -> Iterator[NetLab]:
+    lab = NetLab(HOSTS)
+    try:
+        lab.serve("h2", tcp=[22, 8080])
+        yield lab
+    finally:
+        lab.close()
+
+
+@pytest.fixture(autouse=True)
+def clean(net: NetLab) -> Iterator[None]:
+    net.reset("h2")
+    yield
+    net.reset("h2")
+
+
+# The real backend, applying the lab's bundle with the real state directory; between its commit
+# and its read-back (the group-set listing comes first, on this code and on the code before) the
+# test's "attacker" runs: argv[3] times an accept of tcp/8080 from anyone dressed as a fail-safe
+# (only the seal tells it from the agent's), or, with "neighbour", a commit to another table.
+RACE = """
+import json, subprocess, sys
+from pathlib import Path
+from ringfence.bundlewire import load_bundle
+from ringfence_agent.backends import ApplyError
+from ringfence_agent.backends.nft import NftBackend
+from ringfence_agent.plan import LocalFailsafes, compile_plan
+INSERT = 'insert rule inet ringfence input tcp dport 8080 accept comment "failsafe x"\\n'
+NEIGHBOUR = "add table ip neighbour\\nadd chain ip neighbour c{}\\n"
+times, what = int(sys.argv[3]), sys.argv[4]
+done = []
+class Raced(NftBackend):
+    def _group_digests(self, names):
+        if len(done) < times:
+            script = INSERT if what == "insert" else NEIGHBOUR.format(len(done))
+            subprocess.run(["nft", "-f", "-"], input=script, text=True, check=True)
+            done.append(what)
+        return super()._group_digests(names)
+backend = Raced(state_dir=Path(sys.argv[2]))
+plan = compile_plan(load_bundle(open(sys.argv[1], "rb").read()), LocalFailsafes())
+try:
+    backend.apply(plan)
+    failed = None
+except ApplyError as exc:
+    failed = str(exc)
+print(json.dumps({"raced": len(done), "failed": failed, "baseline": backend.applied_fingerprint,
+                  "fresh": backend.fingerprint(), "groups": backend.group_problem()}))
+"""
+
+
+def _race(net: NetLab, tmp_path: Path, times: int, what: str = "insert") -> tuple[dict[str, Any], dict[str, Any]]:
+    doc = Lab(LAB_POLICY, workloads({h: (net.v4(h), net.v6(h), r) for h, r in ROLES.items()})).bundle("h2")
+    state = tmp_path / "state"
+    path = write(doc, tmp_path / "bundle.json")
+    proc = net.exec("h2", sys.executable, "-c", RACE, str(path), str(state), str(times), what)
+    assert proc.returncode == 0, proc.stderr
+    raced: dict[str, Any] = json.loads(proc.stdout.splitlines()[-1])
+    assert raced["raced"] >= 1, "the attacker never ran between commit and read-back: the test proves nothing"
+    status = net.agent("h2", "status", "--state-dir", str(state), "--backend", "nftables", "--json")
+    assert status.returncode == 0, status.stderr
+    out: dict[str, Any] = json.loads(status.stdout)
+    out["published"] = out.get("kernel_digest") == enforced.expected(doc)
+    return raced, out
+
+
+def _hole(net: NetLab) -> bool:
+    return net.tcp("h4", "h2", 8080)
+
+
+def test_attack_a_rule_inserted_between_the_apply_and_its_seal_is_not_sealed(net: NetLab, tmp_path: Path) -> None:
+    """The accept inserted once, right after the commit: the apply sees that what it read back is
+    not what it wrote (the generation moved twice; the same table loaded in a fresh namespace
+    reads back otherwise), programs the table again and seals that: the hole is closed, a fresh
+    status says programmed with the published digest, the daemon's baseline is the kernel's."""
+    raced, status = _race(net, tmp_path, 1)
+    assert raced["failed"] is None, raced
+    assert status["kernel_programmed"] is True and status["published"], status
+    assert not _hole(net), ("the inserted accept is still in force", raced, status)
+    assert raced["baseline"] is not None and raced["baseline"] == raced["fresh"], raced
+    assert raced["groups"] is None, raced
+    rules = net.exec("h2", "nft", "list", "chain", "inet", "ringfence", "input").stdout
+    assert "failsafe x" not in rules, rules
+
+
+def test_attack_a_rule_inserted_after_every_try_fails_the_apply_unsealed(net: NetLab, tmp_path: Path) -> None:
+    """The accept inserted after each of the apply's tries: it fails, saying the kernel's rules
+    changed while they were applied, and seals nothing: a fresh status says not programmed (the
+    daemon's drift check programs it again), the daemon's baseline is none."""
+    raced, status = _race(net, tmp_path, 3)
+    assert raced["failed"] is not None and "changed while they were applied" in raced["failed"], raced
+    assert raced["raced"] == 3, raced
+    assert status["kernel_programmed"] is False and not status["published"], status
+    assert raced["baseline"] is None, raced
+
+
+def test_a_neighbours_commit_during_the_apply_still_seals_it(net: NetLab, tmp_path: Path) -> None:
+    """Another process committing to its own table between the commit and the read-back (the
+    generation moved twice, as under the attack) does not stop the seal: the same table loaded
+    in a fresh network namespace reads back the same, so what was read is what was written."""
+    raced, status = _race(net, tmp_path, 1, "neighbour")
+    assert raced["failed"] is None, raced
+    assert status["kernel_programmed"] is True and status["published"], status
+    assert raced["baseline"] is not None and raced["baseline"] == raced["fresh"], raced
+    net.exec("h2", "nft", "delete", "table", "ip", "neighbour")
+
+
+def test_the_fresh_namespace_reads_the_live_table_back_as_written(net: NetLab, tmp_path: Path) -> None:
+    """What the check loads in a fresh namespace (the bundle sets left empty) reads back as the
+    live table does after a plain apply, group sets included (GROUP_POLICY: concatenated sets)."""
+    doc = Lab(GROUP_POLICY, workloads({h: (net.v4(h), net.v6(h), r) for h, r in ROLES.items()})).bundle("h2")
+    path = write(doc, tmp_path / "bundle.json")
+    script = """
+import json, sys
+from ringfence.bundlewire import load_bundle
+from ringfence_agent.backends.nft import NftBackend
+from ringfence_agent.plan import LocalFailsafes, compile_plan
+backend = NftBackend()
+plan = compile_plan(load_bundle(open(sys.argv[1], "rb").read()), LocalFailsafes())
+backend.apply(plan)
+held, _ = backend.held()
+names = sorted(backend.group_held or {})
+print(json.dumps([names, backend._as_written(plan, backend.concatenated(plan), names, held, backend.group_held or {})]))
+"""
+    proc = net.exec("h2", sys.executable, "-c", script, str(path))
+    assert proc.returncode == 0, proc.stderr
+    names, same = json.loads(proc.stdout.splitlines()[-1])
+    assert names and same is True, (names, same)
