@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from collections.abc import Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 __all__ = ["ALERTED", "CONTENT_TYPE_LATEST", "Counters", "prometheus_name"]
 
@@ -32,6 +33,7 @@ ALERTED = (
     "ComputeNotQueued",
     "StoreUnavailable",
     "StoreDamaged",
+    "ComputeFailed",
 )
 """Counters exposed at zero from the start (docs/serve.md names them for alerts): Prometheus'
 ``increase()`` cannot count a series that first appears already at 1, so the first lowering of a
@@ -51,6 +53,7 @@ class Counters:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._by_name: dict[str, Counter] = {}
+        self._gauges: dict[str, Gauge] = {}
         self._lock = threading.Lock()
         for name in ALERTED:
             self(name, 0)
@@ -69,6 +72,15 @@ class Counters:
                     )
                     self._by_name[name] = counter
         counter.inc(value)
+
+    def gauge(self, name: str, doc: str, read: Callable[[], float]) -> None:
+        """A gauge ``name`` (``ComputeOwedSeconds``: ``ringfence_compute_owed_seconds``) whose
+        value ``read()`` gives at each scrape; named again, it reads the new ``read``."""
+        with self._lock:
+            gauge = self._gauges.get(name)
+            if gauge is None:
+                gauge = self._gauges[name] = Gauge(prometheus_name(name), doc, registry=self.registry)
+            gauge.set_function(read)
 
     def exposition(self) -> bytes:
         """Every counter so far, in the text format Prometheus scrapes."""

@@ -480,6 +480,8 @@ class ServeApp:
     address_limit: AddressLimit | None = None
     # the local store's health (LocalWiring's): once it is damaged, no request is answered from it
     health: StoreHealth | None = None
+    # the local compute worker (LocalWiring's): what it owes after a failed computation
+    compute: Any = None
 
     @classmethod
     def over(
@@ -511,6 +513,13 @@ class ServeApp:
         adm = OnPremAdmin(wiring, counters)
         # the local store's failures (full, locked, damaged): answered 503 by every route, counted
         health = getattr(wiring, "health", None)
+        worker = getattr(wiring, "worker", None)  # the local compute worker
+        if worker is not None:
+            counters.gauge(
+                "ComputeOwedSeconds",
+                "how long a failed computation's work has waited for a retry that succeeds (0: none owed)",
+                worker.owed_seconds,
+            )
 
         def guarded(app: Any, told: bool = False) -> Any:
             # the reason (state.db: …) only to a caller authenticated without the store: the admin
@@ -547,6 +556,7 @@ class ServeApp:
             tokens,
             threads,
             health=health,
+            compute=worker,
             gcp=gcp,
             cloud_events=events,
             azure=azure,
@@ -714,6 +724,15 @@ class ServeApp:
                 if self.tokens is not None and self.tokens.holder(request.headers.get("authorization")) is not None:
                     return JSONResponse({"ok": False, "error": self.health.damaged}, 503)
                 return JSONResponse({"ok": False}, 503)
+            owed = self.compute.state() if self.compute is not None else None
+            if (
+                owed is not None
+                and self.tokens is not None
+                and self.tokens.holder(request.headers.get("authorization"))
+            ):
+                # serving still (agents fetch what is published, admins act), but no change reaches
+                # agents until a computation succeeds: why, to a holder of an admin token only
+                return JSONResponse({"ok": True, "compute": owed})
             return JSONResponse({"ok": True})
 
         async def metrics(request: Request) -> Response:
@@ -962,9 +981,11 @@ def run(
     try:
         address_limit = AddressLimit.from_env()  # a bad setting fails before anything starts
         if store.startswith("sqlite:"):
+            from ringfence.local.wiring import compute_retry_max
             from ringfence.store.sqlite import busy_timeout
 
             busy_timeout()
+            compute_retry_max()
     except ValueError as exc:
         raise ServeError(str(exc)) from None
     tokens = AdminTokenFile(admin_tokens) if admin_tokens is not None else None

@@ -30,6 +30,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -101,26 +102,67 @@ class LocalNotifier:
 _STOP: Any = object()
 
 
+RETRY_MAX_S = 30.0
+
+
+def compute_retry_max(env: Mapping[str, str] | None = None) -> float:
+    """``RINGFENCE_COMPUTE_RETRY_MAX`` (seconds, default 30): the longest wait between two tries of
+    a computation that failed; a ValueError for a value that is not a number from 0.1 to 3600."""
+    raw = (os.environ if env is None else env).get("RINGFENCE_COMPUTE_RETRY_MAX", "")
+    if not raw:
+        return RETRY_MAX_S
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0.1 <= seconds <= 3600:  # NaN too
+        raise ValueError(f"RINGFENCE_COMPUTE_RETRY_MAX={raw!r}: must be a number of seconds from 0.1 to 3600")
+    return seconds
+
+
+def owed_work(owed: dict[str, Any] | None, messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """``messages`` that failed, merged with what was owed already into one message: their
+    workloads, explicit re-render requests and refresh, with ``rebuild`` (the retry rebuilds the
+    engine from the store in any case: compute distrusts it after a failure, and the rebuild
+    republishes whatever changed since the last bundles). Lifecycle actions are not kept: the
+    failed run left each to time out into its hook's default result, and said so."""
+    before = [owed] if owed is not None else []
+    out: dict[str, Any] = {"ids": [], "rebuild": True}
+    ids = list(dict.fromkeys(i for m in before + messages for i in m.get("ids", [])))
+    publish = list(dict.fromkeys(w for m in before + messages for w in m.get("publish", [])))
+    out["ids"] = ids
+    if publish:
+        out["publish"] = publish
+    if any(m.get("refresh") for m in before + messages):
+        out["refresh"] = True
+    return out
+
+
 class ComputeWorker(threading.Thread):
     """Runs compute on everything enqueued, one batch at a time (what is queued while a batch
-    runs becomes the next batch, as SQS hands Lambda a batch). A failed batch is retried like an
-    SQS redelivery; compute rebuilds its engine on the retry."""
+    runs becomes the next batch, as SQS hands Lambda a batch).
+
+    A batch that fails is owed (:attr:`owed`), as SQS redelivers a failed message until it goes
+    through: retried after ``retry_delay`` (1 s), the wait doubling after each failure up to
+    ``retry_max`` (``RINGFENCE_COMPUTE_RETRY_MAX``, 30 s), until one computation succeeds; work
+    enqueued meanwhile is tried at once together with it. Compute rebuilds its engine on the
+    retry. A damaged store is not retried (serve computes nothing more from it)."""
 
     def __init__(
         self,
         compute: Compute,
         notifier: LocalNotifier,
         *,
-        attempts: int = 3,
         retry_delay: float = 1.0,
+        retry_max: float = RETRY_MAX_S,
         max_batch: int = 100,
         refresh_interval: float = 3600.0,
     ) -> None:
         super().__init__(name="ringfence-compute", daemon=True)
         self.compute = compute
         self.notifier = notifier
-        self.attempts = attempts
         self.retry_delay = retry_delay
+        self.retry_max = retry_max
         self.max_batch = max_batch
         # idle this long: compute re-signs the bundles near expiry (the AWS schedule's job)
         self.refresh_interval = refresh_interval
@@ -131,6 +173,13 @@ class ComputeWorker(threading.Thread):
         self._stopping = False
         # the store's failures (counted, logged); once it is damaged, nothing is computed from it
         self.health: StoreHealth | None = None
+        # the work of the failed computations, merged (owed_work), until one succeeds; since when
+        # (wall clock), how many tries failed, the last one's reason, when the next try is due
+        self.owed: dict[str, Any] | None = None
+        self.owed_since: float | None = None
+        self.failures = 0
+        self.reason = ""
+        self._retry_at = 0.0  # time.monotonic()
 
     def submit(self, message: dict[str, Any]) -> None:
         self.queue.put(message)
@@ -141,16 +190,44 @@ class ComputeWorker(threading.Thread):
         self.join(timeout)
 
     def settle(self, timeout: float = 30.0) -> bool:
-        """Wait until everything enqueued so far has been computed; False on timeout."""
+        """Wait until everything enqueued so far has been computed (or failed, and is owed);
+        False on timeout."""
         with self.queue.all_tasks_done:
             return self.queue.all_tasks_done.wait_for(lambda: self.queue.unfinished_tasks == 0, timeout)
 
+    def owed_seconds(self) -> float:
+        """How long work has been owed (0: none): ``ringfence_compute_owed_seconds``."""
+        since = self.owed_since
+        return max(0.0, time.time() - since) if since is not None else 0.0
+
+    def state(self) -> dict[str, Any] | None:
+        """What is owed, for an administrator (``/healthz`` with an admin token): None when nothing is."""
+        since = self.owed_since
+        if since is None:
+            return None
+        return {
+            "owed_seconds": round(max(0.0, time.time() - since), 1),
+            "failures": self.failures,
+            "error": self.reason,
+            "retry_in_seconds": round(max(0.0, self._retry_at - time.monotonic()), 1),
+        }
+
+    def _retrying(self) -> bool:
+        return self.owed is not None and not (self.health is not None and self.health.damaged)
+
     def run(self) -> None:
         while True:
+            wait = max(0.0, self._retry_at - time.monotonic()) if self._retrying() else self.refresh_interval
             try:
-                first = self.queue.get(timeout=self.refresh_interval)
+                first = self.queue.get(timeout=wait)
             except queue.Empty:
-                if self.compute.engine is not None:
+                if self._retrying():
+                    try:
+                        self._compute([])  # what is owed, alone
+                    finally:
+                        self.notifier.flush()
+                # an engine dropped by a failure is no reason to skip the refresh: the failure is owed
+                elif self.compute.engine is not None:
                     try:
                         self._compute([{"ids": [], "refresh": True}])
                     finally:
@@ -177,20 +254,45 @@ class ComputeWorker(threading.Thread):
         if self.health is not None and self.health.damaged:
             self.failed_batches += 1
             log.error("%s: not computed (%s message(s)): the store is damaged", self.health.damaged, len(messages))
+            if messages:
+                self._owe(messages)  # reported as owed; a restart after the restore redoes it
             return
-        for attempt in range(1, self.attempts + 1):
-            try:
-                self.last_stats = self.compute.run(messages)
-                self.runs += 1
-                return
-            except Exception as exc:
-                log.exception("compute failed (attempt %s of %s)", attempt, self.attempts)
-                failed = self.health.failed(exc, "compute") if self.health is not None else None
-                if self._stopping or attempt == self.attempts or (failed and failed[0] == "damaged"):
-                    break
-                time.sleep(self.retry_delay * attempt)
-        self.failed_batches += 1
-        log.error("compute gave up on a batch of %s message(s): the next computation rebuilds", len(messages))
+        work = ([self.owed] if self.owed is not None else []) + messages
+        try:
+            self.last_stats = self.compute.run(work)
+        except Exception as exc:
+            failed = self.health.failed(exc, "compute") if self.health is not None else None
+            if self.failures == 0:  # the traceback once per run of failures, not once a retry for hours
+                log.exception("compute failed")
+            self.compute.metric("ComputeFailed", 1)
+            self.failed_batches += 1
+            self._owe(messages)
+            self.reason = failed[1] if failed else f"{type(exc).__name__} (see the log)"
+            self.failures += 1
+            delay = min(self.retry_delay * 2 ** (self.failures - 1), self.retry_max)
+            self._retry_at = time.monotonic() + delay
+            if not self._stopping and not (failed and failed[0] == "damaged"):
+                log.error(
+                    "compute failed %s time(s) since %s (%s): no change since reaches agents; retrying in %.1f s",
+                    self.failures,
+                    time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.owed_since or time.time())),
+                    failed[1] if failed else repr(exc),
+                    delay,
+                )
+            return
+        self.runs += 1
+        if self.owed is not None:
+            log.warning(
+                "compute caught up after %s failed attempt(s) over %.0f s: what was owed is published",
+                self.failures,
+                self.owed_seconds(),
+            )
+        self.owed, self.owed_since, self.failures, self.reason = None, None, 0, ""
+
+    def _owe(self, messages: list[dict[str, Any]]) -> None:
+        self.owed = owed_work(self.owed, messages)
+        if self.owed_since is None:
+            self.owed_since = time.time()
 
 
 def local_config() -> Config:
@@ -231,6 +333,7 @@ class LocalWiring(BaseWiring):
         start: bool = True,
         fsync: bool = True,
     ) -> None:
+        retry_max = compute_retry_max()  # a bad setting fails before the state directory is taken
         self.database = Path(database)
         self.state_dir = self.database.parent
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -257,7 +360,7 @@ class LocalWiring(BaseWiring):
         self.metric = metric
         self.notifier = LocalNotifier()
         self.compute = Compute(self, metric, notifier=self.notifier)
-        self.worker = ComputeWorker(self.compute, self.notifier)
+        self.worker = ComputeWorker(self.compute, self.notifier, retry_max=retry_max)
         self.health = self.worker.health = StoreHealth(self.database.name, metric)
         self._started = False
         if start:
