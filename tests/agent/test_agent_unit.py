@@ -128,7 +128,8 @@ def test_nft_text_failsafes_first_rules_in_order_default_last() -> None:
     assert text.startswith("table inet ringfence\ndelete table inet ringfence\ntable inet ringfence {")
     chain = text.split("chain input {", 1)[1].split("}\n\tchain output", 1)[0]
     lines = [line.strip() for line in chain.strip().splitlines()]
-    assert lines[1].startswith('iif "lo" accept')
+    # the loopback fail-safe admits this host's own sources only (review r9: forwarded into lo)
+    assert lines[1] == 'iif "lo" fib saddr type local accept comment "failsafe loopback"'
     assert lines[2].startswith("ct state established,related accept")
     first_rule = next(i for i, line in enumerate(lines) if "counter name r_in_" in line)
     last_failsafe = max(i for i, line in enumerate(lines) if "failsafe" in line)

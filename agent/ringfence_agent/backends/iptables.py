@@ -294,7 +294,8 @@ class IptablesRenderer:
     @staticmethod
     def _failsafes(plan: Plan, direction: Direction, family: int, gen: str) -> list[str]:
         fs = plan.failsafes
-        io = "-i lo" if direction == "inbound" else "-o lo"
+        # inbound from this host only (nft.py's loopback fail-safe says why)
+        io = "-i lo -m addrtype --src-type LOCAL" if direction == "inbound" else "-o lo"
         lines = [f"{io} -j ACCEPT", "-m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"]
         if family == 6:
             types = (

@@ -325,7 +325,9 @@ class NftRenderer:
         fs = plan.failsafes
         lines: list[str] = []
         if direction == "inbound":
-            lines += ['iif "lo" accept comment "failsafe loopback"']
+            # from this host only: a packet another CAP_NET_ADMIN process forwards into lo (netdev
+            # ingress `fwd to "lo"`) arrives with iif lo and an outside source (review r9)
+            lines += ['iif "lo" fib saddr type local accept comment "failsafe loopback"']
             lines += ['ct state established,related accept comment "failsafe established"']
             lines += [f'icmpv6 type {{ {_ND_IN} }} accept comment "failsafe ipv6-nd"']
             if fs.dhcp:
