@@ -35,9 +35,19 @@ import re
 import threading
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from ringfence import enforced
-from ringfence_agent.backends import ABSENT, TUPLE_LINGER_S, ApplyError, DropTuple, ElementChange, Observation, run
+from ringfence_agent.backends import (
+    ABSENT,
+    TUPLE_LINGER_S,
+    ApplyError,
+    DropTuple,
+    ElementChange,
+    Observation,
+    run,
+    scratch,
+)
 from ringfence_agent.backends import nftables_netlink as nl
 from ringfence_agent.backends.sealkey import SealKey
 from ringfence_agent.plan import METADATA_PORTS, Direction, Match, Plan, PlanRule, joined_ports, safe_comment
@@ -56,6 +66,10 @@ _SEAL_HEX = 23  # a chain name holds 28 characters: 92 bits of the MAC
 _SEAL_CONTEXT = b"ringfence iptables seal v1\n"
 _SEAL_CHAIN = re.compile(r"^:(RF-S-\S*) ", re.M)
 _FAILSAFE_IPSETS = ("rf-fs-admin", "rf-fs-dns", "rf-fs-cp", "rf-fs-meta")
+# A whole apply whose read-back is not what it wrote (another process changed Ringfence's chains
+# between the commit and the read) is done again this many times, then fails unsealed.
+APPLY_TRIES = 3
+_SCRATCH_TIMEOUT = 60.0  # loading the rules, sets and all, into a fresh namespace and reading them
 
 
 def _first(lines: Iterable[str], parent: str) -> str | None:
@@ -119,23 +133,52 @@ def _jump_first(family: int, parent: str, chain: str) -> bool:
     return bool(first) and nl.jumps_only_to(first[0].attrs.get(4, b""), chain)
 
 
-def _kernel_rules(family: int) -> str | None:
+def _kernel_rules(family: int, portable: bool = False) -> str | None:
     """iptables-nft: a digest of RF-IN/RF-OUT and the first rule of INPUT/OUTPUT as nf_tables
-    holds them (expressions and user data, no counts); None on iptables-legacy."""
+    holds them (expressions and user data, no counts); None on iptables-legacy. ``portable``:
+    with the ipset index in each ``-m set`` match zeroed (the kernel's slot number of the set,
+    which differs from one network namespace to another; iptables-save shows the set's name)."""
     try:
         held = _nf_rules(family)
     except OSError as exc:
         raise ApplyError(f"the kernel's rules could not be read over netlink: {exc}") from None
     if held is None:
         return None
-    content = {
-        chain: [[nl.expressions(r.attrs.get(4, b"")), r.attrs.get(7, b"").hex()] for r in rules]
+
+    def exprs(r: nl.Message) -> list[object]:
+        out = nl.expressions(r.attrs.get(4, b""))
+        return [_portable_match(x) for x in out] if portable else out
+
+    content: dict[str, list[Any]] = {
+        chain: [[exprs(r), r.attrs.get(7, b"").hex()] for r in rules]
         for chain, rules in held.items()
         if chain in ("RF-IN", "RF-OUT")
     }
     for _, parent in CHAINS.values():
-        content[f"first {parent}"] = [nl.expressions(r.attrs.get(4, b"")) for r in held.get(parent, [])[:1]]
+        content[f"first {parent}"] = [exprs(r) for r in held.get(parent, [])[:1]]
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def _portable_match(expr: object) -> object:
+    """An ``xt`` expression naming ipsets (the ``set`` match, the ``SET`` target) with each
+    ipset index in its info (struct xt_set_info: a 16-bit index first, every 4 bytes; the match
+    has one, the target up to three) zeroed; any other expression as it is."""
+    if not isinstance(expr, list) or len(expr) != 2 or expr[0] not in (b"match".hex(), b"target".hex()):
+        return expr
+    attrs = nl.attributes(bytes.fromhex(str(expr[1])))
+    name = next((nl.text(v) for k, v in attrs if k == 1), b"")  # NFTA_MATCH_NAME / NFTA_TARGET_NAME
+    slots = {b"set": 1, b"SET": 3}.get(name, 0)
+    if not slots:
+        return expr
+    kept: list[list[object]] = []
+    for k, v in attrs:
+        if k == 3:  # NFTA_MATCH_INFO / NFTA_TARGET_INFO
+            info = bytearray(v)
+            for at in range(0, min(4 * slots, len(info) - 1), 4):
+                info[at : at + 2] = b"\0\0"
+            v = bytes(info)
+        kept.append([k, v.hex()])
+    return [expr[0], kept]
 
 
 def _rule_order(item: tuple[str, str]) -> tuple[int, int]:
@@ -556,14 +599,15 @@ class IptablesBackend(IptablesRenderer):
             )
         return None
 
-    def held(self, texts: dict[int, str], gen: str) -> str:
+    def held(self, texts: dict[int, str], gen: str, portable: bool = False) -> str:
         """A digest of what the kernel holds of Ringfence's rules, what the seal is a MAC of: per
         family, RF-IN/RF-OUT as iptables-save prints them (no counters), where the jumps into
         them are in INPUT/OUTPUT, on iptables-nft the same chains as nf_tables holds them
         (:func:`_kernel_rules`: what iptables-save cannot show), and the generation's fail-safe
         ipsets (type and members). Bundle and drop-tuple ipsets are left out: deltas and traffic
         change them (the enforced digest covers the bundle's). ApplyError or OSError when the
-        kernel cannot be asked."""
+        kernel cannot be asked. ``portable``: the same read as another network namespace holding
+        the same rules reads it (:func:`_kernel_rules`): what :meth:`_as_written` compares."""
         doc: dict[str, object] = {"gen": gen}
         for family in (4, 6):
             lines = texts[family].splitlines()
@@ -572,20 +616,16 @@ class IptablesBackend(IptablesRenderer):
                 parent: [i for i, x in enumerate(_chain_rules(lines, parent)) if x == f"-A {parent} -j {chain}"]
                 for chain, parent in CHAINS.values()
             }
-            doc[f"{family} kernel"] = _kernel_rules(family)
+            doc[f"{family} kernel"] = _kernel_rules(family, portable)
         doc["failsafe ipsets"] = _failsafe_ipsets(gen)
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
-    def _seal(self, gen: str) -> None:
-        """Name what the kernel holds right after the apply: ``RF-S-<MAC>`` (:meth:`held`; the key
-        made here when there is none). A commit of its own, once the rules are in (the digest is
-        of iptables' own rendering of them); should it fail, the chains read as altered and the
-        next apply, or the daemon's drift check, programs them again: never intact when not."""
-        try:
-            held = self.held({family: self._save(family) for family in (4, 6)}, gen)
-        except (ApplyError, OSError):
-            self.seal_key.forget()  # the previous apply's seal no longer names what is in force
-            return
+    def _seal(self, held: str) -> None:
+        """Name what the kernel holds right after the apply (``held``, checked by :meth:`apply`):
+        ``RF-S-<MAC>`` (:meth:`held`; the key made here when there is none). A commit of its own,
+        once the rules are in (the digest is of iptables' own rendering of them); should it fail,
+        the chains read as altered and the next apply, or the daemon's drift check, programs
+        them again: never intact when not."""
         # bound to this apply (a fresh nonce on record): earlier rules put back no longer check
         seal = self.seal_key.new_seal(held)
         if seal is not None:
@@ -671,10 +711,52 @@ class IptablesBackend(IptablesRenderer):
 
     def apply(self, plan: Plan) -> None:
         """All or nothing across ipset, iptables and ip6tables: on any failure the previous
-        generation's rules and sets are what the kernel enforces, in both families."""
+        generation's rules and sets are what the kernel enforces, in both families. Then the seal
+        of what was read back, only when that is what this apply wrote: any CAP_NET_ADMIN process
+        may insert a rule into RF-IN between the commit and the read-back, and a seal of that read
+        made it the agent's. The same rules and sets loaded into a fresh network namespace nobody
+        else can write must read back the same (:meth:`_as_written`); otherwise the apply is done
+        again, and after :data:`APPLY_TRIES` it fails unsealed."""
         if plan.mode == "idle":
             self.flush()
             return
+        for _ in range(APPLY_TRIES):
+            gen = self._commit(plan)
+            try:
+                texts = {family: self._save(family) for family in (4, 6)}
+                held, portable = self.held(texts, gen), self.held(texts, gen, portable=True)
+            except (ApplyError, OSError):
+                self.seal_key.forget()  # the previous apply's seal no longer names what is in force
+                return
+            if self._as_written(plan, gen, portable):
+                self._seal(held)
+                return
+        self.seal_key.forget()
+        raise ApplyError(
+            f"the kernel's rules changed while they were applied ({APPLY_TRIES} times, another process changed "
+            "Ringfence's chains or fail-safe ipsets between the agent's commit and its read-back): not sealed"
+        )
+
+    def _as_written(self, plan: Plan, gen: str, held: str) -> bool:
+        """Whether ``held`` (portable: :meth:`held`) is what this plan's rules and sets of generation ``gen`` read back as
+        when nobody else can write them: loaded by a forked child into a fresh network namespace
+        of its own (ipset, iptables-restore, ip6tables-restore there, the jumps added first),
+        read back there with the same readers. False when that cannot be done: not sealed."""
+
+        def work() -> bytes:  # in the child, in its own namespace
+            if run(["ipset", "restore"], stdin=self.sets_script(plan, gen)).returncode != 0:
+                raise ApplyError("ipset restore failed in a fresh namespace")
+            for family in (4, 6):
+                tool = "iptables-restore" if family == 4 else "ip6tables-restore"
+                script = self.rules_script(plan, family, gen, [parent for _, parent in CHAINS.values()])
+                if run([tool, "--noflush"], stdin=script).returncode != 0:
+                    raise ApplyError(f"{tool} failed in a fresh namespace")
+            return self.held({family: self._save(family) for family in (4, 6)}, gen, portable=True).encode()
+
+        return scratch.isolated(work, _SCRATCH_TIMEOUT) == held.encode()
+
+    def _commit(self, plan: Plan) -> str:
+        """The all-or-nothing commit of :meth:`apply`; the generation it made live."""
         saved = {family: self._save(family, counters=True) for family in (4, 6)}
         m = _GEN.search(saved[4])
         old = m.group(1) if m else None
@@ -716,7 +798,7 @@ class IptablesBackend(IptablesRenderer):
         self._gen = gen
         if old is not None:
             self._destroy(old)
-        self._seal(gen)
+        return gen
 
     @staticmethod
     def restore_script(saved: str, added_jumps: list[str]) -> str:

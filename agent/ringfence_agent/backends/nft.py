@@ -52,6 +52,7 @@ from ringfence_agent.backends import (
     Observation,
     ReadError,
     run,
+    scratch,
 )
 from ringfence_agent.backends import nftables_netlink as nl
 from ringfence_agent.backends.nftables_netlink import OWNER, TableInfo, table_info
@@ -725,57 +726,22 @@ class NftBackend(NftRenderer):
         the same readers. False when that cannot be done (no CAP_SYS_ADMIN, the child fails):
         the agent cannot tell, so it does not seal."""
         script = self._render(plan, concat, bundle_elements=False)
-        rfd, wfd = os.pipe()
-        try:
-            pid = os.fork()
-        except OSError:
-            os.close(rfd)
-            os.close(wfd)
-            return False
-        if pid == 0:  # the child: as in LibNftables.listings, no lock taken
-            code = 70
-            try:
-                os.close(rfd)
-                if _libc().unshare(_CLONE_NEWNET) != 0:
-                    os._exit(71)
-                if self.lib is not None:
-                    rc = self.lib._call(script, 0)[0]
-                else:
-                    rc = run([self.nft, "-f", "-"], stdin=script, timeout=LISTING_TIMEOUT).returncode
-                if rc == 0:
-                    want, _ = self.held()
-                    listed = self._listed([f"list set {FAMILY} {TABLE} {name}\n" for name in names]) if names else []
-                    digests = {name: self._group_digest(name, items) for name, items in zip(names, listed, strict=True)}
-                    view = memoryview(json.dumps([want, digests]).encode())
-                    while view:
-                        view = view[os.write(wfd, view) :]
-                    code = 0
-            finally:
-                os._exit(code)
-        if self.lib is not None:
-            self.lib.listing_pids.add(pid)  # the daemon's stop watchdog kills it rather than wait on it
-        os.close(wfd)
-        chunks: list[bytes] = []
-        deadline = time.monotonic() + LISTING_TIMEOUT
-        try:
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0 or not select.select([rfd], [], [], left)[0]:
-                    os.kill(pid, signal.SIGKILL)
-                    break
-                chunk = os.read(rfd, 1 << 20)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-        finally:
-            os.close(rfd)
-            _, status = os.waitpid(pid, 0)
+
+        def work() -> bytes:  # in the child, in its own namespace
             if self.lib is not None:
-                self.lib.listing_pids.discard(pid)
-        if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
-            return False
+                rc = self.lib._call(script, 0)[0]
+            else:
+                rc = run([self.nft, "-f", "-"], stdin=script, timeout=LISTING_TIMEOUT).returncode
+            if rc != 0:
+                raise ApplyError("the table could not be loaded in a fresh namespace")
+            want, _ = self.held()
+            listed = self._listed([f"list set {FAMILY} {TABLE} {name}\n" for name in names]) if names else []
+            digests = {name: self._group_digest(name, items) for name, items in zip(names, listed, strict=True)}
+            return json.dumps([want, digests]).encode()
+
+        out = scratch.isolated(work, LISTING_TIMEOUT, self.lib.listing_pids if self.lib is not None else None)
         try:
-            want, digests = json.loads(b"".join(chunks))
+            want, digests = json.loads(out) if out is not None else (None, {})
         except ValueError:
             return False
         # a group set whose live read failed is recorded as such (None: the drift check re-applies)
@@ -1135,13 +1101,6 @@ def _only_one_commit(before: int | None) -> bool:
     another way); 32 bits do not wrap within one apply."""
     after = _generation()
     return before is not None and after is not None and after == (before + 1) & 0xFFFFFFFF
-
-
-_CLONE_NEWNET = 0x40000000
-
-
-def _libc() -> Any:
-    return ctypes.CDLL(None, use_errno=True)
 
 
 def _element(e: Any) -> str | None:

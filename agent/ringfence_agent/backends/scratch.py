@@ -1,0 +1,64 @@
+"""A fresh, empty network namespace nobody else can write, for a whole apply's seal check: a
+forked child unshares one (``CLONE_NEWNET``: needs ``CAP_SYS_ADMIN``), loads the same rules there
+and reads them back with the same readers; the parent seals the live read-back only when it is
+the same (nftables and iptables ``apply``). The namespace goes with the child."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import select
+import signal
+import time
+from collections.abc import Callable
+
+CLONE_NEWNET = 0x40000000
+
+
+def isolated(work: Callable[[], bytes], timeout: float, pids: set[int] | None = None) -> bytes | None:
+    """What ``work`` returns when run in a forked child in a network namespace of its own; None
+    when the namespace cannot be made, ``work`` raises, the child dies or is not done within
+    ``timeout`` seconds (then it is killed). ``pids``: where the child's pid is kept while it
+    runs (the daemon's stop watchdog kills those rather than wait on them)."""
+    rfd, wfd = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(rfd)
+        os.close(wfd)
+        return None
+    if pid == 0:  # the child: no lock taken (another thread of the parent may hold one)
+        code = 70
+        try:
+            os.close(rfd)
+            if ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWNET) != 0:
+                os._exit(71)
+            view = memoryview(work())
+            while view:
+                view = view[os.write(wfd, view) :]
+            code = 0
+        finally:
+            os._exit(code)
+    if pids is not None:
+        pids.add(pid)
+    os.close(wfd)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([rfd], [], [], left)[0]:
+                os.kill(pid, signal.SIGKILL)
+                break
+            chunk = os.read(rfd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(rfd)
+        _, status = os.waitpid(pid, 0)
+        if pids is not None:
+            pids.discard(pid)
+    if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
+        return None
+    return b"".join(chunks)
