@@ -260,8 +260,10 @@ def _j(*parts: str) -> str:
 
 
 class IptablesRenderer:
-    def sets_script(self, plan: Plan, gen: str) -> str:
-        """``ipset restore`` input creating the generation's sets."""
+    def sets_script(self, plan: Plan, gen: str, bundle_elements: bool = True) -> str:
+        """``ipset restore`` input creating the generation's sets; without ``bundle_elements`` the
+        bundle sets are created empty (what :meth:`IptablesBackend.held` reads is the same: it
+        leaves them out)."""
         lines: list[str] = []
 
         def create(name: str, family: int, items: Iterable[str]) -> None:
@@ -284,8 +286,8 @@ class IptablesRenderer:
             other = owners.setdefault(ipset_name(name, 4, gen), name)
             if other != name:  # two names with one 64-bit hash: refuse rather than merge them
                 raise ApplyError(f"sets {other} and {name} map to one ipset name {ipset_name(name, 4, gen)}")
-            create(ipset_name(name, 4, gen), 4, s.v4)
-            create(ipset_name(name, 6, gen), 6, s.v6)
+            create(ipset_name(name, 4, gen), 4, s.v4 if bundle_elements else ())
+            create(ipset_name(name, 6, gen), 6, s.v6 if bundle_elements else ())
         for point in self.drop_points(plan):
             for fam in (4, 6):
                 f = "inet" if fam == 4 else "inet6"
@@ -740,11 +742,12 @@ class IptablesBackend(IptablesRenderer):
     def _as_written(self, plan: Plan, gen: str, held: str) -> bool:
         """Whether ``held`` (portable: :meth:`held`) is what this plan's rules and sets of generation ``gen`` read back as
         when nobody else can write them: loaded by a forked child into a fresh network namespace
-        of its own (ipset, iptables-restore, ip6tables-restore there, the jumps added first),
+        of its own (ipset, iptables-restore, ip6tables-restore there, the jumps added first; the
+        bundle ipsets empty: held() leaves them out, the rules name them only),
         read back there with the same readers. False when that cannot be done: not sealed."""
 
         def work() -> bytes:  # in the child, in its own namespace
-            if run(["ipset", "restore"], stdin=self.sets_script(plan, gen)).returncode != 0:
+            if run(["ipset", "restore"], stdin=self.sets_script(plan, gen, bundle_elements=False)).returncode != 0:
                 raise ApplyError("ipset restore failed in a fresh namespace")
             for family in (4, 6):
                 tool = "iptables-restore" if family == 4 else "ip6tables-restore"
