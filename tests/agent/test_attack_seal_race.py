@@ -22,7 +22,7 @@ import pytest
 from ringfence import enforced
 from ringfence.local.lab import Lab as NetLab
 from tests.agent import dataplane
-from tests.agent.bundles import GROUP_POLICY, LAB_POLICY, Lab, workloads, write
+from tests.agent.bundles import GROUP_POLICY, LAB_POLICY, PUBLIC_KEY, Lab, workloads, write
 
 pytestmark = pytest.mark.dataplane
 
@@ -195,3 +195,31 @@ print(json.dumps([names, backend._as_written(plan, backend.concatenated(plan), n
     assert proc.returncode == 0, proc.stderr
     names, same = json.loads(proc.stdout.splitlines()[-1])
     assert names and same is True, (names, same)
+
+
+def test_an_iptables_apply_beside_other_ipsets_is_sealed(net: NetLab, tmp_path: Path) -> None:
+    """Another process's ipsets take kernel slots, so the live rules' ``-m set`` bytes name other
+    set indexes than the same rules in the fresh namespace: that check leaves the indexes out
+    (iptables-save names the sets), else every iptables apply failed as "changed while applied".
+    Two applies (generations a, then b, made while a's sets still exist), both sealed."""
+    doc = Lab(LAB_POLICY, workloads({h: (net.v4(h), net.v6(h), r) for h, r in ROLES.items()})).bundle("h2")
+    path = write(doc, tmp_path / "bundle.json")
+    state = tmp_path / "state"
+    for i in range(3):
+        net.exec("h2", "ipset", "create", f"neighbour{i}", "hash:ip", "-exist", check=True)
+    try:
+        for i in range(2):
+            if i:  # a change makes the next apply whole (generation b)
+                net.exec("h2", "iptables", "-I", "RF-IN", "2", "-p", "tcp", "--dport", "1", "-j", "DROP", check=True)
+            args = ["--public-key", str(PUBLIC_KEY), "--backend", "iptables", "--state-dir", str(state)]
+            proc = net.agent("h2", "apply", "--bundle", str(path), *args)
+            assert proc.returncode == 0, proc.stderr
+            status = json.loads(
+                net.agent("h2", "status", "--state-dir", str(state), "--backend", "iptables", "--json").stdout
+            )
+            assert status["kernel_programmed"] is True, (proc.stdout, status)
+        assert "gen=b" in net.exec("h2", "iptables", "-S", "RF-IN").stdout
+    finally:
+        net.agent("h2", "flush", "--backend", "iptables", "--state-dir", str(state))
+        for i in range(3):
+            net.exec("h2", "ipset", "destroy", f"neighbour{i}")
