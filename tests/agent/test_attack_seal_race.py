@@ -12,8 +12,9 @@ CLI with the same state directory, and by a real connection."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from ringfence import enforced
 from ringfence.local.lab import Lab as NetLab
 from tests.agent import dataplane
 from tests.agent.bundles import GROUP_POLICY, LAB_POLICY, PUBLIC_KEY, Lab, workloads, write
+from tests.systemdunit import service, setpriv
 
 pytestmark = pytest.mark.dataplane
 
@@ -111,13 +113,13 @@ print(json.dumps({"raced": len(done), "failed": failed, "groups": None}))
 
 
 def _race(
-    net: NetLab, tmp_path: Path, times: int, what: str = "insert", backend: str = "nftables"
+    net: NetLab, tmp_path: Path, times: int, what: str = "insert", backend: str = "nftables", prefix: Sequence[str] = ()
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     doc = Lab(LAB_POLICY, workloads({h: (net.v4(h), net.v6(h), r) for h, r in ROLES.items()})).bundle("h2")
     state = tmp_path / "state"
     path = write(doc, tmp_path / "bundle.json")
     race = RACE if backend == "nftables" else RACE_IPTABLES
-    proc = net.exec("h2", sys.executable, "-c", race, str(path), str(state), str(times), what)
+    proc = net.exec("h2", *prefix, sys.executable, "-c", race, str(path), str(state), str(times), what)
     assert proc.returncode == 0, proc.stderr
     raced: dict[str, Any] = json.loads(proc.stdout.splitlines()[-1])
     assert raced["raced"] >= 1, "the attacker never ran between commit and read-back: the test proves nothing"
@@ -147,6 +149,23 @@ def test_attack_a_rule_inserted_between_the_apply_and_its_seal_is_not_sealed(
     if backend == "nftables":
         assert raced["baseline"] is not None and raced["baseline"] == raced["fresh"], raced
         assert raced["groups"] is None, raced
+
+
+def test_attack_a_rule_inserted_between_the_apply_and_its_seal_is_not_sealed_within_the_units_capabilities(
+    net: NetLab, tmp_path: Path
+) -> None:
+    """The same under the shipped unit's capabilities (CAP_NET_ADMIN CAP_NET_RAW, no new
+    privileges): no CAP_SYS_ADMIN for a bare network namespace, so the nftables check makes a user
+    namespace holding one (libnftables and the reads run in the child itself); the hole is closed."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv is not installed here")
+    unit = Path(__file__).resolve().parents[2] / "agent" / "packaging" / "ringfence-agent.service"
+    caps = service(unit)["CapabilityBoundingSet"].split()
+    assert "CAP_SYS_ADMIN" not in caps
+    raced, status = _race(net, tmp_path, 1, prefix=setpriv(caps))
+    assert raced["failed"] is None, raced
+    assert status["kernel_programmed"] is True and status["published"], status
+    assert not _hole(net), ("the inserted accept is still in force", raced, status)
 
 
 @pytest.mark.parametrize("backend", ["nftables", "iptables"])

@@ -723,8 +723,9 @@ class NftBackend(NftRenderer):
         """Whether ``held`` (and the group sets' digests) is what this plan's table reads back as
         when nobody else can write it: the same table (bundle sets empty: held() leaves them out)
         loaded by a forked child into a fresh network namespace of its own, read back there with
-        the same readers. False when that cannot be done (no CAP_SYS_ADMIN, the child fails):
-        the agent cannot tell, so it does not seal."""
+        the same readers. False when the child fails (the agent cannot tell: no seal); True when
+        no namespace can be made on this host at all (neither CAP_SYS_ADMIN nor a user
+        namespace): sealed as read, as before the check."""
         script = self._render(plan, concat, bundle_elements=False)
 
         def work() -> bytes:  # in the child, in its own namespace
@@ -739,7 +740,15 @@ class NftBackend(NftRenderer):
             digests = {name: self._group_digest(name, items) for name, items in zip(names, listed, strict=True)}
             return json.dumps([want, digests]).encode()
 
-        out = scratch.isolated(work, LISTING_TIMEOUT, self.lib.listing_pids if self.lib is not None else None)
+        try:
+            # libnftables runs in the child itself: a user namespace serves when CAP_SYS_ADMIN is
+            # not there (the nft binary, executed, would run there without CAP_NET_ADMIN)
+            lib = self.lib
+            out = scratch.isolated(work, LISTING_TIMEOUT, lib.listing_pids if lib else None, user_ns=lib is not None)
+        except scratch.Unavailable:
+            # cannot be checked on this host at all: sealed as read, as before the check (a rule
+            # inserted in the window between commit and read-back is then sealed: docs/agent.md)
+            return True
         try:
             want, digests = json.loads(out) if out is not None else (None, {})
         except ValueError:
