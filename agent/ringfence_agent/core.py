@@ -297,7 +297,7 @@ class Agent:
         contents are not compared (listing 100,000 elements costs up to 1.4 s; the enforced
         digest covers them against the control plane's); another table or chain cannot
         undo a drop of ours (a packet must pass every base chain), an iptables rule placed before
-        our jump can (not checked)."""
+        our jump could: the fingerprint covers the jumps' being the first rules of INPUT/OUTPUT."""
         probe = getattr(self.backend, "fingerprint", None) if self.track_drift else None
         if probe is None or self._baseline is _NOTHING_APPLIED:
             return Result(False)
