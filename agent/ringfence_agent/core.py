@@ -271,6 +271,20 @@ class Agent:
             with contextlib.suppress(ApplyError, OSError):
                 self._baseline = known if known is not None else probe()
 
+    def _repair(self, plan: Plan, what: str) -> None:
+        """Re-apply after tamper, counted in ``tamper_reapplied`` even when the re-apply fails: a
+        process that keeps changing the rules while they are applied makes each try fail
+        unsealed ("changed while they were applied"), and must show as tamper all the same (the
+        control plane's ``tampered`` finding reads that counter). The next check tries again."""
+        tamper: dict[str, object] = {"time": time.time(), "what": what, "revision": self.revision}
+        try:
+            self._apply(plan)
+        except ApplyError as exc:
+            tamper.update(repaired=False, error=str(exc))
+            self.state.update_status(last_tamper=tamper, incr={"tamper_reapplied": 1, "apply_failures": 1})
+            raise
+        self.state.update_status(last_tamper={**tamper, "repaired": True}, incr={"tamper_reapplied": 1})
+
     def enforced_state(self) -> tuple[int | None, str | None]:
         """(the applied revision, the enforced-policy digest of what the kernel holds, read back
         from it: not what this process meant to write). The digest is None when the backend
@@ -335,10 +349,7 @@ class Agent:
             if groups is not None
             else "changed"
         )
-        self._apply(plan)
-        self.state.update_status(
-            last_tamper={"time": time.time(), "what": what, "revision": self.revision}, incr={"tamper_reapplied": 1}
-        )
+        self._repair(plan, what)
         if unreadable is not None:
             lines = [f"Ringfence's rules could not be read ({unreadable}); re-applied revision {self.revision}"]
         elif groups is not None:
@@ -376,11 +387,7 @@ class Agent:
         plan = self.ensure_plan()
         if plan is None:
             return Result(False)
-        self._apply(plan)
-        self.state.update_status(
-            last_tamper={"time": time.time(), "what": "set altered", "revision": self.revision},
-            incr={"tamper_reapplied": 1},
-        )
+        self._repair(plan, "set altered")
         lines = [
             "tamper: the kernel's rules or sets are not those of the enforced bundle (an address added to or "
             f"removed from a set by another tool?); re-applied revision {self.revision}"

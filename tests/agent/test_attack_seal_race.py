@@ -242,3 +242,68 @@ def test_an_iptables_apply_beside_other_ipsets_is_sealed(net: NetLab, tmp_path: 
         net.agent("h2", "flush", "--backend", "iptables", "--state-dir", str(state))
         for i in range(3):
             net.exec("h2", "ipset", "destroy", f"neighbour{i}")
+
+
+# The real Agent core over the real backend, as the daemon runs its drift check: a bundle
+# applied and sealed, the accept inserted, then the drift check's re-apply raced on each of its
+# tries (argv[4]: how many drift checks are raced so), then one drift check left alone.
+DRIFT_RACE = """
+import json, subprocess, sys
+from pathlib import Path
+from ringfence.bundlewire import Verifier, load_bundle
+from ringfence_agent.backends import ApplyError
+from ringfence_agent.backends.nft import NftBackend
+from ringfence_agent.core import Agent
+from ringfence_agent.plan import LocalFailsafes
+from ringfence_agent.state import StateDir
+INSERT = 'insert rule inet ringfence input tcp dport 8080 accept comment "failsafe x"\\n'
+race = [0]
+class Raced(NftBackend):
+    def _group_digests(self, names):
+        if race[0] > 0:
+            race[0] -= 1
+            subprocess.run(["nft", "-f", "-"], input=INSERT, text=True, check=True)
+        return super()._group_digests(names)
+state = StateDir(Path(sys.argv[2]))
+agent = Agent(None, Verifier.from_file(Path(sys.argv[3])), Raced(state_dir=state.path), state, LocalFailsafes(), log=lambda m: None)
+agent.track_drift = True
+agent.apply_bundle(load_bundle(open(sys.argv[1], "rb").read()))
+subprocess.run(["nft", "-f", "-"], input=INSERT, text=True, check=True)
+out = []
+for _ in range(int(sys.argv[4])):
+    race[0] = 3
+    try:
+        agent.check_drift()
+        failed = None
+    except ApplyError as exc:
+        failed = str(exc)
+    status = state.read_json("status.json")
+    out.append({"failed": failed, "raced": 3 - race[0], "tamper": status.get("last_tamper"), "counters": status["counters"]})
+result = agent.check_drift()
+status = state.read_json("status.json")
+out.append({"changed": result.changed, "tamper": status.get("last_tamper"), "counters": status["counters"]})
+print(json.dumps(out))
+"""
+
+
+def test_attack_a_drift_repair_raced_on_every_try_still_counts_as_tamper(net: NetLab, tmp_path: Path) -> None:
+    """Tamper whose repair the attacker races on each of its tries (so each drift re-apply fails
+    unsealed, "changed while they were applied") was logged as a failed drift check and never
+    counted: ``tamper_reapplied``, which the control plane's ``tampered`` finding reads, stayed
+    still for as long as the attacker kept racing. Now each such round counts, ``last_tamper``
+    says it was not repaired and why, and the first round left alone repairs it."""
+    doc = Lab(LAB_POLICY, workloads({h: (net.v4(h), net.v6(h), r) for h, r in ROLES.items()})).bundle("h2")
+    path = write(doc, tmp_path / "bundle.json")
+    state = tmp_path / "state"
+    proc = net.exec("h2", sys.executable, "-c", DRIFT_RACE, str(path), str(state), str(PUBLIC_KEY), "2")
+    assert proc.returncode == 0, proc.stderr
+    *raced, repaired = json.loads(proc.stdout.splitlines()[-1])
+    for n, r in enumerate(raced, 1):
+        assert r["raced"] == 3 and r["failed"] and "changed while they were applied" in r["failed"], r
+        assert r["counters"]["tamper_reapplied"] == n, r
+        assert r["tamper"]["repaired"] is False and r["tamper"]["what"] == "changed", r
+        assert "changed while they were applied" in r["tamper"]["error"], r
+    assert repaired["changed"] is True and repaired["counters"]["tamper_reapplied"] == 3, repaired
+    assert repaired["tamper"]["repaired"] is True and "error" not in repaired["tamper"], repaired
+    assert not _hole(net), ("the inserted accept is still in force", raced, repaired)
+    net.agent("h2", "flush", "--backend", "nftables", "--state-dir", str(state))
