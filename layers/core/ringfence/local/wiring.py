@@ -24,6 +24,7 @@ a killed process is redone.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -314,8 +315,9 @@ def local_config() -> Config:
 class LocalWiring(BaseWiring):
     """``LocalWiring(DATABASE)``: the SQLite file ``DATABASE`` (``--store sqlite:DATABASE``) and,
     in its directory (the state directory), ``objects/`` (published files), ``lock`` and, unless
-    ``signing_key`` is given, ``signing-key.pem`` (generated, mode 600, with
-    ``signing-key.pub.pem`` for agents to pin, when missing). ``start()`` (done by the
+    ``signing_key`` is given, ``signing-key.pem`` (generated, mode 600, when missing), and
+    ``signing-key.pub.pem`` for agents to pin, made at every start to hold the public key of the
+    key in use, whichever it is (:func:`pin_public_key`). ``start()`` (done by the
     constructor unless ``start=False``) starts the compute worker and schedules the recovering
     rebuild; ``close()`` stops it."""
 
@@ -347,8 +349,10 @@ class LocalWiring(BaseWiring):
             self._signer: Signer
             if isinstance(signing_key, (str, Path)):
                 self._signer = load_signing_key(Path(signing_key))
+                pin_public_key(self.state_dir, self._signer, str(signing_key))
             elif signing_key is not None:
                 self._signer = signing_key  # a key, or a signer process holding one (serve --user)
+                pin_public_key(self.state_dir, self._signer, "the signing key given")
             else:
                 self._signer = own_signing_key(self.state_dir)
             # what one workload's token may write into objects/reports/, and for how long it stays
@@ -442,27 +446,68 @@ def load_signing_key(path: Path) -> SigningKey:
     return SigningKey.from_file(path)
 
 
+PUBLIC_KEY = "signing-key.pub.pem"  # in the state directory: the file agents are told to pin
+
+
+def pin_public_key(state_dir: Path, signer: Signer, source: str) -> None:
+    """Make ``<state_dir>/signing-key.pub.pem`` hold the public key of ``signer``, the key serve
+    signs with (``source`` names it in the log), writing it when it differs or is missing, whole
+    or not at all. Whatever the key's source (the state directory's own, ``--signing-key``, a
+    signer process): one left by earlier runs on another key (a default key before a move to
+    ``--signing-key``) made every agent paired from it refuse every bundle."""
+    pem = getattr(signer, "public_pem", None)
+    if pem is None:
+        return  # a signer that cannot name its public key (tests' stand-ins): nothing to pin
+    want: bytes = pem()
+    public = state_dir / PUBLIC_KEY
+    try:
+        held: bytes | None = public.read_bytes()
+    except FileNotFoundError:
+        held = None
+    if held == want:
+        return
+    _write_public(public, want)
+    log.warning(
+        "%s %s: it now holds the public key of %s (key id %s); agents pin it",
+        "rewrote" if held is not None else "wrote",
+        public,
+        source,
+        signer.key_id,
+    )
+
+
+def _write_public(path: Path, pem: bytes) -> None:
+    """Whole or not at all, as SigningKey.write_public (a signer process has no SigningKey here):
+    a temporary file, fsynced, renamed, the directory fsynced; mode 644."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # whatever the umask
+            f.write(pem)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    d = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(d)  # the rename itself survives a power loss
+    finally:
+        os.close(d)
+
+
 def own_signing_key(state_dir: Path) -> SigningKey:
     """The state directory's own signing key, generated on first use (like an SSH host key).
     ``signing-key.pub.pem``, the file agents are told to pin, is made to hold this key's public
     key: after a rotation (a new ``signing-key.pem`` put in place) it still held the old one, and
     an agent paired afterwards pinning it refused every bundle."""
-    private, public = state_dir / "signing-key.pem", state_dir / "signing-key.pub.pem"
+    private, public = state_dir / "signing-key.pem", state_dir / PUBLIC_KEY
     if private.exists():
         key = load_signing_key(private)
-        try:
-            held = public.read_bytes()
-        except FileNotFoundError:
-            held = None
-        if held != key.public_pem():
-            key.write_public(public)  # whole or not at all: a temporary file, fsynced, renamed
-            log.warning(
-                "%s %s: it now holds the public key of %s (key id %s); agents pin it",
-                "rewrote" if held is not None else "wrote",
-                public,
-                private,
-                key.key_id,
-            )
+        pin_public_key(state_dir, key, str(private))
         return key
     key = SigningKey.generate()
     key.write(private, public)
