@@ -101,3 +101,28 @@ def test_both_deployments_hold_a_window_to_at_least_one_whole_batch() -> None:
     (burst,) = [b["report_burst_bytes"] for b in variables if "report_burst_bytes" in b]
     (validation,) = burst["validation"]
     assert validation["condition"] == f"${{var.report_burst_bytes >= {MAX_REPORT_BYTES}}}", validation
+
+
+def test_a_batch_refused_after_counting_is_given_back_on_aws(env: Env) -> None:
+    """The route counts a batch before archiving it; a batch then refused with nothing archived
+    (S3 failing: 5xx, the agent sends it again) is taken back off the window's count on the
+    state table (moto server), never below zero; another workload's count is untouched."""
+    from ringfence.clouds.aws.reportquota import TableReportQuota
+
+    now = [1_000_000.0]
+    quota = TableReportQuota(env.ddb.Table("rf-state"), rate=RATE, burst=BURST, clock=lambda: now[0])
+    assert quota.take("i-a", 30_000) is None and quota.take("i-b", 5_000) is None
+    assert quota.take("i-a", 20_000) is not None  # past the window's 40,000
+    quota.give_back("i-a", 30_000)  # that batch was refused: its bytes come back
+    assert quota.take("i-a", 20_000) is None and quota.take("i-a", 20_000) is None
+    assert quota.take("i-a", 1) is not None
+    quota.give_back("i-a", 50_000)  # more than the window holds: nothing given
+    assert quota.take("i-a", 1) is not None
+
+    def counted(wid: str) -> int:
+        items = env.ddb.Table("rf-state").query(
+            KeyConditionExpression="pk = :p", ExpressionAttributeValues={":p": f"rquota#{wid}"}
+        )["Items"]
+        return sum(int(i["bytes"]) for i in items)
+
+    assert (counted("i-a"), counted("i-b")) == (40_000, 5_000)

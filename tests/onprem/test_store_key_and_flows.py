@@ -33,6 +33,7 @@ import httpx
 import pytest
 
 from ringfence import bundle
+from ringfence.agentapi import ReportBatch
 from tests.agentproc import wait_until
 from tests.conftest import EXAMPLE
 from tests.onprem.conftest import ESTATE
@@ -376,6 +377,62 @@ def test_a_report_that_cannot_be_archived_is_answered_503_and_counted(
     r = httpx.post(reports, json=batch, headers=bearer, timeout=30)
     assert (r.status_code, r.json()) == (202, {"accepted": 1}), r.text
     assert list((state / "objects" / "reports" / wid).rglob("*.json"))
+
+
+def test_a_report_refused_503_costs_the_sender_none_of_its_quota(
+    served: Serve, full_objects: Path, tmp_path: Path, agent_process: Any
+) -> None:
+    """The report quota was spent before the batch was archived: a batch refused 503 because
+    objects/ could not be written (the agent sends it again) had already cost its bytes, so the
+    agent's next sending of it, once there was room, was refused 429 for the control plane's own
+    failure. Now a batch refused with nothing archived is given back to the sender's bucket: here
+    the bucket holds one batch and a half and refills at a byte a second, and after two 503s the
+    same batch is still accepted."""
+    drop = {
+        "time": time.time() - 5,
+        "direction": "inbound",
+        "src": ESTATE[1]["ips"][0],
+        "dst": ESTATE[0]["ips"][0],
+        "proto": "tcp",
+        "sport": 40000,
+        "dport": 22,
+        "action": "drop",
+    }
+    batch = {"flows": [], "drops": [drop], "dropped_records": 0}
+    size = len(json.dumps(ReportBatch.model_validate(batch).model_dump(mode="json")))  # what the quota counts
+    served.env = {"RINGFENCE_REPORT_BURST_BYTES": str(size * 3 // 2), "RINGFENCE_REPORT_BYTES_PER_SECOND": "1"}
+    boot(served)
+    wid = ESTATE[0]["id"]
+    key = served.call("POST", "/admin/pairing-keys", {"workload_id": wid, "uses": 1, "ttl": 600}).json()
+    (tmp_path / "pairing-key").write_text(key["pairing_key"])
+    (tmp_path / "agent").mkdir()
+    agent = agent_process(
+        tmp_path / "agent",
+        workload_id=wid,
+        public_key=served.db.parent / "signing-key.pub.pem",
+        api_url=served.url,
+        enroll={"method": "pairing", "pairing_key_file": str(tmp_path / "pairing-key")},
+        backoff_max=2,
+        request_timeout=5,
+    )
+    token_file = agent.state / "token.json"
+    wait_until(token_file.exists, 60, "the agent enrolled", agent.log)
+    agent.stop()  # its token only: no report of its own spends the bucket
+    bearer = {"Authorization": f"Bearer {json.loads(token_file.read_text())['token']}"}
+    reports = f"{served.url}/v1/agents/{wid}/reports"
+
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full_objects)], check=True)
+    subprocess.run(["dd", "if=/dev/zero", f"of={full_objects / 'filler'}", "bs=4k"], capture_output=True, check=False)
+    for _ in range(2):
+        r = httpx.post(reports, json=batch, headers=bearer, timeout=30)
+        assert r.status_code == 503, r.text
+    subprocess.run(["umount", "-l", str(full_objects)], check=True)  # room again
+
+    r = httpx.post(reports, json=batch, headers=bearer, timeout=30)
+    assert (r.status_code, r.json()) == (202, {"accepted": 1}), r.text
+    # the bucket still bounds what is written: the next batch does not fit
+    r = httpx.post(reports, json=batch, headers=bearer, timeout=30)
+    assert r.status_code == 429, r.text
 
 
 # --- 4: a failed store's reason, to whom ------------------------------------------------------------

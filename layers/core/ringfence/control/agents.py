@@ -711,13 +711,37 @@ class AgentApi:
         # what one workload's token may write: serve's in-memory bucket, on AWS a count per window
         # in the state table (ringfence.clouds.aws.reportquota)
         quota = getattr(self.w, "report_quota", None)
+        size = len(json.dumps(doc))
         if quota is not None:
-            retry = quota.take(workload_id, len(json.dumps(doc)))
+            retry = quota.take(workload_id, size)
             if retry is not None:
                 self.w.metric("ReportsOverQuota", 1)
                 r = error(429, "report quota exceeded", f"{workload_id} sent more report bytes than its quota")
                 r.headers["Retry-After"] = str(retry)
                 return r
+        try:
+            kept, archived = self._archive(workload_id, grant, batch)
+        except BaseException:
+            # answered 5xx with nothing archived (a failed store, objects/ unwritable: the agent
+            # sends it again), so the batch costs the sender nothing
+            if quota is not None:
+                quota.give_back(workload_id, size)
+            raise
+        if archived is not None:
+            if self.w.flows_inline:
+                self._ingest_flows(workload_id, archived)
+            if self.w.siem is not None and kept.drops:
+                # never raises: the batch is archived already
+                held_back = self.w.siem.drops(workload_id, kept.drops)
+                if held_back:  # past the SIEM drop budget: summarized, not sent one by one
+                    self.w.metric("SiemDropEventsSuppressed", held_back)
+        return Response(202, {"accepted": len(kept.flows) + len(kept.drops)})
+
+    def _archive(
+        self, workload_id: str, grant: Grant | None, batch: agentapi.ReportBatch
+    ) -> tuple[agentapi.ReportBatch, dict[str, Any] | None]:
+        """The records kept of ``batch`` and, when any was, the document archived under
+        ``reports/`` (None: nothing to archive)."""
         # a host's agent sees its own traffic: records whose own end (by direction) is not its
         # address are not kept
         rec = grant.record if grant is not None else self.w.store.get(workload_id)
@@ -734,14 +758,8 @@ class AgentApi:
             key = f"reports/{workload_id}/{time.strftime('%Y/%m/%d', time.gmtime())}/{uuid.uuid4().hex}.json"
             doc = kept.model_dump(mode="json")
             self.w.publisher.put_json(key, doc)
-            if self.w.flows_inline:
-                self._ingest_flows(workload_id, doc)
-            if self.w.siem is not None and kept.drops:
-                # never raises: the batch is archived already
-                held_back = self.w.siem.drops(workload_id, kept.drops)
-                if held_back:  # past the SIEM drop budget: summarized, not sent one by one
-                    self.w.metric("SiemDropEventsSuppressed", held_back)
-        return Response(202, {"accepted": len(kept.flows) + len(kept.drops)})
+            return kept, doc
+        return kept, None
 
     def _recent(
         self, workload_id: str, rec: InventoryRecord | None, batch: agentapi.ReportBatch

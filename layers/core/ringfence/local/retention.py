@@ -63,6 +63,15 @@ class ReportQuota:
             self._buckets[workload_id] = (tokens, now)
             return max(1, math.ceil((need - tokens) / self.rate))
 
+    def give_back(self, workload_id: str, size: int) -> None:
+        """Return ``size`` bytes :meth:`take` spent on a batch that was then refused with nothing
+        written (a failed store): the sender is not charged for the control plane's failure."""
+        now = self.clock()
+        with self._lock:
+            tokens, when = self._buckets.get(workload_id, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - when) * self.rate + size)
+            self._buckets[workload_id] = (tokens, now)
+
 
 def retention_days(env: Mapping[str, str] | None = None) -> float:
     """``RINGFENCE_REPORT_RETENTION_DAYS`` (default 90)."""

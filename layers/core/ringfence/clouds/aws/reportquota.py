@@ -7,6 +7,7 @@ would take it past the quota, and expired by the table's TTL."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -16,6 +17,8 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from ringfence.local.retention import REPORT_BURST_BYTES, REPORT_BYTES_PER_SECOND
+
+log = logging.getLogger(__name__)
 
 PREFIX = "rquota#"  # the agent-API role's only grant for these items (template.yaml, infra/)
 
@@ -66,3 +69,23 @@ class TableReportQuota:
                 raise  # the batch is answered 5xx: the agent keeps it and sends it again later
             return max(1, math.ceil(start + self.window - now))
         return None
+
+    def give_back(self, workload_id: str, size: int) -> None:
+        """Take ``size`` bytes back off the current window's count: :meth:`take` counted them for
+        a batch then refused with nothing archived (a failed S3 write). Only a window holding at
+        least ``size`` bytes gives them back (the count never goes below zero); a refusal that
+        straddles a window's end gives them back to the next window, if it holds as much already
+        (the earlier one no longer limits anything). A failure here is logged, not raised over the
+        route's own: the sender then pays for that batch."""
+        start = int(self.clock() // self.window) * self.window
+        try:
+            self.table.update_item(
+                Key={"pk": f"{PREFIX}{workload_id}", "sk": f"{start:012d}"},
+                UpdateExpression="ADD #bytes :less",
+                ConditionExpression="#bytes >= :size",
+                ExpressionAttributeNames={"#bytes": "bytes"},
+                ExpressionAttributeValues={":less": -size, ":size": size},
+            )
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
+                log.warning("report quota of %s: %d bytes not given back (%s)", workload_id, size, exc)
