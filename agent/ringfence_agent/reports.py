@@ -253,7 +253,8 @@ class FlowSource:
     def __init__(self, proc_path: Path = Path("/proc/net/nf_conntrack")) -> None:
         self.proc_path = proc_path
         self.kind: str
-        if proc_path.exists():
+        # readable, not merely there: it is 0440 root, and the unit runs the agent as its own user
+        if os.access(proc_path, os.R_OK):
             self.kind = "proc"
         elif shutil.which("conntrack"):
             self.kind = "conntrack-tool"

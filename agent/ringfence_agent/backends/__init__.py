@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,6 +19,12 @@ TUPLE_LINGER_S = 60
 
 # what ``kernel_problem()`` answers when the kernel holds nothing of Ringfence's (no table, no chains)
 ABSENT = "the kernel holds no Ringfence rules"
+
+
+def agent_uid() -> int:
+    """The user whose sockets the control-plane fail-safe admits: the one the agent runs as (the
+    unit's ``ringfence-agent``; root where it is run as root). Another local user is dropped."""
+    return os.geteuid()
 
 
 class ApplyError(RuntimeError):

@@ -45,6 +45,7 @@ from ringfence_agent.backends import (
     DropTuple,
     ElementChange,
     Observation,
+    agent_uid,
     run,
     scratch,
 )
@@ -53,7 +54,6 @@ from ringfence_agent.backends.sealkey import SealKey
 from ringfence_agent.plan import METADATA_PORTS, Direction, Match, Plan, PlanRule, joined_ports, safe_comment
 
 CHAINS = {"inbound": ("RF-IN", "INPUT"), "outbound": ("RF-OUT", "OUTPUT")}
-AGENT_UID = 0  # the control-plane fail-safe admits sockets of this user only (nft.AGENT_UID)
 _GEN = re.compile(r'--comment "?ringfence gen=([ab])')
 # a bundle rule or default as iptables-save prints it: chain, counter (from the comment), verdict
 _RULE = re.compile(r'^-A (RF-IN|RF-OUT) .*--comment "?(r_(?:in|out)_\d+|d_in|d_out)\b.* -j (ACCEPT|DROP)\b')
@@ -372,8 +372,8 @@ class IptablesRenderer:
             lines.append(f"-p tcp --dport 53 -m set --match-set {dns} dst -j ACCEPT")
             meta = f"-m set --match-set rf-fs-meta-{family}{gen} dst"
             lines.extend(f"{_svc(m, family)} {meta} -j ACCEPT" for m in METADATA_PORTS)
-            # the agent's own connection only: a socket of root (the agent runs as root)
-            cp = f"-m set --match-set rf-fs-cp-{family}{gen} dst -m owner --uid-owner {AGENT_UID}"
+            # the agent's own connection only: a socket of the user it runs as (backends.agent_uid)
+            cp = f"-m set --match-set rf-fs-cp-{family}{gen} dst -m owner --uid-owner {agent_uid()}"
             lines.extend(f"{_svc(m, family)} {cp} -j ACCEPT" for m in fs.control_ports if family in _fams(m))
         return lines
 

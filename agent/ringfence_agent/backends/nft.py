@@ -51,6 +51,7 @@ from ringfence_agent.backends import (
     ElementChange,
     Observation,
     ReadError,
+    agent_uid,
     run,
     scratch,
 )
@@ -81,7 +82,6 @@ _CHAIN_DIRECTION = {"input": "inbound", "output": "outbound"}
 # a verdict map decides too (the agent writes none in input/output)
 _VERDICTS = frozenset({"accept", "drop", "reject", "queue", "jump", "goto", "return", "continue", "vmap"})
 FAMILY = "inet"
-AGENT_UID = 0  # the control-plane fail-safe admits sockets of this user only: the agent runs as root
 # After every whole apply the agent adds an empty chain ``seal_<mac>`` naming an HMAC-SHA256 of
 # the digest of what the kernel then holds of its own rules (see NftBackend.held): the table alone
 # no longer says that the agent's rules are in force (``nft flush table`` keeps it and every set,
@@ -350,9 +350,10 @@ class NftRenderer:
                 lines.append(f'{a} @fs_dns_{fam} tcp dport 53 accept comment "failsafe dns"')
                 lines.extend(f'{a} @fs_meta_{fam} {_svc(m)} accept comment "failsafe metadata"' for m in METADATA_PORTS)
                 # the control plane on its port(s) only, and only the agent's own connection to it:
-                # a socket of root (the agent runs as root; another local user is not admitted)
+                # a socket of the user the agent runs as (the unit's ringfence-agent; another
+                # local user is not admitted)
                 lines.extend(
-                    f'{a} @fs_cp_{fam} {_svc(m)} meta skuid {AGENT_UID} accept comment "failsafe control-plane"'
+                    f'{a} @fs_cp_{fam} {_svc(m)} meta skuid {agent_uid()} accept comment "failsafe control-plane"'
                     for m in fs.control_ports
                 )
         return lines

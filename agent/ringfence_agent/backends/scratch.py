@@ -5,7 +5,8 @@ the same (nftables and iptables ``apply``). The namespace goes with the child.
 
 Without ``CAP_SYS_ADMIN`` (the shipped unit bounds the agent to ``CAP_NET_ADMIN CAP_NET_RAW``) a
 bare network namespace cannot be made; a user namespace with one can, where the unprivileged
-kernel allows it, and there the child has ``CAP_NET_ADMIN`` over its namespace, but only in its
+kernel allows it (and the unit's ``RestrictNamespaces=user net``: ``yes`` refuses both), and
+there the child has ``CAP_NET_ADMIN`` over its namespace, but only in its
 own process: a program it executes runs as an unmapped user without it (``user_ns``). Nor would
 raising it as an ambient capability do for iptables: uid 0 is unmapped there, so the fail-safe's
 ``-m owner --uid-owner 0`` cannot be loaded (nftables' ``meta skuid 0`` is a plain number)."""
