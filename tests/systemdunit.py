@@ -7,6 +7,7 @@ import configparser
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,11 +21,48 @@ def service(unit: Path) -> configparser.SectionProxy:
     return parser["Service"]
 
 
-def setpriv(capabilities: list[str]) -> list[str]:
-    """A command prefix starting a program as systemd starts the unit: root, bounded to
-    ``capabilities`` (``CAP_…`` names), with no new privileges."""
-    bounds = ",".join(["-all", *(f"+{c.removeprefix('CAP_').lower()}" for c in capabilities)])
-    return ["setpriv", f"--bounding-set={bounds}", "--no-new-privs"]
+# The unit's User= does not exist on a test host: a uid and gid no account has stand in for it
+STAND_IN_UID = STAND_IN_GID = 61_000
+RESTRICTNS = Path(__file__).resolve().parent / "restrictns.py"
+
+
+def setpriv(capabilities: list[str], user: tuple[int, int] | None = None) -> list[str]:
+    """A command prefix starting a program as systemd starts the unit: bounded to
+    ``capabilities`` (``CAP_…`` names), with no new privileges; as root, or with ``user``
+    (uid, gid) as that user with no supplementary groups and ``capabilities`` raised as ambient
+    ones (the unit's ``User=`` with ``AmbientCapabilities=``)."""
+    caps = ",".join(["-all", *(f"+{c.removeprefix('CAP_').lower()}" for c in capabilities)])
+    cmd = ["setpriv", f"--bounding-set={caps}", "--no-new-privs"]
+    if user is not None:
+        uid, gid = user
+        cmd += [f"--reuid={uid}", f"--regid={gid}", "--clear-groups", f"--inh-caps={caps}", f"--ambient-caps={caps}"]
+    return cmd
+
+
+def unit_user(unit: Path) -> tuple[int, int] | None:
+    """The (uid, gid) standing in for the unit's ``User=``/``Group=`` (None: it runs as root)."""
+    section = service(unit)
+    if section.get("User", "root") in ("root", "0"):
+        return None
+    return STAND_IN_UID, STAND_IN_GID
+
+
+def restrict_namespaces(setting: str) -> list[str]:
+    """A command prefix loading the seccomp filter of ``RestrictNamespaces=setting``
+    (tests/restrictns.py), then executing the program."""
+    return [sys.executable, str(RESTRICTNS), setting, "--"]
+
+
+def as_the_unit(unit: Path) -> list[str]:
+    """A command prefix starting a program as the unit starts it: its user (stand-in ids), its
+    capabilities (bounding and ambient), no new privileges, its RestrictNamespaces= filter. The
+    filter is loaded first, as root (inherited through setpriv's exec): setpriv executes the
+    program while it still holds root's capabilities, so an interpreter under /root (pyenv) stays
+    reachable, where /opt/ringfence-agent's is anyway."""
+    section = service(unit)
+    caps = section["CapabilityBoundingSet"].split()
+    assert section.get("AmbientCapabilities", "").split() == caps or unit_user(unit) is None
+    return [*restrict_namespaces(section.get("RestrictNamespaces", "no")), *setpriv(caps, unit_user(unit))]
 
 
 def verify(unit: Path, program: Path, scratch: Path) -> None:

@@ -191,6 +191,21 @@ if [ -n "$NEWKEY" ]; then
 fi
 # --- end pinned key
 
+# --- the agent's own user (the unit's User=): a system account, no login, no home of its own
+AGENT_USER=ringfence-agent
+if ! id -u "$AGENT_USER" >/dev/null 2>&1; then
+  if command -v useradd >/dev/null 2>&1; then
+    useradd --system --user-group --no-create-home --home-dir /var/lib/ringfence-agent --shell /usr/sbin/nologin "$AGENT_USER"
+  else
+    addgroup -S "$AGENT_USER" && adduser -S -D -H -h /var/lib/ringfence-agent -s /sbin/nologin -G "$AGENT_USER" "$AGENT_USER"
+  fi
+fi
+# an upgrade from an agent that ran as root: its state (seal.key, seal.last, status.json, the
+# last known good) is root's 0600; systemd chowns a StateDirectory= to User= when the directory's
+# owner differs, and this does it here too (-h: a link is changed itself, never followed)
+[ ! -d /var/lib/ringfence-agent ] || chown -R -h "$AGENT_USER:$AGENT_USER" /var/lib/ringfence-agent
+# --- end user
+
 umask 077
 # JSON: the agent reads it with the standard library (a YAML config would need PyYAML beside it)
 json_str() { printf '"%s"' "$(printf '%s' "$1" | sed 's/\\/\\\\/g; s/"/\\"/g')"; }
@@ -217,6 +232,10 @@ json_str() { printf '"%s"' "$(printf '%s' "$1" | sed 's/\\/\\\\/g; s/"/\\"/g')";
   echo "}"
 } > /etc/ringfence/agent.json
 [ -n "$PAIRING_KEY" ] && printf '%s\n' "$PAIRING_KEY" > /etc/ringfence/pairing-key
+# root's files, readable by the agent's group only (the agent reads them, never writes them)
+for f in /etc/ringfence/agent.json /etc/ringfence/pairing-key; do
+  [ ! -f "$f" ] || { chgrp "$AGENT_USER" "$f" && chmod 0640 "$f"; }
+done
 
 # the unit below is a copy of agent/packaging/ringfence-agent.service (a test keeps them equal)
 cat > /etc/systemd/system/ringfence-agent.service <<'UNIT'
@@ -241,24 +260,28 @@ ExecStart=/opt/ringfence-agent/bin/ringfence-agent run --config /etc/ringfence/a
 Restart=always
 RestartSec=2
 # the agent re-applies its last known good on every start, before it contacts anyone
+# A user of its own, not root: uid 0 needs no capability to connect() to root-owned sockets under
+# /run (docker.sock, containerd, /run/udev/control, the journal), i.e. root on the host.
+# install.sh creates it; systemd chowns the state directory to it (also one root owned before)
+User=ringfence-agent
+Group=ringfence-agent
 StateDirectory=ringfence-agent
 StateDirectoryMode=0700
 ConfigurationDirectory=ringfence
-# CAP_NET_ADMIN for nftables, iptables, ipset and conntrack; CAP_NET_RAW for iptables-legacy's
-# raw socket. It runs as uid 0, so what it can write is kept narrow too: its state directory and
-# the xtables lock (created beforehand: /run itself is read-only), not /run, where uid 0 could drop
-# a runtime unit or udev rule. NOT bounded: a read-only /run does not stop connect(), so it can
-# still reach root-owned sockets other than the two hidden below (docker.sock, containerd,
-# /run/udev/control, the journal), i.e. root on the host; a dedicated User= (planned) closes that
+# CAP_NET_ADMIN for nftables, iptables, ipset, conntrack and the session cut; CAP_NET_RAW for
+# iptables-legacy's raw socket; ambient, so the programs it runs (nft, iptables-restore, ipset,
+# conntrack) have them too. /proc/net/nf_conntrack is root's: it lists with conntrack -L instead
 CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW
 AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW
 NoNewPrivileges=yes
 ProtectSystem=strict
-ExecStartPre=+-/usr/bin/touch /run/xtables.lock
+# iptables-legacy locks /run/xtables.lock (root's 0600 when iptables made it): made beforehand,
+# as root ('+'), and opened to the agent's group
+ExecStartPre=+-/bin/sh -c 'touch /run/xtables.lock && chgrp ringfence-agent /run/xtables.lock && chmod 0660 /run/xtables.lock'
 RuntimeDirectory=ringfence-agent
 RuntimeDirectoryMode=0700
 ReadWritePaths=/var/lib/ringfence-agent -/run/xtables.lock
-# AF_UNIX stays for $NOTIFY_SOCKET; the manager's and D-Bus's root-only sockets are hidden
+# AF_UNIX stays for $NOTIFY_SOCKET; the manager's and D-Bus's sockets are hidden all the same
 InaccessiblePaths=-/run/systemd/private -/run/dbus/system_bus_socket
 ProtectHome=yes
 PrivateTmp=yes
@@ -268,7 +291,11 @@ ProtectKernelTunables=yes
 ProtectKernelLogs=yes
 ProtectClock=yes
 ProtectControlGroups=yes
-RestrictNamespaces=yes
+# user and net only: the seal check loads the rules into a fresh network namespace, which without
+# CAP_SYS_ADMIN only a user namespace can hold (docs/agent.md, the seal race); =yes made it fail
+# and an nftables apply raced by a neighbour with CAP_NET_ADMIN was sealed as read. The cost: an
+# unprivileged user namespace's kernel surface, mostly nf_tables, which CAP_NET_ADMIN reaches anyway
+RestrictNamespaces=user net
 RestrictSUIDSGID=yes
 RestrictRealtime=yes
 LockPersonality=yes

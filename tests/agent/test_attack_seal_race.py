@@ -12,8 +12,10 @@ CLI with the same state directory, and by a real connection."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from ringfence import enforced
 from ringfence.local.lab import Lab as NetLab
 from tests.agent import dataplane
 from tests.agent.bundles import GROUP_POLICY, LAB_POLICY, PUBLIC_KEY, Lab, workloads, write
-from tests.systemdunit import service, setpriv
+from tests.systemdunit import as_the_unit, service, unit_user
 
 pytestmark = pytest.mark.dataplane
 
@@ -152,17 +154,28 @@ def test_attack_a_rule_inserted_between_the_apply_and_its_seal_is_not_sealed(
 
 
 def test_attack_a_rule_inserted_between_the_apply_and_its_seal_is_not_sealed_within_the_units_capabilities(
-    net: NetLab, tmp_path: Path
+    net: NetLab,
 ) -> None:
-    """The same under the shipped unit's capabilities (CAP_NET_ADMIN CAP_NET_RAW, no new
-    privileges): no CAP_SYS_ADMIN for a bare network namespace, so the nftables check makes a user
-    namespace holding one (libnftables and the reads run in the child itself); the hole is closed."""
+    """The same as the shipped unit starts the agent: its own user, CAP_NET_ADMIN CAP_NET_RAW
+    ambient, no new privileges, and its RestrictNamespaces= seccomp filter (tests/restrictns.py).
+    No CAP_SYS_ADMIN for a bare network namespace, so the nftables check makes a user namespace
+    holding one (libnftables and the reads run in the child itself): the unit must allow both
+    (with RestrictNamespaces=yes the fresh namespace failed, the loosened table was sealed as read
+    and tcp/8080 stayed open); the hole is closed."""
     if shutil.which("setpriv") is None:
         pytest.skip("setpriv is not installed here")
     unit = Path(__file__).resolve().parents[2] / "agent" / "packaging" / "ringfence-agent.service"
-    caps = service(unit)["CapabilityBoundingSet"].split()
-    assert "CAP_SYS_ADMIN" not in caps
-    raced, status = _race(net, tmp_path, 1, prefix=setpriv(caps))
+    assert "CAP_SYS_ADMIN" not in service(unit)["CapabilityBoundingSet"].split()
+    user = unit_user(unit)
+    assert user is not None
+    where = Path(tempfile.mkdtemp(prefix="rf-race-"))  # outside pytest's root-only temp tree
+    try:
+        where.chmod(0o711)
+        (where / "state").mkdir(mode=0o700)
+        os.chown(where / "state", *user)  # as systemd makes StateDirectory= for User=
+        raced, status = _race(net, where, 1, prefix=as_the_unit(unit))
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
     assert raced["failed"] is None, raced
     assert status["kernel_programmed"] is True and status["published"], status
     assert not _hole(net), ("the inserted accept is still in force", raced, status)
