@@ -31,7 +31,7 @@ from ringfence.control.wiring import NotQueued
 from ringfence.governance import NotGranted
 from ringfence.store.base import ConflictError, InventoryRecord
 
-from .common import answers, http, resolver
+from .common import ADMIN_STORE_FAILED, answers, http, resolver
 
 _NO_BODY = adminapi.Reason()
 # what a status means on the admin API where the agent API's wording does not fit
@@ -45,6 +45,14 @@ NOT_QUEUED = (
     "revocation naming no grant, nothing was changed by this request) but bundles and peers' sets do not "
     "follow it yet; send the same request again (it stores the same and queues compute)"
 )
+
+
+def unavailable(not_queued: str | None = None) -> str:
+    """A route's 503: the store failed (every route, under ``ringfence serve``) and, for a route
+    that stores a change and then queues compute, ``not_queued`` (:func:`not_queued`'s answer)."""
+    if not_queued is None:
+        return ADMIN_STORE_FAILED
+    return f"either {not_queued} (`error` ends `compute not queued: send the request again`); or {ADMIN_STORE_FAILED}"
 
 
 def grants_answer(wid: str, rec: InventoryRecord, audit_id: str, **extra: object) -> Response:
@@ -177,7 +185,7 @@ def admin_routes(
         "/admin/map",
         summary="the application dependency map (as `ringfence map`): HTML (one self-contained file), SVG or DOT — any role",
         responses={
-            **answers(errors=(400, 409), meaning=ADMIN_ERRORS),
+            **answers(errors=(400, 409, 503), meaning={**ADMIN_ERRORS, 503: unavailable()}),
             200: {"description": "the map", "content": {"text/html": {}, "image/svg+xml": {}, "text/vnd.graphviz": {}}},
         },
         security=[{"sigv4": []}],
@@ -208,9 +216,10 @@ def admin_routes(
         "pinning them, lateral movement flagged — any role",
         responses=answers(
             adminapi.SuggestResponse,
-            errors=(400, 409),
+            errors=(400, 409, 503),
             meaning={
                 **ADMIN_ERRORS,
+                503: unavailable(),
                 422: "a query field is invalid, or the suggestion does not load with the policy (a row naming a "
                 "label value the policy no longer allows): detail says why",
             },
@@ -229,7 +238,7 @@ def admin_routes(
         "/admin/findings",
         summary="effective policy, checked (as `ringfence findings`): agents silent, not enforcing the newest "
         "bundle within the bound, whose kernel holds something else, or that repaired a tamper within a day — any role",
-        responses=answers(FindingsResponse),
+        responses=answers(FindingsResponse, errors=(503,), meaning={503: unavailable()}),
         security=[{"sigv4": []}],
     )
     def findings(
@@ -248,8 +257,12 @@ def admin_routes(
             errors=(400, 409, 503),
             meaning={
                 **ADMIN_ERRORS,
-                503: NOT_QUEUED + "; the same files again, while that version is still the active one, create no "
-                "new version and queue the rebuild (answered 200 naming it; a later provisioning queues it itself)",
+                422: "a field of the request is missing or invalid (detail names each, dotted), or the policy's "
+                "tests fail against the live inventory (`policy tests fail`, detail lists them): nothing stored",
+                503: unavailable(
+                    NOT_QUEUED + "; the same files again, while that version is still the active one, create no "
+                    "new version and queue the rebuild (answered 200 naming it; a later provisioning queues it itself)"
+                ),
             },
         ),
         security=[{"sigv4": []}],
@@ -260,7 +273,7 @@ def admin_routes(
     @app.put(
         "/admin/workloads/<wid>/mode",
         summary="set a workload's mode (idle, observe, enforce) or clear it — policy-author",
-        responses=answers(adminapi.ModeResponse, errors=(404, 503), meaning={503: NOT_QUEUED}),
+        responses=answers(adminapi.ModeResponse, errors=(404, 503), meaning={503: unavailable(NOT_QUEUED)}),
         security=[{"sigv4": []}],
     )
     def set_mode(wid: str, req: adminapi.ModeRequest) -> HttpResponse[str]:
@@ -271,7 +284,9 @@ def admin_routes(
         summary="bind privileged label values to a workload (an audited admin binding: the values need no "
         "tagger, a hold they clear is lifted, compute is queued); reason required — policy-author",
         responses=answers(
-            adminapi.BindLabelsResponse, errors=(400, 404, 409, 503), meaning={**ADMIN_ERRORS, 503: NOT_QUEUED}
+            adminapi.BindLabelsResponse,
+            errors=(400, 404, 409, 503),
+            meaning={**ADMIN_ERRORS, 503: unavailable(NOT_QUEUED)},
         ),
         security=[{"sigv4": []}],
     )
@@ -300,7 +315,7 @@ def admin_routes(
                 409: "nothing was done: a dimension named holds no grant (detail names the grants the workload "
                 "holds; compute is queued all the same, so a revocation stored by an earlier try is enforced), "
                 "or the workload changed meanwhile (try again)",
-                503: NOT_QUEUED,
+                503: unavailable(NOT_QUEUED),
             },
         ),
         security=[{"sigv4": []}],
@@ -325,7 +340,7 @@ def admin_routes(
     @app.post(
         "/admin/workloads/<wid>/quarantine",
         summary="quarantine a workload: it and its peers cut it off — incident-responder",
-        responses=answers(adminapi.QuarantineResponse, errors=(404, 503), meaning={503: NOT_QUEUED}),
+        responses=answers(adminapi.QuarantineResponse, errors=(404, 503), meaning={503: unavailable(NOT_QUEUED)}),
         security=[{"sigv4": []}],
     )
     def quarantine(wid: str, req: Annotated[adminapi.Reason | None, Body()] = None) -> HttpResponse[str]:
@@ -336,7 +351,7 @@ def admin_routes(
     @app.delete(
         "/admin/workloads/<wid>/quarantine",
         summary="release a workload from quarantine — incident-responder",
-        responses=answers(adminapi.QuarantineResponse, errors=(404, 503), meaning={503: NOT_QUEUED}),
+        responses=answers(adminapi.QuarantineResponse, errors=(404, 503), meaning={503: unavailable(NOT_QUEUED)}),
         security=[{"sigv4": []}],
     )
     def release(wid: str, req: Annotated[adminapi.Reason | None, Body()] = None) -> HttpResponse[str]:
@@ -347,7 +362,7 @@ def admin_routes(
     @app.post(
         "/admin/pairing-keys",
         summary="mint a pairing key (use-limited, expiring) for on-premise enrollment — onboarding",
-        responses=answers(adminapi.PairingKeyResponse, 201, errors=(400,)),
+        responses=answers(adminapi.PairingKeyResponse, 201, errors=(400, 503), meaning={503: unavailable()}),
         security=[{"sigv4": []}],
     )
     def pairing_key(req: adminapi.PairingKeyRequest) -> HttpResponse[str]:
@@ -358,7 +373,7 @@ def admin_routes(
     @app.delete(
         "/admin/workloads/<wid>/pairing-keys",
         summary="revoke every pairing key issued for a workload, used up or not — onboarding",
-        responses=answers(adminapi.PairingKeysRevokedResponse, errors=(404,)),
+        responses=answers(adminapi.PairingKeysRevokedResponse, errors=(404, 503), meaning={503: unavailable()}),
         security=[{"sigv4": []}],
     )
     def revoke_pairing_keys(wid: str, req: Annotated[adminapi.Reason | None, Body()] = None) -> HttpResponse[str]:
@@ -369,7 +384,7 @@ def admin_routes(
     @app.delete(
         "/admin/workloads/<wid>/agent-key",
         summary="reset a workload's agent key and revoke its token: an agent that lost its key enrolls again — onboarding",
-        responses=answers(adminapi.AgentKeyResetResponse, errors=(404,)),
+        responses=answers(adminapi.AgentKeyResetResponse, errors=(404, 503), meaning={503: unavailable()}),
         security=[{"sigv4": []}],
     )
     def reset_agent_key(
@@ -391,7 +406,10 @@ def admin_routes(
             adminapi.RegisterWorkloadResponse,
             201,
             errors=(400, 409, 503),
-            meaning={**ADMIN_ERRORS, 503: NOT_QUEUED + "; a registration again is answered 200, created false"},
+            meaning={
+                **ADMIN_ERRORS,
+                503: unavailable(NOT_QUEUED + "; a registration again is answered 200, created false"),
+            },
         ),
         security=[{"sigv4": []}],
     )
@@ -404,7 +422,7 @@ def admin_routes(
         "/admin/workloads/import",
         summary="register every workload of a CMDB CSV export, or none (errors as file:line:column) — onboarding",
         responses=answers(
-            adminapi.CmdbImportResponse, errors=(400, 409, 503), meaning={**ADMIN_ERRORS, 503: NOT_QUEUED}
+            adminapi.CmdbImportResponse, errors=(400, 409, 503), meaning={**ADMIN_ERRORS, 503: unavailable(NOT_QUEUED)}
         ),
         security=[{"sigv4": []}],
     )
@@ -417,7 +435,7 @@ def admin_routes(
         "/admin/workloads/<wid>",
         summary="deregister an on-premise workload: it leaves every peer's sets — onboarding",
         responses=answers(
-            adminapi.DeregisterResponse, errors=(404, 409, 503), meaning={**ADMIN_ERRORS, 503: NOT_QUEUED}
+            adminapi.DeregisterResponse, errors=(404, 409, 503), meaning={**ADMIN_ERRORS, 503: unavailable(NOT_QUEUED)}
         ),
         security=[{"sigv4": []}],
     )

@@ -19,6 +19,14 @@ from ringfence.control.api import Response, error
 from ringfence.store.failure import Kind, ObjectsUnwritable, StoreHealth
 
 STORE_RETRY_AFTER = 5  # seconds: the Retry-After of a 503 for a store unavailable for now
+# what any admin route may answer under `ringfence serve` (store_failure, told=True)
+ADMIN_STORE_FAILED = (
+    "(ringfence serve) the control plane's store or its published files failed, the reason in `error` "
+    "(`state.db: <SQLite's reason>`, `objects/: <the system's reason>`): unavailable for now (full, locked, "
+    f"an I/O error, not writable), with Retry-After ({STORE_RETRY_AFTER}): the request may be partly done (an "
+    "audit record written), send it again; or damaged (no Retry-After): no request is answered from the store "
+    "until the operator restores it from a backup"
+)
 # what any agent API or event route may answer under `ringfence serve` (store_failure, told=False)
 STORE_FAILED = (
     "(ringfence serve) the control plane's store or its published files failed (full, locked, not "
@@ -61,7 +69,8 @@ def answers(
     meaning: dict[int, str] | None = None,
 ) -> Any:
     """The OpenAPI ``responses`` of a route: its answer's model and the errors it may give
-    (``meaning``: what a status means on this API, where not what it means on the agent API)."""
+    (``meaning``: what a status means on this API, where not what it means on the agent API).
+    The 422 is left out of the document of a route that validates nothing (:meth:`Resolver.get_openapi_schema`)."""
     meanings = {
         400: "the request is well-formed but refused (detail says why)",
         401: "no, an unknown or an expired bearer token",
@@ -120,6 +129,20 @@ class Resolver(APIGatewayRestResolver):
     def lambda_context(self, value: Any) -> None:
         self._lambda_context = value
 
+    def get_openapi_schema(self, **kwargs: Any) -> Any:
+        """Powertools' document, without the validation 422 on routes that take no field it
+        validates (no body, no query field, only text path parameters): they never answer it."""
+        schema = super().get_openapi_schema(**kwargs)
+        for route in [*self._dynamic_routes, *self._static_routes]:
+            if validates(route):
+                continue
+            item = (schema.paths or {}).get(route.openapi_path)
+            op = getattr(item, route.method.lower(), None) if item is not None else None
+            if op is not None and op.responses:
+                op.responses.pop(422, None)
+                op.responses.pop("422", None)
+        return schema
+
     def resolve(self, event: Mapping[str, Any], context: Any) -> dict[str, Any]:
         self._event = cast(APIGatewayProxyEvent, self._to_proxy_event(dict(event)))
         self._lambda_context = context
@@ -127,6 +150,14 @@ class Resolver(APIGatewayRestResolver):
             return super().resolve(event, context)
         finally:
             self._event = None
+
+
+def validates(route: Any) -> bool:
+    """Whether the resolver validates anything of a request to ``route`` (and so may answer 422)."""
+    d = route.dependant
+    if d.body_params or d.query_params or d.header_params or d.cookie_params:
+        return True
+    return any(p.field_info.annotation is not str for p in d.path_params)
 
 
 def resolver(

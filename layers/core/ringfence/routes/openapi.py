@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
+
+from aws_lambda_powertools.event_handler import APIGatewayRestResolver
 
 from .admin import admin_routes, token_roles
 from .agent import agent_routes
@@ -22,16 +25,21 @@ def _no_service() -> NoReturn:
     raise RuntimeError("the OpenAPI document is built without calling any route")
 
 
+def apps(service: Callable[[], Any] = _no_service) -> dict[str, APIGatewayRestResolver]:
+    """Each document's routes, over ``service`` (by default one never called)."""
+    return {
+        "agent-api.json": agent_routes(service),
+        "admin-api.json": admin_routes(service, onprem=service, roles_of=token_roles),
+        "azure-events-api.json": azure_event_routes(service),
+        "gcp-events-api.json": gcp_event_routes(service),
+    }
+
+
 def documents() -> dict[str, str]:
-    out = {}
-    for name, app in (
-        ("agent-api.json", agent_routes(_no_service)),
-        ("admin-api.json", admin_routes(_no_service, onprem=_no_service, roles_of=token_roles)),
-        ("azure-events-api.json", azure_event_routes(_no_service)),
-        ("gcp-events-api.json", gcp_event_routes(_no_service)),
-    ):
-        out[name] = json.dumps(json.loads(app.get_openapi_json_schema()), indent=2, sort_keys=True) + "\n"
-    return out
+    return {
+        name: json.dumps(json.loads(app.get_openapi_json_schema()), indent=2, sort_keys=True) + "\n"
+        for name, app in apps().items()
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
