@@ -18,6 +18,7 @@ from ringfence.agentwire import API_PREFIX as API_PREFIX
 from ringfence.agentwire import MAX_REPORT_BYTES as MAX_REPORT_BYTES
 from ringfence.agentwire import MAX_REPORT_RECORDS as MAX_REPORT_RECORDS
 from ringfence.bundlewire import BundleError, ed25519_pem_of_raw, ed25519_public_from_one_pem
+from ringfence.cmdb import WORKLOAD_ID
 from ringfence.enums import Mode
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,12 @@ class NonceResponse(_Body):
 class EnrollRequest(_Body):
     method: Literal["aws-iid", "aws-sts", "azure-attested", "gcp-jwt", "pairing"]
     nonce: str = Field(description="from GET /v1/nonce; single use")
-    workload_id: str | None = Field(None, description="required for pairing; derived from the proof otherwise")
+    workload_id: str | None = Field(
+        None,
+        description="required for pairing; derived from the proof otherwise. 1-128 of A-Z a-z 0-9 _ . : -, "
+        "starting with a letter or digit (as every workload id: an EC2 instance id, an Azure vmId, a GCP "
+        "instance id, a registered on-premise id)",
+    )
     # aws-iid: the instance identity document and its PKCS7/RSA-SHA256 signature from IMDS;
     # gcp-jwt: the instance identity token (audience the control plane's, format=full)
     document: str | None = None
@@ -53,6 +59,15 @@ class EnrollRequest(_Body):
     agent_signature: str | None = Field(
         None, description="base64 Ed25519 signature by agent_key over the proof message (purpose enroll)"
     )
+
+    @field_validator("workload_id")
+    @classmethod
+    def _workload_id(cls, v: str | None) -> str | None:
+        """Refused (422) before anything reads or logs it: the caller is not authenticated yet, and
+        the id is named in the refusal's log line (a newline in it would forge a line)."""
+        if v is not None and not WORKLOAD_ID.fullmatch(v):
+            raise ValueError("must be 1-128 of A-Z a-z 0-9 _ . : - and start with a letter or digit")
+        return v
 
     @field_validator("agent_key")
     @classmethod

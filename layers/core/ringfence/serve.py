@@ -849,6 +849,22 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def log_safely() -> None:
+    """serve's log: stderr, warnings and up, the message only (as Python's last-resort handler
+    writes it), every record's control characters escaped on every handler (uvicorn's too): a
+    caller's text inside a message (an id, a refusal's detail) cannot forge a line nor drive the
+    operator's terminal (:class:`ringfence.textsafe.LogEscape`)."""
+    from ringfence.textsafe import escape_logs
+
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setLevel(logging.WARNING)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+    escape_logs()
+
+
 def uvicorn_server(app: ServeApp, tls_cert: str | None = None, tls_key: str | None = None) -> Any:
     import uvicorn
 
@@ -978,6 +994,7 @@ def run(
         if p is not None and not Path(p).is_file():
             raise ServeError(f"{p}: no such file")
     check_bind(host, tls_cert is not None, insecure)
+    log_safely()
     try:
         address_limit = AddressLimit.from_env()  # a bad setting fails before anything starts
         if store.startswith("sqlite:"):
@@ -1010,6 +1027,7 @@ def run(
         findings_pass(wiring, stop)
         retention_pass(wiring, stop)
         server = uvicorn_server(app, tls_cert, tls_key)
+        log_safely()  # uvicorn's own handlers exist now
         admin = f"admin API for {len(set(tokens.by_hash.values()))} principal(s)" if tokens else "admin API off"
         announce(f"ringfence serve: listening on {url_of(sock, tls_cert is not None)} (store {store}; {admin})")
         server.run(sockets=[sock])

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import IO
 
 from ringfence.bundlewire import BUNDLE_FORMAT, DELTA_FORMAT, MANIFEST_FORMAT, MAX_MANIFEST_BYTES
+from ringfence.textsafe import escape_logs
 
 DEFAULT_BUNDLE_TTL = 7 * 86400  # the control plane's default bundle_ttl (RINGFENCE_BUNDLE_TTL)
 TTL_SLACK = 300  # between serve computing an expiry and the signer reading its clock
@@ -286,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     # shutdown (compute may still sign) and leaves when its pipe closes
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    escape_logs()  # what it signed names workloads: never a raw control character in the log
     return serve_signatures(Path(args[0]), sys.stdin.buffer, sys.stdout.buffer)
 
 
