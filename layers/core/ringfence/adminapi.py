@@ -4,12 +4,15 @@ register on-premise workloads (one at a time or from a CMDB export). Every actio
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from ringfence.cmdb import parse_ips, valid_workload_id
 from ringfence.enums import Mode
 from ringfence.model import Workload
 from ringfence.policy import file_name_problems
+from ringfence.textsafe import unsafe_char
 
 MAX_CMDB_BYTES = 8 * 1024 * 1024
 
@@ -18,8 +21,22 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _one_line(v: str) -> str:
+    # kept in the audit log and shown by `ringfence audit list`: a newline would forge a record there
+    bad = unsafe_char(v)
+    if bad is not None:
+        raise ValueError(f"holds the control character {bad}: one line of plain text")
+    return v
+
+
+Text = Annotated[str, AfterValidator(_one_line)]
+"""Free text an operator gives (a reason, a name, a tag): no control characters, no line breaks."""
+
+
 class Reason(_Body):
-    reason: str = Field("", max_length=2048, description="why: kept in the audit log")
+    reason: Text = Field(
+        "", max_length=2048, description="why: kept in the audit log (one line: no control characters)"
+    )
 
 
 class AgentKeyResetRequest(Reason):
@@ -56,13 +73,16 @@ class ModeRequest(Reason):
 
 
 class BindLabelsRequest(_Body):
-    labels: dict[str, str] = Field(
+    labels: dict[Text, Text] = Field(
         min_length=1,
         max_length=64,
         description="the privileged values to grant, dimension → value (each one the policy lists under "
         "`privileged:`); merged into the workload's grants, a dimension's earlier grant replaced",
     )
-    reason: str = Field(max_length=2048, description="why (required, not blank): kept in the audit log")
+    reason: Text = Field(
+        max_length=2048,
+        description="why (required, not blank): kept in the audit log (one line: no control characters)",
+    )
 
 
 class UnbindLabelsRequest(_Body):
@@ -71,7 +91,10 @@ class UnbindLabelsRequest(_Body):
         max_length=64,
         description="the dimensions whose grants to take back (each one the workload holds a grant of; all or none)",
     )
-    reason: str = Field(max_length=2048, description="why (required, not blank): kept in the audit log")
+    reason: Text = Field(
+        max_length=2048,
+        description="why (required, not blank): kept in the audit log (one line: no control characters)",
+    )
 
 
 class PairingKeyRequest(Reason):
@@ -212,11 +235,11 @@ class OnPremWorkload(_Body):
 
     id: str = Field(description="the workload's id (letters, digits, _ . : -); its agent enrolls as this id")
     ips: list[str] = Field(min_length=1, description="the workload's addresses")
-    name: str | None = None
-    site: str | None = Field(None, description="the data centre or site (a label may derive from it)")
-    zone: str | None = None
-    tags: dict[str, str] = Field(default_factory=dict, description="attributes mapped to labels by the policy")
-    labels: dict[str, str] = Field(default_factory=dict, description="labels given directly")
+    name: Text | None = None
+    site: Text | None = Field(None, description="the data centre or site (a label may derive from it)")
+    zone: Text | None = None
+    tags: dict[Text, Text] = Field(default_factory=dict, description="attributes mapped to labels by the policy")
+    labels: dict[Text, Text] = Field(default_factory=dict, description="labels given directly")
 
     @field_validator("id")
     @classmethod
@@ -254,7 +277,7 @@ class RegisterWorkloadRequest(OnPremWorkload, Reason):
 
 class CmdbImportRequest(Reason):
     csv: str = Field(max_length=MAX_CMDB_BYTES, description="the CMDB export: CSV with a header row (id, ips, …)")
-    source: str = Field("cmdb.csv", max_length=512, description="the file's name, used in error locations")
+    source: Text = Field("cmdb.csv", max_length=512, description="the file's name, used in error locations")
     strict: bool = Field(
         False,
         description="refuse (400, nothing written) when the data has a label problem (a value the policy does not "

@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ringfence.textsafe import line as _line
+
 # Each command imports what it needs when it runs: the CLI's fixed cost is Python's start and this
 # module, not the whole library (pydantic models, the compiler, cryptography). `python -X importtime
 # -m ringfence.cli connectivity …` shows what a command pulls in.
@@ -222,7 +224,7 @@ def cmd_policy_provision(args: argparse.Namespace) -> int:
     version = _record_version(
         store, scan, files, args.author or default_actor(), args.message, "policy.provision", detail
     )
-    print(f"provisioned policy version {version.number} by {version.author}: {version.message}")
+    print(f"provisioned policy version {version.number} by {_line(version.author)}: {_line(version.message)}")
     return 0
 
 
@@ -271,13 +273,17 @@ def cmd_policy_revert(args: argparse.Namespace) -> int:
     version = _record_version(
         store, scan, old.files, args.author or default_actor(), args.message, "policy.revert", detail
     )
-    print(f"provisioned policy version {version.number} with the content of version {old.number}: {version.message}")
+    print(
+        f"provisioned policy version {version.number} with the content of version {old.number}: "
+        f"{_line(version.message)}"
+    )
     return 0
 
 
 def cmd_policy_versions(args: argparse.Namespace) -> int:
     for v in _store(args)[1].versions:
-        print(f"{v.number:>4}  {v.created_at}  {v.author:<16} {v.message}")
+        # author and message are free text a caller gave (stored): one line each, nothing that acts
+        print(f"{v.number:>4}  {_line(v.created_at)}  {_line(v.author):<16} {_line(v.message)}")
     return 0
 
 
@@ -334,12 +340,12 @@ def cmd_labels_check(args: argparse.Namespace) -> int:
     else:
         for ws in flagged:
             status = f"UNLABELED (gets mode {ws.mode.value})" if ws.unlabeled else "warning"
-            print(f"{ws.id}: {status}")
-            for p in ws.problems:
-                print(f"  {p.kind:8} {p.message}")
+            print(f"{_line(ws.id)}: {status}")
+            for p in ws.problems:  # they quote tag values
+                print(f"  {p.kind:8} {_line(p.message)}")
         for f in findings:
-            where = f" ({f['location']})" if f.get("location") else ""
-            print(f"finding {f['kind']}{where}: {f['message']}")
+            where = f" ({_line(f['location'])})" if f.get("location") else ""
+            print(f"finding {f['kind']}{where}: {_line(f['message'])}")
         print(
             f"{len(engine.workloads)} workloads, {sum(ws.unlabeled for ws in flagged)} unlabeled, "
             f"{sum(not ws.unlabeled for ws in flagged)} with warnings, {len(findings)} findings"
@@ -622,7 +628,7 @@ def cmd_findings(args: argparse.Namespace) -> int:
         print(res.model_dump_json(indent=1))
         return 1 if res.findings else 0
     for f in res.findings:
-        print(f"{f.kind:<16} {f.workload_id:<24} {f.detail}")
+        print(f"{f.kind:<16} {_line(f.workload_id):<24} {_line(f.detail)}")
     print(
         f"{len(res.findings)} findings over {res.checked} enrolled workloads (bound {res.bound:.0f} s)", file=sys.stderr
     )
@@ -659,10 +665,11 @@ def cmd_inventory_show(args: argparse.Namespace) -> int:
 
     _, engine = _engine(args)
     for ws in sorted(engine.workloads.values(), key=lambda w: w.id):
-        labels = ",".join(f"{k}={v}" for k, v in sorted(ws.labels.items()))
+        # ids and label values come from tags: a value of a dimension with no `allowed:` list is any text
+        labels = _line(",".join(f"{k}={v}" for k, v in sorted(ws.labels.items())))
         ips = " ".join(format_address(a) for a in ws.addrs)
         state = "quarantined" if ws.quarantined else ws.mode.value
-        print(f"{ws.id:<20} {state:<11} {ips:<28} {labels}")
+        print(f"{_line(ws.id):<20} {state:<11} {ips:<28} {labels}")
     return 0
 
 
@@ -849,7 +856,8 @@ def cmd_audit_list(args: argparse.Namespace) -> int:
             change = f" {r.before[:15] or '-'} -> {r.after[:15]}" if r.after else ""
             why = f" ({r.reason})" if r.reason else ""
             seq = r.seq if r.hash else "-"  # unchained: its own seq, if it claims one, means nothing
-            print(f"{seq:>6} {when} {r.principal} {r.action} {r.target}{change}{why}")
+            # every part may be a caller's text (a reason, a URL's id, a principal): one record, one line
+            print(_line(f"{seq:>6} {when} {r.principal} {r.action} {r.target}{change}{why}"))
     return 0
 
 

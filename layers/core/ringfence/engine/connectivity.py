@@ -44,6 +44,7 @@ from ringfence.model import Action, Workload
 from ringfence.policy import CompiledRule, Peer, Policy
 from ringfence.selectors import evaluate
 from ringfence.services import PortRange
+from ringfence.textsafe import line
 
 if TYPE_CHECKING:  # the compiler (bundles, sets) is not needed to compute the matrix from an inventory
     from ringfence.engine.compiler import WorkloadState
@@ -742,7 +743,8 @@ def write_text(matrix: Matrix, write: Callable[[str], object], workloads: bool =
     """One line per allowed group (or workload) pair; a pair allowed by more than three rules names
     its rule set (``R4``), and the sets are listed once at the end."""
     names, number, rule_ids, rule_set_of, rule_sets = _tables(matrix)
-    label = [group_name(k) for k in names]
+    # group names and ids come from tags: shown escaped, one pair per line whatever they hold
+    label = [line(group_name(k)) for k in names]
     shown: dict[int, int] = {}  # rule set → its number in this output, in order of first use
 
     def rules_text(e: Edge) -> str:
@@ -759,7 +761,7 @@ def write_text(matrix: Matrix, write: Callable[[str], object], workloads: bool =
             rows += 1
             continue
         dst = sorted(matrix.groups[e.destination])
-        lines = [f"{a}  →  {b}{tail}" for a in sorted(matrix.groups[e.source]) for b in dst if a != b]
+        lines = [f"{line(a)}  →  {line(b)}{tail}" for a in sorted(matrix.groups[e.source]) for b in dst if a != b]
         rows += len(lines)
         write("".join(lines))
     for rule_set, k in shown.items():

@@ -23,6 +23,7 @@ from ringfence.engine.compiler import WorkloadState
 from ringfence.model import Action, Mode, Workload
 from ringfence.policy import ACTION_RANK, CompiledRule, Peer, Policy
 from ringfence.selectors import matcher
+from ringfence.textsafe import line as one_line
 
 Verdict = Literal["allow", "deny", "would-deny"]
 
@@ -254,13 +255,13 @@ def _decide(policy: Policy, src: Endpoint, dst: Endpoint, proto: str, port: int 
 
 def format_decision(d: Decision) -> str:
     lines = [
-        f"{d.source.name} → {d.destination.name} {d.proto}/{d.port if d.port is not None else '*'}: {d.verdict.upper()}"
+        f"{one_line(d.source.name)} → {one_line(d.destination.name)} {d.proto}/{d.port if d.port is not None else '*'}: {d.verdict.upper()}"
     ]
     if not d.sides:
         lines.append("  neither end is a managed workload: Ringfence filters nothing here")
     for s in d.sides:
         mode = "quarantined" if s.endpoint.quarantined else (s.endpoint.mode.value if s.endpoint.mode else "-")
-        head = f"  {s.direction} on {s.endpoint.name} ({mode}): {s.effective}"
+        head = f"  {s.direction} on {one_line(s.endpoint.name)} ({mode}): {s.effective}"
         if s.failsafe:
             head += f" — fail-safe: {s.failsafe}"
         elif s.deciding is not None:
