@@ -60,6 +60,14 @@ def _script_safe(text: str) -> str:
     return text.replace("</", "<\\/")
 
 
+def _data_safe(data: str) -> str:
+    """JSON for inside ``<script>``, with no ``<``, ``>`` nor ``&``: JSON's ``\\u`` escapes read back
+    as the same string. The HTML parser reads a script's text before JavaScript does, and
+    ``<!--<script>`` in a tag value would make it run past this script's ``</script>`` (the page's
+    scripts never run, the map stays blank); ``</`` would end it early."""
+    return data.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
 def to_html(m: DependencyMap, title: str = "Ringfence: application dependency map") -> str:
     page = _asset("map.html")
     data = json.dumps(m.to_json(), sort_keys=True)
@@ -67,7 +75,7 @@ def to_html(m: DependencyMap, title: str = "Ringfence: application dependency ma
         page.replace("__TITLE__", html.escape(title))
         .replace("/*__CYTOSCAPE__*/", _script_safe(_asset("vendor/cytoscape.min.js")))
         .replace("/*__DAGRE__*/", _script_safe(_asset("vendor/cytoscape-dagre.min.js")))
-        .replace("/*__DATA__*/null", _script_safe(data))
+        .replace("/*__DATA__*/null", _data_safe(data))
     )
 
 
