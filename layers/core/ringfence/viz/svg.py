@@ -19,6 +19,7 @@ label is XML-escaped text.
 from __future__ import annotations
 
 import functools
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from xml.sax.saxutils import escape
@@ -34,9 +35,15 @@ PORTS_SHOWN = 3
 LEGEND_H = 44.0
 
 
+# what XML 1.0 cannot hold at all, not even as a character reference (C0 but tab, newline and
+# carriage return; surrogates; U+FFFE, U+FFFF): one in a label would make the file no SVG
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
 def _a(text: object) -> str:
-    """An attribute value or text node, escaped (quotes too)."""
-    return escape(str(text), {'"': "&quot;"})
+    """An attribute value or text node, escaped (quotes too); a character XML cannot hold is
+    shown as U+FFFD."""
+    return escape(_NOT_XML.sub("\ufffd", str(text)), {'"': "&quot;"})
 
 
 @dataclass(slots=True)
