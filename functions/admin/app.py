@@ -16,8 +16,9 @@ from ringfence.clouds.aws.wiring import Wiring
 from ringfence.clouds.onprem import OnPremAdmin
 from ringfence.control.wiring import Config
 from ringfence.routes.admin import admin_routes, outcome
+from ringfence.textsafe import json_line
 
-logger = Logger()
+logger = Logger(json_serializer=json_line)  # escaped: ringfence.textsafe
 tracer = Tracer()
 metrics = Metrics()
 _svc: dict[str, Any] = {}

@@ -12,8 +12,9 @@ from ringfence.clouds.aws.wiring import Wiring
 from ringfence.control.agents import AgentApi
 from ringfence.control.wiring import Config
 from ringfence.routes.agent import agent_routes, outcome
+from ringfence.textsafe import json_line
 
-logger = Logger()
+logger = Logger(json_serializer=json_line)  # escaped: ringfence.textsafe
 tracer = Tracer()
 metrics = Metrics()
 _svc: dict[str, AgentApi] = {}

@@ -16,8 +16,9 @@ from ringfence.clouds.aws import clients
 from ringfence.clouds.aws.anchor import Anchorer
 from ringfence.control.wiring import Config
 from ringfence.store.dynamodb import DynamoStore
+from ringfence.textsafe import json_line
 
-logger = Logger()
+logger = Logger(json_serializer=json_line)  # escaped: ringfence.textsafe
 tracer = Tracer()
 metrics = Metrics()
 _svc: dict[str, Anchorer] = {}

@@ -14,8 +14,9 @@ from ringfence.clouds.aws.wiring import Wiring
 from ringfence.clouds.azure.ingest import AzureEvents
 from ringfence.control.wiring import Config
 from ringfence.routes.azure import azure_event_routes
+from ringfence.textsafe import json_line
 
-logger = Logger()
+logger = Logger(json_serializer=json_line)  # escaped: ringfence.textsafe
 tracer = Tracer()
 metrics = Metrics()
 _svc: dict[str, AzureEvents] = {}

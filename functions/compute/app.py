@@ -22,8 +22,9 @@ from pydantic import Json
 from ringfence.clouds.aws.wiring import Wiring
 from ringfence.control.compute import Compute
 from ringfence.control.wiring import Config
+from ringfence.textsafe import json_line
 
-logger = Logger()
+logger = Logger(json_serializer=json_line)  # escaped: ringfence.textsafe
 tracer = Tracer()
 metrics = Metrics()
 _svc: dict[str, Compute] = {}

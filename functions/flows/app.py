@@ -26,8 +26,9 @@ from ringfence.clouds.aws.flowlogs import FlowObjects, FlowsResult
 from ringfence.clouds.aws.wiring import Wiring
 from ringfence.control.wiring import Config
 from ringfence.flows.ingest import FlowIngest
+from ringfence.textsafe import json_line
 
-logger = Logger()
+logger = Logger(json_serializer=json_line)  # escaped: ringfence.textsafe
 tracer = Tracer()
 metrics = Metrics()
 _wiring: Wiring | None = None

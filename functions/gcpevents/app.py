@@ -13,8 +13,9 @@ from ringfence.clouds.gcp.config import GcpConfig
 from ringfence.clouds.gcp.ingest import GcpIngest
 from ringfence.control.wiring import Config
 from ringfence.routes.gcp import gcp_event_routes
+from ringfence.textsafe import json_line
 
-logger = Logger()
+logger = Logger(json_serializer=json_line)  # escaped: ringfence.textsafe
 tracer = Tracer()
 metrics = Metrics()
 # read at cold start: a configuration that would fail open (secure tags trusted under any parent)

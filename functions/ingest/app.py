@@ -27,8 +27,9 @@ from ringfence.clouds.aws.ingest import Ingest
 from ringfence.clouds.aws.wiring import Wiring
 from ringfence.control.wiring import Config
 from ringfence.events import DomainEvent, MalformedEvent, UnservedAccount, normalize_json
+from ringfence.textsafe import json_line
 
-logger = Logger()
+logger = Logger(json_serializer=json_line)  # escaped: ringfence.textsafe
 tracer = Tracer()
 metrics = Metrics()
 processor = BatchProcessor(event_type=EventType.SQS)

@@ -32,8 +32,9 @@ from ringfence.clouds.aws.perimeter import Perimeter, PerimeterMessage
 from ringfence.clouds.aws.wiring import Wiring
 from ringfence.control.wiring import Config
 from ringfence.perimeter import PerimeterConfig
+from ringfence.textsafe import json_line
 
-logger = Logger()
+logger = Logger(json_serializer=json_line)  # escaped: ringfence.textsafe
 tracer = Tracer()
 metrics = Metrics()
 _svc: dict[str, Perimeter] = {}

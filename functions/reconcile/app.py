@@ -14,8 +14,9 @@ from ringfence.clouds.aws.reconcile import Reconcile
 from ringfence.clouds.aws.wiring import Wiring
 from ringfence.control.findings import announce
 from ringfence.control.wiring import Config
+from ringfence.textsafe import json_line
 
-logger = Logger()
+logger = Logger(json_serializer=json_line)  # escaped: ringfence.textsafe
 tracer = Tracer()
 metrics = Metrics()
 

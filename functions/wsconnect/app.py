@@ -16,8 +16,9 @@ from ringfence.clouds.aws.wiring import Wiring
 from ringfence.control.agents import AgentApi
 from ringfence.control.api import error
 from ringfence.control.wiring import Config
+from ringfence.textsafe import json_line
 
-logger = Logger()
+logger = Logger(json_serializer=json_line)  # escaped: ringfence.textsafe
 metrics = Metrics()
 _svc: dict[str, AgentApi] = {}
 

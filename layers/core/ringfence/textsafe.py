@@ -10,9 +10,11 @@ log handler writes; :func:`escape_logs` installs it.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import traceback
+from typing import Any
 
 # C0, DEL, C1; the Unicode line and paragraph separators (a line break to many viewers); the bidi
 # embeddings, overrides and isolates, which reorder what a terminal shows
@@ -78,3 +80,10 @@ def escape_logs() -> None:
         for h in getattr(lg, "handlers", ()):
             if not any(isinstance(f, LogEscape) for f in h.filters):
                 h.addFilter(LogEscape())
+
+
+def json_line(obj: Any) -> str:
+    """One JSON log record with every character outside ASCII escaped (``\\u2028``, ``\\u0085``):
+    the Lambda functions' Powertools loggers write JSON, which escapes C0 controls but, with its
+    default ``ensure_ascii=False``, writes C1 controls and the line separators raw."""
+    return json.dumps(obj, default=str, separators=(",", ":"), ensure_ascii=True)
