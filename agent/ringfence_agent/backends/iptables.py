@@ -744,8 +744,10 @@ class IptablesBackend(IptablesRenderer):
         when nobody else can write them: loaded by a forked child into a fresh network namespace
         of its own (ipset, iptables-restore, ip6tables-restore there, the jumps added first; the
         bundle ipsets empty: held() leaves them out, the rules name them only),
-        read back there with the same readers. False when the child fails (not sealed); True
-        when no bare network namespace can be made (no CAP_SYS_ADMIN): sealed as read."""
+        read back there with the same readers. False when the child fails (not sealed).
+        Without CAP_SYS_ADMIN a user namespace holds it, the agent's own uid mapped there (the
+        control-plane fail-safe names it) and CAP_NET_ADMIN CAP_NET_RAW ambient for the programs
+        (:func:`scratch.isolated`). True when neither can be made: sealed as read."""
 
         def work() -> bytes:  # in the child, in its own namespace
             if run(["ipset", "restore"], stdin=self.sets_script(plan, gen, bundle_elements=False)).returncode != 0:
@@ -758,11 +760,11 @@ class IptablesBackend(IptablesRenderer):
             return self.held({family: self._save(family) for family in (4, 6)}, gen, portable=True).encode()
 
         try:
-            return scratch.isolated(work, _SCRATCH_TIMEOUT) == held.encode()
+            return scratch.isolated(work, _SCRATCH_TIMEOUT, user_ns=True, programs=True) == held.encode()
         except scratch.Unavailable:
-            # cannot be checked on this host at all (the programs run in the namespace need
-            # CAP_NET_ADMIN there, which a user namespace does not give them: CAP_SYS_ADMIN is
-            # needed): sealed as read, as before the check (docs/agent.md says so)
+            # cannot be checked on this host at all (user namespaces refused, or root without
+            # CAP_SYS_ADMIN: uid 0 cannot be mapped into one): sealed as read, as before the
+            # check (docs/agent.md says so)
             return True
 
     def _commit(self, plan: Plan) -> str:

@@ -742,10 +742,12 @@ class NftBackend(NftRenderer):
             return json.dumps([want, digests]).encode()
 
         try:
-            # libnftables runs in the child itself: a user namespace serves when CAP_SYS_ADMIN is
-            # not there (the nft binary, executed, would run there without CAP_NET_ADMIN)
+            # a user namespace serves when CAP_SYS_ADMIN is not there (the nft binary, executed
+            # without the library, keeps CAP_NET_ADMIN there as an ambient capability)
             lib = self.lib
-            out = scratch.isolated(work, LISTING_TIMEOUT, lib.listing_pids if lib else None, user_ns=lib is not None)
+            out = scratch.isolated(
+                work, LISTING_TIMEOUT, lib.listing_pids if lib else None, user_ns=True, programs=lib is None
+            )
         except scratch.Unavailable:
             # cannot be checked on this host at all: sealed as read, as before the check (a rule
             # inserted in the window between commit and read-back is then sealed: docs/agent.md)
