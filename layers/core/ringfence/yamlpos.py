@@ -62,6 +62,7 @@ STR_TAG = "tag:yaml.org,2002:str"
 MAP_TAG = "tag:yaml.org,2002:map"
 SEQ_TAG = "tag:yaml.org,2002:seq"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_BINARY_TAG = "tag:yaml.org,2002:binary"
 
 
 def load(text: str) -> Located:
@@ -115,7 +116,11 @@ def syntax_error(exc: yaml.YAMLError, text: str) -> YamlError:
 
 
 def too_many(line: int, column: int) -> YamlError:
-    return YamlError(f"document expands to more than {MAX_NODES} values (aliases?)", line, column)
+    return YamlError(
+        f"document expands to more than {MAX_NODES:,} values (a file this large, or aliases repeating parts of it)",
+        line,
+        column,
+    )
 
 
 def too_deep(line: int, column: int) -> YamlError:
@@ -150,12 +155,20 @@ def scalar_value(constructor: yaml.constructor.SafeConstructor, node: yaml.Scala
     line, col = node.start_mark.line + 1, node.start_mark.column + 1
     if node.tag == _MERGE_TAG:
         raise YamlError("merge keys (<<) are not supported: write the keys out", line, col)
+    if node.tag == _BINARY_TAG:  # bytes, which every field would read as their repr: refused as !!set is
+        raise YamlError(f"tag {_short(node.tag)} is not supported here", line, col)
     try:
         return constructor.construct_object(node, deep=True)
     except yaml.constructor.ConstructorError as exc:
         raise YamlError(f"YAML: {exc.problem}", line, col) from None
     except Exception:  # e.g. `!!int abc`, `!!int ""`: the constructor's own parsing failed on the text
-        raise YamlError(f"{node.value!r} is not a valid {_short(node.tag)}", line, col) from None
+        raise YamlError(f"{_clipped(node.value)} is not a valid {_short(node.tag)}", line, col) from None
+
+
+def _clipped(text: str, most: int = 60) -> str:
+    """``text`` quoted, cut to its first ``most`` characters when longer (a 100,000-digit number
+    is named, not echoed)."""
+    return repr(text) if len(text) <= most else f"{text[:most]!r}… ({len(text):,} characters)"
 
 
 def _short(tag: str) -> str:
