@@ -1,5 +1,6 @@
 """A real ``ringfence-agent run`` in a lab namespace, fed one bundle from a static source directory
-(no control plane): what the attack tests on the daemon's kernel reads start from."""
+(no control plane): what the attack tests on the daemon's kernel reads start from; and the
+configuration and start of the boot tests' daemon (test_agent_boot_*.py)."""
 
 from __future__ import annotations
 
@@ -55,3 +56,34 @@ def running_daemon(net: NetLab, tmp_path: Path, doc: Bundle, host: str = "h2", *
         yield Daemon(proc, state, log)
     finally:
         net.kill(proc, 15)
+
+
+def boot_config(net: NetLab, work: Path, state: Path, **settings: Any) -> dict[str, Any]:
+    """The configuration of the boot tests' daemon in h2: nftables over the empty static source
+    ``work/src`` (made here), polled every second, the admin host ``adm`` admitted to tcp/22;
+    ``settings`` override or add to it."""
+    (work / "src").mkdir(exist_ok=True)
+    return {
+        "workload_id": "h2",
+        "public_key": str(PUBLIC_KEY),
+        "state_dir": str(state),
+        "backend": "nftables",
+        "source": str(work / "src"),
+        "poll_interval": 1,
+        "observe_interval": 1,
+        "backoff_max": 1,
+        "dhcp": False,
+        "admin_cidrs": [f"{net.v4('adm')}/32"],
+        "admin_ports": ["tcp/22"],
+        **settings,
+    }
+
+
+def spawn_daemon(
+    net: NetLab, work: Path, cfg_file: Path, *more: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[Any], Path]:
+    """``ringfence-agent run --config cfg_file more...`` in h2, its stderr in ``work/agent.log``:
+    the process and its log (the lab kills it on close)."""
+    log = work / "agent.log"
+    daemon = net.spawn("h2", str(AGENT), "run", "--config", str(cfg_file), *more, stderr=log.open("w"), env=env)
+    return daemon, log

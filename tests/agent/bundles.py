@@ -126,6 +126,12 @@ class Lab:
         return out
 
 
+def apply_flags(backend: str, state: Path, key: Path = PUBLIC_KEY) -> list[str]:
+    """What a test's ``ringfence-agent apply`` / ``apply-delta`` is told besides its documents:
+    the key to verify them with, the backend and the state directory."""
+    return ["--public-key", str(key), "--backend", backend, "--state-dir", str(state)]
+
+
 def write(doc: bundle.Document | wire.Document, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(wire.dumps(doc) if isinstance(doc, wire.Bundle | wire.SetDelta) else bundle.dumps(doc))

@@ -30,11 +30,12 @@ from typing import Any
 
 import pytest
 
-from ringfence.local.lab import AGENT, wait_until
 from ringfence.local.lab import Lab as NetLab
 from ringfence.local.lab import Probe as P
+from ringfence.local.lab import wait_until
 from ringfence_agent.daemon import STOP_GRACE_S
 from tests.agent import dataplane
+from tests.agent.agentdaemon import boot_config, spawn_daemon
 from tests.agent.bundles import LAB_POLICY, PUBLIC_KEY, Lab, workloads, write
 
 pytestmark = pytest.mark.dataplane
@@ -55,52 +56,25 @@ time.sleep(3600)
 
 @pytest.fixture(scope="module")
 def net() -> Iterator[NetLab]:
-    lab = NetLab(HOSTS)
-    etc = Path("/etc/netns") / lab.ns("h2")
-    try:
-        lab.serve("h2", tcp=[22, 8080])
-        # takes every query, answers none (glibc waits timeout × attempts per query)
-        resolver = lab.spawn("dns", sys.executable, "-c", SILENT_RESOLVER, stdout=subprocess.PIPE)
-        assert resolver.stdout is not None and resolver.stdout.readline().strip() == "ready"
-        etc.mkdir(parents=True, exist_ok=True)
-        (etc / "hosts").write_text("127.0.0.1 localhost\n")
-        (etc / "resolv.conf").write_text(f"nameserver {lab.v4('dns')}\noptions timeout:5 attempts:3\n")
-        yield lab
-    finally:
-        lab.close()
-        shutil.rmtree(etc, ignore_errors=True)
+    with dataplane.lab(HOSTS, {"h2": [22, 8080]}) as lab:
+        etc = Path("/etc/netns") / lab.ns("h2")
+        try:
+            # takes every query, answers none (glibc waits timeout × attempts per query)
+            resolver = lab.spawn("dns", sys.executable, "-c", SILENT_RESOLVER, stdout=subprocess.PIPE)
+            assert resolver.stdout is not None and resolver.stdout.readline().strip() == "ready"
+            etc.mkdir(parents=True, exist_ok=True)
+            (etc / "hosts").write_text("127.0.0.1 localhost\n")
+            (etc / "resolv.conf").write_text(f"nameserver {lab.v4('dns')}\noptions timeout:5 attempts:3\n")
+            yield lab
+        finally:
+            shutil.rmtree(etc, ignore_errors=True)
 
 
-@pytest.fixture(autouse=True)
-def clean(net: NetLab) -> Iterator[None]:
-    net.reset("h2")
-    yield
-    net.reset("h2")
+clean = dataplane.reset_fixture("h2")
 
 
 def config(net: NetLab, work: Path, state: Path, **extra: Any) -> dict[str, Any]:
-    (work / "src").mkdir(exist_ok=True)
-    return {
-        "workload_id": "h2",
-        "public_key": str(PUBLIC_KEY),
-        "state_dir": str(state),
-        "backend": "nftables",
-        "source": str(work / "src"),
-        "poll_interval": 1,
-        "observe_interval": 1,
-        "backoff_max": 1,
-        "request_timeout": 2,
-        "dhcp": False,
-        "admin_cidrs": [f"{net.v4('adm')}/32"],
-        "admin_ports": ["tcp/22"],
-        **extra,
-    }
-
-
-def spawn(net: NetLab, work: Path, cfg_file: Path, *more: str, env: dict[str, str] | None = None) -> tuple[Any, Path]:
-    log = work / "agent.log"
-    daemon = net.spawn("h2", str(AGENT), "run", "--config", str(cfg_file), *more, stderr=log.open("w"), env=env)
-    return daemon, log
+    return boot_config(net, work, state, **{"request_timeout": 2, **extra})
 
 
 def posture_held(net: NetLab) -> bool:
@@ -131,7 +105,9 @@ def test_a_resolver_that_never_answers_does_not_hold_ready_or_the_rules(net: Net
         sock.bind(str(sockdir / "notify"))
         sock.settimeout(60)
         started = time.monotonic()
-        daemon, log = spawn(net, tmp_path, tmp_path / "agent.json", env={"NOTIFY_SOCKET": str(sockdir / "notify")})
+        daemon, log = spawn_daemon(
+            net, tmp_path, tmp_path / "agent.json", env={"NOTIFY_SOCKET": str(sockdir / "notify")}
+        )
         message = sock.recv(4096).decode()
         took = time.monotonic() - started
         ruleset = net.exec("h2", "nft", "list", "table", "inet", "ringfence")
@@ -200,7 +176,7 @@ def test_a_config_that_does_not_load_enforces_the_last_good_and_starts_over_once
     good = json.dumps(config(net, tmp_path, state))
     cfg_file.write_text(good)
     write(lab_engine(net).bundle("h2"), tmp_path / "src" / "bundles" / "h2.json")
-    daemon, log = spawn(net, tmp_path, cfg_file)
+    daemon, log = spawn_daemon(net, tmp_path, cfg_file)
     try:
         assert wait_until(lambda: lkg_enforced(net), 15), log.read_text()
     finally:
@@ -209,7 +185,7 @@ def test_a_config_that_does_not_load_enforces_the_last_good_and_starts_over_once
     net.reset("h2")  # the reboot
     assert net.tcp("h3", "h2", 8080), "the reboot left rules behind"
     break_config(cfg_file, broken)
-    daemon, log = spawn(net, tmp_path, cfg_file, "--state-dir", str(state))
+    daemon, log = spawn_daemon(net, tmp_path, cfg_file, "--state-dir", str(state))
     try:
         assert wait_until(lambda: "re-applied last known good" in log.read_text(), 15), log.read_text()
         assert lkg_enforced(net) and net.tcp("adm", "h2", 22), log.read_text()
@@ -239,7 +215,7 @@ def test_a_config_that_never_loaded_holds_the_failsafe_posture(net: NetLab, tmp_
     cfg_file.write_text("{}")
     break_config(cfg_file, broken)
     assert net.tcp("h3", "h2", 8080), "open before the agent starts"
-    daemon, log = spawn(net, tmp_path, cfg_file, "--state-dir", str(state))
+    daemon, log = spawn_daemon(net, tmp_path, cfg_file, "--state-dir", str(state))
     try:
         assert wait_until(lambda: "holding the fail-safe posture" in log.read_text(), 15), log.read_text()
         # the config error (which names the posture) is logged before the posture is applied

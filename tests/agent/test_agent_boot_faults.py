@@ -25,10 +25,11 @@ from typing import Any
 
 import pytest
 
-from ringfence.local.lab import AGENT, sh, wait_until
 from ringfence.local.lab import Lab as NetLab
+from ringfence.local.lab import sh, wait_until
 from ringfence.model import Workload
 from tests.agent import dataplane
+from tests.agent.agentdaemon import boot_config, spawn_daemon
 from tests.agent.bundles import LAB_POLICY, PUBLIC_KEY, Lab, workloads, write
 from tests.systemdunit import service
 
@@ -41,21 +42,8 @@ ROLES = {"h1": "client", "h2": "web", "h3": "db", "h4": "other"}
 UNIT = Path(__file__).resolve().parents[2] / "agent" / "packaging" / "ringfence-agent.service"
 
 
-@pytest.fixture(scope="module")
-def net() -> Iterator[NetLab]:
-    lab = NetLab(HOSTS)
-    try:
-        lab.serve("h2", tcp=[22, 8080])
-        yield lab
-    finally:
-        lab.close()
-
-
-@pytest.fixture(autouse=True)
-def clean(net: NetLab) -> Iterator[None]:
-    net.reset("h2")
-    yield
-    net.reset("h2")
+net = dataplane.lab_fixture(HOSTS, {"h2": [22, 8080]})
+clean = dataplane.reset_fixture("h2")
 
 
 def lab_engine(net: NetLab) -> Lab:
@@ -89,27 +77,11 @@ def seed(net: NetLab, state: Path, work: Path, key: Path = PUBLIC_KEY, delta: bo
 
 def start(net: NetLab, work: Path, state: Path, env: dict[str, str] | None = None, **extra: Any) -> tuple[Any, Path]:
     """The daemon in h2 over an empty static source (the control plane is out of reach)."""
-    (work / "src").mkdir(exist_ok=True)
-    cfg = {
-        "workload_id": "h2",
-        "public_key": str(PUBLIC_KEY),
-        "state_dir": str(state),
-        "backend": "nftables",
-        "source": str(work / "src"),
-        "poll_interval": 1,
-        "observe_interval": 1,
-        "backoff_max": 1,
-        "dhcp": False,
-        "admin_cidrs": [f"{net.v4('adm')}/32"],
-        "admin_ports": ["tcp/22"],
-        **extra,
-    }
+    cfg = boot_config(net, work, state, **extra)
     if "api_url" in extra:
         del cfg["source"]
     (work / "agent.json").write_text(json.dumps(cfg))
-    log = work / "agent.log"
-    daemon = net.spawn("h2", str(AGENT), "run", "--config", str(work / "agent.json"), stderr=log.open("w"), env=env)
-    return daemon, log
+    return spawn_daemon(net, work, work / "agent.json", env=env)
 
 
 def lkg_enforced(net: NetLab, h4_client: bool = False) -> bool:

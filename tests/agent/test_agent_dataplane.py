@@ -33,6 +33,7 @@ from tests.agent.bundles import (
     PRECEDENCE_POLICY,
     PUBLIC_KEY,
     Lab,
+    apply_flags,
     forge,
     key,
     resign,
@@ -53,34 +54,9 @@ ROLES = {"h1": "client", "h2": "web", "h3": "db", "h4": "other"}
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.fixture(scope="module")
-def net() -> Iterator[NetLab]:
-    lab = NetLab(HOSTS)
-    try:
-        lab.serve("h2", tcp=[22, 8080, 5432], udp=[5353])
-        lab.serve("h3", tcp=[5432], udp=[53])
-        lab.serve("h4", tcp=[8080])
-        yield lab
-    finally:
-        lab.close()
-
-
-@pytest.fixture(scope="module", params=["nftables", "iptables"])
-def backend(request: pytest.FixtureRequest) -> str:
-    if (
-        request.param == "iptables"
-        and subprocess.run(["which", "iptables-restore", "ipset"], capture_output=True).returncode
-    ):
-        if os.environ.get("CI") == "true":
-            pytest.fail("iptables/ipset missing in CI (make sysdeps)")
-        pytest.skip("iptables-restore / ipset not installed")
-    return str(request.param)
-
-
-@pytest.fixture(autouse=True)
-def clean(net: NetLab) -> Iterator[None]:
-    net.reset("h2")  # the only host the tests program
-    yield
+net = dataplane.lab_fixture(HOSTS, {"h2": [22, 8080, 5432], "h3": [5432], "h4": [8080]}, udp={"h2": [5353], "h3": [53]})
+backend = dataplane.backend_fixture()
+clean = dataplane.reset_fixture("h2", after=False)  # the only host the tests program
 
 
 def lab_engine(net: NetLab, policy: str = LAB_POLICY, extra: dict[str, str] | None = None) -> Lab:
@@ -92,28 +68,14 @@ def apply(
     net: NetLab, backend: str, doc: Bundle, state: Path, host: str = "h2", env: Sequence[str] = ()
 ) -> subprocess.CompletedProcess[str]:
     path = write(doc, state.parent / f"bundle-{doc.workload_id}-{doc.version}-{time.monotonic_ns()}.json")
-    return net.agent(
-        host,
-        "apply",
-        "--bundle",
-        str(path),
-        "--public-key",
-        str(PUBLIC_KEY),
-        "--backend",
-        backend,
-        "--state-dir",
-        str(state),
-        env=env,
-    )
+    return net.agent(host, "apply", "--bundle", str(path), *apply_flags(backend, state), env=env)
 
 
 def apply_delta(net: NetLab, backend: str, deltas: list[SetDelta], state: Path) -> subprocess.CompletedProcess[str]:
     args: list[str] = []
     for i, d in enumerate(deltas):
         args += ["--delta", str(write(d, state.parent / f"delta-{i}-{time.monotonic_ns()}.json"))]
-    return net.agent(
-        "h2", "apply-delta", *args, "--public-key", str(PUBLIC_KEY), "--backend", backend, "--state-dir", str(state)
-    )
+    return net.agent("h2", "apply-delta", *args, *apply_flags(backend, state))
 
 
 def ok(proc: subprocess.CompletedProcess[str]) -> str:
@@ -377,12 +339,7 @@ def test_admin_range_is_never_locked_out(net: NetLab, backend: str, tmp_path: Pa
             "apply",
             "--bundle",
             str(path),
-            "--public-key",
-            str(PUBLIC_KEY),
-            "--backend",
-            backend,
-            "--state-dir",
-            str(tmp_path / "state"),
+            *apply_flags(backend, tmp_path / "state"),
             "--admin-cidr",
             f"{net.v4('adm')}/32",
         )

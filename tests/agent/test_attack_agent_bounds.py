@@ -19,7 +19,7 @@ from ringfence.agentwire import API_PREFIX
 from ringfence_agent.backends import ApplyError
 from ringfence_agent.config import ConfigError, load_config
 from ringfence_agent.sources import MAX_ANSWER_BYTES, MAX_BUNDLE_BYTES
-from tests.agent.bundles import GOLDEN, PUBLIC_KEY, policy_head, resign, write
+from tests.agent.bundles import GOLDEN, PUBLIC_KEY, apply_flags, policy_head, resign, write
 from tests.agent.test_agent_state import bundle
 
 # the real CLI in a fresh interpreter; on exit it writes its peak resident set (VmHWM, KiB: not
@@ -163,15 +163,7 @@ def test_attack_a_bundle_widening_failsafes_to_everything_is_refused_by_the_agen
         proc = subprocess.run(
             [
                 str(Path(sys.executable).parent / "ringfence-agent"),
-                "apply",
-                "--bundle",
-                str(path),
-                "--public-key",
-                str(PUBLIC_KEY),
-                "--backend",
-                "dry-run",
-                "--state-dir",
-                str(tmp_path / f"st-{i}"),
+                *("apply", "--bundle", str(path), *apply_flags("dry-run", tmp_path / f"st-{i}")),
             ],
             capture_output=True,
             text=True,

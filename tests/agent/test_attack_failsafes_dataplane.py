@@ -6,7 +6,6 @@ while the control-plane fail-safe opens the control plane's port only, and only 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -32,31 +31,10 @@ RINGFENCE = str(Path(sys.executable).parent / "ringfence")
 CP_NAME = "cp.ringfence-lab.test"  # the control plane's host name, as API Gateway's is one
 
 
-@pytest.fixture(scope="module")
-def net() -> Iterator[NetLab]:
-    lab = NetLab(HOSTS)
-    try:
-        lab.serve("h2", tcp=[22, 3389, 8080])
-        lab.serve("cp", tcp=[8080])  # a port of the control plane's host that is not the control plane
-        yield lab
-    finally:
-        lab.close()
-
-
-@pytest.fixture(scope="module", params=["nftables", "iptables"])
-def backend(request: pytest.FixtureRequest) -> str:
-    if request.param == "iptables" and (shutil.which("iptables-restore") is None or shutil.which("ipset") is None):
-        if os.environ.get("CI") == "true":
-            pytest.fail("iptables/ipset missing in CI (make sysdeps)")
-        pytest.skip("iptables-restore / ipset not installed")
-    return str(request.param)
-
-
-@pytest.fixture(autouse=True)
-def clean(net: NetLab) -> Iterator[None]:
-    net.reset("h2")
-    yield
-    net.reset("h2")
+# cp: a port of the control plane's host that is not the control plane
+net = dataplane.lab_fixture(HOSTS, {"h2": [22, 3389, 8080], "cp": [8080]})
+backend = dataplane.backend_fixture()
+clean = dataplane.reset_fixture("h2")
 
 
 def lab_engine(net: NetLab) -> Lab:

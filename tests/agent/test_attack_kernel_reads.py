@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,6 @@ from tests.agent.test_attack_kernel_truth import (
     _apply,
     _engine,
     _intact,
-    _iptables_or_skip,
     _reported_and_reapplied,
     _status,
 )
@@ -41,24 +39,8 @@ NFRAW = str(Path(__file__).with_name("nfraw.py"))
 INSERT = ("nft", "insert", "rule", "inet", "ringfence", "input")  # a rule at the head of the input chain
 
 
-@pytest.fixture(scope="module")
-def net() -> Iterator[NetLab]:
-    lab = NetLab(HOSTS)
-    try:
-        lab.serve("h2", tcp=[22, 8080])
-        lab.serve("cp", tcp=[443, 8080])
-        yield lab
-    finally:
-        lab.close()
-
-
-@pytest.fixture(autouse=True)
-def clean(net: NetLab) -> Iterator[None]:
-    net.reset("h2")
-    net.exec("h2", "nft", "delete", "table", "inet", "other")
-    yield
-    net.exec("h2", "nft", "delete", "table", "inet", "other")
-    net.reset("h2")
+net = dataplane.lab_fixture(HOSTS, {"h2": [22, 8080], "cp": [443, 8080]})
+clean = dataplane.reset_fixture("h2", tables=["inet other"])
 
 
 def _listed_rules(net: NetLab, chain: str) -> int:
@@ -90,7 +72,7 @@ def test_attack_a_rule_iptables_cannot_show_is_reported(net: NetLab, tmp_path: P
     first and the chain whole. Over netlink the first rule of INPUT must be the jump and RF-IN
     must hold what iptables-save shows; ``apply`` moves the jump first again (the hidden rule,
     now after it, decides nothing) or rebuilds the chain."""
-    _iptables_or_skip()
+    dataplane.iptables_or_skip()
     if "nf_tables" not in net.exec("h2", "iptables", "-V").stdout:
         pytest.skip("iptables-legacy: iptables-save shows every rule")
     doc = _engine(net).bundle("h2")
@@ -403,7 +385,7 @@ HEARTBEAT_READ_BACKEND = HEARTBEAT_READ.replace('make_backend("nftables", state)
 def _iptables_variant(net: NetLab, tmp_path: Path, variant: str) -> list[str]:
     """The environment that makes ``iptables*`` the ``variant`` (nft: the host's default, legacy:
     xtables-legacy); skips only where that variant is truly absent."""
-    _iptables_or_skip()
+    dataplane.iptables_or_skip()
     default = "nft" if "nf_tables" in net.exec("h2", "iptables", "-V").stdout else "legacy"
     if variant == default:
         return []
@@ -478,7 +460,7 @@ def test_an_iptables_seal_lost_its_key_or_never_written_is_applied_again(net: Ne
     """Chains without a seal (what an agent before it left: the upgrade) or whose key is lost
     never read as intact: status says so, ``apply`` programs them once and seals them, and the
     apply after that finds them intact."""
-    _iptables_or_skip()
+    dataplane.iptables_or_skip()
     doc = _engine(net).bundle("h2")
     state = tmp_path / "state"
     _apply(net, "iptables", doc, state)

@@ -7,12 +7,9 @@ Real agent, real nftables and iptables/ipset in network namespaces."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,29 +32,8 @@ HOSTS = {"h1": 1, "h2": 2, "h4": 4, "adm": 250, "cp": 100}
 ROLES = {"h1": "client", "h2": "web", "h4": "other"}
 
 
-@pytest.fixture(scope="module")
-def net() -> Iterator[NetLab]:
-    lab = NetLab(HOSTS)
-    try:
-        lab.serve("h2", tcp=[22, 8080])
-        lab.serve("cp", tcp=[443, 8080])
-        yield lab
-    finally:
-        lab.close()
-
-
-def _iptables_or_skip() -> None:
-    if shutil.which("iptables-restore") is None or shutil.which("ipset") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("iptables/ipset missing in CI (make sysdeps)")
-        pytest.skip("iptables-restore / ipset not installed")
-
-
-@pytest.fixture(autouse=True)
-def clean(net: NetLab) -> Iterator[None]:
-    net.reset("h2")
-    yield
-    net.reset("h2")
+net = dataplane.lab_fixture(HOSTS, {"h2": [22, 8080], "cp": [443, 8080]})
+clean = dataplane.reset_fixture("h2")
 
 
 def _engine(net: NetLab, policy: str = LAB_POLICY) -> Lab:
@@ -141,7 +117,7 @@ def test_attack_iptables_jump_removed_or_one_family_flushed_is_reported_and_reap
     (IPv6 open): each used to leave ``kernel_programmed`` true and the digest unchanged, and
     ``apply`` a no-op. The jump must be the first rule of INPUT/OUTPUT in both families, and a
     rule counts only if every family that should hold it does."""
-    _iptables_or_skip()
+    dataplane.iptables_or_skip()
     cmd, v6 = IPT_TAMPERS[tamper]
     doc = _engine(net).bundle("h2")
     state = tmp_path / "state"
@@ -171,7 +147,7 @@ def test_attack_a_local_user_cannot_reach_the_control_plane_through_its_failsafe
     reached cp:443): the threat model promises the agent's path only. Now only sockets of root
     (the agent's user) match it; nobody's connection is dropped like any other."""
     if backend == "iptables":
-        _iptables_or_skip()
+        dataplane.iptables_or_skip()
     doc = _engine(net, DENY_ALL_POLICY).bundle("h2")
     _apply(net, backend, doc, tmp_path / "state", "--control-plane", net.v4("cp"))
     assert _tcp_as(net, 0, "cp", 443), "the agent (root) lost its control plane"
@@ -186,7 +162,7 @@ def test_drops_says_when_the_kernel_holds_no_counters_of_the_applied_bundle(
     """``ringfence-agent drops`` printed nothing and exited 0 once Ringfence's rules were gone
     (no counters read looked like no drops); now it says so and exits 1."""
     if backend == "iptables":
-        _iptables_or_skip()
+        dataplane.iptables_or_skip()
     state = tmp_path / "state"
     _apply(net, backend, _engine(net).bundle("h2"), state)
     drops = net.agent("h2", "drops", "--state-dir", str(state), "--backend", backend)

@@ -6,9 +6,6 @@ forwards an outside host's packets into ``lo`` from a netdev ingress chain of it
 from __future__ import annotations
 
 import json
-import os
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,31 +33,9 @@ FORWARD_INTO_LO = """table netdev rf_test_fwd {{
 """
 
 
-@pytest.fixture(scope="module")
-def net() -> Iterator[NetLab]:
-    lab = NetLab(HOSTS)
-    try:
-        lab.serve("h2", tcp=[8080])
-        yield lab
-    finally:
-        lab.close()
-
-
-@pytest.fixture(scope="module", params=["nftables", "iptables"])
-def backend(request: pytest.FixtureRequest) -> str:
-    if request.param == "iptables" and (shutil.which("iptables-restore") is None or shutil.which("ipset") is None):
-        if os.environ.get("CI") == "true":
-            pytest.fail("iptables/ipset missing in CI (make sysdeps)")
-        pytest.skip("iptables-restore / ipset not installed")
-    return str(request.param)
-
-
-@pytest.fixture(autouse=True)
-def clean(net: NetLab) -> Iterator[None]:
-    net.reset("h2")
-    yield
-    net.exec("h2", "nft", "delete", "table", "netdev", "rf_test_fwd")
-    net.reset("h2")
+net = dataplane.lab_fixture(HOSTS, {"h2": [8080]})
+backend = dataplane.backend_fixture()
+clean = dataplane.reset_fixture("h2", tables=["netdev rf_test_fwd"])
 
 
 def test_attack_outside_traffic_forwarded_into_lo_is_not_admitted_by_the_loopback_failsafe(

@@ -16,7 +16,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,21 +36,8 @@ HOSTS = {"h1": 1, "h2": 2, "h4": 4, "adm": 250, "cp": 100}
 ROLES = {"h1": "client", "h2": "web", "h4": "other"}
 
 
-@pytest.fixture(scope="module")
-def net() -> Iterator[NetLab]:
-    lab = NetLab(HOSTS)
-    try:
-        lab.serve("h2", tcp=[22, 8080])
-        yield lab
-    finally:
-        lab.close()
-
-
-@pytest.fixture(autouse=True)
-def clean(net: NetLab) -> Iterator[None]:
-    net.reset("h2")
-    yield
-    net.reset("h2")
+net = dataplane.lab_fixture(HOSTS, {"h2": [22, 8080]})
+clean = dataplane.reset_fixture("h2")
 
 
 # The real backend, applying the lab's bundle with the real state directory; between its commit

@@ -12,7 +12,6 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,7 +31,6 @@ from tests.agent.test_attack_kernel_truth import (
     _apply,
     _engine,
     _intact,
-    _iptables_or_skip,
     _reported_and_reapplied,
 )
 
@@ -60,22 +58,8 @@ print(json.dumps(agent.enforced_state()[1]))
 """
 
 
-@pytest.fixture(scope="module")
-def net() -> Iterator[NetLab]:
-    lab = NetLab(HOSTS)
-    try:
-        lab.serve("h2", tcp=[22, 8080, 9090])
-        lab.serve("cp", tcp=[443, 8080])
-        yield lab
-    finally:
-        lab.close()
-
-
-@pytest.fixture(autouse=True)
-def clean(net: NetLab) -> Iterator[None]:
-    net.reset("h2")
-    yield
-    net.reset("h2")
+net = dataplane.lab_fixture(HOSTS, {"h2": [22, 8080, 9090], "cp": [443, 8080]})
+clean = dataplane.reset_fixture("h2")
 
 
 def _v2(net: NetLab) -> Bundle:
@@ -113,7 +97,7 @@ def _replay(net: NetLab, saved: list[str], backend: str = "nftables") -> None:
 
 def _backend_or_skip(backend: str) -> None:
     if backend == "iptables":
-        _iptables_or_skip()
+        dataplane.iptables_or_skip()
 
 
 def _heartbeat(net: NetLab, state: Path, backend: str = "nftables") -> str | None:
