@@ -21,7 +21,7 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,28 @@ def read_regular(path: Path, limit: int) -> bytes:
 def atomic_write(path: Path, data: str | bytes, mode: int = 0o600, durable: bool = True) -> None:
     """Write to a temporary file in the same directory, fsync, rename over, fsync the directory.
     ``durable=False`` skips the fsyncs (still atomic; may be lost in a power cut): for status."""
+    with _staged(path, data, mode, durable) as tmp:
+        os.replace(tmp, path)
+    if durable:
+        _fsync_directory(path.parent)
+
+
+def atomic_create(path: Path, data: str | bytes, mode: int = 0o600) -> bool:
+    """As :func:`atomic_write` (durable), but only where no file is: linked, not renamed, so it
+    never replaces one. False, and nothing written, when ``path`` exists (whoever made it)."""
+    with _staged(path, data, mode, True) as tmp:
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+    _fsync_directory(path.parent)
+    return True
+
+
+@contextlib.contextmanager
+def _staged(path: Path, data: str | bytes, mode: int, durable: bool) -> Iterator[str]:
+    """A temporary file beside ``path`` holding ``data`` (fsynced if ``durable``), removed on
+    leaving unless it was renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -69,14 +91,15 @@ def atomic_write(path: Path, data: str | bytes, mode: int = 0o600, durable: bool
             if durable:
                 os.fsync(f.fileno())
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
+        yield tmp
+    finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
-    if not durable:
-        return
-    dfd = os.open(path.parent, os.O_RDONLY)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """The directory's entries (a rename, a link) survive a power cut once this returns."""
+    dfd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dfd)
     finally:

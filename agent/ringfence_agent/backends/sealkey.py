@@ -15,10 +15,9 @@ import contextlib
 import hashlib
 import hmac
 import os
-import tempfile
 from pathlib import Path
 
-from ringfence_agent.state import atomic_write, read_regular
+from ringfence_agent.state import atomic_create, atomic_write, read_regular
 
 SEAL_KEY_FILE = "seal.key"
 SEAL_RECORD_FILE = "seal.last"  # the nonce of the last whole apply's seal (hex)
@@ -63,28 +62,14 @@ class SealKey:
     def _create(path: Path) -> bytes:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         key = os.urandom(32)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mode 0600
+        line = key.hex() + "\n"
+        if atomic_create(path, line, mode=0o600):
+            return key
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(key.hex().encode() + b"\n")
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                try:
-                    return _parse_key(read_regular(path, 256))  # another process made it first: its key
-                except (OSError, ValueError):
-                    os.replace(tmp, path)  # none usable there (appliers hold the state lock): replaced
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-        return key
+            return _parse_key(read_regular(path, 256))  # another process made it first: its key
+        except (OSError, ValueError):
+            atomic_write(path, line, mode=0o600)  # none usable there (appliers hold the state lock): replaced
+            return key
 
     def recorded(self) -> str | None:
         """The nonce of the last whole apply's seal: this process's own when ``seal.last`` could

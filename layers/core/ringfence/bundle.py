@@ -15,9 +15,7 @@ the highest revision it has applied and refuses anything older.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Literal, TypeVar, overload
@@ -28,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from ringfence import bundlewire as wire
+from ringfence import durable
 from ringfence.addresses import V4, format_prefix, parse_prefix
 from ringfence.bundlewire import BUNDLE_FORMAT as BUNDLE_FORMAT
 from ringfence.bundlewire import DEFAULT_TTL as DEFAULT_TTL
@@ -234,33 +233,12 @@ class SigningKey:
         """Both files, each written whole or not at all (a temporary file, fsynced, renamed into
         place, the directory fsynced): a crash or power loss never leaves an empty or partial key.
         The public key first: a private key present is always one whose public key is written."""
-        _write_durably(public_path, self.public_pem(), 0o644)
-        _write_durably(private_path, self.private_pem(), 0o600)
+        durable.replace(public_path, self.public_pem(), 0o644)
+        durable.replace(private_path, self.private_pem(), 0o600)
 
     def write_public(self, public_path: Path) -> None:
         """The public key alone, written whole or not at all as :meth:`write` writes it."""
-        _write_durably(public_path, self.public_pem(), 0o644)
-
-
-def _write_durably(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)  # whatever the umask
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    d = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(d)  # the rename itself survives a power loss
-    finally:
-        os.close(d)
+        durable.replace(public_path, self.public_pem(), 0o644)
 
 
 def manifest(doc: Document, key_id: str) -> bytes:

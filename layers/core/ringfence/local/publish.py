@@ -13,11 +13,10 @@ counts as the state directory unavailable and answers 503, whatever its errno.
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
+from ringfence import durable
 from ringfence.control.publish import Publisher
 from ringfence.store.failure import ObjectsUnwritable
 
@@ -62,48 +61,13 @@ class FilePublisher(Publisher):
         path = self.path(key)
         with _writing():
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(body)
-                    if self.fsync:
-                        f.flush()
-                        os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-                raise
-            if self.fsync:  # the rename itself survives power loss once the directory is synced
-                dfd = os.open(path.parent, os.O_RDONLY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
+            durable.replace(path, body, 0o600, sync=self.fsync)
 
     def _create(self, key: str, body: bytes, content_type: str) -> bool:
         path = self.path(key)
         with _writing():
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(body)
-                    f.flush()
-                    os.fsync(f.fileno())
-                try:
-                    os.link(tmp, path)  # whole bytes, and only where no file is (rename would replace one)
-                except FileExistsError:
-                    return False
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-            dfd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-            return True
+            return durable.create(path, body, 0o600)  # always synced: a link never replaces a file
 
     def get(self, key: str) -> bytes:
         return self.path(key).read_bytes()

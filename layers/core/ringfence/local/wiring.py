@@ -24,7 +24,6 @@ a killed process is redone.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import logging
 import os
@@ -35,6 +34,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
+from ringfence import durable
 from ringfence.bundle import Signer, SigningKey
 from ringfence.control.compute import Compute, ComputeStats
 from ringfence.control.wiring import BaseWiring, Config, Metric, no_metric
@@ -466,7 +466,7 @@ def pin_public_key(state_dir: Path, signer: Signer, source: str) -> None:
         held = None
     if held == want:
         return
-    _write_public(public, want)
+    durable.replace(public, want, 0o644)  # never half a key; a signer process has no SigningKey here
     log.warning(
         "%s %s: it now holds the public key of %s (key id %s); agents pin it",
         "rewrote" if held is not None else "wrote",
@@ -474,29 +474,6 @@ def pin_public_key(state_dir: Path, signer: Signer, source: str) -> None:
         source,
         signer.key_id,
     )
-
-
-def _write_public(path: Path, pem: bytes) -> None:
-    """Whole or not at all, as SigningKey.write_public (a signer process has no SigningKey here):
-    a temporary file, fsynced, renamed, the directory fsynced; mode 644."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)  # whatever the umask
-            f.write(pem)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    d = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(d)  # the rename itself survives a power loss
-    finally:
-        os.close(d)
 
 
 def own_signing_key(state_dir: Path) -> SigningKey:

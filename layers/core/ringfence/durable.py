@@ -1,0 +1,66 @@
+"""Files written whole or not at all: the bytes go to a temporary file beside the target
+(``.tmp-…``, exclusive, never through a symlink), are fsynced, and only then take the target's
+name, after which the directory is fsynced so that the name itself survives a power loss. A
+reader, or a restart after ``kill -9`` or a power cut, sees the whole file or none (or the one it
+replaced), never an empty or partial one.
+
+:func:`replace` puts the file over whatever held the name (a rename); :func:`create` only where
+no file is (a link, which never replaces: of two writers of one name, one wins and the other's
+bytes are dropped). The agent keeps its own (``ringfence_agent.state.atomic_write``): it does
+not import the control plane's library."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def replace(path: Path, data: bytes, mode: int, *, sync: bool = True) -> None:
+    """``data`` at ``path`` with permissions ``mode`` (whatever the umask), over any file there.
+    ``sync=False`` skips both fsyncs: still whole or not at all to a reader, but a power cut may
+    lose it."""
+    with _temporary(path, data, mode, sync) as tmp:
+        os.replace(tmp, path)
+    if sync:
+        _sync_directory(path.parent)
+
+
+def create(path: Path, data: bytes, mode: int) -> bool:
+    """``data`` at ``path`` with permissions ``mode`` (whatever the umask), only where no file
+    is: False, and nothing written, when one is (whoever wrote it)."""
+    with _temporary(path, data, mode, True) as tmp:
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+    _sync_directory(path.parent)
+    return True
+
+
+@contextlib.contextmanager
+def _temporary(path: Path, data: bytes, mode: int, sync: bool) -> Iterator[str]:
+    """A temporary file in ``path``'s directory holding ``data`` (fsynced with ``sync``), removed
+    on leaving unless it was renamed away."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            if sync:
+                os.fsync(f.fileno())
+        yield tmp
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _sync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
