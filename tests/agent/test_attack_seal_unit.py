@@ -1,5 +1,5 @@
 """The seal race (tests/agent/test_attack_seal_race.py) where the agent has no CAP_SYS_ADMIN, as
-the shipped unit starts it.
+the shipped unit starts it, and where no namespace can be made at all.
 
 - Under the unit (its own user, CAP_NET_ADMIN CAP_NET_RAW ambient, ``RestrictNamespaces=user
   net``) the iptables check loads the rules in a user namespace holding a fresh network namespace,
@@ -7,6 +7,10 @@ the shipped unit starts it.
   capabilities ambient for iptables-restore and ipset: an accept inserted between the commit and
   the read-back is not sealed. It was sealed as read: no bare namespace without CAP_SYS_ADMIN.
   So is the nftables check's with the ``nft`` binary (no libnftables), which it executes there.
+- Where no namespace can be made at all (``RestrictNamespaces=yes``, as tests/restrictns.py
+  loads it) the check cannot run, and nothing is sealed on trust: nftables tries again (sealed
+  once the generation moved by one alone), else fails unsealed saying why, as iptables does at
+  once. Both sealed what they read.
 
 Deterministic: the real Agent and backend run in the lab host's namespace, subclassed so that
 the "attacker" (a process with CAP_NET_ADMIN) acts at exactly that moment; a fresh ``status`` of
@@ -234,3 +238,38 @@ def test_attack_a_rule_inserted_between_the_apply_and_its_seal_is_not_sealed_und
     assert status["kernel_programmed"] is True and status["published"], status
     assert not _hole(net), ("the inserted accept is still in force", raced, status)
     assert raced["baseline"] is not None and raced["baseline"] == raced["fresh"], raced
+
+
+def test_attack_a_rule_inserted_between_the_apply_and_its_seal_is_not_sealed_where_no_namespace_can_be_made(
+    net: NetLab, where: Path
+) -> None:
+    """``RestrictNamespaces=yes`` (the reviewer's reproduction): no namespace can be made, so the
+    nftables check cannot run; the generation moved twice (the accept's commit), so the read is
+    not sealed but tried again, and the second try, left alone (the generation moved by one),
+    is sealed: the hole is closed. It was sealed as read, tcp/8080 open."""
+    raced, status = _race(net, where, "nftables", "read", 1, _unit_prefix("yes"))
+    assert raced["failed"] is None, raced
+    assert status["kernel_programmed"] is True and status["published"], status
+    assert not _hole(net), ("the inserted accept is still in force", raced, status)
+    assert raced["baseline"] is not None and raced["baseline"] == raced["fresh"], raced
+
+
+@pytest.mark.parametrize(("backend", "times"), [("nftables", 3), ("iptables", 1)])
+def test_attack_an_apply_where_no_namespace_can_be_made_fails_unsealed_saying_why(
+    net: NetLab, where: Path, backend: str, times: int
+) -> None:
+    """``RestrictNamespaces=yes``, the accept inserted on every try (nftables: three; iptables
+    fails at its first, every try being the same): the apply fails unsealed and says the seal
+    check could not run and why (no CAP_SYS_ADMIN, user namespaces refused), and so does the
+    status's last_error; a fresh status says not programmed; no drift baseline. It was sealed as
+    read, the accept with it."""
+    if backend == "iptables" and (shutil.which("iptables-restore") is None or shutil.which("ipset") is None):
+        pytest.skip("iptables-restore / ipset not installed")
+    raced, status = _race(net, where, backend, "read", times, _unit_prefix("yes"))
+    assert raced["raced"] == times, raced
+    for said in (raced["failed"], status["last_error"]):
+        assert said is not None and "the seal check could not run" in said, (raced, status)
+        assert "no CAP_SYS_ADMIN" in said and "user namespaces refused" in said, said
+    assert status["kernel_programmed"] is False and not status["published"], status
+    assert raced["baseline"] == "nothing applied", raced
+    net.agent("h2", "flush", "--backend", backend)

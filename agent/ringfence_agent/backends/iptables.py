@@ -718,7 +718,9 @@ class IptablesBackend(IptablesRenderer):
         may insert a rule into RF-IN between the commit and the read-back, and a seal of that read
         made it the agent's. The same rules and sets loaded into a fresh network namespace nobody
         else can write must read back the same (:meth:`_as_written`); otherwise the apply is done
-        again, and after :data:`APPLY_TRIES` it fails unsealed."""
+        again, and after :data:`APPLY_TRIES` it fails unsealed. Where no such namespace can be
+        made the check cannot run: it fails unsealed at once (every try would be the same), never
+        sealed as read."""
         if plan.mode == "idle":
             self.flush()
             return
@@ -730,7 +732,15 @@ class IptablesBackend(IptablesRenderer):
             except (ApplyError, OSError):
                 self.seal_key.forget()  # the previous apply's seal no longer names what is in force
                 return
-            if self._as_written(plan, gen, portable):
+            try:
+                same = self._as_written(plan, gen, portable)
+            except scratch.Unavailable as exc:
+                self.seal_key.forget()
+                raise ApplyError(
+                    f"the seal check could not run ({exc}): what was read back cannot be told from a rule another "
+                    "process inserted after the commit, so it is not sealed (the rules are in force, unsealed)"
+                ) from None
+            if same:
                 self._seal(held)
                 return
         self.seal_key.forget()
@@ -747,7 +757,7 @@ class IptablesBackend(IptablesRenderer):
         read back there with the same readers. False when the child fails (not sealed).
         Without CAP_SYS_ADMIN a user namespace holds it, the agent's own uid mapped there (the
         control-plane fail-safe names it) and CAP_NET_ADMIN CAP_NET_RAW ambient for the programs
-        (:func:`scratch.isolated`). True when neither can be made: sealed as read."""
+        (:func:`scratch.isolated`); :class:`scratch.Unavailable` when neither can be made."""
 
         def work() -> bytes:  # in the child, in its own namespace
             if run(["ipset", "restore"], stdin=self.sets_script(plan, gen, bundle_elements=False)).returncode != 0:
@@ -759,13 +769,7 @@ class IptablesBackend(IptablesRenderer):
                     raise ApplyError(f"{tool} failed in a fresh namespace")
             return self.held({family: self._save(family) for family in (4, 6)}, gen, portable=True).encode()
 
-        try:
-            return scratch.isolated(work, _SCRATCH_TIMEOUT, user_ns=True, programs=True) == held.encode()
-        except scratch.Unavailable:
-            # cannot be checked on this host at all (user namespaces refused, or root without
-            # CAP_SYS_ADMIN: uid 0 cannot be mapped into one): sealed as read, as before the
-            # check (docs/agent.md says so)
-            return True
+        return scratch.isolated(work, _SCRATCH_TIMEOUT, user_ns=True, programs=True) == held.encode()
 
     def _commit(self, plan: Plan) -> str:
         """The all-or-nothing commit of :meth:`apply`; the generation it made live."""

@@ -617,6 +617,8 @@ class NftBackend(NftRenderer):
         # why the last listing of this process that failed did (ReadError), until the daemon's
         # drift check takes it (and programs the table again: cannot tell is never intact)
         self.read_failure: str | None = None
+        # why this apply's seal check could not run (no namespace of its own could be made)
+        self._unchecked: str | None = None
 
     def _run(self, script: str) -> tuple[int, str, str]:
         """A transaction (in-process through libnftables, else the ``nft`` binary)."""
@@ -679,8 +681,11 @@ class NftBackend(NftRenderer):
         just after the read-back (ours: nothing else was committed meanwhile, in any table), or
         the same table loaded into a fresh network namespace nobody else can write reads back the
         same (:meth:`_as_written`). Otherwise the apply is done again, and after
-        :data:`APPLY_TRIES` it fails unsealed: "changed while applied", never sealed."""
+        :data:`APPLY_TRIES` it fails unsealed: "changed while applied", never sealed. Where no
+        such namespace can be made the check cannot run: an apply whose generation moved is not
+        sealed either (tried again; then it fails saying the check could not run, and why)."""
         self.applied_fingerprint = None
+        self._unchecked = None
         concat = self.concatenated(plan)
         script = self._render(plan, concat)
         self.realised = {r.counter: r.counter in concat for r in plan.rules if r.members}
@@ -713,6 +718,12 @@ class NftBackend(NftRenderer):
                 return
         self.group_held = dict.fromkeys(names)  # cannot tell: the drift check programs them again
         self.seal_key.forget()
+        if self._unchecked is not None:
+            raise ApplyError(
+                f"the seal check could not run ({self._unchecked}): another process committed to nf_tables between "
+                f"the agent's commit and its read-back ({APPLY_TRIES} times), and without a namespace of its own what "
+                "was read back cannot be told from a rule inserted meanwhile: not sealed (the rules are in force)"
+            )
         raise ApplyError(
             f"the kernel's rules changed while they were applied ({APPLY_TRIES} times, another process wrote to "
             "Ringfence's table between the agent's commit and its read-back): not sealed"
@@ -724,9 +735,10 @@ class NftBackend(NftRenderer):
         """Whether ``held`` (and the group sets' digests) is what this plan's table reads back as
         when nobody else can write it: the same table (bundle sets empty: held() leaves them out)
         loaded by a forked child into a fresh network namespace of its own, read back there with
-        the same readers. False when the child fails (the agent cannot tell: no seal); True when
+        the same readers. False when the child fails (the agent cannot tell: no seal), and when
         no namespace can be made on this host at all (neither CAP_SYS_ADMIN nor a user
-        namespace): sealed as read, as before the check."""
+        namespace): the check cannot run, so nothing tells what was read from what was written
+        (why: ``_unchecked``, for :meth:`apply`'s error)."""
         script = self._render(plan, concat, bundle_elements=False)
 
         def work() -> bytes:  # in the child, in its own namespace
@@ -748,10 +760,11 @@ class NftBackend(NftRenderer):
             out = scratch.isolated(
                 work, LISTING_TIMEOUT, lib.listing_pids if lib else None, user_ns=True, programs=lib is None
             )
-        except scratch.Unavailable:
-            # cannot be checked on this host at all: sealed as read, as before the check (a rule
-            # inserted in the window between commit and read-back is then sealed: docs/agent.md)
-            return True
+        except scratch.Unavailable as exc:
+            # cannot be checked on this host at all: not sealed (sealing what was read let a rule
+            # inserted between commit and read-back be sealed: docs/agent.md)
+            self._unchecked = str(exc)
+            return False
         try:
             want, digests = json.loads(out) if out is not None else (None, {})
         except ValueError:
