@@ -269,28 +269,28 @@ def test_serve_answers_a_change_stored_whose_compute_message_failed_and_queues_i
     assert "ringfence_compute_not_queued_total 2.0" in got.text, got.text
 
 
-def answer_lost(env: Env, times: int, op: str = "UpdateItem") -> list[int]:
-    """The next ``times`` DynamoDB ``op`` calls that write no audit record land but their answer
-    is lost (an error after the call), in a new admin container. The list returned holds the
-    losses left."""
+def answer_lost(env: Env, times: int) -> list[int]:
+    """The next ``times`` TransactWriteItems calls that write an inventory record (an operator's
+    change, with its audit record: Store.audit_with) land but their answer is lost (an error
+    after the call), in a new admin container. The list returned holds the losses left."""
     from botocore.exceptions import ClientError
 
     from ringfence.local.lambdas import load_functions, retire_functions
     from tests.aws.conftest import ROOT
 
     left = [times]
-    audit = [False]
+    change = [False]
 
     def seen(params: dict[str, Any], **_: Any) -> None:
-        audit[0] = "rf-audit" in json.dumps(params, default=str)  # the audit table's writes go through
+        change[0] = "rf-inventory" in json.dumps(params, default=str)  # other writes go through
 
     def lost(model: Any, **_: Any) -> None:
-        if left[0] > 0 and not audit[0]:
+        if left[0] > 0 and change[0]:
             left[0] -= 1
             raise ClientError({"Error": {"Code": "InternalServerError", "Message": "answer lost"}}, model.name)
 
-    env.hook(f"before-parameter-build.dynamodb.{op}", seen)
-    env.hook(f"after-call.dynamodb.{op}", lost)
+    env.hook("before-parameter-build.dynamodb.TransactWriteItems", seen)
+    env.hook("after-call.dynamodb.TransactWriteItems", lost)
     retire_functions([env.fn["admin"]])
     env.fn["admin"] = load_functions(["admin"], ROOT / "functions", keep_clients=True)["admin"]
     return left
@@ -299,9 +299,10 @@ def answer_lost(env: Env, times: int, op: str = "UpdateItem") -> list[int]:
 def test_a_mode_and_quarantine_in_force_though_the_store_raised_are_answered_as_stored_and_queued(
     env: Env, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The write landed, its answer was lost: the change is in force, so it is answered as stored
-    and compute queued (or 503 NotQueued when the queue refuses too), never a bare 500 with
-    nothing queued."""
+    """The write (the change with its audit record, one transaction) landed, its answer was lost:
+    the store reads the record's commit back, so the change is answered as stored and compute
+    queued (or 503 NotQueued when the queue refuses too), never a bare 500 with nothing queued,
+    and no ``.failed`` record follows."""
     est = boot(env)
     env.bind(AUTHOR, ["policy-author"])
     env.bind(RESPONDER, ["incident-responder"])
@@ -316,10 +317,11 @@ def test_a_mode_and_quarantine_in_force_though_the_store_raised_are_answered_as_
     env.pump()
     assert env.bundle(web).mode.value == "observe", "compute was queued"
     assert [a.action for a in env.store.audit_log() if a.target == web][-1] == "workload.mode"
+    assert [a.action for a in env.store.audit_log() if a.action == "workload.mode"] == ["workload.mode"], "once"
     # the answer lost and the queue refusing: 503 naming the change, counted
     capsys.readouterr()
     down = compute_queue_down(env, 1)
-    lost = answer_lost(env, 1, "TransactWriteItems")  # a quarantine is written in a transaction
+    lost = answer_lost(env, 1)
     status, _, answer = env.rest(
         "admin", "POST", f"/admin/workloads/{web}/quarantine", {"reason": "IR-11"}, principal=RESPONDER
     )

@@ -18,6 +18,7 @@ import boto3
 import pytest
 import requests
 
+from ringfence.audit import verify
 from ringfence.model import Mode, Workload
 from ringfence.store.base import (
     UNREAD,
@@ -572,25 +573,46 @@ def test_audit_is_append_only(store: Store) -> None:
 
 
 def test_audit_with_writes_the_record_and_the_change(store: Store) -> None:
-    """Store.audit_with: the record and the change together; a change that fails leaves no record
-    where the store writes both in one transaction (SQLite), the record alone where it cannot
-    (DynamoDB: ``ChangeFailed.written``)."""
-    from ringfence.store.base import ChangeFailed
+    """Store.audit_with: the record and the change in one transaction (SQLite: one BEGIN
+    IMMEDIATE, DynamoDB: one TransactWriteItems); a change refused by its own condition (an
+    unknown workload, a lost compare-and-swap) leaves no record, and the chain goes on."""
+    from ringfence.store.base import ChangeFailed, OperatorChange, PolicyActivation
 
     assert store.observe(rec(1.0, "prod"))
     first = AuditRecord(principal="alice", action="workload.quarantine", target=WID)
-    sealed = store.audit_with(first, lambda: store.set_operator(WID, quarantined=True))
+    sealed = store.audit_with(first, OperatorChange(WID, quarantined=True))
     got = store.get(WID)
     assert got is not None and got.op_quarantined and store.audit_log() == [sealed]
 
     second = AuditRecord(principal="alice", action="workload.mode", target="nobody")
     with pytest.raises(ChangeFailed) as caught:
-        store.audit_with(second, lambda: store.set_operator("nobody", mode=Mode.IDLE))
+        store.audit_with(second, OperatorChange("nobody", set_mode=True, mode=Mode.IDLE))
     assert isinstance(caught.value.cause, KeyError)
-    if isinstance(store, SqliteStore):
-        assert caught.value.written is None and store.audit_log() == [sealed], "rolled back with the change"
-    else:
-        assert caught.value.written is not None and [r.id for r in store.audit_log()] == [first.id, second.id]
+    assert store.audit_log() == [sealed] and store.get("nobody") is None, "neither written"
+
+    pv = PolicyVersion(number=store.next_policy_version(), keys={}, digest="d1", author="alice")
+    third = store.audit_with(
+        AuditRecord(principal="alice", action="policy.provision", target="v1"), PolicyActivation(pv, None)
+    )
+    active = store.active_policy()
+    assert active is not None and active.number == pv.number
+    lost = PolicyVersion(number=store.next_policy_version(), keys={}, digest="d2", author="bob")
+    with pytest.raises(ChangeFailed) as caught:  # bob read no active version: another became active
+        store.audit_with(
+            AuditRecord(principal="bob", action="policy.provision", target="v2"), PolicyActivation(lost, None)
+        )
+    assert isinstance(caught.value.cause, ConflictError)
+    active = store.active_policy()
+    assert active is not None and active.number == pv.number, "the winner stays active"
+    fourth = store.audit_with(
+        AuditRecord(principal="alice", action="workload.mode", target=WID),
+        OperatorChange(WID, set_mode=True, mode=Mode.OBSERVE),
+    )
+    log = store.audit_log()
+    assert log == [sealed, third, fourth] and [r.seq for r in log] == [1, 2, 3]
+    assert verify(log, store.audit_head()).ok
+    got = store.get(WID)
+    assert got is not None and got.op_mode is Mode.OBSERVE and got.op_quarantined
 
 
 def test_a_store_opens_from_its_spec(tmp_path: Path, moto_url: str) -> None:

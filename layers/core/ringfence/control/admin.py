@@ -16,10 +16,14 @@ from ringfence.policydiff import failsafe_widening, newly_idle
 from ringfence.policytests import run_tests
 from ringfence.policywarnings import warnings
 from ringfence.store.base import (
+    AuditedChange,
     AuditRecord,
     ChangeFailed,
     ConflictError,
+    OperatorChange,
+    PolicyActivation,
     PolicyVersion,
+    Unconfirmed,
     agent_key_id_of,
 )
 from ringfence.versions import digest_of
@@ -64,18 +68,17 @@ class Admin:
         self.w.audit(rec)
         return rec.id
 
-    def _audit_with(self, rec: AuditRecord, change: Callable[[], None]) -> tuple[str, Exception | None]:
-        """``rec`` and ``change`` in one store transaction where the store can (SQLite: a process
-        killed between the two leaves neither; DynamoDB: the record first; as
-        :meth:`Store.audit_with`): the record's id, and the change's exception (None: made). A
-        change that failed is recorded all the same, as an attempt (its record, then
-        ``<action>.failed`` by the caller): where the transaction rolled the record back with it,
-        the record is written alone now. A failing record write raises, nothing changed."""
+    def _audit_with(self, rec: AuditRecord, change: AuditedChange) -> tuple[str, Exception | None]:
+        """``rec`` and ``change`` in one store transaction (:meth:`Store.audit_with`; SQLite one
+        ``BEGIN IMMEDIATE``, DynamoDB one TransactWriteItems: a process killed between the two
+        leaves neither): the record's id, and the change's exception (None: made). A change that
+        failed is recorded all the same, as an attempt: the transaction wrote neither, so the
+        record is written alone now, and the caller follows it with ``<action>.failed``. A failing
+        record write raises, nothing changed (:class:`Unconfirmed`: not known which)."""
         try:
             self.w.audit_with(rec, change)
         except ChangeFailed as exc:
-            if exc.written is None:
-                self.w.audit(rec)
+            self.w.audit(rec)
             return rec.id, exc.cause
         return rec.id, None
 
@@ -169,14 +172,12 @@ class Admin:
             keys[name] = key
         pv = PolicyVersion(number=version, keys=keys, digest=digest, author=principal, message=reason)
 
-        # the record with the activation, in one store transaction where the store can (SQLite),
-        # else before it: a version is never active without its record, nor (SQLite) a record
-        # left claiming a version a killed process never activated. Should the activation lose
-        # (below), a second record says so; the store's version history (written with the
-        # activation, in one step) is what became active
-        def activate() -> None:  # only over the version this one was tested and compared against
-            self.w.store.activate_policy(pv, expected_active=active_pv.number if active_pv else None)
-
+        # the record with the activation, in one store transaction: a version is never active
+        # without its record, nor a record left claiming a version a killed process never
+        # activated. Should the activation lose (below), the attempt is recorded and a second
+        # record says so; the store's version history (written with the activation, in one step)
+        # is what became active. Only over the version this one was tested and compared against:
+        activate = PolicyActivation(pv, expected_active=active_pv.number if active_pv else None)
         try:
             audit_rec = AuditRecord(
                 principal=principal,
@@ -188,6 +189,10 @@ class Admin:
                 after=digest,
             )
             audit_id, failed = self._audit_with(audit_rec, activate)
+        except Unconfirmed:
+            # active with its record, or neither: its files stay (an active version needs them)
+            log.error("provisioning %s: not known whether it is active (see the audit log)", target)
+            raise
         except Exception:
             # nothing activated: the call fails (the function's error alarm), its files are removed
             log.error("the audit record of %s could not be written: nothing provisioned", target)
@@ -247,7 +252,7 @@ class Admin:
     def _failed(
         self, principal: str, action: str, target: str, audit_id: str, why: str, reason: str, outcome: str = "failed"
     ) -> None:
-        """The record that a change audited before it was made (``audit_id``) did not happen:
+        """The record that a change whose attempt or request is recorded (``audit_id``) did not happen:
         ``<action>.failed`` (``.unconfirmed``: not known; ``.abandoned``: a provision that lost
         its race), naming the first record and why."""
         try:
@@ -265,9 +270,9 @@ class Admin:
         reason: str,
         in_force: Callable[[], bool],
     ) -> bool:
-        """After a change audited first raised: ``<action>.failed`` only where the store shows it
-        did not happen (a write can land and its answer still fail); where it did, the first record
-        is true and stands (logged); where the store cannot say, ``<action>.unconfirmed``. True
+        """After a change raised (its attempt recorded): ``<action>.failed`` only where the store
+        shows it is not in force; where it is (made meanwhile by another request), the first record
+        stands (logged); where the store cannot say, ``<action>.unconfirmed``. True
         when the change is in force."""
         why = f"{type(exc).__name__}: {exc}"
         try:
@@ -287,12 +292,14 @@ class Admin:
     def _op_digest(mode: str | None, quarantined: bool) -> str:
         return state_digest({"mode": mode, "quarantined": quarantined})
 
-    # Every change below is audited BEFORE it is made (as provision is): a store failure between the
-    # two must leave a record whose change did not happen (followed by ``<action>.failed`` when the
-    # change is refused or raises), never a change in force without its record. A failed audit
-    # write changes nothing and the call fails (the function's error alarm). A mode, quarantine
-    # and release (as a provision) are written with their record in one store transaction where
-    # the store can (SQLite, Store.audit_with): a process killed in between leaves neither.
+    # A mode, quarantine and release (as a provision) are written with their record in one store
+    # transaction (Store.audit_with; SQLite: one BEGIN IMMEDIATE, DynamoDB: one TransactWriteItems
+    # holding the change's items and the audit chain's): a process killed in between leaves
+    # neither, so no change is in force without its record and no record claims a change that
+    # never happened. A change refused or failing writes neither; the attempt is then recorded
+    # alone, followed by ``<action>.failed``. A failed audit write changes nothing and the call
+    # fails (the function's error alarm). The pairing and agent-key actions below are several
+    # writes each: their request is recorded BEFORE they are made, and what they did after.
 
     def set_mode(self, principal: str, workload_id: str, mode: Mode | None, reason: str = "") -> Response:
         rec = self.w.store.get(workload_id)
@@ -311,7 +318,7 @@ class Admin:
             before=before,
             after=after,
         )
-        audit_id, failed = self._audit_with(audit_rec, lambda: self.w.store.set_operator(workload_id, mode=mode))
+        audit_id, failed = self._audit_with(audit_rec, OperatorChange(workload_id, set_mode=True, mode=mode))
         try:
             if failed is not None:
                 raise failed
@@ -351,7 +358,7 @@ class Admin:
             before=before,
             after=after,
         )
-        audit_id, failed = self._audit_with(audit_rec, lambda: self.w.store.set_operator(workload_id, quarantined=on))
+        audit_id, failed = self._audit_with(audit_rec, OperatorChange(workload_id, quarantined=on))
         try:
             if failed is not None:
                 raise failed

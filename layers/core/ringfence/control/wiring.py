@@ -19,7 +19,7 @@ from ringfence.labels import LabelMapper
 from ringfence.policy import Policy, load_policy_texts
 from ringfence.siem import DROP_BUDGET, DROP_WINDOW, Siem
 from ringfence.store.base import (
-    ChangeFailed,
+    AuditedChange,
     PolicyVersion,
     Store,
 )
@@ -303,16 +303,11 @@ class BaseWiring:
             self.siem.audit(sealed)
         return sealed
 
-    def audit_with(self, rec: AuditRecord, change: Callable[[], None]) -> AuditRecord:
-        """:meth:`audit` with ``change`` made in the same store transaction where the store can
-        (:meth:`Store.audit_with`); the record goes to the SIEM once it is written (also where the
-        change then failed: :class:`ChangeFailed`, ``written``)."""
-        try:
-            sealed = self.store.audit_with(rec, change)
-        except ChangeFailed as exc:
-            if exc.written is not None and self.siem is not None:
-                self.siem.audit(exc.written)
-            raise
+    def audit_with(self, rec: AuditRecord, change: AuditedChange) -> AuditRecord:
+        """:meth:`audit` with ``change`` made in the same store transaction
+        (:meth:`Store.audit_with`); the record goes to the SIEM only once that committed (a change
+        refused, :class:`~ringfence.store.base.ChangeFailed`, wrote no record: none is sent)."""
+        sealed = self.store.audit_with(rec, change)
         if self.siem is not None:
             self.siem.audit(sealed)
         return sealed

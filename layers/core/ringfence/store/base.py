@@ -78,25 +78,54 @@ class NotTheNamedKey(Exception):
 
 
 class ChangeFailed(Exception):
-    """:meth:`Store.audit_with`: the change raised (``cause``). ``written``: its audit record,
-    where the store wrote it before the change (it cannot make them one transaction); None where
-    nothing was written (the record rolled back with the change)."""
+    """:meth:`Store.audit_with`: the change was refused or failed (``cause``: :class:`KeyError`
+    for an unknown workload, :class:`ConflictError` for a lost compare-and-swap, else the store's
+    error) and its audit record was not written either: the two are one transaction."""
 
-    def __init__(self, cause: Exception, written: AuditRecord | None) -> None:
+    def __init__(self, cause: Exception) -> None:
         super().__init__(f"{type(cause).__name__}: {cause}")
         self.cause = cause
-        self.written = written
 
 
-def audit_then(store: Store, rec: AuditRecord, change: Callable[[], None]) -> AuditRecord:
-    """:meth:`Store.audit_with` for a store that cannot write both in one transaction: the record
-    first (a change is never in force without its record), then the change."""
-    sealed = store.audit(rec)
-    try:
-        change()
-    except Exception as exc:
-        raise ChangeFailed(exc, sealed) from exc
-    return sealed
+class Unconfirmed(RuntimeError):
+    """:meth:`Store.audit_with` (DynamoDB): the transaction's call failed (``cause``) and whether
+    it committed could not be read back either: its record and its change are both written or
+    neither, not known which (the audit log and the store say, once they can be read)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"not known whether the record and its change were written: {type(cause).__name__}: {cause}")
+        self.cause = cause
+
+
+class OperatorChange(NamedTuple):
+    """:meth:`Store.set_operator` as a change made with its audit record (:meth:`Store.audit_with`):
+    the mode when ``set_mode`` (``mode`` None clears it) and/or the quarantine (``quarantined``
+    None: left as it is). A description, not a callable, so that a store that writes both in one
+    request (DynamoDB) can turn it into that request's items."""
+
+    workload_id: str
+    quarantined: bool | None = None
+    set_mode: bool = False
+    mode: Mode | None = None
+
+    def apply(self, store: Store) -> None:
+        if self.set_mode:
+            store.set_operator(self.workload_id, mode=self.mode, quarantined=self.quarantined)
+        else:
+            store.set_operator(self.workload_id, quarantined=self.quarantined)
+
+
+class PolicyActivation(NamedTuple):
+    """:meth:`Store.activate_policy` as a change made with its audit record (as :class:`OperatorChange`)."""
+
+    pv: PolicyVersion
+    expected_active: int | Unread | None
+
+    def apply(self, store: Store) -> None:
+        store.activate_policy(self.pv, expected_active=self.expected_active)
+
+
+AuditedChange = OperatorChange | PolicyActivation
 
 
 class GovernanceMoved(ConflictError):
@@ -764,12 +793,12 @@ class Store(Protocol):
         rewritten)."""
         ...
 
-    def audit_with(self, rec: AuditRecord, change: Callable[[], None]) -> AuditRecord:
-        """Append the record (as :meth:`audit`) and make ``change`` (this store's writes), in one
-        transaction where the store can (SQLite: one ``BEGIN IMMEDIATE``, so a process killed
-        between the two leaves neither), else the record first (:func:`audit_then`). A failing
-        record write raises as :meth:`audit` does, nothing written; a failing change raises
-        :class:`ChangeFailed`."""
+    def audit_with(self, rec: AuditRecord, change: AuditedChange) -> AuditRecord:
+        """Append the record (as :meth:`audit`) and make ``change``, in one transaction: both or
+        neither, so that a process killed between the two leaves no record of a change that never
+        happened (SQLite: one ``BEGIN IMMEDIATE``; DynamoDB: one TransactWriteItems holding the
+        change's items and the chain's). A failing record write raises as :meth:`audit` does; a
+        refused or failing change raises :class:`ChangeFailed`; nothing is written either way."""
         ...
 
     def audit_log(self) -> list[AuditRecord]:

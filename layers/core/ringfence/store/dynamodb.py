@@ -10,7 +10,8 @@ Tables (see template.yaml / infra/):
 * audit ``pk``/``sk`` — the hash chain: ``chain``/``<seq, 12 digits>`` per record, ``head``/``head``
   the chain's head, ``id#<id>``/``id`` a record id's claim; each record is one transaction of the
   three, conditional on the seq and the id being new and the head being the one read (never
-  updated or deleted by code). Items keyed by day are records from before chaining.
+  updated or deleted by code), with the items of the change it records where it records one
+  (:meth:`DynamoStore.audit_with`). Items keyed by day are records from before chaining.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 import boto3
 from boto3.dynamodb.conditions import Key
@@ -43,9 +44,11 @@ from ringfence.store.base import (
     MOVED_TTL,
     UNREAD,
     AddressTaken,
+    AuditedChange,
     AuditHead,
     AuditRecord,
     BundlePointer,
+    ChangeFailed,
     ConflictError,
     DeltaPointer,
     EnforcementReport,
@@ -56,12 +59,14 @@ from ringfence.store.base import (
     LaunchHold,
     MovedRecord,
     NotTheNamedKey,
+    OperatorChange,
     PartlyWritten,
+    PolicyActivation,
     PolicyVersion,
     TooManyTogether,
+    Unconfirmed,
     Unread,
     agent_key_fingerprint_of,
-    audit_then,
     check_hold_fields,
     check_names_its_key,
     names_its_key,
@@ -77,6 +82,19 @@ QUARANTINE = "quarantine"
 QUARANTINE_BATCH = 50  # workloads per BatchGetItem with their quarantine items (100 keys a call)
 
 
+class _Part(NamedTuple):
+    """A change as items of a transaction (the resource's client: plain values), and what the
+    cancellation reasons of those items (in their order) mean: the change's own error (its
+    condition failed), or None (not refused by its own items: a collision, retried)."""
+
+    items: list[dict[str, Any]]
+    refused: Callable[[list[str]], Exception | None]
+
+
+def _reasons(exc: ClientError) -> list[str]:
+    return [str(r.get("Code", "None")) for r in exc.response.get("CancellationReasons", [])]
+
+
 class _ChainWriter:
     """This process's writer of one audit table. Why: every record is a transaction conditional
     on the chain's head, so concurrent writers race for it and all but one retry. A serve process
@@ -85,20 +103,22 @@ class _ChainWriter:
     them). One write per process at a time, with the head it wrote remembered, leaves the race
     to what truly runs apart (Lambda instances); records that queue behind a write go together in
     the next transaction (a group commit: 50 agents enrolling at once waited 5 s in line for
-    their ``agent.enroll`` records, one round trip each)."""
+    their ``agent.enroll`` records, one round trip each). A record with a change
+    (:meth:`DynamoStore.audit_with`) goes the same way, its change's items in the transaction
+    with it."""
 
     __slots__ = ("group", "head")
 
     def __init__(self) -> None:
         self.head: AuditHead | None = None  # the head this process last wrote (None: read it)
-        # (the store to write with, the record): stores sharing a writer share its table
-        self.group: GroupCommit[tuple[DynamoStore, AuditRecord], AuditRecord] = GroupCommit(self._write)
+        # (the store to write with, the record, its change): stores sharing a writer share its table
+        self.group: GroupCommit[tuple[DynamoStore, AuditRecord, _Part | None], AuditRecord] = GroupCommit(self._write)
 
-    def _write(self, items: list[tuple[DynamoStore, AuditRecord]]) -> list[AuditRecord | BaseException]:
-        return items[0][0]._append_many([rec for _, rec in items], self)
+    def _write(self, items: list[tuple[DynamoStore, AuditRecord, _Part | None]]) -> list[AuditRecord | BaseException]:
+        return items[0][0]._append_many([(rec, part) for _, rec, part in items], self)
 
 
-# TransactWriteItems takes at most 100 items: two per record, and the head
+# TransactWriteItems takes at most 100 items: two per record (and its change's), and the head
 AUDIT_RECORDS_PER_TRANSACTION = 49
 
 
@@ -342,21 +362,27 @@ class DynamoStore:
         transaction. So the roles that quarantine (governance, in the event-fed functions) need
         only PutItem on that item, which can quarantine but never release; DeleteItem on it is
         the administrator's alone (template.yaml, infra/)."""
-        sets: list[str] = []
-        removes: list[str] = []
-        values: dict[str, Any] = {}
-        if mode is not _UNSET:
-            if mode is None:
-                removes.append("op_mode")
-            else:
-                sets.append("op_mode = :m")
-                values[":m"] = mode.value
         if quarantined is None:
+            sets, removes, values = self._mode_update(mode)
             self._update(workload_id, sets, removes, values)
             return
-        if not quarantined:
+        self._transact_part(self._operator_part(workload_id, mode, quarantined))
+
+    @staticmethod
+    def _mode_update(mode: Mode | None) -> tuple[list[str], list[str], dict[str, Any]]:
+        if mode is _UNSET:
+            return [], [], {}
+        if mode is None:
+            return [], ["op_mode"], {}
+        return ["op_mode = :m"], [], {":m": mode.value}
+
+    def _operator_part(self, workload_id: str, mode: Mode | None, quarantined: bool | None) -> _Part:
+        """:meth:`set_operator` as transaction items: the record's update (or, with nothing of it
+        to change, a check that it exists), then the quarantine item's put or delete (none when
+        ``quarantined`` is None). Refused by the first: :class:`KeyError`."""
+        sets, removes, values = self._mode_update(mode)
+        if quarantined is False:
             removes.append("op_quarantined")
-        key = {"pk": QUARANTINE, "sk": workload_id}
         record: dict[str, Any] = {
             "TableName": self.inventory.name,
             "Key": {"id": workload_id},
@@ -367,18 +393,28 @@ class DynamoStore:
             record["UpdateExpression"] = expr.strip()
             if values:
                 record["ExpressionAttributeValues"] = values
-        mark = {"Put": {"TableName": self.state.name, "Item": key}} if quarantined else None
-        mark = mark or {"Delete": {"TableName": self.state.name, "Key": key}}
+        items: list[dict[str, Any]] = [{"Update" if sets or removes else "ConditionCheck": record}]
+        key = {"pk": QUARANTINE, "sk": workload_id}
+        if quarantined:
+            items.append({"Put": {"TableName": self.state.name, "Item": key}})
+        elif quarantined is False:
+            items.append({"Delete": {"TableName": self.state.name, "Key": key}})
+
+        def refused(reasons: list[str]) -> Exception | None:
+            return KeyError(workload_id) if reasons[:1] == ["ConditionalCheckFailed"] else None
+
+        return _Part(items, refused)
+
+    def _transact_part(self, part: _Part) -> None:
+        """Write a change's items in one transaction (no audit record with them)."""
         try:
-            self.state.meta.client.transact_write_items(
-                TransactItems=[{"Update" if sets or removes else "ConditionCheck": record}, mark]
-            )
+            self.state.meta.client.transact_write_items(TransactItems=part.items)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") != "TransactionCanceledException":
                 raise
-            reasons = [str(r.get("Code", "None")) for r in exc.response.get("CancellationReasons", [])]
-            if reasons[:1] == ["ConditionalCheckFailed"]:
-                raise KeyError(workload_id) from None
+            err = part.refused(_reasons(exc))
+            if err is not None:
+                raise err from None
             raise
 
     def set_liveness(
@@ -499,6 +535,11 @@ class DynamoStore:
         return int(out["Attributes"]["value"])
 
     def activate_policy(self, pv: PolicyVersion, expected_active: int | Unread | None = UNREAD) -> None:
+        self._transact_part(self._activation_part(pv, expected_active))
+
+    def _activation_part(self, pv: PolicyVersion, expected_active: int | Unread | None) -> _Part:
+        """:meth:`activate_policy` as transaction items; refused by the second (the active one's
+        condition): :class:`ConflictError`."""
         doc = pv.model_dump_json()
         # the history item and the active one in one transaction; the active item carries its
         # number for the compare-and-swap (one written before it did matches a caller that read
@@ -514,18 +555,16 @@ class DynamoStore:
             active["ExpressionAttributeNames"] = {"#n": "number"}
             active["ExpressionAttributeValues"] = {":n": expected_active}
         history = {"TableName": self.state.name, "Item": {"pk": "policy", "sk": f"v{pv.number:08d}", "doc": doc}}
-        try:
-            self.state.meta.client.transact_write_items(TransactItems=[{"Put": history}, {"Put": active}])
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") != "TransactionCanceledException":
-                raise
-            reasons = [str(r.get("Code", "None")) for r in exc.response.get("CancellationReasons", [])]
+
+        def refused(reasons: list[str]) -> Exception | None:
             if reasons[1:2] != ["ConditionalCheckFailed"]:
-                raise
+                return None
             now = self.active_policy()
-            raise ConflictError(
+            return ConflictError(
                 f"policy version {now.number if now else None} became active meanwhile (read: {expected_active})"
-            ) from None
+            )
+
+        return _Part([{"Put": history}, {"Put": active}], refused)
 
     # --- published artifacts --------------------------------------------------------------------
 
@@ -1318,18 +1357,29 @@ class DynamoStore:
             return _CHAIN_WRITERS.setdefault(key, _ChainWriter())
 
     def audit(self, rec: AuditRecord) -> AuditRecord:
-        return self._chain_writer().group.commit((self, rec))
+        return self._chain_writer().group.commit((self, rec, None))
 
-    def audit_with(self, rec: AuditRecord, change: Callable[[], None]) -> AuditRecord:
-        # the chain is appended by a group commit shared across threads: the record goes first,
-        # then the change (a Lambda killed between the two leaves the record alone)
-        return audit_then(self, rec, change)
+    def audit_with(self, rec: AuditRecord, change: AuditedChange) -> AuditRecord:
+        # the change's items go in the record's transaction (through the same group commit, so
+        # that this process's writes still queue rather than race for the head): both or neither
+        if isinstance(change, OperatorChange):
+            mode = change.mode if change.set_mode else _UNSET
+            part = self._operator_part(change.workload_id, mode, change.quarantined)
+        elif isinstance(change, PolicyActivation):
+            part = self._activation_part(change.pv, change.expected_active)
+        else:
+            raise TypeError(f"no audited change {change!r}")
+        return self._chain_writer().group.commit((self, rec, part))
 
-    def _append_many(self, recs: list[AuditRecord], writer: _ChainWriter) -> list[AuditRecord | BaseException]:
-        """Append ``recs`` in order, up to :data:`AUDIT_RECORDS_PER_TRANSACTION` per transaction
-        (each record is its chain item and its id item, conditional on neither existing; the head
-        moves once, conditional on the head the first one follows). A record whose id exists is
-        refused alone (the log is append-only); the others are sealed again and retried."""
+    def _append_many(
+        self, recs: list[tuple[AuditRecord, _Part | None]], writer: _ChainWriter
+    ) -> list[AuditRecord | BaseException]:
+        """Append ``recs`` in order, as many per transaction as its 100 items take (each record is
+        its change's items, its chain item and its id item, conditional on neither existing; the
+        head moves once, conditional on the head the first one follows). A record whose id exists,
+        or whose change's own condition fails, is refused alone (the log is append-only; the
+        change: :class:`ChangeFailed`) with nothing of it written; the others are sealed again
+        and retried."""
         out: list[AuditRecord | BaseException | None] = [None] * len(recs)
         try:
             self._append_into(recs, writer, out)
@@ -1341,7 +1391,10 @@ class DynamoStore:
         return done
 
     def _append_into(
-        self, recs: list[AuditRecord], writer: _ChainWriter, out: list[AuditRecord | BaseException | None]
+        self,
+        recs: list[tuple[AuditRecord, _Part | None]],
+        writer: _ChainWriter,
+        out: list[AuditRecord | BaseException | None],
     ) -> None:
         # the resource's client: it takes and returns plain Python values (boto3's serializer)
         client = self.audit_table.meta.client
@@ -1353,22 +1406,37 @@ class DynamoStore:
             if losses >= self.AUDIT_ATTEMPTS:
                 for i in pending:
                     out[i] = ConflictError(
-                        f"audit record {recs[i].id}: the chain stayed contended for {self.AUDIT_ATTEMPTS} attempts"
+                        f"audit record {recs[i][0].id}: the chain stayed contended for {self.AUDIT_ATTEMPTS} attempts"
                     )
                 break
             head = writer.head or self.audit_head() or AuditHead()
-            chunk = pending[:AUDIT_RECORDS_PER_TRANSACTION]
+            chunk: list[int] = []
+            size = 1  # the head
+            for i in pending:
+                part = recs[i][1]
+                n = 2 + (len(part.items) if part else 0)
+                if chunk and (size + n > TRANSACT_ITEMS or len(chunk) == AUDIT_RECORDS_PER_TRANSACTION):
+                    break
+                chunk.append(i)
+                size += n
             sealed: list[AuditRecord] = []
             items: list[dict[str, Any]] = []
+            # per item: the record it belongs to, and whether it is its change's (else the chain's)
+            owners: list[tuple[int, bool]] = []
             after = head
             for i in chunk:
-                rec = seal(recs[i], after)
+                rec, part = recs[i]
+                rec = seal(rec, after)
                 sealed.append(rec)
                 after = AuditHead(seq=rec.seq, hash=rec.hash)
+                for it in part.items if part else []:
+                    items.append(it)
+                    owners.append((i, True))
                 items.append({"Put": {"TableName": table, "Item": _chain_item(rec), **new}})
                 items.append(
                     {"Put": {"TableName": table, "Item": {"pk": f"id#{rec.id}", "sk": "id", "seq": rec.seq}, **new}}
                 )
+                owners += [(i, False), (i, False)]
             if head.seq:
                 head_cond: dict[str, Any] = {
                     "ConditionExpression": "#s = :s AND #h = :h",
@@ -1384,20 +1452,17 @@ class DynamoStore:
             except ClientError as exc:
                 writer.head = None  # another process appended (or the call failed): read it again
                 if exc.response.get("Error", {}).get("Code") != "TransactionCanceledException":
-                    raise
-                reasons = [r.get("Code", "None") for r in exc.response.get("CancellationReasons", [])]
+                    self._unanswered(recs, chunk, sealed, exc, out)
+                    pending = pending[len(chunk) :]
+                    continue
+                reasons = _reasons(exc)
                 if not set(reasons) <= {"None", "ConditionalCheckFailed", "TransactionConflict"}:
                     raise
-                # an id item's condition: that record exists; refused alone, the rest go again
-                taken = {
-                    chunk[k // 2]
-                    for k in range(1, len(items) - 1, 2)
-                    if k < len(reasons) and reasons[k] == "ConditionalCheckFailed"
-                }
-                for i in taken:
-                    out[i] = ConflictError(f"audit record {recs[i].id} exists: the audit log is append-only")
-                if taken:
-                    pending = [i for i in pending if i not in taken]
+                refused = self._refused(recs, chunk, owners, reasons)
+                for i, err in refused.items():
+                    out[i] = err
+                if refused:
+                    pending = [i for i in pending if i not in refused]
                     continue
                 # another writer appended this seq first (or the transactions collided): read the
                 # new head and try again, after a random pause that grows with each loss (capped
@@ -1405,10 +1470,69 @@ class DynamoStore:
                 time.sleep(random.uniform(0, min(0.25, 0.005 * 2**losses)))  # noqa: S311 (jitter, not a secret)
                 losses += 1
                 continue
+            except Exception as exc:  # no answer at all (a timeout, a dropped connection)
+                writer.head = None
+                self._unanswered(recs, chunk, sealed, exc, out)
+                pending = pending[len(chunk) :]
+                continue
             writer.head = after
             for i, rec in zip(chunk, sealed, strict=True):
                 out[i] = rec
             pending = pending[len(chunk) :]
+
+    @staticmethod
+    def _refused(
+        recs: list[tuple[AuditRecord, _Part | None]],
+        chunk: list[int],
+        owners: list[tuple[int, bool]],
+        reasons: list[str],
+    ) -> dict[int, Exception]:
+        """The records of a cancelled transaction refused by their own items (read by position):
+        a change whose condition failed (:class:`ChangeFailed`), an id that exists. Nothing of
+        theirs was written; a failed head condition or a collision refuses none (retried)."""
+        refused: dict[int, Exception] = {}
+        for i in chunk:
+            rec, part = recs[i]
+            at = [k for k, (j, _) in enumerate(owners) if j == i]
+            mine = [reasons[k] if k < len(reasons) else "None" for k in at]
+            n = len(part.items) if part else 0
+            if part is not None and "ConditionalCheckFailed" in mine[:n]:
+                refused[i] = ChangeFailed(
+                    part.refused(mine[:n]) or ConflictError(f"the change of {rec.id} was refused")
+                )
+            elif mine[n + 1 : n + 2] == ["ConditionalCheckFailed"]:
+                refused[i] = ConflictError(f"audit record {rec.id} exists: the audit log is append-only")
+        return refused
+
+    def _unanswered(
+        self,
+        recs: list[tuple[AuditRecord, _Part | None]],
+        chunk: list[int],
+        sealed: list[AuditRecord],
+        exc: Exception,
+        out: list[AuditRecord | BaseException | None],
+    ) -> None:
+        """A transaction whose call failed without a cancellation (throttled after the client's
+        retries, a timeout): it may have committed all the same. The first record's id claim, read
+        consistently, says which (the transaction is all or nothing): written, each caller gets
+        its record; not written, the error (a record with a change: :class:`ChangeFailed`, as
+        nothing of it was written); unreadable too, :class:`Unconfirmed` for a record with a
+        change (an administrator's action must not take it for undone), the error for the rest."""
+        try:
+            claim = self.audit_table.get_item(Key={"pk": f"id#{sealed[0].id}", "sk": "id"}, ConsistentRead=True).get(
+                "Item"
+            )
+            landed: bool | None = claim is not None and int(claim["seq"]) == sealed[0].seq
+        except Exception:
+            landed = None
+        for i, rec in zip(chunk, sealed, strict=True):
+            part = recs[i][1]
+            if landed:
+                out[i] = rec
+            elif part is None:
+                out[i] = exc
+            else:
+                out[i] = ChangeFailed(exc) if landed is False else Unconfirmed(exc)
 
     def audit_head(self) -> AuditHead | None:
         item = self.audit_table.get_item(Key={"pk": "head", "sk": "head"}, ConsistentRead=True).get("Item")

@@ -51,6 +51,7 @@ from ringfence.store.base import (
     MOVED_TTL,
     UNREAD,
     AddressTaken,
+    AuditedChange,
     AuditHead,
     AuditRecord,
     BundlePointer,
@@ -1147,15 +1148,15 @@ class SqliteStore:
             raise ConflictError(f"audit record {rec.id} exists: the audit log is append-only") from None
         return sealed
 
-    def audit_with(self, rec: AuditRecord, change: Callable[[], None]) -> AuditRecord:
+    def audit_with(self, rec: AuditRecord, change: AuditedChange) -> AuditRecord:
         # one BEGIN IMMEDIATE: the record and the change commit together or not at all, so a
         # process killed between them leaves no record of a change that never happened
         with self._tx():
             sealed = self.audit(rec)
             try:
-                change()
+                change.apply(self)
             except Exception as exc:
-                raise ChangeFailed(exc, None) from exc  # rolls the record back with it
+                raise ChangeFailed(exc) from exc  # rolls the record back with it
         return sealed
 
     def audit_log(self) -> list[AuditRecord]:
