@@ -265,11 +265,17 @@ class Agent:
         self._posture = False
         self.applies += 1
         probe = getattr(self.backend, "fingerprint", None) if self.track_drift else None
-        # nftables read the kernel back to seal the apply: that read is the baseline, not a second
-        known = getattr(self.backend, "applied_fingerprint", None)
-        if probe is not None:
-            with contextlib.suppress(ApplyError, OSError):
-                self._baseline = known if known is not None else probe()
+        if probe is None:
+            return
+        if hasattr(self.backend, "applied_fingerprint"):
+            # nftables and iptables read the kernel back to seal the apply: that read, verified as
+            # what the apply wrote, is the baseline, never a second one (a rule inserted between
+            # the seal and it was taken in); none when the apply was not sealed: the next check
+            # re-applies
+            self._baseline = self.backend.applied_fingerprint
+            return
+        with contextlib.suppress(ApplyError, OSError):
+            self._baseline = probe()
 
     def _repair(self, plan: Plan, what: str) -> None:
         """Re-apply after tamper, counted in ``tamper_reapplied`` even when the re-apply fails: a

@@ -1,5 +1,6 @@
 """The seal race (tests/agent/test_attack_seal_race.py) where the agent has no CAP_SYS_ADMIN, as
-the shipped unit starts it, and where no namespace can be made at all.
+the shipped unit starts it, and where no namespace can be made at all; and the drift baseline
+of an iptables apply.
 
 - Under the unit (its own user, CAP_NET_ADMIN CAP_NET_RAW ambient, ``RestrictNamespaces=user
   net``) the iptables check loads the rules in a user namespace holding a fresh network namespace,
@@ -11,6 +12,8 @@ the shipped unit starts it, and where no namespace can be made at all.
   loads it) the check cannot run, and nothing is sealed on trust: nftables tries again (sealed
   once the generation moved by one alone), else fails unsealed saying why, as iptables does at
   once. Both sealed what they read.
+- The daemon's drift baseline is the read-back the seal verified: iptables took a second read
+  after the seal, so an accept inserted in between became the baseline and was never repaired.
 
 Deterministic: the real Agent and backend run in the lab host's namespace, subclassed so that
 the "attacker" (a process with CAP_NET_ADMIN) acts at exactly that moment; a fresh ``status`` of
@@ -45,21 +48,8 @@ HOSTS = {"h1": 1, "h2": 2, "h4": 4, "adm": 250, "cp": 100}
 ROLES = {"h1": "client", "h2": "web", "h4": "other"}
 
 
-@pytest.fixture(scope="module")
-def net() -> Iterator[NetLab]:
-    lab = NetLab(HOSTS)
-    try:
-        lab.serve("h2", tcp=[22, 8080])
-        yield lab
-    finally:
-        lab.close()
-
-
-@pytest.fixture(autouse=True)
-def clean(net: NetLab) -> Iterator[None]:
-    net.reset("h2")
-    yield
-    net.reset("h2")
+net = dataplane.lab_fixture(HOSTS, {"h2": [22, 8080]})
+clean = dataplane.reset_fixture("h2")
 
 
 @pytest.fixture
@@ -182,8 +172,7 @@ def _unit_prefix(restrict: str | None = None) -> list[str]:
 
 def _iptables(net: NetLab, where: Path, variant: str) -> list[str]:
     """The environment making ``iptables*`` that ``variant`` (iptables-nft or iptables-legacy)."""
-    if shutil.which("iptables-restore") is None or shutil.which("ipset") is None:
-        pytest.skip("iptables-restore / ipset not installed")
+    dataplane.iptables_or_skip()
     legacy = "legacy" in net.exec("h2", "iptables", "-V").stdout
     if (variant == "iptables-legacy") == legacy:
         return []
@@ -263,8 +252,8 @@ def test_attack_an_apply_where_no_namespace_can_be_made_fails_unsealed_saying_wh
     check could not run and why (no CAP_SYS_ADMIN, user namespaces refused), and so does the
     status's last_error; a fresh status says not programmed; no drift baseline. It was sealed as
     read, the accept with it."""
-    if backend == "iptables" and (shutil.which("iptables-restore") is None or shutil.which("ipset") is None):
-        pytest.skip("iptables-restore / ipset not installed")
+    if backend == "iptables":
+        dataplane.iptables_or_skip()
     raced, status = _race(net, where, backend, "read", times, _unit_prefix("yes"))
     assert raced["raced"] == times, raced
     for said in (raced["failed"], status["last_error"]):
@@ -272,4 +261,23 @@ def test_attack_an_apply_where_no_namespace_can_be_made_fails_unsealed_saying_wh
         assert "no CAP_SYS_ADMIN" in said and "user namespaces refused" in said, said
     assert status["kernel_programmed"] is False and not status["published"], status
     assert raced["baseline"] == "nothing applied", raced
+    net.agent("h2", "flush", "--backend", backend)
+
+
+@pytest.mark.parametrize("backend", ["nftables", "iptables"])
+def test_attack_a_rule_inserted_right_after_the_seal_is_repaired_by_the_drift_check(
+    net: NetLab, where: Path, backend: str
+) -> None:
+    """The accept inserted right after the seal, before anything else reads the kernel. The seal
+    does not cover it (a fresh status says not programmed), and the daemon's drift baseline is
+    the read the seal verified, so the next drift check re-applies and the hole is closed. With
+    iptables the baseline was a second read after the seal, the accept in it: no drift check
+    ever repaired it."""
+    if backend == "iptables":
+        dataplane.iptables_or_skip()
+    raced, _ = _race(net, where, backend, "sealed", 1, drift=True)
+    assert raced["failed"] is None, raced
+    assert raced["baseline"] is not None and raced["baseline"] != raced["fresh"], raced
+    assert raced["repaired"] is True, raced
+    assert not _hole(net), ("the inserted accept is still in force", raced)
     net.agent("h2", "flush", "--backend", backend)

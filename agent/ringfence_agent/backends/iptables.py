@@ -159,6 +159,33 @@ def _kernel_rules(family: int, portable: bool = False) -> str | None:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
+def _fingerprinted(text: str) -> list[str]:
+    """The lines of one family's ``iptables-save`` a fingerprint covers: RF-IN/RF-OUT's rules and
+    the jumps into them."""
+    return [
+        x
+        for x in text.splitlines()
+        if x.startswith(("-A RF-IN ", "-A RF-OUT ")) or x in ("-A INPUT -j RF-IN", "-A OUTPUT -j RF-OUT")
+    ]
+
+
+def _fingerprint_of(texts: dict[int, str], kernel: dict[int, str | None], seals: dict[int, list[str]]) -> str:
+    """:meth:`IptablesBackend.fingerprint` of one read: each family's ``iptables-save -t filter``
+    (``texts``), its :func:`_kernel_rules` (``kernel``) and its seal chains' lines (``seals``)."""
+    lines: list[str] = []
+    for family in (4, 6):
+        lines += [f"{family} {line}" for line in _fingerprinted(texts[family])]
+        if lines:  # a rule put before a jump decides before Ringfence's chain does
+            lines += [
+                f"{family} first {parent}: {_first(texts[family].splitlines(), parent)}"
+                for _, parent in CHAINS.values()
+            ]
+    # iptables-nft: the same rules as the kernel holds them, what iptables-save cannot show too
+    lines += [f"{family} kernel {held}" for family in (4, 6) if (held := kernel[family]) is not None]
+    lines += [f"{family} {line}" for family in (4, 6) for line in seals[family]]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
 def _portable_match(expr: object) -> object:
     """An ``xt`` expression naming ipsets (the ``set`` match, the ``SET`` target) with each
     ipset index in its info (struct xt_set_info: a 16-bit index first, every 4 bytes; the match
@@ -505,6 +532,9 @@ class IptablesBackend(IptablesRenderer):
         self._gen: str | None = None
         self.lib = _load_lib()
         self.seal_key = SealKey(state_dir, _SEAL_CONTEXT, _SEAL_HEX)
+        # the fingerprint of what the last apply's seal read back (:meth:`fingerprint` of that
+        # read, the seal's name with it): the daemon's drift baseline; None when not sealed
+        self.applied_fingerprint: str | None = None
 
     def _save(self, family: int, counters: bool = False) -> str:
         cmd = ["iptables-save" if family == 4 else "ip6tables-save", "-t", "filter"]
@@ -518,26 +548,16 @@ class IptablesBackend(IptablesRenderer):
         holds them, of the first rule of INPUT/OUTPUT and of the seal's name (no counters; ipset
         contents left out: deltas change them); None when absent (a seal left alone counts as
         absent: ``flush`` removes it last)."""
-        lines: list[str] = []
-        seals: list[str] = []
+        texts: dict[int, str] = {}
         for family in (4, 6):
             proc = run(["iptables-save" if family == 4 else "ip6tables-save", "-t", "filter"])
             if proc.returncode != 0:  # cannot tell: never reported as a tamper
                 raise ApplyError(f"iptables-save failed: {proc.stderr.strip()[:200]}")
-            for line in proc.stdout.splitlines():
-                if line.startswith(("-A RF-IN ", "-A RF-OUT ")) or line in ("-A INPUT -j RF-IN", "-A OUTPUT -j RF-OUT"):
-                    lines.append(f"{family} {line}")
-                elif line.startswith(f":{SEAL}"):
-                    seals.append(f"{family} {line}")
-            if lines:  # a rule put before a jump decides before Ringfence's chain does
-                lines += [
-                    f"{family} first {parent}: {_first(proc.stdout.splitlines(), parent)}"
-                    for _, parent in CHAINS.values()
-                ]
-        if lines:  # iptables-nft: the same rules as the kernel holds them, what iptables-save cannot show too
-            lines += [f"{family} kernel {held}" for family in (4, 6) if (held := _kernel_rules(family)) is not None]
-            lines += seals
-        return hashlib.sha256("\n".join(lines).encode()).hexdigest() if lines else None
+            texts[family] = proc.stdout
+        seals = {family: [x for x in texts[family].splitlines() if x.startswith(f":{SEAL}")] for family in (4, 6)}
+        if not any(_fingerprinted(texts[family]) for family in (4, 6)):
+            return None
+        return _fingerprint_of(texts, {family: _kernel_rules(family) for family in (4, 6)}, seals)
 
     def _family_problem(self, family: int, text: str) -> str | None:
         """None when one family holds Ringfence's chains as the agent applies them: the jumps
@@ -601,7 +621,9 @@ class IptablesBackend(IptablesRenderer):
             )
         return None
 
-    def held(self, texts: dict[int, str], gen: str, portable: bool = False) -> str:
+    def held(
+        self, texts: dict[int, str], gen: str, portable: bool = False, kernel: dict[int, str | None] | None = None
+    ) -> str:
         """A digest of what the kernel holds of Ringfence's rules, what the seal is a MAC of: per
         family, RF-IN/RF-OUT as iptables-save prints them (no counters), where the jumps into
         them are in INPUT/OUTPUT, on iptables-nft the same chains as nf_tables holds them
@@ -609,7 +631,8 @@ class IptablesBackend(IptablesRenderer):
         ipsets (type and members). Bundle and drop-tuple ipsets are left out: deltas and traffic
         change them (the enforced digest covers the bundle's). ApplyError or OSError when the
         kernel cannot be asked. ``portable``: the same read as another network namespace holding
-        the same rules reads it (:func:`_kernel_rules`): what :meth:`_as_written` compares."""
+        the same rules reads it (:func:`_kernel_rules`): what :meth:`_as_written` compares.
+        ``kernel``: each family's :func:`_kernel_rules` as already read (not portable)."""
         doc: dict[str, object] = {"gen": gen}
         for family in (4, 6):
             lines = texts[family].splitlines()
@@ -618,20 +641,24 @@ class IptablesBackend(IptablesRenderer):
                 parent: [i for i, x in enumerate(_chain_rules(lines, parent)) if x == f"-A {parent} -j {chain}"]
                 for chain, parent in CHAINS.values()
             }
-            doc[f"{family} kernel"] = _kernel_rules(family, portable)
+            doc[f"{family} kernel"] = kernel[family] if kernel is not None else _kernel_rules(family, portable)
         doc["failsafe ipsets"] = _failsafe_ipsets(gen)
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
-    def _seal(self, held: str) -> None:
+    def _seal(self, held: str, texts: dict[int, str], kernel: dict[int, str | None]) -> None:
         """Name what the kernel holds right after the apply (``held``, checked by :meth:`apply`):
         ``RF-S-<MAC>`` (:meth:`held`; the key made here when there is none). A commit of its own,
         once the rules are in (the digest is of iptables' own rendering of them); should it fail,
         the chains read as altered and the next apply, or the daemon's drift check, programs
-        them again: never intact when not."""
+        them again: never intact when not. Once written, the drift baseline is the fingerprint
+        of that same read (``texts``, ``kernel``) and the seal: a second read after the seal
+        would take in a rule inserted in between."""
         # bound to this apply (a fresh nonce on record): earlier rules put back no longer check
         seal = self.seal_key.new_seal(held)
-        if seal is not None:
-            run(["iptables-restore", "--noflush"], stdin=f"*filter\n:{SEAL}{seal} - [0:0]\nCOMMIT\n")
+        if seal is None:
+            return
+        if run(["iptables-restore", "--noflush"], stdin=f"*filter\n:{SEAL}{seal} - [0:0]\nCOMMIT\n").returncode == 0:
+            self.applied_fingerprint = _fingerprint_of(texts, kernel, {4: [f":{SEAL}{seal} - [0:0]"], 6: []})
 
     def enforced(self, set_names: Iterable[str] = ()) -> str:
         """The enforced-policy digest (:mod:`ringfence.enforced`) of what the kernel holds: the
@@ -720,7 +747,8 @@ class IptablesBackend(IptablesRenderer):
         else can write must read back the same (:meth:`_as_written`); otherwise the apply is done
         again, and after :data:`APPLY_TRIES` it fails unsealed. Where no such namespace can be
         made the check cannot run: it fails unsealed at once (every try would be the same), never
-        sealed as read."""
+        sealed as read. :attr:`applied_fingerprint`: the drift baseline, of the read sealed."""
+        self.applied_fingerprint = None
         if plan.mode == "idle":
             self.flush()
             return
@@ -728,7 +756,8 @@ class IptablesBackend(IptablesRenderer):
             gen = self._commit(plan)
             try:
                 texts = {family: self._save(family) for family in (4, 6)}
-                held, portable = self.held(texts, gen), self.held(texts, gen, portable=True)
+                kernel = {family: _kernel_rules(family) for family in (4, 6)}
+                held, portable = self.held(texts, gen, kernel=kernel), self.held(texts, gen, portable=True)
             except (ApplyError, OSError):
                 self.seal_key.forget()  # the previous apply's seal no longer names what is in force
                 return
@@ -741,7 +770,7 @@ class IptablesBackend(IptablesRenderer):
                     "process inserted after the commit, so it is not sealed (the rules are in force, unsealed)"
                 ) from None
             if same:
-                self._seal(held)
+                self._seal(held, texts, kernel)
                 return
         self.seal_key.forget()
         raise ApplyError(
