@@ -171,6 +171,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         "last_rejected": status.get("last_rejected"),
         "last_cut": status.get("last_cut"),
         "last_tamper": status.get("last_tamper"),  # the drift check's last re-apply: what it found
+        # iptables with no namespace of its own on this host: the last apply was sealed as read back
+        "seal_unchecked": status.get("seal_unchecked"),
         "last_sync": status.get("last_sync"),  # the last change applied: where its time went
         "counters": status.get("counters", {}),
         "daemon": status.get("daemon"),

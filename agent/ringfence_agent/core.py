@@ -174,6 +174,8 @@ class Agent:
         # what this process last applied as a whole, and the kernel's fingerprint right after
         self._kernel_plan: Plan | None = None
         self._baseline: str | object | None = _NOTHING_APPLIED
+        # the backend's last reason the seal check could not run, as status.json holds it
+        self._seal_unchecked: str | None = state.read_json("status.json").get("seal_unchecked")
         self.track_drift = False  # the daemon turns it on (a fingerprint after every apply: a few ms)
         # Caches, so that a delta costs O(delta), not O(set size): the effective bundle with the
         # first _eff_n deltas folded in (the rest fold when someone asks for it), each set's
@@ -261,6 +263,7 @@ class Agent:
     def _apply(self, plan: Plan) -> None:
         """Every whole-plan apply: then the kernel's fingerprint, the baseline drift is judged by."""
         self.backend.apply(plan)
+        self._note_seal_check()
         self._kernel_plan = plan
         self._posture = False
         self.applies += 1
@@ -276,6 +279,21 @@ class Agent:
             return
         with contextlib.suppress(ApplyError, OSError):
             self._baseline = probe()
+
+    def _note_seal_check(self) -> None:
+        """Where the backend could not check that what it sealed is what it wrote (iptables with
+        no namespace of its own on this host: sealed as read), status says so and why
+        (``seal_unchecked``), and the log once; cleared by the next apply that was checked."""
+        unchecked = getattr(self.backend, "seal_unchecked", None)
+        if unchecked == self._seal_unchecked:
+            return
+        self._seal_unchecked = unchecked
+        self.state.update_status(seal_unchecked=unchecked)
+        if unchecked is not None:
+            self.log(
+                f"the seal check cannot run here ({unchecked}): the rules were sealed as read back, so a rule "
+                "another process inserted between the commit and the read-back would be sealed with them"
+            )
 
     def _repair(self, plan: Plan, what: str) -> None:
         """Re-apply after tamper, counted in ``tamper_reapplied`` even when the re-apply fails: a

@@ -239,7 +239,7 @@ def test_an_iptables_apply_beside_other_ipsets_is_sealed(net: NetLab, tmp_path: 
             assert status["kernel_programmed"] is True, (proc.stdout, status)
         assert "gen=b" in net.exec("h2", "iptables", "-S", "RF-IN").stdout
     finally:
-        net.agent("h2", "flush", "--backend", "iptables", "--state-dir", str(state))
+        net.agent("h2", "flush", "--backend", "iptables")
         for i in range(3):
             net.exec("h2", "ipset", "destroy", f"neighbour{i}")
 
@@ -306,4 +306,4 @@ def test_attack_a_drift_repair_raced_on_every_try_still_counts_as_tamper(net: Ne
     assert repaired["changed"] is True and repaired["counters"]["tamper_reapplied"] == 3, repaired
     assert repaired["tamper"]["repaired"] is True and "error" not in repaired["tamper"], repaired
     assert not _hole(net), ("the inserted accept is still in force", raced, repaired)
-    net.agent("h2", "flush", "--backend", "nftables", "--state-dir", str(state))
+    net.agent("h2", "flush", "--backend", "nftables")

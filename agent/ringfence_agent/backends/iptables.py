@@ -535,6 +535,9 @@ class IptablesBackend(IptablesRenderer):
         # the fingerprint of what the last apply's seal read back (:meth:`fingerprint` of that
         # read, the seal's name with it): the daemon's drift baseline; None when not sealed
         self.applied_fingerprint: str | None = None
+        # why the last apply's seal check could not run (no namespace of its own on this host):
+        # that apply was sealed as read (see :meth:`apply`); None when it was checked
+        self.seal_unchecked: str | None = None
 
     def _save(self, family: int, counters: bool = False) -> str:
         cmd = ["iptables-save" if family == 4 else "ip6tables-save", "-t", "filter"]
@@ -746,9 +749,9 @@ class IptablesBackend(IptablesRenderer):
         made it the agent's. The same rules and sets loaded into a fresh network namespace nobody
         else can write must read back the same (:meth:`_as_written`); otherwise the apply is done
         again, and after :data:`APPLY_TRIES` it fails unsealed. Where no such namespace can be
-        made the check cannot run: it fails unsealed at once (every try would be the same), never
-        sealed as read. :attr:`applied_fingerprint`: the drift baseline, of the read sealed."""
-        self.applied_fingerprint = None
+        made the check cannot run: sealed as read, why in :attr:`seal_unchecked`.
+        :attr:`applied_fingerprint`: the drift baseline, of the read sealed."""
+        self.applied_fingerprint = self.seal_unchecked = None
         if plan.mode == "idle":
             self.flush()
             return
@@ -764,11 +767,12 @@ class IptablesBackend(IptablesRenderer):
             try:
                 same = self._as_written(plan, gen, portable)
             except scratch.Unavailable as exc:
-                self.seal_key.forget()
-                raise ApplyError(
-                    f"the seal check could not run ({exc}): what was read back cannot be told from a rule another "
-                    "process inserted after the commit, so it is not sealed (the rules are in force, unsealed)"
-                ) from None
+                # No namespace on this host (user namespaces refused; root without CAP_SYS_ADMIN),
+                # and iptables has no generation to prove the read ours: every apply would fail,
+                # no bundle would ever be in force as the last known good, and a start would hold
+                # the boot posture. So sealed as read, and said (status: seal_unchecked): a rule
+                # inserted between the commit and the read-back is sealed with it (docs/agent.md).
+                self.seal_unchecked, same = str(exc), True
             if same:
                 self._seal(held, texts, kernel)
                 return
