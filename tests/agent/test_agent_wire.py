@@ -104,9 +104,16 @@ def test_heartbeats_validate(tmp_path: Path) -> None:
     assert second["applied_version"] == 1 and second["mode"] == "enforce" and not second["healthy"]
     # a backend that cannot read its kernel back (dry-run) sends no digest: the field is left out
     assert "kernel_digest" not in sent[1].to_json()
-    assert second == {"kernel_digest": None, **sent[1].to_json()} and second["counters"]["applied"] == 1
+    # run from a checkout: no version known, none sent
+    assert sent[1].agent_version is None and "agent_version" not in sent[1].to_json()
+    assert second == {"kernel_digest": None, "agent_version": None, **sent[1].to_json()}
+    assert second["counters"]["applied"] == 1
     with_digest = dataclasses.replace(sent[1], kernel_digest="ab" * 32)
     assert _server_reads(agentapi.Heartbeat, with_digest.to_json())["kernel_digest"] == "ab" * 32
+    versioned = dataclasses.replace(sent[1], agent_version="0.1.0+3f2a9c1b0d4e")
+    assert _server_reads(agentapi.Heartbeat, versioned.to_json())["agent_version"] == "0.1.0+3f2a9c1b0d4e"
+    # the body for a control plane older than the field: without it
+    assert "agent_version" not in versioned.to_json(with_agent_version=False)
 
 
 def test_report_batches_validate_and_spool_round_trips(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ringfence.agentwire import AGENT_VERSION_PATTERN, MAX_AGENT_VERSION
 from ringfence.agentwire import API_PREFIX as API_PREFIX
 from ringfence.agentwire import MAX_REPORT_BYTES as MAX_REPORT_BYTES
 from ringfence.agentwire import MAX_REPORT_RECORDS as MAX_REPORT_RECORDS
@@ -136,6 +137,15 @@ class Heartbeat(_Body):
         pattern=r"^[0-9a-f]{64}$",
         description="sha256 of what the kernel holds of the applied bundle, read back after applying "
         "(ringfence.enforced); compared with the published bundle's (GET /admin/findings)",
+    )
+    agent_version: str | None = Field(
+        None,
+        max_length=MAX_AGENT_VERSION,
+        pattern=AGENT_VERSION_PATTERN,
+        description="the agent's installed version, PEP 440 or semver (0.1.0+3f2a9c1b0d4e: the artifact's "
+        "<release>+<source digest>); null or absent: unknown, or an agent older than the field. Shown per "
+        "workload in GET /admin/findings (agents). A control plane older than the field refuses it (422 "
+        "naming body.agent_version): the agent sends that heartbeat again without it",
     )
 
 

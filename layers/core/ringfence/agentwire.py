@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -34,6 +35,21 @@ ROUTES: dict[str, tuple[str, str]] = {
 }
 MAX_REPORT_BYTES = 256 * 1024
 MAX_REPORT_RECORDS = 2000
+
+# The agent's version in a heartbeat: a PEP 440 or semver string (``0.1.0+3f2a9c1b0d4e``, the
+# artifact's ``<release>+<source digest>``; ``1.2.3-rc.1+build.5``; ``1.0rc1``; ``2!1.0.post1``),
+# at most MAX_AGENT_VERSION characters. Every repeated group starts with a separator, so no input
+# backtracks more than polynomially (the agent checks with ``re``; pydantic with its linear engine).
+AGENT_VERSION_PATTERN = (
+    r"^v?[0-9]+(?:[.!][0-9]+)*[0-9A-Za-z]*(?:[-_.][0-9A-Za-z]+)*(?:\+[0-9A-Za-z]+(?:[-_.][0-9A-Za-z]+)*)?$"
+)
+MAX_AGENT_VERSION = 64
+
+
+def agent_version_ok(v: str) -> bool:
+    """Whether ``v`` is a version the agent API takes (AGENT_VERSION_PATTERN, MAX_AGENT_VERSION)."""
+    return len(v) <= MAX_AGENT_VERSION and re.fullmatch(AGENT_VERSION_PATTERN, v) is not None
+
 
 Direction = Literal["inbound", "outbound"]
 ReportProto = Literal["tcp", "udp", "icmp", "icmpv6", "other"]
@@ -110,8 +126,12 @@ class Heartbeat:
     counters: dict[str, int] = field(default_factory=dict)
     # the enforced-policy digest of what the kernel holds (ringfence.enforced); None: cannot tell
     kernel_digest: str | None = None
+    # the agent's installed version (AGENT_VERSION_PATTERN); None: unknown (run from a checkout)
+    agent_version: str | None = None
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, *, with_agent_version: bool = True) -> dict[str, Any]:
+        """``with_agent_version=False``: the body a control plane older than the field takes (it
+        refuses unknown fields, 422)."""
         out: dict[str, Any] = {
             "applied_version": self.applied_version,
             "mode": None if self.mode is None else self.mode.value,
@@ -121,6 +141,8 @@ class Heartbeat:
         }
         if self.kernel_digest is not None:  # only when known: a control plane without drift checks accepts it
             out["kernel_digest"] = self.kernel_digest
+        if with_agent_version and self.agent_version is not None:  # as kernel_digest: only when known
+            out["agent_version"] = self.agent_version
         return out
 
 

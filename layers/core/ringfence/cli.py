@@ -632,6 +632,16 @@ def cmd_findings(args: argparse.Namespace) -> int:
     print(
         f"{len(res.findings)} findings over {res.checked} enrolled workloads (bound {res.bound:.0f} s)", file=sys.stderr
     )
+    if args.agents:
+        now = time.time()
+        print(f"{'workload':<24} {'agent version':<28} {'enforces':<9} {'latest':<9} last heartbeat")
+        for a in res.agents:
+            seen = "never" if a.last_heartbeat is None else f"{max(0.0, now - a.last_heartbeat):.0f} s ago"
+            print(
+                f"{_line(a.workload_id):<24} {_line(a.agent_version or '-'):<28} "
+                f"{'-' if a.enforced_version is None else a.enforced_version!s:<9} "
+                f"{'-' if a.latest_version is None else a.latest_version!s:<9} {seen}"
+            )
     return 1 if res.findings else 0
 
 
@@ -1135,7 +1145,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=120.0,
         help="seconds allowed after a publish and between heartbeats (default 120)",
     )
-    p.add_argument("--json", action="store_true", help="the findings as JSON")
+    p.add_argument(
+        "--agents",
+        action="store_true",
+        help="also list every enrolled workload's agent: its version, last heartbeat, the revision it enforces",
+    )
+    p.add_argument("--json", action="store_true", help="the findings (and every agent, as agents) as JSON")
 
     p = add("map", cmd_map, help="the application dependency map (from flows, else from policy) as HTML, SVG or DOT")
     _policy_args(p)

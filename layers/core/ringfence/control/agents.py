@@ -597,6 +597,7 @@ class AgentApi:
                 latest_version=latest,
                 behind_since=(before.behind_since if before and before.behind_since else now) if behind else None,
                 **tamper,
+                agent_version=hb.agent_version,
             )
         )
 

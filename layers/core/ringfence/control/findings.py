@@ -17,6 +17,12 @@ the records into findings (``ringfence findings``, ``GET /admin/findings``):
   rise. A repaired tamper leaves the kernel digest matching, so without this the control plane
   would never hear of it; it is reported alongside any other finding of the workload.
 
+Each finding names the version the workload's agent last said it runs (``agent_version``), and the
+response lists every enrolled workload's agent (``agents``: its version, last heartbeat, the
+revision it enforces), as a PCE lists its VENs' versions. No finding is raised for an old agent:
+there is no minimum version to compare with, and "older than the newest seen" would flag every
+workload in the middle of a rolling upgrade.
+
 A heartbeat without a kernel digest is no finding: backends that cannot read the kernel back
 (dry-run, windows-plan) and a read racing an apply send none. Nor is the digest a check against
 root on the host, who can compute the expected one from its own bundle: it catches drift and
@@ -62,6 +68,22 @@ class Finding(BaseModel):
     repairs: int | None = Field(
         None, description="tampered: re-applies the control plane counted since the window opened"
     )
+    agent_version: str | None = Field(
+        None, description="the version the workload's agent said it runs at its last heartbeat (null: it said none)"
+    )
+
+
+class AgentState(BaseModel):
+    """One enrolled workload's agent as its last heartbeat described it (the enforcement report)."""
+
+    workload_id: str
+    agent_version: str | None = Field(
+        description="the agent's installed version (0.1.0+3f2a9c1b0d4e); null: no heartbeat recorded yet, an "
+        "agent older than the field, or one run from a checkout"
+    )
+    last_heartbeat: float | None = Field(description="epoch seconds; null: none since it enrolled")
+    enforced_version: int | None = Field(description="the revision it said it enforces")
+    latest_version: int | None = Field(description="the newest published for it; null: nothing published yet")
 
 
 class FindingsResponse(BaseModel):
@@ -71,6 +93,10 @@ class FindingsResponse(BaseModel):
     )
     checked: int = Field(description="enrolled workloads checked")
     findings: list[Finding]
+    agents: list[AgentState] = Field(
+        default_factory=list,
+        description="every enrolled active workload's agent (its version, last heartbeat, what it enforces), by id",
+    )
 
 
 def latest_version(store: Store, ptr: BundlePointer) -> int:
@@ -134,15 +160,25 @@ def findings(
     out: list[Finding] = []
     checked = 0
     reports = {r.workload_id: r for r in store.enforcement_reports()}
+    agents: list[AgentState] = []
     for rec in store.all_records():
         if not rec.active or not rec.enrolled:
             continue  # no agent to ask (yet), or the workload is gone
         ptr = store.bundle_pointer(rec.id)
-        if ptr is None:
+        rep = reports.get(rec.id)
+        latest = latest_version(store, ptr) if ptr is not None else None
+        agents.append(
+            AgentState(
+                workload_id=rec.id,
+                agent_version=rep.agent_version if rep else None,
+                last_heartbeat=rec.last_heartbeat if rep is None else max(rep.time, rec.last_heartbeat or 0),
+                enforced_version=rep.version if rep else None,
+                latest_version=latest,
+            )
+        )
+        if ptr is None or latest is None:
             continue  # nothing published: nothing to enforce
         checked += 1
-        rep = reports.get(rec.id)
-        latest = latest_version(store, ptr)
         tampered = _tampered(rec.id, rep, latest, now, tamper_window)
         if tampered is not None:
             out.append(tampered)  # whatever holds now: the kernel was changed by someone else
@@ -206,7 +242,11 @@ def findings(
                     latest_version=latest,
                 )
             )
-    return FindingsResponse(bound=bound, checked=checked, findings=out, tamper_window=tamper_window)
+    versions = {a.workload_id: a.agent_version for a in agents}
+    for f in out:
+        f.agent_version = versions.get(f.workload_id)
+    agents.sort(key=lambda a: a.workload_id)
+    return FindingsResponse(bound=bound, checked=checked, findings=out, tamper_window=tamper_window, agents=agents)
 
 
 _SEVERITY = {"kernel-mismatch": ocsf.HIGH, "not-enforced": ocsf.MEDIUM, "silent": ocsf.MEDIUM, "tampered": ocsf.HIGH}
@@ -294,6 +334,7 @@ def announce(w: BaseWiring, bound: float = DEFAULT_BOUND, now: float | None = No
                 "latest_version": f.latest_version,
                 "bound_s": bound,
                 **({"repairs": f.repairs} if f.repairs is not None else {}),
+                **({"agent_version": f.agent_version} if f.agent_version is not None else {}),
             },
         ):
             out.append(f)

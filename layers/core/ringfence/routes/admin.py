@@ -237,7 +237,8 @@ def admin_routes(
     @app.get(
         "/admin/findings",
         summary="effective policy, checked (as `ringfence findings`): agents silent, not enforcing the newest "
-        "bundle within the bound, whose kernel holds something else, or that repaired a tamper within a day — any role",
+        "bundle within the bound, whose kernel holds something else, or that repaired a tamper within a day; and every "
+        "enrolled workload's agent (its version, last heartbeat, the revision it enforces) — any role",
         responses=answers(FindingsResponse, errors=(503,), meaning={503: unavailable()}),
         security=[{"sigv4": []}],
     )

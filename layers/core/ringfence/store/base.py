@@ -321,6 +321,10 @@ class EnforcementReport(BaseModel):
     tamper_repairs: int = Field(
         0, description="re-applies counted in rises since the first rise of the current tamper window"
     )
+    # a stored report is a JSON document (both stores): one written before the field loads as None
+    agent_version: str | None = Field(
+        None, description="the version the agent said it runs at that heartbeat; None: it said none"
+    )
 
 
 class DeltaPointer(BaseModel):
