@@ -99,14 +99,9 @@ def _kernel_digest(backend: str, state_dir: Path, set_names: list[str]) -> tuple
 
 
 def _agent_version() -> str | None:
-    """The installed artifact's version (``<release>+<source digest>``, build_artifact.py): which
-    build this is after an upgrade; None when run from a checkout, not from the artifact."""
-    from importlib import metadata
+    from ringfence_agent import installed_version
 
-    try:
-        return metadata.version("ringfence-agent")
-    except metadata.PackageNotFoundError:
-        return None
+    return installed_version()
 
 
 def _agent_key(state_dir: Path) -> tuple[str | None, str | None]:
@@ -148,6 +143,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     out = {
         "workload_id": state.identity(),
         "agent_version": _agent_version(),
+        # the control plane refused agent_version in a heartbeat (older than this agent): its detail
+        "agent_version_refused": status.get("agent_version_refused"),
         "agent_key": key_id,  # its id, as audit records name it
         "agent_key_fingerprint": key_fingerprint,  # what an operator's reset names as the next key
         "bundle_version": bundle.version if bundle else None,

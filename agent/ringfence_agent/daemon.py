@@ -22,9 +22,9 @@ from pathlib import Path
 from types import FrameType
 from typing import TypeVar
 
-from ringfence.agentwire import Heartbeat, ReportBatch
+from ringfence.agentwire import Heartbeat, ReportBatch, agent_version_ok
 from ringfence.bundlewire import Bundle, BundleError, SetDelta, SignatureLike, Verifier, key_id_of_raw
-from ringfence_agent import enroll
+from ringfence_agent import enroll, installed_version
 from ringfence_agent.backends import ApplyError, make_backend
 from ringfence_agent.config import AgentConfig
 from ringfence_agent.core import Agent, Rejected, Result
@@ -309,6 +309,12 @@ class Daemon:
             sessions=session_cutter(cfg.backend, cfg.cut_revoked_connections),
         )
         self.agent.track_drift = cfg.drift_interval > 0
+        # read once: the version of the code running, not of a wheel upgraded under it since; one
+        # the agent API would refuse (not PEP 440 or semver) is not sent
+        running = installed_version()
+        self.agent_version = running if running is not None and agent_version_ok(running) else None
+        if running is not None and self.agent_version is None:
+            log(f"agent version {running[:80]!r} is not one the control plane takes: heartbeats go without it")
         # one firewall change at a time: the sync loop's applies and the observer's drift repair
         self.apply_lock = threading.Lock()
         self.stop = threading.Event()
@@ -906,6 +912,7 @@ class Daemon:
             message=message[:1000],
             counters=counters,
             kernel_digest=kernel_digest,
+            agent_version=self.agent_version,
         )
         return self.source.heartbeat(hb)
 

@@ -577,6 +577,21 @@ def _oldest_first(deltas: list[SetDelta]) -> list[SetDelta]:
     return sorted(deltas, key=lambda d: (d.to_version, d.set))
 
 
+AGENT_VERSION_RETRY_S = 3600.0  # after a refused agent_version: heartbeats go without it this long
+
+
+def _refused_field(body: bytes, name: str) -> str | None:
+    """The detail of a 422 answer (agentapi.ErrorBody) that names ``body.<name>``, else None."""
+    try:
+        detail = json.loads(body).get("detail")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(detail, str):
+        return None
+    mine = [p.strip() for p in detail.split(";") if p.strip().startswith(f"body.{name}:")]
+    return "; ".join(mine)[:300] if mine else None
+
+
 class ApiSource:
     """The agent API of docs/agent-api.md; ``prove`` builds the enrollment proof for a nonce."""
 
@@ -618,6 +633,9 @@ class ApiSource:
         # (since, documents)
         self._pushed_bundle: tuple[str, str | None, list[Any] | None] | None = None
         self._pushed: tuple[int, list[Any]] | None = None
+        self._version_refused_until = 0.0  # monotonic: until then heartbeats go without agent_version
+        # status.json says a refusal (this run's, or one before a restart): cleared once taken
+        self._version_refusal_shown = bool(state.read_json("status.json").get("agent_version_refused"))
 
     def _url(self, route: str, query: str = "") -> tuple[str, str]:
         """(method, URL) of one of the agent API's routes (:data:`ROUTES`)."""
@@ -818,7 +836,33 @@ class ApiSource:
         return [delta_from_json(d) for d in resp["deltas"]]  # BundleError: the daemon refuses them
 
     def heartbeat(self, hb: Heartbeat) -> int | None:
-        status, _, body = self._call("heartbeat", body=hb.to_json())
+        """A control plane older than the agent refuses ``agent_version`` (422 naming it: its
+        heartbeat model forbids unknown fields). The heartbeat is sent again at once without it,
+        the refusal logged and kept in status.json (``agent_version_refused``), and heartbeats go
+        without it for AGENT_VERSION_RETRY_S, then try it again (the control plane may have been
+        upgraded since). Control planes are upgraded before their agents (docs/agent.md)."""
+        send = hb.agent_version is not None and time.monotonic() >= self._version_refused_until
+        status, _, body = self._call("heartbeat", body=hb.to_json(with_agent_version=send))
+        refused = _refused_field(body, "agent_version") if status == 422 and send else None
+        if refused is not None:
+            self._version_refused_until = time.monotonic() + AGENT_VERSION_RETRY_S
+            older = "extra inputs" in refused.lower()  # pydantic's word for a field the model does not know
+            log(
+                f"heartbeat: the control plane refused agent_version ({refused}): "
+                + (
+                    "it is older than this agent (upgrade the control plane before its agents); "
+                    if older
+                    else f"it does not take {hb.agent_version!r}; "
+                )
+                + f"heartbeats go without it for {AGENT_VERSION_RETRY_S:.0f} s"
+            )
+            self.state.update_status(agent_version_refused={"detail": refused, "time": time.time()})
+            self._version_refusal_shown = True
+            status, _, body = self._call("heartbeat", body=hb.to_json(with_agent_version=False))
+        elif status == 200 and send and self._version_refusal_shown:
+            self._version_refusal_shown = False
+            log("heartbeat: the control plane takes agent_version now")
+            self.state.update_status(agent_version_refused=None)
         if status != 200:
             raise SourceError(f"heartbeat: HTTP {status}")
         latest: int | None = _answer(body, "heartbeat", latest_version=(int, None))["latest_version"]
