@@ -193,20 +193,35 @@ class Admin:
             # active with its record, or neither: its files stay (an active version needs them)
             log.error("provisioning %s: not known whether it is active (see the audit log)", target)
             raise
-        except Exception:
-            # nothing activated: the call fails (the function's error alarm), its files are removed
-            log.error("the audit record of %s could not be written: nothing provisioned", target)
-            self._unpublish(keys)
-            raise
+        except Exception as exc:
+            # the store said not written; its files go only once it shows the version is not
+            # active (a transaction that committed and was answered as failed - a ConflictError
+            # read from a retry of it - left this version active, its record with it)
+            try:
+                now = self.w.store.active_policy()
+            except Exception:
+                log.error("provisioning %s: not known whether it is active (see the audit log)", target)
+                raise exc from None
+            if now is None or now.number != version:
+                # nothing activated: the call fails (the function's error alarm), its files are removed
+                log.error("the audit record of %s could not be written: nothing provisioned", target)
+                self._unpublish(keys)
+                raise
+            log.warning("provisioning %s raised %s, but it is active with its record", target, exc)
+            audit_id, failed = audit_rec.id, None
         try:
             if failed is not None:
                 raise failed
         except ConflictError as exc:
             # a concurrent provision won: this version never becomes active, nor is it kept (its
-            # number stays unused); provision again over the one that won
-            self._unpublish(keys)
-            self._failed(principal, "policy.provision", target, audit_id, str(exc), reason, outcome="abandoned")
-            return error(409, "policy changed meanwhile: nothing provisioned", str(exc))
+            # number stays unused); provision again over the one that won. Only as the store
+            # shows it (a version active is kept, whatever the store answered)
+            now = self.w.store.active_policy()
+            if now is None or now.number != version:
+                self._unpublish(keys)
+                self._failed(principal, "policy.provision", target, audit_id, str(exc), reason, outcome="abandoned")
+                return error(409, "policy changed meanwhile: nothing provisioned", str(exc))
+            log.warning("provisioning %s was refused (%s), but it is active", target, exc)
         except Exception as exc:
             # the store failed (throttled, unreachable): active or not, as the store now says
             now = self.w.store.active_policy()

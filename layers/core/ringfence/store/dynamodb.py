@@ -21,6 +21,7 @@ import json
 import random
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import Any, NamedTuple
@@ -105,7 +106,7 @@ class _ChainWriter:
     the next transaction (a group commit: 50 agents enrolling at once waited 5 s in line for
     their ``agent.enroll`` records, one round trip each). A record with a change
     (:meth:`DynamoStore.audit_with`) goes the same way, its change's items in the transaction
-    with it."""
+    with it (one touching an item already in it: in the next transaction)."""
 
     __slots__ = ("group", "head")
 
@@ -1376,10 +1377,11 @@ class DynamoStore:
     ) -> list[AuditRecord | BaseException]:
         """Append ``recs`` in order, as many per transaction as its 100 items take (each record is
         its change's items, its chain item and its id item, conditional on neither existing; the
-        head moves once, conditional on the head the first one follows). A record whose id exists,
-        or whose change's own condition fails, is refused alone (the log is append-only; the
-        change: :class:`ChangeFailed`) with nothing of it written; the others are sealed again
-        and retried."""
+        head moves once, conditional on the head the first one follows; no two records touching
+        one item in a transaction). A record whose id exists (unless read back as this very
+        transaction, committed and retried), or whose change's own condition fails, is refused
+        alone (the log is append-only; the change: :class:`ChangeFailed`) with nothing of it
+        written; the others are sealed again and retried."""
         out: list[AuditRecord | BaseException | None] = [None] * len(recs)
         try:
             self._append_into(recs, writer, out)
@@ -1401,6 +1403,7 @@ class DynamoStore:
         table = self.audit_table.name
         pending = list(range(len(recs)))
         losses = 0
+        limit = AUDIT_RECORDS_PER_TRANSACTION  # halved by a transaction DynamoDB refused as invalid
         new = {"ConditionExpression": "attribute_not_exists(pk)"}
         while pending:
             if losses >= self.AUDIT_ATTEMPTS:
@@ -1412,17 +1415,25 @@ class DynamoStore:
             head = writer.head or self.audit_head() or AuditHead()
             chunk: list[int] = []
             size = 1  # the head
+            # the items the chunk writes: DynamoDB refuses a whole transaction with two operations
+            # on one item (ValidationException), so a record touching one already in the chunk (a
+            # mode and a quarantine of one workload, two activations, a repeated id) ends it and
+            # goes in the next transaction, sealed on the head this one leaves
+            touched: set[tuple[str, str]] = set()
             for i in pending:
-                part = recs[i][1]
+                rec, part = recs[i]
                 n = 2 + (len(part.items) if part else 0)
-                if chunk and (size + n > TRANSACT_ITEMS or len(chunk) == AUDIT_RECORDS_PER_TRANSACTION):
+                mine = self._touches(rec, part)
+                if chunk and (size + n > TRANSACT_ITEMS or len(chunk) >= limit or not touched.isdisjoint(mine)):
                     break
                 chunk.append(i)
                 size += n
+                touched |= mine
             sealed: list[AuditRecord] = []
             items: list[dict[str, Any]] = []
             # per item: the record it belongs to, and whether it is its change's (else the chain's)
             owners: list[tuple[int, bool]] = []
+            claims: list[int] = []  # the positions of the id claims
             after = head
             for i in chunk:
                 rec, part = recs[i]
@@ -1436,6 +1447,7 @@ class DynamoStore:
                 items.append(
                     {"Put": {"TableName": table, "Item": {"pk": f"id#{rec.id}", "sk": "id", "seq": rec.seq}, **new}}
                 )
+                claims.append(len(items) - 1)
                 owners += [(i, False), (i, False)]
             if head.seq:
                 head_cond: dict[str, Any] = {
@@ -1448,16 +1460,37 @@ class DynamoStore:
             head_item = {"pk": "head", "sk": "head", "seq": after.seq, "hash": after.hash}
             items.append({"Put": {"TableName": table, "Item": head_item, **head_cond}})
             try:
-                client.transact_write_items(TransactItems=items)
+                # one token per sealed chunk: DynamoDB answers a retry of it (botocore's, after an
+                # answer lost once it committed) within 10 minutes as the success it was, instead
+                # of cancelling it on the items it wrote (moto ignores the token: the read-back
+                # below is what tells the two apart there, and after those 10 minutes)
+                client.transact_write_items(TransactItems=items, ClientRequestToken=uuid.uuid4().hex)
             except ClientError as exc:
                 writer.head = None  # another process appended (or the call failed): read it again
-                if exc.response.get("Error", {}).get("Code") != "TransactionCanceledException":
+                code = exc.response.get("Error", {}).get("Code")
+                if code == "ValidationException" and len(chunk) > 1:
+                    # refused whole, before anything was written, for what some record brings (two
+                    # operations on one item the keys above missed, a size): smaller chunks, until
+                    # the one record refused so is refused alone
+                    limit = max(1, len(chunk) // 2)
+                    continue
+                if code != "TransactionCanceledException":
                     self._unanswered(recs, chunk, sealed, exc, out)
                     pending = pending[len(chunk) :]
                     continue
                 reasons = _reasons(exc)
                 if not set(reasons) <= {"None", "ConditionalCheckFailed", "TransactionConflict"}:
                     raise
+                if any(reasons[k : k + 1] == ["ConditionalCheckFailed"] for k in claims):
+                    # an id claim exists: a record submitted twice, or this very transaction
+                    # committed and its answer was lost (a 500, a dropped connection), so that
+                    # botocore's retry found its own items. The first record's claim and chain
+                    # item say which; all or nothing, the chunk's records are written or none is
+                    landed = self._landed(sealed[0])
+                    if landed is not False:
+                        self._settle(recs, chunk, sealed, exc, out, landed)
+                        pending = pending[len(chunk) :]
+                        continue
                 refused = self._refused(recs, chunk, owners, reasons)
                 for i, err in refused.items():
                     out[i] = err
@@ -1479,6 +1512,17 @@ class DynamoStore:
             for i, rec in zip(chunk, sealed, strict=True):
                 out[i] = rec
             pending = pending[len(chunk) :]
+
+    def _touches(self, rec: AuditRecord, part: _Part | None) -> set[tuple[str, str]]:
+        """The (table, key) of each item a record's transaction items write or check but the
+        chain's (new seqs, one head): its change's, and its id claim."""
+        out = {(self.audit_table.name, json.dumps({"pk": f"id#{rec.id}", "sk": "id"}))}
+        for op in part.items if part else []:
+            (body,) = op.values()
+            names = ("id",) if body["TableName"] == self.inventory.name else ("pk", "sk")
+            key = body.get("Key") or {k: body["Item"][k] for k in names}
+            out.add((str(body["TableName"]), json.dumps(key, sort_keys=True, default=str)))
+        return out
 
     @staticmethod
     def _refused(
@@ -1518,13 +1562,32 @@ class DynamoStore:
         its record; not written, the error (a record with a change: :class:`ChangeFailed`, as
         nothing of it was written); unreadable too, :class:`Unconfirmed` for a record with a
         change (an administrator's action must not take it for undone), the error for the rest."""
+        self._settle(recs, chunk, sealed, exc, out, self._landed(sealed[0]))
+
+    def _landed(self, rec: AuditRecord) -> bool | None:
+        """Whether ``rec``, as sealed, is in the chain (consistent reads): its id claim holds its
+        seq and the chain item at that seq carries its hash. None: unreadable."""
         try:
-            claim = self.audit_table.get_item(Key={"pk": f"id#{sealed[0].id}", "sk": "id"}, ConsistentRead=True).get(
+            claim = self.audit_table.get_item(Key={"pk": f"id#{rec.id}", "sk": "id"}, ConsistentRead=True).get("Item")
+            if claim is None or int(claim["seq"]) != rec.seq:
+                return False
+            item = self.audit_table.get_item(Key={"pk": "chain", "sk": f"{rec.seq:012d}"}, ConsistentRead=True).get(
                 "Item"
             )
-            landed: bool | None = claim is not None and int(claim["seq"]) == sealed[0].seq
         except Exception:
-            landed = None
+            return None
+        return item is not None and AuditRecord.model_validate_json(item["doc"]).hash == rec.hash
+
+    @staticmethod
+    def _settle(
+        recs: list[tuple[AuditRecord, _Part | None]],
+        chunk: list[int],
+        sealed: list[AuditRecord],
+        exc: Exception,
+        out: list[AuditRecord | BaseException | None],
+        landed: bool | None,
+    ) -> None:
+        """The outcome of a chunk whose call failed, as read back (:meth:`_unanswered`)."""
         for i, rec in zip(chunk, sealed, strict=True):
             part = recs[i][1]
             if landed:
