@@ -98,10 +98,13 @@ def test_a_pairing_key_left_over_enrolls_no_deregistered_workload_and_bad_string
         body = {"method": "pairing", "nonce": nonce, "workload_id": "dc3-app-1", "pairing_key": key["pairing_key"]}
         return call(agents, "POST", "/v1/enroll", {**body, **AgentKey().enroll_fields("dc3-app-1", nonce), **fields})
 
-    # a lone UTF-16 surrogate ("\ud800" in the JSON) in any field: the request's fault
-    for field in ("pairing_key", "nonce", "workload_id"):
+    # a lone UTF-16 surrogate ("\ud800" in the JSON) in any field: the request's fault; an id is
+    # held to the workload-id rule before anything reads it (422 naming the field)
+    for field in ("pairing_key", "nonce"):
         status, body = enroll(**{field: "\ud800"})
         assert status == 400 and "surrogate" in body["detail"], (field, status, body)
+    status, body = enroll(workload_id="\ud800")
+    assert status == 422 and body["detail"].startswith("body.workload_id:"), body
     assert call(app, "DELETE", "/admin/workloads/dc3-app-1", {"reason": "decommissioned"})[0] == 200
     status, body = enroll()  # the key has uses left: the deregistered id is not enrolled with it
     assert status == 401 and "pairing key is unknown" in body["detail"], body
