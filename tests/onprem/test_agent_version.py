@@ -39,7 +39,7 @@ def installed_as(tmp: Path, monkeypatch: pytest.MonkeyPatch, version: str = VERS
 
 
 def agents(server: Server) -> dict[str, dict[str, Any]]:
-    r = server.admin("GET", "/admin/findings")
+    r = server.admin("GET", "/admin/findings?agents=true")
     assert r.status_code == 200, r.text
     return {a["workload_id"]: a for a in r.json()["agents"]}
 
@@ -51,7 +51,9 @@ def test_the_agents_version_shows_where_operators_look(
     installed_as(tmp_path, monkeypatch)
     agent = paired_agent(WID)
     assert agent.wait_for(lambda s: s.get("agent_version"), 30, "the agent's status") == VERSION
-    got = wait_until(lambda: agents(server)[WID]["agent_version"], 60, "the version in GET /admin/findings", agent.log)
+    got = wait_until(
+        lambda: agents(server).get(WID, {}).get("agent_version"), 60, "the version in GET /admin/findings", agent.log
+    )  # listed once enrolled
     assert got == VERSION
     seen = agents(server)[WID]
     assert seen["last_heartbeat"] is not None and seen["enforced_version"] is not None
@@ -66,7 +68,7 @@ def test_the_agents_version_shows_where_operators_look(
     assert VERSION in line, r.stdout
     assert any(ln.startswith("dc1-web-1") for ln in r.stdout.splitlines()) is False  # not enrolled: no agent
     r = subprocess.run(
-        [str(BIN / "ringfence"), "findings", "--store", f"sqlite:{server.db}", "--json"],
+        [str(BIN / "ringfence"), "findings", "--store", f"sqlite:{server.db}", "--json", "--agents"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert {a["workload_id"]: a["agent_version"] for a in json.loads(r.stdout)["agents"]} == {WID: VERSION}

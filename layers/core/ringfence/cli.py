@@ -623,7 +623,7 @@ def cmd_findings(args: argparse.Namespace) -> int:
 
     if args.bound <= 0:
         raise CliError(f"--bound {args.bound}: must be a positive number of seconds")
-    res = findings(_opened_store(args.store), bound=args.bound)
+    res = findings(_opened_store(args.store), bound=args.bound, agents_listed=args.agents)
     if args.json:
         print(res.model_dump_json(indent=1))
         return 1 if res.findings else 0
@@ -1150,7 +1150,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also list every enrolled workload's agent: its version, last heartbeat, the revision it enforces",
     )
-    p.add_argument("--json", action="store_true", help="the findings (and every agent, as agents) as JSON")
+    p.add_argument("--json", action="store_true", help="the findings (with --agents, every agent as agents) as JSON")
 
     p = add("map", cmd_map, help="the application dependency map (from flows, else from policy) as HTML, SVG or DOT")
     _policy_args(p)

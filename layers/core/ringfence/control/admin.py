@@ -516,11 +516,12 @@ class Admin:
             },
         )
 
-    def findings(self, bound: float) -> Response:
-        """Effective policy, checked (``ringfence findings``' code, ringfence.control.findings)."""
+    def findings(self, bound: float, agents: bool = False) -> Response:
+        """Effective policy, checked (``ringfence findings``' code, ringfence.control.findings);
+        ``agents``: every enrolled workload's agent listed too."""
         from .findings import findings
 
-        return Response(200, findings(self.w.store, bound=bound).model_dump())
+        return Response(200, findings(self.w.store, bound=bound, agents_listed=agents).model_dump())
 
     def dependency_map(
         self, fmt: str, app: str | None = None, env: str | None = None, decision: str | None = None, min_flows: int = 0

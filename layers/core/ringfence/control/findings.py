@@ -19,7 +19,9 @@ the records into findings (``ringfence findings``, ``GET /admin/findings``):
 
 Each finding names the version the workload's agent last said it runs (``agent_version``), and the
 response lists every enrolled workload's agent (``agents``: its version, last heartbeat, the
-revision it enforces), as a PCE lists its VENs' versions. No finding is raised for an old agent:
+revision it enforces) when asked for (``agents_listed``: one entry per workload, ~150 bytes each,
+which would take a 100,000-workload fleet's answer past Lambda's 6 MB), as a PCE lists its VENs'
+versions. No finding is raised for an old agent:
 there is no minimum version to compare with, and "older than the newest seen" would flag every
 workload in the middle of a rolling upgrade.
 
@@ -95,7 +97,8 @@ class FindingsResponse(BaseModel):
     findings: list[Finding]
     agents: list[AgentState] = Field(
         default_factory=list,
-        description="every enrolled active workload's agent (its version, last heartbeat, what it enforces), by id",
+        description="every enrolled active workload's agent (its version, last heartbeat, what it enforces), by id; "
+        "only when asked for (agents=true): empty otherwise",
     )
 
 
@@ -154,7 +157,11 @@ def _tampered(rec_id: str, rep: EnforcementReport | None, latest: int, now: floa
 
 
 def findings(
-    store: Store, bound: float = DEFAULT_BOUND, now: float | None = None, tamper_window: float = TAMPER_WINDOW
+    store: Store,
+    bound: float = DEFAULT_BOUND,
+    now: float | None = None,
+    tamper_window: float = TAMPER_WINDOW,
+    agents_listed: bool = False,
 ) -> FindingsResponse:
     now = time.time() if now is None else now
     out: list[Finding] = []
@@ -246,7 +253,9 @@ def findings(
     for f in out:
         f.agent_version = versions.get(f.workload_id)
     agents.sort(key=lambda a: a.workload_id)
-    return FindingsResponse(bound=bound, checked=checked, findings=out, tamper_window=tamper_window, agents=agents)
+    return FindingsResponse(
+        bound=bound, checked=checked, findings=out, tamper_window=tamper_window, agents=agents if agents_listed else []
+    )
 
 
 _SEVERITY = {"kernel-mismatch": ocsf.HIGH, "not-enforced": ocsf.MEDIUM, "silent": ocsf.MEDIUM, "tampered": ocsf.HIGH}

@@ -238,7 +238,7 @@ def admin_routes(
         "/admin/findings",
         summary="effective policy, checked (as `ringfence findings`): agents silent, not enforcing the newest "
         "bundle within the bound, whose kernel holds something else, or that repaired a tamper within a day; and every "
-        "enrolled workload's agent (its version, last heartbeat, the revision it enforces) — any role",
+        "enrolled workload's agent with agents=true (its version, last heartbeat, the revision it enforces) — any role",
         responses=answers(FindingsResponse, errors=(503,), meaning={503: unavailable()}),
         security=[{"sigv4": []}],
     )
@@ -246,8 +246,15 @@ def admin_routes(
         bound: Annotated[
             float, Query(gt=0, le=86400, description="seconds allowed after a publish and between heartbeats")
         ] = DEFAULT_BOUND,
+        agents: Annotated[
+            bool,
+            Query(
+                description="also list every enrolled workload's agent (its version, last heartbeat, the revision it "
+                "enforces); one entry per workload"
+            ),
+        ] = False,
     ) -> HttpResponse[str]:
-        return refused("findings.read", "findings") or http(service().findings(bound))
+        return refused("findings.read", "findings") or http(service().findings(bound, agents))
 
     @app.post(
         "/admin/policies",
