@@ -45,15 +45,17 @@ def run(
     *,
     env: dict[str, str] | None = None,
     apt_get: str | None = None,
+    systemctl: str = "",
     timeout: float = 300,
 ) -> subprocess.CompletedProcess[str]:
-    """``script`` (sh) in a fresh sandbox; ``apt_get``: also shim apt-get, running this sh after logging."""
+    """``script`` (sh) in a fresh sandbox; ``apt_get``: also shim apt-get, running this sh after
+    logging; ``systemctl``: sh the systemctl shim runs after logging (its arguments in "$@")."""
     available()
     scratch.mkdir(parents=True, exist_ok=True)
     shims = scratch / "shim"
     shims.mkdir(exist_ok=True)
     log = scratch / "log"
-    for name, extra in (("systemctl", ""), ("apt-get", apt_get)):
+    for name, extra in (("systemctl", systemctl), ("apt-get", apt_get)):
         if extra is None:
             continue
         (shims / name).write_text(SHIM.format(log=log, extra=extra))

@@ -200,10 +200,6 @@ if ! id -u "$AGENT_USER" >/dev/null 2>&1; then
     addgroup -S "$AGENT_USER" && adduser -S -D -H -h /var/lib/ringfence-agent -s /sbin/nologin -G "$AGENT_USER" "$AGENT_USER"
   fi
 fi
-# an upgrade from an agent that ran as root: its state (seal.key, seal.last, status.json, the
-# last known good) is root's 0600; systemd chowns a StateDirectory= to User= when the directory's
-# owner differs, and this does it here too (-h: a link is changed itself, never followed)
-[ ! -d /var/lib/ringfence-agent ] || chown -R -h "$AGENT_USER:$AGENT_USER" /var/lib/ringfence-agent
 # --- end user
 
 umask 077
@@ -313,6 +309,13 @@ UNIT
 # restart, not enable --now (a no-op on a running unit): an upgrade runs the new code and unit;
 # the agent never flushes its rules on stop and re-applies its last known good on start
 systemctl daemon-reload
+# an upgrade from an agent that ran as root: its state (seal.key, seal.last, status.json, the
+# last known good) is root's 0600, which the agent, now its own user, cannot read (it refuses to
+# start). Chowned with the old agent stopped (its rules stay in force: it never flushes on stop),
+# or what it writes after the chown is root's again, and systemd's StateDirectory= chown skips a
+# directory whose top is already the user's (-h: a link is changed itself, never followed)
+systemctl stop ringfence-agent.service 2>/dev/null || true
+[ ! -d /var/lib/ringfence-agent ] || chown -R -h "$AGENT_USER:$AGENT_USER" /var/lib/ringfence-agent
 systemctl enable ringfence-agent.service
 systemctl restart ringfence-agent.service
 echo "ringfence-agent installed for workload $WORKLOAD_ID; status: ringfence-agent status --state-dir /var/lib/ringfence-agent"

@@ -119,9 +119,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     state = StateDir(Path(args.state_dir))
     status = state.read_json("status.json")
     unreadable = None
+    # files the agent may not read (their owner or mode): it refuses to start, nothing set aside
+    access = state.unreadable()
     try:
         bundle = state.load_bundle()
         deltas = state.load_deltas(bundle)
+    except PermissionError as exc:
+        bundle, deltas = None, []
+        access = access or f"the last known good cannot be read: {exc}"
     except (BundleError, ValueError, OSError) as exc:
         bundle, deltas, unreadable = None, [], str(exc)
     # the kernel, not the state directory, says what is enforced
@@ -173,6 +178,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "last_sync": status.get("last_sync"),  # the last change applied: where its time went
         "counters": status.get("counters", {}),
         "daemon": status.get("daemon"),
+        "state_unreadable": access,
     }
     if lost:
         what = f"mode {state_mode}" if state_mode else f"the {posture} posture"
@@ -199,6 +205,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     if unreadable:
         out["warning"] = f"the last known good is unreadable ({unreadable}); the agent sets it aside at start"
+    if access:
+        out["warning"] = f"{access}; until then the agent refuses to start"
     if args.json:
         print(json.dumps(out, indent=1, sort_keys=True))
         return 0

@@ -8,6 +8,7 @@ refused or failed document leaves both the firewall and the state directory exac
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from ringfence.bundlewire import (
     check_fresh,
     same_firewall,
 )
-from ringfence_agent.backends import ApplyError, Backend, ElementChange, ReadError
+from ringfence_agent.backends import ABSENT, ApplyError, Backend, ElementChange, ReadError
 from ringfence_agent.plan import (
     POSTURE_ADMIN_PORTS,
     LocalFailsafes,
@@ -38,7 +39,7 @@ from ringfence_agent.plan import (
     split_cidrs,
 )
 from ringfence_agent.sessions import CutError, SessionCutter
-from ringfence_agent.state import StateDir
+from ringfence_agent.state import StateDir, StateUnreadable
 
 _NOTHING_APPLIED = object()  # no baseline: this process applied nothing yet
 
@@ -163,9 +164,18 @@ class Agent:
         # a verified last known good the kernel refused at start (a table held by another
         # process, a lock, a module missing): kept so that the daemon can try it again
         self.refused_lkg: tuple[Bundle, list[SetDelta]] | None = None
+        # a file it may not read (root's, left by the CLI run as root) is not corruption: the last
+        # known good is not set aside (the rollback floor with it); it refuses to start, saying
+        # how to fix it (end of __init__)
+        unreadable = state.unreadable() if os.geteuid() != 0 else None
         try:
+            if unreadable is not None:
+                raise StateUnreadable(unreadable)
             self.bundle = state.load_bundle()
             self.deltas = state.load_deltas(self.bundle)
+        except PermissionError as exc:  # made unreadable since the check, or root without CAP_DAC_OVERRIDE
+            self.bundle, self.deltas = None, []
+            unreadable = unreadable or state.unreadable() or f"the agent cannot read its state: {exc}"
         except (BundleError, ValueError, OSError) as exc:
             # unreadable (torn, corrupted, tampered): kept aside for inspection, never trusted
             self.bundle, self.deltas = None, []
@@ -196,6 +206,25 @@ class Agent:
         self.kernel_read_error: str | None = None
         self._posture = False  # the last whole apply of this process was the fail-safe posture
         self.applies = 0  # whole applies made by this process (check_sets: did one land since a read?)
+        if unreadable is not None:
+            self._refuse_to_start(unreadable)
+
+    def _refuse_to_start(self, why: str) -> None:
+        """State it may not read: the kernel keeps the rules it holds (the last applied: the
+        agent never flushes on stop); where it holds none of Ringfence's (after a reboot) the
+        fail-safe posture first, never an open host. Raises StateUnreadable."""
+        try:
+            problem = getattr(self.backend, "kernel_problem", None)
+            absent = problem is not None and problem() == ABSENT
+        except (ApplyError, OSError):
+            absent = False  # unknown: left as it is
+        if absent:
+            try:
+                self.hold_failsafe_posture()
+                why += "; the kernel held no Ringfence rules (a reboot?): the fail-safe posture (fail-safes, then drop) holds"
+            except (ApplyError, PlanError, OSError) as exc:
+                why += f"; the kernel holds no Ringfence rules and the fail-safe posture could not be applied: {exc}"
+        raise StateUnreadable(why)
 
     @property
     def kernel_plan(self) -> Plan | None:

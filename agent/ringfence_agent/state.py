@@ -56,6 +56,45 @@ def read_regular(path: Path, limit: int) -> bytes:
         os.close(fd)
 
 
+def _owner_of(directory: Path) -> tuple[int, int] | None:
+    """Root writing in a directory another user owns (``ringfence-agent apply`` run as root on the
+    unit's state directory): the (uid, gid) what it makes there is given to, or the agent running
+    as that user could not read it (root's 0600) and would refuse to start. None otherwise."""
+    if os.geteuid() != 0:
+        return None
+    st = os.stat(directory)
+    return (st.st_uid, st.st_gid) if st.st_uid != 0 else None
+
+
+def give_fd(fd: int, directory: Path) -> None:
+    """The file open as ``fd``, if this (root) process made it in ``directory`` owned by another
+    user, given to that user: before it is linked or renamed into place, so it is never the
+    reader's to be refused. A file someone else owns is left alone. Raises OSError."""
+    owner = _owner_of(directory)
+    if owner is not None and os.fstat(fd).st_uid == 0:
+        os.fchown(fd, *owner)
+
+
+def mkdirs(path: Path, mode: int = 0o700) -> None:
+    """``path.mkdir(parents=True, exist_ok=True, mode=mode)``, each directory made given as
+    :func:`give_fd` gives a file (to the owner of the directory it is made in)."""
+    missing: list[Path] = []
+    p = path
+    while not p.is_dir() and p.parent != p:
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, mode)
+        except FileExistsError:
+            if not d.is_dir():
+                raise
+            continue
+        owner = _owner_of(d.parent)
+        if owner is not None:
+            os.chown(d, *owner, follow_symlinks=False)
+
+
 def atomic_write(path: Path, data: str | bytes, mode: int = 0o600, durable: bool = True) -> None:
     """Write to a temporary file in the same directory, fsync, rename over, fsync the directory.
     ``durable=False`` skips the fsyncs (still atomic; may be lost in a power cut): for status."""
@@ -81,11 +120,12 @@ def atomic_create(path: Path, data: str | bytes, mode: int = 0o600) -> bool:
 def _staged(path: Path, data: str | bytes, mode: int, durable: bool) -> Iterator[str]:
     """A temporary file beside ``path`` holding ``data`` (fsynced if ``durable``), removed on
     leaving unless it was renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    mkdirs(path.parent, 0o777)  # as path.parent.mkdir(parents=True) made it (the umask applies)
     raw = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            give_fd(f.fileno(), path.parent)
             f.write(raw)
             f.flush()
             if durable:
@@ -117,6 +157,34 @@ class StateLocked(RuntimeError):
     """Another ringfence-agent process owns this state directory."""
 
 
+class StateUnreadable(PermissionError):
+    """Files in the state directory the agent may not read because of their owner or mode (root's
+    0600, left by ``ringfence-agent`` run as root on a non-root agent's state): not corruption.
+    Nothing is set aside or replaced; the agent refuses to start, the kernel keeps its rules."""
+
+
+def _name(uid: int, gid: int) -> str:
+    import grp
+    import pwd
+
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    try:
+        group = grp.getgrgid(gid).gr_name
+    except KeyError:
+        group = str(gid)
+    return f"{user}:{group}"
+
+
+def _mode_allows(st: os.stat_result, uid: int, gid: int, want: int) -> bool:
+    """What the mode bits give ``uid``/``gid`` (no supplementary groups: the unit's user has
+    none), ``want`` as in os.access (R_OK 4, W_OK 2, X_OK 1)."""
+    shift = 6 if st.st_uid == uid else 3 if st.st_gid == gid else 0
+    return (st.st_mode >> shift) & want == want
+
+
 class StateDir:
     def __init__(self, path: Path, max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES) -> None:
         self.path = path
@@ -131,7 +199,7 @@ class StateDir:
 
     def ensure(self) -> None:
         try:
-            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            mkdirs(self.path, 0o700)
         except OSError:
             if not self.path.is_dir():
                 raise  # a read-only filesystem still holds the directory: reading it goes on
@@ -145,6 +213,8 @@ class StateDir:
             return
         try:
             fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+            with contextlib.suppress(OSError):  # the lock works whoever owns the file
+                give_fd(fd, self.path)
         except OSError:
             # a read-only (or full) filesystem: flock needs no write access, so the lock file
             # read-only, else the directory itself (the daemon must still start and enforce)
@@ -162,6 +232,67 @@ class StateDir:
                 "stop it or use another --state-dir"
             ) from None
         _HELD[key] = fd
+
+    def unreadable(self) -> str | None:
+        """Why the agent could not read its state (None: it can): the files and directories in
+        the state directory it may not read because of their owner or mode, with the fix. As
+        root, for the directory's owner (the unit's user), whom the agent runs as, by the mode
+        bits; otherwise for this process, by trying."""
+        try:
+            top = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        euid, egid = os.geteuid(), os.getegid()
+        if euid == 0 and top.st_uid == 0:
+            return None  # root's state, read by root
+        uid, gid = (top.st_uid, top.st_gid) if euid == 0 else (euid, egid)
+        bad: list[tuple[Path, os.stat_result]] = []
+        try:
+            entries = list(os.scandir(self.path))
+        except PermissionError:
+            entries = []
+            bad.append((self.path, top))
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    want = os.R_OK | os.X_OK
+                elif stat.S_ISREG(st.st_mode):
+                    want = os.R_OK
+                else:
+                    continue  # a link or a FIFO is no file of the agent's: reading it refuses it anyway
+                if euid == 0:
+                    ok = _mode_allows(st, uid, gid, want)
+                elif want == os.R_OK:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.close(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC))
+                    ok = True
+                else:
+                    ok = os.access(path, want, effective_ids=True)
+            except PermissionError:
+                ok = False
+            except FileNotFoundError:
+                continue
+            if not ok:
+                bad.append((path, st))
+        if not bad:
+            return None
+        who = _name(uid, gid)
+        files = "; ".join(
+            f"{p} (owner {_name(st.st_uid, st.st_gid)}, mode {stat.filemode(st.st_mode)})" for p, st in bad
+        )
+        return (
+            f"the agent (running as {who}) cannot read its state: {files}. Left by ringfence-agent run as root? "
+            f"Not corruption: nothing was set aside and the kernel's rules are left as they are. "
+            f"Fix: chown -R {who} {self.path}"
+        )
+
+    def check_access(self) -> None:
+        """Raise :class:`StateUnreadable` when :meth:`unreadable` says why."""
+        why = self.unreadable()
+        if why is not None:
+            raise StateUnreadable(why)
 
     # --- last known good ---------------------------------------------------------------------
 
@@ -284,10 +415,10 @@ class StateDir:
             return None
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{os.getpid()}"
         where = self.path / "rejected"
-        where.mkdir(parents=True, exist_ok=True, mode=0o700)
+        mkdirs(where, 0o700)
         for n in names:
             os.replace(self.path / n, where / f"{stamp}-{n}")
-        (where / f"{stamp}-reason.txt").write_text(reason + "\n")
+        atomic_write(where / f"{stamp}-reason.txt", reason + "\n", mode=0o644)
         return where / f"{stamp}-bundle.json"
 
     def clear_applied(self) -> None:

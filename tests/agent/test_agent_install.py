@@ -193,11 +193,54 @@ def test_an_upgrade_restarts_the_agent_and_status_names_the_build(
     asked = installsandbox.asked(tmp_path / "sb")
     assert asked == [
         "systemctl daemon-reload",
+        "systemctl stop ringfence-agent.service",
         "systemctl enable ringfence-agent.service",
         "systemctl restart ringfence-agent.service",
     ], asked
     version = json.loads(done.stdout)["agent_version"]
     assert version is not None and wheel.name == f"ringfence_agent-{version}-py3-none-any.whl"
+
+
+# the systemctl shim: while the old agent (root's) runs, it writes its status as root at any
+# moment (here: each systemctl call) until stopped, as it writes: a new file renamed over; at the restart, what in the state directory
+# is not the agent user's is written to {out}
+OLD_ROOT_AGENT = r"""
+if [ -e "$RF_SB/old-agent-running" ]; then
+  case "$1" in
+    stop|restart) rm -f "$RF_SB/old-agent-running" ;;
+    *) (umask 077; cd /var/lib/ringfence-agent && echo '{{}}' > .status.json.tmp && mv -f .status.json.tmp status.json) ;;
+  esac
+fi
+if [ "$1" = restart ]; then
+  find /var/lib/ringfence-agent \( ! -user ringfence-agent -o ! -group ringfence-agent \) -printf '%u:%g %p\n' > {out}
+fi
+"""
+
+
+def test_attack_an_upgrade_from_a_root_agent_leaves_nothing_in_its_state_the_new_agent_cannot_read(
+    artifact: tuple[Path, str],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Review unit3 R3: install.sh chowned the state directory while the old root agent still ran
+    and restarted it only at its end; what the old agent wrote in between was root's 0600 again,
+    and systemd's StateDirectory= chown skips a directory whose top is already the user's: the new
+    agent, its own user, could not read it. At the restart, all of it is the agent user's."""
+    wheel, digest = artifact
+    pem = public_pem(tmp_path / "k.pem")
+    out = tmp_path / "not-the-agents-at-restart"
+    install = INSTALL.format(installer=INSTALLER, wheel=wheel, digest=digest, key=f"--public-key-file {pem}")
+    script = (
+        # what the old root agent left: its last known good, status, a set-aside bundle
+        "mkdir -p -m 0700 /var/lib/ringfence-agent/rejected && cd /var/lib/ringfence-agent && "
+        "(umask 077; echo '{}' > bundle.json; echo '{}' > status.json; echo x > seal.key; "
+        'echo x > rejected/20260101T000000Z-1-bundle.json) && touch "$RF_SB/old-agent-running" && '
+        f"{install} >/dev/null"
+    )
+    done = installsandbox.run(script, tmp_path / "sb", systemctl=OLD_ROOT_AGENT.format(out=out))
+    assert done.returncode == 0, done.stderr
+    assert "systemctl restart ringfence-agent.service" in installsandbox.asked(tmp_path / "sb")
+    assert out.exists(), "the systemctl shim did not run at the restart"
+    assert out.read_text() == "", out.read_text()
 
 
 KEY_SERVER = """
