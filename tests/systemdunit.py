@@ -4,10 +4,13 @@ real programs under a unit's limits (tests/onprem/test_serve_unit.py, tests/agen
 from __future__ import annotations
 
 import configparser
+import contextlib
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,18 @@ def service(unit: Path) -> configparser.SectionProxy:
 # The unit's User= does not exist on a test host: a uid and gid no account has stand in for it
 STAND_IN_UID = STAND_IN_GID = 61_000
 RESTRICTNS = Path(__file__).resolve().parent / "restrictns.py"
+
+
+@contextlib.contextmanager
+def reachable_dir(prefix: str) -> Iterator[Path]:
+    """A scratch directory outside pytest's root-only temp tree (mode 0711), removed after: the
+    unit's user must reach the bundles, keys, config and state the tests put in it."""
+    made = Path(tempfile.mkdtemp(prefix=prefix))
+    made.chmod(0o711)
+    try:
+        yield made
+    finally:
+        shutil.rmtree(made, ignore_errors=True)
 
 
 def setpriv(capabilities: list[str], user: tuple[int, int] | None = None) -> list[str]:

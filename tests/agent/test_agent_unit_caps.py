@@ -19,7 +19,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from ringfence_agent.backends import scratch
 from tests.agent.bundles import GOLDEN, LAB_POLICY, PUBLIC_KEY, Lab, workloads, write
 from tests.agentproc import BIN
 from tests.restrictns import NAMESPACES, allowed
-from tests.systemdunit import as_the_unit, restrict_namespaces, service, setpriv, unit_user, verify
+from tests.systemdunit import as_the_unit, reachable_dir, restrict_namespaces, service, setpriv, unit_user, verify
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "agent" / "packaging" / "ringfence-agent.service"
@@ -116,12 +115,8 @@ def test_the_agent_unit_is_one_systemd_accepts(tmp_path: Path) -> None:
 @pytest.fixture
 def scratch_dir() -> Iterator[Path]:
     """Outside pytest's root-only temp tree: the unit's user must reach bundles, keys and state."""
-    made = Path(tempfile.mkdtemp(prefix="rf-unit-"))
-    made.chmod(0o711)
-    try:
+    with reachable_dir("rf-unit-") as made:
         yield made
-    finally:
-        shutil.rmtree(made, ignore_errors=True)
 
 
 def _state(where: Path, user: tuple[int, int]) -> Path:

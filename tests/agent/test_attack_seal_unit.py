@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from ringfence.local.lab import Lab as NetLab
 from tests.agent import dataplane
 from tests.agent.bundles import LAB_POLICY, PUBLIC_KEY, Lab, workloads, write
 from tests.agent.test_agent_unit_caps import LEGACY_TOOLS, run_as_the_unit_sees_it
-from tests.systemdunit import as_the_unit, restrict_namespaces, service, setpriv, unit_user
+from tests.systemdunit import as_the_unit, reachable_dir, restrict_namespaces, service, setpriv, unit_user
 
 pytestmark = pytest.mark.dataplane
 
@@ -55,12 +54,8 @@ clean = dataplane.reset_fixture("h2")
 @pytest.fixture
 def where() -> Iterator[Path]:
     """Outside pytest's root-only temp tree: the unit's user reaches the bundle and its state."""
-    made = Path(tempfile.mkdtemp(prefix="rf-seal-unit-"))
-    made.chmod(0o711)
-    try:
+    with reachable_dir("rf-seal-unit-") as made:
         yield made
-    finally:
-        shutil.rmtree(made, ignore_errors=True)
 
 
 # The real Agent over the real backend (argv[4]), applying the lab's bundle with a real state
