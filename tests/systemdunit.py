@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from ringfence_agent.asowner import setpriv_command
+
 
 def service(unit: Path) -> configparser.SectionProxy:
     """The unit's [Service] section."""
@@ -45,13 +47,9 @@ def setpriv(capabilities: list[str], user: tuple[int, int] | None = None) -> lis
     """A command prefix starting a program as systemd starts the unit: bounded to
     ``capabilities`` (``CAP_…`` names), with no new privileges; as root, or with ``user``
     (uid, gid) as that user with no supplementary groups and ``capabilities`` raised as ambient
-    ones (the unit's ``User=`` with ``AmbientCapabilities=``)."""
-    caps = ",".join(["-all", *(f"+{c.removeprefix('CAP_').lower()}" for c in capabilities)])
-    cmd = ["setpriv", f"--bounding-set={caps}", "--no-new-privs"]
-    if user is not None:
-        uid, gid = user
-        cmd += [f"--reuid={uid}", f"--regid={gid}", "--clear-groups", f"--inh-caps={caps}", f"--ambient-caps={caps}"]
-    return cmd
+    ones (the unit's ``User=`` with ``AmbientCapabilities=``). The agent's own definition, which
+    root's CLI uses to become a state directory's owner (agent/ringfence_agent/asowner.py)."""
+    return setpriv_command(capabilities, user)
 
 
 def unit_user(unit: Path) -> tuple[int, int] | None:

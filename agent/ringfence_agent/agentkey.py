@@ -22,7 +22,6 @@ from pathlib import Path
 
 from ringfence.agentwire import proof_message, token_proof_message
 from ringfence.bundlewire import fingerprint_of_raw, key_id_of_raw, loaded_libcrypto
-from ringfence_agent.state import give_fd, mkdirs
 
 KEY_FILE = "agent-key.pem"
 # DER of an Ed25519 PKCS#8 private key before its 32-byte seed, and of a SubjectPublicKeyInfo
@@ -137,18 +136,13 @@ class AgentKey:
         except FileNotFoundError:
             pass
         seed = os.urandom(32)
-        mkdirs(state_dir, 0o700)
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         # O_EXCL: created with mode 0600 from the start, and never over a key another process wrote
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
             return cls(_seed_from_pem(path.read_bytes()))
         with os.fdopen(fd, "wb") as f:
-            try:
-                give_fd(f.fileno(), state_dir)  # root's run --once on the unit's state: the unit's key
-            except OSError:
-                os.unlink(path)  # a key its agent cannot read would be refused at its start
-                raise
             f.write(_pem("PRIVATE KEY", _PKCS8_PREFIX + seed).encode())
             f.flush()
             os.fsync(f.fileno())

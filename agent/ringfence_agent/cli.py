@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -12,6 +13,8 @@ from pathlib import Path
 
 from ringfence import enforced
 from ringfence.bundlewire import BundleError, Verifier, load_bundle, load_delta
+from ringfence_agent import asowner
+from ringfence_agent.asowner import read_input
 from ringfence_agent.backends import ABSENT, BACKENDS, ApplyError, make_backend
 from ringfence_agent.core import Agent, Rejected
 from ringfence_agent.plan import LocalFailsafes, PlanError
@@ -38,7 +41,7 @@ def _local(args: argparse.Namespace) -> LocalFailsafes:
 
 
 def _agent(args: argparse.Namespace) -> Agent:
-    verifier = Verifier.from_file(Path(args.public_key), args.revoked_key or ())
+    verifier = Verifier.from_pem(read_input(Path(args.public_key)), args.revoked_key or ())
     state = StateDir(Path(args.state_dir))
     cutter = session_cutter(args.backend, not args.keep_open_connections)
     backend = make_backend(args.backend, state.path)
@@ -48,7 +51,7 @@ def _agent(args: argparse.Namespace) -> Agent:
 def cmd_apply(args: argparse.Namespace) -> int:
     try:
         agent = _agent(args)
-        doc = load_bundle(Path(args.bundle).read_bytes())
+        doc = load_bundle(read_input(Path(args.bundle)))
         result = agent.apply_bundle(doc)
     except (Rejected, BundleError, PlanError, ApplyError, StateLocked, OSError) as exc:
         return _err(str(exc))
@@ -64,7 +67,7 @@ def cmd_apply_delta(args: argparse.Namespace) -> int:
         if agent.plan is None and args.backend in ("nftables", "iptables"):
             pass  # deltas go straight to the live sets
         for path in args.delta:
-            result = agent.apply_delta(load_delta(Path(path).read_bytes()))
+            result = agent.apply_delta(load_delta(read_input(Path(path))))
             print("\n".join(result.lines))
     except (Rejected, BundleError, PlanError, ApplyError, StateLocked, OSError) as exc:
         return _err(str(exc))
@@ -276,14 +279,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ringfence_agent.daemon import Daemon
 
     path = Path(args.config)
+    origin = Path(args.config_path) if args.config_path else None
     try:
-        cfg = load_config(path)
+        cfg = load_config(path, origin)
     except ConfigError as exc:
         if args.once:  # one round for a script or a test: its exit status says the file is wrong
             return _err(str(exc))
-        return _run_without_config(args, path, " ".join(str(exc).split()))
+        return _run_without_config(args, path, " ".join(str(exc).split()), origin)
     try:
-        save_last_good(cfg, path)
+        save_last_good(cfg, origin or path)
     except OSError as exc:  # best effort: the firewall does not depend on it
         print(f"ringfence-agent: last good configuration not kept in {cfg.state_dir}: {exc}", file=sys.stderr)
     try:
@@ -292,17 +296,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _err(str(exc))
 
 
-def _run_without_config(args: argparse.Namespace, path: Path, problem: str) -> int:
+def _run_without_config(args: argparse.Namespace, source: Path, problem: str, origin: Path | None) -> int:
     from ringfence_agent.config import AgentConfig, ConfigError, load_last_good
     from ringfence_agent.daemon import Daemon
 
     state_dir = Path(args.state_dir)
+    path = origin or source
     posture_only = False
     try:
-        cfg, origin = load_last_good(state_dir)
+        cfg, came_from = load_last_good(state_dir)
         print(
             f"ringfence-agent: ERROR: config {path} not loaded: {problem}; running on the last configuration "
-            f"that loaded (from {origin}, kept in {state_dir}) until it loads",
+            f"that loaded (from {came_from}, kept in {state_dir}) until it loads",
             file=sys.stderr,
         )
     except ConfigError as why:
@@ -321,7 +326,7 @@ def _run_without_config(args: argparse.Namespace, path: Path, problem: str) -> i
             file=sys.stderr,
         )
     try:
-        daemon = Daemon(cfg, config_error=problem, config_path=path, posture_only=posture_only)
+        daemon = Daemon(cfg, config_error=problem, config_path=source, posture_only=posture_only, config_origin=origin)
         rc = daemon.run(once=args.once)
     except (BundleError, StateLocked, OSError) as exc:
         return _err(str(exc))
@@ -379,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="nftables",
         help="only when --config does not load and no configuration ever did: the fail-safe posture's backend",
     )
+    # the file --config is, where root passed it open (/dev/fd/N) to the state directory's owner
+    p.add_argument("--config-path", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("status", help="applied versions, mode, last contact, counters, what the kernel holds")
     p.add_argument("--state-dir", default=str(DEFAULT_STATE))
@@ -396,8 +403,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# the commands that work on a state directory (flush does not take one)
+_ON_STATE = ("apply", "apply-delta", "run", "status", "drops")
+
+
+def _as_owner(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> None:
+    """Root on a state directory another user owns (the unit's): this command executed again as
+    that user, as the unit starts the agent (:mod:`ringfence_agent.asowner`); returns only when it
+    runs here. Input files are passed open: root may read them, the owner perhaps not."""
+    if args.command not in _ON_STATE:
+        return
+    state_dir = Path(args.state_dir)
+    if args.command == "run":  # the config names it; --state-dir only serves one that does not load
+        from ringfence_agent.config import ConfigError, load_config
+
+        with contextlib.suppress(ConfigError):
+            state_dir = load_config(Path(args.config), Path(args.config_path) if args.config_path else None).state_dir
+    user = asowner.owner_to_become(state_dir)
+    if user is None:
+        return
+    if args.command in ("apply", "apply-delta"):
+        args.public_key = asowner.pass_open(args.public_key)
+    if args.command == "apply":
+        args.bundle = asowner.pass_open(args.bundle)
+    elif args.command == "apply-delta":
+        args.delta = [asowner.pass_open(d) for d in args.delta]
+    elif args.command == "run" and not asowner.can_read(Path(args.config), user):
+        # by name where the owner may read it (the unit's own config): a daemon retrying a
+        # config that did not load then sees it replaced, not only rewritten in place
+        args.config_path = args.config_path or str(Path(args.config).absolute())
+        args.config = asowner.pass_open(args.config)
+    asowner.become(state_dir, user, _command_line(parser, args), argv)
+
+
+def _command_line(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The arguments that parse to ``args`` (each option by its full name)."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    out = [args.command]
+    for action in sub._actions:
+        value = getattr(args, action.dest, None) if action.option_strings else None
+        if value is None or value is False or action.dest == "help":
+            continue
+        opt = max(action.option_strings, key=len)
+        if action.nargs == 0:
+            out.append(opt)
+        else:
+            for v in value if isinstance(value, list) else [value]:
+                out += [opt, str(v)]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        _as_owner(parser, args, argv)
+    except (asowner.Refused, OSError) as exc:
+        return _err(str(exc))
     rc: int = args.func(args)
     return rc
 

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import ipaddress
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -349,11 +350,19 @@ def _no_unknown_keys(cls: Any, data: dict[str, Any], prefix: str) -> None:
             raise _Invalid(f"{prefix}{key}", "Extra inputs are not permitted")
 
 
-def load_config(path: Path) -> AgentConfig:
+def load_config(path: Path, origin: Path | None = None) -> AgentConfig:
+    """The configuration in ``path``. ``origin``: the file it is, where ``path`` is that file
+    passed open (``/dev/fd/N``, root's ``run`` executed again as the state directory's owner,
+    :mod:`ringfence_agent.asowner`): its name, suffix and directory are the file's."""
+    from ringfence_agent.asowner import read_input
+
     try:
-        text = path.read_text()
+        text = read_input(path).decode()
     except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read config {origin or path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{origin or path}: not UTF-8 text: {exc}") from None
+    path = origin or path
     if path.suffix == ".json":
         try:
             data = json.loads(text)
@@ -408,9 +417,13 @@ def save_last_good(cfg: AgentConfig, path: Path) -> None:
 def load_last_good(state_dir: Path) -> tuple[AgentConfig, str]:
     """The configuration :func:`save_last_good` kept in ``state_dir``, validated as a file's
     is, and the file it came from; ConfigError when there is none or it does not load."""
+    from ringfence_agent.state import SMALL_DOC_BYTES, read_regular
+
     where = state_dir / LAST_GOOD_CONFIG
     try:
-        doc = json.loads(where.read_text())
+        # root runs only on a file of root's: another user's could name any file as the pairing
+        # key and any URL to send it to (a root-owned state directory holding a planted file)
+        doc = json.loads(read_regular(where, SMALL_DOC_BYTES, owner=0 if os.geteuid() == 0 else None))
         cfg = AgentConfig.from_mapping(doc["config"])
     except OSError as exc:
         raise ConfigError(f"no last good configuration in {state_dir}: {exc.strerror}") from None

@@ -266,15 +266,19 @@ class Daemon:
         config_error: str | None = None,
         config_path: Path | None = None,
         posture_only: bool = False,
+        config_origin: Path | None = None,
     ) -> None:
         """``config_error``: the config file at ``config_path`` did not load, and ``cfg`` is the
         last configuration that did (or, ``posture_only``, a stand-in that holds the fail-safe
         posture, refuses every document and contacts no one). The file is loaded again every
         CONFIG_RETRY_S; once it loads, :attr:`reload` is set and the daemon stops (``run``'s
-        caller starts over with it)."""
+        caller starts over with it). ``config_origin``: the file ``config_path`` (``/dev/fd/N``)
+        is, passed open (:func:`ringfence_agent.config.load_config`)."""
         self.cfg = cfg
         self.config_error = config_error
-        self.config_path = config_path
+        self.config_path = config_origin or config_path
+        self.config_source = config_path
+        self.config_origin = config_origin
         self.reload = False
         self.state = StateDir(cfg.state_dir, cfg.max_bundle_bytes)
         self.state.on_status_error = log
@@ -288,7 +292,7 @@ class Daemon:
             self.key_error = f"no usable pinned key in {cfg.public_key}: {exc}"
             self.verifier = NoPinnedKey(self.key_error)
         if posture_only:
-            self.key_error = f"config {config_path} not loaded ({config_error}); no last good configuration either"
+            self.key_error = f"config {self.config_path} not loaded ({config_error}); no last good configuration either"
             self.verifier = NoPinnedKey(self.key_error)
         self.backend = make_backend(cfg.backend, cfg.state_dir)
         local = cfg.local_failsafes()
@@ -1000,9 +1004,9 @@ class Daemon:
         with it (:attr:`reload`). What is enforced stays in the kernel meanwhile."""
         from ringfence_agent.config import ConfigError, load_config
 
-        assert self.config_path is not None
+        assert self.config_source is not None
         try:
-            load_config(self.config_path)
+            load_config(self.config_source, self.config_origin)
         except ConfigError as exc:
             problem = str(exc).replace("\n", " ")
             if problem != self.config_error:

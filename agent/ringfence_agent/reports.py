@@ -23,7 +23,6 @@ from typing import Any, Generic, Literal, TypeVar, cast
 from ringfence.agentwire import MAX_REPORT_RECORDS, DropEvent, FlowRecord, ReportBatch, ReportProto, ResponseError
 from ringfence_agent.backends import TUPLE_LINGER_S, Observation
 from ringfence_agent.plan import Plan
-from ringfence_agent.state import give_fd, mkdirs
 
 T = TypeVar("T", DropEvent, FlowRecord)
 _PROTOS = {"tcp", "udp", "icmp", "icmpv6"}
@@ -292,9 +291,8 @@ class Spool:
         if len(line) > self.max_bytes:
             self.discarded += len(batch.flows) + len(batch.drops)
             return
-        mkdirs(self.path.parent, 0o777)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
-            give_fd(f.fileno(), self.path.parent)  # root's run --once: the unit's user reads it next
             f.write(line)
         self._trim()
 
@@ -317,7 +315,6 @@ class Spool:
                 pass
         tmp = self.path.with_suffix(".tmp")
         with tmp.open("w") as f:
-            give_fd(f.fileno(), tmp.parent)
             f.write("".join(lines))
         os.replace(tmp, self.path)
 

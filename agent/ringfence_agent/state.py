@@ -32,15 +32,18 @@ DEFAULT_MAX_BUNDLE_BYTES = 16 * 1024 * 1024  # the configuration's max_bundle_by
 SMALL_DOC_BYTES = 1024 * 1024  # status.json, identity.json, token.json and the like
 
 
-def read_regular(path: Path, limit: int) -> bytes:
+def read_regular(path: Path, limit: int, owner: int | None = None) -> bytes:
     """The bytes of a regular file of at most ``limit`` bytes, read without following a symlink
     and without blocking: a FIFO would hang the reader for good, a symlink to /dev/zero would
-    grow it without bound. FileNotFoundError when absent; OSError or ValueError otherwise."""
+    grow it without bound. With ``owner``, only a file that uid owns. FileNotFoundError when
+    absent; OSError or ValueError otherwise."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ValueError(f"{path} is not a regular file (mode {stat.filemode(st.st_mode)})")
+        if owner is not None and st.st_uid != owner:
+            raise ValueError(f"{path} is owned by uid {st.st_uid}, not {owner}: not read")
         if st.st_size > limit:
             raise ValueError(f"{path} holds {st.st_size} bytes, more than the {limit} allowed")
         chunks: list[bytes] = []
@@ -54,45 +57,6 @@ def read_regular(path: Path, limit: int) -> bytes:
         return data
     finally:
         os.close(fd)
-
-
-def _owner_of(directory: Path) -> tuple[int, int] | None:
-    """Root writing in a directory another user owns (``ringfence-agent apply`` run as root on the
-    unit's state directory): the (uid, gid) what it makes there is given to, or the agent running
-    as that user could not read it (root's 0600) and would refuse to start. None otherwise."""
-    if os.geteuid() != 0:
-        return None
-    st = os.stat(directory)
-    return (st.st_uid, st.st_gid) if st.st_uid != 0 else None
-
-
-def give_fd(fd: int, directory: Path) -> None:
-    """The file open as ``fd``, if this (root) process made it in ``directory`` owned by another
-    user, given to that user: before it is linked or renamed into place, so it is never the
-    reader's to be refused. A file someone else owns is left alone. Raises OSError."""
-    owner = _owner_of(directory)
-    if owner is not None and os.fstat(fd).st_uid == 0:
-        os.fchown(fd, *owner)
-
-
-def mkdirs(path: Path, mode: int = 0o700) -> None:
-    """``path.mkdir(parents=True, exist_ok=True, mode=mode)``, each directory made given as
-    :func:`give_fd` gives a file (to the owner of the directory it is made in)."""
-    missing: list[Path] = []
-    p = path
-    while not p.is_dir() and p.parent != p:
-        missing.append(p)
-        p = p.parent
-    for d in reversed(missing):
-        try:
-            os.mkdir(d, mode)
-        except FileExistsError:
-            if not d.is_dir():
-                raise
-            continue
-        owner = _owner_of(d.parent)
-        if owner is not None:
-            os.chown(d, *owner, follow_symlinks=False)
 
 
 def atomic_write(path: Path, data: str | bytes, mode: int = 0o600, durable: bool = True) -> None:
@@ -120,12 +84,11 @@ def atomic_create(path: Path, data: str | bytes, mode: int = 0o600) -> bool:
 def _staged(path: Path, data: str | bytes, mode: int, durable: bool) -> Iterator[str]:
     """A temporary file beside ``path`` holding ``data`` (fsynced if ``durable``), removed on
     leaving unless it was renamed into place."""
-    mkdirs(path.parent, 0o777)  # as path.parent.mkdir(parents=True) made it (the umask applies)
+    path.parent.mkdir(parents=True, exist_ok=True)
     raw = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            give_fd(f.fileno(), path.parent)
             f.write(raw)
             f.flush()
             if durable:
@@ -199,7 +162,7 @@ class StateDir:
 
     def ensure(self) -> None:
         try:
-            mkdirs(self.path, 0o700)
+            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError:
             if not self.path.is_dir():
                 raise  # a read-only filesystem still holds the directory: reading it goes on
@@ -213,8 +176,6 @@ class StateDir:
             return
         try:
             fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-            with contextlib.suppress(OSError):  # the lock works whoever owns the file
-                give_fd(fd, self.path)
         except OSError:
             # a read-only (or full) filesystem: flock needs no write access, so the lock file
             # read-only, else the directory itself (the daemon must still start and enforce)
@@ -415,7 +376,7 @@ class StateDir:
             return None
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{os.getpid()}"
         where = self.path / "rejected"
-        mkdirs(where, 0o700)
+        where.mkdir(mode=0o700, exist_ok=True)
         for n in names:
             os.replace(self.path / n, where / f"{stamp}-{n}")
         atomic_write(where / f"{stamp}-reason.txt", reason + "\n", mode=0o644)

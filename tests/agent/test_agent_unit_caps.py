@@ -27,6 +27,7 @@ import pytest
 from ringfence import enforced
 from ringfence.local.lab import PROBE, prerequisites
 from ringfence.local.lab import Lab as NetLab
+from ringfence_agent import asowner
 from ringfence_agent.backends import scratch
 from tests.agent.bundles import GOLDEN, LAB_POLICY, PUBLIC_KEY, Lab, workloads, write
 from tests.agentproc import BIN
@@ -97,6 +98,31 @@ def test_the_agent_unit_runs_as_its_own_user_with_ambient_capabilities() -> None
     assert "useradd --system --user-group" in text and "AGENT_USER=ringfence-agent" in text
     assert 'chgrp "$AGENT_USER" "$f" && chmod 0640 "$f"' in text  # agent.json, pairing-key
     assert 'chown -R -h "$AGENT_USER:$AGENT_USER" /var/lib/ringfence-agent' in text  # an upgrade from root
+
+
+def test_root_cli_becomes_a_state_directorys_owner_exactly_as_the_unit_starts_the_agent() -> None:
+    """Root's CLI on a state directory another user owns executes itself again as that user with
+    the unit's capabilities, bounded and ambient, and no new privileges (asowner.py): the same
+    as the unit's settings, and the one setpriv command line the unit tests start it with."""
+    unit = service(UNIT)
+    assert (
+        list(asowner.UNIT_CAPABILITIES) == unit["CapabilityBoundingSet"].split() == unit["AmbientCapabilities"].split()
+    )
+    assert unit["NoNewPrivileges"] == "yes"
+    caps = "-all,+net_admin,+net_raw"
+    assert asowner.setpriv_command(asowner.UNIT_CAPABILITIES, (61_000, 61_001), "/usr/bin/setpriv") == [
+        "/usr/bin/setpriv",
+        "--reuid=61000",
+        "--regid=61001",
+        "--clear-groups",
+        f"--bounding-set={caps}",
+        f"--inh-caps={caps}",
+        f"--ambient-caps={caps}",
+        "--no-new-privs",
+    ]
+    assert setpriv(unit["CapabilityBoundingSet"].split(), (61_000, 61_001)) == asowner.setpriv_command(
+        asowner.UNIT_CAPABILITIES, (61_000, 61_001)
+    )
 
 
 def test_the_units_restrict_namespaces_allows_what_the_seal_check_needs_and_nothing_else() -> None:

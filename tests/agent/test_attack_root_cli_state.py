@@ -1,7 +1,7 @@
 """``ringfence-agent`` run as root (the documented ``apply``, a ``run --once`` from root's cron) on
 the state directory of the agent the unit runs as its own user (a uid no account has stands in:
-tests/systemdunit.py). Everything root writes there is the directory owner's, so the agent reads
-its last known good at its next start; and a state file it may not read (root's 0600, left by an
+tests/systemdunit.py). Root's command executes itself again as the directory's owner, so what it
+writes there is the owner's and the agent reads its last known good at its next start; and a state file it may not read (root's 0600, left by an
 older agent) is not corruption: the agent refuses to start saying which file and how to fix it,
 sets nothing aside and leaves the kernel's rules as they are. Real CLI and daemon, in a network
 namespace of their own (tests/agent/dataplane.py)."""
@@ -18,13 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ringfence.agentwire import ReportBatch
 from ringfence.local.lab import Lab as NetLab
-from ringfence_agent.agentkey import AgentKey
-from ringfence_agent.backends.sealkey import SealKey
-from ringfence_agent.config import AgentConfig, save_last_good
-from ringfence_agent.reports import Spool
-from ringfence_agent.state import StateDir
 from tests.agent import dataplane
 from tests.agent.bundles import GOLDEN, PUBLIC_KEY
 from tests.agentproc import BIN
@@ -136,30 +130,34 @@ def test_attack_a_root_cli_apply_leaves_the_units_last_known_good_readable_and_i
 
 
 def test_attack_root_writes_everything_in_the_units_state_directory_as_the_units(scratch: Path) -> None:
-    """Every writer under the state directory, as root: the journal, status, identity, the set-
-    aside last known good and its reason (rejected/), the agent's key (R1d: root's `run --once`
-    enrolled, the unit's daemon could not read agent-key.pem), the seal key and record, the spool
-    and the last good configuration are the owner's, and the owner reads them."""
+    """Root's commands on the unit's state directory (apply over a torn last known good, which it
+    sets aside in rejected/ with the reason; apply-delta; run --once, which keeps the last good
+    configuration; status; drops) leave only the owner's files, and the owner reads them: they
+    are written as the owner (root's command executes itself again as the directory's owner,
+    agent/ringfence_agent/asowner.py), nothing is chowned. The daemon's control-plane fail-safe
+    admits the owner's uid: it ran as the owner. Dry-run backend (the nftables writers, seal.key
+    and seal.last, are the first test's)."""
     if os.geteuid() != 0:
         pytest.skip("needs root")
     state = _state(scratch)
-    sd = StateDir(state)
-    sd.set_identity("ord-prod-proc-1")
-    sd.write_json("token.json", {"token": "t"})
-    sd.update_status(last_error=None)
-    (state / "bundle.json").write_bytes(OLDER.read_bytes())
-    os.chown(state / "bundle.json", *USER)  # moved aside as it is: it keeps its owner
-    sd.set_aside("for the test")
-    AgentKey.load_or_create(state)
-    seal = SealKey(state, b"ctx", 64)
-    seal.new_seal("held")
-    spool = Spool(state / "spool.jsonl", 600)
-    for _ in range(4):  # past max_bytes: trimmed, rewritten by rename
-        spool.append(ReportBatch(dropped_records=123))
-    cfg = AgentConfig(workload_id="w", public_key=PUBLIC_KEY, state_dir=state, backend="dry-run", source="x")
-    save_last_good(cfg, scratch / "agent.json")
+    (state / "bundle.json").write_text("torn")
+    os.chown(state / "bundle.json", *USER)
+    args = ["--backend", "dry-run", "--state-dir", str(state)]
+    key = ["--public-key", str(PUBLIC_KEY)]
+    for cmd in (
+        ["apply", *args, *key, "--bundle", str(OLDER)],
+        ["apply-delta", *args, *key, "--delta", str(GOLDEN / "delta-ord-prod-proc-1-scale-out.json")],
+        ["status", *args],
+        ["drops", *args],
+    ):
+        out = subprocess.run([AGENT, *cmd], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+    config = _config(scratch, state)
+    config.write_text(config.read_text().replace('"nftables"', '"dry-run"'))
+    out = subprocess.run([AGENT, "run", "--once", "--config", str(config)], capture_output=True, text=True, timeout=60)
+    assert f"skuid {STAND_IN_UID}" in out.stdout, out.stdout + out.stderr
     made = {p.name for p in state.iterdir()}
-    want = {"agent-key.pem", "seal.key", "seal.last", "spool.jsonl", "rejected", "token.json", "config.last-good.json"}
+    want = {"bundle.json", "deltas.jsonl", "status.json", "identity.json", "rejected", "config.last-good.json"}
     assert want <= made, made
     assert len(list((state / "rejected").iterdir())) == 2  # the bundle and the reason
     assert _not_the_units(state) == []

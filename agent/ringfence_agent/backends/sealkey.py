@@ -17,7 +17,7 @@ import hmac
 import os
 from pathlib import Path
 
-from ringfence_agent.state import atomic_create, atomic_write, mkdirs, read_regular
+from ringfence_agent.state import atomic_create, atomic_write, read_regular
 
 SEAL_KEY_FILE = "seal.key"
 SEAL_RECORD_FILE = "seal.last"  # the nonce of the last whole apply's seal (hex)
@@ -60,7 +60,7 @@ class SealKey:
 
     @staticmethod
     def _create(path: Path) -> bytes:
-        mkdirs(path.parent, 0o700)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         key = os.urandom(32)
         line = key.hex() + "\n"
         if atomic_create(path, line, mode=0o600):
