@@ -22,8 +22,10 @@ from pathlib import Path
 
 from ringfence.agentwire import proof_message, token_proof_message
 from ringfence.bundlewire import fingerprint_of_raw, key_id_of_raw, loaded_libcrypto
+from ringfence_agent.state import read_regular
 
 KEY_FILE = "agent-key.pem"
+MAX_KEY_BYTES = 64 * 1024  # a PEM Ed25519 key is ~120 bytes
 # DER of an Ed25519 PKCS#8 private key before its 32-byte seed, and of a SubjectPublicKeyInfo
 # before the 32-byte public key (RFC 8410): fixed, so no ASN.1 library is needed
 _PKCS8_PREFIX = bytes.fromhex("302e020100300506032b657004220420")
@@ -123,7 +125,7 @@ class AgentKey:
     def load(cls, state_dir: Path) -> AgentKey | None:
         """The key in ``state_dir``, None when there is none (never creates one)."""
         try:
-            return cls(_seed_from_pem((state_dir / KEY_FILE).read_bytes()))
+            return cls(_seed_from_pem(read_regular(state_dir / KEY_FILE, MAX_KEY_BYTES)))
         except FileNotFoundError:
             return None
 
@@ -132,16 +134,16 @@ class AgentKey:
         """The key in ``state_dir``; a new one (written 0600, never replaced) when there is none."""
         path = state_dir / KEY_FILE
         try:
-            return cls(_seed_from_pem(path.read_bytes()))
+            return cls(_seed_from_pem(read_regular(path, MAX_KEY_BYTES)))
         except FileNotFoundError:
             pass
         seed = os.urandom(32)
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         # O_EXCL: created with mode 0600 from the start, and never over a key another process wrote
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except FileExistsError:
-            return cls(_seed_from_pem(path.read_bytes()))
+            return cls(_seed_from_pem(read_regular(path, MAX_KEY_BYTES)))
         with os.fdopen(fd, "wb") as f:
             f.write(_pem("PRIVATE KEY", _PKCS8_PREFIX + seed).encode())
             f.flush()

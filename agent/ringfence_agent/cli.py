@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -216,8 +217,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     for key, value in out.items():
         if key in ("last_contact",) and isinstance(value, (int, float)):
             value = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(value))} ({time.time() - value:.0f}s ago)"
-        print(f"{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+        # status.json is the agent user's to write: nothing in it may drive the reader's terminal
+        print(f"{key}: {json.dumps(value) if isinstance(value, (dict, list)) else terminal_line(value)}")
     return 0
+
+
+# C0, DEL, C1; the Unicode line and paragraph separators; the bidi embeddings, overrides and
+# isolates (as ringfence.textsafe, which the agent does not import)
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _shown(m: re.Match[str]) -> str:
+    c = m.group()
+    return _NAMED.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+
+def terminal_line(text: object) -> str:
+    """``text`` with every character that could break or drive a terminal line shown escaped."""
+    return _UNSAFE.sub(_shown, str(text))
 
 
 def cmd_drops(args: argparse.Namespace) -> int:

@@ -403,13 +403,13 @@ def save_last_good(cfg: AgentConfig, path: Path) -> None:
     """Keep ``cfg`` (loaded from ``path``; its paths made absolute) in its state directory, mode
     0600 (it may hold an inline pairing key, as the state directory holds the token). Raises
     OSError."""
-    from ringfence_agent.state import atomic_write
+    from ringfence_agent.state import SMALL_DOC_BYTES, atomic_write, read_regular
 
     doc = {"from": str(path), "config": dataclasses.asdict(cfg)}
     text = json.dumps(doc, indent=1, sort_keys=True, default=str) + "\n"
     target = cfg.state_dir / LAST_GOOD_CONFIG
-    with contextlib.suppress(OSError):
-        if target.read_text() == text:
+    with contextlib.suppress(OSError, ValueError):
+        if read_regular(target, SMALL_DOC_BYTES) == text.encode():
             return
     atomic_write(target, text)
 

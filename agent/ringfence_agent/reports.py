@@ -6,6 +6,7 @@ records when full (and count what they dropped), and the disk spool has a hard b
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -23,6 +24,7 @@ from typing import Any, Generic, Literal, TypeVar, cast
 from ringfence.agentwire import MAX_REPORT_RECORDS, DropEvent, FlowRecord, ReportBatch, ReportProto, ResponseError
 from ringfence_agent.backends import TUPLE_LINGER_S, Observation
 from ringfence_agent.plan import Plan
+from ringfence_agent.state import atomic_write, read_regular, regular_fd
 
 T = TypeVar("T", DropEvent, FlowRecord)
 _PROTOS = {"tcp", "udp", "icmp", "icmpv6"}
@@ -292,36 +294,49 @@ class Spool:
             self.discarded += len(batch.flows) + len(batch.drops)
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
+        # appended to the spool itself: never through a link of its name, never to a FIFO
+        fd = regular_fd(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        with os.fdopen(fd, "a") as f:
             f.write(line)
         self._trim()
 
+    def _read(self) -> str:
+        """The spool's text; a spool that is no regular file, or larger than appending makes it, is
+        dropped (ValueError is only ever the file's own fault)."""
+        try:
+            return read_regular(self.path, 2 * self.max_bytes).decode()
+        except ValueError:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            raise
+
     def _trim(self) -> None:
         try:
-            size = self.path.stat().st_size
+            size = os.lstat(self.path).st_size
         except FileNotFoundError:
             return
         if size <= self.max_bytes:
             return
-        lines = self.path.read_text().splitlines(keepends=True)
-        total = size
+        try:
+            lines = self._read().splitlines(keepends=True)
+        except (FileNotFoundError, ValueError):
+            return
+        total = sum(len(x.encode()) for x in lines)
         while lines and total > self.max_bytes:
             dropped = lines.pop(0)
-            total -= len(dropped)
+            total -= len(dropped.encode())
             try:
                 b = json.loads(dropped)
                 self.discarded += len(b.get("flows", [])) + len(b.get("drops", []))
             except json.JSONDecodeError:
                 pass
-        tmp = self.path.with_suffix(".tmp")
-        with tmp.open("w") as f:
-            f.write("".join(lines))
-        os.replace(tmp, self.path)
+        # a fresh temporary file of its own (never a fixed name someone else may have linked)
+        atomic_write(self.path, "".join(lines), durable=False)
 
     def pop_all(self) -> list[ReportBatch]:
         try:
-            text = self.path.read_text()
-        except FileNotFoundError:
+            text = self._read()
+        except (FileNotFoundError, ValueError):
             return []
         self.path.unlink()
         out = []

@@ -59,6 +59,17 @@ def read_regular(path: Path, limit: int, owner: int | None = None) -> bytes:
         os.close(fd)
 
 
+def regular_fd(path: Path, flags: int, mode: int = 0o600) -> int:
+    """``path`` opened with ``flags``, never through a symlink nor blocking on a FIFO, and only a
+    regular file (OSError otherwise): what the state directory's writers open by name."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file (mode {stat.filemode(st.st_mode)})")
+    return fd
+
+
 def atomic_write(path: Path, data: str | bytes, mode: int = 0o600, durable: bool = True) -> None:
     """Write to a temporary file in the same directory, fsync, rename over, fsync the directory.
     ``durable=False`` skips the fsyncs (still atomic; may be lost in a power cut): for status."""
@@ -89,11 +100,12 @@ def _staged(path: Path, data: str | bytes, mode: int, durable: bool) -> Iterator
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            # the file this process made, by its descriptor: the name may be another file by now
+            os.fchmod(f.fileno(), mode)
             f.write(raw)
             f.flush()
             if durable:
                 os.fsync(f.fileno())
-        os.chmod(tmp, mode)
         yield tmp
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -175,14 +187,14 @@ class StateDir:
         if key in _HELD:  # this process already owns it
             return
         try:
-            fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+            fd = regular_fd(self.path / ".lock", os.O_RDWR | os.O_CREAT)
         except OSError:
             # a read-only (or full) filesystem: flock needs no write access, so the lock file
             # read-only, else the directory itself (the daemon must still start and enforce)
             try:
-                fd = os.open(self.path / ".lock", os.O_RDONLY | os.O_NOFOLLOW)
+                fd = regular_fd(self.path / ".lock", os.O_RDONLY)
             except OSError:
-                fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+                fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -349,7 +361,7 @@ class StateDir:
             return
         line = _delta_line(deltas[-1])
         end = self._journal[2]
-        fd = os.open(self.journal_path, os.O_WRONLY)
+        fd = regular_fd(self.journal_path, os.O_WRONLY)
         try:
             if os.fstat(fd).st_size > end:  # a torn tail left by a crash while appending
                 os.ftruncate(fd, end)
@@ -377,8 +389,13 @@ class StateDir:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{os.getpid()}"
         where = self.path / "rejected"
         where.mkdir(mode=0o700, exist_ok=True)
-        for n in names:
-            os.replace(self.path / n, where / f"{stamp}-{n}")
+        # moved into rejected/ itself, never where a link of that name points
+        dfd = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            for n in names:
+                os.replace(self.path / n, f"{stamp}-{n}", dst_dir_fd=dfd)
+        finally:
+            os.close(dfd)
         atomic_write(where / f"{stamp}-reason.txt", reason + "\n", mode=0o644)
         return where / f"{stamp}-bundle.json"
 

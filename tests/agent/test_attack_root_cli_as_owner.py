@@ -220,6 +220,50 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 """
 
 
+def test_attack_a_fifo_or_dev_zero_in_the_state_directory_does_not_hang_roots_commands(
+    scratch: Path, state: Path
+) -> None:
+    """F7: ``agent-key.pem`` a FIFO (status hung for good) or a link to /dev/zero (status read
+    until memory ran out); ``config.last-good.json`` a FIFO (``run --once`` hung)."""
+    os.mkfifo(state / "agent-key.pem")
+    os.chown(state / "agent-key.pem", *USER)
+    out = _root("status", "--backend", "dry-run", "--state-dir", str(state), "--json", timeout=30)
+    assert out.returncode == 0 and "unreadable" in json.loads(out.stdout)["agent_key"], out.stderr
+    (state / "agent-key.pem").unlink()
+    _plant_link(state / "agent-key.pem", Path("/dev/zero"))
+    out = _root("status", "--backend", "dry-run", "--state-dir", str(state), "--json", timeout=30)
+    assert out.returncode == 0 and "unreadable" in json.loads(out.stdout)["agent_key"], out.stderr
+
+    os.mkfifo(state / "config.last-good.json")
+    os.chown(state / "config.last-good.json", *USER)
+    config = scratch / "agent.json"
+    doc = {
+        "workload_id": "ord-prod-proc-1",
+        "public_key": str(PUBLIC_KEY),
+        "state_dir": str(state),
+        "backend": "dry-run",
+        "source": str(scratch / "no-source-yet"),
+        "admin_cidrs": [],
+        "control_plane": ["10.9.9.9"],
+    }
+    config.write_text(json.dumps(doc))
+    out = _root("run", "--once", "--config", str(config), timeout=30)
+    assert "Traceback" not in out.stderr, out.stderr
+    assert (state / "config.last-good.json").is_file()  # replaced by the last good configuration
+
+
+def test_attack_terminal_escapes_in_status_json_do_not_reach_roots_terminal(state: Path) -> None:
+    """F8: ``status`` (text) printed status.json's strings raw: a title-setting OSC, a screen
+    clear, hidden text, planted by the agent's user, reached root's terminal."""
+    doc = {"last_error": "\x1b]0;owned-title\x07\x1b[2J\x1b[Hall good, nothing to see", "last_cut": "x\x9bq\u202e"}
+    _plant(state / "status.json", json.dumps(doc))
+    out = _root("status", "--backend", "dry-run", "--state-dir", str(state))
+    assert out.returncode == 0, out.stderr
+    assert "\x1b" not in out.stdout and "\x07" not in out.stdout and "\x9b" not in out.stdout, out.stdout
+    assert "\u202e" not in out.stdout
+    assert "last_error: \\x1b]0;owned-title\\x07\\x1b[2J\\x1b[Hall good" in out.stdout, out.stdout
+
+
 def test_a_config_only_root_may_read_is_passed_open_and_keeps_its_name(scratch: Path, state: Path) -> None:
     """``run --config`` of root's 0600: the owner may not open it, root passes it open; it keeps
     its own name (the last good configuration says where it came from) and its directory."""
