@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from ringfence.bundle import Bundle, SetDelta, sign
+from ringfence.local.estate import lab_image
 from ringfence.local.lab import PROBE, PY, Holder, sh, wait_until
 from ringfence.local.lab import Lab as NetLab
 from ringfence.local.lab import Probe as P
@@ -1107,7 +1108,7 @@ def _lab_estate(net: NetLab, aws: Any, policy: str) -> dict[str, str]:
     assert status == 201, body
     vpc = aws.ec2.create_vpc(CidrBlock="10.77.0.0/16")["Vpc"]["VpcId"]
     subnet = aws.ec2.create_subnet(VpcId=vpc, CidrBlock="10.77.0.0/24")["Subnet"]["SubnetId"]
-    ami = aws.ec2.describe_images()["Images"][0]["ImageId"]
+    ami = lab_image(aws.ec2)
     ids = {}
     for host, role in ROLES.items():
         tags = [

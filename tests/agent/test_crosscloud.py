@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from ringfence.local.estate import lab_image
 from ringfence.local.lab import PY, sh, wait_until
 from ringfence.local.lab import Lab as NetLab
 from ringfence.local.lab import Probe as P
@@ -104,7 +105,7 @@ def test_an_azure_web_vm_reaches_an_ec2_db_and_a_gcp_vm_of_another_app_does_not(
     assert status == 201, body
     vpc = aws.ec2.create_vpc(CidrBlock="10.77.0.0/16")["Vpc"]["VpcId"]
     subnet = aws.ec2.create_subnet(VpcId=vpc, CidrBlock="10.77.0.0/24")["Subnet"]["SubnetId"]
-    ami = aws.ec2.describe_images()["Images"][0]["ImageId"]
+    ami = lab_image(aws.ec2)
     tags = {"ringfence:role": "db", "ringfence:app": "ordering", "ringfence:env": "prod"}
     db = aws.ec2.run_instances(
         ImageId=ami,

@@ -20,6 +20,7 @@ import pytest
 
 from ringfence.adminroles import ENV as ADMIN_ROLES_ENV
 from ringfence.local.aws import EmbeddedAws, IidKey
+from ringfence.local.estate import lab_image
 from ringfence.local.lambdas import LambdaContext, deliver_batch, load_functions, retire_functions, sqs_event
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -141,7 +142,7 @@ class Env:
                 "asg": "10.1.16.0/20",
             }.items()
         }
-        ami = self.ec2.describe_images()["Images"][0]["ImageId"]
+        ami = lab_image(self.ec2)
         self.ami = ami
 
         def run(role: str, subnet: str, n: int = 1, env: str = "prod", app: str = "ordering") -> list[str]:

@@ -15,6 +15,7 @@ import pytest
 from pydantic import ValidationError
 
 from ringfence.clouds.aws.sg import EMPTY, GroupRecords, SecurityGroupPerimeter
+from ringfence.local.estate import lab_image
 from ringfence.perimeter import PerimeterConfig, Scope
 from tests.aws.conftest import ACCOUNT, REGION, Env
 
@@ -31,7 +32,7 @@ WORLD_SSH = [{"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"
 class Vpc:
     def __init__(self, env: Env) -> None:
         self.ec2 = env.ec2
-        self.ami = self.ec2.describe_images()["Images"][0]["ImageId"]
+        self.ami = lab_image(self.ec2)
         self.id = self.ec2.create_vpc(CidrBlock="10.7.0.0/16")["Vpc"]["VpcId"]
         self.subnet = self.ec2.create_subnet(VpcId=self.id, CidrBlock="10.7.1.0/24")["Subnet"]["SubnetId"]
 

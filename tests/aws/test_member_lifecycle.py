@@ -14,6 +14,7 @@ from typing import Any
 import boto3
 import pytest
 
+from ringfence.local.estate import lab_image
 from tests.aws.conftest import ACCOUNT, REGION, Env
 from tests.aws.test_handler_metrics import emitted
 from tests.aws.test_pipeline import boot
@@ -48,7 +49,7 @@ def _member_launch(env: Env, monkeypatch: pytest.MonkeyPatch, lifecycle_role: st
     ec2, asg = _member(env)
     vpc = ec2.create_vpc(CidrBlock="10.7.0.0/16")["Vpc"]["VpcId"]
     sub = ec2.create_subnet(VpcId=vpc, CidrBlock="10.7.1.0/24", AvailabilityZone=f"{REGION}a")["Subnet"]["SubnetId"]
-    ami = ec2.describe_images()["Images"][0]["ImageId"]
+    ami = lab_image(ec2)
     lt = ec2.create_launch_template(
         LaunchTemplateName="m-web", LaunchTemplateData={"ImageId": ami, "InstanceType": "t3.micro"}
     )["LaunchTemplate"]["LaunchTemplateId"]

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
+from ringfence.local.estate import lab_image
 from ringfence.model import Workload
 from ringfence.store.base import InventoryRecord
 from tests.aws.conftest import ACCOUNT, REGION, Env
@@ -27,7 +28,7 @@ READ_ONLY = f"arn:aws:iam::{MEMBER}:role/ringfence-member-readonly"
 
 def run_here(env: Env) -> str:
     """One instance in the control account (moto's), as a member's instance id would look."""
-    ami = env.ec2.describe_images()["Images"][0]["ImageId"]
+    ami = lab_image(env.ec2)
     return str(env.ec2.run_instances(ImageId=ami, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"])
 
 

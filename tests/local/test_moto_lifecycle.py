@@ -12,6 +12,7 @@ from botocore.exceptions import ClientError
 
 from ringfence.local import moto_lifecycle
 from ringfence.local.aws import EmbeddedAws
+from ringfence.local.estate import lab_image
 
 GROUP = "rf-web-asg"
 
@@ -20,7 +21,7 @@ def group(aws: EmbeddedAws, name: str = GROUP, hooks: dict[str, dict[str, Any]] 
     ec2, asg = aws.client("ec2"), aws.client("autoscaling")
     vpc = ec2.create_vpc(CidrBlock="10.9.0.0/16")["Vpc"]["VpcId"]
     subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.9.1.0/24", AvailabilityZone=f"{aws.region}a")["Subnet"]
-    ami = ec2.describe_images()["Images"][0]["ImageId"]
+    ami = lab_image(ec2)
     lt = ec2.create_launch_template(
         LaunchTemplateName=f"{name}-lt", LaunchTemplateData={"ImageId": ami, "InstanceType": "t3.micro"}
     )["LaunchTemplate"]["LaunchTemplateId"]

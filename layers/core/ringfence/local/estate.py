@@ -45,13 +45,25 @@ def example_workloads(example: Path, names: Iterable[str] | None = None) -> list
     return [w for w in load_inventory(example / "inventory.yaml") if wanted is None or w.id in wanted]
 
 
+LAB_IMAGE = "ringfence-lab"  # the machine image the lab's instances launch from
+
+
+def lab_image(ec2: Any) -> str:
+    """The id of the lab's machine image in ``ec2``'s region, registered on first use (the
+    embedded moto loads no public catalog: ``motoproc``)."""
+    mine = ec2.describe_images(Owners=["self"], Filters=[{"Name": "name", "Values": [LAB_IMAGE]}])["Images"]
+    if mine:
+        return str(mine[0]["ImageId"])
+    return str(ec2.register_image(Name=LAB_IMAGE, Description="Ringfence lab instances")["ImageId"])
+
+
 def build_estate(ec2: Any, autoscaling: Any, workloads: list[Workload], region: str) -> Estate:
     """Create the VPCs, subnets and instances (running, with the example's tags and IPv4
     address, plus ``Name``), the web tier's launch template, ASG (0 instances) and its hook.
     ``ec2`` should call as :data:`TAGGER_ROLE` (``EmbeddedAws.client_as``): the instances' label
     tags are then set by the allowed tagger, as the guard rail in the deploy guide requires."""
     est = Estate()
-    ami = ec2.describe_images()["Images"][0]["ImageId"]
+    ami = lab_image(ec2)
     zone = f"{region}a"
 
     def subnet_for(ip: str, cidr: str | None = None) -> str:

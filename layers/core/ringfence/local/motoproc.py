@@ -495,6 +495,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=0, help="port to bind (default: 0, a free one)")
     args = ap.parse_args(argv)
 
+    # No public AMI catalog: moto loads its 1,290 into every region's EC2 backend after each reset
+    # (~0.1-0.3 s a reset) and an unfiltered DescribeImages serialised them all (~2 s). The lab
+    # launches from an image of its own (``estate.lab_image``).
+    os.environ.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
     from waitress.server import create_server
 
