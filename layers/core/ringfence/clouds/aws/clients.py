@@ -13,6 +13,8 @@ from functools import cache
 from typing import Any
 
 import boto3
+import botocore.loaders
+import botocore.session
 from botocore.config import Config
 
 # A Lambda container serves one request at a time, but `ringfence serve` and the local router call
@@ -25,9 +27,21 @@ RETRIES = Config(
 )
 
 
+# One loader of botocore's service models for every session this process makes: a session loads
+# (JSON-decodes) each service's model afresh, tens of milliseconds for EC2's; the local lab and the
+# tests start a new session with every cold start of the functions (``reset``).
+_LOADER = botocore.loaders.create_loader()
+
+
 @cache
 def session() -> boto3.Session:
-    return boto3.Session()
+    core = botocore.session.get_session()
+    core.register_component("data_loader", _LOADER)
+    made = boto3.Session(botocore_session=core)
+    # boto3 appends its own data path to the loader at each session: once is enough
+    paths = _LOADER.search_paths
+    paths[:] = list(dict.fromkeys(paths))
+    return made
 
 
 _clients: dict[tuple[str, str | None], Any] = {}
