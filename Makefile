@@ -74,11 +74,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy layers/core/ringfence agent/ringfence_agent
 
-# three workers (pytest-xdist) on CI's 2 cores: much of the suite waits on subprocesses, the
-# kernel and moto rather than computing (two workers kept the cores 68 % busy). Tests are spread
+# four workers (pytest-xdist) on CI's 2 cores: much of the suite waits on subprocesses, the
+# kernel and moto rather than computing (two workers kept the cores 68 % busy; three, 84 %: the
+# suite in 19 min 35 s; four, 92 %: 18 min 9 s, on this project's 2-core machine). Tests are spread
 # one at a time (loadgroup: a test marked xdist_group stays on one worker with the others of its
 # group). PYTEST_WORKERS=0 runs serially.
-PYTEST_WORKERS ?= 3
+PYTEST_WORKERS ?= 4
 unit: $(STAMP) sysdeps bytecode
 	$(BIN)/pytest -q --durations=30 -n $(PYTEST_WORKERS) --dist loadgroup
 
