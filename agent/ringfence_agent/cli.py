@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import re
+import stat
 import sys
 import time
 from pathlib import Path
@@ -121,6 +122,10 @@ def _agent_key(state_dir: Path) -> tuple[str | None, str | None]:
 
 def cmd_status(args: argparse.Namespace) -> int:
     state = StateDir(Path(args.state_dir))
+    try:
+        state.not_as_root_in_anothers()
+    except OSError as exc:
+        return _err(str(exc))
     status = state.read_json("status.json")
     unreadable = None
     # files the agent may not read (their owner or mode): it refuses to start, nothing set aside
@@ -244,6 +249,10 @@ def cmd_drops(args: argparse.Namespace) -> int:
     from ringfence_agent.reports import DropCollector
 
     state = StateDir(Path(args.state_dir))
+    try:
+        state.not_as_root_in_anothers()
+    except OSError as exc:
+        return _err(str(exc))
     bundle = state.load_bundle()
     if bundle is None:
         return _err(f"no bundle applied in {args.state_dir}")
@@ -299,7 +308,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     path = Path(args.config)
     origin = Path(args.config_path) if args.config_path else None
     try:
-        cfg = load_config(path, origin)
+        if getattr(args, "config_unreadable", None):
+            raise ConfigError(f"cannot read config {origin or path}: {args.config_unreadable}")
+        cfg = load_config(path, origin, raw=getattr(args, "config_bytes", None))
     except ConfigError as exc:
         if args.once:  # one round for a script or a test: its exit status says the file is wrong
             return _err(str(exc))
@@ -425,33 +436,56 @@ def build_parser() -> argparse.ArgumentParser:
 _ON_STATE = ("apply", "apply-delta", "run", "status", "drops")
 
 
-def _as_owner(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> None:
-    """Root on a state directory another user owns (the unit's): this command executed again as
-    that user, as the unit starts the agent (:mod:`ringfence_agent.asowner`); returns only when it
-    runs here. Input files are passed open: root may read them, the owner perhaps not."""
+def _as_owner(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> int | None:
+    """Root on a state directory another user owns (the unit's): this command run as that user,
+    as the unit starts the agent (:mod:`ringfence_agent.asowner`), its exit status; None when it
+    runs here. Input files are passed open: root may read them, the owner perhaps not. Paths are
+    made absolute first: the owner's process runs in /, and may not enter root's cwd (r15 F5)."""
     if args.command not in _ON_STATE:
-        return
+        return None
+    args.state_dir = os.path.abspath(args.state_dir)
+    for name in ("bundle", "public_key", "config", "config_path"):
+        if getattr(args, name, None):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
+    if getattr(args, "delta", None):
+        args.delta = [os.path.abspath(d) for d in args.delta]
     state_dir = Path(args.state_dir)
     if args.command == "run":  # the config names it; --state-dir only serves one that does not load
         from ringfence_agent.config import ConfigError, load_config
 
+        # read once (r15 F4): a pipe read again is empty, and the decision and the run must be
+        # about the same bytes; cmd_run uses these
+        try:
+            args.config_bytes = read_input(Path(args.config))
+        except OSError as exc:  # cmd_run says so, and does not read it again
+            args.config_bytes, args.config_unreadable = None, exc.strerror
+        origin = Path(args.config_path) if args.config_path else None
         with contextlib.suppress(ConfigError):
-            state_dir = load_config(Path(args.config), Path(args.config_path) if args.config_path else None).state_dir
+            state_dir = load_config(Path(args.config), origin, raw=args.config_bytes or b"").state_dir
     user = asowner.owner_to_become(state_dir)
     if user is None:
-        return
+        return None
+    passed: list[int] = []
     if args.command in ("apply", "apply-delta"):
-        args.public_key = asowner.pass_open(args.public_key)
+        args.public_key = asowner.pass_open(args.public_key, passed)
     if args.command == "apply":
-        args.bundle = asowner.pass_open(args.bundle)
+        args.bundle = asowner.pass_open(args.bundle, passed)
     elif args.command == "apply-delta":
-        args.delta = [asowner.pass_open(d) for d in args.delta]
-    elif args.command == "run" and not asowner.can_read(Path(args.config), user):
+        args.delta = [asowner.pass_open(d, passed) for d in args.delta]
+    elif args.command == "run" and not (_regular(args.config) and asowner.can_read(Path(args.config), user)):
         # by name where the owner may read it (the unit's own config): a daemon retrying a
-        # config that did not load then sees it replaced, not only rewritten in place
-        args.config_path = args.config_path or str(Path(args.config).absolute())
-        args.config = asowner.pass_open(args.config)
-    asowner.become(state_dir, user, _command_line(parser, args), argv)
+        # config that did not load then sees it replaced, not only rewritten in place; else
+        # the bytes root read, in a memory file
+        args.config_path = args.config_path or args.config
+        args.config = asowner.pass_bytes(args.config_bytes or b"", passed)
+    return asowner.become(state_dir, user, _command_line(parser, args), argv, passed)
+
+
+def _regular(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _command_line(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
@@ -475,9 +509,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        _as_owner(parser, args, argv)
+        done = _as_owner(parser, args, argv)
     except (asowner.Refused, OSError) as exc:
         return _err(str(exc))
+    if done is not None:
+        return done
     rc: int = args.func(args)
     return rc
 

@@ -350,14 +350,15 @@ def _no_unknown_keys(cls: Any, data: dict[str, Any], prefix: str) -> None:
             raise _Invalid(f"{prefix}{key}", "Extra inputs are not permitted")
 
 
-def load_config(path: Path, origin: Path | None = None) -> AgentConfig:
+def load_config(path: Path, origin: Path | None = None, raw: bytes | None = None) -> AgentConfig:
     """The configuration in ``path``. ``origin``: the file it is, where ``path`` is that file
     passed open (``/dev/fd/N``, root's ``run`` executed again as the state directory's owner,
-    :mod:`ringfence_agent.asowner`): its name, suffix and directory are the file's."""
+    :mod:`ringfence_agent.asowner`): its name, suffix and directory are the file's. ``raw``: its
+    bytes, already read (root's ``run`` reads the file once: a pipe cannot be read twice)."""
     from ringfence_agent.asowner import read_input
 
     try:
-        text = read_input(path).decode()
+        text = (read_input(path) if raw is None else raw).decode()
     except OSError as exc:
         raise ConfigError(f"cannot read config {origin or path}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:

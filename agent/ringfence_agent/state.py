@@ -132,6 +132,10 @@ class StateLocked(RuntimeError):
     """Another ringfence-agent process owns this state directory."""
 
 
+class RootRefused(PermissionError):
+    """Root in a state directory another user owns (or a link): refused."""
+
+
 class StateUnreadable(PermissionError):
     """Files in the state directory the agent may not read because of their owner or mode (root's
     0600, left by ``ringfence-agent`` run as root on a non-root agent's state): not corruption.
@@ -178,6 +182,23 @@ class StateDir:
         except OSError:
             if not self.path.is_dir():
                 raise  # a read-only filesystem still holds the directory: reading it goes on
+        self.not_as_root_in_anothers()
+
+    def not_as_root_in_anothers(self) -> None:
+        """The last guard (security review r15): root does no work in a directory another user
+        owns, whatever path led here (the CLI runs such commands as the owner: asowner.py)."""
+        if os.geteuid() != 0:
+            return
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return  # nothing there to work in
+        if stat.S_ISLNK(st.st_mode) or st.st_uid != 0:
+            raise RootRefused(
+                f"refused as root: the state directory {self.path} is "
+                + ("a symbolic link" if stat.S_ISLNK(st.st_mode) else f"owned by uid {st.st_uid}, not root")
+                + ": root does no file work there; run this as its owner"
+            )
 
     def lock(self) -> None:
         """Exclusive, non-blocking, for the life of the process (released by the kernel on exit,

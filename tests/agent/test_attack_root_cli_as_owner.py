@@ -1,7 +1,7 @@
 """``ringfence-agent`` run as root on the state directory of the agent the unit runs as its own
 user (a uid no account has stands in: tests/systemdunit.py), that user compromised (security
 review r14): it plants links, FIFOs and files in its directory for root's command to follow. Root
-does no file work there: the command executes itself again as the directory's owner, as the unit
+does no file work there: the command runs again as a child, as the directory's owner, as the unit
 starts the agent (agent/ringfence_agent/asowner.py), so whatever it follows it follows with that
 user's rights. Real CLI as root, subprocesses; the dry-run backend (the kernel is beside the
 point); the victims are dummy root files under pytest's tmp_path; the one daemon that talks to a
@@ -324,4 +324,233 @@ def test_a_symlinked_state_directory_is_refused_as_root(scratch: Path, state: Pa
     _plant_link(link, state)
     out = _apply(link)
     assert out.returncode == 1 and "is a symbolic link" in out.stderr, out.stderr
+    assert list(state.iterdir()) == []
+
+
+# security review r15: root's command no longer executes itself in place as the owner; the owner's
+# process is a child of root's, given nothing of root's but the inputs it needs
+
+
+def _static_config(scratch: Path, state: Path, name: str = "agent.json") -> Path:
+    """A config the owner may read: a static source that is not there yet (the daemon waits)."""
+    config = scratch / name
+    doc = {
+        "workload_id": "ord-prod-proc-1",
+        "public_key": str(PUBLIC_KEY),
+        "state_dir": str(state),
+        "backend": "dry-run",
+        "source": str(scratch / "no-source-yet"),
+        "admin_cidrs": [],
+        "control_plane": ["10.9.9.9"],
+    }
+    config.write_text(json.dumps(doc))
+    config.chmod(0o644)
+    return config
+
+
+def _owners_process(marker: str, timeout: float = 30) -> int:
+    """The pid of the owner's ringfence-agent whose command line holds ``marker``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in os.listdir("/proc"):
+            if not p.isdigit():
+                continue
+            try:
+                if os.stat(f"/proc/{p}").st_uid != STAND_IN_UID:
+                    continue
+                argv = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"setpriv" not in argv[0] and marker.encode() in argv and any(b"ringfence" in a for a in argv):
+                return int(p)
+        time.sleep(0.05)
+    raise AssertionError(f"no process of uid {STAND_IN_UID} running {marker}")
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat from the state field on (comm may hold spaces): [state, ppid, pgrp, session, tty_nr, …]."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def test_attack_the_owners_process_gets_no_root_descriptor_environment_or_terminal(
+    scratch: Path, state: Path, tmp_path: Path
+) -> None:
+    """r15 F1, F2: root's command, executed again in place as the owner, kept root's controlling
+    terminal (the owner ptraced it and pushed a command into root's shell with TIOCSTI), root's
+    stdin/stdout/stderr and every other descriptor root had open (taken with pidfd_getfd), and
+    root's environment (read from /proc/PID/environ). Root here holds a pty as its controlling
+    terminal and stdin, a root-only file open on an extra descriptor and a secret in its
+    environment; while the owner's daemon runs, none of it is in the owner's process: no
+    controlling terminal, a session of its own, stdin /dev/null."""
+    victim = _victim(tmp_path / "victim")
+    config = _static_config(scratch, state)
+    master, slave = os.openpty()
+    held = os.open(victim, os.O_RDWR)
+    env = {**os.environ, "ROOT_SECRET": "hunter2-r15"}
+
+    def _controlling_tty() -> None:
+        import fcntl
+        import termios
+
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(
+        [AGENT, "run", "--config", str(config)],
+        stdin=slave,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        pass_fds=(held,),
+        start_new_session=True,
+        preexec_fn=_controlling_tty,  # root's interactive shell: a terminal of its own
+    )
+    os.close(slave)
+    os.close(held)
+    try:
+        pid = _owners_process(str(config))
+        root_session = int(_stat_fields(proc.pid)[3])
+        assert int(_stat_fields(proc.pid)[4]) != 0  # root's command has the terminal
+        fields = _stat_fields(pid)
+        assert int(fields[4]) == 0, f"the owner's process has root's controlling terminal (tty_nr {fields[4]})"
+        assert int(fields[3]) != root_session
+        links = {fd: os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        assert links["0"] == "/dev/null", links
+        assert str(victim) not in links.values(), links
+        assert not any(link.startswith("/dev/pts/") or link == "/dev/ptmx" for link in links.values()), links
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        assert b"hunter2-r15" not in environ
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+        os.close(master)
+    _unchanged(victim)
+
+
+def test_attack_a_state_directory_not_there_yet_in_the_owners_directory_is_refused(
+    scratch: Path, tmp_path: Path
+) -> None:
+    """r15 F3: ``--state-dir`` not there yet in a directory the agent's user may write: root went
+    on as root, the user then put a link to a root directory at that name (here while root waits
+    on the key from a FIFO: the race won every time), and root's apply wrote its files there.
+    Refused before anything is read, naming the directory; also one straight in a sticky
+    world-writable directory (``/tmp``), where anyone may make the name first."""
+    victim = tmp_path / "victim"
+    victim.mkdir(mode=0o700)
+    agentdir = scratch / "agentdir"
+    agentdir.mkdir(mode=0o755)
+    os.chown(agentdir, *USER)
+    fifo = scratch / "key.fifo"
+    os.mkfifo(fifo, 0o600)
+    target = agentdir / "state"
+    proc = subprocess.Popen(
+        [AGENT, "apply", "--backend", "dry-run", "--state-dir", str(target), "--public-key", str(fifo),
+         "--bundle", str(BUNDLE)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                w = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:  # no reader yet
+                time.sleep(0.05)
+                continue
+            _plant_link(target, victim)  # root decided; now the attacker's link
+            os.write(w, PUBLIC_KEY.read_bytes())
+            os.close(w)
+            break
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert list(victim.iterdir()) == []
+    assert proc.returncode == 1 and f"{agentdir} (owner uid {STAND_IN_UID}" in err, err
+
+    sticky = scratch / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    out = _apply(sticky / "state")
+    assert out.returncode == 1 and "writable by other users" in out.stderr, out.stderr
+    assert not (sticky / "state").exists()
+
+
+def test_attack_run_reads_a_piped_config_once_and_never_falls_back_to_the_owners_directory_as_root(
+    scratch: Path, state: Path
+) -> None:
+    """r15 F4: ``run --config /dev/stdin`` (or ``<(…)``) naming a root state directory, with
+    ``--state-dir`` the agent's: root read the pipe to decide (root's directory: stay root),
+    cmd_run read it again, got nothing, and fell back to ``--state-dir``, the agent's directory,
+    as root. Read once: the daemon runs on root's directory; the agent's is untouched."""
+    rootstate = scratch / "rootstate"
+    config = json.loads(_static_config(scratch, rootstate).read_text())
+    r, w = os.pipe()
+    os.write(w, json.dumps(config).encode())
+    os.close(w)
+    proc = subprocess.Popen(
+        [AGENT, "run", "--config", "/dev/stdin", "--backend", "dry-run", "--state-dir", str(state)],
+        stdin=r, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    os.close(r)
+    try:
+        deadline = time.monotonic() + 20
+        while not (rootstate / "status.json").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        time.sleep(1)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert list(state.iterdir()) == [], (list(state.iterdir()), err)
+    assert (rootstate / "status.json").exists(), err
+
+
+def test_attack_a_relative_state_directory_from_a_cwd_the_owner_cannot_enter_works(scratch: Path, state: Path) -> None:
+    """r15 F5: root in a directory the owner may not enter (``/root``), ``--state-dir ../state``:
+    the owner's process resolved it from root's cwd and died with a PermissionError traceback.
+    Paths are made absolute first (the program's too: here named relative to root's cwd); the
+    owner's process runs in /."""
+    cwd = scratch / "rootcwd"
+    cwd.mkdir(mode=0o700)
+    out = subprocess.run(
+        [os.path.relpath(AGENT, cwd), "status", "--backend", "dry-run", "--state-dir", "../state"],
+        capture_output=True, text=True, timeout=60, cwd=cwd,
+    )  # fmt: skip
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert "state_unreadable: None" in out.stdout, out.stdout
+
+
+def test_the_owners_output_is_relayed_escaped_and_its_exit_status_is_roots(state: Path, tmp_path: Path) -> None:
+    """What the owner's process prints reaches root's terminal with control characters escaped
+    (line ends and tabs kept); root's command exits with its status."""
+    bad = tmp_path / "bundle.json"
+    bad.write_text("not json")
+    out = _root(
+        "apply", "--backend", "dry-run", "--state-dir", str(state), "--public-key", str(PUBLIC_KEY),
+        "--bundle", str(bad), "--workload-id", "w\x1b]0;owned\x07\x9b2J",
+    )  # fmt: skip
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert out.stderr.startswith("ringfence-agent: ") and out.stderr.endswith("\n"), out.stderr
+    out = _root("status", "--backend", "dry-run", "--state-dir", str(state), "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["workload_id"] is None, out.stderr
+    from ringfence_agent.asowner import _relay
+
+    r, w = os.pipe()
+    os.write(w, "a\tb \x1b[2J\x07 \u009b \x7f\r\nline2\n".encode() + b"\x9b\n")
+    os.close(w)
+    import io
+
+    got = io.StringIO()
+    _relay(os.fdopen(r, "rb"), got)
+    assert got.getvalue() == "a\tb \\x1b[2J\\x07 \\x9b \\x7f\\r\nline2\n\\x9b\n", got.getvalue()
+
+
+def test_state_dir_refuses_root_in_another_users_directory(state: Path, scratch: Path) -> None:
+    """The last guard: whatever path led there, root's StateDir does no work in a directory
+    another uid owns, nor through a link."""
+    from ringfence_agent.state import RootRefused, StateDir
+
+    with pytest.raises(RootRefused, match=f"owned by uid {STAND_IN_UID}"):
+        StateDir(state).ensure()
+    link = scratch / "link"
+    link.symlink_to(state)
+    with pytest.raises(RootRefused, match="symbolic link"):
+        StateDir(link).lock()
     assert list(state.iterdir()) == []
