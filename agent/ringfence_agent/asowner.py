@@ -185,8 +185,8 @@ def interpreter_argv(argv: list[str] | None) -> list[str]:
     return [sys.executable, *(os.path.abspath(a) if a == sys.argv[0] and a != "-c" else a for a in head)]
 
 
-# what the owner's process gets of root's environment: nothing but these (r15 F2: root's
-# environment may hold secrets, and the owner reads /proc/PID/environ of its own processes)
+# what the owner's process gets of root's environment: nothing but these and root's PATH (r15 F2:
+# root's environment may hold secrets, and the owner reads /proc/PID/environ of its own processes)
 _ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 # the variables the agent reads (backends/nft.py, backends/iptables.py, ringfence/bundlewire.py)
 _AGENT_ENV = ("RINGFENCE_NFT_CLI", "RINGFENCE_NFT_GROUP_BOUND", "RINGFENCE_IPSET_CLI", "RINGFENCE_ED25519")
@@ -194,7 +194,10 @@ _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def child_env() -> dict[str, str]:
-    return {**_ENV, **{k: os.environ[k] for k in _AGENT_ENV if k in os.environ}}
+    # root's PATH is kept: it chooses the tools the backends run (legacy or nft iptables), as it
+    # chose setpriv; they run with the owner's rights, which the owner has anyway
+    keep = {k: os.environ[k] for k in ("PATH", *_AGENT_ENV) if os.environ.get(k)}
+    return {**_ENV, **keep}
 
 
 def become(
