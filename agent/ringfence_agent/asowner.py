@@ -88,7 +88,10 @@ def check_ancestors(path: Path) -> None:
     root's and no other user may write in it: otherwise whoever may could put a link or a
     directory of theirs at the next name after root looked (r15 F3). A sticky directory other
     users may write in (``/tmp``) holds only when the next name is already there and root's:
-    the sticky bit keeps others from renaming or removing it."""
+    the sticky bit keeps others from renaming or removing it. The user who ran ``sudo``
+    (``SUDO_UID``/``SUDO_GID``: root's environment, which no other user sets) counts as root: a
+    checkout in their home (``sudo make demo``) is theirs, and they are root already."""
+    uids, gids = _trusted()
     parts = path.parts
     current = Path(parts[0])
     for i, name in enumerate(parts[1:], start=1):
@@ -98,12 +101,12 @@ def check_ancestors(path: Path) -> None:
                 raise Refused(_unsafe(current, st, "a symbolic link not root's"))
             check_ancestors(Path(os.path.realpath(current)) / "_")  # the directory it names, and its way
             st = os.stat(current)
-        if st.st_uid != 0:
+        if st.st_uid not in uids:
             raise Refused(_unsafe(current, st, "not root's"))
-        if st.st_mode & 0o022:
+        if _others_may_write(st, gids):
             nxt = current / name
             try:
-                held = os.lstat(nxt).st_uid == 0 and st.st_mode & stat.S_ISVTX and i < len(parts) - 1
+                held = os.lstat(nxt).st_uid in uids and st.st_mode & stat.S_ISVTX and i < len(parts) - 1
             except FileNotFoundError:
                 held = False
             if not held:
@@ -111,6 +114,21 @@ def check_ancestors(path: Path) -> None:
         current = current / name
         if not os.path.lexists(current):
             return
+
+
+def _trusted() -> tuple[set[int], set[int]]:
+    """The uids and gids whose directories root may work under: root's, and those of the user
+    who ran ``sudo`` (``SUDO_UID``, ``SUDO_GID``)."""
+    uids, gids = {0}, {0}
+    for name, into in (("SUDO_UID", uids), ("SUDO_GID", gids)):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            into.add(int(value))
+    return uids, gids
+
+
+def _others_may_write(st: os.stat_result, gids: set[int]) -> bool:
+    return bool(st.st_mode & 0o002) or bool(st.st_mode & 0o020 and st.st_gid not in gids)
 
 
 def _unsafe(path: Path, st: os.stat_result, why: str) -> str:

@@ -473,6 +473,27 @@ def test_attack_a_state_directory_not_there_yet_in_the_owners_directory_is_refus
     assert not (sticky / "state").exists()
 
 
+def test_root_under_sudo_works_in_the_sudo_users_own_checkout(scratch: Path) -> None:
+    """``sudo make demo`` in a checkout in the user's home: the directories on the way are that
+    user's, who ran sudo and is root already (``SUDO_UID``/``SUDO_GID``), so root may make and
+    use a state directory there. The same directories are refused to root without sudo's word,
+    and to a sudo of another user."""
+    home = scratch / "home"
+    home.mkdir(mode=0o775)  # a user private group's umask 002
+    os.chown(home, *USER)
+    target = home / "repo" / "out" / "state"
+    args = ("apply", "--backend", "dry-run", "--state-dir", str(target), "--public-key", str(PUBLIC_KEY),
+            "--bundle", str(BUNDLE))  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUDO_")}
+    refused = _root(*args, env=env)
+    assert refused.returncode == 1 and f"{home} (owner uid {STAND_IN_UID}" in refused.stderr, refused.stderr
+    other = _root(*args, env={**env, "SUDO_UID": str(STAND_IN_UID + 1), "SUDO_GID": str(STAND_IN_GID + 1)})
+    assert other.returncode == 1 and not target.exists(), other.stderr
+    sudo = _root(*args, env={**env, "SUDO_UID": str(STAND_IN_UID), "SUDO_GID": str(STAND_IN_GID)})
+    assert sudo.returncode == 0, sudo.stderr
+    assert target.stat().st_uid == 0 and (target / "bundle.json").is_file()
+
+
 def test_attack_run_reads_a_piped_config_once_and_never_falls_back_to_the_owners_directory_as_root(
     scratch: Path, state: Path
 ) -> None:
