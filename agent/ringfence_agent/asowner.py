@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from ringfence_agent.state import owner_name
+
 # The unit's CapabilityBoundingSet= and AmbientCapabilities= (agent/packaging/ringfence-agent.service;
 # tests/agent/test_agent_unit_caps.py holds them equal)
 UNIT_CAPABILITIES = ("CAP_NET_ADMIN", "CAP_NET_RAW")
@@ -229,7 +231,7 @@ def become(
     descriptors only ``passed`` (the inputs root opened for it)."""
     program = shutil.which("setpriv")
     if program is None:
-        who = _name(*user)
+        who = f"{owner_name(*user)} ({user[0]}:{user[1]})"
         raise Refused(
             f"the state directory {state_dir} is owned by {who}, not root: root does no file work there "
             f"and setpriv (util-linux) is not installed to run this as {who}. Install util-linux, or run it "
@@ -289,18 +291,3 @@ def _relay(source: IO[bytes], to: IO[str]) -> None:
             with contextlib.suppress(OSError, ValueError):
                 to.write(line + end)
                 to.flush()
-
-
-def _name(uid: int, gid: int) -> str:
-    import grp
-    import pwd
-
-    try:
-        user = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        user = str(uid)
-    try:
-        group = grp.getgrgid(gid).gr_name
-    except KeyError:
-        group = str(gid)
-    return f"{user}:{group} ({uid}:{gid})"

@@ -142,7 +142,7 @@ class StateUnreadable(PermissionError):
     Nothing is set aside or replaced; the agent refuses to start, the kernel keeps its rules."""
 
 
-def _name(uid: int, gid: int) -> str:
+def owner_name(uid: int, gid: int) -> str:
     import grp
     import pwd
 
@@ -272,9 +272,9 @@ class StateDir:
                 bad.append((path, st))
         if not bad:
             return None
-        who = _name(uid, gid)
+        who = owner_name(uid, gid)
         files = "; ".join(
-            f"{p} (owner {_name(st.st_uid, st.st_gid)}, mode {stat.filemode(st.st_mode)})" for p, st in bad
+            f"{p} (owner {owner_name(st.st_uid, st.st_gid)}, mode {stat.filemode(st.st_mode)})" for p, st in bad
         )
         return (
             f"the agent (running as {who}) cannot read its state: {files}. Left by ringfence-agent run as root? "
