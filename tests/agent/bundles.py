@@ -19,6 +19,25 @@ GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 PUBLIC_KEY = GOLDEN / "test-key.pub.pem"
 
 
+def static_agent_config(
+    path: Path, state_dir: str, *, backend: str = "dry-run", source: Path | None = None, mode: int = 0o644
+) -> Path:
+    """An agent config at ``path`` pinned to the lab key, whose static source is not there yet
+    (a daemon waits for it): what the root-CLI tests hand ``run``."""
+    doc = {
+        "workload_id": "ord-prod-proc-1",
+        "public_key": str(PUBLIC_KEY),
+        "state_dir": state_dir,
+        "backend": backend,
+        "source": str(source if source is not None else path.parent / "no-source-yet"),
+        "admin_cidrs": [],
+        "control_plane": ["10.9.9.9"],
+    }
+    path.write_text(json.dumps(doc))
+    path.chmod(mode)
+    return path
+
+
 def key() -> bundle.SigningKey:
     return bundle.SigningKey.from_file(GOLDEN / "test-key.pem")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent.bundles import GOLDEN, PUBLIC_KEY
+from tests.agent.bundles import GOLDEN, PUBLIC_KEY, static_agent_config
 from tests.agentproc import BIN
 from tests.systemdunit import STAND_IN_GID, STAND_IN_UID, reachable_dir
 
@@ -236,17 +236,7 @@ def test_attack_a_fifo_or_dev_zero_in_the_state_directory_does_not_hang_roots_co
 
     os.mkfifo(state / "config.last-good.json")
     os.chown(state / "config.last-good.json", *USER)
-    config = scratch / "agent.json"
-    doc = {
-        "workload_id": "ord-prod-proc-1",
-        "public_key": str(PUBLIC_KEY),
-        "state_dir": str(state),
-        "backend": "dry-run",
-        "source": str(scratch / "no-source-yet"),
-        "admin_cidrs": [],
-        "control_plane": ["10.9.9.9"],
-    }
-    config.write_text(json.dumps(doc))
+    config = _static_config(scratch, state)
     out = _root("run", "--once", "--config", str(config), timeout=30)
     assert "Traceback" not in out.stderr, out.stderr
     assert (state / "config.last-good.json").is_file()  # replaced by the last good configuration
@@ -267,18 +257,8 @@ def test_attack_terminal_escapes_in_status_json_do_not_reach_roots_terminal(stat
 def test_a_config_only_root_may_read_is_passed_open_and_keeps_its_name(scratch: Path, state: Path) -> None:
     """``run --config`` of root's 0600: the owner may not open it, root passes it open; it keeps
     its own name (the last good configuration says where it came from) and its directory."""
-    config = scratch / "agent.json"
-    doc = {
-        "workload_id": "ord-prod-proc-1",
-        "public_key": str(PUBLIC_KEY),
-        "state_dir": "state",  # relative to the file's directory, not /dev/fd
-        "backend": "dry-run",
-        "source": str(scratch / "no-source-yet"),
-        "admin_cidrs": [],
-        "control_plane": ["10.9.9.9"],
-    }
-    config.write_text(json.dumps(doc))
-    config.chmod(0o600)
+    # state_dir relative to the file's directory, not /dev/fd
+    config = static_agent_config(scratch / "agent.json", "state", mode=0o600)
     out = _root("run", "--once", "--config", str(config))
     assert f"skuid {STAND_IN_UID}" in out.stdout, out.stdout + out.stderr
     kept = json.loads((state / "config.last-good.json").read_text())
@@ -333,19 +313,7 @@ def test_a_symlinked_state_directory_is_refused_as_root(scratch: Path, state: Pa
 
 def _static_config(scratch: Path, state: Path, name: str = "agent.json") -> Path:
     """A config the owner may read: a static source that is not there yet (the daemon waits)."""
-    config = scratch / name
-    doc = {
-        "workload_id": "ord-prod-proc-1",
-        "public_key": str(PUBLIC_KEY),
-        "state_dir": str(state),
-        "backend": "dry-run",
-        "source": str(scratch / "no-source-yet"),
-        "admin_cidrs": [],
-        "control_plane": ["10.9.9.9"],
-    }
-    config.write_text(json.dumps(doc))
-    config.chmod(0o644)
-    return config
+    return static_agent_config(scratch / name, str(state))
 
 
 def _owners_process(marker: str, timeout: float = 30) -> int:

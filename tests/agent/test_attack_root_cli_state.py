@@ -20,7 +20,7 @@ import pytest
 
 from ringfence.local.lab import Lab as NetLab
 from tests.agent import dataplane
-from tests.agent.bundles import GOLDEN, PUBLIC_KEY
+from tests.agent.bundles import GOLDEN, PUBLIC_KEY, static_agent_config
 from tests.agentproc import BIN
 from tests.systemdunit import STAND_IN_GID, STAND_IN_UID, as_the_unit, reachable_dir
 
@@ -55,19 +55,7 @@ def _state(where: Path) -> Path:
 
 
 def _config(where: Path, state: Path) -> Path:
-    path = where / "agent.json"
-    doc = {
-        "workload_id": "ord-prod-proc-1",
-        "public_key": str(PUBLIC_KEY),
-        "state_dir": str(state),
-        "backend": "nftables",
-        "source": str(where / "no-source-yet"),
-        "admin_cidrs": [],
-        "control_plane": ["10.9.9.9"],
-    }
-    path.write_text(json.dumps(doc))
-    path.chmod(0o644)
-    return path
+    return static_agent_config(where / "agent.json", str(state), backend="nftables")
 
 
 def _not_the_units(state: Path) -> list[str]:
