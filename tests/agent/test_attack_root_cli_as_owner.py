@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -543,3 +544,49 @@ def test_state_dir_refuses_root_in_another_users_directory(state: Path, scratch:
     with pytest.raises(RootRefused, match="symbolic link"):
         StateDir(link).lock()
     assert list(state.iterdir()) == []
+
+
+def _owners_daemon(config: Path, state: Path) -> tuple[subprocess.Popen[str], int]:
+    """Root's ``run`` and the pid of the owner's daemon, once it holds its posture (its signal
+    handlers are in place by then)."""
+    proc = subprocess.Popen(
+        [AGENT, "run", "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    pid = _owners_process(str(config))
+    deadline = time.monotonic() + 30
+    while not (state / "status.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return proc, pid
+
+
+@pytest.mark.parametrize(
+    ("sig", "status"), [(signal.SIGTERM, 0), (signal.SIGINT, 0), (signal.SIGHUP, 128 + signal.SIGHUP)]
+)
+def test_roots_signal_reaches_the_owners_daemon_and_its_exit_status_is_roots(
+    scratch: Path, state: Path, sig: signal.Signals, status: int
+) -> None:
+    """The owner's daemon runs in a session of its own, so a ctrl-c or a service manager's
+    SIGTERM reaches root's process only: root forwards it and exits as the daemon did (a clean
+    stop on SIGTERM and SIGINT, killed by SIGHUP, which it does not handle)."""
+    proc, pid = _owners_daemon(_static_config(scratch, state), state)
+    try:
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert not Path(f"/proc/{pid}").exists(), "the owner's daemon outlived root's command"
+    assert proc.returncode == status, (proc.returncode, err)
+    if status == 0:
+        assert "stopped; the firewall keeps enforcing" in err, err
+
+
+def test_an_owners_daemon_killed_by_a_signal_is_128_plus_n_for_root(scratch: Path, state: Path) -> None:
+    """Killed outright (SIGKILL, the OOM killer), the owner's daemon's death is root's exit
+    status the way a shell reports it: 128 + the signal's number."""
+    proc, pid = _owners_daemon(_static_config(scratch, state), state)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGKILL, (proc.returncode, err)
