@@ -157,13 +157,6 @@ def owner_name(uid: int, gid: int) -> str:
     return f"{user}:{group}"
 
 
-def _mode_allows(st: os.stat_result, uid: int, gid: int, want: int) -> bool:
-    """What the mode bits give ``uid``/``gid`` (no supplementary groups: the unit's user has
-    none), ``want`` as in os.access (R_OK 4, W_OK 2, X_OK 1)."""
-    shift = 6 if st.st_uid == uid else 3 if st.st_gid == gid else 0
-    return (st.st_mode >> shift) & want == want
-
-
 class StateDir:
     def __init__(self, path: Path, max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES) -> None:
         self.path = path
@@ -229,17 +222,16 @@ class StateDir:
 
     def unreadable(self) -> str | None:
         """Why the agent could not read its state (None: it can): the files and directories in
-        the state directory it may not read because of their owner or mode, with the fix. As
-        root, for the directory's owner (the unit's user), whom the agent runs as, by the mode
-        bits; otherwise for this process, by trying."""
+        the state directory it may not read because of their owner or mode, with the fix, found
+        by trying as this process. Root reads its own state directory whatever the modes, and
+        does no work in another user's (the CLI runs as the owner there; ``not_as_root_in_anothers``)."""
         try:
             top = os.stat(self.path)
         except FileNotFoundError:
             return None
-        euid, egid = os.geteuid(), os.getegid()
-        if euid == 0 and top.st_uid == 0:
-            return None  # root's state, read by root
-        uid, gid = (top.st_uid, top.st_gid) if euid == 0 else (euid, egid)
+        uid, gid = os.geteuid(), os.getegid()
+        if uid == 0:
+            return None
         bad: list[tuple[Path, os.stat_result]] = []
         try:
             entries = list(os.scandir(self.path))
@@ -256,9 +248,7 @@ class StateDir:
                     want = os.R_OK
                 else:
                     continue  # a link or a FIFO is no file of the agent's: reading it refuses it anyway
-                if euid == 0:
-                    ok = _mode_allows(st, uid, gid, want)
-                elif want == os.R_OK:
+                if want == os.R_OK:
                     with contextlib.suppress(FileNotFoundError):
                         os.close(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC))
                     ok = True
