@@ -116,6 +116,34 @@ def test_a_grant_made_before_the_move_approves_it() -> None:
     assert MAPPER.resolve(w).labels["role"] == "jumpbox" and not v.held  # type: ignore[attr-defined]
 
 
+def test_a_call_of_unknown_content_ends_a_grant_made_before_it_only() -> None:
+    """A call whose event says who and when but not what it set (Azure's) made after a grant, or
+    within SKEW before it (the call's clock is the cloud's), ends the grant on every dimension,
+    names its caller and approves nothing, an allowed tagger's included; one made earlier
+    (delivered late) changes nothing."""
+    w, writes, _ = step(None, {}, 0.0, box(WEB_TAGS, 10.0))
+    w, writes, _ = step(w, writes, 10.0, box(JUMP_TAGS, 20.0))  # unattributed: held
+    granted = bind(MAPPER, w, {"role": "jumpbox", "app": "admin"})
+    w, writes, _ = step(w, writes, 20.0, granted.model_copy(update={"held_labels": None}), now=30.0)
+    assert MAPPER.resolve(w).labels["role"] == "jumpbox"
+
+    def call(
+        principal: str, t: float, requested: dict[str, str] | None = None
+    ) -> tuple[Workload, dict[str, LabelWrite], object]:
+        change = TagChange(principal, requested, t, unknown_content=True)
+        return step(w, writes, 20.0, box(JUMP_TAGS, 40.0), change, now=40.0)
+
+    w2, writes2, v = call(DEV, 30.0 - SKEW - 1)
+    assert w2.label_grants == {"role": "jumpbox", "app": "admin"} and writes2 == writes and not v.held  # type: ignore[attr-defined]
+    for t in (30.0 - SKEW + 1, 35.0):
+        w3, writes3, v = call(DEV, t)
+        assert w3.label_grants == {} and MAPPER.resolve(w3).labels.get("role") is None
+        assert v.finding and {m.dimension for m in v.moves} == {"role", "app"}  # type: ignore[attr-defined]
+        assert writes3["role"] == LabelWrite(at=max(t, 30.0), value="jumpbox", by="other")
+    w4, _, v = call(TAGGER, 35.0, JUMP_TAGS)
+    assert w4.label_grants == {} and v.held and not v.finding and not v.approved  # type: ignore[attr-defined]
+
+
 def test_records_stored_before_writes_were_recorded_keep_what_is_in_force() -> None:
     """An upgrade: an approved value stays approved, a grant stands, a held move waits for its call."""
     approved = JUMP.model_copy(update={"observed_at": 20.0})

@@ -13,7 +13,9 @@ or, new and with nothing to keep, gets none (the policy's ``unlabeled_mode``). A
 named principal who is not a tagger is a *finding* (metric, audit record, one JSON event in the
 log; optionally the workload is quarantined). A tag change that names no principal (the
 ``aws.tag`` "Tag Change on Resource" event, a state change, reconcile) can never approve a move:
-it is held without a finding, and the call's own CloudTrail event decides.
+it is held without a finding, and the call's own CloudTrail event decides. A call whose event does
+not say what it set (Azure's, ``TagChange.unknown_content``) approves nothing and ends a grant
+made before it.
 
 Pure functions over :mod:`ringfence.labels` and :mod:`ringfence.model`; the cloud glue calls them.
 """
@@ -46,6 +48,11 @@ class TagChange:
     principal: str | None = None
     requested: Mapping[str, str] | None = None
     time: float | None = None
+    unknown_content: bool = False
+    """The event names a call that may have set any of the workload's tags but does not say which
+    (an Azure write of the VM): the call approves nothing and ends a grant made before it
+    (:func:`govern_writes`). ``requested`` is then not what the call set but the held values its
+    caller is to answer for (the cloud glue decides which)."""
 
 
 SKEW = 5.0
@@ -127,16 +134,27 @@ UNTRACKED: Any = _Untracked()
 """``govern(writes=UNTRACKED)``: the caller keeps no record of writes (the rule by state alone)."""
 
 
-def _held_reason(mapper: LabelMapper, principal: str | None, change: TagChange | None, held: Iterable[Move]) -> str:
+def _held_reason(
+    mapper: LabelMapper,
+    principal: str | None,
+    change: TagChange | None,
+    held: Iterable[Move],
+    ended: frozenset[str] = frozenset(),
+) -> str:
     """Why ``held`` moves are held. A non-tagger answers for the moves their call made, where the
     event says what it set (CloudTrail's CreateTags, a GCP setLabels): a colleague's unrelated tag
-    on a workload whose move is held names nobody. An event that says who only (a DeleteTags,
-    Azure's) still names its caller."""
+    on a workload whose move is held names nobody. An event that says who only (a DeleteTags)
+    still names its caller. A call of unknown content answers for the values the glue says it
+    may have set (``requested``) and for those held again because it ended their grant
+    (``ended``)."""
     if principal is None:
         return UNATTRIBUTED
     if is_tagger(mapper.config.taggers, principal):
         return NOT_SET_BY_CALL
-    mine = change is None or change.requested is None or any(_set_by_call(mapper, m, change) for m in held)
+    if change is not None and change.unknown_content:
+        mine = any(m.dimension in ended or _set_by_call(mapper, m, change) for m in held)
+    else:
+        mine = change is None or change.requested is None or any(_set_by_call(mapper, m, change) for m in held)
     return NOT_A_TAGGER if mine else NOT_SET_BY_CALL
 
 
@@ -156,7 +174,8 @@ def govern(
     ``writes``: the stored record's last known writes of the governed dimensions (None: none were
     recorded yet, an upgrade: what was in force is kept), observed last at ``previous_at``; the
     decision then follows :func:`govern_writes` (by the time of each write). Left out, the older
-    rule by state alone (the call's request set the value that is live now; grants stand)."""
+    rule by state alone (the call's request set the value that is live now; grants stand, even
+    against a call of unknown content, which approves nothing)."""
     if writes is not UNTRACKED:
         return govern_writes(mapper, previous, current, change, writes=writes, previous_at=previous_at, now=now)
     # grants stand across observations (a fresh observation carries none); a binding adds to them
@@ -205,6 +224,12 @@ def govern_writes(
     * A grant (a value in ``current.label_grants`` not granted before; ``bind``) is a write at
       ``now``; it stands until a later write or an observation moves the dimension off its value
       (a write of the granted value by anyone keeps it).
+    * A call whose content is unknown (``change.unknown_content``) made after a grant ends it on
+      every governed dimension: the grant held for the tags as they stood when it was made, and
+      the call may have moved them off and back between two observations. The call's time (the
+      cloud's clock) counts as after the grant (ours) unless it is more than :data:`SKEW` seconds
+      earlier: within that margin a write made before the grant and delivered late ends it too
+      (fail closed). Such a call approves nothing; its caller answers for the values held again.
 
     So a non-tagger's call setting a privileged value after an approval takes the approval back
     even when the stored value does not change, and a tagger's approval delayed past a revocation
@@ -248,11 +273,12 @@ def govern_writes(
         )
     # what the call set, when
     principal = change.principal if change is not None else None
+    # the call's time, never later than now: a message claiming a future time would outrank every real call
+    said = change.time if change is not None else None
+    t = min(said if said is not None else (current.observed_at or t_now), t_now + SKEW)
     if change is not None and change.principal is not None and change.requested is not None:
-        by: Literal["tagger", "other"] = "tagger" if is_tagger(mapper.config.taggers, change.principal) else "other"
-        t = change.time if change.time is not None else (current.observed_at or t_now)
-        # never later than now: a message claiming a future time would outrank every real call
-        t = min(t, t_now + SKEW)
+        tagger = is_tagger(mapper.config.taggers, change.principal) and not change.unknown_content
+        by: Literal["tagger", "other"] = "tagger" if tagger else "other"
         for d in dims:
             r = _requested(mapper, d, change)
             if r is None:
@@ -269,6 +295,15 @@ def govern_writes(
             # at the call's own time (CloudTrail's second), even where it predates the observation
             # it follows (within SKEW): a later call in that second must not look older than it
             known[d] = LabelWrite(at=t, value=r, by=by)
+    # a call that may have set any tag ends the grants made before it: recorded as its write of
+    # what the observation shows (its caller answers for it once)
+    ended: set[str] = set()
+    if change is not None and change.unknown_content:
+        for d in dims:
+            w = known.get(d)
+            if w is not None and w.by == "grant" and t >= w.at - SKEW:
+                known[d] = LabelWrite(at=max(t, w.at), value=wanted.get(d), by="other")
+                ended.add(d)
 
     def in_force(d: str, v: str) -> bool:
         w = known.get(d)
@@ -288,7 +323,7 @@ def govern_writes(
     if not held_moves:
         return Verdict(current, wanted, tuple(approved), tuple(approved), principal=principal, writes=known)
     moves = tuple(sorted(held_moves + approved, key=lambda m: m.dimension))
-    reason = _held_reason(mapper, principal, change, held_moves)
+    reason = _held_reason(mapper, principal, change, held_moves, frozenset(ended))
     # the labels it had, less a privileged value no longer approved (an approval taken back)
     kept = {d: v for d, v in before.items() if not mapper.is_privileged(d, v) or in_force(d, v)}
     held = current.model_copy(update={"held_labels": kept})
@@ -355,7 +390,10 @@ def _set_by_tagger(mapper: LabelMapper, move: Move, change: TagChange | None) ->
     """An allowed tagger's call set the dimension's key to exactly this value (the event attests
     only to what its own request set: a later change by someone else is not approved by it)."""
     return (
-        change is not None and is_tagger(mapper.config.taggers, change.principal) and _set_by_call(mapper, move, change)
+        change is not None
+        and not change.unknown_content
+        and is_tagger(mapper.config.taggers, change.principal)
+        and _set_by_call(mapper, move, change)
     )
 
 

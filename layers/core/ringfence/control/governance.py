@@ -83,10 +83,10 @@ def store_governed(
     conditional on the stored record being exactly the one decided from; where a binding, an
     approval or another observation lands between that read and the write
     (:class:`GovernanceMoved`), the record is read again and decided again, so no decision is
-    lost. An attributed call's write that comes with an observation older than the stored one is
-    decided again on top of the stored one (:func:`_on_newer`), not dropped with it. Held moves
-    are reported once, for the decision that was stored. Raises ConflictError when decisions
-    kept landing in between."""
+    lost. An attributed call's write (or a call of unknown content's, which may end a grant) that
+    comes with an observation older than the stored one is decided again on top of the stored
+    one (:func:`_on_newer`), not dropped with it. Held moves are reported once, for the decision
+    that was stored. Raises ConflictError when decisions kept landing in between."""
     mapper = _governing_mapper(w)
     if fresh:
         # decided from the records as stored now, never from an old snapshot: one decided from a
@@ -96,7 +96,11 @@ def store_governed(
     else:
         base = {r.id: stored.get(r.id) for r in recs}
     done: dict[str, tuple[InventoryRecord, Verdict | None, bool]] = {}
-    attributed = change is not None and change.principal is not None and change.requested is not None
+    # a call's write (what an attributed call set, or a call of unknown content ending a grant)
+    # must not be dropped with an observation older than the stored one
+    attributed = change is not None and (
+        change.unknown_content or (change.principal is not None and change.requested is not None)
+    )
 
     def write(item: tuple[InventoryRecord, Verdict | None]) -> bool | None:
         rec = item[0]

@@ -118,6 +118,9 @@ class Change:
     """the operation was a Tags API write (``Microsoft.Resources/tags/*``): it wrote tags only"""
     time: float | None = None
     """the event's ``eventTime`` (unix seconds; None: absent or not a time)"""
+    system_topic: bool = False
+    """the event came from the target's system topic (:func:`from_system_topic`): Azure's word that
+    the call was made, by ``principal``, at ``time``"""
 
 
 def event_time(ev: GridEvent) -> float | None:
@@ -206,9 +209,10 @@ def change_of(ev: GridEvent) -> Change | None:
             return None  # an action (start, restart…) or another resource's operation
         if target.type not in WATCHED:
             return None
-        principal = principal_of(ev.data) if from_system_topic(ev, target) else None
+        system = from_system_topic(ev, target)
+        principal = principal_of(ev.data) if system else None
         tags = op.startswith("microsoft.resources/tags/")
-        return Change(ev.id, kind, target, principal, tags_write=tags, time=event_time(ev))
+        return Change(ev.id, kind, target, principal, tags_write=tags, time=event_time(ev), system_topic=system)
     if ev.event_type in (NOTIFIED, NOTIFIED_DELETE):
         # only which resource: its tags, vmId and NICs in resourceInfo are the sender's word
         info = _object(ev.data, "resourceInfo")

@@ -155,8 +155,9 @@ class AzureEvents:
                     full.add(c.resource.subscription)
                 continue
             nics = self._nics(arm, vm)
-            # the event attests who, not which tags were set: its caller is named only where the
-            # write may have made a held move nobody has been named for yet (:meth:`_change`)
+            # the event attests who and when, not which tags were set: a write of the VM ends a
+            # grant made before it, and its caller is named only where the write may have made a
+            # held move nobody has been named for yet, or ended a grant (:meth:`_change`)
             change = self._change(c, vm, nics)
             res.changed |= observe(self.w, [vm], nics, change, event_id=c.event_id, metric=self.metric)
         for sub in sorted(full):
@@ -171,10 +172,10 @@ class AzureEvents:
         return active[1].labels if active is not None else None
 
     def _change(self, c: Change, vm: AzureVm, nics: dict[str, AzureNic]) -> TagChange:
-        """What the event says about the change: its caller where the caller is to be named for a
-        held move (a finding; quarantine where the policy says so), else nobody (the move stays
-        held, unattributed). An Azure event does not say what the call set, so its caller is named
-        only
+        """What the event says about the change: its caller, and the held moves the caller is to
+        be named for (a finding; quarantine where the policy says so; ``requested``), else none
+        (the move stays held, naming nobody). An Azure event does not say what the call set, so
+        its caller is named for a move only
 
         * for a write of the VM itself (a NIC's caller never changed the VM's tags),
         * that may have made the move: this event's read of ARM is the first to see it (the VM's
@@ -190,15 +191,26 @@ class AzureEvents:
 
         So the order in which events and observations are processed does not decide who is named;
         when the calls were made does. Never which tags an allowed tagger set: no Azure event
-        approves a privileged value."""
+        approves a privileged value.
+
+        A write of the VM itself reported by its system topic is a call of unknown content
+        (``unknown_content``, at its ``eventTime``): it may have set any tag, so it ends a grant
+        made before it (:func:`~ringfence.governance.govern_writes`): a revocation and a
+        re-escalation between two reads of ARM look like no change at all. The value is held again
+        and the caller named for it (governance decides that: it knows which grants ended). A
+        NIC's write cannot set the VM's tags; a Resource Notification or a custom topic's event is
+        not Azure's word about a call: triggers only."""
+        own = c.kind == "write" and c.resource.type in (VM, SCALE_SET_VM)
+        unknown = own and c.system_topic
         principal = c.principal
-        if principal is None or c.kind != "write" or c.resource.type not in (VM, SCALE_SET_VM):
-            return TagChange(None, None)
+        if principal is None or not own:
+            return TagChange(None, None, c.time, unknown_content=unknown)
         mapper = self._mapper()
         if mapper is None or not mapper.governed:
-            return TagChange(principal, None)
+            return TagChange(principal, None, c.time, unknown_content=unknown)
         if is_tagger(mapper.config.taggers, principal):
-            return TagChange(principal, None)  # held, not set by the call: no finding, no approval
+            # held, not set by the call: no finding, no approval
+            return TagChange(principal, None, c.time, unknown_content=unknown)
         old = self.w.store.get(vm.vm_id)
         if old is not None and old.state == "terminated":
             old = None
@@ -210,8 +222,12 @@ class AzureEvents:
         writes = (old.label_writes if old is not None else None) or {}
         fresh = {d: v for d, v in moves.items() if self._may_have_made(c, v, before, writes.get(d), d)}
         if not fresh:
-            return TagChange(None, None)  # a resize, a disk, a later write: each held move names one caller, once
-        return TagChange(principal, {mapper.keys[d][0]: v for d, v in fresh.items()})
+            # a resize, a disk, a later write: each held move names one caller, once (this one only
+            # for the values whose grant its call ends)
+            return TagChange(principal, None, c.time, unknown_content=unknown)
+        # at the observation's time (no time given), as before: _may_have_made placed the call
+        # against the observations already, and a grant still standing is ended (fail closed)
+        return TagChange(principal, {mapper.keys[d][0]: v for d, v in fresh.items()}, unknown_content=unknown)
 
     @staticmethod
     def _may_have_made(
