@@ -258,11 +258,43 @@ class Env:
         if queue == "compute" and fn == "compute":
             # compute fans bundles out to the publish queue: delivered too, as the publish function
             # runs on its own in AWS as soon as compute sent it something
-            results = self._drain(queue, fn, batch)
+            results = self.drain_compute(batch)
             if not any(r.get("batchItemFailures") for r in results):
                 self._drain("publish", "publish", batch)
             return results
         return self._drain(queue, fn, batch)
+
+    def drain_compute(self, batch: int = 10, invocations: int | None = None) -> list[dict[str, Any]]:
+        """Deliver compute's two queues to the compute function as Lambda's two event source
+        mappings do (at most ``invocations`` batches). The function's reserved concurrency is 1:
+        each mapping's pollers take a batch and retry its throttled invocation until the one
+        slot is free, so neither queue waits for the other to be empty; while both have
+        messages they take turns, a batch each (the priority queue's first). Stops at a failure."""
+        results: list[dict[str, Any]] = []
+        while True:
+            worked = False
+            for queue in ("compute_priority", "compute"):
+                if invocations is not None and len(results) >= invocations:
+                    return results
+                d = deliver_batch(
+                    self.sqs,
+                    self.queues[queue],
+                    self.aws.queue_arn(queue),
+                    self.fn["compute"].handler,
+                    region=REGION,
+                    batch_size=batch,
+                    name="compute",
+                )
+                if d is None:
+                    continue
+                if d.error is not None:
+                    raise AssertionError(f"compute raised: {d.error}")
+                results.append(d.result or {})
+                if d.failed:
+                    return results
+                worked = True
+            if not worked:
+                return results
 
     def _drain(self, queue: str, fn: str, batch: int = 10) -> list[dict[str, Any]]:
         results = []

@@ -242,6 +242,7 @@ def test_compute_failures_and_a_stuck_compute_queue_are_alarmed() -> None:
         assert any(a["Namespace"] == "Ringfence" and a["MetricName"] == metric for a in alarms), metric
     ages = [a for a in alarms if a["MetricName"] == "ApproximateAgeOfOldestMessage"]
     assert sorted(str(a["Dimensions"][0]["Value"]) for a in ages) == [
+        str({"GetAtt": "ComputePriorityQueue.QueueName"}),
         str({"GetAtt": "ComputeQueue.QueueName"}),
         str({"GetAtt": "PublishQueue.QueueName"}),
     ]
@@ -734,3 +735,76 @@ def test_compute_not_queued_and_shared_addresses_are_alarmed_alike_in_both_deplo
         assert sam["AlarmDescription"] == found["what"], metric
         assert (sam["Period"], sam["Threshold"], sam["ComparisonOperator"]) == (period, 0, "GreaterThanThreshold")
         assert sam["AlarmActions"] == [{"Ref": "AlarmTopic"}], metric
+
+
+def _tf_resources(name: str) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for block in hcl(ROOT / "infra/modules/ringfence" / name).get("resource", []):
+        for kind, named in block.items():
+            out.setdefault(kind, {}).update(named)
+    return out
+
+
+def test_compute_has_a_priority_lane_read_by_the_same_single_function_in_both_deployments() -> None:
+    """An administrator's change (a quarantine) never waits behind a storm's backlog: a second
+    FIFO queue, ComputePriorityQueue, as ComputeQueue is (the same DLQ, visibility, retention,
+    key), read by the one compute function (reserved concurrency 1: still the single writer)
+    through an event source mapping of its own; its URL goes to the administrator's function
+    alone, in SAM and Terraform alike."""
+    res = template()["Resources"]
+    q, p = res["ComputeQueue"]["Properties"], res["ComputePriorityQueue"]["Properties"]
+    assert p == q, "the priority queue differs from the compute queue"
+    fn = res["ComputeFunction"]["Properties"]
+    assert fn["ReservedConcurrentExecutions"] == 1
+    sources = {e["Properties"]["Queue"]["GetAtt"]: e["Properties"] for e in fn["Events"].values() if e["Type"] == "SQS"}
+    assert set(sources) == {"ComputeQueue.Arn", "ComputePriorityQueue.Arn"}
+    assert sources["ComputeQueue.Arn"] == {
+        **sources["ComputePriorityQueue.Arn"],
+        "Queue": {"GetAtt": "ComputeQueue.Arn"},
+    }
+    given = {
+        n
+        for n, r in res.items()
+        if r["Type"] == "AWS::Serverless::Function"
+        and "RINGFENCE_COMPUTE_PRIORITY_QUEUE_URL" in str(r["Properties"].get("Environment"))
+    }
+    assert given == {"AdminFunction"}
+    assert "COMPUTE_PRIORITY" not in str(template()["Globals"])
+    main, lam = _tf_resources("main.tf"), _tf_resources("lambda.tf")
+    tq, tp = main["aws_sqs_queue"]["compute"], main["aws_sqs_queue"]["compute_priority"]
+    assert {k: v for k, v in tp.items() if k != "name"} == {k: v for k, v in tq.items() if k != "name"}
+    assert tp["name"].endswith("-compute-priority.fifo")
+    esm = lam["aws_lambda_event_source_mapping"]["sqs"]
+    assert "aws_sqs_queue.compute_priority.arn" in str(esm["for_each"]["compute_priority"])
+    # the priority mapping invokes the compute function, batched as the compute queue's
+    assert '"compute_priority" ? "compute"' in esm["function_name"]
+    assert 'startswith(each.key, "compute")' in esm["maximum_batching_window_in_seconds"]
+    lam_text = (ROOT / "infra/modules/ringfence/lambda.tf").read_text()
+    assert lam_text.count("RINGFENCE_COMPUTE_PRIORITY_QUEUE_URL") == 1
+    assert re.search(r"^\s*admin\s*=.*RINGFENCE_COMPUTE_PRIORITY_QUEUE_URL", lam_text, re.M)
+    assert "COMPUTE_PRIORITY" not in str(hcl(ROOT / "infra/modules/ringfence/lambda.tf")["locals"][0]["common_env"])
+
+
+def test_a_compute_backlog_and_a_late_priority_lane_are_alarmed_alike_in_both_deployments() -> None:
+    """A storm's backlog is seen before the 10-minute age alarm: the compute queue's depth (over
+    500 visible messages for 3 minutes) and the priority lane's age (over 60 s) alarm in SAM and
+    Terraform alike, each description naming a storm as a possible cause."""
+    res = template()["Resources"]
+    depth = res["ComputeQueueDepthAlarm"]["Properties"]
+    prio = res["ComputePriorityQueueAgeAlarm"]["Properties"]
+    assert depth["MetricName"] == "ApproximateNumberOfMessagesVisible"
+    assert depth["Dimensions"] == [{"Name": "QueueName", "Value": {"GetAtt": "ComputeQueue.QueueName"}}]
+    assert depth["Period"] * depth["EvaluationPeriods"] >= 120 and depth["Threshold"] == 500
+    assert prio["MetricName"] == "ApproximateAgeOfOldestMessage" and prio["Threshold"] == 60
+    assert prio["Dimensions"] == [{"Name": "QueueName", "Value": {"GetAtt": "ComputePriorityQueue.QueueName"}}]
+    alarms = _tf_resources("alarms.tf")["aws_cloudwatch_metric_alarm"]
+    for sam, tf, queue in (
+        (depth, alarms["compute_queue_depth"], "compute"),
+        (prio, alarms["compute_priority_queue_age"], "compute_priority"),
+    ):
+        assert "storm" in sam["AlarmDescription"] and sam["AlarmDescription"] == tf["alarm_description"]
+        assert tf["metric_name"] == sam["MetricName"] and tf["threshold"] == sam["Threshold"]
+        assert tf["period"] == sam["Period"] and tf["evaluation_periods"] == sam["EvaluationPeriods"]
+        assert tf["statistic"] == sam["Statistic"] == "Maximum"
+        assert str(tf["dimensions"]) == str({"QueueName": f"${{aws_sqs_queue.{queue}.name}}"})
+        assert sam["AlarmActions"] == [{"Ref": "AlarmTopic"}]

@@ -91,6 +91,43 @@ resource "aws_cloudwatch_metric_alarm" "compute_queue_age" {
   tags                = var.tags
 }
 
+# a backlog on the compute queue (compute has one invocation at a time, ten messages each): a
+# storm of tag or registration changes puts work ahead of every ordinary change for
+# ceil(depth / 10) invocations (docs/operations.md: what to do)
+resource "aws_cloudwatch_metric_alarm" "compute_queue_depth" {
+  alarm_name          = "${var.name}-compute-queue-depth"
+  alarm_description   = "over 500 compute messages waited for 3 minutes: a backlog of ordinary changes (a possible cause: a tag storm, someone flapping the tags of instances they may tag, or a registration flood); administrators' changes take the priority queue, the rest waits ceil(depth / 10) compute invocations (docs/operations.md)"
+  namespace           = "AWS/SQS"
+  metric_name         = "ApproximateNumberOfMessagesVisible"
+  statistic           = "Maximum"
+  dimensions          = { QueueName = aws_sqs_queue.compute.name }
+  period              = 60
+  evaluation_periods  = 3
+  threshold           = 500
+  comparison_operator = "GreaterThanThreshold"
+  treat_missing_data  = "notBreaching"
+  alarm_actions       = [aws_sns_topic.alarms.arn]
+  tags                = var.tags
+}
+
+# the priority lane (quarantines, modes, bindings, policies) waits at most one compute invocation:
+# a minute of age means compute is stuck, failing, or the lane itself is flooded
+resource "aws_cloudwatch_metric_alarm" "compute_priority_queue_age" {
+  alarm_name          = "${var.name}-compute-priority-queue-age"
+  alarm_description   = "the oldest urgent compute message (a quarantine, a mode, a binding, a policy) waited over 60 s: compute stuck or failing, or the priority lane flooded (a possible cause: a storm of administrators' changes); an incident responder's quarantine is late (docs/operations.md)"
+  namespace           = "AWS/SQS"
+  metric_name         = "ApproximateAgeOfOldestMessage"
+  statistic           = "Maximum"
+  dimensions          = { QueueName = aws_sqs_queue.compute_priority.name }
+  period              = 60
+  evaluation_periods  = 1
+  threshold           = 60
+  comparison_operator = "GreaterThanThreshold"
+  treat_missing_data  = "notBreaching"
+  alarm_actions       = [aws_sns_topic.alarms.arn]
+  tags                = var.tags
+}
+
 # the publish workers throttled or failing: their standard queue's oldest job keeps ageing
 resource "aws_cloudwatch_metric_alarm" "publish_queue_age" {
   alarm_name          = "${var.name}-publish-queue-age"

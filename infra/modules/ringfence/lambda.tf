@@ -77,7 +77,8 @@ locals {
         RINGFENCE_REPORT_BURST_BYTES      = tostring(var.report_burst_bytes)
       },
     ) }
-    admin     = { memory = 512, timeout = 29, concurrency = 5, env = { RINGFENCE_ADMIN_ROLES = jsonencode(var.admin_roles) } }
+    # urgent compute work (a quarantine, a mode, a binding, a policy) in compute's priority lane
+    admin     = { memory = 512, timeout = 29, concurrency = 5, env = { RINGFENCE_ADMIN_ROLES = jsonencode(var.admin_roles), RINGFENCE_COMPUTE_PRIORITY_QUEUE_URL = aws_sqs_queue.compute_priority.id } }
     wsconnect = { memory = 256, timeout = 10, concurrency = 20, env = {} }
     flows     = { memory = 1024, timeout = 300, concurrency = 10, env = { FLOW_LOG_ACCOUNTS = join(",", var.flow_log_accounts) } }
     # the audit chain's head to the anchor bucket, on var.audit_anchor_schedule (docs/visibility.md)
@@ -215,7 +216,7 @@ locals {
       { actions = ["dynamodb:PutItem", "dynamodb:UpdateItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["engine", "moved", "bundle#*", "sethead#*", "delta#*", "launch#*"] }] },
       # a nudged connection gone (GoneException), dropped on condition it is that one
       { actions = ["dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["conn#*"] }] },
-      { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.compute.arn] },
+      { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.compute_priority.arn] },
       { actions = ["s3:PutObject", "s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/bundles/*", "${aws_s3_bucket.bundles.arn}/deltas/*", "${aws_s3_bucket.bundles.arn}/keys/*", "${aws_s3_bucket.bundles.arn}/policies/*"] },
       # the fan-out: jobs for the publish workers, unsigned bundles too big for a message staged
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.publish.arn] },
@@ -346,7 +347,8 @@ locals {
       # BatchGetItem: GET /admin/findings reads the bundles' set heads
       { actions = ["dynamodb:Query", "dynamodb:BatchGetItem"], resources = [aws_dynamodb_table.state.arn] },
       { actions = ["s3:PutObject", "s3:GetObject"], resources = ["${aws_s3_bucket.bundles.arn}/policies/*"] },
-      { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
+      # the priority lane is the administrator's alone (its urgent compute work)
+      { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.compute_priority.arn, aws_sqs_queue.async_dlq.arn] },
       local.kms_use,
     ]
     # agents' report batches (reports/) and VPC Flow Logs → classified flow rows (docs/visibility.md)
@@ -565,13 +567,16 @@ resource "aws_lambda_event_source_mapping" "sqs" {
     ingest    = { queue = aws_sqs_queue.ingest.arn, window = 2 }
     lifecycle = { queue = aws_sqs_queue.lifecycle.arn, window = 0 }
     compute   = { queue = aws_sqs_queue.compute.arn, window = 0 }
-    perimeter = { queue = aws_sqs_queue.perimeter.arn, window = 0 }
-    publish   = { queue = aws_sqs_queue.publish.arn, window = 0 }
+    # the same function (concurrency 1) reads its priority lane too: Lambda polls each mapping on
+    # its own, so an urgent message waits for the invocation under way, not the compute queue's backlog
+    compute_priority = { queue = aws_sqs_queue.compute_priority.arn, window = 0 }
+    perimeter        = { queue = aws_sqs_queue.perimeter.arn, window = 0 }
+    publish          = { queue = aws_sqs_queue.publish.arn, window = 0 }
   }
   event_source_arn                   = each.value.queue
-  function_name                      = aws_lambda_function.fn[each.key].arn
+  function_name                      = aws_lambda_function.fn[each.key == "compute_priority" ? "compute" : each.key].arn
   batch_size                         = 10
-  maximum_batching_window_in_seconds = each.key == "compute" ? null : each.value.window
+  maximum_batching_window_in_seconds = startswith(each.key, "compute") ? null : each.value.window
   function_response_types            = ["ReportBatchItemFailures"]
   # the publish workers share the WebSocket API's post rate and the bucket: bounded fan-out
   dynamic "scaling_config" {

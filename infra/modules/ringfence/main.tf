@@ -466,6 +466,19 @@ resource "aws_sqs_queue" "compute" {
   tags                       = var.tags
 }
 
+# compute's priority lane: an administrator's changes (a quarantine, a mode, a binding, a policy),
+# read by the same compute function (concurrency 1) beside the compute queue, so they never wait
+# behind a storm's backlog there. Compute reads every workload as stored when it runs: the order
+# between the two queues changes only how soon each is computed
+resource "aws_sqs_queue" "compute_priority" {
+  name                       = "${var.name}-compute-priority.fifo"
+  fifo_queue                 = true
+  visibility_timeout_seconds = 960
+  kms_master_key_id          = aws_kms_key.this.arn
+  redrive_policy             = jsonencode({ deadLetterTargetArn = aws_sqs_queue.compute_dlq.arn, maxReceiveCount = 5 })
+  tags                       = var.tags
+}
+
 resource "aws_sqs_queue" "publish_dlq" {
   name                      = "${var.name}-publish-dlq"
   message_retention_seconds = 1209600
@@ -572,10 +585,12 @@ resource "aws_cloudwatch_event_target" "lifecycle" {
 locals {
   fn_role = { for k, r in aws_iam_role.fn : k => r.arn }
   queue_senders = {
-    compute    = { queue = aws_sqs_queue.compute.arn, roles = compact([local.fn_role["ingest"], local.fn_role["lifecycle"], local.fn_role["reconcile"], local.fn_role["perimeter"], local.fn_role["agentapi"], local.fn_role["admin"], try(local.fn_role["gcpevents"], ""), try(local.fn_role["azureevents"], ""), try(local.fn_role["cloudreconcile"], "")]) }
-    perimeter  = { queue = aws_sqs_queue.perimeter.arn, roles = [local.fn_role["ingest"], local.fn_role["lifecycle"], local.fn_role["reconcile"], local.fn_role["perimeter"]] } # itself: a failed place's part sent again
-    publish    = { queue = aws_sqs_queue.publish.arn, roles = [local.fn_role["compute"]] }
-    ingest_dlq = { queue = aws_sqs_queue.ingest_dlq.arn, roles = [local.fn_role["ingest"]] }
+    compute = { queue = aws_sqs_queue.compute.arn, roles = compact([local.fn_role["ingest"], local.fn_role["lifecycle"], local.fn_role["reconcile"], local.fn_role["perimeter"], local.fn_role["agentapi"], local.fn_role["admin"], try(local.fn_role["gcpevents"], ""), try(local.fn_role["azureevents"], ""), try(local.fn_role["cloudreconcile"], "")]) }
+    # the priority lane: the administrator's function alone sends urgent work
+    compute_priority = { queue = aws_sqs_queue.compute_priority.arn, roles = [local.fn_role["admin"]] }
+    perimeter        = { queue = aws_sqs_queue.perimeter.arn, roles = [local.fn_role["ingest"], local.fn_role["lifecycle"], local.fn_role["reconcile"], local.fn_role["perimeter"]] } # itself: a failed place's part sent again
+    publish          = { queue = aws_sqs_queue.publish.arn, roles = [local.fn_role["compute"]] }
+    ingest_dlq       = { queue = aws_sqs_queue.ingest_dlq.arn, roles = [local.fn_role["ingest"]] }
     # Lambda sends a failed async invocation with the function's own role (every function has this DLQ)
     async_dlq = { queue = aws_sqs_queue.async_dlq.arn, roles = compact([local.fn_role["ingest"], local.fn_role["compute"], local.fn_role["publish"], local.fn_role["lifecycle"], local.fn_role["reconcile"], local.fn_role["perimeter"], local.fn_role["agentapi"], local.fn_role["admin"], local.fn_role["wsconnect"], local.fn_role["flows"], local.fn_role["anchor"], try(local.fn_role["gcpevents"], ""), try(local.fn_role["azureevents"], ""), try(local.fn_role["cloudreconcile"], "")]) }
   }
@@ -674,7 +689,7 @@ data "aws_iam_policy_document" "handoff_queues" {
 
 resource "aws_sqs_queue_policy" "handoff" {
   for_each  = local.queue_senders
-  queue_url = { compute = aws_sqs_queue.compute.id, perimeter = aws_sqs_queue.perimeter.id, publish = aws_sqs_queue.publish.id, ingest_dlq = aws_sqs_queue.ingest_dlq.id, async_dlq = aws_sqs_queue.async_dlq.id }[each.key]
+  queue_url = { compute = aws_sqs_queue.compute.id, compute_priority = aws_sqs_queue.compute_priority.id, perimeter = aws_sqs_queue.perimeter.id, publish = aws_sqs_queue.publish.id, ingest_dlq = aws_sqs_queue.ingest_dlq.id, async_dlq = aws_sqs_queue.async_dlq.id }[each.key]
   policy    = data.aws_iam_policy_document.handoff_queues[each.key].json
 }
 

@@ -421,7 +421,8 @@ class OnPremAdmin(Admin):
                 raise
         self._drop_credentials(workload_id, "workload deregistered")
         # the same request again writes the tombstone again (its record stays) and queues compute
-        queue_stored(self.w, [workload_id], "deregistered", workload_id, audit_id)
+        # urgent: a workload leaving (its address must leave its peers' sets before it is reused)
+        queue_stored(self.w, [workload_id], "deregistered", workload_id, audit_id, urgent=True)
         return Response(200, {"workload_id": workload_id, "audit_id": audit_id})
 
 

@@ -148,6 +148,7 @@ class Admin:
                 None,
                 rebuild=True,
                 again=f"the same files again queue it while v{active_pv.number} is the active version",
+                urgent=True,
             )
             return Response(200, {"version": active_pv.number, "digest": digest, "audit_id": None, "warnings": found})
         widened = failsafe_widening(base.failsafes, policy.failsafes) if base else []
@@ -256,6 +257,7 @@ class Admin:
             rebuild=True,
             again=f"the same files again queue it while v{version} is the active version (a later version "
             "provisioned queues the rebuild itself: do not send these files again then)",
+            urgent=True,
         )
         return Response(201, {"version": version, "digest": digest, "audit_id": audit_id, "warnings": found})
 
@@ -353,7 +355,14 @@ class Admin:
         if mode is Mode.IDLE:
             self._lowered(principal, "mode idle (its firewall left untouched)", workload_id)
         # stored: a failed compute message is answered 503 (NotQueued); setting the mode again queues it
-        queue_stored(self.w, [workload_id], f"mode set to {value}" if value else "mode cleared", workload_id, audit_id)
+        queue_stored(
+            self.w,
+            [workload_id],
+            f"mode set to {value}" if value else "mode cleared",
+            workload_id,
+            audit_id,
+            urgent=True,
+        )
         return Response(200, {"workload_id": workload_id, "mode": value, "audit_id": audit_id})
 
     def quarantine(self, principal: str, workload_id: str, on: bool, reason: str = "") -> Response:
@@ -392,7 +401,8 @@ class Admin:
         if not on:
             self._lowered(principal, "released from quarantine", workload_id)
         # as a mode's: the same request again stores the same and queues compute
-        queue_stored(self.w, [workload_id], "quarantined" if on else "released", workload_id, audit_id)
+        # urgent: an incident responder's quarantine never waits behind a tag storm's backlog
+        queue_stored(self.w, [workload_id], "quarantined" if on else "released", workload_id, audit_id, urgent=True)
         return Response(200, {"workload_id": workload_id, "quarantined": on, "audit_id": audit_id})
 
     def pairing_key(self, principal: str, workload_id: str | None, uses: int, ttl: int, reason: str = "") -> Response:

@@ -389,7 +389,7 @@ def unbind_labels(w: BaseWiring, workload_id: str, dimensions: list[str], princi
         # the grant may be gone by this request's first try, stored before its compute message
         # failed: a warm compute still holds the record with the grant, so the retry must queue
         # it (idempotent: compute takes the record as stored), or the revoked box stays admitted
-        queue_stored(w, [workload_id], "no such grant to take back", workload_id, None)
+        queue_stored(w, [workload_id], "no such grant to take back", workload_id, None, urgent=True)
         raise
     return Revocation(rec, audit.id, dict(audit.detail["revoked"]))
 
@@ -489,10 +489,11 @@ def _change_grants(
             raise
         if done:
             log.warning("%s of %s is in force although the call raised: %s", action, workload_id, why)
-            w.enqueue_compute([workload_id])
+            w.enqueue_compute([workload_id], urgent=True)
         else:
             failed(why)
         raise
     assert audit is not None
-    queue_stored(w, [workload_id], "bound" if action == "label.bind" else "revoked", workload_id, audit.id)
+    # urgent: an administrator's binding (a revocation shrinks access) is not queued behind a storm
+    queue_stored(w, [workload_id], "bound" if action == "label.bind" else "revoked", workload_id, audit.id, urgent=True)
     return rec, audit

@@ -81,12 +81,14 @@ def queue_stored(
     *,
     rebuild: bool = False,
     again: str = "",
+    urgent: bool = False,
 ) -> None:
     """Compute for ``ids`` (``rebuild``: for every workload, a policy provisioned) after a change
     is stored, or :class:`NotQueued` (logged, counted as ``ComputeNotQueued``): never a bare
-    failure, whose caller would not know the change is in the store but not enforced."""
+    failure, whose caller would not know the change is in the store but not enforced.
+    ``urgent``: an administrator's change, in the priority lane (:meth:`BaseWiring.enqueue_compute`)."""
     try:
-        w.enqueue_compute(ids, rebuild=rebuild)
+        w.enqueue_compute(ids, rebuild=rebuild, urgent=urgent)
     except Exception as exc:
         log.exception("%s: %s (audit record %s) but compute could not be queued", target, done, audit_id)
         w.metric(COMPUTE_NOT_QUEUED, 1)
@@ -132,6 +134,9 @@ class Config:
     audit_table: str = ""
     bucket: str = ""
     compute_queue_url: str = ""
+    # compute's priority lane (urgent requests: an administrator's change, a workload leaving),
+    # read by the same compute function; empty: urgent requests take the compute queue too
+    compute_priority_queue_url: str = ""
     # empty: compute signs, stores and nudges itself; else it fans that out over this queue to
     # the publish function (ringfence.control.fanout)
     publish_queue_url: str = ""
@@ -201,6 +206,7 @@ class Config:
             audit_table=e.get("RINGFENCE_AUDIT_TABLE", ""),
             bucket=e.get("RINGFENCE_BUCKET", ""),
             compute_queue_url=e.get("RINGFENCE_COMPUTE_QUEUE_URL", ""),
+            compute_priority_queue_url=e.get("RINGFENCE_COMPUTE_PRIORITY_QUEUE_URL", ""),
             publish_queue_url=e.get("RINGFENCE_PUBLISH_QUEUE_URL", ""),
             perimeter_queue_url=e.get("RINGFENCE_PERIMETER_QUEUE_URL", ""),
             dlq_url=e.get("RINGFENCE_DLQ_URL", ""),
@@ -342,6 +348,7 @@ class BaseWiring:
         refresh: bool = False,
         lifecycles: list[dict[str, Any]] | None = None,
         reissue: dict[str, int] | None = None,
+        urgent: bool = False,
     ) -> None:
         """Ask compute to take these workloads' inventory (and a lifecycle action, a rebuild,
         re-renders or a refresh of bundles near expiry) into the engine; nothing is sent when
@@ -349,7 +356,13 @@ class BaseWiring:
         lifecycle gate "agent"). ``lifecycles``: several lifecycle actions in one message (a
         batch's), each taken as if it came with ``lifecycle`` (:func:`ringfence.control.compute.
         one_action_each`). ``reissue``: workload → a version its agent holds above every one
-        published for it, to be issued a whole bundle above it (``Compute._reissue``)."""
+        published for it, to be issued a whole bundle above it (``Compute._reissue``).
+
+        ``urgent``: an administrator's change (a quarantine, a mode, a binding, a policy) or a
+        workload leaving (its address must leave its peers' allow sets): sent in compute's
+        priority lane, so it never waits behind a backlog of ordinary changes (a tag storm's).
+        Compute takes every workload's record as stored when it runs, so the order between the
+        two lanes changes nothing but how soon each is computed."""
         ids = list(dict.fromkeys(ids))
         if (
             not ids
@@ -371,10 +384,11 @@ class BaseWiring:
             message["refresh"] = True
         if reissue:
             message["reissue"] = dict(reissue)
-        self.send_compute(message)
+        self.send_compute(message, urgent=urgent)
 
-    def send_compute(self, message: dict[str, Any]) -> None:
-        """Deliver one compute message (the compute queue in AWS, the worker thread on one machine)."""
+    def send_compute(self, message: dict[str, Any], *, urgent: bool = False) -> None:
+        """Deliver one compute message (the compute queue in AWS, the worker thread on one
+        machine); ``urgent``: in the priority lane, where there is one."""
         raise NotImplementedError
 
     def send_publish(self, message: dict[str, Any]) -> None:

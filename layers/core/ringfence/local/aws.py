@@ -14,7 +14,7 @@ standard endpoint variables — the same code paths as in AWS. Interface::
         aws.client("ec2")               # a boto3 client bound to the server
         aws.client_as("ec2", "ringfence-tagging")  # …calling as that IAM role (assumed)
         aws.client_as("ec2", "developer", user=True)  # …calling as that IAM user
-        aws.queues["ingest"|"lifecycle"|"perimeter"|"compute"|"publish"|"dlq"|"…_dlq"]  # queue URLs
+        aws.queues["ingest"|"lifecycle"|"perimeter"|"compute"|"compute_priority"|"publish"|"dlq"|"…_dlq"]  # queue URLs
         aws.queue_arn("compute")
         aws.bucket, aws.tables, aws.rules  # names, as RINGFENCE_* carry them
         aws.signing_key                 # ringfence.bundle.SigningKey in the signing-key secret
@@ -340,6 +340,11 @@ class EmbeddedAws:
             "RINGFENCE_PUBLISH_QUEUE_URL": self.queues["publish"],
         }
 
+    def admin_env(self) -> dict[str, str]:
+        """What the admin function alone has beyond :attr:`env`: compute's priority lane
+        (template.yaml gives its URL, and SendMessage on it, to AdminFunction alone)."""
+        return {"RINGFENCE_COMPUTE_PRIORITY_QUEUE_URL": self.queues["compute_priority"]}
+
     def publish_env(self) -> dict[str, str]:
         """What the publish function alone has beyond :attr:`env`: the signing key."""
         return {"RINGFENCE_SIGNING_KEY": f"secretsmanager:{self.names.signing_secret}"}
@@ -451,6 +456,11 @@ class EmbeddedAws:
         self.queues["compute"] = queue(
             f"{p}-compute.fifo", {**fifo, "VisibilityTimeout": "960", "RedrivePolicy": redrive("compute_dlq", 5)}
         )
+        # template.yaml: ComputePriorityQueue (as ComputeQueue; the admin function's urgent work)
+        self.queues["compute_priority"] = queue(
+            f"{p}-compute-priority.fifo",
+            {**fifo, "VisibilityTimeout": "960", "RedrivePolicy": redrive("compute_dlq", 5)},
+        )
         # template.yaml: PublishQueue (standard, 5 receives into PublishDLQ)
         self.queues["publish_dlq"] = queue(f"{p}-publish-dlq")
         self.queues["publish"] = queue(
@@ -480,6 +490,7 @@ class EmbeddedAws:
         # in-process compute and publish (the router's, the tests') get the signing key, nothing else does
         lambdas.FUNCTION_ENVIRONMENT["compute"] = self.compute_env()
         lambdas.FUNCTION_ENVIRONMENT["publish"] = self.publish_env()
+        lambdas.FUNCTION_ENVIRONMENT["admin"] = self.admin_env()
 
     # --- instances -----------------------------------------------------------------------------
 

@@ -115,9 +115,13 @@ QUEUES = (
     ("lifecycle", "lifecycle"),
     ("ingest", "ingest"),
     ("perimeter", "perimeter"),
+    # compute's priority lane: a poller of its own on the same compute container (two event
+    # source mappings on one function in AWS), one invocation at a time across both (_compute_turn)
+    ("compute_priority", "compute"),
     ("compute", "compute"),
     ("publish", "publish"),
 )
+COMPUTE_QUEUES = ("compute", "compute_priority")
 STAGES = ("put", "ingested", "computed", "unchanged", "failed")
 SETTLE_EVERY = 1.0  # s between the schedule thread's checks that the queues went idle
 LEAVING_LOOKS = 20  # looks to wait for an instance that left its group to be seen terminated
@@ -129,7 +133,7 @@ AWS_SCHEDULE = {"reconcile": 15 * 60.0, "perimeter": 30 * 60.0}
 # interface's whole group list) and compute one (its FIFO queue has a single message group). The
 # lab takes a few ingest and lifecycle batches at once (one thread was a queue of its own behind a
 # scale-out: three lifecycle batches at once took a 50-instance scale-out from 16.2 to 14.9 s).
-POLLERS = {"lifecycle": 3, "ingest": 3, "perimeter": 1, "compute": 1, "publish": 3}
+POLLERS = {"lifecycle": 3, "ingest": 3, "perimeter": 1, "compute": 1, "compute_priority": 1, "publish": 3}
 
 
 # --- the timeline ----------------------------------------------------------------------------------
@@ -515,6 +519,8 @@ class EventRouter:
         self._looked_at = -1  # moto's change count when the last completed look began
         self._next_settle = 0.0  # monotonic: when the schedule thread may next ask the queues
         self._busy: dict[str, int] = {}  # poller → handler invocations running (read under self._lock)
+        # compute's reserved concurrency 1: its two queues' pollers take turns at the one container
+        self._compute_turn = threading.Lock()
         self._invocations = 0  # handler invocations recorded (under self._lock)
         self._profile_dir = os.environ.get("RINGFENCE_ROUTER_PROFILE") or None
         self._profiles: dict[str, pstats.Stats] = {}  # function → its invocations' profiles merged
@@ -551,7 +557,7 @@ class EventRouter:
         loops += [
             (f"{queue}-{i}", functools.partial(self._poller_loop, queue, name, container))
             for queue, name in QUEUES
-            if queue != "compute"
+            if queue not in COMPUTE_QUEUES
             for i in range(1, self.pollers.get(queue, 1))
             if (container := self._container(name, i)) is not None
         ]
@@ -918,8 +924,11 @@ class EventRouter:
         def invoke(event: dict[str, Any], context: Any) -> Any:
             with self._lock:
                 self._busy[queue] = self._busy.get(queue, 0) + 1
-            if queue not in ("compute", "perimeter", "publish"):
+            if queue not in (*COMPUTE_QUEUES, "perimeter", "publish"):
                 self.timeline.began(_event_ids(event), time.time())
+            if queue in COMPUTE_QUEUES:
+                with self._compute_turn:
+                    return self._profiled(name, fn, event, context)
             return self._profiled(name, fn, event, context)
 
         return invoke
@@ -966,7 +975,7 @@ class EventRouter:
             if not d.failed:
                 self.timeline.published(self._published_ids(d), d.done_at)
             return
-        if queue in ("compute", "perimeter"):
+        if queue in (*COMPUTE_QUEUES, "perimeter"):
             if d.failed:
                 return
             ids: list[str] = []

@@ -11,7 +11,9 @@
 * ``enqueue_compute``: hands the work to one in-process worker thread running the same
   :class:`~ringfence.control.compute.Compute` the compute function runs. One thread, one
   writer: computations are serialised as the FIFO queue with one message group serialises them
-  in AWS. An exclusive lock on ``<state>/lock`` keeps a second process off the same state;
+  in AWS. Urgent work (an administrator's change, a workload deregistered) is taken before
+  the ordinary work queued ahead of it, as compute's priority queue is in AWS. An exclusive
+  lock on ``<state>/lock`` keeps a second process off the same state;
 * ``wait_for_change``: waits on a condition that compute's notifier signals after each
   computation (the long-poll of ``GET /v1/agents/{id}/wait``).
 
@@ -30,6 +32,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -103,6 +106,31 @@ class LocalNotifier:
 _STOP: Any = object()
 
 
+class _Lanes(queue.Queue[Any]):
+    """The worker's queue: two lanes, FIFO each, put as ``(urgent, item)``; ``get`` hands out the
+    urgent lane's items first (an administrator's quarantine before a registration flood's
+    backlog, as compute's priority queue does in AWS)."""
+
+    def _init(self, maxsize: int) -> None:
+        self.urgent: deque[Any] = deque()
+        self.normal: deque[Any] = deque()
+        self.last_urgent = False  # the lane of the item ``get`` returned last
+
+    def _qsize(self) -> int:
+        return len(self.urgent) + len(self.normal)
+
+    def _put(self, item: tuple[bool, Any]) -> None:
+        (self.urgent if item[0] else self.normal).append(item[1])
+
+    def _get(self) -> Any:
+        self.last_urgent = bool(self.urgent)
+        return self.urgent.popleft() if self.urgent else self.normal.popleft()
+
+    def urgent_waiting(self) -> bool:
+        with self.mutex:
+            return bool(self.urgent)
+
+
 RETRY_MAX_S = 30.0
 
 
@@ -167,7 +195,7 @@ class ComputeWorker(threading.Thread):
         self.max_batch = max_batch
         # idle this long: compute re-signs the bundles near expiry (the AWS schedule's job)
         self.refresh_interval = refresh_interval
-        self.queue: queue.Queue[Any] = queue.Queue()
+        self.queue = _Lanes()
         self.runs = 0
         self.failed_batches = 0
         self.last_stats: ComputeStats | None = None
@@ -182,12 +210,13 @@ class ComputeWorker(threading.Thread):
         self.reason = ""
         self._retry_at = 0.0  # time.monotonic()
 
-    def submit(self, message: dict[str, Any]) -> None:
-        self.queue.put(message)
+    def submit(self, message: dict[str, Any], *, urgent: bool = False) -> None:
+        """``urgent``: computed before everything ordinary still queued (FIFO within each lane)."""
+        self.queue.put((urgent, message))
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stopping = True
-        self.queue.put(_STOP)
+        self.queue.put((False, _STOP))
         self.join(timeout)
 
     def settle(self, timeout: float = 30.0) -> bool:
@@ -235,7 +264,10 @@ class ComputeWorker(threading.Thread):
                         self.notifier.flush()
                 continue
             batch = [first]
-            while len(batch) < self.max_batch:
+            # an urgent batch is urgent work alone: a flood's messages taken with it would make
+            # the quarantine's computation as long as the flood's (AWS: a priority queue's batch)
+            urgent = self.queue.last_urgent
+            while len(batch) < self.max_batch and (not urgent or self.queue.urgent_waiting()):
                 try:
                     batch.append(self.queue.get_nowait())
                 except queue.Empty:
@@ -392,8 +424,8 @@ class LocalWiring(BaseWiring):
     def ec2_for(self, account: str, region: str) -> Any:
         raise RuntimeError("the local control plane has no cloud API: on-premise workloads enroll with pairing keys")
 
-    def send_compute(self, message: dict[str, Any]) -> None:
-        self.worker.submit(message)
+    def send_compute(self, message: dict[str, Any], *, urgent: bool = False) -> None:
+        self.worker.submit(message, urgent=urgent)
 
     def sweep_reports(self, now: float | None = None) -> int:
         """Delete the agents' report batches older than the retention (``RINGFENCE_REPORT_RETENTION_DAYS``,

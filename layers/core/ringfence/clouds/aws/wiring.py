@@ -56,6 +56,8 @@ class Wiring(BaseWiring):
         )
         # concurrent requests of one process (serve's threads) share their compute messages
         self._compute_sends = GroupSend(self._deliver_compute, merge_compute)
+        # the priority lane's own: an urgent message never waits for (nor merges with) ordinary ones
+        self._urgent_sends = GroupSend(self._deliver_urgent, merge_compute)
 
     @property
     def signer(self) -> Any:
@@ -166,15 +168,24 @@ class Wiring(BaseWiring):
         self.changes.close()
         self._ddb.meta.client.close()
 
-    def send_compute(self, message: dict[str, Any]) -> None:
-        self._compute_sends.send(message)
+    def send_compute(self, message: dict[str, Any], *, urgent: bool = False) -> None:
+        # urgent: the priority queue (read by the same compute function, which Lambda hands a batch
+        # of either queue as it comes), so it never waits behind a storm's backlog on the
+        # compute queue; a deployment without one (configured before it existed) has one lane
+        if urgent and self.cfg.compute_priority_queue_url:
+            self._urgent_sends.send(message)
+        else:
+            self._compute_sends.send(message)
 
-    def _deliver_compute(self, messages: list[dict[str, Any]]) -> None:
+    def _deliver_urgent(self, messages: list[dict[str, Any]]) -> None:
+        self._deliver_compute(messages, self.cfg.compute_priority_queue_url)
+
+    def _deliver_compute(self, messages: list[dict[str, Any]], queue_url: str = "") -> None:
         for message in messages:
             ids = message["ids"]
             for i in range(0, max(len(ids), 1), 500):  # keeps each message well under SQS's 256 KiB
                 self.sqs.send_message(
-                    QueueUrl=self.cfg.compute_queue_url,
+                    QueueUrl=queue_url or self.cfg.compute_queue_url,
                     MessageBody=json.dumps({**message, "ids": ids[i : i + 500]}),
                     MessageGroupId="compute",  # one group: compute is serialized
                     MessageDeduplicationId=uuid.uuid4().hex,

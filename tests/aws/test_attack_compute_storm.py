@@ -1,0 +1,78 @@
+"""A developer who may tag their own instances flaps their tags (a tag storm): every change is an
+ingest event and a compute message, and compute runs one invocation at a time, ten messages
+each. An incident responder's quarantine must not wait behind that backlog: it goes to compute's
+priority queue, which the same compute function reads beside the compute queue
+(docs/threat-model.md, docs/operations.md).
+
+Through the real handlers over moto: the tags change in EC2, the events go through EventBridge,
+the ingest handler describes the instances and queues compute, the admin route quarantines."""
+
+from __future__ import annotations
+
+import json
+
+from tests.aws.conftest import Env, ip_of
+from tests.aws.test_pipeline import in_set
+
+RESPONDER = "arn:aws:iam::123456789012:user/ivy"
+DEV = 10
+ROUNDS = 20  # DEV x ROUNDS tag events, one ingest invocation each: ~200 compute messages
+
+
+def _storm(env: Env, dev: list[str], rounds: int) -> None:
+    for n in range(rounds):
+        role = "processing" if n % 2 == 0 else "web"  # both unprivileged: a storm, not an escalation
+        env.ec2.create_tags(Resources=dev, Tags=[{"Key": "ringfence:role", "Value": role}])
+        entries = []
+        for iid in dev:
+            ev = env.tag_event(iid, {"ringfence:role": role}, 1000 + n)
+            entries.append(
+                {
+                    "Source": ev["source"],
+                    "DetailType": ev["detail-type"],
+                    "Detail": json.dumps(ev["detail"]),
+                    "Resources": ev["resources"],
+                }
+            )
+        assert env.events.put_events(Entries=entries)["FailedEntryCount"] == 0
+        # ingest scales out (concurrency 20) and keeps up; each invocation hands compute a message
+        env._drain("ingest", "ingest", batch=1)
+
+
+def test_attack_a_tag_storm_does_not_delay_a_quarantine(env: Env) -> None:
+    env.provision_example_policy()
+    est = env.estate()
+    dev = est["run"]("web", est["subnets"]["app"], DEV, env="dev")
+    for iid in [*(i for ids in est["ids"].values() for i in ids), *dev]:
+        env.put(env.state_event(iid, "running"))
+    env.pump()
+    env.bind(RESPONDER, ["incident-responder"])
+    victim, proc = est["ids"]["web"][0], est["ids"]["proc"][0]
+    v_ip = ip_of(env, victim)
+    assert in_set(env.bundle(proc), v_ip)
+
+    _storm(env, dev, ROUNDS)
+    ahead = env.count("compute")
+    assert ahead >= 150, f"the storm queued {ahead} compute messages: not a backlog"
+
+    st, _, body = env.rest(
+        "admin", "POST", f"/admin/workloads/{victim}/quarantine", {"reason": "IR-7"}, principal=RESPONDER
+    )
+    assert st == 200, body
+
+    # compute one invocation at a time (reserved concurrency 1), its fan-out published after each
+    took = None
+    for invocation in range(1, ahead // 10 + 3):
+        results = env.drain_compute(invocations=1)
+        assert results and not any(r.get("batchItemFailures") for r in results)
+        env._drain("publish", "publish")
+        if env.bundle(victim).quarantined and not in_set(env.bundle(proc), v_ip):
+            took = invocation
+            break
+    # before: the quarantine was computed after the storm's ~ahead/10 invocations
+    assert took is not None and took <= 2, f"quarantine in force after {took} compute invocations, {ahead} ahead"
+    # the storm's own work is not lost: it is computed after
+    assert env.count("compute") > 0
+    env.drain("compute", "compute")
+    assert env.count("compute") == 0 and env.count("compute_priority") == 0
+    assert env.bundle(victim).quarantined
