@@ -84,6 +84,9 @@ def record_handler(record: SQSRecord) -> dict[str, Any] | None:
     if event is None:
         svc["ingest"].ignored()
         return {"kind": "ignored"}
+    # an event whose account and Region failed the batch, or one the batch has no time left for,
+    # fails alone here (to be retried), before its idempotency record is written
+    svc["ingest"].admit(event)
     try:
         result: dict[str, Any] = svc["process"](event=event)
     except UnservedAccount as exc:  # kept for a redrive once the account is listed
@@ -104,8 +107,12 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     for r in event.get("Records", []):
         if isinstance(r, dict) and isinstance(r.get("messageId"), str) and isinstance(r.get("body"), str):
             _batch[r["messageId"]] = _parse(r["body"])
-    # one DescribeInstances per account/region for the whole batch
-    ingest.prefetch_events(e for e in _batch.values() if isinstance(e, DomainEvent))
+    # one DescribeInstances per account/region for the whole batch; the batch stops taking on
+    # events in time for done() to hand on what it did (a timed-out invocation fails them all)
+    ingest.prefetch_events(
+        (e for e in _batch.values() if isinstance(e, DomainEvent)),
+        lambda: float(context.get_remaining_time_in_millis()) / 1000,
+    )
     try:
         return process_partial_response(
             event=event, record_handler=record_handler, processor=processor, context=context

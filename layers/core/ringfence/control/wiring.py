@@ -99,6 +99,17 @@ class NoSigningKey(RuntimeError):
     """A function without the signing key was asked to sign."""
 
 
+class BatchDeadline(Exception):
+    """A batch's invocation is nearly out of time: this event was not reached and fails, to be
+    retried by its queue (:meth:`BaseWiring.check_deadline`)."""
+
+
+# what a batch keeps of its invocation's time for an event already under way and its end (the
+# hand-off of what it changed): an ingest invocation has 60 s; one killed by its timeout fails
+# every event of the batch, the other accounts' too, and hands nothing on
+BATCH_RESERVE_S = 15.0
+
+
 class PolicyTampered(RuntimeError):
     """A policy version's files, as read, are not the ones its recorded digest names (changed in
     the bucket after provisioning), or one of them is gone: never compiled, never enforced."""
@@ -300,6 +311,11 @@ class BaseWiring:
         self.prefetched: dict[tuple[str, str, str], tuple[float, dict[str, Any] | None]] = {}
         # the governing policy, read once in a batch (begin_batch → end_batch); None: no batch open
         self._batch_policy: list[tuple[PolicyVersion, Policy] | None] | None = None
+        # (account, region) → why the cloud there failed this batch (throttled, refused,
+        # unreachable): the batch's other events there fail at once instead of asking again
+        self.unavailable: dict[tuple[str, str], str] = {}
+        # the seconds the batch's invocation has left (None: no deadline)
+        self._time_left: Callable[[], float] | None = None
 
     def audit(self, rec: AuditRecord) -> AuditRecord:
         """Append ``rec`` to the store's hash chain and send the sealed record to the SIEM (if one
@@ -322,10 +338,12 @@ class BaseWiring:
     def signer(self) -> Any:
         raise NotImplementedError
 
-    def ec2_for(self, account: str, region: str) -> Any:
+    def ec2_for(self, account: str, region: str, *, batch: bool = False) -> Any:
+        """EC2 in ``account``/``region``; ``batch``: for a batch's reads, whose retries are short
+        (another account's events wait on them)."""
         raise NotImplementedError
 
-    def autoscaling_for(self, account: str, region: str) -> Any:
+    def autoscaling_for(self, account: str, region: str, *, batch: bool = False) -> Any:
         """The Auto Scaling client that confirms a terminate lifecycle action."""
         raise NotImplementedError
 
@@ -448,15 +466,35 @@ class BaseWiring:
         pv = self.store.active_policy()
         return (pv, self.policy(pv)) if pv is not None else None
 
-    def begin_batch(self) -> None:
-        """A handler's batch begins: what is prefetched for it, and the policy governing its
-        label changes (:meth:`governing_policy`), hold until :meth:`end_batch`."""
+    def begin_batch(self, time_left: Callable[[], float] | None = None) -> None:
+        """A handler's batch begins: what is prefetched for it, the places found unavailable in
+        it, and the policy governing its label changes (:meth:`governing_policy`), hold until
+        :meth:`end_batch`. ``time_left``: the seconds its invocation has left (a Lambda
+        context's remaining time), for :meth:`check_deadline`."""
         self.prefetched.clear()
+        self.unavailable.clear()
+        self._time_left = time_left
         self._batch_policy = []
 
     def end_batch(self) -> None:
         self.prefetched.clear()
+        self.unavailable.clear()
+        self._time_left = None
         self._batch_policy = None
+
+    def in_batch(self) -> bool:
+        return self._batch_policy is not None
+
+    def check_deadline(self) -> None:
+        """Raise :class:`BatchDeadline` once the batch's invocation has no more than
+        :data:`BATCH_RESERVE_S` left: what is not done by then fails (and is retried by its
+        queue), and the batch ends in time to hand on what it did."""
+        if self._time_left is not None:
+            left = self._time_left()
+            if left <= BATCH_RESERVE_S:
+                raise BatchDeadline(
+                    f"{left:.1f} s left of the invocation, {BATCH_RESERVE_S:.0f} s kept for the batch's end"
+                )
 
     def governing_policy(self) -> tuple[PolicyVersion, Policy] | None:
         """The active policy that decides governed labels: read when asked, or once per batch

@@ -421,7 +421,7 @@ class LocalWiring(BaseWiring):
     def signer(self) -> Any:
         return self._signer
 
-    def ec2_for(self, account: str, region: str) -> Any:
+    def ec2_for(self, account: str, region: str, *, batch: bool = False) -> Any:
         raise RuntimeError("the local control plane has no cloud API: on-premise workloads enroll with pairing keys")
 
     def send_compute(self, message: dict[str, Any], *, urgent: bool = False) -> None:

@@ -25,6 +25,20 @@ RETRIES = Config(
     retries={"mode": "standard", "max_attempts": int(os.environ.get("RINGFENCE_AWS_MAX_ATTEMPTS", "6"))},
     max_pool_connections=MAX_POOL_CONNECTIONS,
 )
+# A batch's reads in a member account (ingest's and lifecycle's describes): the batch shares the
+# function's time with other accounts' events, and a member account's administrator throttles
+# that account's EC2 at will (EC2 limits per account and Region, our assumed role included).
+# The standard retries above back off ~25 s per throttled call (up to ~50 s); here at most ~3 s,
+# then the batch fails that account's events at once (``ringfence.clouds.aws.ingest.
+# PlaceUnavailable``), for the queue to retry.
+BATCH_READS = RETRIES.merge(
+    Config(
+        # three calls in all (botocore's max_attempts counts retries only)
+        retries={"mode": "standard", "total_max_attempts": 3},
+        connect_timeout=3,
+        read_timeout=10,
+    )
+)
 
 
 # One loader of botocore's service models for every session this process makes: a session loads
@@ -44,17 +58,20 @@ def session() -> boto3.Session:
     return made
 
 
-_clients: dict[tuple[str, str | None], Any] = {}
-_assumed: dict[tuple[str, str, str], tuple[float, Any]] = {}
+_clients: dict[tuple[str, str | None, bool], Any] = {}
+_assumed: dict[tuple[str, str, str, bool], tuple[float, Any]] = {}
 # A boto3 session is not safe to create clients from several threads at once (boto3's docs), and
 # serve's threads all want the same clients when a fleet enrolls together: each one built its own
 # (a service model load each, ~30 ms of CPU). One lock, taken only to make a client.
 _making = threading.RLock()
 
 
-def client(service: str, *, region: str | None = None, credentials: dict[str, str] | None = None) -> Any:
-    """A client of this session (cached: creating clients is slow), or one with given credentials."""
-    kwargs: dict[str, Any] = {"config": RETRIES}
+def client(
+    service: str, *, region: str | None = None, credentials: dict[str, str] | None = None, batch: bool = False
+) -> Any:
+    """A client of this session (cached: creating clients is slow), or one with given credentials;
+    ``batch``: with :data:`BATCH_READS`' short retries."""
+    kwargs: dict[str, Any] = {"config": BATCH_READS if batch else RETRIES}
     if region:
         kwargs["region_name"] = region
     if credentials:
@@ -65,7 +82,7 @@ def client(service: str, *, region: str | None = None, credentials: dict[str, st
         )
         with _making:
             return session().client(service, **kwargs)
-    key = (service, region)
+    key = (service, region, batch)
     made = _clients.get(key)
     if made is None:
         with _making:
@@ -80,12 +97,15 @@ def resource(service: str, *, region: str | None = None) -> Any:
         return session().resource(service, config=RETRIES, region_name=region)
 
 
-def assumed_client(service: str, region: str, role_arn: str | None, session_name: str = "ringfence") -> Any:
+def assumed_client(
+    service: str, region: str, role_arn: str | None, session_name: str = "ringfence", *, batch: bool = False
+) -> Any:
     """A client in another account through an assumable role (``None``: this account); the
-    role's credentials are reused until five minutes before they expire."""
+    role's credentials are reused until five minutes before they expire. ``batch``: with
+    :data:`BATCH_READS`' short retries."""
     if not role_arn:
-        return client(service, region=region)
-    key = (service, region, role_arn)
+        return client(service, region=region, batch=batch)
+    key = (service, region, role_arn, batch)
     cached = _assumed.get(key)
     if cached is not None and cached[0] > time.time() + 300:
         return cached[1]
@@ -95,7 +115,7 @@ def assumed_client(service: str, region: str, role_arn: str | None, session_name
             return cached[1]
         # the role's credentials serve its clients of every service (reconcile reads EC2 and Auto
         # Scaling through one member role): one AssumeRole, kept under the service ""
-        held = _assumed.get(("", region, role_arn))
+        held = _assumed.get(("", region, role_arn, False))
         if held is not None and held[0] > time.time() + 300:
             expires, creds = held
         else:
@@ -103,8 +123,8 @@ def assumed_client(service: str, region: str, role_arn: str | None, session_name
             creds = sts.assume_role(RoleArn=role_arn, RoleSessionName=session_name)["Credentials"]
             exp = creds["Expiration"]
             expires = exp.timestamp() if hasattr(exp, "timestamp") else time.time() + 900
-            _assumed[("", region, role_arn)] = (expires, creds)
-        c = client(service, region=region, credentials=creds)
+            _assumed[("", region, role_arn, False)] = (expires, creds)
+        c = client(service, region=region, credentials=creds, batch=batch)
         _assumed[key] = (expires, c)
         return c
 

@@ -63,11 +63,17 @@ def tombstone(instance_id: str, account: str, region: str, observed_at: float) -
     return InventoryRecord(id=instance_id, workload=w, state="terminated", observed_at=observed_at)
 
 
-def describe(ec2: Any, instance_ids: list[str]) -> dict[str, dict[str, Any]]:
-    """Live instances by id (missing ids are gone). Throttling is retried by the client config."""
+def describe(
+    ec2: Any, instance_ids: list[str], before_call: Callable[[], None] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Live instances by id (missing ids are gone). Throttling is retried by the client config.
+    ``before_call`` runs before each call and may raise to stop (a batch's deadline: one unknown
+    id among many is a call per id)."""
     out: dict[str, dict[str, Any]] = {}
     for i in range(0, len(instance_ids), 200):
         chunk = instance_ids[i : i + 200]
+        if before_call is not None and i:
+            before_call()
         try:
             pages = ec2.get_paginator("describe_instances").paginate(InstanceIds=chunk)
             for page in pages:
@@ -78,6 +84,8 @@ def describe(ec2: Any, instance_ids: list[str]) -> dict[str, dict[str, Any]]:
             if exc.response.get("Error", {}).get("Code") != "InvalidInstanceID.NotFound":
                 raise
             for iid in chunk:  # one unknown id fails the whole call: fall back to one by one
+                if before_call is not None:
+                    before_call()
                 try:
                     for page in ec2.get_paginator("describe_instances").paginate(InstanceIds=[iid]):
                         for res in page.get("Reservations", []):

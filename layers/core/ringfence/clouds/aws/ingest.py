@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+from botocore.exceptions import BotoCoreError, ClientError
 
 from ringfence.audit import AuditRecord
 from ringfence.control import credentials
 from ringfence.control.governance import rewrite_governed, store_governed
-from ringfence.control.wiring import BaseWiring, Metric, log, no_metric
+from ringfence.control.wiring import BaseWiring, BatchDeadline, Metric, log, no_metric
 from ringfence.events import DomainEvent, Kind, MalformedEvent, normalize
 from ringfence.governance import TagChange
 from ringfence.store.base import ACTIVE_STATES, InventoryRecord
@@ -17,6 +19,57 @@ from ringfence.store.base import ACTIVE_STATES, InventoryRecord
 from . import ec2
 
 # --- ingest ---------------------------------------------------------------------------------------
+
+
+class PlaceUnavailable(Exception):
+    """EC2 (or Auto Scaling) in an account and Region failed the batch in a way asking again
+    within it would not fix: throttled (whoever administers that account can throttle it at
+    will: the limit is per account and Region, our assumed role's calls included), the role
+    refused, the endpoint unreachable. The batch's events there fail at once, for their queue
+    to retry, never holding up the other accounts' events of the batch."""
+
+    def __init__(self, account: str, region: str, why: str) -> None:
+        super().__init__(f"{account}/{region} unavailable in this batch: {why}")
+        self.account, self.region, self.why = account, region, why
+
+
+def unavailable_because(exc: BaseException) -> str | None:
+    """Why ``exc`` makes its account and Region unavailable for the batch, or None: an error of
+    the request itself (an instance id EC2 does not take), which other events' own ids do not
+    share, is left to the per-event describes."""
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code.startswith(("InvalidInstanceID.", "InvalidParameter")):
+            return None
+        return code or str(exc)
+    if isinstance(exc, BotoCoreError):  # unreachable, timed out, no credentials
+        return type(exc).__name__
+    return None
+
+
+_T = TypeVar("_T")
+
+
+def read_in(w: BaseWiring, account: str, region: str, read: Callable[[], _T], metric: Metric = no_metric) -> _T:
+    """``read`` (a call to ``account``/``region``) inside a batch's limits: refused at once when
+    the place already failed the batch (:class:`PlaceUnavailable`) or its time is up
+    (:class:`BatchDeadline`); a failure that makes the place unavailable marks it so."""
+    why = w.unavailable.get((account, region))
+    if why is not None:
+        raise PlaceUnavailable(account, region, why)
+    w.check_deadline()
+    try:
+        return read()
+    except (ClientError, BotoCoreError) as exc:
+        why = unavailable_because(exc)
+        if why is None or not w.in_batch():
+            raise
+        w.unavailable[(account, region)] = why
+        log.warning(
+            "%s/%s unavailable for the rest of this batch (%s): its events fail, to be retried", account, region, exc
+        )
+        metric("PlacesUnavailable", 1)
+        raise PlaceUnavailable(account, region, why) from exc
 
 
 @dataclass
@@ -48,13 +101,16 @@ class Ingest:
                 events.append(ev)
         return self.prefetch_events(events)
 
-    def prefetch_events(self, events: Iterable[DomainEvent]) -> int:
+    def prefetch_events(self, events: Iterable[DomainEvent], time_left: Callable[[], float] | None = None) -> int:
         """Describe every instance a batch of events names with one call per account/region
         (DescribeInstances is rate-limited: a storm must not cost one call per event).
-        Best effort: whatever fails here is described again per event. Returns ids described.
-        Opens the batch (:meth:`BaseWiring.begin_batch`); :meth:`done` closes it and hands the
-        workloads its events changed to compute and the perimeter, once."""
-        self.w.begin_batch()
+        Best effort: an id EC2 refuses is described again per event; a place that is throttled,
+        refuses us or cannot be reached is unavailable for the batch (:class:`PlaceUnavailable`:
+        its events fail at once). Returns ids described. Opens the batch
+        (:meth:`BaseWiring.begin_batch`, ``time_left``: the seconds the invocation has left);
+        :meth:`done` closes it and hands the workloads its events changed to compute and the
+        perimeter, once."""
+        self.w.begin_batch(time_left)
         self._changed = {}
         groups: dict[tuple[str, str], set[str]] = {}
         for ev in events:
@@ -62,7 +118,10 @@ class Ingest:
         n = 0
         for (account, region), ids in sorted(groups.items()):
             try:
-                live = ec2.describe(self.w.ec2_for(account, region), sorted(ids))
+                live = describe_in(self.w, account, region, sorted(ids), self.metric)
+            except (PlaceUnavailable, BatchDeadline) as exc:
+                log.warning("prefetch describe for %s/%s: %s", account, region, exc)
+                continue
             except Exception as exc:
                 log.warning("prefetch describe for %s/%s failed (%s): describing per event", account, region, exc)
                 continue
@@ -100,6 +159,20 @@ class Ingest:
             self.ignored()
             return IngestResult(str(raw.get("id", "")))
         return self.apply(ev)
+
+    def admit(self, ev: DomainEvent) -> None:
+        """Raise if ``ev`` is not to be applied in this batch, before anything is done for it: its
+        account and Region failed the batch (:class:`PlaceUnavailable`), or the batch's time is up
+        (:class:`BatchDeadline`). Either way it fails alone, and its queue retries it."""
+        try:
+            why = self.w.unavailable.get((ev.account, ev.region))
+            if why is not None:
+                raise PlaceUnavailable(ev.account, ev.region, why)
+            self.w.check_deadline()
+        except (PlaceUnavailable, BatchDeadline) as exc:
+            log.warning("event %s not applied in this batch, left to the queue's retry: %s", ev.event_id, exc)
+            self.metric("EventsDeferred", 1)
+            raise
 
     def ignored(self) -> None:
         """A valid event that is not about instances (a tag on a volume, a failed API call)."""
@@ -177,7 +250,7 @@ def observe_instances(
         seen.update({i: (t_given, described[i]) for i in ids if i in described and i not in seen})
     missing = [i for i in ids if i not in seen]
     if missing:
-        live = ec2.describe(w.ec2_for(account, region), missing)
+        live = describe_in(w, account, region, missing, metric)
         t0 = ec2.now()
         seen.update({i: (t0, live.get(i)) for i in missing})
     mapper = w.mapper()
@@ -200,6 +273,19 @@ def observe_instances(
         if (moved or governed) and rec.state == "terminated":
             credentials.retire(w, rec.id, "instance terminated")
     return changed
+
+
+def describe_in(
+    w: BaseWiring, account: str, region: str, ids: list[str], metric: Metric = no_metric
+) -> dict[str, dict[str, Any]]:
+    """:func:`ec2.describe` in the batch's limits (:func:`read_in`), with the batch's short retries."""
+    return read_in(
+        w,
+        account,
+        region,
+        lambda: ec2.describe(w.ec2_for(account, region, batch=True), ids, w.check_deadline),
+        metric,
+    )
 
 
 def _store_leaving(w: BaseWiring, rec: InventoryRecord, t: float) -> bool:
@@ -247,7 +333,13 @@ def mark_leaving(
     candidates = sorted(iid for iid, rec in known.items() if rec.state in ACTIVE_STATES)
     if not candidates:
         return set(), {}
-    confirmed = ec2.leaving_groups(w.autoscaling_for(account, region), candidates)
+    confirmed = read_in(
+        w,
+        account,
+        region,
+        lambda: ec2.leaving_groups(w.autoscaling_for(account, region, batch=True), candidates),
+        metric,
+    )
     changed: set[str] = set()
     refused: dict[str, str] = {}
     t = ec2.now() + 0.001  # after the describe that just ran

@@ -80,8 +80,13 @@ class Wiring(BaseWiring):
             raise UnservedAccount(account)
         return role
 
-    def ec2_for(self, account: str, region: str) -> Any:
-        return clients.assumed_client("ec2", region, self.member_role(account))
+    def ec2_for(self, account: str, region: str, *, batch: bool = False) -> Any:
+        """EC2 in ``account``; ``batch``: a batch's reads in a member account retry briefly
+        (:data:`clients.BATCH_READS`: whoever administers it can throttle it at will). This
+        account's own keep the standard retries: its throttling is its own operators' load, and
+        a spike ridden out beats its events waiting out the queue's visibility timeout."""
+        role = self.member_role(account)
+        return clients.assumed_client("ec2", region, role, batch=batch and role is not None)
 
     def perimeter_ec2_for(self, account: str, region: str) -> Any:
         """EC2 in ``account`` with the perimeter's own role there (``perimeter_account_roles``): the
@@ -106,8 +111,9 @@ class Wiring(BaseWiring):
             self._home_account = str(clients.client("sts").get_caller_identity()["Account"])
         return self._home_account
 
-    def autoscaling_for(self, account: str, region: str) -> Any:
-        return clients.assumed_client("autoscaling", region, self.member_role(account))
+    def autoscaling_for(self, account: str, region: str, *, batch: bool = False) -> Any:
+        role = self.member_role(account)  # ``batch`` as in ec2_for
+        return clients.assumed_client("autoscaling", region, role, batch=batch and role is not None)
 
     def lifecycle_role(self, account: str) -> str | None:
         """The role compute completes ``account``'s lifecycle actions with: None for this
