@@ -242,6 +242,28 @@ class InventoryRecord(BaseModel):
         labels = tuple(sorted(w.labels.items()))
         return (tuple(w.ips), tuple(sorted(w.tags.items())), labels, w.vpc, w.subnet, w.zone, w.site, self.state)
 
+    def compute_view(self, key_prefix: str | None) -> tuple[Any, ...]:
+        """What compute and the perimeter read of the record, to decide whether they are to hear
+        of an observation (:meth:`cloud_view` decides what is stored): the workload but for when it
+        was seen, its name (compiled into no bundle, no set, no perimeter) and its tags outside the
+        labels' ``key_prefix`` (every label key starts with it; None: every tag counts); the labels
+        it was resolved to; whether it is in peers' sets. Any other tag a developer may write: a
+        storm of them must not queue work ahead of an admin's on the one serialized compute queue."""
+        w = self.workload
+        tags = w.tags if key_prefix is None else {k: v for k, v in w.tags.items() if k.startswith(key_prefix)}
+        return (
+            w.model_dump(exclude={"observed_at", "name", "tags"}),
+            sorted(tags.items()),
+            sorted(self.labels.items()),
+            self.state in ACTIVE_STATES,
+        )
+
+
+def concerns_compute(before: InventoryRecord | None, after: InventoryRecord, key_prefix: str | None) -> bool:
+    """Whether storing ``after`` over ``before`` changed anything compute or the perimeter reads
+    (:meth:`InventoryRecord.compute_view`; ``key_prefix``: the active policy's, None without one)."""
+    return before is None or before.compute_view(key_prefix) != after.compute_view(key_prefix)
+
 
 class EngineHead(BaseModel):
     """The engine's durable revision counter (monotonic across cold starts).

@@ -14,7 +14,7 @@ from ringfence.control.governance import rewrite_governed, store_governed
 from ringfence.control.wiring import BaseWiring, BatchDeadline, Metric, log, no_metric
 from ringfence.events import DomainEvent, Kind, MalformedEvent, normalize
 from ringfence.governance import TagChange
-from ringfence.store.base import ACTIVE_STATES, InventoryRecord
+from ringfence.store.base import ACTIVE_STATES, InventoryRecord, concerns_compute
 
 from . import ec2
 
@@ -268,7 +268,7 @@ def observe_instances(
     results = store_governed(w, observed, stored, change, event_id=event_id, metric=metric, parallel=True)
     changed: set[str] = set()
     for rec, moved, governed in results:
-        if governed or (moved and _matters(stored.get(rec.id), rec)):
+        if governed or (moved and _matters(w, stored.get(rec.id), rec)):
             changed.add(rec.id)
         if (moved or governed) and rec.state == "terminated":
             credentials.retire(w, rec.id, "instance terminated")
@@ -300,17 +300,19 @@ def _store_leaving(w: BaseWiring, rec: InventoryRecord, t: float) -> bool:
     return rewrite_governed(w, rec, leaving)
 
 
-def _matters(before: InventoryRecord | None, after: InventoryRecord) -> bool:
-    """Whether a stored change concerns compute or the perimeter: the workload itself (addresses,
-    tags, labels, place) or whether it is in peers' sets at all. An instance going from pending to
-    running changes neither (both are active): a 50-instance scale-out's state changes put a
-    compute message per ingest batch on the one serialized queue, for nothing."""
+def _matters(w: BaseWiring, before: InventoryRecord | None, after: InventoryRecord) -> bool:
+    """Whether a stored change concerns compute or the perimeter (:func:`concerns_compute`): the
+    workload's addresses, label tags, labels or place, or whether it is in peers' sets at all. An
+    instance going from pending to running changes neither (both are active): a 50-instance
+    scale-out's state changes put a compute message per ingest batch on the one serialized queue,
+    for nothing; nor does a tag outside the labels' prefix, which the guard rail lets a developer
+    flip as often as they like (each flip was a compute message ahead of an admin's quarantine).
+    The prefix is the governing policy's, read once per batch (a policy read per event outside
+    one, only for a change that may not matter)."""
     if before is None or (before.state in ACTIVE_STATES) != (after.state in ACTIVE_STATES):
         return True
-    return before.workload.model_dump(exclude=_WHEN) != after.workload.model_dump(exclude=_WHEN)
-
-
-_WHEN = {"observed_at"}  # when it was seen: every observation has its own
+    active = w.governing_policy()
+    return concerns_compute(before, after, active[1].labels.key_prefix if active is not None else None)
 
 
 def mark_leaving(

@@ -11,6 +11,7 @@ from ringfence.control import credentials
 from ringfence.control.governance import store_governed
 from ringfence.control.wiring import BaseWiring, Metric, log, no_metric
 from ringfence.governance import TagChange
+from ringfence.store.base import concerns_compute
 
 from .arm import Arm
 from .model import ArmId, AzureNic, AzureVm, nic_from_wire, to_record, tombstone, vm_from_wire
@@ -44,17 +45,23 @@ def observe(
     event_id: str = "",
     metric: Metric = no_metric,
 ) -> set[str]:
-    """Store what these VMs are now (governed against the stored records); the ids that changed."""
+    """Store what these VMs are now (governed against the stored records); the ids that changed
+    in what compute reads (:func:`concerns_compute`): a VM's tag outside the labels' prefix, which
+    any tag writer may change as often as they like, is stored and not handed on."""
     mapper = w.mapper()
     stored = w.store.get_many([v.vm_id for v in vms])
     t0 = time.time()
     changed: set[str] = set()
     observed = [to_record(vm, nics, t0, mapper) for vm in vms]
+    prefix: list[str | None] = []  # the governing policy's key prefix, read once if needed
     for rec, written, governed in store_governed(w, observed, stored, change, event_id=event_id, metric=metric):
-        if written or governed:
+        if written and not governed and not prefix:
+            active = w.governing_policy()
+            prefix.append(active[1].labels.key_prefix if active is not None else None)
+        if governed or (written and concerns_compute(stored.get(rec.id), rec, prefix[0])):
             changed.add(rec.id)
-            if rec.state == "terminated":
-                credentials.retire(w, rec.id, "VM deleted")
+        if (written or governed) and rec.state == "terminated":
+            credentials.retire(w, rec.id, "VM deleted")
     return changed
 
 

@@ -46,7 +46,7 @@ from ringfence.control.wiring import BaseWiring, Metric, no_metric
 from ringfence.events import MalformedEvent
 from ringfence.governance import TagChange, govern, is_tagger
 from ringfence.labels import LabelMapper
-from ringfence.store.base import InventoryRecord
+from ringfence.store.base import InventoryRecord, concerns_compute
 
 from .auditlog import Action, GcpEvent, log_entry, parse
 from .config import GcpConfig
@@ -826,17 +826,23 @@ class GcpIngest:
         stored: Mapping[str, InventoryRecord] | None = None,
     ) -> set[str]:
         """Store these observations, governed against the stored records (``stored``: as read
-        already); the ids that changed."""
+        already); the ids that changed in what compute reads (:func:`concerns_compute`): a GCP
+        label outside the policy's prefix, which whoever may set labels can flip as often as they
+        like, is stored and not handed on."""
         if stored is None:
             stored = self.w.store.get_many([r.id for r in observed])
         changed: set[str] = set()
+        prefix: list[str | None] = []  # the governing policy's key prefix, read once if needed
         for rec, written, governed in store_governed(
             self.w, observed, stored, change, event_id=event_id, metric=self.metric
         ):
-            if written or governed:
+            if written and not governed and not prefix:
+                active = self.w.governing_policy()
+                prefix.append(active[1].labels.key_prefix if active is not None else None)
+            if governed or (written and concerns_compute(stored.get(rec.id), rec, prefix[0])):
                 changed.add(rec.id)
-                if rec.state == "terminated":
-                    credentials.retire(self.w, rec.id, "instance deleted")
+            if (written or governed) and rec.state == "terminated":
+                credentials.retire(self.w, rec.id, "instance deleted")
         return changed
 
     def sync(self, project: str) -> set[str]:
