@@ -118,3 +118,20 @@ def test_run_instances_tag_specifications_and_the_service_that_launched() -> Non
 def test_tag_change_on_resource_names_no_principal() -> None:
     ev = normalize(fixture("tag-change.json"))
     assert ev is not None and ev.principal is None and ev.tag_request is None
+
+
+def test_an_arn_of_another_account_than_the_events_is_skipped(caplog: pytest.LogCaptureFixture) -> None:
+    """Its instance is described in the event's account: another account's would be taken for gone."""
+    raw = copy.deepcopy(fixture("tag-change.json"))
+    raw["resources"] = ["arn:aws:ec2:us-east-1:210987654321:instance/i-0000000aaaaaaaaaa"]
+    assert normalize(raw) is None
+    assert "event bddcf1d6-0251-35a1-aab0-adc1fb47c11c of account 123456789012 names" in caplog.text
+    assert "of account 210987654321: skipped" in caplog.text
+    state = fixture("ec2-state-change.json")
+    state["resources"] = ["arn:aws:ec2:us-east-1:210987654321:instance/i-1234567890abcdef0"]
+    assert normalize(state) is None
+    # judged by what is there: an ARN without an account field, a resource that is no ARN
+    raw["resources"] = ["arn:aws:ec2:us-east-1::instance/i-0000000aaaaaaaaaa"]
+    assert normalize(raw) is not None
+    asg = normalize(fixture("asg-launch-successful.json"))  # "auto-scaling-group-arn", "instance-arn"
+    assert asg is not None and asg.kind is Kind.LAUNCH

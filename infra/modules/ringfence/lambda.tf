@@ -177,8 +177,8 @@ locals {
   # the inventory attributes those functions write (DynamoStore.observe; reconcile's offline
   # mark): never op_mode or op_quarantined, the administrator's (governance's quarantine is an item
   # of its own, below). labels and label_writes IAM cannot hold to safe values (docs/threat-model.md)
-  observed_attrs   = { test = "ForAllValues:StringEquals", variable = "dynamodb:Attributes", values = ["id", "workload", "state", "observed_at", "labels", "problems", "governed_rev", "label_writes", "tag_version"] }
-  observed_offline = { test = "ForAllValues:StringEquals", variable = "dynamodb:Attributes", values = ["id", "workload", "state", "observed_at", "labels", "problems", "governed_rev", "label_writes", "tag_version", "offline"] }
+  observed_attrs   = { test = "ForAllValues:StringEquals", variable = "dynamodb:Attributes", values = ["id", "workload", "state", "observed_at", "labels", "problems", "governed_rev", "label_writes", "tag_version", "account"] }
+  observed_offline = { test = "ForAllValues:StringEquals", variable = "dynamodb:Attributes", values = ["id", "workload", "state", "observed_at", "labels", "problems", "governed_rev", "label_writes", "tag_version", "account", "offline"] }
   observe          = { actions = ["dynamodb:UpdateItem"], resources = [aws_dynamodb_table.inventory.arn], conditions = [local.observed_attrs] }
   # governance's quarantine (DynamoStore.set_operator): its own item, put in a transaction that
   # checks the record exists (a check writes nothing). Never deleted or updated by those functions:

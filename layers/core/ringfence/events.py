@@ -8,7 +8,8 @@ never trusted to skip the describe — a forged huge version would otherwise loc
 change); for CloudTrail calls, *who* made the call (``userIdentity``) and the tags the call set,
 which decide whether a move into a privileged label value is approved
 (:mod:`ringfence.governance`). An ``aws.tag`` "Tag Change on Resource" event names no principal:
-it can never approve such a move.
+it can never approve such a move. An event whose resources name an ARN of another account than
+its own is skipped (logged): its instances are described in the event's account.
 
 This module is provider-neutral pydantic; it imports no cloud SDK. Handlers give it the SQS
 record's body (:func:`normalize_json`): the envelope and its detail are parsed once, here.
@@ -17,6 +18,7 @@ record's body (:func:`normalize_json`): the envelope and its detail are parsed o
 from __future__ import annotations
 
 import enum
+import logging
 import re
 from datetime import datetime
 from typing import Any
@@ -24,6 +26,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 INSTANCE_ID = re.compile(r"i-[0-9a-f]{8,17}")  # fullmatch: `$` matches before a trailing newline
+log = logging.getLogger("ringfence.events")
+
 _ASSUMED_ROLE = re.compile(r"^arn:(?P<partition>[^:]+):sts::(?P<account>\d{12}):assumed-role/(?P<role>[^/]+)/[^/]+$")
 
 
@@ -232,9 +236,34 @@ def from_envelope(env: Envelope) -> DomainEvent | None:
         raise MalformedEvent(f"unsupported detail-type {env.detail_type!r} (source {env.source!r})")
     base: dict[str, Any] = {"event_id": env.id, "account": env.account, "region": env.region, "time": env.time}
     try:
-        return _normalize(env, base)
+        ev = _normalize(env, base)
     except ValidationError as exc:
         raise MalformedEvent(f"{env.detail_type} event {env.id}: {_first(exc)}") from None
+    if ev is not None and (foreign := _other_accounts_arn(env)) is not None:
+        # the instance is described in the event's account: an ARN of another account's instance
+        # (a Tag Change's resources) would be looked for there, not found, and tombstoned over
+        # that account's workload. AWS names its own account's resources: not ours to act on
+        log.warning(
+            "%s event %s of account %s names %s of account %s: skipped",
+            env.detail_type,
+            env.id,
+            env.account,
+            foreign,
+            foreign.split(":")[4],
+        )
+        return None
+    return ev
+
+
+def _other_accounts_arn(env: Envelope) -> str | None:
+    """The first of the event's resources that is an ARN naming an account other than the event's
+    (``arn:partition:service:region:account:resource``); an ARN with no account field (an S3
+    bucket's) or a resource that is no ARN is judged by nothing it does not say."""
+    for r in env.resources:
+        parts = r.split(":", 5)
+        if len(parts) == 6 and parts[0] == "arn" and parts[4] and parts[4] != env.account:
+            return r
+    return None
 
 
 def _normalize(env: Envelope, base: dict[str, Any]) -> DomainEvent | None:

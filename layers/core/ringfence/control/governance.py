@@ -19,7 +19,14 @@ from ringfence.governance import UNATTRIBUTED, Finding, NotGranted, TagChange, V
 from ringfence.labels import LabelMapper, any_account_taggers
 from ringfence.model import Mode
 from ringfence.siem import ocsf
-from ringfence.store.base import ConflictError, GovernanceMoved, InventoryRecord
+from ringfence.store.base import (
+    OBSERVATIONS_OTHER_ACCOUNT,
+    ConflictError,
+    GovernanceMoved,
+    InventoryRecord,
+    OtherAccount,
+    other_account,
+)
 
 findings_log = logging.getLogger("ringfence.findings")
 """One JSON document per finding (schema ``ringfence.finding/v1``): subscribe the SIEM to it."""
@@ -86,7 +93,10 @@ def store_governed(
     lost. An attributed call's write (or a call of unknown content's, which may end a grant) that
     comes with an observation older than the stored one is decided again on top of the stored
     one (:func:`_on_newer`), not dropped with it. Held moves are reported once, for the decision
-    that was stored. Raises ConflictError when decisions kept landing in between."""
+    that was stored. A record stored under another account than its observation's is not written
+    (:class:`~ringfence.store.base.OtherAccount`): logged, counted (``ObservationsOtherAccount``),
+    answered neither written nor governed, so nothing retires the stored workload's token. Raises
+    ConflictError when decisions kept landing in between."""
     mapper = _governing_mapper(w)
     if fresh:
         # decided from the records as stored now, never from an old snapshot: one decided from a
@@ -96,6 +106,7 @@ def store_governed(
     else:
         base = {r.id: stored.get(r.id) for r in recs}
     done: dict[str, tuple[InventoryRecord, Verdict | None, bool]] = {}
+    refused: set[str] = set()  # ids stored under another account (Store.observe: OtherAccount)
     # a call's write (what an attributed call set, or a call of unknown content ending a grant)
     # must not be dropped with an observation older than the stored one
     attributed = change is not None and (
@@ -108,6 +119,12 @@ def store_governed(
             written = w.store.observe(rec, previous=base[rec.id], release_terminating=rec.id in release)
         except GovernanceMoved:
             return None
+        except OtherAccount as exc:
+            # an event of one account naming another's instance: that workload is not the one seen
+            log.warning("event %s: %s; not written", event_id or "-", exc)
+            metric(OBSERVATIONS_OTHER_ACCOUNT, 1)
+            refused.add(rec.id)
+            return False
         if not written and attributed and rec.state != "terminated":
             # a newer observation was stored meanwhile: the call's write is recorded on top of it,
             # not dropped with this older observation (a take-back or an approval would be lost)
@@ -137,7 +154,7 @@ def store_governed(
     for raw in recs:
         rec, verdict, written = done[raw.id]
         governed = False
-        if verdict is not None and mapper is not None:
+        if verdict is not None and mapper is not None and raw.id not in refused:
             old = base[raw.id]
             previous = old.workload if old is not None and old.state != "terminated" else None
             changed = previous is not None and previous.held_labels != verdict.workload.held_labels
@@ -173,6 +190,8 @@ def _on_newer(raw: InventoryRecord, old: InventoryRecord | None) -> InventoryRec
     that one observed again: the call's write is decided on top of it (what the cloud says now)."""
     if old is None or old.observed_at <= raw.observed_at or old.state == "terminated" or raw.state == "terminated":
         return raw
+    if other_account(old, raw):
+        return raw  # never another account's workload in its place: the store refuses this one
     seen = old.workload.model_copy(update={"held_labels": None, "label_grants": {}})
     return old.model_copy(update={"workload": seen})
 

@@ -134,6 +134,48 @@ class GovernanceMoved(ConflictError):
     that decision: re-read the record and decide again."""
 
 
+OBSERVATIONS_OTHER_ACCOUNT = "ObservationsOtherAccount"
+
+
+def account_key(account: str | None) -> str | None:
+    """A workload's account as the stores compare it: Azure subscription ids are GUIDs that ARM
+    and events spell in either case; AWS account ids and GCP project ids have no upper case."""
+    return account.lower() if account is not None else None
+
+
+def other_account(stored: InventoryRecord | None, rec: InventoryRecord) -> bool:
+    """Whether writing ``rec`` would replace the record of a workload stored under another account
+    (AWS account, Azure subscription, GCP project): both stores refuse it (:class:`OtherAccount`).
+    The inventory is keyed by the instance id alone, and ingest describes an id in the event's
+    account: an event of member account A naming account B's instance was described in A, not
+    found, and A's tombstone was written over B's running workload (out of peers' sets, its token
+    retired). A record stored with no account is left to any writer (on-premise ids never have a
+    cloud id's form; a record from before accounts were recorded). A live observation replaces
+    another account's tombstone: the cloud gave the id in this account now (an Azure VM moved to
+    another subscription, should its vmId move with it, once the old subscription saw it go)."""
+    if stored is None or stored.workload.account is None:
+        return False
+    if stored.state == "terminated" and rec.state != "terminated":
+        return False
+    return account_key(stored.workload.account) != account_key(rec.workload.account)
+
+
+class OtherAccount(Exception):
+    """:meth:`Store.observe`: the workload is stored under another account than the observation's
+    (:func:`other_account`); nothing was written. The caller logs it and counts it
+    (``ObservationsOtherAccount``) and retires nothing: the stored workload is not the one seen."""
+
+    def __init__(self, rec: InventoryRecord, stored_account: str | None) -> None:
+        what = "tombstone" if rec.state == "terminated" else "observation"
+        super().__init__(
+            f"{rec.id}: a {what} of account {rec.workload.account} refused: the workload is stored under "
+            f"account {stored_account}"
+        )
+        self.workload_id = rec.id
+        self.account = rec.workload.account
+        self.stored_account = stored_account
+
+
 class AddressTaken(ConflictError):
     """:meth:`Store.observe_addressed`: another active workload holds addresses the records give
     (``taken``: address → that workload); nothing of the refused records was written."""
@@ -572,7 +614,12 @@ class Store(Protocol):
         :func:`next_governed_rev`): otherwise :class:`GovernanceMoved` is raised and nothing is
         written, so a binding or an approval landing between a caller's read and its write is
         never overwritten by a record decided without it. A tombstone moves that version, whatever
-        was stored."""
+        was stored.
+
+        Never over the record of a workload stored under another account (:func:`other_account`):
+        :class:`OtherAccount` is raised and nothing is written, checked with the write (DynamoDB:
+        a condition on the item's ``account``, the workload's account as :func:`account_key`
+        gives it, written by every observation; SQLite: in the write's transaction)."""
         ...
 
     def observe_many(self, recs: list[InventoryRecord]) -> set[str]:

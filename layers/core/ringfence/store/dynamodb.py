@@ -61,18 +61,21 @@ from ringfence.store.base import (
     MovedRecord,
     NotTheNamedKey,
     OperatorChange,
+    OtherAccount,
     PartlyWritten,
     PolicyActivation,
     PolicyVersion,
     TooManyTogether,
     Unconfirmed,
     Unread,
+    account_key,
     agent_key_fingerprint_of,
     check_hold_fields,
     check_names_its_key,
     names_its_key,
     next_governed_rev,
     no_metric,
+    other_account,
     token_key_holds,
 )
 
@@ -269,9 +272,12 @@ class DynamoStore:
         except ClientError as exc:
             if not _conditional_failed(exc):
                 raise
-            # another writer landed between our read and write: a newer observation (ours is
-            # stale: dropped), or a new governance decision (ours must be decided again)
+            # another writer landed between our read and write: another account's workload, a
+            # newer observation (ours is stale: dropped), or a new governance decision (ours must
+            # be decided again)
             now = self.get(rec.id)
+            if now is not None and other_account(now, rec):
+                raise OtherAccount(rec, now.workload.account) from None
             if now is not None and now.observed_at > rec.observed_at:
                 return False
             raise GovernanceMoved(f"{rec.id}: the record changed while this record was decided") from None
@@ -287,6 +293,8 @@ class DynamoStore:
         """The conditional update that writes ``rec`` over ``old`` (the stored record as read), with
         ``rec`` as it is written; None when ``old`` is newer (``rec`` is dropped)."""
         check_names_its_key(rec)
+        if old is not None and other_account(old, rec):
+            raise OtherAccount(rec, old.workload.account)
         if old is not None and old.observed_at > rec.observed_at:
             return None
         if old is not None and old.state == "terminating" and rec.state in ACTIVE_STATES and not release_terminating:
@@ -329,14 +337,31 @@ class DynamoStore:
         if tag_version is not None:
             expr += ", tag_version = :v"
             values[":v"] = tag_version
-        if rec.state == "terminated":
+        # never over another account's workload (other_account): the workload's account is kept
+        # beside its document, where a condition can read it; an item without it (no account, or
+        # written before it was kept) was judged from the read above
+        account = account_key(rec.workload.account)
+        removes = ["label_writes"] if rec.state == "terminated" else []
+        if account is None:
+            same = "attribute_not_exists(#acct)"
+            removes.append("#acct")
+        else:
+            same = "(attribute_not_exists(#acct) OR #acct = :acct)"
+            expr += ", #acct = :acct"
+            values[":acct"] = account
+        if rec.state != "terminated":
+            # the cloud gave this id in this account now: another account's tombstone is replaced
+            same = f"({same} OR #st = :gone)"
+            values[":gone"] = "terminated"
+        condition += f" AND {same}"
+        if removes:
             # a tombstone clears the known writes: a grant or approval does not outlive the workload
-            expr += " REMOVE label_writes"
+            expr += " REMOVE " + ", ".join(removes)
         kwargs: dict[str, Any] = {
             "Key": {"id": rec.id},
             "UpdateExpression": expr,
             "ConditionExpression": condition,
-            "ExpressionAttributeNames": {"#st": "state"},
+            "ExpressionAttributeNames": {"#st": "state", "#acct": "account"},
             "ExpressionAttributeValues": values,
         }
         return rec, kwargs
@@ -1256,6 +1281,8 @@ class DynamoStore:
                 for rec, reason in zip(written, reasons, strict=False):
                     if reason == "ConditionalCheckFailed":  # the record's own conditions: as observe
                         now = self.get(rec.id)
+                        if now is not None and other_account(now, rec):
+                            raise OtherAccount(rec, now.workload.account) from None
                         if now is not None and now.observed_at > rec.observed_at and len(group) == 1:
                             return set()
                         raise GovernanceMoved(f"{rec.id}: the record changed while this record was decided") from None

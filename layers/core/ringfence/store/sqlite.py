@@ -65,6 +65,7 @@ from ringfence.store.base import (
     LaunchHold,
     MovedRecord,
     NotTheNamedKey,
+    OtherAccount,
     PolicyVersion,
     Unread,
     agent_key_fingerprint_of,
@@ -74,6 +75,7 @@ from ringfence.store.base import (
     names_its_key,
     next_governed_rev,
     no_metric,
+    other_account,
     token_key_holds,
 )
 
@@ -538,6 +540,8 @@ class SqliteStore:
         check_names_its_key(rec)
         # a row holding another workload is no record: this write replaces it
         old = self._record(db.execute(_SELECT_ONE, (rec.id,)).fetchone())
+        if old is not None and other_account(old, rec):
+            raise OtherAccount(rec, old.workload.account)  # rolls back: nothing written
         if old is not None and old.observed_at > rec.observed_at:
             return False
         check_read(old, rec, previous)
