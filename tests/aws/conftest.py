@@ -376,6 +376,12 @@ class Env:
         return fold_deltas(doc, deltas)
 
     def count(self, queue: str) -> int:
+        """Messages on ``queue``; "compute": on both of compute's queues (its two lanes)."""
+        if queue == "compute":
+            return self._count("compute") + self._count("compute_priority")
+        return self._count(queue)
+
+    def _count(self, queue: str) -> int:
         attrs = self.sqs.get_queue_attributes(
             QueueUrl=self.queues[queue],
             AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],

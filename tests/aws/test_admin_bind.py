@@ -497,7 +497,7 @@ def compute_queue_down(env: Env, times: int) -> list[int]:
     left = [times]
 
     def down(params: dict[str, Any], **_: Any) -> None:
-        if left[0] > 0 and params.get("QueueUrl") == env.queues["compute"]:
+        if left[0] > 0 and params.get("QueueUrl") in (env.queues["compute"], env.queues["compute_priority"]):
             left[0] -= 1
             raise ClientError({"Error": {"Code": "ServiceUnavailable", "Message": "sqs 503"}}, "SendMessage")
 

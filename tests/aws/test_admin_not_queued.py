@@ -210,7 +210,7 @@ def served(env: Env, tmp_path: Path) -> Iterator[tuple[str, dict[str, str], list
     left = [0]
 
     def down(params: dict[str, Any], **_: Any) -> None:
-        if left[0] > 0 and params.get("QueueUrl") == env.queues["compute"]:
+        if left[0] > 0 and params.get("QueueUrl") in (env.queues["compute"], env.queues["compute_priority"]):
             left[0] -= 1
             raise ClientError({"Error": {"Code": "ServiceUnavailable", "Message": "sqs 503"}}, "SendMessage")
 

@@ -52,7 +52,7 @@ def test_attack_a_tag_storm_does_not_delay_a_quarantine(env: Env) -> None:
     assert in_set(env.bundle(proc), v_ip)
 
     _storm(env, dev, ROUNDS)
-    ahead = env.count("compute")
+    ahead = env.count("compute")  # both lanes: the storm's are all on the compute queue
     assert ahead >= 150, f"the storm queued {ahead} compute messages: not a backlog"
 
     st, _, body = env.rest(
@@ -74,5 +74,5 @@ def test_attack_a_tag_storm_does_not_delay_a_quarantine(env: Env) -> None:
     # the storm's own work is not lost: it is computed after
     assert env.count("compute") > 0
     env.drain("compute", "compute")
-    assert env.count("compute") == 0 and env.count("compute_priority") == 0
+    assert env.count("compute") == 0
     assert env.bundle(victim).quarantined
