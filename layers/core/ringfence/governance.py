@@ -50,9 +50,13 @@ class TagChange:
     time: float | None = None
     unknown_content: bool = False
     """The event names a call that may have set any of the workload's tags but does not say which
-    (an Azure write of the VM): the call approves nothing and ends a grant made before it
-    (:func:`govern_writes`). ``requested`` is then not what the call set but the held values its
-    caller is to answer for (the cloud glue decides which)."""
+    (an Azure write of the VM): the call approves nothing and ends an approval (a grant, a value
+    kept) made before it (:func:`govern_writes`). ``requested`` is then not what the call set but
+    the held values its caller is to answer for (the cloud glue decides which)."""
+    called_at: float | None = None
+    """A call of unknown content: its own time (the event's), which decides the approvals it ends
+    where ``time`` is left to the observation's (it places the writes ``requested`` names). None:
+    ``time`` decides both."""
 
 
 SKEW = 5.0
@@ -80,6 +84,10 @@ class LabelWrite(BaseModel):
     """``unseen`` only: when an observation first saw the value (None: not recorded). A cloud whose
     events name a caller but not what the call set (Azure's) names a caller for a held move only
     for a call made by then (:mod:`ringfence.clouds.azure.ingest`)."""
+    ended: LabelWrite | None = None
+    """``other`` only: this write is a call of unknown content's that ended this approving write
+    (a grant, a value kept, a tagger's). An earlier such call processed later (its event came
+    later) takes the end over: the calls' times decide who ended it, not the order of events."""
 
     @property
     def approves(self) -> bool:
@@ -110,6 +118,9 @@ class Verdict:
     principal: str | None = None
     writes: dict[str, LabelWrite] | None = None
     """the governed dimensions' last known writes after this decision (None: not tracked)"""
+    ended: dict[str, LabelWrite] = field(default_factory=dict)
+    """approvals a call of unknown content ended, or whose end it took over as the earlier call
+    (dimension → the end, whose ``ended`` is the approving write): audited whoever made the call"""
 
     @property
     def held(self) -> bool:
@@ -224,12 +235,15 @@ def govern_writes(
     * A grant (a value in ``current.label_grants`` not granted before; ``bind``) is a write at
       ``now``; it stands until a later write or an observation moves the dimension off its value
       (a write of the granted value by anyone keeps it).
-    * A call whose content is unknown (``change.unknown_content``) made after a grant ends it on
-      every governed dimension: the grant held for the tags as they stood when it was made, and
-      the call may have moved them off and back between two observations. The call's time (the
-      cloud's clock) counts as after the grant (ours) unless it is more than :data:`SKEW` seconds
-      earlier: within that margin a write made before the grant and delivered late ends it too
-      (fail closed). Such a call approves nothing; its caller answers for the values held again.
+    * A call whose content is unknown (``change.unknown_content``) made after an approval (a
+      grant, a value kept, a tagger's) ends it on every governed dimension: the approval held for
+      the tags as they stood when it was made, and the call may have moved them off and back
+      between two observations. The call's time (``called_at``, else ``time``: the cloud's clock)
+      counts as after the approval (ours) unless it is more than :data:`SKEW` seconds earlier:
+      within that margin a write made before it and delivered late ends it too (fail closed).
+      Such a call approves nothing; its caller answers for the values held again. Such a call
+      made after the approval but before the call recorded as ending it (whose event was
+      processed first) takes the end over, and its caller answers for it too.
 
     So a non-tagger's call setting a privileged value after an approval takes the approval back
     even when the stored value does not change, and a tagger's approval delayed past a revocation
@@ -295,15 +309,24 @@ def govern_writes(
             # at the call's own time (CloudTrail's second), even where it predates the observation
             # it follows (within SKEW): a later call in that second must not look older than it
             known[d] = LabelWrite(at=t, value=r, by=by)
-    # a call that may have set any tag ends the grants made before it: recorded as its write of
-    # what the observation shows (its caller answers for it once)
-    ended: set[str] = set()
+    # a call that may have set any tag ends the approvals made before it: recorded as its write
+    # of what the observation shows (its caller answers for it once). Where a later call's event
+    # ended one first, this earlier call takes the end over (its caller answers for it too)
+    ended: dict[str, LabelWrite] = {}
     if change is not None and change.unknown_content:
+        t_call = min(change.called_at, t_now + SKEW) if change.called_at is not None else t
         for d in dims:
             w = known.get(d)
-            if w is not None and w.by == "grant" and t >= w.at - SKEW:
-                known[d] = LabelWrite(at=max(t, w.at), value=wanted.get(d), by="other")
-                ended.add(d)
+            if w is None:
+                continue
+            if w.approves and t_call >= w.at - SKEW:
+                end = LabelWrite(at=max(t_call, w.at), value=wanted.get(d), by="other", ended=w)
+            elif w.ended is not None and w.ended.at - SKEW <= t_call and max(t_call, w.ended.at) < w.at:
+                # strictly earlier than the end recorded (the same call again takes nothing over)
+                end = w.model_copy(update={"at": max(t_call, w.ended.at)})
+            else:
+                continue
+            known[d] = ended[d] = end
 
     def in_force(d: str, v: str) -> bool:
         w = known.get(d)
@@ -321,13 +344,15 @@ def govern_writes(
         elif before.get(d) != v and known[d].by == "tagger":
             approved.append(Move(d, before.get(d), v))
     if not held_moves:
-        return Verdict(current, wanted, tuple(approved), tuple(approved), principal=principal, writes=known)
+        return Verdict(
+            current, wanted, tuple(approved), tuple(approved), principal=principal, writes=known, ended=ended
+        )
     moves = tuple(sorted(held_moves + approved, key=lambda m: m.dimension))
     reason = _held_reason(mapper, principal, change, held_moves, frozenset(ended))
     # the labels it had, less a privileged value no longer approved (an approval taken back)
     kept = {d: v for d, v in before.items() if not mapper.is_privileged(d, v) or in_force(d, v)}
     held = current.model_copy(update={"held_labels": kept})
-    return Verdict(held, mapper.resolve(held).labels, moves, (), reason, principal, writes=known)
+    return Verdict(held, mapper.resolve(held).labels, moves, (), reason, principal, writes=known, ended=ended)
 
 
 def _carried(mapper: LabelMapper, previous: Workload, previous_at: float) -> dict[str, LabelWrite]:

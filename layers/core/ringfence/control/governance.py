@@ -239,6 +239,27 @@ def _report(
     w: BaseWiring, rec: InventoryRecord, verdict: Verdict, event_id: str, metric: Metric, quarantine: bool
 ) -> bool:
     """Metrics, audit and the finding's log line; True if the workload was quarantined."""
+    if verdict.ended:
+        # a call of unknown content ended an approval (or is the earlier call that did): audited
+        # whoever made it, an allowed tagger's or an unnamed call's too, which raise no finding
+        metric("PrivilegedLabelApprovalsEnded", len(verdict.ended))
+        w.audit(
+            AuditRecord(
+                principal=verdict.principal or "unknown",
+                action="label.grant.ended",
+                target=rec.id,
+                detail={
+                    "ended": {
+                        d: {"value": e.ended.value, "approval": e.ended.by, "approved_at": e.ended.at}
+                        for d, e in sorted(verdict.ended.items())
+                        if e.ended is not None
+                    },
+                    "end_at": {d: e.at for d, e in sorted(verdict.ended.items())},
+                    "event_id": event_id,
+                },
+                reason="a write of the workload whose event does not say what it set, made after the approval",
+            )
+        )
     if verdict.approved:
         metric("PrivilegedLabelApproved", len(verdict.approved))
         w.audit(

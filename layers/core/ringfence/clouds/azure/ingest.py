@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from azure.core.exceptions import HttpResponseError
 
 from ringfence.control.api import Response, error
-from ringfence.control.wiring import BaseWiring, Metric, log, no_metric
+from ringfence.control.wiring import COMPUTE_NOT_QUEUED, BaseWiring, Metric, log, no_metric
 from ringfence.governance import SKEW, LabelWrite, TagChange, is_tagger
 from ringfence.labels import LabelMapper
 
@@ -143,29 +143,52 @@ class AzureEvents:
         return Response(200, body_out)
 
     def apply(self, changes: list[Change]) -> DeliveryResult:
+        """Each change read back from ARM and stored; compute is asked about what changed, also
+        when a later change of the delivery fails (a 503: Event Grid delivers it all again): what
+        was stored before then is handed on, since its redelivery finds nothing more to store and
+        would hand on nothing (a grant's end would never reach compute)."""
         res = DeliveryResult()
         full: set[str] = set()
-        for c in changes:
-            arm = self.azure.arm(c.resource.subscription)
-            vm = self._vm_now(arm, c)
-            if vm is None:
-                # gone, or a NIC/scale set changed: a delete names no vmId, so the subscription is
-                # re-read and what ARM no longer lists is gone (converges like reconcile)
-                if c.kind == "delete" or c.resource.type in (VM, SCALE_SET_VM, SCALE_SET):
-                    full.add(c.resource.subscription)
-                continue
-            nics = self._nics(arm, vm)
-            # the event attests who and when, not which tags were set: a write of the VM ends a
-            # grant made before it, and its caller is named only where the write may have made a
-            # held move nobody has been named for yet, or ended a grant (:meth:`_change`)
-            change = self._change(c, vm, nics)
-            res.changed |= observe(self.w, [vm], nics, change, event_id=c.event_id, metric=self.metric)
-        for sub in sorted(full):
-            inv: InventoryResult = observe_subscription(self.w, self.azure.arm(sub), self.metric)
-            res.changed |= set(inv.changed)
-            res.synced.append(sub)
+        try:
+            for c in changes:
+                arm = self.azure.arm(c.resource.subscription)
+                vm = self._vm_now(arm, c)
+                if vm is None:
+                    # gone, or a NIC/scale set changed: a delete names no vmId, so the subscription is
+                    # re-read and what ARM no longer lists is gone (converges like reconcile)
+                    if c.kind == "delete" or c.resource.type in (VM, SCALE_SET_VM, SCALE_SET):
+                        full.add(c.resource.subscription)
+                    continue
+                nics = self._nics(arm, vm)
+                # the event attests who and when, not which tags were set: a write of the VM ends
+                # an approval made before it, and its caller is named only where the write may
+                # have made a held move nobody has been named for yet, or ended an approval
+                # (:meth:`_change`)
+                change = self._change(c, vm, nics)
+                try:
+                    res.changed |= observe(self.w, [vm], nics, change, event_id=c.event_id, metric=self.metric)
+                except BaseException:
+                    res.changed.add(vm.vm_id)  # it may be stored (a failure after its write): compute re-reads it
+                    raise
+            for sub in sorted(full):
+                inv: InventoryResult = observe_subscription(self.w, self.azure.arm(sub), self.metric)
+                res.changed |= set(inv.changed)
+                res.synced.append(sub)
+        except BaseException:
+            if res.changed:
+                self._hand_on_stored(res.changed)
+            raise
         self.w.enqueue_compute(sorted(res.changed))
         return res
+
+    def _hand_on_stored(self, changed: set[str]) -> None:
+        """What a failing delivery stored before it failed, to compute; a failure to queue it is
+        logged and counted, and the delivery's own failure answered (Event Grid retries it)."""
+        try:
+            self.w.enqueue_compute(sorted(changed))
+        except Exception:
+            log.exception("azure: %s stored but compute could not be queued", ", ".join(sorted(changed)))
+            self.metric(COMPUTE_NOT_QUEUED, 1)
 
     def _mapper(self) -> LabelMapper | None:
         active = self.w.governing_policy()
@@ -225,9 +248,11 @@ class AzureEvents:
             # a resize, a disk, a later write: each held move names one caller, once (this one only
             # for the values whose grant its call ends)
             return TagChange(principal, None, c.time, unknown_content=unknown)
-        # at the observation's time (no time given), as before: _may_have_made placed the call
-        # against the observations already, and a grant still standing is ended (fail closed)
-        return TagChange(principal, {mapper.keys[d][0]: v for d, v in fresh.items()}, unknown_content=unknown)
+        # the named moves at the observation's time (no time given), as before: _may_have_made
+        # placed the call against the observations already; the approvals it ends by its own
+        # time (a late event of a call older than a grant leaves the grant, as on the other paths)
+        requested = {mapper.keys[d][0]: v for d, v in fresh.items()}
+        return TagChange(principal, requested, unknown_content=unknown, called_at=c.time)
 
     @staticmethod
     def _may_have_made(

@@ -82,15 +82,19 @@ def observe_subscription(w: BaseWiring, arm: Arm, metric: Metric = no_metric) ->
         nics.update(nics_by_id(arm.scale_set_nics(group, name)))
     res.seen = len(vms)
     changed = observe(w, vms, nics, metric=metric)
-    live = {v.vm_id for v in vms}
-    t0 = time.time()
-    for rec in w.store.all_records():
-        mine = rec.workload.cloud == "azure" and (rec.workload.account or "").lower() == arm.subscription.lower()
-        gone = mine and rec.id not in live and rec.state != "terminated"
-        if gone and w.store.observe(tombstone(rec.id, arm.subscription, rec.workload.region, t0)):
-            changed.add(rec.id)
-            res.gone.append(rec.id)
-            credentials.retire(w, rec.id, "VM gone (azure inventory)")
-    res.changed = sorted(changed)
-    w.enqueue_compute(res.changed)
+    try:
+        live = {v.vm_id for v in vms}
+        t0 = time.time()
+        for rec in w.store.all_records():
+            mine = rec.workload.cloud == "azure" and (rec.workload.account or "").lower() == arm.subscription.lower()
+            gone = mine and rec.id not in live and rec.state != "terminated"
+            if gone and w.store.observe(tombstone(rec.id, arm.subscription, rec.workload.region, t0)):
+                changed.add(rec.id)
+                res.gone.append(rec.id)
+                credentials.retire(w, rec.id, "VM gone (azure inventory)")
+    finally:
+        # what was stored is handed on even when a later step fails: the next pass finds nothing
+        # more to store for it and would not
+        res.changed = sorted(changed)
+        w.enqueue_compute(res.changed)
     return res
