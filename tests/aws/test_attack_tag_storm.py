@@ -4,8 +4,12 @@ reads nothing of is stored and never reaches the one serialized compute queue; a
 from __future__ import annotations
 
 import json
+from typing import Any
+
+import pytest
 
 from tests.aws.conftest import Env
+from tests.aws.test_ingest_batch_limits import Context, VirtualClock, _queue
 from tests.aws.test_pipeline import boot
 
 
@@ -59,3 +63,50 @@ def test_a_label_tag_and_a_perimeter_tag_change_still_reach_compute_and_the_peri
     assert sorted(_handed_on(env, "perimeter")) == sorted([web, proc, db])
     assert (rec := env.store.get(web)) is not None and rec.labels["role"] == "processing"
     assert (rec := env.store.get(proc)) is not None and rec.labels["env"] == "dev"
+
+
+def test_attack_a_concurrent_write_between_read_and_write_still_reaches_compute(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ingest reads the instance (role=web), another invocation then stores it as role=database
+    and compute compiles that; this event's write of web, retried over the newer record, is
+    compared with what it replaced (database), not with its own earlier read (web, equal to what
+    it writes): compute and the perimeter are told, or a removed role kept its access. The real
+    ingest handler over moto and DynamoDB; the concurrent write goes through the same store."""
+    est = boot(env)
+    env.load_functions()
+    env.drain("compute", "compute")
+    env.drain("perimeter", "perimeter")
+    assert env.count("compute") == 0 and env.count("perimeter") == 0
+    iid = est["ids"]["web"][0]
+    s0 = env.store.get(iid)
+    assert s0 is not None and s0.workload.tags["ringfence:role"] == "web"
+    mod = env.fn["ingest"]
+    mod._setup()
+    store = mod._svc["wiring"].store
+    real = store.observe
+    raced: list[str] = []
+
+    def observe(rec: Any, **kw: Any) -> bool:
+        if rec.id == iid and not raced:
+            # between this event's read and its write: the other invocation's observation
+            t = (rec.observed_at + s0.observed_at) / 2
+            tags = {**s0.workload.tags, "ringfence:role": "database"}
+            w1 = s0.workload.model_copy(update={"tags": tags, "observed_at": t})
+            s1 = s0.model_copy(update={"workload": w1, "observed_at": t, "labels": {**s0.labels, "role": "database"}})
+            assert real(s1, previous=s0)
+            now = store.get(iid)
+            assert now is not None
+            raced.append(now.workload.tags["ringfence:role"])
+        return real(rec, **kw)
+
+    monkeypatch.setattr(store, "observe", observe)
+    msgs = _queue(env, [env.tag_event(iid, dict(s0.workload.tags), 99)])  # EC2 has it as web
+    out = mod.handler(env.sqs_event(msgs), Context(VirtualClock(monkeypatch)))
+    assert not out.get("batchItemFailures")
+    assert raced == ["database"]
+    now = env.store.get(iid)
+    assert now is not None and now.workload.tags["ringfence:role"] == "web" and now.labels["role"] == "web"
+    handed = {i for q in ("compute", "compute_priority") for m in env.receive(q) for i in json.loads(m["Body"])["ids"]}
+    assert iid in handed, "the store moved database -> web: compute must recompile it"
+    assert iid in _handed_on(env, "perimeter")

@@ -35,3 +35,41 @@ def test_attack_gcp_non_label_storm_sends_nothing_to_compute(
     assert sent == []
     out: dict[str, Any] = deliver(gcp, ingest, set_labels(gcp, inst, {**PROD_WEB, "ringfence-role": "database"}))
     assert out["changed"] == [inst["id"]] and sent == [[inst["id"]]]
+
+
+def test_attack_a_concurrent_write_between_read_and_write_still_reaches_compute(
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ingest reads the VM (role=web), another delivery then stores it as role=database and
+    compute compiles that; this setLabels' write of web, retried over the newer record, is
+    compared with what it replaced (database), not with its own earlier read: compute is told."""
+    ingest = GcpIngest(wiring, gcp_config(gcp, LabelSource.LABELS))
+    inst = gcp.add_instance(PROJECT, ZONE, vm_name(), ["10.20.0.91"], labels=PROD_WEB)
+    deliver(gcp, ingest, audit_entry("v1.compute.instances.insert", inst))
+    iid = inst["id"]
+    s0 = wiring.store.get(iid)
+    assert s0 is not None and s0.workload.tags["ringfence:role"] == "web"
+    sent: list[list[str]] = []
+    monkeypatch.setattr(wiring, "enqueue_compute", lambda ids=(), **kw: sent.append(list(ids)))
+    real = wiring.store.observe
+    raced: list[str] = []
+
+    def observe(rec: Any, **kw: Any) -> bool:
+        if rec.id == iid and not raced:
+            t = (rec.observed_at + s0.observed_at) / 2
+            tags = {**s0.workload.tags, "ringfence:role": "database"}
+            w1 = s0.workload.model_copy(update={"tags": tags, "observed_at": t})
+            s1 = s0.model_copy(update={"workload": w1, "observed_at": t, "labels": {**s0.labels, "role": "database"}})
+            assert real(s1, previous=s0)
+            now = wiring.store.get(iid)
+            assert now is not None
+            raced.append(now.workload.tags["ringfence:role"])
+        return real(rec, **kw)
+
+    monkeypatch.setattr(wiring.store, "observe", observe)
+    out = deliver(gcp, ingest, set_labels(gcp, inst, PROD_WEB))  # the VM as GCP has it: web
+    assert raced == ["database"]
+    now = wiring.store.get(iid)
+    assert now is not None and now.workload.tags["ringfence:role"] == "web" and now.labels["role"] == "web"
+    assert out["changed"] == [iid], "the store moved database -> web: compute must recompile it"
+    assert [iid] in sent

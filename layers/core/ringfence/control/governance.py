@@ -69,6 +69,12 @@ class Stored(NamedTuple):
     governed: bool
     """the decision changed what is in force without the tags changing (an approval arriving after
     the tag change it approves, a grant, a hold lifted), or quarantined the workload"""
+    replaced: InventoryRecord | None
+    """the stored record it was last decided from, and written over when ``written``: the caller's
+    read, or the record read again after another write landed in between (a tombstone is written
+    whatever is stored). What a caller compares ``record`` with (:func:`~ringfence.store.base.concerns_compute`),
+    never its own earlier read: a write back over another ingest's newer record would equal that
+    read, and compute would keep what that record gave"""
 
 
 def store_governed(
@@ -160,7 +166,7 @@ def store_governed(
             changed = previous is not None and previous.held_labels != verdict.workload.held_labels
             quarantine = mapper.config.on_privileged_change == "quarantine"
             governed = _report(w, rec, verdict, event_id, metric, quarantine) or changed
-        out.append(Stored(rec, written, governed))
+        out.append(Stored(rec, written, governed, base[raw.id]))
     return out
 
 

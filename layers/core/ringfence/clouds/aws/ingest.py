@@ -267,8 +267,8 @@ def observe_instances(
     # launches was ten round trips one after another, each waiting on a busy store)
     results = store_governed(w, observed, stored, change, event_id=event_id, metric=metric, parallel=True)
     changed: set[str] = set()
-    for rec, moved, governed in results:
-        if governed or (moved and _matters(w, stored.get(rec.id), rec)):
+    for rec, moved, governed, replaced in results:
+        if governed or (moved and _matters(w, replaced, rec)):
             changed.add(rec.id)
         if (moved or governed) and rec.state == "terminated":
             credentials.retire(w, rec.id, "instance terminated")

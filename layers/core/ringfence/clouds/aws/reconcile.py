@@ -146,7 +146,7 @@ class Reconcile:
             # which finds nothing to do for the rest, or the next run would see no drift for them
             changed.update(rec.id for rec in observed)
             raise
-        for rec, written, governed in stored:
+        for rec, written, governed, _replaced in stored:
             if written or governed:
                 changed.add(rec.id)
                 if rec.state == "terminated":

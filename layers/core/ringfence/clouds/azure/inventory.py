@@ -54,11 +54,13 @@ def observe(
     changed: set[str] = set()
     observed = [to_record(vm, nics, t0, mapper) for vm in vms]
     prefix: list[str | None] = []  # the governing policy's key prefix, read once if needed
-    for rec, written, governed in store_governed(w, observed, stored, change, event_id=event_id, metric=metric):
+    for rec, written, governed, replaced in store_governed(
+        w, observed, stored, change, event_id=event_id, metric=metric
+    ):
         if written and not governed and not prefix:
             active = w.governing_policy()
             prefix.append(active[1].labels.key_prefix if active is not None else None)
-        if governed or (written and concerns_compute(stored.get(rec.id), rec, prefix[0])):
+        if governed or (written and concerns_compute(replaced, rec, prefix[0])):
             changed.add(rec.id)
         if (written or governed) and rec.state == "terminated":
             credentials.retire(w, rec.id, "VM deleted")

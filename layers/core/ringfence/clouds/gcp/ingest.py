@@ -833,13 +833,13 @@ class GcpIngest:
             stored = self.w.store.get_many([r.id for r in observed])
         changed: set[str] = set()
         prefix: list[str | None] = []  # the governing policy's key prefix, read once if needed
-        for rec, written, governed in store_governed(
+        for rec, written, governed, replaced in store_governed(
             self.w, observed, stored, change, event_id=event_id, metric=self.metric
         ):
             if written and not governed and not prefix:
                 active = self.w.governing_policy()
                 prefix.append(active[1].labels.key_prefix if active is not None else None)
-            if governed or (written and concerns_compute(stored.get(rec.id), rec, prefix[0])):
+            if governed or (written and concerns_compute(replaced, rec, prefix[0])):
                 changed.add(rec.id)
             if (written or governed) and rec.state == "terminated":
                 credentials.retire(self.w, rec.id, "instance deleted")
