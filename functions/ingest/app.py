@@ -92,7 +92,8 @@ def record_handler(record: SQSRecord) -> dict[str, Any] | None:
     except UnservedAccount as exc:  # kept for a redrive once the account is listed
         _dead_letter(record, str(exc))
         return None
-    svc["ingest"].hand_on(result.get("changed") or [])  # once per batch, replays included
+    # once per batch, replays included (their removals to the priority lane too)
+    svc["ingest"].hand_on(result.get("changed") or [], result.get("removed") or [])
     logger.info("ingested", extra=result)
     return result
 

@@ -76,3 +76,45 @@ def test_attack_a_tag_storm_does_not_delay_a_quarantine(env: Env) -> None:
     env.drain("compute", "compute")
     assert env.count("compute") == 0
     assert env.bundle(victim).quarantined
+
+
+def test_attack_a_tag_storm_does_not_delay_a_terminated_workloads_address_leaving_its_peers(env: Env) -> None:
+    """A workload terminated during a developer's tag storm: its address leaves its peers' allow
+    sets in the first compute invocations, not after the storm's backlog (ceil(K/10) of them),
+    while an address-reuse launch could take the address and ride the stale allow. The ingest
+    of the real terminate event sends the removal to the priority lane."""
+    env.provision_example_policy()
+    est = env.estate()
+    dev = est["run"]("web", est["subnets"]["app"], DEV, env="dev")
+    for iid in [*(i for ids in est["ids"].values() for i in ids), *dev]:
+        env.put(env.state_event(iid, "running"))
+    env.pump()
+    gone, proc = est["ids"]["web"][0], est["ids"]["proc"][0]
+    g_ip = ip_of(env, gone)
+    assert in_set(env.bundle(proc), g_ip)
+
+    _storm(env, dev, ROUNDS)
+    ahead = env.count("compute")
+    assert ahead >= 150, f"the storm queued {ahead} compute messages: not a backlog"
+
+    env.ec2.terminate_instances(InstanceIds=[gone])
+    env.put(env.state_event(gone, "terminated"))
+    env._drain("ingest", "ingest")
+    assert env.store.get(gone).state == "terminated"
+
+    took = None
+    for invocation in range(1, ahead // 10 + 3):
+        results = env.drain_compute(invocations=1)
+        assert results and not any(r.get("batchItemFailures") for r in results)
+        env._drain("publish", "publish")
+        if not in_set(env.bundle(proc), g_ip):
+            took = invocation
+            break
+    # before: the address stayed in the peer's set for the storm's ~ahead/10 invocations
+    assert took is not None and took <= 2, f"address allowed for {took} compute invocations, {ahead} ahead"
+    # the storm's own work is computed after, and the address stays out
+    assert env.count("compute") > 0
+    env.drain("compute", "compute")
+    env._drain("publish", "publish")
+    assert env.count("compute") == 0
+    assert not in_set(env.bundle(proc), g_ip)

@@ -248,3 +248,15 @@ def test_every_terraform_queue_has_a_policy_naming_exactly_its_producers() -> No
             "aws:PrincipalArn",
             "aws:SourceArn",
         }, name
+
+
+def test_the_priority_lane_takes_the_administrator_and_aws_removals_alone_in_both_deployments() -> None:
+    """Compute's priority lane: the administrator's function and the three that find AWS
+    instances leaving their peers' sets (at most one message per instance state change); not
+    the agent API, wsconnect, flows, the perimeter, or the internet-fed events functions of the
+    other clouds, whose removals wait in the compute queue (docs/threat-model.md)."""
+    expected = {"AdminFunction", "IngestFunction", "LifecycleFunction", "ReconcileFunction"}
+    assert cfn_senders()["ComputePriorityQueue"] == {f"{f}Role.Arn" for f in expected}
+    loc = _locals(_tf("main.tf"))
+    roles = set(re.findall(r'fn_role\["(\w+)"\]', str(loc["queue_senders"]["compute_priority"]["roles"])))
+    assert roles == {"admin", "ingest", "lifecycle", "reconcile"}

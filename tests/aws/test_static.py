@@ -750,7 +750,9 @@ def test_compute_has_a_priority_lane_read_by_the_same_single_function_in_both_de
     FIFO queue, ComputePriorityQueue, as ComputeQueue is (the same DLQ, visibility, retention,
     key), read by the one compute function (reserved concurrency 1: still the single writer)
     through an event source mapping of its own; its URL goes to the administrator's function
-    alone, in SAM and Terraform alike."""
+    and to the three that find AWS instances leaving their peers' sets (ingest, lifecycle,
+    reconcile), no other (not the agent API, wsconnect, flows, the perimeter, the other clouds'
+    events), in SAM and Terraform alike."""
     res = template()["Resources"]
     q, p = res["ComputeQueue"]["Properties"], res["ComputePriorityQueue"]["Properties"]
     assert p == q, "the priority queue differs from the compute queue"
@@ -768,7 +770,7 @@ def test_compute_has_a_priority_lane_read_by_the_same_single_function_in_both_de
         if r["Type"] == "AWS::Serverless::Function"
         and "RINGFENCE_COMPUTE_PRIORITY_QUEUE_URL" in str(r["Properties"].get("Environment"))
     }
-    assert given == {"AdminFunction"}
+    assert given == {"AdminFunction", "IngestFunction", "LifecycleFunction", "ReconcileFunction"}
     assert "COMPUTE_PRIORITY" not in str(template()["Globals"])
     main, lam = _tf_resources("main.tf"), _tf_resources("lambda.tf")
     tq, tp = main["aws_sqs_queue"]["compute"], main["aws_sqs_queue"]["compute_priority"]
@@ -780,8 +782,9 @@ def test_compute_has_a_priority_lane_read_by_the_same_single_function_in_both_de
     assert '"compute_priority" ? "compute"' in esm["function_name"]
     assert 'startswith(each.key, "compute")' in esm["maximum_batching_window_in_seconds"]
     lam_text = (ROOT / "infra/modules/ringfence/lambda.tf").read_text()
-    assert lam_text.count("RINGFENCE_COMPUTE_PRIORITY_QUEUE_URL") == 1
-    assert re.search(r"^\s*admin\s*=.*RINGFENCE_COMPUTE_PRIORITY_QUEUE_URL", lam_text, re.M)
+    tf_given = set(re.findall(r"^\s*(\w+)\s*=\s*\{.*RINGFENCE_COMPUTE_PRIORITY_QUEUE_URL", lam_text, re.M))
+    assert tf_given == {"admin", "ingest", "lifecycle", "reconcile"}
+    assert lam_text.count("RINGFENCE_COMPUTE_PRIORITY_QUEUE_URL") == len(tf_given)
     assert "COMPUTE_PRIORITY" not in str(hcl(ROOT / "infra/modules/ringfence/lambda.tf")["locals"][0]["common_env"])
 
 

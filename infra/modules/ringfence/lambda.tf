@@ -32,7 +32,8 @@ locals {
   }
 
   functions = {
-    ingest = { memory = 512, timeout = 60, concurrency = 20, env = {} }
+    # an instance leaving its peers' sets (terminated, stopped) in compute's priority lane
+    ingest = { memory = 512, timeout = 60, concurrency = 20, env = { RINGFENCE_COMPUTE_PRIORITY_QUEUE_URL = aws_sqs_queue.compute_priority.id } }
     # only compute (set deltas) and publish (bundles) hold (a reference to) the signing key; see signing.tf
     compute = {
       memory = 2048, timeout = 900, concurrency = 1,
@@ -47,10 +48,12 @@ locals {
     }
     # parallel workers (no reservation: the event source's maximum_concurrency bounds them)
     publish = { memory = 1024, timeout = 120, concurrency = -1, env = { RINGFENCE_SIGNING_KEY = local.signing_key_id } }
-    # the lifecycle hooks whose actions are handed on to compute (no other's)
-    lifecycle = { memory = 512, timeout = 60, concurrency = 10, env = { RINGFENCE_LIFECYCLE_HOOK_NAMES = join(",", var.lifecycle_hook_names) } }
-    # the gated groups' launch hooks that abandon launches under a name not in the list are reported
-    reconcile = { memory = 1024, timeout = 900, concurrency = 1, env = { RINGFENCE_LIFECYCLE_HOOK_NAMES = join(",", var.lifecycle_hook_names), RINGFENCE_GATED_GROUP_NAMES = var.gated_group_names } }
+    # the lifecycle hooks whose actions are handed on to compute (no other's); a terminating
+    # instance leaving its peers' sets in compute's priority lane
+    lifecycle = { memory = 512, timeout = 60, concurrency = 10, env = { RINGFENCE_LIFECYCLE_HOOK_NAMES = join(",", var.lifecycle_hook_names), RINGFENCE_COMPUTE_PRIORITY_QUEUE_URL = aws_sqs_queue.compute_priority.id } }
+    # the gated groups' launch hooks that abandon launches under a name not in the list are
+    # reported; what it finds gone, stopped or offline leaves its peers' sets in the priority lane
+    reconcile = { memory = 1024, timeout = 900, concurrency = 1, env = { RINGFENCE_LIFECYCLE_HOOK_NAMES = join(",", var.lifecycle_hook_names), RINGFENCE_GATED_GROUP_NAMES = var.gated_group_names, RINGFENCE_COMPUTE_PRIORITY_QUEUE_URL = aws_sqs_queue.compute_priority.id } }
     perimeter = {
       memory = 512, timeout = 900, concurrency = 1,
       env = {
@@ -205,7 +208,8 @@ locals {
       local.quarantine_put, local.record_check,
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.ingest.arn] },
-      { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.perimeter.arn, aws_sqs_queue.ingest_dlq.arn, aws_sqs_queue.async_dlq.arn] },
+      # the priority lane: an instance leaving its peers' sets
+      { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.compute_priority.arn, aws_sqs_queue.perimeter.arn, aws_sqs_queue.ingest_dlq.arn, aws_sqs_queue.async_dlq.arn] },
       local.policies_read, local.describe, local.asg_describe, local.assume, local.kms_use,
     ]
     compute = concat([
@@ -263,7 +267,8 @@ locals {
       # a refused terminate and governance findings are audited (the chain head read, then the record)
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.lifecycle.arn] },
-      { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.perimeter.arn, aws_sqs_queue.async_dlq.arn] },
+      # the priority lane: a terminating instance leaving its peers' sets
+      { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.compute_priority.arn, aws_sqs_queue.perimeter.arn, aws_sqs_queue.async_dlq.arn] },
       local.policies_read, local.describe, local.asg_describe, local.assume, local.kms_use,
     ]
     reconcile = [
@@ -279,7 +284,8 @@ locals {
       # a finding announced to the SIEM is claimed once, in its own items only
       { actions = ["dynamodb:PutItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["once#announced#*"] }] },
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
-      { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.perimeter.arn, aws_sqs_queue.async_dlq.arn] },
+      # the priority lane: what it finds gone, stopped or offline
+      { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.compute_priority.arn, aws_sqs_queue.perimeter.arn, aws_sqs_queue.async_dlq.arn] },
       local.policies_read, local.describe, local.asg_describe, local.asg_hooks_read, local.assume, local.kms_use,
     ]
     perimeter = [

@@ -586,8 +586,9 @@ locals {
   fn_role = { for k, r in aws_iam_role.fn : k => r.arn }
   queue_senders = {
     compute = { queue = aws_sqs_queue.compute.arn, roles = compact([local.fn_role["ingest"], local.fn_role["lifecycle"], local.fn_role["reconcile"], local.fn_role["perimeter"], local.fn_role["agentapi"], local.fn_role["admin"], try(local.fn_role["gcpevents"], ""), try(local.fn_role["azureevents"], ""), try(local.fn_role["cloudreconcile"], "")]) }
-    # the priority lane: the administrator's function alone sends urgent work
-    compute_priority = { queue = aws_sqs_queue.compute_priority.arn, roles = [local.fn_role["admin"]] }
+    # the priority lane: the administrator's changes, and AWS instances leaving their peers' sets
+    # (ingest, lifecycle, reconcile: at most one per instance state change)
+    compute_priority = { queue = aws_sqs_queue.compute_priority.arn, roles = [local.fn_role["admin"], local.fn_role["ingest"], local.fn_role["lifecycle"], local.fn_role["reconcile"]] }
     perimeter        = { queue = aws_sqs_queue.perimeter.arn, roles = [local.fn_role["ingest"], local.fn_role["lifecycle"], local.fn_role["reconcile"], local.fn_role["perimeter"]] } # itself: a failed place's part sent again
     publish          = { queue = aws_sqs_queue.publish.arn, roles = [local.fn_role["compute"]] }
     ingest_dlq       = { queue = aws_sqs_queue.ingest_dlq.arn, roles = [local.fn_role["ingest"]] }

@@ -66,6 +66,8 @@ from . import lambdas, moto_lifecycle, moto_trail  # the extensions' record type
 REGION = "ca-central-1"
 ACCOUNT = "123456789012"  # moto's default account
 SIGNERS = ("compute", "publish")  # the functions with the signing key (template.yaml)
+# the functions that send to compute's priority lane (template.yaml: ComputePriorityQueuePolicy)
+PRIORITY_SENDERS = ("admin", "ingest", "lifecycle", "reconcile")
 
 # the handlers' tables and their keys (template.yaml)
 TABLES: dict[str, list[tuple[str, str]]] = {
@@ -340,9 +342,10 @@ class EmbeddedAws:
             "RINGFENCE_PUBLISH_QUEUE_URL": self.queues["publish"],
         }
 
-    def admin_env(self) -> dict[str, str]:
-        """What the admin function alone has beyond :attr:`env`: compute's priority lane
-        (template.yaml gives its URL, and SendMessage on it, to AdminFunction alone)."""
+    def priority_env(self) -> dict[str, str]:
+        """What the functions of :data:`PRIORITY_SENDERS` have beyond :attr:`env`: compute's
+        priority lane (template.yaml gives its URL, and SendMessage on it, to them alone: the
+        administrator's changes, and workloads leaving their peers' sets)."""
         return {"RINGFENCE_COMPUTE_PRIORITY_QUEUE_URL": self.queues["compute_priority"]}
 
     def publish_env(self) -> dict[str, str]:
@@ -490,7 +493,8 @@ class EmbeddedAws:
         # in-process compute and publish (the router's, the tests') get the signing key, nothing else does
         lambdas.FUNCTION_ENVIRONMENT["compute"] = self.compute_env()
         lambdas.FUNCTION_ENVIRONMENT["publish"] = self.publish_env()
-        lambdas.FUNCTION_ENVIRONMENT["admin"] = self.admin_env()
+        for f in PRIORITY_SENDERS:
+            lambdas.FUNCTION_ENVIRONMENT[f] = self.priority_env()
 
     # --- instances -----------------------------------------------------------------------------
 

@@ -37,8 +37,8 @@ FUNCTIONS = ("ingest", "compute", "publish", "lifecycle", "reconcile", "agentapi
 # function name → the variables only that function's invocations see (``ringfence.clouds.aws.
 # wiring.FUNCTION_ENV``), never put in the process environment. The embedded AWS registers
 # compute's and publish's RINGFENCE_SIGNING_KEY here (template.yaml gives it to ComputeFunction and
-# PublishFunction alone), compute's RINGFENCE_PUBLISH_QUEUE_URL and admin's
-# RINGFENCE_COMPUTE_PRIORITY_QUEUE_URL.
+# PublishFunction alone), compute's RINGFENCE_PUBLISH_QUEUE_URL and the priority lane's senders'
+# (admin, ingest, lifecycle, reconcile) RINGFENCE_COMPUTE_PRIORITY_QUEUE_URL.
 FUNCTION_ENVIRONMENT: dict[str, dict[str, str]] = {}
 
 

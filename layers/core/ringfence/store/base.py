@@ -307,6 +307,15 @@ def concerns_compute(before: InventoryRecord | None, after: InventoryRecord, key
     return before is None or before.compute_view(key_prefix) != after.compute_view(key_prefix)
 
 
+def leaves_peers(before: InventoryRecord | None, after: InventoryRecord) -> bool:
+    """Whether storing ``after`` over ``before`` takes the workload out of its peers' sets: it was
+    in them (active: running, not offline) and is no longer (terminated, stopped, shutting down,
+    terminating, a tombstone, offline). Such a change shrinks access and is computed in the
+    priority lane (``enqueue_compute(urgent=True)``): its address must not stay allowed while a
+    storm's backlog drains. Whoever may change an instance's state causes at most one per change."""
+    return before is not None and before.active and not after.active
+
+
 class EngineHead(BaseModel):
     """The engine's durable revision counter (monotonic across cold starts).
 

@@ -14,7 +14,7 @@ from ringfence.control.governance import rewrite_governed, store_governed
 from ringfence.control.wiring import BaseWiring, BatchDeadline, Metric, log, no_metric
 from ringfence.events import DomainEvent, Kind, MalformedEvent, normalize
 from ringfence.governance import TagChange
-from ringfence.store.base import ACTIVE_STATES, InventoryRecord, concerns_compute
+from ringfence.store.base import ACTIVE_STATES, InventoryRecord, concerns_compute, leaves_peers
 
 from . import ec2
 
@@ -78,6 +78,8 @@ class IngestResult:
     kind: str = "ignored"
     changed: list[str] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)
+    # of ``changed``, those that left their peers' sets (kept with the result: a replay's too)
+    removed: list[str] = field(default_factory=list)
 
 
 class Ingest:
@@ -88,6 +90,9 @@ class Ingest:
         # event hands its own on): a 50-instance scale-out's ~150 events were ~150 compute and
         # ~150 perimeter messages, and the perimeter ran one small batch after another
         self._changed: dict[str, None] | None = None
+        # of those, the workloads that left their peers' sets (:func:`leaves_peers`): computed in
+        # the priority lane, so a terminated address does not stay allowed behind a tag storm
+        self._removed: set[str] = set()
 
     def prefetch(self, raws: list[dict[str, Any]]) -> int:
         """:meth:`prefetch_events` of raw events (malformed ones are left to :meth:`handle`)."""
@@ -112,6 +117,7 @@ class Ingest:
         perimeter, once."""
         self.w.begin_batch(time_left)
         self._changed = {}
+        self._removed = set()
         groups: dict[tuple[str, str], set[str]] = {}
         for ev in events:
             groups.setdefault((ev.account, ev.region), set()).update(ev.instance_ids)
@@ -133,24 +139,32 @@ class Ingest:
 
     def done(self) -> None:
         changed, self._changed = self._changed, None
+        removed, self._removed = self._removed, set()
         try:
             if changed:
-                self._hand_on(list(changed))
+                self._hand_on(list(changed), removed)
         finally:
             self.w.end_batch()
 
-    def hand_on(self, ids: Iterable[str]) -> None:
-        """Compute and the perimeter are to look at these workloads: when the batch ends, or now
+    def hand_on(self, ids: Iterable[str], removed: Iterable[str] = ()) -> None:
+        """Compute and the perimeter are to look at these workloads (``removed``: those of them that
+        left their peers' sets, computed in the priority lane): when the batch ends, or now
         outside one. The handler hands on a replayed event's changes too (its result kept by
         idempotency), so a batch whose hand-off failed after its events were recorded as done
         still reaches compute when it is retried."""
         if self._changed is not None:
             self._changed.update(dict.fromkeys(ids))
+            self._removed.update(removed)
         else:
-            self._hand_on(list(ids))
+            self._hand_on(list(ids), set(removed))
 
-    def _hand_on(self, ids: list[str]) -> None:
-        self.w.enqueue_compute(ids)
+    def _hand_on(self, ids: list[str], removed: set[str]) -> None:
+        urgent = [i for i in ids if i in removed]
+        if urgent:
+            # removals first, in the priority lane: they only shrink access, and a developer causes
+            # at most one per instance state change (docs/threat-model.md)
+            self.w.enqueue_compute(urgent, urgent=True)
+        self.w.enqueue_compute([i for i in ids if i not in removed])
         self.w.enqueue_perimeter(ids)
 
     def handle(self, raw: dict[str, Any]) -> IngestResult:
@@ -201,6 +215,7 @@ class Ingest:
             return res
         # the call's own time: a late or redriven event is placed among the writes it came between
         change = TagChange(ev.principal, ev.tag_request, ev.observed_at if ev.principal is not None else None)
+        removed: set[str] = set()
         changed = observe_instances(
             self.w,
             ev.account,
@@ -211,6 +226,7 @@ class Ingest:
             change=change,
             event_id=ev.event_id,
             metric=self.metric,
+            removed=removed,
         )
         if ev.kind is Kind.LIFECYCLE_TERMINATE:
             group = ev.lifecycle.group_name if ev.lifecycle else None
@@ -218,9 +234,11 @@ class Ingest:
                 self.w, ev.account, ev.region, ids, group=group, event_id=ev.event_id, metric=self.metric
             )
             changed |= leaving
+            removed |= leaving
         res.changed = sorted(changed)
+        res.removed = sorted(removed & changed)
         if changed:
-            self.hand_on(res.changed)
+            self.hand_on(res.changed, res.removed)
         self.metric("InventoryChanges", len(changed))
         return res
 
@@ -237,8 +255,10 @@ def observe_instances(
     event_id: str = "",
     metric: Metric = no_metric,
     described: Mapping[str, dict[str, Any]] | None = None,
+    removed: set[str] | None = None,
 ) -> set[str]:
-    """Describe the live instances and store what they are now; returns the ids that changed.
+    """Describe the live instances and store what they are now; returns the ids that changed
+    (``removed``, when given, gets those of them that left their peers' sets: :func:`leaves_peers`).
     Instances the batch prefetched (:meth:`Ingest.prefetch`), or the caller has just described
     (``described``: DescribeInstances items by id), are not described again. A tag
     event's ``tag_version`` is recorded only where the live instance carries the event's tags.
@@ -270,6 +290,8 @@ def observe_instances(
     for rec, moved, governed, replaced in results:
         if governed or (moved and _matters(w, replaced, rec)):
             changed.add(rec.id)
+            if removed is not None and moved and leaves_peers(stored.get(rec.id), rec):
+                removed.add(rec.id)
         if (moved or governed) and rec.state == "terminated":
             credentials.retire(w, rec.id, "instance terminated")
     return changed

@@ -21,8 +21,13 @@ class _Batch:
     compute_actions: list[dict[str, Any]] = field(default_factory=list)
     perimeter_ids: dict[str, None] = field(default_factory=dict)
     perimeter_actions: list[dict[str, Any]] = field(default_factory=list)
+    # the workloads that left their peers' sets and their actions: compute's priority lane
+    urgent_ids: dict[str, None] = field(default_factory=dict)
+    urgent_actions: list[dict[str, Any]] = field(default_factory=list)
     # (account, region, instance) → whether the batch's observation changed its inventory record
     observed: dict[tuple[str, str, str], bool] = field(default_factory=dict)
+    # those whose change took them out of their peers' sets (:func:`leaves_peers`)
+    removed: set[tuple[str, str, str]] = field(default_factory=set)
 
 
 class Lifecycle:
@@ -55,44 +60,58 @@ class Lifecycle:
         for ev in events:
             places.setdefault((ev.account, ev.region), {}).update(dict.fromkeys(ev.instance_ids))
         for (account, region), ids in sorted(places.items()):
+            removed: set[str] = set()
             try:
-                changed = observe_instances(self.w, account, region, list(ids))
+                changed = observe_instances(self.w, account, region, list(ids), removed=removed)
             except Exception as exc:  # best effort, as the describe: each action observes for itself
                 log.warning(
                     "lifecycle batch observation in %s/%s failed (%s): observing per action", account, region, exc
                 )
                 continue
             self._batch.observed.update({(account, region, i): i in changed for i in ids})
+            self._batch.removed.update((account, region, i) for i in removed)
         return n
 
     def done(self) -> None:
         """The batch is over: its launches go to the perimeter in one message, then its instances
-        and actions to compute in one (a failure here fails the batch, whose actions are then
-        applied again and handed on again)."""
+        and actions to compute in one, those that left their peers' sets (and their terminate
+        actions) first in one of the priority lane (a failure here fails the batch, whose actions
+        are then applied again and handed on again)."""
         batch, self._batch = self._batch, None
         try:
             if batch is not None:
                 if batch.perimeter_ids:
                     self.w.enqueue_perimeter(list(batch.perimeter_ids), lifecycles=batch.perimeter_actions)
-                if batch.compute_ids or batch.compute_actions:
-                    self.w.enqueue_compute(list(batch.compute_ids), lifecycles=batch.compute_actions)
+                if batch.urgent_ids or batch.urgent_actions:
+                    self.w.enqueue_compute(list(batch.urgent_ids), lifecycles=batch.urgent_actions, urgent=True)
+                normal = [i for i in batch.compute_ids if i not in batch.urgent_ids]
+                if normal or batch.compute_actions:
+                    self.w.enqueue_compute(normal, lifecycles=batch.compute_actions)
         finally:
             self.w.end_batch()
 
-    def _to_compute(self, ids: list[str], lifecycle: dict[str, Any] | None = None) -> None:
+    def _to_compute(self, ids: list[str], lifecycle: dict[str, Any] | None = None, *, urgent: bool = False) -> None:
+        """``urgent``: ``ids`` left their peers' sets (a terminating instance): the priority lane,
+        so its address does not stay allowed behind a tag storm's backlog; at most one per
+        instance state change, whoever sends the actions."""
         if self._batch is None:
-            self.w.enqueue_compute(ids, lifecycle=lifecycle)
+            self.w.enqueue_compute(ids, lifecycle=lifecycle, urgent=urgent)
             return
-        self._batch.compute_ids.update(dict.fromkeys(ids))
+        (self._batch.urgent_ids if urgent else self._batch.compute_ids).update(dict.fromkeys(ids))
         if lifecycle is not None:
-            self._batch.compute_actions.append(lifecycle)
+            (self._batch.urgent_actions if urgent else self._batch.compute_actions).append(lifecycle)
 
-    def _observe(self, account: str, region: str, ids: list[str]) -> set[str]:
-        """:func:`observe_instances`, or what the batch's observation of these instances found."""
-        seen = self._batch.observed if self._batch is not None else {}
-        if ids and all((account, region, i) in seen for i in ids):
-            return {i for i in ids if seen[(account, region, i)]}
-        return observe_instances(self.w, account, region, ids)
+    def _observe(self, account: str, region: str, ids: list[str]) -> tuple[set[str], set[str]]:
+        """:func:`observe_instances`, or what the batch's observation of these instances found:
+        the ids that changed, and those of them that left their peers' sets."""
+        batch = self._batch
+        if batch is not None and ids and all((account, region, i) in batch.observed for i in ids):
+            return (
+                {i for i in ids if batch.observed[(account, region, i)]},
+                {i for i in ids if (account, region, i) in batch.removed},
+            )
+        removed: set[str] = set()
+        return observe_instances(self.w, account, region, ids, removed=removed), removed
 
     def _to_perimeter(self, ids: list[str], lifecycle: dict[str, Any]) -> bool:
         """Hand a launch to the perimeter (which hands it on to compute); False if there is none."""
@@ -136,7 +155,7 @@ class Lifecycle:
                 "not_ours": ev.lifecycle.hook_name,
             }
         ids = list(ev.instance_ids)
-        changed = self._observe(ev.account, ev.region, ids)
+        changed, removed = self._observe(ev.account, ev.region, ids)
         if ev.kind is Kind.LIFECYCLE_TERMINATE:
             leaving, refused = mark_leaving(
                 self.w,
@@ -148,9 +167,11 @@ class Lifecycle:
                 metric=self.metric,
             )
             changed |= leaving
+            removed |= leaving
             if refused:
                 # not Auto Scaling's action (or not this group's): nothing to complete either
-                self._to_compute(sorted(changed))
+                self._to_compute(sorted(changed - removed))
+                self._to_compute(sorted(removed), urgent=True)
                 return {
                     "instance": ev.lifecycle.instance_id,
                     "transition": ev.lifecycle.transition,
@@ -164,6 +185,11 @@ class Lifecycle:
             # the perimeter hands the action on to compute once the instance's ENIs carry their
             # groups; compute publishes meanwhile and completes it
             self._to_compute(sorted(changed) or ids)
+        elif removed:
+            # a removal (the terminate action that took the instance out, or an observation of it
+            # gone) and its action in the priority lane: compute drops its address, then completes
+            self._to_compute(sorted(changed - removed))
+            self._to_compute(sorted(removed), lc, urgent=True)
         else:
             self._to_compute(sorted(changed) or ids, lc)
         self.metric("LifecycleActions", 1)

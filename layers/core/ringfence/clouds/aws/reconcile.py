@@ -10,7 +10,7 @@ from ringfence.control.governance import store_governed
 from ringfence.control.wiring import Metric, Target, no_metric
 from ringfence.events import UnservedAccount
 from ringfence.labels import LabelMapper
-from ringfence.store.base import ACTIVE_STATES, InventoryRecord
+from ringfence.store.base import ACTIVE_STATES, InventoryRecord, leaves_peers
 
 from . import clients, ec2, hooks
 from .wiring import Wiring
@@ -44,9 +44,10 @@ class Reconcile:
         mapper = self.w.mapper()
         records = {r.id: r for r in self.w.store.all_records()}
         changed: set[str] = set()
+        removed: set[str] = set()  # of those, the workloads that left their peers' sets
         for t in self.w.cfg.targets:
             try:
-                self._target(t, mapper, records, res, changed)
+                self._target(t, mapper, records, res, changed, removed)
             except UnservedAccount as exc:
                 log.error("reconcile target %s/%s refused: %s", t.account, t.region, exc)
                 self.metric("ReconcileTargetsRefused", 1)
@@ -66,9 +67,16 @@ class Reconcile:
                 self.w.store.set_liveness(rec.id, offline=True)
                 res.offline.append(rec.id)
                 changed.add(rec.id)
+                if rec.active:
+                    removed.add(rec.id)
         res.changed = sorted(changed)
+        # what left its peers' sets (gone, stopped, offline) first, in the priority lane: its
+        # address must not stay allowed behind a tag storm's backlog
+        urgent = sorted(removed & changed)
+        if urgent:
+            self.w.enqueue_compute(urgent, urgent=True)
         # and compute re-signs the bundles whose expiry is near (only compute signs)
-        self.w.enqueue_compute(res.changed, refresh=True)
+        self.w.enqueue_compute([i for i in res.changed if i not in removed], refresh=True)
         self.w.enqueue_perimeter(res.changed)  # repaired drift reaches the perimeter as events do
         self.metric("ReconcileDrift", len(res.changed))
         return res
@@ -114,6 +122,7 @@ class Reconcile:
         records: dict[str, InventoryRecord],
         res: ReconcileResult,
         changed: set[str],
+        removed: set[str],
     ) -> None:
         """Converge one account/region: nothing is taken for gone unless its listing completed."""
         # a target without its own role takes the account's member role: never this
@@ -149,6 +158,8 @@ class Reconcile:
         for rec, written, governed, _replaced in stored:
             if written or governed:
                 changed.add(rec.id)
+                if written and leaves_peers(records.get(rec.id), rec):
+                    removed.add(rec.id)
                 if rec.state == "terminated":
                     credentials.retire(self.w, rec.id, "instance terminated (reconcile)")
             if written and rec.id in release:
@@ -165,5 +176,7 @@ class Reconcile:
             ):
                 changed.add(rec.id)
                 res.gone.append(rec.id)
+                if rec.active:
+                    removed.add(rec.id)
                 credentials.retire(self.w, rec.id, "instance gone (reconcile)")
         self._hooks(t, role, res)
