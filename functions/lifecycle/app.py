@@ -53,8 +53,12 @@ def record_handler(record: SQSRecord) -> dict[str, Any]:
 @metrics.log_metrics
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     lifecycle = _service()
-    # one DescribeInstances per account/region for the whole batch (a scale-out's actions arrive together)
-    lifecycle.prefetch([r["body"] for r in event.get("Records", []) if isinstance(r, dict) and "body" in r])
+    # one DescribeInstances per account/region for the whole batch (a scale-out's actions arrive
+    # together); its reads retry until the batch's deadline at most, which keeps time for done()
+    lifecycle.prefetch(
+        [r["body"] for r in event.get("Records", []) if isinstance(r, dict) and "body" in r],
+        lambda: float(context.get_remaining_time_in_millis()) / 1000,
+    )
     try:
         return process_partial_response(
             event=event, record_handler=record_handler, processor=processor, context=context

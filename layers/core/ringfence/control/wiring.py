@@ -316,6 +316,8 @@ class BaseWiring:
         self.unavailable: dict[tuple[str, str], str] = {}
         # the seconds the batch's invocation has left (None: no deadline)
         self._time_left: Callable[[], float] | None = None
+        # the calls a batch's read may make in all (None: the cloud client's default)
+        self.read_attempts: int | None = None
 
     def audit(self, rec: AuditRecord) -> AuditRecord:
         """Append ``rec`` to the store's hash chain and send the sealed record to the SIEM (if one
@@ -466,24 +468,31 @@ class BaseWiring:
         pv = self.store.active_policy()
         return (pv, self.policy(pv)) if pv is not None else None
 
-    def begin_batch(self, time_left: Callable[[], float] | None = None) -> None:
+    def begin_batch(self, time_left: Callable[[], float] | None = None, read_attempts: int | None = None) -> None:
         """A handler's batch begins: what is prefetched for it, the places found unavailable in
         it, and the policy governing its label changes (:meth:`governing_policy`), hold until
         :meth:`end_batch`. ``time_left``: the seconds its invocation has left (a Lambda
-        context's remaining time), for :meth:`check_deadline`."""
+        context's remaining time), for :meth:`check_deadline`; ``read_attempts``: the calls each
+        of its reads may make (retries stop at the deadline whatever is left of them)."""
         self.prefetched.clear()
         self.unavailable.clear()
         self._time_left = time_left
+        self.read_attempts = read_attempts
         self._batch_policy = []
 
     def end_batch(self) -> None:
         self.prefetched.clear()
         self.unavailable.clear()
         self._time_left = None
+        self.read_attempts = None
         self._batch_policy = None
 
     def in_batch(self) -> bool:
         return self._batch_policy is not None
+
+    def seconds_to_deadline(self) -> float | None:
+        """How long until :meth:`check_deadline` raises (None: the batch has no deadline)."""
+        return None if self._time_left is None else self._time_left() - BATCH_RESERVE_S
 
     def check_deadline(self) -> None:
         """Raise :class:`BatchDeadline` once the batch's invocation has no more than

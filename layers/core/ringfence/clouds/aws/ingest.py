@@ -16,7 +16,7 @@ from ringfence.events import DomainEvent, Kind, MalformedEvent, normalize
 from ringfence.governance import TagChange
 from ringfence.store.base import ACTIVE_STATES, InventoryRecord, concerns_compute, leaves_peers
 
-from . import ec2
+from . import clients, ec2
 
 # --- ingest ---------------------------------------------------------------------------------------
 
@@ -53,13 +53,16 @@ _T = TypeVar("_T")
 def read_in(w: BaseWiring, account: str, region: str, read: Callable[[], _T], metric: Metric = no_metric) -> _T:
     """``read`` (a call to ``account``/``region``) inside a batch's limits: refused at once when
     the place already failed the batch (:class:`PlaceUnavailable`) or its time is up
-    (:class:`BatchDeadline`); a failure that makes the place unavailable marks it so."""
+    (:class:`BatchDeadline`); its calls retry as the batch allows (:meth:`BaseWiring.begin_batch`'s
+    ``read_attempts``), never backing off into the batch's reserve; a failure that makes the place
+    unavailable marks it so."""
     why = w.unavailable.get((account, region))
     if why is not None:
         raise PlaceUnavailable(account, region, why)
     w.check_deadline()
     try:
-        return read()
+        with clients.retry_window(w.read_attempts or clients.BATCH_READ_ATTEMPTS, w.seconds_to_deadline):
+            return read()
     except (ClientError, BotoCoreError) as exc:
         why = unavailable_because(exc)
         if why is None or not w.in_batch():
@@ -106,16 +109,22 @@ class Ingest:
                 events.append(ev)
         return self.prefetch_events(events)
 
-    def prefetch_events(self, events: Iterable[DomainEvent], time_left: Callable[[], float] | None = None) -> int:
+    def prefetch_events(
+        self,
+        events: Iterable[DomainEvent],
+        time_left: Callable[[], float] | None = None,
+        read_attempts: int | None = None,
+    ) -> int:
         """Describe every instance a batch of events names with one call per account/region
         (DescribeInstances is rate-limited: a storm must not cost one call per event).
         Best effort: an id EC2 refuses is described again per event; a place that is throttled,
         refuses us or cannot be reached is unavailable for the batch (:class:`PlaceUnavailable`:
         its events fail at once). Returns ids described. Opens the batch
-        (:meth:`BaseWiring.begin_batch`, ``time_left``: the seconds the invocation has left);
+        (:meth:`BaseWiring.begin_batch`, ``time_left``: the seconds the invocation has left,
+        ``read_attempts``: the calls each read may make, by default :data:`clients.BATCH_READ_ATTEMPTS`);
         :meth:`done` closes it and hands the workloads its events changed to compute and the
         perimeter, once."""
-        self.w.begin_batch(time_left)
+        self.w.begin_batch(time_left, read_attempts)
         self._changed = {}
         self._removed = set()
         groups: dict[tuple[str, str], set[str]] = {}

@@ -3,6 +3,7 @@ before it goes."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +14,14 @@ from .ingest import Ingest, mark_leaving, observe_instances
 from .wiring import Wiring
 
 # --- lifecycle --------------------------------------------------------------------------------------
+
+# The calls each of a lifecycle batch's reads may make (ingest's make 3): a failed action comes back
+# only after the lifecycle queue's 360 s visibility timeout, past the hooks' heartbeat timeouts
+# (120 s launch → ABANDON, 60 s terminate → CONTINUE), so a failed read costs its actions
+# outright. Five calls ride out a throttle of a few seconds (backoff up to 1 + 2 + 4 + 8 s); the
+# batch's deadline still ends the retries in time for done(), and a place throttled past them
+# (its administrator's doing) holds another account's actions of the batch up by 15 s at most.
+LIFECYCLE_READ_ATTEMPTS = 5
 
 
 @dataclass(slots=True)
@@ -41,9 +50,10 @@ class Lifecycle:
         # the launching instances and their actions (one message, not one per action)
         self._batch: _Batch | None = None
 
-    def prefetch(self, bodies: list[str]) -> int:
-        """Describe every instance a batch's actions name at once (:meth:`Ingest.prefetch_events`);
-        malformed bodies are left to :meth:`apply`. Call :meth:`done` after the batch."""
+    def prefetch(self, bodies: list[str], time_left: Callable[[], float] | None = None) -> int:
+        """Describe every instance a batch's actions name at once (:meth:`Ingest.prefetch_events`,
+        ``time_left``: the seconds the invocation has left); malformed bodies are left to
+        :meth:`apply`. Call :meth:`done` after the batch."""
         events = []
         for body in bodies:
             try:
@@ -52,7 +62,7 @@ class Lifecycle:
                 continue
             if ev is not None and ev.lifecycle is not None and self._ours(ev.lifecycle.hook_name):
                 events.append(ev)
-        n = Ingest(self.w).prefetch_events(events)
+        n = Ingest(self.w).prefetch_events(events, time_left, LIFECYCLE_READ_ATTEMPTS)
         self._batch = _Batch()
         # and record them in the inventory together: one read of the stored records for the batch
         # instead of one per action (each action's own observation finds nothing new after this)

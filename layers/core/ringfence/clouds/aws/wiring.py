@@ -81,12 +81,12 @@ class Wiring(BaseWiring):
         return role
 
     def ec2_for(self, account: str, region: str, *, batch: bool = False) -> Any:
-        """EC2 in ``account``; ``batch``: a batch's reads in a member account retry briefly
-        (:data:`clients.BATCH_READS`: whoever administers it can throttle it at will). This
-        account's own keep the standard retries: its throttling is its own operators' load, and
-        a spike ridden out beats its events waiting out the queue's visibility timeout."""
+        """EC2 in ``account``; ``batch``: a batch's reads, retried only within the read's window
+        (:func:`clients.retry_window`), in this account too: whoever throttles EC2 here (its
+        operators' load, reconcile, a developer's reads where workloads share the account) would
+        otherwise hold up other accounts' events of the batch with the standard retries."""
         role = self.member_role(account)
-        return clients.assumed_client("ec2", region, role, batch=batch and role is not None)
+        return clients.assumed_client("ec2", region, role, batch=batch)
 
     def perimeter_ec2_for(self, account: str, region: str) -> Any:
         """EC2 in ``account`` with the perimeter's own role there (``perimeter_account_roles``): the
@@ -113,7 +113,7 @@ class Wiring(BaseWiring):
 
     def autoscaling_for(self, account: str, region: str, *, batch: bool = False) -> Any:
         role = self.member_role(account)  # ``batch`` as in ec2_for
-        return clients.assumed_client("autoscaling", region, role, batch=batch and role is not None)
+        return clients.assumed_client("autoscaling", region, role, batch=batch)
 
     def lifecycle_role(self, account: str) -> str | None:
         """The role compute completes ``account``'s lifecycle actions with: None for this
