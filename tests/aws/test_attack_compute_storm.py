@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 
 from tests.aws.conftest import Env, ip_of
-from tests.aws.test_pipeline import in_set
+from tests.aws.test_pipeline import _ctx, _scheduled, boot, in_set
+from tests.aws.test_terminate_trust import HOOK, forged_terminate, send_raw
 
 RESPONDER = "arn:aws:iam::123456789012:user/ivy"
 DEV = 10
@@ -118,3 +119,47 @@ def test_attack_a_tag_storm_does_not_delay_a_terminated_workloads_address_leavin
     env._drain("publish", "publish")
     assert env.count("compute") == 0
     assert not in_set(env.bundle(proc), g_ip)
+
+
+def _lane_ids(env: Env, queue: str) -> list[tuple[str, list[str], int]]:
+    """(queue, ids, lifecycle actions) of each message waiting on one of compute's lanes, taken
+    off it (one in flight would hold the FIFO queue's one group)."""
+    out = []
+    for m in env.receive(queue):
+        b = json.loads(m["Body"])
+        out.append((queue, b["ids"], len(b.get("lifecycles") or []) + bool(b.get("lifecycle"))))
+        env.sqs.delete_message(QueueUrl=env.queues[queue], ReceiptHandle=m["ReceiptHandle"])
+    return out
+
+
+def test_a_confirmed_terminate_action_and_a_reconcile_removal_take_the_priority_lane(env: Env) -> None:
+    """The lifecycle function's removal goes to the priority lane with its terminate action (which
+    compute completes); a forged terminate for a running instance, refused, sends nothing there;
+    reconcile's removal of an instance gone without an event goes there too."""
+    est = boot(env)
+    env.asg.put_lifecycle_hook(AutoScalingGroupName="rf-web-asg", LifecycleHookName="rf-hook", **HOOK)
+    env.asg.set_desired_capacity(AutoScalingGroupName="rf-web-asg", DesiredCapacity=1)
+    (web,) = env.asg_instances()
+    env.put(env.state_event(web, "running"))
+    env.pump()
+    assert env.count("compute") == 0
+
+    db = est["ids"]["db"][0]
+    send_raw(env, "lifecycle", forged_terminate(env, db))
+    env._drain("lifecycle", "lifecycle")
+    assert env.store.get(db).state == "running"
+    assert env.count("compute_priority") == 0
+
+    env.asg.terminate_instance_in_auto_scaling_group(InstanceId=web, ShouldDecrementDesiredCapacity=True)
+    env.put(env.lifecycle_event(web, launching=False))
+    env._drain("lifecycle", "lifecycle")
+    urgent = _lane_ids(env, "compute_priority")
+    assert urgent == [("compute_priority", [web], 1)], urgent
+    assert all(web not in ids for _, ids, _ in _lane_ids(env, "compute"))
+
+    gone = est["ids"]["proc"][0]
+    env.ec2.terminate_instances(InstanceIds=[gone])  # no event: reconcile finds it
+    env.fn["reconcile"].handler(_scheduled(), _ctx())
+    urgent = _lane_ids(env, "compute_priority")
+    assert [ids for _, ids, _ in urgent] == [[gone]], urgent
+    assert all(gone not in ids for _, ids, _ in _lane_ids(env, "compute"))
