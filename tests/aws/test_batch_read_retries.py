@@ -98,7 +98,7 @@ def test_attack_control_account_throttling_in_several_regions_does_not_hold_a_me
     boot(env)
     env.load_functions()
     m_id = _member_instances(env, 1)[0]
-    env.receive("compute")
+    _handed_to_compute(env)  # boot's hand-offs are done with
     calls: dict[str, int] = {}
 
     def throttle_home(request: Any, **_: Any) -> AWSResponse | None:
