@@ -77,7 +77,9 @@ def test_attack_a_registration_flood_does_not_delay_a_quarantine_in_serve(
     url, auth = app
     with httpx.Client(base_url=url, timeout=60) as c:
         for spec in [*ESTATE, *(_dev(i, "web") for i in range(len(DEV)))]:
-            assert c.post("/admin/workloads", json={**spec, "reason": "rack 1"}, headers=auth["otto"]).status_code == 201
+            assert (
+                c.post("/admin/workloads", json={**spec, "reason": "rack 1"}, headers=auth["otto"]).status_code == 201
+            )
         r = c.post("/admin/policies", json={"files": policy_files(), "reason": "v1"}, headers=auth["paula"])
         assert r.status_code == 201, r.text
     assert wiring.settle(60)

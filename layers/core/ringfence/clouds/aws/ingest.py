@@ -299,7 +299,7 @@ def observe_instances(
     for rec, moved, governed, replaced in results:
         if governed or (moved and _matters(w, replaced, rec)):
             changed.add(rec.id)
-            if removed is not None and moved and leaves_peers(stored.get(rec.id), rec):
+            if removed is not None and moved and leaves_peers(replaced, rec):
                 removed.add(rec.id)
         if (moved or governed) and rec.state == "terminated":
             credentials.retire(w, rec.id, "instance terminated")

@@ -155,10 +155,10 @@ class Reconcile:
             # which finds nothing to do for the rest, or the next run would see no drift for them
             changed.update(rec.id for rec in observed)
             raise
-        for rec, written, governed, _replaced in stored:
+        for rec, written, governed, replaced in stored:
             if written or governed:
                 changed.add(rec.id)
-                if written and leaves_peers(records.get(rec.id), rec):
+                if written and leaves_peers(replaced, rec):  # the record the write replaced, not the pass's early read
                     removed.add(rec.id)
                 if rec.state == "terminated":
                     credentials.retire(self.w, rec.id, "instance terminated (reconcile)")
