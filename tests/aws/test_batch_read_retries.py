@@ -31,6 +31,7 @@ from tests.aws.test_ingest_batch_limits import (
     _member_instances,
     _queue,
     _xml,
+    on_member_describes,
 )
 from tests.aws.test_member_lifecycle import _member_launch, _state
 from tests.aws.test_pipeline import boot
@@ -41,32 +42,22 @@ def test_a_short_member_throttle_does_not_cost_a_lifecycle_action(env: Env, monk
     seconds): the launch action is still observed and handed on in this invocation, not failed to
     come back after the hook has abandoned the launch."""
     new, asg = _member_launch(env, monkeypatch, "ringfence-member-lifecycle")
-    member_keys: set[str] = set()
-    n = {"throttled": 0, "member": 0}
+    throttled = {"n": 0}
 
-    def after_assume(parsed: dict[str, Any], **_: Any) -> None:
-        creds = parsed.get("Credentials") or {}
-        if f"::{MEMBER}:" in (parsed.get("AssumedRoleUser") or {}).get("Arn", "") and creds.get("AccessKeyId"):
-            member_keys.add(creds["AccessKeyId"])
-
-    def burst(request: Any, **_: Any) -> AWSResponse | None:
-        auth = request.headers.get("Authorization", b"")
-        auth = auth.decode() if isinstance(auth, bytes) else auth
-        if any(k in auth for k in member_keys):
-            n["member"] += 1
-            if n["throttled"] < 3:
-                n["throttled"] += 1
-                return _xml(503, THROTTLED)
+    def burst() -> AWSResponse | None:
+        if throttled["n"] < 3:
+            throttled["n"] += 1
+            return _xml(503, THROTTLED)
         return None
 
-    env.hook("after-call.sts.AssumeRole", after_assume)
-    env.hook("before-send.ec2.DescribeInstances", burst)
+    calls = on_member_describes(env, burst)
     msgs = env.receive("lifecycle")
     assert len(msgs) == 1
     random.seed(1)
     clock = VirtualClock(monkeypatch)
     out = env.fn["lifecycle"].handler(env.sqs_event(msgs), Context(clock))
 
+    n = {"throttled": throttled["n"], "member": calls["member"]}
     assert out == {"batchItemFailures": []}, f"the throttle burst failed the launch action: {n}"
     assert n["throttled"] == 3 and n["member"] >= 4, n
     assert clock.now() < TIMEOUT_S
@@ -138,26 +129,13 @@ def test_a_lifecycle_read_stops_retrying_in_time_for_the_batch_to_end(
     from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingError
 
     _member_launch(env, monkeypatch, "ringfence-member-lifecycle")
-    member_keys: set[str] = set()
-    n = {"member": 0}
     clock = VirtualClock(monkeypatch)
 
-    def after_assume(parsed: dict[str, Any], **_: Any) -> None:
-        creds = parsed.get("Credentials") or {}
-        if f"::{MEMBER}:" in (parsed.get("AssumedRoleUser") or {}).get("Arn", "") and creds.get("AccessKeyId"):
-            member_keys.add(creds["AccessKeyId"])
+    def slow_throttle() -> AWSResponse | None:
+        clock.added += 12.0
+        return _xml(503, THROTTLED)
 
-    def slow_throttle(request: Any, **_: Any) -> AWSResponse | None:
-        auth = request.headers.get("Authorization", b"")
-        auth = auth.decode() if isinstance(auth, bytes) else auth
-        if any(k in auth for k in member_keys):
-            n["member"] += 1
-            clock.added += 12.0
-            return _xml(503, THROTTLED)
-        return None
-
-    env.hook("after-call.sts.AssumeRole", after_assume)
-    env.hook("before-send.ec2.DescribeInstances", slow_throttle)
+    n = on_member_describes(env, slow_throttle)
     msgs = env.receive("lifecycle")
     random.seed(1)
     try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import boto3
@@ -95,9 +96,9 @@ def _member_instances(env: Env, n: int) -> list[str]:
     return [i["InstanceId"] for i in mec2.run_instances(ImageId=lab_image(mec2), MinCount=n, MaxCount=n)["Instances"]]
 
 
-def _member_ec2_answers(env: Env, body: str) -> dict[str, int]:
-    """From now on every DescribeInstances made with the member role's credentials is answered
-    ``body`` (503 for throttling, 403 otherwise); returns the count of such calls."""
+def on_member_describes(env: Env, answer: Callable[[], AWSResponse | None]) -> dict[str, int]:
+    """From now on every DescribeInstances made with the member role's credentials is answered by
+    ``answer()`` (None: sent to moto); returns the count of such calls (``member``)."""
     member_keys: set[str] = set()
     calls = {"member": 0}
 
@@ -106,17 +107,22 @@ def _member_ec2_answers(env: Env, body: str) -> dict[str, int]:
         if f"::{MEMBER}:" in (parsed.get("AssumedRoleUser") or {}).get("Arn", "") and creds.get("AccessKeyId"):
             member_keys.add(creds["AccessKeyId"])
 
-    def answer(request: Any, **_: Any) -> AWSResponse | None:
+    def before_send(request: Any, **_: Any) -> AWSResponse | None:
         auth = request.headers.get("Authorization", b"")
         auth = auth.decode() if isinstance(auth, bytes) else auth
         if any(k in auth for k in member_keys):
             calls["member"] += 1
-            return _xml(503 if "RequestLimitExceeded" in body else 403, body)
+            return answer()
         return None
 
     env.hook("after-call.sts.AssumeRole", after_assume)
-    env.hook("before-send.ec2.DescribeInstances", answer)
+    env.hook("before-send.ec2.DescribeInstances", before_send)
     return calls
+
+
+def _member_ec2_answers(env: Env, body: str) -> dict[str, int]:
+    """Every member DescribeInstances answered ``body`` (503 for throttling, 403 otherwise)."""
+    return on_member_describes(env, lambda: _xml(503 if "RequestLimitExceeded" in body else 403, body))
 
 
 def _queue(env: Env, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
