@@ -4,13 +4,13 @@ reads nothing of is stored and never reaches the one serialized compute queue; a
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import pytest
 
 from tests.aws.conftest import Env
 from tests.aws.test_ingest_batch_limits import Context, VirtualClock, _queue
 from tests.aws.test_pipeline import boot
+from tests.storerace import race_a_role_in_before_the_write
 
 
 def _tag(env: Env, iid: str, key: str, value: str, version: int) -> None:
@@ -84,23 +84,7 @@ def test_attack_a_concurrent_write_between_read_and_write_still_reaches_compute(
     mod = env.fn["ingest"]
     mod._setup()
     store = mod._svc["wiring"].store
-    real = store.observe
-    raced: list[str] = []
-
-    def observe(rec: Any, **kw: Any) -> bool:
-        if rec.id == iid and not raced:
-            # between this event's read and its write: the other invocation's observation
-            t = (rec.observed_at + s0.observed_at) / 2
-            tags = {**s0.workload.tags, "ringfence:role": "database"}
-            w1 = s0.workload.model_copy(update={"tags": tags, "observed_at": t})
-            s1 = s0.model_copy(update={"workload": w1, "observed_at": t, "labels": {**s0.labels, "role": "database"}})
-            assert real(s1, previous=s0)
-            now = store.get(iid)
-            assert now is not None
-            raced.append(now.workload.tags["ringfence:role"])
-        return real(rec, **kw)
-
-    monkeypatch.setattr(store, "observe", observe)
+    raced = race_a_role_in_before_the_write(monkeypatch, store, s0)  # between its read and write
     msgs = _queue(env, [env.tag_event(iid, dict(s0.workload.tags), 99)])  # EC2 has it as web
     out = mod.handler(env.sqs_event(msgs), Context(VirtualClock(monkeypatch)))
     assert not out.get("batchItemFailures")

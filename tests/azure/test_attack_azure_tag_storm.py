@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 
@@ -14,11 +14,25 @@ from ringfence.local.azure_arm import ArmServer
 from ringfence.local.azure_estate import seed_vm, vm_id
 from ringfence.local.eventgrid import arm_event
 from ringfence.local.wiring import LocalWiring
+from tests.storerace import race_a_role_in_before_the_write
 
 from .conftest import PROD_WEB, SECRET
 
 WEB = "6a000000-0000-4000-8000-00000000b071"
 HEADERS = {SECRET_HEADER: SECRET, "aeg-event-type": "Notification"}
+
+
+def _tag_writer(events: AzureEvents, name: str) -> Callable[[], list[str]]:
+    """Delivers the Tags API write event of VM ``name``; returns what the delivery changed."""
+    tags_of = f"{vm_id(name)}/providers/Microsoft.Resources/tags/default"
+
+    def tag_write() -> list[str]:
+        ev = arm_event(WRITE, vm_id(name), "Microsoft.Resources/tags/write", tags_of)
+        r = events.handle(HEADERS, json.dumps([ev]).encode())
+        assert r.status == 200, r.body
+        return list(r.body["changed"])
+
+    return tag_write
 
 
 def test_attack_azure_non_label_tag_storm_sends_nothing_to_compute(
@@ -28,13 +42,7 @@ def test_attack_azure_non_label_tag_storm_sends_nothing_to_compute(
     again: each write is stored, none reaches compute. A label tag still does."""
     events = AzureEvents(wiring, azure)
     seed_vm(arm, "web-storm", WEB, "10.20.1.71", PROD_WEB)
-    tags_of = f"{vm_id('web-storm')}/providers/Microsoft.Resources/tags/default"
-
-    def tag_write() -> list[str]:
-        ev = arm_event(WRITE, vm_id("web-storm"), "Microsoft.Resources/tags/write", tags_of)
-        r = events.handle(HEADERS, json.dumps([ev]).encode())
-        assert r.status == 200, r.body
-        return list(r.body["changed"])
+    tag_write = _tag_writer(events, "web-storm")
 
     assert tag_write() == [WEB]
     sent: list[list[str]] = []
@@ -59,35 +67,14 @@ def test_attack_a_concurrent_write_between_read_and_write_still_reaches_compute(
     events = AzureEvents(wiring, azure)
     vm = "6a000000-0000-4000-8000-00000000b0a1"
     seed_vm(arm, "web-race", vm, "10.20.1.91", PROD_WEB)
-    tags_of = f"{vm_id('web-race')}/providers/Microsoft.Resources/tags/default"
-
-    def tag_write() -> list[str]:
-        ev = arm_event(WRITE, vm_id("web-race"), "Microsoft.Resources/tags/write", tags_of)
-        r = events.handle(HEADERS, json.dumps([ev]).encode())
-        assert r.status == 200, r.body
-        return list(r.body["changed"])
+    tag_write = _tag_writer(events, "web-race")
 
     assert tag_write() == [vm]
     s0 = wiring.store.get(vm)
     assert s0 is not None and s0.workload.tags["ringfence:role"] == "web"
     sent: list[list[str]] = []
     monkeypatch.setattr(wiring, "enqueue_compute", lambda ids=(), **kw: sent.append(list(ids)))
-    real = wiring.store.observe
-    raced: list[str] = []
-
-    def observe(rec: Any, **kw: Any) -> bool:
-        if rec.id == vm and not raced:
-            t = (rec.observed_at + s0.observed_at) / 2
-            tags = {**s0.workload.tags, "ringfence:role": "database"}
-            w1 = s0.workload.model_copy(update={"tags": tags, "observed_at": t})
-            s1 = s0.model_copy(update={"workload": w1, "observed_at": t, "labels": {**s0.labels, "role": "database"}})
-            assert real(s1, previous=s0)
-            now = wiring.store.get(vm)
-            assert now is not None
-            raced.append(now.workload.tags["ringfence:role"])
-        return real(rec, **kw)
-
-    monkeypatch.setattr(wiring.store, "observe", observe)
+    raced = race_a_role_in_before_the_write(monkeypatch, wiring.store, s0)
     changed = tag_write()  # ARM has it as web
     assert raced == ["database"]
     now = wiring.store.get(vm)

@@ -13,6 +13,7 @@ from ringfence.local.gcp_events import audit_entry
 from ringfence.local.gcp_project import PROJECT, ZONE, gcp_config, vm_name
 from ringfence.local.wiring import LocalWiring
 from tests.gcp.conftest import deliver, set_labels
+from tests.storerace import race_a_role_in_before_the_write
 
 PROD_WEB = {"ringfence-role": "web", "ringfence-app": "ordering", "ringfence-env": "prod"}
 
@@ -51,22 +52,7 @@ def test_attack_a_concurrent_write_between_read_and_write_still_reaches_compute(
     assert s0 is not None and s0.workload.tags["ringfence:role"] == "web"
     sent: list[list[str]] = []
     monkeypatch.setattr(wiring, "enqueue_compute", lambda ids=(), **kw: sent.append(list(ids)))
-    real = wiring.store.observe
-    raced: list[str] = []
-
-    def observe(rec: Any, **kw: Any) -> bool:
-        if rec.id == iid and not raced:
-            t = (rec.observed_at + s0.observed_at) / 2
-            tags = {**s0.workload.tags, "ringfence:role": "database"}
-            w1 = s0.workload.model_copy(update={"tags": tags, "observed_at": t})
-            s1 = s0.model_copy(update={"workload": w1, "observed_at": t, "labels": {**s0.labels, "role": "database"}})
-            assert real(s1, previous=s0)
-            now = wiring.store.get(iid)
-            assert now is not None
-            raced.append(now.workload.tags["ringfence:role"])
-        return real(rec, **kw)
-
-    monkeypatch.setattr(wiring.store, "observe", observe)
+    raced = race_a_role_in_before_the_write(monkeypatch, wiring.store, s0)
     out = deliver(gcp, ingest, set_labels(gcp, inst, PROD_WEB))  # the VM as GCP has it: web
     assert raced == ["database"]
     now = wiring.store.get(iid)
