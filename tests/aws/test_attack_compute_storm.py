@@ -40,6 +40,24 @@ def _storm(env: Env, dev: list[str], rounds: int) -> None:
         env._drain("ingest", "ingest", batch=1)
 
 
+def _quarantine(env: Env, victim: str, peer: str, ahead: int) -> int | None:
+    """The responder quarantines ``victim``; compute then runs one invocation at a time (reserved
+    concurrency 1), its fan-out published after each: the invocation after which the quarantine
+    is in force (``victim``'s bundle quarantined, its address gone from ``peer``'s sets)."""
+    v_ip = ip_of(env, victim)
+    st, _, body = env.rest(
+        "admin", "POST", f"/admin/workloads/{victim}/quarantine", {"reason": "IR-7"}, principal=RESPONDER
+    )
+    assert st == 200, body
+    for invocation in range(1, ahead // 10 + 3):
+        results = env.drain_compute(invocations=1)
+        assert results and not any(r.get("batchItemFailures") for r in results)
+        env._drain("publish", "publish")
+        if env.bundle(victim).quarantined and not in_set(env.bundle(peer), v_ip):
+            return invocation
+    return None
+
+
 def test_attack_a_tag_storm_does_not_delay_a_quarantine(env: Env) -> None:
     env.provision_example_policy()
     est = env.estate()
@@ -56,20 +74,7 @@ def test_attack_a_tag_storm_does_not_delay_a_quarantine(env: Env) -> None:
     ahead = env.count("compute")  # both lanes: the storm's are all on the compute queue
     assert ahead >= 150, f"the storm queued {ahead} compute messages: not a backlog"
 
-    st, _, body = env.rest(
-        "admin", "POST", f"/admin/workloads/{victim}/quarantine", {"reason": "IR-7"}, principal=RESPONDER
-    )
-    assert st == 200, body
-
-    # compute one invocation at a time (reserved concurrency 1), its fan-out published after each
-    took = None
-    for invocation in range(1, ahead // 10 + 3):
-        results = env.drain_compute(invocations=1)
-        assert results and not any(r.get("batchItemFailures") for r in results)
-        env._drain("publish", "publish")
-        if env.bundle(victim).quarantined and not in_set(env.bundle(proc), v_ip):
-            took = invocation
-            break
+    took = _quarantine(env, victim, proc, ahead)
     # before: the quarantine was computed after the storm's ~ahead/10 invocations
     assert took is not None and took <= 2, f"quarantine in force after {took} compute invocations, {ahead} ahead"
     # the storm's own work is not lost: it is computed after
@@ -163,3 +168,50 @@ def test_a_confirmed_terminate_action_and_a_reconcile_removal_take_the_priority_
     urgent = _lane_ids(env, "compute_priority")
     assert [ids for _, ids, _ in urgent] == [[gone]], urgent
     assert all(gone not in ids for _, ids, _ in _lane_ids(env, "compute"))
+
+
+def test_attack_stopping_and_starting_ones_own_instances_does_not_delay_a_quarantine(env: Env) -> None:
+    """Cycling one's own instances (stop, start): each stop takes them out of their peers' sets,
+    but a stopped instance keeps its addresses, so it is ordinary work, not the priority lane's;
+    before, every stop was urgent and the responder's quarantine waited behind them all
+    (security review of the priority lane: 100 stops ahead, in force after 11 invocations)."""
+    env.provision_example_policy()
+    est = env.estate()
+    dev = est["run"]("web", est["subnets"]["app"], DEV, env="dev")
+    for iid in [*(i for ids in est["ids"].values() for i in ids), *dev]:
+        env.put(env.state_event(iid, "running"))
+    env.pump()
+    env.bind(RESPONDER, ["incident-responder"])
+    victim, proc = est["ids"]["web"][0], est["ids"]["proc"][0]
+    assert in_set(env.bundle(proc), ip_of(env, victim))
+
+    for _ in range(3):
+        env.ec2.stop_instances(InstanceIds=dev)
+        _states(env, dev, "stopping")
+        env.ec2.start_instances(InstanceIds=dev)
+        _states(env, dev, "running")
+    assert env._count("compute_priority") == 0, "a stop is no priority work"
+    ahead = env.count("compute")
+    assert ahead >= 20, f"the cycles queued {ahead} compute messages: not a backlog"
+
+    took = _quarantine(env, victim, proc, ahead)
+    assert took is not None and took <= 2, f"quarantine in force after {took} compute invocations, {ahead} ahead"
+    assert all(env.store.get(i).state == "running" for i in dev)  # type: ignore[union-attr]
+
+
+def _states(env: Env, ids: list[str], state: str) -> None:
+    """State-change events for ``ids`` through EventBridge, one ingest invocation each."""
+    entries = []
+    for iid in ids:
+        ev = env.state_event(iid, state)
+        entries.append(
+            {
+                "Source": ev["source"],
+                "DetailType": ev["detail-type"],
+                "Detail": json.dumps(ev["detail"]),
+                "Resources": ev["resources"],
+            }
+        )
+    for i in range(0, len(entries), 10):
+        assert env.events.put_events(Entries=entries[i : i + 10])["FailedEntryCount"] == 0
+    env._drain("ingest", "ingest", batch=1)

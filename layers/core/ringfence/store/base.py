@@ -307,13 +307,20 @@ def concerns_compute(before: InventoryRecord | None, after: InventoryRecord, key
     return before is None or before.compute_view(key_prefix) != after.compute_view(key_prefix)
 
 
-def leaves_peers(before: InventoryRecord | None, after: InventoryRecord) -> bool:
-    """Whether storing ``after`` over ``before`` takes the workload out of its peers' sets: it was
-    in them (active: running, not offline) and is no longer (terminated, stopped, shutting down,
-    terminating, a tombstone, offline). Such a change shrinks access and is computed in the
-    priority lane (``enqueue_compute(urgent=True)``): its address must not stay allowed while a
-    storm's backlog drains. Whoever may change an instance's state causes at most one per change."""
-    return before is not None and before.active and not after.active
+RELEASING_STATES = frozenset({"terminating", "shutting-down", "terminated"})
+"""States in which an instance gives its addresses back to the cloud for reuse (a tombstone is
+``terminated``). A stopped EC2 instance keeps its private IPv4 and IPv6 addresses."""
+
+
+def releases_addresses(before: InventoryRecord | None, after: InventoryRecord) -> bool:
+    """Whether storing ``after`` over ``before`` takes a workload out of its peers' sets whose
+    addresses the cloud may then give to another instance: it was in them (active) and is now
+    terminating, shutting down, terminated or gone. Such a change is computed in the priority lane
+    (``enqueue_compute(urgent=True)``): the address must not stay allowed while a storm's backlog
+    drains (an address-reuse launch). A stop or an agent gone offline leaves the peers' sets too
+    but keeps its addresses, so it takes the ordinary lane: cycling one's own instances must not
+    fill the lane an administrator's quarantine takes (security review of the priority lane)."""
+    return before is not None and before.active and after.state in RELEASING_STATES
 
 
 class EngineHead(BaseModel):

@@ -14,7 +14,7 @@ from ringfence.control.governance import rewrite_governed, store_governed
 from ringfence.control.wiring import BaseWiring, BatchDeadline, Metric, log, no_metric
 from ringfence.events import DomainEvent, Kind, MalformedEvent, normalize
 from ringfence.governance import TagChange
-from ringfence.store.base import ACTIVE_STATES, InventoryRecord, concerns_compute, leaves_peers
+from ringfence.store.base import ACTIVE_STATES, InventoryRecord, concerns_compute, releases_addresses
 
 from . import clients, ec2
 
@@ -81,7 +81,7 @@ class IngestResult:
     kind: str = "ignored"
     changed: list[str] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)
-    # of ``changed``, those that left their peers' sets (kept with the result: a replay's too)
+    # of ``changed``, those that gave their addresses up (kept with the result: a replay's too)
     removed: list[str] = field(default_factory=list)
 
 
@@ -93,7 +93,7 @@ class Ingest:
         # event hands its own on): a 50-instance scale-out's ~150 events were ~150 compute and
         # ~150 perimeter messages, and the perimeter ran one small batch after another
         self._changed: dict[str, None] | None = None
-        # of those, the workloads that left their peers' sets (:func:`leaves_peers`): computed in
+        # of those, the workloads that gave their addresses up (:func:`releases_addresses`): computed in
         # the priority lane, so a terminated address does not stay allowed behind a tag storm
         self._removed: set[str] = set()
 
@@ -157,7 +157,7 @@ class Ingest:
 
     def hand_on(self, ids: Iterable[str], removed: Iterable[str] = ()) -> None:
         """Compute and the perimeter are to look at these workloads (``removed``: those of them that
-        left their peers' sets, computed in the priority lane): when the batch ends, or now
+        gave their addresses up, computed in the priority lane): when the batch ends, or now
         outside one. The handler hands on a replayed event's changes too (its result kept by
         idempotency), so a batch whose hand-off failed after its events were recorded as done
         still reaches compute when it is retried."""
@@ -267,7 +267,7 @@ def observe_instances(
     removed: set[str] | None = None,
 ) -> set[str]:
     """Describe the live instances and store what they are now; returns the ids that changed
-    (``removed``, when given, gets those of them that left their peers' sets: :func:`leaves_peers`).
+    (``removed``, when given, gets those of them that gave their addresses up: :func:`releases_addresses`).
     Instances the batch prefetched (:meth:`Ingest.prefetch`), or the caller has just described
     (``described``: DescribeInstances items by id), are not described again. A tag
     event's ``tag_version`` is recorded only where the live instance carries the event's tags.
@@ -299,7 +299,7 @@ def observe_instances(
     for rec, moved, governed, replaced in results:
         if governed or (moved and _matters(w, replaced, rec)):
             changed.add(rec.id)
-            if removed is not None and moved and leaves_peers(replaced, rec):
+            if removed is not None and moved and releases_addresses(replaced, rec):
                 removed.add(rec.id)
         if (moved or governed) and rec.state == "terminated":
             credentials.retire(w, rec.id, "instance terminated")

@@ -30,12 +30,12 @@ class _Batch:
     compute_actions: list[dict[str, Any]] = field(default_factory=list)
     perimeter_ids: dict[str, None] = field(default_factory=dict)
     perimeter_actions: list[dict[str, Any]] = field(default_factory=list)
-    # the workloads that left their peers' sets and their actions: compute's priority lane
+    # the workloads that gave their addresses up and their actions: compute's priority lane
     urgent_ids: dict[str, None] = field(default_factory=dict)
     urgent_actions: list[dict[str, Any]] = field(default_factory=list)
     # (account, region, instance) → whether the batch's observation changed its inventory record
     observed: dict[tuple[str, str, str], bool] = field(default_factory=dict)
-    # those whose change took them out of their peers' sets (:func:`leaves_peers`)
+    # those whose change gave their addresses up (:func:`releases_addresses`)
     removed: set[tuple[str, str, str]] = field(default_factory=set)
 
 
@@ -84,7 +84,7 @@ class Lifecycle:
 
     def done(self) -> None:
         """The batch is over: its launches go to the perimeter in one message, then its instances
-        and actions to compute in one, those that left their peers' sets (and their terminate
+        and actions to compute in one, those that gave their addresses up (and their terminate
         actions) first in one of the priority lane (a failure here fails the batch, whose actions
         are then applied again and handed on again)."""
         batch, self._batch = self._batch, None
@@ -101,7 +101,7 @@ class Lifecycle:
             self.w.end_batch()
 
     def _to_compute(self, ids: list[str], lifecycle: dict[str, Any] | None = None, *, urgent: bool = False) -> None:
-        """``urgent``: ``ids`` left their peers' sets (a terminating instance): the priority lane,
+        """``urgent``: ``ids`` gave their addresses up (a terminating instance): the priority lane,
         so its address does not stay allowed behind a tag storm's backlog; at most one per
         instance state change, whoever sends the actions."""
         if self._batch is None:
@@ -113,7 +113,7 @@ class Lifecycle:
 
     def _observe(self, account: str, region: str, ids: list[str]) -> tuple[set[str], set[str]]:
         """:func:`observe_instances`, or what the batch's observation of these instances found:
-        the ids that changed, and those of them that left their peers' sets."""
+        the ids that changed, and those of them that gave their addresses up."""
         batch = self._batch
         if batch is not None and ids and all((account, region, i) in batch.observed for i in ids):
             return (

@@ -10,7 +10,7 @@ from ringfence.control.governance import store_governed
 from ringfence.control.wiring import Metric, Target, no_metric
 from ringfence.events import UnservedAccount
 from ringfence.labels import LabelMapper
-from ringfence.store.base import ACTIVE_STATES, InventoryRecord, leaves_peers
+from ringfence.store.base import ACTIVE_STATES, InventoryRecord, releases_addresses
 
 from . import clients, ec2, hooks
 from .wiring import Wiring
@@ -44,7 +44,7 @@ class Reconcile:
         mapper = self.w.mapper()
         records = {r.id: r for r in self.w.store.all_records()}
         changed: set[str] = set()
-        removed: set[str] = set()  # of those, the workloads that left their peers' sets
+        removed: set[str] = set()  # of those, the workloads that gave their addresses up
         for t in self.w.cfg.targets:
             try:
                 self._target(t, mapper, records, res, changed, removed)
@@ -158,7 +158,8 @@ class Reconcile:
         for rec, written, governed, replaced in stored:
             if written or governed:
                 changed.add(rec.id)
-                if written and leaves_peers(replaced, rec):  # the record the write replaced, not the pass's early read
+                # judged against the record the write replaced, not the pass's early read
+                if written and releases_addresses(replaced, rec):
                     removed.add(rec.id)
                 if rec.state == "terminated":
                     credentials.retire(self.w, rec.id, "instance terminated (reconcile)")
