@@ -9,6 +9,7 @@ point); the victims are dummy root files under pytest's tmp_path; the one daemon
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -546,17 +547,39 @@ def test_state_dir_refuses_root_in_another_users_directory(state: Path, scratch:
     assert list(state.iterdir()) == []
 
 
+def _signals_as_from_a_terminal() -> None:
+    """Root's command starts with the default signal dispositions, as typed at a terminal: a
+    runner under ``nohup`` (or a shell's background job) ignores SIGHUP (SIGINT), and an ignored
+    disposition is inherited across exec by the owner's daemon, which then outlives a forwarded
+    SIGHUP as the daemon itself would under nohup."""
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _owners_daemon(config: Path, state: Path) -> tuple[subprocess.Popen[str], int]:
     """Root's ``run`` and the pid of the owner's daemon, once it holds its posture (its signal
     handlers are in place by then)."""
     proc = subprocess.Popen(
-        [AGENT, "run", "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [AGENT, "run", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_signals_as_from_a_terminal,
     )
     pid = _owners_process(str(config))
     deadline = time.monotonic() + 30
-    while not (state / "status.json").exists() and time.monotonic() < deadline:
+    while not ((state / "status.json").exists() and _forwarding(proc.pid)) and time.monotonic() < deadline:
         time.sleep(0.05)
     return proc, pid
+
+
+def _forwarding(pid: int) -> bool:
+    """Root's process catches the signals it forwards (its handlers are in place)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            caught = int(line.split()[1], 16)
+            return all(caught >> (sig - 1) & 1 for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM))
+    return False
 
 
 @pytest.mark.parametrize(
@@ -574,7 +597,10 @@ def test_roots_signal_reaches_the_owners_daemon_and_its_exit_status_is_roots(
         _, err = proc.communicate(timeout=30)
     finally:
         proc.kill()
-    assert not Path(f"/proc/{pid}").exists(), "the owner's daemon outlived root's command"
+        outlived = Path(f"/proc/{pid}").exists()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)  # no daemon outlives the test
+    assert not outlived, "the owner's daemon outlived root's command"
     assert proc.returncode == status, (proc.returncode, err)
     if status == 0:
         assert "stopped; the firewall keeps enforcing" in err, err
