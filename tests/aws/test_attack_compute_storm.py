@@ -10,6 +10,7 @@ the ingest handler describes the instances and queues compute, the admin route q
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from tests.aws.conftest import Env, ip_of
 from tests.aws.test_pipeline import _ctx, _scheduled, boot, in_set
@@ -18,6 +19,18 @@ from tests.aws.test_terminate_trust import HOOK, forged_terminate, send_raw
 RESPONDER = "arn:aws:iam::123456789012:user/ivy"
 DEV = 10
 ROUNDS = 20  # DEV x ROUNDS tag events, one ingest invocation each: ~200 compute messages
+
+
+def _estate_with_dev_instances(env: Env) -> tuple[dict[str, Any], list[str]]:
+    """The example policy and estate, plus DEV web instances of the developer's (env=dev), all
+    running and computed; returns the estate and the developer's instance ids."""
+    env.provision_example_policy()
+    est = env.estate()
+    dev: list[str] = est["run"]("web", est["subnets"]["app"], DEV, env="dev")
+    for iid in [*(i for ids in est["ids"].values() for i in ids), *dev]:
+        env.put(env.state_event(iid, "running"))
+    env.pump()
+    return est, dev
 
 
 def _storm(env: Env, dev: list[str], rounds: int) -> None:
@@ -59,12 +72,7 @@ def _quarantine(env: Env, victim: str, peer: str, ahead: int) -> int | None:
 
 
 def test_attack_a_tag_storm_does_not_delay_a_quarantine(env: Env) -> None:
-    env.provision_example_policy()
-    est = env.estate()
-    dev = est["run"]("web", est["subnets"]["app"], DEV, env="dev")
-    for iid in [*(i for ids in est["ids"].values() for i in ids), *dev]:
-        env.put(env.state_event(iid, "running"))
-    env.pump()
+    est, dev = _estate_with_dev_instances(env)
     env.bind(RESPONDER, ["incident-responder"])
     victim, proc = est["ids"]["web"][0], est["ids"]["proc"][0]
     v_ip = ip_of(env, victim)
@@ -89,12 +97,7 @@ def test_attack_a_tag_storm_does_not_delay_a_terminated_workloads_address_leavin
     sets in the first compute invocations, not after the storm's backlog (ceil(K/10) of them),
     while an address-reuse launch could take the address and ride the stale allow. The ingest
     of the real terminate event sends the removal to the priority lane."""
-    env.provision_example_policy()
-    est = env.estate()
-    dev = est["run"]("web", est["subnets"]["app"], DEV, env="dev")
-    for iid in [*(i for ids in est["ids"].values() for i in ids), *dev]:
-        env.put(env.state_event(iid, "running"))
-    env.pump()
+    est, dev = _estate_with_dev_instances(env)
     gone, proc = est["ids"]["web"][0], est["ids"]["proc"][0]
     g_ip = ip_of(env, gone)
     assert in_set(env.bundle(proc), g_ip)
@@ -175,12 +178,7 @@ def test_attack_stopping_and_starting_ones_own_instances_does_not_delay_a_quaran
     but a stopped instance keeps its addresses, so it is ordinary work, not the priority lane's;
     before, every stop was urgent and the responder's quarantine waited behind them all
     (security review of the priority lane: 100 stops ahead, in force after 11 invocations)."""
-    env.provision_example_policy()
-    est = env.estate()
-    dev = est["run"]("web", est["subnets"]["app"], DEV, env="dev")
-    for iid in [*(i for ids in est["ids"].values() for i in ids), *dev]:
-        env.put(env.state_event(iid, "running"))
-    env.pump()
+    est, dev = _estate_with_dev_instances(env)
     env.bind(RESPONDER, ["incident-responder"])
     victim, proc = est["ids"]["web"][0], est["ids"]["proc"][0]
     assert in_set(env.bundle(proc), ip_of(env, victim))

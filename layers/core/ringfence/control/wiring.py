@@ -379,7 +379,8 @@ class BaseWiring:
         published for it, to be issued a whole bundle above it (``Compute._reissue``).
 
         ``urgent``: an administrator's change (a quarantine, a mode, a binding, a policy) or a
-        workload leaving (its address must leave its peers' allow sets): sent in compute's
+        workload giving its addresses back for reuse (they must leave its peers' allow sets,
+        :func:`ringfence.store.base.releases_addresses`): sent in compute's
         priority lane, so it never waits behind a backlog of ordinary changes (a tag storm's).
         Compute takes every workload's record as stored when it runs, so the order between the
         two lanes changes nothing but how soon each is computed."""
