@@ -783,6 +783,12 @@ def config(tmp_path: Path, backend: str, **extra: object) -> Path:
     return p
 
 
+def _applied_version(state: Path) -> object:
+    """What the agent's status.json says it applied (it is replaced whole, never half-written)."""
+    p = state / "status.json"
+    return json.loads(p.read_text()).get("applied_version") if p.exists() else None
+
+
 def test_restart_reapplies_last_known_good_before_contact_and_survives_control_plane_loss(
     net: NetLab, backend: str, tmp_path: Path
 ) -> None:
@@ -795,6 +801,9 @@ def test_restart_reapplies_last_known_good_before_contact_and_survives_control_p
     )
     assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 15)
     assert net.tcp("h1", "h2", 8080)
+    # the agent keeps a bundle as its last known good once the kernel took it: a kill in between
+    # leaves the one before (here none), so wait for the state directory before pulling the plug
+    assert wait_until(lambda: _applied_version(tmp_path / "state") is not None, 15)
     net.kill(daemon)  # SIGKILL: no chance to clean up
     net.reset("h2")  # as after a reboot: the kernel state is gone
     assert net.tcp("h4", "h2", 8080)
@@ -807,6 +816,7 @@ def test_restart_reapplies_last_known_good_before_contact_and_survives_control_p
     try:
         assert wait_until(lambda: "retry in" in (tmp_path / "run2.log").read_text(), 15)
         text = (tmp_path / "run2.log").read_text()
+        assert "re-applied last known good" in text, text
         assert text.index("re-applied last known good") < text.index("retry in"), text
         enforced_baseline(net)
         time.sleep(2)  # several failed contacts later: still enforcing
