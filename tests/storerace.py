@@ -1,5 +1,6 @@
 """A concurrent observation landing between an ingest's read of a record and its write (the race
-``store_governed`` retries over), made through the real store."""
+``store_governed`` retries over), made through the real store; a store step failing once, and
+the compute messages a local wiring sends (what a failing delivery handed on)."""
 
 from __future__ import annotations
 
@@ -33,3 +34,33 @@ def race_a_role_in_before_the_write(
 
     monkeypatch.setattr(store, "observe", observe)
     return raced
+
+
+def fail_once(monkeypatch: pytest.MonkeyPatch, obj: Any, name: str) -> list[str]:
+    """``obj.name`` (a store's step: ``claim_once``, ``revoke_tokens``...) raises the first time it
+    is called from now on, as a store refusing one request would; the list returned gets an entry
+    when it did."""
+    real = getattr(obj, name)
+    failed: list[str] = []
+
+    def once(*a: Any, **kw: Any) -> Any:
+        if not failed:
+            failed.append(name)
+            raise RuntimeError(f"{name}: the store is unavailable")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(obj, name, once)
+    return failed
+
+
+def computed(monkeypatch: pytest.MonkeyPatch, w: Any) -> list[str]:
+    """Every workload id a compute message of the local wiring ``w`` names from now on (either lane)."""
+    ids: list[str] = []
+    real = w.send_compute
+
+    def send(message: dict[str, Any], **kw: Any) -> None:
+        ids.extend(message.get("ids") or [])
+        real(message, **kw)
+
+    monkeypatch.setattr(w, "send_compute", send)
+    return ids

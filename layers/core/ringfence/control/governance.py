@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 from ringfence.audit import AuditRecord, state_digest
 from ringfence.control.fanout import in_parallel
-from ringfence.control.wiring import BaseWiring, Metric, log, no_metric, queue_stored
+from ringfence.control.wiring import BaseWiring, Metric, hand_on_stored, log, no_metric, queue_stored
 from ringfence.governance import UNATTRIBUTED, Finding, NotGranted, TagChange, Verdict, bind, govern, unbind
 from ringfence.labels import LabelMapper, any_account_taggers
 from ringfence.model import Mode
@@ -26,6 +26,7 @@ from ringfence.store.base import (
     InventoryRecord,
     OtherAccount,
     other_account,
+    releases_addresses,
 )
 
 findings_log = logging.getLogger("ringfence.findings")
@@ -157,16 +158,26 @@ def store_governed(
     else:
         raise ConflictError(f"{', '.join(r.id for r in pending)}: governance changed under {GOVERN_ATTEMPTS} writes")
     out: list[Stored] = []
-    for raw in recs:
-        rec, verdict, written = done[raw.id]
-        governed = False
-        if verdict is not None and mapper is not None and raw.id not in refused:
-            old = base[raw.id]
-            previous = old.workload if old is not None and old.state != "terminated" else None
-            changed = previous is not None and previous.held_labels != verdict.workload.held_labels
-            quarantine = mapper.config.on_privileged_change == "quarantine"
-            governed = _report(w, rec, verdict, event_id, metric, quarantine) or changed
-        out.append(Stored(rec, written, governed, base[raw.id]))
+    try:
+        for raw in recs:
+            rec, verdict, written = done[raw.id]
+            governed = False
+            if verdict is not None and mapper is not None and raw.id not in refused:
+                old = base[raw.id]
+                previous = old.workload if old is not None and old.state != "terminated" else None
+                changed = previous is not None and previous.held_labels != verdict.workload.held_labels
+                quarantine = mapper.config.on_privileged_change == "quarantine"
+                governed = _report(w, rec, verdict, event_id, metric, quarantine) or changed
+            out.append(Stored(rec, written, governed, base[raw.id]))
+    except BaseException:
+        # a report (an audit write, a quarantine) failed after the writes: the caller never learns
+        # what was stored, and the redelivery finds it stored and hands nothing on. Every record
+        # written is handed on, also where only the decision changed (an approval: the store
+        # answers "not written" when the cloud view is the same)
+        owed = [i for i in done if i not in refused]
+        gave_back = [i for i, (r, _, written) in done.items() if written and releases_addresses(base[i], r)]
+        hand_on_stored(w, owed, f"event {event_id or '-'}: a report failed", metric, urgent=gave_back)
+        raise
     return out
 
 

@@ -95,6 +95,28 @@ def queue_stored(
         raise NotQueued(done, target, audit_id, exc, again) from exc
 
 
+def hand_on_stored(
+    w: BaseWiring, ids: Iterable[str], what: str, metric: Metric | None = None, *, urgent: Iterable[str] = ()
+) -> None:
+    """Compute for ``ids``, stored by a step that then failed (``urgent``: those of them that gave
+    their addresses back, in the priority lane), while the step's own failure propagates for its
+    queue to retry: the redelivery finds the record equal to its observation, stores nothing and
+    would hand nothing on. Compute takes records as stored, so a hand-off too many is harmless,
+    a lost one is not. A failure to queue is logged and counted (``ComputeNotQueued``), never
+    raised over the step's own."""
+    ids = sorted(set(ids))
+    if not ids:
+        return
+    first = sorted(set(urgent) & set(ids))
+    try:
+        if first:
+            w.enqueue_compute(first, urgent=True)
+        w.enqueue_compute([i for i in ids if i not in first])
+    except Exception:
+        log.exception("%s: %s stored but compute could not be queued", what, ", ".join(ids))
+        (metric or w.metric)(COMPUTE_NOT_QUEUED, 1)
+
+
 class NoSigningKey(RuntimeError):
     """A function without the signing key was asked to sign."""
 

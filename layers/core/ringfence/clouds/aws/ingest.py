@@ -11,7 +11,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from ringfence.audit import AuditRecord
 from ringfence.control import credentials
 from ringfence.control.governance import rewrite_governed, store_governed
-from ringfence.control.wiring import BaseWiring, BatchDeadline, Metric, log, no_metric
+from ringfence.control.wiring import BaseWiring, BatchDeadline, Metric, hand_on_stored, log, no_metric
 from ringfence.events import DomainEvent, Kind, MalformedEvent, normalize
 from ringfence.governance import TagChange
 from ringfence.store.base import ACTIVE_STATES, InventoryRecord, concerns_compute, releases_addresses
@@ -239,9 +239,16 @@ class Ingest:
         )
         if ev.kind is Kind.LIFECYCLE_TERMINATE:
             group = ev.lifecycle.group_name if ev.lifecycle else None
-            leaving, _ = mark_leaving(
-                self.w, ev.account, ev.region, ids, group=group, event_id=ev.event_id, metric=self.metric
-            )
+            try:
+                leaving, _ = mark_leaving(
+                    self.w, ev.account, ev.region, ids, group=group, event_id=ev.event_id, metric=self.metric
+                )
+            except BaseException:
+                # the observation is stored: its redelivery finds nothing more to store and would
+                # not hand it on (in a batch, done() hands it on with the batch's)
+                if changed:
+                    self.hand_on(sorted(changed), sorted(removed & changed))
+                raise
             changed |= leaving
             removed |= leaving
         res.changed = sorted(changed)
@@ -296,14 +303,28 @@ def observe_instances(
     # launches was ten round trips one after another, each waiting on a busy store)
     results = store_governed(w, observed, stored, change, event_id=event_id, metric=metric, parallel=True)
     changed: set[str] = set()
-    for rec, moved, governed, replaced in results:
-        if governed or (moved and _matters(w, replaced, rec)):
-            changed.add(rec.id)
-            if removed is not None and moved and releases_addresses(replaced, rec):
-                removed.add(rec.id)
-        if (moved or governed) and rec.state == "terminated":
-            credentials.retire(w, rec.id, "instance terminated")
+    gave_back: set[str] = set()
+    try:
+        for rec, moved, governed, replaced in results:
+            if governed or (moved and _matters(w, replaced, rec)):
+                changed.add(rec.id)
+                if moved and releases_addresses(replaced, rec):
+                    gave_back.add(rec.id)
+            if rec.state == "terminated" and (moved or governed or _left_before(replaced)):
+                # again where it was stored terminated already: a retire that failed after the
+                # write is redone by the event's redelivery, which stores nothing (revoking is idempotent)
+                credentials.retire(w, rec.id, "instance terminated")
+    except BaseException:
+        # what was stored is handed on: the redelivery finds it stored and would not
+        hand_on_stored(w, [r.record.id for r in results], f"event {event_id or '-'}", metric, urgent=gave_back)
+        raise
+    if removed is not None:
+        removed |= gave_back
     return changed
+
+
+def _left_before(replaced: InventoryRecord | None) -> bool:
+    return replaced is not None and replaced.state == "terminated"
 
 
 def describe_in(

@@ -9,7 +9,7 @@ from typing import Any
 
 from ringfence.control import credentials
 from ringfence.control.governance import store_governed
-from ringfence.control.wiring import BaseWiring, Metric, log, no_metric
+from ringfence.control.wiring import BaseWiring, Metric, hand_on_stored, log, no_metric
 from ringfence.governance import TagChange
 from ringfence.store.base import concerns_compute
 
@@ -54,16 +54,23 @@ def observe(
     changed: set[str] = set()
     observed = [to_record(vm, nics, t0, mapper) for vm in vms]
     prefix: list[str | None] = []  # the governing policy's key prefix, read once if needed
-    for rec, written, governed, replaced in store_governed(
-        w, observed, stored, change, event_id=event_id, metric=metric
-    ):
-        if written and not governed and not prefix:
-            active = w.governing_policy()
-            prefix.append(active[1].labels.key_prefix if active is not None else None)
-        if governed or (written and concerns_compute(replaced, rec, prefix[0])):
-            changed.add(rec.id)
-        if (written or governed) and rec.state == "terminated":
-            credentials.retire(w, rec.id, "VM deleted")
+    results = store_governed(w, observed, stored, change, event_id=event_id, metric=metric)
+    try:
+        for rec, written, governed, replaced in results:
+            if written and not governed and not prefix:
+                active = w.governing_policy()
+                prefix.append(active[1].labels.key_prefix if active is not None else None)
+            if governed or (written and concerns_compute(replaced, rec, prefix[0])):
+                changed.add(rec.id)
+            left_before = replaced is not None and replaced.state == "terminated"
+            if rec.state == "terminated" and (written or governed or left_before):
+                # again where it was stored deleted already: a retire that failed after the write
+                # is redone by the event's redelivery, which stores nothing (revoking is idempotent)
+                credentials.retire(w, rec.id, "VM deleted")
+    except BaseException:
+        # what was stored is handed on: the redelivery finds it stored and would not
+        hand_on_stored(w, [r.record.id for r in results], f"azure event {event_id or '-'}", metric)
+        raise
     return changed
 
 
@@ -89,11 +96,14 @@ def observe_subscription(w: BaseWiring, arm: Arm, metric: Metric = no_metric) ->
         t0 = time.time()
         for rec in w.store.all_records():
             mine = rec.workload.cloud == "azure" and (rec.workload.account or "").lower() == arm.subscription.lower()
-            gone = mine and rec.id not in live and rec.state != "terminated"
-            if gone and w.store.observe(tombstone(rec.id, arm.subscription, rec.workload.region, t0)):
+            if not mine or rec.id in live or rec.state == "terminated":
+                continue
+            # its token revoked before its tombstone is written: a tombstone stored whose revocation
+            # then failed would be skipped by every later pass (as stored gone), token and all
+            credentials.retire(w, rec.id, "VM gone (azure inventory)")
+            if w.store.observe(tombstone(rec.id, arm.subscription, rec.workload.region, t0)):
                 changed.add(rec.id)
                 res.gone.append(rec.id)
-                credentials.retire(w, rec.id, "VM gone (azure inventory)")
     finally:
         # what was stored is handed on even when a later step fails: the next pass finds nothing
         # more to store for it and would not

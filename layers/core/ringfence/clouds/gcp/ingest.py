@@ -42,7 +42,7 @@ from google.api_core.exceptions import Forbidden, GoogleAPICallError, NotFound, 
 from ringfence.audit import AuditRecord
 from ringfence.control import credentials
 from ringfence.control.governance import GOVERNANCE_PRINCIPAL, store_governed
-from ringfence.control.wiring import BaseWiring, Metric, no_metric
+from ringfence.control.wiring import BaseWiring, Metric, hand_on_stored, no_metric
 from ringfence.events import MalformedEvent
 from ringfence.governance import TagChange, govern, is_tagger
 from ringfence.labels import LabelMapper
@@ -173,12 +173,16 @@ class GcpIngest:
         if ev.group:
             self.metric("GroupLaunches", 1)
             log.info("%s %s/%s: made by managed instance group %s", ev.action.value, ev.zone, ev.instance, ev.group)
+        owed: set[str] = set()
         try:
-            changed = self._decide_and_observe(project, ev, said)
+            changed = self._decide_and_observe(project, ev, said, owed)
         except Exception:
             if said is not None and said is not ev and ev.operation:  # the redelivery finds it again
                 with self._pending_lock:
                     self.pending.setdefault(ev.operation, said)
+            # a change stored before a later step failed (the entry's one-time claim): handed on,
+            # as the redelivery finds it stored and would not
+            hand_on_stored(self.w, owed, f"gcp event {ev.event_id}", self.metric)
             raise
         res.changed = sorted(changed)
         if changed:
@@ -186,9 +190,10 @@ class GcpIngest:
         self.metric("InventoryChanges", len(changed))
         return res
 
-    def _decide_and_observe(self, project: str, ev: GcpEvent, said: GcpEvent | None) -> set[str]:
+    def _decide_and_observe(self, project: str, ev: GcpEvent, said: GcpEvent | None, owed: set[str]) -> set[str]:
         """Who made the change ``ev`` ends and what it set (``said``: its first entry when held in
-        this process), decided and stored: the VM observed and governed with it."""
+        this process), decided and stored: the VM observed and governed with it. ``owed`` gets
+        what changed as soon as it is stored, for the caller to hand on should a later step fail."""
         names = {ev.instance: ev.instance_name} if ev.instance_name else None
         observed = self.observations(project, ev.zone, [ev.instance], names)
         stored = self.w.store.get_many([r.id for r in observed])
@@ -198,6 +203,7 @@ class GcpIngest:
             # re-sending a privileged value in force). Should a move land between this read and
             # the write, it is decided unattributed: held, never approved.
             changed = self._store(observed, TagChange(None, None), ev.event_id, stored)
+            owed |= changed
             self._spend_unread(ev, said)
             return changed
         first_logged: dict[str, Any] | None = None
@@ -258,6 +264,7 @@ class GcpIngest:
         # placed at the call's end (its last entry's time, as Cloud Logging has it for a split call):
         # by then the VM shows what it set, so a read after it without the value is a later write
         changed = self._store(observed, _at_call(change, ended or (said.time if said else None)), ev.event_id, stored)
+        owed |= changed
         if spend is not None:
             # spent only once its approval or finding is stored: a delivery that failed before is
             # redelivered and decides again; a replay (the entry published again later) finds it spent
@@ -759,6 +766,15 @@ class GcpIngest:
         wl = stored.workload
         return (wl.account, wl.zone) if wl.account in self.cfg.projects and wl.zone else None
 
+    def _stored_deleted(self, instance_id: str) -> tuple[str, str] | None:
+        """The project and zone of ``instance_id``'s stored record, a deleted VM of a served
+        project; else None."""
+        stored = self.w.store.get(instance_id) if instance_id.isdigit() else None
+        if stored is None or stored.state != "terminated" or stored.workload.cloud != "gcp":
+            return None
+        wl = stored.workload
+        return (wl.account, wl.zone) if wl.account in self.cfg.projects and wl.zone else None
+
     def read(self, project: str, zone: str, ref: str, name: str | None = None) -> dict[str, Any] | None:
         """The VM ``ref`` names, or None when it is gone. A numeric id is looked up by id
         (:meth:`Instances.by_id`) where the VM is stored (:meth:`locate`), else in ``zone``: never
@@ -810,6 +826,12 @@ class GcpIngest:
                 raise MalformedEvent(f"zone {z!r} of project {p!r} does not exist: {exc.message}") from None
             t = now()
             if inst is None:
+                left = self._stored_deleted(name_or_id) if stored_at is None else None
+                if left is not None:
+                    # stored deleted already (its delete redelivered): observed deleted again, so
+                    # what follows the tombstone's write (its token's revocation) is done again
+                    observed.append(tombstone(name_or_id, *left, t))
+                    continue
                 if stored_at is None:
                     log.warning("%s/%s is not found and is not stored: nothing to remove", zone, name_or_id)
                     continue
@@ -833,16 +855,23 @@ class GcpIngest:
             stored = self.w.store.get_many([r.id for r in observed])
         changed: set[str] = set()
         prefix: list[str | None] = []  # the governing policy's key prefix, read once if needed
-        for rec, written, governed, replaced in store_governed(
-            self.w, observed, stored, change, event_id=event_id, metric=self.metric
-        ):
-            if written and not governed and not prefix:
-                active = self.w.governing_policy()
-                prefix.append(active[1].labels.key_prefix if active is not None else None)
-            if governed or (written and concerns_compute(replaced, rec, prefix[0])):
-                changed.add(rec.id)
-            if (written or governed) and rec.state == "terminated":
-                credentials.retire(self.w, rec.id, "instance deleted")
+        results = store_governed(self.w, observed, stored, change, event_id=event_id, metric=self.metric)
+        try:
+            for rec, written, governed, replaced in results:
+                if written and not governed and not prefix:
+                    active = self.w.governing_policy()
+                    prefix.append(active[1].labels.key_prefix if active is not None else None)
+                if governed or (written and concerns_compute(replaced, rec, prefix[0])):
+                    changed.add(rec.id)
+                left_before = replaced is not None and replaced.state == "terminated"
+                if rec.state == "terminated" and (written or governed or left_before):
+                    # again where it was stored deleted already: a retire that failed after the
+                    # write is redone by the redelivery, which stores nothing (revoking is idempotent)
+                    credentials.retire(self.w, rec.id, "instance deleted")
+        except BaseException:
+            # what was stored is handed on: the redelivery finds it stored and would not
+            hand_on_stored(self.w, [r.record.id for r in results], f"gcp event {event_id or '-'}", self.metric)
+            raise
         return changed
 
     def sync(self, project: str) -> set[str]:
@@ -858,6 +887,27 @@ class GcpIngest:
         # GCP gives an internal address to one VM of a network at a time (a stopped VM keeps its own)
         held = {(rec.workload.vpc, ip) for rec in observed for ip in rec.workload.ips}
         changed = self._store(observed, None)
+        try:
+            self._sync_unlisted(project, seen, held, unreachable, mapper, changed)
+        except BaseException:
+            # what was stored is handed on: the next pass finds nothing more to store and would not
+            hand_on_stored(self.w, changed, f"gcp sync of {project}", self.metric)
+            raise
+        if changed:
+            self.w.enqueue_compute(sorted(changed))
+        return changed
+
+    def _sync_unlisted(
+        self,
+        project: str,
+        seen: set[str],
+        held: set[tuple[str | None, str]],
+        unreachable: set[str] | None,
+        mapper: LabelMapper | None,
+        changed: set[str],
+    ) -> None:
+        """:meth:`sync`'s pass over the project's stored VMs it did not list (``changed`` gets
+        those it changed as each is stored)."""
         if unreachable is None or unreachable:
             self.metric("GcpZonesUnreachable", len(unreachable) if unreachable is not None else 1)
             log.warning("gcp sync of %s: unreachable zones %s: their VMs are looked up by id", project, unreachable)
@@ -868,14 +918,13 @@ class GcpIngest:
             if not wl.zone:
                 continue
             if unreachable is None or wl.zone in unreachable:
-                changed |= self._unlisted(project, stored, held, mapper)
+                changed.update(self._unlisted(project, stored, held, mapper))
                 continue
+            # its token revoked before its tombstone is written: a tombstone stored whose revocation
+            # then failed would be skipped by every later pass (as stored deleted), token and all
+            credentials.retire(self.w, stored.id, "instance deleted")
             if self.w.store.observe(tombstone(stored.id, project, wl.zone, now())):
                 changed.add(stored.id)
-                credentials.retire(self.w, stored.id, "instance deleted")
-        if changed:
-            self.w.enqueue_compute(sorted(changed))
-        return changed
 
     def _unlisted(
         self, project: str, stored: InventoryRecord, held: set[tuple[str | None, str]], mapper: LabelMapper | None

@@ -1,0 +1,93 @@
+"""AWS ingest: a change stored by an event whose later step then fails still reaches compute. The
+event's redelivery (SQS retries what the batch reports failed) finds the instance stored as
+observed, stores nothing and would hand nothing on. Against the moto server, through the real
+ingest and compute handlers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from ringfence.local.lambdas import Delivery, deliver_batch
+from tests.aws.conftest import REGION, Env, ip_of
+from tests.aws.test_governance import ESCALATION, TAGGER_ROLE, create_tags_event, governed_estate, ssh_peers
+from tests.aws.test_pipeline import boot, in_set
+from tests.aws.test_terminate_trust import forged_terminate, send_raw
+
+
+def refuse_once(env: Env, event_name: str, applies: Any = lambda params: True) -> list[str]:
+    """The next call ``event_name`` names (a botocore ``before-call``/``before-parameter-build``
+    event) for which ``applies(params)`` holds is throttled, once, in freshly loaded functions;
+    the list returned gets an entry when it was."""
+    refused: list[str] = []
+
+    def refuse(params: dict[str, Any], **_: Any) -> None:
+        if not refused and applies(params):
+            refused.append(event_name)
+            raise ClientError({"Error": {"Code": "Throttling", "Message": "Rate exceeded"}}, event_name)
+
+    env.load_functions()  # a cold container, whose clients carry the hook
+    env.hook(event_name, refuse)
+    return refused
+
+
+def ingest_once(env: Env) -> Delivery:
+    """One batch of the ingest queue to the ingest function, as Lambda's poller hands it over
+    (what fails stays on the queue, visible again at once: SQS's redelivery)."""
+    d = deliver_batch(
+        env.sqs,
+        env.queues["ingest"],
+        env.aws.queue_arn("ingest"),
+        env.fn["ingest"].handler,
+        region=REGION,
+        name="ingest",
+    )
+    assert d is not None, "nothing on the ingest queue"
+    return d
+
+
+def test_an_observation_stored_before_a_terminate_actions_auto_scaling_read_fails_reaches_compute(env: Env) -> None:
+    """A terminate action for the database (not Auto Scaling's: it will be refused) reaches ingest
+    after the database moved to env dev. Its observation is stored, then the Auto Scaling read
+    that would confirm the action is throttled: the event fails and is delivered again. The
+    redelivery stores nothing (the move is stored) and refuses the action: the move must have
+    reached compute, or the processing hosts keep allowing the database as a prod peer."""
+    est = boot(env)
+    db, proc = est["ids"]["db"][0], est["ids"]["proc"][0]
+    assert in_set(env.bundle(proc), ip_of(env, db))
+    env.ec2.create_tags(Resources=[db], Tags=[{"Key": "ringfence:env", "Value": "dev"}])
+    refused = refuse_once(env, "before-call.auto-scaling.DescribeAutoScalingInstances")
+    send_raw(env, "ingest", forged_terminate(env, db))
+    assert ingest_once(env).failed and refused, "the throttled read fails the event, for SQS to deliver again"
+    assert env.store.get(db).labels["env"] == "dev", "the observation was stored before the read"
+    assert not ingest_once(env).failed  # the redelivery
+    env.pump()
+    assert env.store.get(db).state == "running"  # the action is refused: it stays
+    assert not in_set(env.bundle(proc), ip_of(env, db)), "the database's move never reached compute"
+
+
+def test_a_taggers_approval_stored_before_its_audit_write_fails_reaches_compute(env: Env) -> None:
+    """The tagging role moves the dev box to jumpbox: the tag event holds the move, the CloudTrail
+    call approves it. The approval is stored, then its audit record's write is throttled: the
+    event fails and is delivered again. The redelivery finds the approval stored and stores
+    nothing: the approved jumpbox must have reached compute (every production host's SSH peers)."""
+    est = governed_estate(env)
+    dev = est["dev"]
+    env.ec2.create_tags(Resources=[dev], Tags=[{"Key": k, "Value": v} for k, v in ESCALATION.items()])
+    live = env.ec2.describe_instances(InstanceIds=[dev])["Reservations"][0]["Instances"][0]["Tags"]
+    env.put(env.tag_event(dev, {t["Key"]: t["Value"] for t in live}, version=2))
+    env.pump()
+    assert env.store.get(dev).workload.held_labels is not None, "held until the call's event names its caller"
+
+    def audit_write(params: dict[str, Any]) -> bool:
+        return any(next(iter(i.values()))["TableName"] == "rf-audit" for i in params.get("TransactItems", []))
+
+    refused = refuse_once(env, "before-parameter-build.dynamodb.TransactWriteItems", audit_write)
+    env.put(create_tags_event(dev, ESCALATION, TAGGER_ROLE))
+    assert ingest_once(env).failed and refused, "the refused audit write fails the event, for SQS to deliver again"
+    assert env.store.get(dev).labels["role"] == "jumpbox", "the approval was stored before its audit write"
+    assert not ingest_once(env).failed  # the redelivery
+    env.pump()
+    peers = ssh_peers(env, est)
+    assert peers and all(peers.values()), "the approved jumpbox never reached compute"
