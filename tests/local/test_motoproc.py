@@ -5,6 +5,7 @@ not share an entry."""
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -481,3 +482,94 @@ def test_items_of_every_attribute_type_come_back_from_the_lab_as_written(embedde
         ExpressionAttributeValues={":k": {"S": "w-1"}},
     )["Items"]
     assert queried == [updated]
+
+
+@pytest.mark.parametrize("one_at_a_time", [True, False])
+def test_two_actions_recorded_at_once_in_a_fresh_hold_are_both_kept(
+    monkeypatch: pytest.MonkeyPatch, one_at_a_time: bool
+) -> None:
+    """``one_dynamodb_request_at_a_time``: compute records an instance's two launch actions (one
+    per hook) in its fresh hold on threads of their own (``LaunchGate.complete_once``). moto's
+    UpdateItem found the hold missing for both, and the later creation replaced the item the
+    other action had been written into meanwhile: that action's claim failed and it was left to
+    time out (CI, once: ``test_two_launch_hooks_at_once_are_both_completed``). DynamoDB applies
+    each write to an item whole. Forced here: the first creation waits (2 s at most) until the
+    other action is stored, which it never is while requests are atomic. The unpatched case
+    checks that the interleaving is still forced (moto as it is loses an action)."""
+    import boto3
+    import requests
+    from moto.dynamodb.models.table import Table
+    from moto.dynamodb.responses import DynamoHandler
+    from moto.server import ThreadedMotoServer
+
+    from ringfence.local.motoproc import one_dynamodb_request_at_a_time
+    from ringfence.store.dynamodb import DynamoStore
+
+    monkeypatch.setattr(DynamoHandler, "call_action", DynamoHandler.call_action)  # put back afterwards
+    if one_at_a_time:
+        one_dynamodb_request_at_a_time()
+    created, iid = Table.put_item, "i-race"
+    paused = threading.Event()
+
+    def put_item(self: Any, item_attrs: dict[str, Any], *args: Any, **kw: Any) -> Any:
+        if item_attrs.get("pk") == {"S": f"launch#{iid}"} and not paused.is_set():
+            paused.set()  # the first creation of the hold: let the other action through first
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline:
+                stored = _stored(self, iid)
+                if stored is not None and len(stored.get("actions", {}).get("M", {})) > 0:
+                    break
+                time.sleep(0.01)
+        return created(self, item_attrs, *args, **kw)
+
+    monkeypatch.setattr(Table, "put_item", put_item)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        url = f"http://{host}:{port}"
+        requests.post(f"{url}/moto-api/reset", timeout=10)
+        ddb = boto3.resource(
+            "dynamodb",
+            endpoint_url=url,
+            region_name="ca-central-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+        for name, keys in {"rf-inventory": ["id"], "rf-state": ["pk", "sk"], "rf-audit": ["pk", "sk"]}.items():
+            ddb.create_table(
+                TableName=name,
+                KeySchema=[{"AttributeName": k, "KeyType": t} for k, t in zip(keys, ("HASH", "RANGE"), strict=False)],
+                AttributeDefinitions=[{"AttributeName": k, "AttributeType": "S"} for k in keys],
+                BillingMode="PAY_PER_REQUEST",
+            )
+        store = DynamoStore("rf-inventory", "rf-state", "rf-audit", resource=ddb)
+
+        def record(hook: str, token: str) -> None:
+            store.hold_launch_action(iid, {"hook_name": hook, "token": token})
+
+        first = threading.Thread(target=record, args=("rf-hook", "t1"))
+        first.start()
+        assert paused.wait(10), "the first action's creation of the hold was reached"
+        second = threading.Thread(target=record, args=("rf-hook-warm", "t2"))
+        second.start()
+        first.join(30)
+        second.join(30)
+        hold = store.launch_hold(iid)
+        kept = sorted(hold.actions) if hold is not None else []
+        claims = [store.claim_launch_release(iid, t) for t in ("t1", "t2")]
+    finally:
+        server.stop()
+    if one_at_a_time:
+        assert kept == ["t1", "t2"], "both actions recorded"
+        assert claims == [True, True], "each claimed (then completed) on its own"
+    else:
+        assert kept != ["t1", "t2"], "moto as it is loses one under this interleaving"
+
+
+def _stored(table: Any, iid: str) -> dict[str, Any] | None:
+    """The hold item of ``iid`` as moto's table holds it now (wire form), or None."""
+    from moto.dynamodb.models.dynamo_type import DynamoType
+
+    item = table.get_item(DynamoType({"S": f"launch#{iid}"}), DynamoType({"S": "hold"}))
+    return None if item is None else item.to_json()["Attributes"]

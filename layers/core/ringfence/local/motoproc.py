@@ -489,6 +489,35 @@ def serialise_transactions() -> None:
     DynamoDBBackend.transact_write_items = transact_write_items  # type: ignore[method-assign]
 
 
+def one_dynamodb_request_at_a_time() -> None:
+    """moto's DynamoDB answers one request at a time, as DynamoDB applies each item's writes whole.
+
+    moto's ``UpdateItem`` reads the item, checks the condition, and then creates the item (a
+    new item *replacing* whatever is stored under the key) or changes it in place; ``PutItem``
+    checks its condition and then stores. Two requests on one item from request threads of their
+    own interleave: two first writes of one key both find it missing and the later creation
+    drops what the other wrote meanwhile, and two conditional writes both pass their condition.
+    Compute records each launch action of an instance in its hold on threads of its own (one per
+    launch hook, the first writes of a fresh item): one action vanished from the hold, its claim
+    failed and it was left to time out (one CI run, pytest -n 4). DynamoDB never does that, so
+    the lab must not. moto's DynamoDB is pure Python, its work holding the GIL anyway, so one
+    request at a time should cost little (not measured by a bench run yet). Transactions go
+    through here too (and then :func:`serialise_transactions`)."""
+    from moto.dynamodb.responses import DynamoHandler
+
+    orig = DynamoHandler.call_action
+    if getattr(orig, "_ringfence_one_at_a_time", False):
+        return
+    lock = threading.Lock()
+
+    def call_action(self: Any) -> Any:
+        with lock:
+            return orig(self)
+
+    call_action._ringfence_one_at_a_time = True  # type: ignore[attr-defined]
+    DynamoHandler.call_action = call_action  # type: ignore[method-assign]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ringfence.local.motoproc", description=__doc__.splitlines()[0])
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
@@ -507,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     moto_trail.install()
     moto_changes.install()
     serialise_transactions()
+    one_dynamodb_request_at_a_time()
     cache_event_paths()
     cheap_bookkeeping()
     plain_attribute_values()
