@@ -147,6 +147,18 @@ class Reconcile:
             # abandoned action — must not keep a running instance out of its peers' sets
             asg = clients.assumed_client("autoscaling", t.region, role, "ringfence-reconcile")
             release = frozenset(held - set(ec2.leaving_groups(asg, sorted(held))))
+        # a token is revoked before the record is written terminated: a terminated record is
+        # never written again (a later run finds it as listed), so a revocation failing after the
+        # write would leave the token authorizing for good
+        failed: list[Exception] = []
+        withheld: set[str] = set()
+        for rec in observed:
+            old = records.get(rec.id)
+            leaves = rec.state == "terminated" and (old is None or old.state != "terminated")
+            if leaves and not self._retire(rec.id, "instance terminated (reconcile)", failed):
+                withheld.add(rec.id)
+        # one whose revocation failed stays as stored, for the next run to revoke and write
+        observed = [rec for rec in observed if rec.id not in withheld]
         # reconcile names no principal: it never approves a move into a privileged value
         try:
             stored = store_governed(self.w, observed, records, metric=self.metric, release=release, fresh=True)
@@ -161,23 +173,34 @@ class Reconcile:
                 # judged against the record the write replaced, not the pass's early read
                 if written and releases_addresses(replaced, rec):
                     removed.add(rec.id)
-                if rec.state == "terminated":
-                    credentials.retire(self.w, rec.id, "instance terminated (reconcile)")
             if written and rec.id in release:
                 res.restored.append(rec.id)
                 self.metric("StaleTerminatingCleared", 1)
         for rec in records.values():
             w = rec.workload
             mine = w.cloud == "aws" and w.account == t.account and w.region == t.region
-            if (
-                mine
-                and rec.id not in live_ids
-                and rec.state != "terminated"
-                and self.w.store.observe(ec2.tombstone(rec.id, t.account, t.region, t0))
+            if not mine or rec.id in live_ids or rec.state == "terminated":
+                continue
+            # its token revoked before its tombstone is written: every later run skips a
+            # tombstone, so one whose revocation then failed would leave the token authorizing
+            if self._retire(rec.id, "instance gone (reconcile)", failed) and self.w.store.observe(
+                ec2.tombstone(rec.id, t.account, t.region, t0)
             ):
                 changed.add(rec.id)
                 res.gone.append(rec.id)
                 if rec.active:
                     removed.add(rec.id)
-                credentials.retire(self.w, rec.id, "instance gone (reconcile)")
         self._hooks(t, role, res)
+        if failed:  # the target failed: counted, logged, and what it stored still reaches compute
+            raise failed[0]
+
+    def _retire(self, wid: str, why: str, failed: list[Exception]) -> bool:
+        """:func:`credentials.retire`; False (the error kept in ``failed``) when it fails, so that
+        one workload's failed revocation does not stop the others' convergence."""
+        try:
+            credentials.retire(self.w, wid, why)
+        except Exception as exc:
+            log.warning("reconcile: the token of %s could not be revoked (%s): left as stored", wid, exc)
+            failed.append(exc)
+            return False
+        return True

@@ -960,8 +960,10 @@ class GcpIngest:
             rec = None
         if rec is not None:
             return self._store([rec], None)
+        # its token revoked before its tombstone is written: every later pass skips a tombstone,
+        # so one whose revocation then failed would leave the token authorizing
+        credentials.retire(self.w, stored.id, "instance deleted")
         if self.w.store.observe(tombstone(stored.id, project, zone, now())):
-            credentials.retire(self.w, stored.id, "instance deleted")
             return {stored.id}
         return set()
 
