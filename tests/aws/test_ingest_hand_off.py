@@ -1,7 +1,7 @@
-"""AWS ingest: a change stored by an event whose later step then fails still reaches compute. The
-event's redelivery (SQS retries what the batch reports failed) finds the instance stored as
-observed, stores nothing and would hand nothing on. Against the moto server, through the real
-ingest and compute handlers."""
+"""AWS ingest and lifecycle: a change stored by an event whose later step then fails still reaches
+compute. The event's redelivery (SQS retries what the batch reports failed) finds the instance
+stored as observed, stores nothing and would hand nothing on. Against the moto server, through the
+real ingest, lifecycle and compute handlers."""
 
 from __future__ import annotations
 
@@ -32,18 +32,18 @@ def refuse_once(env: Env, event_name: str, applies: Any = lambda params: True) -
     return refused
 
 
-def ingest_once(env: Env) -> Delivery:
-    """One batch of the ingest queue to the ingest function, as Lambda's poller hands it over
-    (what fails stays on the queue, visible again at once: SQS's redelivery)."""
+def ingest_once(env: Env, fn: str = "ingest") -> Delivery:
+    """One batch of the ingest queue (or ``fn``'s: lifecycle) to its function, as Lambda's poller
+    hands it over (what fails stays on the queue, visible again at once: SQS's redelivery)."""
     d = deliver_batch(
         env.sqs,
-        env.queues["ingest"],
-        env.aws.queue_arn("ingest"),
-        env.fn["ingest"].handler,
+        env.queues[fn],
+        env.aws.queue_arn(fn),
+        env.fn[fn].handler,
         region=REGION,
-        name="ingest",
+        name=fn,
     )
-    assert d is not None, "nothing on the ingest queue"
+    assert d is not None, f"nothing on the {fn} queue"
     return d
 
 
@@ -62,6 +62,27 @@ def test_an_observation_stored_before_a_terminate_actions_auto_scaling_read_fail
     assert ingest_once(env).failed and refused, "the throttled read fails the event, for SQS to deliver again"
     assert env.store.get(db).labels["env"] == "dev", "the observation was stored before the read"
     assert not ingest_once(env).failed  # the redelivery
+    env.pump()
+    assert env.store.get(db).state == "running"  # the action is refused: it stays
+    assert not in_set(env.bundle(proc), ip_of(env, db)), "the database's move never reached compute"
+
+
+def test_an_observation_the_lifecycle_function_stored_before_its_auto_scaling_read_fails_reaches_compute(
+    env: Env,
+) -> None:
+    """As above, the terminate action on the lifecycle queue: the lifecycle function stores its
+    batch's observation (the database moved to env dev), then the Auto Scaling read confirming
+    the action is throttled and the action fails. Its redelivery stores nothing and refuses the
+    action: the move must have reached compute with the failed action's batch."""
+    est = boot(env)
+    db, proc = est["ids"]["db"][0], est["ids"]["proc"][0]
+    assert in_set(env.bundle(proc), ip_of(env, db))
+    env.ec2.create_tags(Resources=[db], Tags=[{"Key": "ringfence:env", "Value": "dev"}])
+    refused = refuse_once(env, "before-call.auto-scaling.DescribeAutoScalingInstances")
+    send_raw(env, "lifecycle", forged_terminate(env, db))
+    assert ingest_once(env, "lifecycle").failed and refused, "the throttled read fails the action"
+    assert env.store.get(db).labels["env"] == "dev", "the observation was stored before the read"
+    assert not ingest_once(env, "lifecycle").failed  # the redelivery
     env.pump()
     assert env.store.get(db).state == "running"  # the action is refused: it stays
     assert not in_set(env.bundle(proc), ip_of(env, db)), "the database's move never reached compute"

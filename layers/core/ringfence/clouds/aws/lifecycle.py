@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ringfence.control.wiring import Metric, log, no_metric
+from ringfence.control.wiring import Metric, hand_on_stored, log, no_metric
 from ringfence.events import DomainEvent, Kind, MalformedEvent, normalize, normalize_json
 
 from .ingest import Ingest, mark_leaving, observe_instances
@@ -111,6 +111,19 @@ class Lifecycle:
         if lifecycle is not None:
             (self._batch.urgent_actions if urgent else self._batch.compute_actions).append(lifecycle)
 
+    def _hand_on(self, changed: set[str], removed: set[str], what: str) -> None:
+        """Compute for what an action that then failed stored (``removed``: those of them that
+        gave their addresses up): with the batch's when it ends (done() runs whatever the
+        actions did), else now, a failure to queue logged and counted, never raised over the
+        action's own (:func:`hand_on_stored`)."""
+        if not changed:
+            return
+        if self._batch is None:
+            hand_on_stored(self.w, changed, what, self.metric, urgent=removed & changed)
+            return
+        self._to_compute(sorted(changed - removed))
+        self._to_compute(sorted(changed & removed), urgent=True)
+
     def _observe(self, account: str, region: str, ids: list[str]) -> tuple[set[str], set[str]]:
         """:func:`observe_instances`, or what the batch's observation of these instances found:
         the ids that changed, and those of them that gave their addresses up."""
@@ -167,15 +180,21 @@ class Lifecycle:
         ids = list(ev.instance_ids)
         changed, removed = self._observe(ev.account, ev.region, ids)
         if ev.kind is Kind.LIFECYCLE_TERMINATE:
-            leaving, refused = mark_leaving(
-                self.w,
-                ev.account,
-                ev.region,
-                ids,
-                group=ev.lifecycle.group_name,
-                event_id=ev.event_id,
-                metric=self.metric,
-            )
+            try:
+                leaving, refused = mark_leaving(
+                    self.w,
+                    ev.account,
+                    ev.region,
+                    ids,
+                    group=ev.lifecycle.group_name,
+                    event_id=ev.event_id,
+                    metric=self.metric,
+                )
+            except BaseException:
+                # the observation is stored: the redelivered action finds nothing more to store
+                # and would not hand it on (refused, it hands on nothing else)
+                self._hand_on(changed, removed, f"lifecycle action {ev.event_id}")
+                raise
             changed |= leaving
             removed |= leaving
             if refused:
