@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -114,10 +115,12 @@ def write_layout_file(out: Path, relative: str, text: str) -> None:
     path = out / relative
     if any(part in (".", "..") for part in Path(relative).parts):
         raise CliError(f"{relative!r} cannot be used as a file name")
+    from ringfence import durable
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    # a temporary name no one can guess, created exclusively: ``out`` may be writable by another
+    # account (the web server's), which could plant a link at a predictable one
+    durable.replace(path, text.encode(), 0o644)
 
 
 def _emit(text: str, out: str | None) -> None:
@@ -964,8 +967,20 @@ def cmd_serve_token(args: argparse.Namespace) -> int:
     except serve.ServeError as exc:
         raise CliError(str(exc)) from None
     path = Path(args.file)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+    me = os.geteuid()
+    why = serve.tokens_path_problem(path, frozenset({0, me}), missing_ok=True)
+    if why is not None:
+        raise CliError(f"{path}: refused: {why}")
+    try:  # never through a link; an existing file only if no one else may write it (checked on the descriptor)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise CliError(
+            f"{path}: {exc.strerror}" + (" (give the file itself, not a link)" if exc.errno == errno.ELOOP else "")
+        ) from None
     with os.fdopen(fd, "r+b") as f:
+        why = serve.file_problem(path, os.fstat(fd), frozenset({me}))
+        if why is not None:
+            raise CliError(f"{path}: refused: {why}; nothing added")
         size = os.fstat(fd).st_size
         # a hand-written last line without its newline would run into this one
         lead = b"\n" if size and os.pread(fd, 1, size - 1) != b"\n" else b""
@@ -975,11 +990,32 @@ def cmd_serve_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def make_private_dirs(path: Path) -> None:
+    """``path`` and any missing directory above it, each created mode 0700 whatever the umask
+    (under umask 000 a plain mkdir leaves 0777: anyone could swap the key). Existing ones are left
+    as they are."""
+    missing = []
+    for d in [path, *path.parents]:
+        if d.exists():
+            break
+        missing.append(d)
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            continue
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)  # the one just made, not a link put there
+        try:
+            os.fchmod(fd, 0o700)
+        finally:
+            os.close(fd)
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     from ringfence import bundle as bundle_mod
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_private_dirs(out)
     private, public = out / "bundle-signing.pem", out / "bundle-signing.pub.pem"
     if private.exists() and not args.force:
         raise CliError(f"{private} exists; pass --force to replace it (agents pin the old public key)")

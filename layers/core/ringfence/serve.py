@@ -27,6 +27,7 @@ import re
 import secrets
 import socket
 import ssl
+import stat
 import threading
 import time
 import uuid
@@ -95,9 +96,16 @@ class AdminTokens:
     @classmethod
     def load(cls, path: Path) -> AdminTokens:
         try:
-            text = path.read_bytes().decode("utf-8")
+            data = path.read_bytes()
         except OSError as exc:
             raise ServeError(f"--admin-tokens {path}: {exc.strerror}") from None
+        return cls.parse(data, path)
+
+    @classmethod
+    def parse(cls, data: bytes, path: Path) -> AdminTokens:
+        """The tokens in ``data``, the text of the file ``path`` (named in errors)."""
+        try:
+            text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise ServeError(f"--admin-tokens {path}: not UTF-8 text (byte {exc.start})") from None
         by_hash: dict[str, str] = {}
@@ -154,22 +162,92 @@ class AdminTokens:
         return held[0] if held else None
 
 
+def tokens_path_problem(path: Path, owners: frozenset[int], *, missing_ok: bool = False) -> str | None:
+    """Why a user other than ``owners`` (uids) could change what the tokens file at ``path``
+    holds, or None: every directory above it, along the path as given and along the path it
+    resolves to, must be owned by one of ``owners`` and writable by its owner only (one further
+    up may be sticky, as /tmp is: there another user cannot rename an entry that is not theirs);
+    a symbolic link on the way must be theirs too. The file itself is checked on the descriptor
+    it is read from (:func:`read_tokens_file`)."""
+    given = Path(os.path.abspath(path))
+    for chain in (given, Path(os.path.realpath(given))):
+        for d in [*reversed(chain.parents), chain]:
+            try:
+                st = d.lstat()
+            except FileNotFoundError:
+                if d == chain and missing_ok:
+                    continue
+                return f"{d}: no such file or directory"
+            except OSError as exc:
+                return f"{d}: {exc.strerror}"
+            if stat.S_ISLNK(st.st_mode):
+                if st.st_uid not in owners:
+                    return f"{d} is a symbolic link owned by uid {st.st_uid}: its owner may point it elsewhere"
+                continue
+            if d == chain:
+                continue  # the file: checked where it is opened
+            writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+            sticky_ok = d != chain.parent and st.st_mode & stat.S_ISVTX
+            if st.st_uid not in owners or (writable and not sticky_ok):
+                return (
+                    f"directory {d} is owned by uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}: another user "
+                    "could replace the tokens file (it must be owned by root or the serving user, writable by its owner only)"
+                )
+    return None
+
+
+def file_problem(path: Path, st: os.stat_result, owners: frozenset[int]) -> str | None:
+    """Why the opened tokens file ``st`` is one another user could write, or None."""
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path} is not a regular file"
+    if st.st_uid not in owners:
+        return f"{path} is owned by uid {st.st_uid}, who could add a token of their own"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}): anyone who may write it may add a token"
+    return None
+
+
+def read_tokens_file(path: Path, owners: frozenset[int]) -> bytes:
+    """The tokens file's bytes, refused (:class:`ServeError`) where a user other than ``owners``
+    could have written them: the file or a directory on its path theirs or writable by them. A
+    token line is an admin's credential, so whoever may write the file is an admin."""
+    why = tokens_path_problem(path, owners)
+    if why is not None:
+        raise ServeError(f"--admin-tokens {path}: refused: {why}")
+    try:
+        fd = os.open(os.path.realpath(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        raise ServeError(f"--admin-tokens {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        why = file_problem(path, os.fstat(f.fileno()), owners)
+        if why is not None:
+            raise ServeError(f"--admin-tokens {path}: refused: {why}")
+        return f.read()
+
+
 class AdminTokenFile:
     """The ``--admin-tokens`` file as ``serve`` holds it: read again when it changes (its size,
     mtime or inode), at the next admin request, so removing a line revokes that token without a
     restart. A file that no longer reads (a typo, a half-written edit) refuses every admin token
-    until it reads again, and says so in the log: a revocation never silently fails to apply."""
+    until it reads again, and says so in the log: a revocation never silently fails to apply.
+    Only a file that ``owners`` alone (root, the serving user) may write is read, at start and on
+    every change (:func:`read_tokens_file`): one that another user may write refuses every admin
+    token, as a file that no longer reads does, since what it holds may be theirs."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, owners: Iterable[int] = ()) -> None:
         self.path = path
+        self.owners = frozenset({0, os.geteuid(), *owners})
         self._lock = threading.Lock()
         self._seen = self._stamp()
-        self._tokens: AdminTokens | None = AdminTokens.load(path)  # at start a bad file is an error
+        self._tokens: AdminTokens | None = self._load()  # at start a bad file is an error
         self._blind = False  # this process may not look at the file (serve --user, a root-only file)
 
     @property
     def by_hash(self) -> dict[str, str]:
         return self._tokens.by_hash if self._tokens else {}
+
+    def _load(self) -> AdminTokens:
+        return AdminTokens.parse(read_tokens_file(self.path, self.owners), self.path)
 
     def _stamp(self) -> tuple[int, int, int, int] | PermissionError | None:
         try:
@@ -200,7 +278,7 @@ class AdminTokenFile:
                 # whatever goes wrong, the old set never stands: a revocation must not fail silently
                 self._tokens = None
                 try:
-                    self._tokens = AdminTokens.load(self.path)
+                    self._tokens = self._load()
                     log.warning("admin tokens read again from %s (it changed)", self.path)
                 except ServeError as exc:
                     log.error("admin tokens: %s: every admin token is refused until the file reads again", exc)
@@ -1005,7 +1083,15 @@ def run(
             compute_retry_max()
     except ValueError as exc:
         raise ServeError(str(exc)) from None
-    tokens = AdminTokenFile(admin_tokens) if admin_tokens is not None else None
+    tokens = None
+    if admin_tokens is not None:
+        from ringfence.local.signer_process import SignerError, service_user
+
+        try:  # the serving user may own the file: it reads it again after the drop
+            owners = [service_user(user).pw_uid] if user is not None else []
+        except SignerError as exc:
+            raise ServeError(str(exc)) from None
+        tokens = AdminTokenFile(admin_tokens, owners)
     sock = listen(host, port)  # before the store: a taken port fails before anything starts
     counters = Counters()
     signer = separate_signer(store, signing_key, user) if user is not None else None
