@@ -90,6 +90,19 @@ def retire(w: BaseWiring, workload_id: str, why: str) -> None:
         audit(w, "token.revoke", workload_id, "ringfence", reason=why)
 
 
+def retire_before_tombstone(w: BaseWiring, workload_id: str, at: float, why: str) -> bool:
+    """:func:`retire` a workload a listing made at ``at`` no longer has, before its tombstone
+    (observed at ``at``) is written, and only where that tombstone will land: its record, read
+    again now, is stored, not terminated and observed no later than ``at`` (the store refuses a
+    tombstone older than the stored observation: a VM made after the listing, stored by its own
+    event, runs on with its token). True if retired: the caller then writes the tombstone."""
+    rec = w.store.get(workload_id)
+    if rec is None or rec.state == "terminated" or rec.observed_at > at:
+        return False
+    retire(w, workload_id, why)
+    return True
+
+
 def retire_and_unbind(w: BaseWiring, workload_id: str, why: str) -> None:
     """:func:`retire`, and the agent key unbound and a reset's named next key forgotten (nothing
     is left for the id: DynamoDB kept the ``nextkey#`` item for good): for ids that name another

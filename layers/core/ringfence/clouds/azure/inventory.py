@@ -82,6 +82,9 @@ def observe_subscription(w: BaseWiring, arm: Arm, metric: Metric = no_metric) ->
     """A full sync of one subscription: every VM, every scale set's VMs, their NICs; stored Azure
     workloads of the subscription that ARM no longer lists are gone. Reconcile and deletes run it."""
     res = InventoryResult()
+    # before the listing: a VM it misses because it was made later is stored by its own event
+    # after this time, which the tombstone written at it does not overwrite
+    listed_at = time.time()
     vms = read_vms(arm.vms(), res)
     nics = nics_by_id(arm.nics())
     for ss in arm.scale_sets():
@@ -93,15 +96,16 @@ def observe_subscription(w: BaseWiring, arm: Arm, metric: Metric = no_metric) ->
     changed = observe(w, vms, nics, metric=metric)
     try:
         live = {v.vm_id for v in vms}
-        t0 = time.time()
         for rec in w.store.all_records():
             mine = rec.workload.cloud == "azure" and (rec.workload.account or "").lower() == arm.subscription.lower()
             if not mine or rec.id in live or rec.state == "terminated":
                 continue
             # its token revoked before its tombstone is written: a tombstone stored whose revocation
-            # then failed would be skipped by every later pass (as stored gone), token and all
-            credentials.retire(w, rec.id, "VM gone (azure inventory)")
-            if w.store.observe(tombstone(rec.id, arm.subscription, rec.workload.region, t0)):
+            # then failed would be skipped by every later pass (as stored gone), token and all.
+            # Only where the tombstone lands: not over a VM observed after the listing
+            if not credentials.retire_before_tombstone(w, rec.id, listed_at, "VM gone (azure inventory)"):
+                continue
+            if w.store.observe(tombstone(rec.id, arm.subscription, rec.workload.region, listed_at)):
                 changed.add(rec.id)
                 res.gone.append(rec.id)
     finally:

@@ -881,6 +881,9 @@ class GcpIngest:
         scope; every zone where an unreachable scope names none) is missing from a partial answer,
         not deleted: it is looked up by its id in its zone (:meth:`_unlisted`)."""
         mapper = self.w.mapper()
+        # before the listing: a VM it misses because it was made later is stored by its own event
+        # after this time, which the tombstone written at it does not overwrite
+        listed_at = now()
         listed, unreachable = self.instances.listing(project)
         observed = [self.record(project, inst, now(), mapper) for inst in listed]
         seen = {rec.id for rec in observed}
@@ -888,7 +891,7 @@ class GcpIngest:
         held = {(rec.workload.vpc, ip) for rec in observed for ip in rec.workload.ips}
         changed = self._store(observed, None)
         try:
-            self._sync_unlisted(project, seen, held, unreachable, mapper, changed)
+            self._sync_unlisted(project, seen, held, unreachable, mapper, changed, listed_at)
         except BaseException:
             # what was stored is handed on: the next pass finds nothing more to store and would not
             hand_on_stored(self.w, changed, f"gcp sync of {project}", self.metric)
@@ -905,9 +908,10 @@ class GcpIngest:
         unreachable: set[str] | None,
         mapper: LabelMapper | None,
         changed: set[str],
+        listed_at: float,
     ) -> None:
         """:meth:`sync`'s pass over the project's stored VMs it did not list (``changed`` gets
-        those it changed as each is stored)."""
+        those it changed as each is stored; ``listed_at``: when the listing began)."""
         if unreachable is None or unreachable:
             self.metric("GcpZonesUnreachable", len(unreachable) if unreachable is not None else 1)
             log.warning("gcp sync of %s: unreachable zones %s: their VMs are looked up by id", project, unreachable)
@@ -921,9 +925,11 @@ class GcpIngest:
                 changed.update(self._unlisted(project, stored, held, mapper))
                 continue
             # its token revoked before its tombstone is written: a tombstone stored whose revocation
-            # then failed would be skipped by every later pass (as stored deleted), token and all
-            credentials.retire(self.w, stored.id, "instance deleted")
-            if self.w.store.observe(tombstone(stored.id, project, wl.zone, now())):
+            # then failed would be skipped by every later pass (as stored deleted), token and all.
+            # Only where the tombstone lands: not over a VM observed after the listing
+            if not credentials.retire_before_tombstone(self.w, stored.id, listed_at, "instance deleted"):
+                continue
+            if self.w.store.observe(tombstone(stored.id, project, wl.zone, listed_at)):
                 changed.add(stored.id)
 
     def _unlisted(
