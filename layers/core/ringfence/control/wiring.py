@@ -98,12 +98,12 @@ def queue_stored(
 def hand_on_stored(
     w: BaseWiring, ids: Iterable[str], what: str, metric: Metric | None = None, *, urgent: Iterable[str] = ()
 ) -> None:
-    """Compute for ``ids``, stored by a step that then failed (``urgent``: those of them that gave
-    their addresses back, in the priority lane), while the step's own failure propagates for its
-    queue to retry: the redelivery finds the record equal to its observation, stores nothing and
-    would hand nothing on. Compute takes records as stored, so a hand-off too many is harmless,
-    a lost one is not. A failure to queue is logged and counted (``ComputeNotQueued``), never
-    raised over the step's own."""
+    """Compute and the perimeter for ``ids``, stored by a step that then failed (``urgent``: those
+    of them that gave their addresses back, computed in the priority lane), while the step's own
+    failure propagates for its queue to retry: the redelivery finds the record equal to its
+    observation, stores nothing and would hand nothing on. Compute and the perimeter take records
+    as stored, so a hand-off too many is harmless, a lost one is not. A failure to queue either is
+    logged and counted (``ComputeNotQueued``), never raised over the step's own."""
     ids = sorted(set(ids))
     if not ids:
         return
@@ -114,6 +114,13 @@ def hand_on_stored(
         w.enqueue_compute([i for i in ids if i not in first])
     except Exception:
         log.exception("%s: %s stored but compute could not be queued", what, ", ".join(ids))
+        (metric or w.metric)(COMPUTE_NOT_QUEUED, 1)
+    try:
+        # as a delivery's own hand-off (AWS Ingest._hand_on): the instances' security groups
+        # follow a move too (a no-op where no perimeter is managed)
+        w.enqueue_perimeter(ids)
+    except Exception:
+        log.exception("%s: %s stored but the perimeter could not be queued", what, ", ".join(ids))
         (metric or w.metric)(COMPUTE_NOT_QUEUED, 1)
 
 
