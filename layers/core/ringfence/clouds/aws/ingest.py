@@ -310,6 +310,10 @@ def observe_instances(
                 changed.add(rec.id)
                 if moved and releases_addresses(replaced, rec):
                     gave_back.add(rec.id)
+            if rec.state == "terminated" and _left_before(replaced):
+                # a deletion observed again (its redelivery) is computed again: the first
+                # delivery's hand-off may have failed too, and a terminated record is cheap
+                changed.add(rec.id)
             if rec.state == "terminated" and (moved or governed or _left_before(replaced)):
                 # again where it was stored terminated already: a retire that failed after the
                 # write is redone by the event's redelivery, which stores nothing (revoking is idempotent)

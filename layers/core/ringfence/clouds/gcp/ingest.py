@@ -864,6 +864,10 @@ class GcpIngest:
                 if governed or (written and concerns_compute(replaced, rec, prefix[0])):
                     changed.add(rec.id)
                 left_before = replaced is not None and replaced.state == "terminated"
+                if rec.state == "terminated" and left_before:
+                    # a deletion observed again (its redelivery) is computed again: the first
+                    # delivery's hand-off may have failed too, and a terminated record is cheap
+                    changed.add(rec.id)
                 if rec.state == "terminated" and (written or governed or left_before):
                     # again where it was stored deleted already: a retire that failed after the
                     # write is redone by the redelivery, which stores nothing (revoking is idempotent)
