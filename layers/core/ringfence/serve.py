@@ -358,13 +358,20 @@ def build_wiring(
         return w
     if store.startswith("sqlite:") and store.removeprefix("sqlite:"):
         from ringfence.bundle import BundleError
-        from ringfence.local.statedir import StateRefused, check_signing_key, check_state, quick_check
+        from ringfence.local.statedir import (
+            StateRefused,
+            check_signing_key,
+            check_state,
+            quick_check,
+            secure_state_dir,
+        )
         from ringfence.local.wiring import LocalWiring, StateInUse
 
         database = Path(store.removeprefix("sqlite:"))
         try:
             from ringfence.local.wiring import local_config
 
+            secure_state_dir(database.parent)  # before anything in it is read: nothing there may be another user's
             check_state(database, new_store)
             quick_check(database)
             if signing_key is None:
@@ -397,13 +404,16 @@ def make_state_dir(state: Path, uid: int, gid: int) -> None:
     """Create the state directory as root and hand it to the user through a descriptor opened
     without following links: where the user owns its parent, they could otherwise swap in a link
     between the mkdir and a chown by path, and root would hand them whatever it points at."""
-    state.parent.mkdir(parents=True, exist_ok=True)
+    from ringfence.local.statedir import make_dirs
+
+    make_dirs(state.parent, 0o755)  # 755 whatever the umask: never 777 (umask 000), nor closed to the user (077)
     os.mkdir(state, 0o750)
     try:
         fd = os.open(state, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except OSError as exc:
         raise ServeError(f"state directory {state}: replaced while it was being made ({exc.strerror})") from None
     try:
+        os.fchmod(fd, 0o750)  # first: once the user's, root bounded by the unit (no CAP_FOWNER) may not
         os.fchown(fd, uid, gid)
     finally:
         os.close(fd)
@@ -1072,6 +1082,7 @@ def run(
         if p is not None and not Path(p).is_file():
             raise ServeError(f"{p}: no such file")
     check_bind(host, tls_cert is not None, insecure)
+    os.umask(0o077)  # the store, its -wal and -shm: serve's alone, whatever umask it was started with
     log_safely()
     try:
         address_limit = AddressLimit.from_env()  # a bad setting fails before anything starts

@@ -13,11 +13,15 @@ counts as the state directory unavailable and answers 503, whatever its errno.
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 from ringfence import durable
 from ringfence.control.publish import Publisher
+from ringfence.local.statedir import make_dirs
 from ringfence.store.failure import ObjectsUnwritable
 
 
@@ -41,7 +45,7 @@ class FilePublisher(Publisher):
         super().__init__()
         self.root = root
         self.fsync = fsync
-        root.mkdir(parents=True, exist_ok=True)
+        make_dirs(root, 0o700)  # not by the umask: under 000 any local user could plant links here
 
     def path(self, key: str) -> Path:
         """The file of ``key``; keys never leave the directory (ids come from agents and CMDBs)."""
@@ -60,17 +64,40 @@ class FilePublisher(Publisher):
     def _store(self, key: str, body: bytes, content_type: str) -> None:
         path = self.path(key)
         with _writing():
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(path.parent, 0o700)
             durable.replace(path, body, 0o600, sync=self.fsync)
 
     def _create(self, key: str, body: bytes, content_type: str) -> bool:
         path = self.path(key)
         with _writing():
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(path.parent, 0o700)
             return durable.create(path, body, 0o600)  # always synced: a link never replaces a file
 
     def get(self, key: str) -> bytes:
-        return self.path(key).read_bytes()
+        """The file of ``key``, reached one directory at a time from the root without following a
+        link (so never outside it: a link planted in objects/ would have serve hand out any file it
+        can read, the signing key included, to whoever asks for the key's route). A link, or
+        anything but a regular file, is not published: FileNotFoundError, as a missing file."""
+        path = self.path(key)
+        parts = PurePosixPath(key).parts
+        nofollow = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for part in parts[:-1]:
+                sub = os.open(part, nofollow | os.O_DIRECTORY, dir_fd=fd)
+                os.close(fd)
+                fd = sub
+            file_fd = os.open(parts[-1], nofollow | os.O_NONBLOCK, dir_fd=fd)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise FileNotFoundError(errno.ENOENT, "not a published file (a link)", str(path)) from None
+            raise
+        finally:
+            os.close(fd)
+        with os.fdopen(file_fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise FileNotFoundError(errno.ENOENT, "not a published file", str(path))
+            return f.read()
 
     def delete(self, key: str) -> None:
         with _writing():

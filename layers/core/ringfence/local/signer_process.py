@@ -49,15 +49,19 @@ class SignerError(RuntimeError):
     """The signer refused a request, would not start, or is gone."""
 
 
-def _unsafe_directory(d: Path, st: os.stat_result, *, sticky_ok: bool) -> str | None:
-    """Why another user could swap what ``d`` holds, or None."""
+def unsafe_directory(
+    d: Path, st: os.stat_result, *, sticky_ok: bool, owners: tuple[int, ...] = (0,), what: str = "the key"
+) -> str | None:
+    """Why another user could swap what ``d`` holds (``what``), or None: ``d`` must be owned by
+    one of ``owners`` and writable by its owner only (or sticky, where ``sticky_ok``)."""
     if not stat.S_ISDIR(st.st_mode):
         return f"{d} is not a directory"
     writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-    if st.st_uid != 0 or (writable and not (sticky_ok and st.st_mode & stat.S_ISVTX)):
+    if st.st_uid not in owners or (writable and not (sticky_ok and st.st_mode & stat.S_ISVTX)):
+        who, only = ("root", "root") if owners == (0,) else (" or ".join(f"uid {u}" for u in owners), "its owner")
         return (
-            f"{d} must be owned by root and writable by root only "
-            f"(owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}): another user could replace the key"
+            f"{d} must be owned by {who} and writable by {only} only "
+            f"(owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}): another user could replace {what}"
         )
     return None
 
@@ -81,7 +85,7 @@ def read_key_file(path: Path) -> bytes:
                 continue  # root's, in a directory already found safe; its target is on the resolved chain
             if stat.S_ISLNK(ds.st_mode):  # in a sticky directory: its owner may point it elsewhere
                 raise SignerError(f"signing key path {d} is a link owned by uid {ds.st_uid}: it must be root's")
-            why = _unsafe_directory(d, ds, sticky_ok=d != chain.parent)
+            why = unsafe_directory(d, ds, sticky_ok=d != chain.parent)
             if why is not None:
                 raise SignerError(f"signing key directory {why}")
     try:

@@ -17,14 +17,25 @@ store (docs/onprem.md, "Start-up checks").
   beside a store that holds data is refused: a new key would sign bundles no enrolled agent
   accepts (they pinned the lost key's public key), and the estate would stop taking changes with
   no error but the agents'. The key is generated only for a store that holds nothing yet.
+* The state directory itself (:func:`secure_state_dir`, before anything else): made mode 700
+  (its missing parents 755) whatever the umask; an existing one must be owned by the user serve
+  runs as and writable by it alone, and every directory above it owned by root or that user and
+  writable by its owner only (or sticky, as /tmp is). Otherwise another local user could read
+  the store or swap a link or a key of theirs into it, and serve, often root, would follow it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
+import os
 import sqlite3
+import stat
 from pathlib import Path
 
 from ringfence.bundle import BundleError, SigningKey
+from ringfence.local.signer_process import unsafe_directory
 from ringfence.store.failure import classify
 
 # what the control plane leaves in its state directory once it has run (objects/agent is the
@@ -33,6 +44,7 @@ _LIFE_FILES = ("signing-key.pem", "signing-key.pub.pem")
 _LIFE_OBJECTS = ("bundles", "deltas", "policies", "reports", "keys")
 QUICK_CHECK_PROBLEMS = 10  # problems quick_check reports at most (it stops there)
 SIGNING_KEY = "signing-key.pem"  # the state directory's own key (LocalWiring generates it)
+LINKED_KEY = "a symbolic link, which serve does not follow in its state directory: put the key file itself there, or give its path with --signing-key"
 # what a store holds that shows it was used, and what one row of each is
 _HELD_QUERY = (
     "SELECT (SELECT COUNT(*) FROM inventory), (SELECT COUNT(*) FROM policy), (SELECT COUNT(*) FROM bundle), "
@@ -51,6 +63,82 @@ _HELD = (
 class StateRefused(RuntimeError):
     """The state directory or its store is not one serve starts on (the message starts with the
     path and says how to proceed)."""
+
+
+log = logging.getLogger("ringfence.serve")
+
+
+def make_dirs(path: Path, mode: int) -> None:
+    """Make ``path`` and its missing parents, each of exactly ``mode`` whatever the umask (under
+    umask 000 ``mkdir -p`` makes them writable by everyone; under 077 a service user could not
+    pass through them). One that appears meanwhile is left as it is: the checks that follow judge it."""
+    missing = []
+    d = Path(os.path.abspath(path))
+    while not os.path.lexists(d):
+        missing.append(d)
+        d = d.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, mode)
+        except FileExistsError:
+            continue
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+
+
+def secure_state_dir(state: Path) -> None:
+    """Make the state directory (mode 700) when missing, then :class:`StateRefused` unless it is
+    owned by the user serve runs as and writable by it alone, and every directory above it (along
+    the path as given and the path it resolves to) is owned by root or that user and writable by
+    its owner only, or sticky (another user may make a directory there, but it is not serve's: its
+    owner is refused). Others' read and search bits on it are taken away (a directory made 755 by
+    an earlier serve exposed the store to every local user)."""
+    uid = os.geteuid()
+    owners = (0,) if uid == 0 else (0, uid)
+    make_dirs(state.parent, 0o755)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(state, 0o700)
+    given = Path(os.path.abspath(state))
+    fix = "give serve a directory of its own (docs/serve.md#the-state-directory)"
+    for chain in (given, Path(os.path.realpath(given))):
+        for d in [*reversed(chain.parents), chain]:
+            try:
+                ds = d.lstat()
+            except OSError as exc:
+                raise StateRefused(f"state directory {given}: {d}: {exc.strerror}") from None
+            if stat.S_ISLNK(ds.st_mode):
+                if ds.st_uid in owners:
+                    continue  # root's or serve's own; its target is on the resolved chain
+                raise StateRefused(
+                    f"state directory {given}: {d} is a link owned by uid {ds.st_uid}, who could point it elsewhere: {fix}"
+                )
+            if d != chain:
+                why = unsafe_directory(d, ds, sticky_ok=True, owners=owners, what="the state directory")
+                if why is not None:
+                    raise StateRefused(f"state directory {given}: {why}; {fix}")
+    fd = os.open(given, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        mode = stat.S_IMODE(st.st_mode)
+        if st.st_uid != uid:
+            raise StateRefused(
+                f"state directory {given}: owned by uid {st.st_uid}, not by uid {uid} that serve runs as: its owner "
+                f"could read the store and swap links or a signing key of theirs into it; {fix}"
+            )
+        if mode & 0o022:
+            raise StateRefused(
+                f"state directory {given}: writable by group or others (mode {mode:o}): another user could have "
+                "swapped links or a signing key of theirs into it. Check that nothing in it is another user's or a "
+                f"link, then `chmod 700 {given}`"
+            )
+        if mode & 0o007:
+            os.fchmod(fd, mode & 0o770)
+            log.warning("state directory %s: others could read it (mode %o): now mode %o", given, mode, mode & 0o770)
+    finally:
+        os.close(fd)
 
 
 def earlier_life(database: Path) -> list[str]:
@@ -137,8 +225,13 @@ def check_signing_key(database: Path) -> None:
     problem = None
     if not missing:
         try:
-            SigningKey.from_file(key)
+            # a link is not followed: nothing in the state directory leads root elsewhere
+            fd = os.open(key, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as f:
+                SigningKey.from_pem_file(f.read(), key)
             return
+        except OSError as exc:
+            problem = LINKED_KEY if exc.errno == errno.ELOOP else str(exc.strerror)
         except BundleError as exc:
             problem = str(exc).removeprefix(f"{key}: ")
     found = held(database)

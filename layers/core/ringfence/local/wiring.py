@@ -26,10 +26,12 @@ a killed process is redone.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
 import queue
+import stat
 import threading
 import time
 from collections import deque
@@ -38,11 +40,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from ringfence import durable
-from ringfence.bundle import Signer, SigningKey
+from ringfence.bundle import BundleError, Signer, SigningKey
 from ringfence.control.compute import Compute, ComputeStats
 from ringfence.control.wiring import BaseWiring, Config, Metric, no_metric
 from ringfence.local.publish import FilePublisher
 from ringfence.local.retention import ReportQuota, retention_days, sweep_reports
+from ringfence.local.statedir import LINKED_KEY, StateRefused, secure_state_dir
 from ringfence.siem import DROP_BUDGET, DROP_WINDOW
 from ringfence.store.base import Store
 from ringfence.store.failure import StoreHealth
@@ -370,7 +373,7 @@ class LocalWiring(BaseWiring):
         retry_max = compute_retry_max()  # a bad setting fails before the state directory is taken
         self.database = Path(database)
         self.state_dir = self.database.parent
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        secure_state_dir(self.state_dir)  # before anything in it is opened: root never follows another user's link
         self._lock = self._take_lock()
         try:
             super().__init__(
@@ -378,6 +381,7 @@ class LocalWiring(BaseWiring):
                 store if store is not None else SqliteStore(self.database, busy_timeout=busy_timeout()),
                 FilePublisher(self.state_dir / "objects", fsync=fsync),
             )
+            self._own_store_files()
             self._signer: Signer
             if isinstance(signing_key, (str, Path)):
                 self._signer = load_signing_key(Path(signing_key))
@@ -403,7 +407,23 @@ class LocalWiring(BaseWiring):
             self.start()
 
     def _take_lock(self) -> IO[str]:
-        f = (self.state_dir / "lock").open("a+")
+        """The state directory's lock: opened without following a link, mode 600 (one that others
+        could read let any local user hold it and keep serve from starting)."""
+        path = self.state_dir / "lock"
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags, 0o600)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise  # read-only, not ours: serve names the file and the system's reason
+            raise StateRefused(f"{path}: a symbolic link, which serve does not follow in its state directory") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            os.close(fd)
+            raise StateRefused(f"{path}: not a file of uid {os.geteuid()} that serve runs as (owner uid {st.st_uid})")
+        if st.st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+        f = os.fdopen(fd, "r+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -414,6 +434,22 @@ class LocalWiring(BaseWiring):
         f.write(f"{os.getpid()}\n")
         f.flush()
         return f
+
+    def _own_store_files(self) -> None:
+        """The store's files mode 600, whatever the umask they were made under (SQLite makes its
+        -wal and -shm with the database's mode). By name, never opened here: closing another
+        descriptor of a file SQLite holds would drop its locks."""
+        for path in (
+            self.database,
+            self.database.with_name(self.database.name + "-wal"),
+            self.database.with_name(self.database.name + "-shm"),
+        ):
+            try:
+                st = path.lstat()
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_mode & 0o077:
+                path.chmod(0o600)  # not a link (lstat), in a directory only this user may change
 
     # --- the services' view -----------------------------------------------------------------------
 
@@ -470,12 +506,30 @@ class LocalWiring(BaseWiring):
         self.close()
 
 
-def load_signing_key(path: Path) -> SigningKey:
-    """The bundle signing key from its PKCS#8 PEM file; warns when others can read it."""
-    mode = path.stat().st_mode
-    if mode & 0o077:
-        log.warning("signing key %s is readable by group or others (mode %o): chmod 600 it", path, mode & 0o777)
-    return SigningKey.from_file(path)
+def load_signing_key(path: Path, *, follow: bool = True) -> SigningKey:
+    """The bundle signing key from its PKCS#8 PEM file; warns when others can read it. Refused
+    (:class:`BundleError`) unless a regular file owned by root or the user serve runs as and
+    writable by its owner only: another user's key would be signed with and pinned by agents.
+    ``follow=False`` (the state directory's own key): a link there is refused, not followed."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise BundleError(f"{path}: {LINKED_KEY if exc.errno == errno.ELOOP else exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        mode = stat.S_IMODE(st.st_mode)
+        uid = os.geteuid()
+        if not stat.S_ISREG(st.st_mode):
+            raise BundleError(f"{path}: not a regular file")
+        if st.st_uid not in (0, uid) or mode & 0o022:
+            raise BundleError(
+                f"{path}: owned by uid {st.st_uid}, mode {mode:o}: a signing key must be owned by root or uid {uid} "
+                "(that serve runs as) and writable by its owner only, or another user could swap in a key of theirs"
+            )
+        if mode & 0o077:
+            log.warning("signing key %s is readable by group or others (mode %o): chmod 600 it", path, mode)
+        return SigningKey.from_pem_file(f.read(), path)
 
 
 PUBLIC_KEY = "signing-key.pub.pem"  # in the state directory: the file agents are told to pin
@@ -514,8 +568,8 @@ def own_signing_key(state_dir: Path) -> SigningKey:
     key: after a rotation (a new ``signing-key.pem`` put in place) it still held the old one, and
     an agent paired afterwards pinning it refused every bundle."""
     private, public = state_dir / "signing-key.pem", state_dir / PUBLIC_KEY
-    if private.exists():
-        key = load_signing_key(private)
+    if os.path.lexists(private):
+        key = load_signing_key(private, follow=False)
         pin_public_key(state_dir, key, str(private))
         return key
     key = SigningKey.generate()
