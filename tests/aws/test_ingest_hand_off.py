@@ -5,13 +5,22 @@ real ingest, lifecycle and compute handlers."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from botocore.exceptions import ClientError
 
 from ringfence.local.lambdas import Delivery, deliver_batch
 from tests.aws.conftest import REGION, Env, ip_of
-from tests.aws.test_governance import ESCALATION, TAGGER_ROLE, create_tags_event, governed_estate, ssh_peers
+from tests.aws.test_governance import (
+    DEVELOPER,
+    ESCALATION,
+    TAGGER_ROLE,
+    create_tags_event,
+    governed_estate,
+    quarantine_mode_with_a_dev_web,
+    ssh_peers,
+)
 from tests.aws.test_pipeline import boot, in_set
 from tests.aws.test_terminate_trust import forged_terminate, send_raw
 
@@ -101,9 +110,6 @@ def test_a_taggers_approval_stored_before_its_audit_write_fails_reaches_compute(
     env.pump()
     assert env.store.get(dev).workload.held_labels is not None, "held until the call's event names its caller"
 
-    def audit_write(params: dict[str, Any]) -> bool:
-        return any(next(iter(i.values()))["TableName"] == "rf-audit" for i in params.get("TransactItems", []))
-
     refused = refuse_once(env, "before-parameter-build.dynamodb.TransactWriteItems", audit_write)
     env.put(create_tags_event(dev, ESCALATION, TAGGER_ROLE))
     assert ingest_once(env).failed and refused, "the refused audit write fails the event, for SQS to deliver again"
@@ -112,3 +118,60 @@ def test_a_taggers_approval_stored_before_its_audit_write_fails_reaches_compute(
     env.pump()
     peers = ssh_peers(env, est)
     assert peers and all(peers.values()), "the approved jumpbox never reached compute"
+    assert [a.principal for a in audited(env, "label.approve", dev)] == [TAGGER_ROLE], "an approval in force unaudited"
+
+
+def audit_write(params: dict[str, Any]) -> bool:
+    """A botocore ``TransactWriteItems`` call writing to the audit table."""
+    return any(next(iter(i.values()))["TableName"] == "rf-audit" for i in params.get("TransactItems", []))
+
+
+def audited(env: Env, action: str, wid: str) -> list[Any]:
+    return [a for a in env.store.audit_log() if a.action == action and a.target == wid]
+
+
+def test_a_finding_whose_audit_write_fails_is_reported_and_quarantined_on_redelivery(env: Env) -> None:
+    """Under ``on_privileged_change: quarantine`` a developer moves the dev box to jumpbox: the tag
+    event holds the move, the CloudTrail call names the developer. The finding's ``label.held``
+    record is refused once: the event fails and is delivered again. The redelivery finds the move
+    held as stored: the finding must still be audited and the box quarantined."""
+    dev = quarantine_mode_with_a_dev_web(env)
+    env.ec2.create_tags(Resources=[dev], Tags=[{"Key": k, "Value": v} for k, v in ESCALATION.items()])
+    live = env.ec2.describe_instances(InstanceIds=[dev])["Reservations"][0]["Instances"][0]["Tags"]
+    env.put(env.tag_event(dev, {t["Key"]: t["Value"] for t in live}, version=2))
+    env.pump()
+    assert env.store.get(dev).workload.held_labels is not None, "held until the call's event names its caller"
+    refused = refuse_once(env, "before-parameter-build.dynamodb.TransactWriteItems", audit_write)
+    env.put(create_tags_event(dev, ESCALATION, DEVELOPER))
+    assert ingest_once(env).failed and refused, "the refused audit write fails the event, for SQS to deliver again"
+    assert not ingest_once(env).failed  # the redelivery
+    env.pump()
+    assert [a.principal for a in audited(env, "label.held", dev)] == [DEVELOPER], "the finding was never audited"
+    assert env.store.get(dev).op_quarantined, "the finding's quarantine was never set"
+    assert len(audited(env, "workload.quarantine", dev)) == 1
+    assert env.bundle(dev).quarantined
+
+
+def test_a_findings_quarantine_is_never_in_force_without_its_record_and_each_is_written_once(env: Env) -> None:
+    """As above, the write of the quarantine's own ``workload.quarantine`` record refused once
+    (after ``label.held`` was written). The quarantine is made with its record or not at all, and
+    the redelivery, which reports the finding again, writes each record once."""
+    dev = quarantine_mode_with_a_dev_web(env)
+    env.ec2.create_tags(Resources=[dev], Tags=[{"Key": k, "Value": v} for k, v in ESCALATION.items()])
+    live = env.ec2.describe_instances(InstanceIds=[dev])["Reservations"][0]["Instances"][0]["Tags"]
+    env.put(env.tag_event(dev, {t["Key"]: t["Value"] for t in live}, version=2))
+    env.pump()
+
+    def quarantine_record(params: dict[str, Any]) -> bool:
+        return audit_write(params) and "workload.quarantine" in json.dumps(params, default=str)
+
+    refused = refuse_once(env, "before-parameter-build.dynamodb.TransactWriteItems", quarantine_record)
+    env.put(create_tags_event(dev, ESCALATION, DEVELOPER))
+    assert ingest_once(env).failed and refused
+    assert len(audited(env, "label.held", dev)) == 1
+    assert not env.store.get(dev).op_quarantined, "a quarantine in force without its audit record"
+    assert not ingest_once(env).failed  # the redelivery
+    env.pump()
+    assert env.store.get(dev).op_quarantined
+    assert len(audited(env, "label.held", dev)) == 1, "the finding recorded twice"
+    assert len(audited(env, "workload.quarantine", dev)) == 1

@@ -112,7 +112,8 @@ class Verdict:
     moves: tuple[Move, ...] = ()
     """privileged moves the tags ask for"""
     approved: tuple[Move, ...] = ()
-    """moves this change approved (an allowed tagger set them)"""
+    """moves this change approved (an allowed tagger set them), also where its approval is stored
+    already (its event delivered again: reported again, each record once per event)"""
     reason: str = ""
     """why a move is held ("" when nothing is)"""
     principal: str | None = None
@@ -290,6 +291,9 @@ def govern_writes(
     # the call's time, never later than now: a message claiming a future time would outrank every real call
     said = change.time if change is not None else None
     t = min(said if said is not None else (current.observed_at or t_now), t_now + SKEW)
+    # the dimensions whose stored write is exactly this call's: the call decided before (its event
+    # delivered again), its approval stored already; reported again, as the report may have failed
+    again: set[str] = set()
     if change is not None and change.principal is not None and change.requested is not None:
         tagger = is_tagger(mapper.config.taggers, change.principal) and not change.unknown_content
         by: Literal["tagger", "other"] = "tagger" if tagger else "other"
@@ -308,7 +312,10 @@ def govern_writes(
                     continue
             # at the call's own time (CloudTrail's second), even where it predates the observation
             # it follows (within SKEW): a later call in that second must not look older than it
-            known[d] = LabelWrite(at=t, value=r, by=by)
+            mine = LabelWrite(at=t, value=r, by=by)
+            if w == mine:
+                again.add(d)
+            known[d] = mine
     # a call that may have set any tag ends the approvals made before it: recorded as its write
     # of what the observation shows (its caller answers for it once). Where a later call's event
     # ended one first, this earlier call takes the end over (its caller answers for it too)
@@ -341,7 +348,7 @@ def govern_writes(
             continue
         if not in_force(d, v):
             held_moves.append(Move(d, before.get(d), v))
-        elif before.get(d) != v and known[d].by == "tagger":
+        elif known[d].by == "tagger" and (before.get(d) != v or d in again):
             approved.append(Move(d, before.get(d), v))
     if not held_moves:
         return Verdict(

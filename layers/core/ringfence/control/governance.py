@@ -9,6 +9,7 @@ import functools
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
@@ -21,9 +22,11 @@ from ringfence.model import Mode
 from ringfence.siem import ocsf
 from ringfence.store.base import (
     OBSERVATIONS_OTHER_ACCOUNT,
+    AuditRecordExists,
     ConflictError,
     GovernanceMoved,
     InventoryRecord,
+    OperatorChange,
     OtherAccount,
     other_account,
     releases_addresses,
@@ -252,16 +255,48 @@ def _operator_state(mode: Mode | None, quarantined: bool) -> str:
     return state_digest({"mode": mode.value if mode else None, "quarantined": quarantined})
 
 
+def _report_id(action: str, target: str, event_id: str, what: object) -> str:
+    """The id of a report's audit record: one per event, workload and decision, so that the
+    event's redelivery, which decides the same again, writes none twice (:func:`_audit_once`);
+    a random one where no event names it."""
+    if not event_id:
+        return uuid.uuid4().hex
+    key = json.dumps([action, target, event_id, what], sort_keys=True)
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"ringfence:report:{key}").hex
+
+
+def _audit_once(w: BaseWiring, rec: AuditRecord, change: OperatorChange | None = None) -> bool:
+    """``rec`` written (with ``change``, in one transaction), unless an earlier delivery of its
+    event wrote it (and made the change) already: False then."""
+    try:
+        if change is None:
+            w.audit(rec)
+        else:
+            w.audit_with(rec, change)
+    except AuditRecordExists:
+        log.info("%s of %s: recorded by an earlier delivery of the event already", rec.action, rec.target)
+        return False
+    return True
+
+
 def _report(
     w: BaseWiring, rec: InventoryRecord, verdict: Verdict, event_id: str, metric: Metric, quarantine: bool
 ) -> bool:
-    """Metrics, audit and the finding's log line; True if the workload was quarantined."""
+    """Metrics, audit and the finding's log line; True if the workload was quarantined.
+
+    A report that failed part-way is made again by the event's redelivery, which decides the same
+    (a held move held again; an approval stored already is the call's own write again,
+    :attr:`Verdict.approved`): each record is written once per event (:func:`_report_id`) and the
+    quarantine with its record, in one transaction, so neither is ever in force without the other."""
     if verdict.ended:
         # a call of unknown content ended an approval (or is the earlier call that did): audited
         # whoever made it, an allowed tagger's or an unnamed call's too, which raise no finding
         metric("PrivilegedLabelApprovalsEnded", len(verdict.ended))
-        w.audit(
+        ended_at = {d: e.at for d, e in sorted(verdict.ended.items())}
+        _audit_once(
+            w,
             AuditRecord(
+                id=_report_id("label.grant.ended", rec.id, event_id, ended_at),
                 principal=verdict.principal or "unknown",
                 action="label.grant.ended",
                 target=rec.id,
@@ -271,22 +306,25 @@ def _report(
                         for d, e in sorted(verdict.ended.items())
                         if e.ended is not None
                     },
-                    "end_at": {d: e.at for d, e in sorted(verdict.ended.items())},
+                    "end_at": ended_at,
                     "event_id": event_id,
                 },
                 reason="a write of the workload whose event does not say what it set, made after the approval",
-            )
+            ),
         )
     if verdict.approved:
         metric("PrivilegedLabelApproved", len(verdict.approved))
-        w.audit(
+        approved = {m.dimension: m.new for m in verdict.approved}
+        _audit_once(
+            w,
             AuditRecord(
+                id=_report_id("label.approve", rec.id, event_id, approved),
                 principal=verdict.principal or "unknown",
                 action="label.approve",
                 target=rec.id,
-                detail={"labels": {m.dimension: m.new for m in verdict.approved}, "event_id": event_id},
+                detail={"labels": approved, "event_id": event_id},
                 reason="set by an allowed tagger",
-            )
+            ),
         )
     if not verdict.held or not verdict.moves:
         return False
@@ -302,23 +340,25 @@ def _report(
         )
         return False
     metric("PrivilegedLabelFindings", 1)
-    w.audit(
+    requested = {m.dimension: m.new for m in verdict.moves}
+    _audit_once(
+        w,
         AuditRecord(
+            id=_report_id("label.held", rec.id, event_id, requested),
             principal=verdict.principal or "unknown",
             action="label.held",
             target=rec.id,
-            detail={
-                "requested": {m.dimension: m.new for m in verdict.moves},
-                "labels_in_force": verdict.labels,
-                "event_id": event_id,
-            },
+            detail={"requested": requested, "labels_in_force": verdict.labels, "event_id": event_id},
             reason=verdict.reason,
-        )
+        ),
     )
     if quarantine:
-        w.store.set_operator(rec.id, quarantined=True)
-        w.audit(
+        # with its record, once per event: a redelivery after an operator's release since does
+        # not quarantine again
+        _audit_once(
+            w,
             AuditRecord(
+                id=_report_id("workload.quarantine", rec.id, event_id, requested),
                 principal=GOVERNANCE_PRINCIPAL,
                 action="workload.quarantine",
                 target=rec.id,
@@ -326,7 +366,8 @@ def _report(
                 reason=f"unapproved move into a privileged label value by {verdict.principal}",
                 before=_operator_state(rec.op_mode, rec.op_quarantined),
                 after=_operator_state(rec.op_mode, True),
-            )
+            ),
+            OperatorChange(rec.id, quarantined=True),
         )
     finding = Finding(
         rec.id,

@@ -72,6 +72,11 @@ class ConflictError(RuntimeError):
     """An optimistic-concurrency condition failed (another writer won): retry."""
 
 
+class AuditRecordExists(ConflictError):
+    """:meth:`Store.audit`, :meth:`Store.audit_with`: a record with this id is in the log already
+    (never rewritten); nothing was written, a change that went with it not made either."""
+
+
 class NotTheNamedKey(Exception):
     """An operator's agent-key reset named another key (its id is the argument) for the workload:
     nothing was bound or spent (:meth:`Store.bind_agent_key`, :meth:`Store.use_pairing`)."""
@@ -878,8 +883,8 @@ class Store(Protocol):
     def audit(self, rec: AuditRecord) -> AuditRecord:
         """Append the record to the hash chain and return it sealed (``seq``, ``prev``, ``hash``);
         the chain's head is written in the same atomic step, and concurrent writers queue or retry
-        so that the chain never forks. :class:`ConflictError` if a record with its id exists (never
-        rewritten)."""
+        so that the chain never forks. :class:`AuditRecordExists` if a record with its id exists
+        (never rewritten)."""
         ...
 
     def audit_with(self, rec: AuditRecord, change: AuditedChange) -> AuditRecord:

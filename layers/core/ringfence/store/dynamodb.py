@@ -48,6 +48,7 @@ from ringfence.store.base import (
     AuditedChange,
     AuditHead,
     AuditRecord,
+    AuditRecordExists,
     BundlePointer,
     ChangeFailed,
     ConflictError,
@@ -1572,7 +1573,7 @@ class DynamoStore:
                     part.refused(mine[:n]) or ConflictError(f"the change of {rec.id} was refused")
                 )
             elif mine[n + 1 : n + 2] == ["ConditionalCheckFailed"]:
-                refused[i] = ConflictError(f"audit record {rec.id} exists: the audit log is append-only")
+                refused[i] = AuditRecordExists(f"audit record {rec.id} exists: the audit log is append-only")
         return refused
 
     def _unanswered(

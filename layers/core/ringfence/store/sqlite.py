@@ -54,6 +54,7 @@ from ringfence.store.base import (
     AuditedChange,
     AuditHead,
     AuditRecord,
+    AuditRecordExists,
     BundlePointer,
     ChangeFailed,
     ConflictError,
@@ -1149,7 +1150,7 @@ class SqliteStore:
                     (sealed.seq, sealed.hash),
                 )
         except sqlite3.IntegrityError:
-            raise ConflictError(f"audit record {rec.id} exists: the audit log is append-only") from None
+            raise AuditRecordExists(f"audit record {rec.id} exists: the audit log is append-only") from None
         return sealed
 
     def audit_with(self, rec: AuditRecord, change: AuditedChange) -> AuditRecord:
