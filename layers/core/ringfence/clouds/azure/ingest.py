@@ -24,7 +24,7 @@ from ringfence.labels import LabelMapper
 from .arm import Arm
 from .entra import EntraVerifier, KeysUnavailable, TokenRefused
 from .events import SCALE_SET, Change, GridEvent, MalformedDelivery, change_of, read_delivery, validation_code
-from .inventory import InventoryResult, nics_by_id, observe, observe_subscription
+from .inventory import InventoryResult, hand_on, nics_by_id, observe, observe_subscription
 from .model import NIC, SCALE_SET_VM, SCALE_SET_VM_NIC, VM, ArmId, AzureNic, AzureVm, to_record, vm_from_wire
 from .wiring import Azure
 
@@ -35,6 +35,7 @@ RETRY_AFTER = "30"
 @dataclass
 class DeliveryResult:
     changed: set[str] = field(default_factory=set)
+    gave_back: set[str] = field(default_factory=set)  # of changed: deleted or gone (the priority lane)
     ignored: int = 0
     synced: list[str] = field(default_factory=list)  # subscriptions fully re-read (a delete)
 
@@ -166,26 +167,30 @@ class AzureEvents:
                 # (:meth:`_change`)
                 change = self._change(c, vm, nics)
                 try:
-                    res.changed |= observe(self.w, [vm], nics, change, event_id=c.event_id, metric=self.metric)
+                    res.changed |= observe(
+                        self.w, [vm], nics, change, event_id=c.event_id, metric=self.metric, gave_back=res.gave_back
+                    )
                 except BaseException:
                     res.changed.add(vm.vm_id)  # it may be stored (a failure after its write): compute re-reads it
                     raise
             for sub in sorted(full):
                 inv: InventoryResult = observe_subscription(self.w, self.azure.arm(sub), self.metric)
                 res.changed |= set(inv.changed)
+                res.gave_back |= set(inv.gave_back)
                 res.synced.append(sub)
         except BaseException:
             if res.changed:
-                self._hand_on_stored(res.changed)
+                self._hand_on_stored(res.changed, res.gave_back)
             raise
-        self.w.enqueue_compute(sorted(res.changed))
+        hand_on(self.w, res.changed, res.gave_back)
         return res
 
-    def _hand_on_stored(self, changed: set[str]) -> None:
-        """What a failing delivery stored before it failed, to compute; a failure to queue it is
-        logged and counted, and the delivery's own failure answered (Event Grid retries it)."""
+    def _hand_on_stored(self, changed: set[str], gave_back: set[str]) -> None:
+        """What a failing delivery stored before it failed, to compute (``gave_back``: deleted, in
+        the priority lane); a failure to queue it is logged and counted, and the delivery's own
+        failure answered (Event Grid retries it)."""
         try:
-            self.w.enqueue_compute(sorted(changed))
+            hand_on(self.w, changed, gave_back)
         except Exception:
             log.exception("azure: %s stored but compute could not be queued", ", ".join(sorted(changed)))
             self.metric(COMPUTE_NOT_QUEUED, 1)

@@ -11,7 +11,7 @@ from ringfence.control import credentials
 from ringfence.control.governance import store_governed
 from ringfence.control.wiring import BaseWiring, Metric, hand_on_stored, log, no_metric
 from ringfence.governance import TagChange
-from ringfence.store.base import concerns_compute
+from ringfence.store.base import concerns_compute, releases_addresses
 
 from .arm import Arm
 from .model import ArmId, AzureNic, AzureVm, nic_from_wire, to_record, tombstone, vm_from_wire
@@ -23,6 +23,7 @@ class InventoryResult:
     changed: list[str] = field(default_factory=list)
     gone: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # resources ARM returned that are not VMs we can read
+    gave_back: list[str] = field(default_factory=list)  # of changed: deleted or gone (the priority lane)
 
 
 def read_vms(raw: Iterable[dict[str, Any]], res: InventoryResult) -> list[AzureVm]:
@@ -44,10 +45,12 @@ def observe(
     *,
     event_id: str = "",
     metric: Metric = no_metric,
+    gave_back: set[str] | None = None,
 ) -> set[str]:
     """Store what these VMs are now (governed against the stored records); the ids that changed
     in what compute reads (:func:`concerns_compute`): a VM's tag outside the labels' prefix, which
-    any tag writer may change as often as they like, is stored and not handed on."""
+    any tag writer may change as often as they like, is stored and not handed on. ``gave_back``
+    gets the ids whose write gave their addresses back (deleted: :func:`releases_addresses`)."""
     mapper = w.mapper()
     stored = w.store.get_many([v.vm_id for v in vms])
     t0 = time.time()
@@ -55,6 +58,9 @@ def observe(
     observed = [to_record(vm, nics, t0, mapper) for vm in vms]
     prefix: list[str | None] = []  # the governing policy's key prefix, read once if needed
     results = store_governed(w, observed, stored, change, event_id=event_id, metric=metric)
+    released = {r.record.id for r in results if r.written and releases_addresses(r.replaced, r.record)}
+    if gave_back is not None:
+        gave_back |= released
     try:
         for rec, written, governed, replaced in results:
             if written and not governed and not prefix:
@@ -73,9 +79,21 @@ def observe(
                 credentials.retire(w, rec.id, "VM deleted")
     except BaseException:
         # what was stored is handed on: the redelivery finds it stored and would not
-        hand_on_stored(w, [r.record.id for r in results], f"azure event {event_id or '-'}", metric)
+        ids = [r.record.id for r in results]
+        hand_on_stored(w, ids, f"azure event {event_id or '-'}", metric, urgent=released)
         raise
     return changed
+
+
+def hand_on(w: BaseWiring, changed: Iterable[str], gave_back: Iterable[str]) -> None:
+    """Compute for ``changed``: those that gave their addresses back (deleted, gone) first, in the
+    priority lane, as AWS's removals: a deleted VM's address may be given to a new VM, and must
+    not stay allowed in its peers' sets while a tag storm's backlog drains."""
+    ids, first = set(changed), set(gave_back)
+    if ids & first:
+        w.enqueue_compute(sorted(ids & first), urgent=True)
+    if ids - first:
+        w.enqueue_compute(sorted(ids - first))
 
 
 def nics_by_id(raw: Iterable[dict[str, Any]]) -> dict[str, AzureNic]:
@@ -97,7 +115,8 @@ def observe_subscription(w: BaseWiring, arm: Arm, metric: Metric = no_metric) ->
         vms.extend(read_vms(arm.scale_set_vms(group, name), res))
         nics.update(nics_by_id(arm.scale_set_nics(group, name)))
     res.seen = len(vms)
-    changed = observe(w, vms, nics, metric=metric)
+    gave_back: set[str] = set()
+    changed = observe(w, vms, nics, metric=metric, gave_back=gave_back)
     try:
         live = {v.vm_id for v in vms}
         for rec in w.store.all_records():
@@ -109,12 +128,16 @@ def observe_subscription(w: BaseWiring, arm: Arm, metric: Metric = no_metric) ->
             # Only where the tombstone lands: not over a VM observed after the listing
             if not credentials.retire_before_tombstone(w, rec.id, listed_at, "VM gone (azure inventory)"):
                 continue
-            if w.store.observe(tombstone(rec.id, arm.subscription, rec.workload.region, listed_at)):
+            gone = tombstone(rec.id, arm.subscription, rec.workload.region, listed_at)
+            if w.store.observe(gone):
                 changed.add(rec.id)
                 res.gone.append(rec.id)
+                if releases_addresses(rec, gone):
+                    gave_back.add(rec.id)
     finally:
         # what was stored is handed on even when a later step fails: the next pass finds nothing
         # more to store for it and would not
         res.changed = sorted(changed)
-        w.enqueue_compute(res.changed)
+        res.gave_back = sorted(gave_back & changed)
+        hand_on(w, res.changed, res.gave_back)
     return res

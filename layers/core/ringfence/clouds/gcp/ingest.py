@@ -46,7 +46,7 @@ from ringfence.control.wiring import BaseWiring, Metric, hand_on_stored, no_metr
 from ringfence.events import MalformedEvent
 from ringfence.governance import TagChange, govern, is_tagger
 from ringfence.labels import LabelMapper
-from ringfence.store.base import InventoryRecord, concerns_compute
+from ringfence.store.base import InventoryRecord, concerns_compute, releases_addresses
 
 from .auditlog import Action, GcpEvent, log_entry, parse
 from .config import GcpConfig
@@ -174,26 +174,29 @@ class GcpIngest:
             self.metric("GroupLaunches", 1)
             log.info("%s %s/%s: made by managed instance group %s", ev.action.value, ev.zone, ev.instance, ev.group)
         owed: set[str] = set()
+        gave_back: set[str] = set()
         try:
-            changed = self._decide_and_observe(project, ev, said, owed)
+            changed = self._decide_and_observe(project, ev, said, owed, gave_back)
         except Exception:
             if said is not None and said is not ev and ev.operation:  # the redelivery finds it again
                 with self._pending_lock:
                     self.pending.setdefault(ev.operation, said)
             # a change stored before a later step failed (the entry's one-time claim): handed on,
             # as the redelivery finds it stored and would not
-            hand_on_stored(self.w, owed, f"gcp event {ev.event_id}", self.metric)
+            hand_on_stored(self.w, owed, f"gcp event {ev.event_id}", self.metric, urgent=gave_back)
             raise
         res.changed = sorted(changed)
-        if changed:
-            self.w.enqueue_compute(res.changed)
+        self._hand_on(changed, gave_back)
         self.metric("InventoryChanges", len(changed))
         return res
 
-    def _decide_and_observe(self, project: str, ev: GcpEvent, said: GcpEvent | None, owed: set[str]) -> set[str]:
+    def _decide_and_observe(
+        self, project: str, ev: GcpEvent, said: GcpEvent | None, owed: set[str], gave_back: set[str]
+    ) -> set[str]:
         """Who made the change ``ev`` ends and what it set (``said``: its first entry when held in
         this process), decided and stored: the VM observed and governed with it. ``owed`` gets
-        what changed as soon as it is stored, for the caller to hand on should a later step fail."""
+        what changed as soon as it is stored, for the caller to hand on should a later step fail
+        (``gave_back``: those of them that gave their addresses back, :meth:`_store`)."""
         names = {ev.instance: ev.instance_name} if ev.instance_name else None
         observed = self.observations(project, ev.zone, [ev.instance], names)
         stored = self.w.store.get_many([r.id for r in observed])
@@ -202,7 +205,7 @@ class GcpIngest:
             # Cloud Logging read (a split change, a fabricated "last" entry, a tagger's setLabels
             # re-sending a privileged value in force). Should a move land between this read and
             # the write, it is decided unattributed: held, never approved.
-            changed = self._store(observed, TagChange(None, None), ev.event_id, stored)
+            changed = self._store(observed, TagChange(None, None), ev.event_id, stored, gave_back)
             owed |= changed
             self._spend_unread(ev, said)
             return changed
@@ -263,7 +266,8 @@ class GcpIngest:
             stored = self.w.store.get_many([r.id for r in observed])
         # placed at the call's end (its last entry's time, as Cloud Logging has it for a split call):
         # by then the VM shows what it set, so a read after it without the value is a later write
-        changed = self._store(observed, _at_call(change, ended or (said.time if said else None)), ev.event_id, stored)
+        when = ended or (said.time if said else None)
+        changed = self._store(observed, _at_call(change, when), ev.event_id, stored, gave_back)
         owed |= changed
         if spend is not None:
             # spent only once its approval or finding is stored: a delivery that failed before is
@@ -846,16 +850,21 @@ class GcpIngest:
         change: TagChange | None,
         event_id: str = "",
         stored: Mapping[str, InventoryRecord] | None = None,
+        gave_back: set[str] | None = None,
     ) -> set[str]:
         """Store these observations, governed against the stored records (``stored``: as read
         already); the ids that changed in what compute reads (:func:`concerns_compute`): a GCP
         label outside the policy's prefix, which whoever may set labels can flip as often as they
-        like, is stored and not handed on."""
+        like, is stored and not handed on. ``gave_back`` gets the ids whose write gave their
+        addresses back (deleted: :func:`releases_addresses`), for the priority lane."""
         if stored is None:
             stored = self.w.store.get_many([r.id for r in observed])
         changed: set[str] = set()
         prefix: list[str | None] = []  # the governing policy's key prefix, read once if needed
         results = store_governed(self.w, observed, stored, change, event_id=event_id, metric=self.metric)
+        released = {r.record.id for r in results if r.written and releases_addresses(r.replaced, r.record)}
+        if gave_back is not None:
+            gave_back |= released
         try:
             for rec, written, governed, replaced in results:
                 if written and not governed and not prefix:
@@ -874,9 +883,21 @@ class GcpIngest:
                     credentials.retire(self.w, rec.id, "instance deleted")
         except BaseException:
             # what was stored is handed on: the redelivery finds it stored and would not
-            hand_on_stored(self.w, [r.record.id for r in results], f"gcp event {event_id or '-'}", self.metric)
+            ids = [r.record.id for r in results]
+            hand_on_stored(self.w, ids, f"gcp event {event_id or '-'}", self.metric, urgent=released)
             raise
         return changed
+
+    def _hand_on(self, changed: set[str], gave_back: set[str]) -> None:
+        """Compute for ``changed``: those that gave their addresses back (deleted) first, in the
+        priority lane, as AWS's removals: a deleted VM's address may be given to a new VM, and
+        must not stay allowed in its peers' sets while a label storm's backlog drains."""
+        urgent = sorted(changed & gave_back)
+        if urgent:
+            self.w.enqueue_compute(urgent, urgent=True)
+        rest = sorted(changed - gave_back)
+        if rest:
+            self.w.enqueue_compute(rest)
 
     def sync(self, project: str) -> set[str]:
         """The full inventory of a project (aggregated list): every VM stored as it is now, and
@@ -893,15 +914,15 @@ class GcpIngest:
         seen = {rec.id for rec in observed}
         # GCP gives an internal address to one VM of a network at a time (a stopped VM keeps its own)
         held = {(rec.workload.vpc, ip) for rec in observed for ip in rec.workload.ips}
-        changed = self._store(observed, None)
+        gave_back: set[str] = set()
+        changed = self._store(observed, None, gave_back=gave_back)
         try:
-            self._sync_unlisted(project, seen, held, unreachable, mapper, changed, listed_at)
+            self._sync_unlisted(project, seen, held, unreachable, mapper, changed, listed_at, gave_back)
         except BaseException:
             # what was stored is handed on: the next pass finds nothing more to store and would not
-            hand_on_stored(self.w, changed, f"gcp sync of {project}", self.metric)
+            hand_on_stored(self.w, changed, f"gcp sync of {project}", self.metric, urgent=gave_back)
             raise
-        if changed:
-            self.w.enqueue_compute(sorted(changed))
+        self._hand_on(changed, gave_back)
         return changed
 
     def _sync_unlisted(
@@ -913,9 +934,11 @@ class GcpIngest:
         mapper: LabelMapper | None,
         changed: set[str],
         listed_at: float,
+        gave_back: set[str],
     ) -> None:
         """:meth:`sync`'s pass over the project's stored VMs it did not list (``changed`` gets
-        those it changed as each is stored; ``listed_at``: when the listing began)."""
+        those it changed as each is stored, ``gave_back`` those of them deleted; ``listed_at``:
+        when the listing began)."""
         if unreachable is None or unreachable:
             self.metric("GcpZonesUnreachable", len(unreachable) if unreachable is not None else 1)
             log.warning("gcp sync of %s: unreachable zones %s: their VMs are looked up by id", project, unreachable)
@@ -926,18 +949,26 @@ class GcpIngest:
             if not wl.zone:
                 continue
             if unreachable is None or wl.zone in unreachable:
-                changed.update(self._unlisted(project, stored, held, mapper))
+                changed.update(self._unlisted(project, stored, held, mapper, gave_back))
                 continue
             # its token revoked before its tombstone is written: a tombstone stored whose revocation
             # then failed would be skipped by every later pass (as stored deleted), token and all.
             # Only where the tombstone lands: not over a VM observed after the listing
             if not credentials.retire_before_tombstone(self.w, stored.id, listed_at, "instance deleted"):
                 continue
-            if self.w.store.observe(tombstone(stored.id, project, wl.zone, listed_at)):
+            gone = tombstone(stored.id, project, wl.zone, listed_at)
+            if self.w.store.observe(gone):
                 changed.add(stored.id)
+                if releases_addresses(stored, gone):
+                    gave_back.add(stored.id)
 
     def _unlisted(
-        self, project: str, stored: InventoryRecord, held: set[tuple[str | None, str]], mapper: LabelMapper | None
+        self,
+        project: str,
+        stored: InventoryRecord,
+        held: set[tuple[str | None, str]],
+        mapper: LabelMapper | None,
+        gave_back: set[str],
     ) -> set[str]:
         """A stored VM of a zone the aggregated list could not reach: looked up by its id in its
         zone (``instances.list`` of that zone, filtered by id), which decides when it answers
@@ -969,11 +1000,14 @@ class GcpIngest:
             self.metric("GcpVmsFailedClosed", 1)
             rec = None
         if rec is not None:
-            return self._store([rec], None)
+            return self._store([rec], None, gave_back=gave_back)
         # its token revoked before its tombstone is written: every later pass skips a tombstone,
         # so one whose revocation then failed would leave the token authorizing
         credentials.retire(self.w, stored.id, "instance deleted")
-        if self.w.store.observe(tombstone(stored.id, project, zone, now())):
+        gone = tombstone(stored.id, project, zone, now())
+        if self.w.store.observe(gone):
+            if releases_addresses(stored, gone):
+                gave_back.add(stored.id)
             return {stored.id}
         return set()
 
