@@ -6,6 +6,7 @@ agent API."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -54,3 +55,26 @@ def test_attack_a_terminated_instances_token_is_revoked_by_reconcile_though_its_
     assert env.store.get(proc).state == "terminated"
     assert env.store.token_workload(secret_hash(token)) is None, "the terminated instance's token still authorizes"
     assert bundle_status(env, proc, token) == 401
+
+
+def test_an_instance_stored_by_its_event_after_the_listing_began_keeps_its_token(env: Env) -> None:
+    """An instance the listing missed (EC2's listing is eventually consistent) whose own event
+    stores it after the listing began: its tombstone, dated at the listing, does not land, and
+    its token is not revoked before it either."""
+    est = boot(env)
+    proc = est["ids"]["proc"][0]
+    token = enroll_instance(env, proc)
+
+    def missed_then_stored(parsed: dict[str, Any], **_: Any) -> None:
+        for res in parsed.get("Reservations", []):
+            res["Instances"] = [i for i in res.get("Instances", []) if i["InstanceId"] != proc]
+        rec = env.store.get(proc)  # its event, ingested meanwhile
+        env.store.observe(rec.model_copy(update={"observed_at": time.time() + 1}))
+        assert env.store.get(proc).observed_at > rec.observed_at
+
+    env.load_functions()
+    env.hook("after-call.ec2.DescribeInstances", missed_then_stored)
+    out = env.fn["reconcile"].handler(_scheduled(), _ctx())
+    assert proc not in out["gone"] and not out["failed"]
+    assert env.store.get(proc).state == "running"
+    assert bundle_status(env, proc, token) == 200, "a running instance's token was revoked"

@@ -182,8 +182,10 @@ class Reconcile:
             if not mine or rec.id in live_ids or rec.state == "terminated":
                 continue
             # its token revoked before its tombstone is written: every later run skips a
-            # tombstone, so one whose revocation then failed would leave the token authorizing
-            if self._retire(rec.id, "instance gone (reconcile)", failed) and self.w.store.observe(
+            # tombstone, so one whose revocation then failed would leave the token authorizing;
+            # and only where the tombstone lands (an instance stored by its event after the
+            # listing began keeps its token and its record)
+            if self._retire(rec.id, "instance gone (reconcile)", failed, at=t0) and self.w.store.observe(
                 ec2.tombstone(rec.id, t.account, t.region, t0)
             ):
                 changed.add(rec.id)
@@ -194,10 +196,14 @@ class Reconcile:
         if failed:  # the target failed: counted, logged, and what it stored still reaches compute
             raise failed[0]
 
-    def _retire(self, wid: str, why: str, failed: list[Exception]) -> bool:
-        """:func:`credentials.retire`; False (the error kept in ``failed``) when it fails, so that
-        one workload's failed revocation does not stop the others' convergence."""
+    def _retire(self, wid: str, why: str, failed: list[Exception], at: float | None = None) -> bool:
+        """:func:`credentials.retire` (``at``: before a tombstone observed then,
+        :func:`credentials.retire_before_tombstone`, False where it would not land); False (the
+        error kept in ``failed``) when it fails, so that one workload's failed revocation does not
+        stop the others' convergence."""
         try:
+            if at is not None:
+                return credentials.retire_before_tombstone(self.w, wid, at, why)
             credentials.retire(self.w, wid, why)
         except Exception as exc:
             log.warning("reconcile: the token of %s could not be revoked (%s): left as stored", wid, exc)
