@@ -145,6 +145,44 @@ def test_a_call_of_unknown_content_ends_a_grant_made_before_it_only() -> None:
     assert w4.label_grants == {} and v.held and not v.finding and not v.approved  # type: ignore[attr-defined]
 
 
+def test_a_call_of_unknown_content_is_decided_again_for_its_events_redelivery() -> None:
+    """Azure's redelivery of an event whose report failed part-way: the end (and the named write)
+    stored with the event's id is the call's own, so the same verdict is decided again (its report
+    made again, each record once by its derived id); another event of the same caller and time,
+    or an end stored before the event was kept (no ``event``), ends nothing again."""
+    w, writes, _ = step(None, {}, 0.0, box(WEB_TAGS, 10.0))
+    w, writes, _ = step(w, writes, 10.0, box(JUMP_TAGS, 20.0))  # unattributed: held
+    granted = bind(MAPPER, w, {"role": "jumpbox", "app": "admin"})
+    w, writes, _ = step(w, writes, 20.0, granted.model_copy(update={"held_labels": None}), now=30.0)
+    ended, ended_writes, v = step(
+        w, writes, 20.0, box(JUMP_TAGS, 40.0), TagChange(DEV, None, 35.0, unknown_content=True, event="ev-1"), 40.0
+    )
+    assert set(v.ended) == {"role", "app"} and v.finding  # type: ignore[attr-defined]
+    assert ended_writes["role"].event == "ev-1"
+
+    def again(event: str, stored: dict[str, LabelWrite]) -> object:
+        change = TagChange(DEV, None, 35.0, unknown_content=True, event=event)
+        return step(ended, stored, 40.0, box(JUMP_TAGS, 50.0), change, now=50.0)
+
+    _, writes2, v = again("ev-1", ended_writes)  # type: ignore[misc]
+    assert v.ended == {d: ended_writes[d] for d in ("role", "app")} and v.finding  # type: ignore[attr-defined]
+    assert writes2 == ended_writes, "the redelivery changes nothing stored"
+    _, _, v = again("ev-2", ended_writes)  # type: ignore[misc]
+    assert not v.ended and not v.finding  # type: ignore[attr-defined]
+    old = {
+        d: LabelWrite.model_validate({k: x for k, x in e.model_dump().items() if k != "event"})
+        for d, e in ended_writes.items()
+    }
+    _, _, v = again("ev-1", old)  # type: ignore[misc]
+    assert not v.ended and not v.finding  # type: ignore[attr-defined]
+    # a held move the event named its caller for: stored as that call's write, decided again as is
+    change = TagChange(DEV, {"ringfence:role": "jumpbox"}, unknown_content=True, called_at=45.0, event="ev-3")
+    named, named_writes, v = step(ended, ended_writes, 40.0, box(JUMP_TAGS, 50.0), change, now=50.0)
+    assert v.finding and named_writes["role"] == LabelWrite(at=50.0, value="jumpbox", by="other", event="ev-3")  # type: ignore[attr-defined]
+    _, writes3, v = step(named, named_writes, 50.0, box(JUMP_TAGS, 60.0), change, now=60.0)
+    assert v.finding and writes3["role"] == named_writes["role"]  # type: ignore[attr-defined]
+
+
 def test_records_stored_before_writes_were_recorded_keep_what_is_in_force() -> None:
     """An upgrade: an approved value stays approved, a grant stands, a held move waits for its call."""
     approved = JUMP.model_copy(update={"observed_at": 20.0})

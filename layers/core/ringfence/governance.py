@@ -57,6 +57,10 @@ class TagChange:
     """A call of unknown content: its own time (the event's), which decides the approvals it ends
     where ``time`` is left to the observation's (it places the writes ``requested`` names). None:
     ``time`` decides both."""
+    event: str | None = None
+    """The id of the event that reported the call (None: not kept). A write or an end stored with
+    it is this call's own when the event is delivered again: decided and reported again, the same
+    (a report that failed part-way is made whole; each record once per event)."""
 
 
 SKEW = 5.0
@@ -88,6 +92,10 @@ class LabelWrite(BaseModel):
     """``other`` only: this write is a call of unknown content's that ended this approving write
     (a grant, a value kept, a tagger's). An earlier such call processed later (its event came
     later) takes the end over: the calls' times decide who ended it, not the order of events."""
+    event: str | None = None
+    """A call's write or end: the event of that call (:attr:`TagChange.event`;
+    None: not kept, as in records stored before it was). That event delivered again finds the
+    write its own call's and decides (and reports) the same again."""
 
     @property
     def approves(self) -> bool:
@@ -302,6 +310,9 @@ def govern_writes(
             if r is None:
                 continue
             w = known.get(d)
+            if w is not None and _own(w, change) and w.value == r and w.by == by and w.ended is None:
+                again.add(d)  # this call's write, stored by an earlier delivery of its event: kept as it is
+                continue
             if w is not None:
                 if w.by == "unseen":
                     stale = t < w.at - SKEW
@@ -312,7 +323,7 @@ def govern_writes(
                     continue
             # at the call's own time (CloudTrail's second), even where it predates the observation
             # it follows (within SKEW): a later call in that second must not look older than it
-            mine = LabelWrite(at=t, value=r, by=by)
+            mine = LabelWrite(at=t, value=r, by=by, event=change.event)
             if w == mine:
                 again.add(d)
             known[d] = mine
@@ -326,11 +337,15 @@ def govern_writes(
             w = known.get(d)
             if w is None:
                 continue
-            if w.approves and t_call >= w.at - SKEW:
-                end = LabelWrite(at=max(t_call, w.at), value=wanted.get(d), by="other", ended=w)
+            if w.ended is not None and _own(w, change):
+                # this call's end, stored by an earlier delivery of its event: reported again (its
+                # report may have failed; each record is written once per event)
+                end = w
+            elif w.approves and t_call >= w.at - SKEW:
+                end = LabelWrite(at=max(t_call, w.at), value=wanted.get(d), by="other", ended=w, event=change.event)
             elif w.ended is not None and w.ended.at - SKEW <= t_call and max(t_call, w.ended.at) < w.at:
                 # strictly earlier than the end recorded (the same call again takes nothing over)
-                end = w.model_copy(update={"at": max(t_call, w.ended.at)})
+                end = w.model_copy(update={"at": max(t_call, w.ended.at), "event": change.event})
             else:
                 continue
             known[d] = ended[d] = end
@@ -360,6 +375,11 @@ def govern_writes(
     kept = {d: v for d, v in before.items() if not mapper.is_privileged(d, v) or in_force(d, v)}
     held = current.model_copy(update={"held_labels": kept})
     return Verdict(held, mapper.resolve(held).labels, moves, (), reason, principal, writes=known, ended=ended)
+
+
+def _own(write: LabelWrite | None, change: TagChange) -> bool:
+    """``write`` was stored for this call by an earlier delivery of its event."""
+    return write is not None and change.event is not None and write.event == change.event
 
 
 def _carried(mapper: LabelMapper, previous: Workload, previous_at: float) -> dict[str, LabelWrite]:

@@ -214,8 +214,11 @@ class AzureEvents:
           before (each within :data:`~ringfence.governance.SKEW`); a record with no first sighting
           stored (written before it was recorded) names the caller of a Tags API write only,
         * for a held move no event has named anyone for yet: the move is then recorded as that
-          caller's write (the record's ``label_writes``, ``by: other``), so each move names one
-          caller once and a release by an operator stands against later writes and redeliveries.
+          caller's write (the record's ``label_writes``, ``by: other``, with the event's id), so
+          each move names one caller once and a release by an operator stands against later
+          writes and redeliveries; the same event delivered again names its caller again (the
+          same verdict, reported again where its report failed part-way; each record written
+          once per event, the quarantine with its record only).
 
         So the order in which events and observations are processed does not decide who is named;
         when the calls were made does. Never which tags an allowed tagger set: no Azure event
@@ -232,13 +235,13 @@ class AzureEvents:
         unknown = own and c.system_topic
         principal = c.principal
         if principal is None or not own:
-            return TagChange(None, None, c.time, unknown_content=unknown)
+            return TagChange(None, None, c.time, unknown_content=unknown, event=c.event_id or None)
         mapper = self._mapper()
         if mapper is None or not mapper.governed:
-            return TagChange(principal, None, c.time, unknown_content=unknown)
+            return TagChange(principal, None, c.time, unknown_content=unknown, event=c.event_id or None)
         if is_tagger(mapper.config.taggers, principal):
             # held, not set by the call: no finding, no approval
-            return TagChange(principal, None, c.time, unknown_content=unknown)
+            return TagChange(principal, None, c.time, unknown_content=unknown, event=c.event_id or None)
         old = self.w.store.get(vm.vm_id)
         if old is not None and old.state == "terminated":
             old = None
@@ -252,12 +255,12 @@ class AzureEvents:
         if not fresh:
             # a resize, a disk, a later write: each held move names one caller, once (this one only
             # for the values whose grant its call ends)
-            return TagChange(principal, None, c.time, unknown_content=unknown)
+            return TagChange(principal, None, c.time, unknown_content=unknown, event=c.event_id or None)
         # the named moves at the observation's time (no time given), as before: _may_have_made
         # placed the call against the observations already; the approvals it ends by its own
         # time (a late event of a call older than a grant leaves the grant, as on the other paths)
         requested = {mapper.keys[d][0]: v for d, v in fresh.items()}
-        return TagChange(principal, requested, unknown_content=unknown, called_at=c.time)
+        return TagChange(principal, requested, unknown_content=unknown, called_at=c.time, event=c.event_id or None)
 
     @staticmethod
     def _may_have_made(
@@ -266,6 +269,11 @@ class AzureEvents:
         """The call of ``c`` may have set ``dim`` to the held ``value`` and nobody has been named for it."""
         if before is None or before.get(dim) != value:
             return True  # this read of ARM is the first to see the value
+        if write is not None and write.event is not None and write.event == c.event_id and write.value == value:
+            # stored by an earlier delivery of this event (whose report may have failed): named
+            # again as it was then, so the redelivery decides and reports the same (each record
+            # once per event); an end it made is governance's to find again, not a named move
+            return write.ended is None
         if _named(write, value):
             return False  # named (or approved) already: a release stands
         if write is None or write.by != "unseen" or write.value != value or write.seen is None:
