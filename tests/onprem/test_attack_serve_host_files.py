@@ -106,6 +106,40 @@ def test_attack_compile_out_writes_through_no_link_planted_at_a_temporary_name(s
         assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o644
 
 
+@pytest.mark.parametrize("swapped", ["bundles", "heads"])
+def test_attack_compile_out_writes_nothing_through_a_subdirectory_swapped_for_a_link(
+    shared: Path, swapped: str
+) -> None:
+    """The account owning ``--out`` swaps ``bundles/`` (or ``heads/``) for a link to a root-only
+    directory holding a root file of a layout file's name. Root's next compile refuses, naming the
+    link, and the root-only directory and its file are as they were (no file replaced, none added)."""
+    pw = nobody()
+    keys, out, vault = shared / "keys", shared / "layout", shared / "vault"
+    assert ringfence("keygen", "--out", str(keys)).returncode == 0
+    out.mkdir()
+    os.chown(out, pw.pw_uid, pw.pw_gid)
+    vault.mkdir(mode=0o700)
+    compile_ = ("compile", "--policy", POLICY, "--inventory", INVENTORY, "--key", str(keys / "bundle-signing.pem"))
+    first = ringfence(*compile_, "--out", str(out))
+    assert first.returncode == 0, first.stderr
+    name = sorted(p.name for p in (out / swapped).iterdir())[0]
+    (vault / name).write_text("precious root-only content\n")
+    (vault / name).chmod(0o600)
+    swap = as_nobody(
+        "import os, sys\nd, v = sys.argv[1:]\nos.rename(d, d + '.old')\nos.symlink(v, d)\n",
+        str(out / swapped),
+        str(vault),
+    )
+    assert swap.returncode == 0, swap.stderr
+    # a later revision: every bundle and head is written again
+    again = ringfence(*compile_, "--revision", str(2**62), "--out", str(out))
+    assert again.returncode != 0
+    assert f"{out / swapped}: a symbolic link" in again.stderr
+    assert sorted(p.name for p in vault.iterdir()) == [name]
+    st = (vault / name).stat()
+    assert (vault / name).read_text() == "precious root-only content\n" and stat.S_IMODE(st.st_mode) == 0o600
+
+
 # --- serve-token ---------------------------------------------------------------------------------------
 
 

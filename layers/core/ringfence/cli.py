@@ -112,15 +112,22 @@ def _engine(args: argparse.Namespace, revision: int = 0) -> tuple[Any, Engine]:
 def write_layout_file(out: Path, relative: str, text: str) -> None:
     """One file of the static layout under ``out``, replaced atomically: agents may be reading the
     directory (or a web server serving it) while a compile writes. Ids never escape ``out``."""
-    path = out / relative
-    if any(part in (".", "..") for part in Path(relative).parts):
+    rel = Path(relative)
+    if rel.is_absolute() or any(part in (".", "..") for part in rel.parts):
         raise CliError(f"{relative!r} cannot be used as a file name")
     from ringfence import durable
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a temporary name no one can guess, created exclusively: ``out`` may be writable by another
-    # account (the web server's), which could plant a link at a predictable one
-    durable.replace(path, text.encode(), 0o644)
+    # ``out`` may belong to another account (the web server's): it could plant a link at a
+    # temporary name, or swap ``bundles/`` for a link to a root-only directory. The file is written
+    # through directory descriptors opened without following links, at a name no one can guess.
+    out.mkdir(parents=True, exist_ok=True)  # ``out`` itself, as given, is the caller's choice
+    try:
+        durable.replace_beneath(out, rel, text.encode(), 0o644)
+    except NotADirectoryError as exc:
+        raise CliError(
+            f"{exc.filename}: a symbolic link or not a directory: nothing written through it "
+            f"(no link under --out {out} is followed)"
+        ) from None
 
 
 def _emit(text: str, out: str | None) -> None:

@@ -12,7 +12,9 @@ not import the control plane's library."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import secrets
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +40,47 @@ def create(path: Path, data: bytes, mode: int) -> bool:
             return False
     _sync_directory(path.parent)
     return True
+
+
+def replace_beneath(root: Path, relative: Path, data: bytes, mode: int) -> None:
+    """:func:`replace` of ``root / relative``, following no symbolic link below ``root``: ``root``
+    may belong to another account (the web server's, serving a static layout), which could swap a
+    subdirectory for a link to a root-only directory. Each directory is made and opened relative to
+    the one above it (``O_NOFOLLOW``), and the temporary file is made, and renamed, in the last
+    one's descriptor. A link (or a non-directory) on the way raises :class:`NotADirectoryError`
+    naming it; nothing is written then."""
+    *parts, name = relative.parts
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        where = root
+        for part in parts:
+            where = where / part
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, dir_fd=fd)  # makes a directory, never follows a link at the name
+            try:
+                below = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # a link (ELOOP) or a file at the name
+                    raise NotADirectoryError(errno.ENOTDIR, "a symbolic link or not a directory", str(where)) from None
+                raise
+            os.close(fd)
+            fd = below
+        tmp = f".tmp-{secrets.token_hex(12)}"
+        tfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=fd)
+        try:
+            with os.fdopen(tfd, "wb") as f:
+                os.fchmod(f.fileno(), mode)
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)  # replaces a link at ``name``, never follows it
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=fd)
+            raise
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
