@@ -185,6 +185,38 @@ def test_attack_serve_host_a_signing_key_another_user_owns_is_refused(tmp_path: 
         LocalWiring(tmp_path / "other" / "state.db", signing_key=given, start=False)
 
 
+def test_attack_serve_host_a_signing_key_in_another_users_directory_is_refused_not_swapped(shared: Path) -> None:
+    """``serve --signing-key FILE`` (no ``--user``), FILE root's, in a directory another user owns:
+    that user swaps it for a link to another root-owned key (one retired, kept root-only). serve
+    refuses to start, naming the directory, and pins no key: it never signs with the retired one."""
+    keys, vault, state = shared / "keys", shared / "vault", shared / "state"
+    keys.mkdir()
+    os.chown(keys, NOBODY.pw_uid, NOBODY.pw_gid)
+    vault.mkdir(mode=0o700)
+    retired = SigningKey.generate()
+    retired.write(vault / "retired.pem", vault / "retired.pub.pem")
+    SigningKey.generate().write(keys / "key.pem", shared / "key.pub.pem")
+    os.chmod(keys / "key.pem", 0o600)
+    swap = as_nobody(f"mv {keys}/key.pem {keys}/key.old && ln -s {vault}/retired.pem {keys}/key.pem")
+    assert swap.returncode == 0, swap.stderr
+    key = str(keys / "key.pem")
+    proc = subprocess.Popen(
+        [str(BIN / "ringfence"), "serve", "--port", "0", "--store", f"sqlite:{state}/state.db", "--signing-key", key],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if proc.poll() is None:
+        proc.terminate()
+    _, err = proc.communicate(timeout=30)
+    assert "listening on" not in line and proc.returncode not in (0, -15), f"serve started: {line}"
+    assert f"{keys} must be owned by root" in err
+    pinned = state / "signing-key.pub.pem"
+    assert not pinned.exists() or pinned.read_bytes() != retired.public_pem()
+
+
 def test_attack_serve_host_a_state_directory_another_user_made_first_is_refused(shared: Path) -> None:
     """serve's default store, ``ringfence-state/state.db``, is relative: started from a shared
     directory (sticky, as /tmp), a user who made ``ringfence-state/`` first owns it."""

@@ -66,6 +66,29 @@ def unsafe_directory(
     return None
 
 
+def check_key_directories(path: Path, owners: tuple[int, ...] = (0,)) -> Path:
+    """``path`` made absolute, once every directory above it, along the path as given and along
+    the path it resolves to, is owned by one of ``owners`` and writable by its owner only (or, above
+    the key's own directory, sticky); a link on the way must be one of ``owners``'. Else
+    :class:`SignerError`: another user could swap the key, or point its name at another file."""
+    given = Path(os.path.abspath(path))
+    names = "root" if owners == (0,) else " or ".join(f"uid {u}" for u in owners)
+    for chain in (given, Path(os.path.realpath(given))):
+        for d in reversed(chain.parents):
+            try:
+                ds = d.lstat()
+            except OSError as exc:
+                raise SignerError(f"signing key directory {d}: {exc.strerror}") from None
+            if stat.S_ISLNK(ds.st_mode) and ds.st_uid in owners:
+                continue  # theirs, in a directory already found safe; its target is on the resolved chain
+            if stat.S_ISLNK(ds.st_mode):  # in a sticky directory: its owner may point it elsewhere
+                raise SignerError(f"signing key path {d} is a link owned by uid {ds.st_uid}: it must be {names}'s")
+            why = unsafe_directory(d, ds, sticky_ok=d != chain.parent, owners=owners)
+            if why is not None:
+                raise SignerError(f"signing key directory {why}")
+    return given
+
+
 def read_key_file(path: Path) -> bytes:
     """The key's bytes, refused if anyone but root could read or replace it: the file a regular
     file of mode 600 (or stricter) owned by root, its directory writable by root only, and every
@@ -74,20 +97,7 @@ def read_key_file(path: Path) -> bytes:
     is fine where root alone could change it) and along the path it resolves to, so a directory
     another user controls can redirect neither. The file is opened without following a symbolic
     link and checked on the descriptor it is read from, so nothing can be swapped in between."""
-    given = Path(os.path.abspath(path))
-    for chain in (given, Path(os.path.realpath(given))):
-        for d in reversed(chain.parents):
-            try:
-                ds = d.lstat()
-            except OSError as exc:
-                raise SignerError(f"signing key directory {d}: {exc.strerror}") from None
-            if stat.S_ISLNK(ds.st_mode) and ds.st_uid == 0:
-                continue  # root's, in a directory already found safe; its target is on the resolved chain
-            if stat.S_ISLNK(ds.st_mode):  # in a sticky directory: its owner may point it elsewhere
-                raise SignerError(f"signing key path {d} is a link owned by uid {ds.st_uid}: it must be root's")
-            why = unsafe_directory(d, ds, sticky_ok=d != chain.parent)
-            if why is not None:
-                raise SignerError(f"signing key directory {why}")
+    given = check_key_directories(path)
     try:
         fd = os.open(given, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:

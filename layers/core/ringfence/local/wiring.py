@@ -512,6 +512,15 @@ def load_signing_key(path: Path, *, follow: bool = True) -> SigningKey:
     writable by its owner only: another user's key would be signed with and pinned by agents.
     ``follow=False`` (the state directory's own key): a link there is refused, not followed."""
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    if follow:
+        from ringfence.local.signer_process import SignerError, check_key_directories
+
+        # a link at the key's name is followed: every directory on the way, and on the way to where
+        # it points, must be root's or serve's own, or another user could point it at another key
+        try:
+            check_key_directories(path, owners=tuple(sorted({0, os.geteuid()})))
+        except SignerError as exc:
+            raise BundleError(f"{path}: {exc}") from None
     try:
         fd = os.open(path, flags)
     except OSError as exc:
