@@ -217,6 +217,33 @@ def test_attack_serve_host_a_signing_key_in_another_users_directory_is_refused_n
     assert not pinned.exists() or pinned.read_bytes() != retired.public_pem()
 
 
+@pytest.mark.parametrize("planted", ["objects", "objects/agent"])
+def test_attack_serve_host_publish_agent_as_root_follows_no_link_in_the_service_users_state_dir(
+    shared: Path, planted: str
+) -> None:
+    """``serve --user``'s state directory is the service user's. That user (serve taken over)
+    plants ``objects`` or ``objects/agent`` as a link to a root-only directory; root's
+    ``publish-agent --store sqlite:…`` then refuses, naming the link, and writes nothing there."""
+    state, vault, wheels = shared / "state", shared / "vault", shared / "wheels"
+    state.mkdir(mode=0o750)
+    os.chown(state, NOBODY.pw_uid, NOBODY.pw_gid)
+    vault.mkdir(mode=0o700)
+    wheels.mkdir()
+    (wheels / "ringfence_agent-9.9.9-py3-none-any.whl").write_bytes(b"PK not really a wheel\n")
+    parent = f"mkdir -m 700 {state}/objects && " if planted != "objects" else ""
+    plant = as_nobody(f"{parent}ln -s {vault} {state}/{planted}")
+    assert plant.returncode == 0, plant.stderr
+    proc = subprocess.run(
+        [str(BIN / "ringfence"), "publish-agent", "--store", f"sqlite:{state}/state.db", "--dir", str(wheels)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    assert f"{state}/{planted}: a symbolic link" in proc.stderr
+    assert list(vault.iterdir()) == []
+
+
 def test_attack_serve_host_a_state_directory_another_user_made_first_is_refused(shared: Path) -> None:
     """serve's default store, ``ringfence-state/state.db``, is relative: started from a shared
     directory (sticky, as /tmp), a user who made ``ringfence-state/`` first owns it."""

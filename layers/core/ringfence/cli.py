@@ -936,11 +936,17 @@ def cmd_publish_agent(args: argparse.Namespace) -> int:
     else:
         raise CliError(f"--store {args.store!r}: expected sqlite:PATH or aws")
     from ringfence.control.publish import Conflict
+    from ringfence.store.failure import ObjectsUnwritable
 
     try:
         done = artifact.publish(publisher, artifact.find_wheel(out), installer)
     except artifact.ArtifactError as exc:
         raise CliError(str(exc)) from None
+    except ObjectsUnwritable as exc:
+        where = getattr(exc.__cause__, "filename", None) or getattr(publisher, "root", "the store")
+        raise CliError(
+            f"{where}: {exc.strerror}: not published (no link under the objects directory is followed)"
+        ) from None
     except Conflict as exc:
         # not "rebuild": the same source and build tooling give the same name and, reproducibly,
         # the same bytes, so other bytes here mean an altered wheel or an unpinned build input

@@ -42,45 +42,88 @@ def create(path: Path, data: bytes, mode: int) -> bool:
     return True
 
 
-def replace_beneath(root: Path, relative: Path, data: bytes, mode: int) -> None:
+def replace_beneath(
+    root: Path, relative: Path, data: bytes, mode: int, *, sync: bool = True, dir_mode: int | None = None
+) -> None:
     """:func:`replace` of ``root / relative``, following no symbolic link below ``root``: ``root``
-    may belong to another account (the web server's, serving a static layout), which could swap a
-    subdirectory for a link to a root-only directory. Each directory is made and opened relative to
-    the one above it (``O_NOFOLLOW``), and the temporary file is made, and renamed, in the last
-    one's descriptor. A link (or a non-directory) on the way raises :class:`NotADirectoryError`
-    naming it; nothing is written then."""
-    *parts, name = relative.parts
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        where = root
-        for part in parts:
-            where = where / part
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(part, dir_fd=fd)  # makes a directory, never follows a link at the name
-            try:
-                below = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # a link (ELOOP) or a file at the name
-                    raise NotADirectoryError(errno.ENOTDIR, "a symbolic link or not a directory", str(where)) from None
-                raise
-            os.close(fd)
-            fd = below
-        tmp = f".tmp-{secrets.token_hex(12)}"
-        tfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=fd)
+    may belong to another account (the web server's serving a static layout, serve's ``--user``
+    owning the state directory), which could swap a subdirectory for a link to a root-only one.
+    Each directory is made and opened relative to the one above it (``O_NOFOLLOW``; a missing one
+    made of ``dir_mode`` whatever the umask, or by the umask when None), and the temporary file is
+    made, and renamed, in the last one's descriptor. A link (or a non-directory) on the way raises
+    :class:`NotADirectoryError` naming it; nothing is written then."""
+    with _beneath(root, relative, dir_mode) as fd:
+        name, tmp = relative.name, _temporary_at(fd, data, mode, sync)
         try:
-            with os.fdopen(tfd, "wb") as f:
-                os.fchmod(f.fileno(), mode)
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)  # replaces a link at ``name``, never follows it
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp, dir_fd=fd)
             raise
+        if sync:
+            os.fsync(fd)
+
+
+def create_beneath(root: Path, relative: Path, data: bytes, mode: int, *, dir_mode: int | None = None) -> bool:
+    """:func:`create` of ``root / relative``, following no link below ``root`` (as
+    :func:`replace_beneath`)."""
+    with _beneath(root, relative, dir_mode) as fd:
+        tmp = _temporary_at(fd, data, mode, True)
+        try:
+            os.link(tmp, relative.name, src_dir_fd=fd, dst_dir_fd=fd, follow_symlinks=False)
+        except FileExistsError:
+            return False
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=fd)
         os.fsync(fd)
+        return True
+
+
+@contextlib.contextmanager
+def _beneath(root: Path, relative: Path, dir_mode: int | None) -> Iterator[int]:
+    """The descriptor of ``root / relative``'s directory, each directory below ``root`` made when
+    missing and opened relative to the one above without following a link."""
+    held = [os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)]
+    try:
+        where = root
+        for part in relative.parts[:-1]:
+            where = where / part
+            made = True
+            try:
+                os.mkdir(part, 0o777 if dir_mode is None else dir_mode, dir_fd=held[-1])  # never follows a link
+            except FileExistsError:
+                made = False
+            try:
+                held.append(os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=held[-1]))
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # a link (ELOOP) or a file at the name
+                    raise NotADirectoryError(errno.ENOTDIR, "a symbolic link or not a directory", str(where)) from None
+                raise
+            if made and dir_mode is not None:
+                os.fchmod(held[-1], dir_mode)  # whatever the umask
+        yield held[-1]
     finally:
-        os.close(fd)
+        for fd in held:
+            os.close(fd)
+
+
+def _temporary_at(dir_fd: int, data: bytes, mode: int, sync: bool) -> str:
+    """A new file of an unguessable name in ``dir_fd`` holding ``data``; its name."""
+    tmp = f".tmp-{secrets.token_hex(12)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            if sync:
+                os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+    return tmp
 
 
 @contextlib.contextmanager

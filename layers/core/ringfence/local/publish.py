@@ -61,17 +61,23 @@ class FilePublisher(Publisher):
             raise BadKey(f"{key!r} cannot be used as a published key")
         return self.root.joinpath(*parts)
 
+    def _below(self, key: str) -> Path:
+        """``key``'s path relative to the objects directory's parent: writes walk down from there
+        without following a link, ``objects`` itself included. root's ``publish-agent`` writes into
+        the state directory of ``serve --user``, whose user could plant one (``objects/agent`` to a
+        root-only directory)."""
+        self.path(key)  # a key that cannot name a file: BadKey
+        return Path(self.root.name, *PurePosixPath(key).parts)
+
     def _store(self, key: str, body: bytes, content_type: str) -> None:
-        path = self.path(key)
+        below = self._below(key)
         with _writing():
-            make_dirs(path.parent, 0o700)
-            durable.replace(path, body, 0o600, sync=self.fsync)
+            durable.replace_beneath(self.root.parent, below, body, 0o600, sync=self.fsync, dir_mode=0o700)
 
     def _create(self, key: str, body: bytes, content_type: str) -> bool:
-        path = self.path(key)
-        with _writing():
-            make_dirs(path.parent, 0o700)
-            return durable.create(path, body, 0o600)  # always synced: a link never replaces a file
+        below = self._below(key)
+        with _writing():  # always synced: a link never replaces a file
+            return durable.create_beneath(self.root.parent, below, body, 0o600, dir_mode=0o700)
 
     def get(self, key: str) -> bytes:
         """The file of ``key``, reached one directory at a time from the root without following a
