@@ -175,3 +175,53 @@ def test_a_findings_quarantine_is_never_in_force_without_its_record_and_each_is_
     assert env.store.get(dev).op_quarantined
     assert len(audited(env, "label.held", dev)) == 1, "the finding recorded twice"
     assert len(audited(env, "workload.quarantine", dev)) == 1
+
+
+def test_attack_a_cloudtrail_events_redelivery_after_a_release_neither_quarantines_again_nor_blames_another_move(
+    env: Env,
+) -> None:
+    """A developer moves the dev box to role=jumpbox: named, quarantined. An incident responder
+    releases it. Another move, app=admin, is then seen by a tag event alone (held, nobody named yet:
+    its call's event has not come). EventBridge and SQS deliver at least once: the developer's
+    CloudTrail event arrives again, processed again. The redelivery reports what that event decided, once: no second
+    quarantine (the release stands), no second ``label.held`` blaming the developer for app=admin.
+    Before, the records' ids were derived from every move held now. (Within 24 h the idempotency
+    table answers a copy of a processed event; one that failed after its report is decided again.)"""
+    from tests.aws.test_admin_not_queued import RESPONDER
+
+    dev = quarantine_mode_with_a_dev_web(env)
+    move = {"ringfence:role": "jumpbox"}
+    env.ec2.create_tags(Resources=[dev], Tags=[{"Key": k, "Value": v} for k, v in move.items()])
+    live = env.ec2.describe_instances(InstanceIds=[dev])["Reservations"][0]["Instances"][0]["Tags"]
+    env.put(env.tag_event(dev, {t["Key"]: t["Value"] for t in live}, version=2))
+    env.pump()
+    env.put(create_tags_event(dev, move, DEVELOPER))
+    # the message as EventBridge queued it (its event id with it), read and left visible again
+    got = env.sqs.receive_message(QueueUrl=env.queues["ingest"], MaxNumberOfMessages=1, VisibilityTimeout=0)
+    [msg] = got["Messages"]
+    assert "CreateTags" in msg["Body"]
+    env.pump()
+    assert env.store.get(dev).op_quarantined and len(audited(env, "workload.quarantine", dev)) == 1
+    env.bind(RESPONDER, ["incident-responder"])
+    path = f"/admin/workloads/{dev}/quarantine"
+    status, _, answer = env.rest("admin", "DELETE", path, {"reason": "IR-12 reviewed"}, principal=RESPONDER)
+    assert status == 200 and answer["quarantined"] is False, answer
+    env.pump()
+    env.ec2.create_tags(Resources=[dev], Tags=[{"Key": "ringfence:app", "Value": "admin"}])
+    live = env.ec2.describe_instances(InstanceIds=[dev])["Reservations"][0]["Instances"][0]["Tags"]
+    env.put(env.tag_event(dev, {t["Key"]: t["Value"] for t in live}, version=3))
+    env.pump()
+    rec = env.store.get(dev)
+    assert rec.workload.held_labels is not None and rec.labels["app"] == "ordering" and not rec.op_quarantined
+    # the same event again once its idempotency record has expired (24 h: a message the queue kept,
+    # or one redriven from the dead-letter queue, later)
+    idem = env.ddb.Table(env.aws.tables["idempotency"])
+    for item in idem.scan()["Items"]:
+        idem.delete_item(Key={"id": item["id"]})
+    env.sqs.send_message(QueueUrl=env.queues["ingest"], MessageBody=msg["Body"])
+    env.pump()
+    assert not env.store.get(dev).op_quarantined, "the responder's release undone by a redelivery"
+    assert not env.bundle(dev).quarantined
+    held = audited(env, "label.held", dev)
+    assert [(a.principal, a.detail["requested"]) for a in held] == [(DEVELOPER, {"role": "jumpbox"})], held
+    assert len(audited(env, "workload.quarantine", dev)) == 1

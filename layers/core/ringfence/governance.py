@@ -171,11 +171,24 @@ def _held_reason(
         return UNATTRIBUTED
     if is_tagger(mapper.config.taggers, principal):
         return NOT_SET_BY_CALL
+    return NOT_A_TAGGER if answers_for(mapper, held, change, ended) else NOT_SET_BY_CALL
+
+
+def answers_for(
+    mapper: LabelMapper, moves: Iterable[Move], change: TagChange | None, ended: Iterable[str] = ()
+) -> tuple[Move, ...]:
+    """The ``moves`` a named non-tagger's call answers for (:func:`_held_reason`): those its request
+    set, those held again because it ended their approval (``ended``), or all where its event says
+    who only (no change, or no ``requested`` on a call of known content). What a finding reports
+    and its records are derived from: never a move held from another call (a tagger's held move,
+    another caller's), so the same event delivered again reports the same, whatever else is held."""
+    moves = tuple(moves)
     if change is not None and change.unknown_content:
-        mine = any(m.dimension in ended or _set_by_call(mapper, m, change) for m in held)
-    else:
-        mine = change is None or change.requested is None or any(_set_by_call(mapper, m, change) for m in held)
-    return NOT_A_TAGGER if mine else NOT_SET_BY_CALL
+        gone = frozenset(ended)
+        return tuple(m for m in moves if m.dimension in gone or _set_by_call(mapper, m, change))
+    if change is None or change.requested is None:
+        return moves
+    return tuple(m for m in moves if _set_by_call(mapper, m, change))
 
 
 def govern(

@@ -5,6 +5,7 @@ optional quarantine). Admin bindings (:func:`bind_labels`) are audited grants of
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -16,7 +17,18 @@ from typing import NamedTuple
 from ringfence.audit import AuditRecord, state_digest
 from ringfence.control.fanout import in_parallel
 from ringfence.control.wiring import BaseWiring, Metric, hand_on_stored, log, no_metric, queue_stored
-from ringfence.governance import UNATTRIBUTED, Finding, NotGranted, TagChange, Verdict, bind, govern, unbind
+from ringfence.governance import (
+    UNATTRIBUTED,
+    Finding,
+    Move,
+    NotGranted,
+    TagChange,
+    Verdict,
+    answers_for,
+    bind,
+    govern,
+    unbind,
+)
 from ringfence.labels import LabelMapper, any_account_taggers
 from ringfence.model import Mode
 from ringfence.siem import ocsf
@@ -170,7 +182,8 @@ def store_governed(
                 previous = old.workload if old is not None and old.state != "terminated" else None
                 changed = previous is not None and previous.held_labels != verdict.workload.held_labels
                 quarantine = mapper.config.on_privileged_change == "quarantine"
-                governed = _report(w, rec, verdict, event_id, metric, quarantine) or changed
+                governed = _report(w, rec, verdict, event_id, metric, quarantine, answers(mapper, verdict, change))
+                governed = governed or changed
             out.append(Stored(rec, written, governed, base[raw.id]))
     except BaseException:
         # a report (an audit write, a quarantine) failed after the writes: the caller never learns
@@ -279,15 +292,33 @@ def _audit_once(w: BaseWiring, rec: AuditRecord, change: OperatorChange | None =
     return True
 
 
+def answers(mapper: LabelMapper, verdict: Verdict, change: TagChange | None) -> tuple[Move, ...]:
+    """The held moves this decision's call answers for (:func:`~ringfence.governance.answers_for`):
+    what its finding reports, never a move held from another call."""
+    held = tuple(m for m in verdict.moves if verdict.labels.get(m.dimension) != m.new)
+    return answers_for(mapper, held, change, verdict.ended)
+
+
 def _report(
-    w: BaseWiring, rec: InventoryRecord, verdict: Verdict, event_id: str, metric: Metric, quarantine: bool
+    w: BaseWiring,
+    rec: InventoryRecord,
+    verdict: Verdict,
+    event_id: str,
+    metric: Metric,
+    quarantine: bool,
+    mine: tuple[Move, ...],
 ) -> bool:
-    """Metrics, audit and the finding's log line; True if the workload was quarantined.
+    """Metrics, audit and the finding's log line; True if the workload was quarantined. ``mine``:
+    the held moves this event's call answers for (:func:`answers`).
 
     A report that failed part-way is made again by the event's redelivery, which decides the same
     (a held move held again; an approval stored already is the call's own write again,
     :attr:`Verdict.approved`): each record is written once per event (:func:`_report_id`) and the
-    quarantine with its record, in one transaction, so neither is ever in force without the other."""
+    quarantine with its record, in one transaction, so neither is ever in force without the other.
+    A finding reports only what this event decided (``mine``), so its redelivery after other moves
+    were held since (a tagger's, awaiting a binding) names its caller for nothing more; its
+    quarantine is one per event and workload, so an operator's release stands against any
+    redelivery; its log line and SIEM finding are sent by the delivery that wrote a record only."""
     if verdict.ended:
         # a call of unknown content ended an approval (or is the earlier call that did): audited
         # whoever made it, an allowed tagger's or an unnamed call's too, which raise no finding
@@ -329,7 +360,7 @@ def _report(
     if not verdict.held or not verdict.moves:
         return False
     metric("PrivilegedLabelHeld", 1)
-    if not verdict.finding:
+    if not verdict.finding or not mine:
         # no named principal to blame (or an allowed tagger's call that set something else): the
         # call's own CloudTrail event, when it arrives, decides and raises the finding
         log.info(
@@ -340,8 +371,10 @@ def _report(
         )
         return False
     metric("PrivilegedLabelFindings", 1)
-    requested = {m.dimension: m.new for m in verdict.moves}
-    _audit_once(
+    # what this event's call answers for, not every move held on the workload now: the same event
+    # delivered again derives the same ids (and blames its caller for nobody else's move)
+    requested = {m.dimension: m.new for m in mine}
+    wrote = _audit_once(
         w,
         AuditRecord(
             id=_report_id("label.held", rec.id, event_id, requested),
@@ -353,22 +386,30 @@ def _report(
         ),
     )
     if quarantine:
-        # with its record, once per event: a redelivery after an operator's release since does
-        # not quarantine again
-        _audit_once(
-            w,
-            AuditRecord(
-                id=_report_id("workload.quarantine", rec.id, event_id, requested),
-                principal=GOVERNANCE_PRINCIPAL,
-                action="workload.quarantine",
-                target=rec.id,
-                detail={"quarantined": True, "event_id": event_id},
-                reason=f"unapproved move into a privileged label value by {verdict.principal}",
-                before=_operator_state(rec.op_mode, rec.op_quarantined),
-                after=_operator_state(rec.op_mode, True),
-            ),
-            OperatorChange(rec.id, quarantined=True),
+        # with its record, once per event and workload whatever is held by then: a redelivery
+        # after an operator's release since does not quarantine again
+        wrote = (
+            _audit_once(
+                w,
+                AuditRecord(
+                    id=_report_id("workload.quarantine", rec.id, event_id, None),
+                    principal=GOVERNANCE_PRINCIPAL,
+                    action="workload.quarantine",
+                    target=rec.id,
+                    detail={"quarantined": True, "event_id": event_id},
+                    reason=f"unapproved move into a privileged label value by {verdict.principal}",
+                    before=_operator_state(rec.op_mode, rec.op_quarantined),
+                    after=_operator_state(rec.op_mode, True),
+                ),
+                OperatorChange(rec.id, quarantined=True),
+            )
+            or wrote
         )
+    if not wrote:
+        # both recorded by an earlier delivery of this event, which logged the finding: a released
+        # workload is not reported quarantined again on every redelivery
+        return quarantine
+    verdict = dataclasses.replace(verdict, moves=mine)
     finding = Finding(
         rec.id,
         verdict,
@@ -390,7 +431,7 @@ def _report(
                 resource=rec.id,
                 analytic=event["type"],
                 message=f"{rec.id}: {verdict.principal} moved it into "
-                + ", ".join(f"{m.dimension}={m.new}" for m in verdict.moves)
+                + ", ".join(f"{m.dimension}={m.new}" for m in mine)
                 + f" ({event['action']})",
                 detail=event,
             )
