@@ -1630,7 +1630,9 @@ def test_the_daemon_repairs_and_reports_a_table_removed_or_changed_behind_its_ba
         assert wait_until(lambda: "rules were changed in the kernel; re-applied" in run_log.read_text(), 10)
         enforced_baseline(net)
         status = _status(net, backend, tmp_path / "state")
-        assert status["counters"]["tamper_reapplied"] == 2 and status["kernel_programmed"] is True
+        # two tampers, each repaired; under load a drift check can fall between the steps of the
+        # iptables flush (IPv4, IPv6, the sets) and repair the same flush twice
+        assert status["counters"]["tamper_reapplied"] >= 2 and status["kernel_programmed"] is True
         assert status["last_tamper"]["what"] == "changed", status  # the last: the inserted accept
     finally:
         net.kill(daemon, 15)
