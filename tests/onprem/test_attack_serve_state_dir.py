@@ -341,6 +341,46 @@ def test_serve_user_makes_its_state_directory_and_parents_whatever_the_umask(sha
     assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o750, NOBODY.pw_uid)
 
 
+def test_attack_serve_host_serve_user_makes_no_state_directory_through_the_service_users_link(shared: Path) -> None:
+    """``serve --user``, its state directory and parent missing, the directory above them the
+    service user's: that user puts a link where the parent will be, to a root-owned directory.
+    ``serve --user`` does not start and hands the user no directory in root's (it used to mkdir
+    and chown through the link; the same walk closes the race of a link swapped in mid-way)."""
+    home, vault, keys = shared / "home", shared / "vault", shared / "keys"
+    home.mkdir()
+    os.chown(home, NOBODY.pw_uid, NOBODY.pw_gid)
+    vault.mkdir(mode=0o755)
+    keys.mkdir(mode=0o700)
+    SigningKey.generate().write(keys / "key.pem", keys / "key.pub.pem")
+    os.chmod(keys / "key.pem", 0o600)
+    plant = as_nobody(f"ln -s {vault} {home}/data")
+    assert plant.returncode == 0, plant.stderr
+    store, key = f"sqlite:{home}/data/ringfence/state.db", str(keys / "key.pem")
+    proc = subprocess.Popen(
+        [str(BIN / "ringfence"), "serve", "--port", "0", "--store", store, "--signing-key", key, "--user", "nobody"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if proc.poll() is None:
+        proc.terminate()
+    _, err = proc.communicate(timeout=30)
+    assert "listening on" not in line and proc.returncode not in (0, -15), f"serve started: {line}"
+    assert f"{home}/data: a link owned by uid {NOBODY.pw_uid}" in err
+    assert list(vault.iterdir()) == []
+
+
+def test_serve_user_makes_its_state_directory_through_roots_own_link(shared: Path) -> None:
+    """A link root made on the path (``/var/lib`` to another disk) is followed."""
+    (shared / "disk").mkdir(mode=0o755)
+    (shared / "lib").symlink_to(shared / "disk")
+    serve.make_state_dir(shared / "lib" / "ringfence", NOBODY.pw_uid, NOBODY.pw_gid)
+    st = (shared / "disk" / "ringfence").stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o750, NOBODY.pw_uid)
+
+
 def test_a_link_as_the_state_directorys_signing_key_is_refused_not_followed(tmp_path: Path) -> None:
     db = tmp_path / "state" / "state.db"
     LocalWiring(db, start=False).close()

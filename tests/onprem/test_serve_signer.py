@@ -359,8 +359,8 @@ def test_attack_serve_user_a_link_swapped_in_for_the_new_state_directory_is_not_
     victim.mkdir(mode=0o700)
     real_mkdir = os.mkdir
 
-    def mkdir_then_the_user_swaps(path: Any, mode: int = 0o777) -> None:
-        real_mkdir(path, mode)
+    def mkdir_then_the_user_swaps(path: Any, mode: int = 0o777, *, dir_fd: int | None = None) -> None:
+        real_mkdir(path, mode, dir_fd=dir_fd)
         script = f"mv {parent / 'state'} {parent / 'moved'} && ln -s {victim} {parent / 'state'}"
         subprocess.run(["sh", "-c", script], user=USER, check=True)
 

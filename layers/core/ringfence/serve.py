@@ -17,6 +17,8 @@ Nothing of the request's own reaches ``requestContext``.
 from __future__ import annotations
 
 import base64
+import contextlib
+import errno
 import hashlib
 import hmac
 import ipaddress
@@ -401,18 +403,57 @@ def _refuse_key_left_in(state: Path, user: str) -> None:
 
 
 def make_state_dir(state: Path, uid: int, gid: int) -> None:
-    """Create the state directory as root and hand it to the user through a descriptor opened
-    without following links: where the user owns its parent, they could otherwise swap in a link
-    between the mkdir and a chown by path, and root would hand them whatever it points at."""
-    from ringfence.local.statedir import make_dirs
-
-    make_dirs(state.parent, 0o755)  # 755 whatever the umask: never 777 (umask 000), nor closed to the user (077)
-    os.mkdir(state, 0o750)
+    """Create the state directory (and its missing parents, 755) as root and hand it to the user.
+    The path is walked from ``/`` one directory at a time, each opened relative to the one above
+    without following a link, a missing one made there: where the user owns a directory on the
+    way, they could otherwise swap a fresh parent, or the state directory itself, for a link
+    between a mkdir and a chown by path, and root would hand them a directory wherever it points.
+    A link already on the path is followed only if root owns it (its target is walked the same
+    way); one of anyone else's is refused."""
+    nofollow = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    todo = list(Path(os.path.abspath(state)).parts[1:])
+    where, hops = Path("/"), 0
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        fd = os.open(state, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    except OSError as exc:
-        raise ServeError(f"state directory {state}: replaced while it was being made ({exc.strerror})") from None
-    try:
+        while todo:
+            part = todo.pop(0)
+            last, made = not todo, False
+            if last:  # the state directory: made here, by root, or refused
+                try:
+                    os.mkdir(part, 0o700, dir_fd=fd)
+                except FileExistsError:
+                    raise ServeError(f"state directory {state}: made by someone else meanwhile") from None
+                made = True
+            try:
+                try:
+                    below = os.open(part, nofollow, dir_fd=fd)
+                except FileNotFoundError:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, 0o700, dir_fd=fd)  # never follows a link at the name
+                        made = True
+                    below = os.open(part, nofollow, dir_fd=fd)
+            except OSError as exc:
+                st = None
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # a link (either errno, by the kernel)
+                    st = os.stat(part, dir_fd=fd, follow_symlinks=False)
+                    st = st if stat.S_ISLNK(st.st_mode) else None
+                if st is None or made or st.st_uid != 0 or hops >= 40:
+                    raise ServeError(
+                        f"state directory {state}: {where / part}: "
+                        + (f"a link owned by uid {st.st_uid}, not root" if st is not None else str(exc.strerror))
+                        + " (or replaced while it was being made)"
+                    ) from None
+                hops += 1  # root's link: walk its target the same way
+                target = os.readlink(part, dir_fd=fd)
+                if target.startswith("/"):
+                    os.close(fd)
+                    fd, where = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), Path("/")
+                todo = [*Path(target).parts[1 if target.startswith("/") else 0 :], *todo]
+                continue
+            os.close(fd)
+            fd, where = below, where / part
+            if made and not last:
+                os.fchmod(fd, 0o755)  # whatever the umask: never 777 (umask 000), nor closed to the user (077)
         os.fchmod(fd, 0o750)  # first: once the user's, root bounded by the unit (no CAP_FOWNER) may not
         os.fchown(fd, uid, gid)
     finally:
