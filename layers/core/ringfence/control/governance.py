@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 from ringfence.audit import AuditRecord, state_digest
+from ringfence.control import credentials
 from ringfence.control.fanout import in_parallel
 from ringfence.control.wiring import BaseWiring, Metric, hand_on_stored, log, no_metric, queue_stored
 from ringfence.governance import (
@@ -40,6 +41,7 @@ from ringfence.store.base import (
     InventoryRecord,
     OperatorChange,
     OtherAccount,
+    concerns_compute,
     other_account,
     releases_addresses,
 )
@@ -195,6 +197,53 @@ def store_governed(
         hand_on_stored(w, owed, f"event {event_id or '-'}: a report failed", metric, urgent=gave_back)
         raise
     return out
+
+
+def store_deletable(
+    w: BaseWiring,
+    observed: list[InventoryRecord],
+    stored: Mapping[str, InventoryRecord],
+    change: TagChange | None,
+    *,
+    event_id: str,
+    metric: Metric,
+    gave_back: set[str] | None,
+    what: str,
+    gone: str,
+) -> set[str]:
+    """:func:`store_governed` for a cloud whose records a deletion tombstones (Azure, GCP); the
+    ids that changed in what compute reads (:func:`concerns_compute`: a tag outside the labels'
+    prefix, which any tag writer may flip as often as they like, is stored and not handed on).
+    ``gave_back`` gets the ids whose write gave their addresses back (deleted), for the priority
+    lane. A deleted workload's token is retired (``gone``: the audit reason), also where it was
+    stored deleted already: a retire that failed after the write is redone by the redelivery,
+    which stores nothing (revoking is idempotent). If a step after the writes fails, what was
+    stored is handed on (``what`` names the event in the log) before the failure goes up."""
+    results = store_governed(w, observed, stored, change, event_id=event_id, metric=metric)
+    released = {r.record.id for r in results if r.written and releases_addresses(r.replaced, r.record)}
+    if gave_back is not None:
+        gave_back |= released
+    changed: set[str] = set()
+    prefix: list[str | None] = []  # the governing policy's key prefix, read once if needed
+    try:
+        for rec, written, governed, replaced in results:
+            if written and not governed and not prefix:
+                active = w.governing_policy()
+                prefix.append(active[1].labels.key_prefix if active is not None else None)
+            if governed or (written and concerns_compute(replaced, rec, prefix[0])):
+                changed.add(rec.id)
+            left_before = replaced is not None and replaced.state == "terminated"
+            if rec.state == "terminated" and left_before:
+                # a deletion observed again (its redelivery) is computed again: the first
+                # delivery's hand-off may have failed too, and a terminated record is cheap
+                changed.add(rec.id)
+            if rec.state == "terminated" and (written or governed or left_before):
+                credentials.retire(w, rec.id, gone)
+    except BaseException:
+        # what was stored is handed on: the redelivery finds it stored and would not
+        hand_on_stored(w, [r.record.id for r in results], what, metric, urgent=released)
+        raise
+    return changed
 
 
 def rewrite_governed(

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ringfence.control import credentials
-from ringfence.control.governance import store_governed
-from ringfence.control.wiring import BaseWiring, Metric, hand_on_stored, log, no_metric
+from ringfence.control.governance import store_deletable
+from ringfence.control.wiring import BaseWiring, Metric, log, no_metric
 from ringfence.governance import TagChange
-from ringfence.store.base import concerns_compute, releases_addresses
+from ringfence.store.base import releases_addresses
 
 from .arm import Arm
 from .model import ArmId, AzureNic, AzureVm, nic_from_wire, to_record, tombstone, vm_from_wire
@@ -54,35 +54,11 @@ def observe(
     mapper = w.mapper()
     stored = w.store.get_many([v.vm_id for v in vms])
     t0 = time.time()
-    changed: set[str] = set()
     observed = [to_record(vm, nics, t0, mapper) for vm in vms]
-    prefix: list[str | None] = []  # the governing policy's key prefix, read once if needed
-    results = store_governed(w, observed, stored, change, event_id=event_id, metric=metric)
-    released = {r.record.id for r in results if r.written and releases_addresses(r.replaced, r.record)}
-    if gave_back is not None:
-        gave_back |= released
-    try:
-        for rec, written, governed, replaced in results:
-            if written and not governed and not prefix:
-                active = w.governing_policy()
-                prefix.append(active[1].labels.key_prefix if active is not None else None)
-            if governed or (written and concerns_compute(replaced, rec, prefix[0])):
-                changed.add(rec.id)
-            left_before = replaced is not None and replaced.state == "terminated"
-            if rec.state == "terminated" and left_before:
-                # a deletion observed again (its redelivery) is computed again: the first
-                # delivery's hand-off may have failed too, and a terminated record is cheap
-                changed.add(rec.id)
-            if rec.state == "terminated" and (written or governed or left_before):
-                # again where it was stored deleted already: a retire that failed after the write
-                # is redone by the event's redelivery, which stores nothing (revoking is idempotent)
-                credentials.retire(w, rec.id, "VM deleted")
-    except BaseException:
-        # what was stored is handed on: the redelivery finds it stored and would not
-        ids = [r.record.id for r in results]
-        hand_on_stored(w, ids, f"azure event {event_id or '-'}", metric, urgent=released)
-        raise
-    return changed
+    what = f"azure event {event_id or '-'}"
+    return store_deletable(
+        w, observed, stored, change, event_id=event_id, metric=metric, gave_back=gave_back, what=what, gone="VM deleted"
+    )
 
 
 def hand_on(w: BaseWiring, changed: Iterable[str], gave_back: Iterable[str]) -> None:

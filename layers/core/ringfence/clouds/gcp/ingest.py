@@ -41,12 +41,12 @@ from google.api_core.exceptions import Forbidden, GoogleAPICallError, NotFound, 
 
 from ringfence.audit import AuditRecord
 from ringfence.control import credentials
-from ringfence.control.governance import GOVERNANCE_PRINCIPAL, store_governed
+from ringfence.control.governance import GOVERNANCE_PRINCIPAL, store_deletable
 from ringfence.control.wiring import BaseWiring, Metric, hand_on_stored, no_metric
 from ringfence.events import MalformedEvent
 from ringfence.governance import TagChange, govern, is_tagger
 from ringfence.labels import LabelMapper
-from ringfence.store.base import InventoryRecord, concerns_compute, releases_addresses
+from ringfence.store.base import InventoryRecord, releases_addresses
 
 from .auditlog import Action, GcpEvent, log_entry, parse
 from .config import GcpConfig
@@ -859,34 +859,18 @@ class GcpIngest:
         addresses back (deleted: :func:`releases_addresses`), for the priority lane."""
         if stored is None:
             stored = self.w.store.get_many([r.id for r in observed])
-        changed: set[str] = set()
-        prefix: list[str | None] = []  # the governing policy's key prefix, read once if needed
-        results = store_governed(self.w, observed, stored, change, event_id=event_id, metric=self.metric)
-        released = {r.record.id for r in results if r.written and releases_addresses(r.replaced, r.record)}
-        if gave_back is not None:
-            gave_back |= released
-        try:
-            for rec, written, governed, replaced in results:
-                if written and not governed and not prefix:
-                    active = self.w.governing_policy()
-                    prefix.append(active[1].labels.key_prefix if active is not None else None)
-                if governed or (written and concerns_compute(replaced, rec, prefix[0])):
-                    changed.add(rec.id)
-                left_before = replaced is not None and replaced.state == "terminated"
-                if rec.state == "terminated" and left_before:
-                    # a deletion observed again (its redelivery) is computed again: the first
-                    # delivery's hand-off may have failed too, and a terminated record is cheap
-                    changed.add(rec.id)
-                if rec.state == "terminated" and (written or governed or left_before):
-                    # again where it was stored deleted already: a retire that failed after the
-                    # write is redone by the redelivery, which stores nothing (revoking is idempotent)
-                    credentials.retire(self.w, rec.id, "instance deleted")
-        except BaseException:
-            # what was stored is handed on: the redelivery finds it stored and would not
-            ids = [r.record.id for r in results]
-            hand_on_stored(self.w, ids, f"gcp event {event_id or '-'}", self.metric, urgent=released)
-            raise
-        return changed
+        what = f"gcp event {event_id or '-'}"
+        return store_deletable(
+            self.w,
+            observed,
+            stored,
+            change,
+            event_id=event_id,
+            metric=self.metric,
+            gave_back=gave_back,
+            what=what,
+            gone="instance deleted",
+        )
 
     def _hand_on(self, changed: set[str], gave_back: set[str]) -> None:
         """Compute for ``changed``: those that gave their addresses back (deleted) first, in the
