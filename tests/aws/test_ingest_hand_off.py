@@ -6,6 +6,7 @@ real ingest, lifecycle and compute handlers."""
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -225,3 +226,151 @@ def test_attack_a_cloudtrail_events_redelivery_after_a_release_neither_quarantin
     held = audited(env, "label.held", dev)
     assert [(a.principal, a.detail["requested"]) for a in held] == [(DEVELOPER, {"role": "jumpbox"})], held
     assert len(audited(env, "workload.quarantine", dev)) == 1
+
+
+def redeliver_after_expiry(env: Env, body: str) -> list[dict[str, Any]]:
+    """The event ``body`` delivered again once its idempotency record has expired (24 h: a message
+    the queue kept, or one redriven from the dead-letter queue, later): the findings it logged."""
+    idem = env.ddb.Table(env.aws.tables["idempotency"])
+    for item in idem.scan()["Items"]:
+        idem.delete_item(Key={"id": item["id"]})
+    logged: list[dict[str, Any]] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            logged.append(json.loads(record.getMessage()))
+
+    findings = logging.getLogger("ringfence.findings")
+    catch = Catch(logging.WARNING)
+    findings.addHandler(catch)
+    try:
+        env.sqs.send_message(QueueUrl=env.queues["ingest"], MessageBody=body)
+        env.pump()
+    finally:
+        findings.removeHandler(catch)
+    return logged
+
+
+def release(env: Env, wid: str) -> None:
+    from tests.aws.test_admin_not_queued import RESPONDER
+
+    env.bind(RESPONDER, ["incident-responder"])
+    path = f"/admin/workloads/{wid}/quarantine"
+    status, _, answer = env.rest("admin", "DELETE", path, {"reason": "IR-12 reviewed"}, principal=RESPONDER)
+    assert status == 200 and answer["quarantined"] is False, answer
+    env.pump()
+
+
+def delivered(env: Env, event: dict[str, Any], name: str) -> str:
+    """``event`` put on the bus and processed: the message body as EventBridge queued it (its
+    event id with it), to deliver again."""
+    env.put(event)
+    got = env.sqs.receive_message(QueueUrl=env.queues["ingest"], MaxNumberOfMessages=1, VisibilityTimeout=0)
+    [msg] = got["Messages"]
+    assert name in msg["Body"]
+    env.pump()
+    return str(msg["Body"])
+
+
+def test_attack_a_who_only_events_redelivery_after_a_release_blames_nobody_for_a_later_move(env: Env) -> None:
+    """role=jumpbox is seen by a tag event alone (held, nobody named); the developer's DeleteTags,
+    whose event says who only (not what it set), is named for it: quarantined, then released. A
+    later move, app=admin, is held by a tag event alone. The DeleteTags event delivered again
+    answers (who only) for every move held now: before, the finding's record id was derived from
+    those, and the redelivery wrote a second ``label.held`` blaming the developer for app=admin
+    and logged the finding "quarantined" again for the released box."""
+    dev = quarantine_mode_with_a_dev_web(env)
+    tags = [{"Key": "ringfence:role", "Value": "jumpbox"}, {"Key": "owner", "Value": "x"}]
+    env.ec2.create_tags(Resources=[dev], Tags=tags)
+    live = env.ec2.describe_instances(InstanceIds=[dev])["Reservations"][0]["Instances"][0]["Tags"]
+    env.put(env.tag_event(dev, {t["Key"]: t["Value"] for t in live}, version=2))
+    env.pump()
+    env.ec2.delete_tags(Resources=[dev], Tags=[{"Key": "owner"}])
+    event = create_tags_event(dev, {"owner": ""}, DEVELOPER)
+    event["detail"]["eventName"] = "DeleteTags"
+    event["detail"]["requestParameters"]["tagSet"] = {"items": [{"key": "owner"}]}
+    body = delivered(env, event, "DeleteTags")
+    assert env.store.get(dev).op_quarantined and len(audited(env, "workload.quarantine", dev)) == 1
+    release(env, dev)
+    env.ec2.create_tags(Resources=[dev], Tags=[{"Key": "ringfence:app", "Value": "admin"}])
+    live = env.ec2.describe_instances(InstanceIds=[dev])["Reservations"][0]["Instances"][0]["Tags"]
+    env.put(env.tag_event(dev, {t["Key"]: t["Value"] for t in live}, version=3))
+    env.pump()
+    assert not env.store.get(dev).op_quarantined
+    logged = redeliver_after_expiry(env, body)
+    held = audited(env, "label.held", dev)
+    assert [(a.principal, a.detail["requested"]) for a in held] == [(DEVELOPER, {"role": "jumpbox"})], held
+    assert logged == [], "the finding logged again, quarantined, for a released box"
+    assert not env.store.get(dev).op_quarantined and len(audited(env, "workload.quarantine", dev)) == 1
+
+
+def test_attack_an_events_redelivery_after_a_grant_shrank_its_moves_reports_nothing_again(env: Env) -> None:
+    """The developer's CreateTags sets role=jumpbox and app=admin: named, quarantined, released;
+    then a policy author grants app=admin by an admin binding. The same event delivered again
+    answers for role=jumpbox alone now: before, the finding's record id was derived from those
+    moves, and the redelivery wrote a second ``label.held`` and logged the finding "quarantined"
+    again for the released box."""
+    from tests.aws.test_admin_bind import AUTHORS, bind
+
+    dev = quarantine_mode_with_a_dev_web(env)
+    move = {"ringfence:role": "jumpbox", "ringfence:app": "admin"}
+    env.ec2.create_tags(Resources=[dev], Tags=[{"Key": k, "Value": v} for k, v in move.items()])
+    live = env.ec2.describe_instances(InstanceIds=[dev])["Reservations"][0]["Instances"][0]["Tags"]
+    env.put(env.tag_event(dev, {t["Key"]: t["Value"] for t in live}, version=2))
+    env.pump()
+    body = delivered(env, create_tags_event(dev, move, DEVELOPER), "CreateTags")
+    assert env.store.get(dev).op_quarantined
+    release(env, dev)
+    env.bind(AUTHORS, ["policy-author"])
+    status, answer = bind(env, dev, {"labels": {"app": "admin"}, "reason": "INC-9"})
+    assert status == 200, answer
+    env.pump()
+    logged = redeliver_after_expiry(env, body)
+    held = audited(env, "label.held", dev)
+    assert [a.detail["requested"] for a in held] == [{"role": "jumpbox", "app": "admin"}], held
+    assert logged == [], "the finding logged again, quarantined, for a released box"
+    assert not env.store.get(dev).op_quarantined and len(audited(env, "workload.quarantine", dev)) == 1
+
+
+def test_a_redelivery_completing_a_report_logs_what_the_findings_record_says(env: Env) -> None:
+    """The developer's CreateTags sets role=jumpbox and app=admin; the finding's ``label.held`` is
+    written, its quarantine's write refused. Before the redelivery app=admin is granted: the event
+    answers for role=jumpbox alone now. The redelivery quarantines and logs the finding once, as
+    its record says (both moves), not as the event is decided again."""
+    from tests.aws.test_admin_bind import AUTHORS, bind
+
+    dev = quarantine_mode_with_a_dev_web(env)
+    move = {"ringfence:role": "jumpbox", "ringfence:app": "admin"}
+    env.ec2.create_tags(Resources=[dev], Tags=[{"Key": k, "Value": v} for k, v in move.items()])
+    live = env.ec2.describe_instances(InstanceIds=[dev])["Reservations"][0]["Instances"][0]["Tags"]
+    env.put(env.tag_event(dev, {t["Key"]: t["Value"] for t in live}, version=2))
+    env.pump()
+
+    def quarantine_record(params: dict[str, Any]) -> bool:
+        return audit_write(params) and "workload.quarantine" in json.dumps(params, default=str)
+
+    refused = refuse_once(env, "before-parameter-build.dynamodb.TransactWriteItems", quarantine_record)
+    env.put(create_tags_event(dev, move, DEVELOPER))
+    assert ingest_once(env).failed and refused
+    assert not env.store.get(dev).op_quarantined
+    env.bind(AUTHORS, ["policy-author"])
+    status, answer = bind(env, dev, {"labels": {"app": "admin"}, "reason": "INC-9"})
+    assert status == 200, answer
+    logged: list[dict[str, Any]] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            logged.append(json.loads(record.getMessage()))
+
+    findings = logging.getLogger("ringfence.findings")
+    catch = Catch(logging.WARNING)
+    findings.addHandler(catch)
+    try:
+        assert not ingest_once(env).failed  # the redelivery
+    finally:
+        findings.removeHandler(catch)
+    env.pump()
+    assert env.store.get(dev).op_quarantined
+    held = audited(env, "label.held", dev)
+    assert [a.detail["requested"] for a in held] == [{"role": "jumpbox", "app": "admin"}], held
+    assert [(f["action"], f["requested"]) for f in logged] == [("quarantined", {"app": "admin", "role": "jumpbox"})]

@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ringfence.audit import AuditRecord, state_digest
 from ringfence.control import credentials
@@ -341,6 +341,15 @@ def _audit_once(w: BaseWiring, rec: AuditRecord, change: OperatorChange | None =
     return True
 
 
+def _moves(held: dict[str, Any], now: tuple[Move, ...]) -> tuple[Move, ...]:
+    """The moves a ``label.held`` record's detail reports (``requested``; each move's old value as
+    decided now, else the label then in force)."""
+    requested: dict[str, str] = held.get("requested") or {}
+    then: dict[str, str] = held.get("labels_in_force") or {}
+    decided = {(m.dimension, m.new): m for m in now}
+    return tuple(decided.get((d, v)) or Move(d, then.get(d), v) for d, v in sorted(requested.items()))
+
+
 def answers(mapper: LabelMapper, verdict: Verdict, change: TagChange | None) -> tuple[Move, ...]:
     """The held moves this decision's call answers for (:func:`~ringfence.governance.answers_for`):
     what its finding reports, never a move held from another call."""
@@ -364,10 +373,11 @@ def _report(
     (a held move held again; an approval stored already is the call's own write again,
     :attr:`Verdict.approved`): each record is written once per event (:func:`_report_id`) and the
     quarantine with its record, in one transaction, so neither is ever in force without the other.
-    A finding reports only what this event decided (``mine``), so its redelivery after other moves
-    were held since (a tagger's, awaiting a binding) names its caller for nothing more; its
-    quarantine is one per event and workload, so an operator's release stands against any
-    redelivery; its log line and SIEM finding are sent by the delivery that wrote a record only."""
+    A finding reports only what this event decided (``mine``); its record and its quarantine are
+    one per event and workload, whatever is held or granted by a redelivery, so that redelivery
+    names its caller for no other move and an operator's release stands against it; one completing
+    a report reports what the finding's record says; its log line and SIEM finding are sent by the
+    delivery that wrote a record only."""
     if verdict.ended:
         # a call of unknown content ended an approval (or is the earlier call that did): audited
         # whoever made it, an allowed tagger's or an unnamed call's too, which raise no finding
@@ -420,13 +430,15 @@ def _report(
         )
         return False
     metric("PrivilegedLabelFindings", 1)
-    # what this event's call answers for, not every move held on the workload now: the same event
-    # delivered again derives the same ids (and blames its caller for nobody else's move)
+    # one finding per event and workload, like its quarantine: what the call answers for (a who-only
+    # call's, every move held now) changes with what is held or granted since, so a redelivery
+    # deciding afresh must not write (and log) another
     requested = {m.dimension: m.new for m in mine}
+    held_id = _report_id("label.held", rec.id, event_id, None)
     wrote = _audit_once(
         w,
         AuditRecord(
-            id=_report_id("label.held", rec.id, event_id, requested),
+            id=held_id,
             principal=verdict.principal or "unknown",
             action="label.held",
             target=rec.id,
@@ -434,30 +446,32 @@ def _report(
             reason=verdict.reason,
         ),
     )
-    if quarantine:
+    quarantined = quarantine and _audit_once(
+        w,
         # with its record, once per event and workload whatever is held by then: a redelivery
         # after an operator's release since does not quarantine again
-        wrote = (
-            _audit_once(
-                w,
-                AuditRecord(
-                    id=_report_id("workload.quarantine", rec.id, event_id, None),
-                    principal=GOVERNANCE_PRINCIPAL,
-                    action="workload.quarantine",
-                    target=rec.id,
-                    detail={"quarantined": True, "event_id": event_id},
-                    reason=f"unapproved move into a privileged label value by {verdict.principal}",
-                    before=_operator_state(rec.op_mode, rec.op_quarantined),
-                    after=_operator_state(rec.op_mode, True),
-                ),
-                OperatorChange(rec.id, quarantined=True),
-            )
-            or wrote
-        )
-    if not wrote:
+        AuditRecord(
+            id=_report_id("workload.quarantine", rec.id, event_id, None),
+            principal=GOVERNANCE_PRINCIPAL,
+            action="workload.quarantine",
+            target=rec.id,
+            detail={"quarantined": True, "event_id": event_id},
+            reason=f"unapproved move into a privileged label value by {verdict.principal}",
+            before=_operator_state(rec.op_mode, rec.op_quarantined),
+            after=_operator_state(rec.op_mode, True),
+        ),
+        OperatorChange(rec.id, quarantined=True),
+    )
+    if not wrote and not quarantined:
         # both recorded by an earlier delivery of this event, which logged the finding: a released
         # workload is not reported quarantined again on every redelivery
         return quarantine
+    if not wrote:
+        # completing a report that failed after its finding's record: the finding says what that
+        # record says, not what the event answers for now
+        earlier = w.store.audit_record(held_id)
+        if earlier is not None:
+            mine = _moves(earlier.detail, verdict.moves)
     verdict = dataclasses.replace(verdict, moves=mine)
     finding = Finding(
         rec.id,

@@ -899,6 +899,10 @@ class Store(Protocol):
         """Every record in chain order (records from before chaining first)."""
         ...
 
+    def audit_record(self, record_id: str) -> AuditRecord | None:
+        """The record with this id as written (None: none is), read consistently."""
+        ...
+
     def audit_head(self) -> AuditHead | None:
         """The chain's head as stored (``None`` before the first chained record)."""
         ...

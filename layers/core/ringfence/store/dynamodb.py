@@ -1625,6 +1625,15 @@ class DynamoStore:
             else:
                 out[i] = ChangeFailed(exc) if landed is False else Unconfirmed(exc)
 
+    def audit_record(self, record_id: str) -> AuditRecord | None:
+        # the id claim names the record's seq, the chain item at that seq holds it
+        claim = self.audit_table.get_item(Key={"pk": f"id#{record_id}", "sk": "id"}, ConsistentRead=True).get("Item")
+        if claim is None:
+            return None
+        key = {"pk": "chain", "sk": f"{int(claim['seq']):012d}"}
+        item = self.audit_table.get_item(Key=key, ConsistentRead=True).get("Item")
+        return AuditRecord.model_validate_json(item["doc"]) if item else None
+
     def audit_head(self) -> AuditHead | None:
         item = self.audit_table.get_item(Key={"pk": "head", "sk": "head"}, ConsistentRead=True).get("Item")
         return AuditHead(seq=int(item["seq"]), hash=str(item["hash"])) if item else None

@@ -1170,6 +1170,10 @@ class SqliteStore:
         rows = self._db().execute("SELECT doc FROM audit ORDER BY seq")
         return [AuditRecord.model_validate_json(r[0]) for r in rows]
 
+    def audit_record(self, record_id: str) -> AuditRecord | None:
+        row = self._db().execute("SELECT doc FROM audit WHERE id = ?", (record_id,)).fetchone()
+        return AuditRecord.model_validate_json(row[0]) if row else None
+
     def audit_head(self) -> AuditHead | None:
         row = self._db().execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
         return AuditHead(seq=row[0], hash=row[1]) if row else None
