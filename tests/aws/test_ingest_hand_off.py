@@ -105,10 +105,7 @@ def test_a_taggers_approval_stored_before_its_audit_write_fails_reaches_compute(
     nothing: the approved jumpbox must have reached compute (every production host's SSH peers)."""
     est = governed_estate(env)
     dev = est["dev"]
-    env.ec2.create_tags(Resources=[dev], Tags=[{"Key": k, "Value": v} for k, v in ESCALATION.items()])
-    live = env.ec2.describe_instances(InstanceIds=[dev])["Reservations"][0]["Instances"][0]["Tags"]
-    env.put(env.tag_event(dev, {t["Key"]: t["Value"] for t in live}, version=2))
-    env.pump()
+    tag_seen_alone(env, dev, ESCALATION, 2)
     assert env.store.get(dev).workload.held_labels is not None, "held until the call's event names its caller"
 
     refused = refuse_once(env, "before-parameter-build.dynamodb.TransactWriteItems", audit_write)
@@ -127,6 +124,18 @@ def audit_write(params: dict[str, Any]) -> bool:
     return any(next(iter(i.values()))["TableName"] == "rf-audit" for i in params.get("TransactItems", []))
 
 
+def quarantine_record(params: dict[str, Any]) -> bool:
+    return audit_write(params) and "workload.quarantine" in json.dumps(params, default=str)
+
+
+def tag_seen_alone(env: Env, wid: str, tags: dict[str, str], version: int) -> None:
+    """``tags`` set on ``wid`` and seen by a tag event alone: held, no call names its caller yet."""
+    env.ec2.create_tags(Resources=[wid], Tags=[{"Key": k, "Value": v} for k, v in tags.items()])
+    live = env.ec2.describe_instances(InstanceIds=[wid])["Reservations"][0]["Instances"][0]["Tags"]
+    env.put(env.tag_event(wid, {t["Key"]: t["Value"] for t in live}, version=version))
+    env.pump()
+
+
 def audited(env: Env, action: str, wid: str) -> list[Any]:
     return [a for a in env.store.audit_log() if a.action == action and a.target == wid]
 
@@ -137,10 +146,7 @@ def test_a_finding_whose_audit_write_fails_is_reported_and_quarantined_on_redeli
     record is refused once: the event fails and is delivered again. The redelivery finds the move
     held as stored: the finding must still be audited and the box quarantined."""
     dev = quarantine_mode_with_a_dev_web(env)
-    env.ec2.create_tags(Resources=[dev], Tags=[{"Key": k, "Value": v} for k, v in ESCALATION.items()])
-    live = env.ec2.describe_instances(InstanceIds=[dev])["Reservations"][0]["Instances"][0]["Tags"]
-    env.put(env.tag_event(dev, {t["Key"]: t["Value"] for t in live}, version=2))
-    env.pump()
+    tag_seen_alone(env, dev, ESCALATION, 2)
     assert env.store.get(dev).workload.held_labels is not None, "held until the call's event names its caller"
     refused = refuse_once(env, "before-parameter-build.dynamodb.TransactWriteItems", audit_write)
     env.put(create_tags_event(dev, ESCALATION, DEVELOPER))
@@ -158,13 +164,7 @@ def test_a_findings_quarantine_is_never_in_force_without_its_record_and_each_is_
     (after ``label.held`` was written). The quarantine is made with its record or not at all, and
     the redelivery, which reports the finding again, writes each record once."""
     dev = quarantine_mode_with_a_dev_web(env)
-    env.ec2.create_tags(Resources=[dev], Tags=[{"Key": k, "Value": v} for k, v in ESCALATION.items()])
-    live = env.ec2.describe_instances(InstanceIds=[dev])["Reservations"][0]["Instances"][0]["Tags"]
-    env.put(env.tag_event(dev, {t["Key"]: t["Value"] for t in live}, version=2))
-    env.pump()
-
-    def quarantine_record(params: dict[str, Any]) -> bool:
-        return audit_write(params) and "workload.quarantine" in json.dumps(params, default=str)
+    tag_seen_alone(env, dev, ESCALATION, 2)
 
     refused = refuse_once(env, "before-parameter-build.dynamodb.TransactWriteItems", quarantine_record)
     env.put(create_tags_event(dev, ESCALATION, DEVELOPER))
@@ -192,10 +192,7 @@ def test_attack_a_cloudtrail_events_redelivery_after_a_release_neither_quarantin
 
     dev = quarantine_mode_with_a_dev_web(env)
     move = {"ringfence:role": "jumpbox"}
-    env.ec2.create_tags(Resources=[dev], Tags=[{"Key": k, "Value": v} for k, v in move.items()])
-    live = env.ec2.describe_instances(InstanceIds=[dev])["Reservations"][0]["Instances"][0]["Tags"]
-    env.put(env.tag_event(dev, {t["Key"]: t["Value"] for t in live}, version=2))
-    env.pump()
+    tag_seen_alone(env, dev, move, 2)
     env.put(create_tags_event(dev, move, DEVELOPER))
     # the message as EventBridge queued it (its event id with it), read and left visible again
     got = env.sqs.receive_message(QueueUrl=env.queues["ingest"], MaxNumberOfMessages=1, VisibilityTimeout=0)
@@ -208,10 +205,7 @@ def test_attack_a_cloudtrail_events_redelivery_after_a_release_neither_quarantin
     status, _, answer = env.rest("admin", "DELETE", path, {"reason": "IR-12 reviewed"}, principal=RESPONDER)
     assert status == 200 and answer["quarantined"] is False, answer
     env.pump()
-    env.ec2.create_tags(Resources=[dev], Tags=[{"Key": "ringfence:app", "Value": "admin"}])
-    live = env.ec2.describe_instances(InstanceIds=[dev])["Reservations"][0]["Instances"][0]["Tags"]
-    env.put(env.tag_event(dev, {t["Key"]: t["Value"] for t in live}, version=3))
-    env.pump()
+    tag_seen_alone(env, dev, {"ringfence:app": "admin"}, 3)
     rec = env.store.get(dev)
     assert rec.workload.held_labels is not None and rec.labels["app"] == "ordering" and not rec.op_quarantined
     # the same event again once its idempotency record has expired (24 h: a message the queue kept,
@@ -280,11 +274,7 @@ def test_attack_a_who_only_events_redelivery_after_a_release_blames_nobody_for_a
     those, and the redelivery wrote a second ``label.held`` blaming the developer for app=admin
     and logged the finding "quarantined" again for the released box."""
     dev = quarantine_mode_with_a_dev_web(env)
-    tags = [{"Key": "ringfence:role", "Value": "jumpbox"}, {"Key": "owner", "Value": "x"}]
-    env.ec2.create_tags(Resources=[dev], Tags=tags)
-    live = env.ec2.describe_instances(InstanceIds=[dev])["Reservations"][0]["Instances"][0]["Tags"]
-    env.put(env.tag_event(dev, {t["Key"]: t["Value"] for t in live}, version=2))
-    env.pump()
+    tag_seen_alone(env, dev, {"ringfence:role": "jumpbox", "owner": "x"}, 2)
     env.ec2.delete_tags(Resources=[dev], Tags=[{"Key": "owner"}])
     event = create_tags_event(dev, {"owner": ""}, DEVELOPER)
     event["detail"]["eventName"] = "DeleteTags"
@@ -292,10 +282,7 @@ def test_attack_a_who_only_events_redelivery_after_a_release_blames_nobody_for_a
     body = delivered(env, event, "DeleteTags")
     assert env.store.get(dev).op_quarantined and len(audited(env, "workload.quarantine", dev)) == 1
     release(env, dev)
-    env.ec2.create_tags(Resources=[dev], Tags=[{"Key": "ringfence:app", "Value": "admin"}])
-    live = env.ec2.describe_instances(InstanceIds=[dev])["Reservations"][0]["Instances"][0]["Tags"]
-    env.put(env.tag_event(dev, {t["Key"]: t["Value"] for t in live}, version=3))
-    env.pump()
+    tag_seen_alone(env, dev, {"ringfence:app": "admin"}, 3)
     assert not env.store.get(dev).op_quarantined
     logged = redeliver_after_expiry(env, body)
     held = audited(env, "label.held", dev)
@@ -314,10 +301,7 @@ def test_attack_an_events_redelivery_after_a_grant_shrank_its_moves_reports_noth
 
     dev = quarantine_mode_with_a_dev_web(env)
     move = {"ringfence:role": "jumpbox", "ringfence:app": "admin"}
-    env.ec2.create_tags(Resources=[dev], Tags=[{"Key": k, "Value": v} for k, v in move.items()])
-    live = env.ec2.describe_instances(InstanceIds=[dev])["Reservations"][0]["Instances"][0]["Tags"]
-    env.put(env.tag_event(dev, {t["Key"]: t["Value"] for t in live}, version=2))
-    env.pump()
+    tag_seen_alone(env, dev, move, 2)
     body = delivered(env, create_tags_event(dev, move, DEVELOPER), "CreateTags")
     assert env.store.get(dev).op_quarantined
     release(env, dev)
@@ -341,13 +325,7 @@ def test_a_redelivery_completing_a_report_logs_what_the_findings_record_says(env
 
     dev = quarantine_mode_with_a_dev_web(env)
     move = {"ringfence:role": "jumpbox", "ringfence:app": "admin"}
-    env.ec2.create_tags(Resources=[dev], Tags=[{"Key": k, "Value": v} for k, v in move.items()])
-    live = env.ec2.describe_instances(InstanceIds=[dev])["Reservations"][0]["Instances"][0]["Tags"]
-    env.put(env.tag_event(dev, {t["Key"]: t["Value"] for t in live}, version=2))
-    env.pump()
-
-    def quarantine_record(params: dict[str, Any]) -> bool:
-        return audit_write(params) and "workload.quarantine" in json.dumps(params, default=str)
+    tag_seen_alone(env, dev, move, 2)
 
     refused = refuse_once(env, "before-parameter-build.dynamodb.TransactWriteItems", quarantine_record)
     env.put(create_tags_event(dev, move, DEVELOPER))
