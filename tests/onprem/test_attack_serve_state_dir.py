@@ -55,8 +55,8 @@ def as_nobody(script: str) -> subprocess.CompletedProcess[str]:
 class Serve:
     """``ringfence serve --port 0`` started as root under ``umask``; ``url`` once it listens."""
 
-    def __init__(self, db: Path | None, umask: int, cwd: Path | None = None) -> None:
-        cmd = [str(BIN / "ringfence"), "serve", "--port", "0"]
+    def __init__(self, db: Path | None, umask: int, cwd: Path | None = None, extra: tuple[str, ...] = ()) -> None:
+        cmd = [str(BIN / "ringfence"), "serve", "--port", "0", *extra]
         if db is not None:
             cmd += ["--store", f"sqlite:{db}"]
         self.proc = subprocess.Popen(
@@ -86,9 +86,9 @@ def started(db: Path | None, umask: int, cwd: Path | None = None) -> Serve:
     return s
 
 
-def refused(db: Path | None, cwd: Path | None = None) -> str:
+def refused(db: Path | None, cwd: Path | None = None, extra: tuple[str, ...] = ()) -> str:
     """serve's refusal to start (its stderr); fails the test when it starts."""
-    s = Serve(db, 0o022, cwd)
+    s = Serve(db, 0o022, cwd, extra)
     err = s.stop()
     assert s.url is None, f"serve started on {s.url}"
     assert s.proc.returncode != 0
@@ -199,19 +199,7 @@ def test_attack_serve_host_a_signing_key_in_another_users_directory_is_refused_n
     os.chmod(keys / "key.pem", 0o600)
     swap = as_nobody(f"mv {keys}/key.pem {keys}/key.old && ln -s {vault}/retired.pem {keys}/key.pem")
     assert swap.returncode == 0, swap.stderr
-    key = str(keys / "key.pem")
-    proc = subprocess.Popen(
-        [str(BIN / "ringfence"), "serve", "--port", "0", "--store", f"sqlite:{state}/state.db", "--signing-key", key],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if proc.poll() is None:
-        proc.terminate()
-    _, err = proc.communicate(timeout=30)
-    assert "listening on" not in line and proc.returncode not in (0, -15), f"serve started: {line}"
+    err = refused(state / "state.db", extra=("--signing-key", str(keys / "key.pem")))
     assert f"{keys} must be owned by root" in err
     pinned = state / "signing-key.pub.pem"
     assert not pinned.exists() or pinned.read_bytes() != retired.public_pem()
@@ -355,19 +343,9 @@ def test_attack_serve_host_serve_user_makes_no_state_directory_through_the_servi
     os.chmod(keys / "key.pem", 0o600)
     plant = as_nobody(f"ln -s {vault} {home}/data")
     assert plant.returncode == 0, plant.stderr
-    store, key = f"sqlite:{home}/data/ringfence/state.db", str(keys / "key.pem")
-    proc = subprocess.Popen(
-        [str(BIN / "ringfence"), "serve", "--port", "0", "--store", store, "--signing-key", key, "--user", "nobody"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    err = refused(
+        home / "data" / "ringfence" / "state.db", extra=("--signing-key", str(keys / "key.pem"), "--user", "nobody")
     )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if proc.poll() is None:
-        proc.terminate()
-    _, err = proc.communicate(timeout=30)
-    assert "listening on" not in line and proc.returncode not in (0, -15), f"serve started: {line}"
     assert f"{home}/data: a link owned by uid {NOBODY.pw_uid}" in err
     assert list(vault.iterdir()) == []
 
