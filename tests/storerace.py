@@ -64,3 +64,16 @@ def computed(monkeypatch: pytest.MonkeyPatch, w: Any) -> list[str]:
 
     monkeypatch.setattr(w, "send_compute", send)
     return ids
+
+
+def lanes(monkeypatch: pytest.MonkeyPatch, w: Any) -> list[tuple[bool, list[str]]]:
+    """Every compute message of the local wiring ``w`` from now on: (urgent, the ids it names)."""
+    sent: list[tuple[bool, list[str]]] = []
+    real = w.send_compute
+
+    def send(message: dict[str, Any], *, urgent: bool = False) -> None:
+        sent.append((urgent, list(message.get("ids") or [])))
+        real(message, urgent=urgent)
+
+    monkeypatch.setattr(w, "send_compute", send)
+    return sent

@@ -20,21 +20,9 @@ from ringfence.local.eventgrid import arm_event
 from ringfence.local.wiring import LocalWiring
 from tests.azure.conftest import PROD_WEB, arm, azure, wiring  # noqa: F401 (fixtures)
 from tests.azure.test_azure_events import HEADERS
+from tests.storerace import lanes
 
 GUID = "6a000000-0000-4000-8000-0000000cd001"
-
-
-def lanes(monkeypatch: pytest.MonkeyPatch, w: LocalWiring) -> list[tuple[bool, list[str]]]:
-    """Every compute message of ``w`` from now on: (urgent, the ids it names)."""
-    sent: list[tuple[bool, list[str]]] = []
-    real = w.send_compute
-
-    def send(message: dict[str, Any], *, urgent: bool = False) -> None:
-        sent.append((urgent, list(message.get("ids") or [])))
-        real(message, urgent=urgent)
-
-    monkeypatch.setattr(w, "send_compute", send)
-    return sent
 
 
 def handle(events: AzureEvents, item: dict[str, Any]) -> None:

@@ -6,8 +6,6 @@ and the sync, the local Google API and the real store; the lane of each compute 
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from ringfence.clouds.gcp.ingest import GcpIngest
@@ -18,19 +16,7 @@ from ringfence.local.gcp_project import PROJECT, ZONE, gcp_config, vm_name
 from ringfence.local.wiring import LocalWiring
 from tests.gcp.conftest import deliver, set_labels
 from tests.gcp.test_gcp_hand_off import PROD_WEB
-
-
-def lanes(monkeypatch: pytest.MonkeyPatch, w: LocalWiring) -> list[tuple[bool, list[str]]]:
-    """Every compute message of ``w`` from now on: (urgent, the ids it names)."""
-    sent: list[tuple[bool, list[str]]] = []
-    real = w.send_compute
-
-    def send(message: dict[str, Any], *, urgent: bool = False) -> None:
-        sent.append((urgent, list(message.get("ids") or [])))
-        real(message, urgent=urgent)
-
-    monkeypatch.setattr(w, "send_compute", send)
-    return sent
+from tests.storerace import lanes
 
 
 def test_attack_gcp_a_deleted_vm_leaves_its_peers_in_the_priority_lane(
