@@ -35,6 +35,29 @@ def made_and_stored(arm: ArmServer, events: AzureEvents, wiring: LocalWiring) ->
     return token
 
 
+def made_and_stored_at_first(
+    monkeypatch: pytest.MonkeyPatch,
+    obj: Any,
+    name: str,
+    arm: ArmServer,  # noqa: F811
+    events: AzureEvents,
+    wiring: LocalWiring,  # noqa: F811
+) -> list[str]:
+    """At the pass's first call of ``obj.name``, the new VM is made and stored (once: the event's
+    own reads may make the same call): its token, in the list returned, once it is."""
+    real = getattr(obj, name)
+    token: list[str] = []
+
+    def hooked(*a: Any, **kw: Any) -> Any:
+        if not token:
+            token.append("")
+            token[0] = made_and_stored(arm, events, wiring)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(obj, name, hooked)
+    return token
+
+
 def assert_runs_on(wiring: LocalWiring, token: str, gone: list[str]) -> None:  # noqa: F811
     rec = wiring.store.get(NEW)
     assert rec is not None and rec.state == "running" and NEW not in gone, "the pass tombstoned a running VM"
@@ -60,15 +83,7 @@ def test_a_vm_stored_by_its_event_while_the_pass_reads_the_store_keeps_its_token
 ) -> None:
     """The VM is made and stored after the pass listed ARM, as it reads the store: the pass's
     tombstone is refused (older than the VM's observation), so its token must not be revoked."""
-    real = wiring.store.all_records
-    token: list[str] = []
-
-    def all_records(*a: Any, **kw: Any) -> Any:
-        if not token:
-            token.append(made_and_stored(arm, events, wiring))
-        return real(*a, **kw)
-
-    monkeypatch.setattr(wiring.store, "all_records", all_records)
+    token = made_and_stored_at_first(monkeypatch, wiring.store, "all_records", arm, events, wiring)
     res = observe_subscription(wiring, azure.arm(SUB))
     assert token
     assert_runs_on(wiring, token[0], res.gone)
@@ -85,16 +100,7 @@ def test_a_vm_made_after_the_listing_and_stored_before_the_pass_ends_runs_on(
     the NICs): the listing's time, not a later one, is what the pass's tombstones are written at,
     so the VM's own observation stands."""
     sub = azure.arm(SUB)
-    real = sub.nics
-    token: list[str] = []
-
-    def nics(*a: Any, **kw: Any) -> Any:
-        if not token:
-            token.append("")  # once: the event's own reads may list NICs too
-            token[0] = made_and_stored(arm, events, wiring)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(sub, "nics", nics)
+    token = made_and_stored_at_first(monkeypatch, sub, "nics", arm, events, wiring)
     res = observe_subscription(wiring, sub)
     assert token
     assert_runs_on(wiring, token[0], res.gone)
