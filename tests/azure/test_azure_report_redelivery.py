@@ -19,34 +19,32 @@ from typing import Any
 import pytest
 
 from ringfence.clouds.azure.events import WRITE
-from ringfence.clouds.azure.ingest import SECRET_HEADER, AzureEvents
+from ringfence.clouds.azure.ingest import AzureEvents
 from ringfence.clouds.azure.wiring import Azure
 from ringfence.local.azure_arm import ArmServer
 from ringfence.local.azure_estate import seed_vm, vm_id
 from ringfence.local.eventgrid import arm_event
 from ringfence.local.wiring import LocalWiring
-from ringfence.routes.azure import EVENTS_PATH, azure_event_routes
-from ringfence.serve import proxy_event
 
-from .conftest import PROD_WEB, SECRET
-from .test_attack_azure_blame import MALLORY, TAGS_WRITE, VM_WRITE, WEB, findings, quarantines, quarantining
+from .conftest import PROD_WEB
+from .test_attack_azure_blame import (
+    MALLORY,
+    TAGS_WRITE,
+    VM_WRITE,
+    WEB,
+    findings,
+    quarantines,
+    quarantining,
+    route_answer,
+)
 from .test_attack_azure_label_writes import CALLER, _granted_jumpbox, _held_by
 
 __all__ = ["quarantining"]  # the fixture, used by name
 
 
 def deliver(w: LocalWiring, azure: Azure, *events: dict[str, Any]) -> int:
-    """One delivery through the real route, as API Gateway hands it to the azureevents function
-    (an exception fails the function: Event Grid delivers again)."""
-    event = proxy_event(
-        "POST",
-        EVENTS_PATH,
-        [(SECRET_HEADER, SECRET), ("aeg-event-type", "Notification")],
-        [],
-        json.dumps(list(events)).encode(),
-        "127.0.0.1",
-    )
-    return int(azure_event_routes(lambda: AzureEvents(w, azure)).resolve(event, None)["statusCode"])
+    """One delivery through the real route: its status (an exception fails the function)."""
+    return int(route_answer(w, azure, *events)["statusCode"])
 
 
 def refuse_once(w: LocalWiring, monkeypatch: pytest.MonkeyPatch, action: str) -> list[str]:
