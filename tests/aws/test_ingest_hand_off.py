@@ -5,8 +5,10 @@ real ingest, lifecycle and compute handlers."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -228,6 +230,15 @@ def redeliver_after_expiry(env: Env, body: str) -> list[dict[str, Any]]:
     idem = env.ddb.Table(env.aws.tables["idempotency"])
     for item in idem.scan()["Items"]:
         idem.delete_item(Key={"id": item["id"]})
+    with findings_logged() as logged:
+        env.sqs.send_message(QueueUrl=env.queues["ingest"], MessageBody=body)
+        env.pump()
+    return logged
+
+
+@contextlib.contextmanager
+def findings_logged() -> Iterator[list[dict[str, Any]]]:
+    """The finding lines ``ringfence.findings`` logs inside the block, parsed."""
     logged: list[dict[str, Any]] = []
 
     class Catch(logging.Handler):
@@ -238,11 +249,9 @@ def redeliver_after_expiry(env: Env, body: str) -> list[dict[str, Any]]:
     catch = Catch(logging.WARNING)
     findings.addHandler(catch)
     try:
-        env.sqs.send_message(QueueUrl=env.queues["ingest"], MessageBody=body)
-        env.pump()
+        yield logged
     finally:
         findings.removeHandler(catch)
-    return logged
 
 
 def release(env: Env, wid: str) -> None:
@@ -334,19 +343,8 @@ def test_a_redelivery_completing_a_report_logs_what_the_findings_record_says(env
     env.bind(AUTHORS, ["policy-author"])
     status, answer = bind(env, dev, {"labels": {"app": "admin"}, "reason": "INC-9"})
     assert status == 200, answer
-    logged: list[dict[str, Any]] = []
-
-    class Catch(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            logged.append(json.loads(record.getMessage()))
-
-    findings = logging.getLogger("ringfence.findings")
-    catch = Catch(logging.WARNING)
-    findings.addHandler(catch)
-    try:
+    with findings_logged() as logged:
         assert not ingest_once(env).failed  # the redelivery
-    finally:
-        findings.removeHandler(catch)
     env.pump()
     assert env.store.get(dev).op_quarantined
     held = audited(env, "label.held", dev)
