@@ -193,15 +193,22 @@ def tokens_path_problem(path: Path, owners: frozenset[int], *, missing_ok: bool 
             if st.st_uid not in owners or (writable and not sticky_ok):
                 return (
                     f"directory {d} is owned by uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}: another user "
-                    "could replace the tokens file (it must be owned by root or the serving user, writable by its owner only)"
+                    "could replace the tokens file (each directory on its path must be root's or the invoking user's, writable by "
+                    "its owner only; with serve --user, never the --user user's)"
                 )
     return None
 
 
-def file_problem(path: Path, st: os.stat_result, owners: frozenset[int]) -> str | None:
-    """Why the opened tokens file ``st`` is one another user could write, or None."""
+def file_problem(path: Path, st: os.stat_result, owners: frozenset[int], served: int | None = None) -> str | None:
+    """Why the opened tokens file ``st`` is one another user could write, or None. ``served``:
+    the uid ``serve --user`` drops to, named as such when it owns the file."""
     if not stat.S_ISREG(st.st_mode):
         return f"{path} is not a regular file"
+    if served is not None and st.st_uid == served:
+        return (
+            f"{path} is owned by uid {st.st_uid}, the --user user serve drops to: whoever takes over serve could "
+            "add a token of their own (make it root's: chown root, chmod 640 or 600)"
+        )
     if st.st_uid not in owners:
         return f"{path} is owned by uid {st.st_uid}, who could add a token of their own"
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
@@ -209,7 +216,7 @@ def file_problem(path: Path, st: os.stat_result, owners: frozenset[int]) -> str 
     return None
 
 
-def read_tokens_file(path: Path, owners: frozenset[int]) -> bytes:
+def read_tokens_file(path: Path, owners: frozenset[int], served: int | None = None) -> bytes:
     """The tokens file's bytes, refused (:class:`ServeError`) where a user other than ``owners``
     could have written them: the file or a directory on its path theirs or writable by them. A
     token line is an admin's credential, so whoever may write the file is an admin."""
@@ -221,7 +228,7 @@ def read_tokens_file(path: Path, owners: frozenset[int]) -> bytes:
     except OSError as exc:
         raise ServeError(f"--admin-tokens {path}: {exc.strerror}") from None
     with os.fdopen(fd, "rb") as f:
-        why = file_problem(path, os.fstat(f.fileno()), owners)
+        why = file_problem(path, os.fstat(f.fileno()), owners, served)
         if why is not None:
             raise ServeError(f"--admin-tokens {path}: refused: {why}")
         return f.read()
@@ -232,13 +239,16 @@ class AdminTokenFile:
     mtime or inode), at the next admin request, so removing a line revokes that token without a
     restart. A file that no longer reads (a typo, a half-written edit) refuses every admin token
     until it reads again, and says so in the log: a revocation never silently fails to apply.
-    Only a file that ``owners`` alone (root, the serving user) may write is read, at start and on
-    every change (:func:`read_tokens_file`): one that another user may write refuses every admin
-    token, as a file that no longer reads does, since what it holds may be theirs."""
+    Only a file that root or the user that started ``serve`` alone may write is read, at start
+    and on every change (:func:`read_tokens_file`): one that another user may write refuses every
+    admin token, as a file that no longer reads does, since what it holds may be theirs. ``served``
+    (``serve --user``: the uid it drops to) is never an accepted owner: whoever takes over the
+    serving process is that user, and could otherwise add tokens the next read accepts."""
 
-    def __init__(self, path: Path, owners: Iterable[int] = ()) -> None:
+    def __init__(self, path: Path, served: int | None = None) -> None:
         self.path = path
-        self.owners = frozenset({0, os.geteuid(), *owners})
+        self.served = served
+        self.owners = frozenset({0, os.geteuid()} - {served})  # fixed here, before any drop
         self._lock = threading.Lock()
         self._seen = self._stamp()
         self._tokens: AdminTokens | None = self._load()  # at start a bad file is an error
@@ -249,7 +259,7 @@ class AdminTokenFile:
         return self._tokens.by_hash if self._tokens else {}
 
     def _load(self) -> AdminTokens:
-        return AdminTokens.parse(read_tokens_file(self.path, self.owners), self.path)
+        return AdminTokens.parse(read_tokens_file(self.path, self.owners, self.served), self.path)
 
     def _stamp(self) -> tuple[int, int, int, int] | PermissionError | None:
         try:
@@ -1139,11 +1149,11 @@ def run(
     if admin_tokens is not None:
         from ringfence.local.signer_process import SignerError, service_user
 
-        try:  # the serving user may own the file: it reads it again after the drop
-            owners = [service_user(user).pw_uid] if user is not None else []
+        try:  # the --user user may not own it: whoever takes over serve is that user
+            served = service_user(user).pw_uid if user is not None else None
         except SignerError as exc:
             raise ServeError(str(exc)) from None
-        tokens = AdminTokenFile(admin_tokens, owners)
+        tokens = AdminTokenFile(admin_tokens, served)
     sock = listen(host, port)  # before the store: a taken port fails before anything starts
     counters = Counters()
     signer = separate_signer(store, signing_key, user) if user is not None else None

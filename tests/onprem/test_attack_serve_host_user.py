@@ -1,0 +1,149 @@
+"""A local user on the host running ``ringfence serve --user``: the user serve drops to (whoever
+takes over the serving process is that user) and the files root's other commands write there.
+Against the real CLI started as root; the attacker's steps are that user's own processes."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ringfence.serve import token_hash
+from tests.agentproc import BIN
+from tests.onprem.test_serve_signer import key_in, python_for_other_users
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="serve --user and another user's files need root")
+USER = "nobody"
+ALICE = "alice-token-0123456789abcdef"
+MALLORY = "attacker-secret-token-0123456789abcdef"
+
+
+def nobody() -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(USER)
+    except KeyError:
+        pytest.skip(f"no user {USER!r} here")
+
+
+@pytest.fixture
+def shared() -> Iterator[Path]:
+    """A root-owned directory USER can reach (pytest's own temporary directories are root's alone)."""
+    base = Path(tempfile.mkdtemp(prefix="rf-serveuser-", dir="/tmp"))
+    base.chmod(0o755)
+    yield base
+    subprocess.run(["rm", "-rf", str(base)], check=False)
+
+
+def as_user(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``script`` run by the system's Python as USER (stdlib only)."""
+    return subprocess.run(
+        ["runuser", "-u", USER, "--", "/usr/bin/python3", "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+class ServeUser:
+    """``ringfence serve --user USER --admin-tokens TOKENS`` started as root; ``url`` once it listens."""
+
+    def __init__(self, tmp_path: Path, shared: Path, tokens: Path) -> None:
+        key, _ = key_in(tmp_path / "signer")
+        (tmp_path / "root").mkdir()
+        self.log = tmp_path / "serve.log"
+        cmd = [
+            *python_for_other_users(tmp_path / "root"),
+            str(BIN / "ringfence"),
+            "serve",
+            "--port",
+            "0",
+            "--store",
+            f"sqlite:{shared / 'state' / 'state.db'}",
+            "--user",
+            USER,
+            "--signing-key",
+            str(key),
+            "--admin-tokens",
+            str(tokens),
+        ]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log.open("w"), text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        self.url = line.split("listening on ", 1)[1].split()[0] if "listening on " in line else None
+
+    def status(self, token: str) -> int:
+        return httpx.get(f"{self.url}/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=30).status_code
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.log.read_text()
+
+
+def tokens_in(shared: Path, uid: int, gid: int, mode: int) -> Path:
+    d = shared / "etc"
+    d.mkdir()
+    tokens = d / "admin-tokens"
+    tokens.write_text(f"alice:{token_hash(ALICE)}:reader\n")
+    os.chown(tokens, uid, gid)
+    tokens.chmod(mode)
+    return tokens
+
+
+# --- the tokens file and the --user user ----------------------------------------------------------------
+
+
+def test_attack_serve_user_refuses_a_tokens_file_the_user_it_drops_to_owns(tmp_path: Path, shared: Path) -> None:
+    """The tokens file is the --user user's (handed over "so that serve can read it"): whoever
+    takes over serve, running as that user, could add an admin token of their own for the next
+    read. serve does not start, naming the file and why."""
+    pw = nobody()
+    tokens = tokens_in(shared, pw.pw_uid, pw.pw_gid, 0o600)
+    server = ServeUser(tmp_path, shared, tokens)
+    log = server.stop()
+    assert server.url is None, f"serve started on {server.url}"
+    assert server.proc.returncode != 0
+    assert f"--admin-tokens {tokens}: refused: {tokens} is owned by uid {pw.pw_uid}, the --user user" in log, log
+    assert "Traceback" not in log
+
+
+def test_attack_serve_user_refuses_every_admin_token_once_the_user_owns_the_tokens_file(
+    tmp_path: Path, shared: Path
+) -> None:
+    """serve --user started on root's file (root:USER's group, 640: the serving user reads each
+    change, so a revocation needs no restart). Later root hands the file to the user (to "let
+    serve read it"), and the user (serve taken over) appends a token of their own: at the next
+    admin request serve reads it again and refuses every admin token, theirs too, until the file
+    is root's again."""
+    pw = nobody()
+    tokens = tokens_in(shared, 0, pw.pw_gid, 0o640)
+    server = ServeUser(tmp_path, shared, tokens)
+    try:
+        assert server.url is not None, server.stop()
+        assert (server.status(ALICE), server.status(MALLORY)) == (200, 401)
+        os.chown(tokens, pw.pw_uid, pw.pw_gid)
+        added = as_user(
+            "import sys; open(sys.argv[1], 'a').write(sys.argv[2])",
+            str(tokens),
+            f"mallory:{token_hash(MALLORY)}:policy-author,onboarding,incident-responder\n",
+        )
+        assert added.returncode == 0, added.stderr
+        assert (server.status(ALICE), server.status(MALLORY)) == (401, 401)
+        assert "the --user user serve drops to" in server.log.read_text()
+        os.chown(tokens, 0, pw.pw_gid)  # root takes it back (and mallory's line stays out of use)
+        tokens.write_text(f"alice:{token_hash(ALICE)}:reader\n")
+        assert (server.status(ALICE), server.status(MALLORY)) == (200, 401)
+    finally:
+        log = server.stop()
+    assert "Traceback" not in log
