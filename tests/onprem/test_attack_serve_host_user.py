@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -147,3 +148,34 @@ def test_attack_serve_user_refuses_every_admin_token_once_the_user_owns_the_toke
     finally:
         log = server.stop()
     assert "Traceback" not in log
+
+
+# --- --out FILE -------------------------------------------------------------------------------------------
+
+
+def test_attack_out_file_replaces_a_link_planted_at_its_name_never_writes_through_it(shared: Path) -> None:
+    """Root writes ``ringfence policy schema --out FILE`` into a directory USER owns (a web root, a
+    shared output directory); USER planted a link at FILE to a root-only file. The command
+    replaces the link with its output and leaves the root-only file as it was."""
+    pw = nobody()
+    victim = shared / "victim"
+    victim.write_text("precious root-only content\n")
+    victim.chmod(0o600)
+    out = shared / "theirs"
+    out.mkdir()
+    os.chown(out, pw.pw_uid, pw.pw_gid)
+    planted = as_user("import os, sys; os.symlink(sys.argv[1], sys.argv[2])", str(victim), str(out / "schema.json"))
+    assert planted.returncode == 0, planted.stderr
+    proc = subprocess.run(
+        [str(BIN / "ringfence"), "policy", "schema", "--out", str(out / "schema.json")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=lambda: os.umask(0o022),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert victim.read_text() == "precious root-only content\n"
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o600
+    st = (out / "schema.json").lstat()
+    assert stat.S_ISREG(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o644
+    assert '"$schema"' in (out / "schema.json").read_text()

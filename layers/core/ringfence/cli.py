@@ -130,10 +130,24 @@ def write_layout_file(out: Path, relative: str, text: str) -> None:
         ) from None
 
 
+def _write_out(text: str, out: str) -> None:
+    """``text`` as the ``--out`` file. Replaced (a temporary file beside it renamed over it), never
+    written through: a link at ``out`` (planted by whoever owns its directory) is replaced by the
+    file, its target left as it was. Mode as a new file made under the umask."""
+    from ringfence import durable
+
+    umask = os.umask(0o077)
+    os.umask(umask)
+    try:
+        durable.replace(Path(out), text.encode(), 0o666 & ~umask)
+    except OSError as exc:
+        raise CliError(f"{out}: {exc.strerror or exc}") from None
+
+
 def _emit(text: str, out: str | None) -> None:
-    """Write ``text`` to the ``--out`` file, or to stdout."""
+    """Write ``text`` to the ``--out`` file (:func:`_write_out`), or to stdout."""
     if out:
-        Path(out).write_text(text)
+        _write_out(text, out)
         print(f"wrote {out}")
     else:
         sys.stdout.write(text)
@@ -587,7 +601,7 @@ def cmd_map(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(str(exc)) from None
     if args.out:
-        Path(args.out).write_text(text, encoding="utf-8")
+        _write_out(text, args.out)
         print(f"{args.out}: {len(m.nodes)} nodes, {len(m.edges)} edges (from {m.source})", file=sys.stderr)
     else:
         sys.stdout.write(text)
