@@ -147,3 +147,21 @@ def test_attack_a_released_vm_is_not_reported_quarantined_on_each_redelivery(
     assert [(f["action"], f["requested"]) for f in logged] == [("quarantined", {"role": "jumpbox"})], (
         "a finding logged again for a VM the operator released"
     )
+
+
+def test_attack_a_second_call_under_an_earlier_events_id_is_decided_as_a_new_event(
+    arm: ArmServer, azure: Azure, qtag: LocalWiring
+) -> None:
+    """ARM's events carry the request's correlation id, which the caller may set: Mallory's second
+    privileged move, under the id of her first (already decided, quarantined and released), must be
+    reported and quarantined as the new call it is, not taken for a redelivery of the first."""
+    w = qtag
+    x = _mallory_quarantined_then_released(arm, azure, w, "web-f4")
+    arm.get(vm_id("web-f4"))["tags"]["ringfence:app"] = "admin"  # type: ignore[index]
+    again = arm_event(WRITE, vm_id("web-f4"), TAGS_WRITE, oid=MALLORY, event_id=x["id"])
+    assert deliver(w, azure, again) == 200
+    rec = w.store.get(WEB)
+    assert rec is not None and rec.op_quarantined, "her second call taken for her first event, already decided"
+    assert quarantines(w) == 2 and findings(w) == [MALLORY, MALLORY]
+    assert deliver(w, azure, again) == 200  # that call's own redelivery: decided already
+    assert quarantines(w) == 2 and findings(w) == [MALLORY, MALLORY]

@@ -16,6 +16,7 @@ from ringfence.clouds.azure.events import (
     NOTIFIED_DELETE,
     VALIDATION,
     WRITE,
+    GridEvent,
     MalformedDelivery,
     change_of,
     parse_delivery,
@@ -374,3 +375,26 @@ def test_a_malformed_event_in_a_batch_loses_no_good_event(arm: ArmServer, wiring
     # nothing readable at all: refused as a whole, nothing stored
     status, body = post([claims, cloudevent])
     assert status == 400 and "data.claims" in body["detail"], body
+
+
+def test_an_events_key_is_the_same_for_its_redelivery_and_differs_for_another_call_under_its_id() -> None:
+    """Records of what an event decided are keyed by :func:`event_key`: a caller may set the id
+    ARM's events carry (the correlation id), never the time ARM stamps, the topic or its own name."""
+    ev = arm_event(WRITE, vm_id("k-1"), "Microsoft.Compute/virtualMachines/write", event_id="corr-1")
+    key = change_of(GridEvent.model_validate(ev))
+    again = change_of(GridEvent.model_validate(json.loads(json.dumps(ev))))
+    assert key is not None and again is not None
+    assert key.event_id == again.event_id and key.event_id.startswith("corr-1#")
+    for field, value in (
+        ("eventTime", "2026-01-01T00:00:00.0000000Z"),
+        ("topic", "/custom/topic"),
+        ("subject", vm_id("k-2")),
+    ):
+        other = change_of(GridEvent.model_validate({**ev, field: value}))
+        assert other is not None and other.event_id != key.event_id, field
+    by_other = arm_event(
+        WRITE, vm_id("k-1"), "Microsoft.Compute/virtualMachines/write", event_id="corr-1", oid="someone-else"
+    )
+    by_other["eventTime"] = ev["eventTime"]
+    changed = change_of(GridEvent.model_validate(by_other))
+    assert changed is not None and changed.event_id != key.event_id

@@ -21,6 +21,7 @@ Azure sends is not documented).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -111,6 +112,7 @@ class Change:
     the event names one. Nothing of the resource itself: what it is now is read from ARM."""
 
     event_id: str
+    """:func:`event_key`: the same for a delivery of this event again, never for another event"""
     kind: Literal["write", "delete"]
     resource: ArmId
     principal: str | None = None
@@ -133,6 +135,19 @@ def event_time(ev: GridEvent) -> float | None:
     except ValueError:
         return None
     return at.timestamp() if at.tzinfo is not None else at.replace(tzinfo=UTC).timestamp()
+
+
+def event_key(ev: GridEvent, principal: str | None) -> str:
+    """The event's ``id`` with a digest of what its caller cannot choose: the topic (Event Grid
+    stamps it), the type, ``eventTime`` (ARM stamps it, to 100 ns), the subject, the operation and
+    the caller Azure names. Records of what an event decided are keyed by it (one quarantine, one
+    ``label.held`` per event and workload), so a redelivery decides the same again. The ``id``
+    alone is not enough: ARM's events carry the request's correlation id, which a caller may set
+    (``x-ms-correlation-request-id``), and a custom topic's publisher sets ``id`` outright, so a
+    second call under an earlier event's ``id`` would be taken for that event, already decided."""
+    parts = (ev.topic.strip().lower(), ev.event_type, ev.event_time, ev.subject, str(ev.data.get("operationName", "")))
+    digest = hashlib.sha256("\0".join((*parts, principal or "")).encode()).hexdigest()[:16]
+    return f"{ev.id}#{digest}"
 
 
 def _object(data: dict[str, Any], name: str) -> dict[str, Any]:
@@ -212,12 +227,14 @@ def change_of(ev: GridEvent) -> Change | None:
         system = from_system_topic(ev, target)
         principal = principal_of(ev.data) if system else None
         tags = op.startswith("microsoft.resources/tags/")
-        return Change(ev.id, kind, target, principal, tags_write=tags, time=event_time(ev), system_topic=system)
+        return Change(
+            event_key(ev, principal), kind, target, principal, tags_write=tags, time=event_time(ev), system_topic=system
+        )
     if ev.event_type in (NOTIFIED, NOTIFIED_DELETE):
         # only which resource: its tags, vmId and NICs in resourceInfo are the sender's word
         info = _object(ev.data, "resourceInfo")
         target = _resource_of(_text(info, "id", "data.resourceInfo") or ev.subject)
         if target is None or target.type not in WATCHED:
             return None
-        return Change(ev.id, "delete" if ev.event_type == NOTIFIED_DELETE else "write", target)
+        return Change(event_key(ev, None), "delete" if ev.event_type == NOTIFIED_DELETE else "write", target)
     return None
