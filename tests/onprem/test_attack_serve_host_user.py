@@ -179,3 +179,50 @@ def test_attack_out_file_replaces_a_link_planted_at_its_name_never_writes_throug
     st = (out / "schema.json").lstat()
     assert stat.S_ISREG(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o644
     assert '"$schema"' in (out / "schema.json").read_text()
+
+
+# --- keygen --out DIR -------------------------------------------------------------------------------------
+
+
+def keygen(out: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "ringfence"), "keygen", "--out", str(out)], capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize(
+    ("case", "owner", "mode", "says"),
+    [
+        ("writable by all", "root", 0o777, "writable by group or others (mode 777)"),
+        ("writable by its group", "root", 0o775, "writable by group or others (mode 775)"),
+        ("another user's", USER, 0o700, "owned by uid"),
+    ],
+)
+def test_attack_keygen_refuses_an_out_directory_another_user_owns_or_may_write(
+    shared: Path, case: str, owner: str, mode: int, says: str
+) -> None:
+    """root runs ``keygen --out DIR`` on an existing DIR that USER owns or may write: USER could
+    swap the new private key for one of theirs before serve loads it, or had planted a link at its
+    name. keygen refuses, naming DIR and why, and writes no key there."""
+    pw = nobody()
+    out = shared / "keys"
+    out.mkdir()
+    out.chmod(mode)
+    if owner == USER:
+        os.chown(out, pw.pw_uid, pw.pw_gid)
+    proc = keygen(out)
+    assert proc.returncode != 0, case
+    assert f"--out {out}: " in proc.stderr and says in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert list(out.iterdir()) == []
+
+
+def test_keygen_takes_others_bits_off_an_out_directory_they_may_only_read(shared: Path) -> None:
+    out = shared / "keys"
+    out.mkdir()
+    out.chmod(0o755)
+    proc = keygen(out)
+    assert proc.returncode == 0, proc.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750
+    assert "now mode 750" in proc.stderr
+    assert stat.S_IMODE((out / "bundle-signing.pem").stat().st_mode) == 0o600

@@ -6,6 +6,7 @@ import argparse
 import errno
 import json
 import os
+import stat
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -1038,11 +1039,43 @@ def make_private_dirs(path: Path) -> None:
             os.close(fd)
 
 
+def check_key_dir(out: Path) -> None:
+    """Refuse (:class:`CliError`) a ``keygen --out`` directory another user owns or group or
+    others may write (they could swap the key for one of theirs, or read it through a link they
+    put there first), and take others' bits off one they may only read: what ``serve`` does with
+    its state directory (:func:`ringfence.local.statedir.secure_state_dir`)."""
+    uid = os.geteuid()
+    try:
+        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise CliError(f"--out {out}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        mode = stat.S_IMODE(st.st_mode)
+        if st.st_uid != uid:
+            raise CliError(
+                f"--out {out}: owned by uid {st.st_uid}, not by uid {uid} running keygen: its owner could read or "
+                "swap the signing key; give a directory of your own (or a missing one: it is made mode 700)"
+            )
+        if mode & 0o022:
+            raise CliError(
+                f"--out {out}: writable by group or others (mode {mode:o}): another user could swap the signing key "
+                f"or have planted a link at its name. Check that nothing in it is another user's or a link, then "
+                f"`chmod 700 {out}`"
+            )
+        if mode & 0o007:
+            os.fchmod(fd, mode & 0o770)
+            print(f"--out {out}: others could read it (mode {mode:o}): now mode {mode & 0o770:o}", file=sys.stderr)
+    finally:
+        os.close(fd)
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     from ringfence import bundle as bundle_mod
 
     out = Path(args.out)
     make_private_dirs(out)
+    check_key_dir(out)
     private, public = out / "bundle-signing.pem", out / "bundle-signing.pub.pem"
     if private.exists() and not args.force:
         raise CliError(f"{private} exists; pass --force to replace it (agents pin the old public key)")
