@@ -150,6 +150,7 @@ class AzureEvents:
         would hand on nothing (a grant's end would never reach compute)."""
         res = DeliveryResult()
         full: set[str] = set()
+        deleted: list[ArmId] = []  # what delete events name: handed on again where stored gone already
         try:
             for c in changes:
                 arm = self.azure.arm(c.resource.subscription)
@@ -159,6 +160,8 @@ class AzureEvents:
                     # re-read and what ARM no longer lists is gone (converges like reconcile)
                     if c.kind == "delete" or c.resource.type in (VM, SCALE_SET_VM, SCALE_SET):
                         full.add(c.resource.subscription)
+                    if c.kind == "delete":
+                        deleted.append(c.resource)
                     continue
                 nics = self._nics(arm, vm)
                 # the event attests who and when, not which tags were set: a write of the VM ends
@@ -174,7 +177,7 @@ class AzureEvents:
                     res.changed.add(vm.vm_id)  # it may be stored (a failure after its write): compute re-reads it
                     raise
             for sub in sorted(full):
-                inv: InventoryResult = observe_subscription(self.w, self.azure.arm(sub), self.metric)
+                inv: InventoryResult = observe_subscription(self.w, self.azure.arm(sub), self.metric, deleted)
                 res.changed |= set(inv.changed)
                 res.gave_back |= set(inv.gave_back)
                 res.synced.append(sub)

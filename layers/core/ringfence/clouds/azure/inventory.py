@@ -9,12 +9,13 @@ from typing import Any
 
 from ringfence.control import credentials
 from ringfence.control.governance import store_deletable
-from ringfence.control.wiring import BaseWiring, Metric, log, no_metric
+from ringfence.control.wiring import COMPUTE_NOT_QUEUED, BaseWiring, Metric, log, no_metric
 from ringfence.governance import TagChange
-from ringfence.store.base import releases_addresses
+from ringfence.store.base import InventoryRecord, releases_addresses
 
 from .arm import Arm
-from .model import ArmId, AzureNic, AzureVm, nic_from_wire, to_record, tombstone, vm_from_wire
+from .events import SCALE_SET
+from .model import SCALE_SET_VM, VM, ArmId, AzureNic, AzureVm, nic_from_wire, to_record, tombstone, vm_from_wire
 
 
 @dataclass
@@ -76,9 +77,35 @@ def nics_by_id(raw: Iterable[dict[str, Any]]) -> dict[str, AzureNic]:
     return {n.id.lower(): n for n in (nic_from_wire(x) for x in raw)}
 
 
-def observe_subscription(w: BaseWiring, arm: Arm, metric: Metric = no_metric) -> InventoryResult:
+def named_by(rec: InventoryRecord, deleted: Iterable[ArmId]) -> bool:
+    """``rec`` (of its subscription) is of a VM one of ``deleted`` names: a VM or a scale set's VM
+    by its name, a scale set by its VMs' (``<scale set>_<instance>``), as ARM compares names
+    (case-insensitively). The record keeps no resource group: a VM of the same name in another
+    group matches too, and is computed once more (harmless, as any hand-off too many)."""
+    name = (rec.workload.name or "").lower()
+    if not name:
+        return False
+    for r in deleted:
+        if r.subscription.lower() != (rec.workload.account or "").lower():
+            continue
+        if r.type == VM and name == r.names[-1].lower():
+            return True
+        if r.type == SCALE_SET_VM and name == f"{r.names[0]}_{r.names[-1]}".lower():
+            return True
+        if r.type == SCALE_SET and name.startswith(f"{r.names[0]}_".lower()):
+            return True
+    return False
+
+
+def observe_subscription(
+    w: BaseWiring, arm: Arm, metric: Metric = no_metric, deleted: Iterable[ArmId] = ()
+) -> InventoryResult:
     """A full sync of one subscription: every VM, every scale set's VMs, their NICs; stored Azure
-    workloads of the subscription that ARM no longer lists are gone. Reconcile and deletes run it."""
+    workloads of the subscription that ARM no longer lists are gone. Reconcile and deletes run it.
+    ``deleted``: what the delete events that asked for the pass name; their VMs' records stored
+    deleted already are handed on again (in the priority lane): the event's first delivery may
+    have stored the tombstone and failed to hand it on, and its redelivery stores nothing."""
+    deleted = list(deleted)
     res = InventoryResult()
     # before the listing: a VM it misses because it was made later is stored by its own event
     # after this time, which the tombstone written at it does not overwrite
@@ -97,14 +124,19 @@ def observe_subscription(w: BaseWiring, arm: Arm, metric: Metric = no_metric) ->
         live = {v.vm_id for v in vms}
         for rec in w.store.all_records():
             mine = rec.workload.cloud == "azure" and (rec.workload.account or "").lower() == arm.subscription.lower()
-            if not mine or rec.id in live or rec.state == "terminated":
+            if not mine or rec.id in live:
+                continue
+            if rec.state == "terminated":
+                if named_by(rec, deleted):
+                    changed.add(rec.id)
+                    gave_back.add(rec.id)
                 continue
             # its token revoked before its tombstone is written: a tombstone stored whose revocation
             # then failed would be skipped by every later pass (as stored gone), token and all.
             # Only where the tombstone lands: not over a VM observed after the listing
             if not credentials.retire_before_tombstone(w, rec.id, listed_at, "VM gone (azure inventory)"):
                 continue
-            gone = tombstone(rec.id, arm.subscription, rec.workload.region, listed_at)
+            gone = tombstone(rec.id, arm.subscription, rec.workload.region, listed_at, rec.workload.name)
             if w.store.observe(gone):
                 changed.add(rec.id)
                 res.gone.append(rec.id)
@@ -115,5 +147,12 @@ def observe_subscription(w: BaseWiring, arm: Arm, metric: Metric = no_metric) ->
         # more to store for it and would not
         res.changed = sorted(changed)
         res.gave_back = sorted(gave_back & changed)
-        hand_on(w, res.changed, res.gave_back)
+        try:
+            hand_on(w, res.changed, res.gave_back)
+        except Exception:
+            # raised for the caller's retry (an event's redelivery hands the deletion it names on
+            # again: ``deleted``), and counted as every failed hand-off is
+            log.exception("azure sync of %s: %s stored but compute could not be queued", arm.subscription, res.changed)
+            metric(COMPUTE_NOT_QUEUED, 1)
+            raise
     return res

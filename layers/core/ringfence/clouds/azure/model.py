@@ -154,6 +154,10 @@ def to_record(
     return InventoryRecord.observed(w, "terminated" if vm.deleting else "running", observed_at, mapper)
 
 
-def tombstone(vm_id: str, subscription: str, region: str | None, observed_at: float) -> InventoryRecord:
-    w = Workload(id=vm_id, cloud="azure", account=subscription, region=region, observed_at=observed_at)
+def tombstone(
+    vm_id: str, subscription: str, region: str | None, observed_at: float, name: str | None = None
+) -> InventoryRecord:
+    """``name``: the VM's, as its record had it: a delete event names the VM by its resource id,
+    which the redelivery of the event matches to the tombstone by (:func:`.inventory.named_by`)."""
+    w = Workload(id=vm_id, name=name, cloud="azure", account=subscription, region=region, observed_at=observed_at)
     return InventoryRecord(id=vm_id, workload=w, state="terminated", observed_at=observed_at)
