@@ -11,7 +11,15 @@ from botocore.exceptions import BotoCoreError, ClientError
 from ringfence.audit import AuditRecord
 from ringfence.control import credentials
 from ringfence.control.governance import rewrite_governed, store_governed
-from ringfence.control.wiring import BaseWiring, BatchDeadline, Metric, hand_on_stored, log, no_metric
+from ringfence.control.wiring import (
+    COMPUTE_NOT_QUEUED,
+    BaseWiring,
+    BatchDeadline,
+    Metric,
+    hand_on_stored,
+    log,
+    no_metric,
+)
 from ringfence.events import DomainEvent, Kind, MalformedEvent, normalize
 from ringfence.governance import TagChange
 from ringfence.store.base import ACTIVE_STATES, InventoryRecord, concerns_compute, releases_addresses
@@ -147,11 +155,22 @@ class Ingest:
         return n
 
     def done(self) -> None:
+        """The batch is over: what its events changed to compute and the perimeter, once. A
+        failure to queue it is logged and counted (``ComputeNotQueued``), as every hand-off's,
+        and raised: it fails the invocation, whose whole batch is delivered again and handed on
+        again (replays included: :meth:`hand_on`)."""
         changed, self._changed = self._changed, None
         removed, self._removed = self._removed, set()
         try:
             if changed:
                 self._hand_on(list(changed), removed)
+        except Exception:
+            log.exception(
+                "ingest batch: %s stored but compute or the perimeter could not be queued",
+                ", ".join(sorted(changed or ())),
+            )
+            self.metric(COMPUTE_NOT_QUEUED, 1)
+            raise
         finally:
             self.w.end_batch()
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ringfence.control.wiring import Metric, hand_on_stored, log, no_metric
+from ringfence.control.wiring import COMPUTE_NOT_QUEUED, Metric, hand_on_stored, log, no_metric
 from ringfence.events import DomainEvent, Kind, MalformedEvent, normalize, normalize_json
 
 from .ingest import Ingest, mark_leaving, observe_instances
@@ -86,7 +86,8 @@ class Lifecycle:
         """The batch is over: its launches go to the perimeter in one message, then its instances
         and actions to compute in one, those that gave their addresses up (and their terminate
         actions) first in one of the priority lane (a failure here fails the batch, whose actions
-        are then applied again and handed on again)."""
+        are then applied again and handed on again; it is logged and counted, ``ComputeNotQueued``,
+        as every hand-off's)."""
         batch, self._batch = self._batch, None
         try:
             if batch is not None:
@@ -97,6 +98,11 @@ class Lifecycle:
                 normal = [i for i in batch.compute_ids if i not in batch.urgent_ids]
                 if normal or batch.compute_actions:
                     self.w.enqueue_compute(normal, lifecycles=batch.compute_actions)
+        except Exception:
+            ids = sorted({*batch.perimeter_ids, *batch.urgent_ids, *batch.compute_ids}) if batch is not None else []
+            log.exception("lifecycle batch: %s stored but compute or the perimeter could not be queued", ", ".join(ids))
+            self.metric(COMPUTE_NOT_QUEUED, 1)
+            raise
         finally:
             self.w.end_batch()
 
