@@ -226,3 +226,52 @@ def test_keygen_takes_others_bits_off_an_out_directory_they_may_only_read(shared
     assert stat.S_IMODE(out.stat().st_mode) == 0o750
     assert "now mode 750" in proc.stderr
     assert stat.S_IMODE((out / "bundle-signing.pem").stat().st_mode) == 0o600
+
+
+# --- publish-agent, then serve --user (docs/onprem.md, docs/serve.md) -------------------------------------
+
+
+def publish_agent(state: Path, wheels: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "ringfence"), "publish-agent", "--store", f"sqlite:{state / 'state.db'}", "--dir", str(wheels)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_publish_agent_as_root_then_serve_user_serves_the_artifact(tmp_path: Path, shared: Path) -> None:
+    """The documented order: the state directory made for the user (``install -d -o NAME -m
+    750``), ``publish-agent`` run as root, then ``serve --user`` started, and ``publish-agent``
+    again (an upgrade) while it runs. What publish-agent writes is the state directory owner's,
+    so the served user reads it: both builds are served, byte for byte."""
+    pw = nobody()
+    state, wheels = shared / "state", shared / "wheels"
+    state.mkdir(mode=0o750)
+    os.chown(state, pw.pw_uid, pw.pw_gid)
+    wheels.mkdir()
+    first = wheels / "ringfence_agent-9.9.1-py3-none-any.whl"
+    first.write_bytes(b"PK the first build\n")
+    done = publish_agent(state, wheels)
+    assert done.returncode == 0, done.stderr
+    for p in (state / "objects", *(state / "objects").rglob("*")):
+        assert p.stat().st_uid == pw.pw_uid, p  # the served user's, not root's
+    installer = done.stdout.split("installer /v1/agent/")[1].split()[0]
+
+    tokens = tokens_in(shared, 0, 0, 0o600)
+    server = ServeUser(tmp_path, shared, tokens)
+    try:
+        assert server.url is not None, server.stop()
+        got = httpx.get(f"{server.url}/v1/agent/{first.name}", timeout=30)
+        assert (got.status_code, got.content) == (200, b"PK the first build\n")
+        assert httpx.get(f"{server.url}/v1/agent/{installer}", timeout=30).status_code == 200
+        first.unlink()
+        second = wheels / "ringfence_agent-9.9.2-py3-none-any.whl"
+        second.write_bytes(b"PK the second build\n")
+        again = publish_agent(state, wheels)
+        assert again.returncode == 0, again.stderr
+        got = httpx.get(f"{server.url}/v1/agent/{second.name}", timeout=30)
+        assert (got.status_code, got.content) == (200, b"PK the second build\n")
+    finally:
+        log = server.stop()
+    assert "Traceback" not in log

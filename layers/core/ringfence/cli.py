@@ -944,10 +944,19 @@ def cmd_publish_agent(args: argparse.Namespace) -> int:
         cfg = Config.from_env()
         publisher: Any = S3Publisher(clients.client("s3"), cfg.bucket, cfg.kms_key_id)
     elif args.store.startswith("sqlite:") and args.store.removeprefix("sqlite:"):
-        from ringfence.local.publish import FilePublisher
+        from ringfence.local.publish import FilePublisher, OwnersFilePublisher
 
         # LocalWiring's objects directory, beside the database (ringfence serve may be running)
-        publisher = FilePublisher(Path(args.store.removeprefix("sqlite:")).parent / "objects")
+        state = Path(args.store.removeprefix("sqlite:")).parent
+        try:
+            st = state.stat()
+        except OSError:
+            st = None
+        if os.geteuid() == 0 and st is not None and st.st_uid != 0:
+            # serve --user's state directory: written as its owner, who must read it (docs/serve.md)
+            publisher = OwnersFilePublisher(state / "objects", st.st_uid, st.st_gid)
+        else:
+            publisher = FilePublisher(state / "objects")
     else:
         raise CliError(f"--store {args.store!r}: expected sqlite:PATH or aws")
     from ringfence.control.publish import Conflict

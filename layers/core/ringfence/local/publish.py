@@ -108,3 +108,48 @@ class FilePublisher(Publisher):
     def delete(self, key: str) -> None:
         with _writing():
             self.path(key).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _effective(uid: int, gid: int) -> Iterator[None]:
+    """This process's effective uid and gid (and no supplementary groups) are ``uid``'s and
+    ``gid``'s inside, root's again after. For a single-threaded command run as root only."""
+    groups, egid = os.getgroups(), os.getegid()
+    os.setgroups([])
+    os.setegid(gid)
+    os.seteuid(uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(egid)
+        os.setgroups(groups)
+
+
+class OwnersFilePublisher(FilePublisher):
+    """A :class:`FilePublisher` whose every file operation is made as ``uid``/``gid`` (effective
+    ids), for root's ``publish-agent`` into the state directory of ``serve --user``, which that
+    user owns: what root wrote there (mode 600, directories 700) the serving user could not read
+    or write into, and ``serve --user`` did not start. Made as the owner, the files are theirs,
+    and nothing there is written with root's rights."""
+
+    def __init__(self, root: Path, uid: int, gid: int, *, fsync: bool = True) -> None:
+        self.uid, self.gid = uid, gid
+        with _effective(uid, gid):
+            super().__init__(root, fsync=fsync)
+
+    def _store(self, key: str, body: bytes, content_type: str) -> None:
+        with _effective(self.uid, self.gid):
+            super()._store(key, body, content_type)
+
+    def _create(self, key: str, body: bytes, content_type: str) -> bool:
+        with _effective(self.uid, self.gid):
+            return super()._create(key, body, content_type)
+
+    def get(self, key: str) -> bytes:
+        with _effective(self.uid, self.gid):
+            return super().get(key)
+
+    def delete(self, key: str) -> None:
+        with _effective(self.uid, self.gid):
+            super().delete(key)
