@@ -429,7 +429,6 @@ def _report(
             verdict.reason or UNATTRIBUTED,
         )
         return False
-    metric("PrivilegedLabelFindings", 1)
     # one finding per event and workload, like its quarantine: what the call answers for (a who-only
     # call's, every move held now) changes with what is held or granted since, so a redelivery
     # deciding afresh must not write (and log) another
@@ -446,6 +445,9 @@ def _report(
             reason=verdict.reason,
         ),
     )
+    if wrote:
+        # counted with the finding's record, once per event: not again on each redelivery
+        metric("PrivilegedLabelFindings", 1)
     quarantined = quarantine and _audit_once(
         w,
         # with its record, once per event and workload whatever is held by then: a redelivery

@@ -1,0 +1,49 @@
+"""``PrivilegedLabelFindings`` counts a finding once, with its ``label.held`` record, however often
+Event Grid delivers its event: through the Event Grid handler, the local ARM server and the local
+store. Before, every delivery that decided the finding again counted it, though the record (its
+id derived from the event) was written by the first only."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from typing import Any
+
+import pytest
+
+from ringfence.clouds.azure.ingest import AzureEvents
+from ringfence.clouds.azure.wiring import Azure
+from ringfence.local.azure_arm import ArmServer
+from ringfence.local.wiring import LocalWiring
+from tests.azure.test_attack_azure_blame import MALLORY, findings, quarantines, quarantining
+from tests.azure.test_azure_events import HEADERS
+from tests.azure.test_azure_report_redelivery import _mallory_moves_web_to_jumpbox, refuse_once
+
+__all__ = ["quarantining"]  # the fixture, used by name
+
+
+def test_a_findings_metric_is_counted_once_however_often_its_event_is_delivered(
+    arm: ArmServer, azure: Azure, quarantining: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mallory's move: the first delivery writes the finding's record and fails at its quarantine
+    (refused once); the redelivery completes the report; a third delivery (a duplicate) finds
+    both written. One finding recorded, one counted."""
+    w = quarantining
+    counted: list[tuple[str, float]] = []
+    events = AzureEvents(w, azure, metric=lambda name, value: counted.append((name, value)))
+    ev = _mallory_moves_web_to_jumpbox(arm, azure, w, "web-fm")
+    body = json.dumps([ev]).encode()
+
+    def findings_counted() -> float:
+        return sum(v for n, v in counted if n == "PrivilegedLabelFindings")
+
+    refused = refuse_once(w, monkeypatch, "workload.quarantine")
+    with pytest.raises(sqlite3.OperationalError):
+        events.handle(HEADERS, body)
+    assert refused and findings(w) == [MALLORY] and quarantines(w) == 0
+    assert findings_counted() == 1, "the finding's record was written: counted"
+    for _ in range(2):  # Event Grid's redelivery, then a duplicate
+        answer: Any = events.handle(HEADERS, body)
+        assert answer.status == 200
+    assert findings(w) == [MALLORY] and quarantines(w) == 1
+    assert findings_counted() == 1, "one finding counted on each delivery of its event"
