@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import uuid
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -22,10 +23,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from ringfence.agentwire import proof_message, token_proof_message
 from ringfence.audit import AuditRecord
 from ringfence.bundlewire import BundleError, ed25519_public_from_one_pem
-from ringfence.store.base import agent_key_fingerprint_of
+from ringfence.store.base import (
+    AuditRecordExists,
+    ChangeFailed,
+    ConflictError,
+    TokenRevocation,
+    agent_key_fingerprint_of,
+)
 
 from .enroll import ProofError
 from .wiring import BaseWiring, log
+
+REVOKE_ATTEMPTS = 3  # a revocation read again when a refresh replaced the token in between
 
 
 def agent_key_fingerprint(pem: str) -> str:
@@ -75,7 +84,11 @@ def audit(w: BaseWiring, action: str, workload_id: str, principal: str, **detail
 
 def retire(w: BaseWiring, workload_id: str, why: str) -> None:
     """The workload left (terminated, deleted, tombstoned): its token stops authorizing and its
-    nudge connection is dropped, which cuts its agent off. Audited when a token was active.
+    nudge connection is dropped, which cuts its agent off. Audited when a token was active: the
+    revocation and its ``token.revoke`` record are one store transaction (:class:`TokenRevocation`
+    with :meth:`Store.audit_with`), both or neither, so that a retirement failing part-way (a store
+    error, a Lambda killed) is made whole by the event's redelivery: a revocation written alone
+    would leave that redelivery no active token, and so no record, ever.
 
     Its agent key binding and a reset's named next key stay: the cloud never gives the id to
     another machine (AWS instance ids, Azure vmIds and GCP numeric instance ids are not reused),
@@ -83,11 +96,29 @@ def retire(w: BaseWiring, workload_id: str, why: str) -> None:
     the host (they do not expire) from binding another key. Deleting them is not granted to the
     functions fed by cloud events that call this (docs/threat-model.md): code there could
     otherwise unbind a running workload's key. :func:`retire_and_unbind` is the administrator's."""
-    had = w.store.revoke_tokens(workload_id)
-    w.store.drop_connection(workload_id)
-    if had:
+    for _ in range(REVOKE_ATTEMPTS):
+        token = w.store.active_token(workload_id)
+        if token is None:
+            break  # none active (an expired one authorizes nothing): nothing to revoke or record
+        # one id per token: a revocation whose commit went unanswered and is made again finds
+        # its record (and so its revocation) written
+        rec_id = uuid.uuid5(uuid.NAMESPACE_URL, f"ringfence:token.revoke:{workload_id}:{token}").hex
+        rec = AuditRecord(
+            id=rec_id, principal="ringfence", action="token.revoke", target=workload_id, detail={"reason": why}
+        )
+        try:
+            w.audit_with(rec, TokenRevocation(workload_id, token))
+        except AuditRecordExists:
+            break
+        except ChangeFailed as exc:
+            if isinstance(exc.cause, ConflictError):
+                continue  # replaced or revoked since it was read: read it again
+            raise exc.cause from exc  # nothing written: the caller fails, its redelivery retires
         log.info("token of %s revoked: %s", workload_id, why)
-        audit(w, "token.revoke", workload_id, "ringfence", reason=why)
+        break
+    else:
+        raise ConflictError(f"the token of {workload_id} changed under {REVOKE_ATTEMPTS} revocations")
+    w.store.drop_connection(workload_id)
 
 
 def retire_before_tombstone(w: BaseWiring, workload_id: str, at: float, why: str) -> bool:

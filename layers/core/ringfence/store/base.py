@@ -130,7 +130,23 @@ class PolicyActivation(NamedTuple):
         store.activate_policy(self.pv, expected_active=self.expected_active)
 
 
-AuditedChange = OperatorChange | PolicyActivation
+class TokenRevocation(NamedTuple):
+    """:meth:`Store.revoke_tokens` as a change made with its audit record (:meth:`Store.audit_with`),
+    of the token :meth:`Store.active_token` named (``token_hash``): refused, nothing revoked, with
+    :class:`ConflictError` unless that is still the workload's current unexpired token (replaced or
+    revoked since: read it again). So a ``token.revoke`` record and a revocation are both written
+    or neither, and a record is only ever of a token that was active."""
+
+    workload_id: str
+    token_hash: str
+
+    def apply(self, store: Store) -> None:
+        if store.active_token(self.workload_id) != self.token_hash:
+            raise ConflictError(f"the token of {self.workload_id} is no longer the one read")
+        store.revoke_tokens(self.workload_id)
+
+
+AuditedChange = OperatorChange | PolicyActivation | TokenRevocation
 
 
 class GovernanceMoved(ConflictError):
@@ -797,6 +813,11 @@ class Store(Protocol):
 
     def revoke_tokens(self, workload_id: str) -> bool:
         """No token of the workload authorizes any more; True if one was active."""
+        ...
+
+    def active_token(self, workload_id: str) -> str | None:
+        """The hash of the workload's current unexpired token, or None (a read, no write: what a
+        :class:`TokenRevocation` names)."""
         ...
 
     def bind_agent_key(self, workload_id: str, public_key: str, *, replace: bool = False) -> str:

@@ -66,6 +66,7 @@ from ringfence.store.base import (
     PartlyWritten,
     PolicyActivation,
     PolicyVersion,
+    TokenRevocation,
     TooManyTogether,
     Unconfirmed,
     Unread,
@@ -869,6 +870,32 @@ class DynamoStore:
         self.state.delete_item(Key={"pk": f"token#{old['hash']}", "sk": "token"})
         return int(old.get("ttl", 0)) >= time.time()
 
+    def active_token(self, workload_id: str) -> str | None:
+        item = self._get(f"tokenof#{workload_id}", "token")  # an expired one: None
+        return str(item["hash"]) if item is not None else None
+
+    def _revocation_part(self, workload_id: str, token_hash: str) -> _Part:
+        """A :class:`TokenRevocation` as transaction items: the ``tokenof#`` item deleted on
+        condition that it still names ``token_hash``, unexpired (refused by it:
+        :class:`ConflictError`), and that token's item. The two items a workload's current token
+        is (put_token deletes a replaced token's item), so one transaction holds them with the
+        record's."""
+        current: dict[str, Any] = {
+            "TableName": self.state.name,
+            "Key": {"pk": f"tokenof#{workload_id}", "sk": "token"},
+            "ConditionExpression": "#h = :h AND #t >= :now",
+            "ExpressionAttributeNames": {"#h": "hash", "#t": "ttl"},
+            "ExpressionAttributeValues": {":h": token_hash, ":now": int(time.time())},
+        }
+        token = {"TableName": self.state.name, "Key": {"pk": f"token#{token_hash}", "sk": "token"}}
+
+        def refused(reasons: list[str]) -> Exception | None:
+            if reasons[:1] != ["ConditionalCheckFailed"]:
+                return None
+            return ConflictError(f"the token of {workload_id} is no longer the one read")
+
+        return _Part([{"Delete": current}, {"Delete": token}], refused)
+
     def _bind_items(self, workload_id: str, public_key: str, replace: bool) -> list[dict[str, Any]]:
         """The transaction items binding ``public_key``: the named-key expectation ended (deleted
         on condition that it names this key, or is absent), then the key put."""
@@ -1396,6 +1423,8 @@ class DynamoStore:
             part = self._operator_part(change.workload_id, mode, change.quarantined)
         elif isinstance(change, PolicyActivation):
             part = self._activation_part(change.pv, change.expected_active)
+        elif isinstance(change, TokenRevocation):
+            part = self._revocation_part(change.workload_id, change.token_hash)
         else:
             raise TypeError(f"no audited change {change!r}")
         return self._chain_writer().group.commit((self, rec, part))

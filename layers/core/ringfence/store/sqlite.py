@@ -877,6 +877,16 @@ class SqliteStore:
             cur = db.execute("DELETE FROM token WHERE workload_id = ?", (workload_id,))
             return cur.rowcount > 0
 
+    def active_token(self, workload_id: str) -> str | None:
+        # put_token keeps one row per workload; read within audit_with's transaction when a
+        # TokenRevocation checks it (the same connection: what that transaction sees)
+        row = (
+            self._db()
+            .execute("SELECT hash FROM token WHERE workload_id = ? AND expires >= ?", (workload_id, time.time()))
+            .fetchone()
+        )
+        return str(row[0]) if row else None
+
     def bind_agent_key(self, workload_id: str, public_key: str, *, replace: bool = False) -> str:
         with self._tx() as db:
             return self._bind_agent_key(db, workload_id, public_key, replace)
