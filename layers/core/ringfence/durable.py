@@ -15,7 +15,6 @@ import contextlib
 import errno
 import os
 import secrets
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,16 +127,14 @@ def _temporary_at(dir_fd: int, data: bytes, mode: int, sync: bool) -> str:
 
 @contextlib.contextmanager
 def _temporary(path: Path, data: bytes, mode: int, sync: bool) -> Iterator[str]:
-    """A temporary file in ``path``'s directory holding ``data`` (fsynced with ``sync``), removed
-    on leaving unless it was renamed away."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    """:func:`_temporary_at` in ``path``'s directory, by path; removed on leaving unless it was
+    renamed away."""
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            if sync:
-                os.fsync(f.fileno())
+        tmp = os.path.join(path.parent, _temporary_at(dir_fd, data, mode, sync))
+    finally:
+        os.close(dir_fd)
+    try:
         yield tmp
     finally:
         with contextlib.suppress(FileNotFoundError):
