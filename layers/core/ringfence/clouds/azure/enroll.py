@@ -45,8 +45,9 @@ class AzureAttested:
         credentials.verify_proof(req.agent_key, req.agent_signature, "enroll", doc.vm_id, req.nonce)
         rec = api.w.store.get(doc.vm_id)
         if (rec is None or not rec.active) and self.read_unseen:
-            # a VM not seen yet (its event may still be on its way): read the subscription now
-            observe_subscription(api.w, self.azure.arm(doc.subscription))
+            # a VM not seen yet (its event may still be on its way): read the subscription now,
+            # counted as the wiring counts (a failed hand-off: ComputeNotQueued)
+            observe_subscription(api.w, self.azure.arm(doc.subscription), api.w.metric)
             rec = api.w.store.get(doc.vm_id)
         if rec is None or not rec.active or (rec.workload.account or "").lower() != doc.subscription:
             raise ProofError(f"VM {doc.vm_id} is not a running VM of subscription {doc.subscription}")

@@ -40,6 +40,15 @@ class DeliveryResult:
     synced: list[str] = field(default_factory=list)  # subscriptions fully re-read (a delete)
 
 
+def _delivery_count(h: Mapping[str, str]) -> int:
+    """Event Grid's ``aeg-delivery-count``: the attempts made before this one (0: a first
+    delivery, as is a delivery whose header is missing or not a number)."""
+    try:
+        return int(h.get("aeg-delivery-count", "0"))
+    except ValueError:
+        return 0
+
+
 def _named(write: LabelWrite | None, value: str) -> bool:
     """The dimension's last known write set ``value`` and was a named caller's (or approved)."""
     return write is not None and write.value == value and write.by != "unseen"
@@ -124,7 +133,7 @@ class AzureEvents:
             self.metric("AzureEventsForeign", len(changes))
             return error(403, "event for an unknown subscription", ", ".join(foreign))
         try:
-            res = self.apply(changes)
+            res = self.apply(changes, retried=_delivery_count(h) > 0)
         except HttpResponseError as exc:  # ARM throttled past the SDK's retries, or failed
             log.warning("azure: ARM read failed (%s): Event Grid retries the delivery", exc.status_code)
             out = error(503, "ARM unavailable", str(exc.message or exc))
@@ -143,14 +152,20 @@ class AzureEvents:
             body_out["malformed"] = [{"index": i, "error": bad[i]} for i in sorted(bad)]
         return Response(200, body_out)
 
-    def apply(self, changes: list[Change]) -> DeliveryResult:
+    def apply(self, changes: list[Change], *, retried: bool = False) -> DeliveryResult:
         """Each change read back from ARM and stored; compute is asked about what changed, also
         when a later change of the delivery fails (a 503: Event Grid delivers it all again): what
         was stored before then is handed on, since its redelivery finds nothing more to store and
-        would hand on nothing (a grant's end would never reach compute)."""
+        would hand on nothing (a grant's end would never reach compute). ``retried`` (Event Grid's
+        redelivery, ``aeg-delivery-count`` above 0): the VMs its events name are handed on even
+        where nothing is stored, since the first delivery may have stored the change and failed
+        to hand it on (a first delivery does not: a tag storm of writes compute reads nothing of
+        stays out of compute, and only a failure of ours makes Event Grid deliver again)."""
         res = DeliveryResult()
         full: set[str] = set()
         deleted: list[ArmId] = []  # what delete events name: handed on again where stored gone already
+        named: set[str] = set()  # the VMs the events name, handed on by a redelivery
+        passed: set[str] = set()  # handed on by a subscription pass already
         try:
             for c in changes:
                 arm = self.azure.arm(c.resource.subscription)
@@ -163,6 +178,8 @@ class AzureEvents:
                     if c.kind == "delete":
                         deleted.append(c.resource)
                     continue
+                if retried:
+                    named.add(vm.vm_id)
                 nics = self._nics(arm, vm)
                 # the event attests who and when, not which tags were set: a write of the VM ends
                 # an approval made before it, and its caller is named only where the write may
@@ -180,12 +197,20 @@ class AzureEvents:
                 inv: InventoryResult = observe_subscription(self.w, self.azure.arm(sub), self.metric, deleted)
                 res.changed |= set(inv.changed)
                 res.gave_back |= set(inv.gave_back)
+                passed |= set(inv.changed)
                 res.synced.append(sub)
         except BaseException:
-            if res.changed:
-                self._hand_on_stored(res.changed, res.gave_back)
+            if (res.changed | named) - passed:
+                self._hand_on_stored((res.changed | named) - passed, res.gave_back)
             raise
-        hand_on(self.w, res.changed, res.gave_back)
+        try:
+            hand_on(self.w, (res.changed | named) - passed, res.gave_back)
+        except Exception:
+            # raised for Event Grid's redelivery (which hands the VMs it names on again: ``named``),
+            # and counted as every failed hand-off is
+            log.exception("azure: %s stored but compute could not be queued", ", ".join(sorted(res.changed)))
+            self.metric(COMPUTE_NOT_QUEUED, 1)
+            raise
         return res
 
     def _hand_on_stored(self, changed: set[str], gave_back: set[str]) -> None:
