@@ -20,6 +20,7 @@ from ringfence.policy import Policy, load_policy_texts
 from ringfence.siem import DROP_BUDGET, DROP_WINDOW, Siem
 from ringfence.store.base import (
     AuditedChange,
+    InventoryRecord,
     PolicyVersion,
     Store,
 )
@@ -122,6 +123,55 @@ def hand_on_stored(
     except Exception:
         log.exception("%s: %s stored but the perimeter could not be queued", what, ", ".join(ids))
         (metric or w.metric)(COMPUTE_NOT_QUEUED, 1)
+
+
+# at most this many workloads stored gone a scheduled pass hands on again (the most recent first;
+# those left out are logged and counted GoneResendsCapped): a compute message of no-op removals
+GONE_RESEND_MAX = 500
+
+
+def hand_on_gone_again(
+    w: BaseWiring,
+    records: Iterable[InventoryRecord],
+    mine: Callable[[InventoryRecord], bool],
+    handed: Iterable[str],
+    what: str,
+    metric: Metric | None = None,
+    now: float | None = None,
+) -> list[str]:
+    """A scheduled pass (AWS reconcile, Azure's subscription pass, GCP's sync) hands to compute,
+    in the priority lane, the workloads of its scope (``mine``) among ``records`` stored gone
+    (terminated) within ``w.cfg.gone_resend_window`` seconds that it did not hand on itself
+    (``handed``). A pass that stored a tombstone and then failed to hand it on is retried (a
+    Lambda retry, the next schedule) with nothing more to store for it: no event source
+    redelivers it, and compute would keep the workload in its peers' sets. Compute takes records
+    as stored: a removal it applied already changes nothing (no set delta, no bundle). At most
+    :data:`GONE_RESEND_MAX`, the most recent first; a failure to queue is logged and counted
+    (``ComputeNotQueued``), never raised (the next pass sends them again). The ids sent."""
+    metric = metric or w.metric
+    since = (time.time() if now is None else now) - w.cfg.gone_resend_window
+    done = set(handed)
+    gone = [r for r in records if r.state == "terminated" and r.observed_at >= since and r.id not in done and mine(r)]
+    gone.sort(key=lambda r: (-r.observed_at, r.id))
+    if len(gone) > GONE_RESEND_MAX:
+        log.warning(
+            "%s: %d workloads stored gone recently, %d handed to compute again (the most recent), not %s",
+            what,
+            len(gone),
+            GONE_RESEND_MAX,
+            ", ".join(r.id for r in gone[GONE_RESEND_MAX:][:20]),
+        )
+        metric("GoneResendsCapped", len(gone) - GONE_RESEND_MAX)
+    ids = sorted(r.id for r in gone[:GONE_RESEND_MAX])
+    if not ids:
+        return []
+    try:
+        w.enqueue_compute(ids, urgent=True)
+    except Exception:
+        log.exception("%s: %s stored gone but compute could not be queued again", what, ", ".join(ids))
+        metric(COMPUTE_NOT_QUEUED, 1)
+        return []
+    return ids
 
 
 class NoSigningKey(RuntimeError):
@@ -236,6 +286,10 @@ class Config:
     # agents' folded drop events sent per workload per window (0: no budget); past it a summary
     siem_drop_budget: int = DROP_BUDGET
     siem_drop_window: float = DROP_WINDOW
+    # how long after a workload is stored gone each scheduled pass hands it to compute again
+    # (hand_on_gone_again): the pass that stored it may have failed to; at least two schedule
+    # periods (the default: four of the default 15 minutes)
+    gone_resend_window: float = 3600.0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Config:
@@ -276,6 +330,7 @@ class Config:
             siem=e.get("RINGFENCE_SIEM", ""),
             siem_drop_budget=int(e.get("RINGFENCE_SIEM_DROP_BUDGET", str(DROP_BUDGET))),
             siem_drop_window=float(e.get("RINGFENCE_SIEM_DROP_WINDOW", str(DROP_WINDOW))),
+            gone_resend_window=float(e.get("RINGFENCE_GONE_RESEND_WINDOW", "3600")),
         )
 
 

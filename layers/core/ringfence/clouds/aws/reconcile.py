@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from ringfence.control import credentials
 from ringfence.control.governance import store_governed
-from ringfence.control.wiring import Metric, Target, no_metric
+from ringfence.control.wiring import Metric, Target, hand_on_gone_again, no_metric
 from ringfence.events import UnservedAccount
 from ringfence.labels import LabelMapper
 from ringfence.store.base import ACTIVE_STATES, InventoryRecord, releases_addresses
@@ -78,6 +78,18 @@ class Reconcile:
         # and compute re-signs the bundles whose expiry is near (only compute signs)
         self.w.enqueue_compute([i for i in res.changed if i not in removed], refresh=True)
         self.w.enqueue_perimeter(res.changed)  # repaired drift reaches the perimeter as events do
+        # and what was stored gone lately, again: a run that stored a tombstone and failed to hand
+        # it on is retried with nothing more to store for it (compute: a removal applied is a no-op)
+        places = {(t.account, t.region) for t in self.w.cfg.targets}
+        hand_on_gone_again(
+            self.w,
+            records.values(),
+            lambda r: r.workload.cloud == "aws" and (r.workload.account, r.workload.region) in places,
+            res.changed,
+            "reconcile",
+            self.metric,
+            now,
+        )
         self.metric("ReconcileDrift", len(res.changed))
         return res
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from ringfence.control import credentials
 from ringfence.control.governance import store_deletable
-from ringfence.control.wiring import COMPUTE_NOT_QUEUED, BaseWiring, Metric, log, no_metric
+from ringfence.control.wiring import COMPUTE_NOT_QUEUED, BaseWiring, Metric, hand_on_gone_again, log, no_metric
 from ringfence.governance import TagChange
 from ringfence.store.base import InventoryRecord, releases_addresses
 
@@ -98,13 +98,15 @@ def named_by(rec: InventoryRecord, deleted: Iterable[ArmId]) -> bool:
 
 
 def observe_subscription(
-    w: BaseWiring, arm: Arm, metric: Metric = no_metric, deleted: Iterable[ArmId] = ()
+    w: BaseWiring, arm: Arm, metric: Metric = no_metric, deleted: Iterable[ArmId] = (), *, scheduled: bool = False
 ) -> InventoryResult:
     """A full sync of one subscription: every VM, every scale set's VMs, their NICs; stored Azure
     workloads of the subscription that ARM no longer lists are gone. Reconcile and deletes run it.
     ``deleted``: what the delete events that asked for the pass name; their VMs' records stored
     deleted already are handed on again (in the priority lane): the event's first delivery may
-    have stored the tombstone and failed to hand it on, and its redelivery stores nothing."""
+    have stored the tombstone and failed to hand it on, and its redelivery stores nothing.
+    ``scheduled`` (reconcile's pass, which nothing redelivers): the subscription's VMs stored gone
+    lately are handed on again too (:func:`hand_on_gone_again`)."""
     deleted = list(deleted)
     res = InventoryResult()
     # before the listing: a VM it misses because it was made later is stored by its own event
@@ -119,6 +121,7 @@ def observe_subscription(
         nics.update(nics_by_id(arm.scale_set_nics(group, name)))
     res.seen = len(vms)
     gave_back: set[str] = set()
+    stored_gone: list[InventoryRecord] = []  # of the subscription, not listed, stored gone before the pass
     changed = observe(w, vms, nics, metric=metric, gave_back=gave_back)
     try:
         live = {v.vm_id for v in vms}
@@ -127,6 +130,7 @@ def observe_subscription(
             if not mine or rec.id in live:
                 continue
             if rec.state == "terminated":
+                stored_gone.append(rec)
                 if named_by(rec, deleted):
                     changed.add(rec.id)
                     gave_back.add(rec.id)
@@ -155,4 +159,6 @@ def observe_subscription(
             log.exception("azure sync of %s: %s stored but compute could not be queued", arm.subscription, res.changed)
             metric(COMPUTE_NOT_QUEUED, 1)
             raise
+    if scheduled:
+        hand_on_gone_again(w, stored_gone, lambda r: True, res.changed, f"azure sync of {arm.subscription}", metric)
     return res

@@ -69,7 +69,7 @@ class AzureReconcile:
         for sub in self.azure.cfg.subscriptions:
             try:
                 arm = self.azure.arm(sub)
-                inv = observe_subscription(self.w, arm, self.metric)
+                inv = observe_subscription(self.w, arm, self.metric, scheduled=True)
                 res.changed += inv.changed
                 res.gone += inv.gone
                 if self.perimeter is not None:

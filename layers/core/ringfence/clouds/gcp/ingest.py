@@ -42,7 +42,7 @@ from google.api_core.exceptions import Forbidden, GoogleAPICallError, NotFound, 
 from ringfence.audit import AuditRecord
 from ringfence.control import credentials
 from ringfence.control.governance import GOVERNANCE_PRINCIPAL, store_deletable
-from ringfence.control.wiring import BaseWiring, Metric, hand_on_stored, no_metric
+from ringfence.control.wiring import BaseWiring, Metric, hand_on_gone_again, hand_on_stored, no_metric
 from ringfence.events import MalformedEvent
 from ringfence.governance import TagChange, govern, is_tagger
 from ringfence.labels import LabelMapper
@@ -901,17 +901,29 @@ class GcpIngest:
         gave_back: set[str] = set()
         changed = self._store(observed, None, gave_back=gave_back)
         try:
-            self._sync_unlisted(project, seen, held, unreachable, mapper, changed, listed_at, gave_back)
+            records = self.w.store.all_records()
+            self._sync_unlisted(project, records, seen, held, unreachable, mapper, changed, listed_at, gave_back)
         except BaseException:
             # what was stored is handed on: the next pass finds nothing more to store and would not
             hand_on_stored(self.w, changed, f"gcp sync of {project}", self.metric, urgent=gave_back)
             raise
         self._hand_on(changed, gave_back)
+        # and the project's VMs stored gone lately, again: a pass that stored a tombstone and failed
+        # to hand it on is retried with nothing more to store for it (nothing redelivers a pass)
+        hand_on_gone_again(
+            self.w,
+            records,
+            lambda r: r.workload.cloud == "gcp" and r.workload.account == project and r.id not in seen,
+            changed,
+            f"gcp sync of {project}",
+            self.metric,
+        )
         return changed
 
     def _sync_unlisted(
         self,
         project: str,
+        records: list[InventoryRecord],
         seen: set[str],
         held: set[tuple[str | None, str]],
         unreachable: set[str] | None,
@@ -922,11 +934,11 @@ class GcpIngest:
     ) -> None:
         """:meth:`sync`'s pass over the project's stored VMs it did not list (``changed`` gets
         those it changed as each is stored, ``gave_back`` those of them deleted; ``listed_at``:
-        when the listing began)."""
+        when the listing began; ``records``: the store's, read after the listed VMs were stored)."""
         if unreachable is None or unreachable:
             self.metric("GcpZonesUnreachable", len(unreachable) if unreachable is not None else 1)
             log.warning("gcp sync of %s: unreachable zones %s: their VMs are looked up by id", project, unreachable)
-        for stored in self.w.store.all_records():
+        for stored in records:
             wl = stored.workload
             if wl.cloud != "gcp" or wl.account != project or stored.id in seen or stored.state == "terminated":
                 continue
