@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ringfence.governance import SKEW, LabelWrite
 
 from .model import NIC, SCALE_SET_VM, SCALE_SET_VM_NIC, VM, ArmId
 
@@ -148,6 +151,27 @@ def event_key(ev: GridEvent, principal: str | None) -> str:
     parts = (ev.topic.strip().lower(), ev.event_type, ev.event_time, ev.subject, str(ev.data.get("operationName", "")))
     digest = hashlib.sha256("\0".join((*parts, principal or "")).encode()).hexdigest()[:16]
     return f"{ev.id}#{digest}"
+
+
+RETRY_SPAN = 24 * 3600.0
+"""Event Grid's retry span: an event is not delivered later than this after it was published."""
+
+
+def stored_key(key: str, writes: Iterable[LabelWrite], now: float) -> str:
+    """The key an earlier delivery of this event stored its decisions under: ``key``, or its bare
+    ``id`` where one of ``writes`` (the workload's stored label writes) names that id with no
+    digest and was written within :data:`RETRY_SPAN` (and :data:`~ringfence.governance.SKEW`)
+    before ``now``: a delivery before events were keyed by :func:`event_key` stored the bare id,
+    and its redelivery since must find its write (and its records) its own, or a quarantine whose
+    report failed is never made. Past the span no delivery of that event can come, so a second
+    call under its id (a caller may set it) is its own event again."""
+    bare = key.split("#", 1)[0]
+    if bare == key:
+        return key
+    for w in writes:
+        if w.event == bare and now - w.at <= RETRY_SPAN + SKEW:
+            return bare
+    return key
 
 
 def _object(data: dict[str, Any], name: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ served by ``ringfence.routes.azure`` (``POST /azure/events``) in ``ringfence ser
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import time
 from collections.abc import Mapping
@@ -20,10 +21,20 @@ from ringfence.control.api import Response, error
 from ringfence.control.wiring import COMPUTE_NOT_QUEUED, BaseWiring, Metric, log, no_metric
 from ringfence.governance import SKEW, LabelWrite, TagChange, is_tagger
 from ringfence.labels import LabelMapper
+from ringfence.store.base import InventoryRecord
 
 from .arm import Arm
 from .entra import EntraVerifier, KeysUnavailable, TokenRefused
-from .events import SCALE_SET, Change, GridEvent, MalformedDelivery, change_of, read_delivery, validation_code
+from .events import (
+    SCALE_SET,
+    Change,
+    GridEvent,
+    MalformedDelivery,
+    change_of,
+    read_delivery,
+    stored_key,
+    validation_code,
+)
 from .inventory import InventoryResult, hand_on, nics_by_id, observe, observe_subscription
 from .model import NIC, SCALE_SET_VM, SCALE_SET_VM_NIC, VM, ArmId, AzureNic, AzureVm, to_record, vm_from_wire
 from .wiring import Azure
@@ -185,7 +196,12 @@ class AzureEvents:
                 # an approval made before it, and its caller is named only where the write may
                 # have made a held move nobody has been named for yet, or ended an approval
                 # (:meth:`_change`)
-                change = self._change(c, vm, nics)
+                stored = self.w.store.get(vm.vm_id)
+                if stored is not None and stored.label_writes:
+                    # an earlier delivery of the event made before its key had a digest (b0245af)
+                    key = stored_key(c.event_id, stored.label_writes.values(), time.time())
+                    c = dataclasses.replace(c, event_id=key)
+                change = self._change(c, vm, nics, stored)
                 try:
                     res.changed |= observe(
                         self.w, [vm], nics, change, event_id=c.event_id, metric=self.metric, gave_back=res.gave_back
@@ -227,7 +243,7 @@ class AzureEvents:
         active = self.w.governing_policy()
         return active[1].labels if active is not None else None
 
-    def _change(self, c: Change, vm: AzureVm, nics: dict[str, AzureNic]) -> TagChange:
+    def _change(self, c: Change, vm: AzureVm, nics: dict[str, AzureNic], stored: InventoryRecord | None) -> TagChange:
         """What the event says about the change: its caller, and the held moves the caller is to
         be named for (a finding; quarantine where the policy says so; ``requested``), else none
         (the move stays held, naming nobody). An Azure event does not say what the call set, so
@@ -270,7 +286,7 @@ class AzureEvents:
         if is_tagger(mapper.config.taggers, principal):
             # held, not set by the call: no finding, no approval
             return TagChange(principal, None, c.time, unknown_content=unknown, event=c.event_id or None)
-        old = self.w.store.get(vm.vm_id)
+        old = stored
         if old is not None and old.state == "terminated":
             old = None
         now = to_record(vm, nics, time.time(), mapper).workload
