@@ -153,32 +153,74 @@ def test_attack_serve_user_refuses_every_admin_token_once_the_user_owns_the_toke
 # --- --out FILE -------------------------------------------------------------------------------------------
 
 
-def test_attack_out_file_replaces_a_link_planted_at_its_name_never_writes_through_it(shared: Path) -> None:
-    """Root writes ``ringfence policy schema --out FILE`` into a directory USER owns (a web root, a
-    shared output directory); USER planted a link at FILE to a root-only file. The command
-    replaces the link with its output and leaves the root-only file as it was."""
-    pw = nobody()
-    victim = shared / "victim"
-    victim.write_text("precious root-only content\n")
-    victim.chmod(0o600)
-    out = shared / "theirs"
-    out.mkdir()
-    os.chown(out, pw.pw_uid, pw.pw_gid)
-    planted = as_user("import os, sys; os.symlink(sys.argv[1], sys.argv[2])", str(victim), str(out / "schema.json"))
-    assert planted.returncode == 0, planted.stderr
-    proc = subprocess.run(
-        [str(BIN / "ringfence"), "policy", "schema", "--out", str(out / "schema.json")],
+def schema_out(out: Path) -> subprocess.CompletedProcess[str]:
+    """root's ``ringfence policy schema --out OUT`` under umask 022."""
+    return subprocess.run(
+        [str(BIN / "ringfence"), "policy", "schema", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=60,
         preexec_fn=lambda: os.umask(0o022),
     )
+
+
+def test_attack_out_file_replaces_a_link_planted_at_its_name_never_writes_through_it(shared: Path) -> None:
+    """Root writes ``ringfence policy schema --out FILE`` into a sticky directory anyone may write
+    (as /tmp); USER planted a link at FILE to a root-only file. The command replaces the link with
+    its output and leaves the root-only file as it was."""
+    nobody()
+    victim = shared / "victim"
+    victim.write_text("precious root-only content\n")
+    victim.chmod(0o600)
+    out = shared / "sticky"
+    out.mkdir()
+    out.chmod(0o1777)
+    planted = as_user("import os, sys; os.symlink(sys.argv[1], sys.argv[2])", str(victim), str(out / "schema.json"))
+    assert planted.returncode == 0, planted.stderr
+    proc = schema_out(out / "schema.json")
     assert proc.returncode == 0, proc.stderr
     assert victim.read_text() == "precious root-only content\n"
     assert stat.S_IMODE(victim.stat().st_mode) == 0o600
     st = (out / "schema.json").lstat()
     assert stat.S_ISREG(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o644
     assert '"$schema"' in (out / "schema.json").read_text()
+
+
+def test_attack_out_file_refuses_a_directory_on_its_path_another_user_owns(shared: Path) -> None:
+    """FILE's directory is below one USER owns: USER swaps FILE's directory for a link to a
+    root-only directory, so that root's ``--out`` would replace a same-named root-only file there.
+    The command refuses, naming USER's directory; the root-only file is as it was."""
+    pw = nobody()
+    rootonly = shared / "rootonly"
+    rootonly.mkdir(mode=0o700)
+    victim = rootonly / "schema.json"
+    victim.write_text("precious root-only content\n")
+    victim.chmod(0o600)
+    theirs = shared / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, pw.pw_uid, pw.pw_gid)
+    swapped = as_user("import os, sys; os.symlink(sys.argv[1], sys.argv[2])", str(rootonly), str(theirs / "site"))
+    assert swapped.returncode == 0, swapped.stderr
+    proc = schema_out(theirs / "site" / "schema.json")
+    assert proc.returncode != 0
+    assert f"directory {theirs} must be owned by root" in proc.stderr and "nothing written" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert victim.read_text() == "precious root-only content\n"
+    assert sorted(p.name for p in rootonly.iterdir()) == ["schema.json"]  # no temporary file left either
+
+
+def test_attack_out_file_replacing_a_private_file_keeps_it_private(shared: Path) -> None:
+    """Root's ``--out FILE`` over its own existing mode 600 file (under umask 022): the new content
+    stays mode 600, never readable by USER."""
+    nobody()
+    private = shared / "private.json"
+    private.write_text("x\n")
+    private.chmod(0o600)
+    proc = schema_out(private)
+    assert proc.returncode == 0, proc.stderr
+    assert '"$schema"' in private.read_text()
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    assert as_user("import sys; open(sys.argv[1]).read()", str(private)).returncode != 0
 
 
 # --- keygen --out DIR -------------------------------------------------------------------------------------
@@ -228,6 +270,48 @@ def test_keygen_takes_others_bits_off_an_out_directory_they_may_only_read(shared
     assert stat.S_IMODE((out / "bundle-signing.pem").stat().st_mode) == 0o600
 
 
+def test_attack_keygen_out_link_neither_changes_nor_writes_its_target(shared: Path) -> None:
+    """USER plants a link at the ``--out`` name root will use, in a sticky directory (as /tmp),
+    pointing at a root-owned 755 directory (standing for /etc). keygen refuses the link: the
+    target keeps mode 755 (USER can still read what is in it) and holds no key."""
+    nobody()
+    sticky = shared / "tmp"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    etc = shared / "etc"
+    etc.mkdir(mode=0o755)
+    (etc / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+    (etc / "passwd").chmod(0o644)
+    planted = as_user("import os, sys; os.symlink(sys.argv[1], sys.argv[2])", str(etc), str(sticky / "rf-keys"))
+    assert planted.returncode == 0, planted.stderr
+    proc = keygen(sticky / "rf-keys")
+    assert proc.returncode != 0
+    assert f"--out {sticky / 'rf-keys'}: a symbolic link: refused" in proc.stderr, proc.stderr
+    assert stat.S_IMODE(etc.stat().st_mode) == 0o755
+    assert sorted(p.name for p in etc.iterdir()) == ["passwd"]
+    assert as_user("import sys; open(sys.argv[1]).read()", str(etc / "passwd")).returncode == 0
+
+
+def test_attack_keygen_refuses_an_out_directory_inside_another_users_directory(shared: Path) -> None:
+    """``--out DIR``: DIR is root's, mode 700, but the directory above is USER's, who could rename
+    DIR away after keygen and put a directory with a key of theirs at its name for serve to load.
+    keygen refuses, naming USER's directory, and writes no key."""
+    pw = nobody()
+    theirs = shared / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, pw.pw_uid, pw.pw_gid)
+    keys = theirs / "keys"
+    keys.mkdir(mode=0o700)
+    proc = keygen(keys)
+    assert proc.returncode != 0
+    assert f"directory {theirs} must be owned by root" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert list(keys.iterdir()) == []
+    missing = keygen(theirs / "new" / "keys")  # nor is a missing DIR made inside USER's directory
+    assert missing.returncode != 0 and f"directory {theirs} must be owned by root" in missing.stderr, missing.stderr
+    assert not (theirs / "new").exists()
+
+
 # --- publish-agent, then serve --user (docs/onprem.md, docs/serve.md) -------------------------------------
 
 
@@ -275,3 +359,41 @@ def test_publish_agent_as_root_then_serve_user_serves_the_artifact(tmp_path: Pat
     finally:
         log = server.stop()
     assert "Traceback" not in log
+
+
+def test_attack_publish_agent_refuses_a_link_at_the_state_directory(shared: Path) -> None:
+    """USER owns the directory above its state directory (``secure_state_dir`` allows that) and
+    swaps the state directory for a link to a root-only directory: root's publish-agent, seeing a
+    root-owned directory through the link, would write objects/agent/* there with root's rights.
+    It refuses the link and writes nothing there."""
+    pw = nobody()
+    svc, wheels, rootonly = shared / "svc", shared / "wheels", shared / "rootonly"
+    svc.mkdir()
+    os.chown(svc, pw.pw_uid, pw.pw_gid)
+    wheels.mkdir()
+    (wheels / "ringfence_agent-9.9.1-py3-none-any.whl").write_bytes(b"PK a build\n")
+    rootonly.mkdir(mode=0o700)
+    planted = as_user("import os, sys; os.symlink(sys.argv[1], sys.argv[2])", str(rootonly), str(svc / "state"))
+    assert planted.returncode == 0, planted.stderr
+    proc = publish_agent(svc / "state", wheels)
+    assert proc.returncode != 0
+    assert f"{svc / 'state'} is a symbolic link or not a directory: refused" in proc.stderr, proc.stderr
+    assert list(rootonly.iterdir()) == []
+
+
+def test_publish_agent_names_a_state_directory_its_owner_made_unwritable(shared: Path) -> None:
+    """A state directory of USER's, mode 000: publish-agent, writing as USER, says what it could
+    not write, without a traceback."""
+    pw = nobody()
+    state, wheels = shared / "state", shared / "wheels"
+    state.mkdir()
+    os.chown(state, pw.pw_uid, pw.pw_gid)
+    state.chmod(0)
+    wheels.mkdir()
+    (wheels / "ringfence_agent-9.9.1-py3-none-any.whl").write_bytes(b"PK\n")
+    proc = publish_agent(state, wheels)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert (
+        f"{state / 'objects'}: Permission denied (written as its owner, uid {pw.pw_uid}): not published" in proc.stderr
+    )

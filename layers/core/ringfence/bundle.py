@@ -236,6 +236,12 @@ class SigningKey:
         durable.replace(public_path, self.public_pem(), 0o644)
         durable.replace(private_path, self.private_pem(), 0o600)
 
+    def write_at(self, dir_fd: int, private_name: str, public_name: str) -> None:
+        """:meth:`write` into the directory open as ``dir_fd`` (``keygen --out``: the directory
+        checked on that descriptor is the one written, never looked up by path again)."""
+        durable.replace_at(dir_fd, public_name, self.public_pem(), 0o644)
+        durable.replace_at(dir_fd, private_name, self.private_pem(), 0o600)
+
     def write_public(self, public_path: Path) -> None:
         """The public key alone, written whole or not at all as :meth:`write` writes it."""
         durable.replace(public_path, self.public_pem(), 0o644)

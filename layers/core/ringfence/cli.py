@@ -133,14 +133,34 @@ def write_layout_file(out: Path, relative: str, text: str) -> None:
 
 def _write_out(text: str, out: str) -> None:
     """``text`` as the ``--out`` file. Replaced (a temporary file beside it renamed over it), never
-    written through: a link at ``out`` (planted by whoever owns its directory) is replaced by the
-    file, its target left as it was. Mode as a new file made under the umask."""
+    written through: a link at ``out`` is replaced by the file, its target left as it was. Refused
+    where a directory on the path (``out``'s own and every one above, along the path as given and
+    as it resolves) is another user's or writable by one (sticky ones, as /tmp, aside): they could
+    swap a directory for a link and have this command replace a file elsewhere. An existing
+    regular file keeps its mode; a new one is made under the umask."""
     from ringfence import durable
+    from ringfence.local.signer_process import path_problem
 
+    path = Path(out)
+    why = path_problem(
+        path,
+        tuple(sorted({0, os.geteuid()})),
+        label="--out",
+        what="the directory this file is written to with a link",
+        follow_last=False,
+        sticky_parent_ok=True,
+    )
+    if why is not None:
+        raise CliError(f"--out {out}: refused: {why}; nothing written")
     umask = os.umask(0o077)
     os.umask(umask)
     try:
-        durable.replace(Path(out), text.encode(), 0o666 & ~umask)
+        st: os.stat_result | None = path.lstat()
+    except OSError:
+        st = None
+    mode = stat.S_IMODE(st.st_mode) & 0o777 if st is not None and stat.S_ISREG(st.st_mode) else 0o666 & ~umask
+    try:
+        durable.replace(path, text.encode(), mode)
     except OSError as exc:
         raise CliError(f"{out}: {exc.strerror or exc}") from None
 
@@ -923,6 +943,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
 CHECKOUT = Path(__file__).resolve().parents[3]
 
 
+def _state_dir_stat(state: Path) -> os.stat_result | None:
+    """The state directory's own status (None: missing), for whose rights publish-agent writes with.
+    Never through a link: one there (its owner, serve --user's user, may own the directory above)
+    could point root's writes at any root-only directory. Root's own state directory must be in
+    directories only root may change, or it could be swapped for such a link while it is written."""
+    if os.geteuid() == 0:
+        from ringfence.local.signer_process import path_problem
+
+        try:
+            st = os.lstat(state)
+        except OSError:
+            st = None
+        if st is not None and st.st_uid == 0 and stat.S_ISDIR(st.st_mode):
+            why = path_problem(state / "objects", (0,), label="state", what="the state directory with a link")
+            if why is not None:
+                raise CliError(f"--store {state}: refused: {why}; nothing published")
+    try:
+        fd = os.open(state, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise CliError(
+                f"--store: {state} is a symbolic link or not a directory: refused, nothing published "
+                "(give the state directory itself)"
+            ) from None
+        raise CliError(f"--store: {state}: {exc.strerror}") from None
+    try:
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
+
+
 def cmd_publish_agent(args: argparse.Namespace) -> int:
     """Build (unless --dir holds one) and publish the agent artifact; print what hosts install with."""
     from ringfence.control import artifact
@@ -948,15 +1001,16 @@ def cmd_publish_agent(args: argparse.Namespace) -> int:
 
         # LocalWiring's objects directory, beside the database (ringfence serve may be running)
         state = Path(args.store.removeprefix("sqlite:")).parent
+        st = _state_dir_stat(state)
         try:
-            st = state.stat()
-        except OSError:
-            st = None
-        if os.geteuid() == 0 and st is not None and st.st_uid != 0:
-            # serve --user's state directory: written as its owner, who must read it (docs/serve.md)
-            publisher = OwnersFilePublisher(state / "objects", st.st_uid, st.st_gid)
-        else:
-            publisher = FilePublisher(state / "objects")
+            if os.geteuid() == 0 and st is not None and st.st_uid != 0:
+                # serve --user's state directory: written as its owner, who must read it (docs/serve.md)
+                publisher = OwnersFilePublisher(state / "objects", st.st_uid, st.st_gid)
+            else:
+                publisher = FilePublisher(state / "objects")
+        except OSError as exc:
+            owner = f" (written as its owner, uid {st.st_uid})" if st is not None and st.st_uid != os.geteuid() else ""
+            raise CliError(f"{exc.filename or state / 'objects'}: {exc.strerror}{owner}: not published") from None
     else:
         raise CliError(f"--store {args.store!r}: expected sqlite:PATH or aws")
     from ringfence.control.publish import Conflict
@@ -1048,15 +1102,34 @@ def make_private_dirs(path: Path) -> None:
             os.close(fd)
 
 
-def check_key_dir(out: Path) -> None:
-    """Refuse (:class:`CliError`) a ``keygen --out`` directory another user owns or group or
-    others may write (they could swap the key for one of theirs, or read it through a link they
-    put there first), and take others' bits off one they may only read: what ``serve`` does with
-    its state directory (:func:`ringfence.local.statedir.secure_state_dir`)."""
+def open_key_dir(out: Path) -> int:
+    """``keygen --out``'s directory, open (``O_NOFOLLOW``; a link at ``out`` is refused), once no
+    user but root and the caller could swap what it holds: ``out`` the caller's and writable by
+    its owner only (others' read bits taken off, on the descriptor), every directory above it
+    root's or the caller's and writable by its owner only (or sticky) along the path as given and
+    as it resolves (:func:`ringfence.local.signer_process.path_problem`, the walk serve's key
+    check makes). Missing directories are made mode 700 beneath such a directory. The keys are
+    written through the descriptor returned, so the directory checked is the one written."""
+    from ringfence.local.signer_process import path_problem
+
     uid = os.geteuid()
+    owners = tuple(sorted({0, uid}))
+    existing = next((d for d in [out, *out.parents] if os.path.lexists(d)), Path("."))
+    if existing != out:  # what is made goes beneath ``existing``: it must be safe already
+        # (sticky is fine there: a directory made in /tmp cannot be renamed by another user, and
+        # one they made first, or a link, is refused below)
+        why = path_problem(existing / "-", owners, label="--out", what="the signing key", sticky_parent_ok=True)
+        if why is not None:
+            raise CliError(f"--out {out}: refused: {why}; nothing made")
+        make_private_dirs(out)
     try:
-        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(out):  # O_DIRECTORY: ENOTDIR
+            raise CliError(
+                f"--out {out}: a symbolic link: refused (its owner may point it elsewhere; a directory another "
+                "user chose would be changed and written): give the directory itself"
+            ) from None
         raise CliError(f"--out {out}: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
@@ -1072,24 +1145,39 @@ def check_key_dir(out: Path) -> None:
                 f"or have planted a link at its name. Check that nothing in it is another user's or a link, then "
                 f"`chmod 700 {out}`"
             )
+        why = path_problem(out / "bundle-signing.pem", owners, label="--out", what="the signing key")
+        if why is not None:
+            raise CliError(f"--out {out}: refused: {why}; nothing written")
+        now = os.lstat(out)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            raise CliError(f"--out {out}: replaced while it was checked: nothing written")
         if mode & 0o007:
-            os.fchmod(fd, mode & 0o770)
+            os.fchmod(fd, mode & 0o770)  # the descriptor checked, never a path
             print(f"--out {out}: others could read it (mode {mode:o}): now mode {mode & 0o770:o}", file=sys.stderr)
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
     from ringfence import bundle as bundle_mod
 
     out = Path(args.out)
-    make_private_dirs(out)
-    check_key_dir(out)
-    private, public = out / "bundle-signing.pem", out / "bundle-signing.pub.pem"
-    if private.exists() and not args.force:
-        raise CliError(f"{private} exists; pass --force to replace it (agents pin the old public key)")
-    key = bundle_mod.SigningKey.generate()
-    key.write(private, public)
+    fd = open_key_dir(out)
+    try:
+        private, public = out / "bundle-signing.pem", out / "bundle-signing.pub.pem"
+        try:
+            os.stat(private.name, dir_fd=fd, follow_symlinks=False)
+            present = True
+        except FileNotFoundError:
+            present = False
+        if present and not args.force:
+            raise CliError(f"{private} exists; pass --force to replace it (agents pin the old public key)")
+        key = bundle_mod.SigningKey.generate()
+        key.write_at(fd, private.name, public.name)
+    finally:
+        os.close(fd)
     print(f"wrote {private} (keep secret, mode 0600) and {public} (pin on agents); key id {key.key_id}")
     return 0
 

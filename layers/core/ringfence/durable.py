@@ -52,15 +52,21 @@ def replace_beneath(
     made, and renamed, in the last one's descriptor. A link (or a non-directory) on the way raises
     :class:`NotADirectoryError` naming it; nothing is written then."""
     with _beneath(root, relative, dir_mode) as fd:
-        name, tmp = relative.name, _temporary_at(fd, data, mode, sync)
-        try:
-            os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)  # replaces a link at ``name``, never follows it
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp, dir_fd=fd)
-            raise
-        if sync:
-            os.fsync(fd)
+        replace_at(fd, relative.name, data, mode, sync=sync)
+
+
+def replace_at(dir_fd: int, name: str, data: bytes, mode: int, *, sync: bool = True) -> None:
+    """:func:`replace` of ``name`` in the directory open as ``dir_fd``: the directory checked on
+    that descriptor is the one written (no path looked up again between)."""
+    tmp = _temporary_at(dir_fd, data, mode, sync)
+    try:
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)  # replaces a link at ``name``, never follows it
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+    if sync:
+        os.fsync(dir_fd)
 
 
 def create_beneath(root: Path, relative: Path, data: bytes, mode: int, *, dir_mode: int | None = None) -> bool:

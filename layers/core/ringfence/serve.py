@@ -169,34 +169,18 @@ def tokens_path_problem(path: Path, owners: frozenset[int], *, missing_ok: bool 
     holds, or None: every directory above it, along the path as given and along the path it
     resolves to, must be owned by one of ``owners`` and writable by its owner only (one further
     up may be sticky, as /tmp is: there another user cannot rename an entry that is not theirs);
-    a symbolic link on the way must be theirs too. The file itself is checked on the descriptor
-    it is read from (:func:`read_tokens_file`)."""
-    given = Path(os.path.abspath(path))
-    for chain in (given, Path(os.path.realpath(given))):
-        for d in [*reversed(chain.parents), chain]:
-            try:
-                st = d.lstat()
-            except FileNotFoundError:
-                if d == chain and missing_ok:
-                    continue
-                return f"{d}: no such file or directory"
-            except OSError as exc:
-                return f"{d}: {exc.strerror}"
-            if stat.S_ISLNK(st.st_mode):
-                if st.st_uid not in owners:
-                    return f"{d} is a symbolic link owned by uid {st.st_uid}: its owner may point it elsewhere"
-                continue
-            if d == chain:
-                continue  # the file: checked where it is opened
-            writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-            sticky_ok = d != chain.parent and st.st_mode & stat.S_ISVTX
-            if st.st_uid not in owners or (writable and not sticky_ok):
-                return (
-                    f"directory {d} is owned by uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}: another user "
-                    "could replace the tokens file (each directory on its path must be root's or the invoking user's, writable by "
-                    "its owner only; with serve --user, never the --user user's)"
-                )
-    return None
+    a symbolic link on the way must be theirs too (:func:`ringfence.local.signer_process.path_problem`).
+    The file itself is checked on the descriptor it is read from (:func:`read_tokens_file`)."""
+    from ringfence.local.signer_process import path_problem
+
+    return path_problem(
+        path,
+        tuple(sorted(owners)),
+        label="tokens file",
+        what="the tokens file (with serve --user, no directory on its path may be the --user user's)",
+        check_self=True,
+        missing_ok=missing_ok,
+    )
 
 
 def file_problem(path: Path, st: os.stat_result, owners: frozenset[int], served: int | None = None) -> str | None:

@@ -66,27 +66,60 @@ def unsafe_directory(
     return None
 
 
-def check_key_directories(path: Path, owners: tuple[int, ...] = (0,)) -> Path:
-    """``path`` made absolute, once every directory above it, along the path as given and along
-    the path it resolves to, is owned by one of ``owners`` and writable by its owner only (or, above
-    the key's own directory, sticky); a link on the way must be one of ``owners``'. Else
-    :class:`SignerError`: another user could swap the key, or point its name at another file."""
+def path_problem(
+    path: Path,
+    owners: tuple[int, ...] = (0,),
+    *,
+    label: str = "signing key",
+    what: str = "the key",
+    check_self: bool = False,
+    missing_ok: bool = False,
+    follow_last: bool = True,
+    sticky_parent_ok: bool = False,
+) -> str | None:
+    """Why a user other than ``owners`` could change what ``path`` names, or None: every directory
+    above it, along the path as given and along the path it resolves to, must be owned by one of
+    ``owners`` and writable by its owner only (or, above ``path``'s own directory, sticky as /tmp
+    is: there another user cannot rename an entry not theirs; ``sticky_parent_ok``: its own
+    directory too), and a link on the way must be one of ``owners``'. ``check_self``: a link at
+    ``path`` itself must be theirs too (missing is fine where ``missing_ok``); ``follow_last=False``:
+    a link at ``path`` is not followed for the resolved path (it is replaced, never written
+    through). The one walk behind the signing key, ``--admin-tokens`` and ``--out`` paths."""
     given = Path(os.path.abspath(path))
     names = "root" if owners == (0,) else " or ".join(f"uid {u}" for u in owners)
-    for chain in (given, Path(os.path.realpath(given))):
-        for d in reversed(chain.parents):
+    resolved = Path(os.path.realpath(given)) if follow_last else Path(os.path.realpath(given.parent)) / given.name
+    for chain in (given, resolved):
+        for d in [*reversed(chain.parents), *([chain] if check_self else [])]:
             try:
                 ds = d.lstat()
+            except FileNotFoundError:
+                if d == chain and missing_ok:
+                    continue
+                return f"{label} {'' if d == chain else 'directory '}{d}: no such file or directory"
             except OSError as exc:
-                raise SignerError(f"signing key directory {d}: {exc.strerror}") from None
+                return f"{label} {'' if d == chain else 'directory '}{d}: {exc.strerror}"
             if stat.S_ISLNK(ds.st_mode) and ds.st_uid in owners:
                 continue  # theirs, in a directory already found safe; its target is on the resolved chain
             if stat.S_ISLNK(ds.st_mode):  # in a sticky directory: its owner may point it elsewhere
-                raise SignerError(f"signing key path {d} is a link owned by uid {ds.st_uid}: it must be {names}'s")
-            why = unsafe_directory(d, ds, sticky_ok=d != chain.parent, owners=owners)
+                return f"{label} path {d} is a link owned by uid {ds.st_uid}: it must be {names}'s"
+            if d == chain:
+                continue  # the file itself: checked on the descriptor it is opened as
+            why = unsafe_directory(d, ds, sticky_ok=sticky_parent_ok or d != chain.parent, owners=owners, what=what)
             if why is not None:
-                raise SignerError(f"signing key directory {why}")
-    return given
+                return f"{label} directory {why}"
+    return None
+
+
+def check_key_directories(path: Path, owners: tuple[int, ...] = (0,)) -> Path:
+    """``path`` made absolute, once :func:`path_problem` finds nothing: every directory above it,
+    along the path as given and along the path it resolves to, is owned by one of ``owners`` and
+    writable by its owner only (or, above the key's own directory, sticky); a link on the way is
+    one of ``owners``'. Else :class:`SignerError`: another user could swap the key, or point its
+    name at another file."""
+    why = path_problem(path, owners)
+    if why is not None:
+        raise SignerError(why)
+    return Path(os.path.abspath(path))
 
 
 def read_key_file(path: Path) -> bytes:
