@@ -48,31 +48,42 @@ def test_audit_record_reads_a_record_by_its_id(store: Store) -> None:
 
 
 def test_a_token_revocation_and_its_record_are_written_together_or_not_at_all(store: Store) -> None:
-    """The active token revoked with its record (both); a token read before a refresh replaced it,
-    and no token at all, refused with ConflictError and nothing written (neither): no record of a
-    revocation that did not happen, the new token still live."""
+    """The active token revoked with its record (both); no token at all, refused with
+    ConflictError and nothing written (neither): no record of a revocation that did not happen."""
     assert store.active_token(WID) is None
     store.put_token("h1", WID, 3600)
     assert store.active_token(WID) == "h1" and store.token_workload("h1") == WID
-    store.put_token("h2", WID, 3600)  # a refresh: h1 no longer current
-    with pytest.raises(ChangeFailed) as caught:
-        store.audit_with(
-            AuditRecord(principal="ringfence", action="token.revoke", target=WID), TokenRevocation(WID, "h1")
-        )
-    assert isinstance(caught.value.cause, ConflictError)
-    assert store.audit_log() == [] and store.token_workload("h2") == WID, "refused, yet something was written"
-
     sealed = store.audit_with(
         AuditRecord(principal="ringfence", action="token.revoke", target=WID, detail={"reason": "gone"}),
-        TokenRevocation(WID, "h2"),
+        TokenRevocation(WID, "h1"),
     )
-    assert store.token_workload("h2") is None and store.active_token(WID) is None
+    assert store.token_workload("h1") is None and store.active_token(WID) is None
+    assert store.token_grant("h1", WID).workload_id is None
     assert store.audit_record(sealed.id) == sealed and store.audit_log() == [sealed]
 
     with pytest.raises(ChangeFailed) as caught:  # nothing active: nothing to record
         store.audit_with(
-            AuditRecord(principal="ringfence", action="token.revoke", target=WID), TokenRevocation(WID, "h2")
+            AuditRecord(principal="ringfence", action="token.revoke", target=WID), TokenRevocation(WID, "h1")
         )
     assert isinstance(caught.value.cause, ConflictError)
+    assert store.audit_log() == [sealed]
+    assert verify(store.audit_log(), store.audit_head()).ok
+
+
+def test_a_token_revocation_revokes_the_token_that_replaced_the_one_read(store: Store) -> None:
+    """A refresh between the read (h1) and the revocation (h2 current): the revocation is not
+    refused (a copied agent key renewing between every read and its revocation would otherwise
+    keep the workload's token for good) and h2 authorizes nothing after it, though on DynamoDB its
+    ``token#`` item is left to its TTL: the workload's ``tokenof#`` item is gone."""
+    store.put_token("h1", WID, 3600)
+    assert store.active_token(WID) == "h1"
+    store.put_token("h2", WID, 3600)  # the refresh
+    sealed = store.audit_with(
+        AuditRecord(principal="ringfence", action="token.revoke", target=WID), TokenRevocation(WID, "h1")
+    )
+    assert store.active_token(WID) is None
+    for h in ("h1", "h2"):
+        assert store.token_workload(h) is None, f"{h} still authorizes"
+        assert store.token_grant(h, WID).workload_id is None, f"{h} still authorizes"
     assert store.audit_log() == [sealed]
     assert verify(store.audit_log(), store.audit_head()).ok

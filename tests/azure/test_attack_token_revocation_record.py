@@ -16,13 +16,18 @@ from typing import Any
 
 import pytest
 
+from ringfence import agentapi
 from ringfence.clouds.azure.events import DELETE, WRITE
 from ringfence.clouds.azure.ingest import AzureEvents
+from ringfence.clouds.azure.inventory import observe_subscription
 from ringfence.clouds.azure.wiring import Azure
+from ringfence.control.agents import AgentApi
+from ringfence.control.api import secret_hash
 from ringfence.local.azure_arm import ArmServer
-from ringfence.local.azure_estate import seed_vm, vm_id
+from ringfence.local.azure_estate import SUB, seed_vm, vm_id
 from ringfence.local.eventgrid import arm_event
 from ringfence.local.wiring import LocalWiring
+from tests.aws.test_pipeline import AgentKey
 from tests.azure.conftest import PROD_WEB
 from tests.azure.test_azure_events import HEADERS
 
@@ -75,3 +80,98 @@ def test_attack_a_deleted_vms_revocation_whose_record_write_fails_is_recorded_by
     assert revocations(w, GUID) == 1, "the revocation in force has no audit record"
     assert delivered(events, delete)  # at least once: delivered yet again
     assert revocations(w, GUID) == 1
+
+
+A = "7b000000-0000-4000-8000-0000000aa001"
+B = "7b000000-0000-4000-8000-0000000aa002"
+
+
+def two_gone_vms(arm: ArmServer, azure: Azure, w: LocalWiring) -> dict[str, str]:
+    """Two VMs stored by a pass, each with an agent token, then deleted with their events lost:
+    the next subscription pass finds both gone. Their tokens by id."""
+    seed_vm(arm, "rv-a", A, "10.20.1.41", PROD_WEB)
+    seed_vm(arm, "rv-b", B, "10.20.1.42", PROD_WEB)
+    observe_subscription(w, azure.arm(SUB))
+    tokens = {A: secrets.token_hex(16), B: secrets.token_hex(16)}
+    for wid, token in tokens.items():
+        w.store.put_token(secret_hash(token), wid, 3600)
+    arm.delete(vm_id("rv-a"))
+    arm.delete(vm_id("rv-b"))
+    return tokens
+
+
+def test_attack_a_copied_agent_key_renewing_during_every_revocation_does_not_stop_the_subscription_pass(
+    arm: ArmServer, azure: Azure, wiring: LocalWiring
+) -> None:
+    """Root on VM A copied its agent key; A and B are deleted, their events lost. Between each of
+    retire's reads of A's current token and its transaction (BEGIN IMMEDIATE), the thief renews by
+    nonce through the real token route. Conditioned on the token read, every attempt was refused,
+    retire raised, and the pass ended: neither A nor B tombstoned, pass after pass. Now the
+    revocation takes whichever token is current: both are tombstoned by the first pass and no
+    token of the thief authorizes."""
+    w = wiring
+    tokens = two_gone_vms(arm, azure, w)
+    api = AgentApi(w)
+    key = AgentKey()
+    w.store.bind_agent_key(A, key.pem)  # as enrollment binds it (the thief copied this key)
+    renewed: list[str] = []
+    real = w.store.active_token
+
+    def active_token(wid: str) -> str | None:
+        current = real(wid)
+        if wid == A and current is not None and not w.store._db().in_transaction:  # retire's read
+            n = str(api.nonce().body["nonce"])
+            r = api.refresh(A, agentapi.TokenRequest(nonce=n, signature=key.prove("token", A, n)))
+            assert r.status == 200, r.body
+            renewed.append(r.body["token"])
+        return current
+
+    w.store.active_token = active_token  # type: ignore[method-assign]
+    try:
+        res = observe_subscription(w, azure.arm(SUB))
+    finally:
+        del w.store.active_token
+    assert renewed, "the thief's renewal did not land"
+    assert sorted(res.gone) == sorted([A, B])
+    for wid in (A, B):
+        rec = w.store.get(wid)
+        assert rec is not None and rec.state == "terminated"
+    for token in [tokens[A], *renewed]:
+        assert w.store.token_workload(secret_hash(token)) is None, "a token of the thief still authorizes"
+        refused = api.authorize(f"Bearer {token}", A)
+        assert refused is not None and refused.status == 401
+    assert revocations(w, A) == 1 and revocations(w, B) == 1
+
+
+def test_attack_one_vms_failed_revocation_does_not_keep_the_other_deleted_vms_from_the_pass(
+    arm: ArmServer, azure: Azure, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A and B are deleted, their events lost; the store refuses the first revocation of the pass.
+    That VM stays as stored, token live (its tombstone would make every later pass skip it), but
+    the other is still revoked and tombstoned by the same pass, which then fails, for its retry;
+    the next pass retires the first."""
+    w = wiring
+    tokens = two_gone_vms(arm, azure, w)
+    refused: list[str] = []
+    real = w.store.audit_with
+
+    def audit_with(rec: Any, change: Any) -> Any:
+        if not refused:
+            refused.append(rec.target)
+            raise sqlite3.OperationalError("database is locked")
+        return real(rec, change)
+
+    monkeypatch.setattr(w.store, "audit_with", audit_with)
+    with pytest.raises(sqlite3.OperationalError):
+        observe_subscription(w, azure.arm(SUB))
+    assert len(refused) == 1
+    first, other = refused[0], B if refused[0] == A else A
+    kept, gone = w.store.get(first), w.store.get(other)
+    assert gone is not None and gone.state == "terminated", "one VM's failed revocation stopped the pass"
+    assert w.store.token_workload(secret_hash(tokens[other])) is None
+    assert kept is not None and kept.state != "terminated"
+    assert w.store.token_workload(secret_hash(tokens[first])) == first
+    res = observe_subscription(w, azure.arm(SUB))  # the next pass
+    assert res.gone == [first]
+    assert w.store.token_workload(secret_hash(tokens[first])) is None
+    assert revocations(w, A) == 1 and revocations(w, B) == 1

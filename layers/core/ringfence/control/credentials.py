@@ -34,7 +34,9 @@ from ringfence.store.base import (
 from .enroll import ProofError
 from .wiring import BaseWiring, log
 
-REVOKE_ATTEMPTS = 3  # a revocation read again when a refresh replaced the token in between
+# a revocation read again when another revoked the token between the read and the change (a
+# refresh in between does not refuse it: TokenRevocation revokes whichever token is current)
+REVOKE_ATTEMPTS = 3
 
 
 def agent_key_fingerprint(pem: str) -> str:
@@ -88,7 +90,10 @@ def retire(w: BaseWiring, workload_id: str, why: str) -> None:
     revocation and its ``token.revoke`` record are one store transaction (:class:`TokenRevocation`
     with :meth:`Store.audit_with`), both or neither, so that a retirement failing part-way (a store
     error, a Lambda killed) is made whole by the event's redelivery: a revocation written alone
-    would leave that redelivery no active token, and so no record, ever.
+    would leave that redelivery no active token, and so no record, ever. The change revokes
+    whichever token is current when it commits: a copied agent key renewing between the read and
+    the change cannot make the retirement give up (and leave the workload running, its token
+    authorizing).
 
     Its agent key binding and a reset's named next key stay: the cloud never gives the id to
     another machine (AWS instance ids, Azure vmIds and GCP numeric instance ids are not reused),
@@ -112,12 +117,12 @@ def retire(w: BaseWiring, workload_id: str, why: str) -> None:
             break
         except ChangeFailed as exc:
             if isinstance(exc.cause, ConflictError):
-                continue  # replaced or revoked since it was read: read it again
+                continue  # revoked by another since it was read: read it again (none: done)
             raise exc.cause from exc  # nothing written: the caller fails, its redelivery retires
         log.info("token of %s revoked: %s", workload_id, why)
         break
     else:
-        raise ConflictError(f"the token of {workload_id} changed under {REVOKE_ATTEMPTS} revocations")
+        raise ConflictError(f"the token of {workload_id} was revoked and renewed under {REVOKE_ATTEMPTS} revocations")
     w.store.drop_connection(workload_id)
 
 

@@ -131,18 +131,21 @@ class PolicyActivation(NamedTuple):
 
 
 class TokenRevocation(NamedTuple):
-    """:meth:`Store.revoke_tokens` as a change made with its audit record (:meth:`Store.audit_with`),
-    of the token :meth:`Store.active_token` named (``token_hash``): refused, nothing revoked, with
-    :class:`ConflictError` unless that is still the workload's current unexpired token (replaced or
-    revoked since: read it again). So a ``token.revoke`` record and a revocation are both written
-    or neither, and a record is only ever of a token that was active."""
+    """:meth:`Store.revoke_tokens` as a change made with its audit record (:meth:`Store.audit_with`):
+    every token of the workload revoked, whichever is current when it commits, not only the one
+    :meth:`Store.active_token` named (``token_hash``, read before; what the record's id is made of).
+    Refused, nothing revoked or recorded, with :class:`ConflictError` only if the workload has no
+    current unexpired token any more (revoked since). So a ``token.revoke`` record and a
+    revocation are both written or neither, a record is only ever of a workload that had a token,
+    and a refresh made between the read and the change (a copied agent key renewing without end)
+    cannot refuse it: it revokes the refreshed token too."""
 
     workload_id: str
     token_hash: str
 
     def apply(self, store: Store) -> None:
-        if store.active_token(self.workload_id) != self.token_hash:
-            raise ConflictError(f"the token of {self.workload_id} is no longer the one read")
+        if store.active_token(self.workload_id) is None:
+            raise ConflictError(f"{self.workload_id} has no active token any more")
         store.revoke_tokens(self.workload_id)
 
 

@@ -876,23 +876,25 @@ class DynamoStore:
 
     def _revocation_part(self, workload_id: str, token_hash: str) -> _Part:
         """A :class:`TokenRevocation` as transaction items: the ``tokenof#`` item deleted on
-        condition that it still names ``token_hash``, unexpired (refused by it:
-        :class:`ConflictError`), and that token's item. The two items a workload's current token
-        is (put_token deletes a replaced token's item), so one transaction holds them with the
-        record's."""
+        condition only that it is there, unexpired, whichever token it names (refused by it:
+        :class:`ConflictError`), and the item of ``token_hash``, the token read. A refresh in
+        between replaced that token: the ``tokenof#`` item deleted names the new one, whose own
+        ``token#`` item is left to its TTL, authorizing nothing (:meth:`token_workload` and
+        :meth:`token_grant` require the ``tokenof#`` item to name it). Conditioned on the hash, a
+        copied agent key renewing between each read and its transaction refused every attempt."""
         current: dict[str, Any] = {
             "TableName": self.state.name,
             "Key": {"pk": f"tokenof#{workload_id}", "sk": "token"},
-            "ConditionExpression": "#h = :h AND #t >= :now",
-            "ExpressionAttributeNames": {"#h": "hash", "#t": "ttl"},
-            "ExpressionAttributeValues": {":h": token_hash, ":now": int(time.time())},
+            "ConditionExpression": "#t >= :now",  # false where the item is absent
+            "ExpressionAttributeNames": {"#t": "ttl"},
+            "ExpressionAttributeValues": {":now": int(time.time())},
         }
         token = {"TableName": self.state.name, "Key": {"pk": f"token#{token_hash}", "sk": "token"}}
 
         def refused(reasons: list[str]) -> Exception | None:
             if reasons[:1] != ["ConditionalCheckFailed"]:
                 return None
-            return ConflictError(f"the token of {workload_id} is no longer the one read")
+            return ConflictError(f"{workload_id} has no active token any more")
 
         return _Part([{"Delete": current}, {"Delete": token}], refused)
 

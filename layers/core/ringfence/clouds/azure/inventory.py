@@ -125,6 +125,7 @@ def observe_subscription(
     changed = observe(w, vms, nics, metric=metric, gave_back=gave_back)
     try:
         live = {v.vm_id for v in vms}
+        failed: list[Exception] = []  # revocations that failed: their VMs left as stored
         for rec in w.store.all_records():
             mine = rec.workload.cloud == "azure" and (rec.workload.account or "").lower() == arm.subscription.lower()
             if not mine or rec.id in live:
@@ -138,7 +139,19 @@ def observe_subscription(
             # its token revoked before its tombstone is written: a tombstone stored whose revocation
             # then failed would be skipped by every later pass (as stored gone), token and all.
             # Only where the tombstone lands: not over a VM observed after the listing
-            if not credentials.retire_before_tombstone(w, rec.id, listed_at, "VM gone (azure inventory)"):
+            try:
+                retired = credentials.retire_before_tombstone(w, rec.id, listed_at, "VM gone (azure inventory)")
+            except Exception as exc:
+                # one VM's failed revocation does not keep the others' tombstones from the pass
+                log.warning(
+                    "azure sync of %s: the token of %s could not be revoked (%s): left as stored",
+                    arm.subscription,
+                    rec.id,
+                    exc,
+                )
+                failed.append(exc)
+                continue
+            if not retired:
                 continue
             gone = tombstone(rec.id, arm.subscription, rec.workload.region, listed_at, rec.workload.name)
             if w.store.observe(gone):
@@ -146,6 +159,8 @@ def observe_subscription(
                 res.gone.append(rec.id)
                 if releases_addresses(rec, gone):
                     gave_back.add(rec.id)
+        if failed:  # the pass fails, for its retry (the next pass revokes and tombstones them)
+            raise failed[0]
     finally:
         # what was stored is handed on even when a later step fails: the next pass finds nothing
         # more to store for it and would not

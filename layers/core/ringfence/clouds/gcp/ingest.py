@@ -938,6 +938,7 @@ class GcpIngest:
         if unreachable is None or unreachable:
             self.metric("GcpZonesUnreachable", len(unreachable) if unreachable is not None else 1)
             log.warning("gcp sync of %s: unreachable zones %s: their VMs are looked up by id", project, unreachable)
+        failed: list[Exception] = []  # revocations that failed: their VMs left as stored
         for stored in records:
             wl = stored.workload
             if wl.cloud != "gcp" or wl.account != project or stored.id in seen or stored.state == "terminated":
@@ -945,18 +946,35 @@ class GcpIngest:
             if not wl.zone:
                 continue
             if unreachable is None or wl.zone in unreachable:
-                changed.update(self._unlisted(project, stored, held, mapper, gave_back))
+                changed.update(self._unlisted(project, stored, held, mapper, gave_back, failed))
                 continue
             # its token revoked before its tombstone is written: a tombstone stored whose revocation
             # then failed would be skipped by every later pass (as stored deleted), token and all.
             # Only where the tombstone lands: not over a VM observed after the listing
-            if not credentials.retire_before_tombstone(self.w, stored.id, listed_at, "instance deleted"):
+            if not self._retire(project, stored.id, failed, listed_at):
                 continue
             gone = tombstone(stored.id, project, wl.zone, listed_at)
             if self.w.store.observe(gone):
                 changed.add(stored.id)
                 if releases_addresses(stored, gone):
                     gave_back.add(stored.id)
+        if failed:  # the pass fails, for its retry (the next pass revokes and tombstones them)
+            raise failed[0]
+
+    def _retire(self, project: str, wid: str, failed: list[Exception], at: float | None = None) -> bool:
+        """:func:`credentials.retire` of a deleted VM (``at``: before a tombstone observed then,
+        :func:`credentials.retire_before_tombstone`, False where it would not land); False (the
+        error kept in ``failed``) when it fails, so that one VM's failed revocation does not keep
+        the others' tombstones from the pass."""
+        try:
+            if at is not None:
+                return credentials.retire_before_tombstone(self.w, wid, at, "instance deleted")
+            credentials.retire(self.w, wid, "instance deleted")
+        except Exception as exc:
+            log.warning("gcp sync of %s: the token of %s could not be revoked (%s): left as stored", project, wid, exc)
+            failed.append(exc)
+            return False
+        return True
 
     def _unlisted(
         self,
@@ -965,6 +983,7 @@ class GcpIngest:
         held: set[tuple[str | None, str]],
         mapper: LabelMapper | None,
         gave_back: set[str],
+        failed: list[Exception],
     ) -> set[str]:
         """A stored VM of a zone the aggregated list could not reach: looked up by its id in its
         zone (``instances.list`` of that zone, filtered by id), which decides when it answers
@@ -999,7 +1018,8 @@ class GcpIngest:
             return self._store([rec], None, gave_back=gave_back)
         # its token revoked before its tombstone is written: every later pass skips a tombstone,
         # so one whose revocation then failed would leave the token authorizing
-        credentials.retire(self.w, stored.id, "instance deleted")
+        if not self._retire(project, stored.id, failed):
+            return set()
         gone = tombstone(stored.id, project, zone, now())
         if self.w.store.observe(gone):
             if releases_addresses(stored, gone):
