@@ -47,3 +47,37 @@ def test_a_findings_metric_is_counted_once_however_often_its_event_is_delivered(
         assert answer.status == 200
     assert findings(w) == [MALLORY] and quarantines(w) == 1
     assert findings_counted() == 1, "one finding counted on each delivery of its event"
+
+
+def test_a_finding_whose_record_landed_unanswered_is_counted_by_the_redelivery(
+    arm: ArmServer, azure: Azure, quarantining: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The finding's ``label.held`` record commits but its write raises (the answer lost: on
+    DynamoDB, a read-back that fails too): that delivery counts nothing. Its redelivery finds the
+    record written by another; counted only by the delivery that wrote it, the finding was
+    recorded and never counted. It counts it now, once (a duplicate after it does not)."""
+    w = quarantining
+    counted: list[tuple[str, float]] = []
+    events = AzureEvents(w, azure, metric=lambda name, value: counted.append((name, value)))
+    ev = _mallory_moves_web_to_jumpbox(arm, azure, w, "web-fl")
+    body = json.dumps([ev]).encode()
+    real = w.store.audit
+    lost: list[str] = []
+
+    def landed_unanswered(rec: Any) -> Any:
+        out = real(rec)  # committed
+        if rec.action == "label.held" and not lost:
+            lost.append(rec.id)
+            raise sqlite3.OperationalError("the answer was lost")
+        return out
+
+    monkeypatch.setattr(w.store, "audit", landed_unanswered)
+    with pytest.raises(sqlite3.OperationalError):
+        events.handle(HEADERS, body)
+    assert lost and findings(w) == [MALLORY]
+    assert not [n for n, _ in counted if n == "PrivilegedLabelFindings"]
+    for _ in range(2):  # Event Grid's redelivery, then a duplicate
+        answer: Any = events.handle(HEADERS, body)
+        assert answer.status == 200
+    assert findings(w) == [MALLORY] and quarantines(w) == 1
+    assert sum(v for n, v in counted if n == "PrivilegedLabelFindings") == 1, "a finding recorded but never counted"

@@ -52,6 +52,9 @@ findings_log = logging.getLogger("ringfence.findings")
 GOVERNANCE_PRINCIPAL = "ringfence:governance"
 BIND_ATTEMPTS = 3  # a binding re-read and re-applied when an observation landed in between
 GOVERN_ATTEMPTS = 5  # an observation decided again when another decision landed in between
+# a finding counted (PrivilegedLabelFindings) is not counted again for this long: longer than any
+# redelivery of its event (SQS keeps a message 14 days at most, Event Grid and Pub/Sub retry less)
+COUNTED_TTL = 30 * 24 * 3600
 
 
 def _governing_mapper(w: BaseWiring) -> LabelMapper | None:
@@ -445,8 +448,10 @@ def _report(
             reason=verdict.reason,
         ),
     )
-    if wrote:
-        # counted with the finding's record, once per event: not again on each redelivery
+    # counted once per finding, not again on each redelivery: by the first delivery to find its
+    # record written, by itself or by an earlier one whose write raised though it landed (an
+    # answer lost), which counted nothing; a store claim marks it counted
+    if w.store.claim_once(f"counted#{held_id}", COUNTED_TTL):
         metric("PrivilegedLabelFindings", 1)
     quarantined = quarantine and _audit_once(
         w,
