@@ -8,6 +8,7 @@ simulated by keying the first delivery by its bare id."""
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterable
 
 import pytest
@@ -25,6 +26,8 @@ from tests.azure.conftest import arm, azure  # noqa: F401 (fixtures)
 from tests.azure.test_attack_azure_blame import MALLORY, TAGS_WRITE, WEB, findings, quarantines, quarantining  # noqa: F401
 from tests.azure.test_attack_azure_redelivery_release import _mallory_quarantined_then_released, qtag  # noqa: F401
 from tests.azure.test_azure_report_redelivery import _mallory_moves_web_to_jumpbox, deliver, records, refuse_once
+
+HOUR = 3600.0
 
 
 def before_the_upgrade(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -85,6 +88,46 @@ def test_attack_a_second_call_under_a_pre_upgrade_events_id_past_the_retry_span_
     assert quarantines(w) == 2 and findings(w) == [MALLORY, MALLORY]
 
 
+def test_attack_calls_under_a_pre_upgrade_events_id_do_not_renew_its_retry_span(
+    arm: ArmServer,  # noqa: F811
+    azure: Azure,  # noqa: F811
+    qtag: LocalWiring,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Mallory's first move decided on the old tree (quarantined, released); 23 h later her second
+    call under its id is taken for it (within the span: accepted). What that call stores must not
+    carry the bare id with a fresh time, or the span never ends: 46 h after the pre-upgrade write
+    her third call under the id (role moved back to web by a tagger, then to jumpbox again) is a
+    new held move and is quarantined."""
+    w = qtag
+    real = time.time
+    with monkeypatch.context() as m:
+        before_the_upgrade(m)
+        x = _mallory_quarantined_then_released(arm, azure, w, "web-u3")
+    t0 = real()
+
+    def at(offset: float) -> None:
+        monkeypatch.setattr(time, "time", lambda: real() + offset)
+
+    at(23 * HOUR)
+    arm.get(vm_id("web-u3"))["tags"]["ringfence:app"] = "admin"  # type: ignore[index]
+    assert deliver(w, azure, arm_event(WRITE, vm_id("web-u3"), TAGS_WRITE, oid=MALLORY, event_id=x["id"])) == 200
+    rec = w.store.get(WEB)
+    assert rec is not None and rec.label_writes is not None
+    renewing = [d for d, lw in rec.label_writes.items() if lw.event == x["id"] and lw.at > t0 + HOUR]
+    assert not renewing, f"a write stored 23 h on under the pre-upgrade id: {renewing}"
+    at(46 * HOUR)
+    arm.get(vm_id("web-u3"))["tags"]["ringfence:role"] = "web"  # type: ignore[index]
+    assert deliver(w, azure, arm_event(WRITE, vm_id("web-u3"), TAGS_WRITE)) == 200  # a tagger's
+    at(46 * HOUR + 120)
+    q0 = quarantines(w)
+    arm.get(vm_id("web-u3"))["tags"]["ringfence:role"] = "jumpbox"  # type: ignore[index]
+    assert deliver(w, azure, arm_event(WRITE, vm_id("web-u3"), TAGS_WRITE, oid=MALLORY, event_id=x["id"])) == 200
+    rec = w.store.get(WEB)
+    assert rec is not None and rec.op_quarantined, "her third call, 46 h on, taken for the pre-upgrade event"
+    assert quarantines(w) == q0 + 1
+
+
 def test_a_bare_id_is_the_key_only_within_the_retry_span_of_its_write() -> None:
     now = 1_800_000_000.0
     key = "ev-1#0123456789abcdef"
@@ -98,3 +141,5 @@ def test_a_bare_id_is_the_key_only_within_the_retry_span_of_its_write() -> None:
     assert stored_key(key, [write(key, now - 60)], now) == key
     assert stored_key("ev-1", [write("ev-1", now - 60)], now) == "ev-1"
     assert stored_key(key, [write(None, now - 60)], now) == key
+    assert stored_key(key, [write("ev-1", now + 3600)], now) == key, "a write dated in the future"
+    assert stored_key(key, [write("ev-1", now + 1)], now) == "ev-1", "within SKEW"

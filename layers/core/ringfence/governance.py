@@ -61,6 +61,10 @@ class TagChange:
     """The id of the event that reported the call (None: not kept). A write or an end stored with
     it is this call's own when the event is delivered again: decided and reported again, the same
     (a report that failed part-way is made whole; each record once per event)."""
+    stored_as: str | None = None
+    """Another id a write or an end of this call's may have been stored under by an earlier
+    delivery (an Azure event's bare id, stored before its key had a digest): matched as its own,
+    never written. New writes carry :attr:`event`, so they do not extend how long that id matches."""
 
 
 SKEW = 5.0
@@ -392,7 +396,9 @@ def govern_writes(
 
 def _own(write: LabelWrite | None, change: TagChange) -> bool:
     """``write`` was stored for this call by an earlier delivery of its event."""
-    return write is not None and change.event is not None and write.event == change.event
+    if write is None or write.event is None:
+        return False
+    return write.event == change.event or write.event == change.stored_as
 
 
 def _carried(mapper: LabelMapper, previous: Workload, previous_at: float) -> dict[str, LabelWrite]:

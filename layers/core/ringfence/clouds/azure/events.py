@@ -164,12 +164,15 @@ def stored_key(key: str, writes: Iterable[LabelWrite], now: float) -> str:
     before ``now``: a delivery before events were keyed by :func:`event_key` stored the bare id,
     and its redelivery since must find its write (and its records) its own, or a quarantine whose
     report failed is never made. Past the span no delivery of that event can come, so a second
-    call under its id (a caller may set it) is its own event again."""
+    call under its id (a caller may set it) is its own event again. The bare id only matches what
+    that delivery stored (and names its records): a write stored since carries the call's own
+    ``key`` (:attr:`~ringfence.governance.TagChange.stored_as`), so it cannot extend the span."""
     bare = key.split("#", 1)[0]
     if bare == key:
         return key
     for w in writes:
-        if w.event == bare and now - w.at <= RETRY_SPAN + SKEW:
+        # a write dated in the future is no delivery's of the past span
+        if w.event == bare and -SKEW <= now - w.at <= RETRY_SPAN + SKEW:
             return bare
     return key
 

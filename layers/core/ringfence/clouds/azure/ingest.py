@@ -9,7 +9,6 @@ served by ``ringfence.routes.azure`` (``POST /azure/events``) in ``ringfence ser
 
 from __future__ import annotations
 
-import dataclasses
 import hmac
 import time
 from collections.abc import Mapping
@@ -197,14 +196,15 @@ class AzureEvents:
                 # have made a held move nobody has been named for yet, or ended an approval
                 # (:meth:`_change`)
                 stored = self.w.store.get(vm.vm_id)
+                legacy = c.event_id
                 if stored is not None and stored.label_writes:
-                    # an earlier delivery of the event made before its key had a digest (b0245af)
-                    key = stored_key(c.event_id, stored.label_writes.values(), time.time())
-                    c = dataclasses.replace(c, event_id=key)
-                change = self._change(c, vm, nics, stored)
+                    # an earlier delivery of the event made before its key had a digest (b0245af):
+                    # its writes matched and its records named by the bare id, new writes by c's key
+                    legacy = stored_key(c.event_id, stored.label_writes.values(), time.time())
+                change = self._change(c, vm, nics, stored, legacy)
                 try:
                     res.changed |= observe(
-                        self.w, [vm], nics, change, event_id=c.event_id, metric=self.metric, gave_back=res.gave_back
+                        self.w, [vm], nics, change, event_id=legacy, metric=self.metric, gave_back=res.gave_back
                     )
                 except BaseException:
                     res.changed.add(vm.vm_id)  # it may be stored (a failure after its write): compute re-reads it
@@ -243,7 +243,9 @@ class AzureEvents:
         active = self.w.governing_policy()
         return active[1].labels if active is not None else None
 
-    def _change(self, c: Change, vm: AzureVm, nics: dict[str, AzureNic], stored: InventoryRecord | None) -> TagChange:
+    def _change(
+        self, c: Change, vm: AzureVm, nics: dict[str, AzureNic], stored: InventoryRecord | None, legacy: str
+    ) -> TagChange:
         """What the event says about the change: its caller, and the held moves the caller is to
         be named for (a finding; quarantine where the policy says so; ``requested``), else none
         (the move stays held, naming nobody). An Azure event does not say what the call set, so
@@ -276,16 +278,21 @@ class AzureEvents:
         NIC's write cannot set the VM's tags; a Resource Notification or a custom topic's event is
         not Azure's word about a call: triggers only."""
         own = c.kind == "write" and c.resource.type in (VM, SCALE_SET_VM)
+        alias = legacy if legacy != c.event_id else None
         unknown = own and c.system_topic
         principal = c.principal
         if principal is None or not own:
-            return TagChange(None, None, c.time, unknown_content=unknown, event=c.event_id or None)
+            return TagChange(None, None, c.time, unknown_content=unknown, event=c.event_id or None, stored_as=alias)
         mapper = self._mapper()
         if mapper is None or not mapper.governed:
-            return TagChange(principal, None, c.time, unknown_content=unknown, event=c.event_id or None)
+            return TagChange(
+                principal, None, c.time, unknown_content=unknown, event=c.event_id or None, stored_as=alias
+            )
         if is_tagger(mapper.config.taggers, principal):
             # held, not set by the call: no finding, no approval
-            return TagChange(principal, None, c.time, unknown_content=unknown, event=c.event_id or None)
+            return TagChange(
+                principal, None, c.time, unknown_content=unknown, event=c.event_id or None, stored_as=alias
+            )
         old = stored
         if old is not None and old.state == "terminated":
             old = None
@@ -295,25 +302,34 @@ class AzureEvents:
         in_force = old.labels if old is not None else {}
         moves = {d: v for d, v in wanted.items() if mapper.is_privileged(d, v) and in_force.get(d) != v}
         writes = (old.label_writes if old is not None else None) or {}
-        fresh = {d: v for d, v in moves.items() if self._may_have_made(c, v, before, writes.get(d), d)}
+        fresh = {d: v for d, v in moves.items() if self._may_have_made(c, alias, v, before, writes.get(d), d)}
         if not fresh:
             # a resize, a disk, a later write: each held move names one caller, once (this one only
             # for the values whose grant its call ends)
-            return TagChange(principal, None, c.time, unknown_content=unknown, event=c.event_id or None)
+            return TagChange(
+                principal, None, c.time, unknown_content=unknown, event=c.event_id or None, stored_as=alias
+            )
         # the named moves at the observation's time (no time given), as before: _may_have_made
         # placed the call against the observations already; the approvals it ends by its own
         # time (a late event of a call older than a grant leaves the grant, as on the other paths)
         requested = {mapper.keys[d][0]: v for d, v in fresh.items()}
-        return TagChange(principal, requested, unknown_content=unknown, called_at=c.time, event=c.event_id or None)
+        return TagChange(
+            principal, requested, unknown_content=unknown, called_at=c.time, event=c.event_id or None, stored_as=alias
+        )
 
     @staticmethod
     def _may_have_made(
-        c: Change, value: str, before: Mapping[str, str] | None, write: LabelWrite | None, dim: str
+        c: Change, alias: str | None, value: str, before: Mapping[str, str] | None, write: LabelWrite | None, dim: str
     ) -> bool:
         """The call of ``c`` may have set ``dim`` to the held ``value`` and nobody has been named for it."""
         if before is None or before.get(dim) != value:
             return True  # this read of ARM is the first to see the value
-        if write is not None and write.event is not None and write.event == c.event_id and write.value == value:
+        if (
+            write is not None
+            and write.event is not None
+            and write.event in (c.event_id, alias)
+            and write.value == value
+        ):
             # stored by an earlier delivery of this event (whose report may have failed): named
             # again as it was then, so the redelivery decides and reports the same (each record
             # once per event); an end it made is governance's to find again, not a named move
