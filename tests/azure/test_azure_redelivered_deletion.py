@@ -66,11 +66,17 @@ def test_a_delete_event_names_the_tombstones_of_its_vm_or_scale_sets_vms_only() 
     from ringfence.local.azure_estate import SUB
 
     ss = f"/subscriptions/{SUB}/resourceGroups/rg/providers/Microsoft.Compute/virtualMachineScaleSets/Web"
-    gone = tombstone(GUID, SUB, "westeurope", 1.0, "web_3")
-    assert named_by(gone, [ArmId.parse(f"{ss}/virtualMachines/3")])
-    assert named_by(gone, [ArmId.parse(ss)])  # the scale set deleted: all its VMs
-    assert not named_by(gone, [ArmId.parse(f"{ss}/virtualMachines/4")])
-    assert named_by(tombstone(GUID, SUB, None, 1.0, "RD-1"), [ArmId.parse(vm_id("rd-1"))])
-    assert not named_by(tombstone(GUID, SUB, None, 1.0, "rd-1"), [ArmId.parse(vm_id("rd-10"))])
-    assert not named_by(tombstone(GUID, "other", None, 1.0, "rd-1"), [ArmId.parse(vm_id("rd-1"))])
-    assert not named_by(tombstone(GUID, SUB, None, 1.0), [ArmId.parse(vm_id("rd-1"))])  # no name kept
+    # as the record kept it (lower case) and as the event names it
+    gone = tombstone(GUID, SUB, "westeurope", 1.0, "Web_3", f"{ss}/virtualMachines/3".lower())
+    assert named_by([ArmId.parse(f"{ss}/virtualMachines/3")])(gone)
+    assert named_by([ArmId.parse(ss)])(gone)  # the scale set deleted: all its VMs
+    assert not named_by([ArmId.parse(f"{ss}/virtualMachines/4")])(gone)
+    assert not named_by([ArmId.parse(ss.replace("/rg/", "/other-rg/"))])(gone)  # a namesake elsewhere
+    assert not named_by([ArmId.parse(f"{ss}2")])(gone)
+    rd1 = tombstone(GUID, SUB, None, 1.0, "RD-1", vm_id("RD-1").lower())
+    assert named_by([ArmId.parse(vm_id("rd-1"))])(rd1)
+    assert not named_by([ArmId.parse(vm_id("rd-10"))])(rd1)
+    assert not named_by([ArmId.parse(vm_id("rd-1", group="other-rg"))])(rd1)
+    assert not named_by([ArmId.parse(vm_id("rd-1", sub="other"))])(rd1)
+    # kept no ARM id (written before tombstones kept one): not matched by its name alone
+    assert not named_by([ArmId.parse(vm_id("rd-1"))])(tombstone(GUID, SUB, None, 1.0, "rd-1"))

@@ -239,6 +239,11 @@ class Workload(_Strict):
     vpc: str | None = None
     subnet: str | None = None
     site: str | None = None
+    resource: str | None = Field(
+        None,
+        description="the cloud's id of the resource where the workload's id is another, lower case (Azure: the "
+        "VM's ARM id; a delete event names it)",
+    )
     held_labels: dict[str, str] | None = Field(
         None,
         description="labels in force while a move into a privileged value waits for approval "

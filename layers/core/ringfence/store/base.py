@@ -306,19 +306,22 @@ class InventoryRecord(BaseModel):
         w = self.workload
         # direct labels and the site (CMDB records) decide labels as much as tags do
         labels = tuple(sorted(w.labels.items()))
-        return (tuple(w.ips), tuple(sorted(w.tags.items())), labels, w.vpc, w.subnet, w.zone, w.site, self.state)
+        view = (tuple(w.ips), tuple(sorted(w.tags.items())), labels, w.vpc, w.subnet, w.zone, w.site, self.state)
+        # the resource id (a moved Azure VM's changes): stored, for the tombstone that keeps it
+        return (*view, w.resource)
 
     def compute_view(self, key_prefix: str | None) -> tuple[Any, ...]:
         """What compute and the perimeter read of the record, to decide whether they are to hear
         of an observation (:meth:`cloud_view` decides what is stored): the workload but for when it
-        was seen, its name (compiled into no bundle, no set, no perimeter) and its tags outside the
-        labels' ``key_prefix`` (every label key starts with it; None: every tag counts); the labels
-        it was resolved to; whether it is in peers' sets. Any other tag a developer may write: a
-        storm of them must not queue work ahead of an admin's on the one serialized compute queue."""
+        was seen, its name and resource id (compiled into no bundle, no set, no perimeter) and its
+        tags outside the labels' ``key_prefix`` (every label key starts with it; None: every tag
+        counts); the labels it was resolved to; whether it is in peers' sets. Any other tag a
+        developer may write: a storm of them must not queue work ahead of an admin's on the one
+        serialized compute queue."""
         w = self.workload
         tags = w.tags if key_prefix is None else {k: v for k, v in w.tags.items() if k.startswith(key_prefix)}
         return (
-            w.model_dump(exclude={"observed_at", "name", "tags"}),
+            w.model_dump(exclude={"observed_at", "name", "resource", "tags"}),
             sorted(tags.items()),
             sorted(self.labels.items()),
             self.state in ACTIVE_STATES,

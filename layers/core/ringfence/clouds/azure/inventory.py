@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,24 +77,29 @@ def nics_by_id(raw: Iterable[dict[str, Any]]) -> dict[str, AzureNic]:
     return {n.id.lower(): n for n in (nic_from_wire(x) for x in raw)}
 
 
-def named_by(rec: InventoryRecord, deleted: Iterable[ArmId]) -> bool:
-    """``rec`` (of its subscription) is of a VM one of ``deleted`` names: a VM or a scale set's VM
-    by its name, a scale set by its VMs' (``<scale set>_<instance>``), as ARM compares names
-    (case-insensitively). The record keeps no resource group: a VM of the same name in another
-    group matches too, and is computed once more (harmless, as any hand-off too many)."""
-    name = (rec.workload.name or "").lower()
-    if not name:
-        return False
+def named_by(deleted: Iterable[ArmId]) -> Callable[[InventoryRecord], bool]:
+    """Whether a record is of a VM one of ``deleted`` names: a VM or a scale set's VM by its ARM
+    id, a scale set by its VMs' (``<scale set's id>/virtualMachines/<instance>``), as ARM compares
+    ids (case-insensitively), by the ARM id the record keeps. Not by name: a scale set deleted in
+    one resource group would name every VM ever stored of a namesake in another. A record stored
+    before records kept their ARM id is named by none (the scheduled pass hands on what was
+    stored gone lately: :func:`hand_on_gone_again`). The ids are gathered once, for a pass that
+    tests every record of its subscription stored gone."""
+    vms: set[str] = set()
+    scale_sets: set[str] = set()
     for r in deleted:
-        if r.subscription.lower() != (rec.workload.account or "").lower():
-            continue
-        if r.type == VM and name == r.names[-1].lower():
-            return True
-        if r.type == SCALE_SET_VM and name == f"{r.names[0]}_{r.names[-1]}".lower():
-            return True
-        if r.type == SCALE_SET and name.startswith(f"{r.names[0]}_".lower()):
-            return True
-    return False
+        rid = r.id.strip().lower()
+        if r.type in (VM, SCALE_SET_VM):
+            vms.add(rid)
+        elif r.type == SCALE_SET:
+            scale_sets.add(rid)
+
+    def named(rec: InventoryRecord) -> bool:
+        rid = rec.workload.resource
+        # a scale set's VM: …/virtualmachinescalesets/<set>/virtualmachines/<instance>
+        return rid is not None and (rid in vms or rid.rsplit("/", 2)[0] in scale_sets)
+
+    return named
 
 
 def observe_subscription(
@@ -107,7 +112,7 @@ def observe_subscription(
     have stored the tombstone and failed to hand it on, and its redelivery stores nothing.
     ``scheduled`` (reconcile's pass, which nothing redelivers): the subscription's VMs stored gone
     lately are handed on again too (:func:`hand_on_gone_again`)."""
-    deleted = list(deleted)
+    is_named = named_by(deleted)
     res = InventoryResult()
     # before the listing: a VM it misses because it was made later is stored by its own event
     # after this time, which the tombstone written at it does not overwrite
@@ -132,7 +137,7 @@ def observe_subscription(
                 continue
             if rec.state == "terminated":
                 stored_gone.append(rec)
-                if named_by(rec, deleted):
+                if is_named(rec):
                     changed.add(rec.id)
                     gave_back.add(rec.id)
                 continue
@@ -153,7 +158,8 @@ def observe_subscription(
                 continue
             if not retired:
                 continue
-            gone = tombstone(rec.id, arm.subscription, rec.workload.region, listed_at, rec.workload.name)
+            was = rec.workload
+            gone = tombstone(rec.id, arm.subscription, was.region, listed_at, was.name, was.resource)
             if w.store.observe(gone):
                 changed.add(rec.id)
                 res.gone.append(rec.id)

@@ -149,15 +149,30 @@ def to_record(
         zone=vm.zone,
         vpc=vnet_of(subnet),
         subnet=subnet,
+        resource=vm.id.strip().lower(),
         observed_at=observed_at,
     )
     return InventoryRecord.observed(w, "terminated" if vm.deleting else "running", observed_at, mapper)
 
 
 def tombstone(
-    vm_id: str, subscription: str, region: str | None, observed_at: float, name: str | None = None
+    vm_id: str,
+    subscription: str,
+    region: str | None,
+    observed_at: float,
+    name: str | None = None,
+    resource: str | None = None,
 ) -> InventoryRecord:
-    """``name``: the VM's, as its record had it: a delete event names the VM by its resource id,
-    which the redelivery of the event matches to the tombstone by (:func:`.inventory.named_by`)."""
-    w = Workload(id=vm_id, name=name, cloud="azure", account=subscription, region=region, observed_at=observed_at)
+    """``name``, ``resource`` (its ARM id): the VM's, as its record had them. A delete event names
+    the VM by its ARM id, which the redelivery of the event matches to the tombstone by
+    (:func:`.inventory.named_by`)."""
+    w = Workload(
+        id=vm_id,
+        name=name,
+        cloud="azure",
+        account=subscription,
+        region=region,
+        resource=resource,
+        observed_at=observed_at,
+    )
     return InventoryRecord(id=vm_id, workload=w, state="terminated", observed_at=observed_at)
