@@ -125,11 +125,6 @@ def hand_on_stored(
         (metric or w.metric)(COMPUTE_NOT_QUEUED, 1)
 
 
-# at most this many workloads stored gone a scheduled pass hands on again (the most recent first;
-# those left out are logged and counted GoneResendsCapped): a compute message of no-op removals
-GONE_RESEND_MAX = 500
-
-
 def hand_on_gone_again(
     w: BaseWiring,
     records: Iterable[InventoryRecord],
@@ -145,30 +140,24 @@ def hand_on_gone_again(
     (``handed``). A pass that stored a tombstone and then failed to hand it on is retried (a
     Lambda retry, the next schedule) with nothing more to store for it: no event source
     redelivers it, and compute would keep the workload in its peers' sets. Compute takes records
-    as stored: a removal it applied already changes nothing (no set delta, no bundle). At most
-    :data:`GONE_RESEND_MAX`, the most recent first; a failure to queue is logged and counted
+    as stored: a removal it applied already changes nothing (no set delta, no bundle). All of
+    them, every pass: a pass dates its tombstones alike (its listing's time), so a cap by recency
+    would send the same ones each pass and never the rest (AWS sends 500 ids a message, one
+    machine's worker takes any number). A failure to queue is logged and counted
     (``ComputeNotQueued``), never raised (the next pass sends them again). The ids sent."""
     metric = metric or w.metric
     since = (time.time() if now is None else now) - w.cfg.gone_resend_window
     done = set(handed)
     gone = [r for r in records if r.state == "terminated" and r.observed_at >= since and r.id not in done and mine(r)]
-    gone.sort(key=lambda r: (-r.observed_at, r.id))
-    if len(gone) > GONE_RESEND_MAX:
-        log.warning(
-            "%s: %d workloads stored gone recently, %d handed to compute again (the most recent), not %s",
-            what,
-            len(gone),
-            GONE_RESEND_MAX,
-            ", ".join(r.id for r in gone[GONE_RESEND_MAX:][:20]),
-        )
-        metric("GoneResendsCapped", len(gone) - GONE_RESEND_MAX)
-    ids = sorted(r.id for r in gone[:GONE_RESEND_MAX])
+    ids = sorted(r.id for r in gone)
     if not ids:
         return []
     try:
         w.enqueue_compute(ids, urgent=True)
     except Exception:
-        log.exception("%s: %s stored gone but compute could not be queued again", what, ", ".join(ids))
+        log.exception(
+            "%s: %d stored gone (%s) but compute could not be queued again", what, len(ids), ", ".join(ids[:20])
+        )
         metric(COMPUTE_NOT_QUEUED, 1)
         return []
     return ids
