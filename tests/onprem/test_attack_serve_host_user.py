@@ -8,6 +8,7 @@ import os
 import pwd
 import stat
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -397,3 +398,235 @@ def test_publish_agent_names_a_state_directory_its_owner_made_unwritable(shared:
     assert (
         f"{state / 'objects'}: Permission denied (written as its owner, uid {pw.pw_uid}): not published" in proc.stderr
     )
+
+
+# --- review 4: modes kept, a missing state directory, made levels, a previous layout -----------------------
+
+
+@pytest.mark.parametrize("mode", [0o666, 0o4777], ids=["666", "4777"])
+def test_attack_out_file_keeps_no_mode_of_another_users_file_at_its_name(shared: Path, mode: int) -> None:
+    """USER makes FILE first in a sticky directory (as /tmp), mode 666 (or setuid 4777), before
+    root's ``--out FILE``: root's output is made under the umask (644), not at USER's mode, so USER
+    cannot rewrite it afterwards."""
+    nobody()
+    sticky = shared / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    out = sticky / "schema.json"
+    made = as_user(
+        "import os, sys; os.umask(0); open(sys.argv[1], 'w').close(); os.chmod(sys.argv[1], int(sys.argv[2]))",
+        str(out),
+        str(mode),
+    )
+    assert made.returncode == 0, made.stderr
+    proc = schema_out(out)
+    assert proc.returncode == 0, proc.stderr
+    st = out.lstat()
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o644)
+    assert as_user("import sys; open(sys.argv[1], 'a').write('x')", str(out)).returncode != 0
+    assert '"$schema"' in out.read_text()
+
+
+def test_attack_out_file_over_a_hard_link_to_a_root_file_takes_not_its_mode(shared: Path) -> None:
+    """USER hard-links a root file that is mode 666 (theirs to link: they may write it) at FILE's
+    name in a sticky directory: root's ``--out FILE`` replaces the link (the root file keeps its
+    content) and is made under the umask, not at the other file's 666."""
+    nobody()
+    sticky = shared / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    rootfile = shared / "rootfile"
+    rootfile.write_text("root data\n")
+    rootfile.chmod(0o666)
+    out = sticky / "schema.json"
+    linked = as_user("import os, sys; os.link(sys.argv[1], sys.argv[2])", str(rootfile), str(out))
+    assert linked.returncode == 0, linked.stderr
+    proc = schema_out(out)
+    assert proc.returncode == 0, proc.stderr
+    assert rootfile.read_text() == "root data\n"
+    assert stat.S_IMODE(out.lstat().st_mode) == 0o644
+    assert as_user("import sys; open(sys.argv[1], 'a').write('x')", str(out)).returncode != 0
+
+
+def test_attack_publish_agent_refuses_to_make_a_state_directory_inside_another_users_directory(shared: Path) -> None:
+    """The state directory is missing and the directory above is USER's: root's publish-agent
+    would make it there as root (plain, root's rights) and USER could rename it away and plant a
+    link to a root-only directory between root's writes. It refuses, naming USER's directory, and
+    makes nothing."""
+    pw = nobody()
+    svc, wheels = shared / "svc", shared / "wheels"
+    svc.mkdir()
+    os.chown(svc, pw.pw_uid, pw.pw_gid)
+    wheels.mkdir()
+    (wheels / "ringfence_agent-9.9.1-py3-none-any.whl").write_bytes(b"PK a build\n")
+    proc = publish_agent(svc / "state", wheels)
+    assert proc.returncode != 0
+    assert f"directory {svc} must be owned by root" in proc.stderr and "nothing published" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert list(svc.iterdir()) == []
+
+
+# root's CLI with one hook: the first file written, the state directory is swapped for a link (what
+# the reviewer's racing user did); prints what the root-only directory then holds
+SWAP_DRIVER = """
+import os, sys
+from ringfence import cli, durable
+state, rootonly = sys.argv[1], sys.argv[2]
+real = durable._temporary_at
+done = []
+def swapping(*a, **k):
+    if not done:
+        done.append(1)
+        os.rename(state, state + ".x")
+        os.symlink(rootonly, state)
+    return real(*a, **k)
+durable._temporary_at = swapping
+rc = cli.main(sys.argv[3:])
+print("RC", rc, "ROOTONLY", sorted(os.listdir(rootonly)))
+"""
+
+
+def test_attack_publish_agent_writes_through_the_state_directory_it_checked(shared: Path) -> None:
+    """root's own state directory (in root-only directories) is swapped for a link to another
+    root-only directory after publish-agent's first write (deterministically, by a hook in root's
+    process): every later write goes on through the directory descriptor publish-agent opened and
+    checked, never by the path again, so nothing lands in the link's target."""
+    nobody()
+    base = shared / "base"
+    base.mkdir(mode=0o700)
+    state, wheels, rootonly = base / "state", shared / "wheels", shared / "rootonly"
+    state.mkdir(mode=0o700)
+    rootonly.mkdir(mode=0o700)
+    wheels.mkdir()
+    (wheels / "ringfence_agent-9.9.1-py3-none-any.whl").write_bytes(b"PK a build\n")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            SWAP_DRIVER,
+            str(state),
+            str(rootonly),
+            "publish-agent",
+            "--store",
+            f"sqlite:{state / 'state.db'}",
+            "--dir",
+            str(wheels),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "RC 0 ROOTONLY []" in proc.stdout, proc.stdout + proc.stderr
+    assert list(rootonly.iterdir()) == []
+    written = sorted(p.name for p in (base / "state.x" / "objects" / "agent").iterdir())
+    assert any(n.endswith(".whl") for n in written), written
+
+
+# root's keygen with one hook: a link to a root-only directory appears at the first missing level's
+# name just before keygen makes it (what the reviewer's racing user did in a sticky directory)
+MKDIR_DRIVER = """
+import os, sys
+from ringfence import cli
+level, rootonly, uid = sys.argv[1], sys.argv[2], int(sys.argv[3])
+real = os.mkdir
+done = []
+def racing(path, *a, **k):
+    if not done:
+        done.append(1)
+        os.symlink(rootonly, level)
+        os.lchown(level, uid, uid)
+    return real(path, *a, **k)
+os.mkdir = racing
+try:
+    rc = cli.main(sys.argv[4:])
+except SystemExit as exc:
+    rc = exc.code
+print("RC", rc, "ROOTONLY", sorted(os.listdir(rootonly)))
+"""
+
+
+def test_attack_keygen_makes_no_directory_through_a_link_raced_in_at_a_missing_level(shared: Path) -> None:
+    """``keygen --out STICKY/a/b/keys`` with ``a`` missing in a sticky directory: USER puts a link
+    at ``a`` (to a root-only directory) just before keygen makes it (forced by a hook in root's
+    process). keygen refuses the link and makes nothing in its target."""
+    pw = nobody()
+    sticky, rootonly = shared / "tmp", shared / "rootonly"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    rootonly.mkdir(mode=0o700)
+    out = sticky / "a" / "b" / "keys"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            MKDIR_DRIVER,
+            str(sticky / "a"),
+            str(rootonly),
+            str(pw.pw_uid),
+            "keygen",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "ROOTONLY []" in proc.stdout, proc.stdout + proc.stderr
+    assert "RC 0" not in proc.stdout
+    assert f"{sticky / 'a'} is a symbolic link or not a directory: refused" in proc.stderr, proc.stderr
+    assert list(rootonly.iterdir()) == []
+
+
+def compile_out(site: Path, limit_memory: bool = False) -> subprocess.CompletedProcess[str]:
+    """root's ``ringfence compile --out SITE`` of the ordering example (unsigned)."""
+    import resource
+
+    def limits() -> None:
+        if limit_memory:  # a runaway read fails here instead of hurting the host
+            resource.setrlimit(resource.RLIMIT_AS, (1_500_000_000, 1_500_000_000))
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "ordering"
+    return subprocess.run(
+        [
+            str(BIN / "ringfence"),
+            "compile",
+            "--policy",
+            str(example / "policy"),
+            "--inventory",
+            str(example / "inventory.yaml"),
+            "--out",
+            str(site),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        preexec_fn=limits,
+    )
+
+
+@pytest.mark.parametrize("plant", ["fifo", "link to /dev/zero", "oversized file"])
+def test_attack_compile_out_reads_no_fifo_device_or_huge_file_another_user_planted(shared: Path, plant: str) -> None:
+    """``compile --out SITE``, SITE the web server account's (USER here): root reads the previous
+    layout back. USER plants a FIFO (the read would block forever), a link to /dev/zero (read until
+    memory runs out) or a 17 MiB sparse file of theirs. compile skips it, naming it, and finishes."""
+    pw = nobody()
+    site = shared / "site"
+    site.mkdir()
+    first = compile_out(site)
+    assert first.returncode == 0, first.stderr
+    subprocess.run(["chown", "-R", f"{pw.pw_uid}:{pw.pw_gid}", str(site)], check=True)
+    target = site / ("bundles" if plant == "fifo" else "heads") / "aaa.json"
+    script = {
+        "fifo": "import os, sys; os.mkfifo(sys.argv[1])",
+        "link to /dev/zero": "import os, sys; os.symlink('/dev/zero', sys.argv[1])",
+        "oversized file": "import sys; f = open(sys.argv[1], 'wb'); f.truncate(17 * 1024 * 1024)",
+    }[plant]
+    planted = as_user(script, str(target))
+    assert planted.returncode == 0, planted.stderr
+    try:
+        proc = compile_out(site, limit_memory=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"compile blocked on the planted {plant}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    why = {"fifo": "not a regular file", "link to /dev/zero": "a symbolic link", "oversized file": "over 16777216"}
+    assert f"ignoring {target}: " in proc.stderr and why[plant] in proc.stderr, proc.stderr[-2000:]

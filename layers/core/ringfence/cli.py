@@ -9,7 +9,7 @@ import os
 import stat
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -137,7 +137,8 @@ def _write_out(text: str, out: str) -> None:
     where a directory on the path (``out``'s own and every one above, along the path as given and
     as it resolves) is another user's or writable by one (sticky ones, as /tmp, aside): they could
     swap a directory for a link and have this command replace a file elsewhere. An existing
-    regular file keeps its mode; a new one is made under the umask."""
+    regular file of the caller's (not a hard link) keeps its mode; otherwise the new file is made
+    under the umask."""
     from ringfence import durable
     from ringfence.local.signer_process import path_problem
 
@@ -158,7 +159,12 @@ def _write_out(text: str, out: str) -> None:
         st: os.stat_result | None = path.lstat()
     except OSError:
         st = None
-    mode = stat.S_IMODE(st.st_mode) & 0o777 if st is not None and stat.S_ISREG(st.st_mode) else 0o666 & ~umask
+    mode = 0o666 & ~umask
+    if st is not None and stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_nlink == 1:
+        # only the caller's own file keeps its mode (a 600 one stays private): another user's (made
+        # first in a sticky directory, mode 666) or a hard link to some other file says nothing of
+        # what this output should be; no set-id bits either way
+        mode = stat.S_IMODE(st.st_mode) & 0o777
     try:
         durable.replace(path, text.encode(), mode)
     except OSError as exc:
@@ -504,24 +510,73 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+# The largest previous-layout file read back: the agent's own bundle limit (max_bundle_bytes in
+# agent/ringfence_agent/config.py); a bigger one is not read, and the fresh compile writes it whole.
+PREVIOUS_LAYOUT_MAX_BYTES = 16 * 1024 * 1024
+
+
+def _previous_layout_files(out: Path, sub: str) -> Iterator[tuple[Path, bytes]]:
+    """``out/sub/*.json`` that are regular files of at most :data:`PREVIOUS_LAYOUT_MAX_BYTES`,
+    each opened relative to ``sub``'s descriptor without following a link and without blocking
+    (``out`` may be the web server account's: a FIFO there would hang the compile, a link to
+    /dev/zero exhaust its memory). Anything else is skipped with a message naming it."""
+    nofollow = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        dir_fd = os.open(out / sub, nofollow | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        print(f"ignoring {out / sub}: {exc.strerror} (not followed if a link)", file=sys.stderr)
+        return
+    try:
+        for name in sorted(n for n in os.listdir(dir_fd) if n.endswith(".json")):
+            path = out / sub / name
+            try:
+                fd = os.open(name, nofollow | os.O_NONBLOCK, dir_fd=dir_fd)
+            except OSError as exc:
+                why = "a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
+                print(f"ignoring {path}: {why}", file=sys.stderr)
+                continue
+            with os.fdopen(fd, "rb") as f:
+                st = os.fstat(f.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    print(f"ignoring {path}: not a regular file", file=sys.stderr)
+                    continue
+                if st.st_size > PREVIOUS_LAYOUT_MAX_BYTES:
+                    print(f"ignoring {path}: {st.st_size} bytes, over {PREVIOUS_LAYOUT_MAX_BYTES}", file=sys.stderr)
+                    continue
+                try:
+                    data = f.read(PREVIOUS_LAYOUT_MAX_BYTES + 1)
+                except OSError as exc:
+                    print(f"ignoring {path}: {exc.strerror}", file=sys.stderr)
+                    continue
+            if len(data) > PREVIOUS_LAYOUT_MAX_BYTES:  # grew after the check
+                print(f"ignoring {path}: over {PREVIOUS_LAYOUT_MAX_BYTES} bytes", file=sys.stderr)
+                continue
+            yield path, data
+    finally:
+        os.close(dir_fd)
+
+
 def _previous_compile(out: Path) -> tuple[dict[str, bundle_mod.Bundle], dict[str, staticlayout.Head]]:
-    """The bundles and heads a previous compile left in ``out`` (unreadable files are skipped)."""
+    """The bundles and heads a previous compile left in ``out`` (unreadable files are skipped, as is
+    anything not a regular file: :func:`_previous_layout_files`)."""
     from ringfence import bundle as bundle_mod
     from ringfence import staticlayout
 
     bundles: dict[str, bundle_mod.Bundle] = {}
     heads: dict[str, staticlayout.Head] = {}
-    for path in sorted((out / "bundles").glob("*.json")):
+    for path, data in _previous_layout_files(out, "bundles"):
         try:
-            doc = bundle_mod.load_bundle(path.read_bytes())
-        except (bundle_mod.BundleError, OSError) as exc:
+            doc = bundle_mod.load_bundle(data)
+        except bundle_mod.BundleError as exc:
             print(f"ignoring {path}: {exc}", file=sys.stderr)
             continue
         bundles[doc.workload_id] = doc
-    for path in sorted((out / "heads").glob("*.json")):
+    for path, data in _previous_layout_files(out, "heads"):
         try:
-            head = staticlayout.load_head(path.read_bytes())
-        except (staticlayout.HeadError, OSError) as exc:
+            head = staticlayout.load_head(data)
+        except staticlayout.HeadError as exc:
             print(f"ignoring {path}: {exc}", file=sys.stderr)
             continue
         heads[head.workload_id] = head
@@ -943,26 +998,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
 CHECKOUT = Path(__file__).resolve().parents[3]
 
 
-def _state_dir_stat(state: Path) -> os.stat_result | None:
-    """The state directory's own status (None: missing), for whose rights publish-agent writes with.
-    Never through a link: one there (its owner, serve --user's user, may own the directory above)
-    could point root's writes at any root-only directory. Root's own state directory must be in
-    directories only root may change, or it could be swapped for such a link while it is written."""
-    if os.geteuid() == 0:
-        from ringfence.local.signer_process import path_problem
+def _open_state_dir(state: Path) -> tuple[int, os.stat_result]:
+    """The state directory, open without following a link, and its status (whose rights
+    publish-agent writes with); every write walks from this descriptor, never from the path again.
+    A link there is refused: its owner (serve --user's user, who may own the directory above) could
+    point root's writes at any root-only directory. Root's own state directory, and one root would
+    make, must be in directories only root may change: else it could be swapped for such a link
+    (or, once made, renamed away) while it is written."""
+    from ringfence.local.signer_process import path_problem
 
-        try:
-            st = os.lstat(state)
-        except OSError:
-            st = None
-        if st is not None and st.st_uid == 0 and stat.S_ISDIR(st.st_mode):
-            why = path_problem(state / "objects", (0,), label="state", what="the state directory with a link")
-            if why is not None:
-                raise CliError(f"--store {state}: refused: {why}; nothing published")
+    root = os.geteuid() == 0
+    try:
+        st: os.stat_result | None = os.lstat(state)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise CliError(f"--store: {state}: {exc.strerror}") from None
+    if root and (st is None or (st.st_uid == 0 and stat.S_ISDIR(st.st_mode))):
+        what = "the state directory with a link"
+        if st is not None:
+            why = path_problem(state / "objects", (0,), label="state", what=what)
+        else:  # the directories root would make it in
+            why = path_problem(state, (0,), label="state", what=what, follow_last=False)
+        if why is not None:
+            made = (
+                "" if st is not None else " (missing: make it first, e.g. install -d -o USER -m 750, for serve --user)"
+            )
+            raise CliError(f"--store {state}: refused: {why}{made}; nothing published")
+    if st is None:
+        from ringfence.local.statedir import make_dirs
+
+        try:  # root: beneath root-only directories (checked above), so no one else can swap it meanwhile
+            make_dirs(state, 0o700)
+        except OSError as exc:
+            raise CliError(f"--store: {exc.filename or state}: {exc.strerror}") from None
     try:
         fd = os.open(state, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
             raise CliError(
@@ -970,14 +1041,20 @@ def _state_dir_stat(state: Path) -> os.stat_result | None:
                 "(give the state directory itself)"
             ) from None
         raise CliError(f"--store: {state}: {exc.strerror}") from None
-    try:
-        return os.fstat(fd)
-    finally:
-        os.close(fd)
+    return fd, os.fstat(fd)
 
 
 def cmd_publish_agent(args: argparse.Namespace) -> int:
     """Build (unless --dir holds one) and publish the agent artifact; print what hosts install with."""
+    held_fds: list[int] = []  # the state directory's, written through until the command ends
+    try:
+        return _publish_agent(args, held_fds)
+    finally:
+        for fd in held_fds:
+            os.close(fd)
+
+
+def _publish_agent(args: argparse.Namespace, held_fds: list[int]) -> int:
     from ringfence.control import artifact
 
     out = Path(args.dir)
@@ -1001,16 +1078,18 @@ def cmd_publish_agent(args: argparse.Namespace) -> int:
 
         # LocalWiring's objects directory, beside the database (ringfence serve may be running)
         state = Path(args.store.removeprefix("sqlite:")).parent
-        st = _state_dir_stat(state)
+        state_fd, st = _open_state_dir(state)
+        held_fds.append(state_fd)
         try:
-            if os.geteuid() == 0 and st is not None and st.st_uid != 0:
+            if os.geteuid() == 0 and st.st_uid != 0:
                 # serve --user's state directory: written as its owner, who must read it (docs/serve.md)
-                publisher = OwnersFilePublisher(state / "objects", st.st_uid, st.st_gid)
+                publisher = OwnersFilePublisher(state / "objects", st.st_uid, st.st_gid, parent_fd=state_fd)
             else:
-                publisher = FilePublisher(state / "objects")
+                publisher = FilePublisher(state / "objects", parent_fd=state_fd)
         except OSError as exc:
-            owner = f" (written as its owner, uid {st.st_uid})" if st is not None and st.st_uid != os.geteuid() else ""
-            raise CliError(f"{exc.filename or state / 'objects'}: {exc.strerror}{owner}: not published") from None
+            owner = f" (written as its owner, uid {st.st_uid})" if st.st_uid != os.geteuid() else ""
+            # made relative to the state directory's descriptor: the name in the error is "objects" alone
+            raise CliError(f"{state / 'objects'}: {exc.strerror}{owner}: not published") from None
     else:
         raise CliError(f"--store {args.store!r}: expected sqlite:PATH or aws")
     from ringfence.control.publish import Conflict
@@ -1081,27 +1160,6 @@ def cmd_serve_token(args: argparse.Namespace) -> int:
     return 0
 
 
-def make_private_dirs(path: Path) -> None:
-    """``path`` and any missing directory above it, each created mode 0700 whatever the umask
-    (under umask 000 a plain mkdir leaves 0777: anyone could swap the key). Existing ones are left
-    as they are."""
-    missing = []
-    for d in [path, *path.parents]:
-        if d.exists():
-            break
-        missing.append(d)
-    for d in reversed(missing):
-        try:
-            os.mkdir(d, 0o700)
-        except FileExistsError:
-            continue
-        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)  # the one just made, not a link put there
-        try:
-            os.fchmod(fd, 0o700)
-        finally:
-            os.close(fd)
-
-
 def open_key_dir(out: Path) -> int:
     """``keygen --out``'s directory, open (``O_NOFOLLOW``; a link at ``out`` is refused), once no
     user but root and the caller could swap what it holds: ``out`` the caller's and writable by
@@ -1121,7 +1179,18 @@ def open_key_dir(out: Path) -> int:
         why = path_problem(existing / "-", owners, label="--out", what="the signing key", sticky_parent_ok=True)
         if why is not None:
             raise CliError(f"--out {out}: refused: {why}; nothing made")
-        make_private_dirs(out)
+        from ringfence import durable
+
+        # each missing level made (mode 700 whatever the umask) and opened relative to the one
+        # above, from ``existing``'s descriptor, never by path: a link raced in at a level's name
+        # (or anything but a directory) is refused, not followed
+        try:
+            with durable._beneath(existing, out.relative_to(existing) / "-", 0o700):
+                pass
+        except NotADirectoryError as exc:
+            raise CliError(f"--out {out}: {exc.filename} is a symbolic link or not a directory: refused") from None
+        except OSError as exc:
+            raise CliError(f"--out {out}: {exc.filename or out}: {exc.strerror}") from None
     try:
         fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:

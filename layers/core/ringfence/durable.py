@@ -42,7 +42,14 @@ def create(path: Path, data: bytes, mode: int) -> bool:
 
 
 def replace_beneath(
-    root: Path, relative: Path, data: bytes, mode: int, *, sync: bool = True, dir_mode: int | None = None
+    root: Path,
+    relative: Path,
+    data: bytes,
+    mode: int,
+    *,
+    sync: bool = True,
+    dir_mode: int | None = None,
+    root_fd: int | None = None,
 ) -> None:
     """:func:`replace` of ``root / relative``, following no symbolic link below ``root``: ``root``
     may belong to another account (the web server's serving a static layout, serve's ``--user``
@@ -50,8 +57,10 @@ def replace_beneath(
     Each directory is made and opened relative to the one above it (``O_NOFOLLOW``; a missing one
     made of ``dir_mode`` whatever the umask, or by the umask when None), and the temporary file is
     made, and renamed, in the last one's descriptor. A link (or a non-directory) on the way raises
-    :class:`NotADirectoryError` naming it; nothing is written then."""
-    with _beneath(root, relative, dir_mode) as fd:
+    :class:`NotADirectoryError` naming it; nothing is written then. ``root_fd``: ``root`` as a
+    descriptor the caller opened and checked, used instead of opening ``root`` by path again (which
+    follows a link its directory's owner may have swapped in meanwhile); ``root`` only names it."""
+    with _beneath(root, relative, dir_mode, root_fd=root_fd) as fd:
         replace_at(fd, relative.name, data, mode, sync=sync)
 
 
@@ -69,10 +78,12 @@ def replace_at(dir_fd: int, name: str, data: bytes, mode: int, *, sync: bool = T
         os.fsync(dir_fd)
 
 
-def create_beneath(root: Path, relative: Path, data: bytes, mode: int, *, dir_mode: int | None = None) -> bool:
+def create_beneath(
+    root: Path, relative: Path, data: bytes, mode: int, *, dir_mode: int | None = None, root_fd: int | None = None
+) -> bool:
     """:func:`create` of ``root / relative``, following no link below ``root`` (as
-    :func:`replace_beneath`)."""
-    with _beneath(root, relative, dir_mode) as fd:
+    :func:`replace_beneath`, ``root_fd`` too)."""
+    with _beneath(root, relative, dir_mode, root_fd=root_fd) as fd:
         tmp = _temporary_at(fd, data, mode, True)
         try:
             os.link(tmp, relative.name, src_dir_fd=fd, dst_dir_fd=fd, follow_symlinks=False)
@@ -86,10 +97,11 @@ def create_beneath(root: Path, relative: Path, data: bytes, mode: int, *, dir_mo
 
 
 @contextlib.contextmanager
-def _beneath(root: Path, relative: Path, dir_mode: int | None) -> Iterator[int]:
+def _beneath(root: Path, relative: Path, dir_mode: int | None, *, root_fd: int | None = None) -> Iterator[int]:
     """The descriptor of ``root / relative``'s directory, each directory below ``root`` made when
-    missing and opened relative to the one above without following a link."""
-    held = [os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)]
+    missing and opened relative to the one above without following a link. ``root_fd``: ``root``
+    already open (a duplicate is walked from; the caller keeps and closes its own)."""
+    held = [os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if root_fd is None else os.dup(root_fd)]
     try:
         where = root
         for part in relative.parts[:-1]:

@@ -41,11 +41,22 @@ def _writing() -> Iterator[None]:
 
 
 class FilePublisher(Publisher):
-    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+    """``parent_fd``: ``root``'s parent (the state directory) as a descriptor the caller opened
+    without following a link and checked; ``objects`` is made, and every read and write walks,
+    from it, never from a path looked up again (root's ``publish-agent`` into a directory whose
+    parent another user owns: they could swap the state directory for a link between writes).
+    The caller keeps the descriptor open while the publisher is used, and closes it."""
+
+    def __init__(self, root: Path, *, fsync: bool = True, parent_fd: int | None = None) -> None:
         super().__init__()
         self.root = root
         self.fsync = fsync
-        make_dirs(root, 0o700)  # not by the umask: under 000 any local user could plant links here
+        self.parent_fd = parent_fd
+        if parent_fd is None:
+            make_dirs(root, 0o700)  # not by the umask: under 000 any local user could plant links here
+        else:
+            with durable._beneath(root.parent, Path(root.name, "-"), 0o700, root_fd=parent_fd):
+                pass
 
     def path(self, key: str) -> Path:
         """The file of ``key``; keys never leave the directory (ids come from agents and CMDBs)."""
@@ -72,12 +83,14 @@ class FilePublisher(Publisher):
     def _store(self, key: str, body: bytes, content_type: str) -> None:
         below = self._below(key)
         with _writing():
-            durable.replace_beneath(self.root.parent, below, body, 0o600, sync=self.fsync, dir_mode=0o700)
+            durable.replace_beneath(
+                self.root.parent, below, body, 0o600, sync=self.fsync, dir_mode=0o700, root_fd=self.parent_fd
+            )
 
     def _create(self, key: str, body: bytes, content_type: str) -> bool:
         below = self._below(key)
         with _writing():  # always synced: a link never replaces a file
-            return durable.create_beneath(self.root.parent, below, body, 0o600, dir_mode=0o700)
+            return durable.create_beneath(self.root.parent, below, body, 0o600, dir_mode=0o700, root_fd=self.parent_fd)
 
     def get(self, key: str) -> bytes:
         """The file of ``key``, reached one directory at a time from the root without following a
@@ -87,7 +100,15 @@ class FilePublisher(Publisher):
         path = self.path(key)
         parts = PurePosixPath(key).parts
         nofollow = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            if self.parent_fd is None:
+                fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            else:
+                fd = os.open(self.root.name, nofollow | os.O_DIRECTORY, dir_fd=self.parent_fd)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise FileNotFoundError(errno.ENOENT, "not a published file (a link)", str(path)) from None
+            raise
         try:
             for part in parts[:-1]:
                 sub = os.open(part, nofollow | os.O_DIRECTORY, dir_fd=fd)
@@ -106,8 +127,27 @@ class FilePublisher(Publisher):
             return f.read()
 
     def delete(self, key: str) -> None:
+        path = self.path(key)
+        if self.parent_fd is None:
+            with _writing():
+                path.unlink(missing_ok=True)
+            return
+        parts = (self.root.name, *PurePosixPath(key).parts)
+        nofollow = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
         with _writing():
-            self.path(key).unlink(missing_ok=True)
+            fd = os.dup(self.parent_fd)
+            try:
+                for part in parts[:-1]:
+                    try:
+                        sub = os.open(part, nofollow, dir_fd=fd)
+                    except FileNotFoundError:
+                        return
+                    os.close(fd)
+                    fd = sub
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(parts[-1], dir_fd=fd)
+            finally:
+                os.close(fd)
 
 
 @contextlib.contextmanager
@@ -133,10 +173,10 @@ class OwnersFilePublisher(FilePublisher):
     or write into, and ``serve --user`` did not start. Made as the owner, the files are theirs,
     and nothing there is written with root's rights."""
 
-    def __init__(self, root: Path, uid: int, gid: int, *, fsync: bool = True) -> None:
+    def __init__(self, root: Path, uid: int, gid: int, *, fsync: bool = True, parent_fd: int | None = None) -> None:
         self.uid, self.gid = uid, gid
         with _effective(uid, gid):
-            super().__init__(root, fsync=fsync)
+            super().__init__(root, fsync=fsync, parent_fd=parent_fd)
 
     def _store(self, key: str, body: bytes, content_type: str) -> None:
         with _effective(self.uid, self.gid):
