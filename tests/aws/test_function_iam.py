@@ -29,6 +29,7 @@ from ringfence.local.lambdas import load_functions
 from tests.aws.conftest import Env, LambdaContext, ip_of
 from tests.aws.test_agent_api import enroll_pairing, give_instance_profile, register_onprem, sts_request
 from tests.aws.test_attack_token_renewal import renew
+from tests.aws.test_governance import DEVELOPER, ESCALATION, retag
 from tests.aws.test_lifecycle_gate import heartbeat, launch
 from tests.aws.test_pipeline import AgentKey, _scheduled, agent_key, boot, enroll_iid, enroll_instance, iid_document
 from tests.aws.test_static import cfn_conditions, hcl, template, tf_conditions
@@ -510,6 +511,12 @@ def test_every_call_every_function_makes_is_granted_in_both_deployments(agent_st
         status, _, answer = env.rest("admin", method, path, body)
         assert status in (200, 201, 409), (path, status, answer)
     env.pump()
+    # a developer tags the instance into a privileged value: held, a finding (its audit record,
+    # its once#counted# claim: governance's, made by every function whose events name a principal)
+    retag(env, new, ESCALATION, DEVELOPER)
+    assert any(a.action == "label.held" and a.target == new for a in env.store.audit_log())
+    counted = [c for c in rec.calls.get("ingest", []) if _names_counted(c)]
+    assert counted, "the finding made no counted claim: the scenario misses it"
     assert "offline" in env.fn["reconcile"].handler(_scheduled(), LambdaContext())
     env.ec2.terminate_instances(InstanceIds=[new])
     env.put(env.state_event(new, "terminated"))
@@ -521,6 +528,20 @@ def test_every_call_every_function_makes_is_granted_in_both_deployments(agent_st
     seen = {a.split(":")[0] for calls in rec.other.values() for a, _ in calls}
     assert {"s3", "sqs", "ec2", "autoscaling"} <= seen, seen
     assert not refusals(rec, fns)
+    # the other clouds' event functions raise the same finding with the same claim (tests/gcp,
+    # tests/azure record their calls over moto without one)
+    for fn in FINDS:
+        for where, statements_of in (("template.yaml", sam_statements), ("infra/", terraform_statements)):
+            assert all(allowed(statements_of(fn), c) for c in counted), (where, fn, counted)
+
+
+def _names_counted(request: Request) -> bool:
+    action, table, context = request
+    return (
+        action == "PutItem"
+        and table == "state"
+        and any(k.startswith("once#counted#") for k in context.get("dynamodb:LeadingKeys", []))
+    )
 
 
 def test_a_pairing_enrollment_is_granted_in_both_deployments(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -563,6 +584,9 @@ ATTACKER_FED = (
 )
 # the state items a retirement removes (control/credentials.py retire: tokens and the connection,
 # never the agent key binding or a reset's named next key): the only deletions there
+# the functions whose events name a call's principal, and so raise privileged-label findings
+# (control/governance.py); the scheduled passes (reconcile, cloudreconcile) pass no principal
+FINDS = ("ingest", "gcpevents", "azureevents")
 RETIRES = {"ingest", "lifecycle", "reconcile", "gcpevents", "azureevents", "cloudreconcile"}
 
 

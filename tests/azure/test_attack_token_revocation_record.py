@@ -175,3 +175,51 @@ def test_attack_one_vms_failed_revocation_does_not_keep_the_other_deleted_vms_fr
     assert res.gone == [first]
     assert w.store.token_workload(secret_hash(tokens[first])) is None
     assert revocations(w, A) == 1 and revocations(w, B) == 1
+
+
+def test_attack_a_vms_revocation_failing_every_pass_does_not_keep_earlier_tombstones_from_compute(
+    arm: ArmServer, azure: Azure, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B is deleted, its event lost; the scheduled pass stores its tombstone and fails to queue it
+    for compute (nothing redelivers a pass: later passes hand what was stored gone lately on
+    again). Then A is deleted and its revocation fails on every pass. Each pass fails for A, and
+    before, failing skipped that hand-on: B's address stayed in its peers' sets for as long as A's
+    revocation failed. Now every such pass still hands B on, and fails after."""
+    w = wiring
+    seed_vm(arm, "rv3-a", A, "10.20.1.61", PROD_WEB)
+    seed_vm(arm, "rv3-b", B, "10.20.1.62", PROD_WEB)
+    observe_subscription(w, azure.arm(SUB), scheduled=True)
+    w.store.put_token(secret_hash(secrets.token_hex(16)), A, 3600)
+    arm.delete(vm_id("rv3-b"))
+    real_enqueue = w.enqueue_compute
+    sent: list[list[str]] = []
+    down = [True]
+
+    def enqueue(ids: Any, *args: Any, **kw: Any) -> Any:
+        if down:
+            down.clear()
+            raise RuntimeError("queue unavailable")
+        sent.append(list(ids))
+        return real_enqueue(ids, *args, **kw)
+
+    monkeypatch.setattr(w, "enqueue_compute", enqueue)
+    with pytest.raises(RuntimeError):
+        observe_subscription(w, azure.arm(SUB), scheduled=True)
+    rec = w.store.get(B)
+    assert rec is not None and rec.state == "terminated" and not sent
+    arm.delete(vm_id("rv3-a"))
+    real_audit = w.store.audit_with
+
+    def audit_with(rec: Any, change: Any) -> Any:
+        if rec.target == A:
+            raise sqlite3.OperationalError("database is locked")
+        return real_audit(rec, change)
+
+    monkeypatch.setattr(w.store, "audit_with", audit_with)
+    for _ in range(2):  # two scheduled passes, each failing for A
+        sent.clear()
+        with pytest.raises(sqlite3.OperationalError):
+            observe_subscription(w, azure.arm(SUB), scheduled=True)
+        assert any(B in ids for ids in sent), "B's tombstone kept from compute while A's revocation fails"
+    rec = w.store.get(A)
+    assert rec is not None and rec.state != "terminated"

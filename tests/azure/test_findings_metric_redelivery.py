@@ -81,3 +81,37 @@ def test_a_finding_whose_record_landed_unanswered_is_counted_by_the_redelivery(
         assert answer.status == 200
     assert findings(w) == [MALLORY] and quarantines(w) == 1
     assert sum(v for n, v in counted if n == "PrivilegedLabelFindings") == 1, "a finding recorded but never counted"
+
+
+def test_a_counted_claim_that_cannot_be_written_blocks_neither_the_quarantine_nor_the_finding(
+    arm: ArmServer, azure: Azure, quarantining: LocalWiring, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    """The finding's counted claim refused on every delivery (on AWS, a role without the grant:
+    AccessDenied). Raised, it failed the delivery after the finding's record and before its
+    quarantine and its SIEM line, and every redelivery the same. A metric's claim blocks
+    neither: quarantined, logged, and counted once (by the delivery that wrote the record)."""
+    import logging
+
+    w = quarantining
+    counted: list[tuple[str, float]] = []
+    events = AzureEvents(w, azure, metric=lambda name, value: counted.append((name, value)))
+    ev = _mallory_moves_web_to_jumpbox(arm, azure, w, "web-fc")
+    body = json.dumps([ev]).encode()
+    real = w.store.claim_once
+    refused: list[str] = []
+
+    def claim_once(key: str, ttl: int) -> bool:
+        if key.startswith("counted#"):
+            refused.append(key)
+            raise sqlite3.OperationalError("not authorized")
+        return real(key, ttl)
+
+    monkeypatch.setattr(w.store, "claim_once", claim_once)
+    caplog.set_level(logging.INFO, logger="ringfence.findings")
+    for _ in range(2):  # the delivery, then a duplicate
+        answer: Any = events.handle(HEADERS, body)
+        assert answer.status == 200
+    assert refused, "the scenario made no counted claim"
+    assert findings(w) == [MALLORY] and quarantines(w) == 1
+    assert [r for r in caplog.records if r.name == "ringfence.findings"], "the finding was never logged"
+    assert sum(v for n, v in counted if n == "PrivilegedLabelFindings") == 1

@@ -58,3 +58,49 @@ def test_attack_one_vms_failed_revocation_does_not_keep_the_other_deleted_vms_fr
     kept = wiring.store.get(first)
     assert kept is not None and kept.state == "terminated"
     assert wiring.store.token_workload(tokens[first]) is None
+
+
+def test_attack_a_vms_revocation_failing_every_sync_does_not_keep_earlier_tombstones_from_compute(
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B is deleted, its entry lost; a sync stores its tombstone and fails to queue it for compute
+    (the next syncs hand what was stored gone lately on again). Then A is deleted and its
+    revocation fails on every sync. Before, each sync failing for A skipped that hand-on, so B's
+    address stayed in its peers' sets; now each hands B on, then fails."""
+    ingest = GcpIngest(wiring, gcp_config(gcp, LabelSource.LABELS))
+    a, b = (gcp.add_instance(PROJECT, ZONE, vm_name(), [f"10.20.9.{i}"], labels=PROD_WEB) for i in (1, 2))
+    ingest.sync(PROJECT)
+    wiring.store.put_token(secrets.token_hex(16), a["id"], 3600)
+    gcp.delete_instance(PROJECT, ZONE, b["name"])
+    real_enqueue = wiring.enqueue_compute
+    sent: list[list[str]] = []
+    down = [True]
+
+    def enqueue(ids: Any, *args: Any, **kw: Any) -> Any:
+        if down:
+            down.clear()
+            raise RuntimeError("queue unavailable")
+        sent.append(list(ids))
+        return real_enqueue(ids, *args, **kw)
+
+    monkeypatch.setattr(wiring, "enqueue_compute", enqueue)
+    with pytest.raises(RuntimeError):
+        ingest.sync(PROJECT)
+    rec = wiring.store.get(b["id"])
+    assert rec is not None and rec.state == "terminated" and not sent
+    gcp.delete_instance(PROJECT, ZONE, a["name"])
+    real_audit = wiring.store.audit_with
+
+    def audit_with(rec: Any, change: Any) -> Any:
+        if rec.target == a["id"]:
+            raise RuntimeError("the store refuses this one")
+        return real_audit(rec, change)
+
+    monkeypatch.setattr(wiring.store, "audit_with", audit_with)
+    for _ in range(2):  # two syncs, each failing for A
+        sent.clear()
+        with pytest.raises(RuntimeError, match="refuses"):
+            ingest.sync(PROJECT)
+        assert any(b["id"] in ids for ids in sent), "B's tombstone kept from compute while A's revocation fails"
+    rec = wiring.store.get(a["id"])
+    assert rec is not None and rec.state != "terminated"

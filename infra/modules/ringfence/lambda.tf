@@ -193,6 +193,9 @@ locals {
   gcp_once_keys = { test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["once#confirmed#*", "once#blamed#*", "once#decided-last#*"] }
   retire        = { actions = ["dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn], conditions = [local.retire_keys] }
   gcp_once      = { actions = ["dynamodb:PutItem"], resources = [aws_dynamodb_table.state.arn], conditions = [local.gcp_once_keys] }
+  # a privileged-label finding counted once (control/governance.py): its claim only, by the
+  # functions whose events name a call's principal (the scheduled passes raise no finding)
+  counted_put = { actions = ["dynamodb:PutItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["once#counted#*"] }, { test = "ForAllValues:StringEquals", variable = "dynamodb:Attributes", values = ["pk", "sk", "ttl"] }] }
 
   # least privilege, per function
   statements = {
@@ -205,7 +208,7 @@ locals {
       # a terminated instance's agent token and connection are revoked (audited): those items
       # only, never the active policy, a bundle pointer or the engine head
       local.retire,
-      local.quarantine_put, local.record_check,
+      local.quarantine_put, local.record_check, local.counted_put,
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.ingest.arn] },
       # the priority lane: an instance leaving its peers' sets
@@ -373,7 +376,7 @@ locals {
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn] },
       local.retire, local.gcp_once,
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
-      local.observe, local.quarantine_put, local.record_check,
+      local.observe, local.quarantine_put, local.record_check, local.counted_put,
       # governance findings, approvals and retired credentials are audited
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
@@ -384,7 +387,7 @@ locals {
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn] },
       local.retire,
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
-      local.observe, local.quarantine_put, local.record_check,
+      local.observe, local.quarantine_put, local.record_check, local.counted_put,
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
       local.policies_read, local.kms_use,

@@ -344,6 +344,20 @@ def _audit_once(w: BaseWiring, rec: AuditRecord, change: OperatorChange | None =
     return True
 
 
+def _claim_count(w: BaseWiring, held_id: str, wrote: bool) -> bool:
+    """Whether this delivery counts the finding ``held_id`` (its ``counted#`` claim). A claim that
+    cannot be written (throttled, refused) never blocks the quarantine or the finding's log line,
+    which a metric must not: logged, and counted by the delivery that wrote the record (at most
+    once still; one whose write raised though it landed goes uncounted)."""
+    try:
+        return w.store.claim_once(f"counted#{held_id}", COUNTED_TTL)
+    except Exception as exc:
+        log.warning(
+            "finding %s: its counted claim failed (%s): counted only if this delivery recorded it", held_id, exc
+        )
+        return wrote
+
+
 def _moves(held: dict[str, Any], now: tuple[Move, ...]) -> tuple[Move, ...]:
     """The moves a ``label.held`` record's detail reports (``requested``; each move's old value as
     decided now, else the label then in force)."""
@@ -451,7 +465,7 @@ def _report(
     # counted once per finding, not again on each redelivery: by the first delivery to find its
     # record written, by itself or by an earlier one whose write raised though it landed (an
     # answer lost), which counted nothing; a store claim marks it counted
-    if w.store.claim_once(f"counted#{held_id}", COUNTED_TTL):
+    if _claim_count(w, held_id, wrote):
         metric("PrivilegedLabelFindings", 1)
     quarantined = quarantine and _audit_once(
         w,

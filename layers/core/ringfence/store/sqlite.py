@@ -83,6 +83,9 @@ from ringfence.store.base import (
 _UNSET: Any = object()
 DELTA_TTL = 14 * 86400
 CONNECTION_TTL = 2 * 3600
+# how often a store clears the claims of every key that expired (claim_once): the table holds one
+# row per finding counted, refresh and GCP identity token spent, so a scan at most this often
+CLAIM_PRUNE_EVERY = 3600.0
 # 2: inventory.governed_rev; 3: token.agent_key; 4: inventory.label_writes; 5: quarantine (an older
 # release, which would not read it, refuses the file)
 SCHEMA_VERSION = 5
@@ -291,6 +294,7 @@ class SqliteStore:
         self._all: list[tuple[weakref.ref[threading.Thread], sqlite3.Connection]] = []
         self._lock = threading.Lock()
         self._writer = threading.Lock()
+        self._claims_pruned = 0.0  # when claim_once last cleared every expired claim
         self.metric: Callable[[str, float], None] = no_metric
         if read_only and not self.path.is_file():
             raise StoreOpenError(f"{self.path}: no such database file")
@@ -830,8 +834,13 @@ class SqliteStore:
 
     def claim_once(self, key: str, ttl: int) -> bool:
         now = time.time()
+        prune = now - self._claims_pruned >= CLAIM_PRUNE_EVERY
         with self._tx() as db:
-            db.execute("DELETE FROM claim WHERE key = ? AND expires < ?", (key, now))
+            if prune:  # a claim never made again would stay for good
+                db.execute("DELETE FROM claim WHERE expires < ?", (now,))
+                self._claims_pruned = now
+            else:
+                db.execute("DELETE FROM claim WHERE key = ? AND expires < ?", (key, now))
             cur = db.execute("INSERT OR IGNORE INTO claim (key, expires) VALUES (?, ?)", (key, now + ttl))
             return cur.rowcount == 1
 

@@ -128,9 +128,9 @@ def observe_subscription(
     gave_back: set[str] = set()
     stored_gone: list[InventoryRecord] = []  # of the subscription, not listed, stored gone before the pass
     changed = observe(w, vms, nics, metric=metric, gave_back=gave_back)
+    failed: list[Exception] = []  # revocations that failed: their VMs left as stored
     try:
         live = {v.vm_id for v in vms}
-        failed: list[Exception] = []  # revocations that failed: their VMs left as stored
         for rec in w.store.all_records():
             mine = rec.workload.cloud == "azure" and (rec.workload.account or "").lower() == arm.subscription.lower()
             if not mine or rec.id in live:
@@ -165,8 +165,6 @@ def observe_subscription(
                 res.gone.append(rec.id)
                 if releases_addresses(rec, gone):
                     gave_back.add(rec.id)
-        if failed:  # the pass fails, for its retry (the next pass revokes and tombstones them)
-            raise failed[0]
     finally:
         # what was stored is handed on even when a later step fails: the next pass finds nothing
         # more to store for it and would not
@@ -181,5 +179,9 @@ def observe_subscription(
             metric(COMPUTE_NOT_QUEUED, 1)
             raise
     if scheduled:
+        # also when a VM's revocation failed: the pass failing for that VM on every retry must not
+        # keep what was stored gone earlier from compute
         hand_on_gone_again(w, stored_gone, lambda r: True, res.changed, f"azure sync of {arm.subscription}", metric)
+    if failed:  # the pass fails, for its retry (the next pass revokes and tombstones them)
+        raise failed[0]
     return res

@@ -900,9 +900,12 @@ class GcpIngest:
         held = {(rec.workload.vpc, ip) for rec in observed for ip in rec.workload.ips}
         gave_back: set[str] = set()
         changed = self._store(observed, None, gave_back=gave_back)
+        failed: list[Exception] = []  # revocations that failed: their VMs left as stored
         try:
             records = self.w.store.all_records()
-            self._sync_unlisted(project, records, seen, held, unreachable, mapper, changed, listed_at, gave_back)
+            self._sync_unlisted(
+                project, records, seen, held, unreachable, mapper, changed, listed_at, gave_back, failed
+            )
         except BaseException:
             # what was stored is handed on: the next pass finds nothing more to store and would not
             hand_on_stored(self.w, changed, f"gcp sync of {project}", self.metric, urgent=gave_back)
@@ -918,6 +921,10 @@ class GcpIngest:
             f"gcp sync of {project}",
             self.metric,
         )
+        # failing for a VM whose revocation failed only now: failing on every retry, the pass must
+        # not keep what was stored gone earlier from compute
+        if failed:  # the pass fails, for its retry (the next pass revokes and tombstones them)
+            raise failed[0]
         return changed
 
     def _sync_unlisted(
@@ -931,14 +938,15 @@ class GcpIngest:
         changed: set[str],
         listed_at: float,
         gave_back: set[str],
+        failed: list[Exception],
     ) -> None:
         """:meth:`sync`'s pass over the project's stored VMs it did not list (``changed`` gets
-        those it changed as each is stored, ``gave_back`` those of them deleted; ``listed_at``:
-        when the listing began; ``records``: the store's, read after the listed VMs were stored)."""
+        those it changed as each is stored, ``gave_back`` those of them deleted, ``failed`` the
+        revocations that failed, their VMs left as stored; ``listed_at``: when the listing began;
+        ``records``: the store's, read after the listed VMs were stored)."""
         if unreachable is None or unreachable:
             self.metric("GcpZonesUnreachable", len(unreachable) if unreachable is not None else 1)
             log.warning("gcp sync of %s: unreachable zones %s: their VMs are looked up by id", project, unreachable)
-        failed: list[Exception] = []  # revocations that failed: their VMs left as stored
         for stored in records:
             wl = stored.workload
             if wl.cloud != "gcp" or wl.account != project or stored.id in seen or stored.state == "terminated":
@@ -958,8 +966,6 @@ class GcpIngest:
                 changed.add(stored.id)
                 if releases_addresses(stored, gone):
                     gave_back.add(stored.id)
-        if failed:  # the pass fails, for its retry (the next pass revokes and tombstones them)
-            raise failed[0]
 
     def _retire(self, project: str, wid: str, failed: list[Exception], at: float | None = None) -> bool:
         """:func:`credentials.retire` of a deleted VM (``at``: before a tombstone observed then,
