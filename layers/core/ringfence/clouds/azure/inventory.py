@@ -47,14 +47,16 @@ def observe(
     event_id: str = "",
     metric: Metric = no_metric,
     gave_back: set[str] | None = None,
+    observed_at: float | None = None,
 ) -> set[str]:
     """Store what these VMs are now (governed against the stored records); the ids that changed
     in what compute reads (:func:`concerns_compute`): a VM's tag outside the labels' prefix, which
     any tag writer may change as often as they like, is stored and not handed on. ``gave_back``
-    gets the ids whose write gave their addresses back (deleted: :func:`releases_addresses`)."""
+    gets the ids whose write gave their addresses back (deleted: :func:`releases_addresses`).
+    ``observed_at``: when the read of these VMs began (else now)."""
     mapper = w.mapper()
     stored = w.store.get_many([v.vm_id for v in vms])
-    t0 = time.time()
+    t0 = time.time() if observed_at is None else observed_at
     observed = [to_record(vm, nics, t0, mapper) for vm in vms]
     what = f"azure event {event_id or '-'}"
     return store_deletable(
@@ -127,7 +129,10 @@ def observe_subscription(
     res.seen = len(vms)
     gave_back: set[str] = set()
     stored_gone: list[InventoryRecord] = []  # of the subscription, not listed, stored gone before the pass
-    changed = observe(w, vms, nics, metric=metric, gave_back=gave_back)
+    # dated when the listing began, as its tombstones: a VM's write stored by its event after
+    # then (its tags changed during the pass) is newer than this listing's copy, which the store
+    # drops rather than putting the old tags back
+    changed = observe(w, vms, nics, metric=metric, gave_back=gave_back, observed_at=listed_at)
     failed: list[Exception] = []  # revocations that failed: their VMs left as stored
     try:
         live = {v.vm_id for v in vms}

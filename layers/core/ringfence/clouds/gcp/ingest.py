@@ -894,7 +894,10 @@ class GcpIngest:
         # after this time, which the tombstone written at it does not overwrite
         listed_at = now()
         listed, unreachable = self.instances.listing(project)
-        observed = [self.record(project, inst, now(), mapper) for inst in listed]
+        # dated when the listing began, as its tombstones: a VM's write stored by its event after
+        # then (its labels changed during the pass) is newer than this listing's copy, which the
+        # store drops rather than putting the old labels back
+        observed = [self.record(project, inst, listed_at, mapper) for inst in listed]
         seen = {rec.id for rec in observed}
         # GCP gives an internal address to one VM of a network at a time (a stopped VM keeps its own)
         held = {(rec.workload.vpc, ip) for rec in observed for ip in rec.workload.ips}
@@ -1002,9 +1005,10 @@ class GcpIngest:
         approved again."""
         wl = stored.workload
         zone = str(wl.zone)
+        asked = now()  # before the read, as the listing's records: an event's write after then stands
         try:
             inst = self.instances.by_id(project, zone, stored.id)
-            rec = self.record(project, inst, now(), mapper) if inst is not None else None
+            rec = self.record(project, inst, asked, mapper) if inst is not None else None
         except (GoogleAPICallError, RetryError) as exc:
             taken = sorted(ip for ip in wl.ips if (wl.vpc, ip) in held)
             age = now() - stored.observed_at
