@@ -22,6 +22,9 @@ from tests.onprem.test_serve_signer import key_in, python_for_other_users
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="serve --user and another user's files need root")
 USER = "nobody"
+# the address space root's commands get where a test plants something big: several times what they
+# need (compile and publish-agent stay under 150 MB here), far below what an unbounded read takes
+MEMORY_CAP = 400_000_000
 ALICE = "alice-token-0123456789abcdef"
 MALLORY = "attacker-secret-token-0123456789abcdef"
 
@@ -316,12 +319,19 @@ def test_attack_keygen_refuses_an_out_directory_inside_another_users_directory(s
 # --- publish-agent, then serve --user (docs/onprem.md, docs/serve.md) -------------------------------------
 
 
-def publish_agent(state: Path, wheels: Path) -> subprocess.CompletedProcess[str]:
+def publish_agent(state: Path, wheels: Path, limit_memory: bool = False) -> subprocess.CompletedProcess[str]:
+    import resource
+
+    def limits() -> None:
+        if limit_memory:  # a runaway read fails here instead of hurting the host
+            resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
+
     return subprocess.run(
         [str(BIN / "ringfence"), "publish-agent", "--store", f"sqlite:{state / 'state.db'}", "--dir", str(wheels)],
         capture_output=True,
         text=True,
         timeout=60,
+        preexec_fn=limits,
     )
 
 
@@ -583,7 +593,7 @@ def compile_out(site: Path, limit_memory: bool = False) -> subprocess.CompletedP
 
     def limits() -> None:
         if limit_memory:  # a runaway read fails here instead of hurting the host
-            resource.setrlimit(resource.RLIMIT_AS, (1_500_000_000, 1_500_000_000))
+            resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
 
     example = Path(__file__).resolve().parents[2] / "examples" / "ordering"
     return subprocess.run(
@@ -615,12 +625,16 @@ def test_attack_compile_out_reads_no_fifo_device_or_huge_file_another_user_plant
     first = compile_out(site)
     assert first.returncode == 0, first.stderr
     subprocess.run(["chown", "-R", f"{pw.pw_uid}:{pw.pw_gid}", str(site)], check=True)
-    target = site / ("bundles" if plant == "fifo" else "heads") / "aaa.json"
-    script = {
-        "fifo": "import os, sys; os.mkfifo(sys.argv[1])",
-        "link to /dev/zero": "import os, sys; os.symlink('/dev/zero', sys.argv[1])",
-        "oversized file": "import sys; f = open(sys.argv[1], 'wb'); f.truncate(17 * 1024 * 1024)",
-    }[plant]
+    # at a workload's own name: the only files read back
+    target = site / ("bundles" if plant == "fifo" else "heads") / "ord-prod-lb-1.json"
+    script = (
+        "import os, sys; os.unlink(sys.argv[1]); "
+        + {
+            "fifo": "os.mkfifo(sys.argv[1])",
+            "link to /dev/zero": "os.symlink('/dev/zero', sys.argv[1])",
+            "oversized file": "f = open(sys.argv[1], 'wb'); f.truncate(17 * 1024 * 1024)",
+        }[plant]
+    )
     planted = as_user(script, str(target))
     assert planted.returncode == 0, planted.stderr
     try:
@@ -630,3 +644,78 @@ def test_attack_compile_out_reads_no_fifo_device_or_huge_file_another_user_plant
     assert proc.returncode == 0, proc.stderr[-2000:]
     why = {"fifo": "not a regular file", "link to /dev/zero": "a symbolic link", "oversized file": "over 16777216"}
     assert f"ignoring {target}: " in proc.stderr and why[plant] in proc.stderr, proc.stderr[-2000:]
+
+
+# --- review 5: what root reads back is bounded by what it would write ------------------------------------
+
+
+def test_attack_publish_agent_reads_no_more_of_a_file_planted_at_the_installers_name_than_it_would_write(
+    shared: Path,
+) -> None:
+    """USER, owning the state directory (``install -d -o NAME -m 750``), plants a 4 GiB sparse file
+    at the installer's predictable name (``objects/agent/install-<16 hex of its SHA-256>.sh``).
+    root's publish-agent finds the name taken and compares: it reads no more than its own
+    installer's size (under a 400 MB address-space cap), refuses the other bytes, and leaves them."""
+    import hashlib
+
+    pw = nobody()
+    svc, wheels = shared / "svc", shared / "wheels"
+    svc.mkdir()
+    state = svc / "state"
+    state.mkdir(mode=0o750)
+    os.chown(state, pw.pw_uid, pw.pw_gid)
+    wheels.mkdir()
+    (wheels / "ringfence_agent-9.9.1-py3-none-any.whl").write_bytes(b"PK a build\n")
+    installer = Path(__file__).resolve().parents[2] / "agent" / "packaging" / "install.sh"
+    name = f"install-{hashlib.sha256(installer.read_bytes()).hexdigest()[:16]}.sh"
+    planted = as_user(
+        "import os, sys; os.makedirs(os.path.dirname(sys.argv[1])); f = open(sys.argv[1], 'wb'); f.truncate(4 << 30)",
+        str(state / "objects" / "agent" / name),
+    )
+    assert planted.returncode == 0, planted.stderr
+    try:
+        proc = publish_agent(state, wheels, limit_memory=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail("publish-agent did not finish reading the planted file")
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and "MemoryError" not in proc.stderr, proc.stderr[-2000:]
+    assert f"agent/{name} is already published with other bytes" in proc.stderr, proc.stderr[-2000:]
+    assert (state / "objects" / "agent" / name).stat().st_size == 4 << 30
+
+
+# N valid bundles of just under 16 MiB each (a ~850k-address set), workload ids no inventory holds
+PAD_BUNDLES = """
+import json, os, sys
+bundles, n = sys.argv[1], int(sys.argv[2])
+d = json.load(open(os.path.join(bundles, "ord-prod-lb-1.json")))
+k = next(iter(d["sets"]))
+d["sets"][k]["v4"] = [f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}/32" for i in range(850_000)]
+d["workload_id"] = "zz-pad-XXXXXX"
+body = json.dumps(d).encode()
+for j in range(n):
+    with open(os.path.join(bundles, f"zz-pad-{j:06d}.json"), "wb") as f:
+        f.write(body.replace(b'"zz-pad-XXXXXX"', f'"zz-pad-{j:06d}"'.encode()))
+"""
+
+
+def test_attack_compile_out_reads_back_only_its_own_workloads_files(shared: Path) -> None:
+    """``compile --out SITE``, SITE the web server account's (USER here): USER adds 8 valid bundles
+    of 15.6 MB each for workload ids the inventory does not hold (each would be parsed and kept
+    for the whole compile, ~60 MB apiece). compile reads back only its own workloads' files, by
+    name, so it finishes under a 400 MB address-space cap, and leaves USER's files as they are."""
+    pw = nobody()
+    site = shared / "site"
+    site.mkdir()
+    first = compile_out(site)
+    assert first.returncode == 0, first.stderr
+    subprocess.run(["chown", "-R", f"{pw.pw_uid}:{pw.pw_gid}", str(site)], check=True)
+    planted = as_user(PAD_BUNDLES, str(site / "bundles"), "8")
+    assert planted.returncode == 0, planted.stderr
+    try:
+        proc = compile_out(site, limit_memory=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail("compile did not finish")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "wrote 0 new or changed" in proc.stdout, proc.stdout  # its own previous bundles were read back
+    assert "zz-pad" not in proc.stderr, proc.stderr[-2000:]
+    assert len(list((site / "bundles").glob("zz-pad-*.json"))) == 8

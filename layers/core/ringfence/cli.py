@@ -9,7 +9,7 @@ import os
 import stat
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -100,13 +100,13 @@ def _inventory(args: argparse.Namespace) -> list[Workload]:
     return load_inventory(Path(args.inventory)) if getattr(args, "inventory", None) else []
 
 
-def _engine(args: argparse.Namespace, revision: int = 0) -> tuple[Any, Engine]:
+def _engine(args: argparse.Namespace, revision: int = 0, inventory: list[Workload] | None = None) -> tuple[Any, Engine]:
     from ringfence.engine import Engine
     from ringfence.policy import load_policy
 
     policy = load_policy(Path(args.policy))
     engine = Engine(policy, policy_version=getattr(args, "policy_version", 0) or 0, revision=revision)
-    engine.load(_inventory(args))
+    engine.load(_inventory(args) if inventory is None else inventory)
     return policy, engine
 
 
@@ -464,14 +464,16 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from ringfence.publish import static_release
 
     out = Path(args.out)
-    previous, heads = _previous_compile(out)
+    inventory = _inventory(args)
+    # only this inventory's workloads: their agents are the ones a previous compile's versions matter to
+    previous, heads = _previous_compile(out, (w.id for w in inventory))
     floor = max((b.version for b in previous.values()), default=0)
     # Offline compiles have no durable revision counter: start from the clock (ms), so bundle
     # versions from a later run are always higher and an agent never takes an older one.
     start = args.revision if args.revision is not None else max(time.time_ns() // 1_000_000, floor)
     if start < floor:
         raise CliError(f"--revision {start} is below the previous compile in {out} (version {floor})")
-    _, engine = _engine(args, revision=start)
+    _, engine = _engine(args, revision=start, inventory=inventory)
     fresh = {wid: bundle_mod.Bundle.model_validate(engine.render(wid)) for wid in sorted(engine.workloads)}
     # compiling again into the same directory continues from what is there: unchanged sets and
     # bundles keep their versions, changed sets get deltas (docs/agent.md, static source)
@@ -515,11 +517,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
 PREVIOUS_LAYOUT_MAX_BYTES = 16 * 1024 * 1024
 
 
-def _previous_layout_files(out: Path, sub: str) -> Iterator[tuple[Path, bytes]]:
-    """``out/sub/*.json`` that are regular files of at most :data:`PREVIOUS_LAYOUT_MAX_BYTES`,
-    each opened relative to ``sub``'s descriptor without following a link and without blocking
-    (``out`` may be the web server account's: a FIFO there would hang the compile, a link to
-    /dev/zero exhaust its memory). Anything else is skipped with a message naming it."""
+def _previous_layout_files(out: Path, sub: str, names: Iterable[str]) -> Iterator[tuple[str, Path, bytes]]:
+    """``out/sub/<name>`` for each of ``names`` (never a listing of the directory: ``out`` may be
+    the web server account's, who could fill it with any number of files), those that are regular
+    files of at most :data:`PREVIOUS_LAYOUT_MAX_BYTES`, each opened relative to ``sub``'s
+    descriptor without following a link and without blocking (a FIFO there would hang the
+    compile, a link to /dev/zero exhaust its memory). A missing one is skipped quietly, anything
+    else not read with a message naming it."""
     nofollow = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         dir_fd = os.open(out / sub, nofollow | os.O_DIRECTORY)
@@ -529,10 +533,12 @@ def _previous_layout_files(out: Path, sub: str) -> Iterator[tuple[Path, bytes]]:
         print(f"ignoring {out / sub}: {exc.strerror} (not followed if a link)", file=sys.stderr)
         return
     try:
-        for name in sorted(n for n in os.listdir(dir_fd) if n.endswith(".json")):
+        for name in names:
             path = out / sub / name
             try:
                 fd = os.open(name, nofollow | os.O_NONBLOCK, dir_fd=dir_fd)
+            except FileNotFoundError:
+                continue
             except OSError as exc:
                 why = "a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
                 print(f"ignoring {path}: {why}", file=sys.stderr)
@@ -553,31 +559,42 @@ def _previous_layout_files(out: Path, sub: str) -> Iterator[tuple[Path, bytes]]:
             if len(data) > PREVIOUS_LAYOUT_MAX_BYTES:  # grew after the check
                 print(f"ignoring {path}: over {PREVIOUS_LAYOUT_MAX_BYTES} bytes", file=sys.stderr)
                 continue
-            yield path, data
+            yield name, path, data
     finally:
         os.close(dir_fd)
 
 
-def _previous_compile(out: Path) -> tuple[dict[str, bundle_mod.Bundle], dict[str, staticlayout.Head]]:
-    """The bundles and heads a previous compile left in ``out`` (unreadable files are skipped, as is
-    anything not a regular file: :func:`_previous_layout_files`)."""
+def _previous_compile(
+    out: Path, workload_ids: Iterable[str]
+) -> tuple[dict[str, bundle_mod.Bundle], dict[str, staticlayout.Head]]:
+    """The bundles and heads a previous compile left in ``out`` for ``workload_ids`` (this
+    compile's, from the caller's inventory): read by their names, so what is kept is bounded by
+    the inventory, never by what else is there. Unreadable files are skipped, as is anything not a
+    regular file (:func:`_previous_layout_files`) or a document for another workload."""
     from ringfence import bundle as bundle_mod
     from ringfence import staticlayout
 
+    by_name = {staticlayout.file_name(wid): wid for wid in sorted(set(workload_ids))}
     bundles: dict[str, bundle_mod.Bundle] = {}
     heads: dict[str, staticlayout.Head] = {}
-    for path, data in _previous_layout_files(out, "bundles"):
+    for name, path, data in _previous_layout_files(out, "bundles", by_name):
         try:
             doc = bundle_mod.load_bundle(data)
         except bundle_mod.BundleError as exc:
             print(f"ignoring {path}: {exc}", file=sys.stderr)
             continue
+        if doc.workload_id != by_name[name]:
+            print(f"ignoring {path}: a bundle of {doc.workload_id!r}, not of {by_name[name]!r}", file=sys.stderr)
+            continue
         bundles[doc.workload_id] = doc
-    for path, data in _previous_layout_files(out, "heads"):
+    for name, path, data in _previous_layout_files(out, "heads", by_name):
         try:
             head = staticlayout.load_head(data)
         except staticlayout.HeadError as exc:
             print(f"ignoring {path}: {exc}", file=sys.stderr)
+            continue
+        if head.workload_id != by_name[name]:
+            print(f"ignoring {path}: the head of {head.workload_id!r}, not of {by_name[name]!r}", file=sys.stderr)
             continue
         heads[head.workload_id] = head
     return bundles, heads
@@ -1004,44 +1021,67 @@ def _open_state_dir(state: Path) -> tuple[int, os.stat_result]:
     A link there is refused: its owner (serve --user's user, who may own the directory above) could
     point root's writes at any root-only directory. Root's own state directory, and one root would
     make, must be in directories only root may change: else it could be swapped for such a link
-    (or, once made, renamed away) while it is written."""
+    (or, once made, renamed away) while it is written. Whether that is checked and whose rights
+    are written with both come from the one status of the opened descriptor (a path looked at
+    twice could name two directories)."""
     from ringfence.local.signer_process import path_problem
 
     root = os.geteuid() == 0
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+    def refuse(why: str, made: str = "") -> CliError:
+        return CliError(f"--store {state}: refused: {why}{made}; nothing published")
+
+    def opened() -> int:
+        try:
+            return os.open(state, flags)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise CliError(
+                    f"--store: {state} is a symbolic link or not a directory: refused, nothing published "
+                    "(give the state directory itself)"
+                ) from None
+            if exc.errno == errno.ENOENT:
+                raise
+            raise CliError(f"--store: {state}: {exc.strerror}") from None
+
+    what = "the state directory with a link"
     try:
-        st: os.stat_result | None = os.lstat(state)
+        fd = opened()
     except FileNotFoundError:
-        st = None
-    except OSError as exc:
-        raise CliError(f"--store: {state}: {exc.strerror}") from None
-    if root and (st is None or (st.st_uid == 0 and stat.S_ISDIR(st.st_mode))):
-        what = "the state directory with a link"
-        if st is not None:
-            why = path_problem(state / "objects", (0,), label="state", what=what)
-        else:  # the directories root would make it in
+        if root:  # the directories root would make it in
             why = path_problem(state, (0,), label="state", what=what, follow_last=False)
-        if why is not None:
-            made = (
-                "" if st is not None else " (missing: make it first, e.g. install -d -o USER -m 750, for serve --user)"
-            )
-            raise CliError(f"--store {state}: refused: {why}{made}; nothing published")
-    if st is None:
+            if why is not None:
+                raise refuse(
+                    why, " (missing: make it first, e.g. install -d -o USER -m 750, for serve --user)"
+                ) from None
         from ringfence.local.statedir import make_dirs
 
         try:  # root: beneath root-only directories (checked above), so no one else can swap it meanwhile
             make_dirs(state, 0o700)
         except OSError as exc:
             raise CliError(f"--store: {exc.filename or state}: {exc.strerror}") from None
+        try:
+            fd = opened()
+        except FileNotFoundError:
+            raise CliError(f"--store: {state}: no such directory") from None
     try:
-        fd = os.open(state, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise CliError(
-                f"--store: {state} is a symbolic link or not a directory: refused, nothing published "
-                "(give the state directory itself)"
-            ) from None
-        raise CliError(f"--store: {state}: {exc.strerror}") from None
-    return fd, os.fstat(fd)
+        st = os.fstat(fd)
+        if root and st.st_uid == 0:
+            why = path_problem(state / "objects", (0,), label="state", what=what)
+            if why is not None:
+                raise refuse(why)
+            # its directories now found root's alone: the path names, and keeps naming, this directory
+            try:
+                now = os.lstat(state)
+            except OSError:
+                now = None
+            if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                raise refuse(f"{state} was replaced while it was checked")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
 
 
 def cmd_publish_agent(args: argparse.Namespace) -> int:

@@ -21,6 +21,10 @@ class Conflict(Exception):
     """``put_once``: the key already holds other bytes (a name published once is never reused)."""
 
 
+class TooLarge(Exception):
+    """``get(key, max_bytes=N)``: the document at ``key`` is over ``N`` bytes (none of it returned)."""
+
+
 class Publisher:
     """Immutable, content-addressed documents for agents: ``bundles/<wid>/<version>-<sha>.json``
     and ``deltas/<set>/<from>-<to>-<sha>.json``, plus reports and policy files under keys the
@@ -34,7 +38,9 @@ class Publisher:
     def _store(self, key: str, body: bytes, content_type: str) -> None:
         raise NotImplementedError
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, max_bytes: int | None = None) -> bytes:
+        """The document at ``key``; with ``max_bytes``, :class:`TooLarge` instead of any bigger one,
+        of which no more than ``max_bytes + 1`` bytes are read."""
         raise NotImplementedError
 
     def get_many(self, keys: list[str]) -> dict[str, bytes]:
@@ -53,7 +59,13 @@ class Publisher:
         """Bytes under a name that never changes once published (the agent artifact): the same
         bytes again are a no-op, other bytes raise :class:`Conflict` and leave the first ones."""
         if not self._create(key, body, content_type):
-            if self.get(key) != body:
+            # read no more than ``body`` could match: whoever may write there (serve --user's user,
+            # under root's publish-agent) could have planted a file of any size at the name
+            try:
+                same = self.get(key, max_bytes=len(body)) == body
+            except TooLarge:
+                same = False
+            if not same:
                 raise Conflict(f"{key} is already published with other bytes: a published name is never reused")
             return
         with self._count:

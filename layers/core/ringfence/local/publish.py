@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 from ringfence import durable
-from ringfence.control.publish import Publisher
+from ringfence.control.publish import Publisher, TooLarge
 from ringfence.local.statedir import make_dirs
 from ringfence.store.failure import ObjectsUnwritable
 
@@ -92,11 +92,12 @@ class FilePublisher(Publisher):
         with _writing():  # always synced: a link never replaces a file
             return durable.create_beneath(self.root.parent, below, body, 0o600, dir_mode=0o700, root_fd=self.parent_fd)
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, max_bytes: int | None = None) -> bytes:
         """The file of ``key``, reached one directory at a time from the root without following a
         link (so never outside it: a link planted in objects/ would have serve hand out any file it
         can read, the signing key included, to whoever asks for the key's route). A link, or
-        anything but a regular file, is not published: FileNotFoundError, as a missing file."""
+        anything but a regular file, is not published: FileNotFoundError, as a missing file.
+        ``max_bytes``: a bigger file is :class:`TooLarge`, never read whole."""
         path = self.path(key)
         parts = PurePosixPath(key).parts
         nofollow = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -122,9 +123,17 @@ class FilePublisher(Publisher):
         finally:
             os.close(fd)
         with os.fdopen(file_fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
                 raise FileNotFoundError(errno.ENOENT, "not a published file", str(path))
-            return f.read()
+            if max_bytes is None:
+                return f.read()
+            if st.st_size > max_bytes:
+                raise TooLarge(f"{path}: {st.st_size} bytes, over {max_bytes}")
+            data = f.read(max_bytes + 1)  # it may have grown since
+        if len(data) > max_bytes:
+            raise TooLarge(f"{path}: over {max_bytes} bytes")
+        return data
 
     def delete(self, key: str) -> None:
         path = self.path(key)
@@ -186,9 +195,9 @@ class OwnersFilePublisher(FilePublisher):
         with _effective(self.uid, self.gid):
             return super()._create(key, body, content_type)
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, max_bytes: int | None = None) -> bytes:
         with _effective(self.uid, self.gid):
-            return super().get(key)
+            return super().get(key, max_bytes)
 
     def delete(self, key: str) -> None:
         with _effective(self.uid, self.gid):

@@ -9,7 +9,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from ringfence.control.fanout import in_parallel
-from ringfence.control.publish import Publisher
+from ringfence.control.publish import Publisher, TooLarge
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,19 @@ class S3Publisher(Publisher):
             raise
         return True
 
-    def get(self, key: str) -> bytes:
-        return bytes(self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read())
+    def get(self, key: str, max_bytes: int | None = None) -> bytes:
+        got = self.s3.get_object(Bucket=self.bucket, Key=key)
+        if max_bytes is None:
+            return bytes(got["Body"].read())
+        try:
+            if int(got.get("ContentLength", 0)) > max_bytes:
+                raise TooLarge(f"{key}: {got['ContentLength']} bytes, over {max_bytes}")
+            data = bytes(got["Body"].read(max_bytes + 1))
+        finally:
+            got["Body"].close()
+        if len(data) > max_bytes:
+            raise TooLarge(f"{key}: over {max_bytes} bytes")
+        return data
 
     def get_many(self, keys: list[str]) -> dict[str, bytes]:
         """At once (S3 clients are thread-safe): a cold function read a policy's seven files one
