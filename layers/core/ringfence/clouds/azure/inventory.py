@@ -56,8 +56,12 @@ def observe(
     ``observed_at``: when the read of these VMs began (else now)."""
     mapper = w.mapper()
     stored = w.store.get_many([v.vm_id for v in vms])
-    t0 = time.time() if observed_at is None else observed_at
-    observed = [to_record(vm, nics, t0, mapper) for vm in vms]
+    # the read has ended: what it shows was so by now. Its workloads are dated now, so that a move
+    # it first saw is one a call made by now may have set (LabelWrite.seen: who answers for it),
+    # while the record, dated when the read began, loses to an event's write stored since
+    read = time.time()
+    t0 = read if observed_at is None else observed_at
+    observed = [to_record(vm, nics, t0, mapper, seen_at=read) for vm in vms]
     what = f"azure event {event_id or '-'}"
     return store_deletable(
         w, observed, stored, change, event_id=event_id, metric=metric, gave_back=gave_back, what=what, gone="VM deleted"

@@ -132,9 +132,16 @@ def vnet_of(subnet_id: str | None) -> str | None:
 
 
 def to_record(
-    vm: AzureVm, nics: dict[str, AzureNic], observed_at: float, mapper: LabelMapper | None = None
+    vm: AzureVm,
+    nics: dict[str, AzureNic],
+    observed_at: float,
+    mapper: LabelMapper | None = None,
+    *,
+    seen_at: float | None = None,
 ) -> InventoryRecord:
-    """``nics``: by lower-case id; the VM's own, in its order, give its addresses."""
+    """``nics``: by lower-case id; the VM's own, in its order, give its addresses. ``seen_at``:
+    the workload's time, when the read had ended (else ``observed_at``): what it shows was so by
+    then, where the record is dated when the read began (the store's order)."""
     own = [nics[n.lower()] for n in vm.nic_ids if n.lower() in nics]
     ips = list(dict.fromkeys(ip for n in own for ip in n.ips))
     subnet = next((n.subnet for n in own if n.subnet), None)
@@ -150,7 +157,7 @@ def to_record(
         vpc=vnet_of(subnet),
         subnet=subnet,
         resource=vm.id.strip().lower(),
-        observed_at=observed_at,
+        observed_at=observed_at if seen_at is None else seen_at,
     )
     return InventoryRecord.observed(w, "terminated" if vm.deleting else "running", observed_at, mapper)
 

@@ -898,6 +898,8 @@ class GcpIngest:
         # then (its labels changed during the pass) is newer than this listing's copy, which the
         # store drops rather than putting the old labels back
         observed = [self.record(project, inst, listed_at, mapper) for inst in listed]
+        read = now()  # the reads have ended: what they show was so by now (the workloads' time)
+        observed = [_read_by(rec, read) for rec in observed]
         seen = {rec.id for rec in observed}
         # GCP gives an internal address to one VM of a network at a time (a stopped VM keeps its own)
         held = {(rec.workload.vpc, ip) for rec in observed for ip in rec.workload.ips}
@@ -1008,7 +1010,7 @@ class GcpIngest:
         asked = now()  # before the read, as the listing's records: an event's write after then stands
         try:
             inst = self.instances.by_id(project, zone, stored.id)
-            rec = self.record(project, inst, asked, mapper) if inst is not None else None
+            rec = _read_by(self.record(project, inst, asked, mapper), now()) if inst is not None else None
         except (GoogleAPICallError, RetryError) as exc:
             taken = sorted(ip for ip in wl.ips if (wl.vpc, ip) in held)
             age = now() - stored.observed_at
@@ -1048,6 +1050,13 @@ def _at_call(change: TagChange | None, at: datetime | None) -> TagChange | None:
     return TagChange(change.principal, change.requested, min(at.timestamp(), time.time()))
 
 
+def _read_by(rec: InventoryRecord, t: float) -> InventoryRecord:
+    """``rec`` (dated when its read began: an event's write stored since is newer) with its
+    workload dated ``t``, when that read had ended: what it shows was so by then, so a call made by
+    ``t`` may be what set it (:func:`_changed`; governance's ``LabelWrite.seen``)."""
+    return rec.model_copy(update={"workload": rec.workload.model_copy(update={"observed_at": t})})
+
+
 def _changed(
     requested: Mapping[str, str] | None,
     stored: InventoryRecord | None,
@@ -1063,14 +1072,15 @@ def _changed(
     the call is stored before its entry is processed); another value, or one written at or after
     the call, is the call's move (a revocation and a re-escalation between two reads: the value
     written over and set again). Any other key: what differs from the tags ``stored`` was
-    observed with, where that observation predates the call (by more than :data:`CLOCK_SKEW`);
+    observed with, where that observation (when its read had ended: the workload's time; a sync's
+    record is dated when its listing began) predates the call (by more than :data:`CLOCK_SKEW`);
     else it counts as set by the call (an observation made after the call may hold the call's
     own values)."""
     if requested is None:
         return None
     if stored is None or stored.state == "terminated" or call is None:
         return dict(requested)
-    fresh = stored.observed_at >= call.timestamp() - CLOCK_SKEW
+    fresh = max(stored.observed_at, stored.workload.observed_at) >= call.timestamp() - CLOCK_SKEW
     seen = stored.workload.tags
     writes = stored.label_writes or {}
     dims = mapper.label_keys() if mapper is not None else {}
