@@ -15,6 +15,7 @@ from typing import Any
 
 from azure.core.credentials import AccessToken, TokenCredential
 from azure.core.exceptions import ResourceNotFoundError
+from azure.core.paging import ItemPaged
 from azure.core.pipeline import PipelineRequest
 from azure.core.pipeline.policies import SansIOHTTPPolicy
 from azure.mgmt.compute import ComputeManagementClient
@@ -96,8 +97,8 @@ class Arm:
 
     # --- reads, in wire format
 
-    def vms(self) -> list[dict[str, Any]]:
-        return [wire(v) for v in self.compute.virtual_machines.list_all()]
+    def vms(self) -> list[Page]:
+        return pages(self.compute.virtual_machines.list_all())
 
     def nics(self) -> list[dict[str, Any]]:
         return [wire(n) for n in self.network.network_interfaces.list_all()]
@@ -105,8 +106,8 @@ class Arm:
     def scale_sets(self) -> list[dict[str, Any]]:
         return [wire(s) for s in self.compute.virtual_machine_scale_sets.list_all()]
 
-    def scale_set_vms(self, group: str, scale_set: str) -> list[dict[str, Any]]:
-        return [wire(v) for v in self.compute.virtual_machine_scale_set_vms.list(group, scale_set)]
+    def scale_set_vms(self, group: str, scale_set: str) -> list[Page]:
+        return pages(self.compute.virtual_machine_scale_set_vms.list(group, scale_set))
 
     def scale_set_nics(self, group: str, scale_set: str) -> list[dict[str, Any]]:
         ops = self.network.network_interfaces
@@ -133,6 +134,25 @@ class Arm:
     def scale_set_vm_nics(self, group: str, scale_set: str, instance: str) -> list[dict[str, Any]]:
         ops = self.network.network_interfaces
         return [wire(n) for n in ops.list_virtual_machine_scale_set_vm_network_interfaces(group, scale_set, instance)]
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a listing and when it had returned: what it shows was so by then, and no call
+    made after then can have made it (the evidence time of each VM it holds)."""
+
+    read_at: float
+    items: list[dict[str, Any]]
+
+
+def pages(listing: ItemPaged[Any]) -> list[Page]:
+    """Every page of ``listing``, each dated when it returned (``by_page`` fetches a page as it is
+    reached)."""
+    out = []
+    for page in listing.by_page():
+        items = [wire(v) for v in page]
+        out.append(Page(time.time(), items))
+    return out
 
 
 def wire(model: Any) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from ringfence.control.wiring import COMPUTE_NOT_QUEUED, BaseWiring, Metric, han
 from ringfence.governance import TagChange
 from ringfence.store.base import InventoryRecord, releases_addresses
 
-from .arm import Arm
+from .arm import Arm, Page
 from .events import SCALE_SET
 from .model import SCALE_SET_VM, VM, ArmId, AzureNic, AzureVm, nic_from_wire, to_record, tombstone, vm_from_wire
 
@@ -27,14 +27,15 @@ class InventoryResult:
     gave_back: list[str] = field(default_factory=list)  # of changed: deleted or gone (the priority lane)
 
 
-def read_vms(raw: Iterable[dict[str, Any]], res: InventoryResult) -> list[AzureVm]:
+def read_vms(pages: Iterable[Page], res: InventoryResult) -> list[AzureVm]:
     out = []
-    for item in raw:
-        try:
-            out.append(vm_from_wire(item))
-        except ValueError as exc:
-            log.warning("azure: %s", exc)
-            res.skipped.append(str(item.get("id")))
+    for page in pages:
+        for item in page.items:
+            try:
+                out.append(vm_from_wire(item, page.read_at))
+            except ValueError as exc:
+                log.warning("azure: %s", exc)
+                res.skipped.append(str(item.get("id")))
     return out
 
 
@@ -56,12 +57,12 @@ def observe(
     ``observed_at``: when the read of these VMs began (else now)."""
     mapper = w.mapper()
     stored = w.store.get_many([v.vm_id for v in vms])
-    # the read has ended: what it shows was so by now. Its workloads are dated now, so that a move
-    # it first saw is one a call made by now may have set (LabelWrite.seen: who answers for it),
-    # while the record, dated when the read began, loses to an event's write stored since
+    # a VM's workload is dated when its read returned (a listing's VM: when its page did), so that a
+    # move it first saw is one a call made by then may have set, and no later call (LabelWrite.seen:
+    # who answers for it); the record, dated when the read began, loses to an event's write stored since
     read = time.time()
     t0 = read if observed_at is None else observed_at
-    observed = [to_record(vm, nics, t0, mapper, seen_at=read) for vm in vms]
+    observed = [to_record(vm, nics, t0, mapper, seen_at=read if vm.read_at is None else vm.read_at) for vm in vms]
     what = f"azure event {event_id or '-'}"
     return store_deletable(
         w, observed, stored, change, event_id=event_id, metric=metric, gave_back=gave_back, what=what, gone="VM deleted"

@@ -72,6 +72,7 @@ class AzureVm(BaseModel):
     tags: dict[str, str] = Field(default_factory=dict)
     nic_ids: list[str] = Field(default_factory=list)
     deleting: bool = False
+    read_at: float | None = None  # a listing's: when the page holding it returned (arm.Page)
 
 
 def nic_from_wire(nic: dict[str, Any]) -> AzureNic:
@@ -97,8 +98,9 @@ def nic_from_wire(nic: dict[str, Any]) -> AzureNic:
     )
 
 
-def vm_from_wire(vm: dict[str, Any]) -> AzureVm:
-    """A VM (or a scale set's VM) as ARM returns it; ValueError naming what is missing."""
+def vm_from_wire(vm: dict[str, Any], read_at: float | None = None) -> AzureVm:
+    """A VM (or a scale set's VM) as ARM returns it (``read_at``: when the listing's page holding
+    it returned); ValueError naming what is missing."""
     rid = ArmId.parse(vm.get("id") or "")
     props = vm.get("properties") or {}
     vm_id = props.get("vmId")
@@ -121,6 +123,7 @@ def vm_from_wire(vm: dict[str, Any]) -> AzureVm:
         tags={str(k): str(v) for k, v in (vm.get("tags") or {}).items()},
         nic_ids=[n["id"] for n in nics if n.get("id")],
         deleting=str(props.get("provisioningState", "")).lower() == "deleting",
+        read_at=read_at,
     )
 
 
@@ -140,8 +143,8 @@ def to_record(
     seen_at: float | None = None,
 ) -> InventoryRecord:
     """``nics``: by lower-case id; the VM's own, in its order, give its addresses. ``seen_at``:
-    the workload's time, when the read had ended (else ``observed_at``): what it shows was so by
-    then, where the record is dated when the read began (the store's order)."""
+    the workload's time, when the read of the VM had returned (else ``observed_at``): what it shows
+    was so by then, where the record is dated when the read began (the store's order)."""
     own = [nics[n.lower()] for n in vm.nic_ids if n.lower() in nics]
     ips = list(dict.fromkeys(ip for n in own for ip in n.ips))
     subnet = next((n.subnet for n in own if n.subnet), None)

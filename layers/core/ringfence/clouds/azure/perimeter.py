@@ -310,7 +310,11 @@ class AzurePerimeter:
             )
         if bad_services:
             cfg = cfg.model_copy(update={"published": [s for s in cfg.published if s.name not in bad_services]})
-        vm_ids = {v["id"].lower(): str(v.get("properties", {}).get("vmId", "")).lower() for v in self.arm.vms()}
+        vm_ids = {
+            v["id"].lower(): str(v.get("properties", {}).get("vmId", "")).lower()
+            for p in self.arm.vms()
+            for v in p.items
+        }
         nics = self.arm.nics()
         members: list[Member] = []
         locations: dict[str, str] = {}

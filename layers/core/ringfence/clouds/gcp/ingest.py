@@ -897,9 +897,15 @@ class GcpIngest:
         # dated when the listing began, as its tombstones: a VM's write stored by its event after
         # then (its labels changed during the pass) is newer than this listing's copy, which the
         # store drops rather than putting the old labels back
-        observed = [self.record(project, inst, listed_at, mapper) for inst in listed]
-        read = now()  # the reads have ended: what they show was so by now (the workloads' time)
-        observed = [_read_by(rec, read) for rec in observed]
+        # each workload dated when its page returned (its secure tags, where read: after that read):
+        # what it shows was so by then, and no call made later set it
+        observed = [
+            _read_by(
+                self.record(project, inst, listed_at, mapper),
+                read_at if self.cfg.label_source is LabelSource.LABELS else now(),
+            )
+            for read_at, inst in listed
+        ]
         seen = {rec.id for rec in observed}
         # GCP gives an internal address to one VM of a network at a time (a stopped VM keeps its own)
         held = {(rec.workload.vpc, ip) for rec in observed for ip in rec.workload.ips}

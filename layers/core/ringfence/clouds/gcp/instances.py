@@ -237,10 +237,11 @@ class Instances:
 
     def all(self, project: str) -> Iterator[dict[str, Any]]:
         """Every instance of the project (aggregated list over all zones, every page)."""
-        yield from self.listing(project)[0]
+        yield from (inst for _, inst in self.listing(project)[0])
 
-    def listing(self, project: str) -> tuple[list[dict[str, Any]], set[str] | None]:
-        """Every instance the project's aggregated list answers (every page), and the zones it
+    def listing(self, project: str) -> tuple[list[tuple[float, dict[str, Any]]], set[str] | None]:
+        """Every instance the project's aggregated list answers (every page), each with when the
+        page holding it returned (what it shows was so by then; no later call made it), and the zones it
         could not reach (``unreachables``, or a scope's ``UNREACHABLE`` warning): their VMs are not
         in the list and say nothing about being deleted. Only those: the other warnings a scope
         answers (``NO_RESULTS_ON_PAGE``, ``DEPRECATED_RESOURCE_USED``…) come with the scope's VMs,
@@ -248,12 +249,13 @@ class Instances:
         where an unreachable scope names no zone (a region, global…): which VMs were left out is
         then unknown."""
         pager = self.client.aggregated_list(project=project, retry=RETRY)
-        found: list[dict[str, Any]] = []
+        found: list[tuple[float, dict[str, Any]]] = []
         unreachable: set[str] | None = set()
-        for page in pager.pages:
+        for page in pager.pages:  # each fetched as it is reached
+            read_at = now()
             scopes = [str(s) for s in page.unreachables]
             for scope, scoped in page.items.items():
-                found += [as_dict(inst) for inst in scoped.instances]
+                found += [(read_at, as_dict(inst)) for inst in scoped.instances]
                 warning = scoped.warning if "warning" in scoped else None
                 if warning is not None and warning.code == "UNREACHABLE":
                     scopes.append(str(scope))
