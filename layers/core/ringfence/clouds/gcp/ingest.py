@@ -230,22 +230,20 @@ class GcpIngest:
             change = TagChange(None, None)  # unattributed: approves nothing and blames nobody
         else:
             change = TagChange(said.principal, self.said_tags(project, said))
-            approving = self.would_approve(change)
             before = stored.get(observed[0].id) if observed else None
+            if said.action is Action.LABELS and observed:
+                # setLabels sends the whole label set: a caller answers only for the values the
+                # call set, not re-sent. A privileged value re-sent with an unrelated edit is not
+                # their move: a non-tagger is not named for it, and a tagger does not approve it (a
+                # held move re-sent by a tagger's read-modify-write stays held)
+                change = TagChange(change.principal, self._set_by(change, before, said.time))
+            approving = self.would_approve(change)
             if approving and (why := self._seen_undone(said, ended, change, before)):
                 # no Logging read: this process saw the call undone itself (what Logging may not
                 # list yet, if the value was set again since)
                 self.metric("UnconfirmedApprovals", 1)
                 self._unconfirmed(project, said, change, f"the pushed audit entry approves nothing: {why}")
                 change, approving = TagChange(None, None), False
-            if not approving and said.action is Action.LABELS and observed:
-                # setLabels sends the whole label set: a non-tagger answers only for the values
-                # the call set, not re-sent (a governed value: the last known write of its
-                # dimension, made before the call, wrote it; else the VM was seen with it before
-                # the call). A privileged value re-sent with an unrelated edit is not their move
-                change = TagChange(
-                    change.principal, _changed(change.requested, before, said.time, self._governed_mapper())
-                )
             if not approving and not self.would_blame(change):
                 # it set no privileged value: whoever called, a move it did not make is not theirs;
                 # but a call writing over a privileged value in force stays attributed (a write at
@@ -256,7 +254,9 @@ class GcpIngest:
                     change = TagChange(None, change.requested)
             else:
                 vm = observed[0].id if observed else None
-                change, spend = self.confirm(project, said, change, approving=approving, entry=first_logged, vm=vm)
+                change, spend = self.confirm(
+                    project, said, change, approving=approving, entry=first_logged, vm=vm, before=before
+                )
                 read_log = True
         if read_log:
             # Cloud Logging was read (with retries, maybe): an observation from before the read
@@ -274,6 +274,19 @@ class GcpIngest:
             # redelivered and decides again; a replay (the entry published again later) finds it spent
             self.w.store.claim_once(spend, int(CONFIRM_MAX_AGE) + 60)
         return changed
+
+    def _set_by(
+        self, change: TagChange, before: InventoryRecord | None, call: datetime | None
+    ) -> dict[str, str] | None:
+        """What of a ``setLabels`` call's request ``change`` the call set rather than re-sent, from
+        the VM as stored ``before`` it (:func:`_changed`). A non-tagger's: a governed value the last
+        known write of its dimension, made before the call, wrote is re-sent. An allowed tagger's
+        (what approves): a value the VM was observed with more than :data:`CLOCK_SKEW` before the
+        call is re-sent, held or not, and approves nothing (an administrator's binding grants it);
+        one observed later may be the call's own, and is set."""
+        mapper = self._governed_mapper()
+        tagger = mapper is not None and bool(change.principal) and is_tagger(mapper.config.taggers, change.principal)
+        return _changed(change.requested, before, call, None if tagger else mapper)
 
     def _spend_unread(self, ev: GcpEvent, said: GcpEvent | None) -> None:
         """An entry decided without a read (nothing privileged moved) is spent as a read-back
@@ -398,6 +411,7 @@ class GcpIngest:
         approving: bool = True,
         entry: dict[str, Any] | None = None,
         vm: str | None = None,
+        before: InventoryRecord | None = None,
     ) -> tuple[TagChange, str | None]:
         """The change as Cloud Logging has it: the entry ``said`` (pushed, its principal a tagger's,
         or with ``approving`` False one :meth:`would_blame`) read back by its log, ``insertId`` and
@@ -411,7 +425,9 @@ class GcpIngest:
         (the push is answered 503 and redelivered). ``entry``: ``said`` as Cloud Logging has it,
         read already (:meth:`_first_from_log`), so not read again. An approval is confirmed only
         while Cloud Logging has no later change of the VM ``vm`` (its id) that may have undone
-        it (:meth:`_changed_since`)."""
+        it (:meth:`_changed_since`). ``before``: the VM as stored before the call; a ``setLabels``
+        logged otherwise than pushed is taken for what it changed from it (:func:`_changed`), as
+        the pushed one was."""
         listing: Listing | None = None
         if approving and entry is None and (listing := self._about_vm(project, said, vm)) is not None:
             # one read for both: the entry itself, and what was done to the VM since
@@ -419,7 +435,10 @@ class GcpIngest:
         logged, why = self._read_back(project, said, entry)
         if logged is not None:
             same = (logged.requested, logged.tag_value_ids) == (said.requested, said.tag_value_ids)
-            change = TagChange(logged.principal, claimed.requested if same else self.said_tags(project, logged))
+            requested = claimed.requested if same else self.said_tags(project, logged)
+            if not same and logged.action is Action.LABELS:
+                requested = self._set_by(TagChange(logged.principal, requested), before, logged.time)
+            change = TagChange(logged.principal, requested)
             if logged.principal == claimed.principal and change.requested == claimed.requested:
                 # one entry decides once: replayed within the hour (after its move was undone and
                 # the value set again by someone else) it is what a replay is, and decides nothing

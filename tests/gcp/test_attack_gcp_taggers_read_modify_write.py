@@ -1,0 +1,61 @@
+"""GCP labels as the label source: an allowed tagger's ``setLabels`` sends the VM's whole label set,
+so a read-modify-write changing an unrelated label re-sends every value on the VM, a privileged
+value someone else set and Ringfence holds included. The tagger's call approves only the
+privileged values it changed; a held value it merely re-sent stays held (an administrator's
+binding grants it). ``held_labels`` set: a move is held, the VM governed with the labels it
+kept."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from ringfence.clouds.gcp import ingest as ingest_module
+from ringfence.clouds.gcp.ingest import CLOCK_SKEW, GcpIngest
+from ringfence.clouds.gcp.instances import LabelSource
+from ringfence.local.gcp_api import GcpApi
+from ringfence.local.gcp_project import PROJECT, TAGGER, gcp_config
+from ringfence.local.wiring import LocalWiring
+from tests.gcp.conftest import deliver, set_labels
+from tests.gcp.test_attack_gcp_label_writes import JUMP, MALLORY, _vm, audits
+
+
+def test_attack_gcp_taggers_read_modify_write_does_not_approve_a_held_move(
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mallory (not a tagger) sets role=jumpbox; a sync reads the VM with it (held). More than
+    CLOCK_SKEW later a tagger's automation adds a cost label, re-sending role=jumpbox as it stands:
+    its entry, processed first, must not put her value in force, and hers then names her."""
+    monkeypatch.setattr(ingest_module, "LOGGING_LAG", 0.0)
+    ingest = GcpIngest(wiring, gcp_config(gcp, LabelSource.LABELS))
+    inst = _vm(gcp, ingest, "10.20.9.93")
+    real = ingest.instances.listing
+    entry: dict[str, Any] = {}
+
+    def listing(project: str) -> Any:
+        entry["mallory"] = set_labels(gcp, inst, JUMP, principal=MALLORY)
+        page = list(real(project))  # the page holding her VM
+        time.sleep(CLOCK_SKEW + 3)  # later pages: the read is older than the tagger's call
+        entry["tagger"] = set_labels(gcp, inst, {**JUMP, "team": "payments"}, principal=TAGGER)
+        return page
+
+    monkeypatch.setattr(ingest.instances, "listing", listing)
+    ingest.sync(PROJECT)
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.workload.held_labels is not None, rec.labels
+    assert rec.labels.get("role") != "jumpbox", rec.labels
+    monkeypatch.setattr(ingest.instances, "listing", real)
+
+    deliver(gcp, ingest, entry["tagger"])
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.labels.get("role") != "jumpbox", f"laundered by the tagger's call: {rec.labels}"
+    assert rec.workload.held_labels is not None and rec.workload.tags.get("ringfence:role") == "jumpbox", rec.workload
+
+    deliver(gcp, ingest, entry["mallory"])
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.labels.get("role") != "jumpbox", rec.labels
+    assert rec.workload.held_labels is not None and rec.workload.tags.get("ringfence:role") == "jumpbox", rec.workload
+    named = [a.principal for a in audits(wiring, "label.held", inst["id"])]
+    assert MALLORY in named and TAGGER not in named, named
