@@ -77,3 +77,21 @@ def lanes(monkeypatch: pytest.MonkeyPatch, w: Any) -> list[tuple[bool, list[str]
 
     monkeypatch.setattr(w, "send_compute", send)
     return sent
+
+
+def refuse_first_enqueue(monkeypatch: pytest.MonkeyPatch, w: Any) -> list[list[str]]:
+    """The first ``w.enqueue_compute`` from now on raises (compute's queue refusing it); the ids of
+    each later one, which goes through, are in the list returned."""
+    real = w.enqueue_compute
+    sent: list[list[str]] = []
+    down = [True]
+
+    def enqueue(ids: Any, *args: Any, **kw: Any) -> Any:
+        if down:
+            down.clear()
+            raise RuntimeError("queue unavailable")
+        sent.append(list(ids))
+        return real(ids, *args, **kw)
+
+    monkeypatch.setattr(w, "enqueue_compute", enqueue)
+    return sent

@@ -30,6 +30,7 @@ from ringfence.local.wiring import LocalWiring
 from tests.aws.test_pipeline import AgentKey
 from tests.azure.conftest import PROD_WEB
 from tests.azure.test_azure_events import HEADERS
+from tests.storerace import refuse_first_enqueue
 
 GUID = "6a000000-0000-4000-8000-0000000cf0a1"
 
@@ -191,18 +192,7 @@ def test_attack_a_vms_revocation_failing_every_pass_does_not_keep_earlier_tombst
     observe_subscription(w, azure.arm(SUB), scheduled=True)
     w.store.put_token(secret_hash(secrets.token_hex(16)), A, 3600)
     arm.delete(vm_id("rv3-b"))
-    real_enqueue = w.enqueue_compute
-    sent: list[list[str]] = []
-    down = [True]
-
-    def enqueue(ids: Any, *args: Any, **kw: Any) -> Any:
-        if down:
-            down.clear()
-            raise RuntimeError("queue unavailable")
-        sent.append(list(ids))
-        return real_enqueue(ids, *args, **kw)
-
-    monkeypatch.setattr(w, "enqueue_compute", enqueue)
+    sent = refuse_first_enqueue(monkeypatch, w)
     with pytest.raises(RuntimeError):
         observe_subscription(w, azure.arm(SUB), scheduled=True)
     rec = w.store.get(B)

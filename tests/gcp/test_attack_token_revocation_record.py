@@ -15,6 +15,7 @@ from ringfence.local.gcp_api import GcpApi
 from ringfence.local.gcp_project import PROJECT, ZONE, gcp_config, vm_name
 from ringfence.local.wiring import LocalWiring
 from tests.gcp.test_gcp_hand_off import PROD_WEB
+from tests.storerace import refuse_first_enqueue
 
 
 def test_attack_one_vms_failed_revocation_does_not_keep_the_other_deleted_vms_from_the_sync(
@@ -72,18 +73,7 @@ def test_attack_a_vms_revocation_failing_every_sync_does_not_keep_earlier_tombst
     ingest.sync(PROJECT)
     wiring.store.put_token(secrets.token_hex(16), a["id"], 3600)
     gcp.delete_instance(PROJECT, ZONE, b["name"])
-    real_enqueue = wiring.enqueue_compute
-    sent: list[list[str]] = []
-    down = [True]
-
-    def enqueue(ids: Any, *args: Any, **kw: Any) -> Any:
-        if down:
-            down.clear()
-            raise RuntimeError("queue unavailable")
-        sent.append(list(ids))
-        return real_enqueue(ids, *args, **kw)
-
-    monkeypatch.setattr(wiring, "enqueue_compute", enqueue)
+    sent = refuse_first_enqueue(monkeypatch, wiring)
     with pytest.raises(RuntimeError):
         ingest.sync(PROJECT)
     rec = wiring.store.get(b["id"])
