@@ -100,28 +100,16 @@ class FilePublisher(Publisher):
         ``max_bytes``: a bigger file is :class:`TooLarge`, never read whole."""
         path = self.path(key)
         parts = PurePosixPath(key).parts
-        nofollow = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            if self.parent_fd is None:
-                fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            else:
-                fd = os.open(self.root.name, nofollow | os.O_DIRECTORY, dir_fd=self.parent_fd)
-        except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise FileNotFoundError(errno.ENOENT, "not a published file (a link)", str(path)) from None
-            raise
-        try:
-            for part in parts[:-1]:
-                sub = os.open(part, nofollow | os.O_DIRECTORY, dir_fd=fd)
+            fd = self._directory_of(parts)
+            try:
+                file_fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=fd)
+            finally:
                 os.close(fd)
-                fd = sub
-            file_fd = os.open(parts[-1], nofollow | os.O_NONBLOCK, dir_fd=fd)
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise FileNotFoundError(errno.ENOENT, "not a published file (a link)", str(path)) from None
             raise
-        finally:
-            os.close(fd)
         with os.fdopen(file_fd, "rb") as f:
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode):
@@ -141,22 +129,36 @@ class FilePublisher(Publisher):
             with _writing():
                 path.unlink(missing_ok=True)
             return
-        parts = (self.root.name, *PurePosixPath(key).parts)
-        nofollow = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        parts = PurePosixPath(key).parts
         with _writing():
-            fd = os.dup(self.parent_fd)
             try:
-                for part in parts[:-1]:
-                    try:
-                        sub = os.open(part, nofollow, dir_fd=fd)
-                    except FileNotFoundError:
-                        return
-                    os.close(fd)
-                    fd = sub
+                fd = self._directory_of(parts)
+            except FileNotFoundError:
+                return
+            try:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(parts[-1], dir_fd=fd)
             finally:
                 os.close(fd)
+
+    def _directory_of(self, parts: tuple[str, ...]) -> int:
+        """A descriptor of the directory holding ``parts`` (a key's), reached from the root one
+        directory at a time without following a link (from ``parent_fd`` when given); OSError as
+        :func:`os.open` raises it (ELOOP or ENOTDIR: a link or a file on the way)."""
+        nofollow_dir = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        if self.parent_fd is None:
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        else:
+            fd = os.open(self.root.name, nofollow_dir, dir_fd=self.parent_fd)
+        try:
+            for part in parts[:-1]:
+                sub = os.open(part, nofollow_dir, dir_fd=fd)
+                os.close(fd)
+                fd = sub
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
 
 @contextlib.contextmanager
