@@ -319,7 +319,9 @@ def _static_config(scratch: Path, state: Path, name: str = "agent.json") -> Path
 
 
 def _owners_process(marker: str, timeout: float = 30) -> int:
-    """The pid of the owner's ringfence-agent whose command line holds ``marker``."""
+    """The pid of the owner's ringfence-agent whose command line holds ``marker``: the one setpriv
+    started (no new privileges), not root's forked ``can_read`` probe, which becomes the owner
+    with root's command line for a moment and exits (CI picked that one under load)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for p in os.listdir("/proc"):
@@ -331,10 +333,18 @@ def _owners_process(marker: str, timeout: float = 30) -> int:
                 argv = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"setpriv" not in argv[0] and marker.encode() in argv and any(b"ringfence" in a for a in argv):
+            mine = b"setpriv" not in argv[0] and marker.encode() in argv and any(b"ringfence" in a for a in argv)
+            if mine and _no_new_privs(int(p)):
                 return int(p)
         time.sleep(0.05)
     raise AssertionError(f"no process of uid {STAND_IN_UID} running {marker}")
+
+
+def _no_new_privs(pid: int) -> bool:
+    try:
+        return "NoNewPrivs:\t1" in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
 
 
 def _stat_fields(pid: int) -> list[str]:
