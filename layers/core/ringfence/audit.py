@@ -36,6 +36,14 @@ GENESIS = "0" * 64
 """``prev`` of the first record of a chain."""
 
 
+def derived_record_id(name: str) -> str:
+    """A record id derived from what the record is of (``name``: its kind and the things it names),
+    not drawn at random: a step made again (a redelivery, a retry whose commit went unanswered)
+    derives the same id and finds its record written (``AuditRecordExists``), so writes none twice.
+    The ids earlier releases derived are kept: ``uuid5`` of ``ringfence:`` + ``name``."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"ringfence:{name}").hex
+
+
 class AuditRecord(BaseModel):
     id: str = Field(default_factory=lambda: uuid.uuid4().hex)
     time: float = Field(default_factory=time.time)

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import uuid
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ringfence.agentwire import proof_message, token_proof_message
-from ringfence.audit import AuditRecord
+from ringfence.audit import AuditRecord, derived_record_id
 from ringfence.bundlewire import BundleError, ed25519_public_from_one_pem
 from ringfence.store.base import (
     AuditRecordExists,
@@ -107,7 +106,7 @@ def retire(w: BaseWiring, workload_id: str, why: str) -> None:
             break  # none active (an expired one authorizes nothing): nothing to revoke or record
         # one id per token: a revocation whose commit went unanswered and is made again finds
         # its record (and so its revocation) written
-        rec_id = uuid.uuid5(uuid.NAMESPACE_URL, f"ringfence:token.revoke:{workload_id}:{token}").hex
+        rec_id = derived_record_id(f"token.revoke:{workload_id}:{token}")
         rec = AuditRecord(
             id=rec_id, principal="ringfence", action="token.revoke", target=workload_id, detail={"reason": why}
         )

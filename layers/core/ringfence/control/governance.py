@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-from ringfence.audit import AuditRecord, state_digest
+from ringfence.audit import AuditRecord, derived_record_id, state_digest
 from ringfence.control import credentials
 from ringfence.control.fanout import in_parallel
 from ringfence.control.wiring import BaseWiring, Metric, hand_on_stored, log, no_metric, queue_stored
@@ -327,7 +327,7 @@ def _report_id(action: str, target: str, event_id: str, what: object) -> str:
     if not event_id:
         return uuid.uuid4().hex
     key = json.dumps([action, target, event_id, what], sort_keys=True)
-    return uuid.uuid5(uuid.NAMESPACE_URL, f"ringfence:report:{key}").hex
+    return derived_record_id(f"report:{key}")
 
 
 def _audit_once(w: BaseWiring, rec: AuditRecord, change: OperatorChange | None = None) -> bool:
