@@ -79,8 +79,10 @@ def test_attack_gcp_a_taggers_late_entry_older_than_a_revocation_approves_nothin
     web (an entry Cloud Logging does not list yet: its own lag, so the tagger's read-back finds
     no later call that set another role) and sets jumpbox again (held, she is named). The
     tagger's genuine entry, older than her call, approves nothing: a write is placed by the
-    call's time, not by when its entry happened to be processed. The tagger's own later call
-    still approves."""
+    call's time, not by when its entry happened to be processed. Nor does the tagger's later call
+    re-sending jumpbox: her held call is the last known write of role, of that same value, so the
+    tagger's call did not change it (a re-send is not a move; she stays named). The tagger moving
+    the VM to web and back to jumpbox is a move of its own, and approves."""
     monkeypatch.setattr(ingest_module, "LOGGING_LAG", 0.0)
     ingest = GcpIngest(wiring, gcp_config(gcp, LabelSource.LABELS))
     inst = _vm(gcp, ingest, "10.20.7.11")
@@ -93,10 +95,16 @@ def test_attack_gcp_a_taggers_late_entry_older_than_a_revocation_approves_nothin
     _push(gcp, ingest, late)
     _held_and_named(wiring, inst)
     assert not audits(wiring, "label.approve", inst["id"])
-    # the tagger's call after hers is the last write: approved
+    # the tagger's call after hers re-sends her held jumpbox: still held, approving nothing
+    deliver(gcp, ingest, set_labels(gcp, inst, JUMP))
+    _held_and_named(wiring, inst)
+    assert not audits(wiring, "label.approve", inst["id"])
+    # the tagger changing the value (to web, then jumpbox) is what puts jumpbox in force
+    deliver(gcp, ingest, set_labels(gcp, inst, WEB))
     deliver(gcp, ingest, set_labels(gcp, inst, JUMP))
     rec = wiring.store.get(inst["id"])
     assert rec is not None and rec.labels["role"] == "jumpbox" and rec.workload.held_labels is None
+    assert audits(wiring, "label.approve", inst["id"])
 
 
 def test_attack_gcp_reconcile_listing_does_not_restore_a_revoked_privilege(

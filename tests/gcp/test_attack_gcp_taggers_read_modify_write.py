@@ -59,3 +59,57 @@ def test_attack_gcp_taggers_read_modify_write_does_not_approve_a_held_move(
     assert rec.workload.held_labels is not None and rec.workload.tags.get("ringfence:role") == "jumpbox", rec.workload
     named = [a.principal for a in audits(wiring, "label.held", inst["id"])]
     assert MALLORY in named and TAGGER not in named, named
+
+
+def _resent_held(wiring: LocalWiring, inst: dict[str, Any]) -> None:
+    """Mallory's jumpbox, re-sent by the tagger's call, is still held and hers: not in force, no
+    approval recorded, she named and the tagger not."""
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.labels.get("role") != "jumpbox", f"laundered by the tagger's call: {rec.labels}"
+    assert rec.workload.held_labels is not None and rec.workload.tags.get("ringfence:role") == "jumpbox", rec.workload
+    assert not audits(wiring, "label.approve", inst["id"]), "the tagger's re-send was audited as an approval"
+    named = [a.principal for a in audits(wiring, "label.held", inst["id"])]
+    assert MALLORY in named and TAGGER not in named, named
+
+
+def test_attack_gcp_taggers_resend_seen_within_the_skew_does_not_approve_a_held_move(
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mallory (not a tagger) sets role=jumpbox; her entry's read sees the VM with it (held, she is
+    named). Within CLOCK_SKEW of that read a tagger's automation adds a cost label, re-sending
+    role=jumpbox: the observation is too recent to say what the call changed (it may show the
+    call's own values), but the last known write of role is her held call, made before the
+    tagger's, of the same value. The tagger's call re-sent it: held, she stays named."""
+    monkeypatch.setattr(ingest_module, "LOGGING_LAG", 0.0)
+    ingest = GcpIngest(wiring, gcp_config(gcp, LabelSource.LABELS))
+    inst = _vm(gcp, ingest, "10.20.9.94")
+    deliver(gcp, ingest, set_labels(gcp, inst, JUMP, principal=MALLORY))
+    seen = wiring.store.get(inst["id"])
+    assert seen is not None and seen.workload.held_labels is not None, seen.labels
+    tagger = set_labels(gcp, inst, {**JUMP, "team": "payments"}, principal=TAGGER)
+    # the VM's last sighting is within CLOCK_SKEW before the tagger's call: it decides nothing
+    assert time.time() - max(seen.observed_at, seen.workload.observed_at) < CLOCK_SKEW
+    deliver(gcp, ingest, tagger)
+    _resent_held(wiring, inst)
+
+
+def test_attack_gcp_taggers_resend_read_after_the_call_does_not_approve_a_held_move(
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mallory (not a tagger) sets role=jumpbox (held, she is named). A tagger's automation adds a
+    cost label, re-sending role=jumpbox, and the scheduled pass reads the VM after that call and
+    stores it before the tagger's entry is processed: the stored observation may show the call's
+    own values, so it cannot say what the call changed, but the last known write of role is her
+    held call, made before the tagger's, of the same value. The tagger's call re-sent it: held,
+    she stays named."""
+    monkeypatch.setattr(ingest_module, "LOGGING_LAG", 0.0)
+    ingest = GcpIngest(wiring, gcp_config(gcp, LabelSource.LABELS))
+    inst = _vm(gcp, ingest, "10.20.9.95")
+    deliver(gcp, ingest, set_labels(gcp, inst, JUMP, principal=MALLORY))
+    tagger = set_labels(gcp, inst, {**JUMP, "team": "payments"}, principal=TAGGER)
+    ingest.sync(PROJECT)  # a read after the tagger's call, stored before its entry
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.workload.tags.get("team") == "payments", rec.workload.tags
+    assert rec.workload.held_labels is not None, rec.labels
+    deliver(gcp, ingest, tagger)
+    _resent_held(wiring, inst)

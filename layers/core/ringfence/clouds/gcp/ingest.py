@@ -283,10 +283,11 @@ class GcpIngest:
         known write of its dimension, made before the call, wrote is re-sent. An allowed tagger's
         (what approves): a value the VM was observed with more than :data:`CLOCK_SKEW` before the
         call is re-sent, held or not, and approves nothing (an administrator's binding grants it);
-        one observed later may be the call's own, and is set."""
+        so is one a held call (``other``) was the last known write of, made before the call,
+        however recent the observation; any other is set."""
         mapper = self._governed_mapper()
         tagger = mapper is not None and bool(change.principal) and is_tagger(mapper.config.taggers, change.principal)
-        return _changed(change.requested, before, call, None if tagger else mapper)
+        return _changed(change.requested, before, call, mapper, tagger=tagger)
 
     def _spend_unread(self, ev: GcpEvent, said: GcpEvent | None) -> None:
         """An entry decided without a read (nothing privileged moved) is spent as a read-back
@@ -1087,6 +1088,8 @@ def _changed(
     stored: InventoryRecord | None,
     call: datetime | None,
     mapper: LabelMapper | None = None,
+    *,
+    tagger: bool = False,
 ) -> dict[str, str] | None:
     """What of ``requested`` the call set, rather than re-sent (setLabels sends the whole set).
 
@@ -1100,7 +1103,15 @@ def _changed(
     observed with, where that observation (when its read had ended: the workload's time; a sync's
     record is dated when its listing began) predates the call (by more than :data:`CLOCK_SKEW`);
     else it counts as set by the call (an observation made after the call may hold the call's
-    own values)."""
+    own values).
+
+    An allowed tagger's call (``tagger``: what it set approves) is judged by both: a value the
+    observation says it re-sent is re-sent, and so is one whose last known write, made before
+    the call, set it and is held (a non-tagger's call: ``other``), where the observation
+    is too recent to say (within :data:`CLOCK_SKEW` of the call, or after it). Re-sending a
+    held move is not making it: that stays held, its mover named, until a tagger's call changes
+    the value or an admin binding grants it. Any other write (approving, or ``unseen``: an
+    observation, which may show the tagger's own value) leaves the observation to decide."""
     if requested is None:
         return None
     if stored is None or stored.state == "terminated" or call is None:
@@ -1114,7 +1125,13 @@ def _changed(
         dim = dims.get(key)
         w = writes.get(dim) if dim is not None else None
         if mapper is not None and dim is not None and w is not None and w.by != "unseen":
-            return w.value != mapper.canonical_value(dim, value) or w.at >= call.timestamp()
+            same = w.value == mapper.canonical_value(dim, value)
+            if not tagger:
+                return not same or w.at >= call.timestamp()
+            if same and w.by == "other" and w.at < call.timestamp():
+                # a held call set it before: the tagger's call re-sent it (one at the same time
+                # is not before it; govern_writes holds it anyway, a tagger never outranking it)
+                return False
         return fresh or seen.get(key) != value
 
     return {k: v for k, v in requested.items() if sets(k, v)}
