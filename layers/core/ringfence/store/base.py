@@ -587,6 +587,16 @@ class Grant(NamedTuple):
     enforcement_read: bool = False
 
 
+class OwedMark(NamedTuple):
+    """A workload whose records compute is owed (:meth:`Store.owe_compute`): a hand-off to compute
+    failed after its change was stored. ``urgent``: in the priority lane (it gave its addresses
+    back); ``nonce``: this write of the mark, so a drain deletes only the mark it read."""
+
+    workload_id: str
+    urgent: bool
+    nonce: str
+
+
 class Unread(enum.Enum):
     """``observe(previous=UNREAD)``: the store reads the stored record itself."""
 
@@ -904,6 +914,22 @@ class Store(Protocol):
     def settle_launch_release(self, instance_id: str, token: str, outcome: str) -> bool:
         """Record the claimed action ``token``'s ``outcome`` (``released_at`` now), only while it
         is claimed (:data:`COMPLETING`): never over a recorded outcome."""
+        ...
+
+    # compute owed: hand-offs that failed after their change was stored (control/wiring.py)
+    def owe_compute(self, workload_ids: list[str], urgent: bool = False) -> None:
+        """Mark ``workload_ids`` owed to compute, each with a new nonce: a mark there already is
+        written again (a drain that read it before then no longer deletes it), urgent if either
+        write was."""
+        ...
+
+    def owed_compute(self) -> list[OwedMark]:
+        """Every mark, of any age, read consistently (no scan of other items)."""
+        ...
+
+    def settle_owed(self, marks: list[OwedMark]) -> list[str]:
+        """Delete each of ``marks`` only while it holds the nonce read (a mark written again since
+        stays, for the next drain); the workload ids deleted."""
         ...
 
     # audit

@@ -63,6 +63,7 @@ from ringfence.store.base import (
     NotTheNamedKey,
     OperatorChange,
     OtherAccount,
+    OwedMark,
     PartlyWritten,
     PolicyActivation,
     PolicyVersion,
@@ -85,6 +86,8 @@ _UNSET: Any = object()
 # a workload's quarantine: the state item QUARANTINE/<workload id> (DynamoStore.set_operator). One
 # partition: every quarantine in one Query (all_records), as few as they are
 QUARANTINE = "quarantine"
+# the partition of the workloads compute is owed (owe_compute), each a sort key
+OWED = "owed"
 QUARANTINE_BATCH = 50  # workloads per BatchGetItem with their quarantine items (100 keys a call)
 
 
@@ -751,6 +754,46 @@ class DynamoStore:
             if "LastEvaluatedKey" not in page:
                 return out
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    # --- compute owed (control/wiring.py) ---------------------------------------------------------
+    # one partition, ``owed``, a workload id per sort key: a drain reads it with a Query, never a
+    # Scan, and the roles that write or drain marks are granted that partition alone
+
+    def owe_compute(self, workload_ids: list[str], urgent: bool = False) -> None:
+        for wid in sorted(set(workload_ids)):
+            # an urgent mark stays urgent when an ordinary failure writes it again
+            lane = "urgent = :u" if urgent else "urgent = if_not_exists(urgent, :u)"
+            self.state.update_item(
+                Key={"pk": OWED, "sk": wid},
+                UpdateExpression=f"SET nonce = :n, {lane}",
+                ExpressionAttributeValues={":n": uuid.uuid4().hex, ":u": urgent},
+            )
+
+    def owed_compute(self) -> list[OwedMark]:
+        out: list[OwedMark] = []
+        kwargs: dict[str, Any] = {"KeyConditionExpression": Key("pk").eq(OWED), "ConsistentRead": True}
+        while True:
+            page = self.state.query(**kwargs)
+            out.extend(OwedMark(str(i["sk"]), bool(i.get("urgent")), str(i["nonce"])) for i in page.get("Items", []))
+            if "LastEvaluatedKey" not in page:
+                return out
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def settle_owed(self, marks: list[OwedMark]) -> list[str]:
+        settled: list[str] = []
+        for m in marks:
+            try:
+                self.state.delete_item(
+                    Key={"pk": OWED, "sk": m.workload_id},
+                    ConditionExpression="nonce = :n",
+                    ExpressionAttributeValues={":n": m.nonce},
+                )
+            except ClientError as exc:
+                if _conditional_failed(exc):
+                    continue  # written again since it was read: the next drain's
+                raise
+            settled.append(m.workload_id)
+        return settled
 
     # --- agent auth -----------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ import os
 import sqlite3
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -67,6 +68,7 @@ from ringfence.store.base import (
     MovedRecord,
     NotTheNamedKey,
     OtherAccount,
+    OwedMark,
     PolicyVersion,
     Unread,
     agent_key_fingerprint_of,
@@ -162,6 +164,9 @@ CREATE TABLE IF NOT EXISTS moved (revision INTEGER PRIMARY KEY, doc TEXT NOT NUL
 CREATE TABLE IF NOT EXISTS nonce (nonce TEXT PRIMARY KEY, expires REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS nonce_expires ON nonce (expires);
 CREATE TABLE IF NOT EXISTS claim (key TEXT PRIMARY KEY, expires REAL NOT NULL);
+-- workloads compute is owed (owe_compute): a hand-off that failed after its change was stored; the
+-- scheduled passes drain them (additive: readers without it are unaffected)
+CREATE TABLE IF NOT EXISTS owed_compute (workload_id TEXT PRIMARY KEY, urgent INTEGER NOT NULL, nonce TEXT NOT NULL);
 -- agent_key: the id of the agent key the token was issued under ('' none; NULL before version 3)
 CREATE TABLE IF NOT EXISTS token (
     hash TEXT PRIMARY KEY, workload_id TEXT NOT NULL, expires REAL NOT NULL, agent_key TEXT
@@ -843,6 +848,34 @@ class SqliteStore:
                 db.execute("DELETE FROM claim WHERE key = ? AND expires < ?", (key, now))
             cur = db.execute("INSERT OR IGNORE INTO claim (key, expires) VALUES (?, ?)", (key, now + ttl))
             return cur.rowcount == 1
+
+    def owe_compute(self, workload_ids: list[str], urgent: bool = False) -> None:
+        ids = sorted(set(workload_ids))
+        if not ids:
+            return
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO owed_compute (workload_id, urgent, nonce) VALUES (?, ?, ?) ON CONFLICT (workload_id) "
+                "DO UPDATE SET urgent = max(urgent, excluded.urgent), nonce = excluded.nonce",
+                [(i, int(urgent), uuid.uuid4().hex) for i in ids],
+            )
+
+    def owed_compute(self) -> list[OwedMark]:
+        rows = self._db().execute("SELECT workload_id, urgent, nonce FROM owed_compute ORDER BY workload_id")
+        return [OwedMark(wid, bool(urgent), nonce) for wid, urgent, nonce in rows.fetchall()]
+
+    def settle_owed(self, marks: list[OwedMark]) -> list[str]:
+        settled: list[str] = []
+        if not marks:
+            return settled
+        with self._tx() as db:
+            for m in marks:
+                cur = db.execute(
+                    "DELETE FROM owed_compute WHERE workload_id = ? AND nonce = ?", (m.workload_id, m.nonce)
+                )
+                if cur.rowcount == 1:
+                    settled.append(m.workload_id)
+        return settled
 
     def put_token(self, token_hash: str, workload_id: str, ttl: int, agent_key: str = "") -> None:
         now = time.time()
