@@ -196,6 +196,13 @@ locals {
   # a privileged-label finding counted once (control/governance.py): its claim only, by the
   # functions whose events name a call's principal (the scheduled passes raise no finding)
   counted_put = { actions = ["dynamodb:PutItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["once#counted#*"] }, { test = "ForAllValues:StringEquals", variable = "dynamodb:Attributes", values = ["pk", "sk", "ttl"] }] }
+  # a workload owed to compute (control/wiring.py owe_compute): a hand-off that failed, marked in
+  # the one `owed` partition by the functions that hand on what they store; the scheduled passes
+  # also drain it (DeleteItem, conditioned on the mark's nonce)
+  owed_keys  = { test = "ForAllValues:StringEquals", variable = "dynamodb:LeadingKeys", values = ["owed"] }
+  owed_attrs = { test = "ForAllValues:StringEquals", variable = "dynamodb:Attributes", values = ["pk", "sk", "nonce", "urgent"] }
+  owed_mark  = { actions = ["dynamodb:UpdateItem"], resources = [aws_dynamodb_table.state.arn], conditions = [local.owed_keys, local.owed_attrs] }
+  owed_drain = { actions = ["dynamodb:UpdateItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn], conditions = [local.owed_keys, local.owed_attrs] }
 
   # least privilege, per function
   statements = {
@@ -208,7 +215,7 @@ locals {
       # a terminated instance's agent token and connection are revoked (audited): those items
       # only, never the active policy, a bundle pointer or the engine head
       local.retire,
-      local.quarantine_put, local.record_check, local.counted_put,
+      local.quarantine_put, local.record_check, local.counted_put, local.owed_mark,
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.ingest.arn] },
       # the priority lane: an instance leaving its peers' sets
@@ -266,7 +273,7 @@ locals {
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn] },
       # an instance seen terminated: its token and connection go (those items only)
       local.retire,
-      local.quarantine_put, local.record_check,
+      local.quarantine_put, local.record_check, local.owed_mark,
       # a refused terminate and governance findings are audited (the chain head read, then the record)
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.lifecycle.arn] },
@@ -279,7 +286,7 @@ locals {
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
       # a missed heartbeat marks the workload offline
       { actions = ["dynamodb:UpdateItem"], resources = [aws_dynamodb_table.inventory.arn], conditions = [local.observed_offline] },
-      local.quarantine_put, local.record_check,
+      local.quarantine_put, local.record_check, local.owed_drain,
       # Query, BatchGetItem: the effective-policy findings (enforcement reports, set heads); a
       # vanished instance's token and connection deleted (those items only)
       { actions = ["dynamodb:GetItem", "dynamodb:Query", "dynamodb:BatchGetItem"], resources = [aws_dynamodb_table.state.arn] },
@@ -376,7 +383,7 @@ locals {
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn] },
       local.retire, local.gcp_once,
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
-      local.observe, local.quarantine_put, local.record_check, local.counted_put,
+      local.observe, local.quarantine_put, local.record_check, local.counted_put, local.owed_mark,
       # governance findings, approvals and retired credentials are audited
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
@@ -387,7 +394,7 @@ locals {
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn] },
       local.retire,
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
-      local.observe, local.quarantine_put, local.record_check, local.counted_put,
+      local.observe, local.quarantine_put, local.record_check, local.counted_put, local.owed_mark,
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
       local.policies_read, local.kms_use,
@@ -397,7 +404,7 @@ locals {
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn] },
       local.retire, local.gcp_once,
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
-      local.observe, local.quarantine_put, local.record_check,
+      local.observe, local.quarantine_put, local.record_check, local.owed_drain,
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
       local.policies_read, local.kms_use,

@@ -48,6 +48,9 @@ def no_metric(name: str, value: float) -> None:
 # the metric a change stored whose compute message failed counts toward (a CloudWatch alarm
 # watches it): its workloads' bundles and their peers' sets do not follow it until a retry
 COMPUTE_NOT_QUEUED = "ComputeNotQueued"
+# a failed hand-off's owed mark that could not be written either (owe_compute): only the window's
+# re-send of tombstones (hand_on_gone_again) is left to hand it on
+COMPUTE_OWED_NOT_MARKED = "ComputeOwedNotMarked"
 
 
 class NotQueued(Exception):
@@ -104,7 +107,8 @@ def hand_on_stored(
     failure propagates for its queue to retry: the redelivery finds the record equal to its
     observation, stores nothing and would hand nothing on. Compute and the perimeter take records
     as stored, so a hand-off too many is harmless, a lost one is not. A failure to queue either is
-    logged and counted (``ComputeNotQueued``), never raised over the step's own."""
+    logged and counted (``ComputeNotQueued``), never raised over the step's own; compute's is
+    marked owed (:func:`owe_compute`) for the scheduled passes to hand on."""
     ids = sorted(set(ids))
     if not ids:
         return
@@ -116,6 +120,7 @@ def hand_on_stored(
     except Exception:
         log.exception("%s: %s stored but compute could not be queued", what, ", ".join(ids))
         (metric or w.metric)(COMPUTE_NOT_QUEUED, 1)
+        owe_compute(w, ids, what, metric, urgent=first)
     try:
         # as a delivery's own hand-off (AWS Ingest._hand_on): the instances' security groups
         # follow a move too (a no-op where no perimeter is managed)
@@ -144,7 +149,8 @@ def hand_on_gone_again(
     them, every pass: a pass dates its tombstones alike (its listing's time), so a cap by recency
     would send the same ones each pass and never the rest (AWS sends 500 ids a message, one
     machine's worker takes any number). A failure to queue is logged and counted
-    (``ComputeNotQueued``), never raised (the next pass sends them again). The ids sent."""
+    (``ComputeNotQueued``), never raised (the next pass sends them again), and marks them owed
+    (:func:`owe_compute`): handed on by a pass past the window too. The ids sent."""
     metric = metric or w.metric
     since = (time.time() if now is None else now) - w.cfg.gone_resend_window
     done = set(handed)
@@ -159,8 +165,69 @@ def hand_on_gone_again(
             "%s: %d stored gone (%s) but compute could not be queued again", what, len(ids), ", ".join(ids[:20])
         )
         metric(COMPUTE_NOT_QUEUED, 1)
+        # owed past the window too: an outage longer than it lost these removals for good
+        owe_compute(w, ids, what, metric, urgent=ids)
         return []
     return ids
+
+
+def owe_compute(
+    w: BaseWiring, ids: Iterable[str], what: str, metric: Metric | None = None, *, urgent: Iterable[str] = ()
+) -> None:
+    """Mark ``ids`` owed to compute in the store (``urgent``: those of them for the priority lane)
+    after their hand-off failed: the next scheduled pass hands them on (:func:`hand_on_owed`),
+    however long the queue stays unreachable. Best effort: a failure to write the marks is logged
+    and counted (``ComputeOwedNotMarked``), never raised over the hand-off's own failure (the
+    window's re-send of tombstones, :func:`hand_on_gone_again`, still covers those)."""
+    ids = sorted(set(ids))
+    if not ids:
+        return
+    first = sorted(set(urgent) & set(ids))
+    try:
+        if first:
+            w.store.owe_compute(first, urgent=True)
+        rest = [i for i in ids if i not in first]
+        if rest:
+            w.store.owe_compute(rest)
+    except Exception:
+        log.exception("%s: %s not handed to compute, and could not be marked owed either", what, ", ".join(ids))
+        (metric or w.metric)(COMPUTE_OWED_NOT_MARKED, 1)
+
+
+def hand_on_owed(w: BaseWiring, what: str, metric: Metric | None = None) -> list[str]:
+    """A scheduled pass hands to compute every workload marked owed (:func:`owe_compute`), of any
+    age and any scope (compute takes records as stored: one hand-off too many is harmless, and a
+    mark names no cloud to filter by), the urgent ones in the priority lane; once queued, it
+    deletes the marks it read, each only while it holds the nonce read, so a mark written again
+    by a newer failure meanwhile stays for the next pass. A failure is logged and counted, never
+    raised: the marks stay. The ids queued."""
+    metric = metric or w.metric
+    try:
+        marks = w.store.owed_compute()
+    except Exception:
+        log.exception("%s: the workloads owed to compute could not be read", what)
+        metric(COMPUTE_NOT_QUEUED, 1)
+        return []
+    if not marks:
+        return []
+    first = sorted({m.workload_id for m in marks if m.urgent})
+    rest = sorted({m.workload_id for m in marks} - set(first))
+    try:
+        if first:
+            w.enqueue_compute(first, urgent=True)
+        if rest:
+            w.enqueue_compute(rest)
+    except Exception:
+        log.exception("%s: %d workloads owed to compute could not be queued (kept owed)", what, len(marks))
+        metric(COMPUTE_NOT_QUEUED, 1)
+        return []
+    try:
+        w.store.settle_owed(marks)
+    except Exception:
+        # queued: the marks left are handed on again by the next pass, harmlessly
+        log.exception("%s: %d workloads handed to compute but their owed marks not all deleted", what, len(marks))
+    log.info("%s: handed %d workloads owed to compute on", what, len(first) + len(rest))
+    return first + rest
 
 
 class NoSigningKey(RuntimeError):

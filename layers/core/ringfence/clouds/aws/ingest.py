@@ -19,6 +19,7 @@ from ringfence.control.wiring import (
     hand_on_stored,
     log,
     no_metric,
+    owe_compute,
 )
 from ringfence.events import DomainEvent, Kind, MalformedEvent, normalize
 from ringfence.governance import TagChange
@@ -170,6 +171,9 @@ class Ingest:
                 ", ".join(sorted(changed or ())),
             )
             self.metric(COMPUTE_NOT_QUEUED, 1)
+            # the batch's redelivery hands it on again; marked as well, for a queue refusing
+            # longer than the redeliveries last (the scheduled passes hand marks on)
+            owe_compute(self.w, changed or (), "ingest batch", self.metric, urgent=removed)
             raise
         finally:
             self.w.end_batch()

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ringfence.control.wiring import COMPUTE_NOT_QUEUED, Metric, hand_on_stored, log, no_metric
+from ringfence.control.wiring import COMPUTE_NOT_QUEUED, Metric, hand_on_stored, log, no_metric, owe_compute
 from ringfence.events import DomainEvent, Kind, MalformedEvent, normalize, normalize_json
 
 from .ingest import Ingest, mark_leaving, observe_instances
@@ -102,6 +102,8 @@ class Lifecycle:
             ids = sorted({*batch.perimeter_ids, *batch.urgent_ids, *batch.compute_ids}) if batch is not None else []
             log.exception("lifecycle batch: %s stored but compute or the perimeter could not be queued", ", ".join(ids))
             self.metric(COMPUTE_NOT_QUEUED, 1)
+            if batch is not None:  # the instances (not their actions) owed, as ingest's
+                owe_compute(self.w, ids, "lifecycle batch", self.metric, urgent=batch.urgent_ids)
             raise
         finally:
             self.w.end_batch()

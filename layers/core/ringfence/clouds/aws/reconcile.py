@@ -7,7 +7,15 @@ from dataclasses import dataclass, field
 
 from ringfence.control import credentials
 from ringfence.control.governance import store_governed
-from ringfence.control.wiring import Metric, Target, hand_on_gone_again, no_metric
+from ringfence.control.wiring import (
+    COMPUTE_NOT_QUEUED,
+    Metric,
+    Target,
+    hand_on_gone_again,
+    hand_on_owed,
+    no_metric,
+    owe_compute,
+)
 from ringfence.events import UnservedAccount
 from ringfence.labels import LabelMapper
 from ringfence.store.base import ACTIVE_STATES, InventoryRecord, releases_addresses
@@ -41,6 +49,9 @@ class Reconcile:
 
     def run(self, now: float | None = None) -> ReconcileResult:
         res = ReconcileResult()
+        # first, what earlier hand-offs failed to give compute (any age: a queue outage longer
+        # than the re-send window of tombstones), whatever this run then does
+        hand_on_owed(self.w, "reconcile", self.metric)
         mapper = self.w.mapper()
         records = {r.id: r for r in self.w.store.all_records()}
         changed: set[str] = set()
@@ -73,10 +84,18 @@ class Reconcile:
         # what left its peers' sets (gone, stopped, offline) first, in the priority lane: its
         # address must not stay allowed behind a tag storm's backlog
         urgent = sorted(removed & changed)
-        if urgent:
-            self.w.enqueue_compute(urgent, urgent=True)
-        # and compute re-signs the bundles whose expiry is near (only compute signs)
-        self.w.enqueue_compute([i for i in res.changed if i not in removed], refresh=True)
+        try:
+            if urgent:
+                self.w.enqueue_compute(urgent, urgent=True)
+            # and compute re-signs the bundles whose expiry is near (only compute signs)
+            self.w.enqueue_compute([i for i in res.changed if i not in removed], refresh=True)
+        except Exception:
+            # the run fails (Lambda retries it); what it stored stays owed to compute until a
+            # run hands it on, however long the queue refuses
+            log.exception("reconcile: %s stored but compute could not be queued", ", ".join(res.changed))
+            self.metric(COMPUTE_NOT_QUEUED, 1)
+            owe_compute(self.w, res.changed, "reconcile", self.metric, urgent=urgent)
+            raise
         self.w.enqueue_perimeter(res.changed)  # repaired drift reaches the perimeter as events do
         # and what was stored gone lately, again: a run that stored a tombstone and failed to hand
         # it on is retried with nothing more to store for it (compute: a removal applied is a no-op)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from azure.core.exceptions import HttpResponseError
 
 from ringfence.control.api import Response, error
-from ringfence.control.wiring import COMPUTE_NOT_QUEUED, BaseWiring, Metric, log, no_metric
+from ringfence.control.wiring import COMPUTE_NOT_QUEUED, BaseWiring, Metric, log, no_metric, owe_compute
 from ringfence.governance import SKEW, LabelWrite, TagChange, is_tagger
 from ringfence.labels import LabelMapper
 from ringfence.store.base import InventoryRecord
@@ -226,6 +226,8 @@ class AzureEvents:
             # and counted as every failed hand-off is
             log.exception("azure: %s stored but compute could not be queued", ", ".join(sorted(res.changed)))
             self.metric(COMPUTE_NOT_QUEUED, 1)
+            owed = (res.changed | named) - passed
+            owe_compute(self.w, owed, "azure event", self.metric, urgent=res.gave_back)
             raise
         return res
 
@@ -238,6 +240,7 @@ class AzureEvents:
         except Exception:
             log.exception("azure: %s stored but compute could not be queued", ", ".join(sorted(changed)))
             self.metric(COMPUTE_NOT_QUEUED, 1)
+            owe_compute(self.w, changed, "azure event", self.metric, urgent=gave_back)
 
     def _mapper(self) -> LabelMapper | None:
         active = self.w.governing_policy()

@@ -9,7 +9,15 @@ from typing import Any
 
 from ringfence.control import credentials
 from ringfence.control.governance import store_deletable
-from ringfence.control.wiring import COMPUTE_NOT_QUEUED, BaseWiring, Metric, hand_on_gone_again, log, no_metric
+from ringfence.control.wiring import (
+    COMPUTE_NOT_QUEUED,
+    BaseWiring,
+    Metric,
+    hand_on_gone_again,
+    log,
+    no_metric,
+    owe_compute,
+)
 from ringfence.governance import TagChange
 from ringfence.store.base import InventoryRecord, releases_addresses
 
@@ -187,6 +195,7 @@ def observe_subscription(
             # again: ``deleted``), and counted as every failed hand-off is
             log.exception("azure sync of %s: %s stored but compute could not be queued", arm.subscription, res.changed)
             metric(COMPUTE_NOT_QUEUED, 1)
+            owe_compute(w, res.changed, f"azure sync of {arm.subscription}", metric, urgent=res.gave_back)
             raise
     if scheduled:
         # also when a VM's revocation failed: the pass failing for that VM on every retry must not

@@ -24,7 +24,7 @@ from azure.core.exceptions import AzureError
 
 from ringfence.audit import AuditRecord
 from ringfence.clouds import every
-from ringfence.control.wiring import BaseWiring, Metric, log, no_metric
+from ringfence.control.wiring import BaseWiring, Metric, hand_on_owed, log, no_metric
 from ringfence.perimeter import AuditNotWritten, PerimeterConfig, PerimeterError, PlanRefused
 
 from .inventory import observe_subscription
@@ -66,6 +66,8 @@ class AzureReconcile:
 
     def run(self) -> AzureReconcileResult:
         res = AzureReconcileResult()
+        # what earlier hand-offs failed to give compute (any age, any cloud's: a mark names no scope)
+        hand_on_owed(self.w, "azure reconcile", self.metric)
         for sub in self.azure.cfg.subscriptions:
             try:
                 arm = self.azure.arm(sub)

@@ -42,7 +42,15 @@ from google.api_core.exceptions import Forbidden, GoogleAPICallError, NotFound, 
 from ringfence.audit import AuditRecord
 from ringfence.control import credentials
 from ringfence.control.governance import GOVERNANCE_PRINCIPAL, store_deletable
-from ringfence.control.wiring import BaseWiring, Metric, hand_on_gone_again, hand_on_stored, no_metric
+from ringfence.control.wiring import (
+    COMPUTE_NOT_QUEUED,
+    BaseWiring,
+    Metric,
+    hand_on_gone_again,
+    hand_on_stored,
+    no_metric,
+    owe_compute,
+)
 from ringfence.events import MalformedEvent
 from ringfence.governance import TagChange, govern, is_tagger
 from ringfence.labels import LabelMapper
@@ -941,7 +949,15 @@ class GcpIngest:
             # what was stored is handed on: the next pass finds nothing more to store and would not
             hand_on_stored(self.w, changed, f"gcp sync of {project}", self.metric, urgent=gave_back)
             raise
-        self._hand_on(changed, gave_back)
+        try:
+            self._hand_on(changed, gave_back)
+        except Exception:
+            # the pass fails, for its retry; nothing redelivers a pass, so what it stored stays
+            # owed to compute until a pass hands it on (hand_on_owed), however long that takes
+            log.exception("gcp sync of %s: %s stored but compute could not be queued", project, sorted(changed))
+            self.metric(COMPUTE_NOT_QUEUED, 1)
+            owe_compute(self.w, changed, f"gcp sync of {project}", self.metric, urgent=gave_back)
+            raise
         # and the project's VMs stored gone lately, again: a pass that stored a tombstone and failed
         # to hand it on is retried with nothing more to store for it (nothing redelivers a pass)
         hand_on_gone_again(

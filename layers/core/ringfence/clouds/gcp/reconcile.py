@@ -20,7 +20,7 @@ from google.api_core.exceptions import GoogleAPICallError, RetryError
 
 from ringfence.audit import AuditRecord
 from ringfence.clouds import every
-from ringfence.control.wiring import BaseWiring, Metric, log, no_metric
+from ringfence.control.wiring import BaseWiring, Metric, hand_on_owed, log, no_metric
 from ringfence.perimeter import AuditNotWritten, PerimeterConfig, PlanRefused
 
 from .config import GcpConfig
@@ -82,6 +82,8 @@ class GcpReconcile:
 
     def run(self) -> GcpReconcileResult:
         res = GcpReconcileResult()
+        # what earlier hand-offs failed to give compute (any age, any cloud's: a mark names no scope)
+        hand_on_owed(self.w, "gcp reconcile", self.metric)
         for project in sorted(self.cfg.projects):
             try:
                 res.changed += sorted(self.ingest.sync(project))
