@@ -543,17 +543,44 @@ def test_policy_whose_tests_fail_is_not_provisioned(env: Env) -> None:
     assert env.store.active_policy() is None and env.store.audit_log() == []
 
 
-def test_wait_answers_at_once_when_behind_and_on_a_change_when_current(env: Env, monkeypatch: Any) -> None:
-    import threading
-
-    from ringfence.routes.agent import agent_routes
-
+def enrolled_proc(env: Env, monkeypatch: Any) -> tuple[dict[str, Any], str, str, int]:
+    """The estate booted with a change watch that looks every 0.1 s, and its first proc instance
+    enrolled: (the estate, proc's id, its token, its bundle version)."""
     monkeypatch.setenv("RINGFENCE_WAIT_POLL_INTERVAL", "0.1")
     env.load_functions()
     est = boot(env)
     proc = est["ids"]["proc"][0]
     tok = enroll_instance(env, proc)
-    v = env.bundle(proc).version
+    return est, proc, tok, env.bundle(proc).version
+
+
+def open_wait(env: Env, proc: str, tok: str, query: dict[str, str]) -> tuple[Any, dict[str, Any]]:
+    """A long-poll of proc's, open when this returns (through a resolver of its own over the same
+    service: a resolver serves one request at a time): its thread, and what it answered once it
+    did (status, body, how long it took, when)."""
+    import threading
+
+    from ringfence.routes.agent import agent_routes
+
+    waiter = agent_routes(env.fn["agentapi"].api)
+    got: dict[str, Any] = {}
+
+    def long_poll() -> None:
+        t0 = time.monotonic()
+        event = rest_event("GET", f"/v1/agents/{proc}/wait", headers=auth(tok), query=query)
+        got["status"], _, got["body"] = rest_answer(waiter.resolve(event, LambdaContext()))
+        got["at"] = time.monotonic()
+        got["took"] = got["at"] - t0
+
+    t = threading.Thread(target=long_poll)
+    t.start()
+    time.sleep(0.5)
+    assert "status" not in got, got  # current: it waits
+    return t, got
+
+
+def test_wait_answers_at_once_when_behind_and_on_a_change_when_current(env: Env, monkeypatch: Any) -> None:
+    est, proc, tok, v = enrolled_proc(env, monkeypatch)
     path = f"/v1/agents/{proc}/wait"
 
     def wait(version: int, timeout: int) -> tuple[int, Any, float]:
@@ -572,20 +599,7 @@ def test_wait_answers_at_once_when_behind_and_on_a_change_when_current(env: Env,
     assert status == 422 and "query.version" in err["detail"]
 
     # a change while waiting: the long-poll answers with the new version long before its timeout
-    # (through a second resolver over the same service: a resolver serves one request at a time)
-    waiter = agent_routes(env.fn["agentapi"].api)
-    got: dict[str, Any] = {}
-
-    def long_poll() -> None:
-        t0 = time.monotonic()
-        event = rest_event("GET", path, headers=auth(tok), query={"version": str(v), "timeout": "20"})
-        got["status"], _, got["body"] = rest_answer(waiter.resolve(event, LambdaContext()))
-        got["took"] = time.monotonic() - t0
-
-    t = threading.Thread(target=long_poll)
-    t.start()
-    time.sleep(0.5)
-    assert "status" not in got, got
+    t, got = open_wait(env, proc, tok, {"version": str(v), "timeout": "20"})
     new = est["run"]("web", est["subnets"]["web"], 1)[0]
     env.put(env.state_event(new, "running"))
     env.pump()
@@ -842,3 +856,28 @@ def test_set_heads_are_read_once_per_change_the_watch_sees(env: Env, monkeypatch
     assert status == 200 and body["latest_version"] == newer, "the heads kept before the change are not used"
     t.join(15)
     assert done["status"] == 200
+
+
+def test_attack_an_open_wait_is_refused_after_an_agent_key_reset_in_aws(env: Env, monkeypatch: Any) -> None:
+    """A long-poll opened before an operator resets the agent key (the token revoked) answers
+    the next wake-up 401, not the deltas or bundle published after the reset: each wake-up
+    authorizes the token again, with the read that brings the bundle pointer."""
+    est, proc, tok, v = enrolled_proc(env, monkeypatch)
+    t, got = open_wait(env, proc, tok, {"version": str(v), "timeout": "20", "deltas": "true", "bundle": "true"})
+    onboarding = "arn:aws:iam::123456789012:role/Onboarding"
+    env.bind(onboarding, ["onboarding"])
+    reset = {"reason": "agent key stolen"}
+    status, _, out = env.rest("admin", "DELETE", f"/admin/workloads/{proc}/agent-key", reset, principal=onboarding)
+    assert status == 200 and out["token_revoked"] is True, out
+    assert env.rest("agentapi", "GET", f"/v1/agents/{proc}/bundle", headers=auth(tok))[0] == 401
+    # a change proc's bundle holds: a new web instance joins its sets
+    new = est["run"]("web", est["subnets"]["web"], 1)[0]
+    env.put(env.state_event(new, "running"))
+    env.pump()
+    changed = time.monotonic()
+    assert env.bundle(proc).version > v
+    t.join(25)
+    assert not t.is_alive()
+    assert got["status"] == 401, got
+    assert "deltas" not in got["body"] and "bundle" not in got["body"], got["body"]
+    assert got["at"] - changed < 10, "refused on the wake-up the change caused, not at the timeout"

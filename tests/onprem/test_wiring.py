@@ -64,10 +64,11 @@ def test_a_change_reaches_a_long_poll_through_the_notifier(wiring: LocalWiring) 
     api = AgentApi(wiring)
     v0 = api.latest_version(proc)
     assert v0 is not None
+    wiring.store.put_token(secret_hash("proc-token"), proc, 600)  # each wake-up authorizes the wait again
     answers: list[tuple[float, int | None]] = []
 
     def long_poll() -> None:  # GET /v1/agents/{id}/wait?version=v0&timeout=20
-        r = api.wait(proc, v0, 20)
+        r = api.wait(proc, v0, 20, authorization="Bearer proc-token")
         answers.append((time.monotonic(), r.body["latest_version"]))
 
     t = threading.Thread(target=long_poll)

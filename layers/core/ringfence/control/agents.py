@@ -644,14 +644,23 @@ class AgentApi:
         return self._latest(ptr)[0] if ptr is not None else None
 
     def wait(
-        self, workload_id: str, version: int, timeout: float, with_deltas: bool = False, with_bundle: bool = False
+        self,
+        workload_id: str,
+        version: int,
+        timeout: float,
+        with_deltas: bool = False,
+        with_bundle: bool = False,
+        *,
+        authorization: str | None,
     ) -> Response:
         """Long-poll: answers as soon as the workload's latest version is newer than ``version``,
         or when ``timeout`` (capped at the wiring's ``max_wait``) has passed, with that version.
         The answer may carry what the agent would fetch next, so that a change costs it one
         request: ``with_deltas``, the deltas since ``version`` when they bridge; else
         ``with_bundle``, the stored bundle when it is newer than ``version`` (as a string, byte
-        for byte), with its ETag and the deltas since it when there are any."""
+        for byte), with its ETag and the deltas since it when there are any.
+        ``authorization``: the request's header, as :meth:`authorize` took it when the wait
+        opened; every wake-up authorizes it again (a token revoked meanwhile is answered 401)."""
         with self._open_waits_lock:
             # a workload's waits, whatever token each came with (an agent renewing its token
             # again and again keeps no more open): the others' threads are not its to hold
@@ -662,7 +671,7 @@ class AgentApi:
                 return refused
             self._open_waits[workload_id] = open_now + 1
         try:
-            return self._wait(workload_id, version, timeout, with_deltas, with_bundle)
+            return self._wait(workload_id, version, timeout, with_deltas, with_bundle, authorization)
         finally:
             with self._open_waits_lock:
                 left = self._open_waits[workload_id] - 1
@@ -671,9 +680,17 @@ class AgentApi:
                 else:
                     del self._open_waits[workload_id]
 
-    def _wait(self, workload_id: str, version: int, timeout: float, with_deltas: bool, with_bundle: bool) -> Response:
+    def _wait(
+        self,
+        workload_id: str,
+        version: int,
+        timeout: float,
+        with_deltas: bool,
+        with_bundle: bool,
+        authorization: str | None,
+    ) -> Response:
         deadline = time.monotonic() + max(0.0, min(timeout, self.w.cfg.max_wait))
-        ptr = self._pointer(workload_id)  # the grant's at first, the store's after each wake-up
+        ptr = self._pointer(workload_id)  # the grant's: authorize read it when the wait opened
         while True:
             latest = self._latest(ptr)[0] if ptr is not None else None
             left = deadline - time.monotonic()
@@ -684,7 +701,14 @@ class AgentApi:
             if (latest is not None and latest > version) or left <= 0:
                 return Response(200, agentapi.WaitResponse(latest_version=latest).model_dump(exclude_unset=True))
             self.w.wait_for_change(left, workload_id)
-            ptr = self.w.store.bundle_pointer(workload_id)
+            # the token may have been revoked, or the workload deregistered (and its id given to
+            # another host), while this wait slept: authorized again, by the read that brings the
+            # pointer anyway (AWS: one BatchGetItem instead of the pointer's GetItem), before any
+            # answer — the timeout's too, which costs nothing more
+            denied = self.authorize(authorization, workload_id)
+            if denied:
+                return denied
+            ptr = self._pointer(workload_id)
 
     def _update(
         self, workload_id: str, ptr: BundlePointer, version: int, latest: int, with_deltas: bool, with_bundle: bool

@@ -144,7 +144,8 @@ def agent_routes(service: Callable[[], AgentApi]) -> APIGatewayRestResolver:
             bool, Query(description="else answer with the stored bundle when it is newer than `version`")
         ] = False,
     ) -> HttpResponse[str]:
-        return authorized(wid) or http(service().wait(wid, version, timeout, deltas, bundle))
+        header = app.current_event.headers.get("Authorization")
+        return authorized(wid) or http(service().wait(wid, version, timeout, deltas, bundle, authorization=header))
 
     @app.post(
         route_path("heartbeat"),
