@@ -33,7 +33,7 @@ def test_attack_azure_a_deletion_refused_by_compute_past_the_resend_window_is_ha
     queue refuses the hand-off. The outage outlasts the re-send window (0 s: every later pass
     finds the tombstone outside it). The next pass must still hand the deletion to compute, in
     the priority lane, and then no longer owe it."""
-    wiring.cfg.gone_resend_window = 0.0
+    monkeypatch.setattr(wiring.cfg, "gone_resend_window", 0.0)  # the module's wiring is shared
     events = AzureEvents(wiring, azure)
     seed_vm(arm, "gj-1", GUID, "10.20.1.97", PROD_WEB)
     seed_vm(arm, "gj-2", PEER, "10.20.1.98", PROD_WEB)

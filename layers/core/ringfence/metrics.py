@@ -31,6 +31,7 @@ ALERTED = (
     "AgentRequestsInvalid",
     "AgentRequestsOverAddressLimit",
     "ComputeNotQueued",
+    "ComputeOwedNotMarked",
     "StoreUnavailable",
     "StoreDamaged",
     "ComputeFailed",
