@@ -748,13 +748,16 @@ class ApiSource:
         timeout: float | None = None,
         headers: dict[str, str] | None = None,
         limit: int | None = None,
+        lasts: float = 0.0,
     ) -> tuple[int, dict[str, str], bytes]:
-        """One authenticated request; the token travels in the Authorization header, never in the URL."""
+        """One authenticated request; the token travels in the Authorization header, never in the
+        URL. ``lasts``: how long the server may hold it (a long poll), which the token must outlive:
+        the server authorizes a wait again at each wake-up and at its end."""
         limit = self.max_answer_bytes if limit is None else limit
         for attempt in range(2):
             if self.token is None:
                 self._renew()
-            elif self.renew_at and time.time() >= self.renew_at:
+            elif self.renew_at and time.time() + lasts >= self.renew_at:
                 try:
                     self._renew()  # renewed before it expires: the agent is never locked out
                 except (Unreachable, Blocked) as exc:
@@ -784,6 +787,7 @@ class ApiSource:
             f"version={v}&timeout={int(timeout)}&deltas=true&bundle=true",
             timeout=timeout + self.timeout,
             limit=self.max_bundle_bytes,  # a bundle may come along
+            lasts=timeout,
         )
         if status != 200:
             raise SourceError(f"wait: HTTP {status}")

@@ -9,10 +9,14 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 
+from ringfence_agent.enroll import pairing
+from ringfence_agent.sources import ApiSource
+from ringfence_agent.state import StateDir
 from tests.aws.test_pipeline import AgentKey
 from tests.onprem.conftest import Served, served, wiring
 
@@ -131,3 +135,26 @@ def test_an_honest_agents_open_wait_answers_a_label_change_with_the_new_bundle(s
     mine = httpx.get(s.url + f"/v1/agents/{WID}/bundle", headers=bearer(token))
     assert mine.status_code == 200 and mine.text == body["bundle"], "the stored bundle, byte for byte"
     assert json.loads(body["bundle"])["version"] > v
+
+
+def test_the_agent_renews_its_token_before_a_wait_that_would_outlast_its_renewal_point(
+    served: Served, tmp_path: Path
+) -> None:
+    """The server authorizes a wait again when it ends, so the real agent client renews a token
+    whose renewal point falls within the wait before opening it, not after: else the wait is
+    answered 401 at its end and the agent renews over a nonce and waits again (twice as long)."""
+    s = served
+    r = s.call("otto", "POST", "/admin/pairing-keys", {"workload_id": WID, "uses": 1, "ttl": 600})
+    assert r.status_code == 201, r.text
+    d = tmp_path / "agent"
+    d.mkdir()
+    src = ApiSource(s.url, WID, pairing(WID, r.json()["pairing_key"]), StateDir(d), timeout=10, wait_timeout=25)
+    stop = threading.Event()
+    v = src.wait(None, 0, stop)  # enrolls: a token, its renewal point far ahead
+    first = src.token
+    src.renew_at = time.time() + 1.0  # as if it were nearly due: due within the wait below
+    t0 = time.monotonic()
+    assert src.wait(v, 2, stop) == v
+    assert src.token != first, "renewed before the wait, which would have outlasted the renewal point"
+    assert src.renew_at > time.time() + 60
+    assert time.monotonic() - t0 < 2 + 5, "one wait, not a 401 and a second"
