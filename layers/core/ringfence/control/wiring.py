@@ -21,6 +21,7 @@ from ringfence.siem import DROP_BUDGET, DROP_WINDOW, Siem
 from ringfence.store.base import (
     AuditedChange,
     InventoryRecord,
+    OwedNotMarked,
     PolicyVersion,
     Store,
 )
@@ -178,20 +179,29 @@ def owe_compute(
     after their hand-off failed: the next scheduled pass hands them on (:func:`hand_on_owed`),
     however long the queue stays unreachable. Best effort: a failure to write the marks is logged
     and counted (``ComputeOwedNotMarked``), never raised over the hand-off's own failure (the
-    window's re-send of tombstones, :func:`hand_on_gone_again`, still covers those)."""
+    window's re-send of tombstones, :func:`hand_on_gone_again`, still covers those). Each lane is
+    written apart, each mark apart (a failed one costs no other), and each mark not written is
+    counted once."""
     ids = sorted(set(ids))
     if not ids:
         return
     first = sorted(set(urgent) & set(ids))
-    try:
-        if first:
-            w.store.owe_compute(first, urgent=True)
-        rest = [i for i in ids if i not in first]
-        if rest:
-            w.store.owe_compute(rest)
-    except Exception:
-        log.exception("%s: %s not handed to compute, and could not be marked owed either", what, ", ".join(ids))
-        (metric or w.metric)(COMPUTE_OWED_NOT_MARKED, 1)
+    rest = [i for i in ids if i not in first]
+    failed: list[str] = []
+    for lane, is_urgent in ((first, True), (rest, False)):
+        if not lane:
+            continue
+        try:
+            w.store.owe_compute(lane, urgent=is_urgent)
+        except OwedNotMarked as exc:
+            log.error("%s: %s", what, exc, exc_info=exc)
+            failed += exc.ids
+        except Exception:
+            log.exception("%s: %d marks owed to compute not written", what, len(lane))
+            failed += lane
+    if failed:
+        log.error("%s: %s not handed to compute, and could not be marked owed either", what, ", ".join(failed))
+        (metric or w.metric)(COMPUTE_OWED_NOT_MARKED, len(failed))
 
 
 def hand_on_owed(w: BaseWiring, what: str, metric: Metric | None = None) -> list[str]:

@@ -597,6 +597,14 @@ class OwedMark(NamedTuple):
     nonce: str
 
 
+class OwedNotMarked(Exception):
+    """:meth:`Store.owe_compute` wrote some marks and not others (``ids``: those not written)."""
+
+    def __init__(self, ids: list[str]) -> None:
+        super().__init__(f"{len(ids)} owed marks not written: {', '.join(ids[:20])}")
+        self.ids = ids
+
+
 class Unread(enum.Enum):
     """``observe(previous=UNREAD)``: the store reads the stored record itself."""
 
@@ -920,11 +928,15 @@ class Store(Protocol):
     def owe_compute(self, workload_ids: list[str], urgent: bool = False) -> None:
         """Mark ``workload_ids`` owed to compute, each with a new nonce: a mark there already is
         written again (a drain that read it before then no longer deletes it), urgent if either
-        write was."""
+        write was. One mark's failed write does not keep the others from being written: raises
+        :class:`OwedNotMarked` naming those not written (any other error: none may be)."""
         ...
 
     def owed_compute(self) -> list[OwedMark]:
-        """Every mark, of any age, read consistently (no scan of other items)."""
+        """Every mark, of any age, read consistently (no scan of other items). A malformed mark
+        (its nonce missing or not a string: any writer of the partition can make one) is still a
+        workload owed: read with the nonce ``""``, which :meth:`settle_owed` deletes only while
+        it is still malformed."""
         ...
 
     def settle_owed(self, marks: list[OwedMark]) -> list[str]:

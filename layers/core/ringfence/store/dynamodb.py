@@ -64,6 +64,7 @@ from ringfence.store.base import (
     OperatorChange,
     OtherAccount,
     OwedMark,
+    OwedNotMarked,
     PartlyWritten,
     PolicyActivation,
     PolicyVersion,
@@ -760,21 +761,36 @@ class DynamoStore:
     # Scan, and the roles that write or drain marks are granted that partition alone
 
     def owe_compute(self, workload_ids: list[str], urgent: bool = False) -> None:
+        # a write per mark: one throttled must not cost the marks after it
+        failed: list[str] = []
+        error: Exception | None = None
         for wid in sorted(set(workload_ids)):
             # an urgent mark stays urgent when an ordinary failure writes it again
             lane = "urgent = :u" if urgent else "urgent = if_not_exists(urgent, :u)"
-            self.state.update_item(
-                Key={"pk": OWED, "sk": wid},
-                UpdateExpression=f"SET nonce = :n, {lane}",
-                ExpressionAttributeValues={":n": uuid.uuid4().hex, ":u": urgent},
-            )
+            try:
+                self.state.update_item(
+                    Key={"pk": OWED, "sk": wid},
+                    UpdateExpression=f"SET nonce = :n, {lane}",
+                    ExpressionAttributeValues={":n": uuid.uuid4().hex, ":u": urgent},
+                )
+            except Exception as exc:
+                failed.append(wid)
+                error = error or exc
+        if failed:
+            raise OwedNotMarked(failed) from error
 
     def owed_compute(self) -> list[OwedMark]:
         out: list[OwedMark] = []
         kwargs: dict[str, Any] = {"KeyConditionExpression": Key("pk").eq(OWED), "ConsistentRead": True}
         while True:
             page = self.state.query(**kwargs)
-            out.extend(OwedMark(str(i["sk"]), bool(i.get("urgent")), str(i["nonce"])) for i in page.get("Items", []))
+            for i in page.get("Items", []):
+                # any writer of the partition may leave a mark malformed (its nonce removed):
+                # one such item must not fail every drain; it is still a workload owed
+                wid, nonce = i.get("sk"), i.get("nonce")
+                if not isinstance(wid, str) or not wid:
+                    continue
+                out.append(OwedMark(wid, bool(i.get("urgent")), nonce if isinstance(nonce, str) and nonce else ""))
             if "LastEvaluatedKey" not in page:
                 return out
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
@@ -782,12 +798,19 @@ class DynamoStore:
     def settle_owed(self, marks: list[OwedMark]) -> list[str]:
         settled: list[str] = []
         for m in marks:
+            if m.nonce:
+                cond: dict[str, Any] = {
+                    "ConditionExpression": "nonce = :n",
+                    "ExpressionAttributeValues": {":n": m.nonce},
+                }
+            else:
+                # read malformed: deleted only while still so (a mark written since has a nonce)
+                cond = {
+                    "ConditionExpression": "attribute_not_exists(nonce) OR NOT attribute_type(nonce, :s) OR nonce = :e",
+                    "ExpressionAttributeValues": {":s": "S", ":e": ""},
+                }
             try:
-                self.state.delete_item(
-                    Key={"pk": OWED, "sk": m.workload_id},
-                    ConditionExpression="nonce = :n",
-                    ExpressionAttributeValues={":n": m.nonce},
-                )
+                self.state.delete_item(Key={"pk": OWED, "sk": m.workload_id}, **cond)
             except ClientError as exc:
                 if _conditional_failed(exc):
                     continue  # written again since it was read: the next drain's
