@@ -2,6 +2,8 @@
 owe_compute, hand_on_owed; DynamoStore.owe_compute, owed_compute, settle_owed). Against the moto
 server, through the real reconcile and compute handlers:
 
+- a reconcile run that stored drift and then failed one more store write (an agent's offline mark,
+  throttled) hands what it stored on, or marks it owed: its retry finds the drift stored already;
 - one failed mark write costs no other mark, and each mark not written is counted;
 - a mark left without its nonce (any writer of the ``owed`` partition may make one: IAM sees
   attribute names, not an update's REMOVE) is handed on and deleted, and blocks no drain.
@@ -10,20 +12,85 @@ server, through the real reconcile and compute handlers:
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from botocore.exceptions import ClientError
 
 from ringfence.control.wiring import COMPUTE_OWED_NOT_MARKED, owe_compute
-from tests.aws.conftest import Env
+from tests.aws.conftest import Env, ip_of
 from tests.aws.test_function_iam import allowed, requests_of, sam_statements, terraform_statements
-from tests.aws.test_pipeline import _ctx, _scheduled
+from tests.aws.test_pipeline import _ctx, _scheduled, boot, in_set
 from tests.aws.test_reconcile_gone_hand_off import compute_messages, reconcile_container
 
 
 def throttled(op: str) -> ClientError:
     return ClientError({"Error": {"Code": "ProvisionedThroughputExceededException", "Message": "throttled"}}, op)
+
+
+def throttle_offline_once(env: Env) -> None:
+    """The next write of an agent's offline mark (DynamoStore.set_liveness) is throttled past the
+    SDK's retries."""
+    left = [1]
+
+    def throttle(params: dict[str, Any], **_: Any) -> None:
+        if "#offline" in (params.get("UpdateExpression") or "") and left[0] > 0:
+            left[0] -= 1
+            raise throttled("UpdateItem")
+
+    env.hook("before-parameter-build.dynamodb.UpdateItem", throttle)
+
+
+def test_attack_a_reconcile_run_failing_after_it_stored_a_role_change_still_hands_it_to_compute(env: Env) -> None:
+    """A web host's role tag is removed and its event lost; reconcile stores the drift, then the
+    offline mark of a silent agent is throttled and the run fails. Before: nothing was queued nor
+    marked owed, and the retry and every later run found the drift stored: the host stayed allowed
+    as web in its peers' sets for good."""
+    est = boot(env)
+    web, proc, other = est["ids"]["web"][0], est["ids"]["proc"][0], est["ids"]["db"][0]
+    web_ip = ip_of(env, web)
+    assert in_set(env.bundle(proc), web_ip)
+    env.store.set_liveness(other, enrolled=True, heartbeat=time.time() - 10 * 86400)  # silent for long
+    env.ec2.delete_tags(Resources=[web], Tags=[{"Key": "ringfence:role"}])  # its event lost
+    throttle_offline_once(env)
+    sent = compute_messages(env)
+    reconcile_container(env)
+    with pytest.raises(ClientError, match="throttled"):
+        env.fn["reconcile"].handler(_scheduled(), _ctx())
+    assert "role" not in env.store.get(web).labels, "the run stored the drift"
+    env.fn["reconcile"].handler(_scheduled(), _ctx())  # Lambda's retry
+    env.fn["reconcile"].handler(_scheduled(), _ctx())  # a later run
+    env.pump()
+    assert any(web in ids for _, ids in sent), "the stored drift was never handed to compute, nor marked owed"
+    assert not in_set(env.bundle(proc), web_ip), "the host that lost its role is still allowed as web"
+    assert env.store.get(other).offline, "the retry marks the silent agent offline"
+
+
+def test_attack_a_reconcile_run_failing_after_it_stored_a_removal_hands_it_on_past_the_resend_window(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same failure with a terminated database (event lost) and the re-send window passed (0 s):
+    before, its removal was never handed on and its address stayed in the processing hosts' sets."""
+    monkeypatch.setenv("RINGFENCE_GONE_RESEND_WINDOW", "0")
+    est = boot(env)
+    db, proc, other = est["ids"]["db"][0], est["ids"]["proc"][0], est["ids"]["web"][0]
+    db_ip = ip_of(env, db)
+    assert in_set(env.bundle(proc), db_ip)
+    env.store.set_liveness(other, enrolled=True, heartbeat=time.time() - 10 * 86400)
+    env.ec2.terminate_instances(InstanceIds=[db])  # its event lost
+    throttle_offline_once(env)
+    sent = compute_messages(env)
+    reconcile_container(env)
+    with pytest.raises(ClientError, match="throttled"):
+        env.fn["reconcile"].handler(_scheduled(), _ctx())
+    assert env.store.get(db).state == "terminated"
+    env.fn["reconcile"].handler(_scheduled(), _ctx())
+    env.fn["reconcile"].handler(_scheduled(), _ctx())
+    env.pump()
+    assert (True, [db]) in sent or any(u and db in ids for u, ids in sent), "the removal not sent in the priority lane"
+    assert not in_set(env.bundle(proc), db_ip), "the terminated database is still allowed in its peers' sets"
 
 
 def test_one_failed_mark_write_costs_no_other_mark_and_each_lost_one_is_counted(env: Env) -> None:

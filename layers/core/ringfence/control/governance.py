@@ -161,22 +161,33 @@ def store_governed(
         return written
 
     pending = recs
-    for _ in range(GOVERN_ATTEMPTS):
-        pending = [_on_newer(raw, base[raw.id]) if attributed else raw for raw in pending]
-        decided = [_decide(mapper, raw, base[raw.id], change) for raw in pending]
-        results = in_parallel(write, decided) if parallel else [write(d) for d in decided]
-        retry: list[InventoryRecord] = []
-        for raw, (rec, verdict), written in zip(pending, decided, results, strict=True):
-            if written is None:
-                retry.append(raw)
-                base[raw.id] = w.store.get(raw.id)
-            else:
-                done[raw.id] = (rec, verdict, written)
-        if not retry:
-            break
-        pending = retry
-    else:
-        raise ConflictError(f"{', '.join(r.id for r in pending)}: governance changed under {GOVERN_ATTEMPTS} writes")
+    try:
+        for _ in range(GOVERN_ATTEMPTS):
+            pending = [_on_newer(raw, base[raw.id]) if attributed else raw for raw in pending]
+            decided = [_decide(mapper, raw, base[raw.id], change) for raw in pending]
+            results = in_parallel(write, decided) if parallel else [write(d) for d in decided]
+            retry: list[InventoryRecord] = []
+            for raw, (rec, verdict), written in zip(pending, decided, results, strict=True):
+                if written is None:
+                    retry.append(raw)
+                    base[raw.id] = w.store.get(raw.id)
+                else:
+                    done[raw.id] = (rec, verdict, written)
+            if not retry:
+                break
+            pending = retry
+        else:
+            raise ConflictError(
+                f"{', '.join(r.id for r in pending)}: governance changed under {GOVERN_ATTEMPTS} writes"
+            )
+    except BaseException:
+        # one write failed (throttled) after others landed: the caller never learns which, and
+        # the redelivery or the next pass finds them stored and hands nothing on. Every one that
+        # may have been written is handed on (one too many is harmless)
+        maybe = [r.id for r in recs if r.id not in refused]
+        gave_back = [r.id for r in recs if releases_addresses(base.get(r.id), r)]
+        hand_on_stored(w, maybe, f"event {event_id or '-'}: a write failed", metric, urgent=gave_back)
+        raise
     out: list[Stored] = []
     try:
         for raw in recs:

@@ -56,30 +56,44 @@ class Reconcile:
         records = {r.id: r for r in self.w.store.all_records()}
         changed: set[str] = set()
         removed: set[str] = set()  # of those, the workloads that gave their addresses up
-        for t in self.w.cfg.targets:
-            try:
-                self._target(t, mapper, records, res, changed, removed)
-            except UnservedAccount as exc:
-                log.error("reconcile target %s/%s refused: %s", t.account, t.region, exc)
-                self.metric("ReconcileTargetsRefused", 1)
-                res.refused.append(f"{t.account}/{t.region}")
-            except Exception:
-                # one account's broken trust policy or an STS/EC2 outage in one region must not
-                # stop the run: the other targets converge, and what they changed still reaches
-                # compute below (the store already holds it: a later run would see no drift)
-                log.exception("reconcile target %s/%s failed", t.account, t.region)
-                self.metric("ReconcileTargetsFailed", 1)
-                res.failed.append(f"{t.account}/{t.region}")
-        # agents silent for longer than offline_after leave their peers' sets (only then)
-        now = ec2.now() if now is None else now
-        for rec in records.values():
-            silent = rec.last_heartbeat is not None and now - rec.last_heartbeat > self.w.cfg.offline_after
-            if rec.enrolled and silent and not rec.offline:
-                self.w.store.set_liveness(rec.id, offline=True)
-                res.offline.append(rec.id)
-                changed.add(rec.id)
-                if rec.active:
-                    removed.add(rec.id)
+        offline_failed: list[Exception] = []
+        try:
+            for t in self.w.cfg.targets:
+                try:
+                    self._target(t, mapper, records, res, changed, removed)
+                except UnservedAccount as exc:
+                    log.error("reconcile target %s/%s refused: %s", t.account, t.region, exc)
+                    self.metric("ReconcileTargetsRefused", 1)
+                    res.refused.append(f"{t.account}/{t.region}")
+                except Exception:
+                    # one account's broken trust policy or an STS/EC2 outage in one region must not
+                    # stop the run: the other targets converge, and what they changed still reaches
+                    # compute below (the store already holds it: a later run would see no drift)
+                    log.exception("reconcile target %s/%s failed", t.account, t.region)
+                    self.metric("ReconcileTargetsFailed", 1)
+                    res.failed.append(f"{t.account}/{t.region}")
+            # agents silent for longer than offline_after leave their peers' sets (only then)
+            now = ec2.now() if now is None else now
+            for rec in records.values():
+                silent = rec.last_heartbeat is not None and now - rec.last_heartbeat > self.w.cfg.offline_after
+                if rec.enrolled and silent and not rec.offline:
+                    try:
+                        self.w.store.set_liveness(rec.id, offline=True)
+                    except Exception as exc:
+                        # one failed write (throttled) must not keep what the run stored from
+                        # compute: a retry finds that stored and would not hand it on. Raised
+                        # below; handed on as if it landed (it may have: one hand-off too many)
+                        log.exception("reconcile: %s could not be marked offline", rec.id)
+                        offline_failed.append(exc)
+                    else:
+                        res.offline.append(rec.id)
+                    changed.add(rec.id)
+                    if rec.active:
+                        removed.add(rec.id)
+        except BaseException:
+            # whatever fails once something is stored, what was stored stays owed to compute
+            owe_compute(self.w, changed, "reconcile", self.metric, urgent=removed & changed)
+            raise
         res.changed = sorted(changed)
         # what left its peers' sets (gone, stopped, offline) first, in the priority lane: its
         # address must not stay allowed behind a tag storm's backlog
@@ -110,6 +124,8 @@ class Reconcile:
             now,
         )
         self.metric("ReconcileDrift", len(res.changed))
+        if offline_failed:  # the run fails, for its retry (which marks them offline)
+            raise offline_failed[0]
         return res
 
     def _hooks(self, t: Target, role: str | None, res: ReconcileResult) -> None:
