@@ -265,7 +265,8 @@ def admin_routes(
             errors=(400, 409, 503),
             meaning={
                 **ADMIN_ERRORS,
-                422: "a field of the request is missing or invalid (detail names each, dotted), or the policy's "
+                422: "a field of the request is missing or invalid (detail names each, dotted), a key given twice "
+                "(body: duplicate key 'files'), or the policy's "
                 "tests fail against the live inventory (`policy tests fail`, detail lists them): nothing stored",
                 503: unavailable(
                     NOT_QUEUED + "; the same files again, while that version is still the active one, create no "

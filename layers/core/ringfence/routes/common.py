@@ -78,7 +78,8 @@ def answers(
         404: "no such workload, or nothing published for it yet",
         409: "deltas cannot bridge from that version: fetch the bundle",
         413: "the body is over the size limit",
-        422: "a field of the request is missing or invalid (detail names each, dotted: body.flows.0.end)",
+        422: "a field of the request is missing or invalid (detail names each, dotted: body.flows.0.end), or "
+        "a JSON object of the body gives a key twice (body: duplicate key 'mode')",
         503: STORE_FAILED,
         **(meaning or {}),
     }
@@ -160,12 +161,37 @@ def validates(route: Any) -> bool:
     return any(p.field_info.annotation is not str for p in d.path_params)
 
 
+KEY_SHOWN = 64  # the most of a duplicate key a 422 names
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's members, refused when a key is given twice: ``json.loads`` keeps the last,
+    so ``{"mode": "enforce", …, "mode": "idle"}`` was read as ``idle`` while whatever read the
+    first (a reviewer, a log, a proxy's check) saw ``enforce``."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            shown = key if len(key) <= KEY_SHOWN else key[:KEY_SHOWN] + "…"
+            raise RequestValidationError(
+                [{"type": "json_invalid", "loc": ("body",), "msg": f"duplicate key {shown!r}", "input": {}}]
+            )
+        out[key] = value
+    return out
+
+
+def json_body(text: str) -> Any:
+    """A request body's JSON, every object's keys unique at any depth (else the validation 422,
+    ``body: duplicate key 'mode'``, after the route's role check as any invalid body)."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
 def resolver(
     title: str, description: str, security_schemes: dict[str, SecurityScheme], max_body: int | None = None
 ) -> Resolver:
     """A validating resolver. A body over ``max_body`` bytes is a 413 even when it does not
-    validate (the size is what is wrong with it)."""
-    app = Resolver(enable_validation=True)
+    validate (the size is what is wrong with it). A JSON body with a key given twice in one
+    object is a 422 (:func:`json_body`)."""
+    app = Resolver(enable_validation=True, json_body_deserializer=json_body)
 
     def invalid(exc: RequestValidationError) -> HttpResponse[str]:
         first = app.before_invalid() if app.before_invalid is not None else None
