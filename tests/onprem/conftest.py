@@ -96,6 +96,7 @@ ROLES = {
     "otto": ["onboarding"],
     "rita": ["reader"],
     "pat": ["onboarding", "policy-author"],
+    "ivy": ["incident-responder"],
 }
 
 

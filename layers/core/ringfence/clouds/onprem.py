@@ -8,6 +8,7 @@ cloud ones, with ``cloud: onprem``; a cloud instance's record is never overwritt
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from typing import Any
@@ -217,6 +218,9 @@ class OnPremAdmin(Admin):
         dropped = self._dropped(stored, rec)
         if dropped:
             detail["grants_dropped"] = dropped
+        cleared = self._operator_left(stored)
+        if cleared:
+            detail["operator_cleared"] = cleared
         held = self._held(mapper, rec)
         if held:
             detail["held"] = held
@@ -227,7 +231,7 @@ class OnPremAdmin(Admin):
         # second record, workload.register.failed
         audit_id = self._audit(principal, "workload.register", spec.id, detail, reason)
         try:
-            self._registered_anew([stored] if stored is not None else [])
+            self._registered_anew(principal, [stored] if stored is not None else [])
             self.w.store.observe_addressed([rec])
         except AddressTaken as exc:
             self._failed(principal, "workload.register", spec.id, audit_id, str(exc), reason)
@@ -319,6 +323,9 @@ class OnPremAdmin(Admin):
         dropped = {r.id: d for r in recs if (d := self._dropped(stored.get(r.id), r))}
         if dropped:
             detail["grants_dropped"] = dropped
+        cleared = {wid: c for wid, old in sorted(stored.items()) if (c := self._operator_left(old))}
+        if cleared:
+            detail["operator_cleared"] = cleared
         held = {r.id: h for r in recs if (h := self._held(mapper, r))}
         if held:
             detail["held"] = held
@@ -327,7 +334,7 @@ class OnPremAdmin(Admin):
         # the record before anything is written, as for one registration
         audit_id = self._audit(principal, "workload.import", source, detail, reason)
         try:
-            self._registered_anew(list(stored.values()))
+            self._registered_anew(principal, list(stored.values()))
             self.w.store.observe_addressed(recs)  # SQLite: one transaction
         except AddressTaken as exc:
             # another writer took an address since the file was checked: refused as that check
@@ -376,17 +383,42 @@ class OnPremAdmin(Admin):
             answer["problems"] = problems
         return Response(200, answer)
 
-    def _registered_anew(self, stored: list[InventoryRecord]) -> None:
+    def _registered_anew(self, principal: str, stored: list[InventoryRecord]) -> None:
         """Ids about to be registered again after a deregistration name a new host: nothing the
         old one (or a pairing that raced its deregistration) bound may carry over, else that
         agent would receive the new host's bundle. Called before the record is written, on
         purpose: written first, the old agent could fetch the new host's bundle until the drop.
         A write then refused (409) has lost nothing: a deregistered id's credentials are dropped
         at deregistration already, so only a racing pairing's can be left, and those must go
-        whatever happens (``token.revoke`` is audited when a token was active)."""
+        whatever happens (``token.revoke`` is audited when a token was active).
+
+        The old host's operator mode and quarantine go too (the registration's audit record names
+        them, ``operator_cleared``: :meth:`_operator_left`): an ``idle`` set for the old box would
+        leave the new one unenforced. A quarantine cleared so counts ``SafeguardsLowered``: the
+        id leaves quarantine by an onboarding caller's registration, not an incident responder's
+        release."""
         for old in stored:
             if old.state == "terminated":
                 self._drop_credentials(old.id, "workload registered again")
+                with contextlib.suppress(KeyError):  # its tombstone gone meanwhile: nothing to clear
+                    self.w.store.set_operator(old.id, mode=None, quarantined=False)
+                if old.op_quarantined:
+                    self._lowered(
+                        principal, "quarantine of a deregistered host cleared: its id registered again", old.id
+                    )
+
+    @staticmethod
+    def _operator_left(stored: InventoryRecord | None) -> dict[str, Any]:
+        """What an operator set on a deregistered id's last host (its mode, its quarantine), which
+        registering the id again clears (:meth:`_registered_anew`)."""
+        if stored is None or stored.state != "terminated":
+            return {}
+        left: dict[str, Any] = {}
+        if stored.op_mode is not None:
+            left["mode"] = stored.op_mode.value
+        if stored.op_quarantined:
+            left["quarantined"] = True
+        return left
 
     def _drop_credentials(self, workload_id: str, why: str) -> None:
         """Everything that lets an agent act as ``workload_id`` goes: its token, agent key, nudge

@@ -20,6 +20,7 @@ from ringfence.store.base import (
     AuditRecord,
     ChangeFailed,
     ConflictError,
+    InventoryRecord,
     OperatorChange,
     PolicyActivation,
     PolicyVersion,
@@ -40,6 +41,28 @@ AGENT_KEY_RESETS = "AgentKeyResets"
 # how many of a list (warnings, newly idle workloads) a provision's audit record names: the count
 # and, for warnings, a digest of the whole list stand for the rest
 LISTED = 100
+# the longest refusal target (``admin.denied``) recorded as it is: a workload id's bound. A longer
+# one (a path of any length) is recorded by its start and digest, so a caller without a role
+# cannot write records of any size into the audit log
+DENIED_TARGET_MAX = 128
+DENIED_TARGET_PREFIX = 64
+
+
+def denied_target(target: str) -> str:
+    """``target`` as an ``admin.denied`` record holds it: as it is up to :data:`DENIED_TARGET_MAX`
+    characters, else its first :data:`DENIED_TARGET_PREFIX` and the length and SHA-256 of the whole."""
+    if len(target) <= DENIED_TARGET_MAX:
+        return target
+    digest = hashlib.sha256(target.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{target[:DENIED_TARGET_PREFIX]}… ({len(target)} characters, sha256 {digest})"
+
+
+def is_deregistered(rec: InventoryRecord) -> bool:
+    """A deregistered on-premise workload or a terminated instance: refused as an unknown one
+    (404) by every change an operator makes to a workload, as a label binding is: the id may name
+    another host when registered again, which starts from nothing of this one's."""
+    return rec.state == "terminated"
+
 
 # --- admin API --------------------------------------------------------------------------------------
 
@@ -95,7 +118,7 @@ class Admin:
 
     def denied(self, principal: str, action: str, target: str, roles: list[str]) -> Response:
         """An admin action the caller's roles do not allow: refused, and audited."""
-        self._audit(principal, "admin.denied", target, {"action": action, "roles": roles}, "")
+        self._audit(principal, "admin.denied", denied_target(target), {"action": action, "roles": roles}, "")
         held = ", ".join(roles) or "none"
         return error(403, "not allowed", f"{action} needs another admin role (the caller holds: {held})")
 
@@ -320,7 +343,7 @@ class Admin:
 
     def set_mode(self, principal: str, workload_id: str, mode: Mode | None, reason: str = "") -> Response:
         rec = self.w.store.get(workload_id)
-        if rec is None:
+        if rec is None or is_deregistered(rec):
             return error(404, "unknown workload", workload_id)
         value = mode.value if mode else None
         before = self._op_digest(rec.op_mode.value if rec.op_mode else None, rec.op_quarantined)
@@ -352,7 +375,7 @@ class Admin:
             # or 503 NotQueued), never a bare 500 that leaves the mode stored and not enforced
             if not self._raised(principal, "workload.mode", workload_id, audit_id, exc, reason, moded):
                 raise
-        if mode is Mode.IDLE:
+        if mode is Mode.IDLE and rec.op_mode is not Mode.IDLE:  # idle again lowers nothing more
             self._lowered(principal, "mode idle (its firewall left untouched)", workload_id)
         # stored: a failed compute message is answered 503 (NotQueued); setting the mode again queues it
         queue_stored(
@@ -367,7 +390,7 @@ class Admin:
 
     def quarantine(self, principal: str, workload_id: str, on: bool, reason: str = "") -> Response:
         rec = self.w.store.get(workload_id)
-        if rec is None:
+        if rec is None or is_deregistered(rec):
             return error(404, "unknown workload", workload_id)
         mode = rec.op_mode.value if rec.op_mode else None
         before, after = self._op_digest(mode, rec.op_quarantined), self._op_digest(mode, on)
@@ -398,7 +421,7 @@ class Admin:
             if not self._raised(principal, action, workload_id, audit_id, exc, reason, made):
                 raise
             # in force (the write's answer lost): answered as stored, below, as a mode's
-        if not on:
+        if not on and rec.op_quarantined:  # releasing a workload not quarantined lowers nothing
             self._lowered(principal, "released from quarantine", workload_id)
         # as a mode's: the same request again stores the same and queues compute
         # urgent: an incident responder's quarantine never waits behind a tag storm's backlog
@@ -414,7 +437,7 @@ class Admin:
         if uses < 1 or ttl < 60:
             return error(400, "bad pairing key request", "uses ≥ 1 and ttl ≥ 60 seconds")
         rec = self.w.store.get(workload_id)
-        if rec is None:
+        if rec is None or is_deregistered(rec):
             return error(404, "unknown workload", f"{workload_id}: register the on-premise workload first")
         if rec.workload.cloud != "onprem":
             return error(
