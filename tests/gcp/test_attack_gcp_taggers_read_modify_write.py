@@ -16,10 +16,11 @@ from ringfence.clouds.gcp import ingest as ingest_module
 from ringfence.clouds.gcp.ingest import CLOCK_SKEW, GcpIngest
 from ringfence.clouds.gcp.instances import LabelSource
 from ringfence.local.gcp_api import GcpApi
-from ringfence.local.gcp_project import PROJECT, TAGGER, gcp_config
+from ringfence.local.gcp_events import audit_entry, logged, push_body, push_token
+from ringfence.local.gcp_project import PROJECT, TAGGER, ZONE, gcp_config
 from ringfence.local.wiring import LocalWiring
-from tests.gcp.conftest import deliver, set_labels
-from tests.gcp.test_attack_gcp_label_writes import JUMP, MALLORY, _vm, audits
+from tests.gcp.conftest import deliver, post, set_labels
+from tests.gcp.test_attack_gcp_label_writes import JUMP, MALLORY, WEB, _vm, audits
 
 
 def test_attack_gcp_taggers_read_modify_write_does_not_approve_a_held_move(
@@ -113,3 +114,84 @@ def test_attack_gcp_taggers_resend_read_after_the_call_does_not_approve_a_held_m
     assert rec.workload.held_labels is not None, rec.labels
     deliver(gcp, ingest, tagger)
     _resent_held(wiring, inst)
+
+
+def _push(gcp: GcpApi, ingest: GcpIngest, entry: dict[str, Any]) -> None:
+    status, body = post(ingest, push_body(entry), push_token(gcp))
+    assert status == 200, body
+
+
+@pytest.mark.parametrize("seen_long_before", [False, True], ids=["seen-just-before", "seen-long-before"])
+def test_attack_gcp_taggers_resend_delivered_before_the_held_call_it_resent_approves_nothing(
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch, seen_long_before: bool
+) -> None:
+    """Mallory (not a tagger) sets role=jumpbox; her entry is delivered late (Pub/Sub does not
+    order). A tagger's automation then adds a cost label, re-sending role=jumpbox, and its entry
+    is processed first: the VM as stored shows web (seen before both calls, just before or long
+    before), and no write of role is known, so neither says the tagger re-sent it. Cloud Logging
+    does: read from the VM's last sighting at web, it lists her call setting jumpbox before the
+    tagger's. Held, the tagger not named; her entry, arriving later, names her. A control VM: the
+    value moved back to web by her before the tagger's call, the tagger's call changed it, and
+    approves."""
+    monkeypatch.setattr(ingest_module, "LOGGING_LAG", 0.0)
+    ingest = GcpIngest(wiring, gcp_config(gcp, LabelSource.LABELS))
+    inst = _vm(gcp, ingest, "10.20.9.96" if seen_long_before else "10.20.9.97")
+    control = _vm(gcp, ingest, "10.20.9.98" if seen_long_before else "10.20.9.99")
+    if seen_long_before:
+        time.sleep(CLOCK_SKEW + 1)  # the VMs last seen (at web) more than CLOCK_SKEW before the calls
+    mallory = logged(gcp, set_labels(gcp, inst, JUMP, principal=MALLORY))  # in Cloud Logging; push delayed
+    logged(gcp, set_labels(gcp, control, JUMP, principal=MALLORY))
+    time.sleep(0.05)
+    logged(gcp, set_labels(gcp, control, WEB, principal=MALLORY))
+    time.sleep(0.05)
+    tagger = logged(gcp, set_labels(gcp, inst, {**JUMP, "team": "payments"}, principal=TAGGER))
+    _push(gcp, ingest, tagger)
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.labels.get("role") != "jumpbox", f"laundered by the tagger's re-send: {rec.labels}"
+    assert rec.workload.held_labels is not None and rec.workload.tags.get("ringfence:role") == "jumpbox", rec.workload
+    assert not audits(wiring, "label.approve", inst["id"]), "the tagger's re-send was audited as an approval"
+    _push(gcp, ingest, mallory)
+    _resent_held(wiring, inst)
+
+    deliver(gcp, ingest, set_labels(gcp, control, {**JUMP, "team": "payments"}, principal=TAGGER))
+    rec = wiring.store.get(control["id"])
+    assert rec is not None and rec.labels.get("role") == "jumpbox", f"the tagger's own move held: {rec.labels}"
+    assert [a.principal for a in audits(wiring, "label.approve", control["id"])] == [TAGGER]
+
+
+@pytest.mark.parametrize("in_logging", [True, False], ids=["update-listed", "update-not-listed"])
+@pytest.mark.parametrize("how", ["read-after-the-call", "seen-within-the-skew"])
+def test_attack_gcp_taggers_resend_of_an_unattributed_held_value_approves_nothing(
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch, how: str, in_logging: bool
+) -> None:
+    """Mallory's role=jumpbox reaches the VM by a call no entry Ringfence acts on attributes
+    (``instances.update``, pushed here and ignored): the scheduled pass sees it, held, an
+    ``unseen`` write first seen then. A tagger's automation re-sends it with an unrelated edit,
+    and either the scheduled pass reads the VM after that call before its entry is processed (the
+    sighting may show the call's own values), or the call follows the sighting within CLOCK_SKEW.
+    The value was seen before the call: the tagger's call re-sent it, and it stays held, whether
+    or not Cloud Logging lists Mallory's call (not listed: the sighting alone decides)."""
+    monkeypatch.setattr(ingest_module, "LOGGING_LAG", 0.0)
+    ingest = GcpIngest(wiring, gcp_config(gcp, LabelSource.LABELS))
+    inst = _vm(gcp, ingest, f"10.20.9.{100 + 2 * (how == 'seen-within-the-skew') + in_logging}")
+    gcp.set_labels(PROJECT, ZONE, inst["name"], JUMP)
+    update = audit_entry(
+        "v1.compute.instances.update", inst, principal=MALLORY, request={"labels": {"ringfence-role": "jumpbox"}}
+    )
+    _push(gcp, ingest, logged(gcp, update) if in_logging else update)
+    time.sleep(2)  # the update's entry is not within Cloud Logging's one-second window of the tagger's call
+    ingest.sync(PROJECT)
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.workload.held_labels is not None and rec.labels.get("role") != "jumpbox", rec
+    if how == "read-after-the-call":
+        time.sleep(CLOCK_SKEW + 1)  # the first sighting is well before the tagger's call
+    tagger = set_labels(gcp, inst, {**JUMP, "team": "payments"}, principal=TAGGER)
+    if how == "read-after-the-call":
+        ingest.sync(PROJECT)  # the scheduled pass reads the VM after the call, before its entry
+    else:
+        assert time.time() - rec.workload.observed_at < CLOCK_SKEW
+    deliver(gcp, ingest, tagger)
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.labels.get("role") != "jumpbox", f"laundered by the tagger's re-send: {rec.labels}"
+    assert rec.workload.held_labels is not None and rec.workload.tags.get("ringfence:role") == "jumpbox", rec.workload
+    assert not audits(wiring, "label.approve", inst["id"]), "the tagger's re-send was audited as an approval"

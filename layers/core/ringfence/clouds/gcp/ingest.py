@@ -438,8 +438,10 @@ class GcpIngest:
         logged otherwise than pushed is taken for what it changed from it (:func:`_changed`), as
         the pushed one was."""
         listing: Listing | None = None
-        if approving and entry is None and (listing := self._about_vm(project, said, vm)) is not None:
-            # one read for both: the entry itself, and what was done to the VM since
+        back_to = self._last_other(said, claimed, before)
+        if approving and entry is None and (listing := self._about_vm(project, said, vm, back_to)) is not None:
+            # one read for all: the entry itself, what was done to the VM before it since it was
+            # last seen without the value, and since
             entry = next((e for e in listing[0] if e.get("insertId") == said.event_id), None)
         logged, why = self._read_back(project, said, entry)
         if logged is not None:
@@ -448,6 +450,8 @@ class GcpIngest:
             if not same and logged.action is Action.LABELS:
                 requested = self._set_by(TagChange(logged.principal, requested), before, logged.time)
             change = TagChange(logged.principal, requested)
+            if listing is None and self.would_approve(change) and logged.action is Action.LABELS:
+                listing = self._about_vm(project, said, vm, back_to)  # for _changed_since and _not_resent
             if logged.principal == claimed.principal and change.requested == claimed.requested:
                 # one entry decides once: replayed within the hour (after its move was undone and
                 # the value set again by someone else) it is what a replay is, and decides nothing
@@ -458,6 +462,10 @@ class GcpIngest:
                 elif approving and (why := self._changed_since(project, said, change, vm, listing)):
                     logged = None
                 else:
+                    if approving:
+                        change = self._not_resent(project, logged, change, vm, listing)
+                        if not self.would_approve(change):
+                            return self._resent_only(change, before), None
                     self.metric("ApprovalsConfirmed" if approving else "AttributionsConfirmed", 1)
                     return change, spend
             else:
@@ -480,6 +488,9 @@ class GcpIngest:
         if self.would_approve(change):
             if self._changed_since(project, said, change, vm, listing):
                 return TagChange(None, None), None
+            change = self._not_resent(project, logged, change, vm, listing)
+            if not self.would_approve(change):
+                return self._resent_only(change, before), None
             spend = _spent(said)
         elif self.would_blame(change):
             spend = _blamed(said)
@@ -533,9 +544,12 @@ class GcpIngest:
             )
         )
 
-    def _about_vm(self, project: str, said: GcpEvent, vm: str | None) -> Listing | None:
-        """Cloud Logging's entries about the VM ``vm`` (its id) from ``said``'s time on, in the log
-        ``said`` names (:meth:`AuditLogReader.about_vm`); None where that cannot be asked."""
+    def _about_vm(
+        self, project: str, said: GcpEvent, vm: str | None, back_to: datetime | None = None
+    ) -> Listing | None:
+        """Cloud Logging's entries about the VM ``vm`` (its id) from ``said``'s time on (or from
+        ``back_to``, where earlier), in the log ``said`` names (:meth:`AuditLogReader.about_vm`);
+        None where that cannot be asked."""
         logged_in = activity_log_project(said.log_name)
         if vm is None or not vm.isdigit() or logged_in is None or logged_in not in self.cfg.projects:
             return None
@@ -548,8 +562,122 @@ class GcpIngest:
             vm,
             compute=src is not LabelSource.SECURE_TAGS,
             tags=src is not LabelSource.LABELS,
-            since=said.time - WINDOW,
+            since=min(said.time - WINDOW, back_to) if back_to is not None else said.time - WINDOW,
         )
+
+    def _last_other(self, said: GcpEvent, change: TagChange, before: InventoryRecord | None) -> datetime | None:
+        """For a ``setLabels`` (which sends the whole label set) that would approve: from when
+        Cloud Logging is to be asked for the calls the tagger's call may have re-sent a
+        privileged value of (:meth:`_not_resent`): the VM's last sighting without that value, as
+        ``before`` (the VM as stored) has it (its value's ``unseen`` write: the last observation
+        of the value before; else the record's), less :data:`CLOCK_SKEW`, at most
+        :data:`CONFIRM_MAX_AGE` before the call. None: nothing to ask (the call's own time)."""
+        mapper = self._governed_mapper()
+        if said.action is not Action.LABELS or said.time is None or mapper is None:
+            return None
+        if before is None or before.state == "terminated":
+            return None
+        dims = mapper.label_keys()
+        writes = before.label_writes or {}
+        sighting = min(before.observed_at, before.workload.observed_at)
+        earliest: float | None = None
+        for k, v in (change.requested or {}).items():
+            if not self._sets_privileged(mapper, {k: v}):
+                continue
+            at = sighting
+            w = writes.get(dims[k]) if k in dims else None
+            if before.workload.tags.get(k) == v and w is not None and w.by == "unseen" and w.value == v:
+                at = w.at  # seen with it already: since the observation before it
+            earliest = at if earliest is None else min(earliest, at)
+        if earliest is None:
+            return None
+        floor = said.time.timestamp() - CONFIRM_MAX_AGE
+        return datetime.fromtimestamp(max(earliest - CLOCK_SKEW, floor), tz=said.time.tzinfo)
+
+    def _resent_only(self, change: TagChange, before: InventoryRecord | None) -> TagChange:
+        """A tagger's ``setLabels`` that re-sent every privileged value it set (:meth:`_not_resent`):
+        it approves nothing, and the move stays held (its entry, delivered later, is governed as
+        that call's). Attributed only where it writes over a value in force, as a call that set
+        nothing privileged (:meth:`_decide_and_observe`)."""
+        return change if self._takes_back(change, before) else TagChange(None, change.requested)
+
+    def _not_resent(
+        self, project: str, said: GcpEvent, change: TagChange, vm: str | None, listing: Listing | None
+    ) -> TagChange:
+        """The tagger's ``setLabels`` ``said`` (confirmed) less the privileged values of ``change``
+        it re-sent rather than set, as Cloud Logging lists the VM ``vm``'s calls before it
+        (:meth:`_last_other`): going back from the call, the first call that set the key to
+        another value, or that may have (its request not logged, ``instances.update``), or a
+        non-tagger's call setting the same value, decides; a tagger's call of the same value is
+        passed over. A non-tagger's call (or one that may have set anything) found first: the
+        value was theirs and re-sent; a held move whose entry is delivered after the tagger's
+        stays held, and that entry names its caller. Nothing listed: ``change`` as it is."""
+        mapper = self._governed_mapper()
+        if listing is None or mapper is None or vm is None or said.time is None or not change.requested:
+            return change
+        if said.action is not Action.LABELS:
+            return change  # a binding sets one value; only setLabels re-sends the whole set
+        undecided = {k: v for k, v in change.requested.items() if self._sets_privileged(mapper, {k: v})}
+        entries, _ = listing
+        firsts = {
+            str(op.get("id")) for e in entries if isinstance(op := e.get("operation"), dict) and op.get("first") is True
+        }
+        resent: set[str] = set()
+        for entry in reversed(entries):
+            if not undecided:
+                break
+            if entry.get("insertId") == said.event_id:
+                continue
+            payload = entry.get("protoPayload")
+            auth = payload.get("authenticationInfo") if isinstance(payload, dict) else None
+            caller = auth.get("principalEmail") if isinstance(auth, dict) else None
+            by_tagger = isinstance(caller, str) and is_tagger(mapper.config.taggers, caller)
+            try:
+                ev = parse(entry)
+            except MalformedEvent:
+                ev = None
+            if ev is None:
+                # instances.update (which sets the whole VM) or an entry not read: it may have set
+                # any label. A tagger's is passed over; anyone else's, dated before the call, may
+                # have made the move: fail closed
+                method = str(payload.get("methodName", "")) if isinstance(payload, dict) else ""
+                unread = not method or method.endswith("compute.instances.update") or "setLabels" in method
+                if unread and not by_tagger and _before_call(entry, said.time):
+                    resent |= set(undecided)
+                    undecided = {}
+                continue
+            if ev.failed or (said.operation and ev.operation == said.operation) or ev.instance != vm:
+                continue
+            if ev.time is None or ev.time > said.time or ev.action is Action.RENAME:
+                continue  # after it (_changed_since), or no label
+            src = self.cfg.label_source
+            if (ev.action is Action.LABELS and src is LabelSource.SECURE_TAGS) or (
+                ev.action is Action.TAGS and src is LabelSource.LABELS
+            ):
+                continue
+            if ev.requested is None and not ev.tag_value_ids and not ev.first and ev.operation in firsts:
+                continue  # the end of a call whose first entry (with its request) is listed too
+            requested = ev.requested
+            if ev.tag_value_ids:
+                bound = self.bound_by_id(project, ev) if ev.action is Action.TAGS else {}
+                requested = None if len(bound) < len(ev.tag_value_ids) else {**(requested or {}), **bound}
+            tagger = is_tagger(mapper.config.taggers, ev.principal)
+            tags = self.requested_tags(ev.action, requested)
+            for k, v in list(undecided.items()):
+                if tags is None or (ev.action is Action.TAGS and k not in tags) or (tagger and tags.get(k) == v):
+                    # what it set is not logged (a tagger's is passed over; anyone else's may have
+                    # set the value: re-sent, below), one binding of another key, or a tagger's
+                    # call of the same value: further back decides
+                    if tags is not None or tagger:
+                        continue
+                    resent.add(k)
+                elif tags.get(k) == v:
+                    resent.add(k)  # a non-tagger's call set it before: re-sent
+                # else set to another value since: the tagger's call (or a tagger's before) changed it
+                undecided.pop(k)
+        if not resent:
+            return change
+        return TagChange(change.principal, {k: v for k, v in change.requested.items() if k not in resent})
 
     def _changed_since(
         self, project: str, said: GcpEvent, change: TagChange, vm: str | None, listing: Listing | None = None
@@ -1124,10 +1252,12 @@ def _changed(
     An allowed tagger's call (``tagger``: what it set approves) is judged by both: a value the
     observation says it re-sent is re-sent, and so is one whose last known write, made before
     the call, set it and is held (a non-tagger's call: ``other``), where the observation
-    is too recent to say (within :data:`CLOCK_SKEW` of the call, or after it). Re-sending a
-    held move is not making it: that stays held, its mover named, until a tagger's call changes
-    the value or an admin binding grants it. Any other write (approving, or ``unseen``: an
-    observation, which may show the tagger's own value) leaves the observation to decide."""
+    is too recent to say (within :data:`CLOCK_SKEW` of the call, or after it); and one held as
+    ``unseen`` (no entry says who set it) that an observation first saw before the call. Re-sending
+    a held move is not making it: that stays held, its mover named, until a tagger's call changes
+    the value or an admin binding grants it. Any other write (approving, or ``unseen`` first seen
+    after the call: that sighting may show the tagger's own value) leaves the observation to
+    decide; :meth:`GcpIngest.confirm` then asks Cloud Logging (a held call whose entry is late)."""
     if requested is None:
         return None
     if stored is None or stored.state == "terminated" or call is None:
@@ -1148,9 +1278,32 @@ def _changed(
                 # a held call set it before: the tagger's call re-sent it (one at the same time
                 # is not before it; govern_writes holds it anyway, a tagger never outranking it)
                 return False
+        if (
+            tagger
+            and mapper is not None
+            and dim is not None
+            and w is not None
+            and w.by == "unseen"
+            and w.value == mapper.canonical_value(dim, value)
+            and w.seen is not None
+            and w.seen < call.timestamp()
+        ):
+            # held, set by a call no entry attributes (instances.update), and seen before the
+            # tagger's call: the call re-sent it, however recent the sighting (a read ended
+            # before the call cannot show the call's own value)
+            return False
         return fresh or seen.get(key) != value
 
     return {k: v for k, v in requested.items() if sets(k, v)}
+
+
+def _before_call(entry: Mapping[str, Any], call: datetime) -> bool:
+    """A log entry (one Ringfence does not parse) is dated at or before ``call``."""
+    try:
+        t = datetime.fromisoformat(str(entry.get("timestamp", "")).replace("Z", "+00:00"))
+    except ValueError:
+        return True  # undated: it may be
+    return t <= call
 
 
 def _said(entry: GcpEvent) -> tuple[object, ...]:
