@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from ringfence.bundlewire import BundleError, Verifier, check_acceptable, load_bundle
+from ringfence.control.api import secret_hash
 from ringfence.local.lambdas import deliver_batch
 from ringfence.model import Mode
 
@@ -194,8 +195,9 @@ def test_the_long_poll_wakes_when_the_worker_publishes(env: Env) -> None:
     web = est["ids"]["web"][0]
     api = env.fn["agentapi"].api()
     version = api.latest_version(web)
+    env.store.put_token(secret_hash("web-token"), web, 600)  # each wake-up authorizes the wait again
     answer: dict[str, Any] = {}
-    t = threading.Thread(target=lambda: answer.update(r=api.wait(web, version, 20.0)))
+    t = threading.Thread(target=lambda: answer.update(r=api.wait(web, version, 20.0, authorization="Bearer web-token")))
     t.start()
     env.store.set_operator(web, quarantined=True)
     env.fn["compute"].handler(env.sqs_event([_message({"ids": [web]})]), LambdaContext())

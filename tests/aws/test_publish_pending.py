@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ringfence.bundlewire import Verifier, load_bundle, load_delta
+from ringfence.control.api import secret_hash
 from ringfence.model import Mode
 from ringfence_agent.core import Agent
 from ringfence_agent.plan import LocalFailsafes
@@ -46,7 +47,8 @@ def _sync(env: Env, agent: Agent, timeout: float = 0.0) -> int | None:
     assert wid is not None
     rev = agent.revision
     if rev is not None:
-        got = api.wait(wid, rev, timeout, with_deltas=True, with_bundle=True)
+        env.store.put_token(secret_hash(f"{wid}-token"), wid, 600)  # each wake-up authorizes the wait again
+        got = api.wait(wid, rev, timeout, with_deltas=True, with_bundle=True, authorization=f"Bearer {wid}-token")
         body = json.loads(got.body) if isinstance(got.body, bytes) else got.body
         latest = body.get("latest_version")
         if latest is None or latest <= rev:
