@@ -50,3 +50,15 @@ def test_a_forged_nonce_deletes_nothing(store: Store) -> None:
     store.owe_compute(["i-a"])
     assert store.settle_owed([OwedMark("i-a", False, "not-its-nonce")]) == []
     assert [m.workload_id for m in store.owed_compute()] == ["i-a"]
+
+
+def test_a_drain_reads_at_most_its_limit_of_marks_in_workload_id_order(store: Store) -> None:
+    """hand_on_owed reads OWED_READ_LIMIT marks a pass (the rest are the next pass's): a partition
+    grown by a flood of marks is read a bounded part at a time, each part handed on and deleted."""
+    store.owe_compute(["i-d", "i-b", "i-a"])
+    store.owe_compute(["i-c"], urgent=True)
+    first = store.owed_compute(limit=2)
+    assert [m.workload_id for m in first] == ["i-a", "i-b"]
+    assert store.settle_owed(first) == ["i-a", "i-b"]
+    assert [m.workload_id for m in store.owed_compute(limit=2)] == ["i-c", "i-d"]
+    assert len(store.owed_compute(limit=10)) == 2 and len(store.owed_compute()) == 2

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ringfence.audit import AuditRecord
+from ringfence.cmdb import WORKLOAD_ID
 from ringfence.labels import LabelMapper
 from ringfence.policy import Policy, load_policy_texts
 from ringfence.siem import DROP_BUDGET, DROP_WINDOW, Siem
@@ -52,6 +53,12 @@ COMPUTE_NOT_QUEUED = "ComputeNotQueued"
 # a failed hand-off's owed mark that could not be written either (owe_compute): only the window's
 # re-send of tombstones (hand_on_gone_again) is left to hand it on
 COMPUTE_OWED_NOT_MARKED = "ComputeOwedNotMarked"
+# owed marks whose id names no workload, deleted by a drain unsent (hand_on_owed)
+OWED_MARKS_MALFORMED = "OwedMarksMalformed"
+# the owed marks one scheduled pass reads and hands on (the rest: the next pass's), and the ids
+# of each hand-off of them (one refused keeps only its own marks)
+OWED_READ_LIMIT = 5000
+OWED_CHUNK = 500
 
 
 class NotQueued(Exception):
@@ -205,39 +212,59 @@ def owe_compute(
 
 
 def hand_on_owed(w: BaseWiring, what: str, metric: Metric | None = None) -> list[str]:
-    """A scheduled pass hands to compute every workload marked owed (:func:`owe_compute`), of any
+    """A scheduled pass hands to compute the workloads marked owed (:func:`owe_compute`), of any
     age and any scope (compute takes records as stored: one hand-off too many is harmless, and a
-    mark names no cloud to filter by), the urgent ones in the priority lane; once queued, it
-    deletes the marks it read, each only while it holds the nonce read, so a mark written again
-    by a newer failure meanwhile stays for the next pass. A failure is logged and counted, never
-    raised: the marks stay. The ids queued."""
+    mark names no cloud to filter by), the urgent ones in the priority lane: at most
+    :data:`OWED_READ_LIMIT` marks a pass, in workload id order (the rest are the next pass's).
+    Each lane goes in chunks of :data:`OWED_CHUNK` ids, and the marks of each chunk queued are
+    deleted, each only while it holds the nonce read (a mark written again by a newer failure
+    meanwhile stays for the next pass): a refused chunk keeps its own marks and no other. A mark
+    whose id is no workload id (:data:`~ringfence.cmdb.WORKLOAD_ID`; any writer of the partition
+    can make one, e.g. kilobytes of control characters) is deleted unsent and counted
+    (``OwedMarksMalformed``). A failure is logged and counted, never raised. The ids queued."""
     metric = metric or w.metric
     try:
-        marks = w.store.owed_compute()
+        marks = w.store.owed_compute(limit=OWED_READ_LIMIT)
     except Exception:
         log.exception("%s: the workloads owed to compute could not be read", what)
         metric(COMPUTE_NOT_QUEUED, 1)
         return []
-    if not marks:
-        return []
-    first = sorted({m.workload_id for m in marks if m.urgent})
-    rest = sorted({m.workload_id for m in marks} - set(first))
-    try:
-        if first:
-            w.enqueue_compute(first, urgent=True)
-        if rest:
-            w.enqueue_compute(rest)
-    except Exception:
-        log.exception("%s: %d workloads owed to compute could not be queued (kept owed)", what, len(marks))
-        metric(COMPUTE_NOT_QUEUED, 1)
-        return []
-    try:
-        w.store.settle_owed(marks)
-    except Exception:
-        # queued: the marks left are handed on again by the next pass, harmlessly
-        log.exception("%s: %d workloads handed to compute but their owed marks not all deleted", what, len(marks))
-    log.info("%s: handed %d workloads owed to compute on", what, len(first) + len(rest))
-    return first + rest
+    good = [m for m in marks if WORKLOAD_ID.fullmatch(m.workload_id)]
+    bad = [m for m in marks if not WORKLOAD_ID.fullmatch(m.workload_id)]
+    if bad:
+        # named escaped and cut short: the id is anyone's with a grant to the partition
+        log.warning(
+            "%s: %d owed marks name no workload (deleted unsent), e.g. %s",
+            what,
+            len(bad),
+            ascii(bad[0].workload_id[:64]),
+        )
+        metric(OWED_MARKS_MALFORMED, len(bad))
+        try:
+            w.store.settle_owed(bad)
+        except Exception:
+            log.exception("%s: %d malformed owed marks not deleted (the next pass tries again)", what, len(bad))
+    queued: list[str] = []
+    for urgent in (True, False):
+        lane = sorted((m for m in good if m.urgent == urgent), key=lambda m: m.workload_id)
+        for n in range(0, len(lane), OWED_CHUNK):
+            chunk = lane[n : n + OWED_CHUNK]
+            ids = [m.workload_id for m in chunk]
+            try:
+                w.enqueue_compute(ids, urgent=urgent)
+            except Exception:
+                log.exception("%s: %d workloads owed to compute could not be queued (kept owed)", what, len(ids))
+                metric(COMPUTE_NOT_QUEUED, 1)
+                continue
+            queued += ids
+            try:
+                w.store.settle_owed(chunk)
+            except Exception:
+                # queued: the marks left are handed on again by the next pass, harmlessly
+                log.exception("%s: %d workloads handed to compute but their owed marks not all deleted", what, len(ids))
+    if queued:
+        log.info("%s: handed %d workloads owed to compute on", what, len(queued))
+    return queued
 
 
 class NoSigningKey(RuntimeError):

@@ -932,8 +932,10 @@ class Store(Protocol):
         :class:`OwedNotMarked` naming those not written (any other error: none may be)."""
         ...
 
-    def owed_compute(self) -> list[OwedMark]:
-        """Every mark, of any age, read consistently (no scan of other items). A malformed mark
+    def owed_compute(self, limit: int | None = None) -> list[OwedMark]:
+        """Every mark (``limit``: the first that many, in workload id order), of any age, read
+        consistently (no scan of other items). A mark whose id names no workload is read as
+        written (the drain, :func:`ringfence.control.wiring.hand_on_owed`, drops it). A malformed mark
         (its nonce missing or not a string: any writer of the partition can make one) is still a
         workload owed: read with the nonce ``""``, which :meth:`settle_owed` deletes only while
         it is still malformed."""

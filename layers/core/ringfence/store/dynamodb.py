@@ -779,10 +779,12 @@ class DynamoStore:
         if failed:
             raise OwedNotMarked(failed) from error
 
-    def owed_compute(self) -> list[OwedMark]:
+    def owed_compute(self, limit: int | None = None) -> list[OwedMark]:
         out: list[OwedMark] = []
         kwargs: dict[str, Any] = {"KeyConditionExpression": Key("pk").eq(OWED), "ConsistentRead": True}
-        while True:
+        while limit is None or len(out) < limit:
+            if limit is not None:
+                kwargs["Limit"] = limit - len(out)
             page = self.state.query(**kwargs)
             for i in page.get("Items", []):
                 # any writer of the partition may leave a mark malformed (its nonce removed):
@@ -794,6 +796,7 @@ class DynamoStore:
             if "LastEvaluatedKey" not in page:
                 return out
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+        return out
 
     def settle_owed(self, marks: list[OwedMark]) -> list[str]:
         settled: list[str] = []

@@ -860,8 +860,11 @@ class SqliteStore:
                 [(i, int(urgent), uuid.uuid4().hex) for i in ids],
             )
 
-    def owed_compute(self) -> list[OwedMark]:
-        rows = self._db().execute("SELECT workload_id, urgent, nonce FROM owed_compute ORDER BY workload_id")
+    def owed_compute(self, limit: int | None = None) -> list[OwedMark]:
+        rows = self._db().execute(
+            "SELECT workload_id, urgent, nonce FROM owed_compute ORDER BY workload_id LIMIT ?",
+            (-1 if limit is None else limit,),
+        )
         return [OwedMark(wid, bool(urgent), nonce) for wid, urgent, nonce in rows.fetchall()]
 
     def settle_owed(self, marks: list[OwedMark]) -> list[str]:

@@ -20,6 +20,30 @@ from .enroll import RoleTrust, enroll_iid, enroll_sts
 from .publish import S3Publisher, WebSocketNotifier
 from .reportquota import TableReportQuota
 
+# a compute message's ids: at most this many, and its body at most this many bytes (JSON, ASCII
+# escaped), well under SQS's 256 KiB: ids are counted by their encoded size too, not only their
+# number (an id of control characters is escaped six bytes to one)
+COMPUTE_IDS_PER_MESSAGE = 500
+COMPUTE_MESSAGE_BYTES = 192 * 1024
+
+
+def compute_id_chunks(message: dict[str, Any]) -> list[list[str]]:
+    """``message``'s ids cut into the ids of the messages that carry them (each with the rest of
+    ``message``): at most :data:`COMPUTE_IDS_PER_MESSAGE` each and a body within
+    :data:`COMPUTE_MESSAGE_BYTES` (at least one id each); one empty chunk for a message of none."""
+    ids: list[str] = message["ids"]
+    budget = COMPUTE_MESSAGE_BYTES - len(json.dumps({**message, "ids": []}))
+    chunks: list[list[str]] = [[]]
+    size = 0
+    for i in ids:
+        cost = len(json.dumps(i)) + 2  # the id and its ", "
+        if chunks[-1] and (len(chunks[-1]) >= COMPUTE_IDS_PER_MESSAGE or size + cost > budget):
+            chunks.append([])
+            size = 0
+        chunks[-1].append(i)
+        size += cost
+    return chunks
+
 
 class LifecycleRoleMissing(Exception):
     """A member account's lifecycle action with no lifecycle role configured to complete it."""
@@ -188,11 +212,10 @@ class Wiring(BaseWiring):
 
     def _deliver_compute(self, messages: list[dict[str, Any]], queue_url: str = "") -> None:
         for message in messages:
-            ids = message["ids"]
-            for i in range(0, max(len(ids), 1), 500):  # keeps each message well under SQS's 256 KiB
+            for ids in compute_id_chunks(message):
                 self.sqs.send_message(
                     QueueUrl=queue_url or self.cfg.compute_queue_url,
-                    MessageBody=json.dumps({**message, "ids": ids[i : i + 500]}),
+                    MessageBody=json.dumps({**message, "ids": ids}),
                     MessageGroupId="compute",  # one group: compute is serialized
                     MessageDeduplicationId=uuid.uuid4().hex,
                 )

@@ -1,0 +1,125 @@
+"""A writer of the ``owed`` partition (ingest, and the internet-facing gcpevents and azureevents
+functions, granted UpdateItem on it) writes marks whose sort key is no workload id but a kilobyte
+of control characters: JSON escapes each to six, so the drain's one compute message of them was
+over SQS's size limit, refused every pass, and with it the real marks beside them, never settled.
+The drain (control/wiring.py hand_on_owed) deletes such marks unsent and counts them, reads a
+bounded number of marks a pass, and hands each lane on chunk by chunk, settling each chunk queued;
+AWS cuts compute messages by their encoded size as well as by their number of ids.
+
+(Ported from a review's reproducer.)"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+from typing import Any
+
+from ringfence.store.base import Store
+from tests.aws.conftest import Env
+from tests.aws.test_function_iam import allowed, requests_of, sam_statements, terraform_statements
+from tests.aws.test_pipeline import _ctx, _scheduled
+from tests.aws.test_reconcile_gone_hand_off import compute_messages, reconcile_container
+
+from .test_store import store
+
+__all__ = ["store"]  # the parametrized fixture, used by name
+
+JUNK = "\x01" * 1020
+
+
+def _write_junk_marks(env: Env, n: int) -> None:
+    for i in range(n):
+        env.store.state.update_item(
+            Key={"pk": "owed", "sk": f"{JUNK}{i:04d}"},
+            UpdateExpression="SET nonce = :n, urgent = :u",
+            ExpressionAttributeValues={":n": "x", ":u": True},
+        )
+
+
+def test_attack_owed_marks_of_escaped_kilobytes_block_no_drain(env: Env) -> None:
+    """200 such urgent marks beside a real owed removal. Before: the drain's one urgent message
+    (~1.2 MB) was refused by SQS every pass: the removal was never handed on nor settled."""
+    env.provision_example_policy()
+    env.store.owe_compute(["i-0000000000000dead"], urgent=True)  # a real removal owed
+    req = {
+        "Key": {"pk": "owed", "sk": JUNK + "0000"},
+        "UpdateExpression": "SET nonce = :n, urgent = :u",
+        "ExpressionAttributeValues": {":n": "x", ":u": True},
+        "TableName": env.store.state.name,
+    }
+    for fn in ("gcpevents", "azureevents", "ingest"):  # the attack is open to each of them
+        for statements in (sam_statements(fn), terraform_statements(fn)):
+            assert all(allowed(statements, r) for r in requests_of("UpdateItem", req)), fn
+    _write_junk_marks(env, 200)
+    sent = compute_messages(env)
+    reconcile_container(env)
+    env.fn["reconcile"].handler(_scheduled(), _ctx())
+    owed = [m.workload_id for m in env.store.owed_compute()]
+    assert "i-0000000000000dead" not in owed, "the real owed removal is never settled nor handed on"
+    assert (True, ["i-0000000000000dead"]) in sent, "handed on in the priority lane"
+    assert owed == [], "the marks naming no workload are deleted, not handed on"
+    assert not any(JUNK in i for _, ids in sent for i in ids)
+
+
+def test_a_refused_chunk_of_the_drain_keeps_only_its_own_marks(env: Env) -> None:
+    """1,200 ordinary marks go in chunks of 500: the first refused keeps its 500 marks (the next
+    pass's), the other 700 are queued and deleted. Before: one refusal kept every mark."""
+    from ringfence.control.wiring import COMPUTE_NOT_QUEUED, hand_on_owed
+
+    ids = [f"i-{n:017x}" for n in range(1200)]
+    env.store.owe_compute(ids)
+    queued: list[list[str]] = []
+    metrics: list[tuple[str, float]] = []
+    refuse = [1]  # the first chunk
+
+    def enqueue(chunk: list[str], urgent: bool = False) -> None:
+        if refuse[0]:
+            refuse[0] -= 1
+            raise RuntimeError("sqs 503")
+        queued.append(list(chunk))
+
+    w = SimpleNamespace(store=env.store, enqueue_compute=enqueue, metric=lambda n, v: metrics.append((n, v)))
+    assert hand_on_owed(w, "test") == ids[500:]  # type: ignore[arg-type]
+    assert [len(c) for c in queued] == [500, 200]
+    assert sorted(m.workload_id for m in env.store.owed_compute()) == ids[:500]
+    assert metrics == [(COMPUTE_NOT_QUEUED, 1)]
+    assert hand_on_owed(w, "test") == ids[:500] and env.store.owed_compute() == []  # type: ignore[arg-type]
+
+
+def test_marks_naming_no_workload_are_deleted_counted_and_a_pass_reads_at_most_its_limit(
+    store: Store, monkeypatch: Any
+) -> None:
+    """Both stores: a mark whose id is no workload id (here written through the store itself,
+    as any writer of the partition could) is deleted unsent and counted OwedMarksMalformed, and
+    a pass hands on at most OWED_READ_LIMIT marks, the rest the next pass's."""
+    from ringfence.control import wiring
+
+    monkeypatch.setattr(wiring, "OWED_READ_LIMIT", 3)
+    store.owe_compute(["i-0a", "i-0b", "i-0c", "i-0d", "bad id\n"], urgent=False)
+    sent: list[list[str]] = []
+    metrics: list[tuple[str, float]] = []
+    w = SimpleNamespace(
+        store=store,
+        enqueue_compute=lambda ids, urgent=False: sent.append(list(ids)),
+        metric=lambda n, v: metrics.append((n, v)),
+    )
+    # 'b' sorts before 'i': the malformed mark is among the first three read
+    assert wiring.hand_on_owed(w, "test") == ["i-0a", "i-0b"]  # type: ignore[arg-type]
+    assert metrics == [(wiring.OWED_MARKS_MALFORMED, 1)]
+    assert [m.workload_id for m in store.owed_compute()] == ["i-0c", "i-0d"]
+    assert wiring.hand_on_owed(w, "test") == ["i-0c", "i-0d"]  # type: ignore[arg-type]
+    assert store.owed_compute() == []
+
+
+def test_compute_messages_are_cut_by_their_encoded_size_as_well_as_their_ids() -> None:
+    """Ids of a kilobyte of control characters each (six escaped): no message body reaches
+    COMPUTE_MESSAGE_BYTES, well under SQS's 256 KiB; ordinary ids still go 500 a message."""
+    from ringfence.clouds.aws.wiring import COMPUTE_MESSAGE_BYTES, compute_id_chunks
+
+    message: dict[str, Any] = {"ids": [f"{JUNK}{i:04d}" for i in range(200)], "rebuild": False, "publish": []}
+    chunks = compute_id_chunks(message)
+    assert [i for c in chunks for i in c] == message["ids"] and len(chunks) > 1
+    assert all(len(json.dumps({**message, "ids": c})) <= COMPUTE_MESSAGE_BYTES for c in chunks)
+    plain = {"ids": [f"i-{n:017x}" for n in range(1200)]}
+    assert [len(c) for c in compute_id_chunks(plain)] == [500, 500, 200]
+    assert compute_id_chunks({"ids": []}) == [[]]
