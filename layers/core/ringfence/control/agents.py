@@ -37,7 +37,7 @@ from .enroll import ProofError
 from .findings import tamper_progress
 from .launchgate import report_enforcing
 from .publish import PUBLIC_KEYS_KEY
-from .wiring import BaseWiring, log
+from .wiring import COMPUTE_NOT_QUEUED, COMPUTE_OWED_NOT_MARKED, BaseWiring, log
 
 DOCUMENTS_KEPT = 256  # signed bundle and delta documents an agent API process keeps in memory
 HISTORY_LOOKUPS = 8  # addresses of a report batch looked up in the address history, at most
@@ -121,8 +121,13 @@ class AgentApi:
         token = self._issue(wid, "agent.enroll", fingerprint, method=req.method, agent_key=key_id)
         if token is None:
             return error(401, "enrollment refused", f"the agent key of {wid} was reset meanwhile: enroll again")
-        with contextlib.suppress(KeyError):
-            self.w.store.set_liveness(wid, enrolled=True, heartbeat=time.time(), offline=False)
+        rec = self.w.store.get(wid)
+        if rec is not None:
+            with contextlib.suppress(KeyError):
+                self.w.store.set_liveness(wid, enrolled=True, heartbeat=time.time(), offline=False)
+            if rec.offline:
+                # its next heartbeat finds it online already: it rejoins its peers' sets here
+                self._rejoin(wid)
         return Response(
             200,
             agentapi.EnrollResponse(
@@ -132,6 +137,29 @@ class AgentApi:
                 public_key_pem=self.signing_public_keys(),
             ).model_dump(),
         )
+
+    def _rejoin(self, workload_id: str) -> None:
+        """``workload_id``'s agent is back (a heartbeat or an enrollment of a workload stored
+        offline, now stored online): compute puts it back into its peers' sets. The agent API is
+        internet-facing and has no grant to mark it owed to compute (:func:`~ringfence.control.
+        wiring.owe_compute`): a refused hand-off stores it offline again instead, so its next
+        heartbeat hands it on again (peers keep denying it meanwhile, the safe side). Never
+        raised: the agent's request succeeded either way."""
+        log.info("agent %s is back online: rejoining peers' sets", workload_id)
+        try:
+            self.w.enqueue_compute([workload_id])
+            return
+        except Exception:
+            log.exception("agent %s is back online but compute could not be queued: stored offline again", workload_id)
+            self.w.metric(COMPUTE_NOT_QUEUED, 1)
+        try:
+            self.w.store.set_liveness(workload_id, offline=True)
+        except KeyError:
+            pass  # gone meanwhile: compute takes it out for that
+        except Exception:
+            # online and handed to no one: its peers deny it until it changes or a rebuild
+            log.exception("agent %s is back online, not handed to compute nor stored offline again", workload_id)
+            self.w.metric(COMPUTE_OWED_NOT_MARKED, 1)
 
     def signing_public_keys(self) -> str:
         """The bundle signing public key(s) compute published (PEM; :data:`PUBLIC_KEYS_KEY`): this
@@ -510,8 +538,7 @@ class AgentApi:
         if rec.offline or rec.last_heartbeat is None or now - rec.last_heartbeat >= self._liveness_resolution():
             self.w.store.set_liveness(workload_id, heartbeat=now, offline=False if rec.offline else None)
         if rec.offline:
-            log.info("agent %s is back online: rejoining peers' sets", workload_id)
-            self.w.enqueue_compute([workload_id])
+            self._rejoin(workload_id)
         ptr = grant.pointer if grant is not None else self.w.store.bundle_pointer(workload_id)
         if rec.state not in ACTIVE_STATES:
             # compute renders active workloads only: one terminating (its agent still up) would
