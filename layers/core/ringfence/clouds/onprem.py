@@ -8,7 +8,6 @@ cloud ones, with ``cloud: onprem``; a cloud instance's record is never overwritt
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import time
 from typing import Any
@@ -208,7 +207,8 @@ class OnPremAdmin(Admin):
         stored = self.w.store.get(spec.id)
         existed = stored is not None
         mapper = self._governing()
-        rec = self._record(spec.workload(), time.time(), stored=stored, mapper=mapper, may_bind=may_bind)
+        anew = _tombstones([stored] if stored is not None else [])
+        rec = self._record(spec.workload(), _after(anew), stored=stored, mapper=mapper, may_bind=may_bind)
         problems = self._problems(mapper, rec)
         if strict and problems:
             return error(400, "label problems: nothing registered", "\n".join(f"{spec.id}: {p}" for p in problems))
@@ -231,8 +231,8 @@ class OnPremAdmin(Admin):
         # second record, workload.register.failed
         audit_id = self._audit(principal, "workload.register", spec.id, detail, reason)
         try:
-            self._registered_anew(principal, [stored] if stored is not None else [])
-            self.w.store.observe_addressed([rec])
+            self._registered_anew(anew)
+            self._write([rec], anew)
         except AddressTaken as exc:
             self._failed(principal, "workload.register", spec.id, audit_id, str(exc), reason)
             return self._address_in_use(exc.taken)
@@ -252,6 +252,7 @@ class OnPremAdmin(Admin):
             # queued, or 503 NotQueued), never a bare 500 with nothing queued
             if not self._raised(principal, "workload.register", spec.id, audit_id, exc, reason, registered):
                 raise
+        self._cleared(principal, anew, [spec.id])  # written: the old host's operator state with it
         # stored: a failed compute message is answered 503 (NotQueued); the same registration
         # again is an update of the stored record (200, created false) and queues compute
         queue_stored(self.w, [spec.id], "registered", spec.id, audit_id)
@@ -300,7 +301,8 @@ class OnPremAdmin(Admin):
             return error(409, "CMDB file rejected: nothing imported", "\n".join(refusals))
         stored = self.w.store.get_many([w.id for w in workloads])
         existing = set(stored)
-        t = time.time()
+        anew = _tombstones(list(stored.values()))
+        t = _after(anew)
         mapper = self._governing()
         recs = [self._record(w, t, stored=stored.get(w.id), mapper=mapper, may_bind=may_bind) for w in workloads]
         problems = {r.id: p for r in recs if (p := self._problems(mapper, r))}
@@ -334,8 +336,8 @@ class OnPremAdmin(Admin):
         # the record before anything is written, as for one registration
         audit_id = self._audit(principal, "workload.import", source, detail, reason)
         try:
-            self._registered_anew(principal, list(stored.values()))
-            self.w.store.observe_addressed(recs)  # SQLite: one transaction
+            self._registered_anew(anew)
+            self._write(recs, anew)  # SQLite: one transaction
         except AddressTaken as exc:
             # another writer took an address since the file was checked: refused as that check
             # refuses it (file:line:column)
@@ -357,6 +359,7 @@ class OnPremAdmin(Admin):
             # so they go to compute (peers' sets follow), and the answer and audit say which
             why = f"written: {', '.join(exc.written)}; then {type(exc.cause).__name__}: {exc.cause}"
             self._failed(principal, "workload.import", source, audit_id, why, reason, outcome="partial")
+            self._cleared(principal, anew, exc.written)
             queue_stored(self.w, exc.written, f"partly imported ({len(exc.written)} of {len(ids)})", source, audit_id)
             if not isinstance(exc.cause, ConflictError | TooManyTogether):
                 raise
@@ -369,6 +372,7 @@ class OnPremAdmin(Admin):
         except Exception as exc:
             self._failed(principal, "workload.import", source, audit_id, f"{type(exc).__name__}: {exc}", reason)
             raise
+        self._cleared(principal, anew, ids)
         # as a registration's: the same file again updates every row and queues compute
         queue_stored(self.w, ids, f"imported ({len(ids)} workloads)", source, audit_id)
         answer: dict[str, Any] = {
@@ -383,34 +387,50 @@ class OnPremAdmin(Admin):
             answer["problems"] = problems
         return Response(200, answer)
 
-    def _registered_anew(self, principal: str, stored: list[InventoryRecord]) -> None:
-        """Ids about to be registered again after a deregistration name a new host: nothing the
-        old one (or a pairing that raced its deregistration) bound may carry over, else that
-        agent would receive the new host's bundle. Called before the record is written, on
-        purpose: written first, the old agent could fetch the new host's bundle until the drop.
-        A write then refused (409) has lost nothing: a deregistered id's credentials are dropped
-        at deregistration already, so only a racing pairing's can be left, and those must go
-        whatever happens (``token.revoke`` is audited when a token was active).
+    def _registered_anew(self, anew: dict[str, InventoryRecord]) -> None:
+        """Ids about to be registered again after a deregistration (``anew``: their tombstones as
+        read) name a new host: nothing the old one (or a pairing that raced its deregistration)
+        bound may carry over, else that agent would receive the new host's bundle. Called before
+        the record is written, on purpose: written first, the old agent could fetch the new host's
+        bundle until the drop. A write then refused (409) has lost nothing: a deregistered id's
+        credentials are dropped at deregistration already, so only a racing pairing's can be left,
+        and those must go whatever happens (``token.revoke`` is audited when a token was active).
 
-        The old host's operator mode and quarantine go too (the registration's audit record names
-        them, ``operator_cleared``: :meth:`_operator_left`): an ``idle`` set for the old box would
-        leave the new one unenforced. A quarantine cleared so counts ``SafeguardsLowered``: the
-        id leaves quarantine by an onboarding caller's registration, not an incident responder's
-        release."""
-        for old in stored:
-            if old.state == "terminated":
-                self._drop_credentials(old.id, "workload registered again")
-                with contextlib.suppress(KeyError):  # its tombstone gone meanwhile: nothing to clear
-                    self.w.store.set_operator(old.id, mode=None, quarantined=False)
-                if old.op_quarantined:
-                    self._lowered(
-                        principal, "quarantine of a deregistered host cleared: its id registered again", old.id
-                    )
+        Only while the id is still the tombstone read: one registered again meanwhile (by another
+        caller) is a live host whose freshly enrolled agent this stale registration must not cut
+        off; its write is then refused (409, :func:`~ringfence.store.base.check_tombstone`)."""
+        if not anew:
+            return
+        now = self.w.store.get_many(sorted(anew))
+        for wid, read in anew.items():
+            still = now.get(wid)
+            if still is not None and still.state == "terminated" and still.observed_at == read.observed_at:
+                self._drop_credentials(wid, "workload registered again")
+
+    def _write(self, recs: list[InventoryRecord], anew: dict[str, InventoryRecord]) -> None:
+        """The records written, each of ``anew`` only over its tombstone as read and with the old
+        host's operator mode and quarantine cleared in the same write (``observe_addressed``):
+        an ``idle`` set for the old box would leave the new one unenforced."""
+        if anew:
+            self.w.store.observe_addressed(recs, anew=anew)
+        else:
+            self.w.store.observe_addressed(recs)
+
+    def _cleared(self, principal: str, anew: dict[str, InventoryRecord], written: list[str]) -> None:
+        """A quarantine cleared with a registration's write (``written``: the ids that landed)
+        counts ``SafeguardsLowered``: the id leaves quarantine by an onboarding caller's
+        registration, not an incident responder's release."""
+        for wid in written:
+            read = anew.get(wid)
+            if read is not None and read.op_quarantined:
+                self._lowered(principal, "quarantine of a deregistered host cleared: its id registered again", wid)
 
     @staticmethod
     def _operator_left(stored: InventoryRecord | None) -> dict[str, Any]:
         """What an operator set on a deregistered id's last host (its mode, its quarantine), which
-        registering the id again clears (:meth:`_registered_anew`)."""
+        registering the id again clears with its write (:meth:`_write`). The registration's audit
+        record, written before (as every one is), names it; a write then refused leaves it, and
+        the ``.failed`` record says so."""
         if stored is None or stored.state != "terminated":
             return {}
         left: dict[str, Any] = {}
@@ -460,6 +480,17 @@ class OnPremAdmin(Admin):
 
 def _some(ids: list[str], n: int = 50) -> str:
     return ", ".join(ids[:n]) + (f" (and {len(ids) - n} more)" if len(ids) > n else "")
+
+
+def _tombstones(stored: list[InventoryRecord]) -> dict[str, InventoryRecord]:
+    """The deregistered ids among ``stored`` (as read) → their tombstones: registered anew."""
+    return {old.id: old for old in stored if old.state == "terminated"}
+
+
+def _after(anew: dict[str, InventoryRecord]) -> float:
+    """A registration's time: now, and never before a tombstone it replaces (the store keeps the
+    newer of two observations: one older than the tombstone would not land, its clear with it)."""
+    return max([time.time(), *(old.observed_at for old in anew.values())])
 
 
 def _too_many(exc: TooManyTogether, rows: list[CmdbRow], source: str) -> str:

@@ -649,6 +649,24 @@ def check_read(old: InventoryRecord | None, rec: InventoryRecord, previous: Inve
         raise GovernanceMoved(f"{rec.id}: another observation was stored after the one this record was decided from")
 
 
+def check_tombstone(old: InventoryRecord | None, read: InventoryRecord) -> None:
+    """``old`` (stored now) is still ``read``, the tombstone a registration of its id again was
+    decided from (:meth:`Store.observe_addressed`'s ``anew``): terminated, observed at the same
+    time, with the operator mode and quarantine read (what the registration's audit record says it
+    clears). Else :class:`GovernanceMoved`: registered again (or quarantined) meanwhile."""
+    if (
+        old is None
+        or old.state != "terminated"
+        or old.observed_at != read.observed_at
+        or old.op_mode != read.op_mode
+        or old.op_quarantined != read.op_quarantined
+    ):
+        raise GovernanceMoved(
+            f"{read.id}: the deregistered workload this registration was decided from changed meanwhile "
+            "(registered again, or its operator mode or quarantine set)"
+        )
+
+
 class Store(Protocol):
     # what the store counts (InventoryRecordsMismatched: :func:`names_its_key`); its owner sets it
     metric: Callable[[str, float], None]
@@ -688,7 +706,9 @@ class Store(Protocol):
         transaction (all or none, even across a crash); DynamoDB one by one."""
         ...
 
-    def observe_addressed(self, recs: list[InventoryRecord]) -> set[str]:
+    def observe_addressed(
+        self, recs: list[InventoryRecord], *, anew: dict[str, InventoryRecord] | None = None
+    ) -> set[str]:
         """:meth:`observe_many` for records whose addresses are theirs alone (on-premise
         registrations): each active record's addresses must not be held by another workload
         (:func:`holds_addresses`: an active one, or a cloud instance not terminated), checked
@@ -702,7 +722,15 @@ class Store(Protocol):
         its claims. SQLite writes all records in one transaction; DynamoDB one transaction per
         group of records that pass addresses among themselves: :class:`TooManyTogether`, nothing
         written, when a group is more than one transaction takes, and :class:`PartlyWritten`
-        when a group fails after others were written."""
+        when a group fails after others were written.
+
+        ``anew``: id → the tombstone the caller read for a deregistered id it registers again. That
+        record is written only over exactly that tombstone (:func:`check_tombstone`: its time and
+        the operator mode and quarantine read), and in the same write (SQLite: the transaction;
+        DynamoDB: the record's group's transaction) its operator mode and quarantine are cleared:
+        the new host starts from none of the old one's, and a registration decided from a stale
+        read never clears what an operator set on a host registered meanwhile. Otherwise
+        :class:`GovernanceMoved`, nothing of that record written."""
         ...
 
     def all_records(self) -> list[InventoryRecord]: ...

@@ -76,6 +76,7 @@ from ringfence.store.base import (
     agent_key_fingerprint_of,
     check_hold_fields,
     check_names_its_key,
+    check_tombstone,
     names_its_key,
     next_governed_rev,
     no_metric,
@@ -1264,7 +1265,9 @@ class DynamoStore:
 
     CLAIM_ATTEMPTS = 10
 
-    def observe_addressed(self, recs: list[InventoryRecord]) -> set[str]:
+    def observe_addressed(
+        self, recs: list[InventoryRecord], *, anew: dict[str, InventoryRecord] | None = None
+    ) -> set[str]:
         """Each active record is written in one transaction with a claim item per address, each
         put conditional on the claim as read (absent, or the owner read), so of two writers racing
         for an address one transaction is cancelled: a global lock would serialise every
@@ -1275,9 +1278,13 @@ class DynamoStore:
         address up (then written in the same transaction, so the move is atomic). Released claims
         (addresses a record gives up, a tombstone's) are deleted afterwards, conditional on the
         owner and on the record still being the one written; one left behind is taken over as
-        above. Records whose claims nothing moves between them are written one transaction each."""
+        above. Records whose claims nothing moves between them are written one transaction each.
+        A record of ``anew`` is written on the condition that the item is still the tombstone read
+        and clears its ``op_mode`` and ``op_quarantined``; its quarantine item is deleted in the
+        same transaction (conditional on its absence when none was read)."""
         if not recs:
             return set()
+        anew = anew or {}
         ids = [rec.id for rec in recs]
         if len(set(ids)) != len(ids):
             raise ValueError("observe_addressed: a workload given twice")
@@ -1291,6 +1298,8 @@ class DynamoStore:
         if taken:
             raise AddressTaken(taken)
         stored = self.get_many(ids)
+        for wid, read in anew.items():  # as this writer reads it too, before anything is written
+            check_tombstone(stored.get(wid), read)
         groups = _moving_together(recs, stored)
         # every claim read and judged before anything is written: a file refused for an address
         # held is refused whole (a race with a writer after this read can still refuse a later group)
@@ -1304,7 +1313,7 @@ class DynamoStore:
         over = [
             (sorted(rec.id for rec in group), n)
             for group in groups
-            if (n := _transaction_items(group, claims)) > TRANSACT_ITEMS
+            if (n := _transaction_items(group, claims) + sum(rec.id in anew for rec in group)) > TRANSACT_ITEMS
         ]
         if over:
             raise TooManyTogether(over, TRANSACT_ITEMS)
@@ -1312,7 +1321,7 @@ class DynamoStore:
         written: list[str] = []
         for group in groups:
             try:
-                changed |= self._observe_group(group, stored, claims, holders)
+                changed |= self._observe_group(group, stored, claims, holders, anew)
             except Exception as exc:
                 if written:  # a race after the checks above: say what stands
                     raise PartlyWritten(written, changed, exc) from exc
@@ -1326,6 +1335,7 @@ class DynamoStore:
         stored: dict[str, InventoryRecord],
         claims: dict[str, str],
         holders: dict[str, dict[str, Any] | None],
+        anew: dict[str, InventoryRecord],
     ) -> set[str]:
         ids = {rec.id for rec in group}
         for attempt in range(self.CLAIM_ATTEMPTS):
@@ -1338,15 +1348,22 @@ class DynamoStore:
                     raise AddressTaken(taken)
             items: list[dict[str, Any]] = []
             written: list[InventoryRecord] = []
+            clears: list[dict[str, Any]] = []
             for rec in group:
                 update = self._observation(rec, stored.get(rec.id))
                 if update is None:
+                    if rec.id in anew:  # not the tombstone read: its clear must not land either
+                        check_tombstone(stored.get(rec.id), anew[rec.id])
                     if len(group) == 1:
                         return set()  # a newer observation is stored: dropped, as observe drops it
                     raise GovernanceMoved(f"{rec.id}: a newer observation was stored meanwhile")
                 rec, kwargs = update
+                if rec.id in anew:
+                    kwargs, clear = _anew(kwargs, anew[rec.id], self.state.name)
+                    clears.append(clear)
                 written.append(rec)
                 items.append({"Update": {"TableName": self.inventory.name, **kwargs}})
+            items += clears
             checked: set[str] = set()
             for rec in group:
                 for ip in _addresses(rec):
@@ -1377,7 +1394,11 @@ class DynamoStore:
                 reasons = [r.get("Code", "None") for r in exc.response.get("CancellationReasons", [])]
                 if not set(reasons) <= {"None", "ConditionalCheckFailed", "TransactionConflict"}:
                     raise
+                cleared = reasons[len(written) : len(written) + len(clears)]
                 for rec, reason in zip(written, reasons, strict=False):
+                    if reason == "ConditionalCheckFailed" and rec.id in anew:  # not the tombstone read
+                        check_tombstone(self.get(rec.id), anew[rec.id])
+                        raise GovernanceMoved(f"{rec.id}: the record changed while this record was decided") from None
                     if reason == "ConditionalCheckFailed":  # the record's own conditions: as observe
                         now = self.get(rec.id)
                         if now is not None and other_account(now, rec):
@@ -1385,6 +1406,8 @@ class DynamoStore:
                         if now is not None and now.observed_at > rec.observed_at and len(group) == 1:
                             return set()
                         raise GovernanceMoved(f"{rec.id}: the record changed while this record was decided") from None
+                if "ConditionalCheckFailed" in cleared:  # a quarantine put on the tombstone meanwhile
+                    raise GovernanceMoved(f"{', '.join(sorted(anew.keys() & ids))}: quarantined meanwhile") from None
                 time.sleep(random.uniform(0, min(0.2, 0.005 * 2**attempt)))  # noqa: S311 (jitter, not a secret)
                 continue
             self._release(written, stored)
@@ -1978,6 +2001,43 @@ def _addresses(rec: InventoryRecord) -> list[str]:
 
 
 TRANSACT_ITEMS = 100  # the most items one TransactWriteItems takes
+
+
+def _anew(kwargs: dict[str, Any], read: InventoryRecord, state_table: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The record's update (``kwargs``) made to land only over the tombstone ``read`` and to clear
+    the old host's operator mode and quarantine, and the transaction item deleting its quarantine
+    item (:meth:`DynamoStore.observe_addressed`'s ``anew``)."""
+    values = dict(kwargs["ExpressionAttributeValues"])
+    names = dict(kwargs["ExpressionAttributeNames"])
+    values[":gone"] = "terminated"
+    values[":at0"] = Decimal(str(read.observed_at))
+    condition = f"({kwargs['ConditionExpression']}) AND #st = :gone AND observed_at = :at0"
+    if read.op_mode is None:
+        condition += " AND attribute_not_exists(op_mode)"
+    else:
+        condition += " AND op_mode = :om0"
+        values[":om0"] = read.op_mode.value
+    if not read.op_quarantined:
+        condition += " AND (attribute_not_exists(op_quarantined) OR op_quarantined = :false)"
+        values[":false"] = False
+    expr = str(kwargs["UpdateExpression"])
+    # one REMOVE clause: added to the tombstone-free update's, if it has one
+    expr = (
+        expr.replace(" REMOVE ", " REMOVE op_mode, op_quarantined, ", 1)
+        if " REMOVE " in expr
+        else (expr + " REMOVE op_mode, op_quarantined")
+    )
+    update = {
+        **kwargs,
+        "UpdateExpression": expr,
+        "ConditionExpression": condition,
+        "ExpressionAttributeNames": names,
+        "ExpressionAttributeValues": values,
+    }
+    delete: dict[str, Any] = {"TableName": state_table, "Key": {"pk": QUARANTINE, "sk": read.id}}
+    if not read.op_quarantined:  # a quarantine put on the tombstone since the read refuses the write
+        delete["ConditionExpression"] = "attribute_not_exists(pk)"
+    return update, {"Delete": delete}
 
 
 def _transaction_items(group: list[InventoryRecord], claims: dict[str, str]) -> int:

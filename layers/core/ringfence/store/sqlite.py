@@ -75,6 +75,7 @@ from ringfence.store.base import (
     check_hold_fields,
     check_names_its_key,
     check_read,
+    check_tombstone,
     names_its_key,
     next_governed_rev,
     no_metric,
@@ -531,14 +532,28 @@ class SqliteStore:
         with self._tx() as db:
             return {rec.id for rec in recs if self._observe(db, rec)}
 
-    def observe_addressed(self, recs: list[InventoryRecord]) -> set[str]:
+    def observe_addressed(
+        self, recs: list[InventoryRecord], *, anew: dict[str, InventoryRecord] | None = None
+    ) -> set[str]:
         # the check reads the inventory under the write lock it writes in: no writer of this
         # process or another can land an owner in between
+        anew = anew or {}
         with self._tx() as db:
             taken = _held_elsewhere(db, recs)
             if taken:
                 raise AddressTaken(taken)  # rolls back: nothing written
-            return {rec.id for rec in recs if self._observe(db, rec)}
+            changed: set[str] = set()
+            for rec in recs:
+                read = anew.get(rec.id)
+                if read is not None:
+                    # over exactly the tombstone read, or GovernanceMoved (rolls back: nothing written)
+                    check_tombstone(self._record(db.execute(_SELECT_ONE, (rec.id,)).fetchone()), read)
+                if self._observe(db, rec):
+                    changed.add(rec.id)
+                if read is not None:  # the old host's mode and quarantine go with this write
+                    db.execute("UPDATE inventory SET op_mode = NULL, op_quarantined = 0 WHERE id = ?", (rec.id,))
+                    db.execute("DELETE FROM quarantine WHERE workload_id = ?", (rec.id,))
+            return changed
 
     def _observe(
         self,
