@@ -154,16 +154,24 @@ def parse_cmdb_rows(text: str, source: str = "cmdb.csv", held_by: Mapping[str, s
     header_line, header, header_pos = records[0]
     columns = [h.strip() for h in header]
     seen_cols: dict[str, int] = {}
+    seen_tags: dict[str, str] = {}  # tag key → the column giving it (``role`` and ``tag:role`` both give ``role``)
     for i, name in enumerate(columns):
         line, col = header_pos[i]
+        # the tag key a column gives (None: an id, a field or a label)
+        tag = None if name in FIELDS or name.startswith("label:") else name.removeprefix("tag:")
         if not name:
             err(line, col, f"column {i + 1} has no name")
         elif name in seen_cols:
             err(line, col, f"column {name!r} appears twice (first as column {seen_cols[name] + 1})")
         elif name.startswith("label:") and not name.removeprefix("label:"):
             err(line, col, "label: column without a dimension name")
+        elif tag is not None and tag in seen_tags:
+            # else the later column's value would silently win over the earlier's
+            err(line, col, f"column {name!r} gives the tag of column {seen_tags[tag]!r} again")
         else:
             seen_cols[name] = i
+            if tag is not None:
+                seen_tags[tag] = name
     for required in ("id", "ips"):
         if required not in seen_cols:
             err(header_line, 1, f"no {required!r} column (the header has: {', '.join(columns)})")
