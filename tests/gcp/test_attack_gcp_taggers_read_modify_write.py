@@ -8,6 +8,7 @@ kept."""
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -195,3 +196,32 @@ def test_attack_gcp_taggers_resend_of_an_unattributed_held_value_approves_nothin
     assert rec is not None and rec.labels.get("role") != "jumpbox", f"laundered by the tagger's re-send: {rec.labels}"
     assert rec.workload.held_labels is not None and rec.workload.tags.get("ringfence:role") == "jumpbox", rec.workload
     assert not audits(wiring, "label.approve", inst["id"]), "the tagger's re-send was audited as an approval"
+
+
+def test_attack_gcp_taggers_resend_of_a_move_older_than_an_hour_approves_nothing(
+    gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The VM last seen (at web) 3 h ago (the scheduled pass down); Mallory (not a tagger) set
+    role=jumpbox 2 h ago, her entry not delivered yet; now a tagger's automation re-sends it. A
+    read reaching an hour back does not list her call, so whether the tagger's call set the value
+    cannot be told: it approves nothing (``label.unconfirmed``), and her entry, delivered late,
+    leaves the move held."""
+    monkeypatch.setattr(ingest_module, "LOGGING_LAG", 0.0)
+    ingest = GcpIngest(wiring, gcp_config(gcp, LabelSource.LABELS))
+    real_now = ingest_module.now
+    monkeypatch.setattr(ingest_module, "now", lambda: real_now() - 3 * 3600)  # the sighting, 3 h ago
+    inst = _vm(gcp, ingest, "10.20.9.90")
+    monkeypatch.setattr(ingest_module, "now", real_now)
+    mallory = set_labels(gcp, inst, JUMP, principal=MALLORY)
+    ago = datetime.fromtimestamp(time.time() - 2 * 3600, UTC)
+    mallory["timestamp"] = ago.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"  # as Cloud Logging has it
+    logged(gcp, mallory)
+    deliver(gcp, ingest, set_labels(gcp, inst, {**JUMP, "team": "payments"}, principal=TAGGER))
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.labels.get("role") != "jumpbox", f"laundered by the tagger's re-send: {rec.labels}"
+    assert not audits(wiring, "label.approve", inst["id"]), "the tagger's re-send was audited as an approval"
+    why = [str(a.reason) for a in audits(wiring, "label.unconfirmed", inst["id"])]
+    assert any("not seen without" in r for r in why), why
+    _push(gcp, ingest, mallory)
+    rec = wiring.store.get(inst["id"])
+    assert rec is not None and rec.labels.get("role") != "jumpbox", rec.labels

@@ -23,8 +23,9 @@ what is tested is the SDK's wire format, not a mock of it. It implements only wh
 * Cloud Logging v2: ``entries:list`` over the entries written with :meth:`GcpApi.write_log` (the
   audit entries :mod:`ringfence.local.gcp_events` builds for the changes made here), for
   ``resourceNames`` ``projects/P`` and a filter of ``AND``-joined comparisons of ``logName``,
-  ``insertId``, ``timestamp``, ``operation.id``, ``resource.labels.instance_id`` and
-  ``protoPayload.resourceName`` (``:``, has-substring, for the last), a term also a parenthesized
+  ``insertId``, ``timestamp``, ``operation.id``, ``resource.labels.instance_id``,
+  ``protoPayload.resourceName`` and ``protoPayload.methodName`` (``:``, has-substring, for the last
+  two), a term also a parenthesized
   ``OR`` of such comparisons (what Ringfence sends; anything else is refused with 400);
 * the GCE metadata server's identity token path, for one VM (:meth:`GcpApi.serve_metadata_as`);
 * Google's OAuth2 certificate endpoint (``/oauth2/v3/certs``, a JWKS) for a local signing key,
@@ -659,7 +660,8 @@ _COMPUTE = re.compile(r"^/compute/v1/projects/(?P<project>[^/]+)/(?P<rest>.+)$")
 
 
 _TERM = re.compile(
-    r"\s*(logName|insertId|timestamp|operation\.id|resource\.labels\.instance_id|protoPayload\.resourceName)"
+    r"\s*(logName|insertId|timestamp|operation\.id|resource\.labels\.instance_id|protoPayload\.resourceName"
+    r"|protoPayload\.methodName)"
     r'\s*(>=|<=|=|>|<|:)\s*"((?:[^"\\]|\\.)*)"\s*'
 )
 _AND = re.compile(r"AND\b")
@@ -692,7 +694,7 @@ def _log_filter(text: str) -> list[list[tuple[str, str, str]]]:
                 raise _HttpError(
                     400,
                     f"unsupported filter at {text[pos:]!r} (the stand-in knows logName, insertId, timestamp, "
-                    "operation.id, resource.labels.instance_id, protoPayload.resourceName)",
+                    "operation.id, resource.labels.instance_id, protoPayload.resourceName, protoPayload.methodName)",
                     "INVALID_ARGUMENT",
                 )
             group.append((t[1], t[2], re.sub(r"\\(.)", r"\1", t[3])))
@@ -730,7 +732,7 @@ def _matches(entry: Mapping[str, Any], name: str, op: str, value: str) -> bool:
     for part in name.split("."):  # a dotted path into the entry (operation.id, resource.labels.…)
         have_field = have_field.get(part) if isinstance(have_field, Mapping) else None
     text = "" if have_field is None or isinstance(have_field, Mapping | list) else str(have_field)
-    if op == ":" and name == "protoPayload.resourceName":
+    if op == ":" and name in ("protoPayload.resourceName", "protoPayload.methodName"):
         return value in text
     if op != "=":
         raise _HttpError(400, f"{name} is compared with = only here", "INVALID_ARGUMENT")

@@ -438,10 +438,8 @@ class GcpIngest:
         logged otherwise than pushed is taken for what it changed from it (:func:`_changed`), as
         the pushed one was."""
         listing: Listing | None = None
-        back_to = self._last_other(said, claimed, before)
-        if approving and entry is None and (listing := self._about_vm(project, said, vm, back_to)) is not None:
-            # one read for all: the entry itself, what was done to the VM before it since it was
-            # last seen without the value, and since
+        if approving and entry is None and (listing := self._about_vm(project, said, vm)) is not None:
+            # one read for both: the entry itself, and what was done to the VM since
             entry = next((e for e in listing[0] if e.get("insertId") == said.event_id), None)
         logged, why = self._read_back(project, said, entry)
         if logged is not None:
@@ -450,8 +448,6 @@ class GcpIngest:
             if not same and logged.action is Action.LABELS:
                 requested = self._set_by(TagChange(logged.principal, requested), before, logged.time)
             change = TagChange(logged.principal, requested)
-            if listing is None and self.would_approve(change) and logged.action is Action.LABELS:
-                listing = self._about_vm(project, said, vm, back_to)  # for _changed_since and _not_resent
             if logged.principal == claimed.principal and change.requested == claimed.requested:
                 # one entry decides once: replayed within the hour (after its move was undone and
                 # the value set again by someone else) it is what a replay is, and decides nothing
@@ -463,11 +459,16 @@ class GcpIngest:
                     logged = None
                 else:
                     if approving:
-                        change = self._not_resent(project, logged, change, vm, listing)
-                        if not self.would_approve(change):
-                            return self._resent_only(change, before), None
-                    self.metric("ApprovalsConfirmed" if approving else "AttributionsConfirmed", 1)
-                    return change, spend
+                        kept, why = self._not_resent(project, logged, change, vm, before)
+                        if not why:
+                            self._held_resent(project, said, change, kept)
+                            if not self.would_approve(kept):
+                                return self._resent_only(kept, before), None
+                            change = kept
+                    if not why:
+                        self.metric("ApprovalsConfirmed" if approving else "AttributionsConfirmed", 1)
+                        return change, spend
+                    logged = None  # unconfirmed (below): what it re-sent cannot be told
             else:
                 why = (
                     f"Cloud Logging has this entry by {logged.principal!r} setting {change.requested}, "
@@ -488,9 +489,14 @@ class GcpIngest:
         if self.would_approve(change):
             if self._changed_since(project, said, change, vm, listing):
                 return TagChange(None, None), None
-            change = self._not_resent(project, logged, change, vm, listing)
-            if not self.would_approve(change):
-                return self._resent_only(change, before), None
+            kept, why = self._not_resent(project, logged, change, vm, before)
+            if why:
+                self._unconfirmed(project, said, change, f"the logged call approves nothing: {why}")
+                return TagChange(None, None), None
+            self._held_resent(project, said, change, kept)
+            if not self.would_approve(kept):
+                return self._resent_only(kept, before), None
+            change = kept
             spend = _spent(said)
         elif self.would_blame(change):
             spend = _blamed(said)
@@ -544,12 +550,9 @@ class GcpIngest:
             )
         )
 
-    def _about_vm(
-        self, project: str, said: GcpEvent, vm: str | None, back_to: datetime | None = None
-    ) -> Listing | None:
-        """Cloud Logging's entries about the VM ``vm`` (its id) from ``said``'s time on (or from
-        ``back_to``, where earlier), in the log ``said`` names (:meth:`AuditLogReader.about_vm`);
-        None where that cannot be asked."""
+    def _about_vm(self, project: str, said: GcpEvent, vm: str | None) -> Listing | None:
+        """Cloud Logging's entries about the VM ``vm`` (its id) from ``said``'s time on, in the log
+        ``said`` names (:meth:`AuditLogReader.about_vm`); None where that cannot be asked."""
         logged_in = activity_log_project(said.log_name)
         if vm is None or not vm.isdigit() or logged_in is None or logged_in not in self.cfg.projects:
             return None
@@ -562,21 +565,25 @@ class GcpIngest:
             vm,
             compute=src is not LabelSource.SECURE_TAGS,
             tags=src is not LabelSource.LABELS,
-            since=min(said.time - WINDOW, back_to) if back_to is not None else said.time - WINDOW,
+            since=said.time - WINDOW,
         )
 
-    def _last_other(self, said: GcpEvent, change: TagChange, before: InventoryRecord | None) -> datetime | None:
+    def _last_other(
+        self, said: GcpEvent, change: TagChange, before: InventoryRecord | None
+    ) -> tuple[datetime | None, str]:
         """For a ``setLabels`` (which sends the whole label set) that would approve: from when
         Cloud Logging is to be asked for the calls the tagger's call may have re-sent a
         privileged value of (:meth:`_not_resent`): the VM's last sighting without that value, as
         ``before`` (the VM as stored) has it (its value's ``unseen`` write: the last observation
-        of the value before; else the record's), less :data:`CLOCK_SKEW`, at most
-        :data:`CONFIRM_MAX_AGE` before the call. None: nothing to ask (the call's own time)."""
+        of the value before; else the record's), less :data:`CLOCK_SKEW`. None: nothing to ask.
+        Not seen so since more than :data:`CONFIRM_MAX_AGE` before the call: why the call approves
+        nothing (a move older than an hour, its entry not delivered yet, could not be told from
+        the tagger's; reading further back than that is not done)."""
         mapper = self._governed_mapper()
         if said.action is not Action.LABELS or said.time is None or mapper is None:
-            return None
+            return None, ""
         if before is None or before.state == "terminated":
-            return None
+            return None, ""
         dims = mapper.label_keys()
         writes = before.label_writes or {}
         sighting = min(before.observed_at, before.workload.observed_at)
@@ -590,9 +597,14 @@ class GcpIngest:
                 at = w.at  # seen with it already: since the observation before it
             earliest = at if earliest is None else min(earliest, at)
         if earliest is None:
-            return None
-        floor = said.time.timestamp() - CONFIRM_MAX_AGE
-        return datetime.fromtimestamp(max(earliest - CLOCK_SKEW, floor), tz=said.time.tzinfo)
+            return None, ""
+        if earliest - CLOCK_SKEW < said.time.timestamp() - CONFIRM_MAX_AGE:
+            ago = int(said.time.timestamp() - earliest)
+            return None, (
+                f"the VM was not seen without the values it set since {ago} s before the call, more than "
+                f"{int(CONFIRM_MAX_AGE)} s: whether the call re-sent someone else's move cannot be told"
+            )
+        return datetime.fromtimestamp(earliest - CLOCK_SKEW, tz=said.time.tzinfo), ""
 
     def _resent_only(self, change: TagChange, before: InventoryRecord | None) -> TagChange:
         """A tagger's ``setLabels`` that re-sent every privileged value it set (:meth:`_not_resent`):
@@ -601,37 +613,90 @@ class GcpIngest:
         nothing privileged (:meth:`_decide_and_observe`)."""
         return change if self._takes_back(change, before) else TagChange(None, change.requested)
 
-    def _not_resent(
-        self, project: str, said: GcpEvent, change: TagChange, vm: str | None, listing: Listing | None
-    ) -> TagChange:
-        """The tagger's ``setLabels`` ``said`` (confirmed) less the privileged values of ``change``
-        it re-sent rather than set, as Cloud Logging lists the VM ``vm``'s calls before it
-        (:meth:`_last_other`): going back from the call, the first call that set the key to
-        another value, or that may have (its request not logged, ``instances.update``), or a
-        non-tagger's call setting the same value, decides; a tagger's call of the same value is
-        passed over. A non-tagger's call (or one that may have set anything) found first: the
-        value was theirs and re-sent; a held move whose entry is delivered after the tagger's
-        stays held, and that entry names its caller. Nothing listed: ``change`` as it is."""
+    def _held_resent(self, project: str, said: GcpEvent, change: TagChange, kept: TagChange) -> None:
+        """Audit (``label.unconfirmed``, counted ``ResentHeld``) the privileged values of the
+        tagger's call ``change`` that :meth:`_not_resent` found re-sent (those not in ``kept``):
+        they stay held, and an operator sees why the tagger's call did not approve them."""
         mapper = self._governed_mapper()
-        if listing is None or mapper is None or vm is None or said.time is None or not change.requested:
-            return change
+        if mapper is None:
+            return
+        resent = {
+            k: v
+            for k, v in (change.requested or {}).items()
+            if k not in (kept.requested or {}) and self._sets_privileged(mapper, {k: v})
+        }
+        if not resent:
+            return
+        self.metric("ResentHeld", 1)
+        self._unconfirmed(
+            project,
+            said,
+            change,
+            f"the tagger's setLabels re-sent {resent}, set before it by a call not a tagger's (or one "
+            "whose request Cloud Logging does not have): held, not approved",
+        )
+
+    def _not_resent(
+        self, project: str, said: GcpEvent, change: TagChange, vm: str | None, before: InventoryRecord | None
+    ) -> tuple[TagChange, str]:
+        """The tagger's ``setLabels`` ``said`` (confirmed) less the privileged values of ``change``
+        it re-sent rather than set, as Cloud Logging lists the VM ``vm``'s label writes before it
+        since its last sighting without them (:meth:`_last_other`; one read, newest first,
+        :meth:`AuditLogReader.label_writes`): going back from the call, the first call that set
+        the key to another value, or that may have (its request not logged, ``instances.update``),
+        or a non-tagger's call setting the same value, decides; a tagger's call of the same value
+        is passed over, and so is a failed call and one whose result the stored sighting (which
+        showed another value) reflects already: dated :data:`CLOCK_SKEW` or more before it, or an
+        insert (a VM is created before it is ever seen). A non-tagger's call (or one that may have
+        set anything) found first: the value was theirs and re-sent; a held move whose entry is
+        delivered after the tagger's stays held, and that entry names its caller. Nothing listed:
+        ``change`` as it is. With why it approves nothing, where that is not known: the VM not
+        seen since more than an hour before the call, or more label writes than one page, the
+        question still open."""
+        mapper = self._governed_mapper()
+        if mapper is None or vm is None or not vm.isdigit() or said.time is None or not change.requested:
+            return change, ""
         if said.action is not Action.LABELS:
-            return change  # a binding sets one value; only setLabels re-sends the whole set
+            return change, ""  # a binding sets one value; only setLabels re-sends the whole set
         undecided = {k: v for k, v in change.requested.items() if self._sets_privileged(mapper, {k: v})}
-        entries, _ = listing
+        since, why = self._last_other(said, change, before)
+        logged_in = activity_log_project(said.log_name)
+        if why or since is None or not undecided or before is None or logged_in not in self.cfg.projects:
+            return change, why
+        src = self.cfg.label_source
+        entries, complete = self.logs.label_writes(
+            str(logged_in),
+            str(said.log_name),
+            vm,
+            compute=src is not LabelSource.SECURE_TAGS,
+            tags=src is not LabelSource.LABELS,
+            since=since,
+            until=said.time,
+        )
+        sighting = min(before.observed_at, before.workload.observed_at)
+        shown = before.workload.tags
+
+        def reflected(k: str, v: str, at: datetime | None, insert: bool) -> bool:
+            # the stored sighting showed another value after this call: it decides nothing
+            if shown.get(k) == v:
+                return False
+            return insert or (at is not None and at.timestamp() <= sighting - CLOCK_SKEW)
+
         firsts = {
             str(op.get("id")) for e in entries if isinstance(op := e.get("operation"), dict) and op.get("first") is True
         }
         resent: set[str] = set()
-        for entry in reversed(entries):
+        for entry in entries:
             if not undecided:
                 break
-            if entry.get("insertId") == said.event_id:
+            if entry.get("insertId") == said.event_id or _entry_failed(entry):
                 continue
             payload = entry.get("protoPayload")
             auth = payload.get("authenticationInfo") if isinstance(payload, dict) else None
             caller = auth.get("principalEmail") if isinstance(auth, dict) else None
             by_tagger = isinstance(caller, str) and is_tagger(mapper.config.taggers, caller)
+            method = str(payload.get("methodName", "")) if isinstance(payload, dict) else ""
+            insert = method.endswith("compute.instances.insert")
             try:
                 ev = parse(entry)
             except MalformedEvent:
@@ -640,17 +705,18 @@ class GcpIngest:
                 # instances.update (which sets the whole VM) or an entry not read: it may have set
                 # any label. A tagger's is passed over; anyone else's, dated before the call, may
                 # have made the move: fail closed
-                method = str(payload.get("methodName", "")) if isinstance(payload, dict) else ""
-                unread = not method or method.endswith("compute.instances.update") or "setLabels" in method
-                if unread and not by_tagger and _before_call(entry, said.time):
-                    resent |= set(undecided)
-                    undecided = {}
+                if by_tagger or not _before_call(entry, said.time):
+                    continue
+                at = _entry_time(entry)
+                for k, v in list(undecided.items()):
+                    if not reflected(k, v, at, insert):
+                        resent.add(k)
+                        undecided.pop(k)
                 continue
-            if ev.failed or (said.operation and ev.operation == said.operation) or ev.instance != vm:
+            if (said.operation and ev.operation == said.operation) or ev.instance != vm:
                 continue
             if ev.time is None or ev.time > said.time or ev.action is Action.RENAME:
                 continue  # after it (_changed_since), or no label
-            src = self.cfg.label_source
             if (ev.action is Action.LABELS and src is LabelSource.SECURE_TAGS) or (
                 ev.action is Action.TAGS and src is LabelSource.LABELS
             ):
@@ -664,6 +730,8 @@ class GcpIngest:
             tagger = is_tagger(mapper.config.taggers, ev.principal)
             tags = self.requested_tags(ev.action, requested)
             for k, v in list(undecided.items()):
+                if reflected(k, v, ev.time, insert or ev.action is Action.INSERT):
+                    continue
                 if tags is None or (ev.action is Action.TAGS and k not in tags) or (tagger and tags.get(k) == v):
                     # what it set is not logged (a tagger's is passed over; anyone else's may have
                     # set the value: re-sent, below), one binding of another key, or a tagger's
@@ -675,9 +743,14 @@ class GcpIngest:
                     resent.add(k)  # a non-tagger's call set it before: re-sent
                 # else set to another value since: the tagger's call (or a tagger's before) changed it
                 undecided.pop(k)
+        if undecided and not complete:
+            return change, (
+                "Cloud Logging has more calls that may have written the VM's labels since it was last seen "
+                "without the values than one page: whether the call re-sent someone else's cannot be told"
+            )
         if not resent:
-            return change
-        return TagChange(change.principal, {k: v for k, v in change.requested.items() if k not in resent})
+            return change, ""
+        return TagChange(change.principal, {k: v for k, v in change.requested.items() if k not in resent}), ""
 
     def _changed_since(
         self, project: str, said: GcpEvent, change: TagChange, vm: str | None, listing: Listing | None = None
@@ -716,8 +789,11 @@ class GcpIngest:
     ) -> str:
         """What ``entry`` (listed after ``said``) did to the values ``moved`` on the VM ``vm``, when
         it may have changed one (else "")."""
-        if entry.get("insertId") == said.event_id:
-            return ""
+        if entry.get("insertId") == said.event_id or _entry_failed(entry):
+            return ""  # the call itself / one that changed nothing
+        at = _entry_time(entry)
+        if at is not None and said.time is not None and at < said.time:
+            return ""  # before it (the listing starts a second earlier); one at the same time counts
         payload = entry.get("protoPayload")
         method = str(payload.get("methodName", "")) if isinstance(payload, dict) else ""
         try:
@@ -1297,13 +1373,28 @@ def _changed(
     return {k: v for k, v in requested.items() if sets(k, v)}
 
 
-def _before_call(entry: Mapping[str, Any], call: datetime) -> bool:
-    """A log entry (one Ringfence does not parse) is dated at or before ``call``."""
+def _entry_time(entry: Mapping[str, Any]) -> datetime | None:
+    """A log entry's ``timestamp`` (one Ringfence may not parse otherwise), None when it has none."""
     try:
         t = datetime.fromisoformat(str(entry.get("timestamp", "")).replace("Z", "+00:00"))
     except ValueError:
-        return True  # undated: it may be
-    return t <= call
+        return None
+    return t if t.tzinfo is not None else None
+
+
+def _before_call(entry: Mapping[str, Any], call: datetime) -> bool:
+    """A log entry (one Ringfence does not parse) is dated at or before ``call``."""
+    t = _entry_time(entry)
+    return True if t is None else t <= call  # undated: it may be
+
+
+def _entry_failed(entry: Mapping[str, Any]) -> bool:
+    """A log entry (parsed or not) of a call that failed (severity ERROR, or a status with a code
+    other than 0): it changed nothing."""
+    payload = entry.get("protoPayload")
+    status = payload.get("status") if isinstance(payload, Mapping) else None
+    code = status.get("code") if isinstance(status, Mapping) else None
+    return entry.get("severity") == "ERROR" or (isinstance(code, int) and code != 0)
 
 
 def _said(entry: GcpEvent) -> tuple[object, ...]:

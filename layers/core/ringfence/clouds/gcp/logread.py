@@ -20,6 +20,9 @@ _ACTIVITY = re.compile(r"^projects/([a-z0-9][a-z0-9.:-]{0,99})/logs/cloudaudit\.
 WINDOW = timedelta(seconds=1)  # the read asks for entries this close to the claimed time
 TIMEOUT = 10.0
 PAGE = 50  # entries about one VM read in one request (:meth:`AuditLogReader.about_vm`)
+# the compute methods that may write a VM's labels (:meth:`AuditLogReader.label_writes`; ``:`` is
+# Logging's substring match: v1., beta. and the split call's entries alike)
+WRITE_METHODS = ("compute.instances.setLabels", "compute.instances.update", "compute.instances.insert")
 
 
 def activity_log_project(log_name: str | None) -> str | None:
@@ -110,6 +113,40 @@ class AuditLogReader:
             found += [e for e in doc.get("entries") or [] if isinstance(e, dict)]
             complete &= not doc.get("nextPageToken")
         found.sort(key=lambda e: str(e.get("timestamp", "")))
+        return found, complete
+
+    def label_writes(
+        self,
+        project: str,
+        log_name: str,
+        instance_id: str,
+        *,
+        compute: bool,
+        tags: bool,
+        since: datetime,
+        until: datetime,
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """The entries of ``log_name`` of calls that may have written a label of the VM
+        ``instance_id`` from ``since`` to ``until`` (and the second after it), newest first: with
+        ``compute``, its ``setLabels``, ``instances.update`` and ``instances.insert`` calls; with
+        ``tags``, its tag bindings (as :meth:`about_vm`). Only those methods, so that the nearest
+        write before ``until`` is on the first page however many other calls (start, stop,
+        setMetadata) the VM had; and whether that is all of them (one page each)."""
+        terms = []
+        if compute:
+            methods = [f"protoPayload.methodName:{quoted(m)}" for m in WRITE_METHODS]
+            terms.append(f"resource.labels.instance_id={quoted(instance_id)} AND ({' OR '.join(methods)})")
+        if tags:
+            by_parent = f"protoPayload.resourceName:{quoted('/instances/' + instance_id)}"
+            by_name = f"protoPayload.resourceName:{quoted('%2Finstances%2F' + instance_id)}"
+            terms.append(f"({by_parent} OR {by_name})")
+        found: list[dict[str, Any]] = []
+        complete = True
+        for term in terms:
+            doc = self._entries(project, log_name, term, since, until, "desc", page=PAGE)
+            found += [e for e in doc.get("entries") or [] if isinstance(e, dict)]
+            complete &= not doc.get("nextPageToken")
+        found.sort(key=lambda e: str(e.get("timestamp", "")), reverse=True)
         return found, complete
 
     def _entries(
