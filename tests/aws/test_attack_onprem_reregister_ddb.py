@@ -95,3 +95,43 @@ def test_attack_stale_reregistration_keeps_the_live_hosts_quarantine_ddb(w: Loca
     assert rec.op_mode is Mode.ENFORCE, f"a stale import cleared the live host's mode ({rec.op_mode})"
     assert r.status == 409, r.body
     assert lowered == []
+
+
+def test_attack_a_quarantine_released_before_the_reregistration_lands_is_not_counted_as_its_lowering_ddb(
+    w: LocalWiring,
+) -> None:
+    """The registration read the tombstone quarantined; an incident responder releases it before
+    the registration's transaction. Over DynamoDB the write landed anyway and recorded clearing a
+    quarantine it never cleared (SafeguardsLowered counted, ``operator_cleared`` naming it), where
+    SQLite refuses (its check compares the quarantine inside the transaction). Both refuse now:
+    409, nothing written, nothing counted."""
+    a, lowered = _deregistered_idle_quarantined(w)
+    store = w.store
+    assert isinstance(store, DynamoStore)
+    write = store._observe_group
+    done: list[int] = []
+
+    def released_first(*args: Any) -> Any:  # between observe_addressed's read and its transaction
+        if not done:
+            done.append(1)
+            store.set_operator("x1", quarantined=False)
+        return write(*args)
+
+    store._observe_group = released_first  # type: ignore[method-assign]
+    r = a.register_workload("otto", {**SPEC, "ips": ["10.90.0.7"]}, "new box")
+    assert done, "the transaction was reached"
+    rec = w.store.get("x1")
+    assert rec is not None
+    assert r.status == 409, (r.status, r.body, rec.state)
+    assert rec.state == "terminated" and rec.op_mode is Mode.IDLE
+    assert lowered == [], "counted a lowering the registration did not make"
+
+
+def test_a_reregistration_too_large_for_one_transaction_says_the_quarantine_clear_is_one_item_ddb(
+    w: LocalWiring,
+) -> None:
+    a, _ = _deregistered_idle_quarantined(w)
+    ips = [f"10.92.0.{i + 1}" for i in range(99)]  # 1 record + 99 claims + the quarantine item's delete
+    r = a.register_workload("otto", {**SPEC, "ips": ips}, "new box")
+    assert r.status == 400, r.body
+    assert "registered again takes one more" in str(r.body), r.body

@@ -2035,8 +2035,9 @@ def _anew(kwargs: dict[str, Any], read: InventoryRecord, state_table: str) -> tu
         "ExpressionAttributeValues": values,
     }
     delete: dict[str, Any] = {"TableName": state_table, "Key": {"pk": QUARANTINE, "sk": read.id}}
-    if not read.op_quarantined:  # a quarantine put on the tombstone since the read refuses the write
-        delete["ConditionExpression"] = "attribute_not_exists(pk)"
+    # the quarantine item as read, or the write is refused: one put on the tombstone since the read
+    # is not this registration's to clear, nor is one released since its to count as lowered
+    delete["ConditionExpression"] = "attribute_exists(pk)" if read.op_quarantined else "attribute_not_exists(pk)"
     return update, {"Delete": delete}
 
 
