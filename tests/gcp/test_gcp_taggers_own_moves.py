@@ -69,27 +69,32 @@ def test_gcp_tagger_moves_a_vm_created_by_a_non_tagger(
     _approved(wiring, inst)
 
 
-@pytest.mark.parametrize("kind", ["failed-update", "stop-start-60", "set-metadata-60"])
+@pytest.mark.parametrize("kind", ["failed-update", "failed-set-labels-60", "stop-start-60", "set-metadata-60"])
 def test_gcp_tagger_moves_a_vm_after_other_calls_on_it(
     gcp: GcpApi, wiring: LocalWiring, monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
     """Since the VM's last sighting (web), calls on it that set no label: Mallory's
-    instances.update, denied (severity ERROR, status 7), or 60 routine stop/start or setMetadata
-    calls (more than one page of Cloud Logging's listing); then the tagger moves web -> jumpbox.
-    None of them is a later call, nor a write the tagger re-sent: approved."""
+    instances.update, denied (severity ERROR, status 7); 60 of her denied setLabels calls (more
+    than one page of label writes, were failed calls listed); or 60 routine stop/start or
+    setMetadata calls (more than one page of Cloud Logging's listing); then the tagger moves
+    web -> jumpbox. None of them is a later call, nor a write the tagger re-sent: approved."""
     monkeypatch.setattr(ingest_module, "LOGGING_LAG", 0.0)
     ingest = GcpIngest(wiring, gcp_config(gcp, LabelSource.LABELS))
-    inst = _vm(gcp, ingest, {"failed-update": "10.20.43.3", "stop-start-60": "10.20.43.4"}.get(kind, "10.20.43.5"))
-    if kind == "failed-update":
-        e = audit_entry(
-            "v1.compute.instances.update",
-            inst,
-            principal=MALLORY,
-            severity="ERROR",
-            request={"labels": {"ringfence-role": "jumpbox"}},
-        )
-        e["protoPayload"]["status"] = {"code": 7, "message": "PERMISSION_DENIED"}
-        logged(gcp, e)
+    addr = {"failed-update": "10.20.43.3", "stop-start-60": "10.20.43.4", "failed-set-labels-60": "10.20.43.7"}
+    inst = _vm(gcp, ingest, addr.get(kind, "10.20.43.5"))
+    if kind.startswith("failed-"):
+        for i in range(1 if kind == "failed-update" else 60):
+            e = audit_entry(
+                "v1.compute.instances.update" if kind == "failed-update" else "v1.compute.instances.setLabels",
+                inst,
+                principal=MALLORY,
+                severity="ERROR",
+                request={"labels": {"ringfence-role": "jumpbox"}}
+                if kind == "failed-update"
+                else {"labels": [{"key": "ringfence-role", "value": f"jumpbox{i}"}]},
+            )
+            e["protoPayload"]["status"] = {"code": 7, "message": "PERMISSION_DENIED"}
+            logged(gcp, e)
     else:
         methods = ["v1.compute.instances.stop", "v1.compute.instances.start"] if kind == "stop-start-60" else None
         for i in range(60):

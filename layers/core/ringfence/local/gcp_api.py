@@ -524,7 +524,7 @@ class GcpApi:
                 e
                 for e in self.log_entries
                 if any(str(e.get("logName", "")).startswith(p) for p in prefixes)
-                and all(any(_matches(e, name, op, value) for name, op, value in group) for group in terms)
+                and all(any(_matches(e, *term) for term in group) for group in terms)
             ]
         found.sort(key=lambda e: str(e.get("timestamp", "")), reverse=body.get("orderBy") == "timestamp desc")
         size = min(int(body.get("pageSize") or 50), 1000)
@@ -660,9 +660,9 @@ _COMPUTE = re.compile(r"^/compute/v1/projects/(?P<project>[^/]+)/(?P<rest>.+)$")
 
 
 _TERM = re.compile(
-    r"\s*(logName|insertId|timestamp|operation\.id|resource\.labels\.instance_id|protoPayload\.resourceName"
-    r"|protoPayload\.methodName)"
-    r'\s*(>=|<=|=|>|<|:)\s*"((?:[^"\\]|\\.)*)"\s*'
+    r"\s*(NOT\s+)?(logName|insertId|timestamp|operation\.id|resource\.labels\.instance_id|protoPayload\.resourceName"
+    r"|protoPayload\.methodName|severity|protoPayload\.status\.code)"
+    r'\s*(>=|<=|!=|=|>|<|:)\s*(?:"((?:[^"\\]|\\.)*)"|(-?[0-9]+)\b)\s*'
 )
 _AND = re.compile(r"AND\b")
 _OR = re.compile(r"OR\b")
@@ -670,11 +670,11 @@ _OPEN = re.compile(r"\s*\(")
 _CLOSE = re.compile(r"\)\s*")
 
 
-def _log_filter(text: str) -> list[list[tuple[str, str, str]]]:
-    """The filter's terms, joined by ``AND``: each a comparison (``name op "value"``) or a
-    parenthesized ``OR`` of comparisons, as the alternatives of which one must match; 400 for
-    anything else."""
-    terms: list[list[tuple[str, str, str]]] = []
+def _log_filter(text: str) -> list[list[tuple[bool, str, str, str]]]:
+    """The filter's terms, joined by ``AND``: each a comparison (``name op "value"``, or an
+    integer unquoted; ``NOT`` before it negates it) or a parenthesized ``OR`` of comparisons, as
+    the alternatives of which one must match; 400 for anything else."""
+    terms: list[list[tuple[bool, str, str, str]]] = []
     pos = 0
     while pos < len(text) and text[pos:].strip():
         if terms:
@@ -684,7 +684,7 @@ def _log_filter(text: str) -> list[list[tuple[str, str, str]]]:
                     400, f"unsupported filter at {text[pos:]!r} (terms are joined by AND)", "INVALID_ARGUMENT"
                 )
             pos = m.end()
-        group: list[tuple[str, str, str]] = []
+        group: list[tuple[bool, str, str, str]] = []
         opened = _OPEN.match(text, pos)
         if opened:
             pos = opened.end()
@@ -694,10 +694,14 @@ def _log_filter(text: str) -> list[list[tuple[str, str, str]]]:
                 raise _HttpError(
                     400,
                     f"unsupported filter at {text[pos:]!r} (the stand-in knows logName, insertId, timestamp, "
-                    "operation.id, resource.labels.instance_id, protoPayload.resourceName, protoPayload.methodName)",
+                    "operation.id, resource.labels.instance_id, protoPayload.resourceName, protoPayload.methodName, "
+                    "severity, protoPayload.status.code)",
                     "INVALID_ARGUMENT",
                 )
-            group.append((t[1], t[2], re.sub(r"\\(.)", r"\1", t[3])))
+            value = t[5] if t[4] is None else re.sub(r"\\(.)", r"\1", t[4])
+            if t[4] is None and t[2] != "protoPayload.status.code":
+                raise _HttpError(400, f"{t[2]} is compared with a quoted string here", "INVALID_ARGUMENT")
+            group.append((bool(t[1]), t[2], t[3], value))
             pos = t.end()
             if not opened or not (alt := _OR.match(text, pos)):
                 break
@@ -718,7 +722,18 @@ def _when(value: str) -> datetime:
         raise _HttpError(400, f"not an RFC 3339 timestamp: {value!r}", "INVALID_ARGUMENT") from None
 
 
-def _matches(entry: Mapping[str, Any], name: str, op: str, value: str) -> bool:
+def _matches(entry: Mapping[str, Any], negated: bool, name: str, op: str, value: str) -> bool:
+    """Whether ``entry`` matches the comparison (``NOT`` of it if ``negated``) as Cloud Logging
+    means it: a missing ``severity`` is ``DEFAULT``; a comparison with another missing field is
+    false (its ``NOT`` true)."""
+    return _compares(entry, name, op, value) != negated
+
+
+def _compares(entry: Mapping[str, Any], name: str, op: str, value: str) -> bool:
+    if name == "severity":
+        if op not in ("=", "!="):
+            raise _HttpError(400, "severity is compared with = or != only here", "INVALID_ARGUMENT")
+        return (str(entry.get("severity") or "DEFAULT") == value) == (op == "=")
     if name == "timestamp":
         want = _when(value)
         try:
@@ -731,6 +746,22 @@ def _matches(entry: Mapping[str, Any], name: str, op: str, value: str) -> bool:
     have_field: Any = entry
     for part in name.split("."):  # a dotted path into the entry (operation.id, resource.labels.…)
         have_field = have_field.get(part) if isinstance(have_field, Mapping) else None
+    if name == "protoPayload.status.code":
+        try:
+            want_code = int(value)
+        except ValueError:
+            raise _HttpError(400, f"not an integer: {value!r}", "INVALID_ARGUMENT") from None
+        if op in (":", "!="):
+            raise _HttpError(400, f"{name} is not compared with {op} here", "INVALID_ARGUMENT")
+        if not isinstance(have_field, int) or isinstance(have_field, bool):
+            return False  # missing: no comparison matches
+        return {
+            "=": have_field == want_code,
+            ">=": have_field >= want_code,
+            "<=": have_field <= want_code,
+            ">": have_field > want_code,
+            "<": have_field < want_code,
+        }[op]
     text = "" if have_field is None or isinstance(have_field, Mapping | list) else str(have_field)
     if op == ":" and name in ("protoPayload.resourceName", "protoPayload.methodName"):
         return value in text

@@ -23,6 +23,10 @@ PAGE = 50  # entries about one VM read in one request (:meth:`AuditLogReader.abo
 # the compute methods that may write a VM's labels (:meth:`AuditLogReader.label_writes`; ``:`` is
 # Logging's substring match: v1., beta. and the split call's entries alike)
 WRITE_METHODS = ("compute.instances.setLabels", "compute.instances.update", "compute.instances.insert")
+# calls that did not fail (as ingest's ``_entry_failed``: severity ERROR, or a status code other
+# than 0; a missing status is OK, and ``NOT`` of a comparison with a missing field is true):
+# failed calls, which anyone may make, changed nothing and must not fill the page
+SUCCEEDED = 'severity!="ERROR" AND NOT protoPayload.status.code>0'
 
 
 def activity_log_project(log_name: str | None) -> str | None:
@@ -131,15 +135,19 @@ class AuditLogReader:
         ``compute``, its ``setLabels``, ``instances.update`` and ``instances.insert`` calls; with
         ``tags``, its tag bindings (as :meth:`about_vm`). Only those methods, so that the nearest
         write before ``until`` is on the first page however many other calls (start, stop,
-        setMetadata) the VM had; and whether that is all of them (one page each)."""
+        setMetadata) the VM had; and whether that is all of them (one page each). Failed calls
+        (:data:`SUCCEEDED`) are left out: however many of them anyone made, they take no place on
+        the page."""
         terms = []
         if compute:
             methods = [f"protoPayload.methodName:{quoted(m)}" for m in WRITE_METHODS]
-            terms.append(f"resource.labels.instance_id={quoted(instance_id)} AND ({' OR '.join(methods)})")
+            terms.append(
+                f"resource.labels.instance_id={quoted(instance_id)} AND ({' OR '.join(methods)}) AND {SUCCEEDED}"
+            )
         if tags:
             by_parent = f"protoPayload.resourceName:{quoted('/instances/' + instance_id)}"
             by_name = f"protoPayload.resourceName:{quoted('%2Finstances%2F' + instance_id)}"
-            terms.append(f"({by_parent} OR {by_name})")
+            terms.append(f"({by_parent} OR {by_name}) AND {SUCCEEDED}")
         found: list[dict[str, Any]] = []
         complete = True
         for term in terms:
