@@ -102,22 +102,12 @@ class AuditLogReader:
         name is percent-encoded, ``…%2Finstances%2FID``, as a ``DeleteTagBinding`` names it), and
         whether that is all of them (one page each: the caller takes a longer listing as holding
         a change it cannot see)."""
-        until = datetime.now(UTC)
         terms = []
         if compute:
             terms.append(f"resource.labels.instance_id={quoted(instance_id)}")
         if tags:
-            by_parent = f"protoPayload.resourceName:{quoted('/instances/' + instance_id)}"
-            by_name = f"protoPayload.resourceName:{quoted('%2Finstances%2F' + instance_id)}"
-            terms.append(f"({by_parent} OR {by_name})")
-        found: list[dict[str, Any]] = []
-        complete = True
-        for term in terms:
-            doc = self._entries(project, log_name, term, since, until, "asc", page=PAGE)
-            found += [e for e in doc.get("entries") or [] if isinstance(e, dict)]
-            complete &= not doc.get("nextPageToken")
-        found.sort(key=lambda e: str(e.get("timestamp", "")))
-        return found, complete
+            terms.append(_bindings_of(instance_id))
+        return self._pages(project, log_name, terms, since, datetime.now(UTC), "asc")
 
     def label_writes(
         self,
@@ -145,16 +135,21 @@ class AuditLogReader:
                 f"resource.labels.instance_id={quoted(instance_id)} AND ({' OR '.join(methods)}) AND {SUCCEEDED}"
             )
         if tags:
-            by_parent = f"protoPayload.resourceName:{quoted('/instances/' + instance_id)}"
-            by_name = f"protoPayload.resourceName:{quoted('%2Finstances%2F' + instance_id)}"
-            terms.append(f"({by_parent} OR {by_name}) AND {SUCCEEDED}")
+            terms.append(f"{_bindings_of(instance_id)} AND {SUCCEEDED}")
+        return self._pages(project, log_name, terms, since, until, "desc")
+
+    def _pages(
+        self, project: str, log_name: str, terms: list[str], since: datetime, until: datetime, order: str
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """One page of entries for each of ``terms``, merged in ``order`` of their timestamps, and
+        whether that is all of them."""
         found: list[dict[str, Any]] = []
         complete = True
         for term in terms:
-            doc = self._entries(project, log_name, term, since, until, "desc", page=PAGE)
+            doc = self._entries(project, log_name, term, since, until, order, page=PAGE)
             found += [e for e in doc.get("entries") or [] if isinstance(e, dict)]
             complete &= not doc.get("nextPageToken")
-        found.sort(key=lambda e: str(e.get("timestamp", "")), reverse=True)
+        found.sort(key=lambda e: str(e.get("timestamp", "")), reverse=order == "desc")
         return found, complete
 
     def _entries(
@@ -190,3 +185,11 @@ class AuditLogReader:
             raise from_http_response(r)  # type: ignore[no-untyped-call]
         doc = r.json()
         return doc if isinstance(doc, dict) else {}
+
+
+def _bindings_of(instance_id: str) -> str:
+    """The filter term of the VM's Resource Manager tag bindings: its id as the binding's parent
+    (``…/instances/ID``) or percent-encoded in a binding's name (``…%2Finstances%2FID``)."""
+    by_parent = f"protoPayload.resourceName:{quoted('/instances/' + instance_id)}"
+    by_name = f"protoPayload.resourceName:{quoted('%2Finstances%2F' + instance_id)}"
+    return f"({by_parent} OR {by_name})"
