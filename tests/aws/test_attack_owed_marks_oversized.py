@@ -103,12 +103,111 @@ def test_marks_naming_no_workload_are_deleted_counted_and_a_pass_reads_at_most_i
         enqueue_compute=lambda ids, urgent=False: sent.append(list(ids)),
         metric=lambda n, v: metrics.append((n, v)),
     )
-    # 'b' sorts before 'i': the malformed mark is among the first three read
-    assert wiring.hand_on_owed(w, "test") == ["i-0a", "i-0b"]  # type: ignore[arg-type]
+    first = wiring.hand_on_owed(w, "test")  # type: ignore[arg-type]
+    assert len(first) == 3 and set(first) < {"i-0a", "i-0b", "i-0c", "i-0d"}  # three of four, at random
     assert metrics == [(wiring.OWED_MARKS_MALFORMED, 1)]
-    assert [m.workload_id for m in store.owed_compute()] == ["i-0c", "i-0d"]
-    assert wiring.hand_on_owed(w, "test") == ["i-0c", "i-0d"]  # type: ignore[arg-type]
+    rest = [m.workload_id for m in store.owed_compute()]
+    assert sorted(first + rest) == ["i-0a", "i-0b", "i-0c", "i-0d"]
+    assert wiring.hand_on_owed(w, "test") == rest  # type: ignore[arg-type]
     assert store.owed_compute() == []
+
+
+def _drain(store: Store) -> tuple[Any, list[tuple[bool, list[str]]]]:
+    sent: list[tuple[bool, list[str]]] = []
+    w = SimpleNamespace(
+        store=store,
+        enqueue_compute=lambda ids, urgent=False: sent.append((urgent, list(ids))),
+        metric=lambda n, v: None,
+    )
+    return w, sent
+
+
+def test_attack_an_urgent_owed_mark_behind_more_ordinary_marks_than_a_pass_hands_on_goes_first(
+    store: Store, monkeypatch: Any
+) -> None:
+    """Both stores: ordinary marks whose ids sort before ``i-`` (GCP's numeric ids: a backlog
+    after an outage, or a writer of the partition planting them), more than a pass hands on, and
+    an urgent removal after them. Before: a pass read only the first OWED_READ_LIMIT marks in id
+    order, and the removal waited a pass per OWED_READ_LIMIT marks before it."""
+    from ringfence.control import wiring
+
+    monkeypatch.setattr(wiring, "OWED_READ_LIMIT", 3)
+    low = [f"{n:019d}" for n in range(7)]
+    store.owe_compute(low)
+    store.owe_compute(["i-0000000000000dead"], urgent=True)
+    w, sent = _drain(store)
+    queued = wiring.hand_on_owed(w, "test")
+    assert (True, ["i-0000000000000dead"]) in sent, "the urgent removal is handed on in the first pass"
+    assert len(queued) == 3 and "i-0000000000000dead" in queued
+    assert "i-0000000000000dead" not in [m.workload_id for m in store.owed_compute()]
+
+
+def test_attack_low_owed_marks_planted_again_each_pass_do_not_pin_the_window(store: Store, monkeypatch: Any) -> None:
+    """Both stores: a writer of the partition plants, before every pass, as many low ids as a
+    pass hands on; a real mark sorts after them. Before: each pass read the planted ids alone
+    and the real mark was never handed on. Now each pass chooses among equals at random: the
+    real mark goes within a few passes (here at most 30; each misses it with probability 1/4)."""
+    from ringfence.control import wiring
+
+    monkeypatch.setattr(wiring, "OWED_READ_LIMIT", 3)
+    store.owe_compute(["i-0000000000000beef"])
+    w, _ = _drain(store)
+    for _ in range(30):
+        store.owe_compute([f"{n:019d}" for n in range(3)])  # planted again
+        if "i-0000000000000beef" in wiring.hand_on_owed(w, "test"):
+            break
+    else:
+        raise AssertionError("the real mark is never handed on: the planted ids pin every pass")
+    assert "i-0000000000000beef" not in [m.workload_id for m in store.owed_compute()]
+
+
+BIG_NONCE = "x" * (390 * 1024)
+
+
+def test_attack_owed_marks_with_oversized_nonces_are_read_small_and_settled(env: Env) -> None:
+    """A writer of the partition sets marks' nonces to ~390 KB (an attribute it may write).
+    Before: the drain kept every nonce read (some 2,700 such marks fill the reconcile function's
+    1,024 MB, so every pass died before settling anything). Now a nonce longer than any
+    owe_compute writes is read as malformed (""), and such a mark is handed on and deleted
+    while still so, without its nonce ever being sent back; a mark written since stays."""
+    from ringfence.control.wiring import hand_on_owed
+
+    req = {
+        "Key": {"pk": "owed", "sk": "i-0000000000000aaaa"},
+        "UpdateExpression": "SET nonce = :n, urgent = :u",
+        "ExpressionAttributeValues": {":n": BIG_NONCE, ":u": False},
+        "TableName": env.store.state.name,
+    }
+    for fn in ("gcpevents", "azureevents", "ingest"):
+        for statements in (sam_statements(fn), terraform_statements(fn)):
+            assert all(allowed(statements, r) for r in requests_of("UpdateItem", req)), fn
+    big = [f"{n:019d}" for n in range(4)] + ["i-0000000000000aaaa"]
+    for wid in big:
+        env.store.state.update_item(
+            Key={"pk": "owed", "sk": wid},
+            UpdateExpression="SET nonce = :n, urgent = :u",
+            ExpressionAttributeValues={":n": BIG_NONCE, ":u": False},
+        )
+    env.store.owe_compute(["i-0000000000000dead"], urgent=True)  # a real removal owed
+    marks = env.store.owed_compute()
+    assert sum(len(m.nonce) for m in marks) == 32, "only the real mark's nonce is held"
+    assert {m.workload_id: m.nonce for m in marks if m.workload_id in big} == dict.fromkeys(big, "")
+    # one of them written again properly after the read: kept for the next drain
+    env.store.owe_compute(["i-0000000000000aaaa"])
+    assert env.store.settle_owed(marks) == [m.workload_id for m in marks if m.workload_id != "i-0000000000000aaaa"]
+    assert [(m.workload_id, len(m.nonce)) for m in env.store.owed_compute()] == [("i-0000000000000aaaa", 32)]
+    # and a drain hands such marks on and deletes them, blocking nothing
+    for wid in big:
+        env.store.state.update_item(
+            Key={"pk": "owed", "sk": wid},
+            UpdateExpression="SET nonce = :n",
+            ExpressionAttributeValues={":n": BIG_NONCE},
+        )
+    env.store.owe_compute(["i-0000000000000dead"], urgent=True)
+    w, sent = _drain(env.store)
+    assert sorted(hand_on_owed(w, "test")) == sorted([*big, "i-0000000000000dead"])
+    assert (True, ["i-0000000000000dead"]) in sent
+    assert env.store.owed_compute() == []
 
 
 def test_compute_messages_are_cut_by_their_encoded_size_as_well_as_their_ids() -> None:

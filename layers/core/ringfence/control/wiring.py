@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -22,6 +23,7 @@ from ringfence.siem import DROP_BUDGET, DROP_WINDOW, Siem
 from ringfence.store.base import (
     AuditedChange,
     InventoryRecord,
+    OwedMark,
     OwedNotMarked,
     PolicyVersion,
     Store,
@@ -55,10 +57,14 @@ COMPUTE_NOT_QUEUED = "ComputeNotQueued"
 COMPUTE_OWED_NOT_MARKED = "ComputeOwedNotMarked"
 # owed marks whose id names no workload, deleted by a drain unsent (hand_on_owed)
 OWED_MARKS_MALFORMED = "OwedMarksMalformed"
-# the owed marks one scheduled pass reads and hands on (the rest: the next pass's), and the ids
-# of each hand-off of them (one refused keeps only its own marks)
+# the owed marks one scheduled pass hands on (the rest: the next pass's), the marks it reads to
+# choose them from (sort key, nonce and urgency only: a few MB), and the ids of each hand-off of
+# them (one refused keeps only its own marks)
 OWED_READ_LIMIT = 5000
+OWED_SCAN_LIMIT = 50000
 OWED_CHUNK = 500
+# chooses among the marks read: not predictable by a writer of the partition
+_owed_rng = random.SystemRandom()
 
 
 class NotQueued(Exception):
@@ -215,22 +221,29 @@ def hand_on_owed(w: BaseWiring, what: str, metric: Metric | None = None) -> list
     """A scheduled pass hands to compute the workloads marked owed (:func:`owe_compute`), of any
     age and any scope (compute takes records as stored: one hand-off too many is harmless, and a
     mark names no cloud to filter by), the urgent ones in the priority lane: at most
-    :data:`OWED_READ_LIMIT` marks a pass, in workload id order (the rest are the next pass's).
-    Each lane goes in chunks of :data:`OWED_CHUNK` ids, and the marks of each chunk queued are
-    deleted, each only while it holds the nonce read (a mark written again by a newer failure
+    :data:`OWED_READ_LIMIT` marks a pass (the rest are the next pass's), chosen among the first
+    :data:`OWED_SCAN_LIMIT` read (workload id order) urgent ones first, and at random among
+    equals: ordinary marks sorting first (a backlog, or a writer planting low ids each pass)
+    neither hold an urgent mark back nor pin the ordinary window. Each lane goes in chunks of
+    :data:`OWED_CHUNK` ids, and the marks of each chunk queued are deleted, each only while it holds the nonce read (a mark written again by a newer failure
     meanwhile stays for the next pass): a refused chunk keeps its own marks and no other. A mark
     whose id is no workload id (:data:`~ringfence.cmdb.WORKLOAD_ID`; any writer of the partition
     can make one, e.g. kilobytes of control characters) is deleted unsent and counted
     (``OwedMarksMalformed``). A failure is logged and counted, never raised. The ids queued."""
     metric = metric or w.metric
     try:
-        marks = w.store.owed_compute(limit=OWED_READ_LIMIT)
+        marks = w.store.owed_compute(limit=OWED_SCAN_LIMIT)
     except Exception:
         log.exception("%s: the workloads owed to compute could not be read", what)
         metric(COMPUTE_NOT_QUEUED, 1)
         return []
-    good = [m for m in marks if WORKLOAD_ID.fullmatch(m.workload_id)]
-    bad = [m for m in marks if not WORKLOAD_ID.fullmatch(m.workload_id)]
+    good: list[OwedMark] = []
+    for urgent in (True, False):
+        lane = [m for m in marks if m.urgent == urgent and WORKLOAD_ID.fullmatch(m.workload_id)]
+        room = OWED_READ_LIMIT - len(good)
+        good += lane if len(lane) <= room else _owed_rng.sample(lane, room)
+    # each pass deletes at most as many malformed marks as it hands on
+    bad = [m for m in marks if not WORKLOAD_ID.fullmatch(m.workload_id)][:OWED_READ_LIMIT]
     if bad:
         # named escaped and cut short: the id is anyone's with a grant to the partition
         log.warning(

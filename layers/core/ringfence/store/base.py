@@ -588,6 +588,11 @@ class Grant(NamedTuple):
     enforcement_read: bool = False
 
 
+# the longest nonce an owed mark is read with (owe_compute writes 32 hex digits): a longer one
+# is read malformed
+OWED_NONCE_MAX = 64
+
+
 class OwedMark(NamedTuple):
     """A workload whose records compute is owed (:meth:`Store.owe_compute`): a hand-off to compute
     failed after its change was stored. ``urgent``: in the priority lane (it gave its addresses
@@ -965,7 +970,8 @@ class Store(Protocol):
         """Every mark (``limit``: the first that many, in workload id order), of any age, read
         consistently (no scan of other items). A mark whose id names no workload is read as
         written (the drain, :func:`ringfence.control.wiring.hand_on_owed`, drops it). A malformed mark
-        (its nonce missing or not a string: any writer of the partition can make one) is still a
+        (its nonce missing, not a string, or over :data:`OWED_NONCE_MAX` characters: any writer of
+        the partition can make one, and a drain must not hold kilobytes per mark) is still a
         workload owed: read with the nonce ``""``, which :meth:`settle_owed` deletes only while
         it is still malformed."""
         ...

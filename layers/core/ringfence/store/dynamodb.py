@@ -43,6 +43,7 @@ from ringfence.store.base import (
     HOLD_TTL,
     MOVED_MAX,
     MOVED_TTL,
+    OWED_NONCE_MAX,
     UNREAD,
     AddressTaken,
     AuditedChange,
@@ -782,7 +783,12 @@ class DynamoStore:
 
     def owed_compute(self, limit: int | None = None) -> list[OwedMark]:
         out: list[OwedMark] = []
-        kwargs: dict[str, Any] = {"KeyConditionExpression": Key("pk").eq(OWED), "ConsistentRead": True}
+        kwargs: dict[str, Any] = {
+            "KeyConditionExpression": Key("pk").eq(OWED),
+            "ConsistentRead": True,
+            # only what a mark is: any other attribute a writer of the partition added stays unread
+            "ProjectionExpression": "sk, nonce, urgent",
+        }
         while limit is None or len(out) < limit:
             if limit is not None:
                 kwargs["Limit"] = limit - len(out)
@@ -793,7 +799,10 @@ class DynamoStore:
                 wid, nonce = i.get("sk"), i.get("nonce")
                 if not isinstance(wid, str) or not wid:
                     continue
-                out.append(OwedMark(wid, bool(i.get("urgent")), nonce if isinstance(nonce, str) and nonce else ""))
+                # a nonce longer than any we write (a writer may set ~400 KB) is malformed: read as
+                # "", never kept nor sent back, so a few thousand of them cannot fill a drain's memory
+                ok = isinstance(nonce, str) and 0 < len(nonce) <= OWED_NONCE_MAX
+                out.append(OwedMark(wid, bool(i.get("urgent")), nonce if ok else ""))
             if "LastEvaluatedKey" not in page:
                 return out
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
@@ -810,8 +819,11 @@ class DynamoStore:
             else:
                 # read malformed: deleted only while still so (a mark written since has a nonce)
                 cond = {
-                    "ConditionExpression": "attribute_not_exists(nonce) OR NOT attribute_type(nonce, :s) OR nonce = :e",
-                    "ExpressionAttributeValues": {":s": "S", ":e": ""},
+                    # size() is the nonce's length in characters or in bytes: a nonce over
+                    # OWED_NONCE_MAX characters is over it either way, one written since is not
+                    "ConditionExpression": "attribute_not_exists(nonce) OR NOT attribute_type(nonce, :s) "
+                    "OR nonce = :e OR size(nonce) > :max",
+                    "ExpressionAttributeValues": {":s": "S", ":e": "", ":max": OWED_NONCE_MAX},
                 }
             try:
                 self.state.delete_item(Key={"pk": OWED, "sk": m.workload_id}, **cond)

@@ -50,6 +50,7 @@ from ringfence.store.base import (
     HOLD_FIRST_WINS,
     HOLD_TTL,
     MOVED_TTL,
+    OWED_NONCE_MAX,
     UNREAD,
     AddressTaken,
     AuditedChange,
@@ -877,8 +878,10 @@ class SqliteStore:
 
     def owed_compute(self, limit: int | None = None) -> list[OwedMark]:
         rows = self._db().execute(
-            "SELECT workload_id, urgent, nonce FROM owed_compute ORDER BY workload_id LIMIT ?",
-            (-1 if limit is None else limit,),
+            # as on DynamoDB: a nonce longer than any owe_compute writes is read malformed ("")
+            "SELECT workload_id, urgent, CASE WHEN length(nonce) <= ? THEN nonce ELSE '' END "
+            "FROM owed_compute ORDER BY workload_id LIMIT ?",
+            (OWED_NONCE_MAX, -1 if limit is None else limit),
         )
         return [OwedMark(wid, bool(urgent), nonce) for wid, urgent, nonce in rows.fetchall()]
 
@@ -888,9 +891,15 @@ class SqliteStore:
             return settled
         with self._tx() as db:
             for m in marks:
-                cur = db.execute(
-                    "DELETE FROM owed_compute WHERE workload_id = ? AND nonce = ?", (m.workload_id, m.nonce)
-                )
+                if m.nonce:
+                    cur = db.execute(
+                        "DELETE FROM owed_compute WHERE workload_id = ? AND nonce = ?", (m.workload_id, m.nonce)
+                    )
+                else:  # read malformed: deleted only while still so
+                    cur = db.execute(
+                        "DELETE FROM owed_compute WHERE workload_id = ? AND (nonce = '' OR length(nonce) > ?)",
+                        (m.workload_id, OWED_NONCE_MAX),
+                    )
                 if cur.rowcount == 1:
                     settled.append(m.workload_id)
         return settled
