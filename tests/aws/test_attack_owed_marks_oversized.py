@@ -222,3 +222,58 @@ def test_compute_messages_are_cut_by_their_encoded_size_as_well_as_their_ids() -
     plain = {"ids": [f"i-{n:017x}" for n in range(1200)]}
     assert [len(c) for c in compute_id_chunks(plain)] == [500, 500, 200]
     assert compute_id_chunks({"ids": []}) == [[]]
+
+
+def test_attack_a_drain_reads_a_bounded_number_of_pages_of_oversized_marks_and_keeps_what_it_read(
+    env: Env, monkeypatch: Any
+) -> None:
+    """A writer of the partition plants marks of ~390 KB each (a nonce it may write): a query
+    page holds two of them, and read capacity counts whole items whatever is projected. Before,
+    a drain read up to 50,000 marks whatever their size (25,000 pages for as many such marks:
+    longer than the reconcile's 900 s, every pass, nothing ever settled), and a page failing late
+    lost every mark read before it. Now a drain reads at most OWED_PAGE_BUDGET pages and keeps
+    what it read when a later page fails; it starts at a random point of the id space, so the
+    real marks after the planted ones are reached, and each pass deletes the planted ones it
+    read."""
+    from ringfence.control.wiring import hand_on_owed
+    from ringfence.store import dynamodb
+
+    monkeypatch.setattr(dynamodb, "OWED_PAGE_BUDGET", 2, raising=False)  # (raising: the revert check)
+    store = env.store
+    assert isinstance(store, dynamodb.DynamoStore)
+    for n in range(8):
+        store.state.update_item(
+            Key={"pk": "owed", "sk": f"{n:019d}"},
+            UpdateExpression="SET nonce = :n, urgent = :u",
+            ExpressionAttributeValues={":n": BIG_NONCE, ":u": False},
+        )
+    store.owe_compute(["i-0000000000000dead"], urgent=True)  # a real removal owed
+    state = store.state
+    real_query = state.query
+    pages: list[int] = []
+
+    def counted(**kwargs: Any) -> Any:
+        pages.append(1)
+        return real_query(**kwargs)
+
+    monkeypatch.setattr(state, "query", counted)
+    read = store.owed_compute(limit=50_000)
+    assert len(pages) == 2 and 0 < len(read) < 9, (len(pages), len(read))
+
+    def second_page_fails(**kwargs: Any) -> Any:
+        pages.append(1)
+        if len(pages) > 1:
+            raise RuntimeError("throttled")
+        return real_query(**kwargs)
+
+    pages.clear()
+    monkeypatch.setattr(state, "query", second_page_fails)
+    assert store.owed_compute(limit=50_000), "the marks read before a failing page are kept"
+    monkeypatch.setattr(state, "query", real_query)
+
+    w, sent = _drain(store)
+    for _ in range(20):
+        if (True, ["i-0000000000000dead"]) in sent:
+            break
+        hand_on_owed(w, "test")
+    assert (True, ["i-0000000000000dead"]) in sent, "the real removal is reached past the planted marks"

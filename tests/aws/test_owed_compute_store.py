@@ -62,3 +62,13 @@ def test_a_drain_reads_at_most_its_limit_of_marks_in_workload_id_order(store: St
     assert store.settle_owed(first) == ["i-a", "i-b"]
     assert [m.workload_id for m in store.owed_compute(limit=2)] == ["i-c", "i-d"]
     assert len(store.owed_compute(limit=10)) == 2 and len(store.owed_compute()) == 2
+
+
+def test_a_drain_reads_from_its_start_round_to_the_marks_before_it(store: Store) -> None:
+    """hand_on_owed reads from a random point of the id space round to its beginning: marks that
+    sort first (a backlog of GCP's numeric ids, or a writer's planted ones) cannot keep the rest
+    unread pass after pass."""
+    store.owe_compute(["i-d", "i-b", "i-a", "i-c"])
+    assert [m.workload_id for m in store.owed_compute(limit=3, start="i-c")] == ["i-c", "i-d", "i-a"]
+    assert [m.workload_id for m in store.owed_compute(start="i-bb")] == ["i-c", "i-d", "i-a", "i-b"]
+    assert [m.workload_id for m in store.owed_compute(start="z")] == ["i-a", "i-b", "i-c", "i-d"]

@@ -222,7 +222,8 @@ def hand_on_owed(w: BaseWiring, what: str, metric: Metric | None = None) -> list
     age and any scope (compute takes records as stored: one hand-off too many is harmless, and a
     mark names no cloud to filter by), the urgent ones in the priority lane: at most
     :data:`OWED_READ_LIMIT` marks a pass (the rest are the next pass's), chosen among the first
-    :data:`OWED_SCAN_LIMIT` read (workload id order) urgent ones first, and at random among
+    :data:`OWED_SCAN_LIMIT` read (workload id order from a random point round, within the
+    store's read budget: :data:`~ringfence.store.base.OWED_PAGE_BUDGET`) urgent ones first, and at random among
     equals: ordinary marks sorting first (a backlog, or a writer planting low ids each pass)
     neither hold an urgent mark back nor pin the ordinary window. Each lane goes in chunks of
     :data:`OWED_CHUNK` ids, and the marks of each chunk queued are deleted, each only while it holds the nonce read (a mark written again by a newer failure
@@ -232,7 +233,10 @@ def hand_on_owed(w: BaseWiring, what: str, metric: Metric | None = None) -> list
     (``OwedMarksMalformed``). A failure is logged and counted, never raised. The ids queued."""
     metric = metric or w.metric
     try:
-        marks = w.store.owed_compute(limit=OWED_SCAN_LIMIT)
+        # from a random point of the id space round: marks planted to sort first (or a writer's
+        # oversized ones, of which a read holds few) cannot keep the others unread pass after pass
+        start = "".join(_owed_rng.choice("0123456789abcdefghijklmnopqrstuvwxyz") for _ in range(4))
+        marks = w.store.owed_compute(limit=OWED_SCAN_LIMIT, start=start)
     except Exception:
         log.exception("%s: the workloads owed to compute could not be read", what)
         metric(COMPUTE_NOT_QUEUED, 1)

@@ -591,6 +591,9 @@ class Grant(NamedTuple):
 # the longest nonce an owed mark is read with (owe_compute writes 32 hex digits): a longer one
 # is read malformed
 OWED_NONCE_MAX = 64
+# the pages (DynamoDB: up to 1 MB of whole items each, read capacity counts them whole, whatever is
+# projected) one drain reads: thousands of ordinary marks a page, two of a writer's 400 KB ones
+OWED_PAGE_BUDGET = 16
 
 
 class OwedMark(NamedTuple):
@@ -966,9 +969,12 @@ class Store(Protocol):
         :class:`OwedNotMarked` naming those not written (any other error: none may be)."""
         ...
 
-    def owed_compute(self, limit: int | None = None) -> list[OwedMark]:
-        """Every mark (``limit``: the first that many, in workload id order), of any age, read
-        consistently (no scan of other items). A mark whose id names no workload is read as
+    def owed_compute(self, limit: int | None = None, start: str = "") -> list[OwedMark]:
+        """Every mark (``limit``: the first that many, in workload id order from ``start`` round
+        to the ids before it), of any age, read consistently (no scan of other items). A store
+        may return fewer than ``limit`` when the marks read are unusually large (DynamoDB: a
+        read budget of :data:`OWED_PAGE_BUDGET` pages), or when a page after the first fails:
+        what was read, so that a drain always makes progress. A mark whose id names no workload is read as
         written (the drain, :func:`ringfence.control.wiring.hand_on_owed`, drops it). A malformed mark
         (its nonce missing, not a string, or over :data:`OWED_NONCE_MAX` characters: any writer of
         the partition can make one, and a drain must not hold kilobytes per mark) is still a

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import random
 import threading
 import time
@@ -44,6 +45,7 @@ from ringfence.store.base import (
     MOVED_MAX,
     MOVED_TTL,
     OWED_NONCE_MAX,
+    OWED_PAGE_BUDGET,
     UNREAD,
     AddressTaken,
     AuditedChange,
@@ -92,6 +94,8 @@ QUARANTINE = "quarantine"
 # the partition of the workloads compute is owed (owe_compute), each a sort key
 OWED = "owed"
 QUARANTINE_BATCH = 50  # workloads per BatchGetItem with their quarantine items (100 keys a call)
+
+log = logging.getLogger(__name__)
 
 
 class _Part(NamedTuple):
@@ -781,32 +785,47 @@ class DynamoStore:
         if failed:
             raise OwedNotMarked(failed) from error
 
-    def owed_compute(self, limit: int | None = None) -> list[OwedMark]:
+    def owed_compute(self, limit: int | None = None, start: str = "") -> list[OwedMark]:
         out: list[OwedMark] = []
-        kwargs: dict[str, Any] = {
-            "KeyConditionExpression": Key("pk").eq(OWED),
-            "ConsistentRead": True,
-            # only what a mark is: any other attribute a writer of the partition added stays unread
-            "ProjectionExpression": "sk, nonce, urgent",
-        }
-        while limit is None or len(out) < limit:
-            if limit is not None:
-                kwargs["Limit"] = limit - len(out)
-            page = self.state.query(**kwargs)
-            for i in page.get("Items", []):
-                # any writer of the partition may leave a mark malformed (its nonce removed):
-                # one such item must not fail every drain; it is still a workload owed
-                wid, nonce = i.get("sk"), i.get("nonce")
-                if not isinstance(wid, str) or not wid:
-                    continue
-                # a nonce longer than any we write (a writer may set ~400 KB) is malformed: read as
-                # "", never kept nor sent back, so a few thousand of them cannot fill a drain's memory
-                ok = isinstance(nonce, str) and 0 < len(nonce) <= OWED_NONCE_MAX
-                out.append(OwedMark(wid, bool(i.get("urgent")), nonce if ok else ""))
-            if "LastEvaluatedKey" not in page:
-                return out
-            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+        pages = 0
+        # from ``start`` to the end of the partition, then round from its beginning to ``start``
+        for part in (Key("sk").gte(start), Key("sk").lt(start)) if start else (None,):
+            cond = Key("pk").eq(OWED) if part is None else Key("pk").eq(OWED) & part
+            kwargs: dict[str, Any] = {
+                "KeyConditionExpression": cond,
+                "ConsistentRead": True,
+                # only what a mark is: any other attribute a writer of the partition added stays unread
+                "ProjectionExpression": "sk, nonce, urgent",
+            }
+            while (limit is None or len(out) < limit) and pages < OWED_PAGE_BUDGET:
+                if limit is not None:
+                    kwargs["Limit"] = limit - len(out)
+                try:
+                    page = self.state.query(**kwargs)
+                except Exception:
+                    if not out:
+                        raise
+                    log.exception("owed marks: a page failed after %d marks read: the drain takes those", len(out))
+                    return out
+                pages += 1
+                self._owed_marks(page, out)
+                if "LastEvaluatedKey" not in page:
+                    break
+                kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
         return out
+
+    @staticmethod
+    def _owed_marks(page: dict[str, Any], out: list[OwedMark]) -> None:
+        for i in page.get("Items", []):
+            # any writer of the partition may leave a mark malformed (its nonce removed):
+            # one such item must not fail every drain; it is still a workload owed
+            wid, nonce = i.get("sk"), i.get("nonce")
+            if not isinstance(wid, str) or not wid:
+                continue
+            # a nonce longer than any we write (a writer may set ~400 KB) is malformed: read as
+            # "", never kept nor sent back, so a few thousand of them cannot fill a drain's memory
+            ok = isinstance(nonce, str) and 0 < len(nonce) <= OWED_NONCE_MAX
+            out.append(OwedMark(wid, bool(i.get("urgent")), nonce if ok else ""))
 
     def settle_owed(self, marks: list[OwedMark]) -> list[str]:
         settled: list[str] = []

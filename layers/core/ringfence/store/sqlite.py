@@ -876,12 +876,13 @@ class SqliteStore:
                 [(i, int(urgent), uuid.uuid4().hex) for i in ids],
             )
 
-    def owed_compute(self, limit: int | None = None) -> list[OwedMark]:
+    def owed_compute(self, limit: int | None = None, start: str = "") -> list[OwedMark]:
         rows = self._db().execute(
-            # as on DynamoDB: a nonce longer than any owe_compute writes is read malformed ("")
+            # as on DynamoDB: a nonce longer than any owe_compute writes is read malformed (""); from
+            # ``start`` round to the ids before it
             "SELECT workload_id, urgent, CASE WHEN length(nonce) <= ? THEN nonce ELSE '' END "
-            "FROM owed_compute ORDER BY workload_id LIMIT ?",
-            (OWED_NONCE_MAX, -1 if limit is None else limit),
+            "FROM owed_compute ORDER BY workload_id < ?, workload_id LIMIT ?",
+            (OWED_NONCE_MAX, start, -1 if limit is None else limit),
         )
         return [OwedMark(wid, bool(urgent), nonce) for wid, urgent, nonce in rows.fetchall()]
 
