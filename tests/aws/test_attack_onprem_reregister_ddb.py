@@ -134,4 +134,4 @@ def test_a_reregistration_too_large_for_one_transaction_says_the_quarantine_clea
     ips = [f"10.92.0.{i + 1}" for i in range(99)]  # 1 record + 99 claims + the quarantine item's delete
     r = a.register_workload("otto", {**SPEC, "ips": ips}, "new box")
     assert r.status == 400, r.body
-    assert "registered again takes one more" in str(r.body), r.body
+    assert "registered again takes one item more" in str(r.body), r.body

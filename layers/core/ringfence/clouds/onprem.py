@@ -506,7 +506,7 @@ def _too_many(exc: TooManyTogether, rows: list[CmdbRow], source: str) -> str:
         )
         out.append(
             f"{source}:{first}:1: {what} {n} items written in one transaction, more than one DynamoDB "
-            f"transaction takes ({exc.limit}; a deregistered id registered again takes one more, which clears "
-            "the old host's quarantine): give fewer addresses at once (import the moves in steps)"
+            f"transaction takes ({exc.limit}): give fewer addresses at once (import the moves in steps; a "
+            "deregistered id registered again takes one item more, which clears the old host's quarantine)"
         )
     return "\n".join(out)

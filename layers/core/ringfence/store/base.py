@@ -218,8 +218,8 @@ class TooManyTogether(ValueError):
     def __init__(self, groups: list[tuple[list[str], int]], limit: int) -> None:
         super().__init__(
             "; ".join(f"{', '.join(ids)}: {n} items written together" for ids, n in groups)
-            + f": more than one DynamoDB transaction takes ({limit}; a deregistered id registered again takes one "
-            "more, which clears the old host's quarantine)"
+            + f": more than one DynamoDB transaction takes ({limit}) (a deregistered id registered again takes one "
+            "item more, which clears the old host's quarantine)"
         )
         self.groups = groups
         self.limit = limit
