@@ -150,7 +150,10 @@ def test_a_throttled_agent_holds_its_reports_for_retry_after_and_keeps_syncing(n
         log,
     )
     held = [line for line in log.read_text().splitlines() if "reports held" in line]
-    assert held and f"Retry-After {retry}s" in held[0], held
+    said = re.search(r"Retry-After (\d+)s", held[0]) if held else None
+    # the bucket refills while the agent sends its second batch: a second or so less than computed
+    # from an empty bucket (CI under load saw 12 for 13)
+    assert said and retry - 2 <= int(said.group(1)) <= retry, held
 
 
 def test_a_retry_after_of_days_holds_reports_an_hour_at_most(
