@@ -123,14 +123,13 @@ def hand_on_stored(
     as stored, so a hand-off too many is harmless, a lost one is not. A failure to queue either is
     logged and counted (``ComputeNotQueued``), never raised over the step's own; compute's is
     marked owed (:func:`owe_compute`) for the scheduled passes to hand on."""
-    ids = sorted(set(ids))
+    ids, first, rest = _lanes(ids, urgent)
     if not ids:
         return
-    first = sorted(set(urgent) & set(ids))
     try:
         if first:
             w.enqueue_compute(first, urgent=True)
-        w.enqueue_compute([i for i in ids if i not in first])
+        w.enqueue_compute(rest)
     except Exception:
         log.exception("%s: %s stored but compute could not be queued", what, ", ".join(ids))
         (metric or w.metric)(COMPUTE_NOT_QUEUED, 1)
@@ -185,6 +184,14 @@ def hand_on_gone_again(
     return ids
 
 
+def _lanes(ids: Iterable[str], urgent: Iterable[str]) -> tuple[list[str], list[str], list[str]]:
+    """``ids`` sorted and deduplicated, then split into the priority lane's (those also in
+    ``urgent``) and the ordinary lane's."""
+    every = sorted(set(ids))
+    chosen = set(urgent) & set(every)
+    return every, sorted(chosen), [i for i in every if i not in chosen]
+
+
 def owe_compute(
     w: BaseWiring, ids: Iterable[str], what: str, metric: Metric | None = None, *, urgent: Iterable[str] = ()
 ) -> None:
@@ -195,11 +202,9 @@ def owe_compute(
     window's re-send of tombstones, :func:`hand_on_gone_again`, still covers those). Each lane is
     written apart, each mark apart (a failed one costs no other), and each mark not written is
     counted once."""
-    ids = sorted(set(ids))
+    ids, first, rest = _lanes(ids, urgent)
     if not ids:
         return
-    first = sorted(set(urgent) & set(ids))
-    rest = [i for i in ids if i not in first]
     failed: list[str] = []
     for lane, is_urgent in ((first, True), (rest, False)):
         if not lane:
@@ -241,13 +246,17 @@ def hand_on_owed(w: BaseWiring, what: str, metric: Metric | None = None) -> list
         log.exception("%s: the workloads owed to compute could not be read", what)
         metric(COMPUTE_NOT_QUEUED, 1)
         return []
+    named: list[OwedMark] = []
+    bad: list[OwedMark] = []
+    for m in marks:
+        (named if WORKLOAD_ID.fullmatch(m.workload_id) else bad).append(m)
     good: list[OwedMark] = []
     for urgent in (True, False):
-        lane = [m for m in marks if m.urgent == urgent and WORKLOAD_ID.fullmatch(m.workload_id)]
+        lane = [m for m in named if m.urgent == urgent]
         room = OWED_READ_LIMIT - len(good)
         good += lane if len(lane) <= room else _owed_rng.sample(lane, room)
     # each pass deletes at most as many malformed marks as it hands on
-    bad = [m for m in marks if not WORKLOAD_ID.fullmatch(m.workload_id)][:OWED_READ_LIMIT]
+    bad = bad[:OWED_READ_LIMIT]
     if bad:
         # named escaped and cut short: the id is anyone's with a grant to the partition
         log.warning(
