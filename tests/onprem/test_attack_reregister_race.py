@@ -98,6 +98,17 @@ def test_reregistration_clears_with_its_write_and_counts_the_quarantine(wiring: 
     assert lowered == [SAFEGUARDS_LOWERED]
     reg = [x for x in wiring.store.audit_log() if x.action == "workload.register"][-1]
     assert reg.detail["operator_cleared"] == {"mode": "idle", "quarantined": True}
+    assert r.body["operator_cleared"] == {"mode": "idle", "quarantined": True}, "the answer hides what it cleared"
+    again = a.register_workload("otto", SPEC, "same box")
+    assert again.status == 200 and "operator_cleared" not in again.body, again.body
+
+
+def test_reimport_answers_what_it_cleared_per_workload(wiring: LocalWiring) -> None:
+    a, _, _ = _admins(wiring)
+    assert a.register_workload("otto", {"id": "y1", "ips": ["10.90.0.2"], "tags": TAGS}).status == 201
+    r = a.import_cmdb("otto", "id,ips\nx1,10.90.0.1\ny1,10.90.0.2\n", "c.csv", "nightly")
+    assert r.status == 200, r.body
+    assert r.body["operator_cleared"] == {"x1": {"mode": "idle"}}, r.body
 
 
 def test_attack_refused_import_leaves_the_tombstones_operator_state(wiring: LocalWiring) -> None:

@@ -295,6 +295,11 @@ class RegisterWorkloadResponse(_Body):
         "the previous labels stay in force until a policy author binds them (less any privileged value when the "
         "registration gives a privileged workload a new address); absent when none",
     )
+    operator_cleared: dict[str, str | bool] | None = Field(
+        None,
+        description="a deregistered id registered again: what an operator had set on its old host that this "
+        'write cleared (`{"mode": "idle", "quarantined": true}`; the audit record names it too); absent when none',
+    )
     problems: list[str] | None = Field(
         None,
         description="the active policy's label problems with this workload's data (registered all the same); "
@@ -309,6 +314,11 @@ class CmdbImportResponse(_Body):
     audit_id: str
     held: dict[str, dict[str, str]] | None = Field(
         None, description="workload id → the privileged values held for it (as for one registration); absent when none"
+    )
+    operator_cleared: dict[str, dict[str, str | bool]] | None = Field(
+        None,
+        description="workload id → what an operator had set on its old host that the import cleared (as for one "
+        "registration); absent when none",
     )
     problems: dict[str, list[str]] | None = Field(
         None,

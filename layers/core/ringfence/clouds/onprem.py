@@ -259,6 +259,8 @@ class OnPremAdmin(Admin):
         answer: dict[str, Any] = {"workload_id": spec.id, "created": not existed, "audit_id": audit_id}
         if held:
             answer["held"] = held
+        if cleared:  # landed with the write (a refused one answered above)
+            answer["operator_cleared"] = cleared
         if problems:
             answer["problems"] = problems
         return Response(200 if existed else 201, answer)
@@ -383,6 +385,8 @@ class OnPremAdmin(Admin):
         }
         if held:
             answer["held"] = held
+        if cleared:
+            answer["operator_cleared"] = cleared
         if problems:
             answer["problems"] = problems
         return Response(200, answer)
@@ -396,16 +400,12 @@ class OnPremAdmin(Admin):
         credentials are dropped at deregistration already, so only a racing pairing's can be left,
         and those must go whatever happens (``token.revoke`` is audited when a token was active).
 
-        Only while the id is still the tombstone read: one registered again meanwhile (by another
-        caller) is a live host whose freshly enrolled agent this stale registration must not cut
-        off; its write is then refused (409, :func:`~ringfence.store.base.check_tombstone`)."""
-        if not anew:
-            return
-        now = self.w.store.get_many(sorted(anew))
-        for wid, read in anew.items():
-            still = now.get(wid)
-            if still is not None and still.state == "terminated" and still.observed_at == read.observed_at:
-                self._drop_credentials(wid, "workload registered again")
+        Only while the id is still the tombstone read, checked in the drop's own store transaction
+        (:func:`credentials.retire_old_host`): one registered again meanwhile (by another caller)
+        is a live host whose freshly enrolled agent this stale registration must not cut off; its
+        write is then refused (409, :func:`~ringfence.store.base.check_tombstone`)."""
+        for wid, read in sorted(anew.items()):
+            credentials.retire_old_host(self.w, wid, read.observed_at, "workload registered again")
 
     def _write(self, recs: list[InventoryRecord], anew: dict[str, InventoryRecord]) -> None:
         """The records written, each of ``anew`` only over its tombstone as read and with the old

@@ -26,6 +26,8 @@ from ringfence.store.base import (
     AuditRecordExists,
     ChangeFailed,
     ConflictError,
+    NotTheTombstone,
+    OldHostRetirement,
     TokenRevocation,
     agent_key_fingerprint_of,
 )
@@ -136,6 +138,44 @@ def retire_before_tombstone(w: BaseWiring, workload_id: str, at: float, why: str
         return False
     retire(w, workload_id, why)
     return True
+
+
+def retire_old_host(w: BaseWiring, workload_id: str, tombstone_at: float, why: str) -> bool:
+    """:func:`retire_and_unbind` and the pairing keys revoked, for a deregistered on-premise id
+    about to be registered again, and only while it is still the tombstone the registration read
+    (observed at ``tombstone_at``): the check and every drop are one store transaction
+    (:class:`OldHostRetirement`), with the ``token.revoke`` record when a token was active. False,
+    nothing dropped, once the id is not that tombstone: registered again by another caller, whose
+    host's token, key and pairing keys (all issued after that registration) are not this one's
+    to revoke."""
+    for _ in range(REVOKE_ATTEMPTS):
+        token = w.store.active_token(workload_id)
+        change = OldHostRetirement(workload_id, tombstone_at, token)
+        try:
+            if token is None:
+                w.store.retire_old_host(change)
+            else:
+                rec_id = derived_record_id(f"token.revoke:{workload_id}:{token}")
+                rec = AuditRecord(
+                    id=rec_id, principal="ringfence", action="token.revoke", target=workload_id, detail={"reason": why}
+                )
+                w.audit_with(rec, change)
+        except NotTheTombstone:
+            return False
+        except AuditRecordExists:
+            continue  # that token's revocation is recorded (made since the read): read it again
+        except ChangeFailed as exc:
+            if isinstance(exc.cause, NotTheTombstone):
+                return False
+            if isinstance(exc.cause, ConflictError):
+                continue  # its token revoked or renewed since it was read: read it again
+            raise exc.cause from exc
+        except ConflictError:
+            continue  # a token made active since the read (DynamoDB: refused without a record)
+        if token is not None:
+            log.info("token of %s revoked: %s", workload_id, why)
+        return True
+    raise ConflictError(f"the token of {workload_id} changed under {REVOKE_ATTEMPTS} retirements of its old host")
 
 
 def retire_and_unbind(w: BaseWiring, workload_id: str, why: str) -> None:

@@ -149,7 +149,44 @@ class TokenRevocation(NamedTuple):
         store.revoke_tokens(self.workload_id)
 
 
-AuditedChange = OperatorChange | PolicyActivation | TokenRevocation
+class NotTheTombstone(ConflictError):
+    """:class:`OldHostRetirement`: the id is no longer the tombstone the registration read
+    (registered again by another caller, or deregistered again): nothing was dropped."""
+
+
+class OldHostRetirement(NamedTuple):
+    """Everything that lets an agent act as a deregistered on-premise id that is being registered
+    again goes (its token, agent key, a reset's named next key, nudge connection and pairing keys:
+    the old host's, or a pairing's that raced the deregistration), only while the stored record is
+    still the tombstone the registration read (``tombstone_at``: its observation time), checked in
+    the same atomic step (SQLite: the transaction; DynamoDB: a condition on the inventory item in
+    each transaction). Else :class:`NotTheTombstone`, nothing dropped: another registration of the
+    id landed, and every credential of the host it names was issued after it (pairing keys are
+    issued for registered workloads only), so a registration that loses the race never revokes
+    what the live host holds. Made with its ``token.revoke`` record (:meth:`Store.audit_with`) when
+    ``token_hash`` (the token read active; the record's id is made of it) names one: it revokes
+    whichever token is current, refused (:class:`ConflictError`) if none is any more, as
+    :class:`TokenRevocation`; without (:meth:`Store.retire_old_host`), refused if one is active
+    now (its revocation would go unrecorded)."""
+
+    workload_id: str
+    tombstone_at: float
+    token_hash: str | None
+
+    def apply(self, store: Store) -> None:
+        now = store.get(self.workload_id)
+        if now is None or now.state != "terminated" or now.observed_at != self.tombstone_at:
+            raise NotTheTombstone(f"{self.workload_id}: registered or deregistered again since its tombstone was read")
+        if (store.active_token(self.workload_id) is None) != (self.token_hash is None):
+            raise ConflictError(f"{self.workload_id}: its token changed since it was read")
+        store.revoke_tokens(self.workload_id)
+        store.drop_agent_key(self.workload_id)
+        store.expect_agent_key(self.workload_id, None)
+        store.drop_pairings(self.workload_id)
+        store.drop_connection(self.workload_id)
+
+
+AuditedChange = OperatorChange | PolicyActivation | TokenRevocation | OldHostRetirement
 
 
 class GovernanceMoved(ConflictError):
@@ -915,6 +952,13 @@ class Store(Protocol):
     def drop_pairings(self, workload_id: str) -> int:
         """Revoke every pairing key issued for ``workload_id`` (used up or not); how many were
         unexpired with uses left."""
+        ...
+
+    def retire_old_host(self, change: OldHostRetirement) -> None:
+        """Make ``change`` (no token active: nothing to record) in one atomic step with its check
+        that the id is still the tombstone read; :class:`NotTheTombstone` or :class:`ConflictError`
+        (a token active now), nothing dropped. DynamoDB: one transaction, and more pairing keys
+        than it takes in further ones before it, each conditional on the tombstone too."""
         ...
 
     def put_connection(self, workload_id: str, connection_id: str, token_hash: str) -> bool:

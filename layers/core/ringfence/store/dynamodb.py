@@ -64,6 +64,8 @@ from ringfence.store.base import (
     LaunchHold,
     MovedRecord,
     NotTheNamedKey,
+    NotTheTombstone,
+    OldHostRetirement,
     OperatorChange,
     OtherAccount,
     OwedMark,
@@ -136,6 +138,7 @@ class _ChainWriter:
 
 # TransactWriteItems takes at most 100 items: two per record (and its change's), and the head
 AUDIT_RECORDS_PER_TRANSACTION = 49
+AUDIT_ITEMS = 3  # a record's chain and id items and the head: beside a change's items
 
 
 def _chain_item(rec: AuditRecord) -> dict[str, Any]:
@@ -1089,16 +1092,8 @@ class DynamoStore:
         return not self._transact(workload_id, items, named_at=2)
 
     def drop_pairings(self, workload_id: str) -> int:
-        index: list[dict[str, Any]] = []
-        kwargs: dict[str, Any] = {"KeyConditionExpression": Key("pk").eq(f"pairingof#{workload_id}")}
-        while True:
-            page = self.state.query(ConsistentRead=True, **kwargs)
-            index.extend(page.get("Items", []))
-            if "LastEvaluatedKey" not in page:
-                break
-            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
         live = 0
-        for entry in index:
+        for entry in self._query_all(f"pairingof#{workload_id}"):
             old = self.state.delete_item(
                 Key={"pk": f"pairing#{entry['sk']}", "sk": "pairing"}, ReturnValues="ALL_OLD"
             ).get("Attributes")
@@ -1106,6 +1101,81 @@ class DynamoStore:
                 live += 1
             self.state.delete_item(Key={"pk": entry["pk"], "sk": entry["sk"]})
         return live
+
+    def retire_old_host(self, change: OldHostRetirement) -> None:
+        for part in self._old_host_parts(change):
+            self._transact_part(part)
+
+    def _old_host_parts(self, change: OldHostRetirement) -> list[_Part]:
+        """An :class:`OldHostRetirement` as transactions, the last one's items to go with its
+        record (:meth:`audit_with`): each holds a check that the inventory item is still the
+        tombstone read (refused by it: :class:`NotTheTombstone`). The last deletes the ``tokenof#``
+        item (conditional on an unexpired one when ``token_hash`` names the token read, else on
+        none: refused by it, :class:`ConflictError`), the token read, the agent key, the named next
+        key, the nudge connection and as many pairing keys (their item and their ``pairingof#``
+        index item) as fit beside the record's items; the keys beyond go in transactions before
+        it. The keys are read from the index beforehand (a query): one issued after that read was
+        issued while the id was registered, so by a later registration's caller, whose write then
+        refuses every transaction here."""
+        wid = change.workload_id
+        tombstone: dict[str, Any] = {
+            "ConditionCheck": {
+                "TableName": self.inventory.name,
+                "Key": {"id": wid},
+                "ConditionExpression": "#st = :gone AND observed_at = :at0",
+                "ExpressionAttributeNames": {"#st": "state"},
+                "ExpressionAttributeValues": {":gone": "terminated", ":at0": Decimal(str(change.tombstone_at))},
+            }
+        }
+        now = int(time.time())
+        current: dict[str, Any] = {
+            "TableName": self.state.name,
+            "Key": {"pk": f"tokenof#{wid}", "sk": "token"},
+            "ExpressionAttributeNames": {"#t": "ttl"},
+            "ExpressionAttributeValues": {":now": now},
+        }
+        if change.token_hash is not None:
+            current["ConditionExpression"] = "#t >= :now"  # false where the item is absent
+        else:
+            current["ConditionExpression"] = "attribute_not_exists(pk) OR #t < :now"
+        last: list[dict[str, Any]] = [tombstone, {"Delete": current}]
+        if change.token_hash is not None:
+            last.append(self._delete(f"token#{change.token_hash}", "token"))
+        last += [self._delete(f"agentkey#{wid}", "key"), self._delete(f"nextkey#{wid}", "key")]
+        last.append(self._delete(f"conn#{wid}", "conn"))
+        pairings: list[dict[str, Any]] = []
+        for entry in self._query_all(f"pairingof#{wid}"):
+            pairings += [self._delete(f"pairing#{entry['sk']}", "pairing"), self._delete(entry["pk"], entry["sk"])]
+        # the last transaction leaves room for the record's items (a chain item, an id item, the head)
+        room = TRANSACT_ITEMS - AUDIT_ITEMS - len(last)
+        room -= room % 2
+        last += pairings[:room]
+        rest = pairings[room:]
+        per = (TRANSACT_ITEMS - 1) // 2 * 2
+        first = [[tombstone, *rest[i : i + per]] for i in range(0, len(rest), per)]
+
+        def refused(reasons: list[str]) -> Exception | None:
+            if reasons[:1] == ["ConditionalCheckFailed"]:
+                return NotTheTombstone(f"{wid}: registered or deregistered again since its tombstone was read")
+            if reasons[1:2] == ["ConditionalCheckFailed"]:
+                return ConflictError(f"{wid}: its token changed since it was read")
+            return None
+
+        return [*(_Part(items, refused) for items in first), _Part(last, refused)]
+
+    def _delete(self, pk: str, sk: str) -> dict[str, Any]:
+        return {"Delete": {"TableName": self.state.name, "Key": {"pk": pk, "sk": sk}}}
+
+    def _query_all(self, pk: str) -> list[dict[str, Any]]:
+        """Every item of the state table's partition ``pk`` (consistent reads, every page)."""
+        items: list[dict[str, Any]] = []
+        kwargs: dict[str, Any] = {"KeyConditionExpression": Key("pk").eq(pk)}
+        while True:
+            page = self.state.query(ConsistentRead=True, **kwargs)
+            items.extend(page.get("Items", []))
+            if "LastEvaluatedKey" not in page:
+                return items
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
     def put_connection(self, workload_id: str, connection_id: str, token_hash: str) -> bool:
         # one transaction with a check of the workload's current token: a refresh or a retirement
@@ -1550,6 +1620,13 @@ class DynamoStore:
             part = self._activation_part(change.pv, change.expected_active)
         elif isinstance(change, TokenRevocation):
             part = self._revocation_part(change.workload_id, change.token_hash)
+        elif isinstance(change, OldHostRetirement):
+            *before, part = self._old_host_parts(change)
+            try:
+                for first in before:  # pairing keys beyond what the record's transaction takes
+                    self._transact_part(first)
+            except Exception as exc:
+                raise ChangeFailed(exc) from exc  # no record: its revocation not made
         else:
             raise TypeError(f"no audited change {change!r}")
         return self._chain_writer().group.commit((self, rec, part))

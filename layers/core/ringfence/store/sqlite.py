@@ -68,6 +68,7 @@ from ringfence.store.base import (
     LaunchHold,
     MovedRecord,
     NotTheNamedKey,
+    OldHostRetirement,
     OtherAccount,
     OwedMark,
     PolicyVersion,
@@ -1025,6 +1026,11 @@ class SqliteStore:
             ).fetchone()[0]
             db.execute("DELETE FROM pairing WHERE workload_id = ?", (workload_id,))
             return int(live)
+
+    def retire_old_host(self, change: OldHostRetirement) -> None:
+        # the check and every drop under one write lock: no registration lands in between
+        with self._tx():
+            change.apply(self)
 
     def put_connection(self, workload_id: str, connection_id: str, token_hash: str) -> bool:
         # in the transaction that checks the token is still the workload's (as over DynamoDB): a
