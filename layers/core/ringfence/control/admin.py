@@ -25,6 +25,7 @@ from ringfence.store.base import (
     PolicyActivation,
     PolicyVersion,
     Unconfirmed,
+    WorkloadChanged,
     agent_key_id_of,
 )
 from ringfence.versions import digest_of
@@ -328,6 +329,19 @@ class Admin:
         self._failed(principal, action, target, audit_id, why, reason)
         return False
 
+    def _changed(
+        self, principal: str, action: str, workload_id: str, audit_id: str, exc: WorkloadChanged, reason: str
+    ) -> Response:
+        """409 for an operator change refused because the workload is not the one read any more
+        (:class:`WorkloadChanged`): nothing was written (the change and its record are one
+        transaction), so the attempt, recorded alone, is followed by ``<action>.failed``."""
+        self._failed(principal, action, workload_id, audit_id, f"workload changed meanwhile: {exc}", reason)
+        return error(
+            409,
+            "workload changed meanwhile: nothing set",
+            f"{exc}; read the workload again and send the request again if it still applies",
+        )
+
     @staticmethod
     def _op_digest(mode: str | None, quarantined: bool) -> str:
         return state_digest({"mode": mode, "quarantined": quarantined})
@@ -358,13 +372,18 @@ class Admin:
             before=before,
             after=after,
         )
-        audit_id, failed = self._audit_with(audit_rec, OperatorChange(workload_id, set_mode=True, mode=mode))
+        # only over the record read: an id deregistered and registered again meanwhile names
+        # another host, which must not run with a mode (idle: unenforced) meant for this one
+        change = OperatorChange(workload_id, set_mode=True, mode=mode, governed_rev=rec.governed_rev)
+        audit_id, failed = self._audit_with(audit_rec, change)
         try:
             if failed is not None:
                 raise failed
         except KeyError:
             self._failed(principal, "workload.mode", workload_id, audit_id, "unknown workload", reason)
             return error(404, "unknown workload", workload_id)
+        except WorkloadChanged as exc:
+            return self._changed(principal, "workload.mode", workload_id, audit_id, exc, reason)
         except Exception as exc:
 
             def moded() -> bool:
@@ -405,13 +424,18 @@ class Admin:
             before=before,
             after=after,
         )
-        audit_id, failed = self._audit_with(audit_rec, OperatorChange(workload_id, quarantined=on))
+        # only over the record read, as a mode: a quarantine (or release) meant for a host
+        # deregistered meanwhile never lands on the next host registered under its id
+        change = OperatorChange(workload_id, quarantined=on, governed_rev=rec.governed_rev)
+        audit_id, failed = self._audit_with(audit_rec, change)
         try:
             if failed is not None:
                 raise failed
         except KeyError:
             self._failed(principal, action, workload_id, audit_id, "unknown workload", reason)
             return error(404, "unknown workload", workload_id)
+        except WorkloadChanged as exc:
+            return self._changed(principal, action, workload_id, audit_id, exc, reason)
         except Exception as exc:
 
             def made() -> bool:

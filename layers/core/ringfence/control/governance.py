@@ -41,6 +41,7 @@ from ringfence.store.base import (
     InventoryRecord,
     OperatorChange,
     OtherAccount,
+    WorkloadChanged,
     concerns_compute,
     other_account,
     releases_addresses,
@@ -683,11 +684,23 @@ def _change_grants(
                 "%s of %s (audit record %s) failed; that could not be recorded", action, workload_id, audit.id
             )
 
+    first: InventoryRecord | None = None  # the workload as this request first read it
     try:
         for _ in range(BIND_ATTEMPTS):
             old = w.store.get(workload_id)
+            if first is not None and (old is None or old.governed_rev != first.governed_rev):
+                # decided again only over the registration first read: a deregistration moves the
+                # version (never back), so another host registered under the id meanwhile never
+                # takes a grant meant for this one (nor loses one); another decision landing in
+                # between is refused alike, as the exact check cannot tell them apart
+                raise WorkloadChanged(
+                    f"{workload_id}: deregistered, registered again or governed anew since it was read "
+                    f"(governance version {first.governed_rev}, now "
+                    f"{old.governed_rev if old is not None else 'none'}): nothing set"
+                )
             if old is None or old.state == "terminated":
                 raise KeyError(workload_id)
+            first = first or old
             rec, detail = decide(mapper, old)
             if audit is None or audit.detail != detail:
                 nxt = AuditRecord(principal=principal, action=action, target=workload_id, detail=detail, reason=reason)

@@ -29,7 +29,7 @@ from ringfence.control.findings import DEFAULT_BOUND, FindingsResponse
 from ringfence.control.governance import bind_labels, unbind_labels
 from ringfence.control.wiring import NotQueued
 from ringfence.governance import NotGranted
-from ringfence.store.base import ConflictError, InventoryRecord
+from ringfence.store.base import ConflictError, InventoryRecord, WorkloadChanged
 
 from .common import ADMIN_STORE_FAILED, answers, http, resolver
 
@@ -39,6 +39,15 @@ ADMIN_ERRORS = {
     409: "nothing was done: what the request depends on changed meanwhile, or does not allow it "
     "(no active policy, a workload of another source, a CMDB file with errors); detail says which",
 }
+
+# a change refused because the workload is not the one the request read (deregistered, registered
+# again, or governed anew meanwhile): the operator's change must not land on another host
+CHANGED = "workload changed meanwhile: nothing set"
+CHANGED_MEANING = (
+    "nothing was done: the workload was deregistered, registered again (another host under its id) or "
+    "governed anew since the request read it (detail names it; the refused attempt is audited, then "
+    "`<action>.failed`): read it again and send the request again if it still applies"
+)
 
 NOT_QUEUED = (
     "compute could not be queued: the change is stored and audited (detail names its record; or, a "
@@ -282,7 +291,11 @@ def admin_routes(
     @app.put(
         "/admin/workloads/<wid>/mode",
         summary="set a workload's mode (idle, observe, enforce) or clear it — policy-author",
-        responses=answers(adminapi.ModeResponse, errors=(404, 503), meaning={503: unavailable(NOT_QUEUED)}),
+        responses=answers(
+            adminapi.ModeResponse,
+            errors=(404, 409, 503),
+            meaning={409: CHANGED_MEANING, 503: unavailable(NOT_QUEUED)},
+        ),
         security=[{"sigv4": []}],
     )
     def set_mode(wid: str, req: adminapi.ModeRequest) -> HttpResponse[str]:
@@ -309,6 +322,8 @@ def admin_routes(
             return http(error(404, "unknown workload", wid))
         except ValueError as exc:
             return http(error(400, "binding refused", str(exc)))
+        except WorkloadChanged as exc:
+            return http(error(409, CHANGED, str(exc)))
         except ConflictError as exc:
             return http(error(409, "workload changed meanwhile", str(exc)))
         return http(grants_answer(wid, rec, audit_id))
@@ -342,6 +357,8 @@ def admin_routes(
             return http(error(409, "no such grant", f"{exc}; compute is queued, so what is stored is enforced"))
         except ValueError as exc:
             return http(error(400, "revocation refused", str(exc)))
+        except WorkloadChanged as exc:
+            return http(error(409, CHANGED, str(exc)))
         except ConflictError as exc:
             return http(error(409, "workload changed meanwhile", str(exc)))
         return http(grants_answer(wid, rec, audit_id, revoked=revoked))
@@ -349,7 +366,11 @@ def admin_routes(
     @app.post(
         "/admin/workloads/<wid>/quarantine",
         summary="quarantine a workload: it and its peers cut it off — incident-responder",
-        responses=answers(adminapi.QuarantineResponse, errors=(404, 503), meaning={503: unavailable(NOT_QUEUED)}),
+        responses=answers(
+            adminapi.QuarantineResponse,
+            errors=(404, 409, 503),
+            meaning={409: CHANGED_MEANING, 503: unavailable(NOT_QUEUED)},
+        ),
         security=[{"sigv4": []}],
     )
     def quarantine(wid: str, req: Annotated[adminapi.Reason | None, Body()] = None) -> HttpResponse[str]:
@@ -360,7 +381,11 @@ def admin_routes(
     @app.delete(
         "/admin/workloads/<wid>/quarantine",
         summary="release a workload from quarantine — incident-responder",
-        responses=answers(adminapi.QuarantineResponse, errors=(404, 503), meaning={503: unavailable(NOT_QUEUED)}),
+        responses=answers(
+            adminapi.QuarantineResponse,
+            errors=(404, 409, 503),
+            meaning={409: CHANGED_MEANING, 503: unavailable(NOT_QUEUED)},
+        ),
         security=[{"sigv4": []}],
     )
     def release(wid: str, req: Annotated[adminapi.Reason | None, Body()] = None) -> HttpResponse[str]:
