@@ -28,7 +28,9 @@ def metric(name: str, value: float) -> None:
 
 def ingest() -> AzureEvents:
     if "ingest" not in _svc:
-        _svc["ingest"] = AzureEvents(Wiring(Config.from_env()), azure_from_env(), metric=metric)
+        _svc["ingest"] = AzureEvents(
+            Wiring(Config.from_env(owed_writer="azureevents")), azure_from_env(), metric=metric
+        )
     return _svc["ingest"]
 
 

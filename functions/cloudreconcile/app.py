@@ -82,7 +82,7 @@ def reconcile(w: Wiring) -> dict[str, Any]:
 @metrics.log_metrics
 @event_source(data_class=EventBridgeEvent)
 def handler(event: EventBridgeEvent, context: Any) -> dict[str, Any]:
-    result = reconcile(Wiring(Config.from_env()))
+    result = reconcile(Wiring(Config.from_env(owed_writer="cloudreconcile")))
     for cloud, r in result.items():
         logger.info("reconciled", extra={"cloud": cloud, "changed": len(r["changed"]), "failed": r["failed"]})
     broken = sorted(cloud for cloud, r in result.items() if "error" in r)

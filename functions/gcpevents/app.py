@@ -30,7 +30,7 @@ def metric(name: str, value: float) -> None:
 
 def ingest() -> GcpIngest:
     if "ingest" not in _svc:
-        _svc["ingest"] = GcpIngest(Wiring(Config.from_env()), _gcp, metric=metric)
+        _svc["ingest"] = GcpIngest(Wiring(Config.from_env(owed_writer="gcpevents")), _gcp, metric=metric)
     return _svc["ingest"]
 
 

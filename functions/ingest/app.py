@@ -42,7 +42,7 @@ _batch: dict[str, DomainEvent | MalformedEvent | None] = {}
 
 def _setup() -> dict[str, Any]:
     if not _svc:
-        w = Wiring(Config.from_env())
+        w = Wiring(Config.from_env(owed_writer="ingest"))
         _svc["wiring"] = w
         _svc["ingest"] = Ingest(w, lambda n, v: metrics.add_metric(name=n, unit=MetricUnit.Count, value=v))
         store = DynamoDBPersistenceLayer(

@@ -30,7 +30,7 @@ def _count(name: str, value: float) -> None:
 
 def _service() -> Lifecycle:
     if "lifecycle" not in _svc:
-        _svc["lifecycle"] = Lifecycle(Wiring(Config.from_env()), _count)
+        _svc["lifecycle"] = Lifecycle(Wiring(Config.from_env(owed_writer="lifecycle")), _count)
     return _svc["lifecycle"]
 
 

@@ -26,7 +26,7 @@ metrics = Metrics()
 @metrics.log_metrics
 @event_source(data_class=EventBridgeEvent)
 def handler(event: EventBridgeEvent, context: Any) -> dict[str, Any]:
-    w = Wiring(Config.from_env())
+    w = Wiring(Config.from_env(owed_writer="reconcile"))
     svc = Reconcile(w, lambda n, v: metrics.add_metric(name=n, unit=MetricUnit.Count, value=v))
     result = asdict(svc.run())
     logger.info("reconciled", extra={"seen": result["seen"], "changed": len(result["changed"])})

@@ -355,7 +355,7 @@ class Env:
     def store(self) -> Any:
         from ringfence.store.dynamodb import DynamoStore
 
-        return DynamoStore("rf-inventory", "rf-state", "rf-audit", resource=self.ddb)
+        return DynamoStore("rf-inventory", "rf-state", "rf-audit", resource=self.ddb, owed_writer="ingest")
 
     def bundle(self, wid: str) -> Any:
         """What the workload's agent enforces: the signed bundle the agent API serves with the

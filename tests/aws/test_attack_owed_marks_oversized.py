@@ -1,5 +1,5 @@
-"""A writer of the ``owed`` partition (ingest, and the internet-facing gcpevents and azureevents
-functions, granted UpdateItem on it) writes marks whose sort key is no workload id but a kilobyte
+"""A writer of an owed partition (ingest, and the internet-facing gcpevents and azureevents
+functions, each granted UpdateItem on its own) writes marks whose sort key is no workload id but a kilobyte
 of control characters: JSON escapes each to six, so the drain's one compute message of them was
 over SQS's size limit, refused every pass, and with it the real marks beside them, never settled.
 The drain (control/wiring.py hand_on_owed) deletes such marks unsent and counts them, reads a
@@ -14,7 +14,7 @@ import json
 from types import SimpleNamespace
 from typing import Any
 
-from ringfence.store.base import Store
+from ringfence.store.base import Store, owed_key
 from tests.aws.conftest import Env
 from tests.aws.test_function_iam import allowed, requests_of, sam_statements, terraform_statements
 from tests.aws.test_pipeline import _ctx, _scheduled
@@ -30,7 +30,7 @@ JUNK = "\x01" * 1020
 def _write_junk_marks(env: Env, n: int) -> None:
     for i in range(n):
         env.store.state.update_item(
-            Key={"pk": "owed", "sk": f"{JUNK}{i:04d}"},
+            Key={"pk": "owed#ingest", "sk": f"{JUNK}{i:04d}"},
             UpdateExpression="SET nonce = :n, urgent = :u",
             ExpressionAttributeValues={":n": "x", ":u": True},
         )
@@ -41,13 +41,13 @@ def test_attack_owed_marks_of_escaped_kilobytes_block_no_drain(env: Env) -> None
     (~1.2 MB) was refused by SQS every pass: the removal was never handed on nor settled."""
     env.provision_example_policy()
     env.store.owe_compute(["i-0000000000000dead"], urgent=True)  # a real removal owed
-    req = {
-        "Key": {"pk": "owed", "sk": JUNK + "0000"},
-        "UpdateExpression": "SET nonce = :n, urgent = :u",
-        "ExpressionAttributeValues": {":n": "x", ":u": True},
-        "TableName": env.store.state.name,
-    }
-    for fn in ("gcpevents", "azureevents", "ingest"):  # the attack is open to each of them
+    for fn in ("gcpevents", "azureevents", "ingest"):  # the attack is open to each of them, in its partition
+        req = {
+            "Key": {"pk": f"owed#{fn}", "sk": JUNK + "0000"},
+            "UpdateExpression": "SET nonce = :n, urgent = :u",
+            "ExpressionAttributeValues": {":n": "x", ":u": True},
+            "TableName": env.store.state.name,
+        }
         for statements in (sam_statements(fn), terraform_statements(fn)):
             assert all(allowed(statements, r) for r in requests_of("UpdateItem", req)), fn
     _write_junk_marks(env, 200)
@@ -172,19 +172,19 @@ def test_attack_owed_marks_with_oversized_nonces_are_read_small_and_settled(env:
     while still so, without its nonce ever being sent back; a mark written since stays."""
     from ringfence.control.wiring import hand_on_owed
 
-    req = {
-        "Key": {"pk": "owed", "sk": "i-0000000000000aaaa"},
-        "UpdateExpression": "SET nonce = :n, urgent = :u",
-        "ExpressionAttributeValues": {":n": BIG_NONCE, ":u": False},
-        "TableName": env.store.state.name,
-    }
     for fn in ("gcpevents", "azureevents", "ingest"):
+        req = {
+            "Key": {"pk": f"owed#{fn}", "sk": owed_key("i-0000000000000aaaa")},
+            "UpdateExpression": "SET nonce = :n, urgent = :u",
+            "ExpressionAttributeValues": {":n": BIG_NONCE, ":u": False},
+            "TableName": env.store.state.name,
+        }
         for statements in (sam_statements(fn), terraform_statements(fn)):
             assert all(allowed(statements, r) for r in requests_of("UpdateItem", req)), fn
     big = [f"{n:019d}" for n in range(4)] + ["i-0000000000000aaaa"]
     for wid in big:
         env.store.state.update_item(
-            Key={"pk": "owed", "sk": wid},
+            Key={"pk": "owed#ingest", "sk": owed_key(wid)},
             UpdateExpression="SET nonce = :n, urgent = :u",
             ExpressionAttributeValues={":n": BIG_NONCE, ":u": False},
         )
@@ -199,7 +199,7 @@ def test_attack_owed_marks_with_oversized_nonces_are_read_small_and_settled(env:
     # and a drain hands such marks on and deletes them, blocking nothing
     for wid in big:
         env.store.state.update_item(
-            Key={"pk": "owed", "sk": wid},
+            Key={"pk": "owed#ingest", "sk": owed_key(wid)},
             UpdateExpression="SET nonce = :n",
             ExpressionAttributeValues={":n": BIG_NONCE},
         )
@@ -239,11 +239,13 @@ def test_attack_a_drain_reads_a_bounded_number_of_pages_of_oversized_marks_and_k
     from ringfence.store import dynamodb
 
     monkeypatch.setattr(dynamodb, "OWED_PAGE_BUDGET", 2, raising=False)  # (raising: the revert check)
+    # the legacy partition and ingest's alone: the query calls counted below are theirs
+    monkeypatch.setattr(dynamodb, "OWED_WRITERS", ("ingest",), raising=False)
     store = env.store
     assert isinstance(store, dynamodb.DynamoStore)
     for n in range(8):
         store.state.update_item(
-            Key={"pk": "owed", "sk": f"{n:019d}"},
+            Key={"pk": "owed#ingest", "sk": owed_key(f"{n:019d}")},
             UpdateExpression="SET nonce = :n, urgent = :u",
             ExpressionAttributeValues={":n": BIG_NONCE, ":u": False},
         )
@@ -253,16 +255,21 @@ def test_attack_a_drain_reads_a_bounded_number_of_pages_of_oversized_marks_and_k
     pages: list[int] = []
 
     def counted(**kwargs: Any) -> Any:
-        pages.append(1)
-        return real_query(**kwargs)
+        page = real_query(**kwargs)
+        pages.append(len(page["Items"]))  # the legacy partition's read: one empty page
+        return page
 
     monkeypatch.setattr(state, "query", counted)
     read = store.owed_compute(limit=50_000)
-    assert len(pages) == 2 and 0 < len(read) < 9, (len(pages), len(read))
+    assert pages[0] == 0 and len(pages) == 3 and 0 < len(read) < 9, (pages, len(read))
+    # a start past every slot: the empty half before the wrap costs no page of the budget
+    pages.clear()
+    past = store.owed_compute(limit=50_000, start="g")
+    assert len(past) == len(read) and pages[:2] == [0, 0], (pages, len(past), len(read))
 
     def second_page_fails(**kwargs: Any) -> Any:
         pages.append(1)
-        if len(pages) > 1:
+        if len(pages) > 2:  # the legacy partition's, ingest's first page, then throttled
             raise RuntimeError("throttled")
         return real_query(**kwargs)
 

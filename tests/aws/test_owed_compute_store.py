@@ -4,7 +4,7 @@ deletes only the marks it read, and a mark written again after the read survives
 
 from __future__ import annotations
 
-from ringfence.store.base import OwedMark, Store
+from ringfence.store.base import OwedMark, Store, owed_key
 
 from .test_store import store
 
@@ -52,23 +52,29 @@ def test_a_forged_nonce_deletes_nothing(store: Store) -> None:
     assert [m.workload_id for m in store.owed_compute()] == ["i-a"]
 
 
-def test_a_drain_reads_at_most_its_limit_of_marks_in_workload_id_order(store: Store) -> None:
-    """hand_on_owed reads OWED_READ_LIMIT marks a pass (the rest are the next pass's): a partition
-    grown by a flood of marks is read a bounded part at a time, each part handed on and deleted."""
-    store.owe_compute(["i-d", "i-b", "i-a"])
-    store.owe_compute(["i-c"], urgent=True)
+def test_a_drain_reads_at_most_its_limit_of_marks_in_key_order(store: Store) -> None:
+    """hand_on_owed reads OWED_SCAN_LIMIT marks a pass (the rest are the next pass's): a partition
+    grown by a flood of marks is read a bounded part at a time, each part handed on and deleted;
+    in owed_key order (a slot hashed from the id), on both stores."""
+    ids = ["i-d", "i-b", "i-a", "i-c"]
+    store.owe_compute(ids[:3])
+    store.owe_compute(ids[3:], urgent=True)
+    order = sorted(ids, key=owed_key)
     first = store.owed_compute(limit=2)
-    assert [m.workload_id for m in first] == ["i-a", "i-b"]
-    assert store.settle_owed(first) == ["i-a", "i-b"]
-    assert [m.workload_id for m in store.owed_compute(limit=2)] == ["i-c", "i-d"]
+    assert [m.workload_id for m in first] == order[:2]
+    assert store.settle_owed(first) == order[:2]
+    assert [m.workload_id for m in store.owed_compute(limit=2)] == order[2:]
     assert len(store.owed_compute(limit=10)) == 2 and len(store.owed_compute()) == 2
 
 
 def test_a_drain_reads_from_its_start_round_to_the_marks_before_it(store: Store) -> None:
-    """hand_on_owed reads from a random point of the id space round to its beginning: marks that
-    sort first (a backlog of GCP's numeric ids, or a writer's planted ones) cannot keep the rest
-    unread pass after pass."""
-    store.owe_compute(["i-d", "i-b", "i-a", "i-c"])
-    assert [m.workload_id for m in store.owed_compute(limit=3, start="i-c")] == ["i-c", "i-d", "i-a"]
-    assert [m.workload_id for m in store.owed_compute(start="i-bb")] == ["i-c", "i-d", "i-a", "i-b"]
-    assert [m.workload_id for m in store.owed_compute(start="z")] == ["i-a", "i-b", "i-c", "i-d"]
+    """hand_on_owed reads from a random slot round to the partition's beginning: marks whose
+    keys sort first cannot keep the rest unread pass after pass; both stores alike."""
+    ids = ["i-d", "i-b", "i-a", "i-c"]
+    store.owe_compute(ids)
+    keys = sorted(owed_key(i) for i in ids)
+    order = [k.partition("#")[2] for k in keys]
+    assert [m.workload_id for m in store.owed_compute(limit=3, start=keys[2])] == [*order[2:], order[0]]
+    mid = keys[1] + "0"  # between the second key and the third
+    assert [m.workload_id for m in store.owed_compute(start=mid)] == [*order[2:], *order[:2]]
+    assert [m.workload_id for m in store.owed_compute(start="g")] == order  # past every slot

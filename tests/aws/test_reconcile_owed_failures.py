@@ -20,6 +20,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from ringfence.control.wiring import COMPUTE_OWED_NOT_MARKED, owe_compute
+from ringfence.store.base import owed_key
 from tests.aws.conftest import Env, ip_of
 from tests.aws.test_function_iam import allowed, requests_of, sam_statements, terraform_statements
 from tests.aws.test_pipeline import _ctx, _scheduled, boot, in_set
@@ -99,7 +100,7 @@ def test_one_failed_mark_write_costs_no_other_mark_and_each_lost_one_is_counted(
     left = [1]
 
     def throttle(params: dict[str, Any], **_: Any) -> None:
-        if params.get("Key", {}).get("pk") == "owed" and left[0] > 0:
+        if params.get("Key", {}).get("pk") == "owed#ingest" and left[0] > 0:
             left[0] -= 1
             raise throttled("UpdateItem")
 
@@ -108,7 +109,9 @@ def test_one_failed_mark_write_costs_no_other_mark_and_each_lost_one_is_counted(
     from ringfence.store.dynamodb import DynamoStore
 
     # a store on the control plane's session (the one the hook is registered on), as a function's
-    store = DynamoStore("rf-inventory", "rf-state", "rf-audit", resource=clients.resource("dynamodb"))
+    store = DynamoStore(
+        "rf-inventory", "rf-state", "rf-audit", resource=clients.resource("dynamodb"), owed_writer="ingest"
+    )
     counted: list[tuple[str, float]] = []
     w = SimpleNamespace(store=store, metric=lambda n, v: counted.append((n, v)))
     gone = ["i-00000000000000001"]  # urgent: gave its address back
@@ -121,14 +124,16 @@ def test_one_failed_mark_write_costs_no_other_mark_and_each_lost_one_is_counted(
     seen = [0]
 
     def second(params: dict[str, Any], **_: Any) -> None:
-        if params.get("Key", {}).get("pk") == "owed":
+        if params.get("Key", {}).get("pk") == "owed#ingest":
             seen[0] += 1
             if seen[0] == 2:
                 raise throttled("UpdateItem")
 
     env.hook("before-parameter-build.dynamodb.UpdateItem", second)
     # clients copy the session's handlers when made: a store made after the hook
-    w.store = store = DynamoStore("rf-inventory", "rf-state", "rf-audit", resource=clients.resource("dynamodb"))
+    w.store = store = DynamoStore(
+        "rf-inventory", "rf-state", "rf-audit", resource=clients.resource("dynamodb"), owed_writer="ingest"
+    )
     later = ["i-00000000000000201", "i-00000000000000202", "i-00000000000000203"]
     owe_compute(w, later, "ingest batch")  # type: ignore[arg-type]
     marked = {m.workload_id for m in store.owed_compute()}
@@ -137,19 +142,19 @@ def test_one_failed_mark_write_costs_no_other_mark_and_each_lost_one_is_counted(
 
 
 def test_attack_a_nonce_less_owed_mark_blocks_no_drain_and_is_handed_on(env: Env) -> None:
-    """A writer of the ``owed`` partition (gcpevents and azureevents take internet-fed events)
+    """A writer of an owed partition (gcpevents and azureevents take internet-fed events)
     leaves a mark without its nonce, as both deployments' grants allow. Before: every read of the
     marks raised KeyError, swallowed by each pass, so no mark was ever drained again (a removal
     owed stayed owed for good)."""
     env.provision_example_policy()
     env.store.owe_compute(["i-0000000000000dead"], urgent=True)  # a removal owed
-    req = {
-        "Key": {"pk": "owed", "sk": "i-0000000000000beef"},
-        "UpdateExpression": "SET urgent = :u REMOVE nonce",
-        "ExpressionAttributeValues": {":u": True},
-        "TableName": env.store.state.name,
-    }
-    for fn in ("gcpevents", "azureevents", "ingest"):
+    for fn in ("gcpevents", "azureevents", "ingest"):  # each in its own partition
+        req = {
+            "Key": {"pk": f"owed#{fn}", "sk": owed_key("i-0000000000000beef")},
+            "UpdateExpression": "SET urgent = :u REMOVE nonce",
+            "ExpressionAttributeValues": {":u": True},
+            "TableName": env.store.state.name,
+        }
         for statements in (sam_statements(fn), terraform_statements(fn)):
             assert all(allowed(statements, r) for r in requests_of("UpdateItem", req)), fn
     env.store.state.update_item(
@@ -169,9 +174,11 @@ def test_a_malformed_mark_written_again_after_the_drain_read_it_survives_the_dra
     """The drain deletes a mark it read without a nonce only while it still has none: a failure
     that marks the workload again meanwhile (a fresh nonce) keeps its mark for the next drain."""
     env.store.state.update_item(
-        Key={"pk": "owed", "sk": "i-a"}, UpdateExpression="SET urgent = :u", ExpressionAttributeValues={":u": False}
+        Key={"pk": "owed#ingest", "sk": owed_key("i-a")},
+        UpdateExpression="SET urgent = :u",
+        ExpressionAttributeValues={":u": False},
     )
-    env.store.state.put_item(Item={"pk": "owed", "sk": "i-b", "nonce": 7, "urgent": False})  # not a string
+    env.store.state.put_item(Item={"pk": "owed#ingest", "sk": owed_key("i-b"), "nonce": 7, "urgent": False})
     marks = env.store.owed_compute()
     assert sorted((m.workload_id, m.nonce) for m in marks) == [("i-a", ""), ("i-b", "")]
     env.store.owe_compute(["i-a"])

@@ -10,8 +10,17 @@ from __future__ import annotations
 import pytest
 from botocore.exceptions import ClientError
 
+from ringfence.store.base import OWED_WRITERS
 from tests.aws.conftest import Env, ip_of
-from tests.aws.test_function_iam import SAM, Recorder, allowed, refusals, sam_statements, terraform_statements
+from tests.aws.test_function_iam import (
+    SAM,
+    Recorder,
+    Request,
+    allowed,
+    refusals,
+    sam_statements,
+    terraform_statements,
+)
 from tests.aws.test_pipeline import _ctx, _scheduled, boot, in_set
 from tests.aws.test_reconcile_gone_hand_off import compute_messages, leaves_listing, reconcile_container
 
@@ -23,7 +32,9 @@ def owed(env: Env) -> list[str]:
 def marked(rec: Recorder) -> set[str]:
     """The kinds of owed-mark writes reconcile made."""
     return {
-        a for a, t, c in rec.calls.get("reconcile", []) if t == "state" and c.get("dynamodb:LeadingKeys") == ["owed"]
+        a
+        for a, t, c in rec.calls.get("reconcile", [])
+        if t == "state" and c.get("dynamodb:LeadingKeys") == ["owed#reconcile"]
     }
 
 
@@ -102,20 +113,32 @@ MARKS = {"ingest", "lifecycle", "gcpevents", "azureevents"}  # the functions who
 DRAINS = {"reconcile", "cloudreconcile"}  # the scheduled passes: they mark and drain
 
 
-def test_the_owed_partition_is_granted_to_the_functions_that_mark_or_drain_it_alone() -> None:
+def test_each_owed_partition_is_granted_to_its_writer_alone_and_drained_by_the_passes() -> None:
     """In template.yaml and in infra/ alike: a mark's write (DynamoStore.owe_compute) to the
-    functions that hand on what they store, its conditional delete to the scheduled passes alone,
-    and with those grants no other item of the state table (the same attributes elsewhere)."""
+    functions that hand on what they store, each in its own partition (owed#<function>) and in no
+    other function's nor the legacy ``owed`` one (a compromised writer can delay only its own
+    marks), the conditional delete in every owed partition to the scheduled passes alone, and
+    with those grants no other item of the state table (the same attributes elsewhere)."""
     attrs = ["nonce", "pk", "sk", "urgent"]
-    mark = ("UpdateItem", "state", {"dynamodb:LeadingKeys": ["owed"], "dynamodb:Attributes": attrs})
-    drain = ("DeleteItem", "state", {"dynamodb:LeadingKeys": ["owed"], "dynamodb:Attributes": ["nonce", "pk", "sk"]})
+    partitions = ["owed", *(f"owed#{w}" for w in OWED_WRITERS)]
+    assert set(OWED_WRITERS) == MARKS | DRAINS
+
+    def mark(pk: str) -> Request:
+        return ("UpdateItem", "state", {"dynamodb:LeadingKeys": [pk], "dynamodb:Attributes": attrs})
+
+    def drain(pk: str) -> Request:
+        return ("DeleteItem", "state", {"dynamodb:LeadingKeys": [pk], "dynamodb:Attributes": ["nonce", "pk", "sk"]})
+
     for fn in SAM:
         for where, statements_of in (("template.yaml", sam_statements), ("infra/", terraform_statements)):
             statements = statements_of(fn)
-            assert allowed(statements, mark) == (fn in MARKS | DRAINS), (where, fn, "mark")
-            assert allowed(statements, drain) == (fn in DRAINS), (where, fn, "drain")
+            assert allowed(statements, mark(f"owed#{fn}")) == (fn in MARKS | DRAINS), (where, fn, "mark")
+            for pk in partitions:
+                if pk != f"owed#{fn}":
+                    assert not allowed(statements, mark(pk)), (where, fn, "writes another's partition", pk)
+                assert allowed(statements, drain(pk)) == (fn in DRAINS), (where, fn, "drain", pk)
             if fn in MARKS | DRAINS:
-                for pk in ("policy", "engine", f"bundle#{'i-1'}", "owedx", "quarantine"):
+                for pk in ("policy", "engine", f"bundle#{'i-1'}", "owedx", "owed#", "owed#compute", "quarantine"):
                     for action in ("UpdateItem", "DeleteItem"):
                         other = (action, "state", {"dynamodb:LeadingKeys": [pk], "dynamodb:Attributes": attrs})
                         assert not allowed(statements, other), (where, fn, action, pk)

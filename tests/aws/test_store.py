@@ -38,7 +38,8 @@ from ringfence.store.sqlite import SCHEMA_VERSION, SqliteStore
 WID = "i-0123456789abcdef0"
 
 
-def make_dynamo(moto_url: str) -> Store:
+def make_dynamo(moto_url: str, owed_writer: str = "reconcile") -> Store:
+    """A DynamoStore on fresh tables; ``owed_writer``: the function whose owed partition it marks."""
     from ringfence.store.dynamodb import DynamoStore
 
     requests.post(f"{moto_url}/moto-api/reset", timeout=10)
@@ -54,7 +55,7 @@ def make_dynamo(moto_url: str) -> Store:
             AttributeDefinitions=[{"AttributeName": k, "AttributeType": "S"} for k, _ in keys],
             BillingMode="PAY_PER_REQUEST",
         )
-    return DynamoStore("rf-inventory", "rf-state", "rf-audit", resource=ddb)
+    return DynamoStore("rf-inventory", "rf-state", "rf-audit", resource=ddb, owed_writer=owed_writer)
 
 
 @pytest.fixture(params=["dynamodb", "sqlite"])

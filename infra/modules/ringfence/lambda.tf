@@ -196,13 +196,18 @@ locals {
   # a privileged-label finding counted once (control/governance.py): its claim only, by the
   # functions whose events name a call's principal (the scheduled passes raise no finding)
   counted_put = { actions = ["dynamodb:PutItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["once#counted#*"] }, { test = "ForAllValues:StringEquals", variable = "dynamodb:Attributes", values = ["pk", "sk", "ttl"] }] }
-  # a workload owed to compute (control/wiring.py owe_compute): a hand-off that failed, marked in
-  # the one `owed` partition by the functions that hand on what they store; the scheduled passes
-  # also drain it (DeleteItem, conditioned on the mark's nonce)
-  owed_keys  = { test = "ForAllValues:StringEquals", variable = "dynamodb:LeadingKeys", values = ["owed"] }
-  owed_attrs = { test = "ForAllValues:StringEquals", variable = "dynamodb:Attributes", values = ["pk", "sk", "nonce", "urgent"] }
-  owed_mark  = { actions = ["dynamodb:UpdateItem"], resources = [aws_dynamodb_table.state.arn], conditions = [local.owed_keys, local.owed_attrs] }
-  owed_drain = { actions = ["dynamodb:UpdateItem", "dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn], conditions = [local.owed_keys, local.owed_attrs] }
+  # a workload owed to compute (control/wiring.py owe_compute): a hand-off that failed, marked by
+  # the functions that hand on what they store, each in its own partition owed#<function> alone
+  # (a compromised one delays only its own marks); the scheduled passes drain every writer's and
+  # the legacy `owed` one (DeleteItem, conditioned on the mark's nonce; no role writes `owed`)
+  owed_attrs               = { test = "ForAllValues:StringEquals", variable = "dynamodb:Attributes", values = ["pk", "sk", "nonce", "urgent"] }
+  owed_mark_ingest         = { actions = ["dynamodb:UpdateItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringEquals", variable = "dynamodb:LeadingKeys", values = ["owed#ingest"] }, local.owed_attrs] }
+  owed_mark_lifecycle      = { actions = ["dynamodb:UpdateItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringEquals", variable = "dynamodb:LeadingKeys", values = ["owed#lifecycle"] }, local.owed_attrs] }
+  owed_mark_reconcile      = { actions = ["dynamodb:UpdateItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringEquals", variable = "dynamodb:LeadingKeys", values = ["owed#reconcile"] }, local.owed_attrs] }
+  owed_mark_gcpevents      = { actions = ["dynamodb:UpdateItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringEquals", variable = "dynamodb:LeadingKeys", values = ["owed#gcpevents"] }, local.owed_attrs] }
+  owed_mark_azureevents    = { actions = ["dynamodb:UpdateItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringEquals", variable = "dynamodb:LeadingKeys", values = ["owed#azureevents"] }, local.owed_attrs] }
+  owed_mark_cloudreconcile = { actions = ["dynamodb:UpdateItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringEquals", variable = "dynamodb:LeadingKeys", values = ["owed#cloudreconcile"] }, local.owed_attrs] }
+  owed_drain               = { actions = ["dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringEquals", variable = "dynamodb:LeadingKeys", values = ["owed", "owed#ingest", "owed#lifecycle", "owed#reconcile", "owed#gcpevents", "owed#azureevents", "owed#cloudreconcile"] }, local.owed_attrs] }
 
   # least privilege, per function
   statements = {
@@ -215,7 +220,7 @@ locals {
       # a terminated instance's agent token and connection are revoked (audited): those items
       # only, never the active policy, a bundle pointer or the engine head
       local.retire,
-      local.quarantine_put, local.record_check, local.counted_put, local.owed_mark,
+      local.quarantine_put, local.record_check, local.counted_put, local.owed_mark_ingest,
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.ingest.arn] },
       # the priority lane: an instance leaving its peers' sets
@@ -273,7 +278,7 @@ locals {
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn] },
       # an instance seen terminated: its token and connection go (those items only)
       local.retire,
-      local.quarantine_put, local.record_check, local.owed_mark,
+      local.quarantine_put, local.record_check, local.owed_mark_lifecycle,
       # a refused terminate and governance findings are audited (the chain head read, then the record)
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], resources = [aws_sqs_queue.lifecycle.arn] },
@@ -286,7 +291,7 @@ locals {
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
       # a missed heartbeat marks the workload offline
       { actions = ["dynamodb:UpdateItem"], resources = [aws_dynamodb_table.inventory.arn], conditions = [local.observed_offline] },
-      local.quarantine_put, local.record_check, local.owed_drain,
+      local.quarantine_put, local.record_check, local.owed_mark_reconcile, local.owed_drain,
       # Query, BatchGetItem: the effective-policy findings (enforcement reports, set heads); a
       # vanished instance's token and connection deleted (those items only)
       { actions = ["dynamodb:GetItem", "dynamodb:Query", "dynamodb:BatchGetItem"], resources = [aws_dynamodb_table.state.arn] },
@@ -383,7 +388,7 @@ locals {
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn] },
       local.retire, local.gcp_once,
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
-      local.observe, local.quarantine_put, local.record_check, local.counted_put, local.owed_mark,
+      local.observe, local.quarantine_put, local.record_check, local.counted_put, local.owed_mark_gcpevents,
       # governance findings, approvals and retired credentials are audited
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
@@ -394,7 +399,7 @@ locals {
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn] },
       local.retire,
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
-      local.observe, local.quarantine_put, local.record_check, local.counted_put, local.owed_mark,
+      local.observe, local.quarantine_put, local.record_check, local.counted_put, local.owed_mark_azureevents,
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
       local.policies_read, local.kms_use,
@@ -404,7 +409,7 @@ locals {
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Query"], resources = [aws_dynamodb_table.state.arn] },
       local.retire, local.gcp_once,
       { actions = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Scan"], resources = [aws_dynamodb_table.inventory.arn] },
-      local.observe, local.quarantine_put, local.record_check, local.owed_drain,
+      local.observe, local.quarantine_put, local.record_check, local.owed_mark_cloudreconcile, local.owed_drain,
       { actions = ["dynamodb:GetItem", "dynamodb:PutItem"], resources = [aws_dynamodb_table.audit.arn] },
       { actions = ["sqs:SendMessage"], resources = [aws_sqs_queue.compute.arn, aws_sqs_queue.async_dlq.arn] },
       local.policies_read, local.kms_use,

@@ -21,6 +21,7 @@ from ringfence.labels import LabelMapper
 from ringfence.policy import Policy, load_policy_texts
 from ringfence.siem import DROP_BUDGET, DROP_WINDOW, Siem
 from ringfence.store.base import (
+    OWED_SLOT_DIGITS,
     AuditedChange,
     InventoryRecord,
     OwedMark,
@@ -57,8 +58,8 @@ COMPUTE_NOT_QUEUED = "ComputeNotQueued"
 COMPUTE_OWED_NOT_MARKED = "ComputeOwedNotMarked"
 # owed marks whose id names no workload, deleted by a drain unsent (hand_on_owed)
 OWED_MARKS_MALFORMED = "OwedMarksMalformed"
-# the owed marks one scheduled pass hands on (the rest: the next pass's), the marks it reads to
-# choose them from (sort key, nonce and urgency only: a few MB), and the ids of each hand-off of
+# the owed marks one scheduled pass hands on (the rest: the next pass's), the marks it reads of each
+# writer's partition to choose them from (sort key, nonce and urgency only: a few MB), and the ids of each hand-off of
 # them (one refused keeps only its own marks)
 OWED_READ_LIMIT = 5000
 OWED_SCAN_LIMIT = 50000
@@ -222,25 +223,38 @@ def owe_compute(
         (metric or w.metric)(COMPUTE_OWED_NOT_MARKED, len(failed))
 
 
+def _fair_share(groups: list[list[OwedMark]], room: int) -> list[OwedMark]:
+    """At most ``room`` of ``groups``' marks, shared evenly (the smallest groups whole, what they
+    leave to the larger), each group's chosen at random."""
+    chosen: list[OwedMark] = []
+    groups = sorted(groups, key=len)
+    for n, group in enumerate(groups):
+        share = (room - len(chosen)) // (len(groups) - n)
+        chosen += group if len(group) <= share else _owed_rng.sample(group, share)
+    return chosen
+
+
 def hand_on_owed(w: BaseWiring, what: str, metric: Metric | None = None) -> list[str]:
     """A scheduled pass hands to compute the workloads marked owed (:func:`owe_compute`), of any
     age and any scope (compute takes records as stored: one hand-off too many is harmless, and a
     mark names no cloud to filter by), the urgent ones in the priority lane: at most
     :data:`OWED_READ_LIMIT` marks a pass (the rest are the next pass's), chosen among the first
-    :data:`OWED_SCAN_LIMIT` read (workload id order from a random point round, within the
-    store's read budget: :data:`~ringfence.store.base.OWED_PAGE_BUDGET`) urgent ones first, and at random among
-    equals: ordinary marks sorting first (a backlog, or a writer planting low ids each pass)
-    neither hold an urgent mark back nor pin the ordinary window. Each lane goes in chunks of
+    :data:`OWED_SCAN_LIMIT` read of each writer's partition (:func:`~ringfence.store.base.owed_key`
+    order from a random slot round, within the store's read budget per partition:
+    :data:`~ringfence.store.base.OWED_PAGE_BUDGET`), urgent ones first, each partition its fair
+    share (:func:`_fair_share`), at random among equals: a backlog, or a writer planting marks
+    (only its own partition is granted to it), neither holds another writer's mark back nor pins
+    the window. Each lane goes in chunks of
     :data:`OWED_CHUNK` ids, and the marks of each chunk queued are deleted, each only while it holds the nonce read (a mark written again by a newer failure
     meanwhile stays for the next pass): a refused chunk keeps its own marks and no other. A mark
-    whose id is no workload id (:data:`~ringfence.cmdb.WORKLOAD_ID`; any writer of the partition
+    whose id is no workload id (:data:`~ringfence.cmdb.WORKLOAD_ID`; any writer of a partition
     can make one, e.g. kilobytes of control characters) is deleted unsent and counted
     (``OwedMarksMalformed``). A failure is logged and counted, never raised. The ids queued."""
     metric = metric or w.metric
     try:
-        # from a random point of the id space round: marks planted to sort first (or a writer's
-        # oversized ones, of which a read holds few) cannot keep the others unread pass after pass
-        start = "".join(_owed_rng.choice("0123456789abcdefghijklmnopqrstuvwxyz") for _ in range(4))
+        # from a random slot round (owed_key: slots hashed from the ids are uniform over the marks
+        # present, whatever the ids' shapes): a backlog's first keys cannot keep the rest unread
+        start = f"{_owed_rng.getrandbits(4 * OWED_SLOT_DIGITS):0{OWED_SLOT_DIGITS}x}"
         marks = w.store.owed_compute(limit=OWED_SCAN_LIMIT, start=start)
     except Exception:
         log.exception("%s: the workloads owed to compute could not be read", what)
@@ -252,9 +266,13 @@ def hand_on_owed(w: BaseWiring, what: str, metric: Metric | None = None) -> list
         (named if WORKLOAD_ID.fullmatch(m.workload_id) else bad).append(m)
     good: list[OwedMark] = []
     for urgent in (True, False):
-        lane = [m for m in named if m.urgent == urgent]
-        room = OWED_READ_LIMIT - len(good)
-        good += lane if len(lane) <= room else _owed_rng.sample(lane, room)
+        # each writer's partition its fair share of the room: one writer's flood of (urgent)
+        # marks takes no more than its share while another's marks wait
+        by_partition: dict[str, list[OwedMark]] = {}
+        for m in named:
+            if m.urgent == urgent:
+                by_partition.setdefault(m.partition, []).append(m)
+        good += _fair_share(list(by_partition.values()), OWED_READ_LIMIT - len(good))
     # each pass deletes at most as many malformed marks as it hands on
     bad = bad[:OWED_READ_LIMIT]
     if bad:
@@ -409,11 +427,15 @@ class Config:
     # (hand_on_gone_again): the pass that stored it may have failed to; at least two schedule
     # periods (the default: four of the default 15 minutes)
     gone_resend_window: float = 3600.0
+    # the function marking workloads owed in its own partition (OWED_WRITERS; "" it marks none):
+    # named by its app in code, as its role's grant names it, never read from the environment
+    owed_writer: str = ""
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> Config:
+    def from_env(cls, env: dict[str, str] | None = None, *, owed_writer: str = "") -> Config:
         e = {**os.environ, **(FUNCTION_ENV.get() or {})} if env is None else env
         return cls(
+            owed_writer=owed_writer,
             inventory_table=e.get("RINGFENCE_INVENTORY_TABLE", ""),
             state_table=e.get("RINGFENCE_STATE_TABLE", ""),
             audit_table=e.get("RINGFENCE_AUDIT_TABLE", ""),

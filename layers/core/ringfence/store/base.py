@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import hashlib
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -102,32 +103,22 @@ class Unconfirmed(RuntimeError):
         self.cause = cause
 
 
-class WorkloadChanged(ConflictError):
-    """:meth:`Store.set_operator` with ``governed_rev``: the workload is no longer the one the
-    operator's change was decided from (deregistered, registered again, or governed anew since it
-    was read). Nothing was written."""
-
-
 class OperatorChange(NamedTuple):
     """:meth:`Store.set_operator` as a change made with its audit record (:meth:`Store.audit_with`):
     the mode when ``set_mode`` (``mode`` None clears it) and/or the quarantine (``quarantined``
-    None: left as it is), only over the record read when ``governed_rev`` is given (that record's).
-    A description, not a callable, so that a store that writes both in one request (DynamoDB) can
-    turn it into that request's items."""
+    None: left as it is). A description, not a callable, so that a store that writes both in one
+    request (DynamoDB) can turn it into that request's items."""
 
     workload_id: str
     quarantined: bool | None = None
     set_mode: bool = False
     mode: Mode | None = None
-    governed_rev: int | None = None
 
     def apply(self, store: Store) -> None:
         if self.set_mode:
-            store.set_operator(
-                self.workload_id, mode=self.mode, quarantined=self.quarantined, governed_rev=self.governed_rev
-            )
+            store.set_operator(self.workload_id, mode=self.mode, quarantined=self.quarantined)
         else:
-            store.set_operator(self.workload_id, quarantined=self.quarantined, governed_rev=self.governed_rev)
+            store.set_operator(self.workload_id, quarantined=self.quarantined)
 
 
 class PolicyActivation(NamedTuple):
@@ -639,8 +630,31 @@ class Grant(NamedTuple):
 # is read malformed
 OWED_NONCE_MAX = 64
 # the pages (DynamoDB: up to 1 MB of whole items each, read capacity counts them whole, whatever is
-# projected) one drain reads: thousands of ordinary marks a page, two of a writer's 400 KB ones
+# projected) a drain reads of each writer's partition: thousands of ordinary marks a page, two of a
+# writer's 400 KB ones. Each partition has its own budget: a writer's marks spend only its own
 OWED_PAGE_BUDGET = 16
+# the functions that mark workloads owed, each in its own partition (DynamoDB ``owed#<writer>``,
+# granted to that function alone: a compromised writer can fill and delay only its own marks).
+# The drain reads every one of them; the name is the function's (functions/<name>/app.py)
+OWED_WRITERS = ("ingest", "lifecycle", "reconcile", "gcpevents", "azureevents", "cloudreconcile")
+# the digits of a mark's slot (owed_key): its place in a partition's order, uniform over the ids
+OWED_SLOT_DIGITS = 8
+
+
+def owed_key(workload_id: str) -> str:
+    """The sort key of ``workload_id``'s owed mark: a slot hashed from the id, then the id. A drain
+    reads a partition from a random slot round (:func:`ringfence.control.wiring.hand_on_owed`):
+    the slots, unlike the ids (every EC2 id begins ``i-``, GCP's are 19 digits), are uniform over
+    the marks present, so each mark is as likely as any other to be read first, backlog or not."""
+    slot = hashlib.blake2b(workload_id.encode(), digest_size=OWED_SLOT_DIGITS // 2).hexdigest()
+    return f"{slot}#{workload_id}"
+
+
+def owed_id(key: str) -> str | None:
+    """The workload id of the sort key ``key`` (:func:`owed_key`), None if it is no mark's key
+    (its slot is not its id's: anything a writer of the partition made by hand)."""
+    wid = key[OWED_SLOT_DIGITS + 1 :]
+    return wid if wid and owed_key(wid) == key else None
 
 
 class OwedMark(NamedTuple):
@@ -651,6 +665,10 @@ class OwedMark(NamedTuple):
     workload_id: str
     urgent: bool
     nonce: str
+    # where it was read (DynamoDB: its writer's partition; "" the one place a store keeps marks in)
+    # and its stored key ("" :func:`owed_key` of the id): settle_owed deletes that item
+    partition: str = ""
+    key: str = ""
 
 
 class OwedNotMarked(Exception):
@@ -797,21 +815,9 @@ class Store(Protocol):
         that would otherwise read every record. None: this store keeps no such number."""
         ...
 
-    def set_operator(
-        self,
-        workload_id: str,
-        *,
-        mode: Mode | None = ...,
-        quarantined: bool | None = None,
-        governed_rev: int | None = None,
-    ) -> None:
+    def set_operator(self, workload_id: str, *, mode: Mode | None = ..., quarantined: bool | None = None) -> None:
         """Set the operator mode and/or quarantine (KeyError, nothing written, for an unknown
-        workload). With ``governed_rev`` (the record's as the caller read it), only while the
-        stored record still holds it, checked in the write's own transaction, else
-        :class:`WorkloadChanged`, nothing written: a deregistration always moves it
-        (:func:`next_governed_rev`) and it never goes back, so an id deregistered or registered
-        again since the read (another host) never takes a mode or quarantine meant for the one
-        read. ``quarantined=True`` records the quarantine apart from the inventory record, in
+        workload). ``quarantined=True`` records the quarantine apart from the inventory record, in
         an item that only a release deletes (DynamoDB: the state item ``quarantine``/``<id>``,
         which the event-fed roles may put but never delete; SQLite: a row of its own). ``False``, a
         release, deletes it and clears the record's own ``op_quarantined`` (one set before the
@@ -1029,18 +1035,21 @@ class Store(Protocol):
 
     # compute owed: hand-offs that failed after their change was stored (control/wiring.py)
     def owe_compute(self, workload_ids: list[str], urgent: bool = False) -> None:
-        """Mark ``workload_ids`` owed to compute, each with a new nonce: a mark there already is
+        """Mark ``workload_ids`` owed to compute, each with a new nonce (DynamoDB: in this store's
+        writer's partition, :data:`OWED_WRITERS`): a mark there already is
         written again (a drain that read it before then no longer deletes it), urgent if either
         write was. One mark's failed write does not keep the others from being written: raises
         :class:`OwedNotMarked` naming those not written (any other error: none may be)."""
         ...
 
     def owed_compute(self, limit: int | None = None, start: str = "") -> list[OwedMark]:
-        """Every mark (``limit``: the first that many, in workload id order from ``start`` round
-        to the ids before it), of any age, read consistently (no scan of other items). A store
-        may return fewer than ``limit`` when the marks read are unusually large (DynamoDB: a
-        read budget of :data:`OWED_PAGE_BUDGET` pages), or when a page after the first fails:
-        what was read, so that a drain always makes progress. A mark whose id names no workload is read as
+        """Every mark (``limit``: the first that many of each writer's partition, in
+        :func:`owed_key` order from ``start`` round to the keys before it; SQLite keeps one), of
+        any age, read consistently (no scan of other items). A store may return fewer than
+        ``limit`` of a partition when its marks are unusually large (DynamoDB: a read budget of
+        :data:`OWED_PAGE_BUDGET` pages each, an empty page with nothing after it not counted),
+        or when a page after the first fails: what was read, so that a drain always makes
+        progress (a partition that cannot be read at all is skipped, raised only if none was). A mark whose id names no workload is read as
         written (the drain, :func:`ringfence.control.wiring.hand_on_owed`, drops it). A malformed mark
         (its nonce missing, not a string, or over :data:`OWED_NONCE_MAX` characters: any writer of
         the partition can make one, and a drain must not hold kilobytes per mark) is still a

@@ -46,6 +46,7 @@ from ringfence.store.base import (
     MOVED_TTL,
     OWED_NONCE_MAX,
     OWED_PAGE_BUDGET,
+    OWED_WRITERS,
     UNREAD,
     AddressTaken,
     AuditedChange,
@@ -77,7 +78,6 @@ from ringfence.store.base import (
     TooManyTogether,
     Unconfirmed,
     Unread,
-    WorkloadChanged,
     account_key,
     agent_key_fingerprint_of,
     check_hold_fields,
@@ -87,6 +87,8 @@ from ringfence.store.base import (
     next_governed_rev,
     no_metric,
     other_account,
+    owed_id,
+    owed_key,
     token_key_holds,
 )
 
@@ -94,7 +96,8 @@ _UNSET: Any = object()
 # a workload's quarantine: the state item QUARANTINE/<workload id> (DynamoStore.set_operator). One
 # partition: every quarantine in one Query (all_records), as few as they are
 QUARANTINE = "quarantine"
-# the partition of the workloads compute is owed (owe_compute), each a sort key
+# the workloads compute is owed (owe_compute): each writer's partition is ``owed#<writer>``; ``owed``
+# alone is the one partition all wrote before, drained until it is empty
 OWED = "owed"
 QUARANTINE_BATCH = 50  # workloads per BatchGetItem with their quarantine items (100 keys a call)
 
@@ -178,9 +181,13 @@ class DynamoStore:
         *,
         resource: Any = None,
         one_audit_writer: bool = True,
+        owed_writer: str = "",
     ) -> None:
         """``one_audit_writer``: this process's audit writes go one at a time (:class:`_ChainWriter`);
-        False leaves every thread to race like a process of its own (tests of the conditions)."""
+        False leaves every thread to race like a process of its own (tests of the conditions).
+        ``owed_writer``: the function whose partition this store marks workloads owed in (one of
+        :data:`~ringfence.store.base.OWED_WRITERS`; "" none: :meth:`owe_compute` writes nothing)."""
+        self.owed_writer = owed_writer
         ddb = resource or boto3.resource("dynamodb")
         self.one_audit_writer = one_audit_writer
         self.ddb = ddb
@@ -397,26 +404,18 @@ class DynamoStore:
         quarantined = self._quarantined()  # read after the records: a quarantine put meanwhile counts
         return [rec for rec in (self._with_quarantine(i, quarantined) for i in items) if rec is not None]
 
-    def set_operator(
-        self,
-        workload_id: str,
-        *,
-        mode: Mode | None = _UNSET,
-        quarantined: bool | None = None,
-        governed_rev: int | None = None,
-    ) -> None:
+    def set_operator(self, workload_id: str, *, mode: Mode | None = _UNSET, quarantined: bool | None = None) -> None:
         """A quarantine is the state item ``quarantine``/``<workload id>``, put (never updated) in
         one transaction with a check that the record exists; a release deletes it and removes the
         record's ``op_quarantined`` (set true before the item existed: an upgrade) in one
         transaction. So the roles that quarantine (governance, in the event-fed functions) need
         only PutItem on that item, which can quarantine but never release; DeleteItem on it is
-        the administrator's alone (template.yaml, infra/). ``governed_rev``: a condition of the
-        record's item in that transaction."""
-        if quarantined is None and governed_rev is None:
+        the administrator's alone (template.yaml, infra/)."""
+        if quarantined is None:
             sets, removes, values = self._mode_update(mode)
             self._update(workload_id, sets, removes, values)
             return
-        self._transact_part(self._operator_part(workload_id, mode, quarantined, governed_rev))
+        self._transact_part(self._operator_part(workload_id, mode, quarantined))
 
     @staticmethod
     def _mode_update(mode: Mode | None) -> tuple[list[str], list[str], dict[str, Any]]:
@@ -426,33 +425,23 @@ class DynamoStore:
             return [], ["op_mode"], {}
         return ["op_mode = :m"], [], {":m": mode.value}
 
-    def _operator_part(
-        self, workload_id: str, mode: Mode | None, quarantined: bool | None, governed_rev: int | None = None
-    ) -> _Part:
+    def _operator_part(self, workload_id: str, mode: Mode | None, quarantined: bool | None) -> _Part:
         """:meth:`set_operator` as transaction items: the record's update (or, with nothing of it
         to change, a check that it exists), then the quarantine item's put or delete (none when
-        ``quarantined`` is None). Refused by the first: :class:`KeyError`; with ``governed_rev``
-        (the record's as read, which also says it existed then: no record is ever deleted)
-        :class:`WorkloadChanged`."""
+        ``quarantined`` is None). Refused by the first: :class:`KeyError`."""
         sets, removes, values = self._mode_update(mode)
         if quarantined is False:
             removes.append("op_quarantined")
-        condition = "attribute_exists(id)"
-        if governed_rev is not None:
-            # a deregistration moves the version (never back): the record read and no other
-            values[":read_rev"] = governed_rev
-            same = "governed_rev = :read_rev"
-            condition += f" AND ({same} OR attribute_not_exists(governed_rev))" if governed_rev == 0 else f" AND {same}"
         record: dict[str, Any] = {
             "TableName": self.inventory.name,
             "Key": {"id": workload_id},
-            "ConditionExpression": condition,
+            "ConditionExpression": "attribute_exists(id)",
         }
         if sets or removes:
             expr = ("SET " + ", ".join(sets) if sets else "") + (" REMOVE " + ", ".join(removes) if removes else "")
             record["UpdateExpression"] = expr.strip()
-        if values:  # the mode's, and the version read (a condition check's too)
-            record["ExpressionAttributeValues"] = values
+            if values:
+                record["ExpressionAttributeValues"] = values
         items: list[dict[str, Any]] = [{"Update" if sets or removes else "ConditionCheck": record}]
         key = {"pk": QUARANTINE, "sk": workload_id}
         if quarantined:
@@ -461,14 +450,7 @@ class DynamoStore:
             items.append({"Delete": {"TableName": self.state.name, "Key": key}})
 
         def refused(reasons: list[str]) -> Exception | None:
-            if reasons[:1] != ["ConditionalCheckFailed"]:
-                return None
-            if governed_rev is None:
-                return KeyError(workload_id)
-            return WorkloadChanged(
-                f"{workload_id}: deregistered, registered again or governed anew since it was read "
-                f"(read at governance version {governed_rev}): nothing set"
-            )
+            return KeyError(workload_id) if reasons[:1] == ["ConditionalCheckFailed"] else None
 
         return _Part(items, refused)
 
@@ -792,19 +774,28 @@ class DynamoStore:
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
     # --- compute owed (control/wiring.py) ---------------------------------------------------------
-    # one partition, ``owed``, a workload id per sort key: a drain reads it with a Query, never a
-    # Scan, and the roles that write or drain marks are granted that partition alone
+    # a partition per writer, ``owed#<writer>`` (OWED_WRITERS), a mark per sort key (owed_key: a
+    # slot hashed from the workload id, then the id); each function is granted UpdateItem on its
+    # own partition alone (dynamodb:LeadingKeys), so a compromised one can delay only the marks it
+    # writes. A drain reads each partition with a Query, never a Scan, with a budget of its own.
+    # ``owed``: the one partition every writer shared before; drained only (no role writes it)
 
     def owe_compute(self, workload_ids: list[str], urgent: bool = False) -> None:
+        ids = sorted(set(workload_ids))
+        if ids and self.owed_writer not in OWED_WRITERS:
+            # no partition is this function's (nor granted to it): not written, said why
+            raise OwedNotMarked(ids) from ValueError(
+                f"owed marks: this store's writer {self.owed_writer!r} is none of {', '.join(OWED_WRITERS)}"
+            )
         # a write per mark: one throttled must not cost the marks after it
         failed: list[str] = []
         error: Exception | None = None
-        for wid in sorted(set(workload_ids)):
+        for wid in ids:
             # an urgent mark stays urgent when an ordinary failure writes it again
             lane = "urgent = :u" if urgent else "urgent = if_not_exists(urgent, :u)"
             try:
                 self.state.update_item(
-                    Key={"pk": OWED, "sk": wid},
+                    Key={"pk": f"{OWED}#{self.owed_writer}", "sk": owed_key(wid)},
                     UpdateExpression=f"SET nonce = :n, {lane}",
                     ExpressionAttributeValues={":n": uuid.uuid4().hex, ":u": urgent},
                 )
@@ -816,10 +807,25 @@ class DynamoStore:
 
     def owed_compute(self, limit: int | None = None, start: str = "") -> list[OwedMark]:
         out: list[OwedMark] = []
+        error: Exception | None = None
+        for partition in (OWED, *(f"{OWED}#{w}" for w in OWED_WRITERS)):
+            # each partition with its own limit and page budget: one writer's marks, however many
+            # or large, leave every other writer's read as it would be without them
+            try:
+                out += self._owed_partition(partition, limit, "" if partition == OWED else start)
+            except Exception as exc:
+                log.exception("owed marks: partition %s could not be read (the others are)", partition)
+                error = error or exc
+        if error is not None and not out:
+            raise error
+        return out
+
+    def _owed_partition(self, partition: str, limit: int | None, start: str) -> list[OwedMark]:
+        out: list[OwedMark] = []
         pages = 0
         # from ``start`` to the end of the partition, then round from its beginning to ``start``
         for part in (Key("sk").gte(start), Key("sk").lt(start)) if start else (None,):
-            cond = Key("pk").eq(OWED) if part is None else Key("pk").eq(OWED) & part
+            cond = Key("pk").eq(partition) if part is None else Key("pk").eq(partition) & part
             kwargs: dict[str, Any] = {
                 "KeyConditionExpression": cond,
                 "ConsistentRead": True,
@@ -834,27 +840,35 @@ class DynamoStore:
                 except Exception:
                     if not out:
                         raise
-                    log.exception("owed marks: a page failed after %d marks read: the drain takes those", len(out))
+                    log.exception(
+                        "owed marks: a page of %s failed after %d marks read: the drain takes those",
+                        partition,
+                        len(out),
+                    )
                     return out
-                pages += 1
-                self._owed_marks(page, out)
+                if page.get("Items") or "LastEvaluatedKey" in page:
+                    pages += 1  # an empty half (a start past every mark) costs no page of the budget
+                self._owed_marks(page, partition, out)
                 if "LastEvaluatedKey" not in page:
                     break
                 kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
         return out
 
     @staticmethod
-    def _owed_marks(page: dict[str, Any], out: list[OwedMark]) -> None:
+    def _owed_marks(page: dict[str, Any], partition: str, out: list[OwedMark]) -> None:
         for i in page.get("Items", []):
             # any writer of the partition may leave a mark malformed (its nonce removed):
             # one such item must not fail every drain; it is still a workload owed
-            wid, nonce = i.get("sk"), i.get("nonce")
-            if not isinstance(wid, str) or not wid:
+            key, nonce = i.get("sk"), i.get("nonce")
+            if not isinstance(key, str) or not key:
                 continue
+            # the legacy partition's keys are the ids; a key whose slot is not its id's is read
+            # as written (no workload id has a '#': the drain deletes it unsent)
+            wid = key if partition == OWED else (owed_id(key) or key)
             # a nonce longer than any we write (a writer may set ~400 KB) is malformed: read as
             # "", never kept nor sent back, so a few thousand of them cannot fill a drain's memory
             ok = isinstance(nonce, str) and 0 < len(nonce) <= OWED_NONCE_MAX
-            out.append(OwedMark(wid, bool(i.get("urgent")), nonce if ok else ""))
+            out.append(OwedMark(wid, bool(i.get("urgent")), nonce if ok else "", partition, key))
 
     def settle_owed(self, marks: list[OwedMark]) -> list[str]:
         settled: list[str] = []
@@ -873,8 +887,11 @@ class DynamoStore:
                     "OR nonce = :e OR size(nonce) > :max",
                     "ExpressionAttributeValues": {":s": "S", ":e": "", ":max": OWED_NONCE_MAX},
                 }
+            # a mark not read here (its partition unnamed): this store's writer's
+            partition = m.partition or f"{OWED}#{self.owed_writer}"
+            key = m.key or (m.workload_id if partition == OWED else owed_key(m.workload_id))
             try:
-                self.state.delete_item(Key={"pk": OWED, "sk": m.workload_id}, **cond)
+                self.state.delete_item(Key={"pk": partition, "sk": key}, **cond)
             except ClientError as exc:
                 if _conditional_failed(exc):
                     continue  # written again since it was read: the next drain's
@@ -1641,7 +1658,7 @@ class DynamoStore:
         # that this process's writes still queue rather than race for the head): both or neither
         if isinstance(change, OperatorChange):
             mode = change.mode if change.set_mode else _UNSET
-            part = self._operator_part(change.workload_id, mode, change.quarantined, change.governed_rev)
+            part = self._operator_part(change.workload_id, mode, change.quarantined)
         elif isinstance(change, PolicyActivation):
             part = self._activation_part(change.pv, change.expected_active)
         elif isinstance(change, TokenRevocation):

@@ -73,7 +73,6 @@ from ringfence.store.base import (
     OwedMark,
     PolicyVersion,
     Unread,
-    WorkloadChanged,
     agent_key_fingerprint_of,
     check_hold_fields,
     check_names_its_key,
@@ -83,6 +82,7 @@ from ringfence.store.base import (
     next_governed_rev,
     no_metric,
     other_account,
+    owed_key,
     token_key_holds,
 )
 
@@ -606,29 +606,15 @@ class SqliteStore:
     def all_records(self) -> list[InventoryRecord]:
         return [rec for rec in map(self._record, self._db().execute(_SELECT_ALL)) if rec is not None]
 
-    def set_operator(
-        self,
-        workload_id: str,
-        *,
-        mode: Mode | None = _UNSET,
-        quarantined: bool | None = None,
-        governed_rev: int | None = None,
-    ) -> None:
+    def set_operator(self, workload_id: str, *, mode: Mode | None = _UNSET, quarantined: bool | None = None) -> None:
         """As DynamoStore's: a quarantine is a row of its own (never the record's column); a
         release deletes it and clears the record's ``op_quarantined`` (a file's from before the
-        table), in one transaction, which checks ``governed_rev`` too (the write lock held: no
-        deregistration or registration lands in between)."""
+        table), in one transaction."""
         if mode is _UNSET and quarantined is None:
             return
         with self._tx() as db:
-            row = db.execute("SELECT governed_rev FROM inventory WHERE id = ?", (workload_id,)).fetchone()
-            if row is None:
+            if db.execute("SELECT 1 FROM inventory WHERE id = ?", (workload_id,)).fetchone() is None:
                 raise KeyError(workload_id)
-            if governed_rev is not None and row[0] != governed_rev:
-                raise WorkloadChanged(
-                    f"{workload_id}: deregistered, registered again or governed anew since it was read "
-                    f"(governance version {row[0]}, read {governed_rev}): nothing set"
-                )
             if mode is not _UNSET:
                 db.execute(_UPDATES["op_mode"], (mode.value if mode is not None else None, workload_id))
             if quarantined:
@@ -894,13 +880,15 @@ class SqliteStore:
 
     def owed_compute(self, limit: int | None = None, start: str = "") -> list[OwedMark]:
         rows = self._db().execute(
-            # as on DynamoDB: a nonce longer than any owe_compute writes is read malformed (""); from
-            # ``start`` round to the ids before it
-            "SELECT workload_id, urgent, CASE WHEN length(nonce) <= ? THEN nonce ELSE '' END "
-            "FROM owed_compute ORDER BY workload_id < ?, workload_id LIMIT ?",
-            (OWED_NONCE_MAX, start, -1 if limit is None else limit),
+            # as on DynamoDB: a nonce longer than any owe_compute writes is read malformed ("")
+            "SELECT workload_id, urgent, CASE WHEN length(nonce) <= ? THEN nonce ELSE '' END FROM owed_compute",
+            (OWED_NONCE_MAX,),
         )
-        return [OwedMark(wid, bool(urgent), nonce) for wid, urgent, nonce in rows.fetchall()]
+        # one table (its writers are this process), in DynamoDB's order of a writer's partition:
+        # by owed_key (a slot hashed from the id), from ``start`` round to the keys before it
+        keyed = sorted((owed_key(wid), OwedMark(wid, bool(urgent), nonce)) for wid, urgent, nonce in rows.fetchall())
+        order = [m for k, m in keyed if k >= start] + [m for k, m in keyed if k < start]
+        return order if limit is None else order[:limit]
 
     def settle_owed(self, marks: list[OwedMark]) -> list[str]:
         settled: list[str] = []

@@ -58,7 +58,9 @@ class Wiring(BaseWiring):
         from ringfence.store.dynamodb import DynamoStore
 
         self._ddb = clients.resource("dynamodb")
-        store = DynamoStore(cfg.inventory_table, cfg.state_table, cfg.audit_table, resource=self._ddb)
+        store = DynamoStore(
+            cfg.inventory_table, cfg.state_table, cfg.audit_table, resource=self._ddb, owed_writer=cfg.owed_writer
+        )
         super().__init__(cfg, store, S3Publisher(clients.client("s3"), cfg.bucket, cfg.kms_key_id))
         # what one workload's token may report (the agent API's reports route; serve's is in memory)
         self.report_quota = TableReportQuota.from_env(store.state)
