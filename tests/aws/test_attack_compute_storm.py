@@ -18,7 +18,7 @@ from tests.aws.test_terminate_trust import HOOK, forged_terminate, send_raw
 
 RESPONDER = "arn:aws:iam::123456789012:user/ivy"
 DEV = 10
-ROUNDS = 20  # DEV x ROUNDS tag events, one ingest invocation each: ~200 compute messages
+ROUNDS = 8  # DEV x ROUNDS tag events, one ingest invocation each: ~80 compute messages, 8 invocations deep
 
 
 def _estate_with_dev_instances(env: Env) -> tuple[dict[str, Any], list[str]]:
@@ -80,7 +80,7 @@ def test_attack_a_tag_storm_does_not_delay_a_quarantine(env: Env) -> None:
 
     _storm(env, dev, ROUNDS)
     ahead = env.count("compute")  # both lanes: the storm's are all on the compute queue
-    assert ahead >= 150, f"the storm queued {ahead} compute messages: not a backlog"
+    assert ahead >= 60, f"the storm queued {ahead} compute messages: not a backlog"
 
     took = _quarantine(env, victim, proc, ahead)
     # before: the quarantine was computed after the storm's ~ahead/10 invocations
@@ -104,7 +104,7 @@ def test_attack_a_tag_storm_does_not_delay_a_terminated_workloads_address_leavin
 
     _storm(env, dev, ROUNDS)
     ahead = env.count("compute")
-    assert ahead >= 150, f"the storm queued {ahead} compute messages: not a backlog"
+    assert ahead >= 60, f"the storm queued {ahead} compute messages: not a backlog"
 
     env.ec2.terminate_instances(InstanceIds=[gone])
     env.put(env.state_event(gone, "terminated"))
