@@ -103,22 +103,32 @@ class Unconfirmed(RuntimeError):
         self.cause = cause
 
 
+class WorkloadChanged(ConflictError):
+    """:meth:`Store.set_operator` with ``governed_rev``: the workload is no longer the one the
+    operator's change was decided from (deregistered, registered again, or governed anew since it
+    was read). Nothing was written."""
+
+
 class OperatorChange(NamedTuple):
     """:meth:`Store.set_operator` as a change made with its audit record (:meth:`Store.audit_with`):
     the mode when ``set_mode`` (``mode`` None clears it) and/or the quarantine (``quarantined``
-    None: left as it is). A description, not a callable, so that a store that writes both in one
-    request (DynamoDB) can turn it into that request's items."""
+    None: left as it is), only over the record read when ``governed_rev`` is given (that record's).
+    A description, not a callable, so that a store that writes both in one request (DynamoDB) can
+    turn it into that request's items."""
 
     workload_id: str
     quarantined: bool | None = None
     set_mode: bool = False
     mode: Mode | None = None
+    governed_rev: int | None = None
 
     def apply(self, store: Store) -> None:
         if self.set_mode:
-            store.set_operator(self.workload_id, mode=self.mode, quarantined=self.quarantined)
+            store.set_operator(
+                self.workload_id, mode=self.mode, quarantined=self.quarantined, governed_rev=self.governed_rev
+            )
         else:
-            store.set_operator(self.workload_id, quarantined=self.quarantined)
+            store.set_operator(self.workload_id, quarantined=self.quarantined, governed_rev=self.governed_rev)
 
 
 class PolicyActivation(NamedTuple):
@@ -815,9 +825,21 @@ class Store(Protocol):
         that would otherwise read every record. None: this store keeps no such number."""
         ...
 
-    def set_operator(self, workload_id: str, *, mode: Mode | None = ..., quarantined: bool | None = None) -> None:
+    def set_operator(
+        self,
+        workload_id: str,
+        *,
+        mode: Mode | None = ...,
+        quarantined: bool | None = None,
+        governed_rev: int | None = None,
+    ) -> None:
         """Set the operator mode and/or quarantine (KeyError, nothing written, for an unknown
-        workload). ``quarantined=True`` records the quarantine apart from the inventory record, in
+        workload). With ``governed_rev`` (the record's as the caller read it), only while the
+        stored record still holds it, checked in the write's own transaction, else
+        :class:`WorkloadChanged`, nothing written: a deregistration always moves it
+        (:func:`next_governed_rev`) and it never goes back, so an id deregistered or registered
+        again since the read (another host) never takes a mode or quarantine meant for the one
+        read. ``quarantined=True`` records the quarantine apart from the inventory record, in
         an item that only a release deletes (DynamoDB: the state item ``quarantine``/``<id>``,
         which the event-fed roles may put but never delete; SQLite: a row of its own). ``False``, a
         release, deletes it and clears the record's own ``op_quarantined`` (one set before the

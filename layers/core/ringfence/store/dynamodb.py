@@ -78,6 +78,7 @@ from ringfence.store.base import (
     TooManyTogether,
     Unconfirmed,
     Unread,
+    WorkloadChanged,
     account_key,
     agent_key_fingerprint_of,
     check_hold_fields,
@@ -404,18 +405,26 @@ class DynamoStore:
         quarantined = self._quarantined()  # read after the records: a quarantine put meanwhile counts
         return [rec for rec in (self._with_quarantine(i, quarantined) for i in items) if rec is not None]
 
-    def set_operator(self, workload_id: str, *, mode: Mode | None = _UNSET, quarantined: bool | None = None) -> None:
+    def set_operator(
+        self,
+        workload_id: str,
+        *,
+        mode: Mode | None = _UNSET,
+        quarantined: bool | None = None,
+        governed_rev: int | None = None,
+    ) -> None:
         """A quarantine is the state item ``quarantine``/``<workload id>``, put (never updated) in
         one transaction with a check that the record exists; a release deletes it and removes the
         record's ``op_quarantined`` (set true before the item existed: an upgrade) in one
         transaction. So the roles that quarantine (governance, in the event-fed functions) need
         only PutItem on that item, which can quarantine but never release; DeleteItem on it is
-        the administrator's alone (template.yaml, infra/)."""
-        if quarantined is None:
+        the administrator's alone (template.yaml, infra/). ``governed_rev``: a condition of the
+        record's item in that transaction."""
+        if quarantined is None and governed_rev is None:
             sets, removes, values = self._mode_update(mode)
             self._update(workload_id, sets, removes, values)
             return
-        self._transact_part(self._operator_part(workload_id, mode, quarantined))
+        self._transact_part(self._operator_part(workload_id, mode, quarantined, governed_rev))
 
     @staticmethod
     def _mode_update(mode: Mode | None) -> tuple[list[str], list[str], dict[str, Any]]:
@@ -425,23 +434,33 @@ class DynamoStore:
             return [], ["op_mode"], {}
         return ["op_mode = :m"], [], {":m": mode.value}
 
-    def _operator_part(self, workload_id: str, mode: Mode | None, quarantined: bool | None) -> _Part:
+    def _operator_part(
+        self, workload_id: str, mode: Mode | None, quarantined: bool | None, governed_rev: int | None = None
+    ) -> _Part:
         """:meth:`set_operator` as transaction items: the record's update (or, with nothing of it
         to change, a check that it exists), then the quarantine item's put or delete (none when
-        ``quarantined`` is None). Refused by the first: :class:`KeyError`."""
+        ``quarantined`` is None). Refused by the first: :class:`KeyError`; with ``governed_rev``
+        (the record's as read, which also says it existed then: no record is ever deleted)
+        :class:`WorkloadChanged`."""
         sets, removes, values = self._mode_update(mode)
         if quarantined is False:
             removes.append("op_quarantined")
+        condition = "attribute_exists(id)"
+        if governed_rev is not None:
+            # a deregistration moves the version (never back): the record read and no other
+            values[":read_rev"] = governed_rev
+            same = "governed_rev = :read_rev"
+            condition += f" AND ({same} OR attribute_not_exists(governed_rev))" if governed_rev == 0 else f" AND {same}"
         record: dict[str, Any] = {
             "TableName": self.inventory.name,
             "Key": {"id": workload_id},
-            "ConditionExpression": "attribute_exists(id)",
+            "ConditionExpression": condition,
         }
         if sets or removes:
             expr = ("SET " + ", ".join(sets) if sets else "") + (" REMOVE " + ", ".join(removes) if removes else "")
             record["UpdateExpression"] = expr.strip()
-            if values:
-                record["ExpressionAttributeValues"] = values
+        if values:  # the mode's, and the version read (a condition check's too)
+            record["ExpressionAttributeValues"] = values
         items: list[dict[str, Any]] = [{"Update" if sets or removes else "ConditionCheck": record}]
         key = {"pk": QUARANTINE, "sk": workload_id}
         if quarantined:
@@ -450,7 +469,14 @@ class DynamoStore:
             items.append({"Delete": {"TableName": self.state.name, "Key": key}})
 
         def refused(reasons: list[str]) -> Exception | None:
-            return KeyError(workload_id) if reasons[:1] == ["ConditionalCheckFailed"] else None
+            if reasons[:1] != ["ConditionalCheckFailed"]:
+                return None
+            if governed_rev is None:
+                return KeyError(workload_id)
+            return WorkloadChanged(
+                f"{workload_id}: deregistered, registered again or governed anew since it was read "
+                f"(read at governance version {governed_rev}): nothing set"
+            )
 
         return _Part(items, refused)
 
@@ -1658,7 +1684,7 @@ class DynamoStore:
         # that this process's writes still queue rather than race for the head): both or neither
         if isinstance(change, OperatorChange):
             mode = change.mode if change.set_mode else _UNSET
-            part = self._operator_part(change.workload_id, mode, change.quarantined)
+            part = self._operator_part(change.workload_id, mode, change.quarantined, change.governed_rev)
         elif isinstance(change, PolicyActivation):
             part = self._activation_part(change.pv, change.expected_active)
         elif isinstance(change, TokenRevocation):

@@ -73,6 +73,7 @@ from ringfence.store.base import (
     OwedMark,
     PolicyVersion,
     Unread,
+    WorkloadChanged,
     agent_key_fingerprint_of,
     check_hold_fields,
     check_names_its_key,
@@ -606,15 +607,29 @@ class SqliteStore:
     def all_records(self) -> list[InventoryRecord]:
         return [rec for rec in map(self._record, self._db().execute(_SELECT_ALL)) if rec is not None]
 
-    def set_operator(self, workload_id: str, *, mode: Mode | None = _UNSET, quarantined: bool | None = None) -> None:
+    def set_operator(
+        self,
+        workload_id: str,
+        *,
+        mode: Mode | None = _UNSET,
+        quarantined: bool | None = None,
+        governed_rev: int | None = None,
+    ) -> None:
         """As DynamoStore's: a quarantine is a row of its own (never the record's column); a
         release deletes it and clears the record's ``op_quarantined`` (a file's from before the
-        table), in one transaction."""
+        table), in one transaction, which checks ``governed_rev`` too (the write lock held: no
+        deregistration or registration lands in between)."""
         if mode is _UNSET and quarantined is None:
             return
         with self._tx() as db:
-            if db.execute("SELECT 1 FROM inventory WHERE id = ?", (workload_id,)).fetchone() is None:
+            row = db.execute("SELECT governed_rev FROM inventory WHERE id = ?", (workload_id,)).fetchone()
+            if row is None:
                 raise KeyError(workload_id)
+            if governed_rev is not None and row[0] != governed_rev:
+                raise WorkloadChanged(
+                    f"{workload_id}: deregistered, registered again or governed anew since it was read "
+                    f"(governance version {row[0]}, read {governed_rev}): nothing set"
+                )
             if mode is not _UNSET:
                 db.execute(_UPDATES["op_mode"], (mode.value if mode is not None else None, workload_id))
             if quarantined:
