@@ -440,13 +440,6 @@ class OnPremAdmin(Admin):
             left["quarantined"] = True
         return left
 
-    def _drop_credentials(self, workload_id: str, why: str) -> None:
-        """Everything that lets an agent act as ``workload_id`` goes: its token, agent key, nudge
-        connection and a reset's named next key (credentials.retire_and_unbind: an on-premise id
-        may name another host when registered again), and its pairing keys."""
-        credentials.retire_and_unbind(self.w, workload_id, why)
-        self.w.store.drop_pairings(workload_id)
-
     def deregister_workload(self, principal: str, workload_id: str, reason: str = "") -> Response:
         """The workload is gone (decommissioned): it leaves every peer's sets."""
         rec = self.w.store.get(workload_id)
@@ -471,7 +464,14 @@ class OnPremAdmin(Admin):
             # in force (the write's answer lost): credentials dropped and compute queued as below
             if not self._raised(principal, "workload.deregister", workload_id, audit_id, exc, reason, deregistered):
                 raise
-        self._drop_credentials(workload_id, "workload deregistered")
+        # everything that lets an agent act as the id goes (token, agent key, a reset's named next
+        # key, connection, pairing keys), and only while the id is still the tombstone this
+        # request wrote (its observation time, ``when``), checked in the drop's own store step:
+        # a registration landing after the tombstone (another host under the id) and that host's
+        # enrollment keep what they were issued. A write whose answer was lost but which landed
+        # is the same tombstone, so its drop is made; one that did not land (another request's
+        # tombstone stored instead) drops nothing here: that request's own drop does
+        credentials.retire_old_host(self.w, workload_id, when, "workload deregistered")
         # the same request again writes the tombstone again (its record stays) and queues compute
         # urgent: a workload leaving (its address must leave its peers' sets before it is reused)
         queue_stored(self.w, [workload_id], "deregistered", workload_id, audit_id, urgent=True)

@@ -16,6 +16,7 @@ from ringfence.policydiff import failsafe_widening, newly_idle
 from ringfence.policytests import run_tests
 from ringfence.policywarnings import warnings
 from ringfence.store.base import (
+    AgentKeyReset,
     AuditedChange,
     AuditRecord,
     ChangeFailed,
@@ -479,7 +480,11 @@ class Admin:
             reason,
         )
         try:
-            self.w.store.put_pairing(secret_hash(key), workload_id, uses, ttl)
+            # only over the registration read: one deregistered and registered again meanwhile is
+            # another host, which a key meant for this one must not enroll
+            self.w.store.put_pairing(secret_hash(key), workload_id, uses, ttl, as_read=rec)
+        except WorkloadChanged as exc:
+            return self._changed(principal, "pairing.create", workload_id, audit_id, exc, reason)
         except Exception as exc:
             self._failed(principal, "pairing.create", workload_id, audit_id, f"{type(exc).__name__}: {exc}", reason)
             raise
@@ -490,13 +495,18 @@ class Admin:
     def revoke_pairing_keys(self, principal: str, workload_id: str, reason: str = "") -> Response:
         """Revoke every pairing key issued for ``workload_id``: a key that leaked before it was
         used (or with uses left) enrolls nothing any more. The agent key it bound stays bound."""
-        if self.w.store.get(workload_id) is None:
+        rec = self.w.store.get(workload_id)
+        if rec is None:
             return error(404, "unknown workload", workload_id)
         # the request is recorded before anything is revoked (see above); how many keys it revoked
         # is known only after, so the pairing.revoke record that counts them follows the change
         requested = self._audit(principal, "pairing.revoke.requested", workload_id, {}, reason)
         try:
-            revoked = self.w.store.drop_pairings(workload_id)
+            # only the keys of the registration read: another host registered under the id
+            # meanwhile keeps the keys issued for it (its enrollment is not this request's to stop)
+            revoked = self.w.store.drop_pairings(workload_id, as_read=rec)
+        except WorkloadChanged as exc:
+            return self._changed(principal, "pairing.revoke", workload_id, requested, exc, reason)
         except Exception as exc:
             self._failed(principal, "pairing.revoke", workload_id, requested, f"{type(exc).__name__}: {exc}", reason)
             raise
@@ -517,7 +527,8 @@ class Admin:
         may bind. An identity proof without freshness (an EC2 instance identity document never
         expires, and copies of it sit in logs and backups) would otherwise let whoever presents
         one first after the reset bind their own key."""
-        if self.w.store.get(workload_id) is None:
+        rec = self.w.store.get(workload_id)
+        if rec is None:
             return error(404, "unknown workload", workload_id)
         pem = self.w.store.agent_key(workload_id)
         # named before anything changes; a key bound before agent keys were read strictly (a text
@@ -534,15 +545,13 @@ class Admin:
             reason,
         )
         try:
-            # the expectation first: no enrollment between the two binds a key the operator did not name
-            self.w.store.expect_agent_key(workload_id, next_agent_key)
-            # then the pairing keys: one issued before the reset (leaked, with uses left) must not
-            # claim the workload, and a pairing spends its use and binds its key in one step, so one
-            # that beat this revocation has bound before the key is dropped below
-            pairings = self.w.store.drop_pairings(workload_id)
-            self.w.store.drop_agent_key(workload_id)
-            revoked = self.w.store.revoke_tokens(workload_id)
-            self.w.store.drop_connection(workload_id)
+            # the named key, the pairing keys (one issued before the reset, leaked with uses left,
+            # must not claim the workload), the agent key, token and connection in one store step,
+            # only over the registration read: another host registered under the id meanwhile
+            # keeps its agent, and takes no key named for the old one
+            pairings, revoked = self.w.store.reset_agent_key(AgentKeyReset(workload_id, next_agent_key, rec))
+        except WorkloadChanged as exc:
+            return self._changed(principal, "agent-key.reset", workload_id, requested, exc, reason)
         except Exception as exc:
             why = f"{type(exc).__name__}: {exc} (the steps before it stand)"
             self._failed(principal, "agent-key.reset", workload_id, requested, why, reason)

@@ -396,7 +396,12 @@ def admin_routes(
     @app.post(
         "/admin/pairing-keys",
         summary="mint a pairing key (use-limited, expiring) for on-premise enrollment — onboarding",
-        responses=answers(adminapi.PairingKeyResponse, 201, errors=(400, 503), meaning={503: unavailable()}),
+        responses=answers(
+            adminapi.PairingKeyResponse,
+            201,
+            errors=(400, 409, 503),
+            meaning={409: "`not an on-premise workload`, or " + CHANGED_MEANING, 503: unavailable()},
+        ),
         security=[{"sigv4": []}],
     )
     def pairing_key(req: adminapi.PairingKeyRequest) -> HttpResponse[str]:
@@ -407,7 +412,11 @@ def admin_routes(
     @app.delete(
         "/admin/workloads/<wid>/pairing-keys",
         summary="revoke every pairing key issued for a workload, used up or not — onboarding",
-        responses=answers(adminapi.PairingKeysRevokedResponse, errors=(404, 503), meaning={503: unavailable()}),
+        responses=answers(
+            adminapi.PairingKeysRevokedResponse,
+            errors=(404, 409, 503),
+            meaning={409: CHANGED_MEANING, 503: unavailable()},
+        ),
         security=[{"sigv4": []}],
     )
     def revoke_pairing_keys(wid: str, req: Annotated[adminapi.Reason | None, Body()] = None) -> HttpResponse[str]:

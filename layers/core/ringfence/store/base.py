@@ -109,6 +109,26 @@ class WorkloadChanged(ConflictError):
     was read). Nothing was written."""
 
 
+def check_as_read(workload_id: str, stored: tuple[int, str] | None, as_read: InventoryRecord | None) -> None:
+    """:class:`WorkloadChanged` unless the stored record (``stored``: its ``governed_rev`` and
+    state; None, no record) is still the registration ``as_read`` (None: no check): the same
+    ``governed_rev``, which a deregistration always moves (never back), and deregistered or not
+    alike (a registration over a tombstone may keep its version). A credential step keyed by id
+    (a pairing key, a reset, a revocation) then never lands on another host registered under it."""
+    if as_read is None:
+        return
+    if (
+        stored is None
+        or stored[0] != as_read.governed_rev
+        or (stored[1] == "terminated") != (as_read.state == "terminated")
+    ):
+        now = "no record" if stored is None else f"governance version {stored[0]}, {stored[1]}"
+        raise WorkloadChanged(
+            f"{workload_id}: deregistered or registered again since it was read (read at governance version "
+            f"{as_read.governed_rev}, {as_read.state}; now {now}): nothing set"
+        )
+
+
 class OperatorChange(NamedTuple):
     """:meth:`Store.set_operator` as a change made with its audit record (:meth:`Store.audit_with`):
     the mode when ``set_mode`` (``mode`` None clears it) and/or the quarantine (``quarantined``
@@ -195,6 +215,18 @@ class OldHostRetirement(NamedTuple):
         store.expect_agent_key(self.workload_id, None)
         store.drop_pairings(self.workload_id)
         store.drop_connection(self.workload_id)
+
+
+class AgentKeyReset(NamedTuple):
+    """An operator's reset of a workload's agent key (:meth:`Store.reset_agent_key`): the next key
+    named (``next_agent_key``, a fingerprint; None: any), its pairing keys revoked, its agent key
+    unbound, its token revoked and its nudge connection dropped, in one atomic step with the check
+    that the stored record is still ``as_read`` (:func:`check_as_read`). So a reset that read the
+    old host never cuts off, nor names the key of, another host registered under the id since."""
+
+    workload_id: str
+    next_agent_key: str | None
+    as_read: InventoryRecord
 
 
 AuditedChange = OperatorChange | PolicyActivation | TokenRevocation | OldHostRetirement
@@ -987,8 +1019,13 @@ class Store(Protocol):
         """The key fingerprint :meth:`expect_agent_key` named for the workload, or None."""
         ...
 
-    def put_pairing(self, key_hash: str, workload_id: str, uses: int, ttl: int) -> None:
-        """A pairing key (by hash) that enrolls only ``workload_id``, at most ``uses`` times, for ``ttl`` s."""
+    def put_pairing(
+        self, key_hash: str, workload_id: str, uses: int, ttl: int, as_read: InventoryRecord | None = None
+    ) -> None:
+        """A pairing key (by hash) that enrolls only ``workload_id``, at most ``uses`` times, for
+        ``ttl`` s; with ``as_read``, only while the stored record is still that registration
+        (:func:`check_as_read`), checked in the put's own transaction (DynamoDB: a condition of
+        the inventory item beside the put), else :class:`WorkloadChanged`, nothing stored."""
         ...
 
     def use_pairing(self, key_hash: str, workload_id: str, agent_key: str) -> bool:
@@ -999,9 +1036,19 @@ class Store(Protocol):
         :meth:`drop_pairings` could not revoke (DynamoDB: minted before the workload index)."""
         ...
 
-    def drop_pairings(self, workload_id: str) -> int:
+    def drop_pairings(self, workload_id: str, as_read: InventoryRecord | None = None) -> int:
         """Revoke every pairing key issued for ``workload_id`` (used up or not); how many were
-        unexpired with uses left."""
+        unexpired with uses left. With ``as_read``, only while the stored record is still that
+        registration (:func:`check_as_read`; DynamoDB: a condition of each transaction of
+        deletes), else :class:`WorkloadChanged`, nothing revoked (DynamoDB: none after it)."""
+        ...
+
+    def reset_agent_key(self, change: AgentKeyReset) -> tuple[int, bool]:
+        """Make ``change`` in one atomic step with its check (DynamoDB: one transaction, and more
+        pairing keys than it takes in further ones before it, each conditional on the record too),
+        else :class:`WorkloadChanged`, nothing changed (DynamoDB: the pairing keys of the further
+        transactions that landed stay revoked). How many pairing keys were unexpired with uses
+        left, and whether a token was revoked."""
         ...
 
     def retire_old_host(self, change: OldHostRetirement) -> None:

@@ -49,6 +49,7 @@ from ringfence.store.base import (
     OWED_WRITERS,
     UNREAD,
     AddressTaken,
+    AgentKeyReset,
     AuditedChange,
     AuditHead,
     AuditRecord,
@@ -1128,7 +1129,9 @@ class DynamoStore:
         item = self._get(f"nextkey#{workload_id}", "key")
         return str(item["key_id"]) if item else None
 
-    def put_pairing(self, key_hash: str, workload_id: str, uses: int, ttl: int) -> None:
+    def put_pairing(
+        self, key_hash: str, workload_id: str, uses: int, ttl: int, as_read: InventoryRecord | None = None
+    ) -> None:
         if not workload_id:
             raise ValueError("a pairing key is issued for one workload")
         # indexed by workload (pairingof#<id>, one item per key) in the same transaction, so that
@@ -1136,9 +1139,38 @@ class DynamoStore:
         expires = int(time.time()) + ttl
         index = {"pk": f"pairingof#{workload_id}", "sk": key_hash, "ttl": expires}
         key = {"pk": f"pairing#{key_hash}", "sk": "pairing", "ttl": expires, "uses": uses, "workload_id": workload_id}
-        self.state.meta.client.transact_write_items(
-            TransactItems=[{"Put": {"TableName": self.state.name, "Item": item}} for item in (index, key)]
-        )
+        items = [{"Put": {"TableName": self.state.name, "Item": item}} for item in (index, key)]
+        self._transact_part(self._as_read_part(workload_id, as_read, items))
+
+    def _as_read_part(self, workload_id: str, as_read: InventoryRecord | None, items: list[dict[str, Any]]) -> _Part:
+        """``items`` as a transaction, with ``as_read`` (:func:`check_as_read`) a condition of the
+        inventory item first: refused by it, :class:`WorkloadChanged`."""
+        if as_read is None:
+            return _Part(items, lambda reasons: None)
+        values: dict[str, Any] = {":read_rev": as_read.governed_rev, ":gone": "terminated"}
+        same = "governed_rev = :read_rev"
+        if as_read.governed_rev == 0:
+            same = f"({same} OR attribute_not_exists(governed_rev))"
+        gone = "#st = :gone" if as_read.state == "terminated" else "(attribute_not_exists(#st) OR #st <> :gone)"
+        check = {
+            "ConditionCheck": {
+                "TableName": self.inventory.name,
+                "Key": {"id": workload_id},
+                "ConditionExpression": f"attribute_exists(id) AND {same} AND {gone}",
+                "ExpressionAttributeNames": {"#st": "state"},
+                "ExpressionAttributeValues": values,
+            }
+        }
+
+        def refused(reasons: list[str]) -> Exception | None:
+            if reasons[:1] != ["ConditionalCheckFailed"]:
+                return None
+            return WorkloadChanged(
+                f"{workload_id}: deregistered or registered again since it was read (read at governance "
+                f"version {as_read.governed_rev}, {as_read.state}): nothing set"
+            )
+
+        return _Part([check, *items], refused)
 
     def use_pairing(self, key_hash: str, workload_id: str, agent_key: str) -> bool:
         use: dict[str, Any] = {
@@ -1160,7 +1192,9 @@ class DynamoStore:
         items = [{"Update": use}, {"ConditionCheck": indexed}, *self._bind_items(workload_id, agent_key, True)]
         return not self._transact(workload_id, items, named_at=2)
 
-    def drop_pairings(self, workload_id: str) -> int:
+    def drop_pairings(self, workload_id: str, as_read: InventoryRecord | None = None) -> int:
+        if as_read is not None:
+            return self._drop_pairings_as_read(workload_id, as_read)
         live = 0
         for entry in self._query_all(f"pairingof#{workload_id}"):
             old = self.state.delete_item(
@@ -1169,6 +1203,57 @@ class DynamoStore:
             if old is not None and int(old.get("uses", 0)) > 0 and int(old.get("ttl", 0)) >= time.time():
                 live += 1
             self.state.delete_item(Key={"pk": entry["pk"], "sk": entry["sk"]})
+        return live
+
+    def reset_agent_key(self, change: AgentKeyReset) -> tuple[int, bool]:
+        """The pairing keys read from their index (and each read, to count those that could still
+        enroll), then transactions each conditional on the record as read: the keys beyond what
+        the last takes first, then the last: the named next key put (or deleted), the agent key,
+        the ``tokenof#`` item and the token read, the connection and the remaining pairing keys
+        deleted. A token issued after that read keeps its ``token#`` item but authorizes nothing:
+        a token holds only while the key it was issued under is bound (:func:`token_key_holds`),
+        and that key goes in the same transaction."""
+        wid, as_read = change.workload_id, change.as_read
+        token = self.state.get_item(Key={"pk": f"tokenof#{wid}", "sk": "token"}, ConsistentRead=True).get("Item")
+        if change.next_agent_key is None:
+            named = self._delete(f"nextkey#{wid}", "key")
+        else:
+            item = {"pk": f"nextkey#{wid}", "sk": "key", "key_id": change.next_agent_key}
+            named = {"Put": {"TableName": self.state.name, "Item": item}}
+        last = [named, self._delete(f"agentkey#{wid}", "key"), self._delete(f"tokenof#{wid}", "token")]
+        if token is not None:
+            last.append(self._delete(f"token#{token['hash']}", "token"))
+        last.append(self._delete(f"conn#{wid}", "conn"))
+        live, pairings = self._pairing_deletes(wid)
+        room = TRANSACT_ITEMS - 1 - len(last)  # beside the condition
+        room -= room % 2
+        last += pairings[:room]
+        rest = pairings[room:]
+        per = (TRANSACT_ITEMS - 1) // 2 * 2
+        for i in range(0, len(rest), per):
+            self._transact_part(self._as_read_part(wid, as_read, rest[i : i + per]))
+        self._transact_part(self._as_read_part(wid, as_read, last))
+        return live, token is not None and int(token.get("ttl", 0)) >= time.time()
+
+    def _pairing_deletes(self, workload_id: str) -> tuple[int, list[dict[str, Any]]]:
+        """The deletes of every pairing key of ``workload_id`` (its item and its index item, two
+        by two), read from the index, and how many could still enroll: each key is read first (a
+        transaction returns no old item), so a use spent between that read and the delete is
+        counted all the same."""
+        live = 0
+        deletes: list[dict[str, Any]] = []
+        for entry in self._query_all(f"pairingof#{workload_id}"):
+            if (old := self._get(f"pairing#{entry['sk']}", "pairing")) is not None and int(old.get("uses", 0)) > 0:
+                live += 1
+            deletes += [self._delete(f"pairing#{entry['sk']}", "pairing"), self._delete(entry["pk"], entry["sk"])]
+        return live, deletes
+
+    def _drop_pairings_as_read(self, workload_id: str, as_read: InventoryRecord) -> int:
+        """:meth:`drop_pairings` in transactions each conditional on the record as read."""
+        live, deletes = self._pairing_deletes(workload_id)
+        per = (TRANSACT_ITEMS - 1) // 2 * 2  # beside the condition; a key's two items together
+        for i in range(0, max(len(deletes), 1), per):  # none to drop: the check alone, so a 409 is said
+            self._transact_part(self._as_read_part(workload_id, as_read, deletes[i : i + per]))
         return live
 
     def retire_old_host(self, change: OldHostRetirement) -> None:

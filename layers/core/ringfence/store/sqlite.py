@@ -53,6 +53,7 @@ from ringfence.store.base import (
     OWED_NONCE_MAX,
     UNREAD,
     AddressTaken,
+    AgentKeyReset,
     AuditedChange,
     AuditHead,
     AuditRecord,
@@ -75,6 +76,7 @@ from ringfence.store.base import (
     Unread,
     WorkloadChanged,
     agent_key_fingerprint_of,
+    check_as_read,
     check_hold_fields,
     check_names_its_key,
     check_read,
@@ -1016,10 +1018,13 @@ class SqliteStore:
         row = self._db().execute("SELECT key_id FROM next_agent_key WHERE workload_id = ?", (workload_id,)).fetchone()
         return str(row[0]) if row else None
 
-    def put_pairing(self, key_hash: str, workload_id: str, uses: int, ttl: int) -> None:
+    def put_pairing(
+        self, key_hash: str, workload_id: str, uses: int, ttl: int, as_read: InventoryRecord | None = None
+    ) -> None:
         if not workload_id:
             raise ValueError("a pairing key is issued for one workload")
         with self._tx() as db:
+            self._check_as_read(db, workload_id, as_read)  # the write lock held: nothing lands in between
             db.execute(
                 "INSERT OR REPLACE INTO pairing (hash, workload_id, uses, expires) VALUES (?, ?, ?, ?)",
                 (key_hash, workload_id, uses, time.time() + ttl),
@@ -1036,14 +1041,32 @@ class SqliteStore:
             self._bind_agent_key(db, workload_id, agent_key, replace=True)  # NotTheNamedKey rolls the use back
             return True
 
-    def drop_pairings(self, workload_id: str) -> int:
+    def drop_pairings(self, workload_id: str, as_read: InventoryRecord | None = None) -> int:
         with self._tx() as db:
+            self._check_as_read(db, workload_id, as_read)
             live = db.execute(
                 "SELECT COUNT(*) FROM pairing WHERE workload_id = ? AND uses > 0 AND expires >= ?",
                 (workload_id, time.time()),
             ).fetchone()[0]
             db.execute("DELETE FROM pairing WHERE workload_id = ?", (workload_id,))
             return int(live)
+
+    def reset_agent_key(self, change: AgentKeyReset) -> tuple[int, bool]:
+        wid = change.workload_id
+        with self._tx() as db:  # the check and every step under one write lock
+            self._check_as_read(db, wid, change.as_read)
+            self.expect_agent_key(wid, change.next_agent_key)
+            pairings = self.drop_pairings(wid)
+            self.drop_agent_key(wid)
+            revoked = self.revoke_tokens(wid)
+            self.drop_connection(wid)
+            return pairings, revoked
+
+    @staticmethod
+    def _check_as_read(db: sqlite3.Connection, workload_id: str, as_read: InventoryRecord | None) -> None:
+        if as_read is not None:
+            row = db.execute("SELECT governed_rev, state FROM inventory WHERE id = ?", (workload_id,)).fetchone()
+            check_as_read(workload_id, (int(row[0]), str(row[1])) if row is not None else None, as_read)
 
     def retire_old_host(self, change: OldHostRetirement) -> None:
         # the check and every drop under one write lock: no registration lands in between
