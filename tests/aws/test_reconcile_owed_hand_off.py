@@ -111,17 +111,22 @@ def test_a_drain_refused_by_compute_keeps_the_marks(env: Env) -> None:
 
 MARKS = {"ingest", "lifecycle", "gcpevents", "azureevents"}  # the functions whose hand-offs may fail
 DRAINS = {"reconcile", "cloudreconcile"}  # the scheduled passes: they mark and drain
+SERVE = "serve"  # ringfence serve --store aws: marks with the operator's credentials
 
 
 def test_each_owed_partition_is_granted_to_its_writer_alone_and_drained_by_the_passes() -> None:
     """In template.yaml and in infra/ alike: a mark's write (DynamoStore.owe_compute) to the
     functions that hand on what they store, each in its own partition (owed#<function>) and in no
-    other function's nor the legacy ``owed`` one (a compromised writer can delay only its own
-    marks), the conditional delete in every owed partition to the scheduled passes alone, and
-    with those grants no other item of the state table (the same attributes elsewhere)."""
+    other function's, nor serve's, nor the legacy ``owed`` one (a compromised writer can delay
+    only its own marks), the conditional delete in every owed partition (serve's too) to the
+    scheduled passes alone, and with those grants no other item of the state table (the same
+    attributes elsewhere)."""
     attrs = ["nonce", "pk", "sk", "urgent"]
     partitions = ["owed", *(f"owed#{w}" for w in OWED_WRITERS)]
-    assert set(OWED_WRITERS) == MARKS | DRAINS
+    # owed#serve: `ringfence serve --store aws`'s (the operator's credentials), written by no
+    # Lambda role (the loop below: another's partition to each) and drained by the passes
+    assert set(OWED_WRITERS) == MARKS | DRAINS | {SERVE}
+    assert SERVE not in SAM
 
     def mark(pk: str) -> Request:
         return ("UpdateItem", "state", {"dynamodb:LeadingKeys": [pk], "dynamodb:Attributes": attrs})

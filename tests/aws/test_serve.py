@@ -269,3 +269,27 @@ def test_cli_serves_and_refuses_plain_http_off_loopback(env: Env, tmp_path: Path
         proc.wait(15)
     assert token not in (proc.stderr.read() if proc.stderr else ""), "the token is never logged"
     assert json.dumps(token) not in (proc.stdout.read() if proc.stdout else "")
+
+
+def test_serve_store_aws_marks_a_failed_hand_off_owed_in_its_own_partition_and_a_pass_hands_it_on(
+    env: Env, aws_wiring: Callable[[], Any]
+) -> None:
+    """`--store aws` may serve the GCP and Azure event routes and passes, whose failed hand-offs
+    are marked owed. Before: its wiring named no writer, so every mark was refused (counted
+    ComputeOwedNotMarked) and the change waited for a rebuild. Now it marks in ``owed#serve``,
+    and the real reconcile pass (its role granted the delete there) hands the mark on."""
+    from ringfence.control import wiring
+    from tests.aws.test_pipeline import _ctx, _scheduled
+    from tests.aws.test_reconcile_gone_hand_off import compute_messages, reconcile_container
+
+    env.provision_example_policy()
+    counted: list[tuple[str, float]] = []
+    wid = "7f3e0c4a-1b2c-4d5e-8f90-a1b2c3d4e5f6"  # an Azure VM whose change serve's route stored
+    wiring.owe_compute(aws_wiring(), [wid], "azure events", lambda n, v: counted.append((n, v)), urgent=[wid])
+    assert counted == [], "the mark was refused"
+    assert [(m.partition, m.workload_id, m.urgent) for m in env.store.owed_compute()] == [("owed#serve", wid, True)]
+    sent = compute_messages(env)
+    reconcile_container(env)
+    env.fn["reconcile"].handler(_scheduled(), _ctx())
+    assert (True, [wid]) in sent, "the pass did not hand serve's mark on"
+    assert env.store.owed_compute() == [], "the mark handed on stays"

@@ -198,8 +198,9 @@ locals {
   counted_put = { actions = ["dynamodb:PutItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringLike", variable = "dynamodb:LeadingKeys", values = ["once#counted#*"] }, { test = "ForAllValues:StringEquals", variable = "dynamodb:Attributes", values = ["pk", "sk", "ttl"] }] }
   # a workload owed to compute (control/wiring.py owe_compute): a hand-off that failed, marked by
   # the functions that hand on what they store, each in its own partition owed#<function> alone
-  # (a compromised one delays only its own marks); the scheduled passes drain every writer's and
-  # the legacy `owed` one (DeleteItem, conditioned on the mark's nonce; no role writes `owed`)
+  # (a compromised one delays only its own marks); the scheduled passes drain every writer's (and
+  # owed#serve, `ringfence serve --store aws`'s, written with the operator's credentials) and the
+  # legacy `owed` one (DeleteItem, conditioned on the mark's nonce; no role writes `owed`)
   owed_attrs               = { test = "ForAllValues:StringEquals", variable = "dynamodb:Attributes", values = ["pk", "sk", "nonce", "urgent"] }
   owed_mark_ingest         = { actions = ["dynamodb:UpdateItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringEquals", variable = "dynamodb:LeadingKeys", values = ["owed#ingest"] }, local.owed_attrs] }
   owed_mark_lifecycle      = { actions = ["dynamodb:UpdateItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringEquals", variable = "dynamodb:LeadingKeys", values = ["owed#lifecycle"] }, local.owed_attrs] }
@@ -207,7 +208,7 @@ locals {
   owed_mark_gcpevents      = { actions = ["dynamodb:UpdateItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringEquals", variable = "dynamodb:LeadingKeys", values = ["owed#gcpevents"] }, local.owed_attrs] }
   owed_mark_azureevents    = { actions = ["dynamodb:UpdateItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringEquals", variable = "dynamodb:LeadingKeys", values = ["owed#azureevents"] }, local.owed_attrs] }
   owed_mark_cloudreconcile = { actions = ["dynamodb:UpdateItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringEquals", variable = "dynamodb:LeadingKeys", values = ["owed#cloudreconcile"] }, local.owed_attrs] }
-  owed_drain               = { actions = ["dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringEquals", variable = "dynamodb:LeadingKeys", values = ["owed", "owed#ingest", "owed#lifecycle", "owed#reconcile", "owed#gcpevents", "owed#azureevents", "owed#cloudreconcile"] }, local.owed_attrs] }
+  owed_drain               = { actions = ["dynamodb:DeleteItem"], resources = [aws_dynamodb_table.state.arn], conditions = [{ test = "ForAllValues:StringEquals", variable = "dynamodb:LeadingKeys", values = ["owed", "owed#ingest", "owed#lifecycle", "owed#reconcile", "owed#gcpevents", "owed#azureevents", "owed#cloudreconcile", "owed#serve"] }, local.owed_attrs] }
 
   # least privilege, per function
   statements = {

@@ -348,7 +348,9 @@ def build_wiring(
         from ringfence.clouds.aws.wiring import Wiring
         from ringfence.control.wiring import Config
 
-        cfg = Config.from_env()
+        # its failed hand-offs (the GCP and Azure routes and passes it may serve) are marked in a
+        # partition of its own, which the scheduled passes drain
+        cfg = Config.from_env(owed_writer="serve")
         w = Wiring(dataclasses.replace(cfg, siem=siem) if siem else cfg)
         w.metric = metric  # what the agent API's routes count (GET /metrics)
         return w

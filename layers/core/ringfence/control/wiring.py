@@ -225,12 +225,16 @@ def owe_compute(
 
 def _fair_share(groups: list[list[OwedMark]], room: int) -> list[OwedMark]:
     """At most ``room`` of ``groups``' marks, shared evenly (the smallest groups whole, what they
-    leave to the larger), each group's chosen at random."""
+    leave to the larger), each group's share its urgent marks first, then its ordinary ones, each
+    lane's at random."""
     chosen: list[OwedMark] = []
     groups = sorted(groups, key=len)
     for n, group in enumerate(groups):
         share = (room - len(chosen)) // (len(groups) - n)
-        chosen += group if len(group) <= share else _owed_rng.sample(group, share)
+        urgent = [m for m in group if m.urgent]
+        ordinary = [m for m in group if not m.urgent]
+        first = _owed_rng.sample(urgent, min(share, len(urgent)))
+        chosen += first + _owed_rng.sample(ordinary, min(share - len(first), len(ordinary)))
     return chosen
 
 
@@ -241,10 +245,10 @@ def hand_on_owed(w: BaseWiring, what: str, metric: Metric | None = None) -> list
     :data:`OWED_READ_LIMIT` marks a pass (the rest are the next pass's), chosen among the first
     :data:`OWED_SCAN_LIMIT` read of each writer's partition (:func:`~ringfence.store.base.owed_key`
     order from a random slot round, within the store's read budget per partition:
-    :data:`~ringfence.store.base.OWED_PAGE_BUDGET`), urgent ones first, each partition its fair
-    share (:func:`_fair_share`), at random among equals: a backlog, or a writer planting marks
-    (only its own partition is granted to it), neither holds another writer's mark back nor pins
-    the window. Each lane goes in chunks of
+    :data:`~ringfence.store.base.OWED_PAGE_BUDGET`), each partition its fair share
+    (:func:`_fair_share`), urgent ones first within it, at random among equals: a backlog, or a
+    writer planting marks of either lane (only its own partition is granted to it), neither holds
+    another writer's mark of either lane back nor pins the window. Each lane goes in chunks of
     :data:`OWED_CHUNK` ids, and the marks of each chunk queued are deleted, each only while it holds the nonce read (a mark written again by a newer failure
     meanwhile stays for the next pass): a refused chunk keeps its own marks and no other. A mark
     whose id is no workload id (:data:`~ringfence.cmdb.WORKLOAD_ID`; any writer of a partition
@@ -264,15 +268,13 @@ def hand_on_owed(w: BaseWiring, what: str, metric: Metric | None = None) -> list
     bad: list[OwedMark] = []
     for m in marks:
         (named if WORKLOAD_ID.fullmatch(m.workload_id) else bad).append(m)
-    good: list[OwedMark] = []
-    for urgent in (True, False):
-        # each writer's partition its fair share of the room: one writer's flood of (urgent)
-        # marks takes no more than its share while another's marks wait
-        by_partition: dict[str, list[OwedMark]] = {}
-        for m in named:
-            if m.urgent == urgent:
-                by_partition.setdefault(m.partition, []).append(m)
-        good += _fair_share(list(by_partition.values()), OWED_READ_LIMIT - len(good))
+    # the room is shared among the writers' partitions first, and each spends its share on its
+    # urgent marks first: one writer's flood of urgent marks spends its own share alone, never the
+    # room of another writer's ordinary marks (a revocation of peer access among them)
+    by_partition: dict[str, list[OwedMark]] = {}
+    for m in named:
+        by_partition.setdefault(m.partition, []).append(m)
+    good = _fair_share(list(by_partition.values()), OWED_READ_LIMIT)
     # each pass deletes at most as many malformed marks as it hands on
     bad = bad[:OWED_READ_LIMIT]
     if bad:

@@ -677,8 +677,9 @@ OWED_NONCE_MAX = 64
 OWED_PAGE_BUDGET = 16
 # the functions that mark workloads owed, each in its own partition (DynamoDB ``owed#<writer>``,
 # granted to that function alone: a compromised writer can fill and delay only its own marks).
-# The drain reads every one of them; the name is the function's (functions/<name>/app.py)
-OWED_WRITERS = ("ingest", "lifecycle", "reconcile", "gcpevents", "azureevents", "cloudreconcile")
+# The drain reads every one of them; the name is the function's (functions/<name>/app.py), or
+# ``serve``: ``ringfence serve --store aws`` (the operator's credentials; no Lambda role writes it)
+OWED_WRITERS = ("ingest", "lifecycle", "reconcile", "gcpevents", "azureevents", "cloudreconcile", "serve")
 # the digits of a mark's slot (owed_key): its place in a partition's order, uniform over the ids
 OWED_SLOT_DIGITS = 8
 

@@ -889,8 +889,9 @@ class DynamoStore:
             key, nonce = i.get("sk"), i.get("nonce")
             if not isinstance(key, str) or not key:
                 continue
-            # the legacy partition's keys are the ids; a key whose slot is not its id's is read
-            # as written (no workload id has a '#': the drain deletes it unsent)
+            # the legacy partition's keys are the ids; a key whose slot is not its id's is read as
+            # written: with a '#' (no workload id has one) the drain deletes it unsent, a bare id
+            # is that id, handed on like a mark (only the partition's own writer can make either)
             wid = key if partition == OWED else (owed_id(key) or key)
             # a nonce longer than any we write (a writer may set ~400 KB) is malformed: read as
             # "", never kept nor sent back, so a few thousand of them cannot fill a drain's memory
