@@ -101,7 +101,8 @@ def retire(w: BaseWiring, workload_id: str, why: str) -> None:
     so a left-over binding authorizes nothing, while it keeps an identity document copied from
     the host (they do not expire) from binding another key. Deleting them is not granted to the
     functions fed by cloud events that call this (docs/threat-model.md): code there could
-    otherwise unbind a running workload's key. :func:`retire_and_unbind` is the administrator's."""
+    otherwise unbind a running workload's key. An on-premise id's are dropped by the administrator's
+    deregistration and re-registration (:func:`retire_old_host`)."""
     for _ in range(REVOKE_ATTEMPTS):
         token = w.store.active_token(workload_id)
         if token is None:
@@ -141,8 +142,8 @@ def retire_before_tombstone(w: BaseWiring, workload_id: str, at: float, why: str
 
 
 def retire_old_host(w: BaseWiring, workload_id: str, tombstone_at: float, why: str) -> bool:
-    """:func:`retire_and_unbind` and the pairing keys revoked, for a deregistered on-premise id
-    about to be registered again, and only while it is still the tombstone the registration read
+    """:func:`retire`, the agent key unbound, a reset's named next key forgotten and the pairing
+    keys revoked, for a deregistered on-premise id about to be registered again, and only while it is still the tombstone the registration read
     (observed at ``tombstone_at``): the check and every drop are one store transaction
     (:class:`OldHostRetirement`), with the ``token.revoke`` record when a token was active. False,
     nothing dropped, once the id is not that tombstone: registered again by another caller, whose
@@ -176,12 +177,3 @@ def retire_old_host(w: BaseWiring, workload_id: str, tombstone_at: float, why: s
             log.info("token of %s revoked: %s", workload_id, why)
         return True
     raise ConflictError(f"the token of {workload_id} changed under {REVOKE_ATTEMPTS} retirements of its old host")
-
-
-def retire_and_unbind(w: BaseWiring, workload_id: str, why: str) -> None:
-    """:func:`retire`, and the agent key unbound and a reset's named next key forgotten (nothing
-    is left for the id: DynamoDB kept the ``nextkey#`` item for good): for ids that name another
-    host when registered again (on-premise deregistration, an administrator's action)."""
-    w.store.drop_agent_key(workload_id)
-    w.store.expect_agent_key(workload_id, None)
-    retire(w, workload_id, why)
