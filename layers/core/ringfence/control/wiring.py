@@ -226,9 +226,12 @@ def owe_compute(
 def _fair_share(groups: list[list[OwedMark]], room: int) -> list[OwedMark]:
     """At most ``room`` of ``groups``' marks, shared evenly (the smallest groups whole, what they
     leave to the larger), each group's share its urgent marks first, then its ordinary ones, each
-    lane's at random."""
+    lane's at random. Groups of one size are taken in random order: when the room is smaller than
+    the number of groups, those left without a share are not the same ones every pass."""
     chosen: list[OwedMark] = []
-    groups = sorted(groups, key=len)
+    groups = list(groups)
+    _owed_rng.shuffle(groups)
+    groups.sort(key=len)  # stable: equal sizes keep the shuffled order
     for n, group in enumerate(groups):
         share = (room - len(chosen)) // (len(groups) - n)
         urgent = [m for m in group if m.urgent]

@@ -1,0 +1,35 @@
+"""How a scheduled pass shares its room among the writers' owed partitions (control/wiring.py
+``_fair_share``), apart from any store: the arithmetic the partition attacks rely on."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from ringfence.control.wiring import _fair_share
+from ringfence.store.base import OwedMark
+
+
+def _group(writer: str, n: int, urgent: int = 0) -> list[OwedMark]:
+    return [OwedMark(f"{writer}-{i}", i < urgent, "n", partition=writer) for i in range(n)]
+
+
+def test_a_room_smaller_than_the_partitions_leaves_no_partition_out_every_pass() -> None:
+    """Eight partitions of one mark each and room for five: before, equal sizes kept their read
+    order and the first three partitions got a share of 0 every pass, for good."""
+    groups = [_group(w, 1) for w in ("owed", "ingest", "lifecycle", "reconcile", "gcp", "azure", "cloud", "serve")]
+    seen: Counter[str] = Counter()
+    for _ in range(200):
+        chosen = _fair_share(groups, 5)
+        assert len(chosen) == 5 and len({m.workload_id for m in chosen}) == 5
+        seen.update(m.partition for m in chosen)
+    # each is chosen with probability 5/8 a pass: 0 in 200 passes is ~1e-85
+    assert set(seen) == {g[0].partition for g in groups}, seen
+
+
+def test_a_flood_takes_only_what_the_smaller_partitions_leave() -> None:
+    flood = _group("gcp", 40, urgent=40)
+    victims = [_group("ingest", 1), _group("lifecycle", 2, urgent=1)]
+    chosen = _fair_share([flood, *victims], 10)
+    assert len(chosen) == 10
+    by = Counter(m.partition for m in chosen)
+    assert by == {"ingest": 1, "lifecycle": 2, "gcp": 7}
