@@ -108,13 +108,13 @@ def test_attack_a_small_flow_log_object_cannot_take_the_functions_memory(env: En
 
     # distinct rows and the decompressed bytes of one object are bounded (limits made small here)
     monkeypatch.setattr(ingest, "MAX_ROWS", 3)
-    monkeypatch.setattr(vpclogs, "MAX_OBJECT_BYTES", 64 << 10)
+    monkeypatch.setattr(vpclogs, "MAX_OBJECT_BYTES", 16 << 10)
     many = [f"5 10.{i >> 8}.{i & 255}.9 {p} 40000 {1000 + i} 6 {now} {now} 1 1 ACCEPT egress OK" for i in range(3000)]
     key = KEY.replace("x.log.gz", "y.log.gz")
     env.s3.put_object(Bucket=LOGS, Key=key, Body=gzip.compress("\n".join([FIELDS, *many]).encode()))
     out = fn.handler(_event(LOGS, key), LambdaContext("flows"))
     assert out["rows"] == 3 and out["malformed"] == 1 and out["flows_over_row_limit"] > 0, out
-    assert out["malformed_lines"][0].endswith(f"more than {64 << 10} bytes decompressed: the rest is not read")
+    assert out["malformed_lines"][0].endswith(f"more than {16 << 10} bytes decompressed: the rest is not read")
     assert 3 <= out["flows"] + out["flows_over_row_limit"] < 3000, out
 
 
