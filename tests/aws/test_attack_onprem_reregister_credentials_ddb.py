@@ -4,6 +4,7 @@ tests/onprem/test_attack_reregister_credential_race.py)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -92,3 +93,22 @@ def test_an_old_host_retirement_over_another_registration_drops_nothing_ddb(w: L
     assert plane.bundle(body["token"]) == 200
     assert store.agent_key(WID) == key.pem
     assert store.use_pairing("live-59", WID, agent_key=key.pem) and store.use_pairing("live-0", WID, agent_key=key.pem)
+
+
+def test_an_old_host_retirement_over_a_token_expired_within_the_second_drops_it_ddb(w: LocalWiring) -> None:
+    """A token left on the tombstone that expired less than a second ago reads as none (its whole
+    ttl is below the time read): the retirement's condition agrees (before, compared with the
+    time's whole second, it found the token still there and refused every retry in that second)."""
+    plane = Plane(w)
+    plane.register()
+    assert plane.call(plane.admin, "DELETE", f"/admin/workloads/{WID}", {"reason": "decommissioned"})[0] == 200
+    tomb = w.store.get(WID)
+    assert tomb is not None and tomb.state == "terminated"
+    store = w.store
+    assert isinstance(store, DynamoStore)
+    while not 0.05 < time.time() % 1 < 0.4:  # early in a second: the retirement lands within it
+        time.sleep(0.02)
+    store.put_token(secret_hash("left-token"), WID, ttl=0)  # its ttl the whole second just begun
+    assert store.active_token(WID) is None  # expired as read
+    store.retire_old_host(OldHostRetirement(WID, tomb.observed_at, None))
+    assert store.state.get_item(Key={"pk": f"tokenof#{WID}", "sk": "token"}).get("Item") is None

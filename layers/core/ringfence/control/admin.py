@@ -28,6 +28,7 @@ from ringfence.store.base import (
     Unconfirmed,
     WorkloadChanged,
     agent_key_id_of,
+    registration_as_read,
 )
 from ringfence.versions import digest_of
 
@@ -373,9 +374,12 @@ class Admin:
             before=before,
             after=after,
         )
-        # only over the record read: an id deregistered and registered again meanwhile names
-        # another host, which must not run with a mode (idle: unenforced) meant for this one
-        change = OperatorChange(workload_id, set_mode=True, mode=mode, governed_rev=rec.governed_rev)
+        # only over the record read where the id may be reused (on-premise): an id deregistered and
+        # registered again meanwhile names another host, which must not run with a mode (idle:
+        # unenforced) meant for this one. A cloud id never is, and its version moves with tag writes
+        as_read = registration_as_read(rec)
+        rev = as_read.governed_rev if as_read is not None else None
+        change = OperatorChange(workload_id, set_mode=True, mode=mode, governed_rev=rev)
         audit_id, failed = self._audit_with(audit_rec, change)
         try:
             if failed is not None:
@@ -426,8 +430,11 @@ class Admin:
             after=after,
         )
         # only over the record read, as a mode: a quarantine (or release) meant for a host
-        # deregistered meanwhile never lands on the next host registered under its id
-        change = OperatorChange(workload_id, quarantined=on, governed_rev=rec.governed_rev)
+        # deregistered meanwhile never lands on the next host registered under its id; a cloud
+        # instance's tag writes (its own among them) never refuse a responder's
+        as_read = registration_as_read(rec)
+        rev = as_read.governed_rev if as_read is not None else None
+        change = OperatorChange(workload_id, quarantined=on, governed_rev=rev)
         audit_id, failed = self._audit_with(audit_rec, change)
         try:
             if failed is not None:
@@ -482,7 +489,7 @@ class Admin:
         try:
             # only over the registration read: one deregistered and registered again meanwhile is
             # another host, which a key meant for this one must not enroll
-            self.w.store.put_pairing(secret_hash(key), workload_id, uses, ttl, as_read=rec)
+            self.w.store.put_pairing(secret_hash(key), workload_id, uses, ttl, as_read=registration_as_read(rec))
         except WorkloadChanged as exc:
             return self._changed(principal, "pairing.create", workload_id, audit_id, exc, reason)
         except Exception as exc:
@@ -504,7 +511,7 @@ class Admin:
         try:
             # only the keys of the registration read: another host registered under the id
             # meanwhile keeps the keys issued for it (its enrollment is not this request's to stop)
-            revoked = self.w.store.drop_pairings(workload_id, as_read=rec)
+            revoked = self.w.store.drop_pairings(workload_id, as_read=registration_as_read(rec))
         except WorkloadChanged as exc:
             return self._changed(principal, "pairing.revoke", workload_id, requested, exc, reason)
         except Exception as exc:
@@ -549,7 +556,9 @@ class Admin:
             # must not claim the workload), the agent key, token and connection in one store step,
             # only over the registration read: another host registered under the id meanwhile
             # keeps its agent, and takes no key named for the old one
-            pairings, revoked = self.w.store.reset_agent_key(AgentKeyReset(workload_id, next_agent_key, rec))
+            pairings, revoked = self.w.store.reset_agent_key(
+                AgentKeyReset(workload_id, next_agent_key, registration_as_read(rec))
+            )
         except WorkloadChanged as exc:
             return self._changed(principal, "agent-key.reset", workload_id, requested, exc, reason)
         except Exception as exc:

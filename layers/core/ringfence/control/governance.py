@@ -44,6 +44,7 @@ from ringfence.store.base import (
     WorkloadChanged,
     concerns_compute,
     other_account,
+    registration_as_read,
     releases_addresses,
 )
 
@@ -688,11 +689,17 @@ def _change_grants(
     try:
         for _ in range(BIND_ATTEMPTS):
             old = w.store.get(workload_id)
-            if first is not None and (old is None or old.governed_rev != first.governed_rev):
-                # decided again only over the registration first read: a deregistration moves the
-                # version (never back), so another host registered under the id meanwhile never
-                # takes a grant meant for this one (nor loses one); another decision landing in
-                # between is refused alike, as the exact check cannot tell them apart
+            if (
+                first is not None
+                and registration_as_read(first) is not None
+                and (old is None or old.governed_rev != first.governed_rev)
+            ):
+                # an on-premise id is decided again only over the registration first read: a
+                # deregistration moves the version (never back), so another host registered under
+                # the id meanwhile never takes a grant meant for this one (nor loses one); an
+                # administrator's registration or binding landing in between is refused alike, as
+                # nothing stored tells it from a deregistration and a registration again. A cloud
+                # id is never reused: decided again over whatever landed (a tag write, an approval)
                 raise WorkloadChanged(
                     f"{workload_id}: deregistered, registered again or governed anew since it was read "
                     f"(governance version {first.governed_rev}, now "

@@ -109,6 +109,19 @@ class WorkloadChanged(ConflictError):
     was read). Nothing was written."""
 
 
+def registration_as_read(rec: InventoryRecord) -> InventoryRecord | None:
+    """``rec`` (the workload as an operator's request read it) as the condition of that request's
+    write, where its id may name another host later: an on-premise id, which a deregistration
+    frees for the next host registered under it. There the record's ``governed_rev`` moves only
+    through administrators (a registration that changes what is governed, a binding, a
+    deregistration), never through a heartbeat or an identical registration. None (no condition)
+    for a cloud instance: EC2, Azure (the VM's ``vmId``) and GCP (the numeric instance id) never
+    reuse an id, and its ``governed_rev`` moves on every governance decision of an observation (a
+    tag write of a governed key, its CloudTrail call), so a condition there protects nothing and
+    lets whoever may tag the instance (the instance itself) refuse an incident responder."""
+    return rec if rec.workload.cloud == "onprem" else None
+
+
 def check_as_read(workload_id: str, stored: tuple[int, str] | None, as_read: InventoryRecord | None) -> None:
     """:class:`WorkloadChanged` unless the stored record (``stored``: its ``governed_rev`` and
     state; None, no record) is still the registration ``as_read`` (None: no check): the same
@@ -226,7 +239,7 @@ class AgentKeyReset(NamedTuple):
 
     workload_id: str
     next_agent_key: str | None
-    as_read: InventoryRecord
+    as_read: InventoryRecord | None  # None: no check (registration_as_read)
 
 
 AuditedChange = OperatorChange | PolicyActivation | TokenRevocation | OldHostRetirement

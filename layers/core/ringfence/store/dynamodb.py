@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import random
 import threading
 import time
@@ -1282,7 +1283,10 @@ class DynamoStore:
                 "ExpressionAttributeValues": {":gone": "terminated", ":at0": Decimal(str(change.tombstone_at))},
             }
         }
-        now = int(time.time())
+        # as the read's expiry (_get: ttl < now, a float): for a whole ttl, ttl < ceil(now) says the
+        # same, so a token read as expired is one this condition finds expired (int(now) refused
+        # it for up to a second after its expiry, every retry of a deregistration's drop alike)
+        now = math.ceil(time.time())
         current: dict[str, Any] = {
             "TableName": self.state.name,
             "Key": {"pk": f"tokenof#{wid}", "sk": "token"},
