@@ -44,8 +44,8 @@ ADMIN_ERRORS = {
 # again, or governed anew meanwhile): the operator's change must not land on another host
 CHANGED = "workload changed meanwhile: nothing set"
 CHANGED_MEANING = (
-    "nothing was done: the workload was deregistered, registered again (another host under its id) or "
-    "governed anew since the request read it (detail names it; the refused attempt is audited, then "
+    "nothing was done: the on-premise workload was deregistered, registered again (another host under "
+    "its id) or governed anew since the request read it (detail names it; the refused attempt is audited, then "
     "`<action>.failed`): read it again and send the request again if it still applies"
 )
 
