@@ -26,6 +26,22 @@ def example_inventory():  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
+def artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The agent's wheel and its SHA-256, built once by the real build
+    (``agent/packaging/build_artifact.py``, reproducible: every build is these bytes) for
+    tests/agent and tests/aws, which only read it."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("artifact")
+    subprocess.run([sys.executable, str(ROOT / "agent/packaging/build_artifact.py"), str(out)], check=True)
+    (wheel,) = out.glob("ringfence_agent-*.whl")
+    digest, name = (out / f"{wheel.name}.sha256").read_text().split()
+    assert name == wheel.name
+    return wheel, digest
+
+
+@pytest.fixture(scope="session")
 def embedded() -> Iterator[Any]:
     """One embedded AWS (moto server on loopback, ``ringfence.local.aws``) per session, shared by
     tests/aws and tests/local; each test resets it (moto's state is process-global anyway)."""

@@ -11,20 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 INSTALLER = ROOT / "agent" / "packaging" / "install.sh"
-
-
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    out = tmp_path_factory.mktemp("artifact")
-    subprocess.run([sys.executable, str(ROOT / "agent/packaging/build_artifact.py"), str(out)], check=True)
-    (wheel,) = out.glob("ringfence_agent-*.whl")
-    digest, name = (out / f"{wheel.name}.sha256").read_text().split()
-    assert name == wheel.name
-    return wheel, digest
 
 
 def install(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ringfence import cli
 from tests import installsandbox
-from tests.agent.test_agent_artifact import INSTALLER, ROOT, artifact, install  # noqa: F401 (a fixture)
+from tests.agent.test_agent_artifact import INSTALLER, ROOT, install
 
 CLOUD_INIT = ROOT / "agent" / "packaging" / "cloud-init.yaml"
 
@@ -71,7 +71,7 @@ def bootstrap(installer: Path, wheel: str, digest: str, pem: Path) -> str:
 
 
 def test_attack_tampered_installer_in_the_published_objects_is_refused_by_the_documented_bootstrap(
-    artifact: tuple[Path, str],  # noqa: F811
+    artifact: tuple[Path, str],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -125,7 +125,7 @@ def changed_agent(tmp_path: Path) -> Path:
 
 
 def test_attack_republishing_a_changed_agent_leaves_hosts_pinned_to_the_first_build_installing_it(
-    artifact: tuple[Path, str],  # noqa: F811
+    artifact: tuple[Path, str],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
@@ -175,7 +175,7 @@ INSTALL = (
 
 
 def test_an_upgrade_restarts_the_agent_and_status_names_the_build(
-    artifact: tuple[Path, str],  # noqa: F811
+    artifact: tuple[Path, str],
     tmp_path: Path,
 ) -> None:
     """Re-running install.sh is the upgrade: it must restart the unit (enable --now is a no-op on a
@@ -218,7 +218,7 @@ fi
 
 
 def test_attack_an_upgrade_from_a_root_agent_leaves_nothing_in_its_state_the_new_agent_cannot_read(
-    artifact: tuple[Path, str],  # noqa: F811
+    artifact: tuple[Path, str],
     tmp_path: Path,
 ) -> None:
     """Review unit3 R3: install.sh chowned the state directory while the old root agent still ran
@@ -261,7 +261,7 @@ srv.serve_forever()
 
 
 def test_attack_public_key_url_neither_repins_another_key_nor_leaves_a_truncated_one(
-    artifact: tuple[Path, str],  # noqa: F811
+    artifact: tuple[Path, str],
     tmp_path: Path,
 ) -> None:
     """Whoever serves the --public-key-url later (or cuts the transfer) must not change the key a
@@ -304,7 +304,7 @@ kill $KS
     assert "not a PEM Ed25519 public key" in (tmp_path / "err3").read_text()
 
 
-def test_installer_installs_each_missing_prerequisite(artifact: tuple[Path, str], tmp_path: Path) -> None:  # noqa: F811
+def test_installer_installs_each_missing_prerequisite(artifact: tuple[Path, str], tmp_path: Path) -> None:
     """A stock Debian image: nft installed, the venv module (python3-venv) not. The installer must
     install what is missing though nft is there (apt-get is a shim here that 'installs' it by
     revealing the module again)."""
@@ -326,7 +326,7 @@ def test_installer_installs_each_missing_prerequisite(artifact: tuple[Path, str]
     assert "nftables" not in installs[0].split()
 
 
-def test_an_upgrade_keeps_the_options_not_given_again(artifact: tuple[Path, str], tmp_path: Path) -> None:  # noqa: F811
+def test_an_upgrade_keeps_the_options_not_given_again(artifact: tuple[Path, str], tmp_path: Path) -> None:
     """Review r6-store finding 3: the documented upgrade re-runs the installer with the new
     artifact and digest only. It must not move the host to another workload id (the hostname),
     drop its admin CIDRs (admins lose SSH) or switch a paired host to aws-iid; options given

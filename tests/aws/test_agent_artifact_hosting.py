@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from ringfence import cli
-from tests.agent.test_agent_artifact import INSTALLER, artifact, install  # noqa: F401 (a fixture)
+from tests.agent.test_agent_artifact import INSTALLER, install
 from tests.aws.conftest import Env, LambdaContext, rest_event
 
 
@@ -29,7 +29,7 @@ def fetch(env: Env, name: str) -> tuple[int, str, bytes]:
 
 
 @pytest.fixture
-def published(env: Env, artifact: tuple[Path, str], capsys: pytest.CaptureFixture[str]) -> tuple[str, str]:  # noqa: F811
+def published(env: Env, artifact: tuple[Path, str], capsys: pytest.CaptureFixture[str]) -> tuple[str, str]:
     wheel, digest = artifact
     assert cli.main(["publish-agent", "--dir", str(wheel.parent), "--store", "aws"]) == 0
     out = capsys.readouterr().out
@@ -114,7 +114,7 @@ def test_attack_agent_artifact_route_reads_nothing_but_the_artifact(env: Env, na
 def test_publish_agent_never_puts_other_bytes_under_a_name_in_the_bucket(
     env: Env,
     published: tuple[str, str],
-    artifact: tuple[Path, str],  # noqa: F811
+    artifact: tuple[Path, str],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -139,7 +139,7 @@ def test_an_artifact_name_not_published_is_404(env: Env) -> None:
 
 
 def test_ringfence_serve_hosts_what_publish_agent_stored_beside_its_database(
-    artifact: tuple[Path, str],  # noqa: F811
+    artifact: tuple[Path, str],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
