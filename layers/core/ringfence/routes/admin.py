@@ -427,7 +427,9 @@ def admin_routes(
     @app.delete(
         "/admin/workloads/<wid>/agent-key",
         summary="reset a workload's agent key and revoke its token: an agent that lost its key enrolls again — onboarding",
-        responses=answers(adminapi.AgentKeyResetResponse, errors=(404, 503), meaning={503: unavailable()}),
+        responses=answers(
+            adminapi.AgentKeyResetResponse, errors=(404, 409, 503), meaning={409: CHANGED_MEANING, 503: unavailable()}
+        ),
         security=[{"sigv4": []}],
     )
     def reset_agent_key(
