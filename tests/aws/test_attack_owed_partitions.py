@@ -247,3 +247,17 @@ def test_a_drain_starts_near_uniformly_over_the_marks_present_whatever_their_ids
     # than 60 marks entered, of the 131-137 expected (a Chernoff bound for these negatively
     # associated indicators), under 1e-8. Before, one mark took up to 100% (400), one in all
     assert top <= 48 and len(firsts) >= 60, (shape, firsts.most_common(3), len(firsts))
+
+
+def test_an_id_marked_by_two_writers_is_handed_on_once_and_both_marks_settled(moto_url: str) -> None:
+    """Ingest and lifecycle both failed to hand one instance on: each marked it in its own
+    partition. The pass sends the id once (before: twice in one message) and deletes both marks."""
+    store = make_dynamo(moto_url, owed_writer="lifecycle")
+    store.owe_compute([G_AWS])
+    store.owed_writer = "ingest"  # type: ignore[attr-defined]
+    store.owe_compute([G_AWS])
+    assert sorted(m.partition for m in store.owed_compute()) == ["owed#ingest", "owed#lifecycle"]
+    w, sent = _drain(store)
+    assert wiring.hand_on_owed(w, "test") == [G_AWS]
+    assert sent == [(False, [G_AWS])]
+    assert store.owed_compute() == [], "both writers' marks settled"

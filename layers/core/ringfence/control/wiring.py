@@ -298,7 +298,8 @@ def hand_on_owed(w: BaseWiring, what: str, metric: Metric | None = None) -> list
         lane = sorted((m for m in good if m.urgent == urgent), key=lambda m: m.workload_id)
         for n in range(0, len(lane), OWED_CHUNK):
             chunk = lane[n : n + OWED_CHUNK]
-            ids = [m.workload_id for m in chunk]
+            # one id marked by two writers is one hand-off; both marks are settled with it
+            ids = list(dict.fromkeys(m.workload_id for m in chunk))
             try:
                 w.enqueue_compute(ids, urgent=urgent)
             except Exception:
