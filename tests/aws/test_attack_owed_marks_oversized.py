@@ -61,12 +61,16 @@ def test_attack_owed_marks_of_escaped_kilobytes_block_no_drain(env: Env) -> None
     assert not any(JUNK in i for _, ids in sent for i in ids)
 
 
-def test_a_refused_chunk_of_the_drain_keeps_only_its_own_marks(env: Env) -> None:
-    """1,200 ordinary marks go in chunks of 500: the first refused keeps its 500 marks (the next
-    pass's), the other 700 are queued and deleted. Before: one refusal kept every mark."""
+def test_a_refused_chunk_of_the_drain_keeps_only_its_own_marks(env: Env, monkeypatch: Any) -> None:
+    """Twelve ordinary marks go in chunks of five (OWED_CHUNK scaled down from 500: each mark is
+    a call each way, and 1,200 of them took half a minute): the first refused keeps its five
+    marks (the next pass's), the other seven are queued and deleted. Before: one refusal kept
+    every mark."""
+    from ringfence.control import wiring
     from ringfence.control.wiring import COMPUTE_NOT_QUEUED, hand_on_owed
 
-    ids = [f"i-{n:017x}" for n in range(1200)]
+    monkeypatch.setattr(wiring, "OWED_CHUNK", 5)
+    ids = [f"i-{n:017x}" for n in range(12)]
     env.store.owe_compute(ids)
     queued: list[list[str]] = []
     metrics: list[tuple[str, float]] = []
@@ -79,11 +83,11 @@ def test_a_refused_chunk_of_the_drain_keeps_only_its_own_marks(env: Env) -> None
         queued.append(list(chunk))
 
     w = SimpleNamespace(store=env.store, enqueue_compute=enqueue, metric=lambda n, v: metrics.append((n, v)))
-    assert hand_on_owed(w, "test") == ids[500:]  # type: ignore[arg-type]
-    assert [len(c) for c in queued] == [500, 200]
-    assert sorted(m.workload_id for m in env.store.owed_compute()) == ids[:500]
+    assert hand_on_owed(w, "test") == ids[5:]  # type: ignore[arg-type]
+    assert [len(c) for c in queued] == [5, 2]
+    assert sorted(m.workload_id for m in env.store.owed_compute()) == ids[:5]
     assert metrics == [(COMPUTE_NOT_QUEUED, 1)]
-    assert hand_on_owed(w, "test") == ids[:500] and env.store.owed_compute() == []  # type: ignore[arg-type]
+    assert hand_on_owed(w, "test") == ids[:5] and env.store.owed_compute() == []  # type: ignore[arg-type]
 
 
 def test_marks_naming_no_workload_are_deleted_counted_and_a_pass_reads_at_most_its_limit(
