@@ -4,7 +4,17 @@ deletes only the marks it read, and a mark written again after the read survives
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from ringfence.control import wiring
+from ringfence.control.wiring import no_metric
 from ringfence.store.base import OwedMark, Store, owed_key
+from ringfence.store.sqlite import SCHEMA_VERSION, SqliteStore
 
 from .test_store import store
 
@@ -78,3 +88,120 @@ def test_a_drain_reads_from_its_start_round_to_the_marks_before_it(store: Store)
     mid = keys[1] + "0"  # between the second key and the third
     assert [m.workload_id for m in store.owed_compute(start=mid)] == [*order[2:], *order[:2]]
     assert [m.workload_id for m in store.owed_compute(start="g")] == order  # past every slot
+
+
+def _sqlite_drain(store: SqliteStore) -> tuple[Any, list[str], list[int]]:
+    """A wiring over ``store`` whose compute takes every hand-off; the ids handed on, and the
+    number of marks each of the store's reads returned."""
+    sent: list[str] = []
+    reads: list[int] = []
+    read = store.owed_compute
+
+    def counted(limit: int | None = None, start: str = "") -> list[OwedMark]:
+        marks = read(limit=limit, start=start)
+        reads.append(len(marks))
+        return marks
+
+    store.owed_compute = counted  # type: ignore[method-assign]
+    w = SimpleNamespace(store=store, enqueue_compute=lambda ids, urgent=False: sent.extend(ids), metric=no_metric)
+    return w, sent, reads
+
+
+def test_a_sqlite_table_larger_than_a_pass_reads_is_drained_over_several_passes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The drain's bounds scaled down (a pass reads 20 marks, hands 7 on; on AWS and on premise
+    50,000 and 5,000): 200 marks, 30 urgent, are read a bounded part a pass from a random point
+    of the key order, and every one is handed on exactly once, 7 a pass: ceil(200 / 7) passes."""
+    monkeypatch.setattr(wiring, "OWED_SCAN_LIMIT", 20)
+    monkeypatch.setattr(wiring, "OWED_READ_LIMIT", 7)
+    store = SqliteStore(tmp_path / "s.db")
+    try:
+        ids = [f"i-{n:017x}" for n in range(200)]
+        store.owe_compute(ids[30:])
+        store.owe_compute(ids[:30], urgent=True)
+        w, sent, reads = _sqlite_drain(store)
+        passes = 0
+        while store.owed_compute():
+            reads.clear()
+            before = len(sent)
+            wiring.hand_on_owed(w, "test")
+            passes += 1
+            assert reads == [min(20, 200 - before)], "each pass reads at most its bound"
+            assert len(sent) - before == min(7, 200 - before)
+            assert passes <= 29
+        assert passes == 29
+        assert sorted(sent) == ids, "every mark handed on, none twice"
+        assert store.integrity_check() == "ok"
+    finally:
+        store.close()
+
+
+def _steps(store: SqliteStore, limit: int) -> int:
+    """The SQLite VM steps one bounded read of the owed marks takes (from a start past every slot:
+    the read round from the beginning)."""
+    db = store._db()
+    steps = [0]
+
+    def count() -> int:
+        steps[0] += 1
+        return 0
+
+    db.set_progress_handler(count, 1)
+    try:
+        assert len(store.owed_compute(limit=limit, start="g")) == limit
+    finally:
+        db.set_progress_handler(None, 1)
+    return steps[0]
+
+
+def test_a_bounded_sqlite_read_costs_the_same_whatever_the_table_holds(tmp_path: Path) -> None:
+    """A pass reads its bound of marks through the key's index, not the whole table: the same
+    20-mark read costs alike over 100 marks and over 5,000. Before, SQLite read every row and
+    sorted the table in Python at each pass (the 5,000's read took ~50 times the 100's)."""
+    small, large = SqliteStore(tmp_path / "small.db"), SqliteStore(tmp_path / "large.db")
+    try:
+        small.owe_compute([f"i-{n:017x}" for n in range(100)])
+        large.owe_compute([f"i-{n:017x}" for n in range(5000)])
+        cost_small, cost_large = _steps(small, 20), _steps(large, 20)
+        assert cost_large < 2 * cost_small, (cost_small, cost_large)
+    finally:
+        small.close()
+        large.close()
+
+
+@pytest.mark.parametrize("table", [True, False])
+def test_a_version_5_sqlite_file_gains_the_key_its_marks_are_read_in(tmp_path: Path, table: bool) -> None:
+    """A file of the previous schema (5: marks without their key, or no owed_compute table yet)
+    is migrated when opened: its marks are read in key order from any start, as marks written
+    since, and an earlier release refuses the file from then on (schema 6)."""
+    path = tmp_path / "old.db"
+    SqliteStore(path).close()
+    db = sqlite3.connect(path)
+    rows = "INSERT INTO owed_compute VALUES ('i-a', 0, 'n1'), ('i-b', 1, 'n2'), ('i-c', 0, 'n3');"
+    db.executescript(
+        "BEGIN; DROP TABLE owed_compute;"
+        + (
+            " CREATE TABLE owed_compute (workload_id TEXT PRIMARY KEY, urgent INTEGER NOT NULL, nonce TEXT NOT NULL);"
+            + rows
+            if table
+            else ""
+        )
+        + " PRAGMA user_version = 5; COMMIT;"
+    )
+    db.close()
+    st = SqliteStore(path)
+    try:
+        assert st._db().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+        st.owe_compute(["i-d"])
+        ids = ["i-a", "i-b", "i-c", "i-d"] if table else ["i-d"]
+        order = sorted(ids, key=owed_key)
+        assert [m.workload_id for m in st.owed_compute()] == order
+        for n, wid in enumerate(order):
+            got = [m.workload_id for m in st.owed_compute(limit=len(ids), start=owed_key(wid))]
+            assert got == order[n:] + order[:n], wid
+        if table:
+            assert {m.workload_id: (m.urgent, m.nonce) for m in st.owed_compute()}["i-b"] == (True, "n2")
+        assert st.integrity_check() == "ok"
+    finally:
+        st.close()

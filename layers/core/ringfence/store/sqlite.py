@@ -96,8 +96,9 @@ CONNECTION_TTL = 2 * 3600
 # row per finding counted, refresh and GCP identity token spent, so a scan at most this often
 CLAIM_PRUNE_EVERY = 3600.0
 # 2: inventory.governed_rev; 3: token.agent_key; 4: inventory.label_writes; 5: quarantine (an older
-# release, which would not read it, refuses the file)
-SCHEMA_VERSION = 5
+# release, which would not read it, refuses the file); 6: owed_compute.okey (an older release would
+# write marks without it)
+SCHEMA_VERSION = 6
 # the engine head, with EngineHead.rebuilt_from kept in meta (put_head)
 _HEAD = (
     "SELECT revision, policy_version, clean, (SELECT value FROM meta WHERE key = 'head.rebuilt_from') "
@@ -172,8 +173,14 @@ CREATE TABLE IF NOT EXISTS nonce (nonce TEXT PRIMARY KEY, expires REAL NOT NULL)
 CREATE INDEX IF NOT EXISTS nonce_expires ON nonce (expires);
 CREATE TABLE IF NOT EXISTS claim (key TEXT PRIMARY KEY, expires REAL NOT NULL);
 -- workloads compute is owed (owe_compute): a hand-off that failed after its change was stored; the
--- scheduled passes drain them (additive: readers without it are unaffected)
-CREATE TABLE IF NOT EXISTS owed_compute (workload_id TEXT PRIMARY KEY, urgent INTEGER NOT NULL, nonce TEXT NOT NULL);
+-- scheduled passes drain them (additive: readers without it are unaffected). okey: the mark's
+-- owed_key (a slot hashed from the id, then the id), in whose order a drain reads a bounded part
+-- from a random slot round, through its index (schema 6; '' a mark written without it: read first
+-- of the keys before any start)
+CREATE TABLE IF NOT EXISTS owed_compute (
+    workload_id TEXT PRIMARY KEY, urgent INTEGER NOT NULL, nonce TEXT NOT NULL, okey TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS owed_compute_okey ON owed_compute (okey);
 -- agent_key: the id of the agent key the token was issued under ('' none; NULL before version 3)
 CREATE TABLE IF NOT EXISTS token (
     hash TEXT PRIMARY KEY, workload_id TEXT NOT NULL, expires REAL NOT NULL, agent_key TEXT
@@ -256,6 +263,12 @@ _UPDATES = {
     "offline": "UPDATE inventory SET offline = ? WHERE id = ?",
 }
 
+# a drain's two reads of owed_compute (owed_compute): from its start to the end of the key order,
+# then round from the beginning to the keys before it, each through the okey index. As on
+# DynamoDB, a nonce longer than any owe_compute writes is read malformed ("")
+_OWED_MARK = "SELECT workload_id, urgent, CASE WHEN length(nonce) <= ? THEN nonce ELSE '' END FROM owed_compute"
+_OWED_FROM = f"{_OWED_MARK} WHERE okey >= ? ORDER BY okey LIMIT ?"
+_OWED_BEFORE = f"{_OWED_MARK} WHERE okey < ? ORDER BY okey LIMIT ?"
 
 BUSY_TIMEOUT_S = 30.0  # how long a writer waits on another process's lock before the call fails
 
@@ -337,6 +350,8 @@ class SqliteStore:
             self._migrate_to_3()
         if version in (1, 2, 3):
             self._migrate_to_4()
+        if version in (1, 2, 3, 4, 5):
+            self._migrate_to_6()
         # idempotent (IF NOT EXISTS, the one trigger dropped and made again in the same
         # transaction): processes opening the same file at once all succeed
         db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version = {SCHEMA_VERSION};COMMIT;")
@@ -394,6 +409,23 @@ class SqliteStore:
                 if "label_writes" not in {r[1] for r in db.execute("PRAGMA table_info(inventory)")}:
                     db.execute("ALTER TABLE inventory ADD COLUMN label_writes TEXT")
                 db.execute("PRAGMA user_version = 4")
+
+    def _migrate_to_6(self) -> None:
+        """``owed_compute.okey``, each mark's :func:`owed_key` written in (a file may have no such
+        table yet: the schema makes it). The version is set in the same transaction: a release
+        that would write marks without the key refuses the file from then on."""
+        with self._tx() as db:
+            if not 1 <= db.execute("PRAGMA user_version").fetchone()[0] <= 5:
+                return
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "owed_compute" in tables:
+                if "okey" not in {r[1] for r in db.execute("PRAGMA table_info(owed_compute)")}:
+                    db.execute("ALTER TABLE owed_compute ADD COLUMN okey TEXT NOT NULL DEFAULT ''")
+                ids = [r[0] for r in db.execute("SELECT workload_id FROM owed_compute WHERE okey = ''")]
+                db.executemany(
+                    "UPDATE owed_compute SET okey = ? WHERE workload_id = ?", [(owed_key(i), i) for i in ids]
+                )
+            db.execute("PRAGMA user_version = 6")
 
     # --- connections and transactions -----------------------------------------------------------
 
@@ -890,22 +922,26 @@ class SqliteStore:
             return
         with self._tx() as db:
             db.executemany(
-                "INSERT INTO owed_compute (workload_id, urgent, nonce) VALUES (?, ?, ?) ON CONFLICT (workload_id) "
-                "DO UPDATE SET urgent = max(urgent, excluded.urgent), nonce = excluded.nonce",
-                [(i, int(urgent), uuid.uuid4().hex) for i in ids],
+                "INSERT INTO owed_compute (workload_id, urgent, nonce, okey) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (workload_id) DO UPDATE SET urgent = max(urgent, excluded.urgent), "
+                "nonce = excluded.nonce, okey = excluded.okey",
+                [(i, int(urgent), uuid.uuid4().hex, owed_key(i)) for i in ids],
             )
 
     def owed_compute(self, limit: int | None = None, start: str = "") -> list[OwedMark]:
-        rows = self._db().execute(
-            # as on DynamoDB: a nonce longer than any owe_compute writes is read malformed ("")
-            "SELECT workload_id, urgent, CASE WHEN length(nonce) <= ? THEN nonce ELSE '' END FROM owed_compute",
-            (OWED_NONCE_MAX,),
-        )
         # one table (its writers are this process), in DynamoDB's order of a writer's partition:
-        # by owed_key (a slot hashed from the id), from ``start`` round to the keys before it
-        keyed = sorted((owed_key(wid), OwedMark(wid, bool(urgent), nonce)) for wid, urgent, nonce in rows.fetchall())
-        order = [m for k, m in keyed if k >= start] + [m for k, m in keyed if k < start]
-        return order if limit is None else order[:limit]
+        # by owed_key (okey, indexed), from ``start`` to the end, then round from the beginning
+        # to the keys before it; at most ``limit`` rows read in all, never the whole table
+        # (two statements: a mark's key is its id's, so none is read in both halves)
+        out: list[OwedMark] = []
+        db = self._db()
+        for half in (_OWED_FROM, _OWED_BEFORE):
+            room = -1 if limit is None else limit - len(out)  # LIMIT -1: no limit
+            if room <= 0 and limit is not None:
+                break
+            rows = db.execute(half, (OWED_NONCE_MAX, start, room)).fetchall()
+            out += [OwedMark(wid, bool(urgent), nonce) for wid, urgent, nonce in rows]
+        return out
 
     def settle_owed(self, marks: list[OwedMark]) -> list[str]:
         settled: list[str] = []
