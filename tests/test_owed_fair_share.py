@@ -3,8 +3,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
+from types import SimpleNamespace
 
+import pytest
+
+from ringfence.control import wiring
 from ringfence.control.wiring import _fair_share
 from ringfence.store.base import OwedMark
 
@@ -33,3 +38,34 @@ def test_a_flood_takes_only_what_the_smaller_partitions_leave() -> None:
     assert len(chosen) == 10
     by = Counter(m.partition for m in chosen)
     assert by == {"ingest": 1, "lifecycle": 2, "gcp": 7}
+
+
+def _fake_store(marks: list[OwedMark]) -> tuple[SimpleNamespace, list[OwedMark]]:
+    """A store holding ``marks`` (every read returns them all), and the marks it was asked to delete."""
+    settled: list[OwedMark] = []
+
+    def settle(chosen: list[OwedMark]) -> list[str]:
+        settled.extend(chosen)
+        return [m.workload_id for m in chosen]
+
+    return SimpleNamespace(owed_compute=lambda limit=None, start="": list(marks), settle_owed=settle), settled
+
+
+def _bad(partition: str, n: int) -> list[OwedMark]:
+    return [OwedMark(f"bad id {partition} {i}\n", False, "n", partition=partition) for i in range(n)]
+
+
+def test_the_malformed_marks_log_names_the_partitions_that_held_them(caplog: pytest.LogCaptureFixture) -> None:
+    """OwedMarksMalformed's alarm sends the operator to the role that wrote them: the pass's log
+    names each partition malformed marks were read in."""
+    store, settled = _fake_store([*_bad("owed#gcpevents", 2), *_bad("owed#ingest", 1), *_group("lifecycle", 1)])
+    metrics: list[tuple[str, float]] = []
+    w = SimpleNamespace(
+        store=store, enqueue_compute=lambda ids, urgent=False: None, metric=lambda n, v: metrics.append((n, v))
+    )
+    with caplog.at_level(logging.WARNING, logger="ringfence.aws"):
+        assert wiring.hand_on_owed(w, "test") == ["lifecycle-0"]  # type: ignore[arg-type]
+    assert (wiring.OWED_MARKS_MALFORMED, 3) in metrics
+    [line] = [r.getMessage() for r in caplog.records if "name no workload" in r.getMessage()]
+    assert "3 owed marks" in line and "in owed#gcpevents, owed#ingest," in line, line
+    assert len(settled) == 4

@@ -709,9 +709,11 @@ def test_both_deployments_rate_limit_the_agent_apis_unauthenticated_routes_per_a
 def test_compute_not_queued_and_shared_addresses_are_alarmed_alike_in_both_deployments() -> None:
     """An admin change stored whose compute message failed (``ComputeNotQueued``, the admin
     function's), a failed hand-off whose owed mark could not be written either
-    (``ComputeOwedNotMarked``: no scheduled run hands it on) and an address two active workloads
-    hold (``AddressesShared``, compute's) alarm in SAM and Terraform alike: one alarm each, the
-    same metric, dimensions, statistic, period, threshold and description."""
+    (``ComputeOwedNotMarked``: no scheduled run hands it on), owed marks naming no workload that a
+    drain deleted (``OwedMarksMalformed``: a writer role gone wrong or in someone else's hands)
+    and an address two active workloads hold (``AddressesShared``, compute's) alarm in SAM and
+    Terraform alike: one alarm each, the same metric, dimensions, statistic, period, threshold and
+    description."""
     res = template()["Resources"]
     tf = hcl(ROOT / "infra/modules/ringfence/alarms.tf")
     loc: dict[str, Any] = {}
@@ -722,7 +724,7 @@ def test_compute_not_queued_and_shared_addresses_are_alarmed_alike_in_both_deplo
         for r in tf["resource"]
         if "this" in r.get("aws_cloudwatch_metric_alarm", {})
     ]
-    for metric in ("ComputeNotQueued", "ComputeOwedNotMarked", "AddressesShared"):
+    for metric in ("ComputeNotQueued", "ComputeOwedNotMarked", "OwedMarksMalformed", "AddressesShared"):
         [sam] = [
             r["Properties"]
             for r in res.values()

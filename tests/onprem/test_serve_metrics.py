@@ -61,6 +61,8 @@ def test_the_alerted_counters_are_exposed_at_zero_before_anything_happens(server
         "agent_requests_refused",
         "agent_requests_invalid",
         "compute_not_queued",
+        "compute_owed_not_marked",
+        "owed_marks_malformed",
     ):
         assert c.get(f"ringfence_{name}_total") == 0, name
 

@@ -32,6 +32,7 @@ ALERTED = (
     "AgentRequestsOverAddressLimit",
     "ComputeNotQueued",
     "ComputeOwedNotMarked",
+    "OwedMarksMalformed",
     "StoreUnavailable",
     "StoreDamaged",
     "ComputeFailed",

@@ -282,10 +282,12 @@ def hand_on_owed(w: BaseWiring, what: str, metric: Metric | None = None) -> list
     bad = bad[:OWED_READ_LIMIT]
     if bad:
         # named escaped and cut short: the id is anyone's with a grant to the partition
+        # and where: only a writer of that partition makes one (the alarm's lead to its role)
         log.warning(
-            "%s: %d owed marks name no workload (deleted unsent), e.g. %s",
+            "%s: %d owed marks name no workload (deleted unsent), in %s, e.g. %s",
             what,
             len(bad),
+            ", ".join(sorted({m.partition or "the store's marks" for m in bad})),
             ascii(bad[0].workload_id[:64]),
         )
         metric(OWED_MARKS_MALFORMED, len(bad))
