@@ -69,3 +69,16 @@ def test_the_malformed_marks_log_names_the_partitions_that_held_them(caplog: pyt
     [line] = [r.getMessage() for r in caplog.records if "name no workload" in r.getMessage()]
     assert "3 owed marks" in line and "in owed#gcpevents, owed#ingest," in line, line
     assert len(settled) == 4
+
+
+def test_a_flood_of_malformed_marks_spends_only_its_share_of_the_deletions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deletions of malformed marks are shared as the hand-ons are: one partition's flood of
+    them, read first, took the whole pass's budget, and another partition's malformed mark was
+    neither deleted nor named in the log (each a lead to a different role) while the flood lasted."""
+    monkeypatch.setattr(wiring, "OWED_READ_LIMIT", 3)
+    store, settled = _fake_store([*_bad("owed#ingest", 10), *_bad("owed#gcpevents", 1)])
+    w = SimpleNamespace(store=store, enqueue_compute=lambda ids, urgent=False: None, metric=lambda n, v: None)
+    for _ in range(20):  # every pass, whatever its random choice within the flood
+        settled.clear()
+        wiring.hand_on_owed(w, "test")  # type: ignore[arg-type]
+        assert sorted(m.partition for m in settled) == ["owed#gcpevents", "owed#ingest", "owed#ingest"]

@@ -241,6 +241,14 @@ def _fair_share(groups: list[list[OwedMark]], room: int) -> list[OwedMark]:
     return chosen
 
 
+def _by_partition(marks: list[OwedMark]) -> list[list[OwedMark]]:
+    """``marks`` grouped by the partition each was read in."""
+    groups: dict[str, list[OwedMark]] = {}
+    for m in marks:
+        groups.setdefault(m.partition, []).append(m)
+    return list(groups.values())
+
+
 def hand_on_owed(w: BaseWiring, what: str, metric: Metric | None = None) -> list[str]:
     """A scheduled pass hands to compute the workloads marked owed (:func:`owe_compute`), of any
     age and any scope (compute takes records as stored: one hand-off too many is harmless, and a
@@ -256,7 +264,8 @@ def hand_on_owed(w: BaseWiring, what: str, metric: Metric | None = None) -> list
     meanwhile stays for the next pass): a refused chunk keeps its own marks and no other. A mark
     whose id is no workload id (:data:`~ringfence.cmdb.WORKLOAD_ID`; any writer of a partition
     can make one, e.g. kilobytes of control characters) is deleted unsent and counted
-    (``OwedMarksMalformed``). A failure is logged and counted, never raised. The ids queued."""
+    (``OwedMarksMalformed``), at most :data:`OWED_READ_LIMIT` a pass, each partition its fair
+    share of them too. A failure is logged and counted, never raised. The ids queued."""
     metric = metric or w.metric
     try:
         # from a random slot round (owed_key: slots hashed from the ids are uniform over the marks
@@ -274,12 +283,11 @@ def hand_on_owed(w: BaseWiring, what: str, metric: Metric | None = None) -> list
     # the room is shared among the writers' partitions first, and each spends its share on its
     # urgent marks first: one writer's flood of urgent marks spends its own share alone, never the
     # room of another writer's ordinary marks (a revocation of peer access among them)
-    by_partition: dict[str, list[OwedMark]] = {}
-    for m in named:
-        by_partition.setdefault(m.partition, []).append(m)
-    good = _fair_share(list(by_partition.values()), OWED_READ_LIMIT)
-    # each pass deletes at most as many malformed marks as it hands on
-    bad = bad[:OWED_READ_LIMIT]
+    good = _fair_share(_by_partition(named), OWED_READ_LIMIT)
+    # each pass deletes at most as many malformed marks as it hands on, shared alike: one
+    # writer's flood of them neither keeps another partition's undeleted nor out of the log
+    # and count (each a lead to a role of its own)
+    bad = _fair_share(_by_partition(bad), OWED_READ_LIMIT)
     if bad:
         # named escaped and cut short: the id is anyone's with a grant to the partition
         # and where: only a writer of that partition makes one (the alarm's lead to its role)
