@@ -1010,3 +1010,43 @@ def test_observe_addressed_refuses_an_address_another_active_workload_holds(stor
         assert taken.value.taken == {"10.0.0.5": WID}
     else:  # only claims are checked in the write: the caller's inventory read finds this holder
         assert store.observe_addressed([onprem("f", ["10.0.0.5"], 8.0)]) == {"f"}
+
+
+def test_an_operator_change_decided_from_a_tombstone_lands_on_no_registration_after_it(store: Store) -> None:
+    """set_operator with ``as_read`` checks the whole registration read (check_as_read, as the
+    pairing and reset paths do): the version and deregistered or not. A registration over a
+    tombstone that changes nothing governed keeps the tombstone's version, so a change decided from
+    the tombstone, checked by the version alone, landed on the host registered after it. (The admin
+    routes answer 404 for a deregistered workload before any write, so none of their changes is
+    decided from a tombstone: the version alone told theirs apart. This holds the store to its
+    contract, in set_operator and in audit_with, DynamoDB's own transaction.)"""
+    from ringfence.store.base import ChangeFailed, OperatorChange, WorkloadChanged
+
+    w = Workload(id="dc1-app-1", ips=["192.168.10.5"], cloud="onprem")
+    store.observe(InventoryRecord(id=w.id, workload=w, state="running", observed_at=1.0))
+    store.observe(InventoryRecord(id=w.id, workload=w, state="terminated", observed_at=2.0))
+    gone = store.get(w.id)
+    assert gone is not None and gone.state == "terminated"
+    again = InventoryRecord(id=w.id, workload=w, state="running", observed_at=3.0, governed_rev=gone.governed_rev)
+    store.observe(again, previous=gone)
+    new = store.get(w.id)
+    assert new is not None and new.state == "running" and new.governed_rev == gone.governed_rev, "the version kept"
+
+    changes = [OperatorChange(w.id, quarantined=True, as_read=gone)]
+    changes.append(OperatorChange(w.id, set_mode=True, mode=Mode.IDLE, as_read=gone))
+    for change in changes:
+        with pytest.raises(WorkloadChanged, match="registered again"):
+            change.apply(store)
+        with pytest.raises(ChangeFailed) as caught:
+            store.audit_with(AuditRecord(principal="ivy", action="workload.quarantine", target=w.id), change)
+        assert isinstance(caught.value.cause, WorkloadChanged)
+    got = store.get(w.id)
+    assert got is not None and not got.op_quarantined and got.op_mode is None, "a change read from the tombstone landed"
+    assert store.audit_log() == [], "a refused change left its record"
+    # decided from the registration stored: made
+    store.audit_with(
+        AuditRecord(principal="ivy", action="workload.quarantine", target=w.id), changes[0]._replace(as_read=new)
+    )
+    store.set_operator(w.id, mode=Mode.IDLE, as_read=new)
+    got = store.get(w.id)
+    assert got is not None and got.op_quarantined and got.op_mode is Mode.IDLE

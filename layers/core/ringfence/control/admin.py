@@ -70,13 +70,6 @@ def is_deregistered(rec: InventoryRecord) -> bool:
 # --- admin API --------------------------------------------------------------------------------------
 
 
-def _rev_as_read(rec: InventoryRecord) -> int | None:
-    """The ``governed_rev`` an operator change lands only over (:func:`registration_as_read`):
-    the record's as read for an on-premise id, None (no condition) for a cloud instance."""
-    as_read = registration_as_read(rec)
-    return as_read.governed_rev if as_read is not None else None
-
-
 class Admin:
     """Operator actions; each is recorded in the append-only audit table with the IAM principal."""
 
@@ -384,7 +377,7 @@ class Admin:
         # only over the record read where the id may be reused (on-premise): an id deregistered and
         # registered again meanwhile names another host, which must not run with a mode (idle:
         # unenforced) meant for this one. A cloud id never is, and its version moves with tag writes
-        change = OperatorChange(workload_id, set_mode=True, mode=mode, governed_rev=_rev_as_read(rec))
+        change = OperatorChange(workload_id, set_mode=True, mode=mode, as_read=registration_as_read(rec))
         audit_id, failed = self._audit_with(audit_rec, change)
         try:
             if failed is not None:
@@ -437,7 +430,7 @@ class Admin:
         # only over the record read, as a mode: a quarantine (or release) meant for a host
         # deregistered meanwhile never lands on the next host registered under its id; a cloud
         # instance's tag writes (its own among them) never refuse a responder's
-        change = OperatorChange(workload_id, quarantined=on, governed_rev=_rev_as_read(rec))
+        change = OperatorChange(workload_id, quarantined=on, as_read=registration_as_read(rec))
         audit_id, failed = self._audit_with(audit_rec, change)
         try:
             if failed is not None:

@@ -104,9 +104,9 @@ class Unconfirmed(RuntimeError):
 
 
 class WorkloadChanged(ConflictError):
-    """:meth:`Store.set_operator` with ``governed_rev``: the workload is no longer the one the
-    operator's change was decided from (deregistered, registered again, or governed anew since it
-    was read). Nothing was written."""
+    """A write made only over the registration read (``as_read``: :func:`check_as_read`) found
+    the workload no longer the one it was decided from (deregistered, registered again, or
+    governed anew since it was read). Nothing was written."""
 
 
 def registration_as_read(rec: InventoryRecord) -> InventoryRecord | None:
@@ -127,7 +127,8 @@ def check_as_read(workload_id: str, stored: tuple[int, str] | None, as_read: Inv
     state; None, no record) is still the registration ``as_read`` (None: no check): the same
     ``governed_rev``, which a deregistration always moves (never back), and deregistered or not
     alike (a registration over a tombstone may keep its version). A credential step keyed by id
-    (a pairing key, a reset, a revocation) then never lands on another host registered under it."""
+    (a pairing key, a reset, a revocation) or an operator's mode or quarantine then never lands on
+    another host registered under it."""
     if as_read is None:
         return
     if (
@@ -137,31 +138,30 @@ def check_as_read(workload_id: str, stored: tuple[int, str] | None, as_read: Inv
     ):
         now = "no record" if stored is None else f"governance version {stored[0]}, {stored[1]}"
         raise WorkloadChanged(
-            f"{workload_id}: deregistered or registered again since it was read (read at governance version "
-            f"{as_read.governed_rev}, {as_read.state}; now {now}): nothing set"
+            f"{workload_id}: deregistered, registered again or governed anew since it was read (read at "
+            f"governance version {as_read.governed_rev}, {as_read.state}; now {now}): nothing set"
         )
 
 
 class OperatorChange(NamedTuple):
     """:meth:`Store.set_operator` as a change made with its audit record (:meth:`Store.audit_with`):
     the mode when ``set_mode`` (``mode`` None clears it) and/or the quarantine (``quarantined``
-    None: left as it is), only over the record read when ``governed_rev`` is given (that record's).
-    A description, not a callable, so that a store that writes both in one request (DynamoDB) can
+    None: left as it is), only over the registration read when ``as_read`` is given
+    (:func:`check_as_read`; None: no check, as :func:`registration_as_read` decides). A
+    description, not a callable, so that a store that writes both in one request (DynamoDB) can
     turn it into that request's items."""
 
     workload_id: str
     quarantined: bool | None = None
     set_mode: bool = False
     mode: Mode | None = None
-    governed_rev: int | None = None
+    as_read: InventoryRecord | None = None
 
     def apply(self, store: Store) -> None:
         if self.set_mode:
-            store.set_operator(
-                self.workload_id, mode=self.mode, quarantined=self.quarantined, governed_rev=self.governed_rev
-            )
+            store.set_operator(self.workload_id, mode=self.mode, quarantined=self.quarantined, as_read=self.as_read)
         else:
-            store.set_operator(self.workload_id, quarantined=self.quarantined, governed_rev=self.governed_rev)
+            store.set_operator(self.workload_id, quarantined=self.quarantined, as_read=self.as_read)
 
 
 class PolicyActivation(NamedTuple):
@@ -877,12 +877,13 @@ class Store(Protocol):
         *,
         mode: Mode | None = ...,
         quarantined: bool | None = None,
-        governed_rev: int | None = None,
+        as_read: InventoryRecord | None = None,
     ) -> None:
         """Set the operator mode and/or quarantine (KeyError, nothing written, for an unknown
-        workload). With ``governed_rev`` (the record's as the caller read it), only while the
-        stored record still holds it, checked in the write's own transaction, else
-        :class:`WorkloadChanged`, nothing written: a deregistration always moves it
+        workload). With ``as_read`` (the record as the caller read it), only while the stored
+        record is still that registration (:func:`check_as_read`, as :meth:`put_pairing`), checked
+        in the write's own transaction (DynamoDB: a condition of the record's item in it), else
+        :class:`WorkloadChanged`, nothing written: a deregistration always moves the version
         (:func:`next_governed_rev`) and it never goes back, so an id deregistered or registered
         again since the read (another host) never takes a mode or quarantine meant for the one
         read. ``quarantined=True`` records the quarantine apart from the inventory record, in

@@ -116,6 +116,14 @@ class _Part(NamedTuple):
     refused: Callable[[list[str]], Exception | None]
 
 
+def _not_as_read(workload_id: str, as_read: InventoryRecord) -> WorkloadChanged:
+    """A write conditional on ``as_read`` (:meth:`DynamoStore._as_read_condition`), refused by it."""
+    return WorkloadChanged(
+        f"{workload_id}: deregistered, registered again or governed anew since it was read (read at governance "
+        f"version {as_read.governed_rev}, {as_read.state}): nothing set"
+    )
+
+
 def _reasons(exc: ClientError) -> list[str]:
     return [str(r.get("Code", "None")) for r in exc.response.get("CancellationReasons", [])]
 
@@ -413,20 +421,20 @@ class DynamoStore:
         *,
         mode: Mode | None = _UNSET,
         quarantined: bool | None = None,
-        governed_rev: int | None = None,
+        as_read: InventoryRecord | None = None,
     ) -> None:
         """A quarantine is the state item ``quarantine``/``<workload id>``, put (never updated) in
         one transaction with a check that the record exists; a release deletes it and removes the
         record's ``op_quarantined`` (set true before the item existed: an upgrade) in one
         transaction. So the roles that quarantine (governance, in the event-fed functions) need
         only PutItem on that item, which can quarantine but never release; DeleteItem on it is
-        the administrator's alone (template.yaml, infra/). ``governed_rev``: a condition of the
-        record's item in that transaction."""
-        if quarantined is None and governed_rev is None:
+        the administrator's alone (template.yaml, infra/). ``as_read``: a condition of the
+        record's item in that transaction (:meth:`_as_read_condition`)."""
+        if quarantined is None and as_read is None:
             sets, removes, values = self._mode_update(mode)
             self._update(workload_id, sets, removes, values)
             return
-        self._transact_part(self._operator_part(workload_id, mode, quarantined, governed_rev))
+        self._transact_part(self._operator_part(workload_id, mode, quarantined, as_read))
 
     @staticmethod
     def _mode_update(mode: Mode | None) -> tuple[list[str], list[str], dict[str, Any]]:
@@ -437,31 +445,29 @@ class DynamoStore:
         return ["op_mode = :m"], [], {":m": mode.value}
 
     def _operator_part(
-        self, workload_id: str, mode: Mode | None, quarantined: bool | None, governed_rev: int | None = None
+        self, workload_id: str, mode: Mode | None, quarantined: bool | None, as_read: InventoryRecord | None = None
     ) -> _Part:
         """:meth:`set_operator` as transaction items: the record's update (or, with nothing of it
         to change, a check that it exists), then the quarantine item's put or delete (none when
-        ``quarantined`` is None). Refused by the first: :class:`KeyError`; with ``governed_rev``
-        (the record's as read, which also says it existed then: no record is ever deleted)
+        ``quarantined`` is None). Refused by the first: :class:`KeyError`; with ``as_read`` (the
+        record as read, which also says it existed then: no record is ever deleted)
         :class:`WorkloadChanged`."""
         sets, removes, values = self._mode_update(mode)
         if quarantined is False:
             removes.append("op_quarantined")
-        condition = "attribute_exists(id)"
-        if governed_rev is not None:
-            # a deregistration moves the version (never back): the record read and no other
-            values[":read_rev"] = governed_rev
-            same = "governed_rev = :read_rev"
-            condition += f" AND ({same} OR attribute_not_exists(governed_rev))" if governed_rev == 0 else f" AND {same}"
-        record: dict[str, Any] = {
-            "TableName": self.inventory.name,
-            "Key": {"id": workload_id},
-            "ConditionExpression": condition,
-        }
+        record: dict[str, Any] = {"TableName": self.inventory.name, "Key": {"id": workload_id}}
+        if as_read is None:
+            record["ConditionExpression"] = "attribute_exists(id)"
+        else:
+            # the registration read and no other: the condition the pairing and reset paths check
+            condition, names, read_values = self._as_read_condition(as_read)
+            record["ConditionExpression"] = condition
+            record["ExpressionAttributeNames"] = names
+            values.update(read_values)
         if sets or removes:
             expr = ("SET " + ", ".join(sets) if sets else "") + (" REMOVE " + ", ".join(removes) if removes else "")
             record["UpdateExpression"] = expr.strip()
-        if values:  # the mode's, and the version read (a condition check's too)
+        if values:  # the mode's, and the record read's (a condition check's too)
             record["ExpressionAttributeValues"] = values
         items: list[dict[str, Any]] = [{"Update" if sets or removes else "ConditionCheck": record}]
         key = {"pk": QUARANTINE, "sk": workload_id}
@@ -473,12 +479,9 @@ class DynamoStore:
         def refused(reasons: list[str]) -> Exception | None:
             if reasons[:1] != ["ConditionalCheckFailed"]:
                 return None
-            if governed_rev is None:
+            if as_read is None:
                 return KeyError(workload_id)
-            return WorkloadChanged(
-                f"{workload_id}: deregistered, registered again or governed anew since it was read "
-                f"(read at governance version {governed_rev}): nothing set"
-            )
+            return _not_as_read(workload_id, as_read)
 
         return _Part(items, refused)
 
@@ -1149,17 +1152,13 @@ class DynamoStore:
         inventory item first: refused by it, :class:`WorkloadChanged`."""
         if as_read is None:
             return _Part(items, lambda reasons: None)
-        values: dict[str, Any] = {":read_rev": as_read.governed_rev, ":gone": "terminated"}
-        same = "governed_rev = :read_rev"
-        if as_read.governed_rev == 0:
-            same = f"({same} OR attribute_not_exists(governed_rev))"
-        gone = "#st = :gone" if as_read.state == "terminated" else "(attribute_not_exists(#st) OR #st <> :gone)"
+        condition, names, values = self._as_read_condition(as_read)
         check = {
             "ConditionCheck": {
                 "TableName": self.inventory.name,
                 "Key": {"id": workload_id},
-                "ConditionExpression": f"attribute_exists(id) AND {same} AND {gone}",
-                "ExpressionAttributeNames": {"#st": "state"},
+                "ConditionExpression": condition,
+                "ExpressionAttributeNames": names,
                 "ExpressionAttributeValues": values,
             }
         }
@@ -1167,12 +1166,21 @@ class DynamoStore:
         def refused(reasons: list[str]) -> Exception | None:
             if reasons[:1] != ["ConditionalCheckFailed"]:
                 return None
-            return WorkloadChanged(
-                f"{workload_id}: deregistered or registered again since it was read (read at governance "
-                f"version {as_read.governed_rev}, {as_read.state}): nothing set"
-            )
+            return _not_as_read(workload_id, as_read)
 
         return _Part([check, *items], refused)
+
+    @staticmethod
+    def _as_read_condition(as_read: InventoryRecord) -> tuple[str, dict[str, str], dict[str, Any]]:
+        """:func:`check_as_read` as a condition of the inventory item (its expression, names and
+        values): it exists, with the ``governed_rev`` read (a deregistration moves it, never back),
+        and deregistered or not alike."""
+        values: dict[str, Any] = {":read_rev": as_read.governed_rev, ":gone": "terminated"}
+        same = "governed_rev = :read_rev"
+        if as_read.governed_rev == 0:
+            same = f"({same} OR attribute_not_exists(governed_rev))"
+        gone = "#st = :gone" if as_read.state == "terminated" else "(attribute_not_exists(#st) OR #st <> :gone)"
+        return f"attribute_exists(id) AND {same} AND {gone}", {"#st": "state"}, values
 
     def use_pairing(self, key_hash: str, workload_id: str, agent_key: str) -> bool:
         use: dict[str, Any] = {
@@ -1774,7 +1782,7 @@ class DynamoStore:
         # that this process's writes still queue rather than race for the head): both or neither
         if isinstance(change, OperatorChange):
             mode = change.mode if change.set_mode else _UNSET
-            part = self._operator_part(change.workload_id, mode, change.quarantined, change.governed_rev)
+            part = self._operator_part(change.workload_id, mode, change.quarantined, change.as_read)
         elif isinstance(change, PolicyActivation):
             part = self._activation_part(change.pv, change.expected_active)
         elif isinstance(change, TokenRevocation):

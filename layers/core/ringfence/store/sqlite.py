@@ -74,7 +74,6 @@ from ringfence.store.base import (
     OwedMark,
     PolicyVersion,
     Unread,
-    WorkloadChanged,
     agent_key_fingerprint_of,
     check_as_read,
     check_hold_fields,
@@ -647,23 +646,19 @@ class SqliteStore:
         *,
         mode: Mode | None = _UNSET,
         quarantined: bool | None = None,
-        governed_rev: int | None = None,
+        as_read: InventoryRecord | None = None,
     ) -> None:
         """As DynamoStore's: a quarantine is a row of its own (never the record's column); a
         release deletes it and clears the record's ``op_quarantined`` (a file's from before the
-        table), in one transaction, which checks ``governed_rev`` too (the write lock held: no
-        deregistration or registration lands in between)."""
+        table), in one transaction, which checks ``as_read`` too (:func:`check_as_read`, the
+        write lock held: no deregistration or registration lands in between)."""
         if mode is _UNSET and quarantined is None:
             return
         with self._tx() as db:
-            row = db.execute("SELECT governed_rev FROM inventory WHERE id = ?", (workload_id,)).fetchone()
+            row = db.execute("SELECT governed_rev, state FROM inventory WHERE id = ?", (workload_id,)).fetchone()
             if row is None:
                 raise KeyError(workload_id)
-            if governed_rev is not None and row[0] != governed_rev:
-                raise WorkloadChanged(
-                    f"{workload_id}: deregistered, registered again or governed anew since it was read "
-                    f"(governance version {row[0]}, read {governed_rev}): nothing set"
-                )
+            check_as_read(workload_id, (int(row[0]), str(row[1])), as_read)
             if mode is not _UNSET:
                 db.execute(_UPDATES["op_mode"], (mode.value if mode is not None else None, workload_id))
             if quarantined:
