@@ -17,6 +17,7 @@ import pytest
 from ringfence.audit import AuditHead, AuditRecord, head_of, seal
 from ringfence.clouds.aws.anchor import AnchorRefused, anchor_key
 from ringfence.local.lambdas import load_functions
+from ringfence.store.dynamodb import DynamoStore
 from tests.aws.conftest import REGION, Env, LambdaContext
 from tests.aws.test_audit_anchor import BUCKET, ROOT, SPEC, _put_head, anchored, append, versions  # noqa: F401
 from tests.aws.test_audit_chain import cli
@@ -85,18 +86,21 @@ def test_attack_a_first_anchor_over_a_long_chain_holds_one_page_not_the_chain(
     """The first anchor read the segment 1..head as one list: every record of the chain in the
     function's memory at once (and the chain only grows: an upgraded deployment never anchored).
     Now it is checked page by page as the Query streams, keeping only the last seq and hash: the
-    peak of a first anchor over 10,000 records is that over 5,000 (a 1 MB Query page's worth).
+    peak of a first anchor over 3,000 records is that over 1,500. Pages of 250 records (a 1 MB
+    page holds ~5,000 of these) show the same bound over a chain a fifth as long: one page is
+    ~0.5 MiB held, the 1,500 more records held whole ~3 MiB.
     A forged record and head far ahead are still refused once the whole chain is read."""
-    small = bulk_chain(5_000)
+    monkeypatch.setattr(DynamoStore, "AUDIT_PAGE_ITEMS", 250)
+    small = bulk_chain(1_500)
     first_anchor(env, monkeypatch, "rf-anchors-warm", measure=False)  # the clients' models loaded once
     out, peak_small = first_anchor(env, monkeypatch, "rf-anchors-small")
-    assert out == {"seq": 5_000, "key": anchor_key(small)}
-    large = bulk_chain(5_000, small)
+    assert out == {"seq": 1_500, "key": anchor_key(small)}
+    large = bulk_chain(1_500, small)
     out, peak_large = first_anchor(env, monkeypatch, "rf-anchors-large")
-    assert out == {"seq": 10_000, "key": anchor_key(large)}
-    # held whole, the 5,000 more records add ~10 MiB to the peak (measured)
-    ratio = f"{peak_small / 2**20:.1f} MiB for 5,000 records, {peak_large / 2**20:.1f} MiB for 10,000"
-    assert peak_large < peak_small + 3 * 2**20, ratio
+    assert out == {"seq": 3_000, "key": anchor_key(large)}
+    # held whole, the 1,500 more records add ~3 MiB to the peak (~2 KiB a record, measured)
+    ratio = f"{peak_small / 2**20:.1f} MiB for 1,500 records, {peak_large / 2**20:.1f} MiB for 3,000"
+    assert peak_large < peak_small + 2**20, ratio
     # the forger's record sealed over a made-up head far ahead, and a head naming it: refused
     forged = seal(
         AuditRecord(principal="mallory", action="workload.mode", target="x"), AuditHead(seq=999_999, hash="a" * 64)
@@ -105,7 +109,7 @@ def test_attack_a_first_anchor_over_a_long_chain_holds_one_page_not_the_chain(
         Item={"pk": "chain", "sk": f"{forged.seq:012d}", "doc": forged.model_dump_json()}
     )
     _put_head(head_of(forged))
-    with pytest.raises(AnchorRefused, match="seq 1000000 where seq 10001 was expected"):
+    with pytest.raises(AnchorRefused, match="seq 1000000 where seq 3001 was expected"):
         first_anchor(env, monkeypatch, "rf-anchors-forged", measure=False)
     assert not env.s3.list_object_versions(Bucket="rf-anchors-forged").get("Versions"), "nothing anchored"
 

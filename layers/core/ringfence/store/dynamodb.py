@@ -184,6 +184,10 @@ def _to_hold(instance_id: str, item: dict[str, Any]) -> LaunchHold:
 
 
 class DynamoStore:
+    # items per audit-chain Query page (:meth:`audit_pages`); None: DynamoDB's own 1 MB a page.
+    # Tests set it to show the anchor's memory follows one page, without a 1 MB page's chain.
+    AUDIT_PAGE_ITEMS: int | None = None
+
     def __init__(
         self,
         inventory_table: str,
@@ -2215,6 +2219,8 @@ class DynamoStore:
         anchor function checks a head against, in memory that does not grow with the chain."""
         key = Key("pk").eq("chain") & Key("sk").between(f"{after + 1:012d}", f"{upto:012d}")
         kwargs: dict[str, Any] = {"KeyConditionExpression": key, "ConsistentRead": True}
+        if self.AUDIT_PAGE_ITEMS is not None:
+            kwargs["Limit"] = self.AUDIT_PAGE_ITEMS
         while True:
             page = self.audit_table.query(**kwargs)
             more = page.get("LastEvaluatedKey")
